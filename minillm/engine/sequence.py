@@ -1,0 +1,109 @@
+"""Sequence: one request's tokens and its bookkeeping as it moves through the engine.
+
+A request enters WAITING, is admitted to RUNNING by the scheduler, may be preempted (back to WAITING for
+recompute, or to SWAPPED when its KV blocks went to CPU memory) and ends FINISHED. `num_computed_tokens`
+counts the tokens whose keys and values are already in the KV cache; the next step computes tokens
+`num_computed_tokens .. num_tokens-1` (one for a decode, a chunk for chunked prefill, all for a prefill).
+Chapters 2, 5 and 6 build on this.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from minillm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: "SamplingParams",
+                 prompt: str | None = None, arrival_time: float | None = None) -> None:
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of those, how many came from the prefix cache
+        self.block_table: list[int] = []  # physical KV blocks, in logical order
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.token_times: list[float] = []  # when each output token was produced
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.error: str | None = None
+        self.num_preemptions = 0
+        self.generator: "torch.Generator | None" = None  # per-request RNG when sampling_params.seed is set
+        self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
+
+    # -- tokens -------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until every prompt token has its K/V in the cache."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+        self.token_ids.append(token_id)
+
+    # -- blocks -------------------------------------------------------------------------------------------
+    def num_blocks_needed(self, block_size: int, num_tokens: int | None = None) -> int:
+        """Blocks needed to hold `num_tokens` (default: all) tokens: ceil(n / block_size)."""
+        n = self.num_tokens if num_tokens is None else num_tokens
+        return (n + block_size - 1) // block_size
+
+    def block_token_ids(self, index: int, block_size: int) -> list[int]:
+        """Token ids that logical block `index` holds (full or partial)."""
+        return self.token_ids[index * block_size: (index + 1) * block_size]
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}, status={self.status.value}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, blocks={self.block_table})")

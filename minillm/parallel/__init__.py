@@ -1,0 +1,1 @@
+"""Parallelism (a later issue): tensor, pipeline, expert; prefill/decode disaggregation."""
