@@ -1,0 +1,279 @@
+"""Benchmark minillm's Triton kernels on a GPU against torch baselines measured in the same run.
+
+    python benchmarks/bench_kernels.py [--quick] [--out results.json]
+
+P1  FlashAttention forward, causal, bf16, 32 heads x 128, 16k tokens in total at seq 1k / 4k / 16k:
+    TFLOP/s (FLOPs = 4 * S^2 * D * H * B / 2 for causal) and the ratio to torch SDPA (is_causal).
+P2  Paged decode, batch 64, context 4096, 32 query / 8 kv heads, d 128, block 16, random block tables:
+    effective bandwidth (bytes of K + V read, plus q and out) as a fraction of 3.0 TB/s, and the ratio to SDPA
+    over the same KV laid out contiguously [B, KVH, S, D].
+P3  The fused memory-bound kernels (rms_norm + residual, rotary, silu_and_mul, store_kvcache) at Llama-3-8B
+    sizes: bandwidth fraction and the ratio to the eager torch code they replace.
+Every kernel is checked against its baseline before it is timed. Needs CUDA (the Triton interpreter would
+take hours at these sizes); a short table is printed last, and the raw numbers go to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+PEAK_BYTES_PER_S = 3.0e12  # H100 SXM, measured device-to-device copy
+PEAK_BF16_FLOPS = 790e12  # H100 SXM, measured 8k^3 bf16 GEMM
+
+
+def _time_ms(fn, quick: bool) -> float:
+    """Median time of fn in ms (triton.testing.do_bench; falls back to its older signature)."""
+    import torch
+    from triton.testing import do_bench
+
+    fn()  # compile and autotune outside the timed region
+    torch.cuda.synchronize()
+    warmup, rep = (10, 30) if quick else (25, 200)
+    try:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    except TypeError:
+        res = do_bench(fn, warmup=warmup, rep=rep)
+        return float(res[0] if isinstance(res, (tuple, list)) else res)
+
+
+def _time_graph_ms(fn, quick: bool) -> float:
+    """Median time of fn replayed from a CUDA graph: the GPU time alone, without Python launch overhead
+    (what the engine's CUDA-graph decode sees). NaN where this triton/torch cannot capture it."""
+    import torch
+
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        fn()
+        torch.cuda.synchronize()
+        try:
+            return float(do_bench_cudagraph(fn, rep=20 if quick else 100, return_mode="median"))
+        except TypeError:
+            res = do_bench_cudagraph(fn, rep=20 if quick else 100)
+            return float(res[0] if isinstance(res, (tuple, list)) else res)
+    except Exception as exc:  # noqa: BLE001  (optional figure)
+        print(f"CUDA-graph timing unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return math.nan
+
+
+def _check(name: str, got, ref, atol: float, rtol: float) -> None:
+    import torch
+
+    err = (got.float() - ref.float()).abs()
+    bad = err > atol + rtol * ref.float().abs()
+    if bad.any():
+        raise SystemExit(f"correctness check failed for {name}: max abs error {err.max().item():.3g}, "
+                         f"{int(bad.sum())} of {bad.numel()} elements outside atol={atol}, rtol={rtol}")
+    torch.cuda.synchronize()
+
+
+def _sdpa(q, k, v, causal):
+    """SDPA with GQA: enable_gqa where this torch has it, else the kv heads repeated (outside the timer)."""
+    import torch.nn.functional as F
+
+    try:
+        F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        rep = q.shape[1] // k.shape[1]
+        kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=causal)
+
+
+def bench_flash(quick: bool) -> list[dict]:
+    import torch
+
+    from minillm.kernels.flash_attention import flash_attention
+
+    heads, kv_heads, d, total = 32, 32, 128, 16384
+    rows = []
+    for seq in (1024, 4096) if quick else (1024, 4096, 16384):
+        batch = total // seq
+        q, k, v = (torch.randn(batch, h, seq, d, device="cuda", dtype=torch.bfloat16)
+                   for h in (heads, kv_heads, kv_heads))
+        sdpa = _sdpa(q, k, v, True)
+        _check(f"flash_attention seq {seq}", flash_attention(q, k, v, causal=True), sdpa(), 2e-2, 2e-2)
+        flops = 4 * seq * seq * d * heads * batch / 2
+        t_ours = _time_ms(lambda: flash_attention(q, k, v, causal=True), quick)
+        t_sdpa = _time_ms(sdpa, quick)
+        rows.append({"bench": "P1 flash causal bf16", "seq": seq, "batch": batch, "heads": heads, "head_dim": d,
+                     "ms": t_ours, "sdpa_ms": t_sdpa, "tflops": flops / t_ours / 1e9,
+                     "sdpa_tflops": flops / t_sdpa / 1e9, "fraction_of_peak": flops / t_ours / 1e-3 / PEAK_BF16_FLOPS,
+                     "ratio_vs_sdpa": t_sdpa / t_ours})
+        del q, k, v
+    try:  # which tile shape the autotuner chose, for the record
+        from minillm.kernels import flash_attention as fa
+        rows[-1]["best_config"] = str(fa._autotuned_kernel.best_config)
+    except Exception:  # noqa: BLE001  (an attribute of triton's autotuner, not a stable API)
+        pass
+    return rows
+
+
+def bench_paged_decode(quick: bool) -> list[dict]:
+    """Batch 64 (the brief's figure) and batch 4, where one split per (sequence, kv head) leaves SMs idle."""
+    return _bench_paged_decode(64, quick) + _bench_paged_decode(4, quick)
+
+
+def _bench_paged_decode(batch: int, quick: bool) -> list[dict]:
+    import torch
+
+    from minillm.kernels.paged_attention import choose_num_splits, paged_decode_attention
+
+    ctx, heads, kv_heads, d, block_size = 4096, 32, 8, 128, 16
+    blocks_per_seq = ctx // block_size
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).to(torch.int32)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+    # the same keys and values laid out contiguously, for SDPA
+    k_c = k_cache[block_tables.long()].reshape(batch, ctx, kv_heads, d).transpose(1, 2).contiguous()
+    v_c = v_cache[block_tables.long()].reshape(batch, ctx, kv_heads, d).transpose(1, 2).contiguous()
+    sdpa = _sdpa(q.unsqueeze(2), k_c, v_c, False)
+    ref = sdpa()[:, :, 0]
+    bytes_moved = 2 * batch * ctx * kv_heads * d * 2 + 2 * batch * heads * d * 2
+    t_sdpa, g_sdpa = _time_ms(sdpa, quick), _time_graph_ms(sdpa, quick)
+    auto = choose_num_splits(batch, kv_heads, ctx, q.device)
+    rows = []
+    for splits in sorted({1, auto, 4}):
+        fn = lambda s=splits: paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, num_splits=s)  # noqa: E731
+        _check(f"paged decode splits={splits}", fn(), ref, 1e-2, 2e-2)
+        t, g = _time_ms(fn, quick), _time_graph_ms(fn, quick)
+        rows.append({"bench": "P2 paged decode bf16", "batch": batch, "ctx": ctx, "heads": heads,
+                     "kv_heads": kv_heads, "head_dim": d, "block_size": block_size, "num_splits": splits,
+                     "auto": splits == auto, "ms": t, "sdpa_ms": t_sdpa, "tb_per_s": bytes_moved / t / 1e9,
+                     "fraction_of_peak": bytes_moved / t / 1e-3 / PEAK_BYTES_PER_S, "ratio_vs_sdpa": t_sdpa / t,
+                     "graph_ms": g, "baseline_graph_ms": g_sdpa, "graph_ratio": g_sdpa / g,
+                     "graph_fraction_of_peak": bytes_moved / g / 1e-3 / PEAK_BYTES_PER_S})
+    return rows
+
+
+def bench_fused(quick: bool) -> list[dict]:
+    import torch
+
+    from minillm.kernels.fused import rms_norm, rotary_embedding_, silu_and_mul, store_kvcache
+
+    dev, bf, tokens = "cuda", torch.bfloat16, 4096 if quick else 8192
+    hidden, inter, heads, kv_heads, d = 4096, 14336, 32, 8, 128
+    x, res, w = (torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf),
+                 torch.randn(hidden, device=dev, dtype=bf))
+
+    def torch_rms():
+        h = x + res
+        hf = h.float()
+        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(bf) * w, h
+
+    gate_up = torch.randn(tokens, 2 * inter, device=dev, dtype=bf)
+    torch_silu = lambda: torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # noqa: E731
+    q, k = torch.randn(tokens, heads, d, device=dev, dtype=bf), torch.randn(tokens, kv_heads, d, device=dev, dtype=bf)
+    pos = torch.randint(0, 8192, (tokens,), device=dev)
+    inv_freq = 1.0 / 5e5 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d)
+    freqs = torch.outer(torch.arange(8192, device=dev, dtype=torch.float32), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+
+    def torch_rope():
+        cos, sin = cos_sin[pos, : d // 2].unsqueeze(1), cos_sin[pos, d // 2:].unsqueeze(1)
+        out = []
+        for t in (q, k):
+            x1, x2 = t[..., : d // 2].float(), t[..., d // 2:].float()
+            out.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(bf))
+        return out
+
+    k_cache = torch.zeros(tokens // 16 + 1, 16, kv_heads, d, device=dev, dtype=bf)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(k_cache.shape[0] * 16, device=dev)[:tokens]
+
+    def torch_store():
+        k_cache.view(-1, kv_heads, d)[slots] = k
+        v_cache.view(-1, kv_heads, d)[slots] = k
+
+    _check("rms_norm", rms_norm(x, w, 1e-5, residual=res)[0], torch_rms()[0], 5e-2, 2e-2)
+    _check("silu_and_mul", silu_and_mul(gate_up), torch_silu(), 5e-2, 2e-2)
+    q0, k0 = q.clone(), k.clone()
+    ref_q, ref_k = torch_rope()
+    rotary_embedding_(pos, q0, k0, cos_sin)
+    _check("rotary_embedding_", torch.cat([q0, k0], 1), torch.cat([ref_q, ref_k], 1), 5e-2, 2e-2)
+    store_kvcache(k, k, k_cache, v_cache, slots)
+    _check("store_kvcache", k_cache.view(-1, kv_heads, d)[slots], k, 0.0, 0.0)
+
+    cases = [  # name, ours, torch's, bytes the fused kernel must move
+        ("rms_norm+residual", lambda: rms_norm(x, w, 1e-5, residual=res), torch_rms, 4 * tokens * hidden * 2),
+        ("silu_and_mul", lambda: silu_and_mul(gate_up), torch_silu, 3 * tokens * inter * 2),
+        ("rotary_embedding_", lambda: rotary_embedding_(pos, q, k, cos_sin), torch_rope,
+         2 * tokens * (heads + kv_heads) * d * 2 + tokens * d * 4),
+        ("store_kvcache", lambda: store_kvcache(k, k, k_cache, v_cache, slots), torch_store,
+         4 * tokens * kv_heads * d * 2),
+    ]
+    rows = []
+    for name, ours, base, nbytes in cases:
+        t, t_torch = _time_ms(ours, quick), _time_ms(base, quick)
+        g, g_torch = _time_graph_ms(ours, quick), _time_graph_ms(base, quick)
+        rows.append({"bench": f"P3 {name}", "tokens": tokens, "ms": t, "torch_ms": t_torch, "graph_ms": g,
+                     "baseline_graph_ms": g_torch, "graph_ratio": g_torch / g,
+                     "tb_per_s": nbytes / t / 1e9, "fraction_of_peak": nbytes / t / 1e-3 / PEAK_BYTES_PER_S,
+                     "ratio_vs_torch": t_torch / t})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (about a minute)")
+    parser.add_argument("--out", default=None, help="write the raw results as JSON to this path")
+    parser.add_argument("--only", choices=["flash", "decode", "fused"], action="append",
+                        help="run only these parts (repeatable)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU: the Triton interpreter on a CPU would take hours at these "
+              "sizes. Run it on an H100 (the figures in benchmarks/RESULTS.md come from one).", file=sys.stderr)
+        return 2
+    import triton
+
+    parts = {"flash": bench_flash, "decode": bench_paged_decode, "fused": bench_fused}
+    results, errors = [], {}
+    for name in args.only or list(parts):
+        try:
+            results += parts[name](args.quick)
+        except SystemExit:
+            raise  # a failed correctness check: no timing is worth reporting
+        except Exception as exc:  # keep the other parts' figures if one part breaks on this setup
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] failed: {errors[name]}", file=sys.stderr)
+        torch.cuda.empty_cache()
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "quick": args.quick, "peak_bytes_per_s": PEAK_BYTES_PER_S,
+            "peak_bf16_flops": PEAK_BF16_FLOPS}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results, "errors": errors}, f, indent=2)
+
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    print("ms: eager median (do_bench); graph: replayed from a CUDA graph (no launch overhead); "
+          "x: baseline time / ours (SDPA for P1/P2, eager torch for P3)")
+    print(f"{'benchmark':<28}{'shape':<22}{'ms':>9}{'baseline ms':>13}{'x baseline':>12}{'graph ms':>10}"
+          f"{'x (graph)':>11}{'metric (eager)':>24}")
+    for r in results:
+        if r["bench"].startswith("P1"):
+            shape, metric = f"B{r['batch']} S{r['seq']}", f"{r['tflops']:.0f} TFLOP/s ({r['fraction_of_peak']:.0%})"
+        elif r["bench"].startswith("P2"):
+            shape = f"B{r['batch']} splits {r['num_splits']}{' (auto)' if r['auto'] else ''}"
+            metric = f"{r['tb_per_s']:.2f} TB/s ({r['fraction_of_peak']:.0%})"
+        else:
+            shape, metric = f"T{r['tokens']}", f"{r['tb_per_s']:.2f} TB/s ({r['fraction_of_peak']:.0%})"
+        base = r.get("sdpa_ms", r.get("torch_ms", math.nan))
+        ratio = r.get("ratio_vs_sdpa", r.get("ratio_vs_torch", math.nan))
+        print(f"{r['bench']:<28}{shape:<22}{r['ms']:>9.3f}{base:>13.3f}{ratio:>12.2f}"
+              f"{r.get('graph_ms', math.nan):>10.3f}{r.get('graph_ratio', math.nan):>11.2f}{metric:>24}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

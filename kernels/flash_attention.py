@@ -1,0 +1,264 @@
+"""FlashAttention-2 forward in Triton, for packed variable-length batches (chapter 3).
+
+What the kernel computes: for every sequence b and query head h,
+    out = softmax(q k^T * softmax_scale + mask) v
+without ever writing the [seqlen_q, seqlen_k] score matrix to memory.
+
+The tiles. One program owns a BLOCK_M x head_dim tile of queries (one head, one sequence) and keeps it in
+registers. It walks over the keys and values BLOCK_N rows at a time: S = Q K^T is a BLOCK_M x BLOCK_N tile
+(one `tl.dot`), turned into probabilities P, and P V (a second `tl.dot`) is added into an fp32 BLOCK_M x
+head_dim accumulator. Each K/V tile is read once per query tile, so memory traffic is O(seqlen^2 / BLOCK_M)
+instead of the O(seqlen^2) of a materialised score matrix; the work is all tensor-core matmuls.
+
+Why the online softmax works. softmax needs the row maximum m and the row sum l = sum exp(s - m) of the
+*whole* row, but we only see one tile at a time. Keep a running m_i, l_i and an accumulator acc = sum
+exp(s - m_i) v. When a new tile raises the maximum to m_new, every earlier term is off by the same factor
+alpha = exp(m_i - m_new), so rescaling l_i and acc by alpha makes them exactly what they would have been had
+m_new been known from the start. After the last tile, out = acc / l_i, and log-sum-exp = m_i + log(l_i)
+(returned as `lse`: it lets two partial attentions be merged later, see paged_attention.py).
+We work in base 2: scores are pre-multiplied by log2(e), so exp(x) becomes exp2(x), one cheap instruction.
+
+Grid: (query tiles, heads, batch). Grouped-query attention maps query head h to kv head h // (H / KVH):
+the K/V of one kv head are simply read by H / KVH programs, never repeated in memory.
+
+Causal masking is bottom-right aligned (the queries are the *last* seqlen_q of the seqlen_k tokens, as in a
+chunked prefill or a prefix-cache hit): query j sits at position seqlen_k - seqlen_q + j and sees keys
+0..that position. Tiles wholly below the diagonal need no mask and run in a first loop; the loop stops at
+the diagonal (tiles above it are skipped: half the work of a prefill), and only the few tiles that the
+diagonal or the end of the sequence cut through run the masked second loop.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from minillm.platform import triton_interpreted
+
+_LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold keys lo..hi (a multiple of BLOCK_N apart, except at the end) into the running (acc, l_i, m_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_pos = start_n + offs_n
+        # K is read transposed ([head_dim, BLOCK_N]) so that S = Q @ K^T is a plain dot.
+        k_ptrs = k_base + kv_pos[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + kv_pos[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(kv_pos[None, :] < k_len) & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(kv_pos[:, None] < k_len) & d_ok[None, :], other=0.0)
+        elif BLOCK_D == HEAD_DIM:  # the fast path: no predicate at all
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter mis-multiplies bf16 dot operands
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] raw scores
+        if MASKED:
+            keep = kv_pos[None, :] < k_len
+            if CAUSAL:
+                keep = keep & (kv_pos[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        # running max in log2 units; the scale is applied inside exp2's argument (one fused multiply-add)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf) = nan
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                      stride_qz, stride_qt, stride_qh, stride_kz, stride_kt, stride_kh,
+                      stride_vz, stride_vt, stride_vh, stride_oz, stride_ot, stride_oh, stride_lz, stride_lh,
+                      seqlen_q, seqlen_k, qk_scale, num_q_per_kv,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                      WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if VARLEN:  # packed sequences: token ranges from the prefix sums
+        q_start = tl.load(CU_Q + batch).to(tl.int64)
+        q_len = tl.load(CU_Q + batch + 1) - q_start
+        k_start = tl.load(CU_K + batch).to(tl.int64)
+        k_len = tl.load(CU_K + batch + 1) - k_start
+    else:  # fixed-length batch: the batch stride does the work
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:  # the grid is sized for the longest sequence
+        return
+    kv_head = head // num_q_per_kv
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + batch * stride_qz + (q_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + batch * stride_kz + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + batch * stride_vz + k_start * stride_vt + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Bottom-right alignment: query row i sits at position (k_len - q_len) + i.
+    q_pos = (k_len - q_len) + offs_m
+    if CAUSAL:
+        first_pos = (k_len - q_len) + m_start
+        last_pos = (k_len - q_len) + tl.minimum(m_start + BLOCK_M, q_len) - 1
+        hi = tl.minimum(k_len, last_pos + 1)  # keys past the last query's position are never needed
+        full_end = tl.minimum(k_len, first_pos + 1)  # keys every row of this tile may see
+    else:
+        hi = k_len
+        full_end = k_len
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
+                                     0, full_end, qk_scale, False, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)
+    acc, l_i, m_i = _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
+                                     full_end, hi, qk_scale, True, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)
+
+    # A row that saw no key (only possible when k_len < q_len) gets out = 0 and lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = O + batch * stride_oz + (q_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(LSE + batch * stride_lz + head * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+# H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); autotune picks per (head_dim, causal, varlen).
+_GPU_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+                (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)]
+# The interpreter runs one numpy step per tile, so one small config keeps CPU tests quick.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    # big tiles with head_dim 256 overflow shared memory; keep them out of the search
+    kept = [c for c in configs if block_d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs
+
+
+_autotuned_kernel = None
+
+
+def _kernel_and_grid_kwargs():
+    """Return (kernel, extra launch kwargs): autotuned on a GPU, one fixed config under the interpreter."""
+    global _autotuned_kernel
+    if triton_interpreted():
+        return _flash_fwd_kernel, dict(INTERPRETER_CONFIG, num_warps=4, num_stages=1)
+    if _autotuned_kernel is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in _GPU_CONFIGS]
+        _autotuned_kernel = triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "VARLEN"],
+                                            prune_configs_by={"early_config_prune": _prune_configs})(_flash_fwd_kernel)
+    return _autotuned_kernel, {}
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int) -> None:
+    if q.dim() != ndim or k.dim() != ndim or v.dim() != ndim:
+        raise ValueError(f"q, k, v must be {ndim}-D, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match and lie in [1, {MAX_HEAD_DIM}], got q {head_dim}, k {k.shape[-1]}")
+
+
+def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
+            max_seqlen_q, causal, softmax_scale, varlen):
+    head_dim = q.shape[-1]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if not scale > 0:  # the running max is taken before scaling, which needs a positive scale
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    kernel, extra = _kernel_and_grid_kwargs()
+    upcast = triton_interpreted() and q.dtype != torch.float32
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)
+
+    kernel[grid](q, k, v, out, lse if lse is not None else out, cu_q, cu_k, *strides, seqlen_q, seqlen_k,
+                 scale * _LOG2E, num_heads // num_kv_heads,
+                 HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=bool(causal),
+                 VARLEN=varlen, WRITE_LSE=lse is not None, UPCAST=upcast, **extra)
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                      softmax_scale: float | None = None, return_lse: bool = False):
+    """Attention over packed sequences: q [T, H, D], k and v [Tk, KVH, D] -> out [T, H, D] (, lse fp32 [H, T]).
+
+    Sequence b owns queries q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] and keys k[cu_seqlens_k[b]:cu_seqlens_k[b+1]]
+    (int32 prefix sums, B+1 entries). `max_seqlen_q` sizes the grid and must be >= every query length.
+    With causal=True and seqlen_k > seqlen_q the mask is bottom-right aligned (the queries are the last
+    tokens). `lse[h, t]` is the natural-log log-sum-exp of query t's scaled scores (-inf if it saw no key).
+    """
+    _check_qkv(q, k, v, 3)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 >= 2 entries, got {cu.dtype} {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k {cu_seqlens_k.numel()}")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    total_q, num_heads, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(num_heads, total_q, dtype=torch.float32, device=q.device) if return_lse else None
+    if total_q > 0 and max_seqlen_q > 0:
+        strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+                   0, out.stride(0), out.stride(1), 0, total_q)
+        _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, strides, 0, 0, num_heads, k.shape[1],
+                cu_seqlens_q.numel() - 1, max_seqlen_q, causal, softmax_scale, varlen=True)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, return_lse: bool = False):
+    """Fixed-length batches in SDPA's layout: q [B, H, Sq, D], k and v [B, KVH, Sk, D] -> out [B, H, Sq, D]
+    (, lse fp32 [B, H, Sq]). No copies: the kernel reads the tensors through their strides."""
+    _check_qkv(q, k, v, 4)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, num_heads, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    if k.shape[0] != batch:
+        raise ValueError(f"q has batch {batch} but k has {k.shape[0]}")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() > 0:
+        strides = (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+                   v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+                   lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0)
+        _launch(q, k, v, out, lse, q, q, strides, seqlen_q, seqlen_k, num_heads, k.shape[1], batch,
+                seqlen_q, causal, softmax_scale, varlen=False)
+    return (out, lse) if return_lse else out

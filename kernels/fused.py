@@ -1,0 +1,216 @@
+"""Small fused kernels around attention and the MLP (chapters 1, 2 and 4).
+
+Each of these does a handful of arithmetic per byte it touches, so its speed is set by memory bandwidth
+alone. The only way to make them faster is to touch memory fewer times, which is what "fused" means: one
+pass that reads each input once and writes each output once, with the intermediate values kept in
+registers. Each program handles one token (one row), so the grid is simply the number of tokens.
+
+* rms_norm: the residual add that precedes every norm of a Llama block is fused in (read x and residual,
+  write the new residual and the output: 4 row transfers instead of the 5 of an add, then a norm).
+* rotary_embedding_: RoPE on q and k in place, all heads of a token in one program, cos/sin read once.
+* silu_and_mul: the SwiGLU gate, silu(gate) * up, without materialising silu(gate).
+* store_kvcache: scatter the new tokens' keys and values into their slots of the paged KV cache.
+All compute in fp32 and store in the output's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() < 1 or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be at least 1-D and contiguous in its last dimension, got {tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------- rms_norm
+@triton.jit
+def _rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(RES + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        # round the sum to the model's dtype, as an unfused `hidden = hidden + residual` would
+        x = x.to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + row * stride_ro + cols, x, mask=ok)
+        x = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (x * inv_rms * w).to(OUT.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """y = h / sqrt(mean(h^2) + eps) * weight over the last dim, with h = x (+ residual).
+
+    Returns y, or (y, h) when `residual` is given (h is the new residual stream, in x's dtype).
+    """
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")
+    if hidden > 65536:
+        raise ValueError(f"rms_norm supports hidden sizes up to 65536, got {hidden}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    x2 = _rows(x, "x")
+    out = torch.empty_like(x2)
+    res2 = _rows(residual, "residual") if residual is not None else x2
+    res_out = torch.empty_like(x2) if residual is not None else out
+    if x2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0),
+                                         out.stride(0), res_out.stride(0), hidden, eps,
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                         num_warps=min(16, max(1, block // 256)))
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+@triton.jit
+def _rotate_heads(X, stride_t, stride_h, token, num_heads, cos, sin, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    ok = (heads[:, None] < num_heads) & (cols[None, :] < HALF)
+    ptr1 = X + token * stride_t + heads[:, None] * stride_h + cols[None, :]  # first half  x1
+    ptr2 = ptr1 + HALF  # second half x2
+    x1 = tl.load(ptr1, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr2, mask=ok, other=0.0).to(tl.float32)
+    # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), a 2-D rotation of each pair (x1_i, x2_i)
+    tl.store(ptr1, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=ok)
+    tl.store(ptr2, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rotary_kernel(POS, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, num_heads,
+                   num_kv_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + token).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(COS_SIN + pos * stride_c + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(COS_SIN + pos * stride_c + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(Q, stride_qt, stride_qh, token, num_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(K, stride_kt, stride_kh, token, num_kv_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      cos_sin_cache: torch.Tensor) -> None:
+    """Apply rotate-half RoPE in place to q [T, H, D] and k [T, KVH, D] at `positions` [T].
+
+    cos_sin_cache [max_pos, D]: row p holds cos(p * theta_i) in its first D/2 entries and sin in the rest.
+    Positions must lie in [0, max_pos) (not checked on the device, to avoid a sync).
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"need q [T, H, D] and k [T, KVH, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(f"need an even head_dim and cos_sin_cache [max_pos, {head_dim}], got head_dim "
+                         f"{head_dim}, cache {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions must have shape ({num_tokens},), got {tuple(positions.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q, k and cos_sin_cache must be contiguous in their last dimension (rotated in place)")
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0),
+                                  k.stride(1), cos_sin_cache.stride(0), num_heads, k.shape[1], HALF=half,
+                                  BLOCK_HALF=triton.next_power_of_2(half),
+                                  BLOCK_HQ=triton.next_power_of_2(num_heads),
+                                  BLOCK_HK=triton.next_power_of_2(k.shape[1]), num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------- silu_and_mul
+@triton.jit
+def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < inter
+    gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + inter + cols, mask=ok, other=0.0).to(tl.float32)
+    silu = gate / (1.0 + tl.exp(-gate))  # gate * sigmoid(gate)
+    tl.store(OUT + row * stride_o + cols, (silu * up).to(OUT.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"the last dimension of x must be even (gate | up), got {x.shape[-1]}")
+    inter = x.shape[-1] // 2
+    x2 = _rows(x, "x")
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    if out.numel() > 0:
+        block = min(1024, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, x2.stride(0), out.stride(0), inter,
+                                                                       BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], inter)
+
+
+# ---------------------------------------------------------------------------------------- store_kvcache
+@triton.jit
+def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, stride_k, stride_v, stride_kc,
+                          stride_vc, ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_SCALE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + token)
+    if slot < 0:  # a padded token, or one whose KV is already cached: nothing to write
+        return
+    cols = tl.arange(0, BLOCK)  # one token's KVH * D values, contiguous in both source and cache
+    ok = cols < ROW
+    k = tl.load(K + token * stride_k + cols, mask=ok)
+    v = tl.load(V + token * stride_v + cols, mask=ok)
+    if HAS_SCALE:  # quantise for an FP8 cache: x_q = x / scale, one scale per kv head (cols // HEAD_DIM)
+        k = k.to(tl.float32) / tl.load(K_SCALE + cols // HEAD_DIM, mask=ok, other=1.0)
+        v = v.to(tl.float32) / tl.load(V_SCALE + cols // HEAD_DIM, mask=ok, other=1.0)
+    tl.store(K_CACHE + slot * stride_kc + cols, k.to(K_CACHE.dtype.element_ty), mask=ok)
+    tl.store(V_CACHE + slot * stride_vc + cols, v.to(V_CACHE.dtype.element_ty), mask=ok)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    """Write k, v [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slots slot_mapping [T].
+
+    slot = block_id * block_size + offset; slot -1 skips the token. Slots must be < num_blocks * block_size.
+    k_scale/v_scale (a float or one per kv head): store x / scale, the FP8 cache's quantisation; the cast to
+    the cache's dtype rounds (fp8 saturation is the caller's choice of scale).
+    """
+    if k.dim() != 3 or k.shape != v.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"need k, v [T, KVH, D] and caches [num_blocks, block_size, KVH, D], got k {tuple(k.shape)}"
+                         f", v {tuple(v.shape)}, caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"cache [.., KVH, D] = {tuple(k_cache.shape[2:])} does not match k's {tuple(k.shape[1:])}")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    row = k.shape[1] * k.shape[2]
+    if k.shape[0] == 0:
+        return
+    k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
+    if k2.stride(-1) != 1 or v2.stride(-1) != 1:
+        k2, v2 = k2.contiguous(), v2.contiguous()
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale, or neither")
+    if k_scale is not None:
+        k_scale, v_scale = (_per_head_scale(sc, k.shape[1], k.device, name)
+                            for sc, name in ((k_scale, "k_scale"), (v_scale, "v_scale")))
+    _store_kvcache_kernel[(k.shape[0],)](k2, v2, k_cache, v_cache, slot_mapping,
+                                         k_scale if k_scale is not None else k2, v_scale if v_scale is not None else v2,
+                                         k2.stride(0), v2.stride(0), k_cache.stride(1), v_cache.stride(1), ROW=row,
+                                         HEAD_DIM=k.shape[2], BLOCK=triton.next_power_of_2(row),
+                                         HAS_SCALE=k_scale is not None, num_warps=4)
+
+
+def _per_head_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(num_kv_heads)
+    if t.numel() != num_kv_heads:
+        raise ValueError(f"{name} must be a float or hold one scale per kv head ({num_kv_heads}), got {t.numel()}")
+    return t.contiguous()

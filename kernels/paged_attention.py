@@ -1,0 +1,246 @@
+"""Paged decode attention with split-KV (flash-decoding), in Triton (chapter 5).
+
+A decode step has one query token per sequence, and its keys and values live in the paged KV cache
+(minillm/forward_context.py):
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    token p of sequence b lives in block block_tables[b, p // block_size], row p % block_size.
+
+The tiles. With one query per sequence there is no query tile to speak of, and the work is bound by
+reading K and V. With grouped-query attention the H / KVH query heads that share a kv head want exactly the
+same K and V, so one program takes the whole query *group* as a small matrix ([G, head_dim], padded to 16
+rows for the tensor cores) and reads each K/V tile once for all of them: G times less memory traffic than a
+program per query head. Each iteration gathers BLOCK_N tokens (several cache blocks) through the block
+table, so a sequence's blocks may sit anywhere in the pool, in any order.
+
+Why split-KV. A batch of 8 sequences with 8 kv heads makes only 64 programs, and an H100 has 132 SMs that
+each want several programs in flight: most of the chip would idle while a few programs walk 4k tokens one
+after another. Flash-decoding cuts each sequence's keys into `num_splits` contiguous ranges, gives each to
+its own program (phase 1 grid: batch x kv heads x splits), and each writes a partial output normalised by
+its own softmax sum plus the log-sum-exp (lse) of its scores. Phase 2 merges the partials exactly:
+
+    lse = log(sum_s exp(lse_s)),   out = sum_s exp(lse_s - lse) * out_s
+
+which is the online-softmax rescaling of flash_attention.py applied once, at the end, across programs.
+Short contexts or big batches already fill the chip, so the heuristic uses one split there and phase 2 is
+skipped (phase 1 then writes the final output directly).
+
+FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
+x_q = x / scale. The scales are constant along the keys, so they are applied once, not per element:
+k_scale folds into the softmax scale, and v_scale multiplies the output accumulator at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from minillm.platform import triton_interpreted
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SCALE, V_SCALE, O_PART, LSE_PART,
+                               OUT, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                               stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                               stride_ob, stride_oh, qk_scale, num_splits,
+                               QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                               HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    batch = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + batch)
+    # This program's share of the keys: a contiguous range, a whole number of BLOCK_N tiles long.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * QUERY_GROUP + offs_g  # the query heads that share this kv head
+    g_ok = offs_g < QUERY_GROUP
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    scale = qk_scale
+    if HAS_SCALE:  # k = k_scale * k_q, so q.k = k_scale * (q.k_q): fold it into the softmax scale
+        scale = scale * tl.load(K_SCALE + kv_head)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        valid = pos < end
+        # Address translation: logical position -> (physical block, row in block) -> cache offset.
+        block_id = tl.load(BLOCK_TABLES + batch * stride_bt + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        row = pos % PAGE_SIZE
+        k = tl.load(K_CACHE + (block_id * stride_kb + row * stride_ks + kv_head * stride_kh)[None, :]
+                    + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(V_CACHE + (block_id * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = k.to(q.dtype)  # fp8 caches are widened here; a no-op otherwise
+        v = v.to(q.dtype)
+        s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])
+        m_i = m_new
+
+    empty = l_i == 0.0  # an empty split (seq shorter than the splits): weight 0 in the merge
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_SCALE:
+        out = out * tl.load(V_SCALE + kv_head)
+    if SINGLE_SPLIT:
+        tl.store(OUT + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        part = batch * stride_pb + heads * stride_ph + split * stride_ps
+        tl.store(O_PART + part[:, None] + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + batch * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                         stride_ob, stride_oh,
+                         num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    batch = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    base = batch * stride_pb + head * stride_ph + offs_s * stride_ps
+    lse = tl.load(LSE_PART + batch * stride_lb + head * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)  # empty splits weigh exp(-inf) = 0
+    o = tl.load(O_PART + base[:, None] + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """1 when batch x kv heads already fills the SMs; otherwise enough splits for ~2 programs per SM,
+    but none shorter than ~256 tokens (each split costs a partial write and a merge).
+
+    On an H100 (132 SMs), batch 64 x 8 kv heads = 512 programs: 1 split (measured: 2 or 4 are a few % slower).
+    """
+    if device.type != "cuda":
+        return 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = max(batch * num_kv_heads, 1)
+    if programs >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, programs), max_seq_len // 256, 32))
+
+
+def _as_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(num_kv_heads)
+    if t.numel() != num_kv_heads:
+        raise ValueError(f"{name} must be a float or hold one scale per kv head ({num_kv_heads}), got {t.numel()}")
+    return t.contiguous()
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
+                           num_splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
+    """One decode query per sequence against its paged cache: q [B, H, D] -> out [B, H, D] (q's dtype).
+
+    block_tables int32 [B, max_blocks] (-1 padded), seq_lens int32 [B] (each >= 1 and <= max_blocks *
+    block_size; not checked on the device, to avoid a sync). num_splits=None picks one from the batch, the
+    table width and the SM count. k_scale/v_scale: dequantisation scales of an FP8 cache.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or head_dim > 256:
+        raise ValueError(f"head_dim must match and be <= 256, got q {head_dim}, cache {cache_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables must be [B={batch}, max_blocks] and seq_lens [B], got "
+                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale, or neither")
+    max_seq_len = block_tables.shape[1] * block_size  # an upper bound known without a device sync
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device)
+    if not 1 <= num_splits <= 256:
+        raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
+    block_tables = block_tables.contiguous()
+    has_scale = k_scale is not None
+    if has_scale:
+        k_scale = _as_scale(k_scale, num_kv_heads, q.device, "k_scale")
+        v_scale = _as_scale(v_scale, num_kv_heads, q.device, "v_scale")
+    else:
+        k_scale = v_scale = seq_lens  # unused placeholders
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    interp = triton_interpreted()
+    block_n = 32 if interp else max(16, min(64, 8192 // block_d))
+    single = num_splits == 1
+    o_part = out if single else torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
+                                             device=q.device)
+    lse_part = o_part if single else torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    # partial outputs [B, H, splits, D] and their lse [B, H, splits] (unused with one split)
+    part_strides = (0, 0, 0, 0, 0) if single else (o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                                   lse_part.stride(0), lse_part.stride(1))
+    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
+        out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
+        QUERY_GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale, SINGLE_SPLIT=single,
+        UPCAST=interp and q.dtype != torch.float32, num_warps=4, num_stages=1 if interp else 3)
+    if not single:
+        _merge_splits_kernel[(batch, num_heads)](
+            o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Merge two attentions of the same queries over disjoint key sets: out [T, H, D], lse fp32 [H, T].
+
+    Returns (out, lse) as if one softmax had seen both key sets (e.g. a cached prefix and the new chunk,
+    or two KV splits). A side with lse = -inf (no keys) weighs 0; both -inf gives out = 0, lse = -inf.
+    """
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(f"shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
+                         f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}")
+    if out_a.dim() != 3 or lse_a.shape != (out_a.shape[1], out_a.shape[0]):
+        raise ValueError(f"need out [T, H, D] and lse [H, T], got {tuple(out_a.shape)} and {tuple(lse_a.shape)}")
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)  # [H, T]
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe).T.unsqueeze(-1)  # [T, H, 1]
+    w_b = torch.exp(lse_b - safe).T.unsqueeze(-1)
+    out = out_a.float() * w_a + out_b.float() * w_b
+    return out.to(out_a.dtype), lse

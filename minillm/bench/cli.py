@@ -1,0 +1,118 @@
+"""Command-line entry points of the bench package: `minillm demo`, `minillm estimate`, `minillm bench`.
+
+minillm/cli.py owns the parser; it calls `register(subparsers)` here. Each subcommand stores its handler in
+`args.func`, which takes the parsed arguments and returns an exit code. Run standalone with
+`python -m minillm.bench.cli estimate --table`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """'70e9', '70b', '135M', '6.74B' -> a number of parameters."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r}; write e.g. 70e9, 70b, 135m")
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from minillm.bench import estimate as est
+
+    try:
+        if args.table:
+            print("Weights of a 70B model (decimal GB = 1e9 bytes; weights only, no KV cache):")
+            print(est.format_seed_table())
+            return 0
+        explicit = [args.layers, args.kv_heads, args.head_dim]
+        if args.model is None and any(v is None for v in explicit + [args.params]):
+            raise ValueError("give --model (one of: " + ", ".join(est.PRESETS) + ") or all of "
+                             "--params, --layers, --kv-heads, --head-dim")
+        if args.model is not None:
+            shape = est.get_preset(args.model)
+            if any(v is not None for v in explicit):
+                raise ValueError("--layers/--kv-heads/--head-dim describe a custom model; drop --model to use them")
+        else:
+            shape = est.custom_shape(args.params, args.layers, args.kv_heads, args.head_dim)
+        e = est.estimate(shape, args.dtype, args.context, args.batch, kv_dtype=args.kv_dtype, num_params=args.params)
+    except ValueError as err:
+        print(f"minillm estimate: error: {err}", file=sys.stderr)
+        return 2
+    print(est.format_estimate(e, gpu_gb=args.gpu_gb))
+    if args.model is not None and args.params is None:
+        print(f"(parameters counted from {e.model}'s shapes; nominal {est.get_preset(args.model).nominal_params / 1e9:g} B; "
+              f"pass --params to override)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from minillm.bench.demo import run_demo
+
+    run_demo(max_tokens=args.max_tokens, out_dir=args.out, model=args.model, device=args.device)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from minillm.bench.workload import run_bench
+
+    result = run_bench(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                       model=args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    if args.json:
+        from minillm.bench.harness import to_dict
+
+        with open(args.json, "w") as f:
+            json.dump(to_dict(result), f, indent=2)
+        print(f"raw results written to {args.json}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="load the bundled model, answer 8 chat prompts, print TTFT/TPOT/throughput")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 48 on CPU, 128 on GPU)")
+    p.add_argument("--out", default="out", help="folder for the plot (default: out/)")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.set_defaults(func=_cmd_demo)
+
+    p = subparsers.add_parser("estimate", help="memory for weights + KV cache of a model size, dtype, context, batch")
+    p.add_argument("--model", default=None, help="preset: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
+                                                 "llama-3-70b, smollm2-135m")
+    p.add_argument("--params", type=parse_count, default=None, help="parameter count (70e9, 70b); overrides the preset's")
+    p.add_argument("--layers", type=int, default=None, help="custom model: number of layers")
+    p.add_argument("--kv-heads", type=int, default=None, help="custom model: key/value heads per layer")
+    p.add_argument("--head-dim", type=int, default=None, help="custom model: dimension of each head")
+    p.add_argument("--dtype", default="fp16", help="weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16)")
+    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weights' float dtype, fp16 for int)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU, to count GPUs (default 80)")
+    p.add_argument("--table", action="store_true", help="print the seed's 70B table (140 / 70 / 35 GB) and exit")
+    p.set_defaults(func=_cmd_estimate)
+
+    p = subparsers.add_parser("bench", help="offline throughput run: N prompts at once, TTFT/TPOT percentiles")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=32, help="generated tokens per request (EOS ignored)")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minillm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Comparisons for graded tests and notebooks: one tolerance table, one-line failure messages.
+
+A graded test compares the learner's output with the solution's (`assert_close`, `assert_equal`) and
+checks properties of its own. A failure is one line the grader can show as it is:
+
+    output: max abs err 3.1e-01 (atol 1e-05), max rel err 4.2e-01 (rtol 1e-05), 12 of 60 bad,
+    first bad index (0, 5): got 1.234, expected 0.9876
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# (atol, rtol) per dtype: the only tolerances graded tests use. fp32 leaves room for a different but
+# sound order of operations; bf16 has 8 bits of mantissa (one rounding = 2**-8 relative).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-7),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype not in TOLERANCES:
+        raise ValueError(f"no tolerance for dtype {dtype}; known: {', '.join(map(str, TOLERANCES))}")
+    return TOLERANCES[dtype]
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    idx = []
+    for size in reversed(shape):
+        idx.append(flat % size)
+        flat //= size
+    return tuple(reversed(idx))
+
+
+def assert_tensor(x: Any, what: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> None:
+    """`x` is a tensor of the given shape and dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise AssertionError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise AssertionError(f"{what}: shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise AssertionError(f"{what}: dtype {x.dtype}, expected {dtype}")
+
+
+def assert_close(actual: Any, expected: torch.Tensor, what: str = "output",
+                 atol: float | None = None, rtol: float | None = None) -> None:
+    """Same shape, dtype and non-finite pattern as `expected`; finite values within the dtype's tolerance."""
+    assert_tensor(actual, what, tuple(expected.shape), expected.dtype)
+    d_atol, d_rtol = tolerance(expected.dtype) if expected.is_floating_point() else (0.0, 0.0)
+    atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+    a = actual.detach().to("cpu", torch.float64).reshape(-1)
+    e = expected.detach().to("cpu", torch.float64).reshape(-1)
+    if a.numel() == 0:
+        return
+    both_finite = torch.isfinite(a) & torch.isfinite(e)
+    # -inf where the solution has -inf (masked logits), nan where it has nan: the pattern must match exactly
+    same_special = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    abs_err = torch.where(both_finite, (a - e).abs(), torch.zeros_like(a))
+    rel_err = abs_err / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    bad = torch.where(both_finite, abs_err > atol + rtol * e.abs(), ~same_special)
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    where = (f"first bad index {_index(first, tuple(expected.shape))}: "
+             f"got {float(a[first]):.6g}, expected {float(e[first]):.6g}")
+    n_value = int((bad & both_finite).sum())
+    n_special = int(bad.sum()) - n_value
+    parts = []
+    if n_value:
+        parts.append(f"max abs err {float(abs_err.max()):.2g} (atol {atol:g}), "
+                     f"max rel err {float(rel_err[both_finite].max()):.2g} (rtol {rtol:g}), {n_value} of {a.numel()} bad")
+    if n_special:
+        parts.append(f"{n_special} of {a.numel()} differ in where they are -inf/inf/nan")
+    raise AssertionError(f"{what}: {', '.join(parts)}, {where}")
+
+
+def assert_equal(actual: Any, expected: torch.Tensor, what: str = "output") -> None:
+    """Exact equality (masks, indices, token ids), with the first mismatch in the message."""
+    assert_tensor(actual, what, tuple(expected.shape), expected.dtype)
+    bad = (actual.detach().cpu() != expected.detach().cpu()).reshape(-1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} entries differ, first bad index "
+            f"{_index(first, tuple(expected.shape))}: got {actual.reshape(-1)[first].item()}, "
+            f"expected {expected.reshape(-1)[first].item()}")
+
+
+def assert_scalar_close(actual: Any, expected: float, what: str = "value", rtol: float = 1e-9) -> None:
+    """A Python number within `rtol` of `expected`."""
+    if isinstance(actual, torch.Tensor) and actual.numel() == 1:
+        actual = actual.item()
+    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
+        raise AssertionError(f"{what}: expected a number, got {type(actual).__name__}")
+    err = abs(actual - expected)
+    if not err <= rtol * abs(expected) + 1e-12:
+        raise AssertionError(f"{what}: got {actual:.10g}, expected {expected:.10g} "
+                             f"(abs err {err:.2g}, rel err {err / max(abs(expected), 1e-300):.2g}, rtol {rtol:g})")

@@ -1,0 +1,151 @@
+"""`minillm grade` and `minillm course ...`: the learner's and the instructor's commands.
+
+    minillm grade [chNN | chNN.name] [--impl exercises|solutions|PATH] [--format table|json|gradescope] [--out FILE] [-v]
+    minillm course list                      the registry: id, points, where the engine calls it, hint
+    minillm course sync [--check]            regenerate solutions/ and exercises/ from the reference's markers
+    minillm course release DIR [--force]     a student copy (no solutions/, no hidden tests)
+    minillm course gradescope ZIP            the Gradescope autograder archive
+    minillm course notebooks [NAME ...] [--check] [--no-execute]   chapters/*.py -> executed .ipynb
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from minillm.course import gradescope, report
+    from minillm.course.grader import grade
+    from minillm.course.impl import ImplementationError
+
+    try:
+        result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs)
+    except (ValueError, KeyError, ImplementationError) as e:
+        print(f"minillm grade: error: {e}", file=sys.stderr)
+        return 2
+    if args.format == "table":
+        text = report.format_table(result, verbose=args.verbose)
+    elif args.format == "json":
+        text = report.format_json(result, verbose=args.verbose)
+    else:
+        text = json.dumps(gradescope.results_json(result), indent=2) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}: {result.score:g} / {result.max_score:g}")
+    else:
+        sys.stdout.write(text)
+    if args.fail_under is not None and result.max_score and 100 * result.score / result.max_score < args.fail_under:
+        return 1
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from minillm.course.registry import EXERCISES
+    for ex in EXERCISES.values():
+        print(f"{ex.id:<28} {ex.points:>3} pts  exercises/{ex.module}.py  def {ex.signature}")
+        print(f"{'':<28}          called from {ex.called_from}")
+        print(f"{'':<28}          hint: {ex.hint}")
+    return 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from minillm.course import sync
+    try:
+        result = sync.build()
+    except sync.MarkerError as e:
+        print(f"minillm course sync: error: {e}", file=sys.stderr)
+        return 1
+    for ex in result.missing:
+        print(f"warning: {ex.id} is registered but {ex.source} has no '# >>> exercise {ex.id}' region", file=sys.stderr)
+    for region in result.unregistered:
+        print(f"warning: {region.source} marks {region.exercise_id}, which is not in minillm/course/registry.py "
+              "(not generated)", file=sys.stderr)
+    if args.check:
+        stale = sync.drift(result)
+        for rel in stale:
+            print(f"{rel} differs from its reference's markers: run `minillm course sync`", file=sys.stderr)
+        return 1 if stale or result.unregistered else 0
+    for rel in sync.write(result):
+        print(f"wrote {rel}")
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from minillm.course.release import release
+    try:
+        written = release(Path(args.dir), overwrite=args.force)
+    except (ValueError, FileExistsError) as e:
+        print(f"minillm course release: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote a student release of {len(written)} files to {args.dir} (no solutions/, no hidden tests)")
+    return 0
+
+
+def _cmd_gradescope(args: argparse.Namespace) -> int:
+    from minillm.course.gradescope import build_autograder
+    names = build_autograder(Path(args.zip))
+    print(f"wrote {args.zip} ({len(names)} files): upload it as the assignment's autograder")
+    return 0
+
+
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    from minillm.course import notebooks
+    if args.check:
+        problems = notebooks.out_of_sync()
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
+    for py in notebooks.sources(names=args.names or None):
+        print(f"building {py.with_suffix('.ipynb').name}" + (" (executing with the solutions)" if args.execute else ""))
+        notebooks.build(py, execute=args.execute)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("grade", help="grade exercises: a table, JSON or Gradescope's results.json")
+    p.add_argument("target", nargs="?", default=None, help="chNN or chNN.name (default: every exercise)")
+    p.add_argument("--impl", default=None, help="exercises (default), solutions, or a folder laid out like exercises/")
+    p.add_argument("--format", choices=("table", "json", "gradescope"), default="table")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and the test process's last output")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise (default 60)")
+    p.add_argument("--jobs", type=int, default=None, help="exercises graded at once (default: min(4, CPUs))")
+    p.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this percentage")
+    p.set_defaults(func=_cmd_grade)
+
+    course = subparsers.add_parser("course", help="instructor tools: sync, release, gradescope, notebooks, list")
+    course.set_defaults(func=lambda args: (course.print_help(), 2)[1])
+    sub = course.add_subparsers(dest="course_command", metavar="SUBCOMMAND")
+    sub.add_parser("list", help="the registered exercises").set_defaults(func=_cmd_list)
+    p = sub.add_parser("sync", help="regenerate solutions/ and exercises/ from the reference's markers")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the committed files drifted")
+    p.set_defaults(func=_cmd_sync)
+    p = sub.add_parser("release", help="write a student copy without solutions/ and hidden tests")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    p.set_defaults(func=_cmd_release)
+    p = sub.add_parser("gradescope", help="build the Gradescope autograder archive")
+    p.add_argument("zip")
+    p.set_defaults(func=_cmd_gradescope)
+    p = sub.add_parser("notebooks", help="chapters/*.py (jupytext percent) -> .ipynb with the solution's outputs")
+    p.add_argument("names", nargs="*", help="chapter stems (default: all)")
+    p.add_argument("--check", action="store_true", help="only check every .ipynb matches its .py")
+    p.add_argument("--no-execute", dest="execute", action="store_false", help="write cells without running them")
+    p.set_defaults(func=_cmd_notebooks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minillm")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Gradescope: results.json from a GradeReport, and the autograder archive an instructor uploads.
+
+results.json (Gradescope's autograder format): one entry per graded test with score, max_score, status,
+name, number, output, output_format and visibility (hidden tests: "after_published"), and at top level
+score, execution_time, output and stdout_visibility "hidden" (a learner's prints stay private).
+
+The archive holds `setup.sh` (installs torch for CPU and this package) and `run_autograder`, which grades
+`$ROOT/submission` and writes `$ROOT/results/results.json`, ROOT being $MINILLM_AUTOGRADER_ROOT or
+/autograder. That variable lets `make test` run the archive against a fake submission folder.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+from minillm.course.grader import GradeReport
+from minillm.course.registry import repo_root
+
+# What the archive carries (relative to the course root): the package, the graded tests with their
+# hidden part, the solutions they compare with, and the packaging files.
+ARCHIVE_PATHS = ("minillm", "kernels", "solutions", "tests/conftest.py", "tests/adapters.py", "tests/graded",
+                 "pyproject.toml", "setup.py")
+SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+
+SETUP_SH = """#!/usr/bin/env bash
+# Gradescope runs this once when it builds the autograder image (Ubuntu, no GPU).
+set -euo pipefail
+apt-get update -q && apt-get install -y -q python3 python3-pip python3-venv
+python3 -m venv /autograder/venv
+/autograder/venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+/autograder/venv/bin/pip install -q pytest numpy triton
+cd /autograder/source && /autograder/venv/bin/pip install -q --no-deps -e .
+"""
+
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this for every submission. ROOT is overridable so the archive can be tested locally.
+set -uo pipefail
+ROOT="${MINILLM_AUTOGRADER_ROOT:-/autograder}"
+PY="${MINILLM_PYTHON:-$ROOT/venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+mkdir -p "$ROOT/results"
+cd "$ROOT/source"
+export PYTHONPATH="$ROOT/source${PYTHONPATH:+:$PYTHONPATH}" MINILLM_ROOT="$ROOT/source"
+"$PY" -m minillm.cli grade --impl "$ROOT/submission" --format gradescope \\
+    --out "$ROOT/results/results.json" --timeout "${MINILLM_GRADE_TIMEOUT:-120}"
+"""
+
+
+def results_json(report: GradeReport) -> dict:
+    """Gradescope's results.json content for `report`."""
+    tests, summary = [], []
+    for i, ex in enumerate(report.exercises, 1):
+        hint = f"\nhint: {ex.hint}" if ex.status != "pass" else ""
+        if not ex.tests:  # the process died before it could even list its tests
+            tests.append({"name": ex.id, "number": f"{i}", "score": 0.0, "max_score": ex.points,
+                          "status": "failed", "output": f"{ex.status}: {ex.message}{hint}",
+                          "output_format": "text", "visibility": "visible"})
+        for j, t in enumerate(ex.tests, 1):
+            if t.outcome == "skipped":
+                continue
+            passed = t.outcome == "passed"
+            if passed:
+                out = "passed"
+            elif ex.status in ("timeout", "error") and t.outcome in ("not run", "passed"):
+                out = f"{ex.status}: {ex.message}"
+            elif t.outcome == "not_attempted":
+                out = f"not attempted: {ex.id} still raises NotImplementedError"
+            else:
+                out = f"{t.outcome}: {t.message}"
+            tests.append({"name": f"{ex.id}: {t.name}", "number": f"{i}.{j}", "score": t.earned,
+                          "max_score": t.points, "status": "passed" if passed and t.earned == t.points else "failed",
+                          "output": out + ("" if passed else hint), "output_format": "text",
+                          "visibility": "after_published" if t.hidden else "visible"})
+        visible_ok = all(t.outcome == "passed" for t in ex.tests if not t.hidden) and ex.status not in ("error", "timeout")
+        has_hidden = any(t.hidden for t in ex.tests)
+        state = "all visible tests passed" if visible_ok and has_hidden else ex.status
+        summary.append(f"{ex.id}: {state}")
+    return {"score": report.score, "execution_time": round(report.execution_time, 2),
+            "output": "\n".join(summary), "output_format": "text",
+            "stdout_visibility": "hidden", "tests": tests}
+
+
+def _walk(root: Path, rel: str):
+    path = root / rel
+    if path.is_file():
+        yield path
+    elif path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not SKIP_PARTS.intersection(p.relative_to(root).parts) and p.suffix != ".pyc":
+                yield p
+
+
+def build_autograder(zip_path: Path, root: Path | None = None) -> list[str]:
+    """Write the Gradescope autograder archive; returns the files it holds."""
+    root = Path(root or repo_root())
+    if not (root / "solutions").is_dir():
+        raise FileNotFoundError(f"{root}/solutions is missing: build the autograder from the instructor's repository")
+    names = []
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER)):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | 0o755) << 16  # executable once unzipped
+            z.writestr(info, text)
+            names.append(name)
+        for rel in ARCHIVE_PATHS:
+            for p in _walk(root, rel):
+                arc = p.relative_to(root).as_posix()
+                z.write(p, arc)
+                names.append(arc)
+    return names
+
+
+def autograder_root() -> Path:
+    return Path(os.environ.get("MINILLM_AUTOGRADER_ROOT", "/autograder"))

@@ -1,0 +1,165 @@
+"""The exercise registry: every graded function of the course, in one table.
+
+An exercise is one function of the reference implementation, fenced in its source file by markers:
+
+    # >>> exercise ch01.rms_norm
+    def rms_norm(x, weight, eps):
+        \"\"\"docstring (kept in the learner's stub)\"\"\"
+        # >>> solution
+        ...the answer (replaced by `raise NotImplementedError` in the stub)...
+        # <<< solution
+    # <<< exercise
+
+`minillm course sync` copies each fenced region into `solutions/<chapter module>.py` and, with its
+solution blocks replaced, into `exercises/<chapter module>.py`. The engine calls the same function
+through `minillm.course.overrides.dispatch(id, fn)`, so a learner's answer can run inside the real engine.
+
+This module is imported by every layer that dispatches, so it must stay light: no torch here.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+EXERCISE_ID = re.compile(r"^ch(\d\d)\.([a-z_][a-z0-9_]*)$")
+
+
+@dataclass(frozen=True)
+class Chapter:
+    number: int
+    module: str  # file stem under exercises/ and solutions/, e.g. "ch01_basics"
+    title: str
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One graded function. `signature` is the contract: sync fails when the reference's def differs."""
+
+    id: str  # "chNN.name"
+    function: str  # the def's name in the reference and in the generated modules
+    source: str  # reference file holding the marked region, relative to the repository root
+    points: int
+    hint: str  # one line, shown by the grader next to a failure
+    signature: str  # "rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor"
+    called_from: str  # where the engine calls it (through dispatch)
+
+    def __post_init__(self) -> None:
+        if not EXERCISE_ID.match(self.id):
+            raise ValueError(f"exercise id {self.id!r} must look like 'ch01.rms_norm' (chNN.lower_snake)")
+        if self.points < 1:
+            raise ValueError(f"exercise {self.id}: points must be >= 1, got {self.points}")
+        if self.param_names is None:
+            raise ValueError(f"exercise {self.id}: signature {self.signature!r} is not a valid Python def header")
+
+    @property
+    def chapter(self) -> int:
+        return int(EXERCISE_ID.match(self.id).group(1))
+
+    @property
+    def module(self) -> str:
+        return CHAPTERS[self.chapter].module
+
+    @cached_property
+    def param_names(self) -> tuple[str, ...] | None:
+        """Parameter names of the signature, parsed without importing anything."""
+        try:
+            tree = ast.parse(f"def {self.signature}: pass")
+        except SyntaxError:
+            return None
+        fn = tree.body[0]
+        if not isinstance(fn, ast.FunctionDef) or fn.name != self.function:
+            return None
+        a = fn.args
+        return tuple(p.arg for p in a.posonlyargs + a.args + a.kwonlyargs)
+
+
+CHAPTERS: dict[int, Chapter] = {c.number: c for c in [
+    Chapter(1, "ch01_basics", "Basics: the roofline, RMSNorm, RoPE and the sampling filters"),
+    Chapter(2, "ch02_kv_cache", "The KV cache: causal masks for prefill, chunked prefill and decode"),
+    Chapter(5, "ch05_paged_kv", "Paged KV cache: block tables, slot mappings and prefix caching"),
+]}
+
+_EXERCISES: list[Exercise] = [
+    Exercise(
+        id="ch01.arithmetic_intensity", function="arithmetic_intensity", source="minillm/bench/roofline.py",
+        points=5,
+        hint="FLOPs are 2mnk; bytes are A, B read once AND C written once, times bytes_per_element.",
+        signature="arithmetic_intensity(m: int, n: int, k: int, bytes_per_element: float) -> float",
+        called_from="minillm.bench.roofline.intensity",
+    ),
+    Exercise(
+        id="ch01.rms_norm", function="rms_norm", source="minillm/layers/norm.py", points=10,
+        hint="x * rsqrt(mean(x**2 over the LAST dim, keepdim) + eps) in fp32, cast back, then * weight; no mean subtraction.",
+        signature="rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor",
+        called_from="minillm.layers.norm.RMSNorm.forward",
+    ),
+    Exercise(
+        id="ch01.rope", function="apply_rotary", source="minillm/layers/rotary.py", points=10,
+        hint="Pair channel i with i + D/2 (not 2i, 2i+1): [x1*cos - x2*sin, x2*cos + x1*sin]; cos/sin unsqueeze(-2) over heads.",
+        signature="apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor",
+        called_from="minillm.layers.rotary.RotaryEmbedding.forward",
+    ),
+    Exercise(
+        id="ch01.top_k_filter", function="top_k_filter", source="minillm/layers/sampler.py", points=10,
+        hint="Keep ranks 0..k-1 of a descending sort per row (k = -1: whole row); everything else -inf; do not modify the input.",
+        signature="top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor",
+        called_from="minillm.layers.sampler.Sampler.forward",
+    ),
+    Exercise(
+        id="ch01.top_p_filter", function="top_p_filter", source="minillm/layers/sampler.py", points=10,
+        hint="Sort probs descending; keep a token while the mass BEFORE it is < top_p (so the crossing token stays).",
+        signature="top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor",
+        called_from="minillm.layers.sampler.Sampler.forward",
+    ),
+    Exercise(
+        id="ch02.causal_mask", function="causal_mask", source="minillm/layers/attention.py", points=10,
+        hint="Bottom-right aligned: mask[i, j] = j <= i + (kv_len - q_len); q_len == 1 is one all-True row.",
+        signature="causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor",
+        called_from="minillm.layers.attention (the torch and reference attention paths)",
+    ),
+    Exercise(
+        id="ch05.slot_mapping", function="slot_mapping", source="minillm/engine/block_manager.py", points=10,
+        hint="slot = block_table[p // block_size] * block_size + p % block_size for p in range(start, end); check the range.",
+        signature="slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]",
+        called_from="minillm.engine.scheduler_sim (not yet through dispatch; model_runner.py inlines the formula)",
+    ),
+    Exercise(
+        id="ch05.hash_block", function="hash_block", source="minillm/engine/prefix_cache.py", points=5,
+        hint="hash((parent, tuple(token_ids))) with parent = 0 for the first block: the key chains every earlier token.",
+        signature="hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int",
+        called_from="minillm.engine.prefix_cache.chain_hashes",
+    ),
+]
+
+EXERCISES: dict[str, Exercise] = {e.id: e for e in _EXERCISES}
+
+
+def get(exercise_id: str) -> Exercise:
+    """The registered exercise `exercise_id`, or a KeyError listing the valid ids."""
+    try:
+        return EXERCISES[exercise_id]
+    except KeyError:
+        raise KeyError(f"unknown exercise {exercise_id!r}; registered: {', '.join(EXERCISES)}") from None
+
+
+def select(target: str | None = None) -> list[Exercise]:
+    """Exercises matching `target`: None (all), 'ch01' / '1' (a chapter) or 'ch01.rms_norm' (one)."""
+    if target is None or target == "all":
+        return list(EXERCISES.values())
+    if target in EXERCISES:
+        return [EXERCISES[target]]
+    m = re.fullmatch(r"(?:ch)?(\d{1,2})", target)
+    if m and int(m.group(1)) in CHAPTERS:
+        return [e for e in EXERCISES.values() if e.chapter == int(m.group(1))]
+    raise ValueError(f"unknown grading target {target!r}; use a chapter ({', '.join(f'ch{c:02d}' for c in CHAPTERS)}) "
+                     f"or an exercise id ({', '.join(EXERCISES)})")
+
+
+def repo_root() -> Path:
+    """The course's root (holding exercises/, solutions/, tests/): $MINILLM_ROOT or the package's parent."""
+    env = os.environ.get("MINILLM_ROOT")
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[2]

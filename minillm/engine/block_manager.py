@@ -1,0 +1,374 @@
+"""The paged KV block manager: who owns which KV block, with reference counts (chapter 5).
+
+PagedAttention's idea, borrowed from virtual memory: the KV cache is a pool of fixed-size blocks of
+`block_size` token slots, and each sequence has a *block table* mapping its logical block j (tokens
+j*block_size .. (j+1)*block_size-1) to any physical block. A sequence takes a block only when it reaches
+it, so the only waste is the unfilled tail of its last block (see kv_waste.py), and blocks can be *shared*:
+a forked sequence (parallel sampling) or a request with a cached prefix points at the same physical block,
+and a reference count says how many block tables hold it.
+
+Block states, always exactly one of:
+    free       ref 0, in `free_block_ids`, holds nothing anyone will read
+    used       ref >= 1, in at least one block table
+    evictable  ref 0, registered in the prefix cache: reusable by a cache hit until evicted (LRU)
+
+Writing is allowed only into a block that is used by exactly one table and not in the prefix cache;
+anything else is copied first (copy-on-write) and the (src, dst) pair goes to the runner, which performs
+swap-outs, then swap-ins, then copies, before the forward that writes the new tokens.
+
+When do blocks enter the prefix cache? When they are full *and computed*. The engine advances
+`seq.num_computed_tokens` after the forward; `mark_computed(seq)` (called by the scheduler for every running
+sequence at the start of each step, and by `append_slots`, `swap_out` and `free`) registers the full blocks
+below num_computed_tokens. Registering at allocation time instead would let a request in the same step hit a
+block whose K/V have not been written yet.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from minillm.engine.prefix_cache import PrefixCache, chain_hashes
+from minillm.engine.sequence import Sequence
+
+
+# >>> exercise ch05.slot_mapping
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of token positions start..end-1 of a sequence whose logical block j is physical block
+    block_table[j].
+
+    The KV cache is one flat array of num_blocks * block_size slots. Token position p lives in logical block
+    p // block_size, at offset p % block_size inside it; the block table says which physical block that is.
+    So its slot is block_table[p // block_size] * block_size + p % block_size. Positions next to each other
+    are next to each other in memory only inside a block: crossing a block boundary jumps to wherever the
+    next physical block happens to be.
+
+    Example: block_size 16, block_table [7, 2]: positions 15, 16, 17 -> slots 127, 32, 33.
+    Raise ValueError if 0 <= start <= end does not hold, or end needs more blocks than the table has.
+    """
+    # >>> solution
+    if not 0 <= start <= end:
+        raise ValueError(f"positions must satisfy 0 <= start <= end, got start={start}, end={end}")
+    if end > len(block_table) * block_size:
+        raise ValueError(f"position {end - 1} needs block {(end - 1) // block_size}, but the block table has "
+                         f"{len(block_table)} blocks of {block_size}")
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    # <<< solution
+# <<< exercise
+
+
+class BlockManager:
+    """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, watermark: float = 0.01,
+                 enable_prefix_caching: bool = False) -> None:
+        for name, value, low in (("num_blocks", num_blocks, 1), ("block_size", block_size, 1),
+                                 ("num_cpu_blocks", num_cpu_blocks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"BlockManager {name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= watermark < 1:
+            raise ValueError(f"watermark must be a fraction in [0, 1), got {watermark!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_cpu_blocks = num_cpu_blocks
+        # Admissions keep this many blocks free, so that running sequences can still grow without an
+        # immediate preemption right after a new request came in.
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.ref_counts = [0] * num_blocks
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_cpu_block_ids: deque[int] = deque(range(num_cpu_blocks))
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        self._on_device: dict[int, Sequence] = {}  # seq_id -> sequence holding device blocks
+        self._cpu_tables: dict[int, list[int]] = {}  # seq_id -> CPU blocks of a swapped-out sequence
+        self._num_offered: dict[int, int] = {}  # seq_id -> leading blocks already offered to the prefix cache
+        self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its leading full blocks
+
+    # -- counts -------------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take: never-used ones plus evictable cached ones."""
+        return len(self.free_block_ids) + (self.prefix_cache.num_evictable if self.prefix_cache else 0)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return len(self.free_cpu_block_ids)
+
+    @property
+    def num_used_cpu_blocks(self) -> int:
+        return self.num_cpu_blocks - self.num_free_cpu_blocks
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens served from the prefix cache (not recomputed), summed over allocations."""
+        return self.prefix_cache.hits if self.prefix_cache else 0
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens of every allocated sequence, summed: the denominator of the hit rate."""
+        return self.prefix_cache.queries if self.prefix_cache else 0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def is_writable(self, block: int) -> bool:
+        """May a step write K/V into this block in place? Only if one table holds it and no hash vouches for it."""
+        return self.ref_counts[block] == 1 and not (self.prefix_cache and self.prefix_cache.is_cached(block))
+
+    # -- single blocks ------------------------------------------------------------------------------------
+    def _take_block(self) -> int:
+        if self.free_block_ids:
+            block = self.free_block_ids.popleft()
+        else:
+            block = self.prefix_cache.evict() if self.prefix_cache else None
+            if block is None:
+                raise RuntimeError(f"out of KV blocks: all {self.num_blocks} are in use (check can_allocate / "
+                                   "can_append before allocating)")
+        self.ref_counts[block] = 1
+        return block
+
+    def _hold_cached(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self.prefix_cache.reuse(block)
+        self.ref_counts[block] += 1
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if self.prefix_cache and self.prefix_cache.is_cached(block):
+                self.prefix_cache.make_evictable(block)
+            else:
+                self.free_block_ids.append(block)
+
+    # -- new sequences ------------------------------------------------------------------------------------
+    def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """(cached blocks, their chain hashes) for the longest cached run of seq's leading full blocks."""
+        if self.prefix_cache is None:
+            return [], []
+        hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size)
+        hits: list[int] = []
+        for j, h in enumerate(hashes):
+            tokens = tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size])
+            block = self.prefix_cache.lookup(h, hashes[j - 1] if j else None, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, hashes
+
+    def _allocation_cost(self, seq: Sequence) -> tuple[int, int]:
+        """(free blocks that allocate(seq) would consume, tokens it would find cached)."""
+        hits, _ = self._match_prefix(seq)
+        cached = len(hits) * self.block_size
+        fresh = self.blocks_needed(seq.num_tokens) - len(hits)
+        if hits and cached == seq.num_tokens:  # full hit: the last block is copied, not held
+            hits, cached, fresh = hits[:-1], cached - 1, fresh + 1
+        return fresh + sum(self.ref_counts[b] == 0 for b in hits), cached
+
+    def num_cached_tokens_on_allocate(self, seq: Sequence) -> int:
+        """What allocate(seq) would set num_computed_tokens to (the prefix-cache hit), without allocating."""
+        return self._allocation_cost(seq)[1]
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Could allocate(seq) succeed now and leave the watermark free?"""
+        return self.num_free_blocks - self._allocation_cost(seq)[0] >= self.watermark_blocks
+
+    def allocate(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Give a new (or recomputed) sequence blocks for all its tokens, reusing cached prefix blocks.
+
+        Sets seq.num_computed_tokens = seq.num_cached_tokens = the cached prefix length. If the WHOLE sequence
+        is cached, its last token is left uncomputed so the step still produces logits; that token's block
+        is cached (read-only), so it is copied into a fresh block: the (src, dst) pair is returned."""
+        if seq.block_table or seq.seq_id in self._on_device or seq.seq_id in self._cpu_tables:
+            raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}; free it first")
+        if seq.num_tokens < 1:
+            raise ValueError(f"sequence {seq.seq_id} has no tokens to allocate blocks for")
+        cost, _ = self._allocation_cost(seq)
+        if cost > self.num_free_blocks:
+            raise RuntimeError(f"allocate needs {cost} free blocks, {self.num_free_blocks} are free")
+        hits, hashes = self._match_prefix(seq)
+        copies: list[tuple[int, int]] = []
+        cow_src = hits.pop() if hits and len(hits) * self.block_size == seq.num_tokens else None
+        for block in hits:
+            self._hold_cached(block)
+        table = list(hits)
+        if cow_src is not None:
+            # The source is not held: if it is evicted to become dst itself, its content is already there.
+            dst = self._take_block()
+            if dst != cow_src:
+                copies.append((cow_src, dst))
+            table.append(dst)
+        while len(table) < self.blocks_needed(seq.num_tokens):
+            table.append(self._take_block())
+        seq.block_table = table
+        seq.num_computed_tokens = seq.num_tokens - 1 if cow_src is not None else len(hits) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self._on_device[seq.seq_id] = seq
+        self._num_offered[seq.seq_id] = len(hits)
+        self._hashes[seq.seq_id] = hashes
+        if self.prefix_cache:
+            self.prefix_cache.queries += seq.num_tokens
+            self.prefix_cache.hits += seq.num_cached_tokens
+        return copies
+
+    # -- growing ------------------------------------------------------------------------------------------
+    def _write_plan(self, seq: Sequence, num_new_tokens: int) -> tuple[list[int], int]:
+        """(logical blocks to copy before writing, blocks to add) for computing num_new_tokens more tokens."""
+        start = seq.num_computed_tokens
+        end = start + num_new_tokens
+        table = seq.block_table
+        last = min(len(table), self.blocks_needed(end))
+        to_copy = [j for j in range(start // self.block_size, last) if not self.is_writable(table[j])]
+        return to_copy, max(0, self.blocks_needed(end) - len(table))
+
+    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+        to_copy, new = self._write_plan(seq, num_new_tokens)
+        return len(to_copy) + new <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int = 1) -> list[tuple[int, int]]:
+        """Make seq's block table cover tokens up to num_computed_tokens + num_new_tokens, across block
+        boundaries; shared or cached blocks in the written range are copied first. Returns (src, dst) copies."""
+        if seq.seq_id not in self._on_device:
+            raise ValueError(f"sequence {seq.seq_id} holds no device blocks (allocate or swap it in first)")
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        self.mark_computed(seq)
+        to_copy, new = self._write_plan(seq, num_new_tokens)
+        if len(to_copy) + new > self.num_free_blocks:
+            raise RuntimeError(f"append_slots needs {len(to_copy) + new} free blocks, {self.num_free_blocks} are free")
+        copies = []
+        for j in to_copy:
+            src, dst = seq.block_table[j], self._take_block()  # take before release: dst != src
+            copies.append((src, dst))
+            seq.block_table[j] = dst
+            self._release(src)
+        for _ in range(new):
+            seq.block_table.append(self._take_block())
+        return copies
+
+    def mark_computed(self, seq: Sequence) -> None:
+        """Offer seq's full, computed blocks to the prefix cache (idempotent; cheap when nothing is new)."""
+        if self.prefix_cache is None or seq.seq_id not in self._on_device:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        start = self._num_offered.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._hashes[seq.seq_id] = chain_hashes(seq.token_ids, self.block_size, num_full,
+                                                         self._hashes.get(seq.seq_id))
+        bs = self.block_size
+        for j in range(start, num_full):
+            self.prefix_cache.insert(seq.block_table[j], hashes[j], hashes[j - 1] if j else None,
+                                     tuple(seq.token_ids[j * bs:(j + 1) * bs]))
+        self._num_offered[seq.seq_id] = num_full
+
+    # -- sharing and freeing ------------------------------------------------------------------------------
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let child share all of parent's blocks (ref++); the caller gives child the parent's tokens.
+        The first write into a shared block copies it (see append_slots)."""
+        if parent.seq_id not in self._on_device:
+            raise ValueError(f"parent sequence {parent.seq_id} holds no device blocks")
+        if child.block_table or child.seq_id in self._on_device or child.seq_id in self._cpu_tables:
+            raise ValueError(f"child sequence {child.seq_id} already holds blocks")
+        n = parent.num_computed_tokens
+        if child.token_ids[:n] != parent.token_ids[:n]:
+            raise ValueError(f"child sequence {child.seq_id} must start with the parent's {n} computed tokens")
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        self._on_device[child.seq_id] = child
+        self._num_offered[child.seq_id] = self._num_offered.get(parent.seq_id, 0)
+        self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, []))
+
+    def free(self, seq: Sequence) -> None:
+        """Return all of seq's device and CPU blocks. Its computed full blocks stay in the prefix cache as
+        evictable; they are released tail first, so eviction takes a prefix's end before its start."""
+        if seq.seq_id in self._on_device:
+            self.mark_computed(seq)
+            for block in reversed(seq.block_table):
+                self._release(block)
+            del self._on_device[seq.seq_id]
+        self.free_cpu_block_ids.extend(self._cpu_tables.pop(seq.seq_id, []))
+        seq.block_table = []
+        self._num_offered.pop(seq.seq_id, None)
+        self._hashes.pop(seq.seq_id, None)
+
+    # -- swapping -----------------------------------------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return seq.seq_id in self._on_device and len(seq.block_table) <= self.num_free_cpu_blocks
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move seq's blocks to CPU memory: returns (device_block, cpu_block) copies; its device blocks are
+        released (cached ones stay hit-able) and seq.block_table is empty until swap_in."""
+        if not self.can_swap_out(seq):
+            raise RuntimeError(f"cannot swap out sequence {seq.seq_id}: {len(seq.block_table)} blocks, "
+                               f"{self.num_free_cpu_blocks} free CPU blocks")
+        self.mark_computed(seq)
+        mapping = [(block, self.free_cpu_block_ids.popleft()) for block in seq.block_table]
+        for block in reversed(seq.block_table):
+            self._release(block)
+        self._cpu_tables[seq.seq_id] = [cpu for _, cpu in mapping]
+        del self._on_device[seq.seq_id]
+        self._num_offered[seq.seq_id] = 0  # its blocks will be new ones: offer them again once back
+        seq.block_table = []
+        return mapping
+
+    def can_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> bool:
+        """Could seq come back and then compute num_new_tokens more tokens, leaving the watermark free?"""
+        if seq.seq_id not in self._cpu_tables:
+            return False
+        held = len(self._cpu_tables[seq.seq_id])
+        needed = max(held, self.blocks_needed(seq.num_computed_tokens + num_new_tokens))
+        return self.num_free_blocks - needed >= self.watermark_blocks
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Bring seq's blocks back from CPU into fresh device blocks: returns (cpu_block, device_block) copies.
+        Its CPU blocks are free again at once, so do not swap anything out later in the same step (the
+        scheduler never does: it swaps in only in steps without preemption)."""
+        cpu_table = self._cpu_tables.get(seq.seq_id)
+        if cpu_table is None:
+            raise ValueError(f"sequence {seq.seq_id} is not swapped out")
+        if len(cpu_table) > self.num_free_blocks:
+            raise RuntimeError(f"swap_in needs {len(cpu_table)} free blocks, {self.num_free_blocks} are free")
+        del self._cpu_tables[seq.seq_id]
+        mapping = [(cpu, self._take_block()) for cpu in cpu_table]
+        self.free_cpu_block_ids.extend(cpu_table)
+        seq.block_table = [dev for _, dev in mapping]
+        self._on_device[seq.seq_id] = seq
+        return mapping
+
+    # -- checking -----------------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (used by tests after every operation)."""
+        def require(ok: bool, what: str) -> None:
+            if not ok:
+                raise AssertionError(f"block manager invariant broken: {what}")
+
+        refs = [0] * self.num_blocks
+        for seq_id, seq in self._on_device.items():
+            require(seq.seq_id == seq_id and seq_id not in self._cpu_tables, f"seq {seq_id} both on device and CPU")
+            require(len(seq.block_table) >= self.blocks_needed(seq.num_computed_tokens),
+                    f"seq {seq_id} has {len(seq.block_table)} blocks for {seq.num_computed_tokens} computed tokens")
+            for block in seq.block_table:
+                refs[block] += 1
+        require(refs == self.ref_counts, "ref counts differ from the number of block-table references: "
+                f"{[(b, r, c) for b, (r, c) in enumerate(zip(self.ref_counts, refs)) if r != c][:5]}")
+        free = list(self.free_block_ids)
+        evictable = self.prefix_cache.evictable_blocks() if self.prefix_cache else []
+        used = [b for b in range(self.num_blocks) if refs[b] > 0]
+        require(len(set(free)) == len(free), "a block is twice in the free list")
+        require(not set(free) & set(used), f"blocks both free and referenced: {set(free) & set(used)}")
+        require(all(refs[b] == 0 for b in evictable), "an evictable block is referenced")
+        require(not set(free) & set(evictable), "a block is both free and evictable")
+        require(len(free) + len(evictable) + len(used) == self.num_blocks, "free + evictable + used != all blocks")
+        if self.prefix_cache:
+            for h, block in self.prefix_cache.entries().items():
+                require(self.prefix_cache.block_hash_of(block) == h, f"cache entry of block {block} is stale")
+            require(all(self.prefix_cache.is_cached(b) for b in evictable), "an evictable block is not cached")
+            require(not any(self.prefix_cache.is_cached(b) for b in free), "a free-list block is still cached")
+        cpu_used = [c for table in self._cpu_tables.values() for c in table]
+        cpu_free = list(self.free_cpu_block_ids)
+        require(len(set(cpu_used)) == len(cpu_used), "a CPU block is held twice")
+        require(sorted(cpu_used + cpu_free) == list(range(self.num_cpu_blocks)), "CPU free + used != all CPU blocks")

@@ -1,0 +1,130 @@
+"""The KV cache tensors: how many blocks, one allocation, per-layer views, swap and copy (chapters 2 and 5).
+
+Layout (see minillm/forward_context.py, the contract with the attention layers and kernels):
+
+    storage: [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]   (one allocation)
+    layer i: k_cache = storage[0, i], v_cache = storage[1, i]                    (views, no copies)
+
+One big tensor instead of 2 * num_layers small ones makes block-level operations one indexing expression for all
+layers at once: swapping block b out to CPU memory is `cpu[:, :, c] = gpu[:, :, b]`, and copy-on-write of a shared
+block is `storage[:, :, dst] = storage[:, :, src]`.
+
+The *contiguous* cache of chapter 2 is the same thing with block_size = max_model_len and one block per batch slot:
+every sequence reserves room for the longest possible sequence, which is exactly the waste chapter 5 measures.
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+
+_CPU_DEFAULT_KV_MEMORY = 512 << 20  # bytes: the paged pool on a CPU when nothing else is said
+
+
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V one block holds across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_hidden_layers * block_size * model_config.num_key_value_heads * \
+        model_config.head_dim * elem
+
+
+def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                   dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(num_blocks, block_size) of the device cache for this engine configuration."""
+    if engine_config.kv_layout == "contiguous":
+        # one region of max_model_len slots per batch slot
+        return engine_config.max_num_seqs, max_model_len
+    block_size = engine_config.block_size
+    per_block = kv_bytes_per_block(model_config, block_size, dtype)
+    if engine_config.num_kv_blocks is not None:
+        return engine_config.num_kv_blocks, block_size
+    if engine_config.kv_cache_memory is not None:
+        budget = engine_config.kv_cache_memory
+    elif device.type == "cuda":
+        # whatever the weights left, times the utilisation target (the model is already loaded here)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - (1 - engine_config.gpu_memory_utilization) * total)
+    else:
+        # enough for every batch slot at full length, but no more than the CPU default
+        full = engine_config.max_num_seqs * -(-max_model_len // block_size) * per_block
+        budget = min(full, _CPU_DEFAULT_KV_MEMORY)
+    num_blocks = budget // per_block
+    needed = -(-max_model_len // block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"the KV pool holds {num_blocks} blocks of {block_size} tokens ({budget / 2**20:.1f} MiB) but one "
+            f"sequence of max_model_len={max_model_len} needs {needed}; give more memory (kv_cache_memory, "
+            f"num_kv_blocks, gpu_memory_utilization) or lower max_model_len"
+        )
+    return int(num_blocks), block_size
+
+
+class KVCache:
+    """The device cache (and, on demand, a CPU cache of the same layout for swapped-out blocks)."""
+
+    def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, num_cpu_blocks: int = 0) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_layers = model_config.num_hidden_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_cpu_blocks = num_cpu_blocks
+        self.block_shape = (block_size, model_config.num_key_value_heads, model_config.head_dim)
+        self.dtype = dtype
+        self.device = device
+        # zeros, not empty: a kernel that reads a padded position multiplies it by a zero probability,
+        # and 0 * NaN from uninitialised memory would still be NaN
+        self.storage = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=dtype, device=device)
+        self._cpu_storage: torch.Tensor | None = None
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) views of layer `index`, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.storage[0, index], self.storage[1, index]
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    @property
+    def cpu_storage(self) -> torch.Tensor:
+        """The swap space, allocated the first time a block is swapped (pinned when a GPU is present)."""
+        if self._cpu_storage is None:
+            if self.num_cpu_blocks < 1:
+                raise RuntimeError("a block swap was requested but the CPU swap space has 0 blocks "
+                                   "(set swap_space > 0 with preemption_mode='swap')")
+            self._cpu_storage = torch.zeros((2, self.num_layers, self.num_cpu_blocks, *self.block_shape),
+                                            dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        return self._cpu_storage
+
+    # -- block operations requested by the scheduler ------------------------------------------------------
+    def _check(self, blocks: list[int], limit: int, what: str) -> torch.Tensor:
+        bad = [b for b in blocks if not 0 <= b < limit]
+        if bad:
+            raise ValueError(f"{what} block ids {bad} are outside [0, {limit})")
+        return torch.tensor(blocks, dtype=torch.long)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device_block, cpu_block) pairs from the device cache to the CPU cache, all layers at once."""
+        if not pairs:
+            return
+        src = self._check([d for d, _ in pairs], self.num_blocks, "device")
+        dst = self._check([c for _, c in pairs], self.num_cpu_blocks, "cpu")
+        self.cpu_storage[:, :, dst] = self.storage[:, :, src.to(self.device)].to("cpu")
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (cpu_block, device_block) pairs from the CPU cache back to the device cache."""
+        if not pairs:
+            return
+        src = self._check([c for c, _ in pairs], self.num_cpu_blocks, "cpu")
+        dst = self._check([d for _, d in pairs], self.num_blocks, "device")
+        self.storage[:, :, dst.to(self.device)] = self.cpu_storage[:, :, src].to(self.device, non_blocking=True)
+
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate (src, dst) device blocks. The right-hand side is gathered before the write,
+        so a chain like [(0, 1), (1, 2)] copies the *old* contents of block 1 into block 2."""
+        if not pairs:
+            return
+        src = self._check([s for s, _ in pairs], self.num_blocks, "source").to(self.device)
+        dst = self._check([d for _, d in pairs], self.num_blocks, "destination").to(self.device)
+        self.storage[:, :, dst] = self.storage[:, :, src]

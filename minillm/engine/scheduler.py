@@ -1,0 +1,310 @@
+"""Continuous batching: decide, every step, which sequences run and how many tokens each computes (chapter 6).
+
+Static batching (static_scheduler.py) waits for the longest request of a batch before admitting anyone.
+Here the batch is re-formed at every step (Orca's iteration-level scheduling), over three queues:
+
+    waiting  new requests and recompute-preempted ones (FCFS; or by sampling_params.priority, lower first,
+             when config.extra["policy"] == "priority")
+    running  sequences holding device blocks
+    swapped  preempted sequences whose blocks sit in CPU memory
+
+Each `schedule()`:
+  (a) running sequences first (decodes, and chunked prefills under way), in priority order. Each needs room
+      for its new tokens; when the pool is out of blocks, the lowest-priority (latest-arrived) running
+      sequence is preempted, possibly the one asking. "recompute" frees its blocks and puts it at the FRONT
+      of waiting: prompt and generated tokens are prefilled again later (the prefix cache may serve most of
+      them). "swap" copies its blocks to CPU (blocks_to_swap_out) and parks it in swapped; with too little
+      CPU space it falls back to recompute.
+  (b) if nobody was preempted, swapped sequences come back (blocks_to_swap_in) before any new admission.
+  (c) if nobody was preempted and nothing is left swapped, waiting sequences are admitted while
+      max_num_seqs, the token budget (max_num_batched_tokens) and the free blocks above the watermark allow.
+With enable_chunked_prefill a prefill may be cut so that the step's token budget is used exactly, decodes
+and prefill chunks sharing one forward (Sarathi-Serve). Without it a prefill runs whole, so
+max_num_batched_tokens must be >= max_model_len (checked here, as vLLM does).
+
+A request that can never fit (more blocks than the pool can give one sequence, or longer than
+max_model_len) is finished with finish_reason "error" and a message naming the numbers, and put in
+`self.rejected`, which the engine drains: it never waits forever.
+
+The runner must apply a batch's block operations in this order before the forward: swap-outs, swap-ins,
+copies (a block freed by a swap-out may be reused in the same step). `timeline` keeps one StepRecord per
+step for chapter 6's Gantt charts.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from minillm.config import EngineConfig
+from minillm.engine.block_manager import BlockManager
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence, SequenceStatus
+
+POLICIES = ("fcfs", "priority")
+TIMELINE_MAX_STEPS = 100_000  # a long-running server keeps only the most recent steps
+
+
+@dataclass
+class StepRecord:
+    """What one schedule() decided, for timelines and metrics."""
+
+    step: int
+    time: float  # time.perf_counter() when the step was scheduled
+    scheduled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, num_new_tokens)
+    prefill_ids: list[int] = field(default_factory=list)  # seq ids whose tokens this step are (part of) a prefill
+    preempted: list[int] = field(default_factory=list)
+    swapped_out: list[int] = field(default_factory=list)
+    swapped_in: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    num_free_blocks: int = 0  # after scheduling
+    num_waiting: int = 0
+    num_running: int = 0
+    num_swapped: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    """The continuous-batching scheduler; implements scheduler_interface.Scheduler."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        policy = config.extra.get("policy", "fcfs")
+        if policy not in POLICIES:
+            raise ValueError(f"config.extra['policy']={policy!r}; allowed: {', '.join(POLICIES)}")
+        if (not config.enable_chunked_prefill and config.max_model_len is not None
+                and config.max_num_batched_tokens < config.max_model_len):
+            raise ValueError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is smaller than max_model_len="
+                f"{config.max_model_len}: without chunked prefill a prompt of max_model_len tokens could never be "
+                f"scheduled; set max_num_batched_tokens >= {config.max_model_len} or enable_chunked_prefill=True")
+        self.config = config
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.policy = policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.rejected: list[Sequence] = []  # finished with "error" by the scheduler; the engine drains this
+        self.timeline: list[StepRecord] = []
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # -- the protocol -------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens < 1:
+            raise ValueError(f"request {seq.request_id!r} has an empty prompt")
+        if seq.status != SequenceStatus.WAITING or seq.block_table:
+            raise ValueError(f"only a new WAITING sequence without blocks can be added, got {seq!r}")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def finish(self, seq: Sequence) -> None:
+        """Mark seq FINISHED (its finish_reason already set) and free its blocks at once."""
+        self._remove(seq)
+        self._retire(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove every sequence of this request (waiting, running or swapped); return the first, or None."""
+        found = None
+        for seq in [s for q in (self.waiting, self.running, self.swapped) for s in q if s.request_id == request_id]:
+            self._remove(seq)
+            seq.finish_reason = "abort"
+            self._retire(seq)
+            found = found or seq
+        return found
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        self.num_steps += 1
+        batch = ScheduledBatch()
+        record = StepRecord(step=self.num_steps, time=time.perf_counter())
+        budget = self.config.max_num_batched_tokens
+        for seq in self.running:  # what the last step computed may now be shared
+            bm.mark_computed(seq)
+
+        # (a) running sequences, highest priority first; victims come off the end of the same order
+        order = sorted(self.running, key=self._priority_key)
+        i = 0
+        while i < len(order):
+            seq = order[i]
+            n = self._num_new_tokens(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            if reason := self._never_fits(seq, seq.num_computed_tokens + n):
+                order.pop(i)
+                self.running.remove(seq)
+                self._reject(seq, reason, record)
+                continue
+            while not bm.can_append(seq, n):
+                victim = order.pop()
+                self._preempt(victim, batch, record)
+                if victim is seq:
+                    break
+            else:
+                batch.blocks_to_copy += bm.append_slots(seq, n)
+                self._add_to_batch(batch, record, seq, n)
+                budget -= n
+                i += 1
+
+        # (b) swapped sequences come back before anyone new, but not in a step that just preempted
+        if not batch.preempted:
+            for seq in sorted(self.swapped, key=self._priority_key):
+                if len(self.running) >= self.config.max_num_seqs:
+                    break
+                n = self._num_new_tokens(seq, budget)
+                if n == 0:
+                    break
+                if reason := self._never_fits(seq, seq.num_computed_tokens + n):
+                    self.swapped.remove(seq)
+                    self._reject(seq, reason, record)
+                    continue
+                if not bm.can_swap_in(seq, n):
+                    break
+                self.swapped.remove(seq)
+                batch.blocks_to_swap_in += bm.swap_in(seq)
+                batch.blocks_to_copy += bm.append_slots(seq, n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                record.swapped_in.append(seq.seq_id)
+                self._add_to_batch(batch, record, seq, n)
+                budget -= n
+
+        # (c) admissions
+        if not batch.preempted and not self.swapped:
+            self._admit(batch, record, budget)
+
+        record.num_free_blocks = bm.num_free_blocks
+        record.num_waiting, record.num_running, record.num_swapped = \
+            len(self.waiting), len(self.running), len(self.swapped)
+        self.timeline.append(record)
+        if len(self.timeline) > TIMELINE_MAX_STEPS:
+            del self.timeline[: len(self.timeline) - TIMELINE_MAX_STEPS]
+        return batch
+
+    # -- steps of schedule() ------------------------------------------------------------------------------
+    def _admit(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self._next_waiting()
+            if reason := self._never_fits(seq, seq.num_tokens):
+                self.waiting.remove(seq)
+                self._reject(seq, reason, record)
+                continue
+            if not bm.can_allocate(seq):
+                break  # FCFS: the head waits for blocks; nobody overtakes it
+            n = seq.num_tokens - bm.num_cached_tokens_on_allocate(seq)
+            if self.config.enable_chunked_prefill:
+                n = min(n, budget)
+            elif n > budget and batch.seqs:
+                break  # a whole prefill does not fit what is left of this step's budget
+            self.waiting.remove(seq)
+            batch.blocks_to_copy += bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_to_batch(batch, record, seq, n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch, record: StepRecord) -> None:
+        bm = self.block_manager
+        self.running.remove(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+        record.preempted.append(seq.seq_id)
+        if self.config.preemption_mode == "swap" and bm.can_swap_out(seq):
+            batch.blocks_to_swap_out += bm.swap_out(seq)
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            record.swapped_out.append(seq.seq_id)
+        else:
+            bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.num_cached_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)  # first in line again: it had already been admitted once
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens seq would compute this step within `budget` (0: it does not fit this step)."""
+        n = seq.num_uncomputed_tokens
+        if self.config.enable_chunked_prefill:
+            return max(0, min(n, budget))
+        return n if n <= budget else 0
+
+    def _never_fits(self, seq: Sequence, num_tokens: int) -> str | None:
+        """Why seq can never run (a message naming the numbers), or None."""
+        bm = self.block_manager
+        limit = self.config.max_model_len
+        if limit is not None and seq.num_tokens > limit:
+            return f"request {seq.request_id!r} has {seq.num_tokens} tokens, more than max_model_len={limit}"
+        needed = bm.blocks_needed(num_tokens)
+        capacity = bm.num_blocks - bm.watermark_blocks
+        if needed > capacity:
+            return (f"request {seq.request_id!r} needs {needed} KV blocks of {bm.block_size} tokens for "
+                    f"{num_tokens} tokens, but one sequence can have at most {capacity} (the pool's "
+                    f"{bm.num_blocks} blocks minus a watermark of {bm.watermark_blocks}); give the KV cache more "
+                    f"memory or shorten the request")
+        return None
+
+    def _reject(self, seq: Sequence, reason: str, record: StepRecord) -> None:
+        seq.finish_reason = "error"
+        seq.error = reason
+        self._retire(seq)
+        self.rejected.append(seq)
+        record.rejected.append(seq.seq_id)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if queues, statuses and blocks disagree (tests call it after every step)."""
+        queues = {"waiting": (self.waiting, SequenceStatus.WAITING), "running": (self.running, SequenceStatus.RUNNING),
+                  "swapped": (self.swapped, SequenceStatus.SWAPPED)}
+        seen: set[int] = set()
+        for name, (queue, status) in queues.items():
+            for seq in queue:
+                if seq.status != status or seq.seq_id in seen:
+                    raise AssertionError(f"{seq!r} is in {name} with status {seq.status.value} (or in two queues)")
+                if (name == "running") != bool(seq.block_table):
+                    raise AssertionError(f"{seq!r} in {name} has block table {seq.block_table}")
+                seen.add(seq.seq_id)
+        if len(self.running) > self.config.max_num_seqs:
+            raise AssertionError(f"{len(self.running)} running > max_num_seqs={self.config.max_num_seqs}")
+        self.block_manager.check_invariants()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _priority_key(self, seq: Sequence) -> tuple:
+        """Smaller runs first: (priority under the priority policy,) arrival time, then id."""
+        if self.policy == "priority":
+            return seq.sampling_params.priority, seq.arrival_time, seq.seq_id
+        return seq.arrival_time, seq.seq_id
+
+    def _next_waiting(self) -> Sequence:
+        if self.policy == "priority":
+            return min(self.waiting, key=self._priority_key)
+        return self.waiting[0]
+
+    def _add_to_batch(self, batch: ScheduledBatch, record: StepRecord, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        record.scheduled.append((seq.seq_id, n))
+        if seq.num_computed_tokens + n < seq.num_tokens or seq.num_computed_tokens < seq.num_prompt_tokens:
+            record.prefill_ids.append(seq.seq_id)
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = record.time
+
+    def _remove(self, seq: Sequence) -> None:
+        for queue in (self.waiting, self.running, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_time is None:
+            seq.finish_time = time.perf_counter()

@@ -1,0 +1,135 @@
+"""A model-free engine for the scheduler and block manager: fake tokens, and a shadow KV cache that checks
+every read (chapters 5 and 6).
+
+Scheduling decisions do not depend on what the model computes, only on how many tokens it computes, so the
+scheduler can be run, tested and drawn without a model. `SimulatedEngine` drives a Scheduler exactly as the
+real engine loop does (schedule, apply block operations, compute, advance num_computed_tokens, sample, finish).
+Instead of keys and values, `ShadowKVCache` stores in each slot the *identity of the prefix* the token at that
+slot ends (a running hash of the token ids up to it): the thing a real K/V vector depends on. After each step
+every scheduled sequence reads back all its positions and the identities must match, so a wrong block table,
+a prefix-cache hit on the wrong block, a missed copy-on-write or a lost swap shows up as a precise error.
+The fake model's next token is a function of the prefix, like greedy decoding, so identical prompts continue
+identically (which is what makes prefix caching across requests observable).
+"""
+from __future__ import annotations
+
+from minillm.engine.block_manager import slot_mapping
+from minillm.engine.scheduler import Scheduler
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.sampling_params import SamplingParams
+
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course package is optional for the engine
+    dispatch = lambda name, fn: fn  # noqa: E731
+
+
+def prefix_identities(token_ids: list[int]) -> list[int]:
+    """identity[p] names the prefix token_ids[:p+1] (a running hash; deterministic across processes)."""
+    out, h = [], 0
+    for token in token_ids:
+        h = hash((h, token))
+        out.append(h)
+    return out
+
+
+class ShadowKVCache:
+    """Stands in for engine.kv_cache.KVCache: same block operations, prefix identities instead of tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> None:
+        self.block_size = block_size
+        self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.cpu: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
+
+    def apply(self, batch: ScheduledBatch) -> None:
+        """The runner's order: swap-outs, swap-ins, then copies (all sources read before any copy writes)."""
+        for dev, cpu in batch.blocks_to_swap_out:
+            self.cpu[cpu] = list(self.device[dev])
+        for cpu, dev in batch.blocks_to_swap_in:
+            self.device[dev] = list(self.cpu[cpu])
+        sources = [list(self.device[src]) for src, _ in batch.blocks_to_copy]
+        for (_, dst), content in zip(batch.blocks_to_copy, sources):
+            self.device[dst] = content
+
+    def write(self, block_table: list[int], start: int, end: int, identities: list[int]) -> list[int]:
+        """Store positions start..end-1; returns their slots."""
+        slots = dispatch("ch05.slot_mapping", slot_mapping)(block_table, start, end, self.block_size)
+        for p, slot in zip(range(start, end), slots):
+            self.device[slot // self.block_size][slot % self.block_size] = identities[p]
+        return slots
+
+    def check(self, seq: Sequence, end: int, identities: list[int]) -> None:
+        """Every position 0..end-1 of seq must read back its own prefix identity."""
+        slots = dispatch("ch05.slot_mapping", slot_mapping)(seq.block_table, 0, end, self.block_size)
+        for p, slot in enumerate(slots):
+            got = self.device[slot // self.block_size][slot % self.block_size]
+            if got != identities[p]:
+                raise AssertionError(f"sequence {seq.seq_id} ({seq.request_id!r}) position {p}: slot {slot} "
+                                     f"(block table {seq.block_table}) holds the K/V of another prefix")
+
+
+class SimulatedEngine:
+    """The engine loop around a Scheduler, with a fake model and a checking KV cache."""
+
+    def __init__(self, scheduler: Scheduler, vocab_size: int = 50) -> None:
+        bm = scheduler.block_manager
+        self.scheduler = scheduler
+        self.vocab_size = vocab_size
+        self.kv = ShadowKVCache(bm.num_blocks, bm.block_size, bm.num_cpu_blocks)
+        self.finished: list[Sequence] = []
+        self.batches: list[ScheduledBatch] = []
+        self._count = 0
+
+    def add_request(self, prompt_token_ids: list[int], max_tokens: int = 8, priority: int = 0,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        self._count += 1
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, priority=priority, ignore_eos=True)
+        seq = Sequence(request_id or f"req-{self._count}", prompt_token_ids, params,
+                       arrival_time=float(self._count) if arrival_time is None else arrival_time)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> ScheduledBatch:
+        sched, bm = self.scheduler, self.scheduler.block_manager
+        batch = sched.schedule()
+        self.batches.append(batch)
+        self.kv.apply(batch)
+        written: set[int] = set()
+        identities = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if n < 1 or end > seq.num_tokens:
+                raise AssertionError(f"sequence {seq.seq_id}: scheduled tokens {start}..{end - 1} of {seq.num_tokens}")
+            identities[seq.seq_id] = prefix_identities(seq.token_ids)
+            slots = self.kv.write(seq.block_table, start, end, identities[seq.seq_id])
+            shared = {s // bm.block_size for s in slots if not bm.is_writable(s // bm.block_size)}
+            if shared or written & set(slots):
+                raise AssertionError(f"sequence {seq.seq_id} writes into shared blocks {sorted(shared)} or into "
+                                     f"slots another sequence wrote this step")
+            written |= set(slots)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):  # attention reads after every store
+            self.kv.check(seq, seq.num_computed_tokens + n, identities[seq.seq_id])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:  # the step reached the end: sample a token
+                seq.append_token(identities[seq.seq_id][-1] % self.vocab_size)
+                if seq.num_output_tokens >= seq.sampling_params.max_tokens:
+                    seq.finish_reason = "length"
+                    sched.finish(seq)
+                    self.finished.append(seq)
+        self.finished.extend(sched.rejected)
+        sched.rejected.clear()
+        sched.check_invariants()
+        return batch
+
+    def run(self, max_steps: int = 100_000) -> list[Sequence]:
+        """Step until every request has finished; raise if that takes more than max_steps (a livelock)."""
+        steps = 0
+        while self.scheduler.has_unfinished():
+            if steps >= max_steps:
+                raise RuntimeError(f"no end after {max_steps} steps: {len(self.scheduler.running)} running, "
+                                   f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
+            self.step()
+            steps += 1
+        return self.finished

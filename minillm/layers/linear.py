@@ -1,0 +1,133 @@
+"""Linear layers that know how to load (and later shard and quantize) their weights, chapters 1, 8, 10.
+
+A Llama block has seven projections, but the engine runs three matmuls for the first six: q, k and v are
+packed into one `qkv_proj` and gate and up into one `gate_up_proj` (one launch, one read of the input,
+a wider and more efficient GEMM). Checkpoints store them separately under Hugging Face's names, so each
+packed layer carries a `weight_loader(param, loaded_weight, shard_id)` that copies one checkpoint tensor
+into its slice of the packed parameter. That is vLLM's design, and it is also where tensor parallelism
+(chapter 10) will take each rank's slice of the columns or rows.
+
+How the matmul is done is delegated to `layer.quant_method`: `UnquantizedLinearMethod` is a plain
+`F.linear`; the quantization chapter swaps in methods that store packed int4/fp8 weights and scales and
+call their own kernels, without touching the model code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnquantizedLinearMethod:
+    """The default `quant_method`: dense weights, y = x W^T + b."""
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"weight shape mismatch for {param_name}: got {tuple(got)}, expected {tuple(expected)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    """Copy a whole checkpoint tensor into a parameter that has no loader of its own (norm weights)."""
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not packed; got shard_id={shard_id!r}")
+    _check_shape("parameter", loaded_weight.shape, param.shape)
+    param.data.copy_(loaded_weight)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W: [output_size, input_size], with a checkpoint `weight_loader` on each parameter."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+        super().__init__()
+        if input_size < 1 or output_size < 1:
+            raise ValueError(f"Linear sizes must be >= 1, got input_size={input_size}, output_size={output_size}")
+        self.input_size = input_size
+        self.output_size = output_size
+        # Uninitialised on purpose (as vLLM): every value is overwritten by the loader, and a missing
+        # tensor is an error there, so no init cost is paid for a 8B-parameter model.
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self.quant_method = quant_method if quant_method is not None else UnquantizedLinearMethod()
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        """Copy a whole checkpoint tensor into `param` (an unpacked layer has no shards)."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} is not packed; got shard_id={shard_id!r}")
+        _check_shape(type(self).__name__, loaded_weight.shape, param.shape)
+        param.data.copy_(loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+
+
+class _PackedLinear(Linear):
+    """A Linear whose output rows are the concatenation of several checkpoint tensors (shards)."""
+
+    shard_ids: tuple[Any, ...] = ()
+
+    def shard_slice(self, shard_id: Any) -> tuple[int, int]:
+        """(offset, size) of a shard along the output dimension."""
+        raise NotImplementedError
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"{type(self).__name__} shard_id must be one of {self.shard_ids}, got {shard_id!r}")
+        offset, size = self.shard_slice(shard_id)
+        target = param.data.narrow(0, offset, size)  # rows of this shard; a bias narrows the same way
+        _check_shape(f"{type(self).__name__} shard {shard_id!r}", loaded_weight.shape, target.shape)
+        target.copy_(loaded_weight)
+
+
+class QKVLinear(_PackedLinear):
+    """q, k and v projections in one matmul: output = [q (H*D) | k (KVH*D) | v (KVH*D)]."""
+
+    shard_ids = ("q", "k", "v")
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias=bias, dtype=dtype, quant_method=quant_method)
+
+    def shard_slice(self, shard_id: str) -> tuple[int, int]:
+        return {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
+                "v": (self.q_size + self.kv_size, self.kv_size)}[shard_id]
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, (H+2KVH)*D] -> q [T, H*D], k [T, KVH*D], v [T, KVH*D]."""
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class MergedColumnLinear(_PackedLinear):
+    """Several projections of the same input side by side (gate_up_proj = [gate | up]); shard ids 0, 1, ..."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+        if not output_sizes or any(s < 1 for s in output_sizes):
+            raise ValueError(f"MergedColumnLinear output_sizes must be positive, got {output_sizes}")
+        self.output_sizes = list(output_sizes)
+        self.shard_ids = tuple(range(len(output_sizes)))
+        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, quant_method=quant_method)
+
+    def shard_slice(self, shard_id: int) -> tuple[int, int]:
+        return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]

@@ -1,0 +1,80 @@
+"""RMSNorm: the normalisation every Llama-family block applies before attention and before the MLP.
+
+Chapter 1 builds `rms_norm` (exercise ch01.rms_norm). The `RMSNorm` module adds the trick vLLM uses on
+every decoder layer: the residual add that precedes each norm is fused into the norm call, so a layer
+hands `(hidden, residual)` along instead of adding and normalising in two passes over memory.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course machinery is not there yet: always run the reference
+    def dispatch(name, fn):  # noqa: ARG001
+        return fn
+
+
+# >>> exercise ch01.rms_norm
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square normalisation over the last dimension, then a learned per-channel gain.
+
+        y = x / sqrt(mean(x**2, dim=-1) + eps) * weight
+
+    Unlike LayerNorm there is no mean subtraction and no bias: only the scale of each token's vector
+    is normalised.
+
+    Args:
+        x: [..., hidden] activations (fp32, bf16 or fp16); typically [T, hidden] for T packed tokens.
+        weight: [hidden] learned gain.
+        eps: small constant added to the mean square before the square root (1e-5 or 1e-6 in Llamas).
+
+    Returns:
+        [..., hidden], same dtype as `x`.
+
+    Dtype advice: square and average in fp32 even when `x` is bf16 (a sum of hundreds of bf16 squares
+    loses most of its digits), cast the normalised value back to x's dtype, *then* multiply by the
+    weight, in that order, as the reference models do.
+    """
+    # >>> solution
+    input_dtype = x.dtype
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(dim=-1, keepdim=True)
+    normed = x32 * torch.rsqrt(variance + eps)
+    return weight * normed.to(input_dtype)
+    # <<< solution
+# <<< exercise
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an optional fused residual add (vLLM's `fused_add_rms_norm` contract).
+
+    forward(x)            -> rms_norm(x)
+    forward(x, residual)  -> (rms_norm(x + residual), x + residual)
+
+    The second form is what a decoder layer calls: the sum is both the input of this norm and the
+    residual stream that the next sub-block adds back to.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"RMSNorm hidden_size must be >= 1, got {hidden_size}")
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"RMSNorm expects last dimension {self.hidden_size}, got shape {tuple(x.shape)}")
+        norm_fn = dispatch("ch01.rms_norm", rms_norm)
+        if residual is None:
+            return norm_fn(x, self.weight, self.eps)
+        residual = x + residual
+        return norm_fn(residual, self.weight, self.eps), residual
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"

@@ -1,0 +1,154 @@
+"""Rotary position embeddings (RoPE), chapter 1.
+
+RoPE encodes a token's position by rotating pairs of channels of its query and key by angles
+`position * inv_freq[i]`; the dot product q.k then depends only on the *distance* between the two
+positions. Llama pairs channel i with channel i + D/2 ("rotate half", the layout of Hugging Face and
+vLLM's `is_neox_style=True`), not adjacent channels (GPT-J style): a checkpoint trained one way is wrong
+the other way.
+
+`apply_rotary` is exercise ch01.rope. `RotaryEmbedding` precomputes cos/sin for every position once
+(a [max_position, D] cache, cos half then sin half) and rotates q and k of a packed batch by their
+positions. Long-context checkpoints rescale the frequencies: "linear" (divide every frequency by a
+factor) and Llama 3.1's "llama3" (leave high frequencies alone, divide low ones, interpolate between).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course machinery is not there yet: always run the reference
+    def dispatch(name, fn):  # noqa: ARG001
+        return fn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# >>> exercise ch01.rope
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the channels of `x` by the per-token angles whose cos and sin are given ("rotate half").
+
+    Channel i (for i < D/2) is paired with channel i + D/2, and each pair (x1, x2) is rotated by the
+    angle theta_i of its token:
+
+        out[..., :D/2] = x1 * cos - x2 * sin
+        out[..., D/2:] = x2 * cos + x1 * sin
+
+    with x1 = x[..., :D/2], x2 = x[..., D/2:]. (Equivalently, out = x * [cos, cos] + rotate_half(x) * [sin, sin]
+    with rotate_half(x) = [-x2, x1], the way Hugging Face writes it.)
+
+    Args:
+        x: [T, H, D] queries or keys of T packed tokens, H heads, head dim D (D even).
+        cos: [T, D/2] cos(position_t * inv_freq_i), one row per token, shared by every head.
+        sin: [T, D/2] sin(position_t * inv_freq_i).
+
+    Returns:
+        [T, H, D], same dtype as `x`.
+
+    Dtype advice: do the multiply-adds in fp32 (cos/sin are fp32) and cast the result back to x's dtype.
+    Broadcast cos/sin over the head dimension with `unsqueeze(-2)`; do not loop over heads.
+    """
+    # >>> solution
+    half = x.shape[-1] // 2
+    x32 = x.to(torch.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    cos = cos.to(torch.float32).unsqueeze(-2)  # [T, 1, D/2]: the same angle for every head
+    sin = sin.to(torch.float32).unsqueeze(-2)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+    # <<< solution
+# <<< exercise
+
+
+def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """The D/2 rotation frequencies inv_freq[i] = base ** (-2i / D), rescaled as `rope_scaling` asks (fp32)."""
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"rotary head_dim must be an even integer >= 2, got {head_dim}")
+    if not base > 0:
+        raise ValueError(f"rope base (rope_theta) must be > 0, got {base}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    rope_type = _rope_type(rope_scaling)
+    if rope_type == "default":
+        return inv_freq
+    factor = float(_scaling_field(rope_scaling, "factor"))
+    if not factor > 0:
+        raise ValueError(f"rope_scaling factor must be > 0, got {factor}")
+    if rope_type == "linear":
+        # Position p with factor f gets the angles position p / f had: the context is stretched f times.
+        return inv_freq / factor
+    # llama3: wavelengths shorter than original_len / high_freq_factor (local detail) are kept, those longer
+    # than original_len / low_freq_factor (long range) are divided by `factor`, and the band in between is
+    # a linear blend in 1/wavelength, so no frequency jumps.
+    low = float(_scaling_field(rope_scaling, "low_freq_factor"))
+    high = float(_scaling_field(rope_scaling, "high_freq_factor"))
+    original = float(_scaling_field(rope_scaling, "original_max_position_embeddings"))
+    if not high > low:
+        raise ValueError(f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got {high} <= {low}")
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
+
+
+def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
+    if not rope_scaling:
+        return "default"
+    # HF configs spell it "rope_type" (new) or "type" (old)
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; minillm supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return rope_type
+
+
+def _scaling_field(rope_scaling: dict[str, Any] | None, key: str) -> Any:
+    if rope_scaling is None or key not in rope_scaling:
+        raise ValueError(f"rope_scaling of type {_rope_type(rope_scaling)!r} needs the field {key!r}; got {rope_scaling}")
+    return rope_scaling[key]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q [T, H, D] and k [T, KVH, D] by each token's position, from a precomputed cos/sin cache."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float = 10000.0,
+                 rope_scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if max_position < 1:
+            raise ValueError(f"rotary max_position must be >= 1, got {max_position}")
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.base = base
+        self.rope_scaling = rope_scaling
+        inv_freq = rope_inv_freq(head_dim, base, rope_scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [P, D/2]
+        # fp32 even when the model runs in bf16: angles of large positions need the mantissa.
+        # Not persistent: it is derived from the config, not a weight to save or load.
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, D/2] each, for the given positions [T]."""
+        if positions.device.type == "cpu" and positions.numel():
+            # On a GPU this check would sync; there the engine validates lengths before scheduling.
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= self.max_position:
+                raise ValueError(f"rotary positions must lie in [0, {self.max_position}), got min {lo}, max {hi}")
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        return cos, sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"rotary expects q [T, H, {self.head_dim}] and k [T, KVH, {self.head_dim}], "
+                             f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        if positions.shape != (q.shape[0],):
+            raise ValueError(f"positions must be [T] = [{q.shape[0]}], got shape {tuple(positions.shape)}")
+        cos, sin = self.cos_sin(positions)
+        rope_fn = dispatch("ch01.rope", apply_rotary)
+        return rope_fn(q, cos, sin), rope_fn(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_position={self.max_position}, base={self.base}, scaling={self.rope_scaling}"

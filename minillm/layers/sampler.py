@@ -1,0 +1,128 @@
+"""The sampler: from the logits of the last position to one token per sequence (chapter 1).
+
+Each row of the batch carries its own SamplingParams, so temperature, top-k and top-p are tensors of shape [B],
+applied row by row in one pass:
+
+    greedy rows (temperature 0)   -> argmax of the raw logits, exactly (no division by zero, no randomness)
+    the others                    -> logits / T -> top-k filter -> top-p filter -> softmax -> one draw
+
+The draw uses the *exponential race* (a form of the Gumbel-max trick): with E_v ~ Exp(1) independent,
+argmax_v p_v / E_v is distributed exactly as Categorical(p). It needs no cumulative sums, is a single
+vectorised argmax, and makes seeding easy: a request with its own `seed` draws its E from its own
+torch.Generator, so its tokens do not depend on what else shares the batch. Unseeded rows share the engine's
+generator (itself seeded by `LLM(seed=...)`).
+
+The two filters are graded exercises; the engine calls them through `dispatch`, so a learner's version can be
+plugged into the running engine with `LLM(..., overrides={"ch01.top_k_filter": my_fn})`.
+"""
+from __future__ import annotations
+
+import math  # noqa: F401  (available to the exercise regions, which must be self-contained)
+
+import torch
+import torch.nn.functional as F  # noqa: F401
+from torch import nn
+
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course package is optional for the engine
+    def dispatch(name, fn):  # type: ignore[no-redef]
+        return fn
+
+
+# >>> exercise ch01.top_k_filter
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's `top_k` largest logits; set every other entry to -inf.
+
+    logits: float [B, V]. top_k: int64 [B]; -1 (or any value >= V) keeps the whole row.
+    Returns a new tensor of the same shape and dtype; `logits` is not modified.
+
+    Exactly k entries survive in a row even when several logits tie at the boundary: rank the entries
+    by a sort (ties broken by position), keep ranks 0..k-1. Softmax of the result gives 0 probability to the
+    removed tokens because exp(-inf) = 0.
+    """
+    # >>> solution
+    vocab = logits.shape[-1]
+    k = torch.where(top_k < 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    _, order = logits.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(logits)
+    remove_sorted = ranks >= k.to(logits.device).unsqueeze(-1)  # rank r is removed when r >= k
+    # scatter the decision back from sorted order to vocabulary order
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch01.top_p_filter
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches `top_p`.
+
+    logits: float [B, V] (may already contain -inf). top_p: float [B] in (0, 1]; 1 keeps every token that
+    has non-zero probability. The most likely token is always kept. Others become -inf.
+
+    Sort probabilities in decreasing order; a token is kept when the mass of the tokens *before* it is
+    still below top_p (so the token that crosses the threshold is kept, and the first one always is).
+    """
+    # >>> solution
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    remove_sorted = mass_before >= top_p.to(logits.device, torch.float32).unsqueeze(-1)
+    remove_sorted[:, 0] = False  # never empty a row, whatever rounding did to the cumulative sum
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+    # <<< solution
+# <<< exercise
+
+
+class Sampler(nn.Module):
+    """Turns [B, V] logits into [B] token ids under per-row sampling parameters."""
+
+    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
+                top_ps: torch.Tensor, generators: list[torch.Generator | None] | None = None,
+                default_generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits [B, V]; temperatures float [B] (0 = greedy); top_ks int64 [B] (-1 = all); top_ps float [B];
+        generators: per-row torch.Generator or None (None rows use `default_generator`)."""
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        batch = logits.shape[0]
+        for name, t in (("temperatures", temperatures), ("top_ks", top_ks), ("top_ps", top_ps)):
+            if t.shape != (batch,):
+                raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+        logits = logits.float()  # sampling in fp32: bf16 rounds small probabilities to zero
+        greedy = temperatures <= 0
+        tokens = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return tokens
+        # greedy rows are divided by 1 (their result is overwritten below), the others by their temperature
+        temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits)
+        scaled = logits / temps.unsqueeze(-1)
+        if bool((top_ks > 0).any()):
+            scaled = dispatch("ch01.top_k_filter", top_k_filter)(scaled, top_ks.to(logits.device))
+        if bool((top_ps < 1).any()):
+            scaled = dispatch("ch01.top_p_filter", top_p_filter)(scaled, top_ps.to(logits.device))
+        probs = torch.softmax(scaled, dim=-1)
+        race = self._exponentials(probs, generators, default_generator)
+        sampled = (probs / race).argmax(dim=-1)
+        return torch.where(greedy.to(logits.device), tokens, sampled)
+
+    @staticmethod
+    def _exponentials(probs: torch.Tensor, generators: list[torch.Generator | None] | None,
+                      default_generator: torch.Generator | None) -> torch.Tensor:
+        """Exp(1) noise of probs' shape. Rows with their own generator draw from it (a full row each, so the
+        draw does not depend on the row's position in the batch); the rest draw together from the default."""
+        race = torch.empty_like(probs)
+        generators = generators if generators is not None else [None] * probs.shape[0]
+        if len(generators) != probs.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {probs.shape[0]} rows")
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if shared:
+            noise = torch.empty((len(shared), probs.shape[1]), device=probs.device, dtype=probs.dtype)
+            noise.exponential_(generator=default_generator)
+            race[shared] = noise
+        for i, g in enumerate(generators):
+            if g is not None:
+                race[i].exponential_(generator=g)
+        # Exp(1) can be exactly 0 in float arithmetic; keep the division finite
+        return race.clamp_min_(torch.finfo(race.dtype).tiny)

@@ -1,0 +1,295 @@
+"""LLM: the offline entry point, `LLM(...).generate(prompts, SamplingParams(...))`, as in vLLM (chapter 2).
+
+    from minillm import LLM, SamplingParams
+    llm = LLM()                                    # the bundled SmolLM2-135M-Instruct GGUF
+    outs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+    print(outs[0].outputs[0].text)
+
+LLM loads the model, builds an LLMEngine, feeds it every prompt and steps it until all are finished.
+`generate` validates every prompt first and raises (naming the prompt's index) before any work is done;
+`generate_stream` yields text as it is produced; `chat` applies the model's chat template.
+
+The scheduler and KV layout are parameters: chapter 2's static batching over a contiguous cache is the
+default until chapter 6's continuous batcher over paged blocks takes over (change DEFAULT_SCHEDULING).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Iterator, Mapping, Sequence as SequenceT
+
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.outputs import CompletionOutput, RequestOutput
+from minillm.platform import resolve_device, resolve_dtype
+from minillm.sampling_params import SamplingParams
+
+DEFAULT_SCHEDULING = "static"  # "continuous" once chapter 6's scheduler is the default
+DEFAULT_KV_LAYOUT = {"static": "contiguous", "continuous": "paged"}
+CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
+CPU_MAX_NUM_SEQS = 8  # default batch on CPU (EngineConfig's default is sized for a GPU)
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
+                 max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
+                 overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_kwargs) - fields)
+        if unknown:
+            raise TypeError(f"LLM() got unknown keyword argument(s) {', '.join(unknown)}; engine options are: "
+                            f"{', '.join(sorted(fields - {'extra'}))}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.overrides = _check_overrides(overrides)
+        scheduling = scheduling or DEFAULT_SCHEDULING
+        kv_layout = kv_layout or DEFAULT_KV_LAYOUT.get(scheduling, "paged")
+
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                          or max_model_len < 1):
+            raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's context), "
+                             f"got {max_model_len!r}")
+        if max_num_seqs is None:
+            max_num_seqs = CPU_MAX_NUM_SEQS if self.device.type == "cpu" else EngineConfig.max_num_seqs
+        # validate the engine options before spending seconds on loading weights
+        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
+                                     scheduling=scheduling, **engine_kwargs)
+
+        from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
+        path = os.fspath(model) if model is not None else _default_model_path()
+        model_config, weights, tokenizer = load_model(path)
+        if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
+                             f"{model_config.max_position_embeddings} tokens")
+        if max_model_len is None:
+            max_model_len = model_config.max_position_embeddings
+            if self.device.type == "cpu":
+                max_model_len = min(max_model_len, CPU_MAX_MODEL_LEN)
+            engine_config = dataclasses.replace(engine_config, max_model_len=max_model_len)
+        torch_model = build_model(model_config, weights, self.device, self.dtype, engine_config.attention_backend)
+        self.model_path = path
+        self.llm_engine = LLMEngine(torch_model, tokenizer, model_config, engine_config, device=self.device,
+                                    dtype=self.dtype, seed=seed, overrides=self.overrides)
+        self._init_driver()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """Wrap an already built engine (tests, notebooks that build a model by hand)."""
+        llm = cls.__new__(cls)
+        llm.device, llm.dtype, llm.overrides = engine.device, engine.dtype, engine.overrides
+        llm.model_path = None
+        llm.llm_engine = engine
+        llm._init_driver()
+        return llm
+
+    def _init_driver(self) -> None:
+        self._watching: set[str] = set()  # request ids a generate/stream call of this LLM is waiting on
+        self._latest: dict[str, RequestOutput] = {}  # newest output of each of them, not yet consumed
+        self._idle_steps = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | SequenceT[Prompt], sampling_params: SamplingParams |
+                 SequenceT[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order. Every prompt is validated before any
+        work starts: a bad one raises ValueError/TypeError naming its index."""
+        prompt_list = _normalize_prompts(prompts)
+        params = _normalize_params(sampling_params, len(prompt_list))
+        tokenized = []
+        for i, prompt in enumerate(prompt_list):
+            try:
+                tokenized.append(self.llm_engine.validate_prompt(prompt))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"prompt {i}: {err}") from None
+        return self._submit(tokenized, params, use_tqdm)
+
+    def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+                use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = [engine.add_request(None, text if text is not None else token_ids, p, prompt_token_ids=token_ids)
+               for (text, token_ids), p in zip(tokenized, params)]
+        return self._run_until_done(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (a list of {"role", "content"} dicts) or to
+        a list of conversations, then generate."""
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
+            conversations = list(messages)
+        else:
+            conversations = [messages]
+        params = _normalize_params(sampling_params, len(conversations))
+        tokenized = []
+        for i, conversation in enumerate(conversations):
+            where = f"conversation {i}: " if len(conversations) > 1 else ""
+            _check_conversation(conversation, where)
+            rendered = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            # the template already wrote the special tokens (BOS, role markers) as text: do not add them again
+            token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
+            try:
+                tokenized.append((rendered, self.llm_engine.validate_prompt(token_ids)[1]))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{where}{err}") from None
+        return self._submit(tokenized, params, use_tqdm)
+
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Yield deltas for one prompt as tokens arrive: each item's outputs[0].text and .token_ids hold only
+        what is new since the previous item. Closing the generator early aborts the request (its KV is freed).
+        Several streams (and generate calls) may be interleaved: each step serves all of them."""
+        request_id = self.llm_engine.add_request(None, prompt, sampling_params)
+        self._watching.add(request_id)
+        sent_text, sent_tokens, finished = 0, 0, False
+        try:
+            while not finished:
+                out = self._latest.pop(request_id, None)
+                if out is None:
+                    self._step_once()
+                    continue
+                done = out.outputs[0]
+                delta = CompletionOutput(index=0, text=done.text[sent_text:], token_ids=done.token_ids[sent_tokens:],
+                                         finish_reason=done.finish_reason, error=done.error)
+                sent_text, sent_tokens, finished = len(done.text), len(done.token_ids), out.finished
+                if delta.text or delta.token_ids or finished:
+                    yield dataclasses.replace(out, outputs=[delta])
+        finally:
+            self._watching.discard(request_id)
+            self._latest.pop(request_id, None)
+            if not finished:
+                self.llm_engine.abort(request_id)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        return self.llm_engine.abort(request_id)
+
+    def _step_once(self) -> None:
+        """One engine step; keep the newest output of every request some caller of this LLM is waiting for."""
+        outputs = self.llm_engine.step()
+        self._idle_steps = 0 if outputs else self._idle_steps + 1
+        if self._idle_steps > 100:
+            self._idle_steps = 0
+            raise RuntimeError(f"the scheduler made no progress for 100 steps with "
+                               f"{self.llm_engine.get_num_unfinished_requests()} request(s) unfinished")
+        for out in outputs:
+            if out.request_id in self._watching:
+                self._latest[out.request_id] = out  # outputs are cumulative: the newest one says it all
+
+    def _run_until_done(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        self._watching.update(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(request_ids), desc="generate", unit="req")
+        try:
+            while pending:
+                self._step_once()
+                for request_id in [r for r in pending if r in self._latest and self._latest[r].finished]:
+                    pending.discard(request_id)
+                    results[request_id] = self._latest.pop(request_id)
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for request_id in pending:  # e.g. KeyboardInterrupt: do not leave half-run requests behind
+                self.llm_engine.abort(request_id)
+            raise
+        finally:
+            self._watching.difference_update(request_ids)
+            for request_id in request_ids:
+                self._latest.pop(request_id, None)
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in request_ids]
+
+
+def build_model(model_config, weights, device: torch.device, dtype: torch.dtype,
+                attention_backend: str = "auto") -> torch.nn.Module:
+    """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
+    from minillm.models.llama import LlamaForCausalLM  # Llama, Mistral, Qwen2 share one implementation
+    previous = torch.get_default_dtype()
+    start = time.perf_counter()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM(model_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(weights)
+    if attention_backend != "auto":
+        for module in model.modules():
+            if hasattr(module, "attention_backend"):
+                module.attention_backend = attention_backend
+    model.load_seconds = time.perf_counter() - start
+    return model.eval()
+
+
+def _default_model_path() -> str:
+    from minillm.loader.model_files import default_model_path
+    return default_model_path()
+
+
+def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate every override now (unknown exercise id, wrong signature, unloadable file) rather than at the
+    first step; returns the mapping with file paths resolved to functions."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a mapping of exercise id -> function, got {type(overrides).__name__}")
+    if not overrides:
+        return {}
+    from minillm.course.overrides import use_overrides
+    with use_overrides(overrides) as resolved:
+        return dict(resolved)
+
+
+def _normalize_prompts(prompts: Any) -> list[Prompt]:
+    """str -> [str]; list[int] -> [list[int]]; list of str / list[int] -> itself. Anything else: TypeError."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is empty: an empty list is neither a prompt nor a list of prompts")
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            return [list(prompts)]
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (str, list, tuple)):
+                raise TypeError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}: {p!r}")
+        return [p if isinstance(p, str) else list(p) for p in prompts]
+    raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got {type(prompts).__name__}")
+
+
+def _normalize_params(params: Any, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if isinstance(params, (list, tuple)):
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        return list(params)
+    raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
+
+
+def _check_conversation(conversation: Any, where: str) -> None:
+    if isinstance(conversation, dict):
+        raise ValueError(f"{where}messages must be a list of {{'role', 'content'}} dicts, got a single dict")
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"{where}messages must be a non-empty list of {{'role', 'content'}} dicts, "
+                         f"got {conversation!r}")
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or \
+                not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}message {j} must be a dict with string 'role' and 'content', got {message!r}")

@@ -1,0 +1,137 @@
+"""Loading a Hugging Face model directory: config.json + safetensors shards (chapter 1).
+
+This is what a user with a GPU brings: a Llama 2/3, Mistral, Qwen2 or SmolLM checkpoint as
+`save_pretrained` writes it. The weights are already under the names our model expects and already
+in rotate-half RoPE order, so unlike GGUF there is nothing to rename or permute; the work is reading
+the config (in both the transformers-4 spelling, `rope_theta` + `rope_scaling`, and the
+transformers-5 one, `rope_parameters`), finding the shards, and checking every shape before any
+tensor is read. Tensors are streamed one at a time, in their stored dtype (bf16 for most
+checkpoints), so peak memory stays near one shard's largest tensor rather than the whole model.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from minillm.config import ModelConfig
+from minillm.loader.model_files import check_weight_shapes
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and SmolLM2 are model_type "llama"
+# Tensors that some checkpoints carry but the model recomputes or does not need.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either config spelling; rope_scaling None for plain RoPE."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict):  # transformers >= 5: one dict with theta and scaling together
+        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = raw.get("rope_theta", 10000.0)
+        scaling = dict(raw.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:  # transformers < 4.45 spelled it "type"
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        return float(theta), None
+    return float(theta), scaling
+
+
+def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig from the dict in an HF config.json."""
+    model_type = raw.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{source}: unsupported model_type {model_type!r}; minillm loads {', '.join(HF_MODEL_TYPES)}")
+    if raw.get("mlp_bias") or (model_type != "qwen2" and raw.get("attention_bias")):
+        raise ValueError(f"{source}: Llama with mlp_bias/attention_bias=true (biases on o_proj or the MLP) "
+                         f"is not supported")
+    theta, scaling = _rope(raw)
+    max_pos = raw.get("max_position_embeddings", 4096)
+    window = raw.get("sliding_window")
+    use_window = raw.get("use_sliding_window", model_type == "mistral")
+    if use_window and window is not None and window < max_pos:
+        # Sliding-window attention equals full attention while the sequence fits in the window; we
+        # implement only full attention, so we cap the context there instead of silently diverging.
+        max_pos = int(window)
+    heads = raw["num_attention_heads"]
+    return ModelConfig(
+        architecture=model_type,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim"),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2",
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+    )
+
+
+def _weight_files(directory: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the shard index when there is one."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        missing = sorted({shard for shard in weight_map.values() if not os.path.isfile(os.path.join(directory, shard))})
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard {missing[0]} but it is not in {directory}")
+        return {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files (minillm does not read .bin/.pt checkpoints)")
+    names: dict[str, str] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, lazy stream of (hf_name, tensor)) for an HF model directory; shapes are checked up front."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory}: no config.json; expected an HF model directory "
+                                f"(config.json + *.safetensors) or a .gguf file")
+    with open(config_path, encoding="utf-8") as f:
+        config = config_from_hf(json.load(f), source=config_path)
+    files = _weight_files(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    unused = check_weight_shapes(shapes, config, directory)
+    unexpected = [n for n in unused if not n.endswith(_IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        warnings.warn(f"{directory}: ignoring {len(unexpected)} tensor(s) the model does not use, "
+                      f"e.g. {unexpected[0]}", stacklevel=2)
+    skipped = set(unused)
+    wanted = [name for name in shapes if name not in skipped]
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        by_file: dict[str, list[str]] = {}
+        for name in wanted:
+            by_file.setdefault(files[name], []).append(name)
+        for file, names in by_file.items():  # one open per shard
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+    return config, weights()

@@ -1,0 +1,198 @@
+"""The tokenizer: text <-> token ids, rebuilt from GGUF metadata or read from an HF tokenizer.json (chapter 1).
+
+A GGUF file carries no tokenizer.json, only its ingredients: the vocabulary (`tokenizer.ggml.tokens`),
+the BPE merges (`tokenizer.ggml.merges`), each token's type (3 = control, e.g. `<|im_end|>`), the
+special ids, and a *name* for how text is split before BPE runs (`tokenizer.ggml.pre`). We assemble
+these into a Hugging Face `tokenizers` pipeline:
+
+    pre-tokenizer   split text into words with the model's regex, then map bytes to printable characters
+                    (GPT-2's byte-level trick: every byte has a token, so nothing is ever unknown)
+    model           BPE with the file's vocabulary and merges, applied inside each word
+    decoder         byte-level, back from printable characters to UTF-8 bytes
+    added tokens    control tokens matched whole in the text, before any splitting
+
+The split regex matters: the merges were learned on words cut a certain way, and cutting differently
+gives different (valid but unfamiliar) ids. llama.cpp names each regex; `PRE_TOKENIZERS` maps the
+names we know, and an unknown name is an error rather than a silent guess.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+from minillm.loader.chat_template import ChatTemplateError, render_chat_template
+from minillm.loader.gguf import GGUFError, GGUFFile
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(split: str | None = None, digits: bool = False) -> pre_tokenizers.PreTokenizer:
+    steps: list[pre_tokenizers.PreTokenizer] = []
+    if digits:  # StarCoder / SmolLM: every digit is its own word, before the GPT-2 regex runs
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))  # GPT-2's own regex
+    else:
+        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    return pre_tokenizers.Sequence(steps)
+
+
+# tokenizer.ggml.pre -> how to split words (names as llama.cpp's converter writes them).
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(),
+    "gpt-2": lambda: _byte_level(),
+    "gpt2": lambda: _byte_level(),
+    "smollm": lambda: _byte_level(digits=True),
+    "starcoder": lambda: _byte_level(digits=True),
+    "refact": lambda: _byte_level(digits=True),
+    "llama-bpe": lambda: _byte_level(_LLAMA3_SPLIT),
+    "llama3": lambda: _byte_level(_LLAMA3_SPLIT),
+    "smaug-bpe": lambda: _byte_level(_LLAMA3_SPLIT),
+    "dbrx": lambda: _byte_level(_LLAMA3_SPLIT),
+    "qwen2": lambda: _byte_level(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": lambda: _byte_level(_QWEN2_SPLIT),
+}
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+class Tokenizer:
+    """Text <-> ids, special-token ids, and the chat template, behind one small interface."""
+
+    def __init__(self, backend: _Backend, *, bos_token_id: int | None, eos_token_id: int | None,
+                 pad_token_id: int | None = None, unk_token_id: int | None = None,
+                 chat_template: str | None = None, source: str = "") -> None:
+        self.backend = backend
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.pad_token_id, self.unk_token_id = pad_token_id, unk_token_id
+        self.chat_template = chat_template
+        self.source = source
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike | GGUFFile) -> "Tokenizer":
+        gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        meta = gguf.metadata
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.model={kind!r} is not supported; minillm builds "
+                            f"byte-level BPE ('gpt2') tokenizers from GGUF (use Tokenizer.from_hf_dir otherwise)")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise GGUFError(f"{gguf.path}: unknown tokenizer.ggml.pre {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {token: i for i, token in enumerate(tokens)}
+        backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        backend.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        # Control tokens are matched whole and dropped by decode(skip_special_tokens=True); user-defined
+        # ones (e.g. <think>) are matched whole but are ordinary text.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, k in zip(tokens, types) if k == CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, k in zip(tokens, types) if k == USER_DEFINED])
+        ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding", "unknown")}
+        for key, token_id in ids.items():
+            if token_id is not None and not 0 <= token_id < len(tokens):
+                raise GGUFError(f"{gguf.path}: tokenizer.ggml.{key}_token_id={token_id} is outside the vocabulary "
+                                f"[0, {len(tokens)})")
+        cls._set_post_processor(backend, tokens, ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") else None,
+                                ids["eos"] if meta.get("tokenizer.ggml.add_eos_token") else None)
+        return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["padding"],
+                   unk_token_id=ids["unknown"], chat_template=meta.get("tokenizer.chat_template"), source=gguf.path)
+
+    @staticmethod
+    def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None) -> None:
+        """encode(add_special_tokens=True) prepends BOS / appends EOS when the file's add_bos/add_eos flags say so."""
+        if bos is None and eos is None:
+            return
+        prefix = [(tokens[bos], bos)] if bos is not None else []
+        suffix = [(tokens[eos], eos)] if eos is not None else []
+        single = " ".join([t for t, _ in prefix] + ["$A"] + [t for t, _ in suffix])
+        pair = " ".join([t for t, _ in prefix] + ["$A"] + [t for t, _ in suffix] + ["$B:1"])
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                               special_tokens=prefix + suffix)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """An HF model directory with tokenizer.json (and tokenizer_config.json / chat_template.jinja if present)."""
+        path = os.fspath(path)
+        tokenizer_json = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_json):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (minillm reads fast-tokenizer files only)")
+        backend = _Backend.from_file(tokenizer_json)
+        config: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if template is None and os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            if isinstance(token, dict):  # serialized AddedToken
+                token = token.get("content")
+            return backend.token_to_id(token) if isinstance(token, str) else None
+
+        return cls(backend, bos_token_id=token_id("bos_token"), eos_token_id=token_id("eos_token"),
+                   pad_token_id=token_id("pad_token"), unk_token_id=token_id("unk_token"),
+                   chat_template=template, source=path)
+
+    # -- the interface the engine uses --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._token(self.eos_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}: {text!r}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"unknown token id {bad[0]}; valid ids are 0..{self.vocab_size - 1}")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """The prompt string for a conversation (tokenize it with encode(..., add_special_tokens=False))."""
+        if not self.chat_template:
+            raise ChatTemplateError(f"{self.source or 'this tokenizer'} has no chat template; "
+                                    f"pass a plain prompt instead of messages")
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                   "pad_token": self._token(self.pad_token_id), "unk_token": self._token(self.unk_token_id)}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=special, **extra)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+                f"eos={self.eos_token!r}, chat_template={'yes' if self.chat_template else 'no'})")

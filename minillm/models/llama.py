@@ -1,0 +1,183 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2), chapter 1.
+
+Written the way vLLM and nano-vllm write it: the forward takes the *packed* new tokens of the whole batch
+(`input_ids` [T], `positions` [T], no padding) and returns hidden states [T, hidden]; which token belongs
+to which sequence is the forward context's business (read only by the Attention layers). The engine then
+picks the rows it needs (the last token of each sequence) and calls `compute_logits`.
+
+    embed -> N x [ RMSNorm -> attention (qkv_proj, RoPE, Attention, o_proj) -> +residual
+                   RMSNorm -> MLP (gate_up_proj, silu_and_mul, down_proj)    -> +residual ] -> RMSNorm
+
+The residual adds are fused into the following norm (RMSNorm(x, residual)). Weights arrive under Hugging
+Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused projections.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.layers.activation import silu_and_mul
+from minillm.layers.attention import Attention
+from minillm.layers.embedding import LMHead, VocabEmbedding
+from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, default_weight_loader
+from minillm.layers.norm import RMSNorm
+from minillm.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                  bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up packed into one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size], bias=False)
+        self.down_proj = Linear(size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # `residual` carries the stream *before* the previous sub-block's output was added; the norm adds it.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                     base=config.rope_theta, rope_scaling=config.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits(hidden [N, hidden]) -> [N, vocab]."""
+
+    # checkpoint name -> (packed parameter name, shard id), as vLLM's packed_modules_mapping
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be packed [T] tensors, got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, packing q/k/v and gate/up; raises on unknown, misshapen or missing tensors."""
+        params = dict(self.named_parameters())  # tied lm_head.weight appears once, as model.embed_tokens.weight
+        expected = {name: _shards(name, param) for name, param in params.items()}
+        loaded: set[tuple[str, object]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:  # older HF checkpoints save the RoPE frequencies; we derive them
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # tied: the head is the embedding
+            param_name, shard_id = self._map_name(name)
+            if param_name not in params:
+                raise KeyError(f"unknown weight {name!r} for {self.config.architecture} with "
+                               f"{self.config.num_hidden_layers} layers (no parameter {param_name!r})")
+            param = params[param_name]
+            try:
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, tensor.to(param.dtype), shard_id)
+            except ValueError as err:
+                raise ValueError(f"while loading {name!r}: {err}") from None
+            loaded.add((param_name, shard_id))
+        missing = [_hf_name(name, shard) for name, shards in expected.items() for shard in shards
+                   if (name, shard) not in loaded]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+    def _map_name(self, name: str) -> tuple[str, object]:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in self.packed_modules_mapping:
+                packed, shard_id = self.packed_modules_mapping[part]
+                return ".".join(parts[:i] + [packed] + parts[i + 1:]), shard_id
+        return name, None
+
+
+def _shards(param_name: str, param: nn.Parameter) -> tuple[object, ...]:
+    owner = getattr(getattr(param, "weight_loader", None), "__self__", None)
+    return tuple(getattr(owner, "shard_ids", ())) or (None,)
+
+
+_UNPACKED = {("qkv_proj", "q"): "q_proj", ("qkv_proj", "k"): "k_proj", ("qkv_proj", "v"): "v_proj",
+             ("gate_up_proj", 0): "gate_proj", ("gate_up_proj", 1): "up_proj"}
+
+
+def _hf_name(param_name: str, shard_id: object) -> str:
+    """The checkpoint name a (packed parameter, shard) pair is loaded from, for error messages."""
+    if shard_id is None:
+        return param_name
+    parts = param_name.split(".")
+    return ".".join(_UNPACKED.get((p, shard_id), p) for p in parts)

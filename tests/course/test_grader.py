@@ -1,0 +1,194 @@
+"""The grader proves itself: stubs score 0, solutions 100%, every mutant is caught, a hostile submission
+costs only its own exercises, and the Gradescope archive grades a submission folder end to end.
+
+These tests start one process per graded exercise (about 2 s each, mostly importing torch), so the
+module shares its two full gradings through module-scoped fixtures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from minillm.course import gradescope, report
+from minillm.course.grader import grade
+from minillm.course.mutants import find_mutants, run_mutants
+from minillm.course.registry import EXERCISES, repo_root
+from minillm.course.release import release
+
+ROOT = repo_root()
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def solutions_report():
+    return grade(impl="solutions", jobs=2)
+
+
+@pytest.fixture(scope="module")
+def stubs_json():
+    out = subprocess.run([sys.executable, "-m", "minillm.cli", "grade", "--impl", "exercises", "--format", "json"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_stubs_score_zero_and_are_not_attempted(stubs_json):
+    assert stubs_json["score"] == 0 and stubs_json["max_score"] == sum(e.points for e in EXERCISES.values())
+    for ex in stubs_json["exercises"]:
+        assert ex["status"] == "not attempted", f"{ex['id']}: {ex['status']} ({ex['message']})"
+        assert all(t["outcome"] == "not_attempted" for t in ex["tests"]), ex["id"]
+
+
+def test_solutions_score_full(solutions_report):
+    for ex in solutions_report.exercises:
+        assert ex.status == "pass" and ex.earned == ex.points, f"{ex.id}: {ex.status}: {ex.message}"
+    assert solutions_report.score == solutions_report.max_score > 0
+    table = report.format_table(solutions_report)
+    assert f"total: {solutions_report.score:g} / {solutions_report.max_score:g} (100.0%)" in table
+
+
+def test_graded_points_add_up_to_the_registry(solutions_report):
+    for ex in solutions_report.exercises:
+        total = sum(t.points for t in ex.tests)
+        assert total == EXERCISES[ex.id].points, (f"{ex.id}: its graded tests carry {total:g} points, the registry "
+                                                  f"says {EXERCISES[ex.id].points}")
+        assert all(t.points > 0 for t in ex.tests), f"{ex.id}: a graded test without @pytest.mark.points"
+
+
+def test_every_exercise_has_a_mutant():
+    lacking = [ex_id for ex_id, files in find_mutants().items() if not files]
+    assert not lacking, f"exercises without a mutant under tests/mutants/<id>/: {lacking}"
+
+
+def test_every_mutant_is_caught(tmp_path):
+    outcomes = run_mutants(tmp_path, jobs=2)
+    assert len(outcomes) >= len(EXERCISES)
+    survivors = [f"{o.exercise_id}/{o.mutant.name} ({o.result.status}: {o.result.message})"
+                 for o in outcomes if not o.caught]
+    assert not survivors, f"mutants the graded tests did not catch: {survivors}"
+
+
+HOSTILE_CH01 = '''
+
+def rms_norm(x, weight, eps):  # an infinite loop
+    while True:
+        pass
+
+
+def apply_rotary(x, cos, sin):  # leaves without a word
+    import os
+    os._exit(0)
+
+
+def top_k_filter(logits, top_k):
+    import sys
+    sys.exit(3)
+
+
+def top_p_filter(logits, top_p):  # fools the comparison, if it can
+    torch.equal = lambda *a, **k: True
+    torch.Tensor.__eq__ = lambda *a, **k: True
+    return logits
+'''
+
+HOSTILE_CH02 = '''
+
+_correct_causal_mask = causal_mask
+_SHOUTED = []
+
+
+def causal_mask(q_len, kv_len, device=None):  # right, after 100 MB of prints
+    if not _SHOUTED:
+        _SHOUTED.append(1)
+        print("x" * 100_000_000)
+    return _correct_causal_mask(q_len, kv_len, device)
+'''
+
+HOSTILE_CH05 = '''
+
+_correct_hash_block = hash_block
+
+
+def slot_mapping(block_table, start, end, block_size):  # a segfault
+    import ctypes
+    ctypes.string_at(0)
+
+
+def hash_block(parent_hash, token_ids):  # right, with warnings on the way
+    import warnings
+    warnings.warn("a learner's warning", UserWarning)
+    warnings.warn("a deprecated thing", DeprecationWarning)
+    return _correct_hash_block(parent_hash, token_ids)
+'''
+
+
+def hostile_submission(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for module, extra in [("ch01_basics", HOSTILE_CH01), ("ch02_kv_cache", HOSTILE_CH02), ("ch05_paged_kv", HOSTILE_CH05)]:
+        (folder / f"{module}.py").write_text((ROOT / "solutions" / f"{module}.py").read_text() + extra)
+    return folder
+
+
+def test_autograder_archive_grades_a_hostile_submission(tmp_path):
+    zip_path = tmp_path / "autograder.zip"
+    names = gradescope.build_autograder(zip_path)
+    assert {"setup.sh", "run_autograder", "solutions/ch01_basics.py", "tests/graded/hidden/test_hidden_ch01_ch02.py",
+            "minillm/course/grader.py"} <= set(names)
+    assert not any(n.startswith(("tests/mutants", "tests/course", "exercises/")) for n in names)
+    ag = tmp_path / "autograder"
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(ag / "source")
+    hostile_submission(ag / "submission")
+    env = {**os.environ, "MINILLM_AUTOGRADER_ROOT": str(ag), "MINILLM_PYTHON": sys.executable,
+           "MINILLM_GRADE_TIMEOUT": "20"}
+    env.pop("MINILLM_ROOT", None)
+    run = subprocess.run(["bash", str(ag / "source" / "run_autograder")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((ag / "results" / "results.json").read_text())
+
+    assert set(results) >= {"score", "execution_time", "stdout_visibility", "tests"}
+    assert results["stdout_visibility"] == "hidden"
+    for t in results["tests"]:
+        assert set(t) == {"name", "number", "score", "max_score", "status", "output", "output_format", "visibility"}
+        assert t["status"] in ("passed", "failed") and t["visibility"] in ("visible", "after_published")
+    by_exercise: dict[str, list[dict]] = {}
+    for t in results["tests"]:
+        by_exercise.setdefault(t["name"].split(":")[0], []).append(t)
+    earned = {ex: sum(t["score"] for t in ts) for ex, ts in by_exercise.items()}
+    assert earned == {"ch01.arithmetic_intensity": 5, "ch01.rms_norm": 0, "ch01.rope": 0, "ch01.top_k_filter": 0,
+                      "ch01.top_p_filter": 0, "ch02.causal_mask": 10, "ch05.slot_mapping": 0, "ch05.hash_block": 5}
+    assert results["score"] == 20
+    first = {ex: next(t["output"] for t in ts if t["status"] == "failed") for ex, ts in by_exercise.items()
+             if earned[ex] == 0}
+    assert "timed out after 20 s" in first["ch01.rms_norm"]
+    assert "exited (code 0) before reporting" in first["ch01.rope"]
+    assert "SystemExit" in first["ch01.top_k_filter"]
+    assert "replaced torch.equal" in first["ch01.top_p_filter"] or "replaced torch.Tensor.__eq__" in first["ch01.top_p_filter"]
+    assert "SIGSEGV" in first["ch05.slot_mapping"]
+    assert any(t["visibility"] == "after_published" for t in results["tests"])
+    assert "ch02.causal_mask: all visible tests passed" in results["output"]
+
+
+def test_student_release_has_no_answers_and_still_grades(tmp_path):
+    dest = tmp_path / "student"
+    written = release(dest)
+    assert "exercises/ch01_basics.py" in written and "tests/graded/test_ch01_basics.py" in written
+    for gone in ("solutions", "tests/graded/hidden", "tests/mutants", "tests/course", ".git", ".venv"):
+        assert not (dest / gone).exists(), f"{gone} leaked into the student release"
+    # without solutions/, the graded tests compare against the engine's own function
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(ROOT / "solutions" / "ch02_kv_cache.py", mine / "ch02_kv_cache.py")
+    passed = grade("ch02", impl=mine, root=dest)
+    stubs = grade("ch02", impl="exercises", root=dest)
+    assert passed.exercises[0].status == "pass" and passed.score == passed.max_score > 0, passed.exercises[0].message
+    assert stubs.exercises[0].status == "not attempted" and stubs.score == 0
+    assert not any(t.hidden for t in passed.exercises[0].tests)

@@ -1,0 +1,70 @@
+"""The adapter's guards: library shortcuts trapped, monkey-patching detected and undone, import errors named."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.course.impl import ForbiddenCallError, ImplementationError, TamperingError, guarded, load_function
+from minillm.course.registry import get
+
+
+def test_forbidden_shortcut_is_trapped_even_when_swallowed():
+    def sneaky(x, weight, eps):
+        try:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        except Exception:
+            return x  # hides the trap's error: the guard must still fail the call
+    with pytest.raises(ForbiddenCallError, match="must not call torch.nn.functional.rms_norm"):
+        guarded(get("ch01.rms_norm"), sneaky)(torch.randn(2, 4), torch.ones(4), 1e-6)
+    assert F.rms_norm.__name__ == "rms_norm"  # the trap is gone afterwards
+
+
+def test_calling_the_engines_reference_is_trapped():
+    def lazy(x, weight, eps):
+        from minillm.layers.norm import rms_norm
+        return rms_norm(x, weight, eps)
+    with pytest.raises(ForbiddenCallError, match="minillm.layers.norm.rms_norm"):
+        guarded(get("ch01.rms_norm"), lazy)(torch.randn(2, 4), torch.ones(4), 1e-6)
+
+
+def test_monkey_patching_is_detected_and_restored():
+    original_allclose, original_sqrt = torch.allclose, math.sqrt
+
+    def cheat(x, weight, eps):
+        torch.allclose = lambda *a, **k: True
+        math.sqrt = lambda v: 1.0
+        return x
+    with pytest.raises(TamperingError, match="torch.allclose"):
+        guarded(get("ch01.rms_norm"), cheat)(torch.randn(2, 4), torch.ones(4), 1e-6)
+    assert torch.allclose is original_allclose and math.sqrt is original_sqrt
+
+
+def test_import_errors_and_missing_functions_are_named(tmp_path):
+    (tmp_path / "ch01_basics.py").write_text("def rms_norm(x, weight, eps)\n    return x\n")
+    with pytest.raises(ImplementationError, match="ch01_basics.py failed to import: SyntaxError"):
+        load_function("ch01.rms_norm", tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ch01_basics.py").write_text("import torch\n")
+    with pytest.raises(ImplementationError, match="no function 'rms_norm'"):
+        load_function("ch01.rms_norm", other)
+    with pytest.raises(ImplementationError, match="ch02_kv_cache.py does not exist"):
+        load_function("ch02.causal_mask", other)
+
+
+def test_patching_at_import_time_is_refused(tmp_path):
+    (tmp_path / "ch01_basics.py").write_text("import torch\ntorch.equal = lambda *a: True\n")
+    original = torch.equal
+    with pytest.raises(ImplementationError, match="replaced torch.equal at import"):
+        load_function("ch01.rms_norm", tmp_path)
+    assert torch.equal is original
+
+
+def test_a_full_repository_copy_is_a_valid_submission(tmp_path):
+    (tmp_path / "exercises").mkdir()
+    (tmp_path / "exercises" / "ch02_kv_cache.py").write_text(
+        "import torch\ndef causal_mask(q_len, kv_len, device=None):\n    return 'mine'\n")
+    assert load_function("ch02.causal_mask", tmp_path)(1, 1) == "mine"

@@ -1,0 +1,47 @@
+"""Notebook tooling: percent .py -> executed .ipynb with the solution's outputs; nbval passes with the
+solutions and fails with the blank stubs (so a chapter's checked cells grade the learner too)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillm.course import notebooks
+from minillm.course.registry import repo_root
+
+FIXTURE = Path(__file__).parent / "fixtures" / "chapters" / "01_demo.py"
+pytestmark = pytest.mark.slow
+
+
+def nbval(ipynb: Path, impl: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MINILLM_IMPL": impl}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-sanitize-with", str(repo_root() / "chapters" / "sanitize.cfg"), str(ipynb)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ipynb.parent)
+
+
+def test_build_check_and_grade_a_chapter(tmp_path):
+    py = tmp_path / FIXTURE.name
+    shutil.copy(FIXTURE, py)
+    assert notebooks.out_of_sync(tmp_path) == [f"01_demo.ipynb is missing: run `minillm course notebooks 01_demo`"]
+    ipynb = notebooks.build(py, execute=True)
+    assert notebooks.out_of_sync(tmp_path) == []
+    text = ipynb.read_text()
+    assert "[[1, 1, 1, 0], [1, 1, 1, 1]]" in text  # the solution's output is stored
+
+    ok = nbval(ipynb, "solutions")
+    assert ok.returncode == 0, ok.stdout[-3000:]  # the timing and the address differ, but are sanitised
+    bad = nbval(ipynb, "exercises")
+    assert bad.returncode != 0 and "not attempted" in bad.stdout, bad.stdout[-3000:]
+
+    py.write_text(py.read_text().replace("causal_mask(2, 4)", "causal_mask(3, 4)"))
+    assert notebooks.out_of_sync(tmp_path) == ["01_demo.ipynb differs from 01_demo.py: run `minillm course notebooks 01_demo`"]
+
+
+def test_repository_chapters_are_in_sync():
+    problems = notebooks.out_of_sync()
+    assert not problems, problems

