@@ -148,21 +148,26 @@ def test_eos_finishes_with_stop(llm):
     assert "<|im_end|>" not in out.outputs[0].text
 
 
-@pytest.mark.parametrize("kwargs", [dict(scheduling="continuous", kv_layout="paged", block_size=16, num_kv_blocks=12),
+@pytest.fixture(scope="module")
+def agreement_case(llm):
+    prompts = ["The capital of France is", "Hi", "Water boils at a temperature of"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    return prompts, params, [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=9),
                                     dict(scheduling="static", kv_layout="paged", block_size=16)])
-def test_other_schedulers_and_layouts_agree(llm, kwargs):
-    """Same model, another engine: continuous batching over a small paged pool (it must preempt), and static
-    batching over paged blocks, give the greedy tokens of the default static/contiguous engine."""
+def test_other_schedulers_and_layouts_agree(llm, agreement_case, kwargs):
+    """Same model, another engine: continuous batching over a pool too small for the batch (it must preempt),
+    and static batching over paged blocks, give the greedy tokens of the default static/contiguous engine."""
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
-    prompts = ["The capital of France is", "Hi", "Water boils at a temperature of", "Name a prime number:"]
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    prompts, params, expected = agreement_case
     base = llm.llm_engine
     engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config,
                        EngineConfig(max_model_len=256, max_num_seqs=4, **kwargs))
-    other = LLM.from_engine(engine)
-    assert [o.outputs[0].token_ids for o in other.generate(prompts, params)] == expected
+    assert [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params)] == expected
     if kwargs["scheduling"] == "continuous":
         assert engine.scheduler.num_preemptions > 0
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected  # the first engine still works
+    # the model's attention layers now point at the second engine's cache: the first rebinds them and still works
+    assert llm.generate(prompts[1], params)[0].outputs[0].token_ids == expected[1]

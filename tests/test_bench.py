@@ -113,7 +113,7 @@ def test_decode_is_memory_bound_and_prefill_compute_bound_on_h100():
     assert roofline.H100_BF16.ridge_point == pytest.approx(722e12 / 3.0e12)
     assert roofline.H100_BF16.attainable(dec) == pytest.approx(dec * 3.0e12)
     assert roofline.H100_BF16.attainable(1e4) == 722e12
-    # intensity grows with the batch, with a ceiling of n*k... reuse: monotone in m
+    # intensity grows with the number of tokens m, towards the ceiling 2nk / (b (n + k)) as m -> infinity
     vals = list(roofline.linear_intensities([1, 2, 8, 64, 1024], 576, 1536, 4).values())
     assert vals == sorted(vals) and vals[-1] < 2 * 576 * 1536 / (4 * (576 + 1536))
 
@@ -135,6 +135,35 @@ def test_measurements_are_positive_and_plot_builds(tmp_path):
     assert (tmp_path / "roof.png").stat().st_size > 1000
 
 
+# -- workload ------------------------------------------------------------------------------------------------
+class WordTokenizer:
+    """One id per character: enough to check the windowing."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_synthetic_prompts_exact_lengths_and_deterministic():
+    from minillm.bench.workload import corpus_text, synthetic_prompts
+
+    assert len(corpus_text()) > 10_000
+    a = synthetic_prompts(WordTokenizer(), 5, 37, seed=3)
+    assert [len(p) for p in a] == [37] * 5 and a == synthetic_prompts(WordTokenizer(), 5, 37, seed=3)
+    assert a != synthetic_prompts(WordTokenizer(), 5, 37, seed=4)
+    assert len(synthetic_prompts(WordTokenizer(), 2, 100_000)[1]) == 100_000  # longer than the corpus: repeats
+    with pytest.raises(ValueError, match="got 0 and 5"):
+        synthetic_prompts(WordTokenizer(), 0, 5)
+
+
+def test_bench_cli_rejects_bad_sizes_before_loading(capsys):
+    from minillm.bench.cli import main
+
+    assert main(["bench", "--output-len", "0"]) == 2
+    assert "output_len must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--input-len", "30", "--output-len", "4", "--max-model-len", "20"]) == 2
+    assert "max_model_len=20 cannot hold" in capsys.readouterr().err
+
+
 # -- a real run ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_run_two_prompts_four_tokens():
@@ -149,3 +178,21 @@ def test_real_run_two_prompts_four_tokens():
     assert res.output_throughput == pytest.approx(8 / res.wall_time)
     torch.testing.assert_close(torch.tensor(res.percentiles["ttft"]["p50"]),
                                torch.tensor(harness.percentile([r.ttft for r in res.requests], 50)))
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path):
+    pytest.importorskip("minillm.llm")
+    import io
+
+    from minillm.bench.demo import DEMO_QUESTIONS, run_demo
+
+    buf = io.StringIO()
+    res = run_demo(max_tokens=3, out_dir=tmp_path, out=buf)
+    text = buf.getvalue()
+    assert res.num_requests == len(DEMO_QUESTIONS) == 8
+    assert all(1 <= r.num_output_tokens <= 3 for r in res.requests)
+    assert "assistant> " in text and "output tok/s" in text and "TTFT" in text
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        run_demo(max_tokens=0, out_dir=tmp_path, out=buf)

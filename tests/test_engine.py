@@ -432,3 +432,12 @@ def test_interleaved_streams_each_get_their_own_text(model_and_config):
         assert sum((d.outputs[0].token_ids for d in got[key]), []) == finals[key].outputs[0].token_ids
         assert "".join(d.outputs[0].text for d in got[key]) == finals[key].outputs[0].text
     assert not llm.llm_engine.has_unfinished_requests() and not llm._latest
+
+
+def test_generate_with_progress_bar_and_ids_in_order(model_and_config, capsys):
+    llm = LLM.from_engine(make_engine(model_and_config, max_num_seqs=2))
+    lengths = [5, 1, 3]  # finish out of order; outputs still come back in input order
+    outs = llm.generate([[1, 2]] * 3, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths],
+                        use_tqdm=True)
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+    assert "generate" in capsys.readouterr().err

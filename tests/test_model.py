@@ -8,7 +8,9 @@ Tiny random-weight models cover what SmolLM2 lacks: Qwen2's q/k/v bias, an untie
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -33,6 +35,24 @@ CODE = '''def fibonacci(n: int) -> list[int]:
     return out
 '''
 CHAT = "<|im_start|>user\nName three uses of a paperclip.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@contextmanager
+def _one_thread():
+    """Run torch single-threaded, then restore. On the shared 2-core box, two intra-op threads competing with
+    other processes spin-wait and run 4-8x slower than one; results do not depend on it beyond fp32 rounding."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    with _one_thread():
+        yield
 
 
 def _gguf_dir() -> str:
@@ -60,8 +80,9 @@ def oracle():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _gguf_dir()
-    hf = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_NAME)
+    with _one_thread():
+        hf = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_NAME)
     return hf, tok
 
 
@@ -268,3 +289,49 @@ def test_load_weights_errors_name_the_tensor():
     bad = {**state, "model.layers.0.mlp.gate_proj.weight": torch.zeros(80, 47)}
     with pytest.raises(ValueError, match=r"gate_proj.*got \(80, 47\), expected \(80, 48\)"):
         model.load_weights(bad.items())
+
+
+def _rms_norm_as_layer_norm(x, weight, eps):
+    centred = x - x.mean(-1, keepdim=True)  # LayerNorm's mean subtraction: not what Llama was trained with
+    return weight * centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rope_gptj_pairs(x, cos, sin):
+    return _wrong_half_rotary(x, cos, sin)
+
+
+def _causal_mask_off_by_one(q_len, kv_len, device=None):
+    rows = torch.arange(q_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= rows + (kv_len - q_len) - 1 + (rows == 0)
+
+
+@pytest.mark.parametrize("exercise,mutant", [
+    ("ch01.rms_norm", _rms_norm_as_layer_norm),
+    ("ch01.rope", _rope_gptj_pairs),
+    ("ch02.causal_mask", _causal_mask_off_by_one),
+])
+def test_learner_overrides_reach_the_model(exercise, mutant):
+    """The engine path calls the exercise functions through course.overrides.dispatch, so a learner's version runs."""
+    overrides = pytest.importorskip("minillm.course.overrides")
+    model = LlamaForCausalLM(config_from_hf(_tiny_hf("llama3_untied").config)).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # weights at 1/sqrt(fan_in), so attention is sharp and position matters
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    ids = torch.randint(0, 97, (23,), generator=torch.Generator().manual_seed(2))
+    reference = _our_logits(model, ids)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(exercise)
+        return mutant(*args, **kwargs)
+
+    spy.__signature__ = inspect.signature(mutant)  # the override validator checks parameter names
+    with overrides.use_overrides({exercise: spy}):
+        changed = _our_logits(model, ids)
+    assert calls, f"{exercise} override was never called by the model"
+    diff = float((changed - reference).abs().max())
+    scale = float(reference.abs().max())
+    print(f"{exercise}: mutant changes logits by {diff:.2e} (logit scale {scale:.2e})")
+    assert diff > 1e-2 * scale
+    assert torch.equal(_our_logits(model, ids), reference)  # the override ends with the block

@@ -54,15 +54,24 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from minillm.bench.demo import run_demo
 
-    run_demo(max_tokens=args.max_tokens, out_dir=args.out, model=args.model, device=args.device)
+    try:
+        run_demo(max_tokens=args.max_tokens, out_dir=args.out, model=args.model, device=args.device)
+    except ValueError as err:
+        print(f"minillm demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from minillm.bench.workload import run_bench
 
-    result = run_bench(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                       model=args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    try:
+        result = run_bench(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                           model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                           max_model_len=args.max_model_len)
+    except ValueError as err:
+        print(f"minillm bench: error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         from minillm.bench.harness import to_dict
 
@@ -103,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context reserved per sequence (default: the engine's; a contiguous cache reserves all of it)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.set_defaults(func=_cmd_bench)
 

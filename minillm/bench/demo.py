@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from minillm.bench.harness import BenchResult, format_percentiles, format_requests, run_workload, summarize
+from minillm.bench.harness import BenchResult, format_percentiles, format_requests, request_stats, run_workload
 from minillm.bench.plots import plot_run, save_figure
 
 DEMO_QUESTIONS = [
@@ -40,11 +40,9 @@ def _conversation(question: str) -> list[dict[str, str]]:
 
 def stream_answer(llm: Any, question: str, sampling_params: Any, out: Any = sys.stdout) -> BenchResult:
     """Print the answer as it is generated; returns the single request's metrics."""
-    from minillm.outputs import RequestOutput
-
     prompt = llm.tokenizer.apply_chat_template(_conversation(question), add_generation_prompt=True)
     print(f"\nuser> {question}\nassistant> ", end="", file=out, flush=True)
-    last: RequestOutput | None = None
+    last = None
     num_tokens = 0
     for delta in llm.generate_stream(prompt, sampling_params):
         print(delta.outputs[0].text, end="", file=out, flush=True)
@@ -53,11 +51,9 @@ def stream_answer(llm: Any, question: str, sampling_params: Any, out: Any = sys.
     print("\n", file=out, flush=True)
     if last is None:
         raise RuntimeError("the stream produced nothing")
-    # the last delta carries the request's final metrics; its token_ids are only the last delta's, so rebuild
-    full = type(last)(request_id=last.request_id, prompt=question, prompt_token_ids=last.prompt_token_ids,
-                      outputs=[type(last.outputs[0])(0, "", list(range(num_tokens)), last.outputs[0].finish_reason)],
-                      finished=True, metrics=last.metrics)
-    return summarize([full])
+    # the last delta carries the request's final metrics, but only its newest tokens: pass the count we kept
+    stats = request_stats(last, num_output_tokens=num_tokens)
+    return BenchResult([stats], wall_time=stats.latency)
 
 
 def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", model: str | None = None,
@@ -101,8 +97,8 @@ def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", 
     print("\n" + format_percentiles(result), file=out)
     speedup = result.output_throughput / single.output_throughput
     print(f"\nbatching {len(convs)} requests: {result.output_throughput:.1f} tok/s vs "
-          f"{single.output_throughput:.1f} tok/s for one alone ({speedup:.1f}x): decode is memory-bound, so a "
-          f"step costs about the same for 1 or 8 sequences.", file=out)
+          f"{single.output_throughput:.1f} tok/s for one alone ({speedup:.1f}x). Decode re-reads every weight "
+          f"for each step, however many sequences share it: batching spreads that cost.", file=out)
 
     fig = plot_run(outputs, result, title=f"minillm demo: {len(convs)} chat requests on {llm.device} ({dtype})")
     path = save_figure(fig, os.path.join(os.fspath(out_dir), "demo.png"))

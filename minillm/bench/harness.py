@@ -85,9 +85,10 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
-def request_stats(output: Any) -> RequestStats:
+def request_stats(output: Any, num_output_tokens: int | None = None) -> RequestStats:
     """Metrics of one RequestOutput (or any object with the same fields: request_id, prompt_token_ids,
-    outputs[0].token_ids, metrics.arrival_time / first_token_time / finish_time)."""
+    outputs[0].token_ids, metrics.arrival_time / first_token_time / finish_time). `num_output_tokens` is for a
+    streamed request, whose last delta holds only its newest tokens."""
     m = output.metrics
     arrival, first, finish = _get(m, "arrival_time"), _get(m, "first_token_time"), _get(m, "finish_time")
     if arrival is None or first is None or finish is None:
@@ -96,7 +97,7 @@ def request_stats(output: Any) -> RequestStats:
     if not arrival <= first <= finish:
         raise ValueError(f"request {output.request_id!r}: timestamps out of order: arrival {arrival} <= "
                          f"first_token {first} <= finish {finish} must hold")
-    n_out = len(output.outputs[0].token_ids)
+    n_out = len(output.outputs[0].token_ids) if num_output_tokens is None else num_output_tokens
     scheduled = _get(m, "first_scheduled_time")
     return RequestStats(
         request_id=str(output.request_id), num_prompt_tokens=len(output.prompt_token_ids or []),

@@ -163,7 +163,7 @@ def plot_roofline(peaks: Sequence[MachinePeak], points: Sequence[tuple[str, floa
         ax.axvline(i, color="grey", ls="--", lw=0.8)
         ax.text(i, 0.97, label, transform=ax.get_xaxis_transform(), rotation=90, fontsize=8, va="top", ha="right")
     for label, i, f in measured:
-        ax.scatter([i], [f], zorder=5)
+        ax.scatter([i], [f], color="black", marker="D", zorder=5)
         ax.annotate(label, (i, f), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")

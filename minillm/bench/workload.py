@@ -9,6 +9,7 @@ attention see realistic ids rather than random ones.
 from __future__ import annotations
 
 import importlib
+import random
 import time
 from typing import Any
 
@@ -39,8 +40,6 @@ def synthetic_prompts(tokenizer: Any, num_prompts: int, input_len: int, seed: in
     ids = tokenizer.encode(corpus_text(), add_special_tokens=False)
     while len(ids) < input_len + num_prompts:  # tiny corpora: repeat until every window fits
         ids = ids + ids
-    import random
-
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(ids) - input_len) for _ in range(num_prompts)]
     return [ids[s: s + input_len] for s in starts]
@@ -48,17 +47,22 @@ def synthetic_prompts(tokenizer: Any, num_prompts: int, input_len: int, seed: in
 
 def run_bench(num_prompts: int = 8, input_len: int = 64, output_len: int = 32, model: str | None = None,
               device: str | None = None, dtype: str | None = None, seed: int = 0, llm: Any = None,
-              verbose: bool = True) -> BenchResult:
+              verbose: bool = True, max_model_len: int | None = None) -> BenchResult:
     """Load the model (unless `llm` is given), send the batch, print and return the summary."""
     from minillm import LLM, SamplingParams
 
     if output_len < 1:
         raise ValueError(f"output_len must be >= 1, got {output_len}")
+    if num_prompts < 1 or input_len < 1:
+        raise ValueError(f"num_prompts and input_len must be >= 1, got {num_prompts} and {input_len}")
+    if max_model_len is not None and max_model_len < input_len + output_len:
+        raise ValueError(f"max_model_len={max_model_len} cannot hold input_len + output_len = "
+                         f"{input_len + output_len} tokens; give at least that")
     if llm is None:
         t0 = time.perf_counter()
         if verbose:
             print("loading the model ...", flush=True)
-        llm = LLM(model=model, device=device or "auto", dtype=dtype or "auto", seed=seed)
+        llm = LLM(model=model, device=device or "auto", dtype=dtype or "auto", seed=seed, max_model_len=max_model_len)
         if verbose:
             print(f"loaded in {time.perf_counter() - t0:.1f} s on {llm.device}, {str(llm.dtype).replace('torch.', '')}")
     prompts = synthetic_prompts(llm.tokenizer, num_prompts, input_len, seed)

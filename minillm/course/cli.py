@@ -1,6 +1,7 @@
 """`minillm grade` and `minillm course ...`: the learner's and the instructor's commands.
 
-    minillm grade [chNN | chNN.name] [--impl exercises|solutions|PATH] [--format table|json|gradescope] [--out FILE] [-v]
+    minillm grade [chNN | chNN.name] [--impl exercises|solutions|PATH] [--format table|json|gradescope]
+                  [--out FILE] [-v] [--timeout S] [--notebooks]
     minillm course list                      the registry: id, points, where the engine calls it, hint
     minillm course sync [--check]            regenerate solutions/ and exercises/ from the reference's markers
     minillm course release DIR [--force]     a student copy (no solutions/, no hidden tests)
@@ -19,6 +20,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     from minillm.course import gradescope, report
     from minillm.course.grader import grade
     from minillm.course.impl import ImplementationError
+    from minillm.course.registry import repo_root
 
     try:
         result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs)
@@ -37,6 +39,14 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {result.score:g} / {result.max_score:g}")
     else:
         sys.stdout.write(text)
+    if args.notebooks:
+        from minillm.course.notebooks import grade_notebook
+        from minillm.course.registry import select
+        chapters = sorted({ex.chapter for ex in select(args.target)})
+        print("notebooks (checked cells against the solution's stored outputs; no points):")
+        for nb in sorted((Path(repo_root()) / "chapters").glob("*.ipynb")):
+            if any(nb.name.startswith(f"{c:02d}_") for c in chapters):
+                print("  " + grade_notebook(nb, args.impl or "exercises")[1])
     if args.fail_under is not None and result.max_score and 100 * result.score / result.max_score < args.fail_under:
         return 1
     return 0
@@ -113,6 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and the test process's last output")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise (default 60)")
     p.add_argument("--jobs", type=int, default=None, help="exercises graded at once (default: min(4, CPUs))")
+    p.add_argument("--notebooks", action="store_true", help="also run the chapters' notebooks under nbval with this impl")
     p.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this percentage")
     p.set_defaults(func=_cmd_grade)
 

@@ -143,9 +143,10 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and anything the learner spawned
             proc.wait()
-        reader.join(timeout=5)
+        reader.join(timeout=5)  # a grandchild that escaped the process group may still hold the pipe
         result.duration = time.monotonic() - start
-        result.log = b"".join(tail).decode("utf-8", errors="replace")[-OUTPUT_CAP:]
+        result.log = ("(the output is still streaming from an escaped process)" if reader.is_alive()
+                      else b"".join(tail).decode("utf-8", errors="replace")[-OUTPUT_CAP:])
         records, finished = _read_records(results_file, nonce)
 
     collected = next((r["tests"] for r in records if r.get("event") == "collected"), [])

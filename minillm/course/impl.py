@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -82,16 +83,28 @@ def snapshot() -> dict[str, dict[str, Any]]:
 
 
 def restore_changes(before: dict[str, dict[str, Any]]) -> list[str]:
-    """Put back every watched attribute that changed since `before`; returns their dotted names."""
+    """Undo every change to the watched namespaces since `before`; returns the dotted names changed.
+
+    Replaced attributes are put back; added ones are removed where they could shadow behaviour (any
+    addition to torch.Tensor, e.g. an `__eq__` that hides the inherited one; public non-module additions
+    elsewhere: torch imports its submodules lazily, which adds modules, never functions).
+    """
     changed = []
     for name, obj in _watched():
-        now = vars(obj)
+        now = dict(vars(obj))
         for attr, value in before[name].items():
             if now.get(attr, _MISSING) is not value:
                 changed.append(f"{name}.{attr}")
                 try:
                     setattr(obj, attr, value)
                 except (AttributeError, TypeError):  # a slot that cannot be set back: report it anyway
+                    pass
+        for attr in now.keys() - before[name].keys():
+            if isinstance(obj, type) or not (attr.startswith("_") or isinstance(now[attr], ModuleType)):
+                changed.append(f"{name}.{attr}")
+                try:
+                    delattr(obj, attr)
+                except (AttributeError, TypeError):
                     pass
     return changed
 
@@ -154,6 +167,7 @@ def guarded(ex: Exercise, fn: Callable) -> Callable:
 # ---- loading ----------------------------------------------------------------------------------------
 
 _MODULES: dict[Path, ModuleType] = {}
+_IMPORTS_ANSWERS = re.compile(r"^\s*(from|import)\s+solutions\b|import_module\(\s*['\"]solutions", re.MULTILINE)
 
 
 def load_module(path: Path) -> ModuleType:
@@ -190,6 +204,12 @@ def load_function(exercise_id: str, impl: str | os.PathLike | None = None, root:
     fn = getattr(module, ex.function, None)
     if not callable(fn):
         raise ImplementationError(f"{module.__file__}: no function {ex.function!r} (exercise {ex.id})")
+    code_file = getattr(getattr(fn, "__code__", None), "co_filename", module.__file__)
+    if Path(code_file).resolve() != Path(module.__file__).resolve():
+        raise ImplementationError(f"{ex.id}: {ex.function} must be defined in {Path(module.__file__).name}, "
+                                  f"not imported from {code_file}")
+    if _IMPORTS_ANSWERS.search(Path(module.__file__).read_text(encoding="utf-8", errors="replace")):
+        raise ImplementationError(f"{Path(module.__file__).name} imports solutions/: write your own answers")
     return guarded(ex, fn) if guard else fn
 
 

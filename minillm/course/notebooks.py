@@ -80,3 +80,20 @@ def build(py: Path, execute: bool = True, timeout: int = 600, impl: str = "solut
     out = py.with_suffix(".ipynb")
     nbformat.write(nb, out)
     return out
+
+
+def grade_notebook(ipynb: Path, impl: str, timeout: float = 900.0) -> tuple[bool, str]:
+    """Run `ipynb` under nbval with implementation `impl`: its checked cells must reproduce the stored
+    (solution's) outputs. Returns (passed, one line)."""
+    import subprocess
+    import sys
+    impl_path = impl if impl in ("exercises", "solutions") else str(Path(impl).resolve())
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+           "--nbval-sanitize-with", str(repo_root() / "chapters" / "sanitize.cfg"), str(ipynb)]
+    try:
+        run = subprocess.run(cmd, env={**os.environ, "MINILLM_IMPL": impl_path}, capture_output=True, text=True,
+                             timeout=timeout, cwd=ipynb.parent)
+    except subprocess.TimeoutExpired:
+        return False, f"{ipynb.name}: timed out after {timeout:g} s"
+    last = (run.stdout.strip().splitlines() or ["no output"])[-1]
+    return run.returncode == 0, f"{ipynb.name}: {'pass' if run.returncode == 0 else 'fail'} ({last})"

@@ -121,3 +121,18 @@ def test_gpu_varlen_prefix_bf16():
     ref, ref_lse = varlen_attention_reference(q, k, v, q_lens, k_lens, causal=True)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 256), (4, 4, 96)])
+def test_gpu_head_dims(heads, kv_heads, head_dim):
+    # SmolLM2's 9/3 x 64, the largest head_dim (shared-memory bound tiles) and a padded one
+    torch.manual_seed(2)
+    lens = [1, 17, 129, 700]
+    q = torch.randn(sum(lens), heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens), kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lens), kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    cu = _cu(lens, "cuda")
+    out = flash_attn_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    ref, _ = varlen_attention_reference(q, k, v, lens, lens, causal=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

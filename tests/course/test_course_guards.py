@@ -68,3 +68,26 @@ def test_a_full_repository_copy_is_a_valid_submission(tmp_path):
     (tmp_path / "exercises" / "ch02_kv_cache.py").write_text(
         "import torch\ndef causal_mask(q_len, kv_len, device=None):\n    return 'mine'\n")
     assert load_function("ch02.causal_mask", tmp_path)(1, 1) == "mine"
+
+
+def test_added_dunder_on_tensor_is_removed():
+    def cheat(x, weight, eps):
+        torch.Tensor.__eq__ = lambda *a, **k: True
+        return x
+    with pytest.raises(TamperingError, match=r"torch.Tensor.__eq__"):
+        guarded(get("ch01.rms_norm"), cheat)(torch.randn(2, 4), torch.ones(4), 1e-6)
+    assert "__eq__" not in vars(torch.Tensor)
+    assert not bool((torch.zeros(2) == torch.ones(2)).any())
+
+
+def test_answers_imported_from_solutions_are_refused(tmp_path):
+    (tmp_path / "ch02_kv_cache.py").write_text("from solutions.ch02_kv_cache import causal_mask\n")
+    with pytest.raises(ImplementationError, match="must be defined in ch02_kv_cache.py, not imported from"):
+        load_function("ch02.causal_mask", tmp_path)
+    other = tmp_path / "b"
+    other.mkdir()
+    (other / "ch02_kv_cache.py").write_text(
+        "def causal_mask(q_len, kv_len, device=None):\n    import solutions.ch02_kv_cache as s\n"
+        "    return s.causal_mask(q_len, kv_len, device)\n")
+    with pytest.raises(ImplementationError, match="imports solutions/"):
+        load_function("ch02.causal_mask", other)
