@@ -45,3 +45,36 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     Example: hash_block(None, (1, 2)) == hash((0, (1, 2))).
     """
     raise NotImplementedError("ch05.hash_block is not attempted yet: write it in exercises/ch05_paged_kv.py")
+
+
+def blocks_to_append(num_tokens_now: int, num_new_tokens: int, num_blocks_held: int, block_size: int) -> int:
+    """How many more blocks a sequence must take so that its block table covers num_tokens_now +
+    num_new_tokens token positions, when it already holds num_blocks_held blocks of block_size slots.
+
+    A block is taken only when a token first lands in it: n tokens need ceil(n / block_size) blocks, so
+    the 16th token of a block_size-16 sequence needs no new block and the 17th needs one. The same formula
+    serves a new prompt (num_tokens_now = 0, num_blocks_held = 0), a prefill chunk and a decode step.
+    A table may already hold more blocks than needed (a prompt is allocated whole, then computed in
+    chunks): then nothing is taken, never a negative number.
+
+    Example: block_size 16, 16 tokens in 1 block: +1 token -> 1, +0 -> 0; 0 tokens, 0 blocks, +33 -> 3.
+    Raise ValueError if a count is negative or block_size < 1.
+    """
+    raise NotImplementedError("ch05.blocks_to_append is not attempted yet: write it in exercises/ch05_paged_kv.py")
+
+
+def free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]:
+    """Drop a finished (or preempted) sequence's hold on its blocks; return the blocks nobody holds any more.
+
+    ref_counts[b] is how many block tables hold physical block b (a forked sequence, or a request that hit
+    a cached prefix, shares blocks). Decrement it, in place, once for every block of block_table, walking
+    the table from its LAST block to its first; a block whose count reaches 0 is free again and goes into
+    the returned list, in that order. A block still held by another table is not free.
+
+    Why tail first: the caller keeps freed prefix-cached blocks in least-recently-freed order, so when it
+    must evict, it takes the end of a prefix before its start (a later request can still hit the start).
+    Raise ValueError (and change nothing) if a block of the table has ref_counts[b] < 1: a double free.
+
+    Example: block_table [4, 7], ref_counts[4] = 2, ref_counts[7] = 1 -> returns [7]; counts become 1 and 0.
+    """
+    raise NotImplementedError("ch05.free_blocks is not attempted yet: write it in exercises/ch05_paged_kv.py")

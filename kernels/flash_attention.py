@@ -31,6 +31,8 @@ diagonal or the end of the sequence cut through run the masked second loop.
 Practicalities: on a GPU the tile shape is autotuned on the first call for each (head_dim, causal, varlen)
 (make that call before capturing a CUDA graph); under the interpreter one small fixed tile is used. fp32
 inputs on a GPU go through TF32 tensor cores (about 1e-3 relative error); bf16/fp16 are the GPU dtypes.
+Chapter 3's exercises are fenced below: online_softmax_update and causal_block_range (in torch; run by
+flash_attention_reference, the kernel's algorithm in torch) and attend_kv_range (the kernel's inner loop).
 """
 from __future__ import annotations
 
@@ -40,17 +42,123 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.course.overrides import dispatch
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 
+# >>> exercise ch03.online_softmax_update
+def online_softmax_update(m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor,
+                          values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold one block of scores into the running softmax state of M query rows; returns (m_new, l_new, acc_new).
+
+    m_i [M]: the largest score seen so far per row (-inf before the first block); l_i [M]: the sum of
+    exp(score - m_i) over the scores seen; acc [M, D]: the sum of exp(score - m_i) * value. scores [M, N]: the
+    new block's (already scaled) scores, -inf where masked; values [N, D]: its values. When the maximum grows
+    to m_new, every earlier term is exp(m_i - m_new) times too big: rescale l_i and acc by that factor, then
+    add the new block's exp(scores - m_new). A row whose scores are all -inf so far keeps m = -inf, l = 0,
+    acc = 0 (never nan). After the last block, softmax(all scores) @ all values = acc / l. Natural exp, fp32
+    math, results in the inputs' dtypes; the inputs are not modified.
+    """
+    # >>> solution
+    m_new = torch.maximum(m_i, scores.max(dim=-1).values)
+    # a row that has seen only -inf would compute (-inf) - (-inf) = nan: subtract 0 instead (every term is 0)
+    m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new).float()
+    alpha = torch.exp(m_i.float() - m_safe)  # how much too big the old terms are; exp(-inf) = 0 on the first block
+    p = torch.exp(scores.float() - m_safe[:, None])
+    l_new = l_i.float() * alpha + p.sum(dim=-1)
+    acc_new = acc.float() * alpha[:, None] + p @ values.float()
+    return m_new, l_new.to(l_i.dtype), acc_new.to(acc.dtype)
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch03.causal_block_range
+def causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block_n: int,
+                       causal: bool = True) -> tuple[int, int]:
+    """Which keys the query tile of rows m_start .. m_start + block_m - 1 must visit: returns (full_end, hi).
+
+    Keys [0, full_end) are seen by every row of the tile: they need no mask (full_end is a multiple of
+    block_n, so those are whole tiles). Keys [full_end, hi) are visited with a mask (the diagonal, or the end
+    of the sequence, cuts through them); keys from hi on are skipped. Bottom-right causal alignment: the
+    queries are the LAST q_len of the k_len tokens, so query row i sits at position k_len - q_len + i and sees
+    keys 0 .. that position. Rows from q_len on do not exist (the last tile may be short). Not causal: every
+    key, full_end = k_len rounded down to a multiple of block_n, hi = k_len. Always 0 <= full_end <= hi <= k_len.
+    Raises ValueError unless 0 <= m_start < q_len, block_m >= 1, block_n >= 1 and k_len >= 0.
+    """
+    # >>> solution
+    if block_m < 1 or block_n < 1 or k_len < 0 or not 0 <= m_start < q_len:
+        raise ValueError(f"need block_m, block_n >= 1, k_len >= 0 and 0 <= m_start < q_len, got m_start={m_start}, "
+                         f"block_m={block_m}, q_len={q_len}, k_len={k_len}, block_n={block_n}")
+    if causal:
+        offset = k_len - q_len  # the position of query row 0
+        first_pos = offset + m_start  # the tile's first row sees the fewest keys ...
+        last_pos = offset + min(m_start + block_m, q_len) - 1  # ... its last (existing) row the most
+        hi = min(k_len, last_pos + 1)
+        full_end = min(k_len, first_pos + 1)
+    else:
+        hi = full_end = k_len
+    full_end = max(full_end, 0) // block_n * block_n
+    return full_end, max(hi, 0)  # hi < 0: no row of this tile sees any key (k_len < q_len)
+    # <<< solution
+# <<< exercise
+
+
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                              softmax_scale: float | None = None, block_m: int = 32, block_n: int = 16):
+    """The kernel's algorithm in torch, one head: q [Sq, D], k and v [Sk, D] -> (out [Sq, D], lse fp32 [Sq]).
+
+    The same tile walk as _flash_fwd_kernel (chapter 3 runs it step by step): per query tile, the unmasked
+    key tiles [0, full_end), then the masked ones [full_end, hi), each folded in by online_softmax_update
+    (both pieces through `dispatch`, so a learner's versions can stand in). The Triton kernel does the same
+    arithmetic in base 2 (exp2, with log2(e) folded into the scale) and in registers.
+    """
+    if q.dim() != 2 or k.dim() != 2 or k.shape != v.shape or q.shape[1] != k.shape[1]:
+        raise ValueError(f"need q [Sq, D] and k, v [Sk, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    update = dispatch("ch03.online_softmax_update", online_softmax_update)
+    block_range = dispatch("ch03.causal_block_range", causal_block_range)
+    (q_len, head_dim), k_len = q.shape, k.shape[0]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    out, lse = torch.zeros(q.shape, dtype=torch.float32), torch.full((q_len,), float("-inf"))
+    for m_start in range(0, q_len, block_m):
+        rows = torch.arange(m_start, min(m_start + block_m, q_len))
+        n = len(rows)
+        m_i, l_i, acc = torch.full((n,), float("-inf")), torch.zeros(n), torch.zeros(n, head_dim)
+        full_end, hi = block_range(m_start, block_m, q_len, k_len, block_n, causal)
+        for n_start in range(0, hi, block_n):
+            cols = torch.arange(n_start, min(n_start + block_n, hi))
+            s = (q[rows].float() @ k[cols].float().T) * scale
+            if causal and n_start >= full_end:  # only tiles from full_end on can hold a masked score
+                s = s.masked_fill(cols[None, :] > rows[:, None] + (k_len - q_len), float("-inf"))
+            m_i, l_i, acc = update(m_i, l_i, acc, s, v[cols].float())
+        seen = l_i > 0
+        out[rows] = torch.where(seen[:, None], acc / torch.where(seen, l_i, 1.0)[:, None], 0.0)
+        lse[rows] = torch.where(seen, m_i + torch.log(torch.where(seen, l_i, 1.0)), float("-inf"))
+    return out.to(q.dtype), lse
+
+
+# >>> exercise ch03.flash_attention_kernel
 @triton.jit
-def _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold keys lo..hi (a multiple of BLOCK_N apart, except at the end) into the running (acc, l_i, m_i)."""
+def attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """The FlashAttention inner loop: fold keys lo .. hi-1 into the running (acc, l_i, m_i); return all three.
+
+    q [BLOCK_M, BLOCK_D]: the query tile (columns >= HEAD_DIM hold 0). Key n of this (sequence, kv head) is at
+    k_base + n * stride_kn + d, its value at v_base + n * stride_vn + d, for d < HEAD_DIM. Walk
+    start_n = lo, lo + BLOCK_N, ... < hi: load K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D], S = tl.dot(q, K^T),
+    then the online-softmax update in base 2: m_i is in log2 units and qk_scale already holds
+    softmax_scale * log2(e), so p = exp2(S * qk_scale - m_new) and alpha = exp2(m_i - m_new).
+    acc [BLOCK_M, BLOCK_D], l_i and m_i [BLOCK_M] are fp32 (m_i starts at -inf, l_i and acc at 0).
+    MASKED (constexpr): keys >= k_len must not be loaded (masked loads) and score -inf; with CAUSAL, so do keys
+    past the row's position q_pos [BLOCK_M]. A row may then have seen no key yet: keep it at m = -inf, l = 0,
+    acc = 0, never nan. Not MASKED: every key of the range is valid for every row, no mask at all.
+    BLOCK_D > HEAD_DIM: mask the padded head_dim columns on load. UPCAST: convert the loaded k and v to fp32
+    (the interpreter mis-multiplies bf16 operands of tl.dot).
+    """
+    # >>> solution
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -87,6 +195,7 @@ def _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_p
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
+    # <<< solution
 
 
 @triton.jit
@@ -128,7 +237,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Bottom-right alignment: query row i sits at position (k_len - q_len) + i.
+    # Bottom-right alignment: query row i sits at position (k_len - q_len) + i. The bounds below are
+    # causal_block_range(m_start, BLOCK_M, q_len, k_len, BLOCK_N, CAUSAL), computed in registers.
     q_pos = (k_len - q_len) + offs_m
     if CAUSAL:
         first_pos = (k_len - q_len) + m_start
@@ -139,9 +249,9 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         hi = k_len
         full_end = k_len
     full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
+    acc, l_i, m_i = attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
                                      0, full_end, qk_scale, False, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
+    acc, l_i, m_i = attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, k_len,
                                      full_end, hi, qk_scale, True, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)
 
     # A row that saw no key (only possible when k_len < q_len) gets out = 0 and lse = -inf.
@@ -152,6 +262,27 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     if WRITE_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         tl.store(LSE + batch * stride_lz + head * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                           softmax_scale: float | None = None, block_m: int = 32, block_n: int = 16):
+    """Run _flash_fwd_kernel (so attend_kv_range) with one fixed tile, for chapter 3 and its graded tests:
+    q [B, H, Sq, D], k, v [B, KVH, Sk, D] -> (out [B, H, Sq, D], lse fp32 [B, H, Sq]). The engine's: flash_attention."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    batch, num_heads, seqlen_q, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    grid = (triton.cdiv(seqlen_q, block_m), num_heads, batch)
+    _flash_fwd_kernel[grid](q, k, v, out, lse, q, q, q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2),
+                            k.stride(1), v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2),
+                            out.stride(1), lse.stride(0), lse.stride(1), seqlen_q, k.shape[2],
+                            scale * 1.4426950408889634, num_heads // k.shape[1], HEAD_DIM=head_dim,
+                            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+                            CAUSAL=bool(causal), VARLEN=False, WRITE_LSE=True,
+                            UPCAST=q.dtype != torch.float32 and not q.is_cuda)
+    return out, lse
+# <<< exercise
 
 
 # H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); autotune picks per (head_dim, causal, varlen).

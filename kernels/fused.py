@@ -26,10 +26,20 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- rms_norm
+# >>> exercise ch04.rms_norm_kernel
 @triton.jit
-def _rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row (tl.program_id(0)): OUT[row] = h / sqrt(mean(h^2) + eps) * W, all in one pass.
+
+    Row r of X starts at X + r * stride_x (likewise RES, OUT, RES_OUT); its n_cols values are contiguous;
+    BLOCK is the power of two >= n_cols (mask the columns past n_cols: they must not count in the mean).
+    h = x, or with HAS_RESIDUAL h = x + RES[row], rounded to RES_OUT's dtype (as an unfused add would) and
+    stored into RES_OUT[row] (the new residual stream). Compute in fp32; store OUT in its own dtype
+    (`.to(OUT.dtype.element_ty)`). W has n_cols entries.
+    """
+    # >>> solution
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 on big batches
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -39,15 +49,17 @@ def _rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stri
         x = x.to(RES_OUT.dtype.element_ty)
         tl.store(RES_OUT + row * stride_ro + cols, x, mask=ok)
         x = x.to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)  # masked columns loaded as 0: they add nothing
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, (x * inv_rms * w).to(OUT.dtype.element_ty), mask=ok)
+    # <<< solution
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """y = h / sqrt(mean(h^2) + eps) * weight over the last dim, with h = x (+ residual).
 
     Returns y, or (y, h) when `residual` is given (h is the new residual stream, in x's dtype).
+    The launcher of rms_norm_kernel: one program per row of x viewed as [rows, hidden].
     """
     hidden = x.shape[-1]
     if weight.shape != (hidden,):
@@ -56,18 +68,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         raise ValueError(f"rms_norm supports hidden sizes up to 65536, got {hidden}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    x2 = _rows(x, "x")
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    x2 = x.reshape(-1, hidden)
     out = torch.empty_like(x2)
-    res2 = _rows(residual, "residual") if residual is not None else x2
+    res2 = residual.reshape(-1, hidden) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
-        _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0),
-                                         out.stride(0), res_out.stride(0), hidden, eps,
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                         num_warps=min(16, max(1, block // 256)))
+        rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0),
+                                        out.stride(0), res_out.stride(0), hidden, eps,
+                                        HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                        num_warps=min(16, max(1, block // 256)))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
+# <<< exercise
 
 
 # ------------------------------------------------------------------------------------------------- RoPE

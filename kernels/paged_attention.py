@@ -21,7 +21,8 @@ its own softmax sum plus the log-sum-exp (lse) of its scores. Phase 2 merges the
 
     lse = log(sum_s exp(lse_s)),   out = sum_s exp(lse_s - lse) * out_s
 
-which is the online-softmax rescaling of flash_attention.py applied once, at the end, across programs.
+which is the online-softmax rescaling of flash_attention.py applied once, at the end, across programs
+(merge_lse below is the same formula for two partials, in torch: chapter 4's exercise).
 Short contexts or big batches already fill the chip, so the heuristic uses one split there and phase 2 is
 skipped (phase 1 then writes the final output directly).
 
@@ -37,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.course.overrides import dispatch
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634
@@ -237,10 +239,27 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
                          f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}")
     if out_a.dim() != 3 or lse_a.shape != (out_a.shape[1], out_a.shape[0]):
         raise ValueError(f"need out [T, H, D] and lse [H, T], got {tuple(out_a.shape)} and {tuple(lse_a.shape)}")
+    return dispatch("ch04.merge_lse", merge_lse)(out_a, lse_a, out_b, lse_b)
+
+
+# >>> exercise ch04.merge_lse
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attentions of the same queries over disjoint key sets A and B: returns (out, lse).
+
+    out_a, out_b [T, H, D]: each side's softmax-weighted values, normalised by its own softmax sum;
+    lse_a, lse_b [H, T]: the natural-log log-sum-exp of each side's scaled scores. The merge is exact:
+    lse = log(exp(lse_a) + exp(lse_b)) and out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+    (compute it without overflow: never exp() a large lse on its own). A side with lse = -inf saw no key and
+    weighs 0; both -inf gives out = 0 and lse = -inf, never nan. Math in fp32; out in out_a's dtype, lse fp32.
+    """
+    # >>> solution
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)  # [H, T]
-    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - safe).T.unsqueeze(-1)  # [T, H, 1]
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)  # keeps -inf - -inf away
+    w_a = torch.exp(lse_a - safe).T.unsqueeze(-1)  # [T, H, 1]: the share of side A's softmax mass
     w_b = torch.exp(lse_b - safe).T.unsqueeze(-1)
     out = out_a.float() * w_a + out_b.float() * w_b
     return out.to(out_a.dtype), lse
+    # <<< solution
+# <<< exercise

@@ -9,8 +9,15 @@ LLM loads the model, builds an LLMEngine, feeds it every prompt and steps it unt
 `generate` validates every prompt first and raises (naming the prompt's index) before any work is done;
 `generate_stream` yields text as it is produced; `chat` applies the model's chat template.
 
-The scheduler and KV layout are parameters: chapter 2's static batching over a contiguous cache is the
-default until chapter 6's continuous batcher over paged blocks takes over (change DEFAULT_SCHEDULING).
+The scheduler and KV layout are parameters. The default is chapter 6's continuous batcher over chapter 5's
+paged blocks; `LLM(scheduling="static", kv_layout="contiguous")` is chapter 2's static batching over one
+contiguous region per sequence, kept for comparison (benchmarks/bench_scheduling.py measures the difference).
+`llm.share_model(**options)` builds another LLM around the same loaded weights (no reload), e.g. to compare
+schedulers on one model.
+
+KV pool size (paged): `num_kv_blocks=` or `kv_cache_memory=` (bytes) when given; on CUDA, what is left of
+`gpu_memory_utilization` x total memory after profiling one max_num_batched_tokens prefill; on CPU, enough for
+max_num_seqs sequences of max_model_len, at most 1 GiB (see minillm/engine/kv_cache.py: cache_geometry).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import SamplingParams
 
-DEFAULT_SCHEDULING = "static"  # "continuous" once chapter 6's scheduler is the default
+DEFAULT_SCHEDULING = "continuous"  # chapter 6; "static" is chapter 2's baseline
 DEFAULT_KV_LAYOUT = {"static": "contiguous", "continuous": "paged"}
 CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
 CPU_MAX_NUM_SEQS = 8  # default batch on CPU (EngineConfig's default is sized for a GPU)
@@ -40,26 +47,12 @@ class LLM:
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(engine_kwargs) - fields)
-        if unknown:
-            raise TypeError(f"LLM() got unknown keyword argument(s) {', '.join(unknown)}; engine options are: "
-                            f"{', '.join(sorted(fields - {'extra'}))}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
-        scheduling = scheduling or DEFAULT_SCHEDULING
-        kv_layout = kv_layout or DEFAULT_KV_LAYOUT.get(scheduling, "paged")
-
-        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
-                                          or max_model_len < 1):
-            raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's context), "
-                             f"got {max_model_len!r}")
-        if max_num_seqs is None:
-            max_num_seqs = CPU_MAX_NUM_SEQS if self.device.type == "cpu" else EngineConfig.max_num_seqs
         # validate the engine options before spending seconds on loading weights
-        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
-                                     scheduling=scheduling, **engine_kwargs)
+        engine_config = _engine_config(self.device, max_model_len, max_num_seqs, kv_layout, scheduling,
+                                       engine_kwargs)
 
         from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
@@ -77,6 +70,31 @@ class LLM:
         self.llm_engine = LLMEngine(torch_model, tokenizer, model_config, engine_config, device=self.device,
                                     dtype=self.dtype, seed=seed, overrides=self.overrides)
         self._init_driver()
+
+    def share_model(self, *, seed: int = 0, max_model_len: int | None = None, max_num_seqs: int | None = None,
+                    kv_layout: str | None = None, scheduling: str | None = None,
+                    overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> "LLM":
+        """A new LLM around this one's loaded weights (nothing is reloaded) with its own engine, scheduler and
+        KV pool, built from these options exactly as LLM(...) would build them. Both stay usable: each engine
+        re-points the attention layers at its own cache before its forward. max_model_len defaults to this
+        LLM's."""
+        base = self.llm_engine
+        model = base.runner.model
+        max_model_len = base.max_model_len if max_model_len is None else max_model_len
+        if max_model_len > base.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
+                             f"{base.model_config.max_position_embeddings} tokens")
+        engine_config = _engine_config(self.device, max_model_len, max_num_seqs, kv_layout, scheduling,
+                                       engine_kwargs)
+        if engine_config.attention_backend != "auto":  # the modules are shared: this switches both LLMs
+            for module in model.modules():
+                if hasattr(module, "attention_backend"):
+                    module.attention_backend = engine_config.attention_backend
+        engine = LLMEngine(model, base.tokenizer, base.model_config, engine_config, device=self.device,
+                           dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
+        llm = LLM.from_engine(engine)
+        llm.model_path = self.model_path
+        return llm
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
@@ -210,6 +228,26 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[r] for r in request_ids]
+
+
+def _engine_config(device: torch.device, max_model_len: int | None, max_num_seqs: int | None,
+                   kv_layout: str | None, scheduling: str | None, engine_kwargs: Mapping[str, Any]) -> EngineConfig:
+    """Validate LLM()'s engine options and fill the device-dependent defaults (before any weights load)."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(engine_kwargs) - fields)
+    if unknown:
+        raise TypeError(f"LLM() got unknown keyword argument(s) {', '.join(unknown)}; engine options are: "
+                        f"{', '.join(sorted(fields - {'extra'}))}")
+    scheduling = scheduling or DEFAULT_SCHEDULING
+    kv_layout = kv_layout or DEFAULT_KV_LAYOUT.get(scheduling, "paged")
+    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                      or max_model_len < 1):
+        raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's context), "
+                         f"got {max_model_len!r}")
+    if max_num_seqs is None:
+        max_num_seqs = CPU_MAX_NUM_SEQS if device.type == "cpu" else EngineConfig.max_num_seqs
+    return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
+                        scheduling=scheduling, **engine_kwargs)
 
 
 def build_model(model_config, weights, device: torch.device, dtype: torch.dtype,

@@ -156,14 +156,17 @@ def agreement_case(llm):
 
 
 @pytest.mark.parametrize("kwargs", [dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=9),
-                                    dict(scheduling="static", kv_layout="paged", block_size=16)])
+                                    dict(scheduling="static", kv_layout="paged", block_size=16),
+                                    dict(scheduling="static", kv_layout="contiguous")])
 def test_other_schedulers_and_layouts_agree(llm, agreement_case, kwargs):
     """Same model, another engine: continuous batching over a pool too small for the batch (it must preempt),
-    and static batching over paged blocks, give the greedy tokens of the default static/contiguous engine."""
+    static batching over paged blocks, and chapter 2's static batching over a contiguous cache give the greedy
+    tokens of the default engine (continuous batching over paged blocks)."""
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
     prompts, params, expected = agreement_case
     base = llm.llm_engine
+    assert (base.engine_config.scheduling, base.engine_config.kv_layout) == ("continuous", "paged")  # the default
     engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config,
                        EngineConfig(max_model_len=256, max_num_seqs=4, **kwargs))
     assert [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params)] == expected

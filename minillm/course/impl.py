@@ -34,6 +34,22 @@ NAMED_IMPLS = ("exercises", "solutions")
 FORBIDDEN: dict[str, dict[str, str]] = {
     "ch01.rms_norm": {"torch.nn.functional.rms_norm": "write the normalisation yourself",
                       "torch.rms_norm": "write the normalisation yourself"},
+    # kernels/ imports only as minillm.kernels: its references are listed here by their real names
+    "ch03.online_softmax_update": {"torch.softmax": "the point is the rescaled running sum, not a full softmax",
+                                   "torch.nn.functional.softmax": "the point is the rescaled running sum",
+                                   "minillm.kernels.flash_attention.online_softmax_update": "the engine's reference"},
+    "ch03.causal_block_range": {"minillm.kernels.flash_attention.causal_block_range": "the engine's reference"},
+    "ch03.flash_attention_kernel": {
+        "torch.nn.functional.scaled_dot_product_attention": "write the attention loop yourself",
+        "minillm.kernels.flash_attention.attend_kv_range": "the engine's reference",
+        "minillm.kernels.flash_attention.flash_attention": "the engine's kernel; write the inner loop yourself",
+        "minillm.kernels.flash_attention.flash_attn_varlen": "the engine's kernel; write the inner loop yourself"},
+    "ch04.merge_lse": {"minillm.kernels.paged_attention.merge_lse": "the engine's reference",
+                       "minillm.kernels.paged_attention.merge_attention_states": "the engine's reference"},
+    "ch04.rms_norm_kernel": {"torch.nn.functional.rms_norm": "write the normalisation in the kernel",
+                             "torch.rms_norm": "write the normalisation in the kernel",
+                             "minillm.kernels.fused.rms_norm": "the engine's kernel; write your own",
+                             "minillm.kernels.fused.rms_norm_kernel": "the engine's reference"},
 }
 
 

@@ -80,7 +80,10 @@ class Exercise:
 CHAPTERS: dict[int, Chapter] = {c.number: c for c in [
     Chapter(1, "ch01_basics", "Basics: the roofline, RMSNorm, RoPE and the sampling filters"),
     Chapter(2, "ch02_kv_cache", "The KV cache: causal masks for prefill, chunked prefill and decode"),
+    Chapter(3, "ch03_flash_attention", "FlashAttention: online softmax, tiles and causal block skipping"),
+    Chapter(4, "ch04_decode_and_fusion", "Decode and fusion: split-KV merges and a fused RMSNorm kernel"),
     Chapter(5, "ch05_paged_kv", "Paged KV cache: block tables, slot mappings and prefix caching"),
+    Chapter(6, "ch06_scheduling", "Continuous batching: admission, preemption by swap or recompute"),
 ]}
 
 _EXERCISES: list[Exercise] = [
@@ -122,16 +125,80 @@ _EXERCISES: list[Exercise] = [
         called_from="minillm.layers.attention (the torch and reference attention paths)",
     ),
     Exercise(
-        id="ch05.slot_mapping", function="slot_mapping", source="minillm/engine/block_manager.py", points=10,
+        id="ch03.online_softmax_update", function="online_softmax_update", source="kernels/flash_attention.py",
+        points=10,
+        hint="m_new = max(m, rowmax(s)); alpha = exp(m - m_new) rescales BOTH l and acc; p = exp(s - m_new); guard all -inf rows.",
+        signature="online_softmax_update(m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+        called_from="minillm.kernels.flash_attention.flash_attention_reference (the torch model of the kernel, "
+                    "through dispatch); the Triton kernel does the same update in base 2 inside attend_kv_range",
+    ),
+    Exercise(
+        id="ch03.causal_block_range", function="causal_block_range", source="kernels/flash_attention.py", points=10,
+        hint="Row i is at position k_len - q_len + i; hi = min(k_len, last row's pos + 1); full_end = first row's pos + 1 rounded DOWN to block_n.",
+        signature="causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block_n: int, causal: bool = True) -> tuple[int, int]",
+        called_from="minillm.kernels.flash_attention.flash_attention_reference (through dispatch); "
+                    "_flash_fwd_kernel computes the same bounds inline in Triton",
+    ),
+    Exercise(
+        id="ch03.flash_attention_kernel", function="attend_kv_range", source="kernels/flash_attention.py",
+        points=20,
+        hint="exp2 with qk_scale in log2 units; rescale acc AND l_i by alpha = exp2(m_i - m_new); masked rows: m_new -inf -> 0 before exp2.",
+        signature="attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale, MASKED, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)",
+        called_from="minillm.kernels.flash_attention._flash_fwd_kernel calls it directly (a @triton.jit helper "
+                    "is resolved at compile time, not through dispatch); graded through launch_flash_attention "
+                    "in the chapter module, which runs the kernel with the learner's helper",
+    ),
+    Exercise(
+        id="ch04.merge_lse", function="merge_lse", source="kernels/paged_attention.py", points=10,
+        hint="lse = logaddexp(lse_a, lse_b); weights exp(lse_x - lse), transposed [H, T] -> [T, H, 1]; both -inf -> 0, not nan.",
+        signature="merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]",
+        called_from="minillm.kernels.paged_attention.merge_attention_states (through dispatch); "
+                    "_merge_splits_kernel does the same merge over N splits in Triton",
+    ),
+    Exercise(
+        id="ch04.rms_norm_kernel", function="rms_norm_kernel", source="kernels/fused.py", points=15,
+        hint="mask cols >= n_cols, divide the sum of squares by n_cols (not BLOCK), store the residual sum before normalising.",
+        signature="rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps, HAS_RESIDUAL, BLOCK)",
+        called_from="minillm.kernels.fused.rms_norm launches it directly (a Triton kernel, not through dispatch); "
+                    "graded through the rms_norm launcher in the chapter module",
+    ),
+    Exercise(
+        id="ch05.slot_mapping", function="slot_mapping", source="minillm/engine/block_table.py", points=10,
         hint="slot = block_table[p // block_size] * block_size + p % block_size for p in range(start, end); check the range.",
         signature="slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]",
-        called_from="minillm.engine.scheduler_sim (not yet through dispatch; model_runner.py inlines the formula)",
+        called_from="minillm.engine.model_runner.ModelRunner.slot_mapping (every step) and minillm.engine.scheduler_sim.ShadowKVCache",
     ),
     Exercise(
         id="ch05.hash_block", function="hash_block", source="minillm/engine/prefix_cache.py", points=5,
         hint="hash((parent, tuple(token_ids))) with parent = 0 for the first block: the key chains every earlier token.",
         signature="hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int",
         called_from="minillm.engine.prefix_cache.chain_hashes",
+    ),
+    Exercise(
+        id="ch05.blocks_to_append", function="blocks_to_append", source="minillm/engine/block_table.py", points=5,
+        hint="ceil((num_tokens_now + num_new_tokens) / block_size) - num_blocks_held, never below 0; validate the counts.",
+        signature="blocks_to_append(num_tokens_now: int, num_new_tokens: int, num_blocks_held: int, "
+                  "block_size: int) -> int",
+        called_from="minillm.engine.block_manager.BlockManager._write_plan (append_slots, can_append)",
+    ),
+    Exercise(
+        id="ch05.free_blocks", function="free_blocks", source="minillm/engine/block_table.py", points=5,
+        hint="Walk the table from its last block; decrement each ref count; return those that hit 0; a count < 1 is a double free.",
+        signature="free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]",
+        called_from="minillm.engine.block_manager.BlockManager._release (free, swap_out, copy-on-write)",
+    ),
+    Exercise(
+        id="ch06.admit_or_preempt", function="admit_or_preempt", source="minillm/engine/scheduler.py", points=10,
+        hint="Running: run iff needed <= free, else preempt. Waiting: admit iff num_running < max_num_seqs and free - needed >= watermark.",
+        signature="admit_or_preempt(is_running: bool, num_blocks_needed: int, num_free_blocks: int, "
+                  "watermark_blocks: int, num_running: int, max_num_seqs: int) -> str",
+        called_from="minillm.engine.scheduler.Scheduler._decide (running, swapped and waiting queues)",
+    ),
+    Exercise(
+        id="ch06.swap_out_mapping", function="swap_out_mapping", source="minillm/engine/block_table.py", points=5,
+        hint="zip(block_table, free_cpu_blocks) in order, one distinct CPU block each; too few CPU blocks is a ValueError.",
+        signature="swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list[tuple[int, int]]",
+        called_from="minillm.engine.block_manager.BlockManager.swap_out",
     ),
 ]
 

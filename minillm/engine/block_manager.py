@@ -21,38 +21,22 @@ When do blocks enter the prefix cache? When they are full *and computed*. The en
 sequence at the start of each step, and by `append_slots`, `swap_out` and `free`) registers the full blocks
 below num_computed_tokens. Registering at allocation time instead would let a request in the same step hit a
 block whose K/V have not been written yet.
+
+The arithmetic (slot mapping, blocks to take, references to drop, swap pairs) lives in block_table.py as plain
+functions, the course's exercises; this class calls them through `dispatch`.
 """
 from __future__ import annotations
 
 from collections import deque
 
+from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping, swap_out_mapping
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
 
-
-# >>> exercise ch05.slot_mapping
-def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slots of token positions start..end-1 of a sequence whose logical block j is physical block
-    block_table[j].
-
-    The KV cache is one flat array of num_blocks * block_size slots. Token position p lives in logical block
-    p // block_size, at offset p % block_size inside it; the block table says which physical block that is.
-    So its slot is block_table[p // block_size] * block_size + p % block_size. Positions next to each other
-    are next to each other in memory only inside a block: crossing a block boundary jumps to wherever the
-    next physical block happens to be.
-
-    Example: block_size 16, block_table [7, 2]: positions 15, 16, 17 -> slots 127, 32, 33.
-    Raise ValueError if 0 <= start <= end does not hold, or end needs more blocks than the table has.
-    """
-    # >>> solution
-    if not 0 <= start <= end:
-        raise ValueError(f"positions must satisfy 0 <= start <= end, got start={start}, end={end}")
-    if end > len(block_table) * block_size:
-        raise ValueError(f"position {end - 1} needs block {(end - 1) // block_size}, but the block table has "
-                         f"{len(block_table)} blocks of {block_size}")
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-    # <<< solution
-# <<< exercise
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course package is optional for the engine
+    dispatch = lambda name, fn: fn  # noqa: E731
 
 
 class BlockManager:
@@ -133,9 +117,9 @@ class BlockManager:
             self.prefix_cache.reuse(block)
         self.ref_counts[block] += 1
 
-    def _release(self, block: int) -> None:
-        self.ref_counts[block] -= 1
-        if self.ref_counts[block] == 0:
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each of `blocks` (tail first); unreferenced ones become free or evictable."""
+        for block in dispatch("ch05.free_blocks", free_blocks)(blocks, self.ref_counts):
             if self.prefix_cache and self.prefix_cache.is_cached(block):
                 self.prefix_cache.make_evictable(block)
             else:
@@ -169,9 +153,13 @@ class BlockManager:
         """What allocate(seq) would set num_computed_tokens to (the prefix-cache hit), without allocating."""
         return self._allocation_cost(seq)[1]
 
+    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+        """Free blocks allocate(seq) would consume (cached prefix blocks that are held already cost nothing)."""
+        return self._allocation_cost(seq)[0]
+
     def can_allocate(self, seq: Sequence) -> bool:
         """Could allocate(seq) succeed now and leave the watermark free?"""
-        return self.num_free_blocks - self._allocation_cost(seq)[0] >= self.watermark_blocks
+        return self.num_free_blocks - self.num_blocks_to_allocate(seq) >= self.watermark_blocks
 
     def allocate(self, seq: Sequence) -> list[tuple[int, int]]:
         """Give a new (or recomputed) sequence blocks for all its tokens, reusing cached prefix blocks.
@@ -219,11 +207,16 @@ class BlockManager:
         table = seq.block_table
         last = min(len(table), self.blocks_needed(end))
         to_copy = [j for j in range(start // self.block_size, last) if not self.is_writable(table[j])]
-        return to_copy, max(0, self.blocks_needed(end) - len(table))
+        return to_copy, dispatch("ch05.blocks_to_append", blocks_to_append)(start, num_new_tokens, len(table),
+                                                                           self.block_size)
+
+    def num_blocks_to_append(self, seq: Sequence, num_new_tokens: int = 1) -> int:
+        """Free blocks append_slots(seq, num_new_tokens) would consume: new blocks plus copy-on-write copies."""
+        to_copy, new = self._write_plan(seq, num_new_tokens)
+        return len(to_copy) + new
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
-        to_copy, new = self._write_plan(seq, num_new_tokens)
-        return len(to_copy) + new <= self.num_free_blocks
+        return self.num_blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
     def append_slots(self, seq: Sequence, num_new_tokens: int = 1) -> list[tuple[int, int]]:
         """Make seq's block table cover tokens up to num_computed_tokens + num_new_tokens, across block
@@ -241,7 +234,7 @@ class BlockManager:
             src, dst = seq.block_table[j], self._take_block()  # take before release: dst != src
             copies.append((src, dst))
             seq.block_table[j] = dst
-            self._release(src)
+            self._release([src])
         for _ in range(new):
             seq.block_table.append(self._take_block())
         return copies
@@ -287,8 +280,7 @@ class BlockManager:
         evictable; they are released tail first, so eviction takes a prefix's end before its start."""
         if seq.seq_id in self._on_device:
             self.mark_computed(seq)
-            for block in reversed(seq.block_table):
-                self._release(block)
+            self._release(seq.block_table)
             del self._on_device[seq.seq_id]
         self.free_cpu_block_ids.extend(self._cpu_tables.pop(seq.seq_id, []))
         seq.block_table = []
@@ -306,9 +298,11 @@ class BlockManager:
             raise RuntimeError(f"cannot swap out sequence {seq.seq_id}: {len(seq.block_table)} blocks, "
                                f"{self.num_free_cpu_blocks} free CPU blocks")
         self.mark_computed(seq)
-        mapping = [(block, self.free_cpu_block_ids.popleft()) for block in seq.block_table]
-        for block in reversed(seq.block_table):
-            self._release(block)
+        mapping = dispatch("ch06.swap_out_mapping", swap_out_mapping)(list(seq.block_table),
+                                                                    list(self.free_cpu_block_ids))
+        used = {cpu for _, cpu in mapping}
+        self.free_cpu_block_ids = deque(c for c in self.free_cpu_block_ids if c not in used)
+        self._release(seq.block_table)
         self._cpu_tables[seq.seq_id] = [cpu for _, cpu in mapping]
         del self._on_device[seq.seq_id]
         self._num_offered[seq.seq_id] = 0  # its blocks will be new ones: offer them again once back
@@ -319,9 +313,14 @@ class BlockManager:
         """Could seq come back and then compute num_new_tokens more tokens, leaving the watermark free?"""
         if seq.seq_id not in self._cpu_tables:
             return False
+        return self.num_free_blocks - self.num_blocks_to_swap_in(seq, num_new_tokens) >= self.watermark_blocks
+
+    def num_blocks_to_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> int:
+        """Free blocks seq needs to come back from CPU and then compute num_new_tokens more tokens."""
+        if seq.seq_id not in self._cpu_tables:
+            raise ValueError(f"sequence {seq.seq_id} is not swapped out")
         held = len(self._cpu_tables[seq.seq_id])
-        needed = max(held, self.blocks_needed(seq.num_computed_tokens + num_new_tokens))
-        return self.num_free_blocks - needed >= self.watermark_blocks
+        return max(held, self.blocks_needed(seq.num_computed_tokens + num_new_tokens))
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
         """Bring seq's blocks back from CPU into fresh device blocks: returns (cpu_block, device_block) copies.

@@ -18,7 +18,9 @@ import torch
 
 from minillm.config import EngineConfig, ModelConfig
 
-_CPU_DEFAULT_KV_MEMORY = 512 << 20  # bytes: the paged pool on a CPU when nothing else is said
+# The paged pool on a CPU when nothing else is said: room for every batch slot at full length, but at most
+# this many bytes (1 GiB: SmolLM2-135M in fp32 needs 45 KiB per token, so 8 slots x 2,048 tokens = 720 MiB fit).
+CPU_DEFAULT_KV_MEMORY = 1 << 30
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -28,9 +30,53 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.
         model_config.head_dim * elem
 
 
+@torch.inference_mode()
+def profile_peak_memory(model: torch.nn.Module, engine_config: EngineConfig, max_model_len: int,
+                        device: torch.device) -> int:
+    """Peak bytes torch allocates on `device` for the weights plus the largest step the engine will run.
+
+    The largest step is a prefill of max_num_batched_tokens tokens (cut into sequences of at most
+    max_model_len, as the scheduler would), followed by logits for max_num_seqs rows. It runs without a KV
+    cache (no slot_mapping): the cache does not exist yet, its size is what this measurement decides.
+    Activation memory is freed after the forward, but the *peak* is what the allocator must be able to give.
+    """
+    from minillm.forward_context import forward_context, prefill_metadata
+
+    total = engine_config.max_num_batched_tokens
+    num_seqs = max(1, -(-total // max_model_len))
+    seq_lens = [total // num_seqs + (i < total % num_seqs) for i in range(num_seqs)]
+    input_ids = torch.zeros(total, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    with forward_context(prefill_metadata(seq_lens, device=device)):
+        hidden = model(input_ids, positions)
+    rows = torch.arange(min(engine_config.max_num_seqs, total), device=device)
+    logits = model.compute_logits(hidden[rows]).float()
+    torch.softmax(logits, dim=-1)  # the sampler's fp32 probabilities
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del hidden, logits
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
 def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                   dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(num_blocks, block_size) of the device cache for this engine configuration."""
+                   dtype: torch.dtype, device: torch.device, model: torch.nn.Module | None = None
+                   ) -> tuple[int, int]:
+    """(num_blocks, block_size) of the device cache for this engine configuration.
+
+    Paged pool size, first rule that applies:
+      num_kv_blocks      taken as given (a pool too small for one request then rejects that request alone,
+                         with finish_reason "error": see Scheduler._never_fits)
+      kv_cache_memory    bytes // bytes per block
+      CUDA               profile one max_num_batched_tokens prefill (profile_peak_memory, needs `model`), then
+                         budget = gpu_memory_utilization * total - peak torch memory - memory used outside
+                         torch (CUDA context, cuBLAS workspaces), as vLLM does
+      CPU                enough for max_num_seqs sequences of max_model_len, at most CPU_DEFAULT_KV_MEMORY
+    A budget-derived pool that cannot hold one sequence of max_model_len raises ValueError naming the numbers.
+    """
     if engine_config.kv_layout == "contiguous":
         # one region of max_model_len slots per batch slot
         return engine_config.max_num_seqs, max_model_len
@@ -40,22 +86,29 @@ def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_m
         return engine_config.num_kv_blocks, block_size
     if engine_config.kv_cache_memory is not None:
         budget = engine_config.kv_cache_memory
+        source = "kv_cache_memory"
     elif device.type == "cuda":
-        # whatever the weights left, times the utilisation target (the model is already loaded here)
+        if model is not None:
+            peak = profile_peak_memory(model, engine_config, max_model_len, device)
+        else:  # no model to profile: count what is allocated now (the weights) and hope activations fit
+            peak = torch.cuda.memory_allocated(device)
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(free - (1 - engine_config.gpu_memory_utilization) * total)
+        outside_torch = max(0, total - free - torch.cuda.memory_reserved(device))
+        budget = int(engine_config.gpu_memory_utilization * total - peak - outside_torch)
+        source = (f"gpu_memory_utilization={engine_config.gpu_memory_utilization} of {total / 2**30:.1f} GiB "
+                  f"minus a peak of {peak / 2**30:.2f} GiB and {outside_torch / 2**30:.2f} GiB outside torch")
     else:
-        # enough for every batch slot at full length, but no more than the CPU default
         full = engine_config.max_num_seqs * -(-max_model_len // block_size) * per_block
-        budget = min(full, _CPU_DEFAULT_KV_MEMORY)
-    num_blocks = budget // per_block
+        budget = min(full, CPU_DEFAULT_KV_MEMORY)
+        source = f"the CPU default min(max_num_seqs x max_model_len, {CPU_DEFAULT_KV_MEMORY >> 20} MiB)"
+    num_blocks = max(0, budget) // per_block
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
         raise ValueError(
-            f"the KV pool holds {num_blocks} blocks of {block_size} tokens ({budget / 2**20:.1f} MiB) but one "
-            f"sequence of max_model_len={max_model_len} needs {needed}; give more memory (kv_cache_memory, "
-            f"num_kv_blocks, gpu_memory_utilization) or lower max_model_len"
-        )
+            f"the KV pool holds {num_blocks} blocks of {block_size} tokens ({max(0, budget) / 2**20:.1f} MiB from "
+            f"{source}, {per_block} bytes per block) but one sequence of max_model_len={max_model_len} needs "
+            f"{needed}; give more memory (kv_cache_memory, num_kv_blocks, gpu_memory_utilization) or lower "
+            f"max_model_len")
     return int(num_blocks), block_size
 
 

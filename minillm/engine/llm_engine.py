@@ -84,13 +84,14 @@ class LLMEngine:
             block_size = self.max_model_len if engine_config.kv_layout == "contiguous" else engine_config.block_size
             num_blocks = engine_config.max_num_seqs * -(-self.max_model_len // block_size)
         else:
+            # the paged pool: explicit, from a byte budget, or (CUDA) from what a profiled forward leaves free
             num_blocks, block_size = cache_geometry(engine_config, model_config, self.max_model_len, dtype,
-                                                    self.device)
+                                                    self.device, model=model)
         num_cpu_blocks = 0
         if engine_config.preemption_mode == "swap" and engine_config.kv_layout == "paged":
             num_cpu_blocks = engine_config.swap_space // kv_bytes_per_block(model_config, block_size, dtype)
         self.runner = ModelRunner(model, model_config, num_blocks, block_size, self.device, dtype, seed,
-                                  num_cpu_blocks)
+                                  num_cpu_blocks, engine_config=engine_config)
         self.scheduler = make_scheduler(engine_config, num_blocks, block_size, self.max_model_len, num_cpu_blocks)
         eos = set(model_config.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_id", None)

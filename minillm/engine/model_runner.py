@@ -13,6 +13,12 @@ Each step it
 
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
+
+Launch overhead (chapter 4), set by `configure(engine_config)` (or the `engine_config=` argument):
+on CUDA with `enforce_eager=False`, decode-only steps replay CUDA graphs captured up front for batch-size
+buckets (minillm/engine/cuda_graph.py); every other step runs eagerly. `compile=True` runs the forward through
+`torch.compile(dynamic=True)` instead (an alternative to graphs, not a complement: no graphs are captured).
+The operator backend itself (torch reference or Triton kernels) is the model's: `model.attention_backend`.
 """
 from __future__ import annotations
 
@@ -21,12 +27,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm.config import ModelConfig
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.block_table import slot_mapping as slot_mapping_reference
 from minillm.engine.kv_cache import KVCache
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.layers.sampler import Sampler
+
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course machinery is not there: always run the reference
+    def dispatch(name, fn):  # noqa: ARG001
+        return fn
+
+# A prefill chunk at least this long gets its slot mapping from torch ops instead of a Python list comprehension
+# (only when no learner override is active: an override is always called, so it is always exercised).
+_VECTORISED_SLOTS_FROM = 512
 
 
 @dataclass
@@ -47,7 +64,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int = 0, num_cpu_blocks: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, seed: int = 0, num_cpu_blocks: int = 0,
+                 engine_config: EngineConfig | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -63,6 +81,41 @@ class ModelRunner:
             raise ValueError(f"the model has {len(self.attention_layers)} attention modules with k_cache/v_cache, "
                              f"but the config says num_hidden_layers={model_config.num_hidden_layers}")
         self.bind_kv_cache()
+        self.engine_config: EngineConfig | None = None
+        self.cuda_graphs = None  # DecodeCUDAGraphs once captured
+        self.forward_fn = model
+        if engine_config is not None:
+            self.configure(engine_config)
+
+    def configure(self, engine_config: EngineConfig) -> None:
+        """Apply the engine's launch options: CUDA graphs for decode (CUDA, enforce_eager=False) or
+        torch.compile (compile=True). Graphs are captured here, before the first request."""
+        self.engine_config = engine_config
+        self.cuda_graphs, self.forward_fn = None, self.model
+        if engine_config.compile:
+            # Attention reads per-step Python metadata (lengths, the forward context): traced, it would recompile
+            # every step. Kept out of the graph (vLLM's "piecewise" compilation), the rest fuses between the
+            # attention calls, with symbolic token counts (dynamic=True).
+            for module in self.attention_layers:
+                if not getattr(module.forward, "_minillm_not_compiled", False):
+                    module.forward = torch.compiler.disable(module.forward)
+                    module.forward._minillm_not_compiled = True
+            self.forward_fn = torch.compile(self.model, dynamic=True)
+            return
+        if engine_config.enforce_eager or self.device.type != "cuda":
+            return
+        if getattr(self.model, "attention_backend", "auto") not in ("auto", "triton"):
+            # the torch path slices by Python lists of lengths, which a graph would freeze at capture time
+            raise ValueError(f"CUDA graphs (enforce_eager=False) need the triton operator backend, got "
+                             f"attention_backend={self.model.attention_backend!r}; use 'auto'/'triton' or "
+                             f"enforce_eager=True")
+        from minillm.engine.cuda_graph import DecodeCUDAGraphs
+        max_model_len = engine_config.max_model_len or self.model_config.max_position_embeddings
+        graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
+                                  self.block_size, self.model_config.hidden_size, self.dtype, self.device)
+        with torch.inference_mode():
+            graphs.capture()
+        self.cuda_graphs = graphs
 
     def bind_kv_cache(self) -> None:
         """Point every attention module at its layer's views of this runner's cache. Called again before each
@@ -99,8 +152,7 @@ class ModelRunner:
                                  f"{len(seq.block_table) * bs} slots, {end} needed")
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            # slot of position p: block_table[p // block_size] * block_size + p % block_size
-            slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            slot_mapping.extend(self.slot_mapping(seq.block_table, start, end))
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
             seq_lens.append(end)
             query_lens.append(n)
@@ -127,6 +179,17 @@ class ModelRunner:
         return PreparedBatch(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
                              tensor(sample_indices, torch.int64), sample_seqs)
 
+    def slot_mapping(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1 (exercise ch05.slot_mapping, through `dispatch`)."""
+        fn = dispatch("ch05.slot_mapping", slot_mapping_reference)
+        if fn is slot_mapping_reference and end - start >= _VECTORISED_SLOTS_FROM:
+            # the same formula over a long chunk, as tensor ops (a long list comprehension costs ~1 ms / 8k tokens)
+            bs = self.block_size
+            positions = torch.arange(start, end)
+            table = torch.tensor(block_table, dtype=torch.int64)
+            return (table[positions // bs] * bs + positions % bs).tolist()
+        return fn(block_table, start, end, self.block_size)
+
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
@@ -138,8 +201,7 @@ class ModelRunner:
         prepared = self.prepare(batch)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
-        with forward_context(prepared.metadata):
-            hidden = self.model(prepared.input_ids, prepared.positions)
+        hidden = self.forward(prepared)
         if not prepared.sample_seqs:
             return results
         logits = self.model.compute_logits(hidden[prepared.sample_indices])
@@ -148,6 +210,14 @@ class ModelRunner:
         for i, token in zip(prepared.sample_seqs, tokens):
             results[i] = token
         return results
+
+    def forward(self, prepared: PreparedBatch) -> torch.Tensor:
+        """Hidden states [T, hidden]: a CUDA graph replay for a decode-only batch when graphs are captured,
+        else the (possibly compiled) eager forward."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(prepared.metadata):
+            return self.cuda_graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
+        with forward_context(prepared.metadata):
+            return self.forward_fn(prepared.input_ids, prepared.positions)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         params = [s.sampling_params for s in seqs]

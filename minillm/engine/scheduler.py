@@ -28,7 +28,8 @@ max_model_len) is finished with finish_reason "error" and a message naming the n
 
 The runner must apply a batch's block operations in this order before the forward: swap-outs, swap-ins,
 copies (a block freed by a swap-out may be reused in the same step). `timeline` keeps one StepRecord per
-step for chapter 6's Gantt charts.
+step for chapter 6's Gantt charts. Every block decision goes through `admit_or_preempt` (a pure function of
+the step's numbers, chapter 6's exercise).
 """
 from __future__ import annotations
 
@@ -41,8 +42,46 @@ from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
 
+try:
+    from minillm.course.overrides import dispatch
+except ImportError:  # the course package is optional for the engine
+    dispatch = lambda name, fn: fn  # noqa: E731
+
 POLICIES = ("fcfs", "priority")
 TIMELINE_MAX_STEPS = 100_000  # a long-running server keeps only the most recent steps
+
+
+# >>> exercise ch06.admit_or_preempt
+def admit_or_preempt(is_running: bool, num_blocks_needed: int, num_free_blocks: int, watermark_blocks: int,
+                     num_running: int, max_num_seqs: int) -> str:
+    """The scheduler's decision about one sequence, this step: "run" / "preempt", or "admit" / "wait".
+
+    A RUNNING sequence (is_running=True) needs num_blocks_needed more free blocks to compute its next tokens
+    (a decode step that crosses a block boundary, a prefill chunk, a copy-on-write). It was admitted already,
+    so it may use the pool down to the last block: "run" when num_blocks_needed <= num_free_blocks, else
+    "preempt" (the caller then preempts the lowest-priority running sequence, perhaps this one, and asks again).
+
+    A WAITING sequence (a new request, or a swapped-out one coming back) needs num_blocks_needed blocks to
+    join. It never preempts anyone: "admit" only when the batch has room (num_running < max_num_seqs) AND
+    taking its blocks leaves at least watermark_blocks free; otherwise "wait". The watermark keeps a little
+    room for the running sequences to grow: admitting down to the last block would make the very next decode
+    step preempt someone.
+
+    Example: 3 blocks needed, 3 free, watermark 1: running -> "run"; waiting -> "wait".
+    Raise ValueError if a count is negative or max_num_seqs < 1.
+    """
+    # >>> solution
+    if min(num_blocks_needed, num_free_blocks, watermark_blocks, num_running) < 0 or max_num_seqs < 1:
+        raise ValueError(f"counts must be >= 0 and max_num_seqs >= 1, got num_blocks_needed={num_blocks_needed}, "
+                         f"num_free_blocks={num_free_blocks}, watermark_blocks={watermark_blocks}, "
+                         f"num_running={num_running}, max_num_seqs={max_num_seqs}")
+    if is_running:
+        return "run" if num_blocks_needed <= num_free_blocks else "preempt"
+    if num_running < max_num_seqs and num_free_blocks - num_blocks_needed >= watermark_blocks:
+        return "admit"
+    return "wait"
+    # <<< solution
+# <<< exercise
 
 
 @dataclass
@@ -144,7 +183,7 @@ class Scheduler:
                 self.running.remove(seq)
                 self._reject(seq, reason, record)
                 continue
-            while not bm.can_append(seq, n):
+            while self._decide(True, bm.num_blocks_to_append(seq, n)) == "preempt":
                 victim = order.pop()
                 self._preempt(victim, batch, record)
                 if victim is seq:
@@ -167,7 +206,7 @@ class Scheduler:
                     self.swapped.remove(seq)
                     self._reject(seq, reason, record)
                     continue
-                if not bm.can_swap_in(seq, n):
+                if self._decide(False, bm.num_blocks_to_swap_in(seq, n)) == "wait":
                     break
                 self.swapped.remove(seq)
                 batch.blocks_to_swap_in += bm.swap_in(seq)
@@ -199,7 +238,7 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._reject(seq, reason, record)
                 continue
-            if not bm.can_allocate(seq):
+            if self._decide(False, bm.num_blocks_to_allocate(seq)) == "wait":
                 break  # FCFS: the head waits for blocks; nobody overtakes it
             n = seq.num_tokens - bm.num_cached_tokens_on_allocate(seq)
             if self.config.enable_chunked_prefill:
@@ -278,6 +317,18 @@ class Scheduler:
         self.block_manager.check_invariants()
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def _decide(self, is_running: bool, num_blocks_needed: int) -> str:
+        """admit_or_preempt (the learner's, when overridden) on this step's numbers; its answer is checked."""
+        bm = self.block_manager
+        answer = dispatch("ch06.admit_or_preempt", admit_or_preempt)(
+            is_running, num_blocks_needed, bm.num_free_blocks, bm.watermark_blocks, len(self.running),
+            self.config.max_num_seqs)
+        allowed = ("run", "preempt") if is_running else ("admit", "wait")
+        if answer not in allowed:
+            raise ValueError(f"admit_or_preempt returned {answer!r} for a {'running' if is_running else 'waiting'} "
+                             f"sequence; allowed: {allowed}")
+        return answer
+
     def _priority_key(self, seq: Sequence) -> tuple:
         """Smaller runs first: (priority under the priority policy,) arrival time, then id."""
         if self.policy == "priority":

@@ -3,13 +3,16 @@
 The MLP's gate and up projections are packed into one matmul (`gate_up_proj`, see linear.py), whose
 output is [T, 2 * intermediate]: the gate half first, the up half second. `silu_and_mul` turns it into
 [T, intermediate] = silu(gate) * up, the input of `down_proj`. Fusing the split, the SiLU and the product
-into one pass is a classic first kernel (vLLM's `silu_and_mul`); this is the torch reference.
+into one pass is a classic first kernel (vLLM's `silu_and_mul`); this is the torch reference, and
+`SiluAndMul` runs the Triton kernel minillm.kernels.fused.silu_and_mul with the "triton" backend ("auto" on a GPU).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minillm.layers.attention import check_backend, use_triton
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +24,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class SiluAndMul(nn.Module):
-    """Module wrapper of `silu_and_mul`, so a model can name its activation in `repr`."""
+    """`silu_and_mul` as a module that knows its operator backend (torch reference or the Triton kernel)."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.backend, x):
+            from minillm.kernels.fused import silu_and_mul as silu_and_mul_kernel
+            return silu_and_mul_kernel(x)
         return silu_and_mul(x)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

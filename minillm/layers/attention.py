@@ -15,6 +15,21 @@ tokens belong to which sequence and where their keys and values live:
 The mask is bottom-right aligned: query j of a q_len-token chunk is the token at position
 `seq_len - q_len + j` and sees keys 0..that position (exercise ch02.causal_mask). Grouped-query attention
 (KVH < H) shares each kv head among H / KVH consecutive query heads.
+
+Operator backends (the one switch, shared with norm.py, rotary.py and activation.py through `use_triton`):
+"torch"/"reference" run the readable torch code (and the course's exercise functions); "triton" runs the
+kernels of minillm.kernels (through the interpreter on a CPU); "auto" means triton on CUDA, torch on CPU,
+decided per call from the tensor's device. The Triton attention path, chapters 3 and 5:
+
+* decode-only step (one query per sequence): `paged_decode_attention` reads K/V straight from the paged
+  cache through block_tables/seq_lens (this is the step CUDA graphs capture: no host-side lists used);
+* prefill without cached context: `flash_attn_varlen` on the packed q/k/v (cu_seqlens_k = cu_seqlens_q);
+* anything else (chunked prefill, prefix-cache hit, a batch that mixes prefills and decodes): the keys of each
+  sequence are gathered from the cache into one packed [sum(seq_lens), KVH, D] tensor by a single vectorised
+  index (slot of key p = block_table[p // block_size] * block_size + p % block_size) and `flash_attn_varlen`
+  runs with cu_seqlens_k = prefix sums of seq_lens; its bottom-right causal alignment is exactly what a
+  chunk needs. It costs one extra copy of the context's K/V per layer (vLLM avoids it with a paged prefill
+  kernel); it is correct for every batch shape, which is what this path is for.
 """
 from __future__ import annotations
 
@@ -35,7 +50,19 @@ except ImportError:  # the course machinery is not there yet: always run the ref
 # "torch": per-sequence loop over torch SDPA with an explicit causal mask (fast enough on CPU).
 # "reference": the same loop over `attention_reference` (plain matmul + fp32 softmax), for tests and reading.
 # "triton": the kernels of minillm.kernels, wired in at `_triton_attention` (chapters 3 and 5).
-ATTENTION_BACKENDS = ("torch", "reference", "triton")
+# "auto": triton when the tensors live on a GPU, torch otherwise.
+ATTENTION_BACKENDS = ("auto", "torch", "reference", "triton")
+
+
+def use_triton(backend: str, x: torch.Tensor) -> bool:
+    """The one backend decision of every operator module: run the Triton kernel for this call?"""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"operator backend {backend!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+    return backend
 
 
 # >>> exercise ch02.causal_mask
@@ -112,14 +139,46 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len keys (or values) [seq_len, KVH, D] of one sequence, through its block table row."""
+    """The first seq_len keys (or values) [seq_len, KVH, D] of one sequence, through its block table row.
+
+    Only the blocks the sequence uses are touched, and of the last one only its used rows: with the contiguous
+    layout (block_size = max_model_len, one block per sequence) indexing `cache[blocks]` first would copy the
+    whole reserved region per sequence, per layer, per step. One block is returned as a view (no copy).
+    """
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks].long()
-    if blocks.numel() < num_blocks or bool((blocks < 0).any()):
+    blocks = block_table[:num_blocks].tolist()
+    if len(blocks) < num_blocks or min(blocks, default=0) < 0:
         raise ValueError(f"block_table {block_table.tolist()} does not hold the {num_blocks} blocks that "
                          f"{seq_len} tokens need with block_size {block_size}")
-    return cache[blocks].flatten(0, 1)[:seq_len]
+    last_rows = seq_len - (num_blocks - 1) * block_size
+    last = cache[blocks[-1], :last_rows]
+    if num_blocks == 1:
+        return last
+    full = cache[block_table[:num_blocks - 1].long()].flatten(0, 1)  # copies exactly the full blocks
+    return torch.cat((full, last), dim=0)
+
+
+def gather_kv_packed(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K and V of every sequence of the batch, packed [sum(seq_lens), KVH, D], and cu_seqlens_k (int32 [B+1]).
+
+    One vectorised gather for the whole batch (no per-sequence Python loop, no device sync): key p of
+    sequence i is flat slot block_tables[i, p // block_size] * block_size + p % block_size.
+    """
+    device, block_size = k_cache.device, k_cache.shape[1]
+    total = sum(seq_lens)
+    lens = meta.seq_lens.to(device=device, dtype=torch.int64)
+    cu_seqlens_k = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
+    cu_seqlens_k[1:] = torch.cumsum(lens, 0)
+    seq_index = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens, output_size=total)
+    pos = torch.arange(total, device=device) - cu_seqlens_k[:-1].long()[seq_index]
+    blocks = meta.block_tables.long()[seq_index, pos // block_size]
+    slots = blocks * block_size + pos % block_size
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.reshape(-1, num_kv_heads, head_dim).index_select(0, slots)
+    v = v_cache.reshape(-1, num_kv_heads, head_dim).index_select(0, slots)
+    return k, v, cu_seqlens_k
 
 
 def _lengths(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
@@ -138,12 +197,11 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 backend: str = "torch") -> None:
+                 backend: str = "auto") -> None:
         super().__init__()
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {backend!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+        check_backend(backend)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -162,11 +220,11 @@ class Attention(nn.Module):
         if sum(q_lens) != q.shape[0]:
             raise ValueError(f"forward context describes {sum(q_lens)} query tokens, but q has {q.shape[0]}")
         use_cache = meta.slot_mapping is not None and self.k_cache.numel() > 0
+        if use_triton(self.attention_backend, q):
+            return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
         if use_cache:
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        if self.attention_backend == "triton":
-            return self._triton_attention(q, k, v, meta, use_cache)
-        attn_fn = sdpa_attention if self.attention_backend == "torch" else attention_reference
+        attn_fn = attention_reference if self.attention_backend == "reference" else sdpa_attention
         read_cache = use_cache and meta.block_tables is not None
         if not read_cache and q_lens != seq_lens:
             raise ValueError("sequences with cached context (q_len < seq_len) need a KV cache and block_tables; "
@@ -187,16 +245,31 @@ class Attention(nn.Module):
             start = end
         return torch.cat(outputs, dim=0)
 
-    def _triton_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          meta: AttentionMetadata, use_cache: bool) -> torch.Tensor:
-        # The dispatch point for minillm.kernels (chapters 3 and 5). Expected kernel signatures:
-        #   flash_attn_varlen(q [T,H,D], k [Tk,KVH,D], v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        #                     causal=True, softmax_scale) -> [T,H,D]       (prefill; bottom-right causal)
-        #   paged_decode_attention(q [B,H,D], k_cache, v_cache, block_tables [B,max_blocks], seq_lens [B],
-        #                          softmax_scale) -> [B,H,D]               (decode: one query per sequence)
-        # Prefill without cached context calls flash_attn_varlen on q/k/v with cu_seqlens_k = cu_seqlens_q;
-        # a decode-only step calls paged_decode_attention; a chunked prefill needs a paged prefill kernel.
-        raise NotImplementedError("attention_backend='triton' is not wired in yet; use 'torch' or 'reference'")
+    def _triton_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                          use_cache: bool, q_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
+        """The kernels of chapters 3 and 5 (see the module docstring for which batch takes which path)."""
+        from minillm.kernels.fused import store_kvcache as store_kvcache_kernel
+        from minillm.kernels.flash_attention import flash_attn_varlen
+        from minillm.kernels.paged_attention import paged_decode_attention
+
+        if use_cache:
+            store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        read_cache = use_cache and meta.block_tables is not None
+        if read_cache and meta.is_decode_only:
+            return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                          softmax_scale=self.scale)
+        cu_seqlens_q = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
+        if q_lens == seq_lens:  # nothing cached before these tokens: attend to the fresh k/v directly
+            return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_q,
+                                     causal=True, softmax_scale=self.scale)
+        if not read_cache:
+            raise ValueError("sequences with cached context (q_len < seq_len) need a KV cache and block_tables; "
+                             f"got query lens {q_lens}, seq lens {seq_lens}")
+        if any(not 1 <= ql <= sl for ql, sl in zip(q_lens, seq_lens)):
+            raise ValueError(f"need 1 <= q_len <= seq_len for every sequence, got {q_lens} and {seq_lens}")
+        k_all, v_all, cu_seqlens_k = gather_kv_packed(self.k_cache, self.v_cache, meta, seq_lens)
+        return flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
+                                 causal=True, softmax_scale=self.scale)
 
     def _check_shapes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         expected_q = (q.shape[0], self.num_heads, self.head_dim)

@@ -2,12 +2,17 @@
 
 Chapter 1 builds `rms_norm` (exercise ch01.rms_norm). The `RMSNorm` module adds the trick vLLM uses on
 every decoder layer: the residual add that precedes each norm is fused into the norm call, so a layer
-hands `(hidden, residual)` along instead of adding and normalising in two passes over memory.
+hands `(hidden, residual)` along instead of adding and normalising in two passes over memory. With the
+"triton" backend (chapter 4; "auto" on a GPU) that call is one kernel, minillm.kernels.fused.rms_norm, which
+reads x and residual once and writes the sum and the normalised output; the torch backend keeps calling the
+exercise function (ch01.rms_norm) through `dispatch`, so a learner's version runs inside the engine.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from minillm.layers.attention import check_backend, use_triton
 
 try:
     from minillm.course.overrides import dispatch
@@ -57,12 +62,13 @@ class RMSNorm(nn.Module):
     residual stream that the next sub-block adds back to.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "auto") -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"RMSNorm hidden_size must be >= 1, got {hidden_size}")
         self.hidden_size = hidden_size
         self.eps = eps
+        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(
@@ -70,6 +76,9 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"RMSNorm expects last dimension {self.hidden_size}, got shape {tuple(x.shape)}")
+        if use_triton(self.backend, x):
+            from minillm.kernels.fused import rms_norm as rms_norm_kernel
+            return rms_norm_kernel(x, self.weight, self.eps, residual)
         norm_fn = dispatch("ch01.rms_norm", rms_norm)
         if residual is None:
             return norm_fn(x, self.weight, self.eps)
@@ -77,4 +86,4 @@ class RMSNorm(nn.Module):
         return norm_fn(residual, self.weight, self.eps), residual
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        return f"{self.hidden_size}, eps={self.eps}, backend={self.backend!r}"

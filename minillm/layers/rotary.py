@@ -10,6 +10,9 @@ the other way.
 (a [max_position, D] cache, cos half then sin half) and rotates q and k of a packed batch by their
 positions. Long-context checkpoints rescale the frequencies: "linear" (divide every frequency by a
 factor) and Llama 3.1's "llama3" (leave high frequencies alone, divide low ones, interpolate between).
+With the "triton" backend ("auto" on a GPU) q and k are rotated in place by one kernel,
+minillm.kernels.fused.rotary_embedding_, that reads the same cos|sin cache; the torch backend calls the
+exercise function (ch01.rope) through `dispatch`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from minillm.layers.attention import check_backend, use_triton
 
 try:
     from minillm.course.overrides import dispatch
@@ -116,8 +121,9 @@ class RotaryEmbedding(nn.Module):
     """Rotates q [T, H, D] and k [T, KVH, D] by each token's position, from a precomputed cos/sin cache."""
 
     def __init__(self, head_dim: int, max_position: int, base: float = 10000.0,
-                 rope_scaling: dict[str, Any] | None = None) -> None:
+                 rope_scaling: dict[str, Any] | None = None, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
         if max_position < 1:
             raise ValueError(f"rotary max_position must be >= 1, got {max_position}")
         self.head_dim = head_dim
@@ -146,6 +152,12 @@ class RotaryEmbedding(nn.Module):
                              f"got {tuple(q.shape)} and {tuple(k.shape)}")
         if positions.shape != (q.shape[0],):
             raise ValueError(f"positions must be [T] = [{q.shape[0]}], got shape {tuple(positions.shape)}")
+        if use_triton(self.backend, q):
+            from minillm.kernels.fused import rotary_embedding_
+            # in place: q and k are views of the qkv projection's output, nobody else reads the unrotated values
+            # (positions are not range-checked here: that would sync with the GPU; the engine checks lengths)
+            rotary_embedding_(positions, q, k, self.cos_sin_cache)
+            return q, k
         cos, sin = self.cos_sin(positions)
         rope_fn = dispatch("ch01.rope", apply_rotary)
         return rope_fn(q, cos, sin), rope_fn(k, cos, sin)

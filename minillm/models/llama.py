@@ -10,6 +10,10 @@ picks the rows it needs (the last token of each sequence) and calls `compute_log
 
 The residual adds are fused into the following norm (RMSNorm(x, residual)). Weights arrive under Hugging
 Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused projections.
+
+Operator backend: `LlamaForCausalLM(config, backend=...)` or, later, `model.attention_backend = ...` sets the
+one backend of every operator module (attention, RMSNorm, RoPE, SiLU*mul): "torch", "reference", "triton" or
+"auto" (triton kernels on a GPU, torch on a CPU); see minillm.layers.attention.use_triton.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.layers.activation import silu_and_mul
-from minillm.layers.attention import Attention
+from minillm.layers.activation import SiluAndMul
+from minillm.layers.attention import Attention, check_backend
 from minillm.layers.embedding import LMHead, VocabEmbedding
 from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, default_weight_loader
 from minillm.layers.norm import RMSNorm
@@ -37,7 +41,8 @@ class LlamaAttention(nn.Module):
                                   bias=config.attention_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
+                              backend=rotary_emb.backend)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -53,23 +58,25 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up packed into one matmul."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size], bias=False)
         self.down_proj = Linear(size, config.hidden_size, bias=False)
+        self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
+        backend = rotary_emb.backend
         self.self_attn = LlamaAttention(config, rotary_emb)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,13 +92,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                     base=config.rope_theta, rope_scaling=config.rope_scaling)
+                                     base=config.rope_theta, rope_scaling=config.rope_scaling, backend=backend)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
@@ -113,13 +120,24 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self._backend = check_backend(backend)
+        self.model = LlamaModel(config, backend)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    @property
+    def attention_backend(self) -> str:
+        """The operator backend of every attention, norm, RoPE and activation module of the model."""
+        return self._backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        set_operator_backend(self, backend)
+        self._backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
@@ -164,6 +182,16 @@ class LlamaForCausalLM(nn.Module):
                 packed, shard_id = self.packed_modules_mapping[part]
                 return ".".join(parts[:i] + [packed] + parts[i + 1:]), shard_id
         return name, None
+
+
+def set_operator_backend(model: nn.Module, backend: str) -> None:
+    """Switch every operator module under `model` to `backend` ("auto", "torch", "reference", "triton")."""
+    check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_backend = backend
+        elif isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+            module.backend = backend
 
 
 def _shards(param_name: str, param: nn.Parameter) -> tuple[object, ...]:

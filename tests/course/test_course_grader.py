@@ -163,9 +163,12 @@ def test_autograder_archive_grades_a_hostile_submission(tmp_path):
     for t in results["tests"]:
         by_exercise.setdefault(t["name"].split(":")[0], []).append(t)
     earned = {ex: sum(t["score"] for t in ts) for ex, ts in by_exercise.items()}
-    assert earned == {"ch01.arithmetic_intensity": 5, "ch01.rms_norm": 0, "ch01.rope": 0, "ch01.top_k_filter": 0,
-                      "ch01.top_p_filter": 0, "ch02.causal_mask": 10, "ch05.slot_mapping": 0, "ch05.hash_block": 5}
-    assert results["score"] == 20
+    expected = {"ch01.arithmetic_intensity": 5, "ch01.rms_norm": 0, "ch01.rope": 0, "ch01.top_k_filter": 0,
+                "ch01.top_p_filter": 0, "ch02.causal_mask": 10, "ch05.slot_mapping": 0, "ch05.hash_block": 5}
+    assert {ex: earned.get(ex) for ex in expected} == expected
+    # chapters the submission leaves out score 0; later exercises of ch01/02/05 come from the solutions copied in
+    assert all(earned[ex] == 0 for ex in earned if ex[:4] not in ("ch01", "ch02", "ch05")), earned
+    assert results["score"] == sum(earned.values()) >= 20
     first = {ex: next(t["output"] for t in ts if t["status"] == "failed") for ex, ts in by_exercise.items()
              if earned[ex] == 0}
     assert "timed out after 20 s" in first["ch01.rms_norm"]

@@ -1,0 +1,254 @@
+"""P5: single-stream decode speed of the engine on a Llama-3-8B-shaped model, with and without CUDA graphs.
+
+    python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf]
+
+The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336, vocab 128256)
+and random bf16 weights drawn on the GPU (std 0.02, so activations stay finite), as vLLM's dummy-weight
+benchmarks do: speed does not depend on the values. Each run: a 128-token prompt, 256 output tokens,
+temperature 0, ignore_eos, batch 1, through LLMEngine (continuous scheduler, paged KV, Triton kernels).
+
+Why decode at batch 1 is a memory benchmark: every step multiplies one token's activations by every weight,
+so it must read all 16.06 GB of bf16 weights once per token. At the H100's ~3.0 TB/s that is a floor of
+about 5.35 ms per token, i.e. at most ~187 tok/s; the fraction of that floor is the figure of merit. Between
+eager and CUDA graphs the difference is launch overhead: ~15 kernels per layer x 32 layers, each a few
+microseconds of host time, which graphs replace by a single launch.
+
+Baseline in the same run: Hugging Face transformers `generate` (greedy, min_new_tokens = max_new_tokens) on a
+LlamaForCausalLM of the same shape with random weights (our model is freed first, so both never share memory).
+Needs CUDA; prints a table and writes the raw numbers to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+
+PEAK_BYTES_PER_S = 3.0e12  # H100 SXM, measured device-to-device copy
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 max_position_embeddings=8192, tie_word_embeddings=False)
+INIT_STD = 0.02
+
+
+class DummyTokenizer:
+    """The engine only needs decode() for incremental text; ids are random, so text is irrelevant."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("bench_decode feeds token ids; it has no tokenizer")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return ""
+
+
+def build_model(num_layers: int):
+    import torch
+    from minillm.config import ModelConfig
+    from minillm.models.llama import LlamaForCausalLM
+
+    config = ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config, backend="triton")
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, INIT_STD, generator=gen)
+    return model.eval(), config
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enforce_eager: bool,
+               device: str = "cuda") -> dict:
+    """Warm up, then time one batch of requests through LLMEngine. (device="cpu" only to smoke-test this code
+    on a tiny model: the figures are GPU figures.)"""
+    import torch
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.sampling_params import SamplingParams
+
+    block_size = 16
+    max_model_len = -(-(prompt_len + output_len + 8) // block_size) * block_size
+    engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=batch, scheduling="continuous",
+                                 kv_layout="paged", block_size=block_size,
+                                 num_kv_blocks=(batch + 1) * (max_model_len // block_size),
+                                 max_num_batched_tokens=max(max_model_len, batch * prompt_len),
+                                 attention_backend="triton", enforce_eager=enforce_eager)
+    start = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    engine = LLMEngine(model, DummyTokenizer(), config, engine_config, device=device, dtype=dtype)
+    if engine.runner.engine_config is None:  # an LLMEngine that does not pass its config to the runner yet
+        engine.runner.configure(engine_config)
+    setup_s = time.perf_counter() - start
+    graphs = engine.runner.cuda_graphs is not None
+    if device == "cuda" and graphs == enforce_eager:
+        raise RuntimeError(f"expected CUDA graphs={not enforce_eager}, the runner has graphs={graphs}")
+    gen = torch.Generator().manual_seed(1)
+
+    def generate(n_out: int) -> tuple[float, float, list[list[int]]]:
+        params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        ids = [engine.add_request(None, torch.randint(0, config.vocab_size, (prompt_len,), generator=gen).tolist(),
+                                  params) for _ in range(batch)]
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.step()  # the prefill step (samples the first token)
+        t1 = time.perf_counter()
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():  # each step ends in .tolist() of the sampled ids: a device sync
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, [done[i] for i in ids]
+
+    generate(8)  # warm-up: Triton JIT and flash-attention autotuning for these shapes
+    prefill_s, decode_s, tokens = generate(output_len)
+    if any(len(t) != output_len for t in tokens):
+        raise RuntimeError(f"expected {output_len} tokens per request, got {[len(t) for t in tokens]}")
+    decode_tokens = batch * (output_len - 1)
+    result = dict(cuda_graphs=graphs, setup_s=round(setup_s, 3), ttft_ms=round(prefill_s * 1e3, 3),
+                  decode_s=round(decode_s, 4), decode_tok_per_s=round(decode_tokens / decode_s, 2),
+                  ms_per_step=round(decode_s / (output_len - 1) * 1e3, 3), first_tokens=tokens[0][:8])
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_hf(num_layers: int, prompt_len: int, output_len: int, batch: int) -> dict:
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=LLAMA3_8B["vocab_size"], hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+                      tie_word_embeddings=False, initializer_range=INIT_STD, pad_token_id=0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+
+    def timed(n_new: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                 do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        if out.shape[1] != prompt_len + n_new:
+            raise RuntimeError(f"HF generated {out.shape[1] - prompt_len} tokens, expected {n_new}")
+        return time.perf_counter() - t0
+
+    timed(8)  # warm-up
+    prefill_s = min(timed(1) for _ in range(3))
+    total_s = timed(output_len)
+    decode_s = total_s - prefill_s
+    result = dict(transformers=transformers.__version__, ttft_ms=round(prefill_s * 1e3, 3),
+                  decode_s=round(decode_s, 4), decode_tok_per_s=round(batch * (output_len - 1) / decode_s, 2),
+                  ms_per_step=round(decode_s / (output_len - 1) * 1e3, 3))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 output tokens instead of 256")
+    parser.add_argument("--out", default=None, help="write the raw results here as JSON")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    args = parser.parse_args(argv)
+    output_len = args.output_len or (64 if args.quick else 256)
+    if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
+        parser.error("need --prompt-len >= 1, --output-len >= 2, --batch >= 1, --layers >= 1")
+
+    import torch
+    if not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU (an 8B-shaped model through the Triton interpreter would take days); "
+              "nothing was measured.", file=sys.stderr)
+        return 2
+    import triton
+
+    import minillm  # noqa: F401  (platform setup)
+
+    model, config = build_model(args.layers)
+    nbytes = weight_bytes(model)
+    floor_steps = PEAK_BYTES_PER_S / nbytes  # decode steps per second if only the weights had to be read
+    results: dict = dict(
+        benchmark="P5 decode", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        command="python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        model=dict(LLAMA3_8B, num_hidden_layers=args.layers, dtype="bfloat16", weights="random"),
+        weight_gb=round(nbytes / 1e9, 3), peak_bytes_per_s=PEAK_BYTES_PER_S,
+        weight_read_floor_tok_per_s=round(floor_steps * args.batch, 2),
+        prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, runs={})
+    for name, eager in (("engine_eager", True), ("engine_cuda_graphs", False)):
+        try:
+            run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager)
+            run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
+        except Exception as err:  # keep the other measurements
+            run = dict(error=f"{type(err).__name__}: {err}")
+        results["runs"][name] = run
+        print(name, json.dumps(run), flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.no_hf:
+        try:
+            run = run_hf(args.layers, args.prompt_len, output_len, args.batch)
+            run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
+        except Exception as err:
+            run = dict(error=f"{type(err).__name__}: {err}")
+        results["runs"]["hf_generate"] = run
+        print("hf_generate", json.dumps(run), flush=True)
+    hf = results["runs"].get("hf_generate", {}).get("decode_tok_per_s")
+    print(f"\nP5 decode, batch {args.batch}, prompt {args.prompt_len}, {output_len} new tokens, "
+          f"{results['weight_gb']} GB weights, floor {results['weight_read_floor_tok_per_s']} tok/s")
+    print(f"{'run':<22}{'tok/s':>10}{'ms/step':>10}{'TTFT ms':>10}{'of floor':>10}{'vs HF':>8}")
+    for name, run in results["runs"].items():
+        if "error" in run:
+            print(f"{name:<22}  error: {run['error']}")
+            continue
+        ratio = f"{run['decode_tok_per_s'] / hf:.2f}x" if hf else "-"
+        print(f"{name:<22}{run['decode_tok_per_s']:>10.1f}{run['ms_per_step']:>10.2f}{run['ttft_ms']:>10.1f}"
+              f"{run['fraction_of_floor']:>10.1%}{ratio:>8}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if all("error" not in r for r in results["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 6 — Continuous batching: admission, preemption, prefix caching, chunked prefill
+#
+# Chapter 2 batched requests *statically*: take a batch, run it until its longest request ends, then take the
+# next. Every slot whose request finished early idles until then, and a new request waits for the whole batch.
+# **Continuous batching** (Orca, OSDI 2022: *iteration-level scheduling*) re-forms the batch at every step: a
+# finished request leaves at once and a waiting one takes its place. With chapter 5's paged pool, the scheduler
+# decides each step, from block counts alone:
+#
+# * which **running** sequences get room for their next tokens, and whom to **preempt** when the pool is full
+#   (by **swap** to CPU memory or by **recompute**);
+# * which **waiting** requests to **admit**, keeping a small **watermark** of free blocks;
+# * which prompt blocks are already in the **prefix cache**, and how to cut long prompts into **chunks**.
+#
+# Your exercises, in `exercises/ch06_scheduling.py` (then `minillm grade ch06`): `admit_or_preempt` (the
+# scheduler's decision) and `swap_out_mapping` (where a swapped block goes). The scheduler calls both.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
+from minillm import LLM, SamplingParams
+from minillm.bench.workload import synthetic_prompts
+from minillm.course.impl import load_function
+from minillm.course.overrides import use_overrides
+from minillm.engine.block_manager import BlockManager
+from minillm.engine.sequence import Sequence
+
+admit_or_preempt = load_function("ch06.admit_or_preempt")
+swap_out_mapping = load_function("ch06.swap_out_mapping")
+hash_block = load_function("ch05.hash_block")
+
+# %% [markdown]
+# ## 1. Static vs continuous, from real runs
+#
+# Eight requests, 12-token prompts, 4 to 24 output tokens each, at most 4 sequences at a time, on the bundled
+# model. We step each engine by hand and record which requests took part in every step.
+
+# %%
+OUTPUT_LENS = [24, 4, 10, 18, 6, 22, 8, 14]
+
+
+def run_and_record(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> tuple[list[dict], float]:
+    """Step the engine until all requests finish; per step, {request_id: output tokens so far}."""
+    engine = llm.llm_engine
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    steps, t0 = [], time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if outputs:
+            steps.append({o.request_id: len(o.outputs[0].token_ids) for o in outputs})
+    return steps, time.perf_counter() - t0
+
+
+static_llm = LLM(seed=0, max_model_len=128, max_num_seqs=4, scheduling="static")
+prompts = synthetic_prompts(static_llm.tokenizer, 8, 12)
+static_steps, static_s = run_and_record(static_llm, prompts, OUTPUT_LENS)
+cont_llm = LLM(seed=0, max_model_len=128, max_num_seqs=4, scheduling="continuous", num_kv_blocks=64)
+cont_steps, cont_s = run_and_record(cont_llm, prompts, OUTPUT_LENS)
+print(f"static: {static_s:.1f} s, continuous: {cont_s:.1f} s")
+
+
+# %%
+def gantt(ax, steps: list[dict], title: str) -> None:
+    """One row per request: waiting (light), prefill (dark), decode (colour), from the recorded steps."""
+    names = sorted({r for s in steps for r in s}, key=lambda r: int(r[1:]))
+    for row, r in enumerate(names):
+        seen = [i for i, s in enumerate(steps) if r in s]
+        ax.barh(row, seen[0], left=0, color="0.9")  # waiting
+        for i in seen:
+            first = steps[i][r] == 1 and (i == seen[0] or steps[i - 1].get(r, 0) == 0)
+            ax.barh(row, 1, left=i, color="0.25" if first else f"C{row % 10}")
+    ax.set_yticks(range(len(names)), [f"{r} ({n} tok)" for r, n in zip(names, OUTPUT_LENS)])
+    ax.invert_yaxis()
+    ax.set_xlabel("engine step")
+    ax.set_title(title, fontsize=10)
+
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True, layout="constrained")
+gantt(axes[0], static_steps, f"static batching: {len(static_steps)} steps")
+gantt(axes[1], cont_steps, f"continuous batching: {len(cont_steps)} steps")
+axes[1].legend(handles=[Patch(color="0.9", label="waiting"), Patch(color="0.25", label="prefill"),
+                        Patch(color="C0", label="decode")], loc="lower right", fontsize=8)
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def first_step(steps: list[dict]) -> list[int]:
+    return [next(i for i, s in enumerate(steps) if f"r{k}" in s) for k in range(len(OUTPUT_LENS))]
+
+
+for name, steps in (("static", static_steps), ("continuous", cont_steps)):
+    batch = sum(len(s) for s in steps) / len(steps)
+    print(f"{name:10s}: {len(steps)} steps, mean batch {batch:.2f}, first step of each request {first_step(steps)}")
+
+# %% [markdown]
+# Static batching runs 4 sequences only at the start of each batch; by the end the 24-token request decodes alone
+# while four requests wait. Continuous batching keeps the batch full, and on a GPU, where a decode step costs
+# about the same for 1 or 4 sequences, fewer steps is directly less time.
+#
+# ## 2. The decision: admit, wait, run or preempt
+#
+# Every step the scheduler walks three queues: **running** sequences first (each needs blocks for its next
+# tokens: "run", or "preempt" the lowest-priority running sequence and ask again), then **swapped** ones, then
+# **waiting** ones ("admit" or "wait": a newcomer never evicts work in progress). Admission leaves a watermark
+# of free blocks so that the running sequences can still grow next step. **Exercise `ch06.admit_or_preempt`**.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("running, needs 2, 2 free            ->", admit_or_preempt(True, 2, 2, 1, 3, 4))
+print("running, needs 1 (boundary), 0 free ->", admit_or_preempt(True, 1, 0, 1, 3, 4))
+print("waiting, needs 2, 3 free, wm 1      ->", admit_or_preempt(False, 2, 3, 1, 3, 4))
+print("waiting, needs 2, 2 free, wm 1      ->", admit_or_preempt(False, 2, 2, 1, 3, 4))
+print("waiting, batch full (4 of 4)        ->", admit_or_preempt(False, 1, 50, 1, 4, 4))
+
+# %% [markdown]
+# ## 3. Preemption: recompute or swap
+#
+# With a pool too small for everyone (6 blocks of 16 tokens, four requests that each grow to 36 tokens), the
+# scheduler must preempt. **Recompute** frees the victim's blocks and later prefills its prompt *and* generated
+# tokens again; **swap** copies its blocks to CPU memory and back. Both must produce exactly the tokens of an
+# unconstrained run (greedy decoding), which we check, with your two functions plugged into the scheduler.
+
+# %%
+tiny_prompts = synthetic_prompts(static_llm.tokenizer, 4, 16, seed=1)
+tiny_params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+unconstrained = [o.outputs[0].token_ids for o in cont_llm.generate(tiny_prompts, tiny_params)]
+runs = {}
+for mode in ("recompute", "swap"):
+    llm = LLM(seed=0, max_model_len=128, max_num_seqs=4, scheduling="continuous", num_kv_blocks=6,
+              preemption_mode=mode, swap_space=64 << 20)
+    with use_overrides({"ch06.admit_or_preempt": admit_or_preempt, "ch06.swap_out_mapping": swap_out_mapping}):
+        tokens = [o.outputs[0].token_ids for o in llm.generate(tiny_prompts, tiny_params)]
+    runs[mode] = (tokens, llm.llm_engine.scheduler)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for mode, (tokens, sched) in runs.items():
+    tl = sched.timeline
+    print(f"{mode:9s}: same tokens as unconstrained: {tokens == unconstrained}; {len(tl)} steps, "
+          f"{sched.num_preemptions} preemptions, {sum(len(r.swapped_out) for r in tl)} swap-outs, "
+          f"{sum(r.num_batched_tokens for r in tl)} tokens computed")
+print("the work without preemption: 4 x (16 prompt + 19 generated) = 140 tokens (the last token is never fed back)")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True, layout="constrained")
+for ax, (mode, (_, sched)) in zip(axes, runs.items()):
+    tl = sched.timeline
+    x = [r.step for r in tl]
+    ax.stackplot(x, [r.num_running for r in tl], [r.num_swapped for r in tl], [r.num_waiting for r in tl],
+                 labels=["running", "swapped", "waiting"], colors=["C2", "C1", "0.8"], step="post")
+    for r in tl:
+        if r.preempted:
+            ax.axvline(r.step, color="C3", lw=0.8, ls=":")
+    ax.set_title(f"preemption by {mode} (dotted: a preemption)", fontsize=10)
+    ax.set_xlabel("step")
+axes[0].set_ylabel("sequences")
+axes[0].legend(loc="upper right", fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **When does each win?** Recompute pays a prefill of the victim's tokens (compute, done in one efficient batched
+# pass); swap pays moving its KV across PCIe twice (out and back) and needs CPU space. Per token, for Llama-3-8B in
+# bf16 (128 KiB of KV per token) on an H100 (about 25 GB/s effective PCIe, a prefill near 60% of 990 TFLOP/s):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+kv_bytes_per_token = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads, head_dim 128, bf16
+swap_us = 2 * kv_bytes_per_token / 25e9 * 1e6  # out and back in
+recompute_us = 2 * 8.0e9 / (0.6 * 990e12) * 1e6  # 2 FLOPs per parameter per token
+print(f"swap      : {swap_us:5.1f} us per token (bandwidth-bound, independent of the model's size)")
+print(f"recompute : {recompute_us:5.1f} us per token (compute-bound, and attention adds more for long contexts)")
+
+# %% [markdown]
+# Per token, swap looks cheaper here. Yet vLLM recomputes by default: swap needs pinned CPU memory, its copies of
+# small blocks rarely reach peak PCIe bandwidth, and a recomputed prefill rides along in a step that runs anyway
+# (with the prefix cache, often mostly as cache hits). Swap wins for long sequences (attention's prefill cost grows with the
+# square of the length, the copy only linearly), for large models with few KV heads per parameter, and when the
+# prefix cache cannot give the victim its blocks back. **Exercise `ch06.swap_out_mapping`** pairs each device
+# block of the victim with a free CPU block, in table order, so that swapping in rebuilds the same table:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(swap_out_mapping([7, 2, 9], [0, 3, 4, 5]))
+
+# %% [markdown]
+# ## 4. Prefix caching
+#
+# Requests often share a beginning (a system prompt, a few-shot preamble). A full block's K/V depend on every token
+# before it, so a block is named by a **chain hash**: `h_j = hash_block(h_{j-1}, tokens of block j)` (your chapter 5
+# exercise). A new request walks its prompt block by block and reuses cached blocks while the chain matches.
+# The chains of four prompts (a one-block system prompt, then a question) form a tree:
+
+# %%
+BS = 16
+tok = static_llm.tokenizer
+system_a = tok.encode("You are a helpful assistant. Answer briefly and precisely. " * 4)[:BS]  # one block each
+system_b = tok.encode("You are a pirate. Answer like a pirate would, with gusto. " * 4)[:BS]
+questions = [tok.encode(q * 3)[:20] for q in ("What is the capital of France? Say it in one word. ",
+                                              "Name three prime numbers bigger than ten, with commas. ",
+                                              "How many legs does a spider have? Answer with a digit. ")]
+shared_prompts = [system_a + questions[0], system_a + questions[1], system_b + questions[2], system_a + questions[0]]
+
+
+def chain(tokens: list[int]) -> list[int]:
+    """Chain hashes of the full blocks of `tokens`, with your hash_block."""
+    hashes, parent = [], None
+    for j in range(len(tokens) // BS):
+        parent = hash_block(parent, tuple(tokens[j * BS:(j + 1) * BS]))
+        hashes.append(parent)
+    return hashes
+
+
+chains = [chain(p) for p in shared_prompts]
+leaves = list(dict.fromkeys(tuple(c) for c in chains))  # distinct chains, in order: one row each
+users = {h: [i for i, c in enumerate(chains) if h in c] for c in chains for h in c}
+row = {h: sum(r for r, leaf in enumerate(leaves) if h in leaf) / sum(h in leaf for leaf in leaves) for h in users}
+fig, ax = plt.subplots(figsize=(8, 2.6), layout="constrained")
+for leaf in leaves:
+    ax.plot(range(len(leaf)), [row[h] for h in leaf], color="0.6", zorder=0)
+for h, who in users.items():
+    depth = next(c.index(h) for c in chains if h in c)
+    ax.scatter(depth, row[h], s=900, color="C1" if len(who) > 1 else "C0", zorder=1)
+    ax.annotate(f"{h & 0xFFFF:04x}", (depth, row[h]), ha="center", va="center", fontsize=7, color="white")
+    ax.annotate("req " + ",".join(map(str, who)), (depth, row[h] + 0.32), ha="center", fontsize=7)
+ax.set_xticks(range(2), ["block 0 (system prompt)", "block 1 (question)"])
+ax.set_xlim(-0.5, 1.5)
+ax.set_yticks([])
+ax.set_ylim(len(leaves) - 0.4, -0.6)
+ax.set_title("prefix hash tree (orange: shared by several requests; label: last 16 bits of the hash)", fontsize=10)
+plt.show()
+
+# %% [markdown]
+# Now the real engine with `enable_prefix_caching=True`, the four prompts one after another: request 1 finds
+# request 0's system-prompt block, request 3 (a repeat of request 0) finds both of its full blocks, request 2 (the
+# pirate) finds nothing. A partly filled last block is never cached: it may still be written.
+
+# %%
+pc_llm = LLM(seed=0, max_model_len=128, scheduling="continuous", num_kv_blocks=32, enable_prefix_caching=True)
+with use_overrides({"ch05.hash_block": hash_block}):
+    cached = [pc_llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+              for p in shared_prompts]
+pc_bm = pc_llm.llm_engine.scheduler.block_manager
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for i, p in enumerate(shared_prompts):
+    print(f"request {i}: {len(p)} prompt tokens, chain {len(chains[i])} full blocks")
+print(f"prefix cache: {pc_bm.prefix_cache_hits} of {pc_bm.prefix_cache_queries} prompt tokens served from cache "
+      f"({100 * pc_bm.prefix_cache.hit_rate:.1f}%)")
+
+# %% [markdown]
+# ## 5. Chunked prefill
+#
+# A long prompt prefilled whole makes one step long, and every decoding sequence waits for it (a TPOT spike).
+# With `enable_chunked_prefill` the scheduler fills each step's token budget (`max_num_batched_tokens`, here 32)
+# with the decodes first and then a chunk of the prompt (Sarathi-Serve): three short requests decode while a
+# 100-token prompt arrives.
+
+# %%
+chunk_llm = LLM(seed=0, max_model_len=256, scheduling="continuous", num_kv_blocks=64,
+                enable_chunked_prefill=True, max_num_batched_tokens=32)
+engine = chunk_llm.llm_engine
+for i, p in enumerate(synthetic_prompts(tok, 3, 8, seed=2)):
+    engine.add_request(f"short{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+engine.step()  # the three short prompts prefill together
+engine.add_request("long", synthetic_prompts(tok, 1, 100, seed=3)[0],
+                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+while engine.has_unfinished_requests():
+    engine.step()
+timeline = engine.scheduler.timeline
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for r in timeline[:8]:
+    parts = ", ".join(f"{'prefill' if sid in r.prefill_ids else 'decode'} {n}" for sid, n in r.scheduled)
+    print(f"step {r.step}: {r.num_batched_tokens:2d} tokens = {parts}")
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 2.8), layout="constrained")
+for r in timeline:
+    pre = sum(n for sid, n in r.scheduled if sid in r.prefill_ids)
+    ax.bar(r.step, r.num_batched_tokens - pre, color="C0")
+    ax.bar(r.step, pre, bottom=r.num_batched_tokens - pre, color="C1")
+ax.axhline(32, color="0.4", ls="--", lw=0.8)
+ax.set_xlabel("step")
+ax.set_ylabel("tokens in the step")
+ax.legend(handles=[Patch(color="C0", label="decode"), Patch(color="C1", label="prefill (chunk)"),
+                   plt.Line2D([], [], color="0.4", ls="--", label="budget")], fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **What to remember**
+# * continuous batching re-forms the batch every step: no slot idles waiting for the longest request;
+# * running sequences grow down to the last block; newcomers are admitted only above a watermark and never evict;
+# * a full pool preempts the lowest-priority sequence, by recompute (no CPU memory, pays compute) or swap
+#   (pays PCIe both ways); either way the tokens are exactly those of an unconstrained run;
+# * prefix caching names blocks by chain hashes and shares them; chunked prefill spreads long prompts over steps.

@@ -1,0 +1,121 @@
+"""Graded tests of chapter 6: the scheduler's admit-or-preempt decision and the swap-out block pairs.
+
+Besides direct checks, each exercise runs inside the continuous-batching scheduler driven by a model-free engine
+(minillm.engine.scheduler_sim): its shadow KV cache checks that every sequence reads back its own prefix from
+every slot, and its fake greedy model makes each token a function of the prefix, so preemption by swap or by
+recompute must give exactly the tokens, and here the same step-by-step plan, as the reference scheduler."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from minillm.config import EngineConfig
+from minillm.course.overrides import use_overrides
+from minillm.engine.block_manager import BlockManager
+from minillm.engine.scheduler import Scheduler
+from minillm.engine.scheduler_sim import SimulatedEngine
+
+
+def simulate(overrides: dict, num_blocks: int, num_cpu_blocks: int = 0, mode: str = "recompute",
+             chunked: bool = False, seed: int = 0, n: int = 10) -> tuple:
+    """n requests of awkward lengths through a tiny pool of 4-token blocks: (outputs, step plans, scheduler)."""
+    cfg = EngineConfig(block_size=4, max_model_len=64, max_num_batched_tokens=24 if chunked else 64, max_num_seqs=5,
+                       preemption_mode=mode, enable_chunked_prefill=chunked)
+    bm = BlockManager(num_blocks, 4, num_cpu_blocks=num_cpu_blocks, watermark=0.1)
+    engine = SimulatedEngine(Scheduler(cfg, bm))
+    rng = random.Random(seed)
+    with use_overrides(overrides):
+        for _ in range(n):
+            engine.add_request([rng.randrange(50) for _ in range(rng.randrange(1, 23))], rng.randrange(1, 14))
+        finished = engine.run(max_steps=3000)
+    outputs = {s.request_id: (s.finish_reason, s.output_token_ids) for s in finished}
+    name = {s.seq_id: s.request_id for s in finished}  # seq ids count up across runs; request ids repeat
+    plan = [([(name[i], k) for i, k in r.scheduled], [name[i] for i in r.preempted],
+             [name[i] for i in r.swapped_out], [name[i] for i in r.swapped_in]) for r in engine.scheduler.timeline]
+    return outputs, plan, engine.scheduler
+
+
+# -- admit_or_preempt ---------------------------------------------------------------------------------------------
+@pytest.mark.exercise("ch06.admit_or_preempt")
+@pytest.mark.points(4)
+def test_admit_or_preempt_matches_solution(impl, ref):
+    cases = itertools.product([True, False], [0, 1, 3, 4], [0, 3, 4, 7], [0, 1, 2], [0, 4, 5], [5])
+    for running, needed, free, watermark, num_running, max_seqs in cases:
+        args = (running, needed, free, watermark, num_running, max_seqs)
+        got, want = impl(*args), ref(*args)
+        assert got == want, (f"admit_or_preempt(is_running={running}, num_blocks_needed={needed}, "
+                             f"num_free_blocks={free}, watermark_blocks={watermark}, num_running={num_running}, "
+                             f"max_num_seqs={max_seqs}): got {got!r}, expected {want!r}")
+
+
+@pytest.mark.exercise("ch06.admit_or_preempt")
+@pytest.mark.points(2)
+def test_admit_or_preempt_properties(impl):
+    assert impl(True, 3, 3, 1, 4, 4) == "run", "a running sequence may take the very last free blocks"
+    assert impl(True, 4, 3, 0, 1, 4) == "preempt", "a running sequence that does not fit needs a preemption"
+    assert impl(True, 0, 0, 2, 1, 4) == "run", "a running sequence needing no block always runs"
+    assert impl(False, 3, 4, 1, 0, 4) == "admit", "exactly the watermark left free is allowed"
+    assert impl(False, 3, 3, 1, 0, 4) == "wait", "admitting must leave the watermark free"
+    assert impl(False, 1, 100, 0, 4, 4) == "wait", "a full batch (num_running == max_num_seqs) admits nobody"
+    for args in itertools.product([0, 2, 9], [0, 1, 9], [0, 1], [0, 3], [3]):
+        answer = impl(False, *args)
+        assert answer in ("admit", "wait"), f"a waiting sequence never preempts anyone; got {answer!r} for {args}"
+    for args in [(True, -1, 3, 0, 0, 4), (False, 1, -1, 0, 0, 4), (False, 1, 3, 0, 0, 0)]:
+        with pytest.raises(ValueError):
+            impl(*args)
+
+
+@pytest.mark.exercise("ch06.admit_or_preempt")
+@pytest.mark.points(2)
+@pytest.mark.parametrize("mode,chunked", [("recompute", False), ("swap", True)])
+def test_admit_or_preempt_inside_the_scheduler(impl, mode, chunked):
+    kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode=mode, chunked=chunked, seed=7)
+    want = simulate({}, **kwargs)
+    got = simulate({"ch06.admit_or_preempt": impl}, **kwargs)
+    assert want[2].num_preemptions > 0, "the workload is meant to preempt (test setup)"
+    assert got[0] == want[0], "with your admit_or_preempt the engine generated different tokens"
+    first = next((i for i, (g, w) in enumerate(zip(got[1], want[1])) if g != w), None)
+    assert first is None and len(got[1]) == len(want[1]), (
+        f"with your admit_or_preempt the scheduler's plan differs from step {first}: "
+        f"(scheduled, preempted, swapped out, swapped in) = {got[1][first] if first is not None else '...'}, "
+        f"expected {want[1][first] if first is not None else '...'}")
+
+
+# -- swap_out_mapping ---------------------------------------------------------------------------------------------
+@pytest.mark.exercise("ch06.swap_out_mapping")
+@pytest.mark.points(2)
+def test_swap_out_mapping_matches_solution(impl, ref):
+    for n_blocks, n_free in [(1, 1), (3, 7), (5, 5), (0, 2), (9, 12)]:  # exactly enough, plenty, nothing to move
+        rng = random.Random(n_blocks * 10 + n_free)
+        table = rng.sample(range(40), n_blocks)
+        free = rng.sample(range(20), n_free)
+        got, want = impl(list(table), list(free)), ref(list(table), list(free))
+        assert [tuple(p) for p in got] == want, (f"swap_out_mapping(block_table={table}, free_cpu_blocks={free}): "
+                                                 f"got {got}, expected {want}")
+
+
+@pytest.mark.exercise("ch06.swap_out_mapping")
+@pytest.mark.points(2)
+def test_swap_out_mapping_properties(impl):
+    table, free = [7, 2, 9, 4], [3, 0, 5, 1, 8]
+    pairs = [tuple(p) for p in impl(table, free)]
+    assert table == [7, 2, 9, 4] and free == [3, 0, 5, 1, 8], "the arguments must not be modified"
+    assert [d for d, _ in pairs] == table, f"every device block, in table order, gets one pair; got {pairs}"
+    cpu = [c for _, c in pairs]
+    assert len(set(cpu)) == len(cpu) and set(cpu) <= set(free), f"distinct CPU blocks from the free list; got {pairs}"
+    assert cpu == free[:4], f"CPU blocks come from the front of the free list, in order; got {cpu}"
+    with pytest.raises(ValueError):
+        impl([1, 2, 3], [0, 1])  # not enough swap space: the sequence must be recomputed instead
+
+
+@pytest.mark.exercise("ch06.swap_out_mapping")
+@pytest.mark.points(1)
+def test_swap_out_mapping_inside_the_engine(impl):
+    kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode="swap", seed=5)
+    want = simulate({}, **kwargs)
+    got = simulate({"ch06.swap_out_mapping": impl}, **kwargs)
+    assert sum(len(p[2]) for p in want[1]) > 0, "the workload is meant to swap (test setup)"
+    assert got[0] == want[0], "with your swap_out_mapping the swapped sequences came back with different K/V or tokens"
+    assert got[2].block_manager.num_used_cpu_blocks == 0, "CPU blocks leaked"

@@ -1,0 +1,16 @@
+"""Divides the sum of squares by BLOCK (the padded width) instead of n_cols."""
+
+
+@triton.jit
+def rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(RES + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(RES_OUT + row * stride_ro + cols, x.to(RES_OUT.dtype.element_ty), mask=ok)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / BLOCK + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (x * inv_rms * w).to(OUT.dtype.element_ty), mask=ok)
