@@ -44,6 +44,9 @@ class AttentionMetadata:
     # seq_lens as a Python list, so the torch path need not sync with the device to slice
     seq_lens_list: list[int] | None = None
     query_lens_list: list[int] | None = None
+    # Filled by the first layer that needs it, then reused by every other layer of the same step: the flat cache
+    # slots of each sequence's keys, packed, and their prefix sums (see layers/attention.py: gather_kv_packed).
+    context_kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

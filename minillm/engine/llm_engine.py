@@ -172,7 +172,15 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler decision and one forward. Returns a (cumulative) RequestOutput for every request that
-        took part in this step, finished ones included."""
+        took part in this step, finished ones included.
+
+        The whole step runs under the learner's overrides (if any), so an overridden scheduler or block-table
+        function (chapters 5-6) is exercised as well as an overridden layer (chapter 1)."""
+        context = use_overrides(self.overrides) if self.overrides else contextlib.nullcontext()
+        with context:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         # requests the scheduler finished itself ("error": they can never fit); their blocks are already free
         outputs = [self._drop_rejected(seq) for seq in self._drain_rejected()]
@@ -184,9 +192,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         try:
-            context = use_overrides(self.overrides) if self.overrides else contextlib.nullcontext()
-            with context:
-                tokens = self.runner.execute(batch)
+            tokens = self.runner.execute(batch)
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"

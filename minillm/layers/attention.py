@@ -166,15 +166,17 @@ def gather_kv_packed(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Attenti
     One vectorised gather for the whole batch (no per-sequence Python loop, no device sync): key p of
     sequence i is flat slot block_tables[i, p // block_size] * block_size + p % block_size.
     """
-    device, block_size = k_cache.device, k_cache.shape[1]
-    total = sum(seq_lens)
-    lens = meta.seq_lens.to(device=device, dtype=torch.int64)
-    cu_seqlens_k = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
-    cu_seqlens_k[1:] = torch.cumsum(lens, 0)
-    seq_index = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens, output_size=total)
-    pos = torch.arange(total, device=device) - cu_seqlens_k[:-1].long()[seq_index]
-    blocks = meta.block_tables.long()[seq_index, pos // block_size]
-    slots = blocks * block_size + pos % block_size
+    if meta.context_kv_index is None:  # the same for every layer: build it once per step (host work is costly)
+        device, block_size = k_cache.device, k_cache.shape[1]
+        total = sum(seq_lens)
+        lens = meta.seq_lens.to(device=device, dtype=torch.int64)
+        cu_seqlens_k = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
+        cu_seqlens_k[1:] = torch.cumsum(lens, 0)
+        seq_index = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens, output_size=total)
+        pos = torch.arange(total, device=device) - cu_seqlens_k[:-1].long()[seq_index]
+        blocks = meta.block_tables.long()[seq_index, pos // block_size]
+        meta.context_kv_index = (blocks * block_size + pos % block_size, cu_seqlens_k)
+    slots, cu_seqlens_k = meta.context_kv_index
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k = k_cache.reshape(-1, num_kv_heads, head_dim).index_select(0, slots)
     v = v_cache.reshape(-1, num_kv_heads, head_dim).index_select(0, slots)
