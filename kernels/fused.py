@@ -214,7 +214,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     if (k_scale is None) != (v_scale is None):
         raise ValueError("give both k_scale and v_scale, or neither")
     if k_scale is not None:
-        k_scale, v_scale = (_per_head_scale(sc, k.shape[1], k.device, name)
+        k_scale, v_scale = (per_head_scale(sc, k.shape[1], k.device, name)
                             for sc, name in ((k_scale, "k_scale"), (v_scale, "v_scale")))
     _store_kvcache_kernel[(k.shape[0],)](k2, v2, k_cache, v_cache, slot_mapping,
                                          k_scale if k_scale is not None else k2, v_scale if v_scale is not None else v2,
@@ -223,7 +223,8 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
                                          HAS_SCALE=k_scale is not None, num_warps=4)
 
 
-def _per_head_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:
+def per_head_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:
+    """An FP8 KV-cache scale as fp32 [num_kv_heads]: a float broadcasts, a tensor must hold one per kv head."""
     t = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(num_kv_heads)

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from minillm.course.overrides import dispatch
 from minillm.platform import triton_interpreted
+from minillm.kernels.fused import per_head_scale
 
 _LOG2E = 1.4426950408889634
 
@@ -150,15 +151,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return max(1, min(triton.cdiv(2 * num_sms, programs), max_seq_len // 256, 32))
 
 
-def _as_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:
-    t = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(num_kv_heads)
-    if t.numel() != num_kv_heads:
-        raise ValueError(f"{name} must be a float or hold one scale per kv head ({num_kv_heads}), got {t.numel()}")
-    return t.contiguous()
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
                            num_splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
@@ -194,8 +186,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables = block_tables.contiguous()
     has_scale = k_scale is not None
     if has_scale:
-        k_scale = _as_scale(k_scale, num_kv_heads, q.device, "k_scale")
-        v_scale = _as_scale(v_scale, num_kv_heads, q.device, "v_scale")
+        k_scale = per_head_scale(k_scale, num_kv_heads, q.device, "k_scale")
+        v_scale = per_head_scale(v_scale, num_kv_heads, q.device, "v_scale")
     else:
         k_scale = v_scale = seq_lens  # unused placeholders
     out = torch.empty_like(q)

@@ -19,20 +19,7 @@ from minillm.engine.static_scheduler import StaticScheduler
 from minillm.llm import LLM
 from minillm.models.llama import LlamaForCausalLM
 from minillm.sampling_params import SamplingParams
-
-EOS = 257
-
-
-class ByteTokenizer:
-    """Token i < 256 is byte i; 256.. are special tokens that decode to nothing (257 is EOS)."""
-
-    eos_token_id = EOS
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, token_ids: list[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+from tiny import ByteTokenizer, EOS, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -52,16 +39,6 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
             else:
                 p.normal_(0.0, 0.5 if "embed" in name else 1.0 / p.shape[-1] ** 0.5)
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on an oversubscribed machine the two OpenMP threads
-    spin against each other (a step gets ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,12 @@ from minillm.bench.timeline import gantt_spans
 from minillm.bench.workload import corpus_text
 from minillm.engine.kv_waste import kv_memory_waste
 from minillm.llm import DEFAULT_SCHEDULING
+from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 MAX_LEN = 256
 PROMPT_LENS = [5, 17, 120, 33, 9, 64, 90, 48]  # varied, unsorted, awkward
 MAX_TOKENS = [8, 24, 11, 16, 20, 9, 13, 24]
 _BUILT: list[LLM] = []  # engines built by the current test, checked for leaks after it
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,27 +24,9 @@ from minillm.forward_context import AttentionMetadata, forward_context, prefill_
 from minillm.layers.attention import Attention, gather_kv, use_triton
 from minillm.models.llama import LlamaForCausalLM
 from minillm.sampling_params import SamplingParams
+from tiny import ByteTokenizer, EOS, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 TOL = 1e-3  # fp32; the interpreter's tl.dot in fp32 is exact to ~1e-6 here
-EOS = 257
-
-
-class ByteTokenizer:
-    eos_token_id = EOS
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, token_ids: list[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, backend: str = "torch", **kw) -> tuple[LlamaForCausalLM, ModelConfig]:

@@ -147,16 +147,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-execute", dest="execute", action="store_false", help="write cells without running them")
     p.set_defaults(func=_cmd_notebooks)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minillm")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
