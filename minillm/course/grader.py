@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -60,6 +61,7 @@ class GradeReport:
     impl: str
     exercises: list[ExerciseResult]
     execution_time: float
+    seed: int | None = None  # the inputs' seed: MINILLM_GRADE_SEED=seed reproduces this run
 
     @property
     def score(self) -> float:
@@ -114,7 +116,7 @@ def test_files(ex: Exercise, tests_dir: Path) -> list[Path]:
 
 
 def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60.0,
-                   tests_dir: Path | None = None, python: str = sys.executable) -> ExerciseResult:
+                   tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None) -> ExerciseResult:
     """Run `ex`'s graded tests against the implementation in `impl_dir`, isolated."""
     tests_dir = Path(tests_dir or root / "tests" / "graded")
     result = ExerciseResult(id=ex.id, hint=ex.hint, points=float(ex.points))
@@ -126,6 +128,8 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
                "MINILLM_GRADER_NONCE": nonce, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # only our plugin: faster, and nothing else in the way
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
+        if seed is not None:  # fresh graded inputs each run, the same for every exercise of this run
+            env["MINILLM_GRADE_SEED"] = str(seed)
         cmd = [python, "-m", "pytest", *map(str, test_files(ex, tests_dir)), "-p", "minillm.course.pytest_plugin",
                "--minillm-exercise", ex.id, "--minillm-results", str(results_file),
                "--rootdir", str(root), "-o", "addopts=", "-q", "-s", "--no-header",
@@ -213,8 +217,10 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     impl_dir = resolve_impl(impl or os.environ.get("MINILLM_IMPL") or "exercises", root)
     exercises = select(target)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    seed = int(os.environ.get("MINILLM_GRADE_SEED") or random.SystemRandom().randrange(1 << 20))
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda ex: grade_exercise(ex, impl_dir, root, timeout, tests_dir), exercises))
+        results = list(pool.map(lambda ex: grade_exercise(ex, impl_dir, root, timeout, tests_dir, seed=seed),
+                                exercises))
     label = str(impl) if impl else os.environ.get("MINILLM_IMPL", "exercises")
-    return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start)
+    return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed)

@@ -18,7 +18,8 @@ def _pts(x: float) -> str:
 
 
 def format_table(report: GradeReport, verbose: bool = False, width: int = 110) -> str:
-    lines = [f"minillm grade (impl: {report.impl})", "",
+    seed = f", inputs seed {report.seed}: MINILLM_GRADE_SEED={report.seed} reproduces" if report.seed is not None else ""
+    lines = [f"minillm grade (impl: {report.impl}{seed})", "",
              f"{'exercise':<30}{'points':>9}  status"]
     for ex in report.exercises:
         lines.append(f"{ex.id:<30}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {ex.status}")

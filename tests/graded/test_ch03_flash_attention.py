@@ -15,10 +15,11 @@ import torch
 from minillm.course.checks import assert_close, assert_tensor
 from minillm.course.impl import guarded
 from minillm.course.registry import get
+from minillm.course.checks import graded_seed
 
 
 def _state(m_rows: int, d: int, seed: int, fresh: bool):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(graded_seed(seed))
     if fresh:
         return torch.full((m_rows,), float("-inf")), torch.zeros(m_rows), torch.zeros(m_rows, d)
     m = torch.randn(m_rows, generator=g)
@@ -26,7 +27,7 @@ def _state(m_rows: int, d: int, seed: int, fresh: bool):
 
 
 def _scores(m_rows: int, n: int, seed: int, masked: float = 0.0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(graded_seed(seed))
     s = torch.randn(m_rows, n, generator=g) * 3
     if masked:
         s[torch.rand(m_rows, n, generator=g) < masked] = float("-inf")
@@ -39,7 +40,7 @@ def _scores(m_rows: int, n: int, seed: int, masked: float = 0.0):
 @pytest.mark.parametrize("m_rows,n,d,fresh", [(1, 1, 1, True), (5, 16, 8, True), (7, 17, 24, False), (16, 3, 5, False)])
 def test_online_softmax_update_matches_solution(impl, ref, m_rows, n, d, fresh):
     state = _state(m_rows, d, m_rows * 100 + n, fresh)
-    s, v = _scores(m_rows, n, n, masked=0.2), torch.randn(n, d, generator=torch.Generator().manual_seed(d))
+    s, v = _scores(m_rows, n, n, masked=0.2), torch.randn(n, d, generator=torch.Generator().manual_seed(graded_seed(d)))
     got = impl(*(t.clone() for t in state), s.clone(), v.clone())
     want = ref(*(t.clone() for t in state), s.clone(), v.clone())
     assert isinstance(got, tuple) and len(got) == 3, f"online_softmax_update must return (m, l, acc), got {type(got)}"
@@ -51,7 +52,7 @@ def test_online_softmax_update_matches_solution(impl, ref, m_rows, n, d, fresh):
 @pytest.mark.points(1)
 @pytest.mark.parametrize("total,block", [(33, 16), (16, 16), (7, 1), (40, 13)])
 def test_online_softmax_blocks_give_softmax(impl, total, block):
-    g = torch.Generator().manual_seed(total * block)
+    g = torch.Generator().manual_seed(graded_seed(total * block))
     s, v = torch.randn(6, total, generator=g) * 4 + 20, torch.randn(total, 10, generator=g)  # big scores: exp overflows without rescaling
     m, l, acc = _state(6, 10, 0, fresh=True)
     for start in range(0, total, block):
@@ -155,7 +156,7 @@ def _attention(q, k, v, causal, scale):
 
 
 def _qkv(b, h, kvh, sq, sk, d, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(graded_seed(seed))
     return (torch.randn(b, h, sq, d, generator=g), torch.randn(b, kvh, sk, d, generator=g),
             torch.randn(b, kvh, sk, d, generator=g))
 

@@ -13,6 +13,7 @@ import torch
 from minillm.course.checks import assert_close, assert_tensor
 from minillm.course.impl import guarded
 from minillm.course.registry import get
+from minillm.course.checks import graded_seed
 
 
 def _partial(q, k, v):
@@ -26,7 +27,7 @@ def _partial(q, k, v):
 
 
 def _qkv(t, s, h, d, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(graded_seed(seed))
     return (torch.randn(t, h, d, generator=g) * scale, torch.randn(s, h, d, generator=g),
             torch.randn(s, h, d, generator=g))
 
@@ -76,7 +77,7 @@ def test_merge_empty_sides(impl):
 @pytest.mark.exercise("ch04.merge_lse")
 @pytest.mark.points(1)
 def test_merge_large_lse_does_not_overflow(impl):
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(graded_seed(5))
     out_a, out_b = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
     lse_a = torch.full((2, 3), 1000.0)  # exp(1000) is inf in fp32 and fp64
     lse_b = lse_a + torch.log(torch.tensor(3.0))  # side B holds 3x the mass of side A
@@ -116,7 +117,7 @@ def _rms_norm(h, w, eps):
 @pytest.mark.points(2)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 64), (2, 3, 100)], ids=str)
 def test_rms_norm_kernel_matches_formula(impl, shape):
-    g = torch.Generator().manual_seed(sum(shape))
+    g = torch.Generator().manual_seed(graded_seed(sum(shape)))
     x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
     out = _launcher(impl)(x.clone(), w.clone(), 1e-6)
     assert_close(out, _rms_norm(x, w, 1e-6), f"rms_norm of x {shape} (hidden {shape[-1]}: padded to a power of two)")
@@ -126,7 +127,7 @@ def test_rms_norm_kernel_matches_formula(impl, shape):
 @pytest.mark.points(2)
 @pytest.mark.parametrize("shape", [(1, 16), (5, 33)], ids=str)
 def test_rms_norm_kernel_fused_residual(impl, shape):
-    g = torch.Generator().manual_seed(shape[1])
+    g = torch.Generator().manual_seed(graded_seed(shape[1]))
     x, res, w = (torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), torch.randn(shape[1], generator=g))
     out, new_res = _launcher(impl)(x.clone(), w.clone(), 1e-5, res.clone())
     assert_close(new_res, x + res, f"the new residual stream x + residual ({shape})")
@@ -136,7 +137,7 @@ def test_rms_norm_kernel_fused_residual(impl, shape):
 @pytest.mark.exercise("ch04.rms_norm_kernel")
 @pytest.mark.points(3)
 def test_rms_norm_kernel_eps_and_solution(impl, ref):
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator().manual_seed(graded_seed(9))
     x, w = torch.randn(6, 48, generator=g) * 1e-3, torch.rand(48, generator=g) + 0.5  # mean(x^2) ~ eps: eps matters
     got, want = _launcher(impl)(x.clone(), w.clone(), 1e-6), _launcher(ref)(x.clone(), w.clone(), 1e-6)
     assert_close(got, want, "rms_norm of tiny inputs, eps = 1e-6 (eps inside the square root)")

@@ -16,6 +16,7 @@ from minillm.course.overrides import use_overrides
 from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler import Scheduler
 from minillm.engine.scheduler_sim import SimulatedEngine
+from minillm.course.checks import graded_seed
 
 
 def simulate(overrides: dict, num_blocks: int, num_cpu_blocks: int = 0, mode: str = "recompute",
@@ -25,7 +26,7 @@ def simulate(overrides: dict, num_blocks: int, num_cpu_blocks: int = 0, mode: st
                        preemption_mode=mode, enable_chunked_prefill=chunked)
     bm = BlockManager(num_blocks, 4, num_cpu_blocks=num_cpu_blocks, watermark=0.1)
     engine = SimulatedEngine(Scheduler(cfg, bm))
-    rng = random.Random(seed)
+    rng = random.Random(graded_seed(seed))
     with use_overrides(overrides):
         for _ in range(n):
             engine.add_request([rng.randrange(50) for _ in range(rng.randrange(1, 23))], rng.randrange(1, 14))
@@ -71,10 +72,13 @@ def test_admit_or_preempt_properties(impl):
 @pytest.mark.points(2)
 @pytest.mark.parametrize("mode,chunked", [("recompute", False), ("swap", True)])
 def test_admit_or_preempt_inside_the_scheduler(impl, mode, chunked):
-    kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode=mode, chunked=chunked, seed=7)
-    want = simulate({}, **kwargs)
-    got = simulate({"ch06.admit_or_preempt": impl}, **kwargs)
+    for seed in range(7, 57):  # fresh inputs each run, but only a workload that really preempts tests preemption
+        kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode=mode, chunked=chunked, seed=seed)
+        want = simulate({}, **kwargs)
+        if want[2].num_preemptions > 0:
+            break
     assert want[2].num_preemptions > 0, "the workload is meant to preempt (test setup)"
+    got = simulate({"ch06.admit_or_preempt": impl}, **kwargs)
     assert got[0] == want[0], "with your admit_or_preempt the engine generated different tokens"
     first = next((i for i, (g, w) in enumerate(zip(got[1], want[1])) if g != w), None)
     assert first is None and len(got[1]) == len(want[1]), (
@@ -88,7 +92,7 @@ def test_admit_or_preempt_inside_the_scheduler(impl, mode, chunked):
 @pytest.mark.points(2)
 def test_swap_out_mapping_matches_solution(impl, ref):
     for n_blocks, n_free in [(1, 1), (3, 7), (5, 5), (0, 2), (9, 12)]:  # exactly enough, plenty, nothing to move
-        rng = random.Random(n_blocks * 10 + n_free)
+        rng = random.Random(graded_seed(n_blocks * 10 + n_free))
         table = rng.sample(range(40), n_blocks)
         free = rng.sample(range(20), n_free)
         got, want = impl(list(table), list(free)), ref(list(table), list(free))
@@ -113,9 +117,12 @@ def test_swap_out_mapping_properties(impl):
 @pytest.mark.exercise("ch06.swap_out_mapping")
 @pytest.mark.points(1)
 def test_swap_out_mapping_inside_the_engine(impl):
-    kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode="swap", seed=5)
-    want = simulate({}, **kwargs)
-    got = simulate({"ch06.swap_out_mapping": impl}, **kwargs)
+    for seed in range(5, 55):  # fresh inputs each run, but only a workload that really swaps tests swapping
+        kwargs = dict(num_blocks=14, num_cpu_blocks=40, mode="swap", seed=seed)
+        want = simulate({}, **kwargs)
+        if sum(len(p[2]) for p in want[1]) > 0:
+            break
     assert sum(len(p[2]) for p in want[1]) > 0, "the workload is meant to swap (test setup)"
+    got = simulate({"ch06.swap_out_mapping": impl}, **kwargs)
     assert got[0] == want[0], "with your swap_out_mapping the swapped sequences came back with different K/V or tokens"
     assert got[2].block_manager.num_used_cpu_blocks == 0, "CPU blocks leaked"

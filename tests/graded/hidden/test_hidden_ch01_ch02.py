@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from minillm.course.checks import assert_close, assert_equal
+from minillm.course.checks import graded_seed
 
 
 @pytest.mark.exercise("ch01.top_k_filter")
 @pytest.mark.points(2)
 def test_top_k_large_batch_hidden(impl, ref):
-    g = torch.Generator().manual_seed(101)
+    g = torch.Generator().manual_seed(graded_seed(101))
     logits = torch.randn(37, 1001, generator=g)
     top_k = torch.randint(1, 1002, (37,), generator=g)
     top_k[::5] = -1
@@ -23,7 +24,7 @@ def test_top_k_large_batch_hidden(impl, ref):
 @pytest.mark.exercise("ch01.top_p_filter")
 @pytest.mark.points(1)
 def test_top_p_peaked_rows_hidden(impl, ref):
-    g = torch.Generator().manual_seed(102)
+    g = torch.Generator().manual_seed(graded_seed(102))
     logits = torch.randn(9, 513, generator=g) * 8  # very peaked rows: often one token holds most of the mass
     top_p = torch.rand(9, generator=g).clamp_min(0.02)
     assert_close(impl(logits.clone(), top_p.clone()), ref(logits.clone(), top_p.clone()), "top_p_filter [9, 513]")
