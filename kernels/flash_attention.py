@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.course.overrides import dispatch
+from minillm.hooks import dispatch
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.course.overrides import dispatch
+from minillm.hooks import dispatch
 from minillm.platform import triton_interpreted
 from minillm.kernels.fused import per_head_scale
 

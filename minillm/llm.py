@@ -285,9 +285,8 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         raise TypeError(f"overrides must be a mapping of exercise id -> function, got {type(overrides).__name__}")
     if not overrides:
         return {}
-    from minillm.course.overrides import use_overrides
-    with use_overrides(overrides) as resolved:
-        return dict(resolved)
+    from minillm.course.overrides import resolve_overrides  # LLM is a face: it may import the course
+    return resolve_overrides(overrides)
 
 
 def _normalize_prompts(prompts: Any) -> list[Prompt]:

@@ -18,22 +18,17 @@ from __future__ import annotations
 import inspect
 import os
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Callable, Iterator, Mapping
 
 from minillm.course.registry import EXERCISES, get
+from minillm.hooks import active_overrides, dispatch, overriding
 
-# The one piece of state: the overrides active in this context (an immutable-by-convention dict).
-_ACTIVE_OVERRIDES: ContextVar[dict[str, Callable]] = ContextVar("minillm_active_overrides", default={})
+__all__ = ["OverrideError", "active_overrides", "dispatch", "resolve_overrides", "use_overrides",
+           "validate_override"]
 
 
 class OverrideError(TypeError):
     """An override names an unknown exercise or has the wrong signature."""
-
-
-def dispatch(name: str, default: Callable) -> Callable:
-    """The active override of exercise `name`, else `default` (one dict lookup: safe in the hot path)."""
-    return _ACTIVE_OVERRIDES.get().get(name, default)
 
 
 def validate_override(name: str, fn: Callable) -> None:
@@ -64,22 +59,21 @@ def _as_callable(name: str, value: Callable | str | os.PathLike) -> Callable:
     return value
 
 
-@contextmanager
-def use_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None) -> Iterator[dict[str, Callable]]:
-    """Within the block, `dispatch(name, ...)` returns `mapping[name]`; every entry is validated first."""
+def resolve_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None) -> dict[str, Callable]:
+    """Validate every entry (registered id, loadable, matching signature) and return plain callables, ready for
+    `minillm.hooks.overriding`. Done once (LLM(..., overrides=...) calls it at construction), not per step."""
     for name in mapping or {}:
         if name not in EXERCISES:
             raise OverrideError(f"override {name!r} is not a registered exercise; registered: {', '.join(EXERCISES)}")
     resolved = {name: _as_callable(name, fn) for name, fn in (mapping or {}).items()}
     for name, fn in resolved.items():
         validate_override(name, fn)
-    token = _ACTIVE_OVERRIDES.set({**_ACTIVE_OVERRIDES.get(), **resolved})
-    try:
+    return resolved
+
+
+@contextmanager
+def use_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None) -> Iterator[dict[str, Callable]]:
+    """Within the block, `dispatch(name, ...)` returns `mapping[name]`; every entry is validated first."""
+    resolved = resolve_overrides(mapping)
+    with overriding(resolved):
         yield resolved
-    finally:
-        _ACTIVE_OVERRIDES.reset(token)
-
-
-def active_overrides() -> dict[str, Callable]:
-    """A copy of the overrides in force here (for logging and tests)."""
-    return dict(_ACTIVE_OVERRIDES.get())

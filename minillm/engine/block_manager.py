@@ -33,10 +33,7 @@ from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mappi
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course package is optional for the engine
-    dispatch = lambda name, fn: fn  # noqa: E731
+from minillm.hooks import dispatch
 
 
 class BlockManager:

@@ -17,7 +17,6 @@ KV, and the engine carries on with whatever arrives next.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -34,15 +33,11 @@ from minillm.engine.kv_cache import cache_geometry, kv_bytes_per_block
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
+from minillm.hooks import overriding
 from minillm.outputs import RequestOutput
 from minillm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-try:
-    from minillm.course.overrides import use_overrides
-except ImportError:  # course machinery not installed: overrides cannot be honoured (checked in __init__)
-    use_overrides = None
 
 
 @dataclass
@@ -75,9 +70,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
+        # already validated callables (LLM resolves them once through minillm.course.overrides)
         self.overrides = dict(overrides or {})
-        if self.overrides and use_overrides is None:
-            raise RuntimeError("overrides= needs minillm.course.overrides, which is not available")
+        for name, fn in self.overrides.items():
+            if not callable(fn):
+                raise TypeError(f"override {name!r} must be a callable here, got {type(fn).__name__}; "
+                                f"resolve names and paths with minillm.course.overrides.resolve_overrides")
         self.max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
         if engine_config.scheduling == "static":
             # static batching reserves max_model_len tokens per batch slot: the pool is exactly that big
@@ -176,8 +174,7 @@ class LLMEngine:
 
         The whole step runs under the learner's overrides (if any), so an overridden scheduler or block-table
         function (chapters 5-6) is exercised as well as an overridden layer (chapter 1)."""
-        context = use_overrides(self.overrides) if self.overrides else contextlib.nullcontext()
-        with context:
+        with overriding(self.overrides):
             return self._step()
 
     def _step(self) -> list[RequestOutput]:

@@ -35,11 +35,7 @@ from minillm.engine.sequence import Sequence
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.layers.sampler import Sampler
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course machinery is not there: always run the reference
-    def dispatch(name, fn):  # noqa: ARG001
-        return fn
+from minillm.hooks import dispatch
 
 # A prefill chunk at least this long gets its slot mapping from torch ops instead of a Python list comprehension
 # (only when no learner override is active: an override is always called, so it is always exercised).

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course package is optional for the engine
-    dispatch = lambda name, fn: fn  # noqa: E731
+from minillm.hooks import dispatch
 
 
 # >>> exercise ch05.hash_block

@@ -42,10 +42,7 @@ from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course package is optional for the engine
-    dispatch = lambda name, fn: fn  # noqa: E731
+from minillm.hooks import dispatch
 
 POLICIES = ("fcfs", "priority")
 TIMELINE_MAX_STEPS = 100_000  # a long-running server keeps only the most recent steps

@@ -19,10 +19,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.sampling_params import SamplingParams
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course package is optional for the engine
-    dispatch = lambda name, fn: fn  # noqa: E731
+from minillm.hooks import dispatch
 
 
 def prefix_identities(token_ids: list[int]) -> list[int]:

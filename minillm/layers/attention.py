@@ -41,11 +41,7 @@ from torch import nn
 
 from minillm.forward_context import AttentionMetadata, get_forward_context, prefill_metadata
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course machinery is not there yet: always run the reference
-    def dispatch(name, fn):  # noqa: ARG001
-        return fn
+from minillm.hooks import dispatch
 
 # "torch": per-sequence loop over torch SDPA with an explicit causal mask (fast enough on CPU).
 # "reference": the same loop over `attention_reference` (plain matmul + fp32 softmax), for tests and reading.

@@ -23,11 +23,7 @@ import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
 
-try:
-    from minillm.course.overrides import dispatch
-except ImportError:  # the course package is optional for the engine
-    def dispatch(name, fn):  # type: ignore[no-redef]
-        return fn
+from minillm.hooks import dispatch
 
 
 # >>> exercise ch01.top_k_filter

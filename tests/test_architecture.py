@@ -1,0 +1,104 @@
+"""The import rules of DESIGN.md, checked on the source: data flows one way and the course sits above the engine.
+
+- Only minillm/course/ and the faces (cli, llm, bench) import the course.
+- kernels/ imports nothing from minillm but leaf helpers (hooks, platform) and other kernels.
+- layers/ never import the engine.
+- No import cycles among the package's modules (module-level imports only: a function-local import is a
+  deliberate lazy edge and cannot deadlock an import).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FACES = ("minillm.course", "minillm.cli", "minillm.llm", "minillm.bench")
+KERNEL_LEAVES = ("minillm.hooks", "minillm.platform", "minillm.kernels")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted((ROOT / "minillm").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(p for p in parts if p != "__init__")] = path
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        stem = path.stem
+        found["minillm.kernels" + ("" if stem == "__init__" else "." + stem)] = path
+    return found
+
+
+def _imports(path: Path, module_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, (ast.Try, ast.If)) and module_level_only:
+            for child in ast.walk(node):  # imports guarded by try/if at module level still run at import
+                if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                    names.add(child.module)
+                elif isinstance(child, ast.Import):
+                    names.update(a.name for a in child.names)
+    return {n for n in names if n == "minillm" or n.startswith("minillm.")}
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_only_the_faces_import_the_course():
+    offenders = [f"{mod} imports {imp}" for mod, path in _modules().items() if not _under(mod, FACES)
+                 for imp in _imports(path, module_level_only=False) if _under(imp, ("minillm.course",))]
+    assert not offenders, "the engine, layers and kernels must reach the course only through minillm.hooks:\n" + \
+        "\n".join(offenders)
+
+
+def test_kernels_import_only_leaf_helpers():
+    offenders = [f"{mod} imports {imp}" for mod, path in _modules().items() if _under(mod, ("minillm.kernels",))
+                 for imp in _imports(path, module_level_only=False) if not _under(imp, KERNEL_LEAVES)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_layers_never_import_the_engine():
+    offenders = [f"{mod} imports {imp}" for mod, path in _modules().items() if _under(mod, ("minillm.layers",))
+                 for imp in _imports(path, module_level_only=False) if _under(imp, ("minillm.engine",))]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_hooks_is_a_leaf():
+    assert _imports(ROOT / "minillm" / "hooks.py", module_level_only=False) == set()
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {}
+    for mod, path in modules.items():
+        edges = set()
+        for imp in _imports(path, module_level_only=True):
+            # `from minillm.x import y` names either module minillm.x.y or an attribute of minillm.x
+            target = imp if imp in modules else imp.rpartition(".")[0]
+            if target in modules and target != mod and not mod.startswith(target + "."):
+                edges.add(target)
+        graph[mod] = edges
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for mod in sorted(graph):
+        if mod not in state and (cycle := visit(mod)):
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
