@@ -1,0 +1,179 @@
+"""GPTQ: one-shot weight quantization with second-order error feedback (Frantar et al. 2022), chapter 10.
+
+GPTQ ("GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers") quantizes a linear
+layer so that its *outputs* on calibration data move as little as possible, not its weights: it minimises
+||X W^T - X Q^T||^2 over grids Q, where X [n_tokens, in] are the layer's real inputs. The objective's curvature
+is the Hessian H = 2 X^T X [in, in], the only thing GPTQ keeps from the calibration data (HessianAccumulator
+builds it in a streaming pass, so any number of tokens fits in memory).
+
+Error feedback, in one paragraph. Quantize the columns of W one at a time, left to right. Column i rounds to
+q_i with error w_i - q_i; instead of accepting it, push it onto the columns not yet quantized, which can
+still move: the optimal correction (Optimal Brain Surgeon's formula) is W[:, i+1:] -= err * Hinv[i, i+1:] with
+err = (w_i - q_i) / Hinv[i, i], where Hinv is the inverse Hessian of the remaining columns. Because those
+inverses are rows of one upper Cholesky factor of H^-1, a single factorisation serves every step. Inputs that
+are correlated let later columns absorb earlier rounding errors, so the layer output barely changes even
+where the weights do. For speed the updates are *lazy*: inside a block of 128 columns they are applied
+column by column, to the rest of the matrix once per block (one matmul instead of 128 rank-1 updates).
+
+Details that matter in practice:
+- dampening: H += percdamp * mean(diag H) * I keeps H invertible when calibration data is short or
+  collinear (percdamp = 0.01 as in the paper); a failed Cholesky retries with 10x more.
+- dead columns: an input channel that is always 0 has H[i, i] = 0; its weight cannot matter, so it is
+  zeroed and H[i, i] set to 1.
+- act-order (`act_order=True`): process columns in order of descending H[i, i], the most active inputs
+  first while many columns remain to absorb their error. With groups, the default (static_groups=False)
+  follows the reference implementation: groups are consecutive runs of the *permuted* order, their scales
+  computed when the run starts, so `g_idx` [in] records each original column's group. static_groups=True
+  computes every group's grid up front on the original contiguous columns (g_idx = j // group_size), which
+  kernels that cannot gather scales by g_idx (e.g. ExLlama's fast path) prefer.
+- groups are computed from the *current*, already error-corrected weights of the group when its first
+  column comes up (groups never straddle a block: block_size must be a multiple of group_size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minillm.quant.rtn import (QuantizedWeight, check_quant_args, compute_qparams, dequantize_codes,
+                               quantize_to_codes)
+
+__all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize"]
+
+
+class HessianAccumulator:
+    """Streams H = 2/N * sum_t x_t x_t^T over calibration batches for one linear layer with `in_features` inputs.
+
+    `add(x)` takes any [..., in_features] activations (a forward hook's input); the running mean keeps H's scale
+    independent of N, as the reference does, and fp64 accumulation keeps millions of tokens exact enough.
+    """
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"HessianAccumulator dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.n_samples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"activations have {x.shape[-1]} features, the layer has {self.in_features}")
+        x = x.reshape(-1, self.in_features).to(self.H.dtype)
+        n = x.shape[0]
+        if n == 0:
+            return
+        self.H *= self.n_samples / (self.n_samples + n)
+        self.n_samples += n
+        x = x * (2.0 / self.n_samples) ** 0.5
+        self.H += x.T @ x
+
+
+@dataclass
+class GPTQResult:
+    """The quantized weight (original column order), its fp32 dequantization, the processing order `perm`
+    (None without act-order) and the objective GPTQ minimised: sum_i (w_i - q_i)^2 / (2 Hinv[i, i])."""
+
+    qweight: QuantizedWeight
+    weight_dq: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float
+
+
+def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1; retries with 10x dampening if H is not positive definite."""
+    damp = percdamp * torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        damp = damp * 10
+    raise ValueError(f"the Hessian is not positive definite even with dampening {float(damp):.3g}; "
+                     f"collect more calibration tokens or raise percdamp (got {percdamp})")
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  symmetric: bool = False, percdamp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+    """Quantize W [out, in] with GPTQ given the layer's Hessian H [in, in] (HessianAccumulator.H).
+
+    Returns codes/scales/zeros on rtn.py's grid (bits, group_size, symmetric as in rtn.quantize), with g_idx
+    set when act-order permuted the groups, and the dequantized weight in the original column order.
+    """
+    check_quant_args(weight, bits, group_size)
+    out_f, in_f = weight.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"H must be [{in_f}, {in_f}] for a weight with in_features={in_f}, got {tuple(H.shape)}")
+    if not 0 <= percdamp < 1:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
+    if not isinstance(block_size, int) or block_size < 1 or (group_size > 0 and block_size % group_size):
+        raise ValueError(f"block_size must be a positive multiple of group_size={group_size}, got {block_size!r}")
+    g = in_f if group_size == -1 else group_size
+    n_groups = in_f // g
+    W = weight.detach().to(torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # per channel, the one grid is fixed before any feedback (as the reference does): the static path
+    static = static_groups or group_size == -1
+    scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
+    zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.int32, device=W.device)
+    if static:  # every group's grid from the original, contiguous columns, before any error feedback
+        s, z = compute_qparams(W.reshape(out_f, n_groups, g), bits, symmetric)
+        scales.copy_(s)
+        if zeros is not None:
+            zeros.copy_(z)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    cols = perm if perm is not None else torch.arange(in_f, device=W.device)
+    # group of the k-th processed column: contiguous in processing order, or fixed by the original position
+    group_of = cols // g if static else torch.arange(in_f, device=W.device) // g
+
+    U = _inverse_hessian_cholesky(H, percdamp)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8 if symmetric else torch.uint8, device=W.device)
+    Q = torch.empty_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            k = i1 + i
+            if not static and k % g == 0:  # a new group starts: its grid from the corrected weights
+                s, z = compute_qparams(W1[:, i:i + g], bits, symmetric)
+                scales[:, k // g] = s
+                if zeros is not None:
+                    zeros[:, k // g] = z
+            gi = int(group_of[k])
+            s = scales[:, gi]
+            z = None if zeros is None else zeros[:, gi]
+            w = W1[:, i]
+            c = quantize_to_codes(w, s, z, bits)
+            q = dequantize_codes(c, s, z)
+            codes[:, k], Q[:, k] = c, q
+            d = U1[i, i]
+            err = (w - q) / d
+            loss += ((w - q) ** 2).sum().double() / (2 * d.double() ** 2)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # error feedback inside the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update for every later block
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, Q = codes[:, inv], Q[:, inv]
+        if not static:
+            g_idx = group_of[inv].to(torch.int32)  # original column j was processed at position inv[j]
+    qw = QuantizedWeight(codes, scales, zeros, bits, group_size, symmetric, g_idx=g_idx)
+    return GPTQResult(qweight=qw, weight_dq=Q, perm=perm, loss=float(loss))
