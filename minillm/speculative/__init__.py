@@ -1,3 +1,10 @@
 """Speculative decoding (issue 11): a rejection sampler that keeps the target's distribution exactly, and every way
 of proposing draft tokens (a small draft model, the target's own early layers, Medusa heads, EAGLE, MTP, lookahead
-and prompt-lookup n-grams), verified in one multi-token engine step (Scheduler.postprocess rolls back rejections)."""
+and prompt-lookup n-grams), verified in one multi-token engine step (Scheduler.postprocess rolls back rejections).
+
+The engine-independent core, read in this order:
+    rejection.py  why decode has idle compute; the lossless accept/resample rule (chain of k drafts, greedy and
+                  sampled, batched with per-sequence k); logits -> probabilities as the sampler makes them
+    ngram.py      drafts without a draft model: prompt lookup and lookahead decoding's n-gram pool
+    tree.py       token trees (Medusa, EAGLE): flattening, tree attention mask, greedy and sampling verification
+"""

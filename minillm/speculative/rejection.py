@@ -1,0 +1,261 @@
+"""Verifying draft tokens without changing what the target model would sample (chapter on speculative decoding).
+
+Why decoding has idle compute. One decode step of one sequence reads every weight of the model once and does about
+2 FLOPs per weight: an arithmetic intensity near 1 FLOP per byte, while an H200 can do about 150 FLOPs in the time it
+reads one byte (roughly 700 TFLOP/s of bf16 over 4.8 TB/s). The step is bound by memory bandwidth and the tensor
+cores mostly wait. Scoring k+1 tokens of the same sequence in one forward pass reads the same weights once, so it
+costs about as much time as scoring one. Speculative decoding spends that idle compute: something cheap proposes
+k draft tokens (a small draft model, n-grams from the prompt, Medusa heads, EAGLE), the target scores all of them in
+one step, and a verification rule keeps a prefix of them plus one token of its own. With per-token acceptance
+rate a, one step yields (1 - a^(k+1)) / (1 - a) tokens on average instead of 1 (Leviathan, Kalman and Matias 2023,
+"Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model
+Decoding with Speculative Sampling").
+
+The rule (speculative sampling). Let p be the target's distribution and q the draft's at one position, and x ~ q
+the draft token. Accept x with probability min(1, p(x)/q(x)); on rejection, sample from the residual
+r = max(0, p - q) / sum(max(0, p - q)) and stop. If all k drafts are accepted, sample one bonus token from the
+target's distribution after the last draft. Every step therefore emits between 1 and k+1 tokens.
+
+Why it is lossless, in three lines. Let beta = sum_y min(p(y), q(y)), the probability of accepting, and note
+sum_y max(0, p(y) - q(y)) = 1 - beta. Then
+    P(emit x) = q(x) * min(1, p(x)/q(x))  +  (1 - beta) * max(0, p(x) - q(x)) / (1 - beta)
+              = min(p(x), q(x))           +  max(0, p(x) - q(x))
+              = p(x).
+The emitted token is an exact sample of p, whatever q is; by induction over positions (each next p is the target's
+distribution given the tokens emitted so far) the whole output is distributed as the target's own sampling. q only
+decides how many tokens a step yields. Two special cases fall out of the same code:
+- greedy (temperature 0): p is one-hot at the target's argmax, so a draft is accepted exactly when it equals the
+  argmax, and the residual after a mismatch is one-hot at the argmax again (`greedy_verify` is the shortcut that
+  needs only the argmax ids, not [B, k+1, V] probabilities);
+- deterministic proposals (prompt lookup, lookahead n-grams): q is one-hot at the proposed token, so x is accepted
+  with probability p(x) and the residual is p with x removed (pass draft_probs=None).
+
+The probabilities come from `logits_to_probs`, which applies temperature, top-k and top-p exactly as the engine's
+sampler (minillm.layers.sampler, chapter 1) does, through the same filters and override hooks: the target must be
+filtered the same way here as in ordinary decoding, or speculative decoding would sample a different distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minillm.hooks import dispatch
+from minillm.layers.sampler import top_k_filter, top_p_filter
+
+# Fills the positions of a row after its last emitted token (vLLM's convention).
+PLACEHOLDER_TOKEN_ID = -1
+# A residual whose mass is below this is rounding noise of p == q: fall back to p. The error this allows is at most
+# the probability of reaching the residual at all, which equals that mass.
+_RESIDUAL_EPS = 1e-6
+
+
+@dataclass
+class SpecDecodeOutput:
+    """The result of verifying one step of draft tokens.
+
+    token_ids: int64 [B, K+1]. Row b holds num_accepted[b] accepted drafts, then exactly one token chosen by the
+    target (the residual resample or the bonus), then PLACEHOLDER_TOKEN_ID.
+    num_accepted: int64 [B], the number of accepted draft tokens (0..k_b).
+    """
+
+    token_ids: torch.Tensor
+    num_accepted: torch.Tensor
+
+    def to_lists(self) -> list[list[int]]:
+        """Per sequence, the tokens to append (accepted drafts + one): what Scheduler.postprocess consumes."""
+        rows = self.token_ids.tolist()
+        return [row[: n + 1] for row, n in zip(rows, self.num_accepted.tolist())]
+
+
+def logits_to_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
+                    top_ps: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, V] or [B, S, V] -> float32 probabilities of the same shape, under per-sequence parameters [B].
+
+    Applied identically to the target's and the draft's logits. Rows with temperature 0 become one-hot at the
+    argmax (the greedy case of the rejection rule). Others: logits / T -> top-k -> top-p -> softmax, the order and
+    the filters of minillm.layers.sampler.Sampler, so the target distribution is the one ordinary decoding samples.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be a tensor [B, V] or [B, S, V], got {getattr(logits, 'shape', logits)!r}")
+    batch, vocab = logits.shape[0], logits.shape[-1]
+    steps = 1 if logits.dim() == 2 else logits.shape[1]
+    top_ks = torch.full((batch,), -1, dtype=torch.int64) if top_ks is None else top_ks
+    top_ps = torch.ones(batch) if top_ps is None else top_ps
+    for name, t in (("temperatures", temperatures), ("top_ks", top_ks), ("top_ps", top_ps)):
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,):
+            raise ValueError(f"{name} must be a tensor of shape ({batch},), got {getattr(t, 'shape', t)!r}")
+    if bool((temperatures < 0).any()):
+        raise ValueError(f"temperatures must be >= 0 (0 = greedy), got {temperatures.tolist()}")
+    if bool(((top_ps <= 0) | (top_ps > 1)).any()):
+        raise ValueError(f"top_ps must be in (0, 1], got {top_ps.tolist()}")
+    device = logits.device
+    rows = logits.reshape(batch * steps, vocab).float()
+    # every position of a sequence uses that sequence's parameters
+    temps, ks, ps = (t.to(device).repeat_interleave(steps) for t in (temperatures, top_ks, top_ps))
+    greedy = temps <= 0
+    one_hot = torch.zeros_like(rows).scatter_(-1, rows.argmax(dim=-1, keepdim=True), 1.0)
+    if bool(greedy.all()):
+        return one_hot.reshape(logits.shape)
+    scaled = rows / torch.where(greedy, torch.ones_like(temps), temps).to(rows).unsqueeze(-1)
+    if bool((ks > 0).any()):
+        scaled = dispatch("ch01.top_k_filter", top_k_filter)(scaled, ks)
+    if bool((ps < 1).any()):
+        scaled = dispatch("ch01.top_p_filter", top_p_filter)(scaled, ps.float())
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.where(greedy.unsqueeze(-1), one_hot, probs).reshape(logits.shape)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) row by row: what to sample after rejecting a draft token. [R, V] -> [R, V].
+
+    A row where p == q (nothing left over) returns p: the rejection that leads here has probability 0 in exact
+    arithmetic, and p is the distribution to keep when it happens through rounding.
+    """
+    residual = (p - q).clamp_min(0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    return torch.where(mass > _RESIDUAL_EPS, residual / mass.clamp_min(_RESIDUAL_EPS), p)
+
+
+def draw_noise(num_draws: torch.Tensor, width: int, vocab: int, device: torch.device,
+                generators: list[torch.Generator | None] | None,
+                default_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: num_draws[b] uniforms in [0, 1) (padded to `width`) for the accept tests, and `vocab` Exp(1) values
+    for the final draw by the exponential race (argmax p/E ~ Categorical(p); see minillm.layers.sampler).
+
+    A row with its own generator draws exactly its own numbers from it, so a seeded request's result does not depend
+    on the other rows of the batch (nor on their number of drafts). The other rows draw together from the default.
+    """
+    batch = num_draws.shape[0]
+    uniforms = torch.zeros((batch, width), device=device)
+    race = torch.empty((batch, vocab), device=device)
+    generators = [None] * batch if generators is None else generators
+    if len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch} rows")
+    shared = [b for b, g in enumerate(generators) if g is None]
+    if shared:
+        uniforms[shared] = torch.rand((len(shared), width), device=device, generator=default_generator)
+        race[shared] = torch.empty((len(shared), vocab), device=device).exponential_(generator=default_generator)
+    for b, g in enumerate(generators):
+        if g is not None:
+            k = int(num_draws[b])
+            uniforms[b, :k] = torch.rand(k, device=device, generator=g)
+            race[b].exponential_(generator=g)
+    return uniforms, race.clamp_min_(torch.finfo(race.dtype).tiny)  # Exp(1) may round to 0: keep p/E finite
+
+
+def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None] | None = None,
+                      default_generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [R, V] (rows need not be normalised). Draft proposers sample with this."""
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+        raise ValueError(f"probs must be a tensor [R, V], got {getattr(probs, 'shape', probs)!r}")
+    no_draws = torch.zeros(probs.shape[0], dtype=torch.int64)
+    _, race = draw_noise(no_draws, 0, probs.shape[1], probs.device, generators, default_generator)
+    return (probs.float() / race).argmax(dim=-1)
+
+
+def _check_drafts(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor | None, batch: int, width: int,
+                  vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate draft ids [B, K] and counts [B]; returns (counts, valid mask [B, K])."""
+    if not isinstance(draft_token_ids, torch.Tensor) or draft_token_ids.shape != (batch, width):
+        raise ValueError(f"draft_token_ids must have shape ({batch}, {width}), "
+                         f"got {getattr(draft_token_ids, 'shape', draft_token_ids)!r}")
+    if draft_token_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"draft_token_ids must be an integer tensor, got {draft_token_ids.dtype}")
+    device = draft_token_ids.device
+    if num_draft_tokens is None:
+        num_draft_tokens = torch.full((batch,), width, dtype=torch.int64, device=device)
+    if num_draft_tokens.shape != (batch,) or bool(((num_draft_tokens < 0) | (num_draft_tokens > width)).any()):
+        raise ValueError(f"num_draft_tokens must be ({batch},) values in [0, {width}], got {num_draft_tokens.tolist()}")
+    num_draft_tokens = num_draft_tokens.to(device, torch.int64)
+    valid = torch.arange(width, device=device) < num_draft_tokens.unsqueeze(-1)
+    if vocab is not None:
+        bad = valid & ((draft_token_ids < 0) | (draft_token_ids >= vocab))
+        if bool(bad.any()):
+            b, i = bad.nonzero()[0].tolist()
+            raise ValueError(f"draft token {int(draft_token_ids[b, i])} at row {b} position {i} is outside [0, {vocab})")
+    return num_draft_tokens, valid
+
+
+def emit_tokens(draft_token_ids: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor) -> SpecDecodeOutput:
+    """Assemble [B, K+1] output rows: the first num_accepted[b] of draft_token_ids[b], then last[b], then
+    PLACEHOLDER_TOKEN_ID. Shared by the chain verifiers here and the tree verifiers (minillm.speculative.tree)."""
+    batch, width = draft_token_ids.shape
+    out = torch.full((batch, width + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int64, device=draft_token_ids.device)
+    out[:, :width] = draft_token_ids
+    out[torch.arange(width + 1, device=out.device) >= num_accepted.unsqueeze(-1)] = PLACEHOLDER_TOKEN_ID
+    out[torch.arange(batch, device=out.device), num_accepted] = last.to(out.device, torch.int64)
+    return SpecDecodeOutput(out, num_accepted)
+
+
+def greedy_verify(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
+                  num_draft_tokens: torch.Tensor | None = None) -> SpecDecodeOutput:
+    """Temperature 0: accept drafts while they equal the target's argmax; then emit the argmax where they first differ
+    (or the bonus argmax after the last draft).
+
+    target_token_ids: int [B, K+1], the target's argmax at each draft position and at the bonus position.
+    draft_token_ids: int [B, K]. num_draft_tokens: int [B] in [0, K] (None = K for every row); positions past a
+    row's count are padding and never accepted.
+    """
+    if not isinstance(target_token_ids, torch.Tensor) or target_token_ids.dim() != 2 or target_token_ids.shape[1] < 1:
+        raise ValueError(f"target_token_ids must be [B, K+1], got {getattr(target_token_ids, 'shape', target_token_ids)!r}")
+    batch, width = target_token_ids.shape[0], target_token_ids.shape[1] - 1
+    num_draft_tokens, valid = _check_drafts(draft_token_ids, num_draft_tokens, batch, width, None)
+    match = (draft_token_ids == target_token_ids[:, :width]) & valid
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # length of the all-matching prefix
+    last = target_token_ids.gather(1, num_accepted.unsqueeze(-1)).squeeze(-1)
+    return emit_tokens(draft_token_ids, num_accepted, last)
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, draft_token_ids: torch.Tensor,
+                     num_draft_tokens: torch.Tensor | None = None,
+                     generators: list[torch.Generator | None] | None = None,
+                     default_generator: torch.Generator | None = None) -> SpecDecodeOutput:
+    """Speculative sampling over a batch: the emitted tokens are distributed exactly as the target's sampling.
+
+    target_probs: float [B, K+1, V]; row b, position i is the target's distribution after the first i drafts of b
+      (position k_b is the bonus position). Padded positions are ignored.
+    draft_probs: float [B, K, V], the distributions the drafts were sampled from, or None for deterministic
+      proposals (one-hot q: n-gram, lookahead, greedy drafts).
+    draft_token_ids: int [B, K]; num_draft_tokens: int [B] in [0, K] (None = K for every row).
+    generators: one torch.Generator or None per row (None rows draw from default_generator).
+    Raises ValueError when a draft token has q(x) = 0: it cannot have been sampled from q.
+    """
+    if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3 or target_probs.shape[1] < 1:
+        raise ValueError(f"target_probs must be [B, K+1, V], got {getattr(target_probs, 'shape', target_probs)!r}")
+    batch, width, vocab = target_probs.shape[0], target_probs.shape[1] - 1, target_probs.shape[2]
+    if draft_probs is not None and (not isinstance(draft_probs, torch.Tensor)
+                                    or draft_probs.shape != (batch, width, vocab)):
+        raise ValueError(f"draft_probs must be None or of shape ({batch}, {width}, {vocab}), "
+                         f"got {getattr(draft_probs, 'shape', draft_probs)!r}")
+    num_draft_tokens, valid = _check_drafts(draft_token_ids, num_draft_tokens, batch, width, vocab)
+    p = target_probs.float()
+    rows = torch.arange(batch, device=p.device)
+    x = draft_token_ids.long().clamp(0, vocab - 1)  # padding may hold anything; it is masked out below
+    p_x = p[:, :width].gather(-1, x.unsqueeze(-1)).squeeze(-1)
+    if draft_probs is None:
+        q_x = torch.ones_like(p_x)
+    else:
+        q_x = draft_probs.float().gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        bad = valid & (q_x <= 0)
+        if bool(bad.any()):
+            b, i = bad.nonzero()[0].tolist()
+            raise ValueError(f"draft token {int(x[b, i])} at row {b} position {i} has draft probability "
+                             f"{float(q_x[b, i])}: drafts must be sampled from draft_probs (q(x) > 0)")
+    uniforms, race = draw_noise(num_draft_tokens, width, vocab, p.device, generators, default_generator)
+    # accept with probability min(1, p/q): u < p/q, written without the division (u in [0, 1), q > 0)
+    accepted = (uniforms * q_x < p_x) & valid
+    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
+    # The one extra token: the residual at the first rejection, or p itself at the bonus position, which is the
+    # residual against q = 0. One code path for both.
+    p_last = p[rows, num_accepted]
+    q_last = torch.zeros_like(p_last)
+    if width > 0:
+        at = num_accepted.clamp(max=width - 1)
+        if draft_probs is None:
+            q_last.scatter_(-1, x[rows, at].unsqueeze(-1), 1.0)
+        else:
+            q_last = draft_probs[rows, at].float()
+        q_last = q_last * (num_accepted < num_draft_tokens).unsqueeze(-1)
+    last = (residual_distribution(p_last, q_last) / race).argmax(dim=-1)
+    return emit_tokens(draft_token_ids.long(), num_accepted, last)

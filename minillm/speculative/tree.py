@@ -1,0 +1,247 @@
+"""Token trees: verifying many draft continuations in one forward pass (chapter on speculative decoding).
+
+A chain of k drafts is all-or-nothing after the first miss: if the draft's first guess is wrong, the other k-1
+positions the target scored were wasted. Proposers such as Medusa heads (Cai et al. 2024, "Medusa: Simple LLM
+Inference Acceleration Framework with Multiple Decoding Heads") and EAGLE (Li et al. 2024, "EAGLE: Speculative
+Sampling Requires Rethinking Feature Uncertainty") produce a top-k *distribution* per future position, and the
+first choice is often wrong when the second is right. A tree spends the same idle compute (see
+minillm.speculative.rejection) on several alternatives at once: the root is the last emitted token, the children of
+a node are candidate next tokens, and one forward pass scores every node. The longest root-to-leaf path the target
+agrees with is accepted, so the tree buys a longer expected accept length per step for the same number of scored
+positions (SpecInfer, Miao et al. 2024, verifies trees of several drafts the same way).
+
+What makes one pass possible is the layout. The tree is flattened into num_nodes positions (parents before
+children): node i carries a token, its parent's index, its depth, and the position id seq_len + depth (siblings share
+a position: they are alternatives for the same slot). The attention mask lets node i see the whole prefix and its
+own ancestors, itself included, and nothing else: each node is scored as if its path were the only continuation.
+
+Medusa's trees are static: a node is an index path (r_1, ..., r_d), "rank r_1 of head 1, then rank r_2 of head 2,
+...". The full cartesian product grows as topk^depth, so a sparse tree keeps only the paths most likely to be
+accepted (`sparse_tree_paths`, Medusa's greedy construction from per-head accuracies measured on calibration data).
+
+Verification. Greedy: node i is accepted when its token equals the target's argmax at its parent and its parent was
+accepted; the deepest accepted node wins, and the target's argmax there is the bonus token. Sampling: at the root,
+draw x from the target's distribution; if x is a child's token, move there and repeat, otherwise emit x and stop.
+This is the per-node rejection rule with one-hot drafts: trying children one by one, child c is accepted with
+probability p(c) and on rejection the residual is p with c removed and renormalised, which accepts the next
+child with probability p(c') / (1 - p(c)); the whole sweep is one draw from p that lands on a child or not, so the
+emitted tokens are exact samples of the target (SpecInfer's multi-candidate rejection sampling).
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minillm.speculative.rejection import SpecDecodeOutput, draw_noise, emit_tokens
+
+
+def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
+    """bool [N, N]: mask[i, j] is True when node j is node i or one of its ancestors (parents[root] = -1).
+
+    Pointer jumping: every node walks one step up per iteration, all nodes at once, max-depth iterations in total.
+    """
+    n = parents.shape[0]
+    rows = torch.arange(n, device=parents.device)
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    ancestor = parents.clone()
+    while bool((ancestor >= 0).any()):
+        up = ancestor >= 0
+        mask[rows[up], ancestor[up]] = True
+        ancestor = torch.where(up, parents[ancestor.clamp(min=0)], ancestor)
+    return mask
+
+
+def prefix_tree_attention_mask(tree_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """bool [N, prefix_len + N]: the tree's nodes see the whole cached prefix, then the tree part of `tree_mask`."""
+    if prefix_len < 0:
+        raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
+    prefix = torch.ones((tree_mask.shape[0], prefix_len), dtype=torch.bool, device=tree_mask.device)
+    return torch.cat([prefix, tree_mask], dim=1)
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """A flattened tree of num_nodes positions, node 0 the root, parents before children.
+
+    parents: int64 [N] (-1 for the root); depths: int64 [N] (root 0; position offset of each node);
+    ranks: int64 [N], for a tree built from index paths the top-k rank each node takes from its head (root 0);
+    attn_mask: bool [N, N] from tree_attention_mask.
+    """
+
+    parents: torch.Tensor
+    depths: torch.Tensor
+    ranks: torch.Tensor
+    attn_mask: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parents.shape[0]
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max())
+
+    def position_ids(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """int64 [B, N]: the position of each node for sequences whose next position is seq_lens [B]."""
+        return seq_lens.long().unsqueeze(-1) + self.depths.to(seq_lens.device)
+
+    @classmethod
+    def from_parents(cls, parents: Sequence[int] | torch.Tensor, ranks: Sequence[int] | None = None) -> "TokenTree":
+        """A tree from parent indices; requires parents[0] == -1 and 0 <= parents[i] < i for every other node."""
+        parents = torch.as_tensor(parents, dtype=torch.int64)
+        n = parents.shape[0]
+        if parents.dim() != 1 or n < 1 or int(parents[0]) != -1:
+            raise ValueError(f"parents must be 1-D with parents[0] == -1 (the root), got {parents.tolist()}")
+        bad = (parents[1:] < 0) | (parents[1:] >= torch.arange(1, n))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0]) + 1
+            raise ValueError(f"node {i} has parent {int(parents[i])}; need 0 <= parent < {i} (parents before children)")
+        depths = torch.zeros(n, dtype=torch.int64)
+        for i in range(1, n):  # parents come first, so one pass suffices
+            depths[i] = depths[parents[i]] + 1
+        ranks_t = torch.zeros(n, dtype=torch.int64) if ranks is None else torch.as_tensor(ranks, dtype=torch.int64)
+        return cls(parents, depths, ranks_t, tree_attention_mask(parents))
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TokenTree":
+        """A tree from index paths (Medusa's format): (r_1, ..., r_d) is the node reached by rank r_1 of the first
+        head, then rank r_2 of the second, ... The root () is implicit. Every prefix of a path must be a path too.
+        Nodes are ordered by depth, then lexicographically, so parents come before children."""
+        nodes = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        if any(len(p) == 0 or min(p) < 0 for p in nodes):
+            raise ValueError("every path must be a non-empty sequence of ranks >= 0 (the root () is implicit)")
+        index = {(): 0} | {p: i + 1 for i, p in enumerate(nodes)}
+        missing = [p for p in nodes if p[:-1] not in index]
+        if missing:
+            raise ValueError(f"path {missing[0]} has no parent path {missing[0][:-1]}: every prefix must be listed")
+        parents = [-1] + [index[p[:-1]] for p in nodes]
+        return cls.from_parents(parents, ranks=[0] + [p[-1] for p in nodes])
+
+    def candidates(self, root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [B, N] tree tokens: the root token [B] at node 0, and at a node of depth d and rank r the r-th
+        choice of head d: head_topk_ids [B, num_heads, topk] (Medusa's heads, EAGLE's draft steps)."""
+        if head_topk_ids.dim() != 3 or head_topk_ids.shape[0] != root_token_ids.shape[0]:
+            raise ValueError(f"head_topk_ids must be [B, num_heads, topk] with B = {root_token_ids.shape[0]}, "
+                             f"got {tuple(head_topk_ids.shape)}")
+        batch, heads, topk = head_topk_ids.shape
+        if heads < self.max_depth or topk <= int(self.ranks.max()):
+            raise ValueError(f"this tree needs >= {self.max_depth} heads and top-{int(self.ranks.max()) + 1}, "
+                             f"got {heads} heads of top-{topk}")
+        device = head_topk_ids.device
+        flat = ((self.depths[1:] - 1) * topk + self.ranks[1:]).to(device)
+        drafts = head_topk_ids.reshape(batch, heads * topk).gather(1, flat.expand(batch, -1))
+        return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
+
+
+def token_tree_from_candidates(root_token_id: int, continuations: Sequence[Sequence[int]]) -> tuple[TokenTree, torch.Tensor]:
+    """Merge candidate continuations (lookahead's n-grams, several drafts) into one trie rooted at root_token_id:
+    shared prefixes are scored once. Returns the tree and its tokens int64 [N]."""
+    prefixes = {tuple(c[: d + 1]) for c in continuations for d in range(len(c))}
+    tree = TokenTree.from_paths(prefixes)  # token paths are index paths too; node order matches from_paths'
+    ordered = sorted(prefixes, key=lambda p: (len(p), p))
+    return tree, torch.tensor([root_token_id] + [p[-1] for p in ordered], dtype=torch.int64)
+
+
+def sparse_tree_paths(head_accuracies: Sequence[Sequence[float]], num_nodes: int) -> list[tuple[int, ...]]:
+    """Medusa's sparse tree: the `num_nodes` index paths with the largest estimated acceptance probability, the
+    product of head_accuracies[d][r_d] along the path (head_accuracies[h][r]: how often head h's rank-r choice is
+    the right token, measured on calibration data). Best-first search: a node enters the frontier only after its
+    parent and its next-better sibling, so the result is a valid tree."""
+    if num_nodes < 1 or not head_accuracies or any(not row for row in head_accuracies):
+        raise ValueError(f"need num_nodes >= 1 and a non-empty accuracy row per head, got {num_nodes}, {head_accuracies}")
+    frontier = [(-float(head_accuracies[0][0]), (0,))]
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < num_nodes:
+        neg_score, path = heapq.heappop(frontier)
+        chosen.append(path)
+        depth, rank = len(path) - 1, path[-1]
+        if rank + 1 < len(head_accuracies[depth]):  # next sibling: same parent, next rank
+            sibling_score = neg_score / head_accuracies[depth][rank] * head_accuracies[depth][rank + 1]
+            heapq.heappush(frontier, (sibling_score, path[:-1] + (rank + 1,)))
+        if depth + 1 < len(head_accuracies):  # first child: next head's best choice
+            heapq.heappush(frontier, (neg_score * head_accuracies[depth + 1][0], path + (0,)))
+    return chosen
+
+
+@dataclass
+class TreeVerifyOutput(SpecDecodeOutput):
+    """SpecDecodeOutput plus accepted_nodes: int64 [B, max_depth+1], the nodes of the accepted path, root first,
+    num_accepted+1 of them then -1. The engine keeps those nodes' KV entries and drops the rest."""
+
+    accepted_nodes: torch.Tensor = None  # type: ignore[assignment]
+
+
+def _check_tree_inputs(tree: TokenTree, candidates: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if candidates.dim() != 2 or candidates.shape[1] != tree.num_nodes:
+        raise ValueError(f"candidates must be [B, {tree.num_nodes}], got {tuple(candidates.shape)}")
+    if target.shape[:2] != candidates.shape:
+        raise ValueError(f"{name} must start with [B, N] = {tuple(candidates.shape)}, got {tuple(target.shape)}")
+
+
+def _path_output(tree: TokenTree, candidates: torch.Tensor, best: torch.Tensor, last: torch.Tensor) -> TreeVerifyOutput:
+    """From the deepest accepted node per row and the token after it, the emitted tokens and the path's nodes."""
+    batch, depth = candidates.shape[0], tree.max_depth
+    device = candidates.device
+    on_path = tree.attn_mask.to(device)[best]  # [B, N]: ancestors of best, itself included
+    depths = tree.depths.to(device)
+    # node j of the path goes to column depths[j]; nodes off the path go to a spare column, dropped after
+    column = torch.where(on_path, depths, torch.full_like(depths, depth + 1))
+    nodes = torch.full((batch, depth + 2), -1, dtype=torch.int64, device=device)
+    nodes.scatter_(1, column, torch.arange(tree.num_nodes, device=device).expand(batch, -1))
+    nodes = nodes[:, : depth + 1]
+    num_accepted = depths[best]
+    path_tokens = candidates.gather(1, nodes[:, 1:].clamp(min=0))
+    out = emit_tokens(path_tokens, num_accepted, last)
+    return TreeVerifyOutput(out.token_ids, out.num_accepted, nodes)
+
+
+def verify_tree_greedy(tree: TokenTree, candidates: torch.Tensor, target_token_ids: torch.Tensor) -> TreeVerifyOutput:
+    """Greedy tree verification. candidates: int [B, N] tree tokens (node 0 the root, already emitted);
+    target_token_ids: int [B, N], the target's argmax at each node. Accepts the longest root-to-leaf path whose
+    every token is the target's argmax at its parent (ties: the first such path in node order)."""
+    _check_tree_inputs(tree, candidates, target_token_ids, "target_token_ids")
+    device = candidates.device
+    parents, depths = tree.parents.to(device), tree.depths.to(device)
+    accepted = torch.zeros(candidates.shape, dtype=torch.bool, device=device)
+    accepted[:, 0] = True
+    for d in range(1, tree.max_depth + 1):  # one level at a time: a node needs its parent's verdict first
+        level = (depths == d).nonzero().flatten()
+        agrees = candidates[:, level] == target_token_ids[:, parents[level]]
+        accepted[:, level] = agrees & accepted[:, parents[level]]
+    best = torch.where(accepted, depths, -1).argmax(dim=1)  # argmax returns the first of equal maxima
+    last = target_token_ids.gather(1, best.unsqueeze(-1)).squeeze(-1)
+    return _path_output(tree, candidates, best, last)
+
+
+def verify_tree_sampling(tree: TokenTree, candidates: torch.Tensor, target_probs: torch.Tensor,
+                         generators: list[torch.Generator | None] | None = None,
+                         default_generator: torch.Generator | None = None) -> TreeVerifyOutput:
+    """Lossless tree verification for deterministic (top-k) drafts. target_probs: float [B, N, V], the target's
+    distribution at each node (from rejection.logits_to_probs). From the root: draw x ~ p(node); if a child of the
+    node holds x, descend to it and repeat; otherwise emit x. At a leaf, x is the bonus. Siblings should hold distinct
+    tokens (each head's top-k do): with duplicates the first is taken, still lossless, but it may stop earlier than
+    verify_tree_greedy, which looks down every matching branch."""
+    _check_tree_inputs(tree, candidates, target_probs, "target_probs")
+    batch, num_nodes, vocab = target_probs.shape
+    device = target_probs.device
+    depth = tree.max_depth
+    parents = tree.parents.to(device)
+    no_uniforms = torch.zeros(batch, dtype=torch.int64)
+    _, race = draw_noise(no_uniforms, 0, (depth + 1) * vocab, device, generators, default_generator)
+    race = race.reshape(batch, depth + 1, vocab)
+    rows = torch.arange(batch, device=device)
+    node = torch.zeros(batch, dtype=torch.int64, device=device)
+    last = torch.zeros(batch, dtype=torch.int64, device=device)
+    walking = torch.ones(batch, dtype=torch.bool, device=device)
+    for d in range(depth + 1):
+        x = (target_probs[rows, node].float() / race[:, d]).argmax(dim=-1)
+        child = (parents.unsqueeze(0) == node.unsqueeze(-1)) & (candidates == x.unsqueeze(-1))
+        descend = walking & child.any(dim=1)
+        stop = walking & ~descend
+        last = torch.where(stop, x, last)
+        node = torch.where(descend, child.long().argmax(dim=1), node)
+        walking = descend
+    return _path_output(tree, candidates, node, last)
