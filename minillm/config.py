@@ -32,6 +32,10 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2 has a bias on q/k/v projections
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Weight quantization (chapter 8): a name from minillm.quant.base.QUANTIZATION_METHODS (vLLM's spelling),
+    # and the checkpoint's `quantization_config` dict that the method's QuantizationConfig.from_config reads.
+    quantization: str | None = None
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -60,6 +64,12 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.quantization is not None:
+            from minillm.quant.base import check_quantization_name  # lazy: quant imports torch
+            check_quantization_name(self.quantization)
+        if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
+            raise TypeError(f"ModelConfig.quantization_config must be a dict or None, "
+                            f"got {type(self.quantization_config).__name__}")
 
     @property
     def eos_token_ids(self) -> list[int]:

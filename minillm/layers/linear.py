@@ -7,24 +7,24 @@ packed layer carries a `weight_loader(param, loaded_weight, shard_id)` that copi
 into its slice of the packed parameter. That is vLLM's design, and it is also where tensor parallelism
 (chapter 10) will take each rank's slice of the columns or rows.
 
-How the matmul is done is delegated to `layer.quant_method`: `UnquantizedLinearMethod` is a plain
-`F.linear`; the quantization chapter swaps in methods that store packed int4/fp8 weights and scales and
-call their own kernels, without touching the model code.
+How the weights are stored and the matmul done is delegated to `layer.quant_method`, a LinearMethod
+(minillm.quant.base, chapter 8): it registers the parameters (create_weights), repacks or quantizes them once
+the checkpoint is in (process_weights_after_loading) and computes y = x W^T + b (apply). The default,
+`UnquantizedLinearMethod`, is a dense weight and `F.linear`; a `quant_config` picks another per layer, by
+its name (`prefix`), without touching the model code. Whatever a method stores, each parameter carries this
+layer's `weight_loader`, which slices along the parameter's `output_dim`, so q/k/v and gate/up shards load
+the same way for every method.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
-class UnquantizedLinearMethod:
-    """The default `quant_method`: dense weights, y = x W^T + b."""
-
-    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+__all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader"]
 
 
 def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
@@ -41,25 +41,25 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), W: [output_size, input_size], with a checkpoint `weight_loader` on each parameter."""
+    """y = x W^T (+ b), W: [output_size, input_size]; storage and matmul belong to `self.quant_method`.
+
+    `quant_config` (one per model) chooses the method for this layer from its `prefix`, its module name in the
+    model; `quant_method` passes one directly (tests, the course). Neither: dense.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "", quant_method: LinearMethod | None = None) -> None:
         super().__init__()
         if input_size < 1 or output_size < 1:
             raise ValueError(f"Linear sizes must be >= 1, got input_size={input_size}, output_size={output_size}")
         self.input_size = input_size
         self.output_size = output_size
-        # Uninitialised on purpose (as vLLM): every value is overwritten by the loader, and a missing
-        # tensor is an error there, so no init cost is paid for a 8B-parameter model.
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self.prefix = prefix
+        if quant_method is None and quant_config is not None:
+            quant_method = quant_config.get_quant_method(self, prefix)
         self.quant_method = quant_method if quant_method is not None else UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, output_size, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         """Copy a whole checkpoint tensor into `param` (an unpacked layer has no shards)."""
@@ -69,10 +69,11 @@ class Linear(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x)
+        return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+        method = type(self.quant_method).__name__
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, quant_method={method}"
 
 
 class _PackedLinear(Linear):
@@ -88,7 +89,12 @@ class _PackedLinear(Linear):
         if shard_id not in self.shard_ids:
             raise ValueError(f"{type(self).__name__} shard_id must be one of {self.shard_ids}, got {shard_id!r}")
         offset, size = self.shard_slice(shard_id)
-        target = param.data.narrow(0, offset, size)  # rows of this shard; a bias narrows the same way
+        dim = getattr(param, "output_dim", 0)
+        if dim is None:  # e.g. one per-tensor scale: it cannot hold a slice per shard
+            raise ValueError(f"{type(self).__name__}: parameter of shape {tuple(param.shape)} has no output "
+                             f"dimension to load shard {shard_id!r} into")
+        # rows of this shard (a bias, a per-channel scale narrow the same way; a transposed weight on dim 1)
+        target = param.data.narrow(dim, offset, size)
         _check_shape(f"{type(self).__name__} shard {shard_id!r}", loaded_weight.shape, target.shape)
         target.copy_(loaded_weight)
 
@@ -99,7 +105,9 @@ class QKVLinear(_PackedLinear):
     shard_ids = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+                 bias: bool = False, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 quant_method: LinearMethod | None = None) -> None:
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         self.head_dim = head_dim
@@ -107,7 +115,8 @@ class QKVLinear(_PackedLinear):
         self.num_kv_heads = num_kv_heads
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias=bias, dtype=dtype, quant_method=quant_method)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias=bias, dtype=dtype,
+                         quant_config=quant_config, prefix=prefix, quant_method=quant_method)
 
     def shard_slice(self, shard_id: str) -> tuple[int, int]:
         return {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
@@ -122,12 +131,14 @@ class MergedColumnLinear(_PackedLinear):
     """Several projections of the same input side by side (gate_up_proj = [gate | up]); shard ids 0, 1, ..."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 dtype: torch.dtype | None = None, quant_method: Any | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "", quant_method: LinearMethod | None = None) -> None:
         if not output_sizes or any(s < 1 for s in output_sizes):
             raise ValueError(f"MergedColumnLinear output_sizes must be positive, got {output_sizes}")
         self.output_sizes = list(output_sizes)
         self.shard_ids = tuple(range(len(output_sizes)))
-        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, quant_method=quant_method)
+        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, quant_config=quant_config,
+                         prefix=prefix, quant_method=quant_method)
 
     def shard_slice(self, shard_id: int) -> tuple[int, int]:
         return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]

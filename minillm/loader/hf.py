@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from minillm.config import ModelConfig
 from minillm.loader.model_files import check_weight_shapes
+from minillm.quant.base import check_quantization_name
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and SmolLM2 are model_type "llama"
 # Tensors that some checkpoints carry but the model recomputes or does not need.
@@ -60,6 +61,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         # implement only full attention, so we cap the context there instead of silently diverging.
         max_pos = int(window)
     heads = raw["num_attention_heads"]
+    quantization, quant_config = _quantization(raw, source)
     return ModelConfig(
         architecture=model_type,
         vocab_size=raw["vocab_size"],
@@ -77,7 +79,35 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         attention_bias=model_type == "qwen2",
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
+        quantization=quantization,
+        quantization_config=quant_config,
     )
+
+
+def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(method name, its config dict) from config.json's `quantization_config` (transformers writes it there;
+    AutoGPTQ-era checkpoints keep it in quantize_config.json, which load_hf_model merges in first)."""
+    quant_config = raw.get("quantization_config")
+    if quant_config is None:
+        return None, None
+    if not isinstance(quant_config, dict):
+        raise ValueError(f"{source}: quantization_config must be an object, got {quant_config!r}")
+    method = quant_config.get("quant_method")
+    if not isinstance(method, str):
+        raise ValueError(f"{source}: quantization_config has no quant_method string (got {method!r})")
+    try:
+        check_quantization_name(method)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return method, dict(quant_config)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def _weight_files(directory: str) -> dict[str, str]:
@@ -107,8 +137,14 @@ def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[t
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: no config.json; expected an HF model directory "
                                 f"(config.json + *.safetensors) or a .gguf file")
-    with open(config_path, encoding="utf-8") as f:
-        config = config_from_hf(json.load(f), source=config_path)
+    raw = _read_json(config_path)
+    quantize_config = os.path.join(directory, "quantize_config.json")
+    if isinstance(raw, dict) and "quantization_config" not in raw and os.path.isfile(quantize_config):
+        extra = _read_json(quantize_config)  # AutoGPTQ's file: GPTQ unless it says otherwise
+        if not isinstance(extra, dict):
+            raise ValueError(f"{quantize_config}: expected a JSON object, got {type(extra).__name__}")
+        raw = {**raw, "quantization_config": {"quant_method": "gptq", **extra}}
+    config = config_from_hf(raw, source=config_path)
     files = _weight_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):

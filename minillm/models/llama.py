@@ -29,17 +29,20 @@ from minillm.layers.embedding import LMHead, VocabEmbedding
 from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, default_weight_loader
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import RotaryEmbedding
+from minillm.quant.base import QuantizationConfig, make_quant_config
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=config.attention_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+                                  bias=config.attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                               backend=rotary_emb.backend)
@@ -58,11 +61,14 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up packed into one matmul."""
 
-    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto",
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size], bias=False,
+                                               quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(size, config.hidden_size, bias=False, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +76,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         backend = rotary_emb.backend
-        self.self_attn = LlamaAttention(config, rotary_emb)
-        self.mlp = LlamaMLP(config, backend)
+        self.self_attn = LlamaAttention(config, rotary_emb, quant_config, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, backend, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
@@ -92,12 +99,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto",
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      base=config.rope_theta, rope_scaling=config.rope_scaling, backend=backend)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -124,7 +133,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self._backend = check_backend(backend)
-        self.model = LlamaModel(config, backend)
+        self.quant_config = make_quant_config(config)  # None: dense; one per model, asked once per Linear
+        self.model = LlamaModel(config, backend, self.quant_config)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -174,6 +184,11 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        # Every shard is in: now each Linear's method may repack / quantize (and free its staging weights).
+        for module in self.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
 
     def _map_name(self, name: str) -> tuple[str, object]:
         parts = name.split(".")

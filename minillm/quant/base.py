@@ -1,0 +1,153 @@
+"""The quantized-linear seam: how a Linear stores its weights and does its matmul (chapter 8, as vLLM does it).
+
+Every `Linear` delegates three things to a `LinearMethod` held in `layer.quant_method`:
+
+    create_weights(layer, input_size, output_size, bias, dtype)   at construction: register the parameters,
+                                                                   each with a `weight_loader` for the checkpoint
+    process_weights_after_loading(layer)                          once, after every shard is loaded: repack,
+                                                                   quantize, transpose for a kernel, free staging
+    apply(layer, x, bias)                                         every forward: y = x W^T (+ b), however W is kept
+
+The model code never changes when a technique does: `UnquantizedLinearMethod` keeps a dense weight and calls
+`F.linear`; `minillm.quant.int8_rtn` keeps int8 weights and per-channel scales; a GPTQ or FP8 method would keep
+packed int4 or fp8 tensors and call its own kernel. Which method a layer gets is decided by a
+`QuantizationConfig` (one per model, built from `ModelConfig.quantization` and the checkpoint's
+`quantization_config`) through `get_quant_method(layer, prefix)`: the prefix ("model.layers.3.mlp.down_proj")
+lets a config leave some layers dense.
+
+`QUANTIZATION_METHODS` maps the names a user passes as `LLM(..., quantization=NAME)` (vLLM's spelling) to the
+config classes; they are imported lazily, so a method's dependencies load only when it is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> "module:ConfigClass". A new method adds one line here (and its module under minillm/quant/).
+QUANTIZATION_METHODS = MappingProxyType({
+    "int8_rtn": "minillm.quant.int8_rtn:Int8RTNConfig",
+})
+# vLLM's names that minillm knows of but does not run yet: a checkpoint that asks for one fails with this
+# sentence instead of a shape mismatch deep in the loader.
+NOT_YET_SUPPORTED = ("awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "fbgemm_fp8", "bitsandbytes", "gguf",
+                     "compressed-tensors", "marlin", "modelopt", "experts_int8")
+
+
+def add_parameter(layer: nn.Module, name: str, tensor: torch.Tensor, output_dim: int | None = 0) -> nn.Parameter:
+    """Register `tensor` on `layer` as a frozen parameter that the checkpoint loader can fill.
+
+    `output_dim` says which dimension runs over the layer's output features: a packed layer (qkv_proj,
+    gate_up_proj) writes each checkpoint shard into its slice along that dimension, whatever the method stores
+    (a dense [out, in] weight, a per-channel scale [out], a transposed packed int4 tensor [in / 8, out]).
+    """
+    param = nn.Parameter(tensor, requires_grad=False)
+    param.weight_loader = layer.weight_loader
+    param.output_dim = output_dim
+    layer.register_parameter(name, param)
+    return param
+
+
+def add_bias(layer: nn.Module, output_size: int, bias: bool, dtype: torch.dtype | None) -> None:
+    """The bias stays dense under every method here (it is tiny); `layer.bias` is None without one."""
+    if bias:
+        add_parameter(layer, "bias", torch.empty(output_size, dtype=dtype))
+    else:
+        layer.register_parameter("bias", None)
+
+
+class LinearMethod(ABC):
+    """How a Linear layer keeps its weights and computes y = x W^T (+ b): vLLM's LinearMethodBase."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        """Register the layer's parameters (with `add_parameter`, so each has a `weight_loader`)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Called once after the checkpoint is fully loaded (all shards of a packed layer are in place)."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x W^T (+ bias) for x [..., input_size] -> [..., output_size]."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """The default: a dense weight [output_size, input_size] in the model's dtype, and F.linear."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        # Uninitialised on purpose (as vLLM): the loader overwrites every value and a missing tensor is an
+        # error there, so no init cost is paid for an 8B-parameter model.
+        add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
+        add_bias(layer, output_size, bias, dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class QuantizationConfig(ABC):
+    """One model's quantization scheme: parsed once from the checkpoint, asked once per Linear layer."""
+
+    name: str = ""  # the key in QUANTIZATION_METHODS
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuantizationConfig":
+        """Build from a checkpoint's `quantization_config` (config.json) or `quantize_config.json` dict."""
+
+    @abstractmethod
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        """The method for the layer at `prefix` (e.g. "model.layers.0.self_attn.qkv_proj"); None = dense."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_quantization_name(name: Any) -> str:
+    """`name` if it is a registered method; else ValueError (TypeError for a non-string) naming the known ones."""
+    known = ", ".join(sorted(QUANTIZATION_METHODS))
+    if not isinstance(name, str):
+        raise TypeError(f"quantization must be a string (one of: {known}) or None, got {type(name).__name__}: "
+                        f"{name!r}")
+    if name in QUANTIZATION_METHODS:
+        return name
+    if name.lower() in NOT_YET_SUPPORTED:
+        raise ValueError(f"quantization {name!r} is a vLLM method that minillm does not implement yet; "
+                         f"known quantization methods: {known}")
+    raise ValueError(f"unknown quantization {name!r}; known quantization methods: {known}")
+
+
+def get_quantization_config_class(name: str) -> type[QuantizationConfig]:
+    module, _, cls = QUANTIZATION_METHODS[check_quantization_name(name)].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_quant_config(model_config: Any) -> QuantizationConfig | None:
+    """The QuantizationConfig for a ModelConfig (None for a dense model): one per model, shared by its layers."""
+    name = getattr(model_config, "quantization", None)
+    if name is None:
+        return None
+    return get_quantization_config_class(name).from_config(dict(model_config.quantization_config or {}))
+
+
+def apply_quantization_override(model_config: Any, name: str | None) -> Any:
+    """`LLM(model, quantization=name)`: a copy of `model_config` that asks for `name` (None: unchanged).
+
+    A checkpoint that is already quantized with another method cannot be re-read as `name` (its tensors are
+    in that method's layout), so that is an error, as in vLLM.
+    """
+    if name is None:
+        return model_config
+    check_quantization_name(name)
+    current = model_config.quantization
+    if current is not None and current != name:
+        raise ValueError(f"the checkpoint is quantized with {current!r} (its quantization_config); it cannot be "
+                         f"loaded with quantization={name!r}; pass quantization={current!r} or None")
+    return dataclasses.replace(model_config, quantization=name)

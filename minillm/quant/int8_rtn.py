@@ -1,0 +1,88 @@
+"""int8 round-to-nearest, weight-only (W8A16): the simplest real method behind the quantized-linear seam (chapter 8).
+
+Each output channel (row) of W gets one scale, chosen so that its largest |weight| maps to 127:
+
+    s_o = max_i |W[o, i]| / 127          q[o, i] = round(W[o, i] / s_o)  in [-127, 127]
+
+so the weight costs 1 byte per element plus one scale per row (half of bf16's memory) and every weight is
+off by at most s_o / 2. Activations stay in the model's dtype: apply() dequantizes on the fly,
+y = x (q * s)^T, which saves memory but, in plain torch, no time; a fused int8 GEMM kernel is what makes
+weight-only quantization faster in the memory-bound decode phase (chapter 8 measures both).
+
+The checkpoint is the ordinary dense one: create_weights registers a dense *staging* weight, so both loaders
+(GGUF, HF) and the packed q/k/v and gate/up shard logic work unchanged; process_weights_after_loading then
+quantizes it and frees it. `LLM(model, quantization="int8_rtn")` or a config.json with
+`"quantization_config": {"quant_method": "int8_rtn"}` selects it; `modules_to_not_convert` (a list of name
+fragments, as in Hugging Face's configs) keeps matching layers dense.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
+                                add_parameter)
+
+QMAX = 127  # symmetric: -128 is never used, so negating a weight never overflows
+
+
+def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest."""
+    w = weight.float()
+    # an all-zero row would get scale 0 and 0/0 = nan; any positive scale quantizes it to exact zeros
+    scale = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+class Int8RTNLinearMethod(LinearMethod):
+    """Dense staging weight at load time; int8 `qweight` [out, in] + `weight_scale` [out] afterwards."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
+        add_bias(layer, output_size, bias, dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if "weight" not in layer._parameters:  # already quantized (a second call is a no-op)
+            return
+        dense = layer._parameters.pop("weight")  # free the staging copy: the point is the memory
+        q, scale = quantize_per_channel_int8(dense.data)
+        add_parameter(layer, "qweight", q)
+        add_parameter(layer, "weight_scale", scale.to(dense.dtype))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if "qweight" not in layer._parameters:
+            raise RuntimeError(f"{type(layer).__name__} with int8_rtn has not been quantized yet: the model's "
+                               f"load_weights calls process_weights_after_loading once the checkpoint is loaded")
+        weight = layer.qweight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]
+        return F.linear(x, weight, bias)
+
+
+class Int8RTNConfig(QuantizationConfig):
+    """Every Linear gets int8 RTN, except those whose name contains one of `modules_to_not_convert`."""
+
+    name = "int8_rtn"
+
+    def __init__(self, modules_to_not_convert: tuple[str, ...] = ()) -> None:
+        self.modules_to_not_convert = tuple(modules_to_not_convert)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Int8RTNConfig":
+        if not isinstance(config, dict):
+            raise TypeError(f"int8_rtn quantization_config must be a dict, got {type(config).__name__}")
+        bits = config.get("bits", 8)
+        if bits != 8 or isinstance(bits, bool):
+            raise ValueError(f"int8_rtn stores 8-bit weights; quantization_config has bits={bits!r}")
+        skip = config.get("modules_to_not_convert") or []
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) and s for s in skip):
+            raise ValueError(f"modules_to_not_convert must be a list of non-empty strings, got {skip!r}")
+        return cls(tuple(skip))
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        if any(fragment in prefix for fragment in self.modules_to_not_convert):
+            return UnquantizedLinearMethod()
+        return Int8RTNLinearMethod()
