@@ -28,6 +28,7 @@ def make_engine():
     def make(num_blocks: int = 256, num_cpu_blocks: int = 0, prefix_caching: bool = False, **config) -> SimulatedEngine:
         config.setdefault("max_model_len", 256)
         config.setdefault("max_num_batched_tokens", 256)
+        config.setdefault("max_num_seqs", 64)
         cfg = EngineConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching, **config)
         bm = BlockManager(num_blocks, BLOCK, num_cpu_blocks=num_cpu_blocks, enable_prefix_caching=prefix_caching)
         engine = SimulatedEngine(Scheduler(cfg, bm))
@@ -146,9 +147,9 @@ def test_chunked_prefill_uses_the_budget_exactly(make_engine):
 
 def test_without_chunking_prefills_are_whole_and_config_is_checked(make_engine):
     with pytest.raises(ValueError, match="max_num_batched_tokens=100 is smaller than max_model_len=256"):
-        Scheduler(EngineConfig(max_model_len=256, max_num_batched_tokens=100), BlockManager(64, BLOCK))
+        Scheduler(EngineConfig(max_model_len=256, max_num_batched_tokens=100, max_num_seqs=8), BlockManager(64, BLOCK))
     with pytest.raises(ValueError, match="policy"):
-        Scheduler(EngineConfig(extra={"policy": "lifo"}), BlockManager(64, BLOCK))
+        Scheduler(EngineConfig(max_num_seqs=8, extra={"policy": "lifo"}), BlockManager(64, BLOCK))
     engine = make_engine(max_model_len=100, max_num_batched_tokens=100)
     for prompt, max_tokens in workload(seed=4, n=15):
         engine.add_request(prompt, max_tokens)

@@ -236,6 +236,26 @@ class BlockManager:
             seq.block_table.append(self._take_block())
         return copies
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll seq's block table back to the blocks its first num_tokens tokens need, releasing the rest.
+
+        Speculative decoding reserves slots for k draft tokens; when only some are accepted, the blocks that
+        held nothing but rejected drafts go back (a shared one just loses this table's reference). The K/V
+        written for rejected drafts inside a kept block sit above num_computed_tokens: the next step
+        overwrites them, and nothing above num_computed_tokens is ever offered to the prefix cache (see
+        mark_computed), so a rejected token can never be cached. num_tokens may not cut computed tokens."""
+        if seq.seq_id not in self._on_device:
+            raise ValueError(f"sequence {seq.seq_id} holds no device blocks to truncate")
+        if not seq.num_computed_tokens <= num_tokens <= len(seq.block_table) * self.block_size:
+            raise ValueError(f"sequence {seq.seq_id}: can truncate to {seq.num_computed_tokens}.."
+                             f"{len(seq.block_table) * self.block_size} tokens (computed .. slots held), "
+                             f"got {num_tokens}")
+        keep = self.blocks_needed(num_tokens)
+        tail = seq.block_table[keep:]
+        if tail:
+            del seq.block_table[keep:]
+            self._release(tail)
+
     def mark_computed(self, seq: Sequence) -> None:
         """Offer seq's full, computed blocks to the prefix cache (idempotent; cheap when nothing is new)."""
         if self.prefix_cache is None or seq.seq_id not in self._on_device:

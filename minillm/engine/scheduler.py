@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from minillm.config import EngineConfig
 from minillm.engine.block_manager import BlockManager
-from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.scheduler_interface import ScheduledBatch, update_sequences
 from minillm.engine.sequence import Sequence, SequenceStatus
 
 from minillm.hooks import dispatch
@@ -110,6 +110,9 @@ class Scheduler:
         policy = config.extra.get("policy", "fcfs")
         if policy not in POLICIES:
             raise ValueError(f"config.extra['policy']={policy!r}; allowed: {', '.join(POLICIES)}")
+        if config.max_num_seqs is None:
+            raise ValueError("EngineConfig.max_num_seqs is None (decided per device): resolve the config first "
+                             "(minillm.engine.cache_config.resolve_engine_config) or give max_num_seqs >= 1")
         if (not config.enable_chunked_prefill and config.max_model_len is not None
                 and config.max_num_batched_tokens < config.max_model_len):
             raise ValueError(
@@ -190,6 +193,7 @@ class Scheduler:
                 self._add_to_batch(batch, record, seq, n)
                 budget -= n
                 i += 1
+        budget = self._grant_drafts(batch, record, budget)
 
         # (b) swapped sequences come back before anyone new, but not in a step that just preempted
         if not batch.preempted:
@@ -218,6 +222,11 @@ class Scheduler:
         if not batch.preempted and not self.swapped:
             self._admit(batch, record, budget)
 
+        granted = {id(seq) for seq in batch.seqs}
+        for queue in (self.waiting, self.running, self.swapped):
+            for seq in queue:  # drafts not scheduled this step are stale by the next one: drop them
+                if seq.spec_token_ids and id(seq) not in granted:
+                    seq.spec_token_ids = []
         record.num_free_blocks = bm.num_free_blocks
         record.num_waiting, record.num_running, record.num_swapped = \
             len(self.waiting), len(self.running), len(self.swapped)
@@ -226,7 +235,38 @@ class Scheduler:
             del self.timeline[: len(self.timeline) - TIMELINE_MAX_STEPS]
         return batch
 
+    def postprocess(self, batch: ScheduledBatch, token_ids_per_seq: list[list[int]]) -> None:
+        """The step's bookkeeping (scheduler_interface.update_sequences); a sequence that carried drafts then
+        keeps only the blocks of its computed tokens, exactly what it would hold had it never drafted."""
+        bm = self.block_manager
+        update_sequences(batch, token_ids_per_seq, rollback=lambda seq: bm.truncate(seq, seq.num_computed_tokens))
+
     # -- steps of schedule() ------------------------------------------------------------------------------
+    def _grant_drafts(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> int:
+        """Extend the decodes scheduled in (a) by their draft tokens (speculative decoding), as far as the token
+        budget, max_model_len and the free blocks allow; returns the budget left. This runs after every running
+        sequence got its own token, so a draft never preempts anyone: drafts that do not fit are trimmed."""
+        bm, limit = self.block_manager, self.config.max_model_len
+        capacity = bm.num_blocks - bm.watermark_blocks
+        for i, seq in enumerate(batch.seqs):
+            n = batch.num_new_tokens[i]
+            if not seq.spec_token_ids or seq.is_prefill or seq.num_computed_tokens + n != seq.num_tokens:
+                seq.spec_token_ids = []  # a prefill (or a chunk of one) never carries drafts
+                continue
+            k = min(len(seq.spec_token_ids), budget)
+            if limit is not None:
+                k = min(k, limit - seq.num_tokens)  # positions past max_model_len are never computed
+            while k > 0 and (bm.num_blocks_to_append(seq, n + k) > bm.num_free_blocks
+                             or bm.blocks_needed(seq.num_tokens + k) > capacity):
+                k -= 1
+            seq.spec_token_ids = seq.spec_token_ids[:max(k, 0)]
+            if k > 0:
+                batch.blocks_to_copy += bm.append_slots(seq, n + k)
+                batch.num_new_tokens[i] = n + k
+                record.scheduled[i] = (seq.seq_id, n + k)
+                budget -= k
+        return budget
+
     def _admit(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> None:
         bm = self.block_manager
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:

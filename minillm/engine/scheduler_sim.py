@@ -10,8 +10,15 @@ every scheduled sequence reads back all its positions and the identities must ma
 a prefix-cache hit on the wrong block, a missed copy-on-write or a lost swap shows up as a precise error.
 The fake model's next token is a function of the prefix, like greedy decoding, so identical prompts continue
 identically (which is what makes prefix caching across requests observable).
+
+Multi-token steps (speculative decoding's verify step) run here too: give `propose(seq) -> draft tokens` and
+each decoding sequence carries those drafts into the step; the fake model "samples" at every draft row, the
+drafts are accepted while they match (greedy acceptance), and `Scheduler.postprocess` (the same bookkeeping the
+real engine uses) appends them and gives back the blocks of the rejected ones.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from minillm.engine.block_manager import slot_mapping
 from minillm.engine.scheduler import Scheduler
@@ -69,10 +76,12 @@ class ShadowKVCache:
 class SimulatedEngine:
     """The engine loop around a Scheduler, with a fake model and a checking KV cache."""
 
-    def __init__(self, scheduler: Scheduler, vocab_size: int = 50) -> None:
+    def __init__(self, scheduler: Scheduler, vocab_size: int = 50,
+                 propose: Callable[[Sequence], list[int]] | None = None) -> None:
         bm = scheduler.block_manager
         self.scheduler = scheduler
         self.vocab_size = vocab_size
+        self.propose = propose  # drafts for a decoding sequence, asked before every step
         self.kv = ShadowKVCache(bm.num_blocks, bm.block_size, bm.num_cpu_blocks)
         self.finished: list[Sequence] = []
         self.batches: list[ScheduledBatch] = []
@@ -89,6 +98,10 @@ class SimulatedEngine:
 
     def step(self) -> ScheduledBatch:
         sched, bm = self.scheduler, self.scheduler.block_manager
+        if self.propose is not None:
+            for seq in sched.running:
+                if not seq.is_prefill:
+                    seq.spec_token_ids = list(self.propose(seq))
         batch = sched.schedule()
         self.batches.append(batch)
         self.kv.apply(batch)
@@ -96,9 +109,10 @@ class SimulatedEngine:
         identities = {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if n < 1 or end > seq.num_tokens:
-                raise AssertionError(f"sequence {seq.seq_id}: scheduled tokens {start}..{end - 1} of {seq.num_tokens}")
-            identities[seq.seq_id] = prefix_identities(seq.token_ids)
+            if n < 1 or end > seq.num_tokens + len(seq.spec_token_ids):
+                raise AssertionError(f"sequence {seq.seq_id}: scheduled tokens {start}..{end - 1} of "
+                                     f"{seq.num_tokens} + {len(seq.spec_token_ids)} drafts")
+            identities[seq.seq_id] = prefix_identities(seq.token_ids + seq.spec_token_ids)
             slots = self.kv.write(seq.block_table, start, end, identities[seq.seq_id])
             shared = {s // bm.block_size for s in slots if not bm.is_writable(s // bm.block_size)}
             if shared or written & set(slots):
@@ -107,18 +121,34 @@ class SimulatedEngine:
             written |= set(slots)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):  # attention reads after every store
             self.kv.check(seq, seq.num_computed_tokens + n, identities[seq.seq_id])
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:  # the step reached the end: sample a token
-                seq.append_token(identities[seq.seq_id][-1] % self.vocab_size)
-                if seq.num_output_tokens >= seq.sampling_params.max_tokens:
-                    seq.finish_reason = "length"
-                    sched.finish(seq)
-                    self.finished.append(seq)
+        new_tokens = [self._sample_and_accept(seq, n, identities[seq.seq_id])
+                      for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        sched.postprocess(batch, new_tokens)
+        for seq, new in zip(batch.seqs, new_tokens):
+            max_tokens = seq.sampling_params.max_tokens
+            if new and seq.num_output_tokens >= max_tokens:
+                seq.truncate_output(seq.num_prompt_tokens + max_tokens)  # a verify step may overshoot
+                seq.finish_reason = "length"
+                sched.finish(seq)
+                self.finished.append(seq)
         self.finished.extend(sched.rejected)
         sched.rejected.clear()
         sched.check_invariants()
         return batch
+
+    def _sample_and_accept(self, seq: Sequence, n: int, identities: list[int]) -> list[int]:
+        """The fake model's tokens at the last 1 + k rows when the step reaches the end (else none), cut at
+        the first draft that differs from them: greedy acceptance."""
+        spec = seq.spec_token_ids
+        if seq.num_computed_tokens + n < seq.num_tokens + len(spec):
+            return []
+        accepted = []
+        for j in range(len(spec) + 1):
+            token = identities[seq.num_tokens - 1 + j] % self.vocab_size  # prediction after position
+            accepted.append(token)
+            if j == len(spec) or spec[j] != token:
+                break
+        return accepted
 
     def run(self, max_steps: int = 100_000) -> list[Sequence]:
         """Step until every request has finished; raise if that takes more than max_steps (a livelock)."""

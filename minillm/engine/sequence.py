@@ -4,6 +4,10 @@ A request enters WAITING, is admitted to RUNNING by the scheduler, may be preemp
 recompute, or to SWAPPED when its KV blocks went to CPU memory) and ends FINISHED. `num_computed_tokens`
 counts the tokens whose keys and values are already in the KV cache; the next step computes tokens
 `num_computed_tokens .. num_tokens-1` (one for a decode, a chunk for chunked prefill, all for a prefill).
+
+Speculative decoding (chapter 8) adds `spec_token_ids`: draft tokens a proposer guessed for the positions after
+the last token. They are *not* part of `token_ids`: the next step computes them together with the last token
+(a verify step), and `Scheduler.postprocess` appends only the drafts the model accepted, plus one sampled token.
 Chapters 2, 5 and 6 build on this.
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Sequence:
         self.num_preemptions = 0
         self.generator: "torch.Generator | None" = None  # per-request RNG when sampling_params.seed is set
         self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
+        self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
 
     # -- tokens -------------------------------------------------------------------------------------------
     @property
@@ -93,6 +98,19 @@ class Sequence:
             self.first_token_time = now
         self.token_times.append(now)
         self.token_ids.append(token_id)
+
+    def truncate_output(self, num_tokens: int) -> None:
+        """Keep only the first num_tokens tokens (at least the prompt): the engine cuts a multi-token step's
+        tokens after a stop. num_computed_tokens is clamped so that it never counts a dropped token's K/V
+        (the prefix cache hashes token_ids up to num_computed_tokens)."""
+        if not self.num_prompt_tokens <= num_tokens <= self.num_tokens:
+            raise ValueError(f"sequence {self.seq_id}: can truncate to {self.num_prompt_tokens}..{self.num_tokens} "
+                             f"tokens, got {num_tokens}")
+        dropped = self.num_tokens - num_tokens
+        if dropped:
+            del self.token_ids[num_tokens:]
+            del self.token_times[len(self.token_times) - dropped:]
+            self.num_computed_tokens = min(self.num_computed_tokens, num_tokens - 1)
 
     # -- blocks -------------------------------------------------------------------------------------------
     def num_blocks_needed(self, block_size: int, num_tokens: int | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.scheduler_interface import ScheduledBatch, update_sequences
 from minillm.engine.sequence import Sequence, SequenceStatus
 
 
@@ -51,10 +51,17 @@ class StaticScheduler:
         for seq in self.batch:
             if seq.is_finished:
                 continue
+            if seq.spec_token_ids:
+                raise ValueError(f"sequence {seq.request_id!r} carries {len(seq.spec_token_ids)} draft tokens: static "
+                                 "batching has no speculative decoding (use scheduling='continuous')")
             # the first step of a batch prefills every uncomputed token; later steps decode one token
             batch.seqs.append(seq)
             batch.num_new_tokens.append(seq.num_uncomputed_tokens)
         return batch
+
+    def postprocess(self, batch: ScheduledBatch, token_ids_per_seq: list[list[int]]) -> None:
+        """The shared step bookkeeping; a slot's blocks are fixed, so there is nothing to give back."""
+        update_sequences(batch, token_ids_per_seq)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
