@@ -15,8 +15,9 @@ import torch
 from minillm.layers.sampler import top_k_filter, top_p_filter
 from minillm.speculative import rejection
 from minillm.speculative.ngram import NGramPool, propose_prompt_lookup, propose_prompt_lookup_batch
-from minillm.speculative.rejection import (PLACEHOLDER_TOKEN_ID, greedy_verify, logits_to_probs, rejection_sample,
-                                           residual_distribution)
+from minillm.speculative.rejection import (PLACEHOLDER_TOKEN_ID, expected_tokens_per_step, greedy_verify, logits_to_probs, pad_per_sequence,
+                                           rejection_sample, residual_distribution,
+                                           verify_draft_tokens)
 from minillm.speculative.tree import (TokenTree, prefix_tree_attention_mask, sparse_tree_paths,
                                       token_tree_from_candidates, verify_tree_greedy, verify_tree_sampling)
 
@@ -52,6 +53,22 @@ def test_one_hot_target_makes_rejection_sampling_greedy():
     for draft_probs in (q, None):  # sampled or deterministic drafts: greedy either way
         got = rejection_sample(probs, draft_probs, drafts, counts, default_generator=g)
         assert torch.equal(got.token_ids, expect.token_ids)
+
+
+def test_engine_entry_point_on_ragged_rows():
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([2, 0, 3])
+    flat = torch.randn(int((counts + 1).sum()), V, generator=g)  # what the runner scores: 1 + k_b rows each
+    logits = pad_per_sequence(flat, counts + 1)
+    assert logits.shape == (3, K + 1, V) and torch.equal(logits[2], flat[4:])
+    assert bool((logits[1, 1:] == 0).all()) and torch.equal(logits[0, :3], flat[:3])
+    drafts = pad_per_sequence(torch.randint(0, V, (5,), generator=g), counts).long()
+    greedy = verify_draft_tokens(logits, drafts, counts, torch.zeros(3))
+    assert torch.equal(greedy.token_ids, greedy_verify(logits.argmax(-1), drafts, counts).token_ids)
+    mixed = verify_draft_tokens(logits, drafts, counts, torch.tensor([0.0, 0.8, 0.0]), default_generator=g)
+    assert mixed.to_lists()[0] == greedy.to_lists()[0] and mixed.to_lists()[2] == greedy.to_lists()[2]
+    with pytest.raises(ValueError, match="lengths"):
+        pad_per_sequence(flat, counts)
 
 
 # ---------------------------------------------------------------- probability transforms and numerics
@@ -169,6 +186,19 @@ def test_the_chi_square_test_catches_a_verifier_without_the_residual(monkeypatch
     monkeypatch.setattr(rejection, "residual_distribution", lambda p, q: p)  # the mutant: resample from p
     p_first, p_pair = _lossless_p_values()
     assert p_first < 1e-6 and p_pair < 1e-6, (p_first, p_pair)
+
+
+def test_mean_tokens_per_step_matches_leviathans_formula():
+    # one fixed p and q at every position: each draft is accepted with probability sum(min(p, q))
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.softmax(torch.randn(2, V, generator=g), -1)
+    n = 20000
+    drafts = torch.multinomial(q, n * K, replacement=True, generator=g).reshape(n, K)
+    out = rejection_sample(p.expand(n, K + 1, V), q.expand(n, K, V), drafts, default_generator=g)
+    alpha = float(torch.minimum(p, q).sum())
+    expect = expected_tokens_per_step(alpha, K)
+    assert abs(float(out.num_accepted.double().mean()) + 1 - expect) < 0.03, (alpha, expect)
+    assert expected_tokens_per_step(1.0, 4) == 5.0 and expected_tokens_per_step(0.0, 4) == 1.0
 
 
 # ---------------------------------------------------------------- prompt lookup and the lookahead pool

@@ -68,6 +68,20 @@ class SpecDecodeOutput:
         return [row[: n + 1] for row, n in zip(rows, self.num_accepted.tolist())]
 
 
+def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
+    """Leviathan et al.'s expected tokens per verification step, (1 - a^(k+1)) / (1 - a), when each draft is
+    accepted independently with probability a = sum_x min(p(x), q(x)). The ceiling a benchmark's measured
+    accept length + 1 is compared with."""
+    if not 0 <= acceptance_rate <= 1:
+        raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate!r}")
+    if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
+            or num_speculative_tokens < 0:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}")
+    if acceptance_rate == 1:
+        return float(num_speculative_tokens + 1)
+    return (1 - acceptance_rate ** (num_speculative_tokens + 1)) / (1 - acceptance_rate)
+
+
 def logits_to_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
                     top_ps: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, V] or [B, S, V] -> float32 probabilities of the same shape, under per-sequence parameters [B].
@@ -259,3 +273,35 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | Non
         q_last = q_last * (num_accepted < num_draft_tokens).unsqueeze(-1)
     last = (residual_distribution(p_last, q_last) / race).argmax(dim=-1)
     return emit_tokens(draft_token_ids.long(), num_accepted, last)
+
+
+def pad_per_sequence(rows: torch.Tensor, lengths: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Ragged rows [T, ...] (sequence b owns lengths[b] consecutive rows, T = sum(lengths)) -> [B, max_len, ...]
+    padded with `fill`. The runner scores 1 + k_b rows per sequence; the verifiers take [B, K+1, V]."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=rows.device)
+    if lengths.dim() != 1 or bool((lengths < 0).any()) or int(lengths.sum()) != rows.shape[0]:
+        raise ValueError(f"lengths must be >= 0 and sum to the {rows.shape[0]} rows, got {lengths.tolist()}")
+    width = int(lengths.max()) if lengths.numel() else 0
+    out = rows.new_full((lengths.shape[0], width, *rows.shape[1:]), fill)
+    out[torch.arange(width, device=rows.device) < lengths.unsqueeze(-1)] = rows  # row-major order = ragged order
+    return out
+
+
+def verify_draft_tokens(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
+                        num_draft_tokens: torch.Tensor | None, temperatures: torch.Tensor,
+                        top_ks: torch.Tensor | None = None, top_ps: torch.Tensor | None = None,
+                        draft_probs: torch.Tensor | None = None,
+                        generators: list[torch.Generator | None] | None = None,
+                        default_generator: torch.Generator | None = None) -> SpecDecodeOutput:
+    """The engine's one call: target logits [B, K+1, V] of a mixed batch -> the tokens each sequence appends.
+
+    All-greedy batches take the argmax shortcut; otherwise every row goes through rejection_sample on
+    logits_to_probs (whose greedy rows are one-hot, so they come out greedy). draft_probs: the draft's
+    logits_to_probs under the same parameters, or None for deterministic proposals.
+    """
+    if not isinstance(temperatures, torch.Tensor) or bool((temperatures < 0).any()):
+        raise ValueError(f"temperatures must be a tensor of values >= 0, got {temperatures!r}")
+    if bool((temperatures == 0).all()):
+        return greedy_verify(target_logits.argmax(dim=-1), draft_token_ids, num_draft_tokens)
+    probs = logits_to_probs(target_logits, temperatures, top_ks, top_ps)
+    return rejection_sample(probs, draft_probs, draft_token_ids, num_draft_tokens, generators, default_generator)
