@@ -15,9 +15,9 @@ import torch
 from minillm.layers.sampler import top_k_filter, top_p_filter
 from minillm.speculative import rejection
 from minillm.speculative.ngram import NGramPool, propose_prompt_lookup, propose_prompt_lookup_batch
-from minillm.speculative.rejection import (PLACEHOLDER_TOKEN_ID, expected_tokens_per_step, greedy_verify, logits_to_probs, pad_per_sequence,
-                                           rejection_sample, residual_distribution,
-                                           verify_draft_tokens)
+from minillm.speculative.rejection import (PLACEHOLDER_TOKEN_ID, expected_tokens_per_step, greedy_verify,
+                                           logits_to_probs, pad_per_sequence, rejection_sample,
+                                           residual_distribution, verify_draft_tokens)
 from minillm.speculative.tree import (TokenTree, prefix_tree_attention_mask, sparse_tree_paths,
                                       token_tree_from_candidates, verify_tree_greedy, verify_tree_sampling)
 

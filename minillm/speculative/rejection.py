@@ -132,8 +132,8 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def draw_noise(num_draws: torch.Tensor, width: int, vocab: int, device: torch.device,
-                generators: list[torch.Generator | None] | None,
-                default_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+               generators: list[torch.Generator | None] | None,
+               default_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: num_draws[b] uniforms in [0, 1) (padded to `width`) for the accept tests, and `vocab` Exp(1) values
     for the final draw by the exponential race (argmax p/E ~ Categorical(p); see minillm.layers.sampler).
 
@@ -187,7 +187,8 @@ def _check_drafts(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor 
         bad = valid & ((draft_token_ids < 0) | (draft_token_ids >= vocab))
         if bool(bad.any()):
             b, i = bad.nonzero()[0].tolist()
-            raise ValueError(f"draft token {int(draft_token_ids[b, i])} at row {b} position {i} is outside [0, {vocab})")
+            raise ValueError(f"draft token {int(draft_token_ids[b, i])} at row {b} position {i} "
+                             f"is outside [0, {vocab})")
     return num_draft_tokens, valid
 
 
@@ -212,7 +213,8 @@ def greedy_verify(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
     row's count are padding and never accepted.
     """
     if not isinstance(target_token_ids, torch.Tensor) or target_token_ids.dim() != 2 or target_token_ids.shape[1] < 1:
-        raise ValueError(f"target_token_ids must be [B, K+1], got {getattr(target_token_ids, 'shape', target_token_ids)!r}")
+        raise ValueError(f"target_token_ids must be [B, K+1], "
+                         f"got {getattr(target_token_ids, 'shape', target_token_ids)!r}")
     batch, width = target_token_ids.shape[0], target_token_ids.shape[1] - 1
     num_draft_tokens, valid = _check_drafts(draft_token_ids, num_draft_tokens, batch, width, None)
     match = (draft_token_ids == target_token_ids[:, :width]) & valid

@@ -30,6 +30,7 @@ emitted tokens are exact samples of the target (SpecInfer's multi-candidate reje
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,7 +137,8 @@ class TokenTree:
         return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
 
 
-def token_tree_from_candidates(root_token_id: int, continuations: Sequence[Sequence[int]]) -> tuple[TokenTree, torch.Tensor]:
+def token_tree_from_candidates(root_token_id: int,
+                               continuations: Sequence[Sequence[int]]) -> tuple[TokenTree, torch.Tensor]:
     """Merge candidate continuations (lookahead's n-grams, several drafts) into one trie rooted at root_token_id:
     shared prefixes are scored once. Returns the tree and its tokens int64 [N]."""
     prefixes = {tuple(c[: d + 1]) for c in continuations for d in range(len(c))}
@@ -150,19 +152,27 @@ def sparse_tree_paths(head_accuracies: Sequence[Sequence[float]], num_nodes: int
     product of head_accuracies[d][r_d] along the path (head_accuracies[h][r]: how often head h's rank-r choice is
     the right token, measured on calibration data). Best-first search: a node enters the frontier only after its
     parent and its next-better sibling, so the result is a valid tree."""
-    if num_nodes < 1 or not head_accuracies or any(not row for row in head_accuracies):
-        raise ValueError(f"need num_nodes >= 1 and a non-empty accuracy row per head, got {num_nodes}, {head_accuracies}")
-    frontier = [(-float(head_accuracies[0][0]), (0,))]
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
+    if not head_accuracies or any(not row or min(row) < 0 or max(row) > 1 for row in head_accuracies):
+        raise ValueError(f"head_accuracies must be one non-empty row of values in [0, 1] per head, "
+                         f"got {head_accuracies!r}")
+
+    def score(path: tuple[int, ...]) -> float:
+        return math.prod(head_accuracies[d][r] for d, r in enumerate(path))
+
+    frontier = [(-score((0,)), (0,))]  # heapq is a min-heap: push negated scores
     chosen: list[tuple[int, ...]] = []
     while frontier and len(chosen) < num_nodes:
-        neg_score, path = heapq.heappop(frontier)
+        _, path = heapq.heappop(frontier)
         chosen.append(path)
         depth, rank = len(path) - 1, path[-1]
         if rank + 1 < len(head_accuracies[depth]):  # next sibling: same parent, next rank
-            sibling_score = neg_score / head_accuracies[depth][rank] * head_accuracies[depth][rank + 1]
-            heapq.heappush(frontier, (sibling_score, path[:-1] + (rank + 1,)))
-        if depth + 1 < len(head_accuracies):  # first child: next head's best choice
-            heapq.heappush(frontier, (neg_score * head_accuracies[depth + 1][0], path + (0,)))
+            sibling = path[:-1] + (rank + 1,)
+            heapq.heappush(frontier, (-score(sibling), sibling))
+        if depth + 1 < len(head_accuracies):  # first child: the next head's best choice
+            child = path + (0,)
+            heapq.heappush(frontier, (-score(child), child))
     return chosen
 
 
@@ -171,7 +181,7 @@ class TreeVerifyOutput(SpecDecodeOutput):
     """SpecDecodeOutput plus accepted_nodes: int64 [B, max_depth+1], the nodes of the accepted path, root first,
     num_accepted+1 of them then -1. The engine keeps those nodes' KV entries and drops the rest."""
 
-    accepted_nodes: torch.Tensor = None  # type: ignore[assignment]
+    accepted_nodes: torch.Tensor
 
 
 def _check_tree_inputs(tree: TokenTree, candidates: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -225,7 +235,7 @@ def verify_tree_sampling(tree: TokenTree, candidates: torch.Tensor, target_probs
     tokens (each head's top-k do): with duplicates the first is taken, still lossless, but it may stop earlier than
     verify_tree_greedy, which looks down every matching branch."""
     _check_tree_inputs(tree, candidates, target_probs, "target_probs")
-    batch, num_nodes, vocab = target_probs.shape
+    batch, _, vocab = target_probs.shape
     device = target_probs.device
     depth = tree.max_depth
     parents = tree.parents.to(device)
