@@ -92,3 +92,28 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     still below top_p (so the token that crosses the threshold is kept, and the first one always is).
     """
     raise NotImplementedError("ch01.top_p_filter is not attempted yet: write it in exercises/ch01_basics.py")
+
+
+def batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwidth: float) -> float:
+    """The upper bound on tokens/s of batch-1 decode when it is memory-bound: every step reads every weight once.
+
+    num_params: the model's parameters (8.03e9 for Llama-3-8B); bytes_per_param: 2 for bf16, 1 for int8/fp8,
+    0.5 for int4; bandwidth: bytes/s the memory delivers (4.24e12 for an H200's measured copy bandwidth).
+    One step moves num_params * bytes_per_param bytes, so at most bandwidth / that many steps (= tokens, at
+    batch 1) per second. (The KV cache and activations add a little more: this is a ceiling, not a forecast.)
+    Raise ValueError if any argument is <= 0.
+    """
+    raise NotImplementedError("ch01.batch1_decode_tokens_per_s is not attempted yet: write it in exercises/ch01_basics.py")
+
+
+def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> int:
+    """The smallest decode batch at which the weight matmuls stop being memory-bound (they reach the ridge point).
+
+    A batch of B tokens through a weight W[k, n] does 2*B*k*n FLOPs and (for B much smaller than k and n)
+    reads about bytes_per_param*k*n bytes: intensity 2*B / bytes_per_param FLOPs per byte. The roofline's
+    ridge point is peak_flops / bandwidth. Return the smallest integer B whose intensity reaches the ridge,
+    i.e. ceil(peak_flops * bytes_per_param / (2 * bandwidth)), and at least 1.
+    Example: 700e12 FLOP/s, 4.24e12 B/s, bf16 (2 bytes) -> 166.
+    Raise ValueError if any argument is <= 0.
+    """
+    raise NotImplementedError("ch01.critical_batch_size is not attempted yet: write it in exercises/ch01_basics.py")

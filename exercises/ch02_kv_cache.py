@@ -29,3 +29,15 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     Build it with broadcasting (aranges as a column and a row), no Python loops.
     """
     raise NotImplementedError("ch02.causal_mask is not attempted yet: write it in exercises/ch02_kv_cache.py")
+
+
+def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float,
+                   num_tokens: int) -> float:
+    """Bytes of KV cache for num_tokens tokens (summed over every sequence of a batch) of one model.
+
+    Each token keeps one key AND one value vector of head_dim numbers per KV head (not per query head:
+    grouped-query attention shares them) in every layer. Example: Llama-3-8B (32 layers, 8 KV heads,
+    head_dim 128) in bf16 keeps 131072 bytes (128 KiB) per token.
+    Raise ValueError if a count is < 1 (num_tokens may be 0) or bytes_per_element <= 0.
+    """
+    raise NotImplementedError("ch02.kv_cache_bytes is not attempted yet: write it in exercises/ch02_kv_cache.py")

@@ -73,3 +73,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                         num_warps=min(16, max(1, block // 256)))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
+
+
+def decode_step_floor_s(weight_bytes: float, kv_bytes_per_token: float, context_lens: list[int],
+                        bandwidth: float) -> float:
+    """The memory floor of one decode step, in seconds: its bytes read divided by the bandwidth.
+
+    A decode step reads every weight once (shared by the whole batch) and, for each sequence, the K and V of
+    every token in its context (context_lens[i] tokens for sequence i: never shared). Return
+    (weight_bytes + kv_bytes_per_token * sum(context_lens)) / bandwidth. At long contexts and large batches the
+    KV term overtakes the weights: batching no longer makes a decoded token cheaper.
+    Raise ValueError for an empty batch, a negative context, weight_bytes or kv_bytes_per_token < 0, or
+    bandwidth <= 0.
+    """
+    raise NotImplementedError("ch04.decode_step_floor_s is not attempted yet: write it in exercises/ch04_decode_and_fusion.py")

@@ -78,3 +78,17 @@ def free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]:
     Example: block_table [4, 7], ref_counts[4] = 2, ref_counts[7] = 1 -> returns [7]; counts become 1 and 0.
     """
     raise NotImplementedError("ch05.free_blocks is not attempted yet: write it in exercises/ch05_paged_kv.py")
+
+
+def num_kv_blocks_needed(seq_lens: list[int], block_size: int, shared_prefix_len: int = 0) -> int:
+    """Paged KV blocks that hold every sequence of seq_lens, when all of them start with the same prompt prefix
+    of shared_prefix_len tokens.
+
+    Each sequence needs ceil(len / block_size) blocks of its own. The prefix's FULL blocks
+    (shared_prefix_len // block_size of them) hold identical K/V for every sequence, so they are stored once and
+    shared (reference counts, or the prefix cache); a partly filled prefix block is not shared (each sequence
+    writes its own tokens after the prefix into it). With shared_prefix_len = 0 it is the plain paged count.
+    Raise ValueError if block_size < 1, seq_lens is empty, a length is < 0 or shorter than shared_prefix_len,
+    or shared_prefix_len < 0.
+    """
+    raise NotImplementedError("ch05.num_kv_blocks_needed is not attempted yet: write it in exercises/ch05_paged_kv.py")

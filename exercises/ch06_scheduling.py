@@ -49,3 +49,17 @@ def swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list
     Raise ValueError if there are fewer free CPU blocks than blocks to move.
     """
     raise NotImplementedError("ch06.swap_out_mapping is not attempted yet: write it in exercises/ch06_scheduling.py")
+
+
+def batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> int:
+    """Decode steps to finish requests that all arrive at once, each producing output_lens[i] tokens, one
+    token per step per running request, at most max_batch running together (prefill ignored: one step = one
+    token for every running request).
+
+    Static (continuous=False): requests are taken in order, max_batch at a time; a batch runs until its
+    longest request ends, then the next batch starts. Continuous (continuous=True): a finished request leaves
+    at the end of its last step and the next waiting request (in order) joins at the next step.
+    Example: [4, 1, 1, 1, 1], max_batch 2: static 4 + 1 + 1 = 6 steps; continuous 4.
+    Raise ValueError if max_batch < 1 or a length is < 1.
+    """
+    raise NotImplementedError("ch06.batching_steps is not attempted yet: write it in exercises/ch06_scheduling.py")

@@ -200,6 +200,79 @@ _EXERCISES: list[Exercise] = [
         signature="swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list[tuple[int, int]]",
         called_from="minillm.engine.block_manager.BlockManager.swap_out",
     ),
+    # ---- interview questions with a numeric answer (minillm/bench/interview.py), and chapter 3's Triton puzzles
+    Exercise(
+        id="ch01.batch1_decode_tokens_per_s", function="batch1_decode_tokens_per_s",
+        source="minillm/bench/interview.py", points=5,
+        hint="One decode step reads every weight once: tokens/s <= bandwidth / (num_params * bytes_per_param).",
+        signature="batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwidth: float) -> float",
+        called_from="chapter 1 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch01.critical_batch_size", function="critical_batch_size", source="minillm/bench/interview.py",
+        points=5,
+        hint="Decode intensity is 2B / bytes_per_param FLOPs/byte; set it equal to the ridge peak/bandwidth; ceil.",
+        signature="critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> int",
+        called_from="chapter 1 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch02.kv_cache_bytes", function="kv_cache_bytes", source="minillm/bench/interview.py", points=5,
+        hint="2 (K and V) x layers x KV heads (not query heads) x head_dim x bytes x tokens.",
+        signature="kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float, "
+                  "num_tokens: int) -> float",
+        called_from="chapter 2 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch03.attention_hbm_bytes", function="attention_hbm_bytes", source="minillm/bench/interview.py",
+        points=5,
+        hint="Naive: 4nd + 4n^2 elements (S written, read, P written, read); flash: 2nd + ceil(n/block_m) * 2nd.",
+        signature="attention_hbm_bytes(seq_len: int, head_dim: int, bytes_per_element: float, block_m: int, "
+                  "flash: bool) -> float",
+        called_from="chapter 3 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch03.outer_add_kernel", function="outer_add_kernel", source="kernels/puzzles.py", points=5,
+        hint="rows = pid0 * BLOCK_M + arange; cols likewise; load x[rows], y[cols] masked; store x[:, None] + "
+             "y[None, :] with a 2-D mask.",
+        signature="outer_add_kernel(X, Y, OUT, n_rows, n_cols, stride_om, stride_on, BLOCK_M, BLOCK_N)",
+        called_from="chapter 3 (Triton puzzle 1); graded through the outer_add launcher in the chapter module",
+    ),
+    Exercise(
+        id="ch03.softmax_kernel", function="softmax_kernel", source="kernels/puzzles.py", points=5,
+        hint="Load the row with other=-inf (not 0), subtract tl.max, tl.exp, divide by tl.sum, store masked.",
+        signature="softmax_kernel(X, OUT, stride_x, stride_o, n_cols, BLOCK)",
+        called_from="chapter 3 (Triton puzzle 2); graded through the softmax launcher in the chapter module",
+    ),
+    Exercise(
+        id="ch03.matmul_kernel", function="matmul_kernel", source="kernels/puzzles.py", points=10,
+        hint="acc = zeros; for k0 in range(0, K, BLOCK_K): masked loads (rows & k < K, k < K & cols), other=0.0; "
+             "acc = tl.dot(a, b, acc).",
+        signature="matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, "
+                  "stride_cn, BLOCK_M, BLOCK_N, BLOCK_K)",
+        called_from="chapter 3 (Triton puzzle 3); graded through the matmul launcher in the chapter module",
+    ),
+    Exercise(
+        id="ch04.decode_step_floor_s", function="decode_step_floor_s", source="minillm/bench/interview.py",
+        points=5,
+        hint="(weight_bytes + kv_bytes_per_token * sum(context_lens)) / bandwidth: weights once, KV per sequence.",
+        signature="decode_step_floor_s(weight_bytes: float, kv_bytes_per_token: float, context_lens: list[int], "
+                  "bandwidth: float) -> float",
+        called_from="chapter 4 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch05.num_kv_blocks_needed", function="num_kv_blocks_needed", source="minillm/bench/interview.py",
+        points=5,
+        hint="sum(ceil(n / bs)) over sequences, minus (len - 1) x the prefix's FULL blocks (shared_prefix_len // bs).",
+        signature="num_kv_blocks_needed(seq_lens: list[int], block_size: int, shared_prefix_len: int = 0) -> int",
+        called_from="chapter 5 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch06.batching_steps", function="batching_steps", source="minillm/bench/interview.py", points=5,
+        hint="Static: sum of each batch's max; continuous: each newcomer takes the earliest-freed slot; answer: "
+             "the last finish.",
+        signature="batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> int",
+        called_from="chapter 6 (interview question); not called by the engine",
+    ),
 ]
 
 EXERCISES: dict[str, Exercise] = {e.id: e for e in _EXERCISES}
