@@ -140,45 +140,56 @@ def _markov_chain(seed: int):
     return target, draft, g
 
 
-def _speculative_step(contexts, target, draft, g, deterministic=False):
-    """One verification step per row from the given last tokens, with random k in [0, K] per row."""
+RULES = ["sampled_drafts", "one_hot_drafts", "sample_and_match"]
+
+
+def _speculative_step(contexts, target, draft, g, rule="sampled_drafts"):
+    """One verification step per row from the given last tokens, with random k in [0, K] per row.
+
+    sampled_drafts: drafts ~ q, rejection_sample with q. one_hot_drafts: the draft's argmax, rejection_sample with
+    draft_probs=None. sample_and_match: the draft's argmax, verified by greedy_verify against tokens sampled from
+    the target at every row (what the engine's runner returns)."""
     batch = contexts.shape[0]
     prev, drafts, q_rows = contexts, [], []
     for _ in range(K):
         q = draft[prev]
-        nxt = q.argmax(-1) if deterministic else torch.multinomial(q, 1, generator=g).squeeze(-1)
+        nxt = torch.multinomial(q, 1, generator=g).squeeze(-1) if rule == "sampled_drafts" else q.argmax(-1)
         drafts.append(nxt)
         q_rows.append(q)
         prev = nxt
     drafts = torch.stack(drafts, 1)
     context_per_position = torch.cat([contexts.unsqueeze(1), drafts], 1)  # after i drafts, the last token is this
     counts = torch.randint(0, K + 1, (batch,), generator=g)
-    draft_probs = None if deterministic else torch.stack(q_rows, 1)
-    return rejection_sample(target[context_per_position], draft_probs, drafts, counts, default_generator=g)
+    p = target[context_per_position]
+    if rule == "sample_and_match":
+        sampled = torch.multinomial(p.reshape(-1, V), 1, generator=g).reshape(batch, K + 1)
+        return greedy_verify(sampled, drafts, counts)
+    draft_probs = torch.stack(q_rows, 1) if rule == "sampled_drafts" else None
+    return rejection_sample(p, draft_probs, drafts, counts, default_generator=g)
 
 
-def _first_two_tokens(target, draft, g, n, deterministic=False):
+def _first_two_tokens(target, draft, g, n, rule):
     contexts = torch.zeros(n, dtype=torch.int64)
-    out = _speculative_step(contexts, target, draft, g, deterministic)
+    out = _speculative_step(contexts, target, draft, g, rule)
     first = out.token_ids[:, 0]
     # rows that emitted a single token need a second step, from that token
-    again = _speculative_step(first, target, draft, g, deterministic).token_ids[:, 0]
+    again = _speculative_step(first, target, draft, g, rule).token_ids[:, 0]
     second = torch.where(out.num_accepted >= 1, out.token_ids[:, 1], again)
     return first, second
 
 
-def _lossless_p_values(deterministic=False, n=30000, seed=0):
+def _lossless_p_values(rule="sampled_drafts", n=20000, seed=0):
     target, draft, g = _markov_chain(seed)
-    first, second = _first_two_tokens(target, draft, g, n, deterministic)
+    first, second = _first_two_tokens(target, draft, g, n, rule)
     p_first = _chi_square_p_value(torch.bincount(first, minlength=V).double(), n * target[0].double())
     pair_law = (target[0].unsqueeze(1) * target).double().flatten()  # P(a | 0) P(b | a)
     p_pair = _chi_square_p_value(torch.bincount(first * V + second, minlength=V * V).double(), n * pair_law)
     return p_first, p_pair
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["sampled_drafts", "one_hot_drafts"])
-def test_rejection_sampling_keeps_the_target_distribution(deterministic):
-    p_first, p_pair = _lossless_p_values(deterministic)
+@pytest.mark.parametrize("rule", RULES)
+def test_verification_keeps_the_target_distribution(rule):
+    p_first, p_pair = _lossless_p_values(rule)
     assert p_first > 1e-3 and p_pair > 1e-3, (p_first, p_pair)
 
 

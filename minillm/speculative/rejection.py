@@ -28,7 +28,11 @@ decides how many tokens a step yields. Two special cases fall out of the same co
   argmax, and the residual after a mismatch is one-hot at the argmax again (`greedy_verify` is the shortcut that
   needs only the argmax ids, not [B, k+1, V] probabilities);
 - deterministic proposals (prompt lookup, lookahead n-grams): q is one-hot at the proposed token, so x is accepted
-  with probability p(x) and the residual is p with x removed (pass draft_probs=None).
+  with probability p(x) and the residual is p with x removed (pass draft_probs=None). That is the same as drawing
+  y ~ p at every position and accepting while y == x, emitting y at the first mismatch: so `greedy_verify` fed with
+  the target's *sampled* tokens (what the runner returns at each of the 1+k rows) is exact for such drafts at any
+  temperature. A draft model's sampled drafts need `rejection_sample` with q: matching a sample of p accepts x with
+  probability p(x) < min(1, p(x)/q(x)), still lossless but a shorter accept length.
 
 The probabilities come from `logits_to_probs`, which applies temperature, top-k and top-p exactly as the engine's
 sampler (minillm.layers.sampler, chapter 1) does, through the same filters and override hooks: the target must be
@@ -206,7 +210,8 @@ def emit_tokens(draft_token_ids: torch.Tensor, num_accepted: torch.Tensor, last:
 def greedy_verify(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
                   num_draft_tokens: torch.Tensor | None = None) -> SpecDecodeOutput:
     """Temperature 0: accept drafts while they equal the target's argmax; then emit the argmax where they first differ
-    (or the bonus argmax after the last draft).
+    (or the bonus argmax after the last draft). Given the target's sampled token at each row instead of its argmax,
+    the same code is the exact rule for deterministic drafts at any temperature (sample-and-match, see above).
 
     target_token_ids: int [B, K+1], the target's argmax at each draft position and at the bonus position.
     draft_token_ids: int [B, K]. num_draft_tokens: int [B] in [0, K] (None = K for every row); positions past a
