@@ -193,7 +193,7 @@ class Scheduler:
                 self._add_to_batch(batch, record, seq, n)
                 budget -= n
                 i += 1
-        budget = self._grant_drafts(batch, record, budget)
+        budget, granted = self._grant_drafts(batch, record, budget)
 
         # (b) swapped sequences come back before anyone new, but not in a step that just preempted
         if not batch.preempted:
@@ -222,10 +222,9 @@ class Scheduler:
         if not batch.preempted and not self.swapped:
             self._admit(batch, record, budget)
 
-        granted = {id(seq) for seq in batch.seqs}
         for queue in (self.waiting, self.running, self.swapped):
-            for seq in queue:  # drafts not scheduled this step are stale by the next one: drop them
-                if seq.spec_token_ids and id(seq) not in granted:
+            for seq in queue:  # drafts not scheduled in (a) are stale by the next step: drop them
+                if seq.spec_token_ids and seq.seq_id not in granted:
                     seq.spec_token_ids = []
         record.num_free_blocks = bm.num_free_blocks
         record.num_waiting, record.num_running, record.num_swapped = \
@@ -242,12 +241,14 @@ class Scheduler:
         update_sequences(batch, token_ids_per_seq, rollback=lambda seq: bm.truncate(seq, seq.num_computed_tokens))
 
     # -- steps of schedule() ------------------------------------------------------------------------------
-    def _grant_drafts(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> int:
+    def _grant_drafts(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> tuple[int, set[int]]:
         """Extend the decodes scheduled in (a) by their draft tokens (speculative decoding), as far as the token
-        budget, max_model_len and the free blocks allow; returns the budget left. This runs after every running
+        budget, max_model_len and the free blocks allow; returns (the budget left, ids of the sequences that carry
+        drafts into this step). This runs after every running
         sequence got its own token, so a draft never preempts anyone: drafts that do not fit are trimmed."""
         bm, limit = self.block_manager, self.config.max_model_len
         capacity = bm.num_blocks - bm.watermark_blocks
+        granted: set[int] = set()
         for i, seq in enumerate(batch.seqs):
             n = batch.num_new_tokens[i]
             if not seq.spec_token_ids or seq.is_prefill or seq.num_computed_tokens + n != seq.num_tokens:
@@ -265,7 +266,8 @@ class Scheduler:
                 batch.num_new_tokens[i] = n + k
                 record.scheduled[i] = (seq.seq_id, n + k)
                 budget -= k
-        return budget
+                granted.add(seq.seq_id)
+        return budget, granted
 
     def _admit(self, batch: ScheduledBatch, record: StepRecord, budget: int) -> None:
         bm = self.block_manager
