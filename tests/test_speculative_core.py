@@ -18,7 +18,7 @@ from minillm.speculative.ngram import NGramPool, propose_prompt_lookup, propose_
 from minillm.speculative.rejection import (PLACEHOLDER_TOKEN_ID, expected_tokens_per_step, greedy_verify,
                                            logits_to_probs, pad_per_sequence, rejection_sample,
                                            residual_distribution, verify_draft_tokens)
-from minillm.speculative.tree import (TokenTree, prefix_tree_attention_mask, sparse_tree_paths,
+from minillm.speculative.tree import (TokenTree, dense_tree_paths, prefix_tree_attention_mask, sparse_tree_paths,
                                       token_tree_from_candidates, verify_tree_greedy, verify_tree_sampling)
 
 V, K = 8, 3
@@ -296,6 +296,9 @@ def test_sparse_tree_is_the_best_valid_subtree():
     score = {p: torch.tensor([acc[d][r] for d, r in enumerate(p)]).prod().item()
              for d in (1, 2, 3) for p in itertools.product(range(3), repeat=d)}
     assert set(paths) == set(sorted(score, key=score.get, reverse=True)[:12])
+    dense = dense_tree_paths([3, 2, 1])
+    assert len(dense) == 15 and TokenTree.from_paths(dense).depths.bincount().tolist() == [1, 3, 6, 6]
+    assert set(sparse_tree_paths(acc, 39)) == set(dense_tree_paths([3, 3, 3]))  # asking for all: the full tree
 
 
 def _brute_force_greedy(parents, cands, target):

@@ -30,6 +30,7 @@ emitted tokens are exact samples of the target (SpecInfer's multi-candidate reje
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,6 +146,14 @@ def token_tree_from_candidates(root_token_id: int,
     tree = TokenTree.from_paths(prefixes)  # token paths are index paths too; node order matches from_paths'
     ordered = sorted(prefixes, key=lambda p: (len(p), p))
     return tree, torch.tensor([root_token_id] + [p[-1] for p in ordered], dtype=torch.int64)
+
+
+def dense_tree_paths(branching: Sequence[int]) -> list[tuple[int, ...]]:
+    """The full tree: every path of ranks r_d < branching[d] (the cartesian product of each head's top choices,
+    truncated at every depth). branching (3, 2, 1) gives 3 + 6 + 6 = 15 nodes below the root."""
+    if not branching or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in branching):
+        raise ValueError(f"branching must be a non-empty sequence of integers >= 1, got {branching!r}")
+    return [p for d in range(1, len(branching) + 1) for p in itertools.product(*(range(b) for b in branching[:d]))]
 
 
 def sparse_tree_paths(head_accuracies: Sequence[Sequence[float]], num_nodes: int) -> list[tuple[int, ...]]:
