@@ -26,6 +26,12 @@ which is the online-softmax rescaling of flash_attention.py applied once, at the
 Short contexts or big batches already fill the chip, so the heuristic uses one split there and phase 2 is
 skipped (phase 1 then writes the final output directly).
 
+Several queries per sequence (speculative decoding's verify step: the last token plus k drafts). With a fixed
+q_len per sequence, the q_len x G queries of one kv head are still one small matrix: row r is query r // G of
+the sequence, query head r % G of the group, and each row sees the keys up to its own position (causal within
+the q_len new tokens: query j of a sequence of seq_len tokens sees positions < seq_len - q_len + j + 1). The K/V
+tiles are still read once for all of them, so verifying k drafts costs about what one decode step costs.
+
 FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
 x_q = x / scale. The scales are constant along the keys, so they are applied once, not per element:
 k_scale folds into the softmax scale, and v_scale multiplies the output accumulator at the end.
@@ -43,6 +49,7 @@ from minillm.platform import triton_interpreted
 from minillm.kernels.fused import per_head_scale
 
 _LOG2E = 1.4426950408889634
+MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step of up to 15 drafts
 
 
 @triton.jit
@@ -50,7 +57,8 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                OUT, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                                stride_ob, stride_oh, qk_scale, num_splits,
-                               QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               QUERY_GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_G: tl.constexpr,
+                               HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                                HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
@@ -62,13 +70,17 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = tl.arange(0, BLOCK_G)  # row r: query r // QUERY_GROUP of this sequence, head r % QUERY_GROUP
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * QUERY_GROUP + offs_g  # the query heads that share this kv head
-    g_ok = offs_g < QUERY_GROUP
+    query = offs_g // QUERY_GROUP
+    heads = kv_head * QUERY_GROUP + offs_g % QUERY_GROUP  # the query heads that share this kv head
+    tokens = batch * Q_LEN + query  # the row of q / out holding this query
+    g_ok = offs_g < Q_LEN * QUERY_GROUP
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    # causal within the new tokens: query j is at position seq_len - Q_LEN + j and sees keys up to it
+    visible = seq_len - Q_LEN + query + 1
+    q = tl.load(Q + tokens[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -92,33 +104,35 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         k = k.to(q.dtype)  # fp8 caches are widened here; a no-op otherwise
         v = v.to(q.dtype)
         s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.where(valid[None, :] & (pos[None, :] < visible[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row may see no key of this tile yet (an early query, a late tile): keep exp2 away from -inf - -inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])
         m_i = m_new
 
-    empty = l_i == 0.0  # an empty split (seq shorter than the splits): weight 0 in the merge
+    empty = l_i == 0.0  # an empty split (seq shorter than the splits, or keys past the query): weight 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_SCALE:
         out = out * tl.load(V_SCALE + kv_head)
     if SINGLE_SPLIT:
-        tl.store(OUT + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(OUT + tokens[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(OUT.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        part = batch * stride_pb + heads * stride_ph + split * stride_ps
+        part = tokens * stride_pb + heads * stride_ph + split * stride_ps
         tl.store(O_PART + part[:, None] + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_PART + batch * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+        tl.store(LSE_PART + tokens * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          stride_ob, stride_oh,
                          num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    batch = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,25 +167,33 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
-                           num_splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
-    """One decode query per sequence against its paged cache: q [B, H, D] -> out [B, H, D] (q's dtype).
+                           num_splits: int | None = None, k_scale=None, v_scale=None,
+                           q_len: int = 1) -> torch.Tensor:
+    """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
+    (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
-    block_tables int32 [B, max_blocks] (-1 padded), seq_lens int32 [B] (each >= 1 and <= max_blocks *
-    block_size; not checked on the device, to avoid a sync). num_splits=None picks one from the batch, the
-    table width and the SM count. k_scale/v_scale: dequantisation scales of an FP8 cache.
+    The q_len queries of sequence b are rows b*q_len .. b*q_len + q_len - 1, the last q_len of its seq_lens[b]
+    tokens (already in the cache), causal among themselves. block_tables int32 [B, max_blocks] (-1 padded),
+    seq_lens int32 [B] (each >= q_len and <= max_blocks * block_size; not checked on the device, to avoid a
+    sync). num_splits=None picks one from the batch, the table width and the SM count. k_scale/v_scale:
+    dequantisation scales of an FP8 cache.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
                          f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    batch, num_heads, head_dim = q.shape
+    if isinstance(q_len, bool) or not isinstance(q_len, int) or not 1 <= q_len <= MAX_QUERY_LEN:
+        raise ValueError(f"q_len must be an int in [1, {MAX_QUERY_LEN}], got {q_len!r}")
+    num_tokens, num_heads, head_dim = q.shape
+    batch = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or head_dim > 256:
         raise ValueError(f"head_dim must match and be <= 256, got q {head_dim}, cache {cache_dim}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError(f"block_tables must be [B={batch}, max_blocks] and seq_lens [B], got "
-                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    if batch * q_len != num_tokens or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"need q [B * q_len = B * {q_len}, H, D], block_tables [B, max_blocks] and seq_lens [B], "
+                         f"got q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)}, seq_lens "
+                         f"{tuple(seq_lens.shape)}")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -199,10 +221,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     interp = triton_interpreted()
     block_n = 32 if interp else max(16, min(64, 8192 // block_d))
     single = num_splits == 1
-    o_part = out if single else torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
+    o_part = out if single else torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
                                              device=q.device)
-    lse_part = o_part if single else torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    # partial outputs [B, H, splits, D] and their lse [B, H, splits] (unused with one split)
+    lse_part = o_part if single else torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32,
+                                                 device=q.device)
+    # partial outputs [B * q_len, H, splits, D] and their lse [B * q_len, H, splits] (unused with one split)
     part_strides = (0, 0, 0, 0, 0) if single else (o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                                    lse_part.stride(0), lse_part.stride(1))
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -210,11 +233,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
         out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
-        QUERY_GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale, SINGLE_SPLIT=single,
+        QUERY_GROUP=group, Q_LEN=q_len, BLOCK_G=max(16, triton.next_power_of_2(group * q_len)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale, SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, num_warps=4, num_stages=1 if interp else 3)
     if not single:
-        _merge_splits_kernel[(batch, num_heads)](
+        _merge_splits_kernel[(num_tokens, num_heads)](
             o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
     return out

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_reference import paged_decode_reference, varlen_attention_reference
+from kernel_reference import (attention_reference, gather_from_cache, paged_decode_reference,
+                              varlen_attention_reference)
 from minillm.kernels.flash_attention import flash_attn_varlen
 from minillm.kernels.paged_attention import merge_attention_states, paged_decode_attention
 
@@ -137,3 +138,67 @@ def test_gpu_mixed_lengths_and_fp8_cache():
     ref8 = paged_decode_reference(q, kq.float(), vq.float(), bt, sl, k_scale=k_scale.cpu(), v_scale=v_scale.cpu())
     out8 = paged_decode_attention(q, kq, vq, bt, sl, k_scale=k_scale, v_scale=float(v_scale))
     torch.testing.assert_close(out8.float(), ref8, atol=2e-2, rtol=3e-2)
+
+
+# -- several query tokens per sequence (speculative decoding's verify step) ------------------------------------
+def _multi_query_reference(q, k_cache, v_cache, block_tables, seq_lens, q_len, scale=None):
+    """q [B * q_len, H, D]: the last q_len tokens of each sequence, causal among themselves (bottom-right)."""
+    outs = []
+    for b in range(block_tables.shape[0]):
+        n = int(seq_lens[b])
+        k = gather_from_cache(k_cache, block_tables[b], n).float()
+        v = gather_from_cache(v_cache, block_tables[b], n).float()
+        out, _ = attention_reference(q[b * q_len:(b + 1) * q_len], k, v, causal=True, scale=scale)
+        outs.append(out)
+    return torch.cat(outs, 0)
+
+
+def _queries(batch, q_len, heads, head_dim, seed, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch * q_len, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 4])
+def test_multi_query_causal_gqa_across_block_boundaries(q_len):
+    # seq_lens so that the q_len new tokens straddle a block boundary (16 -> 17), sit at its start, or fill
+    # a whole sequence (seq_len == q_len: the first query sees one key)
+    seq_lens = [q_len, 17, 18, 33, 50]
+    _, kc, vc, bt, sl = _paged_batch(seq_lens, heads=6, kv_heads=2, head_dim=32, block_size=16, seed=10 + q_len)
+    q = _queries(len(seq_lens), q_len, 6, 32, seed=q_len)
+    ref = _multi_query_reference(q, kc, vc, bt, sl, q_len)
+    for splits in (1, 3):  # a later split holds keys that the earlier queries must not see
+        out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=splits, q_len=q_len)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_multi_query_equals_one_decode_per_position():
+    """Query j of a verify step is exactly the decode step of a sequence cut at its position."""
+    q_len, seq_lens = 3, [20, 9]
+    _, kc, vc, bt, sl = _paged_batch(seq_lens, heads=4, kv_heads=1, head_dim=16, block_size=4, seed=21)
+    q = _queries(2, q_len, 4, 16, seed=22)
+    out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=2, q_len=q_len)
+    for j in range(q_len):
+        cut = sl - q_len + j + 1
+        one = paged_decode_attention(q[j::q_len].contiguous(), kc, vc, bt, cut.to(torch.int32), num_splits=1)
+        torch.testing.assert_close(out[j::q_len], one, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_query_rejects_bad_shapes():
+    _, kc, vc, bt, sl = _paged_batch([5, 6], heads=2, kv_heads=2, head_dim=16, block_size=16)
+    with pytest.raises(ValueError, match="q_len"):
+        paged_decode_attention(_queries(2, 2, 2, 16, 0), kc, vc, bt, sl, q_len=0)
+    with pytest.raises(ValueError, match="B \\* q_len"):
+        paged_decode_attention(_queries(2, 2, 2, 16, 0), kc, vc, bt, sl, q_len=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len", [2, 4, 8])
+def test_gpu_bf16_multi_query(q_len):
+    seq_lens = [q_len, 17, 100, 1000, 4096] * 4
+    _, kc, vc, bt, sl = _paged_batch(seq_lens, heads=32, kv_heads=8, head_dim=128, block_size=16, device="cuda",
+                                     dtype=torch.bfloat16, seed=30 + q_len)
+    q = _queries(len(seq_lens), q_len, 32, 128, seed=q_len, device="cuda", dtype=torch.bfloat16)
+    ref = _multi_query_reference(q.float().cpu(), kc.float().cpu(), vc.float().cpu(), bt.cpu(), sl.cpu(), q_len)
+    for splits in (None, 1, 5):
+        out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=splits, q_len=q_len)
+        torch.testing.assert_close(out.float().cpu(), ref, atol=1e-2, rtol=2e-2)
