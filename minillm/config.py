@@ -45,8 +45,11 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is not a size
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                                          or self.head_dim < 1):
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -60,10 +63,20 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        for name in ("rms_norm_eps", "rope_theta"):  # nan and inf fail `0 < value < inf` too
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {self.rope_scaling!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+            if any(t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0) for t in ids):
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer (or a list of them) or None, "
+                                 f"got {getattr(self, name)!r}")
         if self.quantization is not None:
             from minillm.quant.base import check_quantization_name  # lazy: quant imports torch
             check_quantization_name(self.quantization)
@@ -98,13 +111,14 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    """How the engine runs: memory, batching, scheduling. Validated on construction."""
+    """How the engine runs: memory, batching, scheduling. Validated on construction. A None field is decided
+    for the model and device by minillm.engine.cache_config.resolve_engine_config, once, before anything is built."""
 
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    max_num_seqs: int = 64
+    max_model_len: int | None = None  # the model's max_position_embeddings (capped on CPU)
+    max_num_seqs: int | None = None  # 64 on a GPU, 8 on a CPU
     max_num_batched_tokens: int = 8192
     # KV cache: paged blocks (chapter 5). "contiguous" reserves max_model_len slots per sequence (chapter 2).
-    kv_layout: str = "paged"  # "paged" | "contiguous"
+    kv_layout: str | None = None  # "paged" | "contiguous"; None: paged for continuous, contiguous for static
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit pool size (CPU); else sized from kv_cache_memory / GPU profiling
     kv_cache_memory: int | None = None  # bytes for the KV pool on CPU
@@ -116,26 +130,36 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = False
     # Operators (chapters 3-4)
-    attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "triton"
-    enforce_eager: bool = True  # False: capture CUDA graphs for decode (CUDA only)
+    attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
+    enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = {
-            "kv_layout": ("paged", "contiguous"),
+            "kv_layout": ("paged", "contiguous", None),
             "scheduling": ("continuous", "static"),
             "preemption_mode": ("recompute", "swap"),
-            "attention_backend": ("auto", "torch", "triton"),
+            "attention_backend": ("auto", "torch", "reference", "triton"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}; allowed: "
+                                 f"{', '.join(repr(a) for a in allowed)}")
+        # (name, smallest value, may be None)
+        for name, low, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, True),
+                                    ("max_num_batched_tokens", 1, False), ("block_size", 1, False),
+                                    ("num_kv_blocks", 1, True), ("kv_cache_memory", 1, True),
+                                    ("swap_space", 0, False)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "enforce_eager"):
+                raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or \
+                not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

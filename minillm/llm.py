@@ -17,27 +17,25 @@ schedulers on one model.
 
 KV pool size (paged): `num_kv_blocks=` or `kv_cache_memory=` (bytes) when given; on CUDA, what is left of
 `gpu_memory_utilization` x total memory after profiling one max_num_batched_tokens prefill; on CPU, enough for
-max_num_seqs sequences of max_model_len, at most 1 GiB (see minillm/engine/kv_cache.py: cache_geometry).
+max_num_seqs sequences of max_model_len, at most 1 GiB (see minillm/engine/kv_cache.py: num_device_blocks).
+Every default is decided once, for the model and device, by minillm/engine/cache_config.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any, Iterator, Mapping, Sequence as SequenceT
 
 import torch
 
 from minillm.config import EngineConfig
+from minillm.engine.cache_config import resolve_engine_config
+from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
 from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker, build_model  # noqa: F401 (re-export)
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import SamplingParams
-
-DEFAULT_SCHEDULING = "continuous"  # chapter 6; "static" is chapter 2's baseline
-DEFAULT_KV_LAYOUT = {"static": "contiguous", "continuous": "paged"}
-CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
-CPU_MAX_NUM_SEQS = 8  # default batch on CPU (EngineConfig's default is sized for a GPU)
 
 Prompt = str | list[int]
 
@@ -46,29 +44,34 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
-                 overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
+                 overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
+                 **engine_kwargs: Any) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
         # validate the engine options before spending seconds on loading weights
-        engine_config = _engine_config(self.device, max_model_len, max_num_seqs, kv_layout, scheduling,
-                                       engine_kwargs)
+        engine_config = _engine_config(max_model_len, max_num_seqs, kv_layout, scheduling, engine_kwargs)
+        if distributed_executor_backend not in (None, "uni", "mp"):
+            raise ValueError(f"distributed_executor_backend={distributed_executor_backend!r}; allowed: None or "
+                             f"'uni' (the worker in this process), 'mp' (the worker in a child process)")
+        if distributed_executor_backend == "mp" and self.overrides:
+            raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
+                             "(distributed_executor_backend=None)")
 
         from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
         model_config, weights, tokenizer = load_model(path)
-        if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
-                             f"{model_config.max_position_embeddings} tokens")
-        if max_model_len is None:
-            max_model_len = model_config.max_position_embeddings
-            if self.device.type == "cpu":
-                max_model_len = min(max_model_len, CPU_MAX_MODEL_LEN)
-            engine_config = dataclasses.replace(engine_config, max_model_len=max_model_len)
-        torch_model = build_model(model_config, weights, self.device, self.dtype, engine_config.attention_backend)
+        engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
+        if distributed_executor_backend == "mp":
+            worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,
+                                 dtype=self.dtype, model_source=CheckpointSource(path), seed=seed)
+            executor = MultiProcExecutor(worker_kwargs)
+        else:
+            executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
+                                              LoadedWeights(weights), seed))
         self.model_path = path
-        self.llm_engine = LLMEngine(torch_model, tokenizer, model_config, engine_config, device=self.device,
-                                    dtype=self.dtype, seed=seed, overrides=self.overrides)
+        self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
+                                    dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
         self._init_driver()
 
     def share_model(self, *, seed: int = 0, max_model_len: int | None = None, max_num_seqs: int | None = None,
@@ -77,20 +80,11 @@ class LLM:
         """A new LLM around this one's loaded weights (nothing is reloaded) with its own engine, scheduler and
         KV pool, built from these options exactly as LLM(...) would build them. Both stay usable: each engine
         re-points the attention layers at its own cache before its forward. max_model_len defaults to this
-        LLM's."""
+        LLM's. An explicit attention_backend switches the shared modules, so both LLMs."""
         base = self.llm_engine
-        model = base.runner.model
         max_model_len = base.max_model_len if max_model_len is None else max_model_len
-        if max_model_len > base.model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
-                             f"{base.model_config.max_position_embeddings} tokens")
-        engine_config = _engine_config(self.device, max_model_len, max_num_seqs, kv_layout, scheduling,
-                                       engine_kwargs)
-        if engine_config.attention_backend != "auto":  # the modules are shared: this switches both LLMs
-            for module in model.modules():
-                if hasattr(module, "attention_backend"):
-                    module.attention_backend = engine_config.attention_backend
-        engine = LLMEngine(model, base.tokenizer, base.model_config, engine_config, device=self.device,
+        engine_config = _engine_config(max_model_len, max_num_seqs, kv_layout, scheduling, engine_kwargs)
+        engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config, engine_config, device=self.device,
                            dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
         llm = LLM.from_engine(engine)
         llm.model_path = self.model_path
@@ -230,45 +224,17 @@ class LLM:
         return [results[r] for r in request_ids]
 
 
-def _engine_config(device: torch.device, max_model_len: int | None, max_num_seqs: int | None,
-                   kv_layout: str | None, scheduling: str | None, engine_kwargs: Mapping[str, Any]) -> EngineConfig:
-    """Validate LLM()'s engine options and fill the device-dependent defaults (before any weights load)."""
+def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layout: str | None,
+                   scheduling: str | None, engine_kwargs: Mapping[str, Any]) -> EngineConfig:
+    """Validate LLM()'s engine options (before any weights load); the defaults are filled in later, once, by
+    minillm.engine.cache_config.resolve_engine_config."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(engine_kwargs) - fields)
     if unknown:
         raise TypeError(f"LLM() got unknown keyword argument(s) {', '.join(unknown)}; engine options are: "
                         f"{', '.join(sorted(fields - {'extra'}))}")
-    scheduling = scheduling or DEFAULT_SCHEDULING
-    kv_layout = kv_layout or DEFAULT_KV_LAYOUT.get(scheduling, "paged")
-    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
-                                      or max_model_len < 1):
-        raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's context), "
-                         f"got {max_model_len!r}")
-    if max_num_seqs is None:
-        max_num_seqs = CPU_MAX_NUM_SEQS if device.type == "cpu" else EngineConfig.max_num_seqs
     return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
-                        scheduling=scheduling, **engine_kwargs)
-
-
-def build_model(model_config, weights, device: torch.device, dtype: torch.dtype,
-                attention_backend: str = "auto") -> torch.nn.Module:
-    """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
-    from minillm.models.llama import LlamaForCausalLM  # Llama, Mistral, Qwen2 share one implementation
-    previous = torch.get_default_dtype()
-    start = time.perf_counter()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = LlamaForCausalLM(model_config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.load_weights(weights)
-    if attention_backend != "auto":
-        for module in model.modules():
-            if hasattr(module, "attention_backend"):
-                module.attention_backend = attention_backend
-    model.load_seconds = time.perf_counter() - start
-    return model.eval()
+                        scheduling=scheduling or "continuous", **engine_kwargs)
 
 
 def _default_model_path() -> str:

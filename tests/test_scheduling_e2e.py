@@ -14,7 +14,7 @@ from minillm import LLM, SamplingParams
 from minillm.bench.timeline import gantt_spans
 from minillm.bench.workload import corpus_text
 from minillm.engine.kv_waste import kv_memory_waste
-from minillm.llm import DEFAULT_SCHEDULING
+from minillm.config import EngineConfig
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 MAX_LEN = 256
@@ -89,7 +89,7 @@ def pool_at_fraction(prompts, params, block_size: int, fraction: float) -> int:
 
 # -- the default and the comparison baseline ---------------------------------------------------------------
 def test_continuous_paged_is_the_default_and_matches_static(base, workload, expected):
-    assert DEFAULT_SCHEDULING == "continuous"
+    assert EngineConfig().scheduling == "continuous"
     llm = build(base)
     config = llm.llm_engine.engine_config
     assert (config.scheduling, config.kv_layout) == ("continuous", "paged")

@@ -62,12 +62,11 @@ def profile_peak_memory(model: torch.nn.Module, engine_config: EngineConfig, max
     return int(peak)
 
 
-def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                   dtype: torch.dtype, device: torch.device, model: torch.nn.Module | None = None
-                   ) -> tuple[int, int]:
-    """(num_blocks, block_size) of the device cache for this engine configuration.
+def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                      device: torch.device, model: torch.nn.Module | None = None) -> int:
+    """How many paged KV blocks the device pool gets, for a resolved engine configuration.
 
-    Paged pool size, first rule that applies:
+    First rule that applies:
       num_kv_blocks      taken as given (a pool too small for one request then rejects that request alone,
                          with finish_reason "error": see Scheduler._never_fits)
       kv_cache_memory    bytes // bytes per block
@@ -77,13 +76,10 @@ def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_m
       CPU                enough for max_num_seqs sequences of max_model_len, at most CPU_DEFAULT_KV_MEMORY
     A budget-derived pool that cannot hold one sequence of max_model_len raises ValueError naming the numbers.
     """
-    if engine_config.kv_layout == "contiguous":
-        # one region of max_model_len slots per batch slot
-        return engine_config.max_num_seqs, max_model_len
-    block_size = engine_config.block_size
+    block_size, max_model_len = engine_config.block_size, engine_config.max_model_len
     per_block = kv_bytes_per_block(model_config, block_size, dtype)
     if engine_config.num_kv_blocks is not None:
-        return engine_config.num_kv_blocks, block_size
+        return engine_config.num_kv_blocks
     if engine_config.kv_cache_memory is not None:
         budget = engine_config.kv_cache_memory
         source = "kv_cache_memory"
@@ -109,7 +105,7 @@ def cache_geometry(engine_config: EngineConfig, model_config: ModelConfig, max_m
             f"{source}, {per_block} bytes per block) but one sequence of max_model_len={max_model_len} needs "
             f"{needed}; give more memory (kv_cache_memory, num_kv_blocks, gpu_memory_utilization) or lower "
             f"max_model_len")
-    return int(num_blocks), block_size
+    return int(num_blocks)
 
 
 class KVCache:

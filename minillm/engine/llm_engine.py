@@ -1,7 +1,7 @@
 """LLMEngine: the loop that turns requests into tokens (chapter 2; chapter 6 swaps in a better scheduler).
 
     add_request(...)   validate, tokenize, create a Sequence, hand it to the scheduler
-    step()             batch = scheduler.schedule(); tokens = runner.execute(batch); update every sequence:
+    step()             batch = scheduler.schedule(); tokens = executor.execute_model(step_input); update:
                        num_computed_tokens, the new token, incremental text, stop conditions; finished
                        sequences go back to the scheduler, which frees their KV blocks at once
     abort(request_id)  drop a request wherever it is and free its blocks
@@ -17,20 +17,24 @@ KV, and the engine carries on with whatever arrives next.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence as SequenceT
+from typing import Any, Callable, Mapping, Sequence as SequenceT
 
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.detokenizer import (DetokenizerState, detokenize_incrementally, find_stop_string,
                                         stream_safe_length)
-from minillm.engine.kv_cache import cache_geometry, kv_bytes_per_block
-from minillm.engine.model_runner import ModelRunner
+from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
+                                         resolve_engine_config)
+from minillm.engine.executor import UniProcExecutor
+from minillm.engine.kv_cache import kv_bytes_per_block
+from minillm.engine.step_input import build_step_input
+from minillm.engine.worker import PrebuiltModel, Worker
+from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
@@ -46,27 +50,34 @@ class _RequestState:
     detok: DetokenizerState
 
 
-def make_scheduler(engine_config: EngineConfig, num_blocks: int, block_size: int, max_model_len: int,
-                   num_cpu_blocks: int) -> Any:
+def make_scheduler(engine_config: EngineConfig, cache_config: CacheConfig) -> Any:
     """The one place that maps `scheduling=` onto a Scheduler implementation."""
     if engine_config.scheduling == "static":
-        return StaticScheduler(engine_config.max_num_seqs, max_model_len, block_size,
+        return StaticScheduler(engine_config.max_num_seqs, cache_config.max_model_len, cache_config.block_size,
                                engine_config.max_num_batched_tokens)
     # chapter 6: continuous batching over paged blocks
     from minillm.engine.block_manager import BlockManager
     from minillm.engine.scheduler import Scheduler
-    block_manager = BlockManager(num_blocks, block_size, num_cpu_blocks,
+    block_manager = BlockManager(cache_config.num_gpu_blocks, cache_config.block_size, cache_config.num_cpu_blocks,
                                  enable_prefix_caching=engine_config.enable_prefix_caching)
-    return Scheduler(dataclasses.replace(engine_config, max_model_len=max_model_len), block_manager)
+    return Scheduler(engine_config, block_manager)
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_config: ModelConfig,
+    """The engine loop around one executor. Give it either a built `model` (it is wrapped in an in-process
+    worker) or an `executor` whose workers build their own (model=None): e.g. a MultiProcExecutor."""
+
+    # The verify step of speculative decoding (chapter 8): a sequence whose `spec_token_ids` were set before a
+    # step is scheduled with its drafts, the runner samples at each of their rows, and this hook turns
+    # (batch, sampled tokens per sequence) into the accepted tokens per sequence (drafts[:a] + [one token]),
+    # which `scheduler.postprocess` applies. None: drafts are an error.
+    verify_drafts: Callable[[ScheduledBatch, list[list[int]]], list[list[int]]] | None = None
+
+    def __init__(self, model: torch.nn.Module | None, tokenizer: Any, model_config: ModelConfig,
                  engine_config: EngineConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None) -> None:
+                 overrides: Mapping[str, Any] | None = None, executor: Any | None = None) -> None:
         self.model_config = model_config
-        self.engine_config = engine_config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
@@ -76,28 +87,39 @@ class LLMEngine:
             if not callable(fn):
                 raise TypeError(f"override {name!r} must be a callable here, got {type(fn).__name__}; "
                                 f"resolve names and paths with minillm.course.overrides.resolve_overrides")
-        self.max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
-        if engine_config.scheduling == "static":
-            # static batching reserves max_model_len tokens per batch slot: the pool is exactly that big
-            block_size = self.max_model_len if engine_config.kv_layout == "contiguous" else engine_config.block_size
-            num_blocks = engine_config.max_num_seqs * -(-self.max_model_len // block_size)
-        else:
-            # the paged pool: explicit, from a byte budget, or (CUDA) from what a profiled forward leaves free
-            num_blocks, block_size = cache_geometry(engine_config, model_config, self.max_model_len, dtype,
-                                                    self.device, model=model)
-        num_cpu_blocks = 0
-        if engine_config.preemption_mode == "swap" and engine_config.kv_layout == "paged":
-            num_cpu_blocks = engine_config.swap_space // kv_bytes_per_block(model_config, block_size, dtype)
-        self.runner = ModelRunner(model, model_config, num_blocks, block_size, self.device, dtype, seed,
-                                  num_cpu_blocks, engine_config=engine_config)
-        self.scheduler = make_scheduler(engine_config, num_blocks, block_size, self.max_model_len, num_cpu_blocks)
+        # configuration resolved once, here, then passed down (worker, runner, scheduler)
+        self.engine_config = config = resolve_engine_config(engine_config, model_config, self.device)
+        self.max_model_len = config.max_model_len
+        if (model is None) == (executor is None):
+            raise ValueError("give LLMEngine either a built model or an executor (model=None), not both or neither")
+        if executor is None:
+            executor = UniProcExecutor(Worker(model_config, config, self.device, dtype, PrebuiltModel(model), seed))
+        self.executor = executor
+        num_gpu_blocks = executor.determine_num_gpu_blocks() if needs_sized_pool(config) else None
+        self.cache_config = make_cache_config(config, num_gpu_blocks,
+                                              kv_bytes_per_block(model_config, kv_block_size(config), dtype))
+        executor.initialize_cache(self.cache_config)
+        self.scheduler = make_scheduler(config, self.cache_config)
         eos = set(model_config.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         eos.update(tok_eos if isinstance(tok_eos, (list, tuple, set)) else [tok_eos] if tok_eos is not None else [])
         self.eos_token_ids = eos
         self._requests: dict[str, _RequestState] = {}
+        self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
         self.num_steps = 0
+
+    @property
+    def runner(self):
+        """The in-process worker's ModelRunner (KV cache, model): for tests, notebooks and benchmarks."""
+        worker = getattr(self.executor, "driver_worker", None)
+        if worker is None:
+            raise AttributeError("the workers of this engine live in other processes: no runner here")
+        return worker.runner
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (a no-op for the in-process one)."""
+        self.executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | SequenceT[int],
@@ -116,9 +138,6 @@ class LLMEngine:
         else:
             text, token_ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
-        if sampling_params.seed is not None:
-            seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(sampling_params.seed)
         self.scheduler.add(seq)
         self._requests[request_id] = _RequestState(seq, DetokenizerState.for_prompt(len(token_ids)))
         return request_id
@@ -159,6 +178,7 @@ class LLMEngine:
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
         seq.finish_time = time.perf_counter()
+        self._finished_since_last_step.append(seq.request_id)
         return RequestOutput.from_sequence(seq)
 
     def has_unfinished_requests(self) -> bool:
@@ -189,37 +209,57 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         try:
-            tokens = self.runner.execute(batch)
+            step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
+            self._finished_since_last_step = []
+            tokens = self.executor.execute_model(step_input).sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
-        now = time.perf_counter()
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, tokens):
-            seq.num_computed_tokens += n
-            if token is not None:
-                seq.append_token(token, now)
-                reason = self._check_stop(seq, token)
-                if reason is not None:
-                    outputs.append(self._finish(seq, reason))
-                    continue
-            outputs.append(self._output(seq))
+        try:
+            if any(seq.spec_token_ids for seq in batch.seqs):
+                tokens = self._verify_drafts(batch, tokens)
+            self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts
+        except Exception as err:  # a bad verification result fails these requests, not the engine
+            logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
+            message = f"{type(err).__name__}: {err}"
+            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
+        for seq, new_tokens in zip(batch.seqs, tokens):
+            reason = None
+            for position in range(seq.num_tokens - len(new_tokens), seq.num_tokens):
+                reason = self._check_stop(seq, position)
+                if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
+                    seq.truncate_output(position + 1)
+                    break
+            outputs.append(self._finish(seq, reason) if reason is not None else self._output(seq))
         return outputs
 
-    def _check_stop(self, seq: Sequence, token: int) -> str | None:
-        """Update the sequence's text for its new token; return a finish reason or None."""
+    def _verify_drafts(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[list[int]]:
+        """Turn the runner's samples at every draft row into the accepted tokens L per sequence (the verify
+        step of speculative decoding), through the `verify_drafts` hook: (batch, sampled) -> L per sequence."""
+        if self.verify_drafts is None:
+            raise ValueError("sequences carry draft tokens (spec_token_ids) but LLMEngine.verify_drafts is None: "
+                             "set an acceptance rule (speculative decoding) or do not propose drafts")
+        return self.verify_drafts(batch, sampled)
+
+    def _check_stop(self, seq: Sequence, position: int) -> str | None:
+        """Update the sequence's text for its token at `position` (the tokens before it were checked already);
+        return a finish reason or None."""
         params = seq.sampling_params
+        token = seq.token_ids[position]
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return "stop"  # the stop token's text is not added to the output
         state = self._requests[seq.request_id]
-        new_text = detokenize_incrementally(self.tokenizer, seq.token_ids, state.detok)
+        # the common single-token step reads the list itself; a multi-token step a prefix of it
+        token_ids = seq.token_ids if position + 1 == seq.num_tokens else seq.token_ids[:position + 1]
+        new_text = detokenize_incrementally(self.tokenizer, token_ids, state.detok)
         if new_text:
             seq.output_text += new_text
             cut = find_stop_string(seq.output_text, params.stop_list, len(new_text))
             if cut >= 0:
                 seq.output_text = seq.output_text[:cut]
                 return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if position + 1 - seq.num_prompt_tokens >= params.max_tokens or position + 1 >= self.max_model_len:
             return "length"
         return None
 
@@ -238,6 +278,7 @@ class LLMEngine:
                     seq.output_text, seq.finish_reason = seq.output_text[:cut], "stop"
         self.scheduler.finish(seq)
         self._requests.pop(seq.request_id, None)
+        self._finished_since_last_step.append(seq.request_id)
         return RequestOutput.from_sequence(seq)
 
     def _drain_rejected(self) -> list[Sequence]:

@@ -1,24 +1,25 @@
-"""The model runner: from a ScheduledBatch to sampled token ids (chapters 2 and 5).
+"""The model runner: from a StepInput to sampled token ids (chapters 2 and 5). It lives in a worker.
 
 Each step it
   1. applies the scheduler's block operations (swap out, swap in, copy-on-write) to the KV cache,
-  2. packs the new tokens of every scheduled sequence into one flat `input_ids` [T] / `positions` [T] pair,
-  3. builds the AttentionMetadata (cu_seqlens_q, seq_lens, slot_mapping, block_tables) that tells every
-     Attention layer which token belongs to which sequence and where keys and values live,
-  4. runs the forward inside `forward_context(...)`,
-  5. keeps the hidden state of the *last* new token of each sequence that needs a sample (a prefill that is
-     not finished yet, i.e. a chunk of a long prompt, needs none), computes logits for those rows only
-     (the vocabulary projection is the most expensive matmul of a small model: no point doing it for all T)
-  6. samples.
+  2. turns the step's packed lists into tensors: `input_ids` [T], `positions` [T], and the AttentionMetadata
+     (cu_seqlens_q, seq_lens, slot_mapping, block_tables) that tells every Attention layer which token belongs
+     to which sequence and where keys and values live,
+  3. runs the forward inside `forward_context(...)`,
+  4. keeps the hidden states of the rows that need a sample: the *last* new token of each sequence whose step
+     reached its end (a chunk of a long prompt needs none), or its last 1 + k rows when it carries k draft
+     tokens (the verify step of speculative decoding); computes logits for those rows only (the vocabulary
+     projection is the most expensive matmul of a small model: no point doing it for all T),
+  5. samples, each request with its own generator when it asked for a seed.
 
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
 
 Launch overhead (chapter 4), set by `configure(engine_config)` (or the `engine_config=` argument):
-on CUDA with `enforce_eager=False`, decode-only steps replay CUDA graphs captured up front for batch-size
-buckets (minillm/engine/cuda_graph.py); every other step runs eagerly. `compile=True` runs the forward through
-`torch.compile(dynamic=True)` instead (an alternative to graphs, not a complement: no graphs are captured).
-The operator backend itself (torch reference or Triton kernels) is the model's: `model.attention_backend`.
+on CUDA with `enforce_eager=False` (the default there), decode-only steps replay CUDA graphs captured up front
+for batch-size buckets (minillm/engine/cuda_graph.py); every other step runs eagerly. `compile=True` runs the
+forward through `torch.compile(dynamic=True)` instead (an alternative to graphs, not a complement).
+The operator backend itself (torch reference or Triton kernels) is the model's (minillm.layers.backend).
 """
 from __future__ import annotations
 
@@ -28,18 +29,11 @@ import torch
 from torch import nn
 
 from minillm.config import EngineConfig, ModelConfig
-from minillm.engine.block_table import slot_mapping as slot_mapping_reference
 from minillm.engine.kv_cache import KVCache
 from minillm.engine.scheduler_interface import ScheduledBatch
-from minillm.engine.sequence import Sequence
+from minillm.engine.step_input import StepInput, StepOutput, build_step_input
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.layers.sampler import Sampler
-
-from minillm.hooks import dispatch
-
-# A prefill chunk at least this long gets its slot mapping from torch ops instead of a Python list comprehension
-# (only when no learner override is active: an override is always called, so it is always exercised).
-_VECTORISED_SLOTS_FROM = 512
 
 
 @dataclass
@@ -49,8 +43,8 @@ class PreparedBatch:
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]
     metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # int64 [S]: row of the last new token of each sampled sequence
-    sample_seqs: list[int]  # index into batch.seqs of each sampled row
+    sample_indices: torch.Tensor  # int64 [S]: the rows that get sampled, sequence by sequence
+    sample_seqs: list[int]  # index of the sequence each sampled row belongs to
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -71,6 +65,7 @@ class ModelRunner:
         # the generator shared by every request without its own seed
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}  # request_id -> its own generator (seeded requests)
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device, num_cpu_blocks)
         self.attention_layers = attention_modules(model)
         if len(self.attention_layers) != model_config.num_hidden_layers:
@@ -120,92 +115,72 @@ class ModelRunner:
             module.k_cache, module.v_cache = self.kv_cache.layer(index)
 
     # -- block operations ---------------------------------------------------------------------------------
-    def apply_block_ops(self, batch: ScheduledBatch) -> None:
+    def apply_block_ops(self, step: StepInput | ScheduledBatch) -> None:
         """Swap-outs first (they free device blocks that swap-ins or copies may then reuse), then swap-ins,
         then copy-on-write."""
-        self.kv_cache.swap_out(batch.blocks_to_swap_out)
-        self.kv_cache.swap_in(batch.blocks_to_swap_in)
-        self.kv_cache.copy(batch.blocks_to_copy)
+        self.kv_cache.swap_out(step.blocks_to_swap_out)
+        self.kv_cache.swap_in(step.blocks_to_swap_in)
+        self.kv_cache.copy(step.blocks_to_copy)
 
     # -- input preparation --------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
+    def prepare(self, step: StepInput | ScheduledBatch) -> PreparedBatch:
+        """Tensors for one forward. A ScheduledBatch (tests, notebooks) is flattened with build_step_input
+        first; the engine sends StepInputs."""
+        if isinstance(step, ScheduledBatch):
+            step = build_step_input(step, self.block_size)
+        if step.block_size != self.block_size:
+            raise ValueError(f"step built for block_size={step.block_size}, the cache has {self.block_size}")
         cu_seqlens_q = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
         sample_indices: list[int] = []
         sample_seqs: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if n < 1 or end > seq.num_tokens:
-                raise ValueError(f"sequence {seq.request_id!r}: cannot compute tokens {start}..{end - 1} of "
-                                 f"{seq.num_tokens}")
-            if len(seq.block_table) * bs < end:
-                raise ValueError(f"sequence {seq.request_id!r}: block_table {seq.block_table} holds "
-                                 f"{len(seq.block_table) * bs} slots, {end} needed")
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(self.slot_mapping(seq.block_table, start, end))
+        for i, (n, k) in enumerate(zip(step.query_lens, step.num_sampled)):
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-            seq_lens.append(end)
-            query_lens.append(n)
-            if end == seq.num_tokens:  # reached the end of what is known: sample the next token
-                sample_indices.append(cu_seqlens_q[-1] - 1)
-                sample_seqs.append(i)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = [seq.block_table + [-1] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+            sample_indices.extend(range(cu_seqlens_q[-1] - k, cu_seqlens_q[-1]))
+            sample_seqs.extend([i] * k)
+        max_blocks = max(len(table) for table in step.block_tables)
+        block_tables = [table + [-1] * (max_blocks - len(table)) for table in step.block_tables]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         metadata = AttentionMetadata(
             cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_seqlen_q=max(query_lens),
-            max_seqlen_k=max(seq_lens),
-            slot_mapping=tensor(slot_mapping, torch.int64),
+            seq_lens=tensor(step.seq_lens, torch.int32),
+            max_seqlen_q=max(step.query_lens),
+            max_seqlen_k=max(step.seq_lens),
+            slot_mapping=tensor(step.slot_mapping, torch.int64),
             block_tables=tensor(block_tables, torch.int32),
-            block_size=bs,
-            seq_lens_list=seq_lens,
-            query_lens_list=query_lens,
+            block_size=self.block_size,
+            seq_lens_list=list(step.seq_lens),
+            query_lens_list=list(step.query_lens),
         )
-        return PreparedBatch(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
+        return PreparedBatch(tensor(step.input_ids, torch.int64), tensor(step.positions, torch.int64), metadata,
                              tensor(sample_indices, torch.int64), sample_seqs)
-
-    def slot_mapping(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Cache slots of positions start..end-1 (exercise ch05.slot_mapping, through `dispatch`)."""
-        fn = dispatch("ch05.slot_mapping", slot_mapping_reference)
-        if fn is slot_mapping_reference and end - start >= _VECTORISED_SLOTS_FROM:
-            # the same formula over a long chunk, as tensor ops (a long list comprehension costs ~1 ms / 8k tokens)
-            bs = self.block_size
-            positions = torch.arange(start, end)
-            table = torch.tensor(block_table, dtype=torch.int64)
-            return (table[positions // bs] * bs + positions % bs).tolist()
-        return fn(block_table, start, end, self.block_size)
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns, for each seqs[i], the sampled token id or None (no sample this step)."""
-        self.apply_block_ops(batch)
-        results: list[int | None] = [None] * len(batch.seqs)
-        if batch.is_empty:
-            return results
-        prepared = self.prepare(batch)
+    def execute_model(self, step: StepInput) -> StepOutput:
+        """Run one step; for each sequence, the tokens sampled at its last num_sampled rows."""
+        for request_id in step.finished_request_ids:
+            self._generators.pop(request_id, None)
+        self.apply_block_ops(step)
+        sampled: list[list[int]] = [[] for _ in range(step.num_seqs)]
+        if step.is_empty:
+            return StepOutput(sampled)
+        prepared = self.prepare(step)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
         if not prepared.sample_seqs:
-            return results
+            return StepOutput(sampled, [] if step.return_logits else None)
         logits = self.model.compute_logits(hidden[prepared.sample_indices])
-        seqs = [batch.seqs[i] for i in prepared.sample_seqs]
-        tokens = self.sample(logits, seqs)
+        tokens = self.sample(logits, [step.sampling[i] for i in prepared.sample_seqs])
         for i, token in zip(prepared.sample_seqs, tokens):
-            results[i] = token
-        return results
+            sampled[i].append(token)
+        per_seq_logits = None
+        if step.return_logits:
+            per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
+        return StepOutput(sampled, per_seq_logits)
 
     def forward(self, prepared: PreparedBatch) -> torch.Tensor:
         """Hidden states [T, hidden]: a CUDA graph replay for a decode-only batch when graphs are captured,
@@ -215,11 +190,20 @@ class ModelRunner:
         with forward_context(prepared.metadata):
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        params = [s.sampling_params for s in seqs]
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
-        top_ks = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=self.device)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+    def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
+        """One token per row; rows of a request with a seed draw from that request's own generator."""
+        temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=self.device)
+        top_ks = torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=self.device)
+        top_ps = torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=self.device)
         tokens = self.sampler(logits, temperatures, top_ks, top_ps,
-                              generators=[s.generator for s in seqs], default_generator=self.generator)
+                              generators=[self._generator_of(s) for s in specs], default_generator=self.generator)
         return tokens.tolist()
+
+    def _generator_of(self, spec) -> torch.Generator | None:
+        if spec.seed is None:
+            return None
+        generator = self._generators.get(spec.request_id)
+        if generator is None:
+            generator = self._generators[spec.request_id] = torch.Generator(device=self.device)
+            generator.manual_seed(spec.seed)
+        return generator

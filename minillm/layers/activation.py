@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.layers.attention import check_backend, use_triton
+from minillm.layers.backend import OperatorModule, use_triton
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -23,12 +23,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class SiluAndMul(nn.Module):
+class SiluAndMul(OperatorModule):
     """`silu_and_mul` as a module that knows its operator backend (torch reference or the Triton kernel)."""
 
     def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
+        super().__init__(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.backend, x):

@@ -16,13 +16,14 @@ The mask is bottom-right aligned: query j of a q_len-token chunk is the token at
 `seq_len - q_len + j` and sees keys 0..that position (exercise ch02.causal_mask). Grouped-query attention
 (KVH < H) shares each kv head among H / KVH consecutive query heads.
 
-Operator backends (the one switch, shared with norm.py, rotary.py and activation.py through `use_triton`):
+Operator backends (the one switch, minillm/layers/backend.py, shared with norm.py, rotary.py and activation.py):
 "torch"/"reference" run the readable torch code (and the course's exercise functions); "triton" runs the
 kernels of minillm.kernels (through the interpreter on a CPU); "auto" means triton on CUDA, torch on CPU,
 decided per call from the tensor's device. The Triton attention path, chapters 3 and 5:
 
-* decode-only step (one query per sequence): `paged_decode_attention` reads K/V straight from the paged
-  cache through block_tables/seq_lens (this is the step CUDA graphs capture: no host-side lists used);
+* decode-only step (one query per sequence), or a speculative verify step (the same small number q_len of
+  query tokens per sequence, see AttentionMetadata.decode_query_len): `paged_decode_attention` reads K/V
+  straight from the paged cache through block_tables/seq_lens (the steps CUDA graphs capture: no host lists);
 * prefill without cached context: `flash_attn_varlen` on the packed q/k/v (cu_seqlens_k = cu_seqlens_q);
 * anything else (chunked prefill, prefix-cache hit, a batch that mixes prefills and decodes): the keys of each
   sequence are gathered from the cache into one packed [sum(seq_lens), KVH, D] tensor by a single vectorised
@@ -42,24 +43,7 @@ from torch import nn
 from minillm.forward_context import AttentionMetadata, get_forward_context, prefill_metadata
 
 from minillm.hooks import dispatch
-
-# "torch": per-sequence loop over torch SDPA with an explicit causal mask (fast enough on CPU).
-# "reference": the same loop over `attention_reference` (plain matmul + fp32 softmax), for tests and reading.
-# "triton": the kernels of minillm.kernels, wired in at `_triton_attention` (chapters 3 and 5).
-# "auto": triton when the tensors live on a GPU, torch otherwise.
-ATTENTION_BACKENDS = ("auto", "torch", "reference", "triton")
-
-
-def use_triton(backend: str, x: torch.Tensor) -> bool:
-    """The one backend decision of every operator module: run the Triton kernel for this call?"""
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
-
-
-def check_backend(backend: str) -> str:
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"operator backend {backend!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
-    return backend
-
+from minillm.layers.backend import OperatorModule, use_triton
 
 # >>> exercise ch02.causal_mask
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -187,7 +171,7 @@ def _lengths(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
     return q_lens, seq_lens
 
 
-class Attention(nn.Module):
+class Attention(OperatorModule):
     """Multi-head / grouped-query attention over the packed batch described by the forward context.
 
     forward(q [T, H, D], k [T, KVH, D], v [T, KVH, D]) -> [T, H, D]. The engine sets `k_cache`/`v_cache`
@@ -196,15 +180,13 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
                  backend: str = "auto") -> None:
-        super().__init__()
+        super().__init__(backend)
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        check_backend(backend)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        self.attention_backend = backend
         # Plain attributes, not buffers: the cache belongs to the engine's memory pool, not to the weights.
         self.k_cache = torch.tensor([])
         self.v_cache = torch.tensor([])
@@ -218,11 +200,11 @@ class Attention(nn.Module):
         if sum(q_lens) != q.shape[0]:
             raise ValueError(f"forward context describes {sum(q_lens)} query tokens, but q has {q.shape[0]}")
         use_cache = meta.slot_mapping is not None and self.k_cache.numel() > 0
-        if use_triton(self.attention_backend, q):
+        if use_triton(self.backend, q):
             return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
         if use_cache:
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        attn_fn = attention_reference if self.attention_backend == "reference" else sdpa_attention
+        attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
         read_cache = use_cache and meta.block_tables is not None
         if not read_cache and q_lens != seq_lens:
             raise ValueError("sequences with cached context (q_len < seq_len) need a KV cache and block_tables; "
@@ -253,9 +235,10 @@ class Attention(nn.Module):
         if use_cache:
             store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         read_cache = use_cache and meta.block_tables is not None
-        if read_cache and meta.is_decode_only:
+        decode_q_len = meta.decode_query_len if read_cache else None
+        if decode_q_len is not None:  # a decode step, or a verify step with the same number of drafts per sequence
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                          softmax_scale=self.scale)
+                                          softmax_scale=self.scale, q_len=decode_q_len)
         cu_seqlens_q = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
         if q_lens == seq_lens:  # nothing cached before these tokens: attend to the fresh k/v directly
             return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_q,
@@ -278,4 +261,4 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"scale={self.scale:.4g}, backend={self.attention_backend!r}")
+                f"scale={self.scale:.4g}, backend={self.backend!r}")

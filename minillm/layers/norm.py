@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minillm.layers.attention import check_backend, use_triton
+from minillm.layers.backend import OperatorModule, use_triton
 
 from minillm.hooks import dispatch
 
@@ -48,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # <<< exercise
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(OperatorModule):
     """RMSNorm with an optional fused residual add (vLLM's `fused_add_rms_norm` contract).
 
     forward(x)            -> rms_norm(x)
@@ -59,12 +59,11 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "auto") -> None:
-        super().__init__()
+        super().__init__(backend)
         if hidden_size < 1:
             raise ValueError(f"RMSNorm hidden_size must be >= 1, got {hidden_size}")
         self.hidden_size = hidden_size
         self.eps = eps
-        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.layers.attention import check_backend, use_triton
+from minillm.layers.backend import OperatorModule, use_triton
 
 from minillm.hooks import dispatch
 
@@ -113,13 +113,12 @@ def _scaling_field(rope_scaling: dict[str, Any] | None, key: str) -> Any:
     return rope_scaling[key]
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(OperatorModule):
     """Rotates q [T, H, D] and k [T, KVH, D] by each token's position, from a precomputed cos/sin cache."""
 
     def __init__(self, head_dim: int, max_position: int, base: float = 10000.0,
                  rope_scaling: dict[str, Any] | None = None, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = check_backend(backend)  # see minillm.layers.attention.use_triton
+        super().__init__(backend)
         if max_position < 1:
             raise ValueError(f"rotary max_position must be >= 1, got {max_position}")
         self.head_dim = head_dim

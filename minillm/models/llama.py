@@ -13,7 +13,7 @@ Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused pro
 
 Operator backend: `LlamaForCausalLM(config, backend=...)` or, later, `model.attention_backend = ...` sets the
 one backend of every operator module (attention, RMSNorm, RoPE, SiLU*mul): "torch", "reference", "triton" or
-"auto" (triton kernels on a GPU, torch on a CPU); see minillm.layers.attention.use_triton.
+"auto" (triton kernels on a GPU, torch on a CPU); see minillm.layers.backend.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.layers.activation import SiluAndMul
-from minillm.layers.attention import Attention, check_backend
+from minillm.layers.attention import Attention
+from minillm.layers.backend import check_backend, set_operator_backend
 from minillm.layers.embedding import LMHead, VocabEmbedding
 from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, default_weight_loader
 from minillm.layers.norm import RMSNorm
@@ -197,16 +198,6 @@ class LlamaForCausalLM(nn.Module):
                 packed, shard_id = self.packed_modules_mapping[part]
                 return ".".join(parts[:i] + [packed] + parts[i + 1:]), shard_id
         return name, None
-
-
-def set_operator_backend(model: nn.Module, backend: str) -> None:
-    """Switch every operator module under `model` to `backend` ("auto", "torch", "reference", "triton")."""
-    check_backend(backend)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.attention_backend = backend
-        elif isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
-            module.backend = backend
 
 
 def _shards(param_name: str, param: nn.Parameter) -> tuple[object, ...]:

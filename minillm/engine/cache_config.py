@@ -1,0 +1,103 @@
+"""Configuration resolved once: the engine's options with every default filled in, and the cache geometry.
+
+A user says as little as they like (`LLM()`, `LLM(max_model_len=4096)`, an EngineConfig with None fields). Before
+anything is built, `resolve_engine_config` turns that into a concrete EngineConfig for this model and device:
+
+    max_model_len      the model's context; on a CPU at most CPU_MAX_MODEL_LEN (a contiguous cache reserves it)
+    max_num_seqs       64 on a GPU, CPU_MAX_NUM_SEQS on a CPU
+    kv_layout          "paged" for continuous batching, "contiguous" for static batching (chapter 2's baseline)
+    enforce_eager      False on CUDA (CUDA graphs for decode, as vLLM), True on a CPU or with a backend/compile
+                       setting that graphs cannot capture
+The operator backend stays as given: "auto" is decided per call by the tensors' device (minillm.layers.backend).
+
+Then, once the worker knows how many device blocks fit (minillm.engine.kv_cache.num_device_blocks, which on
+CUDA profiles a forward), `make_cache_config` fixes the cache geometry: block size, device and CPU (swap) blocks,
+max_model_len, layout. That one frozen CacheConfig is passed down to the worker (KV tensors, CUDA graphs) and
+to the scheduler (block manager): nothing else decides these numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+
+CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
+CPU_MAX_NUM_SEQS = 8  # default batch on CPU (a GPU default of 64 would reserve far too much memory here)
+GPU_MAX_NUM_SEQS = 64
+DEFAULT_KV_LAYOUT = {"static": "contiguous", "continuous": "paged"}
+
+
+def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, device: torch.device) -> EngineConfig:
+    """A copy of `config` with every device- and model-dependent default decided (see the module docstring)."""
+    on_cuda = torch.device(device).type == "cuda"
+    max_model_len = config.max_model_len
+    if max_model_len is None:
+        max_model_len = model_config.max_position_embeddings
+        if not on_cuda:
+            max_model_len = min(max_model_len, CPU_MAX_MODEL_LEN)
+    elif max_model_len > model_config.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
+                         f"{model_config.max_position_embeddings} tokens")
+    max_num_seqs = config.max_num_seqs
+    if max_num_seqs is None:
+        max_num_seqs = GPU_MAX_NUM_SEQS if on_cuda else CPU_MAX_NUM_SEQS
+    kv_layout = config.kv_layout or DEFAULT_KV_LAYOUT[config.scheduling]
+    enforce_eager = config.enforce_eager
+    if enforce_eager is None:
+        # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
+        enforce_eager = not on_cuda or config.attention_backend not in ("auto", "triton") or config.compile
+    return dataclasses.replace(config, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
+                               enforce_eager=enforce_eager)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV cache's geometry, decided once per engine."""
+
+    block_size: int  # token slots per block (max_model_len for the contiguous layout: one block per slot)
+    num_gpu_blocks: int  # blocks in the device pool ("gpu" as in vLLM: the device the model runs on)
+    num_cpu_blocks: int  # blocks of CPU swap space (preemption_mode="swap"), 0 otherwise
+    max_model_len: int
+    kv_layout: str  # "paged" | "contiguous"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_gpu_blocks", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CacheConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_cpu_blocks < 0:
+            raise ValueError(f"CacheConfig.num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+def kv_block_size(config: EngineConfig) -> int:
+    """Slots per block: the engine's block_size, or max_model_len for the contiguous layout."""
+    return config.max_model_len if config.kv_layout == "contiguous" else config.block_size
+
+
+def needs_sized_pool(config: EngineConfig) -> bool:
+    """Whether the device pool's size comes from memory (paged continuous batching) rather than from the
+    batch shape (static batching or a contiguous layout reserve max_model_len per batch slot)."""
+    return config.kv_layout == "paged" and config.scheduling == "continuous"
+
+
+def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_per_block: int) -> CacheConfig:
+    """The geometry of a resolved config, given the device blocks the worker found room for (None when
+    `needs_sized_pool` is False). Static batching and the contiguous layout reserve max_model_len tokens for
+    each of max_num_seqs slots, whatever the memory says (that is their waste, measured in chapter 5)."""
+    if config.max_model_len is None or config.kv_layout is None or config.max_num_seqs is None:
+        raise ValueError("make_cache_config needs a resolved EngineConfig (see resolve_engine_config)")
+    block_size = kv_block_size(config)
+    if not needs_sized_pool(config):
+        num_gpu_blocks = config.max_num_seqs * -(-config.max_model_len // block_size)
+    elif num_gpu_blocks is None:
+        raise ValueError("a paged continuous-batching pool needs num_gpu_blocks from the worker")
+    num_cpu_blocks = 0
+    if config.preemption_mode == "swap" and config.kv_layout == "paged":
+        num_cpu_blocks = config.swap_space // bytes_per_block
+    return CacheConfig(block_size, num_gpu_blocks, num_cpu_blocks, config.max_model_len, config.kv_layout)

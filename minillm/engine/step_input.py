@@ -1,0 +1,122 @@
+"""StepInput: the slim, picklable description of one step that the engine sends to its workers.
+
+The scheduler thinks in `Sequence` objects (token lists, status, timing, detokenizer state); a worker only needs
+numbers: which token ids to feed at which positions, where each new token's K/V goes (slot_mapping), where each
+sequence's earlier K/V lives (block_tables), which rows to sample and how. Keeping that boundary narrow is what
+lets a worker live in another process (tensor parallelism, prefill/decode disaggregation: issue 13), as vLLM's
+`SchedulerOutput` / `ModelInputForGPU` split does. Everything here is plain Python lists and dataclasses: cheap
+to pickle, and nothing in it can reach back into the scheduler.
+
+    batch = scheduler.schedule()                       # Sequences and block decisions (engine process)
+    step = build_step_input(batch, block_size)         # numbers only (engine process)
+    output = executor.execute_model(step)              # tensors, forward, sampling (worker process(es))
+    scheduler.postprocess(batch, output.sampled_token_ids)
+
+Multi-token steps: a sequence carrying draft tokens (`Sequence.spec_token_ids`, speculative decoding) feeds them
+after its uncomputed tokens and asks for samples at its last 1 + k rows (`num_sampled`): the verify step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minillm.engine.block_table import slot_mapping
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.hooks import dispatch
+
+# A chunk at least this long gets its slot mapping from one vectorised expression instead of a Python loop
+# (only when no learner override is active: an override is always called, so it is always exercised).
+_VECTORISED_SLOTS_FROM = 512
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the sampler needs of one request's SamplingParams (the rest stays with the engine)."""
+
+    request_id: str
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None  # a per-request generator lives in the worker, keyed by request_id
+
+
+@dataclass
+class StepInput:
+    """One step for the workers. Per sequence i (in batch order): query_lens[i] new tokens, packed into
+    input_ids / positions / slot_mapping; seq_lens[i] tokens of context after the step; block_tables[i]; the
+    last num_sampled[i] of its rows are sampled with sampling[i] (0: no sample, e.g. a prefill chunk)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    num_sampled: list[int] = field(default_factory=list)
+    sampling: list[SamplingSpec] = field(default_factory=list)
+    block_size: int = 16
+    # block operations to apply before the forward, in this order (see scheduler_interface.ScheduledBatch)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # requests that ended since the previous step: a worker drops their per-request state (generators)
+    finished_request_ids: list[str] = field(default_factory=list)
+    return_logits: bool = False  # also return the logits of the sampled rows (speculative verification)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.query_lens
+
+
+@dataclass
+class StepOutput:
+    """What a worker returns: per sequence, the tokens sampled at its num_sampled rows (in row order)."""
+
+    sampled_token_ids: list[list[int]]
+    logits: list | None = None  # per sequence a [num_sampled, vocab] tensor, when return_logits was set
+
+
+def compute_slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start..end-1 (the ch05.slot_mapping exercise, through `dispatch`)."""
+    fn = dispatch("ch05.slot_mapping", slot_mapping)
+    if fn is slot_mapping and end - start >= _VECTORISED_SLOTS_FROM:
+        # the same formula, one block of positions at a time (a per-token Python loop costs ~1 ms / 8k tokens)
+        slots: list[int] = []
+        for p in range(start - start % block_size, end, block_size):
+            base = block_table[p // block_size] * block_size
+            lo, hi = max(p, start) - p, min(p + block_size, end) - p
+            slots.extend(range(base + lo, base + hi))
+        return slots
+    return fn(block_table, start, end, block_size)
+
+
+def build_step_input(batch: ScheduledBatch, block_size: int,
+                     finished_request_ids: list[str] | None = None) -> StepInput:
+    """Flatten a scheduled batch into a StepInput (raises ValueError if a sequence's numbers are inconsistent)."""
+    step = StepInput(block_size=block_size, blocks_to_swap_out=list(batch.blocks_to_swap_out),
+                     blocks_to_swap_in=list(batch.blocks_to_swap_in), blocks_to_copy=list(batch.blocks_to_copy),
+                     finished_request_ids=list(finished_request_ids or ()))
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        drafts = list(getattr(seq, "spec_token_ids", None) or ())
+        tokens = seq.token_ids + drafts
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        if n < 1 or end > len(tokens):
+            raise ValueError(f"sequence {seq.request_id!r}: cannot compute tokens {start}..{end - 1} of "
+                             f"{len(tokens)}")
+        if len(seq.block_table) * block_size < end:
+            raise ValueError(f"sequence {seq.request_id!r}: block_table {seq.block_table} holds "
+                             f"{len(seq.block_table) * block_size} slots, {end} needed")
+        step.input_ids.extend(tokens[start:end])
+        step.positions.extend(range(start, end))
+        step.slot_mapping.extend(compute_slot_mapping(seq.block_table, start, end, block_size))
+        step.query_lens.append(n)
+        step.seq_lens.append(end)
+        step.block_tables.append(list(seq.block_table))
+        # reached the end of what is known: sample the next token (and one per draft, to verify it)
+        step.num_sampled.append(min(n, 1 + len(drafts)) if end == len(tokens) else 0)
+        p = seq.sampling_params
+        step.sampling.append(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
+    return step

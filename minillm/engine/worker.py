@@ -1,0 +1,161 @@
+"""Worker: one device's share of the engine. It builds and loads the model, sizes and owns the KV cache, and runs
+the steps it is sent (vLLM's Worker; chapter 2 introduces it, the parallelism chapter gives each rank one).
+
+The engine process keeps the requests, the scheduler and the detokenizer; a worker holds only tensors: the
+weights, the KV cache, CUDA graphs, the sampler's generators. They meet at two narrow places, both picklable so
+that a worker can sit in another process (minillm.engine.executor):
+
+    worker.load_model()                              build the model from its ModelSource, on this device
+    worker.determine_num_gpu_blocks()                how many KV blocks fit (profiles a forward on CUDA)
+    worker.initialize_cache(cache_config)            allocate them, bind them to the layers, capture graphs
+    worker.execute_model(step_input) -> StepOutput   one step (minillm.engine.step_input)
+
+A ModelSource is any picklable callable `(model_config, device, dtype) -> nn.Module` that returns the model with
+its weights loaded: `CheckpointSource(path)` reads a GGUF file or an HF directory (a worker in another process),
+`LoadedWeights` builds from weights LLM already opened, `PrebuiltModel` wraps a model already built in this
+process (tests, notebooks, LLM.share_model). The last two cannot cross a process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.cache_config import CacheConfig
+from minillm.engine.kv_cache import num_device_blocks
+from minillm.engine.model_runner import ModelRunner
+from minillm.engine.step_input import StepInput, StepOutput
+
+ModelSource = Callable[[ModelConfig, torch.device, torch.dtype], nn.Module]
+
+
+def build_model(model_config: ModelConfig, weights, device: torch.device, dtype: torch.dtype,
+                attention_backend: str = "auto") -> nn.Module:
+    """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
+    from minillm.models.llama import LlamaForCausalLM  # Llama, Mistral, Qwen2 share one implementation
+    previous = torch.get_default_dtype()
+    start = time.perf_counter()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM(model_config, backend=attention_backend)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(weights)
+    model.load_seconds = time.perf_counter() - start
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Load the model from a GGUF file or an HF directory on disk (each worker reads it itself)."""
+
+    path: str
+
+    def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from minillm.loader import load_model  # gguf / safetensors readers: only when a checkpoint is read
+        _, weights, _ = load_model(self.path)
+        return build_model(model_config, weights, device, dtype)
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """Random weights of the config's real shapes, the same in every process for one seed (vLLM's "dummy" load
+    format): throughput work on an 8B shape needs no checkpoint, and tests get a model a child process can
+    rebuild bit for bit. Norm weights near 1, other matrices N(0, 1/fan_in), embeddings N(0, std_embed)."""
+
+    seed: int = 0
+    std_embed: float = 0.5
+
+    def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from minillm.models.llama import LlamaForCausalLM
+        generator = torch.Generator().manual_seed(self.seed)  # on the CPU: identical on every device
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(dtype)
+            with torch.device(device):
+                model = LlamaForCausalLM(model_config)
+        finally:
+            torch.set_default_dtype(previous)
+        for name, param in model.named_parameters():
+            values = torch.empty(param.shape, dtype=torch.float32)
+            if "norm" in name:
+                values.uniform_(0.8, 1.2, generator=generator)
+            else:
+                std = self.std_embed if "embed" in name else param.shape[-1] ** -0.5
+                values.normal_(0.0, std, generator=generator)
+            param.data.copy_(values)
+        for module in model.modules():  # quantized layers pack their weights here (minillm.quant)
+            process = getattr(getattr(module, "quant_method", None), "process_weights_after_loading", None)
+            if process is not None:
+                process(module)
+        return model.eval()
+
+
+class LoadedWeights:
+    """Weights already opened in this process (LLM reads the file once for the config, tokenizer and these)."""
+
+    def __init__(self, weights) -> None:
+        self.weights = weights
+
+    def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        return build_model(model_config, self.weights, device, dtype)
+
+    def __reduce__(self):
+        raise TypeError("LoadedWeights live in this process; a worker in another process needs CheckpointSource")
+
+
+class PrebuiltModel:
+    """A model already built and loaded in this process (not picklable on purpose: it cannot cross processes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        return self.model
+
+    def __reduce__(self):
+        raise TypeError("a PrebuiltModel lives in this process; give a worker in another process a picklable "
+                        "ModelSource such as CheckpointSource(path)")
+
+
+class Worker:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, device: torch.device | str,
+                 dtype: torch.dtype, model_source: ModelSource, seed: int = 0) -> None:
+        self.model_config = model_config
+        self.engine_config = engine_config  # resolved (minillm.engine.cache_config.resolve_engine_config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.seed = seed
+        self.model_source = model_source
+        self.model: nn.Module | None = None
+        self.runner: ModelRunner | None = None
+
+    def load_model(self) -> None:
+        model = self.model_source(self.model_config, self.device, self.dtype)
+        backend = self.engine_config.attention_backend
+        if backend != "auto":  # "auto" leaves the model's own choice (triton on a GPU, torch on a CPU)
+            from minillm.layers.backend import set_operator_backend
+            set_operator_backend(model, backend)
+        self.model = model
+
+    def determine_num_gpu_blocks(self) -> int:
+        if self.model is None:
+            raise RuntimeError("load_model() first: the pool is sized by profiling the model")
+        return num_device_blocks(self.engine_config, self.model_config, self.dtype, self.device, model=self.model)
+
+    def initialize_cache(self, cache_config: CacheConfig) -> None:
+        if self.model is None:
+            raise RuntimeError("load_model() before initialize_cache()")
+        self.runner = ModelRunner(self.model, self.model_config, cache_config.num_gpu_blocks, cache_config.block_size,
+                                  self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
+                                  engine_config=self.engine_config)
+
+    def execute_model(self, step: StepInput) -> StepOutput:
+        if self.runner is None:
+            raise RuntimeError("initialize_cache() before execute_model()")
+        return self.runner.execute_model(step)
