@@ -24,6 +24,11 @@ from typing import Iterator
 import torch
 
 
+# A batch whose sequences all have this many new tokens or fewer (the same number each) is a "decode-like"
+# batch: a decode step (1) or a speculative verify step (the last token + up to 7 drafts).
+MAX_DECODE_QUERY_LEN = 8
+
+
 @dataclass
 class AttentionMetadata:
     """Where each query token comes from and where keys/values are, for one forward step.
@@ -55,6 +60,21 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_seqlen_q == 1
+
+    @property
+    def decode_query_len(self) -> int | None:
+        """q_len when every sequence has the same small number of new tokens (1: a decode step; 1 + k: a
+        speculative verify step of k drafts), the batches the paged decode kernel and the CUDA graphs take;
+        None for anything else (prefills, chunks, mixed batches). Needs no device sync when query_lens_list
+        is set (the runner and the graphs set it)."""
+        if self.max_seqlen_q == 1:
+            return 1
+        if not 1 < self.max_seqlen_q <= MAX_DECODE_QUERY_LEN:
+            return None
+        q_lens = self.query_lens_list
+        if q_lens is None:
+            q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
+        return self.max_seqlen_q if all(n == self.max_seqlen_q for n in q_lens) else None
 
     @property
     def has_cache(self) -> bool:

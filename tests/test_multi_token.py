@@ -11,10 +11,14 @@ model's own sample at its row).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.block_manager import BlockManager
+from minillm.engine.cuda_graph import DecodeCUDAGraphs
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.prefix_cache import chain_hashes
 from minillm.engine.scheduler import Scheduler
@@ -22,6 +26,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch, update_sequences
 from minillm.engine.scheduler_sim import ShadowKVCache, SimulatedEngine, prefix_identities
 from minillm.engine.sequence import Sequence
 from minillm.engine.static_scheduler import StaticScheduler
+from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.sampling_params import SamplingParams
 from test_engine import tiny_config, tiny_model
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
@@ -417,3 +422,117 @@ def test_prefix_cache_registers_only_accepted_tokens():
     bm.free(seq)
     bm.free(other)
     bm.check_invariants()
+
+
+# -- CUDA graphs of verify steps (a fixed q_len per sequence) --------------------------------------------------
+class _ReplayRecorder(DecodeCUDAGraphs):
+    """DecodeCUDAGraphs without CUDA: 'recording' keeps the forward, 'replay' reruns it into the same output, so a
+    CPU test checks the bookkeeping a real graph depends on (static buffers, padding rows, buckets, slicing)."""
+
+    def _check_device(self, device):
+        pass
+
+    def _synchronize(self):
+        pass
+
+    def _record(self, forward):
+        out = forward()
+
+        class Graph:
+            def replay(self):
+                out.copy_(forward())
+        return Graph(), out
+
+
+def verify_step_inputs(config, seq_lens: list[int], q_len: int, block_size: int, num_blocks: int, device):
+    """Random K/V caches bound to the model's attention modules, and one verify step's inputs: the last q_len
+    tokens of each sequence, their slots, block tables (scattered blocks) and metadata."""
+    g = torch.Generator().manual_seed(len(seq_lens) * 10 + q_len)
+    width = max(-(-n // block_size) for n in seq_lens)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [perm[i * width:(i + 1) * width] for i in range(len(seq_lens))]
+    positions = [p for n in seq_lens for p in range(n - q_len, n)]
+    slots = [tables[i][p // block_size] * block_size + p % block_size
+             for i, n in enumerate(seq_lens) for p in range(n - q_len, n)]
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(0, q_len * len(seq_lens) + 1, q_len, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), max_seqlen_q=q_len,
+        max_seqlen_k=max(seq_lens), slot_mapping=torch.tensor(slots, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device), block_size=block_size,
+        seq_lens_list=list(seq_lens), query_lens_list=[q_len] * len(seq_lens))
+    input_ids = torch.randint(0, config.vocab_size, (len(positions),), generator=g).to(device)
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    caches = [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
+              for _ in range(config.num_hidden_layers)]
+    return input_ids, torch.tensor(positions, device=device), meta, caches
+
+
+def replay_equals_eager(graphs: DecodeCUDAGraphs, model, config, seq_lens, q_len, block_size, num_blocks, device,
+                        torch_reference: bool = False):
+    """One verify step eagerly and through `graphs`: the same hidden states, the same cache writes (and, with
+    torch_reference, the same hidden states as the torch attention path, which gathers the cache instead)."""
+    input_ids, positions, meta, caches = verify_step_inputs(config, seq_lens, q_len, block_size, num_blocks, device)
+    layers = [m for m in model.modules() if hasattr(m, "k_cache")]
+    for layer, (k, v) in zip(layers, caches):
+        layer.k_cache, layer.v_cache = k, v
+    snapshot = [(k.clone(), v.clone()) for k, v in caches]
+    with torch.inference_mode():
+        if torch_reference:
+            backend, model.attention_backend = model.attention_backend, "torch"
+            with forward_context(dataclasses.replace(meta)):
+                reference = model(input_ids, positions)
+            model.attention_backend = backend
+            for (k, v), (k0, v0) in zip(caches, snapshot):
+                k.copy_(k0)
+                v.copy_(v0)
+        with forward_context(meta):
+            eager = model(input_ids, positions)
+        if torch_reference:  # the paged decode kernel with q_len = 3 computes what the torch path computes
+            torch.testing.assert_close(eager, reference, rtol=1e-4, atol=1e-4)
+        after_eager = [(k.clone(), v.clone()) for k, v in caches]
+        for (k, v), (k0, v0) in zip(caches, snapshot):  # the same step again, through the graph
+            k.copy_(k0)
+            v.copy_(v0)
+        assert graphs.can_run(meta)
+        replayed = graphs.run(input_ids, positions, meta)
+    assert replayed.shape == eager.shape == (len(seq_lens) * q_len, config.hidden_size)
+    torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+    for (k, v), (k1, v1) in zip(caches, after_eager):  # padding rows (slot -1) stored nothing
+        torch.testing.assert_close(k, k1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v1, rtol=1e-5, atol=1e-5)
+
+
+def test_verify_step_graph_bookkeeping_on_cpu(model_and_config):
+    model, config = model_and_config
+    backend, model.attention_backend = model.attention_backend, "triton"  # the paged kernel, interpreted
+    try:
+        graphs = _ReplayRecorder(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
+                                 query_lens=(3,))
+        with torch.inference_mode():
+            graphs.capture()
+        assert sorted(graphs.graphs) == [1, 2, 4] and all(list(g) == [3] for g in graphs.graphs.values())
+        # batch 3 replays the graph of 4 with one padding sequence; the 3 new tokens cross block boundaries
+        replay_equals_eager(graphs, model, config, [5, 13, 19], 3, BLOCK, 24, torch.device("cpu"),
+                            torch_reference=True)
+        _, _, one_token, _ = verify_step_inputs(config, [5, 13, 19], 1, BLOCK, 24, "cpu")
+        assert not graphs.can_run(one_token)  # q_len 1 was not captured
+    finally:
+        model.attention_backend = backend
+    with pytest.raises(ValueError, match="query_lens"):
+        _ReplayRecorder(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"), query_lens=(0,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_gpu_verify_step_graph_replay_equals_eager(batch):
+    device = torch.device("cuda")
+    config = tiny_config(max_position_embeddings=256)
+    with torch.device(device):
+        model = tiny_model(config, seed=4)
+    model.attention_backend = "triton"
+    graphs = DecodeCUDAGraphs(model, 8, 16, 16, config.hidden_size, torch.float32, device, query_lens=(1, 3))
+    graphs.capture()
+    seq_lens = [3 + (37 * i) % 200 for i in range(batch)]
+    replay_equals_eager(graphs, model, config, seq_lens, 3, 16, 64, device)
+    replay_equals_eager(graphs, model, config, seq_lens, 1, 16, 64, device)

@@ -15,7 +15,10 @@ back to back. The price: every replay uses the *same* memory addresses and shape
   the activations of all buckets together cost about what the largest one needs;
 * a warm-up call before each capture: Triton compiles (and autotunes, where a kernel is autotuned) on its
   first call, and neither may happen while a graph is being recorded.
-Only decode-only batches are replayed: a prefill's token count varies from step to step.
+Only decode-like batches are replayed: a prefill's token count varies from step to step. Decode-like means
+every sequence has the same number q_len of new tokens, from a configured tuple `query_lens` (default (1,):
+plain decoding; speculative decoding with k drafts adds 1 + k). One graph per (bucket, q_len): its static
+buffers hold bucket x q_len tokens, the query tokens of sequence i at rows i*q_len .. i*q_len + q_len - 1.
 
 How this maps onto TensorRT-LLM's build step (an engine "built" ahead of time for a fixed GPU):
   layer fusion      = our fused kernels (residual+RMSNorm, RoPE in place, SiLU*mul, the KV scatter, attention);
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minillm.forward_context import AttentionMetadata, forward_context
+from minillm.forward_context import MAX_DECODE_QUERY_LEN, AttentionMetadata, forward_context
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -43,26 +46,42 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def check_query_lens(query_lens: tuple[int, ...]) -> tuple[int, ...]:
+    """The sorted, distinct query lengths to capture, each in [1, MAX_DECODE_QUERY_LEN]."""
+    lens = tuple(sorted(set(query_lens))) if isinstance(query_lens, (tuple, list)) else ()
+    if not lens or any(isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= MAX_DECODE_QUERY_LEN
+                       for q in lens):
+        raise ValueError(f"query_lens must be a non-empty tuple of ints in [1, {MAX_DECODE_QUERY_LEN}], "
+                         f"got {query_lens!r}")
+    return lens
+
+
 class DecodeCUDAGraphs:
-    """Captured decode forwards of `model` for every batch-size bucket, replayed on padded batches."""
+    """Captured decode forwards of `model` for every (batch-size bucket, query length), replayed on padded
+    batches."""
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 query_lens: tuple[int, ...] = (1,)) -> None:
         self._check_device(device)
         self.model = model
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = batch_size_buckets(max_num_seqs)
+        self.query_lens = check_query_lens(query_lens)
         n = self.buckets[-1]
+        t = n * self.query_lens[-1]
         # the static inputs: every replay reads from these addresses
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(t, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((t,), -1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, object] = {}  # batch size -> torch.cuda.CUDAGraph
-        self.outputs: dict[int, torch.Tensor] = {}
+        # every (padding) sequence at least q_len long, so that each of its queries sees a key
+        self.seq_lens = torch.full((n,), self.query_lens[-1], dtype=torch.int32, device=device)
+        self.cu_seqlens_q = {q: torch.arange(0, q * n + 1, q, dtype=torch.int32, device=device)
+                             for q in self.query_lens}
+        self.graphs: dict[int, dict[int, object]] = {}  # batch size -> q_len -> torch.cuda.CUDAGraph
+        self.outputs: dict[int, dict[int, torch.Tensor]] = {}
         self.pool = None
         self.hidden_size, self.dtype = hidden_size, dtype
 
@@ -83,27 +102,31 @@ class DecodeCUDAGraphs:
             self.pool = graph.pool()
         return graph, out
 
-    def _metadata(self, batch: int) -> AttentionMetadata:
+    def _metadata(self, batch: int, q_len: int) -> AttentionMetadata:
         max_len = self.max_blocks_per_seq * self.block_size
         return AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens_q[:batch + 1], seq_lens=self.seq_lens[:batch], max_seqlen_q=1,
-            max_seqlen_k=max_len, slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
-            block_size=self.block_size, seq_lens_list=[1] * batch, query_lens_list=[1] * batch)
+            cu_seqlens_q=self.cu_seqlens_q[q_len][:batch + 1], seq_lens=self.seq_lens[:batch], max_seqlen_q=q_len,
+            max_seqlen_k=max_len, slot_mapping=self.slot_mapping[:batch * q_len],
+            block_tables=self.block_tables[:batch], block_size=self.block_size,
+            seq_lens_list=[q_len] * batch, query_lens_list=[q_len] * batch)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up, then record one graph per bucket, largest first, all in one memory pool."""
+        """Warm up, then record one graph per (bucket, q_len), most tokens first, all in one memory pool."""
         self._synchronize()
-        for batch in reversed(self.buckets):
-            meta = self._metadata(batch)
+        shapes = sorted(((b, q) for b in self.buckets for q in self.query_lens), key=lambda bq: -bq[0] * bq[1])
+        for batch, q_len in shapes:
+            meta, tokens = self._metadata(batch, q_len), batch * q_len
 
-            def forward(batch: int = batch, meta: AttentionMetadata = meta) -> torch.Tensor:
+            def forward(tokens: int = tokens, meta: AttentionMetadata = meta) -> torch.Tensor:
                 with forward_context(meta):
-                    return self.model(self.input_ids[:batch], self.positions[:batch])
+                    return self.model(self.input_ids[:tokens], self.positions[:tokens])
 
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
             self._synchronize()
-            self.graphs[batch], self.outputs[batch] = self._record(forward)
+            graph, out = self._record(forward)
+            self.graphs.setdefault(batch, {})[q_len] = graph
+            self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
 
     def bucket_for(self, batch: int) -> int | None:
@@ -114,27 +137,31 @@ class DecodeCUDAGraphs:
         return None
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (bool(self.graphs) and meta.is_decode_only and meta.block_tables is not None
-                and meta.slot_mapping is not None and self.bucket_for(meta.num_seqs) is not None
+        if not self.graphs or meta.block_tables is None or meta.slot_mapping is None:
+            return False
+        return (meta.decode_query_len in self.query_lens and self.bucket_for(meta.num_seqs) is not None
                 and meta.block_tables.shape[1] <= self.max_blocks_per_seq)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Copy this step's decode inputs into the static buffers, replay, return hidden states [B, hidden]."""
-        batch = meta.num_seqs
+        """Copy this step's decode inputs into the static buffers, replay, return hidden states
+        [B * q_len, hidden]."""
+        batch, q_len = meta.num_seqs, meta.decode_query_len
         size = self.bucket_for(batch)
-        if size is None or not self.graphs:
-            raise ValueError(f"no CUDA graph for a batch of {batch} (captured sizes: {self.buckets})")
-        width = meta.block_tables.shape[1]
-        self.input_ids[:batch].copy_(input_ids, non_blocking=True)
-        self.positions[:batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(meta.slot_mapping, non_blocking=True)
+        if size is None or q_len not in self.query_lens or not self.graphs:
+            raise ValueError(f"no CUDA graph for a batch of {batch} with {q_len} query tokens each (captured "
+                             f"sizes: {self.buckets}, query lengths: {self.query_lens})")
+        width, tokens = meta.block_tables.shape[1], batch * q_len
+        self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
+        self.positions[:tokens].copy_(positions, non_blocking=True)
+        self.slot_mapping[:tokens].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
         self.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
-        if size > batch:  # padding rows: store nothing, attend to one row of block 0, result discarded
-            self.slot_mapping[batch:size].fill_(-1)
-            self.seq_lens[batch:size].fill_(1)
+        if size > batch:  # padding rows: store nothing, attend to q_len rows of block 0, result discarded
+            padded = size * q_len
+            self.slot_mapping[tokens:padded].fill_(-1)
+            self.seq_lens[batch:size].fill_(q_len)
             self.block_tables[batch:size].zero_()
-            self.input_ids[batch:size].zero_()
-            self.positions[batch:size].zero_()
-        self.graphs[size].replay()
-        return self.outputs[size][:batch]
+            self.input_ids[tokens:padded].zero_()
+            self.positions[tokens:padded].zero_()
+        self.graphs[size][q_len].replay()
+        return self.outputs[size][q_len][:tokens]
