@@ -6,7 +6,7 @@ its longest request ends, one contiguous KV region per sequence) and the continu
 engine loop is the same for both:
 
     batch = scheduler.schedule()               # which sequences, how many new tokens each
-    tokens = runner.execute(batch)             # swaps/copies, one forward; per seq a list of new tokens
+    tokens = executor.execute_model(step)      # swaps/copies, one forward; per seq a list of sampled tokens
     scheduler.postprocess(batch, tokens)       # num_computed_tokens, new tokens, rollback of rejected drafts
     scheduler.finish(seq) for finished ones    # frees its blocks at once
 
