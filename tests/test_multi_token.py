@@ -29,6 +29,7 @@ from minillm.engine.static_scheduler import StaticScheduler
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.sampling_params import SamplingParams
 from test_engine import tiny_config, tiny_model
+from test_triton_backend import _ReplayRecorder  # DecodeCUDAGraphs whose "graphs" rerun the forward on a CPU
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 K = 3  # drafts per step
@@ -425,25 +426,6 @@ def test_prefix_cache_registers_only_accepted_tokens():
 
 
 # -- CUDA graphs of verify steps (a fixed q_len per sequence) --------------------------------------------------
-class _ReplayRecorder(DecodeCUDAGraphs):
-    """DecodeCUDAGraphs without CUDA: 'recording' keeps the forward, 'replay' reruns it into the same output, so a
-    CPU test checks the bookkeeping a real graph depends on (static buffers, padding rows, buckets, slicing)."""
-
-    def _check_device(self, device):
-        pass
-
-    def _synchronize(self):
-        pass
-
-    def _record(self, forward):
-        out = forward()
-
-        class Graph:
-            def replay(self):
-                out.copy_(forward())
-        return Graph(), out
-
-
 def verify_step_inputs(config, seq_lens: list[int], q_len: int, block_size: int, num_blocks: int, device):
     """Random K/V caches bound to the model's attention modules, and one verify step's inputs: the last q_len
     tokens of each sequence, their slots, block tables (scattered blocks) and metadata."""
