@@ -30,7 +30,8 @@ test: setup
 	$(VPY) -m pytest -q --nbval-lax --nbval-sanitize-with chapters/sanitize.cfg chapters/ -p no:cacheprovider
 
 lab: setup
-	$(VENV)/bin/jupyter lab chapters/
+	@# the repository root as the notebook dir (chapters import exercises/ next door); root needs --allow-root
+	$(VENV)/bin/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) chapters/01_llm_inference.ipynb
 
 bench: setup
 	$(VPY) benchmarks/run_all.py

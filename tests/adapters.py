@@ -1,22 +1,37 @@
 """Adapters: the only way a graded test reaches an implementation (the pattern of Stanford CS336's tests).
 
-`MINILLM_IMPL` picks whose code runs: `exercises` (the learner's stubs), `solutions` (the reference
-answers) or a PATH to a folder laid out like `exercises/` (a submission). Unset, it is `solutions` in the
-instructor's repository and `exercises` in a student release (see minillm.course.impl).
+`MINILLM_IMPL` picks whose code runs: `exercises` (the learner's stubs), `solutions` (the reference answers) or a
+PATH to a folder laid out like `exercises/` (a submission). Unset, the tests' default is `solutions` where that
+folder exists (the instructor's repository: `make test` proves the reference) and `exercises` otherwise (a
+student release). Notebooks and `LLM(..., overrides=...)` default to `exercises` instead (minillm.course.impl).
+The tests never fall back to the reference for a stub: a stub is "not attempted".
 
-`get_impl` returns the chosen implementation's function, guarded (library shortcuts trapped, monkey-patching
-detected). `get_reference` returns the answer to compare with: always solutions/, never the learner's code.
+Under `minillm grade` (MINILLM_SANDBOX=1) `get_impl` returns the submission's function running in a sandboxed
+worker process (minillm.course.sandbox), which holds no answers; otherwise the function itself, guarded
+(library shortcuts trapped, monkey-patching detected). `get_reference` returns the answer to compare with:
+solutions/, or the engine's own function where there is no solutions/; never the learner's code.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
-from minillm.course.impl import load_function, load_reference
+from minillm.course.impl import forbidden_calls, load_function, load_reference, resolve_impl
+from minillm.course.registry import get, repo_root
+
+
+def tests_default_impl() -> str:
+    return os.environ.get("MINILLM_IMPL") or ("solutions" if (Path(repo_root()) / "solutions").is_dir()
+                                              else "exercises")
 
 
 def get_impl(exercise_id: str) -> Callable:
     """The implementation under test of `exercise_id` (e.g. "ch01.rms_norm")."""
-    return load_function(exercise_id)
+    if os.environ.get("MINILLM_SANDBOX") == "1":
+        from minillm.course.sandbox import remote_function
+        return remote_function(exercise_id, resolve_impl(tests_default_impl()), forbidden_calls(get(exercise_id)))
+    return load_function(exercise_id, tests_default_impl(), fallback=False)
 
 
 def get_reference(exercise_id: str) -> Callable:

@@ -9,19 +9,33 @@ checks properties of its own. A failure is one line the grader can show as it is
 from __future__ import annotations
 
 import os
-import random
+import sys
 from typing import Any
 
 import torch
 
-# Graded inputs are fresh each run: every seed a graded test uses is offset by GRADE_SEED, drawn anew per process
-# unless MINILLM_GRADE_SEED pins it (to reproduce a failure: the grader prints the seed it used).
-GRADE_SEED = int(os.environ.get("MINILLM_GRADE_SEED") or random.SystemRandom().randrange(1 << 20))
+# Graded inputs are drawn from one seed per release (minillm.course.config): the same submission scores the same on
+# every run. The grader hands the seed to each test process as MINILLM_GRADE_SEED (`minillm grade --seed N`
+# reproduces any run); hidden tests draw from MINILLM_GRADE_HIDDEN_SEED where the instructor set one.
+GRADE_SEED: int | None = int(os.environ["MINILLM_GRADE_SEED"]) if os.environ.get("MINILLM_GRADE_SEED") else None
+HIDDEN_SEED: int | None = (int(os.environ["MINILLM_GRADE_HIDDEN_SEED"]) if os.environ.get("MINILLM_GRADE_HIDDEN_SEED")
+                           else None)
+
+
+def _release_seed() -> int:
+    from minillm.course.config import load
+    return load().seed
 
 
 def graded_seed(base: int) -> int:
-    """The seed a graded test should use for its `base`: different every run, reproducible with the env var."""
+    """The seed a graded test uses for its `base`: the release's seed (the hidden seed in tests/graded/hidden)."""
+    global GRADE_SEED
+    if HIDDEN_SEED is not None and f"{os.sep}hidden{os.sep}" in sys._getframe(1).f_code.co_filename:
+        return base + HIDDEN_SEED
+    if GRADE_SEED is None:
+        GRADE_SEED = _release_seed()
     return base + GRADE_SEED
+
 
 # (atol, rtol) per dtype: the only tolerances graded tests use. fp32 leaves room for a different but
 # sound order of operations; bf16 has 8 bits of mantissa (one rounding = 2**-8 relative).

@@ -1,11 +1,14 @@
 """`minillm grade` and `minillm course ...`: the learner's and the instructor's commands.
 
     minillm grade [chNN | chNN.name] [--impl exercises|solutions|PATH] [--format table|json|gradescope]
-                  [--out FILE] [-v] [--timeout S] [--notebooks]
-    minillm course list                      the registry: id, points, where the engine calls it, hint
+                  [--out FILE] [-v] [--timeout S] [--seed N] [--notebooks]
+    minillm course list                      the registry: id, points, where the engine calls it, nudge, hint
     minillm course sync [--check]            regenerate solutions/ and exercises/ from the reference's markers
-    minillm course release DIR [--force]     a student copy (no solutions/, no hidden tests)
-    minillm course gradescope ZIP            the Gradescope autograder archive
+    minillm course release DIR [--chapters ch05,ch06] [--seed N] [--force]
+                                             a student copy (no solutions/, no hidden tests) for one assignment
+    minillm release ...                      the same as `minillm course release`
+    minillm course gradescope ZIP [--chapters ch05,ch06] [--seed N] [--hidden-seed N]
+                                             the Gradescope autograder archive of one assignment
     minillm course notebooks [NAME ...] [--check] [--no-execute]   chapters/*.py -> executed .ipynb
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     from minillm.course.registry import repo_root
 
     try:
-        result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs)
+        result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs, seed=args.seed)
     except (ValueError, KeyError, ImplementationError) as e:
         print(f"minillm grade: error: {e}", file=sys.stderr)
         return 2
@@ -42,11 +45,12 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     if args.notebooks:
         from minillm.course.notebooks import grade_notebook
         from minillm.course.registry import select
-        chapters = sorted({ex.chapter for ex in select(args.target)})
+        chapters = sorted({ex.chapter for ex in result.exercises} or {ex.chapter for ex in select(args.target)})
         print("notebooks (checked cells against the solution's stored outputs; no points):")
         for nb in sorted((Path(repo_root()) / "chapters").glob("*.ipynb")):
             if any(nb.name.startswith(f"{c:02d}_") for c in chapters):
-                print("  " + grade_notebook(nb, args.impl or "exercises")[1])
+                for line in grade_notebook(nb, args.impl or "exercises")[1]:
+                    print("  " + line)
     if args.fail_under is not None and result.max_score and 100 * result.score / result.max_score < args.fail_under:
         return 1
     return 0
@@ -57,6 +61,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for ex in EXERCISES.values():
         print(f"{ex.id:<28} {ex.points:>3} pts  exercises/{ex.module}.py  def {ex.signature}")
         print(f"{'':<28}          called from {ex.called_from}")
+        print(f"{'':<28}          nudge: {ex.nudge}")
         print(f"{'':<28}          hint: {ex.hint}")
     return 0
 
@@ -83,21 +88,41 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignment(args: argparse.Namespace, hidden: bool = False):
+    from minillm.course import config
+    base = config.load()
+    return config.CourseConfig(seed=base.seed if args.seed is None else args.seed,
+                               chapters=config.parse_chapters(args.chapters) if args.chapters else base.chapters,
+                               hidden_seed=(args.hidden_seed if args.hidden_seed is not None else base.hidden_seed)
+                               if hidden else None)
+
+
 def _cmd_release(args: argparse.Namespace) -> int:
     from minillm.course.release import release
     try:
-        written = release(Path(args.dir), overwrite=args.force)
+        cfg = _assignment(args)
+        written = release(Path(args.dir), overwrite=args.force, config=cfg)
     except (ValueError, FileExistsError) as e:
         print(f"minillm course release: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote a student release of {len(written)} files to {args.dir} (no solutions/, no hidden tests)")
+    chapters = ", ".join(f"ch{c:02d}" for c in cfg.chapters) or "every chapter"
+    print(f"wrote a student release of {len(written)} files to {args.dir} (no solutions/, no hidden tests): "
+          f"{chapters}, seed {cfg.seed}")
     return 0
 
 
 def _cmd_gradescope(args: argparse.Namespace) -> int:
     from minillm.course.gradescope import build_autograder
-    names = build_autograder(Path(args.zip))
-    print(f"wrote {args.zip} ({len(names)} files): upload it as the assignment's autograder")
+    try:
+        cfg = _assignment(args, hidden=True)
+        names = build_autograder(Path(args.zip), config=cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minillm course gradescope: error: {e}", file=sys.stderr)
+        return 2
+    chapters = ", ".join(f"ch{c:02d}" for c in cfg.chapters) or "every chapter"
+    print(f"wrote {args.zip} ({len(names)} files; {chapters}; seed {cfg.seed}"
+          + ("; hidden tests on the instructor's seed" if cfg.hidden_seed is not None else "")
+          + "): upload it as the assignment's autograder")
     return 0
 
 
@@ -123,7 +148,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and the test process's last output")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise (default 60)")
     p.add_argument("--jobs", type=int, default=None, help="exercises graded at once (default: min(4, CPUs))")
-    p.add_argument("--notebooks", action="store_true", help="also run the chapters' notebooks under nbval with this impl")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the graded inputs' seed (default: $MINILLM_GRADE_SEED, else the release's course.json)")
+    p.add_argument("--notebooks", action="store_true",
+                   help="also run the chapters' notebooks with this impl and name the checked cells that differ")
     p.add_argument("--fail-under", type=float, default=None, help="exit 1 when the score is below this percentage")
     p.set_defaults(func=_cmd_grade)
 
@@ -134,12 +162,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sync", help="regenerate solutions/ and exercises/ from the reference's markers")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the committed files drifted")
     p.set_defaults(func=_cmd_sync)
-    p = sub.add_parser("release", help="write a student copy without solutions/ and hidden tests")
-    p.add_argument("dir")
-    p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    p.set_defaults(func=_cmd_release)
+    for parent, name in ((sub, "release"), (subparsers, "release")):  # `minillm release` is an alias
+        p = parent.add_parser(name, help="write a student copy without solutions/ and hidden tests")
+        p.add_argument("dir")
+        p.add_argument("--chapters", default=None, help="the assignment, e.g. ch05,ch06 (default: every chapter)")
+        p.add_argument("--seed", type=int, default=None, help="the graded inputs' seed (default: course.json's)")
+        p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+        p.set_defaults(func=_cmd_release)
     p = sub.add_parser("gradescope", help="build the Gradescope autograder archive")
     p.add_argument("zip")
+    p.add_argument("--chapters", default=None, help="the assignment, e.g. ch05,ch06 (default: every chapter)")
+    p.add_argument("--seed", type=int, default=None, help="the visible tests' seed (default: course.json's)")
+    p.add_argument("--hidden-seed", type=int, default=None,
+                   help="a seed for the hidden tests only, never shown to learners (default: the same seed)")
     p.set_defaults(func=_cmd_gradescope)
     p = sub.add_parser("notebooks", help="chapters/*.py (jupytext percent) -> .ipynb with the solution's outputs")
     p.add_argument("names", nargs="*", help="chapter stems (default: all)")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minillm.course import config as course_config
 from minillm.course.impl import resolve_impl
 from minillm.course.registry import Exercise, repo_root, select
 
@@ -54,6 +55,16 @@ class ExerciseResult:
     duration: float = 0.0
     tests: list[TestResult] = field(default_factory=list)
     log: str = ""  # tail of the child's output (shown with -v)
+    nudge: str = ""  # the first-level hint, shown while the exercise is not attempted
+
+    @property
+    def advice(self) -> str:
+        """What to show under the status: the nudge before any attempt, the stronger hint after a failed one."""
+        if self.status == "pass":
+            return ""
+        if self.status == "not attempted":
+            return f"nudge: {self.nudge}" if self.nudge else ""
+        return f"hint: {self.hint}"
 
 
 @dataclass
@@ -61,7 +72,9 @@ class GradeReport:
     impl: str
     exercises: list[ExerciseResult]
     execution_time: float
-    seed: int | None = None  # the inputs' seed: MINILLM_GRADE_SEED=seed reproduces this run
+    seed: int | None = None  # the inputs' seed: `minillm grade --seed N` reproduces this run
+    hidden_seed: bool = False  # the hidden tests drew from the instructor's own seed (never shown)
+    chapters: list[int] = field(default_factory=list)  # the chapters graded (the assignment)
 
     @property
     def score(self) -> float:
@@ -72,8 +85,8 @@ class GradeReport:
         return sum(e.points for e in self.exercises)
 
     def to_dict(self) -> dict:
-        return {"impl": self.impl, "score": self.score, "max_score": self.max_score,
-                "execution_time": round(self.execution_time, 2), "exercises": [asdict(e) for e in self.exercises]}
+        return {"impl": self.impl, "score": self.score, "max_score": self.max_score, "seed": self.seed,
+                "chapters": self.chapters, "execution_time": round(self.execution_time, 2), "exercises": [asdict(e) for e in self.exercises]}
 
 
 def _drain(stream, keep: collections.deque) -> None:
@@ -116,20 +129,30 @@ def test_files(ex: Exercise, tests_dir: Path) -> list[Path]:
 
 
 def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60.0,
-                   tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None) -> ExerciseResult:
+                   tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
+                   hidden_seed: int | None = None, call_timeout: float | None = None) -> ExerciseResult:
     """Run `ex`'s graded tests against the implementation in `impl_dir`, isolated."""
     tests_dir = Path(tests_dir or root / "tests" / "graded")
-    result = ExerciseResult(id=ex.id, hint=ex.hint, points=float(ex.points))
+    result = ExerciseResult(id=ex.id, hint=ex.hint, points=float(ex.points), nudge=ex.nudge)
     nonce = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
         results_file = Path(tmp) / "results.jsonl"
+        # the submission's chapter module is graded from a private copy: the sandbox worker may read that folder
+        # and nothing else of the course (not the repository, not this folder's results file)
+        submission = Path(tmp) / "submission"
+        submission.mkdir()
+        source = Path(impl_dir) / f"{ex.module}.py"
+        if source.is_file():
+            shutil.copy(source, submission / source.name)
         pkg_parent = str(Path(__file__).resolve().parents[2])  # the minillm this grader runs from
-        env = {**os.environ, "MINILLM_IMPL": str(impl_dir), "MINILLM_ROOT": str(root),
+        env = {**os.environ, "MINILLM_IMPL": str(submission), "MINILLM_ROOT": str(root),
                "MINILLM_GRADER_NONCE": nonce, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # only our plugin: faster, and nothing else in the way
+               "MINILLM_SANDBOX": "1", "MINILLM_SANDBOX_DENY": os.pathsep.join([tmp, str(root), pkg_parent]),
+               "MINILLM_SANDBOX_CALL_TIMEOUT_S": f"{call_timeout or min(30.0, max(2.0, timeout / 2)):g}",
+               "MINILLM_SANDBOX_CPU_S": f"{int(timeout) + 5}", "MINILLM_FALLBACK": "0",
+               "MINILLM_GRADE_SEED": str(seed if seed is not None else course_config.load(root).seed),
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
-        if seed is not None:  # fresh graded inputs each run, the same for every exercise of this run
-            env["MINILLM_GRADE_SEED"] = str(seed)
         cmd = [python, "-m", "pytest", *map(str, test_files(ex, tests_dir)), "-p", "minillm.course.pytest_plugin",
                "--minillm-exercise", ex.id, "--minillm-results", str(results_file),
                "--rootdir", str(root), "-o", "addopts=", "-q", "-s", "--no-header",
@@ -179,6 +202,8 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
     if result.status in ("timeout", "error"):
         for t in result.tests:
             t.earned = 0.0
+            if t.outcome == "passed":
+                t.outcome, t.message = "not counted", result.message
             if t.outcome == "not run":
                 t.message = result.message
     result.earned = sum(t.earned for t in result.tests)
@@ -196,11 +221,11 @@ def _summarise(result: ExerciseResult) -> None:
         result.status = "pass"
     elif outcomes == {"not_attempted"}:
         result.status = "not attempted"
-    elif "error" in outcomes and "passed" not in outcomes:
+    elif "error" in outcomes:  # an import failure, a crash, a hang or a refused action costs the whole exercise
         result.status = "error"
     else:
         result.status = "fail"
-    failing = [t for t in counted if t.outcome != "passed"]
+    failing = sorted((t for t in counted if t.outcome != "passed"), key=lambda t: t.outcome != result.status)
     visible = [t for t in failing if not t.hidden]
     if result.status == "not attempted":
         result.message = f"{result.id} is not attempted yet"
@@ -211,16 +236,27 @@ def _summarise(result: ExerciseResult) -> None:
 
 
 def grade(target: str | None = None, impl: str | os.PathLike | None = None, root: Path | None = None,
-          timeout: float = 60.0, jobs: int | None = None, tests_dir: Path | None = None) -> GradeReport:
-    """Grade every exercise selected by `target` (None, 'ch01' or 'ch01.rms_norm') in parallel."""
+          timeout: float = 60.0, jobs: int | None = None, tests_dir: Path | None = None,
+          seed: int | None = None) -> GradeReport:
+    """Grade every exercise selected by `target` (None: the release's assignment, see minillm.course.config;
+    'ch01' or 'ch01.rms_norm') in parallel, on inputs drawn from `seed` (None: $MINILLM_GRADE_SEED, else the
+    release's seed)."""
     root = Path(root or repo_root()).resolve()
     impl_dir = resolve_impl(impl or os.environ.get("MINILLM_IMPL") or "exercises", root)
-    exercises = select(target)
+    config = course_config.load(root)
+    if target is None and config.chapters:
+        exercises = [ex for ex in select(None) if ex.chapter in config.chapters]
+    else:
+        exercises = select(target)
+    if seed is None:
+        seed = int(os.environ["MINILLM_GRADE_SEED"]) if os.environ.get("MINILLM_GRADE_SEED") else config.seed
+    course_config.CourseConfig(seed=seed)  # validates the range
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
-    seed = int(os.environ.get("MINILLM_GRADE_SEED") or random.SystemRandom().randrange(1 << 20))
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda ex: grade_exercise(ex, impl_dir, root, timeout, tests_dir, seed=seed),
-                                exercises))
+        results = list(pool.map(lambda ex: grade_exercise(ex, impl_dir, root, timeout, tests_dir, seed=seed,
+                                                          hidden_seed=config.hidden_seed), exercises))
     label = str(impl) if impl else os.environ.get("MINILLM_IMPL", "exercises")
-    return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed)
+    return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed,
+                       hidden_seed=config.hidden_seed is not None,
+                       chapters=sorted({ex.chapter for ex in exercises}))

@@ -4,9 +4,16 @@ results.json (Gradescope's autograder format): one entry per graded test with sc
 name, number, output, output_format and visibility (hidden tests: "after_published"), and at top level
 score, execution_time, output and stdout_visibility "hidden" (a learner's prints stay private).
 
-The archive holds `setup.sh` (installs torch for CPU and this package) and `run_autograder`, which grades
-`$ROOT/submission` and writes `$ROOT/results/results.json`, ROOT being $MINILLM_AUTOGRADER_ROOT or
-/autograder. That variable lets `make test` run the archive against a fake submission folder.
+The archive holds `setup.sh` (installs torch for CPU and this package), `run_autograder`, which grades
+`$ROOT/submission` and writes `$ROOT/results/results.json` (ROOT being $MINILLM_AUTOGRADER_ROOT or /autograder;
+that variable lets `make test` run the archive against a fake submission folder), and `course.json`: the
+assignment's chapters, the inputs' seed and, if the instructor set one, the hidden tests' own seed
+(minillm.course.config). run_autograder grades exactly those chapters.
+
+The archive ships no answers: no solutions/ (the graded tests compare against the engine's own functions,
+the one source the solutions are generated from) and no exercises/. The engine's source is there, as it must
+be for the reference to run, but only the graded test's process reads it: the submission runs in the sandbox
+worker (minillm.course.sandbox), which can neither import nor open anything under the archive's folder.
 """
 from __future__ import annotations
 
@@ -15,12 +22,13 @@ import stat
 import zipfile
 from pathlib import Path
 
+from minillm.course import config as course_config
 from minillm.course.grader import GradeReport
 from minillm.course.registry import repo_root
 
-# What the archive carries (relative to the course root): the package, the graded tests with their
-# hidden part, the solutions they compare with, and the packaging files.
-ARCHIVE_PATHS = ("minillm", "kernels", "solutions", "tests/conftest.py", "tests/adapters.py", "tests/graded",
+# What the archive carries (relative to the course root): the package (whose marked regions are the reference),
+# the graded tests with their hidden part, and the packaging files. Not solutions/: see the module docstring.
+ARCHIVE_PATHS = ("minillm", "kernels", "tests/conftest.py", "tests/adapters.py", "tests/graded",
                  "pyproject.toml", "setup.py")
 SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
 
@@ -52,7 +60,7 @@ def results_json(report: GradeReport) -> dict:
     """Gradescope's results.json content for `report`."""
     tests, summary = [], []
     for i, ex in enumerate(report.exercises, 1):
-        hint = f"\nhint: {ex.hint}" if ex.status != "pass" else ""
+        hint = f"\n{ex.advice}" if ex.advice else ""
         if not ex.tests:  # the process died before it could even list its tests
             tests.append({"name": ex.id, "number": f"{i}", "score": 0.0, "max_score": ex.points,
                           "status": "failed", "output": f"{ex.status}: {ex.message}{hint}",
@@ -77,9 +85,12 @@ def results_json(report: GradeReport) -> dict:
         has_hidden = any(t.hidden for t in ex.tests)
         state = "all visible tests passed" if visible_ok and has_hidden else ex.status
         summary.append(f"{ex.id}: {state}")
+    seed_line = (f"inputs seed {report.seed} (`minillm grade --seed {report.seed}` reproduces the visible tests)"
+                 + ("; hidden tests use the instructor's own seed" if report.hidden_seed else ""))
     return {"score": report.score, "execution_time": round(report.execution_time, 2),
-            "output": "\n".join(summary), "output_format": "text",
-            "stdout_visibility": "hidden", "tests": tests}
+            "output": "\n".join([seed_line, *summary]), "output_format": "text",
+            "stdout_visibility": "hidden", "tests": tests,
+            "extra_data": {"seed": report.seed, "chapters": report.chapters, "impl": report.impl}}
 
 
 def _walk(root: Path, rel: str):
@@ -92,16 +103,21 @@ def _walk(root: Path, rel: str):
                 yield p
 
 
-def build_autograder(zip_path: Path, root: Path | None = None) -> list[str]:
-    """Write the Gradescope autograder archive; returns the files it holds."""
+def build_autograder(zip_path: Path, root: Path | None = None,
+                     config: course_config.CourseConfig | None = None) -> list[str]:
+    """Write the Gradescope autograder archive for the assignment `config` (default: the course's course.json,
+    else every chapter and the default seed); returns the files it holds."""
     root = Path(root or repo_root())
-    if not (root / "solutions").is_dir():
-        raise FileNotFoundError(f"{root}/solutions is missing: build the autograder from the instructor's repository")
+    if not (root / "tests" / "graded" / "hidden").is_dir():
+        raise FileNotFoundError(f"{root}/tests/graded/hidden is missing: build the autograder from the instructor's "
+                                "repository")
+    config = config or course_config.load(root)
     names = []
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER)):
+        for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER),
+                           (course_config.CONFIG_FILE, config.to_json())):
             info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFREG | 0o755) << 16  # executable once unzipped
+            info.external_attr = (stat.S_IFREG | (0o644 if name.endswith(".json") else 0o755)) << 16
             z.writestr(info, text)
             names.append(name)
         for rel in ARCHIVE_PATHS:

@@ -2,31 +2,41 @@
 
 An implementation is a folder laid out like `exercises/` (one module per chapter, e.g. `ch01_basics.py`):
 `exercises` (the learner's), `solutions` (the reference answers) or any PATH (a submission; a copy of the
-whole repository works too, its `exercises/` is used). `MINILLM_IMPL` chooses it; unset, the default is
-`solutions` where that folder exists (the instructor's repository, so `make test` proves the reference)
-and `exercises` otherwise (a student's release).
+whole repository works too, its `exercises/` is used). `MINILLM_IMPL=solutions|exercises|PATH` chooses it;
+unset, notebooks and `LLM(..., overrides=...)` use `exercises`, the learner's own code. The graded tests keep
+their own default (tests/adapters.py: `solutions` where that folder exists, so `make test` proves the reference).
 
-Every call of a loaded function goes through `guarded`, which
-  * traps the library shortcuts an exercise forbids (and the engine's own reference of the exercise),
-    failing the call with one line that says what was called, even if the caller swallowed the error;
-  * detects monkey-patching of torch, torch.nn.functional, torch.Tensor and math, restores the originals
-    and fails the call (a learner's `torch.allclose = lambda *a: True` would otherwise fool the tests).
+A function the learner has not attempted yet (its stub still raises "... is not attempted yet") falls back to the
+reference, with a banner printed once per function, so that a notebook runs top to bottom from the first day:
+
+    ch05.slot_mapping: not attempted yet, using the reference (write it in exercises/ch05_paged_kv.py)
+
+`MINILLM_FALLBACK=0` (set by `minillm grade --notebooks`) turns the fallback off: a stub then raises.
+
+Every call of a loaded function goes through `guarded` (minillm.course.guard): the library shortcuts the
+exercise forbids are trapped, monkey-patching of torch and math is detected and undone. That is the in-process
+guard for learning; grading runs the submission in a separate sandboxed process (minillm.course.sandbox).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import importlib.util
-import math
+import inspect
 import os
-import re
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from minillm.course import guard as _guard
+from minillm.course.guard import ForbiddenCallError, ImplementationError, TamperingError
 from minillm.course.registry import Exercise, get, repo_root
+from minillm.course.sync import NOT_ATTEMPTED
+
+__all__ = ["FORBIDDEN", "ForbiddenCallError", "ImplementationError", "TamperingError", "default_impl",
+           "forbidden_calls", "guarded", "is_stub", "load_chapter_module", "load_function", "load_module",
+           "load_reference", "module_file", "resolve_impl"]
 
 NAMED_IMPLS = ("exercises", "solutions")
 
@@ -53,20 +63,9 @@ FORBIDDEN: dict[str, dict[str, str]] = {
 }
 
 
-class ImplementationError(Exception):
-    """The implementation cannot be used: missing file, import failure, missing function."""
-
-
-class ForbiddenCallError(AssertionError):
-    """The exercise called a shortcut it must write itself."""
-
-
-class TamperingError(AssertionError):
-    """The exercise replaced a library function (the originals were restored)."""
-
-
 def default_impl(root: Path | None = None) -> str:
-    return "solutions" if (Path(root or repo_root()) / "solutions").is_dir() else "exercises"
+    """What notebooks and overrides use when MINILLM_IMPL is unset: the learner's own exercises/."""
+    return "exercises"
 
 
 def resolve_impl(impl: str | os.PathLike | None = None, root: Path | None = None) -> Path:
@@ -85,105 +84,23 @@ def module_file(ex: Exercise, folder: Path) -> Path:
     return Path(folder) / f"{ex.module}.py"
 
 
-# ---- monkey-patch detection -------------------------------------------------------------------------
-
-def _watched() -> list[tuple[str, Any]]:
-    import torch
-    import torch.nn.functional as F
-    return [("torch", torch), ("torch.nn.functional", F), ("torch.Tensor", torch.Tensor),
-            ("torch.testing", torch.testing), ("math", math)]
-
-
-def snapshot() -> dict[str, dict[str, Any]]:
-    return {name: dict(vars(obj)) for name, obj in _watched()}
-
-
-def restore_changes(before: dict[str, dict[str, Any]]) -> list[str]:
-    """Undo every change to the watched namespaces since `before`; returns the dotted names changed.
-
-    Replaced attributes are put back; added ones are removed where they could shadow behaviour (any
-    addition to torch.Tensor, e.g. an `__eq__` that hides the inherited one; public non-module additions
-    elsewhere: torch imports its submodules lazily, which adds modules, never functions).
-    """
-    changed = []
-    for name, obj in _watched():
-        now = dict(vars(obj))
-        for attr, value in before[name].items():
-            if now.get(attr, _MISSING) is not value:
-                changed.append(f"{name}.{attr}")
-                try:
-                    setattr(obj, attr, value)
-                except (AttributeError, TypeError):  # a slot that cannot be set back: report it anyway
-                    pass
-        for attr in now.keys() - before[name].keys():
-            if isinstance(obj, type) or not (attr.startswith("_") or isinstance(now[attr], ModuleType)):
-                changed.append(f"{name}.{attr}")
-                try:
-                    delattr(obj, attr)
-                except (AttributeError, TypeError):
-                    pass
-    return changed
-
-
-_MISSING = object()
-
-
-def _resolve(dotted: str) -> tuple[Any, str]:
-    """('torch.nn.functional.rms_norm') -> (the torch.nn.functional module, 'rms_norm')."""
-    mod_name, attr = dotted.rsplit(".", 1)
-    return importlib.import_module(mod_name), attr
-
-
 def forbidden_calls(ex: Exercise) -> dict[str, str]:
     """The shortcuts `ex` may not call: its registry entry plus the engine's own reference function."""
     reference = ex.source[:-3].replace("/", ".") + "." + ex.function
+    if reference.startswith("kernels."):  # kernels/ imports only as minillm.kernels
+        reference = "minillm." + reference
     return {**FORBIDDEN.get(ex.id, {}), reference: "that is the engine's reference; write your own"}
 
 
 def guarded(ex: Exercise, fn: Callable) -> Callable:
-    """`fn` with shortcut traps and tamper detection around every call."""
-    forbidden = forbidden_calls(ex)
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        before = snapshot()  # before the traps go in, so that removing them is not mistaken for tampering
-        hits: list[str] = []
-        traps = []
-        for dotted, why in forbidden.items():
-            try:
-                owner, attr = _resolve(dotted)
-            except ImportError:
-                continue
-            original = getattr(owner, attr, _MISSING)
-            if original is _MISSING:
-                continue
-
-            def trap(*a: Any, _d: str = dotted, _why: str = why, **k: Any) -> Any:
-                hits.append(f"{_d} ({_why})")
-                raise ForbiddenCallError(f"{ex.id} must not call {_d}: {_why}")
-
-            setattr(owner, attr, trap)
-            traps.append((owner, attr, original))
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            for owner, attr, original in reversed(traps):
-                setattr(owner, attr, original)
-            changed = restore_changes(before)
-        # a learner's try/except cannot hide these: they are checked after the call returns
-        if hits:
-            raise ForbiddenCallError(f"{ex.id} must not call {hits[0]}")
-        if changed:
-            raise TamperingError(f"{ex.id} replaced {', '.join(changed[:3])} (restored); do not monkey-patch libraries")
-        return result
-
-    return call
+    """`fn` with shortcut traps and tamper detection around every call (see minillm.course.guard)."""
+    return _guard.guarded(ex.id, fn, forbidden_calls(ex))
 
 
 # ---- loading ----------------------------------------------------------------------------------------
 
 _MODULES: dict[Path, ModuleType] = {}
-_IMPORTS_ANSWERS = re.compile(r"^\s*(from|import)\s+solutions\b|import_module\(\s*['\"]solutions", re.MULTILINE)
+_BANNERS: set[str] = set()  # exercises whose fallback banner was printed (once per process)
 
 
 def load_module(path: Path) -> ModuleType:
@@ -196,7 +113,7 @@ def load_module(path: Path) -> ModuleType:
     name = f"_minillm_impl_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    before = snapshot()
+    before = _guard.snapshot()
     try:
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -204,7 +121,7 @@ def load_module(path: Path) -> ModuleType:
         sys.modules.pop(name, None)
         raise ImplementationError(f"{path.name} failed to import: {type(e).__name__}: {e}") from e
     finally:
-        changed = restore_changes(before)
+        changed = _guard.restore_changes(before)
     if changed:
         raise ImplementationError(f"{path.name} replaced {', '.join(changed[:3])} at import (restored); "
                                   "do not monkey-patch libraries")
@@ -212,21 +129,64 @@ def load_module(path: Path) -> ModuleType:
     return module
 
 
+def is_stub(ex: Exercise, fn: Any) -> bool:
+    """`fn` (a function or a @triton.jit kernel) still holds its stub line: the learner has not attempted it."""
+    try:
+        source = inspect.getsource(getattr(fn, "fn", fn))
+    except (OSError, TypeError):
+        return False
+    return f'"{ex.id} is {NOT_ATTEMPTED}' in source
+
+
+def _fallback_wanted(fallback: bool | None) -> bool:
+    return fallback if fallback is not None else os.environ.get("MINILLM_FALLBACK", "1") != "0"
+
+
+def _banner(ex: Exercise) -> None:
+    if ex.id not in _BANNERS:
+        _BANNERS.add(ex.id)
+        print(f"{ex.id}: not attempted yet, using the reference (write it in exercises/{ex.module}.py; "
+              "MINILLM_IMPL=solutions|exercises|PATH chooses whose code runs)", file=sys.stderr, flush=True)
+
+
 def load_function(exercise_id: str, impl: str | os.PathLike | None = None, root: Path | None = None,
-                  guard: bool = True) -> Callable:
-    """The function of exercise `exercise_id` from implementation `impl` (see module docstring)."""
+                  guard: bool = True, fallback: bool | None = None) -> Callable:
+    """The function of exercise `exercise_id` from implementation `impl` (see module docstring).
+
+    `fallback` (default: on unless MINILLM_FALLBACK=0): a function not attempted yet is replaced by the
+    reference, with a banner naming it."""
     ex = get(exercise_id)
     module = load_module(module_file(ex, resolve_impl(impl, root)))
     fn = getattr(module, ex.function, None)
     if not callable(fn):
         raise ImplementationError(f"{module.__file__}: no function {ex.function!r} (exercise {ex.id})")
-    code_file = getattr(getattr(fn, "__code__", None), "co_filename", module.__file__)
-    if Path(code_file).resolve() != Path(module.__file__).resolve():
-        raise ImplementationError(f"{ex.id}: {ex.function} must be defined in {Path(module.__file__).name}, "
-                                  f"not imported from {code_file}")
-    if _IMPORTS_ANSWERS.search(Path(module.__file__).read_text(encoding="utf-8", errors="replace")):
-        raise ImplementationError(f"{Path(module.__file__).name} imports solutions/: write your own answers")
+    _guard.check_provenance(ex.id, fn, module.__file__, ex.function)
+    if _fallback_wanted(fallback) and is_stub(ex, fn):
+        _banner(ex)
+        return load_reference(exercise_id, root)
     return guarded(ex, fn) if guard else fn
+
+
+def load_chapter_module(exercise_id: str, impl: str | os.PathLike | None = None, root: Path | None = None,
+                        fallback: bool | None = None) -> ModuleType:
+    """The chapter module holding `exercise_id` (a Triton kernel is launched through its module's launcher),
+    or, when that kernel is not attempted yet and the fallback is on, the reference's module, with the banner."""
+    ex = get(exercise_id)
+    module = load_module(module_file(ex, resolve_impl(impl, root)))
+    fn = getattr(module, ex.function, None)
+    if fn is not None and _fallback_wanted(fallback) and is_stub(ex, fn):
+        _banner(ex)
+        return _reference_module(ex, root)
+    return module
+
+
+def _reference_module(ex: Exercise, root: Path | None = None) -> ModuleType:
+    """solutions/'s chapter module when present, else the engine module whose marked region is the answer."""
+    root = Path(root or repo_root())
+    if module_file(ex, root / "solutions").is_file():
+        return load_module(module_file(ex, root / "solutions"))
+    name = ex.source[:-3].replace("/", ".")
+    return importlib.import_module("minillm." + name if name.startswith("kernels.") else name)
 
 
 def load_reference(exercise_id: str, root: Path | None = None) -> Callable:
@@ -234,6 +194,5 @@ def load_reference(exercise_id: str, root: Path | None = None) -> Callable:
     ex = get(exercise_id)
     root = Path(root or repo_root())
     if module_file(ex, root / "solutions").is_file():
-        return load_function(exercise_id, "solutions", root)
-    module = importlib.import_module(ex.source[:-3].replace("/", "."))
-    return getattr(module, ex.function)
+        return load_function(exercise_id, "solutions", root, fallback=False)
+    return getattr(_reference_module(ex, root), ex.function)

@@ -5,11 +5,15 @@ A chapter is authored as `chapters/NN_topic.py` in jupytext's percent format (`#
 `chapters/NN_topic.ipynb` and executes it with MINILLM_IMPL=solutions, so the stored outputs are the
 solution's; nbval then compares a learner's run (`MINILLM_IMPL=exercises`) against them, cell by cell
 where a cell is marked `# NBVAL_CHECK_OUTPUT`. `--check` only verifies that every .ipynb holds the same
-cells as its .py (no execution), which `make test` runs.
+cells as its .py (no execution), which `make test` runs. `grade_notebook` (`minillm grade --notebooks`)
+runs a chapter with the learner's code and names each checked cell that differs: its index, its first line,
+and what was expected against what came out.
 """
 from __future__ import annotations
 
+import configparser
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -82,18 +86,77 @@ def build(py: Path, execute: bool = True, timeout: int = 600, impl: str = "solut
     return out
 
 
-def grade_notebook(ipynb: Path, impl: str, timeout: float = 900.0) -> tuple[bool, str]:
-    """Run `ipynb` under nbval with implementation `impl`: its checked cells must reproduce the stored
-    (solution's) outputs. Returns (passed, one line)."""
-    import subprocess
-    import sys
+def _sanitizers(cfg: Path) -> list[tuple[re.Pattern, str]]:
+    """The (regex, replacement) pairs of an nbval sanitize file, in order."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(cfg, encoding="utf-8")
+    return [(re.compile(parser[s]["regex"]), parser[s].get("replace", "")) for s in parser.sections()
+            if "regex" in parser[s]]
+
+
+def _output_text(cell, sanitizers: list[tuple[re.Pattern, str]]) -> str:
+    """What a checked cell shows (streams, text results, errors), sanitised as nbval does."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif out.get("output_type") in ("execute_result", "display_data"):
+            parts.append(out.get("data", {}).get("text/plain", ""))
+        elif out.get("output_type") == "error":
+            parts.append(f"{out.get('ename')}: {out.get('evalue')}")
+    text = "".join(p if isinstance(p, str) else "".join(p) for p in parts)
+    for regex, replace in sanitizers:
+        text = regex.sub(replace, text)
+    return text.strip()
+
+
+def _first_line(text: str, limit: int = 80) -> str:
+    line = next((ln for ln in text.splitlines() if ln.strip() and not ln.startswith("# NBVAL")), "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _first_difference(expected: str, got: str) -> tuple[str, str]:
+    for e, g in zip(expected.splitlines() + [""] * 99, got.splitlines() + [""] * 99):
+        if e != g:
+            return _first_line(e, 100) or "(nothing)", _first_line(g, 100) or "(nothing)"
+    return _first_line(expected, 100), _first_line(got, 100)
+
+
+def grade_notebook(ipynb: Path, impl: str, timeout: float = 900.0, max_lines: int = 5) -> tuple[bool, list[str]]:
+    """Run `ipynb` with implementation `impl` (no fallback to the reference) and compare every
+    `# NBVAL_CHECK_OUTPUT` cell with its stored (solution's) output, as nbval --nbval-lax does.
+    Returns (passed, lines): one line per failing cell, `cell N \`first line of its source\`: expected ... got ...`."""
+    import nbformat
+    from nbclient import NotebookClient
+    ipynb = Path(ipynb)
+    stored = nbformat.read(ipynb, as_version=4)
+    fresh = nbformat.read(ipynb, as_version=4)
+    sanitizers = _sanitizers(repo_root() / "chapters" / "sanitize.cfg")
     impl_path = impl if impl in ("exercises", "solutions") else str(Path(impl).resolve())
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-           "--nbval-sanitize-with", str(repo_root() / "chapters" / "sanitize.cfg"), str(ipynb)]
-    try:
-        run = subprocess.run(cmd, env={**os.environ, "MINILLM_IMPL": impl_path}, capture_output=True, text=True,
-                             timeout=timeout, cwd=ipynb.parent)
-    except subprocess.TimeoutExpired:
-        return False, f"{ipynb.name}: timed out after {timeout:g} s"
-    last = (run.stdout.strip().splitlines() or ["no output"])[-1]
-    return run.returncode == 0, f"{ipynb.name}: {'pass' if run.returncode == 0 else 'fail'} ({last})"
+    with _env(MINILLM_IMPL=impl_path, MINILLM_FALLBACK="0", MINILLM_ROOT=str(repo_root())):
+        try:
+            NotebookClient(fresh, timeout=int(timeout), kernel_name="python3", allow_errors=True,
+                           resources={"metadata": {"path": str(ipynb.parent)}}).execute()
+        except Exception as e:  # noqa: BLE001  (a dead kernel or a cell timeout: say so, in one line)
+            return False, [f"{ipynb.name}: fail (the notebook did not finish: {type(e).__name__}: {_first_line(str(e))})"]
+    failures = []
+    for i, (old, new) in enumerate(zip(stored.cells, fresh.cells)):
+        if new.cell_type != "code":
+            continue
+        errored = next((o for o in new.get("outputs", []) if o.get("output_type") == "error"), None)
+        checked = "NBVAL_CHECK_OUTPUT" in new.source
+        if errored is not None and "NBVAL_RAISES_EXCEPTION" not in new.source:
+            failures.append(f"cell {i} `{_first_line(new.source)}`: raised {errored.get('ename')}: "
+                            f"{_first_line(errored.get('evalue', ''), 120)}")
+        elif checked:
+            want, got = _output_text(old, sanitizers), _output_text(new, sanitizers)
+            if want != got:
+                e, g = _first_difference(want, got)
+                failures.append(f"cell {i} `{_first_line(new.source)}`: expected {e!r}, got {g!r}")
+    if not failures:
+        return True, [f"{ipynb.name}: pass"]
+    lines = [f"{ipynb.name}: fail ({len(failures)} cell{'s' if len(failures) > 1 else ''})"]
+    lines += ["  " + f for f in failures[:max_lines]]
+    if len(failures) > max_lines:
+        lines.append(f"  ... and {len(failures) - max_lines} more")
+    return False, lines

@@ -8,6 +8,7 @@ the grader ignores a file that does not end with `finished`: a learner's `os._ex
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -56,17 +57,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _still_a_stub(exercise_id: str | None) -> bool:
-    """The implementation's module still holds this exercise's stub line (a Triton kernel cannot raise
-    NotImplementedError at run time: its stub fails to compile instead, and must still count as not attempted)."""
+    """The implementation's module still holds this exercise's stub (a Triton kernel cannot raise
+    NotImplementedError at run time: its stub fails to compile instead, and must still count as not attempted).
+    The module is parsed, never imported: the last top-level binding of the function's name must be a def whose
+    body still holds the stub line (a def appended later, or an assignment, replaces the stub)."""
     if not exercise_id:
         return False
     try:
         from minillm.course.impl import module_file, resolve_impl
         from minillm.course.registry import get
-        text = module_file(get(exercise_id), resolve_impl()).read_text(encoding="utf-8", errors="replace")
+        ex = get(exercise_id)
+        text = module_file(ex, resolve_impl()).read_text(encoding="utf-8", errors="replace")
+        last = None
+        for node in ast.parse(text).body:
+            bound = ({node.name} if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
+                     {n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) for n in ast.walk(t)
+                      if isinstance(n, ast.Name)} if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) else
+                     {(a.asname or a.name).split(".")[0] for a in node.names}
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) else set())
+            if ex.function in bound:
+                last = node
     except Exception:  # noqa: BLE001  (no verdict is better than a crash in the reporter)
         return False
-    return f'"{exercise_id} is {NOT_ATTEMPTED}' in text
+    return (isinstance(last, ast.FunctionDef)
+            and f'"{exercise_id} is {NOT_ATTEMPTED}' in (ast.get_source_segment(text, last) or ""))
 
 
 def _classify(call: pytest.CallInfo, exercise_id: str | None = None) -> tuple[str, str]:
@@ -76,9 +90,10 @@ def _classify(call: pytest.CallInfo, exercise_id: str | None = None) -> tuple[st
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, NotImplementedError) and NOT_ATTEMPTED in str(exc):
         return "not_attempted", text
-    if type(exc).__name__ != "ImplementationError" and _still_a_stub(exercise_id):
+    fatal = type(exc).__name__ in ("ImplementationError", "SubmissionCrash")  # the whole exercise is lost
+    if not fatal and _still_a_stub(exercise_id):
         return "not_attempted", f"{exercise_id} is {NOT_ATTEMPTED} ({type(exc).__name__}: {text})"
-    if type(exc).__name__ == "ImplementationError":
+    if fatal:
         return "error", text
     if isinstance(exc, AssertionError) and text:
         return "failed", text

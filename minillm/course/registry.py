@@ -46,6 +46,8 @@ class Exercise:
     hint: str  # one line, shown by the grader next to a failure
     signature: str  # "rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor"
     called_from: str  # where the engine calls it (through dispatch)
+    # the first of two hint levels: shown before any attempt ("not attempted"); `hint`, stronger, after a failure
+    nudge: str = ""
 
     def __post_init__(self) -> None:
         if not EXERCISE_ID.match(self.id):
@@ -91,36 +93,42 @@ _EXERCISES: list[Exercise] = [
         id="ch01.arithmetic_intensity", function="arithmetic_intensity", source="minillm/bench/roofline.py",
         points=5,
         hint="FLOPs are 2mnk; bytes are A, B read once AND C written once, times bytes_per_element.",
+        nudge="Intensity = FLOPs / bytes moved. Count the multiply-adds of an m x n x k matmul, then every byte that crosses memory.",
         signature="arithmetic_intensity(m: int, n: int, k: int, bytes_per_element: float) -> float",
         called_from="minillm.bench.roofline.intensity",
     ),
     Exercise(
         id="ch01.rms_norm", function="rms_norm", source="minillm/layers/norm.py", points=10,
         hint="x * rsqrt(mean(x**2 over the LAST dim, keepdim) + eps) in fp32, cast back, then * weight; no mean subtraction.",
+        nudge="RMSNorm divides each vector by its root-mean-square (no mean is subtracted), then scales it by a learned weight.",
         signature="rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor",
         called_from="minillm.layers.norm.RMSNorm.forward",
     ),
     Exercise(
         id="ch01.rope", function="apply_rotary", source="minillm/layers/rotary.py", points=10,
         hint="Pair channel i with i + D/2 (not 2i, 2i+1): [x1*cos - x2*sin, x2*cos + x1*sin]; cos/sin unsqueeze(-2) over heads.",
+        nudge="RoPE rotates pairs of channels by a position-dependent angle; which channels form a pair is the convention to get right.",
         signature="apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor",
         called_from="minillm.layers.rotary.RotaryEmbedding.forward",
     ),
     Exercise(
         id="ch01.top_k_filter", function="top_k_filter", source="minillm/layers/sampler.py", points=10,
         hint="Keep ranks 0..k-1 of a descending sort per row (k = -1: whole row); everything else -inf; do not modify the input.",
+        nudge="Keep the k largest logits of each row and make every other logit impossible to sample.",
         signature="top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor",
         called_from="minillm.layers.sampler.Sampler.forward",
     ),
     Exercise(
         id="ch01.top_p_filter", function="top_p_filter", source="minillm/layers/sampler.py", points=10,
         hint="Sort probs descending; keep a token while the mass BEFORE it is < top_p (so the crossing token stays).",
+        nudge="Keep the smallest set of most likely tokens whose probabilities add up to at least top_p.",
         signature="top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor",
         called_from="minillm.layers.sampler.Sampler.forward",
     ),
     Exercise(
         id="ch02.causal_mask", function="causal_mask", source="minillm/layers/attention.py", points=10,
         hint="Bottom-right aligned: mask[i, j] = j <= i + (kv_len - q_len); q_len == 1 is one all-True row.",
+        nudge="With a KV cache the queries are the LAST q_len of kv_len positions: a query may see every key up to its own position.",
         signature="causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor",
         called_from="minillm.layers.attention (the torch and reference attention paths)",
     ),
@@ -128,6 +136,7 @@ _EXERCISES: list[Exercise] = [
         id="ch03.online_softmax_update", function="online_softmax_update", source="kernels/flash_attention.py",
         points=10,
         hint="m_new = max(m, rowmax(s)); alpha = exp(m - m_new) rescales BOTH l and acc; p = exp(s - m_new); guard all -inf rows.",
+        nudge="Process the scores one block at a time: keep a running max and a running sum, and correct both when the max grows.",
         signature="online_softmax_update(m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
         called_from="minillm.kernels.flash_attention.flash_attention_reference (the torch model of the kernel, "
                     "through dispatch); the Triton kernel does the same update in base 2 inside attend_kv_range",
@@ -135,6 +144,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch03.causal_block_range", function="causal_block_range", source="kernels/flash_attention.py", points=10,
         hint="Row i is at position k_len - q_len + i; hi = min(k_len, last row's pos + 1); full_end = first row's pos + 1 rounded DOWN to block_n.",
+        nudge="A tile of query rows needs only the key blocks at or before its last row's position; some of those need no mask at all.",
         signature="causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block_n: int, causal: bool = True) -> tuple[int, int]",
         called_from="minillm.kernels.flash_attention.flash_attention_reference (through dispatch); "
                     "_flash_fwd_kernel computes the same bounds inline in Triton",
@@ -143,6 +153,7 @@ _EXERCISES: list[Exercise] = [
         id="ch03.flash_attention_kernel", function="attend_kv_range", source="kernels/flash_attention.py",
         points=20,
         hint="exp2 with qk_scale in log2 units; rescale acc AND l_i by alpha = exp2(m_i - m_new); masked rows: m_new -inf -> 0 before exp2.",
+        nudge="The kernel's inner loop: one block of keys at a time, the same online-softmax update as online_softmax_update, in Triton.",
         signature="attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale, MASKED, CAUSAL, BLOCK_N, BLOCK_D, HEAD_DIM, UPCAST)",
         called_from="minillm.kernels.flash_attention._flash_fwd_kernel calls it directly (a @triton.jit helper "
                     "is resolved at compile time, not through dispatch); graded through launch_flash_attention "
@@ -151,6 +162,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch04.merge_lse", function="merge_lse", source="kernels/paged_attention.py", points=10,
         hint="lse = logaddexp(lse_a, lse_b); weights exp(lse_x - lse), transposed [H, T] -> [T, H, 1]; both -inf -> 0, not nan.",
+        nudge="Two partial attentions over disjoint keys combine exactly if each is weighted by its share of the total softmax mass (its lse).",
         signature="merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]",
         called_from="minillm.kernels.paged_attention.merge_attention_states (through dispatch); "
                     "_merge_splits_kernel does the same merge over N splits in Triton",
@@ -158,6 +170,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch04.rms_norm_kernel", function="rms_norm_kernel", source="kernels/fused.py", points=15,
         hint="mask cols >= n_cols, divide the sum of squares by n_cols (not BLOCK), store the residual sum before normalising.",
+        nudge="One program per row: load the row (masked past n_cols), optionally add the residual, normalise, scale, store.",
         signature="rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps, HAS_RESIDUAL, BLOCK)",
         called_from="minillm.kernels.fused.rms_norm launches it directly (a Triton kernel, not through dispatch); "
                     "graded through the rms_norm launcher in the chapter module",
@@ -165,18 +178,21 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch05.slot_mapping", function="slot_mapping", source="minillm/engine/block_table.py", points=10,
         hint="slot = block_table[p // block_size] * block_size + p % block_size for p in range(start, end); check the range.",
+        nudge="A token's position tells you its logical block and its offset inside it; the block table turns the logical block into a physical one.",
         signature="slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]",
         called_from="minillm.engine.model_runner.ModelRunner.slot_mapping (every step) and minillm.engine.scheduler_sim.ShadowKVCache",
     ),
     Exercise(
         id="ch05.hash_block", function="hash_block", source="minillm/engine/prefix_cache.py", points=5,
         hint="hash((parent, tuple(token_ids))) with parent = 0 for the first block: the key chains every earlier token.",
+        nudge="A block's cache key must depend on every token before it, not just its own tokens: chain in the previous block's key.",
         signature="hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int",
         called_from="minillm.engine.prefix_cache.chain_hashes",
     ),
     Exercise(
         id="ch05.blocks_to_append", function="blocks_to_append", source="minillm/engine/block_table.py", points=5,
         hint="ceil((num_tokens_now + num_new_tokens) / block_size) - num_blocks_held, never below 0; validate the counts.",
+        nudge="How many blocks do num_tokens_now + num_new_tokens tokens need in total, and how many does the sequence already hold?",
         signature="blocks_to_append(num_tokens_now: int, num_new_tokens: int, num_blocks_held: int, "
                   "block_size: int) -> int",
         called_from="minillm.engine.block_manager.BlockManager._write_plan (append_slots, can_append)",
@@ -184,12 +200,14 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch05.free_blocks", function="free_blocks", source="minillm/engine/block_table.py", points=5,
         hint="Walk the table from its last block; decrement each ref count; return those that hit 0; a count < 1 is a double free.",
+        nudge="Blocks can be shared (prefix caching): freeing a table drops one reference per block; only unreferenced blocks are free.",
         signature="free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]",
         called_from="minillm.engine.block_manager.BlockManager._release (free, swap_out, copy-on-write)",
     ),
     Exercise(
         id="ch06.admit_or_preempt", function="admit_or_preempt", source="minillm/engine/scheduler.py", points=10,
         hint="Running: run iff needed <= free, else preempt. Waiting: admit iff num_running < max_num_seqs and free - needed >= watermark.",
+        nudge="A running sequence must get its blocks or be preempted; a waiting one is admitted only if the batch and the pool have room to spare.",
         signature="admit_or_preempt(is_running: bool, num_blocks_needed: int, num_free_blocks: int, "
                   "watermark_blocks: int, num_running: int, max_num_seqs: int) -> str",
         called_from="minillm.engine.scheduler.Scheduler._decide (running, swapped and waiting queues)",
@@ -197,6 +215,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch06.swap_out_mapping", function="swap_out_mapping", source="minillm/engine/block_table.py", points=5,
         hint="zip(block_table, free_cpu_blocks) in order, one distinct CPU block each; too few CPU blocks is a ValueError.",
+        nudge="Swapping out copies each GPU block of the sequence to its own free CPU block, in order.",
         signature="swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list[tuple[int, int]]",
         called_from="minillm.engine.block_manager.BlockManager.swap_out",
     ),

@@ -5,6 +5,9 @@ self-proof (tests/mutants, tests/course: they need the solutions), version contr
 and caches. In the copy, MINILLM_IMPL defaults to `exercises` (there is no solutions/), graded tests
 compare against the engine's own functions, and `minillm grade` works as in the instructor's copy.
 
+Added: course.json (minillm.course.config) with the assignment's chapters and the inputs' seed, never the
+hidden seed: `minillm grade` in the copy grades exactly those chapters on those inputs.
+
 What stays, knowingly: the engine in minillm/ runs the reference of every exercise (the notebooks need a
 working engine). A release is a study copy, not an exam: exams grade on Gradescope with hidden tests.
 """
@@ -14,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from minillm.course import config as course_config
 from minillm.course.registry import repo_root
 
 EXCLUDED_PATHS = ("solutions", "tests/graded/hidden", "tests/mutants", "tests/course", ".briefs", "out")
@@ -28,8 +32,10 @@ def _ignored(root: Path, path: Path) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in EXCLUDED_PATHS)
 
 
-def release(dest: Path, root: Path | None = None, overwrite: bool = False) -> list[str]:
-    """Copy the course to `dest` for students; returns the relative paths written."""
+def release(dest: Path, root: Path | None = None, overwrite: bool = False,
+            config: course_config.CourseConfig | None = None) -> list[str]:
+    """Copy the course to `dest` for students, with `config`'s public part (default: the course's own
+    course.json, else every chapter and the default seed) as its course.json; returns the paths written."""
     root = Path(root or repo_root()).resolve()
     dest = Path(dest).resolve()
     if dest == root or root in dest.parents:
@@ -50,4 +56,7 @@ def release(dest: Path, root: Path | None = None, overwrite: bool = False) -> li
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
             written.append(path.relative_to(root).as_posix())
+    course_config.write((config or course_config.load(root)).public(), dest)
+    if course_config.CONFIG_FILE not in written:
+        written.append(course_config.CONFIG_FILE)
     return written

@@ -4,6 +4,10 @@
     ch01.rms_norm                 2 / 10  fail
         test_rms_norm_eps_matters: an all-zero row must give zeros, not nan: did you forget eps?
         hint: x * rsqrt(mean(x**2 over the LAST dim, keepdim) + eps) in fp32, cast back, then * weight
+    ch01.rope                     0 / 10  not attempted
+        nudge: RoPE rotates pairs of channels by a position-dependent angle; which channels form a pair ...
+
+Before any attempt the table shows the exercise's nudge; the stronger hint only after a failed attempt.
 """
 from __future__ import annotations
 
@@ -18,16 +22,21 @@ def _pts(x: float) -> str:
 
 
 def format_table(report: GradeReport, verbose: bool = False, width: int = 110) -> str:
-    seed = f", inputs seed {report.seed}: MINILLM_GRADE_SEED={report.seed} reproduces" if report.seed is not None else ""
+    seed = f", inputs seed {report.seed}: --seed {report.seed} reproduces" if report.seed is not None else ""
+    if report.hidden_seed:
+        seed += "; hidden tests use the instructor's seed"
     lines = [f"minillm grade (impl: {report.impl}{seed})", "",
              f"{'exercise':<30}{'points':>9}  status"]
     for ex in report.exercises:
-        lines.append(f"{ex.id:<30}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {ex.status}")
+        hidden = any(t.hidden for t in ex.tests)
+        visible_ok = hidden and all(t.outcome == "passed" for t in ex.tests if not t.hidden)
+        status = f"{ex.status} (all visible tests passed)" if visible_ok and ex.status in ("pass", "fail") else ex.status
+        lines.append(f"{ex.id:<30}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {status}")
         if ex.status != "pass" or ex.message:
             if ex.message and ex.status != "not attempted":
                 lines += textwrap.wrap(ex.message, width, initial_indent="    ", subsequent_indent="      ")
-            if ex.status != "pass":
-                lines += textwrap.wrap(f"hint: {ex.hint}", width, initial_indent="    ", subsequent_indent="      ")
+            if ex.advice:
+                lines += textwrap.wrap(ex.advice, width, initial_indent="    ", subsequent_indent="      ")
         if verbose:
             for t in ex.tests:
                 if t.outcome not in ("passed", "not_attempted"):

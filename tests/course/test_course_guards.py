@@ -1,4 +1,6 @@
-"""The adapter's guards: library shortcuts trapped, monkey-patching detected and undone, import errors named."""
+"""The in-process guards (notebooks, overrides): library shortcuts trapped, monkey-patching detected and undone,
+import errors named, foreign code refused; a stub falls back to the reference with a banner, an attempt never does.
+(Grading runs the submission in a sandbox process instead: tests/course/test_course_hostile.py.)"""
 from __future__ import annotations
 
 import math
@@ -7,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.course.impl import ForbiddenCallError, ImplementationError, TamperingError, guarded, load_function
-from minillm.course.registry import get
+from minillm.course.impl import (ForbiddenCallError, ImplementationError, TamperingError, guarded, load_function,
+                                 resolve_impl)
+from minillm.course.registry import get, repo_root
+
+ROOT = repo_root()
 
 
 def test_forbidden_shortcut_is_trapped_even_when_swallowed():
@@ -82,12 +87,48 @@ def test_added_dunder_on_tensor_is_removed():
 
 def test_answers_imported_from_solutions_are_refused(tmp_path):
     (tmp_path / "ch02_kv_cache.py").write_text("from solutions.ch02_kv_cache import causal_mask\n")
-    with pytest.raises(ImplementationError, match="must be defined in ch02_kv_cache.py, not imported from"):
+    with pytest.raises(ImplementationError, match=r"causal_mask is code from \S*solutions/ch02_kv_cache.py, not from"):
         load_function("ch02.causal_mask", tmp_path)
-    other = tmp_path / "b"
-    other.mkdir()
-    (other / "ch02_kv_cache.py").write_text(
-        "def causal_mask(q_len, kv_len, device=None):\n    import solutions.ch02_kv_cache as s\n"
-        "    return s.causal_mask(q_len, kv_len, device)\n")
-    with pytest.raises(ImplementationError, match="imports solutions/"):
-        load_function("ch02.causal_mask", other)
+
+
+def test_a_helper_built_with_exec_is_refused(tmp_path):
+    (tmp_path / "ch02_kv_cache.py").write_text(
+        "_helper = eval(compile('lambda q, k: None', '<made up>', 'eval'))\n"
+        "def causal_mask(q_len, kv_len, device=None):\n    return _helper(q_len, kv_len)\n")
+    with pytest.raises(ImplementationError, match=r"causal_mask -> _helper is code from exec/compile"):
+        load_function("ch02.causal_mask", tmp_path)
+
+
+def test_a_triton_kernel_is_checked_through_its_fn(tmp_path):
+    import triton
+    (tmp_path / "ch04_decode_and_fusion.py").write_text(
+        "import triton\n_ns = {}\n"
+        "exec(compile('import triton\\n@triton.jit\\ndef k(X):\\n    pass\\n', '<disguise>', 'exec'), _ns)\n"
+        "rms_norm_kernel = _ns['k']\n")
+    with pytest.raises(ImplementationError, match=r"rms_norm_kernel is code from exec/compile"):
+        load_function("ch04.rms_norm_kernel", tmp_path)
+
+
+def test_a_stub_falls_back_to_the_reference_with_one_banner(tmp_path, capsys):
+    stub = ROOT / "exercises" / "ch05_paged_kv.py"
+    (tmp_path / "ch05_paged_kv.py").write_text(stub.read_text())
+    fn = load_function("ch05.slot_mapping", tmp_path, fallback=True)
+    assert fn([7, 2], 15, 18, 16) == [127, 32, 33]
+    load_function("ch05.slot_mapping", tmp_path, fallback=True)
+    banner = capsys.readouterr().err
+    assert banner.count("ch05.slot_mapping: not attempted yet, using the reference") == 1
+    with pytest.raises(NotImplementedError, match="not attempted yet"):
+        load_function("ch05.slot_mapping", tmp_path, fallback=False)([7, 2], 15, 18, 16)
+
+
+def test_an_attempt_is_never_replaced(tmp_path):
+    (tmp_path / "ch05_paged_kv.py").write_text(
+        "def slot_mapping(block_table, start, end, block_size):\n    return [0] * (end - start)  # wrong, but mine\n")
+    assert load_function("ch05.slot_mapping", tmp_path, fallback=True)([7, 2], 15, 18, 16) == [0, 0, 0]
+
+
+def test_notebooks_default_to_the_learners_exercises(monkeypatch):
+    monkeypatch.delenv("MINILLM_IMPL", raising=False)
+    assert resolve_impl() == ROOT / "exercises"
+    import adapters
+    assert adapters.tests_default_impl() == "solutions"  # the graded tests keep proving the reference

@@ -1,0 +1,210 @@
+"""Guards around a learner's function: shortcut traps, tamper detection and a provenance check.
+
+This module imports nothing from minillm (only the standard library, and torch when a guard runs): the grader's
+sandbox worker (minillm/course/sandbox_worker.py), which may not import minillm at all, loads it as a plain file.
+The in-process path (notebooks, `LLM(..., overrides=...)`) uses the same functions through minillm.course.impl.
+
+* Traps: each library shortcut an exercise forbids (`torch.nn.functional.rms_norm` for ch01.rms_norm, ...) is
+  replaced by a function that records the call and raises. In the sandbox the traps go in before the learner's
+  module is imported and stay, so a shortcut bound at import time (`from torch import rms_norm as mine`) is the
+  trap too. A learner's try/except cannot hide a hit: hits are checked after the call returns.
+* Tamper detection: torch, torch.nn.functional, torch.Tensor, torch.testing and math are snapshotted; a call
+  (or an import) that replaced or added attributes fails, and the originals are put back.
+* Provenance: every Python function the exercise's function can reach (closure cells, defaults, functools
+  wrappers and partials, the globals its code names, a @triton.jit kernel's `.fn`) must come from the
+  submission's own file or from an installed library: code built with exec/compile or copied in from
+  elsewhere is refused, with the name of the function that came from elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import sys
+import types
+from typing import Any, Callable
+
+_MISSING = object()
+_CACHES = {"__slotnames__"}  # attributes the standard library caches on classes (copyreg, when pickling)
+
+
+class ImplementationError(Exception):
+    """The implementation cannot be used: missing file, import failure, missing function, foreign code."""
+
+
+class ForbiddenCallError(AssertionError):
+    """The exercise called a shortcut it must write itself."""
+
+
+class TamperingError(AssertionError):
+    """The exercise replaced a library function (the originals were restored)."""
+
+
+# ---- monkey-patch detection -------------------------------------------------------------------------
+
+def _watched() -> list[tuple[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+    return [("torch", torch), ("torch.nn.functional", F), ("torch.Tensor", torch.Tensor),
+            ("torch.testing", torch.testing), ("math", math)]
+
+
+def snapshot() -> dict[str, dict[str, Any]]:
+    return {name: dict(vars(obj)) for name, obj in _watched()}
+
+
+def restore_changes(before: dict[str, dict[str, Any]]) -> list[str]:
+    """Undo every change to the watched namespaces since `before`; returns the dotted names changed.
+
+    Replaced attributes are put back; added ones are removed where they could shadow behaviour (any
+    addition to torch.Tensor, e.g. an `__eq__` that hides the inherited one; public non-module additions
+    elsewhere: torch imports its submodules lazily, which adds modules, never functions).
+    """
+    changed = []
+    for name, obj in _watched():
+        now = dict(vars(obj))
+        for attr, value in before[name].items():
+            if now.get(attr, _MISSING) is not value:
+                changed.append(f"{name}.{attr}")
+                try:
+                    setattr(obj, attr, value)
+                except (AttributeError, TypeError):  # a slot that cannot be set back: report it anyway
+                    pass
+        for attr in now.keys() - before[name].keys() - _CACHES:
+            if isinstance(obj, type) or not (attr.startswith("_") or isinstance(now[attr], types.ModuleType)):
+                changed.append(f"{name}.{attr}")
+                try:
+                    delattr(obj, attr)
+                except (AttributeError, TypeError):
+                    pass
+    return changed
+
+
+# ---- shortcut traps ---------------------------------------------------------------------------------
+
+def _resolve(dotted: str) -> tuple[Any, str]:
+    """('torch.nn.functional.rms_norm') -> (the torch.nn.functional module, 'rms_norm')."""
+    mod_name, attr = dotted.rsplit(".", 1)
+    return importlib.import_module(mod_name), attr
+
+
+def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) -> list[tuple[Any, str, Any]]:
+    """Replace each forbidden dotted name by a trap that appends to `hits` and raises; returns what to undo.
+    Names whose module cannot be imported (the engine's, inside the sandbox) are skipped: nothing can call them."""
+    undo = []
+    for dotted, why in forbidden.items():
+        try:
+            owner, attr = _resolve(dotted)
+        except ImportError:
+            continue
+        original = getattr(owner, attr, _MISSING)
+        if original is _MISSING:
+            continue
+
+        def trap(*a: Any, _d: str = dotted, _why: str = why, **k: Any) -> Any:
+            hits.append(f"{_d} ({_why})")
+            raise ForbiddenCallError(f"{exercise_id} must not call {_d}: {_why}")
+
+        setattr(owner, attr, trap)
+        undo.append((owner, attr, original))
+    return undo
+
+
+def check_after_call(exercise_id: str, hits: list[str], before: dict[str, dict[str, Any]]) -> None:
+    """Raise for a trapped shortcut or a patched library (restoring it), whatever the call did with errors."""
+    changed = restore_changes(before)
+    if hits:
+        first = hits[0]
+        hits.clear()
+        raise ForbiddenCallError(f"{exercise_id} must not call {first}")
+    if changed:
+        raise TamperingError(f"{exercise_id} replaced {', '.join(changed[:3])} (restored); do not monkey-patch libraries")
+
+
+def guarded(exercise_id: str, fn: Callable, forbidden: dict[str, str]) -> Callable:
+    """`fn` with shortcut traps set for the duration of each call, and tamper detection around it
+    (the in-process form, for notebooks; the sandbox keeps its traps for the worker's whole life)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        before = snapshot()  # before the traps go in, so that removing them is not mistaken for tampering
+        hits: list[str] = []
+        undo = install_traps(exercise_id, forbidden, hits)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            for owner, attr, original in reversed(undo):
+                setattr(owner, attr, original)
+            check_after_call(exercise_id, hits, before)
+        return result
+
+    return call
+
+
+# ---- provenance -------------------------------------------------------------------------------------
+
+_THIS_FILE = os.path.realpath(__file__)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Where installed code lives (the standard library and site-packages): calls into it are allowed."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p}
+    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+
+
+def _code_objects(code: types.CodeType):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def check_provenance(exercise_id: str, fn: Any, own_file: str, name: str | None = None,
+                     max_objects: int = 2000) -> None:
+    """Refuse `fn` (the module's attribute `name`) unless every Python function it reaches is defined in
+    `own_file` or in an installed library."""
+    own = os.path.realpath(own_file)
+    libraries = _library_dirs()
+    seen: set[int] = set()
+    todo: list[tuple[Any, str]] = [(fn, name or getattr(fn, "__name__", repr(fn)))]
+    while todo and len(seen) < max_objects:
+        obj, label = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, functools.partial):
+            todo += [(obj.func, f"{label} (a functools.partial of it)")]
+            todo += [(a, label) for a in (*obj.args, *obj.keywords.values())]
+            continue
+        if isinstance(obj, types.MethodType):
+            todo.append((obj.__func__, label))
+            continue
+        if hasattr(obj, "fn") and type(obj).__module__.startswith("triton"):  # a @triton.jit function
+            todo.append((obj.fn, label))
+            continue
+        if not isinstance(obj, types.FunctionType):
+            continue
+        code_file = os.path.realpath(obj.__code__.co_filename)
+        if code_file.startswith(libraries) or code_file == _THIS_FILE:
+            continue  # torch, triton, the standard library or a trap: a forbidden shortcut is the traps' job
+        if code_file != own:
+            where = obj.__code__.co_filename
+            how = "exec/compile" if where.startswith("<") else where
+            raise ImplementationError(f"{exercise_id}: {label} is code from {how}, not from {os.path.basename(own)}: "
+                                      "write the answer in your file")
+        wrapped = getattr(obj, "__wrapped__", None)
+        if wrapped is not None:
+            todo.append((wrapped, label))
+        for cell in obj.__closure__ or ():
+            try:
+                todo.append((cell.cell_contents, label))
+            except ValueError:  # an empty cell
+                pass
+        todo += [(d, label) for d in (obj.__defaults__ or ())]
+        todo += [(d, label) for d in (obj.__kwdefaults__ or {}).values()]
+        for code in _code_objects(obj.__code__):
+            for name in code.co_names:
+                value = obj.__globals__.get(name, _MISSING)
+                if value is not _MISSING and not isinstance(value, types.ModuleType):
+                    todo.append((value, f"{label} -> {name}"))

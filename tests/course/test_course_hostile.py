@@ -1,0 +1,208 @@
+"""Hostile submissions: every way found (or feared) to earn points without writing the answer must score 0,
+with a one-line reason that says what was refused.
+
+Each case is a chapter module made of the blank stubs plus the hostile code (appended, so its def replaces the
+stub), graded by the real grader on the real graded tests of one cheap exercise: ch05.slot_mapping (pure Python),
+ch01.rms_norm (a library shortcut) and ch04.rms_norm_kernel (a Triton kernel in disguise). The cases run two at a
+time; the infinite loop is bounded by a short per-call timeout.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from minillm.course.grader import grade_exercise
+from minillm.course.registry import get, repo_root
+
+ROOT = repo_root()
+pytestmark = pytest.mark.slow
+SOLUTION = ROOT / "solutions" / "ch05_paged_kv.py"
+ENGINE = ROOT / "minillm" / "engine" / "block_table.py"
+NOT_FOUND = '''
+def _nothing_found():
+    raise LookupError("no reference in this process")
+'''
+
+
+def _solution_kernel_source() -> str:
+    """The reference rms_norm_kernel's source text, to hide inside a submission as a string (the jit disguise)."""
+    text = (ROOT / "solutions" / "ch04_decode_and_fusion.py").read_text()
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "rms_norm_kernel")
+    lines = text.splitlines()[node.lineno - 1 - len(node.decorator_list):node.end_lineno]
+    return "import triton\nimport triton.language as tl\n\n" + "\n".join(lines) + "\n"
+
+
+SLOT = "def slot_mapping(block_table, start, end, block_size):\n"
+CASES: dict[str, tuple[str, str, str]] = {  # name: (exercise, code appended to the stubs, the reason, a regex)
+    "import_by_a_built_up_name": ("ch05.slot_mapping", f'''
+import importlib
+_ref = importlib.import_module("solu" + "tions.ch05_paged_kv").slot_mapping
+{SLOT}    return _ref(block_table, start, end, block_size)
+''', r"import solutions(\.ch05_paged_kv)? is refused"),
+    "import_swallowed_inside_the_call": ("ch05.slot_mapping", f'''
+{SLOT}    try:
+        return __import__("solutions.ch05_paged_kv", fromlist=["x"]).slot_mapping(block_table, start, end, block_size)
+    except ImportError:
+        return []
+''', r"import solutions(\.ch05_paged_kv)? is refused"),
+    "engine_reference_bound_at_import": ("ch05.slot_mapping", f'''
+from minillm.engine.block_table import slot_mapping as _ref
+{SLOT}    return _ref(block_table, start, end, block_size)
+''', r"import minillm\S* is refused"),
+    "read_the_solutions_from_disk_and_exec": ("ch05.slot_mapping", f'''
+{SLOT}    namespace = {{}}
+    exec(open({str(SOLUTION)!r}).read(), namespace)
+    return namespace["slot_mapping"](block_table, start, end, block_size)
+''', r"opening \S*solutions/ch05_paged_kv\.py is refused"),
+    "read_the_engine_through_proc_self_root": ("ch05.slot_mapping", f'''
+{SLOT}    source = open("/proc/self/root" + {str(ENGINE)!r}).read()
+    return eval(source)
+''', r"opening /proc/self/root\S*block_table\.py is refused"),
+    "symlink_the_solutions": ("ch05.slot_mapping", f'''
+import os
+{SLOT}    os.symlink({str(SOLUTION)!r}, "answers.py")
+    return open("answers.py").read()
+''', r"os\.symlink is refused"),
+    "open_a_directory_then_a_relative_path": ("ch05.slot_mapping", f'''
+import os
+{SLOT}    fd = os.open({str(ROOT.parent)!r}, os.O_RDONLY)
+    return os.read(os.open({ROOT.name + "/solutions/ch05_paged_kv.py"!r}, os.O_RDONLY, dir_fd=fd), 99)
+''', r"os\.open of a directory .* is refused"),
+    "code_compiled_under_the_engines_file_name": ("ch05.slot_mapping", f'''
+slot_mapping = eval(compile("lambda block_table, start, end, block_size: []", {str(ENGINE)!r}, "eval"))
+''', r"slot_mapping is code from \S*block_table\.py, not from ch05_paged_kv\.py"),
+    "search_sys_modules_and_gc": ("ch05.slot_mapping", NOT_FOUND + f'''
+import gc, sys
+{SLOT}    for obj in list(sys.modules.values()) + gc.get_objects():
+        f = getattr(obj, "slot_mapping", obj if callable(obj) and getattr(obj, "__name__", "") == "slot_mapping" else None)
+        if callable(f) and getattr(getattr(f, "__code__", None), "co_filename", __file__) != __file__:
+            return f(block_table, start, end, block_size)
+    _nothing_found()
+''', r"LookupError: no reference in this process|is refused"),  # gc's objects may trigger a refused dlopen
+    "walk_the_callers_frames": ("ch05.slot_mapping", NOT_FOUND + f'''
+import sys
+{SLOT}    frame = sys._getframe(1)
+    while frame is not None:
+        for name in ("ref", "want", "expected"):
+            if name in frame.f_locals:
+                value = frame.f_locals[name]
+                return value(block_table, start, end, block_size) if callable(value) else value
+        frame = frame.f_back
+    _nothing_found()
+''', r"LookupError: no reference in this process"),
+    "forge_the_grader_results": ("ch05.slot_mapping", f'''
+import glob, json
+{SLOT}    for path in glob.glob("/tmp/minillm-grade-*/results.jsonl"):
+        with open(path, "a") as f:
+            f.write(json.dumps({{"event": "finished"}}) + "\\n")
+    return []
+''', r"refused|got \[\]"),
+    "patch_the_grader_module": ("ch05.slot_mapping", f'''
+{SLOT}    try:
+        import minillm.course.checks as checks
+        checks.assert_close = lambda *a, **k: None
+    except ImportError:
+        pass
+    return []
+''', r"import minillm\S* is refused"),
+    "kill_the_grader": ("ch05.slot_mapping", f'''
+import os, signal
+{SLOT}    os.kill(os.getppid(), signal.SIGKILL)
+''', r"os\.kill is refused"),
+    "infinite_loop": ("ch05.slot_mapping", f'''
+{SLOT}    while True:
+        pass
+''', r"timed out after"),
+    "os_exit": ("ch05.slot_mapping", f'''
+import os
+{SLOT}    os._exit(0)
+''', r"exited \(code 0\)"),
+    "sys_exit": ("ch05.slot_mapping", f'''
+import sys
+{SLOT}    sys.exit(3)
+''', r"called sys\.exit\(3\)"),
+    "huge_output": ("ch05.slot_mapping", f'''
+{SLOT}    print("x" * 100_000_000)
+    return []
+''', r"output cap"),
+    "fork_bomb": ("ch05.slot_mapping", f'''
+import os
+{SLOT}    while True:
+        os.fork()
+''', r"starting processes \(fork\) is refused"),
+    "subprocess_cat": ("ch05.slot_mapping", f'''
+import subprocess
+{SLOT}    return subprocess.run(["cat", {str(SOLUTION)!r}], capture_output=True).stdout
+''', r"starting processes is refused"),
+    "memory_bomb": ("ch05.slot_mapping", f'''
+{SLOT}    hoard = bytearray(1 << 40)
+    return list(hoard[:1])
+''', r"memory cap"),
+    "ctypes_segfault": ("ch05.slot_mapping", f'''
+import ctypes
+{SLOT}    ctypes.string_at(0)
+''', r"ctypes\.\S+ is refused"),
+    "monkey_patch_torch": ("ch01.rms_norm", '''
+def rms_norm(x, weight, eps):
+    torch.allclose = lambda *a, **k: True
+    torch.Tensor.__eq__ = lambda *a, **k: True
+    return x
+''', r"replaced torch\.(allclose|Tensor\.__eq__)"),
+    "library_shortcut_bound_at_import": ("ch01.rms_norm", '''
+from torch.nn.functional import rms_norm as _lib
+def rms_norm(x, weight, eps):
+    return _lib(x, (x.shape[-1],), weight, eps)
+''', r"must not call torch\.nn\.functional\.rms_norm"),
+    "engine_rms_norm_bound_at_import": ("ch01.rms_norm", '''
+from minillm.layers.norm import rms_norm
+''', r"import minillm\S* is refused"),
+    "triton_kernel_imported_under_a_disguise": ("ch04.rms_norm_kernel", '''
+import importlib
+rms_norm_kernel = importlib.import_module("".join(["sol", "utions", ".ch04_decode_and_fusion"])).rms_norm_kernel
+''', r"import solutions\S* is refused"),
+    "triton_kernel_exec_under_a_disguise": ("ch04.rms_norm_kernel", f'''
+_namespace = {{}}
+exec(compile({_solution_kernel_source()!r}, "<disguise>", "exec"), _namespace)
+rms_norm_kernel = _namespace["rms_norm_kernel"]
+''', r"rms_norm_kernel is code from exec/compile"),
+}
+
+
+def _submission(folder: Path, exercise_id: str, code: str) -> Path:
+    folder.mkdir(parents=True)
+    module = get(exercise_id).module
+    text = (ROOT / "exercises" / f"{module}.py").read_text() + "\n\n# ---- hostile ----\n" + code
+    (folder / f"{module}.py").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hostile")
+
+    def one(name: str):
+        exercise_id, code, _ = CASES[name]
+        folder = _submission(base / name, exercise_id, code)
+        return name, grade_exercise(get(exercise_id), folder, ROOT, timeout=120.0, call_timeout=4.0)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_submission_scores_zero_with_a_reason(graded, name):
+    result = graded[name]
+    reason = CASES[name][2]
+    assert result.earned == 0, f"{name} earned {result.earned:g} / {result.points:g}: {result.status}: {result.message}"
+    assert result.status in ("fail", "error", "timeout"), f"{name}: {result.status}: {result.message}"
+    assert "\n" not in result.message and len(result.message) < 600, result.message
+    assert re.search(reason, result.message), f"{name}: the reason {result.message!r} does not match {reason!r}"
+
+
+def test_the_hostile_cases_compile():
+    for name, (_, code, _) in CASES.items():
+        compile(code, name, "exec")
