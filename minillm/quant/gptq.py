@@ -26,6 +26,10 @@ Details that matter in practice:
   computed when the run starts, so `g_idx` [in] records each original column's group. static_groups=True
   computes every group's grid up front on the original contiguous columns (g_idx = j // group_size), which
   kernels that cannot gather scales by g_idx (e.g. ExLlama's fast path) prefer.
+- calibration size: H has in_features^2 entries, so GPTQ needs many more tokens than in_features or it
+  fits the calibration set and loses on new text. Measured on SmolLM2 layer 3 down_proj (in = 1536), 4-bit
+  group 64, error on held-out text relative to RTN's: 1.09x with 1k tokens, 1.01x with 4k, 0.83x with 16k
+  (the paper uses 128 x 2048). Larger percdamp regularises small sets (0.1: 0.94x at 1k tokens).
 - groups are computed from the *current*, already error-corrected weights of the group when its first
   column comes up (groups never straddle a block: block_size must be a multiple of group_size).
 """

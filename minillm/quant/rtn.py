@@ -18,10 +18,14 @@ in the row. Giving each run of `group_size` input columns (32, 64, 128) its own 
 damage: an outlier only coarsens its own group. The price is memory: at 4 bits, an fp16 scale + 4-bit zero
 per 128 weights adds ~0.16 bit per weight, per 32 weights ~0.6. GPTQ, AWQ and the Marlin kernels use 128.
 
-A caveat for SmolLM2 (DESIGN.md section 3): its reference weights were dequantized from Q4_1, which already
-lies on a 4-bit grid of blocks of 32 (a float scale and a float minimum per block), so asymmetric 4-bit RTN at
-group 32 lands on almost the same grid (exactly the same step; our zero point is an integer, Q4_1's minimum is
-a float, hence "almost") and looks unrealistically good. Compare methods at group 128, per channel or 3 bits.
+A caveat for SmolLM2 (DESIGN.md section 3): its reference weights were dequantized from Q4_1, blocks of 32
+with a float scale d and a float minimum m, values m + k d. A Q4_1-style grid (float minimum) at group 32
+reproduces them exactly (measured: 0 error on a q_proj) and would make any method look perfect. Our grid
+stores an *integer* zero point, as GPTQ/AWQ checkpoints and their kernels do: the step matches d but the
+levels are shifted by m's fractional part, so group 32 gives an ordinary 4-bit error (8% relative on that
+q_proj, against 9% at group 64). Compare methods away from the 32-grid anyway: SmolLM2's hidden size 576 is
+not a multiple of 128 (576 = 9 x 64), so use group 64, per channel, or 3 bits; only down_proj (in = 1536)
+takes group 128.
 
 Packing: two 4-bit codes per uint8 or eight per int32, code k of a word in bits [4k, 4k+4) (see pack_int4).
 """
