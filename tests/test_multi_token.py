@@ -187,11 +187,24 @@ def test_drafts_without_an_acceptance_rule_fail_that_step_not_the_engine(model_a
 
 
 # -- CUDA graphs of verify steps (a fixed q_len per sequence) --------------------------------------------------
-def verify_step_inputs(config, seq_lens: list[int], q_len: int, block_size: int, num_blocks: int, device):
-    """Random K/V caches bound to the model's attention modules, and one verify step's inputs: the last q_len
-    tokens of each sequence, their slots, block tables (scattered blocks) and metadata."""
+def bind_kv_caches(model, config, num_blocks: int, block_size: int, device) -> list[tuple[torch.Tensor, ...]]:
+    """A paged K/V pool per layer, bound to the attention modules BEFORE capture: a real CUDA graph keeps the
+    addresses it saw while recording, so later steps may change the caches' contents, never the tensors."""
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    layers = [m for m in model.modules() if hasattr(m, "k_cache")]
+    for layer in layers:
+        layer.k_cache = torch.zeros(shape, device=device)
+        layer.v_cache = torch.zeros(shape, device=device)
+    return [(layer.k_cache, layer.v_cache) for layer in layers]
+
+
+def verify_step_inputs(config, caches, seq_lens: list[int], q_len: int, device):
+    """Random contents for the bound caches, and one verify step's inputs: the last q_len tokens of each
+    sequence, their slots, block tables (scattered blocks) and metadata."""
     g = torch.Generator().manual_seed(len(seq_lens) * 10 + q_len)
+    num_blocks, block_size = caches[0][0].shape[:2]
     width = max(-(-n // block_size) for n in seq_lens)
+    assert num_blocks >= width * len(seq_lens), "the pool must hold every sequence's blocks"
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables = [perm[i * width:(i + 1) * width] for i in range(len(seq_lens))]
     positions = [p for n in seq_lens for p in range(n - q_len, n)]
@@ -204,38 +217,36 @@ def verify_step_inputs(config, seq_lens: list[int], q_len: int, block_size: int,
         block_tables=torch.tensor(tables, dtype=torch.int32, device=device), block_size=block_size,
         seq_lens_list=list(seq_lens), query_lens_list=[q_len] * len(seq_lens))
     input_ids = torch.randint(0, config.vocab_size, (len(positions),), generator=g).to(device)
-    shape = (num_blocks, block_size, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
-    caches = [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
-              for _ in range(config.num_hidden_layers)]
-    return input_ids, torch.tensor(positions, device=device), meta, caches
+    for k, v in caches:
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    return input_ids, torch.tensor(positions, device=device), meta
 
 
-def replay_equals_eager(graphs: DecodeCUDAGraphs, model, config, seq_lens, q_len, block_size, num_blocks, device,
+def replay_equals_eager(graphs: DecodeCUDAGraphs, model, config, caches, seq_lens, q_len, device,
                         torch_reference: bool = False):
     """One verify step eagerly and through `graphs`: the same hidden states, the same cache writes (and, with
     torch_reference, the same hidden states as the torch attention path, which gathers the cache instead)."""
-    input_ids, positions, meta, caches = verify_step_inputs(config, seq_lens, q_len, block_size, num_blocks, device)
-    layers = [m for m in model.modules() if hasattr(m, "k_cache")]
-    for layer, (k, v) in zip(layers, caches):
-        layer.k_cache, layer.v_cache = k, v
-    snapshot = [(k.clone(), v.clone()) for k, v in caches]
     with torch.inference_mode():
+        input_ids, positions, meta = verify_step_inputs(config, caches, seq_lens, q_len, device)
+        snapshot = [(k.clone(), v.clone()) for k, v in caches]
+
+        def restore() -> None:
+            for (k, v), (k0, v0) in zip(caches, snapshot):
+                k.copy_(k0)
+                v.copy_(v0)
         if torch_reference:
             backend, model.attention_backend = model.attention_backend, "torch"
             with forward_context(dataclasses.replace(meta)):
                 reference = model(input_ids, positions)
             model.attention_backend = backend
-            for (k, v), (k0, v0) in zip(caches, snapshot):
-                k.copy_(k0)
-                v.copy_(v0)
+            restore()
         with forward_context(meta):
             eager = model(input_ids, positions)
-        if torch_reference:  # the paged decode kernel with q_len = 3 computes what the torch path computes
+        if torch_reference:  # the paged decode kernel with q_len > 1 computes what the torch path computes
             torch.testing.assert_close(eager, reference, rtol=1e-4, atol=1e-4)
         after_eager = [(k.clone(), v.clone()) for k, v in caches]
-        for (k, v), (k0, v0) in zip(caches, snapshot):  # the same step again, through the graph
-            k.copy_(k0)
-            v.copy_(v0)
+        restore()  # the same step again, through the graph
         assert graphs.can_run(meta)
         replayed = graphs.run(input_ids, positions, meta)
     assert replayed.shape == eager.shape == (len(seq_lens) * q_len, config.hidden_size)
@@ -249,15 +260,15 @@ def test_verify_step_graph_bookkeeping_on_cpu(model_and_config):
     model, config = model_and_config
     backend, model.attention_backend = model.attention_backend, "triton"  # the paged kernel, interpreted
     try:
+        caches = bind_kv_caches(model, config, 24, BLOCK, "cpu")
         graphs = _ReplayRecorder(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
                                  query_lens=(3,))
         with torch.inference_mode():
             graphs.capture()
         assert sorted(graphs.graphs) == [1, 2, 4] and all(list(g) == [3] for g in graphs.graphs.values())
         # batch 3 replays the graph of 4 with one padding sequence; the 3 new tokens cross block boundaries
-        replay_equals_eager(graphs, model, config, [5, 13, 19], 3, BLOCK, 24, torch.device("cpu"),
-                            torch_reference=True)
-        _, _, one_token, _ = verify_step_inputs(config, [5, 13, 19], 1, BLOCK, 24, "cpu")
+        replay_equals_eager(graphs, model, config, caches, [5, 13, 19], 3, "cpu", torch_reference=True)
+        _, _, one_token = verify_step_inputs(config, caches, [5, 13, 19], 1, "cpu")
         assert not graphs.can_run(one_token)  # q_len 1 was not captured
     finally:
         model.attention_backend = backend
@@ -274,8 +285,9 @@ def test_gpu_verify_step_graph_replay_equals_eager(batch):
     with torch.device(device):
         model = tiny_model(config, seed=4)
     model.attention_backend = "triton"
+    caches = bind_kv_caches(model, config, 128, 16, device)  # before capture: the graphs keep these addresses
     graphs = DecodeCUDAGraphs(model, 8, 16, 16, config.hidden_size, torch.float32, device, query_lens=(1, 3))
     graphs.capture()
     seq_lens = [3 + (37 * i) % 200 for i in range(batch)]
-    replay_equals_eager(graphs, model, config, seq_lens, 3, 16, 64, device)
-    replay_equals_eager(graphs, model, config, seq_lens, 1, 16, 64, device)
+    replay_equals_eager(graphs, model, config, caches, seq_lens, 3, device, torch_reference=True)
+    replay_equals_eager(graphs, model, config, caches, seq_lens, 1, device)
