@@ -6,7 +6,8 @@ package's cli module and list that module here.
 
     minillm grade [chNN | chNN.name] [--impl ...] [--format table|json|gradescope]   (minillm.course.cli)
     minillm course sync | release | gradescope | notebooks | list                     (minillm.course.cli)
-    minillm demo | estimate | bench                                                     (minillm.bench.cli)
+    minillm demo | estimate | bench [serve]                                             (minillm.bench.cli)
+    minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]                 (minillm.serve.cli)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli")
+COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,299 @@
+"""AsyncLLM: one background loop steps the engine while any number of coroutines stream from it (chapter 10).
+
+A server handles hundreds of requests at once, each in its own coroutine, but the engine is one object with
+one scheduler that is not thread-safe. vLLM's answer (AsyncLLMEngine) is kept here in its simplest form:
+
+    coroutine A --add--> pending adds  \\                       / per-request queue --> coroutine A
+    coroutine B --add--> pending adds   >  the engine loop ----<  per-request queue --> coroutine B
+    coroutine C --abort-> pending aborts/   (one asyncio task)   \\ snapshot, step listeners (metrics, playground)
+
+The engine loop is the only code that touches the engine. Between two steps, on the event-loop thread, it
+applies the queued adds and aborts; then it runs `engine.step()` in one dedicated worker thread (so the event
+loop keeps serving HTTP while the model computes) and, when the step returns, hands each RequestOutput to
+its request's queue. Because adds, aborts and the snapshot of the scheduler all happen while no step is in
+flight, no two threads ever touch the scheduler at once, and no lock is needed.
+
+Cancellation: a coroutine that stops listening (its client disconnected, its task was cancelled, it broke out
+of the `async for`) closes its generator; the generator's `finally` queues an abort, and the loop frees the
+request's KV blocks before the next step, i.e. as soon as the step in flight (if any) ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from minillm.outputs import RequestOutput
+from minillm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running (never started, shut down, or crashed)."""
+
+
+@dataclass
+class SeqView:
+    """One sequence as the playground and /metrics see it (plain values, safe to read from any thread)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    blocks: list[int] = field(default_factory=list)  # its device block table (running sequences only)
+
+
+@dataclass
+class EngineSnapshot:
+    """The engine's state after a step, copied on the loop so that other code never reads the live scheduler."""
+
+    step: int = 0
+    time: float = 0.0
+    running: list[SeqView] = field(default_factory=list)
+    waiting: list[SeqView] = field(default_factory=list)
+    swapped: list[SeqView] = field(default_factory=list)
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    block_size: int = 0
+    batch: list[dict[str, Any]] = field(default_factory=list)  # this step: request_id, num_tokens, prefill
+    num_preemptions: int = 0
+    prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+
+def take_snapshot(engine: Any, seq_to_request: dict[int, str] | None = None, stepped: bool = False) -> EngineSnapshot:
+    """Copy what a viewer needs out of the engine's scheduler. Call only while no step is running."""
+    scheduler = engine.scheduler
+    bm = getattr(scheduler, "block_manager", None)  # None for the static scheduler's contiguous slots
+
+    def views(queue: Any, with_blocks: bool) -> list[SeqView]:
+        return [SeqView(s.request_id, s.num_prompt_tokens, s.num_output_tokens,
+                        list(s.block_table) if with_blocks else []) for s in queue]
+
+    snap = EngineSnapshot(step=engine.num_steps, time=time.time(),
+                          running=views(getattr(scheduler, "running", []), bm is not None),
+                          waiting=views(getattr(scheduler, "waiting", []), False),
+                          swapped=views(getattr(scheduler, "swapped", []), False),
+                          num_preemptions=getattr(scheduler, "num_preemptions", 0))
+    if bm is not None:
+        snap.num_blocks, snap.num_free_blocks, snap.block_size = bm.num_blocks, bm.num_free_blocks, bm.block_size
+        snap.prefix_cache_hits, snap.prefix_cache_queries = bm.prefix_cache_hits, bm.prefix_cache_queries
+    timeline = getattr(scheduler, "timeline", None)
+    if stepped and timeline and seq_to_request is not None:
+        record = timeline[-1]
+        prefill = set(record.prefill_ids)
+        snap.batch = [{"request_id": seq_to_request.get(seq_id, str(seq_id)), "num_tokens": n,
+                       "prefill": seq_id in prefill} for seq_id, n in record.scheduled]
+    return snap
+
+
+StepListener = Callable[[list[RequestOutput], EngineSnapshot], None]
+
+
+class AsyncLLM:
+    """Drive an LLMEngine from asyncio. Build it from an engine (or `AsyncLLM.from_llm(LLM(...))`), then inside
+    a running event loop `await start()`, stream with `async for out in generate(...)`, `await shutdown()`."""
+
+    def __init__(self, engine: Any) -> None:
+        for name in ("add_request", "step", "abort", "has_unfinished_requests", "validate_prompt"):
+            if not callable(getattr(engine, name, None)):
+                raise TypeError(f"AsyncLLM needs an LLMEngine (with {name}()), got {type(engine).__name__}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending_adds: deque[tuple] = deque()
+        self._pending_aborts: deque[str] = deque()
+        self._listeners: list[StepListener] = []
+        self._counter = itertools.count()
+        self._snapshot = take_snapshot(engine)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stopping = False
+        self.accepting = False  # False before start() and once shutdown() began: new requests are refused
+
+    @classmethod
+    def from_llm(cls, llm: Any) -> "AsyncLLM":
+        return cls(llm.llm_engine)
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the engine loop on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("AsyncLLM.start() was already called")
+        self._wake = asyncio.Event()
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="minillm-engine")
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._run_loop(), name="minillm-engine-loop")
+        self.accepting = True
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Refuse new requests; let the in-flight ones finish for up to `timeout` seconds; abort the rest (their
+        blocks are freed and their streams end with finish_reason "abort"); stop the loop and its thread."""
+        if timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and self.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for request_id in list(self._streams):
+            self._queue_abort(request_id, notify=True)
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # already logged by the loop
+                pass
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        self._task = None
+
+    # -- requests -----------------------------------------------------------------------------------------
+    @property
+    def num_in_flight(self) -> int:
+        """Requests some coroutine is still streaming."""
+        return len(self._streams)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state after the latest step (a copy: read it from anywhere)."""
+        return self._snapshot
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Call listener(outputs, snapshot) on the event loop after every step (and after aborts)."""
+        self._listeners.append(listener)
+
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue one request and yield its cumulative RequestOutput after every step it took part in, the last
+        one with `finished=True`. Leaving the `async for` early (or being cancelled) aborts the request.
+        Bad prompts raise ValueError/TypeError here, before anything is queued."""
+        if not self.accepting or not self.is_running:
+            raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
+        sampling_params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
+            prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
+            prompt = prompt if prompt is not None else prompt_token_ids
+        request_id = f"async-{next(self._counter)}" if request_id is None else str(request_id)
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        self._pending_adds.append((request_id, prompt, sampling_params, arrival, list(prompt_token_ids)))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the consumer left early: free the request's blocks before the next step
+                self._queue_abort(request_id, notify=False)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (its stream ends with finish_reason "abort")."""
+        self._queue_abort(str(request_id), notify=True)
+
+    def _queue_abort(self, request_id: str, notify: bool) -> None:
+        queue = self._streams.get(request_id) if notify else self._streams.pop(request_id, None)
+        if queue is None and notify:
+            return
+        self._pending_aborts.append(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            changed = self._apply_pending()
+            if self._stopping:
+                break
+            if not self.engine.has_unfinished_requests():
+                if changed:
+                    self._publish([], take_snapshot(self.engine))
+                await self._wake.wait()
+                continue
+            scheduler = self.engine.scheduler
+            seq_to_request = {s.seq_id: s.request_id for q in (getattr(scheduler, "waiting", ()),
+                              getattr(scheduler, "running", ()), getattr(scheduler, "swapped", ())) for s in q}
+            steps_before = self.engine.num_steps
+            try:
+                outputs = await loop.run_in_executor(self._thread, self.engine.step)
+            except Exception as err:  # the engine isolates bad requests itself; this is a bug: fail them all
+                logger.exception("engine step raised; failing every in-flight request")
+                for request_id, queue in list(self._streams.items()):
+                    queue.put_nowait(RuntimeError(f"engine step failed: {type(err).__name__}: {err}"))
+                    self._pending_aborts.append(request_id)
+                    del self._streams[request_id]
+                continue
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+            self._publish(outputs, take_snapshot(self.engine, seq_to_request, self.engine.num_steps > steps_before))
+            await asyncio.sleep(0)  # let the streams run before the next step
+        self._apply_pending()
+
+    def _apply_pending(self) -> bool:
+        """Adds and aborts queued since the last step; runs on the loop while no step is in flight."""
+        changed = bool(self._pending_adds or self._pending_aborts)
+        aborted = set(self._pending_aborts)
+        outputs = []
+        while self._pending_adds:
+            # a request cancelled before it reached the engine is added and aborted below: one path for both
+            request_id, prompt, params, arrival, token_ids = self._pending_adds.popleft()
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival,
+                                        prompt_token_ids=token_ids if isinstance(prompt, str) else None)
+            except (ValueError, TypeError) as err:
+                self._finish_stream(request_id, err)
+        self._pending_aborts.clear()
+        for request_id in aborted:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                outputs.append(out)
+                self._finish_stream(request_id, out)
+        if outputs:
+            self._publish(outputs, take_snapshot(self.engine))
+            changed = False
+        return changed
+
+    def _finish_stream(self, request_id: str, item: Any) -> None:
+        queue = self._streams.pop(request_id, None)
+        if queue is not None and item is not None:
+            queue.put_nowait(item)
+
+    def _publish(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
+        self._snapshot = snapshot
+        for listener in self._listeners:
+            try:
+                listener(outputs, snapshot)
+            except Exception:  # a broken viewer must not stop the engine
+                logger.exception("step listener %r failed", listener)

@@ -1,0 +1,201 @@
+"""The HTTP server: a FastAPI app around one AsyncLLM (chapter 10).
+
+    GET  /health                 200 while the engine loop runs, 503 otherwise (never needs the API key)
+    GET  /v1/models              the one model served
+    POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
+    POST /v1/chat/completions    messages through the model's chat template
+    GET  /metrics                Prometheus text (metrics.py)
+    GET  /engine/state           the engine's queues, KV blocks and recent batches as JSON (for the playground)
+    GET  /                       the playground: a chat box beside the live engine (playground.html)
+
+Why FastAPI and uvicorn: pydantic checks every body against a declared schema (the 422s come for free and
+name the bad field), StreamingResponse turns an async generator into Server-Sent Events and cancels it when the
+client disconnects, and uvicorn is the asyncio server vLLM and SGLang run on. Errors are OpenAI-shaped
+({"error": {"message", "type", "param", "code"}}) so the official openai client raises them with our message.
+
+Two checks run before any route, in one small ASGI middleware: the API key (Authorization: Bearer KEY; the
+playground page also takes ?api_key=KEY, since a browser cannot send a header when it opens a page) and the
+body size (413 before the body is read when Content-Length says too much, or as soon as a chunked body does;
+uvicorn itself refuses a body longer than its Content-Length).
+"""
+from __future__ import annotations
+
+import collections
+import hmac
+import json
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minillm.engine.async_llm import AsyncLLM, EngineSnapshot
+from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
+from minillm.serve.openai_api import OpenAIServing
+from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
+RECENT_STEPS = 64  # batches the playground can show
+
+
+def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0) -> FastAPI:
+    """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
+    finish for `shutdown_timeout` seconds, then aborts the rest."""
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    serving = OpenAIServing(llm, model_name, chat_template)
+    metrics = ServerMetrics(model_name)
+    recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
+
+    def remember_batch(outputs: list, snapshot: EngineSnapshot) -> None:
+        if snapshot.batch:
+            recent.append({"step": snapshot.step, "batch": snapshot.batch})
+
+    llm.add_step_listener(metrics.on_step)
+    llm.add_step_listener(remember_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await llm.start()
+        try:
+            yield
+        finally:
+            await llm.shutdown(timeout=shutdown_timeout)
+
+    app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.llm, app.state.metrics = llm, metrics
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors) or not _is_json(await request.body()):
+            return JSONResponse(error_body("the request body is not valid JSON", code="bad_json"), status_code=400)
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")
+        return JSONResponse(error_body(message, param=where or None), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
+                                       "invalid_request_error"), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = llm.is_running and llm.accepting
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minillm",
+                                            "max_model_len": llm.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/engine/state")
+    async def engine_state() -> dict:
+        return state_json(llm.snapshot(), list(recent), model_name)
+
+    @app.get("/")
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(resources.files("minillm.serve").joinpath("playground.html").read_text("utf-8"))
+
+    return app
+
+
+def state_json(snap: EngineSnapshot, recent: list[dict], model_name: str) -> dict[str, Any]:
+    """What the playground draws: queues, the KV pool (which request holds which block), recent batches."""
+    def seqs(views):
+        return [{"request_id": v.request_id, "prompt_tokens": v.num_prompt_tokens,
+                 "output_tokens": v.num_output_tokens, "blocks": v.blocks} for v in views]
+    queries = snap.prefix_cache_queries
+    return {"model": model_name, "step": snap.step, "running": seqs(snap.running), "waiting": seqs(snap.waiting),
+            "swapped": seqs(snap.swapped), "num_blocks": snap.num_blocks, "num_free_blocks": snap.num_free_blocks,
+            "num_used_blocks": snap.num_used_blocks, "block_size": snap.block_size,
+            "num_preemptions": snap.num_preemptions,
+            "prefix_cache_hit_rate": snap.prefix_cache_hits / queries if queries else 0.0, "recent_steps": recent}
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:  # UnicodeDecodeError is one too
+        return False
+    return True
+
+
+class GuardMiddleware:
+    """API key on every route but /health; request bodies of at most max_body_bytes (413 otherwise)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope, headers):
+            return await _send_json(send, 401, error_body("invalid or missing API key: send 'Authorization: Bearer "
+                                                          "<key>'", "authentication_error", code="invalid_api_key"))
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _send_json(send, 413, self._too_large())
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # a chunked body: read it here (at most the limit), then replay it to the app
+            chunks, seen, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before sending its body
+                chunks.append(message.get("body", b""))
+                seen += len(chunks[-1])
+                if seen > self.max_body_bytes:
+                    return await _send_json(send, 413, self._too_large())
+                more = message.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+            async def replaying_receive() -> dict:
+                return replay.pop() if replay else await receive()
+            return await self.app(scope, replaying_receive, send)
+        await self.app(scope, receive, send)
+
+    def _too_large(self) -> dict:
+        return error_body(f"request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
+
+    def _authorized(self, scope: dict, headers: dict[str, str]) -> bool:
+        given = headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not token and scope["path"] == "/" and scope["method"] == "GET":
+            token = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key", [""])[0]
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
+
+
+async def _send_json(send: Any, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

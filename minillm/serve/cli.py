@@ -1,0 +1,106 @@
+"""`minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]` (chapter 10).
+
+minillm/cli.py owns the parser and calls `register(subparsers)`. The engine options are not written out by
+hand: every field of EngineConfig becomes a flag of vLLM's spelling (max_num_seqs -> --max-num-seqs,
+enable_prefix_caching -> --enable-prefix-caching), so an option the engine gains (a KV-cache dtype, a
+speculative config) is a server flag the day it exists. The server binds 127.0.0.1 unless told otherwise:
+an inference server on every interface is an open compute service.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from minillm.config import EngineConfig
+
+SKIP_FIELDS = {"extra"}  # a dict: not a flag
+
+
+def _flag_type(annotation: str) -> Any:
+    """argparse type for an EngineConfig annotation (a string under `from __future__ import annotations`)."""
+    text = str(annotation)
+    if "bool" in text:
+        return bool
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if name in text.replace("|", " ").split():
+            return kind
+    return None
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options (EngineConfig; defaults are decided per model and device)")
+    for f in dataclasses.fields(EngineConfig):
+        kind = _flag_type(f.type)
+        if f.name in SKIP_FIELDS or kind is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"EngineConfig.{f.name}")
+        else:
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"EngineConfig.{f.name}")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags the user gave (None: left to the engine's defaults)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+            if hasattr(args, f.name) and getattr(args, f.name) is not None}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from minillm.engine.async_llm import AsyncLLM
+    from minillm.llm import LLM
+    from minillm.serve.app import build_app
+    from minillm.serve.server import run
+
+    try:
+        chat_template = None
+        if args.chat_template is not None:
+            with open(args.chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+        name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
+        app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
+                        max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0)
+        print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
+              file=sys.stderr)
+        run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"minillm serve: error: {err}", file=sys.stderr)
+        return 2
+    llm.llm_engine.shutdown()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with streaming, /metrics and a playground")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MINILLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (env MINILLM_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_engine_flags(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minillm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

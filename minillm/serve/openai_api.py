@@ -1,0 +1,257 @@
+"""/v1/completions and /v1/chat/completions on top of AsyncLLM: one body in, JSON or an SSE stream out (chapter 10).
+
+The path of one request:
+  1. validate: the model name (404), unsupported fields (400), the prompt or the rendered chat (400), the
+     sampling ranges (400, SamplingParams' own messages), prompt + max_tokens against the context (400);
+  2. submit every (prompt, choice) pair as its own engine request: `n` choices are n requests whose seeds are
+     derived from `seed` (seed + i), so a seeded request is reproducible and its choices still differ;
+  3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
+     Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
+     stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`.
+A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
+generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from minillm.engine.async_llm import AsyncLLM, EngineDeadError
+from minillm.loader.chat_template import render_chat_template
+from minillm.outputs import RequestOutput
+from minillm.sampling_params import SamplingParams
+from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
+
+Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
+
+
+@dataclasses.dataclass
+class _Choice:
+    index: int
+    prompt_index: int
+    sent: int = 0  # characters of text already sent
+    output: RequestOutput | None = None
+
+
+class OpenAIServing:
+    """The two generation endpoints for the one model an AsyncLLM serves."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.chat_template = chat_template
+
+    # -- validation ---------------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def _prompt(self, prompt: str | list[int], param: str) -> Prompt:
+        try:
+            return self.llm.engine.validate_prompt(prompt)
+        except (ValueError, TypeError) as err:
+            raise ApiError(400, str(err), param=param) from None
+
+    def render_chat(self, request: ChatCompletionRequest) -> Prompt:
+        if not request.messages:
+            raise ApiError(400, "messages must be a non-empty list of {role, content} messages", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        tokenizer = self.llm.tokenizer
+        try:
+            if self.chat_template is not None:
+                text = render_chat_template(self.chat_template, messages, add_generation_prompt=True,
+                                            special_tokens={"bos_token": getattr(tokenizer, "bos_token", None),
+                                                            "eos_token": getattr(tokenizer, "eos_token", None)})
+            elif callable(getattr(tokenizer, "apply_chat_template", None)):
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            else:
+                raise ApiError(400, "this model has no chat template: use /v1/completions, or start the server "
+                                    "with --chat-template FILE", param="messages")
+            try:  # the template wrote the special tokens as text: do not add them twice
+                token_ids = list(tokenizer.encode(text, add_special_tokens=False))
+            except TypeError:
+                token_ids = list(tokenizer.encode(text))
+        except ValueError as err:  # ChatTemplateError is a ValueError
+            raise ApiError(400, str(err), param="messages") from None
+        self._prompt(token_ids, "messages")  # empty, too long, out of the vocabulary: 400
+        return text, token_ids
+
+    def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
+                        default_max_tokens: int | None) -> list[SamplingParams]:
+        """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value."""
+        message = request.unsupported()
+        if message:
+            raise ApiError(400, message)
+        longest = max(len(ids) for _, ids in prompts)
+        limit = self.llm.max_model_len
+        if max_tokens is None:
+            max_tokens = default_max_tokens if default_max_tokens is not None else limit - longest
+        if max_tokens >= 1 and longest + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the "
+                                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        params = []
+        for i in range(request.n):
+            seed = None if request.seed is None else request.seed + i
+            try:
+                params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
+                                             top_k=request.top_k, max_tokens=max_tokens, seed=seed,
+                                             stop=request.stop, ignore_eos=request.ignore_eos))
+            except ValueError as err:
+                raise ApiError(400, str(err)) from None
+        return params
+
+    # -- endpoints ----------------------------------------------------------------------------------------
+    async def completions(self, request: CompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
+                           param="prompt")
+        prompts = [self._prompt(p, "prompt") for p in prompt]
+        params = self.sampling_params(request, request.max_tokens, prompts, default_max_tokens=16)
+        return await self._respond(request, raw, prompts, params, chat=False)
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        prompts = [self.render_chat(request)]
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
+            else request.max_tokens
+        params = self.sampling_params(request, max_tokens, prompts, default_max_tokens=None)
+        return await self._respond(request, raw, prompts, params, chat=True)
+
+    # -- generation ---------------------------------------------------------------------------------------
+    async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],
+                       params: list[SamplingParams], chat: bool) -> Response:
+        if not self.llm.accepting:
+            raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
+        base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        choices = [_Choice(p * len(params) + i, p) for p in range(len(prompts)) for i in range(len(params))]
+        streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
+                                     params[c.index % len(params)], request_id=f"{base}-{c.index}",
+                                     prompt_token_ids=prompts[c.prompt_index][1]) for c in choices]
+        head = {"id": base, "created": int(time.time()), "model": self.model_name}
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return StreamingResponse(self._sse(head, choices, streams, chat, include_usage, num_prompt_tokens),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        collect = asyncio.ensure_future(self._collect(choices, streams))
+        gone = asyncio.ensure_future(_disconnected(raw))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():  # the client left: cancelling the merge aborts every choice
+            collect.cancel()
+            await asyncio.gather(collect, return_exceptions=True)
+            return Response(status_code=499)
+        gone.cancel()
+        collect.result()
+        return JSONResponse(self._final_body(head, choices, chat, num_prompt_tokens))
+
+    async def _collect(self, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]]) -> None:
+        async for i, out in _merge(streams):
+            choices[i].output = out
+
+    def _final_body(self, head: dict, choices: list[_Choice], chat: bool, num_prompt_tokens: int) -> dict:
+        body_choices = []
+        for c in choices:
+            done = c.output.outputs[0]
+            if done.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {done.error}", "server_error")
+            if chat:
+                body_choices.append({"index": c.index, "message": {"role": "assistant", "content": done.text},
+                                     "logprobs": None, "finish_reason": done.finish_reason})
+            else:
+                body_choices.append({"index": c.index, "text": done.text, "logprobs": None,
+                                     "finish_reason": done.finish_reason})
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
+                "usage": _usage(num_prompt_tokens, choices)}
+
+    async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
+                   chat: bool, include_usage: bool, num_prompt_tokens: int) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return _event({**head, "object": obj, "choices": [choice], **extra})
+
+        if chat:
+            for c in choices:
+                yield chunk(c.index, None, None, first=True)
+        try:
+            async for i, out in _merge(streams):
+                c, done = choices[i], out.outputs[0]
+                c.output = out
+                if done.finish_reason == "error":
+                    yield _event(error_body(f"generation failed: {done.error}", "server_error", code=500))
+                    break
+                new_text, c.sent = done.text[c.sent:], len(done.text)
+                if new_text:
+                    yield chunk(c.index, new_text, None)
+                if out.finished:
+                    yield chunk(c.index, None if chat else "", done.finish_reason)
+            else:
+                if include_usage:
+                    yield _event({**head, "object": obj, "choices": [],
+                                  "usage": _usage(num_prompt_tokens, choices)})
+        except EngineDeadError as err:
+            yield _event(error_body(str(err), "service_unavailable", code=503))
+        yield "data: [DONE]\n\n"
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as (stream index, output). Leaving early cancels every pump, and a
+    cancelled pump closes its stream, which aborts that request in the engine."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as err:  # e.g. the engine refused the request: the consumer raises it
+            queue.put_nowait((i, err))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _disconnected(raw: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _usage(num_prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
+    completion = sum(len(c.output.outputs[0].token_ids) for c in choices if c.output is not None)
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
+            "total_tokens": num_prompt_tokens + completion}
+
+
+def _event(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
