@@ -14,7 +14,7 @@ from minillm.quant.awq import (awq_quantize, fold_scales_into_linear, fold_scale
                                search_scales)
 from minillm.quant.calibration import (calibration_texts, split_texts, stdlib_docstrings,
                                        tokenize_to_sequences)
-from minillm.quant.gptq import HessianAccumulator, gptq_quantize
+from minillm.quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_layers
 from tests.tiny import ByteTokenizer, one_thread  # noqa: F401  (autouse fixture)
 
 OUT, IN, TOKENS = 256, 512, 1024
@@ -152,6 +152,32 @@ def test_gptq_dead_input_channel_and_bad_arguments():
         gptq_quantize(W, torch.eye(IN), group_size=128, block_size=96)
     with pytest.raises(ValueError, match="percdamp"):
         gptq_quantize(W, torch.eye(IN), percdamp=-0.1)
+
+
+def test_gptq_quantize_layers_matches_one_by_one():
+    W, X = _layer()
+    H = _hessian(X)
+    weights = {"q_proj": W[:64], "k_proj": W[64:96]}  # two linears reading the same input share H
+    out = gptq_quantize_layers(weights, {"q_proj": H, "k_proj": H}, progress=False, bits=3, group_size=64)
+    for name, w in weights.items():
+        assert torch.equal(out[name].weight_dq, gptq_quantize(w, H, bits=3, group_size=64).weight_dq)
+    with pytest.raises(ValueError, match="no Hessian"):
+        gptq_quantize_layers(weights, {"q_proj": H}, progress=False)
+
+
+@pytest.mark.gpu
+def test_algorithms_on_cuda_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    W, X = _layer()
+    H = _hessian(X)
+    for kwargs in ({}, {"act_order": True}):
+        cpu = gptq_quantize(W, H, bits=4, group_size=128, **kwargs).qweight.codes
+        gpu = gptq_quantize(W.cuda(), H.cuda(), bits=4, group_size=128, **kwargs).qweight.codes.cpu()
+        assert (cpu == gpu).float().mean() > 0.999  # matmul order may flip a rare rounding tie
+    res_cpu, res_gpu = awq_quantize([W], X, 4, 128), awq_quantize([W.cuda()], X.cuda(), 4, 128)
+    assert res_cpu.alpha == res_gpu.alpha
+    torch.testing.assert_close(res_gpu.scales.cpu(), res_cpu.scales, rtol=1e-5, atol=1e-6)
 
 
 # ---- AWQ ---------------------------------------------------------------------------------------------------

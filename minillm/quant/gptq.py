@@ -39,10 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tqdm.auto import tqdm
+
 from minillm.quant.rtn import (QuantizedWeight, check_quant_args, compute_qparams, dequantize_codes,
                                quantize_to_codes)
 
-__all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize"]
+__all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize", "gptq_quantize_layers"]
 
 
 class HessianAccumulator:
@@ -142,7 +144,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         W, H = W[:, perm], H[perm][:, perm]
     cols = perm if perm is not None else torch.arange(in_f, device=W.device)
     # group of the k-th processed column: contiguous in processing order, or fixed by the original position
-    group_of = cols // g if static else torch.arange(in_f, device=W.device) // g
+    # (a Python list: reading a GPU tensor once per column would synchronise the device 10^4 times a layer)
+    group_of = (cols // g).tolist() if static else [k // g for k in range(in_f)]
 
     U = _inverse_hessian_cholesky(H, percdamp)
     codes = torch.empty(out_f, in_f, dtype=torch.int8 if symmetric else torch.uint8, device=W.device)
@@ -159,7 +162,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                 scales[:, k // g] = s
                 if zeros is not None:
                     zeros[:, k // g] = z
-            gi = int(group_of[k])
+            gi = group_of[k]
             s = scales[:, gi]
             z = None if zeros is None else zeros[:, gi]
             w = W1[:, i]
@@ -178,6 +181,18 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         inv = torch.argsort(perm)
         codes, Q = codes[:, inv], Q[:, inv]
         if not static:
-            g_idx = group_of[inv].to(torch.int32)  # original column j was processed at position inv[j]
+            g_idx = (inv // g).to(torch.int32)  # original column j was processed at position inv[j]
     qw = QuantizedWeight(codes, scales, zeros, bits, group_size, symmetric, g_idx=g_idx)
     return GPTQResult(qweight=qw, weight_dq=Q, perm=perm, loss=float(loss))
+
+
+def gptq_quantize_layers(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                         progress: bool = True, **kwargs) -> dict[str, GPTQResult]:
+    """gptq_quantize for every named weight with the Hessian of the same name (q/k/v may share one tensor);
+    kwargs as gptq_quantize. One layer at a time, with a progress bar: a 7B model has ~220 of them."""
+    missing = sorted(set(weights) - set(hessians))
+    if missing:
+        raise ValueError(f"no Hessian for {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         f"collect one with a HessianAccumulator per layer input")
+    return {name: gptq_quantize(w, hessians[name], **kwargs)
+            for name, w in tqdm(weights.items(), desc="GPTQ", unit="layer", disable=not progress)}
