@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -40,10 +40,6 @@ STDLIB_MODULES: tuple[str, ...] = tuple(sorted((
     "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
 )))
 SIDE_EFFECT_MODULES = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"})
-
-
-class _Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
 
 
 def _docs_of_module(name: str, min_chars: int) -> list[str]:
