@@ -234,7 +234,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
         out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
         QUERY_GROUP=group, Q_LEN=q_len, BLOCK_G=max(16, triton.next_power_of_2(group * q_len)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale, SINGLE_SPLIT=single,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
+        SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, num_warps=4, num_stages=1 if interp else 3)
     if not single:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -82,9 +82,10 @@ def _check_step_result(seq: Sequence, num_new_tokens: int, new: list[int]) -> No
         raise ValueError(f"sequence {seq.seq_id}: new tokens must be a list of ints, got {new!r}")
     spec = seq.spec_token_ids
     reaches_end = seq.num_computed_tokens + num_new_tokens == seq.num_tokens + len(spec)
-    if not 1 <= num_new_tokens <= seq.num_uncomputed_tokens + len(spec):
-        raise ValueError(f"sequence {seq.seq_id}: num_new_tokens must be in [1, {seq.num_uncomputed_tokens + len(spec)}]"
-                         f" (uncomputed tokens + drafts), got {num_new_tokens}")
+    most = seq.num_uncomputed_tokens + len(spec)
+    if not 1 <= num_new_tokens <= most:
+        raise ValueError(f"sequence {seq.seq_id}: num_new_tokens must be in [1, {most}] (uncomputed tokens + "
+                         f"drafts), got {num_new_tokens}")
     if reaches_end != bool(new):
         raise ValueError(f"sequence {seq.seq_id}: a step that reaches the end of the sequence produces 1.."
                          f"{len(spec) + 1} tokens and any other step none; reaches_end={reaches_end}, got {new!r}")
