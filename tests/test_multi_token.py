@@ -173,6 +173,38 @@ def test_stop_token_inside_accepted_tokens_trims_the_rest(model_and_config):
     assert results[True]["m"] == (plain_outputs["b"][:4], "length")
 
 
+def test_verify_steps_run_the_paged_kernel_with_several_queries(model_and_config, monkeypatch):
+    """With the Triton backend (interpreted here), a verify step in which every sequence carries K drafts reads
+    the cache with the paged decode kernel at q_len = K + 1, and the tokens are still the plain run's."""
+    import minillm.kernels.paged_attention as paged
+
+    model, _ = model_and_config
+    kernel, q_lens = paged.paged_decode_attention, []
+
+    def spy(*args, q_len: int = 1, **kwargs):
+        q_lens.append(q_len)
+        return kernel(*args, q_len=q_len, **kwargs)
+    monkeypatch.setattr(paged, "paged_decode_attention", spy)
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    requests = {rid: (PROMPTS[rid], params) for rid in ("a", "c")}
+    backend, model.attention_backend = model.attention_backend, "triton"
+    try:
+        plain, _ = run_plain(make_engine(model_and_config, False, requests))
+        engine = make_engine(model_and_config, False, requests)
+        engine.verify_drafts = greedy_verify
+        outputs, steps = {}, 0
+        while engine.has_unfinished_requests():
+            steps += 1
+            for seq in engine.scheduler.running:
+                if not seq.is_prefill:
+                    seq.spec_token_ids = drafts_for(seq, plain[seq.request_id], steps)
+            outputs.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+    finally:
+        model.attention_backend = backend
+    assert outputs == plain
+    assert set(q_lens) == {1, K + 1}  # plain decode steps, then the verify steps
+
+
 def test_drafts_without_an_acceptance_rule_fail_that_step_not_the_engine(model_and_config):
     engine = make_engine(model_and_config, False)
     engine.step()  # the prefills
