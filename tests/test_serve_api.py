@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server on 127.0.0.1 (chapter 10): the official openai client, every bad request's status
+and message, the API key, /metrics through Prometheus' own parser, graceful shutdown."""
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from minillm.serve.server import ServerThread
+from serve_tiny import MODEL, tiny_app, tiny_engine
+from tiny import one_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def server():
+    app, llm = tiny_app()
+    with ServerThread(app) as srv:
+        srv.llm = llm
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+def test_openai_client_lists_completes_and_streams_chat(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason in ("stop", "length") and done.usage.prompt_tokens == 5
+    again = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
+    assert again.choices[0].text == done.choices[0].text  # greedy is deterministic
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2  # the text arrived in several events, not at the end
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.content == "".join(pieces)
+
+
+def test_n_seed_and_stop(client):
+    def sample(seed):
+        return client.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=1.0, seed=seed, n=3,
+                                         extra_body={"ignore_eos": True})
+    first, second = sample(7), sample(7)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(first.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert texts == [c.text for c in sorted(second.choices, key=lambda c: c.index)]  # reproducible
+    assert len(set(first.choices[i].text for i in range(3))) > 1  # the choices' seeds differ
+    assert first.usage.completion_tokens == 18
+    base = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = next(ch for ch in base[2:] if ch.isprintable() and ch != "\ufffd")
+    cut = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == base[:base.index(stop)]
+
+
+BAD = [  # (path, body or raw bytes, status, words in the message)
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "non-empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}, 400,
+     "maximum context length is 64"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 64}, 400, "maximum context length"),
+    ("/v1/completions", b'{"prompt": "x",', 400, "not valid JSON"),
+    ("/v1/completions", b"x" * (1 << 21), 413, "larger than"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 3}, 422, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"prompt": [1, 999]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n must be"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{b[2]}-{b[3][:20]}" for b in BAD])
+def test_bad_requests_get_their_status_and_an_openai_error(server, path, body, status, words):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    response = httpx.post(server.url + path, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_api_key_guards_every_route_but_health():
+    app, _ = tiny_app(api_key="sesame")
+    with ServerThread(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for path in ("/v1/models", "/metrics", "/engine/state", "/"):
+            response = httpx.get(srv.url + path)
+            assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert httpx.get(srv.url + "/?api_key=sesame").status_code == 200  # a browser opening the playground
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0) as c:
+            with pytest.raises(openai.AuthenticationError):
+                c.models.list()
+
+
+def test_not_started_engine_answers_503():
+    app, _ = tiny_app()  # no lifespan ran: the engine loop is not running
+    transport = httpx.ASGITransport(app=app)
+
+    async def main():
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/health"), await c.post("/v1/completions", json={"prompt": "x"})
+    import asyncio
+    health, completion = asyncio.run(main())
+    assert health.status_code == 503 and completion.status_code == 503
+    assert "shutting down or not ready" in completion.json()["error"]["message"]
+
+
+def test_metrics_parse_and_count(server, client):
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=4, temperature=0,
+                              extra_body={"ignore_eos": True})
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used", "kv_cache_blocks_free",
+                 "num_preemptions", "prefix_cache_hit_rate", "time_to_first_token_seconds",
+                 "time_per_output_token_seconds", "e2e_request_latency_seconds", "prompt_tokens",
+                 "generation_tokens"):
+        assert f"minillm:{name}" in families, name
+
+    def value(name, suffix=""):
+        return sum(s.value for s in families[f"minillm:{name}"].samples if s.name == f"minillm:{name}{suffix}")
+    assert value("kv_cache_blocks_used") == 0 and value("kv_cache_blocks_free") == 128
+    assert value("generation_tokens", "_total") >= 4 and value("prompt_tokens", "_total") >= 8
+    assert value("e2e_request_latency_seconds", "_count") == value("request_success", "_total") >= 1
+
+
+def test_graceful_shutdown_finishes_in_flight_streams():
+    engine = tiny_engine(step_delay=0.01)
+    app, _ = tiny_app(engine)
+    srv = ServerThread(app, graceful_timeout=10).start()
+    events, first = [], threading.Event()
+
+    def stream():
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=30,
+                          json={"prompt": "go", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    first.set()
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(10)
+    srv.stop()  # like Ctrl-C: no new connections, the open stream runs to its end
+    reader.join(10)
+    assert events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2]
+    assert engine.scheduler.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
