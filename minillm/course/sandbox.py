@@ -32,7 +32,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from minillm.course import guard
 from minillm.course.registry import Exercise, get, repo_root
@@ -41,6 +41,7 @@ from minillm.course.sync import NOT_ATTEMPTED
 HERE = Path(__file__).resolve().parent
 HEADER_SIZE = 8
 TENSOR_TAG = "__minillm_tensor__"
+STORAGE_TAG = "__minillm_storage__"
 
 
 class SubmissionCrash(Exception):
@@ -96,13 +97,17 @@ def decode(value: Any) -> Any:
 
 
 def write_back(original: Any, new: Any) -> None:
-    """Apply the learner's in-place change of an argument to the caller's object (lists, dicts, tensors)."""
+    """Apply the learner's in-place change of an argument to the caller's object: a tensor's whole storage
+    (so that a write past a view's edge shows, as it would in one process), a list's or a dict's content."""
     import torch
-    if isinstance(original, torch.Tensor) and isinstance(new, torch.Tensor):
+    if isinstance(original, torch.Tensor) and isinstance(new, tuple) and new[:1] == (STORAGE_TAG,):
+        storage = torch.empty(0, dtype=torch.uint8).set_(original.untyped_storage())
+        raw = torch.frombuffer(bytearray(new[1]), dtype=torch.uint8) if new[1] else torch.empty(0, dtype=torch.uint8)
+        if raw.numel() != storage.numel():
+            raise SubmissionCrash(f"the submission resized an argument's storage ({storage.numel()} -> "
+                                  f"{raw.numel()} bytes); write into the tensors you are given")
         with torch.no_grad():
-            if original.shape != new.shape:
-                original.resize_(new.shape)
-            original.copy_(new.to(original.dtype))
+            storage.copy_(raw)
     elif isinstance(original, list) and isinstance(new, list):
         original[:] = new
     elif isinstance(original, dict) and isinstance(new, dict):
@@ -156,6 +161,9 @@ class Sandbox:
 
     # -- lifecycle --
     def start(self) -> None:
+        if not self.module_file.is_file():
+            self._die(f"{self.module_file.name} is missing from the submission (one module per chapter, "
+                      f"at its top level or under exercises/)")
         bin_dir, scratch = self.dir / "bin", self.dir / "scratch"
         bin_dir.mkdir()
         scratch.mkdir()
@@ -259,12 +267,14 @@ class Sandbox:
                   "does your code call os._exit() or quit()?")
 
     # -- calls --
-    def call(self, name: str, args: tuple, kwargs: dict) -> Any:
+    def call(self, name: str, args: tuple, kwargs: dict, grid: tuple | None = None) -> Any:
+        """`module.name(*args, **kwargs)` in the worker (`module.name[grid](...)`: a kernel launch), with the
+        learner's in-place changes of list, dict and tensor arguments applied to the caller's objects."""
         if self.fatal:
             raise SubmissionCrash(self.fatal)
         if self.proc is None:
             self.start()
-        self._send({"name": name, "args": args, "kwargs": kwargs})
+        self._send({"name": name, "args": args, "kwargs": kwargs, "grid": grid})
         reply = self._receive(self.limits.call_timeout_s, f"running {name}")
         if "result" not in reply:
             exc = _exception(reply, self.ex)
@@ -273,7 +283,8 @@ class Sandbox:
             raise exc
         for i, value in reply.get("mutated", {}).items():
             if isinstance(i, int) and 0 <= i < len(args):
-                write_back(args[i], decode(value))
+                write_back(args[i], value if isinstance(value, tuple) and value[:1] == (STORAGE_TAG,)
+                           else decode(value))
         return decode(reply["result"])
 
 
@@ -308,8 +319,18 @@ class RemoteModule(types.ModuleType):
 
 
 class _KernelHandle:
-    def __init__(self, module_name: str) -> None:
-        self.fn = types.SimpleNamespace(__module__=module_name)
+    """Stands for the submission's @triton.jit kernel: `.fn.__module__` names the stand-in module (whose
+    launchers run in the sandbox) and `handle[grid](*args)` launches the kernel there, as `kernel[grid](...)` does."""
+
+    def __init__(self, sandbox: Sandbox, name: str) -> None:
+        self._sandbox, self._name = sandbox, name
+        self.fn = types.SimpleNamespace(__module__=sandbox.module_name, __name__=name)
+
+    def __getitem__(self, grid: Any) -> Callable:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            g = grid(kwargs) if callable(grid) else grid  # a grid function gets the launch's meta-parameters
+            self._sandbox.call(self._name, args, kwargs, grid=tuple(g))
+        return launch
 
 
 _SANDBOXES: dict[str, Sandbox] = {}
@@ -331,7 +352,7 @@ def remote_function(exercise_id: str, impl_dir: Path, forbidden: dict[str, str])
     fn = RemoteFunction(box, ex.function, _signature(ex))
     if box.kernel:
         sys.modules.setdefault(box.module_name, RemoteModule(box))
-        fn.__wrapped__ = _KernelHandle(box.module_name)
+        fn.__wrapped__ = _KernelHandle(box, ex.function)
     return fn
 
 

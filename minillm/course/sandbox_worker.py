@@ -33,6 +33,7 @@ import traceback
 
 HEADER = struct.Struct("<Q")
 TENSOR_TAG = "__minillm_tensor__"
+STORAGE_TAG = "__minillm_storage__"  # the bytes of an argument's whole storage, written back by the caller
 REFUSED_IMPORTS = ("minillm", "kernels", "solutions", "exercises", "tests", "adapters", "conftest", "guard",
                    "sandbox_worker", "_pytest", "pytest", "__editable__")
 DENIED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
@@ -174,23 +175,34 @@ def encode(value, depth: int = 0):
                     "lists, tuples or dicts")
 
 
+def _storage_bytes(t):
+    """A uint8 view of the whole storage under tensor `t` (a view's neighbours included)."""
+    import torch
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+
+
 def _snapshot_arg(value):
+    """What an argument held before the call: the whole storage of a tensor (a kernel that writes past a
+    view's edge must be seen to), a deep copy of a list or dict, nothing for the rest."""
     import torch
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return _storage_bytes(value.detach()).clone()
     if isinstance(value, (list, dict)):
         return pickle.loads(pickle.dumps(value))
     return None
 
 
-def _changed(before, after) -> bool:
+def _mutation(before, after):
+    """The argument's new content if the call changed it, else None."""
     import torch
     if isinstance(after, torch.Tensor):
-        return before.shape != after.shape or not torch.equal(before.nan_to_num(), after.detach().nan_to_num())
+        now = _storage_bytes(after.detach())
+        return None if torch.equal(before, now) else (STORAGE_TAG, now.numpy().tobytes())
     try:
-        return before != after
+        changed = before != after
     except Exception:  # noqa: BLE001  (an uncomparable mutation: send it back)
-        return True
+        changed = True
+    return encode(after) if changed else None
 
 
 # ---- calls ------------------------------------------------------------------------------------------
@@ -288,7 +300,11 @@ def serve(fd_in: int, fd_out: int) -> None:
             before = guard.snapshot()
             REFUSALS.clear()
             try:
-                result = target(*args, **kwargs)
+                if request.get("grid") is not None:  # kernel[grid](...): the outputs are the arguments written
+                    target[tuple(request["grid"])](*args, **kwargs)
+                    result = None
+                else:
+                    result = target(*args, **kwargs)
             finally:
                 refused = list(REFUSALS)
                 try:
@@ -296,8 +312,8 @@ def serve(fd_in: int, fd_out: int) -> None:
                 finally:
                     if refused:  # even if the learner's code caught the refusal and went on
                         raise Refused(refused[0])
-            mutated = {i: encode(a) for i, (b, a) in enumerate(zip(before_args, args))
-                       if b is not None and _changed(b, a)}
+            mutated = {i: m for i, (b, a) in enumerate(zip(before_args, args))
+                       if b is not None and (m := _mutation(b, a)) is not None}
             reply = {"result": encode(result), "mutated": mutated}
         except BaseException as e:  # noqa: BLE001  (SystemExit and KeyboardInterrupt are the learner's too)
             reply = _describe(e, own_file, exercise_id)

@@ -17,8 +17,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "chapters" / "01_demo.py"
 pytestmark = pytest.mark.slow
 
 
-def nbval(ipynb: Path, impl: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MINILLM_IMPL": impl}
+def nbval(ipynb: Path, impl: str, fallback: str = "1") -> subprocess.CompletedProcess:
+    env = {**os.environ, "MINILLM_IMPL": impl, "MINILLM_FALLBACK": fallback}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
                            "--nbval-sanitize-with", str(repo_root() / "chapters" / "sanitize.cfg"), str(ipynb)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=ipynb.parent)
@@ -35,8 +35,24 @@ def test_build_check_and_grade_a_chapter(tmp_path):
 
     ok = nbval(ipynb, "solutions")
     assert ok.returncode == 0, ok.stdout[-3000:]  # the timing and the address differ, but are sanitised
-    bad = nbval(ipynb, "exercises")
+    bad = nbval(ipynb, "exercises", fallback="0")
     assert bad.returncode != 0 and "not attempted" in bad.stdout, bad.stdout[-3000:]
+
+    # `minillm grade --notebooks`: the failing checked cells, by index, first line and expected vs got
+    passed, lines = notebooks.grade_notebook(ipynb, "solutions")
+    assert passed and lines == ["01_demo.ipynb: pass"], lines
+    passed, lines = notebooks.grade_notebook(ipynb, "exercises")  # a stub raises: no fallback when grading
+    assert not passed and lines[0] == "01_demo.ipynb: fail (1 cell)", lines
+    assert lines[1].startswith("  cell 2 `print(causal_mask(2, 4).int().tolist())`: raised NotImplementedError: "
+                               "ch02.causal_mask is not attempted yet"), lines
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "ch02_kv_cache.py").write_text(
+        "import torch\ndef causal_mask(q_len, kv_len, device=None):\n"
+        "    return torch.ones(q_len, kv_len, dtype=torch.bool)\n")
+    passed, lines = notebooks.grade_notebook(ipynb, str(wrong))
+    assert lines[1:] == ["  cell 2 `print(causal_mask(2, 4).int().tolist())`: "
+                         "expected '[[1, 1, 1, 0], [1, 1, 1, 1]]', got '[[1, 1, 1, 1], [1, 1, 1, 1]]'"], lines
 
     py.write_text(py.read_text().replace("causal_mask(2, 4)", "causal_mask(3, 4)"))
     assert notebooks.out_of_sync(tmp_path) == ["01_demo.ipynb differs from 01_demo.py: run `minillm course notebooks 01_demo`"]
