@@ -10,8 +10,10 @@ makes `dispatch` return the learner's function for the duration of a `with` bloc
 ContextVar, not a module-level dict: nested blocks restore the outer mapping on exit, and one thread's
 overrides never leak into another's.
 
-A value may be a callable, or the name of an implementation ("exercises", "solutions" or a submission
-folder), which loads that implementation's function (see minillm.course.impl).
+A value may be a callable, the name of an implementation ("exercises", "solutions" or a submission folder),
+which loads that implementation's function, or None: the default implementation, MINILLM_IMPL or else the
+learner's exercises/ (see minillm.course.impl). A function loaded by name that is not attempted yet falls back
+to the reference with a banner naming it (`MINILLM_FALLBACK=0` turns that off).
 """
 from __future__ import annotations
 
@@ -52,14 +54,14 @@ def validate_override(name: str, fn: Callable) -> None:
                             f"(reference: def {ex.signature})")
 
 
-def _as_callable(name: str, value: Callable | str | os.PathLike) -> Callable:
-    if isinstance(value, (str, os.PathLike)):
+def _as_callable(name: str, value: Callable | str | os.PathLike | None) -> Callable:
+    if value is None or isinstance(value, (str, os.PathLike)):
         from minillm.course.impl import load_function  # lazy: it imports torch
         return load_function(name, value)
     return value
 
 
-def resolve_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None) -> dict[str, Callable]:
+def resolve_overrides(mapping: Mapping[str, Callable | str | os.PathLike | None] | None) -> dict[str, Callable]:
     """Validate every entry (registered id, loadable, matching signature) and return plain callables, ready for
     `minillm.hooks.overriding`. Done once (LLM(..., overrides=...) calls it at construction), not per step."""
     for name in mapping or {}:
@@ -72,7 +74,7 @@ def resolve_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None
 
 
 @contextmanager
-def use_overrides(mapping: Mapping[str, Callable | str | os.PathLike] | None) -> Iterator[dict[str, Callable]]:
+def use_overrides(mapping: Mapping[str, Callable | str | os.PathLike | None] | None) -> Iterator[dict[str, Callable]]:
     """Within the block, `dispatch(name, ...)` returns `mapping[name]`; every entry is validated first."""
     resolved = resolve_overrides(mapping)
     with overriding(resolved):

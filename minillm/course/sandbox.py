@@ -54,16 +54,18 @@ class SandboxRefused(AssertionError):
 
 @dataclass(frozen=True)
 class Limits:
-    memory_mb: int = 8192  # RLIMIT_AS: torch alone reserves ~2 GB of address space
+    memory_mb: int = 8192  # RLIMIT_AS (0: none, as on a GPU): torch alone reserves ~2 GB of address space
     cpu_s: int = 120  # RLIMIT_CPU over the worker's life
     output_mb: int = 8  # RLIMIT_FSIZE: the worker's log (prints) and any scratch file
     call_timeout_s: float = 30.0  # wall clock per call
 
 
 def limits_from_env() -> Limits:
+    import torch
     env = os.environ
     d = Limits()
-    return Limits(int(env.get("MINILLM_SANDBOX_MEMORY_MB", d.memory_mb)), int(env.get("MINILLM_SANDBOX_CPU_S", d.cpu_s)),
+    memory = 0 if torch.cuda.is_available() else d.memory_mb  # CUDA maps terabytes of address space: no RLIMIT_AS
+    return Limits(int(env.get("MINILLM_SANDBOX_MEMORY_MB", memory)), int(env.get("MINILLM_SANDBOX_CPU_S", d.cpu_s)),
                   int(env.get("MINILLM_SANDBOX_OUTPUT_MB", d.output_mb)),
                   float(env.get("MINILLM_SANDBOX_CALL_TIMEOUT_S", d.call_timeout_s)))
 
@@ -173,8 +175,9 @@ class Sandbox:
         r_rep, w_rep = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(scratch), "TMPDIR": str(scratch),
                "TRITON_CACHE_DIR": str(scratch / "triton"), "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
-        if os.environ.get("TRITON_INTERPRET"):
-            env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
+        for name in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH", "TRITON_PTXAS_PATH"):
+            if os.environ.get(name):  # the device, never the grader's own settings
+                env[name] = os.environ[name]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-I", str(bin_dir / "sandbox_worker.py"), str(r_req),
                                           str(w_rep)], pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log,

@@ -69,7 +69,25 @@ def _inside(path: str, roots: tuple[str, ...]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: str):
+_STDLIB = os.path.dirname(os.path.realpath(os.__file__)) + os.sep
+_SPAWNS = ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec")
+
+
+def _spawned_by_triton() -> bool:
+    """True when the code asking for a process is Triton's compiler (ptxas, the launcher's C stub, ldconfig),
+    i.e. the innermost frame outside the standard library and this file lies in the triton package. Only asked
+    on a GPU (see make_audit_hook); the interpreter on a CPU never needs a process."""
+    frame = sys._getframe(3)
+    while frame is not None:
+        name = os.path.realpath(frame.f_code.co_filename)
+        stdlib = name.startswith(_STDLIB) and "-packages" + os.sep not in name
+        if not stdlib and name != os.path.realpath(__file__):
+            return f"-packages{os.sep}triton{os.sep}" in name
+        frame = frame.f_back
+    return False
+
+
+def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: str, gpu: bool = False):
     own_proc = f"/proc/{os.getpid()}"
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -102,6 +120,8 @@ def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: 
             name = str(args[0]) if args else ""
             if name.split(".")[0] in REFUSED_IMPORTS:
                 raise Refused(f"import {name} is refused while grading")
+        elif gpu and event.startswith(_SPAWNS) and _spawned_by_triton():
+            return  # on a GPU, Triton compiles the learner's kernel with ptxas and a C compiler
         elif event.startswith(DENIED_EVENTS):
             what = {"os.fork": "starting processes (fork)", "subprocess.Popen": "starting processes",
                     "os.system": "starting processes", "os.posix_spawn": "starting processes"}.get(event, event)
@@ -118,6 +138,8 @@ def lock_down(config: dict) -> None:
     limits = config["limits"]
     for what, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_s"]),
                         (resource.RLIMIT_FSIZE, limits["output_mb"] * mb), (resource.RLIMIT_CORE, 0)):
+        if value <= 0 and what != resource.RLIMIT_CORE:
+            continue  # 0: no limit (RLIMIT_AS on a GPU: CUDA reserves far more address space than it uses)
         hard = resource.getrlimit(what)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(what, (value, value))
@@ -139,8 +161,9 @@ def lock_down(config: dict) -> None:
     sys.meta_path.insert(0, ImportGuard())
     for name in [m for m in sys.modules if m.split(".")[0] in ("guard",)]:
         sys.modules.pop(name)
+    gpu = bool(config.get("triton")) and torch.cuda.is_available()
     sys.addaudithook(make_audit_hook(tuple(map(_real, config["denied"])), tuple(map(_real, config["allowed"])),
-                                     _real(config["scratch"])))
+                                     _real(config["scratch"]), gpu))
 
 
 # ---- data that goes back to the grader --------------------------------------------------------------

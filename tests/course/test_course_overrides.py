@@ -69,3 +69,19 @@ def test_an_implementation_name_loads_its_function():
     with use_overrides({"ch01.rms_norm": "solutions"}) as resolved:
         x = torch.randn(2, 8)
         assert torch.allclose(resolved["ch01.rms_norm"](x, torch.ones(8), 1e-6), rms_norm(x, torch.ones(8), 1e-6))
+
+
+def test_overrides_default_to_the_learners_exercises(tmp_path, monkeypatch, capsys):
+    """The bug this guards: the default once picked solutions/, so a wrong answer in exercises/ looked right."""
+    from minillm.engine.block_table import slot_mapping
+    monkeypatch.delenv("MINILLM_IMPL", raising=False)
+    monkeypatch.delenv("MINILLM_FALLBACK", raising=False)
+    with use_overrides({"ch05.slot_mapping": None}) as resolved:  # exercises/: a stub, so the reference + a banner
+        assert resolved["ch05.slot_mapping"]([7, 2], 15, 18, 16) == [127, 32, 33]
+    assert "ch05.slot_mapping: not attempted yet, using the reference" in capsys.readouterr().err
+    (tmp_path / "ch05_paged_kv.py").write_text(
+        "def slot_mapping(block_table, start, end, block_size):\n    return list(range(start, end))  # wrong\n")
+    monkeypatch.setenv("MINILLM_IMPL", str(tmp_path))
+    with use_overrides({"ch05.slot_mapping": None}) as resolved:  # the learner's wrong answer, not the reference
+        assert resolved["ch05.slot_mapping"]([7, 2], 15, 18, 16) == [15, 16, 17]
+        assert dispatch("ch05.slot_mapping", slot_mapping) is not slot_mapping
