@@ -18,8 +18,6 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
-
     from minillm.sampling_params import SamplingParams
 
 
@@ -54,7 +52,6 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None
         self.num_preemptions = 0
-        self.generator: "torch.Generator | None" = None  # per-request RNG when sampling_params.seed is set
         self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
 
