@@ -1,0 +1,406 @@
+"""INT4 weight-only GEMM, Marlin-style: y = x @ dequant(W)^T with the 4-bit weights unpacked in registers (chapter 10).
+
+At decode (M = 1..16 tokens) a linear layer is a matrix-vector product: every weight is read once and used
+M times, so the time is the time to read the weights. Storing them in 4 bits instead of 16 reads 4x fewer
+bytes; the kernel wins only if it unpacks them *inside* the K loop, in registers, never writing a bf16 copy.
+
+Layout (GPTQ's checkpoint layout, so a GPTQ `qweight`/`qzeros`/`scales` triple loads without repacking):
+
+    qweight  int32 [K // 8, N]        word (j, n) holds W[n, 8j + i] in bits [4i, 4i + 4), i = 0..7 (packed along K)
+    scales   x.dtype [K // G, N]      one scale per group of G input rows and output column
+    qzeros   int32 [K // G, N // 8]   zero points packed along N (column 8c + i in bits [4i, 4i+4)), or None for
+                                      the symmetric grid, whose zero point is 8 (codes stored offset by 8)
+    perm     int64 [K] or None        GPTQ act-order: x[:, perm] is fed to the kernel (groups made contiguous)
+
+w[k, n] = (code - zero) * scale. qzeros hold the true zero points (GPTQ "v1" checkpoints store zero - 1: add
+1 when loading those).
+
+How the kernel spends its instructions (the budget at M = 1 is ~4 per weight to keep up with HBM):
+* One int32 load brings 8 weights of one column; the 8 nibbles are pulled out with *constant* shifts (one
+  static loop over i), so nibble i of the tile [BLOCK_K/8, BLOCK_N] holds K rows 8j + i. The activations
+  are read with the same stride 8 to match (x is tiny at decode), so no reshuffle of weights is needed.
+* Int -> float without the slow I2F instruction: OR the nibble into the mantissa of 2^23 (0x4B000000) and
+  subtract 2^23 + zero in fp32: one LOP3 and one FADD give (code - zero) exactly.
+* When a K tile lies inside one group (BLOCK_K divides G) the scale multiplies the tile's partial sums, not
+  every weight (SCALE_AFTER); otherwise each weight is scaled in registers.
+* Two inner products: USE_DOT=False multiplies-and-adds on CUDA cores (M = 1..4, no tensor-core padding and
+  no shared-memory round trip); USE_DOT=True runs 8 tl.dot per tile (fp16/bf16 operands, fp32 accumulate).
+* Split-K for small M: with M = 1 and N = 14336 there are only ~56 column tiles for 132 SMs, so SPLIT_K
+  programs share each tile's K range. Each adds its fp32 partial into a workspace with atomics and bumps a
+  per-tile counter; the last to arrive reads the sum, writes y and zeroes the workspace and counter again,
+  so one launch does everything and the workspace stays clean for the next call (and for CUDA graphs).
+
+On a GPU the tiles are autotuned per (M bucket, N, K, G) on the first call (make it before graph capture);
+under the interpreter one small config runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from minillm.platform import triton_interpreted
+
+__all__ = ["int4_gemm", "repack_int4", "Int4Weight", "dequantize_int4", "pack_int4_along_k"]
+
+
+@triton.jit
+def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
+                      stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed words per column per K tile
+    SCALE_AFTER: tl.constexpr = GROUP_SIZE % BLOCK_K == 0  # a K tile never straddles two groups
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, ROWS)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # this program's share of the K tiles
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, k_tiles)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if not USE_DOT:
+        acc2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # BLOCK_M == 1: rows reduced once at the end
+    for t in range(t_begin, t_end):
+        k0 = t * BLOCK_K
+        rows = k0 // 8 + offs_j  # packed-word rows of this tile
+        j_ok = rows < K // 8
+        w = tl.load(QW + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                    mask=j_ok[:, None] & n_ok[None, :], other=0)
+        # zero point and scale: one row per tile (SCALE_AFTER) or one per packed-word row
+        if SCALE_AFTER:
+            g = k0 // GROUP_SIZE
+            s = tl.load(S + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZEROS:
+                zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=n_ok, other=0)
+                z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
+            else:
+                z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+        else:
+            g = (rows * 8) // GROUP_SIZE
+            s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zw = tl.load(QZ + g[:, None] * stride_zg + offs_n[None, :] // 8, mask=j_ok[:, None] & n_ok[None, :],
+                             other=0)
+                z = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+            else:
+                z = tl.full([ROWS, BLOCK_N], 8.0, tl.float32)
+        magic = 8388608.0 + z  # 2^23 + zero: subtracting it from (2^23 | code) leaves code - zero, exactly
+        if USE_DOT:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(8):
+            q = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - magic
+            if not SCALE_AFTER:
+                q = q * s
+            # activations of K rows 8j + i: stride 8 along K, matching nibble i of each word
+            x_cols = k0 + 8 * offs_j + i
+            if USE_DOT:
+                xi = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :],
+                             mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+                part = tl.dot(xi, q.to(xi.dtype), part, input_precision=DOT_PRECISION)
+            else:
+                xi = tl.load(X + pid_m.to(tl.int64) * stride_xm + x_cols, mask=j_ok, other=0.0).to(tl.float32)
+                part += xi[:, None] * q
+        if SCALE_AFTER:
+            part = part * s
+        if USE_DOT:
+            acc += part
+        else:
+            acc2 += part
+    if not USE_DOT:
+        acc += tl.sum(acc2, axis=0)[None, :]
+
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this tile: read the sum (at L2, via atomics), clean up
+            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask, sem="acquire")
+            if HAS_BIAS:
+                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
+            tl.atomic_xchg(CNT + pid, 0)
+
+
+# ---------------------------------------------------------------------------------------------- tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages). CUDA-core configs serve M <= 4 (one row per
+# program, the weight tile re-read from L2 by the few rows); tensor-core configs pad M to BLOCK_M >= 16.
+_FMA_CONFIGS = [(1, 128, 128, False, 4, 3), (1, 256, 64, False, 4, 4), (1, 256, 128, False, 8, 3)]
+_DOT_CONFIGS = [(16, 128, 128, True, 4, 3), (16, 256, 128, True, 8, 3), (16, 64, 256, True, 4, 4),
+                (32, 128, 128, True, 4, 3), (64, 128, 128, True, 4, 3),
+                (64, 256, 128, True, 8, 3), (128, 128, 128, True, 8, 3), (128, 256, 128, True, 8, 3)]
+MAX_SPLIT_K = 16
+SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K
+
+
+def _block_m_range(m_bucket: int) -> tuple[int, int]:
+    """The BLOCK_M sizes worth trying for a batch of about m_bucket rows (tensor-core path)."""
+    if m_bucket <= 16:
+        return 16, 16
+    if m_bucket <= 64:
+        return 16, m_bucket
+    return 64, 128
+
+
+def _prune(configs, named_args, **kwargs):
+    m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 16))
+    group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 128))
+    lo, hi = _block_m_range(m_bucket)
+    kept = []
+    for c in configs:
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        if not c.kwargs["USE_DOT"]:
+            if m_bucket > 4:
+                continue
+            if group < bk and group % 32 == 0:  # keep the cheap scale-per-tile path for groups of 32 / 64
+                c = triton.Config(dict(c.kwargs, BLOCK_K=group), num_warps=c.num_warps, num_stages=c.num_stages)
+        elif not lo <= bm <= hi:
+            continue
+        kept.append(c)
+    return kept or configs
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def choose_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """Split K (a power of two) until the grid has about two programs per SM, keeping >= 2 K tiles each."""
+    if m > SPLIT_K_MAX_M:
+        return 1
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    while tiles * split < 2 * num_sms and split * 2 <= min(MAX_SPLIT_K, k_tiles // 2):
+        split *= 2
+    return split
+
+
+def _split_k_heuristic(a) -> int:
+    return choose_split_k(a["M"], a["N"], a["K"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], _num_sms(a["X"].device))
+
+
+_autotuned = None
+
+
+def _autotuned_kernel():
+    global _autotuned
+    if _autotuned is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "USE_DOT": d}, num_warps=w, num_stages=s)
+                   for m, n, k, d, w, s in _FMA_CONFIGS + _DOT_CONFIGS]
+        _autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"],
+                                     prune_configs_by={"early_config_prune": _prune})(
+            triton.heuristics({"SPLIT_K": _split_k_heuristic})(_int4_gemm_kernel))
+    return _autotuned
+
+
+def _interpreter_config(m: int, group: int) -> dict:
+    """One small config under the interpreter: CUDA-core path for a single row, tensor-core path otherwise."""
+    if m == 1:
+        return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=min(64, group) if group % 8 == 0 else 64, USE_DOT=False)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, USE_DOT=True)
+
+
+# Split-K workspaces: fp32 partial sums [M, N] and per-tile arrival counters, kept per (device, M, N) so their
+# addresses stay fixed (CUDA graphs replay the addresses they captured). The kernel leaves them zeroed.
+# Not safe for two GEMMs of the same shape running concurrently on different streams.
+_SPLIT_K_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), m, n)
+    if key not in _SPLIT_K_WORKSPACES:
+        _SPLIT_K_WORKSPACES[key] = (torch.zeros(m, n, dtype=torch.float32, device=device),
+                                    torch.zeros(m * triton.cdiv(n, 16), dtype=torch.int32, device=device))
+    return _SPLIT_K_WORKSPACES[key]
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _check_int4_args(x, qweight, scales, qzeros, group_size, perm, bias) -> int:
+    """Validate the operands (ValueError/TypeError naming the bad one); returns the effective group size."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., K] with K > 0, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or k % 8 or qweight.shape[0] != k // 8:
+        raise ValueError(f"qweight must be int32 [K // 8, N] = [{k // 8}, N] with K = {k} a multiple of 8, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[1]
+    group = k if group_size == -1 else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group < 8 or group % 8 or k % group:
+        raise ValueError(f"group_size must be -1 or a multiple of 8 dividing K = {k}, got {group_size!r}")
+    if not scales.is_floating_point() or scales.shape != (k // group, n):
+        raise ValueError(f"scales must be a float tensor [K // group_size, N] = [{k // group}, {n}], got "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    if qzeros is not None and (qzeros.dtype != torch.int32 or n % 8 or qzeros.shape != (k // group, n // 8)):
+        raise ValueError(f"qzeros must be None or int32 [K // group_size, N // 8] = [{k // group}, {n // 8}] "
+                         f"(N a multiple of 8), got {qzeros.dtype} {tuple(qzeros.shape)}")
+    if perm is not None and (perm.shape != (k,) or perm.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"perm must be None or an integer tensor [K] = [{k}], got {perm.dtype} {tuple(perm.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be None or [N] = [{n}], got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros), ("perm", perm), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return group
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+              group_size: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+              split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ dequant(W)^T (+ bias), in x's dtype, with W in the layout of the module docstring.
+
+    split_k / config (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages) pin the launch instead of
+    autotuning; leave both None in the engine.
+    """
+    group = _check_int4_args(x, qweight, scales, qzeros, group_size, perm, bias)
+    k, n = x.shape[-1], qweight.shape[1]
+    x2 = x.reshape(-1, k)
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int)
+                                or not 1 <= split_k <= MAX_SPLIT_K):
+        raise ValueError(f"split_k must be None or an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    qzeros = qzeros.contiguous() if qzeros is not None else qweight  # placeholder when symmetric
+    # split-K workspace, or placeholders of the right types when K is never split (large M)
+    ws, cnt = _workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
+    m_bucket = min(triton.next_power_of_2(m), 256)
+    args = (x2, qweight, scales, qzeros, bias if bias is not None else scales, y, ws, cnt, m, n, k,
+            x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket)
+    consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not qweight, HAS_BIAS=bias is not None,
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    if config is None and split_k is None and not triton_interpreted():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _autotuned_kernel()[grid](*args, **consts)
+        return y.reshape(*x.shape[:-1], n)
+    cfg = dict(config) if config is not None else (
+        _interpreter_config(m, group) if triton_interpreted() else dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128,
+                                                                         USE_DOT=True, num_warps=4, num_stages=3))
+    if not cfg["USE_DOT"] and cfg["BLOCK_M"] != 1:
+        raise ValueError(f"the CUDA-core path (USE_DOT=False) runs one row per program: BLOCK_M must be 1, got {cfg}")
+    if cfg["USE_DOT"] and (cfg["BLOCK_M"] < 16 or cfg["BLOCK_K"] < 128):
+        raise ValueError(f"tl.dot needs BLOCK_M >= 16 and BLOCK_K >= 128 (16 packed rows), got {cfg}")
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 1 if triton_interpreted() else 3)
+    if split_k is None:
+        split_k = choose_split_k(m, n, k, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], _num_sms(x.device))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    _int4_gemm_kernel[grid](*args, **consts, **cfg, SPLIT_K=split_k)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [..., 8w] -> int32 words [..., w], element 8j + i in bits [4i, 4i + 4)."""
+    c = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, 8)
+    words = (c << (torch.arange(8, device=codes.device) * 4)).sum(-1)  # nibbles do not overlap: sum == or
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, device=words.device) * 4
+    return ((words.to(torch.int64)[..., None] >> shifts) & 0xF).reshape(*words.shape[:-1], -1)
+
+
+def pack_int4_along_k(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes W [N, K] (0..15) -> qweight int32 [K // 8, N], packed along K as GPTQ stores it."""
+    if codes.dim() != 2 or codes.shape[1] % 8 or codes.dtype.is_floating_point:
+        raise ValueError(f"codes must be integer [N, K] with K a multiple of 8, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError(f"4-bit codes must lie in [0, 15], got [{int(codes.min())}, {int(codes.max())}]")
+    return _pack_nibbles(codes).t().contiguous()
+
+
+@dataclass
+class Int4Weight:
+    """A linear layer's weight in the kernel's layout (see the module docstring); `int4_gemm(x, *w.args())`."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None
+    group_size: int
+    perm: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        return self.qweight, self.scales, self.qzeros, self.group_size, self.perm
+
+
+def repack_int4(qw, dtype: torch.dtype = torch.float16) -> Int4Weight:
+    """rtn.QuantizedWeight (codes [N, K], scales/zeros [N, groups], 4 bits) -> Int4Weight with scales in `dtype`.
+
+    Symmetric codes are stored offset by 8 (no qzeros); a g_idx (GPTQ act-order) becomes `perm`, the column
+    order that makes every group a contiguous run of group_size columns (an error if the groups are uneven).
+    """
+    for attr in ("codes", "scales", "zeros", "bits", "group_size", "symmetric", "g_idx"):
+        if not hasattr(qw, attr):
+            raise TypeError(f"repack_int4 expects an rtn.QuantizedWeight, got {type(qw).__name__} without .{attr}")
+    if qw.bits != 4:
+        raise ValueError(f"repack_int4 packs 4-bit weights, got bits={qw.bits}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    codes = qw.codes.to(torch.int32) + 8 if qw.symmetric else qw.codes.to(torch.int32)
+    n, k = codes.shape
+    n_groups = qw.scales.shape[1]
+    group = k // n_groups
+    if k % n_groups or group % 8:
+        raise ValueError(f"{n_groups} groups over K = {k} give group size {k / n_groups}: need a multiple of 8")
+    perm = None
+    if qw.g_idx is not None:
+        perm = torch.argsort(qw.g_idx.to(torch.int64), stable=True)
+        expected = torch.arange(k, device=perm.device) // group
+        if not torch.equal(qw.g_idx.to(torch.int64)[perm], expected):
+            raise ValueError("g_idx groups must each hold exactly K / n_groups columns to be made contiguous")
+        codes = codes[:, perm]
+    qzeros = None if qw.symmetric else _pack_nibbles(qw.zeros.to(torch.int32).t().contiguous())
+    return Int4Weight(pack_int4_along_k(codes), qw.scales.t().contiguous().to(dtype), qzeros, group, perm)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, group_size: int,
+                    perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: fp32 W [N, K] (original column order) from the kernel's layout, in plain torch."""
+    k = qweight.shape[0] * 8
+    group = k if group_size == -1 else group_size
+    codes = _unpack_nibbles(qweight.t()).float()  # [N, K]
+    zeros = _unpack_nibbles(qzeros).float() if qzeros is not None else torch.full_like(scales, 8, dtype=torch.float32)
+    w = (codes - zeros.t().repeat_interleave(group, dim=1)) * scales.float().t().repeat_interleave(group, dim=1)
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    return w
