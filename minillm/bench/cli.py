@@ -1,4 +1,4 @@
-"""Command-line entry points of the bench package: `minillm demo`, `minillm estimate`, `minillm bench`.
+"""Command-line entry points of the bench package: `minillm demo`, `minillm estimate`, `minillm bench [serve]`.
 
 minillm/cli.py owns the parser; it calls `register(subparsers)` here. Each subcommand stores its handler in
 `args.func`, which takes the parsed arguments and returns an exit code. Run standalone with
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 
@@ -81,6 +82,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_rates(text: str) -> list[float]:
+    """'1,2,4,inf' -> [1.0, 2.0, 4.0, inf] (requests per second; inf is a burst)."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of request rates: {text!r}; write e.g. 1,2,4,inf") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"request rates must be > 0 (inf for a burst), got {text!r}")
+    return rates
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import httpx
+
+    from minillm.bench import serve as bs
+
+    try:
+        prompts = bs.docstring_prompts(args.num_prompts, args.max_prompt_chars, args.seed)
+        results = []
+        for rate in args.request_rate:
+            results.append(bs.bench_serve(args.base_url, prompts, rate, args.arrival, args.output_len, args.model,
+                                          args.slo_ttft_ms, args.slo_tpot_ms, args.seed, args.api_key))
+            print(bs.format_result(results[-1]), flush=True)
+    except ValueError as err:
+        print(f"minillm bench serve: error: {err}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, KeyError, IndexError) as err:  # no server there, or not an OpenAI-compatible one
+        print(f"minillm bench serve: error: {type(err).__name__}: {err} (is a server running at {args.base_url}?)",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(bs.to_json(results))
+        print(f"raw results written to {args.json}")
+    if args.plot:
+        bs.plot_latency_vs_rate(results, args.plot)
+        print(f"latency against request rate plotted to {args.plot}")
+    return 0
+
+
+def _add_bench_serve(bench: argparse.ArgumentParser) -> None:
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve}")
+    p = sub.add_parser("serve", help="load a running server with docstring prompts at a request rate: "
+                                     "TTFT/TPOT/ITL/E2E, throughput, goodput")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model id (default: the server's first)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=50)
+    p.add_argument("--request-rate", type=parse_rates, default=[math.inf],
+                   help="requests/s, one or a comma list to sweep (inf: all at once); default inf")
+    p.add_argument("--arrival", choices=("poisson", "burst"), default="poisson")
+    p.add_argument("--output-len", type=int, default=64, help="tokens per answer (EOS ignored)")
+    p.add_argument("--max-prompt-chars", type=int, default=400, help="docstring prompts are cut to this length")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: TPOT at most this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the raw results here")
+    p.add_argument("--plot", default=None, help="save latency against request rate here (PNG)")
+    p.set_defaults(func=_cmd_bench_serve)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="load the bundled model, answer 8 chat prompts, print TTFT/TPOT/throughput")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 48 on CPU, 128 on GPU)")
@@ -116,6 +178,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="context reserved per sequence (default: the engine's; a contiguous cache reserves all of it)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.set_defaults(func=_cmd_bench)
+    _add_bench_serve(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,10 +200,8 @@ class OpenAIServing:
                     yield _event(error_body(f"generation failed: {done.error}", "server_error", code=500))
                     break
                 new_text, c.sent = done.text[c.sent:], len(done.text)
-                if new_text:
-                    yield chunk(c.index, new_text, None)
-                if out.finished:
-                    yield chunk(c.index, None if chat else "", done.finish_reason)
+                if new_text or out.finished:  # one event per step; the last one carries the finish_reason
+                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason)
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
