@@ -81,14 +81,16 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def decode(value: Any) -> Any:
     import torch
-    if isinstance(value, tuple) and len(value) == 4 and value[0] == TENSOR_TAG:
-        _, dtype_name, shape, raw = value
+    if isinstance(value, tuple) and len(value) == 5 and value[0] == TENSOR_TAG:
+        _, dtype_name, shape, raw, device = value
         dtype = getattr(torch, str(dtype_name), None)
         if not isinstance(dtype, torch.dtype):
             raise SubmissionCrash(f"the submission returned a tensor of unknown dtype {dtype_name!r}")
         if not raw:
-            return torch.empty(tuple(shape), dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+            t = torch.empty(tuple(shape), dtype=dtype)
+        else:
+            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+        return t.to(device) if str(device).startswith("cuda") and torch.cuda.is_available() else t
     if isinstance(value, list):
         return [decode(v) for v in value]
     if isinstance(value, tuple):
@@ -103,13 +105,13 @@ def write_back(original: Any, new: Any) -> None:
     (so that a write past a view's edge shows, as it would in one process), a list's or a dict's content."""
     import torch
     if isinstance(original, torch.Tensor) and isinstance(new, tuple) and new[:1] == (STORAGE_TAG,):
-        storage = torch.empty(0, dtype=torch.uint8).set_(original.untyped_storage())
+        storage = torch.empty(0, dtype=torch.uint8, device=original.device).set_(original.untyped_storage())
         raw = torch.frombuffer(bytearray(new[1]), dtype=torch.uint8) if new[1] else torch.empty(0, dtype=torch.uint8)
         if raw.numel() != storage.numel():
             raise SubmissionCrash(f"the submission resized an argument's storage ({storage.numel()} -> "
                                   f"{raw.numel()} bytes); write into the tensors you are given")
         with torch.no_grad():
-            storage.copy_(raw)
+            storage.copy_(raw.to(storage.device))
     elif isinstance(original, list) and isinstance(new, list):
         original[:] = new
     elif isinstance(original, dict) and isinstance(new, dict):

@@ -180,7 +180,7 @@ def encode(value, depth: int = 0):
     if isinstance(value, torch.Tensor):
         t = value.detach().to("cpu").contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        return (TENSOR_TAG, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw)
+        return (TENSOR_TAG, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw, str(value.device))
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
     if isinstance(value, (list, tuple)):
@@ -201,7 +201,7 @@ def encode(value, depth: int = 0):
 def _storage_bytes(t):
     """A uint8 view of the whole storage under tensor `t` (a view's neighbours included)."""
     import torch
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
 def _snapshot_arg(value):
@@ -220,7 +220,7 @@ def _mutation(before, after):
     import torch
     if isinstance(after, torch.Tensor):
         now = _storage_bytes(after.detach())
-        return None if torch.equal(before, now) else (STORAGE_TAG, now.numpy().tobytes())
+        return None if torch.equal(before, now) else (STORAGE_TAG, now.cpu().numpy().tobytes())
     try:
         changed = before != after
     except Exception:  # noqa: BLE001  (an uncomparable mutation: send it back)

@@ -206,3 +206,17 @@ def test_hostile_submission_scores_zero_with_a_reason(graded, name):
 def test_the_hostile_cases_compile():
     for name, (_, code, _) in CASES.items():
         compile(code, name, "exec")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the sandbox's GPU path needs CUDA")
+def test_sandbox_grades_real_kernels_on_a_gpu():
+    """On a GPU the worker has no RLIMIT_AS and lets Triton's own compiler processes run: the reference kernels
+    must still score full marks, and a forbidden process must still be refused."""
+    from minillm.course.grader import grade
+    report = grade("ch04", impl="solutions", jobs=1, timeout=300)
+    assert report.score == report.max_score > 0, [(e.id, e.status, e.message) for e in report.exercises]
+    _, code, reason = CASES["subprocess_cat"]
+    result = grade_exercise(get("ch05.slot_mapping"), _submission(Path(__import__("tempfile").mkdtemp()) / "s",
+                                                                  "ch05.slot_mapping", code), ROOT, timeout=120)
+    assert result.earned == 0 and re.search(reason, result.message), result.message
