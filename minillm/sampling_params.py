@@ -1,16 +1,49 @@
 """SamplingParams: how to pick each next token and when to stop (vLLM's names and defaults).
 
-Validated on construction: every bad value raises ValueError naming the value and the allowed range.
-The sampler that honours these is minillm.layers.sampler (chapter 1).
+Validated on construction: every bad value raises ValueError naming the value and the allowed range, before
+the request reaches the engine. That includes the values a type check alone lets through: nan and inf
+(a nan temperature turns every probability into nan and the sampler then returns token 0 forever), bools
+where a number is meant (True is an int to Python, not to us), and integers too large for the int64 tensors
+the sampler builds. The sampler that honours these is minillm.layers.sampler (chapter 1).
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
+
+INT64_MAX = 2**63 - 1
+# Below this a temperature divides logits into values that overflow fp16/bf16 (inf - inf = nan in the softmax);
+# as vLLM does, smaller positive temperatures are raised to it with a warning (0 itself means greedy).
+MIN_TEMPERATURE = 1e-2
+
+
+def _number(name: str, value: Any, allowed: str) -> float:
+    """A finite real number as a float (numpy scalars are welcome; bools, strings, nan and inf are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number {allowed}, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return value
+
+
+def _integer(name: str, value: Any, low: int, high: int = INT64_MAX, allowed: str | None = None) -> int:
+    """An integer in [low, high] as an int (numpy integers are welcome; bools and 2.0 are not)."""
+    allowed = allowed or f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer {allowed}, got {type(value).__name__}: {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    return value
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy (argmax), exactly
+    temperature: float = 1.0  # 0 means greedy (argmax), exactly; else in [0.01, inf)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]
     top_k: int = -1  # keep the k most likely tokens; -1 means all
     max_tokens: int = 16  # new tokens to generate at most; >= 1
@@ -22,24 +55,48 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        self.temperature = _number("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            warnings.warn(f"temperature={self.temperature!r} is below {MIN_TEMPERATURE} and would overflow the "
+                          f"scaled logits; using {MIN_TEMPERATURE} (pass 0 for greedy)", stacklevel=3)
+            self.temperature = MIN_TEMPERATURE
+        self.top_p = _number("top_p", self.top_p, "in (0, 1]")
+        if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+        self.top_k = _integer("top_k", self.top_k, -1, allowed=f"-1 (disabled) or in [1, {INT64_MAX}]")
+        if self.top_k == 0:
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        self.stop_list = stops
-        ids = self.stop_token_ids or []
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        self.stop_token_ids = list(ids)
+        self.max_tokens = _integer("max_tokens", self.max_tokens, 1, allowed=f">= 1 (at most {INT64_MAX})")
+        if self.seed is not None:  # the range torch.Generator.manual_seed accepts
+            self.seed = _integer("seed", self.seed, -2**63, 2**64 - 1, allowed="in [-2**63, 2**64 - 1] or None")
+        self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: {self.ignore_eos!r}")
+        self.stop_list = self._check_stop(self.stop)
+        self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+
+    @staticmethod
+    def _check_stop(stop: Any) -> list[str]:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        return list(stops)
+
+    @staticmethod
+    def _check_stop_token_ids(ids: Any) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {type(ids).__name__}: "
+                             f"{ids!r}")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t]
+        if bad:
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {bad[0]!r} in {ids!r}")
+        return [int(t) for t in ids]
 
     @property
     def greedy(self) -> bool:

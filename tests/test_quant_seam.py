@@ -129,7 +129,7 @@ def test_unknown_quantization_names_the_known_ones():
     with pytest.raises(ValueError, match=rf"unknown quantization 'int3_magic'; known quantization methods: {known}"):
         ModelConfig(quantization="int3_magic")
     with pytest.raises(ValueError, match="does not implement yet.*int8_rtn"):
-        apply_quantization_override(CONFIG, "gptq")
+        apply_quantization_override(CONFIG, "bitsandbytes")
     with pytest.raises(TypeError, match="quantization must be a string"):
         check_quantization_name(8)
     with pytest.raises(ValueError, match="bits=4"):
@@ -153,9 +153,9 @@ def test_hf_config_quantization_config_selects_the_method(tmp_path):
     from minillm.loader.hf import load_hf_model
     config, _ = load_hf_model(tmp_path)
     assert config.quantization == "int8_rtn" and config.quantization_config == {"quant_method": "int8_rtn"}
-    raw["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    raw["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="config.json: quantization 'awq' .*known quantization methods: int8_rtn"):
+    with pytest.raises(ValueError, match="config.json: quantization 'bitsandbytes' .*known .*: .*int8_rtn"):
         load_model(str(tmp_path))
 
 

@@ -55,10 +55,32 @@ def test_token_id_outside_vocabulary(llm, bad_id):
     (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=2.5), "max_tokens"), (dict(seed="1"), "seed"), (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    # not finite, bools where numbers belong, ints beyond the int64 tensors the sampler builds, wrong containers
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(temperature="0.5"), "temperature"), (dict(top_k=True), "top_k"),
+    (dict(max_tokens=True), "max_tokens"), (dict(top_k=2**63), "top_k"), (dict(seed=2**64), "seed"),
+    (dict(priority=1.5), "priority"), (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=5), "stop"),
+    (dict(stop_token_ids=7), "stop_token_ids"), (dict(stop_token_ids=[1, None]), "stop_token_ids"),
 ])
 def test_bad_sampling_params(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         SamplingParams(**kwargs)
+
+
+def test_bad_sampling_params_message_names_value_and_range():
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"top_k must be an integer -1 \(disabled\) or in \[1, \d+\], got bool: True"):
+        SamplingParams(top_k=True)
+
+
+def test_tiny_temperature_is_raised_to_the_minimum_with_a_warning():
+    import numpy as np
+    with pytest.warns(UserWarning, match="below 0.01"):
+        assert SamplingParams(temperature=1e-300).temperature == 0.01
+    assert SamplingParams(temperature=-0.0).greedy
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_tokens=np.int32(2))  # numpy scalars
+    assert (type(p.temperature), type(p.top_k), type(p.max_tokens)) == (float, int, int)
 
 
 @pytest.mark.parametrize("prompts", [None, 42, {"text": "hi"}, ["ok", 3.5], [[1, 2], "ok", {"a": 1}]])

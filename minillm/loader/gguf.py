@@ -19,6 +19,7 @@ as the oracle, never the implementation.
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class TensorInfo:
 
     @property
     def num_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 class _Cursor:
@@ -130,8 +131,9 @@ class GGUFFile:
             if key in self.metadata:
                 raise GGUFError(f"{self.path}: metadata key {key!r} appears twice (corrupt file)")
             self.metadata[key] = cur.value(cur.scalar("<I", f"the type of metadata {key!r}"), f"metadata {key!r}")
-        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if self.alignment < 1 or self.alignment & (self.alignment - 1):
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(self.alignment, bool) or not isinstance(self.alignment, int) or self.alignment < 1 or \
+                self.alignment & (self.alignment - 1):
             raise GGUFError(f"{self.path}: general.alignment must be a power of two, got {self.alignment}")
         raw_infos = [self._read_tensor_info(cur, i) for i in range(tensor_count)]
         self.data_start = -(-cur.pos // self.alignment) * self.alignment  # round up to the alignment
@@ -175,7 +177,8 @@ class GGUFFile:
             if dims[0] % gtype.block_size:
                 raise GGUFError(f"{self.path}: tensor {name!r} row length {dims[0]} is not a multiple of the "
                                 f"{gtype.name} block size {gtype.block_size}")
-            nbytes = gtype.nbytes(int(np.prod(dims, dtype=np.int64)))
+            # math.prod on Python ints: a corrupt dim near 2**64 must not wrap around in int64
+            nbytes = gtype.nbytes(math.prod(dims))
             if start + nbytes > self.file_size:
                 raise GGUFError(f"{self.path}: truncated: tensor {name} needs bytes {start}..{start + nbytes} "
                                 f"but file has {self.file_size}")

@@ -19,6 +19,7 @@ Two translations happen here.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -82,6 +83,9 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
         kind = "linear"
     if kind in (None, "none"):
         return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        raise ValueError(f"{arch}.rope.scaling.type={kind!r} needs a finite {arch}.rope.scaling.factor, "
+                         f"got {factor!r}")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
@@ -102,46 +106,59 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{gguf.path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style scaling) "
                         f"are not supported in GGUF; load the model's HF directory instead")
 
-    def get(key: str, default: Any = None, required: bool = True) -> Any:
+    def get(key: str, default: Any = None, required: bool = True, kind: type = int) -> Any:
+        """The value of `{arch}.{key}`, checked to be a positive int (kind=int) or a finite number (float)."""
         full = f"{arch}.{key}"
         if full not in meta and required and default is None:
             raise GGUFError(f"{gguf.path}: metadata key {full!r} is missing")
-        return meta.get(full, default)
+        value = meta.get(full, default)
+        if value is None:
+            return None
+        ok = not isinstance(value, bool) and (isinstance(value, int) and value >= 1 if kind is int else
+                                              isinstance(value, (int, float)) and math.isfinite(value))
+        if not ok:
+            allowed = "a positive integer" if kind is int else "a finite number"
+            raise GGUFError(f"{gguf.path}: metadata {full} must be {allowed}, got {str(value)[:80]}")
+        return kind(value)
 
-    num_heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
+    num_heads = get("attention.head_count")
+    hidden = get("embedding_length")
     head_dim = get("attention.key_length", required=False)
-    head_dim = int(head_dim) if head_dim is not None else hidden // num_heads
+    head_dim = head_dim if head_dim is not None else hidden // num_heads
     rope_dim = get("rope.dimension_count", required=False)
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    if rope_dim is not None and rope_dim != head_dim:
         raise GGUFError(f"{gguf.path}: partial rotary ({arch}.rope.dimension_count={rope_dim} < head_dim "
                         f"{head_dim}) is not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is not None:
+        if not isinstance(tokens, list):
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens must be an array, got {str(tokens)[:80]}")
         vocab_size = len(tokens)
     elif f"{arch}.vocab_size" in meta:
-        vocab_size = int(meta[f"{arch}.vocab_size"])
+        vocab_size = get("vocab_size")
     else:
         vocab_size = gguf.tensor_info("token_embd.weight").shape[0]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
-        num_attention_heads=num_heads,
-        num_key_value_heads=int(get("attention.head_count_kv", num_heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(meta, arch),
-        max_position_embeddings=int(get("context_length")),
-        tie_word_embeddings="output.weight" not in gguf.tensors,
-        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=int(eos) if eos is not None else None,
-    )
+    try:  # ModelConfig checks the rest (ranges, divisibility, token ids); the message gains the file's name
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=get("attention.head_count_kv", num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            rope_scaling=_rope_scaling(meta, arch),
+            max_position_embeddings=get("context_length"),
+            tie_word_embeddings="output.weight" not in gguf.tensors,
+            attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        )
+    except (ValueError, TypeError) as err:
+        raise GGUFError(f"{gguf.path}: {err}") from None
 
 
 def load_gguf_model(

@@ -28,7 +28,7 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and SmolLM2 are model_t
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope(raw: dict[str, Any], source: str) -> tuple[Any, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either config spelling; rope_scaling None for plain RoPE."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict):  # transformers >= 5: one dict with theta and scaling together
@@ -36,52 +36,68 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = raw.get("rope_theta", 10000.0)
-        scaling = dict(raw.get("rope_scaling") or {})
+        scaling = raw.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise ValueError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
+        scaling = dict(scaling)
     if "type" in scaling and "rope_type" not in scaling:  # transformers < 4.45 spelled it "type"
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
-        return float(theta), None
-    return float(theta), scaling
+        return theta, None
+    return theta, scaling
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """ModelConfig from the dict in an HF config.json."""
+    """ModelConfig from the dict in an HF config.json; ValueError naming the file and the field if it is bad."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object of model settings, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{source}: unsupported model_type {model_type!r}; minillm loads {', '.join(HF_MODEL_TYPES)}")
     if raw.get("mlp_bias") or (model_type != "qwen2" and raw.get("attention_bias")):
         raise ValueError(f"{source}: Llama with mlp_bias/attention_bias=true (biases on o_proj or the MLP) "
                          f"is not supported")
-    theta, scaling = _rope(raw)
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ValueError(f"{source}: missing {', '.join(missing)} (an HF {model_type} config.json has them all)")
+    theta, scaling = _rope(raw, source)
     max_pos = raw.get("max_position_embeddings", 4096)
     window = raw.get("sliding_window")
     use_window = raw.get("use_sliding_window", model_type == "mistral")
-    if use_window and window is not None and window < max_pos:
+    if use_window and _is_int(window) and _is_int(max_pos) and 0 < window < max_pos:
         # Sliding-window attention equals full attention while the sequence fits in the window; we
         # implement only full attention, so we cap the context there instead of silently diverging.
-        max_pos = int(window)
+        max_pos = window
     heads = raw["num_attention_heads"]
     quantization, quant_config = _quantization(raw, source)
-    return ModelConfig(
-        architecture=model_type,
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim"),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2",
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
-        quantization=quantization,
-        quantization_config=quant_config,
-    )
+    try:  # ModelConfig checks every type and range; the message gains the file's name here
+        return ModelConfig(
+            architecture=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim"),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=raw.get("tie_word_embeddings") or False,
+            attention_bias=model_type == "qwen2",
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            quantization=quantization,
+            quantization_config=quant_config,
+        )
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{source}: {err}") from None
 
 
 def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[str, Any] | None]:

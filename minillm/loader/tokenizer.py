@@ -65,6 +65,18 @@ PRE_TOKENIZERS = {
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 
 
+def _string_list(meta: dict[str, Any], key: str, path: str) -> list[str]:
+    """A GGUF metadata array of strings ([] when absent); GGUFError when it holds anything else."""
+    value = meta.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GGUFError(f"{path}: {key} must be an array of strings, got {str(value)[:80]}")
+    return value
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Tokenizer:
     """Text <-> ids, special-token ids, and the chat template, behind one small interface."""
 
@@ -87,15 +99,26 @@ class Tokenizer:
             raise GGUFError(f"{gguf.path}: tokenizer.ggml.model={kind!r} is not supported; minillm builds "
                             f"byte-level BPE ('gpt2') tokenizers from GGUF (use Tokenizer.from_hf_dir otherwise)")
         pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
+        if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
             raise GGUFError(f"{gguf.path}: unknown tokenizer.ggml.pre {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
-        tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        tokens: list[str] = _string_list(meta, "tokenizer.ggml.tokens", gguf.path)
+        if not tokens:
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens is missing or empty")
+        merges = [tuple(m.split(" ", 1)) for m in _string_list(meta, "tokenizer.ggml.merges", gguf.path)]
+        if any(len(m) != 2 for m in merges):
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.merges holds an entry without a space: "
+                            f"{next(m for m in merges if len(m) != 2)[0]!r}")
         vocab = {token: i for i, token in enumerate(tokens)}
-        backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        try:  # the Rust library raises a bare Exception for merges that name unknown tokens
+            backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        except Exception as err:  # noqa: BLE001 - re-raised as the file's error
+            raise GGUFError(f"{gguf.path}: the tokenizer's vocabulary and merges do not fit together: {err}") from None
         backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
         backend.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not isinstance(types, list) or len(types) != len(tokens):
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.token_type must list one type per token "
+                            f"({len(tokens)}), got {str(types)[:80]}")
         # Control tokens are matched whole and dropped by decode(skip_special_tokens=True); user-defined
         # ones (e.g. <think>) are matched whole but are ordinary text.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -104,13 +127,16 @@ class Tokenizer:
                             for t, k in zip(tokens, types) if k == USER_DEFINED])
         ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding", "unknown")}
         for key, token_id in ids.items():
-            if token_id is not None and not 0 <= token_id < len(tokens):
+            if token_id is not None and (not _is_index(token_id) or not 0 <= token_id < len(tokens)):
                 raise GGUFError(f"{gguf.path}: tokenizer.ggml.{key}_token_id={token_id} is outside the vocabulary "
                                 f"[0, {len(tokens)})")
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise GGUFError(f"{gguf.path}: tokenizer.chat_template must be a string, got {type(template).__name__}")
         cls._set_post_processor(backend, tokens, ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") else None,
                                 ids["eos"] if meta.get("tokenizer.ggml.add_eos_token") else None)
         return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["padding"],
-                   unk_token_id=ids["unknown"], chat_template=meta.get("tokenizer.chat_template"), source=gguf.path)
+                   unk_token_id=ids["unknown"], chat_template=template, source=gguf.path)
 
     @staticmethod
     def _set_post_processor(backend: _Backend, tokens: list[str], bos: int | None, eos: int | None) -> None:
