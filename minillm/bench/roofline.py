@@ -65,6 +65,10 @@ class MachinePeak:
 # Measured on the project's H100 80GB HBM3 (triton.testing.do_bench medians; see shared/GPU.md).
 H100_BF16 = MachinePeak("H100 bf16 GEMM", 722e12, 3.0e12)
 H100_FP8 = MachinePeak("H100 fp8 GEMM", 1254e12, 3.0e12)
+# Measured on the project's H200 (shared/GPU.md, 2026-12-02): cuBLAS bf16 GEMM 672-722 TFLOP/s (we take 700), fp8
+# 1285 TFLOP/s, copy 4.24 TB/s. The datasheet's dense bf16 peak (989 TFLOP/s, H100 and H200 alike) is not reached.
+H200_BF16 = MachinePeak("H200 bf16 GEMM", 700e12, 4.24e12)
+H200_FP8 = MachinePeak("H200 fp8 GEMM", 1285e12, 4.24e12)
 
 
 def _sync(device: torch.device) -> None:
@@ -152,8 +156,8 @@ def plot_roofline(peaks: Sequence[MachinePeak], points: Sequence[tuple[str, floa
     lo = min([0.1] + [i for _, i in points] + [i for _, i, _ in measured])
     hi = max([1e4] + [p.ridge_point * 4 for p in peaks] + [i for _, i in points])
     xs = np.logspace(np.log10(lo / 2), np.log10(hi * 2), 200)
-    for p in peaks:
-        ax.plot(xs, [p.attainable(x) for x in xs], lw=2,
+    for idx, p in enumerate(peaks):  # a line style each: roofs of one machine share their memory slope
+        ax.plot(xs, [p.attainable(x) for x in xs], lw=2, ls=("-", "--", "-.")[idx % 3],
                 label=f"{p.name}: {_si(p.flops)}FLOP/s, {_si(p.bandwidth)}B/s, ridge {p.ridge_point:.3g} FLOPs/B")
         ax.axvline(p.ridge_point, color=ax.lines[-1].get_color(), ls=":", lw=1)
     for label, i in points:

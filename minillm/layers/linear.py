@@ -1,4 +1,4 @@
-"""Linear layers that know how to load (and later shard and quantize) their weights, chapters 1, 8, 10.
+"""Linear layers that load (chapter 1), quantize (chapters 7-8) and later shard (tensor parallelism) their weights.
 
 A Llama block has seven projections, but the engine runs three matmuls for the first six: q, k and v are
 packed into one `qkv_proj` and gate and up into one `gate_up_proj` (one launch, one read of the input,

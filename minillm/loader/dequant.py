@@ -1,4 +1,4 @@
-"""Dequantizers for GGML tensor types: bytes of a GGUF tensor -> float32 (chapter 1; chapter 9 revisits the grids).
+"""Dequantizers for GGML tensor types: GGUF tensor bytes -> float32 (chapter 1; quantization, chapters 7-8, revisits them).
 
 A GGUF file stores a weight either as plain floats (F32, F16, BF16) or as *blocks*: 32 consecutive
 weights along a row share one fp16 scale `d` (and, for Q4_1, one fp16 minimum `m`), and each weight
