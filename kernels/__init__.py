@@ -6,6 +6,14 @@
                         merge_attention_states                log-sum-exp merge of partial attentions (chapter 5)
     fused.py            rms_norm, rotary_embedding_,           memory-bound fused ops: residual + RMSNorm, RoPE in
                         silu_and_mul, store_kvcache           place, SwiGLU gate, KV-cache scatter (chapters 1, 2, 4)
+    int4_gemm.py        int4_gemm, repack_int4,                INT4 weight-only GEMM (GPTQ layout, unpacked in
+                        dequantize_int4                       registers, split-K for decode) (chapter 10)
+    scaled_mm.py        scaled_mm                              W8A8 GEMM: 8-bit operands, per-token x per-channel
+                                                              scales in the epilogue (chapter 10)
+    fp8_gemm.py         per_token_quant_fp8, fp8_gemm,         FP8 e4m3 activations quantized per token, the
+                        fp8_linear, quantize_weight_fp8       FP8 GEMM, offline weight quantization (chapter 10)
+    int8_gemm.py        per_token_quant_int8, int8_gemm,       the same for INT8 (int32 accumulation) (chapter 10)
+                        int8_linear, quantize_weight_int8
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

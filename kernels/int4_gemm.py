@@ -49,7 +49,7 @@ __all__ = ["int4_gemm", "repack_int4", "Int4Weight", "dequantize_int4", "pack_in
 @triton.jit
 def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
                       stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_K // 8  # packed words per column per K tile
     SCALE_AFTER: tl.constexpr = GROUP_SIZE % BLOCK_K == 0  # a K tile never straddles two groups
@@ -111,6 +111,8 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
             if USE_DOT:
                 xi = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :],
                              mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+                if UPCAST:  # the interpreter mis-multiplies bf16 dot operands: fp32 there
+                    xi = xi.to(tl.float32)
                 part = tl.dot(xi, q.to(xi.dtype), part, input_precision=DOT_PRECISION)
             else:
                 xi = tl.load(X + pid_m.to(tl.int64) * stride_xm + x_cols, mask=j_ok, other=0.0).to(tl.float32)
@@ -306,7 +308,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     args = (x2, qweight, scales, qzeros, bias if bias is not None else scales, y, ws, cnt, m, n, k,
             x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket)
     consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not qweight, HAS_BIAS=bias is not None,
-                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 or triton_interpreted() else "tf32",
+                  UPCAST=triton_interpreted() and x.dtype == torch.bfloat16)
     if config is None and split_k is None and not triton_interpreted():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _autotuned_kernel()[grid](*args, **consts)

@@ -50,6 +50,17 @@ def test_int4_gemm_matches_dequantized_matmul(m, n, k, group, symmetric, split_k
     _close(y, x @ qw.dequantize().t(), FP32_RTOL)
 
 
+def test_int4_gemm_bf16_activations():
+    """bf16 x and scales (the GPU's dtype): under the interpreter the kernel upcasts the dot operands."""
+    torch.manual_seed(4)
+    qw = quantize(torch.randn(64, 128), bits=4, group_size=64, symmetric=False)
+    packed = repack_int4(qw, torch.bfloat16)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    y = int4_gemm(x, *packed.args())
+    assert y.dtype == torch.bfloat16
+    _close(y, x.float() @ dequantize_int4(*packed.args()).t(), 0.01)  # bf16 output: 2^-8 relative rounding
+
+
 def test_int4_layout_is_gptq_and_rtn_packing():
     """qweight is rtn.pack_int4 along K, transposed ([K / 8, N]); the reference dequantizes back exactly."""
     torch.manual_seed(1)
