@@ -163,3 +163,27 @@ def test_unquantized_int8_layer_refuses_to_run():
     layer = Linear(8, 4, quant_method=Int8RTNLinearMethod())
     with pytest.raises(RuntimeError, match="not been quantized yet"):
         layer(torch.zeros(1, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_on_gpu_in_bf16_with_cuda_graphs():
+    """On a GPU: the quantize-after-load path on CUDA, bf16 activations, and decode through CUDA graphs."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    state = _checkpoint(CONFIG)
+    int8_config = apply_quantization_override(CONFIG, "int8_rtn")
+    dense = build_model(CONFIG, state.items(), device, dtype)
+    quantized = build_model(int8_config, state.items(), device, dtype)
+    layer = quantized.model.layers[0].mlp.down_proj
+    assert layer.qweight.is_cuda and layer.qweight.dtype == torch.int8 and layer.weight_scale.dtype == dtype
+
+    def generate(model, config, eager: bool) -> list[list[int]]:
+        engine = LLMEngine(model, ByteTokenizer(), config,
+                           EngineConfig(max_model_len=64, max_num_seqs=4, enforce_eager=eager),
+                           device=device, dtype=dtype)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(["Hello", [5, 9, 200]], params)]
+
+    graphs, eager = generate(quantized, int8_config, False), generate(quantized, int8_config, True)
+    assert graphs == eager  # the same kernels replayed
+    assert [t[:2] for t in graphs] == [t[:2] for t in generate(dense, CONFIG, True)]
