@@ -117,11 +117,23 @@ def bench_int4(roof: dict) -> list[dict]:
     return rows
 
 
+def _time_backend(scaled_mm, operands: tuple, backend: str, ref) -> float:
+    """us of scaled_mm pinned to one loader (checked first); NaN with a note if that loader fails here."""
+    fn = lambda: scaled_mm(*operands, backend=backend)  # noqa: E731
+    try:
+        _check(f"scaled_mm[{backend}]", fn(), ref, 0.01)
+        return 1e3 * _time_ms(fn)
+    except Exception as exc:  # noqa: BLE001  (report, keep benchmarking the other loader)
+        print(f"scaled_mm backend={backend} failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return math.nan
+
+
 def bench_w8a8(roof: dict) -> list[dict]:
     import torch
 
     from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8, quantize_weight_fp8
     from minillm.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_weight_int8
+    from minillm.kernels.scaled_mm import scaled_mm, tma_supported
 
     rows = []
     shapes = [(8192, 8192, 8192)] + [(m, 14336, 4096) for m in (1, 16, 64, 256)]
@@ -137,6 +149,9 @@ def bench_w8a8(roof: dict) -> list[dict]:
         ours = lambda: fp8_gemm(xq, wq, xs, ws)  # noqa: E731
         _check(f"fp8 {m}x{n}x{k}", ours(), ref, 0.01)
         row["fp8_us"] = 1e3 * _time_ms(ours)
+        row["default_backend"] = "tma" if tma_supported(xq, wq) else "pointer"
+        for backend in ("tma", "pointer"):
+            row[f"fp8_{backend}_us"] = _time_backend(scaled_mm, (xq, wq, xs, ws), backend, ref)
         mp = max(16, -(-m // 16) * 16)  # _scaled_mm's row-wise scaling wants M a multiple of 16
         xqp, xsp = torch.zeros(mp, k, device="cuda").to(torch.float8_e4m3fn), torch.ones(mp, 1, device="cuda")
         xqp[:m], xsp[:m] = xq, xs
@@ -151,6 +166,8 @@ def bench_w8a8(roof: dict) -> list[dict]:
         ours8 = lambda: int8_gemm(xq8, wq8, xs8, ws8)  # noqa: E731
         _check(f"int8 {m}x{n}x{k}", ours8(), ref8, 0.01)
         row["int8_us"] = 1e3 * _time_ms(ours8)
+        for backend in ("tma", "pointer"):
+            row[f"int8_{backend}_us"] = _time_backend(scaled_mm, (xq8, wq8, xs8, ws8), backend, ref8)
         mp8 = max(32, -(-m // 8) * 8)  # _int_mm needs M > 16 and a multiple of 8
         xq8p = torch.zeros(mp8, k, device="cuda", dtype=torch.int8)
         xq8p[:m] = xq8
@@ -197,12 +214,15 @@ def main() -> None:
         print(f"{r['M']:>4} {r['int4_us']:>8.1f} {r['int4_graph_us']:>8.1f} {r['bf16_us']:>8.1f} {r['int4pack_us']:>9.1f} "
               f"{r['speedup_vs_bf16']:>7.2f} {r['speedup_vs_bf16_graph']:>9.2f} {r['int4_bw_fraction']:>8.2f}")
     print("\nW8A8 (us, TFLOP/s)")
-    print(f"{'M x N x K':>18} {'fp8':>8} {'_scaled_mm':>10} {'ratio':>6} {'TF/s':>6} {'int8':>8} {'_int_mm':>8} {'ratio':>6} {'TOP/s':>6}")
+    print(f"{'M x N x K':>18} {'fp8':>8} {'tma':>7} {'ptr':>7} {'_scaled_mm':>10} {'ratio':>6} {'TF/s':>6} "
+          f"{'int8':>8} {'tma':>7} {'ptr':>7} {'_int_mm':>8} {'ratio':>6} {'TOP/s':>6}")
     for r in w8_rows:
         shape = f"{r['M']}x{r['N']}x{r['K']}"
-        print(f"{shape:>18} {r['fp8_us']:>8.1f} {r['scaled_mm_us']:>10.1f} {r['fp8_vs_scaled_mm']:>6.2f} "
-              f"{r['fp8_tflops']:>6.0f} {r['int8_us']:>8.1f} {r['int_mm_alone_us']:>8.1f} {r['int8_vs_int_mm']:>6.2f} "
-              f"{r['int8_tflops']:>6.0f}")
+        print(f"{shape:>18} {r['fp8_us']:>8.1f} {r['fp8_tma_us']:>7.1f} {r['fp8_pointer_us']:>7.1f} "
+              f"{r['scaled_mm_us']:>10.1f} {r['fp8_vs_scaled_mm']:>6.2f} {r['fp8_tflops']:>6.0f} {r['int8_us']:>8.1f} "
+              f"{r['int8_tma_us']:>7.1f} {r['int8_pointer_us']:>7.1f} {r['int_mm_alone_us']:>8.1f} "
+              f"{r['int8_vs_int_mm']:>6.2f} {r['int8_tflops']:>6.0f}")
+    print(f"(fp8 / int8 = the default loader per row: {sorted({r['default_backend'] for r in w8_rows})})")
     print(f"\nwrote {args.out}")
 
 

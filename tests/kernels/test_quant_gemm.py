@@ -120,6 +120,9 @@ def test_int8_quant_and_gemm_exact(m, n, k):
     # the integer accumulation, scales of 1: exactly torch's int32 matmul (|sums| < 2^24: exact in fp32 too)
     acc = int8_gemm(x_q, w_q, torch.ones(1), torch.ones(1), out_dtype=torch.float32)
     assert torch.equal(acc, (x_q.int() @ w_q.int().t()).float())
+    if m == 17:  # the tensor-descriptor (TMA) kernel: same result, edges zero-filled instead of masked
+        tma = scaled_mm(x_q, w_q, torch.ones(1), torch.ones(1), out_dtype=torch.float32, backend="tma")
+        assert torch.equal(tma, acc)
     y = int8_gemm(x_q, w_q, x_s, w_s, out_dtype=torch.float32)
     _close(y, (x_q.int() @ w_q.int().t()).float() * x_s * w_s, FP32_RTOL)
     _close(int8_linear(x, w_q, w_s), x @ w.t(), 0.03)  # two 8-bit roundings: ~1% of the output's range
@@ -151,6 +154,7 @@ def test_fp8_gemm_scales_and_indexing(m, n, k, per_channel):
     w_q, w_s = quantize_weight_fp8(w, per_channel=per_channel)
     ref = (x_q.float() @ w_q.float().t()) * x_s * w_s + bias  # e4m3 products are exact in fp32
     _close(fp8_gemm(x_q, w_q, x_s, w_s, bias, out_dtype=torch.float32), ref, FP32_RTOL)
+    _close(scaled_mm(x_q, w_q, x_s, w_s, bias, out_dtype=torch.float32, backend="tma"), ref, FP32_RTOL)
     # the same kernel body on fp32 operands holding the e4m3 values: the fallback where fp8 is unavailable
     _close(scaled_mm(x_q.float(), w_q.float(), x_s, w_s, bias, out_dtype=torch.float32), ref, FP32_RTOL)
 
@@ -166,6 +170,8 @@ def test_w8a8_rejects_bad_operands():
         fp8_gemm(x_q, w_q, x_s, w_s)
     with pytest.raises(TypeError, match="x must be"):
         per_token_quant_fp8(x_q)
+    with pytest.raises(ValueError, match="backend"):
+        scaled_mm(x_q, w_q, x_s, w_s, backend="cutlass")
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -196,6 +202,8 @@ def test_fp8_gemm_gpu_matches_scaled_mm(m):
     y = fp8_gemm(x_q, w_q, x_s, w_s)
     ref = (x_q.float() @ w_q.float().t()) * x_s * w_s
     _close(y, ref, 0.01)
+    for backend in ("tma", "pointer"):
+        _close(scaled_mm(x_q, w_q, x_s, w_s, backend=backend), ref, 0.01)
     if m >= 16:  # torch._scaled_mm's row-wise scaling wants M a multiple of 16
         theirs = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s.view(1, -1), out_dtype=torch.bfloat16)
         _close(y, theirs, 0.01)
@@ -209,8 +217,11 @@ def test_int8_gemm_gpu_matches_int_mm(m):
     n, k = 4096, 4096
     x_q, x_s = per_token_quant_int8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
     w_q, w_s = quantize_weight_int8(torch.randn(n, k, device="cuda"))
-    acc = int8_gemm(x_q, w_q, torch.ones(1, device="cuda"), torch.ones(1, device="cuda"), out_dtype=torch.float32)
+    one = torch.ones(1, device="cuda")
+    acc = int8_gemm(x_q, w_q, one, one, out_dtype=torch.float32)
     exact = (x_q.double() @ w_q.double().t()).long() if m <= 16 else torch._int_mm(x_q, w_q.t()).long()
     assert exact.abs().max() < 2 ** 24  # so that the fp32 output holds the int32 sum exactly
     assert torch.equal(acc.long(), exact)
+    for backend in ("tma", "pointer"):
+        assert torch.equal(scaled_mm(x_q, w_q, one, one, out_dtype=torch.float32, backend=backend).long(), exact)
     _close(int8_gemm(x_q, w_q, x_s, w_s), exact.float() * x_s * w_s, 0.01)
