@@ -110,7 +110,8 @@ def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: 
                 raise Refused(f"reading {real} is refused while grading (another process's memory)")
             if real.endswith(("/mem", "/kcore")) or real in ("/dev/mem", "/dev/kmem"):
                 raise Refused(f"opening {real} is refused while grading")
-            if _inside(real, denied) and not _inside(real, allowed):
+            if any(_inside(real, (d,)) and not any(_inside(a, (d,)) and _inside(real, (a,)) for a in allowed)
+                   for d in denied):  # an allowed folder opens a denied one only where it lies inside it
                 raise Refused(f"opening {path} is refused while grading: the course's files are out of reach")
             if writing and not (_inside(real, (scratch,)) or real == "/dev/null"):
                 raise Refused(f"writing {path} is refused while grading (only the scratch folder is writable)")

@@ -220,3 +220,37 @@ def test_sandbox_grades_real_kernels_on_a_gpu():
     result = grade_exercise(get("ch05.slot_mapping"), _submission(Path(__import__("tempfile").mkdtemp()) / "s",
                                                                   "ch05.slot_mapping", code), ROOT, timeout=120)
     assert result.earned == 0 and re.search(reason, result.message), result.message
+
+
+def test_a_reply_can_carry_plain_data_only():
+    """The grading side decodes the worker's replies without ever naming a class: a forged pickle that would
+    run os.system (or build any object of the learner's) is refused."""
+    import io
+    import os
+    import pickle
+
+    import torch
+
+    from minillm.course.sandbox import TENSOR_TAG, _PlainUnpickler, decode
+    with pytest.raises(pickle.UnpicklingError, match="only plain data"):
+        _PlainUnpickler(io.BytesIO(pickle.dumps({"result": os.system}))).load()
+    t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    back = decode(_PlainUnpickler(io.BytesIO(pickle.dumps((TENSOR_TAG, "bfloat16", (2, 3), raw, "cpu")))).load())
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+
+
+def test_in_place_writes_come_back_with_the_whole_storage():
+    """A kernel that writes past the edge of the view it was given must be seen to, as in one process."""
+    import torch
+
+    from minillm.course.sandbox import STORAGE_TAG, write_back
+    buf = torch.zeros(4, 4)
+    view = buf[:2, :2]
+    written = buf.clone()
+    written[3, 3] = 7.0  # outside the view
+    write_back(view, (STORAGE_TAG, written.reshape(-1).view(torch.uint8).numpy().tobytes()))
+    assert buf[3, 3] == 7.0
+    counts = [1, 2]
+    write_back(counts, [0, 1])
+    assert counts == [0, 1]
