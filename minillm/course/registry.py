@@ -223,6 +223,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch01.batch1_decode_tokens_per_s", function="batch1_decode_tokens_per_s",
         source="minillm/bench/interview.py", points=5,
+        nudge="At batch 1 a decode step is limited by memory: how many bytes must it read, and how fast can they come?",
         hint="One decode step reads every weight once: tokens/s <= bandwidth / (num_params * bytes_per_param).",
         signature="batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwidth: float) -> float",
         called_from="chapter 1 (interview question); not called by the engine",
@@ -230,12 +231,14 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch01.critical_batch_size", function="critical_batch_size", source="minillm/bench/interview.py",
         points=5,
+        nudge="Write decode's arithmetic intensity as a function of the batch, and find where it meets the ridge point.",
         hint="Decode intensity is 2B / bytes_per_param FLOPs/byte; set it equal to the ridge peak/bandwidth; ceil.",
         signature="critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> int",
         called_from="chapter 1 (interview question); not called by the engine",
     ),
     Exercise(
         id="ch02.kv_cache_bytes", function="kv_cache_bytes", source="minillm/bench/interview.py", points=5,
+        nudge="Count what one token leaves behind in every layer: which vectors, how many heads, how many numbers each.",
         hint="2 (K and V) x layers x KV heads (not query heads) x head_dim x bytes x tokens.",
         signature="kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float, "
                   "num_tokens: int) -> float",
@@ -244,6 +247,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch03.attention_hbm_bytes", function="attention_hbm_bytes", source="minillm/bench/interview.py",
         points=5,
+        nudge="List what each kernel reads and writes from memory; for the tiled version, ask how often K and V are read.",
         hint="Naive: 4nd + 4n^2 elements (S written, read, P written, read); flash: 2nd + ceil(n/block_m) * 2nd.",
         signature="attention_hbm_bytes(seq_len: int, head_dim: int, bytes_per_element: float, block_m: int, "
                   "flash: bool) -> float",
@@ -251,6 +255,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.outer_add_kernel", function="outer_add_kernel", source="kernels/puzzles.py", points=5,
+        nudge="Each program owns one tile: build its row and column offsets from its two program ids, then mask the edges.",
         hint="rows = pid0 * BLOCK_M + arange; cols likewise; load x[rows], y[cols] masked; store x[:, None] + "
              "y[None, :] with a 2-D mask.",
         signature="outer_add_kernel(X, Y, OUT, n_rows, n_cols, stride_om, stride_on, BLOCK_M, BLOCK_N)",
@@ -258,12 +263,14 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.softmax_kernel", function="softmax_kernel", source="kernels/puzzles.py", points=5,
+        nudge="One program holds a whole row: think about what value a padded lane must have so it never matters.",
         hint="Load the row with other=-inf (not 0), subtract tl.max, tl.exp, divide by tl.sum, store masked.",
         signature="softmax_kernel(X, OUT, stride_x, stride_o, n_cols, BLOCK)",
         called_from="chapter 3 (Triton puzzle 2); graded through the softmax launcher in the chapter module",
     ),
     Exercise(
         id="ch03.matmul_kernel", function="matmul_kernel", source="kernels/puzzles.py", points=10,
+        nudge="One program per C tile, looping over K one block at a time; the last block may stick out past K.",
         hint="acc = zeros; for k0 in range(0, K, BLOCK_K): masked loads (rows & k < K, k < K & cols), other=0.0; "
              "acc = tl.dot(a, b, acc).",
         signature="matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, "
@@ -273,6 +280,7 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch04.decode_step_floor_s", function="decode_step_floor_s", source="minillm/bench/interview.py",
         points=5,
+        nudge="What does one decode step read from memory: which bytes are shared by the batch, which belong to a sequence?",
         hint="(weight_bytes + kv_bytes_per_token * sum(context_lens)) / bandwidth: weights once, KV per sequence.",
         signature="decode_step_floor_s(weight_bytes: float, kv_bytes_per_token: float, context_lens: list[int], "
                   "bandwidth: float) -> float",
@@ -281,12 +289,14 @@ _EXERCISES: list[Exercise] = [
     Exercise(
         id="ch05.num_kv_blocks_needed", function="num_kv_blocks_needed", source="minillm/bench/interview.py",
         points=5,
+        nudge="Count each sequence's blocks, then ask which of them hold exactly the same keys and values for everyone.",
         hint="sum(ceil(n / bs)) over sequences, minus (len - 1) x the prefix's FULL blocks (shared_prefix_len // bs).",
         signature="num_kv_blocks_needed(seq_lens: list[int], block_size: int, shared_prefix_len: int = 0) -> int",
         called_from="chapter 5 (interview question); not called by the engine",
     ),
     Exercise(
         id="ch06.batching_steps", function="batching_steps", source="minillm/bench/interview.py", points=5,
+        nudge="Simulate it: when does a slot free up, and when may a waiting request take it, in each policy?",
         hint="Static: sum of each batch's max; continuous: each newcomer takes the earliest-freed slot; answer: "
              "the last finish.",
         signature="batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> int",
