@@ -276,7 +276,10 @@ def replay_equals_eager(graphs: DecodeCUDAGraphs, model, config, caches, seq_len
         with forward_context(meta):
             eager = model(input_ids, positions)
         if torch_reference:  # the paged decode kernel with q_len > 1 computes what the torch path computes
-            torch.testing.assert_close(eager, reference, rtol=1e-4, atol=1e-4)
+            # on a GPU tl.dot takes fp32 operands as TF32 (10-bit mantissa): measured max |diff| 2.8e-3 on the
+            # H200 for O(1) hidden states; the CPU interpreter computes in true fp32
+            tol = 1e-2 if torch.device(device).type == "cuda" else 1e-4
+            torch.testing.assert_close(eager, reference, rtol=tol, atol=tol)
         after_eager = [(k.clone(), v.clone()) for k, v in caches]
         restore()  # the same step again, through the graph
         assert graphs.can_run(meta)
