@@ -133,6 +133,11 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
+    # Speculative decoding (chapter 8): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
+    # spelling speculative_model= ("[ngram]", a method name or a draft path) + num_speculative_tokens=
+    speculative_config: dict[str, Any] | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,3 +168,5 @@ class EngineConfig:
         if not isinstance(self.gpu_memory_utilization, (int, float)) or \
                 not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
+        SpeculativeConfig.from_engine_config(self)

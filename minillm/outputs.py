@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
+    from minillm.speculative.metrics import SpecDecodeMetrics
 
 
 @dataclass
@@ -24,6 +25,9 @@ class RequestMetrics:
     finish_time: float | None = None
     num_output_tokens: int = 0
     num_preemptions: int = 0
+    # speculative decoding (chapter 8): acceptance rate, mean acceptance length, acceptance by position;
+    # None when the engine does not speculate
+    spec_decode: "SpecDecodeMetrics | None" = None
 
     @property
     def ttft(self) -> float | None:
@@ -95,5 +99,8 @@ class RequestOutput:
             num_output_tokens=seq.num_output_tokens,
             num_preemptions=seq.num_preemptions,
         )
+        spec = getattr(seq, "spec_metrics", None)  # set by minillm.speculative.engine_hooks
+        if spec is not None:
+            metrics.spec_decode = spec.copy()
         return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
                    outputs=[completion], finished=seq.is_finished, metrics=metrics)

@@ -67,10 +67,9 @@ class LLMEngine:
     """The engine loop around one executor. Give it either a built `model` (it is wrapped in an in-process
     worker) or an `executor` whose workers build their own (model=None): e.g. a MultiProcExecutor."""
 
-    # The verify step of speculative decoding (chapter 8): a sequence whose `spec_token_ids` were set before a
-    # step is scheduled with its drafts, the runner samples at each of their rows, and this hook turns
-    # (batch, sampled tokens per sequence) into the accepted tokens per sequence (drafts[:a] + [one token]),
-    # which `scheduler.postprocess` applies. None: drafts are an error.
+    # The verify step of speculative decoding (chapter 8) is `self.speculative` (minillm.speculative.engine_hooks),
+    # built from EngineConfig.speculative_config. Tests that set drafts by hand may instead set this hook:
+    # (batch, sampled tokens per sequence) -> the accepted tokens per sequence (drafts[:a] + [one token]).
     verify_drafts: Callable[[ScheduledBatch, list[list[int]]], list[list[int]]] | None = None
 
     def __init__(self, model: torch.nn.Module | None, tokenizer: Any, model_config: ModelConfig,
@@ -100,6 +99,8 @@ class LLMEngine:
                                               kv_bytes_per_block(model_config, kv_block_size(config), dtype))
         executor.initialize_cache(self.cache_config)
         self.scheduler = make_scheduler(config, self.cache_config)
+        from minillm.speculative.engine_hooks import build_speculative_decoder  # chapter 8; None: no speculation
+        self.speculative = build_speculative_decoder(self, seed)
         eos = set(model_config.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         eos.update(tok_eos if isinstance(tok_eos, (list, tuple, set)) else [tok_eos] if tok_eos is not None else [])
@@ -198,6 +199,8 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
+            self.speculative.propose(self.scheduler)
         batch = self.scheduler.schedule()
         # requests the scheduler finished itself ("error": they can never fit); their blocks are already free
         outputs = [self._drop_rejected(seq) for seq in self._drain_rejected()]
@@ -211,14 +214,16 @@ class LLMEngine:
         try:
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
             self._finished_since_last_step = []
-            tokens = self.executor.execute_model(step_input).sampled_token_ids
+            step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
+            step_output = self.executor.execute_model(step_input)
+            tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
         try:
             if any(seq.spec_token_ids for seq in batch.seqs):
-                tokens = self._verify_drafts(batch, tokens)
+                tokens = self._verify_drafts(batch, step_output)
             self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts
         except Exception as err:  # a bad verification result fails these requests, not the engine
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
@@ -232,15 +237,19 @@ class LLMEngine:
                     seq.truncate_output(position + 1)
                     break
             outputs.append(self._finish(seq, reason) if reason is not None else self._output(seq))
+        if self.speculative is not None:  # proposer state of finished / preempted requests
+            self.speculative.release(self.scheduler)
         return outputs
 
-    def _verify_drafts(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[list[int]]:
-        """Turn the runner's samples at every draft row into the accepted tokens L per sequence (the verify
-        step of speculative decoding), through the `verify_drafts` hook: (batch, sampled) -> L per sequence."""
-        if self.verify_drafts is None:
-            raise ValueError("sequences carry draft tokens (spec_token_ids) but LLMEngine.verify_drafts is None: "
-                             "set an acceptance rule (speculative decoding) or do not propose drafts")
-        return self.verify_drafts(batch, sampled)
+    def _verify_drafts(self, batch: ScheduledBatch, step_output: Any) -> list[list[int]]:
+        """Turn the runner's samples (and logits) at every draft row into the accepted tokens L per sequence (the
+        verify step of speculative decoding): the `verify_drafts` hook when set, else the speculative decoder."""
+        if self.verify_drafts is not None:
+            return self.verify_drafts(batch, step_output.sampled_token_ids)
+        if self.speculative is None:
+            raise ValueError("sequences carry draft tokens (spec_token_ids) but the engine has no speculative_config "
+                             "and LLMEngine.verify_drafts is None: set one or do not propose drafts")
+        return self.speculative.verify(batch, step_output)
 
     def _check_stop(self, seq: Sequence, position: int) -> str | None:
         """Update the sequence's text for its token at `position` (the tokens before it were checked already);

@@ -102,8 +102,10 @@ class ModelRunner:
                              f"enforce_eager=True")
         from minillm.engine.cuda_graph import DecodeCUDAGraphs
         max_model_len = engine_config.max_model_len or self.model_config.max_position_embeddings
+        from minillm.speculative.config import verify_query_lens  # (1,) or (1, 1 + k) with speculative decoding
         graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
-                                  self.block_size, self.model_config.hidden_size, self.dtype, self.device)
+                                  self.block_size, self.model_config.hidden_size, self.dtype, self.device,
+                                  query_lens=verify_query_lens(engine_config))
         with torch.inference_mode():
             graphs.capture()
         self.cuda_graphs = graphs

@@ -1,0 +1,127 @@
+"""SpeculativeConfig: which proposer drafts tokens, and how many per step (chapter on speculative decoding).
+
+The user-facing shape is vLLM's, a plain dict on the engine options:
+
+    LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                            "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    LLM(speculative_config={"method": "self_speculative", "num_speculative_tokens": 3, "draft_num_layers": 4})
+    LLM(speculative_config={"method": "draft_model", "model": "/path/to/small.gguf", "num_speculative_tokens": 4})
+    LLM(speculative_model="[ngram]", num_speculative_tokens=4)       # vLLM's older spelling, translated here
+
+`SpeculativeConfig.from_engine_config` reads both spellings from an EngineConfig, once, and validates every field
+with a message that names the bad value and the allowed range. Methods are registered in METHODS; those that need
+trained heads (Medusa, EAGLE, MTP) are listed as known but unavailable until their proposers are added, so the
+error says "not available yet" rather than "unknown".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# method -> what it needs. Another proposer plugs in by adding its name here and a builder in engine_hooks.
+METHODS: dict[str, str] = {
+    "ngram": "prompt-lookup n-grams (Saxena 2023): no model, no training",
+    "lookahead": "Jacobi window + n-gram pool fed by the target's own outputs (Fu et al. 2024)",
+    "self_speculative": "the target's first draft_num_layers layers + final norm + LM head, weights shared",
+    "draft_model": "a separate model with the same tokenizer, with its own paged KV cache",
+}
+# known methods whose proposers need trained heads: a clear error until they exist
+NOT_AVAILABLE: dict[str, str] = {
+    "medusa": "Medusa heads (Cai et al. 2024) need training (minillm.speculative.train_heads)",
+    "eagle": "EAGLE's feature-level draft head (Li et al. 2024) needs training",
+    "mtp": "multi-token-prediction heads need a checkpoint that ships them, or training",
+}
+_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # draft_model: a GGUF file or HF directory; None = a copy of the target's first layers
+    prompt_lookup_max: int = 3  # ngram: longest suffix pattern tried
+    prompt_lookup_min: int = 1  # ngram: shortest suffix pattern tried
+    disable_by_batch_size: int | None = None  # no drafts while more sequences than this are running
+    draft_num_layers: int = 4  # self_speculative / draft_model without `model`: layers of the target kept
+    lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
+
+    def __post_init__(self) -> None:
+        if self.method in NOT_AVAILABLE:
+            raise ValueError(f"speculative method {self.method!r} is not available yet: {NOT_AVAILABLE[self.method]}; "
+                             f"available now: {', '.join(METHODS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r}; allowed: "
+                             f"{', '.join(list(METHODS) + list(NOT_AVAILABLE))}")
+        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
+                          ("draft_num_layers", 1), ("lookahead_ngram", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"speculative_config {name} must be an integer >= {low}, got {value!r}")
+        if self.num_speculative_tokens > 16:
+            raise ValueError(f"speculative_config num_speculative_tokens must be <= 16 (one verify step scores "
+                             f"k + 1 rows per sequence), got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config needs prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} > {self.prompt_lookup_max}")
+        d = self.disable_by_batch_size
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"speculative_config disable_by_batch_size must be None or an integer >= 1, got {d!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"speculative_config model must be a path (str) or None, got {self.model!r}")
+        if self.model is not None and self.method != "draft_model":
+            raise ValueError(f"speculative_config model= is only read by method 'draft_model', "
+                             f"got method {self.method!r} with model {self.model!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "SpeculativeConfig":
+        """Validate a vLLM-style dict. `method` may be left out when `model` names one ("[ngram]", vLLM's
+        spelling) or a path (then method is draft_model)."""
+        if not isinstance(options, dict):
+            raise TypeError(f"speculative_config must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(options) - _KEYS)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(sorted(_KEYS))}")
+        options = dict(options)
+        model = options.get("model")
+        if model in ("[ngram]", "ngram"):  # vLLM's speculative_model="[ngram]"
+            options.pop("model")
+            options.setdefault("method", "ngram")
+        elif isinstance(model, str) and model in METHODS | NOT_AVAILABLE:
+            options.pop("model")
+            options.setdefault("method", model)
+        elif model is not None:
+            options.setdefault("method", "draft_model")
+        if "method" not in options:
+            raise ValueError("speculative_config needs a 'method' (one of "
+                             f"{', '.join(list(METHODS) + list(NOT_AVAILABLE))}) or a draft 'model'")
+        if "num_speculative_tokens" not in options:
+            raise ValueError("speculative_config needs 'num_speculative_tokens' (an integer >= 1)")
+        return cls(**options)
+
+    @classmethod
+    def from_engine_config(cls, engine_config: Any) -> "SpeculativeConfig | None":
+        """The engine's speculative settings (None: no speculation), from `speculative_config=` or from the
+        seed's spelling `speculative_model=` + `num_speculative_tokens=` (not both)."""
+        options = getattr(engine_config, "speculative_config", None)
+        model = getattr(engine_config, "speculative_model", None)
+        k = getattr(engine_config, "num_speculative_tokens", None)
+        if options is not None and (model is not None or k is not None):
+            raise ValueError("give either speculative_config={...} or speculative_model=/num_speculative_tokens=, "
+                             "not both")
+        if options is None and model is None and k is None:
+            return None
+        if options is None:
+            if model is None or k is None:
+                raise ValueError(f"speculative_model= and num_speculative_tokens= go together, got "
+                                 f"speculative_model={model!r}, num_speculative_tokens={k!r}")
+            options = {"model": model, "num_speculative_tokens": k}
+        return cls.from_dict(options)
+
+
+def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
+    """The query lengths a decode step may have: (1,) without speculation, (1, 1 + k) with it (what
+    model_runner.configure captures CUDA graphs for)."""
+    spec = SpeculativeConfig.from_engine_config(engine_config)
+    return (1,) if spec is None else (1, 1 + spec.num_speculative_tokens)

@@ -1,0 +1,201 @@
+"""Draft-model proposers: a small model drafts k tokens autoregressively, the target verifies them (chapter 8).
+
+Two methods share this worker:
+    draft_model       a separate model with the same tokenizer (Leviathan et al. 2023; Chen et al. 2023): a GGUF file
+                      or HF directory, or, for a model without a smaller sibling on disk (the bundled SmolLM2), a
+                      *copy* of the target's first L layers + final norm + LM head. That copy is only an
+                      initialisation: a real draft is then distilled on the target's outputs (a separate task; the
+                      acceptance rate of the undistilled copy is what the benchmark measures).
+    self_speculative  the target's own first L layers + final norm + LM head, weights *shared* (no extra weight
+                      memory; "early exit" self-speculation as in LayerSkip, Elhoushi et al. 2024, without its
+                      training recipe).
+
+The draft runs in the engine process as its own worker: its own ModelRunner (so CUDA graphs for its one-token
+steps on a GPU), its own paged KV pool and BlockManager. Per request it keeps a *shadow* Sequence: the tokens whose
+K/V are in the draft's cache. Before drafting, the shadow is rolled back to the longest prefix it shares with the
+real sequence (rejected drafts are cut there, BlockManager.truncate frees their blocks), the missing tokens are
+computed in one batched forward (a prefill the first time, usually 1-2 tokens after), and then k-1 more one-token
+steps produce the rest. Because the shadow is checked against the real tokens every time, nothing can go stale:
+a preempted request simply loses its shadow (`free`) and rebuilds it when it runs again.
+
+Sampling. Greedy requests draft the argmax: deterministic drafts, verified by exact match. Requests with
+temperature > 0 *sample* the drafts from q = the draft's logits under the request's temperature/top-k/top-p
+(logits_to_probs, the same transform the target's probabilities get), and return q so that verification can use
+the rejection rule min(1, p/q) with the residual resample, which keeps the target's distribution exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import torch
+from torch import nn
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.block_manager import BlockManager
+from minillm.engine.model_runner import ModelRunner
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.engine.step_input import build_step_input
+from minillm.speculative.proposer import Proposer, check_num_tokens
+from minillm.speculative.rejection import logits_to_probs, sample_from_probs
+
+
+class EarlyExitModel(nn.Module):
+    """The target's first `num_layers` decoder layers, its final norm and its LM head, as a model of its own. The
+    modules are the target's (weights shared); give the result to `independent_copy` for separate weights."""
+
+    def __init__(self, target: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        layers = target.model.layers
+        if not 1 <= num_layers <= len(layers):
+            raise ValueError(f"draft_num_layers must be in [1, {len(layers)}] (the target's layers), got {num_layers}")
+        self.embed_tokens, self.norm, self.lm_head = target.model.embed_tokens, target.model.norm, target.lm_head
+        self.layers = nn.ModuleList(layers[:num_layers])
+        self.attention_backend = getattr(target, "attention_backend", "auto")
+        self.config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+
+def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
+    """A new LlamaForCausalLM of `num_layers` layers initialised from the target's first layers (own weights: the
+    starting point for distilling a draft model)."""
+    from minillm.models.llama import LlamaForCausalLM
+    config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
+    first = next(target.parameters())
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(first.dtype)
+        with torch.device(first.device):
+            draft = LlamaForCausalLM(config, backend=getattr(target, "attention_backend", "auto"))
+    finally:
+        torch.set_default_dtype(previous)
+    source = target.state_dict()
+    with torch.no_grad():
+        for name, tensor in draft.state_dict().items():
+            tensor.copy_(source[name])
+    return draft.eval()
+
+
+class DraftModelProposer(Proposer):
+    """Drafts with `draft_model` (forward(ids, positions) -> hidden, compute_logits(hidden) -> logits) over its own
+    paged KV pool of `num_blocks` blocks."""
+
+    method = "draft_model"
+
+    def __init__(self, draft_model: nn.Module, draft_config: ModelConfig, engine_config: EngineConfig,
+                 num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+        plain = dataclasses.replace(engine_config, speculative_config=None, speculative_model=None,
+                                    num_speculative_tokens=None)  # the draft itself decodes one token a step
+        self.model = draft_model
+        self.runner = ModelRunner(draft_model, draft_config, num_blocks, block_size, device, dtype, seed,
+                                  engine_config=plain)
+        self.block_manager = BlockManager(num_blocks, block_size, watermark=0.0)
+        self.block_size, self.device = block_size, device
+        self.vocab_size = draft_config.vocab_size
+        # draft sampling happens on the CPU copy of the logits (verification runs there too)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self._shadows: dict[str, Sequence] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    # -- per-request state --------------------------------------------------------------------------------
+    def free(self, request_id: str) -> None:
+        shadow = self._shadows.pop(request_id, None)
+        if shadow is not None:
+            self.block_manager.free(shadow)
+        self._generators.pop(request_id, None)
+
+    def active_requests(self) -> set[str]:
+        return set(self._shadows)
+
+    def _prepare_shadow(self, seq: Sequence, k: int) -> Sequence | None:
+        """The request's shadow, rolled back to what it shares with seq and with slots for this proposal's
+        tokens; None (state dropped) when the draft pool has no room."""
+        bm, shadow = self.block_manager, self._shadows.get(seq.request_id)
+        if shadow is None:
+            if bm.num_free_blocks < 1:
+                return None
+            shadow = Sequence(seq.request_id, seq.token_ids[:1], seq.sampling_params)
+            bm.allocate(shadow)  # one block, nothing computed
+            self._shadows[seq.request_id] = shadow
+        common, limit = 0, min(shadow.num_computed_tokens, seq.num_tokens - 1)
+        while common < limit and shadow.token_ids[common] == seq.token_ids[common]:
+            common += 1
+        shadow.num_computed_tokens = common
+        bm.truncate(shadow, max(common, 1))
+        shadow.token_ids = list(seq.token_ids)
+        needed = seq.num_tokens - common + k - 1  # the missing tokens now, then one per further draft
+        if bm.num_blocks_to_append(shadow, needed) > bm.num_free_blocks:
+            self.free(seq.request_id)
+            return None
+        bm.append_slots(shadow, needed)
+        return shadow
+
+    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return None
+        if seq.request_id not in self._generators:  # the draft's own stream, apart from the target's
+            self._generators[seq.request_id] = torch.Generator().manual_seed(seed + 0x5EED)
+        return self._generators[seq.request_id]
+
+    # -- drafting -----------------------------------------------------------------------------------------
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        return self.propose_with_probs(seqs, num_tokens)[0]
+
+    @torch.inference_mode()
+    def propose_with_probs(self, seqs: list[Sequence], num_tokens: list[int]
+                           ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        check_num_tokens(seqs, num_tokens)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = []  # (index, shadow, drafts wanted)
+        for i, (seq, k) in enumerate(zip(seqs, num_tokens)):
+            shadow = self._prepare_shadow(seq, k) if k > 0 else None
+            if shadow is not None:
+                active.append((i, shadow, k))
+        first = True
+        while active:
+            batch = ScheduledBatch([s for _, s, _ in active],
+                                   [s.num_tokens - s.num_computed_tokens if first else 1 for _, s, _ in active])
+            logits = self._forward(batch)
+            params = [seqs[i].sampling_params for i, _, _ in active]
+            sampled_rows = [row for row, p in enumerate(params) if p.temperature > 0]
+            tokens = logits.argmax(dim=-1).tolist()  # greedy rows: deterministic drafts, no distribution needed
+            q = None
+            if sampled_rows:  # q under the request's own temperature / top-k / top-p, then x ~ q
+                picked = [params[r] for r in sampled_rows]
+                q = logits_to_probs(logits[sampled_rows].float().cpu(),
+                                    torch.tensor([p.temperature for p in picked], dtype=torch.float32),
+                                    torch.tensor([p.top_k for p in picked], dtype=torch.int64),
+                                    torch.tensor([p.top_p for p in picked], dtype=torch.float32))
+                gens = [self._generator_of(seqs[active[r][0]]) for r in sampled_rows]
+                for r, token in zip(sampled_rows, sample_from_probs(q, gens, self.generator).tolist()):
+                    tokens[r] = token
+            q_row = {r: j for j, r in enumerate(sampled_rows)}
+            for row, (i, shadow, _) in enumerate(active):
+                token = int(tokens[row])
+                shadow.num_computed_tokens = shadow.num_tokens
+                shadow.token_ids.append(token)
+                drafts[i].append(token)
+                if row in q_row:
+                    probs[i].append(q[q_row[row]])
+            active = [(i, s, k) for i, s, k in active if len(drafts[i]) < k]
+            first = False
+        return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The draft's logits at the last row of every sequence of `batch`, [B, V]."""
+        runner = self.runner
+        prepared = runner.prepare(build_step_input(batch, self.block_size))
+        if runner.attention_layers[0].k_cache.data_ptr() != runner.kv_cache.storage.data_ptr():
+            runner.bind_kv_cache()  # self_speculative: the target's attention modules were bound to its own cache
+        hidden = runner.forward(prepared)
+        return self.model.compute_logits(hidden[prepared.sample_indices])

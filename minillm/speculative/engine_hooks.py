@@ -1,0 +1,238 @@
+"""Speculative decoding inside the engine loop: propose, verify, count (chapter 8).
+
+LLMEngine._step calls three methods of the SpeculativeDecoder it built from `EngineConfig.speculative_config`:
+
+    decoder.propose(scheduler)          before scheduler.schedule(): drafts for every running sequence that will
+                                        decode next step (seq.spec_token_ids), from the configured proposer;
+                                        the scheduler then grants them as far as budget and blocks allow
+    decoder.verify(batch, step_output)  after the forward: per sequence, the tokens it appends (accepted drafts +
+                                        one), which scheduler.postprocess applies (and rolls back the rest)
+    decoder.release(scheduler)          after the step: proposer state of requests no longer running (finished,
+                                        aborted, preempted) is freed
+
+Verification, two exact rules.
+  Deterministic drafts (n-grams, lookahead, greedy draft-model drafts): q is one-hot, so "accept x with probability
+  min(1, p(x)/q(x)) = p(x), else resample from p without x" is the same as "sample y ~ p at every row and accept while
+  y == x" (minillm.speculative.rejection explains why). The runner already sampled every row with the request's
+  own temperature/top-k/top-p and generator, so these rows need no logits at all: greedy_verify on the samples.
+  Sampled drafts (a draft model at temperature > 0): the rejection rule with the draft's q, on the target's logits
+  (StepInput.return_logits is set only for such steps): verify_draft_tokens.
+Either way the output is distributed exactly as plain sampling from the target; at temperature 0 it is token-identical.
+
+Speculation is switched off for a step when more than `disable_by_batch_size` sequences are running (a big batch is
+compute-bound already: verifying drafts would cost real FLOPs), and drafts are never proposed past max_tokens.
+With CUDA graphs on, deterministic drafts are padded to exactly k tokens, so that a verify step has the one query
+length (1 + k) the graphs were captured for (a padded draft is merely rejected: it costs compute, not correctness).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.engine.step_input import StepOutput
+from minillm.speculative.config import SpeculativeConfig
+from minillm.speculative.metrics import SpecDecodeMetrics
+from minillm.speculative.proposer import NGramProposer, Proposer
+from minillm.speculative.rejection import greedy_verify, pad_per_sequence, verify_draft_tokens
+
+logger = logging.getLogger(__name__)
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, vocab_size: int, max_model_len: int,
+                 pad_drafts: bool = False, seed: int = 0) -> None:
+        self.config, self.proposer = config, proposer
+        self.vocab_size, self.max_model_len, self.pad_drafts = vocab_size, max_model_len, pad_drafts
+        self.metrics = SpecDecodeMetrics()  # engine-wide totals
+        self.generator = torch.Generator().manual_seed(seed + 2)  # rejection draws of unseeded requests (CPU)
+        self._generators: dict[str, torch.Generator] = {}
+        self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of this step's sampled drafts [k, V]
+        self.enabled_last_step = False
+        self.num_propose_errors = 0
+
+    # -- 1. propose ---------------------------------------------------------------------------------------
+    def propose(self, scheduler: Any) -> None:
+        """Set spec_token_ids of the running decodes. Drafts only ever save time, so a proposer that fails
+        costs this step its drafts (logged, counted in num_propose_errors), never a request."""
+        self._draft_probs.clear()
+        try:
+            self._propose(scheduler)
+        except Exception:
+            logger.exception("proposer %r failed; this step decodes without drafts", self.proposer.method)
+            self.num_propose_errors += 1
+            self._draft_probs.clear()
+            for seq in getattr(scheduler, "running", ()):
+                seq.spec_token_ids = []
+            for request_id in self.proposer.active_requests():  # its state may be half-updated
+                self.proposer.free(request_id)
+
+    def _propose(self, scheduler: Any) -> None:
+        running = list(getattr(scheduler, "running", ()))
+        limit = self.config.disable_by_batch_size
+        self.enabled_last_step = not (limit is not None and len(running) > limit)
+        if not self.enabled_last_step:
+            return
+        seqs, wanted = [], []
+        for seq in running:
+            if seq.is_prefill or seq.num_uncomputed_tokens != 1:
+                continue  # only a sequence about to decode gets drafts
+            # the last step of a request needs no drafts: max_tokens and the context bound what can be kept
+            room = min(seq.sampling_params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+            seqs.append(seq)
+            wanted.append(max(0, min(self.config.num_speculative_tokens, room - 1)))
+        if not seqs:
+            return
+        drafts, probs = self.proposer.propose_with_probs(seqs, wanted)
+        if len(drafts) != len(seqs) or len(probs) != len(seqs):
+            raise ValueError(f"proposer {self.proposer.method!r} returned {len(drafts)} drafts / {len(probs)} "
+                             f"distributions for {len(seqs)} sequences")
+        padding = self.pad_drafts and any(drafts)
+        for seq, k, draft, q in zip(seqs, wanted, drafts, probs):
+            draft = [int(t) for t in draft]
+            if len(draft) > k or any(not 0 <= t < self.vocab_size for t in draft):
+                raise ValueError(f"proposer {self.proposer.method!r} drafted {draft} for request "
+                                 f"{seq.request_id!r}: at most {k} tokens in [0, {self.vocab_size}) allowed")
+            if q is not None:
+                if q.shape != (len(draft), self.vocab_size):
+                    raise ValueError(f"draft probabilities of request {seq.request_id!r} have shape "
+                                     f"{tuple(q.shape)}, expected ({len(draft)}, {self.vocab_size})")
+                self._draft_probs[seq.seq_id] = q
+            elif padding:  # one query length (1 + k) per verify step: what the CUDA graphs were captured for
+                draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
+            seq.spec_token_ids = draft
+
+    def needs_logits(self, batch: ScheduledBatch) -> bool:
+        """Set StepInput.return_logits: only sampled drafts need the target's logits."""
+        return any(seq.spec_token_ids and seq.seq_id in self._draft_probs for seq in batch.seqs)
+
+    # -- 2. verify ----------------------------------------------------------------------------------------
+    def verify(self, batch: ScheduledBatch, output: StepOutput) -> list[list[int]]:
+        sampled = output.sampled_token_ids
+        if len(sampled) != len(batch.seqs):
+            raise ValueError(f"{len(sampled)} sample lists for {len(batch.seqs)} sequences")
+        accepted: list[list[int] | None] = [None] * len(batch.seqs)
+        exact, stochastic = [], []  # rows verified by sample-and-match / by the rejection rule with q
+        for i, seq in enumerate(batch.seqs):
+            if not seq.spec_token_ids:
+                accepted[i] = list(sampled[i])
+                if sampled[i] and not seq.is_prefill:  # a plain decode step of a speculating engine
+                    self._record(seq, 0, 0)
+            elif seq.seq_id in self._draft_probs:
+                stochastic.append(i)
+            else:
+                exact.append(i)
+        if exact:
+            width = max(len(batch.seqs[i].spec_token_ids) for i in exact)
+            drafts, counts = self._padded_drafts([batch.seqs[i] for i in exact], width)
+            targets = torch.tensor([s + [0] * (width + 1 - len(s)) for s in (sampled[i] for i in exact)])
+            for i, row in zip(exact, greedy_verify(targets, drafts, counts).to_lists()):
+                accepted[i] = row
+        if stochastic:
+            if output.logits is None:
+                raise ValueError("sampled drafts need the target's logits: the step was run without return_logits")
+            seqs = [batch.seqs[i] for i in stochastic]
+            width = max(len(s.spec_token_ids) for s in seqs)
+            drafts, counts = self._padded_drafts(seqs, width)
+            logits = torch.cat([output.logits[i] for i in stochastic])
+            target = pad_per_sequence(logits, counts + 1)  # [B, width + 1, V]
+            q = torch.zeros(len(seqs), width, self.vocab_size)
+            for row, seq in enumerate(seqs):
+                k = len(seq.spec_token_ids)
+                q[row, :k] = self._draft_probs[seq.seq_id][:k]  # the scheduler may have trimmed the drafts
+            params = [s.sampling_params for s in seqs]
+            result = verify_draft_tokens(
+                target, drafts, counts, torch.tensor([p.temperature for p in params], dtype=torch.float32),
+                torch.tensor([p.top_k for p in params], dtype=torch.int64),
+                torch.tensor([p.top_p for p in params], dtype=torch.float32), draft_probs=q,
+                generators=[self._generator_of(s) for s in seqs], default_generator=self.generator)
+            for i, row in zip(stochastic, result.to_lists()):
+                accepted[i] = row
+        for i in exact + stochastic:
+            seq = batch.seqs[i]
+            self._record(seq, len(seq.spec_token_ids), len(accepted[i]) - 1)
+            self.proposer.observe(seq, list(seq.spec_token_ids), list(sampled[i]))
+        return accepted  # type: ignore[return-value]
+
+    def _padded_drafts(self, seqs: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.tensor([len(s.spec_token_ids) for s in seqs], dtype=torch.int64)
+        drafts = torch.tensor([s.spec_token_ids + [0] * (width - len(s.spec_token_ids)) for s in seqs],
+                              dtype=torch.int64).reshape(len(seqs), width)
+        return drafts, counts
+
+    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return None
+        if seq.request_id not in self._generators:
+            self._generators[seq.request_id] = torch.Generator().manual_seed(seed)
+        return self._generators[seq.request_id]
+
+    def _record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        metrics = getattr(seq, "spec_metrics", None)
+        if metrics is None:
+            metrics = seq.spec_metrics = SpecDecodeMetrics()  # read by RequestOutput.from_sequence
+        metrics.record(num_drafts, num_accepted)
+        self.metrics.record(num_drafts, num_accepted)
+
+    # -- 3. release ---------------------------------------------------------------------------------------
+    def release(self, scheduler: Any) -> None:
+        running = {seq.request_id for seq in getattr(scheduler, "running", ())}
+        for request_id in self.proposer.active_requests() - running:
+            self.proposer.free(request_id)
+        for request_id in set(self._generators) - running:
+            del self._generators[request_id]
+
+
+def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Proposer:
+    """The proposer of `spec.method` for this engine (the registry: a new method adds a branch here)."""
+    if spec.method == "ngram":
+        return NGramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
+    if spec.method == "lookahead":
+        from minillm.speculative.lookahead import LookaheadProposer
+        return LookaheadProposer(spec.lookahead_ngram)
+    from minillm.speculative.draft import DraftModelProposer, EarlyExitModel, independent_copy
+    if spec.method == "draft_model" and spec.model is not None:
+        from minillm.engine.worker import build_model
+        from minillm.loader import load_model
+        draft_config, weights, _ = load_model(spec.model)
+        if draft_config.vocab_size != engine.model_config.vocab_size:
+            raise ValueError(f"draft model {spec.model!r} has vocab_size {draft_config.vocab_size}, the target "
+                             f"{engine.model_config.vocab_size}: a draft must share the target's tokenizer")
+        draft = build_model(draft_config, weights, engine.device, engine.dtype)
+    else:
+        try:
+            target = engine.runner.model
+        except AttributeError:
+            raise ValueError(f"speculative method {spec.method!r} without a draft path builds its draft from the "
+                             f"target's weights, which live in another process here; use the in-process "
+                             f"executor or give speculative_config['model']") from None
+        if spec.draft_num_layers > engine.model_config.num_hidden_layers:
+            raise ValueError(f"draft_num_layers={spec.draft_num_layers} exceeds the target's "
+                             f"{engine.model_config.num_hidden_layers} layers")
+        # draft_model: own weights, initialised from the target's first layers (then to be distilled)
+        draft = independent_copy(target, spec.draft_num_layers) if spec.method == "draft_model" \
+            else EarlyExitModel(target, spec.draft_num_layers)
+        draft_config = dataclasses.replace(engine.model_config, num_hidden_layers=spec.draft_num_layers)
+    cache = engine.cache_config
+    slack = engine.engine_config.max_num_seqs * (spec.num_speculative_tokens // cache.block_size + 2)
+    return DraftModelProposer(draft, draft_config, engine.engine_config, cache.num_gpu_blocks + slack,
+                              cache.block_size, engine.device, engine.dtype, seed)
+
+
+def build_speculative_decoder(engine: Any, seed: int = 0) -> SpeculativeDecoder | None:
+    """The engine's SpeculativeDecoder, or None when its EngineConfig asks for no speculation."""
+    spec = SpeculativeConfig.from_engine_config(engine.engine_config)
+    if spec is None:
+        return None
+    if engine.engine_config.scheduling != "continuous":
+        raise ValueError(f"speculative decoding needs continuous batching over paged blocks (rollback of rejected "
+                         f"drafts), got scheduling={engine.engine_config.scheduling!r}")
+    config = engine.engine_config
+    pad = not config.enforce_eager and engine.device.type == "cuda"
+    return SpeculativeDecoder(spec, build_proposer(spec, engine, seed), engine.model_config.vocab_size,
+                              engine.max_model_len, pad_drafts=pad, seed=seed)

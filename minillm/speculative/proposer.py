@@ -1,0 +1,78 @@
+"""The proposer interface every drafting method implements, and the simplest one: prompt lookup (chapter 8).
+
+    proposer.propose(seqs, num_tokens) -> drafts          list[list[int]], up to num_tokens[i] tokens for seqs[i]
+    proposer.propose_with_probs(seqs, num_tokens)         (drafts, per sequence a [len(drafts), V] tensor of the
+                                                          distributions they were *sampled* from, or None when the
+                                                          drafts are deterministic: n-grams, greedy drafts)
+    proposer.observe(seq, drafts, sampled)                after a verify step: the target's samples at every draft
+                                                          row (lookahead's Jacobi iteration feeds on them)
+    proposer.free(request_id)                             drop a request's state (finished, aborted, preempted)
+
+The engine (minillm.speculative.engine_hooks) calls propose before the scheduler runs, for the running sequences
+that will decode next step. A proposer may return fewer tokens than asked for, or none; the scheduler may trim them
+further (token budget, free blocks, max_model_len). Drafts never change what the target samples: verification keeps
+the target's distribution exactly (minillm.speculative.rejection), so a bad proposer costs speed, never quality.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from minillm.speculative.ngram import propose_prompt_lookup
+
+if TYPE_CHECKING:
+    from minillm.engine.sequence import Sequence
+
+
+class Proposer:
+    """Base class: deterministic drafts and no per-request state."""
+
+    method = "base"
+
+    def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def propose_with_probs(self, seqs: list["Sequence"], num_tokens: list[int]
+                           ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        drafts = self.propose(seqs, num_tokens)
+        return drafts, [None] * len(drafts)
+
+    def observe(self, seq: "Sequence", drafts: list[int], sampled: list[int]) -> None:
+        """The target's tokens sampled at the rows of `drafts` (len(drafts) + 1 of them). Default: ignored."""
+
+    def free(self, request_id: str) -> None:
+        """Drop the state kept for a request. Default: there is none."""
+
+    def active_requests(self) -> set[str]:
+        """Request ids that hold state here (the engine frees those no longer running)."""
+        return set()
+
+
+def check_num_tokens(seqs: list, num_tokens: list[int]) -> None:
+    if len(num_tokens) != len(seqs):
+        raise ValueError(f"num_tokens must give one count per sequence: {len(seqs)} sequences, "
+                         f"{len(num_tokens)} counts")
+    bad = [n for n in num_tokens if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        raise ValueError(f"num_tokens must be integers >= 0, got {bad[0]!r}")
+
+
+class NGramProposer(Proposer):
+    """Prompt-lookup decoding (Saxena 2023): the tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens, n from prompt_lookup_max down to prompt_lookup_min. Free, stateless, strong on summaries and code
+    edits that quote their input; useless on open-ended chat (then it proposes nothing and the step is a decode)."""
+
+    method = "ngram"
+
+    def __init__(self, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1) -> None:
+        if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
+                and 1 <= prompt_lookup_min <= prompt_lookup_max):
+            raise ValueError(f"need integers 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{prompt_lookup_min!r}, {prompt_lookup_max!r}")
+        self.max_n, self.min_n = prompt_lookup_max, prompt_lookup_min
+
+    def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
+        check_num_tokens(seqs, num_tokens)
+        return [propose_prompt_lookup(seq.token_ids, n, self.max_n, self.min_n) if n > 0 else []
+                for seq, n in zip(seqs, num_tokens)]

@@ -1,0 +1,235 @@
+"""Speculative decoding in the engine: every proposer keeps the target's output exactly (chapter 8).
+
+For ngram, lookahead, self_speculative and draft_model: greedy requests give token-identical output to plain
+decoding, with plenty of KV blocks and under pressure (preemption), mixed with sampled requests and different
+max_tokens; no block of the engine's or the draft's pool is left held. With a sampling draft model, the engine's
+tokens have the target's distribution (chi-square against the exact law of a tiny-vocabulary model). Metrics:
+acceptance 1.0 when the draft is the target itself. Config validation names the bad value.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.sampling_params import SamplingParams
+from minillm.speculative.config import SpeculativeConfig, verify_query_lens
+from test_engine import tiny_config, tiny_model
+from test_speculative_core import _chi_square_p_value
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+K = 3
+TEMPERATURE = 0.4  # the chi-square test: sharp enough that draft and target laws differ clearly
+PROMPTS = [list(range(10, 20)) * 2, [5, 6, 7, 5, 6, 7, 5, 6], [99, 98, 97, 96, 95], [40, 41, 40, 41, 40]]
+GREEDY = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 14, 20, 9)]
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, seed=3)
+METHODS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 3},
+    "lookahead": {"method": "lookahead", "num_speculative_tokens": K},
+    "self_speculative": {"method": "self_speculative", "num_speculative_tokens": K, "draft_num_layers": 2},
+    "draft_model": {"method": "draft_model", "num_speculative_tokens": K, "draft_num_layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config(num_hidden_layers=3)
+    return tiny_model(config), config
+
+
+def run(model_and_config, spec, num_blocks=64, requests=None, **engine_kwargs):
+    """(outputs by request id, the engine) after running `requests` (default: PROMPTS, greedy) to the end."""
+    model, config = model_and_config
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, max_num_seqs=4,
+                                    speculative_config=spec, **engine_kwargs))
+    requests = requests if requests is not None else list(zip(PROMPTS, GREEDY))
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+    return outputs, engine
+
+
+def assert_nothing_held(engine):
+    assert engine.scheduler.block_manager.num_used_blocks == 0
+    draft_pool = getattr(engine.speculative.proposer, "block_manager", None)
+    if draft_pool is not None:
+        assert draft_pool.num_used_blocks == 0
+    assert not engine.speculative.proposer.active_requests()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: four requests preempt each other
+def test_greedy_output_equals_plain_decoding(model_and_config, method, num_blocks):
+    plain, _ = run(model_and_config, None, num_blocks)
+    mixed = list(zip(PROMPTS, GREEDY)) + [(PROMPTS[1], SAMPLED)]  # a sampled request in the same batches
+    outputs, engine = run(model_and_config, METHODS[method], num_blocks, requests=mixed)
+    for rid, out in plain.items():
+        assert outputs[rid].outputs[0].token_ids == out.outputs[0].token_ids, (method, rid)
+    assert len(outputs["4"].outputs[0].token_ids) == SAMPLED.max_tokens
+    if num_blocks == 12:
+        assert engine.scheduler.num_preemptions > 0  # the pressure case really preempted
+    assert_nothing_held(engine)
+    totals = engine.speculative.metrics
+    assert totals.num_verify_steps > 0 and totals.num_draft_tokens > 0
+    assert 0 <= totals.num_accepted_tokens <= totals.num_draft_tokens
+    per_request = [o.metrics.spec_decode for o in outputs.values()]
+    assert sum(m.num_accepted_tokens for m in per_request) == totals.num_accepted_tokens
+    assert sum(m.num_draft_tokens for m in per_request) == totals.num_draft_tokens
+
+
+def test_self_speculation_with_every_layer_accepts_everything(model_and_config):
+    _, config = model_and_config
+    spec = dict(METHODS["self_speculative"], draft_num_layers=config.num_hidden_layers)  # the draft IS the target
+    plain, _ = run(model_and_config, None)
+    outputs, engine = run(model_and_config, spec)
+    assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
+        {r: o.outputs[0].token_ids for r, o in plain.items()}
+    metrics = engine.speculative.metrics
+    assert metrics.acceptance_rate == 1.0
+    assert metrics.acceptance_by_position == [1.0] * K
+    assert metrics.mean_acceptance_length > 3.0  # k + 1 = 4, less only where max_tokens cut the last drafts
+    assert outputs["0"].metrics.spec_decode.acceptance_rate == 1.0
+    assert engine.num_steps < sum(len(o.outputs[0].token_ids) for o in plain.values()) / 2
+
+
+def test_a_bad_draft_model_still_gives_the_plain_output_and_low_acceptance(model_and_config):
+    plain, _ = run(model_and_config, None)
+    outputs, engine = run(model_and_config, dict(METHODS["draft_model"]))
+    assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
+        {r: o.outputs[0].token_ids for r, o in plain.items()}
+    assert engine.speculative.metrics.acceptance_rate < 0.5  # a one-layer copy of a random model guesses badly
+
+
+def test_disable_by_batch_size_switches_speculation_off(model_and_config):
+    spec = dict(METHODS["self_speculative"], disable_by_batch_size=2)
+    plain, _ = run(model_and_config, None)
+    outputs, engine = run(model_and_config, spec)
+    assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
+        {r: o.outputs[0].token_ids for r, o in plain.items()}
+    metrics = engine.speculative.metrics
+    assert metrics.num_plain_steps > 0 and metrics.num_verify_steps > 0  # off with 4 running, on with <= 2
+
+
+def test_sampled_drafts_keep_the_target_distribution():
+    """A one-layer draft sampling at temperature 1 against a two-layer target, vocabulary 8: the tokens the
+    verify step emits (2nd and 3rd generated) follow the target's exact law, computed here by full forwards."""
+    vocab, n = 8, 600
+    config = tiny_config(vocab_size=vocab, num_hidden_layers=2)
+    model = tiny_model(config, seed=5)
+    prompt = [1, 2, 3]
+    spec = {"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 1}
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=4 * n, max_model_len=16, max_num_seqs=n,
+                                    speculative_config=spec), seed=11)
+    params = SamplingParams(temperature=TEMPERATURE, max_tokens=3, ignore_eos=True)
+    for i in range(n):
+        engine.add_request(str(i), prompt, params)
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+    tokens = torch.tensor(tokens)
+    assert tokens.shape == (n, 3)
+
+    @torch.no_grad()
+    def next_law(prefix: list[int]) -> torch.Tensor:  # the target's next-token distribution, no cache involved
+        engine.runner.bind_kv_cache()
+        from minillm.forward_context import AttentionMetadata, forward_context
+        ids = torch.tensor(prefix)
+        meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, len(prefix)], dtype=torch.int32),
+                                 seq_lens=torch.tensor([len(prefix)], dtype=torch.int32), max_seqlen_q=len(prefix),
+                                 max_seqlen_k=len(prefix), slot_mapping=torch.arange(len(prefix)),
+                                 block_tables=torch.arange(4, dtype=torch.int32)[None], block_size=4,
+                                 seq_lens_list=[len(prefix)], query_lens_list=[len(prefix)])
+        with forward_context(meta):
+            hidden = model(ids, torch.arange(len(prefix)))
+        return torch.softmax(model.compute_logits(hidden[-1:]).double() / TEMPERATURE, -1)[0]
+
+    first = next_law(prompt)
+    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])  # [a, b]
+    pair_law = (first[:, None] * second).flatten()
+    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
+    keep = pair_law * n >= 5  # chi-square needs >= 5 expected per cell: pool the rare pairs into one cell
+    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
+    if float(expected[-1]) < 5:
+        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
+    assert _chi_square_p_value(counts, expected) > 1e-3
+    metrics = engine.speculative.metrics
+    assert 0.05 < metrics.acceptance_rate < 0.95  # both the accept and the residual branch were exercised
+    assert_nothing_held(engine)
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def test_config_accepts_both_spellings():
+    a = SpeculativeConfig.from_engine_config(EngineConfig(speculative_model="[ngram]", num_speculative_tokens=4))
+    b = SpeculativeConfig.from_engine_config(EngineConfig(speculative_config={"method": "ngram",
+                                                                              "num_speculative_tokens": 4}))
+    assert a == b and a.method == "ngram" and a.num_speculative_tokens == 4
+    c = SpeculativeConfig.from_dict({"model": "/some/draft.gguf", "num_speculative_tokens": 2})
+    assert c.method == "draft_model" and c.model == "/some/draft.gguf"
+    assert SpeculativeConfig.from_engine_config(EngineConfig()) is None
+    assert verify_query_lens(EngineConfig()) == (1,)
+    assert verify_query_lens(EngineConfig(speculative_config=METHODS["ngram"])) == (1, 1 + K)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "medusa", "num_speculative_tokens": 2}, "not available yet"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "not available yet"),
+    ({"method": "beam", "num_speculative_tokens": 2}, "unknown speculative method 'beam'"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1, got 0"),
+    ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4}, "prompt_lookup_min <= "),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "k": 3}, "unknown key"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x.gguf"}, "only read by method 'draft_model'"),
+])
+def test_config_errors_name_the_bad_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(speculative_config=options)
+
+
+def test_config_spellings_are_exclusive_and_paired(model_and_config):
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig(speculative_config=METHODS["ngram"], num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="go together"):
+        EngineConfig(speculative_model="[ngram]")
+    with pytest.raises(TypeError, match="must be a dict"):
+        EngineConfig(speculative_config="ngram")
+    model, config = model_and_config
+    with pytest.raises(ValueError, match="continuous batching"):
+        LLMEngine(model, ByteTokenizer(), config, EngineConfig(scheduling="static", max_model_len=64,
+                                                               speculative_config=METHODS["ngram"]))
+    with pytest.raises(ValueError, match="draft_num_layers=9 exceeds"):
+        run(model_and_config, dict(METHODS["self_speculative"], draft_num_layers=9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gpu_speculation_with_cuda_graphs_equals_plain(method):
+    """On the GPU with CUDA graphs (verify steps replay the (bucket, 1 + k) graphs): greedy output unchanged."""
+    config = tiny_config(num_hidden_layers=3, max_position_embeddings=256)
+    with torch.device("cuda"):
+        model = tiny_model(config)
+
+    def go(spec):
+        engine = LLMEngine(model, ByteTokenizer(), config,
+                           EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=128, max_num_seqs=8,
+                                        speculative_config=spec), device="cuda")
+        for i, (prompt, params) in enumerate(zip(PROMPTS, GREEDY)):
+            engine.add_request(str(i), prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return done, engine
+    plain, _ = go(None)
+    spec, engine = go(METHODS[method])
+    assert spec == plain
+    assert engine.runner.cuda_graphs is not None and engine.runner.cuda_graphs.query_lens == (1, 1 + K)
+    assert_nothing_held(engine)
