@@ -1,0 +1,237 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 10 — Serving: the async engine loop, streaming over HTTP, latency under load
+#
+# Users meet vLLM and SGLang over HTTP first: an OpenAI-compatible server that streams tokens as they are made.
+# Everything of chapters 1-9 sits behind it; this chapter builds the front door and measures what a user feels.
+#
+# 1. **The async loop.** The engine has one scheduler and is not thread-safe, but a server holds hundreds of
+#    requests at once. `AsyncLLM` (vLLM's `AsyncLLMEngine`) runs *one* loop that steps the engine; any number of
+#    coroutines add requests and stream their outputs; a coroutine that goes away aborts its request.
+# 2. **The server.** `minillm serve`: FastAPI + uvicorn, `/v1/completions` and `/v1/chat/completions` with
+#    Server-Sent Events, OpenAI-shaped errors, `/metrics` for Prometheus.
+# 3. **Latency under load.** `minillm bench serve` sends real prompts at a request rate and reports TTFT, TPOT,
+#    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows.
+# 4. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
+
+# %%
+import asyncio
+import math
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from minillm import LLM, SamplingParams
+from minillm.bench.serve import bench_serve, format_result, plot_latency_vs_rate
+from minillm.engine.async_llm import AsyncLLM
+from minillm.serve.app import build_app
+from minillm.serve.server import ServerThread
+
+llm = LLM(max_model_len=256, max_num_seqs=4)  # the bundled SmolLM2-135M-Instruct; small, so it runs on a CPU
+
+# %% [markdown]
+# ## 1. One loop steps the engine; coroutines stream
+#
+# ```
+# coroutine A --add-->   pending adds   \                      / queue of A --> async for out in generate(...)
+# coroutine B --add-->   pending adds    > engine loop (1 task) <  queue of B --> ...
+# coroutine C --abort--> pending aborts /   step() in a thread  \ snapshot --> /metrics, playground
+# ```
+#
+# Between two steps, on the event loop, the loop applies the queued adds and aborts; then it runs
+# `engine.step()` in one worker thread, so the event loop keeps serving other coroutines (and HTTP) while the
+# model computes; then it hands each `RequestOutput` to its request's queue. Only the loop touches the engine,
+# and only while no step is running: no lock, no race on the scheduler.
+#
+# Three concurrent requests, greedy: each `async for` sees its request's output after every step it took part
+# in; a step listener records who was in each batch, the continuous batching of chapter 6 seen from outside.
+
+# %%
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The three primary colors are"]
+GREEDY = SamplingParams(temperature=0, max_tokens=10)
+
+
+async def three_streams() -> tuple[list[str], list[list[str]]]:
+    engine = AsyncLLM.from_llm(llm)
+    batches = []
+    engine.add_step_listener(lambda outputs, snap: batches.append([b["request_id"] for b in snap.batch]))
+    await engine.start()
+
+    async def one(i: int) -> str:
+        async for out in engine.generate(PROMPTS[i], GREEDY, request_id=f"req{i}"):
+            pass
+        return out.outputs[0].text
+    texts = await asyncio.gather(*(one(i) for i in range(3)))
+    await engine.shutdown()
+    return texts, [b for b in batches if b]
+
+texts, batches = await three_streams()
+print("steps:", len(batches), "| first batches:", batches[:3])
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for prompt, text in zip(PROMPTS, texts):
+    print(f"{prompt!r} -> {text!r}")
+
+
+# %% [markdown]
+# **Cancellation frees blocks at once.** A client that disconnects cancels its coroutine; the generator's
+# `finally` queues an abort, and the loop applies it before the next step. The snapshot (what `/metrics`
+# reads) shows the KV blocks of a long request, then none a moment after the cancel.
+
+# %%
+async def cancel_one() -> tuple[int, int]:
+    engine = AsyncLLM.from_llm(llm)
+    await engine.start()
+    first = asyncio.Event()
+
+    async def long_request():
+        async for _ in engine.generate("Write a long story about a lighthouse keeper. " * 4,
+                                       SamplingParams(temperature=0, max_tokens=200)):
+            first.set()
+    task = asyncio.ensure_future(long_request())
+    await first.wait()
+    held = engine.snapshot().num_used_blocks
+    task.cancel()
+    while engine.snapshot().num_used_blocks:
+        await asyncio.sleep(0.01)
+    freed = engine.snapshot().num_used_blocks
+    await engine.shutdown()
+    return held, freed
+
+held, freed = await cancel_one()
+# NBVAL_CHECK_OUTPUT
+print(f"blocks held while streaming: {held > 0}; after the cancel: {freed}")
+
+# %% [markdown]
+# ## 2. The server
+#
+# `minillm serve` builds exactly this: `build_app(AsyncLLM, model_name)` is a FastAPI app whose lifespan starts
+# the loop, and uvicorn serves it on 127.0.0.1 (never every interface by default: an open inference server is
+# free compute for anyone). Here we run it in a background thread of this notebook, on a free port, and talk to
+# it with the official `openai` client, as any application would.
+
+# %%
+server = ServerThread(build_app(AsyncLLM.from_llm(llm), "smollm2")).start()
+client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+# NBVAL_CHECK_OUTPUT
+print([m.id for m in client.models.list()])
+reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital "
+                                       "of France?"}], max_tokens=16, temperature=0)
+print(repr(reply.choices[0].message.content), reply.choices[0].finish_reason, reply.usage.completion_tokens)
+
+# %% [markdown]
+# **Streaming.** With `stream=True` the server answers with Server-Sent Events: one `data: {...}` event per
+# engine step that produced text, the last with its `finish_reason`, then (with `stream_options.include_usage`)
+# one with the token counts, then `data: [DONE]`. The first event's arrival is the **time to first token**.
+
+# %%
+import time
+
+start = time.perf_counter()
+arrivals = []
+for chunk in client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name three "
+                                            "fruits."}], max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        arrivals.append((time.perf_counter() - start, chunk.choices[0].delta.content))
+    if chunk.usage:
+        usage = chunk.usage
+print(f"TTFT {arrivals[0][0] * 1000:.0f} ms; then one event every "
+      f"{(arrivals[-1][0] - arrivals[0][0]) / max(1, len(arrivals) - 1) * 1000:.0f} ms")
+print("".join(text for _, text in arrivals))
+
+# %% [markdown]
+# **Errors are OpenAI-shaped**, so the `openai` client raises them with our message. A few bad requests and their
+# status codes: an unknown model is a 404, a request that cannot fit the context a 400, a wrong type a 422.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for body in ({"model": "gpt-4", "prompt": "hi"}, {"prompt": "hi", "max_tokens": 10_000},
+             {"prompt": "hi", "temperature": "hot"}):
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    print(r.status_code, r.json()["error"]["message"][:90])
+
+# %% [markdown]
+# **/metrics** speaks Prometheus' text format (vLLM's names, `minillm:` instead of `vllm:`): gauges for the
+# queues and the KV pool, counters for tokens and preemptions, histograms of TTFT, TPOT and end-to-end latency.
+
+# %%
+families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+# NBVAL_CHECK_OUTPUT
+print(sorted(name for name in families if name.startswith("minillm:") and not name.endswith("_created")))
+
+# %%
+gen = families["minillm:generation_tokens"].samples[0].value
+print(f"generated so far: {gen:.0f} tokens; KV blocks in use now: "
+      f"{families['minillm:kv_cache_blocks_used'].samples[0].value:.0f}")
+
+# %% [markdown]
+# ## 3. TTFT, TPOT and ITL under rising load
+#
+# `minillm bench serve` plays users: prompts cut from the standard library's docstrings, sent at a request rate
+# with Poisson arrivals (independent users), or all at once (a burst). For each request it timestamps every
+# streamed event:
+#
+# * **TTFT** (time to first token) = queueing + prefill. Grows first when the server is overloaded: new
+#   requests wait for a slot (max_num_seqs) or for KV blocks.
+# * **ITL** (inter-token latency), the gaps between events, and **TPOT** (time per output token, one mean per
+#   request) = the decode step time. Grows more slowly: a bigger batch makes each step a little longer
+#   (chapter 4: decode is memory-bound, so extra sequences are nearly free until compute catches up).
+# * **E2E** = TTFT + (output tokens - 1) x TPOT. **Goodput** counts only requests that met an SLO.
+#
+# A small sweep against the server above (four prompts, six tokens each, three rates; tiny, to keep the
+# notebook quick on a CPU, so the curve is rough):
+
+# %%
+prompts = ["Return the sum of the numbers in the list.", "Open the file and return a stream.",
+           "Parse the string and return a date object.", "Sort the list in place and return None."]
+results = [bench_serve(server.url, prompts, rate, output_len=6, slo_ttft_ms=2000, slo_tpot_ms=500)
+           for rate in (2.0, 8.0, math.inf)]
+for r in results:
+    print(format_result(r))
+plot_latency_vs_rate(results)
+
+# %% [markdown]
+# Read the plot from left to right: at a low rate each request finds the engine idle, so TTFT is one prefill
+# and TPOT one small decode step. As the rate rises, batches grow (TPOT creeps up) and requests start to queue
+# (TTFT climbs, its p99 first). The burst is the extreme: everyone arrives at once, the last admitted waits for
+# all before it. Your turn, on your own machine (the numbers in `benchmarks/RESULTS.md` are ours, on a CPU and
+# on an H200):
+#
+# ```
+# minillm serve --max-num-seqs 8 &
+# minillm bench serve --num-prompts 40 --output-len 64 --request-rate 0.5,1,2,4,inf --plot latency.png
+# ```
+#
+# Then try `--enable-prefix-caching` or a larger `--max-num-seqs` and watch which curve moves.
+
+# %% [markdown]
+# ## 4. The playground
+#
+# Open `http://127.0.0.1:8000/` while `minillm serve` runs: a chat box streams tokens, and beside it the live
+# engine: running and waiting queues, the KV pool as a grid of blocks coloured by the request that holds them,
+# and the batch of each recent step (`P` marks a prefill). Send a long question, then another from a second tab,
+# and watch the second request's blocks appear and both share each step. The page is plain HTML and JavaScript
+# (`minillm/serve/playground.html`): the chat reads the SSE stream with `fetch`, the engine view polls
+# `/engine/state`, the snapshot the engine loop takes after every step.
+
+# %%
+print(f"while this notebook's server runs, its playground is at {server.url}/")
+state = httpx.get(server.url + "/engine/state").json()
+print(f"engine: step {state['step']}, {state['num_blocks']} KV blocks of {state['block_size']} tokens, "
+      f"{state['num_used_blocks']} in use")
+server.stop()  # graceful: open streams finish, then the engine loop stops
