@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
+from minillm.llm import LLM
 from minillm.sampling_params import SamplingParams
 from serve_tiny import tiny_engine
 from tiny import one_thread  # noqa: F401 (autouse fixture)
@@ -14,14 +15,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 def _sync_tokens(prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    engine = tiny_engine()
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
+    outputs = LLM.from_engine(tiny_engine()).generate(prompts, params)
+    return [out.outputs[0].token_ids for out in outputs]
 
 
 def test_concurrent_streams_match_the_synchronous_engine():

@@ -21,6 +21,7 @@ draws the curve a learner reads: flat while the server keeps up, then TTFT climb
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import random
@@ -154,6 +155,16 @@ async def _run(base_url: str, model: str | None, prompts: list[str], times: list
         return list(records), time.perf_counter() - start
 
 
+def _run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion, also from inside a running event loop (a notebook's): then in a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def bench_serve(base_url: str, prompts: Sequence[str], request_rate: float = math.inf, arrival: str = "poisson",
                 output_len: int = 64, model: str | None = None, slo_ttft_ms: float = 1000.0,
                 slo_tpot_ms: float = 200.0, seed: int = 0, api_key: str | None = None) -> ServeBenchResult:
@@ -163,7 +174,7 @@ def bench_serve(base_url: str, prompts: Sequence[str], request_rate: float = mat
     if output_len < 1:
         raise ValueError(f"output_len must be >= 1, got {output_len}")
     times = arrival_times(len(prompts), request_rate, arrival, seed)
-    records, duration = asyncio.run(_run(base_url.rstrip("/"), model, list(prompts), times, output_len, api_key))
+    records, duration = _run_sync(_run(base_url.rstrip("/"), model, list(prompts), times, output_len, api_key))
     done = [r for r in records if r.error is None and r.e2e is not None]
     good = [r for r in done if r.ttft is not None and r.ttft * 1000 <= slo_ttft_ms
             and (r.tpot is None or r.tpot * 1000 <= slo_tpot_ms)]

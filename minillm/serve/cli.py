@@ -94,13 +94,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_engine_flags(p)
     p.set_defaults(func=_cmd_serve)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minillm")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

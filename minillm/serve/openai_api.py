@@ -133,7 +133,7 @@ class OpenAIServing:
     # -- generation ---------------------------------------------------------------------------------------
     async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],
                        params: list[SamplingParams], chat: bool) -> Response:
-        if not self.llm.accepting:
+        if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
         base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         choices = [_Choice(p * len(params) + i, p) for p in range(len(prompts)) for i in range(len(params))]
