@@ -8,6 +8,7 @@ package's cli module and list that module here.
     minillm course sync | release | gradescope | notebooks | list                     (minillm.course.cli)
     minillm demo | estimate | bench [serve]                                             (minillm.bench.cli)
     minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]                 (minillm.serve.cli)
+    minillm quantize [MODEL] --method gptq|awq|... --bits --group-size --out DIR        (minillm.quant.cli)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli")
+COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.quant.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,7 +69,8 @@ def check_weight_shapes(found: dict[str, tuple[int, ...]], config: ModelConfig, 
     file uses (GGUF's `blk.0.attn_q.weight`), so the message names the tensor the user can look up.
     """
     file_names = file_names or {}
-    expected = expected_weight_shapes(config)
+    from minillm.quant.base import quantized_weight_shapes  # a quantized checkpoint stores qweight/scales/...
+    expected = quantized_weight_shapes(config, expected_weight_shapes(config))
     missing = [name for name in expected if name not in found]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

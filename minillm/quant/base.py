@@ -33,10 +33,17 @@ from torch import nn
 # name -> "module:ConfigClass". A new method adds one line here (and its module under minillm/quant/).
 QUANTIZATION_METHODS = MappingProxyType({
     "int8_rtn": "minillm.quant.int8_rtn:Int8RTNConfig",
+    "rtn": "minillm.quant.weight_only:RTNConfig",
+    "gptq": "minillm.quant.weight_only:GPTQConfig",
+    "awq": "minillm.quant.weight_only:AWQConfig",
+    "fp8": "minillm.quant.fp8:Fp8Config",
+    "smoothquant": "minillm.quant.smoothquant:SmoothQuantConfig",
+    "nf4": "minillm.quant.nf4:NF4Config",
+    "int8": "minillm.quant.llm_int8:LLMInt8Config",
 })
 # vLLM's names that minillm knows of but does not run yet: a checkpoint that asks for one fails with this
 # sentence instead of a shape mismatch deep in the loader.
-NOT_YET_SUPPORTED = ("awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "fbgemm_fp8", "bitsandbytes", "gguf",
+NOT_YET_SUPPORTED = ("awq_marlin", "gptq_marlin", "fbgemm_fp8", "bitsandbytes", "gguf",
                      "compressed-tensors", "marlin", "modelopt", "experts_int8")
 
 
@@ -106,8 +113,41 @@ class QuantizationConfig(ABC):
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the layer at `prefix` (e.g. "model.layers.0.self_attn.qkv_proj"); None = dense."""
 
+    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        """Tensors a *quantized* checkpoint stores for the linear `prefix` ("...q_proj"), suffix -> shape, e.g.
+        {"qweight": ..., "scales": ...}; None (the default) means the dense `weight` [out, in], as for methods that
+        quantize a dense checkpoint at load time. The loaders check a checkpoint's shapes against this."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def parse_modules_to_not_convert(config: dict[str, Any], method: str) -> tuple[str, ...]:
+    """`modules_to_not_convert` of a quantization_config (name fragments, as Hugging Face writes them), checked."""
+    skip = config.get("modules_to_not_convert") or []
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) and s for s in skip):
+        raise ValueError(f"{method}: modules_to_not_convert must be a list of non-empty strings, got {skip!r}")
+    return tuple(skip)
+
+
+def quantized_weight_shapes(model_config: Any, dense_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The loaders' expected tensor shapes for a quantized checkpoint: each linear's dense `X.weight` [out, in]
+    replaced by what the method stores (QuantizationConfig.checkpoint_shapes); dense shapes for other methods."""
+    quant_config = make_quant_config(model_config)
+    if quant_config is None:
+        return dense_shapes
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in dense_shapes.items():
+        stored = None
+        if name.endswith(".weight") and len(shape) == 2 and ".layers." in name:  # the decoder's linears
+            prefix = name[: -len(".weight")]
+            stored = quant_config.checkpoint_shapes(prefix, shape[0], shape[1])
+        if stored is None:
+            shapes[name] = shape
+        else:
+            shapes.update({f"{prefix}.{suffix}": s for suffix, s in stored.items()})
+    return shapes
 
 
 def check_quantization_name(name: Any) -> str:

@@ -24,18 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
-                                add_parameter)
-
-QMAX = 127  # symmetric: -128 is never used, so negating a weight never overflows
-
+                                add_parameter, parse_modules_to_not_convert)
+from minillm.quant.rtn import quantize
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest."""
-    w = weight.float()
-    # an all-zero row would get scale 0 and 0/0 = nan; any positive scale quantizes it to exact zeros
-    scale = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest.
+
+    rtn.quantize's symmetric 8-bit grid with one group per row: s_o = max|W[o]| / 127, codes in [-127, 127]
+    (-128 is never produced, so negating a weight never overflows)."""
+    qw = quantize(weight, bits=8, group_size=-1, symmetric=True)
+    return qw.codes, qw.scales[:, 0].contiguous()
 
 
 class Int8RTNLinearMethod(LinearMethod):
@@ -77,10 +75,7 @@ class Int8RTNConfig(QuantizationConfig):
         bits = config.get("bits", 8)
         if bits != 8 or isinstance(bits, bool):
             raise ValueError(f"int8_rtn stores 8-bit weights; quantization_config has bits={bits!r}")
-        skip = config.get("modules_to_not_convert") or []
-        if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) and s for s in skip):
-            raise ValueError(f"modules_to_not_convert must be a list of non-empty strings, got {skip!r}")
-        return cls(tuple(skip))
+        return cls(parse_modules_to_not_convert(config, "int8_rtn"))
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         if any(fragment in prefix for fragment in self.modules_to_not_convert):

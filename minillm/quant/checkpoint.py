@@ -1,0 +1,101 @@
+"""Quantized checkpoints on disk, and quantization at load time (chapter 10).
+
+`save_quantized(qm, out_dir, tokenizer)` writes what any Hugging Face-style loader (ours: minillm.loader.hf)
+reads back: `model.safetensors` (the quantized tensors under HF names), `config.json` with a
+`quantization_config` in vLLM's / transformers' field names (quant_method, bits, group_size, desc_act, sym, ...)
+and the tokenizer. A GGUF model has no tokenizer.json, only its ingredients; minillm rebuilds a `tokenizers`
+pipeline from them (loader/tokenizer.py), and that pipeline serialises to a standard tokenizer.json, with
+bos/eos/pad/unk and the chat template in tokenizer_config.json. So `LLM(model=out_dir)` needs nothing else.
+
+`load_time_quantization(model_config, name)` is what `LLM(model, quantization=name)` calls: a dense checkpoint
+can be quantized while loading with the methods that need no data (LOAD_TIME_METHODS); calibrated methods
+(gptq, awq, smoothquant) must be run once with `minillm quantize` and their checkpoint loaded instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+from minillm.quant.base import apply_quantization_override, check_quantization_name
+
+LOAD_TIME_METHODS = ("rtn", "fp8", "nf4", "int8", "int8_rtn")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def load_time_quantization(model_config: Any, quantization: str | None,
+                           options: dict[str, Any] | None = None) -> Any:
+    """The ModelConfig to build for `LLM(model, quantization=...)`: unchanged for None or for the checkpoint's own
+    method; a dense checkpoint gets a load-time method (options: e.g. {"bits": 3, "group_size": 32} for rtn)."""
+    if quantization is None:
+        return model_config
+    check_quantization_name(quantization)
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"quantization options must be a dict, got {type(options).__name__}")
+    if model_config.quantization is None and quantization not in LOAD_TIME_METHODS:
+        raise ValueError(f"quantization={quantization!r} needs calibration data and cannot be applied while loading a "
+                         f"dense checkpoint; run `minillm quantize MODEL --method {quantization} --out DIR` and load "
+                         f"DIR, or pick a load-time method: {', '.join(LOAD_TIME_METHODS)}")
+    config = apply_quantization_override(model_config, quantization)
+    if model_config.quantization is None and options:
+        config = dataclasses.replace(config, quantization_config=dict(options))
+    from minillm.quant.base import make_quant_config
+    make_quant_config(config)  # bad options fail here, naming the field, before any weight is read
+    return config
+
+
+def hf_config_dict(config: Any) -> dict[str, Any]:
+    """config.json for a ModelConfig, in Hugging Face's field names (config_from_hf reads it back unchanged)."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    raw = {"architectures": [arch[config.architecture]], "model_type": config.architecture,
+           "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+           "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+           "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+           "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+           "rope_scaling": config.rope_scaling, "max_position_embeddings": config.max_position_embeddings,
+           "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
+           "eos_token_id": config.eos_token_id}
+    if config.architecture == "mistral":
+        raw["sliding_window"] = None  # the context was already capped at load time
+    if config.quantization_config is not None:
+        raw["quantization_config"] = dict(config.quantization_config)
+    return raw
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str, source: str | None = None) -> None:
+    """Copy an HF directory's tokenizer files, or serialise minillm's Tokenizer (e.g. rebuilt from a GGUF)."""
+    if source is not None and os.path.isdir(source) and os.path.isfile(os.path.join(source, "tokenizer.json")):
+        for name in _TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+        return
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not callable(getattr(backend, "save", None)):
+        raise TypeError(f"cannot write a tokenizer.json for {type(tokenizer).__name__}; pass minillm's Tokenizer "
+                        f"(minillm.loader.load_model returns one) or an HF model directory as the source")
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    special = {"bos_token": tokenizer.bos_token_id, "eos_token": tokenizer.eos_token_id,
+               "pad_token": tokenizer.pad_token_id, "unk_token": tokenizer.unk_token_id}
+    config = {key: backend.id_to_token(i) for key, i in special.items() if i is not None}
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def save_quantized(qm: Any, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None) -> str:
+    """Write a QuantizedModel (minillm.quant.driver) as an HF directory; returns its path."""
+    from safetensors.torch import save_file
+    out_dir = os.fspath(out_dir)
+    if os.path.isfile(out_dir):
+        raise ValueError(f"--out {out_dir} is a file; give a directory (it is created if missing)")
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in qm.state.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config_dict(qm.config), f, indent=2)
+    if tokenizer is not None or source is not None:
+        save_tokenizer(tokenizer, out_dir, source)
+    return out_dir

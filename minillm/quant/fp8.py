@@ -1,0 +1,120 @@
+"""FP8 W8A8 ("fp8", vLLM's name): e4m3 weights with scales, activations quantized per token at run time (chapter 10).
+
+float8 e4m3 has 4 exponent bits and 3 mantissa bits: 8 relative steps per power of two between 2^-6 and 448
+(the largest finite value; e4m3fn has no infinity). A *float* grid suits weights and activations better than an
+integer one of the same 8 bits: the relative error is the same (~3%) for a small value and a large one, so
+an outlier no longer costs every other value its resolution, only the scale has to keep the largest value
+below 448:
+
+    weights      s_w = max|W| / 448 per tensor or per output channel, W8 = fp8(W / s_w)      (once, at load)
+    activations  s_x = max|x_t| / 448 per token, x8 = fp8(x_t / s_x)                          (every forward)
+    y            = (x8 @ W8^T) * s_x * s_w^T, the products and sums in fp32
+
+On an H100/H200 the product runs on the fp8 tensor cores (torch._scaled_mm or a Triton kernel: twice bf16's
+FLOP/s); `fp8_linear` is that single call site. Here it is emulated exactly: both operands are rounded to e4m3
+with torch's float8_e4m3fn dtype and the matmul runs in fp32 on the dequantized values.
+
+Checkpoints (`"quant_method": "fp8"`, `"activation_scheme": "dynamic"`): `weight` float8_e4m3fn [out, in] and
+`weight_scale` fp32 [out] (one per output channel; a per-tensor scale is stored repeated on every row, so q/k/v
+shards still load into their rows). `LLM(model, quantization="fp8")` quantizes a dense checkpoint at load time.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+                                parse_modules_to_not_convert)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def quantize_fp8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 float8_e4m3fn [out, in], scale fp32 [out]) with W ~= W8 * scale[:, None]; per-tensor repeats one scale."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D floating [out, in] tensor, got {getattr(w, 'shape', type(w).__name__)}")
+    w = w.float()
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
+    scale = (amax / FP8_MAX).clamp(min=_TINY)
+    # the division can land a hair above 448 after rounding: clamp, since e4m3fn would turn it into nan
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: (x8 float8_e4m3fn [..., k], scale fp32 [..., 1]), one scale per token."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_TINY)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) in FP8 W8A8: THE call site of the fp8 GEMM (on CUDA: torch._scaled_mm or a kernel).
+
+    Reference: per-token e4m3 activations, fp32 matmul of the exact fp8 values, both scales applied after."""
+    x8, x_scale = quantize_fp8_per_token(x)
+    y = (x8.float() @ weight.float().T) * x_scale * weight_scale.float()
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class Fp8LinearMethod(LinearMethod):
+    def __init__(self, serialized: bool, per_channel: bool) -> None:
+        self.serialized, self.per_channel = serialized, per_channel
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        if self.serialized:
+            add_parameter(layer, "weight", torch.zeros(output_size, input_size, dtype=FP8_DTYPE))
+            add_parameter(layer, "weight_scale", torch.ones(output_size, dtype=torch.float32))
+        else:  # a dense staging weight, rounded to fp8 once loaded
+            add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
+        add_bias(layer, output_size, bias, dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.weight.dtype == FP8_DTYPE:
+            return
+        w8, scale = quantize_fp8(layer.weight.data, self.per_channel)
+        del layer._parameters["weight"]
+        add_parameter(layer, "weight", w8, output_dim=None)
+        add_parameter(layer, "weight_scale", scale, output_dim=None)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.weight.dtype != FP8_DTYPE:
+            raise RuntimeError("fp8 layer has not been processed yet: load_weights calls process_weights_after_loading")
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+class Fp8Config(QuantizationConfig):
+    """fp8 W8A8: a serialized fp8 checkpoint, or a dense one quantized at load time (weight_granularity:
+    "channel", the default, or "tensor", vLLM's on-the-fly choice)."""
+
+    name = "fp8"
+
+    def __init__(self, serialized: bool, per_channel: bool, modules_to_not_convert: tuple[str, ...] = ()) -> None:
+        self.serialized, self.per_channel, self.modules_to_not_convert = serialized, per_channel, modules_to_not_convert
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Fp8Config":
+        scheme = config.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(f"fp8: activation_scheme must be 'dynamic' (per-token scales at run time), got {scheme!r}")
+        granularity = config.get("weight_granularity", "channel")
+        if granularity not in ("channel", "tensor"):
+            raise ValueError(f"fp8: weight_granularity must be 'channel' or 'tensor', got {granularity!r}")
+        return cls(config.get("quant_method") == "fp8", granularity == "channel",
+                   parse_modules_to_not_convert(config, "fp8"))
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        if any(f in prefix for f in self.modules_to_not_convert):
+            return UnquantizedLinearMethod()
+        return Fp8LinearMethod(self.serialized, self.per_channel)
+
+    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        if not self.serialized or any(f in prefix for f in self.modules_to_not_convert):
+            return None
+        return {"weight": (output_size, input_size), "weight_scale": (output_size,)}

@@ -1,0 +1,110 @@
+"""SmoothQuant W8A8 int8 ("smoothquant"): move the activations' outliers into the weights (Xiao et al. 2023), ch. 10.
+
+An int8 GEMM needs both operands in int8. Weights quantize well (per output channel, 8 bits: ~0.5% error);
+activations do not: a few input channels of X carry values 10-100x larger than the rest, in every token,
+so a per-token scale set by them leaves the other channels only a handful of the 255 levels. SmoothQuant
+notices that these outliers sit in *fixed channels*, and that a per-channel factor can be moved from X to W
+for free: X W^T = (X diag(s)^-1) (W diag(s))^T. It picks, per input channel j,
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)        (max over calibration tokens / over output rows)
+
+so that both X/s and W*s have channel ranges ~ max|X_j|^(1-alpha) max|W_j|^alpha: alpha (the migration strength,
+0.5 by default, 0.75-0.85 for models with large outliers) sets how much of the difficulty moves to the weights.
+diag(s)^-1 is folded into the op that produces X: the RMSNorm weight before q/k/v and gate/up, up_proj's rows
+before down_proj (fold_scales_into_rmsnorm / fold_scales_into_linear in awq.py: the same algebra as AWQ, with a
+different s). o_proj is left unsmoothed: with grouped KV heads its input cannot be rescaled through v_proj.
+
+Then: int8 weights per output channel (rtn.quantize, symmetric, group -1), int8 activations per token, chosen at
+run time (dynamic), the GEMM in int8 with exact int32 accumulation, and y = acc * s_x * s_w in float.
+`int8_linear` is that single call site (on CUDA: torch._int_mm or a Triton int8 kernel).
+
+Checkpoints: `weight` int8 [out, in] and `weight_scale` fp32 [out], with the smoothing already folded into the
+norms and up_proj of the checkpoint (`"quant_method": "smoothquant"`, `"alpha"`). SmoothQuant needs calibration
+data for max|X_j|, so it has no load-time mode: `minillm quantize --method smoothquant`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+                                parse_modules_to_not_convert)
+
+INT8_MAX = 127
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """s [in] = max|X_j|^alpha / max|W_j|^(1-alpha), W_j over every weight that reads X (q, k and v together)."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (migration strength) must be in [0, 1], got {alpha!r}")
+    if act_absmax.dim() != 1 or any(w.dim() != 2 or w.shape[1] != act_absmax.shape[0] for w in weights) or not weights:
+        raise ValueError(f"act_absmax must be [in] and every weight [out, in]; got {tuple(act_absmax.shape)} and "
+                         f"{[tuple(w.shape) for w in weights]}")
+    w_max = torch.cat([w.float().abs() for w in weights]).amax(dim=0).clamp(min=1e-5)
+    x_max = act_absmax.float().clamp(min=1e-5)  # a channel never active gets s ~ small, not 0
+    return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: (int8 [..., k], scale fp32 [..., 1]), one scale per token."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=_TINY)
+    return torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000)."""
+    return a.to(torch.int32) @ b.to(torch.int32).T
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias), W8A8 int8: THE call site of the int8 GEMM (per-token x scales, per-channel W scales)."""
+    shape = x.shape
+    xq, x_scale = quantize_int8_per_token(x.reshape(-1, shape[-1]))
+    y = int8_matmul(xq, qweight).float() * x_scale * weight_scale.float()
+    y = y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
+    return y if bias is None else y + bias
+
+
+class Int8W8A8LinearMethod(LinearMethod):
+    """int8 `weight` [out, in] + fp32 `weight_scale` [out] from the checkpoint; int8_linear at run time."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        add_parameter(layer, "weight", torch.zeros(output_size, input_size, dtype=torch.int8))
+        add_parameter(layer, "weight_scale", torch.ones(output_size, dtype=torch.float32))
+        add_bias(layer, output_size, bias, dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+class SmoothQuantConfig(QuantizationConfig):
+    name = "smoothquant"
+
+    def __init__(self, alpha: float, modules_to_not_convert: tuple[str, ...] = ()) -> None:
+        self.alpha, self.modules_to_not_convert = alpha, modules_to_not_convert
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SmoothQuantConfig":
+        if config.get("quant_method") != "smoothquant":
+            raise ValueError("smoothquant needs calibration data (max |X_j| per channel) and has no load-time mode: "
+                             "`minillm quantize MODEL --method smoothquant --out DIR`, then LLM(model=DIR)")
+        alpha = config.get("alpha", 0.5)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"smoothquant: alpha must be in [0, 1], got {alpha!r}")
+        return cls(float(alpha), parse_modules_to_not_convert(config, "smoothquant"))
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        if any(f in prefix for f in self.modules_to_not_convert):
+            return UnquantizedLinearMethod()
+        return Int8W8A8LinearMethod()
+
+    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        if any(f in prefix for f in self.modules_to_not_convert):
+            return None
+        return {"weight": (output_size, input_size), "weight_scale": (output_size,)}

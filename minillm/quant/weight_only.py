@@ -1,0 +1,201 @@
+"""Weight-only integer quantization behind the Linear seam: "rtn", "gptq" and "awq" (chapter 10).
+
+All three end in the same place: 2..8-bit integer codes on a per-group grid (rtn.py) in GPTQ's layout
+(int4.py), and one matmul, `int4_linear`. They differ in where the codes come from:
+
+    rtn    a dense checkpoint, rounded to nearest at load time (`LLM(model, quantization="rtn")`); no data needed
+    gptq   a GPTQ checkpoint (qweight/qzeros/scales[/g_idx]), written by `minillm quantize --method gptq`
+           (or rtn: RTN is GPTQ without error feedback, so it is stored the same way) or by AutoGPTQ
+    awq    an AutoAWQ "gemm" checkpoint (4-bit, packed along the output dim); repacked to GPTQ's layout on load
+
+Activations stay in the model's dtype (W4A16): the win is memory, and speed in the memory-bound decode phase
+once a fused kernel reads the 4-bit weight directly (chapter 10 measures both).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+                                parse_modules_to_not_convert)
+from minillm.quant.int4 import gptq_tensors, int4_linear, pack_bits, unpack_awq, unpack_bits
+from minillm.quant.loading import add_packed_parameter, replace_parameters
+from minillm.quant.rtn import quantize
+
+
+def _bits(config: dict[str, Any], method: str, default: int | None, allowed: range | tuple = range(2, 9)) -> int:
+    bits = config.get("bits", config.get("w_bit", default))
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise ValueError(f"{method}: bits must be one of {list(allowed)}, got {bits!r}")
+    return bits
+
+
+def _group_size(config: dict[str, Any], method: str, default: int | None) -> int:
+    g = config.get("group_size", config.get("q_group_size", default))
+    if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g < 1):
+        raise ValueError(f"{method}: group_size must be -1 (per channel) or a positive int, got {g!r}")
+    return g
+
+
+class WeightOnlyLinearMethod(LinearMethod):
+    """Codes + scales + zeros in GPTQ's layout at run time; `fmt` says what the checkpoint holds:
+    "dense" (quantize at load time with RTN), "gptq" or "awq" (already quantized)."""
+
+    def __init__(self, bits: int, group_size: int, symmetric: bool, fmt: str, zero_offset: int = 0,
+                 act_order: bool = False) -> None:
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.fmt, self.zero_offset, self.act_order = fmt, zero_offset, act_order
+
+    def _groups(self, input_size: int) -> int:
+        if self.group_size != -1 and input_size % self.group_size:
+            raise ValueError(f"in_features={input_size} is not divisible by group_size={self.group_size}; use a "
+                             f"group size that divides it, or -1 for per-channel scales")
+        return 1 if self.group_size == -1 else input_size // self.group_size
+
+    def shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]]:
+        """The checkpoint's tensors for this layer (suffix -> shape)."""
+        n_groups, b = self._groups(input_size), self.bits
+        if self.fmt == "awq":
+            return {"qweight": (input_size, output_size // 8), "qzeros": (n_groups, output_size // 8),
+                    "scales": (n_groups, output_size)}
+        shapes = {"qweight": (input_size * b // 32, output_size), "qzeros": (n_groups, output_size * b // 32),
+                  "scales": (n_groups, output_size)}
+        if self.act_order:
+            shapes["g_idx"] = (input_size,)
+        return shapes
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
+                       dtype: torch.dtype | None) -> None:
+        layer.quant_bits, layer.quant_group_size = self.bits, self.group_size
+        self._groups(input_size)
+        if self.fmt == "dense":  # staging: the loaders fill a dense weight, process_weights_after_loading rounds it
+            add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
+        else:
+            shapes = self.shapes(output_size, input_size)
+            if (input_size * self.bits) % 32 or (output_size * self.bits) % 32:
+                raise ValueError(f"{self.fmt}: in={input_size} and out={output_size} must fill whole int32 words "
+                                 f"of {self.bits}-bit codes")
+            packed_qweight = self.bits if self.fmt == "awq" else None  # AWQ packs along out, GPTQ along in
+            add_packed_parameter(layer, "qweight", torch.zeros(shapes["qweight"], dtype=torch.int32), 1,
+                                 bits=packed_qweight)
+            add_packed_parameter(layer, "qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32), 1, bits=self.bits)
+            add_parameter(layer, "scales", torch.empty(shapes["scales"], dtype=dtype), output_dim=1)
+            if "g_idx" in shapes:
+                add_packed_parameter(layer, "g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32), 0, shared=True)
+        add_bias(layer, output_size, bias, dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if getattr(layer, "quant_ready", False):  # a second call is a no-op
+            return
+        p = layer._parameters
+        if self.fmt == "dense":
+            dense = p["weight"]
+            tensors = gptq_tensors(quantize(dense.data, self.bits, self.group_size, self.symmetric))
+            tensors["scales"] = tensors["scales"].to(dense.dtype)
+        elif self.fmt == "awq":  # AWQ's out-packed, interleaved words -> GPTQ's in-packed layout
+            out = layer.output_size
+            codes, zeros = unpack_awq(p["qweight"].data, out), unpack_awq(p["qzeros"].data, out)
+            tensors = {"qweight": pack_bits(codes, 4, dim=0), "qzeros": pack_bits(zeros, 4, dim=1),
+                       "scales": p["scales"].data}
+        else:
+            tensors = {name: p[name].data for name in ("qweight", "qzeros", "scales", "g_idx") if name in p}
+            if self.zero_offset:  # AutoGPTQ stores zero - 1: add it back (mod 2^bits, as it was written)
+                zeros = unpack_bits(tensors["qzeros"], self.bits, layer.output_size, dim=1)
+                tensors["qzeros"] = pack_bits((zeros + self.zero_offset) % (1 << self.bits), self.bits, dim=1)
+        replace_parameters(layer, tensors)  # keeps the bias
+        layer.quant_ready = True
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not getattr(layer, "quant_ready", False):
+            raise RuntimeError(f"{type(layer).__name__} ({self.fmt}) has not been processed yet: the model's "
+                               f"load_weights calls process_weights_after_loading once the checkpoint is loaded")
+        return int4_linear(x, layer.qweight, layer.scales, layer.qzeros, self.group_size, self.bits,
+                           getattr(layer, "g_idx", None), bias)
+
+
+class _WeightOnlyConfig(QuantizationConfig):
+    fmt = "dense"
+
+    def __init__(self, bits: int, group_size: int, symmetric: bool, modules_to_not_convert: tuple[str, ...] = (),
+                 zero_offset: int = 0, act_order: bool = False) -> None:
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.modules_to_not_convert, self.zero_offset, self.act_order = modules_to_not_convert, zero_offset, act_order
+
+    def _method(self) -> WeightOnlyLinearMethod:
+        return WeightOnlyLinearMethod(self.bits, self.group_size, self.symmetric, self.fmt, self.zero_offset,
+                                      self.act_order)
+
+    def _skipped(self, prefix: str) -> bool:
+        return any(fragment in prefix for fragment in self.modules_to_not_convert)
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        return UnquantizedLinearMethod() if self._skipped(prefix) else self._method()
+
+    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        if self.fmt == "dense" or self._skipped(prefix):
+            return None
+        return self._method().shapes(output_size, input_size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size}, sym={self.symmetric}, "
+                f"act_order={self.act_order})")
+
+
+class RTNConfig(_WeightOnlyConfig):
+    """Round-to-nearest at load time from a dense checkpoint: bits (4), group_size (64), sym (False)."""
+
+    name = "rtn"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RTNConfig":
+        sym = config.get("sym", False)
+        if not isinstance(sym, bool):
+            raise ValueError(f"rtn: sym must be a bool, got {sym!r}")
+        return cls(_bits(config, "rtn", 4), _group_size(config, "rtn", 64), sym,
+                   parse_modules_to_not_convert(config, "rtn"))
+
+
+class GPTQConfig(_WeightOnlyConfig):
+    """A GPTQ checkpoint: bits, group_size, desc_act (act-order: g_idx stored), sym, checkpoint_format."""
+
+    name = "gptq"
+    fmt = "gptq"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GPTQConfig":
+        if config.get("quant_method") != "gptq":
+            raise ValueError("gptq reads GPTQ checkpoints (qweight/qzeros/scales); a dense model is quantized with "
+                             "calibration data first: `minillm quantize MODEL --method gptq --out DIR`, then "
+                             "LLM(model=DIR)")
+        fmt = config.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"gptq: checkpoint_format must be 'gptq' or 'gptq_v2', got {fmt!r}")
+        desc_act, sym = config.get("desc_act", False), config.get("sym", True)
+        if not isinstance(desc_act, bool) or not isinstance(sym, bool):
+            raise ValueError(f"gptq: desc_act and sym must be bools, got {desc_act!r}, {sym!r}")
+        return cls(_bits(config, "gptq", None), _group_size(config, "gptq", None), sym,
+                   parse_modules_to_not_convert(config, "gptq"), zero_offset=1 if fmt == "gptq" else 0,
+                   act_order=desc_act)
+
+
+class AWQConfig(_WeightOnlyConfig):
+    """An AutoAWQ gemm checkpoint: 4 bits, zero_point=True, group_size (q_group_size)."""
+
+    name = "awq"
+    fmt = "awq"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "AWQConfig":
+        if config.get("quant_method") != "awq":
+            raise ValueError("awq reads AWQ checkpoints; a dense model is quantized with calibration data first: "
+                             "`minillm quantize MODEL --method awq --out DIR`, then LLM(model=DIR)")
+        if config.get("zero_point", True) is not True:
+            raise ValueError(f"awq: only zero_point=true checkpoints exist in AutoAWQ's gemm format, got "
+                             f"{config.get('zero_point')!r}")
+        version = str(config.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"awq: version must be 'gemm' (the layout minillm reads), got {version!r}")
+        return cls(_bits(config, "awq", None, (4,)), _group_size(config, "awq", None), False,
+                   parse_modules_to_not_convert(config, "awq"))
