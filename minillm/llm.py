@@ -45,7 +45,7 @@ class LLM:
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
-                 **engine_kwargs: Any) -> None:
+                 quantization: str | None = None, **engine_kwargs: Any) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
@@ -58,9 +58,15 @@ class LLM:
             raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
                              "(distributed_executor_backend=None)")
 
+        from minillm.quant.base import apply_quantization_override, check_quantization_name
+        if quantization is not None:
+            check_quantization_name(quantization)  # a bad name fails before seconds of loading
+
         from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
         model_config, weights, tokenizer = load_model(path)
+        # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant)
+        model_config = apply_quantization_override(model_config, quantization)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         if distributed_executor_backend == "mp":
             worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,

@@ -174,3 +174,16 @@ def test_other_schedulers_and_layouts_agree(llm, agreement_case, kwargs):
         assert engine.scheduler.num_preemptions > 0
     # the model's attention layers now point at the second engine's cache: the first rebinds them and still works
     assert llm.generate(prompts[1], params)[0].outputs[0].token_ids == expected[1]
+
+
+def test_quantization_on_load():
+    """LLM(quantization=...) quantizes the dense (dequantized GGUF) weights while loading: int8 weights in every
+    projection, and greedy text that starts like the fp32 model's; a bad name fails before any loading."""
+    with pytest.raises(ValueError, match="unknown quantization 'int3_magic'"):
+        LLM(quantization="int3_magic")
+    quantized = LLM(max_model_len=128, max_num_seqs=2, quantization="int8_rtn")
+    model = quantized.llm_engine.runner.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.qweight.dtype == torch.int8 and not hasattr(qkv, "weight")
+    out = quantized.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
+    assert "Paris" in out[0].outputs[0].text
