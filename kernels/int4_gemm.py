@@ -19,10 +19,12 @@ How the kernel spends its instructions (the budget at M = 1 is ~4 per weight to 
 * One int32 load brings 8 weights of one column; the 8 nibbles are pulled out with *constant* shifts (one
   static loop over i), so nibble i of the tile [BLOCK_K/8, BLOCK_N] holds K rows 8j + i. The activations
   are read with the same stride 8 to match (x is tiny at decode), so no reshuffle of weights is needed.
-* Int -> float without the slow I2F instruction: OR the nibble into the mantissa of 2^23 (0x4B000000) and
-  subtract 2^23 + zero in fp32: one LOP3 and one FADD give (code - zero) exactly.
-* When a K tile lies inside one group (BLOCK_K divides G) the scale multiplies the tile's partial sums, not
-  every weight (SCALE_AFTER); otherwise each weight is scaled in registers.
+* Int -> float without per-nibble shifts or the slow I2F instruction: OR 2^23's exponent (0x4B000000) into
+  each word once, then one AND per nibble (keeping the nibble where it lies and the exponent) makes the
+  float 2^23 + code * 16^j, and one FFMA (times 16^-j, minus 2^23 16^-j + zero) leaves code - zero exactly.
+  That is one LOP3 and one FFMA per weight, plus three integer ops per word of eight.
+* When a K tile lies inside one group (BLOCK_K divides G) and BLOCK_M is small, the scale multiplies the
+  tile's partial sums, not every weight (SCALE_AFTER); otherwise each weight is scaled in registers.
 * Two inner products: USE_DOT=False multiplies-and-adds on CUDA cores (M = 1..4, no tensor-core padding and
   no shared-memory round trip); USE_DOT=True runs 8 tl.dot per tile (fp16/bf16 operands, fp32 accumulate).
 * Split-K for small M: with M = 1 and N = 14336 there are only ~56 column tiles for 132 SMs, so SPLIT_K
@@ -47,12 +49,48 @@ __all__ = ["int4_gemm", "repack_int4", "Int4Weight", "dequantize_int4", "pack_in
 
 
 @triton.jit
+def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
+               GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K tile t's packed words [ROWS, BLOCK_N] and its fp32 scales and zeros, one row per tile ([1, BLOCK_N],
+    ONE_GROUP) or one per word row ([ROWS, BLOCK_N]); all masked off for t >= t_end (the last prefetch)."""
+    k0 = t * BLOCK_K
+    rows = k0 // 8 + offs_j
+    j_ok = (rows < K // 8) & (rows < t_end * ROWS)  # rows < t_end * ROWS <=> t < t_end
+    w = tl.load(QW + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
+                other=0)
+    if ONE_GROUP:
+        g = k0 // GROUP_SIZE
+        ok = n_ok & (offs_n * 0 + t < t_end)  # (a tensor comparison, also under the interpreter)
+        s = tl.load(S + g * stride_sg + offs_n, mask=ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_ZEROS:
+            zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=ok, other=0)
+            z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
+        else:
+            z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+    else:
+        g = (rows * 8) // GROUP_SIZE
+        ok = j_ok[:, None] & n_ok[None, :]
+        s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zw = tl.load(QZ + g[:, None] * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
+            z = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+        else:
+            z = tl.full([ROWS, BLOCK_N], 8.0, tl.float32)
+    return w, s, z
+
+
+@triton.jit
 def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
                       stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_K // 8  # packed words per column per K tile
-    SCALE_AFTER: tl.constexpr = GROUP_SIZE % BLOCK_K == 0  # a K tile never straddles two groups
+    ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0  # a K tile never straddles two groups
+    # small M: scale the tile's partial sums, not every weight, and prefetch the next tile into registers; with
+    # many rows (BLOCK_M > 32) the extra accumulator and tile would spill, and the math hides the latency anyway
+    SCALE_AFTER: tl.constexpr = ONE_GROUP & (BLOCK_M <= 32)
+    PREFETCH: tl.constexpr = BLOCK_M <= 32
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -72,40 +110,41 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if not USE_DOT:
         acc2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # BLOCK_M == 1: rows reduced once at the end
+    if PREFETCH:
+        w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
+                             GROUP_SIZE, HAS_ZEROS, ONE_GROUP, ROWS, BLOCK_K, BLOCK_N)
     for t in range(t_begin, t_end):
-        k0 = t * BLOCK_K
-        rows = k0 // 8 + offs_j  # packed-word rows of this tile
-        j_ok = rows < K // 8
-        w = tl.load(QW + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                    mask=j_ok[:, None] & n_ok[None, :], other=0)
-        # zero point and scale: one row per tile (SCALE_AFTER) or one per packed-word row
-        if SCALE_AFTER:
-            g = k0 // GROUP_SIZE
-            s = tl.load(S + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_ZEROS:
-                zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=n_ok, other=0)
-                z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
-            else:
-                z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+        if PREFETCH:  # the next tile first: its memory latency hides behind this tile's math
+            w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk,
+                                                stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, ONE_GROUP, ROWS,
+                                                BLOCK_K, BLOCK_N)
         else:
-            g = (rows * 8) // GROUP_SIZE
-            s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
-                        other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zw = tl.load(QZ + g[:, None] * stride_zg + offs_n[None, :] // 8, mask=j_ok[:, None] & n_ok[None, :],
-                             other=0)
-                z = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
-            else:
-                z = tl.full([ROWS, BLOCK_N], 8.0, tl.float32)
-        magic = 8388608.0 + z  # 2^23 + zero: subtracting it from (2^23 | code) leaves code - zero, exactly
+            w, s, z = _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
+                                 GROUP_SIZE, HAS_ZEROS, ONE_GROUP, ROWS, BLOCK_K, BLOCK_N)
+        k0 = t * BLOCK_K
+        j_ok = (k0 // 8 + offs_j) < K // 8
+        if not SCALE_AFTER:
+            zs = z * s  # (q - z) * s = q * s - z * s: one FFMA per weight
+        # the exponent of 2^23 OR-ed into each word once (nibbles 4..7 first moved down to bits 0..15): bits
+        # 24..30 of the result are 2^23's exponent whatever the word's own (or sign) bits were there
+        w_lo = w | 0x4B000000
+        w_hi = (w >> 16) | 0x4B000000
         if USE_DOT:
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
             part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(8):
-            q = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - magic
-            if not SCALE_AFTER:
-                q = q * s
+            # nibble i sits at bits [4j, 4j + 4), j = i % 4, of w_lo (i < 4) or w_hi. One AND keeps it and the
+            # exponent: the float 2^23 + q 16^j exactly (the mantissa's unit is 1 at 2^23); one FFMA,
+            # f * 16^-j - (2^23 16^-j + z), leaves q - z exactly: no per-nibble shift, no int -> float convert.
+            if i < 4:
+                f = (w_lo & (0x4B000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
+            else:
+                f = (w_hi & (0x4B000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
+            if SCALE_AFTER:
+                q = f * (1.0 / (1 << (4 * (i % 4)))) - (8388608.0 / (1 << (4 * (i % 4))) + z)
+            else:
+                q = (f * (1.0 / (1 << (4 * (i % 4)))) - 8388608.0 / (1 << (4 * (i % 4)))) * s - zs
             # activations of K rows 8j + i: stride 8 along K, matching nibble i of each word
             x_cols = k0 + 8 * offs_j + i
             if USE_DOT:
@@ -123,6 +162,8 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
             acc += part
         else:
             acc2 += part
+        if PREFETCH:
+            w, s, z = w_next, s_next, z_next
     if not USE_DOT:
         acc += tl.sum(acc2, axis=0)[None, :]
 
@@ -151,8 +192,8 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
 # program, the weight tile re-read from L2 by the few rows); tensor-core configs pad M to BLOCK_M >= 16.
 _FMA_CONFIGS = [(1, 128, 128, False, 4, 3), (1, 256, 64, False, 4, 4), (1, 256, 128, False, 8, 3)]
 _DOT_CONFIGS = [(16, 128, 128, True, 4, 3), (16, 256, 128, True, 8, 3), (16, 64, 256, True, 4, 4),
-                (32, 128, 128, True, 4, 3), (64, 128, 128, True, 4, 3),
-                (64, 256, 128, True, 8, 3), (128, 128, 128, True, 8, 3), (128, 256, 128, True, 8, 3)]
+                (32, 128, 128, True, 4, 3), (64, 128, 128, True, 8, 3),
+                (128, 64, 128, True, 4, 3), (128, 128, 128, True, 8, 3)]
 MAX_SPLIT_K = 16
 SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K
 
