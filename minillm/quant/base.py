@@ -123,6 +123,42 @@ class QuantizationConfig(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+class SkipListQuantizationConfig(QuantizationConfig):
+    """A config that gives every Linear one method except those whose name contains a `modules_to_not_convert`
+    fragment (kept dense). `serialized`: the checkpoint already holds the quantized tensors (`stored_shapes`);
+    otherwise it is dense and each layer quantizes its staging weight at load time."""
+
+    modules_to_not_convert: tuple[str, ...] = ()
+    serialized: bool = False
+
+    @abstractmethod
+    def make_method(self) -> LinearMethod:
+        """The LinearMethod of every converted layer."""
+
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        """What a serialized checkpoint stores per linear (suffix -> shape); None: the dense weight."""
+        return None
+
+    def skips(self, prefix: str) -> bool:
+        return any(fragment in prefix for fragment in self.modules_to_not_convert)
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        return UnquantizedLinearMethod() if self.skips(prefix) else self.make_method()
+
+    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        if not self.serialized or self.skips(prefix):
+            return None
+        return self.stored_shapes(output_size, input_size)
+
+
+def require_checkpoint(config: dict[str, Any], method: str, needs: str) -> None:
+    """ValueError unless `config` is a `method` checkpoint's quantization_config: methods that need calibration
+    (`needs`) cannot quantize a dense checkpoint at load time."""
+    if config.get("quant_method") != method:
+        raise ValueError(f"{method} needs {needs} and cannot quantize a dense checkpoint at load time: run "
+                         f"`minillm quantize MODEL --method {method} --out DIR`, then LLM(model=DIR)")
+
+
 def parse_modules_to_not_convert(config: dict[str, Any], method: str) -> tuple[str, ...]:
     """`modules_to_not_convert` of a quantization_config (name fragments, as Hugging Face writes them), checked."""
     skip = config.get("modules_to_not_convert") or []

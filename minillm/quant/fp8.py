@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -89,7 +89,7 @@ class Fp8LinearMethod(LinearMethod):
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
-class Fp8Config(QuantizationConfig):
+class Fp8Config(SkipListQuantizationConfig):
     """fp8 W8A8: a serialized fp8 checkpoint, or a dense one quantized at load time (weight_granularity:
     "channel", the default, or "tensor", vLLM's on-the-fly choice)."""
 
@@ -109,12 +109,8 @@ class Fp8Config(QuantizationConfig):
         return cls(config.get("quant_method") == "fp8", granularity == "channel",
                    parse_modules_to_not_convert(config, "fp8"))
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if any(f in prefix for f in self.modules_to_not_convert):
-            return UnquantizedLinearMethod()
+    def make_method(self) -> LinearMethod:
         return Fp8LinearMethod(self.serialized, self.per_channel)
 
-    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
-        if not self.serialized or any(f in prefix for f in self.modules_to_not_convert):
-            return None
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
         return {"weight": (output_size, input_size), "weight_scale": (output_size,)}

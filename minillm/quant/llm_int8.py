@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 from minillm.quant.int8_rtn import quantize_per_channel_int8
 from minillm.quant.smoothquant import int8_linear
@@ -68,11 +68,12 @@ class LLMInt8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.weight.dtype != torch.int8:
-            raise RuntimeError("int8 layer has not been processed yet: load_weights calls process_weights_after_loading")
+            raise RuntimeError("int8 layer has not been processed yet: load_weights calls "
+                               "process_weights_after_loading")
         return llm_int8_linear(x, layer.weight, layer.weight_scale, self.threshold, bias)
 
 
-class LLMInt8Config(QuantizationConfig):
+class LLMInt8Config(SkipListQuantizationConfig):
     name = "int8"
 
     def __init__(self, serialized: bool, threshold: float = 6.0, modules_to_not_convert: tuple[str, ...] = ()) -> None:
@@ -85,12 +86,8 @@ class LLMInt8Config(QuantizationConfig):
             raise ValueError(f"int8: llm_int8_threshold must be a number > 0, got {threshold!r}")
         return cls(config.get("quant_method") == "int8", float(threshold), parse_modules_to_not_convert(config, "int8"))
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if any(f in prefix for f in self.modules_to_not_convert):
-            return UnquantizedLinearMethod()
+    def make_method(self) -> LinearMethod:
         return LLMInt8LinearMethod(self.serialized, self.threshold)
 
-    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
-        if not self.serialized or any(f in prefix for f in self.modules_to_not_convert):
-            return None
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
         return {"weight": (output_size, input_size), "weight_scale": (output_size,)}

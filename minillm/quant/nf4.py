@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 from minillm.quant.loading import replace_parameters
 from minillm.quant.rtn import pack_int4, quantize, unpack_int4
@@ -132,7 +132,7 @@ class NF4LinearMethod(LinearMethod):
         return nf4_linear(x, layer.qweight, layer.absmax_q, layer.absmax_scale, layer.absmax_offset, bias)
 
 
-class NF4Config(QuantizationConfig):
+class NF4Config(SkipListQuantizationConfig):
     name = "nf4"
 
     def __init__(self, serialized: bool, modules_to_not_convert: tuple[str, ...] = ()) -> None:
@@ -145,12 +145,8 @@ class NF4Config(QuantizationConfig):
                 raise ValueError(f"nf4: {key} must be {want}, got {config.get(key)!r}")
         return cls(config.get("quant_method") == "nf4", parse_modules_to_not_convert(config, "nf4"))
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if any(f in prefix for f in self.modules_to_not_convert):
-            return UnquantizedLinearMethod()
+    def make_method(self) -> LinearMethod:
         return NF4LinearMethod(self.serialized)
 
-    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
-        if not self.serialized or any(f in prefix for f in self.modules_to_not_convert):
-            return None
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
         return {"qweight": (output_size, input_size // 2), "absmax": (output_size, input_size // BLOCK_SIZE)}

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
-                                parse_modules_to_not_convert)
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
+                                parse_modules_to_not_convert, require_checkpoint)
 
 INT8_MAX = 127
 _TINY = torch.finfo(torch.float32).tiny
@@ -83,28 +83,23 @@ class Int8W8A8LinearMethod(LinearMethod):
         return int8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
-class SmoothQuantConfig(QuantizationConfig):
+class SmoothQuantConfig(SkipListQuantizationConfig):
     name = "smoothquant"
+    serialized = True  # no load-time mode: the checkpoint holds int8 weights
 
     def __init__(self, alpha: float, modules_to_not_convert: tuple[str, ...] = ()) -> None:
         self.alpha, self.modules_to_not_convert = alpha, modules_to_not_convert
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SmoothQuantConfig":
-        if config.get("quant_method") != "smoothquant":
-            raise ValueError("smoothquant needs calibration data (max |X_j| per channel) and has no load-time mode: "
-                             "`minillm quantize MODEL --method smoothquant --out DIR`, then LLM(model=DIR)")
+        require_checkpoint(config, "smoothquant", "calibration data (max |X_j| per channel)")
         alpha = config.get("alpha", 0.5)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"smoothquant: alpha must be in [0, 1], got {alpha!r}")
         return cls(float(alpha), parse_modules_to_not_convert(config, "smoothquant"))
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if any(f in prefix for f in self.modules_to_not_convert):
-            return UnquantizedLinearMethod()
+    def make_method(self) -> LinearMethod:
         return Int8W8A8LinearMethod()
 
-    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
-        if any(f in prefix for f in self.modules_to_not_convert):
-            return None
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
         return {"weight": (output_size, input_size), "weight_scale": (output_size,)}

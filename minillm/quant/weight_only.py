@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias, add_parameter,
-                                parse_modules_to_not_convert)
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
+                                parse_modules_to_not_convert, require_checkpoint)
 from minillm.quant.int4 import gptq_tensors, int4_linear, pack_bits, unpack_awq, unpack_bits
 from minillm.quant.loading import add_packed_parameter, replace_parameters
 from minillm.quant.rtn import quantize
@@ -115,28 +115,21 @@ class WeightOnlyLinearMethod(LinearMethod):
                            getattr(layer, "g_idx", None), bias)
 
 
-class _WeightOnlyConfig(QuantizationConfig):
+class _WeightOnlyConfig(SkipListQuantizationConfig):
     fmt = "dense"
 
     def __init__(self, bits: int, group_size: int, symmetric: bool, modules_to_not_convert: tuple[str, ...] = (),
                  zero_offset: int = 0, act_order: bool = False) -> None:
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.modules_to_not_convert, self.zero_offset, self.act_order = modules_to_not_convert, zero_offset, act_order
+        self.serialized = self.fmt != "dense"
 
-    def _method(self) -> WeightOnlyLinearMethod:
+    def make_method(self) -> WeightOnlyLinearMethod:
         return WeightOnlyLinearMethod(self.bits, self.group_size, self.symmetric, self.fmt, self.zero_offset,
                                       self.act_order)
 
-    def _skipped(self, prefix: str) -> bool:
-        return any(fragment in prefix for fragment in self.modules_to_not_convert)
-
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        return UnquantizedLinearMethod() if self._skipped(prefix) else self._method()
-
-    def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
-        if self.fmt == "dense" or self._skipped(prefix):
-            return None
-        return self._method().shapes(output_size, input_size)
+    def stored_shapes(self, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:
+        return self.make_method().shapes(output_size, input_size)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size}, sym={self.symmetric}, "
@@ -165,10 +158,7 @@ class GPTQConfig(_WeightOnlyConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GPTQConfig":
-        if config.get("quant_method") != "gptq":
-            raise ValueError("gptq reads GPTQ checkpoints (qweight/qzeros/scales); a dense model is quantized with "
-                             "calibration data first: `minillm quantize MODEL --method gptq --out DIR`, then "
-                             "LLM(model=DIR)")
+        require_checkpoint(config, "gptq", "calibration data (its Hessians)")
         fmt = config.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"gptq: checkpoint_format must be 'gptq' or 'gptq_v2', got {fmt!r}")
@@ -188,9 +178,7 @@ class AWQConfig(_WeightOnlyConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AWQConfig":
-        if config.get("quant_method") != "awq":
-            raise ValueError("awq reads AWQ checkpoints; a dense model is quantized with calibration data first: "
-                             "`minillm quantize MODEL --method awq --out DIR`, then LLM(model=DIR)")
+        require_checkpoint(config, "awq", "calibration data (activation scales)")
         if config.get("zero_point", True) is not True:
             raise ValueError(f"awq: only zero_point=true checkpoints exist in AutoAWQ's gemm format, got "
                              f"{config.get('zero_point')!r}")
