@@ -274,18 +274,21 @@ def _interpreter_config(m: int, group: int) -> dict:
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, USE_DOT=True)
 
 
-# Split-K workspaces: fp32 partial sums [M, N] and per-tile arrival counters, kept per (device, M, N) so their
-# addresses stay fixed (CUDA graphs replay the addresses they captured). The kernel leaves them zeroed.
-# Not safe for two GEMMs of the same shape running concurrently on different streams.
-_SPLIT_K_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Split-K workspace per device: fp32 partial sums (>= M * N) and per-tile arrival counters, shared by every
+# shape (the kernel leaves them zeroed, so calls on one stream can take turns). It only grows, and a grown-out
+# buffer is kept alive: a CUDA graph captured earlier still replays into the addresses it recorded.
+# Not safe for two split-K GEMMs running concurrently on different streams.
+_SPLIT_K_WORKSPACES: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (str(device), m, n)
-    if key not in _SPLIT_K_WORKSPACES:
-        _SPLIT_K_WORKSPACES[key] = (torch.zeros(m, n, dtype=torch.float32, device=device),
-                                    torch.zeros(m * triton.cdiv(n, 16), dtype=torch.int32, device=device))
-    return _SPLIT_K_WORKSPACES[key]
+    held = _SPLIT_K_WORKSPACES.setdefault(str(device), [])
+    sums, tiles = m * n, m * triton.cdiv(n, 16)  # tiles: an upper bound for every BLOCK_M >= 1, BLOCK_N >= 16
+    if not held or held[-1][0].numel() < sums or held[-1][1].numel() < tiles:
+        old_sums, old_tiles = (held[-1][0].numel(), held[-1][1].numel()) if held else (0, 0)
+        held.append((torch.zeros(max(sums, 2 * old_sums), dtype=torch.float32, device=device),
+                     torch.zeros(max(tiles, 2 * old_tiles), dtype=torch.int32, device=device)))
+    return held[-1]
 
 
 # ---------------------------------------------------------------------------------------------- launcher
