@@ -1,1 +1,17 @@
-"""Quantization (a later issue): gptq, awq, fp8, smoothquant, gguf_quants, nf4, prune."""
+"""Quantization (chapter 10): how weights (and activations) are stored in fewer bits, and what that costs.
+
+    base.py          the Linear seam: LinearMethod (create_weights / process_weights_after_loading / apply),
+                     QuantizationConfig and the registry of names (vLLM's where they exist)
+    rtn.py           the integer grid: round-to-nearest, groups, symmetric/asymmetric, int4 packing
+    gptq.py awq.py   the algorithms that choose better codes from calibration data (calibration.py: the text)
+    int4.py          GPTQ's and AWQ's packed layouts and int4_linear, the weight-only matmul's call site
+    weight_only.py   "rtn" (at load time), "gptq" and "awq" checkpoints       W4A16 / W3A16
+    fp8.py           "fp8"          e4m3 weights and per-token activations   W8A8 float
+    smoothquant.py   "smoothquant"  outliers migrated into the weights      W8A8 int8
+    nf4.py           "nf4"          NormalFloat4 + double quantization      W4A16
+    llm_int8.py      "int8"         int8 with outlier columns in float      W8A8 int8 + fp
+    int8_rtn.py      "int8_rtn"     the seam's first example               W8A16
+    driver.py        quantize_model: a whole model, layer by layer, with calibration
+    checkpoint.py    save_quantized (safetensors + config.json + tokenizer) and load-time quantization
+    cli.py           `minillm quantize`
+"""

@@ -84,7 +84,7 @@ def gptq_tensors(qw: QuantizedWeight, zero_offset: int = 0) -> dict[str, torch.T
              "qzeros": pack_bits(zeros.T, bits, dim=1),
              "scales": qw.scales.T.float().contiguous()}
     if qw.g_idx is not None:
-        out_t["g_idx"] = qw.g_idx.to(torch.int32)
+        out_t["g_idx"] = qw.g_idx.to(torch.int32).clone()  # its own storage: q, k and v each get a copy
     return out_t
 
 
