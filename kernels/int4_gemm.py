@@ -193,7 +193,7 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
 _FMA_CONFIGS = [(1, 128, 128, False, 4, 3), (1, 256, 64, False, 4, 4), (1, 256, 128, False, 8, 3)]
 _DOT_CONFIGS = [(16, 128, 128, True, 4, 3), (16, 256, 128, True, 8, 3), (16, 64, 256, True, 4, 4),
                 (32, 128, 128, True, 4, 3), (64, 128, 128, True, 8, 3),
-                (128, 64, 128, True, 4, 3), (128, 128, 128, True, 8, 3)]
+                (128, 64, 128, True, 8, 3), (128, 128, 128, True, 8, 3)]
 MAX_SPLIT_K = 16
 SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K
 
