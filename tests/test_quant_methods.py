@@ -313,8 +313,8 @@ def test_quantize_model_validates_its_inputs(dense):
 
 
 @pytest.mark.gpu
-def test_reference_methods_run_on_cuda_in_bf16():
-    """On the GPU the same call sites (int4_linear, fp8_linear, int8_linear) must agree with the CPU reference."""
+def test_reference_call_sites_on_cuda_in_bf16():
+    """On the GPU the call sites (int4_linear, fp8_linear, int8_linear) agree with the CPU reference."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from minillm.quant.int4 import gptq_tensors, int4_linear
@@ -326,5 +326,27 @@ def test_reference_methods_run_on_cuda_in_bf16():
     out = int4_linear(x.cuda().bfloat16(), cuda["qweight"], cuda["scales"].bfloat16(), cuda["qzeros"], 128)
     assert _rel(out.float().cpu(), ref) < 0.02
     w8, s = quantize_fp8(w)
-    ref = fp8_linear(x, w8, s)
-    assert _rel(fp8_linear(x.cuda().bfloat16(), w8.cuda(), s.cuda()).float().cpu(), ref) < 0.02
+    assert _rel(fp8_linear(x.cuda().bfloat16(), w8.cuda(), s.cuda()).float().cpu(), fp8_linear(x, w8, s)) < 0.02
+    qw = quantize(w, bits=8, group_size=-1, symmetric=True)
+    ref = int8_linear(x, qw.codes, qw.scales[:, 0])
+    assert _rel(int8_linear(x.cuda(), qw.codes.cuda(), qw.scales[:, 0].cuda()).cpu(), ref) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", list(RUNS))
+def test_quantized_engine_on_cuda_graphs_equals_eager(quantized, method):
+    """Each method's model on CUDA in bf16: decode replayed from CUDA graphs gives eager's tokens (the reference
+    paths have no host syncs and no data-dependent shapes)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    model = quantized[method].build(device, dtype)
+
+    def generate(eager: bool) -> list[list[int]]:
+        engine = LLMEngine(model, ByteTokenizer(), quantized[method].config,
+                           EngineConfig(max_model_len=64, max_num_seqs=4, enforce_eager=eager), device=device,
+                           dtype=dtype)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(["Hello", [5, 9, 200]], params)]
+
+    assert generate(False) == generate(True)

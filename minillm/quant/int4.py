@@ -65,10 +65,9 @@ def unpack_bits(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.
     pos = torch.arange(n, device=w.device) * bits
     word, shift = pos // 32, pos % 32
     value = w[..., word] >> shift
-    spill = shift + bits > 32
-    if bool(spill.any()):
+    if 32 % bits:  # some codes cross a word boundary (decided on the host: no device sync, CUDA-graph safe)
         high = w[..., (word + 1).clamp(max=w.shape[-1] - 1)] << (32 - shift)
-        value = torch.where(spill, value | high, value)
+        value = torch.where(shift + bits > 32, value | high, value)
     return (value & ((1 << bits) - 1)).to(torch.int32).movedim(-1, dim)
 
 

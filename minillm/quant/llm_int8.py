@@ -28,21 +28,22 @@ from minillm.quant.smoothquant import int8_linear
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices of the input columns where some token has |x| > threshold."""
-    return torch.nonzero(x.reshape(-1, x.shape[-1]).abs().amax(dim=0) > threshold).flatten()
+    """Mask [k] of the input columns where some token has |x| > threshold."""
+    return x.reshape(-1, x.shape[-1]).abs().amax(dim=0) > threshold
 
 
 def llm_int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, threshold: float,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) with W = qweight * weight_scale[:, None]: outlier columns in x's dtype, the rest int8."""
-    cols = outlier_columns(x, threshold)
-    if cols.numel() == 0:
-        return int8_linear(x, qweight, weight_scale, bias)
-    regular = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
-    regular[cols] = False
-    y = int8_linear(x[..., regular], qweight[:, regular], weight_scale, bias)
-    w_out = qweight[:, cols].to(x.dtype) * weight_scale.to(x.dtype)[:, None]
-    return y + x[..., cols] @ w_out.T
+    """y = x W^T (+ bias) with W = qweight * weight_scale[:, None]: outlier columns in x's dtype, the rest int8.
+
+    The reference masks instead of gathering: x with the outlier columns zeroed goes through int8 (a zero column
+    changes neither a token's scale nor the sum), x with only those columns through a float matmul. Same result
+    as cutting the columns out, with shapes that do not depend on the data (no device sync: CUDA graphs can
+    capture it); a kernel would gather the few outlier columns instead of multiplying zeros."""
+    outliers = outlier_columns(x, threshold).to(x.dtype)
+    y = int8_linear(x * (1 - outliers), qweight, weight_scale, bias)
+    w = qweight.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
+    return y + (x * outliers) @ w.T
 
 
 class LLMInt8LinearMethod(LinearMethod):

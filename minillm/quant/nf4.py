@@ -80,20 +80,22 @@ def double_dequantize(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax
     return (absmax_q.float() * absmax_scale[:, None] + absmax_offset).flatten()[:n_blocks]
 
 
-def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W [out, in] from packed codes [out, in/2] and absmax [out, in/64]."""
+def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   levels: torch.Tensor | None = None) -> torch.Tensor:
+    """W [out, in] from packed codes [out, in/2] and absmax [out, in/64] (levels: NF4_LEVELS on qweight's device)."""
     codes = unpack_int4(qweight).long()
     out, n_in = codes.shape
-    w = NF4_LEVELS.to(qweight.device)[codes].reshape(out, n_in // BLOCK_SIZE, BLOCK_SIZE) * absmax[..., None]
+    levels = NF4_LEVELS.to(qweight.device) if levels is None else levels
+    w = levels[codes].reshape(out, n_in // BLOCK_SIZE, BLOCK_SIZE) * absmax[..., None]
     return w.reshape(out, n_in).to(dtype)
 
 
 def nf4_linear(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
-               absmax_offset: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+               absmax_offset: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for a double-quantized NF4 weight: THE call site (a kernel would decode in the GEMM)."""
     out, n_in = qweight.shape[0], qweight.shape[1] * 2
     absmax = double_dequantize(absmax_q, absmax_scale, absmax_offset, out * n_in // BLOCK_SIZE)
-    w = dequantize_nf4(qweight, absmax.reshape(out, n_in // BLOCK_SIZE), x.dtype)
+    w = dequantize_nf4(qweight, absmax.reshape(out, n_in // BLOCK_SIZE), x.dtype, levels)
     y = x @ w.T
     return y if bias is None else y + bias
 
@@ -125,11 +127,14 @@ class NF4LinearMethod(LinearMethod):
         absmax_q, absmax_scale, absmax_offset = double_quantize(absmax)
         replace_parameters(layer, {"qweight": qweight, "absmax_q": absmax_q, "absmax_scale": absmax_scale,
                                    "absmax_offset": absmax_offset})  # keeps the bias
+        # the 16 levels live on the layer's device: no host-to-device copy per forward (CUDA graphs forbid it)
+        layer.register_buffer("nf4_levels", NF4_LEVELS.to(qweight.device), persistent=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if "absmax_q" not in layer._parameters:
             raise RuntimeError("nf4 layer has not been processed yet: load_weights calls process_weights_after_loading")
-        return nf4_linear(x, layer.qweight, layer.absmax_q, layer.absmax_scale, layer.absmax_offset, bias)
+        return nf4_linear(x, layer.qweight, layer.absmax_q, layer.absmax_scale, layer.absmax_offset,
+                          layer.nf4_levels, bias)
 
 
 class NF4Config(SkipListQuantizationConfig):

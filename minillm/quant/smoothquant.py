@@ -56,8 +56,13 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000)."""
-    return a.to(torch.int32) @ b.to(torch.int32).T
+    """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000).
+
+    CPU: an int32 matmul. CUDA has no integer matmul in plain torch (torch._int_mm has shape rules, a kernel is
+    chapter 10's job), so the reference multiplies in fp64 there: every product and sum is an integer < 2^53."""
+    if a.device.type == "cpu":
+        return a.to(torch.int32) @ b.to(torch.int32).T
+    return (a.double() @ b.double().T).to(torch.int32)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
