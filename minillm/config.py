@@ -138,6 +138,9 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None
+    # Parallelism (chapter 10): ranks per tensor-parallel group x pipeline stages = worker processes
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,7 +158,8 @@ class EngineConfig:
         for name, low, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, True),
                                     ("max_num_batched_tokens", 1, False), ("block_size", 1, False),
                                     ("num_kv_blocks", 1, True), ("kv_cache_memory", 1, True),
-                                    ("swap_space", 0, False)):
+                                    ("swap_space", 0, False), ("tensor_parallel_size", 1, False),
+                                    ("pipeline_parallel_size", 1, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue

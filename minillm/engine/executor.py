@@ -9,8 +9,14 @@
 Both offer the same four calls the engine makes (load happens at construction):
     determine_num_gpu_blocks() -> int      the smallest pool any worker can hold
     initialize_cache(cache_config)
-    execute_model(step_input) -> StepOutput (rank 1's, the driver worker's)
+    execute_model(step_input) -> StepOutput (the driver worker's: rank 1, or the sampling rank of a parallel group)
     shutdown()
+
+Tensor and pipeline parallelism (chapter 10): with EngineConfig.tensor_parallel_size * pipeline_parallel_size
+= N > 1 the executor starts N workers and builds their TP groups (minillm.parallel.state) before they load their
+shards; every rank gets every step, and only the sampling rank answers with tokens.
+A worker process that dies (killed, out of memory) makes the engine's next call raise a RuntimeError naming its
+rank, instead of waiting in a collective for a peer that will never come.
 
 A worker's exception does not kill its process: it comes back as a WorkerError, which the engine turns into
 "error" outputs for that step's requests (the same isolation as an exception in-process).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -30,6 +37,7 @@ import torch.distributed as dist
 from minillm.engine.cache_config import CacheConfig
 from minillm.engine.step_input import StepInput, StepOutput
 from minillm.engine.worker import Worker
+from minillm.parallel.state import build_groups, init_parallel_state
 
 _TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -62,10 +70,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _parallel_sizes(worker_kwargs: dict[str, Any]) -> tuple[int, int]:
+    config = worker_kwargs.get("engine_config")
+    return getattr(config, "tensor_parallel_size", 1), getattr(config, "pipeline_parallel_size", 1)
+
+
 def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str, Any]) -> None:
     """A child process: join the group, build the worker, then serve (method, args) messages until 'shutdown'."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=_TIMEOUT)
+    tp, pp = _parallel_sizes(worker_kwargs)
+    if tp * pp > 1:  # before the model is built: its layers take their shard from this state
+        init_parallel_state(build_groups(tp, pp, first_rank=1))
     worker = None
     try:
         worker = Worker(**worker_kwargs)
@@ -94,9 +110,13 @@ class MultiProcExecutor:
     """Workers in `num_workers` child processes (ranks 1..num_workers; the engine is rank 0 and holds no model).
     `worker_kwargs` are Worker's arguments and must be picklable (a CheckpointSource, not a PrebuiltModel)."""
 
-    def __init__(self, worker_kwargs: dict[str, Any], num_workers: int = 1) -> None:
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    def __init__(self, worker_kwargs: dict[str, Any], num_workers: int | None = None) -> None:
+        tp, pp = _parallel_sizes(worker_kwargs)
+        if num_workers is None:
+            num_workers = tp * pp
+        if num_workers < 1 or (tp * pp > 1 and num_workers != tp * pp):
+            raise ValueError(f"num_workers must be >= 1 and equal tensor_parallel_size * pipeline_parallel_size "
+                             f"({tp} * {pp}) when either is > 1, got {num_workers}")
         self.world_size = num_workers + 1
         port = _free_port()
         context = mp.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
@@ -106,8 +126,11 @@ class MultiProcExecutor:
             process.start()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=self.world_size, timeout=_TIMEOUT)
+        if tp * pp > 1:
+            build_groups(tp, pp, first_rank=1)  # new_group is collective: rank 0 joins in, belonging to none
         self._closed = False
-        self._gather()  # every worker has loaded its model (or failed: raised here)
+        self._broken: str | None = None
+        self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
 
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
@@ -117,11 +140,44 @@ class MultiProcExecutor:
                 raise result
         return results[1:]
 
+    def _dead_workers(self) -> str | None:
+        dead = [f"rank {rank} (pid {p.pid}, exit code {p.exitcode})"
+                for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
+        return ", ".join(dead) or None
+
+    def _guarded(self, collective):
+        """Run a collective with the workers, failing fast with the rank's name if a worker process is gone.
+        gloo notices a closed connection at once, so a peer that dies mid-step ends the collective with an
+        error rather than a hang; it is turned into this RuntimeError, and the executor refuses further calls."""
+        dead = self._broken or self._dead_workers()
+        if dead:
+            self._broken = dead
+            raise RuntimeError(f"worker process died: {dead}; the engine cannot continue (start a new one)")
+        try:
+            return collective()
+        except WorkerError:
+            raise
+        except Exception as err:
+            for _ in range(50):  # a peer's death reaches gloo a moment before is_alive() says so
+                dead = self._dead_workers()
+                if dead:
+                    break
+                time.sleep(0.1)
+            self._broken = dead or f"a collective failed: {err}"
+            raise RuntimeError(f"worker process died: {self._broken}; the engine cannot continue") from err
+
     def _call(self, method: str, *args: Any) -> list[Any]:
         if self._closed:
             raise RuntimeError("this executor has been shut down")
-        dist.broadcast_object_list([(method, args)], src=0)
-        return self._gather()
+
+        def collective() -> list[Any]:
+            dist.broadcast_object_list([(method, args)], src=0)
+            return self._gather()
+        return self._guarded(collective)
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call a Worker method on every worker; their results in rank order (vLLM's collective_rpc)."""
+        return self._call(method, *args)
 
     def determine_num_gpu_blocks(self) -> int:
         return min(self._call("determine_num_gpu_blocks"))
@@ -130,13 +186,19 @@ class MultiProcExecutor:
         self._call("initialize_cache", cache_config)
 
     def execute_model(self, step: StepInput) -> StepOutput:
-        return self._call("execute_model", step)[0]
+        # the driver's answer: the only one that is not None in a parallel group, rank 1's otherwise
+        return next(r for r in self._call("execute_model", step) if r is not None)
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        dist.broadcast_object_list([("shutdown", ())], src=0)
+        if self._broken is None:
+            dist.broadcast_object_list([("shutdown", ())], src=0)
+        else:  # the survivors wait in a collective that will never complete: end them (they are ours)
+            for process in self.processes:
+                if process.is_alive():
+                    process.kill()
         dist.destroy_process_group()
         for process in self.processes:
             process.join(timeout=30)

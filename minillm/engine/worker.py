@@ -29,6 +29,8 @@ from minillm.engine.cache_config import CacheConfig
 from minillm.engine.kv_cache import num_device_blocks
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.step_input import StepInput, StepOutput
+from minillm.parallel.runner import ParallelModelRunner
+from minillm.parallel.weights import rank_model_config
 
 ModelSource = Callable[[ModelConfig, torch.device, torch.dtype], nn.Module]
 
@@ -81,19 +83,23 @@ class RandomWeights:
                 model = LlamaForCausalLM(model_config)
         finally:
             torch.set_default_dtype(previous)
-        for name, param in model.named_parameters():
-            values = torch.empty(param.shape, dtype=torch.float32)
-            if "norm" in name:
-                values.uniform_(0.8, 1.2, generator=generator)
-            else:
-                std = self.std_embed if "embed" in name else param.shape[-1] ** -0.5
-                values.normal_(0.0, std, generator=generator)
-            param.data.copy_(values)
-        for module in model.modules():  # quantized layers pack their weights here (minillm.quant)
-            process = getattr(getattr(module, "quant_method", None), "process_weights_after_loading", None)
-            if process is not None:
-                process(module)
+        from minillm.parallel.state import get_parallel_state
+        state = get_parallel_state()
+        if state.tp_size * state.pp_size > 1:  # the same numbers, each rank keeping its shard (chapter 10)
+            from minillm.parallel.weights import load_random_weights_sharded
+            load_random_weights_sharded(model, model_config, dtype, lambda n, s: self._draw(n, s, generator))
+        else:
+            for name, param in model.named_parameters():
+                param.data.copy_(self._draw(name, tuple(param.shape), generator))
+        model.process_weights_after_loading()  # quantized layers pack their weights here (minillm.quant)
         return model.eval()
+
+    def _draw(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        values = torch.empty(shape, dtype=torch.float32)
+        if "norm" in name:
+            return values.uniform_(0.8, 1.2, generator=generator)
+        std = self.std_embed if "embed" in name else shape[-1] ** -0.5
+        return values.normal_(0.0, std, generator=generator)
 
 
 class LoadedWeights:
@@ -146,16 +152,29 @@ class Worker:
     def determine_num_gpu_blocks(self) -> int:
         if self.model is None:
             raise RuntimeError("load_model() first: the pool is sized by profiling the model")
-        return num_device_blocks(self.engine_config, self.model_config, self.dtype, self.device, model=self.model)
+        # a tensor/pipeline-parallel rank sizes its pool for its own layers and K/V heads, in its own memory
+        return num_device_blocks(self.engine_config, rank_model_config(self.model_config), self.dtype, self.device,
+                                 model=self.model)
 
     def initialize_cache(self, cache_config: CacheConfig) -> None:
         if self.model is None:
             raise RuntimeError("load_model() before initialize_cache()")
-        self.runner = ModelRunner(self.model, self.model_config, cache_config.num_gpu_blocks, cache_config.block_size,
-                                  self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
-                                  engine_config=self.engine_config)
+        local_config = rank_model_config(self.model_config)
+        runner_class = ModelRunner if local_config is self.model_config else ParallelModelRunner
+        self.runner = runner_class(self.model, local_config, cache_config.num_gpu_blocks, cache_config.block_size,
+                                   self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
+                                   engine_config=self.engine_config)
 
-    def execute_model(self, step: StepInput) -> StepOutput:
+    def execute_model(self, step: StepInput) -> StepOutput | None:
+        """The step's samples; None on a rank of a parallel group that does not sample (see ParallelModelRunner)."""
         if self.runner is None:
             raise RuntimeError("initialize_cache() before execute_model()")
         return self.runner.execute_model(step)
+
+    def get_comm_stats(self, reset: bool = False) -> dict[str, int]:
+        """Bytes this process has handed to torch.distributed collectives, per operation (chapter 10)."""
+        from minillm.parallel.state import comm_stats
+        stats = dict(comm_stats)
+        if reset:
+            comm_stats.clear()
+        return stats

@@ -26,10 +26,14 @@ from minillm.config import ModelConfig
 from minillm.layers.activation import SiluAndMul
 from minillm.layers.attention import Attention
 from minillm.layers.backend import check_backend, set_operator_backend
-from minillm.layers.embedding import LMHead, VocabEmbedding
-from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, default_weight_loader
+from minillm.layers.linear import default_weight_loader
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import RotaryEmbedding
+# Tensor/pipeline-parallel layers (chapter 10): with one rank they are the plain layers of chapter 1
+from minillm.parallel.pipeline import PPMissingLayer, get_pp_indices, is_pp_missing
+from minillm.parallel.state import get_parallel_state
+from minillm.parallel.tensor import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                     RowParallelLinear, VocabParallelEmbedding)
 from minillm.quant.base import QuantizationConfig, make_quant_config
 
 
@@ -37,13 +41,14 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=config.attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads (all of them without tensor parallelism)
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                               backend=rotary_emb.backend)
@@ -66,10 +71,10 @@ class LlamaMLP(nn.Module):
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size], bias=False,
-                                               quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(size, config.hidden_size, bias=False, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=False,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=False, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,17 +108,32 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: str = "auto",
                  quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        pp = get_parallel_state()  # one stage holding every layer unless pipeline-parallel (chapter 10)
+        self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.pp_rank, pp.pp_size)
+        self.is_first_stage, self.is_last_stage = pp.is_first_stage, pp.is_last_stage
+        has_embedding = pp.is_first_stage or (pp.is_last_stage and config.tie_word_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if has_embedding \
+            else PPMissingLayer()
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      base=config.rope_theta, rope_scaling=config.rope_scaling, backend=backend)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
+            if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend) if pp.is_last_stage \
+            else PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Hidden states [T, hidden]; on a pipeline stage before the last, (hidden, residual) for the next stage,
+        which passes them back in as `intermediate_tensors` instead of embedding the tokens."""
+        if intermediate_tensors is None:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden_states, residual = intermediate_tensors
+        for layer in self.layers[self.start_layer:self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if not self.is_last_stage:
+            return hidden_states, residual
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -136,8 +156,9 @@ class LlamaForCausalLM(nn.Module):
         self._backend = check_backend(backend)
         self.quant_config = make_quant_config(config)  # None: dense; one per model, asked once per Linear
         self.model = LlamaModel(config, backend, self.quant_config)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if self.model.is_last_stage \
+            else PPMissingLayer()
+        if config.tie_word_embeddings and self.model.is_last_stage:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @property
@@ -150,11 +171,14 @@ class LlamaForCausalLM(nn.Module):
         set_operator_backend(self, backend)
         self._backend = backend
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(f"input_ids and positions must both be packed [T] tensors, got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
-        return self.model(input_ids, positions)
+        if intermediate_tensors is None:
+            return self.model(input_ids, positions)
+        return self.model(input_ids, positions, intermediate_tensors)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
@@ -170,6 +194,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the head is the embedding
             param_name, shard_id = self._map_name(name)
+            if param_name not in params and is_pp_missing(self, param_name):
+                continue  # a layer of another pipeline stage
             if param_name not in params:
                 raise KeyError(f"unknown weight {name!r} for {self.config.architecture} with "
                                f"{self.config.num_hidden_layers} layers (no parameter {param_name!r})")
@@ -185,7 +211,10 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-        # Every shard is in: now each Linear's method may repack / quantize (and free its staging weights).
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        """Every shard is in: now each Linear's method may repack / quantize (and free its staging weights)."""
         for module in self.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:

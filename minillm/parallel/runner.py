@@ -1,0 +1,109 @@
+"""The model runner of one rank of a tensor/pipeline-parallel worker group (chapter 10).
+
+Every rank gets the same StepInput and runs `execute_model`; what differs is what it does with it:
+
+    every rank        applies the step's block operations to its own KV pool (its layers, its K/V heads)
+    first stage       embeds the tokens; every later stage receives (hidden, residual) from the stage before
+    middle stages     run their layers and send (hidden, residual) on, asynchronously
+    last stage        runs the final norm and its slice of the LM head; TP rank 0 gathers the logits, samples
+                      and answers with the StepOutput; every other rank answers None
+
+With pp > 1 the step's sequences are cut into pp micro-batches (split_step) that flow
+through the stages one after the other, so the stages overlap. The logits of all micro-batches are sampled at
+once, in the step's row order: the same sampler call as the single-process runner, so the seeded and unseeded
+generators advance identically and greedy and seeded outputs match one process.
+
+CUDA graphs are not captured here (a graph would have to capture the collectives too); the runner runs eagerly.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.model_runner import ModelRunner
+from minillm.engine.step_input import StepInput, StepOutput
+from minillm.forward_context import forward_context
+from minillm.parallel.state import get_parallel_state, pipeline_isend, pipeline_recv
+
+
+def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
+    """Cut a step's sequences into at most `num_micro_batches` consecutive groups of about equal token counts.
+    Block operations and finished requests travel with the step itself (applied once, before any micro-batch)."""
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    n = min(num_micro_batches, step.num_seqs)
+    if n <= 1:
+        return [step]
+    target = sum(step.query_lens) / n
+    bounds, acc = [0], 0
+    for i, q in enumerate(step.query_lens):
+        acc += q
+        # close a group once it reaches its share, or when each later group is down to one sequence
+        left, groups_to_open = step.num_seqs - (i + 1), n - len(bounds)
+        if groups_to_open > 0 and (acc >= target * len(bounds) or left == groups_to_open):
+            bounds.append(i + 1)
+    bounds.append(step.num_seqs)
+    token_starts = [0]
+    for q in step.query_lens:
+        token_starts.append(token_starts[-1] + q)
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        a, b = token_starts[lo], token_starts[hi]
+        parts.append(StepInput(
+            input_ids=step.input_ids[a:b], positions=step.positions[a:b], slot_mapping=step.slot_mapping[a:b],
+            query_lens=step.query_lens[lo:hi], seq_lens=step.seq_lens[lo:hi],
+            block_tables=step.block_tables[lo:hi], num_sampled=step.num_sampled[lo:hi],
+            sampling=step.sampling[lo:hi], block_size=step.block_size, return_logits=step.return_logits))
+    return parts
+
+
+class ParallelModelRunner(ModelRunner):
+    def configure(self, engine_config: EngineConfig) -> None:
+        super().configure(dataclasses.replace(engine_config, enforce_eager=True, compile=False))
+
+    @torch.inference_mode()
+    def execute_model(self, step: StepInput) -> StepOutput | None:
+        state = get_parallel_state()
+        for request_id in step.finished_request_ids:
+            self._generators.pop(request_id, None)
+        self.apply_block_ops(step)
+        if step.is_empty:
+            return StepOutput([[] for _ in range(step.num_seqs)]) if state.is_driver else None
+        if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
+            self.bind_kv_cache()
+        hidden_size = self.model_config.hidden_size
+        pending, logits_parts = [], []
+        for index, micro in enumerate(split_step(step, state.pp_size)):
+            prepared = self.prepare(micro)
+            intermediate = None
+            if not state.is_first_stage:  # hidden and residual of this micro-batch from the previous stage
+                shape = (len(micro.input_ids), hidden_size)
+                intermediate = tuple(pipeline_recv([shape, shape], self.dtype, self.device, tag=2 * index))
+            with forward_context(prepared.metadata):
+                out = self.model(prepared.input_ids, prepared.positions, intermediate)
+            if not state.is_last_stage:
+                pending.extend(pipeline_isend(list(out), tag=2 * index))
+                continue
+            if prepared.sample_seqs:
+                logits_parts.append(self.model.compute_logits(out[prepared.sample_indices]))  # None off TP rank 0
+        for work, _ in pending:  # the last micro-batch's sends must finish before the step returns
+            work.wait()
+        if not state.is_driver:
+            return None
+        return self._sample_all(step, logits_parts)
+
+    def _sample_all(self, step: StepInput, logits_parts: list[torch.Tensor]) -> StepOutput:
+        sampled: list[list[int]] = [[] for _ in range(step.num_seqs)]
+        if not logits_parts:
+            return StepOutput(sampled, [] if step.return_logits else None)
+        logits = torch.cat(logits_parts)
+        rows = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
+        tokens = self.sample(logits, [step.sampling[i] for i in rows])
+        for i, token in zip(rows, tokens):
+            sampled[i].append(token)
+        per_seq_logits = None
+        if step.return_logits:
+            per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
+        return StepOutput(sampled, per_seq_logits)

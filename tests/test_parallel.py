@@ -1,0 +1,176 @@
+"""Tensor and pipeline parallelism on CPU processes (gloo): chapter 10.
+
+    TP=2 and PP=2 (2 worker processes each) give the same greedy and seeded tokens as one process
+    each rank holds only its shard (weights and KV pool), K/V heads replicated when fewer than the ranks
+    the bytes each rank hands to torch.distributed per step equal the analytic count
+    a killed worker makes the engine fail with a RuntimeError naming the rank, within seconds
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.cache_config import resolve_engine_config
+from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.worker import RandomWeights, Worker
+from minillm.models.llama import LlamaForCausalLM
+from minillm.parallel.pipeline import get_pp_indices
+from minillm.parallel.runner import split_step
+from minillm.parallel.state import ParallelState, init_parallel_state, single_rank
+from minillm.parallel.weights import rank_model_config
+from minillm.sampling_params import SamplingParams
+from tiny import ByteTokenizer
+
+CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257)
+ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=4, num_kv_blocks=48)
+PROMPTS = [[5, 6, 7, 8, 9], list(range(30, 47)), [100], [200, 201, 202]]
+PARAMS = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+          SamplingParams(temperature=1.0, max_tokens=4, seed=7, ignore_eos=True),
+          SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+
+
+def _kwargs(**parallel) -> dict:
+    config = resolve_engine_config(EngineConfig(**ENGINE, **parallel), CONFIG, torch.device("cpu"))
+    return dict(model_config=CONFIG, engine_config=config, device=torch.device("cpu"), dtype=torch.float32,
+                model_source=RandomWeights(seed=3), seed=0)
+
+
+def _generate(engine: LLMEngine) -> list[list[int]]:
+    ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, PARAMS)]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[list[int]]:
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE),
+                       executor=UniProcExecutor(Worker(**_kwargs())))
+    return _generate(engine)
+
+
+def _one_step_bytes(executor: MultiProcExecutor, engine: LLMEngine, prompt_len: int) -> list[dict[str, int]]:
+    executor.collective_rpc("get_comm_stats", True)  # reset
+    engine.add_request("bytes", list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=1))
+    engine.step()  # one prefill of prompt_len tokens, one sampled row
+    return executor.collective_rpc("get_comm_stats", True)
+
+
+def test_tensor_parallel_2_matches_one_process_and_counts_bytes(expected):
+    executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
+    try:
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
+        assert _generate(engine) == expected
+        # analytic count, fp32: per layer 2 all-reduces of [T, hidden], one after the embedding; the LM head's
+        # logits slice [rows, ceil(vocab / 2)] gathered from rank 2 to rank 1
+        T, h = 11, CONFIG.hidden_size
+        all_reduce = (2 * CONFIG.num_hidden_layers + 1) * T * h * 4
+        stats = _one_step_bytes(executor, engine, T)
+        assert stats[0] == {"all_reduce": all_reduce}
+        assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
+    finally:
+        executor.shutdown()
+
+
+def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
+    executor = MultiProcExecutor(_kwargs(pipeline_parallel_size=2))
+    try:
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
+        assert _generate(engine) == expected
+        # one boundary: stage 0 sends hidden and residual [T, hidden] each; stage 1 sends nothing
+        T = 9
+        stats = _one_step_bytes(executor, engine, T)
+        assert stats == [{"send": 2 * T * CONFIG.hidden_size * 4}, {}]
+    finally:
+        executor.shutdown()
+
+
+def test_killed_worker_fails_fast_with_its_rank():
+    executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
+    try:
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
+        engine.add_request("a", PROMPTS[0], PARAMS[0])
+        engine.step()
+        executor.processes[1].kill()
+        executor.processes[1].join(timeout=10)
+        start = time.perf_counter()
+        (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
+        with pytest.raises(RuntimeError, match="rank 2"):  # and every later call fails at once
+            executor.collective_rpc("get_comm_stats")
+        assert time.perf_counter() - start < 10
+    finally:
+        executor.shutdown()
+    assert not any(p.is_alive() for p in executor.processes)
+
+
+def engine_step_input(engine: LLMEngine):
+    from minillm.engine.step_input import build_step_input
+    return build_step_input(engine.scheduler.schedule(), engine.cache_config.block_size)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_keeps_its_shard_and_kv_heads_replicate(tp):
+    """Built in this process with a faked TP rank (construction and loading need no communication)."""
+    with single_rank():
+        full = RandomWeights(seed=3)(CONFIG, torch.device("cpu"), torch.float32)
+    full_qkv = full.model.layers[0].self_attn.qkv_proj.weight
+    q_rows, d = CONFIG.num_attention_heads * CONFIG.head_dim, CONFIG.head_dim
+    try:
+        for rank in range(tp):
+            init_parallel_state(ParallelState(tp_size=tp, tp_rank=rank))
+            model = RandomWeights(seed=3)(CONFIG, torch.device("cpu"), torch.float32)
+            attn = model.model.layers[0].self_attn
+            heads, kv = CONFIG.num_attention_heads // tp, max(1, CONFIG.num_key_value_heads // tp)
+            kv_head = rank * kv if tp <= CONFIG.num_key_value_heads else rank // (tp // CONFIG.num_key_value_heads)
+            q, k, v = attn.qkv_proj.split(attn.qkv_proj.weight.T)
+            assert torch.equal(q.T, full_qkv[rank * heads * d:(rank + 1) * heads * d])
+            assert torch.equal(k.T, full_qkv[q_rows + kv_head * d:q_rows + (kv_head + kv) * d])
+            k_rows = CONFIG.num_key_value_heads * d
+            assert torch.equal(v.T, full_qkv[q_rows + k_rows + kv_head * d:q_rows + k_rows + (kv_head + kv) * d])
+            assert attn.o_proj.weight.shape == (CONFIG.hidden_size, heads * d)
+            assert model.model.embed_tokens.weight.shape == (-(-CONFIG.vocab_size // tp), CONFIG.hidden_size)
+            local = rank_model_config(CONFIG)
+            assert (local.num_attention_heads, local.num_key_value_heads) == (heads, kv)
+            total = sum(p.numel() for p in model.parameters())
+            assert total < sum(p.numel() for p in full.parameters()) * 0.6  # a shard, not the whole model
+    finally:
+        init_parallel_state(ParallelState())
+
+
+def test_bad_parallel_sizes_are_rejected():
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        EngineConfig(tensor_parallel_size=0)
+    try:
+        init_parallel_state(ParallelState(tp_size=3))
+        with pytest.raises(ValueError, match=r"num_attention_heads \(4\) divisible by tensor_parallel_size \(3\)"):
+            LlamaForCausalLM(CONFIG)
+    finally:
+        init_parallel_state(ParallelState())
+    with pytest.raises(ValueError, match="exceeds the model's 3 layers"):
+        get_pp_indices(3, 0, 4)
+    assert [get_pp_indices(30, s, 4) for s in range(4)] == [(0, 8), (8, 16), (16, 23), (23, 30)]
+
+
+def test_split_step_balances_tokens_and_keeps_every_row():
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE),
+                       executor=UniProcExecutor(Worker(**_kwargs())))
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, PARAMS[i])
+    step = engine_step_input(engine)
+    parts = split_step(step, 2)
+    assert [p.query_lens for p in parts] == [[5, 17], [1, 3]]
+    assert sum((p.input_ids for p in parts), []) == step.input_ids
+    assert sum((p.sampling for p in parts), []) == step.sampling
+    assert split_step(step, 10)[-1].num_seqs == 1 and len(split_step(step, 10)) == step.num_seqs
