@@ -89,7 +89,8 @@ def bench_int4(roof: dict) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from minillm.kernels.int4_gemm import dequantize_int4, int4_gemm, repack_int4
+    from minillm.kernels.int4_gemm import int4_gemm
+    from minillm.kernels.int4_layout import dequantize_int4, repack_int4
     from minillm.quant.rtn import quantize
 
     n, k, group = 14336, 4096, 128

@@ -6,8 +6,10 @@
                         merge_attention_states                log-sum-exp merge of partial attentions (chapter 5)
     fused.py            rms_norm, rotary_embedding_,           memory-bound fused ops: residual + RMSNorm, RoPE in
                         silu_and_mul, store_kvcache           place, SwiGLU gate, KV-cache scatter (chapters 1, 2, 4)
-    int4_gemm.py        int4_gemm, repack_int4,                INT4 weight-only GEMM (GPTQ layout, unpacked in
-                        dequantize_int4                       registers, split-K for decode) (chapter 10)
+    int4_gemm.py        int4_gemm                              INT4 weight-only GEMM (GPTQ layout, unpacked in
+                                                              registers, split-K for decode) (chapter 10)
+    int4_layout.py      repack_int4, sort_act_order,           its layout: repack from QuantizedWeight, act-order,
+                        dequantize_int4                       the torch reference (chapter 10)
     scaled_mm.py        scaled_mm                              W8A8 GEMM: 8-bit operands, per-token x per-channel
                                                               scales in the epilogue (chapter 10)
     fp8_gemm.py         per_token_quant_fp8, fp8_gemm,         FP8 e4m3 activations quantized per token, the

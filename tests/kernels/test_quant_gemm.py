@@ -14,7 +14,8 @@ import torch
 
 from minillm.kernels.fp8_gemm import FP8_MAX, fp8_gemm, fp8_linear, per_token_quant_fp8, quantize_weight_fp8
 import minillm.kernels.int4_gemm as int4_module
-from minillm.kernels.int4_gemm import dequantize_int4, int4_gemm, repack_int4
+from minillm.kernels.int4_gemm import int4_gemm
+from minillm.kernels.int4_layout import dequantize_int4, repack_int4, sort_act_order
 from minillm.kernels.int8_gemm import int8_gemm, int8_linear, per_token_quant_int8, quantize_weight_int8
 from minillm.kernels.scaled_mm import scaled_mm
 from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
@@ -90,6 +91,10 @@ def test_int4_per_channel_bias_act_order_and_batch_dims():
     assert packed.perm is not None
     assert torch.equal(dequantize_int4(*packed.args()), qa.dequantize())
     _close(int4_gemm(x[0], *packed.args()), x[0] @ qa.dequantize().t(), FP32_RTOL)
+    # the same from a checkpoint's view: qweight rows in the original order, sorted by sort_act_order
+    plain = repack_int4(QuantizedWeight(qg.codes, qg.scales, qg.zeros, 4, 32, False), torch.float32)
+    qweight, perm = sort_act_order(plain.qweight, g_idx, 32)
+    assert torch.equal(perm, packed.perm) and torch.equal(qweight, packed.qweight)
     # split-K leaves its shared workspace zeroed for the next call (and for CUDA-graph replays)
     for ws, counters in int4_module._SPLIT_K_WORKSPACES[str(x.device)]:
         assert not ws.any() and not counters.any()
