@@ -81,7 +81,7 @@ def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_s
 
 @triton.jit
 def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
-                      stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      stride_ym, M_BUCKET, EXP23, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_K // 8  # packed words per column per K tile
@@ -126,8 +126,10 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
             zs = z * s  # (q - z) * s = q * s - z * s: one FFMA per weight
         # the exponent of 2^23 OR-ed into each word once (nibbles 4..7 first moved down to bits 0..15): bits
         # 24..30 of the result are 2^23's exponent whatever the word's own (or sign) bits were there
-        w_lo = w | 0x4B000000
-        w_hi = (w >> 16) | 0x4B000000
+        # (EXP23 = 0x4B000000 arrives as a run-time argument: were it a literal, the compiler would fold this OR
+        # into every per-nibble AND, which then needs two constants and an extra move per weight)
+        w_lo = w | EXP23
+        w_hi = (w >> 16) | EXP23
         if USE_DOT:
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
@@ -349,7 +351,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     ws, cnt = _workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
     m_bucket = min(triton.next_power_of_2(m), 256)
     args = (x2, qweight, scales, qzeros, bias if bias is not None else scales, y, ws, cnt, m, n, k,
-            x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket)
+            x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket, 0x4B000000)
     consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not qweight, HAS_BIAS=bias is not None,
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 or triton_interpreted() else "tf32",
                   UPCAST=triton_interpreted() and x.dtype == torch.bfloat16)
