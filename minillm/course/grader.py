@@ -128,6 +128,14 @@ def test_files(ex: Exercise, tests_dir: Path) -> list[Path]:
     return files or [Path(tests_dir)]
 
 
+def _call_timeout(call_timeout: float | None, timeout: float) -> float:
+    """Seconds one call of the learner's function may take: the argument, else $MINILLM_SANDBOX_CALL_TIMEOUT_S,
+    else half the exercise's timeout (at most 30 s), so that a hang ends the exercise well before its timeout."""
+    if call_timeout is None and os.environ.get("MINILLM_SANDBOX_CALL_TIMEOUT_S"):
+        call_timeout = float(os.environ["MINILLM_SANDBOX_CALL_TIMEOUT_S"])
+    return call_timeout or min(30.0, max(2.0, timeout / 2))
+
+
 def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60.0,
                    tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
                    hidden_seed: int | None = None, call_timeout: float | None = None) -> ExerciseResult:
@@ -149,7 +157,7 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
                "MINILLM_GRADER_NONCE": nonce, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # only our plugin: faster, and nothing else in the way
                "MINILLM_SANDBOX": "1", "MINILLM_SANDBOX_DENY": os.pathsep.join([tmp, str(root), pkg_parent]),
-               "MINILLM_SANDBOX_CALL_TIMEOUT_S": f"{call_timeout or min(30.0, max(2.0, timeout / 2)):g}",
+               "MINILLM_SANDBOX_CALL_TIMEOUT_S": f"{_call_timeout(call_timeout, timeout):g}",
                "MINILLM_SANDBOX_CPU_S": f"{int(timeout) + 5}", "MINILLM_FALLBACK": "0",
                "MINILLM_GRADE_SEED": str(seed if seed is not None else course_config.load(root).seed),
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}

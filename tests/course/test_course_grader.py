@@ -152,7 +152,7 @@ def test_autograder_archive_grades_a_hostile_submission(tmp_path):
                                                                         "hidden_seed": 99}
     hostile_submission(ag / "submission")
     env = {**os.environ, "MINILLM_AUTOGRADER_ROOT": str(ag), "MINILLM_PYTHON": sys.executable,
-           "MINILLM_GRADE_TIMEOUT": "20"}
+           "MINILLM_GRADE_TIMEOUT": "120", "MINILLM_SANDBOX_CALL_TIMEOUT_S": "5"}  # the infinite loop ends in 5 s
     env.pop("MINILLM_ROOT", None)
     run = subprocess.run(["bash", str(ag / "source" / "run_autograder")], env=env, capture_output=True, text=True,
                          timeout=900)
