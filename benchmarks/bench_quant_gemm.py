@@ -132,8 +132,10 @@ def _time_backend(scaled_mm, operands: tuple, backend: str, ref) -> float:
 def bench_w8a8(roof: dict) -> list[dict]:
     import torch
 
-    from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8, quantize_weight_fp8
-    from minillm.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_weight_int8
+    from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8
+    from minillm.kernels.int8_gemm import int8_gemm, per_token_quant_int8
+    from minillm.quant.fp8 import quantize_fp8
+    from minillm.quant.int8_rtn import quantize_per_channel_int8
     from minillm.kernels.scaled_mm import scaled_mm, tma_supported
 
     rows = []
@@ -145,7 +147,7 @@ def bench_w8a8(roof: dict) -> list[dict]:
         row = {"M": m, "N": n, "K": k}
         # fp8
         xq, xs = per_token_quant_fp8(x)
-        wq, ws = quantize_weight_fp8(w)
+        wq, ws = quantize_fp8(w)
         ref = (xq.float() @ wq.float().t()) * xs * ws
         ours = lambda: fp8_gemm(xq, wq, xs, ws)  # noqa: E731
         _check(f"fp8 {m}x{n}x{k}", ours(), ref, 0.01)
@@ -166,7 +168,7 @@ def bench_w8a8(roof: dict) -> list[dict]:
         row["scaled_mm_padded_M"] = mp
         # int8
         xq8, xs8 = per_token_quant_int8(x)
-        wq8, ws8 = quantize_weight_int8(w)
+        wq8, ws8 = quantize_per_channel_int8(w)
         ref8 = (xq8.double() @ wq8.double().t()).float() * xs8 * ws8
         ours8 = lambda: int8_gemm(xq8, wq8, xs8, ws8)  # noqa: E731
         _check(f"int8 {m}x{n}x{k}", ours8(), ref8, 0.01)

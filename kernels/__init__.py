@@ -12,10 +12,9 @@
                         dequantize_int4                       the torch reference (chapter 10)
     scaled_mm.py        scaled_mm                              W8A8 GEMM: 8-bit operands, per-token x per-channel
                                                               scales in the epilogue (chapter 10)
-    fp8_gemm.py         per_token_quant_fp8, fp8_gemm,         FP8 e4m3 activations quantized per token, the
-                        fp8_linear, quantize_weight_fp8       FP8 GEMM, offline weight quantization (chapter 10)
-    int8_gemm.py        per_token_quant_int8, int8_gemm,       the same for INT8 (int32 accumulation) (chapter 10)
-                        int8_linear, quantize_weight_int8
+    fp8_gemm.py         per_token_quant_fp8, fp8_gemm          FP8 e4m3: activations quantized per token, the
+                                                              FP8 GEMM (chapter 10)
+    int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

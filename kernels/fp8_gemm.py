@@ -9,8 +9,8 @@ with no zero point. Hopper's tensor cores multiply e4m3 x e4m3 at twice the bf16
 
 The activation quantizer is one Triton program per row: pass 1 finds max |x|, pass 2 divides by
 scale = max / 448 (clamped away from 0), saturates to +-448 and rounds to e4m3 (round-to-nearest-even in
-Triton's fp32 -> fp8e4nv cast on the GPU). Weight scales are computed once, offline, in torch
-(quantize_weight_fp8). On CPU the interpreter rounds fp8 down-casts differently from the GPU, so CPU tests
+Triton's fp32 -> fp8e4nv cast on the GPU). Weights are quantized once, offline, by the quantization
+method (minillm.quant.fp8.quantize_fp8), whose call site fp8_linear runs these two kernels. On CPU the interpreter rounds fp8 down-casts differently from the GPU, so CPU tests
 compare with one e4m3 step of tolerance; the GEMM itself is exercised there on the same fp8 values.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from minillm.kernels.scaled_mm import scaled_mm
 
-__all__ = ["FP8_MAX", "per_token_quant_fp8", "quantize_weight_fp8", "fp8_gemm", "fp8_linear"]
+__all__ = ["FP8_MAX", "per_token_quant", "per_token_quant_fp8", "fp8_gemm"]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _MIN_SCALE = 1e-12  # an all-zero row gets this scale and quantizes to exact zeros
@@ -76,28 +76,7 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token_quant(x, torch.float8_e4m3fn, FP8_MAX)
 
 
-def quantize_weight_fp8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (w_q float8_e4m3fn [N, K], scale fp32 [N] or [1]): offline, in torch."""
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
-        raise ValueError(f"w must be a 2-D floating [N, K] tensor, got {getattr(w, 'dtype', type(w))} "
-                         f"{tuple(getattr(w, 'shape', ()))}")
-    amax = w.float().abs().amax(dim=1) if per_channel else w.float().abs().amax().reshape(1)
-    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
-    q = (w.float() / (scale[:, None] if per_channel else scale)).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), scale
-
-
 def fp8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y [M, N] = (x_q [M, K] @ w_q [N, K]^T) * x_scale [M, 1] * w_scale [N] (or [1]) (+ bias), fp32 accumulate."""
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
-        if t.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"{name} must be torch.float8_e4m3fn, got {t.dtype}")
-    return scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype)
-
-
-def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole W8A8-FP8 layer: quantize x [..., K] per token, then the scaled GEMM; y [..., N] in x's dtype."""
-    x_q, x_scale = per_token_quant_fp8(x)
-    y = fp8_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], w_q.shape[0])
+    return scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype, operand_dtype=torch.float8_e4m3fn)

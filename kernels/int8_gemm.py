@@ -7,7 +7,8 @@ The GEMM accumulates int8 x int8 products in int32 (tl.dot with out_dtype=int32)
 both scales once per output in the epilogue. Codes are symmetric in [-127, 127] (never -128, so that
 negating a row stays representable), rounded half to even as torch.round does. Hopper runs int8 at the fp8
 rate; int8 suits activations whose outliers were smoothed into the weights first (SmoothQuant), fp8 those
-that were not, its floating grid being kinder to outliers.
+that were not, its floating grid being kinder to outliers. Weights are quantized offline by the quantization
+method (minillm.quant.int8_rtn / smoothquant), whose call site int8_linear runs these two kernels.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from minillm.kernels.fp8_gemm import per_token_quant
 from minillm.kernels.scaled_mm import scaled_mm
 
-__all__ = ["INT8_MAX", "per_token_quant_int8", "quantize_weight_int8", "int8_gemm", "int8_linear"]
+__all__ = ["INT8_MAX", "per_token_quant_int8", "int8_gemm"]
 
 INT8_MAX = 127.0
 
@@ -26,28 +27,7 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token_quant(x, torch.int8, INT8_MAX)
 
 
-def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (w_q int8 [N, K], scale fp32 [N] or [1]): symmetric round-to-nearest, offline, in torch."""
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
-        raise ValueError(f"w must be a 2-D floating [N, K] tensor, got {getattr(w, 'dtype', type(w))} "
-                         f"{tuple(getattr(w, 'shape', ()))}")
-    amax = w.float().abs().amax(dim=1) if per_channel else w.float().abs().amax().reshape(1)
-    scale = (amax / INT8_MAX).clamp(min=1e-12)
-    q = torch.round(w.float() / (scale[:, None] if per_channel else scale)).clamp(-INT8_MAX, INT8_MAX)
-    return q.to(torch.int8), scale
-
-
 def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y [M, N] = (x_q [M, K] @ w_q [N, K]^T as int32) * x_scale [M, 1] * w_scale [N] (or [1]) (+ bias)."""
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
-        if t.dtype != torch.int8:
-            raise TypeError(f"{name} must be torch.int8, got {t.dtype}")
-    return scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype)
-
-
-def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole W8A8-INT8 layer: quantize x [..., K] per token, then the int8 GEMM; y [..., N] in x's dtype."""
-    x_q, x_scale = per_token_quant_int8(x)
-    y = int8_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], w_q.shape[0])
+    return scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype, operand_dtype=torch.int8)

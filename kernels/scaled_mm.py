@@ -193,10 +193,12 @@ def _scale_vector(scale: torch.Tensor, n: int, name: str, device: torch.device) 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
-              backend: str | None = None, config: dict | None = None) -> torch.Tensor:
+              operand_dtype: torch.dtype | None = None, backend: str | None = None,
+              config: dict | None = None) -> torch.Tensor:
     """C [M, N] = (a [M, K] @ b [N, K]^T) * a_scale * b_scale (+ bias), accumulated in int32 for int8
     operands and fp32 otherwise.
 
+    operand_dtype: if given, the dtype both operands must have (fp8_gemm / int8_gemm pin theirs).
     backend: "tma" (tensor-descriptor loads), "pointer" (plain loads), or None: TMA where tma_supported(),
     falling back to pointer loads for good (with a warning) if the TMA kernel fails to build.
     config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) pins the tiles instead of autotuning.
@@ -205,8 +207,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
         raise ValueError(f"backend must be None, 'tma' or 'pointer', got {backend!r}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
         raise ValueError(f"need a [M, K] and b [N, K] with the same K > 0, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype != b.dtype or (operand_dtype is not None and a.dtype != operand_dtype):
+        raise TypeError(f"a and b (activations and weights) must both be {operand_dtype or 'one dtype'}, got "
+                        f"{a.dtype} and {b.dtype}")
     allowed = (torch.int8, torch.float8_e4m3fn, torch.float16, torch.float32)
     if a.dtype not in allowed:
         raise TypeError(f"operands must be one of {allowed}, got {a.dtype}")

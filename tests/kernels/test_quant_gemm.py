@@ -12,12 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.kernels.fp8_gemm import FP8_MAX, fp8_gemm, fp8_linear, per_token_quant_fp8, quantize_weight_fp8
+from minillm.kernels.fp8_gemm import FP8_MAX, fp8_gemm, per_token_quant_fp8
 import minillm.kernels.int4_gemm as int4_module
 from minillm.kernels.int4_gemm import int4_gemm
 from minillm.kernels.int4_layout import dequantize_int4, repack_int4, sort_act_order
-from minillm.kernels.int8_gemm import int8_gemm, int8_linear, per_token_quant_int8, quantize_weight_int8
+from minillm.kernels.int8_gemm import int8_gemm, per_token_quant_int8
 from minillm.kernels.scaled_mm import scaled_mm
+from minillm.quant.fp8 import quantize_fp8
+from minillm.quant.int8_rtn import quantize_per_channel_int8
 from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
 
 # fp32 accumulation in a different order than torch's matmul: a few ulps of the dot product's magnitude
@@ -125,7 +127,7 @@ def test_int8_quant_and_gemm_exact(m, n, k):
     x_q, x_s = per_token_quant_int8(x)
     assert torch.equal(x_s[:, 0], (x.abs().amax(1) / 127).clamp(min=1e-12))
     assert torch.equal(x_q, torch.round(x * (1.0 / x_s)).clamp(-127, 127).to(torch.int8))  # half to even
-    w_q, w_s = quantize_weight_int8(w)
+    w_q, w_s = quantize_per_channel_int8(w)
     # the integer accumulation, scales of 1: exactly torch's int32 matmul (|sums| < 2^24: exact in fp32 too)
     acc = int8_gemm(x_q, w_q, torch.ones(1), torch.ones(1), out_dtype=torch.float32)
     assert torch.equal(acc, (x_q.int() @ w_q.int().t()).float())
@@ -134,7 +136,8 @@ def test_int8_quant_and_gemm_exact(m, n, k):
         assert torch.equal(tma, acc)
     y = int8_gemm(x_q, w_q, x_s, w_s, out_dtype=torch.float32)
     _close(y, (x_q.int() @ w_q.int().t()).float() * x_s * w_s, FP32_RTOL)
-    _close(int8_linear(x, w_q, w_s), x @ w.t(), 0.03)  # two 8-bit roundings: ~1% of the output's range
+    x_q, x_s = per_token_quant_int8(x.to(torch.bfloat16))  # the layer's activations: bf16 in, int8 out
+    _close(int8_gemm(x_q, w_q, x_s, w_s, out_dtype=torch.float32), x @ w.t(), 0.03)  # two 8-bit roundings
 
 
 # ---------------------------------------------------------------------------------------------- FP8
@@ -160,7 +163,9 @@ def test_fp8_gemm_scales_and_indexing(m, n, k, per_channel):
     torch.manual_seed(m * 7 + n + k)
     x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     x_q, x_s = per_token_quant_fp8(x)
-    w_q, w_s = quantize_weight_fp8(w, per_channel=per_channel)
+    w_q, w_s = quantize_fp8(w, per_channel=per_channel)
+    if not per_channel:
+        w_s = w_s[:1]  # one per-tensor scale (quantize_fp8 repeats it on every row): the kernel's scalar path
     ref = (x_q.float() @ w_q.float().t()) * x_s * w_s + bias  # e4m3 products are exact in fp32
     _close(fp8_gemm(x_q, w_q, x_s, w_s, bias, out_dtype=torch.float32), ref, FP32_RTOL)
     _close(scaled_mm(x_q, w_q, x_s, w_s, bias, out_dtype=torch.float32, backend="tma"), ref, FP32_RTOL)
@@ -170,13 +175,15 @@ def test_fp8_gemm_scales_and_indexing(m, n, k, per_channel):
 
 def test_w8a8_rejects_bad_operands():
     x_q, x_s = per_token_quant_int8(torch.randn(3, 64))
-    w_q, w_s = quantize_weight_int8(torch.randn(32, 64))
+    w_q, w_s = quantize_per_channel_int8(torch.randn(32, 64))
     with pytest.raises(ValueError, match="same K"):
         int8_gemm(x_q, w_q[:, :32], x_s, w_s)
     with pytest.raises(ValueError, match="w_scale|b_scale"):
         int8_gemm(x_q, w_q, x_s, w_s[:5])
     with pytest.raises(TypeError, match="float8"):
         fp8_gemm(x_q, w_q, x_s, w_s)
+    with pytest.raises(TypeError, match="int8"):
+        int8_gemm(x_q.float(), w_q.float(), x_s, w_s)
     with pytest.raises(TypeError, match="x must be"):
         per_token_quant_fp8(x_q)
     with pytest.raises(ValueError, match="backend"):
@@ -204,7 +211,7 @@ def test_fp8_gemm_gpu_matches_scaled_mm(m):
     torch.manual_seed(m)
     n, k = 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w_q, w_s = quantize_weight_fp8(torch.randn(n, k, device="cuda"))
+    w_q, w_s = quantize_fp8(torch.randn(n, k, device="cuda"))
     x_q, x_s = per_token_quant_fp8(x)
     ref_q = (x.float() * (1.0 / x_s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     assert (x_q.float() != ref_q.float()).float().mean() < 1e-3  # same RNE cast; rare ties may differ
@@ -216,7 +223,8 @@ def test_fp8_gemm_gpu_matches_scaled_mm(m):
     if m >= 16:  # torch._scaled_mm's row-wise scaling wants M a multiple of 16
         theirs = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s.view(1, -1), out_dtype=torch.bfloat16)
         _close(y, theirs, 0.01)
-    _close(fp8_linear(x, w_q, w_s), x.float() @ (w_q.float() * w_s[:, None]).t(), 0.05)
+    # the whole layer against the unquantized activations: two e4m3 roundings (~3% each) of the products
+    _close(fp8_gemm(x_q, w_q, x_s, w_s), x.float() @ (w_q.float() * w_s[:, None]).t(), 0.05)
 
 
 @pytest.mark.gpu
@@ -225,7 +233,7 @@ def test_int8_gemm_gpu_matches_int_mm(m):
     torch.manual_seed(m)
     n, k = 4096, 4096
     x_q, x_s = per_token_quant_int8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    w_q, w_s = quantize_weight_int8(torch.randn(n, k, device="cuda"))
+    w_q, w_s = quantize_per_channel_int8(torch.randn(n, k, device="cuda"))
     one = torch.ones(1, device="cuda")
     acc = int8_gemm(x_q, w_q, one, one, out_dtype=torch.float32)
     exact = (x_q.double() @ w_q.double().t()).long() if m <= 16 else torch._int_mm(x_q, w_q.t()).long()
