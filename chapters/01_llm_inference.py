@@ -24,9 +24,17 @@
 #
 # Both phases do the same arithmetic per token, yet a decoded token costs far more than a prefilled one. This
 # chapter measures that on the bundled model (SmolLM2-135M-Instruct, on this machine's CPU), explains it with
-# the **roofline model**, and ends with the other budget that decides what you can serve: **memory**.
+# the **roofline model**, and the other budget that decides what you can serve: **memory**. Then it opens the
+# model: the two layers every Llama block runs (RMSNorm, RoPE) and the filters that pick the next token.
 #
-# Your exercise: `arithmetic_intensity` in `exercises/ch01_basics.py` (then run `minillm grade ch01`).
+# Your exercises, in `exercises/ch01_basics.py` (then run `minillm grade ch01`): `arithmetic_intensity`,
+# `rms_norm`, `rope` (`apply_rotary`), `top_k_filter`, `top_p_filter`, and two interview questions with a
+# numeric answer at the end (`batch1_decode_tokens_per_s`, `critical_batch_size`).
+#
+# Whose code runs: your `exercises/` by default. A function you have not attempted yet falls back to the reference,
+# with a one-line banner naming it (`ch01.rms_norm: not attempted yet, using the reference`), so every cell runs.
+# To choose, start Jupyter with `MINILLM_IMPL=solutions` (the reference everywhere), `MINILLM_IMPL=exercises` (the
+# default) or `MINILLM_IMPL=PATH` (any folder laid out like `exercises/`), e.g. `MINILLM_IMPL=solutions make lab`.
 
 # %%
 import time
@@ -124,8 +132,10 @@ for name, (n, k, b) in shapes.items():
 #
 # A processor has two limits: peak FLOP/s `P` and memory bandwidth `B` bytes/s. A kernel of intensity `I`
 # runs at most at `min(P, I·B)`. Below the **ridge point** `I* = P / B` it waits on memory; above it, on arithmetic.
-# We measure this machine (a 1024³ matmul and a 64 MiB copy, a second or so), and put it beside the H100 we
-# benchmark on: 3.0 TB/s copy, 722 TFLOP/s bf16 GEMM, 1254 TFLOP/s fp8 GEMM.
+# We measure this machine (a 1024³ matmul and a 64 MiB copy, a second or so), and put it beside the H200 we
+# benchmark on, as measured there (shared/GPU.md): 4.24 TB/s copy, 670-720 TFLOP/s bf16 GEMM (we take 700),
+# 1285 TFLOP/s fp8 GEMM. (The datasheet says 989 TFLOP/s dense bf16 for the H100 and the H200 alike: a peak
+# no real GEMM reaches. We always use the measured figure.)
 
 # %%
 here = roofline.measure_machine()
@@ -134,13 +144,13 @@ print(f"{here.name}: {here.flops / 1e9:.1f} GFLOP/s, {here.bandwidth / 1e9:.1f} 
 
 # %%
 # NBVAL_CHECK_OUTPUT
-for peak in (roofline.H100_BF16, roofline.H100_FP8):
+for peak in (roofline.H200_BF16, roofline.H200_FP8):
     print(f"{peak.name}: ridge point {peak.ridge_point:.0f} FLOPs/byte; "
           f"at I = 1 it reaches {100 * peak.attainable(1.0) / peak.flops:.2f}% of its peak")
 
 # %% [markdown]
-# The H100 needs about 240 FLOPs per byte to be busy. Decode at batch 1 offers about 1: at most 0.4% of the
-# GPU's arithmetic can be used. Now time the model's largest matmul, the LM head, at a decode size (m = 1) and a
+# The H200 needs about 165 FLOPs per byte to be busy in bf16. Decode at batch 1 offers about 1: at most 0.6% of
+# the GPU's arithmetic can be used. Now time the model's largest matmul, the LM head, at a decode size (m = 1) and a
 # prefill size (m = 256) on this machine, and place the results on the plot. (The copy figure is a quick estimate:
 # on a CPU each written line is first read into the cache, so a copy moves more bytes than it counts, and a
 # read-only kernel such as this one can land somewhat above the measured slope.)
@@ -158,13 +168,14 @@ guides = [("Llama-3-8B decode, bf16, m=1", arithmetic_intensity(1, 14336, 4096, 
           ("Llama-3-8B decode, batch 64", arithmetic_intensity(64, 14336, 4096, 2)),
           ("Llama-3-8B prefill, 2048 tokens", arithmetic_intensity(2048, 14336, 4096, 2))]
 _, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-roofline.plot_roofline([here, roofline.H100_BF16, roofline.H100_FP8], guides, measured, ax=ax)
+# bf16 solid, fp8 dashed: both roofs share the H200's memory slope (same bandwidth), only the flat roof differs
+roofline.plot_roofline([here, roofline.H200_BF16, roofline.H200_FP8], guides, measured, ax=ax)
 plt.show()
 
 # %% [markdown]
 # Read the plot from left to right: decode at batch 1 sits far down the memory slope, batching slides it up the
-# slope (chapter 2: continuous batching), prefill sits under the flat roof. Quantized weights (chapter 4) halve or
-# quarter the bytes, which moves decode to the right: the same bandwidth now carries more FLOPs.
+# slope (chapter 6: continuous batching), prefill sits under the flat roof. Quantized weights (chapters 7 and 8)
+# halve or quarter the bytes, which moves decode to the right: the same bandwidth now carries more FLOPs.
 
 # %%
 if torch.cuda.is_available():
@@ -172,8 +183,8 @@ if torch.cuda.is_available():
     print(f"{gpu.name}: {gpu.flops / 1e12:.0f} TFLOP/s bf16, {gpu.bandwidth / 1e12:.2f} TB/s, "
           f"ridge {gpu.ridge_point:.0f} FLOPs/byte")
 else:
-    print("on an H100 this cell would measure an 8192^3 bf16 matmul (~700 TFLOP/s) and a 1 GiB copy (~3 TB/s), "
-          "putting the ridge point near 240 FLOPs/byte")
+    print("on the H200 this cell would measure an 8192^3 bf16 matmul (~700 TFLOP/s) and a 1 GiB copy "
+          "(~4.2 TB/s), putting the ridge point near 165 FLOPs/byte")
 
 # %% [markdown]
 # ## 4. Memory: weights plus the KV cache
@@ -199,7 +210,201 @@ for name in ("smollm2-135m", "llama-2-7b", "llama-3-8b", "llama-2-70b", "llama-3
 # cache is 4× smaller per token. At 16 sequences of 8k tokens the cache outweighs Llama-2-7B's own weights. The
 # same estimate from a terminal: `minillm estimate --model llama-2-70b --dtype fp16 --context 4096 --batch 8`.
 #
+# ## 5. Inside a block: RMSNorm
+#
+# Now open the model. Each of SmolLM2's 30 blocks normalises its input twice (before attention, before the MLP)
+# with **RMSNorm**: every token's hidden vector is divided by its root mean square and multiplied by a learned
+# per-channel weight,
+#
+# $$ y = \frac{x}{\sqrt{\tfrac{1}{d}\sum_i x_i^2 + \varepsilon}} \odot w .$$
+#
+# Unlike LayerNorm it does not subtract the mean (one reduction instead of two, and it works as well). Two
+# details matter: the sum of squares runs over the **last** dimension (the hidden size, one row per token), and it
+# is computed in fp32 even when `x` is bf16 (576 squares summed in bf16 lose most of their bits). `eps` keeps a
+# row of zeros from dividing by zero. **Exercise `ch01.rms_norm`**: below, rows of very different scales come
+# out with RMS exactly 1 (weight = 1), and an all-zero row stays zero.
+
+# %%
+rms_norm = load_function("ch01.rms_norm")
+g = torch.Generator().manual_seed(1)
+rows = torch.randn(5, 576, generator=g) * torch.tensor([[0.01], [0.5], [1.0], [8.0], [0.0]]) + 0.3
+rows[4] = 0.0
+normed = rms_norm(rows, torch.ones(576), 1e-5)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+rms = lambda t: t.pow(2).mean(-1).sqrt()  # noqa: E731
+print("RMS before:", [f"{v:.3f}" for v in rms(rows).tolist()])
+print("RMS after :", [f"{v:.3f}" for v in rms(normed).tolist()])
+print("mean after (not removed):", [f"{v:.2f}" for v in normed.mean(-1).tolist()])
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 2.8), layout="constrained")
+ax.bar([i - 0.2 for i in range(5)], rms(rows), width=0.4, label="RMS of the row before")
+ax.bar([i + 0.2 for i in range(5)], rms(normed), width=0.4, label="after your rms_norm")
+ax.set_yscale("symlog", linthresh=0.01)
+ax.set_xticks(range(5), ["x0.01", "x0.5", "x1", "x8", "zeros"])
+ax.set_xlabel("row (scale of its values)")
+ax.set_title("RMSNorm: every token's vector leaves with RMS 1, whatever came in")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## 6. Inside attention: rotary position embeddings (RoPE)
+#
+# Attention compares a query with keys by a dot product, which knows nothing of order. RoPE writes the position
+# into `q` and `k` by **rotating** them: channel pairs `(x_i, x_{i+D/2})` of the token at position `p` turn by the
+# angle `p·θ_i`, with frequencies `θ_i = base^{-2i/D}` (SmolLM2: base 10⁵, D = 64). A rotation keeps lengths, and
+# the dot product of a query rotated by `m·θ` with a key rotated by `n·θ` depends only on `m − n`: attention sees
+# **relative** positions, whatever the absolute ones. Note the pairing: Llama-family weights pair channel `i`
+# with `i + D/2` ("rotate half"), not `2i` with `2i + 1`. **Exercise `ch01.rope`** (`apply_rotary`): below, one
+# query and one key placed at every position 0..47, compared by your function's output.
+
+# %%
+from minillm.layers.rotary import rope_inv_freq
+
+apply_rotary = load_function("ch01.rope")
+positions = torch.arange(48)
+angles = positions[:, None].float() * rope_inv_freq(64, 1e5)[None, :]  # [48, 32]
+cos, sin = angles.cos(), angles.sin()
+q_vec, k_vec = torch.randn(64, generator=g), torch.randn(64, generator=g)
+q_rot = apply_rotary(q_vec.expand(48, 1, 64).clone(), cos, sin)[:, 0]  # the same query at 48 positions
+k_rot = apply_rotary(k_vec.expand(48, 1, 64).clone(), cos, sin)[:, 0]
+scores = q_rot @ k_rot.T  # scores[m, n]: query at position m, key at position n
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"|q| kept by the rotation: {bool(torch.allclose(q_rot.norm(dim=-1), q_vec.norm().expand(48), rtol=1e-5))}")
+for offset in (0, 3, 10):
+    diag = torch.diagonal(scores, -offset)  # every (m, n) with m - n = offset
+    print(f"m - n = {offset:2d}: score {float(diag[0]):8.4f} at all {diag.numel()} positions (to 1e-4): "
+          f"{float(diag.max() - diag.min()) < 1e-4}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+im = axes[0].imshow(scores, cmap="RdBu_r")
+axes[0].set_xlabel("key position n")
+axes[0].set_ylabel("query position m")
+axes[0].set_title("q(m) . k(n) with your apply_rotary: constant along diagonals", fontsize=10)
+fig.colorbar(im, ax=axes[0], shrink=0.8)
+m_idx, n_idx = torch.tril_indices(48, 48)  # every pair with the key at or before the query
+axes[1].scatter(m_idx - n_idx, scores[m_idx, n_idx], s=4, label="all 1176 pairs (m, n), n <= m")
+axes[1].set_xlabel("m - n (relative position)")
+axes[1].set_ylabel("score")
+axes[1].set_title("plotted against m - n, the pairs fall on one curve", fontsize=10)
+axes[1].legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## 7. Choosing the next token: top-k and top-p
+#
+# The model's last layer gives a **logit** per vocabulary entry. Greedy decoding takes the largest; sampling
+# divides by a temperature, applies a softmax and draws. Drawing from the whole vocabulary lets the long tail of
+# unlikely tokens through now and then, so two filters cut it first (they set the removed logits to `-inf`, so
+# the softmax gives them probability 0):
+#
+# * **top-k** keeps the `k` largest logits of each row, whatever their probabilities;
+# * **top-p** (nucleus sampling, Holtzman et al. 2019) keeps the smallest set of most likely tokens whose
+#   probabilities add up to `p`: few tokens when the model is sure, many when it hesitates.
+#
+# **Exercises `ch01.top_k_filter` and `ch01.top_p_filter`**: each works on a batch, one `k` or `p` per row.
+# Below, a confident and a hesitant distribution over 30 tokens through both filters.
+
+# %%
+top_k_filter = load_function("ch01.top_k_filter")
+top_p_filter = load_function("ch01.top_p_filter")
+logits = torch.stack([-0.45 * torch.arange(30.0), -0.08 * torch.arange(30.0)])  # sure, hesitant
+kept_k = top_k_filter(logits.clone(), torch.tensor([8, 8]))
+kept_p = top_p_filter(logits.clone(), torch.tensor([0.9, 0.9]))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for row, what in enumerate(("confident", "hesitant")):
+    print(f"{what:9s}: top-k 8 keeps {int(torch.isfinite(kept_k[row]).sum()):2d} tokens, "
+          f"top-p 0.9 keeps {int(torch.isfinite(kept_p[row]).sum()):2d} tokens "
+          f"(mass kept {float(torch.softmax(logits[row], -1)[torch.isfinite(kept_p[row])].sum()):.3f})")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True, layout="constrained")
+for row, (ax, what) in enumerate(zip(axes, ("a confident model", "a hesitant model"))):
+    probs = torch.softmax(logits[row], -1)
+    ax.bar(range(30), probs, color="0.8", label="all tokens")
+    ax.bar(range(30), torch.where(torch.isfinite(kept_p[row]), probs, 0), color="C0", label="kept by top-p 0.9")
+    ax.axvline(7.5, color="C3", ls="--", label="top-k 8 cut")
+    ax.set_title(what, fontsize=10)
+    ax.set_xlabel("token (most likely first)")
+axes[0].set_ylabel("probability")
+axes[0].legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Top-k keeps 8 tokens in both cases: more than the 6 that hold 90% of the confident model's mass, far fewer than
+# the 22 the hesitant one needs. Top-p adapts. Engines apply both (and a temperature) per request: every request
+# of a batch has its own `k` and `p`, hence the per-row tensors.
+#
+# Your four functions sit in the engine's path (through `dispatch`): run the model once with the reference and
+# once with yours, same seed, sampling with temperature, top-k and top-p. The tokens must be identical.
+
+# %%
+from minillm.course.overrides import use_overrides
+
+sampled = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_tokens=12, seed=7)
+question = [{"role": "user", "content": "Name a colour."}]
+reference = llm.chat(question, sampled)[0].outputs[0]
+with use_overrides({"ch01.rms_norm": rms_norm, "ch01.rope": apply_rotary, "ch01.top_k_filter": top_k_filter,
+                    "ch01.top_p_filter": top_p_filter}):
+    yours = llm.chat(question, sampled)[0].outputs[0]
+print(repr(yours.text))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("same tokens with your rms_norm, rope, top_k_filter, top_p_filter:", yours.token_ids == reference.token_ids)
+
+# %% [markdown]
+# ## 8. Interview questions
+#
+# Classic questions on this chapter's material; try them before opening the answers.
+#
+# 1. *Why is decode memory-bound and prefill compute-bound?* <details><summary>answer</summary>Per weight byte read,
+#    a decode step does ~1 FLOP per sequence in the batch (m = 1 per sequence); prefill does one per prompt token.
+#    The ridge point of a GPU is ~165 FLOPs/byte (H200, bf16): decode sits far below it, prefill above.</details>
+# 2. *What are TTFT and TPOT, and which phase sets each?* <details><summary>answer</summary>Time to first token:
+#    queueing + the prompt's prefill. Time per output token: one decode step (plus whatever else shares the step:
+#    other requests' prefill chunks).</details>
+# 3. *Why does batching help decode but hardly help prefill?* <details><summary>answer</summary>Batching raises m,
+#    the reuse of each weight byte. Prefill already reuses it hundreds of times and sits under the flat roof.</details>
+# 4. *RMSNorm vs LayerNorm?* <details><summary>answer</summary>No mean subtraction and no bias: one reduction.
+#    Compute the mean of squares in fp32.</details>
+# 5. *Why does RoPE give relative positions?* <details><summary>answer</summary>Rotating q by mθ and k by nθ makes
+#    q·k depend on (m − n)θ only: the rotations compose.</details>
+# 6. *Top-k vs top-p?* <details><summary>answer</summary>top-k keeps a fixed count; top-p a fixed probability mass,
+#    so the number kept adapts to the model's confidence.</details>
+#
+# Two questions whose answer is a number you compute with your own code (graded as exercises
+# `ch01.batch1_decode_tokens_per_s` and `ch01.critical_batch_size`, in `exercises/ch01_basics.py`):
+#
+# 7. *What is the most tokens per second one H200 (4.24 TB/s) can decode at batch 1 for Llama-3-8B (8.03 B
+#    parameters) in bf16? In int4?*
+# 8. *From which batch size is the decode step's weight matmul compute-bound on an H200, in bf16 (700 TFLOP/s) and
+#    in fp8 (1285 TFLOP/s, 1 byte per weight)?*
+
+# %%
+# NBVAL_CHECK_OUTPUT
+batch1_decode_tokens_per_s = load_function("ch01.batch1_decode_tokens_per_s")
+critical_batch_size = load_function("ch01.critical_batch_size")
+for dtype, nbytes in (("bf16", 2), ("int4", 0.5)):
+    print(f"7. Llama-3-8B {dtype} on an H200: at most {batch1_decode_tokens_per_s(8.03e9, nbytes, 4.24e12):6.1f} tokens/s")
+for peak in (roofline.H200_BF16, roofline.H200_FP8):
+    nbytes = 2 if "bf16" in peak.name else 1
+    print(f"8. {peak.name}: compute-bound from batch {critical_batch_size(peak.flops, peak.bandwidth, nbytes)}")
+
+# %% [markdown]
+# For scale: on the H200, gpt-fast decodes that model at 186 tokens/s and minillm with CUDA graphs at 195
+# (shared/GPU.md): 70-75% of the weight-read ceiling of question 7. The fp8 answer to question 8 is *smaller*
+# than the bf16 one: fp8 halves the bytes per weight (intensity doubles) but less than doubles the flat roof.
+#
 # **What to remember**
 # * prefill is compute-bound (TTFT), decode is memory-bound (TPOT); batching is how decode uses the arithmetic;
 # * arithmetic intensity against the ridge point tells which limit a kernel hits;
-# * the KV cache, not only the weights, decides how many sequences fit: chapters 2 to 5 manage it.
+# * the KV cache, not only the weights, decides how many sequences fit: chapters 2 to 6 manage it;
+# * a Llama block is RMSNorm, attention with RoPE, RMSNorm, MLP; sampling filters the logits (top-k, top-p) and draws.

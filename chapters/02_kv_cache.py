@@ -23,7 +23,8 @@
 # chunked prefill, decode) one attention call, and looks at the simplest cache layout, **contiguous**: one
 # region of `max_model_len` slots per sequence, and how much of it is never used.
 #
-# Your exercise: `causal_mask` in `exercises/ch02_kv_cache.py` (then `minillm grade ch02`).
+# Your exercises, in `exercises/ch02_kv_cache.py` (then `minillm grade ch02`): `causal_mask`, and the interview
+# question `kv_cache_bytes` at the end.
 
 # %%
 import time
@@ -40,34 +41,53 @@ from minillm.engine.kv_waste import kv_memory_waste
 causal_mask = load_function("ch02.causal_mask")
 llm = LLM(seed=0, max_model_len=256, max_num_seqs=4, scheduling="static")  # static batching, contiguous cache
 prompt = synthetic_prompts(llm.tokenizer, 1, 32)[0]
-NEW_TOKENS = 12
+NEW_TOKENS = 8
+REPEATS = 3  # timings on a shared CPU are noisy: interleave the two methods and keep the median of each
 
 # %% [markdown]
 # ## 1. Recompute or cache: measured
 #
 # *Without a cache*: to get token `i` we run the whole sequence so far (prompt + `i` generated tokens) through
 # the model again, one full prefill per generated token. *With the cache*: one prefill of the prompt, then one
-# token per step. Same greedy decoding, so the same tokens (up to floating-point ties).
+# token per step. Same greedy decoding, so the same tokens (up to floating-point ties). Each method runs
+# `REPEATS` times, the two interleaved so that both see the same load on the machine, and we keep the median of
+# every token's time: one slow run (another process waking up) then cannot flip the comparison.
 
 # %%
 greedy_one = SamplingParams(temperature=0, max_tokens=1)
-tokens, recompute_ms = list(prompt), []
-for _ in range(NEW_TOKENS):  # no cache: every step is a prefill of everything so far
-    t0 = time.perf_counter()
-    out = llm.generate([tokens], greedy_one)[0]
-    recompute_ms.append(1e3 * (time.perf_counter() - t0))
-    tokens.append(out.outputs[0].token_ids[0])
-no_cache_tokens = tokens[len(prompt):]
 
-t0 = time.perf_counter()
-stream_ms, cached_tokens = [], []
-for delta in llm.generate_stream(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)):
-    stream_ms.append(1e3 * (time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    cached_tokens += delta.outputs[0].token_ids
-print(f"no cache  : {sum(recompute_ms):7.0f} ms for {NEW_TOKENS} tokens")
-print(f"with cache: {sum(stream_ms):7.0f} ms for {NEW_TOKENS} tokens")
-print("same tokens:", no_cache_tokens == cached_tokens[:NEW_TOKENS])
+
+def without_cache() -> tuple[list[float], list[int]]:
+    """Every step is a prefill of everything so far; returns (ms per token, tokens)."""
+    tokens, ms = list(prompt), []
+    for _ in range(NEW_TOKENS):
+        t0 = time.perf_counter()
+        out = llm.generate([tokens], greedy_one)[0]
+        ms.append(1e3 * (time.perf_counter() - t0))
+        tokens.append(out.outputs[0].token_ids[0])
+    return ms, tokens[len(prompt):]
+
+
+def with_cache() -> tuple[list[float], list[int]]:
+    """One prefill, then one token per step (streamed); returns (ms per token, tokens)."""
+    ms, tokens, t0 = [], [], time.perf_counter()
+    for delta in llm.generate_stream(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)):
+        ms.append(1e3 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        tokens += delta.outputs[0].token_ids
+    return ms[:NEW_TOKENS], tokens[:NEW_TOKENS]
+
+
+runs = {"no cache": [], "with cache": []}
+for _ in range(REPEATS):
+    for name, fn in (("no cache", without_cache), ("with cache", with_cache)):
+        runs[name].append(fn())
+median_ms = {name: torch.tensor([ms for ms, _ in r]).median(dim=0).values for name, r in runs.items()}
+recompute_ms, stream_ms = median_ms["no cache"], median_ms["with cache"]
+no_cache_tokens, cached_tokens = runs["no cache"][0][1], runs["with cache"][0][1]
+for name, ms in median_ms.items():
+    print(f"{name:10s}: {float(ms.sum()):6.0f} ms for {NEW_TOKENS} tokens (median of {REPEATS} runs, per token)")
+print("same tokens:", no_cache_tokens == cached_tokens)
 
 # %% [markdown]
 # Count the work instead of timing it: the tokens each approach pushes through the 30 layers.
@@ -85,9 +105,9 @@ print(f"for a 2000-token prompt and 500 new tokens: {sum(2000 + i for i in range
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
 ax.plot(range(1, n + 1), recompute_ms, "o-", label="no cache: a prefill of everything so far")
-ax.plot(range(1, n + 1), stream_ms[:n], "s-", label="KV cache: prefill once, then one token per step")
+ax.plot(range(1, n + 1), stream_ms, "s-", label="KV cache: prefill once, then one token per step")
 ax.set_xlabel("generated token")
-ax.set_ylabel("ms for this token")
+ax.set_ylabel(f"ms for this token (median of {REPEATS})")
 ax.set_ylim(bottom=0)
 ax.set_title("The cost of not caching keys and values (this machine)")
 ax.legend()
@@ -155,6 +175,39 @@ plt.show()
 # cannot be admitted unless a whole `max_model_len` region is free. Chapter 5 fixes this with **paging**: blocks of
 # 16 tokens handed out as a sequence grows; chapter 6 uses the freed memory to batch continuously.
 #
+# ## 4. Interview questions
+#
+# 1. *Why cache K and V, but not Q?* <details><summary>answer</summary>A past token's query is used once, at its own
+#    step; its key and value are read by every later token. With the cache a decode step computes one q, k, v.</details>
+# 2. *What does a KV cache do to the cost of generating n tokens?* <details><summary>answer</summary>Without it,
+#    step i reprocesses all p + i tokens: quadratic total compute. With it, each step processes one token and
+#    attention reads the i cached keys: linear compute per step, but memory that grows with the context.</details>
+# 3. *How do MQA and GQA change the KV cache?* <details><summary>answer</summary>The cache scales with the KV heads,
+#    not the query heads: Llama-3-8B (8 KV heads for 32 query heads) keeps 4x less than with MHA.</details>
+# 4. *Why does one bottom-right aligned causal mask serve prefill, chunked prefill and decode?*
+#    <details><summary>answer</summary>The queries are always the last q_len of the kv_len tokens: query i sits at
+#    position kv_len - q_len + i and sees every key up to there.</details>
+# 5. *What does a contiguous KV cache waste, and what fixes it?* <details><summary>answer</summary>Each sequence
+#    reserves max_model_len slots; real sequences use a fraction. Paging (chapter 5) allocates 16-token blocks on
+#    demand: the waste falls to less than a block per sequence.</details>
+#
+# A question whose answer is a number (exercise `ch02.kv_cache_bytes`): *how large is the KV cache of Llama-3-8B
+# (32 layers, 8 KV heads, head_dim 128) in bf16 for one token, and for 16 sequences of 8k tokens? How many 8k-token
+# sequences fit on one H200 (141 GB) beside the 16.06 GB of bf16 weights (ignore activations)?* And check your
+# function on the model of this notebook against the size of the cache it allocated.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+kv_cache_bytes = load_function("ch02.kv_cache_bytes")
+one = kv_cache_bytes(32, 8, 128, 2, 1)
+print(f"Llama-3-8B bf16: {one / 1024:.0f} KiB per token, {kv_cache_bytes(32, 8, 128, 2, 16 * 8192) / 1e9:.1f} GB "
+      f"for 16 x 8k tokens")
+print(f"8k-token sequences that fit beside the weights on an H200: {int((141e9 - 16.06e9) // (8192 * one))}")
+smollm = kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, cache.num_blocks * cache.block_size)
+print(f"SmolLM2 fp32, {cache.num_blocks * cache.block_size} slots: {smollm / 2**20:.1f} MiB "
+      f"(the cache allocated above: {cache.nbytes / 2**20:.1f} MiB)")
+
+# %% [markdown]
 # **What to remember**
 # * K/V of past tokens never change, so caching them turns quadratic recomputation into one token of work per step;
 # * one bottom-right aligned causal mask covers prefill, chunked prefill and decode;

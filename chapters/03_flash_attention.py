@@ -24,7 +24,10 @@
 # 2. the **online softmax**: a softmax computed one block of scores at a time (exercise `ch03.online_softmax_update`);
 # 3. **tiling** and **causal block skipping**: which key tiles a query tile must visit, and which need a mask
 #    (exercise `ch03.causal_block_range`);
-# 4. the **Triton kernel**: its inner loop is yours to write (exercise `ch03.flash_attention_kernel`).
+# 4. three **Triton puzzles** that climb to the kernel: masked tiles, a row softmax, a tiled matmul (exercises
+#    `ch03.outer_add_kernel`, `ch03.softmax_kernel`, `ch03.matmul_kernel`);
+# 5. the **Triton kernel**: its inner loop is yours to write (exercise `ch03.flash_attention_kernel`);
+# 6. interview questions, one of them a number you compute (exercise `ch03.attention_hbm_bytes`).
 #
 # Write them in `exercises/ch03_flash_attention.py`, then run `minillm grade ch03`. On this CPU the kernel runs
 # through Triton's interpreter, so sizes stay tiny; the GPU cell at the end says what an H100 does.
@@ -194,7 +197,143 @@ with use_overrides({"ch03.online_softmax_update": online_softmax_update, "ch03.c
         print(f"q {q_len:3d}, k {k_len:3d}, causal={causal!s:5}: max |tiled - naive| < 1e-5: {bool(err < 1e-5)}")
 
 # %% [markdown]
-# ## 4. The Triton kernel
+# ## 4. Triton in three puzzles
+#
+# A Triton kernel is written for ONE program; the launch runs a grid of them. A program finds its tile from
+# `tl.program_id(axis)`, builds vectors of offsets with `tl.arange(0, BLOCK)` (BLOCK a power of two, known at
+# compile time), loads whole blocks with `tl.load(ptr + offsets, mask=..., other=...)`, computes on them in
+# registers, and writes with `tl.store(ptr + offsets, value, mask=...)`. Since BLOCK rarely divides the tensor's
+# size, the last tiles stick out past its edge: the **mask** turns those lanes off. The three kernels of
+# `kernels/puzzles.py` are the steps to FlashAttention; each has a launcher beside it in your chapter module.
+#
+# **Puzzle 1, `ch03.outer_add_kernel`**: `OUT[i, j] = x[i] + y[j]` on a 2-D grid of `BLOCK_M × BLOCK_N` tiles, masks
+# in both dimensions. The picture is measured, not drawn from the formula: your kernel runs on growing grids
+# into a buffer of sentinels larger than the output, and each cell is coloured by the program that wrote it.
+# A red cell outside the output would be a store that escaped its mask.
+
+# %%
+from matplotlib.patches import Rectangle
+
+ch03_puzzles = load_module(module_file(get("ch03.outer_add_kernel"), resolve_impl()))
+
+
+def written_by(grid, rows, cols, block_m, block_n, pad=8):
+    """Cells of a [rows + pad, cols + pad] sentinel buffer that your kernel writes when launched on `grid`."""
+    buf = torch.full((rows + pad, cols + pad), float("nan"))
+    x, y = torch.arange(rows, dtype=torch.float32), 100 * torch.arange(cols, dtype=torch.float32)
+    ch03_puzzles.outer_add_kernel[grid](x, y, buf, rows, cols, buf.stride(0), buf.stride(1),
+                                        BLOCK_M=block_m, BLOCK_N=block_n)
+    return ~torch.isnan(buf)
+
+
+rows, cols, bm, bn = 20, 27, 8, 16
+tiles = (math.ceil(rows / bm), math.ceil(cols / bn))
+owner = torch.full((rows + 8, cols + 8), -1)
+for i in range(tiles[0]):
+    for j in range(tiles[1]):  # program (i, j) wrote what grid (i+1, j+1) writes and grids (i, j+1), (i+1, j) don't
+        mine = written_by((i + 1, j + 1), rows, cols, bm, bn)
+        for smaller in ((i, j + 1), (i + 1, j)):
+            if min(smaller) > 0:
+                mine &= ~written_by(smaller, rows, cols, bm, bn)
+        owner[mine & (owner < 0)] = i * tiles[1] + j
+escaped = owner >= 0
+escaped[:rows, :cols] = False
+image = torch.ones(rows + 8, cols + 8, 3)
+for p in range(tiles[0] * tiles[1]):
+    image[owner == p] = torch.tensor(plt.get_cmap("Pastel1")(p)[:3], dtype=torch.float32)
+image[escaped] = torch.tensor([1.0, 0.0, 0.0])
+fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+ax.imshow(image, extent=(0, cols + 8, rows + 8, 0))
+for i in range(tiles[0]):
+    for j in range(tiles[1]):
+        ax.add_patch(Rectangle((j * bn, i * bm), bn, bm, fill=False, ls="--", lw=1.2))
+        inside = ((j * bn + min((j + 1) * bn, cols)) / 2, (i * bm + min((i + 1) * bm, rows)) / 2)  # its part of OUT
+        ax.text(*inside, f"program ({i}, {j})", ha="center", va="center", fontsize=8)
+ax.add_patch(Rectangle((0, 0), cols, rows, fill=False, lw=2.5, color="k"))
+ax.set_title(f"OUT [{rows}, {cols}] (thick border), tiles {bm} x {bn} (dashed): colour = the program that wrote\n"
+             "the cell; a tile's lanes past the border are masked off", fontsize=10)
+ax.set_xlabel("column j")
+ax.set_ylabel("row i")
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+x, y = torch.randn(rows), torch.randn(cols)
+print(f"{tiles[0]} x {tiles[1]} programs; every cell written: {bool((owner[:rows, :cols] >= 0).all())}; "
+      f"writes outside OUT: {int(escaped.sum())}")
+print("outer_add == x[:, None] + y[None, :]:", torch.equal(ch03_puzzles.outer_add(x, y, bm, bn), x[:, None] + y[None, :]))
+
+# %% [markdown]
+# **Puzzle 2, `ch03.softmax_kernel`**: one program per row holds the whole row in one block, so the max and the
+# sum are reductions in registers (`tl.max`, `tl.sum`) and the row is read once and written once. The masked
+# lanes must not disturb either: load them as `-inf`, which never wins the max and adds `exp(-inf) = 0` to the
+# sum (a `0.0` there would add `exp(0 - max)` per padded lane). Subtract the max before `tl.exp`: scores of a few
+# hundred overflow fp32's exp. This is the softmax that section 2's online softmax splits into blocks.
+
+# %%
+row_scales = [1, 3, 10, 30, 100, 300]
+scores_rows = torch.randn(6, 23, generator=torch.Generator().manual_seed(3)) * torch.tensor(row_scales)[:, None]
+probs = ch03_puzzles.softmax(scores_rows)
+padded = torch.full((6, 32), float("nan"))
+padded[:, :23] = probs
+fig, ax = plt.subplots(figsize=(8, 2.8), layout="constrained")
+ax.imshow(padded, cmap="viridis", aspect="auto", extent=(0, 32, 6, 0))
+ax.add_patch(Rectangle((23, 0), 9, 6, hatch="//", fill=False, color="0.5"))
+ax.text(27.5, 3, "masked lanes\n(BLOCK = 32)", ha="center", va="center", fontsize=8)
+ax.set_yticks([r + 0.5 for r in range(6)], [f"program {r}: scores x{s}" for r, s in enumerate(row_scales)])
+ax.set_xlabel("column (23 real, 9 padded)")
+ax.set_title("your softmax, one program per row: larger scores, more peaked rows, never inf or nan", fontsize=10)
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("rows sum to 1:", bool(torch.allclose(probs.sum(-1), torch.ones(6))),
+      "| equals torch.softmax:", bool(torch.allclose(probs, torch.softmax(scores_rows, -1), atol=1e-6)),
+      "| any nan:", bool(probs.isnan().any()))
+
+# %% [markdown]
+# **Puzzle 3, `ch03.matmul_kernel`**: `C = A @ B` with one program per `BLOCK_M × BLOCK_N` tile of C. A program
+# walks K in steps of `BLOCK_K`: it loads a tile of its **row panel** of A and a tile of its **column panel** of B,
+# multiplies them with `tl.dot` (the tensor cores on a GPU) and accumulates in fp32. The last K step may stick out:
+# mask it and load `0.0`, which adds nothing. FlashAttention is this loop with the keys in place of K: a query
+# tile (A's row panel) meets every key tile in turn, with section 2's online softmax between the two dots.
+# The picture: the tiles that program (1, 1) reads, by K step, for `[40, 45] @ [45, 40]` in tiles of 16.
+
+# %%
+M, K, N, blk, pid = 40, 45, 40, 16, (1, 1)
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained", gridspec_kw={"width_ratios": [K, N, N]})
+for ax, (name, h, w) in zip(axes, (("A", M, K), ("B", K, N), ("C", M, N))):
+    for r in range(0, h, blk):
+        for c in range(0, w, blk):
+            ax.add_patch(Rectangle((c, r), blk, blk, fill=False, ls=":", color="0.6"))
+    ax.add_patch(Rectangle((0, 0), w, h, fill=False, lw=2))
+    ax.set_xlim(-2, math.ceil(w / blk) * blk + 2)
+    ax.set_ylim(math.ceil(h / blk) * blk + 2, -2)
+    ax.set_aspect("equal")
+    ax.set_title(f"{name} [{h}, {w}]", fontsize=10)
+for step, k0 in enumerate(range(0, K, blk)):
+    shade = plt.get_cmap("Oranges")(0.3 + 0.25 * step)
+    for ax, (x0, y0) in ((axes[0], (k0, pid[0] * blk)), (axes[1], (pid[1] * blk, k0))):
+        ax.add_patch(Rectangle((x0, y0), blk, blk, color=shade, alpha=0.8))
+        ax.text(x0 + blk / 2, y0 + blk / 2, f"k step {step}", ha="center", va="center", fontsize=8)
+axes[0].axvline(K, color="C3", lw=1)
+axes[1].axhline(K, color="C3", lw=1)
+axes[2].add_patch(Rectangle((pid[1] * blk, pid[0] * blk), blk, blk, color="C0", alpha=0.7))
+axes[2].text(pid[1] * blk + blk / 2, pid[0] * blk + blk / 2, "program\n(1, 1)", ha="center", va="center", fontsize=8)
+fig.suptitle("program (1, 1) reads a row panel of A and a column panel of B, BLOCK_K at a time "
+             "(red: K = 45 ends inside step 2, whose lanes past it are masked)", fontsize=10)
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+g3 = torch.Generator().manual_seed(4)
+for m, k, n in [(1, 1, 1), (40, 45, 40), (17, 64, 30)]:
+    a, b = torch.randn(m, k, generator=g3), torch.randn(k, n, generator=g3)
+    print(f"[{m}, {k}] @ [{k}, {n}]: {math.ceil(m / 16) * math.ceil(n / 16)} programs x {math.ceil(k / 16)} k steps, "
+          f"== a @ b (1e-4): {bool(torch.allclose(ch03_puzzles.matmul(a, b), a @ b, atol=1e-4, rtol=1e-4))}")
+
+# %% [markdown]
+# ## 5. The Triton kernel
 #
 # `_flash_fwd_kernel` (in `kernels/flash_attention.py`) is one program per (query tile, head, sequence). It
 # loads its `BLOCK_M × head_dim` query tile once, asks for `(full_end, hi)` (the same bounds as your
@@ -244,7 +383,7 @@ for i in range(3):
 print(f"packed batch of 3 sequences, GQA 4:2: kernel == naive: {worst < TOL}")
 
 # %% [markdown]
-# ## 5. On the GPU
+# ## 6. On the GPU
 #
 # The kernel's tile shapes are autotuned per (head_dim, causal, varlen) on an H100. Measured with
 # `python benchmarks/bench_kernels.py` on 2026-11-25 (H100 SXM, triton 3.6), causal bf16 prefill, 32 heads of
@@ -267,6 +406,41 @@ else:
           "32 heads x 128, 16k tokens per batch); recorded: 334 and 426 TFLOP/s, 0.80x and 0.85x SDPA.")
 
 # %% [markdown]
+# ## 7. Interview questions
+#
+# 1. *Why is FlashAttention called IO-aware? Does it do fewer FLOPs?* <details><summary>answer</summary>It does
+#    the same FLOPs (more, counting the rescaling); it moves fewer bytes between HBM and the chip: S and P never
+#    leave on-chip memory, and its extra memory is O(N) instead of O(N²).</details>
+# 2. *How can a softmax be computed one block at a time?* <details><summary>answer</summary>Keep a running max m,
+#    sum l and accumulator; when a block raises the max, multiply l and acc by exp(m_old − m_new).</details>
+# 3. *What does a causal mask save, and which tiles still need a mask?* <details><summary>answer</summary>Tiles
+#    wholly above the diagonal are skipped (about half of a prefill); only the tiles the diagonal cuts need a mask.</details>
+# 4. *Why does the kernel use exp2, and why return the log-sum-exp?* <details><summary>answer</summary>exp2 is the
+#    hardware instruction (fold log2 e into the scale). The lse lets partial attentions over disjoint keys be merged
+#    exactly (split-KV decode, chapter 4) and is what the backward pass needs.</details>
+# 5. *What did FlashAttention-2 change?* <details><summary>answer</summary>Parallelism over the query length as
+#    well as batch and heads, the query tile in the outer loop (K/V stream past it), fewer non-matmul FLOPs (one
+#    division by l at the end).</details>
+#
+# A question whose answer is a number (exercise `ch03.attention_hbm_bytes`): *for one head of non-causal attention
+# over 4096 and 16384 tokens, head_dim 128, bf16, how many bytes move to and from memory the naive way (three
+# kernels: QKᵀ, softmax, PV) and with FlashAttention's tiles of 128 queries?*
+
+# %%
+# NBVAL_CHECK_OUTPUT
+attention_hbm_bytes = load_function("ch03.attention_hbm_bytes")
+for n in (4096, 16384):
+    naive, flash = attention_hbm_bytes(n, 128, 2, 128, False), attention_hbm_bytes(n, 128, 2, 128, True)
+    print(f"n = {n:5d}: naive {naive / 1e6:8.1f} MB, flash {flash / 1e6:7.1f} MB ({naive / flash:.2f}x fewer bytes), "
+          f"extra memory naive {n * n * 2 / 1e6:6.1f} MB vs flash 0")
+print(f"head_dim 64, n = 16384: {attention_hbm_bytes(16384, 64, 2, 128, False) / attention_hbm_bytes(16384, 64, 2, 128, True):.2f}x")
+
+# %% [markdown]
+# The bytes shrink by about `2·BLOCK_M / head_dim`: K and V are re-read once per query tile, so bigger query tiles
+# (more on-chip memory) mean fewer bytes, the paper's IO bound Θ(N²d²/M) for on-chip memory M. Two things make the
+# practical gain larger than that ratio: the naive version also stores S and P (quadratic *memory*, which caps the
+# context), and the K/V re-reads of neighbouring programs mostly hit the GPU's L2 cache, not HBM.
+#
 # **What to remember**
 # * attention's score matrix is quadratic in the context; FlashAttention never writes it: one query tile stays
 #   in registers while key/value tiles stream past;

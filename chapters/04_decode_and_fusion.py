@@ -22,10 +22,12 @@
 #    the whole GPU busy, and merging the partial results exactly (exercise `ch04.merge_lse`);
 # 3. **fusion**: the small element-wise kernels around attention move bytes, not FLOPs, so the only way to speed
 #    them up is to move fewer: one pass instead of several (exercise `ch04.rms_norm_kernel`, a Triton kernel);
-# 4. **CUDA graphs**: when each kernel is a few microseconds, launching it costs as much as running it.
+# 4. **CUDA graphs**: when each kernel is a few microseconds, launching it costs as much as running it;
+# 5. interview questions, one a number you compute (exercise `ch04.decode_step_floor_s`).
 #
 # Write the exercises in `exercises/ch04_decode_and_fusion.py`, then `minillm grade ch04`. On this CPU the Triton
-# kernels run through the interpreter at tiny sizes (correctness only); the GPU cells quote the H100.
+# kernels run through the interpreter at tiny sizes (correctness only); the GPU cells quote our H100 recordings
+# and use the H200's measured roofline (shared/GPU.md: 4.24 TB/s copy, ~700 TFLOP/s bf16 GEMM).
 
 # %%
 import math
@@ -53,7 +55,7 @@ ch04 = load_module(module_file(get("ch04.rms_norm_kernel"), resolve_impl()))
 # One decode step of one sequence with `S` cached tokens does `4·S·D` FLOPs per query head (`q·k` and `p·v`)
 # and reads `2·S·D` cache elements per kv head. With grouped-query attention, `H / KVH` query heads share each
 # kv head, so the arithmetic intensity is about `2·H / KVH` FLOPs per cache element, whatever `S` is: 8 for
-# Llama-3-8B (32 / 8 heads), 4 FLOPs per byte in bf16. The H100's ridge point is about 240 FLOPs/byte
+# Llama-3-8B (32 / 8 heads), 4 FLOPs per byte in bf16. The H200's ridge point is about 165 FLOPs/byte
 # (chapter 1). Prefill reuses each key for every query of the tile, so its intensity grows with the tile.
 
 # %%
@@ -64,12 +66,12 @@ for name, q_tokens in [("decode, 1 query", 1), ("prefill tile, 128 queries", 128
         flops = 4 * q_tokens * s * d * heads
         bytes_ = bf16 * (2 * s * d * kv_heads + 2 * q_tokens * d * heads)  # K and V, plus q and out
         intensity = flops / bytes_
-        share = roofline.H100_BF16.attainable(intensity) / roofline.H100_BF16.flops
+        share = roofline.H200_BF16.attainable(intensity) / roofline.H200_BF16.flops
         print(f"{name:<26} S={s:5d}: {intensity:6.1f} FLOPs/byte -> at most {100 * share:5.1f}% of bf16 peak")
 
 # %% [markdown]
-# So a decode kernel is judged by **bandwidth**: bytes of K and V read per second, against the ~3.0 TB/s an
-# H100 copies. Two things get in the way: the cache is **paged** (chapter 5: each sequence's tokens live in
+# So a decode kernel is judged by **bandwidth**: bytes of K and V read per second, against the ~4.2 TB/s an
+# H200 copies (3.0 TB/s on the H100). Two things get in the way: the cache is **paged** (chapter 5: each sequence's tokens live in
 # blocks scattered over a pool, found through a block table), and a batch may be too small to keep every SM
 # streaming.
 #
@@ -119,7 +121,7 @@ for splits in (1, 2, 4):
 # %% [markdown]
 # ## 2. Split-KV, and the merge that makes it exact
 #
-# A batch of 8 sequences with 8 kv heads makes 64 programs; an H100 has 132 SMs that each want several
+# A batch of 8 sequences with 8 kv heads makes 64 programs; an H100 or H200 has 132 SMs that each want several
 # programs in flight. With one program per (sequence, kv head), most of the chip idles while a few programs
 # walk 4k tokens one after the other. **Flash-decoding** cuts each sequence's keys into `num_splits` ranges,
 # one program each; each writes its partial output (normalised by its own softmax sum) and the log-sum-exp
@@ -160,16 +162,29 @@ print(f"merging with an empty side changes nothing (1e-6): {bool((out_e - out_a)
 # %%
 splits = [(0, 10), (10, 20), (20, 30), (30, S)]
 parts = [partial(lo, hi) for lo, hi in splits]
-lses = torch.stack([p[1][0, 0] for p in parts])  # head 0, token 0
-weights = torch.softmax(lses, dim=0)  # exp(lse_s - lse): each split's share of the softmax mass
-fig, axes = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
-axes[0].bar([f"keys {lo}-{hi - 1}" for lo, hi in splits], lses)
-axes[0].axhline(float(lse_full[0, 0]), color="k", ls=":", label="lse over all keys")
-axes[0].set_title("each split's log-sum-exp (head 0, token 0)")
-axes[0].legend(fontsize=8)
+merged_out, merged_lse = parts[0]
+running = [float(merged_lse[0, 0])]  # head 0, token 0: the lse of the keys merged so far
+for out_s, lse_s in parts[1:]:  # fold the splits in one by one with your merge_lse
+    merged_out, merged_lse = merge_lse(merged_out, merged_lse, out_s, lse_s)
+    running.append(float(merged_lse[0, 0]))
+lses = torch.stack([p[1][0, 0] for p in parts])
+weights = torch.exp(lses - merged_lse[0, 0])  # each split's share of the softmax mass, from your merged lse
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
+labels = [f"keys {lo}-{hi - 1}" for lo, hi in splits]
+axes[0].bar(labels, lses, color="0.75", label="lse of the split alone")
+axes[0].plot(labels, running, "o-", color="C0", label="lse after merging it in (your merge_lse)")
+axes[0].axhline(float(lse_full[0, 0]), color="k", ls=":", label="lse over all 37 keys at once")
+axes[0].set_ylim(min(0.0, float(lses.min()) - 0.5), max(running + [float(lse_full[0, 0])]) * 1.35 + 0.5)
+axes[0].set_title("head 0, token 0: the merged lse climbs to the full one", fontsize=10)
+axes[0].legend(fontsize=8, loc="upper left")
 axes[1].bar([f"split {i}" for i in range(4)], weights, color="C1")
-axes[1].set_title("merge weights exp(lse_s - lse): they sum to 1")
+axes[1].set_title(f"merge weights exp(lse_s - lse): they sum to {float(weights.sum()):.3f}", fontsize=10)
 plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"4 splits folded with merge_lse == one softmax over all keys: {bool((merged_out - out_full).abs().max() < TOL)}, "
+      f"lse: {bool((merged_lse - lse_full).abs().max() < TOL)}")
 
 # %% [markdown]
 # How many splits? `choose_num_splits` aims at about two programs per SM, and never cuts a sequence into
@@ -178,7 +193,7 @@ plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-num_sms = 132  # H100 SXM
+num_sms = 132  # H100 SXM and H200 alike
 for batch in (1, 8, 64):
     programs = batch * kv_heads
     splits = 1 if programs >= num_sms else max(1, min(-(-2 * num_sms // programs), 4096 // 256, 32))
@@ -266,6 +281,39 @@ else:
           "  90-98% of the copy bandwidth, 2.7-14x faster than the eager torch code they replace")
 
 # %% [markdown]
+# ## 5. Interview questions
+#
+# 1. *Why is decode attention memory-bound even with a perfect kernel?* <details><summary>answer</summary>One query
+#    per sequence: each cached K/V element is used for ~2·H/KVH FLOPs, far below the ridge point. Only the bytes
+#    (KV heads, KV precision) can change.</details>
+# 2. *What is flash-decoding (split-KV), and when does it help?* <details><summary>answer</summary>Cut each
+#    sequence's keys among several programs and merge their partial outputs by log-sum-exp. It helps when
+#    batch × KV heads is too small to fill the SMs (small batch, long context).</details>
+# 3. *What is kernel fusion, and why does it speed up element-wise ops?* <details><summary>answer</summary>They do a
+#    few FLOPs per byte: fusing several into one pass reads and writes each tensor once instead of once per op.</details>
+# 4. *What do CUDA graphs remove, and what do they constrain?* <details><summary>answer</summary>The CPU launch cost
+#    of each kernel; shapes and addresses are frozen at capture, hence static buffers and one graph per padded
+#    batch size.</details>
+#
+# A question whose answer is a number (exercise `ch04.decode_step_floor_s`): *Llama-3-8B in bf16 (16.06 GB of
+# weights, 128 KiB of KV per token) on an H200 (4.24 TB/s): what is the lowest possible time of one decode step
+# at batch 1 and at batch 64, every sequence at 4096 tokens of context? How many tokens per second is that, and
+# from which batch does reading the KV cost more than reading the weights?*
+
+# %%
+# NBVAL_CHECK_OUTPUT
+decode_step_floor_s = load_function("ch04.decode_step_floor_s")
+weights, kv_token, h200 = 16.06e9, 131072, roofline.H200_BF16.bandwidth
+for batch in (1, 64):
+    step = decode_step_floor_s(weights, kv_token, [4096] * batch, h200)
+    print(f"batch {batch:2d}, 4k context: step >= {1e3 * step:5.2f} ms -> at most {batch / step:6.0f} tokens/s")
+kv_only = decode_step_floor_s(0, kv_token, [4096], h200)
+print(f"KV reads outweigh the weights from batch {math.ceil(decode_step_floor_s(weights, 0, [0], h200) / kv_only)}")
+
+# %% [markdown]
+# At batch 64 the KV cache is two thirds of the bytes: longer contexts make each decoded token dearer whatever the
+# batch, which is why KV precision (FP8 KV cache) and fewer KV heads (GQA, MLA) matter as much as weight quantization.
+#
 # **What to remember**
 # * decode attention does ~`2·H / KVH` FLOPs per cache element: it is memory-bound, so a decode kernel is judged
 #   by the fraction of memory bandwidth it reaches (ours: 96% on an H100);
