@@ -7,7 +7,10 @@
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -66,20 +69,42 @@ def _one_step_bytes(executor: MultiProcExecutor, engine: LLMEngine, prompt_len: 
     return executor.collective_rpc("get_comm_stats", True)
 
 
-def test_tensor_parallel_2_matches_one_process_and_counts_bytes(expected):
+@pytest.fixture(scope="module")
+def tp_executor():
+    """Shared by the TP test and the killed-worker test right after it (which ends it: this process has one
+    default process group, so no other executor may start while it lives)."""
     executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
-    try:
-        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
-        assert _generate(engine) == expected
-        # analytic count, fp32: per layer 2 all-reduces of [T, hidden], one after the embedding; the LM head's
-        # logits slice [rows, ceil(vocab / 2)] gathered from rank 2 to rank 1
-        T, h = 11, CONFIG.hidden_size
-        all_reduce = (2 * CONFIG.num_hidden_layers + 1) * T * h * 4
-        stats = _one_step_bytes(executor, engine, T)
-        assert stats[0] == {"all_reduce": all_reduce}
-        assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
-    finally:
-        executor.shutdown()
+    yield executor
+    executor.shutdown()
+
+
+def test_tensor_parallel_2_matches_one_process_and_counts_bytes(expected, tp_executor):
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=tp_executor)
+    assert _generate(engine) == expected
+    # analytic count, fp32: per layer 2 all-reduces of [T, hidden], one after the embedding; the LM head's
+    # logits slice [rows, ceil(vocab / 2)] gathered from rank 2 to rank 1
+    T, h = 11, CONFIG.hidden_size
+    all_reduce = (2 * CONFIG.num_hidden_layers + 1) * T * h * 4
+    stats = _one_step_bytes(tp_executor, engine, T)
+    assert stats[0] == {"all_reduce": all_reduce}
+    assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
+
+
+def test_killed_worker_fails_fast_with_its_rank(tp_executor):
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=tp_executor)
+    engine.add_request("a", PROMPTS[0], PARAMS[0])
+    engine.step()
+    tp_executor.processes[1].kill()
+    tp_executor.processes[1].join(timeout=10)
+    start = time.perf_counter()
+    (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
+    with pytest.raises(RuntimeError, match="rank 2"):  # and every later call fails at once
+        tp_executor.collective_rpc("get_comm_stats")
+    assert time.perf_counter() - start < 10
+    tp_executor.shutdown()  # ends the surviving worker, which waits in a collective that cannot complete
+    assert not any(p.is_alive() for p in tp_executor.processes)
 
 
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
@@ -93,26 +118,6 @@ def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
         assert stats == [{"send": 2 * T * CONFIG.hidden_size * 4}, {}]
     finally:
         executor.shutdown()
-
-
-def test_killed_worker_fails_fast_with_its_rank():
-    executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
-    try:
-        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
-        engine.add_request("a", PROMPTS[0], PARAMS[0])
-        engine.step()
-        executor.processes[1].kill()
-        executor.processes[1].join(timeout=10)
-        start = time.perf_counter()
-        (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
-        assert out.finished and out.outputs[0].finish_reason == "error"
-        assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
-        with pytest.raises(RuntimeError, match="rank 2"):  # and every later call fails at once
-            executor.collective_rpc("get_comm_stats")
-        assert time.perf_counter() - start < 10
-    finally:
-        executor.shutdown()
-    assert not any(p.is_alive() for p in executor.processes)
 
 
 def engine_step_input(engine: LLMEngine):
@@ -174,3 +179,34 @@ def test_split_step_balances_tokens_and_keeps_every_row():
     assert sum((p.input_ids for p in parts), []) == step.input_ids
     assert sum((p.sampling for p in parts), []) == step.sampling
     assert split_step(step, 10)[-1].num_seqs == 1 and len(split_step(step, 10)) == step.num_seqs
+
+
+def test_torchrun_entry_tp2_on_a_checkpoint_matches_one_process(tmp_path):
+    """`torchrun -m minillm.parallel.launch`: 2 processes, rank 0 is engine and worker 0; a tiny Qwen2 checkpoint
+    (q/k/v biases, untied LM head) read shard by shard by each rank; the same greedy tokens as LLM() in one process."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from minillm import LLM
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
+                                      max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
+                                 merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(os.fspath(tmp_path / "tokenizer.json"))
+    prompts = ["ab ab a b", "w7 w9 ab"]
+    llm = LLM(tmp_path, device="cpu", dtype="float32", max_model_len=64)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6))]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m",
+                           "minillm.parallel.launch", "--model", os.fspath(tmp_path), "--tensor-parallel-size", "2",
+                           "--max-model-len", "64", "--max-tokens", "6", "--dtype", "float32",
+                           *[a for p in prompts for a in ("--prompt", p)]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = [json.loads(line[line.rindex("["):]) for line in done.stdout.splitlines() if line.startswith("'")]
+    assert got == expected

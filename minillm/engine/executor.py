@@ -82,28 +82,33 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
     tp, pp = _parallel_sizes(worker_kwargs)
     if tp * pp > 1:  # before the model is built: its layers take their shard from this state
         init_parallel_state(build_groups(tp, pp, first_rank=1))
-    worker = None
     try:
-        worker = Worker(**worker_kwargs)
-        result: Any = None
-        try:
-            worker.load_model()
-        except Exception as err:  # reported at the first gather, so the engine fails with the cause
-            result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
-        dist.gather_object(result, None, dst=0)
-        while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0)
-            method, args = message[0]
-            if method == "shutdown":
-                return
-            try:
-                result = getattr(worker, method)(*args)
-            except Exception as err:
-                result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
-            dist.gather_object(result, None, dst=0)
+        serve_worker(rank, worker_kwargs)
     finally:
         dist.destroy_process_group()
+
+
+def serve_worker(rank: int, worker_kwargs: dict[str, Any]) -> None:
+    """Build and load a Worker, report to rank 0, then run the (method, args) it broadcasts until 'shutdown'.
+    The process group (and any parallel state) must be up; the torchrun entry runs this too."""
+    worker = Worker(**worker_kwargs)
+    result: Any = None
+    try:
+        worker.load_model()
+    except Exception as err:  # reported at the first gather, so the engine fails with the cause
+        result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+    dist.gather_object(result, None, dst=0)
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        method, args = message[0]
+        if method == "shutdown":
+            return
+        try:
+            result = getattr(worker, method)(*args)
+        except Exception as err:
+            result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+        dist.gather_object(result, None, dst=0)
 
 
 class MultiProcExecutor:
