@@ -83,8 +83,9 @@ def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_s
 def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
                       stride_ym, M_BUCKET, EXP23, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K):
     ROWS: tl.constexpr = BLOCK_K // 8  # packed words per column per K tile
+    # SPLIT_K is a run-time argument (one compile serves every split; Triton still specializes the value 1)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0  # a K tile never straddles two groups
     # small M: scale the tile's partial sums, not every weight, and prefetch the next tile into registers; with
     # many rows (BLOCK_M > 32) the extra accumulator and tile would spill, and the math hides the latency anyway
