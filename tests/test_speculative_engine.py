@@ -56,6 +56,7 @@ def run(model_and_config, spec, num_blocks=64, requests=None, **engine_kwargs):
 
 
 def assert_nothing_held(engine):
+    assert engine.speculative.num_propose_errors == 0  # a failing proposer only costs speed: make it visible
     assert engine.scheduler.block_manager.num_used_blocks == 0
     draft_pool = getattr(engine.speculative.proposer, "block_manager", None)
     if draft_pool is not None:
@@ -104,6 +105,20 @@ def test_a_bad_draft_model_still_gives_the_plain_output_and_low_acceptance(model
     assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
         {r: o.outputs[0].token_ids for r, o in plain.items()}
     assert engine.speculative.metrics.acceptance_rate < 0.5  # a one-layer copy of a random model guesses badly
+
+
+def test_a_failing_proposer_costs_drafts_not_requests(model_and_config, monkeypatch, caplog):
+    from minillm.speculative.proposer import NGramProposer
+
+    def broken(self, seqs, num_tokens):
+        raise RuntimeError("proposer bug")
+    monkeypatch.setattr(NGramProposer, "propose", broken)
+    plain, _ = run(model_and_config, None)
+    outputs, engine = run(model_and_config, METHODS["ngram"])
+    assert {r: o.outputs[0].finish_reason for r, o in outputs.items()} == {r: "length" for r in plain}
+    assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
+        {r: o.outputs[0].token_ids for r, o in plain.items()}
+    assert engine.speculative.num_propose_errors > 0 and "proposer bug" in caplog.text
 
 
 def test_disable_by_batch_size_switches_speculation_off(model_and_config):
@@ -163,6 +178,22 @@ def test_sampled_drafts_keep_the_target_distribution():
     metrics = engine.speculative.metrics
     assert 0.05 < metrics.acceptance_rate < 0.95  # both the accept and the residual branch were exercised
     assert_nothing_held(engine)
+
+
+def test_lookahead_drafts_the_refreshed_jacobi_window_and_pool_ngrams():
+    from minillm.engine.sequence import Sequence
+    from minillm.speculative.lookahead import LookaheadProposer
+    proposer = LookaheadProposer(ngram=3)
+    seq = Sequence("r", [1, 2, 3], GREEDY[0])
+    assert proposer.propose([seq], [3]) == [[]]  # nothing known yet after token 3
+    # a verify step: drafts [7, 8, 9]; the target's samples at the four rows were [7, 5, 6, 4]: 7 accepted, 5 emitted
+    proposer.observe(seq, [7, 8, 9], [7, 5, 6, 4])
+    seq.token_ids += [7, 5]
+    assert proposer.propose([seq], [3]) == [[6, 4]]  # the window: the guesses past the emitted token
+    seq.token_ids += [6, 4, 3]  # 3 again: the pool knows the text's n-gram (3, 7, 5)
+    assert proposer.propose([seq], [3])[0][:2] == [7, 5]
+    proposer.free("r")
+    assert not proposer.active_requests()
 
 
 # -- configuration ---------------------------------------------------------------------------------------------

@@ -7,4 +7,12 @@ The engine-independent core, read in this order:
                   sampled, batched with per-sequence k); logits -> probabilities as the sampler makes them
     ngram.py      drafts without a draft model: prompt lookup and lookahead decoding's n-gram pool
     tree.py       token trees (Medusa, EAGLE): flattening, tree attention mask, greedy and sampling verification
+
+In the engine (LLM(speculative_config={"method": ..., "num_speculative_tokens": k, ...})):
+    config.py        SpeculativeConfig: vLLM's dict, validated; the method registry
+    proposer.py      the proposer interface; prompt lookup ("ngram")
+    lookahead.py     "lookahead": a Jacobi window refreshed by the target's outputs + an n-gram pool
+    draft.py         "draft_model" and "self_speculative": a draft model with its own paged KV cache
+    engine_hooks.py  propose before scheduling, verify after the forward, free per-request state
+    metrics.py       acceptance rate, mean acceptance length, acceptance by position
 """

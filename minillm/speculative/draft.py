@@ -35,6 +35,7 @@ from minillm.engine.model_runner import ModelRunner
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
+from minillm.models.llama import LlamaForCausalLM
 from minillm.speculative.proposer import Proposer, check_num_tokens
 from minillm.speculative.rejection import logits_to_probs, sample_from_probs
 
@@ -67,7 +68,6 @@ class EarlyExitModel(nn.Module):
 def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
     """A new LlamaForCausalLM of `num_layers` layers initialised from the target's first layers (own weights: the
     starting point for distilling a draft model)."""
-    from minillm.models.llama import LlamaForCausalLM
     config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
     first = next(target.parameters())
     previous = torch.get_default_dtype()
@@ -104,6 +104,7 @@ class DraftModelProposer(Proposer):
         self.generator = torch.Generator().manual_seed(seed + 1)
         self._shadows: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._synced: dict[str, int] = {}  # request_id -> leading tokens the shadow shares with the sequence
 
     # -- per-request state --------------------------------------------------------------------------------
     def free(self, request_id: str) -> None:
@@ -111,6 +112,7 @@ class DraftModelProposer(Proposer):
         if shadow is not None:
             self.block_manager.free(shadow)
         self._generators.pop(request_id, None)
+        self._synced.pop(request_id, None)
 
     def active_requests(self) -> set[str]:
         return set(self._shadows)
@@ -125,12 +127,16 @@ class DraftModelProposer(Proposer):
             shadow = Sequence(seq.request_id, seq.token_ids[:1], seq.sampling_params)
             bm.allocate(shadow)  # one block, nothing computed
             self._shadows[seq.request_id] = shadow
-        common, limit = 0, min(shadow.num_computed_tokens, seq.num_tokens - 1)
+        # Tokens are only ever appended to a running sequence, so the first `synced` tokens (what the shadow copied
+        # last time) still agree; only the drafts after them need comparing: O(k), not O(length), per step.
+        limit = min(shadow.num_computed_tokens, seq.num_tokens - 1)
+        common = min(self._synced.get(seq.request_id, 0), limit)
         while common < limit and shadow.token_ids[common] == seq.token_ids[common]:
             common += 1
         shadow.num_computed_tokens = common
         bm.truncate(shadow, max(common, 1))
         shadow.token_ids = list(seq.token_ids)
+        self._synced[seq.request_id] = seq.num_tokens
         needed = seq.num_tokens - common + k - 1  # the missing tokens now, then one per further draft
         if bm.num_blocks_to_append(shadow, needed) > bm.num_free_blocks:
             self.free(seq.request_id)

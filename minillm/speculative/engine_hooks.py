@@ -63,8 +63,11 @@ class SpeculativeDecoder:
         try:
             self._propose(scheduler)
         except Exception:
-            logger.exception("proposer %r failed; this step decodes without drafts", self.proposer.method)
             self.num_propose_errors += 1
+            if self.num_propose_errors == 1:  # the traceback once; then a line now and then, not one per step
+                logger.exception("proposer %r failed; this step decodes without drafts", self.proposer.method)
+            elif self.num_propose_errors % 100 == 0:
+                logger.warning("proposer %r has failed %d times", self.proposer.method, self.num_propose_errors)
             self._draft_probs.clear()
             for seq in getattr(scheduler, "running", ()):
                 seq.spec_token_ids = []
@@ -169,7 +172,9 @@ class SpeculativeDecoder:
         if seed is None:
             return None
         if seq.request_id not in self._generators:
-            self._generators[seq.request_id] = torch.Generator().manual_seed(seed)
+            # an offset: the worker's generator of this request starts from `seed` too, and the accept draws must
+            # not replay the numbers that chose its earlier tokens
+            self._generators[seq.request_id] = torch.Generator().manual_seed(seed + 0x7E51F1)
         return self._generators[seq.request_id]
 
     def _record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:

@@ -1,0 +1,197 @@
+"""Speculative decoding on SmolLM2: mean acceptance length and wall-clock speedup per proposer (chapter 8).
+
+    python benchmarks/bench_speculative.py [MODEL] [--quick] [--k 4] [--max-tokens 128]
+           [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]
+           [--draft-layers 4] [--out benchmarks/results/speculative_h200.json]
+
+MODEL defaults to the bundled SmolLM2-135M-Instruct GGUF. One LLM loads the weights; every variant (plain decoding,
+then each proposer) is an engine over the same weights (`LLM.share_model`) with its own KV pool and its own CUDA
+graphs (on CUDA: graphs for q_len 1 and, with speculation, 1 + k). Each batch size runs the fixed prompt set below
+(chat, code and summarisation prompts: at batch 1 each prompt in turn, at batch B one batch of B with the set cycled) greedily with ignore_eos, so every variant emits
+exactly the same number of tokens: speedup = plain time / variant time, measured in the same run after a warm-up.
+
+Reported per variant and batch size: wall time, output tokens/s, speedup over plain decoding, mean acceptance length
+(tokens per verify step, 1 + accepted / steps), acceptance rate, and the fraction of requests whose tokens equal the
+plain run's (1.0 expected; in bf16 a verify step's logits may differ in the last bit from a one-token step's, so a
+near-tie can flip: that is numerics, not the method).
+
+The draft_model variant uses a *copy* of the target's first --draft-layers layers as the draft (there is no smaller
+SmolLM2 on disk); it is an initialisation, not a trained draft: distilling it on the target's outputs is a separate
+task. self_speculative shares the same layers' weights instead. --quick runs a short smoke test on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+CHAT = ["What are three tips for staying focused while studying?",
+        "Explain the difference between a list and a tuple in Python.",
+        "Write a short, friendly email inviting a colleague to lunch on Friday."]
+CODE = ["Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
+        "Here is a function:\n\ndef add(a, b):\n    return a + b\n\nRewrite it with type hints and a docstring, "
+        "then write three pytest tests for it.",
+        "Write a Python class Stack with push, pop, peek and is_empty methods."]
+PASSAGE = ("The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
+           "and 900 islands stretching for over 2,300 kilometres over an area of approximately 344,400 square "
+           "kilometres. The reef is located in the Coral Sea, off the coast of Queensland, Australia. It can be seen "
+           "from outer space and is the world's biggest single structure made by living organisms. This reef "
+           "structure is composed of and built by billions of tiny organisms, known as coral polyps. It supports a "
+           "wide diversity of life and was selected as a World Heritage Site in 1981.")
+SUMMARY = [f"Summarise the following text in three sentences.\n\n{PASSAGE}",
+           f"List the key facts of this text as bullet points, quoting the numbers exactly.\n\n{PASSAGE}",
+           f"Rewrite this text for a ten-year-old, keeping its facts.\n\n{PASSAGE}"]
+PROMPTS = CHAT + CODE + SUMMARY
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2)")
+    p.add_argument("--quick", action="store_true", help="a short CPU smoke test")
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--methods", nargs="+", default=["ngram", "lookahead", "self_speculative", "draft_model"])
+    p.add_argument("--draft-layers", type=int, default=4, help="layers of the target the early-exit drafts keep")
+    p.add_argument("--out", default=None, help="JSON file for the raw results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.batch_sizes, args.k = min(args.max_tokens, 8), [1, 2], min(args.k, 3)
+    if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1:
+        p.error("--k, --max-tokens and every batch size must be >= 1")
+    return args
+
+
+def prompt_set(llm, quick: bool = False) -> list[tuple[str, list[int]]]:
+    """(kind, token ids) of the prompt set (one of each kind when quick), rendered with the chat template."""
+    tok = llm.tokenizer
+    chosen = [("chat", CHAT), ("code", CODE), ("summary", SUMMARY)]
+    out = []
+    for kind, texts in chosen:
+        for text in texts[:1] if quick else texts:
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            out.append((kind, tok.encode(rendered, add_special_tokens=False)))
+    return out
+
+
+def batches_for(prompts: list[tuple[str, list[int]]], batch: int) -> list[list[tuple[str, list[int]]]]:
+    """Batch 1: every prompt of the set, one request at a time. Batch B: one batch of B, the set cycled."""
+    if batch == 1:
+        return [[p] for p in prompts]
+    return [[prompts[i % len(prompts)] for i in range(batch)]]
+
+
+def spec_config(method: str, args: argparse.Namespace) -> dict | None:
+    if method == "plain":
+        return None
+    config = {"method": method, "num_speculative_tokens": args.k}
+    if method in ("self_speculative", "draft_model"):
+        config["draft_num_layers"] = args.draft_layers
+    return config
+
+
+def run_variant(llm, method: str, args, prompts: list[tuple[str, list[int]]], num_kv_blocks: int,
+                plain_tokens: dict[int, list[list[int]]] | None) -> list[dict]:
+    import torch
+    from minillm import SamplingParams
+    from minillm.speculative.metrics import SpecDecodeMetrics
+
+    variant = llm.share_model(max_num_seqs=max(args.batch_sizes), num_kv_blocks=num_kv_blocks,
+                              speculative_config=spec_config(method, args))
+    engine = variant.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    warm_up = SamplingParams(temperature=0, max_tokens=2 if args.quick else 8, ignore_eos=True)
+    variant.generate([prompts[0][1]], warm_up)  # Triton JIT, allocator, first-touch costs
+    rows = []
+    for batch in args.batch_sizes:
+        seconds, tokens, by_kind = 0.0, [], {}
+        total = SpecDecodeMetrics()
+        for group in batches_for(prompts, batch):
+            if engine.speculative is not None:
+                engine.speculative.metrics = SpecDecodeMetrics()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs = variant.generate([ids for _, ids in group], params)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            tokens += [o.outputs[0].token_ids for o in outputs]
+            if engine.speculative is not None:
+                total.merge(engine.speculative.metrics)
+                if batch == 1:  # acceptance per kind of prompt: n-grams shine on summaries, not on chat
+                    by_kind.setdefault(group[0][0], SpecDecodeMetrics()).merge(engine.speculative.metrics)
+        same = None if plain_tokens is None else \
+            sum(a == b for a, b in zip(tokens, plain_tokens[batch])) / len(tokens)
+        num_tokens = sum(len(t) for t in tokens)
+        rows.append({"method": method, "batch": batch, "num_requests": len(tokens), "seconds": seconds,
+                     "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
+                     "mean_acceptance_length": total.mean_acceptance_length or 1.0,
+                     "acceptance_rate": total.acceptance_rate,
+                     "acceptance_by_position": total.acceptance_by_position,
+                     "acceptance_length_by_kind": {k: m.mean_acceptance_length for k, m in by_kind.items()},
+                     "same_tokens_as_plain": same, "tokens": tokens})
+    variant.llm_engine.shutdown()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from minillm import LLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # small ops on a shared CPU: threads only fight each other
+    if device == "cpu" and not args.quick:
+        print("no CUDA device: run with --quick for a CPU smoke test", file=sys.stderr)
+        return 2
+    batch_max = max(args.batch_sizes)
+    max_model_len = 1024
+    llm = LLM(args.model, device=device, max_model_len=max_model_len, max_num_seqs=batch_max,
+              num_kv_blocks=16, enforce_eager=True)  # the base engine only lends its weights
+    prompts = prompt_set(llm, args.quick)
+    longest = max(len(ids) for _, ids in prompts)
+    block = llm.llm_engine.cache_config.block_size
+    num_kv_blocks = batch_max * -(-(longest + args.max_tokens + args.k + 1) // block) + 8
+    results: list[dict] = []
+    plain_tokens = None
+    for method in ["plain"] + list(args.methods):
+        rows = run_variant(llm, method, args, prompts, num_kv_blocks, plain_tokens)
+        if method == "plain":
+            plain_tokens = {r["batch"]: r["tokens"] for r in rows}
+        results += rows
+        for r in rows:
+            print(f"  {method:17s} batch {r['batch']:4d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:8.1f} tok/s, "
+                  f"accept len {r['mean_acceptance_length']:.2f}", flush=True)
+    plain = {r["batch"]: r["seconds"] for r in results if r["method"] == "plain"}
+    for r in results:
+        r["speedup"] = plain[r["batch"]] / r["seconds"]
+    print(f"\nspeculative decoding, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), "
+          f"k={args.k}, {args.max_tokens} tokens per request, greedy")
+    print(f"{'method':17s} {'batch':>5s} {'tok/s':>9s} {'speedup':>8s} {'accept len':>10s} {'accept rate':>11s} "
+          f"{'same as plain':>13s}")
+    for r in results:
+        rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+        same = "-" if r["same_tokens_as_plain"] is None else f"{r['same_tokens_as_plain']:.2f}"
+        print(f"{r['method']:17s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
+              f"{r['mean_acceptance_length']:10.2f} {rate:>11s} {same:>13s}  "
+              + " ".join(f"{k} {v:.2f}" for k, v in r["acceptance_length_by_kind"].items() if v is not None))
+    if args.out:
+        for r in results:
+            r.pop("tokens")
+        record = {"command": "python " + " ".join(sys.argv), "device": device,
+                  "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "model": llm.model_path, "k": args.k, "max_tokens": args.max_tokens,
+                  "draft_layers": args.draft_layers, "results": results}
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
