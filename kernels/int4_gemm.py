@@ -32,6 +32,10 @@ How the kernel spends its instructions (the budget at M = 1 is ~4 per weight to 
   per-tile counter; the last to arrive reads the sum, writes y and zeroes the workspace and counter again,
   so one launch does everything and the workspace stays clean for the next call (and for CUDA graphs).
 
+What that buys, read off ptxas's sm_90 output (no GPU needed: triton.compile for GPUTarget("cuda", 90, 32)):
+the K loop spends about 5.2 instructions per weight on the CUDA-core path and 4.8 on the tensor-core path,
+against about 6.7 for the textbook shift-and-mask with an int -> float convert.
+
 The layout helpers (repack from rtn.QuantizedWeight, act-order sorting, the torch reference dequantizer) are in
 int4_layout.py. On a GPU the tiles are autotuned per (M bucket, N, K, G) on the first call (make it before graph capture);
 under the interpreter one small config runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).

@@ -41,6 +41,7 @@ INT4_CASES = [  # m, n, k, group, symmetric, split_k, config (None: the interpre
     (3, 96, 256, 64, True, 2, None),                           # tl.dot path, symmetric, split-K
     (17, 64, 256, 128, False, 1, None),                        # tl.dot path, scale applied after the dot
     (17, 96, 128, 32, False, 3, None),                         # tl.dot, 4 groups per tile, uneven split
+    (3, 64, 576, 64, False, 2, None),                          # SmolLM2's K = 576: a ragged last K tile
 ]
 
 
