@@ -136,7 +136,7 @@ def _scaled_mm_tma_kernel(a_desc, b_desc, A_SCALE, B_SCALE, BIAS, C, M, N, K, st
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): Hopper candidates. Large tiles (128 x 256) keep
 # two warpgroups of wgmma busy at 8192^3; 64-row tiles with more columns serve the small-M (decode) shapes.
-_LARGE = [(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4)]
+_LARGE = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4)]
 _SMALL = [(64, 64, 256, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 256, 128, 8, 8, 3)]
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
