@@ -113,7 +113,8 @@ def bench_int4(roof: dict) -> list[dict]:
                "int4pack_us": 1e3 * _time_ms(tiny) if tiny else math.nan, "int4pack_matches": bool(tiny_ok)}
         row["speedup_vs_bf16"] = row["bf16_us"] / row["int4_us"]
         row["speedup_vs_bf16_graph"] = row["bf16_us"] / row["int4_graph_us"]
-        row["int4_bw_fraction"] = bytes_moved / (min(row["int4_us"], row["int4_graph_us"]) * 1e-6) / roof["copy_bytes_per_s"]
+        best_s = min(row["int4_us"], row["int4_graph_us"]) * 1e-6
+        row["int4_bw_fraction"] = bytes_moved / best_s / roof["copy_bytes_per_s"]
         rows.append(row)
     return rows
 
@@ -158,7 +159,8 @@ def bench_w8a8(roof: dict) -> list[dict]:
         mp = max(16, -(-m // 16) * 16)  # _scaled_mm's row-wise scaling wants M a multiple of 16
         xqp, xsp = torch.zeros(mp, k, device="cuda").to(torch.float8_e4m3fn), torch.ones(mp, 1, device="cuda")
         xqp[:m], xsp[:m] = xq, xs
-        theirs = lambda: torch._scaled_mm(xqp, wq.t(), scale_a=xsp, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)  # noqa: E731
+        theirs = lambda: torch._scaled_mm(xqp, wq.t(), scale_a=xsp, scale_b=ws.view(1, -1),  # noqa: E731
+                                          out_dtype=torch.bfloat16)
         _check(f"torch._scaled_mm {m}x{n}x{k}", theirs()[:m], ref, 0.01)
         row["scaled_mm_us"] = 1e3 * _time_ms(theirs)
         # Triton's fp8 tl.dot on sm_90 accumulates in the tensor core's fast fp8 accumulator: the like-for-like
@@ -207,7 +209,8 @@ def main() -> None:
         raise SystemExit("bench_quant_gemm needs a CUDA GPU (the Triton interpreter would take hours at these sizes)")
     torch.manual_seed(0)
     roof = roofline()
-    print(f"roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM {roof['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 GEMM {roof['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
     int4_rows = bench_int4(roof)
     w8_rows = bench_w8a8(roof)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -217,9 +220,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
 
     print("\nINT4 g128 4096 -> 14336 (us; graph = CUDA-graph replay)")
-    print(f"{'M':>4} {'int4':>8} {'graph':>8} {'bf16':>8} {'tinygemm':>9} {'x bf16':>7} {'x (graph)':>9} {'BW frac':>8}")
+    print(f"{'M':>4} {'int4':>8} {'graph':>8} {'bf16':>8} {'tinygemm':>9} {'x bf16':>7} {'x (graph)':>9} "
+          f"{'BW frac':>8}")
     for r in int4_rows:
-        print(f"{r['M']:>4} {r['int4_us']:>8.1f} {r['int4_graph_us']:>8.1f} {r['bf16_us']:>8.1f} {r['int4pack_us']:>9.1f} "
+        print(f"{r['M']:>4} {r['int4_us']:>8.1f} {r['int4_graph_us']:>8.1f} {r['bf16_us']:>8.1f} "
+              f"{r['int4pack_us']:>9.1f} "
               f"{r['speedup_vs_bf16']:>7.2f} {r['speedup_vs_bf16_graph']:>9.2f} {r['int4_bw_fraction']:>8.2f}")
     print("\nW8A8 (us, TFLOP/s)")
     print(f"{'M x N x K':>18} {'fp8':>8} {'tma':>7} {'ptr':>7} {'_scaled_mm':>10} {'ratio':>6} {'fast':>6} {'TF/s':>6} "

@@ -10,8 +10,9 @@ with no zero point. Hopper's tensor cores multiply e4m3 x e4m3 at twice the bf16
 The activation quantizer is one Triton program per row: pass 1 finds max |x|, pass 2 divides by
 scale = max / 448 (clamped away from 0), saturates to +-448 and rounds to e4m3 (round-to-nearest-even in
 Triton's fp32 -> fp8e4nv cast on the GPU). Weights are quantized once, offline, by the quantization
-method (minillm.quant.fp8.quantize_fp8), whose call site fp8_linear runs these two kernels. On CPU the interpreter rounds fp8 down-casts differently from the GPU, so CPU tests
-compare with one e4m3 step of tolerance; the GEMM itself is exercised there on the same fp8 values.
+method (minillm.quant.fp8.quantize_fp8), whose call site fp8_linear runs these two kernels. On CPU the
+interpreter's fp32 -> fp8 cast fails to carry a round-up into the next power of two (it yields half the
+value): the CPU test allows exactly those codes; the GEMM itself is exercised there on the same fp8 values.
 """
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ the K loop spends about 5.2 instructions per weight on the CUDA-core path and 4.
 against 6.0 for this kernel's first version (a shift and a mask per nibble, then the same 2^23 trick).
 
 The layout helpers (repack from rtn.QuantizedWeight, act-order sorting, the torch reference dequantizer) are in
-int4_layout.py. On a GPU the tiles are autotuned per (M bucket, N, K, G) on the first call (make it before graph capture);
-under the interpreter one small config runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
+int4_layout.py. On a GPU the tiles are autotuned per (M bucket, N, K, G) on the first call (make it before
+graph capture); under the interpreter one small config runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
 """
 from __future__ import annotations
 
@@ -361,7 +361,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 or triton_interpreted() else "tf32",
                   UPCAST=triton_interpreted() and x.dtype == torch.bfloat16)
     if config is None and split_k is None and not triton_interpreted():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
         _autotuned_kernel()[grid](*args, **consts)
         return y.reshape(*x.shape[:-1], n)
     cfg = dict(config) if config is not None else (

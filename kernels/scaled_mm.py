@@ -11,8 +11,8 @@ Both operands are K-major, the only layout Hopper's 8-bit tensor-core instructio
 is a plain tiled matmul, pipelined num_stages deep; all scaling happens once in the epilogue, because the
 scales are constant along K: sum_k (a s_m)(b s_n) = s_m s_n sum_k a b. int8 accumulates in int32 (exact:
 |sum| <= K 127^2 < 2^31 for K < 133,000); fp8 in fp32 through the tensor core's fast fp8 accumulator, which
-Triton uses by default on sm_90 (torch._scaled_mm's use_fast_accum=True; its default promotes as it goes). Programs walk the output tiles in
-GROUP_M-row bands so that neighbouring programs share A and B tiles in L2.
+Triton uses by default on sm_90 (torch._scaled_mm's use_fast_accum=True; its default promotes as it goes).
+Programs walk the output tiles in GROUP_M-row bands so that neighbouring programs share A and B tiles in L2.
 
 Two loaders, same math: `_scaled_mm_tma_kernel` reads tiles through tensor descriptors (Hopper's bulk copy
 engine, TMA: no per-thread addresses, edges zero-filled), `_scaled_mm_kernel` through plain pointer loads

@@ -155,7 +155,8 @@ def test_fp8_per_token_quant():
     if x.is_cuda or not bad.any():
         assert not bad.any()
     else:
-        assert torch.equal(got[bad] * 2, ref[bad]) and torch.equal(ref[bad].abs().log2().frac(), torch.zeros_like(ref[bad]))
+        assert torch.equal(got[bad] * 2, ref[bad])
+        assert torch.equal(ref[bad].abs().log2().frac(), torch.zeros_like(ref[bad]))  # powers of two
         assert bad.float().mean() < 0.1
 
 
