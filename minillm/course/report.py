@@ -25,13 +25,14 @@ def format_table(report: GradeReport, verbose: bool = False, width: int = 110) -
     seed = f", inputs seed {report.seed}: --seed {report.seed} reproduces" if report.seed is not None else ""
     if report.hidden_seed:
         seed += "; hidden tests use the instructor's seed"
+    w = max([30] + [len(ex.id) + 2 for ex in report.exercises])  # the id column fits the longest id
     lines = [f"minillm grade (impl: {report.impl}{seed})", "",
-             f"{'exercise':<30}{'points':>9}  status"]
+             f"{'exercise':<{w}}{'points':>9}  status"]
     for ex in report.exercises:
         hidden = any(t.hidden for t in ex.tests)
         visible_ok = hidden and all(t.outcome == "passed" for t in ex.tests if not t.hidden)
         status = f"{ex.status} (all visible tests passed)" if visible_ok and ex.status in ("pass", "fail") else ex.status
-        lines.append(f"{ex.id:<30}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {status}")
+        lines.append(f"{ex.id:<{w}}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {status}")
         if ex.status != "pass" or ex.message:
             if ex.message and ex.status != "not attempted":
                 lines += textwrap.wrap(ex.message, width, initial_indent="    ", subsequent_indent="      ")
