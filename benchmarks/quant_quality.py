@@ -1,0 +1,127 @@
+"""Held-out perplexity of SmolLM2-135M under every quantization method (chapter 10).
+
+    .venv/bin/python benchmarks/quant_quality.py                          # 32 x 512 held-out tokens, all methods
+    .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 32 \
+        --out benchmarks/results/quant_quality_cpu.json                   # the CPU-sized run
+
+The text is the standard library's docstrings (minillm.quant.calibration): the calibration split feeds GPTQ,
+AWQ and SmoothQuant, the held-out split is scored. Log-probabilities come from the model's own forward over
+packed sequences (prefill_metadata, model(input_ids, positions), compute_logits): each sequence is scored on
+its tokens 1..L-1 given the ones before, perplexity = exp(mean negative log-likelihood).
+
+Reference weights are the bundled GGUF dequantized to fp32 (they lie on Q4_1's grid: see rtn.py's docstring),
+so "fp32" is the Q4_1 model itself. Group 64 because SmolLM2's hidden size 576 is not a multiple of 128.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from minillm.engine.worker import build_model
+from minillm.forward_context import forward_context, prefill_metadata
+from minillm.loader import load_model
+from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
+from minillm.quant.driver import quantize_model
+
+# (label, method, options): the comparison the chapter draws
+RUNS = [
+    ("fp32", None, {}),
+    ("rtn w4 g64", "rtn", dict(bits=4, group_size=64)),
+    ("gptq w4 g64", "gptq", dict(bits=4, group_size=64)),
+    ("awq w4 g64", "awq", dict(bits=4, group_size=64)),
+    ("rtn w3 g64", "rtn", dict(bits=3, group_size=64)),
+    ("gptq w3 g64", "gptq", dict(bits=3, group_size=64)),
+    ("awq w3 g64", "awq", dict(bits=3, group_size=64)),
+    ("rtn w4 per-channel", "rtn", dict(bits=4, group_size=-1)),
+    ("fp8 w8a8", "fp8", {}),
+    ("smoothquant w8a8", "smoothquant", dict(alpha=0.5)),
+    ("nf4 (double quant)", "nf4", {}),
+    ("int8 (LLM.int8)", "int8", {}),
+]
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 2) -> float:
+    """exp(mean NLL) of ids [n, L], each row a sequence scored on tokens 1..L-1."""
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start:start + batch_size]
+        n, length = batch.shape
+        with forward_context(prefill_metadata([length] * n)):
+            hidden = model(batch.flatten(), torch.arange(length).repeat(n))
+        logits = model.compute_logits(hidden).float().reshape(n, length, -1)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
+        total += float(nll.sum())
+        count += nll.numel()
+    return math.exp(total / count)
+
+
+def linear_bits_per_weight(state: dict[str, torch.Tensor], n_weights: int) -> float:
+    """Bits per weight of the decoder's linear layers as stored (codes + scales + zeros)."""
+    linear = [t for name, t in state.items() if ".layers." in name and "norm" not in name]
+    return 8 * sum(t.numel() * t.element_size() for t in linear) / n_weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="GGUF or HF directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=None, help="default: --seq-len")
+    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--out", default="benchmarks/results/quant_quality.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    config, weights, tokenizer = load_model(args.model)
+    dense = build_model(config, weights, torch.device("cpu"), torch.float32)
+    held_out = tokenize_to_sequences(calibration_texts("held_out"), tokenizer, args.n_samples, args.seq_len)
+    calib = tokenize_to_sequences(calibration_texts("calibration"), tokenizer, args.calib_samples,
+                                  args.calib_seq_len or args.seq_len)
+    n_weights = sum(m.input_size * m.output_size for n, m in dense.named_modules()
+                    if hasattr(m, "quant_method") and ".layers." in n)
+    rows = []
+    for label, method, options in RUNS:
+        if args.only and label not in args.only:
+            continue
+        start = time.perf_counter()
+        if method is None:
+            model, bits = dense, 32.0
+        else:
+            qm = quantize_model(dense, method, calibration=calib, progress=True, **options)
+            model, bits = qm.build(), linear_bits_per_weight(qm.state, n_weights)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, held_out)
+        rows.append({"label": label, "method": method or "fp32", **options, "perplexity": round(ppl, 4),
+                     "bits_per_weight": round(bits, 3), "quantize_seconds": round(seconds, 1)})
+        print(f"{label:22s} ppl {ppl:9.4f}  {bits:6.2f} bits/weight  ({seconds:.0f} s)", flush=True)
+    base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
+    print(f"\n| method | bits/weight (linears) | held-out ppl | vs fp32 |\n|---|---|---|---|")
+    for r in rows:
+        delta = f"{r['perplexity'] - base:+.3f}" if base else ""
+        print(f"| {r['label']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} |")
+    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+              "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "model": args.model or "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized to fp32)",
+              "held_out_tokens": [args.n_samples, args.seq_len],
+              "calibration_tokens": [args.calib_samples, args.calib_seq_len or args.seq_len], "runs": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
