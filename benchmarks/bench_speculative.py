@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -134,6 +135,10 @@ def run_variant(llm, method: str, args, prompts: list[tuple[str, list[int]]], nu
                      "acceptance_length_by_kind": {k: m.mean_acceptance_length for k, m in by_kind.items()},
                      "same_tokens_as_plain": same, "tokens": tokens})
     variant.llm_engine.shutdown()
+    del variant, engine  # its KV pool and CUDA graphs go before the next variant's are made
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -207,6 +207,8 @@ def test_config_accepts_both_spellings():
     assert SpeculativeConfig.from_engine_config(EngineConfig()) is None
     assert verify_query_lens(EngineConfig()) == (1,)
     assert verify_query_lens(EngineConfig(speculative_config=METHODS["ngram"])) == (1, 1 + K)
+    long = dict(METHODS["ngram"], num_speculative_tokens=12)  # past the paged decode kernel's q_len: eager
+    assert verify_query_lens(EngineConfig(speculative_config=long)) == (1,)
 
 
 @pytest.mark.parametrize("options, message", [

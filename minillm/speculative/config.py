@@ -121,7 +121,10 @@ class SpeculativeConfig:
 
 
 def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
-    """The query lengths a decode step may have: (1,) without speculation, (1, 1 + k) with it (what
-    model_runner.configure captures CUDA graphs for)."""
+    """The query lengths model_runner.configure captures CUDA graphs for: (1,) without speculation, (1, 1 + k)
+    with it, as long as 1 + k fits the paged decode kernel (MAX_DECODE_QUERY_LEN; longer verify steps run eagerly)."""
+    from minillm.forward_context import MAX_DECODE_QUERY_LEN
     spec = SpeculativeConfig.from_engine_config(engine_config)
-    return (1,) if spec is None else (1, 1 + spec.num_speculative_tokens)
+    if spec is None or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
+        return (1,)
+    return (1, 1 + spec.num_speculative_tokens)

@@ -35,7 +35,7 @@ import torch
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import StepOutput
-from minillm.speculative.config import SpeculativeConfig
+from minillm.speculative.config import SpeculativeConfig, verify_query_lens
 from minillm.speculative.metrics import SpecDecodeMetrics
 from minillm.speculative.proposer import NGramProposer, Proposer
 from minillm.speculative.rejection import greedy_verify, pad_per_sequence, verify_draft_tokens
@@ -238,6 +238,7 @@ def build_speculative_decoder(engine: Any, seed: int = 0) -> SpeculativeDecoder 
         raise ValueError(f"speculative decoding needs continuous batching over paged blocks (rollback of rejected "
                          f"drafts), got scheduling={engine.engine_config.scheduling!r}")
     config = engine.engine_config
-    pad = not config.enforce_eager and engine.device.type == "cuda"
+    # pad deterministic drafts to k only where a (bucket, 1 + k) CUDA graph exists to replay
+    pad = not config.enforce_eager and engine.device.type == "cuda" and len(verify_query_lens(config)) > 1
     return SpeculativeDecoder(spec, build_proposer(spec, engine, seed), engine.model_config.vocab_size,
                               engine.max_model_len, pad_drafts=pad, seed=seed)
