@@ -29,8 +29,10 @@
 # (`physical block × block_size + offset`) to write its K/V, and it gathers K/V through the block table to read.
 #
 # Your exercises, in `exercises/ch05_paged_kv.py` (then `minillm grade ch05`):
-# `blocks_to_append` (how many blocks to take), `slot_mapping` (position → slot) and `free_blocks`
-# (drop references on finish). The block manager calls all three, so your versions run inside the real engine.
+# `blocks_to_append` (how many blocks to take), `slot_mapping` (position → slot), `free_blocks`
+# (drop references on finish) and `hash_block` (a block's name for sharing, used by chapter 6's prefix cache);
+# the engine calls all four, so your versions run inside it. At the end, an interview question whose answer is
+# a number: `num_kv_blocks_needed`.
 
 # %%
 import os
@@ -49,6 +51,7 @@ from minillm.engine.sequence import Sequence
 blocks_to_append = load_function("ch05.blocks_to_append")
 slot_mapping = load_function("ch05.slot_mapping")
 free_blocks = load_function("ch05.free_blocks")
+hash_block = load_function("ch05.hash_block")
 
 # %% [markdown]
 # ## 1. What the contiguous cache wastes
@@ -206,9 +209,58 @@ print("A finishes, table", seqs["A"].block_table, "-> freed", free_blocks(seqs["
 print("ref counts now:", ref_counts)
 
 # %% [markdown]
-# ## 6. Your functions inside the engine
+# ## 6. Naming a block by what it holds: `hash_block`
 #
-# The block manager calls `blocks_to_append` and `free_blocks` through the course dispatcher. Run the real engine
+# Reference counts let sequences share blocks they know they share (a fork). To share blocks between requests
+# that merely *start alike* (the same system prompt), the engine needs a name for a block's content. A block's
+# K/V depend on its own tokens **and on every token before it** (attention mixed them in), so the name of block
+# `j` must cover the whole prefix. A **chain hash** does that cheaply:
+# `h_0 = hash_block(None, tokens of block 0)`, `h_j = hash_block(h_{j−1}, tokens of block j)`. Only full blocks
+# get a name: a partly filled block will still be written. **Exercise `ch05.hash_block`** (use `hash((parent,
+# tokens))` with parent 0 for the first block). Below: three prompts of 4-token blocks; equal colours are equal
+# names. Prompts 0 and 1 share their first two blocks; prompt 2 has prompt 0's block 2 tokens, after a different
+# beginning: a different name, since its keys and values differ.
+
+# %%
+def chain(tokens: list[int], block_size: int = 4) -> list[int]:
+    """Chain hashes of the full blocks of `tokens`, with your hash_block."""
+    names, parent = [], None
+    for j in range(len(tokens) // block_size):
+        parent = hash_block(parent, tuple(tokens[j * block_size:(j + 1) * block_size]))
+        names.append(parent)
+    return names
+
+
+base = list(range(100, 112))
+story = {"prompt 0": base + [7, 7], "prompt 1": base[:8] + [5, 6, 7, 8, 9, 9],
+         "prompt 2": [1, 2, 3, 4, 9, 9, 9, 9] + base[8:12]}
+chains = {name: chain(toks) for name, toks in story.items()}
+distinct = list(dict.fromkeys(h for c in chains.values() for h in c))
+fig, ax = plt.subplots(figsize=(7, 1.9), layout="constrained")
+for row, (name, c) in enumerate(chains.items()):
+    for j, h in enumerate(c):
+        ax.add_patch(Rectangle((j * 1.1, -row), 1, 0.8, color=plt.get_cmap("tab10")(distinct.index(h))))
+        ax.text(j * 1.1 + 0.5, -row + 0.4, f"{h & 0xFFFF:04x}", ha="center", va="center", fontsize=8, color="white")
+    ax.text(-0.15, -row + 0.4, name, ha="right", va="center", fontsize=9)
+ax.set_xlim(-1.5, 3.4)
+ax.set_ylim(-2.3, 1.0)
+ax.axis("off")
+ax.set_title("chain hashes of the full blocks (last 16 bits); the same colour is the same block", fontsize=10)
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("prompts 0 and 1 share blocks 0, 1:", chains["prompt 0"][:2] == chains["prompt 1"][:2],
+      "| differ at block 2:", chains["prompt 0"][2] != chains["prompt 1"][2])
+print("prompt 2's block 2 holds prompt 0's block 2 tokens, after another prefix; same name:",
+      chains["prompt 2"][2] == chains["prompt 0"][2])
+print("block 0 of prompt 0 == hash((0, its tokens)):", chains["prompt 0"][0] == hash((0, tuple(base[:4]))))
+
+# %% [markdown]
+# ## 7. Your functions inside the engine
+#
+# The block manager calls `blocks_to_append` and `free_blocks` through the course dispatcher (and the prefix
+# cache calls `hash_block`: chapter 6 runs it). Run the real engine
 # (continuous batching, 16-token blocks, a pool of only 12 blocks so that blocks are reused all the time) once
 # with the reference and once with your functions: the generated tokens must be identical.
 
@@ -230,7 +282,7 @@ print(f"after the run: {bm_engine.num_used_blocks} blocks in use, {bm_engine.num
 print("first answer:", repr(llm.tokenizer.decode(reference[0])))
 
 # %% [markdown]
-# ## 7. Explore
+# ## 8. Explore
 #
 # Run this notebook in Jupyter to get buttons that drive a block manager: add a request, decode one token for
 # every sequence, finish the oldest one, and watch the tables and the pool. (Under the test runner the explorer
@@ -314,6 +366,39 @@ if not interactive():
     print(state["log"])
     for name, seq in state["seqs"].items():
         print(f"{name}: {seq.num_tokens:2d} tokens, block table {seq.block_table}")
+
+# %% [markdown]
+# ## 9. Interview questions
+#
+# 1. *What problem does PagedAttention solve?* <details><summary>answer</summary>Memory fragmentation of the KV
+#    cache: a contiguous cache reserves max_model_len per sequence (internal waste) and needs one large free region
+#    (external fragmentation). Blocks taken on demand waste less than one block per sequence, and any free block
+#    will do.</details>
+# 2. *How does the kernel find a token's K/V?* <details><summary>answer</summary>Through the block table:
+#    slot = block_table[p // block_size] * block_size + p % block_size.</details>
+# 3. *How do you choose the block size?* <details><summary>answer</summary>Small blocks waste less and share
+#    prefixes at a finer grain; large blocks mean shorter tables and longer contiguous reads in the kernel.
+#    vLLM uses 16.</details>
+# 4. *How do parallel sampling or beam search share memory?* <details><summary>answer</summary>Forked sequences
+#    point at the same blocks with reference counts > 1; a write into a shared block copies it first
+#    (copy-on-write).</details>
+# 5. *Why a chain hash for prefix caching, not a hash of the block's own tokens?* <details><summary>answer</summary>
+#    A block's K/V depend on every earlier token; the same tokens after another prefix have different K/V.</details>
+#
+# A question whose answer is a number (exercise `ch05.num_kv_blocks_needed`): *64 requests share a 1000-token
+# system prompt and add 200 tokens each. With 16-token blocks, how many blocks do they take without sharing, and
+# with the prompt's full blocks stored once? And for this chapter's eight chat turns, how many blocks against how
+# many contiguous slots?*
+
+# %%
+# NBVAL_CHECK_OUTPUT
+num_kv_blocks_needed = load_function("ch05.num_kv_blocks_needed")
+alone = num_kv_blocks_needed([1200] * 64, 16)
+shared = num_kv_blocks_needed([1200] * 64, 16, shared_prefix_len=1000)
+print(f"64 x (1000 shared + 200 own) tokens: {alone} blocks alone, {shared} with sharing "
+      f"({100 * (1 - shared / alone):.0f}% fewer)")
+print(f"the eight chat turns: {num_kv_blocks_needed(lengths, 16)} blocks = {16 * num_kv_blocks_needed(lengths, 16)} "
+      f"slots, against {8 * 2048} contiguous slots")
 
 # %% [markdown]
 # **What to remember**
