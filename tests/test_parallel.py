@@ -47,12 +47,10 @@ def _kwargs(**parallel) -> dict:
 
 def _generate(engine: LLMEngine) -> list[list[int]]:
     ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, PARAMS)]
-    done = {}
+    tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
+        tokens.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    return [tokens[i] for i in ids]
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
 import socket
 import time
 import traceback
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from minillm.engine.cache_config import CacheConfig
@@ -82,6 +84,8 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
     tp, pp = _parallel_sizes(worker_kwargs)
     if tp * pp > 1:  # before the model is built: its layers take their shard from this state
         init_parallel_state(build_groups(tp, pp, first_rank=1))
+    if torch.device(worker_kwargs["device"]).type == "cpu":  # share the cores: oversubscribed ranks stall each
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (world_size - 1)))  # other's collectives
     try:
         serve_worker(rank, worker_kwargs)
     finally:

@@ -1,1 +1,17 @@
-"""Parallelism (a later issue): tensor, pipeline, expert; prefill/decode disaggregation."""
+"""Parallelism (chapter 10): tensor and pipeline parallel workers on torch.distributed.
+
+    LLM(model, tensor_parallel_size=2)             2 worker processes, each with half of every matmul
+    LLM(model, pipeline_parallel_size=2)           2 worker processes, each with half of the layers
+    torchrun --nproc-per-node 2 -m minillm.parallel.launch --model PATH --tensor-parallel-size 2
+
+    state.py      which TP group / pipeline stage this process is; the collectives (no-ops with one rank)
+                  and the byte counters behind them
+    tensor.py     column- and row-parallel linears (Megatron's two all-reduces per block), the packed q/k/v
+                  split with K/V-head replication, vocab-parallel embedding and LM head
+    pipeline.py   layer partition over stages and the PPMissingLayer placeholders
+    runner.py     the ModelRunner of one rank: micro-batches through the stages, sampling on one rank
+    weights.py    a rank's share of the geometry (its KV pool) and of random weights
+    launch.py     the torchrun entry (rank 0 is engine and worker 0)
+
+Not here yet: expert parallelism (MoE) and prefill/decode disaggregation.
+"""

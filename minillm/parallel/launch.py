@@ -26,19 +26,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minillm.engine.cache_config import CacheConfig
-from minillm.engine.executor import WorkerError, serve_worker
-from minillm.engine.step_input import StepInput, StepOutput
+from minillm.engine.executor import MultiProcExecutor, WorkerError, serve_worker
 from minillm.engine.worker import CheckpointSource, Worker
 from minillm.parallel.state import build_groups, init_parallel_state
 
 
-class TorchrunExecutor:
-    """Rank 0 of a torchrun job: the engine's executor, with worker 0 in this very process."""
+class TorchrunExecutor(MultiProcExecutor):
+    """Rank 0 of a torchrun job: the engine's executor, with worker 0 in this very process. The engine-facing
+    calls are MultiProcExecutor's; what differs is that this rank runs its own shard of every call too."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker) -> None:  # the process group is torchrun's, already up
         self.worker = worker
-        self._closed = False
+        self.processes = []  # torchrun owns the other processes
+        self._closed, self._broken = False, None
         self._gather_checked(self._local(worker.load_model))  # every rank has loaded its shard, or raise
 
     def _local(self, fn, *args: Any) -> Any:
@@ -55,21 +55,11 @@ class TorchrunExecutor:
                 raise result
         return results
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        """Run a Worker method on every rank, this one included; the results in rank order."""
+    def _call(self, method: str, *args: Any) -> list[Any]:
         if self._closed:
             raise RuntimeError("this executor has been shut down")
         dist.broadcast_object_list([(method, args)], src=0)
         return self._gather_checked(self._local(getattr(self.worker, method), *args))
-
-    def determine_num_gpu_blocks(self) -> int:
-        return min(self.collective_rpc("determine_num_gpu_blocks"))
-
-    def initialize_cache(self, cache_config: CacheConfig) -> None:
-        self.collective_rpc("initialize_cache", cache_config)
-
-    def execute_model(self, step: StepInput) -> StepOutput:
-        return next(r for r in self.collective_rpc("execute_model", step) if r is not None)
 
     def shutdown(self) -> None:
         if not self._closed:

@@ -162,7 +162,8 @@ class VocabParallelEmbedding(VocabEmbedding):
         return tensor_parallel_all_reduce(out)
 
     def extra_repr(self) -> str:
-        return f"{self.vocab_size}, {self.hidden_size}, rows {self.vocab_start}..{self.vocab_end - 1} on this rank"
+        rows = f", rows {self.vocab_start}..{self.vocab_end - 1} on this rank" if self.tp_size > 1 else ""
+        return f"{self.vocab_size}, {self.hidden_size}{rows}"
 
 
 class ParallelLMHead(VocabParallelEmbedding):
