@@ -343,9 +343,9 @@ def test_quantized_engine_on_cuda_graphs_equals_eager(quantized, method):
     model = quantized[method].build(device, dtype)
 
     def generate(eager: bool) -> list[list[int]]:
-        engine = LLMEngine(model, ByteTokenizer(), quantized[method].config,
-                           EngineConfig(max_model_len=64, max_num_seqs=4, enforce_eager=eager), device=device,
-                           dtype=dtype)
+        # an explicit pool: profiling would count whatever earlier GPU tests of this process still hold
+        config = EngineConfig(max_model_len=64, max_num_seqs=4, num_kv_blocks=64, enforce_eager=eager)
+        engine = LLMEngine(model, ByteTokenizer(), quantized[method].config, config, device=device, dtype=dtype)
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         return [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(["Hello", [5, 9, 200]], params)]
 

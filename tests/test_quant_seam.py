@@ -179,7 +179,7 @@ def test_int8_on_gpu_in_bf16_with_cuda_graphs():
 
     def generate(model, config, eager: bool) -> list[list[int]]:
         engine = LLMEngine(model, ByteTokenizer(), config,
-                           EngineConfig(max_model_len=64, max_num_seqs=4, enforce_eager=eager),
+                           EngineConfig(max_model_len=64, max_num_seqs=4, num_kv_blocks=64, enforce_eager=eager),
                            device=device, dtype=dtype)
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         return [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(["Hello", [5, 9, 200]], params)]
