@@ -109,7 +109,9 @@ def test_a_triton_kernel_is_checked_through_its_fn(tmp_path):
         load_function("ch04.rms_norm_kernel", tmp_path)
 
 
-def test_a_stub_falls_back_to_the_reference_with_one_banner(tmp_path, capsys):
+def test_a_stub_falls_back_to_the_reference_with_one_banner(tmp_path, capsys, monkeypatch):
+    import minillm.course.impl as impl
+    monkeypatch.setattr(impl, "_BANNERS", set())  # the banner prints once per process: start afresh
     stub = ROOT / "exercises" / "ch05_paged_kv.py"
     (tmp_path / "ch05_paged_kv.py").write_text(stub.read_text())
     fn = load_function("ch05.slot_mapping", tmp_path, fallback=True)

@@ -76,6 +76,8 @@ def test_overrides_default_to_the_learners_exercises(tmp_path, monkeypatch, caps
     from minillm.engine.block_table import slot_mapping
     monkeypatch.delenv("MINILLM_IMPL", raising=False)
     monkeypatch.delenv("MINILLM_FALLBACK", raising=False)
+    import minillm.course.impl as impl
+    monkeypatch.setattr(impl, "_BANNERS", set())  # the banner prints once per process: start afresh
     with use_overrides({"ch05.slot_mapping": None}) as resolved:  # exercises/: a stub, so the reference + a banner
         assert resolved["ch05.slot_mapping"]([7, 2], 15, 18, 16) == [127, 32, 33]
     assert "ch05.slot_mapping: not attempted yet, using the reference" in capsys.readouterr().err
