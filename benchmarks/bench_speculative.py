@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speculative.py [MODEL] [--quick] [--k 4] [--max-tokens 128]
            [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]
-           [--draft-layers 4] [--out benchmarks/results/speculative_h200.json]
+           [--draft-layers 4 16 24] [--out benchmarks/results/speculative_h200.json]
 
 MODEL defaults to the bundled SmolLM2-135M-Instruct GGUF. One LLM loads the weights; every variant (plain decoding,
 then each proposer) is an engine over the same weights (`LLM.share_model`) with its own KV pool and its own CUDA
@@ -11,13 +11,16 @@ graphs (on CUDA: graphs for q_len 1 and, with speculation, 1 + k). Each batch si
 exactly the same number of tokens: speedup = plain time / variant time, measured in the same run after a warm-up.
 
 Reported per variant and batch size: wall time, output tokens/s, speedup over plain decoding, mean acceptance length
-(tokens per verify step, 1 + accepted / steps), acceptance rate, and the fraction of requests whose tokens equal the
+(tokens per verify step, 1 + accepted / steps), acceptance rate (on CUDA, n-gram and lookahead drafts are padded to k
+so that verify steps replay the q_len = 1 + k graphs; the padding counts as drafts: compare acceptance lengths), and the fraction of requests whose tokens equal the
 plain run's (1.0 expected; in bf16 a verify step's logits may differ in the last bit from a one-token step's, so a
 near-tie can flip: that is numerics, not the method).
 
-The draft_model variant uses a *copy* of the target's first --draft-layers layers as the draft (there is no smaller
-SmolLM2 on disk); it is an initialisation, not a trained draft: distilling it on the target's outputs is a separate
-task. self_speculative shares the same layers' weights instead. --quick runs a short smoke test on a CPU.
+The draft_model variant uses a *copy* of the target's first --draft-layers[0] layers as the draft (there is no
+smaller SmolLM2 on disk); it is an initialisation, not a trained draft: distilling it on the target's outputs is a
+separate task. self_speculative shares the target's first L layers' weights instead, for each L of --draft-layers
+(untrained early exit: acceptance stays low until L is close to the full depth, where a draft costs nearly a target
+step; the sweep shows that trade-off, which LayerSkip-style training is for). --quick runs a short smoke test on a CPU.
 """
 from __future__ import annotations
 
@@ -55,13 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--methods", nargs="+", default=["ngram", "lookahead", "self_speculative", "draft_model"])
-    p.add_argument("--draft-layers", type=int, default=4, help="layers of the target the early-exit drafts keep")
+    p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
+                   help="layers of the target an early-exit draft keeps (self_speculative: each; draft_model: the first)")
     p.add_argument("--out", default=None, help="JSON file for the raw results")
     args = p.parse_args(argv)
     if args.quick:
         args.max_tokens, args.batch_sizes, args.k = min(args.max_tokens, 8), [1, 2], min(args.k, 3)
-    if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1:
-        p.error("--k, --max-tokens and every batch size must be >= 1")
+        args.draft_layers = args.draft_layers[:1]
+    if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1 or min(args.draft_layers) < 1:
+        p.error("--k, --max-tokens, every batch size and every draft layer count must be >= 1")
     return args
 
 
@@ -84,23 +89,28 @@ def batches_for(prompts: list[tuple[str, list[int]]], batch: int) -> list[list[t
     return [[prompts[i % len(prompts)] for i in range(batch)]]
 
 
-def spec_config(method: str, args: argparse.Namespace) -> dict | None:
-    if method == "plain":
-        return None
-    config = {"method": method, "num_speculative_tokens": args.k}
-    if method in ("self_speculative", "draft_model"):
-        config["draft_num_layers"] = args.draft_layers
-    return config
+def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
+    """(label, speculative_config) of every engine to measure, plain decoding first."""
+    out: list[tuple[str, dict | None]] = [("plain", None)]
+    for method in args.methods:
+        config = {"method": method, "num_speculative_tokens": args.k}
+        if method == "self_speculative":
+            out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
+        elif method == "draft_model":
+            out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
+        else:
+            out.append((method, config))
+    return out
 
 
-def run_variant(llm, method: str, args, prompts: list[tuple[str, list[int]]], num_kv_blocks: int,
+def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[str, list[int]]], num_kv_blocks: int,
                 plain_tokens: dict[int, list[list[int]]] | None) -> list[dict]:
     import torch
     from minillm import SamplingParams
     from minillm.speculative.metrics import SpecDecodeMetrics
 
     variant = llm.share_model(max_num_seqs=max(args.batch_sizes), num_kv_blocks=num_kv_blocks,
-                              speculative_config=spec_config(method, args))
+                              speculative_config=spec)
     engine = variant.llm_engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     warm_up = SamplingParams(temperature=0, max_tokens=2 if args.quick else 8, ignore_eos=True)
@@ -163,25 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     num_kv_blocks = batch_max * -(-(longest + args.max_tokens + args.k + 1) // block) + 8
     results: list[dict] = []
     plain_tokens = None
-    for method in ["plain"] + list(args.methods):
-        rows = run_variant(llm, method, args, prompts, num_kv_blocks, plain_tokens)
+    for method, spec in variants(args):
+        rows = run_variant(llm, method, spec, args, prompts, num_kv_blocks, plain_tokens)
         if method == "plain":
             plain_tokens = {r["batch"]: r["tokens"] for r in rows}
         results += rows
         for r in rows:
-            print(f"  {method:17s} batch {r['batch']:4d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:8.1f} tok/s, "
+            print(f"  {method:22s} batch {r['batch']:4d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:8.1f} tok/s, "
                   f"accept len {r['mean_acceptance_length']:.2f}", flush=True)
     plain = {r["batch"]: r["seconds"] for r in results if r["method"] == "plain"}
     for r in results:
         r["speedup"] = plain[r["batch"]] / r["seconds"]
     print(f"\nspeculative decoding, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), "
           f"k={args.k}, {args.max_tokens} tokens per request, greedy")
-    print(f"{'method':17s} {'batch':>5s} {'tok/s':>9s} {'speedup':>8s} {'accept len':>10s} {'accept rate':>11s} "
+    print(f"{'method':22s} {'batch':>5s} {'tok/s':>9s} {'speedup':>8s} {'accept len':>10s} {'accept rate':>11s} "
           f"{'same as plain':>13s}")
     for r in results:
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "-" if r["same_tokens_as_plain"] is None else f"{r['same_tokens_as_plain']:.2f}"
-        print(f"{r['method']:17s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
+        print(f"{r['method']:22s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
               f"{r['mean_acceptance_length']:10.2f} {rate:>11s} {same:>13s}  "
               + " ".join(f"{k} {v:.2f}" for k, v in r["acceptance_length_by_kind"].items() if v is not None))
     if args.out:

@@ -54,6 +54,7 @@ class SpeculativeDecoder:
         self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q of this step's sampled drafts [k, V]
         self.enabled_last_step = False
         self.num_propose_errors = 0
+        self.num_padded_tokens = 0  # filler drafts added for the CUDA graphs (counted in metrics.num_draft_tokens)
 
     # -- 1. propose ---------------------------------------------------------------------------------------
     def propose(self, scheduler: Any) -> None:
@@ -106,6 +107,7 @@ class SpeculativeDecoder:
                                      f"{tuple(q.shape)}, expected ({len(draft)}, {self.vocab_size})")
                 self._draft_probs[seq.seq_id] = q
             elif padding:  # one query length (1 + k) per verify step: what the CUDA graphs were captured for
+                self.num_padded_tokens += k - len(draft)  # scored like drafts: they dilute acceptance_rate
                 draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
             seq.spec_token_ids = draft
 
