@@ -52,6 +52,9 @@ def run(model_and_config, spec, num_blocks=64, requests=None, **engine_kwargs):
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out
+        if engine.speculative is not None:  # state only for running requests: preempted / finished ones freed
+            running = {seq.request_id for seq in engine.scheduler.running}
+            assert engine.speculative.proposer.active_requests() <= running
     return outputs, engine
 
 
