@@ -1,9 +1,11 @@
 """Tensor and pipeline parallelism on CPU processes (gloo): chapter 10.
 
-    TP=2 and PP=2 (2 worker processes each) give the same greedy and seeded tokens as one process
+    TP=2 and PP=2 (2 worker processes each) give the same greedy and seeded tokens as one process, on a tiny
+    random model with tied embeddings; the torchrun entry at TP=2 on a tiny Qwen2 checkpoint (biases, untied
+    head); the bundled SmolLM2 at TP=3 (marked slow)
     each rank holds only its shard (weights and KV pool), K/V heads replicated when fewer than the ranks
     the bytes each rank hands to torch.distributed per step equal the analytic count
-    a killed worker makes the engine fail with a RuntimeError naming the rank, within seconds
+    a worker killed mid-run, or dead at start, makes the engine fail with a RuntimeError naming the rank, at once
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from minillm.sampling_params import SamplingParams
 from tiny import ByteTokenizer
 
 CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257)
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257,
+                     tie_word_embeddings=True)
 ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=4, num_kv_blocks=48)
 PROMPTS = [[5, 6, 7, 8, 9], list(range(30, 47)), [100], [200, 201, 202]]
 PARAMS = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
@@ -67,42 +70,48 @@ def _one_step_bytes(executor: MultiProcExecutor, engine: LLMEngine, prompt_len: 
     return executor.collective_rpc("get_comm_stats", True)
 
 
-@pytest.fixture(scope="module")
-def tp_executor():
-    """Shared by the TP test and the killed-worker test right after it (which ends it: this process has one
-    default process group, so no other executor may start while it lives)."""
+def test_tensor_parallel_2_matches_one_process_counts_bytes_and_fails_fast_on_a_killed_worker(expected):
     executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
-    yield executor
-    executor.shutdown()
+    try:
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=executor)
+        assert _generate(engine) == expected
+        # analytic count, fp32: per layer 2 all-reduces of [T, hidden], one after the embedding; the LM head's
+        # logits slice [rows, ceil(vocab / 2)] gathered from rank 2 to rank 1
+        T, h = 11, CONFIG.hidden_size
+        all_reduce = (2 * CONFIG.num_hidden_layers + 1) * T * h * 4
+        stats = _one_step_bytes(executor, engine, T)
+        assert stats[0] == {"all_reduce": all_reduce}
+        assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
+
+        # a worker dies: the engine's next step fails with its rank, at once, and so does every later call
+        engine.add_request("a", PROMPTS[0], PARAMS[0])
+        engine.step()
+        executor.processes[1].kill()
+        executor.processes[1].join(timeout=10)
+        start = time.perf_counter()
+        (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
+        with pytest.raises(RuntimeError, match="rank 2"):
+            executor.collective_rpc("get_comm_stats")
+        assert time.perf_counter() - start < 10
+    finally:
+        executor.shutdown()  # also ends the surviving worker, which waits in a collective that cannot complete
+    assert not any(p.is_alive() for p in executor.processes)
 
 
-def test_tensor_parallel_2_matches_one_process_and_counts_bytes(expected, tp_executor):
-    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=tp_executor)
-    assert _generate(engine) == expected
-    # analytic count, fp32: per layer 2 all-reduces of [T, hidden], one after the embedding; the LM head's
-    # logits slice [rows, ceil(vocab / 2)] gathered from rank 2 to rank 1
-    T, h = 11, CONFIG.hidden_size
-    all_reduce = (2 * CONFIG.num_hidden_layers + 1) * T * h * 4
-    stats = _one_step_bytes(tp_executor, engine, T)
-    assert stats[0] == {"all_reduce": all_reduce}
-    assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
+class _DiesOnArrival:
+    """Unpickled in the child, it ends the process before it joins the group (a crash at start)."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
 
 
-def test_killed_worker_fails_fast_with_its_rank(tp_executor):
-    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=tp_executor)
-    engine.add_request("a", PROMPTS[0], PARAMS[0])
-    engine.step()
-    tp_executor.processes[1].kill()
-    tp_executor.processes[1].join(timeout=10)
+def test_worker_that_dies_at_start_fails_fast():
     start = time.perf_counter()
-    (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
-    assert out.finished and out.outputs[0].finish_reason == "error"
-    assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
-    with pytest.raises(RuntimeError, match="rank 2"):  # and every later call fails at once
-        tp_executor.collective_rpc("get_comm_stats")
-    assert time.perf_counter() - start < 10
-    tp_executor.shutdown()  # ends the surviving worker, which waits in a collective that cannot complete
-    assert not any(p.is_alive() for p in tp_executor.processes)
+    with pytest.raises(RuntimeError, match=r"died before joining the group: rank 1 \(pid \d+, exit code 3\)"):
+        MultiProcExecutor({**_kwargs(), "model_source": _DiesOnArrival()})
+    assert time.perf_counter() - start < 60
 
 
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
@@ -208,3 +217,19 @@ def test_torchrun_entry_tp2_on_a_checkpoint_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     got = [json.loads(line[line.rindex("["):]) for line in done.stdout.splitlines() if line.startswith("'")]
     assert got == expected
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_tp3_matches_one_process():
+    """The real model: SmolLM2-135M's 9 heads and 3 K/V heads over 3 ranks (one K/V head each), tied embeddings
+    split by vocabulary. About 25 s for the 3 workers on the 2-core machine."""
+    from minillm import LLM
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    options = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=2)
+    expected = [o.outputs[0].token_ids for o in LLM(None, **options).generate(prompts, params)]
+    llm = LLM(None, tensor_parallel_size=3, **options)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    finally:
+        llm.llm_engine.shutdown()

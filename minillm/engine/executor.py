@@ -42,6 +42,7 @@ from minillm.engine.worker import Worker
 from minillm.parallel.state import build_groups, init_parallel_state
 
 _TIMEOUT = datetime.timedelta(minutes=10)
+_JOINED = "minillm_workers_joined"  # a counter in the rendezvous store
 
 
 class WorkerError(RuntimeError):
@@ -79,8 +80,9 @@ def _parallel_sizes(worker_kwargs: dict[str, Any]) -> tuple[int, int]:
 
 def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str, Any]) -> None:
     """A child process: join the group, build the worker, then serve (method, args) messages until 'shutdown'."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_TIMEOUT)
+    store.add(_JOINED, 1)  # the engine counts these while it watches for a worker that died on the way
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
     tp, pp = _parallel_sizes(worker_kwargs)
     if tp * pp > 1:  # before the model is built: its layers take their shard from this state
         init_parallel_state(build_groups(tp, pp, first_rank=1))
@@ -131,14 +133,23 @@ class MultiProcExecutor:
         context = mp.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
         self.processes = [context.Process(target=_worker_main, args=(rank, self.world_size, port, worker_kwargs),
                                           daemon=True) for rank in range(1, self.world_size)]
+        store = dist.TCPStore("127.0.0.1", port, self.world_size, is_master=True, timeout=_TIMEOUT,
+                              wait_for_workers=False)
         for process in self.processes:
             process.start()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=self.world_size, timeout=_TIMEOUT)
-        if tp * pp > 1:
-            build_groups(tp, pp, first_rank=1)  # new_group is collective: rank 0 joins in, belonging to none
         self._closed = False
         self._broken: str | None = None
+        while store.add(_JOINED, 0) < num_workers:  # a child that dies at start (an import error, no
+            dead = self._dead_workers()  # `if __name__ == "__main__":` guard) must not leave us waiting
+            if dead:
+                self._closed = True
+                for process in self.processes:
+                    process.kill()
+                raise RuntimeError(f"worker process died before joining the group: {dead}")
+            time.sleep(0.05)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
+        if tp * pp > 1:
+            build_groups(tp, pp, first_rank=1)  # new_group is collective: rank 0 joins in, belonging to none
         self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
 
     def _gather(self) -> list[Any]:
