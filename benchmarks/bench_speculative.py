@@ -7,14 +7,15 @@
 MODEL defaults to the bundled SmolLM2-135M-Instruct GGUF. One LLM loads the weights; every variant (plain decoding,
 then each proposer) is an engine over the same weights (`LLM.share_model`) with its own KV pool and its own CUDA
 graphs (on CUDA: graphs for q_len 1 and, with speculation, 1 + k). Each batch size runs the fixed prompt set below
-(chat, code and summarisation prompts: at batch 1 each prompt in turn, at batch B one batch of B with the set cycled) greedily with ignore_eos, so every variant emits
-exactly the same number of tokens: speedup = plain time / variant time, measured in the same run after a warm-up.
+(chat, code and summarisation prompts: at batch 1 each prompt in turn, at batch B one batch of B with the set
+cycled) greedily with ignore_eos, so every variant emits exactly the same number of tokens: speedup = plain time /
+variant time, measured in the same run after a warm-up.
 
 Reported per variant and batch size: wall time, output tokens/s, speedup over plain decoding, mean acceptance length
-(tokens per verify step, 1 + accepted / steps), acceptance rate (on CUDA, n-gram and lookahead drafts are padded to k
-so that verify steps replay the q_len = 1 + k graphs; the padding counts as drafts: compare acceptance lengths), and the fraction of requests whose tokens equal the
-plain run's (1.0 expected; in bf16 a verify step's logits may differ in the last bit from a one-token step's, so a
-near-tie can flip: that is numerics, not the method).
+(tokens per verify step, 1 + accepted / steps), acceptance rate (on CUDA, n-gram and lookahead drafts are padded to
+k so that verify steps replay the q_len = 1 + k graphs; the padding counts as drafts: compare acceptance lengths),
+and the fraction of requests whose tokens equal the plain run's (1.0 expected; in bf16 a verify step's logits may
+differ in the last bit from a one-token step's, so a near-tie can flip: that is numerics, not the method).
 
 The draft_model variant uses a *copy* of the target's first --draft-layers[0] layers as the draft (there is no
 smaller SmolLM2 on disk); it is an initialisation, not a trained draft: distilling it on the target's outputs is a
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--methods", nargs="+", default=["ngram", "lookahead", "self_speculative", "draft_model"])
     p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
-                   help="layers of the target an early-exit draft keeps (self_speculative: each; draft_model: the first)")
+                   help="layers of the target an early-exit draft keeps (self_speculative: each; draft_model: "
+                        "the first)")
     p.add_argument("--out", default=None, help="JSON file for the raw results")
     args = p.parse_args(argv)
     if args.quick:

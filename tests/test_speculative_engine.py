@@ -183,6 +183,28 @@ def test_sampled_drafts_keep_the_target_distribution():
     assert_nothing_held(engine)
 
 
+def test_ngram_index_proposes_what_the_prompt_lookup_scan_finds():
+    """The proposer's incremental n-gram index against ngram.propose_prompt_lookup's scan, as sequences grow by
+    one or several tokens a step (a verify step appends up to k + 1)."""
+    from minillm.engine.sequence import Sequence
+    from minillm.speculative.ngram import propose_prompt_lookup
+    from minillm.speculative.proposer import NGramProposer
+    g = torch.Generator().manual_seed(0)
+    for max_n, min_n in ((3, 1), (4, 2), (1, 1)):
+        proposer = NGramProposer(max_n, min_n)
+        seqs = [Sequence(str(i), torch.randint(0, 4, (int(torch.randint(1, 6, (1,), generator=g)),),
+                                               generator=g).tolist(), GREEDY[0]) for i in range(3)]
+        for _ in range(25):
+            k = int(torch.randint(1, 5, (1,), generator=g))
+            expected = [propose_prompt_lookup(s.token_ids, k, max_n, min_n) for s in seqs]
+            assert proposer.propose(seqs, [k] * len(seqs)) == expected
+            for s in seqs:
+                s.token_ids += torch.randint(0, 4, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+        assert proposer.active_requests() == {"0", "1", "2"}
+        proposer.free("1")
+        assert proposer.active_requests() == {"0", "2"}
+
+
 def test_lookahead_drafts_the_refreshed_jacobi_window_and_pool_ngrams():
     from minillm.engine.sequence import Sequence
     from minillm.speculative.lookahead import LookaheadProposer
