@@ -78,14 +78,25 @@ def _parallel_sizes(worker_kwargs: dict[str, Any]) -> tuple[int, int]:
     return getattr(config, "tensor_parallel_size", 1), getattr(config, "pipeline_parallel_size", 1)
 
 
+def _tensor_backend(worker_kwargs: dict[str, Any]) -> str | None:
+    """NCCL for the activations of GPU workers (the control messages stay on the default gloo group)."""
+    tp, pp = _parallel_sizes(worker_kwargs)
+    return "nccl" if tp * pp > 1 and torch.device(worker_kwargs["device"]).type == "cuda" else None
+
+
 def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str, Any]) -> None:
     """A child process: join the group, build the worker, then serve (method, args) messages until 'shutdown'."""
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_TIMEOUT)
     store.add(_JOINED, 1)  # the engine counts these while it watches for a worker that died on the way
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
     tp, pp = _parallel_sizes(worker_kwargs)
+    backend = _tensor_backend(worker_kwargs)
+    if backend == "nccl":  # one GPU per rank
+        device = torch.device("cuda", (rank - 1) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        worker_kwargs = {**worker_kwargs, "device": device}
     if tp * pp > 1:  # before the model is built: its layers take their shard from this state
-        init_parallel_state(build_groups(tp, pp, first_rank=1))
+        init_parallel_state(build_groups(tp, pp, first_rank=1, backend=backend))
     if torch.device(worker_kwargs["device"]).type == "cpu":  # share the cores: oversubscribed ranks stall each
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (world_size - 1)))  # other's collectives
     try:
@@ -149,7 +160,8 @@ class MultiProcExecutor:
             time.sleep(0.05)
         dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
         if tp * pp > 1:
-            build_groups(tp, pp, first_rank=1)  # new_group is collective: rank 0 joins in, belonging to none
+            # new_group is collective: rank 0 joins in, belonging to none
+            build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs))
         self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
 
     def _gather(self) -> list[Any]:

@@ -29,7 +29,7 @@ from minillm.engine.cache_config import CacheConfig
 from minillm.engine.kv_cache import num_device_blocks
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.step_input import StepInput, StepOutput
-from minillm.parallel.runner import ParallelModelRunner
+from minillm.parallel.runner import ParallelModelRunner, StageForProfiling
 from minillm.parallel.weights import rank_model_config
 
 ModelSource = Callable[[ModelConfig, torch.device, torch.dtype], nn.Module]
@@ -153,8 +153,9 @@ class Worker:
         if self.model is None:
             raise RuntimeError("load_model() first: the pool is sized by profiling the model")
         # a tensor/pipeline-parallel rank sizes its pool for its own layers and K/V heads, in its own memory
-        return num_device_blocks(self.engine_config, rank_model_config(self.model_config), self.dtype, self.device,
-                                 model=self.model)
+        local_config = rank_model_config(self.model_config)
+        model = self.model if local_config is self.model_config else StageForProfiling(self.model)
+        return num_device_blocks(self.engine_config, local_config, self.dtype, self.device, model=model)
 
     def initialize_cache(self, cache_config: CacheConfig) -> None:
         if self.model is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from minillm.config import EngineConfig
 from minillm.engine.model_runner import ModelRunner
@@ -107,3 +108,28 @@ class ParallelModelRunner(ModelRunner):
         if step.return_logits:
             per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
         return StepOutput(sampled, per_seq_logits)
+
+
+class StageForProfiling(nn.Module):
+    """One rank's shard dressed as a whole model for the KV-pool profiler (minillm.engine.kv_cache), which runs
+    `model(input_ids, positions)` then `model.compute_logits(hidden)` on every rank at once: a stage after the
+    first gets zero activations instead of a recv, a stage before the last hands its hidden states on as its
+    "logits" (the peak is the stage's own), a TP rank that does not sample returns its hidden states too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        state = get_parallel_state()
+        intermediate = None
+        if not state.is_first_stage:
+            zeros = torch.zeros(input_ids.shape[0], self.model.config.hidden_size, device=input_ids.device,
+                                dtype=next(self.model.parameters()).dtype)
+            intermediate = (zeros, zeros)
+        out = self.model(input_ids, positions, intermediate)
+        return out if state.is_last_stage else out[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden_states) if get_parallel_state().is_last_stage else None
+        return hidden_states if logits is None else logits

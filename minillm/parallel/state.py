@@ -38,6 +38,7 @@ class ParallelState:
     pp_rank: int = 0
     first_rank: int = 0  # global rank of worker 0
     tp_group: Any = None  # a torch.distributed ProcessGroup (None when tp_size == 1)
+    device_group: Any = None  # every worker, for pipeline send/recv over NCCL (None: the default group)
 
     def global_rank(self, pp_rank: int, tp_rank: int) -> int:
         return self.first_rank + pp_rank * self.tp_size + tp_rank
@@ -67,17 +68,24 @@ def check_parallel_sizes(tensor_parallel_size: Any, pipeline_parallel_size: Any)
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def build_groups(tp_size: int, pp_size: int, first_rank: int) -> ParallelState:
+def build_groups(tp_size: int, pp_size: int, first_rank: int, backend: str | None = None) -> ParallelState:
     """Create every TP group (collective calls: every process of the default group must call this, in the same
-    order, the engine's rank 0 included even though it belongs to none) and return this process's state."""
+    order, the engine's rank 0 included even though it belongs to none) and return this process's state.
+    `backend`: the groups' backend when it differs from the default group's ("nccl" for the tensors of GPU
+    workers whose engine talks to them over gloo); then the workers also get one group of them all for
+    the pipeline's send/recv."""
     check_parallel_sizes(tp_size, pp_size)
     rank = dist.get_rank()
     state = ParallelState(tp_size=tp_size, pp_size=pp_size, first_rank=first_rank)
     for stage in range(pp_size):
         ranks = [state.global_rank(stage, t) for t in range(tp_size)]
-        group = dist.new_group(ranks) if tp_size > 1 else None
+        group = dist.new_group(ranks, backend=backend) if tp_size > 1 else None
         if rank in ranks:
             state.pp_rank, state.tp_rank, state.tp_group = stage, ranks.index(rank), group
+    if backend is not None:
+        workers = list(range(first_rank, first_rank + tp_size * pp_size))
+        group = dist.new_group(workers, backend=backend)
+        state.device_group = group if rank in workers else None
     return state
 
 
@@ -140,7 +148,7 @@ def pipeline_isend(tensors: list[torch.Tensor], tag: int = 0) -> list[Any]:
     for i, t in enumerate(tensors):
         t = t.contiguous()
         comm_stats["send"] += t.numel() * t.element_size()
-        works.append((dist.isend(t, dst=dst, tag=tag + i), t))  # keep `t` alive until the send is done
+        works.append((dist.isend(t, dst=dst, group=_STATE.device_group, tag=tag + i), t))  # keep `t` alive until the send is done
     return works
 
 
@@ -152,7 +160,7 @@ def pipeline_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: tor
     out = []
     for i, shape in enumerate(shapes):
         t = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(t, src=src, tag=tag + i)
+        dist.recv(t, src=src, group=_STATE.device_group, tag=tag + i)
         out.append(t)
     return out
 
