@@ -172,6 +172,11 @@ def test_bad_parallel_sizes_are_rejected():
         init_parallel_state(ParallelState())
     with pytest.raises(ValueError, match="exceeds the model's 3 layers"):
         get_pp_indices(3, 0, 4)
+    # the executor checks the split before it starts any process
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) divisible by tensor_parallel_size \(3\)"):
+        MultiProcExecutor(_kwargs(tensor_parallel_size=3))
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(4\) exceeds the model's 3 layers"):
+        MultiProcExecutor(_kwargs(pipeline_parallel_size=4))
     assert [get_pp_indices(30, s, 4) for s in range(4)] == [(0, 8), (8, 16), (16, 23), (23, 30)]
 
 

@@ -40,6 +40,7 @@ from minillm.engine.cache_config import CacheConfig
 from minillm.engine.step_input import StepInput, StepOutput
 from minillm.engine.worker import Worker
 from minillm.parallel.state import build_groups, init_parallel_state
+from minillm.parallel.weights import check_parallel_config
 
 _TIMEOUT = datetime.timedelta(minutes=10)
 _JOINED = "minillm_workers_joined"  # a counter in the rendezvous store
@@ -139,6 +140,8 @@ class MultiProcExecutor:
         if num_workers < 1 or (tp * pp > 1 and num_workers != tp * pp):
             raise ValueError(f"num_workers must be >= 1 and equal tensor_parallel_size * pipeline_parallel_size "
                              f"({tp} * {pp}) when either is > 1, got {num_workers}")
+        if tp * pp > 1:  # a split the model cannot take fails here, not in N freshly started processes
+            check_parallel_config(worker_kwargs["model_config"], tp, pp)
         self.world_size = num_workers + 1
         port = _free_port()
         context = mp.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state

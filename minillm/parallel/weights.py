@@ -19,7 +19,23 @@ from torch import nn
 from minillm.config import ModelConfig
 from minillm.layers.linear import default_weight_loader
 from minillm.parallel.pipeline import get_pp_indices
-from minillm.parallel.state import get_parallel_state, single_rank
+from minillm.parallel.state import check_parallel_sizes, get_parallel_state, single_rank
+from minillm.parallel.tensor import divide
+
+
+def check_parallel_config(model_config: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Raise ValueError, before any process starts, for sizes the model cannot be split by (the rules of
+    minillm.parallel.tensor and .pipeline, checked on the whole config)."""
+    check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size)
+    tp, heads, kv = tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads
+    for what, size in (("num_attention_heads", heads), ("intermediate_size", model_config.intermediate_size)):
+        divide(size, tp, what)
+    if kv >= tp:
+        divide(kv, tp, "num_key_value_heads")
+    elif tp % kv:
+        raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of num_key_value_heads ({kv}) when it "
+                         f"exceeds it (each K/V head is then replicated)")
+    get_pp_indices(model_config.num_hidden_layers, 0, pipeline_parallel_size)
 
 
 def rank_model_config(model_config: ModelConfig) -> ModelConfig:
