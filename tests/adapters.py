@@ -26,11 +26,13 @@ def tests_default_impl() -> str:
                                               else "exercises")
 
 
-def get_impl(exercise_id: str) -> Callable:
-    """The implementation under test of `exercise_id` (e.g. "ch01.rms_norm")."""
+def get_impl(exercise_id: str, submission: str | None = None) -> Callable:
+    """The implementation under test of `exercise_id` (e.g. "ch01.rms_norm"); `submission`: the key of one
+    submission of the grader's plan (minillm.course.pytest_plugin), graded in its own sandbox worker."""
     if os.environ.get("MINILLM_SANDBOX") == "1":
-        from minillm.course.sandbox import remote_function
-        return remote_function(exercise_id, resolve_impl(tests_default_impl()), forbidden_calls(get(exercise_id)))
+        from minillm.course.sandbox import SUBMISSIONS, remote_function
+        folder = SUBMISSIONS[submission] if submission else resolve_impl(tests_default_impl())
+        return remote_function(exercise_id, folder, forbidden_calls(get(exercise_id)), key=submission)
     return load_function(exercise_id, tests_default_impl(), fallback=False)
 
 

@@ -25,10 +25,17 @@ def _exercise_id(request: pytest.FixtureRequest) -> str:
     return marker.args[0]
 
 
+@pytest.fixture(autouse=True)
+def minillm_submission() -> str | None:
+    """Which submission a graded test runs against under `minillm grade` (the grader's plugin parametrizes this
+    over the submissions it grades in one session); None otherwise: MINILLM_IMPL decides."""
+    return None
+
+
 @pytest.fixture
-def impl(request: pytest.FixtureRequest):
-    """The function under test (learner, solution or submission, per MINILLM_IMPL)."""
-    return get_impl(_exercise_id(request))
+def impl(request: pytest.FixtureRequest, minillm_submission: str | None):
+    """The function under test (learner, solution or submission, per MINILLM_IMPL or the grader's plan)."""
+    return get_impl(_exercise_id(request), minillm_submission)
 
 
 @pytest.fixture

@@ -136,35 +136,88 @@ def _call_timeout(call_timeout: float | None, timeout: float) -> float:
     return call_timeout or min(30.0, max(2.0, timeout / 2))
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One thing to grade: exercise `ex` of the implementation folder `impl_dir`."""
+    ex: Exercise
+    impl_dir: Path
+
+
 def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60.0,
                    tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
                    hidden_seed: int | None = None, call_timeout: float | None = None) -> ExerciseResult:
     """Run `ex`'s graded tests against the implementation in `impl_dir`, isolated."""
+    return grade_submissions([Submission(ex, Path(impl_dir))], root, timeout, tests_dir, python, seed,
+                             call_timeout=call_timeout)[0]
+
+
+def grade_submissions(submissions: list[Submission], root: Path, timeout: float = 60.0,
+                      tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
+                      call_timeout: float | None = None, jobs: int = 1) -> list[ExerciseResult]:
+    """Grade every submission, in `jobs` pytest sessions run side by side (each grades its share in turn).
+
+    One session grades many submissions (even several of the same exercise: the plugin parametrizes the tests
+    over them), each in its own sandbox worker: the learner's code never runs in the session itself, so
+    sharing it costs no isolation, and the session's start (torch, pytest, the graded tests) is paid once.
+    Each submission gets `timeout` seconds of its worker's time; a hang ends that submission only."""
+    if not submissions:
+        return []
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    root = Path(root).resolve()
+    shards = [list(range(i, len(submissions), jobs)) for i in range(min(jobs, len(submissions)))]
+    results: list[ExerciseResult | None] = [None] * len(submissions)
+
+    def run(shard: list[int]) -> None:
+        for i, r in zip(shard, _grade_session([submissions[i] for i in shard], root, timeout, tests_dir, python,
+                                              seed, call_timeout)):
+            results[i] = r
+
+    with ThreadPoolExecutor(max_workers=len(shards)) as pool:
+        list(pool.map(run, shards))
+    return results  # type: ignore[return-value]
+
+
+def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir: Path | None, python: str,
+                   seed: int | None, call_timeout: float | None) -> list[ExerciseResult]:
+    """One pytest session over `subs` (see grade_submissions)."""
     tests_dir = Path(tests_dir or root / "tests" / "graded")
-    result = ExerciseResult(id=ex.id, hint=ex.hint, points=float(ex.points), nudge=ex.nudge)
     nonce = secrets.token_hex(16)
+    keys = [f"s{i}" for i in range(len(subs))]
     with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
         results_file = Path(tmp) / "results.jsonl"
-        # the submission's chapter module is graded from a private copy: the sandbox worker may read that folder
-        # and nothing else of the course (not the repository, not this folder's results file)
-        submission = Path(tmp) / "submission"
-        submission.mkdir()
-        source = Path(impl_dir) / f"{ex.module}.py"
-        if source.is_file():
-            shutil.copy(source, submission / source.name)
+        # each submission's chapter module is graded from a private copy: its sandbox worker may read that
+        # folder and nothing else of the course (not the repository, not the other submissions, not the results)
+        plan = []
+        for key, sub in zip(keys, subs):
+            folder = Path(tmp) / "submissions" / key
+            folder.mkdir(parents=True)
+            source = Path(sub.impl_dir) / f"{sub.ex.module}.py"
+            if source.is_file():
+                shutil.copy(source, folder / source.name)
+            plan.append({"key": key, "exercise": sub.ex.id, "submission": str(folder)})
+        plan_file = Path(tmp) / "plan.json"
+        plan_file.write_text(json.dumps(plan), encoding="utf-8")
         pkg_parent = str(Path(__file__).resolve().parents[2])  # the minillm this grader runs from
-        env = {**os.environ, "MINILLM_IMPL": str(submission), "MINILLM_ROOT": str(root),
+        env = {**os.environ, "MINILLM_ROOT": str(root),
                "MINILLM_GRADER_NONCE": nonce, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # only our plugin: faster, and nothing else in the way
                "MINILLM_SANDBOX": "1", "MINILLM_SANDBOX_DENY": os.pathsep.join([tmp, str(root), pkg_parent]),
                "MINILLM_SANDBOX_CALL_TIMEOUT_S": f"{_call_timeout(call_timeout, timeout):g}",
+               "MINILLM_SANDBOX_BUDGET_S": f"{timeout:g}",
                "MINILLM_SANDBOX_CPU_S": f"{int(timeout) + 5}", "MINILLM_FALLBACK": "0",
                "MINILLM_GRADE_SEED": str(seed if seed is not None else course_config.load(root).seed),
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [python, "-m", "pytest", *map(str, test_files(ex, tests_dir)), "-p", "minillm.course.pytest_plugin",
-               "--minillm-exercise", ex.id, "--minillm-results", str(results_file),
+        env.pop("MINILLM_IMPL", None)  # each submission's folder comes from the plan
+        files = sorted({str(f) for sub in subs for f in test_files(sub.ex, tests_dir)},
+                       key=lambda f: ("hidden" in Path(f).parts, f))
+        cmd = [python, "-m", "pytest", *files, "-p", "minillm.course.pytest_plugin",
+               "--minillm-plan", str(plan_file), "--minillm-results", str(results_file),
                "--rootdir", str(root), "-o", "addopts=", "-q", "-s", "--no-header",
                "-p", "no:cacheprovider", "-p", "no:warnings", "-p", "no:randomly"]
+        session_timeout = 120.0 + timeout * len(subs)  # each worker is bounded by its own budget; this is a backstop
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,49 +226,55 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
         reader.start()
         timed_out = False
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=session_timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and anything the learner spawned
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and its sandbox workers
             proc.wait()
-        reader.join(timeout=5)  # a grandchild that escaped the process group may still hold the pipe
-        result.duration = time.monotonic() - start
-        result.log = ("(the output is still streaming from an escaped process)" if reader.is_alive()
-                      else b"".join(tail).decode("utf-8", errors="replace")[-OUTPUT_CAP:])
+        reader.join(timeout=5)
+        duration = time.monotonic() - start
+        log = ("(the output is still streaming from an escaped process)" if reader.is_alive()
+               else b"".join(tail).decode("utf-8", errors="replace")[-OUTPUT_CAP:])
         records, finished = _read_records(results_file, nonce)
 
     collected = next((r["tests"] for r in records if r.get("event") == "collected"), [])
-    tests = {t["nodeid"]: TestResult(t["nodeid"], t["name"], t["points"], hidden=t["hidden"]) for t in collected}
-    for rec in records:
-        if rec.get("event") == "test" and rec["nodeid"] in tests:
-            t = tests[rec["nodeid"]]
-            t.outcome, t.message, t.traceback = rec["outcome"], rec["message"], rec["traceback"]
-            t.earned = t.points if t.outcome == "passed" else 0.0
-    result.tests = list(tests.values())
-
-    if timed_out:
-        result.status = "timeout"
-        result.message = f"timed out after {timeout:g} s (an infinite loop, or far too slow?)"
-    elif not finished:
-        rc = proc.returncode
-        result.status = "error"
-        result.message = (f"the test process died from {_signal_name(rc)} (a crash in your code or a library it called)"
-                          if rc < 0 else f"the test process exited (code {rc}) before reporting: "
-                                         "does your code call sys.exit(), os._exit() or quit()?")
-    elif not result.tests:
-        result.status = "error"
-        result.message = f"no graded tests found for {ex.id} under {tests_dir}"
-    else:
-        _summarise(result)
-    if result.status in ("timeout", "error"):
-        for t in result.tests:
-            t.earned = 0.0
-            if t.outcome == "passed":
-                t.outcome, t.message = "not counted", result.message
-            if t.outcome == "not run":
-                t.message = result.message
-    result.earned = sum(t.earned for t in result.tests)
-    return result
+    out = []
+    for key, sub in zip(keys, subs):
+        result = ExerciseResult(id=sub.ex.id, hint=sub.ex.hint, points=float(sub.ex.points), nudge=sub.ex.nudge,
+                                log=log)
+        tests = {t["nodeid"]: TestResult(t["nodeid"], t["name"], t["points"], hidden=t["hidden"])
+                 for t in collected if t.get("key") == key}
+        durations = 0.0
+        for rec in records:
+            if rec.get("event") == "test" and rec.get("key") == key and rec["nodeid"] in tests:
+                t = tests[rec["nodeid"]]
+                t.outcome, t.message, t.traceback = rec["outcome"], rec["message"], rec["traceback"]
+                t.earned = t.points if t.outcome == "passed" else 0.0
+                durations += float(rec.get("duration") or 0.0)
+        result.tests = list(tests.values())
+        result.duration = durations if finished else duration
+        complete = bool(result.tests) and all(t.outcome != "not run" for t in result.tests)
+        if not finished and not complete:  # the session itself died or hung before this submission was done
+            result.status = "timeout" if timed_out else "error"
+            rc = proc.returncode
+            result.message = (f"timed out after {session_timeout:g} s (the grading session as a whole)" if timed_out
+                              else f"the test process died from {_signal_name(rc)}" if rc < 0
+                              else f"the test process exited (code {rc}) before reporting")
+        elif not result.tests:
+            result.status = "error"
+            result.message = f"no graded tests found for {sub.ex.id} under {tests_dir}"
+        else:
+            _summarise(result)
+        if result.status in ("timeout", "error"):
+            for t in result.tests:
+                t.earned = 0.0
+                if t.outcome == "passed":
+                    t.outcome, t.message = "not counted", result.message
+                if t.outcome == "not run":
+                    t.message = result.message
+        result.earned = sum(t.earned for t in result.tests)
+        out.append(result)
+    return out
 
 
 def _summarise(result: ExerciseResult) -> None:
@@ -259,11 +318,10 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     if seed is None:
         seed = int(os.environ["MINILLM_GRADE_SEED"]) if os.environ.get("MINILLM_GRADE_SEED") else config.seed
     course_config.CourseConfig(seed=seed)  # validates the range
-    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))  # pytest sessions side by side
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda ex: grade_exercise(ex, impl_dir, root, timeout, tests_dir, seed=seed,
-                                                          hidden_seed=config.hidden_seed), exercises))
+    results = grade_submissions([Submission(ex, impl_dir) for ex in exercises], root, timeout, tests_dir,
+                                seed=seed, jobs=min(jobs, max(1, len(exercises))))
     label = str(impl) if impl else os.environ.get("MINILLM_IMPL", "exercises")
     return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed,
                        hidden_seed=config.hidden_seed is not None,

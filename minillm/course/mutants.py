@@ -9,11 +9,10 @@ fails when one scores full points for its exercise, or when a registered exercis
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.course.grader import ExerciseResult, grade_exercise
+from minillm.course.grader import ExerciseResult, Submission, grade_submissions
 from minillm.course.registry import EXERCISES, get, repo_root
 
 
@@ -49,14 +48,11 @@ def build_submission(mutant: Path, dest: Path, exercise_id: str, root: Path | No
 
 def run_mutants(workdir: Path, root: Path | None = None, timeout: float = 60.0, jobs: int = 2,
                 only: list[str] | None = None) -> list[MutantOutcome]:
-    """Grade every mutant's exercise against its mutant submission."""
+    """Grade every mutant's exercise against its mutant submission: all of them in `jobs` grading sessions
+    (each mutant still in its own sandbox worker, see minillm.course.grader.grade_submissions)."""
     root = Path(root or repo_root())
     jobs_list = [(ex_id, m) for ex_id, ms in find_mutants(root).items() if only is None or ex_id in only for m in ms]
-
-    def one(job: tuple[str, Path]) -> MutantOutcome:
-        ex_id, mutant = job
-        folder = build_submission(mutant, Path(workdir) / f"{ex_id}-{mutant.stem}", ex_id, root)
-        return MutantOutcome(ex_id, mutant, grade_exercise(get(ex_id), folder, root, timeout))
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, jobs_list))
+    subs = [Submission(get(ex_id), build_submission(mutant, Path(workdir) / f"{ex_id}-{mutant.stem}", ex_id, root))
+            for ex_id, mutant in jobs_list]
+    results = grade_submissions(subs, root, timeout, jobs=jobs)
+    return [MutantOutcome(ex_id, mutant, r) for (ex_id, mutant), r in zip(jobs_list, results)]

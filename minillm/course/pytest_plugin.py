@@ -1,8 +1,12 @@
 """The pytest plugin the grader loads into each isolated test process (`-p minillm.course.pytest_plugin`).
 
-It keeps only the tests of the exercises named by `--minillm-exercise`, and appends one JSON line per
-event to `--minillm-results`: the collected tests first (so a process that dies later still tells the
-grader what it owed), then one record per test as soon as it finishes, then `finished`. Each record
+The grader hands it a plan (`--minillm-plan`, JSON: a key, an exercise and a submission folder per entry). It keeps
+only the tests of the planned exercises, parametrizes each over the keys of its submissions (the autouse fixture
+`minillm_submission` of tests/conftest.py; the `impl` fixture then runs that submission's function in its own
+sandbox worker), orders the tests submission by submission (so one worker lives at a time and is closed when its
+submission is done), and appends one JSON line per event to `--minillm-results`: the collected tests first (so a
+process that dies later still tells the grader what it owed), then one record per test as soon as it finishes,
+then `finished`. Each record
 carries a nonce the grader handed over in the environment (removed before any learner code runs), and
 the grader ignores a file that does not end with `finished`: a learner's `os._exit(0)` cannot pass.
 """
@@ -24,7 +28,7 @@ MAX_TRACEBACK = 8000
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("minillm", "minillm grader")
-    group.addoption("--minillm-exercise", action="append", default=[], help="keep only this exercise's tests")
+    group.addoption("--minillm-plan", default=None, help="JSON file: [{key, exercise, submission}, ...] to grade")
     group.addoption("--minillm-results", default=None, help="append JSON-lines results to this file")
 
 
@@ -35,28 +39,63 @@ def _emit(config: pytest.Config, record: dict) -> None:
             f.write(json.dumps({**record, "nonce": _NONCE}) + "\n")
 
 
+_PLAN: list[dict] = []  # the grader's plan, in order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("minillm_plan")
+    if path:
+        from minillm.course import sandbox
+        _PLAN[:] = json.loads(Path(path).read_text(encoding="utf-8"))
+        sandbox.SUBMISSIONS.update({p["key"]: Path(p["submission"]) for p in _PLAN})
+
+
+def _exercise_of(node) -> str | None:
+    ex = node.get_closest_marker("exercise")
+    return ex.args[0] if ex and ex.args else None
+
+
+def _key(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("minillm_submission") if callspec else None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    keys = [p["key"] for p in _PLAN if p["exercise"] == _exercise_of(metafunc.definition)]
+    if keys and "minillm_submission" in metafunc.fixturenames:
+        metafunc.parametrize("minillm_submission", keys, ids=keys)
+
+
 def _describe(item: pytest.Item) -> dict:
-    ex = item.get_closest_marker("exercise")
     pts = item.get_closest_marker("points")
-    return {"nodeid": item.nodeid, "name": item.name,
-            "exercise": ex.args[0] if ex and ex.args else None,
+    return {"nodeid": item.nodeid, "name": item.name, "key": _key(item),
+            "exercise": _exercise_of(item),
             "points": float(pts.args[0]) if pts and pts.args else 0.0,
             "hidden": "hidden" in Path(str(item.fspath)).parts}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    wanted = set(config.getoption("minillm_exercise"))
-    if not wanted:
+    if not config.getoption("minillm_plan"):
         return
-    keep = [it for it in items if _describe(it)["exercise"] in wanted]
-    drop = [it for it in items if it not in keep]
+    order = {p["key"]: i for i, p in enumerate(_PLAN)}
+    keep = sorted((it for it in items if _key(it) in order), key=lambda it: order[_key(it)])  # stable: file order
+    drop = [it for it in items if _key(it) not in order]
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
     _emit(config, {"event": "collected", "tests": [_describe(it) for it in keep]})
 
 
-def _still_a_stub(exercise_id: str | None) -> bool:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    key = _key(item)
+    if key is not None and (nextitem is None or _key(nextitem) != key):
+        from minillm.course import sandbox
+        sandbox.close(key)  # this submission is done: its worker goes
+
+
+def _still_a_stub(exercise_id: str | None, key: str | None = None) -> bool:
     """The implementation's module still holds this exercise's stub (a Triton kernel cannot raise
     NotImplementedError at run time: its stub fails to compile instead, and must still count as not attempted).
     The module is parsed, never imported: the last top-level binding of the function's name must be a def whose
@@ -67,7 +106,8 @@ def _still_a_stub(exercise_id: str | None) -> bool:
         from minillm.course.impl import module_file, resolve_impl
         from minillm.course.registry import get
         ex = get(exercise_id)
-        text = module_file(ex, resolve_impl()).read_text(encoding="utf-8", errors="replace")
+        folder = next((Path(p["submission"]) for p in _PLAN if p["key"] == key), None) or resolve_impl()
+        text = module_file(ex, folder).read_text(encoding="utf-8", errors="replace")
         last = None
         for node in ast.parse(text).body:
             bound = ({node.name} if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
@@ -83,7 +123,7 @@ def _still_a_stub(exercise_id: str | None) -> bool:
             and f'"{exercise_id} is {NOT_ATTEMPTED}' in (ast.get_source_segment(text, last) or ""))
 
 
-def _classify(call: pytest.CallInfo, exercise_id: str | None = None) -> tuple[str, str]:
+def _classify(call: pytest.CallInfo, exercise_id: str | None = None, key: str | None = None) -> tuple[str, str]:
     exc = call.excinfo.value if call.excinfo else None
     if exc is None:
         return "failed", ""
@@ -91,7 +131,7 @@ def _classify(call: pytest.CallInfo, exercise_id: str | None = None) -> tuple[st
     if isinstance(exc, NotImplementedError) and NOT_ATTEMPTED in str(exc):
         return "not_attempted", text
     fatal = type(exc).__name__ in ("ImplementationError", "SubmissionCrash")  # the whole exercise is lost
-    if not fatal and _still_a_stub(exercise_id):
+    if not fatal and _still_a_stub(exercise_id, key):
         return "not_attempted", f"{exercise_id} is {NOT_ATTEMPTED} ({type(exc).__name__}: {text})"
     if fatal:
         return "error", text
@@ -112,7 +152,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         elif rep.skipped:
             status, message = "skipped", str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else "skipped"
         else:
-            status, message = _classify(call, _describe(item)["exercise"])
+            status, message = _classify(call, _exercise_of(item), _key(item))
         _emit(item.config, {"event": "test", **_describe(item), "outcome": status,
                             "message": message[:MAX_MESSAGE], "duration": rep.duration,
                             "traceback": "" if rep.passed else rep.longreprtext[-MAX_TRACEBACK:]})

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from minillm.course import guard
+from minillm.course import fork_server, guard
 from minillm.course.registry import Exercise, get, repo_root
 from minillm.course.sync import NOT_ATTEMPTED
 
@@ -58,6 +58,7 @@ class Limits:
     cpu_s: int = 120  # RLIMIT_CPU over the worker's life
     output_mb: int = 8  # RLIMIT_FSIZE: the worker's log (prints) and any scratch file
     call_timeout_s: float = 30.0  # wall clock per call
+    budget_s: float = 0.0  # wall clock of the worker's whole life, start included (0: none): the exercise's timeout
 
 
 def limits_from_env() -> Limits:
@@ -67,7 +68,8 @@ def limits_from_env() -> Limits:
     memory = 0 if torch.cuda.is_available() else d.memory_mb  # CUDA maps terabytes of address space: no RLIMIT_AS
     return Limits(int(env.get("MINILLM_SANDBOX_MEMORY_MB", memory)), int(env.get("MINILLM_SANDBOX_CPU_S", d.cpu_s)),
                   int(env.get("MINILLM_SANDBOX_OUTPUT_MB", d.output_mb)),
-                  float(env.get("MINILLM_SANDBOX_CALL_TIMEOUT_S", d.call_timeout_s)))
+                  float(env.get("MINILLM_SANDBOX_CALL_TIMEOUT_S", d.call_timeout_s)),
+                  float(env.get("MINILLM_SANDBOX_BUDGET_S", d.budget_s)))
 
 
 # ---- plain data back from the worker ----------------------------------------------------------------
@@ -148,7 +150,7 @@ class Sandbox:
     """One worker process holding `ex`'s chapter module from `module_file` (started on first use)."""
 
     def __init__(self, ex: Exercise, module_file: Path, forbidden: dict[str, str], denied: list[str],
-                 limits: Limits | None = None, triton: bool | None = None) -> None:
+                 limits: Limits | None = None, triton: bool | None = None, key: str | None = None) -> None:
         self.ex, self.module_file = ex, Path(module_file).resolve()
         # the engine's names cannot even be imported in the worker: only the libraries' shortcuts need traps there
         self.forbidden = {k: v for k, v in forbidden.items() if not k.startswith(("minillm.", "kernels."))}
@@ -156,7 +158,9 @@ class Sandbox:
         self.limits = limits or limits_from_env()
         text = self.module_file.read_text(encoding="utf-8", errors="replace") if self.module_file.is_file() else ""
         self.triton = ("triton" in text) if triton is None else triton
-        self.module_name = f"submission_{self.module_file.stem}"
+        # unique per submission: one grading session may launch the kernels of several submissions of a chapter
+        self.module_name = f"submission_{self.module_file.stem}" + (f"_{key}" if key else "")
+        self.spent = 0.0  # seconds of the budget used so far (waiting for the worker)
         self.proc: subprocess.Popen | None = None
         self.kernel = False  # the exercise's function is a @triton.jit kernel (the worker says so)
         self.fatal: str | None = None
@@ -180,10 +184,16 @@ class Sandbox:
         for name in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH", "TRITON_PTXAS_PATH"):
             if os.environ.get(name):  # the device, never the grader's own settings
                 env[name] = os.environ[name]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-I", str(bin_dir / "sandbox_worker.py"), str(r_req),
-                                          str(w_rep)], pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=scratch, start_new_session=True)
+        env["MKL_NUM_THREADS"] = "1"
+        if fork_server.wanted():  # a child of the warm template (see minillm.course.fork_server)
+            base = {k: v for k, v in env.items() if k not in ("HOME", "TMPDIR", "TRITON_CACHE_DIR")}
+            self.proc = fork_server.server(base).spawn((r_req, w_rep), env, scratch, self.log)
+        else:
+            with open(self.log, "wb") as log:
+                self.proc = subprocess.Popen([sys.executable, "-I", str(bin_dir / "sandbox_worker.py"), str(r_req),
+                                              str(w_rep)], pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=scratch,
+                                             start_new_session=True)
         os.close(r_req)
         os.close(w_rep)
         self._w, self._r = w_req, r_rep
@@ -239,9 +249,16 @@ class Sandbox:
             self._died("receiving its inputs")
 
     def _receive(self, timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        header = self._read(HEADER_SIZE, deadline, what)
-        body = self._read(int.from_bytes(header, "little"), deadline, what)
+        start = time.monotonic()
+        budget_left = self.limits.budget_s - self.spent if self.limits.budget_s > 0 else float("inf")
+        limit, self._limit = ((timeout, f"{timeout:g} s") if timeout <= budget_left else
+                              (max(0.0, budget_left), f"{self.limits.budget_s:g} s (the exercise's time limit)"))
+        deadline = start + limit
+        try:
+            header = self._read(HEADER_SIZE, deadline, what)
+            body = self._read(int.from_bytes(header, "little"), deadline, what)
+        finally:
+            self.spent += time.monotonic() - start
         try:
             return _PlainUnpickler(__import__("io").BytesIO(body)).load()
         except Exception as e:  # noqa: BLE001  (a forged or broken reply)
@@ -252,7 +269,7 @@ class Sandbox:
         while len(buf) < n:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                self._die(f"{self.ex.id} timed out after {self.limits.call_timeout_s:g} s while {what} "
+                self._die(f"{self.ex.id} timed out after {self._limit} while {what} "
                           "(an infinite loop, or far too slow?)")
             chunk = os.read(self._r, min(n - len(buf), 1 << 20))
             if not chunk:
@@ -338,20 +355,24 @@ class _KernelHandle:
         return launch
 
 
-_SANDBOXES: dict[str, Sandbox] = {}
+_SANDBOXES: dict[str, Sandbox] = {}  # by submission key (or exercise id outside a plan)
+SUBMISSIONS: dict[str, Path] = {}  # the grader's plan: submission key -> its folder (set by the pytest plugin)
 
 
 def _signature(ex: Exercise) -> inspect.Signature:
     return inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ex.param_names])
 
 
-def remote_function(exercise_id: str, impl_dir: Path, forbidden: dict[str, str]) -> RemoteFunction:
-    """The sandboxed function of `exercise_id` from the submission folder `impl_dir` (one worker per exercise)."""
+def remote_function(exercise_id: str, impl_dir: Path, forbidden: dict[str, str],
+                    key: str | None = None) -> RemoteFunction:
+    """The sandboxed function of `exercise_id` from the submission folder `impl_dir` (one worker per exercise
+    and submission `key`)."""
     ex = get(exercise_id)
-    if exercise_id not in _SANDBOXES:
+    slot = f"{key}:{exercise_id}" if key else exercise_id
+    if slot not in _SANDBOXES:
         denied = [str(repo_root())] + [d for d in os.environ.get("MINILLM_SANDBOX_DENY", "").split(os.pathsep) if d]
-        _SANDBOXES[exercise_id] = Sandbox(ex, Path(impl_dir) / f"{ex.module}.py", forbidden, denied)
-    box = _SANDBOXES[exercise_id]
+        _SANDBOXES[slot] = Sandbox(ex, Path(impl_dir) / f"{ex.module}.py", forbidden, denied, key=key)
+    box = _SANDBOXES[slot]
     if box.proc is None and not box.fatal:
         box.start()
     fn = RemoteFunction(box, ex.function, _signature(ex))
@@ -359,6 +380,14 @@ def remote_function(exercise_id: str, impl_dir: Path, forbidden: dict[str, str])
         sys.modules.setdefault(box.module_name, RemoteModule(box))
         fn.__wrapped__ = _KernelHandle(box, ex.function)
     return fn
+
+
+def close(key: str) -> None:
+    """End the workers of submission `key` (its tests are done); its result stays with the grader."""
+    for slot in [s for s in _SANDBOXES if s.split(":")[0] == key]:
+        box = _SANDBOXES.pop(slot)
+        box.close()
+        sys.modules.pop(box.module_name, None)
 
 
 def close_all() -> None:

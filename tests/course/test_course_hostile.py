@@ -3,19 +3,19 @@ with a one-line reason that says what was refused.
 
 Each case is a chapter module made of the blank stubs plus the hostile code (appended, so its def replaces the
 stub), graded by the real grader on the real graded tests of one cheap exercise: ch05.slot_mapping (pure Python),
-ch01.rms_norm (a library shortcut) and ch04.rms_norm_kernel (a Triton kernel in disguise). The cases run two at a
-time; the infinite loop is bounded by a short per-call timeout.
+ch01.rms_norm (a library shortcut) and ch04.rms_norm_kernel (a Triton kernel in disguise). All cases are graded
+in two grading sessions side by side, each in its own sandbox worker; the infinite loop is bounded by a short
+per-call timeout.
 """
 from __future__ import annotations
 
 import ast
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from minillm.course.grader import grade_exercise
+from minillm.course.grader import Submission, grade_exercise, grade_submissions
 from minillm.course.registry import get, repo_root
 
 ROOT = repo_root()
@@ -182,15 +182,10 @@ def _submission(folder: Path, exercise_id: str, code: str) -> Path:
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
+    """Every case graded in two grading sessions side by side, each case in its own sandbox worker."""
     base = tmp_path_factory.mktemp("hostile")
-
-    def one(name: str):
-        exercise_id, code, _ = CASES[name]
-        folder = _submission(base / name, exercise_id, code)
-        return name, grade_exercise(get(exercise_id), folder, ROOT, timeout=120.0, call_timeout=4.0)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(one, CASES))
+    subs = [Submission(get(ex_id), _submission(base / name, ex_id, code)) for name, (ex_id, code, _) in CASES.items()]
+    return dict(zip(CASES, grade_submissions(subs, ROOT, timeout=120.0, call_timeout=4.0, jobs=2)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
