@@ -4,15 +4,42 @@ The names and fields follow vLLM, so code written against `vllm.LLM.generate` re
 A RequestOutput is *cumulative* (all text so far); `LLM.generate_stream` turns consecutive ones into deltas.
 The timestamps in RequestMetrics are what chapter 2 plots: time to first token (TTFT), time per output token
 (TPOT) and end-to-end latency, the three numbers every serving benchmark reports.
+Log-probabilities (when SamplingParams.logprobs / prompt_logprobs ask for them) come as vLLM shapes them: per token
+a dict {token_id: Logprob(logprob, rank, decoded_token)} holding the actual token and the top-k alternatives.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
     from minillm.speculative.metrics import SpecDecodeMetrics
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability under the model (raw logits, temperature 1), its 1-based rank in that
+    distribution, and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# per token: {token_id: Logprob} for the actual token first, then the top-k in decreasing order
+TokenLogprobDict = dict[int, Logprob]
+
+
+def logprob_dict(token_id: int, logprob: float, rank: int, top_ids: list[int], top_logprobs: list[float],
+                 decode: Callable[[int], str | None]) -> TokenLogprobDict:
+    """vLLM's per-token dict. The actual token keeps its own rank; when it is also one of the top-k, it appears
+    once."""
+    entries = {token_id: Logprob(logprob, rank, decode(token_id))}
+    for top_rank, (top_id, top_lp) in enumerate(zip(top_ids, top_logprobs), start=1):
+        if top_id not in entries:
+            entries[top_id] = Logprob(top_lp, top_rank, decode(top_id))
+    return entries
 
 
 @dataclass
@@ -60,7 +87,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     error: str | None = None  # the message when finish_reason == "error"
-    logprobs: None = None  # not computed (vLLM's field, kept so code that reads it does not break)
+    # one dict per token of token_ids when SamplingParams.logprobs was set, else None
+    logprobs: list[TokenLogprobDict] | None = None
+    cumulative_logprob: float | None = None  # sum of the tokens' log-probabilities (with logprobs only)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +104,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=0.0))
+    # with SamplingParams.prompt_logprobs: [None] (nothing predicts the first token), then per prompt position
+    # p >= 1 the dict for prompt token p given the tokens before it
+    prompt_logprobs: list[TokenLogprobDict | None] | None = None
 
     @property
     def text(self) -> str:
@@ -91,6 +123,10 @@ class RequestOutput:
             finish_reason=seq.finish_reason,
             error=seq.error,
         )
+        logprobs = getattr(seq, "logprobs", None)  # kept by the engine when the request asked for them
+        if logprobs is not None:
+            completion.logprobs = list(logprobs)
+            completion.cumulative_logprob = seq.cumulative_logprob
         metrics = RequestMetrics(
             arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
@@ -103,4 +139,6 @@ class RequestOutput:
         if spec is not None:
             metrics.spec_decode = spec.copy()
         return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
-                   outputs=[completion], finished=seq.is_finished, metrics=metrics)
+                   outputs=[completion], finished=seq.is_finished, metrics=metrics,
+                   prompt_logprobs=None if getattr(seq, "prompt_logprobs", None) is None
+                   else list(seq.prompt_logprobs))

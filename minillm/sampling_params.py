@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 INT64_MAX = 2**63 - 1
+MAX_LOGPROBS = 20  # top-k log-probabilities per token at most (OpenAI's top_logprobs limit, vLLM's default)
 # Below this a temperature divides logits into values that overflow fp16/bf16 (inf - inf = nan in the softmax);
 # as vLLM does, smaller positive temperatures are raised to it with a warning (0 itself means greedy).
 MIN_TEMPERATURE = 1e-2
@@ -52,6 +53,11 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     priority: int = 0  # lower runs first under priority scheduling
+    # log-probabilities (vLLM's names): of each generated token plus the `logprobs` most likely ones, and of
+    # each prompt token after the first plus the `prompt_logprobs` most likely ones; None: not computed.
+    # They are log-softmax of the *raw* logits (temperature 1, no top-k/top-p), as vLLM returns by default.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +80,10 @@ class SamplingParams:
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: {self.ignore_eos!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name), 0, MAX_LOGPROBS,
+                                             allowed=f"in [0, {MAX_LOGPROBS}] or None"))
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
 

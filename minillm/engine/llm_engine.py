@@ -11,6 +11,12 @@ step at a time and stream what each step produced. The engine is parametric in i
 chapter 2 or continuous batching of chapter 6) and KV layout (contiguous or paged): both meet in
 scheduler_interface.py and forward_context.py.
 
+Log-probabilities (SamplingParams.logprobs / prompt_logprobs): the runner scores the rows that asked; the engine
+keeps the results on the sequence (`seq.logprobs`, `seq.cumulative_logprob`, `seq.prompt_logprobs`), one entry per
+token in the order tokens are accepted (after a speculative verify step: one per accepted token, from its verify
+row). A request with prompt_logprobs never reads the prefix cache (a cached prefix has no logits to score), which
+BlockManager._match_prefix honours.
+
 Robustness: a bad request is rejected by add_request (ValueError for that request only, nothing else changes); an
 exception inside a step finishes that step's requests with finish_reason "error" and the message, frees their
 KV, and the engine carries on with whatever arrives next.
@@ -32,13 +38,14 @@ from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
-from minillm.engine.step_input import build_step_input
+from minillm.engine.model_runner import token_logprobs
+from minillm.engine.step_input import StepOutput, TokenLogprobs, build_step_input
 from minillm.engine.worker import PrebuiltModel, Worker
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
-from minillm.outputs import RequestOutput
+from minillm.outputs import RequestOutput, TokenLogprobDict, logprob_dict
 from minillm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -139,6 +146,10 @@ class LLMEngine:
         else:
             text, token_ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
+        if sampling_params.logprobs is not None:
+            seq.logprobs, seq.cumulative_logprob = [], 0.0
+        if sampling_params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # position 0 has no prediction; build_step_input scores from len() on
         self.scheduler.add(seq)
         self._requests[request_id] = _RequestState(seq, DetokenizerState.for_prompt(len(token_ids)))
         return request_id
@@ -224,14 +235,18 @@ class LLMEngine:
         try:
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)
+            scored = self._scored_tokens(batch, step_output, tokens)
             self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts
         except Exception as err:  # a bad verification result fails these requests, not the engine
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
-        for seq, new_tokens in zip(batch.seqs, tokens):
+        for seq, new_tokens, entries in zip(batch.seqs, tokens, scored):
             reason = None
-            for position in range(seq.num_tokens - len(new_tokens), seq.num_tokens):
+            for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
+                if entries is not None:  # before the stop check: a stop token keeps its log-prob, later ones none
+                    seq.logprobs.append(self._logprob_dict(entries[j]))
+                    seq.cumulative_logprob += entries[j].logprob
                 reason = self._check_stop(seq, position)
                 if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
                     seq.truncate_output(position + 1)
@@ -240,6 +255,37 @@ class LLMEngine:
         if self.speculative is not None:  # proposer state of finished / preempted requests
             self.speculative.release(self.scheduler)
         return outputs
+
+    def _scored_tokens(self, batch: ScheduledBatch, output: StepOutput,
+                       tokens: list[list[int]]) -> list[list[TokenLogprobs] | None]:
+        """Attach the step's prompt log-probs; return, per sequence that asked for logprobs, one entry per
+        accepted token (None for the others). An accepted token is the one sampled at its row (plain and
+        sample-and-match steps); a token the rejection rule resampled is scored from the returned logits."""
+        scored: list[list[TokenLogprobs] | None] = [None] * len(batch.seqs)
+        for i, seq in enumerate(batch.seqs):
+            params = seq.sampling_params
+            if params.prompt_logprobs is not None:
+                if output.prompt_logprobs is None:
+                    raise ValueError("prompt_logprobs were requested but this executor returned none")
+                seq.prompt_logprobs.extend(self._logprob_dict(e) for e in output.prompt_logprobs[i])
+            if params.logprobs is None or not tokens[i]:
+                continue
+            if output.logprobs is None or len(output.logprobs[i]) != len(output.sampled_token_ids[i]):
+                raise ValueError("logprobs were requested but this executor returned none for the sampled rows")
+            entries = []
+            for j, token in enumerate(tokens[i]):
+                if j < len(output.sampled_token_ids[i]) and output.sampled_token_ids[i][j] == token:
+                    entries.append(output.logprobs[i][j])
+                elif output.logits is not None and len(output.logits[i]) > j:
+                    entries.extend(token_logprobs(output.logits[i][j:j + 1], [token], [params.logprobs]))
+                else:
+                    raise ValueError(f"accepted token {token} at row {j} was not sampled there and the step "
+                                     f"returned no logits to score it")
+            scored[i] = entries
+        return scored
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> TokenLogprobDict:
+        return logprob_dict(*entry, decode=lambda token_id: self.tokenizer.decode([token_id]))
 
     def _verify_drafts(self, batch: ScheduledBatch, step_output: Any) -> list[list[int]]:
         """Turn the runner's samples (and logits) at every draft row into the accepted tokens L per sequence (the

@@ -10,7 +10,9 @@ Each step it
      reached its end (a chunk of a long prompt needs none), or its last 1 + k rows when it carries k draft
      tokens (the verify step of speculative decoding); computes logits for those rows only (the vocabulary
      projection is the most expensive matmul of a small model: no point doing it for all T),
-  5. samples, each request with its own generator when it asked for a seed.
+  5. samples, each request with its own generator when it asked for a seed,
+  6. only when a request asked (SamplingParams.logprobs / prompt_logprobs): log_softmax in fp32 of the raw logits
+     of its sampled rows, and of the prefill rows that score its prompt tokens (`token_logprobs`).
 
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
@@ -31,7 +33,7 @@ from torch import nn
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.kv_cache import KVCache
 from minillm.engine.scheduler_interface import ScheduledBatch
-from minillm.engine.step_input import StepInput, StepOutput, build_step_input
+from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.layers.sampler import Sampler
 
@@ -45,6 +47,26 @@ class PreparedBatch:
     metadata: AttentionMetadata
     sample_indices: torch.Tensor  # int64 [S]: the rows that get sampled, sequence by sequence
     sample_seqs: list[int]  # index of the sequence each sampled row belongs to
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Row i of `logits` [R, V] scores token_ids[i] (its log-probability and 1-based rank) and lists its
+    num_top[i] most likely tokens. log_softmax in fp32 over the raw logits: the model's own distribution, before
+    temperature or top-k/top-p (vLLM's default). Ties rank the same (rank = 1 + tokens strictly more likely)."""
+    if logits.dim() != 2 or logits.shape[0] != len(token_ids) or len(num_top) != len(token_ids):
+        raise ValueError(f"need [rows, vocab] logits with one token id and one num_top per row, got shape "
+                         f"{tuple(logits.shape)}, {len(token_ids)} ids, {len(num_top)} num_top")
+    if not token_ids:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device).unsqueeze(-1)
+    chosen = logprobs.gather(-1, ids)
+    ranks = (logprobs > chosen).sum(-1) + 1
+    width = min(max(num_top), logprobs.shape[-1])
+    top_lp, top_ids = logprobs.topk(width, dim=-1) if width > 0 else (logprobs[:, :0], ids[:, :0])
+    chosen, ranks, top_lp, top_ids = chosen.squeeze(-1).tolist(), ranks.tolist(), top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprobs(token_ids[i], chosen[i], ranks[i], top_ids[i][:k], top_lp[i][:k])
+            for i, k in enumerate(num_top)]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -173,8 +195,10 @@ class ModelRunner:
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
+        prompt_logprobs = self.prompt_logprobs(step, hidden)
         if not prepared.sample_seqs:
-            return StepOutput(sampled, [] if step.return_logits else None)
+            return StepOutput(sampled, [] if step.return_logits else None, prompt_logprobs=prompt_logprobs,
+                              logprobs=None if step.num_logprobs is None else [[] for _ in sampled])
         logits = self.model.compute_logits(hidden[prepared.sample_indices])
         tokens = self.sample(logits, [step.sampling[i] for i in prepared.sample_seqs])
         for i, token in zip(prepared.sample_seqs, tokens):
@@ -182,7 +206,43 @@ class ModelRunner:
         per_seq_logits = None
         if step.return_logits:
             per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
-        return StepOutput(sampled, per_seq_logits)
+        return StepOutput(sampled, per_seq_logits, self.sampled_logprobs(step, prepared, logits, tokens),
+                          prompt_logprobs)
+
+    def sampled_logprobs(self, step: StepInput, prepared: PreparedBatch, logits: torch.Tensor,
+                         tokens: list[int]) -> list[list[TokenLogprobs]] | None:
+        """Per sequence, the log-probs of the tokens sampled at its rows (only sequences that asked)."""
+        if step.num_logprobs is None:
+            return None
+        rows = [r for r, i in enumerate(prepared.sample_seqs) if step.num_logprobs[i] >= 0]
+        per_seq: list[list[TokenLogprobs]] = [[] for _ in range(step.num_seqs)]
+        if rows:
+            scored = token_logprobs(logits[rows], [tokens[r] for r in rows],
+                                    [step.num_logprobs[prepared.sample_seqs[r]] for r in rows])
+            for r, entry in zip(rows, scored):
+                per_seq[prepared.sample_seqs[r]].append(entry)
+        return per_seq
+
+    def prompt_logprobs(self, step: StepInput, hidden: torch.Tensor) -> list[list[TokenLogprobs]] | None:
+        """Per sequence, the log-probs of the prompt tokens its rows score (a second, small vocabulary
+        projection over those rows only)."""
+        if step.prompt_logprob_rows is None:
+            return None
+        indices, targets, num_top, owners = [], [], [], []
+        offset = 0
+        for i, (n, rows) in enumerate(zip(step.query_lens, step.prompt_logprob_rows)):
+            if rows is not None:
+                indices.extend(range(offset + rows.first_row, offset + rows.first_row + len(rows.token_ids)))
+                targets.extend(rows.token_ids)
+                num_top.extend([rows.num_top] * len(rows.token_ids))
+                owners.extend([i] * len(rows.token_ids))
+            offset += n
+        per_seq: list[list[TokenLogprobs]] = [[] for _ in range(step.num_seqs)]
+        if indices:
+            index = torch.tensor(indices, dtype=torch.int64, device=hidden.device)
+            for i, entry in zip(owners, token_logprobs(self.model.compute_logits(hidden[index]), targets, num_top)):
+                per_seq[i].append(entry)
+        return per_seq
 
     def forward(self, prepared: PreparedBatch) -> torch.Tensor:
         """Hidden states [T, hidden]: a CUDA graph replay for a decode-only batch when graphs are captured,

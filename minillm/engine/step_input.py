@@ -14,10 +14,16 @@ to pickle, and nothing in it can reach back into the scheduler.
 
 Multi-token steps: a sequence carrying draft tokens (`Sequence.spec_token_ids`, speculative decoding) feeds them
 after its uncomputed tokens and asks for samples at its last 1 + k rows (`num_sampled`): the verify step.
+
+Log-probabilities (SamplingParams.logprobs / prompt_logprobs) travel only when some sequence asks for them:
+`num_logprobs` (top-k per sequence for its sampled rows) and `prompt_logprob_rows` (which rows of a prefill chunk
+score which prompt tokens; the chunk's last row scores the first token of the *next* chunk, so the target ids
+are sent along). Otherwise both stay None and cost nothing to pickle or to compute.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from minillm.engine.block_table import slot_mapping
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -37,6 +43,27 @@ class SamplingSpec:
     top_k: int
     top_p: float
     seed: int | None  # a per-request generator lives in the worker, keyed by request_id
+
+
+@dataclass(frozen=True)
+class PromptLogprobRows:
+    """Rows first_row .. first_row + len(token_ids) - 1 of a sequence's chunk score the prompt tokens
+    `token_ids` (row r predicts the token after it), each with its `num_top` most likely alternatives."""
+
+    first_row: int
+    token_ids: list[int]
+    num_top: int
+
+
+class TokenLogprobs(NamedTuple):
+    """One scored row: the log-probability and 1-based rank of `token_id`, and the row's top tokens in
+    decreasing order (plain numbers, so it pickles across processes)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 @dataclass
@@ -61,6 +88,10 @@ class StepInput:
     # requests that ended since the previous step: a worker drops their per-request state (generators)
     finished_request_ids: list[str] = field(default_factory=list)
     return_logits: bool = False  # also return the logits of the sampled rows (speculative verification)
+    # per sequence: top-k log-probs for its sampled rows (-1: none); None when no sequence asks
+    num_logprobs: list[int] | None = None
+    # per sequence: the prompt tokens its rows score (None: none); None when no sequence asks
+    prompt_logprob_rows: list[PromptLogprobRows | None] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -77,6 +108,10 @@ class StepOutput:
 
     sampled_token_ids: list[list[int]]
     logits: list | None = None  # per sequence a [num_sampled, vocab] tensor, when return_logits was set
+    # per sequence, one entry per sampled row (empty unless asked), when StepInput.num_logprobs was set
+    logprobs: list[list[TokenLogprobs]] | None = None
+    # per sequence, one entry per scored prompt row, when StepInput.prompt_logprob_rows was set
+    prompt_logprobs: list[list[TokenLogprobs]] | None = None
 
 
 def compute_slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -99,6 +134,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     step = StepInput(block_size=block_size, blocks_to_swap_out=list(batch.blocks_to_swap_out),
                      blocks_to_swap_in=list(batch.blocks_to_swap_in), blocks_to_copy=list(batch.blocks_to_copy),
                      finished_request_ids=list(finished_request_ids or ()))
+    num_logprobs: list[int] = []
+    prompt_rows: list[PromptLogprobRows | None] = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         drafts = list(getattr(seq, "spec_token_ids", None) or ())
         tokens = seq.token_ids + drafts
@@ -119,4 +156,25 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
         step.num_sampled.append(min(n, 1 + len(drafts)) if end == len(tokens) else 0)
         p = seq.sampling_params
         step.sampling.append(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
+        num_logprobs.append(-1 if getattr(p, "logprobs", None) is None else p.logprobs)
+        prompt_rows.append(_prompt_logprob_rows(seq, tokens, start, end))
+    if any(k >= 0 for k in num_logprobs):
+        step.num_logprobs = num_logprobs
+    if any(rows is not None for rows in prompt_rows):
+        step.prompt_logprob_rows = prompt_rows
     return step
+
+
+def _prompt_logprob_rows(seq, tokens: list[int], start: int, end: int) -> PromptLogprobRows | None:
+    """The rows of this chunk that score prompt tokens not scored yet. The engine keeps the scores in
+    `seq.prompt_logprobs` ([None] for position 0, then one per scored position), so a chunk recomputed after a
+    preemption scores nothing twice."""
+    k = getattr(seq.sampling_params, "prompt_logprobs", None)
+    scored = getattr(seq, "prompt_logprobs", None)
+    if k is None or scored is None:
+        return None
+    # row r predicts token r + 1; the next unscored target is position len(scored)
+    first, last = max(start, len(scored) - 1), min(end, seq.num_prompt_tokens - 1)
+    if first >= last:
+        return None
+    return PromptLogprobRows(first - start, tokens[first + 1:last + 1], k)

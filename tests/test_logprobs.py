@@ -1,0 +1,164 @@
+"""Log-probabilities (vLLM's SamplingParams.logprobs / prompt_logprobs), checked against a full forward.
+
+On a tiny random model in fp32: the log-prob, rank and top-k of every generated token equal log_softmax of one
+cache-less forward over prompt + output, whatever the sampling settings (they are the raw model's), also through
+speculative verify steps; prompt log-probs equal it at every prompt position, with chunked prefill, with prefix
+caching on (the request skips the cache) and across preemption by recompute (no duplicates). On the bundled
+SmolLM2, prompt log-probs equal log_softmax of Hugging Face transformers' logits. The server returns OpenAI-shaped
+logprobs for completions and chat, streamed or not.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.outputs import Logprob
+from minillm.sampling_params import SamplingParams
+from test_engine import tiny_config, tiny_model
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+PROMPTS = [list(range(10, 31)), [5, 6, 7, 5, 6, 7, 5, 6], [99, 98, 97]]
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config(num_hidden_layers=2)
+    return tiny_model(config, seed=1), config
+
+
+def reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """log_softmax of one cache-less forward: row p is the distribution of token p + 1."""
+    with torch.inference_mode():
+        hidden = model(torch.tensor(tokens), torch.arange(len(tokens)))
+        return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
+
+
+def run(model_and_config, requests, **engine_kwargs):
+    model, config = model_and_config
+    kwargs = dict(block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4)
+    kwargs.update(engine_kwargs)
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(**kwargs))
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+    return [outputs[str(i)] for i in range(len(requests))], engine
+
+
+def check_entry(entry: dict, token: int, ref_row: torch.Tensor, k: int) -> None:
+    """One token's dict: the actual token first with its true rank, then the top k in decreasing order."""
+    assert next(iter(entry)) == token
+    assert entry[token].logprob == pytest.approx(float(ref_row[token]), abs=1e-5)
+    assert entry[token].rank == 1 + int((ref_row > ref_row[token]).sum())
+    assert entry[token].decoded_token == ByteTokenizer().decode([token])
+    top = ref_row.topk(k).indices.tolist()
+    ranked = sorted(((lp.rank, t) for t, lp in entry.items() if t != token or lp.rank <= k))
+    assert [t for _, t in ranked] == top  # exactly the top k, ranks 1..k
+    assert set(entry) == set(top) | {token}
+    for t in top:
+        assert entry[t].logprob == pytest.approx(float(ref_row[t]), abs=1e-5)
+
+
+def test_generated_token_logprobs_equal_a_full_forward(model_and_config):
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.7, top_k=5, max_tokens=5, ignore_eos=True, seed=2, logprobs=0),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    outs, _ = run(model_and_config, list(zip(PROMPTS, params)))
+    for out, p in zip(outs[:2], params):
+        done = out.outputs[0]
+        assert len(done.logprobs) == len(done.token_ids) == p.max_tokens
+        ref = reference_logprobs(model_and_config[0], out.prompt_token_ids + done.token_ids)
+        start = len(out.prompt_token_ids) - 1
+        for j, (token, entry) in enumerate(zip(done.token_ids, done.logprobs)):
+            check_entry(entry, token, ref[start + j], p.logprobs)
+        assert done.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(done.token_ids,
+                                                                                          done.logprobs)))
+    # greedy: the chosen token is the most likely one
+    assert all(e[t].rank == 1 for t, e in zip(outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs))
+    assert outs[2].outputs[0].logprobs is None and outs[2].prompt_logprobs is None
+
+
+def check_prompt_logprobs(model, out, k: int) -> None:
+    prompt = out.prompt_token_ids
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    ref = reference_logprobs(model, prompt)
+    for p in range(1, len(prompt)):
+        check_entry(out.prompt_logprobs[p], prompt[p], ref[p - 1], k)
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    {},
+    {"enable_chunked_prefill": True, "max_num_batched_tokens": 6},  # chunks of a few rows
+    {"enable_prefix_caching": True},
+    {"num_kv_blocks": 9, "max_num_seqs": 3},  # not enough blocks for all three: preemption by recompute
+], ids=["plain", "chunked", "prefix_cache", "preemption"])
+def test_prompt_logprobs_equal_a_full_forward(model_and_config, engine_kwargs):
+    long_prompt = list(range(40, 62))
+    requests = [(long_prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)),
+                (PROMPTS[1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0,
+                                            logprobs=1)),
+                (PROMPTS[2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))]
+    if engine_kwargs.get("enable_prefix_caching"):  # the long prompt is cached before the request that scores it
+        requests.insert(0, (long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)))
+    outs, engine = run(model_and_config, requests, **engine_kwargs)
+    outs = outs[1:] if engine_kwargs.get("enable_prefix_caching") else outs
+    check_prompt_logprobs(model_and_config[0], outs[0], 2)
+    check_prompt_logprobs(model_and_config[0], outs[1], 0)
+    assert outs[2].prompt_logprobs is None
+    bm = engine.scheduler.block_manager
+    if engine_kwargs.get("enable_prefix_caching"):  # the scoring request did not read the cache
+        assert bm.prefix_cache_hits == 0
+    if "num_kv_blocks" in engine_kwargs:
+        assert sum(o.metrics.num_preemptions for o in outs) > 0
+    second = outs[1].outputs[0]  # logprobs of a preempted/chunked request still match, one per token
+    ref = reference_logprobs(model_and_config[0], outs[1].prompt_token_ids + second.token_ids)
+    for j, (token, entry) in enumerate(zip(second.token_ids, second.logprobs)):
+        check_entry(entry, token, ref[len(PROMPTS[1]) - 1 + j], 1)
+    assert len(second.logprobs) == len(second.token_ids)
+
+
+def test_prompt_logprobs_do_not_stop_other_requests_hitting_the_prefix_cache(model_and_config):
+    prompt = list(range(40, 62))
+    plain = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    _, engine = run(model_and_config, [(prompt, plain), (prompt, plain)], enable_prefix_caching=True,
+                    max_num_seqs=1)
+    assert engine.scheduler.block_manager.prefix_cache_hits > 0
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "self_speculative", "num_speculative_tokens": 3, "draft_num_layers": 2},  # the target: all accepted
+    {"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 1},  # rejections, resampled tokens
+], ids=["self_speculative", "draft_model"])
+def test_logprobs_through_speculative_verify_steps(model_and_config, spec):
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=4, logprobs=2)]
+    outs, engine = run(model_and_config, list(zip(PROMPTS[1:], params)), speculative_config=spec)
+    metrics = engine.speculative.metrics
+    assert metrics.num_accepted_tokens > 0  # multi-token steps happened
+    if spec["draft_num_layers"] == 1:  # and tokens the rejection rule resampled (scored from the step's logits)
+        assert metrics.num_accepted_tokens < metrics.num_draft_tokens
+    for out in outs:
+        done = out.outputs[0]
+        assert len(done.logprobs) == len(done.token_ids)
+        ref = reference_logprobs(model_and_config[0], out.prompt_token_ids + done.token_ids)
+        for j, (token, entry) in enumerate(zip(done.token_ids, done.logprobs)):
+            check_entry(entry, token, ref[len(out.prompt_token_ids) - 1 + j], 2)
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 21), ("logprobs", -1), ("prompt_logprobs", 1.5),
+                                          ("prompt_logprobs", True)])
+def test_bad_logprobs_values_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_logprob_is_a_small_dataclass():
+    assert Logprob(-0.5, 1, "a") == Logprob(logprob=-0.5, rank=1, decoded_token="a")
+    assert math.isclose(Logprob(-0.5).logprob, -0.5)
