@@ -2,7 +2,7 @@
 
 A sandbox worker (minillm/course/sandbox_worker.py) spends about two CPU seconds importing torch before the
 submission's first line runs; a grading session with dozens of submissions paid that dozens of times. The fork
-server is one `python -I sandbox_worker.py --fork-server` process per grading session that has imported torch,
+server is one `python -I sandbox_template.py` process per grading session that has imported torch,
 numpy and triton and nothing of the course, and has not locked itself down. For each submission it forks a child
 that then does exactly what a spawned worker does (a new session, its own scratch folder, log and environment,
 then the rlimits, the import guard, the audit hook, the shortcut traps and the provenance check, in that order),
@@ -17,6 +17,7 @@ the workers' parent, so it reaps them and tells the grader how each ended (`Fork
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import shutil
@@ -44,12 +45,13 @@ class ForkServer:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="minillm-forkserver-"))
-        shutil.copy(HERE / "sandbox_worker.py", self.dir / "sandbox_worker.py")
+        for name in ("sandbox_worker.py", "sandbox_template.py"):
+            shutil.copy(HERE / name, self.dir / name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock, self.lock = ours, threading.Lock()
-        self.proc = subprocess.Popen([sys.executable, "-I", str(self.dir / "sandbox_worker.py"), "--fork-server",
-                                      str(theirs.fileno())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                     env={**env, "HOME": str(self.dir), "TMPDIR": str(self.dir)}, cwd=self.dir)
+        self.proc = subprocess.Popen([sys.executable, "-I", str(self.dir / "sandbox_template.py"), str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd=self.dir,
+                                     env={**env, "HOME": str(self.dir), "TMPDIR": str(self.dir)})
         theirs.close()
 
     def _ask(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
@@ -110,4 +112,5 @@ def server(env: dict[str, str]) -> ForkServer:
     global _SERVER
     if _SERVER is None or _SERVER.proc.poll() is not None:
         _SERVER = ForkServer(env)
+        atexit.register(_SERVER.close)  # its workers and its folder go with this process
     return _SERVER

@@ -1,10 +1,17 @@
-"""The grader: run each exercise's graded tests in its own process and turn what comes back into points.
+"""The grader: run each exercise's graded tests against a submission, isolated, and turn what comes back into points.
 
-One process per exercise, with a timeout and a cap on what it may print, so that an infinite loop,
-`sys.exit`, `os._exit`, a segfault, a flood of prints, an import error or a monkey-patched torch costs
-that exercise its points and one clear line, and never the grader or the other exercises. The child is
-pytest with minillm.course.pytest_plugin, which reports test by test into a JSON-lines file; the grader
-believes the file only when it ends with the child's `finished` record (never the exit code alone).
+A grading session is one pytest process (with minillm.course.pytest_plugin) that grades a plan of submissions:
+an exercise and a folder each, several of the same exercise allowed (the mutants, the hostile cases). The learner's
+code never runs in that process: each submission's function runs in its own sandbox worker (minillm.course.sandbox),
+with a wall-clock limit per call and one for the whole exercise, CPU, memory and output caps, so that an infinite
+loop, `sys.exit`, `os._exit`, a segfault, a flood of prints, an import error or a monkey-patched torch costs that
+submission its points and one clear line, and never the session or the other submissions. Sharing the session is
+what makes grading cheap: Python, torch, pytest and the graded tests start once per session, not once per
+exercise, and the workers are forked from a warm template (minillm.course.fork_server).
+
+The plugin reports test by test into a JSON-lines file; the grader believes the file only when it ends with the
+session's `finished` record (never the exit code alone), or, for a session that died, only for the submissions
+whose every test was reported.
 """
 from __future__ import annotations
 
@@ -170,23 +177,25 @@ def grade_submissions(submissions: list[Submission], root: Path, timeout: float 
     shards = [list(range(i, len(submissions), jobs)) for i in range(min(jobs, len(submissions)))]
     results: list[ExerciseResult | None] = [None] * len(submissions)
 
-    def run(shard: list[int]) -> None:
-        for i, r in zip(shard, _grade_session([submissions[i] for i in shard], root, timeout, tests_dir, python,
-                                              seed, call_timeout)):
-            results[i] = r
+    with tempfile.TemporaryDirectory(prefix="minillm-grade-") as base:  # every session's folder, denied to all
 
-    with ThreadPoolExecutor(max_workers=len(shards)) as pool:
-        list(pool.map(run, shards))
+        def run(shard: list[int]) -> None:
+            for i, r in zip(shard, _grade_session([submissions[i] for i in shard], root, timeout, tests_dir, python,
+                                                  seed, call_timeout, Path(base))):
+                results[i] = r
+
+        with ThreadPoolExecutor(max_workers=len(shards)) as pool:
+            list(pool.map(run, shards))
     return results  # type: ignore[return-value]
 
 
 def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir: Path | None, python: str,
-                   seed: int | None, call_timeout: float | None) -> list[ExerciseResult]:
-    """One pytest session over `subs` (see grade_submissions)."""
+                   seed: int | None, call_timeout: float | None, base: Path) -> list[ExerciseResult]:
+    """One pytest session over `subs` (see grade_submissions), in a folder under `base`."""
     tests_dir = Path(tests_dir or root / "tests" / "graded")
     nonce = secrets.token_hex(16)
     keys = [f"s{i}" for i in range(len(subs))]
-    with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="session-", dir=base) as tmp:
         results_file = Path(tmp) / "results.jsonl"
         # each submission's chapter module is graded from a private copy: its sandbox worker may read that
         # folder and nothing else of the course (not the repository, not the other submissions, not the results)
@@ -204,7 +213,7 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         env = {**os.environ, "MINILLM_ROOT": str(root),
                "MINILLM_GRADER_NONCE": nonce, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # only our plugin: faster, and nothing else in the way
-               "MINILLM_SANDBOX": "1", "MINILLM_SANDBOX_DENY": os.pathsep.join([tmp, str(root), pkg_parent]),
+               "MINILLM_SANDBOX": "1", "MINILLM_SANDBOX_DENY": os.pathsep.join([str(base), str(root), pkg_parent]),
                "MINILLM_SANDBOX_CALL_TIMEOUT_S": f"{_call_timeout(call_timeout, timeout):g}",
                "MINILLM_SANDBOX_BUDGET_S": f"{timeout:g}",
                "MINILLM_SANDBOX_CPU_S": f"{int(timeout) + 5}", "MINILLM_FALLBACK": "0",
@@ -289,10 +298,12 @@ def _summarise(result: ExerciseResult) -> None:
     elif outcomes == {"not_attempted"}:
         result.status = "not attempted"
     elif "error" in outcomes:  # an import failure, a crash, a hang or a refused action costs the whole exercise
-        result.status = "error"
+        hung = any(t.outcome == "error" and " timed out after " in t.message for t in counted)
+        result.status = "timeout" if hung else "error"
     else:
         result.status = "fail"
-    failing = sorted((t for t in counted if t.outcome != "passed"), key=lambda t: t.outcome != result.status)
+    worst = "error" if result.status == "timeout" else result.status
+    failing = sorted((t for t in counted if t.outcome != "passed"), key=lambda t: t.outcome != worst)
     visible = [t for t in failing if not t.hidden]
     if result.status == "not attempted":
         result.message = f"{result.id} is not attempted yet"
@@ -318,7 +329,7 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     if seed is None:
         seed = int(os.environ["MINILLM_GRADE_SEED"]) if os.environ.get("MINILLM_GRADE_SEED") else config.seed
     course_config.CourseConfig(seed=seed)  # validates the range
-    jobs = jobs or max(1, min(2, os.cpu_count() or 1))  # pytest sessions side by side
+    jobs = jobs or max(1, min(4, os.cpu_count() or 1))  # grading sessions side by side
     start = time.monotonic()
     results = grade_submissions([Submission(ex, impl_dir) for ex in exercises], root, timeout, tests_dir,
                                 seed=seed, jobs=min(jobs, max(1, len(exercises))))

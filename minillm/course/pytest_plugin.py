@@ -1,4 +1,4 @@
-"""The pytest plugin the grader loads into each isolated test process (`-p minillm.course.pytest_plugin`).
+"""The pytest plugin the grader loads into each grading session (`-p minillm.course.pytest_plugin`).
 
 The grader hands it a plan (`--minillm-plan`, JSON: a key, an exercise and a submission folder per entry). It keeps
 only the tests of the planned exercises, parametrizes each over the keys of its submissions (the autouse fixture
@@ -66,9 +66,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("minillm_submission", keys, ids=keys)
 
 
+def _unkeyed(text: str, key: str | None) -> str:
+    """A test's id without the submission's key (the learner's report names the test as it always has)."""
+    return text.replace(f"[{key}-", "[").replace(f"[{key}]", "") if key else text
+
+
 def _describe(item: pytest.Item) -> dict:
     pts = item.get_closest_marker("points")
-    return {"nodeid": item.nodeid, "name": item.name, "key": _key(item),
+    key = _key(item)
+    return {"nodeid": _unkeyed(item.nodeid, key), "name": _unkeyed(item.name, key), "key": key,
             "exercise": _exercise_of(item),
             "points": float(pts.args[0]) if pts and pts.args else 0.0,
             "hidden": "hidden" in Path(str(item.fspath)).parts}

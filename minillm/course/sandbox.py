@@ -13,8 +13,10 @@ answers are simply not there.
 
 What the worker may cost (set by the grader through the environment, see `limits_from_env`): memory
 (RLIMIT_AS), CPU seconds (RLIMIT_CPU), output (RLIMIT_FSIZE on its log), no child processes (refused by its
-audit hook; RLIMIT_NPROC as well where the user is not root), and a wall-clock limit per call. A worker that
-dies, hangs or calls sys.exit ends the exercise: every later call fails with the same one line.
+audit hook; RLIMIT_NPROC as well where the user is not root), a wall-clock limit per call and one for the worker's
+whole life (the exercise's timeout). A worker that dies, hangs or calls sys.exit ends the exercise: every later
+call fails with the same one line. On a CPU the worker is forked from a warm template that has imported torch
+(minillm.course.fork_server) and locks itself down after the fork; on a GPU it is spawned.
 """
 from __future__ import annotations
 

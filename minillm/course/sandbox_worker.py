@@ -160,7 +160,7 @@ def lock_down(config: dict) -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                         and "editable" not in getattr(f, "__name__", "").lower()]
     sys.meta_path.insert(0, ImportGuard())
-    for name in [m for m in sys.modules if m.split(".")[0] in ("guard",)]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("guard", "sandbox_worker")]:  # forked: not __main__
         sys.modules.pop(name)
     gpu = bool(config.get("triton")) and torch.cuda.is_available()
     sys.addaudithook(make_audit_hook(tuple(map(_real, config["denied"])), tuple(map(_real, config["allowed"])),
@@ -348,115 +348,5 @@ def serve(fd_in: int, fd_out: int) -> None:
         send(reply)
 
 
-# ---- the fork server --------------------------------------------------------------------------------
-
-def _message(sock) -> tuple[dict, list[int]]:
-    import socket
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
-    return (pickle.loads(data) if data else {}), list(fds)
-
-
-def _child(request: dict, fds: list[int], sock) -> None:
-    """In the forked child: become a fresh worker (own session, scratch folder, log and environment), then serve."""
-    code = 1
-    try:
-        os.setsid()
-        sock.close()  # the fork server's channel is not the learner's
-        os.chdir(request["cwd"])
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        keep = {0, 1, 2, *fds}
-        for fd in range(3, max(keep) + 64):  # whatever else the server held
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        os.environ.clear()
-        os.environ.update(request["env"])
-        import tempfile
-        tempfile.tempdir = None  # recomputed from the new TMPDIR
-        serve(fds[0], fds[1])
-        code = 0
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def fork_server(sock_fd: int) -> None:
-    """A template worker: torch, numpy and triton imported, nothing of the course, no lock-down yet. Each request
-    (with the two pipe ends, passed over a Unix socket) forks a child that locks itself down and serves one
-    submission exactly as a spawned worker would, without paying Python's and torch's start again. It also reaps
-    its children and reports how each ended (the grader's messages say why a worker died). Used on a CPU only:
-    CUDA does not survive a fork."""
-    import signal
-    import socket
-    import time
-    sock = socket.socket(fileno=sock_fd)
-    import numpy  # noqa: F401
-    import torch  # noqa: F401
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
-    ended: dict[int, int] = {}
-    children: set[int] = set()
-
-    def reap(pid: int = -1, block: bool = False) -> None:
-        while children:
-            try:
-                got, status = os.waitpid(pid, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                return
-            if got == 0:
-                return
-            children.discard(got)
-            ended[got] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            if pid != -1 or block:
-                return
-
-    def reply(obj) -> None:
-        sock.sendall(pickle.dumps(obj, protocol=4))
-
-    while True:
-        request, fds = _message(sock)
-        reap()
-        op = request.get("op")
-        if op is None:  # the grading session is gone: so are its workers
-            for pid in children:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            return
-        if op == "spawn":
-            pid = os.fork()
-            if pid == 0:
-                _child(request, fds, sock)
-            for fd in fds:
-                os.close(fd)
-            children.add(pid)
-            reply({"pid": pid})
-        elif op == "wait":  # {"pid", "timeout"}: the exit status, or None while it still runs
-            pid, deadline = request["pid"], time.monotonic() + float(request.get("timeout", 0))
-            while pid in children:
-                reap(pid)
-                if pid in children and time.monotonic() >= deadline:
-                    break
-                if pid in children:
-                    time.sleep(0.01)
-            reply({"status": ended.get(pid)})
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "--fork-server":
-        fork_server(int(sys.argv[2]))
-    else:
-        serve(int(sys.argv[1]), int(sys.argv[2]))
+    serve(int(sys.argv[1]), int(sys.argv[2]))

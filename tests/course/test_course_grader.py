@@ -1,8 +1,9 @@
 """The grader proves itself: stubs score 0, solutions 100%, every mutant is caught, a hostile submission
 costs only its own exercises, and the Gradescope archive grades a submission folder end to end.
 
-These tests start one process per graded exercise (about 2 s each, mostly importing torch), so the
-module shares its two full gradings through module-scoped fixtures.
+A grading run is a couple of pytest sessions (a few seconds each to start, mostly importing torch) and one
+sandbox worker per submission, forked from a warm template in well under a second; the module still shares its
+two full gradings through module-scoped fixtures, and grades all 67 mutants in one run.
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ import sys
 ''', r"LookupError: no reference in this process"),
     "forge_the_grader_results": ("ch05.slot_mapping", f'''
 import glob, json
-{SLOT}    for path in glob.glob("/tmp/minillm-grade-*/results.jsonl"):
+{SLOT}    for path in glob.glob("/tmp/minillm-grade-*/**/results.jsonl", recursive=True):
         with open(path, "a") as f:
             f.write(json.dumps({{"event": "finished"}}) + "\\n")
     return []
@@ -146,6 +146,12 @@ import subprocess
 import ctypes
 {SLOT}    ctypes.string_at(0)
 ''', r"ctypes\.\S+ is refused"),
+    "reach_the_fork_server": ("ch05.slot_mapping", f'''
+import os, socket
+{SLOT}    for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):  # the template's channel, if it leaked
+        socket.socket(fileno=fd).sendall(b"spawn me, unguarded")
+    return []
+''', r"socket\S* is refused"),
     "monkey_patch_torch": ("ch01.rms_norm", '''
 def rms_norm(x, weight, eps):
     torch.allclose = lambda *a, **k: True
@@ -186,6 +192,34 @@ def graded(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     subs = [Submission(get(ex_id), _submission(base / name, ex_id, code)) for name, (ex_id, code, _) in CASES.items()]
     return dict(zip(CASES, grade_submissions(subs, ROOT, timeout=120.0, call_timeout=4.0, jobs=2)))
+
+
+def test_a_submission_is_bounded_by_its_exercise_time_limit(tmp_path):
+    """Calls that each stay under the per-call limit still end at the exercise's limit, and only that submission
+    is charged: the right answer graded in the same session passes."""
+    slow = _submission(tmp_path / "slow", "ch05.slot_mapping", f'''
+import time
+{SLOT}    time.sleep(2.5)
+    return []
+''')
+    ex = get("ch05.slot_mapping")
+    hung, right = grade_submissions([Submission(ex, slow), Submission(ex, ROOT / "solutions")], ROOT, timeout=6.0,
+                                    call_timeout=4.0)
+    assert hung.earned == 0 and hung.status == "timeout", (hung.status, hung.message)
+    assert "timed out after 6 s (the exercise's time limit)" in hung.message, hung.message
+    assert right.status == "pass" and right.earned == right.points > 0, right.message
+
+
+def test_spawned_workers_hold_the_same_walls(tmp_path, monkeypatch):
+    """MINILLM_SANDBOX_FORK=0 (and any GPU) spawns each worker afresh: the same refusals, the same full marks."""
+    monkeypatch.setenv("MINILLM_SANDBOX_FORK", "0")
+    names = ["read_the_solutions_from_disk_and_exec", "fork_bomb"]
+    subs = [Submission(get(CASES[n][0]), _submission(tmp_path / n, CASES[n][0], CASES[n][1])) for n in names]
+    *refused, right = grade_submissions(subs + [Submission(get("ch05.slot_mapping"), ROOT / "solutions")], ROOT,
+                                        timeout=120.0, call_timeout=30.0)
+    for name, result in zip(names, refused):
+        assert result.earned == 0 and re.search(CASES[name][2], result.message), (name, result.message)
+    assert right.status == "pass" and right.earned == right.points > 0, right.message
 
 
 @pytest.mark.parametrize("name", list(CASES))
