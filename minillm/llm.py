@@ -181,7 +181,9 @@ class LLM:
                     continue
                 done = out.outputs[0]
                 delta = CompletionOutput(index=0, text=done.text[sent_text:], token_ids=done.token_ids[sent_tokens:],
-                                         finish_reason=done.finish_reason, error=done.error)
+                                         finish_reason=done.finish_reason, error=done.error,
+                                         logprobs=None if done.logprobs is None else done.logprobs[sent_tokens:],
+                                         cumulative_logprob=done.cumulative_logprob)
                 sent_text, sent_tokens, finished = len(done.text), len(done.token_ids), out.finished
                 if delta.text or delta.token_ids or finished:
                     yield dataclasses.replace(out, outputs=[delta])

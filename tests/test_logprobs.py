@@ -162,3 +162,103 @@ def test_bad_logprobs_values_are_rejected(field, value):
 def test_logprob_is_a_small_dataclass():
     assert Logprob(-0.5, 1, "a") == Logprob(logprob=-0.5, rank=1, decoded_token="a")
     assert math.isclose(Logprob(-0.5).logprob, -0.5)
+
+
+# -- the bundled SmolLM2 against Hugging Face transformers --------------------------------------------------------
+TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """ONE LLM for the module, and the oracle: transformers' LlamaForCausalLM holding the same GGUF's weights in
+    fp32. They are read by minillm's GGUF loader (tests/test_model.py checks that loader against transformers' own,
+    which takes ~30 s here) and renamed by nothing: the loader yields Hugging Face names."""
+    from test_model import GGUF_NAME, _gguf_dir
+    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+
+    from minillm import LLM
+    from minillm.loader.gguf_model import load_gguf_model
+    c, weights = load_gguf_model(f"{_gguf_dir()}/{GGUF_NAME}")
+    assert c.rope_scaling is None and not c.attention_bias  # plain Llama: the config below is complete
+    with torch.device("meta"):  # no random init of 135M parameters: the GGUF's tensors are assigned below
+        hf = HFLlama(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                 intermediate_size=c.intermediate_size,
+                                 num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                                 num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                                 rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                                 tie_word_embeddings=c.tie_word_embeddings,
+                                 rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})).eval()
+    missing, unexpected = hf.load_state_dict(dict(weights), strict=False, assign=True)
+    assert not unexpected and all("lm_head" in name for name in missing), (missing, unexpected)
+    if missing:
+        hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # its buffers are not in a state dict
+    return LLM(max_model_len=128, max_num_seqs=2, seed=0, dtype="float32"), hf
+
+
+def test_prompt_logprobs_equal_hf_log_softmax_and_give_the_perplexity(smollm):
+    from minillm.bench import perplexity
+    llm, hf = smollm
+    out = llm.generate(TEXT, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))[0]
+    ids = out.prompt_token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids) > 10
+    ours = torch.tensor([out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))])
+    theirs = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    for p in range(1, len(ids)):  # the top 3 alternatives are HF's top 3
+        top = sorted((lp.rank, t) for t, lp in out.prompt_logprobs[p].items() if lp.rank <= 3)
+        assert [t for _, t in top] == ref[p - 1].topk(3).indices.tolist()
+    assert perplexity(llm, [TEXT]) == pytest.approx(math.exp(-float(theirs.mean())), rel=1e-3)
+    with pytest.raises(ValueError, match="texts"):
+        perplexity(llm, [])
+    # streaming deltas carry the log-probs of their own tokens
+    deltas = list(llm.generate_stream(TEXT, SamplingParams(temperature=0, max_tokens=3, logprobs=1)))
+    assert sum(len(d.outputs[0].logprobs) for d in deltas) == sum(len(d.outputs[0].token_ids) for d in deltas)
+    assert all(next(iter(e.values())).rank == 1 for d in deltas for e in d.outputs[0].logprobs)
+
+
+# -- the OpenAI server ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    import openai
+
+    from minillm.serve.server import ServerThread
+    from serve_tiny import tiny_app
+    app, _ = tiny_app()
+    with ServerThread(app) as srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                                                 timeout=30) as c:
+        yield c
+
+
+def test_server_returns_openai_shaped_logprobs(client):
+    from serve_tiny import MODEL
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
+                                     extra_body={"ignore_eos": True})
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == done.choices[0].text and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and top[token] == logprob and max(top.values()) == logprob  # greedy: the top token
+    streamed = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
+                                              stream=True, extra_body={"ignore_eos": True}))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(c.token for c in content) == chat.choices[0].message.content
+    for item in content:
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob == item.logprob  # greedy
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+        assert bytes(item.bytes).decode("utf-8") == item.token
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                 logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [i for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
+    assert [i.logprob for i in streamed] == [i.logprob for i in content]
+    assert all(i.top_logprobs == [] for i in streamed)  # top_logprobs not asked: 0 alternatives
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None

@@ -6,5 +6,8 @@
     workload  `minillm bench`: an offline batch of exact-length prompts
     demo      `minillm demo` (what `make run` runs)
     plots     request timelines and TTFT / TPOT bars
+    quality   perplexity(llm, texts) from the engine's prompt log-probabilities
     cli       registers demo / estimate / bench with `minillm`
 """
+
+from minillm.bench.quality import perplexity  # noqa: E402,F401  (the one-call entry point)

@@ -8,6 +8,8 @@ The path of one request:
   3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
      Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
      stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`.
+     Log-probabilities, when asked for, ride along in OpenAI's shapes (`_completion_logprobs`, `_chat_logprobs`):
+     every chunk carries those of the tokens produced since the previous chunk.
 A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
 generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
 """
@@ -25,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.loader.chat_template import render_chat_template
-from minillm.outputs import RequestOutput
+from minillm.outputs import RequestOutput, TokenLogprobDict
 from minillm.sampling_params import SamplingParams
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
@@ -37,6 +39,9 @@ class _Choice:
     index: int
     prompt_index: int
     sent: int = 0  # characters of text already sent
+    sent_tokens: int = 0  # tokens whose log-probabilities were already sent
+    text_offset: int = 0  # characters of token text before the next unsent token (completions' text_offset)
+    num_top: int = 0  # top_logprobs per token (chat)
     output: RequestOutput | None = None
 
 
@@ -104,7 +109,8 @@ class OpenAIServing:
             try:
                 params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
                                              top_k=request.top_k, max_tokens=max_tokens, seed=seed,
-                                             stop=request.stop, ignore_eos=request.ignore_eos))
+                                             stop=request.stop, ignore_eos=request.ignore_eos,
+                                             logprobs=request.num_logprobs()))
             except ValueError as err:
                 raise ApiError(400, str(err)) from None
         return params
@@ -136,7 +142,8 @@ class OpenAIServing:
         if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
         base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        choices = [_Choice(p * len(params) + i, p) for p in range(len(prompts)) for i in range(len(params))]
+        choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0)
+                   for p in range(len(prompts)) for i in range(len(params))]
         streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
                                      params[c.index % len(params)], request_id=f"{base}-{c.index}",
                                      prompt_token_ids=prompts[c.prompt_index][1]) for c in choices]
@@ -167,11 +174,12 @@ class OpenAIServing:
             done = c.output.outputs[0]
             if done.finish_reason == "error":
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
+            logprobs = _new_logprobs(c, done.logprobs, chat)
             if chat:
                 body_choices.append({"index": c.index, "message": {"role": "assistant", "content": done.text},
-                                     "logprobs": None, "finish_reason": done.finish_reason})
+                                     "logprobs": logprobs, "finish_reason": done.finish_reason})
             else:
-                body_choices.append({"index": c.index, "text": done.text, "logprobs": None,
+                body_choices.append({"index": c.index, "text": done.text, "logprobs": logprobs,
                                      "finish_reason": done.finish_reason})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
                 "usage": _usage(num_prompt_tokens, choices)}
@@ -181,12 +189,13 @@ class OpenAIServing:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> str:
+        def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
+                  logprobs: dict | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             return _event({**head, "object": obj, "choices": [choice], **extra})
 
         if chat:
@@ -201,7 +210,8 @@ class OpenAIServing:
                     break
                 new_text, c.sent = done.text[c.sent:], len(done.text)
                 if new_text or out.finished:  # one event per step; the last one carries the finish_reason
-                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason)
+                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason,
+                                logprobs=_new_logprobs(c, done.logprobs, chat))
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
@@ -209,6 +219,57 @@ class OpenAIServing:
         except EngineDeadError as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
         yield "data: [DONE]\n\n"
+
+
+def _new_logprobs(choice: _Choice, logprobs: list[TokenLogprobDict] | None, chat: bool) -> dict | None:
+    """The OpenAI logprobs object for the choice's tokens not sent yet (None when none were asked for)."""
+    if logprobs is None:
+        return None
+    new = logprobs[choice.sent_tokens:]
+    choice.sent_tokens = len(logprobs)
+    if chat:
+        return _chat_logprobs(new, choice.num_top)
+    body = _completion_logprobs(new, choice.text_offset)
+    choice.text_offset += sum(len(token) for token in body["tokens"])
+    return body
+
+
+def _token_of(entries: TokenLogprobDict) -> tuple[str, float]:
+    """(text, log-prob) of the actual token: the first entry of vLLM's dict."""
+    actual = next(iter(entries.values()))
+    return actual.decoded_token or "", actual.logprob
+
+
+def _completion_logprobs(logprobs: list[TokenLogprobDict], text_offset: int) -> dict[str, list]:
+    """/v1/completions' shape: parallel lists; top_logprobs[i] maps token text -> log-prob (the actual token and
+    the top k, as vLLM returns them)."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entries in logprobs:
+        token, logprob = _token_of(entries)
+        offsets.append(text_offset)
+        text_offset += len(token)
+        tokens.append(token)
+        token_logprobs.append(logprob)
+        alternatives: dict[str, float] = {}
+        for lp in entries.values():  # two ids may decode to the same text: the actual token's entry wins
+            alternatives.setdefault(lp.decoded_token or "", lp.logprob)
+        top.append(alternatives)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int) -> dict[str, list]:
+    """/v1/chat/completions' shape: per token {token, logprob, bytes, top_logprobs: the top k by rank}."""
+    def item(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for entries in logprobs:
+        token, logprob = _token_of(entries)
+        # the dict holds the actual token and the top k: keep the top k by rank (the actual token when it is one)
+        top = sorted(entries.values(), key=lambda lp: lp.rank)[:num_top]
+        content.append({**item(token, logprob), "top_logprobs": [item(lp.decoded_token or "", lp.logprob)
+                                                                 for lp in top if lp.rank <= num_top]})
+    return {"content": content}
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -2,8 +2,10 @@
 
 Pydantic checks the *types* of a body (a string where a number belongs is a 422, as in vLLM); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message.
-Fields the OpenAI API defines but minillm cannot honour (logprobs, echo, penalties) are refused with a 400
-that says so, rather than silently ignored: a client that asked for log-probabilities must not get none.
+Fields the OpenAI API defines but minillm cannot honour (echo, penalties) are refused with a 400
+that says so, rather than silently ignored: a client that asked for them must not get a silent default.
+Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
+top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int).
 Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
 """
 from __future__ import annotations
@@ -67,6 +69,10 @@ class _SamplingFields(BaseModel):
             return f"n must be an integer in [1, {MAX_N}], got {self.n}"
         return None
 
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs for this request: None when log-probabilities were not asked for."""
+        return None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -74,9 +80,10 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> str | None:
-        if self.logprobs is not None:
-            return "logprobs not supported yet: the sampler does not return log-probabilities"
         if self.echo:
             return "echo is not supported yet"
         if self.suffix:
@@ -109,7 +116,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
 
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs not supported yet: the sampler does not return log-probabilities"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs is only allowed with logprobs=true"
         return super().unsupported()
