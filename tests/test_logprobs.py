@@ -37,19 +37,25 @@ def reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
         return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
 
 
-def run(model_and_config, requests, **engine_kwargs):
+def make_engine(model_and_config, **engine_kwargs) -> LLMEngine:
     model, config = model_and_config
     kwargs = dict(block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4)
     kwargs.update(engine_kwargs)
-    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(**kwargs))
-    for i, (prompt, params) in enumerate(requests):
-        engine.add_request(str(i), prompt, params)
-    outputs = {}
+    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(**kwargs))
+
+
+def finish(engine: LLMEngine, requests) -> list:
+    """Add (prompt, params) requests and step until all are done; their final outputs in order."""
+    ids = [engine.add_request(None, prompt, params) for prompt, params in requests]
+    done = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out
-    return [outputs[str(i)] for i in range(len(requests))], engine
+        done.update((out.request_id, out) for out in engine.step() if out.finished)
+    return [done[i] for i in ids]
+
+
+def run(model_and_config, requests, **engine_kwargs):
+    engine = make_engine(model_and_config, **engine_kwargs)
+    return finish(engine, requests), engine
 
 
 def check_entry(entry: dict, token: int, ref_row: torch.Tensor, k: int) -> None:
@@ -105,10 +111,10 @@ def test_prompt_logprobs_equal_a_full_forward(model_and_config, engine_kwargs):
                 (PROMPTS[1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0,
                                             logprobs=1)),
                 (PROMPTS[2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))]
+    engine = make_engine(model_and_config, **engine_kwargs)
     if engine_kwargs.get("enable_prefix_caching"):  # the long prompt is cached before the request that scores it
-        requests.insert(0, (long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)))
-    outs, engine = run(model_and_config, requests, **engine_kwargs)
-    outs = outs[1:] if engine_kwargs.get("enable_prefix_caching") else outs
+        finish(engine, [(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))])
+    outs = finish(engine, requests)
     check_prompt_logprobs(model_and_config[0], outs[0], 2)
     check_prompt_logprobs(model_and_config[0], outs[1], 0)
     assert outs[2].prompt_logprobs is None
@@ -127,8 +133,9 @@ def test_prompt_logprobs_equal_a_full_forward(model_and_config, engine_kwargs):
 def test_prompt_logprobs_do_not_stop_other_requests_hitting_the_prefix_cache(model_and_config):
     prompt = list(range(40, 62))
     plain = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    _, engine = run(model_and_config, [(prompt, plain), (prompt, plain)], enable_prefix_caching=True,
-                    max_num_seqs=1)
+    engine = make_engine(model_and_config, enable_prefix_caching=True)
+    finish(engine, [(prompt, plain)])
+    finish(engine, [(prompt, plain)])
     assert engine.scheduler.block_manager.prefix_cache_hits > 0
 
 
