@@ -32,8 +32,9 @@ def model_and_config():
 
 def reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
     """log_softmax of one cache-less forward: row p is the distribution of token p + 1."""
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        hidden = model(torch.tensor(tokens), torch.arange(len(tokens)))
+        hidden = model(torch.tensor(tokens, device=device), torch.arange(len(tokens), device=device))
         return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
 
 
@@ -157,6 +158,28 @@ def test_logprobs_through_speculative_verify_steps(model_and_config, spec):
         ref = reference_logprobs(model_and_config[0], out.prompt_token_ids + done.token_ids)
         for j, (token, entry) in enumerate(zip(done.token_ids, done.logprobs)):
             check_entry(entry, token, ref[len(out.prompt_token_ids) - 1 + j], 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_logprobs_with_cuda_graphs_equal_a_full_forward():
+    """Decode steps replay CUDA graphs (the sampled rows' hidden states come from the graph): same log-probs.
+    Tolerance 2e-3: the Triton attention kernels may round their fp32 dot products through TF32."""
+    config = tiny_config(num_hidden_layers=2, max_position_embeddings=256)
+    with torch.device("cuda"):
+        model = tiny_model(config, seed=1)
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(block_size=16, num_kv_blocks=64,
+                                                                    max_model_len=128, max_num_seqs=8), device="cuda")
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    outs = finish(engine, [(prompt, params) for prompt in PROMPTS])
+    assert engine.runner.cuda_graphs is not None
+    for out in outs:
+        tokens = out.prompt_token_ids + out.outputs[0].token_ids
+        ref = reference_logprobs(model, tokens).cpu()
+        scored = out.prompt_logprobs[1:] + out.outputs[0].logprobs
+        ours = torch.tensor([entry[t].logprob for t, entry in zip(tokens[1:], scored)])
+        torch.testing.assert_close(ours, ref[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])],
+                                   atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("field, value", [("logprobs", 21), ("logprobs", -1), ("prompt_logprobs", 1.5),
