@@ -32,9 +32,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+_BROKEN = False  # the template exited or failed once: this process spawns its workers from then on
+
+
 def wanted() -> bool:
-    """Fork workers from a template: on a CPU, unless MINILLM_SANDBOX_FORK=0."""
-    if os.environ.get("MINILLM_SANDBOX_FORK", "1") == "0":
+    """Fork workers from a template: on a CPU, unless MINILLM_SANDBOX_FORK=0 or the template failed."""
+    if _BROKEN or os.environ.get("MINILLM_SANDBOX_FORK", "1") == "0":
         return False
     import torch
     return not torch.cuda.is_available()
@@ -55,13 +58,18 @@ class ForkServer:
         theirs.close()
 
     def _ask(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
+        global _BROKEN
         with self.lock:
-            if fds:
-                socket.send_fds(self.sock, [pickle.dumps(request, protocol=4)], list(fds))
-            else:
-                self.sock.sendall(pickle.dumps(request, protocol=4))
-            data = self.sock.recv(1 << 16)
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [pickle.dumps(request, protocol=4)], list(fds))
+                else:
+                    self.sock.sendall(pickle.dumps(request, protocol=4))
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                data = b""
         if not data:
+            _BROKEN = True
             raise OSError(f"the sandbox's fork server exited (code {self.proc.poll()})")
         return pickle.loads(data)  # the template is ours: nothing of the learner's has run in it
 
@@ -105,6 +113,22 @@ class ForkedProcess:
 
 
 _SERVER: ForkServer | None = None
+
+
+def worker_env() -> dict[str, str]:
+    """A worker's environment, less its own folders: the device's settings, never the grader's (no seed, no paths)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "LANG": "C.UTF-8"}
+    for name in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH", "TRITON_PTXAS_PATH"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def prestart() -> None:
+    """Start the fork server now (it imports torch while the session collects its tests), where one is used."""
+    if wanted():
+        server(worker_env())
 
 
 def server(env: dict[str, str]) -> ForkServer:

@@ -45,9 +45,10 @@ _PLAN: list[dict] = []  # the grader's plan, in order
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("minillm_plan")
     if path:
-        from minillm.course import sandbox
+        from minillm.course import fork_server, sandbox
         _PLAN[:] = json.loads(Path(path).read_text(encoding="utf-8"))
         sandbox.SUBMISSIONS.update({p["key"]: Path(p["submission"]) for p in _PLAN})
+        fork_server.prestart()
 
 
 def _exercise_of(node) -> str | None:

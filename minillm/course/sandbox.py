@@ -181,16 +181,15 @@ class Sandbox:
             shutil.copy(HERE / name, bin_dir / name)
         r_req, w_req = os.pipe()
         r_rep, w_rep = os.pipe()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(scratch), "TMPDIR": str(scratch),
-               "TRITON_CACHE_DIR": str(scratch / "triton"), "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
-        for name in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH", "TRITON_PTXAS_PATH"):
-            if os.environ.get(name):  # the device, never the grader's own settings
-                env[name] = os.environ[name]
-        env["MKL_NUM_THREADS"] = "1"
+        env = {**fork_server.worker_env(), "HOME": str(scratch), "TMPDIR": str(scratch),
+               "TRITON_CACHE_DIR": str(scratch / "triton")}
+        self.proc = None
         if fork_server.wanted():  # a child of the warm template (see minillm.course.fork_server)
-            base = {k: v for k, v in env.items() if k not in ("HOME", "TMPDIR", "TRITON_CACHE_DIR")}
-            self.proc = fork_server.server(base).spawn((r_req, w_rep), env, scratch, self.log)
-        else:
+            try:
+                self.proc = fork_server.server(fork_server.worker_env()).spawn((r_req, w_rep), env, scratch, self.log)
+            except OSError:  # the template is gone or refused to fork: spawn, as on a GPU
+                self.proc = None
+        if self.proc is None:
             with open(self.log, "wb") as log:
                 self.proc = subprocess.Popen([sys.executable, "-I", str(bin_dir / "sandbox_worker.py"), str(r_req),
                                               str(w_rep)], pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL,

@@ -283,3 +283,30 @@ def test_in_place_writes_come_back_with_the_whole_storage():
     counts = [1, 2]
     write_back(counts, [0, 1])
     assert counts == [0, 1]
+
+
+def test_a_template_that_fails_leaves_the_workers_spawned(monkeypatch):
+    """A fork server that dies or refuses to fork (more than one thread after importing torch) is never retried:
+    the workers are spawned afresh, as on a GPU, and grade the same."""
+    import os
+    import signal
+
+    from minillm.course import fork_server, sandbox
+    from minillm.course.impl import forbidden_calls
+    monkeypatch.setattr(fork_server, "_BROKEN", False)
+    monkeypatch.setattr(fork_server, "_SERVER", None)
+    monkeypatch.setattr(sandbox, "_SANDBOXES", {})
+    server = fork_server.server(fork_server.worker_env())
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+    with pytest.raises(OSError, match="fork server exited"):
+        server.spawn((0, 1), {}, Path("/"), Path("/dev/null"))
+    assert not fork_server.wanted()
+    fn = sandbox.remote_function("ch05.slot_mapping", ROOT / "solutions", forbidden_calls(get("ch05.slot_mapping")),
+                                 key="t")
+    try:
+        assert isinstance(sandbox._SANDBOXES["t:ch05.slot_mapping"].proc, __import__("subprocess").Popen)
+        assert fn([3, 1], 0, 3, 2) == [6, 7, 2]
+    finally:
+        sandbox.close("t")
+        server.close()
