@@ -1,7 +1,7 @@
 """Held-out perplexity of SmolLM2-135M under every quantization method (chapter 10).
 
     .venv/bin/python benchmarks/quant_quality.py                          # 32 x 512 held-out tokens, all methods
-    .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 32 \
+    .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 16 --awq-tokens 512 \
         --out benchmarks/results/quant_quality_cpu.json                   # the CPU-sized run
 
 The text is the standard library's docstrings (minillm.quant.calibration): the calibration split feeds GPTQ,
@@ -32,19 +32,19 @@ from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
 from minillm.quant.driver import quantize_model
 
 # (label, method, options): the comparison the chapter draws
-RUNS = [
+RUNS = [  # cheapest first, so a run cut short still has most of the table
     ("fp32", None, {}),
     ("rtn w4 g64", "rtn", dict(bits=4, group_size=64)),
-    ("gptq w4 g64", "gptq", dict(bits=4, group_size=64)),
-    ("awq w4 g64", "awq", dict(bits=4, group_size=64)),
     ("rtn w3 g64", "rtn", dict(bits=3, group_size=64)),
-    ("gptq w3 g64", "gptq", dict(bits=3, group_size=64)),
-    ("awq w3 g64", "awq", dict(bits=3, group_size=64)),
     ("rtn w4 per-channel", "rtn", dict(bits=4, group_size=-1)),
     ("fp8 w8a8", "fp8", {}),
     ("smoothquant w8a8", "smoothquant", dict(alpha=0.5)),
     ("nf4 (double quant)", "nf4", {}),
     ("int8 (LLM.int8)", "int8", {}),
+    ("gptq w4 g64", "gptq", dict(bits=4, group_size=64)),
+    ("gptq w3 g64", "gptq", dict(bits=3, group_size=64)),
+    ("awq w4 g64", "awq", dict(bits=4, group_size=64)),
+    ("awq w3 g64", "awq", dict(bits=3, group_size=64)),
 ]
 
 
@@ -55,8 +55,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 2) -
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size]
         n, length = batch.shape
-        with forward_context(prefill_metadata([length] * n)):
-            hidden = model(batch.flatten(), torch.arange(length).repeat(n))
+        with forward_context(prefill_metadata([length] * n, device=ids.device)):
+            hidden = model(batch.flatten(), torch.arange(length, device=ids.device).repeat(n))
         logits = model.compute_logits(hidden).float().reshape(n, length, -1)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
@@ -78,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=None, help="default: --seq-len")
+    parser.add_argument("--awq-tokens", type=int, default=4096,
+                        help="calibration tokens AWQ's scale search uses per linear (its cost grows with them)")
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to quantize and score")
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per scoring forward")
     parser.add_argument("--out", default="benchmarks/results/quant_quality.json")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     config, weights, tokenizer = load_model(args.model)
-    dense = build_model(config, weights, torch.device("cpu"), torch.float32)
+    device = torch.device(args.device)
+    dense = build_model(config, weights, device, torch.float32)
     held_out = tokenize_to_sequences(calibration_texts("held_out"), tokenizer, args.n_samples, args.seq_len)
     calib = tokenize_to_sequences(calibration_texts("calibration"), tokenizer, args.calib_samples,
                                   args.calib_seq_len or args.seq_len)
@@ -98,29 +103,36 @@ def main(argv: list[str] | None = None) -> int:
         if method is None:
             model, bits = dense, 32.0
         else:
-            qm = quantize_model(dense, method, calibration=calib, progress=True, **options)
-            model, bits = qm.build(), linear_bits_per_weight(qm.state, n_weights)
+            extra = {"max_tokens": args.awq_tokens} if method == "awq" else {}
+            qm = quantize_model(dense, method, calibration=calib, progress=True, **options, **extra)
+            model, bits = qm.build(device), linear_bits_per_weight(qm.state, n_weights)
         seconds = time.perf_counter() - start
-        ppl = perplexity(model, held_out)
+        ppl = perplexity(model, held_out.to(device), args.batch_size)
         rows.append({"label": label, "method": method or "fp32", **options, "perplexity": round(ppl, 4),
                      "bits_per_weight": round(bits, 3), "quantize_seconds": round(seconds, 1)})
         print(f"{label:22s} ppl {ppl:9.4f}  {bits:6.2f} bits/weight  ({seconds:.0f} s)", flush=True)
+        _write(args, argv, rows)  # after every run: a long run cut short keeps what it measured
     base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
-    print(f"\n| method | bits/weight (linears) | held-out ppl | vs fp32 |\n|---|---|---|---|")
+    print("\n| method | bits/weight (linears) | held-out ppl | vs fp32 |\n|---|---|---|---|")
     for r in rows:
         delta = f"{r['perplexity'] - base:+.3f}" if base else ""
         print(f"| {r['label']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} |")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict]) -> None:
     result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "device": (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "model": args.model or "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized to fp32)",
               "held_out_tokens": [args.n_samples, args.seq_len],
-              "calibration_tokens": [args.calib_samples, args.calib_seq_len or args.seq_len], "runs": rows}
+              "calibration_tokens": [args.calib_samples, args.calib_seq_len or args.seq_len],
+              "awq_search_tokens": args.awq_tokens, "runs": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
