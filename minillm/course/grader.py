@@ -35,6 +35,7 @@ from minillm.course.impl import resolve_impl
 from minillm.course.registry import Exercise, repo_root, select
 
 STATUSES = ("pass", "fail", "not attempted", "error", "timeout")
+SESSION_MIN = 4  # submissions per grading session, at least, before a second one starts beside it
 OUTPUT_CAP = 32_000  # bytes of the child's stdout/stderr kept (the tail); the rest is read and dropped
 
 
@@ -161,7 +162,7 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
 def grade_submissions(submissions: list[Submission], root: Path, timeout: float = 60.0,
                       tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
                       call_timeout: float | None = None, jobs: int = 1) -> list[ExerciseResult]:
-    """Grade every submission, in `jobs` pytest sessions run side by side (each grades its share in turn).
+    """Grade every submission, in up to `jobs` pytest sessions run side by side (each grades its share in turn).
 
     One session grades many submissions (even several of the same exercise: the plugin parametrizes the tests
     over them), each in its own sandbox worker: the learner's code never runs in the session itself, so
@@ -174,7 +175,9 @@ def grade_submissions(submissions: list[Submission], root: Path, timeout: float 
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     root = Path(root).resolve()
-    shards = [list(range(i, len(submissions), jobs)) for i in range(min(jobs, len(submissions)))]
+    # a session costs a few CPU seconds to start: one per SESSION_MIN submissions at least, then side by side
+    jobs = max(1, min(jobs, len(submissions) // SESSION_MIN))
+    shards = [list(range(i, len(submissions), jobs)) for i in range(jobs)]
     results: list[ExerciseResult | None] = [None] * len(submissions)
 
     with tempfile.TemporaryDirectory(prefix="minillm-grade-") as base:  # every session's folder, denied to all
@@ -332,7 +335,7 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))  # grading sessions side by side
     start = time.monotonic()
     results = grade_submissions([Submission(ex, impl_dir) for ex in exercises], root, timeout, tests_dir,
-                                seed=seed, jobs=min(jobs, max(1, len(exercises))))
+                                seed=seed, jobs=jobs)
     label = str(impl) if impl else os.environ.get("MINILLM_IMPL", "exercises")
     return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed,
                        hidden_seed=config.hidden_seed is not None,
