@@ -26,7 +26,8 @@
 # * which prompt blocks are already in the **prefix cache**, and how to cut long prompts into **chunks**.
 #
 # Your exercises, in `exercises/ch06_scheduling.py` (then `minillm grade ch06`): `admit_or_preempt` (the
-# scheduler's decision) and `swap_out_mapping` (where a swapped block goes). The scheduler calls both.
+# scheduler's decision) and `swap_out_mapping` (where a swapped block goes), which the scheduler calls, and the
+# interview question `batching_steps` at the end. Section 4 runs chapter 5's `hash_block` in the prefix cache.
 
 # %%
 import time
@@ -77,26 +78,30 @@ print(f"static: {static_s:.1f} s, continuous: {cont_s:.1f} s")
 
 
 # %%
+WAITING, PREFILL, DECODE = "0.88", "0.2", "C0"
+
+
 def gantt(ax, steps: list[dict], title: str) -> None:
-    """One row per request: waiting (light), prefill (dark), decode (colour), from the recorded steps."""
+    """One row per request: waiting (light grey), prefill (dark), decode (blue), from the recorded steps."""
     names = sorted({r for s in steps for r in s}, key=lambda r: int(r[1:]))
     for row, r in enumerate(names):
         seen = [i for i, s in enumerate(steps) if r in s]
-        ax.barh(row, seen[0], left=0, color="0.9")  # waiting
+        ax.barh(row, seen[0], left=0, color=WAITING)
         for i in seen:
             first = steps[i][r] == 1 and (i == seen[0] or steps[i - 1].get(r, 0) == 0)
-            ax.barh(row, 1, left=i, color="0.25" if first else f"C{row % 10}")
+            ax.barh(row, 1, left=i, color=PREFILL if first else DECODE, edgecolor="white", linewidth=0.3)
     ax.set_yticks(range(len(names)), [f"{r} ({n} tok)" for r, n in zip(names, OUTPUT_LENS)])
-    ax.invert_yaxis()
     ax.set_xlabel("engine step")
     ax.set_title(title, fontsize=10)
 
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True, layout="constrained")
+# shared axes: one step has the same width in both panels, and r0 is on top in both (invert the shared y once)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharex=True, sharey=True, layout="constrained")
 gantt(axes[0], static_steps, f"static batching: {len(static_steps)} steps")
 gantt(axes[1], cont_steps, f"continuous batching: {len(cont_steps)} steps")
-axes[1].legend(handles=[Patch(color="0.9", label="waiting"), Patch(color="0.25", label="prefill"),
-                        Patch(color="C0", label="decode")], loc="lower right", fontsize=8)
+axes[0].invert_yaxis()
+axes[1].legend(handles=[Patch(color=WAITING, label="waiting"), Patch(color=PREFILL, label="prefill"),
+                        Patch(color=DECODE, label="decode")], loc="lower right", fontsize=8)
 plt.show()
 
 # %%
@@ -159,7 +164,7 @@ for mode, (tokens, sched) in runs.items():
 print("the work without preemption: 4 x (16 prompt + 19 generated) = 140 tokens (the last token is never fed back)")
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True, layout="constrained")
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), layout="constrained", gridspec_kw={"width_ratios": [1, 1, 1.1]})
 for ax, (mode, (_, sched)) in zip(axes, runs.items()):
     tl = sched.timeline
     x = [r.step for r in tl]
@@ -170,20 +175,32 @@ for ax, (mode, (_, sched)) in zip(axes, runs.items()):
             ax.axvline(r.step, color="C3", lw=0.8, ls=":")
     ax.set_title(f"preemption by {mode} (dotted: a preemption)", fontsize=10)
     ax.set_xlabel("step")
+    ax.set_xlim(0, max(len(s.timeline) for _, s in runs.values()))
 axes[0].set_ylabel("sequences")
 axes[0].legend(loc="upper right", fontsize=8)
+for mode, (_, sched) in runs.items():  # the price of each: tokens pushed through the model, step by step
+    done = 0
+    cumulative = [done := done + r.num_batched_tokens for r in sched.timeline]
+    axes[2].step([r.step for r in sched.timeline], cumulative, where="post", label=f"{mode}: {cumulative[-1]} tokens")
+axes[2].axhline(140, color="k", ls=":", lw=1, label="no preemption: 140 tokens")
+axes[2].set_xlabel("step")
+axes[2].set_ylabel("tokens computed so far")
+axes[2].set_title("what preemption cost: recompute prefills again", fontsize=10)
+axes[2].legend(fontsize=8, loc="lower right")
 plt.show()
 
 # %% [markdown]
 # **When does each win?** Recompute pays a prefill of the victim's tokens (compute, done in one efficient batched
 # pass); swap pays moving its KV across PCIe twice (out and back) and needs CPU space. Per token, for Llama-3-8B in
-# bf16 (128 KiB of KV per token) on an H100 (about 25 GB/s effective PCIe, a prefill near 60% of 990 TFLOP/s):
+# bf16 (128 KiB of KV per token) on an H200, assuming about 25 GB/s of effective PCIe for small blocks and a prefill
+# at 60% of the ~700 TFLOP/s bf16 GEMM rate measured there (shared/GPU.md; the datasheet's dense bf16 peak, 989
+# TFLOP/s, is not what a GEMM reaches):
 
 # %%
 # NBVAL_CHECK_OUTPUT
 kv_bytes_per_token = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads, head_dim 128, bf16
 swap_us = 2 * kv_bytes_per_token / 25e9 * 1e6  # out and back in
-recompute_us = 2 * 8.0e9 / (0.6 * 990e12) * 1e6  # 2 FLOPs per parameter per token
+recompute_us = 2 * 8.0e9 / (0.6 * 700e12) * 1e6  # 2 FLOPs per parameter per token
 print(f"swap      : {swap_us:5.1f} us per token (bandwidth-bound, independent of the model's size)")
 print(f"recompute : {recompute_us:5.1f} us per token (compute-bound, and attention adds more for long contexts)")
 
@@ -231,18 +248,20 @@ chains = [chain(p) for p in shared_prompts]
 leaves = list(dict.fromkeys(tuple(c) for c in chains))  # distinct chains, in order: one row each
 users = {h: [i for i, c in enumerate(chains) if h in c] for c in chains for h in c}
 row = {h: sum(r for r, leaf in enumerate(leaves) if h in leaf) / sum(h in leaf for leaf in leaves) for h in users}
-fig, ax = plt.subplots(figsize=(8, 2.6), layout="constrained")
+fig, ax = plt.subplots(figsize=(8, 1.1 + 0.75 * len(leaves)), layout="constrained")
 for leaf in leaves:
     ax.plot(range(len(leaf)), [row[h] for h in leaf], color="0.6", zorder=0)
 for h, who in users.items():
     depth = next(c.index(h) for c in chains if h in c)
     ax.scatter(depth, row[h], s=900, color="C1" if len(who) > 1 else "C0", zorder=1)
     ax.annotate(f"{h & 0xFFFF:04x}", (depth, row[h]), ha="center", va="center", fontsize=7, color="white")
-    ax.annotate("req " + ",".join(map(str, who)), (depth, row[h] + 0.32), ha="center", fontsize=7)
+    left = depth == 0  # edges leave block-0 nodes to the right and reach block-1 nodes from the left
+    ax.annotate("req " + ",".join(map(str, who)), (depth, row[h]), xytext=(-20 if left else 20, 0),
+                textcoords="offset points", ha="right" if left else "left", va="center", fontsize=8)
 ax.set_xticks(range(2), ["block 0 (system prompt)", "block 1 (question)"])
-ax.set_xlim(-0.5, 1.5)
+ax.set_xlim(-0.8, 1.8)
 ax.set_yticks([])
-ax.set_ylim(len(leaves) - 0.4, -0.6)
+ax.set_ylim(len(leaves) - 0.5, -0.5)
 ax.set_title("prefix hash tree (orange: shared by several requests; label: last 16 bits of the hash)", fontsize=10)
 plt.show()
 
@@ -304,6 +323,38 @@ ax.set_ylabel("tokens in the step")
 ax.legend(handles=[Patch(color="C0", label="decode"), Patch(color="C1", label="prefill (chunk)"),
                    plt.Line2D([], [], color="0.4", ls="--", label="budget")], fontsize=8)
 plt.show()
+
+# %% [markdown]
+# ## 6. Interview questions
+#
+# 1. *Static vs continuous batching?* <details><summary>answer</summary>Static runs a batch until its longest
+#    request ends; continuous (iteration-level, Orca) re-forms the batch every step, so a finished request's slot
+#    is refilled at once. Throughput rises with the spread of output lengths.</details>
+# 2. *What limits the batch size of a serving engine?* <details><summary>answer</summary>KV-cache memory (blocks),
+#    max_num_seqs, and the per-step token budget max_num_batched_tokens (latency).</details>
+# 3. *Preemption by recompute or by swap?* <details><summary>answer</summary>Recompute frees the blocks and
+#    prefills again (compute, no CPU memory; vLLM's default); swap copies KV to CPU and back (PCIe both ways).
+#    Swap wins for long sequences and small PCIe-to-compute ratios.</details>
+# 4. *What is the admission watermark for?* <details><summary>answer</summary>Keeping a few free blocks so the
+#    running sequences can grow next step without an immediate preemption (thrashing).</details>
+# 5. *What does chunked prefill fix?* <details><summary>answer</summary>A long prompt prefilled whole stalls every
+#    decoding sequence for a step (a TPOT spike, head-of-line blocking); chunks fill each step's token budget
+#    after the decodes.</details>
+# 6. *When does prefix caching help, and what can it never cache?* <details><summary>answer</summary>Shared
+#    beginnings (system prompts, few-shot examples, multi-turn chats); never a partly filled block.</details>
+#
+# A question whose answer is a number (exercise `ch06.batching_steps`): *the eight requests of section 1 (outputs
+# of 24, 4, 10, 18, 6, 22, 8 and 14 tokens, at most 4 at a time): how many decode steps do static and continuous
+# batching need, counting one token per running request per step? What share of the batch's slots does each
+# use?* Compare with the engine's step counts measured in section 1.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+batching_steps = load_function("ch06.batching_steps")
+for continuous, measured in ((False, static_steps), (True, cont_steps)):
+    steps = batching_steps(OUTPUT_LENS, 4, continuous)
+    print(f"{'continuous' if continuous else 'static':10s}: {steps} steps, slots used "
+          f"{100 * sum(OUTPUT_LENS) / (4 * steps):.0f}% (the engine above: {len(measured)} steps)")
 
 # %% [markdown]
 # **What to remember**
