@@ -38,8 +38,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from minillm.course.impl import load_function, load_module, module_file, resolve_impl
-from minillm.course.registry import get
+from minillm.course.impl import load_chapter_module, load_function
 from minillm.kernels import flash_attention as fa
 
 torch.manual_seed(0)
@@ -48,7 +47,7 @@ TOL = 5e-3 if device == "cuda" else 1e-4  # fp32 on a GPU goes through TF32 tens
 online_softmax_update = load_function("ch03.online_softmax_update")
 causal_block_range = load_function("ch03.causal_block_range")
 # the kernel exercise is a @triton.jit helper; its chapter module also holds the launcher that runs it
-ch03 = load_module(module_file(get("ch03.flash_attention_kernel"), resolve_impl()))
+ch03 = load_chapter_module("ch03.flash_attention_kernel")  # your kernel module, or the reference's until you start
 
 
 def naive_attention(q, k, v, causal=True):
@@ -214,7 +213,7 @@ with use_overrides({"ch03.online_softmax_update": online_softmax_update, "ch03.c
 # %%
 from matplotlib.patches import Rectangle
 
-ch03_puzzles = load_module(module_file(get("ch03.outer_add_kernel"), resolve_impl()))
+ch03_puzzles = load_chapter_module("ch03.outer_add_kernel")
 
 
 def written_by(grid, rows, cols, block_m, block_n, pad=8):

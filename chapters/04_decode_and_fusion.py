@@ -36,8 +36,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from minillm.bench import roofline
-from minillm.course.impl import load_function, load_module, module_file, resolve_impl
-from minillm.course.registry import get
+from minillm.course.impl import load_chapter_module, load_function
 from minillm.kernels import flash_attention as fa
 from minillm.kernels import fused
 from minillm.kernels import paged_attention as pa
@@ -47,7 +46,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run nativ
 TOL = 5e-3 if device == "cuda" else 1e-5  # fp32 dots on a GPU go through TF32 tensor cores (~1e-3 relative)
 merge_lse = load_function("ch04.merge_lse")
 # the kernel exercise is a @triton.jit function; its chapter module also holds its launcher, rms_norm
-ch04 = load_module(module_file(get("ch04.rms_norm_kernel"), resolve_impl()))
+ch04 = load_chapter_module("ch04.rms_norm_kernel")  # your kernel module, or the reference's until you start
 
 # %% [markdown]
 # ## 1. Decode attention reads the whole cache for one query

@@ -125,7 +125,7 @@ def _first_difference(expected: str, got: str) -> tuple[str, str]:
 def grade_notebook(ipynb: Path, impl: str, timeout: float = 900.0, max_lines: int = 5) -> tuple[bool, list[str]]:
     """Run `ipynb` with implementation `impl` (no fallback to the reference) and compare every
     `# NBVAL_CHECK_OUTPUT` cell with its stored (solution's) output, as nbval --nbval-lax does.
-    Returns (passed, lines): one line per failing cell, `cell N \`first line of its source\`: expected ... got ...`."""
+    Returns (passed, lines): one line per failing cell: cell N, the first line of its source, expected ... got ...."""
     import nbformat
     from nbclient import NotebookClient
     ipynb = Path(ipynb)
