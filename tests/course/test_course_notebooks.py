@@ -61,3 +61,19 @@ def test_build_check_and_grade_a_chapter(tmp_path):
 def test_repository_chapters_are_in_sync():
     problems = notebooks.out_of_sync()
     assert not problems, problems
+
+
+def test_a_real_chapter_shows_the_learners_wrong_answer(tmp_path):
+    """Chapter 5 run with a slot_mapping that ignores the block table past its first block (a mutant; every other
+    function correct): the checked cells that print slots differ from the stored (solution's) output, and
+    `minillm grade --notebooks` names them. The notebook really runs the learner's code."""
+    from minillm.course.mutants import build_submission
+    mutant = repo_root() / "tests" / "mutants" / "ch05.slot_mapping" / "contiguous_blocks.py"
+    wrong = build_submission(mutant, tmp_path / "wrong", "ch05.slot_mapping")
+    ipynb = repo_root() / "chapters" / "05_paged_attention.ipynb"
+    passed, lines = notebooks.grade_notebook(ipynb, str(wrong))
+    assert not passed and lines[0].startswith("05_paged_attention.ipynb: fail"), lines
+    # the slots gathered for the attention demo come from the wrong blocks
+    assert "expected 'blocks touched: [0, 1, 5]', got 'blocks touched: [0, 1, 2]'" in "\n".join(lines), lines
+    passed, lines = notebooks.grade_notebook(ipynb, "solutions")
+    assert passed, lines
