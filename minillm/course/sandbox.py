@@ -212,13 +212,17 @@ class Sandbox:
                       else f"{self.module_file.name} failed to import: {exc}")
         self.kernel = bool(reply.get("kernel"))
 
-    def close(self) -> None:
+    def _kill(self) -> None:
+        """Kill the worker and everything it started (its own process group)."""
         if self.proc and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
+
+    def close(self) -> None:
+        self._kill()
         for fd in (getattr(self, "_w", None), getattr(self, "_r", None)):
             if fd is not None:
                 try:
@@ -230,12 +234,7 @@ class Sandbox:
 
     def _die(self, message: str) -> None:
         self.fatal = message
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        self._kill()
         raise SubmissionCrash(message)
 
     # -- messages --
