@@ -63,7 +63,8 @@ class LLM:
             raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
                              "(distributed_executor_backend=None)")
 
-        from minillm.quant.base import apply_quantization_override, check_quantization_name
+        from minillm.quant.base import check_quantization_name
+        from minillm.quant.checkpoint import load_time_quantization
         if quantization is not None:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
 
@@ -71,7 +72,7 @@ class LLM:
         path = os.fspath(model) if model is not None else _default_model_path()
         model_config, weights, tokenizer = load_model(path)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant)
-        model_config = apply_quantization_override(model_config, quantization)
+        model_config = load_time_quantization(model_config, quantization)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         if distributed_executor_backend == "mp":
             worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,

@@ -187,3 +187,11 @@ def test_quantization_on_load():
     assert qkv.qweight.dtype == torch.int8 and not hasattr(qkv, "weight")
     out = quantized.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
     assert "Paris" in out[0].outputs[0].text
+
+
+def test_fp8_on_load_and_calibrated_methods_point_to_quantize():
+    quantized = LLM(max_model_len=128, max_num_seqs=2, quantization="fp8")
+    out = quantized.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
+    assert "Paris" in out[0].outputs[0].text
+    with pytest.raises(ValueError, match="minillm quantize"):
+        LLM(max_model_len=128, quantization="gptq")  # a dense checkpoint: GPTQ needs calibration data
