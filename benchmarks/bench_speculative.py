@@ -1,4 +1,4 @@
-"""Speculative decoding on SmolLM2: mean acceptance length and wall-clock speedup per proposer (chapter 8).
+"""Speculative decoding on SmolLM2: mean acceptance length and wall-clock speedup per proposer (chapter 9).
 
     python benchmarks/bench_speculative.py [MODEL] [--quick] [--k 4] [--max-tokens 128]
            [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]

@@ -32,7 +32,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2 has a bias on q/k/v projections
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    # Weight quantization (chapter 8): a name from minillm.quant.base.QUANTIZATION_METHODS (vLLM's spelling),
+    # Weight quantization (chapters 7-8): a name from minillm.quant.base.QUANTIZATION_METHODS (vLLM's spelling),
     # and the checkpoint's `quantization_config` dict that the method's QuantizationConfig.from_config reads.
     quantization: str | None = None
     quantization_config: dict[str, Any] | None = None
@@ -133,12 +133,12 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
-    # Speculative decoding (chapter 8): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
+    # Speculative decoding (chapter 9): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
     # spelling speculative_model= ("[ngram]", a method name or a draft path) + num_speculative_tokens=
     speculative_config: dict[str, Any] | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None
-    # Parallelism (chapter 10): ranks per tensor-parallel group x pipeline stages = worker processes
+    # Parallelism (chapter 11): ranks per tensor-parallel group x pipeline stages = worker processes
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)

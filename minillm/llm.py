@@ -32,7 +32,7 @@ from minillm.config import EngineConfig
 from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
 from minillm.engine.llm_engine import LLMEngine
-from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker, build_model  # noqa: F401 (re-export)
+from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import SamplingParams
@@ -58,7 +58,7 @@ class LLM:
             if distributed_executor_backend == "uni":
                 raise ValueError("tensor/pipeline parallelism needs one worker process per rank: "
                                  "distributed_executor_backend='mp' or None, not 'uni'")
-            distributed_executor_backend = "mp"  # one worker process per rank (minillm.parallel, chapter 10)
+            distributed_executor_backend = "mp"  # one worker process per rank (minillm.parallel, chapter 11)
         if distributed_executor_backend == "mp" and self.overrides:
             raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
                              "(distributed_executor_backend=None)")

@@ -52,7 +52,7 @@ class RequestMetrics:
     finish_time: float | None = None
     num_output_tokens: int = 0
     num_preemptions: int = 0
-    # speculative decoding (chapter 8): acceptance rate, mean acceptance length, acceptance by position;
+    # speculative decoding (chapter 9): acceptance rate, mean acceptance length, acceptance by position;
     # None when the engine does not speculate
     spec_decode: "SpecDecodeMetrics | None" = None
 
@@ -123,7 +123,7 @@ class RequestOutput:
             finish_reason=seq.finish_reason,
             error=seq.error,
         )
-        logprobs = getattr(seq, "logprobs", None)  # kept by the engine when the request asked for them
+        logprobs = seq.logprobs  # kept by the engine when the request asked for them
         if logprobs is not None:
             completion.logprobs = list(logprobs)
             completion.cumulative_logprob = seq.cumulative_logprob
@@ -135,10 +135,10 @@ class RequestOutput:
             num_output_tokens=seq.num_output_tokens,
             num_preemptions=seq.num_preemptions,
         )
-        spec = getattr(seq, "spec_metrics", None)  # set by minillm.speculative.engine_hooks
+        spec = seq.spec_metrics  # set by minillm.speculative.engine_hooks
         if spec is not None:
             metrics.spec_decode = spec.copy()
         return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
                    outputs=[completion], finished=seq.is_finished, metrics=metrics,
-                   prompt_logprobs=None if getattr(seq, "prompt_logprobs", None) is None
+                   prompt_logprobs=None if seq.prompt_logprobs is None
                    else list(seq.prompt_logprobs))

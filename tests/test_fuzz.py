@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.llm_engine import LLMEngine
-from minillm.llm import LLM, build_model
+from minillm.engine.worker import build_model
+from minillm.llm import LLM
 from minillm.loader.chat_template import render_chat_template
 from minillm.sampling_params import SamplingParams
 from tiny import EOS, ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)

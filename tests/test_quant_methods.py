@@ -16,7 +16,8 @@ from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.llm_engine import LLMEngine
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.layers.linear import Linear
-from minillm.llm import LLM, build_model
+from minillm.engine.worker import build_model
+from minillm.llm import LLM
 from minillm.quant.checkpoint import load_time_quantization, save_quantized, save_tokenizer
 from minillm.quant.driver import quantize_model
 from minillm.quant.fp8 import Fp8LinearMethod, fp8_linear, quantize_fp8

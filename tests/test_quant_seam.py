@@ -14,7 +14,8 @@ import torch
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.llm_engine import LLMEngine
 from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear
-from minillm.llm import LLM, build_model
+from minillm.engine.worker import build_model
+from minillm.llm import LLM
 from minillm.quant.base import (QUANTIZATION_METHODS, UnquantizedLinearMethod, apply_quantization_override,
                                 check_quantization_name, make_quant_config)
 from minillm.quant.int8_rtn import Int8RTNConfig, Int8RTNLinearMethod, quantize_per_channel_int8

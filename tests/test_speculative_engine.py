@@ -1,4 +1,4 @@
-"""Speculative decoding in the engine: every proposer keeps the target's output exactly (chapter 8).
+"""Speculative decoding in the engine: every proposer keeps the target's output exactly (chapter 9).
 
 For ngram, lookahead, self_speculative and draft_model: greedy requests give token-identical output to plain
 decoding, with plenty of KV blocks and under pressure (preemption), mixed with sampled requests and different

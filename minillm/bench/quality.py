@@ -1,4 +1,4 @@
-"""Perplexity from the engine's prompt log-probabilities (chapter 1's measurement, used by chapter 10's quantization).
+"""Perplexity from the engine's prompt log-probabilities (chapter 1's measurement, used by chapters 7-8's quantization).
 
     from minillm import LLM
     from minillm.bench import perplexity

@@ -32,7 +32,6 @@ from collections import deque
 from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping, swap_out_mapping
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
-
 from minillm.hooks import dispatch
 
 

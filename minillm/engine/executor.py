@@ -12,7 +12,7 @@ Both offer the same four calls the engine makes (load happens at construction):
     execute_model(step_input) -> StepOutput (the driver worker's: rank 1, or the sampling rank of a parallel group)
     shutdown()
 
-Tensor and pipeline parallelism (chapter 10): with EngineConfig.tensor_parallel_size * pipeline_parallel_size
+Tensor and pipeline parallelism (chapter 11): with EngineConfig.tensor_parallel_size * pipeline_parallel_size
 = N > 1 the executor starts N workers and builds their TP groups (minillm.parallel.state) before they load their
 shards; every rank gets every step, and only the sampling rank answers with tokens.
 A worker process that dies (killed, out of memory) makes the engine's next call raise a RuntimeError naming its

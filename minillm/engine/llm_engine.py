@@ -74,7 +74,7 @@ class LLMEngine:
     """The engine loop around one executor. Give it either a built `model` (it is wrapped in an in-process
     worker) or an `executor` whose workers build their own (model=None): e.g. a MultiProcExecutor."""
 
-    # The verify step of speculative decoding (chapter 8) is `self.speculative` (minillm.speculative.engine_hooks),
+    # The verify step of speculative decoding (chapter 9) is `self.speculative` (minillm.speculative.engine_hooks),
     # built from EngineConfig.speculative_config. Tests that set drafts by hand may instead set this hook:
     # (batch, sampled tokens per sequence) -> the accepted tokens per sequence (drafts[:a] + [one token]).
     verify_drafts: Callable[[ScheduledBatch, list[list[int]]], list[list[int]]] | None = None
@@ -106,7 +106,7 @@ class LLMEngine:
                                               kv_bytes_per_block(model_config, kv_block_size(config), dtype))
         executor.initialize_cache(self.cache_config)
         self.scheduler = make_scheduler(config, self.cache_config)
-        from minillm.speculative.engine_hooks import build_speculative_decoder  # chapter 8; None: no speculation
+        from minillm.speculative.engine_hooks import build_speculative_decoder  # chapter 9; None: no speculation
         self.speculative = build_speculative_decoder(self, seed)
         eos = set(model_config.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_id", None)
@@ -147,7 +147,7 @@ class LLMEngine:
             text, token_ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
         if sampling_params.logprobs is not None:
-            seq.logprobs, seq.cumulative_logprob = [], 0.0
+            seq.logprobs = []
         if sampling_params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # position 0 has no prediction; build_step_input scores from len() on
         self.scheduler.add(seq)

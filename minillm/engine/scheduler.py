@@ -22,7 +22,7 @@ With enable_chunked_prefill a prefill may be cut so that the step's token budget
 and prefill chunks sharing one forward (Sarathi-Serve). Without it a prefill runs whole, so
 max_num_batched_tokens must be >= max_model_len (checked here, as vLLM does).
 
-Speculative decoding (chapter 8): a running decode whose `spec_token_ids` hold k drafts is extended, after
+Speculative decoding (chapter 9): a running decode whose `spec_token_ids` hold k drafts is extended, after
 (a) gave every running sequence its own token, by as many drafts as the token budget, max_model_len and the
 free blocks allow (`_grant_drafts`: drafts are trimmed, never a reason to preempt); `postprocess` then gives
 back the blocks of the rejected ones. Drafts never ride on a prefill, and stale ones are dropped every step.
@@ -46,7 +46,6 @@ from minillm.config import EngineConfig
 from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler_interface import ScheduledBatch, update_sequences
 from minillm.engine.sequence import Sequence, SequenceStatus
-
 from minillm.hooks import dispatch
 
 POLICIES = ("fcfs", "priority")

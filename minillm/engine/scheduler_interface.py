@@ -10,7 +10,7 @@ engine loop is the same for both:
     scheduler.postprocess(batch, tokens)       # num_computed_tokens, new tokens, rollback of rejected drafts
     scheduler.finish(seq) for finished ones    # frees its blocks at once
 
-A step may append several tokens to a sequence (speculative decoding, chapter 8): a sequence with k draft
+A step may append several tokens to a sequence (speculative decoding, chapter 9): a sequence with k draft
 tokens (`seq.spec_token_ids`) is scheduled for its uncomputed token plus the k drafts, the runner samples at
 those k + 1 rows, an acceptance rule keeps the first a drafts and one more token, and `postprocess` receives
 that list L = drafts[:a] + [one sampled token]. `update_sequences` below is that bookkeeping, written once for

@@ -25,7 +25,6 @@ from minillm.engine.scheduler import Scheduler
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.sampling_params import SamplingParams
-
 from minillm.hooks import dispatch
 
 

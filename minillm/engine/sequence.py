@@ -5,7 +5,7 @@ recompute, or to SWAPPED when its KV blocks went to CPU memory) and ends FINISHE
 counts the tokens whose keys and values are already in the KV cache; the next step computes tokens
 `num_computed_tokens .. num_tokens-1` (one for a decode, a chunk for chunked prefill, all for a prefill).
 
-Speculative decoding (chapter 8) adds `spec_token_ids`: draft tokens a proposer guessed for the positions after
+Speculative decoding (chapter 9) adds `spec_token_ids`: draft tokens a proposer guessed for the positions after
 the last token. They are *not* part of `token_ids`: the next step computes them together with the last token
 (a verify step), and `Scheduler.postprocess` appends only the drafts the model accepted, plus one sampled token.
 Chapters 2, 5 and 6 build on this.
@@ -54,6 +54,12 @@ class Sequence:
         self.num_preemptions = 0
         self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
+        self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it
+        # log-probabilities, kept only when sampling_params asks (None otherwise): one dict per generated token,
+        # and [None] + one per prompt position scored so far
+        self.logprobs: list | None = None
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list | None = None
 
     # -- tokens -------------------------------------------------------------------------------------------
     @property

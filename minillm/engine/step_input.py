@@ -1,5 +1,7 @@
 """StepInput: the slim, picklable description of one step that the engine sends to its workers.
 
+Chapter 2 builds the loop that sends it; chapter 11 runs the workers in other processes.
+
 The scheduler thinks in `Sequence` objects (token lists, status, timing, detokenizer state); a worker only needs
 numbers: which token ids to feed at which positions, where each new token's K/V goes (slot_mapping), where each
 sequence's earlier K/V lives (block_tables), which rows to sample and how. Keeping that boundary narrow is what
@@ -137,27 +139,29 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     num_logprobs: list[int] = []
     prompt_rows: list[PromptLogprobRows | None] = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        drafts = list(getattr(seq, "spec_token_ids", None) or ())
-        tokens = seq.token_ids + drafts
+        drafts = seq.spec_token_ids
+        num_known = seq.num_tokens + len(drafts)  # no copy of token_ids: this runs for every sequence, every step
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        if n < 1 or end > len(tokens):
+        if n < 1 or end > num_known:
             raise ValueError(f"sequence {seq.request_id!r}: cannot compute tokens {start}..{end - 1} of "
-                             f"{len(tokens)}")
+                             f"{num_known}")
         if len(seq.block_table) * block_size < end:
             raise ValueError(f"sequence {seq.request_id!r}: block_table {seq.block_table} holds "
                              f"{len(seq.block_table) * block_size} slots, {end} needed")
-        step.input_ids.extend(tokens[start:end])
+        step.input_ids.extend(seq.token_ids[start:end])
+        if end > seq.num_tokens:  # the drafts follow the known tokens
+            step.input_ids.extend(drafts[max(0, start - seq.num_tokens):end - seq.num_tokens])
         step.positions.extend(range(start, end))
         step.slot_mapping.extend(compute_slot_mapping(seq.block_table, start, end, block_size))
         step.query_lens.append(n)
         step.seq_lens.append(end)
         step.block_tables.append(list(seq.block_table))
         # reached the end of what is known: sample the next token (and one per draft, to verify it)
-        step.num_sampled.append(min(n, 1 + len(drafts)) if end == len(tokens) else 0)
+        step.num_sampled.append(min(n, 1 + len(drafts)) if end == num_known else 0)
         p = seq.sampling_params
         step.sampling.append(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
-        num_logprobs.append(-1 if getattr(p, "logprobs", None) is None else p.logprobs)
-        prompt_rows.append(_prompt_logprob_rows(seq, tokens, start, end))
+        num_logprobs.append(-1 if p.logprobs is None else p.logprobs)
+        prompt_rows.append(_prompt_logprob_rows(seq, start, end))
     if any(k >= 0 for k in num_logprobs):
         step.num_logprobs = num_logprobs
     if any(rows is not None for rows in prompt_rows):
@@ -165,16 +169,15 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     return step
 
 
-def _prompt_logprob_rows(seq, tokens: list[int], start: int, end: int) -> PromptLogprobRows | None:
+def _prompt_logprob_rows(seq, start: int, end: int) -> PromptLogprobRows | None:
     """The rows of this chunk that score prompt tokens not scored yet. The engine keeps the scores in
     `seq.prompt_logprobs` ([None] for position 0, then one per scored position), so a chunk recomputed after a
     preemption scores nothing twice."""
-    k = getattr(seq.sampling_params, "prompt_logprobs", None)
-    scored = getattr(seq, "prompt_logprobs", None)
+    k, scored = seq.sampling_params.prompt_logprobs, seq.prompt_logprobs
     if k is None or scored is None:
         return None
     # row r predicts token r + 1; the next unscored target is position len(scored)
     first, last = max(start, len(scored) - 1), min(end, seq.num_prompt_tokens - 1)
     if first >= last:
         return None
-    return PromptLogprobRows(first - start, tokens[first + 1:last + 1], k)
+    return PromptLogprobRows(first - start, seq.token_ids[first + 1:last + 1], k)

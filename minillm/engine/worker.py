@@ -85,7 +85,7 @@ class RandomWeights:
             torch.set_default_dtype(previous)
         from minillm.parallel.state import get_parallel_state
         state = get_parallel_state()
-        if state.tp_size * state.pp_size > 1:  # the same numbers, each rank keeping its shard (chapter 10)
+        if state.tp_size * state.pp_size > 1:  # the same numbers, each rank keeping its shard (chapter 11)
             from minillm.parallel.weights import load_random_weights_sharded
             load_random_weights_sharded(model, model_config, dtype, lambda n, s: self._draw(n, s, generator))
         else:
@@ -173,7 +173,7 @@ class Worker:
         return self.runner.execute_model(step)
 
     def get_comm_stats(self, reset: bool = False) -> dict[str, int]:
-        """Bytes this process has handed to torch.distributed collectives, per operation (chapter 10)."""
+        """Bytes this process has handed to torch.distributed collectives, per operation (chapter 11)."""
         from minillm.parallel.state import comm_stats
         stats = dict(comm_stats)
         if reset:

@@ -38,10 +38,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from minillm.forward_context import AttentionMetadata, get_forward_context, prefill_metadata
-
 from minillm.hooks import dispatch
 from minillm.layers.backend import OperatorModule, use_triton
 

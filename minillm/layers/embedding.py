@@ -2,7 +2,7 @@
 
 `VocabEmbedding` maps token ids [T] to vectors [T, hidden]; `LMHead` maps hidden states [N, hidden] back
 to logits over the vocabulary [N, vocab]. Small models tie the two (SmolLM2 does): the head *is* the
-embedding matrix, one parameter shared by both modules. Tensor parallelism (chapter 10) splits both along
+embedding matrix, one parameter shared by both modules. Tensor parallelism (chapter 11) splits both along
 the vocabulary, which is why they are their own layers rather than bare `nn.Embedding`/`nn.Linear`.
 """
 from __future__ import annotations

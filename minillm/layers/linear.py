@@ -5,10 +5,10 @@ packed into one `qkv_proj` and gate and up into one `gate_up_proj` (one launch, 
 a wider and more efficient GEMM). Checkpoints store them separately under Hugging Face's names, so each
 packed layer carries a `weight_loader(param, loaded_weight, shard_id)` that copies one checkpoint tensor
 into its slice of the packed parameter. That is vLLM's design, and it is also where tensor parallelism
-(chapter 10) will take each rank's slice of the columns or rows.
+(chapter 11) will take each rank's slice of the columns or rows.
 
 How the weights are stored and the matmul done is delegated to `layer.quant_method`, a LinearMethod
-(minillm.quant.base, chapter 8): it registers the parameters (create_weights), repacks or quantizes them once
+(minillm.quant.base, chapter 7): it registers the parameters (create_weights), repacks or quantizes them once
 the checkpoint is in (process_weights_after_loading) and computes y = x W^T + b (apply). The default,
 `UnquantizedLinearMethod`, is a dense weight and `F.linear`; a `quant_config` picks another per layer, by
 its name (`prefix`), without touching the model code. Whatever a method stores, each parameter carries this

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from minillm.layers.backend import OperatorModule, use_triton
-
 from minillm.hooks import dispatch
 
 

@@ -20,10 +20,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from minillm.layers.backend import OperatorModule, use_triton
-
 from minillm.hooks import dispatch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -29,7 +29,7 @@ from minillm.layers.backend import check_backend, set_operator_backend
 from minillm.layers.linear import default_weight_loader
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import RotaryEmbedding
-# Tensor/pipeline-parallel layers (chapter 10): with one rank they are the plain layers of chapter 1
+# Tensor/pipeline-parallel layers (chapter 11): with one rank they are the plain layers of chapter 1
 from minillm.parallel.pipeline import PPMissingLayer, get_pp_indices, is_pp_missing
 from minillm.parallel.state import get_parallel_state
 from minillm.parallel.tensor import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
@@ -108,7 +108,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: str = "auto",
                  quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        pp = get_parallel_state()  # one stage holding every layer unless pipeline-parallel (chapter 10)
+        pp = get_parallel_state()  # one stage holding every layer unless pipeline-parallel (chapter 11)
         self.start_layer, self.end_layer = get_pp_indices(config.num_hidden_layers, pp.pp_rank, pp.pp_size)
         self.is_first_stage, self.is_last_stage = pp.is_first_stage, pp.is_last_stage
         has_embedding = pp.is_first_stage or (pp.is_last_stage and config.tie_word_embeddings)

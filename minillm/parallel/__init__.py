@@ -1,4 +1,4 @@
-"""Parallelism (chapter 10): tensor and pipeline parallel workers on torch.distributed.
+"""Parallelism (chapter 11): tensor and pipeline parallel workers on torch.distributed.
 
     LLM(model, tensor_parallel_size=2)             2 worker processes, each with half of every matmul
     LLM(model, pipeline_parallel_size=2)           2 worker processes, each with half of the layers

@@ -1,4 +1,5 @@
-"""The torchrun entry: tensor/pipeline parallelism over processes that torchrun starts, on one or several machines.
+"""The torchrun entry: tensor/pipeline parallelism over processes that torchrun starts, on one or several
+machines (chapter 11).
 
     torchrun --nproc-per-node 2 -m minillm.parallel.launch --model PATH --tensor-parallel-size 2 \\
         --prompt "The capital of France is" --max-tokens 16

@@ -1,4 +1,4 @@
-"""Pipeline parallelism: the decoder's layers cut into stages, one stage per rank (chapter 10).
+"""Pipeline parallelism: the decoder's layers cut into stages, one stage per rank (chapter 11).
 
 Stage s holds layers get_pp_indices(L, s, pp)[0] .. [1] - 1; the first stage also holds the embedding, the last
 the final norm and the LM head (and the embedding too when they are tied). What a stage does not hold is a

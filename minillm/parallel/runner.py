@@ -1,4 +1,4 @@
-"""The model runner of one rank of a tensor/pipeline-parallel worker group (chapter 10).
+"""The model runner of one rank of a tensor/pipeline-parallel worker group (chapter 11).
 
 Every rank gets the same StepInput and runs `execute_model`; what differs is what it does with it:
 

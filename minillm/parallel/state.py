@@ -1,4 +1,4 @@
-"""Parallel state: which tensor- and pipeline-parallel groups this process belongs to (chapter 10).
+"""Parallel state: which tensor- and pipeline-parallel groups this process belongs to (chapter 11).
 
 vLLM keeps one `parallel_state` module per process; so do we. A worker process calls `init_parallel_state` once,
 after torch.distributed is up and before it builds its model; the layers then ask `get_tp_size()` /

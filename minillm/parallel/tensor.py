@@ -1,4 +1,4 @@
-"""Tensor parallelism: Megatron-LM's split of every matmul over the ranks of a TP group (chapter 10).
+"""Tensor parallelism: Megatron-LM's split of every matmul over the ranks of a TP group (chapter 11).
 
 One transformer block costs two all-reduces, no more:
 

@@ -1,4 +1,4 @@
-"""What one rank of a parallel worker group holds: its share of the model's geometry and of random weights.
+"""What one rank of a parallel worker group holds: its share of the model's geometry and of random weights (chapter 11).
 
 `rank_model_config` is the ModelConfig *as this rank sees it* for its KV cache: only its pipeline stage's layers
 and only its K/V heads (one when they are replicated). The worker sizes and allocates its KV pool from it, so each

@@ -1,4 +1,4 @@
-"""Quantization (chapter 10): how weights (and activations) are stored in fewer bits, and what that costs.
+"""Quantization (chapters 7-8): how weights (and activations) are stored in fewer bits, and what that costs.
 
     base.py          the Linear seam: LinearMethod (create_weights / process_weights_after_loading / apply),
                      QuantizationConfig and the registry of names (vLLM's where they exist)

@@ -1,4 +1,4 @@
-"""AWQ: activation-aware weight quantization (Lin et al. 2023), chapter 10.
+"""AWQ: activation-aware weight quantization (Lin et al. 2023), chapters 7-8.
 
 AWQ ("AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration") starts from an
 observation: a small fraction (~1%) of a layer's input channels, the *salient* ones, matter far more than the

@@ -1,4 +1,4 @@
-"""The quantized-linear seam: how a Linear stores its weights and does its matmul (chapter 8, as vLLM does it).
+"""The quantized-linear seam: how a Linear stores its weights and does its matmul (chapter 7, as vLLM does it).
 
 Every `Linear` delegates three things to a `LinearMethod` held in `layer.quant_method`:
 

@@ -1,4 +1,4 @@
-"""Calibration and evaluation text from a real, offline source: the Python standard library's docstrings (chapter 10).
+"""Calibration and evaluation text from a real, offline source: the Python standard library's docstrings (chapters 7-8).
 
 GPTQ, AWQ and SmoothQuant look at a few hundred sequences of real activations; perplexity needs held-out
 text the calibration never saw. Nothing here may download a dataset (no machine reaches a hub), and text the

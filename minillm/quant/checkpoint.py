@@ -1,4 +1,4 @@
-"""Quantized checkpoints on disk, and quantization at load time (chapter 10).
+"""Quantized checkpoints on disk, and quantization at load time (chapters 7-8).
 
 `save_quantized(qm, out_dir, tokenizer)` writes what any Hugging Face-style loader (ours: minillm.loader.hf)
 reads back: `model.safetensors` (the quantized tensors under HF names), `config.json` with a

@@ -1,4 +1,4 @@
-"""`minillm quantize [MODEL] --method ... --out DIR`: quantize a model once and save it (chapter 10).
+"""`minillm quantize [MODEL] --method ... --out DIR`: quantize a model once and save it (chapters 7-8).
 
     minillm quantize --method gptq --bits 4 --group-size 64 --out smollm2-gptq     # the bundled SmolLM2
     minillm quantize my-llama/ --method fp8 --out my-llama-fp8

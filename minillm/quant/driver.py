@@ -1,4 +1,4 @@
-"""Quantizing a whole model, layer by layer, with calibration data: `quantize_model` (chapter 10).
+"""Quantizing a whole model, layer by layer, with calibration data: `quantize_model` (chapters 7-8).
 
     from minillm.quant.driver import quantize_model
     qm = quantize_model(model, "gptq", bits=4, group_size=64, calibration=ids)   # ids [n_samples, seq_len]

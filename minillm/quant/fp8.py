@@ -1,4 +1,4 @@
-"""FP8 W8A8 ("fp8", vLLM's name): e4m3 weights with scales, activations quantized per token at run time (chapter 10).
+"""FP8 W8A8 ("fp8", vLLM's name): e4m3 weights with scales, activations quantized per token at run time (chapters 7-8).
 
 float8 e4m3 has 4 exponent bits and 3 mantissa bits: 8 relative steps per power of two between 2^-6 and 448
 (the largest finite value; e4m3fn has no infinity). A *float* grid suits weights and activations better than an

@@ -1,4 +1,4 @@
-"""GPTQ: one-shot weight quantization with second-order error feedback (Frantar et al. 2022), chapter 10.
+"""GPTQ: one-shot weight quantization with second-order error feedback (Frantar et al. 2022), chapters 7-8.
 
 GPTQ ("GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers") quantizes a linear
 layer so that its *outputs* on calibration data move as little as possible, not its weights: it minimises

@@ -1,4 +1,4 @@
-"""Packed low-bit weights in GPTQ's and AWQ's checkpoint layouts, and the one matmul that reads them (chapter 10).
+"""Packed low-bit weights in GPTQ's and AWQ's checkpoint layouts, and the one matmul that reads them (chapters 7-8).
 
 GPTQ layout (AutoGPTQ, vLLM's "gptq"), for W [out, in] quantized in groups of g input columns:
 
@@ -20,7 +20,7 @@ dequantize instruction sequence produces); scales [n_groups, out]; no offset on 
 
 `int4_linear` is the single call site of the weight-only matmul: the reference here dequantizes to the input's
 dtype and calls a dense matmul (it saves memory, not time); a fused dequantize-GEMM kernel (minillm.kernels,
-chapter 10) takes over on CUDA for 4-bit weights without g_idx.
+chapters 7-8) takes over on CUDA for 4-bit weights without g_idx.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""int8 round-to-nearest, weight-only (W8A16): the simplest real method behind the quantized-linear seam (chapter 8).
+"""int8 round-to-nearest, weight-only (W8A16): the simplest real method behind the quantized-linear seam (chapter 7).
 
 Each output channel (row) of W gets one scale, chosen so that its largest |weight| maps to 127:
 
@@ -7,7 +7,7 @@ Each output channel (row) of W gets one scale, chosen so that its largest |weigh
 so the weight costs 1 byte per element plus one scale per row (half of bf16's memory) and every weight is
 off by at most s_o / 2. Activations stay in the model's dtype: apply() dequantizes on the fly,
 y = x (q * s)^T, which saves memory but, in plain torch, no time; a fused int8 GEMM kernel is what makes
-weight-only quantization faster in the memory-bound decode phase (chapter 8 measures both).
+weight-only quantization faster in the memory-bound decode phase (chapter 7 measures both).
 
 The checkpoint is the ordinary dense one: create_weights registers a dense *staging* weight, so both loaders
 (GGUF, HF) and the packed q/k/v and gate/up shard logic work unchanged; process_weights_after_loading then

@@ -1,4 +1,4 @@
-"""LLM.int8() ("int8"): int8 matmul with mixed-precision outlier decomposition (Dettmers et al. 2022), chapter 10.
+"""LLM.int8() ("int8"): int8 matmul with mixed-precision outlier decomposition (Dettmers et al. 2022), chapters 7-8.
 
 Past ~6.7B parameters, transformers grow *emergent outlier features*: a few hidden dimensions where |x| reaches
 20-60 in most tokens. Per-token int8 quantization of x then fails (the outlier sets the scale; everything else

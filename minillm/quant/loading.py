@@ -1,4 +1,4 @@
-"""Loading quantized tensors into packed layers (q/k/v, gate/up), chapter 10.
+"""Loading quantized tensors into packed layers (q/k/v, gate/up), chapters 7-8.
 
 A packed layer (`qkv_proj`, `gate_up_proj`) receives each checkpoint shard (q_proj, k_proj, v_proj) into its
 slice of the output dimension; `Linear.weight_loader` does that for every tensor whose output dimension is

@@ -1,4 +1,4 @@
-"""NF4 with double quantization ("nf4"): QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), chapter 10.
+"""NF4 with double quantization ("nf4"): QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), chapters 7-8.
 
 Trained weights are roughly normally distributed, so evenly spaced levels (int4) put too many levels in the
 tails and too few near zero. NormalFloat spaces the 16 levels by the quantiles of N(0, 1) instead, each level

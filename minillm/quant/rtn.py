@@ -1,4 +1,4 @@
-"""Round-to-nearest (RTN) weight quantization: the integer grid every weight-only method shares (chapter 10).
+"""Round-to-nearest (RTN) weight quantization: the integer grid every weight-only method shares (chapters 7-8).
 
 A weight matrix W [out, in] becomes small integer *codes* q and, per group of weights, a floating *scale* s
 (and for the asymmetric grid an integer *zero point* z):

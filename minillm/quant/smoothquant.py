@@ -1,4 +1,4 @@
-"""SmoothQuant W8A8 int8 ("smoothquant"): move the activations' outliers into the weights (Xiao et al. 2023), ch. 10.
+"""SmoothQuant W8A8 int8 ("smoothquant"): move the activations' outliers into the weights (Xiao et al. 2023), chapter 7.
 
 An int8 GEMM needs both operands in int8. Weights quantize well (per output channel, 8 bits: ~0.5% error);
 activations do not: a few input channels of X carry values 10-100x larger than the rest, in every token,
@@ -59,7 +59,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000).
 
     CPU: an int32 matmul. CUDA has no integer matmul in plain torch (torch._int_mm has shape rules, a kernel is
-    chapter 10's job), so the reference multiplies in fp64 there: every product and sum is an integer < 2^53."""
+    chapter 8's job), so the reference multiplies in fp64 there: every product and sum is an integer < 2^53."""
     if a.device.type == "cpu":
         return a.to(torch.int32) @ b.to(torch.int32).T
     return (a.double() @ b.double().T).to(torch.int32)

@@ -1,4 +1,4 @@
-"""Weight-only integer quantization behind the Linear seam: "rtn", "gptq" and "awq" (chapter 10).
+"""Weight-only integer quantization behind the Linear seam: "rtn", "gptq" and "awq" (chapters 7-8).
 
 All three end in the same place: 2..8-bit integer codes on a per-group grid (rtn.py) in GPTQ's layout
 (int4.py), and one matmul, `int4_linear`. They differ in where the codes come from:
@@ -9,7 +9,7 @@ All three end in the same place: 2..8-bit integer codes on a per-group grid (rtn
     awq    an AutoAWQ "gemm" checkpoint (4-bit, packed along the output dim); repacked to GPTQ's layout on load
 
 Activations stay in the model's dtype (W4A16): the win is memory, and speed in the memory-bound decode phase
-once a fused kernel reads the 4-bit weight directly (chapter 10 measures both).
+once a fused kernel reads the 4-bit weight directly (chapters 7-8 measures both).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Running the app: in the foreground (`minillm serve`), or in a background thread (tests, notebooks, bench).
+"""Running the app: in the foreground (`minillm serve`), or in a background thread (tests, notebooks,
+bench); chapter 10.
 
 uvicorn owns the event loop. On Ctrl-C or SIGTERM it stops accepting connections, waits up to
 `timeout_graceful_shutdown` seconds for the open ones (streams in flight finish), then cancels what is left and

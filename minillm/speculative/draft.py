@@ -1,4 +1,4 @@
-"""Draft-model proposers: a small model drafts k tokens autoregressively, the target verifies them (chapter 8).
+"""Draft-model proposers: a small model drafts k tokens autoregressively, the target verifies them (chapter 9).
 
 Two methods share this worker:
     draft_model       a separate model with the same tokenizer (Leviathan et al. 2023; Chen et al. 2023): a GGUF file

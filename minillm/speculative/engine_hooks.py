@@ -1,4 +1,4 @@
-"""Speculative decoding inside the engine loop: propose, verify, count (chapter 8).
+"""Speculative decoding inside the engine loop: propose, verify, count (chapter 9).
 
 LLMEngine._step calls three methods of the SpeculativeDecoder it built from `EngineConfig.speculative_config`:
 
@@ -180,7 +180,7 @@ class SpeculativeDecoder:
         return self._generators[seq.request_id]
 
     def _record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
-        metrics = getattr(seq, "spec_metrics", None)
+        metrics = seq.spec_metrics
         if metrics is None:
             metrics = seq.spec_metrics = SpecDecodeMetrics()  # read by RequestOutput.from_sequence
         metrics.record(num_drafts, num_accepted)

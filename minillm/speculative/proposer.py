@@ -1,4 +1,4 @@
-"""The proposer interface every drafting method implements, and the simplest one: prompt lookup (chapter 8).
+"""The proposer interface every drafting method implements, and the simplest one: prompt lookup (chapter 9).
 
     proposer.propose(seqs, num_tokens) -> drafts          list[list[int]], up to num_tokens[i] tokens for seqs[i]
     proposer.propose_with_probs(seqs, num_tokens)         (drafts, per sequence a [len(drafts), V] tensor of the
