@@ -18,66 +18,13 @@ This module is imported by every layer that dispatches, so it must stay light: n
 """
 from __future__ import annotations
 
-import ast
+import importlib
 import os
+import pkgutil
 import re
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
-EXERCISE_ID = re.compile(r"^ch(\d\d)\.([a-z_][a-z0-9_]*)$")
-
-
-@dataclass(frozen=True)
-class Chapter:
-    number: int
-    module: str  # file stem under exercises/ and solutions/, e.g. "ch01_basics"
-    title: str
-
-
-@dataclass(frozen=True)
-class Exercise:
-    """One graded function. `signature` is the contract: sync fails when the reference's def differs."""
-
-    id: str  # "chNN.name"
-    function: str  # the def's name in the reference and in the generated modules
-    source: str  # reference file holding the marked region, relative to the repository root
-    points: int
-    hint: str  # one line, shown by the grader next to a failure
-    signature: str  # "rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor"
-    called_from: str  # where the engine calls it (through dispatch)
-    # the first of two hint levels: shown before any attempt ("not attempted"); `hint`, stronger, after a failure
-    nudge: str = ""
-
-    def __post_init__(self) -> None:
-        if not EXERCISE_ID.match(self.id):
-            raise ValueError(f"exercise id {self.id!r} must look like 'ch01.rms_norm' (chNN.lower_snake)")
-        if self.points < 1:
-            raise ValueError(f"exercise {self.id}: points must be >= 1, got {self.points}")
-        if self.param_names is None:
-            raise ValueError(f"exercise {self.id}: signature {self.signature!r} is not a valid Python def header")
-
-    @property
-    def chapter(self) -> int:
-        return int(EXERCISE_ID.match(self.id).group(1))
-
-    @property
-    def module(self) -> str:
-        return CHAPTERS[self.chapter].module
-
-    @cached_property
-    def param_names(self) -> tuple[str, ...] | None:
-        """Parameter names of the signature, parsed without importing anything."""
-        try:
-            tree = ast.parse(f"def {self.signature}: pass")
-        except SyntaxError:
-            return None
-        fn = tree.body[0]
-        if not isinstance(fn, ast.FunctionDef) or fn.name != self.function:
-            return None
-        a = fn.args
-        return tuple(p.arg for p in a.posonlyargs + a.args + a.kwonlyargs)
-
+from minillm.course.spec import EXERCISE_ID, Chapter, Exercise  # noqa: F401  (re-exported)
 
 CHAPTERS: dict[int, Chapter] = {c.number: c for c in [
     Chapter(1, "ch01_basics", "Basics: the roofline, RMSNorm, RoPE and the sampling filters"),
@@ -304,6 +251,28 @@ _EXERCISES: list[Exercise] = [
     ),
 ]
 
+
+
+def _collect_catalog() -> None:
+    """Add the chapters listed one per file in minillm/course/catalog/ (chapter 7 on).
+
+    Each module there defines CHAPTER (a Chapter) and EXERCISES (a list of Exercise), so chapters can be
+    written side by side without editing one shared table.
+    """
+    from minillm.course import catalog
+    for info in sorted(pkgutil.iter_modules(catalog.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{catalog.__name__}.{info.name}")
+        chapter, exercises = module.CHAPTER, module.EXERCISES
+        if chapter.number in CHAPTERS:
+            raise ValueError(f"catalog/{info.name}.py: chapter {chapter.number} is already registered")
+        CHAPTERS[chapter.number] = chapter
+        for e in exercises:
+            if e.chapter != chapter.number:
+                raise ValueError(f"catalog/{info.name}.py lists {e.id}, which is not in chapter {chapter.number}")
+        _EXERCISES.extend(exercises)
+
+
+_collect_catalog()
 EXERCISES: dict[str, Exercise] = {e.id: e for e in _EXERCISES}
 
 
