@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Any
@@ -19,9 +20,22 @@ from minillm.config import EngineConfig
 SKIP_FIELDS = {"extra"}  # a dict: not a flag
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A dict-valued option given as JSON, as vLLM takes --speculative-config '{"method": "ngram", ...}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"method\": \"ngram\"}}', got {text!r}")
+    return value
+
+
 def _flag_type(annotation: str) -> Any:
     """argparse type for an EngineConfig annotation (a string under `from __future__ import annotations`)."""
     text = str(annotation)
+    if text.startswith("dict"):
+        return _json_object
     if "bool" in text:
         return bool
     for name, kind in (("int", int), ("float", float), ("str", str)):
@@ -61,7 +75,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.chat_template is not None:
             with open(args.chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
+                  **engine_options(args))
         name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
         app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0)
@@ -88,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None, help="quantize a dense checkpoint while loading (rtn, fp8, nf4, int8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
