@@ -33,20 +33,31 @@ def _as_tensor(token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     return t.long().cpu()
 
 
-def propose_prompt_lookup(token_ids: Sequence[int] | torch.Tensor, num_speculative_tokens: int, max_n: int = 3,
+# >>> exercise ch09.ngram_lookup
+def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_tokens: int, max_n: int = 3,
                           min_n: int = 1) -> list[int]:
     """Prompt-lookup drafts for one sequence: up to `num_speculative_tokens` tokens that followed the most recent
-    earlier occurrence of the sequence's last n tokens (n tried from max_n down to min_n). [] when nothing matches.
+    earlier occurrence of the sequence's last n tokens, n tried from max_n down to min_n (never more than
+    len - 1: the pattern needs an earlier occurrence). [] when nothing matches.
 
-    The proposal may run into the suffix itself (a repeated pattern proposes its own repetition), and it is shorter
-    than requested when the match sits near the end of the sequence.
+    "Earlier" means the occurrence may not be the suffix itself (its window starts before len - n), but it may
+    overlap the suffix: a repeated pattern proposes its own repetition. The proposal is shorter than requested
+    when the match sits near the end of the sequence.
+
+    Example: [1, 2, 3, 4, 1, 2], k = 3 -> the suffix (1, 2) occurred at 0..1 -> [3, 4, 1];
+             [7, 7, 7], k = 2, max_n 2 -> (7, 7) occurred at 0..1 -> [7]; [5], or no repeat -> [].
+    Raise ValueError if num_speculative_tokens < 1 or not 1 <= min_n <= max_n (integers), or token_ids is not 1-D.
     """
+    # >>> solution
     if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
             or num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}")
     if not (isinstance(min_n, int) and isinstance(max_n, int) and 1 <= min_n <= max_n):
         raise ValueError(f"need integers 1 <= min_n <= max_n, got min_n={min_n!r}, max_n={max_n!r}")
-    tokens = _as_tensor(token_ids)
+    tokens = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids),
+                             dtype=torch.int64).cpu()
+    if tokens.dim() != 1:
+        raise ValueError(f"token_ids must be one sequence (1-D), got shape {tuple(tokens.shape)}")
     length = tokens.shape[0]
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         # windows[j] = tokens[j : j+n]; the last window (j = length - n) is the pattern itself, excluded
@@ -56,6 +67,8 @@ def propose_prompt_lookup(token_ids: Sequence[int] | torch.Tensor, num_speculati
             start = int(hits[-1]) + n  # most recent occurrence
             return tokens[start: start + num_speculative_tokens].tolist()
     return []
+    # <<< solution
+# <<< exercise
 
 
 def propose_prompt_lookup_batch(token_ids: Sequence[Sequence[int] | torch.Tensor], num_speculative_tokens: int,

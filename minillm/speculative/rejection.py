@@ -49,9 +49,6 @@ from minillm.layers.sampler import top_k_filter, top_p_filter
 
 # Fills the positions of a row after its last emitted token (vLLM's convention).
 PLACEHOLDER_TOKEN_ID = -1
-# A residual whose mass is below this is rounding noise of p == q: fall back to p. The error this allows is at most
-# the probability of reaching the residual at all, which equals that mass.
-_RESIDUAL_EPS = 1e-6
 
 
 @dataclass
@@ -124,15 +121,25 @@ def logits_to_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: to
     return torch.where(greedy.unsqueeze(-1), one_hot, probs).reshape(logits.shape)
 
 
+# >>> exercise ch09.residual_distribution
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) row by row: what to sample after rejecting a draft token. [R, V] -> [R, V].
 
-    A row where p == q (nothing left over) returns p: the rejection that leads here has probability 0 in exact
-    arithmetic, and p is the distribution to keep when it happens through rounding.
+    p is the target's distribution at the rejected position, q the draft's. After a rejection, the token must
+    come from where the target has more mass than the draft: max(0, p - q), renormalised to sum to 1. (That is
+    what makes the whole step exact: min(p, q) was already emitted through acceptance, the residual adds the rest.)
+    A row whose leftover mass is at most 1e-6 is rounding noise of p == q (the rejection that led here has
+    probability 0 in exact arithmetic): return p for that row instead of dividing by ~0.
+
+    Example: p [0.5, 0.3, 0.2], q [0.2, 0.6, 0.2] -> [1.0, 0.0, 0.0];  p == q -> p.
     """
+    # >>> solution
     residual = (p - q).clamp_min(0)
     mass = residual.sum(dim=-1, keepdim=True)
-    return torch.where(mass > _RESIDUAL_EPS, residual / mass.clamp_min(_RESIDUAL_EPS), p)
+    # The error the 1e-6 floor allows is at most the probability of reaching the residual at all: that same mass.
+    return torch.where(mass > 1e-6, residual / mass.clamp_min(1e-6), p)
+    # <<< solution
+# <<< exercise
 
 
 def draw_noise(num_draws: torch.Tensor, width: int, vocab: int, device: torch.device,
@@ -207,6 +214,39 @@ def emit_tokens(draft_token_ids: torch.Tensor, num_accepted: torch.Tensor, last:
     return SpecDecodeOutput(out, num_accepted)
 
 
+# >>> exercise ch09.greedy_verify
+def greedy_accept(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
+                  num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """Greedy verification of one step of drafts: the tokens each row appends, int64 [B, K+1].
+
+    target_token_ids [B, K+1]: the target's token at every scored position: column 0 after the last emitted
+    token, column i+1 after draft i. draft_token_ids [B, K]; num_draft_tokens [B] in [0, K]: positions
+    i >= num_draft_tokens[b] are padding and never accepted.
+    Accept drafts while each equals the target's token at its position; at the first mismatch emit the target's
+    token there instead, and stop. When all num_draft_tokens[b] drafts are accepted, the target's token after the
+    last one comes for free: the bonus token. So row b holds its accepted drafts, then exactly one token of the
+    target, then -1 (PLACEHOLDER_TOKEN_ID) to the end: every step emits between 1 and k_b + 1 tokens.
+
+    Example: target [[5, 7, 2, 9]], drafts [[5, 7, 3]], num_draft_tokens [3] -> [[5, 7, 2, -1]];
+             drafts [[5, 7, 2]] -> [[5, 7, 2, 9]] (9 is the bonus); num_draft_tokens [1] -> [[5, 7, -1, -1]].
+    """
+    # >>> solution
+    batch, width = draft_token_ids.shape
+    device = draft_token_ids.device
+    positions = torch.arange(width, device=device)
+    valid = positions < num_draft_tokens.to(device).unsqueeze(-1)
+    match = (draft_token_ids == target_token_ids[:, :width]) & valid
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # length of the all-matching prefix
+    out = torch.full((batch, width + 1), -1, dtype=torch.int64, device=device)
+    out[:, :width] = torch.where(positions < num_accepted.unsqueeze(-1), draft_token_ids.long(), -1)
+    # the target's token right after the accepted prefix: the correction, or the bonus after a full acceptance
+    out[torch.arange(batch, device=device), num_accepted] = target_token_ids.long().gather(
+        1, num_accepted.unsqueeze(-1)).squeeze(-1)
+    return out
+    # <<< solution
+# <<< exercise
+
+
 def greedy_verify(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
                   num_draft_tokens: torch.Tensor | None = None) -> SpecDecodeOutput:
     """Temperature 0: accept drafts while they equal the target's argmax; then emit the argmax where they first differ
@@ -221,11 +261,33 @@ def greedy_verify(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
         raise ValueError(f"target_token_ids must be [B, K+1], "
                          f"got {getattr(target_token_ids, 'shape', target_token_ids)!r}")
     batch, width = target_token_ids.shape[0], target_token_ids.shape[1] - 1
-    num_draft_tokens, valid = _check_drafts(draft_token_ids, num_draft_tokens, batch, width, None)
-    match = (draft_token_ids == target_token_ids[:, :width]) & valid
-    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # length of the all-matching prefix
-    last = target_token_ids.gather(1, num_accepted.unsqueeze(-1)).squeeze(-1)
-    return emit_tokens(draft_token_ids, num_accepted, last)
+    num_draft_tokens, _ = _check_drafts(draft_token_ids, num_draft_tokens, batch, width, None)
+    token_ids = dispatch("ch09.greedy_verify", greedy_accept)(target_token_ids, draft_token_ids, num_draft_tokens)
+    return SpecDecodeOutput(token_ids, (token_ids != PLACEHOLDER_TOKEN_ID).sum(dim=1) - 1)
+
+
+# >>> exercise ch09.accept_reject
+def accept_reject(p_x: torch.Tensor, q_x: torch.Tensor, uniforms: torch.Tensor,
+                  num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """The accept test of speculative sampling: how many drafts each row keeps. [B, K] -> int64 [B].
+
+    p_x[b, i] is the target's probability of row b's i-th draft token x_i, q_x[b, i] the draft's (the
+    distribution x_i was sampled from; 1.0 for a deterministic proposal), uniforms[b, i] a U[0, 1) draw.
+    Accept x_i with probability min(1, p(x_i) / q(x_i)): accepted exactly when uniforms < p_x / q_x, which is
+    uniforms * q_x < p_x without the division (q > 0 at every real draft). The drafts form a chain: draft i
+    counts only when drafts 0..i-1 were all accepted, so the answer is the length of the accepted prefix.
+    Positions i >= num_draft_tokens[b] are padding (any values) and never accepted.
+
+    Example: p_x [[0.5, 0.9, 0.2]], q_x [[1.0, 0.6, 0.1]], uniforms [[0.4, 0.7, 0.0]], num_draft_tokens [2] -> [2]
+    (0.4 < 0.5 / 1.0, 0.7 < 0.9 / 0.6, the third is padding); uniforms [[0.6, 0.0, 0.0]] -> [0].
+    """
+    # >>> solution
+    width = p_x.shape[1]
+    valid = torch.arange(width, device=p_x.device) < num_draft_tokens.to(p_x.device).unsqueeze(-1)
+    accepted = (uniforms * q_x < p_x) & valid
+    return accepted.long().cumprod(dim=1).sum(dim=1)  # stop at the first rejection
+    # <<< solution
+# <<< exercise
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, draft_token_ids: torch.Tensor,
@@ -264,9 +326,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | Non
             raise ValueError(f"draft token {int(x[b, i])} at row {b} position {i} has draft probability "
                              f"{float(q_x[b, i])}: drafts must be sampled from draft_probs (q(x) > 0)")
     uniforms, race = draw_noise(num_draft_tokens, width, vocab, p.device, generators, default_generator)
-    # accept with probability min(1, p/q): u < p/q, written without the division (u in [0, 1), q > 0)
-    accepted = (uniforms * q_x < p_x) & valid
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
+    num_accepted = dispatch("ch09.accept_reject", accept_reject)(p_x, q_x, uniforms, num_draft_tokens)
     # The one extra token: the residual at the first rejection, or p itself at the bonus position, which is the
     # residual against q = 0. One code path for both.
     p_last = p[rows, num_accepted]
@@ -278,7 +338,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | Non
         else:
             q_last = draft_probs[rows, at].float()
         q_last = q_last * (num_accepted < num_draft_tokens).unsqueeze(-1)
-    last = (residual_distribution(p_last, q_last) / race).argmax(dim=-1)
+    residual = dispatch("ch09.residual_distribution", residual_distribution)(p_last, q_last)
+    last = (residual / race).argmax(dim=-1)
     return emit_tokens(draft_token_ids.long(), num_accepted, last)
 
 

@@ -37,14 +37,24 @@ from dataclasses import dataclass
 
 import torch
 
+from minillm.hooks import dispatch
 from minillm.speculative.rejection import SpecDecodeOutput, draw_noise, emit_tokens
 
 
+# >>> exercise ch09.tree_attention_mask
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
-    """bool [N, N]: mask[i, j] is True when node j is node i or one of its ancestors (parents[root] = -1).
+    """bool [N, N]: mask[i, j] is True when node j is node i itself or one of its ancestors.
 
-    Pointer jumping: every node walks one step up per iteration, all nodes at once, max-depth iterations in total.
+    parents: int64 [N], the flattened tree, parents before children: parents[0] == -1 (the root) and
+    0 <= parents[i] < i for every other node (TokenTree.from_parents checks this). Node i may attend to the
+    nodes on its own root path and nothing else: not its siblings (alternatives for the same position), not
+    its cousins, not its descendants. Each node is then scored as if its path were the only continuation.
+
+    Example: parents [-1, 0, 0, 1] (root, two children, a grandchild under node 1) ->
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]];  a chain [-1, 0, 1] -> the causal mask.
     """
+    # >>> solution
+    # Every node walks one step up its path per iteration, all nodes at once: max-depth iterations in total.
     n = parents.shape[0]
     rows = torch.arange(n, device=parents.device)
     mask = torch.eye(n, dtype=torch.bool, device=parents.device)
@@ -54,6 +64,8 @@ def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
         mask[rows[up], ancestor[up]] = True
         ancestor = torch.where(up, parents[ancestor.clamp(min=0)], ancestor)
     return mask
+    # <<< solution
+# <<< exercise
 
 
 def prefix_tree_attention_mask(tree_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -105,7 +117,7 @@ class TokenTree:
         for i in range(1, n):  # parents come first, so one pass suffices
             depths[i] = depths[parents[i]] + 1
         ranks_t = torch.zeros(n, dtype=torch.int64) if ranks is None else torch.as_tensor(ranks, dtype=torch.int64)
-        return cls(parents, depths, ranks_t, tree_attention_mask(parents))
+        return cls(parents, depths, ranks_t, dispatch("ch09.tree_attention_mask", tree_attention_mask)(parents))
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TokenTree":
@@ -128,14 +140,37 @@ class TokenTree:
         if head_topk_ids.dim() != 3 or head_topk_ids.shape[0] != root_token_ids.shape[0]:
             raise ValueError(f"head_topk_ids must be [B, num_heads, topk] with B = {root_token_ids.shape[0]}, "
                              f"got {tuple(head_topk_ids.shape)}")
-        batch, heads, topk = head_topk_ids.shape
+        _, heads, topk = head_topk_ids.shape
         if heads < self.max_depth or topk <= int(self.ranks.max()):
             raise ValueError(f"this tree needs >= {self.max_depth} heads and top-{int(self.ranks.max()) + 1}, "
                              f"got {heads} heads of top-{topk}")
-        device = head_topk_ids.device
-        flat = ((self.depths[1:] - 1) * topk + self.ranks[1:]).to(device)
-        drafts = head_topk_ids.reshape(batch, heads * topk).gather(1, flat.expand(batch, -1))
-        return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
+        build = dispatch("ch09.medusa_candidates", medusa_candidates)
+        return build(root_token_ids, head_topk_ids, self.depths, self.ranks)
+
+
+# >>> exercise ch09.medusa_candidates
+def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor, depths: torch.Tensor,
+                      ranks: torch.Tensor) -> torch.Tensor:
+    """The tokens of a Medusa tree for a batch, int64 [B, N]: what one verify step scores.
+
+    root_token_ids [B]: the token the target just emitted; it sits at node 0. head_topk_ids [B, H, topk]: head
+    h's top-k guesses (best first) for the token h + 1 positions after the root (head 0 guesses the next token).
+    depths, ranks [N]: node i sits at depth depths[i] (the root at 0) and is its head's ranks[i]-th choice, so
+    its token is head_topk_ids[b, depths[i] - 1, ranks[i]]. (A node's ancestors hold the rest of its path: a
+    node's own token depends only on its depth and rank.)
+
+    Example: root [9], head_topk_ids [[[4, 5], [6, 7]]], the tree of paths (0,), (1,), (0, 0), (0, 1):
+        depths [0, 1, 1, 2, 2], ranks [0, 0, 1, 0, 1] -> [[9, 4, 5, 6, 7]].
+    """
+    # >>> solution
+    batch, heads, topk = head_topk_ids.shape
+    device = head_topk_ids.device
+    # node i's token is entry (depth - 1) * topk + rank of the flattened [H * topk] guesses
+    flat = ((depths[1:] - 1) * topk + ranks[1:]).to(device)
+    drafts = head_topk_ids.reshape(batch, heads * topk).gather(1, flat.expand(batch, -1))
+    return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
+    # <<< solution
+# <<< exercise
 
 
 def token_tree_from_candidates(root_token_id: int,
