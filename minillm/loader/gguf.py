@@ -126,11 +126,17 @@ class GGUFFile:
         cur = _Cursor(memoryview(self._data), self.path)
         self.version, tensor_count, kv_count = self._read_header(cur)
         self.metadata: dict[str, Any] = {}
+        # key -> (value type, element type of an array or None): what a writer needs to copy a key unchanged
+        self.metadata_types: dict[str, tuple[int, int | None]] = {}
         for i in range(kv_count):
             key = cur.string(f"metadata key #{i}")
             if key in self.metadata:
                 raise GGUFError(f"{self.path}: metadata key {key!r} appears twice (corrupt file)")
-            self.metadata[key] = cur.value(cur.scalar("<I", f"the type of metadata {key!r}"), f"metadata {key!r}")
+            vtype = cur.scalar("<I", f"the type of metadata {key!r}")
+            start = cur.pos
+            self.metadata[key] = cur.value(vtype, f"metadata {key!r}")  # checks the bytes are there
+            etype = struct.unpack_from("<I", cur.buf, start)[0] if vtype == _ARRAY else None
+            self.metadata_types[key] = (vtype, etype)
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if isinstance(self.alignment, bool) or not isinstance(self.alignment, int) or self.alignment < 1 or \
                 self.alignment & (self.alignment - 1):
