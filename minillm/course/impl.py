@@ -60,6 +60,19 @@ FORBIDDEN: dict[str, dict[str, str]] = {
                              "torch.rms_norm": "write the normalisation in the kernel",
                              "minillm.kernels.fused.rms_norm": "the engine's kernel; write your own",
                              "minillm.kernels.fused.rms_norm_kernel": "the engine's reference"},
+    "ch07.quantize_per_group": {"torch.quantize_per_channel": "compute the grid yourself",
+                                "torch.fake_quantize_per_channel_affine": "compute the grid yourself",
+                                "minillm.quant.rtn.quantize": "the engine's RTN", "minillm.quant.rtn.compute_qparams":
+                                "the engine's RTN"},
+    "ch07.dequantize_per_group": {"minillm.quant.rtn.dequantize": "the engine's reference"},
+    "ch07.fp8_scale": {"minillm.quant.fp8.quantize_fp8": "the engine's reference",
+                       "minillm.quant.fp8.quantize_fp8_per_token": "the engine's reference"},
+    "ch07.smoothquant_scale": {"minillm.quant.smoothquant.smoothing_factors": "the engine's reference"},
+    "ch07.dequant_q4_1": {"gguf.quants.dequantize": "the gguf package's dequantizer; unpack the bytes yourself"},
+    "ch07.dequant_q4_k": {"gguf.quants.dequantize": "the gguf package's dequantizer; unpack the bytes yourself"},
+    "ch08.int4_unpack_kernel": {"torch._weight_int4pack_mm": "write the unpack in the kernel",
+                                "minillm.kernels.int4_gemm.int4_gemm": "the engine's kernel",
+                                "minillm.kernels.int4_layout.dequantize_int4": "the engine's reference dequantizer"},
 }
 
 
