@@ -87,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         backend = rotary_emb.backend
         self.self_attn = LlamaAttention(config, rotary_emb, quant_config, prefix=f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, backend, quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = self.build_mlp(config, backend, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend)
 
@@ -103,8 +103,15 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
+    def build_mlp(self, config: ModelConfig, backend: str, quant_config: QuantizationConfig | None,
+                  prefix: str) -> nn.Module:
+        """The feed-forward sub-block; a sparse MoE model (minillm.models.moe) returns its expert block here."""
+        return LlamaMLP(config, backend, quant_config, prefix=prefix)
+
 
 class LlamaModel(nn.Module):
+    layer_class = LlamaDecoderLayer  # a variant of the decoder (Mixtral) swaps in its own layer
+
     def __init__(self, config: ModelConfig, backend: str = "auto",
                  quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
@@ -117,7 +124,7 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      base=config.rope_theta, rope_scaling=config.rope_scaling, backend=backend)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
+            self.layer_class(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, backend=backend) if pp.is_last_stage \
             else PPMissingLayer()
@@ -150,12 +157,14 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    model_class = LlamaModel  # the decoder stack (minillm.models.moe swaps in Mixtral's)
+
     def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         self._backend = check_backend(backend)
         self.quant_config = make_quant_config(config)  # None: dense; one per model, asked once per Linear
-        self.model = LlamaModel(config, backend, self.quant_config)
+        self.model = self.model_class(config, backend, self.quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if self.model.is_last_stage \
             else PPMissingLayer()
         if config.tie_word_embeddings and self.model.is_last_stage:
