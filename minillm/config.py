@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+
+# The KV cache's element type, as vLLM spells it: "auto" is the model's dtype, "fp8"/"fp8_e4m3" float8_e4m3fn
+# with a scale per layer and kv head (minillm.layers.kv_quant, minillm.engine.kv_scales)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -36,6 +40,10 @@ class ModelConfig:
     # and the checkpoint's `quantization_config` dict that the method's QuantizationConfig.from_config reads.
     quantization: str | None = None
     quantization_config: dict[str, Any] | None = None
+    # Sparse mixture of experts (Mixtral, chapter 11): every MLP is num_local_experts SwiGLU experts of
+    # intermediate_size each, and a router that sends each token to num_experts_per_tok of them. 0: dense.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -77,12 +85,25 @@ class ModelConfig:
             if any(t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0) for t in ids):
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer (or a list of them) or None, "
                                  f"got {getattr(self, name)!r}")
+        self._check_experts()
         if self.quantization is not None:
             from minillm.quant.base import check_quantization_name  # lazy: quant imports torch
             check_quantization_name(self.quantization)
         if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
             raise TypeError(f"ModelConfig.quantization_config must be a dict or None, "
                             f"got {type(self.quantization_config).__name__}")
+
+    def _check_experts(self) -> None:
+        for name in ("num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+        if (self.architecture == "mixtral") != (self.num_local_experts > 0):
+            raise ValueError(f"architecture {self.architecture!r} with num_local_experts={self.num_local_experts}: "
+                             f"'mixtral' needs num_local_experts >= 1 and the dense architectures 0")
+        if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, num_local_experts="
+                             f"{self.num_local_experts}], got {self.num_experts_per_tok}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -98,7 +119,8 @@ class ModelConfig:
         """Parameter count (embeddings counted once when tied)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i * max(1, self.num_local_experts) + h * self.num_local_experts  # experts + router
+        per_layer = h * (q + 2 * kv) + q * h + mlp + 2 * h
         if self.attention_bias:
             per_layer += q + 2 * kv
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -123,6 +145,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit pool size (CPU); else sized from kv_cache_memory / GPU profiling
     kv_cache_memory: int | None = None  # bytes for the KV pool on CPU
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: "fp8" stores K/V in one byte (2x the blocks of bf16)
     # Scheduling (chapter 6)
     scheduling: str = "continuous"  # "continuous" | "static"
     preemption_mode: str = "recompute"  # "recompute" | "swap"
@@ -141,6 +164,13 @@ class EngineConfig:
     # Parallelism (chapter 11): ranks per tensor-parallel group x pipeline stages = worker processes
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Expert parallelism (chapter 11, MoE models): expert_parallel_size worker processes, each holding
+    # num_local_experts / expert_parallel_size experts of every MoE layer; attention replicated on each (so not
+    # combined with tensor/pipeline parallelism). vLLM spells it enable_expert_parallel=True on top of its TP
+    # ranks; one explicit size says how many processes start. moe_capacity_factor: None keeps every token;
+    # a number c drops the tokens an expert receives beyond ceil(c * tokens * top_k / num_experts) (Switch).
+    expert_parallel_size: int = 1
+    moe_capacity_factor: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +179,7 @@ class EngineConfig:
             "scheduling": ("continuous", "static"),
             "preemption_mode": ("recompute", "swap"),
             "attention_backend": ("auto", "torch", "reference", "triton"),
+            "kv_cache_dtype": KV_CACHE_DTYPES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -159,7 +190,7 @@ class EngineConfig:
                                     ("max_num_batched_tokens", 1, False), ("block_size", 1, False),
                                     ("num_kv_blocks", 1, True), ("kv_cache_memory", 1, True),
                                     ("swap_space", 0, False), ("tensor_parallel_size", 1, False),
-                                    ("pipeline_parallel_size", 1, False)):
+                                    ("pipeline_parallel_size", 1, False), ("expert_parallel_size", 1, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue
@@ -169,8 +200,19 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "enforce_eager"):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")
+        if self.expert_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(f"expert_parallel_size={self.expert_parallel_size} runs attention replicated on every "
+                             f"rank; combine it with tensor_parallel_size=1 and pipeline_parallel_size=1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        factor = self.moe_capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not 0 < factor < float("inf")):
+            raise ValueError(f"EngineConfig.moe_capacity_factor must be None or a finite number > 0, got {factor!r}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or \
                 not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)
+        if self.kv_cache_dtype != "auto" and self.pipeline_parallel_size > 1:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs pipeline_parallel_size=1 (its scales are "
+                             f"calibrated by one forward of the whole model), got {self.pipeline_parallel_size}")
