@@ -32,6 +32,15 @@ the sequence, query head r % G of the group, and each row sees the keys up to it
 the q_len new tokens: query j of a sequence of seq_len tokens sees positions < seq_len - q_len + j + 1). The K/V
 tiles are still read once for all of them, so verifying k drafts costs about what one decode step costs.
 
+Token trees (tree speculation, minillm/speculative/tree_verify.py). A tree's nodes are the new tokens of their
+sequence, but node i may see only its ancestors, not every earlier node. `tree_mask` gives each query row an
+int64 ancestor bitmask over its sequence's new tokens (bit j: new token j is visible; a tree has at most 64 nodes),
+read once per program and tested per key with one shift: `(mask >> j) & 1`. Rows of sequences without a tree carry
+-1 (every bit), which leaves the causal rule alone. Trees of a batch differ in size, so with `cu_seqlens_q` each
+sequence takes its own query length (rows beyond it are masked) and Q_LEN is only the largest; up to 64 queries x
+G heads may not fit one program's registers, so the rows are cut into tiles of BLOCK_G (a third grid axis shared
+with the splits).
+
 FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
 x_q = x / scale. The scales are constant along the keys, so they are applied once, not per element:
 k_scale folds into the softmax scale, and v_scale multiplies the output accumulator at the end.
@@ -50,36 +59,48 @@ from minillm.kernels.fused import per_head_scale
 
 _LOG2E = 1.4426950408889634
 MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step of up to 15 drafts
+MAX_TREE_QUERY_LEN = 64  # with a tree_mask: one int64 ancestor bitmask per node bounds a tree at 64 nodes
 
 
 @triton.jit
 def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SCALE, V_SCALE, O_PART, LSE_PART,
-                               OUT, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                               OUT, CU_SEQLENS_Q, TREE_MASK, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                                stride_ob, stride_oh, qk_scale, num_splits,
                                QUERY_GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_G: tl.constexpr,
                                HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                               HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+                               HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                               VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2) % num_splits
+    row_tile = tl.program_id(2) // num_splits  # which BLOCK_G rows of the Q_LEN x QUERY_GROUP query rows
     seq_len = tl.load(SEQ_LENS + batch)
     # This program's share of the keys: a contiguous range, a whole number of BLOCK_N tiles long.
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
-    offs_g = tl.arange(0, BLOCK_G)  # row r: query r // QUERY_GROUP of this sequence, head r % QUERY_GROUP
+    offs_g = row_tile * BLOCK_G + tl.arange(0, BLOCK_G)  # row r: query r // QUERY_GROUP, head r % QUERY_GROUP
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     query = offs_g // QUERY_GROUP
     heads = kv_head * QUERY_GROUP + offs_g % QUERY_GROUP  # the query heads that share this kv head
-    tokens = batch * Q_LEN + query  # the row of q / out holding this query
-    g_ok = offs_g < Q_LEN * QUERY_GROUP
+    if VARLEN:  # this sequence's own number of queries, packed after the previous sequence's
+        q_start = tl.load(CU_SEQLENS_Q + batch).to(tl.int64)
+        q_len = tl.load(CU_SEQLENS_Q + batch + 1) - tl.load(CU_SEQLENS_Q + batch)
+    else:
+        q_start = batch * Q_LEN
+        q_len = Q_LEN
+    tokens = q_start + query  # the row of q / out holding this query
+    g_ok = (offs_g < Q_LEN * QUERY_GROUP) & (query < q_len)
     d_ok = offs_d < HEAD_DIM
-    # causal within the new tokens: query j is at position seq_len - Q_LEN + j and sees keys up to it
-    visible = seq_len - Q_LEN + query + 1
+    # causal within the new tokens: query j is at position seq_len - q_len + j and sees keys up to it
+    first_new = seq_len - q_len
+    visible = first_new + query + 1
+    if HAS_TREE:  # int64 ancestor bitmask of each row over the new tokens (-1: plain causal)
+        tree_bits = tl.load(TREE_MASK + tokens, mask=g_ok, other=-1)
     q = tl.load(Q + tokens[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -104,7 +125,12 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         k = k.to(q.dtype)  # fp8 caches are widened here; a no-op otherwise
         v = v.to(q.dtype)
         s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
-        s = tl.where(valid[None, :] & (pos[None, :] < visible[:, None]), s, float("-inf"))
+        keep = valid[None, :] & (pos[None, :] < visible[:, None])
+        if HAS_TREE:  # a new token (pos >= first_new) is seen only by the rows whose bitmask holds its bit
+            bit = tl.minimum(tl.maximum(pos - first_new, 0), 63).to(tl.int64)
+            in_tree = ((tree_bits[:, None] >> bit[None, :]) & 1) != 0
+            keep = keep & ((pos[None, :] < first_new) | in_tree)
+        s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row may see no key of this tile yet (an early query, a late tile): keep exp2 away from -inf - -inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,7 +194,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
                            num_splits: int | None = None, k_scale=None, v_scale=None,
-                           q_len: int = 1) -> torch.Tensor:
+                           q_len: int = 1, cu_seqlens_q: torch.Tensor | None = None,
+                           tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -177,20 +204,34 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     seq_lens int32 [B] (each >= q_len and <= max_blocks * block_size; not checked on the device, to avoid a
     sync). num_splits=None picks one from the batch, the table width and the SM count. k_scale/v_scale:
     dequantisation scales of an FP8 cache.
+
+    Token trees and mixed query lengths: with cu_seqlens_q (int32 [B+1]) sequence b owns rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1 and q_len is only an upper bound of every sequence's count. tree_mask
+    (int64 [num_tokens]): per query row, the ancestor bitmask over its sequence's new tokens (bit j: new token j
+    is visible; -1 keeps plain causal attention). Either one allows q_len up to MAX_TREE_QUERY_LEN.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
                          f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    if isinstance(q_len, bool) or not isinstance(q_len, int) or not 1 <= q_len <= MAX_QUERY_LEN:
-        raise ValueError(f"q_len must be an int in [1, {MAX_QUERY_LEN}], got {q_len!r}")
+    varlen = cu_seqlens_q is not None or tree_mask is not None
+    limit = MAX_TREE_QUERY_LEN if varlen else MAX_QUERY_LEN
+    if isinstance(q_len, bool) or not isinstance(q_len, int) or not 1 <= q_len <= limit:
+        raise ValueError(f"q_len must be an int in [1, {limit}], got {q_len!r}")
     num_tokens, num_heads, head_dim = q.shape
     batch = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (batch + 1,)):
+        raise ValueError(f"cu_seqlens_q must be int32 [B + 1] = [{batch + 1}], got {cu_seqlens_q.dtype} "
+                         f"{tuple(cu_seqlens_q.shape)}")
+    if tree_mask is not None and (tree_mask.dtype != torch.int64 or tree_mask.shape != (num_tokens,)):
+        raise ValueError(f"tree_mask must be int64 [num_tokens] = [{num_tokens}], got {tree_mask.dtype} "
+                         f"{tuple(tree_mask.shape)}")
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or head_dim > 256:
         raise ValueError(f"head_dim must match and be <= 256, got q {head_dim}, cache {cache_dim}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if batch * q_len != num_tokens or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+    rows_ok = num_tokens <= batch * q_len if cu_seqlens_q is not None else batch * q_len == num_tokens
+    if not rows_ok or block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"need q [B * q_len = B * {q_len}, H, D], block_tables [B, max_blocks] and seq_lens [B], "
                          f"got q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)}, seq_lens "
                          f"{tuple(seq_lens.shape)}")
@@ -228,15 +269,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # partial outputs [B * q_len, H, splits, D] and their lse [B * q_len, H, splits] (unused with one split)
     part_strides = (0, 0, 0, 0, 0) if single else (o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                                    lse_part.stride(0), lse_part.stride(1))
-    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    rows = group * q_len
+    block_g = max(16, triton.next_power_of_2(rows))
+    if varlen:  # round Q_LEN up (fewer compiled variants) and cap a program's rows (registers): a tile axis
+        q_len = triton.next_power_of_2(q_len) if cu_seqlens_q is not None else q_len
+        block_g = min(max(16, triton.next_power_of_2(group * q_len)), 64)
+        rows = group * q_len
+    row_tiles = triton.cdiv(rows, block_g)
+    placeholder = seq_lens  # a pointer the kernel never reads when VARLEN / HAS_TREE are off
+    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
+        placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
         out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
-        QUERY_GROUP=group, Q_LEN=q_len, BLOCK_G=max(16, triton.next_power_of_2(group * q_len)),
+        QUERY_GROUP=group, Q_LEN=q_len, BLOCK_G=block_g,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
-        UPCAST=interp and q.dtype != torch.float32, num_warps=4, num_stages=1 if interp else 3)
+        UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
+        num_warps=4, num_stages=1 if interp else 3)
     if not single:
         _merge_splits_kernel[(num_tokens, num_heads)](
             o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,

@@ -52,6 +52,12 @@ class AttentionMetadata:
     # Filled by the first layer that needs it, then reused by every other layer of the same step: the flat cache
     # slots of each sequence's keys, packed, and their prefix sums (see layers/attention.py: gather_kv_packed).
     context_kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Token-tree verify steps (chapter 9, minillm/layers/tree_attention.py): int64 [T], per query token an ancestor
+    # bitmask over its sequence's new tokens (bit j: new token j visible; -1: plain causal). None: no tree.
+    tree_mask: torch.Tensor | None = None
+    # filled by the first layer of a tree step that needs it: (seq indices, rows, cu_seqlens_q, max q_len) of the
+    # sequences short enough for the tree-masked paged kernel
+    tree_rows: tuple | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -31,6 +31,13 @@ decided per call from the tensor's device. The Triton attention path, chapters 3
   runs with cu_seqlens_k = prefix sums of seq_lens; its bottom-right causal alignment is exactly what a
   chunk needs. It costs one extra copy of the context's K/V per layer (vLLM avoids it with a paged prefill
   kernel); it is correct for every batch shape, which is what this path is for.
+
+FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
+new keys and values are quantised in torch (x / scale, saturated, cast) before the store, and every read
+dequantises: the paged decode kernel widens fp8 in registers and applies the scales per tile; the gathered
+context of a chunk or prefix hit, and the torch path's per-sequence gather, are dequantised to q's dtype after
+the gather. A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does);
+only what is read back from the cache carries the fp8 rounding.
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ import torch.nn.functional as F
 from minillm.forward_context import AttentionMetadata, get_forward_context, prefill_metadata
 from minillm.hooks import dispatch
 from minillm.layers.backend import OperatorModule, use_triton
+from minillm.layers.kv_quant import dequantize_kv, quantize_kv
+from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
 
 # >>> exercise ch02.causal_mask
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -68,11 +77,12 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                        causal: bool = True) -> torch.Tensor:
+                        causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for ONE sequence, written out plainly.
 
     q: [q_len, H, D], k, v: [kv_len, KVH, D] with H a multiple of KVH -> [q_len, H, D] in q's dtype.
-    Scores and softmax are fp32; the causal mask is bottom-right aligned (see `causal_mask`).
+    Scores and softmax are fp32; the causal mask is bottom-right aligned (see `causal_mask`). `mask` (bool
+    [q_len, kv_len], True = visible) replaces it: a token tree's (minillm/layers/tree_attention.py).
     """
     q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[0], k.shape[1]
@@ -84,7 +94,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     k = k.repeat_interleave(rep, dim=1).float()
     v = v.repeat_interleave(rep, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [H, q_len, kv_len]
-    if causal:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:
         mask = dispatch("ch02.causal_mask", causal_mask)(q_len, kv_len, device=q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # subtracts the row max internally: no overflow
@@ -92,12 +104,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                   causal: bool = True) -> torch.Tensor:
+                   causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `attention_reference`, through torch's fused scaled_dot_product_attention."""
     q_len, num_heads, _ = q.shape
     kv_len, num_kv_heads = k.shape[0], k.shape[1]
     rep = num_heads // num_kv_heads
-    mask = dispatch("ch02.causal_mask", causal_mask)(q_len, kv_len, device=q.device) if causal else None
+    if mask is None and causal:
+        mask = dispatch("ch02.causal_mask", causal_mask)(q_len, kv_len, device=q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.repeat_interleave(rep, dim=1).transpose(0, 1),
         v.repeat_interleave(rep, dim=1).transpose(0, 1), attn_mask=mask, scale=scale)
@@ -105,10 +118,14 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values [T, KVH, D] to their slots of the paged cache; slot -1 means "don't store"."""
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write new keys/values [T, KVH, D] to their slots of the paged cache; slot -1 means "don't store".
+    With k_scale/v_scale (fp32 [KVH], an fp8 cache) the values stored are quantize_kv(x, scale)."""
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [T] = [{k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
+    if k_scale is not None:
+        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -188,6 +205,9 @@ class Attention(OperatorModule):
         # Plain attributes, not buffers: the cache belongs to the engine's memory pool, not to the weights.
         self.k_cache = torch.tensor([])
         self.v_cache = torch.tensor([])
+        # An fp8 cache's dequantisation scales, fp32 [num_kv_heads] each (views into the engine's KVCache.scales)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._check_shapes(q, k, v)
@@ -201,9 +221,11 @@ class Attention(OperatorModule):
         if use_triton(self.backend, q):
             return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
         if use_cache:
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
         read_cache = use_cache and meta.block_tables is not None
+        if self.k_scale is not None and q_lens == seq_lens:  # fp8: a plain prefill uses its exact k/v, as triton
+            read_cache = False
         if not read_cache and q_lens != seq_lens:
             raise ValueError("sequences with cached context (q_len < seq_len) need a KV cache and block_tables; "
                              f"got query lens {q_lens}, seq lens {seq_lens}")
@@ -217,9 +239,15 @@ class Attention(OperatorModule):
             if read_cache:
                 k_seq = gather_kv(self.k_cache, meta.block_tables[i], seq_len)
                 v_seq = gather_kv(self.v_cache, meta.block_tables[i], seq_len)
+                if self.k_scale is not None:
+                    k_seq = dequantize_kv(k_seq, self.k_scale, q.dtype)
+                    v_seq = dequantize_kv(v_seq, self.v_scale, q.dtype)
             else:
                 k_seq, v_seq = k[start:end], v[start:end]
-            outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale))
+            # a token tree's rows see their ancestors only (chapter 9); -1 rows keep the causal mask
+            tree = meta.tree_mask is not None and q_len <= MAX_TREE_NODES  # longer: a prefill, never a tree
+            mask = tree_visibility(meta.tree_mask[start:end], seq_len) if tree else None
+            outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end
         return torch.cat(outputs, dim=0)
 
@@ -230,13 +258,23 @@ class Attention(OperatorModule):
         from minillm.kernels.flash_attention import flash_attn_varlen
         from minillm.kernels.paged_attention import paged_decode_attention
 
-        if use_cache:
+        if use_cache and self.k_scale is not None:  # fp8: quantise in torch, the kernel moves the bytes
+            store_kvcache_kernel(quantize_kv(k, self.k_scale).view(torch.uint8),
+                                 quantize_kv(v, self.v_scale).view(torch.uint8), self.k_cache.view(torch.uint8),
+                                 self.v_cache.view(torch.uint8), meta.slot_mapping)
+        elif use_cache:
             store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         read_cache = use_cache and meta.block_tables is not None
-        decode_q_len = meta.decode_query_len if read_cache else None
+        tree = meta.tree_mask is not None
+        if tree and not read_cache:
+            raise ValueError("a token-tree step (tree_mask) needs a KV cache and block_tables")
+        if tree and max(q_lens) <= MAX_TREE_NODES:  # trees, chains and decodes: one tree-masked paged launch
+            return paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale)
+        decode_q_len = meta.decode_query_len if read_cache and not tree else None
         if decode_q_len is not None:  # a decode step, or a verify step with the same number of drafts per sequence
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                          softmax_scale=self.scale, q_len=decode_q_len)
+                                          softmax_scale=self.scale, q_len=decode_q_len, k_scale=self.k_scale,
+                                          v_scale=self.v_scale)
         cu_seqlens_q = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
         if q_lens == seq_lens:  # nothing cached before these tokens: attend to the fresh k/v directly
             return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_q,
@@ -247,8 +285,13 @@ class Attention(OperatorModule):
         if any(not 1 <= ql <= sl for ql, sl in zip(q_lens, seq_lens)):
             raise ValueError(f"need 1 <= q_len <= seq_len for every sequence, got {q_lens} and {seq_lens}")
         k_all, v_all, cu_seqlens_k = gather_kv_packed(self.k_cache, self.v_cache, meta, seq_lens)
-        return flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
-                                 causal=True, softmax_scale=self.scale)
+        if self.k_scale is not None:
+            k_all, v_all = dequantize_kv(k_all, self.k_scale, q.dtype), dequantize_kv(v_all, self.v_scale, q.dtype)
+        out = flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
+                                causal=True, softmax_scale=self.scale)
+        if tree:  # a prefill shares the step with trees: their rows again, tree-masked
+            out = paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale, out=out)
+        return out
 
     def _check_shapes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         expected_q = (q.shape[0], self.num_heads, self.head_dim)

@@ -76,6 +76,23 @@ def prefix_tree_attention_mask(tree_mask: torch.Tensor, prefix_len: int) -> torc
     return torch.cat([prefix, tree_mask], dim=1)
 
 
+MAX_TREE_NODES = 64  # the engine's attention kernels take one int64 ancestor bitmask per node
+
+
+def ancestor_bitmasks(tree_mask: torch.Tensor) -> list[int]:
+    """The rows of a bool [N, N] tree mask as N signed 64-bit integers (bit j set when node j is visible), the
+    form the engine's attention takes (minillm/layers/tree_attention.py). N <= 64; bit 63 makes the integer
+    negative, as an int64 holds it."""
+    n = tree_mask.shape[0]
+    if tree_mask.shape != (n, n) or not 1 <= n <= MAX_TREE_NODES:
+        raise ValueError(f"tree_mask must be [N, N] with 1 <= N <= {MAX_TREE_NODES}, got {tuple(tree_mask.shape)}")
+    masks = []
+    for row in tree_mask.tolist():
+        value = sum(1 << j for j, seen in enumerate(row) if seen)
+        masks.append(value - (1 << 64) if value >= 1 << 63 else value)
+    return masks
+
+
 @dataclass(frozen=True)
 class TokenTree:
     """A flattened tree of num_nodes positions, node 0 the root, parents before children.
