@@ -1,6 +1,6 @@
 """Loading a Hugging Face model directory: config.json + safetensors shards (chapter 1).
 
-This is what a user with a GPU brings: a Llama 2/3, Mistral, Qwen2 or SmolLM checkpoint as
+This is what a user with a GPU brings: a Llama 2/3, Mistral, Qwen2, Mixtral or SmolLM checkpoint as
 `save_pretrained` writes it. The weights are already under the names our model expects and already
 in rotate-half RoPE order, so unlike GGUF there is nothing to rename or permute; the work is reading
 the config (in both the transformers-4 spelling, `rope_theta` + `rope_scaling`, and the
@@ -23,7 +23,7 @@ from minillm.config import ModelConfig
 from minillm.loader.model_files import check_weight_shapes
 from minillm.quant.base import check_quantization_name
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and SmolLM2 are model_type "llama"
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")  # SmolLM and SmolLM2 are model_type "llama"
 # Tensors that some checkpoints carry but the model recomputes or does not need.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -68,7 +68,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     theta, scaling = _rope(raw, source)
     max_pos = raw.get("max_position_embeddings", 4096)
     window = raw.get("sliding_window")
-    use_window = raw.get("use_sliding_window", model_type == "mistral")
+    use_window = raw.get("use_sliding_window", model_type in ("mistral", "mixtral"))
     if use_window and _is_int(window) and _is_int(max_pos) and 0 < window < max_pos:
         # Sliding-window attention equals full attention while the sequence fits in the window; we
         # implement only full attention, so we cap the context there instead of silently diverging.
@@ -95,6 +95,9 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             eos_token_id=raw.get("eos_token_id"),
             quantization=quantization,
             quantization_config=quant_config,
+            # Mixtral (MixtralForCausalLM): experts per MoE layer and per token; router_jitter_noise is training only
+            num_local_experts=raw.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok", 2) if model_type == "mixtral" else 2,
         )
     except (ValueError, TypeError) as err:
         raise type(err)(f"{source}: {err}") from None

@@ -50,10 +50,16 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv_dim, h),
             p + "self_attn.v_proj.weight": (kv_dim, h),
             p + "self_attn.o_proj.weight": (h, q_dim),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
         })
+        if config.num_local_experts:  # Mixtral: a router and num_local_experts SwiGLU experts (w1 gate, w3 up, w2 down)
+            moe = p + "block_sparse_moe."
+            shapes[moe + "gate.weight"] = (config.num_local_experts, h)
+            for e in range(config.num_local_experts):
+                shapes.update({f"{moe}experts.{e}.w1.weight": (i, h), f"{moe}experts.{e}.w3.weight": (i, h),
+                               f"{moe}experts.{e}.w2.weight": (h, i)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                           p + "mlp.down_proj.weight": (h, i)})
         if config.attention_bias:  # Qwen2: q/k/v carry a bias, o_proj does not
             shapes.update({p + "self_attn.q_proj.bias": (q_dim,),
                            p + "self_attn.k_proj.bias": (kv_dim,),

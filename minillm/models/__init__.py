@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from minillm.models.llama import LlamaForCausalLM
+from minillm.models.moe import MixtralForCausalLM
 
-# Mistral and Qwen2 are Llama-shaped for inference (Qwen2: a bias on q/k/v, set by ModelConfig.attention_bias).
-MODEL_REGISTRY = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+# Mistral and Qwen2 are Llama-shaped for inference (Qwen2: a bias on q/k/v, set by ModelConfig.attention_bias);
+# Mixtral is Llama with a sparse mixture-of-experts MLP (chapter 11).
+MODEL_REGISTRY = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                  "mixtral": MixtralForCausalLM}
 
 
 def get_model_class(architecture: str) -> type:
@@ -13,4 +16,4 @@ def get_model_class(architecture: str) -> type:
     return MODEL_REGISTRY[architecture]
 
 
-__all__ = ["LlamaForCausalLM", "MODEL_REGISTRY", "get_model_class"]
+__all__ = ["LlamaForCausalLM", "MixtralForCausalLM", "MODEL_REGISTRY", "get_model_class"]

@@ -14,6 +14,10 @@ them out: the ranks of one TP group are neighbours (on a real machine, the GPUs 
     tp=2, pp=2, first_rank=1:   stage 0: ranks 1 2   (TP group [1, 2])      PP groups [1, 3] and [2, 4]
                                 stage 1: ranks 3 4   (TP group [3, 4])
 
+Expert parallelism (EP, for MoE models) is a third kind of group: with expert_parallel_size N (and tp = pp = 1)
+worker w is EP rank w, holds experts [w * E/N, (w + 1) * E/N) of every MoE layer and exchanges tokens with the
+others by all-to-all (minillm.parallel.expert).
+
 Every collective counts the bytes it hands to torch.distributed (`comm_stats`), per operation, so a test can
 compare them with the analytic count: the payload each rank contributes, not what the wire algorithm (ring,
 tree) then moves.
@@ -39,6 +43,9 @@ class ParallelState:
     first_rank: int = 0  # global rank of worker 0
     tp_group: Any = None  # a torch.distributed ProcessGroup (None when tp_size == 1)
     device_group: Any = None  # every worker, for pipeline send/recv over NCCL (None: the default group)
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None  # the expert-parallel ranks' group (None when ep_size == 1)
 
     def global_rank(self, pp_rank: int, tp_rank: int) -> int:
         return self.first_rank + pp_rank * self.tp_size + tp_rank
@@ -53,8 +60,8 @@ class ParallelState:
 
     @property
     def is_driver(self) -> bool:
-        """The rank that samples and answers the engine: TP rank 0 of the last pipeline stage."""
-        return self.is_last_stage and self.tp_rank == 0
+        """The rank that samples and answers the engine: TP rank 0 of the last pipeline stage (EP rank 0)."""
+        return self.is_last_stage and self.tp_rank == 0 and self.ep_rank == 0
 
 
 _STATE = ParallelState()
@@ -68,15 +75,26 @@ def check_parallel_sizes(tensor_parallel_size: Any, pipeline_parallel_size: Any)
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def build_groups(tp_size: int, pp_size: int, first_rank: int, backend: str | None = None) -> ParallelState:
+def build_groups(tp_size: int, pp_size: int, first_rank: int, backend: str | None = None,
+                 ep_size: int = 1) -> ParallelState:
     """Create every TP group (collective calls: every process of the default group must call this, in the same
     order, the engine's rank 0 included even though it belongs to none) and return this process's state.
     `backend`: the groups' backend when it differs from the default group's ("nccl" for the tensors of GPU
     workers whose engine talks to them over gloo); then the workers also get one group of them all for
-    the pipeline's send/recv."""
+    the pipeline's send/recv. `ep_size` > 1 (with tp = pp = 1): one expert-parallel group of all the workers."""
     check_parallel_sizes(tp_size, pp_size)
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or \
+            (ep_size > 1 and tp_size * pp_size > 1):
+        raise ValueError(f"expert_parallel_size must be an integer >= 1, and 1 with tensor/pipeline parallelism; "
+                         f"got {ep_size!r} with tp={tp_size}, pp={pp_size}")
     rank = dist.get_rank()
     state = ParallelState(tp_size=tp_size, pp_size=pp_size, first_rank=first_rank)
+    if ep_size > 1:
+        workers = list(range(first_rank, first_rank + ep_size))
+        group = dist.new_group(workers, backend=backend)
+        if rank in workers:
+            state.ep_size, state.ep_rank, state.ep_group = ep_size, workers.index(rank), group
+        return state
     for stage in range(pp_size):
         ranks = [state.global_rank(stage, t) for t in range(tp_size)]
         group = dist.new_group(ranks, backend=backend) if tp_size > 1 else None
@@ -163,6 +181,29 @@ def pipeline_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: tor
         dist.recv(t, src=src, group=_STATE.device_group, tag=tag + i)
         out.append(t)
     return out
+
+
+def expert_all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                      counter: str = "all_to_all") -> torch.Tensor:
+    """Rows x[sum(input_split_sizes[:d]) ...] go to EP rank d; returns what every rank sent here, in rank order.
+    The whole send buffer is counted, the chunk a rank keeps for itself included (all_to_all_single copies it
+    locally): the count is then tokens x top_k x hidden x bytes whatever the routing."""
+    x = x.contiguous()
+    comm_stats[counter] += x.numel() * x.element_size()
+    out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=_STATE.ep_group)
+    return out
+
+
+def expert_all_gather(x: torch.Tensor, rows_per_rank: int, num_rows: int) -> torch.Tensor:
+    """Concatenate every EP rank's rows (each padded to `rows_per_rank`, as all_gather needs equal sizes) and keep
+    the first `num_rows`: after the MoE layer, every rank holds every token again."""
+    padded = x.new_zeros((rows_per_rank, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    comm_stats["all_gather"] += padded.numel() * padded.element_size()
+    parts = [torch.empty_like(padded) for _ in range(_STATE.ep_size)]
+    dist.all_gather(parts, padded, group=_STATE.ep_group)
+    return torch.cat(parts)[:num_rows]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,119 @@
+"""Mixtral: the Llama decoder with a sparse mixture-of-experts MLP (chapter 11, expert parallelism).
+
+Everything but the feed-forward sub-block is Llama's (attention with GQA and RoPE, RMSNorm, the residual
+stream): the classes here swap in one piece, `MixtralSparseMoeBlock`, through LlamaDecoderLayer.build_mlp.
+
+    x ─► gate (hidden -> E) ─► route_topk: k experts per token, weights renormalised to sum to 1
+      ─► each chosen expert: w2(silu(w1 x) * w3 x)  (a SwiGLU MLP of intermediate_size, like Llama's)
+      ─► sum of the k outputs times their weights
+
+Checkpoint names are Hugging Face's MixtralForCausalLM ones, `model.layers.{l}.block_sparse_moe.gate.weight` and
+`...block_sparse_moe.experts.{e}.w1/w2/w3.weight`; here the block is the layer's `mlp` (as transformers 5 calls
+it) and w1/w3 are packed into one `w13` like gate_up_proj. Where the experts run is decided at construction by the
+parallel state: all of them in this process, or this rank's share (minillm.parallel.expert), the others being
+`ExpertOnAnotherRank` placeholders that hold nothing and that the loader skips. With tensor parallelism each
+expert is split like Llama's MLP (w13 by columns, w2 by rows) and the block all-reduces once, after the combine.
+
+The expert compute is a loop over experts, each a gather of its rows and two matmuls (HF's and vLLM's reference
+path); a fused MoE kernel (one grouped GEMM over all experts) is the GPU's next step. The loop has
+data-dependent shapes, so MoE models run eagerly (no CUDA graphs).
+"""
+from __future__ import annotations
+
+from torch import nn
+import torch
+
+from minillm.config import ModelConfig
+from minillm.layers.activation import SiluAndMul
+from minillm.layers.linear import Linear
+from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route_topk, run_experts
+from minillm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from minillm.parallel.expert import expert_parallel_moe, expert_range
+from minillm.parallel.pipeline import PPMissingLayer
+from minillm.parallel.state import get_parallel_state, tensor_parallel_all_reduce
+from minillm.parallel.tensor import MergedColumnParallelLinear, RowParallelLinear
+from minillm.quant.base import QuantizationConfig
+
+
+class MixtralExpert(nn.Module):
+    """One expert: w2(silu(w1 x) * w3 x), with w1 (gate) and w3 (up) packed into w13."""
+
+    def __init__(self, config: ModelConfig, backend: str, prefix: str) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.w13 = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=False, prefix=f"{prefix}.w13")
+        self.w2 = RowParallelLinear(size, config.hidden_size, bias=False, prefix=f"{prefix}.w2")
+        self.act_fn = SiluAndMul(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # w2's matmul without RowParallelLinear's all-reduce: the block reduces every expert's partial sums at once
+        return self.w2.quant_method.apply(self.w2, self.act_fn(self.w13(x)), None)
+
+
+class ExpertOnAnotherRank(PPMissingLayer):
+    """Stands where an expert held by another expert-parallel rank would be: no parameters, never called."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this expert lives on another expert-parallel rank")
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str, prefix: str) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
+        self.gate = Linear(config.hidden_size, self.num_experts, bias=False, prefix=f"{prefix}.gate")  # replicated
+        state = get_parallel_state()
+        self.ep_size, self.tp_size = state.ep_size, state.tp_size
+        self.first_expert, self.end_expert = expert_range(self.num_experts, state.ep_size, state.ep_rank)
+        self.experts = nn.ModuleList(
+            MixtralExpert(config, backend, f"{prefix}.experts.{e}") if self.first_expert <= e < self.end_expert
+            else ExpertOnAnotherRank() for e in range(self.num_experts))
+        self.capacity_factor: float | None = None  # EngineConfig.moe_capacity_factor (set by the worker)
+        self.load = ExpertLoad(self.first_expert, self.end_expert - self.first_expert)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        local = list(self.experts[self.first_expert:self.end_expert])
+        if self.ep_size > 1:
+            out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
+                                                       self.capacity_factor)
+        else:
+            weights, expert_ids = route_topk(self.gate(hidden_states), self.top_k)
+            # token-major rows: row t * k + j is token t's j-th expert
+            rows = hidden_states.repeat_interleave(self.top_k, dim=0)
+            capacity = expert_capacity(hidden_states.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+            rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
+            out = combine_expert_outputs(rows_out, weights)
+        self.load.record(counts, dropped)
+        return tensor_parallel_all_reduce(out) if self.tp_size > 1 else out
+
+    def extra_repr(self) -> str:
+        held = f", experts {self.first_expert}..{self.end_expert - 1} here" if self.ep_size > 1 else ""
+        return f"experts={self.num_experts}, top_k={self.top_k}{held}"
+
+
+class MixtralDecoderLayer(LlamaDecoderLayer):
+    def build_mlp(self, config: ModelConfig, backend: str, quant_config: QuantizationConfig | None,
+                  prefix: str) -> nn.Module:
+        return MixtralSparseMoeBlock(config, backend, prefix)
+
+
+class MixtralModel(LlamaModel):
+    layer_class = MixtralDecoderLayer
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """forward(input_ids [T], positions [T]) -> hidden [T, hidden]; compute_logits as Llama's."""
+
+    model_class = MixtralModel
+    packed_modules_mapping = {**LlamaForCausalLM.packed_modules_mapping, "w1": ("w13", 0), "w3": ("w13", 1)}
+
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+        if not config.num_local_experts:
+            raise ValueError(f"MixtralForCausalLM needs num_local_experts >= 1, got {config.num_local_experts}")
+        if config.quantization is not None:
+            raise ValueError(f"quantization={config.quantization!r} is not supported for mixture-of-experts models "
+                             f"(the experts' weights stay dense); load it without quantization")
+        super().__init__(config, backend)
+
+    def _map_name(self, name: str) -> tuple[str, object]:
+        return super()._map_name(name.replace(".block_sparse_moe.", ".mlp."))
