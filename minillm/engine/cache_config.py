@@ -49,6 +49,8 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
         enforce_eager = not on_cuda or config.attention_backend not in ("auto", "triton") or config.compile
+        # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe)
+        enforce_eager = enforce_eager or model_config.num_local_experts > 0
     return dataclasses.replace(config, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                                enforce_eager=enforce_eager)
 

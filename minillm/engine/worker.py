@@ -38,13 +38,13 @@ ModelSource = Callable[[ModelConfig, torch.device, torch.dtype], nn.Module]
 def build_model(model_config: ModelConfig, weights, device: torch.device, dtype: torch.dtype,
                 attention_backend: str = "auto") -> nn.Module:
     """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
-    from minillm.models.llama import LlamaForCausalLM  # Llama, Mistral, Qwen2 share one implementation
+    from minillm.models import get_model_class  # Llama, Mistral, Qwen2 share one implementation; Mixtral adds experts
     previous = torch.get_default_dtype()
     start = time.perf_counter()
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            model = LlamaForCausalLM(model_config, backend=attention_backend)
+            model = get_model_class(model_config.architecture)(model_config, backend=attention_backend)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(weights)
@@ -74,18 +74,18 @@ class RandomWeights:
     std_embed: float = 0.5
 
     def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from minillm.models.llama import LlamaForCausalLM
+        from minillm.models import get_model_class
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: identical on every device
         previous = torch.get_default_dtype()
         try:
             torch.set_default_dtype(dtype)
             with torch.device(device):
-                model = LlamaForCausalLM(model_config)
+                model = get_model_class(model_config.architecture)(model_config)
         finally:
             torch.set_default_dtype(previous)
         from minillm.parallel.state import get_parallel_state
         state = get_parallel_state()
-        if state.tp_size * state.pp_size > 1:  # the same numbers, each rank keeping its shard (chapter 11)
+        if state.tp_size * state.pp_size * state.ep_size > 1:  # the same numbers, each rank keeping its shard
             from minillm.parallel.weights import load_random_weights_sharded
             load_random_weights_sharded(model, model_config, dtype, lambda n, s: self._draw(n, s, generator))
         else:
@@ -147,6 +147,9 @@ class Worker:
         if backend != "auto":  # "auto" leaves the model's own choice (triton on a GPU, torch on a CPU)
             from minillm.layers.backend import set_operator_backend
             set_operator_backend(model, backend)
+        if self.model_config.num_local_experts:  # MoE (chapter 11): drop tokens over an expert's capacity, or not
+            from minillm.parallel.expert import set_capacity_factor
+            set_capacity_factor(model, self.engine_config.moe_capacity_factor)
         self.model = model
 
     def determine_num_gpu_blocks(self) -> int:
@@ -161,7 +164,9 @@ class Worker:
         if self.model is None:
             raise RuntimeError("load_model() before initialize_cache()")
         local_config = rank_model_config(self.model_config)
-        runner_class = ModelRunner if local_config is self.model_config else ParallelModelRunner
+        from minillm.parallel.state import get_parallel_state  # an EP rank's forward runs collectives: eager
+        sharded = local_config is not self.model_config or get_parallel_state().ep_size > 1
+        runner_class = ParallelModelRunner if sharded else ModelRunner
         self.runner = runner_class(self.model, local_config, cache_config.num_gpu_blocks, cache_config.block_size,
                                    self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
                                    engine_config=self.engine_config)
@@ -179,3 +184,10 @@ class Worker:
         if reset:
             comm_stats.clear()
         return stats
+
+    def get_moe_stats(self, reset: bool = False) -> dict:
+        """Tokens routed to this rank's experts per MoE layer (minillm.parallel.expert.collect_load_stats)."""
+        from minillm.parallel.expert import model_load_stats
+        if self.model is None:
+            raise RuntimeError("load_model() before get_moe_stats()")
+        return model_load_stats(self.model, reset)

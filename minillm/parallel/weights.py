@@ -53,12 +53,12 @@ def rank_model_config(model_config: ModelConfig) -> ModelConfig:
 def load_random_weights_sharded(model: nn.Module, model_config: ModelConfig, dtype: torch.dtype,
                                 draw: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
     """Fill this rank's `model` from `draw(name, full_shape)`, called for every parameter of the whole model."""
-    from minillm.models.llama import LlamaForCausalLM
+    from minillm.models import get_model_class
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
         with single_rank(), torch.device("meta"):  # the whole model's names, shapes and packing, no memory
-            full = LlamaForCausalLM(model_config)
+            full = get_model_class(model_config.architecture)(model_config)
     finally:
         torch.set_default_dtype(previous)
     local = dict(model.named_parameters())
