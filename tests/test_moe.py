@@ -1,0 +1,128 @@
+"""Mixtral-style sparse MoE in one process (chapter 11): the router, the expert loop with and without a capacity,
+the model against transformers' MixtralForCausalLM (the oracle) on a tiny checkpoint saved at test time and read
+by our HF loader, and the engine generating from it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.forward_context import forward_context, prefill_metadata
+from minillm.layers.moe import combine_expert_outputs, expert_capacity, route_topk, run_experts
+from minillm.loader import load_hf_model
+from minillm.models import MixtralForCausalLM, get_model_class
+from minillm.sampling_params import SamplingParams
+from tiny import one_thread  # noqa: F401  (autouse)
+from tiny_moe import MOE_CONFIG, TINY_MOE, save_tiny_mixtral
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_route_topk_keeps_the_best_experts_with_weights_that_sum_to_one():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 8, generator=g) * 3
+    weights, ids = route_topk(logits, 2)
+    assert weights.dtype == torch.float32 and ids.shape == (37, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(37))
+    assert torch.equal(ids, logits.topk(2, dim=-1).indices)  # softmax is monotonic: the top logits win
+    # renormalised top-k weights are a softmax over the kept logits alone
+    torch.testing.assert_close(weights, torch.softmax(logits.gather(1, ids), dim=-1))
+    assert (weights[:, 0] >= weights[:, 1]).all()
+    # transformers' Mixtral router on the same logits picks the same experts with the same weights
+    router = transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter(
+        transformers.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, hidden_size=8))
+    router.weight.data = torch.eye(8)
+    _, hf_weights, hf_ids = router(logits)
+    assert torch.equal(ids, hf_ids)
+    torch.testing.assert_close(weights, hf_weights)
+    w1, i1 = route_topk(logits, 1)
+    assert torch.equal(w1, torch.ones(37, 1)) and torch.equal(i1[:, 0], logits.argmax(-1))
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 8\]"):
+            route_topk(logits, bad)
+    with pytest.raises(ValueError, match="router_logits must be"):
+        route_topk(logits[0], 2)
+
+
+def test_run_experts_groups_rows_and_drops_over_capacity_in_row_order():
+    experts = [lambda x, s=s: x * s for s in (10.0, 20.0, 30.0)]
+    rows = torch.arange(1.0, 8.0).unsqueeze(1)  # rows 1..7
+    expert_of_row = torch.tensor([2, 0, 2, 2, 1, 0, 2])
+    out, counts, dropped = run_experts(rows, expert_of_row, experts)
+    assert counts.tolist() == [2, 1, 4] and dropped == 0
+    assert out[:, 0].tolist() == [30.0, 20.0, 90.0, 120.0, 100.0, 60.0, 210.0]
+    out, counts, dropped = run_experts(rows, expert_of_row, experts, capacity=2)
+    assert counts.tolist() == [2, 1, 4] and dropped == 2  # expert 2 keeps its first two rows (rows 1 and 3)
+    assert out[:, 0].tolist() == [30.0, 20.0, 90.0, 0.0, 100.0, 60.0, 0.0]
+    assert expert_capacity(10, 2, 4, None) is None and expert_capacity(10, 2, 4, 1.0) == 5
+    assert expert_capacity(10, 2, 4, 1.25) == 7
+    combined = combine_expert_outputs(torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[0.5, 0.5],
+                                                                                                [0.25, 0.75]]))
+    assert combined[:, 0].tolist() == [1.5, 3.75]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mixtral")
+    return directory, save_tiny_mixtral(directory)
+
+
+def test_logits_match_transformers_mixtral(checkpoint):
+    directory, hf = checkpoint
+    config, weights = load_hf_model(directory)
+    assert (config.architecture, config.num_local_experts, config.num_experts_per_tok) == ("mixtral", 4, 2)
+    model = get_model_class(config.architecture)(config).eval()
+    assert isinstance(model, MixtralForCausalLM)
+    model.load_weights(weights)
+    lens = [1, 13, 40]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, MOE_CONFIG["vocab_size"], (n,), generator=g) for n in lens]
+    with torch.no_grad(), forward_context(prefill_metadata(lens)):
+        ours = model.compute_logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens])))
+        ref = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    assert ref.abs().max() > 1.0  # logits of a real scale: a wrong expert or weight would show
+    assert (ours - ref).abs().max() <= 1e-4
+    load = [block.load.last.tolist() for block in (layer.mlp for layer in model.model.layers)]
+    assert all(sum(counts) == sum(lens) * 2 for counts in load)  # 54 tokens x top-2 rows per layer
+    assert sum(1 for counts in load for c in counts if c) > 4  # the router spreads tokens over experts
+
+    # every expert matters: zeroing one expert's down projection changes the logits
+    model.model.layers[1].mlp.experts[3].w2.weight.data.zero_()
+    with torch.no_grad(), forward_context(prefill_metadata(lens)):
+        broken = model.compute_logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens])))
+    assert (broken - ref).abs().max() > 1e-2
+
+
+def test_llm_greedy_matches_transformers_generate(checkpoint):
+    from minillm import LLM
+    directory, hf = checkpoint
+    llm = LLM(directory, device="cpu", dtype="float32", max_model_len=64)
+    prompts = [[5, 6, 7, 8], [40, 2, 90, 17, 3, 3]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_missing_expert_tensor_and_bad_moe_settings_are_named(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    directory, _ = checkpoint
+    for name in ("config.json",):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    state = load_file(directory / "model.safetensors")
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
+        load_hf_model(tmp_path)
+    with pytest.raises(ValueError, match="'mixtral' needs num_local_experts >= 1"):
+        ModelConfig(architecture="mixtral")
+    with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, num_local_experts=4\], got 5"):
+        ModelConfig(architecture="mixtral", num_local_experts=4, num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="expert_parallel_size=2 runs attention replicated"):
+        EngineConfig(expert_parallel_size=2, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="moe_capacity_factor must be None or a finite number > 0"):
+        EngineConfig(moe_capacity_factor=0)
+    import dataclasses
+    with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
+        MixtralForCausalLM(dataclasses.replace(TINY_MOE, quantization="rtn"))
