@@ -313,6 +313,20 @@ def test_quantize_model_validates_its_inputs(dense):
                                    torch.device("cpu"), torch.float32), "rtn")
 
 
+def test_int4_linear_keeps_the_reference_where_the_kernel_does_not_apply():
+    """The fused INT4 kernel takes over only on CUDA, for 4-bit codes without act-order (g_idx)."""
+    from minillm.quant.int4 import fused_kernel_applies
+    qweight = torch.zeros(64, 256, dtype=torch.int32)  # K = 512, N = 256
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    assert not fused_kernel_applies(x, qweight, 4, 128, None)  # CPU
+    if torch.cuda.is_available():
+        x, qweight = x.cuda(), qweight.cuda()
+        assert fused_kernel_applies(x, qweight, 4, 128, None)
+        assert not fused_kernel_applies(x, qweight, 4, 128, torch.zeros(512, dtype=torch.int32, device="cuda"))
+        assert not fused_kernel_applies(x, qweight[:48], 3, 128, None)
+        assert not fused_kernel_applies(x.float(), qweight, 4, 128, None)
+
+
 @pytest.mark.gpu
 def test_reference_call_sites_on_cuda_in_bf16():
     """On the GPU the call sites (int4_linear, fp8_linear, int8_linear) agree with the CPU reference."""
@@ -324,6 +338,8 @@ def test_reference_call_sites_on_cuda_in_bf16():
     t = gptq_tensors(quantize(w, 4, 128))
     ref = int4_linear(x, t["qweight"], t["scales"], t["qzeros"], 128)
     cuda = {k: v.cuda() for k, v in t.items()}
+    from minillm.quant.int4 import fused_kernel_applies
+    assert fused_kernel_applies(x.cuda().bfloat16(), cuda["qweight"], 4, 128, None)  # the Triton kernel, not the reference
     out = int4_linear(x.cuda().bfloat16(), cuda["qweight"], cuda["scales"].bfloat16(), cuda["qzeros"], 128)
     assert _rel(out.float().cpu(), ref) < 0.02
     w8, s = quantize_fp8(w)

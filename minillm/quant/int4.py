@@ -124,14 +124,33 @@ def dequantize_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.T
     return ((codes - zeros[g_idx]).to(dtype) * scales[g_idx].to(dtype))
 
 
+def fused_kernel_applies(x: torch.Tensor, qweight: torch.Tensor, bits: int, group_size: int,
+                         g_idx: torch.Tensor | None) -> bool:
+    """Whether int4_linear runs the fused kernel (minillm.kernels.int4_gemm) rather than the reference.
+
+    The kernel reads GPTQ's layout as it is, for 4-bit codes on CUDA; act-order checkpoints (g_idx) keep the
+    reference path here, because the kernel wants their input rows sorted by group once at load
+    (int4_layout.sort_act_order), which this layout does not do yet.
+    """
+    k, n = x.shape[-1], qweight.shape[1]
+    group = k if group_size == -1 else group_size
+    return (x.is_cuda and bits == 4 and g_idx is None and x.dtype in (torch.float16, torch.bfloat16)
+            and k % group == 0 and group % 8 == 0 and n % 8 == 0)
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 group_size: int, bits: int = 4, g_idx: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for a GPTQ-layout weight: THE call site of the weight-only low-bit GEMM.
 
-    Reference path: dequantize W^T to x's dtype, then one dense matmul. A fused kernel (dequantize inside the
-    GEMM's inner loop, so the weight crosses HBM at 4 bits) replaces this on CUDA for bits == 4, g_idx None.
+    On CUDA, 4-bit weights without g_idx go to the fused kernel: the codes are unpacked in registers inside the
+    GEMM's K loop, so the weight crosses HBM at 4 bits (a decode step reads ~4x fewer bytes than bf16). GPTQ's
+    qzeros (zero points packed along out) and scales [groups, out] are the kernel's own operands. Elsewhere the
+    reference: dequantize W^T to x's dtype, then one dense matmul (it saves memory, not time).
     """
+    if fused_kernel_applies(x, qweight, bits, group_size, g_idx):
+        from minillm.kernels.int4_gemm import int4_gemm  # Triton: imported only where it runs
+        return int4_gemm(x, qweight, scales, qzeros, group_size, bias=bias)
     w_t = dequantize_gptq(qweight, scales, qzeros, bits, group_size, g_idx, dtype=x.dtype)
     y = x @ w_t
     return y if bias is None else y + bias

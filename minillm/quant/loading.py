@@ -69,8 +69,11 @@ def add_packed_parameter(layer: nn.Module, name: str, tensor: torch.Tensor, outp
 
 def replace_parameters(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Drop every parameter of `layer` except its bias and register `tensors` instead (frozen, loader attached):
-    what process_weights_after_loading does when it turns staging tensors into the runtime layout."""
+    what process_weights_after_loading does when it turns staging tensors into the runtime layout.
+
+    Each tensor is made contiguous here, once: a packed view (pack_bits returns a moved-dim view) would
+    otherwise be copied by the kernel's launcher on every call, which at decode costs more than the GEMM."""
     for name in [n for n in layer._parameters if n != "bias"]:
         del layer._parameters[name]
     for name, tensor in tensors.items():
-        add_parameter(layer, name, tensor, output_dim=None)
+        add_parameter(layer, name, tensor.contiguous(), output_dim=None)

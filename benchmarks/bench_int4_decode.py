@@ -1,0 +1,96 @@
+"""End-to-end INT4 decode (issue 10, chapter 8): batch-1 decode of a Llama-3-8B-shaped model, bf16 against 4-bit.
+
+    python benchmarks/bench_int4_decode.py [--quick] [--group-size 128] [--out results.json]
+
+Both runs go through the same engine (LLMEngine, paged KV, CUDA graphs) on the same random bf16 weights
+(bench_decode.py's model). The INT4 run rounds every decoder linear to 4-bit asymmetric codes in groups of
+--group-size input channels (round-to-nearest at load: `quantization="rtn"`), packs them in GPTQ's layout and
+computes with minillm.kernels.int4_gemm through quant.int4.int4_linear. AWQ and GPTQ checkpoints end in exactly
+this layout and kernel (AWQ's words are repacked at load), so the speed is theirs too: decode speed does not
+depend on the values, only on the bytes read. The embedding and the LM head stay bf16 (as in AWQ/GPTQ models).
+
+The figure of merit: INT4 decode tok/s over bf16 decode tok/s in the same run (target >= 2.5x, P3's end-to-end
+half). Weight bytes shrink from 16.06 GB to about 5.0 GB (4.5 bits per weight with scales and zeros, plus the
+bf16 embedding and head), so the floor ratio is about 3.2x.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from bench_decode import INIT_STD, LLAMA3_8B, build_model, copy_bandwidth, run_engine, weight_bytes
+
+
+def build_int4_model(num_layers: int, group_size: int):
+    """The bf16 model's shapes and weight distribution, its decoder linears quantized to 4 bits at load."""
+    from minillm.models.llama import LlamaForCausalLM
+    from minillm.quant.checkpoint import load_time_quantization
+    from minillm.config import ModelConfig
+
+    config = ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers})
+    qconfig = load_time_quantization(config, "rtn", {"bits": 4, "group_size": group_size})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(qconfig, backend="triton")
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point():
+                param.fill_(1.0) if "norm" in name else param.normal_(0.0, INIT_STD, generator=gen)
+    model.process_weights_after_loading()  # RTN rounds and packs each staged dense weight here
+    return model.eval(), qconfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 output tokens instead of 256")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--out", default=None, help="write the raw results here as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_int4_decode needs CUDA (the INT4 kernel replaces the reference matmul only on a GPU)")
+        return 1
+    output_len = 64 if args.quick else 256
+    bandwidth = copy_bandwidth()
+    rows = {}
+    for label, build in (("bf16", lambda: build_model(args.layers)),
+                         (f"int4 g{args.group_size}", lambda: build_int4_model(args.layers, args.group_size))):
+        t0 = time.perf_counter()
+        model, config = build()
+        nbytes = weight_bytes(model)
+        result = run_engine(model, config, prompt_len=128, output_len=output_len, batch=1, enforce_eager=False)
+        result.update(weight_gb=round(nbytes / 1e9, 3), build_s=round(time.perf_counter() - t0, 1),
+                      floor_tok_per_s=round(bandwidth / nbytes, 1))
+        result["fraction_of_floor"] = round(result["decode_tok_per_s"] / result["floor_tok_per_s"], 3)
+        rows[label] = result
+        print(f"{label:>10}: {result['decode_tok_per_s']:8.1f} tok/s  ({result['ms_per_step']:.2f} ms/step, "
+              f"{nbytes / 1e9:.2f} GB of weights, {100 * result['fraction_of_floor']:.0f}% of the floor)", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    base, int4 = rows["bf16"], rows[f"int4 g{args.group_size}"]
+    speedup = int4["decode_tok_per_s"] / base["decode_tok_per_s"]
+    print(f"INT4 / bf16 decode speed: {speedup:.2f}x (target >= 2.5x)")
+    record = dict(command=" ".join(["benchmarks/bench_int4_decode.py", *(argv or sys.argv[1:])]),
+                  device=torch.cuda.get_device_name(), torch=torch.__version__, date=str(datetime.date.today()),
+                  copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), output_len=output_len, runs=rows,
+                  int4_over_bf16=round(speedup, 3))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
