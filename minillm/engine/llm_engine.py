@@ -226,6 +226,7 @@ class LLMEngine:
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
+            step_input.return_hidden_states = self.speculative is not None and self.speculative.needs_hidden_states
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
@@ -236,6 +237,8 @@ class LLMEngine:
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)
             scored = self._scored_tokens(batch, step_output, tokens)
+            if self.speculative is not None:  # head proposers keep the target's features of the accepted rows
+                self.speculative.record_step(batch, step_output, tokens)
             self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts
         except Exception as err:  # a bad verification result fails these requests, not the engine
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))

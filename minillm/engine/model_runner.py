@@ -12,7 +12,12 @@ Each step it
      projection is the most expensive matmul of a small model: no point doing it for all T),
   5. samples, each request with its own generator when it asked for a seed,
   6. only when a request asked (SamplingParams.logprobs / prompt_logprobs): log_softmax in fp32 of the raw logits
-     of its sampled rows, and of the prefill rows that score its prompt tokens (`token_logprobs`).
+     of its sampled rows, and of the prefill rows that score its prompt tokens (`token_logprobs`),
+  7. only when the speculative method drafts from the target's features (Medusa, EAGLE, MTP: chapter 9) and the
+     step asks (StepInput.return_hidden_states): every row's last hidden state, after the final norm (the forward's
+     output) or before it (the residual stream, caught by a hook on the final norm; with CUDA graphs the hook
+     copies it into a static buffer inside the captured graph, so a replay refreshes it too).
+
 
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
@@ -25,6 +30,7 @@ The operator backend itself (torch reference or Triton kernels) is the model's (
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +103,10 @@ class ModelRunner:
         self.engine_config: EngineConfig | None = None
         self.cuda_graphs = None  # DecodeCUDAGraphs once captured
         self.forward_fn = model
+        self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
+        self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
+        self._graph_pre_norm: torch.Tensor | None = None  # the static copy of it that captured graphs write
+        self._pre_norm_hook = None
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -105,6 +115,10 @@ class ModelRunner:
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
         self.cuda_graphs, self.forward_fn = None, self.model
+        from minillm.speculative.config import hidden_state_kind, verify_query_lens
+        # before any capture: a graph records the pre-norm copy only if the hook exists when it is captured
+        self._keep_hidden_states(hidden_state_kind(engine_config),
+                                 engine_config.max_num_seqs * max(verify_query_lens(engine_config)))
         if engine_config.compile:
             # Attention reads per-step Python metadata (lengths, the forward context): traced, it would recompile
             # every step. Kept out of the graph (vLLM's "piecewise" compilation), the rest fuses between the
@@ -124,13 +138,41 @@ class ModelRunner:
                              f"enforce_eager=True")
         from minillm.engine.cuda_graph import DecodeCUDAGraphs
         max_model_len = engine_config.max_model_len or self.model_config.max_position_embeddings
-        from minillm.speculative.config import verify_query_lens  # (1,) or (1, 1 + k) with speculative decoding
+        # query lengths (1,) or (1, 1 + k) with speculative decoding
         graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
                                   self.block_size, self.model_config.hidden_size, self.dtype, self.device,
                                   query_lens=verify_query_lens(engine_config))
         with torch.inference_mode():
             graphs.capture()
         self.cuda_graphs = graphs
+
+    def _keep_hidden_states(self, kind: str | None, max_graph_tokens: int) -> None:
+        """Prepare what return_hidden_states needs: for "pre_norm", a forward hook on the final norm (the fused
+        residual norm returns (normed, residual stream)); nothing for "post_norm" (the forward's own output)."""
+        if kind not in (None, "post_norm", "pre_norm"):
+            raise ValueError(f"hidden state kind must be None, 'post_norm' or 'pre_norm', got {kind!r}")
+        self.hidden_state_kind = kind
+        if kind != "pre_norm" or self._pre_norm_hook is not None:
+            return
+        final_norm = getattr(getattr(self.model, "model", None), "norm", None)
+        if not isinstance(final_norm, nn.Module):
+            raise ValueError(f"pre-norm hidden states need the model's final norm at model.norm; "
+                             f"{type(self.model).__name__} has none")
+        if self.device.type == "cuda":
+            self._graph_pre_norm = torch.empty(max_graph_tokens, self.model_config.hidden_size, dtype=self.dtype,
+                                               device=self.device)
+        runner = weakref.ref(self)  # the hook must not keep a finished engine's runner (and its KV pool) alive
+
+        def keep_pre_norm(module: nn.Module, inputs: tuple, output: object) -> None:
+            me = runner()
+            if me is None or not isinstance(output, tuple):
+                return
+            stream = output[1]
+            if me._graph_pre_norm is not None and torch.cuda.is_current_stream_capturing():
+                me._graph_pre_norm[:stream.shape[0]].copy_(stream)  # recorded: every replay refreshes it
+            me._pre_norm = stream
+        self._pre_norm_hook = final_norm.register_forward_hook(keep_pre_norm)
+        weakref.finalize(self, self._pre_norm_hook.remove)
 
     def bind_kv_cache(self) -> None:
         """Point every attention module at its layer's views of this runner's cache. Called again before each
@@ -196,9 +238,11 @@ class ModelRunner:
             self.bind_kv_cache()
         hidden = self.forward(prepared)
         prompt_logprobs = self.prompt_logprobs(step, hidden)
+        hidden_states = self.hidden_states(step, hidden)
         if not prepared.sample_seqs:
             return StepOutput(sampled, [] if step.return_logits else None, prompt_logprobs=prompt_logprobs,
-                              logprobs=None if step.num_logprobs is None else [[] for _ in sampled])
+                              logprobs=None if step.num_logprobs is None else [[] for _ in sampled],
+                              hidden_states=hidden_states)
         logits = self.model.compute_logits(hidden[prepared.sample_indices])
         tokens = self.sample(logits, [step.sampling[i] for i in prepared.sample_seqs])
         for i, token in zip(prepared.sample_seqs, tokens):
@@ -207,7 +251,20 @@ class ModelRunner:
         if step.return_logits:
             per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
         return StepOutput(sampled, per_seq_logits, self.sampled_logprobs(step, prepared, logits, tokens),
-                          prompt_logprobs)
+                          prompt_logprobs, hidden_states)
+
+    def hidden_states(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per sequence, its rows' hidden states [query_len, hidden] (views: no copy), when the step asks."""
+        if not step.return_hidden_states:
+            return None
+        if self.hidden_state_kind is None:
+            raise ValueError("return_hidden_states was set but this runner was configured without a head method "
+                             "(speculative_config method medusa, eagle or mtp)")
+        if self.hidden_state_kind == "pre_norm":
+            hidden = self._pre_norm
+            if hidden is None or hidden.shape[0] < sum(step.query_lens):
+                raise RuntimeError("the final norm's hook did not see this forward: no pre-norm hidden states")
+        return list(hidden[:sum(step.query_lens)].split(step.query_lens))
 
     def sampled_logprobs(self, step: StepInput, prepared: PreparedBatch, logits: torch.Tensor,
                          tokens: list[int]) -> list[list[TokenLogprobs]] | None:
@@ -247,8 +304,12 @@ class ModelRunner:
     def forward(self, prepared: PreparedBatch) -> torch.Tensor:
         """Hidden states [T, hidden]: a CUDA graph replay for a decode-only batch when graphs are captured,
         else the (possibly compiled) eager forward."""
+        self._pre_norm = None
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(prepared.metadata):
-            return self.cuda_graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
+            hidden = self.cuda_graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
+            if self._graph_pre_norm is not None:  # what the replay's recorded copy wrote
+                self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
+            return hidden
         with forward_context(prepared.metadata):
             return self.forward_fn(prepared.input_ids, prepared.positions)
 

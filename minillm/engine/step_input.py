@@ -90,6 +90,8 @@ class StepInput:
     # requests that ended since the previous step: a worker drops their per-request state (generators)
     finished_request_ids: list[str] = field(default_factory=list)
     return_logits: bool = False  # also return the logits of the sampled rows (speculative verification)
+    # also return every row's last hidden state (Medusa / EAGLE / MTP heads draft from it)
+    return_hidden_states: bool = False
     # per sequence: top-k log-probs for its sampled rows (-1: none); None when no sequence asks
     num_logprobs: list[int] | None = None
     # per sequence: the prompt tokens its rows score (None: none); None when no sequence asks
@@ -114,6 +116,9 @@ class StepOutput:
     logprobs: list[list[TokenLogprobs]] | None = None
     # per sequence, one entry per scored prompt row, when StepInput.prompt_logprob_rows was set
     prompt_logprobs: list[list[TokenLogprobs]] | None = None
+    # per sequence a [query_len, hidden] tensor on the worker's device (the target's last hidden state at every
+    # row of its step, before or after the final norm as the head method asks), when return_hidden_states was set
+    hidden_states: list | None = None
 
 
 def compute_slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:

@@ -6,12 +6,14 @@ The user-facing shape is vLLM's, a plain dict on the engine options:
                             "prompt_lookup_max": 3, "prompt_lookup_min": 1})
     LLM(speculative_config={"method": "self_speculative", "num_speculative_tokens": 3, "draft_num_layers": 4})
     LLM(speculative_config={"method": "draft_model", "model": "/path/to/small.gguf", "num_speculative_tokens": 4})
+    LLM(speculative_config={"method": "eagle", "num_speculative_tokens": 4})   # shipped heads, or "model": DIR
     LLM(speculative_model="[ngram]", num_speculative_tokens=4)       # vLLM's older spelling, translated here
 
 `SpeculativeConfig.from_engine_config` reads both spellings from an EngineConfig, once, and validates every field
-with a message that names the bad value and the allowed range. Methods are registered in METHODS; those that need
-trained heads (Medusa, EAGLE, MTP) are listed as known but unavailable until their proposers are added, so the
-error says "not available yet" rather than "unknown".
+with a message that names the bad value and the allowed range. Methods are registered in METHODS. The head methods
+(Medusa, EAGLE, MTP) read the target's last hidden state (HIDDEN_STATE_KIND: which one), and their trained weights
+from `model` (a directory written by `minillm train-heads`) or, without it, from the weights shipped for the
+bundled model (minillm/speculative/weights/<method>/).
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ METHODS: dict[str, str] = {
     "lookahead": "Jacobi window + n-gram pool fed by the target's own outputs (Fu et al. 2024)",
     "self_speculative": "the target's first draft_num_layers layers + final norm + LM head, weights shared",
     "draft_model": "a separate model with the same tokenizer, with its own paged KV cache",
+    "medusa": "Medusa heads (Cai et al. 2024): K residual blocks on the last hidden state, the target's LM head",
+    "eagle": "EAGLE (Li et al. 2024): one decoder layer drafting at the feature level, autoregressively",
+    "mtp": "multi-token prediction (DeepSeek-V3): D sequential modules, one extra token each",
 }
-# known methods whose proposers need trained heads: a clear error until they exist
-NOT_AVAILABLE: dict[str, str] = {
-    "medusa": "Medusa heads (Cai et al. 2024) need training (minillm.speculative.train_heads)",
-    "eagle": "EAGLE's feature-level draft head (Li et al. 2024) needs training",
-    "mtp": "multi-token-prediction heads need a checkpoint that ships them, or training",
-}
+# head methods -> the target hidden state their proposer reads: after the final RMSNorm (what the LM head sees,
+# Medusa's input) or before it (the residual stream: EAGLE's feature and DeepSeek-V3's h^0)
+HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm", "mtp": "pre_norm"}
+# methods that read `model`: a draft checkpoint, or a directory of trained heads
+_READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
          "disable_by_batch_size", "draft_num_layers", "lookahead_ngram"}
 
@@ -39,7 +43,8 @@ _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prom
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
-    model: str | None = None  # draft_model: a GGUF file or HF directory; None = a copy of the target's first layers
+    model: str | None = None  # draft_model: a GGUF file or HF directory (None: a copy of the target's first layers);
+    # medusa/eagle/mtp: a directory from `minillm train-heads` (None: the weights shipped for the bundled model)
     prompt_lookup_max: int = 3  # ngram: longest suffix pattern tried
     prompt_lookup_min: int = 1  # ngram: shortest suffix pattern tried
     disable_by_batch_size: int | None = None  # no drafts while more sequences than this are running
@@ -47,12 +52,8 @@ class SpeculativeConfig:
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
 
     def __post_init__(self) -> None:
-        if self.method in NOT_AVAILABLE:
-            raise ValueError(f"speculative method {self.method!r} is not available yet: {NOT_AVAILABLE[self.method]}; "
-                             f"available now: {', '.join(METHODS)}")
         if self.method not in METHODS:
-            raise ValueError(f"unknown speculative method {self.method!r}; allowed: "
-                             f"{', '.join(list(METHODS) + list(NOT_AVAILABLE))}")
+            raise ValueError(f"unknown speculative method {self.method!r}; allowed: {', '.join(METHODS)}")
         for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
                           ("draft_num_layers", 1), ("lookahead_ngram", 2)):
             value = getattr(self, name)
@@ -69,8 +70,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config disable_by_batch_size must be None or an integer >= 1, got {d!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"speculative_config model must be a path (str) or None, got {self.model!r}")
-        if self.model is not None and self.method != "draft_model":
-            raise ValueError(f"speculative_config model= is only read by method 'draft_model', "
+        if self.model is not None and self.method not in _READS_MODEL:
+            raise ValueError(f"speculative_config model= is only read by methods {', '.join(_READS_MODEL)}, "
                              f"got method {self.method!r} with model {self.model!r}")
 
     @classmethod
@@ -88,14 +89,13 @@ class SpeculativeConfig:
         if model in ("[ngram]", "ngram"):  # vLLM's speculative_model="[ngram]"
             options.pop("model")
             options.setdefault("method", "ngram")
-        elif isinstance(model, str) and model in METHODS | NOT_AVAILABLE:
+        elif isinstance(model, str) and model in METHODS:
             options.pop("model")
             options.setdefault("method", model)
         elif model is not None:
             options.setdefault("method", "draft_model")
         if "method" not in options:
-            raise ValueError("speculative_config needs a 'method' (one of "
-                             f"{', '.join(list(METHODS) + list(NOT_AVAILABLE))}) or a draft 'model'")
+            raise ValueError(f"speculative_config needs a 'method' (one of {', '.join(METHODS)}) or a draft 'model'")
         if "num_speculative_tokens" not in options:
             raise ValueError("speculative_config needs 'num_speculative_tokens' (an integer >= 1)")
         return cls(**options)
@@ -128,3 +128,10 @@ def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
     if spec is None or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
         return (1,)
     return (1, 1 + spec.num_speculative_tokens)
+
+
+def hidden_state_kind(engine_config: Any) -> str | None:
+    """Which hidden state the runner returns with each step (StepOutput.hidden_states): "post_norm" or "pre_norm"
+    for a head method, None (nothing returned, nothing kept) otherwise."""
+    spec = SpeculativeConfig.from_engine_config(engine_config)
+    return None if spec is None else HIDDEN_STATE_KIND.get(spec.method)

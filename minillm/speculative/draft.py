@@ -36,8 +36,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
 from minillm.models.llama import LlamaForCausalLM
-from minillm.speculative.proposer import Proposer, check_num_tokens
-from minillm.speculative.rejection import logits_to_probs, sample_from_probs
+from minillm.speculative.proposer import Proposer, check_num_tokens, sample_drafts
 
 
 class EarlyExitModel(nn.Module):
@@ -177,13 +176,10 @@ class DraftModelProposer(Proposer):
             tokens = logits.argmax(dim=-1).tolist()  # greedy rows: deterministic drafts, no distribution needed
             q = None
             if sampled_rows:  # q under the request's own temperature / top-k / top-p, then x ~ q
-                picked = [params[r] for r in sampled_rows]
-                q = logits_to_probs(logits[sampled_rows].float().cpu(),
-                                    torch.tensor([p.temperature for p in picked], dtype=torch.float32),
-                                    torch.tensor([p.top_k for p in picked], dtype=torch.int64),
-                                    torch.tensor([p.top_p for p in picked], dtype=torch.float32))
                 gens = [self._generator_of(seqs[active[r][0]]) for r in sampled_rows]
-                for r, token in zip(sampled_rows, sample_from_probs(q, gens, self.generator).tolist()):
+                picked, q = sample_drafts(logits[sampled_rows], [params[r] for r in sampled_rows], gens,
+                                          self.generator)
+                for r, token in zip(sampled_rows, picked.tolist()):
                     tokens[r] = token
             q_row = {r: j for j, r in enumerate(sampled_rows)}
             for row, (i, shadow, _) in enumerate(active):

@@ -35,7 +35,7 @@ import torch
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import StepOutput
-from minillm.speculative.config import SpeculativeConfig, verify_query_lens
+from minillm.speculative.config import HIDDEN_STATE_KIND, SpeculativeConfig, verify_query_lens
 from minillm.speculative.metrics import SpecDecodeMetrics
 from minillm.speculative.proposer import NGramProposer, Proposer
 from minillm.speculative.rejection import greedy_verify, pad_per_sequence, verify_draft_tokens
@@ -110,6 +110,29 @@ class SpeculativeDecoder:
                 self.num_padded_tokens += k - len(draft)  # scored like drafts: they dilute acceptance_rate
                 draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
             seq.spec_token_ids = draft
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Set StepInput.return_hidden_states: only head proposers (Medusa, EAGLE, MTP) draft from features."""
+        return getattr(self.proposer, "hidden_state_kind", None) is not None
+
+    def record_step(self, batch: ScheduledBatch, output: StepOutput, accepted: list[list[int]]) -> None:
+        """Before postprocess: hand a head proposer the target's hidden states of the rows this step keeps (a
+        prefill chunk's rows; a verify step's first 1 + accepted-drafts rows). Like propose, a failure here
+        costs drafts, never a request."""
+        if not self.needs_hidden_states:
+            return
+        try:
+            if output.hidden_states is None:
+                raise ValueError("the head proposer needs hidden states: the step was run without "
+                                 "return_hidden_states")
+            self.proposer.record_hidden_states(batch, output.hidden_states, accepted)
+        except Exception:
+            self.num_propose_errors += 1
+            if self.num_propose_errors == 1:  # counted with the proposal errors: the traceback once
+                logger.exception("proposer %r could not record hidden states", self.proposer.method)
+            for request_id in self.proposer.active_requests():
+                self.proposer.free(request_id)
 
     def needs_logits(self, batch: ScheduledBatch) -> bool:
         """Set StepInput.return_logits: only sampled drafts need the target's logits."""
@@ -202,6 +225,9 @@ def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Propo
     if spec.method == "lookahead":
         from minillm.speculative.lookahead import LookaheadProposer
         return LookaheadProposer(spec.lookahead_ngram)
+    if spec.method in HIDDEN_STATE_KIND:  # Medusa, EAGLE, MTP: trained heads over the target's features
+        from minillm.speculative.head_kinds import build_head_proposer
+        return build_head_proposer(spec, engine, seed)
     from minillm.speculative.draft import DraftModelProposer, EarlyExitModel, independent_copy
     if spec.method == "draft_model" and spec.model is not None:
         from minillm.engine.worker import build_model

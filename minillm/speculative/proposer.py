@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minillm.hooks import dispatch
+from minillm.speculative.rejection import logits_to_probs, sample_from_probs
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
@@ -47,6 +48,17 @@ class Proposer:
     def active_requests(self) -> set[str]:
         """Request ids that hold state here (the engine frees those no longer running)."""
         return set()
+
+
+def sample_drafts(logits: torch.Tensor, params: list, generators: list[torch.Generator | None],
+                  default_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drafts of sampled requests: q = logits [R, V] under each row's request parameters (temperature, top-k,
+    top-p: the transform the target's probabilities get in verification), then x ~ q. Returns (tokens [R], q)
+    on the CPU; q goes to the rejection rule with the drafts."""
+    q = logits_to_probs(logits.float().cpu(), torch.tensor([p.temperature for p in params], dtype=torch.float32),
+                        torch.tensor([p.top_k for p in params], dtype=torch.int64),
+                        torch.tensor([p.top_p for p in params], dtype=torch.float32))
+    return sample_from_probs(q, generators, default_generator), q
 
 
 def check_num_tokens(seqs: list, num_tokens: list[int]) -> None:

@@ -1,0 +1,69 @@
+"""EAGLE (Li et al. 2024): draft at the feature level, one decoder layer run autoregressively (chapter 9).
+
+The target's top-layer feature f_p (its last hidden state before the final norm, at position p) predicts token
+p + 1 through norm + LM head. EAGLE learns to predict the *next feature*: its input at position p is
+
+    x_p = fc([f_p ; embed(x_{p+1})])        (2d -> d: the feature and the token that was actually chosen from it)
+
+and one decoder layer over x_{<=p} gives g_p ~ f_{p+1}; the target's own final norm and LM head turn g_p into
+token p + 2. Feeding the token in resolves the uncertainty of sampling (the same feature can lead to different
+tokens), which is why EAGLE accepts more than Medusa at the same cost. To draft k tokens the layer runs k times,
+each time on its own previous output g and the token it just drafted: autoregression in feature space, with the
+embedding and LM head borrowed from the target (nothing of the vocabulary is copied).
+
+Here the layer attends over a window of the last <= 64 positions, recomputed each step (a fresh K/V window per
+proposal, extended by the drafts within it: see minillm.speculative.head_proposer). Training (train_heads) adds a
+feature regression loss (Smooth L1, g_p against f_{p+1}) to the token loss, as the paper does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.speculative.head_proposer import Chooser, HeadProposer, Window
+from minillm.speculative.heads import DraftBlock, HeadConfig
+
+
+class EagleHead(nn.Module):
+    """forward(features [B, T, d], token_embeds [B, T, d], positions, key_mask, past) -> (g [B, T, d], (k, v))."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.fc = nn.Linear(2 * d, d)
+        self.layer = DraftBlock(config)
+        with torch.no_grad():  # start as "the feature passes through": x_p = f_p
+            self.fc.weight.zero_()
+            self.fc.weight[:, :d].copy_(torch.eye(d))
+            self.fc.bias.zero_()
+
+    def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
+                key_mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        return self.layer(self.fc(torch.cat([features, token_embeds], dim=-1)), positions, key_mask, past)
+
+
+class EagleProposer(HeadProposer):
+    method = "eagle"
+    hidden_state_kind = "pre_norm"
+
+    @property
+    def max_drafts(self) -> int:
+        return 16  # autoregressive: as many as the config asks for (SpeculativeConfig caps k at 16)
+
+    def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
+        target = self.target
+        g, past = self.heads(window.features, target.embed(window.next_tokens), window.positions, window.key_mask)
+        last, positions, key_mask = g[:, -1], window.positions[:, -1], window.key_mask
+        drafted = []
+        for step in range(num_drafts):
+            token = choose(target.logits(target.final_norm(last)))
+            drafted.append(token)
+            if step + 1 == num_drafts:
+                break
+            # the next position: its feature is the one just predicted, its token the one just drafted
+            positions = positions + 1
+            key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], dim=1)
+            g, past = self.heads(last[:, None], target.embed(token)[:, None], positions[:, None], key_mask, past)
+            last = g[:, -1]
+        return drafted

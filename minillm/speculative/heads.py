@@ -1,0 +1,234 @@
+"""What Medusa, EAGLE and MTP heads share: their config, the target's frozen parts, one small decoder block, and
+the files they are saved in (chapter 9).
+
+All three draft from the target's own last hidden state and reuse the target's embedding, final norm and LM head
+(tied in SmolLM2: the 28M-parameter vocabulary matrix is never copied, only read). What each adds is small:
+
+    medusa  K residual blocks h + SiLU(W h + b) on the post-norm state            K * d^2 parameters
+    eagle   fc: [feature; embedding] 2d -> d, then one decoder layer              ~ 1 target layer
+    mtp     per module: two RMSNorms, a 2d -> d projection, one decoder layer   ~ 1 target layer each
+
+The decoder layer here (`DraftBlock`) is a Llama block with plain torch attention (SDPA) over a short *window* of
+the sequence: heads run outside the paged KV cache. Proposers recompute the window every step (it is tens of
+tokens, one layer: cheap next to a target step) and keep a cache only within one proposal, for the drafts they
+feed back in (minillm.speculative.head_proposer). Training runs the same block over whole sequences.
+
+Files: a directory with `heads.safetensors` (the head's own parameters only) and `config.json` (HeadConfig, with
+the target's fingerprint: hidden size, layers, vocabulary). `resolve_heads_dir` finds the directory for a
+speculative config: its "model", else the weights shipped for the bundled model under
+minillm/speculative/weights/<method>/, checked against the target's fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.layers.norm import rms_norm
+from minillm.layers.rotary import apply_rotary
+
+HEAD_KINDS = ("medusa", "eagle", "mtp")
+WEIGHTS_FILE, CONFIG_FILE = "heads.safetensors", "config.json"
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def target_fingerprint(config: ModelConfig) -> dict[str, int]:
+    """What heads trained on one target must match in another before they are loaded onto it."""
+    return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size}
+
+
+@dataclass
+class HeadConfig:
+    kind: str
+    num_heads: int  # medusa: heads K; mtp: modules D; eagle: 1 (one layer, run k times)
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    target: dict[str, int] = field(default_factory=dict)  # target_fingerprint of the model it was trained on
+    training: dict = field(default_factory=dict)  # steps, losses, data: a record, not read back
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or not 1 <= self.num_heads <= 16:
+            raise ValueError(f"num_heads must be an integer in [1, 16], got {self.num_heads!r}")
+
+    @classmethod
+    def for_target(cls, kind: str, config: ModelConfig, num_heads: int) -> "HeadConfig":
+        return cls(kind, 1 if kind == "eagle" else num_heads, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, config.head_dim, config.intermediate_size, config.rms_norm_eps,
+                   config.rope_theta, target_fingerprint(config))
+
+
+class TargetParts:
+    """The target's embedding, final norm and LM head, read-only, as plain tensor functions (no triton kernel,
+    no forward context): a head's gradients flow through them in training, and they run on [B, T, d] tensors."""
+
+    def __init__(self, target: nn.Module) -> None:
+        try:
+            self.embed_weight = target.model.embed_tokens.weight
+            self.norm_weight, self.eps = target.model.norm.weight, target.model.norm.eps
+            self.lm_head_weight = target.lm_head.weight
+        except AttributeError as err:
+            raise ValueError(f"heads need the target's embed_tokens, final norm and lm_head; "
+                             f"{type(target).__name__} lacks one ({err})") from None
+        self.vocab_size, self.hidden_size = self.lm_head_weight.shape
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed_weight)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.norm_weight, self.eps)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return F.linear(normed, self.lm_head_weight)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE (the target's layout) of x [B, T, H, D] at positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2], broadcast over heads by apply_rotary
+    return apply_rotary(x, angles.cos(), angles.sin())
+
+
+class DraftBlock(nn.Module):
+    """A pre-norm Llama decoder layer on batched windows [B, T, d], attention by SDPA.
+
+    forward(x, positions, key_mask, past) -> (out, (k, v)): `key_mask` [B, S] marks the real keys (False: left
+    padding) over the past keys and these T new ones; `past` the (k, v) this call returned before. Causal within
+    the window; every query also sees itself, so a padding row attends to something (no NaN) and is ignored."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.eps, self.rope_theta = config.rms_norm_eps, config.rope_theta
+        self.input_norm = nn.Parameter(torch.ones(d))
+        self.post_attention_norm = nn.Parameter(torch.ones(d))
+        self.q_proj, self.k_proj = nn.Linear(d, h * hd, bias=False), nn.Linear(d, kv * hd, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, kv * hd, bias=False), nn.Linear(h * hd, d, bias=False)
+        self.gate_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, _ = x.shape
+        y = rms_norm(x, self.input_norm, self.eps)
+        q = rope(self.q_proj(y).view(b, t, self.num_heads, self.head_dim), positions, self.rope_theta).transpose(1, 2)
+        k = rope(self.k_proj(y).view(b, t, self.num_kv_heads, self.head_dim), positions,
+                 self.rope_theta).transpose(1, 2)
+        v = self.v_proj(y).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        s = k.shape[2]
+        if key_mask.shape != (b, s):
+            raise ValueError(f"key_mask must be [B, S] = [{b}, {s}], got {tuple(key_mask.shape)}")
+        query_at = torch.arange(s - t, s, device=x.device)[:, None]
+        keys = torch.arange(s, device=x.device)[None, :]
+        allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
+        group = self.num_heads // self.num_kv_heads
+        attn = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                              attn_mask=allowed[:, None], scale=self.head_dim ** -0.5)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        y = rms_norm(x, self.post_attention_norm, self.eps)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y)), (k, v)
+
+    @torch.no_grad()
+    def init_from_target_layer(self, layer: nn.Module) -> bool:
+        """Start from a target decoder layer's weights (dense float only; returns False and keeps the random
+        init otherwise): a warm start that makes minutes of training go further."""
+        try:
+            qkv, o = layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight
+            gate_up, down = layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight
+            norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        except AttributeError:
+            return False
+        q_rows, kv_rows = self.q_proj.out_features, self.k_proj.out_features
+        ffn = self.gate_proj.out_features
+        if not qkv.is_floating_point() or qkv.shape != (q_rows + 2 * kv_rows, self.q_proj.in_features) \
+                or gate_up.shape != (2 * ffn, self.gate_proj.in_features) or down.shape != self.down_proj.weight.shape:
+            return False
+        for mine, theirs in ((self.q_proj, qkv[:q_rows]), (self.k_proj, qkv[q_rows:q_rows + kv_rows]),
+                             (self.v_proj, qkv[q_rows + kv_rows:]), (self.o_proj, o), (self.gate_proj, gate_up[:ffn]),
+                             (self.up_proj, gate_up[ffn:]), (self.down_proj, down)):
+            mine.weight.copy_(theirs)
+        self.input_norm.copy_(norms[0])
+        self.post_attention_norm.copy_(norms[1])
+        return True
+
+
+def window_positions(lengths: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded windows: (positions [B, width] counting from 0 at each row's first real token, key_mask
+    [B, width] True on real tokens). RoPE sees only distances, so window-relative positions are exact."""
+    lengths_t = torch.tensor(lengths, device=device)[:, None]
+    pad = width - lengths_t
+    index = torch.arange(width, device=device)[None, :]
+    return (index - pad).clamp(min=0), index >= pad
+
+
+# -- files ----------------------------------------------------------------------------------------------
+def save_heads(directory: str | os.PathLike, heads: nn.Module, config: HeadConfig) -> Path:
+    """Write heads.safetensors (bf16 unless the heads are fp32 and small) and config.json into `directory`."""
+    from safetensors.torch import save_file
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to(torch.bfloat16).contiguous().cpu() for name, t in heads.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    return path
+
+
+def load_head_files(directory: str | os.PathLike, kind: str, target: ModelConfig
+                    ) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of the heads in `directory`; raises if they are another kind or were trained on a
+    target of another shape."""
+    from safetensors.torch import load_file
+    path = Path(directory)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no trained heads here (need {CONFIG_FILE} and {WEIGHTS_FILE}, as "
+                                f"`minillm train-heads --kind {kind} --out {path}` writes them)")
+    try:
+        config = HeadConfig(**json.loads((path / CONFIG_FILE).read_text()))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG_FILE}: not a head config ({err})") from None
+    if config.kind != kind:
+        raise ValueError(f"{path} holds {config.kind!r} heads, but speculative method {kind!r} was asked for")
+    if config.target != target_fingerprint(target):
+        raise ValueError(f"{path}: heads trained for a target with {config.target}, this target has "
+                         f"{target_fingerprint(target)}; train heads for it with `minillm train-heads`")
+    return config, load_file(str(path / WEIGHTS_FILE))
+
+
+def resolve_heads_dir(kind: str, model: str | None, target: ModelConfig) -> Path:
+    """`model` when given; else the shipped weights for `kind` if they were trained on this target; else a
+    ValueError that says how to get some."""
+    if model is not None:
+        return Path(model)
+    shipped = SHIPPED_DIR / kind
+    if (shipped / CONFIG_FILE).is_file():
+        trained_for = json.loads((shipped / CONFIG_FILE).read_text()).get("target")
+        if trained_for == target_fingerprint(target):
+            return shipped
+    raise ValueError(f"no shipped {kind} heads for this target ({target_fingerprint(target)}): train them with "
+                     f"`minillm train-heads --kind {kind} --out DIR` and pass speculative_config="
+                     f"{{'method': '{kind}', 'model': DIR, ...}}")
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,71 @@
+"""Multi-token prediction modules (DeepSeek-V3, 2024): D sequential modules, module k guessing k tokens further
+(chapter 9).
+
+DeepSeek-V3 trains its main model with D extra modules; module k (k = 1..D) at position i combines the previous
+depth's representation h^{k-1}_i (h^0: the main model's last hidden state, before its final norm) with the
+embedding of token i + k:
+
+    h'_i = M_k [ RMSNorm(h^{k-1}_i) ; RMSNorm(embed(t_{i+k})) ]        (2d -> d projection)
+    h^k  = TRM_k(h'_{<=i})                                              (one transformer block, causal)
+    logits = lm_head(RMSNorm_k(h^k_i))   guesses token i + k + 1         (the LM head shared with the target)
+
+Unlike EAGLE, each depth has its *own* module (no weights reused across steps), so D modules draft at most D
+tokens; the chain keeps causality because module k sees the token module k - 1 drafted. Used for speculative
+decoding, module 1 at the last position guesses the token after the one just sampled, module 2 (fed that guess)
+the one after, and so on. Each module attends over the window of the last <= 64 positions, recomputed each step
+(minillm.speculative.head_proposer); module k's window tokens are the window's shifted by k, the drafts so far
+filling the end.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.layers.norm import rms_norm
+from minillm.speculative.head_proposer import Chooser, HeadProposer, Window
+from minillm.speculative.heads import DraftBlock, HeadConfig
+
+
+class MTPModule(nn.Module):
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.hidden_norm, self.embed_norm = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.layer = DraftBlock(config)
+        self.out_norm = nn.Parameter(torch.ones(d))
+        with torch.no_grad():  # start from "the normalised representation passes through"
+            self.proj.weight.zero_()
+            self.proj.weight[:, :d].copy_(torch.eye(d))
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
+                key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.proj(torch.cat([rms_norm(hidden, self.hidden_norm, self.eps),
+                                 rms_norm(token_embeds, self.embed_norm, self.eps)], dim=-1))
+        return self.layer(x, positions, key_mask)[0]
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the shared LM head reads."""
+        return rms_norm(hidden, self.out_norm, self.eps)
+
+
+class MTPModules(nn.Module):
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_heads))
+
+
+class MTPProposer(HeadProposer):
+    method = "mtp"
+    hidden_state_kind = "pre_norm"
+
+    def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
+        hidden, tokens, drafted = window.features, window.next_tokens, []
+        for module in self.heads.mtp[:num_drafts]:
+            hidden = module(hidden, self.target.embed(tokens), window.positions, window.key_mask)
+            token = choose(self.target.logits(module.normed(hidden[:, -1])))
+            drafted.append(token)
+            # module k + 1 at position p reads token p + k + 1: the window's tokens one further, the draft last
+            tokens = torch.cat([tokens[:, 1:], token[:, None]], dim=1)
+        return drafted
