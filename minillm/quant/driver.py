@@ -93,6 +93,17 @@ def _shards(model: nn.Module, name: str, layer: nn.Module) -> list[tuple[str, sl
     return result
 
 
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A dense model's parameters as an HF checkpoint: packed q/k/v and gate/up split back into their tensors."""
+    state = {}
+    for name, param in model.named_parameters():
+        module_name, _, suffix = name.rpartition(".")
+        layer = model.get_submodule(module_name)
+        shards = _shards(model, module_name, layer) if getattr(layer, "shard_ids", ()) else [(module_name, slice(None))]
+        state.update({f"{hf}.{suffix}": param.detach()[rows].clone() for hf, rows in shards})
+    return state
+
+
 def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     from minillm.layers.linear import Linear
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and ".layers." in n}
@@ -129,7 +140,7 @@ def _check(model: nn.Module, method: str, bits: int | None, group_size: int, cal
     return bits
 
 
-class _LayerRunner:
+class LayerRunner:
     """Runs one decoder layer over every calibration batch (cache-less prefill) with optional input hooks."""
 
     def __init__(self, model: nn.Module, calibration: torch.Tensor, batch_size: int) -> None:
@@ -161,7 +172,7 @@ class _LayerRunner:
                 h.remove()
 
 
-def _gptq_layer(layer: nn.Module, runner: _LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
+def _gptq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
     result = {}
     for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
@@ -175,7 +186,7 @@ def _gptq_layer(layer: nn.Module, runner: _LayerRunner, opts: dict[str, Any]) ->
     return result
 
 
-def _capture_inputs(layer: nn.Module, runner: _LayerRunner, linears: list[nn.Module], max_tokens: int
+def _capture_inputs(layer: nn.Module, runner: LayerRunner, linears: list[nn.Module], max_tokens: int
                     ) -> dict[nn.Module, torch.Tensor]:
     xs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in linears}
     runner.run(layer, {m: xs[m].append for m in linears})
@@ -188,7 +199,7 @@ def _capture_inputs(layer: nn.Module, runner: _LayerRunner, linears: list[nn.Mod
     return out
 
 
-def _awq_layer(layer: nn.Module, runner: _LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
+def _awq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
     x = _capture_inputs(layer, runner, [qkv, o, gate_up, down], opts["max_tokens"])
@@ -232,7 +243,7 @@ def _awq_layer(layer: nn.Module, runner: _LayerRunner, opts: dict[str, Any]) -> 
     return result
 
 
-def _smoothquant_layer(layer: nn.Module, runner: _LayerRunner, opts: dict[str, Any]
+def _smoothquant_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]
                        ) -> dict[nn.Module, QuantizedWeight]:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
@@ -325,7 +336,7 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     qweights: dict[nn.Module, QuantizedWeight] = {}
     if method in CALIBRATED:
         model = copy.deepcopy(model)  # weights are rewritten (quantized, scales folded) as the walk goes
-        runner = _LayerRunner(model, calibration, batch_size)
+        runner = LayerRunner(model, calibration, batch_size)
         for layer in tqdm(model.model.layers, desc=method, unit="layer", disable=not progress):
             qweights.update(_LAYER_ALGORITHMS[method](layer, runner, opts))
             runner.run(layer, advance=True)
