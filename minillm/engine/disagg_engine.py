@@ -1,0 +1,308 @@
+"""The disaggregated engine: a router in front of a prefill worker and a decode worker (chapter 11).
+
+    llm = LLM(model, disaggregation={"prefill": 1, "decode": 1})       # the same generate / chat / stream
+    engine = DisaggregatedEngine(RandomWeights(0), tokenizer, model_config, EngineConfig(...),
+                                 disaggregation={"decode_num_kv_blocks": 64})
+
+Design: the router is an LLMEngine (requests, validation, detokenization, stop checks, log-probs, abort: all
+inherited), so `LLM(..., disaggregation=...)` serves it through the same front as any engine, and a server or a
+benchmark drives it one `step()` at a time. What changes is the step. One engine step is one scheduler decision
+and one forward; a router step dispatches work to whichever worker is idle and returns when some worker
+finishes a step, so the two workers never wait for each other (a lock-step design would hand every decode step
+the length of the longest prefill beside it: exactly the interference disaggregation exists to remove):
+
+    dispatch   prefill worker idle: the KV sends of requests handed off since its last message, and a batch of
+               prompts from the prefill side's scheduler
+               decode worker idle: the posted transfers the decode side has blocks for (their receives), and a
+               decode batch that already includes them
+    wait       for any worker's answer: "posted" (the prefill worker's sends are up: the decode side may admit
+               them) or "done" (a step's tokens: postprocess, stop checks, outputs; the prefill side's sequences
+               whose first token was sampled and that go on are handed off to the transfer queue)
+    dispatch   again, so both workers are busy while the caller consumes the outputs
+
+Timing: a request's first token is stamped when the prefill worker's step reaches the router (TTFT), every
+later one when a decode step does (TPOT): RequestOutput.metrics as in one engine. `kv_bytes_sent` keeps the
+bytes each request's transfer carried. Where the workers run: `prefill_device` / `decode_device`, by default
+cuda:0 and cuda:1 with two GPUs, both on the one GPU otherwise (the KV then goes through CPU memory: a
+correctness check, not a measurement), and the CPU on a CPU.
+
+Not supported here: more than one worker per side (xPyD), speculative decoding, static batching, tensor or
+pipeline parallel workers, learner overrides (the workers run in other processes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.block_manager import BlockManager
+from minillm.engine.cache_config import CacheConfig, resolve_engine_config
+from minillm.engine.disagg_scheduler import DecodeScheduler, DisaggScheduler, KVTransfer, PrefillScheduler
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import SequenceStatus
+from minillm.engine.step_input import StepInput, build_step_input
+from minillm.outputs import RequestOutput
+from minillm.parallel.disagg import ROLES, DisaggWorkers, KVRecv, KVSend, WorkerDied
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DisaggregationConfig:
+    """How many workers per side (1 and 1), where they run, and optional per-side KV pool sizes."""
+
+    prefill: int = 1
+    decode: int = 1
+    prefill_device: str | None = None
+    decode_device: str | None = None
+    prefill_num_kv_blocks: int | None = None  # default: EngineConfig.num_kv_blocks, or sized by the worker
+    decode_num_kv_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prefill, self.decode) != (1, 1):
+            raise ValueError(f"disaggregation supports 1 prefill and 1 decode worker, got prefill={self.prefill!r}, "
+                             f"decode={self.decode!r} (several workers per side are not implemented)")
+        for role in ROLES:
+            blocks = getattr(self, f"{role}_num_kv_blocks")
+            if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+                raise ValueError(f"disaggregation {role}_num_kv_blocks must be None or an integer >= 1, got {blocks!r}")
+
+    @classmethod
+    def from_value(cls, value: "DisaggregationConfig | Mapping[str, Any] | None") -> "DisaggregationConfig":
+        if value is None or isinstance(value, DisaggregationConfig):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise TypeError(f"disaggregation must be a dict or a DisaggregationConfig, got {type(value).__name__}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown disaggregation option(s) {unknown}; allowed: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**value)
+
+    def device(self, role: str, engine_device: torch.device) -> torch.device:
+        chosen = getattr(self, f"{role}_device")
+        if chosen is not None:
+            return torch.device(chosen)
+        if engine_device.type != "cuda":
+            return engine_device
+        two = torch.cuda.device_count() >= 2
+        return torch.device("cuda", ROLES.index(role) if two else 0)
+
+
+def check_disaggregation(config: EngineConfig) -> None:
+    """Raise ValueError for engine options the disaggregated engine does not run (before any process starts)."""
+    from minillm.speculative.config import SpeculativeConfig
+    if config.scheduling != "continuous" or config.kv_layout == "contiguous":
+        raise ValueError("disaggregation needs continuous batching over paged KV blocks (the transfer moves "
+                         f"blocks), got scheduling={config.scheduling!r}, kv_layout={config.kv_layout!r}")
+    parallel = config.tensor_parallel_size * config.pipeline_parallel_size * config.expert_parallel_size
+    if parallel != 1:
+        raise ValueError("disaggregation runs one whole model per worker: tensor_parallel_size, "
+                         "pipeline_parallel_size and expert_parallel_size must be 1")
+    if SpeculativeConfig.from_engine_config(config) is not None:
+        raise ValueError("speculative decoding is not supported with disaggregation")
+
+
+class _SizingExecutor:
+    """What LLMEngine's constructor asks of an executor (pool size, cache setup), answered by both workers:
+    each side gets the pool its own worker sized, remembered in `cache_configs`."""
+
+    def __init__(self, workers: DisaggWorkers) -> None:
+        self.workers = workers
+        self.num_blocks: dict[str, int] = {}
+        self.cache_configs: dict[str, CacheConfig] = {}
+
+    def determine_num_gpu_blocks(self) -> int:
+        self.num_blocks = {role: self.workers.call(role, "determine_num_gpu_blocks") for role in ROLES}
+        return min(self.num_blocks.values())
+
+    def initialize_cache(self, cache_config: CacheConfig) -> None:
+        for role in ROLES:
+            blocks = self.num_blocks.get(role, cache_config.num_gpu_blocks)
+            self.cache_configs[role] = dataclasses.replace(cache_config, num_gpu_blocks=blocks)
+            self.workers.call(role, "initialize_cache", self.cache_configs[role])
+
+    def execute_model(self, step: StepInput) -> Any:
+        raise RuntimeError("a disaggregated engine steps its workers through DisaggregatedEngine.step()")
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+
+
+class DisaggregatedEngine(LLMEngine):
+    """`model_source`: a picklable ModelSource (CheckpointSource(path), RandomWeights(seed)) each worker loads."""
+
+    def __init__(self, model_source: Any, tokenizer: Any, model_config: ModelConfig, engine_config: EngineConfig,
+                 *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 disaggregation: DisaggregationConfig | Mapping[str, Any] | None = None) -> None:
+        plan = DisaggregationConfig.from_value(disaggregation)
+        device = torch.device(device)
+        config = resolve_engine_config(engine_config, model_config, device)
+        check_disaggregation(config)
+        kwargs = {}
+        for role in ROLES:
+            blocks = getattr(plan, f"{role}_num_kv_blocks")
+            role_config = config if blocks is None else dataclasses.replace(config, num_kv_blocks=blocks)
+            kwargs[role] = dict(model_config=model_config, engine_config=role_config, device=plan.device(role, device),
+                                dtype=dtype, model_source=model_source, seed=seed)
+        self.workers = DisaggWorkers(kwargs)
+        sizing = _SizingExecutor(self.workers)
+        try:
+            super().__init__(None, tokenizer, model_config, config, device=device, dtype=dtype, seed=seed,
+                             executor=sizing)
+        except BaseException:
+            self.workers.shutdown()
+            raise
+        self.disaggregation = plan
+        caches = sizing.cache_configs
+        self.scheduler = DisaggScheduler(
+            PrefillScheduler(config, BlockManager(caches["prefill"].num_gpu_blocks, caches["prefill"].block_size,
+                                                  caches["prefill"].num_cpu_blocks, config.enable_prefix_caching)),
+            DecodeScheduler(dataclasses.replace(config, enable_prefix_caching=False),
+                            BlockManager(caches["decode"].num_gpu_blocks, caches["decode"].block_size,
+                                         caches["decode"].num_cpu_blocks)))
+        self.kv_bytes_sent: dict[str, int] = {}  # request id -> bytes of its KV transfer
+        self._in_flight: dict[str, tuple[ScheduledBatch, list[KVTransfer]]] = {}  # role -> its message's work
+        self._finished_ids: dict[str, list[str]] = {role: [] for role in ROLES}
+        self._broken: str | None = None
+
+    # -- the front ------------------------------------------------------------------------------------------
+    def add_request(self, *args: Any, **kwargs: Any) -> str:
+        self._check_usable()
+        return super().add_request(*args, **kwargs)
+
+    def get_comm_stats(self, reset: bool = False) -> dict[str, dict[str, int]]:
+        """Bytes each worker handed to torch.distributed ("kv_send" / "kv_recv"), between steps."""
+        self._check_usable()
+        return {role: self.workers.call(role, "get_comm_stats", reset) for role in ROLES}
+
+    def num_used_blocks(self) -> dict[str, int]:
+        """KV blocks in use on each side (0 and 0 once every request has finished)."""
+        return {"prefill": self.scheduler.prefill.block_manager.num_used_blocks,
+                "decode": self.scheduler.decode.block_manager.num_used_blocks}
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+
+    # -- the router step ------------------------------------------------------------------------------------
+    def _step(self) -> list[RequestOutput]:
+        self._check_usable()
+        outputs = self._drain_both_rejected()
+        try:
+            self._dispatch()
+            done = False
+            while not done and self._in_flight:
+                for worker, kind, payload in self.workers.wait():
+                    if kind == "posted":
+                        self.kv_bytes_sent.update((t.request_id, t.nbytes) for t in self.scheduler.mark_posted(payload))
+                    else:
+                        outputs += self._complete(worker.role, payload)
+                        done = True
+                self._dispatch()  # newly posted transfers may go to an idle decode worker at once
+        except WorkerDied as err:
+            return outputs + self._fail_all(str(err))
+        return outputs + self._drain_both_rejected()
+
+    def _dispatch(self) -> None:
+        fresh, self._finished_since_last_step = self._finished_since_last_step, []
+        for role in ROLES:
+            self._finished_ids[role] += fresh
+        sched = self.scheduler
+        if "prefill" not in self._in_flight:
+            transfers = sched.sends_to_post()
+            sends = [KVSend(t.tag, list(t.prefill_seq.block_table)) for t in transfers]
+            self._submit("prefill", sched.prefill, transfers, sends=sends)
+        if "decode" not in self._in_flight:
+            transfers = sched.admit_transfers()
+            recvs = [KVRecv(t.tag, t.num_blocks, None if t.aborted else t.decode_seq.block_table[:t.num_blocks])
+                     for t in transfers]
+            self._submit("decode", sched.decode, transfers, recvs=recvs)
+
+    def _submit(self, role: str, side: Any, transfers: list[KVTransfer], sends: list[KVSend] = (),
+                recvs: list[KVRecv] = ()) -> None:
+        batch = side.schedule() if side.has_unfinished() else ScheduledBatch()
+        if batch.is_empty and not transfers:
+            return
+        finished, self._finished_ids[role] = self._finished_ids[role], []
+        if batch.is_empty:
+            step = StepInput(block_size=self.cache_config.block_size, finished_request_ids=finished)
+        else:
+            step = build_step_input(batch, self.cache_config.block_size, finished)
+            self.num_steps += 1
+        self._in_flight[role] = (batch, transfers)
+        self.workers.workers[role].submit("step", step, list(sends), list(recvs))
+
+    def _complete(self, role: str, result: Any) -> list[RequestOutput]:
+        """A worker's step came back: postprocess its batch; the prefill side hands off its finished prompts."""
+        batch, transfers = self._in_flight.pop(role)
+        sched = self.scheduler
+        side = sched.prefill if role == "prefill" else sched.decode
+        if isinstance(result, Exception):
+            logger.error("%s step failed; finishing its requests with 'error': %s", role, result)
+            message = f"{type(result).__name__}: {result}"
+            failed = list(batch.seqs)
+            if role == "prefill":
+                failed += [t.decode_seq for t in sched.fail_unposted(transfers) if not t.aborted]
+            else:
+                sched.complete(transfers)  # the receives ran or failed: either way nothing more will come
+                failed += [t.decode_seq for t in transfers if not t.aborted and t.decode_seq not in batch.seqs]
+            return [self._finish(seq, "error", error=message) for seq in failed]
+        if role == "decode":
+            sched.complete(transfers)
+        outputs: list[RequestOutput] = []
+        if batch.is_empty:
+            return outputs
+        tokens = result.sampled_token_ids
+        try:
+            scored = self._scored_tokens(batch, result, tokens)
+            side.postprocess(batch, tokens)
+        except Exception as err:
+            logger.exception("%s step postprocessing failed", role)
+            return [self._finish(seq, "error", error=f"{type(err).__name__}: {err}") for seq in batch.seqs]
+        for seq, new_tokens, entries in zip(batch.seqs, tokens, scored):
+            reason = None
+            if new_tokens:  # one token per step: no speculation here
+                if entries is not None:
+                    seq.logprobs.append(self._logprob_dict(entries[0]))
+                    seq.cumulative_logprob += entries[0].logprob
+                reason = self._check_stop(seq, seq.num_tokens - 1)
+            if reason is not None:
+                outputs.append(self._finish(seq, reason))
+                continue
+            outputs.append(self._output(seq))
+            if role == "prefill" and new_tokens:  # the prompt is done and the request goes on: to the decode side
+                self._requests[seq.request_id].seq = sched.hand_off(seq).decode_seq
+        return outputs
+
+    def _drain_both_rejected(self) -> list[RequestOutput]:
+        drained = []
+        for side in (self.scheduler.prefill, self.scheduler.decode):
+            drained += [self._drop_rejected(seq) for seq in side.rejected]
+            side.rejected.clear()
+        return drained
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        """A worker died: every unfinished request ends with "error" and the reason; later calls raise it."""
+        logger.error("%s", message)
+        self._broken = message
+        self._in_flight.clear()
+        outputs = []
+        for state in list(self._requests.values()):
+            seq = state.seq
+            seq.finish_reason, seq.error, seq.finish_time = "error", message, time.perf_counter()
+            seq.status = SequenceStatus.FINISHED
+            self._requests.pop(seq.request_id, None)
+            outputs.append(RequestOutput.from_sequence(seq))
+        self.workers.shutdown()
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        """Requests in either side or between them, or a step still under way (it may be returning blocks)."""
+        return self._broken is None and (self.scheduler.has_unfinished() or bool(self._in_flight))

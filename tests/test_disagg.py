@@ -1,0 +1,170 @@
+"""Prefill/decode disaggregation on CPU processes (gloo): chapter 11.
+
+    pack/unpack: a request's blocks travel between pools whose block ids differ, and bad input is refused
+    a prefill worker and a decode worker give the same greedy tokens as one engine, for prompts of 1 token,
+    exactly one block, one past a block and several blocks, with chunked prefill and a decode pool too small for
+    all of them at once (requests wait for decode blocks, none is dropped)
+    the KV bytes each request sends equal 2 x layers x prompt rounded to blocks x kv_heads x head_dim x 4
+    no block is left in use on either side; an abort between the sides frees both
+    a killed decode or prefill worker ends the engine with an error naming it, at once, never a hang
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.cache_config import resolve_engine_config
+from minillm.engine.disagg_engine import DisaggregatedEngine, DisaggregationConfig
+from minillm.engine.executor import UniProcExecutor
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.worker import RandomWeights, Worker
+from minillm.parallel.kv_transfer import kv_transfer_bytes, pack_kv_blocks, unpack_kv_blocks
+from minillm.sampling_params import SamplingParams
+from tiny import ByteTokenizer, one_thread  # noqa: F401 (autouse)
+
+CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257,
+                     tie_word_embeddings=True)
+BLOCK = 4
+# chunks of at most 8 tokens: the 17-token prompt takes three prefill steps
+ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, num_kv_blocks=48, enable_chunked_prefill=True,
+              max_num_batched_tokens=8)
+# 1 token, exactly one block, one past a block, two blocks exactly, several blocks
+PROMPTS = [[100], [200, 201, 202, 203], [5, 6, 7, 8, 9], list(range(10, 18)), list(range(30, 47))]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+DECODE_BLOCKS = 10  # the five requests need 18 blocks at their longest: some wait for the decode side
+
+
+def _generate(engine: LLMEngine, prompts=PROMPTS) -> dict[str, list[int]]:
+    ids = [engine.add_request(None, p, GREEDY) for p in prompts]
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.outputs[0].finish_reason == "length", out.outputs[0].error
+                done[out.request_id] = out.outputs[0].token_ids
+    return {i: done[i] for i in ids}
+
+
+def _disaggregated(**plan) -> DisaggregatedEngine:
+    return DisaggregatedEngine(RandomWeights(seed=3), ByteTokenizer(), CONFIG, EngineConfig(**ENGINE),
+                               disaggregation=plan)
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[list[int]]:
+    config = resolve_engine_config(EngineConfig(**ENGINE), CONFIG, torch.device("cpu"))
+    worker = Worker(CONFIG, config, torch.device("cpu"), torch.float32, RandomWeights(seed=3))
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=UniProcExecutor(worker))
+    return list(_generate(engine).values())
+
+
+def test_pack_unpack_moves_blocks_between_pools_with_other_block_ids():
+    torch.manual_seed(0)
+    source = torch.randn(2, 3, 9, BLOCK, 2, 8)
+    target = torch.zeros(2, 3, 6, BLOCK, 2, 8)
+    packed = pack_kv_blocks(source, [7, 2, 5])
+    assert packed.shape == (2, 3, 3, BLOCK, 2, 8) and packed.is_contiguous()
+    assert packed.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    unpack_kv_blocks(target, [0, 4, 1], packed)
+    for logical, (src, dst) in enumerate(zip([7, 2, 5], [0, 4, 1])):
+        assert torch.equal(target[:, :, dst], source[:, :, src]), f"logical block {logical}"
+    assert not target[:, :, [2, 3, 5]].any()  # other blocks untouched
+    assert packed.numel() * 4 == kv_transfer_bytes(9, BLOCK, 3, 2, 8, torch.float32)  # 9 tokens: 3 whole blocks
+
+    with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
+        pack_kv_blocks(source, [9])
+    with pytest.raises(ValueError, match="repeat a block"):
+        pack_kv_blocks(source, [1, 1])
+    with pytest.raises(ValueError, match="empty"):
+        pack_kv_blocks(source, [])
+    with pytest.raises(ValueError, match="expected"):
+        unpack_kv_blocks(target, [0, 1], packed)
+    with pytest.raises(ValueError, match="one dtype"):
+        unpack_kv_blocks(target, [0, 4, 1], packed.double())
+    with pytest.raises(ValueError, match="must be a tensor"):
+        pack_kv_blocks(source[0], [0])
+
+
+def test_bad_disaggregation_options_are_refused_before_any_process_starts():
+    with pytest.raises(ValueError, match="1 prefill and 1 decode worker, got prefill=2"):
+        DisaggregationConfig.from_value({"prefill": 2})
+    with pytest.raises(ValueError, match=r"unknown disaggregation option\(s\) \['decoders'\]"):
+        DisaggregationConfig.from_value({"decoders": 1})
+    with pytest.raises(ValueError, match="decode_num_kv_blocks must be None or an integer >= 1, got 0"):
+        DisaggregationConfig(decode_num_kv_blocks=0)
+    with pytest.raises(ValueError, match="continuous batching over paged KV blocks"):
+        DisaggregatedEngine(RandomWeights(), ByteTokenizer(), CONFIG, EngineConfig(scheduling="static"))
+    with pytest.raises(ValueError, match="speculative decoding is not supported"):
+        DisaggregatedEngine(RandomWeights(), ByteTokenizer(), CONFIG,
+                            EngineConfig(speculative_model="[ngram]", num_speculative_tokens=2))
+
+
+def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survives_a_dead_decode_worker(expected):
+    engine = _disaggregated(decode_num_kv_blocks=DECODE_BLOCKS)
+    try:
+        assert engine.scheduler.decode.block_manager.num_blocks == DECODE_BLOCKS
+        tokens = _generate(engine)
+        assert list(tokens.values()) == expected
+        # back-pressure: the decode side never ran all five at once, and everybody finished
+        assert max(r.num_running for r in engine.scheduler.decode.timeline) < len(PROMPTS)
+        # bytes: per request, the analytic count; per worker, their sum, sent by one and received by the other
+        analytic = [kv_transfer_bytes(len(p), BLOCK, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads,
+                                      CONFIG.head_dim, torch.float32) for p in PROMPTS]
+        assert [engine.kv_bytes_sent[i] for i in tokens] == analytic
+        assert engine.get_comm_stats(reset=True) == {"prefill": {"kv_send": sum(analytic)},
+                                                     "decode": {"kv_recv": sum(analytic)}}
+        assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
+        engine.scheduler.check_invariants()
+
+        # a request aborted on its way between the sides: both sides' blocks come back
+        engine.add_request("gone", PROMPTS[4], GREEDY)
+        while not engine.scheduler.transfers:
+            engine.step()
+        engine.abort("gone")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
+
+        # the decode worker dies mid-run: the step ends every request with the reason, and nothing waits
+        engine.add_request("a", PROMPTS[2], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        while not engine.scheduler.decode.running:
+            engine.step()
+        decode = engine.workers.workers["decode"].process
+        decode.kill()
+        decode.join(timeout=10)
+        start = time.perf_counter()
+        outputs = []
+        while not outputs:
+            outputs = [o for o in engine.step() if o.request_id == "a"]
+        (out,) = outputs
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert f"the decode worker (pid {decode.pid}) died" in out.outputs[0].error
+        with pytest.raises(RuntimeError, match="decode worker"):
+            engine.add_request(None, PROMPTS[0], GREEDY)
+        assert time.perf_counter() - start < 10
+    finally:
+        engine.shutdown()
+    assert not any(w.process.is_alive() for w in engine.workers.workers.values())
+
+
+def test_a_dead_prefill_worker_fails_the_engine_at_once():
+    engine = _disaggregated()
+    try:
+        prefill = engine.workers.workers["prefill"].process
+        prefill.kill()
+        prefill.join(timeout=10)
+        start = time.perf_counter()
+        engine.add_request("b", PROMPTS[4], GREEDY)
+        (out,) = engine.step()
+        assert out.outputs[0].finish_reason == "error"
+        assert f"the prefill worker (pid {prefill.pid}) died" in out.outputs[0].error
+        assert not engine.has_unfinished_requests()
+        with pytest.raises(RuntimeError, match="prefill worker"):
+            engine.step()
+        assert time.perf_counter() - start < 10
+    finally:
+        engine.shutdown()
