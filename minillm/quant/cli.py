@@ -4,8 +4,13 @@
     minillm quantize my-llama/ --method fp8 --out my-llama-fp8
     python -c "from minillm import LLM; print(LLM(model='smollm2-gptq').generate('Hi')[0].outputs[0].text)"
 
-Calibrated methods (gptq, awq, smoothquant) read --calib-samples x --calib-seq-len tokens of the standard
-library's docstrings (minillm.quant.calibration). minillm/cli.py owns the parser and calls `register` here.
+    minillm quantize --method gguf-q4_k --out smollm2-q4_k.gguf    # one self-contained GGUF (quant/gguf_export.py)
+    minillm quantize --method prune-wanda --sparsity 0.5 --out smollm2-wanda50    # pruning (quant/prune.py)
+    minillm quantize --method prune-2:4 --prune-scores magnitude --out smollm2-2of4
+
+Calibrated methods (gptq, awq, smoothquant, prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
+--calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output needs a GGUF
+source: its tokenizer and chat template are copied from there. minillm/cli.py owns the parser and calls `register`.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import sys
 import time
 
 from minillm.quant.driver import CALIBRATED, METHODS
+from minillm.quant.gguf_export import GGUF_METHODS
+
+PRUNE_METHODS = ("prune-magnitude", "prune-wanda", "prune-2:4")
 
 
 def _group_size(text: str) -> int:
@@ -22,6 +30,40 @@ def _group_size(text: str) -> int:
     if value != -1 and value < 1:
         raise argparse.ArgumentTypeError(f"group size must be -1 (per channel) or positive, got {value}")
     return value
+
+
+def _cmd_gguf(args: argparse.Namespace, path: str) -> str:
+    """Write the model as one GGUF file; returns the line to print."""
+    from minillm.loader import GGUFFile, load_gguf_model
+    from minillm.quant.gguf_export import write_gguf_model
+    if os.path.isdir(path):
+        raise ValueError(f"--method {args.method} copies the tokenizer from a GGUF source; {path} is an HF directory")
+    if os.path.isdir(args.out) or not args.out.endswith(".gguf"):
+        raise ValueError(f"--method {args.method} writes one file: give --out FILE.gguf, got {args.out!r}")
+    source = GGUFFile(path)
+    config, weights = load_gguf_model(source)
+    write_gguf_model(args.out, config, dict(weights), GGUF_METHODS[args.method], source)
+    return f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)"
+
+
+def _cmd_prune(args: argparse.Namespace, model, tokenizer, path: str) -> str:
+    """Prune the dense model and save it; returns the line to print."""
+    from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
+    from minillm.quant.prune import linear_sparsity, prune_model, save_pruned
+    scores = "magnitude" if args.method == "prune-magnitude" else "wanda"
+    nm = None
+    if args.method == "prune-2:4":
+        scores, nm = args.prune_scores, (2, 4)
+        if args.sparsity != 0.5:
+            raise ValueError(f"prune-2:4 keeps 2 of every 4 weights (sparsity 0.5); got --sparsity {args.sparsity}")
+    calibration = None
+    if scores == "wanda":
+        texts = calibration_texts("calibration")
+        calibration = tokenize_to_sequences(texts, tokenizer, args.calib_samples, args.calib_seq_len)
+    pruned = prune_model(model, scores, None if nm else args.sparsity, calibration, nm=nm,
+                         granularity=args.granularity)
+    save_pruned(pruned, args.out, tokenizer, source=path if os.path.isdir(path) else None)
+    return f"wrote {args.out} ({linear_sparsity(pruned):.1%} of the decoder's linear weights are zero)"
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -35,11 +77,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     try:
         path = args.model if args.model is not None else default_model_path()
+        start = time.perf_counter()
+        if args.method in GGUF_METHODS:
+            print(f"{args.method}: {_cmd_gguf(args, path)} in {time.perf_counter() - start:.1f} s")
+            return 0
         config, weights, tokenizer = load_model(path)
         if config.quantization is not None:
             raise ValueError(f"{path} is already quantized ({config.quantization}); quantize a dense checkpoint")
         device = torch.device(args.device)
         model = build_model(config, weights, device, torch.float32)
+        if args.method in PRUNE_METHODS:
+            print(f"{args.method}: {_cmd_prune(args, model, tokenizer, path)} in {time.perf_counter() - start:.1f} s")
+            return 0
         calibration = None
         if args.method in CALIBRATED:
             texts = calibration_texts("calibration")
@@ -59,9 +108,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantize a model (rtn, gptq, awq, fp8, smoothquant, nf4, int8) "
-                                               "and save it as safetensors + config.json")
+                                               "and save it as safetensors + config.json; or write a GGUF "
+                                               "(gguf-q4_0, gguf-q4_k, gguf-q8_0); or prune it")
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS + tuple(GGUF_METHODS) + PRUNE_METHODS)
     p.add_argument("--bits", type=int, default=None, help="rtn/gptq/awq: 2..8 (default 4); fixed for the others")
     p.add_argument("--group-size", type=_group_size, default=64,
                    help="input columns per scale, -1 = per channel (default 64: SmolLM2's 576 is not a multiple "
@@ -69,8 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (rtn/gptq); default asymmetric")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing activation (desc_act)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="prune-*: fraction of weights set to zero (default 0.5)")
+    p.add_argument("--granularity", choices=("row", "layer"), default="row",
+                   help="prune-magnitude/wanda: compare scores per output row (default) or per matrix")
+    p.add_argument("--prune-scores", choices=("magnitude", "wanda"), default="wanda",
+                   help="prune-2:4: which score picks the 2 of 4 weights kept (default wanda)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--device", default="cpu", help="where to run the calibration: cpu (default) or cuda")
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--out", required=True, help="output directory (created if missing); FILE.gguf for gguf-*")
     p.set_defaults(func=_cmd_quantize)
