@@ -1,4 +1,4 @@
-"""INT4 weight-only GEMM, Marlin-style: y = x @ dequant(W)^T with the 4-bit weights unpacked in registers (chapter 10).
+"""INT4 weight-only GEMM, Marlin-style: y = x @ dequant(W)^T with the 4-bit weights unpacked in registers (chapter 8).
 
 At decode (M = 1..16 tokens) a linear layer is a matrix-vector product: every weight is read once and used
 M times, so the time is the time to read the weights. Storing them in 4 bits instead of 16 reads 4x fewer
@@ -48,9 +48,10 @@ import triton.language as tl
 
 from minillm.platform import triton_interpreted
 
-__all__ = ["int4_gemm", "choose_split_k", "MAX_SPLIT_K"]
+__all__ = ["int4_gemm", "int4_unpack", "launch_int4_gemm", "choose_split_k", "MAX_SPLIT_K"]
 
 
+# >>> exercise ch08.int4_unpack_kernel
 @triton.jit
 def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr, ROWS: tl.constexpr,
@@ -81,6 +82,29 @@ def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_s
         else:
             z = tl.full([ROWS, BLOCK_N], 8.0, tl.float32)
     return w, s, z
+
+
+@triton.jit
+def int4_unpack(w_lo, w_hi, z, I: tl.constexpr):
+    """Weight codes of nibble I (0..7) of a tile of packed int32 words, minus the zero points z, as exact fp32.
+
+    The original word holds 8 codes, code i in bits [4i, 4i + 4). The caller has prepared, once per word,
+    w_lo = word | 0x4B000000 and w_hi = (word >> 16) | 0x4B000000 (0x4B000000 is the bit pattern of the float
+    2^23), so code I is in bits [4j, 4j + 4), j = I % 4, of w_lo (I < 4) or of w_hi (I >= 4). z: fp32 zero
+    points broadcastable against the tile (or the scalar 0.0). Return (code - z) as fp32, the tile's shape.
+    Any exact way is right; the fast one (one AND and one FMA per weight, no shift and no int -> float
+    convert) keeps 2^23's exponent with the nibble: as a float that is 2^23 + code * 16^j exactly.
+    """
+    # >>> solution
+    # One AND keeps the nibble where it lies and the exponent: the float 2^23 + code 16^j (the mantissa's unit
+    # is 1 at 2^23); one FMA, f * 16^-j - (2^23 16^-j + z), leaves code - z exactly. I is a constexpr: the
+    # branch and the constants are resolved at compile time.
+    if I < 4:
+        f = (w_lo & (0x4B000000 | (0xF << (4 * (I % 4))))).to(tl.float32, bitcast=True)
+    else:
+        f = (w_hi & (0x4B000000 | (0xF << (4 * (I % 4))))).to(tl.float32, bitcast=True)
+    return f * (1.0 / (1 << (4 * (I % 4)))) - (8388608.0 / (1 << (4 * (I % 4))) + z)
+    # <<< solution
 
 
 @triton.jit
@@ -140,17 +164,10 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
         else:
             part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(8):
-            # nibble i sits at bits [4j, 4j + 4), j = i % 4, of w_lo (i < 4) or w_hi. One AND keeps it and the
-            # exponent: the float 2^23 + q 16^j exactly (the mantissa's unit is 1 at 2^23); one FFMA,
-            # f * 16^-j - (2^23 16^-j + z), leaves q - z exactly: no per-nibble shift, no int -> float convert.
-            if i < 4:
-                f = (w_lo & (0x4B000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
-            else:
-                f = (w_hi & (0x4B000000 | (0xF << (4 * (i % 4))))).to(tl.float32, bitcast=True)
             if SCALE_AFTER:
-                q = f * (1.0 / (1 << (4 * (i % 4)))) - (8388608.0 / (1 << (4 * (i % 4))) + z)
+                q = int4_unpack(w_lo, w_hi, z, i)  # (q - z): the tile's partial sums are scaled once, below
             else:
-                q = (f * (1.0 / (1 << (4 * (i % 4)))) - 8388608.0 / (1 << (4 * (i % 4)))) * s - zs
+                q = int4_unpack(w_lo, w_hi, 0.0, i) * s - zs  # (q - z) * s = q * s - z * s: one FFMA
             # activations of K rows 8j + i: stride 8 along K, matching nibble i of each word
             x_cols = k0 + 8 * offs_j + i
             if USE_DOT:
@@ -191,6 +208,30 @@ def _int4_gemm_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride
             tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
             tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
             tl.atomic_xchg(CNT + pid, 0)
+
+
+def launch_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                     group_size: int, use_dot: bool = False) -> torch.Tensor:
+    """Run _int4_gemm_kernel (so int4_unpack) with one fixed small tile and no split-K, for chapter 8 and its
+    graded tests: x [M, K] float -> y [M, N] in x's dtype (layout as int4_gemm's). The engine's: int4_gemm.
+    use_dot: the tensor-core path (BLOCK_M 16, BLOCK_K 128), else the CUDA-core path (one row per program)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    group = k if group_size == -1 else group_size
+    x, qweight, scales = x.contiguous(), qweight.contiguous(), scales.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    qz = qzeros.contiguous() if qzeros is not None else qweight  # a placeholder when symmetric
+    block_k = min(64, group) if group & (group - 1) == 0 else 64  # a power of two (tl.arange)
+    block_m, block_k = (16, 128) if use_dot else (1, block_k)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, 32), 1)
+    _int4_gemm_kernel[grid](x, qweight, scales, qz, scales, y, y, qweight, m, n, k, x.stride(0), qweight.stride(0),
+                            scales.stride(0), qz.stride(0), y.stride(0), m, 0x4B000000, GROUP_SIZE=group,
+                            HAS_ZEROS=qzeros is not None, HAS_BIAS=False,
+                            DOT_PRECISION="tf32" if x.is_cuda and x.dtype != torch.float32 else "ieee",
+                            UPCAST=not x.is_cuda and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=32,
+                            BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_K=1)
+    return y
+# <<< exercise
 
 
 # ---------------------------------------------------------------------------------------------- tiles

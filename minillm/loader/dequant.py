@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from minillm.hooks import dispatch
+
 
 @dataclass(frozen=True)
 class GGMLType:
@@ -79,12 +81,23 @@ def dequantize_q4_0(raw: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(-1)
 
 
+# >>> exercise ch07.dequant_q4_1
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns n_blocks * 32 floats.
+
+    Block layout (ggml's block_q4_1): d (fp16, bytes 0-1) | m (fp16, bytes 2-3) | 16 bytes of 4-bit codes q.
+    Byte j holds element j in its LOW nibble and element j + 16 in its HIGH nibble. w = q * d + m.
+    (Two bytes read as one fp16: `.contiguous().view(torch.float16)` on a [n, 2] uint8 slice; little-endian.)
+    """
+    # >>> solution
     blocks = raw.view(-1, 20)
-    d = _fp16_column(blocks, 0)
-    m = _fp16_column(blocks, 2)
-    q = _unpack_nibbles(blocks[:, 4:])
+    d = blocks[:, 0:2].contiguous().view(torch.float16).to(torch.float32)  # [n_blocks, 1]
+    m = blocks[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+    qs = blocks[:, 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.float32)  # all low nibbles, then all high nibbles
     return (q * d + m).reshape(-1)
+    # <<< solution
+# <<< exercise
 
 
 # --- 5-bit types: a fifth bit per weight, packed as one 32-bit mask per block --------------------------
@@ -125,11 +138,31 @@ def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)
 
 
+# >>> exercise ch07.dequant_q4_k
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
-    blocks = raw.view(-1, 144)  # d | dmin | 12 bytes of scales/mins | 128 bytes of nibbles
-    scales, mins = _k_scales_and_mins(blocks[:, 4:16])
-    d, dmin = _fp16_column(blocks, 0), _fp16_column(blocks, 2)
-    return ((d * scales)[:, :, None] * _k_nibbles(blocks[:, 16:]) - (dmin * mins)[:, :, None]).reshape(-1)
+    """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns n * 256 floats.
+
+    A super-block of 256 weights (ggml's block_q4_K) is 8 sub-blocks of 32, with two levels of scales:
+        d (fp16, bytes 0-1) | dmin (fp16, bytes 2-3) | 12 bytes of 6-bit scales/mins | 128 bytes of nibbles
+    Sub-block s (s = 0..7) has a 6-bit scale sc[s] and a 6-bit min mn[s], packed in the 12 bytes b[0..11]:
+        s < 4:  sc = b[s] & 63,                          mn = b[s + 4] & 63
+        s >= 4: sc = (b[s + 4] & 0xF) | (b[s - 4] >> 6) << 4,  mn = (b[s + 4] >> 4) | (b[s] >> 6) << 4
+    The 128 bytes are 4 chunks of 32: chunk c gives sub-block 2c from its low nibbles and sub-block 2c + 1
+    from its high nibbles (byte l of the chunk: element l of each). w = d * sc[s] * q - dmin * mn[s].
+    """
+    # >>> solution
+    blocks = raw.view(-1, 144)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).to(torch.float32)  # [n, 1]
+    dmin = blocks[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+    b = blocks[:, 4:16]
+    lo, mid, hi = b[:, 0:4], b[:, 4:8], b[:, 8:12]  # scales 0-3 | mins 0-3 | low halves of scales/mins 4-7
+    sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=1).to(torch.float32)  # [n, 8]
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=1).to(torch.float32)
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)  # [n, sub-block, 32]
+    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1)
+    # <<< solution
+# <<< exercise
 
 
 def dequantize_q5_k(raw: torch.Tensor) -> torch.Tensor:
@@ -154,6 +187,14 @@ def dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
     return ((d * scales)[:, :, None] * q.reshape(-1, 16, 16)).reshape(-1)
 
 
+def _q4_1(raw: torch.Tensor) -> torch.Tensor:
+    return dispatch("ch07.dequant_q4_1", dequantize_q4_1)(raw)  # a learner's version loads the model
+
+
+def _q4_k(raw: torch.Tensor) -> torch.Tensor:
+    return dispatch("ch07.dequant_q4_k", dequantize_q4_k)(raw)
+
+
 # Type ids are ggml's enum ggml_type; the ones we do not implement are listed by name so errors can say which.
 GGML_TYPES: dict[int, GGMLType] = {
     t.type_id: t
@@ -161,11 +202,11 @@ GGML_TYPES: dict[int, GGMLType] = {
         GGMLType(0, "F32", 1, 4, dequantize_f32),
         GGMLType(1, "F16", 1, 2, dequantize_f16),
         GGMLType(2, "Q4_0", 32, 18, dequantize_q4_0),
-        GGMLType(3, "Q4_1", 32, 20, dequantize_q4_1),
+        GGMLType(3, "Q4_1", 32, 20, _q4_1),
         GGMLType(6, "Q5_0", 32, 22, dequantize_q5_0),
         GGMLType(7, "Q5_1", 32, 24, dequantize_q5_1),
         GGMLType(8, "Q8_0", 32, 34, dequantize_q8_0),
-        GGMLType(12, "Q4_K", 256, 144, dequantize_q4_k),
+        GGMLType(12, "Q4_K", 256, 144, _q4_k),
         GGMLType(13, "Q5_K", 256, 176, dequantize_q5_k),
         GGMLType(14, "Q6_K", 256, 210, dequantize_q6_k),
         GGMLType(30, "BF16", 1, 2, dequantize_bf16),

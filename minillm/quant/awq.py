@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minillm.hooks import dispatch
 from minillm.quant.rtn import QuantizedWeight, check_quant_args, fake_quantize, quantize
 
-__all__ = ["AWQResult", "activation_scale", "search_scales", "search_clip", "awq_quantize",
+__all__ = ["AWQResult", "activation_scale", "awq_scale_step", "search_scales", "search_clip", "awq_quantize",
            "fold_scales_into_rmsnorm", "fold_scales_into_linear"]
 
 
@@ -64,6 +65,24 @@ def activation_scale(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().abs().mean(dim=0)
 
 
+# >>> exercise ch08.awq_scale_step
+def awq_scale_step(x: torch.Tensor, weights: list[torch.Tensor], s_x: torch.Tensor,
+                   alpha: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One point of AWQ's scale search: the per-channel scales for `alpha` and the problem they turn W x into.
+
+    x [n_tokens, in] fp32, weights: fp32 [out_i, in] sharing that input, s_x [in] > 0: mean |x| per channel.
+    s = s_x^alpha, then divided by sqrt(max(s) * min(s)) so the scales are centred on 1 (their largest and
+    smallest are reciprocal). Return (s [in], x / s, [W * s for each W]): x / s times (W * s)^T is x W^T again,
+    and the caller quantizes each W * s and measures how far the block output moves.
+    """
+    # >>> solution
+    s = s_x.pow(alpha)
+    s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 so neither grid end saturates
+    return s, x / s, [w * s for w in weights]  # salient columns (s > 1) grow: their rounding error shrinks
+    # <<< solution
+# <<< exercise
+
+
 def search_scales(weights: list[torch.Tensor], x: torch.Tensor, bits: int = 4, group_size: int = 128,
                   symmetric: bool = False, n_grid: int = 20) -> tuple[torch.Tensor, float, list[float]]:
     """Grid-search alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}: (best scales [in], best alpha, errors)."""
@@ -76,13 +95,12 @@ def search_scales(weights: list[torch.Tensor], x: torch.Tensor, bits: int = 4, g
     s_x = activation_scale(x).clamp(min=1e-4)  # a channel that is never active would give s = 0 and 1/s = inf
     best = (float("inf"), 0.0, torch.ones_like(s_x))
     errors = []
+    scale_step = dispatch("ch08.awq_scale_step", awq_scale_step)
     for step in range(n_grid):
         alpha = step / n_grid
-        s = s_x.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 so neither grid end saturates
-        xs = x / s
-        err = sum(float(((xs @ fake_quantize(w * s, bits, group_size, symmetric).T - ref) ** 2).sum())
-                  for w, ref in zip(ws, refs)) / (x.shape[0] * sum(w.shape[0] for w in ws))
+        s, xs, scaled = scale_step(x, ws, s_x, alpha)
+        err = sum(float(((xs @ fake_quantize(w_s, bits, group_size, symmetric).T - ref) ** 2).sum())
+                  for w_s, ref in zip(scaled, refs)) / (x.shape[0] * sum(w.shape[0] for w in ws))
         errors.append(err)
         if err < best[0]:
             best = (err, alpha, s)

@@ -25,12 +25,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.hooks import dispatch
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-_TINY = torch.finfo(torch.float32).tiny
+
+
+# >>> exercise ch07.fp8_scale
+def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
+                     fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8 in `fp8_dtype`, scale fp32) with x ~= x8 * scale: scale = amax / fp8_max, saturating what lies beyond.
+
+    x [..., k] any float tensor; amax: the range to map onto the format's largest finite value fp8_max
+    (torch.finfo(fp8_dtype).max: 448 for e4m3fn, 57344 for e5m2), broadcastable against x, e.g. [rows, 1].
+    It may come from calibration rather than from x itself (a static activation scale), so some |x| / scale
+    can exceed fp8_max: clamp them to +-fp8_max before the cast (saturation), since e5m2 would make them inf
+    and older torch versions turn e4m3fn's overflow into nan. scale has amax's shape, at least
+    torch.finfo(torch.float32).tiny (amax = 0 gives x8 = 0, not nan). Compute in fp32.
+    """
+    # >>> solution
+    fp8_max = torch.finfo(fp8_dtype).max
+    scale = (amax.float() / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype), scale
+    # <<< solution
+# <<< exercise
 
 
 def quantize_fp8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,16 +59,15 @@ def quantize_fp8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tenso
         raise ValueError(f"w must be a 2-D floating [out, in] tensor, got {getattr(w, 'shape', type(w).__name__)}")
     w = w.float()
     amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
-    scale = (amax / FP8_MAX).clamp(min=_TINY)
-    # the division can land a hair above 448 after rounding: clamp, since e4m3fn would turn it into nan
-    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
+    # the division can land a hair above 448 after rounding: the clamp inside keeps it finite
+    w8, scale = dispatch("ch07.fp8_scale", scaled_fp8_quant)(w, amax[:, None], FP8_DTYPE)
+    return w8, scale.reshape(-1).contiguous()
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization: (x8 float8_e4m3fn [..., k], scale fp32 [..., 1]), one scale per token."""
     x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_TINY)
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return dispatch("ch07.fp8_scale", scaled_fp8_quant)(x, x.abs().amax(dim=-1, keepdim=True), FP8_DTYPE)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -41,6 +41,7 @@ import torch
 
 from tqdm.auto import tqdm
 
+from minillm.hooks import dispatch
 from minillm.quant.rtn import (QuantizedWeight, check_quant_args, compute_qparams, dequantize_codes,
                                quantize_to_codes)
 
@@ -103,6 +104,24 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
                      f"collect more calibration tokens or raise percdamp (got {percdamp})")
 
 
+# >>> exercise ch08.gptq_column_update
+def gptq_column_update(W1: torch.Tensor, U1: torch.Tensor, i: int, q: torch.Tensor) -> torch.Tensor:
+    """GPTQ's error feedback for column i of a block: push its rounding error onto the columns after it.
+
+    W1 [out, b]: the block's weights, columns < i already quantized, columns >= i still free to move.
+    U1 [b, b]: the block's rows of the upper Cholesky factor of H^-1 (U1[i, i] > 0; U1[i, j] = 0 for j < i).
+    q [out]: column i quantized (dequantized values). With d = U1[i, i] and err = (W1[:, i] - q) / d, update
+    W1[:, i:] -= err[:, None] * U1[i, i:][None, :] IN PLACE (column i itself lands on q) and return err [out],
+    which the caller keeps to update the later blocks in one matmul.
+    """
+    # >>> solution
+    err = (W1[:, i] - q) / U1[i, i]
+    W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # Optimal Brain Surgeon: the best correction of the rest
+    return err
+    # <<< solution
+# <<< exercise
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
                   symmetric: bool = False, percdamp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, static_groups: bool = False) -> GPTQResult:
@@ -151,6 +170,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     codes = torch.empty(out_f, in_f, dtype=torch.int8 if symmetric else torch.uint8, device=W.device)
     Q = torch.empty_like(W)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    column_update = dispatch("ch08.gptq_column_update", gptq_column_update)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -169,11 +189,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
             c = quantize_to_codes(w, s, z, bits)
             q = dequantize_codes(c, s, z)
             codes[:, k], Q[:, k] = c, q
-            d = U1[i, i]
-            err = (w - q) / d
-            loss += ((w - q) ** 2).sum().double() / (2 * d.double() ** 2)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # error feedback inside the block
-            Err1[:, i] = err
+            loss += ((w - q) ** 2).sum().double() / (2 * U1[i, i].double() ** 2)
+            Err1[:, i] = column_update(W1, U1, i, q)  # error feedback inside the block
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update for every later block
 
     g_idx = None

@@ -35,8 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
+from minillm.hooks import dispatch
+
 __all__ = ["QuantizedWeight", "check_quant_args", "compute_qparams", "quantize_to_codes", "dequantize_codes",
-           "quantize", "dequantize", "fake_quantize", "pack_int4", "unpack_int4"]
+           "quantize_per_group", "dequantize_per_group", "quantize", "dequantize", "fake_quantize",
+           "pack_int4", "unpack_int4"]
 
 SUPPORTED_BITS = range(2, 9)
 
@@ -80,18 +83,12 @@ def check_quant_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
 
 
 def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero point) of each row of `w` [..., k] over its last dim: (scale [...], zero [...] or None)."""
-    w = w.float()
-    tiny = torch.finfo(torch.float32).tiny  # an all-zero group gets a positive scale and quantizes to exact 0
-    if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        return (w.abs().amax(dim=-1) / qmax).clamp(min=tiny), None
-    qmax = (1 << bits) - 1
-    lo = w.amin(dim=-1).clamp(max=0.0)  # include 0 in the range: z stays in [0, qmax], no weight is clipped
-    hi = w.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / qmax).clamp(min=tiny)
-    zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
-    return scale, zero
+    """Scale (and zero point) of each row of `w` [..., k] over its last dim: (scale [...], zero [...] or None).
+
+    The grid of quantize_per_group with one group per row (GPTQ asks for one group at a time)."""
+    rows = w.reshape(-1, w.shape[-1])
+    _, scale, zero = dispatch("ch07.quantize_per_group", quantize_per_group)(rows, bits, -1, symmetric)
+    return scale.reshape(w.shape[:-1]), None if zero is None else zero.reshape(w.shape[:-1])
 
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -107,19 +104,63 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return q * scale if zero is None else (q - zero.float()) * scale
 
 
-def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    out, n_in = w.shape
-    g = n_in if group_size == -1 else group_size
-    return w.reshape(out, n_in // g, g)
+# >>> exercise ch07.quantize_per_group
+def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
+                       symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest W [out, in] on a b-bit grid per (output row, group of `group_size` input columns).
+
+    Returns (codes [out, in], scales fp32 [out, n_groups], zeros int32 [out, n_groups] or None), with
+    n_groups = in // group_size (group_size = -1: one group per row, "per channel").
+      symmetric:  s = max|w| / (2^(b-1) - 1), codes = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) as int8, no zeros
+      asymmetric: lo = min(min w, 0), hi = max(max w, 0), s = (hi - lo) / (2^b - 1), z = clamp(round(-lo / s),
+                  0, 2^b - 1) as int32, codes = clamp(round(w / s) + z, 0, 2^b - 1) as uint8
+    Work in fp32; clamp every scale to at least torch.finfo(torch.float32).tiny (an all-zero group then gets
+    codes that dequantize to exactly 0, not nan). Inputs are valid (2-D float, bits 2..8, group divides in).
+    """
+    # >>> solution
+    out_f, in_f = weight.shape
+    g = in_f if group_size == -1 else group_size
+    w = weight.float().reshape(out_f, in_f // g, g)  # [out, n_groups, g]: one scale per last-dim run
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1  # signed codes: -2^(b-1) is never produced, as in int8
+        scale = (w.abs().amax(dim=-1) / qmax).clamp(min=tiny)
+        codes = torch.round(w / scale[..., None]).clamp(-qmax - 1, qmax).to(torch.int8)
+        return codes.reshape(out_f, in_f), scale, None
+    qmax = (1 << bits) - 1
+    lo = w.amin(dim=-1).clamp(max=0.0)  # include 0 in the range: z stays in [0, qmax], no weight is clipped
+    hi = w.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=tiny)
+    zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
+    codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, qmax).to(torch.uint8)
+    return codes.reshape(out_f, in_f), scale, zero
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch07.dequantize_per_group
+def dequantize_per_group(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         group_size: int) -> torch.Tensor:
+    """fp32 W [out, in] = (codes - zero) * scale, the inverse of quantize_per_group up to rounding.
+
+    codes [out, in] (int8 symmetric, uint8 asymmetric), scales and zeros [out, n_groups] (zeros None: symmetric);
+    input column j belongs to group j // group_size (group_size = -1: a single group per row).
+    Shapes are valid (the engine checked them).
+    """
+    # >>> solution
+    g = codes.shape[1] if group_size == -1 else group_size
+    scale = scales.float().repeat_interleave(g, dim=1)  # group k covers columns k*g .. k*g + g - 1
+    q = codes.float()
+    return q * scale if zeros is None else (q - zeros.float().repeat_interleave(g, dim=1)) * scale
+    # <<< solution
+# <<< exercise
 
 
 def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> QuantizedWeight:
     """RTN-quantize W [out, in] with one scale (and zero) per output row and group of input columns."""
     check_quant_args(weight, bits, group_size)
-    wg = _group_view(weight.float(), group_size)  # [out, n_groups, g]
-    scale, zero = compute_qparams(wg, bits, symmetric)
-    codes = quantize_to_codes(wg, scale[..., None], None if zero is None else zero[..., None], bits)
-    return QuantizedWeight(codes.reshape(weight.shape), scale, zero, bits, group_size, symmetric)
+    codes, scales, zeros = dispatch("ch07.quantize_per_group", quantize_per_group)(weight, bits, group_size, symmetric)
+    return QuantizedWeight(codes, scales, zeros, bits, group_size, symmetric)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
@@ -136,11 +177,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         if g < 1 or n_in % g or n_in // g != scales.shape[1]:
             raise ValueError(f"group_size={group_size} does not match in_features={n_in} and "
                              f"{scales.shape[1]} groups of scales")
-        g_idx = torch.arange(n_in, device=codes.device) // g
-    elif g_idx.shape != (n_in,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]:
+        return dispatch("ch07.dequantize_per_group", dequantize_per_group)(codes, scales, zeros, group_size)
+    if g_idx.shape != (n_in,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]:
         raise ValueError(f"g_idx must be [{n_in}] with values in [0, {scales.shape[1]}), got shape "
                          f"{tuple(g_idx.shape)}")
-    g_idx = g_idx.long()
+    g_idx = g_idx.long()  # GPTQ act-order: each column names its group
     return dequantize_codes(codes, scales[:, g_idx], None if zeros is None else zeros[:, g_idx])
 
 

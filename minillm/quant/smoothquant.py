@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.hooks import dispatch
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert, require_checkpoint)
 
@@ -43,9 +44,24 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     if act_absmax.dim() != 1 or any(w.dim() != 2 or w.shape[1] != act_absmax.shape[0] for w in weights) or not weights:
         raise ValueError(f"act_absmax must be [in] and every weight [out, in]; got {tuple(act_absmax.shape)} and "
                          f"{[tuple(w.shape) for w in weights]}")
+    return dispatch("ch07.smoothquant_scale", smoothquant_scale)(act_absmax, list(weights), float(alpha))
+
+
+# >>> exercise ch07.smoothquant_scale
+def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factor s [in] = max|X_j|^alpha / max|W_j|^(1 - alpha), in fp32.
+
+    act_absmax [in]: max |X_j| over the calibration tokens. max|W_j| is over the output rows of EVERY weight
+    [out_i, in] in `weights` (q, k and v read the same X, so they share one s). Clamp both maxima and the
+    result to at least 1e-5: a channel that is never active (or all-zero weights) must not give s = 0 or inf,
+    since X / s and W * s are folded into the model. alpha is in [0, 1] (checked by the caller).
+    """
+    # >>> solution
     w_max = torch.cat([w.float().abs() for w in weights]).amax(dim=0).clamp(min=1e-5)
     x_max = act_absmax.float().clamp(min=1e-5)  # a channel never active gets s ~ small, not 0
     return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+    # <<< solution
+# <<< exercise
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
