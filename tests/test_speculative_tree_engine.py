@@ -149,3 +149,175 @@ def test_gpu_bf16_tree_attention():
     with forward_context(meta):
         out = attn(q, k, v)
     torch.testing.assert_close(out.float().cpu(), expected, atol=1e-2, rtol=2e-2)
+
+
+# -- the engine -------------------------------------------------------------------------------------------------
+from minillm.config import EngineConfig  # noqa: E402
+from minillm.engine.llm_engine import LLMEngine  # noqa: E402
+from minillm.sampling_params import SamplingParams  # noqa: E402
+from minillm.speculative.engine_hooks import SpeculativeDecoder  # noqa: E402
+from minillm.speculative.proposer import NGramProposer  # noqa: E402
+from minillm.speculative.tree_proposers import NGramTreeProposer, TopKTreeProposer, trie_draft  # noqa: E402
+from minillm.speculative.tree_verify import TreeDraft, TreeProposer  # noqa: E402
+from test_engine import tiny_config, tiny_model  # noqa: E402
+from tiny import ByteTokenizer  # noqa: E402
+
+PROMPTS = [list(range(10, 20)) * 2, [5, 6, 7, 5, 6, 7, 5, 6], [99, 98, 97, 96, 95], [40, 41, 40, 41, 40]]
+GREEDY = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 14, 20, 9)]
+K = 4
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config(num_hidden_layers=3)
+    return tiny_model(config), config
+
+
+def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch"):
+    """(token ids by request id, the engine) after running `requests` (default: PROMPTS, greedy) to the end; a
+    `proposer` replaces the one `spec` builds."""
+    model, config = model_and_config
+    model.attention_backend = backend
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, max_num_seqs=4,
+                                    speculative_config=spec))
+    if proposer is not None:
+        engine.speculative = SpeculativeDecoder(engine.speculative.config, proposer, config.vocab_size, 64)
+    for i, (prompt, params) in enumerate(requests or list(zip(PROMPTS, GREEDY))):
+        engine.add_request(str(i), prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        engine.scheduler.check_invariants()
+    model.attention_backend = "auto"
+    assert engine.scheduler.block_manager.num_used_blocks == 0  # rejected nodes' blocks all given back
+    assert engine.speculative is None or engine.speculative.num_propose_errors == 0
+    return outputs, engine
+
+
+@pytest.fixture(scope="module")
+def plain(model_and_config):
+    return run(model_and_config, None)[0]
+
+
+class OracleTreeProposer(TreeProposer):
+    """Trees whose right continuation (plain decoding's) is never the first branch: a wrong branch, then one that
+    is right for one token only, then the right one. The accepted path then sits at nodes n_d != d, so its KV
+    entries must move; any mistake in moving them changes the next tokens."""
+
+    method = "oracle_tree"
+
+    def __init__(self, truth: dict[tuple, list[int]]) -> None:
+        self.truth = truth
+        self.num_trees = 0
+
+    def propose_trees(self, seqs, max_depths):
+        drafts = []
+        for seq, depth in zip(seqs, max_depths):
+            full = self.truth[tuple(seq.prompt_token_ids)]
+            right = full[seq.num_tokens:seq.num_tokens + depth]
+            if depth < 1 or not right:
+                drafts.append(None)
+                continue
+            wrong = [(t + 1) % 256 for t in right]
+            half = right[:1] + wrong[1:]
+            drafts.append(trie_draft(seq.last_token_id, [wrong, half, right], 64))
+            self.num_trees += 1
+        return drafts
+
+
+def _truth(plain):
+    return {tuple(p): p + plain[str(i)] for i, p in enumerate(PROMPTS)}
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other
+def test_oracle_trees_accept_off_first_branch_and_equal_plain(model_and_config, plain, num_blocks):
+    proposer = OracleTreeProposer(_truth(plain))
+    outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K}, num_blocks,
+                          proposer=proposer)
+    assert outputs == plain
+    metrics = engine.speculative.metrics
+    assert proposer.num_trees > 0 and metrics.num_accepted_tokens > metrics.num_verify_steps  # paths > 1 deep
+    if num_blocks == 12:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_oracle_trees_on_the_triton_path(model_and_config, plain):
+    """The same through the Triton kernels (the interpreter here): tree-masked paged attention in the engine."""
+    outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K}, 64,
+                          requests=list(zip(PROMPTS, GREEDY))[:2], proposer=OracleTreeProposer(_truth(plain)),
+                          backend="triton")
+    assert outputs == {rid: plain[rid] for rid in ("0", "1")}
+    assert engine.speculative.metrics.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])
+def test_ngram_tree_method_equals_plain(model_and_config, plain, num_blocks):
+    outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K}, num_blocks)
+    assert outputs == plain
+    assert engine.speculative.metrics.num_accepted_tokens > 0
+
+
+class ChainAsTree(TreeProposer):
+    """Prompt lookup's chain, handed over as a one-branch tree."""
+
+    method = "chain_tree"
+
+    def __init__(self) -> None:
+        self.chain = NGramProposer(3, 1)
+
+    def propose_trees(self, seqs, max_depths):
+        return [trie_draft(seq.last_token_id, [chain], 64) if chain else None
+                for seq, chain in zip(seqs, self.chain.propose(seqs, max_depths))]
+
+
+def test_a_one_chain_tree_equals_chain_verification(model_and_config, plain):
+    chain_out, chain = run(model_and_config, {"method": "ngram", "num_speculative_tokens": K})
+    tree_out, tree = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K},
+                         proposer=ChainAsTree())
+    assert chain_out == tree_out == plain
+    assert tree.speculative.metrics.as_dict() == chain.speculative.metrics.as_dict()
+    assert tree.num_steps == chain.num_steps
+
+
+def test_sampled_requests_verify_on_the_target_distribution(model_and_config, plain):
+    """Sampled requests go through verify_tree_sampling; a seeded request repeats itself; greedy ones next to
+    them still equal plain decoding."""
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, seed=3)
+    requests = list(zip(PROMPTS, GREEDY)) + [(PROMPTS[1], sampled)]
+    spec = {"method": "ngram_tree", "num_speculative_tokens": K}
+    first, engine = run(model_and_config, spec, requests=requests, proposer=OracleTreeProposer(_truth(plain)))
+    second, _ = run(model_and_config, spec, requests=requests, proposer=OracleTreeProposer(_truth(plain)))
+    assert first == second and len(first["4"]) == 12
+    assert {rid: first[rid] for rid in plain} == plain
+
+
+def test_tree_proposers_build_valid_trees():
+    draft = trie_draft(7, [[1, 2, 3], [1, 2, 4], [5], [1, 6]], max_nodes=6)
+    assert draft.token_ids == [7, 1, 2, 3, 4, 5] and draft.tree.parents.tolist() == [-1, 0, 1, 2, 2, 0]
+    assert draft.prefix(3).token_ids == [7, 1, 2] and draft.prefix(3).tree.num_nodes == 3
+    proposer = NGramTreeProposer(prompt_lookup_max=2, num_branches=3)
+    tokens = [1, 2, 3, 9, 1, 2, 4, 8, 1, 2, 5, 1, 2]
+    assert proposer.continuations(tokens, 2) == [[5, 1], [4, 8], [3, 9]]
+    assert NGramTreeProposer().propose([_Seq(tokens)], [2]) == [[5, 1]]  # the first branch, as a chain
+
+    class Heads:  # Medusa's propose_candidates: per head its top-k ids (and probabilities)
+        def propose_candidates(self, seqs, topk):
+            return [(torch.tensor([[10, 11], [20, 21]])[:, :topk], torch.ones(2, topk))] * len(seqs)
+
+    topk = TopKTreeProposer(Heads(), [(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    (full,), (shallow,) = topk.propose_trees([_Seq([3])], [2]), topk.propose_trees([_Seq([3])], [1])
+    assert full.token_ids == [3, 10, 11, 20, 21, 20] and shallow.token_ids == [3, 10, 11]
+    with pytest.raises(ValueError, match="1..64 nodes"):
+        TreeDraft(TokenTree.from_parents([-1] + [0] * 64), [0] * 65)
+
+
+class _Seq:
+    def __init__(self, tokens):
+        self.token_ids, self.request_id = list(tokens), "r"
+
+    @property
+    def last_token_id(self):
+        return self.token_ids[-1]

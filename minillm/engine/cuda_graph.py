@@ -137,7 +137,7 @@ class DecodeCUDAGraphs:
         return None
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        if not self.graphs or meta.block_tables is None or meta.slot_mapping is None:
+        if not self.graphs or meta.block_tables is None or meta.slot_mapping is None or meta.tree_mask is not None:
             return False
         return (meta.decode_query_len in self.query_lens and self.bucket_for(meta.num_seqs) is not None
                 and meta.block_tables.shape[1] <= self.max_blocks_per_seq)

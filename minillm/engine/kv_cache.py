@@ -169,6 +169,17 @@ class KVCache:
         dst = self._check([d for _, d in pairs], self.num_blocks, "device")
         self.storage[:, :, dst.to(self.device)] = self.cpu_storage[:, :, src].to(self.device, non_blocking=True)
 
+    def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy single token slots (src, dst), all layers, K and V: a token tree's accepted nodes move to the
+        consecutive positions after the prefix (chapter 9). Gathered before the write, like `copy`."""
+        if not pairs:
+            return
+        limit = self.num_blocks * self.block_shape[0]
+        src = self._check([s for s, _ in pairs], limit, "source slot").to(self.device)
+        dst = self._check([d for _, d in pairs], limit, "destination slot").to(self.device)
+        flat = self.storage.view(2, self.num_layers, limit, *self.block_shape[1:])
+        flat[:, :, dst] = flat[:, :, src]
+
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate (src, dst) device blocks. The right-hand side is gathered before the write,
         so a chain like [(0, 1), (1, 2)] copies the *old* contents of block 1 into block 2."""

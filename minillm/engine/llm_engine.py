@@ -224,6 +224,8 @@ class LLMEngine:
                 seq.first_scheduled_time = now
         try:
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
+            if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
+                self.speculative.prepare_step(batch, step_input)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
             step_input.return_hidden_states = self.speculative is not None and self.speculative.needs_hidden_states

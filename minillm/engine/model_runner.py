@@ -183,7 +183,9 @@ class ModelRunner:
     # -- block operations ---------------------------------------------------------------------------------
     def apply_block_ops(self, step: StepInput | ScheduledBatch) -> None:
         """Swap-outs first (they free device blocks that swap-ins or copies may then reuse), then swap-ins,
-        then copy-on-write."""
+        then copy-on-write. Tree-verify slot copies (StepInput.slots_to_copy) go before all three: they finish
+        the previous step, whose blocks this step's operations may move or reuse."""
+        self.kv_cache.copy_slots(getattr(step, "slots_to_copy", []))
         self.kv_cache.swap_out(step.blocks_to_swap_out)
         self.kv_cache.swap_in(step.blocks_to_swap_in)
         self.kv_cache.copy(step.blocks_to_copy)
@@ -220,6 +222,9 @@ class ModelRunner:
             seq_lens_list=list(step.seq_lens),
             query_lens_list=list(step.query_lens),
         )
+        if step.tree_masks is not None:  # token trees: ancestor bitmasks; -1 (causal) for the other rows
+            masks = [m if m is not None else [-1] * n for m, n in zip(step.tree_masks, step.query_lens)]
+            metadata.tree_mask = tensor([b for m in masks for b in m], torch.int64)
         return PreparedBatch(tensor(step.input_ids, torch.int64), tensor(step.positions, torch.int64), metadata,
                              tensor(sample_indices, torch.int64), sample_seqs)
 

@@ -96,6 +96,11 @@ class StepInput:
     num_logprobs: list[int] | None = None
     # per sequence: the prompt tokens its rows score (None: none); None when no sequence asks
     prompt_logprob_rows: list[PromptLogprobRows | None] | None = None
+    # token-tree verify steps (chapter 9, minillm/speculative/tree_verify.py): per sequence the int64 ancestor
+    # bitmask of each new token (None: causal), None when no sequence carries a tree; and (src, dst) cache slots to
+    # copy before anything else, moving the previous step's accepted tree nodes to consecutive positions
+    tree_masks: list[list[int] | None] | None = None
+    slots_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:

@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "lookahead": "Jacobi window + n-gram pool fed by the target's own outputs (Fu et al. 2024)",
     "self_speculative": "the target's first draft_num_layers layers + final norm + LM head, weights shared",
     "draft_model": "a separate model with the same tokenizer, with its own paged KV cache",
+    "ngram_tree": "prompt lookup with several continuations merged into a token tree, verified in one step",
     "medusa": "Medusa heads (Cai et al. 2024): K residual blocks on the last hidden state, the target's LM head",
     "eagle": "EAGLE (Li et al. 2024): one decoder layer drafting at the feature level, autoregressively",
     "mtp": "multi-token prediction (DeepSeek-V3): D sequential modules, one extra token each",

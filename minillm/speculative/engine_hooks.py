@@ -39,6 +39,7 @@ from minillm.speculative.config import HIDDEN_STATE_KIND, SpeculativeConfig, ver
 from minillm.speculative.metrics import SpecDecodeMetrics
 from minillm.speculative.proposer import NGramProposer, Proposer
 from minillm.speculative.rejection import greedy_verify, pad_per_sequence, verify_draft_tokens
+from minillm.speculative.tree_verify import TreeVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class SpeculativeDecoder:
         self.enabled_last_step = False
         self.num_propose_errors = 0
         self.num_padded_tokens = 0  # filler drafts added for the CUDA graphs (counted in metrics.num_draft_tokens)
+        # token trees (tree_verify.py): a proposer with propose_trees drafts one tree per sequence
+        self.tree = TreeVerifier() if getattr(proposer, "proposes_trees", False) else None
 
     # -- 1. propose ---------------------------------------------------------------------------------------
     def propose(self, scheduler: Any) -> None:
@@ -90,6 +93,9 @@ class SpeculativeDecoder:
             seqs.append(seq)
             wanted.append(max(0, min(self.config.num_speculative_tokens, room - 1)))
         if not seqs:
+            return
+        if self.tree is not None:  # one tree per sequence, at most `wanted` levels below its last token
+            self.tree.propose(self.proposer, seqs, wanted, self.vocab_size)
             return
         drafts, probs = self.proposer.propose_with_probs(seqs, wanted)
         if len(drafts) != len(seqs) or len(probs) != len(seqs):
@@ -136,7 +142,14 @@ class SpeculativeDecoder:
 
     def needs_logits(self, batch: ScheduledBatch) -> bool:
         """Set StepInput.return_logits: only sampled drafts need the target's logits."""
-        return any(seq.spec_token_ids and seq.seq_id in self._draft_probs for seq in batch.seqs)
+        return (any(seq.spec_token_ids and seq.seq_id in self._draft_probs for seq in batch.seqs)
+                or (self.tree is not None and self.tree.needs_logits(batch)))
+
+    def prepare_step(self, batch: ScheduledBatch, step_input: Any) -> None:
+        """After build_step_input: token trees set their rows' positions and ancestor masks, and the KV moves
+        of the previous tree verification ride along (tree_verify.py)."""
+        if self.tree is not None:
+            self.tree.prepare_step(batch, step_input)
 
     # -- 2. verify ----------------------------------------------------------------------------------------
     def verify(self, batch: ScheduledBatch, output: StepOutput) -> list[list[int]]:
@@ -150,6 +163,10 @@ class SpeculativeDecoder:
                 accepted[i] = list(sampled[i])
                 if sampled[i] and not seq.is_prefill:  # a plain decode step of a speculating engine
                     self._record(seq, 0, 0)
+            elif self.tree is not None and self.tree.holds(seq):  # a token tree: its accepted path
+                num_nodes = len(seq.spec_token_ids)
+                accepted[i] = self.tree.verify(seq, output, i, self._generator_of(seq), self.generator)
+                self._record(seq, num_nodes, len(accepted[i]) - 1)
             elif seq.seq_id in self._draft_probs:
                 stochastic.append(i)
             else:
@@ -225,6 +242,9 @@ def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Propo
     if spec.method == "lookahead":
         from minillm.speculative.lookahead import LookaheadProposer
         return LookaheadProposer(spec.lookahead_ngram)
+    if spec.method == "ngram_tree":
+        from minillm.speculative.tree_proposers import NGramTreeProposer
+        return NGramTreeProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
     if spec.method in HIDDEN_STATE_KIND:  # Medusa, EAGLE, MTP: trained heads over the target's features
         from minillm.speculative.head_kinds import build_head_proposer
         return build_head_proposer(spec, engine, seed)

@@ -1,0 +1,132 @@
+"""Proposers that draft token trees (chapter 9): prompt lookup with several continuations, and top-k heads.
+
+NGramTreeProposer ("ngram_tree"). Prompt lookup (proposer.NGramProposer) bets on one earlier occurrence of the
+sequence's last n tokens; when the text repeats with variations (code, lists, templates) the latest occurrence is
+often not the one that continues. A tree keeps several: every earlier occurrence of the suffix (longest n first,
+latest first) contributes its continuation as a branch, and branches that agree on their first tokens share those
+nodes (a trie), so one verify step tries them all. Branches enter in that order of trust and the node budget
+cuts the last ones, so what the scheduler trims (a prefix of the node order) is the least trusted part.
+
+TopKTreeProposer. Medusa heads (minillm/speculative/medusa.py) give, per sequence, each head's top-k tokens; a
+static tree of index paths (tree.sparse_tree_paths from per-head accuracies, or tree.dense_tree_paths) says which
+combinations to try, and TokenTree.candidates reads the tokens off the heads. Any proposer with
+`propose_candidates(seqs, topk) -> [(ids [K, topk], probs [K, topk]) | None]` plugs in; the wrapper passes the
+head proposer's hidden-state bookkeeping through, so the engine feeds it as it feeds the head proposer itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceT
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from minillm.speculative.tree import MAX_TREE_NODES, TokenTree
+from minillm.speculative.tree_verify import TreeDraft, TreeProposer
+
+if TYPE_CHECKING:
+    from minillm.engine.sequence import Sequence
+
+
+def trie_draft(root_token_id: int, continuations: SequenceT[SequenceT[int]], max_nodes: int) -> TreeDraft:
+    """Merge continuations into a trie below root_token_id, nodes in insertion order (so earlier continuations
+    keep their nodes when max_nodes cuts), sibling tokens distinct (what verify_tree_sampling assumes)."""
+    if not 1 <= max_nodes <= MAX_TREE_NODES:
+        raise ValueError(f"max_nodes must be in [1, {MAX_TREE_NODES}], got {max_nodes}")
+    parents, tokens = [-1], [int(root_token_id)]
+    child: dict[tuple[int, int], int] = {}
+    for continuation in continuations:
+        node = 0
+        for token in continuation:
+            key = (node, int(token))
+            if key not in child:
+                if len(tokens) == max_nodes:
+                    break
+                child[key] = len(tokens)
+                parents.append(node)
+                tokens.append(int(token))
+            node = child[key]
+    return TreeDraft(TokenTree.from_parents(parents), tokens)
+
+
+class NGramTreeProposer(TreeProposer):
+    """Prompt lookup with up to num_branches continuations per step, merged into one tree of <= max_nodes."""
+
+    method = "ngram_tree"
+
+    def __init__(self, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1, num_branches: int = 4,
+                 max_nodes: int = 32, search_window: int = 4096) -> None:
+        if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
+                and 1 <= prompt_lookup_min <= prompt_lookup_max):
+            raise ValueError(f"need integers 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{prompt_lookup_min!r}, {prompt_lookup_max!r}")
+        for name, value, low, high in (("num_branches", num_branches, 1, MAX_TREE_NODES),
+                                       ("max_nodes", max_nodes, 2, MAX_TREE_NODES),
+                                       ("search_window", search_window, 1, 1 << 30)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        self.max_n, self.min_n = prompt_lookup_max, prompt_lookup_min
+        self.num_branches, self.max_nodes, self.search_window = num_branches, max_nodes, search_window
+
+    def continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
+        """Distinct continuations (each <= depth tokens) of earlier occurrences of the last n tokens, n from
+        max_n down, latest occurrence first. Scans the last search_window tokens: O(window * n) per step."""
+        found: list[list[int]] = []
+        low = max(0, len(tokens) - 1 - self.search_window)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            suffix = tokens[-n:]
+            for end in range(len(tokens) - 1, max(n, low) - 1, -1):  # tokens[end - n:end] ends before the suffix
+                if tokens[end - n:end] == suffix:
+                    continuation = tokens[end:end + depth]
+                    if continuation and continuation not in found:
+                        found.append(continuation)
+                        if len(found) == self.num_branches:
+                            return found
+        return found
+
+    def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
+        drafts: list[TreeDraft | None] = []
+        for seq, depth in zip(seqs, max_depths):
+            branches = self.continuations(seq.token_ids, depth) if depth > 0 else []
+            drafts.append(trie_draft(seq.last_token_id, branches, self.max_nodes) if branches else None)
+        return drafts
+
+
+class TopKTreeProposer(TreeProposer):
+    """A static tree of index paths over a head proposer's per-head top-k (Medusa's tree decoding)."""
+
+    def __init__(self, heads: Any, paths: SequenceT[SequenceT[int]]) -> None:
+        if not callable(getattr(heads, "propose_candidates", None)):
+            raise TypeError(f"{type(heads).__name__} has no propose_candidates(seqs, topk): not a head proposer")
+        self.heads = heads
+        self.tree = TokenTree.from_paths(paths)  # depth-ordered: every depth bound keeps a prefix of the nodes
+        if self.tree.num_nodes > MAX_TREE_NODES:
+            raise ValueError(f"{len(paths)} paths make {self.tree.num_nodes} nodes; at most {MAX_TREE_NODES}")
+        self.topk = int(self.tree.ranks.max()) + 1
+        self.method = f"{getattr(heads, 'method', 'heads')}_tree"
+
+    # the head proposer's state (its window of target features) is the engine's to feed and free
+    @property
+    def hidden_state_kind(self) -> str | None:
+        return getattr(self.heads, "hidden_state_kind", None)
+
+    def record_hidden_states(self, *args: Any) -> None:
+        self.heads.record_hidden_states(*args)
+
+    def free(self, request_id: str) -> None:
+        self.heads.free(request_id)
+
+    def active_requests(self) -> set[str]:
+        return self.heads.active_requests()
+
+    def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
+        candidates = self.heads.propose_candidates(seqs, self.topk)
+        drafts: list[TreeDraft | None] = []
+        for seq, depth, found in zip(seqs, max_depths, candidates):
+            if found is None or depth < 1:
+                drafts.append(None)
+                continue
+            ids = found[0].unsqueeze(0)  # [1, K, topk]
+            tokens = self.tree.candidates(torch.tensor([seq.last_token_id]), ids)[0].tolist()
+            keep = int((self.tree.depths <= depth).sum())
+            drafts.append(TreeDraft(self.tree, tokens).prefix(keep))
+        return drafts

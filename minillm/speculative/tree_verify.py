@@ -1,0 +1,201 @@
+"""Token-tree verification inside the engine: one forward scores a whole draft tree per sequence (chapter 9).
+
+tree.py has the algorithms (TokenTree, the ancestor mask, verify_tree_greedy / verify_tree_sampling); this file runs
+them in the engine's step, around the same seams chain speculation uses (minillm/speculative/engine_hooks.py):
+
+1. propose. A tree proposer (`TreeProposer.propose_trees`, e.g. tree_proposers.NGramTreeProposer) returns a
+   `TreeDraft` per sequence: the flattened tree (parents before children) and its tokens, node 0 being the
+   sequence's last token. Its nodes 1..N-1 become `seq.spec_token_ids`, so the scheduler grants (and, short of
+   budget or blocks, trims: a prefix of a parents-first order is still a tree) exactly as it does a chain.
+2. prepare_step. build_step_input has laid the N nodes out like a chain: slots seq_len-1 .. seq_len+N-2 after the
+   prefix, every row sampled. Here the rows get the tree's positions (root position + depth: siblings share one,
+   and RoPE rotates them alike) and their ancestor bitmasks (StepInput.tree_masks), which the attention path
+   honours (minillm/layers/tree_attention.py): each node sees the prefix and its own root-to-node path only.
+3. verify. Greedy requests: verify_tree_greedy on the target's argmax at every node (the runner's samples).
+   Sampled requests: verify_tree_sampling on the target's probabilities at every node (logits_to_probs, the
+   sampler's own filters), which keeps the target's distribution exactly (SpecInfer's multi-candidate rule).
+4. keep the accepted path only. The accepted nodes n_0 = 0, n_1, .., n_a sit at slots root + n_d; the sequence
+   needs them at root + d. Their tokens are moved to the front of spec_token_ids and their rows to the front of the
+   step's outputs (samples, logits, log-probs, hidden states), so that the rest of the engine sees an ordinary
+   chain step whose first a drafts were accepted: Scheduler.postprocess counts them and BlockManager.truncate
+   frees every block past them (no block leaks). The KV entries move with the next step: (src, dst) slot pairs
+   in StepInput.slots_to_copy, applied by the runner before anything else touches the cache (before swap-outs,
+   swap-ins and copy-on-write, which may reuse the freed blocks; before any forward reads those slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from minillm.speculative.proposer import Proposer
+from minillm.speculative.rejection import logits_to_probs
+from minillm.speculative.tree import (MAX_TREE_NODES, TokenTree, TreeVerifyOutput, ancestor_bitmasks,
+                                      verify_tree_greedy, verify_tree_sampling)
+
+if TYPE_CHECKING:
+    from minillm.engine.scheduler_interface import ScheduledBatch
+    from minillm.engine.sequence import Sequence
+    from minillm.engine.step_input import StepInput, StepOutput
+
+
+@dataclass(frozen=True)
+class TreeDraft:
+    """One sequence's draft tree: `tree` (flattened, parents first) and `token_ids`, one per node, node 0 the
+    sequence's last token (already emitted; it is the step's root query)."""
+
+    tree: TokenTree
+    token_ids: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != self.tree.num_nodes or not 1 <= self.tree.num_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"a tree draft needs one token per node and 1..{MAX_TREE_NODES} nodes, got "
+                             f"{len(self.token_ids)} tokens for {self.tree.num_nodes} nodes")
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tree.num_nodes
+
+    def prefix(self, num_nodes: int) -> "TreeDraft":
+        """The first num_nodes nodes: a tree again, since parents come before children."""
+        if not 1 <= num_nodes <= self.num_nodes:
+            raise ValueError(f"num_nodes must be in [1, {self.num_nodes}], got {num_nodes}")
+        if num_nodes == self.num_nodes:
+            return self
+        tree = self.tree
+        cut = TokenTree(tree.parents[:num_nodes], tree.depths[:num_nodes], tree.ranks[:num_nodes],
+                        tree.attn_mask[:num_nodes, :num_nodes])
+        return TreeDraft(cut, self.token_ids[:num_nodes])
+
+
+class TreeProposer(Proposer):
+    """A proposer that drafts a token tree per sequence (`proposes_trees`: the engine then verifies trees)."""
+
+    proposes_trees = True
+
+    def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
+        """Per sequence a TreeDraft at most max_depths[i] levels deep (None: no draft this step)."""
+        raise NotImplementedError
+
+    def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
+        """As a chain proposer: each tree's first root-to-leaf path (node order: its first branch)."""
+        chains = []
+        for draft in self.propose_trees(seqs, num_tokens):
+            chain, node = [], 0
+            while draft is not None:
+                children = (draft.tree.parents == node).nonzero().flatten()
+                if children.numel() == 0:
+                    break
+                node = int(children[0])
+                chain.append(draft.token_ids[node])
+            chains.append(chain)
+        return chains
+
+
+class TreeVerifier:
+    """The engine side of tree speculation for one SpeculativeDecoder: this step's trees by seq_id, and the KV
+    slot copies the previous verification left for the next step."""
+
+    def __init__(self) -> None:
+        self._drafts: dict[int, TreeDraft] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+        self._block_size = 0
+
+    # -- 1. propose ---------------------------------------------------------------------------------------
+    def propose(self, proposer: TreeProposer, seqs: list["Sequence"], max_depths: list[int], vocab_size: int) -> None:
+        self._drafts.clear()
+        drafts = proposer.propose_trees(seqs, max_depths)
+        if len(drafts) != len(seqs):
+            raise ValueError(f"proposer {proposer.method!r} returned {len(drafts)} trees for {len(seqs)} sequences")
+        for seq, depth, draft in zip(seqs, max_depths, drafts):
+            if draft is None or draft.num_nodes < 2:
+                seq.spec_token_ids = []
+                continue
+            if draft.tree.max_depth > depth or draft.token_ids[0] != seq.last_token_id:
+                raise ValueError(f"proposer {proposer.method!r} drafted a tree of depth {draft.tree.max_depth} "
+                                 f"rooted at {draft.token_ids[0]} for request {seq.request_id!r}: at most {depth} "
+                                 f"levels below its last token {seq.last_token_id}")
+            if any(not 0 <= t < vocab_size for t in draft.token_ids):
+                raise ValueError(f"proposer {proposer.method!r} drafted tokens outside [0, {vocab_size})")
+            self._drafts[seq.seq_id] = draft
+            seq.spec_token_ids = list(draft.token_ids[1:])
+
+    def holds(self, seq: "Sequence") -> bool:
+        """Whether seq carries (what the scheduler kept of) a tree into this step."""
+        draft = self._drafts.get(seq.seq_id)
+        k = len(seq.spec_token_ids)
+        return draft is not None and k > 0 and seq.spec_token_ids == draft.token_ids[1:k + 1]
+
+    def _draft(self, seq: "Sequence") -> TreeDraft:
+        return self._drafts[seq.seq_id].prefix(1 + len(seq.spec_token_ids))
+
+    def needs_logits(self, batch: "ScheduledBatch") -> bool:
+        """Sampled requests verify on the target's probabilities; greedy ones need only its argmax samples."""
+        return any(self.holds(seq) and seq.sampling_params.temperature > 0 for seq in batch.seqs)
+
+    # -- 2. the step's input ------------------------------------------------------------------------------
+    def prepare_step(self, batch: "ScheduledBatch", step: "StepInput") -> None:
+        """Tree positions and ancestor masks for the rows of tree sequences; the pending KV slot copies."""
+        step.slots_to_copy = self._pending_copies + list(step.slots_to_copy)
+        self._pending_copies = []
+        self._block_size = step.block_size
+        masks: list[list[int] | None] | None = None
+        offset = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, step.query_lens)):
+            if self.holds(seq):
+                draft = self._draft(seq)
+                if n != draft.num_nodes:
+                    raise ValueError(f"request {seq.request_id!r}: a tree of {draft.num_nodes} nodes must be the "
+                                     f"step's only new tokens, got {n}")
+                root = step.positions[offset]
+                step.positions[offset:offset + n] = [root + d for d in draft.tree.depths.tolist()]
+                masks = masks if masks is not None else [None] * len(batch.seqs)
+                masks[i] = ancestor_bitmasks(draft.tree.attn_mask)
+            offset += n
+        step.tree_masks = masks
+
+    # -- 3. verify, 4. keep the accepted path -------------------------------------------------------------
+    def verify(self, seq: "Sequence", output: "StepOutput", index: int, generator: torch.Generator | None,
+               default_generator: torch.Generator) -> list[int]:
+        """The tokens seq appends (the accepted path's tokens, then the target's own). Reorders spec_token_ids
+        and the step's output rows of seq into path order and queues the KV moves (see the module docstring)."""
+        draft = self._draft(seq)
+        tokens = torch.tensor(draft.token_ids).unsqueeze(0)
+        params = seq.sampling_params
+        if params.temperature <= 0:
+            targets = torch.tensor(output.sampled_token_ids[index]).unsqueeze(0)
+            result: TreeVerifyOutput = verify_tree_greedy(draft.tree, tokens, targets)
+        else:
+            if output.logits is None:
+                raise ValueError("sampled tree verification needs the target's logits: the step was run "
+                                 "without return_logits")
+            probs = logits_to_probs(output.logits[index].unsqueeze(0), torch.tensor([params.temperature]),
+                                    torch.tensor([params.top_k]), torch.tensor([params.top_p]))
+            result = verify_tree_sampling(draft.tree, tokens, probs, generators=[generator],
+                                          default_generator=default_generator)
+        accepted = int(result.num_accepted[0])
+        path = result.accepted_nodes[0, :accepted + 1].tolist()
+        self._reorder(seq, output, index, path, draft)
+        root = seq.num_computed_tokens  # the root's position: postprocess has not advanced it yet
+        for depth, node in enumerate(path):
+            if node != depth:
+                self._pending_copies.append((self._slot(seq, root + node), self._slot(seq, root + depth)))
+        return result.token_ids[0, :accepted + 1].tolist()
+
+    def _reorder(self, seq: "Sequence", output: "StepOutput", index: int, path: list[int], draft: TreeDraft) -> None:
+        on_path = set(path)
+        order = path + [j for j in range(draft.num_nodes) if j not in on_path]
+        seq.spec_token_ids = [draft.token_ids[j] for j in order[1:]]
+        output.sampled_token_ids[index] = [output.sampled_token_ids[index][j] for j in order]
+        if output.logits is not None and len(output.logits[index]) == draft.num_nodes:
+            output.logits[index] = output.logits[index][order]
+        if output.logprobs is not None and len(output.logprobs[index]) == draft.num_nodes:
+            output.logprobs[index] = [output.logprobs[index][j] for j in order]
+        hidden = getattr(output, "hidden_states", None)  # head proposers (Medusa, EAGLE) keep the path's features
+        if hidden is not None and hidden[index].shape[0] == draft.num_nodes:
+            hidden[index] = hidden[index][torch.tensor(order, device=hidden[index].device)]
+
+    def _slot(self, seq: "Sequence", position: int) -> int:
+        block = self._block_size
+        return seq.block_table[position // block] * block + position % block
