@@ -58,8 +58,10 @@ def _short_rows(meta: AttentionMetadata, q_lens: list[int], device: torch.device
 
 
 def paged_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                         q_lens: list[int], scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Tree-masked attention of the packed queries q [T, H, D] over the paged cache (their K/V already stored).
+                         q_lens: list[int], scale: float, out: torch.Tensor | None = None,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Tree-masked attention of the packed queries q [T, H, D] over the paged cache (their K/V already stored;
+    k_scale/v_scale: an fp8 cache's dequantisation scales, as paged_decode_attention takes them).
 
     out None: every sequence has <= MAX_TREE_NODES new tokens; one varlen launch computes all rows.
     out given (the causal result of the whole batch): the rows of the short sequences are recomputed with their
@@ -69,12 +71,14 @@ def paged_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if out is None:
         cu = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, softmax_scale=scale,
-                                      q_len=max(q_lens), cu_seqlens_q=cu, tree_mask=meta.tree_mask)
+                                      q_len=max(q_lens), cu_seqlens_q=cu, tree_mask=meta.tree_mask,
+                                      k_scale=k_scale, v_scale=v_scale)
     seqs, rows, cu, longest = _short_rows(meta, q_lens, q.device)
     if longest == 0:
         return out
     short = paged_decode_attention(q.index_select(0, rows), k_cache, v_cache,
                                    meta.block_tables.index_select(0, seqs), meta.seq_lens.index_select(0, seqs),
                                    softmax_scale=scale, q_len=longest, cu_seqlens_q=cu,
-                                   tree_mask=meta.tree_mask.index_select(0, rows))
+                                   tree_mask=meta.tree_mask.index_select(0, rows), k_scale=k_scale,
+                                   v_scale=v_scale)
     return out.index_copy_(0, rows, short)
