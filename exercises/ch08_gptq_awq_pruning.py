@@ -212,3 +212,24 @@ def launch_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                             UPCAST=not x.is_cuda and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=32,
                             BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_K=1)
     return y
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (bool, same shape) with exactly the `n` highest scores kept in every `m` consecutive entries of
+    the last dim (2:4: two of every four input weights). Among equal scores any n may be kept.
+
+    Entry j of the last dim is in group j // m. (Exercise ch08.two_four_mask: its stub keeps these checks.)
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() < 1 or not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor with at least 1 dim, got "
+                        f"{getattr(scores, 'dtype', type(scores).__name__)}")
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if n > m:
+        raise ValueError(f"n:m keeps n of every m weights, so n <= m; got {n}:{m}")
+    if scores.shape[-1] % m:
+        raise ValueError(f"the last dim ({scores.shape[-1]}) must be a multiple of m={m}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    raise NotImplementedError("ch08.two_four_mask is not attempted yet: write it in exercises/ch08_gptq_awq_pruning.py")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minillm.hooks import dispatch
 from minillm.quant.checkpoint import save_quantized
 from minillm.quant.driver import LayerRunner, QuantizedModel, hf_state_dict
 
@@ -53,9 +54,13 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().abs().float() * input_norm.float().to(weight.device)
 
 
+# >>> exercise ch08.two_four_mask
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask (bool, same shape) with exactly the `n` highest scores kept in every `m` consecutive entries of
-    the last dim (2:4: two of every four input weights). Ties go to the lower index."""
+    the last dim (2:4: two of every four input weights). Among equal scores any n may be kept.
+
+    Entry j of the last dim is in group j // m. (Exercise ch08.two_four_mask: its stub keeps these checks.)
+    """
     if not isinstance(scores, torch.Tensor) or scores.dim() < 1 or not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor with at least 1 dim, got "
                         f"{getattr(scores, 'dtype', type(scores).__name__)}")
@@ -68,10 +73,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"the last dim ({scores.shape[-1]}) must be a multiple of m={m}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
+    # >>> solution
     groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     keep = groups.topk(n, dim=-1, sorted=False).indices
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device).scatter_(-1, keep, True)
     return mask.reshape(scores.shape)
+    # <<< solution
+# <<< exercise
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, granularity: str = "row") -> torch.Tensor:
@@ -116,7 +124,7 @@ def prune_linear(layer: nn.Module, scores: torch.Tensor, sparsity: float, granul
     """Zero the pruned weights of a minillm Linear in place; returns the keep-mask. For "layer" granularity each
     packed shard (q, k, v; gate, up) is its own matrix."""
     if nm is not None:
-        mask = nm_mask(scores, *nm)
+        mask = dispatch("ch08.two_four_mask", nm_mask)(scores, *nm)
     elif granularity == "layer" and getattr(layer, "shard_ids", ()):
         mask = torch.empty_like(scores, dtype=torch.bool)
         for sid in layer.shard_ids:

@@ -200,3 +200,43 @@ def test_int4_unpack_is_exact_for_every_nibble(impl):
     want = (codes - zeros.t()).float().t()  # row j of y is column j of W: codes[:, j] - zero
     assert_close(y, want, "y = I_K @ W^T: W[n, 8j + i] = code - zero, exactly (nibble i of word j holds column 8j + i)",
                  atol=0.0, rtol=0.0)
+
+
+# --------------------------------------------------------------------------------------------- two_four_mask
+@pytest.mark.exercise("ch08.two_four_mask")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("shape,n,m", [((1, 4), 2, 4), ((3, 8), 2, 4), ((5, 12), 2, 4), ((2, 16), 4, 8),
+                                       ((4, 6), 1, 3)], ids=str)
+def test_nm_mask_matches_solution(impl, ref, shape, n, m):
+    scores = torch.rand(*shape, generator=_gen(shape[0] * 100 + shape[1] + n))
+    got = impl(scores.clone(), n, m)
+    assert_tensor(got, f"{n}:{m} mask of scores {shape}", shape, torch.bool)
+    want = ref(scores, n, m)
+    bad = (got != want).nonzero()
+    assert not len(bad), f"{n}:{m} mask of scores {shape}: {len(bad)} entries differ, first at {tuple(bad[0].tolist())}"
+
+
+@pytest.mark.exercise("ch08.two_four_mask")
+@pytest.mark.points(3)
+def test_nm_mask_keeps_the_n_best_of_every_group(impl):
+    scores = torch.randn(3, 5, 24, generator=_gen(31)).abs()  # 3-D: groups run along the last dim only
+    mask = impl(scores.clone(), 2, 4)
+    assert_tensor(mask, "2:4 mask of scores [3, 5, 24]", (3, 5, 24), torch.bool)
+    kept = mask.reshape(3, 5, 6, 4).sum(-1)
+    assert (kept == 2).all(), f"every group of 4 must keep exactly 2, got counts {sorted(set(kept.flatten().tolist()))}"
+    g = scores.reshape(3, 5, 6, 4)
+    km = mask.reshape(3, 5, 6, 4)
+    lowest_kept = torch.where(km, g, torch.full_like(g, float("inf"))).amin(-1)
+    highest_dropped = torch.where(km, torch.full_like(g, float("-inf")), g).amax(-1)
+    assert (lowest_kept >= highest_dropped).all(), "a dropped score is larger than a kept one in the same group"
+
+
+@pytest.mark.exercise("ch08.two_four_mask")
+@pytest.mark.points(2)
+def test_nm_mask_prunes_half_of_a_layer(impl):
+    weight = torch.randn(16, 64, generator=_gen(32))
+    mask = impl(weight.abs(), 2, 4)
+    pruned = weight * mask
+    assert float(mask.float().mean()) == 0.5, f"2:4 keeps half the weights, got {float(mask.float().mean()):.3f}"
+    best = weight.abs().reshape(16, 16, 4).sort(-1, descending=True).values[..., :2].sum()
+    assert abs(float(pruned.abs().sum()) - float(best)) < 1e-5 * float(best), "the mask must keep the largest magnitudes"

@@ -35,4 +35,12 @@ EXERCISES = [
                     "resolved at compile time, not through dispatch); graded through launch_int4_gemm in the "
                     "chapter module, which runs the GEMM kernel with the learner's helper",
     ),
+    Exercise(
+        id="ch08.two_four_mask", function="nm_mask", source="minillm/quant/prune.py", points=10,
+        nudge="Cut the last dim into groups of m consecutive scores and keep the n best of each group.",
+        hint="groups = scores.reshape(..., last // m, m); topk(n, dim=-1).indices; scatter True into a zeros "
+             "bool mask of the groups' shape; reshape back.",
+        signature="nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor",
+        called_from="minillm.quant.prune.prune_linear (minillm quantize --method prune-2:4)",
+    ),
 ]
