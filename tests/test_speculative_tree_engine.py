@@ -173,14 +173,14 @@ def model_and_config():
     return tiny_model(config), config
 
 
-def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch"):
+def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch", device="cpu"):
     """(token ids by request id, the engine) after running `requests` (default: PROMPTS, greedy) to the end; a
     `proposer` replaces the one `spec` builds."""
     model, config = model_and_config
     model.attention_backend = backend
     engine = LLMEngine(model, ByteTokenizer(), config,
                        EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, max_num_seqs=4,
-                                    speculative_config=spec))
+                                    speculative_config=spec), device=device)
     if proposer is not None:
         engine.speculative = SpeculativeDecoder(engine.speculative.config, proposer, config.vocab_size, 64)
     for i, (prompt, params) in enumerate(requests or list(zip(PROMPTS, GREEDY))):
@@ -321,3 +321,19 @@ class _Seq:
     @property
     def last_token_id(self):
         return self.token_ids[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tree_verification_next_to_cuda_graphs_equals_plain():
+    """On the GPU: plain decode steps replay CUDA graphs, tree steps run eagerly with the tree-masked kernel;
+    greedy output unchanged, accepted KV moved on the device, no block held."""
+    config = tiny_config(num_hidden_layers=3, max_position_embeddings=256)
+    with torch.device("cuda"):
+        model_and_config = tiny_model(config), config
+    plain = run(model_and_config, None, backend="auto", device="cuda")[0]
+    spec = {"method": "ngram_tree", "num_speculative_tokens": K}
+    ngram, engine = run(model_and_config, spec, backend="auto", device="cuda")
+    oracle, _ = run(model_and_config, spec, backend="auto", device="cuda", proposer=OracleTreeProposer(_truth(plain)))
+    assert ngram == plain and oracle == plain
+    assert engine.runner.cuda_graphs is not None and engine.speculative.metrics.num_accepted_tokens > 0

@@ -14,5 +14,7 @@ In the engine (LLM(speculative_config={"method": ..., "num_speculative_tokens": 
     lookahead.py     "lookahead": a Jacobi window refreshed by the target's outputs + an n-gram pool
     draft.py         "draft_model" and "self_speculative": a draft model with its own paged KV cache
     engine_hooks.py  propose before scheduling, verify after the forward, free per-request state
+    tree_verify.py   token trees in the engine step: node positions, ancestor masks, tree verification, KV moves
+    tree_proposers.py  "ngram_tree" (prompt-lookup continuations as branches); a static tree over Medusa's top-k
     metrics.py       acceptance rate, mean acceptance length, acceptance by position
 """
