@@ -11,12 +11,24 @@ block is `storage[:, :, dst] = storage[:, :, src]`.
 
 The *contiguous* cache of chapter 2 is the same thing with block_size = max_model_len and one block per batch slot:
 every sequence reserves room for the longest possible sequence, which is exactly the waste chapter 5 measures.
+
+FP8 KV cache (`kv_cache_dtype="fp8"`, minillm.layers.kv_quant): the storage is float8_e4m3fn, so a block costs one
+byte per element and the same memory holds 2x the blocks of bf16 (4x of fp32). Next to it lives
+`scales` [2, num_layers, num_kv_heads] fp32 (k_scale, v_scale per layer and kv head), set once by
+minillm.engine.kv_scales before the first step; each layer's attention gets views of its rows, so CUDA graphs
+capture the scales by address. Swapping and copy-on-write move the fp8 bytes as they are: the scales belong to
+the layer, not to the block, so nothing else has to move.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
+from minillm.layers.kv_quant import kv_cache_torch_dtype
+
+logger = logging.getLogger(__name__)
 
 # The paged pool on a CPU when nothing else is said: room for every batch slot at full length, but at most
 # this many bytes (1 GiB: SmolLM2-135M in fp32 needs 45 KiB per token, so 8 slots x 2,048 tokens = 720 MiB fit).
@@ -24,7 +36,8 @@ CPU_DEFAULT_KV_MEMORY = 1 << 30
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V one block holds across all layers."""
+    """Bytes of K and V one block holds across all layers, `dtype` being the cache's element type (1 byte for
+    fp8, 2 for bf16, 4 for fp32: see kv_cache_torch_dtype)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * model_config.num_hidden_layers * block_size * model_config.num_key_value_heads * \
         model_config.head_dim * elem
@@ -64,7 +77,9 @@ def profile_peak_memory(model: torch.nn.Module, engine_config: EngineConfig, max
 
 def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
                       device: torch.device, model: torch.nn.Module | None = None) -> int:
-    """How many paged KV blocks the device pool gets, for a resolved engine configuration.
+    """How many paged KV blocks the device pool gets, for a resolved engine configuration and the model's `dtype`
+    (the cache's element type is engine_config.kv_cache_dtype resolved against it: fp8 blocks are 2x smaller
+    than bf16 ones, so a memory budget holds 2x as many).
 
     First rule that applies:
       num_kv_blocks      taken as given (a pool too small for one request then rejects that request alone,
@@ -77,7 +92,8 @@ def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dt
     A budget-derived pool that cannot hold one sequence of max_model_len raises ValueError naming the numbers.
     """
     block_size, max_model_len = engine_config.block_size, engine_config.max_model_len
-    per_block = kv_bytes_per_block(model_config, block_size, dtype)
+    kv_dtype = kv_cache_torch_dtype(engine_config.kv_cache_dtype, dtype)
+    per_block = kv_bytes_per_block(model_config, block_size, kv_dtype)
     if engine_config.num_kv_blocks is not None:
         return engine_config.num_kv_blocks
     if engine_config.kv_cache_memory is not None:
@@ -105,14 +121,19 @@ def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dt
             f"{source}, {per_block} bytes per block) but one sequence of max_model_len={max_model_len} needs "
             f"{needed}; give more memory (kv_cache_memory, num_kv_blocks, gpu_memory_utilization) or lower "
             f"max_model_len")
+    logger.info("KV pool: %d blocks of %d tokens in %s, %d bytes per block (%.1f MiB, from %s)", num_blocks,
+                block_size, kv_dtype, per_block, num_blocks * per_block / 2**20, source)
     return int(num_blocks)
 
 
 class KVCache:
-    """The device cache (and, on demand, a CPU cache of the same layout for swapped-out blocks)."""
+    """The device cache (and, on demand, a CPU cache of the same layout for swapped-out blocks).
+
+    `dtype` is the model's; `kv_cache_dtype` ("auto", "fp8", "fp8_e4m3") decides the storage's element type.
+    """
 
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, num_cpu_blocks: int = 0) -> None:
+                 device: torch.device, num_cpu_blocks: int = 0, kv_cache_dtype: str = "auto") -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_layers = model_config.num_hidden_layers
@@ -120,16 +141,30 @@ class KVCache:
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
         self.block_shape = (block_size, model_config.num_key_value_heads, model_config.head_dim)
-        self.dtype = dtype
+        self.dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)  # the storage's element type
         self.device = device
         # zeros, not empty: a kernel that reads a padded position multiplies it by a zero probability,
         # and 0 * NaN from uninitialised memory would still be NaN
-        self.storage = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=dtype, device=device)
+        self.storage = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=self.dtype,
+                                   device=device)
+        # fp8: (k_scale, v_scale) per layer and kv head, 1.0 until minillm.engine.kv_scales calibrates them
+        self.scales: torch.Tensor | None = None
+        if self.dtype != dtype:
+            self.scales = torch.ones((2, self.num_layers, model_config.num_key_value_heads), dtype=torch.float32,
+                                     device=device)
         self._cpu_storage: torch.Tensor | None = None
+        logger.info("KV cache: %d blocks of %d tokens in %s (%.1f MiB)", num_blocks, block_size, self.dtype,
+                    self.nbytes / 2**20)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) views of layer `index`, each [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.storage[0, index], self.storage[1, index]
+
+    def layer_scales(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(k_scale, v_scale) views of layer `index`, each fp32 [num_kv_heads]; (None, None) unless fp8."""
+        if self.scales is None:
+            return None, None
+        return self.scales[0, index], self.scales[1, index]
 
     @property
     def nbytes(self) -> int:
@@ -177,9 +212,8 @@ class KVCache:
         limit = self.num_blocks * self.block_shape[0]
         src = self._check([s for s, _ in pairs], limit, "source slot").to(self.device)
         dst = self._check([d for _, d in pairs], limit, "destination slot").to(self.device)
-        storage = self.storage.view(torch.uint8) if self.storage.element_size() == 1 else self.storage
-        flat = storage.view(2, self.num_layers, limit, *self.block_shape[1:])  # fp8: moved as bytes (CPU has no
-        flat[:, :, dst] = flat[:, :, src]  # fp8 index_put)
+        flat = self.storage.view(2, self.num_layers, limit, *self.block_shape[1:])
+        flat[:, :, dst] = flat[:, :, src]
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate (src, dst) device blocks. The right-hand side is gathered before the write,

@@ -38,6 +38,7 @@ from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
+from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.model_runner import token_logprobs
 from minillm.engine.step_input import StepOutput, TokenLogprobs, build_step_input
 from minillm.engine.worker import PrebuiltModel, Worker
@@ -102,8 +103,9 @@ class LLMEngine:
             executor = UniProcExecutor(Worker(model_config, config, self.device, dtype, PrebuiltModel(model), seed))
         self.executor = executor
         num_gpu_blocks = executor.determine_num_gpu_blocks() if needs_sized_pool(config) else None
+        kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)  # fp8 blocks: 1 byte per element
         self.cache_config = make_cache_config(config, num_gpu_blocks,
-                                              kv_bytes_per_block(model_config, kv_block_size(config), dtype))
+                                              kv_bytes_per_block(model_config, kv_block_size(config), kv_dtype))
         executor.initialize_cache(self.cache_config)
         self.scheduler = make_scheduler(config, self.cache_config)
         from minillm.speculative.engine_hooks import build_speculative_decoder  # chapter 9; None: no speculation

@@ -38,6 +38,7 @@ from torch import nn
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.kv_cache import KVCache
+from minillm.engine.kv_scales import calibrate_kv_scales
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import AttentionMetadata, forward_context
@@ -94,12 +95,15 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its own generator (seeded requests)
-        self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device, num_cpu_blocks)
+        self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device, num_cpu_blocks,
+                                kv_cache_dtype=engine_config.kv_cache_dtype if engine_config is not None else "auto")
         self.attention_layers = attention_modules(model)
         if len(self.attention_layers) != model_config.num_hidden_layers:
             raise ValueError(f"the model has {len(self.attention_layers)} attention modules with k_cache/v_cache, "
                              f"but the config says num_hidden_layers={model_config.num_hidden_layers}")
         self.bind_kv_cache()
+        if self.kv_cache.scales is not None:  # an fp8 cache: fix its scales before any step or CUDA graph reads them
+            calibrate_kv_scales(model, self.attention_layers, self.kv_cache, model_config)
         self.engine_config: EngineConfig | None = None
         self.cuda_graphs = None  # DecodeCUDAGraphs once captured
         self.forward_fn = model
@@ -179,6 +183,7 @@ class ModelRunner:
         forward when another runner (a second engine over the same model object) has rebound them meanwhile."""
         for index, module in enumerate(self.attention_layers):
             module.k_cache, module.v_cache = self.kv_cache.layer(index)
+            module.k_scale, module.v_scale = self.kv_cache.layer_scales(index)  # (None, None) unless fp8
 
     # -- block operations ---------------------------------------------------------------------------------
     def apply_block_ops(self, step: StepInput | ScheduledBatch) -> None:

@@ -124,8 +124,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     With k_scale/v_scale (fp32 [KVH], an fp8 cache) the values stored are quantize_kv(x, scale)."""
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [T] = [{k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
-    if k_scale is not None:
-        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    if k_scale is not None:  # fp8: move the quantised bytes (torch has no fp8 index_copy_ on a CPU)
+        k, v = quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
