@@ -35,11 +35,13 @@ ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, num_kv_blocks=
 # 1 token, exactly one block, one past a block, two blocks exactly, several blocks
 PROMPTS = [[100], [200, 201, 202, 203], [5, 6, 7, 8, 9], list(range(10, 18)), list(range(30, 47))]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-DECODE_BLOCKS = 10  # the five requests need 18 blocks at their longest: some wait for the decode side
+# greedy for every prompt, and the one-past-a-block prompt once more seeded: its generator travels with its KV
+PARAMS = [GREEDY] * len(PROMPTS) + [SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)]
+DECODE_BLOCKS = 10  # the six requests need 21 blocks at their longest: some wait for the decode side
 
 
-def _generate(engine: LLMEngine, prompts=PROMPTS) -> dict[str, list[int]]:
-    ids = [engine.add_request(None, p, GREEDY) for p in prompts]
+def _generate(engine: LLMEngine) -> dict[str, list[int]]:
+    ids = [engine.add_request(None, p, params) for p, params in zip(PROMPTS + [PROMPTS[2]], PARAMS)]
     done: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -75,6 +77,12 @@ def test_pack_unpack_moves_blocks_between_pools_with_other_block_ids():
     assert not target[:, :, [2, 3, 5]].any()  # other blocks untouched
     assert packed.numel() * 4 == kv_transfer_bytes(9, BLOCK, 3, 2, 8, torch.float32)  # 9 tokens: 3 whole blocks
 
+    # an fp8 cache (1-byte floats, which some indexing kernels do not know) moves as its bytes
+    fp8 = source.to(torch.float8_e4m3fn)
+    fp8_target = torch.zeros_like(fp8)
+    unpack_kv_blocks(fp8_target, [0, 4, 1], pack_kv_blocks(fp8, [7, 2, 5]))
+    assert torch.equal(fp8_target[:, :, 4].view(torch.uint8), fp8[:, :, 2].view(torch.uint8))
+
     with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
         pack_kv_blocks(source, [9])
     with pytest.raises(ValueError, match="repeat a block"):
@@ -109,11 +117,11 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
         assert engine.scheduler.decode.block_manager.num_blocks == DECODE_BLOCKS
         tokens = _generate(engine)
         assert list(tokens.values()) == expected
-        # back-pressure: the decode side never ran all five at once, and everybody finished
-        assert max(r.num_running for r in engine.scheduler.decode.timeline) < len(PROMPTS)
+        # back-pressure: the decode side never ran all six at once, and everybody finished
+        assert max(r.num_running for r in engine.scheduler.decode.timeline) < len(PARAMS)
         # bytes: per request, the analytic count; per worker, their sum, sent by one and received by the other
         analytic = [kv_transfer_bytes(len(p), BLOCK, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads,
-                                      CONFIG.head_dim, torch.float32) for p in PROMPTS]
+                                      CONFIG.head_dim, torch.float32) for p in PROMPTS + [PROMPTS[2]]]
         assert [engine.kv_bytes_sent[i] for i in tokens] == analytic
         assert engine.get_comm_stats(reset=True) == {"prefill": {"kv_send": sum(analytic)},
                                                      "decode": {"kv_recv": sum(analytic)}}

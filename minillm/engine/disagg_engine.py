@@ -201,7 +201,8 @@ class DisaggregatedEngine(LLMEngine):
             while not done and self._in_flight:
                 for worker, kind, payload in self.workers.wait():
                     if kind == "posted":
-                        self.kv_bytes_sent.update((t.request_id, t.nbytes) for t in self.scheduler.mark_posted(payload))
+                        posted = self.scheduler.mark_posted(payload)
+                        self.kv_bytes_sent.update((t.request_id, t.nbytes) for t in posted)
                     else:
                         outputs += self._complete(worker.role, payload)
                         done = True
@@ -217,12 +218,12 @@ class DisaggregatedEngine(LLMEngine):
         sched = self.scheduler
         if "prefill" not in self._in_flight:
             transfers = sched.sends_to_post()
-            sends = [KVSend(t.tag, list(t.prefill_seq.block_table)) for t in transfers]
+            sends = [KVSend(t.tag, list(t.prefill_seq.block_table), t.request_id) for t in transfers]
             self._submit("prefill", sched.prefill, transfers, sends=sends)
         if "decode" not in self._in_flight:
             transfers = sched.admit_transfers()
-            recvs = [KVRecv(t.tag, t.num_blocks, None if t.aborted else t.decode_seq.block_table[:t.num_blocks])
-                     for t in transfers]
+            recvs = [KVRecv(t.tag, t.num_blocks, None if t.aborted else t.decode_seq.block_table[:t.num_blocks],
+                            t.request_id, t.generator_state) for t in transfers]
             self._submit("decode", sched.decode, transfers, recvs=recvs)
 
     def _submit(self, role: str, side: Any, transfers: list[KVTransfer], sends: list[KVSend] = (),

@@ -27,6 +27,7 @@ import copy
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from minillm.engine.scheduler import Scheduler, StepRecord
 from minillm.engine.sequence import Sequence, SequenceStatus
@@ -44,6 +45,7 @@ class KVTransfer:
     posted: bool = False  # the prefill worker has posted its isend
     aborted: bool = False  # received into nothing, then dropped
     nbytes: int = 0  # what the prefill worker sent
+    generator_state: Any = None  # a seeded request's sampler state, from the prefill worker to the decode worker
 
     @property
     def request_id(self) -> str:
@@ -138,12 +140,13 @@ class DisaggScheduler:
             transfer.sending = True
         return fresh
 
-    def mark_posted(self, posted: list[tuple[int, int]]) -> list[KVTransfer]:
-        """The prefill worker's (tag, bytes) of the sends it has posted; returns those transfers."""
-        sizes = dict(posted)
-        marked = [t for t in self.transfers if t.tag in sizes]
+    def mark_posted(self, posted: list[tuple[int, int, Any]]) -> list[KVTransfer]:
+        """The prefill worker's (tag, bytes, generator state) of the sends it has posted; returns those transfers."""
+        reports = {tag: (nbytes, state) for tag, nbytes, state in posted}
+        marked = [t for t in self.transfers if t.tag in reports]
         for transfer in marked:
-            transfer.posted, transfer.nbytes = True, sizes[transfer.tag]
+            transfer.posted = True
+            transfer.nbytes, transfer.generator_state = reports[transfer.tag]
         return marked
 
     def admit_transfers(self) -> list[KVTransfer]:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from minillm.engine.executor import WorkerError, _free_port
 from minillm.engine.worker import Worker
-from minillm.parallel.kv_transfer import pack_kv_blocks, packed_kv_shape, unpack_kv_blocks
+from minillm.parallel.kv_transfer import as_bytes, pack_kv_blocks, packed_kv_shape, unpack_kv_blocks
 from minillm.parallel.state import comm_stats
 
 _TIMEOUT = datetime.timedelta(minutes=10)
@@ -59,16 +59,20 @@ class KVSend:
 
     tag: int
     block_ids: list[int]
+    request_id: str
 
 
 @dataclass(frozen=True)
 class KVRecv:
     """Decode side: receive `num_blocks` packed blocks with this tag into `block_ids` (None: receive and drop,
-    for a request aborted after its send was posted: the send must still complete)."""
+    for a request aborted after its send was posted: the send must still complete). `generator_state`: the
+    prefill side's random generator of a seeded request, which the decode side continues."""
 
     tag: int
     num_blocks: int
     block_ids: list[int] | None
+    request_id: str
+    generator_state: torch.Tensor | None = None
 
 
 class WorkerDied(RuntimeError):
@@ -96,7 +100,7 @@ class KVLink:
         packed = pack_kv_blocks(pool, transfer.block_ids)
         if self.staged:
             packed = packed.cpu()
-        self.pending[transfer.tag] = (dist.isend(packed, dst=self.peer, tag=transfer.tag), packed)
+        self.pending[transfer.tag] = (dist.isend(as_bytes(packed), dst=self.peer, tag=transfer.tag), packed)
         nbytes = packed.numel() * packed.element_size()
         comm_stats["kv_send"] += nbytes
         return nbytes
@@ -111,7 +115,7 @@ class KVLink:
     def recv(self, pool: torch.Tensor, transfer: KVRecv) -> None:
         device = "cpu" if self.staged else pool.device
         packed = torch.empty(packed_kv_shape(pool, transfer.num_blocks), dtype=pool.dtype, device=device)
-        dist.recv(packed, src=self.peer, tag=transfer.tag)
+        dist.recv(as_bytes(packed), src=self.peer, tag=transfer.tag)
         comm_stats["kv_recv"] += packed.numel() * packed.element_size()
         if transfer.block_ids is not None:
             unpack_kv_blocks(pool, transfer.block_ids, packed)
@@ -120,12 +124,27 @@ class KVLink:
 def run_step(worker: Worker, link: KVLink, conn: Connection, step: Any, sends: list[KVSend],
              recvs: list[KVRecv]) -> Any:
     """One message of the router: post the sends (answering "posted" before the forward, so the decode side can
-    admit those requests while this side computes), receive into this pool, then run the step."""
-    pool = worker.runner.kv_cache.storage
-    if sends:
-        conn.send(("posted", [(s.tag, link.send(pool, s)) for s in sends]))
+    admit those requests while this side computes), receive into this pool, then run the step.
+
+    A seeded request's sampler generator travels with its KV (a few bytes of state, with the "posted" answer):
+    the decode side draws the numbers one engine would have drawn next, so seeded sampling gives the same
+    tokens as one engine. (The runner keeps those generators in `_generators`, keyed by request id.)"""
+    runner = worker.runner
+    pool = runner.kv_cache.storage
+    posted: list[tuple[int, int, torch.Tensor | None]] = []
+    try:
+        for transfer in sends:
+            nbytes = link.send(pool, transfer)
+            generator = runner._generators.pop(transfer.request_id, None)  # its sampling continues there
+            posted.append((transfer.tag, nbytes, None if generator is None else generator.get_state()))
+    finally:  # report every send that is up, even if a later one failed: the decode side must drain it
+        if posted:
+            conn.send(("posted", posted))
     for transfer in recvs:
         link.recv(pool, transfer)
+        if transfer.generator_state is not None and transfer.block_ids is not None:
+            generator = runner._generators[transfer.request_id] = torch.Generator(device=runner.device)
+            generator.set_state(transfer.generator_state)
     output = worker.execute_model(step)
     link.retire()
     return output
@@ -168,6 +187,13 @@ def _worker_main(role: str, port: int, conn: Connection, worker_kwargs: dict[str
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=_TIMEOUT)
     dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=_TIMEOUT)
+    # one small message now: NCCL builds the pair's communicator at the first send, which blocks until the peer
+    # joins; here both are starting anyway, later the first real send would wait for a busy decode worker
+    probe = torch.zeros(1, device=device if backend == "nccl" else "cpu")
+    if rank == 0:
+        dist.send(probe, dst=1)
+    else:
+        dist.recv(probe, src=0)
     try:
         _serve(role, rank, conn, worker_kwargs, staged)
     finally:

@@ -24,6 +24,12 @@ import torch
 KV_POOL_DIMS = 6  # [2, num_layers, num_blocks, block_size, kv_heads, head_dim]
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8 (the same bytes), any other tensor as it is: an fp8 KV cache (1-byte
+    floats) moves as raw bytes, since indexing kernels and the gloo wire do not all know the fp8 types."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _check_pool(pool: torch.Tensor) -> None:
     if not isinstance(pool, torch.Tensor) or pool.dim() != KV_POOL_DIMS or pool.shape[0] != 2:
         shape = tuple(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__
@@ -48,7 +54,7 @@ def pack_kv_blocks(pool: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     contiguous tensor [2, num_layers, len(block_ids), block_size, kv_heads, head_dim]. The pool is not changed,
     and the result shares no memory with it (the sender may free and reuse the blocks once it is sent)."""
     _check_pool(pool)
-    return pool.index_select(2, _block_index(pool, block_ids))
+    return as_bytes(pool).index_select(2, _block_index(pool, block_ids)).view(pool.dtype)
 
 
 def unpack_kv_blocks(pool: torch.Tensor, block_ids: list[int], packed: torch.Tensor) -> None:
@@ -62,7 +68,7 @@ def unpack_kv_blocks(pool: torch.Tensor, block_ids: list[int], packed: torch.Ten
                          f"block(s) of this pool")
     if packed.dtype != pool.dtype:
         raise ValueError(f"packed KV is {packed.dtype}, the pool is {pool.dtype}: both sides must use one dtype")
-    pool.index_copy_(2, index, packed.to(pool.device))
+    as_bytes(pool).index_copy_(2, index, as_bytes(packed.to(pool.device)))
 
 
 def packed_kv_shape(pool: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
