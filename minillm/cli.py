@@ -9,6 +9,7 @@ package's cli module and list that module here.
     minillm demo | estimate | bench [serve]                                             (minillm.bench.cli)
     minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]                 (minillm.serve.cli)
     minillm quantize [MODEL] --method gptq|awq|... --bits --group-size --out DIR        (minillm.quant.cli)
+    minillm train-heads [MODEL] --kind draft|medusa|eagle|mtp --steps N --out DIR        (minillm.speculative.train_heads_cli)
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.quant.cli")
+COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.quant.cli",
+                   "minillm.speculative.train_heads_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,9 +173,10 @@ def model_and_config():
     return tiny_model(config), config
 
 
-def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch", device="cpu"):
+def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch", device="cpu",
+        engine_outputs=False):
     """(token ids by request id, the engine) after running `requests` (default: PROMPTS, greedy) to the end; a
-    `proposer` replaces the one `spec` builds."""
+    `proposer` replaces the one `spec` builds; engine_outputs: RequestOutputs instead of token ids."""
     model, config = model_and_config
     model.attention_backend = backend
     engine = LLMEngine(model, ByteTokenizer(), config,
@@ -189,7 +190,7 @@ def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, bac
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
+                outputs[out.request_id] = out if engine_outputs else out.outputs[0].token_ids
         engine.scheduler.check_invariants()
     model.attention_backend = "auto"
     assert engine.scheduler.block_manager.num_used_blocks == 0  # rejected nodes' blocks all given back
@@ -292,6 +293,107 @@ def test_sampled_requests_verify_on_the_target_distribution(model_and_config, pl
     second, _ = run(model_and_config, spec, requests=requests, proposer=OracleTreeProposer(_truth(plain)))
     assert first == second and len(first["4"]) == 12
     assert {rid: first[rid] for rid in plain} == plain
+
+
+def test_logprobs_follow_the_accepted_path(model_and_config, plain):
+    """The accepted rows are reordered into path order, so each token keeps the log-probs of the row that
+    sampled it: the same as plain decoding's."""
+    params = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True, logprobs=2) for p in GREEDY]
+    requests = list(zip(PROMPTS, params))
+    spec = {"method": "ngram_tree", "num_speculative_tokens": K}
+    runs = [run(model_and_config, None, requests=requests, engine_outputs=True)[0],
+            run(model_and_config, spec, requests=requests, engine_outputs=True,
+                proposer=OracleTreeProposer(_truth(plain)))[0]]
+    for rid in plain:
+        ref, tree = (r[rid].outputs[0] for r in runs)
+        assert tree.token_ids == ref.token_ids == plain[rid]
+        for a, b in zip(ref.logprobs, tree.logprobs):
+            assert a.keys() == b.keys()
+            for token in a:
+                assert abs(a[token].logprob - b[token].logprob) < 1e-4 and a[token].rank == b[token].rank
+
+
+def test_a_prefix_cache_hit_reads_the_moved_kv(model_and_config, plain):
+    """A finished tree request's blocks enter the prefix cache; a later request whose prompt is that request's
+    text reuses them, which is right only if the accepted nodes' K/V were moved where the tokens are."""
+    model, config = model_and_config
+    model.attention_backend = "torch"
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+                                    enable_prefix_caching=True,
+                                    speculative_config={"method": "ngram_tree", "num_speculative_tokens": K}))
+    engine.speculative = SpeculativeDecoder(engine.speculative.config, OracleTreeProposer(_truth(plain)),
+                                            config.vocab_size, 64)
+    finished = {}
+
+    def drain():
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    engine.add_request("a", PROMPTS[0], GREEDY[0])
+    drain()
+    assert finished["a"] == plain["0"] and engine.speculative.metrics.num_accepted_tokens > 0
+    cont = PROMPTS[0] + plain["0"][:-1]  # every token of "a" whose K/V is cached
+    engine.speculative = None  # the reader decodes plainly: only the cached K/V can make it differ
+    hits = engine.scheduler.block_manager.prefix_cache_hits
+    engine.add_request("b", cont, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    drain()
+    model.attention_backend = "auto"
+    reference, _ = run(model_and_config, None, requests=[(cont, SamplingParams(temperature=0, max_tokens=6,
+                                                                               ignore_eos=True))])
+    assert engine.scheduler.block_manager.prefix_cache_hits > hits  # "b" read "a"'s blocks
+    assert finished["b"] == reference["0"]
+
+
+class FixedTree(TreeProposer):
+    """The same tree below every sequence's last token: three children, two grandchildren each."""
+
+    method = "fixed_tree"
+
+    def propose_trees(self, seqs, max_depths):
+        branches = [[a, b] for a in (0, 1, 2) for b in (0, 1)]
+        return [trie_draft(seq.last_token_id, [c[:d] for c in branches], 64) if d else None
+                for seq, d in zip(seqs, max_depths)]
+
+
+def test_sampled_tree_verification_keeps_the_target_distribution():
+    """Vocabulary 8, temperature 0.4, 1000 requests of 4 tokens: the first verify step scores a two-level tree and
+    emits the 2nd and 3rd tokens; their joint law (over the 1st) must be the target's, computed by full forwards."""
+    from test_speculative_core import _chi_square_p_value
+    vocab, n, temperature, prompt = 8, 1000, 0.4, [1, 2, 3]
+    config = tiny_config(vocab_size=vocab, num_hidden_layers=2)
+    model = tiny_model(config, seed=5)
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=5 * n, max_model_len=16, max_num_seqs=n,
+                                    speculative_config={"method": "ngram_tree", "num_speculative_tokens": 2}),
+                       seed=11)
+    engine.speculative = SpeculativeDecoder(engine.speculative.config, FixedTree(), vocab, 16)
+    for i in range(n):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+    tokens = torch.tensor(tokens)
+
+    @torch.no_grad()
+    def law(prefix: list[int]) -> torch.Tensor:  # no forward context: one causal sequence, no cache
+        hidden = model(torch.tensor(prefix), torch.arange(len(prefix)))
+        return torch.softmax(model.compute_logits(hidden[-1:]).double() / temperature, -1)[0]
+
+    first = law(prompt)
+    pair = torch.zeros(vocab, vocab, dtype=torch.float64)  # P(2nd = b, 3rd = c), summed over the 1st
+    for a in range(vocab):
+        second = law(prompt + [a])
+        for b in range(vocab):
+            pair[b] += first[a] * second[b] * law(prompt + [a, b])
+    pair = pair.flatten()
+    counts = torch.bincount(tokens[:, 1] * vocab + tokens[:, 2], minlength=vocab * vocab).double()
+    keep = pair * n >= 5  # chi-square wants >= 5 expected per cell: the rare pairs pooled into one
+    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    expected = torch.cat([pair[keep], pair[~keep].sum(0, keepdim=True)]) * n
+    assert _chi_square_p_value(counts, expected) > 1e-3
+    by_depth = engine.speculative.metrics.acceptance_by_position
+    assert 0.05 < by_depth[0] < 0.95 and 0 < by_depth[1] < 0.95  # both levels accepted and rejected
+    assert engine.scheduler.block_manager.num_used_blocks == 0
 
 
 def test_tree_proposers_build_valid_trees():

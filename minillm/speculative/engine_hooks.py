@@ -164,9 +164,9 @@ class SpeculativeDecoder:
                 if sampled[i] and not seq.is_prefill:  # a plain decode step of a speculating engine
                     self._record(seq, 0, 0)
             elif self.tree is not None and self.tree.holds(seq):  # a token tree: its accepted path
-                num_nodes = len(seq.spec_token_ids)
+                depth = self.tree.depth(seq)  # metrics count a tree's levels (what it can give), not its nodes
                 accepted[i] = self.tree.verify(seq, output, i, self._generator_of(seq), self.generator)
-                self._record(seq, num_nodes, len(accepted[i]) - 1)
+                self._record(seq, depth, len(accepted[i]) - 1)
             elif seq.seq_id in self._draft_probs:
                 stochastic.append(i)
             else:

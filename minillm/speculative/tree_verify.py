@@ -101,6 +101,7 @@ class TreeVerifier:
         self._drafts: dict[int, TreeDraft] = {}
         self._pending_copies: list[tuple[int, int]] = []
         self._block_size = 0
+        self.num_nodes_scored = 0  # tree nodes below the roots the target scored: the compute trees spend
 
     # -- 1. propose ---------------------------------------------------------------------------------------
     def propose(self, proposer: TreeProposer, seqs: list["Sequence"], max_depths: list[int], vocab_size: int) -> None:
@@ -129,6 +130,10 @@ class TreeVerifier:
 
     def _draft(self, seq: "Sequence") -> TreeDraft:
         return self._drafts[seq.seq_id].prefix(1 + len(seq.spec_token_ids))
+
+    def depth(self, seq: "Sequence") -> int:
+        """Levels of seq's tree this step: the most drafts it can have accepted."""
+        return self._draft(seq).tree.max_depth
 
     def needs_logits(self, batch: "ScheduledBatch") -> bool:
         """Sampled requests verify on the target's probabilities; greedy ones need only its argmax samples."""
@@ -161,6 +166,7 @@ class TreeVerifier:
         """The tokens seq appends (the accepted path's tokens, then the target's own). Reorders spec_token_ids
         and the step's output rows of seq into path order and queues the KV moves (see the module docstring)."""
         draft = self._draft(seq)
+        self.num_nodes_scored += draft.num_nodes - 1
         tokens = torch.tensor(draft.token_ids).unsqueeze(0)
         params = seq.sampling_params
         if params.temperature <= 0:

@@ -1,0 +1,230 @@
+"""Training draft heads by self-distillation: `minillm train-heads --kind {draft,medusa,eagle,mtp}` (chapter 9).
+
+Data: minillm.speculative.train_data (the target's own generations, its pre-norm features f on them). Every loss
+compares a head's distribution with the *target's* distribution for the same token, KL(p_target || q_head) (the
+cross-entropy against the target's soft labels, less their entropy): that is what verification will accept, and it
+carries more signal than the one token the target happened to emit. With p_t = softmax(lm_head(norm(f_t))), the target's law of token t + 1:
+
+    medusa  head k at position t reads norm(f_t), guesses token t + 1 + k       target p_{t+k}
+    eagle   g_t = layer(fc([f_t; embed(x_{t+1})])), guesses token t + 2          target p_{t+1}
+            plus the feature regression SmoothL1(g_t, f_{t+1}) (the paper's L_reg; weights 1 and 0.1 as there),
+            on features divided by their RMS so one scale suits every model; f_t gets uniform noise as in EAGLE
+    mtp     module k: h^k_t = TRM_k(M_k[norm(h^{k-1}_t); norm(embed(x_{t+k}))]), guesses token t + k + 1,
+            target p_{t+k}; the D modules' losses are averaged (DeepSeek-V3's lambda, here 1/D)
+    draft   the first L layers of the target (own weights, its embedding and LM head frozen), at every position:
+            the classic distilled draft model, saved as an HF directory for speculative_config "draft_model"
+
+AdamW with a linear warm-up and cosine decay; a tqdm bar; the loss curve saved as loss.json and loss.png (when
+matplotlib is installed). Heads are saved with minillm.speculative.heads.save_heads (heads.safetensors +
+config.json, bf16), the draft model with minillm.quant.checkpoint's HF writer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from minillm.config import ModelConfig
+from minillm.forward_context import forward_context, prefill_metadata
+from minillm.speculative.head_kinds import new_heads
+from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
+from minillm.speculative.train_data import DistillData
+
+TRAIN_KINDS = ("draft", *HEAD_KINDS)
+EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    kind: str
+    steps: int
+    num_heads: int = 4  # medusa heads / mtp modules
+    draft_num_layers: int = 4  # kind "draft"
+    rows_per_step: int = 8
+    lr: float = 1e-3
+    warmup: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRAIN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(TRAIN_KINDS)}, got {self.kind!r}")
+        for name in ("steps", "num_heads", "draft_num_layers", "rows_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_target || q) = sum p (log p - log q), in fp32 (0 when the head is the target)."""
+    log_p = torch.log_softmax(target_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
+
+
+class HeadLoss:
+    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value}) for one head kind."""
+
+    def __init__(self, kind: str, target: TargetParts, feature_rms: float) -> None:
+        self.kind, self.target, self.scale = kind, target, feature_rms
+
+    def target_logits(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.target.logits(self.target.final_norm(features))
+
+    def __call__(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        return getattr(self, self.kind)(heads, tokens, features)
+
+    def medusa(self, heads, tokens, features):
+        p_logits = self.target_logits(features)
+        z = heads(self.target.final_norm(features))  # [K, B, L, d]
+        losses = [distill_kl(self.target.logits(z[k - 1][:, :-k]), p_logits[:, k:])
+                  for k in range(1, z.shape[0] + 1)]
+        return sum(losses) / len(losses), {f"head{k + 1}": float(v.detach()) for k, v in enumerate(losses)}
+
+    def eagle(self, heads, tokens, features):
+        b, length, _ = features.shape
+        p_logits = self.target_logits(features)
+        inputs = features[:, :-1]
+        noise = (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)
+        positions = torch.arange(length - 1, device=features.device).expand(b, -1)
+        mask = torch.ones(b, length - 1, dtype=torch.bool, device=features.device)
+        g, _ = heads(inputs + noise, self.target.embed(tokens[:, 1:]), positions, mask)
+        reg = F.smooth_l1_loss(g.float() / self.scale, features[:, 1:].float() / self.scale)
+        cls = distill_kl(self.target.logits(self.target.final_norm(g)), p_logits[:, 1:])
+        return reg + EAGLE_CLS_WEIGHT * cls, {"reg": float(reg.detach()), "cls": float(cls.detach())}
+
+    def mtp(self, heads, tokens, features):
+        b, length, _ = features.shape
+        p_logits = self.target_logits(features)
+        hidden, losses = features, []
+        for k, module in enumerate(heads.mtp, start=1):
+            n = length - k  # positions t whose token t + k is known
+            positions = torch.arange(n, device=features.device).expand(b, -1)
+            mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
+            hidden = module(hidden[:, :n], self.target.embed(tokens[:, k:]), positions, mask)
+            losses.append(distill_kl(self.target.logits(module.normed(hidden)), p_logits[:, k:]))
+        return sum(losses) / len(losses), {f"module{k + 1}": float(v.detach()) for k, v in enumerate(losses)}
+
+
+def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The draft model's distribution against the target's at every position (a cache-less prefill)."""
+    b, length = tokens.shape
+    with torch.no_grad():
+        p_logits = target.logits(target.final_norm(features))
+    with forward_context(prefill_metadata([length] * b, device=tokens.device)):
+        hidden = draft(tokens.flatten(), torch.arange(length, device=tokens.device).repeat(b))
+    loss = distill_kl(draft.compute_logits(hidden).view(b, length, -1), p_logits)
+    return loss, {"kl": float(loss.detach())}
+
+
+def initial_heads(config: HeadConfig, target_model: nn.Module) -> nn.Module:
+    """New heads as training starts them: Medusa at zero (each head = the LM head), EAGLE's and every MTP module's
+    layer from the target's last layer (its neighbour in depth), MTP's output norms from the target's final norm."""
+    heads = new_heads(config)
+    last_layer = target_model.model.layers[-1]
+    if config.kind == "eagle":
+        heads.layer.init_from_target_layer(last_layer)
+    elif config.kind == "mtp":
+        for module in heads.mtp:
+            module.layer.init_from_target_layer(last_layer)
+            with torch.no_grad():
+                module.out_norm.copy_(target_model.model.norm.weight)
+    return heads
+
+
+def feature_rms(data: DistillData) -> float:
+    """The scale EAGLE's feature regression divides by."""
+    return float(data.features.float().pow(2).mean().sqrt())
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_heads(target_model: nn.Module, model_config: ModelConfig, data: DistillData, options: TrainOptions,
+                out_dir: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Train `options.kind` on `data` and save it into out_dir; returns the loss history (also in loss.json)."""
+    torch.manual_seed(options.seed)
+    device = data.features.device
+    target = TargetParts(target_model)
+    if options.kind == "draft":
+        from minillm.speculative.draft import independent_copy
+        trainee = independent_copy(target_model, options.draft_num_layers).float()
+        trainee.attention_backend = "torch"  # autograd through plain torch ops (no triton kernel has a backward)
+        for p in (trainee.model.embed_tokens.weight, trainee.lm_head.weight):
+            p.requires_grad_(False)  # the vocabulary matrices stay the target's
+        loss_fn = lambda m, t, f: draft_loss(m, target, t, f)  # noqa: E731
+        config = None
+    else:
+        config = HeadConfig.for_target(options.kind, model_config, options.num_heads)
+        trainee = initial_heads(config, target_model).to(device=device, dtype=torch.float32)
+        loss_fn = HeadLoss(options.kind, target, feature_rms(data))
+    trainee.train()
+    params = [p for p in trainee.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, options.steps, options.warmup))
+    generator = torch.Generator().manual_seed(options.seed)
+    history: list[dict[str, float]] = []
+    n = data.tokens.shape[0]
+    with tqdm(range(options.steps), desc=f"training {options.kind}", unit="step") as bar:
+        for step in bar:
+            rows = torch.randint(0, n, (min(options.rows_per_step, n),), generator=generator)
+            tokens, features = data.tokens[rows].to(device), data.features[rows].float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, parts = loss_fn(trainee, tokens, features)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            history.append({"step": step, "loss": float(loss.detach()), **parts})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    trainee.eval()
+    out = Path(out_dir)
+    if options.kind == "draft":
+        _save_draft(trainee, out, tokenizer)
+    else:
+        config.training = {"steps": options.steps, "rows": n, "seq_len": int(data.tokens.shape[1]),
+                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee)}
+        save_heads(out, trainee, config)
+    save_loss_curve(history, out, options.kind)
+    return {"history": history, "out": str(out)}
+
+
+def _save_draft(draft: nn.Module, out: Path, tokenizer: Any) -> None:
+    from minillm.quant.checkpoint import save_quantized
+    from minillm.quant.driver import QuantizedModel, hf_state_dict
+    draft.attention_backend = "auto"
+    save_quantized(QuantizedModel(config=draft.config, state=hf_state_dict(draft)), out, tokenizer)
+
+
+def save_loss_curve(history: list[dict[str, float]], out: Path, kind: str) -> None:
+    """loss.json always; loss.png when matplotlib is there (the GPU machine may lack it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss.json").write_text(json.dumps({"kind": kind, "history": history}) + "\n")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for key in [k for k in history[0] if k != "step"]:
+        ax.plot([h["step"] for h in history], [h[key] for h in history], label=key, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{kind} heads: self-distillation loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)

@@ -1,0 +1,71 @@
+"""`minillm train-heads`: distil Medusa / EAGLE / MTP heads or a draft model on the target's own outputs (chapter 9).
+
+    minillm train-heads --kind eagle --steps 2000 --out heads/eagle [MODEL] [--device cuda] [--dtype bfloat16]
+    minillm train-heads --kind medusa --tiny --out /tmp/medusa            # seconds on a CPU: a smoke run
+
+Then `LLM(speculative_config={"method": "eagle", "model": "heads/eagle", "num_speculative_tokens": 4})`; a draft
+model (--kind draft) is an HF directory for {"method": "draft_model", "model": DIR}. Needs torch, safetensors and
+tqdm only (matplotlib for loss.png, if installed); no network: the prompts are built in and the target is local.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from minillm.speculative.train_heads import TRAIN_KINDS
+
+# --tiny: a smoke run that finishes in seconds on a laptop CPU (tests, CI)
+TINY = {"num_prompts": 4, "max_new_tokens": 24, "seq_len": 32, "steps": 4, "rows_per_step": 2}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train-heads", help="train Medusa/EAGLE/MTP heads or a draft model by "
+                                                  "self-distillation on the target's own generations")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--kind", required=True, choices=TRAIN_KINDS)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
+    p.add_argument("--dtype", default="auto", help="the target's dtype: auto (bf16 on cuda, fp32 on cpu), ...")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts the target answers (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt (default 192)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training row (default 256)")
+    p.add_argument("--rows-per-step", type=int, default=8, help="rows per optimizer step (default 8)")
+    p.add_argument("--num-heads", type=int, default=4, help="medusa heads / mtp modules (default 4)")
+    p.add_argument("--draft-layers", type=int, default=4, help="--kind draft: the target's first L layers")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a few prompts, short rows, a few steps: a smoke run")
+    p.set_defaults(func=_cmd_train_heads)
+
+
+def _cmd_train_heads(args: argparse.Namespace) -> int:
+    from minillm.engine.worker import build_model
+    from minillm.loader import load_model
+    from minillm.platform import resolve_device, resolve_dtype
+    from minillm.speculative.train_data import distill_data
+    from minillm.speculative.train_heads import TrainOptions, train_heads
+
+    sizes = dict(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
+                 steps=args.steps, rows_per_step=args.rows_per_step)
+    if args.tiny:
+        sizes.update(TINY)
+    for name, value in sizes.items():
+        if value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    options = TrainOptions(args.kind, sizes["steps"], num_heads=args.num_heads, draft_num_layers=args.draft_layers,
+                           rows_per_step=sizes["rows_per_step"], lr=args.lr, seed=args.seed)  # validates the rest
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    start = time.perf_counter()
+    model_config, weights, tokenizer = load_model(args.model)
+    target = build_model(model_config, weights, device, dtype).eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    data = distill_data(target, tokenizer, model_config, sizes["num_prompts"], sizes["max_new_tokens"],
+                        sizes["seq_len"], device, dtype, seed=args.seed)
+    result = train_heads(target, model_config, data, options, args.out, tokenizer)
+    history = result["history"]
+    print(f"{args.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
+          f"{data.tokens.numel()} training tokens, {time.perf_counter() - start:.0f} s; saved to {result['out']}")
+    return 0

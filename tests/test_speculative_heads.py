@@ -1,0 +1,315 @@
+"""Medusa, EAGLE and MTP heads (chapter 9): the hidden-state seam, self-distillation training, and the proposers
+inside the engine.
+
+On a tiny random Llama (tests/test_engine.py): heads trained a few steps on the target's own generations give,
+for greedy requests, exactly the tokens of plain decoding, with plenty of KV blocks and under pressure (preemption),
+and leave no block or proposer state behind; sampled requests draft from q and verify with the rejection rule, whose
+output keeps the target's law (chi-square, as for the draft model). Shipped weights are found by the target's
+fingerprint, or the error says how to train some.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.sampling_params import SamplingParams
+from minillm.speculative import heads as heads_module
+from minillm.speculative.head_kinds import load_heads, new_heads
+from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, save_heads
+from minillm.speculative.train_data import distill_data, record_features
+from minillm.speculative.train_heads import HeadLoss, TrainOptions, feature_rms, initial_heads, train_heads
+from test_engine import tiny_config, tiny_model
+from test_speculative_core import _chi_square_p_value
+from test_speculative_engine import GREEDY, PROMPTS, SAMPLED, assert_nothing_held, run
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def target():
+    config = tiny_config(num_hidden_layers=3)
+    return tiny_model(config), config
+
+
+@pytest.fixture(scope="module")
+def data(target):
+    model, config = target
+    return distill_data(model, ByteTokenizer(), config, num_prompts=6, max_new_tokens=24, seq_len=24,
+                        device=torch.device("cpu"), dtype=torch.float32, max_prompt_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def trained(target, data, tmp_path_factory):
+    """kind -> (directory of heads trained 40 full-batch steps, loss history)."""
+    model, config = target
+    result = {}
+    for kind in HEAD_KINDS:
+        out = tmp_path_factory.mktemp(kind)
+        history = train_heads(model, config, data, TrainOptions(kind, 40, num_heads=K, rows_per_step=64, lr=3e-3,
+                                                                warmup=5), out)["history"]
+        result[kind] = (out, history)
+    return result
+
+
+def spec(kind: str, directory, k: int = K) -> dict:
+    return {"method": kind, "num_speculative_tokens": k, "model": str(directory)}
+
+
+# -- the seam -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])  # post-norm, pre-norm
+def test_runner_returns_hidden_states_only_when_asked(target, trained, kind):
+    model, config = target
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=32, max_model_len=64, speculative_config=spec(
+                           kind, trained[kind][0])))
+    prompt = [7, 8, 9, 10, 11]
+    seq = Sequence("a", prompt, SamplingParams(temperature=0, max_tokens=4))
+    engine.scheduler.block_manager.allocate(seq)
+    from minillm.engine.step_input import build_step_input
+    step = build_step_input(ScheduledBatch([seq], [len(prompt)]), 4)
+    assert engine.runner.execute_model(step).hidden_states is None  # not asked: nothing returned
+    step.return_hidden_states = True
+    rows = engine.runner.execute_model(step).hidden_states
+    assert len(rows) == 1 and rows[0].shape == (len(prompt), config.hidden_size)
+    pre_norm = record_features(model, torch.tensor([prompt]), torch.device("cpu"))[0]
+    if kind == "eagle":  # the residual stream before the final norm, as the cache-less prefill records it
+        torch.testing.assert_close(rows[0], pre_norm)
+    else:  # what the LM head reads: the final norm of it
+        torch.testing.assert_close(rows[0], model.model.norm(pre_norm))
+
+
+# -- training -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_training_lowers_the_distillation_loss_and_saves_heads(target, data, trained, kind):
+    model, config = target
+    directory, history = trained[kind]
+    heads, head_config = load_heads(kind, directory, config)
+    loss = HeadLoss(kind, TargetParts(model), feature_rms(data))
+    torch.manual_seed(0)  # EAGLE's feature noise
+    with torch.no_grad():
+        before = float(loss(initial_heads(head_config, model), data.tokens, data.features)[0])
+        torch.manual_seed(0)
+        after = float(loss(heads, data.tokens, data.features)[0])
+    assert after < 0.95 * before, (kind, before, after)  # on all the data, not one noisy batch
+    saved = json.loads((directory / "config.json").read_text())
+    assert saved["kind"] == kind and saved["target"] == {"hidden_size": 32, "num_hidden_layers": 3,
+                                                         "vocab_size": 300}
+    assert json.loads((directory / "loss.json").read_text())["history"][-1]["loss"] == history[-1]["loss"]
+    assert head_config.num_heads == (1 if kind == "eagle" else K)
+    assert all(config.vocab_size not in p.shape for p in heads.parameters())  # no vocabulary matrix: the target's
+
+
+def test_training_a_draft_model_writes_an_hf_directory(target, data, tmp_path):
+    from minillm.loader import load_hf_model
+    model, config = target
+    history = train_heads(model, config, data, TrainOptions("draft", 15, draft_num_layers=1, rows_per_step=64,
+                                                            lr=3e-3, warmup=3), tmp_path)["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    draft_config, weights = load_hf_model(tmp_path)
+    assert draft_config.num_hidden_layers == 1 and draft_config.vocab_size == config.vocab_size
+    assert any(name.startswith("model.layers.0.") for name, _ in weights)
+
+
+def test_train_options_name_the_bad_value():
+    with pytest.raises(ValueError, match="kind must be one of draft, medusa, eagle, mtp, got 'beam'"):
+        TrainOptions("beam", 10)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        TrainOptions("eagle", 0)
+
+
+def test_cli_parses_train_heads():
+    from minillm.cli import build_parser
+    args = build_parser().parse_args(["train-heads", "--kind", "mtp", "--steps", "7", "--out", "x", "--tiny"])
+    assert (args.kind, args.steps, args.out, args.tiny) == ("mtp", 7, "x", True)
+
+
+# -- the engine -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other
+def test_greedy_output_equals_plain_decoding(target, trained, kind, num_blocks):
+    plain, _ = run(target, None, num_blocks)
+    mixed = list(zip(PROMPTS, GREEDY)) + [(PROMPTS[1], SAMPLED)]
+    outputs, engine = run(target, spec(kind, trained[kind][0]), num_blocks, requests=mixed)
+    for rid, out in plain.items():
+        assert outputs[rid].outputs[0].token_ids == out.outputs[0].token_ids, (kind, rid)
+    assert len(outputs["4"].outputs[0].token_ids) == SAMPLED.max_tokens
+    if num_blocks == 12:
+        assert engine.scheduler.num_preemptions > 0
+    assert_nothing_held(engine)
+    metrics = engine.speculative.metrics
+    assert metrics.num_verify_steps > 0 and metrics.num_draft_tokens > 0
+    assert metrics.num_accepted_tokens > 0  # trained heads guess some of the target's tokens
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_engine_drafts_are_what_the_training_forward_predicts(target, trained, kind):
+    """The proposer's drafts after a prefill, from the features the engine recorded and its window, equal the heads
+    run the way training runs them: over the whole recorded sequence, every draft recomputed from scratch (no K/V
+    kept within the proposal). An off-by-one between a feature and its token would show here."""
+    model, config = target
+    _, engine = run(target, spec(kind, trained[kind][0]), requests=[])
+    proposer, parts = engine.speculative.proposer, TargetParts(model)
+    engine.add_request("r", [7, 8, 9, 10, 11, 12], SamplingParams(temperature=0, max_tokens=8))
+    engine.step()  # the prefill: features f_0..f_5, and token x_6 sampled
+    seq = engine.scheduler.running[0]
+    drafts = proposer.propose([seq], [K])[0]
+    x = torch.tensor(seq.token_ids)
+    f = record_features(model, x[None, :-1], torch.device("cpu"))  # [1, 6, d]: f_p predicted x_{p+1}
+    heads, expected = proposer.heads, []
+    with torch.no_grad():
+        if kind == "medusa":
+            z = heads(parts.final_norm(f[:, -1]))
+            expected = [int(parts.logits(z[k]).argmax()) for k in range(K)]
+        elif kind == "eagle":
+            feats, tokens = f, x[None, 1:]
+            for _ in range(K):
+                n = feats.shape[1]
+                g, _ = heads(feats, parts.embed(tokens), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
+                expected.append(int(parts.logits(parts.final_norm(g[:, -1])).argmax()))
+                feats = torch.cat([feats, g[:, -1:]], dim=1)
+                tokens = torch.cat([tokens, torch.tensor([[expected[-1]]])], dim=1)
+        else:
+            hidden, n = f, f.shape[1]
+            for k, module in enumerate(heads.mtp, start=1):
+                tokens = torch.tensor(seq.token_ids[k:] + expected)[None]
+                hidden = module(hidden, parts.embed(tokens), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
+                expected.append(int(parts.logits(module.normed(hidden[:, -1])).argmax()))
+    assert drafts == expected
+
+
+def test_medusa_candidates_are_each_heads_top_k(target, trained):
+    outputs, engine = run(target, spec("medusa", trained["medusa"][0]), requests=[])
+    proposer = engine.speculative.proposer
+    prompt = [7, 8, 9, 10, 11]
+    engine.add_request("c", prompt, SamplingParams(temperature=0, max_tokens=8))
+    engine.step()  # the prefill: its rows' features are recorded
+    seq = engine.scheduler.running[0]
+    (ids, probs), = proposer.propose_candidates([seq], topk=5)
+    assert ids.shape == probs.shape == (K, 5)
+    assert torch.all(probs[:, :-1] >= probs[:, 1:]) and torch.all(probs <= 1)
+    assert ids[:, 0].tolist() == proposer.propose([seq], [K])[0]  # the chain drafts each head's top-1
+    fresh = Sequence("new", [1, 2, 3], SamplingParams(temperature=0))
+    assert proposer.propose_candidates([fresh], topk=2) == [None]  # no features recorded for it yet
+    with pytest.raises(ValueError, match="topk must be an integer in"):
+        proposer.propose_candidates([seq], topk=0)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_sampled_drafts_keep_the_target_distribution(kind, tmp_path):
+    """Random heads on a vocabulary-8 target at temperature 0.4: the 2nd and 3rd tokens (a verify step's) follow
+    the target's exact pair law; the drafts came with their q (the rejection rule, not sample-and-match)."""
+    vocab, n, temperature = 8, 400, 0.4
+    config = tiny_config(vocab_size=vocab, num_hidden_layers=2)
+    model = tiny_model(config, seed=5)
+    head_config = HeadConfig.for_target(kind, config, 2)
+    torch.manual_seed(1)
+    head = new_heads(head_config)
+    with torch.no_grad():  # random, not the identity start: q differs from p
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_heads(tmp_path, head, head_config)
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=4 * n, max_model_len=16, max_num_seqs=n,
+                                    speculative_config=spec(kind, tmp_path, 2)), seed=11)
+    params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True)
+    prompt = [1, 2, 3]
+    for i in range(n):
+        engine.add_request(str(i), prompt, params)
+    decoder, with_q = engine.speculative, []
+    needs_logits = decoder.needs_logits
+
+    def counting(batch):  # after propose, before the forward: how many sequences drafted with a q
+        with_q.append(len(decoder._draft_probs))
+        return needs_logits(batch)
+    decoder.needs_logits = counting
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+    assert sum(with_q) > 0
+    tokens = torch.tensor(tokens)
+
+    @torch.no_grad()
+    def next_law(prefix: list[int]) -> torch.Tensor:
+        hidden = record_features(model, torch.tensor([prefix]), torch.device("cpu"))[0, -1:]
+        return torch.softmax(model.compute_logits(model.model.norm(hidden)).double() / temperature, -1)[0]
+
+    first = next_law(prompt)
+    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])
+    pair_law = (first[:, None] * second).flatten()
+    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
+    keep = pair_law * n >= 5
+    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
+    if float(expected[-1]) < 5:
+        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
+    assert _chi_square_p_value(counts, expected) > 1e-3
+    assert 0.05 < engine.speculative.metrics.acceptance_rate < 0.95  # accept and residual branches both ran
+    assert_nothing_held(engine)
+
+
+# -- weights: shipped, given, wrong -----------------------------------------------------------------------------
+def test_without_model_the_shipped_weights_load_or_the_error_says_how_to_train(target, trained, tmp_path,
+                                                                                 monkeypatch):
+    model, config = target
+    monkeypatch.setattr(heads_module, "SHIPPED_DIR", tmp_path)
+    options = EngineConfig(block_size=4, num_kv_blocks=32, max_model_len=64,
+                           speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="minillm train-heads --kind eagle --out DIR"):
+        LLMEngine(model, ByteTokenizer(), config, options)
+    (tmp_path / "eagle").mkdir()
+    for name in ("config.json", "heads.safetensors"):
+        (tmp_path / "eagle" / name).write_bytes((trained["eagle"][0] / name).read_bytes())
+    engine = LLMEngine(model, ByteTokenizer(), config, options)  # found by the target's fingerprint
+    assert engine.speculative.proposer.method == "eagle"
+    other = tiny_config(num_hidden_layers=2)  # another target: the shipped heads are not for it
+    with pytest.raises(ValueError, match="no shipped eagle heads for this target"):
+        LLMEngine(tiny_model(other), ByteTokenizer(), other, options)
+
+
+def test_heads_for_another_target_or_kind_are_refused(target, trained):
+    _, config = target
+    with pytest.raises(ValueError, match="trained for a target with"):
+        load_heads("eagle", trained["eagle"][0], tiny_config(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="holds 'mtp' heads, but speculative method 'medusa'"):
+        load_heads("medusa", trained["mtp"][0], config)
+    with pytest.raises(FileNotFoundError, match="no trained heads here"):
+        load_heads("medusa", trained["mtp"][0] / "missing", config)
+
+
+def test_shipped_weights_stay_under_40_mb():
+    files = [p for p in heads_module.SHIPPED_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 40 * 2 ** 20
+    for kind_dir in (p for p in heads_module.SHIPPED_DIR.glob("*") if p.is_dir()):
+        assert kind_dir.name in HEAD_KINDS and (kind_dir / "config.json").is_file()
+
+
+# -- GPU: CUDA graphs capture the hidden-state buffer ------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, config = target
+    gpu_model = tiny_model(config).to("cuda")
+    results = []
+    for eager in (True, False):
+        engine = LLMEngine(gpu_model, ByteTokenizer(), config,
+                           EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+                                        enforce_eager=eager, speculative_config=spec(kind, trained[kind][0])),
+                           device="cuda", dtype=torch.float32)
+        assert (engine.runner.cuda_graphs is None) == eager
+        for i, (prompt, params) in enumerate(zip(PROMPTS, GREEDY)):
+            engine.add_request(str(i), prompt, params)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        results.append((outputs, engine.speculative.metrics.acceptance_rate))
+    assert results[0][0] == results[1][0]
+    assert abs(results[0][1] - results[1][1]) < 0.05  # same drafts: the graph-captured features match eager ones
