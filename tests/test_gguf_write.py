@@ -8,6 +8,7 @@ tokenizer metadata, so LLM(model=file) can load and generate from it.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import gguf
 import numpy as np
@@ -239,3 +240,31 @@ def test_cli_writes_a_gguf(tmp_path, written, capsys):
     assert {t.type_name for t in GGUFFile(out).tensors.values()} == {"Q8_0", "F32"}
     assert main(["quantize", written["Q4_K"], "--method", "gguf-q4_0", "--out", str(tmp_path / "dir")]) == 2
     assert "FILE.gguf" in capsys.readouterr().err
+
+
+def test_cli_converts_an_hf_directory(tmp_path, tiny, capsys):
+    """An HF directory has a tokenizer.json, not GGUF keys: the converted tokenizer must split text the same way."""
+    from safetensors.torch import save_file
+
+    from minillm.cli import main
+    from minillm.loader import Tokenizer
+    from minillm.quant.checkpoint import hf_config_dict, save_tokenizer
+    from minillm.quant.gguf_tokenizer import PROBES
+    source, config, weights = tiny
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    save_file(weights, str(hf / "model.safetensors"))
+    original = Tokenizer.from_gguf(source)
+    save_tokenizer(original, str(hf))
+    out = tmp_path / "from-hf.gguf"
+    assert main(["quantize", str(hf), "--method", "gguf-q8_0", "--out", str(out)]) == 0, capsys.readouterr().err
+    written = GGUFFile(out)
+    assert written.metadata["tokenizer.ggml.pre"] == "smollm"
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert written.metadata[key] == source.metadata[key], key
+    rebuilt = Tokenizer.from_gguf(written)
+    for text in PROBES + ("<|im_start|>user\nHi 42<|im_end|>",):
+        assert rebuilt.encode(text) == original.encode(text), text
+    assert config_from_gguf(written) == config

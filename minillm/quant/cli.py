@@ -9,8 +9,8 @@
     minillm quantize --method prune-2:4 --prune-scores magnitude --out smollm2-2of4
 
 Calibrated methods (gptq, awq, smoothquant, prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
---calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output needs a GGUF
-source: its tokenizer and chat template are copied from there. minillm/cli.py owns the parser and calls `register`.
+--calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a GGUF source's tokenizer and chat template,
+or converts an HF directory's tokenizer.json. minillm/cli.py owns the parser and calls `register`.
 """
 from __future__ import annotations
 
@@ -34,14 +34,17 @@ def _group_size(text: str) -> int:
 
 def _cmd_gguf(args: argparse.Namespace, path: str) -> str:
     """Write the model as one GGUF file; returns the line to print."""
-    from minillm.loader import GGUFFile, load_gguf_model
+    from minillm.loader import GGUFFile, Tokenizer, load_gguf_model, load_hf_model
     from minillm.quant.gguf_export import write_gguf_model
-    if os.path.isdir(path):
-        raise ValueError(f"--method {args.method} copies the tokenizer from a GGUF source; {path} is an HF directory")
     if os.path.isdir(args.out) or not args.out.endswith(".gguf"):
         raise ValueError(f"--method {args.method} writes one file: give --out FILE.gguf, got {args.out!r}")
-    source = GGUFFile(path)
-    config, weights = load_gguf_model(source)
+    if os.path.isdir(path):  # an HF directory: its tokenizer.json is converted to GGUF metadata
+        (config, weights), source = load_hf_model(path), Tokenizer.from_hf_dir(path)
+    else:  # a GGUF: its metadata is copied
+        source = GGUFFile(path)
+        config, weights = load_gguf_model(source)
+    if config.quantization is not None:
+        raise ValueError(f"{path} is already quantized ({config.quantization}); write a GGUF from a dense checkpoint")
     write_gguf_model(args.out, config, dict(weights), GGUF_METHODS[args.method], source)
     return f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)"
 

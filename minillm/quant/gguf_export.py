@@ -1,7 +1,8 @@
 """`minillm quantize --method gguf-q4_0|gguf-q4_k|gguf-q8_0 --out FILE.gguf`: a whole model as one GGUF (chapter 8).
 
 The file is self-contained, as llama.cpp's are: the source GGUF's metadata (tokenizer vocabulary and merges,
-special token ids, chat template, general.*) is copied key by key with its original value types, the
+special token ids, chat template, general.*) is copied key by key with its original value types (from an HF
+directory, its tokenizer.json is converted: minillm/quant/gguf_tokenizer.py), the
 architecture keys (`llama.block_count`, `llama.rope.freq_base`, ...) are written from the ModelConfig, and
 the tensors go back under llama.cpp's names, with W_q / W_k rows permuted back to llama.cpp's interleaved
 RoPE layout (the inverse of minillm.loader.gguf_model.unpermute_rotary).
@@ -31,7 +32,9 @@ from minillm.loader.gguf import GGUFFile
 from minillm.loader.gguf_model import _GLOBAL_NAMES, _LAYER_NAMES, GGUF_ARCHITECTURES
 from minillm.loader.gguf_writer import GGUFValueType, GGUFWriter
 from minillm.loader.model_files import expected_weight_shapes
+from minillm.loader.tokenizer import Tokenizer
 from minillm.quant.gguf_quants import gguf_type_for, gguf_type_id, quantize_tensor
+from minillm.quant.gguf_tokenizer import Metadata, tokenizer_metadata
 
 GGUF_METHODS = {"gguf-q4_0": "Q4_0", "gguf-q4_k": "Q4_K", "gguf-q8_0": "Q8_0"}
 LLAMA_FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14}  # llama_ftype: MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_S
@@ -98,10 +101,25 @@ def tensor_types(config: ModelConfig, type_name: str, embedding_type: str = EMBE
     return types
 
 
+def source_metadata(source: GGUFFile | Tokenizer, config: ModelConfig) -> Metadata:
+    """The keys copied into the new file: a source GGUF's own (tokenizer, chat template, general.*; not its
+    architecture keys or file type, which are rewritten), or an HF tokenizer's, converted (quant/gguf_tokenizer)."""
+    if isinstance(source, Tokenizer):
+        return tokenizer_metadata(source, config.vocab_size)
+    if not isinstance(source, GGUFFile) or "tokenizer.ggml.tokens" not in source.metadata:
+        raise ValueError(f"the tokenizer comes from a source GGUF with tokenizer.ggml.* keys or from an HF Tokenizer; "
+                         f"got {source!r:.80}")
+    dropped = ("general.alignment", "general.file_type", "general.quantization_version")
+    arch_prefixes = (f"{source.architecture}.", f"{config.architecture}.")
+    return [(key, value, *source.metadata_types[key]) for key, value in source.metadata.items()
+            if key not in dropped and not key.startswith(arch_prefixes)]
+
+
 def write_gguf_model(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, torch.Tensor],
-                     type_name: str, source: GGUFFile, embedding_type: str = EMBEDDING_TYPE,
+                     type_name: str, source: GGUFFile | Tokenizer, embedding_type: str = EMBEDDING_TYPE,
                      progress: bool = True) -> str:
-    """Quantize `weights` (HF names, float, HF row order) into a GGUF at `path` with `source`'s tokenizer metadata.
+    """Quantize `weights` (HF names, float, HF row order) into a GGUF at `path`, with the tokenizer of `source`:
+    the GGUFFile the weights came from, or the Tokenizer of an HF directory.
 
     type_name: "Q4_0", "Q8_0" or "Q4_K" for the decoder's matrices. Tensors are quantized one at a time while
     the file is written, so the quantized model is never held in memory whole.
@@ -110,9 +128,6 @@ def write_gguf_model(path: str | os.PathLike, config: ModelConfig, weights: Mapp
         raise ValueError(f"type_name must be one of {', '.join(LLAMA_FILE_TYPES)}, got {type_name!r}")
     if config.architecture not in GGUF_ARCHITECTURES:
         raise ValueError(f"minillm writes GGUF for {', '.join(GGUF_ARCHITECTURES)}, not {config.architecture!r}")
-    if not isinstance(source, GGUFFile) or "tokenizer.ggml.tokens" not in source.metadata:
-        raise ValueError("write_gguf_model copies the tokenizer from a source GGUF (tokenizer.ggml.* keys); pass the "
-                         f"GGUFFile the weights came from, got {source!r:.80}")
     types = tensor_types(config, type_name, embedding_type)
     missing = [name for name in types if name not in weights]
     if missing:
@@ -123,11 +138,7 @@ def write_gguf_model(path: str | os.PathLike, config: ModelConfig, weights: Mapp
             raise ValueError(f"tensor {name} has shape {list(weights[name].shape)}, the config expects "
                              f"{list(shapes[name])}")
     writer = GGUFWriter(path)
-    dropped = ("general.alignment", "general.file_type", "general.quantization_version")
-    for key, value in source.metadata.items():  # tokenizer, chat template, general.name, ...
-        if key in dropped or key.startswith(f"{source.architecture}.") or key.startswith(f"{config.architecture}."):
-            continue
-        vtype, etype = source.metadata_types[key]
+    for key, value, vtype, etype in source_metadata(source, config):
         writer.add_metadata(key, value, vtype, etype)
     writer.add_metadata("general.architecture", config.architecture, GGUFValueType.STRING)
     for key, value, vtype in _architecture_keys(config):
