@@ -128,14 +128,27 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
         assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
         engine.scheduler.check_invariants()
 
-        # a request aborted on its way between the sides: both sides' blocks come back
-        engine.add_request("gone", PROMPTS[4], GREEDY)
+        # aborted on its way between the sides, or while a worker computes its step (the router does not wait for
+        # the worker): both sides' blocks come back, the others finish
+        engine.add_request("between", PROMPTS[4], GREEDY)
         while not engine.scheduler.transfers:
             engine.step()
-        engine.abort("gone")
+        engine.abort("between")
+        engine.add_request("decoding", PROMPTS[2], GREEDY)
+        engine.add_request("prefilling", list(range(60, 100)), GREEDY)  # five chunks of 8
+        in_step = {role: False for role in ("prefill", "decode")}
+        while engine.has_unfinished_requests() and not all(in_step.values()):
+            for role, rid in (("prefill", "prefilling"), ("decode", "decoding")):
+                batch = engine._in_flight.get(role, (None,))[0]
+                if batch is not None and any(seq.request_id == rid for seq in batch.seqs):
+                    engine.abort(rid)
+                    in_step[role] = True
+            engine.step()
+        assert in_step == {"prefill": True, "decode": True}
         while engine.has_unfinished_requests():
             engine.step()
         assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
+        engine.scheduler.check_invariants()
 
         # the decode worker dies mid-run: the step ends every request with the reason, and nothing waits
         engine.add_request("a", PROMPTS[2], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))

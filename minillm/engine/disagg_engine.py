@@ -46,7 +46,7 @@ from minillm.engine.disagg_scheduler import DecodeScheduler, DisaggScheduler, KV
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import SequenceStatus
-from minillm.engine.step_input import StepInput, build_step_input
+from minillm.engine.step_input import StepInput, StepOutput, build_step_input
 from minillm.outputs import RequestOutput
 from minillm.parallel.disagg import ROLES, DisaggWorkers, KVRecv, KVSend, WorkerDied
 
@@ -133,6 +133,19 @@ class _SizingExecutor:
 
     def shutdown(self) -> None:
         self.workers.shutdown()
+
+
+def _without_finished(batch: ScheduledBatch, result: StepOutput) -> tuple[ScheduledBatch, StepOutput]:
+    """The part of a returned step whose sequences are still live: a request aborted while its step was under
+    way (the router does not wait for the worker) has no tokens to take any more."""
+    keep = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+    if len(keep) == len(batch.seqs):
+        return batch, result
+    n = len(batch.seqs)
+    per_seq = {f.name: [value[i] for i in keep] for f in dataclasses.fields(result)
+               if isinstance(value := getattr(result, f.name), list) and len(value) == n}
+    return (ScheduledBatch(seqs=[batch.seqs[i] for i in keep], num_new_tokens=[batch.num_new_tokens[i] for i in keep]),
+            dataclasses.replace(result, **per_seq))
 
 
 class DisaggregatedEngine(LLMEngine):
@@ -257,6 +270,7 @@ class DisaggregatedEngine(LLMEngine):
             return [self._finish(seq, "error", error=message) for seq in failed]
         if role == "decode":
             sched.complete(transfers)
+        batch, result = _without_finished(batch, result)
         outputs: list[RequestOutput] = []
         if batch.is_empty:
             return outputs
