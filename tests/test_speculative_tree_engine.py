@@ -174,14 +174,14 @@ def model_and_config():
 
 
 def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, backend="torch", device="cpu",
-        engine_outputs=False):
+        engine_outputs=False, **engine_options):
     """(token ids by request id, the engine) after running `requests` (default: PROMPTS, greedy) to the end; a
     `proposer` replaces the one `spec` builds; engine_outputs: RequestOutputs instead of token ids."""
     model, config = model_and_config
     model.attention_backend = backend
     engine = LLMEngine(model, ByteTokenizer(), config,
                        EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, max_num_seqs=4,
-                                    speculative_config=spec), device=device)
+                                    speculative_config=spec, **engine_options), device=device)
     if proposer is not None:
         engine.speculative = SpeculativeDecoder(engine.speculative.config, proposer, config.vocab_size, 64)
     for i, (prompt, params) in enumerate(requests or list(zip(PROMPTS, GREEDY))):
@@ -252,6 +252,18 @@ def test_oracle_trees_on_the_triton_path(model_and_config, plain):
                           backend="triton")
     assert outputs == {rid: plain[rid] for rid in ("0", "1")}
     assert engine.speculative.metrics.num_accepted_tokens > 0
+
+
+def test_oracle_trees_with_an_fp8_kv_cache(model_and_config, backend="torch"):
+    """An fp8 cache: tree rows read dequantised keys and the moved entries are fp8 bytes; greedy output equals
+    plain decoding over the same fp8 cache. (The Triton path: in the GPU test below; the interpreter is slow.)"""
+    requests = list(zip(PROMPTS, GREEDY))[:2]
+    fp8_plain, _ = run(model_and_config, None, requests=requests, backend=backend, kv_cache_dtype="fp8")
+    truth = {tuple(p): p + fp8_plain[str(i)] for i, (p, _) in enumerate(requests)}
+    outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K},
+                          requests=requests, proposer=OracleTreeProposer(truth), backend=backend,
+                          kv_cache_dtype="fp8")
+    assert outputs == fp8_plain and engine.speculative.metrics.num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize("num_blocks", [64, 12])
@@ -439,3 +451,8 @@ def test_gpu_tree_verification_next_to_cuda_graphs_equals_plain():
     oracle, _ = run(model_and_config, spec, backend="auto", device="cuda", proposer=OracleTreeProposer(_truth(plain)))
     assert ngram == plain and oracle == plain
     assert engine.runner.cuda_graphs is not None and engine.speculative.metrics.num_accepted_tokens > 0
+    fp8_plain = run(model_and_config, None, backend="auto", device="cuda", kv_cache_dtype="fp8")[0]
+    fp8_truth = {tuple(p): p + fp8_plain[str(i)] for i, p in enumerate(PROMPTS)}
+    fp8_tree, _ = run(model_and_config, spec, backend="auto", device="cuda", kv_cache_dtype="fp8",
+                      proposer=OracleTreeProposer(fp8_truth))
+    assert fp8_tree == fp8_plain

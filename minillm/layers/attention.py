@@ -270,7 +270,8 @@ class Attention(OperatorModule):
         if tree and not read_cache:
             raise ValueError("a token-tree step (tree_mask) needs a KV cache and block_tables")
         if tree and max(q_lens) <= MAX_TREE_NODES:  # trees, chains and decodes: one tree-masked paged launch
-            return paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale)
+            return paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale,
+                                        k_scale=self.k_scale, v_scale=self.v_scale)
         decode_q_len = meta.decode_query_len if read_cache and not tree else None
         if decode_q_len is not None:  # a decode step, or a verify step with the same number of drafts per sequence
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
@@ -291,7 +292,8 @@ class Attention(OperatorModule):
         out = flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
                                 causal=True, softmax_scale=self.scale)
         if tree:  # a prefill shares the step with trees: their rows again, tree-masked
-            out = paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale, out=out)
+            out = paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale, out=out,
+                                       k_scale=self.k_scale, v_scale=self.v_scale)
         return out
 
     def _check_shapes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
