@@ -182,7 +182,8 @@ def run(model_and_config, spec, num_blocks=64, requests=None, proposer=None, bac
     engine = LLMEngine(model, ByteTokenizer(), config,
                        EngineConfig(block_size=4, num_kv_blocks=num_blocks, max_model_len=64, max_num_seqs=4,
                                     speculative_config=spec, **engine_options), device=device)
-    if proposer is not None:
+    if proposer is not None:  # a proposer, or a function of the one the engine built (wrapping it)
+        proposer = proposer if isinstance(proposer, TreeProposer) else proposer(engine.speculative.proposer)
         engine.speculative = SpeculativeDecoder(engine.speculative.config, proposer, config.vocab_size, 64)
     for i, (prompt, params) in enumerate(requests or list(zip(PROMPTS, GREEDY))):
         engine.add_request(str(i), prompt, params)
@@ -270,6 +271,33 @@ def test_oracle_trees_with_an_fp8_kv_cache(model_and_config, backend="torch"):
 def test_ngram_tree_method_equals_plain(model_and_config, plain, num_blocks):
     outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K}, num_blocks)
     assert outputs == plain
+    assert engine.speculative.metrics.num_accepted_tokens > 0
+
+
+def test_medusa_heads_drive_a_sparse_tree(model_and_config, plain, tmp_path):
+    """Medusa's proposer (propose_candidates: each head's top-k) under a sparse tree of 10 nodes: greedy output
+    equals plain decoding, and the head proposer still receives the accepted rows' features (path order)."""
+    from minillm.speculative.heads import HeadConfig, save_heads
+    from minillm.speculative.train_heads import initial_heads
+    from minillm.speculative.tree import sparse_tree_paths
+    model, config = model_and_config
+    head_config = HeadConfig.for_target("medusa", config, K)
+    heads = initial_heads(head_config, model)
+    with torch.no_grad():  # untrained but not all alike: each head's top-k differs
+        for p in heads.parameters():
+            p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    directory = save_heads(tmp_path / "medusa", heads, head_config)
+    paths = sparse_tree_paths([[0.6, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]], num_nodes=10)
+    spec = {"method": "medusa", "num_speculative_tokens": K, "model": str(directory)}
+    seen = []
+
+    def tree_over(medusa):
+        record = medusa.record_hidden_states
+        medusa.record_hidden_states = lambda *args: (seen.append(1), record(*args))
+        return TopKTreeProposer(medusa, paths)
+    outputs, engine = run(model_and_config, spec, 12, proposer=tree_over)
+    assert outputs == plain and seen
+    assert engine.speculative.tree is not None and engine.speculative.tree.num_nodes_scored > 0
     assert engine.speculative.metrics.num_accepted_tokens > 0
 
 
