@@ -241,7 +241,30 @@ def test_swap_preemption_with_fp8_keeps_outputs_identical(model_and_config):
     assert [o.token_ids for o in swapped] == [o.token_ids for o in reference]
 
 
-def test_smollm2_fp8_kv_cache_stays_with_fp32(tmp_path):
+def test_perplexity_sees_the_fp8_cache_only_through_chunked_prefill(model_and_config):
+    """minillm.bench.perplexity on token windows: a prompt prefilled in one piece attends to its exact k/v (fp8
+    changes nothing), chunks of 8 read their context back from the cache (fp8 changes a little)."""
+    from minillm import LLM
+    from minillm.bench import perplexity
+    model, config = model_and_config
+    windows = [list(range(40, 70)), [(7 * i) % 250 for i in range(25)]]
+    ref = [full_forward_logprobs(model, w)[:-1].gather(-1, torch.tensor(w[1:])[:, None]) for w in windows]
+    exact = float(torch.exp(-torch.cat(ref).mean()))
+
+    def ppl(**kw):
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+            max_model_len=64, max_num_seqs=2, block_size=4, num_kv_blocks=32, attention_backend="torch", **kw))
+        return perplexity(LLM.from_engine(engine), windows)
+
+    assert ppl() == pytest.approx(exact, rel=1e-5)
+    assert ppl(kv_cache_dtype="fp8") == pytest.approx(exact, rel=1e-5)
+    chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=8)
+    assert ppl(**chunked) == pytest.approx(exact, rel=1e-5)
+    fp8 = ppl(kv_cache_dtype="fp8", **chunked)
+    assert fp8 != exact and fp8 == pytest.approx(exact, rel=0.02)
+
+
+def test_smollm2_fp8_kv_cache_stays_with_fp32():
     """A few greedy tokens of the bundled SmolLM2 with an fp8 cache, scored by a full fp32 forward."""
     from minillm import LLM
     llm = LLM(max_model_len=96, max_num_seqs=2, dtype="float32")
