@@ -59,6 +59,10 @@ def test_run_experts_groups_rows_and_drops_over_capacity_in_row_order():
     combined = combine_expert_outputs(torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[0.5, 0.5],
                                                                                                 [0.25, 0.75]]))
     assert combined[:, 0].tolist() == [1.5, 3.75]
+    # no tokens at all (an expert-parallel rank whose slice of a decode step is empty)
+    out, counts, dropped = run_experts(rows[:0], expert_of_row[:0], experts, capacity=2)
+    assert out.shape == (0, 1) and counts.tolist() == [0, 0, 0] and dropped == 0
+    assert combine_expert_outputs(out, torch.empty(0, 2)).shape == (0, 1)
 
 
 @pytest.fixture(scope="module")

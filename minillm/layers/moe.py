@@ -74,7 +74,7 @@ def combine_expert_outputs(out: torch.Tensor, weights: torch.Tensor) -> torch.Te
     """out [T * k, hidden] (token-major rows) and weights [T, k] -> [T, hidden]: sum_j weights[t, j] * out[t, j],
     accumulated in fp32 (the router's weights are fp32) and returned in the activations' dtype."""
     num_tokens, top_k = weights.shape
-    mixed = out.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)
+    mixed = out.view(num_tokens, top_k, out.shape[-1]).float() * weights.unsqueeze(-1)
     return mixed.sum(dim=1).to(out.dtype)
 
 

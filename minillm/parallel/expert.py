@@ -19,9 +19,14 @@ One MoE layer on rank r, every rank holding the same T tokens (the replicated at
     8. all-gather             every rank's slice, so every rank holds all T tokens for the next attention
 
 Bytes per layer and rank (the comm_stats counters, each the whole buffer a rank hands over, its own chunk
-included): all_to_all = 2 x T_r x k x hidden x bytes (dispatch + return), all_to_all_counts = N x (E/N + 1) x 8,
-all_gather = S x hidden x bytes. Summed over the ranks the all_to_all bytes are 2 x T x k x hidden x bytes, whatever
-the routing; the rows a rank sends to its own experts never leave it (about 1/N of them with a balanced router).
+included: the rows a rank sends to its own experts never leave it, about 1/N of them with a balanced router):
+
+    all_to_all_dispatch   T_r x k x hidden x bytes          my tokens' rows, out to the experts
+    all_to_all_combine    R_r x hidden x bytes              the R_r rows my experts received, back to their tokens
+    all_to_all_counts     N x (E/N + 1) x 8                 the split sizes (int64)
+    all_gather            S x hidden x bytes                my slice, padded to S rows
+
+Summed over the ranks, dispatch and combine are T x k x hidden x bytes each, whatever the routing.
 
 vLLM pairs EP with *data-parallel* attention instead (each rank serves its own requests with its own scheduler and
 KV cache), so step 1's slice is simply the rank's own batch and step 8 disappears; with tensor-parallel attention
@@ -90,12 +95,12 @@ def expert_parallel_moe(hidden_states: torch.Tensor, gate: Callable[[torch.Tenso
     received_per_expert, num_tokens = counts[:, :-1], int(counts[:, -1].sum())
     send_splits, recv_splits = rows_per_expert.sum(dim=1).tolist(), received_per_expert.sum(dim=1).tolist()
 
-    received = expert_all_to_all(x[order // top_k], recv_splits, send_splits)
+    received = expert_all_to_all(x[order // top_k], recv_splits, send_splits, counter="all_to_all_dispatch")
     # received rows: by source rank, then by local expert, then in the source's token order
     local_ids = torch.arange(per_rank_experts).repeat(n).repeat_interleave(received_per_expert.flatten())
     capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     out, load, dropped = run_experts(received, local_ids.to(received.device), local_experts, capacity)
-    returned = expert_all_to_all(out, send_splits, recv_splits)
+    returned = expert_all_to_all(out, send_splits, recv_splits, counter="all_to_all_combine")
     rows_out = torch.empty_like(returned)
     rows_out[order] = returned  # back to token-major row order
     return expert_all_gather(combine_expert_outputs(rows_out, weights), rows_per_rank, hidden_states.shape[0]), \

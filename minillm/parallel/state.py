@@ -184,10 +184,10 @@ def pipeline_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: tor
 
 
 def expert_all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
-                      counter: str = "all_to_all") -> torch.Tensor:
+                      counter: str) -> torch.Tensor:
     """Rows x[sum(input_split_sizes[:d]) ...] go to EP rank d; returns what every rank sent here, in rank order.
-    The whole send buffer is counted, the chunk a rank keeps for itself included (all_to_all_single copies it
-    locally): the count is then tokens x top_k x hidden x bytes whatever the routing."""
+    The whole send buffer is counted under comm_stats[counter], the chunk a rank keeps for itself included
+    (all_to_all_single copies it locally), so the dispatch count does not depend on the routing."""
     x = x.contiguous()
     comm_stats[counter] += x.numel() * x.element_size()
     out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
