@@ -54,9 +54,10 @@ class LLM:
         if distributed_executor_backend not in (None, "uni", "mp"):
             raise ValueError(f"distributed_executor_backend={distributed_executor_backend!r}; allowed: None or "
                              f"'uni' (the worker in this process), 'mp' (the worker in a child process)")
-        if engine_config.tensor_parallel_size * engine_config.pipeline_parallel_size > 1:
+        if engine_config.tensor_parallel_size * engine_config.pipeline_parallel_size * \
+                engine_config.expert_parallel_size > 1:
             if distributed_executor_backend == "uni":
-                raise ValueError("tensor/pipeline parallelism needs one worker process per rank: "
+                raise ValueError("tensor/pipeline/expert parallelism needs one worker process per rank: "
                                  "distributed_executor_backend='mp' or None, not 'uni'")
             distributed_executor_backend = "mp"  # one worker process per rank (minillm.parallel, chapter 11)
         if distributed_executor_backend == "mp" and self.overrides:

@@ -14,7 +14,8 @@ Both offer the same four calls the engine makes (load happens at construction):
 
 Tensor and pipeline parallelism (chapter 11): with EngineConfig.tensor_parallel_size * pipeline_parallel_size
 = N > 1 the executor starts N workers and builds their TP groups (minillm.parallel.state) before they load their
-shards; every rank gets every step, and only the sampling rank answers with tokens.
+shards; every rank gets every step, and only the sampling rank answers with tokens. EngineConfig.expert_parallel_size
+= N > 1 (an MoE model) starts N workers the same way, each with its share of the experts (minillm.parallel.expert).
 A worker process that dies (killed, out of memory) makes the engine's next call raise a RuntimeError naming its
 rank, instead of waiting in a collective for a peer that will never come.
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from minillm.engine.cache_config import CacheConfig
 from minillm.engine.step_input import StepInput, StepOutput
 from minillm.engine.worker import Worker
+from minillm.parallel.expert import check_expert_parallel_config
 from minillm.parallel.state import build_groups, init_parallel_state
 from minillm.parallel.weights import check_parallel_config
 
@@ -79,10 +81,15 @@ def _parallel_sizes(worker_kwargs: dict[str, Any]) -> tuple[int, int]:
     return getattr(config, "tensor_parallel_size", 1), getattr(config, "pipeline_parallel_size", 1)
 
 
+def _expert_parallel_size(worker_kwargs: dict[str, Any]) -> int:
+    return getattr(worker_kwargs.get("engine_config"), "expert_parallel_size", 1)
+
+
 def _tensor_backend(worker_kwargs: dict[str, Any]) -> str | None:
     """NCCL for the activations of GPU workers (the control messages stay on the default gloo group)."""
     tp, pp = _parallel_sizes(worker_kwargs)
-    return "nccl" if tp * pp > 1 and torch.device(worker_kwargs["device"]).type == "cuda" else None
+    ranks = tp * pp * _expert_parallel_size(worker_kwargs)
+    return "nccl" if ranks > 1 and torch.device(worker_kwargs["device"]).type == "cuda" else None
 
 
 def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str, Any]) -> None:
@@ -91,13 +98,14 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
     store.add(_JOINED, 1)  # the engine counts these while it watches for a worker that died on the way
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
     tp, pp = _parallel_sizes(worker_kwargs)
+    ep = _expert_parallel_size(worker_kwargs)
     backend = _tensor_backend(worker_kwargs)
     if backend == "nccl":  # one GPU per rank
         device = torch.device("cuda", (rank - 1) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         worker_kwargs = {**worker_kwargs, "device": device}
-    if tp * pp > 1:  # before the model is built: its layers take their shard from this state
-        init_parallel_state(build_groups(tp, pp, first_rank=1, backend=backend))
+    if tp * pp * ep > 1:  # before the model is built: its layers take their shard from this state
+        init_parallel_state(build_groups(tp, pp, first_rank=1, backend=backend, ep_size=ep))
     if torch.device(worker_kwargs["device"]).type == "cpu":  # share the cores: oversubscribed ranks stall each
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (world_size - 1)))  # other's collectives
     try:
@@ -135,13 +143,15 @@ class MultiProcExecutor:
 
     def __init__(self, worker_kwargs: dict[str, Any], num_workers: int | None = None) -> None:
         tp, pp = _parallel_sizes(worker_kwargs)
+        ep = _expert_parallel_size(worker_kwargs)  # expert parallelism (MoE): tp = pp = 1 (EngineConfig checks)
         if num_workers is None:
-            num_workers = tp * pp
-        if num_workers < 1 or (tp * pp > 1 and num_workers != tp * pp):
-            raise ValueError(f"num_workers must be >= 1 and equal tensor_parallel_size * pipeline_parallel_size "
-                             f"({tp} * {pp}) when either is > 1, got {num_workers}")
+            num_workers = tp * pp * ep
+        if num_workers < 1 or (tp * pp * ep > 1 and num_workers != tp * pp * ep):
+            raise ValueError(f"num_workers must be >= 1 and equal tensor_parallel_size * pipeline_parallel_size * "
+                             f"expert_parallel_size ({tp} * {pp} * {ep}) when any is > 1, got {num_workers}")
         if tp * pp > 1:  # a split the model cannot take fails here, not in N freshly started processes
             check_parallel_config(worker_kwargs["model_config"], tp, pp)
+        check_expert_parallel_config(worker_kwargs["model_config"], ep)
         self.world_size = num_workers + 1
         port = _free_port()
         context = mp.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
@@ -162,9 +172,9 @@ class MultiProcExecutor:
                 raise RuntimeError(f"worker process died before joining the group: {dead}")
             time.sleep(0.05)
         dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
-        if tp * pp > 1:
+        if tp * pp * ep > 1:
             # new_group is collective: rank 0 joins in, belonging to none
-            build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs))
+            build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs), ep_size=ep)
         self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
 
     def _gather(self) -> list[Any]:
