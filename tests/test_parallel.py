@@ -83,21 +83,25 @@ def test_tensor_parallel_2_matches_one_process_counts_bytes_and_fails_fast_on_a_
         assert stats[0] == {"all_reduce": all_reduce}
         assert stats[1] == {"all_reduce": all_reduce, "gather": 1 * 151 * 4}
 
-        # a worker dies: the engine's next step fails with its rank, at once, and so does every later call
-        engine.add_request("a", PROMPTS[0], PARAMS[0])
-        engine.step()
-        executor.processes[1].kill()
-        executor.processes[1].join(timeout=10)
-        start = time.perf_counter()
-        (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
-        assert out.finished and out.outputs[0].finish_reason == "error"
-        assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
-        with pytest.raises(RuntimeError, match="rank 2"):
-            executor.collective_rpc("get_comm_stats")
-        assert time.perf_counter() - start < 10
+        check_killed_worker_fails_fast(engine, executor)
     finally:
         executor.shutdown()  # also ends the surviving worker, which waits in a collective that cannot complete
     assert not any(p.is_alive() for p in executor.processes)
+
+
+def check_killed_worker_fails_fast(engine: LLMEngine, executor: MultiProcExecutor) -> None:
+    """Kill rank 2 mid-run: the engine's next step fails with its rank, at once, and so does every later call."""
+    engine.add_request("a", PROMPTS[0], PARAMS[0])
+    engine.step()
+    executor.processes[1].kill()
+    executor.processes[1].join(timeout=10)
+    start = time.perf_counter()
+    (out,) = engine.step()  # the engine isolates the failure: the step's requests end with the reason
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    assert "RuntimeError: worker process died: rank 2 (pid" in out.outputs[0].error
+    with pytest.raises(RuntimeError, match="rank 2"):
+        executor.collective_rpc("get_comm_stats")
+    assert time.perf_counter() - start < 10
 
 
 class _DiesOnArrival:
