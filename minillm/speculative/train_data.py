@@ -3,10 +3,12 @@
 A head is trained to guess what *this* target will say, so the best data is what the target says (Medusa-2 and
 EAGLE both distil on the target's outputs rather than on a fixed corpus). Offline and deterministic:
 
-  1. prompts: hand-written chat requests (rendered with the model's chat template when it has one) and the
-     standard library's docstrings (minillm.quant.calibration, the calibration split) as text to continue,
-  2. generations: the engine decodes every prompt, half of them greedily, half sampled at temperature 0.8 (so the
-     heads also see the branches a sampled request takes); prompt + generation is one document,
+  1. prompts, in turn: a hand-written chat request, a chat request to explain one of the standard library's
+     docstrings (minillm.quant.calibration, the calibration split), and a docstring as plain text to continue
+     (chat requests rendered with the model's chat template when it has one),
+  2. generations: the engine decodes every prompt; half of the distinct prompts greedily, the rest (and every
+     repeat of a prompt) sampled at temperature 0.8, so the heads also see the branches a sampled request takes;
+     prompt + generation is one document,
   3. rows: the documents are concatenated and cut into rows of `seq_len` tokens,
   4. features: one cache-less prefill of the target over each row records the last hidden state *before* the
      final norm (a hook on the final norm) at every position: f [N, seq_len, d]. The post-norm state Medusa reads
@@ -64,7 +66,8 @@ class DistillData:
 
 
 def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192) -> list[list[int]]:
-    """`num_prompts` prompts, chat requests and docstrings interleaved, each cut to max_prompt_tokens."""
+    """`num_prompts` prompts (chat request, docstring to explain, docstring to continue, in turn), each cut to
+    max_prompt_tokens."""
     from minillm.quant.calibration import calibration_texts
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
@@ -79,25 +82,31 @@ def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192
     docs = calibration_texts("calibration")
     prompts = []
     for i in range(num_prompts):
-        if i % 2 == 0:
-            prompts.append(chat(CHAT_PROMPTS[(i // 2) % len(CHAT_PROMPTS)]))
+        doc = docs[(i // 3) % len(docs)]
+        if i % 3 == 0:
+            prompts.append(chat(CHAT_PROMPTS[(i // 3) % len(CHAT_PROMPTS)]))
+        elif i % 3 == 1:
+            prompts.append(chat("Explain in plain words what this documentation says:\n\n" + doc[:600]))
         else:
-            prompts.append(tokenizer.encode(docs[(i // 2) % len(docs)]))
+            prompts.append(tokenizer.encode(doc))
     return [p[:max_prompt_tokens] or [0] for p in prompts]
 
 
 def generate(model: nn.Module, tokenizer: Any, model_config: ModelConfig, prompts: list[list[int]],
              max_new_tokens: int, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 128,
              seed: int = 0) -> list[list[int]]:
-    """prompt + the target's continuation for every prompt (even ones greedy, odd ones sampled), through the
-    engine (paged KV, continuous batching; CUDA graphs on a GPU)."""
+    """prompt + the target's continuation for every prompt (see the module docstring for which are greedy),
+    through the engine (paged KV, continuous batching; CUDA graphs on a GPU)."""
     from minillm.engine.llm_engine import LLMEngine
     longest = max(len(p) for p in prompts) + max_new_tokens
     engine = LLMEngine(model, tokenizer, model_config,
                        EngineConfig(max_num_seqs=min(max_num_seqs, len(prompts)), max_model_len=longest),
                        device=device, dtype=dtype, seed=seed)
+    seen: set[tuple[int, ...]] = set()
     for i, prompt in enumerate(prompts):
-        params = SamplingParams(temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, max_tokens=max_new_tokens,
+        greedy = tuple(prompt) not in seen and len(seen) % 2 == 0  # a repeat greedy would repeat the document
+        seen.add(tuple(prompt))
+        params = SamplingParams(temperature=0.0 if greedy else 0.8, top_p=0.95, max_tokens=max_new_tokens,
                                 seed=seed + i)
         engine.add_request(str(i), prompt, params)
     documents: dict[str, list[int]] = {}

@@ -180,7 +180,7 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     n = data.tokens.shape[0]
     with tqdm(range(options.steps), desc=f"training {options.kind}", unit="step") as bar:
         for step in bar:
-            rows = torch.randint(0, n, (min(options.rows_per_step, n),), generator=generator)
+            rows = torch.randperm(n, generator=generator)[:options.rows_per_step]  # without replacement
             tokens, features = data.tokens[rows].to(device), data.features[rows].float()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, parts = loss_fn(trainee, tokens, features)

@@ -15,7 +15,8 @@ import time
 from minillm.speculative.train_heads import TRAIN_KINDS
 
 # --tiny: a smoke run that finishes in seconds on a laptop CPU (tests, CI)
-TINY = {"num_prompts": 4, "max_new_tokens": 24, "seq_len": 32, "steps": 4, "rows_per_step": 2}
+TINY = {"num_prompts": 4, "max_prompt_tokens": 32, "max_new_tokens": 24, "seq_len": 32, "steps": 4,
+        "rows_per_step": 2}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="the target's dtype: auto (bf16 on cuda, fp32 on cpu), ...")
     p.add_argument("--num-prompts", type=int, default=256, help="prompts the target answers (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=192, help="prompts are cut to this (default 192)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt (default 192)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training row (default 256)")
     p.add_argument("--rows-per-step", type=int, default=8, help="rows per optimizer step (default 8)")
@@ -46,7 +48,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     from minillm.speculative.train_data import distill_data
     from minillm.speculative.train_heads import TrainOptions, train_heads
 
-    sizes = dict(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
+    sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
+                 max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
                  steps=args.steps, rows_per_step=args.rows_per_step)
     if args.tiny:
         sizes.update(TINY)
@@ -63,7 +66,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     for p in target.parameters():
         p.requires_grad_(False)
     data = distill_data(target, tokenizer, model_config, sizes["num_prompts"], sizes["max_new_tokens"],
-                        sizes["seq_len"], device, dtype, seed=args.seed)
+                        sizes["seq_len"], device, dtype, seed=args.seed,
+                        max_prompt_tokens=sizes["max_prompt_tokens"])
     result = train_heads(target, model_config, data, options, args.out, tokenizer)
     history = result["history"]
     print(f"{args.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
