@@ -19,6 +19,8 @@ KV pool size (paged): `num_kv_blocks=` or `kv_cache_memory=` (bytes) when given;
 `gpu_memory_utilization` x total memory after profiling one max_num_batched_tokens prefill; on CPU, enough for
 max_num_seqs sequences of max_model_len, at most 1 GiB (see minillm/engine/kv_cache.py: num_device_blocks).
 Every default is decided once, for the model and device, by minillm/engine/cache_config.py.
+`kv_cache_dtype="fp8"` (or "fp8_e4m3"; default "auto", the model's dtype) stores keys and values as float8_e4m3fn
+with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 (minillm/engine/kv_scales.py).
 """
 from __future__ import annotations
 
