@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speculative.py [MODEL] [--quick] [--k 4] [--max-tokens 128]
            [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]
-           [--draft-layers 4 16 24] [--out benchmarks/results/speculative_h200.json]
+           [--draft-layers 4 16 24] [--heads-dir DIR] [--out benchmarks/results/speculative_h200.json]
 
 MODEL defaults to the bundled SmolLM2-135M-Instruct GGUF. One LLM loads the weights; every variant (plain decoding,
 then each proposer) is an engine over the same weights (`LLM.share_model`) with its own KV pool and its own CUDA
@@ -22,6 +22,10 @@ smaller SmolLM2 on disk); it is an initialisation, not a trained draft: distilli
 separate task. self_speculative shares the target's first L layers' weights instead, for each L of --draft-layers
 (untrained early exit: acceptance stays low until L is close to the full depth, where a draft costs nearly a target
 step; the sweep shows that trade-off, which LayerSkip-style training is for). --quick runs a short smoke test on a CPU.
+
+medusa, eagle and mtp (add them to --methods) draft from the target's hidden states with trained heads: those shipped
+in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle, DIR/mtp as `minillm train-heads
+--out` wrote them. Medusa drafts at most its K heads, MTP at most its D modules, per verify step.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 
@@ -62,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
                    help="layers of the target an early-exit draft keeps (self_speculative: each; draft_model: "
                         "the first)")
+    p.add_argument("--heads-dir", default=None,
+                   help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--out", default=None, help="JSON file for the raw results")
     args = p.parse_args(argv)
     if args.quick:
@@ -100,6 +107,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
         elif method == "draft_model":
             out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
+        elif method in ("medusa", "eagle", "mtp") and args.heads_dir is not None:
+            out.append((method, dict(config, model=os.path.join(args.heads_dir, method))))
         else:
             out.append((method, config))
     return out
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "model": llm.model_path, "k": args.k, "max_tokens": args.max_tokens,
-                  "draft_layers": args.draft_layers, "results": results}
+                  "draft_layers": args.draft_layers, "heads_dir": args.heads_dir, "results": results}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
         print(f"wrote {args.out}")
