@@ -7,6 +7,7 @@
     the KV bytes each request sends equal 2 x layers x prompt rounded to blocks x kv_heads x head_dim x 4
     no block is left in use on either side; an abort between the sides frees both
     a killed decode or prefill worker ends the engine with an error naming it, at once, never a hang
+    the bundled SmolLM2 gives one engine's greedy tokens (slow: each worker reads the GGUF, ~30 s on 2 cores)
 """
 from __future__ import annotations
 
@@ -172,14 +173,32 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
     assert not any(w.process.is_alive() for w in engine.workers.workers.values())
 
 
-def test_a_dead_prefill_worker_fails_the_engine_at_once():
-    engine = _disaggregated()
+@pytest.mark.slow
+def test_bundled_smollm2_disaggregated_matches_one_engine_and_fails_fast_without_its_prefill_worker():
+    """The real model through LLM's front (LLM.from_engine): each worker reads the GGUF itself. Then the prefill
+    worker is killed: the next request ends with the reason at once, and the engine refuses more."""
+    from minillm import LLM
+    from minillm.engine.worker import CheckpointSource
+    from minillm.loader import load_model
+    from minillm.loader.model_files import default_model_path
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0, max_tokens=5)
+    options = dict(max_model_len=128, max_num_seqs=2)
+    expected = [o.outputs[0].token_ids
+                for o in LLM(None, device="cpu", dtype="float32", **options).generate(prompts, params)]
+    path = default_model_path()
+    model_config, _, tokenizer = load_model(path)
+    engine = DisaggregatedEngine(CheckpointSource(path), tokenizer, model_config, EngineConfig(**options))
     try:
+        outputs = LLM.from_engine(engine).generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert all(o.metrics.ttft is not None and o.metrics.tpot is not None for o in outputs)
+
         prefill = engine.workers.workers["prefill"].process
         prefill.kill()
         prefill.join(timeout=10)
         start = time.perf_counter()
-        engine.add_request("b", PROMPTS[4], GREEDY)
+        engine.add_request("b", prompts[0], params)
         (out,) = engine.step()
         assert out.outputs[0].finish_reason == "error"
         assert f"the prefill worker (pid {prefill.pid}) died" in out.outputs[0].error
@@ -187,5 +206,33 @@ def test_a_dead_prefill_worker_fails_the_engine_at_once():
         with pytest.raises(RuntimeError, match="prefill worker"):
             engine.step()
         assert time.perf_counter() - start < 10
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_disaggregated_matches_one_engine():
+    """On CUDA: with 2 GPUs the prefill worker on cuda:0, the decode worker on cuda:1, KV over NCCL; with one GPU
+    both on it and the KV through CPU memory over gloo. Greedy tokens equal one engine's, bytes as analytic."""
+    engine_options = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, enable_chunked_prefill=True,
+                          max_num_batched_tokens=8, attention_backend="torch", enforce_eager=True,
+                          gpu_memory_utilization=0.3)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = resolve_engine_config(EngineConfig(**engine_options), CONFIG, torch.device("cuda"))
+    worker = Worker(CONFIG, config, torch.device("cuda"), torch.float32, RandomWeights(seed=3))
+    local = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_options), device=torch.device("cuda"),
+                      executor=UniProcExecutor(worker))
+    expected = list(_generate(local).values())
+    engine = DisaggregatedEngine(RandomWeights(seed=3), ByteTokenizer(), CONFIG, EngineConfig(**engine_options),
+                                 device=torch.device("cuda"), dtype=torch.float32)
+    try:
+        assert engine.workers.backend == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
+        tokens = _generate(engine)
+        assert list(tokens.values()) == expected
+        analytic = [kv_transfer_bytes(len(p), BLOCK, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads,
+                                      CONFIG.head_dim, torch.float32) for p in PROMPTS + [PROMPTS[2]]]
+        assert [engine.kv_bytes_sent[i] for i in tokens] == analytic
+        assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
     finally:
         engine.shutdown()
