@@ -145,3 +145,13 @@ def test_gpu_bf16_tree_attention():
     with forward_context(meta):
         out = attn(q, k, v)
     torch.testing.assert_close(out.float().cpu(), expected, atol=1e-2, rtol=2e-2)
+
+
+def test_ancestor_bitmasks_use_all_64_bits():
+    chain = TokenTree.from_parents([-1] + list(range(63)))  # node 63 sees all 64 nodes: every bit, i.e. -1
+    star = TokenTree.from_parents([-1] + [0] * 63)  # node 63 sees the root and itself: bits 0 and 63
+    assert ancestor_bitmasks(chain.attn_mask)[-1] == -1
+    assert ancestor_bitmasks(star.attn_mask)[-1] == 1 - 2 ** 63
+    assert ancestor_bitmasks(star.attn_mask)[:3] == [1, 3, 5]
+    with pytest.raises(ValueError, match="1 <= N <= 64"):
+        ancestor_bitmasks(torch.ones(65, 65, dtype=torch.bool))

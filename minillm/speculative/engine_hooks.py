@@ -158,19 +158,25 @@ class SpeculativeDecoder:
             raise ValueError(f"{len(sampled)} sample lists for {len(batch.seqs)} sequences")
         accepted: list[list[int] | None] = [None] * len(batch.seqs)
         exact, stochastic = [], []  # rows verified by sample-and-match / by the rejection rule with q
+        trees: list[int] = []  # rows of token trees (tree_verify.py)
         for i, seq in enumerate(batch.seqs):
             if not seq.spec_token_ids:
                 accepted[i] = list(sampled[i])
                 if sampled[i] and not seq.is_prefill:  # a plain decode step of a speculating engine
                     self._record(seq, 0, 0)
-            elif self.tree is not None and self.tree.holds(seq):  # a token tree: its accepted path
-                depth = self.tree.depth(seq)  # metrics count a tree's levels (what it can give), not its nodes
-                accepted[i] = self.tree.verify(seq, output, i, self._generator_of(seq), self.generator)
-                self._record(seq, depth, len(accepted[i]) - 1)
+            elif self.tree is not None and self.tree.holds(seq):  # a token tree: verified below
+                trees.append(i)
             elif seq.seq_id in self._draft_probs:
                 stochastic.append(i)
             else:
                 exact.append(i)
+        if trees:
+            seqs = [batch.seqs[i] for i in trees]
+            depths = [self.tree.depth(seq) for seq in seqs]  # metrics count a tree's levels, not its nodes
+            rows = self.tree.verify(seqs, output, trees, [self._generator_of(s) for s in seqs], self.generator)
+            for i, seq, depth, row in zip(trees, seqs, depths, rows):
+                accepted[i] = row
+                self._record(seq, depth, len(row) - 1)
         if exact:
             width = max(len(batch.seqs[i].spec_token_ids) for i in exact)
             drafts, counts = self._padded_drafts([batch.seqs[i] for i in exact], width)

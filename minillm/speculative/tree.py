@@ -86,11 +86,9 @@ def ancestor_bitmasks(tree_mask: torch.Tensor) -> list[int]:
     n = tree_mask.shape[0]
     if tree_mask.shape != (n, n) or not 1 <= n <= MAX_TREE_NODES:
         raise ValueError(f"tree_mask must be [N, N] with 1 <= N <= {MAX_TREE_NODES}, got {tuple(tree_mask.shape)}")
-    masks = []
-    for row in tree_mask.tolist():
-        value = sum(1 << j for j, seen in enumerate(row) if seen)
-        masks.append(value - (1 << 64) if value >= 1 << 63 else value)
-    return masks
+    # bit 63 is int64's sign bit: 1 << 63 is -2**63, and the other bits sum to < 2**63, so the sum never overflows
+    bits = torch.ones(n, dtype=torch.int64, device=tree_mask.device) << torch.arange(n, device=tree_mask.device)
+    return (tree_mask.long() * bits).sum(dim=1).tolist()
 
 
 @dataclass(frozen=True)

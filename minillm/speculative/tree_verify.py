@@ -161,33 +161,48 @@ class TreeVerifier:
         step.tree_masks = masks
 
     # -- 3. verify, 4. keep the accepted path -------------------------------------------------------------
-    def verify(self, seq: "Sequence", output: "StepOutput", index: int, generator: torch.Generator | None,
-               default_generator: torch.Generator) -> list[int]:
-        """The tokens seq appends (the accepted path's tokens, then the target's own). Reorders spec_token_ids
-        and the step's output rows of seq into path order and queues the KV moves (see the module docstring)."""
-        draft = self._draft(seq)
-        self.num_nodes_scored += draft.num_nodes - 1
-        tokens = torch.tensor(draft.token_ids).unsqueeze(0)
-        params = seq.sampling_params
-        if params.temperature <= 0:
-            targets = torch.tensor(output.sampled_token_ids[index]).unsqueeze(0)
-            result: TreeVerifyOutput = verify_tree_greedy(draft.tree, tokens, targets)
-        else:
-            if output.logits is None:
-                raise ValueError("sampled tree verification needs the target's logits: the step was run "
-                                 "without return_logits")
-            probs = logits_to_probs(output.logits[index].unsqueeze(0), torch.tensor([params.temperature]),
-                                    torch.tensor([params.top_k]), torch.tensor([params.top_p]))
-            result = verify_tree_sampling(draft.tree, tokens, probs, generators=[generator],
-                                          default_generator=default_generator)
-        accepted = int(result.num_accepted[0])
-        path = result.accepted_nodes[0, :accepted + 1].tolist()
-        self._reorder(seq, output, index, path, draft)
-        root = seq.num_computed_tokens  # the root's position: postprocess has not advanced it yet
-        for depth, node in enumerate(path):
-            if node != depth:
-                self._pending_copies.append((self._slot(seq, root + node), self._slot(seq, root + depth)))
-        return result.token_ids[0, :accepted + 1].tolist()
+    def verify(self, seqs: list["Sequence"], output: "StepOutput", indices: list[int],
+               generators: list[torch.Generator | None], default_generator: torch.Generator) -> list[list[int]]:
+        """Per tree sequence (seqs[j] is sequence indices[j] of the step) the tokens it appends: its accepted path's
+        tokens, then the target's own. Sequences with the same tree and rule are verified as one batch (Medusa's
+        static tree: the whole batch at once). Reorders spec_token_ids and the step's output rows into path order
+        and queues the KV moves (see the module docstring)."""
+        groups: dict[tuple, list[int]] = {}
+        for j, seq in enumerate(seqs):
+            key = (seq.sampling_params.temperature <= 0, tuple(self._draft(seq).tree.parents.tolist()))
+            groups.setdefault(key, []).append(j)
+        paths: list[list[int]] = [[] for _ in seqs]
+        emitted: list[list[int]] = [[] for _ in seqs]
+        for (greedy, _), members in groups.items():
+            tree = self._draft(seqs[members[0]]).tree
+            tokens = torch.tensor([self._draft(seqs[j]).token_ids for j in members])
+            if greedy:  # the runner's samples at temperature 0 are the target's argmax at every node
+                targets = torch.tensor([output.sampled_token_ids[indices[j]] for j in members])
+                result: TreeVerifyOutput = verify_tree_greedy(tree, tokens, targets)
+            else:
+                if output.logits is None:
+                    raise ValueError("sampled tree verification needs the target's logits: the step was run "
+                                     "without return_logits")
+                params = [seqs[j].sampling_params for j in members]
+                probs = logits_to_probs(torch.stack([output.logits[indices[j]] for j in members]),
+                                        torch.tensor([p.temperature for p in params]),
+                                        torch.tensor([p.top_k for p in params]),
+                                        torch.tensor([p.top_p for p in params]))
+                result = verify_tree_sampling(tree, tokens, probs, generators=[generators[j] for j in members],
+                                              default_generator=default_generator)
+            for row, j in enumerate(members):
+                accepted = int(result.num_accepted[row])
+                paths[j] = result.accepted_nodes[row, :accepted + 1].tolist()
+                emitted[j] = result.token_ids[row, :accepted + 1].tolist()
+        for seq, index, path in zip(seqs, indices, paths):
+            draft = self._draft(seq)
+            self.num_nodes_scored += draft.num_nodes - 1
+            self._reorder(seq, output, index, path, draft)
+            root = seq.num_computed_tokens  # the root's position: postprocess has not advanced it yet
+            for depth, node in enumerate(path):
+                if node != depth:
+                    self._pending_copies.append((self._slot(seq, root + node), self._slot(seq, root + depth)))
+        return emitted
 
     def _reorder(self, seq: "Sequence", output: "StepOutput", index: int, path: list[int], draft: TreeDraft) -> None:
         on_path = set(path)
@@ -198,7 +213,7 @@ class TreeVerifier:
             output.logits[index] = output.logits[index][order]
         if output.logprobs is not None and len(output.logprobs[index]) == draft.num_nodes:
             output.logprobs[index] = [output.logprobs[index][j] for j in order]
-        hidden = getattr(output, "hidden_states", None)  # head proposers (Medusa, EAGLE) keep the path's features
+        hidden = output.hidden_states  # head proposers (Medusa, EAGLE) keep the accepted path's features
         if hidden is not None and hidden[index].shape[0] == draft.num_nodes:
             hidden[index] = hidden[index][torch.tensor(order, device=hidden[index].device)]
 
