@@ -19,7 +19,8 @@ from minillm.engine.worker import RandomWeights, Worker
 from minillm.parallel.expert import check_expert_parallel_config, collect_load_stats, expert_range, token_slice
 from minillm.parallel.state import ParallelState, init_parallel_state
 from minillm.sampling_params import SamplingParams
-from test_parallel import ENGINE, PARAMS, PROMPTS, _generate, check_killed_worker_fails_fast  # as TP/PP
+from test_parallel import (ENGINE, PARAMS, PROMPTS, _generate, check_killed_worker_fails_fast,  # as TP/PP
+                           check_two_gpus_match_one)
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (autouse)
 from tiny_moe import TINY_MOE, save_tiny_mixtral
 
@@ -54,10 +55,19 @@ def test_expert_placement_and_token_slices():
         check_expert_parallel_config(ModelConfig(), 2)
 
 
+def _one_process() -> LLMEngine:
+    return LLMEngine(None, ByteTokenizer(), TINY_MOE, EngineConfig(**ENGINE),
+                     executor=UniProcExecutor(Worker(**_kwargs())))
+
+
+def expected_tokens() -> list[list[int]]:
+    """The requests' tokens from one process (the reference of every split of the tiny MoE)."""
+    return _generate(_one_process())
+
+
 @pytest.fixture(scope="module")
 def expected():
-    engine = LLMEngine(None, ByteTokenizer(), TINY_MOE, EngineConfig(**ENGINE),
-                       executor=UniProcExecutor(Worker(**_kwargs())))
+    engine = _one_process()
     tokens = _generate(engine)
     collect_load_stats(engine.executor, reset=True)
     _prefill(engine, 11)
@@ -121,3 +131,10 @@ def test_llm_expert_parallel_with_capacity_drops_like_one_process(tmp_path):
         assert (load["total"], load["dropped_total"]) == (expected_load["total"], expected_load["dropped_total"])
     finally:
         llm.llm_engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per rank: NCCL refuses two on one)")
+def test_expert_parallel_on_two_gpus_matches_one():
+    """One GPU per EP rank: all-to-all and all-gather over NCCL, control over gloo (test_parallel's GPU check)."""
+    check_two_gpus_match_one(TINY_MOE, dict(expert_parallel_size=2))

@@ -130,3 +130,24 @@ def test_missing_expert_tensor_and_bad_moe_settings_are_named(checkpoint, tmp_pa
     import dataclasses
     with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
         MixtralForCausalLM(dataclasses.replace(TINY_MOE, quantization="rtn"))
+
+
+def test_tensor_parallel_2_splits_every_expert_and_matches_one_process():
+    """Without expert parallelism a MoE model still splits by tensor parallelism: each expert's w13 by columns and
+    w2 by rows, like Llama's MLP, one all-reduce per MoE block after the combine (2 processes, gloo)."""
+    from minillm.engine.executor import MultiProcExecutor
+    from minillm.engine.llm_engine import LLMEngine
+    from test_expert_parallel import ENGINE, _generate, _kwargs, expected_tokens
+    from tiny import ByteTokenizer
+    executor = MultiProcExecutor(_kwargs(tensor_parallel_size=2))
+    try:
+        engine = LLMEngine(None, ByteTokenizer(), TINY_MOE, EngineConfig(**ENGINE), executor=executor)
+        assert _generate(engine) == expected_tokens()
+        executor.collective_rpc("get_comm_stats", True)
+        engine.add_request("bytes", list(range(1, 8)), SamplingParams(temperature=0, max_tokens=1))
+        engine.step()
+        # per layer 2 all-reduces of [T, hidden] (attention, MoE block), one after the embedding; fp32
+        all_reduce = (2 * TINY_MOE.num_hidden_layers + 1) * 7 * TINY_MOE.hidden_size * 4
+        assert [s["all_reduce"] for s in executor.collective_rpc("get_comm_stats")] == [all_reduce] * 2
+    finally:
+        executor.shutdown()

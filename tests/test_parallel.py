@@ -248,20 +248,26 @@ def test_bundled_smollm2_tp3_matches_one_process():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per rank: NCCL refuses two on one)")
 @pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
 def test_two_gpus_match_one(parallel):
+    check_two_gpus_match_one(CONFIG, parallel)
+
+
+def check_two_gpus_match_one(model_config: ModelConfig, parallel: dict) -> None:
     """The same on GPUs: one per rank, activations over NCCL, control over gloo, each pool profiled on its GPU."""
     def kwargs(**p) -> dict:
         engine = EngineConfig(max_model_len=64, max_num_seqs=4, block_size=16, attention_backend="torch",
                               enforce_eager=True, gpu_memory_utilization=0.3, **p)
-        return dict(model_config=CONFIG, engine_config=resolve_engine_config(engine, CONFIG, torch.device("cuda")),
-                    device=torch.device("cuda"), dtype=torch.float32, model_source=RandomWeights(seed=3), seed=0)
+        return dict(model_config=model_config, device=torch.device("cuda"), dtype=torch.float32,
+                    engine_config=resolve_engine_config(engine, model_config, torch.device("cuda")),
+                    model_source=RandomWeights(seed=3), seed=0)
     torch.backends.cuda.matmul.allow_tf32 = False
     config = kwargs()["engine_config"]
-    local = LLMEngine(None, ByteTokenizer(), CONFIG, config, device=torch.device("cuda"),
+    local = LLMEngine(None, ByteTokenizer(), model_config, config, device=torch.device("cuda"),
                       executor=UniProcExecutor(Worker(**kwargs())))
     expected = _generate(local)
     executor = MultiProcExecutor(kwargs(**parallel))
     try:
-        engine = LLMEngine(None, ByteTokenizer(), CONFIG, config, device=torch.device("cuda"), executor=executor)
+        engine = LLMEngine(None, ByteTokenizer(), model_config, config, device=torch.device("cuda"),
+                           executor=executor)
         assert _generate(engine) == expected
     finally:
         executor.shutdown()
