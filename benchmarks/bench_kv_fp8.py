@@ -21,6 +21,7 @@ import gc
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                   device=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth_Bps=bandwidth,
                   batch=args.batch, context=args.context, output_len=args.output_len, layers=args.layers, rows=rows)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
 

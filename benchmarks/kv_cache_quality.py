@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                   else platform.processor() or platform.machine(), dtype=str(llm.dtype), n_samples=args.n_samples,
                   seq_len=args.seq_len, chunk=args.chunk, scored_tokens=args.n_samples * (args.seq_len - 1),
                   rows=rows)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0
 
