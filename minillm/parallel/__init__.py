@@ -2,6 +2,7 @@
 
     LLM(model, tensor_parallel_size=2)             2 worker processes, each with half of every matmul
     LLM(model, pipeline_parallel_size=2)           2 worker processes, each with half of the layers
+    LLM(moe_model, expert_parallel_size=2)         2 worker processes, each with half of every layer's experts
     torchrun --nproc-per-node 2 -m minillm.parallel.launch --model PATH --tensor-parallel-size 2
 
     state.py      which TP group / pipeline stage this process is; the collectives (no-ops with one rank)
@@ -11,7 +12,9 @@
     pipeline.py   layer partition over stages and the PPMissingLayer placeholders
     runner.py     the ModelRunner of one rank: micro-batches through the stages, sampling on one rank
     weights.py    a rank's share of the geometry (its KV pool) and of random weights
+    expert.py     expert parallelism for MoE models (Mixtral): all-to-all dispatch and return of the tokens,
+                  load-balance statistics (the router and expert loop are minillm.layers.moe)
     launch.py     the torchrun entry (rank 0 is engine and worker 0)
 
-Not here yet: expert parallelism (MoE) and prefill/decode disaggregation.
+Not here yet: prefill/decode disaggregation.
 """
