@@ -103,6 +103,8 @@ def test_training_lowers_the_distillation_loss_and_saves_heads(target, data, tra
                                                          "vocab_size": 300}
     assert json.loads((directory / "loss.json").read_text())["history"][-1]["loss"] == history[-1]["loss"]
     assert head_config.num_heads == (1 if kind == "eagle" else K)
+    agreement = saved["training"]["held_out_top1_agreement"]  # on the held-out tenth of the rows
+    assert len(agreement) == (1 if kind == "eagle" else K) and all(0 <= a <= 1 for a in agreement)
     assert all(config.vocab_size not in p.shape for p in heads.parameters())  # no vocabulary matrix: the target's
 
 
@@ -292,24 +294,30 @@ def test_shipped_weights_stay_under_40_mb():
 
 # -- GPU: CUDA graphs capture the hidden-state buffer ------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model, config = target
-    gpu_model = tiny_model(config).to("cuda")
-    results = []
-    for eager in (True, False):
-        engine = LLMEngine(gpu_model, ByteTokenizer(), config,
+    """On the GPU, verify steps replay CUDA graphs whose captured forward also copies the pre-norm hidden states
+    into a static buffer: greedy output equals plain decoding, and the drafts (hence acceptance) match eager mode."""
+    _, config = target
+    with torch.device("cuda"):
+        model = tiny_model(config)  # the same weights as the CPU target the heads were trained on
+
+    def go(speculative_config, eager):
+        engine = LLMEngine(model, ByteTokenizer(), config,
                            EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
-                                        enforce_eager=eager, speculative_config=spec(kind, trained[kind][0])),
-                           device="cuda", dtype=torch.float32)
+                                        enforce_eager=eager, speculative_config=speculative_config), device="cuda")
         assert (engine.runner.cuda_graphs is None) == eager
         for i, (prompt, params) in enumerate(zip(PROMPTS, GREEDY)):
             engine.add_request(str(i), prompt, params)
         outputs = {}
         while engine.has_unfinished_requests():
             outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-        results.append((outputs, engine.speculative.metrics.acceptance_rate))
-    assert results[0][0] == results[1][0]
-    assert abs(results[0][1] - results[1][1]) < 0.05  # same drafts: the graph-captured features match eager ones
+        rate = None if engine.speculative is None else engine.speculative.metrics.acceptance_rate
+        return outputs, rate
+
+    plain, _ = go(None, False)
+    eager, eager_rate = go(spec(kind, trained[kind][0]), True)
+    graphs, graph_rate = go(spec(kind, trained[kind][0]), False)
+    assert eager == plain and graphs == plain
+    assert abs(eager_rate - graph_rate) < 0.05  # TF32 in the kernels may flip a near-tie draft, no more

@@ -70,49 +70,67 @@ def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tenso
 
 
 class HeadLoss:
-    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value}) for one head kind."""
+    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value}) for one head kind; `predictions`
+    gives each head's (or draft step's) logits with the target's logits for the same tokens."""
 
     def __init__(self, kind: str, target: TargetParts, feature_rms: float) -> None:
         self.kind, self.target, self.scale = kind, target, feature_rms
 
-    def target_logits(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.target.logits(self.target.final_norm(features))
-
     def __call__(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        return getattr(self, self.kind)(heads, tokens, features)
+        pairs, regression = self.predictions(heads, tokens, features, noise=True)
+        kls = [distill_kl(q, p) for q, p in pairs]
+        if regression is not None:  # eagle
+            return regression + EAGLE_CLS_WEIGHT * kls[0], {"reg": float(regression.detach()),
+                                                            "cls": float(kls[0].detach())}
+        prefix = "head" if self.kind == "medusa" else "module"
+        return sum(kls) / len(kls), {f"{prefix}{k + 1}": float(v.detach()) for k, v in enumerate(kls)}
 
-    def medusa(self, heads, tokens, features):
-        p_logits = self.target_logits(features)
-        z = heads(self.target.final_norm(features))  # [K, B, L, d]
-        losses = [distill_kl(self.target.logits(z[k - 1][:, :-k]), p_logits[:, k:])
-                  for k in range(1, z.shape[0] + 1)]
-        return sum(losses) / len(losses), {f"head{k + 1}": float(v.detach()) for k, v in enumerate(losses)}
-
-    def eagle(self, heads, tokens, features):
+    def predictions(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor, noise: bool = False
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """([(head logits, target logits)] per head / module, EAGLE's feature regression loss or None)."""
         b, length, _ = features.shape
-        p_logits = self.target_logits(features)
-        inputs = features[:, :-1]
-        noise = (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)
-        positions = torch.arange(length - 1, device=features.device).expand(b, -1)
-        mask = torch.ones(b, length - 1, dtype=torch.bool, device=features.device)
-        g, _ = heads(inputs + noise, self.target.embed(tokens[:, 1:]), positions, mask)
-        reg = F.smooth_l1_loss(g.float() / self.scale, features[:, 1:].float() / self.scale)
-        cls = distill_kl(self.target.logits(self.target.final_norm(g)), p_logits[:, 1:])
-        return reg + EAGLE_CLS_WEIGHT * cls, {"reg": float(reg.detach()), "cls": float(cls.detach())}
+        with torch.no_grad():
+            p_logits = self.target.logits(self.target.final_norm(features))
 
-    def mtp(self, heads, tokens, features):
-        b, length, _ = features.shape
-        p_logits = self.target_logits(features)
-        hidden, losses = features, []
+        def window(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.arange(n, device=features.device).expand(b, -1),
+                    torch.ones(b, n, dtype=torch.bool, device=features.device))
+        if self.kind == "medusa":  # head k at t guesses token t + 1 + k: the target's law at t + k
+            z = heads(self.target.final_norm(features))  # [K, B, L, d]
+            return [(self.target.logits(z[k - 1][:, :-k]), p_logits[:, k:]) for k in range(1, z.shape[0] + 1)], None
+        if self.kind == "eagle":  # g_t from (f_t, x_{t+1}) ~ f_{t+1}, which guesses token t + 2
+            inputs = features[:, :-1]
+            if noise:
+                inputs = inputs + (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)
+            g, _ = heads(inputs, self.target.embed(tokens[:, 1:]), *window(length - 1))
+            regression = F.smooth_l1_loss(g.float() / self.scale, features[:, 1:].float() / self.scale)
+            return [(self.target.logits(self.target.final_norm(g)), p_logits[:, 1:])], regression
+        hidden, pairs = features, []  # mtp: module k at t reads token t + k, guesses token t + k + 1
         for k, module in enumerate(heads.mtp, start=1):
             n = length - k  # positions t whose token t + k is known
-            positions = torch.arange(n, device=features.device).expand(b, -1)
-            mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
-            hidden = module(hidden[:, :n], self.target.embed(tokens[:, k:]), positions, mask)
-            losses.append(distill_kl(self.target.logits(module.normed(hidden)), p_logits[:, k:]))
-        return sum(losses) / len(losses), {f"module{k + 1}": float(v.detach()) for k, v in enumerate(losses)}
+            hidden = module(hidden[:, :n], self.target.embed(tokens[:, k:]), *window(n))
+            pairs.append((self.target.logits(module.normed(hidden)), p_logits[:, k:]))
+        return pairs, None
+
+
+@torch.no_grad()
+def top1_agreement(loss: HeadLoss, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor,
+                   rows_per_batch: int = 8) -> list[float]:
+    """Per head / module: how often its argmax is the target's argmax on these rows, every input taken from the
+    target's own sequence (teacher forcing). For head 1 this is the greedy acceptance rate of the first draft; for
+    later heads an upper bound (in the engine they read drafts, and a draft is only kept after accepted ones)."""
+    hits: list[float] = []
+    counts: list[int] = []
+    for start in range(0, tokens.shape[0], rows_per_batch):
+        pairs, _ = loss.predictions(heads, tokens[start:start + rows_per_batch],
+                                    features[start:start + rows_per_batch].float())
+        if not hits:
+            hits, counts = [0.0] * len(pairs), [0] * len(pairs)
+        for k, (q, p) in enumerate(pairs):
+            hits[k] += float((q.argmax(-1) == p.argmax(-1)).sum())
+            counts[k] += p.shape[0] * p.shape[1]
+    return [h / max(c, 1) for h, c in zip(hits, counts)]
 
 
 def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor
@@ -177,7 +195,7 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, options.steps, options.warmup))
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
-    n = data.tokens.shape[0]
+    n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for top1_agreement
     with tqdm(range(options.steps), desc=f"training {options.kind}", unit="step") as bar:
         for step in bar:
             rows = torch.randperm(n, generator=generator)[:options.rows_per_step]  # without replacement
@@ -195,12 +213,22 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     out = Path(out_dir)
     if options.kind == "draft":
         _save_draft(trainee, out, tokenizer)
+        agreement = None
     else:
+        held = slice(n, None)
+        agreement = top1_agreement(loss_fn, trainee, data.tokens[held].to(device), data.features[held])
         config.training = {"steps": options.steps, "rows": n, "seq_len": int(data.tokens.shape[1]),
-                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee)}
+                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
+                           "held_out_top1_agreement": agreement}
         save_heads(out, trainee, config)
     save_loss_curve(history, out, options.kind)
-    return {"history": history, "out": str(out)}
+    return {"history": history, "out": str(out), "held_out_top1_agreement": agreement}
+
+
+def held_out_rows(data: DistillData) -> int:
+    """Rows kept out of training to measure the heads on: a tenth, none when there are fewer than 10 rows."""
+    n = data.tokens.shape[0]
+    return n // 10 if n >= 10 else 0
 
 
 def _save_draft(draft: nn.Module, out: Path, tokenizer: Any) -> None:

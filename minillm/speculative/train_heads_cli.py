@@ -72,4 +72,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     history = result["history"]
     print(f"{args.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
           f"{data.tokens.numel()} training tokens, {time.perf_counter() - start:.0f} s; saved to {result['out']}")
+    if result["held_out_top1_agreement"]:  # head 1: the first draft's greedy acceptance; later heads: a bound
+        print("held-out top-1 agreement with the target, per head/step: "
+              + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
     return 0
