@@ -18,7 +18,7 @@ from minillm.sampling_params import SamplingParams
 from minillm.speculative.engine_hooks import SpeculativeDecoder
 from minillm.speculative.proposer import NGramProposer
 from minillm.speculative.tree import TokenTree
-from minillm.speculative.tree_proposers import NGramTreeProposer, TopKTreeProposer, trie_draft
+from minillm.speculative.tree_proposers import NGramTreeProposer, TopKTreeProposer, medusa_tree_paths, trie_draft
 from minillm.speculative.tree_verify import TreeDraft, TreeProposer
 from test_engine import tiny_config, tiny_model
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (autouse: one torch thread)
@@ -160,6 +160,10 @@ def test_medusa_heads_drive_a_sparse_tree(model_and_config, plain, tmp_path):
     assert outputs == plain and seen
     assert engine.speculative.tree is not None and engine.speculative.tree.num_nodes_scored > 0
     assert engine.speculative.metrics.num_accepted_tokens > 0
+    outputs, engine = run(model_and_config, dict(spec, method="medusa_tree"), 12)  # the method builds the same
+    assert outputs == plain and isinstance(engine.speculative.proposer, TopKTreeProposer)
+    assert engine.speculative.proposer.tree.num_nodes == 4 * K + 1  # NODES_PER_LEVEL per level, and the root
+    assert medusa_tree_paths([0.6, 0.3], 4) == [(0,), (1,), (0, 0), (0, 1)]  # 0.6, 0.24, 0.18, 0.126
 
 
 class ChainAsTree(TreeProposer):

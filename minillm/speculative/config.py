@@ -30,10 +30,12 @@ METHODS: dict[str, str] = {
     "medusa": "Medusa heads (Cai et al. 2024): K residual blocks on the last hidden state, the target's LM head",
     "eagle": "EAGLE (Li et al. 2024): one decoder layer drafting at the feature level, autoregressively",
     "mtp": "multi-token prediction (DeepSeek-V3): D sequential modules, one extra token each",
+    "medusa_tree": "Medusa's heads, their top-k combined in a sparse token tree verified in one step",
 }
 # head methods -> the target hidden state their proposer reads: after the final RMSNorm (what the LM head sees,
 # Medusa's input) or before it (the residual stream: EAGLE's feature and DeepSeek-V3's h^0)
-HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm", "mtp": "pre_norm"}
+HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm", "mtp": "pre_norm",
+                                     "medusa_tree": "post_norm"}
 # methods that read `model`: a draft checkpoint, or a directory of trained heads
 _READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",

@@ -12,19 +12,25 @@ static tree of index paths (tree.sparse_tree_paths from per-head accuracies, or 
 combinations to try, and TokenTree.candidates reads the tokens off the heads. Any proposer with
 `propose_candidates(seqs, topk) -> [(ids [K, topk], probs [K, topk]) | None]` plugs in; the wrapper passes the
 head proposer's hidden-state bookkeeping through, so the engine feeds it as it feeds the head proposer itself.
+"medusa_tree" builds one from trained Medusa heads (`medusa_tree_paths`: the sparse tree from their measured
+top-1 agreement, see there).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as SequenceT
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minillm.speculative.tree import MAX_TREE_NODES, TokenTree
+from minillm.speculative.tree import MAX_TREE_NODES, TokenTree, sparse_tree_paths
 from minillm.speculative.tree_verify import TreeDraft, TreeProposer
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
+    from minillm.speculative.config import SpeculativeConfig
+
+NODES_PER_LEVEL = 4  # medusa_tree: a tree of 4 nodes per level of depth (16 for k = 4)
 
 
 def trie_draft(root_token_id: int, continuations: SequenceT[SequenceT[int]], max_nodes: int) -> TreeDraft:
@@ -130,3 +136,25 @@ class TopKTreeProposer(TreeProposer):
             keep = int((self.tree.depths <= depth).sum())
             drafts.append(TreeDraft(self.tree, tokens).prefix(keep))
         return drafts
+
+
+def medusa_tree_paths(top1_agreement: SequenceT[float], num_nodes: int, topk: int = 4) -> list[tuple[int, ...]]:
+    """Medusa's sparse tree for heads whose top-1 agreement with the target (head h: a_h, measured on held-out
+    data by minillm train-heads) is known but whose deeper ranks are not: rank r of head h is taken to be right
+    with probability a_h (1 - a_h)^r (a geometric prior: each rank gets a_h of what the better ranks left), and
+    tree.sparse_tree_paths keeps the num_nodes most probable paths. Measured top-k accuracies, where a head
+    trainer records them, are the better input to sparse_tree_paths."""
+    if not top1_agreement or any(not 0 < a <= 1 for a in top1_agreement):
+        raise ValueError(f"top1_agreement must be one value in (0, 1] per head, got {list(top1_agreement)!r}")
+    return sparse_tree_paths([[a * (1 - a) ** r for r in range(topk)] for a in top1_agreement], num_nodes)
+
+
+def build_medusa_tree_proposer(spec: "SpeculativeConfig", engine: Any, seed: int = 0) -> TopKTreeProposer:
+    """The "medusa_tree" method: the engine's Medusa proposer (spec.model or the shipped heads) under the sparse tree
+    of medusa_tree_paths, num_speculative_tokens levels deep and NODES_PER_LEVEL nodes per level."""
+    from minillm.speculative.head_kinds import build_head_proposer
+    medusa = build_head_proposer(dataclasses.replace(spec, method="medusa"), engine, seed)
+    depth = min(spec.num_speculative_tokens, medusa.config.num_heads)
+    agreement = medusa.config.training.get("held_out_top1_agreement") or [0.5] * depth  # 0.5: untrained heads
+    agreement = [min(max(a, 0.01), 1.0) for a in agreement[:depth]]
+    return TopKTreeProposer(medusa, medusa_tree_paths(agreement, min(NODES_PER_LEVEL * depth, MAX_TREE_NODES - 1)))
