@@ -13,7 +13,8 @@ The scheduler and KV layout are parameters. The default is chapter 6's continuou
 paged blocks; `LLM(scheduling="static", kv_layout="contiguous")` is chapter 2's static batching over one
 contiguous region per sequence, kept for comparison (benchmarks/bench_scheduling.py measures the difference).
 `llm.share_model(**options)` builds another LLM around the same loaded weights (no reload), e.g. to compare
-schedulers on one model.
+schedulers on one model. `LLM(model, disaggregation={"prefill": 1, "decode": 1})` serves through a prefill worker
+and a decode worker process that pass each request's KV cache (minillm.engine.disagg_engine, chapter 11).
 
 KV pool size (paged): `num_kv_blocks=` or `kv_cache_memory=` (bytes) when given; on CUDA, what is left of
 `gpu_memory_utilization` x total memory after profiling one max_num_batched_tokens prefill; on CPU, enough for
@@ -47,12 +48,20 @@ class LLM:
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
-                 quantization: str | None = None, **engine_kwargs: Any) -> None:
+                 quantization: str | None = None, disaggregation: Mapping[str, Any] | None = None,
+                 **engine_kwargs: Any) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
         # validate the engine options before spending seconds on loading weights
         engine_config = _engine_config(max_model_len, max_num_seqs, kv_layout, scheduling, engine_kwargs)
+        if disaggregation is not None:  # a prefill and a decode worker process behind a router (chapter 11)
+            from minillm.engine.disagg_engine import DisaggregationConfig, check_disaggregation
+            disaggregation = DisaggregationConfig.from_value(disaggregation)
+            check_disaggregation(engine_config)
+            if distributed_executor_backend is not None or self.overrides:
+                raise ValueError("disaggregation= starts its own prefill and decode worker processes: give neither "
+                                 "distributed_executor_backend nor overrides with it")
         if distributed_executor_backend not in (None, "uni", "mp"):
             raise ValueError(f"distributed_executor_backend={distributed_executor_backend!r}; allowed: None or "
                              f"'uni' (the worker in this process), 'mp' (the worker in a child process)")
@@ -77,6 +86,14 @@ class LLM:
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant)
         model_config = load_time_quantization(model_config, quantization)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
+        self.model_path = path
+        if disaggregation is not None:
+            from minillm.engine.disagg_engine import DisaggregatedEngine
+            self.llm_engine = DisaggregatedEngine(CheckpointSource(path), tokenizer, model_config, engine_config,
+                                                  device=self.device, dtype=self.dtype, seed=seed,
+                                                  disaggregation=disaggregation)
+            self._init_driver()
+            return
         if distributed_executor_backend == "mp":
             worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,
                                  dtype=self.dtype, model_source=CheckpointSource(path), seed=seed)
@@ -84,7 +101,6 @@ class LLM:
         else:
             executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
                                               LoadedWeights(weights), seed))
-        self.model_path = path
         self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
                                     dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
         self._init_driver()
