@@ -7,7 +7,8 @@
     the KV bytes each request sends equal 2 x layers x prompt rounded to blocks x kv_heads x head_dim x 4
     no block is left in use on either side; an abort between the sides frees both
     a killed decode or prefill worker ends the engine with an error naming it, at once, never a hang
-    the bundled SmolLM2 gives one engine's greedy tokens (slow: each worker reads the GGUF, ~30 s on 2 cores)
+    the bundled SmolLM2 through LLM(..., disaggregation=...) gives one engine's greedy tokens (slow: each worker
+    reads the GGUF, ~30 s on 2 cores)
 """
 from __future__ import annotations
 
@@ -110,6 +111,13 @@ def test_bad_disaggregation_options_are_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="speculative decoding is not supported"):
         DisaggregatedEngine(RandomWeights(), ByteTokenizer(), CONFIG,
                             EngineConfig(speculative_model="[ngram]", num_speculative_tokens=2))
+    from minillm import LLM  # LLM checks before it loads anything
+    with pytest.raises(ValueError, match="1 prefill and 1 decode worker, got prefill=1, decode=3"):
+        LLM("/nonexistent", device="cpu", disaggregation={"decode": 3})
+    with pytest.raises(ValueError, match="give neither distributed_executor_backend nor overrides"):
+        LLM("/nonexistent", device="cpu", disaggregation={}, distributed_executor_backend="mp")
+    with pytest.raises(ValueError, match="tensor_parallel_size, pipeline_parallel_size and expert_parallel_size"):
+        LLM("/nonexistent", device="cpu", disaggregation={}, tensor_parallel_size=3)
 
 
 def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survives_a_dead_decode_worker(expected):
@@ -175,22 +183,18 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
 
 @pytest.mark.slow
 def test_bundled_smollm2_disaggregated_matches_one_engine_and_fails_fast_without_its_prefill_worker():
-    """The real model through LLM's front (LLM.from_engine): each worker reads the GGUF itself. Then the prefill
+    """The real model through LLM(..., disaggregation=...): each worker reads the GGUF itself. Then the prefill
     worker is killed: the next request ends with the reason at once, and the engine refuses more."""
     from minillm import LLM
-    from minillm.engine.worker import CheckpointSource
-    from minillm.loader import load_model
-    from minillm.loader.model_files import default_model_path
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(temperature=0, max_tokens=5)
-    options = dict(max_model_len=128, max_num_seqs=2)
-    expected = [o.outputs[0].token_ids
-                for o in LLM(None, device="cpu", dtype="float32", **options).generate(prompts, params)]
-    path = default_model_path()
-    model_config, _, tokenizer = load_model(path)
-    engine = DisaggregatedEngine(CheckpointSource(path), tokenizer, model_config, EngineConfig(**options))
+    options = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=2)
+    expected = [o.outputs[0].token_ids for o in LLM(None, **options).generate(prompts, params)]
+    llm = LLM(None, disaggregation={"prefill": 1, "decode": 1}, **options)
+    engine = llm.llm_engine
     try:
-        outputs = LLM.from_engine(engine).generate(prompts, params)
+        assert isinstance(engine, DisaggregatedEngine)
+        outputs = llm.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outputs] == expected
         assert all(o.metrics.ttft is not None and o.metrics.tpot is not None for o in outputs)
 
