@@ -129,7 +129,11 @@ def test_train_options_name_the_bad_value():
 def test_cli_parses_train_heads():
     from minillm.cli import build_parser
     args = build_parser().parse_args(["train-heads", "--kind", "mtp", "--steps", "7", "--out", "x", "--tiny"])
-    assert (args.kind, args.steps, args.out, args.tiny) == ("mtp", 7, "x", True)
+    assert (args.kind, args.steps, args.out, args.tiny) == (["mtp"], 7, "x", True)
+    assert build_parser().parse_args(["train-heads", "--kind", "medusa,eagle", "--out", "x"]).kind == \
+        ["medusa", "eagle"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-heads", "--kind", "medusa,beam", "--out", "x"])
 
 
 # -- the engine -----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`minillm train-heads`: distil Medusa / EAGLE / MTP heads or a draft model on the target's own outputs (chapter 9).
 
     minillm train-heads --kind eagle --steps 2000 --out heads/eagle [MODEL] [--device cuda] [--dtype bfloat16]
-    minillm train-heads --kind medusa --tiny --out /tmp/medusa            # seconds on a CPU: a smoke run
+    minillm train-heads --kind medusa,eagle,mtp --out heads              # one dataset, heads/medusa, heads/eagle, ...
+    minillm train-heads --kind medusa --tiny --out /tmp/medusa            # a smoke run with few prompts and steps
 
 Then `LLM(speculative_config={"method": "eagle", "model": "heads/eagle", "num_speculative_tokens": 4})`; a draft
 model (--kind draft) is an HF directory for {"method": "draft_model", "model": DIR}. Needs torch, safetensors and
@@ -10,6 +11,7 @@ tqdm only (matplotlib for loss.png, if installed); no network: the prompts are b
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from minillm.speculative.train_heads import TRAIN_KINDS
@@ -23,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-heads", help="train Medusa/EAGLE/MTP heads or a draft model by "
                                                   "self-distillation on the target's own generations")
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--kind", required=True, choices=TRAIN_KINDS)
+    p.add_argument("--kind", required=True, type=_kinds,
+                   help=f"one of {', '.join(TRAIN_KINDS)}, or several joined by commas (trained on the same "
+                        f"generations, each saved in OUT/<kind>)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
@@ -33,12 +37,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt (default 192)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training row (default 256)")
     p.add_argument("--rows-per-step", type=int, default=8, help="rows per optimizer step (default 8)")
-    p.add_argument("--num-heads", type=int, default=4, help="medusa heads / mtp modules (default 4)")
+    p.add_argument("--num-heads", type=int, default=4, help="medusa heads (default 4)")
+    p.add_argument("--mtp-depth", type=int, default=2, help="mtp modules, one extra token each (default 2)")
     p.add_argument("--draft-layers", type=int, default=4, help="--kind draft: the target's first L layers")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a few prompts, short rows, a few steps: a smoke run")
     p.set_defaults(func=_cmd_train_heads)
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in TRAIN_KINDS]
+    if not kinds or bad or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"--kind takes distinct names from {', '.join(TRAIN_KINDS)} joined by "
+                                         f"commas, got {text!r}")
+    return kinds
 
 
 def _cmd_train_heads(args: argparse.Namespace) -> int:
@@ -56,8 +70,9 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     for name, value in sizes.items():
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    options = TrainOptions(args.kind, sizes["steps"], num_heads=args.num_heads, draft_num_layers=args.draft_layers,
-                           rows_per_step=sizes["rows_per_step"], lr=args.lr, seed=args.seed)  # validates the rest
+    options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
+                            draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
+                            seed=args.seed) for kind in args.kind]  # validates the rest before any loading
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
@@ -68,11 +83,14 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     data = distill_data(target, tokenizer, model_config, sizes["num_prompts"], sizes["max_new_tokens"],
                         sizes["seq_len"], device, dtype, seed=args.seed,
                         max_prompt_tokens=sizes["max_prompt_tokens"])
-    result = train_heads(target, model_config, data, options, args.out, tokenizer)
-    history = result["history"]
-    print(f"{args.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
-          f"{data.tokens.numel()} training tokens, {time.perf_counter() - start:.0f} s; saved to {result['out']}")
-    if result["held_out_top1_agreement"]:  # head 1: the first draft's greedy acceptance; later heads: a bound
-        print("held-out top-1 agreement with the target, per head/step: "
-              + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
+    print(f"data: {data.tokens.shape[0]} rows of {data.tokens.shape[1]} tokens, {time.perf_counter() - start:.0f} s")
+    for option in options:
+        out = args.out if len(options) == 1 else os.path.join(args.out, option.kind)
+        result = train_heads(target, model_config, data, option, out, tokenizer)
+        history = result["history"]
+        print(f"{option.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
+              f"{time.perf_counter() - start:.0f} s so far; saved to {result['out']}")
+        if result["held_out_top1_agreement"]:  # head 1: the first draft's greedy acceptance; later ones: a bound
+            print("  held-out top-1 agreement with the target, per head/step: "
+                  + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
     return 0
