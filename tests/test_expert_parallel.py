@@ -5,6 +5,7 @@
     the tokens-per-expert table gathered from the ranks equals the one process's
     a killed EP worker makes the engine fail at once with a RuntimeError naming its rank
     LLM(checkpoint, expert_parallel_size=2) with a capacity factor drops the same rows as one process
+    the torchrun entry with --expert-parallel-size 2 on the checkpoint (marked slow)
 """
 from __future__ import annotations
 
@@ -131,6 +132,30 @@ def test_llm_expert_parallel_with_capacity_drops_like_one_process(tmp_path):
         assert (load["total"], load["dropped_total"]) == (expected_load["total"], expected_load["dropped_total"])
     finally:
         llm.llm_engine.shutdown()
+
+
+@pytest.mark.slow
+def test_torchrun_entry_ep2_on_a_checkpoint_matches_one_process(tmp_path):
+    """`torchrun -m minillm.parallel.launch --expert-parallel-size 2`: rank 0 is engine and EP rank 0, each rank
+    reads only its experts from the checkpoint; the same greedy tokens as LLM() in one process (about 15 s)."""
+    pytest.importorskip("transformers")
+    import json
+    import os
+    import subprocess
+    import sys
+    from minillm import LLM
+    save_tiny_mixtral(tmp_path)
+    prompts = ["ab ab a b", "w7 w9 ab"]
+    llm = LLM(tmp_path, device="cpu", dtype="float32", max_model_len=64)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6))]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "minillm.parallel.launch",
+                           "--model", os.fspath(tmp_path), "--expert-parallel-size", "2", "--max-model-len", "64",
+                           "--max-tokens", "6", "--dtype", "float32", *[a for p in prompts for a in ("--prompt", p)]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = [json.loads(line[line.rindex("["):]) for line in done.stdout.splitlines() if line.startswith("'")]
+    assert got == expected
 
 
 @pytest.mark.gpu

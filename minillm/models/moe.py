@@ -20,8 +20,8 @@ data-dependent shapes, so MoE models run eagerly (no CUDA graphs).
 """
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.layers.activation import SiluAndMul

@@ -6,6 +6,8 @@ machines (chapter 11).
     # two machines, 4 GPUs each, TP 4 x PP 2:
     torchrun --nnodes 2 --node-rank {0,1} --nproc-per-node 4 --master-addr HOST0 --master-port 29500 \\
         -m minillm.parallel.launch --model PATH --tensor-parallel-size 4 --pipeline-parallel-size 2
+    # a Mixtral checkpoint, its experts over 2 processes:
+    torchrun --nproc-per-node 2 -m minillm.parallel.launch --model MIXTRAL_DIR --expert-parallel-size 2
 
 Topology. `LLM(..., tensor_parallel_size=N)` (the mp executor) starts N worker processes itself and keeps the
 engine in a process of its own: N + 1 processes, the engine is rank 0 and holds no weights, the workers are ranks
@@ -74,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled SmolLM2)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--expert-parallel-size", type=int, default=1, help="MoE models, with tp = pp = 1")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -85,16 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[list[int]] | None:
     """Every rank runs this; rank 0 returns (and prints) the generated token ids, the others None."""
     args = parse_args(argv)
-    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    tp, pp, ep = args.tensor_parallel_size, args.pipeline_parallel_size, args.expert_parallel_size
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")  # torchrun's environment: rank, world size, master
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size != tp * pp:
+    if world_size != tp * pp * ep:
         raise ValueError(f"torchrun started {world_size} processes; tensor_parallel_size * pipeline_parallel_size "
-                         f"= {tp} * {pp} = {tp * pp} must equal it")
-    init_parallel_state(build_groups(tp, pp, first_rank=0))
+                         f"* expert_parallel_size = {tp} * {pp} * {ep} = {tp * pp * ep} must equal it")
+    init_parallel_state(build_groups(tp, pp, first_rank=0, ep_size=ep))
     try:
         return _run(args, rank, cuda)
     finally:
@@ -114,7 +117,8 @@ def _run(args: argparse.Namespace, rank: int, cuda: bool) -> list[list[int]] | N
     dtype = resolve_dtype(args.dtype, device)
     engine_config = resolve_engine_config(
         EngineConfig(max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-                     pipeline_parallel_size=args.pipeline_parallel_size), model_config, device)
+                     pipeline_parallel_size=args.pipeline_parallel_size,
+                     expert_parallel_size=args.expert_parallel_size), model_config, device)
     worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=device, dtype=dtype,
                          model_source=CheckpointSource(path), seed=args.seed)
     if rank != 0:
