@@ -99,6 +99,19 @@ def test_pack_unpack_moves_blocks_between_pools_with_other_block_ids():
         pack_kv_blocks(source[0], [0])
 
 
+def test_decode_side_adopts_the_prefill_sides_fp8_kv_scales_in_place():
+    from minillm.engine.cache_config import make_cache_config
+    from minillm.parallel.disagg import kv_scales
+    config = resolve_engine_config(EngineConfig(**ENGINE, kv_cache_dtype="fp8"), CONFIG, torch.device("cpu"))
+    worker = Worker(CONFIG, config, torch.device("cpu"), torch.float32, RandomWeights(seed=3))
+    worker.load_model()
+    worker.initialize_cache(make_cache_config(config, 48, 1))
+    prefill_side = kv_scales(worker) * 3  # as if the other worker had calibrated other scales
+    assert torch.equal(kv_scales(worker, prefill_side), prefill_side)
+    attention = worker.runner.attention_layers[1]
+    assert torch.equal(attention.k_scale, prefill_side[0, 1])  # the layers read them through their views
+
+
 def test_bad_disaggregation_options_are_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="1 prefill and 1 decode worker, got prefill=2"):
         DisaggregationConfig.from_value({"prefill": 2})

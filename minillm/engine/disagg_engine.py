@@ -173,6 +173,9 @@ class DisaggregatedEngine(LLMEngine):
             self.workers.shutdown()
             raise
         self.disaggregation = plan
+        scales = self.workers.call("prefill", "kv_scales")  # fp8 KV: one set of scales on both sides
+        if scales is not None:
+            self.workers.call("decode", "kv_scales", scales)
         caches = sizing.cache_configs
         self.scheduler = DisaggScheduler(
             PrefillScheduler(config, BlockManager(caches["prefill"].num_gpu_blocks, caches["prefill"].block_size,

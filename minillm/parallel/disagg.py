@@ -30,6 +30,8 @@ A transfer, tagged with an id the router picks:
 gloo matches messages by tag; NCCL ignores tags and matches in order, which the router keeps: sends are posted
 and receives admitted in one FIFO order. Two processes on one GPU cannot share an NCCL communicator, so there
 the KV goes over gloo through CPU memory (correct, but it measures nothing about a real interconnect).
+An fp8 KV cache travels as its bytes (a quarter of fp32's), and at start-up the decode worker adopts the
+prefill worker's fp8 scales, with which those bytes were written.
 """
 from __future__ import annotations
 
@@ -150,6 +152,16 @@ def run_step(worker: Worker, link: KVLink, conn: Connection, step: Any, sends: l
     return output
 
 
+def kv_scales(worker: Worker, scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An fp8 KV cache's scales ([2, layers, kv_heads], None for other caches), on the CPU; given `scales`,
+    copy them in first. The decode side adopts the prefill side's: the bytes it receives were scaled by those.
+    (Copied in place: the attention layers and captured CUDA graphs hold views of this tensor.)"""
+    own = worker.runner.kv_cache.scales
+    if own is not None and scales is not None:
+        own.copy_(scales.to(own.device))
+    return None if own is None else own.cpu()
+
+
 def _serve(role: str, rank: int, conn: Connection, worker_kwargs: dict[str, Any], staged: bool) -> None:
     worker = Worker(**worker_kwargs)
     link = KVLink(rank, staged)
@@ -169,6 +181,8 @@ def _serve(role: str, rank: int, conn: Connection, worker_kwargs: dict[str, Any]
         try:
             if method == "step":
                 result = run_step(worker, link, conn, *args)
+            elif method == "kv_scales":
+                result = kv_scales(worker, *args)
             else:  # determine_num_gpu_blocks, initialize_cache, get_comm_stats
                 result = getattr(worker, method)(*args)
         except Exception as err:  # the router fails this step's requests; the worker keeps serving
