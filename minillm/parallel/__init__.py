@@ -3,6 +3,7 @@
     LLM(model, tensor_parallel_size=2)             2 worker processes, each with half of every matmul
     LLM(model, pipeline_parallel_size=2)           2 worker processes, each with half of the layers
     LLM(moe_model, expert_parallel_size=2)         2 worker processes, each with half of every layer's experts
+    LLM(model, disaggregation={"prefill": 1, "decode": 1})   prompts in one worker process, decoding in another
     torchrun --nproc-per-node 2 -m minillm.parallel.launch --model PATH --tensor-parallel-size 2
 
     state.py      which TP group / pipeline stage this process is; the collectives (no-ops with one rank)
@@ -15,6 +16,7 @@
     expert.py     expert parallelism for MoE models (Mixtral): all-to-all dispatch and return of the tokens,
                   load-balance statistics (the router and expert loop are minillm.layers.moe)
     launch.py     the torchrun entry (rank 0 is engine and worker 0)
-
-Not here yet: prefill/decode disaggregation.
+    disagg.py     prefill/decode disaggregation: a prefill worker and a decode worker process and the KV channel
+                  between them (the router is minillm.engine.disagg_engine: LLM(model, disaggregation={...}))
+    kv_transfer.py  a request's KV blocks packed into one contiguous tensor and scattered back into other blocks
 """
