@@ -15,6 +15,7 @@ import torch
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
 from minillm.sampling_params import SamplingParams
+from minillm.speculative.config import verify_query_lens
 from minillm.speculative.engine_hooks import SpeculativeDecoder
 from minillm.speculative.proposer import NGramProposer
 from minillm.speculative.tree import TokenTree
@@ -109,11 +110,12 @@ def test_oracle_trees_accept_off_first_branch_and_equal_plain(model_and_config, 
 
 def test_oracle_trees_on_the_triton_path(model_and_config, plain):
     """The same through the Triton kernels (the interpreter here): tree-masked paged attention in the engine."""
+    short = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 8)]  # the interpreter is slow
     outputs, engine = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K}, 64,
-                          requests=list(zip(PROMPTS, GREEDY))[:2], proposer=OracleTreeProposer(_truth(plain)),
+                          requests=list(zip(PROMPTS, short)), proposer=OracleTreeProposer(_truth(plain)),
                           backend="triton")
-    assert outputs == {rid: plain[rid] for rid in ("0", "1")}
-    assert engine.speculative.metrics.num_accepted_tokens > 0
+    assert outputs == {"0": plain["0"][:12], "1": plain["1"][:8]}
+    assert engine.speculative.metrics.num_accepted_tokens > engine.speculative.metrics.num_verify_steps
 
 
 def test_oracle_trees_with_an_fp8_kv_cache(model_and_config, backend="torch"):
@@ -164,6 +166,31 @@ def test_medusa_heads_drive_a_sparse_tree(model_and_config, plain, tmp_path):
     assert outputs == plain and isinstance(engine.speculative.proposer, TopKTreeProposer)
     assert engine.speculative.proposer.tree.num_nodes == 4 * K + 1  # NODES_PER_LEVEL per level, and the root
     assert medusa_tree_paths([0.6, 0.3], 4) == [(0,), (1,), (0, 0), (0, 1)]  # 0.6, 0.24, 0.18, 0.126
+
+
+class BrokenTree(TreeProposer):
+    method = "broken_tree"
+
+    def propose_trees(self, seqs, max_depths):  # rooted at the wrong token: the engine must refuse it
+        return [trie_draft(seq.last_token_id + 1, [[1, 2]], 64) for seq in seqs]
+
+
+def test_a_failing_tree_proposer_costs_drafts_not_requests(model_and_config, plain, caplog):
+    spec = {"method": "ngram_tree", "num_speculative_tokens": K}
+    with caplog.at_level("ERROR"):
+        model, config = model_and_config
+        engine = LLMEngine(model, ByteTokenizer(), config,
+                           EngineConfig(block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+                                        speculative_config=spec))
+        engine.speculative = SpeculativeDecoder(engine.speculative.config, BrokenTree(), config.vocab_size, 64)
+        for i, (prompt, params) in enumerate(zip(PROMPTS, GREEDY)):
+            engine.add_request(str(i), prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert done == plain and engine.speculative.num_propose_errors > 0
+    assert "rooted at" in caplog.text and engine.scheduler.block_manager.num_used_blocks == 0
+    assert verify_query_lens(EngineConfig(speculative_config=spec)) == (1,)  # tree steps never replay CUDA graphs
 
 
 class ChainAsTree(TreeProposer):

@@ -123,12 +123,17 @@ class SpeculativeConfig:
         return cls.from_dict(options)
 
 
+# methods whose verify steps score token trees: those carry a tree mask and run eagerly, so no graphs for them
+TREE_METHODS = ("ngram_tree", "medusa_tree")
+
+
 def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
     """The query lengths model_runner.configure captures CUDA graphs for: (1,) without speculation, (1, 1 + k)
-    with it, as long as 1 + k fits the paged decode kernel (MAX_DECODE_QUERY_LEN; longer verify steps run eagerly)."""
+    with it, as long as 1 + k fits the paged decode kernel (MAX_DECODE_QUERY_LEN; longer verify steps run eagerly,
+    and so do token trees: TREE_METHODS)."""
     from minillm.forward_context import MAX_DECODE_QUERY_LEN
     spec = SpeculativeConfig.from_engine_config(engine_config)
-    if spec is None or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
+    if spec is None or spec.method in TREE_METHODS or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
         return (1,)
     return (1, 1 + spec.num_speculative_tokens)
 
