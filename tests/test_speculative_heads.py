@@ -114,6 +114,8 @@ def test_training_a_draft_model_writes_an_hf_directory(target, data, tmp_path):
     history = train_heads(model, config, data, TrainOptions("draft", 15, draft_num_layers=1, rows_per_step=64,
                                                             lr=3e-3, warmup=3), tmp_path)["history"]
     assert history[-1]["loss"] < history[0]["loss"]
+    with pytest.raises(ValueError, match="draft_num_layers=4 exceeds the target's 3 layers"):
+        train_heads(model, config, data, TrainOptions("draft", 1, draft_num_layers=4), tmp_path / "x")
     draft_config, weights = load_hf_model(tmp_path)
     assert draft_config.num_hidden_layers == 1 and draft_config.vocab_size == config.vocab_size
     assert any(name.startswith("model.layers.0.") for name, _ in weights)

@@ -114,6 +114,11 @@ class HeadLoss:
         return pairs, None
 
 
+def mixed_precision(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights, the target's bf16 matrices), plain fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
 def top1_agreement(loss: HeadLoss, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor,
                    rows_per_batch: int = 8) -> list[float]:
@@ -123,8 +128,9 @@ def top1_agreement(loss: HeadLoss, heads: nn.Module, tokens: torch.Tensor, featu
     hits: list[float] = []
     counts: list[int] = []
     for start in range(0, tokens.shape[0], rows_per_batch):
-        pairs, _ = loss.predictions(heads, tokens[start:start + rows_per_batch],
-                                    features[start:start + rows_per_batch].float())
+        with mixed_precision(features.device):
+            pairs, _ = loss.predictions(heads, tokens[start:start + rows_per_batch],
+                                        features[start:start + rows_per_batch].float())
         if not hits:
             hits, counts = [0.0] * len(pairs), [0] * len(pairs)
         for k, (q, p) in enumerate(pairs):
@@ -179,6 +185,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     target = TargetParts(target_model)
     if options.kind == "draft":
         from minillm.speculative.draft import independent_copy
+        if options.draft_num_layers > model_config.num_hidden_layers:
+            raise ValueError(f"draft_num_layers={options.draft_num_layers} exceeds the target's "
+                             f"{model_config.num_hidden_layers} layers")
         trainee = independent_copy(target_model, options.draft_num_layers).float()
         trainee.attention_backend = "torch"  # autograd through plain torch ops (no triton kernel has a backward)
         for p in (trainee.model.embed_tokens.weight, trainee.lm_head.weight):
@@ -200,7 +209,7 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         for step in bar:
             rows = torch.randperm(n, generator=generator)[:options.rows_per_step]  # without replacement
             tokens, features = data.tokens[rows].to(device), data.features[rows].float()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with mixed_precision(device):
                 loss, parts = loss_fn(trainee, tokens, features)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
