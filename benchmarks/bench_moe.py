@@ -97,7 +97,7 @@ def run(engine: LLMEngine, model_config: ModelConfig, args: argparse.Namespace, 
     start = time.perf_counter()
     engine.step()  # the whole batch's prefill (max_num_batched_tokens holds it)
     prefill_s = time.perf_counter() - start
-    step_times, comm = [], []
+    step_times, comm, balance = [], [], []
     for _ in tqdm(range(args.max_tokens - 1), desc="decode", leave=False):
         if multi:
             engine.executor.collective_rpc("get_comm_stats", True)
@@ -106,11 +106,11 @@ def run(engine: LLMEngine, model_config: ModelConfig, args: argparse.Namespace, 
         step_times.append(time.perf_counter() - start)
         if multi:
             comm.append(engine.executor.collective_rpc("get_comm_stats", True))
-    load = collect_load_stats(engine.executor)
+        balance.append(statistics.mean(collect_load_stats(engine.executor)["max_over_mean"]))  # this step's
     step = statistics.median(step_times)
     result = dict(prefill_s=prefill_s, prefill_tokens_per_s=args.batch * args.prompt_len / prefill_s,
                   decode_step_ms=step * 1e3, decode_tokens_per_s=args.batch / step,
-                  load_max_over_mean=statistics.mean(load["max_over_mean"]))
+                  load_max_over_mean=statistics.mean(balance))  # per decode step, averaged over layers and steps
     if comm:
         hidden, k, layers = model_config.hidden_size, model_config.num_experts_per_tok, model_config.num_hidden_layers
         result["bytes_per_decode_step_per_rank"] = comm[-1]

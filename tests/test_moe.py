@@ -78,6 +78,7 @@ def test_logits_match_transformers_mixtral(checkpoint):
     model = get_model_class(config.architecture)(config).eval()
     assert isinstance(model, MixtralForCausalLM)
     model.load_weights(weights)
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())  # experts and routers counted
     lens = [1, 13, 40]
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, MOE_CONFIG["vocab_size"], (n,), generator=g) for n in lens]
