@@ -17,4 +17,10 @@ In the engine (LLM(speculative_config={"method": ..., "num_speculative_tokens": 
     tree_verify.py   token trees in the engine step: node positions, ancestor masks, tree verification, KV moves
     tree_proposers.py  "ngram_tree" (prompt-lookup continuations as branches); a static tree over Medusa's top-k
     metrics.py       acceptance rate, mean acceptance length, acceptance by position
+
+Heads that draft from the target's hidden states ("medusa", "eagle", "mtp"; StepOutput.hidden_states):
+    heads.py         their config, the target's embedding/norm/LM head, one windowed decoder block, files
+    head_proposer.py the target's features per request, windows, draft sampling
+    medusa.py, eagle.py, mtp.py   the three heads and their proposers (head_kinds.py: by name)
+    train_data.py, train_heads.py, train_heads_cli.py   `minillm train-heads`: self-distillation
 """
