@@ -112,7 +112,7 @@ def collect_load_stats(executor: Any, reset: bool = False) -> dict[str, Any]:
     {"last": [layers][experts], "total": ..., "dropped_last": int, "dropped_total": int, "max_over_mean": [layers]}
     (max_over_mean of the last step: 1.0 is a perfectly balanced router, E / k the worst). Works with the
     in-process executor and with the multi-process one (one collective_rpc). The totals count every forward,
-    the KV-pool profiling one on CUDA included: reset before measuring a workload.
+    the KV-pool profiling one on CUDA included: reset before measuring a workload."""
     if hasattr(executor, "collective_rpc"):
         per_rank = executor.collective_rpc("get_moe_stats", reset)
     else:
