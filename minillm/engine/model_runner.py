@@ -111,6 +111,7 @@ class ModelRunner:
         self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
         self._graph_pre_norm: torch.Tensor | None = None  # the static copy of it that captured graphs write
         self._pre_norm_hook = None
+        self._capturing_graphs = False  # only this runner's own captures record the pre-norm copy
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -147,7 +148,11 @@ class ModelRunner:
                                   self.block_size, self.model_config.hidden_size, self.dtype, self.device,
                                   query_lens=verify_query_lens(engine_config))
         with torch.inference_mode():
-            graphs.capture()
+            self._capturing_graphs = True
+            try:
+                graphs.capture()
+            finally:
+                self._capturing_graphs = False
         self.cuda_graphs = graphs
 
     def _keep_hidden_states(self, kind: str | None, max_graph_tokens: int) -> None:
@@ -172,7 +177,8 @@ class ModelRunner:
             if me is None or not isinstance(output, tuple):
                 return
             stream = output[1]
-            if me._graph_pre_norm is not None and torch.cuda.is_current_stream_capturing():
+            # another engine sharing these weights may be capturing its own graphs: not this buffer's business
+            if me._capturing_graphs and torch.cuda.is_current_stream_capturing():
                 me._graph_pre_norm[:stream.shape[0]].copy_(stream)  # recorded: every replay refreshes it
             me._pre_norm = stream
         self._pre_norm_hook = final_norm.register_forward_hook(keep_pre_norm)

@@ -92,7 +92,9 @@ class HeadProposer(Proposer):
                 kept = rows[:0]
             else:  # rows from `start` on are recomputed now (after a preemption): drop the old ones
                 kept = kept[:max(0, kept.shape[0] - (end - start))]
-            features = torch.cat([kept, rows[:keep]])[-self.window:].clone()  # clone: graph buffers get reused
+            # cat copies (the rows may be views of a CUDA-graph buffer, rewritten next step); clone keeps only
+            # the window alive, not the whole concatenation
+            features = torch.cat([kept, rows[:keep]])[-self.window:].clone()
             self._features[seq.request_id] = (start + keep, features)
 
     def free(self, request_id: str) -> None:
