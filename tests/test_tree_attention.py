@@ -90,8 +90,9 @@ def _masks(q_lens, parents_per_seq):
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_tree_masked_attention_equals_each_path(backend):
-    parents = [TREE, None, None, [-1, 0, 0]]
-    q_lens, prefix_lens = [8, 1, 3, 3], [9, 4, 6, 1]  # a tree across a block boundary, a decode, a chain
+    parents = [TREE, None, None, [-1, 0, 0], None]
+    # a tree across a block boundary, a decode, a chain, a small tree, a short prefill (no cached prefix)
+    q_lens, prefix_lens = [8, 1, 3, 3, 6], [9, 4, 6, 1, 0]
     q, k, v, kc, vc, meta = _attention_batch(q_lens, prefix_lens, _masks(q_lens, parents), seed=1)
     expected = _path_reference(q, k, v, kc, vc, meta, parents)
     attn = Attention(*SMALL, backend=backend)
