@@ -3,7 +3,8 @@
 Data: minillm.speculative.train_data (the target's own generations, its pre-norm features f on them). Every loss
 compares a head's distribution with the *target's* distribution for the same token, KL(p_target || q_head) (the
 cross-entropy against the target's soft labels, less their entropy): that is what verification will accept, and it
-carries more signal than the one token the target happened to emit. With p_t = softmax(lm_head(norm(f_t))), the target's law of token t + 1:
+carries more signal than the one token the target happened to emit. With p_t = softmax(lm_head(norm(f_t))), the
+target's law of token t + 1:
 
     medusa  head k at position t reads norm(f_t), guesses token t + 1 + k       target p_{t+k}
     eagle   g_t = layer(fc([f_t; embed(x_{t+1})])), guesses token t + 2          target p_{t+1}
