@@ -7,8 +7,8 @@
     the KV bytes each request sends equal 2 x layers x prompt rounded to blocks x kv_heads x head_dim x 4
     no block is left in use on either side; an abort between the sides frees both
     a killed decode or prefill worker ends the engine with an error naming it, at once, never a hang
-    the bundled SmolLM2 through LLM(..., disaggregation=...) gives one engine's greedy tokens (slow: each worker
-    reads the GGUF, ~30 s on 2 cores)
+    LLM(DIR, disaggregation=...) on a tiny HF checkpoint gives LLM(DIR)'s greedy tokens (SmolLM2 would cost ~30 s
+    here: each worker dequantizes the GGUF)
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.disagg_engine import DisaggregatedEngine, DisaggregationConfig
-from minillm.engine.executor import UniProcExecutor
+from minillm.engine.executor import UniProcExecutor, WorkerError
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights, Worker
 from minillm.parallel.kv_transfer import kv_transfer_bytes, pack_kv_blocks, unpack_kv_blocks
@@ -112,6 +112,16 @@ def test_decode_side_adopts_the_prefill_sides_fp8_kv_scales_in_place():
     assert torch.equal(attention.k_scale, prefill_side[0, 1])  # the layers read them through their views
 
 
+class _FailsToLoad:
+    def __call__(self, model_config, device, dtype):
+        raise OSError("checkpoint unreadable")
+
+
+def test_a_worker_that_cannot_load_fails_the_engine_with_its_reason():
+    with pytest.raises(WorkerError, match="prefill worker: OSError: checkpoint unreadable"):
+        DisaggregatedEngine(_FailsToLoad(), ByteTokenizer(), CONFIG, EngineConfig(**ENGINE))
+
+
 def test_bad_disaggregation_options_are_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="1 prefill and 1 decode worker, got prefill=2"):
         DisaggregationConfig.from_value({"prefill": 2})
@@ -194,16 +204,29 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
     assert not any(w.process.is_alive() for w in engine.workers.workers.values())
 
 
-@pytest.mark.slow
-def test_bundled_smollm2_disaggregated_matches_one_engine_and_fails_fast_without_its_prefill_worker():
-    """The real model through LLM(..., disaggregation=...): each worker reads the GGUF itself. Then the prefill
-    worker is killed: the next request ends with the reason at once, and the engine refuses more."""
+def test_llm_front_on_a_checkpoint_matches_one_engine_and_fails_fast_without_its_prefill_worker(tmp_path):
+    """LLM(DIR, disaggregation=...): each worker reads a tiny HF checkpoint (Qwen2: q/k/v biases, untied head)
+    itself; the same greedy tokens as LLM(DIR). Then the prefill worker is killed: the next request ends with
+    the reason at once, and the engine refuses more."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
     from minillm import LLM
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    params = SamplingParams(temperature=0, max_tokens=5)
-    options = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=2)
-    expected = [o.outputs[0].token_ids for o in LLM(None, **options).generate(prompts, params)]
-    llm = LLM(None, disaggregation={"prefill": 1, "decode": 1}, **options)
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
+                                      max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
+                                 merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    prompts = ["ab ab a b w5 w6 w7", "w7 w9 ab"]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    options = dict(device="cpu", dtype="float32", max_model_len=64, block_size=BLOCK)
+    expected = [o.outputs[0].token_ids for o in LLM(tmp_path, **options).generate(prompts, params)]
+    llm = LLM(tmp_path, disaggregation={"prefill": 1, "decode": 1}, **options)
     engine = llm.llm_engine
     try:
         assert isinstance(engine, DisaggregatedEngine)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -165,12 +166,12 @@ def kv_scales(worker: Worker, scales: torch.Tensor | None = None) -> torch.Tenso
 def _serve(role: str, rank: int, conn: Connection, worker_kwargs: dict[str, Any], staged: bool) -> None:
     worker = Worker(**worker_kwargs)
     link = KVLink(rank, staged)
+    loaded = None
     try:
         worker.load_model()
-        conn.send(("done", None))
-    except Exception as err:
-        conn.send(("done", WorkerError(f"{role} worker: {type(err).__name__}: {err}\n{traceback.format_exc()}")))
-        return
+    except Exception as err:  # reported, then this process waits for "shutdown" like any other
+        loaded = WorkerError(f"{role} worker: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+    conn.send(("done", loaded))
     while True:
         if link.pending and not conn.poll(0.005):
             link.retire()  # idle, with sends in flight: free their buffers as they complete
@@ -212,6 +213,9 @@ def _worker_main(role: str, port: int, conn: Connection, worker_kwargs: dict[str
         _serve(role, rank, conn, worker_kwargs, staged)
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the interpreter's teardown of torch (seconds on a busy machine): nothing is left to save
 
 
 class WorkerProcess:
@@ -269,7 +273,8 @@ class DisaggWorkers:
 
     def wait(self) -> list[tuple[WorkerProcess, str, Any]]:
         """Block until a busy worker answers (or any worker dies: WorkerDied). Returns (worker, kind, payload)
-        messages; kind "posted" (payload: [(tag, bytes)]) or "done" (the result; the worker is idle again)."""
+        messages; kind "posted" (payload: [(tag, bytes, generator state)]) or "done" (the result; the worker is
+        idle again)."""
         busy = [w for w in self.workers.values() if w.busy]
         if not busy:
             raise RuntimeError("no worker is busy: nothing to wait for")
@@ -308,9 +313,9 @@ class DisaggWorkers:
         results = {}
         while any(w.busy for w in self.workers.values()):
             results.update((who.role, payload) for who, kind, payload in self.wait() if kind == "done")
-        for payload in results.values():
-            if isinstance(payload, WorkerError):
-                raise payload
+        for role in ROLES:  # the prefill worker's error first, whichever answered first
+            if isinstance(results.get(role), WorkerError):
+                raise results[role]
         return results
 
     def shutdown(self) -> None:
@@ -319,9 +324,11 @@ class DisaggWorkers:
         self._closed = True
         for worker in self.workers.values():
             try:
+                while worker.busy and worker.process.is_alive() and worker.conn.poll(30):  # let a step finish
+                    worker.busy = worker.conn.recv()[0] != "done"
                 if worker.process.is_alive() and not worker.busy:
                     worker.conn.send(("shutdown", ()))
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 pass
         for worker in self.workers.values():
             worker.process.join(timeout=10)
