@@ -29,7 +29,7 @@ from minillm.parallel.runner import split_step
 from minillm.parallel.state import ParallelState, init_parallel_state, single_rank
 from minillm.parallel.weights import rank_model_config
 from minillm.sampling_params import SamplingParams
-from tiny import ByteTokenizer
+from tiny import ByteTokenizer, tiny_qwen2_checkpoint
 
 CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257,
@@ -200,20 +200,8 @@ def test_split_step_balances_tokens_and_keeps_every_row():
 def test_torchrun_entry_tp2_on_a_checkpoint_matches_one_process(tmp_path):
     """`torchrun -m minillm.parallel.launch`: 2 processes, rank 0 is engine and worker 0; a tiny Qwen2 checkpoint
     (q/k/v biases, untied LM head) read shard by shard by each rank; the same greedy tokens as LLM() in one process."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
-
     from minillm import LLM
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
-                                      max_position_embeddings=256)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
-    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
-                                 merges=[("a", "b")]))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.save(os.fspath(tmp_path / "tokenizer.json"))
+    tiny_qwen2_checkpoint(tmp_path)
     prompts = ["ab ab a b", "w7 w9 ab"]
     llm = LLM(tmp_path, device="cpu", dtype="float32", max_model_len=64)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6))]

@@ -1,4 +1,4 @@
-"""Shared test helpers: a byte-level tokenizer for tiny random models, and the one-thread fixture.
+"""Shared test helpers: a byte-level tokenizer for tiny random models, a tiny HF checkpoint, the one-thread fixture.
 
 On a busy 2-core machine torch's two intra-op threads fight each other and small ops slow down many times over;
 test modules that run many small forwards import `one_thread` (autouse, module scope) to pin torch to one thread.
@@ -29,3 +29,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_qwen2_checkpoint(path) -> None:
+    """Write a tiny random Qwen2 checkpoint (q/k/v biases, untied LM head) and a word-level BPE tokenizer ("a",
+    "b", "ab", "w3" .. "w111") into directory `path`: a real HF directory that worker processes read themselves."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
+                                      max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
+                                 merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(path / "tokenizer.json"))
