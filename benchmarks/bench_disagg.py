@@ -18,12 +18,13 @@ inter-token latency (p50 / p99 / max) and mean TPOT over the window in which lon
 Arrival times are the schedule's, so a request that arrives while the driver waits in a step is charged the wait.
 
 Which model: on CUDA a Llama-3-8B-shaped model with random bf16 weights (hidden 4096, 32 layers, 32/8 heads,
-FFN 14336, vocab 128256; bench_scheduling's random_llama), drawn on the device in each process; defaults 32 decoders, 8 prompts of 4,096 tokens
-every 0.5 s. Real separation needs two GPUs (prefill on cuda:0, decode on cuda:1, KV over NCCL); on one GPU
-both workers share it (each with --gpu-memory-utilization) and the KV goes through CPU memory: that checks that
-it runs, it does not measure disaggregation. On a CPU (the default here) a tiny random model, 4 decoders and 6
-prompts of 384 tokens; the two worker processes then share the cores the colocated engine has to itself, so the
-CPU numbers show the mechanism (no ITL spike from a prefill), not a speed-up. Raw numbers go to --out as JSON.
+FFN 14336, vocab 128256; bench_scheduling's random_llama), drawn on the device in each process; defaults 32
+decoders, 8 prompts of 4,096 tokens every 0.5 s. Real separation needs two GPUs (prefill on cuda:0, decode on
+cuda:1, KV over NCCL); on one GPU both workers share it (each with --gpu-memory-utilization, 0.4 there) and the
+KV goes through CPU memory: that checks that it runs, it does not measure disaggregation. On a CPU (the default
+here) a tiny random model, 4 decoders and 4 prompts of 384 tokens, one torch thread per process: the colocated
+engine has one core, the two workers one each, so the CPU numbers show the mechanism (no ITL spike from a
+prefill), not a fair speed-up. Raw numbers go to --out as JSON.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights, Worker
 from minillm.parallel.kv_transfer import kv_transfer_bytes, pack_kv_blocks, unpack_kv_blocks
 from minillm.sampling_params import SamplingParams
-from tiny import ByteTokenizer, one_thread  # noqa: F401 (autouse)
+from tiny import ByteTokenizer, one_thread, tiny_qwen2_checkpoint  # noqa: F401 (one_thread: autouse)
 
 CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257,
@@ -208,20 +208,8 @@ def test_llm_front_on_a_checkpoint_matches_one_engine_and_fails_fast_without_its
     """LLM(DIR, disaggregation=...): each worker reads a tiny HF checkpoint (Qwen2: q/k/v biases, untied head)
     itself; the same greedy tokens as LLM(DIR). Then the prefill worker is killed: the next request ends with
     the reason at once, and the engine refuses more."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
-
     from minillm import LLM
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
-                                      max_position_embeddings=256)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
-    backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
-                                 merges=[("a", "b")]))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.save(str(tmp_path / "tokenizer.json"))
+    tiny_qwen2_checkpoint(tmp_path)
     prompts = ["ab ab a b w5 w6 w7", "w7 w9 ab"]
     params = SamplingParams(temperature=0, max_tokens=6)
     options = dict(device="cpu", dtype="float32", max_model_len=64, block_size=BLOCK)
