@@ -6,7 +6,8 @@
 
 Design: the router is an LLMEngine (requests, validation, detokenization, stop checks, log-probs, abort: all
 inherited), so `LLM(..., disaggregation=...)` serves it through the same front as any engine, and a server or a
-benchmark drives it one `step()` at a time. What changes is the step. One engine step is one scheduler decision
+benchmark drives it one `step()` at a time; a separate DisaggregatedLLM class would have repeated LLM's whole
+surface (generate, chat, streams) for one different constructor. What changes is the step. One engine step is one scheduler decision
 and one forward; a router step dispatches work to whichever worker is idle and returns when some worker
 finishes a step, so the two workers never wait for each other (a lock-step design would hand every decode step
 the length of the longest prefill beside it: exactly the interference disaggregation exists to remove):
@@ -19,6 +20,12 @@ the length of the longest prefill beside it: exactly the interference disaggrega
                them) or "done" (a step's tokens: postprocess, stop checks, outputs; the prefill side's sequences
                whose first token was sampled and that go on are handed off to the transfer queue)
     dispatch   again, so both workers are busy while the caller consumes the outputs
+
+Each side is chapter 6's scheduler over its own pool (minillm.engine.disagg_scheduler): prefix caching and
+chunked prefill apply on the prefill side; the decode side admits transfers only while it has blocks (a request
+waits in the transfer queue, holding its prefill blocks, which in turn holds back new prompts: back-pressure
+end to end, never a drop), and a decode sequence it has to preempt is recomputed on the decode worker itself.
+A seeded request's sampler state travels with its KV, so seeded sampling gives one engine's tokens too.
 
 Timing: a request's first token is stamped when the prefill worker's step reaches the router (TTFT), every
 later one when a decode step does (TPOT): RequestOutput.metrics as in one engine. `kv_bytes_sent` keeps the
