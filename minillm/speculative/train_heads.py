@@ -50,7 +50,8 @@ class TrainOptions:
     draft_num_layers: int = 4  # kind "draft"
     rows_per_step: int = 8
     lr: float = 1e-3
-    warmup: int = 20
+    warmup: int | None = None  # linear warm-up steps; None: a tenth of the steps, at most 100 (zero-init Medusa
+    # heads start far from their targets, and full-rate Adam steps on noisy first batches overshoot)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +61,10 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.warmup is None:
+            self.warmup = max(1, min(100, self.steps // 10))
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
+            raise ValueError(f"warmup must be None or an integer >= 1, got {self.warmup!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
