@@ -31,13 +31,14 @@ CONFIG = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_h
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257,
                      tie_word_embeddings=True)
 BLOCK = 4
-# chunks of at most 8 tokens: the 17-token prompt takes three prefill steps
+# chunks of at most 8 tokens (the 17-token prompt takes three prefill steps); the prefill side's prefix cache on
 ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, num_kv_blocks=48, enable_chunked_prefill=True,
-              max_num_batched_tokens=8)
+              max_num_batched_tokens=8, enable_prefix_caching=True)
 # 1 token, exactly one block, one past a block, two blocks exactly, several blocks
 PROMPTS = [[100], [200, 201, 202, 203], [5, 6, 7, 8, 9], list(range(10, 18)), list(range(30, 47))]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-# greedy for every prompt, and the one-past-a-block prompt once more seeded: its generator travels with its KV
+# greedy for every prompt, and the one-past-a-block prompt once more seeded: its generator travels with its KV,
+# and its first block comes from the prefill side's prefix cache
 PARAMS = [GREEDY] * len(PROMPTS) + [SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)]
 DECODE_BLOCKS = 10  # the six requests need 21 blocks at their longest: some wait for the decode side
 
@@ -149,6 +150,7 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
         assert engine.scheduler.decode.block_manager.num_blocks == DECODE_BLOCKS
         tokens = _generate(engine)
         assert list(tokens.values()) == expected
+        assert engine.scheduler.prefill.block_manager.prefix_cache_hits == BLOCK
         # back-pressure: the decode side never ran all six at once, and everybody finished
         assert max(r.num_running for r in engine.scheduler.decode.timeline) < len(PARAMS)
         # bytes: per request, the analytic count; per worker, their sum, sent by one and received by the other

@@ -186,7 +186,8 @@ class DisaggregatedEngine(LLMEngine):
         caches = sizing.cache_configs
         self.scheduler = DisaggScheduler(
             PrefillScheduler(config, BlockManager(caches["prefill"].num_gpu_blocks, caches["prefill"].block_size,
-                                                  caches["prefill"].num_cpu_blocks, config.enable_prefix_caching)),
+                                                  caches["prefill"].num_cpu_blocks,
+                                                  enable_prefix_caching=config.enable_prefix_caching)),
             DecodeScheduler(dataclasses.replace(config, enable_prefix_caching=False),
                             BlockManager(caches["decode"].num_gpu_blocks, caches["decode"].block_size,
                                          caches["decode"].num_cpu_blocks)))

@@ -57,6 +57,7 @@ class PrefillScheduler(Scheduler):
     is sampled (`detach`), keeping its blocks for the KV send; `release` frees them once the data has arrived."""
 
     def detach(self, seq: Sequence) -> None:
+        self.block_manager.mark_computed(seq)  # its prompt's full blocks may serve later prompts (prefix cache)
         self.running.remove(seq)
 
     def release(self, seq: Sequence) -> None:
