@@ -135,10 +135,23 @@ class DisaggScheduler:
         return transfer
 
     def sends_to_post(self) -> list[KVTransfer]:
-        """Transfers not yet handed to the prefill worker, in queue order (marked `sending`)."""
-        fresh = [t for t in self.transfers if not t.sending]
-        for transfer in fresh:
-            transfer.sending = True
+        """Transfers to hand to the prefill worker now, in queue order (marked `sending`): as many as the decode
+        side has free blocks for, counting those already sent. A posted send waits for its receive, and an NCCL
+        send that waits keeps a kernel spinning on the prefill GPU (and, after the group's timeout, fails), so a
+        transfer the decode side has no room for stays unsent, holding its prefill blocks: that is the
+        back-pressure. One that can never fit is sent anyway: the decode side rejects it and drains the send."""
+        bm = self.decode.block_manager
+        capacity = bm.num_blocks - bm.watermark_blocks
+        room = bm.num_free_blocks - bm.watermark_blocks
+        fresh = []
+        for transfer in self.transfers:
+            needed = bm.blocks_needed(transfer.decode_seq.num_tokens)
+            if not transfer.sending:
+                if needed > room and needed <= capacity:
+                    break  # FIFO: the ones behind wait too (NCCL receives in posting order)
+                transfer.sending = True
+                fresh.append(transfer)
+            room -= needed
         return fresh
 
     def mark_posted(self, posted: list[tuple[int, int, Any]]) -> list[KVTransfer]:
