@@ -12,8 +12,8 @@ and one forward; a router step dispatches work to whichever worker is idle and r
 finishes a step, so the two workers never wait for each other (a lock-step design would hand every decode step
 the length of the longest prefill beside it: exactly the interference disaggregation exists to remove):
 
-    dispatch   prefill worker idle: the KV sends of requests handed off since its last message, and a batch of
-               prompts from the prefill side's scheduler
+    dispatch   prefill worker idle: the KV sends of handed-off requests the decode side has room for, and a
+               batch of prompts from the prefill side's scheduler
                decode worker idle: the posted transfers the decode side has blocks for (their receives), and a
                decode batch that already includes them
     wait       for any worker's answer: "posted" (the prefill worker's sends are up: the decode side may admit

@@ -20,11 +20,13 @@ router learns of a dead worker from its process sentinel, so a killed worker fai
 
 A transfer, tagged with an id the router picks:
   1. the prefill step that finishes a prompt samples the first token; the router decides the request goes on
-  2. its next message to the prefill worker carries KVSend(tag, prefill block table): the worker packs the
-     blocks (minillm.parallel.kv_transfer), posts an isend, answers "posted" at once, then runs its step
-  3. once the decode side has blocks for the request (back-pressure: until then it waits, holding its prefill
-     blocks), the decode worker's next step carries KVRecv(tag, decode block table): it receives the packed
-     tensor, scatters it into its own blocks, and decodes the request in that same step
+  2. once the decode side has free blocks for it (back-pressure: until then the request waits, holding its
+     prefill blocks), the next message to the prefill worker carries KVSend(tag, prefill block table): the
+     worker packs the blocks (minillm.parallel.kv_transfer), posts an isend, answers "posted" at once, then
+     runs its step
+  3. the decode side admits it (allocates its blocks) and the decode worker's next step carries KVRecv(tag,
+     decode block table): it receives the packed tensor, scatters it into its own blocks, and decodes the
+     request in that same step
   4. when that step returns, the data has arrived: the router frees the prefill blocks. The prefill worker
      retires the finished send (and its packed buffer) by itself, also while idle.
 gloo matches messages by tag; NCCL ignores tags and matches in order, which the router keeps: sends are posted
