@@ -39,6 +39,7 @@ import torch
 
 from minillm.bench.estimate import PRESETS
 from minillm.course.impl import load_function
+from minillm.course.overrides import use_overrides
 from minillm.loader import GGUFFile, default_model_path
 from minillm.loader.dequant import GGML_TYPES
 from minillm.quant.gguf_quants import quantize_q4_k
@@ -219,7 +220,9 @@ print(f"max|X_j| over channels: median {float(act_absmax.median()):.2f}, largest
 
 
 def w8a8_error(x: torch.Tensor, w: torch.Tensor) -> float:
-    qw = quantize(w, bits=8, group_size=-1, symmetric=True)  # int8 weights per output channel
+    # the engine's quantizer, running your quantize_per_group: int8 weights per output channel
+    with use_overrides({"ch07.quantize_per_group": quantize_per_group}):
+        qw = quantize(w, bits=8, group_size=-1, symmetric=True)
     return rel_err(int8_linear(x, qw.codes, qw.scales[:, 0]), x @ w.T)
 
 
