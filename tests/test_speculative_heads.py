@@ -94,7 +94,7 @@ def test_training_lowers_the_distillation_loss_and_saves_heads(target, data, tra
     loss = HeadLoss(kind, TargetParts(model), feature_rms(data))
     torch.manual_seed(0)  # EAGLE's feature noise
     with torch.no_grad():
-        before = float(loss(initial_heads(head_config, model), data.tokens, data.features)[0])
+        before = float(loss(initial_heads(head_config, model, feature_rms(data)), data.tokens, data.features)[0])
         torch.manual_seed(0)
         after = float(loss(heads, data.tokens, data.features)[0])
     assert after < 0.95 * before, (kind, before, after)  # on all the data, not one noisy batch

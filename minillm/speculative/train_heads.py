@@ -157,9 +157,11 @@ def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, feat
     return loss, {"kl": float(loss.detach())}
 
 
-def initial_heads(config: HeadConfig, target_model: nn.Module) -> nn.Module:
+def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:
     """New heads as training starts them: Medusa at zero (each head = the LM head), EAGLE's and every MTP module's
-    layer from the target's last layer (its neighbour in depth), MTP's output norms from the target's final norm."""
+    layer from the target's last layer (its neighbour in depth), MTP's output norms from the target's final norm.
+    MTP's projection starts as `feature_scale` times the normalised feature (the features' RMS: what the copied
+    layer saw as its input in the target), so module 1 starts near "one more target layer" instead of far off."""
     heads = new_heads(config)
     last_layer = target_model.model.layers[-1]
     if config.kind == "eagle":
@@ -169,6 +171,7 @@ def initial_heads(config: HeadConfig, target_model: nn.Module) -> nn.Module:
             module.layer.init_from_target_layer(last_layer)
             with torch.no_grad():
                 module.out_norm.copy_(target_model.model.norm.weight)
+                module.proj.weight.mul_(feature_scale)
     return heads
 
 
@@ -202,8 +205,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         config = None
     else:
         config = HeadConfig.for_target(options.kind, model_config, options.num_heads)
-        trainee = initial_heads(config, target_model).to(device=device, dtype=torch.float32)
-        loss_fn = HeadLoss(options.kind, target, feature_rms(data))
+        scale = feature_rms(data)
+        trainee = initial_heads(config, target_model, scale).to(device=device, dtype=torch.float32)
+        loss_fn = HeadLoss(options.kind, target, scale)
     trainee.train()
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.95))
