@@ -30,7 +30,6 @@ from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bi
                                 parse_modules_to_not_convert)
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 # >>> exercise ch07.fp8_scale
