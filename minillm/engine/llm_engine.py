@@ -272,9 +272,10 @@ class LLMEngine:
         for i, seq in enumerate(batch.seqs):
             params = seq.sampling_params
             if params.prompt_logprobs is not None:
-                if output.prompt_logprobs is None:
+                if output.prompt_logprobs is not None:
+                    seq.prompt_logprobs.extend(self._logprob_dict(e) for e in output.prompt_logprobs[i])
+                elif len(seq.prompt_logprobs) < seq.num_prompt_tokens:  # a decode step has none to return
                     raise ValueError("prompt_logprobs were requested but this executor returned none")
-                seq.prompt_logprobs.extend(self._logprob_dict(e) for e in output.prompt_logprobs[i])
             if params.logprobs is None or not tokens[i]:
                 continue
             if output.logprobs is None or len(output.logprobs[i]) != len(output.sampled_token_ids[i]):
