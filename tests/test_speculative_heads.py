@@ -138,6 +138,24 @@ def test_cli_parses_train_heads():
         build_parser().parse_args(["train-heads", "--kind", "medusa,beam", "--out", "x"])
 
 
+def test_cli_trains_several_kinds_on_one_dataset(target, tmp_path, monkeypatch, capsys):
+    """`minillm train-heads --kind medusa,eagle --tiny` end to end, the bundled model swapped for the tiny one."""
+    import minillm.engine.worker
+    import minillm.loader
+    from minillm.cli import main
+    model, config = target
+    monkeypatch.setattr(minillm.loader, "load_model", lambda path: (config, iter(()), ByteTokenizer()))
+    monkeypatch.setattr(minillm.engine.worker, "build_model", lambda *args, **kwargs: model)
+    assert main(["train-heads", "--kind", "medusa,eagle", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    for kind in ("medusa", "eagle"):
+        assert json.loads((tmp_path / kind / "config.json").read_text())["training"]["steps"] == 4
+    out = capsys.readouterr().out
+    assert "medusa: 4 steps" in out and "eagle: 4 steps" in out
+    assert all(p.requires_grad is False for p in model.parameters())  # the target stays frozen
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 # -- the engine -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other
