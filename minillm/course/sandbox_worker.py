@@ -182,7 +182,9 @@ def encode(value, depth: int = 0):
     if isinstance(value, (int, float, complex)):
         return type(value).__mro__[-2](value) if type(value) not in (int, float, complex) else value
     if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
+        # a fresh dense copy: .contiguous() keeps a size-1 dimension's stride 0 (expand().clone()), and
+        # viewing such a tensor as bytes fails
+        t = torch.empty(value.shape, dtype=value.dtype).copy_(value.detach())
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return (TENSOR_TAG, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw, str(value.device))
     if isinstance(value, (torch.dtype, torch.device)):

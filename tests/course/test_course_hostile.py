@@ -269,6 +269,18 @@ def test_a_reply_can_carry_plain_data_only():
     assert back.dtype == torch.bfloat16 and torch.equal(back, t)
 
 
+def test_worker_encodes_tensors_of_any_strides():
+    """A learner's answer may be a broadcast view, or a clone of one (stride 0 kept on a size-1 dim)."""
+    import torch
+
+    from minillm.course.sandbox import decode
+    from minillm.course.sandbox_worker import encode
+    for t in (torch.tensor(1.).expand(1, 1).clone(), torch.arange(3.).expand(2, 3), torch.arange(8.)[::2],
+              torch.empty(0, 3)):
+        back = decode(encode(t))
+        assert back.shape == t.shape and torch.equal(back, t)
+
+
 def test_in_place_writes_come_back_with_the_whole_storage():
     """A kernel that writes past the edge of the view it was given must be seen to, as in one process."""
     import torch
