@@ -22,6 +22,10 @@ tp 1, 3 or 9).
 Weights load shard by shard: each layer's `weight_loader` narrows the full checkpoint tensor to this rank's slice
 before copying, so a rank's parameters hold only its shard (the lazy loaders read one tensor at a time).
 With tp_size == 1 every class here is its single-device parent plus a no-op.
+
+Two course exercises (chapter 11) sit here, reached through `dispatch`: `split_linear` (which slice of W and b a
+rank keeps, for every dense load) and `allreduce_placement` (which layer of a sub-block ends in the all-reduce,
+asked once per sub-block at construction by `plan_all_reduces`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.hooks import dispatch
 from minillm.layers.embedding import VocabEmbedding
 from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from minillm.parallel.state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce, tensor_parallel_gather
@@ -43,14 +48,125 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _narrow(loaded: torch.Tensor, dim: int, index: int, size: int) -> torch.Tensor:
-    """Slice `index` of `loaded` along `dim`, in pieces of `size` (a full tensor at tp=1 comes back whole)."""
-    if loaded.shape[dim] == size:
-        return loaded
+# >>> exercise ch11.split_linear
+def split_linear(weight: torch.Tensor | None, bias: torch.Tensor | None, tp_rank: int, tp_size: int,
+                 style: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Rank `tp_rank`'s share of a linear layer y = x W^T + b split over `tp_size` ranks: (weight shard, bias shard).
+
+    weight [out, in] and bias [out]; either may be None (a layer without a bias; a loader that hands the
+    tensors over one at a time). Shards are contiguous equal slices, rank 0 first.
+
+      "column"  rank r keeps output rows r*out/tp .. (r+1)*out/tp - 1 of W and the same slice of b: it computes
+                those outputs completely, and the ranks' outputs side by side are y.
+      "row"     rank r keeps input columns r*in/tp .. (r+1)*in/tp - 1 of W: it multiplies the matching slice of
+                x and gets a partial sum of every output; the all-reduce adds the ranks' partials. The bias
+                shard is what the rank adds to its partial *before* that sum: the whole b on rank 0, None on
+                every other rank (a bias on each would be added tp_size times).
+
+    Example: W [[1, 2], [3, 4]], b [5, 6], tp 2: column rank 1 -> ([[3, 4]], [6]); row rank 0 -> ([[1], [3]],
+    [5, 6]); row rank 1 -> ([[2], [4]], None).
+    Raise ValueError for a style other than "column"/"row", tp_rank outside [0, tp_size), or a split dimension
+    that tp_size does not divide.
+    """
+    # >>> solution
+    if style not in ("column", "row"):
+        raise ValueError(f"style must be 'column' or 'row', got {style!r}")
+    if tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank must be in [0, {tp_size}) with tp_size >= 1, got tp_rank={tp_rank}")
+
+    def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
+        if t.shape[dim] % tp_size:
+            raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by tp_size {tp_size}")
+        size = t.shape[dim] // tp_size
+        return t.narrow(dim, tp_rank * size, size)
+
+    if style == "column":  # outputs are rows of W and entries of b
+        return (None if weight is None else shard(weight, 0)), (None if bias is None else shard(bias, 0))
+    row_bias = bias if tp_rank == 0 else None  # added once: the all-reduce sums what every rank adds
+    return (None if weight is None else shard(weight, 1)), row_bias
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch11.allreduce_placement
+def allreduce_placement(styles: list[str], tp_size: int) -> list[bool]:
+    """Where a chain of tensor-parallel linears needs its all-reduce: one bool per layer, True where that layer's
+    output must be summed over the TP group before anything reads it.
+
+    `styles[i]` is "column", "row" or "replicated" for the i-th linear of one sub-block (the layers between two
+    residual adds; only rank-local work sits between them: an activation, attention over the rank's own heads).
+
+      column      each rank holds complete values of a slice of the outputs: nothing to sum. Such a slice can
+                  only be read by a row-parallel layer (which wants exactly that slice of its input); anything
+                  else (another column layer, a replicated one, the residual at the chain's end) would need the
+                  whole vector: raise ValueError.
+      row         each rank holds a partial sum of every output: all-reduce.
+      replicated  every rank computes the same whole output: nothing to sum.
+
+    With tp_size 1 there is no group: every entry is False. Megatron's MLP ["column", "row"] -> [False, True]:
+    one all-reduce per sub-block, two per transformer layer.
+    Raise ValueError for an unknown style or tp_size < 1.
+    """
+    # >>> solution
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    for i, style in enumerate(styles):
+        if style not in ("column", "row", "replicated"):
+            raise ValueError(f"styles[{i}] must be 'column', 'row' or 'replicated', got {style!r}")
+        if style == "column" and (i + 1 == len(styles) or styles[i + 1] != "row"):
+            following = "the end of the chain" if i + 1 == len(styles) else f"a {styles[i + 1]!r} layer"
+            raise ValueError(f"styles[{i}] is a column-parallel layer followed by {following}: its sharded output "
+                             f"must feed a row-parallel layer")
+    return [tp_size > 1 and style == "row" for style in styles]
+    # <<< solution
+# <<< exercise
+
+
+def plan_all_reduces(*layers: nn.Module) -> None:
+    """Ask allreduce_placement where the all-reduces of a chain of parallel layers go (at construction) and set
+    each layer's `reduce_output`, which its forward obeys. The models call it once per sub-block:
+    plan_all_reduces(qkv_proj, o_proj), plan_all_reduces(gate_up_proj, down_proj)."""
+    plan = dispatch("ch11.allreduce_placement", allreduce_placement)([layer.parallel_style for layer in layers],
+                                                                      get_tp_size())
+    if len(plan) != len(layers):
+        raise ValueError(f"allreduce_placement returned {len(plan)} entries for a chain of {len(layers)} layers")
+    for layer, reduce in zip(layers, plan):
+        layer.reduce_output = bool(reduce)
+
+
+def _narrow(loaded: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:
+    """Piece `index` of `parts` equal pieces of `loaded` along `dim`: for the parameters of quantized formats
+    whose output dimension is not the first (split_linear's layout is [out, in])."""
+    size = divide(loaded.shape[dim], parts, f"dimension {dim} of a {tuple(loaded.shape)} parameter")
     return loaded.narrow(dim, index * size, size)
 
 
-class ColumnParallelLinear(Linear):
+def _column_shard(param: nn.Parameter, loaded: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Piece `index` of `parts` of a column-parallel parameter along its output dimension: through split_linear
+    for a matrix [out, in] or a vector over the outputs (bias, per-channel scale); a per-tensor value whole."""
+    dim = getattr(param, "output_dim", 0)
+    if dim is None:
+        return loaded
+    if dim != 0 or loaded.dim() > 2:
+        return _narrow(loaded, dim, index, parts)
+    split = dispatch("ch11.split_linear", split_linear)
+    if loaded.dim() == 2:
+        return split(loaded, None, index, parts, "column")[0]
+    return split(None, loaded, index, parts, "column")[1]
+
+
+class _ReducesOutput:
+    """Mixin: forward = the layer's matmul, then the all-reduce where plan_all_reduces put one."""
+
+    parallel_style = "column"
+    reduce_output = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return tensor_parallel_all_reduce(out) if self.reduce_output else out
+
+
+class ColumnParallelLinear(_ReducesOutput, Linear):
     """W [out, in] split by output rows: rank r computes outputs r*out/tp .. (r+1)*out/tp - 1; no communication."""
 
     def __init__(self, input_size: int, output_size: int, **kwargs: Any) -> None:
@@ -58,35 +174,36 @@ class ColumnParallelLinear(Linear):
         super().__init__(input_size, divide(output_size, self.tp_size, "output_size"), **kwargs)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        dim = getattr(param, "output_dim", 0)
-        if dim is not None:
-            loaded_weight = _narrow(loaded_weight, dim, self.tp_rank, param.shape[dim])
-        super().weight_loader(param, loaded_weight, shard_id)
+        super().weight_loader(param, _column_shard(param, loaded_weight, self.tp_rank, self.tp_size), shard_id)
 
 
-class RowParallelLinear(Linear):
+class RowParallelLinear(_ReducesOutput, Linear):
     """W [out, in] split by input columns; each rank's partial x_r W_r^T is summed over the group (the block's
-    all-reduce). The bias is added once, after the sum."""
+    all-reduce). The bias is added once: by rank 0, to its partial, before the sum (as vLLM does); the other
+    ranks hold a zero bias (split_linear gives them none, and adding zero is exact)."""
+
+    parallel_style = "row"
+    reduce_output = True  # a row-parallel layer on its own always needs its sum
 
     def __init__(self, input_size: int, output_size: int, **kwargs: Any) -> None:
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
         super().__init__(divide(input_size, self.tp_size, "input_size"), output_size, **kwargs)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        if param.dim() >= 2:  # a matrix: its input dimension is the other one (a bias, a per-row scale: whole)
+        split = dispatch("ch11.split_linear", split_linear)
+        if param is self.bias:
+            _, bias = split(None, loaded_weight, self.tp_rank, self.tp_size, "row")
+            loaded_weight = torch.zeros_like(loaded_weight) if bias is None else bias
+        elif param.dim() == 2 and getattr(param, "output_dim", 0) == 0:  # [out, in] (or packed [out, in / k])
+            loaded_weight = split(loaded_weight, None, self.tp_rank, self.tp_size, "row")[0]
+        elif param.dim() >= 2:  # a matrix stored another way: its input dimension is the other one
             out_dim = getattr(param, "output_dim", 0)
             dim = getattr(param, "input_dim", 1 - out_dim if out_dim in (0, 1) else 1)
-            loaded_weight = _narrow(loaded_weight, dim, self.tp_rank, param.shape[dim])
-        super().weight_loader(param, loaded_weight, shard_id)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return self.quant_method.apply(self, x, self.bias)
-        out = tensor_parallel_all_reduce(self.quant_method.apply(self, x, None))
-        return out if self.bias is None else out + self.bias
+            loaded_weight = _narrow(loaded_weight, dim, self.tp_rank, self.tp_size)
+        super().weight_loader(param, loaded_weight, shard_id)  # per-output-channel scales stay whole
 
 
-class QKVParallelLinear(QKVLinear):
+class QKVParallelLinear(_ReducesOutput, QKVLinear):
     """qkv_proj with this rank's query heads and the K/V heads they read (replicated when num_kv_heads < tp)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, **kwargs: Any) -> None:
@@ -104,14 +221,14 @@ class QKVParallelLinear(QKVLinear):
         super().__init__(hidden_size, head_dim, local_heads, local_kv, **kwargs)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        dim = getattr(param, "output_dim", 0)
-        if shard_id in self.shard_ids and dim is not None:
-            index = self.tp_rank if shard_id == "q" else self.kv_rank
-            loaded_weight = _narrow(loaded_weight, dim, index, self.shard_slice(shard_id)[1])
+        if shard_id in self.shard_ids:  # q in tp pieces; k and v in as many as there are distinct K/V shards
+            kv_parts = min(self.tp_size, self.total_num_kv_heads)
+            index, parts = (self.tp_rank, self.tp_size) if shard_id == "q" else (self.kv_rank, kv_parts)
+            loaded_weight = _column_shard(param, loaded_weight, index, parts)
         super().weight_loader(param, loaded_weight, shard_id)
 
 
-class MergedColumnParallelLinear(MergedColumnLinear):
+class MergedColumnParallelLinear(_ReducesOutput, MergedColumnLinear):
     """gate_up_proj: each of gate and up split by output rows; rank r keeps slice r of each."""
 
     def __init__(self, input_size: int, output_sizes: list[int], **kwargs: Any) -> None:
@@ -120,9 +237,8 @@ class MergedColumnParallelLinear(MergedColumnLinear):
         super().__init__(input_size, local, **kwargs)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        dim = getattr(param, "output_dim", 0)
-        if shard_id in self.shard_ids and dim is not None:
-            loaded_weight = _narrow(loaded_weight, dim, self.tp_rank, self.output_sizes[shard_id])
+        if shard_id in self.shard_ids:
+            loaded_weight = _column_shard(param, loaded_weight, self.tp_rank, self.tp_size)
         super().weight_loader(param, loaded_weight, shard_id)
 
 
