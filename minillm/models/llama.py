@@ -33,7 +33,7 @@ from minillm.layers.rotary import RotaryEmbedding
 from minillm.parallel.pipeline import PPMissingLayer, get_pp_indices, is_pp_missing
 from minillm.parallel.state import get_parallel_state
 from minillm.parallel.tensor import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                     RowParallelLinear, VocabParallelEmbedding)
+                                     RowParallelLinear, VocabParallelEmbedding, plan_all_reduces)
 from minillm.quant.base import QuantizationConfig, make_quant_config
 
 
@@ -49,6 +49,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        plan_all_reduces(self.qkv_proj, self.o_proj)  # column -> row: one all-reduce, after o_proj
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                               backend=rotary_emb.backend)
@@ -75,6 +76,7 @@ class LlamaMLP(nn.Module):
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=False, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj")
+        plan_all_reduces(self.gate_up_proj, self.down_proj)
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
