@@ -17,6 +17,7 @@ the residual stream for that expert's share). Without a capacity (the default) n
 is exactly Mixtral's. `ExpertLoad` counts the rows each expert received, for the load-balance statistics.
 
 Where the experts run (this process, or other ranks reached by all-to-all) is minillm.parallel.expert's business.
+`route_topk` is a course exercise (ch11.moe_route): both callers reach it through `dispatch`.
 """
 from __future__ import annotations
 
@@ -28,18 +29,26 @@ import torch
 import torch.nn.functional as F
 
 
+# >>> exercise ch11.moe_route
 def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router: softmax over the E experts (in fp32), keep the top_k, renormalise their weights to sum
-    to 1. router_logits [T, E] -> (weights [T, top_k] float32, expert_ids [T, top_k] int64), best expert first."""
+    to 1. router_logits [T, E] -> (weights [T, top_k] float32, expert_ids [T, top_k] int64), best expert first.
+
+    Example: logits [[2.0, 0.0, 1.0]] (probabilities 0.665, 0.090, 0.245), top_k 2 -> weights [[0.731, 0.269]],
+    expert_ids [[0, 2]]. Renormalised, the weights equal a softmax over the k kept logits alone.
+    """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [num_tokens, num_experts], got shape {tuple(router_logits.shape)}")
     num_experts = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
+    # >>> solution
     probs = F.softmax(router_logits.float(), dim=-1)
     weights, expert_ids = torch.topk(probs, top_k, dim=-1)
-    # renormalised, the weights equal a softmax over the k kept logits alone (the others' mass is redistributed)
+    # the others' mass is redistributed over the kept experts in proportion: each token's weights sum to 1
     return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+    # <<< solution
+# <<< exercise
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:

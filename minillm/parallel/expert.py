@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from minillm.config import ModelConfig
+from minillm.hooks import dispatch
 from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route_topk, run_experts
 from minillm.parallel.state import expert_all_gather, expert_all_to_all, get_parallel_state
 
@@ -85,7 +86,7 @@ def expert_parallel_moe(hidden_states: torch.Tensor, gate: Callable[[torch.Tenso
     n, per_rank_experts = state.ep_size, len(local_experts)
     first, end, rows_per_rank = token_slice(hidden_states.shape[0], n, state.ep_rank)
     x = hidden_states[first:end]
-    weights, expert_ids = route_topk(gate(x), top_k)
+    weights, expert_ids = dispatch("ch11.moe_route", route_topk)(gate(x), top_k)
     flat_ids = expert_ids.reshape(-1)  # row i is token i // k's (i % k)-th choice
     order = torch.argsort(flat_ids, stable=True)  # by expert, hence by the rank that owns it
     rows_per_expert = torch.bincount(flat_ids, minlength=num_experts).view(n, per_rank_experts)
