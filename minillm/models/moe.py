@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
+from minillm.hooks import dispatch
 from minillm.layers.activation import SiluAndMul
 from minillm.layers.linear import Linear
 from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route_topk, run_experts
@@ -77,7 +78,7 @@ class MixtralSparseMoeBlock(nn.Module):
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
                                                        self.capacity_factor)
         else:
-            weights, expert_ids = route_topk(self.gate(hidden_states), self.top_k)
+            weights, expert_ids = dispatch("ch11.moe_route", route_topk)(self.gate(hidden_states), self.top_k)
             # token-major rows: row t * k + j is token t's j-th expert
             rows = hidden_states.repeat_interleave(self.top_k, dim=0)
             capacity = expert_capacity(hidden_states.shape[0], self.top_k, self.num_experts, self.capacity_factor)
