@@ -16,10 +16,15 @@ expression over every layer at once.
 What crosses the wire is whole blocks: a prompt of P tokens sends ceil(P / block_size) blocks, the unfilled tail
 of the last one included (it is cheaper to send a few unused slots than to cut a block). `kv_transfer_bytes`
 is that analytic count; the tests hold the bytes actually sent to it.
+
+The gather and the scatter themselves are course exercises (ch11.pack_kv_blocks, ch11.unpack_kv_blocks), reached
+through `dispatch` from the checked entry points pack_kv_blocks / unpack_kv_blocks.
 """
 from __future__ import annotations
 
 import torch
+
+from minillm.hooks import dispatch
 
 KV_POOL_DIMS = 6  # [2, num_layers, num_blocks, block_size, kv_heads, head_dim]
 
@@ -49,17 +54,53 @@ def _block_index(pool: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     return torch.tensor(block_ids, dtype=torch.long, device=pool.device)
 
 
+# >>> exercise ch11.pack_kv_blocks
+def gather_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Pack a request's KV blocks for the wire: a new contiguous tensor [2, num_layers, n, block_size, kv_heads,
+    head_dim] whose logical block j is physical block block_ids[j] of `pool` [2, num_layers, num_blocks, ...],
+    K and V of every layer at once. block_ids (int64 [n]) is the request's block table: in logical order, not
+    sorted, each block once. The result shares no memory with the pool (the sender frees and reuses its blocks
+    once the message is sent), and the pool is not changed.
+
+    Example: block_ids [7, 2, 9] -> out[:, :, 0] is pool[:, :, 7], out[:, :, 1] is pool[:, :, 2], ...
+    """
+    # >>> solution
+    return pool.index_select(2, block_ids)  # a gather along the blocks dimension: a new tensor, in table order
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch11.unpack_kv_blocks
+def scatter_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
+    """Unpack a received message into the receiver's pool, in place: logical block j of `packed` (gather_kv_blocks'
+    layout [2, num_layers, n, block_size, kv_heads, head_dim]) lands in physical block block_ids[j] (int64 [n],
+    the receiver's own block table for the request, each block once). Every other block is left as it was.
+
+    Example: block_ids [0, 5, 3] -> pool[:, :, 5] becomes packed[:, :, 1].
+    """
+    # >>> solution
+    pool.index_copy_(2, block_ids, packed)
+    # <<< solution
+# <<< exercise
+
+
 def pack_kv_blocks(pool: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """The K and V of blocks `block_ids` (a block table, in logical order) of `pool`, gathered into one new
-    contiguous tensor [2, num_layers, len(block_ids), block_size, kv_heads, head_dim]. The pool is not changed,
-    and the result shares no memory with it (the sender may free and reuse the blocks once it is sent)."""
+    contiguous tensor [2, num_layers, len(block_ids), block_size, kv_heads, head_dim] (gather_kv_blocks, checked).
+    The pool is not changed, and the result shares no memory with it."""
     _check_pool(pool)
-    return as_bytes(pool).index_select(2, _block_index(pool, block_ids)).view(pool.dtype)
+    index = _block_index(pool, block_ids)
+    packed = dispatch("ch11.pack_kv_blocks", gather_kv_blocks)(as_bytes(pool), index)
+    expected = (*pool.shape[:2], len(block_ids), *pool.shape[3:])
+    if tuple(packed.shape) != expected:
+        raise ValueError(f"gather_kv_blocks returned shape {tuple(packed.shape)}, expected {expected}")
+    return packed.contiguous().view(pool.dtype)
 
 
 def unpack_kv_blocks(pool: torch.Tensor, block_ids: list[int], packed: torch.Tensor) -> None:
     """Scatter `packed` (pack_kv_blocks' layout) into blocks `block_ids` of `pool`, in place: logical block j
-    of the request lands in physical block block_ids[j]. Every other block of the pool is left as it was."""
+    of the request lands in physical block block_ids[j] (scatter_kv_blocks, checked). Every other block of the
+    pool is left as it was."""
     _check_pool(pool)
     index = _block_index(pool, block_ids)
     expected = (*pool.shape[:2], len(block_ids), *pool.shape[3:])
@@ -68,7 +109,7 @@ def unpack_kv_blocks(pool: torch.Tensor, block_ids: list[int], packed: torch.Ten
                          f"block(s) of this pool")
     if packed.dtype != pool.dtype:
         raise ValueError(f"packed KV is {packed.dtype}, the pool is {pool.dtype}: both sides must use one dtype")
-    as_bytes(pool).index_copy_(2, index, as_bytes(packed.to(pool.device)))
+    dispatch("ch11.unpack_kv_blocks", scatter_kv_blocks)(as_bytes(pool), index, as_bytes(packed.to(pool.device)))
 
 
 def packed_kv_shape(pool: torch.Tensor, num_blocks: int) -> tuple[int, ...]:

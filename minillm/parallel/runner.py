@@ -8,7 +8,8 @@ Every rank gets the same StepInput and runs `execute_model`; what differs is wha
     last stage        runs the final norm and its slice of the LM head; TP rank 0 gathers the logits, samples
                       and answers with the StepOutput; every other rank answers None
 
-With pp > 1 the step's sequences are cut into pp micro-batches (split_step) that flow
+With pp > 1 the step's sequences are cut into pp micro-batches (split_step; where to cut is micro_batch_bounds, the
+course exercise ch11.pipeline_schedule, reached through `dispatch`) that flow
 through the stages one after the other, so the stages overlap. The logits of all micro-batches are sampled at
 once, in the step's row order: the same sampler call as the single-process runner, so the seeded and unseeded
 generators advance identically and greedy and seeded outputs match one process.
@@ -26,26 +27,59 @@ from minillm.config import EngineConfig
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.step_input import StepInput, StepOutput
 from minillm.forward_context import forward_context
+from minillm.hooks import dispatch
 from minillm.parallel.state import get_parallel_state, pipeline_isend, pipeline_recv
 
 
-def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
-    """Cut a step's sequences into at most `num_micro_batches` consecutive groups of about equal token counts.
-    Block operations and finished requests travel with the step itself (applied once, before any micro-batch)."""
+# >>> exercise ch11.pipeline_schedule
+def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[int]:
+    """Cut a step's sequences (query_lens[i] new tokens each, in the step's order) into consecutive micro-batches
+    of about equal token counts, for the pipeline: returns the boundaries [0, b_1, ..., num_seqs], micro-batch m
+    being sequences bounds[m] .. bounds[m + 1] - 1.
+
+    n = min(num_micro_batches, num_seqs) micro-batches, none empty, every sequence in exactly one, order kept.
+    Walk the sequences with a running token count: micro-batch g (1, 2, ...) closes after the first sequence at
+    which the count reaches g / n of the step's tokens, or as soon as the sequences left are just enough to give
+    each micro-batch still to open one sequence. The last micro-batch takes whatever remains.
+
+    Example: query_lens [5, 17, 1, 3] (26 tokens), 2 micro-batches -> [0, 2, 4] (22 and 4 tokens: the 17-token
+    prompt cannot be cut); [1, 1, 1, 1, 1], 2 -> [0, 3, 5]; [4], 3 -> [0, 1].
+    Raise ValueError for num_micro_batches < 1 or an empty query_lens.
+    """
+    # >>> solution
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
-    n = min(num_micro_batches, step.num_seqs)
-    if n <= 1:
-        return [step]
-    target = sum(step.query_lens) / n
+    if not query_lens:
+        raise ValueError("query_lens is empty: a step has at least one sequence")
+    num_seqs = len(query_lens)
+    n = min(num_micro_batches, num_seqs)
+    target = sum(query_lens) / n
     bounds, acc = [0], 0
-    for i, q in enumerate(step.query_lens):
+    for i, q in enumerate(query_lens):
         acc += q
-        # close a group once it reaches its share, or when each later group is down to one sequence
-        left, groups_to_open = step.num_seqs - (i + 1), n - len(bounds)
+        left, groups_to_open = num_seqs - (i + 1), n - len(bounds)
         if groups_to_open > 0 and (acc >= target * len(bounds) or left == groups_to_open):
             bounds.append(i + 1)
-    bounds.append(step.num_seqs)
+    bounds.append(num_seqs)
+    return bounds
+    # <<< solution
+# <<< exercise
+
+
+def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
+    """Cut a step's sequences into at most `num_micro_batches` consecutive groups of about equal token counts
+    (micro_batch_bounds). Block operations and finished requests travel with the step itself (applied once,
+    before any micro-batch)."""
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    if num_micro_batches == 1 or step.num_seqs <= 1:
+        return [step]
+    bounds = dispatch("ch11.pipeline_schedule", micro_batch_bounds)(list(step.query_lens), num_micro_batches)
+    if bounds[0] != 0 or bounds[-1] != step.num_seqs or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"micro_batch_bounds returned {bounds}: expected increasing boundaries from 0 to "
+                         f"{step.num_seqs} (every micro-batch non-empty)")
+    if len(bounds) == 2:
+        return [step]
     token_starts = [0]
     for q in step.query_lens:
         token_starts.append(token_starts[-1] + q)
