@@ -116,6 +116,7 @@ def test_prompt_logprobs_equal_a_full_forward(model_and_config, engine_kwargs):
     if engine_kwargs.get("enable_prefix_caching"):  # the long prompt is cached before the request that scores it
         finish(engine, [(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))])
     outs = finish(engine, requests)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 3  # decoding past the scored prompt too
     check_prompt_logprobs(model_and_config[0], outs[0], 2)
     check_prompt_logprobs(model_and_config[0], outs[1], 0)
     assert outs[2].prompt_logprobs is None
