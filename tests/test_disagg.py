@@ -37,21 +37,39 @@ ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, num_kv_blocks=
 # 1 token, exactly one block, one past a block, two blocks exactly, several blocks
 PROMPTS = [[100], [200, 201, 202, 203], [5, 6, 7, 8, 9], list(range(10, 18)), list(range(30, 47))]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-# greedy for every prompt, and the one-past-a-block prompt once more seeded: its generator travels with its KV,
-# and its first block comes from the prefill side's prefix cache
-PARAMS = [GREEDY] * len(PROMPTS) + [SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)]
+# greedy for every prompt (the longest also with log-probs: its prompt's scored on the prefill side, its tokens'
+# on both), and the one-past-a-block prompt once more seeded: its generator travels with its KV, and its first
+# block comes from the prefill side's prefix cache
+PARAMS = [GREEDY] * (len(PROMPTS) - 1) + [
+    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+    SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)]
 DECODE_BLOCKS = 10  # the six requests need 21 blocks at their longest: some wait for the decode side
 
 
-def _generate(engine: LLMEngine) -> dict[str, list[int]]:
+def _generate(engine: LLMEngine) -> tuple[dict[str, list[int]], list[tuple[int, int, int, float]]]:
+    """(request id -> generated tokens, the log-probs of the request that asks for them)."""
     ids = [engine.add_request(None, p, params) for p, params in zip(PROMPTS + [PROMPTS[2]], PARAMS)]
     done: dict[str, list[int]] = {}
+    logprobs = []
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 assert out.outputs[0].finish_reason == "length", out.outputs[0].error
                 done[out.request_id] = out.outputs[0].token_ids
-    return {i: done[i] for i in ids}
+                if out.prompt_logprobs is not None:
+                    logprobs = _flat(out.prompt_logprobs[1:] + out.outputs[0].logprobs)
+    return {i: done[i] for i in ids}, logprobs
+
+
+def _flat(entries: list[dict]) -> list[tuple[int, int, int, float]]:
+    return [(i, token, lp.rank, lp.logprob) for i, entry in enumerate(entries) for token, lp in sorted(entry.items())]
+
+
+def _assert_same_logprobs(ours: list[tuple[int, int, int, float]], expected: list[tuple[int, int, int, float]],
+                          tolerance: float = 1e-5) -> None:
+    assert [entry[:3] for entry in ours] == [entry[:3] for entry in expected]  # position, token, rank
+    # other batches, other rounding: the prefill worker's batches are not the single engine's
+    assert [lp for *_, lp in ours] == pytest.approx([lp for *_, lp in expected], abs=tolerance)
 
 
 def _disaggregated(**plan) -> DisaggregatedEngine:
@@ -60,11 +78,11 @@ def _disaggregated(**plan) -> DisaggregatedEngine:
 
 
 @pytest.fixture(scope="module")
-def expected() -> list[list[int]]:
+def expected() -> tuple[dict[str, list[int]], list[tuple[int, int, int, float]]]:
     config = resolve_engine_config(EngineConfig(**ENGINE), CONFIG, torch.device("cpu"))
     worker = Worker(CONFIG, config, torch.device("cpu"), torch.float32, RandomWeights(seed=3))
     engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE), executor=UniProcExecutor(worker))
-    return list(_generate(engine).values())
+    return _generate(engine)
 
 
 def test_pack_unpack_moves_blocks_between_pools_with_other_block_ids():
@@ -148,8 +166,10 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
     engine = _disaggregated(decode_num_kv_blocks=DECODE_BLOCKS)
     try:
         assert engine.scheduler.decode.block_manager.num_blocks == DECODE_BLOCKS
-        tokens = _generate(engine)
-        assert list(tokens.values()) == expected
+        tokens, logprobs = _generate(engine)
+        assert list(tokens.values()) == list(expected[0].values())
+        _assert_same_logprobs(logprobs, expected[1])
+        assert logprobs[-1][0] == len(PROMPTS[4]) - 1 + 6 - 1  # every prompt position and every token scored
         assert engine.scheduler.prefill.block_manager.prefix_cache_hits == BLOCK
         # back-pressure: the decode side never ran all six at once, and everybody finished
         assert max(r.num_running for r in engine.scheduler.decode.timeline) < len(PARAMS)
@@ -253,13 +273,14 @@ def test_gpu_disaggregated_matches_one_engine():
     worker = Worker(CONFIG, config, torch.device("cuda"), torch.float32, RandomWeights(seed=3))
     local = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_options), device=torch.device("cuda"),
                       executor=UniProcExecutor(worker))
-    expected = list(_generate(local).values())
+    expected, expected_logprobs = _generate(local)
     engine = DisaggregatedEngine(RandomWeights(seed=3), ByteTokenizer(), CONFIG, EngineConfig(**engine_options),
                                  device=torch.device("cuda"), dtype=torch.float32)
     try:
         assert engine.workers.backend == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
-        tokens = _generate(engine)
-        assert list(tokens.values()) == expected
+        tokens, logprobs = _generate(engine)
+        assert list(tokens.values()) == list(expected.values())
+        _assert_same_logprobs(logprobs, expected_logprobs, tolerance=1e-4)  # cuBLAS picks kernels by shape
         analytic = [kv_transfer_bytes(len(p), BLOCK, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads,
                                       CONFIG.head_dim, torch.float32) for p in PROMPTS + [PROMPTS[2]]]
         assert [engine.kv_bytes_sent[i] for i in tokens] == analytic
