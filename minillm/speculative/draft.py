@@ -36,7 +36,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
 from minillm.models.llama import LlamaForCausalLM
-from minillm.speculative.proposer import Proposer, check_num_tokens, sample_drafts
+from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 
 class EarlyExitModel(nn.Module):
@@ -83,7 +83,7 @@ def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
     return draft.eval()
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(SampledDraftProposer):
     """Drafts with `draft_model` (forward(ids, positions) -> hidden, compute_logits(hidden) -> logits) over its own
     paged KV pool of `num_blocks` blocks."""
 
@@ -143,18 +143,7 @@ class DraftModelProposer(Proposer):
         bm.append_slots(shadow, needed)
         return shadow
 
-    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
-        seed = seq.sampling_params.seed
-        if seed is None:
-            return None
-        if seq.request_id not in self._generators:  # the draft's own stream, apart from the target's
-            self._generators[seq.request_id] = torch.Generator().manual_seed(seed + 0x5EED)
-        return self._generators[seq.request_id]
-
     # -- drafting -----------------------------------------------------------------------------------------
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
-        return self.propose_with_probs(seqs, num_tokens)[0]
-
     @torch.inference_mode()
     def propose_with_probs(self, seqs: list[Sequence], num_tokens: list[int]
                            ) -> tuple[list[list[int]], list[torch.Tensor | None]]:

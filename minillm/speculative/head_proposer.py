@@ -31,7 +31,7 @@ from torch import nn
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.speculative.heads import HeadConfig, TargetParts, window_positions
-from minillm.speculative.proposer import Proposer, check_num_tokens, sample_drafts
+from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 DEFAULT_WINDOW = 64  # positions of context the EAGLE / MTP layer attends to when drafting
 
@@ -51,11 +51,12 @@ class Window:
 Chooser = Callable[[torch.Tensor], torch.Tensor]
 
 
-class HeadProposer(Proposer):
+class HeadProposer(SampledDraftProposer):
     """Base of the head proposers: subclasses set `method`, `hidden_state_kind`, `max_drafts` and `draft`."""
 
     method = "heads"
     hidden_state_kind = "pre_norm"
+    seed_offset = 0x4EAD  # the heads' own stream for seeded requests
 
     def __init__(self, heads: nn.Module, config: HeadConfig, target: TargetParts, window: int = DEFAULT_WINDOW,
                  seed: int = 0) -> None:
@@ -124,9 +125,6 @@ class HeadProposer(Proposer):
         return Window(features, tokens.to(first.device), positions, key_mask)
 
     # -- drafting -----------------------------------------------------------------------------------------
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
-        return self.propose_with_probs(seqs, num_tokens)[0]
-
     @torch.inference_mode()
     def propose_with_probs(self, seqs: list[Sequence], num_tokens: list[int]
                            ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
@@ -163,11 +161,3 @@ class HeadProposer(Proposer):
             i, k = ready[r]
             probs[i] = torch.stack([q[j] for q in q_steps[:k]])
         return drafts, probs
-
-    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
-        seed = seq.sampling_params.seed
-        if seed is None:
-            return None
-        if seq.request_id not in self._generators:  # the heads' own stream, apart from the target's
-            self._generators[seq.request_id] = torch.Generator().manual_seed(seed + 0x4EAD)
-        return self._generators[seq.request_id]

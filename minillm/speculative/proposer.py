@@ -50,6 +50,25 @@ class Proposer:
         return set()
 
 
+class SampledDraftProposer(Proposer):
+    """Base of proposers that sample the drafts of requests with temperature > 0 (and return q with them): `propose`
+    keeps the drafts of propose_with_probs; a seeded request draws from its own generator, seed + seed_offset (a
+    stream apart from the target's). Subclasses create `self._generators = {}` and pop a request's entry in free."""
+
+    seed_offset = 0x5EED
+
+    def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
+        return self.propose_with_probs(seqs, num_tokens)[0]
+
+    def _generator_of(self, seq: "Sequence") -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return None
+        if seq.request_id not in self._generators:
+            self._generators[seq.request_id] = torch.Generator().manual_seed(seed + self.seed_offset)
+        return self._generators[seq.request_id]
+
+
 def sample_drafts(logits: torch.Tensor, params: list, generators: list[torch.Generator | None],
                   default_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Drafts of sampled requests: q = logits [R, V] under each row's request parameters (temperature, top-k,
