@@ -169,6 +169,8 @@ class DisaggregatedEngine(LLMEngine):
         for role in ROLES:
             blocks = getattr(plan, f"{role}_num_kv_blocks")
             role_config = config if blocks is None else dataclasses.replace(config, num_kv_blocks=blocks)
+            if role == "prefill":  # it never runs a decode-only step: no CUDA graphs to capture
+                role_config = dataclasses.replace(role_config, enforce_eager=True)
             kwargs[role] = dict(model_config=model_config, engine_config=role_config, device=plan.device(role, device),
                                 dtype=dtype, model_source=model_source, seed=seed)
         self.workers = DisaggWorkers(kwargs)
