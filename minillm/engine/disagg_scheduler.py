@@ -15,9 +15,9 @@ the KV transfer (minillm.parallel.kv_transfer) maps one onto the other. The two 
 for one request: the prefill side keeps the original until its blocks are freed, the decode side continues a
 copy (same request id, tokens, timestamps), so neither block manager ever sees the other's block table.
 
-A transfer moves through: created (hand_off) -> in a prefill message (`sending`) -> `posted` (the prefill
-worker's isend is up) -> admitted by the decode side (its recv rides on the next decode step) -> that step
-returns: the prefill blocks are freed (`complete`). Admission takes the queue's head only, so receives happen in
+A transfer moves through: created (hand_off) -> in a prefill message (`sending`, once the decode side has
+free blocks for it: sends_to_post) -> `posted` (the prefill worker's isend is up) -> admitted by the decode side
+(its recv rides on the next decode step) -> that step returns: the prefill blocks are freed (`complete`). Admission takes the queue's head only, so receives happen in
 the order the sends were posted (NCCL matches in order). A request aborted while its send is posted is still
 received, into nothing, so that the send completes; it only then leaves the queue.
 """
