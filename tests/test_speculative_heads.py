@@ -121,6 +121,16 @@ def test_training_a_draft_model_writes_an_hf_directory(target, data, tmp_path):
     assert any(name.startswith("model.layers.0.") for name, _ in weights)
 
 
+def test_a_deadline_shortens_training_to_the_steps_that_fit(target, data, tmp_path):
+    import time
+    from minillm.speculative.train_heads import TIMING_STEPS
+    model, config = target
+    result = train_heads(model, config, data, TrainOptions("medusa", 10_000, num_heads=2), tmp_path,
+                         deadline=time.perf_counter())  # already past: only the timed steps and one more
+    assert len(result["history"]) == TIMING_STEPS + 1
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["steps"] == TIMING_STEPS + 1
+
+
 def test_train_options_name_the_bad_value():
     with pytest.raises(ValueError, match="kind must be one of draft, medusa, eagle, mtp, got 'beam'"):
         TrainOptions("beam", 10)

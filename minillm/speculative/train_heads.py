@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_p
 from minillm.speculative.train_data import DistillData
 
 TRAIN_KINDS = ("draft", *HEAD_KINDS)
+TIMING_STEPS = 10  # steps timed before a deadline shortens a run
 EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
 
 
@@ -187,8 +189,11 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train_heads(target_model: nn.Module, model_config: ModelConfig, data: DistillData, options: TrainOptions,
-                out_dir: str | Path, tokenizer: Any = None) -> dict[str, Any]:
-    """Train `options.kind` on `data` and save it into out_dir; returns the loss history (also in loss.json)."""
+                out_dir: str | Path, tokenizer: Any = None, deadline: float | None = None) -> dict[str, Any]:
+    """Train `options.kind` on `data` and save it into out_dir; returns the loss history (also in loss.json).
+
+    `deadline` (a time.perf_counter() value): after TIMING_STEPS steps the step time is measured and the run
+    shortened, if need be, to the steps that fit before it; the warm-up and cosine schedule then span those."""
     torch.manual_seed(options.seed)
     device = data.features.device
     target = TargetParts(target_model)
@@ -211,12 +216,17 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     trainee.train()
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, options.steps, options.warmup))
+    plan = {"steps": options.steps, "warmup": options.warmup}  # shortened below if a deadline needs it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, plan["steps"], plan["warmup"]))
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
     n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for top1_agreement
-    with tqdm(range(options.steps), desc=f"training {options.kind}", unit="step") as bar:
-        for step in bar:
+    started = time.perf_counter()
+    with tqdm(total=options.steps, desc=f"training {options.kind}", unit="step") as bar:
+        step = 0
+        while step < plan["steps"]:
+            if deadline is not None and step == TIMING_STEPS:
+                _fit_to_deadline(plan, (time.perf_counter() - started) / step, deadline, bar)
             rows = torch.randperm(n, generator=generator)[:options.rows_per_step]  # without replacement
             tokens, features = data.tokens[rows].to(device), data.features[rows].float()
             with mixed_precision(device):
@@ -228,6 +238,8 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
             scheduler.step()
             history.append({"step": step, "loss": float(loss.detach()), **parts})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            bar.update(1)
+            step += 1
     trainee.eval()
     out = Path(out_dir)
     if options.kind == "draft":
@@ -236,12 +248,23 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     else:
         held = slice(n, None)
         agreement = top1_agreement(loss_fn, trainee, data.tokens[held].to(device), data.features[held])
-        config.training = {"steps": options.steps, "rows": n, "seq_len": int(data.tokens.shape[1]),
+        config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
                            "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
                            "held_out_top1_agreement": agreement}
         save_heads(out, trainee, config)
     save_loss_curve(history, out, options.kind)
     return {"history": history, "out": str(out), "held_out_top1_agreement": agreement}
+
+
+def _fit_to_deadline(plan: dict[str, int], seconds_per_step: float, deadline: float, bar: tqdm) -> None:
+    """Cut plan["steps"] to what fits before the deadline at the measured pace (never below TIMING_STEPS + 1),
+    the warm-up in proportion."""
+    affordable = TIMING_STEPS + int(max(0.0, deadline - time.perf_counter()) / max(seconds_per_step, 1e-9))
+    if affordable < plan["steps"]:
+        plan["warmup"] = max(1, plan["warmup"] * affordable // plan["steps"])
+        plan["steps"] = max(TIMING_STEPS + 1, affordable)
+        bar.total = plan["steps"]
+        bar.refresh()
 
 
 def held_out_rows(data: DistillData) -> int:

@@ -16,6 +16,7 @@ import time
 
 from minillm.speculative.train_heads import TRAIN_KINDS
 
+SAVE_SECONDS = 10.0  # --time-budget: kept back per kind for the held-out evaluation and saving
 # --tiny: a smoke run that finishes in seconds on a laptop CPU (tests, CI)
 TINY = {"num_prompts": 4, "max_prompt_tokens": 32, "max_new_tokens": 24, "seq_len": 32, "steps": 4,
         "rows_per_step": 2}
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mtp-depth", type=int, default=2, help="mtp modules, one extra token each (default 2)")
     p.add_argument("--draft-layers", type=int, default=4, help="--kind draft: the target's first L layers")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole command: after the data, each kind gets an equal share of what is "
+                        "left and trains the steps that fit in it (at most --steps), its schedule shortened to match")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a few prompts, short rows, a few steps: a smoke run")
     p.set_defaults(func=_cmd_train_heads)
@@ -70,6 +74,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     for name, value in sizes.items():
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
                             draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
                             seed=args.seed) for kind in args.kind]  # validates the rest before any loading
@@ -84,9 +90,13 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
                         sizes["seq_len"], device, dtype, seed=args.seed,
                         max_prompt_tokens=sizes["max_prompt_tokens"])
     print(f"data: {data.tokens.shape[0]} rows of {data.tokens.shape[1]} tokens, {time.perf_counter() - start:.0f} s")
-    for option in options:
+    for i, option in enumerate(options):
         out = args.out if len(options) == 1 else os.path.join(args.out, option.kind)
-        result = train_heads(target, model_config, data, option, out, tokenizer)
+        deadline = None
+        if args.time_budget is not None:  # an equal share of what is left, less a few seconds to evaluate and save
+            now, end = time.perf_counter(), start + args.time_budget
+            deadline = now + max(0.0, end - now - SAVE_SECONDS * (len(options) - i)) / (len(options) - i)
+        result = train_heads(target, model_config, data, option, out, tokenizer, deadline=deadline)
         history = result["history"]
         print(f"{option.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
               f"{time.perf_counter() - start:.0f} s so far; saved to {result['out']}")
