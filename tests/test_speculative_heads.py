@@ -156,7 +156,8 @@ def test_cli_trains_several_kinds_on_one_dataset(target, tmp_path, monkeypatch, 
     model, config = target
     monkeypatch.setattr(minillm.loader, "load_model", lambda path: (config, iter(()), ByteTokenizer()))
     monkeypatch.setattr(minillm.engine.worker, "build_model", lambda *args, **kwargs: model)
-    assert main(["train-heads", "--kind", "medusa,eagle", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert main(["train-heads", "--kind", "medusa,eagle", "--tiny", "--device", "cpu", "--time-budget", "600",
+                 "--out", str(tmp_path)]) == 0
     for kind in ("medusa", "eagle"):
         assert json.loads((tmp_path / kind / "config.json").read_text())["training"]["steps"] == 4
     out = capsys.readouterr().out
