@@ -36,6 +36,7 @@ from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
+from minillm.hooks import overriding
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import SamplingParams
@@ -98,9 +99,10 @@ class LLM:
             worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,
                                  dtype=self.dtype, model_source=CheckpointSource(path), seed=seed)
             executor = MultiProcExecutor(worker_kwargs)
-        else:
-            executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
-                                              LoadedWeights(weights), seed))
+        else:  # load under the overrides too: some exercises run while weights load (the TP split, dequantizers)
+            with overriding(self.overrides):
+                executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
+                                                  LoadedWeights(weights), seed))
         self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
                                     dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
         self._init_driver()
