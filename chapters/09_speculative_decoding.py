@@ -480,7 +480,10 @@ for b in batches:
 # * *Nothing repeats.* Prompt lookup is free but proposes only what already occurred: 1.35 tokens per step on chat
 #   against 2.41 on summaries (the JSON's `acceptance_length_by_kind`).
 #
-# This is why vLLM switches speculation off above a batch size (`disable_by_batch_size`).
+# This is why vLLM switches speculation off above a batch size (`disable_by_batch_size`). One caution on the
+# numbers: each is a single run, and lookahead's 1.60x with 1.40 tokens per verify step is more than any
+# step-cost model allows (it would need a verify step cheaper than a plain one): differences of that size
+# between methods are within run-to-run noise.
 #
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
