@@ -44,8 +44,9 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if args.notebooks:
         from minillm.course.notebooks import grade_notebook
-        from minillm.course.registry import select
-        chapters = sorted({ex.chapter for ex in result.exercises} or {ex.chapter for ex in select(args.target)})
+        from minillm.course.registry import get, select
+        chapters = sorted({get(ex.id).chapter for ex in result.exercises}  # results carry ids, not chapters
+                          or {ex.chapter for ex in select(args.target)})
         print("notebooks (checked cells against the solution's stored outputs; no points):")
         for nb in sorted((Path(repo_root()) / "chapters").glob("*.ipynb")):
             if any(nb.name.startswith(f"{c:02d}_") for c in chapters):
