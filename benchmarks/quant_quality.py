@@ -9,6 +9,13 @@ AWQ and SmoothQuant, the held-out split is scored. Log-probabilities come from t
 packed sequences (prefill_metadata, model(input_ids, positions), compute_logits): each sequence is scored on
 its tokens 1..L-1 given the ones before, perplexity = exp(mean negative log-likelihood).
 
+The gguf rows write our own GGUF file (minillm/quant/gguf_export.py) and read it back; the pruning rows
+(minillm/quant/prune.py) keep dense fp32 storage, so their bits/weight is 32. Only some rows:
+
+    .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 16 \
+        --only fp32 "gguf q8_0 (ours)" "gguf q4_k (ours)" "gguf q4_0 (ours)" "magnitude 50%" "2:4 magnitude" \
+        "wanda 50%" "2:4 wanda" --out benchmarks/results/quant_quality_cpu_gguf_prune.json
+
 Reference weights are the bundled GGUF dequantized to fp32 (they lie on Q4_1's grid: see rtn.py's docstring),
 so "fp32" is the Q4_1 model itself. Group 64 because SmolLM2's hidden size 576 is not a multiple of 128.
 """
@@ -30,6 +37,8 @@ from minillm.forward_context import forward_context, prefill_metadata
 from minillm.loader import load_model
 from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
 from minillm.quant.driver import quantize_model
+from minillm.quant.gguf_export import GGUF_METHODS, write_gguf_model
+from minillm.quant.prune import prune_model
 
 # (label, method, options): the comparison the chapter draws
 RUNS = [  # cheapest first, so a run cut short still has most of the table
@@ -45,6 +54,14 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     ("gptq w3 g64", "gptq", dict(bits=3, group_size=64)),
     ("awq w4 g64", "awq", dict(bits=4, group_size=64)),
     ("awq w3 g64", "awq", dict(bits=3, group_size=64)),
+    # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
+    ("gguf q8_0 (ours)", "gguf-q8_0", {}),
+    ("gguf q4_k (ours)", "gguf-q4_k", {}),
+    ("gguf q4_0 (ours)", "gguf-q4_0", {}),
+    ("magnitude 50%", "prune-magnitude", dict(sparsity=0.5)),
+    ("2:4 magnitude", "prune-magnitude", dict(nm=(2, 4))),
+    ("wanda 50%", "prune-wanda", dict(sparsity=0.5)),
+    ("2:4 wanda", "prune-wanda", dict(nm=(2, 4))),
 ]
 
 
@@ -69,6 +86,23 @@ def linear_bits_per_weight(state: dict[str, torch.Tensor], n_weights: int) -> fl
     """Bits per weight of the decoder's linear layers as stored (codes + scales + zeros)."""
     linear = [t for name, t in state.items() if ".layers." in name and "norm" not in name]
     return 8 * sum(t.numel() * t.element_size() for t in linear) / n_weights
+
+
+def gguf_round_trip(model_path: str | None, method: str, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """Write the model as our GGUF in a temporary folder and load it back: (model, bits per decoder-linear weight)."""
+    import tempfile
+
+    from minillm.loader import GGUFFile, default_model_path, load_gguf_model
+    source = GGUFFile(model_path or default_model_path())
+    config, weights = load_gguf_model(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_gguf_model(os.path.join(tmp, "model.gguf"), config, dict(weights), GGUF_METHODS[method], source)
+        written = GGUFFile(path)
+        linear = [t for t in written.tensors.values() if t.name.startswith("blk.") and len(t.shape) == 2]
+        bits = 8 * sum(t.nbytes for t in linear) / sum(t.num_elements for t in linear)
+        config, weights = load_gguf_model(written)
+        model = build_model(config, weights, device, torch.float32)
+    return model, bits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if method is None:
             model, bits = dense, 32.0
+        elif method in GGUF_METHODS:
+            model, bits = gguf_round_trip(args.model, method, device)
+        elif method.startswith("prune-"):
+            scores = method.removeprefix("prune-")
+            model = prune_model(dense, scores, options.get("sparsity"), calib if scores == "wanda" else None,
+                                nm=options.get("nm"))
+            bits = 32.0  # dense storage: the zeros pay off only with sparse kernels (2:4 on tensor cores)
         else:
             extra = {"max_tokens": args.awq_tokens} if method == "awq" else {}
             qm = quantize_model(dense, method, calibration=calib, progress=True, **options, **extra)
