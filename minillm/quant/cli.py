@@ -9,8 +9,9 @@
     minillm quantize --method prune-2:4 --prune-scores magnitude --out smollm2-2of4
 
 Calibrated methods (gptq, awq, smoothquant, prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
---calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a GGUF source's tokenizer and chat template,
-or converts an HF directory's tokenizer.json. minillm/cli.py owns the parser and calls `register`.
+--calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a
+GGUF source's tokenizer and chat template, or converts an HF directory's tokenizer.json (quant/gguf_tokenizer.py).
+minillm/cli.py owns the parser and calls `register`.
 """
 from __future__ import annotations
 

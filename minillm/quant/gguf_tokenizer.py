@@ -58,7 +58,8 @@ def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     vocab.update({content: t["id"] for content, t in added.items()})
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size {vocab_size}")
+        raise ValueError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size "
+                         f"{vocab_size}")
     n = vocab_size
     tokens, types = [f"[PAD{i}]" for i in range(n)], [UNUSED] * n  # rows the model has but the tokenizer lacks
     for token, i in vocab.items():
@@ -98,6 +99,6 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> Metadata:
             rebuilt = Tokenizer.from_gguf(writer.write())
             if all(rebuilt.encode(text) == ids for text, ids in zip(probes, expected)):
                 return meta + [("tokenizer.ggml.pre", pre, V.STRING, None)]
+    aliases = ", ".join(sorted(set(PRE_TOKENIZERS) - set(CANDIDATE_PRE)))
     raise ValueError(f"the tokenizer's word splitting matches none of the GGUF pre-tokenizers minillm knows "
-                     f"({', '.join(CANDIDATE_PRE)}; aliases: {', '.join(sorted(set(PRE_TOKENIZERS) - set(CANDIDATE_PRE)))}); "
-                     f"it cannot be written to GGUF faithfully")
+                     f"({', '.join(CANDIDATE_PRE)}; aliases: {aliases}); it cannot be written to GGUF faithfully")
