@@ -148,3 +148,19 @@ def test_cli_prunes_and_saves(tmp_path, capsys):
     assert main(["quantize", str(tmp_path), "--method", "prune-2:4", "--sparsity", "0.6",
                  "--out", str(tmp_path / "q")]) == 2
     assert "sparsity 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pruning_matches_cpu(dense):
+    """On CUDA: the same masks as on the CPU (magnitude exactly; Wanda's input norms come from GPU matmuls, so a
+    weight whose score ties to rounding may flip), and exactly 2 of every 4 kept."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu_model = build_model(CONFIG, _checkpoint(CONFIG).items(), torch.device("cuda"), torch.float32)
+    for method, calibration in (("magnitude", None), ("wanda", CALIB)):
+        cpu = _linears(prune_model(dense, method, None, calibration, nm=(2, 4), progress=False))
+        gpu = _linears(prune_model(gpu_model, method, None, calibration, nm=(2, 4), progress=False))
+        for name, w in gpu.items():
+            assert (w.cpu() == 0).reshape(-1, 4).sum(-1).eq(2).all(), name
+            agree = float(((w.cpu() == 0) == (cpu[name] == 0)).float().mean())
+            assert agree == 1.0 if method == "magnitude" else agree > 0.999, (method, name, agree)

@@ -198,7 +198,7 @@ class GGUFWriter:
                 if raw.numel() != t.nbytes:
                     raise ValueError(f"tensor {t.name!r}: got {raw.numel()} bytes, but shape {list(t.shape)} in "
                                      f"{GGML_TYPES[t.ggml_type].name} takes {t.nbytes}")
-                f.write(raw.contiguous().numpy().tobytes())
+                f.write(raw.detach().cpu().contiguous().numpy().tobytes())
                 f.write(b"\0" * (-t.nbytes % self.alignment))
         os.replace(tmp, self.path)
         return self.path

@@ -32,7 +32,7 @@ is optimal, so what remains is the scale (and, for Q4_K, the minimum):
 Q4_K needs rows that are a multiple of 256 weights; SmolLM2's hidden size 576 is not, so, as llama.cpp does,
 such tensors fall back to Q5_0 (`gguf_type_for`). Every quantizer takes a float tensor whose element count is a
 multiple of the block size (rows are contiguous in memory, innermost first, as ggml stores them) and returns a
-flat uint8 tensor.
+flat uint8 tensor on the same device (a GPU quantizes a large model in seconds; the writer copies bytes to the CPU).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _symmetric_search(blocks: torch.Tensor, qmin: int, qmax: int, ratios: torch.
     """
     idx = blocks.abs().argmax(dim=1, keepdim=True)
     amax = blocks.gather(1, idx)  # signed value of largest magnitude
-    best_err = torch.full((blocks.shape[0], 1), float("inf"))
+    best_err = torch.full((blocks.shape[0], 1), float("inf"), device=blocks.device)
     best_d = torch.zeros_like(amax)
     for r in ratios.tolist():
         d = _fp16_round(-amax / r)
@@ -116,8 +116,8 @@ def quantize_q5_0(weights: torch.Tensor) -> torch.Tensor:
     blocks = _blocks(weights, 32, "Q5_0")
     d, q = _symmetric_search(blocks, -16, 15, torch.linspace(14.5, 16.5, 21))
     q = (q + 16).to(torch.int64)  # 0..31
-    high = ((q >> 4) << torch.arange(32)).sum(dim=1, keepdim=True)  # bit j = fifth bit of element j
-    qh = (high >> torch.tensor([0, 8, 16, 24])) & 0xFF
+    high = ((q >> 4) << torch.arange(32, device=q.device)).sum(dim=1, keepdim=True)  # bit j: element j's fifth bit
+    qh = (high >> torch.tensor([0, 8, 16, 24], device=q.device)) & 0xFF
     return torch.cat([_fp16_bytes(d), qh.to(torch.uint8), _pack_nibbles(q & 0x0F)], dim=1).reshape(-1)
 
 
