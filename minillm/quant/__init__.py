@@ -13,5 +13,9 @@
     int8_rtn.py      "int8_rtn"     the seam's first example               W8A16
     driver.py        quantize_model: a whole model, layer by layer, with calibration
     checkpoint.py    save_quantized (safetensors + config.json + tokenizer) and load-time quantization
+    gguf_quants.py   ggml's Q8_0 / Q4_0 / Q5_0 / Q4_K blocks, written by searched-scale quantizers
+    gguf_export.py   a whole model as one GGUF (loader/gguf_writer.py: the container; gguf_tokenizer.py: an HF
+                     tokenizer.json as GGUF metadata)
+    prune.py         magnitude, Wanda and N:M (2:4) pruning; dense checkpoints with zeros
     cli.py           `minillm quantize`
 """
