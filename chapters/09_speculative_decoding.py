@@ -87,8 +87,9 @@ def step_seconds(rows: int) -> float:
 k = 4
 for batch in (1, 8, 32, 64, 128):
     cost = step_seconds(batch * (k + 1)) / step_seconds(batch)
+    tokens = expected_tokens_per_step(0.6, k)
     print(f"batch {batch:3d}: a verify step costs {cost:4.2f} decode steps; at a = 0.6 it emits "
-          f"{expected_tokens_per_step(0.6, k):.2f} tokens per sequence -> speedup <= {expected_tokens_per_step(0.6, k) / cost:.2f}x")
+          f"{tokens:.2f} tokens per sequence -> speedup <= {tokens / cost:.2f}x")
 
 # %% [markdown]
 # ## 2. The rule, and its proof as an experiment
@@ -138,8 +139,8 @@ print("skip residual   :", [round(x, 3) for x in wrong.tolist()])
 beta = torch.minimum(p, q).sum().item()
 print(f"acceptance rate {accepted:.3f} (theory: sum min(p, q) = {beta:.3f})")
 noise = 4 * (p * (1 - p) / N).sqrt().max().item()  # four standard deviations of a frequency estimate
-print(f"max |emitted - p|: yours {(yours - p).abs().max().item():.3f}, skip residual {(wrong - p).abs().max().item():.3f} "
-      f"(sampling noise allows ~{noise:.3f})")
+print(f"max |emitted - p|: yours {(yours - p).abs().max().item():.3f}, "
+      f"skip residual {(wrong - p).abs().max().item():.3f} (sampling noise allows ~{noise:.3f})")
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 2.8), layout="constrained")
@@ -187,7 +188,8 @@ print(greedy_accept(target_tokens, t([[5, 7, 3], [5, 7, 2], [4, 7, 2]]), t([3, 3
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(propose_prompt_lookup([1, 2, 3, 4, 1, 2], 3, 3, 1), propose_prompt_lookup([9, 1, 2, 3, 8, 2, 3, 1, 2, 3], 3, 3, 1),
+print(propose_prompt_lookup([1, 2, 3, 4, 1, 2], 3, 3, 1),
+      propose_prompt_lookup([9, 1, 2, 3, 8, 2, 3, 1, 2, 3], 3, 3, 1),
       propose_prompt_lookup([1, 2, 3], 4, 3, 1))
 
 # %% [markdown]

@@ -85,7 +85,8 @@ def test_tree_mask_matches_solution(impl, ref, n):
     rng = random.Random(graded_seed(n))
     trees = [_random_parents(n, rng) for _ in range(3)] + [torch.tensor([-1] + list(range(n - 1)))]  # + a chain
     for parents in trees:
-        assert_equal(impl(parents.clone()), ref(parents.clone()), f"tree_attention_mask(parents={parents.tolist()[:12]})")
+        assert_equal(impl(parents.clone()), ref(parents.clone()),
+                     f"tree_attention_mask(parents={parents.tolist()[:12]})")
 
 
 @pytest.mark.exercise("ch09.tree_attention_mask")

@@ -62,9 +62,9 @@ def _assert_lossless(overrides: dict, base: int) -> None:
         out = rejection_sample(p, q, drafts, default_generator=_generator(base + 1))
     first = out.token_ids[:, 0]
     pval = _chi_square_pvalue(first, p[0, 0], "first emitted token")
+    freqs = (torch.bincount(first, minlength=V) / N).tolist()
     assert pval > SIGNIFICANCE, (f"the first emitted token does not follow the target's law p: chi-square p-value "
-                                 f"{pval:.1e}; emitted frequencies {(torch.bincount(first, minlength=V) / N).tolist()}, "
-                                 f"p = {p[0, 0].tolist()}")
+                                 f"{pval:.1e}; emitted frequencies {freqs}, p = {p[0, 0].tolist()}")
     kept = out.num_accepted >= 1  # after an accepted first draft, the next token must follow p at position 1
     second = out.token_ids[kept, 1]
     pval = _chi_square_pvalue(second, p[0, 1], "second emitted token")
@@ -106,7 +106,8 @@ def test_accept_reject_properties(impl):
     got = impl(t([[0.5, 0.9, 0.3]]), t([[0.2, 0.9, 0.6]]), t([[0.99, 0.99, 0.49]]), one)
     assert got.tolist() == [3], f"p >= q always accepts, and u=0.49 < 0.3/0.6 accepts: expected [3], got {got.tolist()}"
     got = impl(t([[0.0, 0.9]]), t([[0.5, 0.5]]), t([[0.0, 0.0]]), t([2]))
-    assert got.tolist() == [0], f"a draft the target gives probability 0 is never accepted (even with u = 0): got {got.tolist()}"
+    assert got.tolist() == [0], (f"a draft the target gives probability 0 is never accepted (even with u = 0): "
+                                 f"got {got.tolist()}")
     got = impl(t([[0.5, 0.1, 0.9]]), t([[1.0, 1.0, 1.0]]), t([[0.4, 0.2, 0.1]]), one)
     assert got.tolist() == [1], ("drafts form a chain: a rejection at position 1 ends the step even though position 2 "
                                  f"would pass; expected [1], got {got.tolist()}")
@@ -198,7 +199,8 @@ def test_greedy_accept_properties(impl):
     got = impl(target, drafts, t([3, 3, 3, 1]))
     want = [[5, 7, 2, 9], [5, 7, 2, -1], [5, -1, -1, -1], [5, 7, -1, -1]]
     assert got.tolist()[0] == want[0], f"all drafts accepted: the target's next token is a bonus; got {got.tolist()[0]}"
-    assert got.tolist()[1] == want[1], f"at the first mismatch the target's token replaces the draft; got {got.tolist()[1]}"
+    assert got.tolist()[1] == want[1], (f"at the first mismatch the target's token replaces the draft; "
+                                        f"got {got.tolist()[1]}")
     assert got.tolist()[2] == want[2], f"a first-position mismatch still emits one token; got {got.tolist()[2]}"
     assert got.tolist()[3] == want[3], (f"num_draft_tokens [1]: matching padding is never accepted, and the token "
                                         f"after the one draft is the bonus; got {got.tolist()[3]}")
