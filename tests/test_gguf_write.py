@@ -231,6 +231,30 @@ def test_llm_generates_from_the_written_file(written):
     assert "<|im_start|>" in llm.tokenizer.chat_template  # the chat template came along
 
 
+def test_transformers_reads_the_written_file_as_we_do(written):
+    """An independent GGUF reader (transformers: its own metadata parsing, name mapping, dequantizers and
+    tokenizer conversion) builds the same model from our file. (The Q/K row order is checked above: both readers
+    undo llama.cpp's permutation, and ours gives back the weights we wrote.)"""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from minillm.engine.worker import build_model
+    from minillm.forward_context import forward_context, prefill_metadata
+    from minillm.loader import load_model
+    path = written["Q4_K"]
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    config, weights, _ = load_model(path)
+    ours = build_model(config, weights, torch.device("cpu"), torch.float32)
+    ids = torch.tensor([1, 504, 3458, 282, 4649, 314, 9001, 30, 216])
+    with torch.no_grad(), forward_context(prefill_metadata([len(ids)])):
+        got = ours.compute_logits(ours(ids, torch.arange(len(ids))))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    assert torch.allclose(got, ref, atol=2e-4, rtol=1e-4), float((got - ref).abs().max())
+
+
 def test_cli_writes_a_gguf(tmp_path, written, capsys):
     from minillm.cli import main
     out = tmp_path / "again.gguf"
