@@ -10,7 +10,9 @@ packed sequences (prefill_metadata, model(input_ids, positions), compute_logits)
 its tokens 1..L-1 given the ones before, perplexity = exp(mean negative log-likelihood).
 
 The gguf rows write our own GGUF file (minillm/quant/gguf_export.py) and read it back; the pruning rows
-(minillm/quant/prune.py) keep dense fp32 storage, so their bits/weight is 32. Only some rows:
+(minillm/quant/prune.py) keep dense fp32 storage, so their bits/weight is 32. On SmolLM2 "gguf q4_k" is mostly
+Q5_0: only down_proj's 1536-wide rows fill Q4_K's 256-weight super-blocks, the 576-wide ones fall back to Q5_0
+as in llama.cpp (5.25 bits/weight overall). Only some rows:
 
     .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 16 \
         --only fp32 "gguf q8_0 (ours)" "gguf q4_k (ours)" "gguf q4_0 (ours)" "magnitude 50%" "2:4 magnitude" \
