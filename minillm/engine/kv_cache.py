@@ -212,8 +212,9 @@ class KVCache:
         limit = self.num_blocks * self.block_shape[0]
         src = self._check([s for s, _ in pairs], limit, "source slot").to(self.device)
         dst = self._check([d for _, d in pairs], limit, "destination slot").to(self.device)
-        flat = self.storage.view(2, self.num_layers, limit, *self.block_shape[1:])
-        flat[:, :, dst] = flat[:, :, src]
+        storage = self.storage.view(torch.uint8) if self.storage.element_size() == 1 else self.storage
+        flat = storage.view(2, self.num_layers, limit, *self.block_shape[1:])  # fp8: moved as bytes (CPU has no
+        flat[:, :, dst] = flat[:, :, src]  # fp8 index_put)
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate (src, dst) device blocks. The right-hand side is gathered before the write,

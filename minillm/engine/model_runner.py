@@ -18,7 +18,6 @@ Each step it
      output) or before it (the residual stream, caught by a hook on the final norm; with CUDA graphs the hook
      copies it into a static buffer inside the captured graph, so a replay refreshes it too).
 
-
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
 
