@@ -225,10 +225,10 @@ def _wrong_half_rotary(x, cos, sin):
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
 
 
-def _no_gqa_sdpa(q, k, v, scale=None, causal=True):
+def _no_gqa_sdpa(q, k, v, scale=None, causal=True, mask=None):
     """The classic GQA bug: every query head reads kv head 0."""
     k0, v0 = k[:, :1].expand(-1, k.shape[1], -1), v[:, :1].expand(-1, v.shape[1], -1)
-    return attention_mod.attention_reference(q, k0.contiguous(), v0.contiguous(), scale, causal)
+    return attention_mod.attention_reference(q, k0.contiguous(), v0.contiguous(), scale, causal, mask=mask)
 
 
 @pytest.mark.parametrize("module,name,mutant", [
