@@ -68,6 +68,20 @@ def time_decode(engine, config, batch: int, prompt_len: int, output_len: int) ->
                 decode_tok_per_s=round(batch / step_s, 1))
 
 
+def pool_size(model, config, kv_cache_dtype: str, max_model_len: int, batch: int) -> int:
+    """The blocks the engine's profiling would give the pool at gpu_memory_utilization=0.9, without allocating
+    it (a built engine's pool stays referenced by the model's attention layers until the next engine rebinds
+    them, so building one only to read its size would hold 0.9 of the GPU)."""
+    from minillm.config import EngineConfig
+    from minillm.engine.cache_config import resolve_engine_config
+    from minillm.engine.kv_cache import num_device_blocks
+    engine_config = resolve_engine_config(
+        EngineConfig(max_model_len=max_model_len, max_num_seqs=batch, block_size=16,
+                     max_num_batched_tokens=max(8192, max_model_len), kv_cache_dtype=kv_cache_dtype),
+        config, torch.device("cuda"))
+    return num_device_blocks(engine_config, config, torch.bfloat16, torch.device("cuda"), model=model)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -87,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks_needed = (args.batch + 1) * (max_model_len // 16)
     rows = []
     for kv_cache_dtype in ("auto", "fp8"):
-        sized = make_engine(model, config, kv_cache_dtype, max_model_len, args.batch, None)
-        pool_blocks = sized.runner.kv_cache.num_blocks
-        del sized
-        gc.collect()
-        torch.cuda.empty_cache()
+        pool_blocks = pool_size(model, config, kv_cache_dtype, max_model_len, args.batch)
         engine = make_engine(model, config, kv_cache_dtype, max_model_len, args.batch, blocks_needed)
         kv_bytes_per_token = engine.runner.kv_cache.nbytes // (engine.runner.kv_cache.num_blocks * 16)
         timing = time_decode(engine, config, args.batch, args.context - args.output_len, args.output_len)
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                          floor_ms=round(floor_s * 1e3, 3), **timing,
                          fraction_of_floor=round(floor_s * 1e3 / timing["ms_per_decode_step"], 3)))
         del engine
+        for module in model.modules():  # the layers still hold views of the pool: drop them so it is freed
+            if hasattr(module, "k_cache"):
+                module.k_cache = module.v_cache = torch.tensor([])
         gc.collect()
         torch.cuda.empty_cache()
     base = rows[0]
