@@ -58,7 +58,7 @@ def main() -> int:
     from minillm.llm import LLM
     from minillm.loader import load_model
     from minillm.loader.model_files import default_model_path
-    from minillm.parallel.launch import TorchrunExecutor
+    from minillm.parallel.launch import TorchrunExecutor, control_group
     from minillm.parallel.state import build_groups, init_parallel_state
     from minillm.platform import resolve_dtype
 
@@ -83,7 +83,8 @@ def main() -> int:
     dtype = resolve_dtype("auto", device)
     engine_config = resolve_engine_config(EngineConfig(max_model_len=1024, max_num_seqs=1), model_config, device)
     executor = TorchrunExecutor(Worker(model_config=model_config, engine_config=engine_config, device=device,
-                                       dtype=dtype, model_source=CheckpointSource(path), seed=0))
+                                       dtype=dtype, model_source=CheckpointSource(path), seed=0),
+                                control_group(cuda))
     engine = LLMEngine(None, tokenizer, model_config, engine_config, device=device, dtype=dtype, seed=0,
                        executor=executor)
     dist_speed, dist_tokens = _decode_speed(engine, PROMPT, args.max_tokens)

@@ -114,19 +114,21 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
         dist.destroy_process_group()
 
 
-def serve_worker(rank: int, worker_kwargs: dict[str, Any]) -> None:
+def serve_worker(rank: int, worker_kwargs: dict[str, Any], group: Any = None) -> None:
     """Build and load a Worker, report to rank 0, then run the (method, args) it broadcasts until 'shutdown'.
-    The process group (and any parallel state) must be up; the torchrun entry runs this too."""
+    The process group (and any parallel state) must be up; the torchrun entry runs this too, with `group` a gloo
+    group for these control messages (its default group is NCCL, where every object collective goes through
+    GPU memory and synchronises)."""
     worker = Worker(**worker_kwargs)
     result: Any = None
     try:
         worker.load_model()
     except Exception as err:  # reported at the first gather, so the engine fails with the cause
         result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
-    dist.gather_object(result, None, dst=0)
+    dist.gather_object(result, None, dst=0, group=group)
     while True:
         message = [None]
-        dist.broadcast_object_list(message, src=0)
+        dist.broadcast_object_list(message, src=0, group=group)
         method, args = message[0]
         if method == "shutdown":
             return
@@ -134,7 +136,7 @@ def serve_worker(rank: int, worker_kwargs: dict[str, Any]) -> None:
             result = getattr(worker, method)(*args)
         except Exception as err:
             result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
-        dist.gather_object(result, None, dst=0)
+        dist.gather_object(result, None, dst=0, group=group)
 
 
 class MultiProcExecutor:

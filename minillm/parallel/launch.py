@@ -38,8 +38,10 @@ class TorchrunExecutor(MultiProcExecutor):
     """Rank 0 of a torchrun job: the engine's executor, with worker 0 in this very process. The engine-facing
     calls are MultiProcExecutor's; what differs is that this rank runs its own shard of every call too."""
 
-    def __init__(self, worker: Worker) -> None:  # the process group is torchrun's, already up
+    def __init__(self, worker: Worker, group: Any = None) -> None:  # the process group is torchrun's, already up
         self.worker = worker
+        self.group = group  # the control messages' group (gloo), see control_group
+        self.alone = dist.get_world_size() == 1  # nobody to tell: no collectives at all
         self.processes = []  # torchrun owns the other processes
         self._closed, self._broken = False, None
         self._gather_checked(self._local(worker.load_model))  # every rank has loaded its shard, or raise
@@ -51,8 +53,10 @@ class TorchrunExecutor(MultiProcExecutor):
             return WorkerError(f"rank 0: {type(err).__name__}: {err}\n{traceback.format_exc()}")
 
     def _gather_checked(self, own: Any) -> list[Any]:
-        results: list[Any] = [None] * dist.get_world_size()
-        dist.gather_object(own, results, dst=0)
+        results: list[Any] = [own]
+        if not self.alone:
+            results = [None] * dist.get_world_size()
+            dist.gather_object(own, results, dst=0, group=self.group)
         for result in results:
             if isinstance(result, WorkerError):
                 raise result
@@ -61,13 +65,23 @@ class TorchrunExecutor(MultiProcExecutor):
     def _call(self, method: str, *args: Any) -> list[Any]:
         if self._closed:
             raise RuntimeError("this executor has been shut down")
-        dist.broadcast_object_list([(method, args)], src=0)
+        if not self.alone:
+            dist.broadcast_object_list([(method, args)], src=0, group=self.group)
         return self._gather_checked(self._local(getattr(self.worker, method), *args))
 
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True
-            dist.broadcast_object_list([("shutdown", ())], src=0)
+            if not self.alone:
+                dist.broadcast_object_list([("shutdown", ())], src=0, group=self.group)
+
+
+def control_group(cuda: bool) -> Any:
+    """The group the engine's per-step messages (StepInput out, StepOutput back) travel in. Under torchrun on
+    GPUs the default group is NCCL, whose object collectives copy every pickle to the GPU and synchronise: a new
+    gloo group over the same ranks keeps them on the host, as the mp executor's default group does. Collective:
+    every rank calls it."""
+    return dist.new_group(backend="gloo") if cuda else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,13 +112,14 @@ def main(argv: list[str] | None = None) -> list[list[int]] | None:
         raise ValueError(f"torchrun started {world_size} processes; tensor_parallel_size * pipeline_parallel_size "
                          f"* expert_parallel_size = {tp} * {pp} * {ep} = {tp * pp * ep} must equal it")
     init_parallel_state(build_groups(tp, pp, first_rank=0, ep_size=ep))
+    group = control_group(cuda)
     try:
-        return _run(args, rank, cuda)
+        return _run(args, rank, cuda, group)
     finally:
         dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, rank: int, cuda: bool) -> list[list[int]] | None:
+def _run(args: argparse.Namespace, rank: int, cuda: bool, group: Any = None) -> list[list[int]] | None:
     from minillm.config import EngineConfig
     from minillm.engine.cache_config import resolve_engine_config
     from minillm.loader import load_model
@@ -122,11 +137,11 @@ def _run(args: argparse.Namespace, rank: int, cuda: bool) -> list[list[int]] | N
     worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=device, dtype=dtype,
                          model_source=CheckpointSource(path), seed=args.seed)
     if rank != 0:
-        serve_worker(rank, worker_kwargs)
+        serve_worker(rank, worker_kwargs, group)
         return None
     from minillm.engine.llm_engine import LLMEngine
     from minillm.sampling_params import SamplingParams
-    executor = TorchrunExecutor(Worker(**worker_kwargs))
+    executor = TorchrunExecutor(Worker(**worker_kwargs), group)
     try:
         engine = LLMEngine(None, tokenizer, model_config, engine_config, device=device, dtype=dtype,
                            seed=args.seed, executor=executor)
