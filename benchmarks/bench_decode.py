@@ -45,12 +45,16 @@ class DummyTokenizer:
         return ""
 
 
-def build_model(num_layers: int):
+def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None):
+    """The Llama-3-8B-shaped model with random bf16 weights; with `quantization` (a load-time method such as "rtn",
+    options like {"bits": 4, "group_size": 128}) its decoder linears are quantized from those weights at load."""
     import torch
     from minillm.config import ModelConfig
     from minillm.models.llama import LlamaForCausalLM
+    from minillm.quant.checkpoint import load_time_quantization
 
-    config = ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers})
+    config = load_time_quantization(ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers}), quantization,
+                                    options)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -63,8 +67,10 @@ def build_model(num_layers: int):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
-            else:
+            elif param.is_floating_point():
                 param.normal_(0.0, INIT_STD, generator=gen)
+    if quantization is not None:
+        model.process_weights_after_loading()  # the load-time method rounds and packs each staged weight here
     return model.eval(), config
 
 

@@ -24,31 +24,7 @@ import time
 
 import torch
 
-from bench_decode import INIT_STD, LLAMA3_8B, build_model, copy_bandwidth, run_engine, weight_bytes
-
-
-def build_int4_model(num_layers: int, group_size: int):
-    """The bf16 model's shapes and weight distribution, its decoder linears quantized to 4 bits at load."""
-    from minillm.models.llama import LlamaForCausalLM
-    from minillm.quant.checkpoint import load_time_quantization
-    from minillm.config import ModelConfig
-
-    config = ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers})
-    qconfig = load_time_quantization(config, "rtn", {"bits": 4, "group_size": group_size})
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(qconfig, backend="triton")
-    finally:
-        torch.set_default_dtype(previous)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.is_floating_point():
-                param.fill_(1.0) if "norm" in name else param.normal_(0.0, INIT_STD, generator=gen)
-    model.process_weights_after_loading()  # RTN rounds and packs each staged dense weight here
-    return model.eval(), qconfig
+from bench_decode import build_model, copy_bandwidth, run_engine, weight_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     rows = {}
     for label, build in (("bf16", lambda: build_model(args.layers)),
-                         (f"int4 g{args.group_size}", lambda: build_int4_model(args.layers, args.group_size))):
+                         (f"int4 g{args.group_size}",
+                          lambda: build_model(args.layers, "rtn", {"bits": 4, "group_size": args.group_size}))):
         t0 = time.perf_counter()
         model, config = build()
         nbytes = weight_bytes(model)
