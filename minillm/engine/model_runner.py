@@ -330,6 +330,8 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
         """One token per row; rows of a request with a seed draw from that request's own generator."""
+        if all(s.temperature <= 0 for s in specs):  # all greedy: decided on the host, so no sampling parameters
+            return logits.argmax(dim=-1).tolist()  # cross to the device and only the tokens' copy waits for it
         temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=self.device)
         top_ks = torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=self.device)
         top_ps = torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=self.device)
