@@ -15,6 +15,8 @@
     fp8_gemm.py         per_token_quant_fp8, fp8_gemm          FP8 e4m3: activations quantized per token, the
                                                               FP8 GEMM (chapter 10)
     int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
+    gemv.py             gemv, GemvConfig, default_config       dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
+                                                              weight streaming, split-K with one launch (chapter 4)
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

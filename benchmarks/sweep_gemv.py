@@ -1,0 +1,198 @@
+"""Sweep the decode GEMV (kernels/gemv.py) against cuBLAS (F.linear) on Llama-3-8B's linear shapes, M = 1..8.
+
+    python benchmarks/sweep_gemv.py [--out gemv.json] [--m 1 2 4 8] [--budget-s 100]
+
+At decode a linear layer is a weight read: the figure of merit is weight bytes / time as a fraction of the
+copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written). For each shape
+(qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096, lm_head 4096->128256) and M, this
+times F.linear and every GemvConfig of the space below (each with the split-K factors that make sense for the
+grid), all inside CUDA graphs (what the engine replays), cycling through enough copies of the weight that it
+never sits in the 50 MB L2 between calls. Every config is checked against an fp32 reference first.
+Prints one row per (shape, M): cuBLAS, the kernel's default_config, the best config; writes every timing to
+--out. Needs CUDA; about 1-2 minutes on one H200 (mostly Triton compiles), bounded by --budget-s.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}  # name -> (N, K)
+# (block_n, block_k, num_warps, num_stages) per M bucket on CUDA cores, and the tensor-core tiles for all M
+FMA_TILES = {1: [(8, 512, 4, 1), (16, 512, 4, 1), (8, 1024, 4, 1), (32, 256, 4, 1), (16, 256, 4, 1),
+                 (4, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1)],
+             2: [(8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (4, 512, 4, 1), (16, 512, 8, 1)],
+             4: [(4, 256, 4, 1), (8, 256, 4, 1), (4, 512, 4, 1), (8, 512, 8, 1), (16, 256, 8, 1)]}
+DOT_TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (16, 512, 4, 3),
+             (64, 256, 8, 3)]
+L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least this (H200 L2: 50 MB)
+GRAPH_GPU_MS = 2.0  # GPU time per graph replay
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + written), median of do_bench."""
+    import torch
+    import triton
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
+    del src, dst
+    return 2 * (1 << 29) * 2 / (ms * 1e-3)
+
+
+def graph_time_us(calls, est_us: float) -> float:
+    """Microseconds per call, `calls` (closures over different weight copies) replayed round-robin from one
+    CUDA graph; the median of 5 replays."""
+    import torch
+    for c in calls:
+        c()  # compile, grow workspaces: nothing of that may happen during capture
+    torch.cuda.synchronize()
+    n = max(len(calls), int(GRAPH_GPU_MS * 1e3 / max(est_us, 1.0)))
+    n = -(-n // len(calls)) * len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def split_factors(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> list[int]:
+    """Split-K factors worth timing for a tile: 1, and powers of two while the grid is under ~8 waves and every
+    split keeps >= 2 K tiles."""
+    grid_n = -(-n // block_n)
+    out = [1]
+    s = 2
+    while s <= 16 and grid_n * s <= 8 * num_sms and k // s >= 2 * block_k:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def configs_for(m: int, n: int, k: int, num_sms: int):
+    from minillm.kernels.gemv import GemvConfig
+    bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else None
+    tiles = [(t, False) for t in FMA_TILES.get(bucket, [])] + [(t, True) for t in DOT_TILES]
+    for (bn, bk, warps, stages), dot in tiles:
+        for s in split_factors(n, k, bn, bk, num_sms):
+            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="write every timing here as JSON")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8], help="rows of x (1..16)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--budget-s", type=float, default=100.0, help="stop trying new configs after this")
+    args = parser.parse_args(argv)
+    if any(not 1 <= m <= 16 for m in args.m):
+        parser.error(f"--m values must lie in [1, 16], got {args.m}")
+    import torch
+    if not torch.cuda.is_available():
+        print("sweep_gemv needs a CUDA GPU; nothing was measured.", file=sys.stderr)
+        return 2
+    import torch.nn.functional as F
+    import triton
+
+    import minillm  # noqa: F401  (platform setup)
+    from minillm.kernels.gemv import default_config, gemv
+
+    t_start = time.perf_counter()
+    bw = copy_bandwidth()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtype = torch.bfloat16
+    results = dict(benchmark="gemv sweep", date=datetime.datetime.now(datetime.timezone.utc).isoformat("seconds"),
+                   device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   command="python benchmarks/sweep_gemv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   copy_bytes_per_s=round(bw), num_sms=num_sms, rows=[], entries=[], failures=[], skipped=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out_of_time = False
+    for m in args.m:  # M outer: when the budget runs out, every shape has its M = 1 figures
+        for name in args.shapes:
+            n, k = SHAPES[name]
+            nbytes = n * k * 2
+            copies = max(1, -(-L2_FLUSH_BYTES // nbytes))
+            weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.02 for _ in range(copies)]
+            est_us = nbytes / bw * 1e6
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+            ref = (x.float() @ weights[0].float().t())
+            tol = 2e-2 * ref.abs().max().item() + 1e-3
+            cublas_err = (F.linear(x, weights[0]).float() - ref).abs().max().item()
+            cublas_us = graph_time_us([lambda w=w: F.linear(x, w) for w in weights], est_us)
+            frac = lambda us: nbytes / (us * 1e-6) / bw  # noqa: E731  (bytes moved per second, as the copy)
+            row = dict(shape=name, n=n, k=k, m=m, weight_bytes=nbytes, cublas_us=round(cublas_us, 2),
+                       cublas_frac=round(frac(cublas_us), 4), cublas_err=cublas_err)
+            print(f"{name} M={m}: cuBLAS {cublas_us:.1f} us ({frac(cublas_us):.1%})", flush=True)
+            best = None
+            default = default_config(m, n, k, num_sms)
+            cands = list(configs_for(m, n, k, num_sms))
+            if default not in cands:
+                cands.insert(0, default)
+            for cfg in cands:
+                if time.perf_counter() - t_start > args.budget_s:
+                    out_of_time = True
+                    results["skipped"] += 1
+                    continue
+                entry = dict(shape=name, m=m, config=cfg.__dict__.copy(), default=cfg == default)
+                try:
+                    err = (gemv(x, weights[0], config=cfg).float() - ref).abs().max().item()
+                    entry["err"] = err
+                    if not err <= tol:
+                        raise ValueError(f"max abs error {err:.3g} > tol {tol:.3g} (cuBLAS {cublas_err:.3g})")
+                    us = graph_time_us([lambda w=w, c=cfg: gemv(x, w, config=c) for w in weights], est_us)
+                except Exception as exc:  # noqa: BLE001  (a config that fails to compile or check: record it)
+                    results["failures"].append(dict(entry, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                    print(f"  FAIL {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                entry.update(us=round(us, 2), frac=round(frac(us), 4), vs_cublas=round(cublas_us / us, 3))
+                results["entries"].append(entry)
+                if cfg == default:
+                    row.update(default_us=entry["us"], default_frac=entry["frac"])
+                if best is None or us < best["us"]:
+                    best = entry
+            if best is not None:
+                row.update(best_us=best["us"], best_frac=best["frac"], best_vs_cublas=best["vs_cublas"],
+                           best_config=best["config"])
+            results["rows"].append(row)
+            del x, ref, weights
+            torch.cuda.empty_cache()
+    results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+
+    print(f"\nGEMV sweep, {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
+          f"fraction = weight bytes / time / copy bandwidth")
+    print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
+          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages)")
+    for r in results["rows"]:
+        c = r.get("best_config")
+        cs = f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['use_dot']}, {c['num_warps']}, {c['num_stages']}" \
+            if c else "-"
+        print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
+              f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"
+              f"{r.get('best_us', float('nan')):>9.1f}{r.get('best_frac', float('nan')):>7.1%}"
+              f"{r.get('best_vs_cublas', float('nan')):>9.2f}  {cs}")
+    if out_of_time:
+        print(f"budget of {args.budget_s} s reached: {results['skipped']} configs not timed")
+    if results["failures"]:
+        print(f"{len(results['failures'])} configs failed (see --out)")
+    print(f"elapsed {results['elapsed_s']} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""GEMV for decode: y = x @ W^T for a few rows of x (M = 1..16) and a dense fp16/bf16 weight (chapter 4).
+
+Why batch-1 decode is a memory problem: a decode step multiplies M tokens' activations x [M, K] by every
+weight matrix W [N, K] (nn.Linear's layout, K contiguous). That is 2*M*N*K flops for N*K*2 bytes of weight,
+M flops per byte: the H200 streams ~4.2 TB/s and multiplies ~700 TFLOP/s, so the matmul is done computing
+long before the weights arrive unless M is in the hundreds. At M = 1 the time of a linear layer is
+(weight bytes) / (bandwidth) and nothing else matters: the figure of merit is the fraction of the copy
+bandwidth a kernel reaches.
+
+Why cuBLAS falls short there (~67% of bandwidth on Llama-3-8B's shapes, GPU.md): its GEMM tiles are built for
+reuse (M >= 64 rows of a tensor-core tile), and its GEMV kernels for M = 1 do not always launch enough
+programs with enough bytes in flight to cover HBM latency on 132 SMs; for the smaller layers (o_proj: 33 MB,
+about 8 us) launch ramp-up and the tail of the last wave are a large share of the time.
+
+What this kernel does (the idea of every fast GEMV: FlashDecoding++'s flat GEMV, TensorRT-LLM's and vLLM's
+small-M kernels; written here from the idea):
+* Program (pid_n, pid_k) owns BLOCK_N output rows and one K range (split-K). It streams its [BLOCK_N, BLOCK_K]
+  weight tiles along K, each thread loading contiguous 16-byte vectors (K is contiguous), so every byte of W
+  is read exactly once by exactly one program, in full 128-byte lines.
+* The M rows of x are tiny (M*K*2 bytes, read from L2); rows past M are clamped onto row M - 1, and weight
+  rows past N onto row N - 1, so the K loop has no masks when K divides into whole tiles.
+* Two inner products. CUDA cores (USE_DOT=False): acc[M, BLOCK_N, BLOCK_K] += x * w in fp32, element by
+  element, reduced over K once after the loop (no cross-thread reduction inside the loop). Tensor cores
+  (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
+  here, and the compiler pipelines the tile loads through shared memory (num_stages).
+* Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
+  into a workspace with atomics and bumps a per-tile counter; the last split to arrive reads the total (an
+  atomic add of zero, so it sees L2), zeroes the workspace, adds the bias, writes y and resets the counter. One launch,
+  no host sync, and the workspace is clean for the next call, so a CUDA graph can replay it.
+
+`gemv(x, weight, bias, config)` is the entry point; `default_config` picks a launch for a shape, and
+benchmarks/sweep_gemv.py measures the whole config space on the GPU against cuBLAS (F.linear). The engine's
+dense linears and the LM head call it at decode through minillm.layers.linear.dense_linear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["GemvConfig", "MAX_M", "default_config", "gemv"]
+
+MAX_M = 16  # rows of x one launch serves (the tensor-core path pads M to 16)
+MAX_SPLIT_K = 16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch of the GEMV kernel: tile sizes, split-K, inner product, warps and pipeline stages."""
+
+    block_n: int = 16
+    block_k: int = 512
+    split_k: int = 1
+    use_dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def check(self, m: int) -> None:
+        """ValueError naming the field that is out of range (for rows m)."""
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 1, got {v}")
+        if not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"GemvConfig.split_k must lie in [1, {MAX_SPLIT_K}], got {self.split_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemvConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"GemvConfig.num_stages must lie in [1, 8], got {self.num_stages}")
+        if self.use_dot and (self.block_n < 16 or self.block_k < 16):
+            raise ValueError(f"tl.dot needs block_n >= 16 and block_k >= 16, got {self}")
+
+    def block_m(self, m: int) -> int:
+        return 16 if self.use_dot else triton.next_power_of_2(m)
+
+
+@triton.jit
+def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows_w = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads; rows past N are never stored
+    rows_x = tl.minimum(offs_m, M - 1)
+    # this split's K range: a whole number of BLOCK_K tiles (the last split may get fewer, or none)
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < k_hi
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+
+    n_ok = offs_n < N
+    y_mask = (offs_m < M)[:, None] & n_ok[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if not USE_SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's partials are in before its arrival is counted
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # last split of this tile: take the total and leave zeros behind
+            # read the total where the atomics left it (L2), then zero it for the next call
+            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=y_mask,
+                                  sem="acquire")
+            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=y_mask)
+            if HAS_BIAS:
+                total += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(CNT + pid_n, 0)
+
+
+_NUM_SMS: dict[int, int] = {}
+_WORKSPACES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of `device` (fp32 partial sums, int32 arrival counters), grown as needed.
+
+    Every launch leaves it zeroed, so calls on one stream share it. It must not be allocated while a CUDA
+    graph is being captured (the engine's warm-up call before each capture makes it big enough)."""
+    key = str(device)
+    held = _WORKSPACES.get(key)
+    if held is None or held[0].numel() < sums or held[1].numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"gemv: the split-K workspace must grow to {sums} sums / {tiles} tiles during CUDA "
+                               "graph capture; call gemv once with this shape before capturing")
+        old = (held[0].numel(), held[1].numel()) if held is not None else (0, 0)
+        held = (torch.zeros(max(sums, 2 * old[0]), dtype=torch.float32, device=device),
+                torch.zeros(max(tiles, 2 * old[1]), dtype=torch.int32, device=device))
+        _WORKSPACES[key] = held
+    return held
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
+    """A launch for (M, N, K) without measuring: CUDA cores for M <= 4, tensor cores above; BLOCK_N shrinks
+    (and then K splits) until there are about four programs per SM, each still streaming >= 64 KB of weights."""
+    if m > 4:
+        block_n, block_k, use_dot, warps, stages = 32, 256, True, 4, 4
+    else:
+        block_n, block_k, use_dot, warps, stages = (16 if m == 1 else 8), 512 // max(m, 1), False, 4, 1
+        block_k = max(block_k, 128)
+    split = 1
+    target = 4 * num_sms
+    while triton.cdiv(n, block_n) * split < target and split < MAX_SPLIT_K and \
+            block_n * (k // (2 * split)) * 2 >= 64 * 1024 and k // (2 * split) >= block_k:
+        split *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=use_dot, num_warps=warps,
+                      num_stages=stages)
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
+        raise TypeError(f"gemv: x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != x.dtype:
+        raise ValueError(f"gemv: weight must be a 2-D [N, K] tensor of x's dtype {x.dtype}, got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"gemv: x [..., K] and weight [N, K] must agree on K >= 1 and have N >= 1, got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"gemv: x is on {x.device}, weight on {weight.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device):
+        raise ValueError(f"gemv: bias must be [N] = [{weight.shape[0]}] on {x.device}, got "
+                         f"{tuple(bias.shape)} on {bias.device}")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, for at most MAX_M rows of x.
+
+    `config` pins the launch (benchmarks, tests); None takes `default_config` for the shape.
+    """
+    _check_args(x, weight, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"gemv serves 1..{MAX_M} rows of x, got {m} (x of shape {tuple(x.shape)}); use F.linear")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
+    cfg = config if config is not None else default_config(m, n, k, _num_sms(x.device))
+    cfg.check(m)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
+    ws, cnt = _workspace(x.device, m * n, grid_n) if split > 1 else (y, y)
+    _gemv_kernel[(grid_n, split)](
+        x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
+        y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot, EVEN_K=k % (cfg.block_k * split) == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.reshape(*x.shape[:-1], n)
