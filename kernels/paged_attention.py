@@ -156,24 +156,39 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
 
 @triton.jit
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         stride_ob, stride_oh,
-                         num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         CHUNK_S: tl.constexpr):
+    """One program per (query token, head, BLOCK_D slice of head_dim): out = sum_s w_s out_s / sum_s w_s with
+    w_s = exp(lse_s - max lse).
+
+    The splits are walked CHUNK_S at a time with the online-softmax rescaling (a running max m, the total
+    weight and the weighted sum are rescaled by exp(m_old - m_new) when a larger lse arrives), so 64 or 128
+    splits never hold a [splits, head_dim] fp32 tile in registers, and the split count is not a compile-time
+    constant. Slicing head_dim gives a batch-1 merge more than one program per head.
+    """
     batch = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    base = batch * stride_pb + head * stride_ph + offs_s * stride_ps
-    lse = tl.load(LSE_PART + batch * stride_lb + head * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m)  # empty splits weigh exp(-inf) = 0
-    o = tl.load(O_PART + base[:, None] + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-                other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_s = tl.arange(0, CHUNK_S)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):
+        s_ok = s0 + offs_s < num_splits
+        lse = tl.load(LSE_PART + batch * stride_lb + head * stride_lh + s0 + offs_s, mask=s_ok,
+                      other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights stay 0
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe)  # an empty split weighs exp(-inf) = 0
+        base = batch * stride_pb + head * stride_ph + (s0 + offs_s) * stride_ps
+        o = tl.load(O_PART + base[:, None] + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        total = total * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -195,7 +210,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
                            num_splits: int | None = None, k_scale=None, v_scale=None,
                            q_len: int = 1, cu_seqlens_q: torch.Tensor | None = None,
-                           tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                           tree_mask: torch.Tensor | None = None, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -209,6 +225,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1 and q_len is only an upper bound of every sequence's count. tree_mask
     (int64 [num_tokens]): per query row, the ancestor bitmask over its sequence's new tokens (bit j: new token j
     is visible; -1 keeps plain causal attention). Either one allows q_len up to MAX_TREE_QUERY_LEN.
+
+    Launch configuration (None: the defaults): block_n keys per loop
+    iteration (a power of two in [16, 256]), num_warps (1, 2, 4, 8 or 16) and num_stages (software-pipeline
+    depth of the K/V loads, 1..6) of the split kernel. Benchmarks sweep them; the engine leaves them alone.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -246,6 +266,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device)
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
+    if block_n is not None and (block_n not in (16, 32, 64, 128, 256)):
+        raise ValueError(f"block_n must be a power of two in [16, 256], got {block_n!r}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
+                                   or not 1 <= num_stages <= 6):
+        raise ValueError(f"num_stages must be an int in [1, 6], got {num_stages!r}")
     block_tables = block_tables.contiguous()
     has_scale = k_scale is not None
     if has_scale:
@@ -260,7 +287,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     interp = triton_interpreted()
-    block_n = 32 if interp else max(16, min(64, 8192 // block_d))
+    if block_n is None:
+        block_n = 32 if interp else max(16, min(64, 8192 // block_d))
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 1 if interp else 3
     single = num_splits == 1
     o_part = out if single else torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
                                              device=q.device)
@@ -287,11 +319,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
-        num_warps=4, num_stages=1 if interp else 3)
+        num_warps=num_warps, num_stages=num_stages)
     if not single:
-        _merge_splits_kernel[(num_tokens, num_heads)](
+        # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
+        d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))
+        _merge_splits_kernel[(num_tokens, num_heads, d_slices)](
             o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d // d_slices, CHUNK_S=16, num_warps=4)
     return out
 
 

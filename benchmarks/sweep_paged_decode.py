@@ -1,0 +1,266 @@
+"""Sweep paged decode attention's launch configuration over batch x context on one GPU (issue 14, P2).
+
+    python benchmarks/sweep_paged_decode.py --out sweep.json [--quick] [--batches 1,8] [--ctxs 4096]
+
+What it measures. kernels/paged_attention.py reads each sequence's K and V once per decode step, so its
+roofline is memory bandwidth: bytes = K + V read (batch x ctx x kv heads x head_dim x 2 bytes, twice) plus q
+read and out written. The figure is that many bytes over the kernel's time, as a fraction of the
+device-to-device copy bandwidth measured in the same run (a 1 GiB copy; bytes read + written). Small shapes
+are also compared with a copy of the same number of bytes, which pays the same launch and ramp-up latency.
+
+How it times. Every variant is replayed from a CUDA graph (what the engine's decode step does), and each graph
+holds several instances of the shape over disjoint cache blocks with fresh queries, at least 256 MB of KV in
+all, so no instance finds its keys in the 50 MB L2 left by the previous one: in a real step the other layers'
+weights have evicted them too. Time per call = graph time / instances, median of a few trials.
+
+What it sweeps, per (batch, ctx) of Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16,
+block_size 16, the engine's default, random block tables):
+  stage 1: num_splits in {1, 2, 4, ..., 64} (splits of fewer than 64 keys skipped) with today's tile;
+  stage 2: the tile variants (BLOCK_N, num_warps, num_stages) at the two best split counts of stage 1;
+  and the heuristic (num_splits=None, default tile), i.e. what the engine runs.
+The best configuration of each shape and the heuristic's are checked against a float32 torch reference
+before the table is printed. The table gives, per shape, the heuristic's and the best config's fraction of
+copy bandwidth. Raw rows and the summary go to --out as JSON; about 1-2 minutes on an H200.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONTEXTS = (1024, 4096, 16384, 32768)
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
+# (block_n, num_warps, num_stages); the first is the kernel's default on CUDA
+TILES = ((64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2), (64, 4, 4), (32, 2, 4))
+MAX_KV_BYTES = 40e9  # skip shapes whose KV cache would not fit beside the rest
+ROTATE_BYTES = 256e6  # KV bytes per timed graph at least: 5x the H200's L2
+MIN_SPLIT_KEYS = 64
+
+
+def kv_bytes(batch: int, ctx: int) -> int:
+    return 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+
+
+def bytes_moved(batch: int, ctx: int) -> int:
+    """The kernel's compulsory traffic: K and V read, q read, out written (bf16)."""
+    return kv_bytes(batch, ctx) + 2 * batch * HEADS * HEAD_DIM * 2
+
+
+def graph_time_us(calls, trials: int = 3, min_gpu_ms: float = 1.0) -> float:
+    """Median microseconds per call of `calls` (a list of zero-argument functions) replayed from one CUDA graph."""
+    for fn in calls:  # compile (and autotune) outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # outputs allocated during capture live in the graph's private pool
+        for fn in calls:
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    reps = max(1, min(200, math.ceil(min_gpu_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(trials):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+class CachePool:
+    """One paged KV pool for every shape (the largest shape's blocks), filled with random bf16 values."""
+
+    def __init__(self, num_blocks: int, seed: int = 0, device: str = "cuda"):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+        self.v_cache = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+        self.gen, self.device = gen, device
+
+    def instances(self, batch: int, ctx: int, count: int):
+        """`count` decode batches over disjoint random blocks: (q, block_tables, seq_lens) each."""
+        per_seq = ctx // BLOCK_SIZE
+        need = count * batch * per_seq
+        if need > self.k_cache.shape[0]:
+            raise ValueError(f"pool of {self.k_cache.shape[0]} blocks cannot hold {need}")
+        perm = torch.randperm(self.k_cache.shape[0], device=self.device, generator=self.gen)[:need].to(torch.int32)
+        tables = perm.view(count, batch, per_seq)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=self.device)
+        return [(torch.randn(batch, HEADS, HEAD_DIM, device=self.device, dtype=torch.bfloat16, generator=self.gen),
+                 tables[i].contiguous(), seq_lens) for i in range(count)]
+
+
+def rotation_count(batch: int, ctx: int) -> int:
+    return max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes(batch, ctx))))
+
+
+def reference(q, k_cache, v_cache, block_tables, seq_lens, rows: int = 4) -> torch.Tensor:
+    """float32 attention of the first `rows` sequences over their gathered keys: [rows, H, D]."""
+    outs = []
+    for b in range(min(rows, q.shape[0])):
+        n = int(seq_lens[b])
+        blocks = block_tables[b, : -(-n // BLOCK_SIZE)].long()
+        k = k_cache[blocks].reshape(-1, KV_HEADS, HEAD_DIM)[:n].float().repeat_interleave(HEADS // KV_HEADS, 1)
+        v = v_cache[blocks].reshape(-1, KV_HEADS, HEAD_DIM)[:n].float().repeat_interleave(HEADS // KV_HEADS, 1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) / math.sqrt(HEAD_DIM)
+        outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+    return torch.stack(outs)
+
+
+def check(pool: CachePool, inst, config: dict, label: str) -> float:
+    """Max abs error of one config against the float32 reference; exits on a failure (no timing is worth it)."""
+    from minillm.kernels.paged_attention import paged_decode_attention
+
+    q, tables, seq_lens = inst
+    got = paged_decode_attention(q, pool.k_cache, pool.v_cache, tables, seq_lens, **config)
+    ref = reference(q, pool.k_cache, pool.v_cache, tables, seq_lens)
+    err = (got[: ref.shape[0]].float() - ref).abs()
+    if not bool((err <= 1e-2 + 2e-2 * ref.abs()).all()):
+        raise SystemExit(f"correctness check failed for {label} {config}: max abs error {err.max().item():.3g}")
+    return err.max().item()
+
+
+def time_config(pool: CachePool, insts, config: dict) -> float:
+    from minillm.kernels.paged_attention import paged_decode_attention
+
+    calls = [lambda i=i: paged_decode_attention(i[0], pool.k_cache, pool.v_cache, i[1], i[2], **config)
+             for i in insts]
+    return graph_time_us(calls)
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy moving `nbytes` in all (read + write), graph-timed."""
+    n = nbytes // 4  # bf16 elements per side
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = graph_time_us([lambda: dst.copy_(src)], trials=5)
+    return nbytes / (t * 1e-6)
+
+
+def same_size_copy_us(buf_src: torch.Tensor, buf_dst: torch.Tensor, nbytes: int, count: int) -> float:
+    """Microseconds of one copy moving `nbytes` (read + write), rotated over `count` disjoint slices."""
+    n = nbytes // 4
+    calls = [lambda i=i: buf_dst[i * n:(i + 1) * n].copy_(buf_src[i * n:(i + 1) * n]) for i in range(count)]
+    return graph_time_us(calls)
+
+
+def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tuple[list[dict], dict]:
+    from minillm.kernels.paged_attention import choose_num_splits
+
+    insts = pool.instances(batch, ctx, rotation_count(batch, ctx))
+    nbytes = bytes_moved(batch, ctx)
+    row = lambda cfg, us, stage: {  # noqa: E731
+        "batch": batch, "ctx": ctx, "stage": stage, **cfg, "us": us, "tb_per_s": nbytes / us / 1e6,
+        "fraction_of_copy": nbytes / (us * 1e-6) / copy_bw}
+    rows = []
+    auto_splits = choose_num_splits(batch, KV_HEADS, ctx, torch.device("cuda"))
+    auto = row({"num_splits": None, "auto_splits": auto_splits}, time_config(pool, insts, {}), "heuristic")
+    rows.append(auto)
+    default = dict(zip(("block_n", "num_warps", "num_stages"), tiles[0]))
+    stage1 = []
+    for s in splits_list:
+        if s > 1 and ctx // s < MIN_SPLIT_KEYS:
+            continue
+        cfg = {"num_splits": s, **default}
+        stage1.append(row(cfg, time_config(pool, insts, cfg), "splits"))
+    rows += stage1
+    best_splits = [r["num_splits"] for r in sorted(stage1, key=lambda r: r["us"])[:2]]
+    for s in best_splits:
+        for bn, w, st in tiles[1:]:
+            cfg = {"num_splits": s, "block_n": bn, "num_warps": w, "num_stages": st}
+            rows.append(row(cfg, time_config(pool, insts, cfg), "tiles"))
+    best = min(rows, key=lambda r: r["us"])
+    keys = ("num_splits", "block_n", "num_warps", "num_stages")
+    best_cfg = {k: best[k] for k in keys if best.get(k) is not None}
+    best["max_abs_err"] = check(pool, insts[0], best_cfg, f"B{batch} ctx{ctx} best")
+    auto["max_abs_err"] = check(pool, insts[0], {}, f"B{batch} ctx{ctx} heuristic")
+    summary = {"batch": batch, "ctx": ctx, "kv_mb": kv_bytes(batch, ctx) / 1e6, "rotation": len(insts),
+               "auto_splits": auto_splits, "auto_us": auto["us"], "auto_fraction": auto["fraction_of_copy"],
+               "best": best_cfg, "best_us": best["us"], "best_fraction": best["fraction_of_copy"],
+               "speedup": auto["us"] / best["us"]}
+    if nbytes < 1e9:  # small shapes: the same bytes copied, with its own launch latency
+        summary["same_size_copy_us"] = same_size_copy_us(*copy_bufs, nbytes, len(insts))
+        summary["best_vs_same_size_copy"] = summary["same_size_copy_us"] / best["us"]
+    return rows, summary
+
+
+def print_table(summaries: list[dict], copy_bw: float) -> None:
+    print(f"\ncopy bandwidth (1 GiB device-to-device, read + write): {copy_bw / 1e12:.2f} TB/s")
+    print("fraction = (K + V + q + out bytes) / time / copy bandwidth; 'vs copy': a copy of the same bytes' time / best")
+    print(f"{'batch':>6}{'ctx':>7}{'KV MB':>9}{'heur splits':>12}{'heur us':>10}{'heur frac':>10}"
+          f"{'best (splits,bn,warps,stages)':>32}{'best us':>10}{'best frac':>10}{'x heur':>8}{'vs copy':>9}")
+    for s in summaries:
+        b = s["best"]
+        cfg = f"{b.get('num_splits', 'auto')},{b.get('block_n', '-')},{b.get('num_warps', '-')},{b.get('num_stages', '-')}"
+        vs = f"{s['best_vs_same_size_copy']:.2f}" if "best_vs_same_size_copy" in s else "-"
+        print(f"{s['batch']:>6}{s['ctx']:>7}{s['kv_mb']:>9.0f}{s['auto_splits']:>12}{s['auto_us']:>10.1f}"
+              f"{s['auto_fraction']:>10.0%}{cfg:>32}{s['best_us']:>10.1f}{s['best_fraction']:>10.0%}"
+              f"{s['speedup']:>8.2f}{vs:>9}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="write rows and summary as JSON here")
+    parser.add_argument("--quick", action="store_true", help="only the first three tile variants")
+    parser.add_argument("--batches", type=_ints, default=list(BATCHES), help="comma-separated, default 1..256")
+    parser.add_argument("--ctxs", type=_ints, default=list(CONTEXTS), help="comma-separated context lengths")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_paged_decode.py needs a CUDA GPU (the Triton interpreter would take hours).", file=sys.stderr)
+        return 2
+    bad = [c for c in args.ctxs if c % BLOCK_SIZE]
+    if bad:
+        parser.error(f"contexts must be multiples of the block size {BLOCK_SIZE}, got {bad}")
+    import triton
+
+    shapes = [(b, c) for b in args.batches for c in args.ctxs if kv_bytes(b, c) <= MAX_KV_BYTES]
+    tiles = TILES[:3] if args.quick else TILES
+    need = max(max(rotation_count(b, c) * b * c // BLOCK_SIZE for b, c in shapes), 1)
+    pool = CachePool(need)
+    copy_bw = copy_bandwidth(2 << 30)
+    copy_bufs = (torch.empty(int(ROTATE_BYTES * 2) // 2, device="cuda", dtype=torch.bfloat16),
+                 torch.empty(int(ROTATE_BYTES * 2) // 2, device="cuda", dtype=torch.bfloat16))
+    rows, summaries = [], []
+    for i, (b, c) in enumerate(shapes):
+        r, s = sweep_shape(pool, b, c, tiles, SPLITS, copy_bw, copy_bufs)
+        rows += r
+        summaries.append(s)
+        print(f"[{i + 1}/{len(shapes)}] B{b} ctx{c}: heuristic {s['auto_fraction']:.0%}, best {s['best_fraction']:.0%} "
+              f"{s['best']}", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bytes_per_s": copy_bw, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "summary": summaries, "rows": rows}, f, indent=1)
+    print_table(summaries, copy_bw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
