@@ -21,13 +21,16 @@ import time
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N, K)
-# (block_n, block_k, num_warps, num_stages) per M bucket on CUDA cores, and the tensor-core tiles for all M
-FMA_TILES = {1: [(8, 512, 4, 1), (16, 512, 4, 1), (8, 1024, 4, 1), (32, 256, 4, 1), (16, 256, 4, 1),
-                 (4, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1)],
-             2: [(8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (4, 512, 4, 1), (16, 512, 8, 1)],
-             4: [(4, 256, 4, 1), (8, 256, 4, 1), (4, 512, 4, 1), (8, 512, 8, 1), (16, 256, 8, 1)]}
-DOT_TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (16, 512, 4, 3),
-             (64, 256, 8, 3)]
+# (block_n, block_k, num_warps, num_stages, prefetch) per M bucket on CUDA cores; tensor-core tiles for all M
+FMA_TILES = {1: [(8, 512, 4, 1, False), (16, 512, 4, 1, False), (8, 1024, 4, 1, False), (32, 256, 4, 1, False),
+                 (16, 256, 4, 1, False), (4, 1024, 4, 1, False), (16, 1024, 8, 1, False),
+                 (8, 512, 4, 1, True), (16, 256, 4, 1, True), (4, 1024, 4, 1, True), (16, 512, 4, 1, True)],
+             2: [(8, 256, 4, 1, False), (8, 512, 4, 1, False), (16, 256, 4, 1, False), (4, 512, 4, 1, False),
+                 (16, 512, 8, 1, False), (8, 256, 4, 1, True), (4, 512, 4, 1, True)],
+             4: [(4, 256, 4, 1, False), (8, 256, 4, 1, False), (4, 512, 4, 1, False), (8, 512, 8, 1, False),
+                 (16, 256, 8, 1, False), (4, 256, 4, 1, True), (8, 256, 4, 1, True)]}
+DOT_TILES = [(16, 256, 4, 4, False), (32, 256, 4, 4, False), (32, 128, 4, 6, False), (64, 128, 4, 4, False),
+             (16, 512, 4, 3, False), (64, 256, 8, 3, False)]
 L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least this (H200 L2: 50 MB)
 GRAPH_GPU_MS = 2.0  # GPU time per graph replay
 
@@ -86,9 +89,10 @@ def configs_for(m: int, n: int, k: int, num_sms: int):
     from minillm.kernels.gemv import GemvConfig
     bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else None
     tiles = [(t, False) for t in FMA_TILES.get(bucket, [])] + [(t, True) for t in DOT_TILES]
-    for (bn, bk, warps, stages), dot in tiles:
+    for (bn, bk, warps, stages, prefetch), dot in tiles:
         for s in split_factors(n, k, bn, bk, num_sms):
-            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages)
+            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages,
+                             prefetch=prefetch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGEMV sweep, {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
           f"fraction = weight bytes / time / copy bandwidth")
     print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
-          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages)")
+          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages, prefetch)")
     for r in results["rows"]:
         c = r.get("best_config")
-        cs = f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['use_dot']}, {c['num_warps']}, {c['num_stages']}" \
-            if c else "-"
+        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "prefetch")
+        cs = ", ".join(str(c[f]) for f in fields) if c else "-"
         print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
               f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"
               f"{r.get('best_us', float('nan')):>9.1f}{r.get('best_frac', float('nan')):>7.1%}"

@@ -20,7 +20,8 @@ small-M kernels; written here from the idea):
 * The M rows of x are tiny (M*K*2 bytes, read from L2); rows past M are clamped onto row M - 1, and weight
   rows past N onto row N - 1, so the K loop has no masks when K divides into whole tiles.
 * Two inner products. CUDA cores (USE_DOT=False): acc[M, BLOCK_N, BLOCK_K] += x * w in fp32, element by
-  element, reduced over K once after the loop (no cross-thread reduction inside the loop). Tensor cores
+  element, reduced over K once after the loop (no cross-thread reduction inside the loop); with `prefetch`
+  the next tile's load is in flight while this tile's FMAs run (twice the bytes in flight). Tensor cores
   (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
   here, and the compiler pipelines the tile loads through shared memory (num_stages).
 * Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GemvConfig", "MAX_M", "default_config", "gemv"]
+__all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv"]
 
 MAX_M = 16  # rows of x one launch serves (the tensor-core path pads M to 16)
 MAX_SPLIT_K = 16
@@ -56,6 +57,7 @@ class GemvConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 1
+    prefetch: bool = False  # CUDA-core path: load tile i + 1 before the FMAs of tile i (where K splits evenly)
 
     def check(self, m: int) -> None:
         """ValueError naming the field that is out of range (for rows m)."""
@@ -79,7 +81,7 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -98,7 +100,17 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    if PREFETCH:  # CUDA cores, whole tiles only: the next tile's load is issued before this tile's FMAs
+        w = tl.load(w_ptrs)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            step = tl.where(k0 + BLOCK_K < k_hi, BLOCK_K, 0)  # the last iteration re-reads its own tile (L1)
+            w_next = tl.load(w_ptrs + step)
+            x = tl.load(x_ptrs)
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            w = w_next
+            w_ptrs += step
+            x_ptrs += BLOCK_K
+    for k0 in range(k_lo, k_hi if not PREFETCH else k_lo, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -186,6 +198,16 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
                       num_stages=stages)
 
 
+# (M, N, K) -> the fastest config measured on the H200 by benchmarks/sweep_gemv.py (Llama-3-8B's decode shapes).
+TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
+    """The measured config for (M, N, K) where the sweep has one, else default_config for this device's SMs."""
+    cfg = TUNED_CONFIGS.get((m, n, k))
+    return cfg if cfg is not None else default_config(m, n, k, _num_sms(device))
+
+
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
@@ -225,10 +247,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
     ws, cnt = _workspace(x.device, m * n, grid_n) if split > 1 else (y, y)
+    even_k = k % (cfg.block_k * split) == 0
     _gemv_kernel[(grid_n, split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot, EVEN_K=k % (cfg.block_k * split) == 0,
+        BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot, EVEN_K=even_k,
+        PREFETCH=cfg.prefetch and even_k and not cfg.use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,194 @@
+"""The decode GEMV (kernels/gemv.py) and its dispatch from the dense linears and the LM head (layers/linear.py).
+
+CPU part: Triton's interpreter in fp32 at tiny awkward sizes (N not a multiple of BLOCK_N, K not a multiple of
+BLOCK_K, M = 1, 3, 16), both inner products, split-K (including a split with no K tiles left), bias, repeated
+calls (the split-K workspace must be left clean), bad input; and that on CPU the layers still call F.linear.
+GPU part (@pytest.mark.gpu): bf16 at Llama-3-8B shapes against F.linear and an fp32 reference, the dispatch in
+each mode, and a CUDA graph replaying a split-K launch.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minillm.layers.linear as linear_module
+from minillm.kernels.gemv import MAX_M, GemvConfig, default_config, gemv
+from minillm.layers.embedding import LMHead
+from minillm.layers.linear import Linear, dense_linear, set_gemv_mode
+
+FP32_RTOL = 1e-5  # fp32 accumulation in another order than torch's: a few ulps of the output's magnitude
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= rtol * scale + 1e-6, f"max abs error {err:.3g} > {rtol} x max|ref| {scale:.3g}"
+
+
+CASES = [  # m, n, k, bias, config
+    (1, 37, 100, True, GemvConfig(block_n=8, block_k=32)),                       # ragged N and K
+    (1, 64, 128, False, GemvConfig(block_n=16, block_k=32, split_k=4)),          # split-K, even
+    (3, 40, 128, True, GemvConfig(block_n=16, block_k=32, split_k=3)),           # 4 K tiles over 3 splits
+    (2, 24, 96, False, GemvConfig(block_n=8, block_k=64, split_k=2)),            # 2nd split: a partial tile
+    (4, 33, 96, True, GemvConfig(block_n=16, block_k=16, split_k=2, use_dot=True)),  # tensor-core path
+    (16, 20, 48, False, GemvConfig(block_n=16, block_k=16, use_dot=True)),       # M = MAX_M
+    (1, 40, 128, False, GemvConfig(block_n=8, block_k=32, prefetch=True)),       # next tile loaded early
+    (3, 40, 128, True, GemvConfig(block_n=8, block_k=32, split_k=2, prefetch=True)),
+    (2, 40, 100, False, GemvConfig(block_n=8, block_k=32, prefetch=True)),       # ragged K: no prefetch
+    (1, 20, 64, True, None),                                                     # default_config
+]
+
+
+@pytest.mark.parametrize("m,n,k,bias,config", CASES)
+def test_gemv_matches_f_linear(m, n, k, bias, config):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    ref = F.linear(x, w, b)
+    for _ in range(2):  # the second call sees the workspace the first left behind
+        y = gemv(x, w, b, config=config)
+        assert y.shape == (m, n) and y.dtype == x.dtype
+        _close(y, ref, FP32_RTOL)
+
+
+def test_gemv_more_splits_than_k_tiles_and_leading_dims():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 64, generator=gen)  # [..., K]: two rows in all
+    w = torch.randn(24, 64, generator=gen)
+    y = gemv(x, w, config=GemvConfig(block_n=8, block_k=32, split_k=8))  # 2 K tiles: 2 splits are launched
+    assert y.shape == (2, 1, 24)
+    _close(y, F.linear(x, w), FP32_RTOL)
+
+
+def test_gemv_strided_x():
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randn(3, 80, generator=gen)
+    x = big[:, 8:72]  # rows 80 apart, K = 64 contiguous
+    w = torch.randn(16, 64, generator=gen)
+    _close(gemv(x, w, config=GemvConfig(block_n=8, block_k=32)), F.linear(x, w), FP32_RTOL)
+
+
+def test_gemv_rejects_bad_input():
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="rows of x"):
+        gemv(torch.randn(MAX_M + 1, 32), w)
+    with pytest.raises(ValueError, match="agree on K"):
+        gemv(torch.randn(1, 31), w)
+    with pytest.raises(ValueError, match="dtype"):
+        gemv(torch.randn(1, 32), w.double())
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        gemv(torch.ones(1, 32, dtype=torch.int32), w)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.randn(1, 32), w, torch.randn(15))
+    with pytest.raises(ValueError, match="contiguous along K"):
+        gemv(torch.randn(1, 32), torch.randn(32, 16).t())
+    with pytest.raises(ValueError, match="block_n"):
+        gemv(torch.randn(1, 32), w, config=GemvConfig(block_n=12))
+    with pytest.raises(ValueError, match="split_k"):
+        gemv(torch.randn(1, 32), w, config=GemvConfig(split_k=0))
+    with pytest.raises(ValueError, match="tl.dot"):
+        gemv(torch.randn(1, 32), w, config=GemvConfig(block_n=8, use_dot=True))
+
+
+def test_default_config_fills_the_gpu():
+    """Small N splits K until there are about four programs per SM; big N does not split."""
+    for m, n, k in [(1, 4096, 4096), (1, 4096, 14336), (2, 6144, 4096), (8, 4096, 4096)]:
+        cfg = default_config(m, n, k, num_sms=132)
+        cfg.check(m)
+        programs = -(-n // cfg.block_n) * cfg.split_k
+        assert programs >= 2 * 132 or k // cfg.split_k < 2 * cfg.block_k, (m, n, k, cfg)
+    assert default_config(1, 128256, 4096, num_sms=132).split_k == 1
+    assert default_config(8, 4096, 4096, num_sms=132).use_dot  # M > 4: tensor cores
+
+
+def test_cpu_layers_still_call_f_linear(monkeypatch):
+    """On CPU the dense Linear and the LM head give exactly F.linear, and never reach the GEMV decision."""
+    monkeypatch.setattr(linear_module, "_decide_gemv", lambda *a: pytest.fail("GEMV considered on CPU"))
+    torch.manual_seed(0)
+    layer = Linear(32, 24, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    x = torch.randn(1, 32)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    head = LMHead(50, 32)
+    head.weight.data.normal_()
+    assert torch.equal(head(x), F.linear(x, head.weight))
+    assert torch.equal(dense_linear(x, layer.weight), F.linear(x, layer.weight))
+
+
+def test_gemv_mode_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="gemv mode must be one of"):
+        set_gemv_mode("fast")
+    monkeypatch.setattr(linear_module, "_gemv_mode", None)
+    monkeypatch.setenv("MINILLM_GEMV", "maybe")
+    with pytest.raises(ValueError, match="MINILLM_GEMV must be one of"):
+        linear_module.gemv_mode()
+    monkeypatch.setenv("MINILLM_GEMV", "0")
+    assert linear_module.gemv_mode() == "off"
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+LLAMA3_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n,k", LLAMA3_SHAPES)
+def test_gemv_bf16_llama3_shapes(m, n, k):
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ref = F.linear(x.float(), w.float(), b.float())
+    cublas_err = (F.linear(x, w, b).float() - ref).abs().max().item()
+    for cfg in (None, GemvConfig(block_n=16, block_k=256, split_k=4, use_dot=True, num_stages=3)):
+        for _ in range(2):
+            err = (gemv(x, w, b, config=cfg).float() - ref).abs().max().item()
+            # bf16 output rounding: the same order of error as cuBLAS's
+            assert err <= 2 * cublas_err + 1e-2, f"{cfg}: error {err:.3g}, cuBLAS {cublas_err:.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
+def test_dense_linear_modes_on_gpu(mode):
+    set_gemv_mode(mode)
+    try:
+        layer = Linear(4096, 6144, dtype=torch.bfloat16).cuda()
+        layer.weight.data.normal_(0, 0.02)
+        for m in (1, 4, 8, 64):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), layer.weight.float())
+            assert (layer(x).float() - ref).abs().max().item() < 0.05
+        decisions = {key[-1]: cfg for key, cfg in linear_module._GEMV_DECISIONS.items() if key[2:4] == (6144, 4096)}
+        if mode == "on":
+            assert all(decisions.get(m) is not None for m in (1, 4, 8))
+        if mode == "off":
+            assert not decisions
+        assert 64 not in decisions  # above GEMV_MAX_M rows: always F.linear
+    finally:
+        set_gemv_mode("auto")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gemv_split_k_in_a_cuda_graph():
+    """A replayed split-K launch must reset its workspace and counters every time (new inputs each replay)."""
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(2, 14336, device="cuda", dtype=torch.bfloat16)
+    cfg = GemvConfig(block_n=16, block_k=512, split_k=8)
+    gemv(x, w, config=cfg)  # compile and size the workspace outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv(x, w, config=cfg)
+    for i in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = F.linear(x.float(), w.float())
+        assert (y.float() - ref).abs().max().item() < 0.05, f"replay {i}"
