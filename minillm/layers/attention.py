@@ -25,12 +25,13 @@ decided per call from the tensor's device. The Triton attention path, chapters 3
   query tokens per sequence, see AttentionMetadata.decode_query_len): `paged_decode_attention` reads K/V
   straight from the paged cache through block_tables/seq_lens (the steps CUDA graphs capture: no host lists);
 * prefill without cached context: `flash_attn_varlen` on the packed q/k/v (cu_seqlens_k = cu_seqlens_q);
-* anything else (chunked prefill, prefix-cache hit, a batch that mixes prefills and decodes): the keys of each
-  sequence are gathered from the cache into one packed [sum(seq_lens), KVH, D] tensor by a single vectorised
-  index (slot of key p = block_table[p // block_size] * block_size + p % block_size) and `flash_attn_varlen`
-  runs with cu_seqlens_k = prefix sums of seq_lens; its bottom-right causal alignment is exactly what a
-  chunk needs. It costs one extra copy of the context's K/V per layer (vLLM avoids it with a paged prefill
-  kernel); it is correct for every batch shape, which is what this path is for.
+* anything else (chunked prefill, prefix-cache hit, a batch that mixes prefills and decodes): one launch of
+  `paged_prefill_attention` (kernels/paged_prefill.py), FlashAttention whose inner loop reads each key tile
+  through the block table (slot of key p = block_table[p // block_size] * block_size + p % block_size), so the
+  context is never copied; every key, the new tokens' included, comes from the cache. The path it replaced,
+  gathering each sequence's keys into a packed copy (`gather_kv_packed`) and running `flash_attn_varlen` on it,
+  is kept as the readable statement of the same address translation and as the benchmark's baseline
+  (benchmarks/bench_paged_prefill.py).
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised in torch (x / scale, saturated, cast) before the store, and every read
@@ -160,7 +161,9 @@ def gather_kv_packed(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Attenti
     """K and V of every sequence of the batch, packed [sum(seq_lens), KVH, D], and cu_seqlens_k (int32 [B+1]).
 
     One vectorised gather for the whole batch (no per-sequence Python loop, no device sync): key p of
-    sequence i is flat slot block_tables[i, p // block_size] * block_size + p % block_size.
+    sequence i is flat slot block_tables[i, p // block_size] * block_size + p % block_size. The Triton path no
+    longer calls it (paged_prefill_attention does this translation per key tile, without the copy); it is the
+    gather + FlashAttention baseline of benchmarks/bench_paged_prefill.py.
     """
     if meta.context_kv_index is None:  # the same for every layer: build it once per step (host work is costly)
         device, block_size = k_cache.device, k_cache.shape[1]
@@ -255,6 +258,7 @@ class Attention(OperatorModule):
     def _triton_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                           use_cache: bool, q_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
         """The kernels of chapters 3 and 5 (see the module docstring for which batch takes which path)."""
+        from minillm.kernels import paged_prefill
         from minillm.kernels.fused import store_kvcache as store_kvcache_kernel
         from minillm.kernels.flash_attention import flash_attn_varlen
         from minillm.kernels.paged_attention import paged_decode_attention
@@ -286,11 +290,16 @@ class Attention(OperatorModule):
                              f"got query lens {q_lens}, seq lens {seq_lens}")
         if any(not 1 <= ql <= sl for ql, sl in zip(q_lens, seq_lens)):
             raise ValueError(f"need 1 <= q_len <= seq_len for every sequence, got {q_lens} and {seq_lens}")
-        k_all, v_all, cu_seqlens_k = gather_kv_packed(self.k_cache, self.v_cache, meta, seq_lens)
-        if self.k_scale is not None:
-            k_all, v_all = dequantize_kv(k_all, self.k_scale, q.dtype), dequantize_kv(v_all, self.v_scale, q.dtype)
-        out = flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
-                                causal=True, softmax_scale=self.scale)
+        block_size = self.k_cache.shape[1]
+        if meta.block_size and meta.block_size != block_size:
+            raise ValueError(f"metadata block_size {meta.block_size} != cache block size {block_size}")
+        if max(seq_lens) > meta.block_tables.shape[1] * block_size:
+            raise ValueError(f"seq_lens {seq_lens} exceed what block_tables of {meta.block_tables.shape[1]} blocks "
+                             f"of {block_size} hold")
+        # the new tokens' k/v were stored above: the kernel reads every key, cached or new, through the block table
+        out = paged_prefill.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                    meta.seq_lens, cu_seqlens_q, softmax_scale=self.scale,
+                                                    k_scale=self.k_scale, v_scale=self.v_scale)
         if tree:  # a prefill shares the step with trees: their rows again, tree-masked
             out = paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale, out=out,
                                        k_scale=self.k_scale, v_scale=self.v_scale)
