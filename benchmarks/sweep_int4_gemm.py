@@ -9,7 +9,9 @@ For the Llama-3-8B decode shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28
   auto     the engine's entry point int4_gemm() (autotuned);
   fma      int4_gemm.py's kernel, CUDA-core path (BLOCK_M = 1: one row per program), explicit tiles and SPLIT_K;
   dot      the same kernel's tensor-core path (BLOCK_M = 16);
-  gemv     int4_gemv.py's kernel (BLOCK_M rows per program, each weight unpacked once for all rows).
+  gemv     int4_gemv.py's kernel (CUDA cores, one row per program, K rows reduced in-thread: wide tiles);
+  mma      int4_mma.py's kernel (tensor cores, two weights per LOP3 straight into bf16, offset and zero point
+           removed after the dot).
 Raw jitted kernels are called with explicit BLOCK_M/N/K, SPLIT_K, num_warps, num_stages (re-wrapped so that M
 and SPLIT_K are not specialised: one compile per tile config). Compiles run first in worker processes that fill
 Triton's on-disk cache.
@@ -49,7 +51,7 @@ def fma_configs() -> list[dict]:
     for bn, bk, w, st in itertools.product((64, 128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (1, 3)):
         words = bk // 8 * bn // (32 * w)  # packed words per thread per tile
         # num_stages hardly matters with the kernel's own register prefetch: stage 1 kept for two tiles only
-        if 4 <= words <= 32 and (st == 3 or (bn == 256 and bk in (64, 128) and w == 4)) and (bk < 256 or w == 8):
+        if 4 <= words <= 64 and (st == 3 or (bn == 256 and bk in (64, 128) and w == 4)) and (bk < 256 or w == 8):
             out.append(dict(kernel="fma", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w, num_stages=st))
     return out
 
@@ -64,15 +66,23 @@ def dot_configs() -> list[dict]:
     return out
 
 
-def gemv_configs(m: int | None = None) -> list[dict]:
-    """int4_gemv.py: BLOCK_M = next power of two >= M rows per program (all of them for m=None)."""
+def gemv_configs() -> list[dict]:
+    """int4_gemv.py: one row per program; the warps side by side along N (num_warps * 128 <= BLOCK_N)."""
     out = []
-    for bm, bn, bk, w, st in itertools.product((1, 2, 4, 8, 16), (64, 128, 256, 512), (64, 128), (1, 2, 4, 8), (1, 3)):
+    for bn, bk, w, st in itertools.product((128, 256, 512, 1024), (32, 64, 128), (1, 2, 4, 8), (1, 3)):
         words = bk // 8 * bn // (32 * w)
-        if m is not None and bm != _pow2(m):
-            continue
-        if 2 <= words <= 32 and bm * words <= 64 and (st == 1 or (bm == 1 and bn == 256 and w == 4)) and w > 1:
-            out.append(dict(kernel="gemv", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
+        if w * 128 <= bn and 8 <= words <= 64 and (st == 1 or (bn == 512 and bk == 64)):
+            out.append(dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
+    return out
+
+
+def mma_configs() -> list[dict]:
+    """int4_mma.py: BLOCK_M = 16 (tensor cores), BLOCK_K = 128 (one g128 group per tile)."""
+    out = []
+    for bn, w, st in itertools.product((32, 64, 128, 256, 512), (1, 2, 4, 8), (1, 3)):
+        words = 16 * bn // (32 * w)
+        if 4 <= words <= 64 and (st == 3 or bn in (128, 256)):
+            out.append(dict(kernel="mma", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st))
     return out
 
 
@@ -82,7 +92,7 @@ def _pow2(m: int) -> int:
 
 def configs_for(m: int) -> list[dict]:
     dot = [c for c in dot_configs() if m >= 8 or (c["BLOCK_N"] in (64, 128) and c["num_stages"] == 3)]
-    families = [c for c in fma_configs() if m <= 4], dot, gemv_configs(m)
+    families = [c for c in fma_configs() if m <= 4], dot, [c for c in gemv_configs() if m <= 2], mma_configs()
     # round robin over the families, so that a sweep cut short by its time budget still has some of each
     return [c for group in itertools.zip_longest(*families) for c in group if c is not None]
 
@@ -114,8 +124,11 @@ def kernels() -> dict:
         from minillm.kernels import int4_gemv as gv
 
         base = triton.jit(g4._int4_gemm_kernel.fn, do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
+        from minillm.kernels import int4_mma as mm
+
         _KERNELS.update(fma=base, dot=base,
-                        gemv=triton.jit(gv.int4_gemv_kernel.fn, do_not_specialize=["M", "SPLIT_K"]))
+                        gemv=triton.jit(gv.int4_gemv_kernel.fn, do_not_specialize=["M", "SPLIT_K"]),
+                        mma=triton.jit(mm.int4_mma_kernel.fn, do_not_specialize=["M", "SPLIT_K"]))
     return _KERNELS
 
 
@@ -137,10 +150,15 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
     else:
         run = lambda *a, **kw: kern[grid](*a, **kw)  # noqa: E731
     common = (x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0))
+    interp = triton_interpreted()
     if cfg["kernel"] == "gemv":
+        tiles.pop("BLOCK_M")
         return run(*common, 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, **tiles, SPLIT_K=split,
                    **extra)
-    interp = triton_interpreted()
+    if cfg["kernel"] == "mma":
+        return run(*common, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
+                   UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
+                   SPLIT_K=split, **extra)
     return run(*common, min(_pow2(m), 256), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
                DOT_PRECISION="ieee" if x.dtype == torch.float32 or interp else "tf32",
                UPCAST=interp and x.dtype == torch.bfloat16, **tiles, USE_DOT=cfg["USE_DOT"], SPLIT_K=split, **extra)
@@ -291,7 +309,7 @@ def sweep_shape(name: str, k: int, n: int, num_sms: int, copy_bw: float, deadlin
         row["configs"] = results
         row["n_bad"] = sum(not r["ok"] for r in results)
         row["best"] = {}
-        for fam in ("fma", "dot", "gemv"):
+        for fam in ("fma", "dot", "gemv", "mma"):
             fam_best = [r for r in good if r["kernel"] == fam][:5]
             if fam_best:
                 b = fam_best[0]
@@ -325,12 +343,13 @@ def _print_row(row: dict, copy_bw: float) -> None:
 
 def summary(rows: list[dict]) -> None:
     print("\nsummary: best us per shape and M (x = speed-up over cuBLAS bf16, same run)")
-    print(f"{'shape':>8} {'M':>3} {'bf16':>7} {'auto':>7} {'fma':>7} {'dot':>7} {'gemv':>7} {'best x':>7}  best config")
+    print(f"{'shape':>8} {'M':>3} {'bf16':>7} {'auto':>7} {'fma':>7} {'dot':>7} {'gemv':>7} {'mma':>7} {'best x':>7}"
+          f"  best config")
     for r in rows:
-        fam = {f: (r["best"][f][0]["us"] if f in r["best"] else math.nan) for f in ("fma", "dot", "gemv")}
+        fam = {f: (r["best"][f][0]["us"] if f in r["best"] else math.nan) for f in ("fma", "dot", "gemv", "mma")}
         cfg = _fmt_cfg(r["best_cfg"]) if r["best_cfg"] else "-"
         print(f"{r['shape']:>8} {r['M']:>3} {r['bf16_us']:>7.1f} {r['auto_us']:>7.1f} {fam['fma']:>7.1f} "
-              f"{fam['dot']:>7.1f} {fam['gemv']:>7.1f} {r['bf16_us'] / r['best_us']:>7.2f}  {cfg}")
+              f"{fam['dot']:>7.1f} {fam['gemv']:>7.1f} {fam['mma']:>7.1f} {r['bf16_us'] / r['best_us']:>7.2f}  {cfg}")
 
 
 # ---------------------------------------------------------------------------------------------- dry run
@@ -342,7 +361,8 @@ def dry_run() -> None:
     from minillm.kernels.int4_gemm import _workspace
 
     all_cfgs = {id(c): c for m in MS for c in configs_for(m)}
-    print(f"compile configs: fma {len(fma_configs())}, dot {len(dot_configs())}, gemv {len(gemv_configs())}")
+    print(f"compile configs: fma {len(fma_configs())}, dot {len(dot_configs())}, gemv {len(gemv_configs())}, "
+          f"mma {len(mma_configs())}")
     for name, (k, n) in SHAPES.items():
         counts = [sum(len(splits_for(c, m, n, k, 132)) for c in configs_for(m)) for m in MS]
         print(f"  {name:>8} K={k:>5} N={n:>5}: timed launches per M {counts}")
@@ -352,11 +372,10 @@ def dry_run() -> None:
     sets, ref_w = make_weights(k, n, 1, torch.float32)
     picks = [c for c in fma_configs() if c["BLOCK_N"] == 64 and c["BLOCK_K"] == 64][:1]
     picks += [dict(c, BLOCK_N=32) for c in dot_configs() if c["BLOCK_K"] == 128][:1]
-    picks += [dict(c, BLOCK_N=32) for c in gemv_configs() if c["BLOCK_K"] == 64 and c["BLOCK_M"] in (1, 4)][:2]
+    picks += [dict(c, BLOCK_N=32) for c in gemv_configs() if c["BLOCK_K"] == 64][:1]
+    picks += [dict(c, BLOCK_N=32) for c in mma_configs()][:1]
     for cfg in picks:
         for m in (1, 3):
-            if cfg["kernel"] == "gemv" and cfg["BLOCK_M"] < m:
-                continue
             x = torch.randn(m, k)
             y = torch.empty(m, n)
             ws, cnt = _workspace(x.device, m, n)

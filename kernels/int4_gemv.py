@@ -1,20 +1,19 @@
-"""INT4 weight-only GEMM for decode batches (M = 1..16) on CUDA cores: every weight unpacked once for all rows.
+"""INT4 weight-only GEMV for decode (M = 1..4) on CUDA cores: wide tiles, K rows reduced inside each thread.
 
-int4_gemm.py's CUDA-core path runs one activation row per program, so at M = 4 each weight tile is unpacked four
-times (once per row's program) and its tensor-core path pads M up to 16 rows. Here one program takes BLOCK_M rows
-(1..16) at once: a weight tile is loaded and unpacked once (one AND and one FMA per weight, the same bit trick as
-int4_unpack) and then multiplied into BLOCK_M accumulators, so the cost per weight grows by one FMA per row, not by
-a whole unpack per row. That is the GEMV idea of the decode kernels in llama.cpp and gpt-fast: at small M the weight
-bytes and their unpacking are the work, the multiply-adds are cheap.
+int4_gemm.py's CUDA-core path keeps a [BLOCK_K / 8, BLOCK_N] fp32 accumulator beside the weight tile, so a tile of
+more than four columns per thread runs out of registers; with four columns per thread, every activation value
+(loaded and converted from bf16 once per packed row and nibble) serves only four weights, and that overhead is
+about a quarter of the instructions (read off ptxas's sm_90 output). Here the tile's partial sums are reduced
+over the K rows at the end of each tile (a thread holds all BLOCK_K / 8 rows of its columns when the warps lie
+side by side along N: num_warps * 128 <= BLOCK_N, which the launcher checks), then scaled once per column: the
+accumulator is one value per column, and a thread can hold 8 or 16 columns, each activation serving as many.
 
-Layout, split-K protocol (fp32 workspace + per-tile arrival counter, cleaned by the last program) and the int4_unpack
-helper are int4_gemm.py's; only the inner product differs:
+    part[j, n] = sum_i x[8j + i] * (code[8j + i, n] - zero[n])     i = 0..7, one nibble of each word at a time
+    acc[n]    += scale[n] * sum_j part[j, n]                         once per K tile (a tile lies in one group)
 
-    part[m, j, n] += x[m, 8j + i] * (code[8j + i, n] - zero[n])     i = 0..7, one nibble of each word at a time
-    acc[m, j, n]  += part[m, j, n] * scale[n]                        once per K tile (a tile lies in one group)
-    y[m, n]        = sum_j acc[m, j, n]                              once, at the end
-
-The tile needs GROUP_SIZE % BLOCK_K == 0 (the launcher checks) so that one scale serves the whole tile.
+Layout, split-K protocol (fp32 workspace + per-tile arrival counter, cleaned by the last program), the tile loader
+and int4_unpack are int4_gemm.py's; one activation row per program (grid: M * cdiv(N, BLOCK_N), SPLIT_K).
+The tile needs GROUP_SIZE % BLOCK_K == 0 (one scale per tile).
 """
 from __future__ import annotations
 
@@ -29,27 +28,24 @@ __all__ = ["int4_gemv_kernel"]
 @triton.jit
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      EXP23, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
-    """y[M, N] = x[M, K] @ dequant(W)^T for BLOCK_M rows per program; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),
-    SPLIT_K). GROUP_SIZE % BLOCK_K == 0."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K)."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
+    row = pid // num_n
     pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, ROWS)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, k_tiles)
-    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    x_row = X + row.to(tl.int64) * stride_xm
 
-    acc = tl.zeros([BLOCK_M, ROWS, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     # one tile of packed words in flight ahead of the math (registers, not shared memory)
     w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                          GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
@@ -60,31 +56,29 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
         j_ok = (k0 // 8 + offs_j) < K // 8
         w_lo = w | EXP23
         w_hi = (w >> 16) | EXP23
-        part = tl.zeros([BLOCK_M, ROWS, BLOCK_N], dtype=tl.float32)
+        part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(8):
-            q = int4_unpack(w_lo, w_hi, z, i)  # [ROWS, BLOCK_N]: code - zero, exact, once for all BLOCK_M rows
-            xi = tl.load(x_rows + (k0 + 8 * offs_j + i)[None, :], mask=m_ok[:, None] & j_ok[None, :],
-                         other=0.0).to(tl.float32)  # [BLOCK_M, ROWS]
-            part += xi[:, :, None] * q[None, :, :]
-        acc += part * s[None, :, :]
+            q = int4_unpack(w_lo, w_hi, z, i)  # code - zero, exact
+            xi = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
+            part += xi[:, None] * q
+        acc += tl.sum(part, axis=0)[None, :] * s  # rows reduced inside the thread, then one scale per column
         w, s, z = w_next, s_next, z_next
-    out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
 
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    out = tl.reshape(acc, [BLOCK_N])
+    y_ptrs = Y + row.to(tl.int64) * stride_ym + offs_n
     if SPLIT_K == 1:
         if HAS_BIAS:
-            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=y_mask)
+            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=n_ok)
     else:
-        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, out, mask=y_mask, sem="relaxed")
-        tl.debug_barrier()
+        ws_ptrs = WS + row.to(tl.int64) * N + offs_n
+        tl.atomic_add(ws_ptrs, out, mask=n_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
         arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask, sem="acquire")
+        if arrived == SPLIT_K - 1:  # the last split of this tile: read the sum (at L2, via atomics), clean up
+            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_N], tl.float32), mask=n_ok, sem="acquire")
             if HAS_BIAS:
-                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
-            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
+                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=n_ok)
+            tl.store(ws_ptrs, tl.zeros([BLOCK_N], tl.float32), mask=n_ok)
             tl.atomic_xchg(CNT + pid, 0)

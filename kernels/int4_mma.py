@@ -1,0 +1,114 @@
+"""INT4 weight-only GEMM on tensor cores with the weights unpacked two at a time, straight into bf16 (chapter 8).
+
+int4_gemm.py's tensor-core path turns every weight into an fp32 (code - zero) with one AND and one FMA, then
+rounds pairs of them to bf16 for tl.dot: about five instructions per weight in all, which at M = 1..16 costs
+more time than reading the 4-bit weights from HBM. This kernel does the integer-to-float step on 16-bit halves:
+
+* A 32-bit word holds 8 codes; nibbles i and i + 4 sit at bits 4i and 16 + 4i, one in each 16-bit half. Shift
+  the word right by 4i, AND with 0x000F000F and OR in 0x43004300 (one LOP3): each half is now the bf16 number
+  0x430c = 128 + c (0x4300 is 128.0, and the mantissa's unit at 128 is exactly 1). Two weights per LOP3; the
+  halves become two bf16 tensors (a truncation and a 16-bit shift), which tl.dot consumes with no rounding.
+  (fp16 activations use 0x6400 = 1024.0 the same way: Marlin's trick for fp16.)
+* The offset and the zero point come out *after* the dot, once per tile and row instead of once per weight:
+  sum_k x_k (128 + c_k - z) = [sum_k x_k (128 + c_k)] - (128 + z) sum_k x_k. The dot accumulates in fp32;
+  products of bf16 numbers are exact and the offset is only ~17x the codes, so about four of fp32's 24 bits
+  go to the cancellation (far below bf16's 8-bit output).
+* The scale multiplies the tile's partial sums (a K tile lies inside one group: GROUP_SIZE % BLOCK_K == 0).
+
+K order: the dot pairs activation k = 8j + i with nibble i of packed row j (activations are read with stride 8),
+so no weight is moved. Rows M are padded to BLOCK_M >= 16 inside the tensor core (free at decode: the
+instructions that matter are the unpacking ones, the same for 1 or 16 rows). Split-K and its workspace protocol,
+and the tile loader, are int4_gemm.py's. Under the interpreter (and for fp32 activations) both dot operands are
+fp32 (the interpreter mis-multiplies bf16 dot operands); the codes are exact in either type.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from minillm.kernels.int4_gemm import _load_tile
+
+__all__ = ["int4_mma_kernel"]
+
+
+@triton.jit
+def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
+                    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FP16_CODES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+    """y [M, N] = x [M, K] @ dequant(W)^T; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K);
+    GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16."""
+    ROWS: tl.constexpr = BLOCK_K // 8
+    if FP16_CODES:  # 1024.0 in each fp16 half: 1024 + c for c < 16 (unit 1)
+        MAGIC2: tl.constexpr = 0x64006400
+        OFFSET: tl.constexpr = 1024.0
+        CODE_T: tl.constexpr = tl.float16
+    else:  # 128.0 in each bf16 half: 128 + c (unit 1)
+        MAGIC2: tl.constexpr = 0x43004300
+        OFFSET: tl.constexpr = 128.0
+        CODE_T: tl.constexpr = tl.bfloat16
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, ROWS)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, k_tiles)
+    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
+                         GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
+    for t in range(t_begin, t_end):
+        # the next tile's loads go out first: their latency hides behind this tile's unpacking
+        w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg,
+                                            stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
+        k0 = t * BLOCK_K
+        x_ok = m_ok[:, None] & ((k0 // 8 + offs_j) < K // 8)[None, :]
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # sum_k x[m, k] over the tile, in every column
+        for i in tl.static_range(4):
+            pair = ((w >> (4 * i)) & 0x000F000F) | MAGIC2  # nibbles i and i + 4, one per 16-bit half
+            lo = pair.to(tl.int16).to(CODE_T, bitcast=True)  # OFFSET + code of K rows 8j + i
+            hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)  # OFFSET + code of K rows 8j + i + 4
+            x_lo = tl.load(x_rows + (k0 + 8 * offs_j + i)[None, :], mask=x_ok, other=0.0)
+            x_hi = tl.load(x_rows + (k0 + 8 * offs_j + i + 4)[None, :], mask=x_ok, other=0.0)
+            if UPCAST:
+                x_lo, x_hi, lo, hi = x_lo.to(tl.float32), x_hi.to(tl.float32), lo.to(tl.float32), hi.to(tl.float32)
+            else:
+                lo, hi = lo.to(x_lo.dtype), hi.to(x_hi.dtype)
+            part = tl.dot(x_lo, lo, part, input_precision=DOT_PRECISION)
+            part = tl.dot(x_hi, hi, part, input_precision=DOT_PRECISION)
+            # the row sums of x on the tensor cores too (a dot with ones lands them in part's own layout)
+            ones = tl.full([ROWS, BLOCK_N], 1.0, x_lo.dtype)
+            x_sum = tl.dot(x_lo, ones, x_sum, input_precision=DOT_PRECISION)
+            x_sum = tl.dot(x_hi, ones, x_sum, input_precision=DOT_PRECISION)
+        # remove the offset and the zero point once per tile and row, then scale once per tile
+        acc += (part - x_sum * (OFFSET + z)) * s
+        w, s, z = w_next, s_next, z_next
+
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this tile: read the sum (at L2, via atomics), clean up
+            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask, sem="acquire")
+            if HAS_BIAS:
+                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
+            tl.atomic_xchg(CNT + pid, 0)
