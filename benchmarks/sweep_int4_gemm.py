@@ -156,7 +156,7 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
         return run(*common, 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, **tiles, SPLIT_K=split,
                    **extra)
     if cfg["kernel"] == "mma":
-        return run(*common, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
+        return run(*common, 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
                    UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
                    SPLIT_K=split, **extra)
     return run(*common, min(_pow2(m), 256), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,

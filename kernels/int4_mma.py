@@ -33,11 +33,13 @@ __all__ = ["int4_mma_kernel"]
 
 @triton.jit
 def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
-                    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP16_CODES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
     """y [M, N] = x [M, K] @ dequant(W)^T; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K);
-    GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16."""
+    GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16.
+    NIBBLE_MASK = 0x000F000F arrives as a run-time value: as a literal beside the literal MAGIC2 the compiler
+    would rematerialise one of the two constants for every word (a LOP3 takes one immediate operand)."""
     ROWS: tl.constexpr = BLOCK_K // 8
     if FP16_CODES:  # 1024.0 in each fp16 half: 1024 + c for c < 16 (unit 1)
         MAGIC2: tl.constexpr = 0x64006400
@@ -75,7 +77,7 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
         part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # sum_k x[m, k] over the tile, in every column
         for i in tl.static_range(4):
-            pair = ((w >> (4 * i)) & 0x000F000F) | MAGIC2  # nibbles i and i + 4, one per 16-bit half
+            pair = ((w >> (4 * i)) & NIBBLE_MASK) | MAGIC2  # nibbles i and i + 4, one per 16-bit half
             lo = pair.to(tl.int16).to(CODE_T, bitcast=True)  # OFFSET + code of K rows 8j + i
             hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)  # OFFSET + code of K rows 8j + i + 4
             x_lo = tl.load(x_rows + (k0 + 8 * offs_j + i)[None, :], mask=x_ok, other=0.0)
