@@ -16,7 +16,8 @@ weights have evicted them too. Time per call = graph time / instances, median of
 What it sweeps, per (batch, ctx) of Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16,
 block_size 16, the engine's default, random block tables):
   stage 1: num_splits in {1, 2, 4, ..., 64} (splits of fewer than 64 keys skipped) with today's tile;
-  stage 2: the tile variants (BLOCK_N, num_warps, num_stages) at the two best split counts of stage 1;
+  stage 2: the tile variants (BLOCK_N, num_warps, num_stages, block table read one tile ahead or not) at the
+           two best split counts of stage 1;
   and the heuristic (num_splits=None, default tile), i.e. what the engine runs.
 The best configuration of each shape and the heuristic's are checked against a float32 torch reference
 before the table is printed. The table gives, per shape, the heuristic's and the best config's fraction of
@@ -36,8 +37,13 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTEXTS = (1024, 4096, 16384, 32768)
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
-# (block_n, num_warps, num_stages); the first is the kernel's default on CUDA
-TILES = ((64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2), (64, 4, 4), (32, 2, 4))
+# (block_n, num_warps, num_stages, prefetch_table); the first is the kernel's default on CUDA. Without the
+# prefetch the stage count changes nothing (the pipeliner keeps one K/V tile in flight either way).
+TILES = ((64, 4, 3, False), (32, 4, 3, False), (128, 4, 3, False), (64, 8, 3, False),
+         (64, 4, 3, True), (32, 4, 3, True), (32, 4, 4, True), (64, 4, 2, True), (64, 4, 4, True),
+         (128, 4, 3, True), (64, 8, 3, True), (128, 8, 3, True))
+TILE_KEYS = ("block_n", "num_warps", "num_stages", "prefetch_table")
+CONFIG_KEYS = ("num_splits",) + TILE_KEYS
 MAX_KV_BYTES = 40e9  # skip shapes whose KV cache would not fit beside the rest
 ROTATE_BYTES = 256e6  # KV bytes per timed graph at least: 5x the H200's L2
 MIN_SPLIT_KEYS = 64
@@ -169,7 +175,7 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     auto_splits = choose_num_splits(batch, KV_HEADS, ctx, torch.device("cuda"))
     auto = row({"num_splits": None, "auto_splits": auto_splits}, time_config(pool, insts, {}), "heuristic")
     rows.append(auto)
-    default = dict(zip(("block_n", "num_warps", "num_stages"), tiles[0]))
+    default = dict(zip(TILE_KEYS, tiles[0]))
     stage1 = []
     for s in splits_list:
         if s > 1 and ctx // s < MIN_SPLIT_KEYS:
@@ -179,12 +185,11 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     rows += stage1
     best_splits = [r["num_splits"] for r in sorted(stage1, key=lambda r: r["us"])[:2]]
     for s in best_splits:
-        for bn, w, st in tiles[1:]:
-            cfg = {"num_splits": s, "block_n": bn, "num_warps": w, "num_stages": st}
+        for tile in tiles[1:]:
+            cfg = {"num_splits": s, **dict(zip(TILE_KEYS, tile))}
             rows.append(row(cfg, time_config(pool, insts, cfg), "tiles"))
     best = min(rows, key=lambda r: r["us"])
-    keys = ("num_splits", "block_n", "num_warps", "num_stages")
-    best_cfg = {k: best[k] for k in keys if best.get(k) is not None}
+    best_cfg = {k: best[k] for k in CONFIG_KEYS if best.get(k) is not None}
     best["max_abs_err"] = check(pool, insts[0], best_cfg, f"B{batch} ctx{ctx} best")
     auto["max_abs_err"] = check(pool, insts[0], {}, f"B{batch} ctx{ctx} heuristic")
     summary = {"batch": batch, "ctx": ctx, "kv_mb": kv_bytes(batch, ctx) / 1e6, "rotation": len(insts),
@@ -201,13 +206,13 @@ def print_table(summaries: list[dict], copy_bw: float) -> None:
     print(f"\ncopy bandwidth (1 GiB device-to-device, read + write): {copy_bw / 1e12:.2f} TB/s")
     print("fraction = (K + V + q + out bytes) / time / copy bandwidth; 'vs copy': a copy of the same bytes' time / best")
     print(f"{'batch':>6}{'ctx':>7}{'KV MB':>9}{'heur splits':>12}{'heur us':>10}{'heur frac':>10}"
-          f"{'best (splits,bn,warps,stages)':>32}{'best us':>10}{'best frac':>10}{'x heur':>8}{'vs copy':>9}")
+          f"{'best (splits,bn,warps,stages,pf)':>34}{'best us':>10}{'best frac':>10}{'x heur':>8}{'vs copy':>9}")
     for s in summaries:
         b = s["best"]
-        cfg = f"{b.get('num_splits', 'auto')},{b.get('block_n', '-')},{b.get('num_warps', '-')},{b.get('num_stages', '-')}"
+        cfg = ",".join(str(int(b[k]) if isinstance(b.get(k), bool) else b.get(k, "-")) for k in CONFIG_KEYS)
         vs = f"{s['best_vs_same_size_copy']:.2f}" if "best_vs_same_size_copy" in s else "-"
         print(f"{s['batch']:>6}{s['ctx']:>7}{s['kv_mb']:>9.0f}{s['auto_splits']:>12}{s['auto_us']:>10.1f}"
-              f"{s['auto_fraction']:>10.0%}{cfg:>32}{s['best_us']:>10.1f}{s['best_fraction']:>10.0%}"
+              f"{s['auto_fraction']:>10.0%}{cfg:>34}{s['best_us']:>10.1f}{s['best_fraction']:>10.0%}"
               f"{s['speedup']:>8.2f}{vs:>9}")
 
 
@@ -224,7 +229,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write rows and summary as JSON here")
-    parser.add_argument("--quick", action="store_true", help="only the first three tile variants")
+    parser.add_argument("--quick", action="store_true", help="only the first six tile variants")
     parser.add_argument("--batches", type=_ints, default=list(BATCHES), help="comma-separated, default 1..256")
     parser.add_argument("--ctxs", type=_ints, default=list(CONTEXTS), help="comma-separated context lengths")
     args = parser.parse_args(argv)
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     shapes = [(b, c) for b in args.batches for c in args.ctxs if kv_bytes(b, c) <= MAX_KV_BYTES]
-    tiles = TILES[:3] if args.quick else TILES
+    tiles = TILES[:6] if args.quick else TILES
     need = max(max(rotation_count(b, c) * b * c // BLOCK_SIZE for b, c in shapes), 1)
     pool = CachePool(need)
     copy_bw = copy_bandwidth(2 << 30)

@@ -71,7 +71,8 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                                HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-                               VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False):
+                               VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False,
+                               PREFETCH_TABLE: tl.constexpr = False):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -112,11 +113,22 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = BLOCK_TABLES + batch * stride_bt
+    if PREFETCH_TABLE:  # the first tile's physical blocks, before the loop
+        next_ids = tl.load(table + (start + offs_n) // PAGE_SIZE, mask=start + offs_n < end, other=0)
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + offs_n
         valid = pos < end
         # Address translation: logical position -> (physical block, row in block) -> cache offset.
-        block_id = tl.load(BLOCK_TABLES + batch * stride_bt + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        if PREFETCH_TABLE:
+            # The block ids were read one iteration ahead, so K/V addresses do not wait on a load of this
+            # iteration: Triton's software pipeliner then keeps num_stages - 1 K/V tiles in flight (with the
+            # block-table load in the same iteration it keeps one, and waits for it before the math).
+            block_id = next_ids.to(tl.int64)
+            ahead = pos + BLOCK_N
+            next_ids = tl.load(table + ahead // PAGE_SIZE, mask=ahead < end, other=0)
+        else:
+            block_id = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         row = pos % PAGE_SIZE
         k = tl.load(K_CACHE + (block_id * stride_kb + row * stride_ks + kv_head * stride_kh)[None, :]
                     + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
@@ -211,7 +223,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int | None = None, k_scale=None, v_scale=None,
                            q_len: int = 1, cu_seqlens_q: torch.Tensor | None = None,
                            tree_mask: torch.Tensor | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           prefetch_table: bool | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -228,7 +241,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     Launch configuration (None: the defaults): block_n keys per loop
     iteration (a power of two in [16, 256]), num_warps (1, 2, 4, 8 or 16) and num_stages (software-pipeline
-    depth of the K/V loads, 1..6) of the split kernel. Benchmarks sweep them; the engine leaves them alone.
+    depth of the K/V loads, 1..6) of the split kernel, and prefetch_table (read the block table one tile ahead,
+    see the kernel). Benchmarks sweep them; the engine leaves them alone.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -289,6 +303,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     interp = triton_interpreted()
     if block_n is None:
         block_n = 32 if interp else max(16, min(64, 8192 // block_d))
+    if prefetch_table is not None and not isinstance(prefetch_table, bool):
+        raise ValueError(f"prefetch_table must be a bool or None, got {prefetch_table!r}")
+    if prefetch_table is None:
+        prefetch_table = False
     if num_warps is None:
         num_warps = 4
     if num_stages is None:
@@ -319,7 +337,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        PREFETCH_TABLE=prefetch_table, num_warps=num_warps, num_stages=num_stages)
     if not single:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
         d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))

@@ -93,6 +93,18 @@ def test_merge_attention_states_equals_full_softmax():
     assert not torch.isnan(out3).any() and (out3 == 0).all()
 
 
+@pytest.mark.parametrize("prefetch_table", [False, True])
+def test_launch_configs_agree(prefetch_table):
+    # every tile shape and split count computes the same attention: block_n 16 (one block per tile, many
+    # iterations), 64 (a tile past the end of short sequences); the table read one tile ahead or in place
+    q, kc, vc, bt, sl = _paged_batch([1, 17, 100], heads=4, kv_heads=2, head_dim=32, block_size=16, seed=5)
+    ref = paged_decode_reference(q, kc, vc, bt, sl)
+    for splits, block_n in ((1, 16), (3, 16), (4, 64)):
+        out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=splits, block_n=block_n, num_warps=2,
+                                     num_stages=2, prefetch_table=prefetch_table)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4, msg=f"splits {splits}, block_n {block_n}")
+
+
 def test_rejects_bad_inputs():
     q, kc, vc, bt, sl = _paged_batch([3], heads=2, kv_heads=2, head_dim=16, block_size=16)
     with pytest.raises(ValueError, match="int32"):
@@ -101,6 +113,9 @@ def test_rejects_bad_inputs():
         paged_decode_attention(q, kc, vc, bt, sl, num_splits=0)
     with pytest.raises(ValueError, match="k_scale"):
         paged_decode_attention(q, kc, vc, bt, sl, k_scale=1.0)
+    for bad in ({"block_n": 48}, {"num_warps": 3}, {"num_stages": 0}, {"prefetch_table": 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            paged_decode_attention(q, kc, vc, bt, sl, **bad)
 
 
 def _sdpa_decode(q, kc, vc, bt, sl):
