@@ -204,7 +204,8 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
 
 def print_table(summaries: list[dict], copy_bw: float) -> None:
     print(f"\ncopy bandwidth (1 GiB device-to-device, read + write): {copy_bw / 1e12:.2f} TB/s")
-    print("fraction = (K + V + q + out bytes) / time / copy bandwidth; 'vs copy': a copy of the same bytes' time / best")
+    print("fraction = (K + V + q + out bytes) / time / copy bandwidth; "
+          "'vs copy': time of a copy of the same bytes / best time")
     print(f"{'batch':>6}{'ctx':>7}{'KV MB':>9}{'heur splits':>12}{'heur us':>10}{'heur frac':>10}"
           f"{'best (splits,bn,warps,stages,pf)':>34}{'best us':>10}{'best frac':>10}{'x heur':>8}{'vs copy':>9}")
     for s in summaries:
