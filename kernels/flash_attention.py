@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from minillm.hooks import dispatch
+from minillm.kernels.flash_attention_hopper import hopper_supported, launch_hopper
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634
@@ -329,16 +330,36 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int) -> 
         raise ValueError(f"head_dim must match and lie in [1, {MAX_HEAD_DIM}], got q {head_dim}, k {k.shape[-1]}")
 
 
+BACKENDS = ("auto", "portable", "hopper")
+
+
 def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
-            max_seqlen_q, causal, softmax_scale, varlen):
+            max_seqlen_q, causal, softmax_scale, varlen, backend="auto", config=None):
+    """Pick the kernel and launch it. backend "auto": the Hopper kernel (flash_attention_hopper.py: TMA
+    descriptors, pipelined loads, longest tiles first) on an sm_90 GPU when the call suits it, else the
+    portable kernel above; "portable" / "hopper" force one (benchmarks and tests). config = (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) bypasses the autotuner."""
     head_dim = q.shape[-1]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if config is not None and (len(config) != 4 or any(int(c) < 1 for c in config)):
+        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), all >= 1, got {config}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if not scale > 0:  # the running max is taken before scaling, which needs a positive scale
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
-    kernel, extra = _kernel_and_grid_kwargs()
     upcast = triton_interpreted() and q.dtype != torch.float32
+    if backend == "hopper" or (backend == "auto" and not triton_interpreted()
+                               and hopper_supported(q, k, v, out, strides, max_seqlen_q)):
+        launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
+                      max_seqlen_q, causal, scale * _LOG2E, varlen, config=config, upcast=upcast)
+        return
+    if config is not None:
+        kernel = _flash_fwd_kernel
+        extra = dict(BLOCK_M=config[0], BLOCK_N=config[1], num_warps=config[2], num_stages=config[3])
+    else:
+        kernel, extra = _kernel_and_grid_kwargs()
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)
@@ -351,13 +372,15 @@ def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_head
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                      softmax_scale: float | None = None, return_lse: bool = False):
+                      softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+                      config: tuple[int, int, int, int] | None = None):
     """Attention over packed sequences: q [T, H, D], k and v [Tk, KVH, D] -> out [T, H, D] (, lse fp32 [H, T]).
 
     Sequence b owns queries q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] and keys k[cu_seqlens_k[b]:cu_seqlens_k[b+1]]
     (int32 prefix sums, B+1 entries). `max_seqlen_q` sizes the grid and must be >= every query length.
     With causal=True and seqlen_k > seqlen_q the mask is bottom-right aligned (the queries are the last
     tokens). `lse[h, t]` is the natural-log log-sum-exp of query t's scaled scores (-inf if it saw no key).
+    backend ("auto", "portable", "hopper") and config (BLOCK_M, BLOCK_N, num_warps, num_stages): see _launch.
     """
     _check_qkv(q, k, v, 3)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -375,14 +398,17 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
                    0, out.stride(0), out.stride(1), 0, total_q)
         _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, strides, 0, 0, num_heads, k.shape[1],
-                cu_seqlens_q.numel() - 1, max_seqlen_q, causal, softmax_scale, varlen=True)
+                cu_seqlens_q.numel() - 1, max_seqlen_q, causal, softmax_scale, varlen=True, backend=backend,
+                config=config)
     return (out, lse) if return_lse else out
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None, return_lse: bool = False):
+                    softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+                    config: tuple[int, int, int, int] | None = None):
     """Fixed-length batches in SDPA's layout: q [B, H, Sq, D], k and v [B, KVH, Sk, D] -> out [B, H, Sq, D]
-    (, lse fp32 [B, H, Sq]). No copies: the kernel reads the tensors through their strides."""
+    (, lse fp32 [B, H, Sq]). No copies: the kernel reads the tensors through their strides.
+    backend ("auto", "portable", "hopper") and config (BLOCK_M, BLOCK_N, num_warps, num_stages): see _launch."""
     _check_qkv(q, k, v, 4)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, num_heads, seqlen_q, _ = q.shape
@@ -396,5 +422,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                    v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
                    lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0)
         _launch(q, k, v, out, lse, q, q, strides, seqlen_q, seqlen_k, num_heads, k.shape[1], batch,
-                seqlen_q, causal, softmax_scale, varlen=False)
+                seqlen_q, causal, softmax_scale, varlen=False, backend=backend, config=config)
     return (out, lse) if return_lse else out

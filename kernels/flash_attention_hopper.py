@@ -1,0 +1,244 @@
+"""FlashAttention forward for Hopper (sm_90): the chapter 3 kernel rebuilt around the Tensor Memory Accelerator.
+
+flash_attention.py holds the portable FlashAttention-2 kernel (any GPU, and the interpreter); this file holds
+the same algorithm in the shape Hopper wants, and flash_attention.py picks it at run time on capability
+(9, 0). The arithmetic is unchanged (online softmax in base 2, bottom-right causal alignment, grouped-query
+heads, packed variable-length sequences, the same out and lse); what changes is how the tiles move:
+
+* TMA tensor descriptors (FlashAttention-3, Shah et al. 2024, section 3.1). Each program builds, on the
+  device, one 2-D descriptor per operand for *its own* (sequence, head): base = the first token of the
+  sequence, shape = [seq_len, head_dim], strides = [token stride, 1]. A descriptor load is then one TMA
+  instruction that copies a whole [BLOCK_N, head_dim] tile into shared memory with no address arithmetic in
+  the threads, and rows past seq_len come back as zeros (the hardware checks the bounds we gave it, so a
+  packed batch never leaks into its neighbour). Stores through the O descriptor are clipped the same way.
+* Software pipelining. The key/value loop runs over `tl.range`, which Triton pipelines num_stages deep:
+  while the tensor cores work on tile j, the TMA engine is already fetching tiles j+1 .. j+num_stages-1
+  into a ring of shared-memory buffers (the producer/consumer overlap FA3 gets from warp specialisation;
+  Triton's pipeliner gets most of it with asynchronous copies and barriers). Explicit warp specialisation
+  (`tl.range(..., warp_specialize=True)`) is accepted by triton 3.6 and 3.9 but, compiled for sm_90, leaves
+  this kernel unchanged (no producer warps, no setmaxnreg in the PTX): it is a Blackwell feature there.
+* BLOCK_M = 128 with 8 warps: two warpgroups, each issuing its own 64-row wgmma, so one group's softmax can
+  overlap the other's matmul (the idea behind FA3's ping-pong schedule, left to the warp scheduler here).
+* Longest tiles first. In a causal prefill the query tile m visits about m key tiles, so the tiles at
+  the end of the sequence are the long jobs. The grid is (batch * heads, query tiles) and the tile index is
+  read backwards, so the first wave of programs takes the longest tiles of every head and the short ones
+  fill the gaps at the end (longest-processing-time-first scheduling, as FA3's LPT tile scheduler does).
+  Heads vary fastest, so the query heads sharing one kv head run side by side and read its K/V from L2.
+
+What stays from chapter 3: the unmasked tiles wholly below the diagonal run a loop without any mask, the
+one or two tiles the diagonal (or the end of the sequence) cuts through run a second, masked loop, and the
+tiles above the diagonal are never visited. Requirements for this path (checked by `hopper_supported`):
+head_dim a power of two in [16, 256], 16-byte aligned base pointers and strides (TMA's rule).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, lo, hi, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold key tiles lo, lo + BLOCK_N, ... < hi into (acc, l_i, m_i): chapter 3's attend_kv_range, with the
+    K and V tiles fetched by TMA. Rows of K/V past k_len arrive as zeros; MASKED scores them -inf."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = k_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM], one TMA copy
+        if UPCAST:  # the interpreter mis-multiplies bf16 dot operands
+            k = k.to(tl.float32)
+        s = tl.dot(q, k.T)  # wgmma reads K^T straight from shared memory
+        if MASKED:
+            kv_pos = start_n + offs_n
+            keep = kv_pos[None, :] < k_len
+            if CAUSAL:
+                keep = keep & (kv_pos[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units: qk_scale holds log2(e) / sqrt(d)
+        if MASKED:  # a row that has seen no key yet must not compute (-inf) - (-inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale folds into one fused multiply-add
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0])
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                             stride_qz, stride_qt, stride_qh, stride_kz, stride_kt, stride_kh,
+                             stride_vz, stride_vt, stride_vh, stride_oz, stride_ot, stride_oh, stride_lz, stride_lh,
+                             seqlen_q, seqlen_k, qk_scale, num_q_per_kv, num_heads,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WRITE_LSE: tl.constexpr,
+                             UPCAST: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    head = pid_bh % num_heads
+    batch = (pid_bh // num_heads).to(tl.int64)
+    # longest query tiles first (in a causal prefill the last tiles see the most keys)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(1)
+    if VARLEN:
+        q_start = tl.load(CU_Q + batch)
+        q_len = tl.load(CU_Q + batch + 1) - q_start  # int32: TMA coordinates are 32-bit
+        k_start = tl.load(CU_K + batch)
+        k_len = tl.load(CU_K + batch + 1) - k_start
+        q_start = q_start.to(tl.int64)  # offsets in elements may pass 2^31
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:  # the grid is sized for the longest sequence
+        return
+    kv_head = head // num_q_per_kv
+
+    # One descriptor per operand for this (sequence, head): TMA checks its bounds, so the tiles of a packed
+    # batch stop at the sequence's end (loads read zeros past it, stores drop the rows).
+    q_desc = tl.make_tensor_descriptor(Q + batch * stride_qz + q_start * stride_qt + head * stride_qh,
+                                       shape=[q_len, HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + batch * stride_kz + k_start * stride_kt + kv_head * stride_kh,
+                                       shape=[k_len, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + batch * stride_vz + k_start * stride_vt + kv_head * stride_vh,
+                                       shape=[k_len, HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(O + batch * stride_oz + q_start * stride_ot + head * stride_oh,
+                                       shape=[q_len, HEAD_DIM], strides=[stride_ot, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    q = q_desc.load([m_start, 0])
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    q_pos = (k_len - q_len) + offs_m  # bottom-right alignment: the queries are the last q_len tokens
+    if CAUSAL:
+        hi = tl.minimum(k_len, (k_len - q_len) + tl.minimum(m_start + BLOCK_M, q_len))
+        full_end = tl.minimum(k_len, (k_len - q_len) + m_start + 1)
+    else:
+        hi = k_len
+        full_end = k_len
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, 0, full_end, qk_scale,
+                                  False, CAUSAL, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, full_end, hi, qk_scale,
+                                  True, CAUSAL, BLOCK_N, UPCAST)
+
+    empty = l_i == 0.0  # a row that saw no key (k_len < q_len): out = 0, lse = -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_desc.store([m_start, 0], out.to(O.dtype.element_ty))
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(LSE + batch * stride_lz + head * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+# ----------------------------------------------------------------------------------------------------- host side
+HOPPER_CAPABILITY = (9, 0)
+HOPPER_HEAD_DIMS = (64, 128)  # the head sizes with tuned tiles; others take the portable kernel
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). SWEEP_CONFIGS is what benchmarks/sweep_flash_attention.py times on
+# the H200; AUTOTUNE_CONFIGS, the short list the autotuner tries on the first call (each costs a compile).
+SWEEP_CONFIGS = {
+    d: [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+        if not (bm == 64 and w == 8)]  # a 64-row tile is one warpgroup's wgmma: 8 warps would split N
+    for d in HOPPER_HEAD_DIMS}
+AUTOTUNE_CONFIGS = {
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+}
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 thread block may use
+
+
+def shared_memory_bytes(config: tuple[int, int, int, int], head_dim: int, elem_size: int = 2) -> int:
+    """Shared memory a config needs: the Q tile and a ring of num_stages K and V tiles (the O tile reuses
+    that space on the way out), plus its barriers. Matches what triton 3.6 allocates for sm_90."""
+    block_m, block_n, _, num_stages = config
+    return (block_m + 2 * num_stages * block_n) * head_dim * elem_size + 1024
+
+
+def valid_configs(head_dim: int, configs=None) -> list[tuple[int, int, int, int]]:
+    """The configs for head_dim (default: the sweep's) that fit in shared memory."""
+    configs = SWEEP_CONFIGS[head_dim] if configs is None else configs
+    return [c for c in configs if shared_memory_bytes(c, head_dim) <= SMEM_LIMIT]
+
+
+_capability_cache: dict[int, tuple[int, int]] = {}
+
+
+def is_hopper(device: torch.device) -> bool:
+    """True on an sm_90 GPU (H100, H200, H20): the devices this kernel is written and tuned for."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capability_cache:
+        _capability_cache[index] = torch.cuda.get_device_capability(index)
+    return _capability_cache[index] == HOPPER_CAPABILITY
+
+
+def tma_compatible(*tensors: torch.Tensor, strides: tuple[int, ...] = ()) -> bool:
+    """TMA's rules for every descriptor we build: 16-byte aligned base pointers, 16-byte multiples for the
+    strides of the outer dimensions (the innermost stride is 1, checked by the caller)."""
+    elem = tensors[0].element_size()
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(s * elem % 16 == 0 for s in strides)
+
+
+def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     strides: tuple[int, ...], max_seqlen_q: int) -> bool:
+    """Whether this call can take the Hopper kernel (else the portable one): sm_90, bf16/fp16, a tuned head
+    size, TMA-compatible layout, and few enough query tiles for the grid's second axis (65535)."""
+    return (is_hopper(q.device) and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in HOPPER_HEAD_DIMS and triton.cdiv(max_seqlen_q, 64) <= 65535
+            and tma_compatible(q, k, v, out, strides=strides[:12]))
+
+
+def _tma_scratch(device: torch.device):
+    """Triton's allocator hook: device-side descriptors live in a small global-memory workspace
+    (128 bytes per descriptor per program) that the launch asks for; torch's caching allocator serves it."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return alloc
+
+
+_autotuned: dict[int, object] = {}
+
+
+def _autotuned_kernel(head_dim: int):
+    if head_dim not in _autotuned:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
+        _autotuned[head_dim] = triton.autotune(configs, key=["CAUSAL", "VARLEN"])(_flash_fwd_hopper_kernel)
+    return _autotuned[head_dim]
+
+
+def launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
+                  max_seqlen_q, causal, qk_scale, varlen, config=None, upcast=False):
+    """Launch the Hopper kernel with the arguments flash_attention._launch prepared (strides in the order
+    (q z, t, h), (k z, t, h), (v z, t, h), (o z, t, h), (lse z, h)). config = (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) bypasses the autotuner (the sweep benchmark and the interpreter tests use it)."""
+    head_dim = q.shape[-1]
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"the Hopper kernel needs head_dim a power of two in [16, 256], got {head_dim}")
+    triton.set_allocator(_tma_scratch(q.device))  # a ContextVar: set it for this thread, on every launch
+    if config is not None:
+        block_m, block_n, num_warps, num_stages = config
+        kernel = _flash_fwd_hopper_kernel
+        extra = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    else:
+        if head_dim not in AUTOTUNE_CONFIGS:
+            raise ValueError(f"no autotune configs for head_dim {head_dim}; tuned: {sorted(AUTOTUNE_CONFIGS)}")
+        kernel, extra = _autotuned_kernel(head_dim), {}
+
+    def grid(meta):  # heads vary fastest (L2 reuse of shared K/V), query tiles slowest (longest first)
+        return (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))
+
+    kernel[grid](q, k, v, out, lse if lse is not None else out, cu_q, cu_k, *strides, seqlen_q, seqlen_k,
+                 qk_scale, num_heads // num_kv_heads, num_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal),
+                 VARLEN=varlen, WRITE_LSE=lse is not None, UPCAST=upcast, **extra)
