@@ -163,4 +163,4 @@ def test_gpu_pruning_matches_cpu(dense):
         for name, w in gpu.items():
             assert (w.cpu() == 0).reshape(-1, 4).sum(-1).eq(2).all(), name
             agree = float(((w.cpu() == 0) == (cpu[name] == 0)).float().mean())
-            assert agree == 1.0 if method == "magnitude" else agree > 0.999, (method, name, agree)
+            assert agree == 1.0 if method == "magnitude" else agree > 0.99, (method, name, agree)

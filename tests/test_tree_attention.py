@@ -55,7 +55,7 @@ def _path_reference(q, k, v, k_cache, v_cache, meta, parents_per_seq):
     """Each query row on its own: attention over the sequence's prefix keys plus the keys of its root-to-node
     path (a row of a sequence without a tree: over everything up to itself)."""
     kv_heads, head_dim = k.shape[1:]
-    k_cache, v_cache = k_cache.float().clone(), v_cache.float().clone()
+    k_cache, v_cache = k_cache.float().cpu().clone(), v_cache.float().cpu().clone()
     slots = meta.slot_mapping.cpu()
     k_cache.view(-1, kv_heads, head_dim)[slots] = k.float().cpu()
     v_cache.view(-1, kv_heads, head_dim)[slots] = v.float().cpu()

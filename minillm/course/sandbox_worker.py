@@ -74,7 +74,8 @@ _SPAWNS = ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec")
 
 
 def _spawned_by_triton() -> bool:
-    """True when the code asking for a process is Triton's compiler (ptxas, the launcher's C stub, ldconfig),
+    """True when the code asking for a process (or for ctypes) is Triton's compiler or driver (ptxas, the
+    launcher's C stub, ldconfig, libcuda through ctypes),
     i.e. the innermost frame outside the standard library and this file lies in the triton package. Only asked
     on a GPU (see make_audit_hook); the interpreter on a CPU never needs a process."""
     frame = sys._getframe(3)
@@ -126,6 +127,8 @@ def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: 
                 raise Refused(f"import {name} is refused while grading")
         elif gpu and event.startswith(_SPAWNS) and _spawned_by_triton():
             return  # on a GPU, Triton compiles the learner's kernel with ptxas and a C compiler
+        elif gpu and event.startswith(("ctypes.", "_ctypes.")) and _spawned_by_triton():
+            return  # on a GPU, Triton's driver loads libcuda with ctypes.CDLL on its first launch
         elif event.startswith(DENIED_EVENTS):
             what = {"os.fork": "starting processes (fork)", "subprocess.Popen": "starting processes",
                     "os.system": "starting processes", "os.posix_spawn": "starting processes"}.get(event, event)
