@@ -1,6 +1,6 @@
 """P5: single-stream decode speed of the engine on a Llama-3-8B-shaped model, with and without CUDA graphs.
 
-    python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf]
+    python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf] [--gemv auto|on|off] [--gemv-ab]
 
 The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336, vocab 128256)
 and random bf16 weights drawn on the GPU (std 0.02, so activations stay finite), as vLLM's dummy-weight
@@ -13,6 +13,11 @@ bandwidth measured in the same run (a device-to-device copy, bytes read + writte
 about 3.8 ms per token, i.e. at most ~265 tok/s; the fraction of that floor is the figure of merit. Between
 eager and CUDA graphs the difference is launch overhead: ~15 kernels per layer x 32 layers, each a few
 microseconds of host time, which graphs replace by a single launch.
+
+The dense linears and the LM head run the decode GEMV (minillm.kernels.gemv) where it measured faster than
+cuBLAS on its first call (--gemv auto, the default; `on` forces it, `off` is cuBLAS only, as MINILLM_GEMV=0).
+--gemv-ab adds a CUDA-graph run with the GEMV off, in the same process, for the A/B; the choices made per
+(N, K, M) are listed in the JSON under "gemv_decisions".
 
 Baseline in the same run: Hugging Face transformers `generate` (greedy, min_new_tokens = max_new_tokens) on a
 LlamaForCausalLM of the same shape with random weights (our model is freed first, so both never share memory).
@@ -203,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
+                        help="decode GEMV policy of the engine runs (default auto: timed against cuBLAS per shape)")
+    parser.add_argument("--gemv-ab", action="store_true",
+                        help="add a CUDA-graph run with the GEMV off (cuBLAS only) for an A/B in the same run")
     args = parser.parse_args(argv)
     output_len = args.output_len or (64 if args.quick else 256)
     if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import minillm  # noqa: F401  (platform setup)
+    from minillm.layers import linear as linear_module
 
     model, config = build_model(args.layers)
     nbytes = weight_bytes(model)
@@ -228,15 +238,26 @@ def main(argv: list[str] | None = None) -> int:
         model=dict(LLAMA3_8B, num_hidden_layers=args.layers, dtype="bfloat16", weights="random"),
         weight_gb=round(nbytes / 1e9, 3), copy_bytes_per_s=round(peak_bytes_per_s),
         weight_read_floor_tok_per_s=round(floor_steps * args.batch, 2),
-        prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, runs={})
-    for name, eager in (("engine_eager", True), ("engine_cuda_graphs", False), ("engine_default", None)):
+        prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, gemv=args.gemv, runs={})
+    plan = [("engine_eager", True, args.gemv), ("engine_cuda_graphs", False, args.gemv),
+            ("engine_default", None, args.gemv)]
+    if args.gemv_ab and args.gemv != "off":
+        plan.insert(1, ("engine_cuda_graphs_no_gemv", False, "off"))
+    for name, eager, gemv in plan:
+        linear_module.set_gemv_mode(gemv)  # before the engine captures its graphs
         try:
             run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager)
             run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
+            run["gemv"] = gemv
         except Exception as err:  # keep the other measurements
             run = dict(error=f"{type(err).__name__}: {err}")
         results["runs"][name] = run
         print(name, json.dumps(run), flush=True)
+    # what the last run chose per (N, K, M): a GemvConfig, or cuBLAS
+    results["gemv_decisions"] = [dict(n=key[2], k=key[3], m=key[4], choice=repr(cfg) if cfg else "cuBLAS")
+                                 for key, cfg in linear_module._GEMV_DECISIONS.items()]
+    for d in results["gemv_decisions"]:
+        print(f"gemv decision N={d['n']} K={d['k']} M={d['m']}: {d['choice']}")
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -1,7 +1,8 @@
 """Token embedding and the LM head: the two ends of the model, chapter 1.
 
 `VocabEmbedding` maps token ids [T] to vectors [T, hidden]; `LMHead` maps hidden states [N, hidden] back
-to logits over the vocabulary [N, vocab]. Small models tie the two (SmolLM2 does): the head *is* the
+to logits over the vocabulary [N, vocab] (with `dense_linear`: at decode on a GPU, the GEMV of
+minillm.kernels.gemv). Small models tie the two (SmolLM2 does): the head *is* the
 embedding matrix, one parameter shared by both modules. Tensor parallelism (chapter 11) splits both along
 the vocabulary, which is why they are their own layers rather than bare `nn.Embedding`/`nn.Linear`.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minillm.layers.linear import dense_linear  # F.linear, or the decode GEMV for a few rows on a GPU
 
 
 class VocabEmbedding(nn.Module):
@@ -60,4 +63,4 @@ class LMHead(VocabEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight, self.bias)
+        return dense_linear(hidden_states, self.weight, self.bias)

@@ -14,17 +14,116 @@ the checkpoint is in (process_weights_after_loading) and computes y = x W^T + b 
 its name (`prefix`), without touching the model code. Whatever a method stores, each parameter carries this
 layer's `weight_loader`, which slices along the parameter's `output_dim`, so q/k/v and gate/up shards load
 the same way for every method.
+
+At decode (a few tokens per step) a dense layer is a matrix-vector product bound by reading its weight, where
+cuBLAS reaches only about two thirds of the H200's bandwidth. `dense_linear` is the dense layers' (and the
+LM head's) matmul: `F.linear`, except on a GPU for at most GEMV_MAX_M rows of fp16/bf16, where it runs
+minillm.kernels.gemv if that measured faster for this (N, K, M) on its first call (see `gemv_mode`).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
-__all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader"]
+__all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader",
+           "dense_linear", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
+
+GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
+GEMV_MODES = ("auto", "off", "on")
+# The decode GEMV's choices, made once per (device, dtype, N, K, M): None = F.linear, else the GemvConfig to
+# launch. Like Triton's autotuning cache, filled on the first call of each shape (the engine's warm-up before
+# CUDA-graph capture) and read on every later call; set_gemv_mode clears it.
+_GEMV_DECISIONS: dict[tuple, Any] = {}
+_gemv_mode: str | None = None  # None: read MINILLM_GEMV on first use
+
+
+def gemv_mode() -> str:
+    """"auto" (default): per shape, the faster of the GEMV and F.linear, timed once; "off": always F.linear;
+    "on": the GEMV wherever it applies. The environment variable MINILLM_GEMV (auto / 0 / 1) sets the start value."""
+    global _gemv_mode
+    if _gemv_mode is None:
+        env = os.environ.get("MINILLM_GEMV", "auto").strip().lower()
+        modes = {"auto": "auto", "": "auto", "0": "off", "off": "off", "1": "on", "on": "on"}
+        if env not in modes:
+            raise ValueError(f"MINILLM_GEMV must be one of auto, 0, 1 (or off, on), got {env!r}")
+        _gemv_mode = modes[env]
+    return _gemv_mode
+
+
+def set_gemv_mode(mode: str) -> None:
+    """Choose the decode GEMV policy (one of GEMV_MODES) and forget earlier choices. Takes effect for CUDA graphs
+    captured afterwards (a captured graph keeps the kernels it recorded)."""
+    global _gemv_mode
+    if mode not in GEMV_MODES:
+        raise ValueError(f"gemv mode must be one of {GEMV_MODES}, got {mode!r}")
+    _gemv_mode = mode
+    _GEMV_DECISIONS.clear()
+
+
+def _time_us(fn, flush: torch.Tensor | None, reps: int = 9) -> float:
+    """Median GPU time of fn() in microseconds, with L2 emptied before each call (by writing `flush`), as in a
+    model where the other layers' weights pass through L2 between two calls of this one."""
+    fn()  # compile
+    pairs = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in pairs)
+    return times[len(times) // 2] * 1e3
+
+
+def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
+    """The GemvConfig to use for this (N, K, M), or None for F.linear; timed against F.linear in "auto" mode."""
+    from minillm.kernels.gemv import tuned_config
+
+    n, k = weight.shape
+    cfg = tuned_config(x2.shape[0], n, k, x2.device)
+    if mode == "on":
+        return cfg
+    try:
+        flush = torch.empty(64 << 20, dtype=torch.uint8, device=x2.device)  # > the 50 MB L2 of an H100/H200
+    except torch.cuda.OutOfMemoryError:
+        flush = None
+    from minillm.kernels.gemv import gemv
+    t_gemv = _time_us(lambda: gemv(x2, weight, config=cfg), flush)
+    t_cublas = _time_us(lambda: F.linear(x2, weight), flush)
+    del flush
+    return cfg if t_gemv < t_cublas else None
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b) for a dense weight [N, K]: F.linear, or the decode GEMV (module docstring) on CUDA when x
+    has at most GEMV_MAX_M rows in fp16/bf16 and the GEMV won for this shape."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype \
+            or x.dim() < 1 or x.numel() > GEMV_MAX_M * x.shape[-1] or x.numel() == 0 \
+            or weight.dim() != 2 or weight.stride(-1) != 1 or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    mode = gemv_mode()
+    if mode == "off":
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    key = (x.device, x.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
+    if key not in _GEMV_DECISIONS:
+        if torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)  # no timing (nor compiling) inside a capture: cuBLAS this time
+        _GEMV_DECISIONS[key] = _decide_gemv(x2, weight, mode)
+    cfg = _GEMV_DECISIONS[key]
+    if cfg is None:
+        return F.linear(x, weight, bias)
+    from minillm.kernels.gemv import gemv
+    return gemv(x, weight, bias, config=cfg)
 
 
 def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
@@ -69,6 +168,8 @@ class Linear(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.quant_method) is UnquantizedLinearMethod:  # dense: F.linear, or the decode GEMV
+            return dense_linear(x, self.weight, self.bias)
         return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 
 from minillm.hooks import dispatch
 from minillm.layers.embedding import VocabEmbedding
-from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear
+from minillm.layers.linear import Linear, MergedColumnLinear, QKVLinear, dense_linear
 from minillm.parallel.state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce, tensor_parallel_gather
 
 
@@ -301,7 +301,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        logits = tensor_parallel_gather(F.linear(hidden_states, self.weight, self.bias))
+        logits = tensor_parallel_gather(dense_linear(hidden_states, self.weight, self.bias))
         if logits is None or logits.shape[-1] == self.vocab_size:
             return logits
         return logits[..., :self.vocab_size]  # drop the padding rows of the last rank
