@@ -45,35 +45,25 @@ L2_BYTES = 50 << 20
 
 
 # ---------------------------------------------------------------------------------------------- config space
+# The tiles below are pruned with the first H200 sweep (2026-12-02, int4_sweep_1): the CUDA-core path only wins at
+# M <= 2, with narrow tiles and 1-2 warps or wide ones with 4; the tensor-core path only with BLOCK_K = 128.
 def fma_configs() -> list[dict]:
     """int4_gemm.py, CUDA-core path: one row per program."""
-    out = []
-    for bn, bk, w, st in itertools.product((64, 128, 256, 512), (64, 128, 256), (1, 2, 4, 8), (1, 3)):
-        words = bk // 8 * bn // (32 * w)  # packed words per thread per tile
-        # num_stages hardly matters with the kernel's own register prefetch: stage 1 kept for two tiles only
-        if 4 <= words <= 64 and (st == 3 or (bn == 256 and bk in (64, 128) and w == 4)) and (bk < 256 or w == 8):
-            out.append(dict(kernel="fma", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w, num_stages=st))
-    return out
+    return [dict(kernel="fma", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w, num_stages=3)
+            for bn, bk, w in ((64, 64, 1), (64, 128, 1), (64, 128, 2), (128, 64, 1), (256, 64, 2), (512, 64, 4),
+                              (128, 128, 4))]
 
 
 def dot_configs() -> list[dict]:
     """int4_gemm.py, tensor-core path: BLOCK_M = 16."""
-    out = []
-    for bn, bk, w, st in itertools.product((32, 64, 128, 256), (128, 256), (2, 4, 8), (1, 3, 5)):
-        words = bk // 8 * bn // (32 * w)
-        if 2 <= words <= 64 and (st == 3 or (bn == 128 and bk == 128 and w == 4)):
-            out.append(dict(kernel="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=w, num_stages=st))
-    return out
+    return [dict(kernel="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, USE_DOT=True, num_warps=w, num_stages=3)
+            for bn, w in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8))]
 
 
 def gemv_configs() -> list[dict]:
     """int4_gemv.py: one row per program; the warps side by side along N (num_warps * 128 <= BLOCK_N)."""
-    out = []
-    for bn, bk, w, st in itertools.product((128, 256, 512, 1024), (32, 64, 128), (1, 2, 4, 8), (1, 3)):
-        words = bk // 8 * bn // (32 * w)
-        if w * 128 <= bn and 8 <= words <= 64 and (st == 1 or (bn == 512 and bk == 64)):
-            out.append(dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
-    return out
+    return [dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+            for bn, bk, w in ((256, 64, 1), (256, 128, 2), (512, 32, 1), (512, 64, 2), (512, 64, 4), (1024, 64, 4))]
 
 
 def mma_configs() -> list[dict]:
@@ -81,7 +71,7 @@ def mma_configs() -> list[dict]:
     out = []
     for bn, w, st in itertools.product((32, 64, 128, 256, 512), (1, 2, 4, 8), (1, 3)):
         words = 16 * bn // (32 * w)
-        if 4 <= words <= 64 and (st == 3 or bn in (128, 256)):
+        if 4 <= words <= 64 and (st == 3 or (bn, w) in ((128, 4), (256, 8))):
             out.append(dict(kernel="mma", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st))
     return out
 
@@ -91,8 +81,8 @@ def _pow2(m: int) -> int:
 
 
 def configs_for(m: int) -> list[dict]:
-    dot = [c for c in dot_configs() if m >= 8 or (c["BLOCK_N"] in (64, 128) and c["num_stages"] == 3)]
-    families = [c for c in fma_configs() if m <= 4], dot, [c for c in gemv_configs() if m <= 2], mma_configs()
+    small = m <= 2  # one row per program: each row re-reads and re-unpacks the weights
+    families = [c for c in fma_configs() if small], dot_configs(), [c for c in gemv_configs() if small], mma_configs()
     # round robin over the families, so that a sweep cut short by its time budget still has some of each
     return [c for group in itertools.zip_longest(*families) for c in group if c is not None]
 
@@ -128,7 +118,7 @@ def kernels() -> dict:
 
         _KERNELS.update(fma=base, dot=base,
                         gemv=triton.jit(gv.int4_gemv_kernel.fn, do_not_specialize=["M", "SPLIT_K"]),
-                        mma=triton.jit(mm.int4_mma_kernel.fn, do_not_specialize=["M", "SPLIT_K"]))
+                        mma=triton.jit(mm.int4_mma_kernel.fn, do_not_specialize=["M", "M_BUCKET", "SPLIT_K"]))
     return _KERNELS
 
 
@@ -156,7 +146,7 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
         return run(*common, 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, **tiles, SPLIT_K=split,
                    **extra)
     if cfg["kernel"] == "mma":
-        return run(*common, 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
+        return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
                    UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
                    SPLIT_K=split, **extra)
     return run(*common, min(_pow2(m), 256), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
@@ -267,7 +257,8 @@ def sweep_shape(name: str, k: int, n: int, num_sms: int, copy_bw: float, deadlin
     import torch
     import torch.nn.functional as F
 
-    from minillm.kernels.int4_gemm import _workspace, int4_gemm
+    from minillm.kernels.int4_gemm import int4_gemm
+    from minillm.kernels.int4_tuning import split_k_workspace as _workspace
 
     copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
     sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
@@ -358,7 +349,7 @@ def dry_run() -> None:
     import torch
 
     import minillm  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
-    from minillm.kernels.int4_gemm import _workspace
+    from minillm.kernels.int4_tuning import split_k_workspace as _workspace
 
     all_cfgs = {id(c): c for m in MS for c in configs_for(m)}
     print(f"compile configs: fma {len(fma_configs())}, dot {len(dot_configs())}, gemv {len(gemv_configs())}, "

@@ -46,6 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.int4_tuning import (_DOT_CONFIGS, _FMA_CONFIGS, _SPLIT_K_WORKSPACES, MAX_SPLIT_K,  # noqa: F401
+                                         SPLIT_K_MAX_M, _interpreter_config, _prune, _split_k_heuristic,
+                                         choose_split_k, mma_applies, num_sms, split_k_workspace)
 from minillm.platform import triton_interpreted
 
 __all__ = ["int4_gemm", "int4_unpack", "launch_int4_gemm", "choose_split_k", "MAX_SPLIT_K"]
@@ -234,72 +237,7 @@ def launch_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 # <<< exercise
 
 
-# ---------------------------------------------------------------------------------------------- tiles
-# (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages). CUDA-core configs serve M <= 4 (one row per
-# program, the weight tile re-read from L2 by the few rows); tensor-core configs pad M to BLOCK_M >= 16.
-_FMA_CONFIGS = [(1, 128, 128, False, 4, 3), (1, 256, 64, False, 4, 4), (1, 256, 128, False, 8, 3)]
-_DOT_CONFIGS = [(16, 128, 128, True, 4, 3), (16, 256, 128, True, 8, 3), (16, 64, 256, True, 4, 4),
-                (32, 128, 128, True, 4, 3), (64, 128, 128, True, 8, 3),
-                (128, 64, 128, True, 8, 3), (128, 128, 128, True, 8, 3)]
-MAX_SPLIT_K = 16
-SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K
-
-
-def _block_m_range(m_bucket: int) -> tuple[int, int]:
-    """The BLOCK_M sizes worth trying for a batch of about m_bucket rows (tensor-core path)."""
-    if m_bucket <= 16:
-        return 16, 16
-    if m_bucket <= 64:
-        return 16, m_bucket
-    return 64, 128
-
-
-def _prune(configs, named_args, **kwargs):
-    m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 16))
-    group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 128))
-    lo, hi = _block_m_range(m_bucket)
-    kept = []
-    for c in configs:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        if not c.kwargs["USE_DOT"]:
-            if m_bucket > 4:
-                continue
-            if group < bk and group % 32 == 0:  # keep the cheap scale-per-tile path for groups of 32 / 64
-                c = triton.Config(dict(c.kwargs, BLOCK_K=group), num_warps=c.num_warps, num_stages=c.num_stages)
-        elif not lo <= bm <= hi:
-            continue
-        kept.append(c)
-    return kept or configs
-
-
-_NUM_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
-
-
-def choose_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: int) -> int:
-    """Split K (a power of two) until the grid has about two programs per SM, keeping >= 2 K tiles each."""
-    if m > SPLIT_K_MAX_M:
-        return 1
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split = 1
-    while tiles * split < 2 * num_sms and split * 2 <= min(MAX_SPLIT_K, k_tiles // 2):
-        split *= 2
-    return split
-
-
-def _split_k_heuristic(a) -> int:
-    return choose_split_k(a["M"], a["N"], a["K"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], _num_sms(a["X"].device))
-
-
+# ---------------------------------------------------------------------------------------------- autotuning
 _autotuned = None
 
 
@@ -312,30 +250,6 @@ def _autotuned_kernel():
                                      prune_configs_by={"early_config_prune": _prune})(
             triton.heuristics({"SPLIT_K": _split_k_heuristic})(_int4_gemm_kernel))
     return _autotuned
-
-
-def _interpreter_config(m: int, group: int) -> dict:
-    """One small config under the interpreter: CUDA-core path for a single row, tensor-core path otherwise."""
-    if m == 1:
-        return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=min(64, group) if group % 8 == 0 else 64, USE_DOT=False)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, USE_DOT=True)
-
-
-# Split-K workspace per device: fp32 partial sums (>= M * N) and per-tile arrival counters, shared by every
-# shape (the kernel leaves them zeroed, so calls on one stream can take turns). It only grows, and a grown-out
-# buffer is kept alive: a CUDA graph captured earlier still replays into the addresses it recorded.
-# Not safe for two split-K GEMMs running concurrently on different streams.
-_SPLIT_K_WORKSPACES: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    held = _SPLIT_K_WORKSPACES.setdefault(str(device), [])
-    sums, tiles = m * n, m * triton.cdiv(n, 16)  # tiles: an upper bound for every BLOCK_M >= 1, BLOCK_N >= 16
-    if not held or held[-1][0].numel() < sums or held[-1][1].numel() < tiles:
-        old_sums, old_tiles = (held[-1][0].numel(), held[-1][1].numel()) if held else (0, 0)
-        held.append((torch.zeros(max(sums, 2 * old_sums), dtype=torch.float32, device=device),
-                     torch.zeros(max(tiles, 2 * old_tiles), dtype=torch.int32, device=device)))
-    return held[-1]
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -374,8 +288,11 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T (+ bias), in x's dtype, with W in the layout of the module docstring.
 
-    split_k / config (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages) pin the launch instead of
-    autotuning; leave both None in the engine.
+    On a GPU, bf16/fp16 activations with M <= 64 and groups of 128 (or multiples) run int4_mma.py's kernel
+    (codes unpacked two per instruction straight into bf16, tensor cores), everything else this module's kernel.
+    split_k / config (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages; or MMA=True with BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages for int4_mma.py's kernel) pin the launch instead of autotuning;
+    leave both None in the engine.
     """
     group = _check_int4_args(x, qweight, scales, qzeros, group_size, perm, bias)
     k, n = x.shape[-1], qweight.shape[1]
@@ -394,7 +311,14 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     qweight, scales = qweight.contiguous(), scales.contiguous()
     qzeros = qzeros.contiguous() if qzeros is not None else qweight  # placeholder when symmetric
     # split-K workspace, or placeholders of the right types when K is never split (large M)
-    ws, cnt = _workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
+    ws, cnt = split_k_workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
+    if config.get("MMA", False) if config is not None else (
+            split_k is None and not triton_interpreted() and mma_applies(x2, group, m)):
+        from minillm.kernels.int4_mma import launch_int4_mma  # (int4_mma imports this module: resolved on use)
+        cfg = None if config is None else dict({k: v for k, v in config.items() if k != "MMA"},
+                                               SPLIT_K=split_k or config.get("SPLIT_K", 1))
+        launch_int4_mma(x2, qweight, scales, None if qzeros is qweight else qzeros, group, bias, y, ws, cnt, cfg)
+        return y.reshape(*x.shape[:-1], n)
     m_bucket = min(triton.next_power_of_2(m), 256)
     args = (x2, qweight, scales, qzeros, bias if bias is not None else scales, y, ws, cnt, m, n, k,
             x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket, 0x4B000000)
@@ -416,7 +340,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 1 if triton_interpreted() else 3)
     if split_k is None:
-        split_k = choose_split_k(m, n, k, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], _num_sms(x.device))
+        split_k = choose_split_k(m, n, k, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], num_sms(x.device))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _int4_gemm_kernel[grid](*args, **consts, **cfg, SPLIT_K=split_k)
     return y.reshape(*x.shape[:-1], n)

@@ -23,21 +23,25 @@ fp32 (the interpreter mis-multiplies bf16 dot operands); the codes are exact in 
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from minillm.kernels.int4_gemm import _load_tile
+from minillm.kernels.int4_tuning import mma_configs, prune_mma
+from minillm.platform import triton_interpreted
 
-__all__ = ["int4_mma_kernel"]
+__all__ = ["int4_mma_kernel", "launch_int4_mma"]
 
 
 @triton.jit
 def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
-                    NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP16_CODES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
     """y [M, N] = x [M, K] @ dequant(W)^T; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K);
-    GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16.
+    GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16. M_BUCKET (M rounded
+    up to a power of two) is only the autotuner's key.
     NIBBLE_MASK = 0x000F000F arrives as a run-time value: as a literal beside the literal MAGIC2 the compiler
     would rematerialise one of the two constants for every word (a LOP3 takes one immediate operand)."""
     ROWS: tl.constexpr = BLOCK_K // 8
@@ -114,3 +118,43 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
             tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
             tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
             tl.atomic_xchg(CNT + pid, 0)
+
+
+_autotuned = None
+
+
+def _autotuned_kernel():
+    global _autotuned
+    if _autotuned is None:
+        _autotuned = triton.autotune(mma_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"],
+                                     prune_configs_by={"early_config_prune": prune_mma})(int4_mma_kernel)
+    return _autotuned
+
+
+def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                    group: int, bias: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
+                    config: dict | None = None) -> None:
+    """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias) with int4_mma_kernel; operands already checked by int4_gemm.
+    config (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) pins the launch, else autotuned (on CUDA)."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    interp = triton_interpreted()
+    qz = qzeros if qzeros is not None else qweight  # a placeholder when symmetric
+    args = (x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k, x2.stride(0),
+            qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0), min(triton.next_power_of_2(m), 256),
+            0x000F000F)
+    consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
+                  FP16_CODES=x2.dtype == torch.float16, UPCAST=interp or x2.dtype == torch.float32,
+                  DOT_PRECISION="ieee" if interp or x2.dtype == torch.float32 else "tf32")
+    if config is None and not interp:
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+        _autotuned_kernel()[grid](*args, **consts)
+        return
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1) if config is None else dict(config)
+    if cfg["BLOCK_M"] < 16 or cfg["BLOCK_K"] < 128 or group % cfg["BLOCK_K"]:
+        raise ValueError(f"int4_mma needs BLOCK_M >= 16, BLOCK_K >= 128 dividing the group ({group}), got {cfg}")
+    if interp:
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    int4_mma_kernel[grid](*args, **consts, **cfg)

@@ -1,0 +1,138 @@
+"""INT4 decode kernels beside int4_gemm.py's: int4_mma.py (bf16 halves, tensor cores) and int4_gemv.py (wide
+CUDA-core GEMV), and their tuning (int4_tuning.py). CPU: Triton's interpreter at tiny awkward sizes against the
+torch reference (x @ dequantize_int4(W)^T in fp32). GPU (@pytest.mark.gpu): bf16 at Llama-3-8B sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import minillm  # noqa: F401  (TRITON_INTERPRET=1 before triton runs anything, without CUDA)
+from minillm.kernels.int4_gemm import int4_gemm
+from minillm.kernels.int4_layout import dequantize_int4, repack_int4
+from minillm.kernels.int4_tuning import (MAX_SPLIT_K, choose_split_k, mma_applies, mma_configs, num_sms, prune_mma,
+                                         split_k_workspace)
+from minillm.quant.rtn import quantize
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# int4_mma removes the bf16 offset 128 after an fp32 dot: sum x (128 + c) - 128 sum x loses ~4 of fp32's 24 bits
+# to the cancellation, so fp32 results agree to ~1e-5 of the output's magnitude rather than a few ulps
+MMA_FP32_RTOL = 1e-4
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= rtol * scale + 1e-6, f"max abs error {err:.3g} > {rtol} x max|ref| {scale:.3g}"
+
+
+def _weights(n: int, k: int, group: int, symmetric: bool, dtype=torch.float32, device="cpu"):
+    qw = quantize(torch.randn(n, k, device=device), bits=4, group_size=group, symmetric=symmetric)
+    packed = repack_int4(qw, dtype)
+    return packed, dequantize_int4(*packed.args())
+
+
+MMA_CASES = [  # m, n, k, group, symmetric, split_k, block_n
+    (1, 64, 256, 128, False, 1, 32),    # one row, two K tiles in one program
+    (3, 96, 256, 128, True, 2, 32),     # symmetric (zero point 8), split-K over 2
+    (17, 64, 512, 256, False, 3, 64),   # two row tiles, two tiles per group, uneven split
+    (2, 40, 384, 128, False, 2, 32),    # N not a multiple of BLOCK_N, 3 K tiles split 2 + 1
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,symmetric,split_k,block_n", MMA_CASES)
+def test_int4_mma_matches_dequantized_matmul(m, n, k, group, symmetric, split_k, block_n):
+    torch.manual_seed(m * 100 + n + k)
+    packed, w = _weights(n, k, group, symmetric)
+    x = torch.randn(m, k)
+    cfg = dict(MMA=True, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128)
+    y = int4_gemm(x, *packed.args(), split_k=split_k, config=cfg)
+    _close(y, x @ w.t(), MMA_FP32_RTOL)
+    ws, cnt = split_k_workspace(x.device, m, n)
+    assert not ws.any() and not cnt.any(), "the last split must leave the workspace and counters zeroed"
+
+
+def test_int4_mma_bias_and_bf16_activations():
+    torch.manual_seed(5)
+    packed, w = _weights(48, 256, 128, False, torch.bfloat16)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    y = int4_gemm(x, *packed.args(), bias=bias, config=dict(MMA=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128))
+    assert y.dtype == torch.bfloat16
+    # bf16 output: 2^-8 relative rounding (and the interpreter's fp32 -> bf16 cast truncates)
+    _close(y, x.float() @ w.t() + bias.float(), 0.01)
+
+
+def test_int4_mma_rejects_tiles_it_cannot_run():
+    packed, _ = _weights(32, 256, 64, False)
+    with pytest.raises(ValueError, match="BLOCK_K"):  # a 128-row K tile straddles two groups of 64
+        int4_gemm(torch.randn(1, 256), *packed.args(), config=dict(MMA=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128))
+    packed, _ = _weights(32, 256, 128, False)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        int4_gemm(torch.randn(1, 256), *packed.args(), config=dict(MMA=True, BLOCK_M=8, BLOCK_N=32, BLOCK_K=128))
+
+
+def test_int4_gemv_kernel_matches_reference():
+    from minillm.kernels.int4_gemv import int4_gemv_kernel
+
+    torch.manual_seed(7)
+    m, n, k, group = 3, 96, 384, 64
+    packed, w = _weights(n, k, group, False)
+    x = torch.randn(m, k)
+    y = torch.empty(m, n)
+    ws, cnt = split_k_workspace(x.device, m, n)
+    qw, s, qz = packed.qweight, packed.scales, packed.qzeros
+    block_n, split = 64, 4  # 6 K tiles of 64 over 4 splits: 2, 2, 2, 0 (an idle split still arrives)
+    grid = (m * triton.cdiv(n, block_n), split)
+    int4_gemv_kernel[grid](x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0),
+                           qz.stride(0), y.stride(0), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True,
+                           HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=split)
+    _close(y, x @ w.t(), 1e-5)
+    assert not ws.any() and not cnt.any()
+
+
+def test_mma_applies_only_where_its_codes_fit():
+    bf = torch.empty(1, 8, dtype=torch.bfloat16)
+    assert mma_applies(bf, 128, 1) and mma_applies(bf, 256, 64)
+    assert not mma_applies(bf, 64, 1), "a 128-row K tile must lie inside one group"
+    assert not mma_applies(bf, 128, 65), "large M goes to the large-tile kernel"
+    assert not mma_applies(bf.float(), 128, 1), "fp32 activations: no bf16 halves"
+
+
+def test_prune_mma_keeps_bucketed_tiles_and_sane_splits():
+    x = torch.empty(1, 4096)
+    sms = num_sms(x.device)
+    for m_bucket, n, k in ((1, 14336, 4096), (16, 4096, 14336), (64, 28672, 4096), (1, 64, 256)):
+        kept = prune_mma(mma_configs(), dict(X=x, M_BUCKET=m_bucket, N=n, K=k))
+        assert kept, (m_bucket, n, k)
+        for c in kept:
+            assert c.kwargs["BLOCK_M"] == max(16, m_bucket)
+            sk = c.kwargs["SPLIT_K"]
+            programs = -(-n // c.kwargs["BLOCK_N"]) * sk
+            assert sk == 1 or (sk <= k // 128 and sms // 2 <= programs <= 16 * sms), (m_bucket, n, k, c)
+    # a tiny N leaves SMs idle without split-K: the prune keeps some split
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in prune_mma(mma_configs(), dict(X=x, M_BUCKET=1, N=64, K=1024)))
+
+
+def test_choose_split_k_bounds():
+    assert choose_split_k(1, 14336, 4096, 1, 128, 128, 132) > 1
+    assert choose_split_k(128, 14336, 4096, 16, 128, 128, 132) == 1
+    for n in (64, 4096, 14336):
+        assert 1 <= choose_split_k(1, n, 4096, 1, 128, 128, 132) <= MAX_SPLIT_K
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 33])
+def test_int4_gemm_gpu_mma_path_bf16(m):
+    torch.manual_seed(m)
+    packed, w = _weights(6144, 4096, 128, False, torch.bfloat16, "cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w.t()
+    _close(int4_gemm(x, *packed.args()), ref, 0.01)
+    _close(int4_gemm(x, *packed.args(), config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64, BLOCK_N=128,
+                                                     BLOCK_K=128, num_warps=4)), ref, 0.01)
+    _close(int4_gemm(x, *packed.args(), split_k=8, config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64,
+                                                                BLOCK_N=256, BLOCK_K=128, num_warps=8)), ref, 0.01)
