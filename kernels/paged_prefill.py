@@ -85,13 +85,17 @@ def _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos,
         row = pos % PAGE_SIZE
         k_rows = block * stride_kb + row * stride_ks + kv_head * stride_kh
         v_rows = block * stride_vb + row * stride_vs + kv_head * stride_vh
-        k_ok = d_ok[:, None]
-        v_ok = d_ok[None, :]
+        k_ptrs = K_CACHE + k_rows[None, :] + offs_d[:, None]  # K^T tile [BLOCK_D, BLOCK_N]: S = Q K^T is one dot
+        v_ptrs = V_CACHE + v_rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
         if MASKED:
-            k_ok = k_ok & valid[None, :]
-            v_ok = v_ok & valid[:, None]
-        k = tl.load(K_CACHE + k_rows[None, :] + offs_d[:, None], mask=k_ok, other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(V_CACHE + v_rows[:, None] + offs_d[None, :], mask=v_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+            k = tl.load(k_ptrs, mask=valid[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D == HEAD_DIM:  # the common case: no predicate at all
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         k = k.to(q.dtype)  # fp8 caches are widened here; a no-op otherwise
         v = v.to(q.dtype)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N]
