@@ -21,16 +21,16 @@ import time
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N, K)
-# (block_n, block_k, num_warps, num_stages, prefetch) per M bucket on CUDA cores; tensor-core tiles for all M
-FMA_TILES = {1: [(8, 512, 4, 1, False), (16, 512, 4, 1, False), (8, 1024, 4, 1, False), (32, 256, 4, 1, False),
-                 (16, 256, 4, 1, False), (4, 1024, 4, 1, False), (16, 1024, 8, 1, False),
-                 (8, 512, 4, 1, True), (16, 256, 4, 1, True), (4, 1024, 4, 1, True), (16, 512, 4, 1, True)],
-             2: [(8, 256, 4, 1, False), (8, 512, 4, 1, False), (16, 256, 4, 1, False), (4, 512, 4, 1, False),
-                 (16, 512, 8, 1, False), (8, 256, 4, 1, True), (4, 512, 4, 1, True)],
-             4: [(4, 256, 4, 1, False), (8, 256, 4, 1, False), (4, 512, 4, 1, False), (8, 512, 8, 1, False),
-                 (16, 256, 8, 1, False), (4, 256, 4, 1, True), (8, 256, 4, 1, True)]}
-DOT_TILES = [(16, 256, 4, 4, False), (32, 256, 4, 4, False), (32, 128, 4, 6, False), (64, 128, 4, 4, False),
-             (16, 512, 4, 3, False), (64, 256, 8, 3, False)]
+# (block_n, block_k, num_warps, num_stages) per M bucket on CUDA cores; tensor-core tiles for all M.
+# Round 1 (H200, 2026-12-02): at M = 1, narrow tiles with long K rows won ((8, 1024) and (8, 512), 4 warps);
+# split-K and a software prefetch lost everywhere. Round 2 adds longer rows (one or two load rounds per
+# program: all of a row's bytes in flight at once) and more warps per program.
+FMA_TILES = {1: [(8, 512, 4, 1), (8, 1024, 4, 1), (4, 1024, 4, 1), (16, 512, 4, 1),
+                 (4, 2048, 4, 1), (2, 4096, 4, 1), (2, 2048, 4, 1), (1, 4096, 4, 1), (4, 4096, 8, 1),
+                 (8, 2048, 8, 1), (8, 1024, 8, 1), (16, 1024, 8, 1), (4, 1024, 2, 1)],
+             2: [(8, 256, 4, 1), (8, 512, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (2, 2048, 4, 1)],
+             4: [(4, 256, 4, 1), (8, 256, 4, 1), (4, 512, 4, 1), (2, 1024, 4, 1)]}
+DOT_TILES = [(64, 128, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 4), (64, 128, 4, 6)]
 L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least this (H200 L2: 50 MB)
 GRAPH_GPU_MS = 2.0  # GPU time per graph replay
 
@@ -89,10 +89,9 @@ def configs_for(m: int, n: int, k: int, num_sms: int):
     from minillm.kernels.gemv import GemvConfig
     bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else None
     tiles = [(t, False) for t in FMA_TILES.get(bucket, [])] + [(t, True) for t in DOT_TILES]
-    for (bn, bk, warps, stages, prefetch), dot in tiles:
-        for s in split_factors(n, k, bn, bk, num_sms):
-            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages,
-                             prefetch=prefetch)
+    for (bn, bk, warps, stages), dot in tiles:
+        for s in split_factors(n, k, bn, bk, num_sms) if dot else [1]:  # split-K lost on CUDA cores (round 1)
+            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype = torch.bfloat16
-    results = dict(benchmark="gemv sweep", date=datetime.datetime.now(datetime.timezone.utc).isoformat("seconds"),
+    results = dict(benchmark="gemv sweep", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    command="python benchmarks/sweep_gemv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    copy_bytes_per_s=round(bw), num_sms=num_sms, rows=[], entries=[], failures=[], skipped=0)
@@ -178,15 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGEMV sweep, {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
           f"fraction = weight bytes / time / copy bandwidth")
     print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
-          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages, prefetch)")
+          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages)")
     for r in results["rows"]:
         c = r.get("best_config")
-        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "prefetch")
+        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages")
         cs = ", ".join(str(c[f]) for f in fields) if c else "-"
         print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
               f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"
               f"{r.get('best_us', float('nan')):>9.1f}{r.get('best_frac', float('nan')):>7.1%}"
               f"{r.get('best_vs_cublas', float('nan')):>9.2f}  {cs}")
+    # one decoder layer (qkv, o, gate_up, down) per M: cuBLAS alone vs the faster of the two per shape
+    layer = ("qkv", "o", "gate_up", "down")
+    for m in args.m:
+        rows = [r for r in results["rows"] if r["m"] == m and r["shape"] in layer]
+        if len(rows) == len(layer):
+            cub = sum(r["cublas_us"] for r in rows)
+            mix = sum(min(r["cublas_us"], r.get("best_us", r["cublas_us"])) for r in rows)
+            results.setdefault("layer", []).append(dict(m=m, cublas_us=round(cub, 2), best_of_both_us=round(mix, 2)))
+            print(f"decoder layer M={m}: cuBLAS {cub:.1f} us, best of both {mix:.1f} us "
+                  f"({32 * (cub - mix) / 1e3:.3f} ms less per 32-layer step)")
     if out_of_time:
         print(f"budget of {args.budget_s} s reached: {results['skipped']} configs not timed")
     if results["failures"]:

@@ -20,8 +20,9 @@ small-M kernels; written here from the idea):
 * The M rows of x are tiny (M*K*2 bytes, read from L2); rows past M are clamped onto row M - 1, and weight
   rows past N onto row N - 1, so the K loop has no masks when K divides into whole tiles.
 * Two inner products. CUDA cores (USE_DOT=False): acc[M, BLOCK_N, BLOCK_K] += x * w in fp32, element by
-  element, reduced over K once after the loop (no cross-thread reduction inside the loop); with `prefetch`
-  the next tile's load is in flight while this tile's FMAs run (twice the bytes in flight). Tensor cores
+  element, reduced over K once after the loop (no cross-thread reduction inside the loop). (A software
+  prefetch of tile i + 1 during tile i's FMAs measured slower on the H200: the registers it takes cost more
+  resident programs than it adds bytes in flight.) Tensor cores
   (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
   here, and the compiler pipelines the tile loads through shared memory (num_stages).
 * Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
@@ -57,7 +58,6 @@ class GemvConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: bool = False  # CUDA-core path: load tile i + 1 before the FMAs of tile i (where K splits evenly)
 
     def check(self, m: int) -> None:
         """ValueError naming the field that is out of range (for rows m)."""
@@ -81,7 +81,7 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,17 +100,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:  # CUDA cores, whole tiles only: the next tile's load is issued before this tile's FMAs
-        w = tl.load(w_ptrs)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            step = tl.where(k0 + BLOCK_K < k_hi, BLOCK_K, 0)  # the last iteration re-reads its own tile (L1)
-            w_next = tl.load(w_ptrs + step)
-            x = tl.load(x_ptrs)
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            w = w_next
-            w_ptrs += step
-            x_ptrs += BLOCK_K
-    for k0 in range(k_lo, k_hi if not PREFETCH else k_lo, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -182,24 +172,34 @@ def _workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tenso
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
-    """A launch for (M, N, K) without measuring: CUDA cores for M <= 4, tensor cores above; BLOCK_N shrinks
-    (and then K splits) until there are about four programs per SM, each still streaming >= 64 KB of weights."""
-    if m > 4:
-        block_n, block_k, use_dot, warps, stages = 32, 256, True, 4, 4
-    else:
-        block_n, block_k, use_dot, warps, stages = (16 if m == 1 else 8), 512 // max(m, 1), False, 4, 1
-        block_k = max(block_k, 128)
-    split = 1
-    target = 4 * num_sms
-    while triton.cdiv(n, block_n) * split < target and split < MAX_SPLIT_K and \
-            block_n * (k // (2 * split)) * 2 >= 64 * 1024 and k // (2 * split) >= block_k:
-        split *= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=use_dot, num_warps=warps,
-                      num_stages=stages)
+    """A launch for (M, N, K) without measuring, the rule read off the H200 sweep (benchmarks/RESULTS.md):
+
+    * M = 1: CUDA cores, 8 rows x 1024 columns per program (8 loads of 16 bytes per thread in flight), no
+      split-K: on 4096..128256 outputs that is 512+ programs, enough to fill 132 SMs, and splitting K only
+      added atomics (every split config measured slower than the same tile unsplit).
+    * M >= 2: the 3-D CUDA-core accumulator costs M times the registers, so tensor cores take over (64 x 128
+      tiles, 4 stages of cp.async in flight), K split 4 ways when the outputs give fewer than ~2 programs/SM.
+    `num_sms` is kept for the split rule (the H200 has 132)."""
+    if m == 1:
+        return GemvConfig(block_n=8, block_k=min(1024, triton.next_power_of_2(k)), split_k=1, use_dot=False,
+                          num_warps=4, num_stages=1)
+    block_n, block_k = 64, 128
+    split = 4 if triton.cdiv(n, block_n) < 2 * num_sms and k >= 4 * 2 * block_k else 1
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=True, num_warps=4, num_stages=4)
 
 
-# (M, N, K) -> the fastest config measured on the H200 by benchmarks/sweep_gemv.py (Llama-3-8B's decode shapes).
-TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+# (M, N, K) -> the fastest config measured on the H200 by benchmarks/sweep_gemv.py, 2026-12-02 (Llama-3-8B's
+# decode shapes: qkv, o, gate_up, down, lm_head). At M = 1 they beat cuBLAS by 1.04x / 1.13x / 0.97x / 1.04x /
+# 1.01x; at M >= 2 nothing beat cuBLAS by more than noise, so those shapes keep default_config (and the engine's
+# timed choice picks cuBLAS there).
+_FMA = dict(split_k=1, use_dot=False, num_warps=4, num_stages=1)
+TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 6144, 4096): GemvConfig(block_n=8, block_k=512, **_FMA),
+    (1, 4096, 4096): GemvConfig(block_n=8, block_k=1024, **_FMA),
+    (1, 28672, 4096): GemvConfig(block_n=4, block_k=1024, **_FMA),
+    (1, 4096, 14336): GemvConfig(block_n=8, block_k=1024, **_FMA),
+    (1, 128256, 4096): GemvConfig(block_n=8, block_k=1024, **_FMA),
+}
 
 
 def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
@@ -252,7 +252,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot, EVEN_K=even_k,
-        PREFETCH=cfg.prefetch and even_k and not cfg.use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(*x.shape[:-1], n)
