@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype = torch.bfloat16
-    results = dict(benchmark="gemv sweep", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results = dict(benchmark="gemv sweep", date=now,
                    device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    command="python benchmarks/sweep_gemv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    copy_bytes_per_s=round(bw), num_sms=num_sms, rows=[], entries=[], failures=[], skipped=0)
