@@ -169,3 +169,38 @@ def test_engine_chunked_prefill_and_prefix_cache_match_torch(kernel_calls, kv_ca
     assert greedy(model_and_config, "triton", prompts, kv_cache_dtype=kv_cache_dtype) == ref
     # the case is what it claims: chunks over cached context (q_len < seq_len) in steps that also hold decodes
     assert any(1 in q and any(1 < ql < sl for ql, sl in zip(q, s)) for q, s in kernel_calls), kernel_calls
+
+
+# -- on the GPU: bf16 / fp8 at Llama-3-8B's attention shape, and inside a CUDA graph ---------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_8b_shape_and_cuda_graph_replay_with_new_lengths(fp8):
+    """A chunk over 4096 cached tokens, a decode, a fresh prompt and a chunk one past a block, bf16 (or an fp8
+    cache) against the fp32 reference; then the launch captured in a CUDA graph, replayed after the decode's
+    seq_len and the queries changed in place: lengths are read on the device, nothing was frozen at capture."""
+    q_lens, seq_lens = [512, 1, 64, 300], [4608, 2049, 64, 1317]
+    q, k_cache, v_cache, tables, cu, scales, kv = paged_case(q_lens, seq_lens, 32, 8, 128, 16, fp8, seed=5)
+    dev = dict(device="cuda")
+    q = q.to(**dev, dtype=torch.bfloat16)
+    k_cache, v_cache = (c.to(**dev) if fp8 else c.to(**dev, dtype=torch.bfloat16) for c in (k_cache, v_cache))
+    tables, cu, lens = tables.to(**dev), cu.to(**dev), torch.tensor(seq_lens, dtype=torch.int32, **dev)
+    k_scale, v_scale = (scales[0].to(**dev), scales[1].to(**dev)) if fp8 else (None, None)
+
+    def run():
+        return paged_prefill_attention(q, k_cache, v_cache, tables, lens, cu, k_scale=k_scale, v_scale=v_scale)
+
+    out = run()  # autotunes (outside the graph)
+    for b, (k, v) in enumerate(kv):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        k, v = (x.to(**dev) if fp8 else x.to(**dev, dtype=torch.bfloat16).float() for x in (k, v))
+        ref = attention_reference(q[rows].float(), k, v)
+        torch.testing.assert_close(out[rows].float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"sequence {b}: {m}")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    q.copy_(torch.randn_like(q))
+    lens[1] = 1500  # the decode now sits at position 1499: fewer keys
+    graph.replay()
+    torch.testing.assert_close(static_out, run(), atol=0, rtol=0)
