@@ -35,17 +35,6 @@ L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least thi
 GRAPH_GPU_MS = 2.0  # GPU time per graph replay
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + written), median of do_bench."""
-    import torch
-    import triton
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
-    del src, dst
-    return 2 * (1 << 29) * 2 / (ms * 1e-3)
-
-
 def graph_time_us(calls, est_us: float) -> float:
     """Microseconds per call, `calls` (closures over different weight copies) replayed round-robin from one
     CUDA graph; the median of 5 replays."""
@@ -111,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import minillm  # noqa: F401  (platform setup)
+    from bench_decode import copy_bandwidth  # the same 1 GiB copy as P5's floor (benchmarks/ is on sys.path)
     from minillm.kernels.gemv import default_config, gemv
 
     t_start = time.perf_counter()
