@@ -46,9 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.kernels.int4_tuning import (_DOT_CONFIGS, _FMA_CONFIGS, _SPLIT_K_WORKSPACES, MAX_SPLIT_K,  # noqa: F401
-                                         SPLIT_K_MAX_M, _interpreter_config, _prune, _split_k_heuristic,
-                                         choose_split_k, mma_applies, num_sms, split_k_workspace)
+from minillm.kernels.int4_tuning import (_SPLIT_K_WORKSPACES, LARGE_M_CONFIGS, MAX_SPLIT_K,  # noqa: F401
+                                         SPLIT_K_MAX_M, _interpreter_config, choose_split_k, num_sms,
+                                         split_k_workspace)
 from minillm.platform import triton_interpreted
 
 __all__ = ["int4_gemm", "int4_unpack", "launch_int4_gemm", "choose_split_k", "MAX_SPLIT_K"]
@@ -242,13 +242,13 @@ _autotuned = None
 
 
 def _autotuned_kernel():
+    """_int4_gemm_kernel autotuned over LARGE_M_CONFIGS (prefill-sized M; no split-K)."""
     global _autotuned
     if _autotuned is None:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "USE_DOT": d}, num_warps=w, num_stages=s)
-                   for m, n, k, d, w, s in _FMA_CONFIGS + _DOT_CONFIGS]
-        _autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"],
-                                     prune_configs_by={"early_config_prune": _prune})(
-            triton.heuristics({"SPLIT_K": _split_k_heuristic})(_int4_gemm_kernel))
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True, "SPLIT_K": 1},
+                                 num_warps=w, num_stages=st) for bm, bn, bk, w, st in LARGE_M_CONFIGS]
+        _autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"])(
+            _int4_gemm_kernel)
     return _autotuned
 
 
@@ -288,8 +288,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T (+ bias), in x's dtype, with W in the layout of the module docstring.
 
-    On a GPU, bf16/fp16 activations with M <= 64 and groups of 128 (or multiples) run int4_mma.py's kernel
-    (codes unpacked two per instruction straight into bf16, tensor cores), everything else this module's kernel.
+    On a GPU, decode sizes (M <= 64) run the fastest of this module's two paths and int4_mma.py's kernel, timed
+    once per shape by int4_dispatch.py; larger M runs this module's autotuned tensor-core path.
     split_k / config (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages; or MMA=True with BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps, num_stages for int4_mma.py's kernel) pin the launch instead of autotuning;
     leave both None in the engine.
@@ -312,11 +312,14 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     qzeros = qzeros.contiguous() if qzeros is not None else qweight  # placeholder when symmetric
     # split-K workspace, or placeholders of the right types when K is never split (large M)
     ws, cnt = split_k_workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
-    if config.get("MMA", False) if config is not None else (
-            split_k is None and not triton_interpreted() and mma_applies(x2, group, m)):
-        from minillm.kernels.int4_mma import launch_int4_mma  # (int4_mma imports this module: resolved on use)
-        cfg = None if config is None else dict({k: v for k, v in config.items() if k != "MMA"},
-                                               SPLIT_K=split_k or config.get("SPLIT_K", 1))
+    # (int4_dispatch and int4_mma import this module: imported where they run)
+    if config is None and split_k is None and not triton_interpreted() and m <= SPLIT_K_MAX_M:
+        from minillm.kernels.int4_dispatch import tuned_int4_gemm  # decode sizes: the fastest of three kernels
+        tuned_int4_gemm(x2, qweight, scales, None if qzeros is qweight else qzeros, group, bias, y, ws, cnt)
+        return y.reshape(*x.shape[:-1], n)
+    if config is not None and config.get("MMA", False):
+        from minillm.kernels.int4_mma import launch_int4_mma
+        cfg = dict({k: v for k, v in config.items() if k != "MMA"}, SPLIT_K=split_k or config.get("SPLIT_K", 1))
         launch_int4_mma(x2, qweight, scales, None if qzeros is qweight else qzeros, group, bias, y, ws, cnt, cfg)
         return y.reshape(*x.shape[:-1], n)
     m_bucket = min(triton.next_power_of_2(m), 256)

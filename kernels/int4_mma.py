@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.int4_gemm import _load_tile
-from minillm.kernels.int4_tuning import mma_configs, prune_mma
 from minillm.platform import triton_interpreted
 
 __all__ = ["int4_mma_kernel", "launch_int4_mma"]
@@ -120,22 +119,12 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
             tl.atomic_xchg(CNT + pid, 0)
 
 
-_autotuned = None
-
-
-def _autotuned_kernel():
-    global _autotuned
-    if _autotuned is None:
-        _autotuned = triton.autotune(mma_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"],
-                                     prune_configs_by={"early_config_prune": prune_mma})(int4_mma_kernel)
-    return _autotuned
-
-
 def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                     group: int, bias: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
                     config: dict | None = None) -> None:
-    """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias) with int4_mma_kernel; operands already checked by int4_gemm.
-    config (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) pins the launch, else autotuned (on CUDA)."""
+    """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias) with int4_mma_kernel; operands already checked by int4_gemm,
+    ws / cnt its split-K workspace. config: BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages (None: one
+    small tile, for the interpreter; int4_dispatch.py picks the GPU's)."""
     m, k = x2.shape
     n = qweight.shape[1]
     interp = triton_interpreted()
@@ -146,11 +135,6 @@ def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                   FP16_CODES=x2.dtype == torch.float16, UPCAST=interp or x2.dtype == torch.float32,
                   DOT_PRECISION="ieee" if interp or x2.dtype == torch.float32 else "tf32")
-    if config is None and not interp:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-        _autotuned_kernel()[grid](*args, **consts)
-        return
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1) if config is None else dict(config)
     if cfg["BLOCK_M"] < 16 or cfg["BLOCK_K"] < 128 or group % cfg["BLOCK_K"]:
         raise ValueError(f"int4_mma needs BLOCK_M >= 16, BLOCK_K >= 128 dividing the group ({group}), got {cfg}")

@@ -1,5 +1,5 @@
 """INT4 decode kernels beside int4_gemm.py's: int4_mma.py (bf16 halves, tensor cores) and int4_gemv.py (wide
-CUDA-core GEMV), and their tuning (int4_tuning.py). CPU: Triton's interpreter at tiny awkward sizes against the
+CUDA-core GEMV), their tuning (int4_tuning.py) and the per-shape choice among kernels (int4_dispatch.py). CPU: Triton's interpreter at tiny awkward sizes against the
 torch reference (x @ dequantize_int4(W)^T in fp32). GPU (@pytest.mark.gpu): bf16 at Llama-3-8B sizes.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import triton
 import minillm  # noqa: F401  (TRITON_INTERPRET=1 before triton runs anything, without CUDA)
 from minillm.kernels.int4_gemm import int4_gemm
 from minillm.kernels.int4_layout import dequantize_int4, repack_int4
-from minillm.kernels.int4_tuning import (MAX_SPLIT_K, choose_split_k, mma_applies, mma_configs, num_sms, prune_mma,
-                                         split_k_workspace)
+from minillm.kernels.int4_dispatch import candidates
+from minillm.kernels.int4_tuning import MAX_SPLIT_K, choose_split_k, mma_applies, split_k_workspace
 from minillm.quant.rtn import quantize
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,19 +101,66 @@ def test_mma_applies_only_where_its_codes_fit():
     assert not mma_applies(bf.float(), 128, 1), "fp32 activations: no bf16 halves"
 
 
-def test_prune_mma_keeps_bucketed_tiles_and_sane_splits():
-    x = torch.empty(1, 4096)
-    sms = num_sms(x.device)
-    for m_bucket, n, k in ((1, 14336, 4096), (16, 4096, 14336), (64, 28672, 4096), (1, 64, 256)):
-        kept = prune_mma(mma_configs(), dict(X=x, M_BUCKET=m_bucket, N=n, K=k))
-        assert kept, (m_bucket, n, k)
-        for c in kept:
-            assert c.kwargs["BLOCK_M"] == max(16, m_bucket)
-            sk = c.kwargs["SPLIT_K"]
-            programs = -(-n // c.kwargs["BLOCK_N"]) * sk
-            assert sk == 1 or (sk <= k // 128 and sms // 2 <= programs <= 16 * sms), (m_bucket, n, k, c)
-    # a tiny N leaves SMs idle without split-K: the prune keeps some split
-    assert any(c.kwargs["SPLIT_K"] > 1 for c in prune_mma(mma_configs(), dict(X=x, M_BUCKET=1, N=64, K=1024)))
+def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
+    sms = 132
+    for m, n, k in ((1, 14336, 4096), (2, 4096, 14336), (16, 6144, 4096), (64, 28672, 4096), (1, 64, 256)):
+        cands = candidates(m, n, k, 128, torch.bfloat16, sms)
+        assert cands[0].kernel == "dot", "the reference for the output check comes first"
+        kinds = {c.kernel for c in cands}
+        assert kinds == ({"fma", "dot", "mma"} if m <= 2 else {"dot", "mma"}), (m, kinds)
+        for c in cands:
+            tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+            assert 1 <= c.split_k <= min(MAX_SPLIT_K, triton.cdiv(k, c.block_k)), c
+            assert c.split_k == 1 or sms // 2 <= tiles * c.split_k <= 16 * sms, (m, n, k, c)
+            assert c.kernel == "fma" or c.block_m == max(16, triton.next_power_of_2(m))
+    # fp32 activations or groups of 64: no bf16-halves kernel, and no CUDA-core tile straddling two groups
+    assert "mma" not in {c.kernel for c in candidates(1, 4096, 4096, 128, torch.float32, sms)}
+    assert all(c.kernel != "mma" and (c.kernel != "fma" or 64 % c.block_k == 0)
+               for c in candidates(1, 4096, 4096, 64, torch.bfloat16, sms))
+
+
+def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
+    """_tune on the interpreter (timings faked): a launch whose output disagrees with the reference is dropped
+    even when it would be the fastest, and the fastest correct one wins."""
+    import triton.testing
+
+    import minillm.kernels.int4_dispatch as dispatch
+
+    torch.manual_seed(11)
+    m, n, k = 1, 64, 256
+    packed, w = _weights(n, k, 128, False)
+    x = torch.randn(m, k)
+    y = torch.empty(m, n)
+    ws, cnt = split_k_workspace(x.device, m, n)
+    ref_launch = dispatch.Launch("dot", 16, 32, 128, 4, 3, 1)
+    mma = dispatch.Launch("mma", 16, 32, 128, 4, 3, 2)
+    fma = dispatch.Launch("fma", 1, 32, 64, 4, 3, 2)
+    broken = dispatch.Launch("fma", 1, 64, 128, 4, 3, 1)
+    fake_us = {ref_launch: 3.0, mma: 2.0, fma: 1.5, broken: 0.5}
+    real_run = dispatch.run_launch
+
+    def run(lc, *args):
+        real_run(lc, *args)
+        if lc == broken:
+            args[6].add_(1.0)  # y: a wrong answer
+
+    current = {}
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        return fake_us[current["lc"]]
+
+    def tracking_run(lc, *args):
+        current["lc"] = lc
+        run(lc, *args)
+
+    monkeypatch.setattr(dispatch, "run_launch", tracking_run)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    args = (x, packed.qweight, packed.scales, packed.qzeros, 128, None, y, ws, cnt)
+    assert dispatch._tune([ref_launch, broken, mma, fma], args) == fma
+    real_run(fma, *args)
+    _close(y, x @ w.t(), MMA_FP32_RTOL)
 
 
 def test_choose_split_k_bounds():
@@ -131,7 +178,8 @@ def test_int4_gemm_gpu_mma_path_bf16(m):
     packed, w = _weights(6144, 4096, 128, False, torch.bfloat16, "cuda")
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
-    _close(int4_gemm(x, *packed.args()), ref, 0.01)
+    _close(int4_gemm(x, *packed.args()), ref, 0.01)  # the dispatcher's pick
+    _close(int4_gemm(x, *packed.args()), ref, 0.01)  # the same pick, tuned already
     _close(int4_gemm(x, *packed.args(), config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64, BLOCK_N=128,
                                                      BLOCK_K=128, num_warps=4)), ref, 0.01)
     _close(int4_gemm(x, *packed.args(), split_k=8, config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64,

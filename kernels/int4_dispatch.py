@@ -1,0 +1,148 @@
+"""Pick the fastest INT4 weight-only kernel for each decode shape by timing the candidates once (chapter 8).
+
+Three kernels compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
+  fma  int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
+  dot  int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
+  mma  int4_mma.py: rows padded to 16, two weights per instruction straight into bf16, fewest instructions.
+Triton's autotuner times configs of *one* kernel; here the candidates span all three, with split-K chosen per
+tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
+(M bucket, N, K, group, ...) key each candidate runs once, its output is checked against the reference kernel's
+(int4_gemm.py's, which the interpreter tests cover: a candidate that miscompiles on this Triton is dropped, not
+used), then the survivors are timed with triton.testing.do_bench (which flushes the L2 cache before every run,
+as a decode step reads each layer's weights cold) and the fastest is kept for the process.
+Make the first call before CUDA-graph capture (the engine's warm-up does); a call inside a capture that finds
+no tuned entry takes the first candidate without timing anything.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from minillm.kernels.int4_gemm import _int4_gemm_kernel
+from minillm.kernels.int4_mma import launch_int4_mma
+from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies, num_sms
+
+__all__ = ["Launch", "candidates", "run_launch", "tuned_int4_gemm"]
+
+# (BLOCK_N, BLOCK_K, num_warps) of the CUDA-core path, one row per program: the best tiles of the first H200 sweep
+FMA_TILES = [(64, 128, 1), (256, 64, 2), (512, 64, 4)]
+# (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
+DOT_TILES = [(128, 8), (64, 4)]
+MMA_TILES = [(128, 4), (256, 8), (64, 4)]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
+
+    kernel: str  # "fma" | "dot" | "mma"
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int
+
+
+def _splits(tiles: int, k_tiles: int, sms: int) -> list[int]:
+    """Powers of two with >= 1 K tile per program and sms / 2 .. 16 sms programs (1 whenever tiles fill the GPU)."""
+    out = [1] if tiles >= sms // 2 else []
+    s = 2
+    while s <= min(MAX_SPLIT_K, k_tiles):
+        if sms // 2 <= tiles * s <= 16 * sms:
+            out.append(s)
+        s *= 2
+    return out or [1]
+
+
+def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> list[Launch]:
+    """The launches worth timing for M rows (decode sizes, M <= 64); the reference launch (int4_gemm.py's) first."""
+    m_bucket = triton.next_power_of_2(m)
+    out = []
+    if m_bucket <= 2:
+        for bn, bk, w in FMA_TILES:
+            if group % bk == 0:  # one scale per tile: the cheap scale-after-the-sums path
+                for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
+                    out.append(Launch("fma", 1, bn, bk, w, 3, s))
+    bm = max(16, m_bucket)
+    for bn, w in DOT_TILES:
+        for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
+            out.append(Launch("dot", bm, bn, 128, w, 3, s))
+    if mma_applies(torch.empty(0, dtype=dtype), group, m):
+        for bn, w in MMA_TILES:
+            for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
+                out.append(Launch("mma", bm, bn, 128, w, 3, s))
+    # the reference for the output check: the tensor-core path of int4_gemm.py (any M, any group)
+    ref = [c for c in out if c.kernel == "dot"][:1]
+    return ref + [c for c in out if c not in ref]
+
+
+def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -> None:
+    """Run one launch: y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias). qzeros None means symmetric."""
+    if lc.kernel == "mma":
+        cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, BLOCK_K=lc.block_k, SPLIT_K=lc.split_k,
+                   num_warps=lc.num_warps, num_stages=lc.num_stages)
+        launch_int4_mma(x2, qweight, scales, qzeros, group, bias, y, ws, cnt, cfg)
+        return
+    m, k = x2.shape
+    n = qweight.shape[1]
+    qz = qzeros if qzeros is not None else qweight
+    grid = (triton.cdiv(m, lc.block_m) * triton.cdiv(n, lc.block_n), lc.split_k)
+    _int4_gemm_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
+                            x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
+                            min(triton.next_power_of_2(m), 256), 0x4B000000, GROUP_SIZE=group,
+                            HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
+                            DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=False,
+                            BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, BLOCK_K=lc.block_k, USE_DOT=lc.kernel == "dot",
+                            SPLIT_K=lc.split_k, num_warps=lc.num_warps, num_stages=lc.num_stages)
+
+
+_BEST: dict[tuple, Launch] = {}
+
+
+def _tune(cands: list[Launch], args: tuple) -> Launch:
+    from triton.testing import do_bench
+
+    x2, qweight, scales, qzeros, group, bias, y, ws, cnt = args
+    ref = None
+    timed = []
+    for lc in cands:
+        try:
+            run_launch(lc, *args)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001  (a launch this Triton cannot compile is skipped, not fatal)
+            print(f"int4 dispatch: skipping {lc}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
+                  file=sys.stderr)
+            continue
+        out = y.to(torch.float32, copy=True)  # (a copy: y is overwritten by the next launch)
+        if ref is None:
+            ref = out
+            tol = 0.01 * ref.abs().max().item() + 1e-6
+        elif not (out - ref).abs().max().item() <= tol:
+            print(f"int4 dispatch: dropping {lc}: its output differs from the reference kernel's", file=sys.stderr)
+            continue
+        timed.append((do_bench(lambda: run_launch(lc, *args), warmup=5, rep=20, return_mode="median"), lc))
+    if not timed:
+        raise RuntimeError(f"no INT4 kernel launch worked for M={x2.shape[0]}, N={qweight.shape[1]}, "
+                           f"K={x2.shape[1]} (see the messages above)")
+    return min(timed, key=lambda t: t[0])[1]
+
+
+def tuned_int4_gemm(x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -> Launch:
+    """Run the fastest launch for this call's key (timing the candidates on the key's first call); returns it."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    key = (triton.next_power_of_2(m), n, k, group, qzeros is None, bias is None, x2.dtype, x2.device)
+    best = _BEST.get(key)
+    args = (x2, qweight, scales, qzeros, group, bias, y, ws, cnt)
+    if best is None:
+        cands = candidates(m, n, k, group, x2.dtype, num_sms(x2.device))
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture: the reference launch
+            best = cands[0]
+        else:
+            best = _BEST[key] = _tune(cands, args)
+    run_launch(best, *args)
+    return best
