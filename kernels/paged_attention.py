@@ -24,7 +24,8 @@ its own softmax sum plus the log-sum-exp (lse) of its scores. Phase 2 merges the
 which is the online-softmax rescaling of flash_attention.py applied once, at the end, across programs
 (merge_lse below is the same formula for two partials, in torch: chapter 4's exercise).
 Short contexts or big batches already fill the chip, so the heuristic uses one split there and phase 2 is
-skipped (phase 1 then writes the final output directly).
+skipped (phase 1 then writes the final output directly). choose_decode_config states the rule (splits and
+tile from programs per SM, keys per split and the merge's cost) and the H200 measurements behind it.
 
 Several queries per sequence (speculative decoding's verify step: the last token plus k drafts). With a fixed
 q_len per sequence, the q_len x G queries of one kv head are still one small matrix: row r is query r // G of
@@ -47,7 +48,9 @@ k_scale folds into the softmax scale, and v_scale multiplies the output accumula
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -203,19 +206,70 @@ def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps,
     tl.store(OUT + batch * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """1 when batch x kv heads already fills the SMs; otherwise enough splits for ~2 programs per SM,
-    but none shorter than ~256 tokens (each split costs a partial write and a merge).
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One launch of the split kernel: how many splits per sequence, and its tile."""
+    num_splits: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    prefetch_table: bool = False
 
-    On an H100 (132 SMs), batch 64 x 8 kv heads = 512 programs: 1 split (measured: 2 or 4 are a few % slower).
+
+PROGRAMS_PER_SM = 4  # split-kernel programs one SM holds at once: ~120 registers x 128 threads each (of 64k)
+MIN_SPLIT_TOKENS = 64  # one tile: a shorter split is all start-up (q, block ids, partial write)
+MIN_SPLIT_TOKENS_FULL = 1024  # once every SM has a program, a split must pay for the merge launch (~5 us)
+MAX_SPLITS = 32  # more partials make the merge a long dependent chain (measured: 64 loses to 32 with BLOCK_N 128)
+
+
+def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> DecodeConfig:
+    """The decode launch for a batch (one query per sequence) on a GPU with num_sms SMs: a rule, not a table.
+
+    Decode is bound by reading K and V, and a program reads its K/V tiles one after another, so the bandwidth
+    the chip delivers grows with the programs in flight until the SMs hold as many as they can (PROGRAMS_PER_SM
+    each). batch x kv heads programs come for free; splits multiply them (flash-decoding) at a price: each
+    program's fixed start-up (q, block ids, its partial output) and a second kernel, the merge.
+      1. Splits: the largest power of two that keeps batch x kv heads x splits within one full wave of
+         PROGRAMS_PER_SM x num_sms programs, with splits of at least MIN_SPLIT_TOKENS keys (a tile), or of
+         MIN_SPLIT_TOKENS_FULL keys when batch x kv heads already puts a program on every SM (then a split
+         only raises occupancy, and must be long enough to pay for the merge), and at most MAX_SPLITS.
+      2. Tile: 64 keys per iteration (two 16 KB K/V tiles) with a 2-stage pipeline; when the grid holds at
+         most two programs per SM and each split has 128 keys or more, 128 keys per iteration, so each
+         program keeps twice the bytes in flight.
+    Measured on an H200 (132 SMs, benchmarks/sweep_paged_decode.py, Llama-3-8B heads: 32 q / 8 kv, d 128),
+    this picks the best of the swept configurations, or one within 6% of it, at batch 1..256 x ctx 1k..32k:
+    batch 1: 32 splits, BLOCK_N 128; batch 8: 8 splits; batch 32: 1 split at 1k, 2 beyond; batch >= 64: 1.
     """
+    for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_seq_len", max_seq_len),
+                        ("num_sms", num_sms)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "batch" else 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    programs = max(batch * num_kv_heads, 1)
+    min_tokens = MIN_SPLIT_TOKENS_FULL if programs >= num_sms else MIN_SPLIT_TOKENS
+    cap = min(PROGRAMS_PER_SM * num_sms // programs, max_seq_len // min_tokens, MAX_SPLITS)
+    splits = 1 << (cap.bit_length() - 1) if cap >= 1 else 1  # the largest power of two <= cap
+    return _decode_tile(programs, splits, max_seq_len, num_sms)
+
+
+def _decode_tile(programs: int, splits: int, max_seq_len: int, num_sms: int) -> DecodeConfig:
+    """Rule 2 of choose_decode_config: the tile for a grid of programs x splits."""
+    if programs * splits <= 2 * num_sms and max_seq_len // splits >= 128:
+        return DecodeConfig(splits, block_n=128, num_warps=4, num_stages=3)
+    return DecodeConfig(splits, block_n=64, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits per sequence for a decode batch on `device`: choose_decode_config's rule on a GPU, 1 on a CPU
+    (the interpreter runs programs one after another: more of them only cost time)."""
     if device.type != "cuda":
         return 1
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = max(batch * num_kv_heads, 1)
-    if programs >= num_sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * num_sms, programs), max_seq_len // 256, 32))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return choose_decode_config(batch, num_kv_heads, max_seq_len, _num_sms(index)).num_splits
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -239,7 +293,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (int64 [num_tokens]): per query row, the ancestor bitmask over its sequence's new tokens (bit j: new token j
     is visible; -1 keeps plain causal attention). Either one allows q_len up to MAX_TREE_QUERY_LEN.
 
-    Launch configuration (None: the defaults): block_n keys per loop
+    Launch configuration (None: choose_decode_config's rule for a plain decode step): block_n keys per loop
     iteration (a power of two in [16, 256]), num_warps (1, 2, 4, 8 or 16) and num_stages (software-pipeline
     depth of the K/V loads, 1..6) of the split kernel, and prefetch_table (read the block table one tile ahead,
     see the kernel). Benchmarks sweep them; the engine leaves them alone.
@@ -287,6 +341,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
                                    or not 1 <= num_stages <= 6):
         raise ValueError(f"num_stages must be an int in [1, 6], got {num_stages!r}")
+    if prefetch_table is not None and not isinstance(prefetch_table, bool):
+        raise ValueError(f"prefetch_table must be a bool or None, got {prefetch_table!r}")
     block_tables = block_tables.contiguous()
     has_scale = k_scale is not None
     if has_scale:
@@ -301,16 +357,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     interp = triton_interpreted()
-    if block_n is None:
-        block_n = 32 if interp else max(16, min(64, 8192 // block_d))
-    if prefetch_table is not None and not isinstance(prefetch_table, bool):
-        raise ValueError(f"prefetch_table must be a bool or None, got {prefetch_table!r}")
-    if prefetch_table is None:
-        prefetch_table = False
-    if num_warps is None:
-        num_warps = 4
-    if num_stages is None:
-        num_stages = 1 if interp else 3
+    if interp:  # the CPU: small tiles, no pipeline
+        tile = DecodeConfig(num_splits, block_n=32, num_warps=4, num_stages=1)
+    elif q_len == 1 and not varlen and head_dim <= 128:  # a plain decode step: the measured rule
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        tile = _decode_tile(batch * num_kv_heads, num_splits, max_seq_len, _num_sms(index))
+    else:  # verify steps and trees hold q_len x G query rows (registers): the smaller tile they were tuned with
+        tile = DecodeConfig(num_splits, block_n=max(16, min(64, 8192 // block_d)), num_warps=4, num_stages=3)
+    block_n = tile.block_n if block_n is None else block_n
+    num_warps = tile.num_warps if num_warps is None else num_warps
+    num_stages = tile.num_stages if num_stages is None else num_stages
+    prefetch_table = tile.prefetch_table if prefetch_table is None else prefetch_table
     single = num_splits == 1
     o_part = out if single else torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
                                              device=q.device)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from kernel_reference import (attention_reference, gather_from_cache, paged_decode_reference,
                               varlen_attention_reference)
 from minillm.kernels.flash_attention import flash_attn_varlen
-from minillm.kernels.paged_attention import merge_attention_states, paged_decode_attention
+from minillm.kernels.paged_attention import (choose_decode_config, choose_num_splits, merge_attention_states,
+                                             paged_decode_attention)
 
 
 def _paged_batch(seq_lens, heads, kv_heads, head_dim, block_size, seed=0, device="cpu", dtype=torch.float32,
@@ -103,6 +104,27 @@ def test_launch_configs_agree(prefetch_table):
         out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=splits, block_n=block_n, num_warps=2,
                                      num_stages=2, prefetch_table=prefetch_table)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4, msg=f"splits {splits}, block_n {block_n}")
+
+
+def test_decode_config_rule():
+    # the H200's measured optimum (benchmarks/sweep_paged_decode.py, 132 SMs, 8 kv heads): (splits, block_n)
+    measured = {(1, 1024): (16, 64), (1, 32768): (32, 128), (2, 16384): (32, 64), (4, 4096): (16, 64),
+                (8, 32768): (8, 64), (16, 1024): (4, 64), (32, 1024): (1, 128), (32, 4096): (2, 64),
+                (64, 4096): (1, 64), (256, 32768): (1, 64)}
+    for (batch, ctx), want in measured.items():
+        cfg = choose_decode_config(batch, 8, ctx, 132)
+        assert (cfg.num_splits, cfg.block_n) == want, (batch, ctx, cfg)
+    for sms in (16, 80, 132):  # properties on any GPU
+        for batch in (1, 3, 8, 40, 300):
+            for ctx in (16, 100, 1024, 5000, 131072):
+                cfg = choose_decode_config(batch, 8, ctx, sms)
+                s = cfg.num_splits
+                assert s & (s - 1) == 0 and 1 <= s <= 32, cfg  # a power of two
+                assert s == 1 or (batch * 8 * s <= 4 * sms and ctx // s >= 64), (batch, ctx, sms, cfg)
+                assert cfg.block_n <= max(64, ctx // s), cfg  # a 128-key tile only where a split fills it
+    assert choose_num_splits(1, 8, 32768, torch.device("cpu")) == 1  # the interpreter: one program per head
+    with pytest.raises(ValueError, match="num_sms"):
+        choose_decode_config(1, 8, 1024, 0)
 
 
 def test_rejects_bad_inputs():
