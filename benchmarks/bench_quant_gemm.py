@@ -3,10 +3,12 @@
     python benchmarks/bench_quant_gemm.py --out benchmarks/results/quant_gemm_h200.json
 
 R   roofline read in this run: device-to-device copy bandwidth (bytes read + written) and cuBLAS bf16 8192^3.
-I4  INT4 weight-only (g128, asymmetric) GEMM 4096 -> 14336 at M = 1, 2, 4, 8, 16, 32, 64: minillm's kernel
-    vs cuBLAS bf16 (F.linear) vs torch._weight_int4pack_mm (tinygemm) where this torch has it; the fraction of
-    copy bandwidth the int4 kernel reaches (bytes: packed weights, scales, zeros, x, y). Times with
-    triton.testing.do_bench (median) and, for the kernel, from a CUDA graph (no Python launch overhead).
+I4  INT4 weight-only (g128, asymmetric) GEMM through the engine's entry point int4_gemm() on the Llama-3-8B
+    decode shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096, and 4096->14336) at
+    M = 1, 2, 4, 8, 16, 32, 64, vs cuBLAS bf16 (F.linear), and torch._weight_int4pack_mm (tinygemm) at
+    4096->14336 where this torch has it. CUDA-graph timing with the weights rotated over copies that overflow
+    L2 (a decode step reads each layer cold); the launch int4_dispatch picked is printed; the per-layer sum at
+    M = 1 (qkv + o + gate_up + down) is the decode-step GEMM figure.
 F8  FP8 W8A8 (per-token x per-channel) vs torch._scaled_mm (row-wise scales; default and use_fast_accum, the
     accumulation Triton's fp8 dot uses on sm_90), at 8192^3 and 4096 -> 14336 for M = 1, 16, 64, 256.
 I8  INT8 W8A8 vs torch._int_mm (+ the same scaling epilogue in torch), same shapes; _int_mm needs M > 16,
@@ -20,8 +22,12 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_int4_gemm's shapes, weights and graph timing
 
 
 def _time_ms(fn) -> float:
@@ -31,19 +37,6 @@ def _time_ms(fn) -> float:
     fn()  # compile and autotune outside the timed region
     torch.cuda.synchronize()
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _time_graph_ms(fn) -> float:
-    import torch
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    try:
-        return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
-    except Exception as exc:  # noqa: BLE001  (optional figure)
-        print(f"CUDA-graph timing unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return math.nan
 
 
 def _check(name: str, got, ref, rtol: float) -> None:
@@ -85,37 +78,55 @@ def _tinygemm(w_codes, scales, zeros, group, x):
         return None
 
 
-def bench_int4(roof: dict) -> list[dict]:
+def bench_int4(roof: dict, workers: int) -> list[dict]:
+    """int4_gemm() (decode sizes: int4_dispatch's pick, tuned on the first call) vs cuBLAS bf16 on the Llama-3-8B
+    decode shapes; weights rotated over copies that overflow L2 (see sweep_int4_gemm.py), CUDA-graph timing."""
     import torch
     import torch.nn.functional as F
 
+    from minillm.kernels import int4_dispatch
     from minillm.kernels.int4_gemm import int4_gemm
-    from minillm.kernels.int4_layout import dequantize_int4, repack_int4
     from minillm.quant.rtn import quantize
+    from sweep_int4_gemm import GROUP, L2_BYTES, SHAPES, make_weights, time_graph_us, weight_bytes
 
-    n, k, group = 14336, 4096, 128
-    qw = quantize(torch.randn(n, k, device="cuda"), bits=4, group_size=group, symmetric=False)
-    packed = repack_int4(qw, torch.bfloat16)
-    w_ref = dequantize_int4(*packed.args())
-    w_bf16 = w_ref.to(torch.bfloat16)
+    ms = (1, 2, 4, 8, 16, 32, 64)
+    t0 = time.time()
+    n_compiled = int4_dispatch.precompile([(m, n, k, GROUP, torch.bfloat16) for k, n in SHAPES.values() for m in ms],
+                                          workers)
+    print(f"int4: compiled {n_compiled} candidate launches in {time.time() - t0:.0f} s", flush=True)
     rows = []
-    for m in (1, 2, 4, 8, 16, 32, 64):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ w_ref.t()
-        ours = lambda: int4_gemm(x, *packed.args())  # noqa: E731
-        _check(f"int4 M={m}", ours(), ref, 0.01)
-        tiny = _tinygemm(qw.codes, qw.scales, qw.zeros, group, x)
-        tiny_ok = tiny is not None and (tiny().float() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
-        bytes_moved = k * n // 2 + packed.scales.numel() * 2 + packed.qzeros.numel() * 4 + (m * k + m * n) * 2
-        t = _time_ms(ours)
-        row = {"M": m, "N": n, "K": k, "group": group, "int4_us": 1e3 * t, "int4_graph_us": 1e3 * _time_graph_ms(ours),
-               "bf16_us": 1e3 * _time_ms(lambda: F.linear(x, w_bf16)),
-               "int4pack_us": 1e3 * _time_ms(tiny) if tiny else math.nan, "int4pack_matches": bool(tiny_ok)}
-        row["speedup_vs_bf16"] = row["bf16_us"] / row["int4_us"]
-        row["speedup_vs_bf16_graph"] = row["bf16_us"] / row["int4_graph_us"]
-        best_s = min(row["int4_us"], row["int4_graph_us"]) * 1e-6
-        row["int4_bw_fraction"] = bytes_moved / best_s / roof["copy_bytes_per_s"]
-        rows.append(row)
+    for name, (k, n) in SHAPES.items():
+        copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
+        sets, w_ref = make_weights(k, n, copies, torch.bfloat16)
+        dense = [w_ref.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+        tiny = None
+        if name == "ffn_up":  # tinygemm (torch._weight_int4pack_mm) on its own codes, where this torch has it
+            qw = quantize(torch.randn(n, k, device="cuda"), bits=4, group_size=GROUP, symmetric=False)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w_ref.t()
+            ours = lambda i: int4_gemm(x, *sets[i], GROUP)  # noqa: E731
+            t_tune = time.time()
+            _check(f"int4 {name} M={m}", ours(0), ref, 0.01)  # the first call tunes
+            t_tune = time.time() - t_tune
+            picked = int4_dispatch.tuned_launch(m, n, k, GROUP, torch.bfloat16, x.device)
+            row = {"shape": name, "M": m, "N": n, "K": k, "group": GROUP, "copies": copies, "tune_s": t_tune,
+                   "int4_us": time_graph_us(ours, copies),
+                   "bf16_us": time_graph_us(lambda i: F.linear(x, dense[i]), len(dense)),
+                   "picked": vars(picked) if picked is not None else None}
+            if name == "ffn_up" and m in (1, 16, 64):
+                tiny = _tinygemm(qw.codes, qw.scales, qw.zeros, GROUP, x)
+                row["int4pack_us"] = 1e3 * _time_ms(tiny) if tiny else math.nan
+            row["speedup_vs_bf16"] = row["bf16_us"] / row["int4_us"]
+            row["int4_bw_fraction"] = weight_bytes(k, n, m) / (row["int4_us"] * 1e-6) / roof["copy_bytes_per_s"]
+            rows.append(row)
+            p = row["picked"] or {}
+            print(f"  {name:>8} M={m:<3} int4 {row['int4_us']:6.1f} us  bf16 {row['bf16_us']:6.1f} us  "
+                  f"x{row['speedup_vs_bf16']:.2f}  {100 * row['int4_bw_fraction']:3.0f}% of copy BW  "
+                  f"[{p.get('kernel')} M{p.get('block_m')} N{p.get('block_n')} K{p.get('block_k')} "
+                  f"w{p.get('num_warps')} sk{p.get('split_k')}]  tuned in {t_tune:.1f} s", flush=True)
+        del sets, dense, w_ref
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -201,7 +212,13 @@ def bench_w8a8(roof: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/quant_gemm.json")
+    parser.add_argument("--sections", default="i4,w8a8", help="comma-separated: i4 (INT4 weight-only), w8a8")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes compiling the INT4 candidates before tuning")
     args = parser.parse_args()
+    sections = {x for x in args.sections.split(",") if x}
+    if not sections or not sections <= {"i4", "w8a8"}:
+        raise SystemExit(f"--sections takes i4 and/or w8a8, got {args.sections!r}")
     import torch
     import triton
 
@@ -211,21 +228,42 @@ def main() -> None:
     roof = roofline()
     print(f"roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 GEMM {roof['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
-    int4_rows = bench_int4(roof)
-    w8_rows = bench_w8a8(roof)
+    int4_rows = bench_int4(roof, args.workers) if "i4" in sections else []
+    w8_rows = bench_w8a8(roof) if "w8a8" in sections else []
     result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "roofline": roof, "int4": int4_rows,
-              "w8a8": w8_rows, "command": "python benchmarks/bench_quant_gemm.py --out " + args.out}
+              "w8a8": w8_rows, "command": " ".join(["python"] + sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print("\nINT4 g128 4096 -> 14336 (us; graph = CUDA-graph replay)")
-    print(f"{'M':>4} {'int4':>8} {'graph':>8} {'bf16':>8} {'tinygemm':>9} {'x bf16':>7} {'x (graph)':>9} "
-          f"{'BW frac':>8}")
-    for r in int4_rows:
-        print(f"{r['M']:>4} {r['int4_us']:>8.1f} {r['int4_graph_us']:>8.1f} {r['bf16_us']:>8.1f} "
-              f"{r['int4pack_us']:>9.1f} "
-              f"{r['speedup_vs_bf16']:>7.2f} {r['speedup_vs_bf16_graph']:>9.2f} {r['int4_bw_fraction']:>8.2f}")
+    if int4_rows:
+        _print_int4(int4_rows)
+    if w8_rows:
+        _print_w8a8(w8_rows)
+    print(f"\nwrote {args.out}")
+
+
+def _print_int4(int4_rows: list[dict]) -> None:
+    print("\nINT4 g128 via int4_gemm() vs cuBLAS bf16 (us, CUDA graphs, weights cold; x = bf16 time / int4 time)")
+    names = list(dict.fromkeys(r["shape"] for r in int4_rows))
+    ms = sorted({r["M"] for r in int4_rows})
+    at = {(r["shape"], r["M"]): r for r in int4_rows}
+    print(f"{'M':>4} " + " ".join(f"{nm + ' int4':>13} {'x':>5}" for nm in names))
+    for m in ms:
+        print(f"{m:>4} " + " ".join(f"{at[nm, m]['int4_us']:>13.1f} {at[nm, m]['speedup_vs_bf16']:>5.2f}"
+                                    for nm in names))
+    layer = [nm for nm in ("qkv", "o", "gate_up", "down") if nm in names]
+    for m in ms:
+        i4 = sum(at[nm, m]["int4_us"] for nm in layer)
+        bf = sum(at[nm, m]["bf16_us"] for nm in layer)
+        print(f"per layer ({' + '.join(layer)}) M={m}: int4 {i4:.1f} us, bf16 {bf:.1f} us, x{bf / i4:.2f}")
+    tiny = [r for r in int4_rows if r.get("int4pack_us") is not None]
+    for r in tiny:
+        print(f"tinygemm (torch._weight_int4pack_mm) {r['shape']} M={r['M']}: {r['int4pack_us']:.1f} us "
+              f"(int4_gemm {r['int4_us']:.1f} us; tinygemm timed with do_bench, weights warm)")
+
+
+def _print_w8a8(w8_rows: list[dict]) -> None:
     print("\nW8A8 (us, TFLOP/s)")
     print(f"{'M x N x K':>18} {'fp8':>8} {'tma':>7} {'ptr':>7} {'_scaled_mm':>10} {'ratio':>6} {'fast':>6} {'TF/s':>6} "
           f"{'int8':>8} {'tma':>7} {'ptr':>7} {'_int_mm':>8} {'ratio':>6} {'TOP/s':>6}")
@@ -238,7 +276,6 @@ def main() -> None:
               f"{r['int8_vs_int_mm']:>6.2f} {r['int8_tflops']:>6.0f}")
     print(f"(fp8 / int8 = the default loader: {sorted({r['default_backend'] for r in w8_rows})}; ratio = "
           f"_scaled_mm time / ours, fast = the same against use_fast_accum=True; int8 ratio against _int_mm alone)")
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 For the Llama-3-8B decode shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096, and
 4096->14336) at M = 1, 2, 4, 8, 16, g128 asymmetric, it times:
   bf16     cuBLAS (F.linear) on the dequantized weights: the baseline;
-  auto     the engine's entry point int4_gemm() (autotuned);
+  auto     the engine's entry point int4_gemm() (int4_dispatch.py's pick, timed on its first call per shape);
   fma      int4_gemm.py's kernel, CUDA-core path (BLOCK_M = 1: one row per program), explicit tiles and SPLIT_K;
   dot      the same kernel's tensor-core path (BLOCK_M = 16);
   gemv     int4_gemv.py's kernel (CUDA cores, one row per program, K rows reduced in-thread: wide tiles);
@@ -402,6 +402,10 @@ def main() -> None:
     all_cfgs = list({tuple(sorted(c.items())): c for m in MS for c in configs_for(m)}.values())
     try:
         precompile(all_cfgs, args.workers)
+        from minillm.kernels import int4_dispatch  # the candidates int4_gemm() times on its first call per shape
+
+        int4_dispatch.precompile([(m, SHAPES[s][1], SHAPES[s][0], GROUP, torch.bfloat16) for s in names for m in MS],
+                                 args.workers)
     except Exception as exc:  # noqa: BLE001  (compiles then happen lazily in this process)
         print(f"parallel precompile failed ({type(exc).__name__}: {exc}); compiling lazily", file=sys.stderr)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
 from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies, num_sms
 
-__all__ = ["Launch", "candidates", "run_launch", "tuned_int4_gemm"]
+__all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]
 
 # (BLOCK_N, BLOCK_K, num_warps) of the CUDA-core path, one row per program: the best tiles of the first H200 sweep
 FMA_TILES = [(64, 128, 1), (256, 64, 2), (512, 64, 4)]
@@ -103,6 +103,16 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
 _BEST: dict[tuple, Launch] = {}
 
 
+def _key(m: int, n: int, k: int, group: int, dtype, device, symmetric: bool, has_bias: bool) -> tuple:
+    return triton.next_power_of_2(m), n, k, group, symmetric, has_bias, dtype, torch.device(device)
+
+
+def tuned_launch(m: int, n: int, k: int, group: int, dtype: torch.dtype, device, symmetric: bool = False,
+                 has_bias: bool = False) -> Launch | None:
+    """The launch chosen for calls of this shape (None before the first such call)."""
+    return _BEST.get(_key(m, n, k, group, dtype, device, symmetric, has_bias))
+
+
 def _tune(cands: list[Launch], args: tuple) -> Launch:
     from triton.testing import do_bench
 
@@ -135,7 +145,7 @@ def tuned_int4_gemm(x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -
     """Run the fastest launch for this call's key (timing the candidates on the key's first call); returns it."""
     m, k = x2.shape
     n = qweight.shape[1]
-    key = (triton.next_power_of_2(m), n, k, group, qzeros is None, bias is None, x2.dtype, x2.device)
+    key = _key(m, n, k, group, x2.dtype, x2.device, qzeros is None, bias is not None)
     best = _BEST.get(key)
     args = (x2, qweight, scales, qzeros, group, bias, y, ws, cnt)
     if best is None:
@@ -146,3 +156,53 @@ def tuned_int4_gemm(x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -
             best = _BEST[key] = _tune(cands, args)
     run_launch(best, *args)
     return best
+
+
+def _compile_worker(jobs: list[tuple]) -> int:
+    """In a worker process: run each (m, n, k, group, dtype name, Launch) once on zeros, which compiles it into
+    Triton's on-disk cache (values do not matter; shapes, dtypes and the == 1 specialisations do)."""
+    import minillm  # noqa: F401
+
+    from minillm.kernels.int4_tuning import split_k_workspace
+
+    done = 0
+    for m, n, k, group, dtype_name, lc in jobs:
+        dtype = getattr(torch, dtype_name)
+        x2 = torch.zeros(m, k, dtype=dtype, device="cuda")
+        qweight = torch.zeros(k // 8, n, dtype=torch.int32, device="cuda")
+        scales = torch.zeros(k // group, n, dtype=dtype, device="cuda")
+        qzeros = torch.zeros(k // group, n // 8, dtype=torch.int32, device="cuda")
+        y = torch.empty(m, n, dtype=dtype, device="cuda")
+        ws, cnt = split_k_workspace(x2.device, m, n)
+        try:
+            run_launch(lc, x2, qweight, scales, qzeros, group, None, y, ws, cnt)
+            done += 1
+        except Exception as exc:  # noqa: BLE001  (the tuning pass reports and skips it)
+            print(f"int4 precompile: {lc}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(calls: list[tuple[int, int, int, int, torch.dtype]], workers: int = 8) -> int:
+    """Compile every candidate launch of the given (m, n, k, group, dtype) calls in `workers` processes (Triton
+    caches compiled kernels on disk, so the tuning pass afterwards only loads them): a minute of single-threaded
+    compiling becomes a few seconds. Asymmetric weights, no bias (the specialisations the engine's calls have).
+    Returns how many launches compiled."""
+    import multiprocessing as mp
+
+    jobs, seen = [], set()
+    for m, n, k, group, dtype in calls:
+        for lc in candidates(m, n, k, group, dtype, num_sms(torch.device("cuda"))):
+            # the compiled variant depends on the tile and on Triton's integer specialisations (== 1, a multiple
+            # of 16) of SPLIT_K, M and the M bucket, not on the exact sizes
+            bucket = min(triton.next_power_of_2(m), 256)
+            spec = (lc.kernel, lc.block_m, lc.block_n, lc.block_k, lc.num_warps, lc.num_stages, lc.split_k == 1,
+                    m == 1, m % 16 == 0, bucket % 16 == 0, dtype)
+            if spec not in seen:
+                seen.add(spec)
+                jobs.append((m, n, k, group, str(dtype).removeprefix("torch."), lc))
+    if not jobs:
+        return 0
+    workers = max(1, min(workers, len(jobs)))
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_compile_worker, [jobs[i::workers] for i in range(workers)]))
