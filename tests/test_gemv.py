@@ -33,6 +33,8 @@ CASES = [  # m, n, k, bias, config
     (2, 24, 96, False, GemvConfig(block_n=8, block_k=64, split_k=2)),            # 2nd split: a partial tile
     (4, 33, 96, True, GemvConfig(block_n=16, block_k=16, split_k=2, use_dot=True)),  # tensor-core path
     (16, 20, 48, False, GemvConfig(block_n=16, block_k=16, use_dot=True)),       # M = MAX_M
+    (1, 5, 96, True, GemvConfig(block_n=1, block_k=128)),                         # one row per program
+    (2, 7, 64, False, GemvConfig(block_n=2, block_k=64, num_warps=2)),           # the whole K row at once
     (1, 20, 64, True, None),                                                     # default_config
 ]
 
