@@ -6,8 +6,10 @@ GPU work, and Python plus the launch path take about as long per kernel. A CUDA 
 kernels with their arguments (device pointers included) and replays it with one call, so the GPU runs them
 back to back. The price: every replay uses the *same* memory addresses and shapes. Hence
 
-* static input buffers (input_ids, positions, slot_mapping, block_tables, seq_lens) that each step copies its
-  values into, and one output buffer per captured size, read back after the replay;
+* static input buffers (input_ids, positions, slot_mapping, seq_lens, block_tables) that each step fills, and one
+  output buffer per captured size, read back after the replay. They are typed views of one device byte buffer
+  (minillm/engine/step_buffers.py), laid out per graph so that the runner fills all of them, padding included,
+  with the step's ONE host-to-device copy: no per-field copies, no fill kernels before the replay;
 * one graph per batch-size bucket (1, 2, 4, 8, 16, 24, 32, ... max_num_seqs); a batch of 5 replays the graph
   of 8, with 3 padding rows whose slot is -1 (their K/V are not stored) and whose seq_len is 1 over block 0
   (a valid address: the kernel reads one row of real memory and the result is thrown away);
@@ -33,7 +35,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import NamedTuple
+
+from minillm.engine.step_buffers import FieldLayout, UploadBuffer
 from minillm.forward_context import MAX_DECODE_QUERY_LEN, AttentionMetadata, forward_context
+
+# Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
+# log-prob rows, prompt log-prob rows and targets: at most 6 numbers of 8 bytes per token) between the static
+# inputs and the block table.
+EXTRA_BYTES_PER_TOKEN = 48
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -56,6 +66,21 @@ def check_query_lens(query_lens: tuple[int, ...]) -> tuple[int, ...]:
     return lens
 
 
+class GraphInputs(NamedTuple):
+    """The static inputs of the graph of one (batch size, q_len), views of DecodeCUDAGraphs.upload's device buffer.
+    Byte layout: input_ids | positions | slot_mapping | seq_lens | extras (room for other per-step fields, from
+    extras_offset) | block_tables. The block table comes last so that a step copies only the rows it uses."""
+
+    input_ids: torch.Tensor  # int64 [batch * q_len]
+    positions: torch.Tensor  # int64 [batch * q_len]
+    slot_mapping: torch.Tensor  # int64 [batch * q_len]
+    seq_lens: torch.Tensor  # int32 [batch]
+    block_tables: torch.Tensor  # int32 [batch, max_blocks_per_seq]
+    layout: FieldLayout  # the offsets of the five fields above
+    extras_offset: int  # first byte free for the step's other fields
+    extras_end: int  # ... up to here (the block table's offset)
+
+
 class DecodeCUDAGraphs:
     """Captured decode forwards of `model` for every (batch-size bucket, query length), replayed on padded
     batches."""
@@ -69,21 +94,33 @@ class DecodeCUDAGraphs:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = batch_size_buckets(max_num_seqs)
         self.query_lens = check_query_lens(query_lens)
+        layouts = {(b, q): self._layout(b, q) for b in self.buckets for q in self.query_lens}
+        # every graph's inputs live in this one buffer (graphs replay one at a time, each step rewrites its part)
+        self.upload = UploadBuffer(device, max(layout.end for layout, _ in layouts.values()), growable=False)
+        self.inputs: dict[tuple[int, int], GraphInputs] = {}
+        for (b, q), (layout, extras) in layouts.items():
+            views = self.upload.views(layout)
+            self.inputs[b, q] = GraphInputs(views["input_ids"], views["positions"], views["slot_mapping"],
+                                             views["seq_lens"], views["block_tables"], layout, extras,
+                                             layout.fields["block_tables"][0])
         n = self.buckets[-1]
-        t = n * self.query_lens[-1]
-        # the static inputs: every replay reads from these addresses
-        self.input_ids = torch.zeros(t, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(t, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((t,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        # every (padding) sequence at least q_len long, so that each of its queries sees a key
-        self.seq_lens = torch.full((n,), self.query_lens[-1], dtype=torch.int32, device=device)
         self.cu_seqlens_q = {q: torch.arange(0, q * n + 1, q, dtype=torch.int32, device=device)
                              for q in self.query_lens}
         self.graphs: dict[int, dict[int, object]] = {}  # batch size -> q_len -> torch.cuda.CUDAGraph
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}
         self.pool = None
         self.hidden_size, self.dtype = hidden_size, dtype
+
+    def _layout(self, batch: int, q_len: int) -> tuple[FieldLayout, int]:
+        tokens = batch * q_len
+        layout = FieldLayout()
+        for name in ("input_ids", "positions", "slot_mapping"):
+            layout.add(name, torch.int64, (tokens,))
+        layout.add("seq_lens", torch.int32, (batch,))
+        extras = layout.end
+        layout.end += tokens * EXTRA_BYTES_PER_TOKEN
+        layout.add("block_tables", torch.int32, (batch, self.max_blocks_per_seq))
+        return layout, extras
 
     # The three CUDA-specific steps, as methods so that a CPU test can stand a recorder in for the graph.
     def _check_device(self, device: torch.device) -> None:
@@ -103,12 +140,20 @@ class DecodeCUDAGraphs:
         return graph, out
 
     def _metadata(self, batch: int, q_len: int) -> AttentionMetadata:
+        inputs = self.inputs[batch, q_len]
         max_len = self.max_blocks_per_seq * self.block_size
         return AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens_q[q_len][:batch + 1], seq_lens=self.seq_lens[:batch], max_seqlen_q=q_len,
-            max_seqlen_k=max_len, slot_mapping=self.slot_mapping[:batch * q_len],
-            block_tables=self.block_tables[:batch], block_size=self.block_size,
-            seq_lens_list=[q_len] * batch, query_lens_list=[q_len] * batch)
+            cu_seqlens_q=self.cu_seqlens_q[q_len][:batch + 1], seq_lens=inputs.seq_lens, max_seqlen_q=q_len,
+            max_seqlen_k=max_len, slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
+            block_size=self.block_size, seq_lens_list=[q_len] * batch, query_lens_list=[q_len] * batch)
+
+    def _pad(self, inputs: GraphInputs, batch: int, q_len: int, tokens: int) -> None:
+        """Padding rows from `batch` / `tokens` on: store nothing (slot -1), attend to q_len rows of block 0."""
+        inputs.input_ids[tokens:].zero_()
+        inputs.positions[tokens:].zero_()
+        inputs.slot_mapping[tokens:].fill_(-1)
+        inputs.seq_lens[batch:].fill_(q_len)
+        inputs.block_tables[batch:].zero_()
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -116,11 +161,12 @@ class DecodeCUDAGraphs:
         self._synchronize()
         shapes = sorted(((b, q) for b in self.buckets for q in self.query_lens), key=lambda bq: -bq[0] * bq[1])
         for batch, q_len in shapes:
-            meta, tokens = self._metadata(batch, q_len), batch * q_len
+            meta, inputs = self._metadata(batch, q_len), self.inputs[batch, q_len]
+            self._pad(inputs, 0, q_len, 0)  # every row a padding row: valid addresses for the warm-up and capture
 
-            def forward(tokens: int = tokens, meta: AttentionMetadata = meta) -> torch.Tensor:
+            def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta) -> torch.Tensor:
                 with forward_context(meta):
-                    return self.model(self.input_ids[:tokens], self.positions[:tokens])
+                    return self.model(inputs.input_ids, inputs.positions)
 
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
             self._synchronize()
@@ -136,32 +182,40 @@ class DecodeCUDAGraphs:
                 return size
         return None
 
+    def plan(self, batch: int, q_len: int, width: int) -> int | None:
+        """The bucket whose graph will run a step of `batch` sequences with q_len new tokens each and block tables
+        `width` wide, or None when no captured graph fits (the step then runs eagerly)."""
+        if not self.graphs or q_len not in self.query_lens or width > self.max_blocks_per_seq:
+            return None
+        return self.bucket_for(batch)
+
     def can_run(self, meta: AttentionMetadata) -> bool:
         if not self.graphs or meta.block_tables is None or meta.slot_mapping is None or meta.tree_mask is not None:
             return False
         return (meta.decode_query_len in self.query_lens and self.bucket_for(meta.num_seqs) is not None
                 and meta.block_tables.shape[1] <= self.max_blocks_per_seq)
 
+    def replay(self, size: int, q_len: int, tokens: int) -> torch.Tensor:
+        """Replay the graph of (size, q_len) on what its static inputs hold; hidden states of the first `tokens`
+        rows. The runner has filled the inputs (padding rows included) with the step's one upload."""
+        self.graphs[size][q_len].replay()
+        return self.outputs[size][q_len][:tokens]
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Copy this step's decode inputs into the static buffers, replay, return hidden states
-        [B * q_len, hidden]."""
+        """Copy a decode step's inputs (device tensors prepared for an eager forward) into the static buffers,
+        replay, return hidden states [B * q_len, hidden]. The runner's own steps avoid these copies: it lays a
+        graph step out in the static buffers directly (plan / replay)."""
         batch, q_len = meta.num_seqs, meta.decode_query_len
         size = self.bucket_for(batch)
         if size is None or q_len not in self.query_lens or not self.graphs:
             raise ValueError(f"no CUDA graph for a batch of {batch} with {q_len} query tokens each (captured "
                              f"sizes: {self.buckets}, query lengths: {self.query_lens})")
-        width, tokens = meta.block_tables.shape[1], batch * q_len
-        self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
-        self.positions[:tokens].copy_(positions, non_blocking=True)
-        self.slot_mapping[:tokens].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
-        self.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
-        if size > batch:  # padding rows: store nothing, attend to q_len rows of block 0, result discarded
-            padded = size * q_len
-            self.slot_mapping[tokens:padded].fill_(-1)
-            self.seq_lens[batch:size].fill_(q_len)
-            self.block_tables[batch:size].zero_()
-            self.input_ids[tokens:padded].zero_()
-            self.positions[tokens:padded].zero_()
-        self.graphs[size][q_len].replay()
-        return self.outputs[size][q_len][:tokens]
+        inputs, width, tokens = self.inputs[size, q_len], meta.block_tables.shape[1], batch * q_len
+        inputs.input_ids[:tokens].copy_(input_ids, non_blocking=True)
+        inputs.positions[:tokens].copy_(positions, non_blocking=True)
+        inputs.slot_mapping[:tokens].copy_(meta.slot_mapping, non_blocking=True)
+        inputs.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
+        inputs.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
+        if size > batch:
+            self._pad(inputs, batch, q_len, tokens)
+        return self.replay(size, q_len, tokens)

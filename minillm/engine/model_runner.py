@@ -30,7 +30,6 @@ The operator backend itself (torch reference or Triton kernels) is the model's (
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,41 +37,13 @@ from torch import nn
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.kv_cache import KVCache
 from minillm.engine.kv_scales import calibrate_kv_scales
+from minillm.engine.logprobs import logprob_entries, score_tokens, token_logprobs  # noqa: F401  (re-exported)
+from minillm.engine.prepared_batch import PreparedBatch, prepare_batch
 from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.step_buffers import UploadBuffer, download
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
-from minillm.forward_context import AttentionMetadata, forward_context
+from minillm.forward_context import forward_context
 from minillm.layers.sampler import Sampler
-
-
-@dataclass
-class PreparedBatch:
-    """The tensors one forward needs, plus which rows of its output get sampled."""
-
-    input_ids: torch.Tensor  # int64 [T]
-    positions: torch.Tensor  # int64 [T]
-    metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # int64 [S]: the rows that get sampled, sequence by sequence
-    sample_seqs: list[int]  # index of the sequence each sampled row belongs to
-
-
-def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
-    """Row i of `logits` [R, V] scores token_ids[i] (its log-probability and 1-based rank) and lists its
-    num_top[i] most likely tokens. log_softmax in fp32 over the raw logits: the model's own distribution, before
-    temperature or top-k/top-p (vLLM's default). Ties rank the same (rank = 1 + tokens strictly more likely)."""
-    if logits.dim() != 2 or logits.shape[0] != len(token_ids) or len(num_top) != len(token_ids):
-        raise ValueError(f"need [rows, vocab] logits with one token id and one num_top per row, got shape "
-                         f"{tuple(logits.shape)}, {len(token_ids)} ids, {len(num_top)} num_top")
-    if not token_ids:
-        return []
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device).unsqueeze(-1)
-    chosen = logprobs.gather(-1, ids)
-    ranks = (logprobs > chosen).sum(-1) + 1
-    width = min(max(num_top), logprobs.shape[-1])
-    top_lp, top_ids = logprobs.topk(width, dim=-1) if width > 0 else (logprobs[:, :0], ids[:, :0])
-    chosen, ranks, top_lp, top_ids = chosen.squeeze(-1).tolist(), ranks.tolist(), top_lp.tolist(), top_ids.tolist()
-    return [TokenLogprobs(token_ids[i], chosen[i], ranks[i], top_ids[i][:k], top_lp[i][:k])
-            for i, k in enumerate(num_top)]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -111,6 +82,8 @@ class ModelRunner:
         self._graph_pre_norm: torch.Tensor | None = None  # the static copy of it that captured graphs write
         self._pre_norm_hook = None
         self._capturing_graphs = False  # only this runner's own captures record the pre-norm copy
+        self._upload: UploadBuffer | None = None  # the step metadata's pinned staging and device buffer
+        self._arange = torch.arange(256, device=device)  # 0, 1, 2, ...: sample_indices of all-rows steps
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -202,71 +175,98 @@ class ModelRunner:
 
     # -- input preparation --------------------------------------------------------------------------------
     def prepare(self, step: StepInput | ScheduledBatch) -> PreparedBatch:
-        """Tensors for one forward. A ScheduledBatch (tests, notebooks) is flattened with build_step_input
-        first; the engine sends StepInputs."""
+        """Device tensors for one forward, in ONE host-to-device copy (minillm/engine/prepared_batch.py). A
+        ScheduledBatch (tests, notebooks) is flattened with build_step_input first; the engine sends StepInputs.
+        The tensors are views of a buffer the next prepare() rewrites: use them before preparing another step."""
         if isinstance(step, ScheduledBatch):
             step = build_step_input(step, self.block_size)
         if step.block_size != self.block_size:
             raise ValueError(f"step built for block_size={step.block_size}, the cache has {self.block_size}")
-        cu_seqlens_q = [0]
-        sample_indices: list[int] = []
-        sample_seqs: list[int] = []
-        for i, (n, k) in enumerate(zip(step.query_lens, step.num_sampled)):
-            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-            sample_indices.extend(range(cu_seqlens_q[-1] - k, cu_seqlens_q[-1]))
-            sample_seqs.extend([i] * k)
-        max_blocks = max(len(table) for table in step.block_tables)
-        block_tables = [table + [-1] * (max_blocks - len(table)) for table in step.block_tables]
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        metadata = AttentionMetadata(
-            cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
-            seq_lens=tensor(step.seq_lens, torch.int32),
-            max_seqlen_q=max(step.query_lens),
-            max_seqlen_k=max(step.seq_lens),
-            slot_mapping=tensor(step.slot_mapping, torch.int64),
-            block_tables=tensor(block_tables, torch.int32),
-            block_size=self.block_size,
-            seq_lens_list=list(step.seq_lens),
-            query_lens_list=list(step.query_lens),
-        )
-        if step.tree_masks is not None:  # token trees: ancestor bitmasks; -1 (causal) for the other rows
-            masks = [m if m is not None else [-1] * n for m, n in zip(step.tree_masks, step.query_lens)]
-            metadata.tree_mask = tensor([b for m in masks for b in m], torch.int64)
-        return PreparedBatch(tensor(step.input_ids, torch.int64), tensor(step.positions, torch.int64), metadata,
-                             tensor(sample_indices, torch.int64), sample_seqs)
+        if step.is_empty:
+            raise ValueError("an empty step has nothing to prepare")
+        num_tokens = len(step.input_ids)
+        if self._upload is None:
+            self._upload = UploadBuffer(self.device, 1 << 16)
+        if self._arange.numel() < num_tokens:  # sample_indices of the steps that sample every row: a slice of it
+            self._arange = torch.arange(max(num_tokens, 2 * self._arange.numel()), device=self.device)
+        return prepare_batch(step, self._upload, self._arange, self.cuda_graphs)
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, step: StepInput) -> StepOutput:
-        """Run one step; for each sequence, the tokens sampled at its last num_sampled rows."""
+        """Run one step; for each sequence, the tokens sampled at its last num_sampled rows. The host waits for
+        the device once: for the one download of the sampled tokens (and the log-probs / logits asked for)."""
         for request_id in step.finished_request_ids:
             self._generators.pop(request_id, None)
         self.apply_block_ops(step)
-        sampled: list[list[int]] = [[] for _ in range(step.num_seqs)]
         if step.is_empty:
-            return StepOutput(sampled)
+            return StepOutput([[] for _ in range(step.num_seqs)])
         prepared = self.prepare(step)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
-        prompt_logprobs = self.prompt_logprobs(step, hidden)
         hidden_states = self.hidden_states(step, hidden)
-        if not prepared.sample_seqs:
-            return StepOutput(sampled, [] if step.return_logits else None, prompt_logprobs=prompt_logprobs,
-                              logprobs=None if step.num_logprobs is None else [[] for _ in sampled],
-                              hidden_states=hidden_states)
-        logits = self.model.compute_logits(hidden[prepared.sample_indices])
-        tokens = self.sample(logits, [step.sampling[i] for i in prepared.sample_seqs])
-        for i, token in zip(prepared.sample_seqs, tokens):
-            sampled[i].append(token)
+        parts: list[torch.Tensor] = []  # everything the host needs back, downloaded together
+        logits = tokens = None
+        if prepared.sample_seqs:
+            logits = self.model.compute_logits(hidden if prepared.all_rows_sampled
+                                               else hidden[prepared.sample_indices])
+            tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+            parts.append(tokens)
+        num_top = self._logprob_widths(step, prepared)
+        if num_top is not None and prepared.logprob_row_list:  # scored at the sampled rows that asked
+            rows = prepared.logprob_rows
+            parts += score_tokens(logits if rows is None else logits[rows], tokens if rows is None else tokens[rows],
+                                  max(num_top))
+        if prepared.prompt_scoring is not None:  # a second, small vocabulary projection over those rows only
+            parts += score_tokens(self.model.compute_logits(hidden[prepared.prompt_rows]), prepared.prompt_targets,
+                                  max(prepared.prompt_scoring[2]))
+        if step.return_logits and logits is not None:
+            parts.append(logits.float())
+        host = download(parts)
+        return self._step_output(step, prepared, host, num_top, hidden_states)
+
+    def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
+        """Per sampled row that returns log-probs, its number of top alternatives (None: no request asked)."""
+        if prepared.logprob_row_list is None:
+            return None
+        asks, seqs = step.num_logprobs, prepared.sample_seqs
+        return [asks[seqs[r]] for r in prepared.logprob_row_list]
+
+    def _step_output(self, step: StepInput, prepared: PreparedBatch, host: list[torch.Tensor],
+                     num_top: list[int] | None, hidden_states: list | None) -> StepOutput:
+        """Cut the downloaded tensors back into per-sequence lists."""
+        num_seqs, seqs = step.num_seqs, prepared.sample_seqs
+        sampled: list[list[int]] = [[] for _ in range(num_seqs)]
+        tokens: list[int] = []
+        if seqs:
+            tokens = host.pop(0).tolist()
+            if len(seqs) == num_seqs:  # one row per sequence (decode): no per-token appends
+                sampled = [[t] for t in tokens]
+            else:
+                for i, token in zip(seqs, tokens):
+                    sampled[i].append(token)
+        logprobs = None
+        if num_top is not None:
+            logprobs = [[] for _ in range(num_seqs)]
+            rows = prepared.logprob_row_list
+            if rows:
+                scored = logprob_entries([tokens[r] for r in rows], num_top, host[:4])
+                del host[:4]
+                for r, entry in zip(rows, scored):
+                    logprobs[seqs[r]].append(entry)
+        prompt_logprobs = None
+        if step.prompt_logprob_rows is not None:
+            prompt_logprobs = [[] for _ in range(num_seqs)]
+            if prepared.prompt_scoring is not None:
+                owners, targets, widths = prepared.prompt_scoring
+                for i, entry in zip(owners, logprob_entries(targets, widths, host[:4])):
+                    prompt_logprobs[i].append(entry)
+                del host[:4]
         per_seq_logits = None
         if step.return_logits:
-            per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
-        return StepOutput(sampled, per_seq_logits, self.sampled_logprobs(step, prepared, logits, tokens),
-                          prompt_logprobs, hidden_states)
+            per_seq_logits = list(host.pop(0).split([len(s) for s in sampled])) if seqs else []
+        return StepOutput(sampled, per_seq_logits, logprobs, prompt_logprobs, hidden_states)
 
     def hidden_states(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor] | None:
         """Per sequence, its rows' hidden states [query_len, hidden] (views: no copy), when the step asks."""
@@ -281,47 +281,18 @@ class ModelRunner:
                 raise RuntimeError("the final norm's hook did not see this forward: no pre-norm hidden states")
         return list(hidden[:sum(step.query_lens)].split(step.query_lens))
 
-    def sampled_logprobs(self, step: StepInput, prepared: PreparedBatch, logits: torch.Tensor,
-                         tokens: list[int]) -> list[list[TokenLogprobs]] | None:
-        """Per sequence, the log-probs of the tokens sampled at its rows (only sequences that asked)."""
-        if step.num_logprobs is None:
-            return None
-        rows = [r for r, i in enumerate(prepared.sample_seqs) if step.num_logprobs[i] >= 0]
-        per_seq: list[list[TokenLogprobs]] = [[] for _ in range(step.num_seqs)]
-        if rows:
-            scored = token_logprobs(logits[rows], [tokens[r] for r in rows],
-                                    [step.num_logprobs[prepared.sample_seqs[r]] for r in rows])
-            for r, entry in zip(rows, scored):
-                per_seq[prepared.sample_seqs[r]].append(entry)
-        return per_seq
-
-    def prompt_logprobs(self, step: StepInput, hidden: torch.Tensor) -> list[list[TokenLogprobs]] | None:
-        """Per sequence, the log-probs of the prompt tokens its rows score (a second, small vocabulary
-        projection over those rows only)."""
-        if step.prompt_logprob_rows is None:
-            return None
-        indices, targets, num_top, owners = [], [], [], []
-        offset = 0
-        for i, (n, rows) in enumerate(zip(step.query_lens, step.prompt_logprob_rows)):
-            if rows is not None:
-                indices.extend(range(offset + rows.first_row, offset + rows.first_row + len(rows.token_ids)))
-                targets.extend(rows.token_ids)
-                num_top.extend([rows.num_top] * len(rows.token_ids))
-                owners.extend([i] * len(rows.token_ids))
-            offset += n
-        per_seq: list[list[TokenLogprobs]] = [[] for _ in range(step.num_seqs)]
-        if indices:
-            index = torch.tensor(indices, dtype=torch.int64, device=hidden.device)
-            for i, entry in zip(owners, token_logprobs(self.model.compute_logits(hidden[index]), targets, num_top)):
-                per_seq[i].append(entry)
-        return per_seq
-
     def forward(self, prepared: PreparedBatch) -> torch.Tensor:
-        """Hidden states [T, hidden]: a CUDA graph replay for a decode-only batch when graphs are captured,
-        else the (possibly compiled) eager forward."""
+        """Hidden states [T, hidden]: a CUDA graph replay for a decode-like batch when graphs are captured (the
+        step was laid out in the graph's static inputs by prepare, or is copied there), else the (possibly
+        compiled) eager forward."""
         self._pre_norm = None
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(prepared.metadata):
-            hidden = self.cuda_graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
+        graphs = self.cuda_graphs
+        hidden = None
+        if graphs is not None and prepared.graph is not None:
+            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0])
+        elif graphs is not None and graphs.can_run(prepared.metadata):
+            hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
+        if hidden is not None:
             if self._graph_pre_norm is not None:  # what the replay's recorded copy wrote
                 self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
             return hidden
@@ -329,15 +300,27 @@ class ModelRunner:
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
     def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
-        """One token per row; rows of a request with a seed draw from that request's own generator."""
-        if all(s.temperature <= 0 for s in specs):  # all greedy: decided on the host, so no sampling parameters
-            return logits.argmax(dim=-1).tolist()  # cross to the device and only the tokens' copy waits for it
-        temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=self.device)
-        top_ks = torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=self.device)
-        top_ps = torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=self.device)
-        tokens = self.sampler(logits, temperatures, top_ks, top_ps,
-                              generators=[self._generator_of(s) for s in specs], default_generator=self.generator)
-        return tokens.tolist()
+        """One token per row; rows of a request with a seed draw from that request's own generator. (The runner's
+        own steps upload the sampling parameters with the step's metadata; this entry point builds them.)"""
+        params = None
+        if any(s.temperature > 0 for s in specs):
+            device = logits.device
+            params = (torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device),
+                      torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=device),
+                      torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device))
+        return self._sample_on_device(logits, specs, params).tolist()
+
+    def _sample_on_device(self, logits: torch.Tensor, specs: list, params: tuple | None) -> torch.Tensor:
+        """int64 [rows] on the device, no sync: params (temperatures, top_ks, top_ps) is None when every row is
+        greedy, and the sampler's branches are decided here from the host's copy of the parameters."""
+        if params is None:
+            return logits.argmax(dim=-1)
+        generators = None
+        if any(s.seed is not None for s in specs):
+            generators = [self._generator_of(s) for s in specs]
+        return self.sampler(logits, *params, generators=generators, default_generator=self.generator,
+                            all_greedy=False, use_top_k=any(s.top_k > 0 for s in specs),
+                            use_top_p=any(s.top_p < 1 for s in specs))
 
     def _generator_of(self, spec) -> torch.Generator | None:
         if spec.seed is None:

@@ -73,13 +73,21 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler(nn.Module):
-    """Turns [B, V] logits into [B] token ids under per-row sampling parameters."""
+    """Turns [B, V] logits into [B] token ids under per-row sampling parameters.
+
+    Three branches depend on the parameters: all rows greedy (argmax only), some top-k, some top-p. Decided from
+    the device tensors, each costs a sync (the host reads a bool back from the GPU); a caller that holds the
+    parameters on the host too (the model runner) passes the answers as `all_greedy` / `use_top_k` / `use_top_p`,
+    and sampling then runs without a single sync."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
                 top_ps: torch.Tensor, generators: list[torch.Generator | None] | None = None,
-                default_generator: torch.Generator | None = None) -> torch.Tensor:
+                default_generator: torch.Generator | None = None, *, all_greedy: bool | None = None,
+                use_top_k: bool | None = None, use_top_p: bool | None = None) -> torch.Tensor:
         """logits [B, V]; temperatures float [B] (0 = greedy); top_ks int64 [B] (-1 = all); top_ps float [B];
-        generators: per-row torch.Generator or None (None rows use `default_generator`)."""
+        generators: per-row torch.Generator or None (None rows use `default_generator`). all_greedy / use_top_k /
+        use_top_p: the host's answers to "every temperature <= 0", "any top_k > 0", "any top_p < 1" (None: read
+        them from the tensors)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch = logits.shape[0]
@@ -89,14 +97,14 @@ class Sampler(nn.Module):
         logits = logits.float()  # sampling in fp32: bf16 rounds small probabilities to zero
         greedy = temperatures <= 0
         tokens = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all_greedy if all_greedy is not None else bool(greedy.all()):
             return tokens
         # greedy rows are divided by 1 (their result is overwritten below), the others by their temperature
         temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits)
         scaled = logits / temps.unsqueeze(-1)
-        if bool((top_ks > 0).any()):
+        if use_top_k if use_top_k is not None else bool((top_ks > 0).any()):
             scaled = dispatch("ch01.top_k_filter", top_k_filter)(scaled, top_ks.to(logits.device))
-        if bool((top_ps < 1).any()):
+        if use_top_p if use_top_p is not None else bool((top_ps < 1).any()):
             scaled = dispatch("ch01.top_p_filter", top_p_filter)(scaled, top_ps.to(logits.device))
         probs = torch.softmax(scaled, dim=-1)
         race = self._exponentials(probs, generators, default_generator)
@@ -107,18 +115,36 @@ class Sampler(nn.Module):
     def _exponentials(probs: torch.Tensor, generators: list[torch.Generator | None] | None,
                       default_generator: torch.Generator | None) -> torch.Tensor:
         """Exp(1) noise of probs' shape. Rows with their own generator draw from it (a full row each, so the
-        draw does not depend on the row's position in the batch); the rest draw together from the default."""
-        race = torch.empty_like(probs)
+        draw does not depend on the row's position in the batch); the rest draw together from the default, in row
+        order, and go into place run by run (slices: an index list would be one more host-to-device copy)."""
         generators = generators if generators is not None else [None] * probs.shape[0]
         if len(generators) != probs.shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {probs.shape[0]} rows")
         shared = [i for i, g in enumerate(generators) if g is None]
-        if shared:
-            noise = torch.empty((len(shared), probs.shape[1]), device=probs.device, dtype=probs.dtype)
-            noise.exponential_(generator=default_generator)
-            race[shared] = noise
-        for i, g in enumerate(generators):
-            if g is not None:
-                race[i].exponential_(generator=g)
+        if len(shared) == len(generators):
+            race = torch.empty_like(probs).exponential_(generator=default_generator)
+        else:
+            race = torch.empty_like(probs)
+            if shared:
+                noise = torch.empty((len(shared), probs.shape[1]), device=probs.device, dtype=probs.dtype)
+                noise.exponential_(generator=default_generator)
+                start = 0  # runs of consecutive shared rows: race[a:b] = noise[start:start + b - a]
+                for a, b in _runs(shared):
+                    race[a:b] = noise[start:start + b - a]
+                    start += b - a
+            for i, g in enumerate(generators):
+                if g is not None:
+                    race[i].exponential_(generator=g)
         # Exp(1) can be exactly 0 in float arithmetic; keep the division finite
         return race.clamp_min_(torch.finfo(race.dtype).tiny)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers in sorted `rows`, as [a, b) pairs: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs

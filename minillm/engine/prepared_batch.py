@@ -1,0 +1,228 @@
+"""From a StepInput (plain Python lists) to the device tensors of one forward, in one upload (chapters 2, 4, 5).
+
+`prepare_batch` lays out every integer (and float) the step needs on the device in one pinned host buffer and
+copies it once (minillm/engine/step_buffers.py explains why one copy); the PreparedBatch it returns holds typed
+views of the device copy:
+
+    input_ids, positions, slot_mapping   int64 [T]   the step's new tokens, packed sequence after sequence
+    cu_seqlens_q, seq_lens               int32 [B+1], [B]
+    block_tables                         int32 [B, W]  (-1 padded)
+    sample_indices                       int64 [S]   the rows whose logits get sampled
+    temperatures, top_ks, top_ps         [S]         only when some sampled row is not greedy
+    logprob_rows                         int64 [R]   which sampled rows return log-probs (only when some, not all)
+    prompt_rows, prompt_targets          int64 [P]   rows that score prompt tokens and the tokens they score
+
+Two layouts. An eager step packs the fields back to back in the runner's growable buffer. A decode-like step that
+a CUDA graph will replay (every sequence with the same q_len, a captured bucket) is written straight into the
+graph's static inputs (DecodeCUDAGraphs.inputs), padding rows included: the upload then IS the graph's input copy.
+
+Host work is kept to what cannot be avoided: numpy writes Python lists into the pinned pages at C speed, decode
+steps (one row per sequence, all sampled) skip building index lists, and the device views are cached by
+(offset, dtype, shape), so a decode step of the same batch shape as the last one creates no new tensors for its
+metadata beyond slices of the graph's inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+from minillm.engine.step_buffers import FieldLayout, UploadBuffer
+from minillm.engine.step_input import SamplingSpec, StepInput
+from minillm.forward_context import AttentionMetadata
+
+
+@dataclass
+class PreparedBatch:
+    """The tensors one forward needs, plus which rows of its output get sampled and how."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    metadata: AttentionMetadata
+    sample_indices: torch.Tensor  # int64 [S]: the rows that get sampled, sequence by sequence
+    sample_seqs: list[int]  # index of the sequence each sampled row belongs to
+    all_rows_sampled: bool = False  # sample_indices is 0..T-1 (decode and verify steps): no gather needed
+    row_specs: list[SamplingSpec] = field(default_factory=list)  # the sampling parameters of each sampled row
+    # float32 / int64 / float32 [S]; None when every sampled row is greedy (argmax needs none of them)
+    sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logprob_rows: torch.Tensor | None = None  # int64 [R]: sampled rows that return log-probs, when not all do
+    prompt_rows: torch.Tensor | None = None  # int64 [P]: forward rows that score prompt tokens
+    prompt_targets: torch.Tensor | None = None  # int64 [P]: the prompt tokens they score
+    graph: tuple[int, int] | None = None  # (bucket, q_len) of the CUDA graph whose static inputs hold this step
+    # the host's copies: the sampled rows that return log-probs (None: no request asked); per prompt row, its
+    # sequence, its target token and its number of top alternatives
+    logprob_row_list: list[int] | None = None
+    prompt_scoring: tuple[list[int], list[int], list[int]] | None = None
+
+
+def _check(step: StepInput) -> None:
+    n, b = len(step.input_ids), len(step.query_lens)
+    if len(step.positions) != n or len(step.slot_mapping) != n or sum(step.query_lens) != n:
+        raise ValueError(f"inconsistent step: {n} input ids, {len(step.positions)} positions, "
+                         f"{len(step.slot_mapping)} slots, query lengths summing to {sum(step.query_lens)}")
+    if not (len(step.seq_lens) == len(step.block_tables) == len(step.num_sampled) == len(step.sampling) == b):
+        raise ValueError(f"inconsistent step: {b} query lengths, {len(step.seq_lens)} seq_lens, "
+                         f"{len(step.block_tables)} block tables, {len(step.num_sampled)} num_sampled, "
+                         f"{len(step.sampling)} sampling specs")
+
+
+def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, graphs=None) -> PreparedBatch:
+    """Lay the step out in `buffer` (or in the inputs of the graph that will replay it), upload once, return the
+    views. `arange` is a device int64 0, 1, 2, ... at least T long (sample_indices of an all-rows step);
+    `graphs`: the runner's DecodeCUDAGraphs or None."""
+    _check(step)
+    q_lens, num_sampled = step.query_lens, step.num_sampled
+    num_seqs, num_tokens = len(q_lens), len(step.input_ids)
+    num_rows = sum(num_sampled)
+    all_rows = num_rows == num_tokens  # num_sampled[i] <= q_lens[i]: equal sums mean every row is sampled
+    if all_rows and num_tokens == num_seqs:  # a decode step: row i is sequence i
+        sample_seqs, sample_rows = list(range(num_seqs)), None
+    elif all_rows:
+        sample_seqs, sample_rows = [i for i, n in enumerate(q_lens) for _ in range(n)], None
+    else:
+        ends = list(accumulate(q_lens))
+        sample_seqs = [i for i, k in enumerate(num_sampled) for _ in range(k)]
+        sample_rows = [r for end, k in zip(ends, num_sampled) for r in range(end - k, end)]
+    sampling = step.sampling
+    row_specs = [sampling[i] for i in sample_seqs]
+    greedy = all(s.temperature <= 0 for s in row_specs)
+    width = max(map(len, step.block_tables))
+    max_q = max(q_lens)
+    size = None
+    if graphs is not None and step.tree_masks is None and min(q_lens) == max_q:
+        size = graphs.plan(num_seqs, max_q, width)
+
+    # -- the layout --------------------------------------------------------------------------------------------
+    if size is not None:
+        inputs = graphs.inputs[size, max_q]
+        buffer, extras = graphs.upload, FieldLayout(inputs.extras_offset)
+    else:
+        extras = FieldLayout()
+        for name in ("input_ids", "positions", "slot_mapping"):
+            extras.add(name, torch.int64, (num_tokens,))
+        if step.tree_masks is not None:
+            extras.add("tree_mask", torch.int64, (num_tokens,))
+        extras.add("cu_seqlens_q", torch.int32, (num_seqs + 1,))
+        extras.add("seq_lens", torch.int32, (num_seqs,))
+        extras.add("block_tables", torch.int32, (num_seqs, width))
+    if sample_rows is not None:
+        extras.add("sample_indices", torch.int64, (num_rows,))
+    if not greedy:
+        extras.add("temperatures", torch.float32, (num_rows,))
+        extras.add("top_ks", torch.int64, (num_rows,))
+        extras.add("top_ps", torch.float32, (num_rows,))
+    logprob_rows = logprob_row_list = None
+    if step.num_logprobs is not None:
+        asks = step.num_logprobs
+        logprob_row_list = [r for r, i in enumerate(sample_seqs) if asks[i] >= 0]
+        if len(logprob_row_list) < num_rows:  # all sampled rows need no index
+            logprob_rows = logprob_row_list
+            extras.add("logprob_rows", torch.int64, (len(logprob_rows),))
+    prompt_rows, prompt_targets, prompt_owners, prompt_top = _prompt_rows(step)
+    if prompt_rows:
+        extras.add("prompt_rows", torch.int64, (len(prompt_rows),))
+        extras.add("prompt_targets", torch.int64, (len(prompt_rows),))
+    if size is not None:
+        if extras.end > inputs.extras_end:
+            raise ValueError(f"a graph step's metadata needs {extras.end - inputs.extras_offset} bytes, the graph "
+                             f"layout has {inputs.extras_end - inputs.extras_offset}")
+        # up to the last block-table entry a replay reads: row size-1's first `width` (padding rows: 1) entries
+        end = inputs.extras_end + 4 * ((size - 1) * graphs.max_blocks_per_seq + max(width, 1))
+    else:
+        end = extras.end
+    buffer.reserve(end)
+
+    # -- the host writes ---------------------------------------------------------------------------------------
+    def put(name: str, values) -> None:
+        buffer.host_view(*extras.fields[name])[:] = values
+
+    if size is not None:
+        _write_graph_inputs(buffer, inputs, step, size, max_q, width)
+    else:
+        put("input_ids", step.input_ids)
+        put("positions", step.positions)
+        put("slot_mapping", step.slot_mapping)
+        if step.tree_masks is not None:  # token trees: ancestor bitmasks; -1 (causal) for the other rows
+            put("tree_mask", [b for m, n in zip(step.tree_masks, q_lens) for b in (m if m is not None else [-1] * n)])
+        put("cu_seqlens_q", [0, *accumulate(q_lens)])
+        put("seq_lens", step.seq_lens)
+        put("block_tables", _padded(step.block_tables, width))
+    if sample_rows is not None:
+        put("sample_indices", sample_rows)
+    if not greedy:
+        put("temperatures", [s.temperature for s in row_specs])
+        put("top_ks", [s.top_k for s in row_specs])
+        put("top_ps", [s.top_p for s in row_specs])
+    if logprob_rows is not None:
+        put("logprob_rows", logprob_rows)
+    if prompt_rows:
+        put("prompt_rows", prompt_rows)
+        put("prompt_targets", prompt_targets)
+    buffer.upload(end)
+
+    # -- the device views --------------------------------------------------------------------------------------
+    views = buffer.views(extras)
+    if size is not None:
+        input_ids, positions = inputs.input_ids[:num_tokens], inputs.positions[:num_tokens]
+        cu_seqlens_q = graphs.cu_seqlens_q[max_q][:num_seqs + 1]
+        slot_mapping, seq_lens = inputs.slot_mapping[:num_tokens], inputs.seq_lens[:num_seqs]
+        block_tables = inputs.block_tables[:num_seqs, :width]  # row stride: the graph's max_blocks_per_seq
+    else:
+        input_ids, positions, slot_mapping = views["input_ids"], views["positions"], views["slot_mapping"]
+        cu_seqlens_q, seq_lens, block_tables = views["cu_seqlens_q"], views["seq_lens"], views["block_tables"]
+    metadata = AttentionMetadata(
+        cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, max_seqlen_q=max_q, max_seqlen_k=max(step.seq_lens),
+        slot_mapping=slot_mapping, block_tables=block_tables, block_size=step.block_size,
+        seq_lens_list=step.seq_lens, query_lens_list=q_lens, tree_mask=views.get("tree_mask"))
+    return PreparedBatch(
+        input_ids, positions, metadata, arange[:num_tokens] if sample_rows is None else views["sample_indices"],
+        sample_seqs, sample_rows is None, row_specs,
+        None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
+        views.get("logprob_rows"), views.get("prompt_rows"), views.get("prompt_targets"),
+        None if size is None else (size, max_q), logprob_row_list,
+        (prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
+
+
+def _padded(tables: list[list[int]], width: int) -> list[list[int]]:
+    if all(len(t) == width for t in tables):
+        return tables
+    return [t + [-1] * (width - len(t)) for t in tables]
+
+
+def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int, q_len: int, width: int) -> None:
+    """The step's static inputs in the graph's layout; rows past the batch are padding rows: token 0 at position 0,
+    stored nowhere (slot -1), attending to q_len keys of block 0 (valid memory; the result is discarded)."""
+    fields, tokens, batch = inputs.layout.fields, len(step.input_ids), len(step.query_lens)
+    for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
+                              ("slot_mapping", step.slot_mapping, -1)):
+        view = buffer.host_view(*fields[name])
+        view[:tokens] = values
+        view[tokens:] = pad
+    seq_lens = buffer.host_view(*fields["seq_lens"])
+    seq_lens[:batch] = step.seq_lens
+    seq_lens[batch:] = q_len
+    tables = buffer.host_view(*fields["block_tables"])
+    tables[:batch, :width] = _padded(step.block_tables, width)
+    tables[batch:size, 0] = 0
+
+
+def _prompt_rows(step: StepInput) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The forward rows that score prompt tokens (StepInput.prompt_logprob_rows), the tokens they score, the
+    sequence each belongs to and its number of top alternatives."""
+    rows: list[int] = []
+    targets: list[int] = []
+    owners: list[int] = []
+    num_top: list[int] = []
+    if step.prompt_logprob_rows is None:
+        return rows, targets, owners, num_top
+    offset = 0
+    for i, (n, scored) in enumerate(zip(step.query_lens, step.prompt_logprob_rows)):
+        if scored is not None:
+            first, count = offset + scored.first_row, len(scored.token_ids)
+            rows.extend(range(first, first + count))
+            targets.extend(scored.token_ids)
+            owners.extend([i] * count)
+            num_top.extend([scored.num_top] * count)
+        offset += n
+    return rows, targets, owners, num_top

@@ -1,0 +1,135 @@
+"""One copy up, one copy down: how a step's numbers cross between host and device (chapter 4).
+
+A decode step of a small model takes about a millisecond of GPU time or less, and the host has to keep up. Each
+`torch.tensor(list, device="cuda")` is a separate host-to-device copy from pageable memory, which the CUDA driver
+performs synchronously (it stages the bytes through a pinned bounce buffer and waits), and each `.tolist()` of a
+device tensor is a device-to-host copy that waits for everything queued before it. Seven small tensors up and a few
+scalars down cost more host time than the whole forward of a 135M model. So every step here does
+
+* ONE host-to-device copy. The step's integer metadata (token ids, positions, cache slots, sequence lengths, block
+  tables, the sampled rows, sampling parameters) is written into one page-locked ("pinned") host buffer, field after
+  field at 8-byte-aligned offsets, and copied with one `copy_(non_blocking=True)` into a device buffer of the same
+  layout; the tensors the model reads are typed views cut from it (int64 ids, int32 lengths, float32 temperatures:
+  `bytes[offset:offset + n].view(dtype)`). From pinned memory the copy is a true asynchronous DMA: the host queues
+  it and moves on. vLLM's persistent input buffers and TensorRT-LLM's runtime buffers follow the same idea.
+* ONE device-to-host transfer: the sampled token ids, with their log-probabilities (and the logits) appended to the
+  same int32 words only when a request asked for them (`download`). The host must wait for that one anyway: it needs
+  the tokens to schedule the next step.
+
+The host buffer is reused every step. The copy that reads it runs later, on the GPU's timeline, so before writing
+new values `reserve` makes sure the previous copy has finished (an event query: free in the normal case, since the
+step's token download waited for the copy long ago; a real wait only after a step that downloaded nothing).
+On a CPU both buffers are ordinary memory and the copy is a memcpy: the same code path, tested without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+ALIGN = 8  # every field starts at a multiple of 8 bytes, so any int64/int32/float32 view of it is aligned
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+
+
+def aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+class FieldLayout:
+    """Offsets of named fields packed one after another from `start` (bytes, ALIGN-aligned)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.end = aligned(start)
+        self.fields: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+
+    def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        if dtype not in _NUMPY:
+            raise ValueError(f"field {name!r}: dtype must be one of {list(_NUMPY)}, got {dtype}")
+        self.fields[name] = (self.end, dtype, shape)
+        self.end = aligned(self.end + math.prod(shape) * dtype.itemsize)
+
+
+class UploadBuffer:
+    """A pinned host buffer and a device buffer of the same size: stage fields on the host, copy once, read typed
+    views on the device. `growable=False` keeps the device buffer at one address for its lifetime (CUDA graphs
+    record addresses: their static inputs are views of such a buffer)."""
+
+    def __init__(self, device: torch.device, nbytes: int, growable: bool = True) -> None:
+        if nbytes < 1:
+            raise ValueError(f"an upload buffer needs at least 1 byte, got {nbytes}")
+        self.device, self.growable = torch.device(device), growable
+        self._pinned = self.device.type == "cuda"
+        self._copied = torch.cuda.Event() if self._pinned else None
+        self._pending = False
+        self._allocate(aligned(nbytes))
+
+    def _allocate(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self._pinned)
+        self._host_bytes = self.host.numpy()  # numpy writes a Python list straight into the pinned pages
+        self.device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def reserve(self, nbytes: int) -> None:
+        """Make the host buffer writable for `nbytes` bytes: wait for the previous copy out of it, grow if needed."""
+        if self._pending and not self._copied.query():
+            self._copied.synchronize()
+        self._pending = False
+        if nbytes > self.nbytes:
+            if not self.growable:
+                raise ValueError(f"this step needs {nbytes} bytes of metadata, the fixed buffer holds {self.nbytes}")
+            self._allocate(aligned(max(nbytes, 2 * self.nbytes)))
+
+    def host_view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A numpy view of the host buffer: write the field's values into it."""
+        size = math.prod(shape) * dtype.itemsize
+        return self._host_bytes[offset:offset + size].view(_NUMPY[dtype]).reshape(shape)
+
+    def device_view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The typed device view of a field (cached: a decode step of the same shape reuses last step's views)."""
+        key = (offset, dtype, shape)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= 1024:
+                self._views.clear()
+            size = math.prod(shape) * dtype.itemsize
+            view = self._views[key] = self.device_bytes[offset:offset + size].view(dtype).view(shape)
+        return view
+
+    def views(self, layout: FieldLayout) -> dict[str, torch.Tensor]:
+        return {name: self.device_view(*spec) for name, spec in layout.fields.items()}
+
+    def upload(self, nbytes: int) -> None:
+        """The step's one host-to-device copy: bytes [0, nbytes) of the host buffer, queued without waiting."""
+        self.device_bytes[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+            self._pending = True
+
+
+def download(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bring device tensors to the host in ONE transfer: each is flattened to int32 words (int64 values narrowed,
+    which token ids, ranks and row indices fit; float32 by its bits), the words are concatenated on the device and
+    copied once; the host cuts them back into tensors of the original dtypes (int64 for integer parts) and shapes."""
+    if not parts:
+        return []
+    if len(parts) == 1 and parts[0].dtype != torch.float32:
+        return [parts[0].cpu()]
+    words = []
+    for part in parts:
+        if part.dtype == torch.float32:
+            words.append(part.reshape(-1).view(torch.int32))
+        elif part.dtype in (torch.int64, torch.int32):
+            words.append(part.reshape(-1).to(torch.int32))
+        else:
+            raise TypeError(f"download takes int64, int32 or float32 tensors, got {part.dtype}")
+    host = torch.cat(words).cpu()
+    out, offset = [], 0
+    for part in parts:
+        n = part.numel()
+        chunk = host[offset:offset + n]
+        chunk = chunk.view(torch.float32) if part.dtype == torch.float32 else chunk.to(torch.int64)
+        out.append(chunk.view(part.shape))
+        offset += n
+    return out

@@ -1,0 +1,124 @@
+"""The step path's host<->device budget (issue 14): one packed upload, one download, no other sync per step.
+
+Counted on the CPU by minillm.bench.step_transfers (the engine on a virtual device whose tensors are followed by a
+TorchFunctionMode), for every kind of step: prefill, plain decode (greedy, sampled, with logprobs), the speculative
+verify step, and the decode and verify steps that replay CUDA graphs. Then the pieces: the packed upload and the
+one-transfer download round-trip their values, a graph step laid out in the graph's static inputs replays to the
+eager forward's hidden states with harmless padding rows, and the sampler's host hints change nothing.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.bench.step_transfers import STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, count_scenario, host_graphs
+from minillm.engine.model_runner import ModelRunner
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.engine.step_buffers import FieldLayout, UploadBuffer, download
+from minillm.layers.sampler import Sampler, _runs
+from minillm.sampling_params import SamplingParams
+from test_engine import tiny_config, tiny_model
+from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+
+@pytest.mark.parametrize("scenario", ["prefill", "decode", "decode_sampled", "decode_logprobs", "verify",
+                                      "decode_graph", "verify_graph"])
+def test_one_upload_one_download_per_step(scenario):
+    counter = count_scenario(scenario)
+    assert counter.counts() == STEP_BUDGET, f"{scenario} step:\n{counter.report()}"
+
+
+def test_the_counter_sees_what_a_gpu_would_copy_or_wait_for():
+    weight = torch.nn.Linear(4, 4)
+    with StepTransfers(weight) as counter:
+        x = torch.tensor([1.0, 2.0, 3.0, 4.0])  # host
+        y = weight(x.to(VIRTUAL_DEVICE))  # one h2d; y on the device
+        z = torch.tensor([0, 1], device=y.device)  # h2d: .device of a device tensor is the device
+        y[[0, 1]]  # a Python index list is uploaded: h2d
+        y[z].sum().item()  # d2h
+        bool(y[0] > 0)  # d2h
+        y.nonzero()  # sync
+        x.tolist()  # host: nothing
+        torch.arange(3, device=VIRTUAL_DEVICE) + 1  # created on the device: nothing
+    assert counter.counts() == {"h2d": 3, "d2h": 2, "sync": 1}, counter.report()
+
+
+def test_upload_and_download_round_trip():
+    layout = FieldLayout()
+    layout.add("ids", torch.int64, (5,))
+    layout.add("lens", torch.int32, (3,))
+    layout.add("table", torch.int32, (2, 3))
+    layout.add("temps", torch.float32, (2,))
+    assert all(offset % 8 == 0 for offset, _, _ in layout.fields.values())
+    buffer = UploadBuffer(torch.device("cpu"), 16)  # too small: reserve grows it
+    buffer.reserve(layout.end)
+    values = {"ids": [5, -1, 2**40, 0, 7], "lens": [1, 2, 3], "table": [[4, 5, -1], [6, 7, 8]], "temps": [0.5, 0.0]}
+    for name, v in values.items():
+        buffer.host_view(*layout.fields[name])[:] = v
+    buffer.upload(layout.end)
+    views = buffer.views(layout)
+    for name, v in values.items():
+        assert views[name].tolist() == v and views[name].dtype == layout.fields[name][1]
+    assert buffer.views(layout)["ids"] is views["ids"]  # cached: the same step shape makes no new views
+    with pytest.raises(ValueError, match="fixed buffer holds"):
+        UploadBuffer(torch.device("cpu"), 8, growable=False).reserve(64)
+    parts = [torch.tensor([3, 1, 4]), torch.tensor([[-0.25, 1e-30]]), torch.tensor([7], dtype=torch.int32)]
+    back = download(parts)
+    assert [b.tolist() for b in back] == [p.tolist() for p in parts]
+    assert [b.dtype for b in back] == [torch.int64, torch.float32, torch.int64]
+
+
+def test_sampler_host_hints_and_runs():
+    assert _runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)] and _runs([]) == []
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    temps = torch.tensor([0.0, 0.7, 1.0, 0.0, 1.3])
+    top_ks = torch.tensor([-1, 5, -1, 3, 10])
+    top_ps = torch.tensor([1.0, 0.9, 0.8, 1.0, 1.0])
+    gens = [None, torch.Generator().manual_seed(3), None, None, torch.Generator().manual_seed(4)]
+
+    def draw(**hints):
+        for g, seed in zip(gens, (None, 3, None, None, 4)):
+            if g is not None:
+                g.manual_seed(seed)
+        return Sampler()(logits, temps, top_ks, top_ps, gens, torch.Generator().manual_seed(9), **hints)
+    assert torch.equal(draw(), draw(all_greedy=False, use_top_k=True, use_top_p=True))
+    greedy = Sampler()(logits, torch.zeros(5), top_ks, top_ps, all_greedy=True)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
+def test_graph_step_is_laid_out_in_the_static_inputs_and_replays_the_eager_forward():
+    config = tiny_config()
+    model = tiny_model(config)
+    block_size, num_blocks = 4, 24
+    runner = ModelRunner(model, config, num_blocks, block_size, torch.device("cpu"), torch.float32)
+    seqs = []
+    for i, n in enumerate((3, 9, 6)):  # batch 3 replays the graph of 4 with one padding row
+        seq = Sequence(str(i), [(7 * i + j) % 300 for j in range(n)], SamplingParams())
+        seq.block_table = [(5 * i + j) % num_blocks for j in range(3)]
+        seqs.append(seq)
+    with torch.inference_mode():
+        runner.forward(runner.prepare(ScheduledBatch(seqs=seqs, num_new_tokens=[s.num_tokens for s in seqs])))
+        # decode through the graph path's kernels (the interpreter on a CPU); the torch path would read the
+        # Python lengths a graph freezes at capture
+        model.attention_backend = "triton"
+        for s in seqs:
+            s.num_computed_tokens = s.num_tokens
+            s.append_token(11, 0.0)
+        decode = ScheduledBatch(seqs=seqs, num_new_tokens=[1, 1, 1])
+        snapshot = runner.kv_cache.storage.clone()
+        eager = runner.forward(runner.prepare(decode)).clone()
+        runner.kv_cache.storage.copy_(snapshot)
+        graphs = host_graphs(model, 4, 8, block_size, config.hidden_size, torch.float32, torch.device("cpu"))
+        graphs.buckets = [4]  # capture only the graph this step replays (the interpreter is slow)
+        graphs.capture()
+        runner.cuda_graphs = graphs
+        prepared = runner.prepare(decode)
+        assert prepared.graph == (4, 1) and prepared.all_rows_sampled
+        inputs = graphs.inputs[4, 1]
+        assert prepared.input_ids.data_ptr() == inputs.input_ids.data_ptr()  # the upload IS the graph's input
+        assert inputs.slot_mapping[3].item() == -1 and inputs.seq_lens[3].item() == 1  # the padding row
+        assert inputs.block_tables[3, 0].item() == 0
+        assert prepared.metadata.block_tables.tolist() == [s.block_table for s in seqs]
+        replayed = runner.forward(prepared)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
