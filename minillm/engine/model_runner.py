@@ -4,7 +4,8 @@ Each step it
   1. applies the scheduler's block operations (swap out, swap in, copy-on-write) to the KV cache,
   2. turns the step's packed lists into tensors: `input_ids` [T], `positions` [T], and the AttentionMetadata
      (cu_seqlens_q, seq_lens, slot_mapping, block_tables) that tells every Attention layer which token belongs
-     to which sequence and where keys and values live,
+     to which sequence and where keys and values live, all in ONE host-to-device copy from a pinned buffer
+     (prepared_batch.py; a step a CUDA graph replays is written straight into the graph's static inputs),
   3. runs the forward inside `forward_context(...)`,
   4. keeps the hidden states of the rows that need a sample: the *last* new token of each sequence whose step
      reached its end (a chunk of a long prompt needs none), or its last 1 + k rows when it carries k draft
@@ -12,7 +13,9 @@ Each step it
      projection is the most expensive matmul of a small model: no point doing it for all T),
   5. samples, each request with its own generator when it asked for a seed,
   6. only when a request asked (SamplingParams.logprobs / prompt_logprobs): log_softmax in fp32 of the raw logits
-     of its sampled rows, and of the prefill rows that score its prompt tokens (`token_logprobs`),
+     of its sampled rows, and of the prefill rows that score its prompt tokens (logprobs.py), on the device;
+     the sampled tokens, these scores and (for the rejection rule) the logits come back in ONE transfer, the
+     step's only wait for the device (step_buffers.download),
   7. only when the speculative method drafts from the target's features (Medusa, EAGLE, MTP: chapter 9) and the
      step asks (StepInput.return_hidden_states): every row's last hidden state, after the final norm (the forward's
      output) or before it (the residual stream, caught by a hook on the final norm; with CUDA graphs the hook
