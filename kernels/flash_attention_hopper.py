@@ -19,6 +19,11 @@ heads, packed variable-length sequences, the same out and lse); what changes is 
   this kernel unchanged (no producer warps, no setmaxnreg in the PTX): it is a Blackwell feature there.
 * BLOCK_M = 128 with 8 warps: two warpgroups, each issuing its own 64-row wgmma, so one group's softmax can
   overlap the other's matmul (the idea behind FA3's ping-pong schedule, left to the warp scheduler here).
+* Exponentials off the special-function unit (EXP2_FMA, a tuning switch): half of each tile's exp2 run as a
+  cubic polynomial on the FMA units (FlashAttention-4's trick), since on Hopper the 16 exp2 per clock per SM,
+  not the tensor cores, can pace the softmax. What Triton 3.6 cannot give us is FA3's overlap of one tile's
+  softmax with the next tile's Q K^T inside a warpgroup: issuing that dot early, the compiler still waits on
+  it at once (wgmma.wait_group 0 right after the issue, seen in the PTX), so the variant is not kept.
 * Longest tiles first. In a causal prefill the query tile m visits about m key tiles, so the tiles at
   the end of the sequence are the long jobs. The grid is (batch * heads, query tiles) and the tile index is
   read backwards, so the first wave of programs takes the longest tiles of every head and the short ones
@@ -28,7 +33,8 @@ heads, packed variable-length sequences, the same out and lse); what changes is 
 What stays from chapter 3: the unmasked tiles wholly below the diagonal run a loop without any mask, the
 one or two tiles the diagonal (or the end of the sequence) cuts through run a second, masked loop, and the
 tiles above the diagonal are never visited. Requirements for this path (checked by `hopper_supported`):
-head_dim a power of two in [16, 256], 16-byte aligned base pointers and strides (TMA's rule).
+head_dim 64 or 128 (the tuned sizes; any power of two in [16, 256] when forced with backend="hopper"), bf16 or
+fp16, 16-byte aligned base pointers and strides (TMA's rule).
 """
 from __future__ import annotations
 
@@ -38,10 +44,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA pipe instead of the special-function unit (FlashAttention-4's trick).
+
+    Rounding x to an integer n (adding 1.5 * 2^23 leaves n in the low mantissa bits), 2^x = 2^n * 2^f with
+    f = x - n in [-0.5, 0.5]; 2^f is a cubic (least-squares fit on Chebyshev nodes, relative error 7.7e-5,
+    below bf16's 3.9e-3 that P is rounded to anyway), and 2^n is added straight into the exponent bits.
+    x is clamped at -126 (2^-126 ~ 1e-38 stands in for anything smaller), so never pass -inf."""
+    x = tl.maximum(x, -126.0)
+    n = x + 12582912.0
+    f = x - (n - 12582912.0)
+    p = 0.0550886838075093 * f + 0.2426040514594784
+    p = p * f + 0.6932762416819616
+    p = p * f + 0.9999289403695111
+    bits = p.to(tl.int32, bitcast=True) + (n.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, lo, hi, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  UPCAST: tl.constexpr, EXP2_FMA: tl.constexpr):
     """Fold key tiles lo, lo + BLOCK_N, ... < hi into (acc, l_i, m_i): chapter 3's attend_kv_range, with the
-    K and V tiles fetched by TMA. Rows of K/V past k_len arrive as zeros; MASKED scores them -inf."""
+    K and V tiles fetched by TMA. Rows of K/V past k_len arrive as zeros; MASKED scores them -inf.
+    EXP2_FMA (unmasked tiles only): the odd columns' exp2 run as a polynomial on the FMA units while the
+    even columns' use the special-function unit, which on Hopper computes 16 exp2 per clock per SM against
+    about 1,000 matmul FLOPs per clock: with head_dim 64 or 128 the exponentials, not the matmuls, can set
+    the pace of the softmax step (FlashAttention-3, section 3.2; FlashAttention-4 splits them the same way)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -58,7 +87,12 @@ def _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, lo, hi, qk_sca
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units: qk_scale holds log2(e) / sqrt(d)
         if MASKED:  # a row that has seen no key yet must not compute (-inf) - (-inf)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale folds into one fused multiply-add
+        x = s * qk_scale - m_new[:, None]  # the scale folds into one fused multiply-add
+        if EXP2_FMA and not MASKED:  # adjacent columns sit in one thread's registers: the split is free
+            x_even, x_odd = x.reshape([BLOCK_M, BLOCK_N // 2, 2]).split()
+            p = tl.join(tl.exp2(x_even), _exp2_fma(x_odd)).reshape([BLOCK_M, BLOCK_N])
+        else:
+            p = tl.exp2(x)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = v_desc.load([start_n, 0])
@@ -76,7 +110,7 @@ def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                              seqlen_q, seqlen_k, qk_scale, num_q_per_kv, num_heads,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WRITE_LSE: tl.constexpr,
-                             UPCAST: tl.constexpr):
+                             UPCAST: tl.constexpr, EXP2_FMA: tl.constexpr):
     pid_bh = tl.program_id(0)
     head = pid_bh % num_heads
     batch = (pid_bh // num_heads).to(tl.int64)
@@ -129,9 +163,9 @@ def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, 0, full_end, qk_scale,
-                                  False, CAUSAL, BLOCK_N, UPCAST)
+                                  False, CAUSAL, BLOCK_M, BLOCK_N, UPCAST, EXP2_FMA)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, full_end, hi, qk_scale,
-                                  True, CAUSAL, BLOCK_N, UPCAST)
+                                  True, CAUSAL, BLOCK_M, BLOCK_N, UPCAST, False)
 
     empty = l_i == 0.0  # a row that saw no key (k_len < q_len): out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -144,27 +178,29 @@ def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------------- host side
 HOPPER_CAPABILITY = (9, 0)
 HOPPER_HEAD_DIMS = (64, 128)  # the head sizes with tuned tiles; others take the portable kernel
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). SWEEP_CONFIGS is what benchmarks/sweep_flash_attention.py times on
-# the H200; AUTOTUNE_CONFIGS, the short list the autotuner tries on the first call (each costs a compile).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, EXP2_FMA). SWEEP_CONFIGS is what benchmarks/sweep_flash_attention.py
+# times on the H200; AUTOTUNE_CONFIGS, the short list the autotuner tries on the first call (each costs a compile).
 SWEEP_CONFIGS = {
-    d: [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
-        if not (bm == 64 and w == 8)]  # a 64-row tile is one warpgroup's wgmma: 8 warps would split N
+    d: [(bm, bn, w, s, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+        if not (bm == 64 and w == 8)  # a 64-row tile is one warpgroup's wgmma: 8 warps would split N
+        and not (bm == 128 and w == 4 and d == 128)]  # one warpgroup, 128 x 128 fp32 accumulator: spills
+    + [(128, bn, 8, s, 1) for bn in (64, 128) for s in (2, 3)] + [(64, bn, 4, s, 1) for bn in (64, 128) for s in (2, 3)]
     for d in HOPPER_HEAD_DIMS}
 AUTOTUNE_CONFIGS = {
-    64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (64, 128, 4, 3, 1)],
+    128: [(128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 8, 3, 1), (64, 64, 4, 3, 0)],
 }
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 thread block may use
 
 
-def shared_memory_bytes(config: tuple[int, int, int, int], head_dim: int, elem_size: int = 2) -> int:
+def shared_memory_bytes(config: tuple[int, ...], head_dim: int, elem_size: int = 2) -> int:
     """Shared memory a config needs: the Q tile and a ring of num_stages K and V tiles (the O tile reuses
     that space on the way out), plus its barriers. Matches what triton 3.6 allocates for sm_90."""
-    block_m, block_n, _, num_stages = config
+    block_m, block_n, _, num_stages = config[:4]
     return (block_m + 2 * num_stages * block_n) * head_dim * elem_size + 1024
 
 
-def valid_configs(head_dim: int, configs=None) -> list[tuple[int, int, int, int]]:
+def valid_configs(head_dim: int, configs=None) -> list[tuple[int, ...]]:
     """The configs for head_dim (default: the sweep's) that fit in shared memory."""
     configs = SWEEP_CONFIGS[head_dim] if configs is None else configs
     return [c for c in configs if shared_memory_bytes(c, head_dim) <= SMEM_LIMIT]
@@ -212,8 +248,8 @@ _autotuned: dict[int, object] = {}
 
 def _autotuned_kernel(head_dim: int):
     if head_dim not in _autotuned:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EXP2_FMA": bool(e)}, num_warps=w, num_stages=s)
+                   for m, n, w, s, e in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
         _autotuned[head_dim] = triton.autotune(configs, key=["CAUSAL", "VARLEN"])(_flash_fwd_hopper_kernel)
     return _autotuned[head_dim]
 
@@ -222,15 +258,16 @@ def launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, nu
                   max_seqlen_q, causal, qk_scale, varlen, config=None, upcast=False):
     """Launch the Hopper kernel with the arguments flash_attention._launch prepared (strides in the order
     (q z, t, h), (k z, t, h), (v z, t, h), (o z, t, h), (lse z, h)). config = (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) bypasses the autotuner (the sweep benchmark and the interpreter tests use it)."""
+    num_stages[, EXP2_FMA 0/1]) bypasses the autotuner (the sweep benchmark and the interpreter tests use it)."""
     head_dim = q.shape[-1]
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
         raise ValueError(f"the Hopper kernel needs head_dim a power of two in [16, 256], got {head_dim}")
     triton.set_allocator(_tma_scratch(q.device))  # a ContextVar: set it for this thread, on every launch
     if config is not None:
-        block_m, block_n, num_warps, num_stages = config
+        block_m, block_n, num_warps, num_stages, exp2_fma = (tuple(config) + (0,))[:5]
         kernel = _flash_fwd_hopper_kernel
-        extra = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        extra = dict(BLOCK_M=block_m, BLOCK_N=block_n, EXP2_FMA=bool(exp2_fma), num_warps=num_warps,
+                     num_stages=num_stages)
     else:
         if head_dim not in AUTOTUNE_CONFIGS:
             raise ValueError(f"no autotune configs for head_dim {head_dim}; tuned: {sorted(AUTOTUNE_CONFIGS)}")
