@@ -188,8 +188,8 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\npaged prefill attention, {heads} heads / {kv_heads} kv heads / d{dim}, {str(dtype)[6:]}, block {block_size}"
-          f"; {torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter)'}; bf16 GEMM "
+    print(f"\npaged prefill attention, {heads} heads / {kv_heads} kv heads / d{dim}, {str(dtype)[6:]}, "
+          f"block {block_size}; {torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter)'}; bf16 GEMM "
           f"{peak:.0f} TFLOP/s in this run")
     print(f"{'context+new x batch':<24}{'kv':>9}{'FA packed us':>14}{'gather+FA us':>14}{'paged us':>11}"
           f"{'speedup':>9}{'/FA pk':>8}{'TFLOP/s':>9}{'of GEMM':>9}{'max err':>10}")
