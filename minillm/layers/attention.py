@@ -35,9 +35,9 @@ decided per call from the tensor's device. The Triton attention path, chapters 3
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised in torch (x / scale, saturated, cast) before the store, and every read
-dequantises: the paged decode kernel widens fp8 in registers and applies the scales per tile; the gathered
-context of a chunk or prefix hit, and the torch path's per-sequence gather, are dequantised to q's dtype after
-the gather. A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does);
+dequantises: the paged decode and paged prefill kernels widen fp8 in registers and fold the scales into the
+softmax scale (k) and the output (v); the torch path's gathered keys and values are dequantised to q's dtype
+after the gather. A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does);
 only what is read back from the cache carries the fp8 rounding.
 """
 from __future__ import annotations
