@@ -156,6 +156,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
+    # with CUDA graphs on: steps with prefill tokens replay piecewise graphs between eager attention calls
+    # (minillm.engine.piecewise_graph), token counts up to min(max_num_batched_tokens, 2048)
+    piecewise_cuda_graphs: bool = False
     # Speculative decoding (chapter 9): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
     # spelling speculative_model= ("[ngram]", a method name or a draft path) + num_speculative_tokens=
     speculative_config: dict[str, Any] | None = None
@@ -196,7 +199,8 @@ class EngineConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill"):
+        for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
+                     "piecewise_cuda_graphs"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "enforce_eager"):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")

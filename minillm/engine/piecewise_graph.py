@@ -1,0 +1,179 @@
+"""Piecewise CUDA graphs: steps with prefill tokens replayed as graphs between eager attention calls (issue 14).
+
+A decode step has a fixed shape per batch size, so cuda_graph.py records the whole forward once per size. A step
+that carries prefill tokens (a prompt, a chunk of one, a prompt mixed with running decodes) does not: its
+attention depends on how the tokens split into sequences and how much each has cached, which changes every step.
+Run eagerly, such a step pays Python and the launch path for every kernel of every layer: a dozen launches a
+layer, thirty layers, a few microseconds each, which on a small model is more than the GPU work itself.
+
+vLLM's answer ("piecewise" CUDA graphs) is to cut the forward at the attention calls. Everything else in a
+layer (RMSNorm, the QKV projection, RoPE, o_proj, the MLP) depends only on the number of tokens T, row by row:
+it can be recorded once per token-count bucket. Attention runs eagerly in between, with the step's real
+metadata. A forward of L layers becomes L + 1 graphs and L attention calls:
+
+    graph 0      embed, layer 0's norm, qkv, rope                     -> q0, k0, v0  (static addresses)
+    eager        out0[:n] = attention_0(q0[:n], k0[:n], v0[:n])        (the step's lengths and block tables)
+    graph 1      layer 0's o_proj, norm, MLP; layer 1's norm, qkv, rope -> q1, k1, v1
+    ...
+    graph L      layer L-1's o_proj, norm, MLP; the final norm          -> hidden
+
+How the cuts are made. The model's own forward is run once per bucket while the graphs are recorded. Each attention
+module's forward is swapped for a stand-in that ends the graph being recorded (capture_end), keeps q, k and v
+(outputs of that graph, so their addresses are fixed), allocates the static output that attention will fill,
+begins recording the next graph and hands that output on as the attention's result. No model code knows about
+the cuts: any model whose attention goes through these modules is cut the same way.
+
+Padding. A step of n tokens replays the smallest bucket T >= n. The rows n..T-1 hold whatever the inputs held
+before (valid token ids and positions): every piece works row by row, so they never touch the real rows, and
+attention only ever sees rows 0..n-1. Models whose non-attention layers mix rows (an MoE with expert capacity)
+or that need the final norm's input (EAGLE/MTP heads) are not cut; they run eagerly.
+
+Memory. All graphs share one pool, recorded largest bucket first. A tensor that lives from one graph into the
+next (the residual stream, q/k/v) is still referenced while the next graph is recorded, so that graph cannot
+reuse its memory; graphs of one bucket replay in the order they were recorded; graphs of different buckets never
+run interleaved. Those are the conditions under which sharing a pool is safe.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.forward_context import AttentionMetadata, forward_context
+
+TOKEN_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """The bucket sizes up to max_tokens (at most 1.5x padding between neighbours); max_tokens itself closes the
+    list when it lies between two of them."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    sizes = [t for t in TOKEN_BUCKETS if t <= max_tokens]
+    if not sizes or (sizes[-1] < max_tokens and sizes[-1] < TOKEN_BUCKETS[-1]):
+        sizes.append(min(max_tokens, TOKEN_BUCKETS[-1]))
+    return sizes
+
+
+class _Piece:
+    """One cut: the attention module that runs eagerly there, its q/k/v (written by the graph before) and the
+    output buffer the graph after reads."""
+
+    __slots__ = ("attention", "q", "k", "v", "out")
+
+    def __init__(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        self.attention, self.q, self.k, self.v, self.out = attention, q, k, v, out
+
+
+class PiecewiseCUDAGraphs:
+    """The forward of `model` recorded as len(attention_modules) + 1 graphs per token bucket."""
+
+    def __init__(self, model: nn.Module, attention_modules: list[nn.Module], max_tokens: int,
+                 device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if not attention_modules:
+            raise ValueError("piecewise graphs cut the forward at attention modules; the model has none")
+        self.model, self.attention_modules = model, list(attention_modules)
+        self.buckets = token_buckets(max_tokens)
+        t = self.buckets[-1]
+        self.input_ids = torch.zeros(t, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.pieces: dict[int, list[_Piece]] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.device = device
+
+    # -- recording ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _warmup_metadata(tokens: int, device: torch.device) -> AttentionMetadata:
+        """One fresh prompt of `tokens` tokens whose K/V are not stored (slot -1): the warm-up touches no cache."""
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+        return AttentionMetadata(cu_seqlens_q=cu, seq_lens=cu[1:], max_seqlen_q=tokens, max_seqlen_k=tokens,
+                                 slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+                                 block_tables=None, seq_lens_list=[tokens], query_lens_list=[tokens])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and record every bucket, largest first, on a side stream, in one shared pool."""
+        stream = torch.cuda.Stream(self.device)
+        torch.cuda.synchronize(self.device)
+        for tokens in sorted(self.buckets, reverse=True):
+            ids, pos = self.input_ids[:tokens], self.positions[:tokens]
+            with forward_context(self._warmup_metadata(tokens, self.device)):
+                self.model(ids, pos)  # Triton compiles and autotunes here, never while recording
+            torch.cuda.synchronize(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._record(tokens, ids, pos)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def _record(self, tokens: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        graphs: list[torch.cuda.CUDAGraph] = []
+        pieces: list[_Piece] = []
+        state = {"graph": self._begin()}
+
+        def cut(module: nn.Module):
+            def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                state["graph"].capture_end()
+                graphs.append(state["graph"])
+                out = torch.empty_like(q)  # outside any recording: an ordinary, long-lived allocation
+                pieces.append(_Piece(module, q, k, v, out))
+                state["graph"] = self._begin()
+                return out
+            return stand_in
+
+        saved = [module.__dict__.get("forward") for module in self.attention_modules]
+        for module in self.attention_modules:
+            module.forward = cut(module)  # an instance attribute shadows the class's forward
+        try:
+            hidden = self.model(ids, pos)
+            state["graph"].capture_end()
+            graphs.append(state["graph"])
+        except BaseException:
+            if torch.cuda.is_current_stream_capturing():
+                state["graph"].capture_end()
+            raise
+        finally:
+            for module, forward in zip(self.attention_modules, saved):
+                del module.forward
+                if forward is not None:  # e.g. a forward kept out of torch.compile: put it back
+                    module.forward = forward
+        if len(pieces) != len(self.attention_modules):
+            raise RuntimeError(f"the forward called attention {len(pieces)} times for "
+                               f"{len(self.attention_modules)} attention modules: cannot cut it into pieces")
+        self.graphs[tokens], self.pieces[tokens], self.outputs[tokens] = graphs, pieces, hidden
+
+    def _begin(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph
+
+    # -- replay -------------------------------------------------------------------------------------------
+    def bucket_for(self, tokens: int) -> int | None:
+        for size in self.buckets:
+            if size >= tokens:
+                return size
+        return None
+
+    def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
+        return bool(self.graphs) and meta.tree_mask is None and self.bucket_for(tokens) is not None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [n, hidden] for this step's n tokens; call inside the step's forward_context."""
+        n = input_ids.shape[0]
+        size = self.bucket_for(n)
+        if size is None or size not in self.graphs:
+            raise ValueError(f"no piecewise graph for {n} tokens (captured buckets: {sorted(self.graphs)})")
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        graphs, pieces = self.graphs[size], self.pieces[size]
+        for graph, piece in zip(graphs, pieces):
+            graph.replay()
+            piece.out[:n].copy_(piece.attention(piece.q[:n], piece.k[:n], piece.v[:n]))
+        graphs[-1].replay()
+        return self.outputs[size][:n]

@@ -1,0 +1,84 @@
+"""Piecewise CUDA graphs (minillm/engine/piecewise_graph.py): the buckets on any machine; on a GPU, replayed
+mixed prefill + decode steps against eager ones, and the engine's greedy outputs with chunked prefill and prefix
+caching against an eager engine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.piecewise_graph import TOKEN_BUCKETS, PiecewiseCUDAGraphs, token_buckets
+from minillm.sampling_params import SamplingParams
+from test_triton_backend import tiny_model
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+
+def test_token_buckets_cover_every_count_up_to_the_limit():
+    assert token_buckets(16) == [16]
+    assert token_buckets(5) == [5]
+    assert token_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert token_buckets(8192) == list(TOKEN_BUCKETS)  # beyond 2048 a step is long enough to run eagerly
+    for low, high in zip(TOKEN_BUCKETS, TOKEN_BUCKETS[1:]):
+        assert high <= 1.5 * low  # at most half a bucket of padding
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_tokens"):
+            token_buckets(bad)
+
+
+def test_piecewise_graphs_refuse_a_cpu_and_a_model_without_attention():
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match="CUDA device"):
+        PiecewiseCUDAGraphs(model, [model], 64, torch.device("cpu"))
+    with pytest.raises(TypeError, match="piecewise_cuda_graphs"):
+        EngineConfig(piecewise_cuda_graphs="yes")
+
+
+def _greedy(model, config, prompts, **engine_kw) -> list[list[int]]:
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=256, max_num_seqs=8,
+                                                                    num_kv_blocks=96, **engine_kw),
+                       device=torch.device("cuda"), dtype=torch.float32)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ids = [engine.add_request(None, p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_piecewise_engine_matches_eager_with_chunked_prefill_and_prefix_caching():
+    with torch.device("cuda"):
+        model, config = tiny_model(seed=5, backend="triton", max_position_embeddings=256)
+    shared = list(range(10, 60))  # a 50-token prefix the later prompts hit in the cache
+    prompts = [shared + [3, 4], list(range(100, 141)), shared + [7] * 9, [5, 9, 200], shared, list(range(1, 90))]
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=40, enable_prefix_caching=True)
+    eager = _greedy(model, config, prompts, enforce_eager=True, **kw)
+    piecewise = _greedy(model, config, prompts, enforce_eager=False, piecewise_cuda_graphs=True, **kw)
+    assert piecewise == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed_steps():
+    with torch.device("cuda"):
+        model, config = tiny_model(seed=6, backend="triton", max_position_embeddings=256)
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(max_model_len=256, max_num_seqs=4, num_kv_blocks=64, enforce_eager=False,
+                                    piecewise_cuda_graphs=True, max_num_batched_tokens=100),
+                       device=torch.device("cuda"), dtype=torch.float32)
+    graphs = engine.runner.piecewise_graphs
+    assert graphs is not None and graphs.buckets == [16, 24, 32, 48, 64, 96, 100]
+    assert all(len(g) == config.num_hidden_layers + 1 for g in graphs.graphs.values())
+    calls = []
+    run = graphs.run
+    graphs.run = lambda *a: calls.append(a[0].shape[0]) or run(*a)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request(None, [1, 2, 3], params)
+    engine.step()  # a 3-token prefill: a piecewise replay of bucket 16
+    engine.add_request(None, list(range(20, 50)), params)
+    engine.step()  # the 30-token prompt with the first request's decode: 31 tokens, one mixed step
+    assert calls == [3, 31]
