@@ -81,9 +81,9 @@ def random_llama(device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Mod
 class Setup:
     """The model every part shares, and a way to build an LLM with any engine options around it."""
 
-    def __init__(self, device: torch.device, enforce_eager: bool = True) -> None:
+    def __init__(self, device: torch.device, enforce_eager: bool = True, piecewise: bool = False) -> None:
         self.device = device
-        self.enforce_eager = enforce_eager
+        self.enforce_eager, self.piecewise = enforce_eager, piecewise
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.model, self.model_config = random_llama(device, torch.bfloat16)
@@ -99,7 +99,7 @@ class Setup:
 
     def llm(self, **options) -> LLM:
         from minillm.engine.llm_engine import LLMEngine
-        config = EngineConfig(enforce_eager=self.enforce_eager, **options)
+        config = EngineConfig(enforce_eager=self.enforce_eager, piecewise_cuda_graphs=self.piecewise, **options)
         engine = LLMEngine(self.model, self.tokenizer, self.model_config, config, device=self.device,
                            dtype=self.dtype)
         return LLM.from_engine(engine)
@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the raw results as JSON here")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="our engine replays CUDA graphs for decode steps (enforce_eager=False)")
+    parser.add_argument("--piecewise", action="store_true",
+                        help="with --cuda-graphs: steps with prefill tokens replay piecewise graphs too")
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="P6: time HF generate on the first N requests only (whole static batches)")
     args = parser.parse_args(argv)
@@ -326,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and "p6" in parts:
         print("P6 skipped: it needs CUDA (an 8B-shaped model in bf16 against HF generate); P9 and P8 run on CPU")
         parts.remove("p6")
-    setup = Setup(device, enforce_eager=not args.cuda_graphs)
+    if args.piecewise and not args.cuda_graphs:
+        parser.error("--piecewise needs --cuda-graphs (the piecewise graphs complement the decode graphs)")
+    setup = Setup(device, enforce_eager=not args.cuda_graphs, piecewise=args.piecewise)
     device_name = torch.cuda.get_device_name() if setup.cuda else \
         f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     print(f"device: {device_name}; model: {setup.name}", flush=True)
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = {"p9": bench_p9, "p8": bench_p8}[part](setup, args.quick)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {"benchmark": "bench_scheduling", "date": date, "device": device_name, "model": setup.name,
-        "quick": args.quick, "cuda_graphs": args.cuda_graphs,
+        "quick": args.quick, "cuda_graphs": args.cuda_graphs, "piecewise": args.piecewise,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
         "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "results": results}
