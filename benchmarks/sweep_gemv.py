@@ -30,6 +30,8 @@ FMA_TILES = {1: [(8, 512, 4, 1), (8, 1024, 4, 1), (4, 1024, 4, 1), (16, 512, 4, 
                  (8, 2048, 8, 1), (8, 1024, 8, 1), (16, 1024, 8, 1), (4, 1024, 2, 1)],
              2: [(8, 256, 4, 1), (8, 512, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (2, 2048, 4, 1)],
              4: [(4, 256, 4, 1), (8, 256, 4, 1), (4, 512, 4, 1), (2, 1024, 4, 1)]}
+# CUDA cores with the sum over K after every tile (reduce_each): wide tiles for M > 1, x re-read less often
+REDUCE_TILES = {2: [(32, 256, 4, 1), (16, 512, 4, 1)], 4: [(16, 512, 8, 1), (16, 256, 4, 1)], 8: [(16, 256, 4, 1)]}
 DOT_TILES = [(64, 128, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 4), (64, 128, 4, 6)]
 L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least this (H200 L2: 50 MB)
 GRAPH_GPU_MS = 2.0  # GPU time per graph replay
@@ -76,11 +78,13 @@ def split_factors(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> l
 
 def configs_for(m: int, n: int, k: int, num_sms: int):
     from minillm.kernels.gemv import GemvConfig
-    bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else None
-    tiles = [(t, False) for t in FMA_TILES.get(bucket, [])] + [(t, True) for t in DOT_TILES]
-    for (bn, bk, warps, stages), dot in tiles:
+    bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8 if m <= 8 else None
+    tiles = [(t, False, False) for t in FMA_TILES.get(bucket, [])] + \
+        [(t, False, True) for t in REDUCE_TILES.get(bucket, [])] + [(t, True, False) for t in DOT_TILES]
+    for (bn, bk, warps, stages), dot, reduce_each in tiles:
         for s in split_factors(n, k, bn, bk, num_sms) if dot else [1]:  # split-K lost on CUDA cores (round 1)
-            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages)
+            yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages,
+                             reduce_each=reduce_each)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGEMV sweep, {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
           f"fraction = weight bytes / time / copy bandwidth")
     print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
-          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages)")
+          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages, reduce_each)")
     for r in results["rows"]:
         c = r.get("best_config")
-        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages")
+        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "reduce_each")
         cs = ", ".join(str(c[f]) for f in fields) if c else "-"
         print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
               f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"

@@ -22,7 +22,9 @@ small-M kernels; written here from the idea):
 * Two inner products. CUDA cores (USE_DOT=False): acc[M, BLOCK_N, BLOCK_K] += x * w in fp32, element by
   element, reduced over K once after the loop (no cross-thread reduction inside the loop). (A software
   prefetch of tile i + 1 during tile i's FMAs measured slower on the H200: the registers it takes cost more
-  resident programs than it adds bytes in flight.) Tensor cores
+  resident programs than it adds bytes in flight.) Each program re-reads x, so x's traffic (from L2) is
+  M / BLOCK_N of W's: for M > 1 `reduce_each` sums over K after every tile instead, which keeps only
+  [M, BLOCK_N] sums in registers and so affords the wider tiles that keep x's share small. Tensor cores
   (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
   here, and the compiler pipelines the tile loads through shared memory (num_stages).
 * Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
@@ -58,6 +60,7 @@ class GemvConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 1
+    reduce_each: bool = False  # CUDA cores: sum over K after every tile (for M > 1: fewer registers, wider tiles)
 
     def check(self, m: int) -> None:
         """ValueError naming the field that is out of range (for rows m)."""
@@ -81,7 +84,7 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,7 +99,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    if USE_DOT:
+    if USE_DOT or REDUCE_EACH:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -110,11 +113,13 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         else:
             acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if not USE_DOT:
+    if not USE_DOT and not REDUCE_EACH:
         acc = tl.sum(acc3, axis=2)
 
     n_ok = offs_n < N
@@ -251,7 +256,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(grid_n, split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot, EVEN_K=even_k,
+        BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
+        REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(*x.shape[:-1], n)

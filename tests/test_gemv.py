@@ -35,6 +35,8 @@ CASES = [  # m, n, k, bias, config
     (16, 20, 48, False, GemvConfig(block_n=16, block_k=16, use_dot=True)),       # M = MAX_M
     (1, 5, 96, True, GemvConfig(block_n=1, block_k=128)),                         # one row per program
     (2, 7, 64, False, GemvConfig(block_n=2, block_k=64, num_warps=2)),           # the whole K row at once
+    (4, 40, 100, True, GemvConfig(block_n=16, block_k=32, reduce_each=True)),    # sums over K every tile
+    (3, 40, 128, False, GemvConfig(block_n=16, block_k=32, split_k=2, reduce_each=True)),
     (1, 20, 64, True, None),                                                     # default_config
 ]
 
