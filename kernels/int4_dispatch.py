@@ -28,10 +28,10 @@ from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies, num_sms
 __all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]
 
 # (BLOCK_N, BLOCK_K, num_warps) of the CUDA-core path, one row per program: the best tiles of the first H200 sweep
-FMA_TILES = [(64, 128, 1), (256, 64, 2), (512, 64, 4)]
+FMA_TILES = [(64, 64, 1), (64, 128, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
 DOT_TILES = [(128, 8), (64, 4)]
-MMA_TILES = [(128, 4), (256, 8), (64, 4)]
+MMA_TILES = [(128, 4), (256, 4), (256, 8), (64, 4)]
 
 
 @dataclass(frozen=True)
