@@ -17,8 +17,9 @@ heads, packed variable-length sequences, the same out and lse); what changes is 
   Triton's pipeliner gets most of it with asynchronous copies and barriers). Explicit warp specialisation
   (`tl.range(..., warp_specialize=True)`) is accepted by triton 3.6 and 3.9 but, compiled for sm_90, leaves
   this kernel unchanged (no producer warps, no setmaxnreg in the PTX): it is a Blackwell feature there.
-* BLOCK_M = 128 with 8 warps: two warpgroups, each issuing its own 64-row wgmma, so one group's softmax can
-  overlap the other's matmul (the idea behind FA3's ping-pong schedule, left to the warp scheduler here).
+* BLOCK_M = 128 with 8 warps (or 256 with 16): two (four) warpgroups, each issuing its own 64-row wgmma, so
+  one group's softmax can overlap another's matmul (the idea behind FA3's ping-pong schedule, left to the warp
+  schedulers here: the groups drift apart because they share the tensor cores).
 * Exponentials off the special-function unit (EXP2_FMA, a tuning switch): half of each tile's exp2 run as a
   cubic polynomial on the FMA units (FlashAttention-4's trick), since on Hopper the 16 exp2 per clock per SM,
   not the tensor cores, can pace the softmax. What Triton 3.6 cannot give us is FA3's overlap of one tile's
@@ -185,6 +186,8 @@ SWEEP_CONFIGS = {
         if not (bm == 64 and w == 8)  # a 64-row tile is one warpgroup's wgmma: 8 warps would split N
         and not (bm == 128 and w == 4 and d == 128)]  # one warpgroup, 128 x 128 fp32 accumulator: spills
     + [(128, bn, 8, s, 1) for bn in (64, 128) for s in (2, 3)] + [(64, bn, 4, s, 1) for bn in (64, 128) for s in (2, 3)]
+    # four warpgroups of 64 rows: while some wait on the tensor cores the others can run their softmax
+    + [(256, 64, 16, 2, 0), (256, 64, 16, 3, 0), (256, 64, 16, 2, 1)] + ([(256, 128, 16, 2, 0)] if d == 64 else [])
     for d in HOPPER_HEAD_DIMS}
 AUTOTUNE_CONFIGS = {
     64: [(128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (64, 128, 4, 3, 1)],
