@@ -111,7 +111,7 @@ def gemm_tflops() -> float:
     return 2 * 8192 ** 3 / _bench_ms(lambda: a @ b) / 1e9
 
 
-def run(final: bool, head_dims, seqs, jobs: int) -> dict:
+def run(final: bool, head_dims, seqs, jobs: int, out_path: str) -> dict:
     from minillm.kernels import flash_attention as fa
     from minillm.kernels import flash_attention_hopper as hopper
     on_hopper = hopper.is_hopper(torch.device(DEVICE))
@@ -178,6 +178,8 @@ def run(final: bool, head_dims, seqs, jobs: int) -> dict:
                 row["auto_ratio"] = row["sdpa_ms"] / row["auto_ms"]
                 rows.append(row)
                 print(_row_line(row, tflop, meta["gemm_tflops"]), flush=True)
+                with open(out_path, "w") as f:  # after every shape, so that a run cut short keeps its rows
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
                 del q, k, v, ref, out
                 torch.cuda.empty_cache()
     if on_hopper:
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--seqs must lie in [128, 65536], got {args.seqs}")
     warnings.filterwarnings("ignore")  # SDPA explains at length why a forced backend refuses a shape
     t0 = time.time()
-    result = run(args.final, args.head_dims, args.seqs, args.jobs)
+    result = run(args.final, args.head_dims, args.seqs, args.jobs, args.out)
     result["meta"]["wall_s"] = time.time() - t0
     print(summary(result))
     print(f"GEMM roofline in this run: {result['meta']['gemm_tflops']:.0f} TFLOP/s; wall {time.time() - t0:.0f}s")
