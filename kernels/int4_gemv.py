@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.int4_gemm import _load_tile, int4_unpack
+from minillm.kernels.int4_mma import split_k_store
 
 __all__ = ["int4_gemv_kernel"]
 
@@ -64,21 +65,5 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
         acc += tl.sum(part, axis=0)[None, :] * s  # rows reduced inside the thread, then one scale per column
         w, s, z = w_next, s_next, z_next
 
-    out = tl.reshape(acc, [BLOCK_N])
-    y_ptrs = Y + row.to(tl.int64) * stride_ym + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=n_ok)
-    else:
-        ws_ptrs = WS + row.to(tl.int64) * N + offs_n
-        tl.atomic_add(ws_ptrs, out, mask=n_ok, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
-        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last split of this tile: read the sum (at L2, via atomics), clean up
-            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_N], tl.float32), mask=n_ok, sem="acquire")
-            if HAS_BIAS:
-                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=n_ok)
-            tl.store(ws_ptrs, tl.zeros([BLOCK_N], tl.float32), mask=n_ok)
-            tl.atomic_xchg(CNT + pid, 0)
+    split_k_store(acc, Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n, row + tl.arange(0, 1) < M, n_ok, N,
+                  stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)

@@ -17,9 +17,10 @@ more time than reading the 4-bit weights from HBM. This kernel does the integer-
 
 K order: the dot pairs activation k = 8j + i with nibble i of packed row j (activations are read with stride 8),
 so no weight is moved. Rows M are padded to BLOCK_M >= 16 inside the tensor core (free at decode: the
-instructions that matter are the unpacking ones, the same for 1 or 16 rows). Split-K and its workspace protocol,
-and the tile loader, are int4_gemm.py's. Under the interpreter (and for fp32 activations) both dot operands are
-fp32 (the interpreter mis-multiplies bf16 dot operands); the codes are exact in either type.
+instructions that matter are the unpacking ones, the same for 1 or 16 rows). Split-K and its workspace protocol
+(split_k_store, shared with int4_gemv.py) and the tile loader are int4_gemm.py's. Under the interpreter (and for
+fp32 activations) both dot operands are fp32 (the interpreter mis-multiplies bf16 dot operands); the codes are
+exact in either type.
 """
 from __future__ import annotations
 
@@ -30,7 +31,34 @@ import triton.language as tl
 from minillm.kernels.int4_gemm import _load_tile
 from minillm.platform import triton_interpreted
 
-__all__ = ["int4_mma_kernel", "launch_int4_mma"]
+__all__ = ["int4_mma_kernel", "launch_int4_mma", "split_k_store"]
+
+
+@triton.jit
+def split_k_store(acc, Y, WS, CNT, BIAS, tile, offs_m, offs_n, m_ok, n_ok, N, stride_ym, HAS_BIAS: tl.constexpr,
+                  SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a program's fp32 partial tile acc [BLOCK_M, BLOCK_N] of y (+ bias), in one launch however K was
+    split: with SPLIT_K > 1 each split adds its partial into the fp32 workspace WS and bumps the tile's counter;
+    the last to arrive reads the sum (at L2, through atomics), writes y and zeroes the workspace and the counter
+    again, so the next call (or a CUDA-graph replay) finds them clean. int4_gemm.py's kernel does the same."""
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+    else:
+        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
+        arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask, sem="acquire")
+            if HAS_BIAS:
+                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
+            tl.atomic_xchg(CNT + tile, 0)
 
 
 @triton.jit
@@ -99,24 +127,8 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
         acc += (part - x_sum * (OFFSET + z)) * s
         w, s, z = w_next, s_next, z_next
 
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
-    else:
-        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial is in before the counter says so (release below)
-        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last split of this tile: read the sum (at L2, via atomics), clean up
-            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask, sem="acquire")
-            if HAS_BIAS:
-                total += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
-            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=y_mask)
-            tl.atomic_xchg(CNT + pid, 0)
+    split_k_store(acc, Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, n_ok, N, stride_ym, HAS_BIAS, SPLIT_K,
+                  BLOCK_M, BLOCK_N)
 
 
 def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
