@@ -108,7 +108,7 @@ def _attend_tiles(acc, l_i, m_i, q, k_desc, v_desc, q_pos, k_len, lo, hi, qk_sca
 def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                              stride_qz, stride_qt, stride_qh, stride_kz, stride_kt, stride_kh,
                              stride_vz, stride_vt, stride_vh, stride_oz, stride_ot, stride_oh, stride_lz, stride_lh,
-                             seqlen_q, seqlen_k, qk_scale, num_q_per_kv, num_heads,
+                             seqlen_q, seqlen_k, qk_scale, num_q_per_kv, num_heads, seqlen_bucket,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WRITE_LSE: tl.constexpr,
                              UPCAST: tl.constexpr, EXP2_FMA: tl.constexpr):
@@ -249,11 +249,19 @@ def _tma_scratch(device: torch.device):
 _autotuned: dict[int, object] = {}
 
 
+def seqlen_bucket(max_seqlen_q: int) -> int:
+    """The autotuner's length class: the power of two >= max_seqlen_q, clamped to [1024, 16384] (five classes,
+    each tuned once; all multiples of 16, so they share one compiled binary per config)."""
+    return min(max(triton.next_power_of_2(max(max_seqlen_q, 1)), 1024), 16384)
+
+
 def _autotuned_kernel(head_dim: int):
     if head_dim not in _autotuned:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EXP2_FMA": bool(e)}, num_warps=w, num_stages=s)
                    for m, n, w, s, e in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
-        _autotuned[head_dim] = triton.autotune(configs, key=["CAUSAL", "VARLEN"])(_flash_fwd_hopper_kernel)
+        # seqlen_bucket is not read by the kernel: keyed on, it gives short and long prefills their own tiles
+        _autotuned[head_dim] = triton.autotune(configs, key=["CAUSAL", "VARLEN", "seqlen_bucket"])(
+            _flash_fwd_hopper_kernel)
     return _autotuned[head_dim]
 
 
@@ -280,5 +288,5 @@ def launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, nu
         return (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))
 
     kernel[grid](q, k, v, out, lse if lse is not None else out, cu_q, cu_k, *strides, seqlen_q, seqlen_k,
-                 qk_scale, num_heads // num_kv_heads, num_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal),
-                 VARLEN=varlen, WRITE_LSE=lse is not None, UPCAST=upcast, **extra)
+                 qk_scale, num_heads // num_kv_heads, num_heads, seqlen_bucket(max_seqlen_q), HEAD_DIM=head_dim,
+                 CAUSAL=bool(causal), VARLEN=varlen, WRITE_LSE=lse is not None, UPCAST=upcast, **extra)
