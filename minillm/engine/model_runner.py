@@ -79,6 +79,7 @@ class ModelRunner:
             calibrate_kv_scales(model, self.attention_layers, self.kv_cache, model_config)
         self.engine_config: EngineConfig | None = None
         self.cuda_graphs = None  # DecodeCUDAGraphs once captured
+        self.piecewise_graphs = None  # PiecewiseCUDAGraphs (steps with prefill tokens), when configured
         self.forward_fn = model
         self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
         self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
@@ -94,7 +95,7 @@ class ModelRunner:
         """Apply the engine's launch options: CUDA graphs for decode (CUDA, enforce_eager=False) or
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
-        self.cuda_graphs, self.forward_fn = None, self.model
+        self.cuda_graphs, self.piecewise_graphs, self.forward_fn = None, None, self.model
         from minillm.speculative.config import hidden_state_kind, verify_query_lens
         # before any capture: a graph records the pre-norm copy only if the hook exists when it is captured
         self._keep_hidden_states(hidden_state_kind(engine_config),
@@ -129,6 +130,15 @@ class ModelRunner:
             finally:
                 self._capturing_graphs = False
         self.cuda_graphs = graphs
+        # steps with prefill tokens: piecewise graphs, unless a layer mixes rows (MoE capacity) or the heads
+        # need the final norm's input (a hook the replays would not run)
+        if engine_config.piecewise_cuda_graphs and self.hidden_state_kind != "pre_norm" and \
+                not getattr(self.model_config, "num_local_experts", None):
+            from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
+            pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers,
+                                         min(engine_config.max_num_batched_tokens, 2048), self.device)
+            pieces.capture()
+            self.piecewise_graphs = pieces
 
     def _keep_hidden_states(self, kind: str | None, max_graph_tokens: int) -> None:
         """Prepare what return_hidden_states needs: for "pre_norm", a forward hook on the final norm (the fused
@@ -299,7 +309,10 @@ class ModelRunner:
             if self._graph_pre_norm is not None:  # what the replay's recorded copy wrote
                 self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
             return hidden
+        pieces = self.piecewise_graphs
         with forward_context(prepared.metadata):
+            if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
+                return pieces.run(prepared.input_ids, prepared.positions)
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
     def sample(self, logits: torch.Tensor, specs: list) -> list[int]:

@@ -119,7 +119,7 @@ class PiecewiseCUDAGraphs:
             def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 state["graph"].capture_end()
                 graphs.append(state["graph"])
-                out = torch.empty_like(q)  # outside any recording: an ordinary, long-lived allocation
+                out = torch.zeros_like(q)  # outside any recording: an ordinary, long-lived allocation
                 pieces.append(_Piece(module, q, k, v, out))
                 state["graph"] = self._begin()
                 return out
