@@ -186,18 +186,23 @@ print(f"4 splits folded with merge_lse == one softmax over all keys: {bool((merg
       f"lse: {bool((merged_lse - lse_full).abs().max() < TOL)}")
 
 # %% [markdown]
-# How many splits? `choose_num_splits` aims at about two programs per SM, and never cuts a sequence into
-# pieces shorter than ~256 tokens (each split costs a partial write and a share of the merge). At batch 64 with
-# 8 kv heads there are already 512 programs: one split, and the merge kernel is skipped.
+# How many splits? `choose_decode_config` (fitted to a sweep on the H200) takes the largest power of two that
+# keeps batch x kv heads x splits within one wave of 4 programs per SM, with splits of at least 64 keys, or of
+# 1024 keys once every SM already has a program (then a split must pay for the merge). At batch 64 with 8 kv
+# heads there are already 512 programs: one split, and the merge kernel is skipped. It also picks the tile:
+# 128 keys per iteration when the grid is thin (at most two programs per SM), so each program keeps more bytes
+# in flight.
 
 # %%
 # NBVAL_CHECK_OUTPUT
+from minillm.kernels.paged_attention import choose_decode_config
+
 num_sms = 132  # H100 SXM and H200 alike
 for batch in (1, 8, 64):
     programs = batch * kv_heads
-    splits = 1 if programs >= num_sms else max(1, min(-(-2 * num_sms // programs), 4096 // 256, 32))
-    print(f"batch {batch:2d} x {kv_heads} kv heads = {programs:3d} programs -> {splits:2d} splits, "
-          f"{programs * splits:4d} programs for {num_sms} SMs")
+    launch = choose_decode_config(batch, kv_heads, 4096, num_sms)
+    print(f"batch {batch:2d} x {kv_heads} kv heads = {programs:3d} programs -> {launch.num_splits:2d} splits, "
+          f"{programs * launch.num_splits:4d} programs for {num_sms} SMs, {launch.block_n} keys per tile")
 
 # %% [markdown]
 # ## 3. Fusion: move each byte once
