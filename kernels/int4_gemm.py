@@ -35,10 +35,14 @@ How the kernel spends its instructions (the budget at M = 1 is ~4 per weight to 
 What that buys, read off ptxas's sm_90 output (no GPU needed: triton.compile for GPUTarget("cuda", 90, 32)):
 the K loop spends about 5.2 instructions per weight on the CUDA-core path and 4.8 on the tensor-core path,
 against 6.0 for this kernel's first version (a shift and a mask per nibble, then the same 2^23 trick).
+On the H200 (2026-12-02 sweep) that count, not HBM, is the limit at decode: the best tiles read the weights at
+35-42% of copy bandwidth whatever the split; int4_mma.py unpacks two weights per instruction (~3.4 per weight).
 
 The layout helpers (repack from rtn.QuantizedWeight, act-order sorting, the torch reference dequantizer) are in
-int4_layout.py. On a GPU the tiles are autotuned per (M bucket, N, K, G) on the first call (make it before
-graph capture); under the interpreter one small config runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
+int4_layout.py, the launch tuning in int4_tuning.py. On a GPU, decode sizes (M <= 64) go to int4_dispatch.py,
+which times this kernel's two paths and int4_mma.py's kernel once per shape and keeps the fastest; larger M is
+autotuned here (make the first call of each shape before graph capture). Under the interpreter one small config
+runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
 """
 from __future__ import annotations
 
