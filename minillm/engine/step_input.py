@@ -36,9 +36,9 @@ from minillm.hooks import dispatch
 _VECTORISED_SLOTS_FROM = 512
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """What the sampler needs of one request's SamplingParams (the rest stays with the engine)."""
+class SamplingSpec(NamedTuple):
+    """What the sampler needs of one request's SamplingParams (the rest stays with the engine). A NamedTuple:
+    immutable, picklable, and built for every sequence of every step at a fraction of a frozen dataclass's cost."""
 
     request_id: str
     temperature: float
@@ -142,39 +142,62 @@ def compute_slot_mapping(block_table: list[int], start: int, end: int, block_siz
 
 def build_step_input(batch: ScheduledBatch, block_size: int,
                      finished_request_ids: list[str] | None = None) -> StepInput:
-    """Flatten a scheduled batch into a StepInput (raises ValueError if a sequence's numbers are inconsistent)."""
+    """Flatten a scheduled batch into a StepInput (raises ValueError if a sequence's numbers are inconsistent).
+
+    This runs for every sequence of every step, so the loop is written for the host's sake: list methods bound
+    once, the slot of a single new token computed inline (the ch05.slot_mapping formula; a learner's override
+    is called for every sequence instead), no copy of a sequence's token list."""
     step = StepInput(block_size=block_size, blocks_to_swap_out=list(batch.blocks_to_swap_out),
                      blocks_to_swap_in=list(batch.blocks_to_swap_in), blocks_to_copy=list(batch.blocks_to_copy),
                      finished_request_ids=list(finished_request_ids or ()))
     num_logprobs: list[int] = []
     prompt_rows: list[PromptLogprobRows | None] = []
+    input_ids, positions, slots = step.input_ids, step.positions, step.slot_mapping
+    query_lens, seq_lens, block_tables = step.query_lens.append, step.seq_lens.append, step.block_tables.append
+    num_sampled, sampling = step.num_sampled.append, step.sampling.append
+    inline_slots = dispatch("ch05.slot_mapping", slot_mapping) is slot_mapping
+    any_logprobs = any_prompt_rows = False
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        drafts = seq.spec_token_ids
-        num_known = seq.num_tokens + len(drafts)  # no copy of token_ids: this runs for every sequence, every step
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        drafts, table, token_ids = seq.spec_token_ids, seq.block_table, seq.token_ids
+        num_tokens = len(token_ids)
+        num_known = num_tokens + len(drafts)
+        start = seq.num_computed_tokens
+        end = start + n
         if n < 1 or end > num_known:
             raise ValueError(f"sequence {seq.request_id!r}: cannot compute tokens {start}..{end - 1} of "
                              f"{num_known}")
-        if len(seq.block_table) * block_size < end:
-            raise ValueError(f"sequence {seq.request_id!r}: block_table {seq.block_table} holds "
-                             f"{len(seq.block_table) * block_size} slots, {end} needed")
-        step.input_ids.extend(seq.token_ids[start:end])
-        if end > seq.num_tokens:  # the drafts follow the known tokens
-            step.input_ids.extend(drafts[max(0, start - seq.num_tokens):end - seq.num_tokens])
-        step.positions.extend(range(start, end))
-        step.slot_mapping.extend(compute_slot_mapping(seq.block_table, start, end, block_size))
-        step.query_lens.append(n)
-        step.seq_lens.append(end)
-        step.block_tables.append(list(seq.block_table))
+        if len(table) * block_size < end:
+            raise ValueError(f"sequence {seq.request_id!r}: block_table {table} holds "
+                             f"{len(table) * block_size} slots, {end} needed")
+        if n == 1 and end <= num_tokens:  # a decode step's one token
+            input_ids.append(token_ids[start])
+            positions.append(start)
+            if inline_slots:
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                slots.extend(compute_slot_mapping(table, start, end, block_size))
+        else:
+            input_ids.extend(token_ids[start:end])
+            if end > num_tokens:  # the drafts follow the known tokens
+                input_ids.extend(drafts[max(0, start - num_tokens):end - num_tokens])
+            positions.extend(range(start, end))
+            slots.extend(compute_slot_mapping(table, start, end, block_size))
+        query_lens(n)
+        seq_lens(end)
+        block_tables(list(table))
         # reached the end of what is known: sample the next token (and one per draft, to verify it)
-        step.num_sampled.append(min(n, 1 + len(drafts)) if end == num_known else 0)
+        num_sampled(min(n, 1 + len(drafts)) if end == num_known else 0)
         p = seq.sampling_params
-        step.sampling.append(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
+        sampling(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
+        if p.logprobs is not None:
+            any_logprobs = True
         num_logprobs.append(-1 if p.logprobs is None else p.logprobs)
-        prompt_rows.append(_prompt_logprob_rows(seq, start, end))
-    if any(k >= 0 for k in num_logprobs):
+        rows = None if p.prompt_logprobs is None else _prompt_logprob_rows(seq, start, end)
+        any_prompt_rows = any_prompt_rows or rows is not None
+        prompt_rows.append(rows)
+    if any_logprobs:
         step.num_logprobs = num_logprobs
-    if any(rows is not None for rows in prompt_rows):
+    if any_prompt_rows:
         step.prompt_logprob_rows = prompt_rows
     return step
 

@@ -35,10 +35,11 @@ import torch
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import StepOutput
+from minillm.hooks import dispatch
 from minillm.speculative.config import HIDDEN_STATE_KIND, SpeculativeConfig, verify_query_lens
 from minillm.speculative.metrics import SpecDecodeMetrics
 from minillm.speculative.proposer import NGramProposer, Proposer
-from minillm.speculative.rejection import greedy_verify, pad_per_sequence, verify_draft_tokens
+from minillm.speculative.rejection import greedy_accept, greedy_verify, pad_per_sequence, verify_draft_tokens
 from minillm.speculative.tree_verify import TreeVerifier
 
 logger = logging.getLogger(__name__)
@@ -178,10 +179,7 @@ class SpeculativeDecoder:
                 accepted[i] = row
                 self._record(seq, depth, len(row) - 1)
         if exact:
-            width = max(len(batch.seqs[i].spec_token_ids) for i in exact)
-            drafts, counts = self._padded_drafts([batch.seqs[i] for i in exact], width)
-            targets = torch.tensor([s + [0] * (width + 1 - len(s)) for s in (sampled[i] for i in exact)])
-            for i, row in zip(exact, greedy_verify(targets, drafts, counts).to_lists()):
+            for i, row in zip(exact, self._verify_exact([batch.seqs[i] for i in exact], [sampled[i] for i in exact])):
                 accepted[i] = row
         if stochastic:
             if output.logits is None:
@@ -208,6 +206,31 @@ class SpeculativeDecoder:
             self._record(seq, len(seq.spec_token_ids), len(accepted[i]) - 1)
             self.proposer.observe(seq, list(seq.spec_token_ids), list(sampled[i]))
         return accepted  # type: ignore[return-value]
+
+    def _verify_exact(self, seqs: list[Sequence], sampled: list[list[int]]) -> list[list[int]]:
+        """Sample-and-match for deterministic drafts: keep the drafts while each equals the target's token sampled
+        at its row, then the target's token at the first mismatch (or the bonus token). With a learner's
+        greedy_accept active (ch09.greedy_verify) it runs on tensors through greedy_verify; otherwise the same rule
+        on the host lists: a verify step's rows are already on the host, and a dozen tiny CPU tensor ops would cost
+        more than the loop."""
+        for seq, row in zip(seqs, sampled):
+            if len(row) != len(seq.spec_token_ids) + 1:
+                raise ValueError(f"request {seq.request_id!r} carried {len(seq.spec_token_ids)} drafts but "
+                                 f"{len(row)} rows were sampled (expected {len(seq.spec_token_ids) + 1})")
+        if dispatch("ch09.greedy_verify", greedy_accept) is not greedy_accept:
+            width = max(len(seq.spec_token_ids) for seq in seqs)
+            drafts, counts = self._padded_drafts(seqs, width)
+            targets = torch.tensor([row + [0] * (width + 1 - len(row)) for row in sampled])
+            return greedy_verify(targets, drafts, counts).to_lists()
+        out = []
+        for seq, row in zip(seqs, sampled):
+            n = 0
+            for draft, target in zip(seq.spec_token_ids, row):
+                if draft != target:
+                    break
+                n += 1
+            out.append(row[:n + 1])
+        return out
 
     def _padded_drafts(self, seqs: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.tensor([len(s.spec_token_ids) for s in seqs], dtype=torch.int64)
