@@ -19,7 +19,8 @@ same K and V, so a program takes BLOCK_Q new tokens x all QUERY_GROUP heads of t
 matrix (row r is token r // QUERY_GROUP, head r % QUERY_GROUP; BLOCK_Q = BLOCK_M // QUERY_GROUP) and reads each K/V
 tile once for the whole group: QUERY_GROUP times less K/V traffic than a program per query head, and a
 sequence with a single new token (a decode sharing the step with prefills) still fills QUERY_GROUP rows of the
-tile instead of one. The price is a diagonal that is QUERY_GROUP rows thick per token, which costs nothing.
+tile instead of one. What it costs: when QUERY_GROUP does not divide BLOCK_M a few rows idle (1 of 64 for
+SmolLM2's 3), and a decode's tile still computes BLOCK_M rows of which only QUERY_GROUP are real.
 
 Which sequence a program serves. The query tiles of all sequences are numbered one after another, with sequence
 b's first tile at cu_seqlens_q[b] // BLOCK_Q + b (an upper bound on the tiles before it, so no two sequences
