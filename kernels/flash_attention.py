@@ -342,9 +342,8 @@ def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_head
     head_dim = q.shape[-1]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if config is not None and (len(config) not in (4, 5) or any(int(c) < 1 for c in config[:4])):
-        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), all >= 1 (the Hopper kernel "
-                         f"takes a fifth, EXP2_FMA 0/1), got {config}")
+    if config is not None and (len(config) < 4 or any(int(c) < 1 for c in config[:4])):
+        raise ValueError(f"config must start (BLOCK_M, BLOCK_N, num_warps, num_stages), all >= 1, got {config}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)

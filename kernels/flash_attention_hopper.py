@@ -179,19 +179,27 @@ def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------------- host side
 HOPPER_CAPABILITY = (9, 0)
 HOPPER_HEAD_DIMS = (64, 128)  # the head sizes with tuned tiles; others take the portable kernel
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, EXP2_FMA). SWEEP_CONFIGS is what benchmarks/sweep_flash_attention.py
-# times on the H200; AUTOTUNE_CONFIGS, the short list the autotuner tries on the first call (each costs a compile).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, EXP2_FMA, MAXNREG). MAXNREG > 0 caps the registers per thread (0: the
+# compiler's choice): at 128, two 8-warp programs fit on one SM (65,536 registers) and overlap each other's softmax
+# and matmuls. SWEEP_CONFIGS is what benchmarks/sweep_flash_attention.py times on the H200; AUTOTUNE_CONFIGS, the
+# short list the autotuner tries on the first call for each length class (each config costs one compile).
 SWEEP_CONFIGS = {
-    d: [(bm, bn, w, s, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+    d: [(bm, bn, w, s, 0, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
         if not (bm == 64 and w == 8)  # a 64-row tile is one warpgroup's wgmma: 8 warps would split N
         and not (bm == 128 and w == 4 and d == 128)]  # one warpgroup, 128 x 128 fp32 accumulator: spills
-    + [(128, bn, 8, s, 1) for bn in (64, 128) for s in (2, 3)] + [(64, bn, 4, s, 1) for bn in (64, 128) for s in (2, 3)]
+    + [(128, bn, 8, s, 1, 0) for bn in (64, 128) for s in (2, 3)]
+    + [(64, bn, 4, s, 1, 0) for bn in (64, 128) for s in (2, 3)]
     # four warpgroups of 64 rows: while some wait on the tensor cores the others can run their softmax
-    + [(256, 64, 16, 2, 0), (256, 64, 16, 3, 0), (256, 64, 16, 2, 1)] + ([(256, 128, 16, 2, 0)] if d == 64 else [])
+    + [(256, 64, 16, 2, 0, 0), (256, 64, 16, 3, 0, 0), (256, 64, 16, 2, 1, 0)]
+    + ([(256, 128, 16, 2, 0, 0)] if d == 64 else [])
+    # two programs per SM (no spills at 128 registers with triton 3.6, checked by compiling for sm_90)
+    + [(128, 64 if d == 128 else 128, 8, 2, e, 128) for e in (0, 1)]
     for d in HOPPER_HEAD_DIMS}
 AUTOTUNE_CONFIGS = {
-    64: [(128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (64, 128, 4, 3, 1)],
-    128: [(128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 8, 3, 1), (64, 64, 4, 3, 0)],
+    64: [(128, 64, 8, 3, 0, 0), (128, 128, 8, 3, 0, 0), (128, 128, 8, 2, 1, 128), (256, 64, 16, 2, 0, 0),
+         (64, 128, 4, 3, 1, 0)],
+    128: [(128, 64, 8, 3, 0, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 2, 1, 128), (256, 64, 16, 2, 0, 0),
+          (64, 64, 4, 3, 0, 0)],
 }
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 thread block may use
 
@@ -257,8 +265,9 @@ def seqlen_bucket(max_seqlen_q: int) -> int:
 
 def _autotuned_kernel(head_dim: int):
     if head_dim not in _autotuned:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EXP2_FMA": bool(e)}, num_warps=w, num_stages=s)
-                   for m, n, w, s, e in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EXP2_FMA": bool(e)}, num_warps=w, num_stages=s,
+                                 maxnreg=r or None)
+                   for m, n, w, s, e, r in valid_configs(head_dim, AUTOTUNE_CONFIGS[head_dim])]
         # seqlen_bucket is not read by the kernel: keyed on, it gives short and long prefills their own tiles
         _autotuned[head_dim] = triton.autotune(configs, key=["CAUSAL", "VARLEN", "seqlen_bucket"])(
             _flash_fwd_hopper_kernel)
@@ -269,16 +278,22 @@ def launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, nu
                   max_seqlen_q, causal, qk_scale, varlen, config=None, upcast=False):
     """Launch the Hopper kernel with the arguments flash_attention._launch prepared (strides in the order
     (q z, t, h), (k z, t, h), (v z, t, h), (o z, t, h), (lse z, h)). config = (BLOCK_M, BLOCK_N, num_warps,
-    num_stages[, EXP2_FMA 0/1]) bypasses the autotuner (the sweep benchmark and the interpreter tests use it)."""
+    num_stages[, EXP2_FMA 0/1[, MAXNREG, 0 = no cap]]) bypasses the autotuner (the sweep benchmark and the
+    interpreter tests use it)."""
     head_dim = q.shape[-1]
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
         raise ValueError(f"the Hopper kernel needs head_dim a power of two in [16, 256], got {head_dim}")
     triton.set_allocator(_tma_scratch(q.device))  # a ContextVar: set it for this thread, on every launch
     if config is not None:
-        block_m, block_n, num_warps, num_stages, exp2_fma = (tuple(config) + (0,))[:5]
+        if len(config) > 6 or (tuple(config) + (0, 0))[4] not in (0, 1) or (tuple(config) + (0, 0))[5] < 0:
+            raise ValueError(f"a Hopper config is (BLOCK_M, BLOCK_N, num_warps, num_stages[, EXP2_FMA 0/1[, MAXNREG "
+                             f">= 0]]), got {config}")
+        block_m, block_n, num_warps, num_stages, exp2_fma, maxnreg = (tuple(config) + (0, 0))[:6]
         kernel = _flash_fwd_hopper_kernel
         extra = dict(BLOCK_M=block_m, BLOCK_N=block_n, EXP2_FMA=bool(exp2_fma), num_warps=num_warps,
                      num_stages=num_stages)
+        if maxnreg:
+            extra["maxnreg"] = maxnreg
     else:
         if head_dim not in AUTOTUNE_CONFIGS:
             raise ValueError(f"no autotune configs for head_dim {head_dim}; tuned: {sorted(AUTOTUNE_CONFIGS)}")
