@@ -235,15 +235,15 @@ def test_engine_greedy_tokens_static_contiguous(model_and_config):
 
 @pytest.mark.slow
 def test_engine_greedy_tokens_chunked_prefill_and_prefix_cache(model_and_config, monkeypatch):
-    import minillm.layers.attention as attention_mod
+    from minillm.kernels import paged_prefill
     model, config = model_and_config
-    gathered = []  # (query lens, seq lens) of every batch that took the gather-from-cache path
+    gathered = []  # (query lens, seq lens) of every batch that took the paged prefill kernel (context in the cache)
 
-    def spy(k_cache, v_cache, meta, seq_lens):
-        gathered.append((list(meta.query_lens_list), list(seq_lens)))
-        return real(k_cache, v_cache, meta, seq_lens)
-    real = attention_mod.gather_kv_packed
-    monkeypatch.setattr(attention_mod, "gather_kv_packed", spy)
+    def spy(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, **kw):
+        gathered.append((cu_seqlens_q.diff().tolist(), seq_lens.tolist()))
+        return real(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, **kw)
+    real = paged_prefill.paged_prefill_attention
+    monkeypatch.setattr(paged_prefill, "paged_prefill_attention", spy)
     shared = list(range(60, 72))  # 3 full blocks of 4: the second request finds them in the prefix cache
     prompts = [shared + [1, 2, 3], shared + [9, 8], list(range(100, 119))]
     kw = dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=40,
