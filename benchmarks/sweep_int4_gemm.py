@@ -9,7 +9,7 @@ For the Llama-3-8B decode shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28
   auto     the engine's entry point int4_gemm() (int4_dispatch.py's pick, timed on its first call per shape);
   fma      int4_gemm.py's kernel, CUDA-core path (BLOCK_M = 1: one row per program), explicit tiles and SPLIT_K;
   dot      the same kernel's tensor-core path (BLOCK_M = 16);
-  gemv     int4_gemv.py's kernel (CUDA cores, one row per program, K rows reduced in-thread: wide tiles);
+  gemv     int4_gemv.py's kernel (CUDA cores, one row per program, two weights per packed fp16 instruction);
   mma      int4_mma.py's kernel (tensor cores, two weights per LOP3 straight into bf16, offset and zero point
            removed after the dot).
 Raw jitted kernels are called with explicit BLOCK_M/N/K, SPLIT_K, num_warps, num_stages (re-wrapped so that M
@@ -61,9 +61,9 @@ def dot_configs() -> list[dict]:
 
 
 def gemv_configs() -> list[dict]:
-    """int4_gemv.py: one row per program; the warps side by side along N (num_warps * 128 <= BLOCK_N)."""
+    """int4_gemv.py: one row per program, 8 columns x 8 packed rows per thread where it can."""
     return [dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-            for bn, bk, w in ((256, 64, 1), (256, 128, 2), (512, 32, 1), (512, 64, 2), (512, 64, 4), (1024, 64, 4))]
+            for bn, bk, w in ((256, 64, 1), (256, 32, 1), (512, 64, 2), (512, 64, 4), (1024, 64, 4))]
 
 
 def mma_configs() -> list[dict]:
@@ -143,8 +143,8 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
     interp = triton_interpreted()
     if cfg["kernel"] == "gemv":
         tiles.pop("BLOCK_M")
-        return run(*common, 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, **tiles, SPLIT_K=split,
-                   **extra)
+        return run(*common, 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=not interp, **tiles,
+                   SPLIT_K=split, **extra)
     if cfg["kernel"] == "mma":
         return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
                    UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
@@ -371,9 +371,10 @@ def dry_run() -> None:
             y = torch.empty(m, n)
             ws, cnt = _workspace(x.device, m, n)
             launch(cfg, 2, x, *sets[0], y, ws, cnt, GROUP)
-            err = (y - x @ ref_w.t()).abs().max().item()
-            print(f"  interpreter {_fmt_cfg(dict(cfg, split_k=2))} M={m}: max abs err {err:.2e}")
-            assert err < 1e-3, err
+            ref = x @ ref_w.t()
+            err = (y - ref).abs().max().item() / ref.abs().max().item()
+            print(f"  interpreter {_fmt_cfg(dict(cfg, split_k=2))} M={m}: max error {err:.2e} of max|y|")
+            assert err < 3e-3, err  # gemv: fp16 arithmetic, ~1e-3; the others fp32
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Pick the fastest INT4 weight-only kernel for each decode shape by timing the candidates once (chapter 8).
 
-Three kernels compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
-  fma  int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
-  dot  int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
-  mma  int4_mma.py: rows padded to 16, two weights per instruction straight into bf16, fewest instructions.
-Triton's autotuner times configs of *one* kernel; here the candidates span all three, with split-K chosen per
+Four kernels compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
+  fma   int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
+  dot   int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
+  mma   int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
+  gemv  int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2.
+Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
 (M bucket, N, K, group, ...) key each candidate runs once, its output is checked against the reference kernel's
 (int4_gemm.py's, which the interpreter tests cover: a candidate that miscompiles on this Triton is dropped, not
@@ -22,8 +23,10 @@ import torch
 import triton
 
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
+from minillm.kernels.int4_gemv import int4_gemv_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
 from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies, num_sms
+from minillm.platform import triton_interpreted
 
 __all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]
 
@@ -32,13 +35,15 @@ FMA_TILES = [(64, 64, 1), (64, 128, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
 DOT_TILES = [(128, 8), (64, 4)]
 MMA_TILES = [(128, 4), (256, 4), (256, 8), (64, 4)]
+# (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
+GEMV_TILES = [(256, 64, 1), (512, 64, 2), (1024, 64, 4)]
 
 
 @dataclass(frozen=True)
 class Launch:
     """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
 
-    kernel: str  # "fma" | "dot" | "mma"
+    kernel: str  # "fma" | "dot" | "mma" | "gemv"
     block_m: int
     block_n: int
     block_k: int
@@ -67,6 +72,10 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
             if group % bk == 0:  # one scale per tile: the cheap scale-after-the-sums path
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     out.append(Launch("fma", 1, bn, bk, w, 3, s))
+        for bn, bk, w in GEMV_TILES:
+            if group % bk == 0:
+                for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
+                    out.append(Launch("gemv", 1, bn, bk, w, 1, s))
     bm = max(16, m_bucket)
     for bn, w in DOT_TILES:
         for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
@@ -91,6 +100,13 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
     n = qweight.shape[1]
     qz = qzeros if qzeros is not None else qweight
     grid = (triton.cdiv(m, lc.block_m) * triton.cdiv(n, lc.block_n), lc.split_k)
+    if lc.kernel == "gemv":
+        int4_gemv_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
+                               x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
+                               0x000F000F, GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
+                               PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
+                               SPLIT_K=lc.split_k, num_warps=lc.num_warps, num_stages=lc.num_stages)
+        return
     _int4_gemm_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                             x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
                             min(triton.next_power_of_2(m), 256), 0x4B000000, GROUP_SIZE=group,

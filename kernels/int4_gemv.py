@@ -1,36 +1,82 @@
-"""INT4 weight-only GEMV for decode (M = 1..4) on CUDA cores: wide tiles, K rows reduced inside each thread.
+"""INT4 weight-only GEMV for decode (M = 1, 2) on CUDA cores with packed half-precision math (chapter 8).
 
-int4_gemm.py's CUDA-core path keeps a [BLOCK_K / 8, BLOCK_N] fp32 accumulator beside the weight tile, so a tile of
-more than four columns per thread runs out of registers; with four columns per thread, every activation value
-(loaded and converted from bf16 once per packed row and nibble) serves only four weights, and that overhead is
-about a quarter of the instructions (read off ptxas's sm_90 output). Here the tile's partial sums are reduced
-over the K rows at the end of each tile (a thread holds all BLOCK_K / 8 rows of its columns when the warps lie
-side by side along N: num_warps * 128 <= BLOCK_N, which the launcher checks), then scaled once per column: the
-accumulator is one value per column, and a thread can hold 8 or 16 columns, each activation serving as many.
+The first H200 sweep showed the decode GEMM bound by instructions, not bytes: int4_gemm.py's CUDA-core path spends
+~5 instructions per weight (an AND and an FMA to unpack into fp32, an FMA to accumulate, and the overheads), which
+at 132 SMs x 128 lanes keeps a 4096 x 14336 GEMM near 20 us while its 4-bit weights take 7 us to read.
+Here every instruction handles two weights, Marlin's trick on CUDA cores:
 
-    part[j, n] = sum_i x[8j + i] * (code[8j + i, n] - zero[n])     i = 0..7, one nibble of each word at a time
-    acc[n]    += scale[n] * sum_j part[j, n]                         once per K tile (a tile lies in one group)
+* One AND-OR (LOP3) puts nibbles i and i + 4 of a packed word into the two fp16 halves of a 32-bit register as
+  1024 + c (0x6400 is 1024.0 in fp16, whose mantissa unit at 1024 is exactly 1): two weights per instruction.
+* One sub.f16x2 takes away 1024 + zero from both halves (exact: the result is c - zero in -15..15), one
+  fma.rn.f16x2 multiplies both by their activations and adds them into a per-word pair of fp16 accumulators.
+* After the tile's four nibble pairs, each word's two fp16 sums become one fp32 number (two converts and an add),
+  the K rows of the tile are summed inside the thread and the group's scale multiplies the column once.
+fp16 carries 11 significant bits, and the partial sums in fp16 are four products each, so the result keeps
+~1e-3 relative accuracy (bf16's output rounding is 4e-3). The activations are scaled by 1/16 on their way to fp16
+(and y by 16 after), so |x| up to ~4000 cannot overflow fp16's 65504 even times a code of 15 four times over.
 
-Layout, split-K protocol (fp32 workspace + per-tile arrival counter, cleaned by the last program), the tile loader
-and int4_unpack are int4_gemm.py's; one activation row per program (grid: M * cdiv(N, BLOCK_N), SPLIT_K).
-The tile needs GROUP_SIZE % BLOCK_K == 0 (one scale per tile).
+The packed instructions are PTX (tl.inline_asm_elementwise) and run only on a GPU; under the interpreter
+(PACKED=False) the same arithmetic runs half by half in plain Triton, so the CPU tests check the algorithm.
+Layout, tile loader and split-K protocol are int4_gemm.py's / int4_mma.py's; one activation row per program.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from minillm.kernels.int4_gemm import _load_tile, int4_unpack
+from minillm.kernels.int4_gemm import _load_tile
 from minillm.kernels.int4_mma import split_k_store
 
 __all__ = ["int4_gemv_kernel"]
 
+X_SCALE = 0.0625  # activations enter fp16 divided by 16 (headroom), y leaves multiplied by 16
+
+
+@triton.jit
+def _half(v, H: tl.constexpr):
+    """Half H (0: bits 0..15, 1: bits 16..31) of int32 words, read as fp16, as fp32."""
+    return ((v >> (16 * H)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pack(lo, hi):
+    """Two fp32 tensors rounded to fp16 and packed into int32 words (lo in bits 0..15)."""
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _sub_fma_f16x2(pair, zz, xx, acc, PACKED: tl.constexpr):
+    """acc += (pair - zz) * xx on both fp16 halves of each int32 word (one sub.f16x2, one fma.rn.f16x2)."""
+    if PACKED:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; sub.rn.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, $3, $4; }",
+            constraints="=r,r,r,r,r", args=[pair, zz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        lo = (_half(pair, 0) - _half(zz, 0)) * _half(xx, 0) + _half(acc, 0)
+        hi = (_half(pair, 1) - _half(zz, 1)) * _half(xx, 1) + _half(acc, 1)
+        return _pack(lo, hi)
+
+
+@triton.jit
+def _sum_halves(acc, PACKED: tl.constexpr):
+    """fp32 sum of the two fp16 halves of each int32 word."""
+    if PACKED:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
+                "add.f32 $0, a, b; }",
+            constraints="=f,r", args=[acc], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return _half(acc, 0) + _half(acc, 1)
+
 
 @triton.jit
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
-                     EXP23, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
-    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K)."""
+                     NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K).
+    GROUP_SIZE % BLOCK_K == 0; NIBBLE_MASK = 0x000F000F (a run-time value: see int4_mma_kernel)."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -47,7 +93,6 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     x_row = X + row.to(tl.int64) * stride_xm
 
     acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    # one tile of packed words in flight ahead of the math (registers, not shared memory)
     w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                          GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
     for t in range(t_begin, t_end):
@@ -55,15 +100,16 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
                                             stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
         k0 = t * BLOCK_K
         j_ok = (k0 // 8 + offs_j) < K // 8
-        w_lo = w | EXP23
-        w_hi = (w >> 16) | EXP23
-        part = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(8):
-            q = int4_unpack(w_lo, w_hi, z, i)  # code - zero, exact
-            xi = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
-            part += xi[:, None] * q
-        acc += tl.sum(part, axis=0)[None, :] * s  # rows reduced inside the thread, then one scale per column
+        zz = _pack(z + 1024.0, z + 1024.0)  # [1, BLOCK_N]: 1024 + zero in both halves
+        sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
+        for i in tl.static_range(4):
+            pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
+            x_lo = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k0 + 8 * offs_j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
+            xx = _pack(x_lo * 0.0625, x_hi * 0.0625)[:, None]  # [ROWS, 1]: x / 16 for both halves (X_SCALE)
+            sums = _sub_fma_f16x2(pair, zz, xx, sums, PACKED)
+        acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
         w, s, z = w_next, s_next, z_next
 
-    split_k_store(acc, Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n, row + tl.arange(0, 1) < M, n_ok, N,
-                  stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    split_k_store(acc * 16.0, Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n, row + tl.arange(0, 1) < M, n_ok,
+                  N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
