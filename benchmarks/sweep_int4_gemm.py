@@ -63,7 +63,7 @@ def dot_configs() -> list[dict]:
 def gemv_configs() -> list[dict]:
     """int4_gemv.py: one row per program, 8 columns x 8 packed rows per thread where it can."""
     return [dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-            for bn, bk, w in ((256, 64, 1), (256, 32, 1), (512, 64, 2), (512, 64, 4), (1024, 64, 4))]
+            for bn, bk, w in ((256, 64, 1), (256, 32, 1), (512, 32, 1), (512, 64, 2), (1024, 64, 4))]
 
 
 def mma_configs() -> list[dict]:

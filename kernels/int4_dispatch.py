@@ -36,7 +36,7 @@ FMA_TILES = [(64, 64, 1), (64, 128, 1), (256, 64, 2), (512, 64, 4)]
 DOT_TILES = [(128, 8), (64, 4)]
 MMA_TILES = [(128, 4), (256, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
-GEMV_TILES = [(256, 64, 1), (512, 64, 2), (1024, 64, 4)]
+GEMV_TILES = [(256, 64, 1), (512, 32, 1), (1024, 64, 4)]
 
 
 @dataclass(frozen=True)
