@@ -31,12 +31,12 @@ from minillm.platform import triton_interpreted
 __all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]
 
 # (BLOCK_N, BLOCK_K, num_warps) of the CUDA-core path, one row per program: the best tiles of the first H200 sweep
-FMA_TILES = [(64, 64, 1), (64, 128, 1), (256, 64, 2), (512, 64, 4)]
+FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
-DOT_TILES = [(128, 8), (64, 4)]
-MMA_TILES = [(128, 4), (256, 4), (256, 8), (64, 4)]
+DOT_TILES = [(128, 8)]
+MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
-GEMV_TILES = [(256, 64, 1), (512, 32, 1), (1024, 64, 4)]
+GEMV_TILES = [(256, 64, 1), (512, 32, 1)]
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,12 @@ def precompile(calls: list[tuple[int, int, int, int, torch.dtype]], workers: int
     jobs, seen = [], set()
     for m, n, k, group, dtype in calls:
         for lc in candidates(m, n, k, group, dtype, num_sms(torch.device("cuda"))):
-            # the compiled variant depends on the tile and on Triton's integer specialisations (== 1, a multiple
-            # of 16) of SPLIT_K, M and the M bucket, not on the exact sizes
+            # the compiled variant depends on the tile and, for int4_gemm.py's kernel, on Triton's integer
+            # specialisations (== 1, a multiple of 16) of SPLIT_K, M and the M bucket (int4_mma.py's and
+            # int4_gemv.py's kernels do not specialise them), not on the exact sizes
             bucket = min(triton.next_power_of_2(m), 256)
-            spec = (lc.kernel, lc.block_m, lc.block_n, lc.block_k, lc.num_warps, lc.num_stages, lc.split_k == 1,
-                    m == 1, m % 16 == 0, bucket % 16 == 0, dtype)
+            ints = (lc.split_k == 1, m == 1, m % 16 == 0, bucket % 16 == 0) if lc.kernel in ("fma", "dot") else ()
+            spec = (lc.kernel, lc.block_m, lc.block_n, lc.block_k, lc.num_warps, lc.num_stages, ints, dtype)
             if spec not in seen:
                 seen.add(spec)
                 jobs.append((m, n, k, group, str(dtype).removeprefix("torch."), lc))

@@ -71,7 +71,7 @@ def _sum_halves(acc, PACKED: tl.constexpr):
         return _half(acc, 0) + _half(acc, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one compile for every M and split
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):

@@ -61,7 +61,7 @@ def split_k_store(acc, Y, WS, CNT, BIAS, tile, offs_m, offs_n, m_ok, n_ok, N, st
             tl.atomic_xchg(CNT + tile, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])  # one compile for every M and split
 def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                     M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP16_CODES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
