@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 import torch
 
+from minillm.bench.step_transfers import host_graphs  # DecodeCUDAGraphs whose "graphs" rerun the forward on a CPU
 from minillm.config import EngineConfig
 from minillm.engine.cuda_graph import DecodeCUDAGraphs
 from minillm.engine.llm_engine import LLMEngine
@@ -26,7 +27,6 @@ from minillm.engine.sequence import Sequence
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.sampling_params import SamplingParams
 from test_engine import tiny_config, tiny_model
-from test_triton_backend import _ReplayRecorder  # DecodeCUDAGraphs whose "graphs" rerun the forward on a CPU
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 K = 3  # drafts per step
@@ -296,8 +296,8 @@ def test_verify_step_graph_bookkeeping_on_cpu(model_and_config):
     backend, model.attention_backend = model.attention_backend, "triton"  # the paged kernel, interpreted
     try:
         caches = bind_kv_caches(model, config, 24, BLOCK, "cpu")
-        graphs = _ReplayRecorder(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
-                                 query_lens=(3,))
+        graphs = host_graphs(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
+                             query_lens=(3,))
         with torch.inference_mode():
             graphs.capture()
         assert sorted(graphs.graphs) == [1, 2, 4] and all(list(g) == [3] for g in graphs.graphs.values())
@@ -308,7 +308,7 @@ def test_verify_step_graph_bookkeeping_on_cpu(model_and_config):
     finally:
         model.attention_backend = backend
     with pytest.raises(ValueError, match="query_lens"):
-        _ReplayRecorder(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"), query_lens=(0,))
+        host_graphs(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"), query_lens=(0,))
 
 
 @pytest.mark.gpu

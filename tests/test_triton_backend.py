@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
-from minillm.engine.cuda_graph import DecodeCUDAGraphs, batch_size_buckets
+from minillm.bench.step_transfers import host_graphs
+from minillm.engine.cuda_graph import batch_size_buckets
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -284,33 +285,14 @@ def test_batch_size_buckets():
         batch_size_buckets(0)
 
 
-class _ReplayRecorder(DecodeCUDAGraphs):
-    """DecodeCUDAGraphs on a CPU: 'recording' keeps the forward, 'replay' reruns it into the same output tensor.
-    What this checks is the bookkeeping a real graph depends on: every input read from the static buffers,
-    padding rows harmless, the right bucket, outputs sliced back to the batch."""
-
-    def _check_device(self, device):
-        pass
-
-    def _synchronize(self):
-        pass
-
-    def _record(self, forward):
-        out = forward()
-
-        class Graph:
-            def replay(self):
-                out.copy_(forward())
-        return Graph(), out
-
-
 def test_decode_graph_bookkeeping_on_cpu(model_and_config):
     model, config = model_and_config
     model.attention_backend = "triton"
     try:
         block_size, num_blocks = 4, 24
         runner = ModelRunner(model, config, num_blocks, block_size, torch.device("cpu"), torch.float32)
-        recorder = _ReplayRecorder(model, 6, 8, block_size, config.hidden_size, torch.float32, torch.device("cpu"))
+        # DecodeCUDAGraphs on a CPU: "recording" keeps the forward, "replay" reruns it into the same output tensor
+        recorder = host_graphs(model, 6, 8, block_size, config.hidden_size, torch.float32, torch.device("cpu"))
         with torch.inference_mode():
             recorder.capture()
         assert sorted(recorder.graphs) == [1, 2, 4, 6]

@@ -236,7 +236,8 @@ def build_engine(model, config, device: torch.device, *, max_num_seqs: int = 4, 
     """A continuous-batching engine over paged blocks (with n-gram speculation when num_speculative_tokens > 0)."""
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
-    spec = None if num_speculative_tokens == 0 else {"method": "ngram", "num_speculative_tokens": num_speculative_tokens}
+    spec = None if num_speculative_tokens == 0 else \
+        {"method": "ngram", "num_speculative_tokens": num_speculative_tokens}
     block_size = 16
     engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=block_size,
                                  num_kv_blocks=(max_num_seqs + 1) * (max_model_len // block_size),

@@ -106,6 +106,7 @@ class DecodeCUDAGraphs:
         n = self.buckets[-1]
         self.cu_seqlens_q = {q: torch.arange(0, q * n + 1, q, dtype=torch.int32, device=device)
                              for q in self.query_lens}
+        self._step_views: dict[tuple[int, int, int, int], tuple[torch.Tensor, ...]] = {}
         self.graphs: dict[int, dict[int, object]] = {}  # batch size -> q_len -> torch.cuda.CUDAGraph
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}
         self.pool = None
@@ -194,6 +195,21 @@ class DecodeCUDAGraphs:
             return False
         return (meta.decode_query_len in self.query_lens and self.bucket_for(meta.num_seqs) is not None
                 and meta.block_tables.shape[1] <= self.max_blocks_per_seq)
+
+    def step_views(self, size: int, q_len: int, batch: int, width: int) -> tuple[torch.Tensor, ...]:
+        """(input_ids, positions, cu_seqlens_q, slot_mapping, seq_lens, block_tables) of a step of `batch`
+        sequences with block tables `width` wide, as slices of the graph's static inputs (cached: a decode step
+        of the same shape as the last reuses them). block_tables keeps the static table's row stride."""
+        key = (size, q_len, batch, width)
+        views = self._step_views.get(key)
+        if views is None:
+            if len(self._step_views) >= 4096:
+                self._step_views.clear()
+            inputs, tokens = self.inputs[size, q_len], batch * q_len
+            views = self._step_views[key] = (
+                inputs.input_ids[:tokens], inputs.positions[:tokens], self.cu_seqlens_q[q_len][:batch + 1],
+                inputs.slot_mapping[:tokens], inputs.seq_lens[:batch], inputs.block_tables[:batch, :width])
+        return views
 
     def replay(self, size: int, q_len: int, tokens: int) -> torch.Tensor:
         """Replay the graph of (size, q_len) on what its static inputs hold; hidden states of the first `tokens`

@@ -163,11 +163,9 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
 
     # -- the device views --------------------------------------------------------------------------------------
     views = buffer.views(extras)
-    if size is not None:
-        input_ids, positions = inputs.input_ids[:num_tokens], inputs.positions[:num_tokens]
-        cu_seqlens_q = graphs.cu_seqlens_q[max_q][:num_seqs + 1]
-        slot_mapping, seq_lens = inputs.slot_mapping[:num_tokens], inputs.seq_lens[:num_seqs]
-        block_tables = inputs.block_tables[:num_seqs, :width]  # row stride: the graph's max_blocks_per_seq
+    if size is not None:  # block_tables keeps the row stride of the graph's static table (its max blocks)
+        input_ids, positions, cu_seqlens_q, slot_mapping, seq_lens, block_tables = \
+            graphs.step_views(size, max_q, num_seqs, width)
     else:
         input_ids, positions, slot_mapping = views["input_ids"], views["positions"], views["slot_mapping"]
         cu_seqlens_q, seq_lens, block_tables = views["cu_seqlens_q"], views["seq_lens"], views["block_tables"]

@@ -69,7 +69,7 @@ class UploadBuffer:
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self._pinned)
         self._host_bytes = self.host.numpy()  # numpy writes a Python list straight into the pinned pages
         self.device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        self._views: dict[tuple, torch.Tensor] = {}
+        self._views: dict = {}  # (offset, dtype, shape) -> device view; nbytes -> the slices one upload copies
 
     def reserve(self, nbytes: int) -> None:
         """Make the host buffer writable for `nbytes` bytes: wait for the previous copy out of it, grow if needed."""
@@ -102,7 +102,10 @@ class UploadBuffer:
 
     def upload(self, nbytes: int) -> None:
         """The step's one host-to-device copy: bytes [0, nbytes) of the host buffer, queued without waiting."""
-        self.device_bytes[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+        pair = self._views.get(nbytes)  # the two slices, cached like the views (a decode step repeats its size)
+        if pair is None:
+            pair = self._views[nbytes] = (self.device_bytes[:nbytes], self.host[:nbytes])
+        pair[0].copy_(pair[1], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
             self._pending = True
