@@ -73,7 +73,7 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     out.append(Launch("fma", 1, bn, bk, w, 3, s))
         for bn, bk, w in GEMV_TILES:
-            if group % bk == 0:
+            if group % bk == 0 and dtype != torch.float32:  # fp16 arithmetic: not for fp32 callers
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     out.append(Launch("gemv", 1, bn, bk, w, 1, s))
     bm = max(16, m_bucket)

@@ -79,19 +79,23 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
 
     torch.manual_seed(7)
     m, n, k, group = 3, 96, 384, 64
-    packed, w = _weights(n, k, group, False)
-    x = torch.randn(m, k)
-    y = torch.empty(m, n)
-    ws, cnt = split_k_workspace(x.device, m, n)
-    qw, s, qz = packed.qweight, packed.scales, packed.qzeros
-    block_n, split = 64, 4  # 6 K tiles of 64 over 4 splits: 2, 2, 2, 0 (an idle split still arrives)
-    grid = (m * triton.cdiv(n, block_n), split)
-    int4_gemv_kernel[grid](x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0),
-                           qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True,
-                           HAS_BIAS=False, PACKED=False, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=split)
-    # fp16 activations (x / 16) and fp16 sums of four products: ~1e-3 of the output's magnitude
-    _close(y, x @ w.t(), 3e-3)
-    assert not ws.any() and not cnt.any()
+    for symmetric, split, bias in ((False, 4, None), (True, 1, torch.randn(n))):
+        packed, w = _weights(n, k, group, symmetric)
+        x = torch.randn(m, k)
+        y = torch.empty(m, n)
+        ws, cnt = split_k_workspace(x.device, m, n)
+        qw, s = packed.qweight, packed.scales
+        qz = packed.qzeros if packed.qzeros is not None else qw
+        block_n = 64  # split 4: 6 K tiles of 64 as 2, 2, 2, 0 (an idle split still arrives)
+        grid = (m * triton.cdiv(n, block_n), split)
+        int4_gemv_kernel[grid](x, qw, s, qz, bias if bias is not None else s, y, ws, cnt, m, n, k, x.stride(0),
+                               qw.stride(0), s.stride(0), qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=group,
+                               HAS_ZEROS=not symmetric, HAS_BIAS=bias is not None, PACKED=False, BLOCK_N=block_n,
+                               BLOCK_K=64, SPLIT_K=split)
+        ref = x @ w.t() + (bias if bias is not None else 0)
+        # fp16 activations (x / 16) and fp16 sums of four products: ~1e-3 of the output's magnitude
+        _close(y, ref, 3e-3)
+        assert not ws.any() and not cnt.any()
 
 
 def test_mma_applies_only_where_its_codes_fit():
