@@ -44,9 +44,11 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     slot_mapping: torch.Tensor | None = None  # int64 [T]: cache slot of each new token (-1: don't store)
-    block_tables: torch.Tensor | None = None  # int32 [B, max_blocks], -1 padded
+    # int32 [B, max_blocks], -1 padded (in a step a CUDA graph replays: a view of the graph's static table, whose
+    # rows are max_blocks_per_seq apart)
+    block_tables: torch.Tensor | None = None
     block_size: int = 0
-    # seq_lens as a Python list, so the torch path need not sync with the device to slice
+    # seq_lens / query lengths as Python lists (the StepInput's own), so the torch path need not sync to slice
     seq_lens_list: list[int] | None = None
     query_lens_list: list[int] | None = None
     # Filled by the first layer that needs it, then reused by every other layer of the same step: the flat cache

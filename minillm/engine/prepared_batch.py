@@ -174,12 +174,14 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         slot_mapping=slot_mapping, block_tables=block_tables, block_size=step.block_size,
         seq_lens_list=step.seq_lens, query_lens_list=q_lens, tree_mask=views.get("tree_mask"))
     return PreparedBatch(
-        input_ids, positions, metadata, arange[:num_tokens] if sample_rows is None else views["sample_indices"],
-        sample_seqs, sample_rows is None, row_specs,
-        None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
-        views.get("logprob_rows"), views.get("prompt_rows"), views.get("prompt_targets"),
-        None if size is None else (size, max_q), logprob_row_list,
-        (prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
+        input_ids, positions, metadata,
+        sample_indices=arange[:num_tokens] if sample_rows is None else views["sample_indices"],
+        sample_seqs=sample_seqs, all_rows_sampled=sample_rows is None, row_specs=row_specs,
+        sampling=None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
+        logprob_rows=views.get("logprob_rows"), prompt_rows=views.get("prompt_rows"),
+        prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, max_q),
+        logprob_row_list=logprob_row_list,
+        prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
 
 
 def _padded(tables: list[list[int]], width: int) -> list[list[int]]:
