@@ -1,6 +1,6 @@
 """Sweep the decode GEMV (kernels/gemv.py) against cuBLAS (F.linear) on Llama-3-8B's linear shapes, M = 1..8.
 
-    python benchmarks/sweep_gemv.py [--out gemv.json] [--m 1 2 4 8] [--budget-s 100]
+    python benchmarks/sweep_gemv.py [--out gemv.json] [--m 1 2 4 8] [--budget-s 100] [--no-pdl]
 
 At decode a linear layer is a weight read: the figure of merit is weight bytes / time as a fraction of the
 copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written). For each shape
@@ -8,12 +8,15 @@ copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes re
 times F.linear and every GemvConfig of the space below (each with the split-K factors that make sense for the
 grid), all inside CUDA graphs (what the engine replays), cycling through enough copies of the weight that it
 never sits in the 50 MB L2 between calls. Every config is checked against an fp32 reference first.
-Prints one row per (shape, M): cuBLAS, the kernel's default_config, the best config; writes every timing to
---out. Needs CUDA; about 1-2 minutes on one H200 (mostly Triton compiles), bounded by --budget-s.
+Prints one row per (shape, M): cuBLAS, the kernel's default_config, the best config, and the best config
+again with programmatic dependent launch (PDL: in a chain of calls each one's start overlaps the previous
+one's end, as it would after any PDL-aware kernel in the engine); writes every timing to --out.
+Needs CUDA; about 1-2 minutes on one H200 (mostly Triton compiles), bounded by --budget-s.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write every timing here as JSON")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8], help="rows of x (1..16)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--no-pdl", dest="pdl", action="store_false",
+                        help="skip re-timing each best config with programmatic dependent launch")
     parser.add_argument("--budget-s", type=float, default=100.0, help="stop trying new configs after this")
     args = parser.parse_args(argv)
     if any(not 1 <= m <= 16 for m in args.m):
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import minillm  # noqa: F401  (platform setup)
     from bench_decode import copy_bandwidth  # the same 1 GiB copy as P5's floor (benchmarks/ is on sys.path)
-    from minillm.kernels.gemv import default_config, gemv
+    from minillm.kernels.gemv import GemvConfig, default_config, gemv
 
     t_start = time.perf_counter()
     bw = copy_bandwidth()
@@ -164,6 +169,21 @@ def main(argv: list[str] | None = None) -> int:
             if best is not None:
                 row.update(best_us=best["us"], best_frac=best["frac"], best_vs_cublas=best["vs_cublas"],
                            best_config=best["config"])
+                print(f"  best {best['us']:.1f} us ({best['frac']:.1%}): {best['config']}", flush=True)
+                if args.pdl and time.perf_counter() - t_start <= args.budget_s + 20:
+                    # the best config again, launched with programmatic dependent launch: back-to-back calls
+                    # overlap one's start (first weight tile) with the previous one's end
+                    cfg = dataclasses.replace(GemvConfig(**best["config"]), pdl=True)
+                    try:
+                        err = (gemv(x, weights[0], config=cfg).float() - ref).abs().max().item()
+                        if not err <= tol:
+                            raise ValueError(f"max abs error {err:.3g} > tol {tol:.3g}")
+                        us = graph_time_us([lambda w=w, c=cfg: gemv(x, w, config=c) for w in weights], est_us)
+                        row.update(pdl_us=round(us, 2), pdl_frac=round(frac(us), 4))
+                        print(f"  same with PDL {us:.1f} us ({frac(us):.1%})", flush=True)
+                    except Exception as exc:  # noqa: BLE001  (PDL is optional: record why it did not run)
+                        row["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        print(f"  PDL failed: {row['pdl_error']}", flush=True)
             results["rows"].append(row)
             del x, ref, weights
             torch.cuda.empty_cache()
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGEMV sweep, {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
           f"fraction = weight bytes / time / copy bandwidth")
     print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
-          f"{'frac':>7}{'x cuBLAS':>9}  best config (block_n, block_k, split_k, dot, warps, stages, reduce_each)")
+          f"{'frac':>7}{'x cuBLAS':>9}{'PDL us':>8}{'frac':>7}  best config")
+    print("  (best config: block_n, block_k, split_k, use_dot, num_warps, num_stages, reduce_each)")
     for r in results["rows"]:
         c = r.get("best_config")
         fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "reduce_each")
@@ -180,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
               f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"
               f"{r.get('best_us', float('nan')):>9.1f}{r.get('best_frac', float('nan')):>7.1%}"
-              f"{r.get('best_vs_cublas', float('nan')):>9.2f}  {cs}")
+              f"{r.get('best_vs_cublas', float('nan')):>9.2f}{r.get('pdl_us', float('nan')):>8.1f}"
+              f"{r.get('pdl_frac', float('nan')):>7.1%}  {cs}")
     # one decoder layer (qkv, o, gate_up, down) per M: cuBLAS alone vs the faster of the two per shape
     layer = ("qkv", "o", "gate_up", "down")
     for m in args.m:
         rows = [r for r in results["rows"] if r["m"] == m and r["shape"] in layer]
         if len(rows) == len(layer):
             cub = sum(r["cublas_us"] for r in rows)
-            mix = sum(min(r["cublas_us"], r.get("best_us", r["cublas_us"])) for r in rows)
+            mix = sum(min(r["cublas_us"], r.get("best_us", r["cublas_us"]), r.get("pdl_us", r["cublas_us"]))
+                      for r in rows)
             results.setdefault("layer", []).append(dict(m=m, cublas_us=round(cub, 2), best_of_both_us=round(mix, 2)))
             print(f"decoder layer M={m}: cuBLAS {cub:.1f} us, best of both {mix:.1f} us "
                   f"({32 * (cub - mix) / 1e3:.3f} ms less per 32-layer step)")

@@ -28,6 +28,10 @@ small-M kernels; written here from the idea):
   [M, BLOCK_N] sums in registers and so affords the wider tiles that keep x's share small. Tensor cores
   (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
   here, and the compiler pipelines the tile loads through shared memory (num_stages).
+* Programmatic dependent launch (`pdl`, Hopper; CUTLASS's weight-prefetch GEMM has the same idea): the
+  weights do not depend on the previous kernel, only x does. Launched with PDL, a program loads its first
+  weight tile, lets the next kernel launch, and only then waits (griddepcontrol.wait) for the previous kernel's
+  output, so one kernel's launch and first loads overlap the previous one's last wave.
 * Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
   into a workspace with atomics and bumps a per-tile counter; the last split to arrive reads the total (an
   atomic add of zero, so it sees L2), zeroes the workspace, adds the bias, writes y and resets the counter. One launch,
@@ -62,8 +66,9 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     reduce_each: bool = False  # CUDA cores: sum over K after every tile (for M > 1: fewer registers, wider tiles)
+    pdl: bool = False  # programmatic dependent launch (Hopper): weights stream while the previous kernel ends
 
-    def check(self, m: int) -> None:
+    def check(self, m: int, x_is_cuda: bool = True) -> None:
         """ValueError naming the field that is out of range (for rows m)."""
         for name in ("block_n", "block_k"):
             v = getattr(self, name)
@@ -75,6 +80,9 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"GemvConfig.num_stages must lie in [1, 8], got {self.num_stages}")
+        if self.pdl and (not x_is_cuda or torch.cuda.get_device_capability()[0] < 9):
+            raise ValueError("GemvConfig.pdl (programmatic dependent launch) needs a CUDA GPU of compute "
+                             "capability >= 9.0 (Hopper)")
         if self.use_dot and (self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"tl.dot needs block_n >= 16 and block_k >= 16, got {self}")
 
@@ -86,7 +94,7 @@ class GemvConfig:
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +112,21 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    if USE_PDL:  # programmatic dependent launch: the first weight tile is loaded before x exists
+        k_ok = (k_lo + offs_k) < k_hi
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
+        tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        elif REDUCE_EACH:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    for k0 in range(k_lo + FIRST_K, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -248,7 +270,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight.stride(-1) != 1:
         raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
     cfg = config if config is not None else default_config(m, n, k, _num_sms(x.device))
-    cfg.check(m)
+    cfg.check(m, x.is_cuda)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
@@ -258,7 +280,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
-        REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k,
+        REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=cfg.pdl,
+        FIRST_K=cfg.block_k if cfg.pdl else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if cfg.pdl else {}))
     return y.reshape(*x.shape[:-1], n)

@@ -89,6 +89,8 @@ def test_gemv_rejects_bad_input():
         gemv(torch.randn(1, 32), w, config=GemvConfig(block_n=12))
     with pytest.raises(ValueError, match="split_k"):
         gemv(torch.randn(1, 32), w, config=GemvConfig(split_k=0))
+    with pytest.raises(ValueError, match="programmatic dependent launch"):
+        gemv(torch.randn(1, 32), w, config=GemvConfig(pdl=True))
     with pytest.raises(ValueError, match="tl.dot"):
         gemv(torch.randn(1, 32), w, config=GemvConfig(block_n=8, use_dot=True))
 
