@@ -13,9 +13,11 @@ import torch
 
 from minillm.bench.step_transfers import STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, count_scenario, host_graphs
 from minillm.engine.model_runner import ModelRunner
+from minillm.engine.prepared_batch import prepare_batch
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_buffers import FieldLayout, UploadBuffer, download
+from minillm.engine.step_input import SamplingSpec, StepInput
 from minillm.layers.sampler import Sampler, _runs
 from minillm.sampling_params import SamplingParams
 from test_engine import tiny_config, tiny_model
@@ -122,3 +124,27 @@ def test_graph_step_is_laid_out_in_the_static_inputs_and_replays_the_eager_forwa
         assert prepared.metadata.block_tables.tolist() == [s.block_table for s in seqs]
         replayed = runner.forward(prepared)
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_padding_rows_are_valid_whatever_the_shared_buffer_held():
+    """Every captured shape shares one input buffer, so a padding row's bytes may hold another layout's numbers:
+    the upload must rewrite each one a replay reads (slot -1, seq_len q_len, block 0 for every block its q_len
+    keys span; here q_len 8 over blocks of 4: two)."""
+    graphs = host_graphs(torch.nn.Identity(), 4, 6, 4, 8, torch.float32, torch.device("cpu"), query_lens=(1, 8))
+    graphs.graphs = {4: {8: None}}  # plan() only asks whether the graph exists; nothing is replayed here
+    graphs.upload.host.fill_(0x7F)
+    graphs.upload.device_bytes.fill_(0x7F)
+    tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]]
+    seq_lens = [10, 12, 20]
+    positions = [p for n in seq_lens for p in range(n - 8, n)]
+    slots = [t[p // 4] * 4 + p % 4 for t, n in zip(tables, seq_lens) for p in range(n - 8, n)]
+    step = StepInput(input_ids=list(range(24)), positions=positions, slot_mapping=slots, query_lens=[8, 8, 8],
+                     seq_lens=seq_lens, block_tables=tables, num_sampled=[8, 8, 8],
+                     sampling=[SamplingSpec(str(i), 0.0, -1, 1.0, None) for i in range(3)], block_size=4)
+    prepared = prepare_batch(step, UploadBuffer(torch.device("cpu"), 64), torch.arange(64), graphs)
+    inputs = graphs.inputs[4, 8]
+    assert prepared.graph == (4, 8) and prepared.input_ids.tolist() == list(range(24))
+    assert inputs.slot_mapping.tolist() == slots + [-1] * 8 and inputs.seq_lens.tolist() == seq_lens + [8]
+    assert inputs.input_ids[24:].tolist() == [0] * 8 and inputs.positions[24:].tolist() == [0] * 8
+    assert inputs.block_tables[3, :2].tolist() == [0, 0]
+    assert prepared.metadata.block_tables.tolist() == [[1, 2, 3, -1, -1], [4, 5, 6, -1, -1], tables[2]]

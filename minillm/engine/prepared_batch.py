@@ -127,8 +127,10 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         if extras.end > inputs.extras_end:
             raise ValueError(f"a graph step's metadata needs {extras.end - inputs.extras_offset} bytes, the graph "
                              f"layout has {inputs.extras_end - inputs.extras_offset}")
-        # up to the last block-table entry a replay reads: row size-1's first `width` (padding rows: 1) entries
-        end = inputs.extras_end + 4 * ((size - 1) * graphs.max_blocks_per_seq + max(width, 1))
+        # up to the last block-table entry a replay reads: row size-1's first `width` entries, or for a padding
+        # row the blocks its q_len keys span
+        pad_cols = min(-(-max_q // step.block_size), graphs.max_blocks_per_seq) if size > num_seqs else 0
+        end = inputs.extras_end + 4 * ((size - 1) * graphs.max_blocks_per_seq + max(width, pad_cols, 1))
     else:
         end = extras.end
     buffer.reserve(end)
@@ -192,7 +194,7 @@ def _padded(tables: list[list[int]], width: int) -> list[list[int]]:
 
 def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int, q_len: int, width: int) -> None:
     """The step's static inputs in the graph's layout; rows past the batch are padding rows: token 0 at position 0,
-    stored nowhere (slot -1), attending to q_len keys of block 0 (valid memory; the result is discarded)."""
+    stored nowhere (slot -1), attending to q_len keys in block 0 onwards (valid memory; the result is discarded)."""
     fields, tokens, batch = inputs.layout.fields, len(step.input_ids), len(step.query_lens)
     for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
                               ("slot_mapping", step.slot_mapping, -1)):
@@ -204,7 +206,9 @@ def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int
     seq_lens[batch:] = q_len
     tables = buffer.host_view(*fields["block_tables"])
     tables[:batch, :width] = _padded(step.block_tables, width)
-    tables[batch:size, 0] = 0
+    # the blocks a padding row's q_len keys span must be valid addresses: block 0 (the graph's buffer is shared by
+    # every captured shape, so whatever else is left there may be any bytes)
+    tables[batch:size, :-(-q_len // step.block_size)] = 0
 
 
 def _prompt_rows(step: StepInput) -> tuple[list[int], list[int], list[int], list[int]]:
