@@ -178,6 +178,20 @@ def test_dense_linear_modes_on_gpu(mode):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_dense_linear_keeps_autograd_on_gpu():
+    """A trainable layer (draft heads are trained on the GPU) must keep F.linear: the GEMV has no backward."""
+    set_gemv_mode("on")
+    try:
+        w = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+        dense_linear(x, w).float().sum().backward()
+        assert w.grad is not None and w.grad.shape == w.shape
+    finally:
+        set_gemv_mode("auto")
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gemv_split_k_in_a_cuda_graph():
     """A replayed split-K launch must reset its workspace and counters every time (new inputs each replay)."""
     w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 0.02

@@ -112,7 +112,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     has at most GEMV_MAX_M rows in fp16/bf16 and the GEMV won for this shape."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype \
             or x.dim() < 1 or x.numel() > GEMV_MAX_M * x.shape[-1] or x.numel() == 0 \
-            or weight.dim() != 2 or weight.stride(-1) != 1 or torch.compiler.is_compiling():
+            or weight.dim() != 2 or weight.stride(-1) != 1 or torch.compiler.is_compiling() \
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # the GEMV has no backward
         return F.linear(x, weight, bias)
     mode = gemv_mode()
     if mode == "off":
