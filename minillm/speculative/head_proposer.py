@@ -114,15 +114,26 @@ class HeadProposer(SampledDraftProposer):
         return features, seq.token_ids[end - length + 1:end + 1]
 
     def _batch(self, windows: list[tuple[torch.Tensor, list[int]]]) -> Window:
+        """Left-padded windows of the batch. The host's numbers (each row's tokens, then every row's length) go to
+        the device in one non-blocking copy from pinned memory; the features are already there."""
         width = max(f.shape[0] for f, _ in windows)
         first = windows[0][0]
-        features = first.new_zeros(len(windows), width, first.shape[1])
-        tokens = torch.zeros(len(windows), width, dtype=torch.int64)
+        batch = len(windows)
+        features = first.new_zeros(batch, width, first.shape[1])
+        host = [0] * (batch * width)
+        lengths = []
         for row, (f, next_tokens) in enumerate(windows):
+            if len(next_tokens) != f.shape[0]:
+                raise ValueError(f"a window of {f.shape[0]} features needs as many tokens, got {len(next_tokens)}")
             features[row, width - f.shape[0]:] = f
-            tokens[row, width - f.shape[0]:] = torch.tensor(next_tokens, dtype=torch.int64)
-        positions, key_mask = window_positions([f.shape[0] for f, _ in windows], width, first.device)
-        return Window(features, tokens.to(first.device), positions, key_mask)
+            host[(row + 1) * width - len(next_tokens):(row + 1) * width] = next_tokens
+            lengths.append(f.shape[0])
+        packed = torch.tensor(host + lengths, dtype=torch.int64)
+        if first.device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(first.device, non_blocking=True)
+        positions, key_mask = window_positions(packed[batch * width:], width, first.device)
+        return Window(features, packed[:batch * width].view(batch, width), positions, key_mask)
 
     # -- drafting -----------------------------------------------------------------------------------------
     @torch.inference_mode()

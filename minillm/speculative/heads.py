@@ -173,10 +173,12 @@ class DraftBlock(nn.Module):
         return True
 
 
-def window_positions(lengths: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def window_positions(lengths: list[int] | torch.Tensor, width: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded windows: (positions [B, width] counting from 0 at each row's first real token, key_mask
-    [B, width] True on real tokens). RoPE sees only distances, so window-relative positions are exact."""
-    lengths_t = torch.tensor(lengths, device=device)[:, None]
+    [B, width] True on real tokens). RoPE sees only distances, so window-relative positions are exact.
+    `lengths`: a list, or an int64 tensor already on `device` (no copy)."""
+    lengths_t = (lengths if isinstance(lengths, torch.Tensor) else torch.tensor(lengths, device=device))[:, None]
     pad = width - lengths_t
     index = torch.arange(width, device=device)[None, :]
     return (index - pad).clamp(min=0), index >= pad
