@@ -98,6 +98,8 @@ class PiecewiseCUDAGraphs:
     def capture(self) -> None:
         """Warm up and record every bucket, largest first, on a side stream, in one shared pool."""
         stream = torch.cuda.Stream(self.device)
+        if self.pool is None:  # one private memory pool for every graph of every bucket
+            self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize(self.device)
         for tokens in sorted(self.buckets, reverse=True):
             ids, pos = self.input_ids[:tokens], self.positions[:tokens]
@@ -149,8 +151,6 @@ class PiecewiseCUDAGraphs:
     def _begin(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=self.pool)
-        if self.pool is None:
-            self.pool = graph.pool()
         return graph
 
     # -- replay -------------------------------------------------------------------------------------------
