@@ -70,9 +70,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(model, config, device, batch: int, prompt_len: int, k: int, kind: str, steps: int) -> dict:
-    """Median wall times of `steps` decode (or verify) steps, or of `steps` prefill steps of fresh requests."""
-    prefill = prompt_len > 64
+def time_case(model, config, device, batch: int, prompt_len: int, k: int, kind: str, steps: int,
+              prefill: bool) -> dict:
+    """Median times of `steps` decode (or verify) steps, or (prefill) of `steps` prefill steps of fresh requests."""
     # on a GPU wall time (the host waits for the device within the step); on a (shared) CPU the thread's own CPU
     # time, which other processes' load does not inflate
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
@@ -117,6 +117,7 @@ def time_case(model, config, device, batch: int, prompt_len: int, k: int, kind: 
             _sync(device)
             step_times.append(clock() - start)
             outputs.extend(o.outputs[0].token_ids for o in finished if o.finished)
+    del runner_times[len(step_times):], forward_times[len(step_times):]  # one of each per timed step
     while engine.has_unfinished_requests():
         engine.step()
     result = {"step_ms": 1e3 * statistics.median(step_times), "runner_ms": 1e3 * statistics.median(runner_times),
@@ -202,7 +203,7 @@ def main() -> None:
     print(f"greedy tokens of the verify run equal to plain decoding's: {100 * same:.1f}%", file=sys.stderr)
     results = {}
     for name, (batch, prompt_len, k, kind, scenario) in CASES.items():
-        row = time_case(model, config, device, batch, prompt_len, k, kind, args.steps)
+        row = time_case(model, config, device, batch, prompt_len, k, kind, args.steps, scenario == "prefill")
         if not args.no_counts:
             row["counts"] = count_scenario(scenario).counts()
         results[name] = row
