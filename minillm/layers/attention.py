@@ -19,7 +19,10 @@ The mask is bottom-right aligned: query j of a q_len-token chunk is the token at
 Operator backends (the one switch, minillm/layers/backend.py, shared with norm.py, rotary.py and activation.py):
 "torch"/"reference" run the readable torch code (and the course's exercise functions); "triton" runs the
 kernels of minillm.kernels (through the interpreter on a CPU); "auto" means triton on CUDA, torch on CPU,
-decided per call from the tensor's device. The Triton attention path, chapters 3 and 5:
+decided per call from the tensor's device. The torch path (what a CPU runs) attends sequence by sequence, except
+a decode or verify step on the "torch" backend, which takes all sequences in one padded SDPA call
+(`padded_decode_attention`): on a CPU a per-sequence loop of small ops cost more than the arithmetic.
+The Triton attention path, chapters 3 and 5:
 
 * decode-only step (one query per sequence), or a speculative verify step (the same small number q_len of
   query tokens per sequence, see AttentionMetadata.decode_query_len): `paged_decode_attention` reads K/V
@@ -106,16 +109,65 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                    causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as `attention_reference`, through torch's fused scaled_dot_product_attention."""
-    q_len, num_heads, _ = q.shape
-    kv_len, num_kv_heads = k.shape[0], k.shape[1]
-    rep = num_heads // num_kv_heads
+    """Same contract as `attention_reference`, through torch's fused scaled_dot_product_attention.
+
+    Grouped-query attention is SDPA's own (`enable_gqa`): the kv heads are read in place, never copied H / KVH
+    times. A plain prefill (q_len == kv_len) with the reference mask passes `is_causal` instead of a mask tensor,
+    which lets the fused kernel skip the masked tiles; a learner's causal_mask (the ch02 override) is always
+    built and used as given.
+    """
+    q_len, kv_len = q.shape[0], k.shape[0]
+    is_causal = False
     if mask is None and causal:
-        mask = dispatch("ch02.causal_mask", causal_mask)(q_len, kv_len, device=q.device)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.repeat_interleave(rep, dim=1).transpose(0, 1),
-        v.repeat_interleave(rep, dim=1).transpose(0, 1), attn_mask=mask, scale=scale)
+        mask_fn = dispatch("ch02.causal_mask", causal_mask)
+        if mask_fn is causal_mask and q_len == kv_len:
+            is_causal = True  # bottom-right and top-left alignment agree on a square mask
+        elif q_len > 1 or mask_fn is not causal_mask:  # one query row sees every key: no mask at all
+            mask = mask_fn(q_len, kv_len, device=q.device)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1)
+
+
+def padded_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, q_len: int,
+                            scale: float, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step (q_len 1) or a verify step (every sequence has the same q_len new tokens), all B sequences
+    in ONE attention call: the torch path's counterpart of the paged decode kernel (chapter 5).
+
+    q: [B * q_len, H, D] packed; k_cache, v_cache: [num_blocks, block_size, KVH, D]; block_tables int32 [B, nb];
+    seq_lens int32 [B] (keys per sequence, max_seq_len the largest) -> [B * q_len, H, D].
+
+    Keys are gathered into a padded [B, max_seq_len, KVH, D] batch by one index (slot of key p of sequence i =
+    block_tables[i, p // block_size] * block_size + p % block_size) and padding is masked out, so a step costs a
+    handful of tensor ops whatever the batch size, instead of a Python loop of B gathers and B attention calls
+    per layer (on a CPU each small op costs microseconds of dispatch, which at batch 8 outweighed the arithmetic).
+    Padded keys read slot 0 or stale rows of a block: finite values whose probability the mask sets to 0.
+    Query j of sequence i sits at position seq_lens[i] - q_len + j and sees keys 0..that position.
+    """
+    num_seqs = block_tables.shape[0]
+    if q.shape[0] != num_seqs * q_len:
+        raise ValueError(f"q has {q.shape[0]} rows, expected {num_seqs} sequences x q_len {q_len}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    pos = torch.arange(max_seq_len, device=q.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, L]; < 0 past the table
+    slots = slots.clamp_(min=0).flatten()
+    # index_select of whole rows (one memcpy each) is several times faster on a CPU than advanced indexing
+    k = k_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim)
+    v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+    mask = None
+    if num_seqs > 1 or q_len > 1:  # one sequence decoding sees all its max_seq_len keys: nothing to mask
+        last_visible = seq_lens.to(device=q.device, dtype=torch.int64)[:, None] - q_len \
+            + torch.arange(q_len, device=q.device)  # [B, q_len]
+        mask = (pos <= last_visible[:, :, None]).unsqueeze(1)  # [B, 1, q_len, L]
+    out = F.scaled_dot_product_attention(
+        q.unflatten(0, (num_seqs, q_len)).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != num_heads)  # [B, H, q_len, D]
+    return out.transpose(1, 2).reshape(num_seqs * q_len, num_heads, head_dim)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -129,10 +181,12 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         k, v = quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    slots = slot_mapping.long()
+    if slots.numel() and int(slots.min()) < 0:  # some rows are not stored: keep the others (a boolean gather)
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -224,17 +278,32 @@ class Attention(OperatorModule):
         use_cache = meta.slot_mapping is not None and self.k_cache.numel() > 0
         if use_triton(self.backend, q):
             return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
+        return self._torch_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
+
+    def _torch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                         use_cache: bool, q_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
+        """The readable path (chapters 2 and 5), and the CPU's: store the new k/v, then attend.
+
+        * A decode or verify step (every sequence has the same small q_len, no token tree) on the "torch"
+          backend: all sequences in one call, `padded_decode_attention`.
+        * Otherwise sequence by sequence: keys from the cache through the block table when there is cached
+          context (q_len < seq_len), else this step's own k/v (a prefill: what was just stored, unrounded).
+        """
         if use_cache:
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
-        read_cache = use_cache and meta.block_tables is not None
-        if self.k_scale is not None and q_lens == seq_lens:  # fp8: a plain prefill uses its exact k/v, as triton
-            read_cache = False
+        # a prefill attends to its fresh k/v: the same values the cache now holds (or, fp8, their exact originals)
+        read_cache = use_cache and meta.block_tables is not None and q_lens != seq_lens
         if not read_cache and q_lens != seq_lens:
             raise ValueError("sequences with cached context (q_len < seq_len) need a KV cache and block_tables; "
                              f"got query lens {q_lens}, seq lens {seq_lens}")
         if read_cache and meta.block_size and meta.block_size != self.k_cache.shape[1]:
             raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self.k_cache.shape[1]}")
+        decode_q_len = meta.decode_query_len if read_cache and meta.tree_mask is None else None
+        if decode_q_len is not None and self.backend != "reference" and \
+                (decode_q_len == 1 or dispatch("ch02.causal_mask", causal_mask) is causal_mask):
+            return padded_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                           max(seq_lens), decode_q_len, self.scale, self.k_scale, self.v_scale)
+        attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
         outputs, start = [], 0
         for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
             if q_len < 1 or q_len > seq_len:
@@ -253,7 +322,7 @@ class Attention(OperatorModule):
             mask = tree_visibility(meta.tree_mask[start:end], seq_len) if tree else None
             outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end
-        return torch.cat(outputs, dim=0)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def _triton_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                           use_cache: bool, q_lens: list[int], seq_lens: list[int]) -> torch.Tensor:

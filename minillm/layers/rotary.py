@@ -128,6 +128,7 @@ class RotaryEmbedding(OperatorModule):
         # fp32 even when the model runs in bf16: angles of large positions need the mantissa.
         # Not persistent: it is derived from the config, not a weight to save or load.
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self._cos_sin_memo: tuple | None = None  # (positions, cos, sin) during a forward, see remember_positions
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [T, D/2] each, for the given positions [T]."""
@@ -151,9 +152,29 @@ class RotaryEmbedding(OperatorModule):
             # (positions are not range-checked here: that would sync with the GPU; the engine checks lengths)
             rotary_embedding_(positions, q, k, self.cos_sin_cache)
             return q, k
-        cos, sin = self.cos_sin(positions)
+        cos, sin = self._step_cos_sin(positions)
         rope_fn = dispatch("ch01.rope", apply_rotary)
-        return rope_fn(q, cos, sin), rope_fn(k, cos, sin)
+        # q and k rotated by one call: the same angles for every head, and each small op costs more in dispatch
+        # than in arithmetic on a CPU (fewer calls per layer is what the torch path's speed is made of)
+        qk = rope_fn(torch.cat((q, k), dim=1), cos, sin)
+        return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
+
+    def remember_positions(self, positions: torch.Tensor) -> None:
+        """Start of a forward: every layer shares this module and is handed this same positions tensor, so the
+        range check and the cos/sin lookup can run once for all of them (`forget_positions` ends it). The model
+        brackets its layer loop with the two calls; a caller that does not gets the lookup on every call."""
+        self._cos_sin_memo = (positions, None, None)
+
+    def forget_positions(self) -> None:
+        self._cos_sin_memo = None
+
+    def _step_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memo = self._cos_sin_memo
+        if memo is None or memo[0] is not positions or torch.compiler.is_compiling():
+            return self.cos_sin(positions)
+        if memo[1] is None:
+            memo = self._cos_sin_memo = (positions, *self.cos_sin(positions))
+        return memo[1], memo[2]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_position={self.max_position}, base={self.base}, scaling={self.rope_scaling}"

@@ -125,6 +125,7 @@ class LlamaModel(nn.Module):
             else PPMissingLayer()
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      base=config.rope_theta, rope_scaling=config.rope_scaling, backend=backend)
+        self.rotary_emb = rotary_emb  # the one table every layer's attention shares
         self.layers = nn.ModuleList(
             self.layer_class(config, rotary_emb, quant_config, prefix=f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(config.num_hidden_layers))
@@ -139,8 +140,12 @@ class LlamaModel(nn.Module):
             hidden_states, residual = self.embed_tokens(input_ids), None
         else:
             hidden_states, residual = intermediate_tensors
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        self.rotary_emb.remember_positions(positions)  # cos/sin looked up once, not once per layer
+        try:
+            for layer in self.layers[self.start_layer:self.end_layer]:
+                hidden_states, residual = layer(positions, hidden_states, residual)
+        finally:
+            self.rotary_emb.forget_positions()
         if not self.is_last_stage:
             return hidden_states, residual
         hidden_states, _ = self.norm(hidden_states, residual)
