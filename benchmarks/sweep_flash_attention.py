@@ -8,7 +8,8 @@ Shapes: causal bf16, 32 query heads, GQA 4:1 (8 kv heads) and 8:1 (4 kv heads), 
 Sweep mode times every Hopper config of flash_attention_hopper.SWEEP_CONFIGS explicitly (no autotuner), checks
 every one against SDPA, and prints per shape the best config and its ratio to SDPA, then per config its mean
 ratio over the shapes (what AUTOTUNE_CONFIGS should keep). Final mode times `flash_attention(q, k, v)` as the
-engine calls it. The roofline (bf16 GEMM 8192^3, cuBLAS) is measured in the same run.
+engine calls it, and, on sm_90, the Hopper kernel through its own autotuner (whether or not "auto" picks it:
+see flash_attention_hopper.AUTO_DISPATCH). The roofline (bf16 GEMM 8192^3, cuBLAS) is measured in the same run.
 Compiling ~50 kernels one after another would take minutes, so worker processes compile them first (each
 launches its configs once on a small problem with the same specialisation) and this process then loads them
 from Triton's on-disk cache. Needs an sm_90 GPU for the Hopper rows (elsewhere they are skipped).
@@ -117,8 +118,7 @@ def run(final: bool, head_dims, seqs, jobs: int, out_path: str) -> dict:
     on_hopper = hopper.is_hopper(torch.device(DEVICE))
     configs = {d: hopper.valid_configs(d) for d in head_dims} if on_hopper and not final else {d: [] for d in head_dims}
     tasks = [(d, "hopper", c) for d in head_dims for c in configs[d]]
-    if not (final and on_hopper):  # what the portable autotuner tries
-        tasks += [(d, "portable", c) for d in head_dims for c in fa._GPU_CONFIGS]
+    tasks += [(d, "portable", c) for d in head_dims for c in fa._GPU_CONFIGS]  # what the portable autotuner tries
     if on_hopper:
         tasks += [(d, "hopper", c) for d in head_dims for c in hopper.AUTOTUNE_CONFIGS[d] if c not in configs[d]]
     compile_s = precompile(tasks, jobs)
@@ -170,9 +170,13 @@ def run(final: bool, head_dims, seqs, jobs: int, out_path: str) -> dict:
                         row.update(best_config=best, best_ms=good[best]["ms"], best_ratio=good[best]["ratio"])
                 out = fa.flash_attention(q, k, v)  # the engine's call: auto dispatch, autotuned
                 strides = tuple(t.stride(i) for t in (q, k, v, out) for i in (0, 2, 1))
-                row["auto_backend"] = "hopper" if on_hopper and hopper.hopper_supported(
-                    q, k, v, out, strides, seq) else "portable"
+                row["auto_backend"] = "hopper" if hopper.use_hopper(q, k, v, out, strides, seq) else "portable"
                 row["auto_err"], row["auto_ok"] = _check(out, ref)
+                if on_hopper:  # the Hopper kernel through its own autotuner, whether or not "auto" picks it
+                    row["hopper_tuned_err"], row["hopper_tuned_ok"] = _check(
+                        fa.flash_attention(q, k, v, backend="hopper"), ref)
+                    row["hopper_tuned_ms"] = _bench_ms(lambda: fa.flash_attention(q, k, v, backend="hopper"))
+                    row["hopper_tuned_ratio"] = row["sdpa_ms"] / row["hopper_tuned_ms"]
                 row["auto_ms"] = _bench_ms(lambda: fa.flash_attention(q, k, v))
                 row["auto_tflops"] = tflop / row["auto_ms"] * 1e3
                 row["auto_ratio"] = row["sdpa_ms"] / row["auto_ms"]
@@ -199,6 +203,9 @@ def _row_line(r, tflop, gemm) -> str:
             line += f" | hopper best {ms(r['best_ms'])} ({r['best_ratio']:.2f}x) {r['best_config']}"
     line += (f" | auto[{r['auto_backend']}] {ms(r['auto_ms'])} ({r['auto_ratio']:.2f}x, "
              f"{r['auto_tflops'] / gemm:.0%} of GEMM, err {r['auto_err']:.3f}{'' if r['auto_ok'] else ' FAIL'})")
+    if "hopper_tuned_ms" in r:
+        line += (f" | hopper tuned {ms(r['hopper_tuned_ms'])} ({r['hopper_tuned_ratio']:.2f}x"
+                 f"{'' if r['hopper_tuned_ok'] else ' FAIL'})")
     return line
 
 

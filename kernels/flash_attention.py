@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from minillm.hooks import dispatch
-from minillm.kernels.flash_attention_hopper import hopper_supported, launch_hopper
+from minillm.kernels.flash_attention_hopper import launch_hopper, use_hopper
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634
@@ -335,10 +335,11 @@ BACKENDS = ("auto", "portable", "hopper")
 
 def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
             max_seqlen_q, causal, softmax_scale, varlen, backend="auto", config=None):
-    """Pick the kernel and launch it. backend "auto": the Hopper kernel (flash_attention_hopper.py: TMA
-    descriptors, pipelined loads, longest tiles first) on an sm_90 GPU when the call suits it, else the
-    portable kernel above; "portable" / "hopper" force one (benchmarks and tests). config = (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) bypasses the autotuner."""
+    """Pick the kernel and launch it. backend "auto": the portable kernel above, or the Hopper kernel
+    (flash_attention_hopper.py: TMA descriptors, pipelined loads, longest tiles first) on an sm_90 GPU when
+    flash_attention_hopper.use_hopper says so (off for now: on the H200 it is not yet faster); "portable" /
+    "hopper" force one (benchmarks and tests). config = (BLOCK_M, BLOCK_N, num_warps, num_stages[, ...])
+    bypasses the autotuner (the Hopper kernel's takes two more entries: see launch_hopper)."""
     head_dim = q.shape[-1]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -351,7 +352,7 @@ def _launch(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_head
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
     upcast = triton_interpreted() and q.dtype != torch.float32
     if backend == "hopper" or (backend == "auto" and not triton_interpreted()
-                               and hopper_supported(q, k, v, out, strides, max_seqlen_q)):
+                               and use_hopper(q, k, v, out, strides, max_seqlen_q)):
         launch_hopper(q, k, v, out, lse, cu_q, cu_k, strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, batch,
                       max_seqlen_q, causal, scale * _LOG2E, varlen, config=config, upcast=upcast)
         return

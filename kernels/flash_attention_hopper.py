@@ -1,9 +1,10 @@
 """FlashAttention forward for Hopper (sm_90): the chapter 3 kernel rebuilt around the Tensor Memory Accelerator.
 
 flash_attention.py holds the portable FlashAttention-2 kernel (any GPU, and the interpreter); this file holds
-the same algorithm in the shape Hopper wants, and flash_attention.py picks it at run time on capability
-(9, 0). The arithmetic is unchanged (online softmax in base 2, bottom-right causal alignment, grouped-query
-heads, packed variable-length sequences, the same out and lse); what changes is how the tiles move:
+the same algorithm in the shape Hopper wants. flash_attention.py runs it with backend="hopper", and by default on
+capability (9, 0) once AUTO_DISPATCH is on (it is off: see there for the H200 measurement). The arithmetic is
+unchanged (online softmax in base 2, bottom-right causal alignment, grouped-query heads, packed variable-length
+sequences, the same out and lse); what changes is how the tiles move:
 
 * TMA tensor descriptors (FlashAttention-3, Shah et al. 2024, section 3.1). Each program builds, on the
   device, one 2-D descriptor per operand for *its own* (sequence, head): base = the first token of the
@@ -178,6 +179,13 @@ def _flash_fwd_hopper_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 # ----------------------------------------------------------------------------------------------------- host side
 HOPPER_CAPABILITY = (9, 0)
+# Whether backend="auto" takes this kernel on sm_90. Off: measured on the H200 (2026-12-02, triton 3.6, causal bf16,
+# 32 query heads, GQA 4:1 and 8:1, 32k tokens, the autotuner's pick (128, 64, 8, 3)), it ran at 0.64-0.79x of
+# SDPA (cuDNN, 552-597 TFLOP/s) for d128 and 0.75-0.90x for d64: 360-467 TFLOP/s at d128, no faster than the
+# portable kernel (401 / 452 / 468 TFLOP/s at 2k / 8k / 16k) and slowest at 2k, where each program is short and
+# building four descriptors per program (a global-memory write and a proxy fence each) weighs most. Opt in with
+# backend="hopper"; turn this on once benchmarks/sweep_flash_attention.py shows a config that wins.
+AUTO_DISPATCH = False
 HOPPER_HEAD_DIMS = (64, 128)  # the head sizes with tuned tiles; others take the portable kernel
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, EXP2_FMA, MAXNREG). MAXNREG > 0 caps the registers per thread (0: the
 # compiler's choice): at 128, two 8-warp programs fit on one SM (65,536 registers) and overlap each other's softmax
@@ -244,6 +252,12 @@ def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return (is_hopper(q.device) and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[-1] in HOPPER_HEAD_DIMS and triton.cdiv(max_seqlen_q, 64) <= 65535
             and tma_compatible(q, k, v, out, strides=strides[:12]))
+
+
+def use_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, strides: tuple[int, ...],
+               max_seqlen_q: int) -> bool:
+    """backend="auto"'s choice: this kernel when AUTO_DISPATCH is on and the call suits it."""
+    return AUTO_DISPATCH and hopper_supported(q, k, v, out, strides, max_seqlen_q)
 
 
 def _tma_scratch(device: torch.device):

@@ -3,7 +3,7 @@
 CPU: the kernel itself runs under the Triton interpreter (device-side TMA descriptors are emulated there,
 bounds checks included) in fp32 with one small explicit tile: packed batches of awkward lengths, GQA, causal
 and not, queries that are the last tokens of a longer context, rows that see no key, strided inputs.
-GPU (sm_90 only): bf16 against torch SDPA at real sizes, explicit configs and the autotuned entry point.
+GPU (sm_90 only): bf16 against torch SDPA at real sizes, explicit configs and the kernel's own autotuner.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def test_dispatch_and_bad_input():
     q = torch.randn(8, 2, 16)
     cu = _cu([8])
     assert not hopper.hopper_supported(q, q, q, q, (0,) * 14, 8)  # a CPU tensor never takes the Hopper path
+    assert not hopper.use_hopper(q, q, q, q, (0,) * 14, 8)
     with pytest.raises(ValueError, match="backend"):
         flash_attn_varlen(q, q, q, cu, cu, 8, 8, backend="cudnn")
     with pytest.raises(ValueError, match="config"):
@@ -128,7 +129,7 @@ def test_gpu_against_sdpa(head_dim, config):
                                          is_causal=True)
     out = flash_attention(q, k, v, causal=True, backend="hopper", config=config)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(flash_attention(q, k, v, causal=True), out, atol=2e-2, rtol=2e-2)  # auto
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), out, atol=2e-2, rtol=2e-2)  # "auto" agrees
 
 
 @pytest.mark.gpu
