@@ -118,9 +118,14 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def test_attention_layer_sends_a_mixed_batch_to_one_paged_launch(kernel_calls):
+@pytest.mark.parametrize("max_mean_query", [128, 2])
+def test_attention_layer_sends_a_mixed_batch_to_one_paged_launch(kernel_calls, monkeypatch, max_mean_query):
     """A decode, a chunk over one block of context and a fresh prompt in one step: the triton layer stores the
-    new k/v, then one paged launch reads everything from the cache; equal to the reference layer."""
+    new k/v, then one paged launch reads everything from the cache; equal to the reference layer. Chunks longer
+    on average than PAGED_PREFILL_MAX_MEAN_QUERY (4 tokens here against a limit of 2) take the gather +
+    FlashAttention path instead, with the same result."""
+    import minillm.layers.attention as attention_module
+    monkeypatch.setattr(attention_module, "PAGED_PREFILL_MAX_MEAN_QUERY", max_mean_query)
     q_lens, seq_lens, heads, kv_heads, dim, block_size = [1, 5, 6], [9, 9, 6], 9, 3, 64, 4
     q, k_cache, v_cache, tables, cu, _, kv = paged_case(q_lens, seq_lens, heads, kv_heads, dim, block_size)
     slots = [int(tables[b, p // block_size]) * block_size + p % block_size
@@ -136,7 +141,7 @@ def test_attention_layer_sends_a_mixed_batch_to_one_paged_launch(kernel_calls):
                                  block_size=block_size, seq_lens_list=seq_lens, query_lens_list=q_lens)
         with forward_context(meta):
             outs[backend] = layer(q, k_new, v_new)
-    assert kernel_calls == [(q_lens, seq_lens)]
+    assert kernel_calls == ([(q_lens, seq_lens)] if max_mean_query == 128 else [])
     torch.testing.assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=1e-4)
 
 

@@ -31,10 +31,13 @@ The Triton attention path, chapters 3 and 5:
 * anything else (chunked prefill, prefix-cache hit, a batch that mixes prefills and decodes): one launch of
   `paged_prefill_attention` (kernels/paged_prefill.py), FlashAttention whose inner loop reads each key tile
   through the block table (slot of key p = block_table[p // block_size] * block_size + p % block_size), so the
-  context is never copied; every key, the new tokens' included, comes from the cache. The path it replaced,
-  gathering each sequence's keys into a packed copy (`gather_kv_packed`) and running `flash_attn_varlen` on it,
-  is kept as the readable statement of the same address translation and as the benchmark's baseline
-  (benchmarks/bench_paged_prefill.py).
+  context is never copied; every key, the new tokens' included, comes from the cache. Reading keys through a
+  table of 16-token blocks costs the kernel 1.3-1.9x its time on packed keys (H200, benchmarks/RESULTS.md), so it
+  wins only where the copy it saves is large against the attention itself: many short chunks over long contexts
+  (1.3x at 32 sequences x 64 new tokens over 8k), and fp8 caches. Steps whose chunks are long (more than
+  PAGED_PREFILL_MAX_MEAN_QUERY new tokens per sequence on average; 512-2048 measured 0.7-0.8x) keep the
+  earlier path: gather each sequence's keys into a packed copy (`gather_kv_packed`) and run
+  `flash_attn_varlen` on it.
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised in torch (x / scale, saturated, cast) before the store, and every read
@@ -55,6 +58,10 @@ from minillm.hooks import dispatch
 from minillm.layers.backend import OperatorModule, use_triton
 from minillm.layers.kv_quant import dequantize_kv, quantize_kv
 from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
+
+# mean new tokens per sequence up to which a step with cached context reads it through the block table
+# (paged_prefill_attention) rather than from a gathered copy: measured wins at 64, losses at 512 (H200)
+PAGED_PREFILL_MAX_MEAN_QUERY = 128
 
 # >>> exercise ch02.causal_mask
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -365,10 +372,15 @@ class Attention(OperatorModule):
         if max(seq_lens) > meta.block_tables.shape[1] * block_size:
             raise ValueError(f"seq_lens {seq_lens} exceed what block_tables of {meta.block_tables.shape[1]} blocks "
                              f"of {block_size} hold")
-        # the new tokens' k/v were stored above: the kernel reads every key, cached or new, through the block table
-        out = paged_prefill.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                    meta.seq_lens, cu_seqlens_q, softmax_scale=self.scale,
-                                                    k_scale=self.k_scale, v_scale=self.v_scale)
+        if self.k_scale is not None or len(q_lens) * PAGED_PREFILL_MAX_MEAN_QUERY >= sum(q_lens):
+            # the new tokens' k/v were stored above: the kernel reads every key, cached or new, through the table
+            out = paged_prefill.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                        meta.seq_lens, cu_seqlens_q, softmax_scale=self.scale,
+                                                        k_scale=self.k_scale, v_scale=self.v_scale)
+        else:  # long chunks: a packed copy of the context and FlashAttention's contiguous loads win
+            k_all, v_all, cu_seqlens_k = gather_kv_packed(self.k_cache, self.v_cache, meta, seq_lens)
+            out = flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
+                                    causal=True, softmax_scale=self.scale)
         if tree:  # a prefill shares the step with trees: their rows again, tree-masked
             out = paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale, out=out,
                                        k_scale=self.k_scale, v_scale=self.v_scale)
