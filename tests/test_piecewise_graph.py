@@ -68,7 +68,8 @@ def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed
         model, config = tiny_model(seed=6, backend="triton", max_position_embeddings=256)
     engine = LLMEngine(model, ByteTokenizer(), config,
                        EngineConfig(max_model_len=256, max_num_seqs=4, num_kv_blocks=64, enforce_eager=False,
-                                    piecewise_cuda_graphs=True, max_num_batched_tokens=100),
+                                    piecewise_cuda_graphs=True, max_num_batched_tokens=100,
+                                    enable_chunked_prefill=True),  # a step budget under max_model_len needs it
                        device=torch.device("cuda"), dtype=torch.float32)
     graphs = engine.runner.piecewise_graphs
     assert graphs is not None and graphs.buckets == [16, 24, 32, 48, 64, 96, 100]
