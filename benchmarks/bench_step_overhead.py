@@ -134,7 +134,12 @@ def time_case(model, config, device, batch: int, prompt_len: int, k: int, kind: 
 
 def replay_ms(graphs, batch: int, q_len: int) -> float:
     """GPU time of one replay of the graph this batch runs (median of 50, CUDA events)."""
-    graph = graphs.graphs[graphs.bucket_for(batch)][q_len]
+    size = graphs.bucket_for(batch)
+    graph = graphs.graphs[size][q_len]
+    # every graph's static inputs are views of one upload buffer, so another shape's step has overwritten them:
+    # make every row a padding row (valid addresses) before replaying (on the H200 a replay of stale rows
+    # indexed out of bounds)
+    graphs._pad(graphs.inputs[size, q_len], 0, q_len, 0)
     times = []
     for _ in range(50):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
