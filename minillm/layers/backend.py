@@ -4,7 +4,7 @@ Every operator module (attention, RMSNorm, RoPE, SiLU*mul) subclasses `OperatorM
 `set_operator_backend(model, backend)` switches every one of them under a model, so a new operator joins the
 switch by subclassing, never by being added to a list somewhere else. The backends:
 
-    "torch"      per-sequence loops over torch ops and SDPA (fast enough on a CPU)
+    "torch"      torch ops and SDPA (one padded SDPA call per layer for a decode step; the CPU path)
     "reference"  the plainest torch (matmul + fp32 softmax), for tests and for reading
     "triton"     the kernels of minillm.kernels (chapters 3-5; on a CPU through Triton's interpreter)
     "auto"       triton when the tensors live on a GPU, torch otherwise (decided per call by `use_triton`)
