@@ -53,18 +53,8 @@ def graph_time_us(calls, est_us: float) -> float:
     with torch.cuda.graph(graph):
         for i in range(n):
             calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    del graph
-    return sorted(times)[len(times) // 2]
+    from minillm.bench.roofline import graph_replay_us
+    return graph_replay_us(graph, n)
 
 
 def split_factors(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> list[int]:

@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -228,18 +227,8 @@ def time_graph_us(step, copies: int, launches: int = 20, trials: int = 5) -> flo
     with torch.cuda.graph(g):
         for i in range(launches):
             step(i % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / launches)
-    del g
-    return statistics.median(times)
+    from minillm.bench.roofline import graph_replay_us
+    return graph_replay_us(g, launches, trials)
 
 
 def copy_bandwidth() -> float:
