@@ -17,6 +17,15 @@
     int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
     gemv.py             gemv, GemvConfig, default_config       dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
                                                               weight streaming, split-K with one launch (chapter 4)
+    int4_mma.py,        int4 kernels for decode sizes:         bf16-halves tensor-core and packed-fp16 CUDA-core
+    int4_gemv.py,       int4_dispatch times them per shape     INT4 GEMMs; int4_dispatch picks per (M bucket,
+    int4_dispatch.py,   and keeps the fastest correct one      shape); int4_tuning: configs, split-K, workspace
+    int4_tuning.py
+    paged_prefill.py    paged_prefill_attention                FlashAttention reading cached K/V through the block
+                                                              table: chunks and prefix hits, no gather (chapter 5)
+    flash_attention_hopper.py                                  TMA-descriptor FlashAttention for sm_90, opt-in
+                                                              (backend="hopper"; slower than the portable kernel)
+    hardware.py         num_sms                                the SM count the launch heuristics size grids by
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.hardware import num_sms
+
 __all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv"]
 
 MAX_M = 16  # rows of x one launch serves (the tensor-core path pads M to 16)
@@ -168,17 +170,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
             tl.atomic_xchg(CNT + pid_n, 0)
 
 
-_NUM_SMS: dict[int, int] = {}
 _WORKSPACES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
 
 
 def _workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +225,7 @@ TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
 def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
     """The measured config for (M, N, K) where the sweep has one, else default_config for this device's SMs."""
     cfg = TUNED_CONFIGS.get((m, n, k))
-    return cfg if cfg is not None else default_config(m, n, k, _num_sms(device))
+    return cfg if cfg is not None else default_config(m, n, k, num_sms(device))
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -269,7 +261,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
-    cfg = config if config is not None else default_config(m, n, k, _num_sms(x.device))
+    cfg = config if config is not None else default_config(m, n, k, num_sms(x.device))
     cfg.check(m, x.is_cuda)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid_n = triton.cdiv(n, cfg.block_n)

@@ -25,7 +25,8 @@ import triton
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import int4_gemv_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
-from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies, num_sms
+from minillm.kernels.hardware import num_sms
+from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies
 from minillm.platform import triton_interpreted
 
 __all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]

@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.hardware import num_sms
 from minillm.kernels.int4_tuning import (_SPLIT_K_WORKSPACES, LARGE_M_CONFIGS, MAX_SPLIT_K,  # noqa: F401
-                                         SPLIT_K_MAX_M, _interpreter_config, choose_split_k, num_sms,
-                                         split_k_workspace)
+                                         SPLIT_K_MAX_M, _interpreter_config, choose_split_k, split_k_workspace)
 from minillm.platform import triton_interpreted
 
 __all__ = ["int4_gemm", "int4_unpack", "launch_int4_gemm", "choose_split_k", "MAX_SPLIT_K"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-__all__ = ["MAX_SPLIT_K", "SPLIT_K_MAX_M", "choose_split_k", "mma_applies", "num_sms", "split_k_workspace"]
+__all__ = ["MAX_SPLIT_K", "SPLIT_K_MAX_M", "choose_split_k", "mma_applies", "split_k_workspace"]
 
 # int4_gemm.py's tensor-core tiles for prefill-sized M (> SPLIT_K_MAX_M): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages), autotuned by Triton. Decode sizes go through int4_dispatch.py instead.
@@ -24,17 +24,6 @@ MAX_SPLIT_K = 32
 SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """The device's SM count (4 off CUDA: the interpreter's grids stay small)."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
 
 
 def choose_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: int) -> int:
