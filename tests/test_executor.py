@@ -17,7 +17,7 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.step_input import SamplingSpec, StepInput, build_step_input
 from minillm.engine.worker import PrebuiltModel, RandomWeights, Worker
 from minillm.sampling_params import SamplingParams
-from tiny import ByteTokenizer
+from tiny import ByteTokenizer, run_to_completion
 
 CONFIG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=257)
@@ -26,13 +26,7 @@ PROMPTS = [[5, 6, 7, 8, 9], list(range(30, 47)), [100]]
 
 
 def _generate(engine: LLMEngine, params: list[SamplingParams]) -> list[list[int]]:
-    ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, params)]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
+    return run_to_completion(engine, PROMPTS, params)
 
 
 PARAMS = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),

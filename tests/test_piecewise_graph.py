@@ -11,7 +11,7 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.piecewise_graph import TOKEN_BUCKETS, PiecewiseCUDAGraphs, token_buckets
 from minillm.sampling_params import SamplingParams
 from test_triton_backend import tiny_model
-from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny import ByteTokenizer, one_thread, run_to_completion  # noqa: F401  (one_thread: autouse fixture)
 
 
 def test_token_buckets_cover_every_count_up_to_the_limit():
@@ -38,14 +38,7 @@ def _greedy(model, config, prompts, **engine_kw) -> list[list[int]]:
     engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=256, max_num_seqs=8,
                                                                     num_kv_blocks=96, **engine_kw),
                        device=torch.device("cuda"), dtype=torch.float32)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
+    return run_to_completion(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
 
 
 @pytest.mark.gpu

@@ -23,6 +23,19 @@ class ByteTokenizer:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
 
+def run_to_completion(engine, prompts: list, params) -> list[list[int]]:
+    """Add every prompt to `engine` and step it until all finish; each prompt's generated token ids, in prompt
+    order. `params`: one SamplingParams for all, or a list with one per prompt."""
+    per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    ids = [engine.add_request(None, p, sp) for p, sp in zip(prompts, per_prompt)]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
