@@ -178,7 +178,7 @@ def tuned_int4_gemm(x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -
 def _compile_worker(jobs: list[tuple]) -> int:
     """In a worker process: run each (m, n, k, group, dtype name, Launch) once on zeros, which compiles it into
     Triton's on-disk cache (values do not matter; shapes, dtypes and the == 1 specialisations do)."""
-    import minillm  # noqa: F401
+    import minillm.platform  # noqa: F401  (importing it runs the package's setup: minillm.kernels resolves)
 
     from minillm.kernels.int4_tuning import split_k_workspace
 
