@@ -1,4 +1,4 @@
-"""What the kernels' launch heuristics ask of the device: how many SMs share the work.
+"""What the kernels' launch heuristics ask of the device: how many SMs share the work (chapters 4, 5, 8).
 
 A heuristic that splits K (GEMV, INT4 GEMM) or the keys (flash-decoding) sizes its grid so that every SM gets
 work; the count is read once per device and kept.

@@ -1,4 +1,5 @@
-"""Launch tuning for the INT4 weight-only GEMM kernels (int4_gemm.py, int4_mma.py): tile configs, split-K, workspace.
+"""Launch tuning for the INT4 weight-only GEMM kernels (int4_gemm.py, int4_mma.py): tile configs, split-K, workspace
+(chapter 8).
 
 At decode (M = 1..64 rows) a weight-only GEMM is a stream of weight bytes. What decides its speed is whether
 enough bytes are in flight per SM to cover HBM's latency (a few tens of KB per SM on an H200) and whether the

@@ -1,4 +1,4 @@
-"""Piecewise CUDA graphs: steps with prefill tokens replayed as graphs between eager attention calls (issue 14).
+"""Piecewise CUDA graphs: steps with prefill tokens replayed as graphs between eager attention calls (chapter 4).
 
 A decode step has a fixed shape per batch size, so cuda_graph.py records the whole forward once per size. A step
 that carries prefill tokens (a prompt, a chunk of one, a prompt mixed with running decodes) does not: its
