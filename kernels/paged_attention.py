@@ -65,7 +65,9 @@ MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step o
 MAX_TREE_QUERY_LEN = 64  # with a tree_mask: one int64 ancestor bitmask per node bounds a tree at 64 nodes
 
 
-@triton.jit
+# Integers that change from step to step are not specialised (Triton compiles a variant per value that is 1 or
+# a multiple of 16): batch-dependent strides and the split count would otherwise recompile mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "stride_lb", "stride_lh", "num_splits"])
 def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SCALE, V_SCALE, O_PART, LSE_PART,
                                OUT, CU_SEQLENS_Q, TREE_MASK, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
@@ -169,7 +171,7 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         tl.store(LSE_PART + tokens * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          CHUNK_S: tl.constexpr):

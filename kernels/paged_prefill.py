@@ -113,7 +113,7 @@ def _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])  # they change every step: one compile for all
 def _paged_prefill_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, K_SCALE, V_SCALE, OUT,
                           stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                           stride_bt, stride_ot, stride_oh, qk_scale, num_seqs,
