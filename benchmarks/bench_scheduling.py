@@ -156,8 +156,11 @@ def bench_p9(setup: Setup, quick: bool) -> dict:
     max_model_len = in_range[1] + out_range[1]
     # equal KV memory: static reserves max_model_len per slot; continuous gets the same bytes as paged blocks
     kv_memory = max_num_seqs * max_model_len * kv_bytes_per_block(setup.model_config, 1, setup.dtype)
-    warm = setup.llm(max_model_len=max_model_len, max_num_seqs=2, num_kv_blocks=2 * -(-max_model_len // 16))
-    warm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    # warm-up: 16 requests through 4 slots, so prefills join running decodes (mixed steps) and every kernel is
+    # compiled and autotuned before the clock starts, as a server does at start-up
+    warm = setup.llm(max_model_len=max_model_len, max_num_seqs=4, num_kv_blocks=4 * -(-max_model_len // 16))
+    warm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
+                                 for i in range(len(prompts[:16]))])
     del warm
     release(setup)
     result = {"num_requests": n, "input_len_range": in_range, "output_len_range": out_range,
@@ -188,16 +191,19 @@ def bench_p8(setup: Setup, quick: bool) -> dict:
     num_requests = 2 if quick else (8 if setup.cuda else 4)
     rng = random.Random(8)
     prefix = setup.prompt(rng, prefix_len)
-    suffixes = [setup.prompt(rng, rng.randint(16, 32)) for _ in range(num_requests + 1)]
+    suffixes = [setup.prompt(rng, rng.randint(16, 32)) for _ in range(num_requests + 2)]
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     result = {"prefix_len": prefix_len, "num_requests": num_requests, "suffix_len_range": (16, 32)}
     for name, caching in (("uncached", False), ("cached", True)):
         llm = setup.llm(max_model_len=prefix_len + 64, max_num_seqs=4, enable_prefix_caching=caching,
                         num_kv_blocks=4 * -(-(prefix_len + 64) // 16))
-        llm.generate(prefix + suffixes[0], params)  # warm: kernels, and (when caching) the prefix's blocks
+        # warm-up: kernels, and (when caching) the prefix's blocks; the second request takes the cached-prefix
+        # path once (its kernels compile and autotune before the clock starts)
+        for suffix in suffixes[:2]:
+            llm.generate(prefix + suffix, params)
         print(f"P8 {name}: {num_requests} requests with a {prefix_len}-token shared prefix ...", flush=True)
         ttfts = []
-        for suffix in suffixes[1:]:  # one at a time: TTFT is the prefill alone, no queueing
+        for suffix in suffixes[2:]:  # one at a time: TTFT is the prefill alone, no queueing
             out = llm.generate(prefix + suffix, params)[0]
             ttfts.append(out.metrics.ttft)
         bm = getattr(llm.llm_engine.scheduler, "block_manager", None)
@@ -261,7 +267,8 @@ def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
     llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256)  # pool from profiling + gpu_memory_utilization
     num_blocks = llm.llm_engine.scheduler.block_manager.num_blocks
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm up
+    llm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
+                                for i in range(len(prompts[:16]))])  # warm up: prefills, mixed steps, decodes
     print(f"P6 minillm: {n} requests, lengths {lo}..{hi}, KV pool {num_blocks} blocks ...", flush=True)
     outs, wall, _ = timed_generate(llm, prompts, params)
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
