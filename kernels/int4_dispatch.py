@@ -1,10 +1,11 @@
-"""Pick the fastest INT4 weight-only kernel for each decode shape by timing the candidates once (chapter 8).
+"""Pick the fastest INT4 weight-only kernel for each shape by timing the candidates once (chapter 8).
 
-Four kernels compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
-  fma   int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
-  dot   int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
-  mma   int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
-  gemv  int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2.
+Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
+  fma      int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
+  dot      int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
+  mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
+  gemv     int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2;
+  dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
 Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
 (M bucket, N, K, group, ...) key each candidate runs once, its output is checked against the reference kernel's
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import int4_gemv_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
 from minillm.kernels.hardware import num_sms
-from minillm.kernels.int4_tuning import MAX_SPLIT_K, mma_applies
+from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
 from minillm.platform import triton_interpreted
 
 __all__ = ["Launch", "candidates", "precompile", "run_launch", "tuned_int4_gemm", "tuned_launch"]
@@ -38,19 +40,22 @@ DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
 GEMV_TILES = [(256, 64, 1), (512, 32, 1)]
+# dequantise-then-cuBLAS from this many rows; slices of the bf16 weight of about this many bytes (L2 is 50 MB)
+DEQUANT_MIN_M = 16
+DEQUANT_SLICE_BYTES = 24 << 20
 
 
 @dataclass(frozen=True)
 class Launch:
     """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
 
-    kernel: str  # "fma" | "dot" | "mma" | "gemv"
+    kernel: str  # "fma" | "dot" | "mma" | "gemv" | "dequant"
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
-    split_k: int
+    split_k: int  # for "dequant": the number of column slices (int4_dequant_matmul's chunks)
 
 
 def _splits(tiles: int, k_tiles: int, sms: int) -> list[int]:
@@ -65,7 +70,7 @@ def _splits(tiles: int, k_tiles: int, sms: int) -> list[int]:
 
 
 def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> list[Launch]:
-    """The launches worth timing for M rows (decode sizes, M <= 64); the reference launch (int4_gemm.py's) first."""
+    """The launches worth timing for M rows; the reference launch (int4_gemm.py's tensor-core path) first."""
     m_bucket = triton.next_power_of_2(m)
     out = []
     if m_bucket <= 2:
@@ -77,14 +82,23 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
             if group % bk == 0 and dtype != torch.float32:  # fp16 arithmetic: not for fp32 callers
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     out.append(Launch("gemv", 1, bn, bk, w, 1, s))
-    bm = max(16, m_bucket)
-    for bn, w in DOT_TILES:
-        for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
-            out.append(Launch("dot", bm, bn, 128, w, 3, s))
+    if m <= SPLIT_K_MAX_M:
+        bm = max(16, m_bucket)
+        for bn, w in DOT_TILES:
+            for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
+                out.append(Launch("dot", bm, bn, 128, w, 3, s))
+    else:  # prefill-sized: the large tiles Triton's autotuner used to pick from, no split
+        for bm, bn, bk, w, st in LARGE_M_CONFIGS:
+            out.append(Launch("dot", bm, bn, bk, w, st, 1))
     if mma_applies(torch.empty(0, dtype=dtype), group, m):
+        bm = max(16, m_bucket)
         for bn, w in MMA_TILES:
             for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
                 out.append(Launch("mma", bm, bn, 128, w, 3, s))
+    if m >= DEQUANT_MIN_M:  # the whole weight at once, and in slices small enough to stay in L2 for cuBLAS
+        slices = triton.cdiv(k * n * 2, DEQUANT_SLICE_BYTES)
+        for c in sorted({1, min(slices, max(1, n // 8))}):
+            out.append(Launch("dequant", 0, 0, 0, 0, 0, c))
     # the reference for the output check: the tensor-core path of int4_gemm.py (any M, any group)
     ref = [c for c in out if c.kernel == "dot"][:1]
     return ref + [c for c in out if c not in ref]
@@ -92,6 +106,9 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
 
 def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws, cnt) -> None:
     """Run one launch: y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias). qzeros None means symmetric."""
+    if lc.kernel == "dequant":
+        int4_dequant_matmul(x2, qweight, scales, qzeros, group, bias, y, lc.split_k)
+        return
     if lc.kernel == "mma":
         cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, BLOCK_K=lc.block_k, SPLIT_K=lc.split_k,
                    num_warps=lc.num_warps, num_stages=lc.num_stages)

@@ -39,9 +39,9 @@ On the H200 (2026-12-02 sweep) that count, not HBM, is the limit at decode: the 
 35-42% of copy bandwidth whatever the split; int4_mma.py unpacks two weights per instruction (~3.4 per weight).
 
 The layout helpers (repack from rtn.QuantizedWeight, act-order sorting, the torch reference dequantizer) are in
-int4_layout.py, the launch tuning in int4_tuning.py. On a GPU, decode sizes (M <= 64) go to int4_dispatch.py,
-which times this kernel's two paths and int4_mma.py's kernel once per shape and keeps the fastest; larger M is
-autotuned here (make the first call of each shape before graph capture). Under the interpreter one small config
+int4_layout.py, the launch tuning in int4_tuning.py. On a GPU every call goes to int4_dispatch.py, which times
+this kernel's two paths, the other INT4 kernels and (prefill-sized M) dequantise-then-cuBLAS once per shape and
+keeps the fastest (make the first call of each shape before graph capture). Under the interpreter one small config
 runs (fp32 activations: the interpreter's bf16 tl.dot is wrong).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.hardware import num_sms
-from minillm.kernels.int4_tuning import (_SPLIT_K_WORKSPACES, LARGE_M_CONFIGS, MAX_SPLIT_K,  # noqa: F401
+from minillm.kernels.int4_tuning import (_SPLIT_K_WORKSPACES, MAX_SPLIT_K,  # noqa: F401
                                          SPLIT_K_MAX_M, _interpreter_config, choose_split_k, split_k_workspace)
 from minillm.platform import triton_interpreted
 
@@ -241,21 +241,6 @@ def launch_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 # <<< exercise
 
 
-# ---------------------------------------------------------------------------------------------- autotuning
-_autotuned = None
-
-
-def _autotuned_kernel():
-    """_int4_gemm_kernel autotuned over LARGE_M_CONFIGS (prefill-sized M; no split-K)."""
-    global _autotuned
-    if _autotuned is None:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True, "SPLIT_K": 1},
-                                 num_warps=w, num_stages=st) for bm, bn, bk, w, st in LARGE_M_CONFIGS]
-        _autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_ZEROS"])(
-            _int4_gemm_kernel)
-    return _autotuned
-
-
 # ---------------------------------------------------------------------------------------------- launcher
 def _check_int4_args(x, qweight, scales, qzeros, group_size, perm, bias) -> int:
     """Validate the operands (ValueError/TypeError naming the bad one); returns the effective group size."""
@@ -292,8 +277,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T (+ bias), in x's dtype, with W in the layout of the module docstring.
 
-    On a GPU, decode sizes (M <= 64) run the fastest of this module's two paths and int4_mma.py's kernel, timed
-    once per shape by int4_dispatch.py; larger M runs this module's autotuned tensor-core path.
+    On a GPU every call runs the fastest of this module's two paths, int4_mma.py's and int4_gemv.py's kernels and
+    (M >= 16) int4_dequant.py's dequantise-then-cuBLAS, timed once per (M bucket, shape) by int4_dispatch.py.
     split_k / config (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps, num_stages; or MMA=True with BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps, num_stages for int4_mma.py's kernel) pin the launch instead of autotuning;
     leave both None in the engine.
@@ -317,8 +302,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     # split-K workspace, or placeholders of the right types when K is never split (large M)
     ws, cnt = split_k_workspace(x.device, m, n) if (m <= SPLIT_K_MAX_M or split_k not in (None, 1)) else (y, qweight)
     # (int4_dispatch and int4_mma import this module: imported where they run)
-    if config is None and split_k is None and not triton_interpreted() and m <= SPLIT_K_MAX_M:
-        from minillm.kernels.int4_dispatch import tuned_int4_gemm  # decode sizes: the fastest of three kernels
+    if config is None and split_k is None and not triton_interpreted():
+        from minillm.kernels.int4_dispatch import tuned_int4_gemm  # the fastest kernel for this shape, timed
         tuned_int4_gemm(x2, qweight, scales, None if qzeros is qweight else qzeros, group, bias, y, ws, cnt)
         return y.reshape(*x.shape[:-1], n)
     if config is not None and config.get("MMA", False):
@@ -332,11 +317,6 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not qweight, HAS_BIAS=bias is not None,
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 or triton_interpreted() else "tf32",
                   UPCAST=triton_interpreted() and x.dtype == torch.bfloat16)
-    if config is None and split_k is None and not triton_interpreted():
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-        _autotuned_kernel()[grid](*args, **consts)
-        return y.reshape(*x.shape[:-1], n)
     cfg = dict(config) if config is not None else (
         _interpreter_config(m, group) if triton_interpreted() else dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128,
                                                                          USE_DOT=True, num_warps=4, num_stages=3))

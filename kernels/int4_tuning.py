@@ -8,18 +8,18 @@ unpacking keeps up. Two knobs matter most:
   and the instructions per weight (wider tiles share each activation over more columns);
 * split-K: with M = 1 and N = 4096 there are only 32 column tiles of 128 for 132 SMs, so SPLIT_K programs share
   each tile's K range and add their partial sums into an fp32 workspace (the last to arrive writes y).
-At decode sizes int4_dispatch.py times a few candidates of each kernel on the first call per shape; above them
-Triton's autotuner picks among the large-M tiles. benchmarks/sweep_int4_gemm.py maps the whole space on a GPU.
+int4_dispatch.py times a few candidates of each kernel on the first call per shape (for prefill-sized M: the
+large-M tiles below and dequantise-then-cuBLAS). benchmarks/sweep_int4_gemm.py maps the whole space on a GPU.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-__all__ = ["MAX_SPLIT_K", "SPLIT_K_MAX_M", "choose_split_k", "mma_applies", "split_k_workspace"]
+__all__ = ["LARGE_M_CONFIGS", "MAX_SPLIT_K", "SPLIT_K_MAX_M", "choose_split_k", "mma_applies", "split_k_workspace"]
 
 # int4_gemm.py's tensor-core tiles for prefill-sized M (> SPLIT_K_MAX_M): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-# num_stages), autotuned by Triton. Decode sizes go through int4_dispatch.py instead.
+# num_stages), timed by int4_dispatch.py beside dequantise-then-cuBLAS (int4_dequant.py).
 LARGE_M_CONFIGS = [(64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3)]
 MAX_SPLIT_K = 32
 SPLIT_K_MAX_M = 64  # above this there are enough output tiles to fill the GPU without splitting K

@@ -112,12 +112,20 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
         cands = candidates(m, n, k, 128, torch.bfloat16, sms)
         assert cands[0].kernel == "dot", "the reference for the output check comes first"
         kinds = {c.kernel for c in cands}
-        assert kinds == ({"fma", "gemv", "dot", "mma"} if m <= 2 else {"dot", "mma"}), (m, kinds)
+        expected = {"fma", "gemv", "dot", "mma"} if m <= 2 else {"dot", "mma"}
+        assert kinds == expected | ({"dequant"} if m >= 16 else set()), (m, kinds)
         for c in cands:
+            if c.kernel == "dequant":  # split_k counts column slices of the bf16 weight (1 and L2-sized)
+                assert 1 <= c.split_k <= n // 8, c
+                continue
             tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
             assert 1 <= c.split_k <= min(MAX_SPLIT_K, triton.cdiv(k, c.block_k)), c
             assert c.split_k == 1 or sms // 2 <= tiles * c.split_k <= 16 * sms, (m, n, k, c)
             assert c.kernel in ("fma", "gemv") or c.block_m == max(16, triton.next_power_of_2(m))
+    big = candidates(4096, 14336, 4096, 128, torch.bfloat16, sms)  # prefill: large tiles unsplit, and dequant
+    assert big[0].kernel == "dot" and {c.kernel for c in big} == {"dot", "dequant"}
+    assert all(c.split_k == 1 and c.block_m <= 128 for c in big if c.kernel == "dot")
+    assert sorted(c.split_k for c in big if c.kernel == "dequant") == [1, 5]  # 117 MB of bf16 in <= 24 MB slices
     # fp32 activations or groups of 64: no bf16-halves kernel, and no CUDA-core tile straddling two groups
     assert "mma" not in {c.kernel for c in candidates(1, 4096, 4096, 128, torch.float32, sms)}
     assert all(c.kernel != "mma" and (c.kernel not in ("fma", "gemv") or 64 % c.block_k == 0)
