@@ -45,7 +45,8 @@ def load_heads(kind: str, directory: str | os.PathLike, target: ModelConfig, dev
 
 def build_head_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> HeadProposer:
     """The proposer of a head method for this engine: heads from spec.model or the shipped weights, and the
-    target's embedding, final norm and LM head (so the target must live in this process)."""
+    target's embedding, final norm and LM head (so the target must live in this process). Its greedy proposals
+    replay CUDA graphs where the engine's steps do (CUDA, enforce_eager=False)."""
     try:
         target = engine.runner.model
     except AttributeError:
@@ -53,4 +54,5 @@ def build_head_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> 
                          f"in another process here; use the in-process executor") from None
     directory = resolve_heads_dir(spec.method, spec.model, engine.model_config)
     heads, config = load_heads(spec.method, directory, engine.model_config, engine.device, engine.dtype)
-    return KINDS[spec.method][1](heads, config, TargetParts(target), seed=seed)
+    cuda_graphs = torch.device(engine.device).type == "cuda" and not engine.engine_config.enforce_eager
+    return KINDS[spec.method][1](heads, config, TargetParts(target), seed=seed, cuda_graphs=cuda_graphs)

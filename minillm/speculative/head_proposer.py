@@ -16,12 +16,20 @@ Draft KV ("keep it simple and correct"): the heads keep no cache across steps. E
 layer over the window every step, and keep K/V only within one proposal for the drafts they feed back in; a
 rollback therefore needs no bookkeeping at all. Medusa has no attention and needs only f_{n-2}.
 
+Cost (what one proposal launches): every window has the same width, `window` (left padded), and each request's
+features are kept already padded to it, so the batch's windows are one torch.stack and its tokens and lengths one
+host-to-device copy. The drafting loop then has static shapes (EAGLE writes its K/V in place: heads.DraftKV), and
+on CUDA a batch of greedy requests replays a CUDA graph captured per (batch bucket, k): the whole proposal, window
+pass and k drafts, costs one graph launch and one host sync, the one that reads the drafted ids back. A batch
+with a sampled request runs the same code eagerly (its q needs the host every draft).
+
 Sampling: a greedy request drafts the argmax; a sampled one draws its drafts from q = the head's distribution under
 the request's own temperature/top-k/top-p, and returns q so that verification applies the rejection rule with it
 (min(1, p/q) and the residual resample), which keeps the target's distribution exactly.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +42,7 @@ from minillm.speculative.heads import HeadConfig, TargetParts, window_positions
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 DEFAULT_WINDOW = 64  # positions of context the EAGLE / MTP layer attends to when drafting
+MAX_GRAPH_BATCH = 256  # larger batches draft eagerly (a graph per bucket up to here)
 
 
 @dataclass
@@ -46,26 +55,43 @@ class Window:
     positions: torch.Tensor
     key_mask: torch.Tensor
 
+    @classmethod
+    def from_packed(cls, features: torch.Tensor, packed: torch.Tensor) -> "Window":
+        """From features [B, W, d] and packed int64 [B * W + B]: each row's tokens, then every row's length."""
+        batch, width = features.shape[:2]
+        positions, key_mask = window_positions(packed[batch * width:], width, features.device)
+        return cls(features, packed[:batch * width].view(batch, width), positions, key_mask)
+
 
 # choose(logits [B, V]) -> the drafted tokens [B] (on the logits' device): argmax or a sample from q
 Chooser = Callable[[torch.Tensor], torch.Tensor]
+# a request's window as _window_of finds it: (features [W, d] left padded, real rows L, the L tokens after them)
+RequestWindow = tuple[torch.Tensor, int, list[int]]
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
 
 
 class HeadProposer(SampledDraftProposer):
-    """Base of the head proposers: subclasses set `method`, `hidden_state_kind`, `max_drafts` and `draft`."""
+    """Base of the head proposers: subclasses set `method`, `hidden_state_kind`, `max_drafts` and `draft`.
+    `cuda_graphs`: replay the greedy proposals as CUDA graphs (only where the features live on a GPU)."""
 
     method = "heads"
     hidden_state_kind = "pre_norm"
     seed_offset = 0x4EAD  # the heads' own stream for seeded requests
 
     def __init__(self, heads: nn.Module, config: HeadConfig, target: TargetParts, window: int = DEFAULT_WINDOW,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cuda_graphs: bool = False) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
         self.heads, self.config, self.target, self.window = heads.eval(), config, target, window
         self.generator = torch.Generator().manual_seed(seed + 3)  # draft draws of unseeded requests (CPU)
         self._generators: dict[str, torch.Generator] = {}
-        self._features: dict[str, tuple[int, torch.Tensor]] = {}  # request_id -> (end, f at positions [end-L, end))
+        # request_id -> (end, real rows L, f at positions [end - L, end) in the last L rows of a [window, d] tensor)
+        self._features: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self._zeros: torch.Tensor | None = None  # [window, d]: the padding every stored window starts from
+        self.graphs = DraftGraphs(self) if cuda_graphs else None
 
     @property
     def max_drafts(self) -> int:
@@ -73,7 +99,8 @@ class HeadProposer(SampledDraftProposer):
         return self.config.num_heads
 
     def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
-        """num_drafts steps; step j returns choose(logits of draft j) for every row."""
+        """num_drafts steps; step j returns choose(logits of draft j) for every row. Static shapes only (no host
+        reads, no shapes that depend on values): greedy proposals are captured in CUDA graphs."""
         raise NotImplementedError
 
     # -- the target's features ----------------------------------------------------------------------------
@@ -82,21 +109,27 @@ class HeadProposer(SampledDraftProposer):
         if len(hidden_states) != len(batch.seqs) or len(accepted) != len(batch.seqs):
             raise ValueError(f"{len(hidden_states)} hidden-state blocks and {len(accepted)} token lists for "
                              f"{len(batch.seqs)} sequences")
+        width = self.window
         for seq, n, rows, tokens in zip(batch.seqs, batch.num_new_tokens, hidden_states, accepted):
             if rows.shape[0] != n:
                 raise ValueError(f"request {seq.request_id!r}: {rows.shape[0]} hidden rows for {n} new tokens")
             drafts = len(seq.spec_token_ids)
             keep = n - drafts + max(len(tokens) - 1, 0) if drafts else n  # rows of rejected drafts never happened
             start = seq.num_computed_tokens  # not yet advanced: postprocess runs after this
-            end, kept = self._features.get(seq.request_id, (start, rows[:0]))
-            if end < start:  # a gap (positions never computed here): start afresh
-                kept = rows[:0]
-            else:  # rows from `start` on are recomputed now (after a preemption): drop the old ones
-                kept = kept[:max(0, kept.shape[0] - (end - start))]
-            # cat copies (the rows may be views of a CUDA-graph buffer, rewritten next step); clone keeps only
-            # the window alive, not the whole concatenation
-            features = torch.cat([kept, rows[:keep]])[-self.window:].clone()
-            self._features[seq.request_id] = (start + keep, features)
+            end, length, stored = self._features.get(seq.request_id, (start, 0, None))
+            dropped = end - start  # rows from `start` on are recomputed now (after a preemption): drop the old ones
+            if stored is None or dropped < 0:  # nothing yet, or a gap (positions never computed here): start afresh
+                length, dropped, stored = 0, 0, None
+            new = rows[max(0, keep - width):keep]
+            old = max(0, min(length - dropped, width - new.shape[0]))  # old rows still wanted, the latest ones
+            if self._zeros is None or self._zeros.shape[1] != rows.shape[1] or self._zeros.device != rows.device \
+                    or self._zeros.dtype != rows.dtype:
+                self._zeros = rows.new_zeros(width, rows.shape[1])
+            parts = [self._zeros[:width - old - new.shape[0]], new]
+            if old:
+                parts.insert(1, stored[width - dropped - old:width - dropped])
+            # one cat: a fresh [width, d] tensor (the rows may be views of a CUDA-graph buffer, rewritten next step)
+            self._features[seq.request_id] = (start + keep, old + new.shape[0], torch.cat(parts))
 
     def free(self, request_id: str) -> None:
         self._features.pop(request_id, None)
@@ -105,35 +138,32 @@ class HeadProposer(SampledDraftProposer):
     def active_requests(self) -> set[str]:
         return set(self._features)
 
-    def _window_of(self, seq: Sequence) -> tuple[torch.Tensor, list[int]] | None:
-        """(features [L, d], the tokens after them) when f_{n-2} is known, else None."""
-        end, features = self._features.get(seq.request_id, (0, None))
-        if features is None or end != seq.num_tokens - 1 or features.shape[0] == 0:
+    def _window_of(self, seq: Sequence) -> RequestWindow | None:
+        """(features [window, d] left padded, real rows L, the L tokens after them) when f_{n-2} is known."""
+        end, length, features = self._features.get(seq.request_id, (0, 0, None))
+        if features is None or end != seq.num_tokens - 1 or length == 0:
             return None
-        length = features.shape[0]
-        return features, seq.token_ids[end - length + 1:end + 1]
+        return features, length, seq.token_ids[end - length + 1:end + 1]
 
-    def _batch(self, windows: list[tuple[torch.Tensor, list[int]]]) -> Window:
-        """Left-padded windows of the batch. The host's numbers (each row's tokens, then every row's length) go to
-        the device in one non-blocking copy from pinned memory; the features are already there."""
-        width = max(f.shape[0] for f, _ in windows)
-        first = windows[0][0]
-        batch = len(windows)
-        features = first.new_zeros(batch, width, first.shape[1])
-        host = [0] * (batch * width)
-        lengths = []
-        for row, (f, next_tokens) in enumerate(windows):
-            if len(next_tokens) != f.shape[0]:
-                raise ValueError(f"a window of {f.shape[0]} features needs as many tokens, got {len(next_tokens)}")
-            features[row, width - f.shape[0]:] = f
-            host[(row + 1) * width - len(next_tokens):(row + 1) * width] = next_tokens
-            lengths.append(f.shape[0])
-        packed = torch.tensor(host + lengths, dtype=torch.int64)
-        if first.device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(first.device, non_blocking=True)
-        positions, key_mask = window_positions(packed[batch * width:], width, first.device)
-        return Window(features, packed[:batch * width].view(batch, width), positions, key_mask)
+    def _packed(self, windows: list[RequestWindow], rows: int) -> torch.Tensor:
+        """The host's numbers for `rows` windows (the last rows - len(windows) empty): each row's tokens, right
+        aligned, then every row's length; int64 [rows * W + rows] on the host, pinned where a GPU will read it."""
+        width = self.window
+        host = [0] * (rows * width + rows)
+        for row, (_, length, next_tokens) in enumerate(windows):
+            if len(next_tokens) != length:
+                raise ValueError(f"a window of {length} features needs as many tokens, got {len(next_tokens)}")
+            host[(row + 1) * width - length:(row + 1) * width] = next_tokens
+            host[rows * width + row] = length
+        packed = torch.tensor(host, dtype=torch.int64)
+        return packed.pin_memory() if windows[0][0].device.type == "cuda" else packed
+
+    def _batch(self, windows: list[RequestWindow]) -> Window:
+        """The batch's windows: the features are already on the device, padded (one stack); the host's numbers go
+        in one non-blocking copy."""
+        features = torch.stack([f for f, _, _ in windows])
+        packed = self._packed(windows, len(windows)).to(features.device, non_blocking=True)
+        return Window.from_packed(features, packed)
 
     # -- drafting -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -150,13 +180,28 @@ class HeadProposer(SampledDraftProposer):
                 windows.append(window)
         if not ready:
             return drafts, probs
+        num_drafts = max(k for _, k in ready)
         params = [seqs[i].sampling_params for i, _ in ready]
         sampled_rows = [r for r, p in enumerate(params) if p.temperature > 0]
-        gens = [self._generator_of(seqs[ready[r][0]]) for r in sampled_rows]
-        q_steps: list[torch.Tensor] = []
+        if not sampled_rows and self.graphs is not None and self.graphs.fits(windows):
+            table = self.graphs.propose(windows, num_drafts)  # one replay; the drafts' read-back is the sync
+        else:
+            gens = [self._generator_of(seqs[ready[r][0]]) for r in sampled_rows]
+            table = self._propose_eager(windows, num_drafts, params, sampled_rows, gens)
+            for j, r in enumerate(sampled_rows):
+                i, k = ready[r]
+                probs[i] = torch.stack([q[j] for q in self._q_steps[:k]])
+        for row, (i, k) in enumerate(ready):
+            drafts[i] = table[row][:k]
+        return drafts, probs
+
+    def _propose_eager(self, windows: list[RequestWindow], num_drafts: int, params: list, sampled_rows: list[int],
+                       gens: list[torch.Generator | None]) -> list[list[int]]:
+        """Drafts [B][num_drafts] of the windows, op by op; self._q_steps[j]: the sampled rows' q of draft j."""
+        self._q_steps = q_steps = []
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy(logits)
             if sampled_rows:  # q under each request's own temperature / top-k / top-p, then x ~ q
                 picked, q = sample_drafts(logits[sampled_rows], [params[r] for r in sampled_rows], gens,
                                           self.generator)
@@ -164,11 +209,71 @@ class HeadProposer(SampledDraftProposer):
                 q_steps.append(q)
             return tokens
 
-        steps = self.draft(self._batch(windows), max(k for _, k in ready), choose)
-        table = torch.stack(steps, dim=1).tolist()  # [B, steps]
-        for row, (i, k) in enumerate(ready):
-            drafts[i] = table[row][:k]
-        for j, r in enumerate(sampled_rows):
-            i, k = ready[r]
-            probs[i] = torch.stack([q[j] for q in q_steps[:k]])
-        return drafts, probs
+        steps = self.draft(self._batch(windows), num_drafts, choose)
+        return torch.stack(steps, dim=1).tolist()  # [B, steps]
+
+
+class DraftGraphs:
+    """The greedy proposals of one HeadProposer as CUDA graphs, one per (batch bucket, number of drafts).
+
+    A graph replays a fixed sequence of kernels on fixed addresses: the proposal reads its inputs from static
+    buffers per bucket (features [bucket, W, d]; tokens and lengths packed as int64 [bucket * W + bucket]), which
+    the host fills before each replay (a stack on the device, one host-to-device copy), and leaves its drafts in
+    a static [bucket, k]. Batches are padded up to a power of two, so a handful of graphs covers every batch
+    size; padding rows hold stale windows whose drafts nobody reads. Graphs are captured on first use, after
+    one eager run on a side stream (it builds the RoPE tables and lets the allocator settle), and all share one
+    memory pool. The numbers are those of the eager path: the same kernels on the same shapes."""
+
+    def __init__(self, proposer: HeadProposer) -> None:
+        self.proposer = proposer
+        self.pool = None
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (features, packed)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, k)
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << (batch - 1).bit_length()
+
+    def fits(self, windows: list[RequestWindow]) -> bool:
+        return windows[0][0].device.type == "cuda" and len(windows) <= MAX_GRAPH_BATCH
+
+    def _run(self, bucket: int, num_drafts: int) -> torch.Tensor:
+        features, packed = self.inputs[bucket]
+        steps = self.proposer.draft(Window.from_packed(features, packed), num_drafts, greedy)
+        return torch.stack(steps, dim=1)
+
+    def _capture(self, bucket: int, num_drafts: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if bucket not in self.inputs:
+            width = self.proposer.window
+            self.inputs[bucket] = (like.new_zeros(bucket, width, like.shape[-1]),
+                                   torch.zeros(bucket * width + bucket, dtype=torch.int64, device=like.device))
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):  # warm-up: lazily built tables and workspaces exist before capture
+            self._run(bucket, num_drafts)
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._run(bucket, num_drafts)
+        return graph, out
+
+    def propose(self, windows: list[RequestWindow], num_drafts: int) -> list[list[int]]:
+        """Drafts [B][num_drafts] of the windows, by one graph replay."""
+        batch = len(windows)
+        bucket = self.bucket(batch)
+        key = (bucket, num_drafts)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(bucket, num_drafts, windows[0][0])
+            except RuntimeError as err:  # a capture failure costs speed, never a request: draft eagerly from now
+                warnings.warn(f"{self.proposer.method}: CUDA graph capture failed ({err}); drafting eagerly")
+                self.proposer.graphs = None
+                return self.proposer._propose_eager(windows, num_drafts, [], [], [])
+        graph, out = self.graphs[key]
+        features, packed = self.inputs[bucket]
+        torch.stack([f for f, _, _ in windows], out=features[:batch])
+        packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
+        graph.replay()
+        return out[:batch].tolist()

@@ -97,26 +97,74 @@ class TargetParts:
         return F.linear(normed, self.lm_head_weight)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE (the target's layout) of x [B, T, H, D] at positions [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2], broadcast over heads by apply_rotary
-    return apply_rotary(x, angles.cos(), angles.sin())
+class RopeTables:
+    """cos/sin of position * inv_freq for positions 0 .. n - 1, computed once per device and kept (fp32, the
+    precision apply_rotary rotates in): a forward then gathers its rows instead of recomputing inv_freq (a pow)
+    and the angles every call. Window-relative positions stay below the window plus the drafts, so the tables
+    are short; they grow (to the next power of two) when a longer sequence comes, as in training.
+
+    Tables made under torch.inference_mode are inference tensors, which autograd may not save: they are kept
+    apart from those made outside it, so a module used by the proposer can still be trained."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.half, self.theta = head_dim // 2, theta
+        self._tables: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [>= length, D/2]."""
+        key = (torch.device(device), torch.is_inference_mode_enabled())
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            size = max(256, 1 << (length - 1).bit_length())
+            inv_freq = 1.0 / self.theta ** (torch.arange(self.half, device=device, dtype=torch.float32) / self.half)
+            angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq
+            cached = self._tables[key] = (angles.cos(), angles.sin())
+        return cached
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Rotate-half RoPE (the target's layout) of x [B, T, H, D] at positions [B, T], every one < `length`."""
+        cos, sin = self.tables(length, x.device)
+        return apply_rotary(x, cos[positions], sin[positions])  # [B, T, D/2], broadcast over heads
+
+
+class DraftKV:
+    """K/V of one proposal, preallocated: [B, kv_heads, capacity, head_dim], filled left to right in place.
+
+    A drafting loop that grows its K/V with torch.cat allocates and copies the whole past every step, and its
+    shapes change, which a CUDA graph cannot hold. Here step j writes its keys at column `length` and attends
+    over the first length + 1 columns: a view whose shape depends only on j, so the unrolled loop is one static
+    graph (the idea of vLLM's preallocated KV cache, on a window)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, like: torch.Tensor) -> None:
+        self.k = like.new_empty(batch, num_kv_heads, capacity, head_dim)
+        self.v = like.new_empty(batch, num_kv_heads, capacity, head_dim)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, D] after what is there; return every key and value so far (views)."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"DraftKV holds {self.k.shape[2]} positions; {self.length} + {k.shape[2]} do not fit")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class DraftBlock(nn.Module):
     """A pre-norm Llama decoder layer on batched windows [B, T, d], attention by SDPA.
 
-    forward(x, positions, key_mask, past) -> (out, (k, v)): `key_mask` [B, S] marks the real keys (False: left
-    padding) over the past keys and these T new ones; `past` the (k, v) this call returned before. Causal within
-    the window; every query also sees itself, so a padding row attends to something (no NaN) and is ignored."""
+    forward(x, positions, key_mask, past, cache) -> (out, (k, v)): `key_mask` [B, S] marks the real keys (False:
+    left padding) over the past keys and these T new ones; `past` the (k, v) this call returned before (training,
+    tests), or `cache` a DraftKV the new keys are written into (the proposers: static shapes). Positions must be
+    < S (window-relative). Causal within the window; every query also sees itself, so a padding row attends to
+    something (no NaN) and is ignored."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.eps, self.rope_theta = config.rms_norm_eps, config.rope_theta
+        self.eps, self.rope = config.rms_norm_eps, RopeTables(hd, config.rope_theta)
         self.input_norm = nn.Parameter(torch.ones(d))
         self.post_attention_norm = nn.Parameter(torch.ones(d))
         self.q_proj, self.k_proj = nn.Linear(d, h * hd, bias=False), nn.Linear(d, kv * hd, bias=False)
@@ -126,19 +174,22 @@ class DraftBlock(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, d, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, cache: DraftKV | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, _ = x.shape
+        if past is not None and cache is not None:
+            raise ValueError("pass the earlier keys as `past` or keep them in `cache`, not both")
+        s = t + (past[0].shape[2] if past is not None else cache.length if cache is not None else 0)
+        if key_mask.shape != (b, s):
+            raise ValueError(f"key_mask must be [B, S] = [{b}, {s}], got {tuple(key_mask.shape)}")
         y = rms_norm(x, self.input_norm, self.eps)
-        q = rope(self.q_proj(y).view(b, t, self.num_heads, self.head_dim), positions, self.rope_theta).transpose(1, 2)
-        k = rope(self.k_proj(y).view(b, t, self.num_kv_heads, self.head_dim), positions,
-                 self.rope_theta).transpose(1, 2)
+        q = self.rope(self.q_proj(y).view(b, t, self.num_heads, self.head_dim), positions, s).transpose(1, 2)
+        k = self.rope(self.k_proj(y).view(b, t, self.num_kv_heads, self.head_dim), positions, s).transpose(1, 2)
         v = self.v_proj(y).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        s = k.shape[2]
-        if key_mask.shape != (b, s):
-            raise ValueError(f"key_mask must be [B, S] = [{b}, {s}], got {tuple(key_mask.shape)}")
+        elif cache is not None:
+            k, v = cache.append(k, v)
         query_at = torch.arange(s - t, s, device=x.device)[:, None]
         keys = torch.arange(s, device=x.device)[None, :]
         allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
@@ -148,6 +199,10 @@ class DraftBlock(nn.Module):
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.post_attention_norm, self.eps)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y)), (k, v)
+
+    def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DraftKV:
+        """An empty DraftKV for `capacity` positions, in `like`'s dtype and device."""
+        return DraftKV(batch, self.num_kv_heads, capacity, self.head_dim, like)
 
     @torch.no_grad()
     def init_from_target_layer(self, layer: nn.Module) -> bool:

@@ -43,8 +43,9 @@ class MedusaProposer(HeadProposer):
     method = "medusa"
     hidden_state_kind = "post_norm"  # what the LM head reads
 
-    def __init__(self, heads: MedusaHeads, config: HeadConfig, target: TargetParts, seed: int = 0) -> None:
-        super().__init__(heads, config, target, window=1, seed=seed)  # only f_{n-2} is ever read
+    def __init__(self, heads: MedusaHeads, config: HeadConfig, target: TargetParts, seed: int = 0,
+                 cuda_graphs: bool = False) -> None:
+        super().__init__(heads, config, target, window=1, seed=seed, cuda_graphs=cuda_graphs)  # only f_{n-2} is read
 
     def head_logits(self, window: Window) -> torch.Tensor:
         """[K, B, V]: every head's logits at each row's last feature."""

@@ -1,0 +1,165 @@
+"""The head proposers' cheap path (chapter 9): fixed-width windows kept padded per request, RoPE tables, K/V
+written in place, and CUDA-graph replay of greedy proposals.
+
+The drafts of the static-shape path (a batch of windows of different lengths, padded to one width, EAGLE's K/V in
+a preallocated DraftKV) must equal the heads run from scratch on each request alone, the way training runs them
+(no padding, no cache, every draft recomputed). On a GPU, a replayed graph must draft what the eager path drafts.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import Sequence
+from minillm.sampling_params import SamplingParams
+from minillm.speculative.head_kinds import KINDS, new_heads
+from minillm.speculative.heads import HEAD_KINDS, DraftBlock, HeadConfig, RopeTables, TargetParts
+from test_engine import tiny_config, tiny_model
+from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+WIDTH, K = 6, 3
+
+
+def random_proposer(kind: str, device: str = "cpu", cuda_graphs: bool = False, seed: int = 0):
+    config = tiny_config(num_hidden_layers=2)
+    with torch.device(device):
+        model = tiny_model(config, seed=seed)
+    head_config = HeadConfig.for_target(kind, config, K)
+    torch.manual_seed(seed + 1)
+    heads = new_heads(head_config)
+    with torch.no_grad():  # random, not the identity start
+        for p in heads.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    proposer_cls = KINDS[kind][1]
+    options = {} if kind == "medusa" else {"window": WIDTH}
+    return proposer_cls(heads.to(device), head_config, TargetParts(model), cuda_graphs=cuda_graphs, **options), config
+
+
+def record(proposer, seq: Sequence, rows: torch.Tensor, start: int, drafts: list[int] = (), sampled=None) -> None:
+    """One engine step's rows for `seq` from position `start` (drafts: the step verified them, keeping sampled)."""
+    seq.num_computed_tokens, seq.spec_token_ids = start, list(drafts)
+    proposer.record_hidden_states(ScheduledBatch([seq], [rows.shape[0]]), [rows], [sampled or []])
+    seq.spec_token_ids = []
+
+
+def test_rope_tables_equal_the_angles_computed_directly_and_are_kept():
+    rope = RopeTables(head_dim=8, theta=10000.0)
+    x, positions = torch.randn(2, 5, 3, 8), torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 300]])
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(4, dtype=torch.float32) / 4)
+    angles = positions.float()[..., None] * inv_freq
+    half = x[..., :4], x[..., 4:]
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    expected = torch.cat([half[0] * cos - half[1] * sin, half[1] * cos + half[0] * sin], dim=-1)
+    torch.testing.assert_close(rope(x, positions, 301), expected)
+    first = rope.tables(10, x.device)[0]
+    assert first.shape[0] == 512  # grown past 300 to a power of two
+    assert rope.tables(400, x.device)[0] is first  # kept, not recomputed
+    with torch.inference_mode():
+        assert rope.tables(10, x.device)[0] is not first  # inference tensors live apart (autograd refuses them)
+
+
+def test_draft_kv_gives_what_concatenating_the_past_gives():
+    config = HeadConfig.for_target("eagle", tiny_config(), 1)
+    torch.manual_seed(0)
+    block = DraftBlock(config)
+    x, step = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    positions = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        out, past = block(x, positions, mask)
+        grown = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+        step_out, _ = block(step, positions[:, -1:] + 1, grown, past)
+        cache = block.new_cache(2, 6, x)
+        cached_out, _ = block(x, positions, mask, cache=cache)
+        cached_step, (k, _) = block(step, positions[:, -1:] + 1, grown, cache=cache)
+    torch.testing.assert_close(cached_out, out)
+    torch.testing.assert_close(cached_step, step_out)
+    assert k.shape == (2, config.num_key_value_heads, 6, config.head_dim) and cache.length == 6
+    with pytest.raises(ValueError, match="DraftKV holds 6 positions; 6 \\+ 1 do not fit"):
+        block(step, positions[:, -1:] + 2, torch.ones(2, 7, dtype=torch.bool), cache=cache)
+
+
+def test_stored_windows_follow_chunks_rejected_drafts_and_recomputation():
+    proposer, config = random_proposer("eagle")
+    seq = Sequence("a", list(range(1, 12)), SamplingParams(temperature=0))
+    history = torch.randn(11, config.hidden_size)  # f_0 .. f_10
+    record(proposer, seq, history[:4], 0)  # a prefill chunk
+    record(proposer, seq, history[4:7], 4)  # the rest of the prompt
+    record(proposer, seq, history[7:10], 7, drafts=[5, 6], sampled=[5, 9])  # a verify: draft 6 rejected
+    end, length, stored = proposer._features["a"]
+    assert (end, length) == (9, WIDTH) and stored.shape == (WIDTH, config.hidden_size)
+    torch.testing.assert_close(stored, history[3:9])
+    record(proposer, seq, history[:2], 0)  # preempted and recomputed from the start: the old rows go
+    end, length, stored = proposer._features["a"]
+    assert (end, length) == (2, 2)
+    torch.testing.assert_close(stored, torch.cat([torch.zeros(WIDTH - 2, config.hidden_size), history[:2]]))
+
+
+@torch.no_grad()
+def drafts_from_scratch(proposer, seq: Sequence, features: torch.Tensor, num_drafts: int) -> list[int]:
+    """The heads on one request alone, as training runs them: the last <= window features, no padding, no
+    cache, each draft recomputing the whole window."""
+    heads, parts, width = proposer.heads, proposer.target, proposer.window
+    feats = features[-width:][None]
+    n, end = feats.shape[1], features.shape[0]
+    expected: list[int] = []
+    if proposer.method == "medusa":
+        z = heads(feats[:, -1])
+        return [int(parts.logits(z[k]).argmax()) for k in range(num_drafts)]
+    if proposer.method == "eagle":
+        tokens = torch.tensor(seq.token_ids[end - n + 1:end + 1])[None]
+        for _ in range(num_drafts):
+            m = feats.shape[1]
+            g, _ = heads(feats, parts.embed(tokens), torch.arange(m)[None], torch.ones(1, m, dtype=torch.bool))
+            expected.append(int(parts.logits(parts.final_norm(g[:, -1])).argmax()))
+            feats, tokens = torch.cat([feats, g[:, -1:]], 1), torch.cat([tokens, torch.tensor([[expected[-1]]])], 1)
+        return expected
+    hidden = feats
+    for k, module in enumerate(heads.mtp[:num_drafts], start=1):
+        tokens = torch.tensor((seq.token_ids + expected)[end - n + k:end + k])[None]
+        hidden = module(hidden, parts.embed(tokens), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
+        expected.append(int(parts.logits(module.normed(hidden[:, -1])).argmax()))
+    return expected
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_batched_padded_drafts_equal_each_request_drafted_alone(kind):
+    """Windows of 2, 6 (= the width) and 6 of 9 features in one batch; one request asks for fewer drafts."""
+    proposer, config = random_proposer(kind)
+    g = torch.Generator().manual_seed(3)
+    seqs, features = [], []
+    for i, length in enumerate([3, 7, 10]):
+        seq = Sequence(str(i), torch.randint(0, config.vocab_size, (length,), generator=g).tolist(),
+                       SamplingParams(temperature=0))
+        rows = torch.randn(length - 1, config.hidden_size, generator=g)
+        record(proposer, seq, rows, 0)
+        seqs.append(seq)
+        features.append(rows)
+    wanted = [K, K, 2]
+    drafts = proposer.propose(seqs, wanted)
+    assert drafts == [drafts_from_scratch(proposer, s, f, k) for s, f, k in zip(seqs, features, wanted)]
+    with_graphs, _ = random_proposer(kind, cuda_graphs=True)  # on the CPU: asked for graphs, drafts eagerly
+    for s, f in zip(seqs, features):
+        record(with_graphs, s, f, 0)
+    assert with_graphs.propose(seqs, wanted) == drafts and not with_graphs.graphs.graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_graph_replay_drafts_what_the_eager_path_drafts(kind):
+    """Batches of 3 then 2 (one bucket, one graph) with fresh windows each time: the static inputs are refilled
+    before every replay; the drafts equal the eager path's, and each replay reads its drafts back once."""
+    eager, config = random_proposer(kind, "cuda")
+    graphs, _ = random_proposer(kind, "cuda", cuda_graphs=True)
+    g = torch.Generator().manual_seed(5)
+    for batch in (3, 2, 3):
+        seqs = [Sequence(f"{batch}-{i}", torch.randint(0, config.vocab_size, (4 + 3 * i,), generator=g).tolist(),
+                         SamplingParams(temperature=0)) for i in range(batch)]
+        for seq in seqs:
+            rows = torch.randn(seq.num_tokens - 1, config.hidden_size, generator=g).cuda()
+            record(eager, seq, rows, 0)
+            record(graphs, seq, rows, 0)
+        assert graphs.propose(seqs, [K] * batch) == eager.propose(seqs, [K] * batch)
+    assert list(graphs.graphs.graphs) == [(4, K)]
