@@ -9,6 +9,9 @@ Here every instruction handles two weights, Marlin's trick on CUDA cores:
   1024 + c (0x6400 is 1024.0 in fp16, whose mantissa unit at 1024 is exactly 1): two weights per instruction.
 * One sub.f16x2 takes away 1024 + zero from both halves (exact: the result is c - zero in -15..15), one
   fma.rn.f16x2 multiplies both by their activations and adds them into a per-word pair of fp16 accumulators.
+* Shifts only once per word (Marlin's arrangement): nibbles 0/4 and 1/5 are masked where they lie, the second
+  pair as 1024 + 16c, which one fma.rn.f16x2 (times 1/16, minus 64 + zero: both exact) turns into c - zero in
+  place of the sub; the word shifted right by 8 gives nibbles 2/6 and 3/7 the same way.
 * After the tile's four nibble pairs, each word's two fp16 sums become one fp32 number (two converts and an add),
   the K rows of the tile are summed inside the thread and the group's scale multiplies the column once.
 fp16 carries 11 significant bits, and the partial sums in fp16 are four products each, so the result keeps
@@ -30,6 +33,7 @@ from minillm.kernels.int4_mma import split_k_store
 __all__ = ["int4_gemv_kernel"]
 
 X_SCALE = 0.0625  # activations enter fp16 divided by 16 (headroom), y leaves multiplied by 16
+SIXTEENTH2: tl.constexpr = tl.constexpr(0x2C002C00)  # 1/16 in both fp16 halves
 
 
 @triton.jit
@@ -57,6 +61,28 @@ def _sub_fma_f16x2(pair, zz, xx, acc, PACKED: tl.constexpr):
         lo = (_half(pair, 0) - _half(zz, 0)) * _half(xx, 0) + _half(acc, 0)
         hi = (_half(pair, 1) - _half(zz, 1)) * _half(xx, 1) + _half(acc, 1)
         return _pack(lo, hi)
+
+
+@triton.jit
+def _fma_fma_f16x2(pair, sixteenth, nzz, xx, acc, PACKED: tl.constexpr):
+    """acc += (pair * sixteenth + nzz) * xx on both fp16 halves (two fma.rn.f16x2): pair holds 1024 + 16 c,
+    sixteenth 1/16 and nzz -(64 + zero) in both halves, so the first FMA leaves c - zero exactly."""
+    if PACKED:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; fma.rn.f16x2 t, $1, $2, $3; fma.rn.f16x2 $0, t, $4, $5; }",
+            constraints="=r,r,r,r,r,r", args=[pair, sixteenth, nzz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        lo = (_half(pair, 0) * 0.0625 + _half(nzz, 0)) * _half(xx, 0) + _half(acc, 0)  # (sixteenth's value)
+        hi = (_half(pair, 1) * 0.0625 + _half(nzz, 1)) * _half(xx, 1) + _half(acc, 1)
+        return _pack(lo, hi)
+
+
+@triton.jit
+def _x_pair(x_row, k0, offs_j, j_ok, i: tl.constexpr):
+    """Activations of K rows 8j + i and 8j + i + 4, divided by 16 (X_SCALE), as fp16 pairs [ROWS, 1]."""
+    x_lo = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_row + k0 + 8 * offs_j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
+    return _pack(x_lo * 0.0625, x_hi * 0.0625)[:, None]
 
 
 @triton.jit
@@ -92,6 +118,7 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     t_end = tl.minimum(t_begin + per_split, k_tiles)
     x_row = X + row.to(tl.int64) * stride_xm
 
+    nibble_mask16 = NIBBLE_MASK << 4  # 0x00F000F0, a register like NIBBLE_MASK (a LOP3 has one immediate)
     acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                          GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
@@ -101,13 +128,15 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
         k0 = t * BLOCK_K
         j_ok = (k0 // 8 + offs_j) < K // 8
         zz = _pack(z + 1024.0, z + 1024.0)  # [1, BLOCK_N]: 1024 + zero in both halves
+        nzz = _pack(-64.0 - z, -64.0 - z)  # -(64 + zero): (1024 + 16 c) / 16 - (64 + zero) = c - zero
         sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
-        for i in tl.static_range(4):
-            pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
-            x_lo = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + k0 + 8 * offs_j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
-            xx = _pack(x_lo * 0.0625, x_hi * 0.0625)[:, None]  # [ROWS, 1]: x / 16 for both halves (X_SCALE)
-            sums = _sub_fma_f16x2(pair, zz, xx, sums, PACKED)
+        for p in tl.static_range(2):  # nibbles 2p, 2p + 4 (in place) and 2p + 1, 2p + 5 (times 16)
+            wp = w if p == 0 else w >> 8  # the only shift of the word
+            pair = (wp & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles 2p and 2p + 4
+            sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, 2 * p), sums, PACKED)
+            pair16 = (wp & nibble_mask16) | 0x64006400  # 1024 + 16 code of nibbles 2p + 1 and 2p + 5
+            sums = _fma_fma_f16x2(pair16, SIXTEENTH2, nzz, _x_pair(x_row, k0, offs_j, j_ok, 2 * p + 1), sums,
+                                  PACKED)
         acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
         w, s, z = w_next, s_next, z_next
 
