@@ -157,7 +157,7 @@ class EngineConfig:
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
     # with CUDA graphs on: steps with prefill tokens replay piecewise graphs between eager attention calls
-    # (minillm.engine.piecewise_graph), token counts up to min(max_num_batched_tokens, 2048)
+    # (minillm.engine.piecewise_graph), token counts up to min(max_num_batched_tokens, 512)
     piecewise_cuda_graphs: bool = False
     # Speculative decoding (chapter 9): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
     # spelling speculative_model= ("[ngram]", a method name or a draft path) + num_speculative_tokens=

@@ -134,9 +134,9 @@ class ModelRunner:
         # need the final norm's input (a hook the replays would not run)
         if engine_config.piecewise_cuda_graphs and self.hidden_state_kind != "pre_norm" and \
                 not getattr(self.model_config, "num_local_experts", None):
-            from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
+            from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseCUDAGraphs
             pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers,
-                                         min(engine_config.max_num_batched_tokens, 2048), self.device)
+                                         min(engine_config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS), self.device)
             pieces.capture()
             self.piecewise_graphs = pieces
 
