@@ -15,7 +15,7 @@ proposal. Then, per (kind, batch, mode): the median wall time of a proposal afte
 torch.profiler trace of a few proposals, per proposal: kernels run on the GPU, kernel launches by the host
 (cudaLaunchKernel and friends; a graph replay is one cudaGraphLaunch), cudaStreamSynchronize / device syncs, and
 memcpys; plus the top kernels by GPU time. `--quick` runs it all on the CPU with a tiny target (the profiler then
-counts aten ops instead of kernels): a smoke test, not a figure.
+counts the torch ops called instead of kernels): a smoke test, not a figure.
 
     python benchmarks/bench_draft_cost.py --out results/draft_cost_h200.json           (H200, well under 2 minutes)
     python benchmarks/bench_draft_cost.py --quick --out /tmp/draft_cost_cpu.json       (CPU smoke test)
@@ -44,6 +44,9 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+VIEW_OPS = {"aten::view", "aten::slice", "aten::select", "aten::transpose", "aten::permute", "aten::unsqueeze",
+            "aten::expand", "aten::reshape", "aten::t", "aten::as_strided", "aten::empty", "aten::alias",
+            "aten::detach", "aten::lift_fresh", "aten::unbind", "aten::chunk", "aten::split", "aten::narrow"}
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
@@ -129,8 +132,9 @@ def profile_proposals(proposer, seqs, k: int, device, count: int) -> dict:
             kernels += 1
             kernel_time[event.name] += event.device_time_total if hasattr(event, "device_time_total") \
                 else event.cuda_time_total
-    if device.type != "cuda":  # no kernels: count the aten ops each proposal dispatches
-        kernels = sum(n for name, n in names.items() if name.startswith("aten::"))
+    if device.type != "cuda":  # no kernels: count the torch ops each proposal calls (outermost, views left out)
+        kernels = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+                      and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
         kernel_time = Counter()
     return {"kernels": kernels / count,
             "launch_calls": sum(names[n] for n in LAUNCH_CALLS) / count,
@@ -157,6 +161,8 @@ def main() -> None:
         raise SystemExit(f"--kinds must name some of {', '.join(KINDS)}, got {unknown[0]!r}")
     batches = [int(b) for b in args.batches.split(",")]
     on_gpu = torch.cuda.is_available() and not args.quick
+    if not on_gpu:
+        torch.set_num_threads(1)  # small ops on a shared CPU: one thread times steadier
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     config = ModelConfig(**(SMOLLM2 if on_gpu else TINY))
@@ -179,7 +185,7 @@ def main() -> None:
                        "ms_per_proposal": round(ms, 3), **profile_proposals(proposer, seqs, args.k, device, profiled)}
                 rows.append(row)
                 print(f"  {kind:6s} batch {batch:2d} {row['mode']:6s}: {ms:8.3f} ms", flush=True)
-    unit = "kernels" if on_gpu else "aten ops"
+    unit = "kernels" if on_gpu else "torch ops"
     print(f"\nhead proposal cost, k = {args.k}, window 64, {'H200 bf16' if on_gpu else 'CPU fp32 tiny (--quick)'}")
     print(f"{'kind':6s} {'batch':>5s} {'mode':6s} {'ms/proposal':>11s} {unit:>9s} {'launches':>8s} {'graphs':>6s} "
           f"{'syncs':>5s} {'memcpys':>7s}")

@@ -14,7 +14,8 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.sampling_params import SamplingParams
 from minillm.speculative.head_kinds import KINDS, new_heads
-from minillm.speculative.heads import HEAD_KINDS, DraftBlock, HeadConfig, RopeTables, TargetParts
+from minillm.speculative.heads import (HEAD_KINDS, DraftBlock, FusedDraftBlock, HeadConfig, RopeTables, TargetParts,
+                                      draft_attention_bias)
 from test_engine import tiny_config, tiny_model
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
@@ -59,25 +60,35 @@ def test_rope_tables_equal_the_angles_computed_directly_and_are_kept():
         assert rope.tables(10, x.device)[0] is not first  # inference tensors live apart (autograd refuses them)
 
 
-def test_draft_kv_gives_what_concatenating_the_past_gives():
+def test_fused_block_with_draft_kv_computes_what_the_training_block_computes():
+    """A padded window, then one draft step: FusedDraftBlock (packed q|k|v and gate|up, folded GQA, additive mask,
+    K/V written in place) against DraftBlock (separate projections, repeat_interleave, boolean mask, torch.cat)."""
     config = HeadConfig.for_target("eagle", tiny_config(), 1)
     torch.manual_seed(0)
     block = DraftBlock(config)
+    with torch.no_grad():
+        for p in (block.input_norm, block.post_attention_norm):
+            p.add_(0.2 * torch.randn_like(p))
+    fused = FusedDraftBlock(block, max_position=16)
+    group = config.num_attention_heads // config.num_key_value_heads
     x, step = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
     mask = torch.tensor([[False, False, True, True, True], [True] * 5])
     positions = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    grown = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
     with torch.no_grad():
         out, past = block(x, positions, mask)
-        grown = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
-        step_out, _ = block(step, positions[:, -1:] + 1, grown, past)
-        cache = block.new_cache(2, 6, x)
-        cached_out, _ = block(x, positions, mask, cache=cache)
-        cached_step, (k, _) = block(step, positions[:, -1:] + 1, grown, cache=cache)
-    torch.testing.assert_close(cached_out, out)
-    torch.testing.assert_close(cached_step, step_out)
-    assert k.shape == (2, config.num_key_value_heads, 6, config.head_dim) and cache.length == 6
+        step_out, (all_k, all_v) = block(step, positions[:, -1:] + 1, grown, past)
+        cache = fused.new_cache(2, 6, x)
+        fused_out = fused(x, positions, draft_attention_bias(mask, 5, group, x.dtype), cache)
+        fused_step = fused(step, positions[:, -1:] + 1, draft_attention_bias(grown, 1, group, x.dtype), cache)
+    torch.testing.assert_close(fused_out, out)
+    torch.testing.assert_close(fused_step, step_out)
+    torch.testing.assert_close(cache.k, all_k)  # the keys as DraftBlock rotated them, in place
+    torch.testing.assert_close(cache.v, all_v)
+    assert cache.length == 6
     with pytest.raises(ValueError, match="DraftKV holds 6 positions; 6 \\+ 1 do not fit"):
-        block(step, positions[:, -1:] + 2, torch.ones(2, 7, dtype=torch.bool), cache=cache)
+        fused(step, positions[:, -1:] + 2, draft_attention_bias(torch.ones(2, 7, dtype=torch.bool), 1, group,
+                                                                 x.dtype), cache)
 
 
 def test_stored_windows_follow_chunks_rejected_drafts_and_recomputation():

@@ -38,7 +38,7 @@ from torch import nn
 
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
-from minillm.speculative.heads import HeadConfig, TargetParts, window_positions
+from minillm.speculative.heads import HeadConfig, TargetParts, fused_norm, window_positions
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 DEFAULT_WINDOW = 64  # positions of context the EAGLE / MTP layer attends to when drafting
@@ -91,12 +91,18 @@ class HeadProposer(SampledDraftProposer):
         # request_id -> (end, real rows L, f at positions [end - L, end) in the last L rows of a [window, d] tensor)
         self._features: dict[str, tuple[int, int, torch.Tensor]] = {}
         self._zeros: torch.Tensor | None = None  # [window, d]: the padding every stored window starts from
+        self.final_norm = fused_norm(target.norm_weight, target.eps)  # the target's final norm, one kernel
+        self.fused = self.fuse()
         self.graphs = DraftGraphs(self) if cuda_graphs else None
 
     @property
     def max_drafts(self) -> int:
         """The most tokens one proposal can draft (Medusa: its heads; MTP: its modules; EAGLE: no limit)."""
         return self.config.num_heads
+
+    def fuse(self) -> nn.Module | None:
+        """The heads' layers packed for drafting (heads.FusedDraftBlock), built once; None: nothing to pack."""
+        return None
 
     def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
         """num_drafts steps; step j returns choose(logits of draft j) for every row. Static shapes only (no host

@@ -127,6 +127,75 @@ class RopeTables:
         return apply_rotary(x, cos[positions], sin[positions])  # [B, T, D/2], broadcast over heads
 
 
+class DraftBlock(nn.Module):
+    """A pre-norm Llama decoder layer on batched windows [B, T, d], attention by SDPA.
+
+    forward(x, positions, key_mask, past) -> (out, (k, v)): `key_mask` [B, S] marks the real keys (False: left
+    padding) over the past keys and these T new ones; `past` the (k, v) this call returned before; positions are
+    window-relative, < S. Causal within the window; every query also sees itself, so a padding row attends to
+    something (no NaN) and is ignored. This is the training forward (autograd, plain torch ops); the proposers
+    draft with the same weights packed into a FusedDraftBlock."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.eps, self.rope = config.rms_norm_eps, RopeTables(hd, config.rope_theta)
+        self.input_norm = nn.Parameter(torch.ones(d))
+        self.post_attention_norm = nn.Parameter(torch.ones(d))
+        self.q_proj, self.k_proj = nn.Linear(d, h * hd, bias=False), nn.Linear(d, kv * hd, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, kv * hd, bias=False), nn.Linear(h * hd, d, bias=False)
+        self.gate_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, _ = x.shape
+        s = t + (past[0].shape[2] if past is not None else 0)
+        if key_mask.shape != (b, s):
+            raise ValueError(f"key_mask must be [B, S] = [{b}, {s}], got {tuple(key_mask.shape)}")
+        y = rms_norm(x, self.input_norm, self.eps)
+        q = self.rope(self.q_proj(y).view(b, t, self.num_heads, self.head_dim), positions, s).transpose(1, 2)
+        k = self.rope(self.k_proj(y).view(b, t, self.num_kv_heads, self.head_dim), positions, s).transpose(1, 2)
+        v = self.v_proj(y).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        query_at = torch.arange(s - t, s, device=x.device)[:, None]
+        keys = torch.arange(s, device=x.device)[None, :]
+        allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
+        group = self.num_heads // self.num_kv_heads
+        attn = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                              attn_mask=allowed[:, None], scale=self.head_dim ** -0.5)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        y = rms_norm(x, self.post_attention_norm, self.eps)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y)), (k, v)
+
+    @torch.no_grad()
+    def init_from_target_layer(self, layer: nn.Module) -> bool:
+        """Start from a target decoder layer's weights (dense float only; returns False and keeps the random
+        init otherwise): a warm start that makes minutes of training go further."""
+        try:
+            qkv, o = layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight
+            gate_up, down = layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight
+            norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        except AttributeError:
+            return False
+        q_rows, kv_rows = self.q_proj.out_features, self.k_proj.out_features
+        ffn = self.gate_proj.out_features
+        if not qkv.is_floating_point() or qkv.shape != (q_rows + 2 * kv_rows, self.q_proj.in_features) \
+                or gate_up.shape != (2 * ffn, self.gate_proj.in_features) or down.shape != self.down_proj.weight.shape:
+            return False
+        for mine, theirs in ((self.q_proj, qkv[:q_rows]), (self.k_proj, qkv[q_rows:q_rows + kv_rows]),
+                             (self.v_proj, qkv[q_rows + kv_rows:]), (self.o_proj, o), (self.gate_proj, gate_up[:ffn]),
+                             (self.up_proj, gate_up[ffn:]), (self.down_proj, down)):
+            mine.weight.copy_(theirs)
+        self.input_norm.copy_(norms[0])
+        self.post_attention_norm.copy_(norms[1])
+        return True
+
+
 class DraftKV:
     """K/V of one proposal, preallocated: [B, kv_heads, capacity, head_dim], filled left to right in place.
 
@@ -151,81 +220,76 @@ class DraftKV:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class DraftBlock(nn.Module):
-    """A pre-norm Llama decoder layer on batched windows [B, T, d], attention by SDPA.
+class FusedDraftBlock(nn.Module):
+    """A DraftBlock's weights packed for drafting (no autograd): what the engine's own decoder layer does, on a
+    window. forward(x [B, T, d], positions [B, T], attn_bias, cache: DraftKV) -> [B, T, d].
 
-    forward(x, positions, key_mask, past, cache) -> (out, (k, v)): `key_mask` [B, S] marks the real keys (False:
-    left padding) over the past keys and these T new ones; `past` the (k, v) this call returned before (training,
-    tests), or `cache` a DraftKV the new keys are written into (the proposers: static shapes). Positions must be
-    < S (window-relative). Causal within the window; every query also sees itself, so a padding row attends to
-    something (no NaN) and is ignored."""
+    Per layer call: one fused norm, one q|k|v GEMM, RoPE on q and k in one pass (in place on a GPU: the Triton
+    kernel of minillm.layers.rotary, from its cached cos|sin table), the new K/V written into `cache`, one SDPA
+    call, o_proj, one fused residual-add + norm, one gate|up GEMM, one SiLU-and-multiply, down_proj: about a dozen
+    kernels where DraftBlock's plain ops launch some seventy (each norm alone is six). Grouped-query attention
+    needs no repeat_interleave: the G query heads that share a KV head become G * T query rows of that head, and
+    `attn_bias` (additive, from draft_attention_bias) is laid out for those rows. The weights are copied once, at
+    construction: build it after the heads are loaded, not while they train."""
 
-    def __init__(self, config: HeadConfig) -> None:
+    def __init__(self, block: DraftBlock, max_position: int) -> None:
         super().__init__()
-        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.eps, self.rope = config.rms_norm_eps, RopeTables(hd, config.rope_theta)
-        self.input_norm = nn.Parameter(torch.ones(d))
-        self.post_attention_norm = nn.Parameter(torch.ones(d))
-        self.q_proj, self.k_proj = nn.Linear(d, h * hd, bias=False), nn.Linear(d, kv * hd, bias=False)
-        self.v_proj, self.o_proj = nn.Linear(d, kv * hd, bias=False), nn.Linear(h * hd, d, bias=False)
-        self.gate_proj = nn.Linear(d, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, d, bias=False)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None, cache: DraftKV | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, _ = x.shape
-        if past is not None and cache is not None:
-            raise ValueError("pass the earlier keys as `past` or keep them in `cache`, not both")
-        s = t + (past[0].shape[2] if past is not None else cache.length if cache is not None else 0)
-        if key_mask.shape != (b, s):
-            raise ValueError(f"key_mask must be [B, S] = [{b}, {s}], got {tuple(key_mask.shape)}")
-        y = rms_norm(x, self.input_norm, self.eps)
-        q = self.rope(self.q_proj(y).view(b, t, self.num_heads, self.head_dim), positions, s).transpose(1, 2)
-        k = self.rope(self.k_proj(y).view(b, t, self.num_kv_heads, self.head_dim), positions, s).transpose(1, 2)
-        v = self.v_proj(y).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        elif cache is not None:
-            k, v = cache.append(k, v)
-        query_at = torch.arange(s - t, s, device=x.device)[:, None]
-        keys = torch.arange(s, device=x.device)[None, :]
-        allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
-        group = self.num_heads // self.num_kv_heads
-        attn = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                              attn_mask=allowed[:, None], scale=self.head_dim ** -0.5)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        y = rms_norm(x, self.post_attention_norm, self.eps)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y)), (k, v)
+        from minillm.layers.activation import SiluAndMul
+        from minillm.layers.rotary import RotaryEmbedding
+        self.num_heads, self.num_kv_heads, self.head_dim = block.num_heads, block.num_kv_heads, block.head_dim
+        d, device = block.input_norm.shape[0], block.input_norm.device
+        with torch.no_grad():
+            self.qkv = torch.cat([block.q_proj.weight, block.k_proj.weight, block.v_proj.weight]).detach()
+            self.gate_up = torch.cat([block.gate_proj.weight, block.up_proj.weight]).detach()
+        self.o_proj, self.down_proj = block.o_proj.weight.detach(), block.down_proj.weight.detach()
+        self.input_norm = fused_norm(block.input_norm, block.eps)
+        self.post_attention_norm = fused_norm(block.post_attention_norm, block.eps)
+        self.rotary = RotaryEmbedding(block.head_dim, max_position, block.rope.theta).to(device)
+        self.act = SiluAndMul()
 
     def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DraftKV:
         """An empty DraftKV for `capacity` positions, in `like`'s dtype and device."""
         return DraftKV(batch, self.num_kv_heads, capacity, self.head_dim, like)
 
-    @torch.no_grad()
-    def init_from_target_layer(self, layer: nn.Module) -> bool:
-        """Start from a target decoder layer's weights (dense float only; returns False and keeps the random
-        init otherwise): a warm start that makes minutes of training go further."""
-        try:
-            qkv, o = layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight
-            gate_up, down = layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight
-            norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        except AttributeError:
-            return False
-        q_rows, kv_rows = self.q_proj.out_features, self.k_proj.out_features
-        ffn = self.gate_proj.out_features
-        if not qkv.is_floating_point() or qkv.shape != (q_rows + 2 * kv_rows, self.q_proj.in_features) \
-                or gate_up.shape != (2 * ffn, self.gate_proj.in_features) or down.shape != self.down_proj.weight.shape:
-            return False
-        for mine, theirs in ((self.q_proj, qkv[:q_rows]), (self.k_proj, qkv[q_rows:q_rows + kv_rows]),
-                             (self.v_proj, qkv[q_rows + kv_rows:]), (self.o_proj, o), (self.gate_proj, gate_up[:ffn]),
-                             (self.up_proj, gate_up[ffn:]), (self.down_proj, down)):
-            mine.weight.copy_(theirs)
-        self.input_norm.copy_(norms[0])
-        self.post_attention_norm.copy_(norms[1])
-        return True
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_bias: torch.Tensor, cache: DraftKV
+                ) -> torch.Tensor:
+        b, t, d = x.shape
+        h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        group = h // kv
+        flat = x.reshape(b * t, d)
+        qkv = F.linear(self.input_norm(flat), self.qkv)
+        q, k = self.rotary(positions.reshape(-1), qkv[:, :h * hd].view(b * t, h, hd),
+                           qkv[:, h * hd:(h + kv) * hd].view(b * t, kv, hd))
+        v = qkv[:, (h + kv) * hd:].view(b, t, kv, hd)
+        keys, values = cache.append(k.reshape(b, t, kv, hd).transpose(1, 2), v.transpose(1, 2))
+        # [B, T, KV, G, D] -> [B, KV, G * T, D]: a view when T = 1 (a draft step), one copy for the window
+        q = q.reshape(b, t, kv, group, hd).permute(0, 2, 3, 1, 4).reshape(b, kv, group * t, hd)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_bias, scale=hd ** -0.5)
+        attn = attn.view(b, kv, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b * t, h * hd)
+        y, residual = self.post_attention_norm(F.linear(attn, self.o_proj), flat)
+        return (residual + F.linear(self.act(F.linear(y, self.gate_up)), self.down_proj)).view(b, t, d)
+
+
+def fused_norm(weight: torch.Tensor, eps: float) -> nn.Module:
+    """The engine's RMSNorm module (one Triton kernel on a GPU, residual add included) reading `weight` in place."""
+    from minillm.layers.norm import RMSNorm
+    norm = RMSNorm(weight.shape[0], eps)
+    norm.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    return norm
+
+
+def draft_attention_bias(key_mask: torch.Tensor, num_queries: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """FusedDraftBlock's additive mask for the last `num_queries` of S positions: [B, 1, group * T, S] with 0 where
+    DraftBlock's boolean rule allows (causal, real keys, and always the query itself) and -inf elsewhere. One
+    query (a draft step) gives [B, 1, 1, S], broadcast over the group; build it once per proposal and slice."""
+    b, s = key_mask.shape
+    query_at = torch.arange(s - num_queries, s, device=key_mask.device)[:, None]
+    keys = torch.arange(s, device=key_mask.device)[None, :]
+    allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
+    if num_queries == 1:
+        return bias[:, None]
+    return bias[:, None, None].expand(b, 1, group, num_queries, s).reshape(b, 1, group * num_queries, s)
 
 
 def window_positions(lengths: list[int] | torch.Tensor, width: int, device: torch.device

@@ -14,7 +14,8 @@ tokens; the chain keeps causality because module k sees the token module k - 1 d
 decoding, module 1 at the last position guesses the token after the one just sampled, module 2 (fed that guess)
 the one after, and so on. Each module attends over the window of the last <= 64 positions, recomputed each step
 (minillm.speculative.head_proposer); module k's window tokens are the window's shifted by k, the drafts so far
-filling the end.
+filling the end. Drafting runs each module with its norms as single kernels and its layer packed into a
+FusedDraftBlock (static shapes: the D modules replay as one CUDA graph).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from minillm.layers.norm import rms_norm
 from minillm.speculative.head_proposer import Chooser, HeadProposer, Window
-from minillm.speculative.heads import DraftBlock, HeadConfig
+from minillm.speculative.heads import DraftBlock, FusedDraftBlock, HeadConfig, draft_attention_bias, fused_norm
 
 
 class MTPModule(nn.Module):
@@ -56,15 +57,34 @@ class MTPModules(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_heads))
 
 
+class FusedMTPModule(nn.Module):
+    """An MTPModule's weights packed for drafting: its three norms as fused kernels, its layer a FusedDraftBlock."""
+
+    def __init__(self, module: MTPModule, max_position: int) -> None:
+        super().__init__()
+        self.hidden_norm, self.embed_norm = fused_norm(module.hidden_norm, module.eps), \
+            fused_norm(module.embed_norm, module.eps)
+        self.proj, self.out_norm = module.proj, fused_norm(module.out_norm, module.eps)
+        self.layer = FusedDraftBlock(module.layer, max_position)
+
+
 class MTPProposer(HeadProposer):
     method = "mtp"
     hidden_state_kind = "pre_norm"
 
+    def fuse(self) -> nn.Module:
+        return nn.ModuleList(FusedMTPModule(module, self.window) for module in self.heads.mtp)
+
     def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
         hidden, tokens, drafted = window.features, window.next_tokens, []
-        for module in self.heads.mtp[:num_drafts]:
-            hidden = module(hidden, self.target.embed(tokens), window.positions, window.key_mask)
-            token = choose(self.target.logits(module.normed(hidden[:, -1])))
+        batch, width = tokens.shape
+        first = self.fused[0].layer
+        bias = draft_attention_bias(window.key_mask, width, first.num_heads // first.num_kv_heads, hidden.dtype)
+        for module in self.fused[:num_drafts]:
+            x = module.proj(torch.cat([module.hidden_norm(hidden), module.embed_norm(self.target.embed(tokens))],
+                                      dim=-1))
+            hidden = module.layer(x, window.positions, bias, module.layer.new_cache(batch, width, x))
+            token = choose(self.target.logits(module.out_norm(hidden[:, -1])))
             drafted.append(token)
             # module k + 1 at position p reads token p + k + 1: the window's tokens one further, the draft last
             tokens = torch.cat([tokens[:, 1:], token[:, None]], dim=1)
