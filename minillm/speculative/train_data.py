@@ -16,6 +16,7 @@ EAGLE both distil on the target's outputs rather than on a fixed corpus). Offlin
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,10 +94,12 @@ def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192
 
 
 def generate(model: nn.Module, tokenizer: Any, model_config: ModelConfig, prompts: list[list[int]],
-             max_new_tokens: int, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 128,
-             seed: int = 0) -> list[list[int]]:
+             max_new_tokens: int, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 256,
+             seed: int = 0, deadline: float | None = None) -> list[list[int]]:
     """prompt + the target's continuation for every prompt (see the module docstring for which are greedy),
-    through the engine (paged KV, continuous batching; CUDA graphs on a GPU)."""
+    through the engine (paged KV, continuous batching of up to max_num_seqs requests; CUDA graphs on a GPU).
+    `deadline` (a time.perf_counter() value): past it the unfinished requests are aborted and kept as far as
+    they got (a shorter generation is still the target's own text; one never started is its prompt alone)."""
     from minillm.engine.llm_engine import LLMEngine
     longest = max(len(p) for p in prompts) + max_new_tokens
     engine = LLMEngine(model, tokenizer, model_config,
@@ -112,6 +115,12 @@ def generate(model: nn.Module, tokenizer: Any, model_config: ModelConfig, prompt
     documents: dict[str, list[int]] = {}
     with tqdm(total=len(prompts), desc="generating", unit="doc") as bar:
         while engine.has_unfinished_requests():
+            if deadline is not None and time.perf_counter() > deadline:
+                for request_id in [str(i) for i in range(len(prompts)) if str(i) not in documents]:
+                    out = engine.abort(request_id)
+                    if out is not None:
+                        documents[request_id] = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+                break
             for out in engine.step():
                 if out.finished:
                     documents[out.request_id] = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
@@ -130,7 +139,7 @@ def pack_rows(documents: list[list[int]], seq_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 16
+def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 32
                     ) -> torch.Tensor:
     """The target's pre-final-norm hidden state at every position of every row, [N, seq_len, d] (cache-less
     prefills, one row per sequence)."""
@@ -153,9 +162,10 @@ def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, 
 
 def distill_data(model: nn.Module, tokenizer: Any, model_config: ModelConfig, num_prompts: int,
                  max_new_tokens: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0, max_prompt_tokens: int = 192) -> DistillData:
-    """Prompts -> the target's generations -> rows -> the target's features on them."""
+                 seed: int = 0, max_prompt_tokens: int = 192, deadline: float | None = None) -> DistillData:
+    """Prompts -> the target's generations (cut short at `deadline`, see generate) -> rows -> the target's
+    features on them."""
     prompts = build_prompts(tokenizer, num_prompts, max_prompt_tokens)
-    rows = pack_rows(generate(model, tokenizer, model_config, prompts, max_new_tokens, device, dtype, seed=seed),
-                     seq_len)
+    rows = pack_rows(generate(model, tokenizer, model_config, prompts, max_new_tokens, device, dtype, seed=seed,
+                              deadline=deadline), seq_len)
     return DistillData(rows, record_features(model, rows, device))

@@ -9,11 +9,18 @@ target's law of token t + 1:
     medusa  head k at position t reads norm(f_t), guesses token t + 1 + k       target p_{t+k}
     eagle   g_t = layer(fc([f_t; embed(x_{t+1})])), guesses token t + 2          target p_{t+1}
             plus the feature regression SmoothL1(g_t, f_{t+1}) (the paper's L_reg; weights 1 and 0.1 as there),
-            on features divided by their RMS so one scale suits every model; f_t gets uniform noise as in EAGLE
+            on features divided by their RMS so one scale suits every model; f_t gets uniform noise as in EAGLE;
+            then `unroll` more passes of the drafting chain on the head's own features ("training-time test",
+            minillm.speculative.train_eval), pass j weighted unroll_decay**j, the same two losses each
     mtp     module k: h^k_t = TRM_k(M_k[norm(h^{k-1}_t); norm(embed(x_{t+k}))]), guesses token t + k + 1,
             target p_{t+k}; the D modules' losses are averaged (DeepSeek-V3's lambda, here 1/D)
     draft   the first L layers of the target (own weights, its embedding and LM head frozen), at every position:
             the classic distilled draft model, saved as an HF directory for speculative_config "draft_model"
+
+The KL over the whole vocabulary without a second log-softmax: with z = W n the head's logits (n its normalised
+feature, W the LM head) and p the target's law, KL(p || softmax(z)) = sum p log p - n . (W^T p) + logsumexp(z).
+W^T p (the target's expected output embedding, [d]) and sum p log p are computed once per step from the target,
+so each head prediction costs its logits and one fp32 logsumexp (`target_law`, `kl_to_target`).
 
 AdamW with a linear warm-up and cosine decay; a tqdm bar; the loss curve saved as loss.json and loss.png (when
 matplotlib is installed). Heads are saved with minillm.speculative.heads.save_heads (heads.safetensors +
@@ -36,11 +43,16 @@ from tqdm.auto import tqdm
 from minillm.config import ModelConfig
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.speculative.head_kinds import new_heads
+from minillm.speculative.head_proposer import DEFAULT_WINDOW
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
 from minillm.speculative.train_data import DistillData
+from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, mixed_precision, simulated_acceptance, top1_agreement,
+                                            unrolled_chain)
 
 TRAIN_KINDS = ("draft", *HEAD_KINDS)
-TIMING_STEPS = 10  # steps timed before a deadline shortens a run
+TIMING_STEPS = 10  # steps timed before a deadline shortens a run (the pace is taken from step WARM_STEPS on)
+WARM_STEPS, REFIT_STEPS, LOG_EVERY = 3, (100, 500), 25  # the first steps pay one-off costs (lazy kernel loading)
+EVAL_ROWS = 256  # held-out rows the simulated acceptance reads at most
 EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
 
 
@@ -55,6 +67,9 @@ class TrainOptions:
     warmup: int | None = None  # linear warm-up steps; None: a tenth of the steps, at most 100 (zero-init Medusa
     # heads start far from their targets, and full-rate Adam steps on noisy first batches overshoot)
     seed: int = 0
+    unroll: int = 3  # eagle: passes of the drafting chain after the teacher-forced one (training-time test)
+    unroll_decay: float = 0.8  # eagle: weight of pass j is unroll_decay ** j
+    window: int = DEFAULT_WINDOW  # eagle: real positions a chain attends to, as the proposer's window
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -69,6 +84,12 @@ class TrainOptions:
             raise ValueError(f"warmup must be None or an integer >= 1, got {self.warmup!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or not 0 <= self.unroll <= 8:
+            raise ValueError(f"unroll must be an integer in [0, 8], got {self.unroll!r}")
+        if not 0 < self.unroll_decay <= 1:
+            raise ValueError(f"unroll_decay must be in (0, 1], got {self.unroll_decay!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
 
 
 def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -77,26 +98,73 @@ def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tenso
     return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
 
 
-class HeadLoss:
-    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value}) for one head kind; `predictions`
-    gives each head's (or draft step's) logits with the target's logits for the same tokens."""
+@torch.no_grad()
+def target_law(target: TargetParts, features: torch.Tensor, rows_per_chunk: int = 1024
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the KL needs of the target's law p = softmax(W norm(f)) at each position: (W^T p [..., d] and
+    sum p log p [...], both fp32), computed in chunks of rows so no more than one chunk's [rows, V] is alive."""
+    flat = features.reshape(-1, features.shape[-1])
+    weight = target.lm_head_weight
+    expected, neg_entropy = [], []
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        log_p = torch.log_softmax(target.logits(target.final_norm(flat[start:start + rows_per_chunk])).float(), -1)
+        p = log_p.exp()
+        expected.append((p.to(weight.dtype) @ weight).float())  # bf16 on a GPU: ~0.4% rounding per entry, any sign
+        neg_entropy.append((p * log_p).sum(-1))
+    return (torch.cat(expected).view(*features.shape[:-1], -1), torch.cat(neg_entropy).view(features.shape[:-1]))
 
-    def __init__(self, kind: str, target: TargetParts, feature_rms: float) -> None:
+
+def kl_to_target(target: TargetParts, hidden: torch.Tensor, law: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """KL(p || softmax(W norm(hidden))) per position, exact over the whole vocabulary, from `target_law`:
+    sum p log p - n . (W^T p) + logsumexp(W n). Only the logsumexp sees the vocabulary (logits in the autocast
+    dtype, reduced in fp32); its gradient, softmax(z) - p in logit space, is the usual one."""
+    normed = target.final_norm(hidden)
+    expected, neg_entropy = law
+    log_normalizer = torch.logsumexp(target.logits(normed).float(), dim=-1)
+    return neg_entropy - (normed.float() * expected).sum(-1) + log_normalizer
+
+
+class HeadLoss:
+    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value tensor}) for one head kind;
+    `predictions` gives each head's (or draft step's) logits with the target's logits for the same tokens.
+    EAGLE: `unroll` passes of the drafting chain after the teacher-forced one, pass j weighted decay ** j."""
+
+    def __init__(self, kind: str, target: TargetParts, feature_rms: float, unroll: int = 0, decay: float = 0.8,
+                 window: int = DEFAULT_WINDOW) -> None:
         self.kind, self.target, self.scale = kind, target, feature_rms
+        self.unroll, self.decay, self.window = unroll, decay, window
 
     def __call__(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        pairs, regression = self.predictions(heads, tokens, features, noise=True)
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.kind == "eagle":
+            return self.eagle_loss(heads, tokens, features)
+        pairs, _ = self.predictions(heads, tokens, features)
         kls = [distill_kl(q, p) for q, p in pairs]
-        if regression is not None:  # eagle
-            return regression + EAGLE_CLS_WEIGHT * kls[0], {"reg": float(regression.detach()),
-                                                            "cls": float(kls[0].detach())}
         prefix = "head" if self.kind == "medusa" else "module"
-        return sum(kls) / len(kls), {f"{prefix}{k + 1}": float(v.detach()) for k, v in enumerate(kls)}
+        return sum(kls) / len(kls), {f"{prefix}{k + 1}": v.detach() for k, v in enumerate(kls)}
 
-    def predictions(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor, noise: bool = False
+    def eagle_loss(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pass j at position t (t >= j: a chain that starts inside the row) predicts f_{t+1} and the target's
+        law p_{t+1}, whatever j: the same targets for every pass, computed once."""
+        inputs = features[:, :-1]
+        inputs = inputs + (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)  # pass 0's input only
+        passes = unrolled_chain(heads, inputs, self.target.embed(tokens[:, 1:]), 1 + self.unroll, self.window)
+        truth = features[:, 1:].float() / self.scale
+        law = target_law(self.target, features[:, 1:])
+        total, weights, parts = 0.0, 0.0, {}
+        for j, g in enumerate(passes):
+            regression = F.smooth_l1_loss(g[:, j:].float() / self.scale, truth[:, j:])
+            kl = kl_to_target(self.target, g[:, j:], (law[0][:, j:], law[1][:, j:])).mean()
+            total = total + self.decay ** j * (regression + EAGLE_CLS_WEIGHT * kl)
+            weights += self.decay ** j
+            parts.update({"reg": regression.detach(), "cls": kl.detach()} if j == 0 else {f"cls{j + 1}": kl.detach()})
+        return total / weights, parts
+
+    def predictions(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """([(head logits, target logits)] per head / module, EAGLE's feature regression loss or None)."""
+        """([(head logits, target logits)] per head / module, EAGLE's feature regression loss or None), every input
+        the target's (teacher forcing; EAGLE's later drafts: train_eval.simulated_acceptance)."""
         b, length, _ = features.shape
         with torch.no_grad():
             p_logits = self.target.logits(self.target.final_norm(features))
@@ -108,10 +176,7 @@ class HeadLoss:
             z = heads(self.target.final_norm(features))  # [K, B, L, d]
             return [(self.target.logits(z[k - 1][:, :-k]), p_logits[:, k:]) for k in range(1, z.shape[0] + 1)], None
         if self.kind == "eagle":  # g_t from (f_t, x_{t+1}) ~ f_{t+1}, which guesses token t + 2
-            inputs = features[:, :-1]
-            if noise:
-                inputs = inputs + (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)
-            g, _ = heads(inputs, self.target.embed(tokens[:, 1:]), *window(length - 1))
+            g = unrolled_chain(heads, features[:, :-1], self.target.embed(tokens[:, 1:]), 1, self.window)[0]
             regression = F.smooth_l1_loss(g.float() / self.scale, features[:, 1:].float() / self.scale)
             return [(self.target.logits(self.target.final_norm(g)), p_logits[:, 1:])], regression
         hidden, pairs = features, []  # mtp: module k at t reads token t + k, guesses token t + k + 1
@@ -120,31 +185,6 @@ class HeadLoss:
             hidden = module(hidden[:, :n], self.target.embed(tokens[:, k:]), *window(n))
             pairs.append((self.target.logits(module.normed(hidden)), p_logits[:, k:]))
         return pairs, None
-
-
-def mixed_precision(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights, the target's bf16 matrices), plain fp32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def top1_agreement(loss: HeadLoss, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor,
-                   rows_per_batch: int = 8) -> list[float]:
-    """Per head / module: how often its argmax is the target's argmax on these rows, every input taken from the
-    target's own sequence (teacher forcing). For head 1 this is the greedy acceptance rate of the first draft; for
-    later heads an upper bound (in the engine they read drafts, and a draft is only kept after accepted ones)."""
-    hits: list[float] = []
-    counts: list[int] = []
-    for start in range(0, tokens.shape[0], rows_per_batch):
-        with mixed_precision(features.device):
-            pairs, _ = loss.predictions(heads, tokens[start:start + rows_per_batch],
-                                        features[start:start + rows_per_batch].float())
-        if not hits:
-            hits, counts = [0.0] * len(pairs), [0] * len(pairs)
-        for k, (q, p) in enumerate(pairs):
-            hits[k] += float((q.argmax(-1) == p.argmax(-1)).sum())
-            counts[k] += p.shape[0] * p.shape[1]
-    return [h / max(c, 1) for h, c in zip(hits, counts)]
 
 
 def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor
@@ -156,7 +196,7 @@ def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, feat
     with forward_context(prefill_metadata([length] * b, device=tokens.device)):
         hidden = draft(tokens.flatten(), torch.arange(length, device=tokens.device).repeat(b))
     loss = distill_kl(draft.compute_logits(hidden).view(b, length, -1), p_logits)
-    return loss, {"kl": float(loss.detach())}
+    return loss, {"kl": loss.detach()}
 
 
 def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:
@@ -192,8 +232,11 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                 out_dir: str | Path, tokenizer: Any = None, deadline: float | None = None) -> dict[str, Any]:
     """Train `options.kind` on `data` and save it into out_dir; returns the loss history (also in loss.json).
 
-    `deadline` (a time.perf_counter() value): after TIMING_STEPS steps the step time is measured and the run
-    shortened, if need be, to the steps that fit before it; the warm-up and cosine schedule then span those."""
+    `deadline` (a time.perf_counter() value): the step time is measured from step WARM_STEPS to TIMING_STEPS (the
+    first steps load kernels and grow the allocator, so timing them overstates the pace) and again at REFIT_STEPS,
+    and the run set to the steps that fit before it (at most options.steps); the warm-up and cosine schedule then
+    span those. Losses are read back every LOG_EVERY steps, not every step (a read is a host sync that stops the
+    CPU from queueing the next step while the GPU works)."""
     torch.manual_seed(options.seed)
     device = data.features.device
     target = TargetParts(target_model)
@@ -212,23 +255,30 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         config = HeadConfig.for_target(options.kind, model_config, options.num_heads)
         scale = feature_rms(data)
         trainee = initial_heads(config, target_model, scale).to(device=device, dtype=torch.float32)
-        loss_fn = HeadLoss(options.kind, target, scale)
+        loss_fn = HeadLoss(options.kind, target, scale, options.unroll, options.unroll_decay, options.window)
     trainee.train()
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    plan = {"steps": options.steps, "warmup": options.warmup}  # shortened below if a deadline needs it
+    plan = {"steps": options.steps, "warmup": options.warmup}  # fitted below if a deadline needs it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, plan["steps"], plan["warmup"]))
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    all_tokens = data.tokens.to(device)  # once: a per-step host-to-device copy would wait for the GPU every step
     history: list[dict[str, float]] = []
-    n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for top1_agreement
-    started = time.perf_counter()
+    pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []  # read back LOG_EVERY steps at a time
+    n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for the evaluation
+    started = mark = time.perf_counter()
     with tqdm(total=options.steps, desc=f"training {options.kind}", unit="step") as bar:
         step = 0
         while step < plan["steps"]:
-            if deadline is not None and step == TIMING_STEPS:
-                _fit_to_deadline(plan, (time.perf_counter() - started) / step, deadline, bar)
-            rows = torch.randperm(n, generator=generator)[:options.rows_per_step]  # without replacement
-            tokens, features = data.tokens[rows].to(device), data.features[rows].float()
+            if deadline is not None and step in (WARM_STEPS, TIMING_STEPS, *REFIT_STEPS):
+                _synchronize(device)
+                if step == WARM_STEPS:  # the first steps pay for kernel selection and allocation: not the pace
+                    mark = time.perf_counter()
+                else:
+                    _fit_to_deadline(plan, options, step, (time.perf_counter() - mark) / (step - WARM_STEPS),
+                                     deadline, bar)
+            rows = torch.randperm(n, generator=generator, device=device)[:options.rows_per_step]  # no replacement
+            tokens, features = all_tokens[rows], data.features[rows].float()
             with mixed_precision(device):
                 loss, parts = loss_fn(trainee, tokens, features)
             optimizer.zero_grad(set_to_none=True)
@@ -236,34 +286,64 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            history.append({"step": step, "loss": float(loss.detach()), **parts})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-            bar.update(1)
+            pending.append((step, loss.detach(), parts))
             step += 1
+            bar.update(1)
+            if len(pending) == LOG_EVERY or step >= plan["steps"]:
+                history += _read_back(pending)  # the one host sync of these steps
+                pending.clear()
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+                if deadline is not None and step > TIMING_STEPS and time.perf_counter() > deadline:
+                    break  # a slower pace than measured: stop at the deadline rather than overrun it
+    train_seconds = time.perf_counter() - started
     trainee.eval()
     out = Path(out_dir)
+    result: dict[str, Any] = {"history": history, "out": str(out), "held_out_top1_agreement": None,
+                              "simulated_acceptance": None, "seconds_per_step": train_seconds / len(history)}
     if options.kind == "draft":
         _save_draft(trainee, out, tokenizer)
-        agreement = None
     else:
-        held = slice(n, None)
-        agreement = top1_agreement(loss_fn, trainee, data.tokens[held].to(device), data.features[held])
+        held = slice(n, min(n + EVAL_ROWS, data.tokens.shape[0]))
+        held_tokens, held_features = data.tokens[held].to(device), data.features[held]
+        result["held_out_top1_agreement"] = top1_agreement(loss_fn, trainee, held_tokens, held_features)
         config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
+                           "rows_per_step": options.rows_per_step, "seconds_per_step": result["seconds_per_step"],
                            "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
-                           "held_out_top1_agreement": agreement}
+                           "held_out_top1_agreement": result["held_out_top1_agreement"]}
+        if options.kind == "eagle":
+            config.training["unroll"] = options.unroll
+            if held_tokens.shape[0] and held_tokens.shape[1] > ACCEPTANCE_DRAFTS:
+                result["simulated_acceptance"] = simulated_acceptance(trainee, target, held_tokens, held_features,
+                                                                      window=options.window)
+                config.training["simulated_acceptance"] = result["simulated_acceptance"]
         save_heads(out, trainee, config)
     save_loss_curve(history, out, options.kind)
-    return {"history": history, "out": str(out), "held_out_top1_agreement": agreement}
+    return result
 
 
-def _fit_to_deadline(plan: dict[str, int], seconds_per_step: float, deadline: float, bar: tqdm) -> None:
-    """Cut plan["steps"] to what fits before the deadline at the measured pace (never below TIMING_STEPS + 1),
-    the warm-up in proportion."""
-    affordable = TIMING_STEPS + int(max(0.0, deadline - time.perf_counter()) / max(seconds_per_step, 1e-9))
-    if affordable < plan["steps"]:
-        plan["warmup"] = max(1, plan["warmup"] * affordable // plan["steps"])
-        plan["steps"] = max(TIMING_STEPS + 1, affordable)
-        bar.total = plan["steps"]
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_back(pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]) -> list[dict[str, float]]:
+    """History entries for the pending steps, their losses fetched in one copy."""
+    values = torch.stack([torch.stack([loss.float(), *(v.float() for v in parts.values())])
+                          for _, loss, parts in pending]).tolist()
+    return [{"step": step, "loss": row[0], **dict(zip(parts, row[1:]))}
+            for (step, _, parts), row in zip(pending, values)]
+
+
+def _fit_to_deadline(plan: dict[str, int], options: TrainOptions, step: int, seconds_per_step: float,
+                     deadline: float, bar: tqdm) -> None:
+    """Set plan["steps"] to what fits before the deadline at the measured pace (at most options.steps, never below
+    TIMING_STEPS + 1), the warm-up in proportion."""
+    affordable = step + int(max(0.0, deadline - time.perf_counter()) / max(seconds_per_step, 1e-9))
+    steps = max(TIMING_STEPS + 1, min(options.steps, affordable))
+    if steps != plan["steps"]:
+        plan["warmup"] = max(1, options.warmup * steps // options.steps)
+        plan["steps"] = steps
+        bar.total = steps
         bar.refresh()
 
 

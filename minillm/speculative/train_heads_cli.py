@@ -3,6 +3,9 @@
     minillm train-heads --kind eagle --steps 2000 --out heads/eagle [MODEL] [--device cuda] [--dtype bfloat16]
     minillm train-heads --kind medusa,eagle,mtp --out heads              # one dataset, heads/medusa, heads/eagle, ...
     minillm train-heads --kind medusa --tiny --out /tmp/medusa            # a smoke run with few prompts and steps
+    minillm train-heads --kind eagle --device cuda --num-prompts 4096 --time-budget 300 --out heads/eagle
+                                          # a budgeted GPU run: data (<= DATA_SHARE of the budget), then training;
+                                          # prints EAGLE's simulated mean accepted length (train_eval)
 
 Then `LLM(speculative_config={"method": "eagle", "model": "heads/eagle", "num_speculative_tokens": 4})`; a draft
 model (--kind draft) is an HF directory for {"method": "draft_model", "model": DIR}. Needs torch, safetensors and
@@ -16,7 +19,9 @@ import time
 
 from minillm.speculative.train_heads import TRAIN_KINDS
 
-SAVE_SECONDS = 10.0  # --time-budget: kept back per kind for the held-out evaluation and saving
+SAVE_SECONDS = 15.0  # --time-budget: kept back per kind for the held-out evaluation and saving
+DATA_SHARE = 0.22  # --time-budget: generation stops (keeping what it has) at this share of the budget
+BUDGET_STEPS = 100_000  # --time-budget without --steps: the budget, not a step count, ends training
 # --tiny: a smoke run that finishes in seconds on a laptop CPU (tests, CI)
 TINY = {"num_prompts": 4, "max_prompt_tokens": 32, "max_new_tokens": 24, "seq_len": 32, "steps": 4,
         "rows_per_step": 2}
@@ -29,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", required=True, type=_kinds,
                    help=f"one of {', '.join(TRAIN_KINDS)}, or several joined by commas (trained on the same "
                         f"generations, each saved in OUT/<kind>)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 1000; with --time-budget: as many as fit)")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="the target's dtype: auto (bf16 on cuda, fp32 on cpu), ...")
@@ -37,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="prompts are cut to this (default 192)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt (default 192)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training row (default 256)")
-    p.add_argument("--rows-per-step", type=int, default=8, help="rows per optimizer step (default 8)")
+    p.add_argument("--rows-per-step", type=int, default=16, help="rows per optimizer step (default 16)")
+    p.add_argument("--unroll", type=int, default=3,
+                   help="eagle: passes of the drafting chain trained after the teacher-forced one, on the head's "
+                        "own features (training-time test; default 3, 0 = teacher forcing only)")
     p.add_argument("--num-heads", type=int, default=4, help="medusa heads (default 4)")
     p.add_argument("--mtp-depth", type=int, default=2, help="mtp modules, one extra token each (default 2)")
     p.add_argument("--draft-layers", type=int, default=4, help="--kind draft: the target's first L layers")
@@ -66,9 +75,10 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     from minillm.speculative.train_data import distill_data
     from minillm.speculative.train_heads import TrainOptions, train_heads
 
+    steps = args.steps if args.steps is not None else 1000 if args.time_budget is None else BUDGET_STEPS
     sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
-                 max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
-                 steps=args.steps, rows_per_step=args.rows_per_step)
+                 max_new_tokens=args.max_new_tokens, seq_len=args.seq_len, steps=steps,
+                 rows_per_step=args.rows_per_step)
     if args.tiny:
         sizes.update(TINY)
     for name, value in sizes.items():
@@ -78,7 +88,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
                             draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
-                            seed=args.seed) for kind in args.kind]  # validates the rest before any loading
+                            seed=args.seed, unroll=args.unroll) for kind in args.kind]  # validates before loading
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
@@ -86,10 +96,14 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     target = build_model(model_config, weights, device, dtype).eval()
     for p in target.parameters():
         p.requires_grad_(False)
+    data_deadline = None if args.time_budget is None else start + DATA_SHARE * args.time_budget
     data = distill_data(target, tokenizer, model_config, sizes["num_prompts"], sizes["max_new_tokens"],
                         sizes["seq_len"], device, dtype, seed=args.seed,
-                        max_prompt_tokens=sizes["max_prompt_tokens"])
-    print(f"data: {data.tokens.shape[0]} rows of {data.tokens.shape[1]} tokens, {time.perf_counter() - start:.0f} s")
+                        max_prompt_tokens=sizes["max_prompt_tokens"], deadline=data_deadline)
+    spent = time.perf_counter() - start
+    share = f" ({100 * spent / args.time_budget:.0f}% of the budget)" if args.time_budget else ""
+    print(f"data: {data.tokens.shape[0]} rows of {data.tokens.shape[1]} tokens, {spent:.0f} s{share} "
+          f"(loading, generating, recording features)")
     for i, option in enumerate(options):
         out = args.out if len(options) == 1 else os.path.join(args.out, option.kind)
         deadline = None
@@ -98,9 +112,16 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
             deadline = now + max(0.0, end - now - SAVE_SECONDS * (len(options) - i)) / (len(options) - i)
         result = train_heads(target, model_config, data, option, out, tokenizer, deadline=deadline)
         history = result["history"]
-        print(f"{option.kind}: {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
-              f"{time.perf_counter() - start:.0f} s so far; saved to {result['out']}")
+        print(f"{option.kind}: {len(history)} steps ({1000 * result['seconds_per_step']:.1f} ms each), loss "
+              f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, {time.perf_counter() - start:.0f} s so far; "
+              f"saved to {result['out']}")
         if result["held_out_top1_agreement"]:  # head 1: the first draft's greedy acceptance; later ones: a bound
             print("  held-out top-1 agreement with the target, per head/step: "
                   + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
+        sim = result["simulated_acceptance"]
+        if sim:  # eagle: the engine's greedy chain of k drafts, simulated on the held-out rows
+            print(f"  simulated mean accepted length (k={sim['num_drafts']}, greedy, bonus included): "
+                  f"{sim['mean_accepted_length']:.3f} over {sim['positions']} positions "
+                  f"({100 * sim['eligible_fraction']:.0f}% of them scorable); per draft: "
+                  + ", ".join(f"{a:.3f}" for a in sim["per_step_acceptance"]))
     return 0

@@ -1,0 +1,188 @@
+"""EAGLE's drafting chain run over whole rows at once, for training and for measuring it (chapter 9).
+
+In the engine EAGLE drafts k tokens from a context ending at position p: step 1 reads the target's features
+f_{<=p} and the token x_{p+1} and gives g_p (~ f_{p+1}, which picks draft 1); step j + 1 feeds the head its *own*
+g from step j and the token it drafted, attending to the window of real positions (p - window, p] plus the draft
+positions p + 1 .. p + j of its own chain. Training only on the target's features (teacher forcing) never shows
+the head its own, slightly wrong, features: acceptance falls off fast after the first draft.
+
+"Training-time test" (EAGLE-3, Li et al. 2025; HASS, Zhang et al. 2024) runs that chain during training, for every
+start position of a row at once. Pass 0 is the teacher-forced pass. Pass j (j >= 1) at position t is draft step
+j + 1 of the chain that started at p = t - j: its input is fc([g^{j-1}_{t-1}; embed(x_{t+1})]) (the previous
+pass's output one position back, the real next token) and its query attends to
+
+    pass 0's keys at positions (p - window, p]        the real context the proposer's window holds
+    pass i's key at position p + i, for i = 1 .. j     the chain's own earlier drafts (the last one is itself)
+
+a block-diagonal mask over the concatenated keys of passes 0..j (`chain_mask`). Every chain is then computed
+exactly as the proposer computes it, with the real token where the proposer feeds its draft: the same thing
+whenever the drafts so far were right, the only case in which the later drafts count.
+
+`simulated_acceptance` uses this to read the engine's greedy mean accepted length off held-out rows without an
+engine: the chain's drafts against the target's own greedy tokens (argmax of p, not the data's tokens, which are
+sampled in some rows), at start positions where the data's next tokens are the greedy ones (where they are not,
+the target's later distributions in the data are conditioned on a token greedy decoding would not have chosen).
+`top1_agreement` is the older teacher-forced number, one per head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.layers.norm import rms_norm
+from minillm.layers.rotary import apply_rotary
+from minillm.speculative.head_proposer import DEFAULT_WINDOW
+from minillm.speculative.heads import TargetParts
+
+ACCEPTANCE_DRAFTS = 5  # k of the simulated chain: the engine's usual num_speculative_tokens for EAGLE
+
+
+def mixed_precision(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights, the target's bf16 matrices), plain fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def chain_mask(length: int, depth: int, window: int, device: torch.device) -> torch.Tensor:
+    """Which keys pass `depth` attends to: bool [T, (depth + 1) * T] over the keys of passes 0..depth side by side.
+    Query t belongs to the chain that started at p = t - depth (see the module docstring)."""
+    t = torch.arange(length, device=device)[:, None]
+    s = torch.arange(length, device=device)[None, :]
+    start = t - depth
+    blocks = [(s <= start) & (s > start - window)] + [s == start + i for i in range(1, depth + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def _rope_theta(block: nn.Module) -> float:
+    theta = getattr(block, "rope_theta", None)
+    if theta is None:
+        theta = getattr(getattr(block, "rope", None), "theta", None)
+    if theta is None:
+        raise ValueError(f"{type(block).__name__} names no RoPE base (rope_theta or rope.theta)")
+    return float(theta)
+
+
+def _block_pass(block: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                cache: list[tuple[torch.Tensor, torch.Tensor]], depth: int, window: int) -> torch.Tensor:
+    """DraftBlock's computation for pass `depth`, attending as `chain_mask` says; appends this pass's K/V to
+    `cache`. Pass 0 without a window limit is plain causal attention (SDPA's is_causal: its fused kernels); the
+    other passes use an additive float mask shared by every row and head (the memory-efficient kernel on CUDA)."""
+    b, t, _ = x.shape
+    h, kv, hd = block.num_heads, block.num_kv_heads, block.head_dim
+    cos, sin = rotary
+    y = rms_norm(x, block.input_norm, block.eps)
+    q = apply_rotary(block.q_proj(y).view(b, t, h, hd), cos, sin).transpose(1, 2)
+    k = apply_rotary(block.k_proj(y).view(b, t, kv, hd), cos, sin).transpose(1, 2)
+    v = block.v_proj(y).view(b, t, kv, hd).transpose(1, 2)
+    cache.append((k, v))
+    group = h // kv
+    keys = torch.cat([c[0] for c in cache], dim=2).repeat_interleave(group, 1)
+    values = torch.cat([c[1] for c in cache], dim=2).repeat_interleave(group, 1)
+    if depth == 0 and window >= t:
+        attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=hd ** -0.5)
+    else:
+        allowed = chain_mask(t, depth, window, x.device)
+        columns = -(-allowed.shape[1] // 16) * 16  # rows 16-aligned in memory, as the fused kernels want
+        bias = torch.full((t, columns), float("-inf"), dtype=q.dtype, device=x.device)[:, :allowed.shape[1]]
+        bias.masked_fill_(allowed, 0.0)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=hd ** -0.5)
+    x = x + block.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+    y = rms_norm(x, block.post_attention_norm, block.eps)
+    return x + block.down_proj(F.silu(block.gate_proj(y)) * block.up_proj(y))
+
+
+def unrolled_chain(head: nn.Module, features: torch.Tensor, token_embeds: torch.Tensor, depth: int, window: int,
+                   detach: bool = False) -> list[torch.Tensor]:
+    """[g^0, ..., g^{depth-1}], each [B, T, d]: pass j at position t is draft j + 1 of the chain started at t - j
+    (valid for t >= j). features [B, T, d]: f_0..f_{T-1}; token_embeds [B, T, d]: embed(x_1..x_T).
+    `detach`: feed pass j the previous pass's g without its gradient (the default keeps it: the loss of a later
+    draft then also teaches the earlier step to produce features the next step can use, which is what drafting
+    needs; detaching makes every pass an independent regression on its own inputs)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if features.shape != token_embeds.shape:
+        raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} disagree")
+    block = head.layer
+    length = features.shape[1]
+    half = block.head_dim // 2
+    inv_freq = 1.0 / _rope_theta(block) ** (torch.arange(half, device=features.device, dtype=torch.float32) / half)
+    angles = torch.arange(length, device=features.device, dtype=torch.float32)[:, None] * inv_freq
+    rotary = (angles.cos(), angles.sin())  # positions 0..T-1: RoPE sees only distances, as the window's do
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+    inputs = features
+    for j in range(depth):
+        if j:  # position t reads g^{j-1}_{t-1}; position 0 has none (its chain would start before the row)
+            previous = outputs[-1].detach() if detach else outputs[-1]
+            inputs = F.pad(previous[:, :-1], (0, 0, 1, 0))
+        x = head.fc(torch.cat([inputs, token_embeds], dim=-1))
+        outputs.append(_block_pass(block, x, rotary, cache, j, window))
+    return outputs
+
+
+@torch.no_grad()
+def accepted_lengths(head: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor,
+                     num_drafts: int, window: int) -> torch.Tensor:
+    """int64 [B, L - num_drafts]: at start position p (context f_{<=p}, token x_{p+1}), 1 + the number of
+    leading greedy drafts that equal the target's greedy tokens (the bonus token counted, as the engine counts
+    tokens per verify step); -1 where the data's next num_drafts - 1 tokens are not the target's greedy ones."""
+    k = num_drafts
+    if tokens.shape[1] <= k:
+        raise ValueError(f"rows of {tokens.shape[1]} tokens hold no chain of {k} drafts (need > {k})")
+    passes = unrolled_chain(head, features[:, :-1], target.embed(tokens[:, 1:]), k, window)
+    drafted = [target.logits(target.final_norm(g)).argmax(-1) for g in passes]  # [B, T] each
+    greedy = target.logits(target.final_norm(features[:, 1:])).argmax(-1)  # [B, T]: the greedy token t + 2
+    starts = greedy.shape[1] - k + 1
+    hits = torch.stack([drafted[j][:, j:j + starts] == greedy[:, j:j + starts] for j in range(k)], dim=-1)
+    leading = hits.long().cumprod(-1).sum(-1)
+    follows = tokens[:, 2:] == greedy[:, :-1]  # x_{t+2} is the target's greedy choice
+    eligible = torch.ones_like(leading, dtype=torch.bool)
+    for j in range(k - 1):
+        eligible &= follows[:, j:j + starts]
+    return torch.where(eligible, 1 + leading, torch.full_like(leading, -1))
+
+
+@torch.no_grad()
+def simulated_acceptance(head: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor,
+                         num_drafts: int = ACCEPTANCE_DRAFTS, window: int = DEFAULT_WINDOW, rows_per_batch: int = 8
+                         ) -> dict[str, float | int | list[float]]:
+    """The greedy engine's mean accepted length (tokens per verify step, bonus included) for a chain of
+    `num_drafts`, simulated on these rows; per_step_acceptance[i]: how often draft i + 1 is accepted when
+    drafts 1..i were; eligible_fraction: the share of start positions the data let us score."""
+    lengths = []
+    for start in range(0, tokens.shape[0], rows_per_batch):
+        with mixed_precision(features.device):
+            lengths.append(accepted_lengths(head, target, tokens[start:start + rows_per_batch].to(features.device),
+                                            features[start:start + rows_per_batch].float(), num_drafts, window)
+                           .flatten())
+    every = torch.cat(lengths)
+    scored = every[every > 0]
+    reached = [int((scored >= i).sum()) for i in range(1, num_drafts + 1)]  # drafts 1..i-1 accepted
+    accepted = [int((scored >= i + 1).sum()) for i in range(1, num_drafts + 1)]
+    return {"num_drafts": num_drafts, "positions": int(scored.numel()),
+            "eligible_fraction": float(scored.numel() / max(every.numel(), 1)),
+            "mean_accepted_length": float(scored.float().mean()) if scored.numel() else float("nan"),
+            "per_step_acceptance": [a / r if r else float("nan") for a, r in zip(accepted, reached)]}
+
+
+@torch.no_grad()
+def top1_agreement(loss, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor,
+                   rows_per_batch: int = 8) -> list[float]:
+    """Per head / module (`loss`: a train_heads.HeadLoss): how often its argmax is the target's argmax on these
+    rows, every input taken from the target's own sequence (teacher forcing). For head 1 this is the greedy
+    acceptance rate of the first draft; for later heads an upper bound (in the engine they read drafts, and a
+    draft is only kept after accepted ones)."""
+    hits: list[float] = []
+    counts: list[int] = []
+    for start in range(0, tokens.shape[0], rows_per_batch):
+        with mixed_precision(features.device):
+            pairs, _ = loss.predictions(heads, tokens[start:start + rows_per_batch],
+                                        features[start:start + rows_per_batch].float())
+        if not hits:
+            hits, counts = [0.0] * len(pairs), [0] * len(pairs)
+        for k, (q, p) in enumerate(pairs):
+            hits[k] += float((q.argmax(-1) == p.argmax(-1)).sum())
+            counts[k] += p.shape[0] * p.shape[1]
+    return [h / max(c, 1) for h, c in zip(hits, counts)]
