@@ -69,8 +69,8 @@ def _fma_fma_f16x2(pair, sixteenth, nzz, xx, acc, PACKED: tl.constexpr):
     sixteenth 1/16 and nzz -(64 + zero) in both halves, so the first FMA leaves c - zero exactly."""
     if PACKED:
         return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t; fma.rn.f16x2 t, $1, $2, $3; fma.rn.f16x2 $0, t, $4, $5; }",
-            constraints="=r,r,r,r,r,r", args=[pair, sixteenth, nzz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
+            asm="{ .reg .b32 t, c; mov.b32 c, 0x2C002C00; fma.rn.f16x2 t, $1, c, $2; fma.rn.f16x2 $0, t, $3, $4; }",
+            constraints="=r,r,r,r,r", args=[pair, nzz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
     else:
         lo = (_half(pair, 0) * 0.0625 + _half(nzz, 0)) * _half(xx, 0) + _half(acc, 0)  # (sixteenth's value)
         hi = (_half(pair, 1) * 0.0625 + _half(nzz, 1)) * _half(xx, 1) + _half(acc, 1)
@@ -83,6 +83,16 @@ def _x_pair(x_row, k0, offs_j, j_ok, i: tl.constexpr):
     x_lo = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
     x_hi = tl.load(x_row + k0 + 8 * offs_j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
     return _pack(x_lo * 0.0625, x_hi * 0.0625)[:, None]
+
+
+@triton.jit
+def _two_pairs(wp, zz, nzz, mask, mask16, x_row, k0, offs_j, j_ok, sums, I: tl.constexpr, PACKED: tl.constexpr):
+    """sums += the products of nibbles I, I + 4 (bits 0..3 of each half of wp: 1024 + c) and I + 1, I + 5
+    (bits 4..7: 1024 + 16 c) with their activations."""
+    pair = (wp & mask) | 0x64006400
+    sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, I), sums, PACKED)
+    pair16 = (wp & mask16) | 0x64006400
+    return _fma_fma_f16x2(pair16, SIXTEENTH2, nzz, _x_pair(x_row, k0, offs_j, j_ok, I + 1), sums, PACKED)
 
 
 @triton.jit
@@ -100,9 +110,11 @@ def _sum_halves(acc, PACKED: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one compile for every M and split
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+                     PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
+                     ONE_SHIFT: tl.constexpr = True):
     """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K).
-    GROUP_SIZE % BLOCK_K == 0; NIBBLE_MASK = 0x000F000F (a run-time value: see int4_mma_kernel)."""
+    GROUP_SIZE % BLOCK_K == 0; NIBBLE_MASK = 0x000F000F (a run-time value: see int4_mma_kernel).
+    ONE_SHIFT=False is the first version (a shift and a sub per nibble pair), kept for the benchmark's A/B."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -130,13 +142,14 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
         zz = _pack(z + 1024.0, z + 1024.0)  # [1, BLOCK_N]: 1024 + zero in both halves
         nzz = _pack(-64.0 - z, -64.0 - z)  # -(64 + zero): (1024 + 16 c) / 16 - (64 + zero) = c - zero
         sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
-        for p in tl.static_range(2):  # nibbles 2p, 2p + 4 (in place) and 2p + 1, 2p + 5 (times 16)
-            wp = w if p == 0 else w >> 8  # the only shift of the word
-            pair = (wp & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles 2p and 2p + 4
-            sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, 2 * p), sums, PACKED)
-            pair16 = (wp & nibble_mask16) | 0x64006400  # 1024 + 16 code of nibbles 2p + 1 and 2p + 5
-            sums = _fma_fma_f16x2(pair16, SIXTEENTH2, nzz, _x_pair(x_row, k0, offs_j, j_ok, 2 * p + 1), sums,
-                                  PACKED)
+        if ONE_SHIFT:
+            sums = _two_pairs(w, zz, nzz, NIBBLE_MASK, nibble_mask16, x_row, k0, offs_j, j_ok, sums, 0, PACKED)
+            sums = _two_pairs(w >> 8, zz, nzz, NIBBLE_MASK, nibble_mask16, x_row, k0, offs_j, j_ok, sums, 2,
+                              PACKED)  # (the only shift of the word)
+        else:
+            for i in tl.static_range(4):
+                pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
+                sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, i), sums, PACKED)
         acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
         w, s, z = w_next, s_next, z_next
 

@@ -79,7 +79,8 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
 
     torch.manual_seed(7)
     m, n, k, group = 3, 96, 384, 64
-    for symmetric, split, bias in ((False, 4, None), (True, 1, torch.randn(n))):
+    for symmetric, split, bias, one_shift in ((False, 4, None, True), (True, 1, torch.randn(n), True),
+                                              (False, 2, None, False)):
         packed, w = _weights(n, k, group, symmetric)
         x = torch.randn(m, k)
         y = torch.empty(m, n)
@@ -91,7 +92,7 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
         int4_gemv_kernel[grid](x, qw, s, qz, bias if bias is not None else s, y, ws, cnt, m, n, k, x.stride(0),
                                qw.stride(0), s.stride(0), qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=group,
                                HAS_ZEROS=not symmetric, HAS_BIAS=bias is not None, PACKED=False, BLOCK_N=block_n,
-                               BLOCK_K=64, SPLIT_K=split)
+                               BLOCK_K=64, SPLIT_K=split, ONE_SHIFT=one_shift)
         ref = x @ w.t() + (bias if bias is not None else 0)
         # fp16 activations (x / 16) and fp16 sums of four products: ~1e-3 of the output's magnitude
         _close(y, ref, 3e-3)
@@ -198,3 +199,26 @@ def test_int4_gemm_gpu_mma_path_bf16(m):
                                                      BLOCK_K=128, num_warps=4)), ref, 0.01)
     _close(int4_gemm(x, *packed.args(), split_k=8, config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64,
                                                                 BLOCK_N=256, BLOCK_K=128, num_warps=8)), ref, 0.01)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2])
+def test_int4_gemv_gpu_packed_asm_matches_torch(m):
+    """The PTX path (lop3 / sub.f16x2 / fma.rn.f16x2, PACKED=True on a GPU) against torch, both nibble schemes."""
+    from minillm.kernels.int4_gemv import int4_gemv_kernel
+
+    torch.manual_seed(40 + m)
+    n, k, group = 4096, 4096, 128
+    packed, w = _weights(n, k, group, False, torch.bfloat16, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w.t()
+    qw, s, qz = packed.qweight, packed.scales, packed.qzeros
+    for one_shift in (True, False):
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        ws, cnt = split_k_workspace(x.device, m, n)
+        int4_gemv_kernel[(m * triton.cdiv(n, 256), 8)](
+            x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0),
+            0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=256, BLOCK_K=64,
+            SPLIT_K=8, ONE_SHIFT=one_shift, num_warps=1, num_stages=1)
+        _close(y, ref, 0.01)

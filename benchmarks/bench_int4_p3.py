@@ -1,0 +1,226 @@
+"""P3 in one run: the INT4 weight-only GEMM's new candidates against the previous ones and cuBLAS bf16 (issue 10).
+
+    python benchmarks/bench_int4_p3.py --out int4_p3_h200.json      # one H200, < 2 minutes
+    python benchmarks/bench_int4_p3.py --dry-run                      # CPU: candidate counts, no timing
+
+For 4096->14336, 14336->4096 and 4096->6144 (g128 asymmetric, GPTQ layout) at M = 1, 2, 4, 8, 16, 32, 64, 256:
+  bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
+  current  the fastest correct launch among the candidates the dispatcher had before this change: int4_gemm.py's
+           two paths, int4_mma.py and the first int4_gemv.py (a shift and a sub per nibble pair, ONE_SHIFT=False);
+           above M = 64 int4_gemm.py's large tiles (what its autotuner chose among);
+  new      the fastest correct launch among today's candidates: the same kernels with the one-shift GEMV, and
+           from M = 16 dequantise-to-bf16-then-cuBLAS (int4_dequant.py) whole and in L2-sized slices;
+  auto     int4_gemm() itself: int4_dispatch.py's pick (timed by do_bench on its first call per shape).
+Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1% of max|y|, the dispatcher's
+rule) before it is timed; a wrong one is reported and never ranked. Timing: a CUDA graph of 20 launches replayed
+5 times, median us per launch, weights rotated over enough copies to stay out of the 50 MB L2 (cold, as in a
+decode step); bf16 is timed the same way in the same run, and the copy bandwidth of this run gives the INT4
+read floor. Prints a table per shape, then the P3 verdict lines; writes everything to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_int4_gemm import GROUP, L2_BYTES, copy_bandwidth, make_weights, time_graph_us, weight_bytes  # noqa: E402
+
+SHAPES = {"4096->14336": (4096, 14336), "14336->4096": (14336, 4096), "4096->6144": (4096, 6144)}  # (K, N)
+MS = (1, 2, 4, 8, 16, 32, 64, 256)
+P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
+P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
+
+
+def _legacy_gemv(lc, x, qw, s, qz, y, ws, cnt):
+    """The first int4_gemv.py (ONE_SHIFT=False) with the launch's tile and split."""
+    import triton
+
+    from minillm.kernels.int4_gemv import int4_gemv_kernel
+
+    m, k = x.shape
+    n = qw.shape[1]
+    int4_gemv_kernel[(m * triton.cdiv(n, lc.block_n), lc.split_k)](
+        x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0),
+        0x000F000F, GROUP_SIZE=GROUP, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=lc.block_n,
+        BLOCK_K=lc.block_k, SPLIT_K=lc.split_k, ONE_SHIFT=False, num_warps=lc.num_warps, num_stages=lc.num_stages)
+
+
+def launches_for(m: int, n: int, k: int, sms: int) -> list[tuple[str, object, set]]:
+    """(name, Launch, {"current", "new"}) for every launch to time: a gemv tile appears twice (old and new)."""
+    import torch
+
+    from minillm.kernels.int4_dispatch import candidates
+
+    out = []
+    for lc in candidates(m, n, k, GROUP, torch.bfloat16, sms):
+        if lc.kernel == "gemv":
+            out.append(("gemv0", lc, {"current"}))
+            out.append(("gemv", lc, {"new"}))
+        elif lc.kernel == "dequant":
+            out.append(("dequant", lc, {"new"}))
+        else:
+            out.append((lc.kernel, lc, {"current", "new"}))
+    return out
+
+
+def _name(kind: str, lc) -> str:
+    if kind == "dequant":
+        return f"dequant x{lc.split_k} slices"
+    return f"{kind} M{lc.block_m} N{lc.block_n} K{lc.block_k} w{lc.num_warps} sk{lc.split_k}"
+
+
+def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: float) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from minillm.kernels.int4_dispatch import run_launch, tuned_launch
+    from minillm.kernels.int4_gemm import int4_gemm
+    from minillm.kernels.int4_tuning import split_k_workspace
+
+    copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
+    sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
+    bf16_copies = [ref_w.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+    rows = []
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ ref_w.t()
+        tol = 0.01 * ref.abs().max().item()
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        ws, cnt = split_k_workspace(x.device, m, n)
+        row = dict(shape=label, K=k, N=n, M=m, floor_us=weight_bytes(k, n, m) / copy_bw * 1e6)
+        row["bf16_us"] = time_graph_us(lambda i: F.linear(x, bf16_copies[i]), len(bf16_copies))
+        auto_err = (int4_gemm(x, *sets[0], GROUP).float() - ref).abs().max().item()  # tunes on this first call
+        row["auto_us"] = time_graph_us(lambda i: int4_gemm(x, *sets[i], GROUP), copies)
+        row["auto_ok"] = auto_err <= tol
+        pick = tuned_launch(m, n, k, GROUP, x.dtype, x.device)
+        row["auto_pick"] = vars(pick) if pick is not None else None
+        row["launches"] = []
+        for kind, lc, sets_in in launches_for(m, n, k, sms):
+            rec = dict(name=_name(kind, lc), kind=kind, launch=vars(lc), sets=sorted(sets_in))
+            if time.time() > deadline:
+                rec.update(ok=False, us=math.nan, error="skipped: time budget")
+                row["launches"].append(rec)
+                continue
+
+            def step(i, kind=kind, lc=lc):
+                if kind == "gemv0":
+                    _legacy_gemv(lc, x, *sets[i], y, ws, cnt)
+                else:
+                    run_launch(lc, x, *sets[i], GROUP, None, y, ws, cnt)
+            try:
+                y.fill_(float("nan"))
+                step(0)
+                err = (y.float() - ref).abs().max().item()
+                rec.update(ok=err <= tol, max_err=err)
+                rec["us"] = time_graph_us(step, copies) if rec["ok"] else math.nan
+            except Exception as exc:  # noqa: BLE001  (a launch this Triton cannot run: recorded, not fatal)
+                rec.update(ok=False, us=math.nan, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            row["launches"].append(rec)
+        for which in ("current", "new"):
+            good = [r for r in row["launches"] if r["ok"] and which in r["sets"]]
+            best = min(good, key=lambda r: r["us"]) if good else None
+            row[f"{which}_us"] = best["us"] if best else math.nan
+            row[f"{which}_best"] = best["name"] if best else None
+        row["n_bad"] = sum(1 for r in row["launches"] if not r["ok"] and "skipped" not in r.get("error", ""))
+        rows.append(row)
+        _print_row(row)
+    del sets, bf16_copies, ref_w
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _print_row(r: dict) -> None:
+    x = lambda us: r["bf16_us"] / us if us == us else math.nan  # noqa: E731
+    print(f"{r['shape']:>12} M={r['M']:<4} bf16 {r['bf16_us']:7.1f} | current {r['current_us']:7.1f} "
+          f"({x(r['current_us']):4.2f}x) | new {r['new_us']:7.1f} ({x(r['new_us']):4.2f}x) | auto "
+          f"{r['auto_us']:7.1f}{'' if r['auto_ok'] else ' WRONG'} | floor {r['floor_us']:5.1f} | new best: "
+          f"{r['new_best']}" + (f"  ({r['n_bad']} wrong/failed)" if r["n_bad"] else ""), flush=True)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """The P3 lines: M = 1 on 4096->14336 within 12 us, and >= 2.5x bf16 at each M <= 16 (new and auto)."""
+    lines = []
+    m1 = [r for r in rows if r["shape"] == "4096->14336" and r["M"] == 1]
+    if m1:
+        r = m1[0]
+        best = min(r["new_us"], r["auto_us"])
+        lines.append(f"P3 M=1 4096->14336: new {r['new_us']:.1f} us, auto {r['auto_us']:.1f} us (current "
+                     f"{r['current_us']:.1f}, bf16 {r['bf16_us']:.1f}, floor {r['floor_us']:.1f}): <= {P3_M1_US} us? "
+                     f"{'YES' if best <= P3_M1_US else 'NO'}")
+    for shape in SHAPES:
+        small = [r for r in rows if r["shape"] == shape and r["M"] <= 16]
+        if small:
+            parts = [f"M={r['M']} {r['bf16_us'] / min(r['new_us'], r['auto_us']):.2f}x" for r in small]
+            ok = all(r["bf16_us"] / min(r["new_us"], r["auto_us"]) >= P3_SPEEDUP for r in small)
+            lines.append(f"P3 >= {P3_SPEEDUP}x bf16 at M <= 16, {shape}: {', '.join(parts)}: {'YES' if ok else 'NO'}")
+        big = [r for r in rows if r["shape"] == shape and r["M"] >= 32]
+        if big:
+            parts = [f"M={r['M']} {r['bf16_us'] / r['new_us']:.2f}x (was {r['bf16_us'] / r['current_us']:.2f}x)"
+                     for r in big]
+            lines.append(f"prefill-sized M vs bf16 (target ~0.9x at M >= 64), {shape}: {', '.join(parts)}")
+    return lines
+
+
+def dry_run() -> None:
+    import minillm  # noqa: F401
+
+    for label, (k, n) in SHAPES.items():
+        counts = {m: len(launches_for(m, n, k, 132)) for m in MS}
+        print(f"{label:>12}: launches to time per M {counts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/int4_p3.json")
+    parser.add_argument("--dry-run", action="store_true", help="CPU: launch counts only")
+    parser.add_argument("--budget-s", type=float, default=100.0, help="stop timing new launches after this long")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    args = parser.parse_args()
+    if args.dry_run:
+        dry_run()
+        return
+    t_start = time.time()
+    import torch
+    import triton
+
+    import minillm  # noqa: F401
+
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (use --dry-run on a CPU)")
+    from minillm.kernels import int4_dispatch
+
+    try:  # fill Triton's disk cache in worker processes (the legacy GEMV compiles lazily: two tiles)
+        int4_dispatch.precompile([(m, n, k, GROUP, torch.bfloat16) for k, n in SHAPES.values() for m in MS],
+                                 args.workers)
+    except Exception as exc:  # noqa: BLE001
+        print(f"parallel precompile failed ({type(exc).__name__}: {exc}); compiling lazily", file=sys.stderr)
+    print(f"compiled in {time.time() - t_start:.0f} s", flush=True)
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    copy_bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: {sms} SMs, copy bandwidth {copy_bw / 1e12:.2f} TB/s; times in us per "
+          f"call (graph replay, cold weights), x = bf16 time / INT4 time", flush=True)
+    rows = []
+    per_shape = (args.budget_s - (time.time() - t_start)) / len(SHAPES)
+    for label, (k, n) in SHAPES.items():
+        rows += run_shape(label, k, n, sms, copy_bw, time.time() + max(per_shape, 10.0))
+    lines = verdict(rows)
+    print()
+    print("\n".join(lines))
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy_bw, "group": GROUP,
+              "command": " ".join(["python"] + sys.argv), "rows": rows, "verdict": lines,
+              "wall_s": time.time() - t_start}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out} ({time.time() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
