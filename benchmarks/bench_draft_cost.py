@@ -130,8 +130,7 @@ def profile_proposals(proposer, seqs, k: int, device, count: int) -> dict:
         names[event.name] += 1
         if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
-            kernel_time[event.name] += event.device_time_total if hasattr(event, "device_time_total") \
-                else event.cuda_time_total
+            kernel_time[event.name] += event.time_range.elapsed_us()
     if device.type != "cuda":  # no kernels: count the torch ops each proposal calls (outermost, views left out)
         kernels = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
                       and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))

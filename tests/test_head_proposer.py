@@ -174,3 +174,46 @@ def test_graph_replay_drafts_what_the_eager_path_drafts(kind):
             record(graphs, seq, rows, 0)
         assert graphs.propose(seqs, [K] * batch) == eager.propose(seqs, [K] * batch)
     assert list(graphs.graphs.graphs) == [(4, K)]
+
+
+class ReplayOnCPU:
+    """Stands in for a captured torch.cuda.CUDAGraph on the CPU: replay reruns the capture's function into the
+    same output tensor, reading the same static inputs, as a real replay would."""
+
+    def __init__(self, run, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
+    """DraftGraphs' bookkeeping without a GPU: batches of 3 and 4 share the bucket-4 buffers and 'graph' (the
+    padding row left stale), a batch of 2 asks twice with different k; every replay drafts what the eager path
+    drafts."""
+    from minillm.speculative.head_proposer import DraftGraphs
+    graphs, config = random_proposer("eagle", cuda_graphs=True)
+    eager, _ = random_proposer("eagle")
+
+    def capture(self, bucket, num_drafts, like):
+        width = self.proposer.window
+        self.inputs.setdefault(bucket, (like.new_zeros(bucket, width, like.shape[-1]),
+                                        torch.zeros(bucket * width + bucket, dtype=torch.int64)))
+        out = self._run(bucket, num_drafts)
+        return ReplayOnCPU(lambda: self._run(bucket, num_drafts), out), out
+    monkeypatch.setattr(DraftGraphs, "_capture", capture)
+    monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
+    g = torch.Generator().manual_seed(7)
+    for batch, k in ((3, K), (2, K), (4, K), (2, 2)):
+        seqs = [Sequence(f"{batch}-{k}-{i}", torch.randint(0, config.vocab_size, (3 + 2 * i,), generator=g).tolist(),
+                         SamplingParams(temperature=0)) for i in range(batch)]
+        for seq in seqs:
+            rows = torch.randn(seq.num_tokens - 1, config.hidden_size, generator=g)
+            record(eager, seq, rows, 0)
+            record(graphs, seq, rows, 0)
+        assert graphs.propose(seqs, [k] * batch) == eager.propose(seqs, [k] * batch)
+    assert sorted(graphs.graphs.graphs) == [(2, 2), (2, K), (4, K)]
+    sampled = Sequence("s", [1, 2, 3], SamplingParams(temperature=0.8))
+    record(graphs, sampled, torch.randn(2, config.hidden_size, generator=g), 0)
+    assert len(graphs.propose([sampled], [K])[0]) == K  # a sampled request drafts eagerly: no new graph
+    assert sorted(graphs.graphs.graphs) == [(2, 2), (2, K), (4, K)]

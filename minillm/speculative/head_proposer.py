@@ -13,8 +13,9 @@ never computed) gets no drafts this step; its next decode step records what is m
 heads is, for positions p of the last <= `window` features: f_p and the token x_{p+1} that followed it.
 
 Draft KV ("keep it simple and correct"): the heads keep no cache across steps. EAGLE and MTP recompute their one
-layer over the window every step, and keep K/V only within one proposal for the drafts they feed back in; a
-rollback therefore needs no bookkeeping at all. Medusa has no attention and needs only f_{n-2}.
+layer over the window every step, and keep K/V only within one proposal for the drafts they feed back in (a
+DraftKV allocated for the window plus the drafts); a rollback therefore needs no bookkeeping at all. Medusa has no
+attention and needs only f_{n-2}.
 
 Cost (what one proposal launches): every window has the same width, `window` (left padded), and each request's
 features are kept already padded to it, so the batch's windows are one torch.stack and its tokens and lengths one

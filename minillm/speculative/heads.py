@@ -9,9 +9,11 @@ All three draft from the target's own last hidden state and reuse the target's e
     mtp     per module: two RMSNorms, a 2d -> d projection, one decoder layer   ~ 1 target layer each
 
 The decoder layer here (`DraftBlock`) is a Llama block with plain torch attention (SDPA) over a short *window* of
-the sequence: heads run outside the paged KV cache. Proposers recompute the window every step (it is tens of
-tokens, one layer: cheap next to a target step) and keep a cache only within one proposal, for the drafts they
-feed back in (minillm.speculative.head_proposer). Training runs the same block over whole sequences.
+the sequence: heads run outside the paged KV cache. Training runs it over whole sequences, with autograd. The
+proposers recompute the window every step (it is tens of tokens, one layer: cheap next to a target step) and keep
+a cache only within one proposal, for the drafts they feed back in (minillm.speculative.head_proposer); they run
+the same weights packed into a `FusedDraftBlock` (the engine's fused kernels, a preallocated `DraftKV` written in
+place), because at batch 1 a draft layer's cost is the number of kernels it launches, not its arithmetic.
 
 Files: a directory with `heads.safetensors` (the head's own parameters only) and `config.json` (HeadConfig, with
 the target's fingerprint: hidden size, layers, vocabulary). `resolve_heads_dir` finds the directory for a
