@@ -191,3 +191,33 @@ def test_train_options_check_the_unroll():
         TrainOptions("eagle", 10, unroll_decay=0)
     with pytest.raises(ValueError, match="depth must be an integer >= 1, got 0"):
         unrolled_chain(None, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), 0, 4)
+
+
+def test_training_saves_the_simulated_acceptance(target, rows, tmp_path):
+    import json
+    from minillm.speculative.train_data import DistillData
+    from minillm.speculative.train_heads import train_heads
+    model, config = target
+    tokens, features = rows
+    order = [2, 0, 1]  # 12 rows, the last one (a greedy row) held out
+    data = DistillData(tokens[order].repeat(4, 1), features[order].repeat(4, 1, 1))
+    result = train_heads(model, config, data, TrainOptions("eagle", 3, rows_per_step=4, unroll=2, window=6),
+                         tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["training"]
+    sim = saved["simulated_acceptance"]
+    assert sim == result["simulated_acceptance"] and saved["unroll"] == 2 and len(result["history"]) == 3
+    assert sim["positions"] > 0 and 1.0 <= sim["mean_accepted_length"] <= 1 + sim["num_drafts"]
+    assert set(result["history"][-1]) == {"step", "loss", "reg", "cls", "cls2", "cls3"}
+
+
+def test_generation_past_its_deadline_keeps_what_it_has(target):
+    import time
+    from minillm.speculative.train_data import generate
+    from tiny import ByteTokenizer
+    model, config = target
+    prompts = [[1, 2, 3], [4, 5]]
+    documents = generate(model, ByteTokenizer(), config, prompts, 8, torch.device("cpu"), torch.float32,
+                         deadline=time.perf_counter())  # already past: aborted before the first step
+    assert documents == prompts
+    finished = generate(model, ByteTokenizer(), config, prompts, 8, torch.device("cpu"), torch.float32)
+    assert all(d[:len(p)] == p and len(p) < len(d) <= len(p) + 8 for d, p in zip(finished, prompts))

@@ -150,7 +150,8 @@ def simulated_acceptance(head: nn.Module, target: TargetParts, tokens: torch.Ten
                          ) -> dict[str, float | int | list[float]]:
     """The greedy engine's mean accepted length (tokens per verify step, bonus included) for a chain of
     `num_drafts`, simulated on these rows; per_step_acceptance[i]: how often draft i + 1 is accepted when
-    drafts 1..i were; eligible_fraction: the share of start positions the data let us score."""
+    drafts 1..i were (None where no chain got that far); eligible_fraction: the share of start positions the
+    data let us score."""
     lengths = []
     for start in range(0, tokens.shape[0], rows_per_batch):
         with mixed_precision(features.device):
@@ -163,8 +164,8 @@ def simulated_acceptance(head: nn.Module, target: TargetParts, tokens: torch.Ten
     accepted = [int((scored >= i + 1).sum()) for i in range(1, num_drafts + 1)]
     return {"num_drafts": num_drafts, "positions": int(scored.numel()),
             "eligible_fraction": float(scored.numel() / max(every.numel(), 1)),
-            "mean_accepted_length": float(scored.float().mean()) if scored.numel() else float("nan"),
-            "per_step_acceptance": [a / r if r else float("nan") for a, r in zip(accepted, reached)]}
+            "mean_accepted_length": float(scored.float().mean()) if scored.numel() else None,
+            "per_step_acceptance": [a / r if r else None for a, r in zip(accepted, reached)]}
 
 
 @torch.no_grad()

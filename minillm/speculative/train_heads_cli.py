@@ -119,9 +119,9 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
             print("  held-out top-1 agreement with the target, per head/step: "
                   + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
         sim = result["simulated_acceptance"]
-        if sim:  # eagle: the engine's greedy chain of k drafts, simulated on the held-out rows
+        if sim and sim["positions"]:  # eagle: the engine's greedy chain of k drafts, simulated on held-out rows
             print(f"  simulated mean accepted length (k={sim['num_drafts']}, greedy, bonus included): "
                   f"{sim['mean_accepted_length']:.3f} over {sim['positions']} positions "
                   f"({100 * sim['eligible_fraction']:.0f}% of them scorable); per draft: "
-                  + ", ".join(f"{a:.3f}" for a in sim["per_step_acceptance"]))
+                  + ", ".join("-" if a is None else f"{a:.3f}" for a in sim["per_step_acceptance"]))
     return 0
