@@ -193,10 +193,12 @@ def test_train_options_check_the_unroll():
         unrolled_chain(None, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), 0, 4)
 
 
-def test_training_saves_the_simulated_acceptance(target, rows, tmp_path):
+def test_training_saves_the_simulated_acceptance(target, rows, tmp_path, monkeypatch):
     import json
+    from minillm.speculative import train_heads as train_heads_module
     from minillm.speculative.train_data import DistillData
     from minillm.speculative.train_heads import train_heads
+    monkeypatch.setattr(train_heads_module, "PROBE_EVERY", 3)  # one point of the learning curve, at the last step
     model, config = target
     tokens, features = rows
     order = [2, 0, 1]  # 12 rows, the last one (a greedy row) held out
@@ -208,6 +210,9 @@ def test_training_saves_the_simulated_acceptance(target, rows, tmp_path):
     assert sim == result["simulated_acceptance"] and saved["unroll"] == 2 and len(result["history"]) == 3
     assert sim["positions"] > 0 and 1.0 <= sim["mean_accepted_length"] <= 1 + sim["num_drafts"]
     assert set(result["history"][-1]) == {"step", "loss", "reg", "cls", "cls2", "cls3"}
+    # the probe ran after the last step on the same held-out row: the final number
+    assert saved["acceptance_curve"] == [{"step": 3, "mean_accepted_length": pytest.approx(
+        sim["mean_accepted_length"])}]
 
 
 def test_generation_past_its_deadline_keeps_what_it_has(target):

@@ -53,6 +53,7 @@ TRAIN_KINDS = ("draft", *HEAD_KINDS)
 TIMING_STEPS = 10  # steps timed before a deadline shortens a run (the pace is taken from step WARM_STEPS on)
 WARM_STEPS, REFIT_STEPS, LOG_EVERY = 3, (100, 500), 25  # the first steps pay one-off costs (lazy kernel loading)
 EVAL_ROWS = 256  # held-out rows the simulated acceptance reads at most
+PROBE_EVERY, PROBE_ROWS = 500, 32  # eagle: the simulated acceptance on a few held-out rows, as training goes
 EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
 
 
@@ -266,6 +267,8 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     history: list[dict[str, float]] = []
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []  # read back LOG_EVERY steps at a time
     n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for the evaluation
+    probe = _acceptance_probe(options, trainee, target, data, n)
+    curve: list[dict[str, float]] = []  # eagle: (step, simulated mean accepted length) every PROBE_EVERY steps
     started = mark = time.perf_counter()
     with tqdm(total=options.steps, desc=f"training {options.kind}", unit="step") as bar:
         step = 0
@@ -293,6 +296,10 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                 history += _read_back(pending)  # the one host sync of these steps
                 pending.clear()
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+                if probe is not None and step % PROBE_EVERY == 0:
+                    curve.append({"step": step, "mean_accepted_length": probe()})  # None: no position scorable
+                    bar.write(f"step {step}: simulated mean accepted length {curve[-1]['mean_accepted_length']}"
+                              f" on {PROBE_ROWS} held-out rows")
                 if deadline is not None and step > TIMING_STEPS and time.perf_counter() > deadline:
                     break  # a slower pace than measured: stop at the deadline rather than overrun it
     train_seconds = time.perf_counter() - started
@@ -311,7 +318,7 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                            "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
                            "held_out_top1_agreement": result["held_out_top1_agreement"]}
         if options.kind == "eagle":
-            config.training["unroll"] = options.unroll
+            config.training.update(unroll=options.unroll, acceptance_curve=curve)
             if held_tokens.shape[0] and held_tokens.shape[1] > ACCEPTANCE_DRAFTS:
                 result["simulated_acceptance"] = simulated_acceptance(trainee, target, held_tokens, held_features,
                                                                       window=options.window)
@@ -319,6 +326,16 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         save_heads(out, trainee, config)
     save_loss_curve(history, out, options.kind)
     return result
+
+
+def _acceptance_probe(options: TrainOptions, heads: nn.Module, target: TargetParts, data: DistillData, n: int):
+    """EAGLE with held-out rows: a function returning the simulated mean accepted length on the first PROBE_ROWS
+    of them (a learning curve in the engine's own unit); None otherwise."""
+    if options.kind != "eagle" or n == data.tokens.shape[0] or data.tokens.shape[1] <= ACCEPTANCE_DRAFTS:
+        return None
+    rows = slice(n, n + PROBE_ROWS)
+    tokens, features = data.tokens[rows].to(data.features.device), data.features[rows]
+    return lambda: simulated_acceptance(heads, target, tokens, features, window=options.window)["mean_accepted_length"]
 
 
 def _synchronize(device: torch.device) -> None:
