@@ -9,7 +9,8 @@ registers. Each program handles one token (one row), so the grid is simply the n
   write the new residual and the output: 4 row transfers instead of the 5 of an add, then a norm).
 * rotary_embedding_: RoPE on q and k in place, all heads of a token in one program, cos/sin read once.
 * silu_and_mul: the SwiGLU gate, silu(gate) * up, without materialising silu(gate).
-* store_kvcache: scatter the new tokens' keys and values into their slots of the paged KV cache.
+* store_kvcache: scatter the new tokens' keys and values into their slots of the paged KV cache; for an FP8
+  cache it also quantises them (divide by the scale, saturate at +-448, round to e4m3) in the same pass.
 All compute in fp32 and store in the output's dtype.
 """
 from __future__ import annotations
@@ -170,9 +171,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- store_kvcache
 @triton.jit
+def _round_to_e4m3(x):
+    """fp32 x -> the float8_e4m3fn value nearest to it (ties to even), saturated at +-448, still in fp32.
+
+    Rounding here, in fp32 arithmetic, makes the cast that follows exact: the same bytes on a GPU (whose cast
+    would round correctly anyway) and in Triton's CPU interpreter (whose fp8 down-cast drops the carry when
+    rounding up crosses a power of two: 31.9 became 16, not 32). e4m3 numbers near |x| = 2^e * 1.m are spaced
+    2^(e - 3) apart (3 mantissa bits), and never closer than 2^-9 (subnormals below 2^-6). Adding
+    1.5 * 2^23 * spacing to |x| leaves an fp32 sum whose last bit is worth exactly that spacing, so the add
+    itself rounds |x| to the grid, to nearest-even; subtracting it back is exact."""
+    ax = tl.minimum(tl.abs(x), 448.0)  # the largest finite e4m3fn (the "fn" format has no infinity)
+    exponent = (ax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased by 127
+    spacing = ((tl.maximum(exponent, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)  # 2^(max(e, -6) - 3)
+    magic = spacing * 12582912.0  # 1.5 * 2^23, times a power of two: exact
+    rounded = (ax + magic) - magic
+    return tl.where(x < 0, -rounded, rounded)  # -0.0 for small negatives, as torch's cast gives
+
+
+@triton.jit
 def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, stride_k, stride_v, stride_kc,
                           stride_vc, ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                          HAS_SCALE: tl.constexpr):
+                          HAS_SCALE: tl.constexpr, FP8: tl.constexpr = False):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + token)
     if slot < 0:  # a padded token, or one whose KV is already cached: nothing to write
@@ -182,8 +201,12 @@ def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, strid
     k = tl.load(K + token * stride_k + cols, mask=ok)
     v = tl.load(V + token * stride_v + cols, mask=ok)
     if HAS_SCALE:  # quantise for an FP8 cache: x_q = x / scale, one scale per kv head (cols // HEAD_DIM)
-        k = k.to(tl.float32) / tl.load(K_SCALE + cols // HEAD_DIM, mask=ok, other=1.0)
-        v = v.to(tl.float32) / tl.load(V_SCALE + cols // HEAD_DIM, mask=ok, other=1.0)
+        # div_rn: the correctly rounded quotient, as torch's quantize_kv computes it (plain `/` may be approximate)
+        k = tl.math.div_rn(k.to(tl.float32), tl.load(K_SCALE + cols // HEAD_DIM, mask=ok, other=1.0))
+        v = tl.math.div_rn(v.to(tl.float32), tl.load(V_SCALE + cols // HEAD_DIM, mask=ok, other=1.0))
+    if FP8:  # saturate and round in registers: the store's cast is then exact (see _round_to_e4m3)
+        k = _round_to_e4m3(k.to(tl.float32))
+        v = _round_to_e4m3(v.to(tl.float32))
     tl.store(K_CACHE + slot * stride_kc + cols, k.to(K_CACHE.dtype.element_ty), mask=ok)
     tl.store(V_CACHE + slot * stride_vc + cols, v.to(V_CACHE.dtype.element_ty), mask=ok)
 
@@ -193,8 +216,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     """Write k, v [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slots slot_mapping [T].
 
     slot = block_id * block_size + offset; slot -1 skips the token. Slots must be < num_blocks * block_size.
-    k_scale/v_scale (a float or one per kv head): store x / scale, the FP8 cache's quantisation; the cast to
-    the cache's dtype rounds (fp8 saturation is the caller's choice of scale).
+    k_scale/v_scale (a float or one per kv head): store x / scale, the FP8 cache's quantisation. A float8_e4m3fn
+    cache gets minillm.layers.kv_quant.quantize_kv's bytes (saturated at +-448, rounded to nearest-even) from
+    this one launch: no torch ops before it, which on a decode step were 8 small kernels per layer.
     """
     if k.dim() != 3 or k.shape != v.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need k, v [T, KVH, D] and caches [num_blocks, block_size, KVH, D], got k {tuple(k.shape)}"
@@ -220,7 +244,8 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
                                          k_scale if k_scale is not None else k2, v_scale if v_scale is not None else v2,
                                          k2.stride(0), v2.stride(0), k_cache.stride(1), v_cache.stride(1), ROW=row,
                                          HEAD_DIM=k.shape[2], BLOCK=triton.next_power_of_2(row),
-                                         HAS_SCALE=k_scale is not None, num_warps=4)
+                                         HAS_SCALE=k_scale is not None, FP8=k_cache.dtype == torch.float8_e4m3fn,
+                                         num_warps=4)
 
 
 def per_head_scale(scale, num_kv_heads: int, device: torch.device, name: str) -> torch.Tensor:

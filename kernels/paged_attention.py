@@ -43,8 +43,24 @@ G heads may not fit one program's registers, so the rows are cut into tiles of B
 with the splits).
 
 FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
-x_q = x / scale. The scales are constant along the keys, so they are applied once, not per element:
-k_scale folds into the softmax scale, and v_scale multiplies the output accumulator at the end.
+x_q = x / scale in float8_e4m3fn. The scales are constant along the keys, so they are applied once, not per
+element: k_scale folds into the softmax scale (one multiply per score), and v_scale multiplies the output
+accumulator at the end. Reading half the bytes only pays if turning the bytes into tensor-core operands costs
+less than the memory time saved, and the plain `k.to(bf16)` did not (the step was 0.79x bf16's on the H200).
+Compiled for sm_90 (Triton 3.6), that one line became, per 64-key tile and thread: 128 F2F (fp16 -> bf16, there
+is no direct e4m3 -> bf16 instruction), 64 F2FP (e4m3x2 -> f16x2), and 64 one-byte shared-memory loads, because
+the compiler moved the conversion after the shared-memory copy and V (contiguous along D, not along the
+reduction over keys) cannot go through `ldmatrix.trans` as 8-bit data; 140 registers against bf16's 88 (3
+programs per SM instead of 5). Conversions run at 16 per clock per SM, a quarter of integer arithmetic's rate.
+So an fp8 cache takes another road (`_fp8_tile`):
+  * load K and V as int32 words, four e4m3 bytes each (16-byte vector loads, as for bf16);
+  * widen each word in registers to four fp16 (e4m3 is a subset of fp16, so this is exact): on a GPU one
+    `cvt.rn.f16x2.e4m3x2` per two values; in the interpreter (and as the textbook version) by moving bits:
+    the byte s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the same number divided by 2^8 (fp16's exponent
+    bias is 15, e4m3's 7), subnormals included, and that 2^8 folds into k_scale and v_scale with the rest;
+  * run both dots in fp16 (q rounded once to fp16; p in [0, 1] is finer in fp16 than in bf16), so no F2F at
+    all, and let the fp16 tile take the path bf16 takes (ldmatrix, transposed for V).
+The pool holds finite values only (store_kvcache saturates at +-448), so e4m3's NaN code never needs care here.
 """
 from __future__ import annotations
 
@@ -65,6 +81,33 @@ MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step o
 MAX_TREE_QUERY_LEN = 64  # with a tree_mask: one int64 ancestor bitmask per node bounds a tree at 64 nodes
 
 
+@triton.jit
+def _e4m3_pair_bits(x):
+    """uint32 with an e4m3 byte in the high byte of each 16-bit half -> the fp16 bit patterns of value / 2^8:
+    keep the sign bit where it is, shift exponent and mantissa one place right (fp16 has one exponent bit more)."""
+    return (x & 0x80008000) | ((x >> 1) & 0x3F803F80)
+
+
+@triton.jit
+def _fp8_tile(words, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_CVT: tl.constexpr):
+    """words uint32 [ROWS, BLOCK_D // 4] (byte i of word j: element 4j + i) -> fp16 [ROWS, BLOCK_D], exact.
+
+    USE_CVT: the hardware conversion (sm_89+), values as stored; else the bit trick, values / 2^8."""
+    if USE_CVT:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.rn.f16x2.e4m3x2 $0, l; cvt.rn.f16x2.e4m3x2 $1, h; }",
+            "=r,=r,r", [words], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    else:
+        lo = _e4m3_pair_bits(((words << 8) & 0x0000FF00) | ((words << 16) & 0xFF000000))  # bytes 0, 1
+        hi = _e4m3_pair_bits(((words >> 8) & 0x0000FF00) | (words & 0xFF000000))  # bytes 2, 3
+    e0 = lo.to(tl.uint16).to(tl.float16, bitcast=True)
+    e1 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    e2 = hi.to(tl.uint16).to(tl.float16, bitcast=True)
+    e3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    # join(join(e0, e2), join(e1, e3))[..., a, b] is element 2a + b of the word: row-major flattening interleaves
+    return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), [ROWS, BLOCK_D])
+
+
 # Integers that change from step to step are not specialised (Triton compiles a variant per value that is 1 or
 # a multiple of 16): batch-dependent strides and the split count would otherwise recompile mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "stride_lb", "stride_lh", "num_splits"])
@@ -77,7 +120,8 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                                HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                                VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False,
-                               PREFETCH_TABLE: tl.constexpr = False):
+                               PREFETCH_TABLE: tl.constexpr = False, FP8_WORDS: tl.constexpr = False,
+                               FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -111,9 +155,14 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if FP16_DOT:  # fp16 dots for an fp8 cache (see the module docstring); fp16 tops out at 65504
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     scale = qk_scale
     if HAS_SCALE:  # k = k_scale * k_q, so q.k = k_scale * (q.k_q): fold it into the softmax scale
         scale = scale * tl.load(K_SCALE + kv_head)
+    # the bit trick's words hold value / 2^8: the 2^8 goes with the scales (exact, a power of two)
+    fp8_unit = 256.0 if FP8_WORDS and not FP8_CVT else 1.0
+    scale = scale * fp8_unit
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -135,12 +184,24 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         else:
             block_id = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         row = pos % PAGE_SIZE
-        k = tl.load(K_CACHE + (block_id * stride_kb + row * stride_ks + kv_head * stride_kh)[None, :]
-                    + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(V_CACHE + (block_id * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        k = k.to(q.dtype)  # fp8 caches are widened here; a no-op otherwise
-        v = v.to(q.dtype)
+        if FP8_WORDS:  # caches viewed as int32: 4 e4m3 values per word, strides in words
+            offs_w = tl.arange(0, BLOCK_D // 4)
+            w_ok = valid[:, None] & (offs_w < HEAD_DIM // 4)[None, :]
+            k_words = tl.load(K_CACHE + (block_id * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None]
+                              + offs_w[None, :], mask=w_ok, other=0)  # [BLOCK_N, BLOCK_D // 4]
+            v_words = tl.load(V_CACHE + (block_id * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None]
+                              + offs_w[None, :], mask=w_ok, other=0)
+            k = tl.trans(_fp8_tile(k_words.to(tl.uint32, bitcast=True), BLOCK_N, BLOCK_D, FP8_CVT))
+            v = _fp8_tile(v_words.to(tl.uint32, bitcast=True), BLOCK_N, BLOCK_D, FP8_CVT)
+            k = k.to(q.dtype)  # a no-op with FP16_DOT; fp32 in the interpreter
+            v = v.to(q.dtype)
+        else:
+            k = tl.load(K_CACHE + (block_id * stride_kb + row * stride_ks + kv_head * stride_kh)[None, :]
+                        + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+            v = tl.load(V_CACHE + (block_id * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None]
+                        + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            k = k.to(q.dtype)  # a no-op for a cache of q's dtype (or a plain widening: fp8_words=False)
+            v = v.to(q.dtype)
         s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
         keep = valid[None, :] & (pos[None, :] < visible[:, None])
         if HAS_TREE:  # a new token (pos >= first_new) is seen only by the rows whose bitmask holds its bit
@@ -160,7 +221,7 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
     empty = l_i == 0.0  # an empty split (seq shorter than the splits, or keys past the query): weight 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_SCALE:
-        out = out * tl.load(V_SCALE + kv_head)
+        out = out * (tl.load(V_SCALE + kv_head) * fp8_unit)
     if SINGLE_SPLIT:
         tl.store(OUT + tokens[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(OUT.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -224,7 +285,8 @@ MIN_SPLIT_TOKENS_FULL = 1024  # once every SM has a program, a split must pay fo
 MAX_SPLITS = 32  # more partials make the merge a long dependent chain (measured: 64 loses to 32 with BLOCK_N 128)
 
 
-def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> DecodeConfig:
+def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                         kv_bytes: int = 2) -> DecodeConfig:
     """The decode launch for a batch (one query per sequence) on a GPU with num_sms SMs: a rule, not a table.
 
     Decode is bound by reading K and V, and a program reads its K/V tiles one after another, so the bandwidth
@@ -241,15 +303,24 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     Measured on an H200 (132 SMs, benchmarks/sweep_paged_decode.py, Llama-3-8B heads: 32 q / 8 kv, d 128),
     this picks the best of the swept configurations, or one within 6% of it, at batch 1..256 x ctx 1k..32k:
     batch 1: 32 splits, BLOCK_N 128; batch 8: 8 splits; batch 32: 1 split at 1k, 2 beyond; batch >= 64: 1.
+
+    kv_bytes: bytes per cached element (2 for bf16, 1 for an fp8 cache). The merge's price is paid in bytes,
+    so an fp8 split needs twice the keys (MIN_SPLIT_TOKENS_FULL * 2 / kv_bytes). The fp8 tile is the one the
+    word-widening path fits in (see the module docstring and _fp8_decode_tile); not yet swept on the H200:
+    benchmarks/bench_kv_fp8.py times it against the neighbouring tiles.
     """
     for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_seq_len", max_seq_len),
                         ("num_sms", num_sms)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "batch" else 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if kv_bytes not in (1, 2, 4):
+        raise ValueError(f"kv_bytes must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), got {kv_bytes!r}")
     programs = max(batch * num_kv_heads, 1)
-    min_tokens = MIN_SPLIT_TOKENS_FULL if programs >= num_sms else MIN_SPLIT_TOKENS
+    min_tokens = MIN_SPLIT_TOKENS_FULL * 2 // kv_bytes if programs >= num_sms else MIN_SPLIT_TOKENS
     cap = min(PROGRAMS_PER_SM * num_sms // programs, max_seq_len // min_tokens, MAX_SPLITS)
     splits = 1 << (cap.bit_length() - 1) if cap >= 1 else 1  # the largest power of two <= cap
+    if kv_bytes == 1:
+        return _fp8_decode_tile(programs, splits, max_seq_len, num_sms)
     return _decode_tile(programs, splits, max_seq_len, num_sms)
 
 
@@ -260,18 +331,30 @@ def _decode_tile(programs: int, splits: int, max_seq_len: int, num_sms: int) -> 
     return DecodeConfig(splits, block_n=64, num_warps=4, num_stages=2)
 
 
+def _fp8_decode_tile(programs: int, splits: int, max_seq_len: int, num_sms: int) -> DecodeConfig:
+    """Rule 2 for an fp8 cache. The widened fp16 tiles sit in registers before they go to shared memory,
+    so a tile costs more registers than bf16's (compiled for sm_90 with Triton 3.6: 64 keys x 4 warps take 136
+    registers a thread, 3 programs per SM; 32 keys take 104, 4 per SM as rule 1 assumes). A full grid gets
+    32 keys per iteration with a 3-stage pipeline (two 8 KB K+V tiles ahead), a sparse one (<= 2 programs per
+    SM) 128 keys over 8 warps (118 registers, 2 per SM)."""
+    if programs * splits <= 2 * num_sms and max_seq_len // splits >= 128:
+        return DecodeConfig(splits, block_n=128, num_warps=8, num_stages=3)
+    return DecodeConfig(splits, block_n=32, num_warps=4, num_stages=3)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                      kv_bytes: int = 2) -> int:
     """Splits per sequence for a decode batch on `device`: choose_decode_config's rule on a GPU, 1 on a CPU
     (the interpreter runs programs one after another: more of them only cost time)."""
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return choose_decode_config(batch, num_kv_heads, max_seq_len, _num_sms(index)).num_splits
+    return choose_decode_config(batch, num_kv_heads, max_seq_len, _num_sms(index), kv_bytes).num_splits
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -280,7 +363,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            q_len: int = 1, cu_seqlens_q: torch.Tensor | None = None,
                            tree_mask: torch.Tensor | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           prefetch_table: bool | None = None) -> torch.Tensor:
+                           prefetch_table: bool | None = None, fp8_widen: str | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -299,6 +382,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     iteration (a power of two in [16, 256]), num_warps (1, 2, 4, 8 or 16) and num_stages (software-pipeline
     depth of the K/V loads, 1..6) of the split kernel, and prefetch_table (read the block table one tile ahead,
     see the kernel). Benchmarks sweep them; the engine leaves them alone.
+    fp8_widen (float8_e4m3fn caches only; None picks): how the kernel turns cached bytes into dot operands.
+    "cvt" (a GPU's default) and "bits" (the interpreter's) load int32 words and widen them to fp16 in registers
+    (the hardware instruction, or the exponent-bias bit trick; exact either way); "cast" is the plain
+    `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -332,8 +419,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if (k_scale is None) != (v_scale is None):
         raise ValueError("give both k_scale and v_scale, or neither")
     max_seq_len = block_tables.shape[1] * block_size  # an upper bound known without a device sync
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8_widen is not None and (not fp8 or fp8_widen not in ("cvt", "bits", "cast")):
+        raise ValueError(f"fp8_widen must be None, or one of 'cvt', 'bits', 'cast' for a float8_e4m3fn cache; got "
+                         f"{fp8_widen!r} for a {k_cache.dtype} cache")
+    interp = triton_interpreted()
+    if fp8_widen in ("cvt", "bits") and (head_dim % 4 or (fp8_widen == "cvt" and interp)):
+        raise ValueError(f"fp8_widen={fp8_widen!r} needs head_dim % 4 == 0 (int32 words of 4 bytes) and, for "
+                         f"'cvt', a GPU; got head_dim {head_dim}" + (" in the interpreter" if interp else ""))
+    if fp8 and fp8_widen is None:  # the interpreter runs no inline PTX; odd head dims have no whole words
+        fp8_widen = "cast" if head_dim % 4 else ("bits" if interp else "cvt")
+    kv_bytes = k_cache.element_size()
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device)
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, kv_bytes)
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
     if block_n is not None and (block_n not in (16, 32, 64, 128, 256)):
@@ -358,12 +456,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    interp = triton_interpreted()
     if interp:  # the CPU: small tiles, no pipeline
         tile = DecodeConfig(num_splits, block_n=32, num_warps=4, num_stages=1)
     elif q_len == 1 and not varlen and head_dim <= 128:  # a plain decode step: the measured rule
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        tile = _decode_tile(batch * num_kv_heads, num_splits, max_seq_len, _num_sms(index))
+        rule = _fp8_decode_tile if fp8_widen in ("cvt", "bits") else _decode_tile
+        tile = rule(batch * num_kv_heads, num_splits, max_seq_len, _num_sms(index))
     else:  # verify steps and trees hold q_len x G query rows (registers): the smaller tile they were tuned with
         tile = DecodeConfig(num_splits, block_n=max(16, min(64, 8192 // block_d)), num_warps=4, num_stages=3)
     block_n = tile.block_n if block_n is None else block_n
@@ -386,6 +484,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         rows = group * q_len
     row_tiles = triton.cdiv(rows, block_g)
     placeholder = seq_lens  # a pointer the kernel never reads when VARLEN / HAS_TREE are off
+    words = fp8_widen in ("cvt", "bits")
+    if words:  # 4 e4m3 bytes per int32 word: [num_blocks, block_size, KVH, D / 4], strides in words
+        k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
         placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,
@@ -396,7 +497,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
-        PREFETCH_TABLE=prefetch_table, num_warps=num_warps, num_stages=num_stages)
+        PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt", FP16_DOT=words and not interp,
+        num_warps=num_warps, num_stages=num_stages)
     if not single:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
         d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))

@@ -11,13 +11,15 @@ import logging
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.kv_cache import KVCache, kv_bytes_per_block, num_device_blocks
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
 from minillm.forward_context import AttentionMetadata, forward_context
-from minillm.kernels.paged_attention import paged_decode_attention
+from minillm.kernels.paged_attention import _fp8_tile, paged_decode_attention
 from minillm.layers.attention import Attention, attention_reference
 from minillm.layers.kv_quant import FP8_E4M3_MAX, dequantize_kv, quantize_kv
 from minillm.models.llama import LlamaForCausalLM
@@ -177,6 +179,96 @@ def test_paged_decode_kernel_reads_fp8_like_a_dequantising_reference(q_len, num_
         torch.testing.assert_close(out[b * q_len:(b + 1) * q_len], ref, atol=2e-5, rtol=1e-4)
 
 
+@triton.jit
+def _widen_words_kernel(WORDS, OUT, ROWS: tl.constexpr, D: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    words = tl.load(WORDS + rows[:, None] * (D // 4) + tl.arange(0, D // 4)[None, :])
+    tile = _fp8_tile(words.to(tl.uint32, bitcast=True), ROWS, D, False)
+    tl.store(OUT + rows[:, None] * D + tl.arange(0, D)[None, :], tile)
+
+
+def test_fp8_words_widen_every_finite_e4m3_code_exactly():
+    """_fp8_tile's bit trick on all 254 finite e4m3 codes (0x7f/0xff are NaN, never stored): byte s.eeee.mmm read
+    as fp16 s.0eeee.mmm0000000 is the value / 2^8, subnormals and -0 included; byte i of a word is element 4j+i."""
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)] + [0, 0x80], dtype=torch.uint8)
+    codes = codes[torch.randperm(256, generator=torch.Generator().manual_seed(0))].view(8, 32)
+    out = torch.empty(8, 32, dtype=torch.float16)
+    _widen_words_kernel[(1,)](codes.view(torch.int32), out, ROWS=8, D=32)
+    expected = codes.view(FP8).to(torch.float16) / 256
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))  # bit for bit, signs of zero too
+
+
+def test_store_kernel_quantises_to_the_bytes_of_quantize_kv():
+    """One launch divides by the scale, saturates and rounds to e4m3 in fp32 arithmetic: the same bytes as the torch
+    path, also where Triton's interpreter would round its own fp8 cast wrongly (31.9 -> 16), at +-448, beyond it,
+    for subnormals and for small negatives (-0)."""
+    from minillm.kernels.fused import store_kvcache
+    g = torch.Generator().manual_seed(4)
+    tokens, kv_heads, dim = 40, 2, 32
+    k = torch.randn(tokens, kv_heads, dim, generator=g) * torch.logspace(-4, 3, tokens)[:, None, None]
+    v = torch.randn(tokens, kv_heads, dim, generator=g) * 30
+    k[0, 0, :9] = torch.tensor([31.9, -31.9, 448.0, 464.0, 500.0, -1e6, 1e-3, -1e-4, 0.0])
+    k_scale, v_scale = torch.tensor([1.0, 2.5]), torch.tensor([0.7, 0.25])
+    k_cache = torch.zeros(6, 8, kv_heads, dim, dtype=FP8)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(48, generator=g)[:tokens]
+    slots[5] = -1  # not stored
+    store_kvcache(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    keep = slots >= 0
+    for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+        stored = cache.view(-1, kv_heads, dim)[slots[keep]].view(torch.uint8)
+        assert torch.equal(stored, quantize_kv(x[keep], scale).view(torch.uint8))
+    assert int((k_cache.view(torch.uint8) != 0).any(-1).any(-1).sum()) == tokens - 1
+
+
+@pytest.mark.parametrize("head_dim", [64, 20, 6])
+def test_fp8_decode_widening_paths_agree(head_dim):
+    """The int32-word path (bits; head_dim % 4 == 0) and the plain widening (cast) read the same values; a
+    head_dim that is no whole number of words falls back to the cast."""
+    kq, vq, k_scale, v_scale = random_fp8_pool(head_dim=head_dim)
+    block_tables = torch.tensor([[3, 7, 1, -1], [0, 5, 2, 9]], dtype=torch.int32)
+    seq_lens = torch.tensor([37, 64], dtype=torch.int32)
+    q = torch.randn(2, 6, head_dim, generator=torch.Generator().manual_seed(3))
+    common = dict(k_scale=k_scale, v_scale=v_scale, num_splits=2)
+    default = paged_decode_attention(q, kq, vq, block_tables, seq_lens, **common)
+    cast = paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="cast", **common)
+    torch.testing.assert_close(default, cast, atol=2e-6, rtol=1e-5)
+    if head_dim % 4 == 0:
+        bits = paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="bits", **common)
+        torch.testing.assert_close(bits, cast, atol=2e-6, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="head_dim % 4"):
+            paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="bits", **common)
+
+
+def test_fp8_widen_is_checked():
+    kq, vq, k_scale, v_scale = random_fp8_pool(num_blocks=2, head_dim=16)
+    args = (torch.randn(1, 3, 16), kq, vq, torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32))
+    with pytest.raises(ValueError, match="fp8_widen"):
+        paged_decode_attention(*args, k_scale=k_scale, v_scale=v_scale, fp8_widen="fp16")
+    with pytest.raises(ValueError, match="fp8_widen"):  # a bf16/fp32 cache has nothing to widen
+        paged_decode_attention(args[0], kq.float(), vq.float(), *args[3:], fp8_widen="bits")
+    with pytest.raises(ValueError, match="'cvt', a GPU"):  # inline PTX: not in the interpreter
+        paged_decode_attention(*args, k_scale=k_scale, v_scale=v_scale, fp8_widen="cvt")
+
+
+def test_decode_rule_counts_fp8_bytes():
+    """An fp8 split must hold twice the keys of a bf16 one before it pays for the merge (bytes, not tokens), and
+    the fp8 tile is the word path's (32 keys x 4 warps on a full grid, 128 x 8 on a sparse one)."""
+    from minillm.kernels.paged_attention import choose_decode_config
+    # 32 x 8 = 256 programs on 132 SMs: every SM busy, so a split needs 1024 bf16 / 2048 fp8 keys
+    assert choose_decode_config(32, 8, 2048, 132, kv_bytes=2).num_splits == 2
+    assert choose_decode_config(32, 8, 2048, 132, kv_bytes=1).num_splits == 1
+    assert choose_decode_config(32, 8, 4096, 132, kv_bytes=1).num_splits == 2
+    full = choose_decode_config(32, 8, 4096, 132, kv_bytes=1)
+    assert (full.block_n, full.num_warps) == (32, 4)
+    sparse = choose_decode_config(1, 8, 32768, 132, kv_bytes=1)
+    assert (sparse.num_splits, sparse.block_n, sparse.num_warps) == (32, 128, 8)
+    assert choose_decode_config(1, 8, 32768, 132) == choose_decode_config(1, 8, 32768, 132, kv_bytes=2)
+    with pytest.raises(ValueError, match="kv_bytes"):
+        choose_decode_config(1, 8, 1024, 132, kv_bytes=3)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_attention_layer_writes_quantised_bytes_and_a_chunk_reads_them_back(backend):
     """A prefill of 10 tokens, then a 7-token chunk (q_len 7 < seq_len 17): the chunk attends to the cached
@@ -319,3 +411,34 @@ def test_gpu_fp8_kv_decode_with_cuda_graphs():
     for eng in (graphed, eager):
         eng.runner.kv_cache.scales.mul_(2.0)
     assert [o.token_ids for o in run(graphed)] == [o.token_ids for o in run(eager)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch, q_len", [(1, 1), (8, 1), (48, 1), (4, 3)])
+def test_gpu_fp8_decode_paths_and_store_match(batch, q_len):
+    """On the GPU: the store kernel writes quantize_kv's bytes; the word path with the hardware conversion (cvt),
+    with the bit trick (bits) and the plain widening (cast) read the same values as the bf16 kernel reading the
+    dequantised cache (fp16 vs bf16 operands: a few 1e-3 of the output's range)."""
+    from minillm.kernels.fused import store_kvcache
+    dev, g = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
+    kv_heads, dim, block_size, blocks_per_seq = 8, 128, 16, 40
+    num_blocks = batch * blocks_per_seq + 1
+    k = torch.randn(num_blocks * block_size, kv_heads, dim, device=dev, generator=g, dtype=torch.bfloat16) * 3
+    v = torch.randn(num_blocks * block_size, kv_heads, dim, device=dev, generator=g, dtype=torch.bfloat16)
+    k_scale, v_scale = k.float().abs().amax(dim=(0, 2)) * 4 / 448, torch.full((kv_heads,), 0.01, device=dev)
+    kq = torch.empty(num_blocks, block_size, kv_heads, dim, dtype=FP8, device=dev)
+    vq = torch.empty_like(kq)
+    store_kvcache(k, v, kq, vq, torch.arange(k.shape[0], device=dev), k_scale, v_scale)
+    assert torch.equal(kq.view(torch.uint8).flatten(0, 1), quantize_kv(k, k_scale).view(torch.uint8))
+    assert torch.equal(vq.view(torch.uint8).flatten(0, 1), quantize_kv(v, v_scale).view(torch.uint8))
+    kd = dequantize_kv(kq.flatten(0, 1), k_scale, torch.bfloat16).view(kq.shape)
+    vd = dequantize_kv(vq.flatten(0, 1), v_scale, torch.bfloat16).view(vq.shape)
+    tables = (torch.randperm(num_blocks - 1, device=dev, generator=g) + 1).view(batch, -1).to(torch.int32)
+    seq_lens = torch.randint(q_len, blocks_per_seq * block_size + 1, (batch,), device=dev, generator=g).to(torch.int32)
+    q = torch.randn(batch * q_len, 32, dim, device=dev, generator=g, dtype=torch.bfloat16)
+    ref = paged_decode_attention(q, kd, vd, tables, seq_lens, q_len=q_len).float()
+    for widen in ("cvt", "bits", "cast"):
+        out = paged_decode_attention(q, kq, vq, tables, seq_lens, k_scale=k_scale, v_scale=v_scale, q_len=q_len,
+                                     fp8_widen=widen).float()
+        assert float((out - ref).abs().max()) <= 1e-2 * float(ref.abs().max()), widen

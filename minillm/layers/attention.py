@@ -40,11 +40,13 @@ The Triton attention path, chapters 3 and 5:
   `flash_attn_varlen` on it.
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
-new keys and values are quantised in torch (x / scale, saturated, cast) before the store, and every read
-dequantises: the paged decode and paged prefill kernels widen fp8 in registers and fold the scales into the
-softmax scale (k) and the output (v); the torch path's gathered keys and values are dequantised to q's dtype
-after the gather. A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does);
-only what is read back from the cache carries the fp8 rounding.
+new keys and values are quantised on their way into the cache (x / scale, saturated at +-448, rounded to
+e4m3): by the store kernel itself on the Triton path (one launch per layer, as for bf16), by
+minillm.layers.kv_quant.quantize_kv on the torch path, the same bytes either way. Every read dequantises: the
+paged decode and paged prefill kernels widen fp8 in registers and fold the scales into the softmax scale (k)
+and the output (v); the torch path's gathered keys and values are dequantised to q's dtype after the gather.
+A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does); only what is
+read back from the cache carries the fp8 rounding.
 """
 from __future__ import annotations
 
@@ -339,12 +341,8 @@ class Attention(OperatorModule):
         from minillm.kernels.flash_attention import flash_attn_varlen
         from minillm.kernels.paged_attention import paged_decode_attention
 
-        if use_cache and self.k_scale is not None:  # fp8: quantise in torch, the kernel moves the bytes
-            store_kvcache_kernel(quantize_kv(k, self.k_scale).view(torch.uint8),
-                                 quantize_kv(v, self.v_scale).view(torch.uint8), self.k_cache.view(torch.uint8),
-                                 self.v_cache.view(torch.uint8), meta.slot_mapping)
-        elif use_cache:
-            store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
+            store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         read_cache = use_cache and meta.block_tables is not None
         tree = meta.tree_mask is not None
         if tree and not read_cache:

@@ -13,8 +13,10 @@ the pool (minillm.engine.kv_cache), and the kernels apply them once per tile, no
 (minillm.kernels.paged_attention: k_scale folds into the softmax scale, v_scale multiplies the output).
 How the scales are chosen is minillm.engine.kv_scales' job (a calibration forward at start-up).
 
-The write side quantises in torch, not inside a Triton kernel: Triton's CPU interpreter rounds fp8 down-casts
-wrongly, while torch's cast rounds to nearest-even on every device. The kernels only ever widen fp8 (exact).
+quantize_kv is the torch path's write side and the definition of the bytes. The Triton path quantises inside
+its store kernel (minillm.kernels.fused.store_kvcache: one launch, no torch ops), which rounds to the e4m3
+grid in fp32 arithmetic before its cast, so it writes these same bytes on a GPU and in Triton's CPU interpreter
+(whose own fp8 down-cast rounds wrongly across powers of two). The read kernels only ever widen fp8 (exact).
 """
 from __future__ import annotations
 
