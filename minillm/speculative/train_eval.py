@@ -14,14 +14,17 @@ pass's output one position back, the real next token) and its query attends to
     pass 0's keys at positions (p - window, p]        the real context the proposer's window holds
     pass i's key at position p + i, for i = 1 .. j     the chain's own earlier drafts (the last one is itself)
 
-a block-diagonal mask over the concatenated keys of passes 0..j (`chain_mask`). Every chain is then computed
+a mask over the concatenated keys of passes 0..j, a causal band on pass 0 and one diagonal per later pass
+(`chain_mask`). Every chain is then computed
 exactly as the proposer computes it, with the real token where the proposer feeds its draft: the same thing
 whenever the drafts so far were right, the only case in which the later drafts count.
 
 `simulated_acceptance` uses this to read the engine's greedy mean accepted length off held-out rows without an
 engine: the chain's drafts against the target's own greedy tokens (argmax of p, not the data's tokens, which are
 sampled in some rows), at start positions where the data's next tokens are the greedy ones (where they are not,
-the target's later distributions in the data are conditioned on a token greedy decoding would not have chosen).
+the target's later distributions in the data are conditioned on a token greedy decoding would not have chosen),
+averaged over start positions (the engine averages over its verify steps, each starting where the last one
+ended: the same number as long as acceptance does not depend on where a step starts).
 `top1_agreement` is the older teacher-forced number, one per head.
 """
 from __future__ import annotations
