@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_int4_gemm import GROUP, L2_BYTES, copy_bandwidth, make_weights, time_graph_us, weight_bytes  # noqa: E402
+from sweep_int4_gemm import (GROUP, cold_operands, copy_bandwidth, row_operands, time_graph_us,  # noqa: E402
+                             weight_bytes)
 
 SHAPES = {"4096->14336": (4096, 14336), "14336->4096": (14336, 4096), "4096->6144": (4096, 6144)}  # (K, N)
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -81,18 +82,11 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
 
     from minillm.kernels.int4_dispatch import run_launch, tuned_launch
     from minillm.kernels.int4_gemm import int4_gemm
-    from minillm.kernels.int4_tuning import split_k_workspace
 
-    copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
-    sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
-    bf16_copies = [ref_w.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+    copies, sets, ref_w, bf16_copies = cold_operands(k, n)
     rows = []
     for m in MS:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ ref_w.t()
-        tol = 0.01 * ref.abs().max().item()
-        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        ws, cnt = split_k_workspace(x.device, m, n)
+        x, ref, tol, y, ws, cnt = row_operands(m, k, n, ref_w)
         row = dict(shape=label, K=k, N=n, M=m, floor_us=weight_bytes(k, n, m) / copy_bw * 1e6)
         row["bf16_us"] = time_graph_us(lambda i: F.linear(x, bf16_copies[i]), len(bf16_copies))
         auto_err = (int4_gemm(x, *sets[0], GROUP).float() - ref).abs().max().item()  # tunes on this first call

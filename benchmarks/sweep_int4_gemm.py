@@ -212,6 +212,30 @@ def weight_bytes(k: int, n: int, m: int) -> int:
     return k * n // 2 + (k // GROUP) * n * 2 + (k // GROUP) * (n // 8) * 4 + 2 * m * (k + n)
 
 
+def cold_operands(k: int, n: int):
+    """(copies, INT4 weight sets, fp32 reference W, bf16 copies): enough copies of each that cycling through
+    them keeps every read out of the 50 MB L2 (cold weights, as a decode step reads them)."""
+    import torch
+
+    copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
+    sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
+    bf16_copies = [ref_w.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+    return copies, sets, ref_w, bf16_copies
+
+
+def row_operands(m: int, k: int, n: int, ref_w):
+    """Fresh bf16 activations x [M, K], the fp32 reference y, the check's tolerance (1% of max|y|: the
+    dispatcher's rule), an output buffer and the split-K workspace."""
+    import torch
+
+    from minillm.kernels.int4_tuning import split_k_workspace
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ ref_w.t()
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    return (x, ref, 0.01 * ref.abs().max().item(), y) + tuple(split_k_workspace(x.device, m, n))
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def time_graph_us(step, copies: int, launches: int = 20, trials: int = 5) -> float:
     """Median us per launch of step(i) (i: which weight copy) over a CUDA graph of `launches` launches."""
@@ -247,18 +271,11 @@ def sweep_shape(name: str, k: int, n: int, num_sms: int, copy_bw: float, deadlin
     import torch.nn.functional as F
 
     from minillm.kernels.int4_gemm import int4_gemm
-    from minillm.kernels.int4_tuning import split_k_workspace as _workspace
 
-    copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
-    sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
-    bf16_copies = [ref_w.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+    copies, sets, ref_w, bf16_copies = cold_operands(k, n)
     rows = []
     for m in MS:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ ref_w.t()
-        tol = 0.01 * ref.abs().max().item()
-        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        ws, cnt = _workspace(x.device, m, n)
+        x, ref, tol, y, ws, cnt = row_operands(m, k, n, ref_w)
         wbytes = weight_bytes(k, n, m)
         row = dict(shape=name, K=k, N=n, M=m, bytes=wbytes, copies=copies)
         row["bf16_us"] = time_graph_us(lambda i: F.linear(x, bf16_copies[i]), len(bf16_copies))

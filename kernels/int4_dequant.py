@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.int4_gemm import _load_tile
 from minillm.platform import triton_interpreted
 
 __all__ = ["int4_dequant_kernel", "dequantize_int4_into", "int4_dequant_matmul"]
@@ -46,16 +47,11 @@ def int4_dequant_kernel(QW, S, QZ, WT, K, N, n0, n_cols, stride_qk, stride_sg, s
     pid_n = tl.program_id(1)
     offs_j = pid_j * ROWS + tl.arange(0, ROWS)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = n0 + offs_c
-    ok = (offs_j < K // 8)[:, None] & (offs_c < n_cols)[None, :]
-    w = tl.load(QW + offs_j[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=ok, other=0)
-    g = (offs_j * 8) // GROUP_SIZE
-    s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zw = tl.load(QZ + g[:, None] * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
-        z = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
-    else:
-        z = tl.full([ROWS, BLOCK_N], 8.0, tl.float32)
+    c_ok = offs_c < n_cols
+    ok = (offs_j < K // 8)[:, None] & c_ok[None, :]
+    # int4_gemm.py's tile loader: words [ROWS, BLOCK_N], and one scale and zero per word row (ONE_GROUP=False)
+    w, s, z = _load_tile(QW, S, QZ, pid_j, pid_j + 1, tl.arange(0, ROWS), n0 + offs_c, c_ok, K, stride_qk,
+                         stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, False, ROWS, ROWS * 8, BLOCK_N)
     off = 8388608.0 + z  # 2^23 + zero, exact in fp32
     out = WT + (offs_j[:, None] * 8).to(tl.int64) * stride_wk + offs_c[None, :]
     for i in tl.static_range(8):
@@ -96,12 +92,16 @@ def dequantize_int4_into(wt: torch.Tensor, qweight: torch.Tensor, scales: torch.
 def int4_dequant_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                         group: int, bias: torch.Tensor | None, y: torch.Tensor, chunks: int = 1) -> None:
     """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias): W^T dequantised to x2's dtype in `chunks` column slices
-    (multiples of 8 columns), each followed at once by its cuBLAS GEMM into y's columns."""
+    (of whole 128-column tiles, or of 8 columns for a narrow weight), each followed at once by its cuBLAS GEMM
+    into y's columns."""
     m, k = x2.shape
     n = qweight.shape[1]
     if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= max(1, n // 8):
         raise ValueError(f"chunks must be an int in [1, N // 8 = {max(1, n // 8)}], got {chunks!r}")
-    width = triton.cdiv(triton.cdiv(n, chunks), 8) * 8
+    # whole 128-column tiles per slice where the weight is wide enough: the sizes and offsets then divide by 16,
+    # which lets Triton vectorise the stores (16 bytes a thread instead of 2)
+    unit = BLOCK_N if n >= BLOCK_N * chunks else 8
+    width = triton.cdiv(triton.cdiv(n, chunks), unit) * unit
     buf = _scratch(x2.device, x2.dtype, k * min(width, n))
     for n0 in range(0, n, width):
         cols = min(width, n - n0)

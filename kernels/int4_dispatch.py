@@ -39,7 +39,7 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
-GEMV_TILES = [(256, 64, 1), (512, 32, 1)]
+GEMV_TILES = [(256, 64, 1), (512, 32, 1), (256, 32, 1)]  # BLOCK_K 32: rows added in fp16 (3.1 per weight)
 # dequantise-then-cuBLAS from this many rows; slices of the bf16 weight of about this many bytes (L2 is 50 MB)
 DEQUANT_MIN_M = 16
 DEQUANT_SLICE_BYTES = 24 << 20

@@ -13,10 +13,13 @@ Here every instruction handles two weights, Marlin's trick on CUDA cores:
   pair as 1024 + 16c, which one fma.rn.f16x2 (times 1/16, minus 64 + zero: both exact) turns into c - zero in
   place of the sub; the word shifted right by 8 gives nibbles 2/6 and 3/7 the same way.
 * After the tile's four nibble pairs, each word's two fp16 sums become one fp32 number (two converts and an add),
-  the K rows of the tile are summed inside the thread and the group's scale multiplies the column once.
-fp16 carries 11 significant bits, and the partial sums in fp16 are four products each, so the result keeps
-~1e-3 relative accuracy (bf16's output rounding is 4e-3). The activations are scaled by 1/16 on their way to fp16
-(and y by 16 after), so |x| up to ~4000 cannot overflow fp16's 65504 even times a code of 15 four times over.
+  the K rows of the tile are summed inside the thread and the group's scale multiplies the column once. With
+  BLOCK_K <= 32 (<= 4 word rows, so <= 16 products per fp16 half) the rows are first added as fp16 pairs
+  (add.f16x2) and each column is converted once per tile instead of once per word.
+fp16 carries 11 significant bits, and the partial sums in fp16 are four products each (sixteen with BLOCK_K <= 32),
+so the result keeps ~1e-3 relative accuracy (bf16's output rounding is 4e-3; the tests bound it at 3e-3). The
+activations are scaled by 1/16 on their way to fp16 (and y by 16 after), so |x| up to ~4000 cannot overflow
+fp16's 65504 even times a code of 15 sixteen times over.
 
 The packed instructions are PTX (tl.inline_asm_elementwise) and run only on a GPU; under the interpreter
 (PACKED=False) the same arithmetic runs half by half in plain Triton, so the CPU tests check the algorithm.
@@ -96,6 +99,23 @@ def _two_pairs(wp, zz, nzz, mask, mask16, x_row, k0, offs_j, j_ok, sums, I: tl.c
 
 
 @triton.jit
+def _add_f16x2(a, b):
+    """add.f16x2 of two int32 words (the fp16-pair reduction's combine, PTX)."""
+    return tl.inline_asm_elementwise(asm="add.rn.f16x2 $0, $1, $2;", constraints="=r,r,r", args=[a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _sum_rows_f16x2(sums, PACKED: tl.constexpr):
+    """[ROWS, BLOCK_N] fp16 pairs -> [BLOCK_N] fp16 pairs summed over the rows: add.f16x2 in a tree on a GPU;
+    under the interpreter (where a tl.reduce with a custom combine crawls) each half summed in fp32, rounded once."""
+    if PACKED:
+        return tl.reduce(sums, 0, _add_f16x2)
+    else:
+        return _pack(tl.sum(_half(sums, 0), axis=0), tl.sum(_half(sums, 1), axis=0))
+
+
+@triton.jit
 def _sum_halves(acc, PACKED: tl.constexpr):
     """fp32 sum of the two fp16 halves of each int32 word."""
     if PACKED:
@@ -150,7 +170,10 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
             for i in tl.static_range(4):
                 pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
                 sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, i), sums, PACKED)
-        acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
+        if ROWS <= 4:  # <= 16 products per half: add the rows' fp16 pairs first, one conversion per column
+            acc += _sum_halves(_sum_rows_f16x2(sums, PACKED), PACKED)[None, :] * s
+        else:
+            acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
         w, s, z = w_next, s_next, z_next
 
     split_k_store(acc * 16.0, Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n, row + tl.arange(0, 1) < M, n_ok,

@@ -78,9 +78,9 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
     from minillm.kernels.int4_gemv import int4_gemv_kernel
 
     torch.manual_seed(7)
-    m, n, k, group = 3, 96, 384, 64
-    for symmetric, split, bias, one_shift in ((False, 4, None, True), (True, 1, torch.randn(n), True),
-                                              (False, 2, None, False)):
+    m, n, k, group = 2, 96, 384, 64
+    for symmetric, split, bias, one_shift, block_k in ((False, 4, None, True, 64), (True, 1, torch.randn(n), True, 32),
+                                                       (False, 2, None, False, 64)):
         packed, w = _weights(n, k, group, symmetric)
         x = torch.randn(m, k)
         y = torch.empty(m, n)
@@ -92,9 +92,9 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
         int4_gemv_kernel[grid](x, qw, s, qz, bias if bias is not None else s, y, ws, cnt, m, n, k, x.stride(0),
                                qw.stride(0), s.stride(0), qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=group,
                                HAS_ZEROS=not symmetric, HAS_BIAS=bias is not None, PACKED=False, BLOCK_N=block_n,
-                               BLOCK_K=64, SPLIT_K=split, ONE_SHIFT=one_shift)
+                               BLOCK_K=block_k, SPLIT_K=split, ONE_SHIFT=one_shift)
         ref = x @ w.t() + (bias if bias is not None else 0)
-        # fp16 activations (x / 16) and fp16 sums of four products: ~1e-3 of the output's magnitude
+        # fp16 activations (x / 16) and fp16 sums of 4 (BLOCK_K 64) or 16 (32) products: ~1e-3 of max|y|
         _close(y, ref, 3e-3)
         assert not ws.any() and not cnt.any()
 
@@ -205,7 +205,8 @@ def test_int4_gemm_gpu_mma_path_bf16(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2])
 def test_int4_gemv_gpu_packed_asm_matches_torch(m):
-    """The PTX path (lop3 / sub.f16x2 / fma.rn.f16x2, PACKED=True on a GPU) against torch, both nibble schemes."""
+    """The PTX path (lop3 / sub.f16x2 / fma.rn.f16x2 / add.f16x2, PACKED=True on a GPU) against torch, both nibble
+    schemes and both row reductions."""
     from minillm.kernels.int4_gemv import int4_gemv_kernel
 
     torch.manual_seed(40 + m)
@@ -214,11 +215,11 @@ def test_int4_gemv_gpu_packed_asm_matches_torch(m):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
     qw, s, qz = packed.qweight, packed.scales, packed.qzeros
-    for one_shift in (True, False):
+    for one_shift, block_k in ((True, 64), (False, 64), (True, 32)):  # 32: rows added as fp16 pairs first
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         ws, cnt = split_k_workspace(x.device, m, n)
         int4_gemv_kernel[(m * triton.cdiv(n, 256), 8)](
             x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0),
-            0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=256, BLOCK_K=64,
+            0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=256, BLOCK_K=block_k,
             SPLIT_K=8, ONE_SHIFT=one_shift, num_warps=1, num_stages=1)
         _close(y, ref, 0.01)
