@@ -3,9 +3,9 @@
     before      the previous step: the head's own forward (DraftBlock, boolean [B, T, S] mask), the target's and
                 the head's full-vocabulary log-softmax in fp32 (train_heads.distill_kl), the feature regression;
                 one teacher-forced pass
-    after U=0   train_heads.HeadLoss: the same pass through train_eval.unrolled_chain (is_causal or an additive
-                float mask, so SDPA's fused kernels run), the KL from the target's expected embedding (one fp32
-                logsumexp per prediction, the target's law computed once)
+    after U=0   train_heads.HeadLoss: the same pass through train_eval.unrolled_chain (an additive float mask
+                for the proposer's 64-position window, so SDPA's fused kernels run), the KL from the target's
+                expected embedding (one fp32 logsumexp per prediction, the target's law computed once)
     after U=3   the default: three more passes of the drafting chain on the head's own features
 
 Every variant runs the whole optimizer step (AdamW, clipping) on SmolLM2-135M's shapes (hidden 576, 9/3 heads,
@@ -115,10 +115,11 @@ def main() -> None:
         return initial_heads(head_config, model, scale).to(device=device, dtype=torch.float32)
 
     variants = {"before": before_loss(target, scale)}
-    for unroll in (0, 3):
-        variants[f"after U={unroll}"] = HeadLoss("eagle", target, scale, unroll=unroll, window=length)
+    for unroll in (0, 3):  # the proposer's 64-position window, as train-heads trains
+        variants[f"after U={unroll}"] = HeadLoss("eagle", target, scale, unroll=unroll)
 
-    # correctness: the new path's pieces, without EAGLE's input noise, give the old loss on the same rows
+    # correctness: the new path's pieces, without EAGLE's input noise and attending over the whole row as the old
+    # step did, give the old loss on the same rows
     with torch.no_grad(), mixed_precision(device):
         head = fresh_head()
         old = float(variants["before"](head, tokens, features))
