@@ -6,9 +6,11 @@
 For 4096->14336, 14336->4096 and 4096->6144 (g128 asymmetric, GPTQ layout) at M = 1, 2, 4, 8, 16, 32, 64, 256:
   bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
   current  the fastest correct launch among the candidates the dispatcher had before this change: int4_gemm.py's
-           two paths, int4_mma.py and the first int4_gemv.py (a shift and a sub per nibble pair, ONE_SHIFT=False);
+           two paths, int4_mma.py and the first int4_gemv.py (ONE_SHIFT=False: a shift and a sub per nibble pair,
+           every word's fp16 sums converted to fp32) on its first two tiles;
            above M = 64 int4_gemm.py's large tiles (what its autotuner chose among);
-  new      the fastest correct launch among today's candidates: the same kernels with the one-shift GEMV, and
+  new      the fastest correct launch among today's candidates: the same kernels with the one-shift GEMV (rows
+           added as fp16 pairs at BLOCK_K 32; one more tile), and
            from M = 16 dequantise-to-bf16-then-cuBLAS (int4_dequant.py) whole and in L2-sized slices;
   auto     int4_gemm() itself: int4_dispatch.py's pick (timed by do_bench on its first call per shape).
 Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1% of max|y|, the dispatcher's
@@ -36,6 +38,7 @@ SHAPES = {"4096->14336": (4096, 14336), "14336->4096": (14336, 4096), "4096->614
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
 P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
 P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
+FIRST_GEMV_TILES = ((256, 64, 1), (512, 32, 1))  # the dispatcher's GEMV tiles before this change
 
 
 def _legacy_gemv(lc, x, qw, s, qz, y, ws, cnt):
@@ -61,7 +64,8 @@ def launches_for(m: int, n: int, k: int, sms: int) -> list[tuple[str, object, se
     out = []
     for lc in candidates(m, n, k, GROUP, torch.bfloat16, sms):
         if lc.kernel == "gemv":
-            out.append(("gemv0", lc, {"current"}))
+            if (lc.block_n, lc.block_k, lc.num_warps) in FIRST_GEMV_TILES:
+                out.append(("gemv0", lc, {"current"}))
             out.append(("gemv", lc, {"new"}))
         elif lc.kernel == "dequant":
             out.append(("dequant", lc, {"new"}))

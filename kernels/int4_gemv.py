@@ -134,7 +134,8 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
                      ONE_SHIFT: tl.constexpr = True):
     """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K).
     GROUP_SIZE % BLOCK_K == 0; NIBBLE_MASK = 0x000F000F (a run-time value: see int4_mma_kernel).
-    ONE_SHIFT=False is the first version (a shift and a sub per nibble pair), kept for the benchmark's A/B."""
+    ONE_SHIFT=False is the first version (a shift and a sub per nibble pair, every word converted to fp32), kept
+    for the benchmark's A/B."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -170,7 +171,7 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
             for i in tl.static_range(4):
                 pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
                 sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, i), sums, PACKED)
-        if ROWS <= 4:  # <= 16 products per half: add the rows' fp16 pairs first, one conversion per column
+        if ONE_SHIFT and ROWS <= 4:  # <= 16 products per half: add the rows' pairs in fp16, one conversion a column
             acc += _sum_halves(_sum_rows_f16x2(sums, PACKED), PACKED)[None, :] * s
         else:
             acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
