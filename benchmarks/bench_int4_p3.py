@@ -21,18 +21,14 @@ read floor. Prints a table per shape, then the P3 verdict lines; writes everythi
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_int4_gemm import (GROUP, cold_operands, copy_bandwidth, row_operands, time_graph_us,  # noqa: E402
-                             weight_bytes)
+from sweep_int4_gemm import (GROUP, cold_operands, copy_bandwidth, gpu_bench_args, require_cuda,  # noqa: E402
+                             row_operands, time_graph_us, weight_bytes, write_result)
 
 SHAPES = {"4096->14336": (4096, 14336), "14336->4096": (14336, 4096), "4096->6144": (4096, 6144)}  # (K, N)
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -174,23 +170,12 @@ def dry_run() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/int4_p3.json")
-    parser.add_argument("--dry-run", action="store_true", help="CPU: launch counts only")
-    parser.add_argument("--budget-s", type=float, default=100.0, help="stop timing new launches after this long")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    args = parser.parse_args()
+    args = gpu_bench_args(__doc__, "benchmarks/results/int4_p3.json", "CPU: launch counts only", 100.0).parse_args()
     if args.dry_run:
         dry_run()
         return
     t_start = time.time()
-    import torch
-    import triton
-
-    import minillm  # noqa: F401
-
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (use --dry-run on a CPU)")
+    torch = require_cuda("this benchmark")
     from minillm.kernels import int4_dispatch
 
     try:  # fill Triton's disk cache in worker processes (the legacy GEMV compiles lazily: two tiles)
@@ -211,13 +196,7 @@ def main() -> None:
     lines = verdict(rows)
     print()
     print("\n".join(lines))
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy_bw, "group": GROUP,
-              "command": " ".join(["python"] + sys.argv), "rows": rows, "verdict": lines,
-              "wall_s": time.time() - t_start}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out} ({time.time() - t_start:.0f} s)")
+    write_result(args.out, t_start, copy_bw, rows=rows, verdict=lines)
 
 
 if __name__ == "__main__":

@@ -383,25 +383,37 @@ def dry_run() -> None:
             assert err < 3e-3, err  # gemv: fp16 arithmetic, ~1e-3; the others fp32
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/int4_sweep.json")
-    parser.add_argument("--dry-run", action="store_true", help="CPU: config counts and an interpreter check")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
-    parser.add_argument("--budget-s", type=float, default=105.0, help="stop timing new configs after this long")
+def gpu_bench_args(doc: str, out: str, dry_run_help: str, budget_s: float) -> argparse.ArgumentParser:
+    """The INT4 GPU benchmarks' common options: --out, --dry-run, --budget-s, --workers."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--budget-s", type=float, default=budget_s, help="stop timing new launches after this long")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    return parser
+
+
+def require_cuda(what: str):
+    """Import torch and the package (whose setup picks Triton's mode) on a CUDA machine; exit with a message off it."""
+    import torch
+
+    import minillm  # noqa: F401
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{what} needs a CUDA GPU (use --dry-run on a CPU)")
+    return torch
+
+
+def main() -> None:
+    parser = gpu_bench_args(__doc__, "benchmarks/results/int4_sweep.json",
+                            "CPU: config counts and an interpreter check", 105.0)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     args = parser.parse_args()
     if args.dry_run:
         dry_run()
         return
     t_start = time.time()
-    import torch
-    import triton
-
-    import minillm  # noqa: F401
-
-    if not torch.cuda.is_available():
-        raise SystemExit("the sweep needs a CUDA GPU (use --dry-run on a CPU)")
+    torch = require_cuda("the sweep")
     names = [s for s in args.shapes.split(",") if s]
     for s in names:
         if s not in SHAPES:
@@ -426,13 +438,20 @@ def main() -> None:
         k, n = SHAPES[s]
         rows += sweep_shape(s, k, n, num_sms, copy_bw, time.time() + per_shape)
     summary(rows)
+    write_result(args.out, t_start, copy_bw, rows=rows)
+
+
+def write_result(out: str, t_start: float, copy_bw: float, **fields) -> None:
+    """Write the run's JSON (device, versions, command, roofline and `fields`) to `out`."""
+    import torch
+    import triton
+
     result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy_bw,
-              "command": " ".join(["python"] + sys.argv), "group": GROUP, "rows": rows,
-              "wall_s": time.time() - t_start}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out} ({time.time() - t_start:.0f} s)")
+              "command": " ".join(["python"] + sys.argv), "group": GROUP, **fields, "wall_s": time.time() - t_start}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out} ({time.time() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":
