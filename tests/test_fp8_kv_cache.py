@@ -243,7 +243,8 @@ def test_fp8_decode_widening_paths_agree(head_dim):
 
 def test_fp8_widen_is_checked():
     kq, vq, k_scale, v_scale = random_fp8_pool(num_blocks=2, head_dim=16)
-    args = (torch.randn(1, 3, 16), kq, vq, torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32))
+    args = (torch.randn(1, 3, 16), kq, vq, torch.tensor([[0, 1]], dtype=torch.int32),
+            torch.tensor([20], dtype=torch.int32))
     with pytest.raises(ValueError, match="fp8_widen"):
         paged_decode_attention(*args, k_scale=k_scale, v_scale=v_scale, fp8_widen="fp16")
     with pytest.raises(ValueError, match="fp8_widen"):  # a bf16/fp32 cache has nothing to widen
