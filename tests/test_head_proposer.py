@@ -91,6 +91,46 @@ def test_fused_block_with_draft_kv_computes_what_the_training_block_computes():
                                                                  x.dtype), cache)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' GPU path needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_block_on_the_gpu_computes_what_the_training_block_computes(dtype):
+    """SmolLM2's head shapes on CUDA, where FusedDraftBlock runs the engine's Triton norm / RoPE / SiLU kernels (on
+    the CPU it runs torch): a window, then two draft steps, against DraftBlock, the block training runs."""
+    from minillm.config import ModelConfig
+    target = ModelConfig(architecture="llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=2048, tie_word_embeddings=True)
+    config = HeadConfig.for_target("eagle", target, 1)
+    torch.manual_seed(0)
+    block = DraftBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    block = block.to("cuda", dtype)
+    fused = FusedDraftBlock(block, max_position=80)
+    group = config.num_attention_heads // config.num_key_value_heads
+    width = 64
+    x = torch.randn(2, width, 576, device="cuda", dtype=dtype)
+    mask = torch.ones(2, width, dtype=torch.bool, device="cuda")
+    mask[0, :40] = False  # a left-padded window
+    positions = (torch.arange(width, device="cuda")[None, :] - (~mask).sum(1, keepdim=True)).clamp(min=0)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        out, past = block(x, positions, mask)
+        cache = fused.new_cache(2, width + 2, x)
+        fused_out = fused(x, positions, draft_attention_bias(mask, width, group, dtype), cache)
+        torch.testing.assert_close(fused_out[mask], out[mask], **tol)
+        grown, position, last = mask, positions[:, -1:], out[:, -1:]
+        for step in range(2):
+            grown = torch.cat([grown, torch.ones(2, 1, dtype=torch.bool, device="cuda")], 1)
+            position = position + 1
+            step_out, past = block(last, position, grown, past)
+            fused_step = fused(last, position, draft_attention_bias(grown, 1, group, dtype), cache)
+            torch.testing.assert_close(fused_step, step_out, **tol)
+            last = step_out
+
+
 def test_stored_windows_follow_chunks_rejected_drafts_and_recomputation():
     proposer, config = random_proposer("eagle")
     seq = Sequence("a", list(range(1, 12)), SamplingParams(temperature=0))
@@ -160,12 +200,12 @@ def test_batched_padded_drafts_equal_each_request_drafted_alone(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_graph_replay_drafts_what_the_eager_path_drafts(kind):
-    """Batches of 3 then 2 (one bucket, one graph) with fresh windows each time: the static inputs are refilled
-    before every replay; the drafts equal the eager path's, and each replay reads its drafts back once."""
+    """Batches of 3, 4 and 3 (one bucket of 4, one graph) with fresh windows each time: the static inputs are
+    refilled before every replay; the drafts equal the eager path's, and each replay reads its drafts back once."""
     eager, config = random_proposer(kind, "cuda")
     graphs, _ = random_proposer(kind, "cuda", cuda_graphs=True)
     g = torch.Generator().manual_seed(5)
-    for batch in (3, 2, 3):
+    for batch in (3, 4, 3):
         seqs = [Sequence(f"{batch}-{i}", torch.randint(0, config.vocab_size, (4 + 3 * i,), generator=g).tolist(),
                          SamplingParams(temperature=0)) for i in range(batch)]
         for seq in seqs:
