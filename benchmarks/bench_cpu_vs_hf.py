@@ -9,7 +9,9 @@ exactly `output_len` new tokens (ignore_eos / min_new_tokens), on the same weigh
 and the same torch thread count. Each (engine, batch) pair is warmed up once, then timed `repeats` times; the
 engines alternate repeat by repeat, so a burst of load from another process on a shared machine hits both alike.
 Reported: the median and the best output tok/s (output tokens / wall seconds, the prefill included, as a user
-waits for it), the ratio ours / HF, whether the greedy tokens agree, and the load average before and after.
+waits for it), the ratio ours / HF, whether the greedy tokens agree, and the load average before and after; and
+the matmul layouts the CPU path chose per (N, K, bias, row class) with the bytes of weight copies they keep
+(minillm.layers.cpu_matmul; MINILLM_CPU_MATMUL=linear gives the plain F.linear path to compare against).
 """
 from __future__ import annotations
 
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"][f"b{batch}"] = entry
         print(f"batch {batch}:", json.dumps(entry), flush=True)
     results["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    from minillm.layers.cpu_matmul import cpu_matmul_decisions, cpu_matmul_extra_bytes, cpu_matmul_mode
+    results["cpu_matmul"] = dict(mode=cpu_matmul_mode(), extra_mb=round(cpu_matmul_extra_bytes() / 2**20, 1),
+                                 decisions={f"{n}x{k}{'+b' if b else ''} rows {c}": choice
+                                            for (n, k, b, c), choice in sorted(cpu_matmul_decisions().items())})
     print(f"\nCPU, SmolLM2-135M fp32, {results['threads']} threads, prompt {args.prompt_len}, {args.output_len} new "
           f"tokens, greedy; load average {results['load_before']} -> {results['load_after']}")
     print(f"{'batch':>5}{'ours med':>10}{'ours best':>10}{'HF med':>9}{'HF best':>9}{'ratio med':>11}{'best':>7}"
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{hf_e.get('median_tok_per_s', '-'):>9}{hf_e.get('best_tok_per_s', '-'):>9}"
               f"{entry.get('ratio_median', '-'):>11}{entry.get('ratio_best', '-'):>7}"
               f"{entry.get('greedy_token_agreement', '-'):>7}")
+    print(f"CPU matmul ({results['cpu_matmul']['mode']}, {results['cpu_matmul']['extra_mb']} MB of weight copies): "
+          + ", ".join(f"{key}: {c}" for key, c in results["cpu_matmul"]["decisions"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

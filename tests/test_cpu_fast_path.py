@@ -1,19 +1,28 @@
-"""The CPU (torch backend) fast paths: batched decode attention, the fused fp32 RMSNorm, RoPE's per-forward cos/sin.
+"""The CPU (torch backend) fast paths: batched decode attention, the fused fp32 RMSNorm, RoPE's per-forward cos/sin,
+the matmul layouts of minillm.layers.cpu_matmul.
 
 Each shortcut must give what the plain path gives: the batched decode step what the per-sequence loop and the
 reference give, torch.rms_norm exactly what the exercise's formula gives, the remembered cos/sin exactly the
-lookup; and a learner's override (the course's hook) must still be called, never bypassed.
+lookup, every matmul layout F.linear up to fp32 summation order; and a learner's override (the course's hook)
+must still be called, never bypassed.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+import minillm.layers.cpu_matmul as cpu_matmul
 from minillm.forward_context import AttentionMetadata, forward_context
 from minillm.hooks import overriding
 from minillm.layers.attention import (Attention, attention_reference, causal_mask, gather_kv,
                                       padded_decode_attention)
+from minillm.layers.cpu_matmul import (CPU_MATMUL_CANDIDATES, cpu_matmul_decisions, cpu_matmul_extra_bytes,
+                                       cpu_matmul_mode, row_class, set_cpu_matmul_mode)
+from minillm.layers.embedding import LMHead
 from minillm.layers.kv_quant import FP8_E4M3_MAX
+from minillm.layers.linear import Linear, dense_linear
 from minillm.layers.norm import RMSNorm, rms_norm
 from minillm.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -155,3 +164,93 @@ def test_rope_remembered_positions_give_the_same_rotation_and_are_forgotten():
     assert rope._cos_sin_memo is None
     with pytest.raises(ValueError, match="rotary positions"):
         rope(torch.tensor([0, 1, 2, 3, 64]), q, k)
+
+
+@pytest.fixture
+def matmul_mode():
+    """Set a CPU matmul mode for one test; afterwards back to the environment's, with the caches emptied."""
+    yield set_cpu_matmul_mode
+    cpu_matmul._mode = None
+    cpu_matmul.clear_cpu_matmul_cache()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("candidate", CPU_MATMUL_CANDIDATES)
+def test_every_cpu_matmul_candidate_equals_f_linear(matmul_mode, candidate, bias):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(256, 320, generator=g)  # 81920 elements: above MIN_ELEMENTS
+    b = torch.randn(256, generator=g) if bias else None
+    matmul_mode(candidate)
+    for shape in ((1, 320), (3, 320), (2, 10, 320)):  # row classes 1, 2-16 and 17+ (a 3-D input)
+        x = torch.randn(*shape, generator=g)
+        got = dense_linear(x, weight, b)
+        assert got.shape == (*shape[:-1], 256) and got.is_contiguous()
+        torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    copies = candidate == "transposed" or (candidate == "onednn" and cpu_matmul._onednn_available())
+    assert (cpu_matmul_extra_bytes() > 0) == copies  # only these two keep a re-laid-out weight
+
+
+def test_cpu_matmul_decision_is_timed_once_per_shape_and_row_class(matmul_mode, monkeypatch):
+    matmul_mode("auto")
+    timed = []
+    real_decide = cpu_matmul._decide
+
+    def counting(x2, weight, bias, rows_class):
+        timed.append((tuple(weight.shape), rows_class))
+        return real_decide(x2, weight, bias, rows_class)
+    monkeypatch.setattr(cpu_matmul, "_decide", counting)
+    g = torch.Generator().manual_seed(2)
+    layers = [Linear(320, 256) for _ in range(2)]  # two layers of one shape share the decision
+    for layer in layers:
+        layer.weight.data.normal_(generator=g)
+    for rows in (1, 1, 4, 8, 1):
+        x = torch.randn(rows, 320, generator=g)
+        for layer in layers:
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+    assert timed == [((256, 320), "1"), ((256, 320), "2-16")]
+    decisions = cpu_matmul_decisions()
+    assert set(decisions) == {(256, 320, False, "1"), (256, 320, False, "2-16")}
+    assert set(decisions.values()) <= set(CPU_MATMUL_CANDIDATES)
+    assert [row_class(m) for m in (1, 2, 16, 17)] == ["1", "2-16", "2-16", "17+"]
+    with pytest.raises(ValueError, match="rows must be >= 1, got 0"):
+        row_class(0)
+
+
+def test_cpu_matmul_copies_follow_an_in_place_weight_update(matmul_mode):
+    matmul_mode("transposed")
+    head = LMHead(256, 320)
+    head.weight.data.normal_()
+    x = torch.randn(1, 320)
+    head(x)
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # bumps the version counter: the transposed copy is stale
+    torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-4)
+    assert cpu_matmul_extra_bytes() == head.weight.numel() * 4  # the stale copy replaced, not kept beside
+
+
+def test_cpu_matmul_switch_env_and_errors(matmul_mode, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_mode", None)
+    monkeypatch.setenv("MINILLM_CPU_MATMUL", "MM")
+    assert cpu_matmul_mode() == "mm"
+    monkeypatch.setattr(cpu_matmul, "_mode", None)
+    monkeypatch.setenv("MINILLM_CPU_MATMUL", "fast")
+    with pytest.raises(ValueError, match="MINILLM_CPU_MATMUL must be one of auto, linear.*got 'fast'"):
+        cpu_matmul_mode()
+    with pytest.raises(ValueError, match="CPU matmul mode must be one of .*got 'gemv'"):
+        set_cpu_matmul_mode("gemv")
+
+
+def test_cpu_matmul_leaves_autograd_small_weights_and_other_dtypes_to_f_linear(matmul_mode, monkeypatch):
+    matmul_mode("auto")
+    monkeypatch.setattr(cpu_matmul, "_decide", lambda *a: pytest.fail("timed a matmul F.linear must do"))
+    weight = torch.randn(256, 320, requires_grad=True)
+    x = torch.randn(2, 320)
+    y = dense_linear(x, weight)  # autograd needs W's gradient: the copies have no backward
+    y.sum().backward()
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(256, 320))
+    small = torch.randn(24, 32)  # below MIN_ELEMENTS
+    x = torch.randn(1, 32)
+    assert torch.equal(dense_linear(x, small), F.linear(x, small))
+    x16, w16 = torch.randn(1, 320, dtype=torch.bfloat16), torch.randn(256, 320, dtype=torch.bfloat16)
+    assert torch.equal(dense_linear(x16, w16), F.linear(x16, w16))
+    assert cpu_matmul_decisions() == {}

@@ -19,7 +19,9 @@ At decode (a few tokens per step) a dense layer is a matrix-vector product bound
 H200 cuBLAS reads Llama-3-8B's big matrices at 89-100% of the copy bandwidth but the small ones (o_proj 63%,
 qkv_proj 79%) well below it. `dense_linear` is the dense layers' (and the LM head's) matmul: `F.linear`,
 except on a GPU for at most GEMV_MAX_M rows of fp16/bf16, where it runs minillm.kernels.gemv if that measured
-faster for this (N, K, M) on its first call (see `gemv_mode`).
+faster for this (N, K, M) on its first call (see `gemv_mode`). On the CPU in fp32 the same idea picks a memory
+layout instead of a kernel: minillm.layers.cpu_matmul times F.linear against a transposed copy of W, (W x^T)^T,
+W in two halves and oneDNN's prepacked blocks, per shape and row class (1, 2-16, more), and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
 __all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader",
@@ -109,7 +112,10 @@ def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b) for a dense weight [N, K]: F.linear, or the decode GEMV (module docstring) on CUDA when x
-    has at most GEMV_MAX_M rows in fp16/bf16 and the GEMV won for this shape."""
+    has at most GEMV_MAX_M rows in fp16/bf16 and the GEMV won for this shape; on the CPU in fp32, the layout
+    (transposed copy, oneDNN blocks, ...) timed fastest for this shape and row count (minillm.layers.cpu_matmul)."""
+    if x.device.type == "cpu":
+        return cpu_linear(x, weight, bias) if cpu_matmul_applies(x, weight, bias) else F.linear(x, weight, bias)
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype \
             or x.dim() < 1 or x.numel() > GEMV_MAX_M * x.shape[-1] or x.numel() == 0 \
             or weight.dim() != 2 or weight.stride(-1) != 1 or torch.compiler.is_compiling() \
