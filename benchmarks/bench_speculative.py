@@ -127,10 +127,13 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
                               speculative_config=spec)
     engine = variant.llm_engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    warm_up = SamplingParams(temperature=0, max_tokens=2 if args.quick else 8, ignore_eos=True)
-    variant.generate([prompts[0][1]], warm_up)  # Triton JIT, allocator, first-touch costs
+    warm_up = SamplingParams(temperature=0, max_tokens=2 if args.quick else 24, ignore_eos=True)
     rows = []
     for batch in args.batch_sizes:
+        # warm-up at this batch size (Triton JIT of the decode and verify kernels it picks, graph capture of the
+        # drafts, allocator, first-touch costs): on the H200 a 0.5-1.5 s compile inside a timed run of a few
+        # seconds read as a 2x slowdown
+        variant.generate([ids for _, ids in batches_for(prompts, batch)[0]], warm_up)
         seconds, tokens, by_kind = 0.0, [], {}
         total = SpecDecodeMetrics()
         for group in batches_for(prompts, batch):
