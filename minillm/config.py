@@ -157,8 +157,9 @@ class EngineConfig:
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
     compile: bool = False  # torch.compile the model
     # with CUDA graphs on: steps with prefill tokens replay piecewise graphs between eager attention calls
-    # (minillm.engine.piecewise_graph), token counts up to min(max_num_batched_tokens, 512)
-    piecewise_cuda_graphs: bool = False
+    # (minillm.engine.piecewise_graph), token counts up to min(max_num_batched_tokens, 512); None: on wherever
+    # decode graphs are (resolved once, minillm.engine.cache_config)
+    piecewise_cuda_graphs: bool | None = None
     # Speculative decoding (chapter 9): vLLM's dict (minillm.speculative.config.SpeculativeConfig), or the seed's
     # spelling speculative_model= ("[ngram]", a method name or a draft path) + num_speculative_tokens=
     speculative_config: dict[str, Any] | None = None
@@ -202,7 +203,8 @@ class EngineConfig:
         for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
                      "piecewise_cuda_graphs"):
             value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "enforce_eager"):
+            if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
+                                                                                "piecewise_cuda_graphs")):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")
         if self.expert_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} runs attention replicated on every "

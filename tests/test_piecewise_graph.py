@@ -34,6 +34,19 @@ def test_piecewise_graphs_refuse_a_cpu_and_a_model_without_attention():
         EngineConfig(piecewise_cuda_graphs="yes")
 
 
+def test_piecewise_graphs_are_on_wherever_decode_graphs_are_unless_asked_otherwise():
+    from minillm.engine.cache_config import resolve_engine_config
+    _, config = tiny_model()
+
+    def resolved(device: str, **kw) -> tuple[bool, bool]:
+        c = resolve_engine_config(EngineConfig(**kw), config, torch.device(device))
+        return c.enforce_eager, c.piecewise_cuda_graphs
+    assert resolved("cuda") == (False, True)
+    assert resolved("cpu") == (True, False)
+    assert resolved("cuda", enforce_eager=True) == (True, False)
+    assert resolved("cuda", piecewise_cuda_graphs=False) == (False, False)
+
+
 def _greedy(model, config, prompts, **engine_kw) -> list[list[int]]:
     engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=256, max_num_seqs=8,
                                                                     num_kv_blocks=96, **engine_kw),
