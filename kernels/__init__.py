@@ -21,6 +21,8 @@
     int4_gemv.py,       int4_dispatch times them per shape     INT4 GEMMs; int4_dispatch picks per (M bucket,
     int4_dispatch.py,   and keeps the fastest correct one      shape); int4_tuning: configs, split-K, workspace
     int4_tuning.py
+    int4_dequant.py     int4_dequant_matmul (prefill sizes)    INT4 -> bf16 into a scratch buffer, then cuBLAS: the
+                                                              dispatcher's candidate from M = 16 up (chapter 10)
     paged_prefill.py    paged_prefill_attention                FlashAttention reading cached K/V through the block
                                                               table: chunks and prefix hits, no gather (chapter 5)
     flash_attention_hopper.py                                  TMA-descriptor FlashAttention for sm_90, opt-in
