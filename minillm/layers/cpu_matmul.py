@@ -57,7 +57,7 @@ MIN_ELEMENTS = 1 << 16  # smaller weights fit in L2 and are overhead-bound: F.li
 MIN_GAIN = 0.05         # a candidate other than F.linear must be this much faster (5%) to be kept
 _ROUNDS = 7             # timing rounds (each times every candidate once); 3 when one call takes > 20 ms
 ONEDNN_PACK_ROWS = 8    # the batch size oneDNN chooses its weight blocking for (the decode batch of the benches)
-FLUSH_BYTES = 48 << 20  # written before each timed call: more than the 32 MB L3 of the development CPU
+FLUSH_BYTES = 48 << 20  # read before each timed call: more than the 32 MB L3 of the development CPU
 
 _DECISIONS: dict[tuple[int, int, bool, str], str] = {}  # (N, K, has bias, row class) -> candidate
 _LAYOUTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> _WeightState
@@ -185,29 +185,30 @@ def _candidate(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 def _decide(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows_class: str) -> str:
-    """Time every applicable candidate on this input (interleaved rounds, fastest call of each) and return the
+    """Time every applicable candidate on this input (interleaved rounds, the median call of each) and return the
     winner; drop the copies the losers made. Anything but F.linear must win by MIN_GAIN.
 
-    Each timed call starts with the caches emptied (a FLUSH_BYTES buffer written first): in the model the other
+    Each timed call starts with the caches emptied (a FLUSH_BYTES buffer read first): in the model the other
     layers' weights pass through the caches between two calls of this one, so the weight comes from memory,
     and a 1.3 MB o_proj timed hot in L2/L3 would rank the candidates by the wrong cost."""
     made_before = set(_state(weight).copies)
     fns = {c: f for c in CPU_MATMUL_CANDIDATES if (f := _candidate(c, weight, bias)) is not None}
-    best = dict.fromkeys(fns, float("inf"))
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    flush = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32)
     rounds = _ROUNDS
     for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its primitive on the first call)
         for name, fn in fns.items():
-            flush.zero_()
+            flush.sum()  # read, not written: no dirty lines left to be written back inside the timed call
             start = time.perf_counter()
             fn(x2)
             elapsed = time.perf_counter() - start
             if r:
-                best[name] = min(best[name], elapsed)
+                times[name].append(elapsed)
             elif elapsed > 0.02:
                 rounds = 3
         if r >= rounds:
             break
+    best = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # the median round: typical, not lucky
     winner = min(best, key=best.get)
     if best[winner] > (1.0 - MIN_GAIN) * best["linear"]:
         winner = "linear"
