@@ -28,7 +28,8 @@ The candidates (CPU_MATMUL_CANDIDATES) all compute in fp32; they differ only in 
 
 Memory: "transposed" and "onednn" keep a second copy of each weight that chose them, next to W (which the
 embedding lookup, the loaders and every other row class still read): at most one more model's worth of fp32
-per candidate kept (SmolLM2-135M: 113 MB for the tied head alone, ~540 MB for all). A candidate must beat
+per candidate kept. SmolLM2-135M (540 MB of fp32 weights) held 820-1030 MB of copies after decoding at batch 1
+and 8, 226 MB of it the tied head's two (transposed for 1 row, prepacked for 2-16). A candidate must beat
 F.linear by MIN_GAIN to be chosen, so a copy is never kept for a win inside the noise.
 `cpu_matmul_extra_bytes()` reports what is held.
 
