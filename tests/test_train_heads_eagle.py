@@ -11,7 +11,8 @@ from minillm.speculative.eagle import EagleProposer
 from minillm.speculative.head_proposer import Window
 from minillm.speculative.heads import HeadConfig, TargetParts
 from minillm.speculative.train_data import record_features
-from minillm.speculative.train_eval import accepted_lengths, chain_mask, simulated_acceptance, unrolled_chain
+from minillm.speculative.train_eval import (accepted_lengths, chain_mask, greedy_continued_acceptance,
+                                           simulated_acceptance, unrolled_chain)
 from minillm.speculative.train_heads import (HeadLoss, TrainOptions, distill_kl, initial_heads, kl_to_target,
                                              target_law)
 from test_engine import tiny_config, tiny_model
@@ -173,6 +174,48 @@ def test_simulated_acceptance_is_a_brute_force_loop_over_starts(target, head, ro
     assert summary["per_step_acceptance"][0] == pytest.approx(float((scored >= 2).float().mean()))
 
 
+def test_greedy_continued_acceptance_scores_every_start_without_bias(target, head, rows):
+    """On the greedy rows the target's continuation is the data: the same lengths as accepted_lengths at the
+    chosen starts. On the random row simulated_acceptance can score few starts; the greedy-continued variant
+    scores every one, each against the chain a brute-force greedy run would verify."""
+    model, _ = target
+    tokens, features = rows
+    parts, k, width = TargetParts(model), 3, 6
+    starts = torch.linspace(0, tokens.shape[1] - 2, 5)[1:].round().long().tolist()  # 4, 9, 14, 18
+    summary = greedy_continued_acceptance(head, model, tokens[:2], num_drafts=k, window=width, starts_per_row=4)
+    full = accepted_lengths(head, parts, tokens[:2], features[:2], k, width)
+    inside = [p for p in starts if p < full.shape[1]]  # the last starts run past the row: only greedy-continued
+    expected = full[:, inside]
+    assert bool((expected > 0).all()) and summary["positions"] == 2 * len(starts)
+    random_row = greedy_continued_acceptance(head, model, tokens[2:], num_drafts=k, window=width, starts_per_row=5)
+    biased = simulated_acceptance(head, parts, tokens[2:], features[2:], num_drafts=k, window=width)
+    assert random_row["eligible_fraction"] == 1.0 > biased["eligible_fraction"]
+    # brute force at one start of the random row: continue greedily, then the proposer's chain on that text
+    p = 9
+    row = tokens[2:, :p + 2]
+    for _ in range(k):
+        f = record_features(model, row, torch.device("cpu"))
+        row = torch.cat([row, parts.logits(parts.final_norm(f[:, -1])).argmax(-1)[:, None]], dim=1)
+    one = accepted_lengths(head, parts, row, record_features(model, row, torch.device("cpu")), k, width)[0, p]
+    alone = greedy_continued_acceptance(head, model, tokens[2:, :p + 2], num_drafts=k, window=width,
+                                        starts_per_row=1)  # the one start of a row of p + 2 tokens is p
+    assert alone["positions"] == 1 and alone["mean_accepted_length"] == float(one)
+    mixed = greedy_continued_acceptance(head, model, tokens[:2, :inside[-1] + 2], num_drafts=k, window=width,
+                                        starts_per_row=1)
+    assert mixed["mean_accepted_length"] == pytest.approx(float(expected[:, -1].float().mean()))
+    with pytest.raises(ValueError, match="starts_per_row must be an integer >= 1, got 0"):
+        greedy_continued_acceptance(head, model, tokens, starts_per_row=0)
+
+
+def test_harmonic_mean_is_the_engine_walks_step_mean():
+    """The engine's tokens per step over a text whose per-start lengths are these: a walk, start to start."""
+    from minillm.speculative.train_eval import _summary
+    lengths = torch.tensor([4, 4, 4, 4, 1, 1, 1, 1])  # an easy stretch then a hard one, each 4 tokens long
+    summary = _summary(lengths, 3)
+    assert summary["mean_accepted_length"] == 2.5
+    assert summary["harmonic_mean_accepted_length"] == pytest.approx(1.6)  # walk: steps 4, 1, 1, 1, 1 -> 8 / 5
+
+
 def test_unrolled_loss_trains_and_reports_every_pass(target, head, rows):
     model, _ = target
     tokens, features = rows
@@ -210,6 +253,10 @@ def test_training_saves_the_simulated_acceptance(target, rows, tmp_path, monkeyp
     assert sim == result["simulated_acceptance"] and saved["unroll"] == 2 and len(result["history"]) == 3
     assert sim["positions"] > 0 and 1.0 <= sim["mean_accepted_length"] <= 1 + sim["num_drafts"]
     assert set(result["history"][-1]) == {"step", "loss", "reg", "cls", "cls2", "cls3"}
+    # the unbiased variant: 8 starts of the held-out row, each continued greedily by the target, all scored
+    unbiased = saved["greedy_continued_acceptance"]
+    assert unbiased == result["greedy_continued_acceptance"]
+    assert unbiased["positions"] == 8 and unbiased["eligible_fraction"] == 1.0
     # the probe ran after the last step on the same held-out row: the final number
     assert saved["acceptance_curve"] == [{"step": 3, "mean_accepted_length": pytest.approx(
         sim["mean_accepted_length"])}]

@@ -3,9 +3,12 @@
 A head is trained to guess what *this* target will say, so the best data is what the target says (Medusa-2 and
 EAGLE both distil on the target's outputs rather than on a fixed corpus). Offline and deterministic:
 
-  1. prompts, in turn: a hand-written chat request, a chat request to explain one of the standard library's
-     docstrings (minillm.quant.calibration, the calibration split), and a docstring as plain text to continue
-     (chat requests rendered with the model's chat template when it has one),
+  1. prompts, in turn (PROMPT_KINDS): a hand-written chat request, a request to write code, a chat request to
+     explain one of the standard library's docstrings (minillm.quant.calibration, the calibration split), a
+     request to summarise / list the facts of / simplify a docstring, and a docstring as plain text to continue
+     (chat requests rendered with the model's chat template when it has one). The code and summary kinds are
+     there because serving traffic has them: a head trained on chat and prose alone accepted 3.0 tokens per
+     step on chat but 1.6 on code and 1.3 on summaries (benchmarks/eagle_acceptance_probe.py, issue 11),
   2. generations: the engine decodes every prompt; half of the distinct prompts greedily, the rest (and every
      repeat of a prompt) sampled at temperature 0.8, so the heads also see the branches a sampled request takes;
      prompt + generation is one document,
@@ -28,10 +31,12 @@ from minillm.config import EngineConfig, ModelConfig
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.sampling_params import SamplingParams
 
+# none of benchmarks/bench_speculative.py's prompts: its acceptance numbers must measure held-out requests (the
+# first three of its chat prompts were here until issue 11, which made its chat numbers read high)
 CHAT_PROMPTS = [
-    "What are three tips for staying focused while studying?",
-    "Explain the difference between a list and a tuple in Python.",
-    "Write a short, friendly email inviting a colleague to lunch on Friday.",
+    "What are three ways to stay motivated when learning a new language?",
+    "Explain the difference between a set and a dictionary in Python.",
+    "Write a short, friendly message thanking a neighbour for watering your plants.",
     "Write a Python function that checks whether a string is a palindrome.",
     "Summarise the plot of a story about a lighthouse keeper who finds a message in a bottle.",
     "How does a refrigerator keep food cold?",
@@ -56,6 +61,29 @@ CHAT_PROMPTS = [
 ]
 
 
+CODE_PROMPTS = [
+    "Write a Python function that merges two sorted lists into one sorted list, with a docstring.",
+    "Write a Python function that counts how often each word appears in a text and returns a dict.",
+    "Write a Python class Queue with enqueue, dequeue and is_empty methods.",
+    "Write a Python function that returns the factorial of n recursively, with type hints and a docstring.",
+    "Here is a function:\n\ndef area(w, h):\n    return w * h\n\nAdd type hints and a docstring, then write two "
+    "pytest tests for it.",
+    "Write a Python function that reads a CSV file and returns the average of one column.",
+    "Write a Python generator that yields the prime numbers below n.",
+    "Write a Python function that reverses the words of a sentence, and show an example call.",
+    "Write a Python dataclass Point with x and y and a method that returns its distance to another point.",
+    "Write a Python function that flattens a nested list, with a docstring and an example.",
+    "Write a JavaScript function that removes duplicate values from an array.",
+    "Write a Python function binary_search(items, target) that returns the index or -1, with a docstring.",
+]
+SUMMARY_REQUESTS = [  # each followed by a blank line and a docstring of the calibration split
+    "Summarise the following text in three sentences.",
+    "List the key facts of this text as bullet points.",
+    "Rewrite this text in simple words for a beginner, keeping its facts.",
+    "Give a one-paragraph summary of this documentation.",
+]
+PROMPT_KINDS = ("chat", "code", "explain", "summarise", "continue")
+
 @dataclass
 class DistillData:
     tokens: torch.Tensor  # int64 [N, seq_len]
@@ -67,8 +95,8 @@ class DistillData:
 
 
 def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192) -> list[list[int]]:
-    """`num_prompts` prompts (chat request, docstring to explain, docstring to continue, in turn), each cut to
-    max_prompt_tokens."""
+    """`num_prompts` prompts, the PROMPT_KINDS in turn (chat request, code request, docstring to explain,
+    docstring to summarise, docstring to continue), each cut to max_prompt_tokens."""
     from minillm.quant.calibration import calibration_texts
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
@@ -83,11 +111,16 @@ def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192
     docs = calibration_texts("calibration")
     prompts = []
     for i in range(num_prompts):
-        doc = docs[(i // 3) % len(docs)]
-        if i % 3 == 0:
-            prompts.append(chat(CHAT_PROMPTS[(i // 3) % len(CHAT_PROMPTS)]))
-        elif i % 3 == 1:
+        turn, kind = divmod(i, len(PROMPT_KINDS))
+        doc = docs[(2 * turn + (kind == 3)) % len(docs)]  # explain and summarise read different docstrings
+        if PROMPT_KINDS[kind] == "chat":
+            prompts.append(chat(CHAT_PROMPTS[turn % len(CHAT_PROMPTS)]))
+        elif PROMPT_KINDS[kind] == "code":
+            prompts.append(chat(CODE_PROMPTS[turn % len(CODE_PROMPTS)]))
+        elif PROMPT_KINDS[kind] == "explain":
             prompts.append(chat("Explain in plain words what this documentation says:\n\n" + doc[:600]))
+        elif PROMPT_KINDS[kind] == "summarise":
+            prompts.append(chat(SUMMARY_REQUESTS[turn % len(SUMMARY_REQUESTS)] + "\n\n" + doc[:600]))
         else:
             prompts.append(tokenizer.encode(doc))
     return [p[:max_prompt_tokens] or [0] for p in prompts]
@@ -139,16 +172,16 @@ def pack_rows(documents: list[list[int]], seq_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 32
-                    ) -> torch.Tensor:
+def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 32,
+                    progress: bool = True) -> torch.Tensor:
     """The target's pre-final-norm hidden state at every position of every row, [N, seq_len, d] (cache-less
-    prefills, one row per sequence)."""
+    prefills, one row per sequence); `progress`: a progress bar."""
     captured: list[torch.Tensor] = []
     handle = model.model.norm.register_forward_hook(lambda module, args, out: captured.append(out[1]))
     n, seq_len = rows.shape
     features = []
     try:
-        for start in tqdm(range(0, n, rows_per_batch), desc="recording features", unit="batch"):
+        for start in tqdm(range(0, n, rows_per_batch), desc="recording features", unit="batch", disable=not progress):
             ids = rows[start:start + rows_per_batch].to(device)
             b = ids.shape[0]
             captured.clear()

@@ -147,28 +147,71 @@ def accepted_lengths(head: nn.Module, target: TargetParts, tokens: torch.Tensor,
     return torch.where(eligible, 1 + leading, torch.full_like(leading, -1))
 
 
+def _summary(lengths: torch.Tensor, num_drafts: int) -> dict[str, float | int | list[float] | None]:
+    """The numbers of a set of accepted lengths (1 + leading accepted drafts per start; -1: not scorable).
+
+    mean_accepted_length averages over start positions. The engine averages over its verify steps instead, each
+    starting where the last one ended, so it skips the starts inside a long accepted run and visits every start
+    of a hard stretch: its mean is close to the *harmonic* mean over start positions (each token belongs to one
+    step; giving it 1 / the length of its step sums to the number of steps), which is never above the
+    arithmetic one. harmonic_mean_accepted_length is that estimate of the engine's number."""
+    scored = lengths[lengths > 0]
+    reached = [int((scored >= i).sum()) for i in range(1, num_drafts + 1)]  # drafts 1..i-1 accepted
+    accepted = [int((scored >= i + 1).sum()) for i in range(1, num_drafts + 1)]
+    return {"num_drafts": num_drafts, "positions": int(scored.numel()),
+            "eligible_fraction": float(scored.numel() / max(lengths.numel(), 1)),
+            "mean_accepted_length": float(scored.float().mean()) if scored.numel() else None,
+            "harmonic_mean_accepted_length": float(1 / (1 / scored.float()).mean()) if scored.numel() else None,
+            "per_step_acceptance": [a / r if r else None for a, r in zip(accepted, reached)]}
+
+
 @torch.no_grad()
 def simulated_acceptance(head: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor,
                          num_drafts: int = ACCEPTANCE_DRAFTS, window: int = DEFAULT_WINDOW, rows_per_batch: int = 8
-                         ) -> dict[str, float | int | list[float]]:
+                         ) -> dict[str, float | int | list[float] | None]:
     """The greedy engine's mean accepted length (tokens per verify step, bonus included) for a chain of
     `num_drafts`, simulated on these rows; per_step_acceptance[i]: how often draft i + 1 is accepted when
     drafts 1..i were (None where no chain got that far); eligible_fraction: the share of start positions the
-    data let us score."""
+    data let us score. Caveat: on sampled or human text the scorable starts are those where the data happens to
+    follow greedy decoding for num_drafts - 1 tokens: the predictable ones, so a small eligible_fraction means
+    an optimistic number (greedy_continued_acceptance scores unbiased starts)."""
     lengths = []
     for start in range(0, tokens.shape[0], rows_per_batch):
         with mixed_precision(features.device):
             lengths.append(accepted_lengths(head, target, tokens[start:start + rows_per_batch].to(features.device),
                                             features[start:start + rows_per_batch].float(), num_drafts, window)
                            .flatten())
-    every = torch.cat(lengths)
-    scored = every[every > 0]
-    reached = [int((scored >= i).sum()) for i in range(1, num_drafts + 1)]  # drafts 1..i-1 accepted
-    accepted = [int((scored >= i + 1).sum()) for i in range(1, num_drafts + 1)]
-    return {"num_drafts": num_drafts, "positions": int(scored.numel()),
-            "eligible_fraction": float(scored.numel() / max(every.numel(), 1)),
-            "mean_accepted_length": float(scored.float().mean()) if scored.numel() else None,
-            "per_step_acceptance": [a / r if r else None for a, r in zip(accepted, reached)]}
+    return _summary(torch.cat(lengths), num_drafts)
+
+
+@torch.no_grad()
+def greedy_continued_acceptance(head: nn.Module, target_model: nn.Module, tokens: torch.Tensor,
+                                num_drafts: int = ACCEPTANCE_DRAFTS, window: int = DEFAULT_WINDOW,
+                                starts_per_row: int = 8) -> dict[str, float | int | list[float] | None]:
+    """simulated_acceptance without the scorable-position bias: at `starts_per_row` start positions p per row,
+    spread evenly, the row's own context x_{<=p+1} is continued by the *target* greedily for num_drafts tokens
+    (num_drafts cache-less prefills), its features recorded on that (one more), and the chain scored at p.
+    Every chosen start is scored: what the engine's greedy run would see there, whatever the data did next.
+    eligible_fraction < 1 only where a near-tie's argmax flips between the incremental and the final prefill
+    (bf16). Costs (num_drafts + 1) * starts_per_row prefills of the rows: a subset of positions, not all."""
+    from minillm.speculative.train_data import record_features
+    if isinstance(starts_per_row, bool) or not isinstance(starts_per_row, int) or starts_per_row < 1:
+        raise ValueError(f"starts_per_row must be an integer >= 1, got {starts_per_row!r}")
+    if tokens.shape[1] < 2:
+        raise ValueError(f"rows of {tokens.shape[1]} tokens hold no start position (need >= 2)")
+    target = TargetParts(target_model)
+    device = target.lm_head_weight.device
+    starts = torch.linspace(0, tokens.shape[1] - 2, starts_per_row + 1)[1:].round().long().unique().tolist()
+    lengths = []
+    for p in starts:
+        rows = tokens[:, :p + 2].to(device)
+        for _ in range(num_drafts):  # the target's own greedy continuation of x_{<=p+1}
+            last = record_features(target_model, rows, device, progress=False)[:, -1]
+            rows = torch.cat([rows, target.logits(target.final_norm(last)).argmax(-1, keepdim=True)], dim=1)
+        features = record_features(target_model, rows, device, progress=False).float()
+        with mixed_precision(device):
+            lengths.append(accepted_lengths(head, target, rows, features, num_drafts, window)[:, p])
+    return _summary(torch.cat(lengths), num_drafts)
 
 
 @torch.no_grad()

@@ -46,13 +46,14 @@ from minillm.speculative.head_kinds import new_heads
 from minillm.speculative.head_proposer import DEFAULT_WINDOW
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
 from minillm.speculative.train_data import DistillData
-from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, mixed_precision, simulated_acceptance, top1_agreement,
-                                            unrolled_chain)
+from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, greedy_continued_acceptance, mixed_precision,
+                                           simulated_acceptance, top1_agreement, unrolled_chain)
 
 TRAIN_KINDS = ("draft", *HEAD_KINDS)
 TIMING_STEPS = 10  # steps timed before a deadline shortens a run (the pace is taken from step WARM_STEPS on)
 WARM_STEPS, REFIT_STEPS, LOG_EVERY = 3, (100, 500), 25  # the first steps pay one-off costs (lazy kernel loading)
 EVAL_ROWS = 256  # held-out rows the simulated acceptance reads at most
+CONTINUED_ROWS, CONTINUED_STARTS = 64, 8  # eagle: greedy_continued_acceptance on 512 held-out starts
 PROBE_EVERY, PROBE_ROWS = 500, 32  # eagle: the simulated acceptance on a few held-out rows, as training goes
 EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
 
@@ -306,7 +307,8 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     trainee.eval()
     out = Path(out_dir)
     result: dict[str, Any] = {"history": history, "out": str(out), "held_out_top1_agreement": None,
-                              "simulated_acceptance": None, "seconds_per_step": train_seconds / len(history)}
+                              "simulated_acceptance": None, "greedy_continued_acceptance": None,
+                              "seconds_per_step": train_seconds / len(history)}
     if options.kind == "draft":
         _save_draft(trainee, out, tokenizer)
     else:
@@ -323,6 +325,11 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                 result["simulated_acceptance"] = simulated_acceptance(trainee, target, held_tokens, held_features,
                                                                       window=options.window)
                 config.training["simulated_acceptance"] = result["simulated_acceptance"]
+                # unbiased: every chosen start scored against the target's own greedy continuation from there
+                result["greedy_continued_acceptance"] = greedy_continued_acceptance(
+                    trainee, target_model, held_tokens[:CONTINUED_ROWS], window=options.window,
+                    starts_per_row=CONTINUED_STARTS)
+                config.training["greedy_continued_acceptance"] = result["greedy_continued_acceptance"]
         save_heads(out, trainee, config)
     save_loss_curve(history, out, options.kind)
     return result
