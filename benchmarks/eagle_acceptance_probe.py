@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from minillm.speculative.heads import TargetParts
     from minillm.speculative.metrics import SpecDecodeMetrics
     from minillm.speculative.train_data import record_features
-    from minillm.speculative.train_eval import unrolled_chain
+    from minillm.speculative.train_eval import mixed_precision, unrolled_chain
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     proposer.propose_with_probs = logged
     model = eagle.llm_engine.runner.model
-    head = copy.deepcopy(proposer.heads).float()  # the simulator in fp32, the proposer's own copy untouched
+    head = copy.deepcopy(proposer.heads).float()  # fp32 master weights, as in training; the proposer's untouched
     target = TargetParts(model)
     rows = []
     for (kind, ids), out in zip(prompts, outputs):
@@ -116,10 +116,11 @@ def main(argv=None) -> int:
         text = torch.tensor([list(ids) + list(out)], dtype=torch.int64, device=device)
         with torch.inference_mode():
             features = record_features(model, text, torch.device(device)).float()
-            passes = unrolled_chain(head, features[:, :-1], target.embed(text[:, 1:]).float(), args.k,
-                                    DEFAULT_WINDOW)
-            drafted = torch.stack([target.logits(target.final_norm(g)).argmax(-1)[0] for g in passes])  # [k, T]
-            greedy = target.logits(target.final_norm(features[:, 1:])).argmax(-1)[0]  # token t + 2
+            with mixed_precision(features.device):  # as train_eval.simulated_acceptance runs it (bf16 on CUDA)
+                passes = unrolled_chain(head, features[:, :-1], target.embed(text[:, 1:]).float(), args.k,
+                                        DEFAULT_WINDOW)
+                drafted = torch.stack([target.logits(target.final_norm(g)).argmax(-1)[0] for g in passes])  # [k, T]
+                greedy = target.logits(target.final_norm(features[:, 1:])).argmax(-1)[0]  # token t + 2
         # start p (context f_{<=p}, token x_{p+1}): draft j (0-based) is drafted[j, p + j] vs greedy[p + j]
         n_prompt, total = len(ids), text.shape[1]
         sim_len, sim_drafts = {}, {}
