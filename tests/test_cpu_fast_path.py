@@ -228,6 +228,23 @@ def test_cpu_matmul_copies_follow_an_in_place_weight_update(matmul_mode):
     assert cpu_matmul_extra_bytes() == head.weight.numel() * 4  # the stale copy replaced, not kept beside
 
 
+@pytest.mark.parametrize("write", ["copy", "mask"])
+def test_cpu_matmul_copies_follow_writes_through_data(matmul_mode, write):
+    """GPTQ, AWQ, SmoothQuant and pruning run calibration batches through a layer, then write its weight through
+    `.data`, which does not move the version counter: the copy must still be dropped."""
+    matmul_mode("transposed")
+    g = torch.Generator().manual_seed(3)
+    layer = Linear(320, 256)
+    layer.weight.data.normal_(generator=g)
+    x = torch.randn(1, 320, generator=g)
+    layer(x)  # the calibration forward lays out the copy
+    if write == "copy":
+        layer.weight.data.copy_(torch.randn(256, 320, generator=g))  # GPTQ's dequantized result
+    else:
+        layer.weight.data.mul_((torch.rand(256, 320, generator=g) > 0.5).float())  # a 50% pruning mask
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_matmul_switch_env_and_errors(matmul_mode, monkeypatch):
     monkeypatch.setattr(cpu_matmul, "_mode", None)
     monkeypatch.setenv("MINILLM_CPU_MATMUL", "MM")

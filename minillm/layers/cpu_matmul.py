@@ -35,8 +35,9 @@ F.linear by MIN_GAIN to be chosen, so a copy is never kept for a win inside the 
 
 MINILLM_CPU_MATMUL (auto, or a candidate's name) forces one candidate wherever it applies; set_cpu_matmul_mode
 changes it at run time and forgets the decisions and copies. The copies are tied to the weight tensor and
-checked against its storage and version counter; code that rewrites a weight in place through `.data` after
-the first forward should call clear_cpu_matmul_cache().
+checked against its storage, its version counter and a sample of its values (writes through `.data`, as the
+quantizers and pruners make after their calibration forwards, do not move the version counter); a hand edit of a
+few values should be followed by clear_cpu_matmul_cache().
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ MIN_GAIN = 0.05         # a candidate other than F.linear must be this much fast
 _ROUNDS = 7             # timing rounds (each times every candidate once); 3 when one call takes > 20 ms
 ONEDNN_PACK_ROWS = 8    # the batch size oneDNN chooses its weight blocking for (the decode batch of the benches)
 FLUSH_BYTES = 48 << 20  # read before each timed call: more than the 32 MB L3 of the development CPU
+FINGERPRINT_VALUES = 128  # sampled values that tell a weight rewritten through `.data` from the one copied
 
 _DECISIONS: dict[tuple[int, int, bool, str], str] = {}  # (N, K, has bias, row class) -> candidate
 _LAYOUTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> _WeightState
@@ -126,25 +128,39 @@ def cpu_matmul_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class _WeightState:
-    """What is kept per weight: its re-laid-out copies and, per (row class, bias), the call chosen for it."""
+    """What is kept per weight: its re-laid-out copies, a sample of its values when they were made, and, per
+    (row class, bias), the call chosen for it."""
 
-    __slots__ = ("stamp", "copies", "calls")
+    __slots__ = ("stamp", "sample", "copies", "calls")
 
-    def __init__(self, stamp: tuple[int, int]) -> None:
-        self.stamp = stamp
+    def __init__(self, stamp: tuple[int, int], sample: torch.Tensor) -> None:
+        self.stamp, self.sample = stamp, sample
         self.copies: dict[str, torch.Tensor] = {}
         self.calls: dict[tuple[str, int], tuple[torch.Tensor | None, Callable]] = {}
 
 
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """FINGERPRINT_VALUES of the weight's values, spread evenly over it (a strided view: no copy)."""
+    flat = weight.reshape(-1)
+    return flat[::max(1, flat.numel() // FINGERPRINT_VALUES)][:FINGERPRINT_VALUES]
+
+
 def _state(weight: torch.Tensor) -> _WeightState:
-    """This weight's state, started afresh if its storage or version changed since it was made."""
+    """This weight's state, started afresh if its storage, its version or its values changed since it was made.
+
+    The version counter sees in-place updates made under torch.no_grad, but not writes through `.data`
+    (`w.data.copy_(...)`, `w.data.mul_(mask)`), which is how GPTQ, AWQ, SmoothQuant and pruning update a layer
+    after running calibration batches through it. A copy laid out before such a write would keep serving the old
+    weight, so while copies exist every call also compares a sample of the values (a few microseconds against a
+    matmul of milliseconds). A write that changes none of the sampled values (one weight edited by hand) can go
+    unseen: call clear_cpu_matmul_cache() after it."""
     try:
         stamp = (weight.data_ptr(), weight._version)
     except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
         stamp = (weight.data_ptr(), -1)
     state = _LAYOUTS.get(weight)
-    if state is None or state.stamp != stamp:
-        state = _LAYOUTS[weight] = _WeightState(stamp)
+    if state is None or state.stamp != stamp or (state.copies and not torch.equal(_sample(weight), state.sample)):
+        state = _LAYOUTS[weight] = _WeightState(stamp, _sample(weight).clone())
     return state
 
 
