@@ -11,8 +11,7 @@ Three numbers on the P7 prompt set (benchmarks/bench_speculative.py's prompt_set
      cache-less prefill (train_data.record_features), and train_eval's chain over every start position of the
      generated part. "all starts" averages over every position (what simulated_acceptance reports);
      "engine walk" replays the engine's walk (start, accept, jump past the accepted run), which weighs
-     positions as the engine does; "harmonic" is the harmonic mean over every start, which estimates the walk
-     (train_eval._summary says why).
+     positions as the engine does (train_eval.walk_steps).
   3. agreement: for every engine proposal at sequence length n, the simulator's drafts at start p = n - 2 (the
      same context, the same window): on identical text (greedy, so the engine's tokens are the plain run's)
      these must be the same drafts up to numerics. A low agreement points at the engine path; a high one at
@@ -50,15 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def engine_walk(lengths: list[int], first: int, last: int) -> list[int]:
-    """The engine's verify steps over per-start accepted lengths: start at `first`, take lengths[start], jump."""
-    steps, p = [], first
-    while p < last:
-        steps.append(lengths[p])
-        p += lengths[p]
-    return steps
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -68,7 +58,7 @@ def main(argv=None) -> int:
     from minillm.speculative.heads import TargetParts
     from minillm.speculative.metrics import SpecDecodeMetrics
     from minillm.speculative.train_data import record_features
-    from minillm.speculative.train_eval import mixed_precision, unrolled_chain
+    from minillm.speculative.train_eval import mixed_precision, unrolled_chain, walk_steps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -132,7 +122,7 @@ def main(argv=None) -> int:
                 n += 1
             sim_len[p], sim_drafts[p] = 1 + n, d
         starts = sorted(sim_len)
-        walk = engine_walk([sim_len.get(p, 1) for p in range(total)], starts[0], starts[-1] + 1)
+        walk = walk_steps(torch.tensor([[sim_len[p] for p in starts]]))  # the starts are consecutive
         same_first = same_all = compared = 0
         for n_tokens, d in log:
             p = n_tokens - 2
@@ -147,7 +137,6 @@ def main(argv=None) -> int:
                "engine_accept_len": m.mean_acceptance_length, "engine_by_position": m.acceptance_by_position,
                "sim_all_starts": sum(sim_len.values()) / len(sim_len),
                "sim_engine_walk": sum(walk) / len(walk),
-               "sim_harmonic": len(sim_len) / sum(1 / v for v in sim_len.values()),
                "proposals_compared": compared, "first_draft_same": same_first / max(compared, 1),
                "drafts_same_to_first_miss": same_all / max(compared, 1)}
         rows.append(row)
@@ -156,7 +145,7 @@ def main(argv=None) -> int:
               f"proposals {compared:3d}: first draft same {row['first_draft_same']:.2f}, same to first miss "
               f"{row['drafts_same_to_first_miss']:.2f}", flush=True)
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in
-            ("engine_accept_len", "sim_all_starts", "sim_engine_walk", "sim_harmonic", "first_draft_same", "drafts_same_to_first_miss")}
+            ("engine_accept_len", "sim_all_starts", "sim_engine_walk", "first_draft_same", "drafts_same_to_first_miss")}
     print("mean    " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()))
     if args.out:
         with open(args.out, "w") as f:

@@ -196,9 +196,9 @@ def test_cli_prints_the_simulated_acceptances_caveat(target, tmp_path, monkeypat
     monkeypatch.setattr(minillm.loader, "load_model", lambda path: (config, iter(()), ByteTokenizer()))
     monkeypatch.setattr(minillm.engine.worker, "build_model", lambda *args, **kwargs: model)
     summary = {"num_drafts": 5, "positions": 100, "eligible_fraction": 0.24, "mean_accepted_length": 3.07,
-               "harmonic_mean_accepted_length": 2.5, "per_step_acceptance": [0.6, 0.7, 0.8, None, None]}
+               "walked_accepted_length": 2.5, "per_step_acceptance": [0.6, 0.7, 0.8, None, None]}
     unbiased = dict(summary, positions=512, eligible_fraction=1.0, mean_accepted_length=2.0,
-                    harmonic_mean_accepted_length=1.7)
+                    walked_accepted_length=None)
     monkeypatch.setattr(train_heads_module, "train_heads", lambda *args, **kwargs: {
         "history": [{"loss": 1.0}], "out": str(tmp_path), "seconds_per_step": 0.01,
         "held_out_top1_agreement": [0.6], "simulated_acceptance": summary, "greedy_continued_acceptance": unbiased})
@@ -207,8 +207,8 @@ def test_cli_prints_the_simulated_acceptances_caveat(target, tmp_path, monkeypat
         p.requires_grad_(True)
     out = capsys.readouterr().out
     assert "simulated mean accepted length (k=5, greedy, bonus included): 3.070 over 100 positions" in out
-    assert "caveat: only 24% of start positions were scorable" in out and "harmonic mean over starts: 2.500" in out
-    assert "greedy-continued acceptance" in out and "mean 2.000, harmonic (the engine's unit) 1.700 over 512" in out
+    assert "caveat: only 24% of start positions were scorable" in out and "over the scorable starts: 2.500" in out
+    assert "greedy-continued acceptance" in out and "mean 2.000 over 512 starts" in out
 
 
 # -- the engine -----------------------------------------------------------------------------------------------

@@ -207,13 +207,16 @@ def test_greedy_continued_acceptance_scores_every_start_without_bias(target, hea
         greedy_continued_acceptance(head, model, tokens, starts_per_row=0)
 
 
-def test_harmonic_mean_is_the_engine_walks_step_mean():
-    """The engine's tokens per step over a text whose per-start lengths are these: a walk, start to start."""
-    from minillm.speculative.train_eval import _summary
-    lengths = torch.tensor([4, 4, 4, 4, 1, 1, 1, 1])  # an easy stretch then a hard one, each 4 tokens long
-    summary = _summary(lengths, 3)
-    assert summary["mean_accepted_length"] == 2.5
-    assert summary["harmonic_mean_accepted_length"] == pytest.approx(1.6)  # walk: steps 4, 1, 1, 1, 1 -> 8 / 5
+def test_walk_steps_are_the_engines_verify_steps():
+    """The engine's tokens per step over a text whose per-start lengths are these: start to start, unscorable
+    starts passed over."""
+    from minillm.speculative.train_eval import _summary, walk_steps
+    lengths = torch.tensor([[4, 3, 2, 1, 1, 1, 1, 1], [-1, 2, -1, 3, 2, 1, -1, -1]])
+    assert walk_steps(lengths) == [4, 1, 1, 1, 1, 2, 3]  # row 2: start 1 (2) -> 3 (3) -> 6, 7 unscorable
+    summary = _summary(lengths, 3, walk=True)
+    assert summary["walked_accepted_length"] == pytest.approx(13 / 7)
+    assert summary["mean_accepted_length"] == pytest.approx(22 / 12) and summary["positions"] == 12
+    assert _summary(lengths, 3, walk=False)["walked_accepted_length"] is None
 
 
 def test_unrolled_loss_trains_and_reports_every_pass(target, head, rows):
@@ -252,6 +255,7 @@ def test_training_saves_the_simulated_acceptance(target, rows, tmp_path, monkeyp
     sim = saved["simulated_acceptance"]
     assert sim == result["simulated_acceptance"] and saved["unroll"] == 2 and len(result["history"]) == 3
     assert sim["positions"] > 0 and 1.0 <= sim["mean_accepted_length"] <= 1 + sim["num_drafts"]
+    assert 1.0 <= sim["walked_accepted_length"] <= 1 + sim["num_drafts"]
     assert set(result["history"][-1]) == {"step", "loss", "reg", "cls", "cls2", "cls3"}
     # the unbiased variant: 8 starts of the held-out row, each continued greedily by the target, all scored
     unbiased = saved["greedy_continued_acceptance"]

@@ -125,12 +125,12 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
                   + ", ".join("-" if a is None else f"{a:.3f}" for a in sim["per_step_acceptance"]))
             print(f"    caveat: only {100 * sim['eligible_fraction']:.0f}% of start positions were scorable (the data's "
                   f"next {sim['num_drafts'] - 1} tokens are the target's greedy ones): the predictable ones, so "
-                  f"this overstates the engine; the engine averages over verify steps, not starts (harmonic mean "
-                  f"over starts: {sim['harmonic_mean_accepted_length']:.3f})")
+                  f"this overstates the engine; and the engine averages over verify steps, not starts (walked "
+                  f"step by step over the scorable starts: {sim['walked_accepted_length']:.3f})")
         unbiased = result.get("greedy_continued_acceptance")
         if unbiased and unbiased["positions"]:
             print(f"  greedy-continued acceptance (every start scored, the target's own greedy continuation): "
-                  f"mean {unbiased['mean_accepted_length']:.3f}, harmonic (the engine's unit) "
-                  f"{unbiased['harmonic_mean_accepted_length']:.3f} over {unbiased['positions']} starts; per draft: "
+                  f"mean {unbiased['mean_accepted_length']:.3f} over {unbiased['positions']} starts (a mean over "
+                  f"starts: above the engine's per-step number); per draft: "
                   + ", ".join("-" if a is None else f"{a:.3f}" for a in unbiased["per_step_acceptance"]))
     return 0
