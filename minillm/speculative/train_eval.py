@@ -23,8 +23,11 @@ whenever the drafts so far were right, the only case in which the later drafts c
 engine: the chain's drafts against the target's own greedy tokens (argmax of p, not the data's tokens, which are
 sampled in some rows), at start positions where the data's next tokens are the greedy ones (where they are not,
 the target's later distributions in the data are conditioned on a token greedy decoding would not have chosen),
-averaged over start positions (the engine averages over its verify steps, each starting where the last one
-ended: the same number as long as acceptance does not depend on where a step starts).
+averaged over start positions. Two caveats, both optimistic (issue 11: 3.07 simulated, 1.62 in the engine, where
+benchmarks/eagle_acceptance_probe.py found the engine drafting exactly what this chain drafts): the scorable starts
+of sampled text are its predictable stretches, and the engine averages over its verify steps, each starting where
+the last one ended, which skips starts inside long accepted runs (`walk_steps`). `greedy_continued_acceptance`
+removes the first (the target continues greedily from each chosen start); `walked_accepted_length` the second.
 `top1_agreement` is the older teacher-forced number, one per head.
 """
 from __future__ import annotations
