@@ -69,7 +69,7 @@ def attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_po
     raise NotImplementedError("ch03.flash_attention_kernel is not attempted yet: write it in exercises/ch03_flash_attention.py")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])  # the step's longest lengths: one compile for all
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qz, stride_qt, stride_qh, stride_kz, stride_kt, stride_kh,
                       stride_vz, stride_vt, stride_vh, stride_oz, stride_ot, stride_oh, stride_lz, stride_lh,
