@@ -1,4 +1,5 @@
-"""The CPU's dense matmul: the same y = x W^T, done in whichever memory layout this CPU's BLAS reads fastest.
+"""The CPU's dense matmul: the same y = x W^T, done in whichever memory layout this CPU's BLAS reads fastest
+(chapter 4, beside the GPU's decode GEMV).
 
 On a CPU a decode step is a handful of matrix-vector products, each bound by reading its weight from memory, and
 how fast MKL/oneDNN reads it depends on the *layout* it is handed, not only on the bytes. On the 2-core AVX2

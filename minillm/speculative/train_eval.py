@@ -59,15 +59,6 @@ def chain_mask(length: int, depth: int, window: int, device: torch.device) -> to
     return torch.cat(blocks, dim=1)
 
 
-def _rope_theta(block: nn.Module) -> float:
-    theta = getattr(block, "rope_theta", None)
-    if theta is None:
-        theta = getattr(getattr(block, "rope", None), "theta", None)
-    if theta is None:
-        raise ValueError(f"{type(block).__name__} names no RoPE base (rope_theta or rope.theta)")
-    return float(theta)
-
-
 def _block_pass(block: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 cache: list[tuple[torch.Tensor, torch.Tensor]], depth: int, window: int) -> torch.Tensor:
     """DraftBlock's computation for pass `depth`, attending as `chain_mask` says; appends this pass's K/V to
@@ -112,10 +103,8 @@ def unrolled_chain(head: nn.Module, features: torch.Tensor, token_embeds: torch.
         raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} disagree")
     block = head.layer
     length = features.shape[1]
-    half = block.head_dim // 2
-    inv_freq = 1.0 / _rope_theta(block) ** (torch.arange(half, device=features.device, dtype=torch.float32) / half)
-    angles = torch.arange(length, device=features.device, dtype=torch.float32)[:, None] * inv_freq
-    rotary = (angles.cos(), angles.sin())  # positions 0..T-1: RoPE sees only distances, as the window's do
+    cos, sin = block.rope.tables(length, features.device)  # the block's own kept tables
+    rotary = (cos[:length], sin[:length])  # positions 0..T-1: RoPE sees only distances, as the window's do
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
     inputs = features
