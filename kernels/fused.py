@@ -185,7 +185,11 @@ def _round_to_e4m3(x):
     spacing = ((tl.maximum(exponent, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)  # 2^(max(e, -6) - 3)
     magic = spacing * 12582912.0  # 1.5 * 2^23, times a power of two: exact
     rounded = (ax + magic) - magic
-    return tl.where(x < 0, -rounded, rounded)  # -0.0 for small negatives, as torch's cast gives
+    # x's sign bit onto the rounded magnitude, as a bit operation: a small negative that rounds to zero must give
+    # -0.0, as torch's cast does, and `-rounded` would not on a GPU (Triton lowers negation to 0 - rounded, and
+    # 0.0 - 0.0 is +0.0; the interpreter's numpy negation keeps the sign, which hid this on CPU)
+    sign = x.to(tl.int32, bitcast=True) & -2147483648  # 0x80000000
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
