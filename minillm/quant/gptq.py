@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from minillm.hooks import dispatch
 from minillm.quant.rtn import (QuantizedWeight, check_quant_args, compute_qparams, dequantize_codes,
-                               quantize_to_codes)
+                               quantize_to_codes, search_qparams)
 
 __all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize", "gptq_quantize_layers"]
 
@@ -124,11 +124,13 @@ def gptq_column_update(W1: torch.Tensor, U1: torch.Tensor, i: int, q: torch.Tens
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
                   symmetric: bool = False, percdamp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+                  act_order: bool = False, static_groups: bool = False, clip_search: bool = False) -> GPTQResult:
     """Quantize W [out, in] with GPTQ given the layer's Hessian H [in, in] (HessianAccumulator.H).
 
     Returns codes/scales/zeros on rtn.py's grid (bits, group_size, symmetric as in rtn.quantize), with g_idx
     set when act-order permuted the groups, and the dequantized weight in the original column order.
+    clip_search: each group's grid from rtn.search_qparams (the range shrunk to minimise the rounding error
+    weighted by H's diagonal) instead of its min/max.
     """
     check_quant_args(weight, bits, group_size)
     out_f, in_f = weight.shape
@@ -147,12 +149,17 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
+    def group_grid(w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if clip_search:  # H_jj = 2 E[x_j^2]: a weight's rounding error costs that much output error on its own
+            return search_qparams(w, bits, symmetric, importance)
+        return compute_qparams(w, bits, symmetric)
+
     # per channel, the one grid is fixed before any feedback (as the reference does): the static path
     static = static_groups or group_size == -1
     scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
     zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.int32, device=W.device)
     if static:  # every group's grid from the original, contiguous columns, before any error feedback
-        s, z = compute_qparams(W.reshape(out_f, n_groups, g), bits, symmetric)
+        s, z = group_grid(W.reshape(out_f, n_groups, g), torch.diag(H).reshape(n_groups, g))
         scales.copy_(s)
         if zeros is not None:
             zeros.copy_(z)
@@ -166,6 +173,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     # (a Python list: reading a GPU tensor once per column would synchronise the device 10^4 times a layer)
     group_of = (cols // g).tolist() if static else [k // g for k in range(in_f)]
 
+    h_diag = torch.diag(H)  # in processing order, before dampening: the data's own second moments
     U = _inverse_hessian_cholesky(H, percdamp)
     codes = torch.empty(out_f, in_f, dtype=torch.int8 if symmetric else torch.uint8, device=W.device)
     Q = torch.empty_like(W)
@@ -178,7 +186,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         for i in range(i2 - i1):
             k = i1 + i
             if not static and k % g == 0:  # a new group starts: its grid from the corrected weights
-                s, z = compute_qparams(W1[:, i:i + g], bits, symmetric)
+                s, z = group_grid(W1[:, i:i + g], h_diag[k:k + g])
                 scales[:, k // g] = s
                 if zeros is not None:
                     zeros[:, k // g] = z
