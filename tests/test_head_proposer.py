@@ -229,8 +229,9 @@ class ReplayOnCPU:
 
 def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
     """DraftGraphs' bookkeeping without a GPU: batches of 3 and 4 share the bucket-4 buffers and 'graph' (the
-    padding row left stale), a batch of 2 asks twice with different k; every replay drafts what the eager path
-    drafts."""
+    padding row left stale); a batch of 2 asking for 2 drafts replays its bucket's K-draft graph and keeps the
+    first 2, and a first batch of 1 asking for 2 captures a K-draft graph (the longest so far), so the end of a
+    request (k trimmed) never captures a graph per k; every replay drafts what the eager path drafts."""
     from minillm.speculative.head_proposer import DraftGraphs
     graphs, config = random_proposer("eagle", cuda_graphs=True)
     eager, _ = random_proposer("eagle")
@@ -244,7 +245,7 @@ def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
     monkeypatch.setattr(DraftGraphs, "_capture", capture)
     monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
     g = torch.Generator().manual_seed(7)
-    for batch, k in ((3, K), (2, K), (4, K), (2, 2)):
+    for batch, k in ((3, K), (2, K), (4, K), (2, 2), (1, 2)):
         seqs = [Sequence(f"{batch}-{k}-{i}", torch.randint(0, config.vocab_size, (3 + 2 * i,), generator=g).tolist(),
                          SamplingParams(temperature=0)) for i in range(batch)]
         for seq in seqs:
@@ -252,8 +253,8 @@ def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
             record(eager, seq, rows, 0)
             record(graphs, seq, rows, 0)
         assert graphs.propose(seqs, [k] * batch) == eager.propose(seqs, [k] * batch)
-    assert sorted(graphs.graphs.graphs) == [(2, 2), (2, K), (4, K)]
+    assert sorted(graphs.graphs.graphs) == [(1, K), (2, K), (4, K)]
     sampled = Sequence("s", [1, 2, 3], SamplingParams(temperature=0.8))
     record(graphs, sampled, torch.randn(2, config.hidden_size, generator=g), 0)
     assert len(graphs.propose([sampled], [K])[0]) == K  # a sampled request drafts eagerly: no new graph
-    assert sorted(graphs.graphs.graphs) == [(2, 2), (2, K), (4, K)]
+    assert sorted(graphs.graphs.graphs) == [(1, K), (2, K), (4, K)]

@@ -270,7 +270,7 @@ class DraftGraphs:
         """Drafts [B][num_drafts] of the windows, by one graph replay."""
         batch = len(windows)
         bucket = self.bucket(batch)
-        key = (bucket, num_drafts)
+        key = self._key(bucket, num_drafts)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(bucket, num_drafts, windows[0][0])
@@ -283,4 +283,14 @@ class DraftGraphs:
         torch.stack([f for f, _, _ in windows], out=features[:batch])
         packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
         graph.replay()
-        return out[:batch].tolist()
+        return out[:batch, :num_drafts].tolist()
+
+    def _key(self, bucket: int, num_drafts: int) -> tuple[int, int]:
+        """The graph to replay: the shortest captured one of this bucket that drafts at least num_drafts, else a
+        new one as long as the longest captured so far. Greedy drafts are a chain, so the first n of a longer
+        proposal are the n-draft proposal; near the end of a request (k trimmed to the tokens left) the steady
+        state's graph then serves, instead of a capture per (bucket, n) paid in the middle of serving."""
+        longer = [k for b, k in self.graphs if b == bucket and k >= num_drafts]
+        if longer:
+            return bucket, min(longer)
+        return bucket, max([num_drafts] + [k for _, k in self.graphs])
