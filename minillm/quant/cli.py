@@ -2,13 +2,15 @@
 
     minillm quantize --method gptq --bits 4 --group-size 64 --out smollm2-gptq     # the bundled SmolLM2
     minillm quantize my-llama/ --method fp8 --out my-llama-fp8
+    minillm quantize --method fp8 --smooth-alpha search --gptq --mse-scale --out smollm2-fp8    # calibrated fp8
     python -c "from minillm import LLM; print(LLM(model='smollm2-gptq').generate('Hi')[0].outputs[0].text)"
 
     minillm quantize --method gguf-q4_k --out smollm2-q4_k.gguf    # one self-contained GGUF (quant/gguf_export.py)
     minillm quantize --method prune-wanda --sparsity 0.5 --out smollm2-wanda50    # pruning (quant/prune.py)
     minillm quantize --method prune-2:4 --prune-scores magnitude --out smollm2-2of4
 
-Calibrated methods (gptq, awq, smoothquant, prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
+Calibrated methods (gptq, awq, smoothquant, fp8 with any of --smooth-alpha/--gptq/--mse-scale (quant/fp8_calibrated.py),
+prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
 --calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a
 GGUF source's tokenizer and chat template, or converts an HF directory's tokenizer.json (quant/gguf_tokenizer.py).
 minillm/cli.py owns the parser and calls `register`.
@@ -70,6 +72,24 @@ def _cmd_prune(args: argparse.Namespace, model, tokenizer, path: str) -> str:
     return f"wrote {args.out} ({linear_sparsity(pruned):.1%} of the decoder's linear weights are zero)"
 
 
+def _smooth_alpha(text: str) -> float | str:
+    if text == "search":
+        return text
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"smooth alpha must be 'search' or a float in [0, 1], got {text}")
+    return value
+
+
+def _fp8_recipe(args: argparse.Namespace) -> dict:
+    """quantize_model's fp8 recipe options from the flags; ValueError if they are given to another method."""
+    recipe = {"fp8_smooth_alpha": args.smooth_alpha, "fp8_gptq": args.gptq, "fp8_mse_scale": args.mse_scale}
+    given = args.smooth_alpha is not None or args.gptq or args.mse_scale
+    if given and args.method != "fp8":
+        raise ValueError(f"--smooth-alpha, --gptq and --mse-scale belong to --method fp8, got --method {args.method}")
+    return recipe if given else {}
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -93,13 +113,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.method in PRUNE_METHODS:
             print(f"{args.method}: {_cmd_prune(args, model, tokenizer, path)} in {time.perf_counter() - start:.1f} s")
             return 0
+        recipe = _fp8_recipe(args)
         calibration = None
-        if args.method in CALIBRATED:
+        if args.method in CALIBRATED or recipe:
             texts = calibration_texts("calibration")
             calibration = tokenize_to_sequences(texts, tokenizer, args.calib_samples, args.calib_seq_len)
         start = time.perf_counter()
         qm = quantize_model(model, args.method, args.bits, args.group_size, calibration=calibration,
-                            sym=args.sym, act_order=args.act_order, alpha=args.alpha)
+                            sym=args.sym, act_order=args.act_order, alpha=args.alpha, **recipe)
         save_quantized(qm, args.out, tokenizer, source=path if os.path.isdir(path) else None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"minillm quantize: error: {err}", file=sys.stderr)
@@ -123,6 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (rtn/gptq); default asymmetric")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing activation (desc_act)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
+    p.add_argument("--smooth-alpha", type=_smooth_alpha, default=None,
+                   help="fp8: SmoothQuant migration before e4m3, a float in [0, 1] or 'search' (per linear)")
+    p.add_argument("--gptq", action="store_true", help="fp8: GPTQ error feedback onto the e4m3 grid")
+    p.add_argument("--mse-scale", action="store_true",
+                   help="fp8: per-channel weight scales that minimise the activation-weighted rounding error")
     p.add_argument("--sparsity", type=float, default=0.5, help="prune-*: fraction of weights set to zero (default 0.5)")
     p.add_argument("--granularity", choices=("row", "layer"), default="row",
                    help="prune-magnitude/wanda: compare scores per output row (default) or per matrix")

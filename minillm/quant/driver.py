@@ -19,6 +19,9 @@ model that no longer exists. Per layer:
                  grouped KV heads; else o_proj gets the clip search alone), q/k/v's into input_layernorm
     smoothquant  one run records max|X_j| at q/k/v, gate/up and down; s_j = max|X_j|^a / max|W_j|^(1-a) folded
                  the same way; then int8 per-channel weights (activations are quantized per token at run time)
+    fp8          calibrated only with fp8_smooth_alpha / fp8_gptq / fp8_mse_scale (fp8_calibrated.py): one run
+                 records H, max|X_j| and a token sample per linear; smoothing (an alpha, or searched per linear),
+                 MSE-chosen row scales, GPTQ on the e4m3 grid; the walk then runs fp8 activations too
 
 Then the layer runs once more, quantized, to produce the next layer's inputs. The result is a checkpoint in
 memory (`QuantizedModel.state`: Hugging Face names, quantized tensors, folded norms) and the config
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.quant.awq import _clip, awq_quantize, fold_scales_into_linear, fold_scales_into_rmsnorm, search_clip
 from minillm.quant.fp8 import quantize_fp8
+from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe, fp8_calibrated_layer
 from minillm.quant.gptq import HessianAccumulator, gptq_quantize
 from minillm.quant.int4 import awq_tensors, gptq_tensors
 from minillm.quant.nf4 import quantize_nf4
@@ -109,7 +113,8 @@ def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and ".layers." in n}
 
 
-def _check(model: nn.Module, method: str, bits: int | None, group_size: int, calibration: Any) -> int:
+def _check(model: nn.Module, method: str, bits: int | None, group_size: int, calibration: Any,
+           calibrated: bool) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; quantize_model knows {', '.join(METHODS)}")
     if method in _FIXED_BITS:
@@ -128,7 +133,7 @@ def _check(model: nn.Module, method: str, bits: int | None, group_size: int, cal
         if method in ("rtn", "gptq", "awq") and group_size != -1 and layer.input_size % group_size:
             raise ValueError(f"group_size={group_size} does not divide {name}'s in_features={layer.input_size}; "
                              f"use a divisor (64 for SmolLM2's 576) or -1 for per-channel scales")
-    if method in CALIBRATED:
+    if calibrated:
         if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0 \
                 or calibration.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{method} needs calibration token ids [n_samples, seq_len] (int64: "
@@ -270,7 +275,8 @@ def _smoothquant_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, An
     return result
 
 
-_LAYER_ALGORITHMS = {"gptq": _gptq_layer, "awq": _awq_layer, "smoothquant": _smoothquant_layer}
+_LAYER_ALGORITHMS = {"gptq": _gptq_layer, "awq": _awq_layer, "smoothquant": _smoothquant_layer,
+                     "fp8": fp8_calibrated_layer}
 
 
 def _export(method: str, w: torch.Tensor, qw: QuantizedWeight | None, opts: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -284,6 +290,8 @@ def _export(method: str, w: torch.Tensor, qw: QuantizedWeight | None, opts: dict
     if method == "smoothquant":
         return {"weight": qw.codes, "weight_scale": qw.scales[:, 0].contiguous()}
     if method == "fp8":
+        if qw is not None:  # calibrated: the e4m3 codes and row scales fp8_calibrated_layer chose
+            return {"weight": qw.codes, "weight_scale": qw.scales[:, 0].contiguous()}
         w8, scale = quantize_fp8(w, opts["fp8_per_channel"])
         return {"weight": w8, "weight_scale": scale}
     if method == "nf4":
@@ -305,7 +313,9 @@ def _quantization_config(method: str, opts: dict[str, Any]) -> dict[str, Any]:
             config.update(damp_percent=opts["percdamp"], true_sequential=True)
         return config
     return {"fp8": {"quant_method": "fp8", "activation_scheme": "dynamic",
-                    "weight_granularity": "channel" if opts["fp8_per_channel"] else "tensor"},
+                    "weight_granularity": "channel" if opts["fp8_per_channel"] else "tensor",
+                    **({"minillm_recipe": {k.removeprefix("fp8_"): opts[k] for k in FP8_RECIPE}}
+                       if opts["fp8_calibrated"] else {})},
             "smoothquant": {"quant_method": "smoothquant", "bits": 8, "alpha": opts["alpha"]},
             "nf4": {"quant_method": "nf4", "blocksize": 64, "double_quant_blocksize": 256},
             "int8": {"quant_method": "int8", "llm_int8_threshold": opts["llm_int8_threshold"]}}[method]
@@ -316,15 +326,22 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
                    calibration: torch.Tensor | None = None, progress: bool = True, *, sym: bool = False,
                    act_order: bool = False, percdamp: float = 0.01, alpha: float = 0.5, batch_size: int = 4,
                    max_tokens: int = 4096, fp8_per_channel: bool = True,
-                   llm_int8_threshold: float = 6.0) -> QuantizedModel:
+                   llm_int8_threshold: float = 6.0, fp8_smooth_alpha: float | str | None = None,
+                   fp8_gptq: bool = False, fp8_mse_scale: bool = False,
+                   fp8_alphas: tuple[float, ...] = DEFAULT_ALPHAS, fp8_search_tokens: int = 1024) -> QuantizedModel:
     """Quantize a dense LlamaForCausalLM with `method` (METHODS); the model itself is left unchanged.
 
     bits/group_size/sym: the integer grid of rtn, gptq and awq (bits 2..8, default 4; group_size -1 = per channel;
     AWQ is asymmetric); calibration: token ids [n_samples, seq_len] for gptq, awq, smoothquant (batch_size
     sequences per forward); act_order/percdamp: GPTQ's; alpha: SmoothQuant's migration strength; max_tokens:
-    the calibration tokens AWQ's searches use per linear.
+    the calibration tokens AWQ's searches use per linear. fp8_smooth_alpha (a float in [0, 1] or "search" over
+    fp8_alphas on fp8_search_tokens tokens), fp8_gptq, fp8_mse_scale: the calibrated fp8 recipe (fp8_calibrated.py;
+    any of them makes fp8 need calibration); without them fp8 rounds each weight on its own.
     """
-    bits = _check(model, method, bits, group_size, calibration)
+    fp8_calibrated = method == "fp8" and check_fp8_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale, fp8_alphas,
+                                                          fp8_search_tokens, fp8_per_channel)
+    calibrated = method in CALIBRATED or fp8_calibrated
+    bits = _check(model, method, bits, group_size, calibration, calibrated)
     if method == "awq" and sym:
         raise ValueError("awq quantizes on an asymmetric grid (zero points); got sym=True")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -332,9 +349,10 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     fmt = "awq" if method == "awq" and bits == 4 else ("gptq" if method in ("rtn", "gptq", "awq") else method)
     opts = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, percdamp=percdamp, alpha=alpha,
                 max_tokens=max_tokens, fp8_per_channel=fp8_per_channel, llm_int8_threshold=llm_int8_threshold,
-                format=fmt)
+                format=fmt, fp8_calibrated=fp8_calibrated, fp8_smooth_alpha=fp8_smooth_alpha, fp8_gptq=fp8_gptq,
+                fp8_mse_scale=fp8_mse_scale, fp8_alphas=tuple(fp8_alphas), fp8_search_tokens=fp8_search_tokens)
     qweights: dict[nn.Module, QuantizedWeight] = {}
-    if method in CALIBRATED:
+    if calibrated:
         model = copy.deepcopy(model)  # weights are rewritten (quantized, scales folded) as the walk goes
         runner = LayerRunner(model, calibration, batch_size)
         for layer in tqdm(model.model.layers, desc=method, unit="layer", disable=not progress):
