@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the first)")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="model dtype (default: the device's, bf16 on a GPU); float32 shows losslessness on a GPU: "
+                        "in bf16 a verify step (1 + k rows) and a decode step (1 row) round differently")
     p.add_argument("--out", default=None, help="JSON file for the raw results")
     args = p.parse_args(argv)
     if args.quick:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_max = max(args.batch_sizes)
     max_model_len = 1024
     llm = LLM(args.model, device=device, max_model_len=max_model_len, max_num_seqs=batch_max,
-              num_kv_blocks=16, enforce_eager=True)  # the base engine only lends its weights
+              num_kv_blocks=16, enforce_eager=True, **({"dtype": args.dtype} if args.dtype else {}))  # the base engine only lends its weights
     prompts = prompt_set(llm, args.quick)
     longest = max(len(ids) for _, ids in prompts)
     block = llm.llm_engine.cache_config.block_size
