@@ -89,3 +89,29 @@ def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed
     engine.add_request(None, list(range(20, 50)), params)
     engine.step()  # the 30-token prompt with the first request's decode: 31 tokens, one mixed step
     assert calls == [3, 31]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_token_tree_verify_steps_replay_piecewise_graphs_and_match_eager():
+    """ngram_tree's verify steps carry a tree mask: no whole-forward decode graph fits them, the pieces do (their
+    attention runs eagerly with the mask). Greedy outputs equal the eager engine's, and the tree steps went
+    through the piecewise replay."""
+    with torch.device("cuda"):
+        model, config = tiny_model(seed=7, backend="triton", max_position_embeddings=256)
+    motif = [11, 12, 13, 14, 15, 16]
+    prompts = [motif * 4 + [11, 12], [40, 41, 42, 40, 41, 43, 40, 41], list(range(60, 70)) * 3]
+    spec = {"method": "ngram_tree", "num_speculative_tokens": 3}
+    eager = _greedy(model, config, prompts, enforce_eager=True, speculative_config=spec)
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(max_model_len=256, max_num_seqs=8, num_kv_blocks=96, enforce_eager=False,
+                                    piecewise_cuda_graphs=True, speculative_config=spec),
+                       device=torch.device("cuda"), dtype=torch.float32)
+    pieces = engine.runner.piecewise_graphs
+    assert pieces is not None
+    tree_steps = []
+    run = pieces.run
+    pieces.run = lambda ids, pos: tree_steps.append(ids.shape[0]) or run(ids, pos)
+    got = run_to_completion(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert got == eager
+    assert len(tree_steps) > 1  # the prefill, then verify steps of the trees

@@ -23,6 +23,10 @@ module's forward is swapped for a stand-in that ends the graph being recorded (c
 begins recording the next graph and hands that output on as the attention's result. No model code knows about
 the cuts: any model whose attention goes through these modules is cut the same way.
 
+The same cut serves the verify steps of token trees (speculative decoding, minillm/speculative/tree.py): their
+nodes attend through a tree mask, which breaks the whole-forward decode graphs (their attention is recorded with
+a fixed causal shape) but not the pieces, whose attention runs eagerly with the step's mask.
+
 Padding. A step of n tokens replays the smallest bucket T >= n. The rows n..T-1 hold whatever the inputs held
 before (valid token ids and positions): every piece works row by row, so they never touch the real rows, and
 attention only ever sees rows 0..n-1. Models whose non-attention layers mix rows (an MoE with expert capacity)
@@ -166,7 +170,10 @@ class PiecewiseCUDAGraphs:
         return None
 
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
-        return bool(self.graphs) and meta.tree_mask is None and self.bucket_for(tokens) is not None
+        """Any step of at most the largest bucket's tokens: prefills, mixed steps, and token-tree verify steps
+        (speculative decoding's trees: the tree mask, like every other shape of the step, lives in the metadata
+        that the eager attention calls read, so the recorded pieces never see it)."""
+        return bool(self.graphs) and self.bucket_for(tokens) is not None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [n, hidden] for this step's n tokens; call inside the step's forward_context."""

@@ -123,14 +123,15 @@ class SpeculativeConfig:
         return cls.from_dict(options)
 
 
-# methods whose verify steps score token trees: those carry a tree mask and run eagerly, so no graphs for them
+# methods whose verify steps score token trees: those carry a tree mask, so no whole-forward decode graph for
+# their verify length; piecewise graphs (minillm/engine/piecewise_graph.py) replay them around eager attention
 TREE_METHODS = ("ngram_tree", "medusa_tree")
 
 
 def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
     """The query lengths model_runner.configure captures CUDA graphs for: (1,) without speculation, (1, 1 + k)
-    with it, as long as 1 + k fits the paged decode kernel (MAX_DECODE_QUERY_LEN; longer verify steps run eagerly,
-    and so do token trees: TREE_METHODS)."""
+    with it, as long as 1 + k fits the paged decode kernel (MAX_DECODE_QUERY_LEN; longer verify steps and token
+    trees, TREE_METHODS, take the piecewise graphs where those are on, else run eagerly)."""
     from minillm.forward_context import MAX_DECODE_QUERY_LEN
     spec = SpeculativeConfig.from_engine_config(engine_config)
     if spec is None or spec.method in TREE_METHODS or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
