@@ -376,8 +376,9 @@ def test_shipped_weights_stay_under_40_mb():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
-    """On the GPU, verify steps replay CUDA graphs whose captured forward also copies the pre-norm hidden states
-    into a static buffer: greedy output equals plain decoding, and the drafts (hence acceptance) match eager mode."""
+    """On the GPU, verify steps replay CUDA graphs and prefills piecewise ones, whose captured forwards also copy
+    the pre-norm hidden states into a static buffer: greedy output equals plain decoding, and the drafts (hence
+    acceptance) match eager mode."""
     _, config = target
     with torch.device("cuda"):
         model = tiny_model(config)  # the same weights as the CPU target the heads were trained on
@@ -387,6 +388,8 @@ def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kin
                            EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
                                         enforce_eager=eager, speculative_config=speculative_config), device="cuda")
         assert (engine.runner.cuda_graphs is None) == eager
+        # prefills replay piecewise graphs, whose last piece records the pre-norm copy the heads read
+        assert (engine.runner.piecewise_graphs is None) == eager
         for i, (prompt, params) in enumerate(zip(PROMPTS, GREEDY)):
             engine.add_request(str(i), prompt, params)
         outputs = {}

@@ -98,8 +98,11 @@ class ModelRunner:
         self.cuda_graphs, self.piecewise_graphs, self.forward_fn = None, None, self.model
         from minillm.speculative.config import hidden_state_kind, verify_query_lens
         # before any capture: a graph records the pre-norm copy only if the hook exists when it is captured
+        from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS
+        piecewise_tokens = min(engine_config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS)
         self._keep_hidden_states(hidden_state_kind(engine_config),
-                                 engine_config.max_num_seqs * max(verify_query_lens(engine_config)))
+                                 max(engine_config.max_num_seqs * max(verify_query_lens(engine_config)),
+                                     piecewise_tokens if engine_config.piecewise_cuda_graphs else 0))
         if engine_config.compile:
             # Attention reads per-step Python metadata (lengths, the forward context): traced, it would recompile
             # every step. Kept out of the graph (vLLM's "piecewise" compilation), the rest fuses between the
@@ -130,14 +133,18 @@ class ModelRunner:
             finally:
                 self._capturing_graphs = False
         self.cuda_graphs = graphs
-        # steps with prefill tokens: piecewise graphs, unless a layer mixes rows (MoE capacity) or the heads
-        # need the final norm's input (a hook the replays would not run)
-        if engine_config.piecewise_cuda_graphs and self.hidden_state_kind != "pre_norm" and \
-                not getattr(self.model_config, "num_local_experts", None):
-            from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseCUDAGraphs
-            pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers,
-                                         min(engine_config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS), self.device)
-            pieces.capture()
+        # steps with prefill tokens and token-tree steps: piecewise graphs, unless a layer mixes rows (MoE
+        # capacity). Heads that read the final norm's input (EAGLE, MTP) get it as from the decode graphs: the
+        # hook's copy into _graph_pre_norm is recorded in the last piece, and every replay refreshes it
+        if engine_config.piecewise_cuda_graphs and not getattr(self.model_config, "num_local_experts", None):
+            from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
+            pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device)
+            with torch.inference_mode():
+                self._capturing_graphs = True
+                try:
+                    pieces.capture()
+                finally:
+                    self._capturing_graphs = False
             self.piecewise_graphs = pieces
 
     def _keep_hidden_states(self, kind: str | None, max_graph_tokens: int) -> None:
@@ -312,7 +319,10 @@ class ModelRunner:
         pieces = self.piecewise_graphs
         with forward_context(prepared.metadata):
             if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
-                return pieces.run(prepared.input_ids, prepared.positions)
+                hidden = pieces.run(prepared.input_ids, prepared.positions)
+                if self._graph_pre_norm is not None:  # the last piece's recorded copy of the residual stream
+                    self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
+                return hidden
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
     def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
