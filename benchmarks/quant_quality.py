@@ -41,6 +41,7 @@ from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
 from minillm.quant.driver import quantize_model
 from minillm.quant.gguf_export import GGUF_METHODS, write_gguf_model
 from minillm.quant.prune import prune_model
+from minillm.quant.recipes import quantize_recipe
 
 # (label, method, options): the comparison the chapter draws
 RUNS = [  # cheapest first, so a run cut short still has most of the table
@@ -56,6 +57,13 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     ("gptq w3 g64", "gptq", dict(bits=3, group_size=64)),
     ("awq w4 g64", "awq", dict(bits=4, group_size=64)),
     ("awq w3 g64", "awq", dict(bits=3, group_size=64)),
+    # minillm.quant.recipes: act-order, static groups and a searched grid range (gptq+); AWQ scored on block
+    # outputs (awq+); AWQ's scales then GPTQ's rounding (awq+gptq)
+    ("gptq w4 g64 act-order", "gptq", dict(bits=4, group_size=64, act_order=True)),
+    ("gptq+ w4 g64", "recipe-gptq", dict(bits=4, group_size=64)),
+    ("awq+ w4 g64", "recipe-awq", dict(bits=4, group_size=64)),
+    ("awq+gptq w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64)),
+    ("awq+gptq w3 g64", "recipe-awq+gptq", dict(bits=3, group_size=64)),
     # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
     ("gguf q8_0 (ours)", "gguf-q8_0", {}),
     ("gguf q4_k (ours)", "gguf-q4_k", {}),
@@ -145,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             model = prune_model(dense, scores, options.get("sparsity"), calib if scores == "wanda" else None,
                                 nm=options.get("nm"))
             bits = 32.0  # dense storage: the zeros pay off only with sparse kernels (2:4 on tensor cores)
+        elif method.startswith("recipe-"):
+            qm = quantize_recipe(dense, method.removeprefix("recipe-"), calib, **options)
+            model, bits = qm.build(device), linear_bits_per_weight(qm.state, n_weights)
         else:
             extra = {"max_tokens": args.awq_tokens} if method == "awq" else {}
             qm = quantize_model(dense, method, calibration=calib, progress=True, **options, **extra)
