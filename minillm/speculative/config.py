@@ -31,15 +31,18 @@ METHODS: dict[str, str] = {
     "eagle": "EAGLE (Li et al. 2024): one decoder layer drafting at the feature level, autoregressively",
     "mtp": "multi-token prediction (DeepSeek-V3): D sequential modules, one extra token each",
     "medusa_tree": "Medusa's heads, their top-k combined in a sparse token tree verified in one step",
+    "eagle_tree": "EAGLE-2: the EAGLE head grows a dynamic draft tree, its most probable nodes verified in one step",
 }
 # head methods -> the target hidden state their proposer reads: after the final RMSNorm (what the LM head sees,
 # Medusa's input) or before it (the residual stream: EAGLE's feature and DeepSeek-V3's h^0)
 HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm", "mtp": "pre_norm",
-                                     "medusa_tree": "post_norm"}
+                                     "medusa_tree": "post_norm", "eagle_tree": "pre_norm"}
 # methods that read `model`: a draft checkpoint, or a directory of trained heads
 _READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram"}
+         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes"}
+# methods that read num_tree_nodes (the draft nodes below the root of each verified tree)
+_READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None  # no drafts while more sequences than this are running
     draft_num_layers: int = 4  # self_speculative / draft_model without `model`: layers of the target kept
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
+    num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
+    # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +76,12 @@ class SpeculativeConfig:
         d = self.disable_by_batch_size
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"speculative_config disable_by_batch_size must be None or an integer >= 1, got {d!r}")
+        n = self.num_tree_nodes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 63):
+            raise ValueError(f"speculative_config num_tree_nodes must be None or an integer in [1, 63], got {n!r}")
+        if n is not None and self.method not in _READS_TREE_NODES:
+            raise ValueError(f"speculative_config num_tree_nodes is only read by methods "
+                             f"{', '.join(_READS_TREE_NODES)}, got method {self.method!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"speculative_config model must be a path (str) or None, got {self.model!r}")
         if self.model is not None and self.method not in _READS_MODEL:
@@ -125,7 +136,7 @@ class SpeculativeConfig:
 
 # methods whose verify steps score token trees: those carry a tree mask, so no whole-forward decode graph for
 # their verify length; piecewise graphs (minillm/engine/piecewise_graph.py) replay them around eager attention
-TREE_METHODS = ("ngram_tree", "medusa_tree")
+TREE_METHODS = ("ngram_tree", "medusa_tree", "eagle_tree")
 
 
 def verify_query_lens(engine_config: Any) -> tuple[int, ...]:

@@ -16,14 +16,42 @@ proposal, extended by the drafts within it: see minillm.speculative.head_propose
 weights packed into a FusedDraftBlock; the window's K/V and the drafts' go into one preallocated DraftKV, written
 in place, so the k steps have static shapes and the whole proposal replays as one CUDA graph. Training (train_heads) adds a
 feature regression loss (Smooth L1, g_p against f_{p+1}) to the token loss, as the paper does.
+
+Trees (EAGLE-2, Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees"). The head's
+first guess is right about 40% of the time on our prompts, its second or third guess often when the first is not;
+a chain wastes every position after the first miss. `draft_tree` grows a tree instead, one layer call per depth:
+the root's top-k children are the candidates of depth 1; the `beam` candidates with the highest *cumulative* draft
+probability (the product of the draft probabilities along their path: the head's own estimate of how likely the
+target is to accept the whole path, well calibrated per EAGLE-2) are expanded, all at once, each attending to the
+window and its own ancestors (a tree mask inside the draft layer); their top-k children are the next depth's
+candidates, and so on. tree_proposers.EagleTreeProposer then reranks every candidate by cumulative probability and
+keeps the best N as the tree the target verifies. With topk = beam = 1 this is exactly the chain above.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from minillm.engine.sequence import Sequence
 from minillm.speculative.head_proposer import Chooser, HeadProposer, Window
-from minillm.speculative.heads import DraftBlock, FusedDraftBlock, HeadConfig, draft_attention_bias
+from minillm.speculative.heads import (DraftBlock, FusedDraftBlock, HeadConfig, draft_attention_bias,
+                                      grouped_attention_bias)
+from minillm.speculative.proposer import check_num_tokens
+
+
+@dataclass
+class DraftTreeCandidates:
+    """Every node a draft tree search scored, for one sequence, as flat tensors of M candidates (on the host):
+    token_ids int64 [M]; parents int64 [M] (the parent's candidate index, -1: the root, the sequence's last
+    token); scores float32 [M], the cumulative draft log-probability of the path to the candidate; depths int64
+    [M] (1: a child of the root). Parents come before their children."""
+
+    token_ids: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor
+    depths: torch.Tensor
 
 
 class EagleHead(nn.Module):
@@ -79,3 +107,83 @@ class EagleProposer(HeadProposer):
             x = fc(torch.cat([last, target.embed(token)], dim=-1))[:, None]
             last = block(x, position, step_bias[..., :width + step + 1], cache)[:, -1]
         return drafted
+
+    # -- trees (EAGLE-2) ----------------------------------------------------------------------------------
+    def draft_tree(self, window: Window, depth: int, topk: int, beam: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grow draft trees for a batch of windows (the module docstring says how): returns (token_ids,
+        parents, scores), each [B, M] with M = topk + (depth - 1) * beam * topk candidates laid out depth by
+        depth (depth 1: the root's top-k; then each expanded node's top-k, by frontier slot); parents index
+        that layout (-1: the root); scores are cumulative log-probabilities (fp32). Static shapes: depth - 1
+        layer calls of `beam` queries after the window pass, no host reads."""
+        target, block, fc = self.target, self.fused, self.heads.fc
+        batch, width = window.next_tokens.shape
+        group = block.num_heads // block.num_kv_heads
+        dtype, device = window.features.dtype, window.features.device
+        cache = block.new_cache(batch, width + beam * (depth - 1), window.features)
+        x = fc(torch.cat([window.features, target.embed(window.next_tokens)], dim=-1))
+        g = block(x, window.positions, draft_attention_bias(window.key_mask, width, group, dtype), cache)[:, -1:]
+        scores, tokens = self._log_probs(g).topk(topk, dim=-1)  # [B, 1, topk]: the root's children
+        level_scores, level_tokens = scores.flatten(1), tokens.flatten(1)
+        level_parents = torch.full_like(level_tokens, -1)
+        level_slots = torch.zeros_like(level_tokens)  # which node of the last expanded frontier is the parent
+        all_tokens, all_parents, all_scores = [level_tokens], [level_parents], [level_scores]
+        offset, ancestors = 0, None  # ancestors: bool [B, beam, columns] over the draft keys in the cache
+        own = torch.eye(beam, dtype=torch.bool, device=device).expand(batch, beam, beam)
+        for d in range(1, depth):
+            # expand the beam most probable candidates of depth d: their feature from the parent, their token
+            front_scores, pick = level_scores.topk(beam, dim=1)  # [B, beam]
+            front_tokens, slots = level_tokens.gather(1, pick), level_slots.gather(1, pick)
+            parent_g = g.gather(1, slots[..., None].expand(-1, -1, g.shape[-1]))
+            if ancestors is None:
+                ancestors = own
+            else:  # a node sees what its parent saw, and itself
+                ancestors = torch.cat([ancestors.gather(1, slots[..., None].expand(-1, -1, ancestors.shape[2])),
+                                       own], dim=2)
+            allowed = torch.cat([window.key_mask[:, None, :].expand(batch, beam, width), ancestors], dim=2)
+            x = fc(torch.cat([parent_g, target.embed(front_tokens)], dim=-1))
+            positions = (window.positions[:, -1:] + d).expand(batch, beam)
+            g = block(x, positions, grouped_attention_bias(allowed, group, dtype), cache)  # [B, beam, d]
+            child_scores, child_tokens = self._log_probs(g).topk(topk, dim=-1)  # [B, beam, topk]
+            level_scores = (front_scores[..., None] + child_scores).flatten(1)
+            level_tokens = child_tokens.flatten(1)
+            level_parents = (offset + pick).repeat_interleave(topk, dim=1)
+            level_slots = torch.arange(beam, device=device).repeat_interleave(topk).expand(batch, -1)
+            offset += all_tokens[-1].shape[1]
+            all_tokens.append(level_tokens)
+            all_parents.append(level_parents)
+            all_scores.append(level_scores)
+        return torch.cat(all_tokens, dim=1), torch.cat(all_parents, dim=1), torch.cat(all_scores, dim=1)
+
+    def _log_probs(self, g: torch.Tensor) -> torch.Tensor:
+        """The draft distribution's log-probabilities (fp32) from head features g [B, T, d] -> [B, T, V]."""
+        b, t, d = g.shape
+        logits = self.target.logits(self.final_norm(g.reshape(b * t, d)))
+        return torch.log_softmax(logits.float(), dim=-1).view(b, t, -1)
+
+    @torch.inference_mode()
+    def propose_tree_candidates(self, seqs: list[Sequence], depths: list[int], topk: int, beam: int
+                                ) -> list[DraftTreeCandidates | None]:
+        """Per sequence the candidates of a draft tree search `depths[i]` levels deep (None: no features yet,
+        or depth 0). One batched search, as deep as the deepest request; a shallower request keeps the
+        candidates within its depth (the search above them is the same)."""
+        vocab = self.target.vocab_size
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab:
+            raise ValueError(f"topk must be an integer in [1, {vocab}], got {topk!r}")
+        if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= topk:
+            raise ValueError(f"beam must be an integer in [1, topk = {topk}], got {beam!r}")
+        check_num_tokens(seqs, depths)
+        result: list[DraftTreeCandidates | None] = [None] * len(seqs)
+        windows = [self._window_of(seq) if d > 0 else None for seq, d in zip(seqs, depths)]
+        ready = [i for i, w in enumerate(windows) if w is not None]
+        if not ready:
+            return result
+        depth = max(depths[i] for i in ready)
+        tokens, parents, scores = (t.cpu() for t in self.draft_tree(self._batch([windows[i] for i in ready]),
+                                                                      depth, topk, beam))
+        levels = torch.tensor([1] * topk + [d for d in range(2, depth + 1) for _ in range(beam * topk)])
+        for row, i in enumerate(ready):
+            keep = int((levels <= depths[i]).sum())  # the layout is depth by depth: a prefix
+            result[i] = DraftTreeCandidates(tokens[row, :keep], parents[row, :keep], scores[row, :keep],
+                                            levels[:keep])
+        return result

@@ -277,6 +277,9 @@ def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Propo
     if spec.method == "medusa_tree":
         from minillm.speculative.tree_proposers import build_medusa_tree_proposer
         return build_medusa_tree_proposer(spec, engine, seed)
+    if spec.method == "eagle_tree":
+        from minillm.speculative.tree_proposers import build_eagle_tree_proposer
+        return build_eagle_tree_proposer(spec, engine, seed)
     if spec.method in HIDDEN_STATE_KIND:  # Medusa, EAGLE, MTP: trained heads over the target's features
         from minillm.speculative.head_kinds import build_head_proposer
         return build_head_proposer(spec, engine, seed)

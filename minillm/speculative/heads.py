@@ -284,14 +284,22 @@ def draft_attention_bias(key_mask: torch.Tensor, num_queries: int, group: int, d
     """FusedDraftBlock's additive mask for the last `num_queries` of S positions: [B, 1, group * T, S] with 0 where
     DraftBlock's boolean rule allows (causal, real keys, and always the query itself) and -inf elsewhere. One
     query (a draft step) gives [B, 1, 1, S], broadcast over the group; build it once per proposal and slice."""
-    b, s = key_mask.shape
+    s = key_mask.shape[1]
     query_at = torch.arange(s - num_queries, s, device=key_mask.device)[:, None]
     keys = torch.arange(s, device=key_mask.device)[None, :]
     allowed = ((keys <= query_at) & key_mask[:, None, :]) | (keys == query_at)  # [B, T, S]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
-    if num_queries == 1:
+    return grouped_attention_bias(allowed, group, dtype)
+
+
+def grouped_attention_bias(allowed: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Any boolean mask allowed [B, T, S] (query t may see key s) as FusedDraftBlock's additive bias
+    [B, 1, group * T, S]: 0 where allowed, -inf elsewhere, repeated for the `group` query heads that share a KV
+    head (row g * T + t). EAGLE's draft trees pass an ancestor mask here (eagle.EagleProposer.draft_tree)."""
+    b, t, s = allowed.shape
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    if t == 1:
         return bias[:, None]
-    return bias[:, None, None].expand(b, 1, group, num_queries, s).reshape(b, 1, group * num_queries, s)
+    return bias[:, None, None].expand(b, 1, group, t, s).reshape(b, 1, group * t, s)
 
 
 def window_positions(lengths: list[int] | torch.Tensor, width: int, device: torch.device

@@ -14,6 +14,12 @@ combinations to try, and TokenTree.candidates reads the tokens off the heads. An
 head proposer's hidden-state bookkeeping through, so the engine feeds it as it feeds the head proposer itself.
 "medusa_tree" builds one from trained Medusa heads (`medusa_tree_paths`: the sparse tree from their measured
 top-1 agreement, see there).
+
+EagleTreeProposer ("eagle_tree"). EAGLE-2's dynamic tree: the EAGLE head searches a tree of candidates, depth by
+depth (eagle.EagleProposer.draft_tree: expand the `beam` most probable nodes of each depth, top-k children each),
+and `best_candidates_tree` keeps the `num_nodes` candidates with the highest cumulative draft probability. Unlike
+Medusa's static tree, the shape follows the head's confidence request by request: a sure first token gets a deep
+chain, an unsure one several siblings.
 """
 from __future__ import annotations
 
@@ -28,9 +34,11 @@ from minillm.speculative.tree_verify import TreeDraft, TreeProposer
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
+    from minillm.speculative.eagle import DraftTreeCandidates
     from minillm.speculative.config import SpeculativeConfig
 
 NODES_PER_LEVEL = 4  # medusa_tree: a tree of 4 nodes per level of depth (16 for k = 4)
+EAGLE_TREE_NODES, EAGLE_TREE_TOPK, EAGLE_TREE_BEAM = 32, 8, 8  # eagle_tree: nodes below the root, search widths
 
 
 def trie_draft(root_token_id: int, continuations: SequenceT[SequenceT[int]], max_nodes: int) -> TreeDraft:
@@ -97,20 +105,12 @@ class NGramTreeProposer(TreeProposer):
         return drafts
 
 
-class TopKTreeProposer(TreeProposer):
-    """A static tree of index paths over a head proposer's per-head top-k (Medusa's tree decoding)."""
+class HeadTreeProposer(TreeProposer):
+    """A tree proposer over a head proposer (Medusa, EAGLE): the head proposer's state (its window of target
+    features) is the engine's to feed and free, so these calls pass through to it."""
 
-    def __init__(self, heads: Any, paths: SequenceT[SequenceT[int]]) -> None:
-        if not callable(getattr(heads, "propose_candidates", None)):
-            raise TypeError(f"{type(heads).__name__} has no propose_candidates(seqs, topk): not a head proposer")
-        self.heads = heads
-        self.tree = TokenTree.from_paths(paths)  # depth-ordered: every depth bound keeps a prefix of the nodes
-        if self.tree.num_nodes > MAX_TREE_NODES:
-            raise ValueError(f"{len(paths)} paths make {self.tree.num_nodes} nodes; at most {MAX_TREE_NODES}")
-        self.topk = int(self.tree.ranks.max()) + 1
-        self.method = f"{getattr(heads, 'method', 'heads')}_tree"
+    heads: Any
 
-    # the head proposer's state (its window of target features) is the engine's to feed and free
     @property
     def hidden_state_kind(self) -> str | None:
         return getattr(self.heads, "hidden_state_kind", None)
@@ -123,6 +123,20 @@ class TopKTreeProposer(TreeProposer):
 
     def active_requests(self) -> set[str]:
         return self.heads.active_requests()
+
+
+class TopKTreeProposer(HeadTreeProposer):
+    """A static tree of index paths over a head proposer's per-head top-k (Medusa's tree decoding)."""
+
+    def __init__(self, heads: Any, paths: SequenceT[SequenceT[int]]) -> None:
+        if not callable(getattr(heads, "propose_candidates", None)):
+            raise TypeError(f"{type(heads).__name__} has no propose_candidates(seqs, topk): not a head proposer")
+        self.heads = heads
+        self.tree = TokenTree.from_paths(paths)  # depth-ordered: every depth bound keeps a prefix of the nodes
+        if self.tree.num_nodes > MAX_TREE_NODES:
+            raise ValueError(f"{len(paths)} paths make {self.tree.num_nodes} nodes; at most {MAX_TREE_NODES}")
+        self.topk = int(self.tree.ranks.max()) + 1
+        self.method = f"{getattr(heads, 'method', 'heads')}_tree"
 
     def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
         candidates = self.heads.propose_candidates(seqs, self.topk)
@@ -153,8 +167,56 @@ def build_medusa_tree_proposer(spec: "SpeculativeConfig", engine: Any, seed: int
     """The "medusa_tree" method: the engine's Medusa proposer (spec.model or the shipped heads) under the sparse tree
     of medusa_tree_paths, num_speculative_tokens levels deep and NODES_PER_LEVEL nodes per level."""
     from minillm.speculative.head_kinds import build_head_proposer
-    medusa = build_head_proposer(dataclasses.replace(spec, method="medusa"), engine, seed)
+    medusa = build_head_proposer(dataclasses.replace(spec, method="medusa", num_tree_nodes=None), engine, seed)
     depth = min(spec.num_speculative_tokens, medusa.config.num_heads)
     agreement = medusa.config.training.get("held_out_top1_agreement") or [0.5] * depth  # 0.5: untrained heads
     agreement = [min(max(a, 0.01), 1.0) for a in agreement[:depth]]
-    return TopKTreeProposer(medusa, medusa_tree_paths(agreement, min(NODES_PER_LEVEL * depth, MAX_TREE_NODES - 1)))
+    nodes = spec.num_tree_nodes or min(NODES_PER_LEVEL * depth, MAX_TREE_NODES - 1)
+    return TopKTreeProposer(medusa, medusa_tree_paths(agreement, nodes))
+
+
+def best_candidates_tree(root_token_id: int, candidates: "DraftTreeCandidates", num_nodes: int) -> TreeDraft:
+    """The `num_nodes` candidates with the highest cumulative draft log-probability, as a tree below the root
+    (EAGLE-2's rerank), best first. A child's score is its parent's plus a log-probability <= 0, and a parent
+    comes before its children in the candidates, so a stable sort puts every parent ahead of its children
+    (ties included): any prefix of that order is a tree, and the node order is parents-first, as TokenTree
+    wants. The scheduler, trimming a tree, then drops its least probable nodes first."""
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or not 1 <= num_nodes < MAX_TREE_NODES:
+        raise ValueError(f"num_nodes must be an integer in [1, {MAX_TREE_NODES - 1}], got {num_nodes!r}")
+    order = torch.sort(candidates.scores, descending=True, stable=True).indices[:num_nodes].tolist()
+    index = {c: i + 1 for i, c in enumerate(order)}  # candidate -> node (node 0 is the root)
+    parents = [-1] + [index.get(int(candidates.parents[c]), 0) for c in order]
+    if any(int(candidates.parents[c]) >= 0 and int(candidates.parents[c]) not in index for c in order):
+        raise ValueError("draft tree candidates must score a child no higher than its parent, parents first")
+    tokens = [int(root_token_id)] + [int(candidates.token_ids[c]) for c in order]
+    return TreeDraft(TokenTree.from_parents(parents), tokens)
+
+
+class EagleTreeProposer(HeadTreeProposer):
+    """EAGLE-2's dynamic draft trees from an EagleProposer: per sequence a search `topk` wide and `beam` deep
+    per level (eagle.EagleProposer.draft_tree), then the best `num_nodes` candidates (best_candidates_tree)."""
+
+    method = "eagle_tree"
+
+    def __init__(self, eagle: Any, num_nodes: int = EAGLE_TREE_NODES, topk: int = EAGLE_TREE_TOPK,
+                 beam: int = EAGLE_TREE_BEAM) -> None:
+        if not callable(getattr(eagle, "propose_tree_candidates", None)):
+            raise TypeError(f"{type(eagle).__name__} has no propose_tree_candidates: not an EAGLE proposer")
+        for name, value, high in (("num_nodes", num_nodes, MAX_TREE_NODES - 1), ("topk", topk, 1 << 20),
+                                  ("beam", beam, topk)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
+        self.heads, self.num_nodes, self.topk, self.beam = eagle, num_nodes, topk, beam
+
+    def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
+        found = self.heads.propose_tree_candidates(seqs, [max(d, 0) for d in max_depths], self.topk, self.beam)
+        return [None if c is None else best_candidates_tree(seq.last_token_id, c, self.num_nodes)
+                for seq, c in zip(seqs, found)]
+
+
+def build_eagle_tree_proposer(spec: "SpeculativeConfig", engine: Any, seed: int = 0) -> EagleTreeProposer:
+    """The "eagle_tree" method: the engine's EAGLE proposer (spec.model or the shipped head), trees at most
+    num_speculative_tokens deep of spec.num_tree_nodes nodes (default EAGLE_TREE_NODES) below the root."""
+    from minillm.speculative.head_kinds import build_head_proposer
+    eagle = build_head_proposer(dataclasses.replace(spec, method="eagle", num_tree_nodes=None), engine, seed)
+    return EagleTreeProposer(eagle, spec.num_tree_nodes or EAGLE_TREE_NODES)

@@ -1,0 +1,180 @@
+"""EAGLE-2 draft trees (chapter 9, minillm/speculative/eagle.py draft_tree, tree_proposers.EagleTreeProposer).
+
+The tree search must compute, for every node it expands, what the head computes for that node's path drafted as a
+chain from scratch (training's DraftBlock, no padding, no cache, no tree mask); with top-1 and a beam of 1 it is the
+chain; depth 1 holds the chain's first draft. The rerank keeps the most probable nodes within the budget, parents
+first. In the engine, greedy "eagle_tree" output equals plain decoding, under KV pressure too, and trees stay
+within their node budget.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.engine.sequence import Sequence
+from minillm.sampling_params import SamplingParams
+from minillm.speculative.config import SpeculativeConfig, verify_query_lens
+from minillm.speculative.eagle import DraftTreeCandidates
+from minillm.speculative.tree_proposers import EagleTreeProposer, best_candidates_tree
+from test_head_proposer import K, random_proposer, record
+from tiny import one_thread  # noqa: F401  (autouse: one torch thread)
+
+
+def windows_of(proposer, config, lengths, seed=3):
+    """Sequences of these lengths, each with random features recorded for every position but the last."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, features = [], []
+    for i, length in enumerate(lengths):
+        seq = Sequence(str(i), torch.randint(0, config.vocab_size, (length,), generator=g).tolist(),
+                       SamplingParams(temperature=0))
+        rows = torch.randn(length - 1, config.hidden_size, generator=g)
+        record(proposer, seq, rows, 0)
+        seqs.append(seq)
+        features.append(rows)
+    return seqs, features
+
+
+@torch.no_grad()
+def path_log_probs(proposer, seq, features, path: list[int]) -> torch.Tensor:
+    """The head's log-probabilities [V] after drafting `path` below seq's last token, as a chain from scratch:
+    training's DraftBlock over the last <= window features, each step recomputing everything."""
+    heads, parts = proposer.heads, proposer.target
+    feats = features[-proposer.window:][None]
+    end = features.shape[0]
+    tokens = torch.tensor(seq.token_ids[end - feats.shape[1] + 1:end + 1])[None]
+    for token in [None, *path]:
+        if token is not None:
+            feats = torch.cat([feats, g[:, -1:]], 1)
+            tokens = torch.cat([tokens, torch.tensor([[token]])], 1)
+        m = feats.shape[1]
+        g, _ = heads(feats, parts.embed(tokens), torch.arange(m)[None], torch.ones(1, m, dtype=torch.bool))
+    return torch.log_softmax(parts.logits(parts.final_norm(g[0, -1])).float(), -1)
+
+
+def test_every_expanded_node_scores_its_children_as_its_path_drafted_alone():
+    proposer, config = random_proposer("eagle")
+    seqs, features = windows_of(proposer, config, [3, 7, 10])  # windows of 2, 6 (full) and 6 of 9 features
+    topk, beam, depth = 3, 2, 3
+    found = proposer.propose_tree_candidates(seqs, [depth, depth, 2], topk, beam)
+    for seq, feats, cand in zip(seqs, features, found):
+        m = cand.token_ids.shape[0]
+        assert m == topk + (int(cand.depths.max()) - 1) * beam * topk
+        paths = {-1: []}
+        for c in range(m):  # parents come first
+            paths[c] = paths[int(cand.parents[c])] + [int(cand.token_ids[c])]
+        for node in [-1, *sorted(set(cand.parents.tolist()) - {-1})]:  # the root and every expanded node
+            children = (cand.parents == node).nonzero().flatten()
+            assert children.numel() == topk
+            expected = path_log_probs(proposer, seq, feats, paths[node]).topk(topk)
+            assert cand.token_ids[children].tolist() == expected.indices.tolist()
+            base = 0.0 if node < 0 else float(cand.scores[node])
+            torch.testing.assert_close(cand.scores[children], base + expected.values, rtol=1e-4, atol=1e-4)
+        for d in range(1, int(cand.depths.max())):  # the expanded nodes of a depth are its `beam` best
+            level = (cand.depths == d).nonzero().flatten()
+            expanded = [c for c in level.tolist() if (cand.parents == c).any()]
+            assert len(expanded) == beam
+            assert min(cand.scores[expanded]) >= max(cand.scores[[c for c in level.tolist() if c not in expanded]])
+
+
+def test_top1_with_a_beam_of_one_is_the_chain_and_depth_one_holds_its_first_draft():
+    proposer, config = random_proposer("eagle")
+    seqs, _ = windows_of(proposer, config, [3, 7, 10], seed=4)
+    chains = proposer.propose(seqs, [K] * 3)
+    for seq, chain, cand in zip(seqs, chains, proposer.propose_tree_candidates(seqs, [K] * 3, 1, 1)):
+        assert cand.token_ids.tolist() == chain and cand.parents.tolist() == list(range(-1, K - 1))
+    for chain, cand in zip(chains, proposer.propose_tree_candidates(seqs, [K] * 3, 5, 3)):
+        first = cand.scores[cand.depths == 1].argmax()
+        assert int(cand.token_ids[first]) == chain[0]
+
+
+def test_the_rerank_keeps_the_most_probable_nodes_parents_first():
+    # candidates: 1 <- root (-0.1), 2 <- root (-1.0), 3 <- 1 (-0.1: a tie with its parent), 4 <- 1 (-2.0),
+    # 5 <- 2 (-1.5), 6 <- 3 (-0.3)
+    cand = DraftTreeCandidates(torch.tensor([11, 12, 13, 14, 15, 16]), torch.tensor([-1, -1, 0, 0, 1, 2]),
+                               torch.tensor([-0.1, -1.0, -0.1, -2.0, -1.5, -0.3]), torch.tensor([1, 1, 2, 2, 2, 3]))
+    draft = best_candidates_tree(9, cand, 4)
+    assert draft.token_ids == [9, 11, 13, 16, 12] and draft.tree.parents.tolist() == [-1, 0, 1, 2, 0]
+    for n in range(1, 7):  # every budget: n nodes below the root, a valid tree, the n best scores
+        draft = best_candidates_tree(9, cand, n)
+        assert draft.num_nodes == n + 1
+        assert sorted(draft.token_ids[1:]) == sorted(int(cand.token_ids[c]) for c in
+                                                      cand.scores.argsort(descending=True, stable=True)[:n])
+    with pytest.raises(ValueError, match="num_nodes must be an integer in \\[1, 63\\]"):
+        best_candidates_tree(9, cand, 64)
+
+
+def test_eagle_tree_proposer_respects_its_budget_and_depths():
+    proposer, config = random_proposer("eagle")
+    seqs, _ = windows_of(proposer, config, [3, 7, 10], seed=5)
+    seqs.append(Sequence("new", [1, 2, 3], SamplingParams(temperature=0)))  # no features recorded: no tree
+    tree = EagleTreeProposer(proposer, num_nodes=6, topk=3, beam=2)
+    drafts = tree.propose_trees(seqs, [K, 2, 1, K])
+    assert drafts[3] is None
+    for seq, depth, draft in zip(seqs, [K, 2, 1], drafts):  # depth 1 holds only the root's top-3
+        assert draft.num_nodes == (7 if depth > 1 else 4) and draft.tree.max_depth <= depth
+        assert draft.token_ids[0] == seq.last_token_id
+    assert tree.hidden_state_kind == "pre_norm" and tree.active_requests() == proposer.active_requests()
+    for bad, match in (({"num_nodes": 64}, "num_nodes"), ({"topk": 2, "beam": 3}, "beam")):
+        with pytest.raises(ValueError, match=match):
+            EagleTreeProposer(proposer, **bad)
+    with pytest.raises(ValueError, match="beam must be an integer in \\[1, topk = 2\\]"):
+        proposer.propose_tree_candidates(seqs, [1] * 4, 2, 3)
+
+
+def test_config_registers_eagle_tree_and_its_node_budget():
+    spec = SpeculativeConfig.from_dict({"method": "eagle_tree", "num_speculative_tokens": 5, "num_tree_nodes": 63})
+    assert spec.num_tree_nodes == 63
+    with pytest.raises(ValueError, match="num_tree_nodes must be None or an integer in \\[1, 63\\], got 64"):
+        SpeculativeConfig("eagle_tree", 5, num_tree_nodes=64)
+    with pytest.raises(ValueError, match="only read by methods medusa_tree, eagle_tree"):
+        SpeculativeConfig("eagle", 5, num_tree_nodes=8)
+    from minillm.config import EngineConfig
+    assert verify_query_lens(EngineConfig(speculative_config={"method": "eagle_tree",
+                                                              "num_speculative_tokens": 4})) == (1,)
+
+
+@pytest.fixture(scope="module")
+def eagle_dir(tmp_path_factory):
+    """A random (untrained, not identity) EAGLE head for the engine tests' tiny target, saved as train-heads does."""
+    from minillm.speculative.heads import HeadConfig, save_heads
+    from minillm.speculative.train_heads import initial_heads
+    from test_engine import tiny_config, tiny_model
+    config = tiny_config(num_hidden_layers=3)
+    model = tiny_model(config)
+    head_config = HeadConfig.for_target("eagle", config, 1)
+    heads = initial_heads(head_config, model)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return str(save_heads(tmp_path_factory.mktemp("heads") / "eagle", heads, head_config))
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other
+def test_eagle_tree_in_the_engine_equals_plain_decoding(model_and_config, plain, eagle_dir, num_blocks):
+    from test_speculative_tree_engine import run
+    sizes = []
+
+    def spy(proposer):
+        inner = proposer.propose_trees
+        proposer.propose_trees = lambda seqs, depths: [sizes.append(d.num_nodes) or d if d else d
+                                                       for d in inner(seqs, depths)]
+        return proposer
+    spec = {"method": "eagle_tree", "num_speculative_tokens": K, "model": eagle_dir, "num_tree_nodes": 7}
+    outputs, engine = run(model_and_config, spec, num_blocks, proposer=spy)
+    assert outputs == plain and isinstance(engine.speculative.proposer, EagleTreeProposer)
+    assert sizes and max(sizes) <= 8 and engine.speculative.tree.num_nodes_scored > 0
+    assert engine.speculative.metrics.num_verify_steps > 0
+
+
+def test_eagle_tree_sampled_requests_run_next_to_greedy_ones(model_and_config, plain, eagle_dir):
+    from test_speculative_tree_engine import GREEDY, PROMPTS, run
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, seed=3)
+    requests = list(zip(PROMPTS, GREEDY)) + [(PROMPTS[1], sampled)]
+    spec = {"method": "eagle_tree", "num_speculative_tokens": K, "model": eagle_dir}
+    first, _ = run(model_and_config, spec, requests=requests)
+    second, _ = run(model_and_config, spec, requests=requests)
+    assert first == second and len(first["4"]) == 12
+    assert {rid: first[rid] for rid in plain} == plain
+
+
+from test_speculative_tree_engine import model_and_config, plain  # noqa: E402,F401  (module fixtures)
