@@ -18,7 +18,7 @@ of sequence i (padded with -1). The contiguous cache of chapter 2 is the same la
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -60,6 +60,10 @@ class AttentionMetadata:
     # filled by the first layer of a tree step that needs it: (seq indices, rows, cu_seqlens_q, max q_len) of the
     # sequences short enough for the tree-masked paged kernel
     tree_rows: tuple | None = None
+    # What the torch path works out once per step and every layer reuses (layers/attention.py: the decode gather
+    # plan, whether every slot is stored); emptied each time the metadata enters `forward_context`, so a metadata
+    # object replayed with new contents (a CUDA graph's, a recorder's) never serves last step's values.
+    step_memo: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -108,6 +112,8 @@ def get_forward_context() -> AttentionMetadata | None:
 def forward_context(metadata: AttentionMetadata | None) -> Iterator[AttentionMetadata | None]:
     """Set the attention metadata for the duration of one forward pass."""
     global _FORWARD_CONTEXT
+    if metadata is not None:
+        metadata.step_memo.clear()
     previous, _FORWARD_CONTEXT = _FORWARD_CONTEXT, metadata
     try:
         yield metadata

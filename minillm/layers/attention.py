@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from minillm.forward_context import AttentionMetadata, get_forward_context, prefill_metadata
 from minillm.hooks import dispatch
 from minillm.layers.backend import OperatorModule, use_triton
+from minillm.layers.decode_attention import decode_gather_plan, padded_decode_attention
 from minillm.layers.kv_quant import dequantize_kv, quantize_kv
 from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
 
@@ -139,64 +140,29 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return out.transpose(0, 1)
 
 
-def padded_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, q_len: int,
-                            scale: float, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """A decode step (q_len 1) or a verify step (every sequence has the same q_len new tokens), all B sequences
-    in ONE attention call: the torch path's counterpart of the paged decode kernel (chapter 5).
-
-    q: [B * q_len, H, D] packed; k_cache, v_cache: [num_blocks, block_size, KVH, D]; block_tables int32 [B, nb];
-    seq_lens int32 [B] (keys per sequence, max_seq_len the largest) -> [B * q_len, H, D].
-
-    Keys are gathered into a padded [B, max_seq_len, KVH, D] batch by one index (slot of key p of sequence i =
-    block_tables[i, p // block_size] * block_size + p % block_size) and padding is masked out, so a step costs a
-    handful of tensor ops whatever the batch size, instead of a Python loop of B gathers and B attention calls
-    per layer (on a CPU each small op costs microseconds of dispatch, which at batch 8 outweighed the arithmetic).
-    Padded keys read slot 0 or stale rows of a block: finite values whose probability the mask sets to 0.
-    Query j of sequence i sits at position seq_lens[i] - q_len + j and sees keys 0..that position.
-    """
-    num_seqs = block_tables.shape[0]
-    if q.shape[0] != num_seqs * q_len:
-        raise ValueError(f"q has {q.shape[0]} rows, expected {num_seqs} sequences x q_len {q_len}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    pos = torch.arange(max_seq_len, device=q.device)
-    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, L]; < 0 past the table
-    slots = slots.clamp_(min=0).flatten()
-    # index_select of whole rows (one memcpy each) is several times faster on a CPU than advanced indexing
-    k = k_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim)
-    v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, num_kv_heads, head_dim)
-    if k_scale is not None:
-        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-    mask = None
-    if num_seqs > 1 or q_len > 1:  # one sequence decoding sees all its max_seq_len keys: nothing to mask
-        last_visible = seq_lens.to(device=q.device, dtype=torch.int64)[:, None] - q_len \
-            + torch.arange(q_len, device=q.device)  # [B, q_len]
-        mask = (pos <= last_visible[:, :, None]).unsqueeze(1)  # [B, 1, q_len, L]
-    out = F.scaled_dot_product_attention(
-        q.unflatten(0, (num_seqs, q_len)).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != num_heads)  # [B, H, q_len, D]
-    return out.transpose(1, 2).reshape(num_seqs * q_len, num_heads, head_dim)
-
-
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                  v_scale: torch.Tensor | None = None) -> None:
+                  v_scale: torch.Tensor | None = None, all_stored: bool | None = None) -> None:
     """Write new keys/values [T, KVH, D] to their slots of the paged cache; slot -1 means "don't store".
-    With k_scale/v_scale (fp32 [KVH], an fp8 cache) the values stored are quantize_kv(x, scale)."""
+    With k_scale/v_scale (fp32 [KVH], an fp8 cache) the values stored are quantize_kv(x, scale). `all_stored`:
+    whether every slot is >= 0, when the caller knows (the same for every layer of a step); None: look."""
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [T] = [{k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
     if k_scale is not None:  # fp8: move the quantised bytes (torch has no fp8 index_copy_ on a CPU)
         k, v = quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    slots = slot_mapping.long()
-    if slots.numel() and int(slots.min()) < 0:  # some rows are not stored: keep the others (a boolean gather)
+    # (no-op conversions skipped in Python: each would still be a dispatched op, 90 per step on the CPU path)
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    k = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
+    v = v if v.dtype == v_cache.dtype else v.to(v_cache.dtype)
+    if all_stored is None:
+        all_stored = not slots.numel() or int(slots.min()) >= 0
+    if not all_stored:  # some rows are not stored: keep the others (a boolean gather)
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -299,8 +265,14 @@ class Attention(OperatorModule):
         * Otherwise sequence by sequence: keys from the cache through the block table when there is cached
           context (q_len < seq_len), else this step's own k/v (a prefill: what was just stored, unrounded).
         """
+        memo = meta.step_memo  # what every layer of this step shares (filled by the first one)
         if use_cache:
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+            all_stored = memo.get("all_stored")
+            if all_stored is None:
+                slots = meta.slot_mapping
+                all_stored = memo["all_stored"] = not slots.numel() or int(slots.min()) >= 0
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale,
+                          all_stored=all_stored)
         # a prefill attends to its fresh k/v: the same values the cache now holds (or, fp8, their exact originals)
         read_cache = use_cache and meta.block_tables is not None and q_lens != seq_lens
         if not read_cache and q_lens != seq_lens:
@@ -311,8 +283,13 @@ class Attention(OperatorModule):
         decode_q_len = meta.decode_query_len if read_cache and meta.tree_mask is None else None
         if decode_q_len is not None and self.backend != "reference" and \
                 (decode_q_len == 1 or dispatch("ch02.causal_mask", causal_mask) is causal_mask):
+            plan = memo.get("decode_plan")
+            if plan is None:  # where the keys are is the same for every layer of the step: work it out once
+                plan = memo["decode_plan"] = decode_gather_plan(meta.block_tables, meta.seq_lens, max(seq_lens),
+                                                                decode_q_len, self.k_cache.shape[1])
             return padded_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                           max(seq_lens), decode_q_len, self.scale, self.k_scale, self.v_scale)
+                                           max(seq_lens), decode_q_len, self.scale, self.k_scale, self.v_scale,
+                                           plan=plan)
         attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
         outputs, start = [], 0
         for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):

@@ -132,10 +132,12 @@ class _WeightState:
     """What is kept per weight: its re-laid-out copies, a sample of its values when they were made, and, per
     (row class, bias), the call chosen for it."""
 
-    __slots__ = ("stamp", "sample", "copies", "calls")
+    __slots__ = ("stamp", "sample", "view", "copies", "calls")
 
-    def __init__(self, stamp: tuple[int, int], sample: torch.Tensor) -> None:
-        self.stamp, self.sample = stamp, sample
+    def __init__(self, stamp: tuple[int, int], view: torch.Tensor) -> None:
+        # `view` looks at the sampled values where they live (made once: three view ops fewer per call), `sample`
+        # is their copy from when the state was made
+        self.stamp, self.view, self.sample = stamp, view, view.clone()
         self.copies: dict[str, torch.Tensor] = {}
         self.calls: dict[tuple[str, int], tuple[torch.Tensor | None, Callable]] = {}
 
@@ -160,8 +162,8 @@ def _state(weight: torch.Tensor) -> _WeightState:
     except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
         stamp = (weight.data_ptr(), -1)
     state = _LAYOUTS.get(weight)
-    if state is None or state.stamp != stamp or (state.copies and not torch.equal(_sample(weight), state.sample)):
-        state = _LAYOUTS[weight] = _WeightState(stamp, _sample(weight).clone())
+    if state is None or state.stamp != stamp or (state.copies and not torch.equal(state.view, state.sample)):
+        state = _LAYOUTS[weight] = _WeightState(stamp, _sample(weight))
     return state
 
 
@@ -240,14 +242,14 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """y = x W^T (+ b) like F.linear, in the layout chosen for this (N, K, bias, row class); the caller checks
     cpu_matmul_applies first (dense_linear does)."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # (a decode step's x is 2-D already: no reshape op to dispatch)
     rows_class = row_class(x2.shape[0])
     state = _state(weight)
     call = state.calls.get((rows_class, id(bias)))
     if call is None or call[0] is not bias:
         call = state.calls[(rows_class, id(bias))] = (bias, _choose(x2, weight, bias, rows_class))
     fn = call[1]
-    return fn(x2).reshape(*x.shape[:-1], n)
+    return fn(x2) if x2 is x else fn(x2).reshape(*x.shape[:-1], n)
 
 
 def _choose(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows_class: str) -> Callable:

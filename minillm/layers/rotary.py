@@ -63,6 +63,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # <<< exercise
 
 
+_EXERCISE_ROPE = apply_rotary  # the function as written here, even where a test has patched the module's name
+
+
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
     """The D/2 rotation frequencies inv_freq[i] = base ** (-2i / D), rescaled as `rope_scaling` asks (fp32)."""
     if head_dim < 2 or head_dim % 2:
@@ -152,12 +155,55 @@ class RotaryEmbedding(OperatorModule):
             # (positions are not range-checked here: that would sync with the GPU; the engine checks lengths)
             rotary_embedding_(positions, q, k, self.cos_sin_cache)
             return q, k
-        cos, sin = self._step_cos_sin(positions)
         rope_fn = dispatch("ch01.rope", apply_rotary)
+        if rope_fn is _EXERCISE_ROPE and self.backend != "reference" and q.dtype == k.dtype == torch.float32:
+            return self._rotate_fp32(positions, q, k)  # no override active: the same arithmetic in fewer ops
+        cos, sin = self._step_cos_sin(positions)
         # q and k rotated by one call: the same angles for every head, and each small op costs more in dispatch
         # than in arithmetic on a CPU (fewer calls per layer is what the torch path's speed is made of)
         qk = rope_fn(torch.cat((q, k), dim=1), cos, sin)
         return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
+
+    def _rotate_fp32(self, positions: torch.Tensor, q: torch.Tensor,
+                     k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`apply_rotary` on q and k in four tensor ops, bit for bit (a test checks), for fp32 on the torch path.
+
+        With full-width tables cos2 = [cos, cos] and sin2 = [-sin, sin], rotate-half is a roll by D/2:
+
+            out = x * cos2 + roll(x, D/2) * sin2        (roll(x, D/2) = [x2, x1])
+
+        which is x1 cos + x2 (-sin) = x1 cos - x2 sin and x2 cos + x1 sin: the exercise's products and sums,
+        rounded the same way. When q and k are neighbouring views of one qkv projection output (the model's
+        case) they are rotated in place through one view of both, as the Triton kernel does: no concatenation,
+        no new q and k; otherwise (tests, other callers) q and k are left as they are and new tensors returned."""
+        cos2, sin2 = self._step_rotation_tables(positions)
+        num_heads, head_dim = q.shape[1], self.head_dim
+        # (one token: the stride of its size-1 row dimension means nothing and may differ between q and k)
+        in_place = ((q.stride(0) == k.stride(0) or q.shape[0] == 1) and q.stride(2) == k.stride(2) == 1
+                    and q.stride(1) == k.stride(1) == head_dim
+                    and k.data_ptr() == q.data_ptr() + num_heads * head_dim * q.element_size()
+                    and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+                    and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
+        if in_place:
+            qk = q.as_strided((q.shape[0], num_heads + k.shape[1], head_dim), q.stride())
+        else:
+            qk = torch.cat((q, k), dim=1)
+        rolled = qk.roll(head_dim // 2, dims=-1).mul_(sin2)
+        qk.mul_(cos2).add_(rolled)
+        return qk[:, :num_heads], qk[:, num_heads:]
+
+    def _step_rotation_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[cos, cos] and [-sin, sin], [T, 1, D] each, for `positions` (made once per forward, see
+        remember_positions)."""
+        memo = self._cos_sin_memo
+        if memo is not None and memo[0] is positions and len(memo) > 3 and not torch.compiler.is_compiling():
+            return memo[3], memo[4]
+        cos, sin = self._step_cos_sin(positions)
+        tables = torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        memo = self._cos_sin_memo
+        if memo is not None and memo[0] is positions:
+            self._cos_sin_memo = (*memo[:3], *tables)
+        return tables
 
     def remember_positions(self, positions: torch.Tensor) -> None:
         """Start of a forward: every layer shares this module and is handed this same positions tensor, so the
