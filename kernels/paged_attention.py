@@ -336,9 +336,14 @@ def _fp8_decode_tile(programs: int, splits: int, max_seq_len: int, num_sms: int)
     so a tile costs more registers than bf16's (compiled for sm_90 with Triton 3.6: 64 keys x 4 warps take 136
     registers a thread, 3 programs per SM; 32 keys take 104, 4 per SM as rule 1 assumes). A full grid gets
     32 keys per iteration with a 3-stage pipeline (two 8 KB K+V tiles ahead), a sparse one (<= 2 programs per
-    SM) 128 keys over 8 warps (118 registers, 2 per SM)."""
+    SM) 128 keys over 8 warps (118 registers, 2 per SM). Measured on the H200 with the cvt path (Llama-3-8B's
+    attention, 32 sequences x 4096 keys, 2 splits: a full grid), 128 keys over 8 warps with a 2-stage pipeline
+    beat the 32-key tile too: 132 us a layer against 148 (and bf16's own kernel, 137); with 3 stages 141. That
+    one shape is all the evidence: benchmarks/bench_kv_fp8.py --sweep times the neighbours."""
     if programs * splits <= 2 * num_sms and max_seq_len // splits >= 128:
         return DecodeConfig(splits, block_n=128, num_warps=8, num_stages=3)
+    if max_seq_len // splits >= 128:
+        return DecodeConfig(splits, block_n=128, num_warps=8, num_stages=2)
     return DecodeConfig(splits, block_n=32, num_warps=4, num_stages=3)
 
 
@@ -428,9 +433,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"fp8_widen={fp8_widen!r} needs head_dim % 4 == 0 (int32 words of 4 bytes) and, for "
                          f"'cvt', a GPU; got head_dim {head_dim}" + (" in the interpreter" if interp else ""))
     if fp8 and fp8_widen is None:  # the interpreter runs no inline PTX; odd head dims have no whole words
-        # On a GPU the word paths ("cvt", "bits") have not run yet: "cast", the path measured on the H200, stays
-        # the default there until their GPU test passes (tests/test_fp8_kv_cache.py, -m gpu)
-        fp8_widen = "cast" if head_dim % 4 or not interp else "bits"
+        # on the H200 (Llama-3-8B's attention, 32 x 4k, fp8 rule's tile): cvt 148 us a layer, bits 170, cast 187
+        fp8_widen = "cast" if head_dim % 4 else ("bits" if interp else "cvt")
     kv_bytes = k_cache.element_size()
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, kv_bytes)

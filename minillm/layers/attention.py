@@ -41,9 +41,9 @@ The Triton attention path, chapters 3 and 5:
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised on their way into the cache (x / scale, saturated at +-448, rounded to
-e4m3): by minillm.layers.kv_quant.quantize_kv on the torch path and, for now, on a GPU (the store kernel's own
-quantisation wrote other bytes on the H200: not yet understood), by the store kernel itself in the interpreter
-(one launch per layer, as for bf16), where its bytes equal quantize_kv's. Every read dequantises: the
+e4m3): by minillm.layers.kv_quant.quantize_kv on the torch path, by the store kernel itself on the Triton path
+(one launch per layer, as for bf16), whose bytes equal quantize_kv's (on the H200 too, since its rounding copies
+x's sign bit: Triton's `-x` of +0.0 gave +0.0, not -0.0). Every read dequantises: the
 paged decode and paged prefill kernels widen fp8 in registers and fold the scales into the softmax scale (k)
 and the output (v); the torch path's gathered keys and values are dequantised to q's dtype after the gather.
 A prefill with nothing cached attends to its fresh, unquantised k/v on both paths (as vLLM does); only what is
@@ -319,14 +319,7 @@ class Attention(OperatorModule):
         from minillm.kernels.flash_attention import flash_attn_varlen
         from minillm.kernels.paged_attention import paged_decode_attention
 
-        if use_cache and self.k_scale is not None and q.is_cuda:
-            # fp8 on a GPU: quantised in torch, the kernel moves the bytes. The store kernel can quantise in the
-            # same pass (kernels/fused.py, FP8), but on the H200 its bytes differed from quantize_kv's, so it stays
-            # out of the engine there until that is understood
-            store_kvcache_kernel(quantize_kv(k, self.k_scale).view(torch.uint8),
-                                 quantize_kv(v, self.v_scale).view(torch.uint8), self.k_cache.view(torch.uint8),
-                                 self.v_cache.view(torch.uint8), meta.slot_mapping)
-        elif use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
+        if use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
             store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         read_cache = use_cache and meta.block_tables is not None
         tree = meta.tree_mask is not None
