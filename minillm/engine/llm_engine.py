@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence as SequenceT
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
-from minillm.engine.detokenizer import (DetokenizerState, detokenize_incrementally, find_stop_string,
-                                        stream_safe_length)
+from minillm.engine.detokenizer import (DetokenizerState, decode_windows, detokenize_incrementally,
+                                        find_stop_string, stream_safe_length)
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
@@ -248,13 +248,14 @@ class LLMEngine:
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
-        for seq, new_tokens, entries in zip(batch.seqs, tokens, scored):
+        decoded = self._decode_step_windows(batch.seqs, tokens)
+        for seq, new_tokens, entries, texts in zip(batch.seqs, tokens, scored, decoded):
             reason = None
             for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
                 if entries is not None:  # before the stop check: a stop token keeps its log-prob, later ones none
                     seq.logprobs.append(self._logprob_dict(entries[j]))
                     seq.cumulative_logprob += entries[j].logprob
-                reason = self._check_stop(seq, position)
+                reason = self._check_stop(seq, position, texts)
                 if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
                     seq.truncate_output(position + 1)
                     break
@@ -305,17 +306,36 @@ class LLMEngine:
                              "and LLMEngine.verify_drafts is None: set one or do not propose drafts")
         return self.speculative.verify(batch, step_output)
 
-    def _check_stop(self, seq: Sequence, position: int) -> str | None:
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        params = seq.sampling_params
+        return (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+
+    def _decode_step_windows(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[tuple[str, str] | None]:
+        """Per sequence of the step, the two detokenizer windows' texts for its one new token, decoded for all
+        sequences in one tokenizer call (detokenizer.decode_windows); None where `_check_stop` decodes for itself
+        (multi-token steps, stop tokens, a step of one sequence)."""
+        picked = [i for i, (seq, new) in enumerate(zip(seqs, tokens))
+                  if len(new) == 1 and not self._is_stop_token(seq, new[0])]
+        decoded: list[tuple[str, str] | None] = [None] * len(seqs)
+        if len(picked) > 1:
+            windows = [(seqs[i].token_ids, self._requests[seqs[i].request_id].detok) for i in picked]
+            for i, texts in zip(picked, decode_windows(self.tokenizer, windows)):
+                decoded[i] = texts
+        return decoded
+
+    def _check_stop(self, seq: Sequence, position: int, decoded: tuple[str, str] | None = None) -> str | None:
         """Update the sequence's text for its token at `position` (the tokens before it were checked already);
-        return a finish reason or None."""
+        return a finish reason or None. `decoded`: the detokenizer windows' texts, when already decoded
+        (`_decode_step_windows`; only for a step's single new token)."""
         params = seq.sampling_params
         token = seq.token_ids[position]
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if self._is_stop_token(seq, token):
             return "stop"  # the stop token's text is not added to the output
         state = self._requests[seq.request_id]
         # the common single-token step reads the list itself; a multi-token step a prefix of it
         token_ids = seq.token_ids if position + 1 == seq.num_tokens else seq.token_ids[:position + 1]
-        new_text = detokenize_incrementally(self.tokenizer, token_ids, state.detok)
+        new_text = detokenize_incrementally(self.tokenizer, token_ids, state.detok,
+                                            decoded if position + 1 == seq.num_tokens else None)
         if new_text:
             seq.output_text += new_text
             cut = find_stop_string(seq.output_text, params.stop_list, len(new_text))

@@ -215,6 +215,19 @@ class Tokenizer:
                 raise ValueError(f"unknown token id {bad[0]}; valid ids are 0..{vocab_size - 1}")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each id list, in one call into the tokenizer library (the engine's detokenizer decodes two
+        windows of every running sequence per step: one call for all of them instead of 2 x batch)."""
+        known = self._known_vocab_size
+        for ids in batch:  # min and max run in C: the per-id Python of `decode` would cost as much as the decode
+            if len(ids) and not (0 <= min(ids) and max(ids) < known):
+                self.decode(ids)  # asks the vocabulary size again; raises naming the bad id
+        try:
+            return self.backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+        except TypeError:  # ids that are not Python ints (numpy, tensors): convert, as `decode` does
+            return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
+                                             skip_special_tokens=skip_special_tokens)
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **extra: Any) -> str:
         """The prompt string for a conversation (tokenize it with encode(..., add_special_tokens=False))."""
