@@ -69,3 +69,14 @@ def test_awq_scale_layer_folds_scales_into_the_layer(model, clip):
         assert err < 0.2
     else:     # the fold alone is exact up to fp32 rounding
         assert err < 1e-4
+    with pytest.raises(ValueError, match="max_tokens"):
+        awq_scale_layer(layer, runner.batches, bits=4, group_size=32, max_tokens=0)
+
+
+def test_awq_scale_layer_searches_on_the_first_batches_only(model):
+    """max_tokens keeps whole batches from the start: with 1 token it searches on the first batch alone."""
+    runner = LayerRunner(model, CALIB, batch_size=2)
+    one, first = copy.deepcopy(model.model.layers[0]), copy.deepcopy(model.model.layers[0])
+    awq_scale_layer(one, runner.batches, bits=4, group_size=32, n_grid=5, max_tokens=1)
+    awq_scale_layer(first, runner.batches[:1], bits=4, group_size=32, n_grid=5)
+    assert all(torch.equal(a, b) for a, b in zip(one.parameters(), first.parameters()))

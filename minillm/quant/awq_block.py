@@ -87,12 +87,20 @@ def _squared_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def awq_scale_layer(layer: nn.Module, batches: list[tuple], bits: int, group_size: int, n_grid: int = 20,
-                    duo_scaling: bool = True, clip: bool = True, clip_tokens: int = 512) -> dict[str, float]:
+                    duo_scaling: bool = True, clip: bool = True, clip_tokens: int = 512,
+                    max_tokens: int | None = None) -> dict[str, float]:
     """AWQ on one decoder layer, in place: search scales on block outputs, fold them, clip the weights.
 
     `batches`: LayerRunner.batches, (positions, attention metadata, hidden, residual) per calibration batch,
-    the layer's inputs. Returns the chosen alpha per group of linears. The layer stays dense.
+    the layer's inputs; the search runs n_grid block forwards per group of linears, so `max_tokens` keeps
+    only the first batches holding that many tokens (whole sequences: attention needs them). Returns the
+    chosen alpha per group of linears. The layer stays dense.
     """
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        sizes = torch.tensor([b[2].shape[0] for b in batches]).cumsum(0)
+        batches = batches[:int((sizes < max_tokens).sum()) + 1]
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
     seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in (qkv, o, gate_up, down)}

@@ -82,11 +82,12 @@ def _export(model: nn.Module, qweights: dict[nn.Module, QuantizedWeight], config
 def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bits: int = 4, group_size: int = 64,
                     *, act_order: bool = True, static_groups: bool = True, clip_search: bool = True,
                     percdamp: float = 0.01, awq_clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
-                    batch_size: int = 4, progress: bool = True) -> QuantizedModel:
+                    awq_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> QuantizedModel:
     """Quantize a dense LlamaForCausalLM with `recipe` (RECIPES) on calibration ids [n_samples, seq_len].
 
     bits 2..8, group_size -1 or a divisor of every in_features; act_order/static_groups/clip_search/percdamp:
-    the GPTQ pass (gptq_quantize); awq_clip/duo_scaling/n_grid: the AWQ pass (awq_block). The model is left
+    the GPTQ pass (gptq_quantize); awq_clip/duo_scaling/n_grid/awq_tokens (calibration tokens its block search
+    reads, None: all): the AWQ pass (awq_block.awq_scale_layer). The model is left
     unchanged; the result is a GPTQ checkpoint in memory (asymmetric, no g_idx when static_groups).
     """
     if recipe not in RECIPES:
@@ -114,7 +115,8 @@ def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bi
     if recipe in ("awq", "awq+gptq"):
         runner = LayerRunner(model, calibration, batch_size)
         for layer in tqdm(layers, desc="AWQ scales", unit="layer", disable=not progress):
-            awq_scale_layer(layer, runner.batches, bits, group_size, n_grid, duo_scaling, awq_clip)
+            awq_scale_layer(layer, runner.batches, bits, group_size, n_grid, duo_scaling, awq_clip,
+                            max_tokens=awq_tokens)
             runner.run(layer, advance=True)  # the next layer's inputs, from this layer scaled (still dense)
     if recipe == "awq":
         qweights = {lin: quantize(lin.weight.data, bits, group_size, False) for layer in layers
