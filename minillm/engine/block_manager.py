@@ -216,15 +216,24 @@ class BlockManager:
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
         return self.num_blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int = 1) -> list[tuple[int, int]]:
+    def write_plan(self, seq: Sequence, num_new_tokens: int = 1) -> tuple[list[int], int]:
+        """(logical blocks to copy, blocks to add) that append_slots(seq, num_new_tokens) would act on now; hand
+        it to append_slots(plan=...) when nothing has changed in between (the scheduler's decide-then-append:
+        one plan per sequence per step instead of two)."""
+        return self._write_plan(seq, num_new_tokens)
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int = 1,
+                     plan: tuple[list[int], int] | None = None) -> list[tuple[int, int]]:
         """Make seq's block table cover tokens up to num_computed_tokens + num_new_tokens, across block
-        boundaries; shared or cached blocks in the written range are copied first. Returns (src, dst) copies."""
+        boundaries; shared or cached blocks in the written range are copied first. Returns (src, dst) copies.
+        `plan`: this sequence's `write_plan` for the same num_new_tokens, made since the last change to it or to
+        the pool (else it is made here)."""
         if seq.seq_id not in self._on_device:
             raise ValueError(f"sequence {seq.seq_id} holds no device blocks (allocate or swap it in first)")
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         self.mark_computed(seq)
-        to_copy, new = self._write_plan(seq, num_new_tokens)
+        to_copy, new = plan if plan is not None else self._write_plan(seq, num_new_tokens)
         if len(to_copy) + new > self.num_free_blocks:
             raise RuntimeError(f"append_slots needs {len(to_copy) + new} free blocks, {self.num_free_blocks} are free")
         copies = []

@@ -313,11 +313,11 @@ class LLMEngine:
     def _decode_step_windows(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[tuple[str, str] | None]:
         """Per sequence of the step, the two detokenizer windows' texts for its one new token, decoded for all
         sequences in one tokenizer call (detokenizer.decode_windows); None where `_check_stop` decodes for itself
-        (multi-token steps, stop tokens, a step of one sequence)."""
+        (multi-token steps, stop tokens, a step of one sequence, a tokenizer without decode_batch)."""
         picked = [i for i, (seq, new) in enumerate(zip(seqs, tokens))
-                  if len(new) == 1 and not self._is_stop_token(seq, new[0])]
+                  if len(new) == 1 and not self._is_stop_token(seq, new[0])] if len(seqs) > 1 else []
         decoded: list[tuple[str, str] | None] = [None] * len(seqs)
-        if len(picked) > 1:
+        if len(picked) > 1 and hasattr(self.tokenizer, "decode_batch"):  # else nothing to gain: decode one by one
             windows = [(seqs[i].token_ids, self._requests[seqs[i].request_id].detok) for i in picked]
             for i, texts in zip(picked, decode_windows(self.tokenizer, windows)):
                 decoded[i] = texts

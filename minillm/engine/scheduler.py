@@ -187,13 +187,17 @@ class Scheduler:
                 self.running.remove(seq)
                 self._reject(seq, reason, record)
                 continue
-            while self._decide(True, bm.num_blocks_to_append(seq, n)) == "preempt":
+            while True:  # the plan is made again after each preemption (a victim may have shared seq's blocks)
+                plan = bm.write_plan(seq, n)
+                if self._decide(True, len(plan[0]) + plan[1]) != "preempt":
+                    break
                 victim = order.pop()
                 self._preempt(victim, batch, record)
                 if victim is seq:
+                    plan = None
                     break
-            else:
-                batch.blocks_to_copy += bm.append_slots(seq, n)
+            if plan is not None:  # seq was marked computed at the top: the plan append_slots would make anew
+                batch.blocks_to_copy += bm.append_slots(seq, n, plan=plan)
                 self._add_to_batch(batch, record, seq, n)
                 budget -= n
                 i += 1
