@@ -32,6 +32,11 @@ Details that matter in practice:
   (the paper uses 128 x 2048). Larger percdamp regularises small sets (0.1: 0.94x at 1k tokens).
 - groups are computed from the *current*, already error-corrected weights of the group when its first
   column comes up (groups never straddle a block: block_size must be a multiple of group_size).
+- the grid's range (`clip_search=True`): min/max lets one large weight stretch a group's step for all the
+  others; rtn.search_qparams shrinks each group's range to the one that rounds it best, weighting each
+  column by H[j, j] (how much output error a rounding error there costs before feedback). Measured on
+  SmolLM2-135M, 4-bit group 64, calibrated on 16 x 256 tokens, held-out perplexity vs fp32: plain GPTQ
+  +20.3%, act-order + static groups + this search +5.8% (minillm.quant.recipes "gptq"; RTN +33.6%).
 """
 from __future__ import annotations
 
