@@ -160,6 +160,13 @@ class LLM:
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        # only the finished outputs are returned: the engine need not snapshot every request after every step
+        # (copies of the caller's params, once per distinct object: theirs are left as they were)
+        final: dict[int, SamplingParams] = {}
+        for p in params:
+            if id(p) not in final:
+                final[id(p)] = p if p.output_kind == "final_only" else dataclasses.replace(p, output_kind="final_only")
+        params = [final[id(p)] for p in params]
         ids = [engine.add_request(None, text if text is not None else token_ids, p, prompt_token_ids=token_ids)
                for (text, token_ids), p in zip(tokenized, params)]
         return self._run_until_done(ids, use_tqdm)
@@ -220,8 +227,10 @@ class LLM:
 
     def _step_once(self) -> None:
         """One engine step; keep the newest output of every request some caller of this LLM is waiting for."""
+        steps = self.llm_engine.num_steps
         outputs = self.llm_engine.step()
-        self._idle_steps = 0 if outputs else self._idle_steps + 1
+        # progress = a step ran (final_only requests return nothing until they finish) or something came back
+        self._idle_steps = 0 if outputs or self.llm_engine.num_steps != steps else self._idle_steps + 1
         if self._idle_steps > 100:
             self._idle_steps = 0
             raise RuntimeError(f"the scheduler made no progress for 100 steps with "

@@ -19,6 +19,7 @@ MAX_LOGPROBS = 20  # top-k log-probabilities per token at most (OpenAI's top_log
 # Below this a temperature divides logits into values that overflow fp16/bf16 (inf - inf = nan in the softmax);
 # as vLLM does, smaller positive temperatures are raised to it with a warning (0 itself means greedy).
 MIN_TEMPERATURE = 1e-2
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 def _number(name: str, value: Any, allowed: str) -> float:
@@ -58,6 +59,11 @@ class SamplingParams:
     # They are log-softmax of the *raw* logits (temperature 1, no top-k/top-p), as vLLM returns by default.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # what the engine's step() returns for this request (vLLM's RequestOutputKind): "cumulative", a snapshot of
+    # everything generated so far after every step it took part in (streaming, the server); "final_only", one
+    # output when it finishes. LLM.generate asks for final_only: at 256 running requests the per-step snapshots
+    # (copies of every prompt and output) were half of the engine's host time per step.
+    output_kind: str = "cumulative"
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +90,8 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0, MAX_LOGPROBS,
                                              allowed=f"in [0, {MAX_LOGPROBS}] or None"))
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, got {self.output_kind!r}")
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
 

@@ -418,3 +418,24 @@ def test_generate_with_progress_bar_and_ids_in_order(model_and_config, capsys):
                         use_tqdm=True)
     assert [len(o.outputs[0].token_ids) for o in outs] == lengths
     assert "generate" in capsys.readouterr().err
+
+
+def test_final_only_requests_appear_once_when_they_finish(model_and_config):
+    """output_kind="final_only" (what LLM.generate asks for): step() returns nothing for such a request until the
+    step it finishes, then the same output a cumulative request gets; LLM.generate leaves the caller's params as
+    they were and still returns every output."""
+    engine = make_engine(model_and_config, scheduling="continuous", kv_layout="paged")
+    prompt = [3, 4, 5, 6]
+    cumulative = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    final = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, output_kind="final_only")
+    a, b = engine.add_request(None, prompt, cumulative), engine.add_request(None, prompt, final)
+    seen = {a: [], b: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen[a]) == 5 and [o.finished for o in seen[a]] == [False] * 4 + [True]
+    assert len(seen[b]) == 1 and seen[b][0].finished
+    assert seen[b][0].outputs[0].token_ids == seen[a][-1].outputs[0].token_ids
+    llm = LLM.from_engine(engine)
+    outs = llm.generate([prompt, prompt[:2]], cumulative)
+    assert cumulative.output_kind == "cumulative" and [len(o.outputs[0].token_ids) for o in outs] == [5, 5]

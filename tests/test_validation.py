@@ -61,6 +61,7 @@ def test_token_id_outside_vocabulary(llm, bad_id):
     (dict(max_tokens=True), "max_tokens"), (dict(top_k=2**63), "top_k"), (dict(seed=2**64), "seed"),
     (dict(priority=1.5), "priority"), (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=5), "stop"),
     (dict(stop_token_ids=7), "stop_token_ids"), (dict(stop_token_ids=[1, None]), "stop_token_ids"),
+    (dict(output_kind="delta"), "output_kind must be one of 'cumulative', 'final_only'"),
 ])
 def test_bad_sampling_params(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

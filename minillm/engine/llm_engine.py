@@ -204,7 +204,8 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler decision and one forward. Returns a (cumulative) RequestOutput for every request that
-        took part in this step, finished ones included.
+        took part in this step, finished ones included; a request whose SamplingParams.output_kind is
+        "final_only" appears only in the step it finishes.
 
         The whole step runs under the learner's overrides (if any), so an overridden scheduler or block-table
         function (chapters 5-6) is exercised as well as an overridden layer (chapter 1)."""
@@ -259,7 +260,10 @@ class LLMEngine:
                 if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
                     seq.truncate_output(position + 1)
                     break
-            outputs.append(self._finish(seq, reason) if reason is not None else self._output(seq))
+            if reason is not None:
+                outputs.append(self._finish(seq, reason))
+            elif seq.sampling_params.output_kind == "cumulative":
+                outputs.append(self._output(seq))
         if self.speculative is not None:  # proposer state of finished / preempted requests
             self.speculative.release(self.scheduler)
         return outputs
