@@ -105,9 +105,9 @@ def dense():
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     n, length = ids.shape
-    with torch.no_grad(), forward_context(prefill_metadata([length] * n)):
-        hidden = model(ids.flatten(), torch.arange(length).repeat(n))
-    return model.compute_logits(hidden)
+    with torch.no_grad(), forward_context(prefill_metadata([length] * n, device=ids.device)):
+        hidden = model(ids.flatten(), torch.arange(length, device=ids.device).repeat(n))
+    return model.compute_logits(hidden).float()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,3 +137,17 @@ def test_recipe_validates_its_inputs(dense):
         quantize_recipe(dense, "awq", CALIB + 1000)
     with pytest.raises(ValueError, match="calibration"):
         quantize_recipe(dense, "awq", CALIB.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["gptq", "awq+gptq"])
+def test_recipes_on_cuda_beat_rtn(recipe):
+    """The recipes where the H200 runs them (Triton attention in the AWQ block search, GPU Cholesky)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dense = build_model(CONFIG, _checkpoint(CONFIG).items(), torch.device("cuda"), torch.float32)
+    ids = CALIB.cuda()
+    ref = _logits(dense, ids)
+    rtn = _rel(_logits(quantize_model(dense, "rtn", group_size=32, progress=False).build("cuda"), ids), ref)
+    err = _rel(_logits(quantize_recipe(dense, recipe, ids, 4, 32, progress=False).build("cuda"), ids), ref)
+    assert 0 < err < rtn, f"{recipe} {err:.4f} vs RTN {rtn:.4f}"
