@@ -5,8 +5,9 @@ linears' own outputs. The AWQ paper and its reference code (llm-awq, AutoAWQ) sc
 scales of q/k/v are judged by the *attention block's* output (after softmax, the heads and o_proj), the
 scales of gate/up by the *MLP's* output (after SiLU-and-multiply and down_proj). That is what the model
 feeds forward, and it weighs errors as the block does: a q/k error that barely moves the softmax costs
-little, a gate error on a channel that SiLU zeroes costs nothing. Only down_proj (and o_proj when v_proj
-can take its scales) is scored alone, since nothing follows it inside the block.
+little, a gate error on a channel that SiLU zeroes costs nothing. Only down_proj is scored alone, since
+nothing follows it inside the block. o_proj gets the clip search only: its scales could fold into v_proj's
+rows only without grouped KV heads (SmolLM2, Llama 3 and Mistral all group them), and are not searched here.
 
 Two more details of the reference, both here:
 - "duo scaling" (AutoAWQ's default): s = mean|x|^alpha / mean|w_hat|^(1 - alpha), where w_hat is each
