@@ -26,8 +26,9 @@ step; the sweep shows that trade-off, which LayerSkip-style training is for). --
 medusa, eagle and mtp (add them to --methods) draft from the target's hidden states with trained heads: those shipped
 in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle, DIR/mtp as `minillm train-heads
 --out` wrote them. Medusa drafts at most its K heads, MTP at most its D modules, per verify step.
-Token trees: ngram_tree (several prompt-lookup continuations) and medusa_tree (the Medusa heads' top-k under a sparse
-tree, 4 nodes per level) score a tree per sequence and run their verify steps eagerly (tree mask, no graphs).
+Token trees: ngram_tree (several prompt-lookup continuations), medusa_tree (the Medusa heads' top-k under a sparse
+tree, 4 nodes per level) and eagle_tree (EAGLE-2: the EAGLE head's dynamic tree, its 32 most probable nodes) score a
+tree per sequence and run their verify steps eagerly (tree mask, no graphs).
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
         elif method == "draft_model":
             out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
-        elif method in ("medusa", "eagle", "mtp", "medusa_tree") and args.heads_dir is not None:
-            heads = "medusa" if method == "medusa_tree" else method  # a tree over the same Medusa heads
+        elif method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
+            heads = method.removesuffix("_tree")  # a tree over the same heads
             out.append((method, dict(config, model=os.path.join(args.heads_dir, heads))))
         else:
             out.append((method, config))
