@@ -28,7 +28,8 @@ in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle
 --out` wrote them. Medusa drafts at most its K heads, MTP at most its D modules, per verify step.
 Token trees: ngram_tree (several prompt-lookup continuations), medusa_tree (the Medusa heads' top-k under a sparse
 tree, 4 nodes per level) and eagle_tree (EAGLE-2: the EAGLE head's dynamic tree, its 32 most probable nodes) score a
-tree per sequence and run their verify steps eagerly (tree mask, no graphs).
+tree per sequence; their verify steps (a tree mask: no whole-forward decode graph fits them) replay the piecewise
+CUDA graphs around eager attention.
 """
 from __future__ import annotations
 
