@@ -8,10 +8,12 @@ ordinary `"quant_method": "fp8"` one); calibration only chooses *which* e4m3 num
 
 1. SmoothQuant migration (Xiao et al. 2023; smoothquant.py): X W^T = (X / s)(W s)^T, s folded into the RMSNorm
    before q/k/v and gate/up and into up_proj's rows before down_proj. A float grid's error is relative, so
-   moving range between X and W matters less than for int8; what it still fixes are tokens whose per-token
-   scale is set by one huge channel, which push the others into e4m3's subnormals (below 2^-6 of the range's
-   top they lose relative precision). `alpha="search"` tries each alpha of `alphas` (and no smoothing) per
-   linear on calibration tokens and keeps the one with the least output error of the quantized product.
+   moving range between X and W matters much less than for int8: rescaling a value by s leaves its relative
+   rounding error alone, except that it moves the e4m3 points (the per-token scale always lands a token's
+   largest value exactly on 448). Underflow is not what hurts: on SmolLM2 a 3-bit-mantissa rounding with no
+   exponent limit at all did worse than per-token e4m3, because it no longer keeps each token's largest
+   (most important) value exact. So smoothing is searched, not assumed: `alpha="search"` tries each alpha of
+   `alphas` and no smoothing per linear on calibration tokens and keeps the least quantized output error.
 2. MSE weight scales (the clip search of AWQ and of vLLM/llm-compressor's "mse" observer): a row's scale need
    not map its max to exactly 448. Candidates max|W_i| * c / 448, c in (0.5, 1], shift where the e4m3 points
    fall (and clip the largest values a little); each row keeps the c with the least error weighted by
@@ -26,6 +28,9 @@ ordinary `"quant_method": "fp8"` one); calibration only chooses *which* e4m3 num
 walk then runs the layer with fp8 weights *and* fp8 per-token activations (forward pre-hooks), so later layers
 calibrate on what the fp8 model will really feed them. The LM head (the tied token embedding) stays unquantized,
 as in vLLM's FP8 checkpoints.
+
+Measured (benchmarks/quant_quality.py, CPU, 16 x 256 held-out tokens, 16 x 256 calibration): fp32 18.999, plain
+fp8 19.602 (+3.2%), this recipe with alpha="search", gptq and mse_scale 19.325 (+1.7%).
 """
 from __future__ import annotations
 
