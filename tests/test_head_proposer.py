@@ -245,7 +245,7 @@ def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
     monkeypatch.setattr(DraftGraphs, "_capture", capture)
     monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
     g = torch.Generator().manual_seed(7)
-    for batch, k in ((3, K), (2, K), (4, K), (2, 2), (1, 2)):
+    for batch, k in ((3, K), (2, K), (4, K), (2, 2), (1, 2), (1, K)):  # the last: (1, 2)'s graph drafts K
         seqs = [Sequence(f"{batch}-{k}-{i}", torch.randint(0, config.vocab_size, (3 + 2 * i,), generator=g).tolist(),
                          SamplingParams(temperature=0)) for i in range(batch)]
         for seq in seqs:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -249,7 +249,9 @@ class DraftGraphs:
         steps = self.proposer.draft(Window.from_packed(features, packed), num_drafts, greedy)
         return torch.stack(steps, dim=1)
 
-    def _capture(self, bucket: int, num_drafts: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, key, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Record `_run(bucket, key)` (key: what else fixes the shapes; here the number of drafts) on the
+        bucket's static inputs, after one warm-up run on a side stream; (graph, its static outputs)."""
         if bucket not in self.inputs:
             width = self.proposer.window
             self.inputs[bucket] = (like.new_zeros(bucket, width, like.shape[-1]),
@@ -257,14 +259,20 @@ class DraftGraphs:
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(side):  # warm-up: lazily built tables and workspaces exist before capture
-            self._run(bucket, num_drafts)
+            self._run(bucket, key)
         torch.cuda.current_stream(like.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._run(bucket, num_drafts)
+            out = self._run(bucket, key)
         return graph, out
+
+    def _fill(self, windows: list[RequestWindow], bucket: int) -> None:
+        """The windows into the bucket's static inputs (rows past len(windows) keep stale windows)."""
+        features, packed = self.inputs[bucket]
+        torch.stack([f for f, _, _ in windows], out=features[:len(windows)])
+        packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
 
     def propose(self, windows: list[RequestWindow], num_drafts: int) -> list[list[int]]:
         """Drafts [B][num_drafts] of the windows, by one graph replay."""
@@ -273,15 +281,13 @@ class DraftGraphs:
         key = self._key(bucket, num_drafts)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(bucket, num_drafts, windows[0][0])
+                self.graphs[key] = self._capture(bucket, key[1], windows[0][0])
             except RuntimeError as err:  # a capture failure costs speed, never a request: draft eagerly from now
                 warnings.warn(f"{self.proposer.method}: CUDA graph capture failed ({err}); drafting eagerly")
                 self.proposer.graphs = None
                 return self.proposer._propose_eager(windows, num_drafts, [], [], [])
         graph, out = self.graphs[key]
-        features, packed = self.inputs[bucket]
-        torch.stack([f for f, _, _ in windows], out=features[:batch])
-        packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
+        self._fill(windows, bucket)
         graph.replay()
         return out[:batch, :num_drafts].tolist()
 
