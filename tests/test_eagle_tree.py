@@ -178,3 +178,44 @@ def test_eagle_tree_sampled_requests_run_next_to_greedy_ones(model_and_config, p
 
 
 from test_speculative_tree_engine import model_and_config, plain  # noqa: E402,F401  (module fixtures)
+
+
+class TuplesReplayOnCPU:
+    """A captured graph with several static outputs, on the CPU: replay reruns the function into them."""
+
+    def __init__(self, run, outs: tuple[torch.Tensor, ...]) -> None:
+        self.run, self.outs = run, outs
+
+    def replay(self) -> None:
+        for out, new in zip(self.outs, self.run()):
+            out.copy_(new)
+
+
+def test_tree_graph_bookkeeping_replays_what_the_eager_search_finds(monkeypatch):
+    """TreeDraftGraphs without a GPU (its capture replaced by a CPU re-run on the static inputs): batches of 3
+    and 4 share the bucket-4 inputs; a batch of 2 gets its own bucket; a depth-2 search in bucket 4 replays the
+    depth-3 graph and keeps its first two levels; every result equals the op-by-op search's."""
+    from minillm.speculative.head_proposer import DraftGraphs
+    from minillm.speculative.tree_graphs import TreeDraftGraphs
+    graphs, config = random_proposer("eagle", cuda_graphs=True)
+    eager, _ = random_proposer("eagle")
+
+    def capture(self, bucket, key, like):
+        width = self.proposer.window
+        self.inputs.setdefault(bucket, (like.new_zeros(bucket, width, like.shape[-1]),
+                                        torch.zeros(bucket * width + bucket, dtype=torch.int64)))
+        out = self._run(bucket, key)
+        return TuplesReplayOnCPU(lambda: self._run(bucket, key), out), out
+    monkeypatch.setattr(TreeDraftGraphs, "_capture", capture)
+    monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
+    topk, beam = 3, 2
+    for lengths, depth, seed in (([3, 7, 10], 3, 1), ([4, 5, 6, 9], 3, 2), ([5, 8], 2, 3), ([6, 7, 9], 2, 4)):
+        seqs, _ = windows_of(graphs, config, lengths, seed)
+        seqs_eager, _ = windows_of(eager, config, lengths, seed)
+        got = graphs.propose_tree_candidates(seqs, [depth] * len(seqs), topk, beam)
+        want = eager.propose_tree_candidates(seqs_eager, [depth] * len(seqs), topk, beam)
+        for a, b in zip(got, want):
+            assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.parents, b.parents)
+            assert torch.equal(a.depths, b.depths)
+            torch.testing.assert_close(a.scores, b.scores)
+    assert sorted(graphs.tree_graphs.graphs) == [(2, (2, topk, beam)), (4, (3, topk, beam))]

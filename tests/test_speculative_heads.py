@@ -374,7 +374,7 @@ def test_shipped_weights_stay_under_40_mb():
 # -- GPU: CUDA graphs capture the hidden-state buffer ------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("kind", [*HEAD_KINDS, "eagle_tree"])
 def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
     """On the GPU, verify steps replay CUDA graphs and prefills piecewise ones, whose captured forwards also copy
     the pre-norm hidden states into a static buffer: greedy output equals plain decoding, and the drafts (hence
@@ -398,8 +398,9 @@ def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kin
         rate = None if engine.speculative is None else engine.speculative.metrics.acceptance_rate
         return outputs, rate
 
+    heads = trained[kind.removesuffix("_tree")][0]  # eagle_tree: the EAGLE head's tree search, in a graph too
     plain, _ = go(None, False)
-    eager, eager_rate = go(spec(kind, trained[kind][0]), True)
-    graphs, graph_rate = go(spec(kind, trained[kind][0]), False)
+    eager, eager_rate = go(spec(kind, heads), True)
+    graphs, graph_rate = go(spec(kind, heads), False)
     assert eager == plain and graphs == plain
     assert abs(eager_rate - graph_rate) < 0.05  # TF32 in the kernels may flip a near-tie draft, no more

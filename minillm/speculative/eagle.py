@@ -77,6 +77,7 @@ class EagleHead(nn.Module):
 class EagleProposer(HeadProposer):
     method = "eagle"
     hidden_state_kind = "pre_norm"
+    tree_graphs = None  # TreeDraftGraphs (tree_graphs.py), made on the first tree search on a GPU
 
     @property
     def max_drafts(self) -> int:
@@ -180,8 +181,19 @@ class EagleProposer(HeadProposer):
         if not ready:
             return result
         depth = max(depths[i] for i in ready)
-        tokens, parents, scores = (t.cpu() for t in self.draft_tree(self._batch([windows[i] for i in ready]),
-                                                                      depth, topk, beam))
+        batch = [windows[i] for i in ready]
+        found = None
+        if self.graphs is not None and self.graphs.fits(batch):  # CUDA: the search replays as one graph
+            if self.tree_graphs is None:
+                from minillm.speculative.tree_graphs import TreeDraftGraphs
+                self.tree_graphs = TreeDraftGraphs(self)
+            found = self.tree_graphs.propose_tree(batch, depth, topk, beam)
+            if found is None:  # capture failed: search op by op from now on
+                self.graphs = self.tree_graphs = None
+        if found is not None:
+            tokens, parents, scores, depth = found  # a deeper graph may have served: its prefix is this search
+        else:
+            tokens, parents, scores = (t.cpu() for t in self.draft_tree(self._batch(batch), depth, topk, beam))
         levels = torch.tensor([1] * topk + [d for d in range(2, depth + 1) for _ in range(beam * topk)])
         for row, i in enumerate(ready):
             keep = int((levels <= depths[i]).sum())  # the layout is depth by depth: a prefix
