@@ -53,6 +53,7 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # fp8_calibrated.py: the same e4m3 x e4m3 GEMMs, with smoothing searched per linear, activation-weighted
     # MSE row scales and GPTQ rounding onto the e4m3 grid (the LM head, the tied embedding, stays unquantized)
     ("fp8 w8a8 calibrated", "fp8", dict(fp8_smooth_alpha="search", fp8_gptq=True, fp8_mse_scale=True)),
+    ("fp8 w8a8 gptq", "fp8", dict(fp8_gptq=True)),  # GPTQ alone: on the CPU as good as the full recipe
     ("smoothquant w8a8", "smoothquant", dict(alpha=0.5)),
     ("nf4 (double quant)", "nf4", {}),
     ("int8 (LLM.int8)", "int8", {}),
