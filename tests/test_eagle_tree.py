@@ -16,7 +16,7 @@ from minillm.sampling_params import SamplingParams
 from minillm.speculative.config import SpeculativeConfig, verify_query_lens
 from minillm.speculative.eagle import DraftTreeCandidates
 from minillm.speculative.tree_proposers import EagleTreeProposer, best_candidates_tree
-from test_head_proposer import K, random_proposer, record
+from test_head_proposer import K, capture_on_cpu, random_proposer, record
 from tiny import one_thread  # noqa: F401  (autouse: one torch thread)
 
 
@@ -180,17 +180,6 @@ def test_eagle_tree_sampled_requests_run_next_to_greedy_ones(model_and_config, p
 from test_speculative_tree_engine import model_and_config, plain  # noqa: E402,F401  (module fixtures)
 
 
-class TuplesReplayOnCPU:
-    """A captured graph with several static outputs, on the CPU: replay reruns the function into them."""
-
-    def __init__(self, run, outs: tuple[torch.Tensor, ...]) -> None:
-        self.run, self.outs = run, outs
-
-    def replay(self) -> None:
-        for out, new in zip(self.outs, self.run()):
-            out.copy_(new)
-
-
 def test_tree_graph_bookkeeping_replays_what_the_eager_search_finds(monkeypatch):
     """TreeDraftGraphs without a GPU (its capture replaced by a CPU re-run on the static inputs): batches of 3
     and 4 share the bucket-4 inputs; a batch of 2 gets its own bucket; a depth-2 search in bucket 4 replays the
@@ -200,13 +189,7 @@ def test_tree_graph_bookkeeping_replays_what_the_eager_search_finds(monkeypatch)
     graphs, config = random_proposer("eagle", cuda_graphs=True)
     eager, _ = random_proposer("eagle")
 
-    def capture(self, bucket, key, like):
-        width = self.proposer.window
-        self.inputs.setdefault(bucket, (like.new_zeros(bucket, width, like.shape[-1]),
-                                        torch.zeros(bucket * width + bucket, dtype=torch.int64)))
-        out = self._run(bucket, key)
-        return TuplesReplayOnCPU(lambda: self._run(bucket, key), out), out
-    monkeypatch.setattr(TreeDraftGraphs, "_capture", capture)
+    monkeypatch.setattr(TreeDraftGraphs, "_capture", capture_on_cpu)
     monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
     topk, beam = 3, 2
     for lengths, depth, seed in (([3, 7, 10], 3, 1), ([4, 5, 6, 9], 3, 2), ([5, 8], 2, 3), ([6, 7, 9], 2, 4)):

@@ -218,13 +218,24 @@ def test_graph_replay_drafts_what_the_eager_path_drafts(kind):
 
 class ReplayOnCPU:
     """Stands in for a captured torch.cuda.CUDAGraph on the CPU: replay reruns the capture's function into the
-    same output tensor, reading the same static inputs, as a real replay would."""
+    same output tensor(s), reading the same static inputs, as a real replay would."""
 
-    def __init__(self, run, out: torch.Tensor) -> None:
+    def __init__(self, run, out) -> None:
         self.run, self.out = run, out
 
     def replay(self) -> None:
-        self.out.copy_(self.run())
+        outs, new = (self.out, self.run()) if isinstance(self.out, tuple) else ((self.out,), (self.run(),))
+        for out, value in zip(outs, new):
+            out.copy_(value)
+
+
+def capture_on_cpu(self, bucket, key, like):
+    """DraftGraphs._capture without a GPU: the bucket's static inputs, one run, a ReplayOnCPU of it."""
+    width = self.proposer.window
+    self.inputs.setdefault(bucket, (like.new_zeros(bucket, width, like.shape[-1]),
+                                    torch.zeros(bucket * width + bucket, dtype=torch.int64)))
+    out = self._run(bucket, key)
+    return ReplayOnCPU(lambda: self._run(bucket, key), out), out
 
 
 def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
@@ -236,13 +247,7 @@ def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
     graphs, config = random_proposer("eagle", cuda_graphs=True)
     eager, _ = random_proposer("eagle")
 
-    def capture(self, bucket, num_drafts, like):
-        width = self.proposer.window
-        self.inputs.setdefault(bucket, (like.new_zeros(bucket, width, like.shape[-1]),
-                                        torch.zeros(bucket * width + bucket, dtype=torch.int64)))
-        out = self._run(bucket, num_drafts)
-        return ReplayOnCPU(lambda: self._run(bucket, num_drafts), out), out
-    monkeypatch.setattr(DraftGraphs, "_capture", capture)
+    monkeypatch.setattr(DraftGraphs, "_capture", capture_on_cpu)
     monkeypatch.setattr(DraftGraphs, "fits", lambda self, windows: True)
     g = torch.Generator().manual_seed(7)
     for batch, k in ((3, K), (2, K), (4, K), (2, 2), (1, 2), (1, K)):  # the last: (1, 2)'s graph drafts K

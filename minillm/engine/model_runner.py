@@ -33,6 +33,7 @@ The operator backend itself (torch reference or Triton kernels) is the model's (
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,12 +127,7 @@ class ModelRunner:
         graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
                                   self.block_size, self.model_config.hidden_size, self.dtype, self.device,
                                   query_lens=verify_query_lens(engine_config))
-        with torch.inference_mode():
-            self._capturing_graphs = True
-            try:
-                graphs.capture()
-            finally:
-                self._capturing_graphs = False
+        self._capture(graphs)
         self.cuda_graphs = graphs
         # steps with prefill tokens and token-tree steps: piecewise graphs, unless a layer mixes rows (MoE
         # capacity). Heads that read the final norm's input (EAGLE, MTP) get it as from the decode graphs: the
@@ -139,13 +135,17 @@ class ModelRunner:
         if engine_config.piecewise_cuda_graphs and not getattr(self.model_config, "num_local_experts", None):
             from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
             pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device)
-            with torch.inference_mode():
-                self._capturing_graphs = True
-                try:
-                    pieces.capture()
-                finally:
-                    self._capturing_graphs = False
+            self._capture(pieces)
             self.piecewise_graphs = pieces
+
+    def _capture(self, graphs: Any) -> None:
+        """graphs.capture(), with the flag that lets the pre-norm hook record its copy into the static buffer."""
+        with torch.inference_mode():
+            self._capturing_graphs = True
+            try:
+                graphs.capture()
+            finally:
+                self._capturing_graphs = False
 
     def _keep_hidden_states(self, kind: str | None, max_graph_tokens: int) -> None:
         """Prepare what return_hidden_states needs: for "pre_norm", a forward hook on the final norm (the fused
