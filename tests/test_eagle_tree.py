@@ -16,22 +16,8 @@ from minillm.sampling_params import SamplingParams
 from minillm.speculative.config import SpeculativeConfig, verify_query_lens
 from minillm.speculative.eagle import DraftTreeCandidates
 from minillm.speculative.tree_proposers import EagleTreeProposer, best_candidates_tree
-from test_head_proposer import K, capture_on_cpu, random_proposer, record
+from test_head_proposer import K, capture_on_cpu, random_proposer, record, windows_of
 from tiny import one_thread  # noqa: F401  (autouse: one torch thread)
-
-
-def windows_of(proposer, config, lengths, seed=3):
-    """Sequences of these lengths, each with random features recorded for every position but the last."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, features = [], []
-    for i, length in enumerate(lengths):
-        seq = Sequence(str(i), torch.randint(0, config.vocab_size, (length,), generator=g).tolist(),
-                       SamplingParams(temperature=0))
-        rows = torch.randn(length - 1, config.hidden_size, generator=g)
-        record(proposer, seq, rows, 0)
-        seqs.append(seq)
-        features.append(rows)
-    return seqs, features
 
 
 @torch.no_grad()

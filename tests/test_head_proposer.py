@@ -44,6 +44,20 @@ def record(proposer, seq: Sequence, rows: torch.Tensor, start: int, drafts: list
     seq.spec_token_ids = []
 
 
+def windows_of(proposer, config, lengths, seed=3):
+    """Sequences of these lengths, each with random features recorded for every position but the last."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, features = [], []
+    for i, length in enumerate(lengths):
+        seq = Sequence(str(i), torch.randint(0, config.vocab_size, (length,), generator=g).tolist(),
+                       SamplingParams(temperature=0))
+        rows = torch.randn(length - 1, config.hidden_size, generator=g)
+        record(proposer, seq, rows, 0)
+        seqs.append(seq)
+        features.append(rows)
+    return seqs, features
+
+
 def test_rope_tables_equal_the_angles_computed_directly_and_are_kept():
     rope = RopeTables(head_dim=8, theta=10000.0)
     x, positions = torch.randn(2, 5, 3, 8), torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 300]])
@@ -178,15 +192,7 @@ def drafts_from_scratch(proposer, seq: Sequence, features: torch.Tensor, num_dra
 def test_batched_padded_drafts_equal_each_request_drafted_alone(kind):
     """Windows of 2, 6 (= the width) and 6 of 9 features in one batch; one request asks for fewer drafts."""
     proposer, config = random_proposer(kind)
-    g = torch.Generator().manual_seed(3)
-    seqs, features = [], []
-    for i, length in enumerate([3, 7, 10]):
-        seq = Sequence(str(i), torch.randint(0, config.vocab_size, (length,), generator=g).tolist(),
-                       SamplingParams(temperature=0))
-        rows = torch.randn(length - 1, config.hidden_size, generator=g)
-        record(proposer, seq, rows, 0)
-        seqs.append(seq)
-        features.append(rows)
+    seqs, features = windows_of(proposer, config, [3, 7, 10])
     wanted = [K, K, 2]
     drafts = proposer.propose(seqs, wanted)
     assert drafts == [drafts_from_scratch(proposer, s, f, k) for s, f, k in zip(seqs, features, wanted)]
