@@ -40,12 +40,14 @@ RUNS = {"rtn": ("rtn", dict(group_size=32)), "gptq": ("gptq", dict(group_size=32
         "nf4": ("nf4", {}), "int8": ("int8", {}),
         # the other shapes of the integer grid: act-order g_idx, 3-bit symmetric, 3-bit AWQ (stored as GPTQ)
         "gptq_act_order": ("gptq", dict(group_size=32, act_order=True)),
+        # gptq+: act-order with static groups (no g_idx on disk) and the searched grid range
+        "gptq_plus": ("gptq", dict(group_size=32, act_order=True, static_groups=True, grid_search=True)),
         "rtn_w3_sym": ("rtn", dict(bits=3, group_size=32, sym=True)),
         "awq_w3_channel": ("awq", dict(bits=3, group_size=-1))}
 # relative error of the final logits vs dense on this random model (measured: 0.20, 0.15, 0.19, 0.09, 0.02,
 # 0.22, 0.02, 0.22, 0.4, 0.42; random 2-layer models amplify weight error, so these are far above a real model's)
 LOGIT_ERROR = {"rtn": 0.3, "gptq": 0.3, "awq": 0.3, "fp8": 0.15, "smoothquant": 0.05, "nf4": 0.3, "int8": 0.05,
-               "gptq_act_order": 0.3, "rtn_w3_sym": 0.6, "awq_w3_channel": 0.6}
+               "gptq_act_order": 0.3, "gptq_plus": 0.3, "rtn_w3_sym": 0.6, "awq_w3_channel": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,14 @@ def test_gptq_beats_rtn_on_its_calibration_data(dense, quantized):
     ref = _logits(dense[0], CALIB)
     gptq, rtn = (_rel(_logits(quantized[m].build(), CALIB), ref) for m in ("gptq", "rtn"))
     assert gptq < 0.9 * rtn
+
+
+def test_gptq_plus_stores_no_g_idx_and_its_options_are_gptq_only(dense, quantized):
+    qm = quantized["gptq_plus"]
+    assert qm.quantization_config["desc_act"] is False and not any(k.endswith("g_idx") for k in qm.state)
+    assert quantized["gptq_act_order"].quantization_config["desc_act"] is True
+    with pytest.raises(ValueError, match="grid_search is a GPTQ option; got it with method 'rtn'"):
+        quantize_model(dense[0], "rtn", grid_search=True, progress=False)
 
 
 def test_awq_folds_scales_into_the_norms(dense, quantized):

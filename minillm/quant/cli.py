@@ -120,7 +120,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             calibration = tokenize_to_sequences(texts, tokenizer, args.calib_samples, args.calib_seq_len)
         start = time.perf_counter()
         qm = quantize_model(model, args.method, args.bits, args.group_size, calibration=calibration,
-                            sym=args.sym, act_order=args.act_order, alpha=args.alpha, **recipe)
+                            sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
+                            grid_search=args.grid_search, alpha=args.alpha, **recipe)
         save_quantized(qm, args.out, tokenizer, source=path if os.path.isdir(path) else None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"minillm quantize: error: {err}", file=sys.stderr)
@@ -143,6 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "of 128)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (rtn/gptq); default asymmetric")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing activation (desc_act)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="gptq: group grids from the original columns, fixed before act-order (no g_idx)")
+    p.add_argument("--grid-search", action="store_true",
+                   help="gptq: search each group's grid range (weighted by the Hessian's diagonal); with "
+                        "--act-order --static-groups this is the best GPTQ here")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=None,
                    help="fp8: SmoothQuant migration before e4m3, a float in [0, 1] or 'search' (per linear)")
