@@ -4,9 +4,12 @@
                      QuantizationConfig and the registry of names (vLLM's where they exist)
     rtn.py           the integer grid: round-to-nearest, groups, symmetric/asymmetric, int4 packing
     gptq.py awq.py   the algorithms that choose better codes from calibration data (calibration.py: the text)
+    awq_block.py     AWQ's scales searched on each block's output (the reference code's objective)
+    recipes.py       quantize_recipe: gptq+ (act-order, static groups, searched grids), awq+, awq+gptq
     int4.py          GPTQ's and AWQ's packed layouts and int4_linear, the weight-only matmul's call site
     weight_only.py   "rtn" (at load time), "gptq" and "awq" checkpoints       W4A16 / W3A16
     fp8.py           "fp8"          e4m3 weights and per-token activations   W8A8 float
+    fp8_calibrated.py  fp8's calibrated recipe: smoothing, MSE row scales, GPTQ on the e4m3 grid
     smoothquant.py   "smoothquant"  outliers migrated into the weights      W8A8 int8
     nf4.py           "nf4"          NormalFloat4 + double quantization      W4A16
     llm_int8.py      "int8"         int8 with outlier columns in float      W8A8 int8 + fp
