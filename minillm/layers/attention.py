@@ -140,6 +140,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return out.transpose(0, 1)
 
 
+def all_slots_stored(slot_mapping: torch.Tensor) -> bool:
+    """Whether every row of a step is stored (no slot -1): a host read of the slots' minimum (a sync on a GPU)."""
+    return not slot_mapping.numel() or int(slot_mapping.min()) >= 0
+
+
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                   v_scale: torch.Tensor | None = None, all_stored: bool | None = None) -> None:
@@ -157,7 +162,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     k = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
     v = v if v.dtype == v_cache.dtype else v.to(v_cache.dtype)
     if all_stored is None:
-        all_stored = not slots.numel() or int(slots.min()) >= 0
+        all_stored = all_slots_stored(slots)
     if not all_stored:  # some rows are not stored: keep the others (a boolean gather)
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
@@ -269,8 +274,7 @@ class Attention(OperatorModule):
         if use_cache:
             all_stored = memo.get("all_stored")
             if all_stored is None:
-                slots = meta.slot_mapping
-                all_stored = memo["all_stored"] = not slots.numel() or int(slots.min()) >= 0
+                all_stored = memo["all_stored"] = all_slots_stored(meta.slot_mapping)
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale,
                           all_stored=all_stored)
         # a prefill attends to its fresh k/v: the same values the cache now holds (or, fp8, their exact originals)

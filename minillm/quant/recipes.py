@@ -27,7 +27,9 @@ The AWQ pass walks the layers with dense (scaled) weights, as AutoAWQ does; the 
 quantized ones, as GPTQ's reference does (each layer calibrated on the outputs of the already quantized
 layers before it, and inside a layer each linear after the ones before it are quantized). What comes out is
 a GPTQ-format checkpoint (codes, fp16 scales, zeros; folded norms in the clear), loaded by the same path as
-a file, so what perplexity measures is what would be saved.
+a file, so what perplexity measures is what would be saved. The rounding pass is the driver's own
+(quantize_model "gptq" with act_order / static_groups / grid_search, or "rtn"): a recipe adds the AWQ pass
+before it, nothing else.
 """
 from __future__ import annotations
 
@@ -39,49 +41,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.quant.awq_block import awq_scale_layer
-from minillm.quant.driver import LayerRunner, QuantizedModel, _shards, _split_rows, hf_state_dict
-from minillm.quant.gptq import HessianAccumulator, gptq_quantize
-from minillm.quant.int4 import gptq_tensors
-from minillm.quant.rtn import QuantizedWeight, quantize
+from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, quantize_model
 
 __all__ = ["RECIPES", "quantize_recipe"]
 
 RECIPES = ("gptq", "awq", "awq+gptq")
-
-
-def _linears(layer: nn.Module) -> list[nn.Module]:
-    """A decoder layer's linears in the order its forward reaches them (GPTQ's true-sequential order)."""
-    return [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
-
-
-def _gptq_layer(layer: nn.Module, runner: LayerRunner, bits: int, group_size: int, gptq_options: dict
-                ) -> dict[nn.Module, QuantizedWeight]:
-    """GPTQ each linear in turn, its Hessian collected with the linears before it already quantized."""
-    out = {}
-    for lin in _linears(layer):
-        acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
-        runner.run(layer, {lin: acc.add})
-        block = 128 if group_size == -1 or 128 % group_size == 0 else group_size
-        res = gptq_quantize(lin.weight.data, acc.H, bits, group_size, block_size=block, **gptq_options)
-        lin.weight.data.copy_(res.weight_dq.to(lin.weight.dtype))
-        out[lin] = res.qweight
-    return out
-
-
-def _export(model: nn.Module, qweights: dict[nn.Module, QuantizedWeight], config: dict) -> QuantizedModel:
-    """The dense model's HF state with every quantized linear's weight replaced by GPTQ tensors."""
-    state = hf_state_dict(model)
-    for name, module in model.named_modules():
-        if module not in qweights:
-            continue
-        shards = _shards(model, name, module)
-        for (hf, rows), qw in zip(shards, _split_rows(qweights[module], [r.stop - r.start for _, r in shards])):
-            del state[f"{hf}.weight"]
-            tensors = gptq_tensors(qw, zero_offset=1)  # AutoGPTQ's "gptq" format stores zero - 1
-            tensors["scales"] = tensors["scales"].half()  # what GPTQ files hold and the kernels read
-            state.update({f"{hf}.{k}": t.contiguous() for k, t in tensors.items()})
-    model_config = dataclasses.replace(model.config, quantization="gptq", quantization_config=config)
-    return QuantizedModel(config=model_config, state=state)
 
 
 @torch.no_grad()
@@ -109,33 +73,25 @@ def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bi
                          f"[{int(calibration.min())}, {int(calibration.max())}]")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    layers = model.model.layers
-    for lin in (lin for layer in layers for lin in _linears(layer)):
+    for lin in _decoder_linears(model).values():
         if type(lin.quant_method).__name__ != "UnquantizedLinearMethod":
             raise TypeError(f"quantize_recipe needs a dense model, got a {type(lin.quant_method).__name__} linear")
         if group_size != -1 and (group_size < 1 or lin.input_size % group_size):
             raise ValueError(f"group_size={group_size} must be -1 or divide every in_features "
                              f"({lin.input_size} does not divide); 64 for SmolLM2's 576")
-    model = copy.deepcopy(model)  # scales are folded and weights rewritten as the walk goes
-    layers = model.model.layers
     if recipe in ("awq", "awq+gptq"):
+        model = copy.deepcopy(model)  # the scales are folded into the norms and up_proj as the walk goes
         runner = LayerRunner(model, calibration, batch_size)
-        for layer in tqdm(layers, desc="AWQ scales", unit="layer", disable=not progress):
+        for layer in tqdm(model.model.layers, desc="AWQ scales", unit="layer", disable=not progress):
             awq_scale_layer(layer, runner.batches, bits, group_size, n_grid, duo_scaling, awq_clip,
                             max_tokens=awq_tokens)
             runner.run(layer, advance=True)  # the next layer's inputs, from this layer scaled (still dense)
+    # the rounding: the driver's walk (GPTQ true-sequential on the quantized outputs; or round-to-nearest)
+    common = dict(bits=bits, group_size=group_size, batch_size=batch_size, progress=progress)
     if recipe == "awq":
-        qweights = {lin: quantize(lin.weight.data, bits, group_size, False) for layer in layers
-                    for lin in _linears(layer)}
+        qm = quantize_model(model, "rtn", **common)
     else:
-        options = dict(symmetric=False, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
-                       clip_search=clip_search)
-        runner = LayerRunner(model, calibration, batch_size)
-        qweights = {}
-        for layer in tqdm(layers, desc="GPTQ", unit="layer", disable=not progress):
-            qweights.update(_gptq_layer(layer, runner, bits, group_size, options))
-            runner.run(layer, advance=True)  # quantized: the next layer corrects for what reaches it
-    g_idx = act_order and not static_groups and recipe != "awq"
-    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": g_idx, "sym": False,
-              "checkpoint_format": "gptq", "minillm_method": recipe}
-    return _export(model, qweights, config)
+        qm = quantize_model(model, "gptq", calibration=calibration, act_order=act_order,
+                            static_groups=static_groups, grid_search=clip_search, percdamp=percdamp, **common)
+    config = dict(qm.config.quantization_config, minillm_method=recipe)
+    return dataclasses.replace(qm, config=dataclasses.replace(qm.config, quantization_config=config))
