@@ -104,11 +104,11 @@ def _rotate_heads(X, stride_t, stride_h, token, num_heads, cos, sin, HALF: tl.co
 
 
 @triton.jit
-def _rotary_kernel(POS, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, num_heads,
-                   num_kv_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+def _rotary_kernel(POS, stride_p, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+                   num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
                    BLOCK_HK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + token).to(tl.int64)
+    pos = tl.load(POS + token * stride_p).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     cos = tl.load(COS_SIN + pos * stride_c + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(COS_SIN + pos * stride_c + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
@@ -121,7 +121,10 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Apply rotate-half RoPE in place to q [T, H, D] and k [T, KVH, D] at `positions` [T].
 
     cos_sin_cache [max_pos, D]: row p holds cos(p * theta_i) in its first D/2 entries and sin in the rest.
-    Positions must lie in [0, max_pos) (not checked on the device, to avoid a sync).
+    Positions must lie in [0, max_pos) (not checked on the device, to avoid a sync). They may be any 1-D view:
+    the kernel reads them with their stride (an expanded [1, n] -> [n] view has stride 0; reading it as
+    contiguous walked past its one element, and the garbage "positions" indexed far outside the cos/sin table:
+    an illegal memory access on the H200 in EAGLE's tree search, found with compute-sanitizer).
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"need q [T, H, D] and k [T, KVH, D], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -136,8 +139,8 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if num_tokens == 0:
         return
     half = head_dim // 2
-    _rotary_kernel[(num_tokens,)](positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0),
-                                  k.stride(1), cos_sin_cache.stride(0), num_heads, k.shape[1], HALF=half,
+    _rotary_kernel[(num_tokens,)](positions, positions.stride(0), q, k, cos_sin_cache, q.stride(0), q.stride(1),
+                                  k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_heads, k.shape[1], HALF=half,
                                   BLOCK_HALF=triton.next_power_of_2(half),
                                   BLOCK_HQ=triton.next_power_of_2(num_heads),
                                   BLOCK_HK=triton.next_power_of_2(k.shape[1]), num_warps=4)

@@ -188,13 +188,3 @@ def test_tree_graph_bookkeeping_replays_what_the_eager_search_finds(monkeypatch)
             assert torch.equal(a.depths, b.depths)
             torch.testing.assert_close(a.scores, b.scores)
     assert sorted(graphs.tree_graphs.graphs) == [(2, (2, topk, beam)), (4, (3, topk, beam))]
-
-
-def test_eagle_tree_is_refused_on_cuda_with_the_alternatives():
-    """Until its GPU fault is found, an eagle_tree engine on CUDA is refused at build time (a clear error, not a
-    process killed by an illegal memory access); the message names what to use instead."""
-    from types import SimpleNamespace
-    from minillm.speculative.tree_proposers import build_eagle_tree_proposer
-    spec = SpeculativeConfig.from_dict({"method": "eagle_tree", "num_speculative_tokens": 3})
-    with pytest.raises(ValueError, match="'eagle_tree' is not available on CUDA.*'eagle'"):
-        build_eagle_tree_proposer(spec, SimpleNamespace(device=torch.device("cuda", 0)))

@@ -374,8 +374,7 @@ def test_shipped_weights_stay_under_40_mb():
 # -- GPU: CUDA graphs capture the hidden-state buffer ------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", [*HEAD_KINDS, pytest.param("eagle_tree", marks=pytest.mark.xfail(
-    run=False, reason="eagle_tree hit an illegal memory access on the H200 (it kills the process): refused on CUDA"))])
+@pytest.mark.parametrize("kind", [*HEAD_KINDS, "eagle_tree"])
 def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
     """On the GPU, verify steps replay CUDA graphs and prefills piecewise ones, whose captured forwards also copy
     the pre-norm hidden states into a static buffer: greedy output equals plain decoding, and the drafts (hence

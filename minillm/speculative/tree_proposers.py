@@ -218,10 +218,5 @@ def build_eagle_tree_proposer(spec: "SpeculativeConfig", engine: Any, seed: int 
     """The "eagle_tree" method: the engine's EAGLE proposer (spec.model or the shipped head), trees at most
     num_speculative_tokens deep of spec.num_tree_nodes nodes (default EAGLE_TREE_NODES) below the root."""
     from minillm.speculative.head_kinds import build_head_proposer
-    if str(getattr(engine, "device", "cpu")).startswith("cuda"):
-        # a refusal, not a crash: on the H200 (2026-12-02) an eagle_tree engine hit an illegal memory access
-        # (tests/test_speculative_heads.py, GPU), which kills the whole process; not yet located
-        raise ValueError("speculative method 'eagle_tree' is not available on CUDA yet (an illegal memory access on "
-                         "the H200, under investigation); use 'eagle' (chain) or 'medusa_tree' / 'ngram_tree' there")
     eagle = build_head_proposer(dataclasses.replace(spec, method="eagle", num_tree_nodes=None), engine, seed)
     return EagleTreeProposer(eagle, spec.num_tree_nodes or EAGLE_TREE_NODES)

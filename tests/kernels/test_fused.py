@@ -49,6 +49,23 @@ def test_rotary_in_place_on_qkv_views():
     torch.testing.assert_close(q[0], ref_q[0])  # position 0 is the identity rotation
 
 
+@pytest.mark.parametrize("positions", [torch.arange(8)[::2],  # a strided slice
+                                       torch.tensor([[7]]).expand(1, 4).reshape(-1)],  # stride 0: EAGLE's beam
+                         ids=["stride-2", "stride-0"])
+def test_rotary_reads_positions_through_their_stride(positions):
+    """Positions that are a view (EAGLE's tree search expands one position over its beam: stride 0) are read with
+    their stride, not as a contiguous array: reading past a stride-0 view's one element gave garbage positions and
+    an illegal memory access on the H200."""
+    assert positions.stride(0) != 1
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 3, 16, generator=g), torch.randn(4, 1, 16, generator=g)
+    cache = _cos_sin_cache(64, 16)
+    ref_q, ref_k = rotary_reference(positions.contiguous(), q, cache), rotary_reference(positions.contiguous(), k, cache)
+    rotary_embedding_(positions, q, k, cache)
+    torch.testing.assert_close(q, ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3, 2 * 100), (4, 2 * 1536), (2, 2, 2 * 7)])
 def test_silu_and_mul(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 4
