@@ -72,6 +72,16 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 # <<< exercise
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary of [B, V] logits, int64 [B]. On a GPU, the two-stage kernel of
+    minillm.kernels.argmax (a one-row argmax in torch runs on a single SM; the kernel spreads the row over
+    many, and reads bf16 without an fp32 copy); elsewhere torch.argmax."""
+    if logits.is_cuda and logits.stride(-1) == 1:
+        from minillm.kernels.argmax import argmax_last_dim
+        return argmax_last_dim(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler(nn.Module):
     """Turns [B, V] logits into [B] token ids under per-row sampling parameters.
 
@@ -94,9 +104,9 @@ class Sampler(nn.Module):
         for name, t in (("temperatures", temperatures), ("top_ks", top_ks), ("top_ps", top_ps)):
             if t.shape != (batch,):
                 raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+        tokens = greedy_tokens(logits)
         logits = logits.float()  # sampling in fp32: bf16 rounds small probabilities to zero
         greedy = temperatures <= 0
-        tokens = logits.argmax(dim=-1)
         if all_greedy if all_greedy is not None else bool(greedy.all()):
             return tokens
         # greedy rows are divided by 1 (their result is overwritten below), the others by their temperature
