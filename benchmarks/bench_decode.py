@@ -16,7 +16,7 @@ microseconds of host time, which graphs replace by a single launch.
 
 The dense linears and the LM head run the decode GEMV (minillm.kernels.gemv) where it measured faster than
 cuBLAS on its first call (--gemv auto, the default; `on` forces it, `off` is cuBLAS only, as MINILLM_GEMV=0).
---gemv-ab adds a CUDA-graph run with the GEMV off, in the same process, for the A/B; the choices made per
+--gemv-ab adds CUDA-graph runs under the other two policies, in the same process, for the A/B; the choices made per
 (N, K, M) are listed in the JSON under "gemv_decisions".
 
 Baseline in the same run: Hugging Face transformers `generate` (greedy, min_new_tokens = max_new_tokens) on a
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
                         help="decode GEMV policy of the engine runs (default auto: timed against cuBLAS per shape)")
     parser.add_argument("--gemv-ab", action="store_true",
-                        help="add a CUDA-graph run with the GEMV off (cuBLAS only) for an A/B in the same run")
+                        help="add CUDA-graph runs under the other two GEMV policies (off = cuBLAS only, on, auto) "
+                             "for an A/B in the same run")
     args = parser.parse_args(argv)
     output_len = args.output_len or (64 if args.quick else 256)
     if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
@@ -241,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, gemv=args.gemv, runs={})
     plan = [("engine_eager", True, args.gemv), ("engine_cuda_graphs", False, args.gemv),
             ("engine_default", None, args.gemv)]
-    if args.gemv_ab and args.gemv != "off":
-        plan.insert(1, ("engine_cuda_graphs_no_gemv", False, "off"))
+    if args.gemv_ab:  # the other two policies, with graphs, in the same process
+        others = {"off": "engine_cuda_graphs_no_gemv", "on": "engine_cuda_graphs_gemv_on", "auto": "engine_cuda_graphs_auto"}
+        for mode in ("off", "on", "auto"):
+            if mode != args.gemv:
+                plan.insert(1, (others[mode], False, mode))
     for name, eager, gemv in plan:
         linear_module.set_gemv_mode(gemv)  # before the engine captures its graphs
         try:
