@@ -269,3 +269,36 @@ def test_graph_runner_refills_its_static_inputs_for_every_batch(monkeypatch):
     record(graphs, sampled, torch.randn(2, config.hidden_size, generator=g), 0)
     assert len(graphs.propose([sampled], [K])[0]) == K  # a sampled request drafts eagerly: no new graph
     assert sorted(graphs.graphs.graphs) == [(1, K), (2, K), (4, K)]
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_drafts_made_ahead_are_the_drafts_propose_would_make(kind):
+    """draft_ahead at the end of a verify step (features recorded, tokens not yet appended), then the engine's
+    postprocess (the tokens appended): propose collects the drafts made ahead, which equal those of a proposer that
+    drafts only when asked. A sequence whose window is not the one drafted from is drafted afresh."""
+    ahead, config = random_proposer(kind)
+    fresh, _ = random_proposer(kind)
+    seqs, _ = windows_of(ahead, config, [4, 7, 9])
+    windows_of(fresh, config, [4, 7, 9])
+    g = torch.Generator().manual_seed(11)
+    for step in range(3):
+        new_tokens = [[int(t) for t in torch.randint(0, config.vocab_size, (n,), generator=g)] for n in (1, 2, 3)]
+        for proposer in (ahead, fresh):  # a verify step of 3 drafts that accepted len(tokens) - 1 of them
+            for seq, tokens in zip(seqs, new_tokens):
+                rows = torch.randn(4, config.hidden_size, generator=torch.Generator().manual_seed(step + len(tokens)))
+                record(proposer, seq, rows, seq.num_tokens - 1, drafts=[0, 0, 0], sampled=tokens)
+        assert ahead.draft_ahead(seqs, new_tokens, [K, K, 2]) is None and ahead._ahead is not None
+        assert ahead._ahead.num_drafts == min(K, ahead.max_drafts)
+        if step == 2:  # the last sequence gains one token fewer than drafted for: its window ends elsewhere
+            new_tokens[2] = new_tokens[2][:-1]
+        for seq, tokens in zip(seqs, new_tokens):  # postprocess
+            for t in tokens:
+                seq.append_token(t, 0.0)
+            seq.num_computed_tokens = seq.num_tokens - 1
+        pending = ahead._ahead
+        covered = pending.covers([s.request_id for s in seqs], [s.num_tokens - 1 for s in seqs], 2)
+        assert covered == (step < 2)
+        assert ahead.propose(seqs, [K, K, 2]) == fresh.propose(seqs, [K, K, 2])
+        assert ahead._ahead is None and pending.ready is None  # used once (on a CPU the copy is done at once)
+    ahead.draft_ahead(seqs, [[5, 6, 7, 8]] * 3, [K] * 3)  # no features for the tokens before these: no drafts
+    assert ahead._ahead is None

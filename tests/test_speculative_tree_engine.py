@@ -348,6 +348,36 @@ def test_tree_proposers_build_valid_trees():
         TreeDraft(TokenTree.from_parents([-1] + [0] * 64), [0] * 65)
 
 
+def test_ngram_tree_index_finds_what_a_rescan_finds():
+    """The per-request index of n-gram occurrences, extended step by step, gives the continuations a scan of the
+    whole sequence gives (random short alphabets: many repeats, overlaps, a search window that cuts)."""
+    import random
+    rng = random.Random(1)
+
+    def scan(p, tokens, depth):
+        found, low = [], max(0, len(tokens) - 1 - p.search_window)
+        for n in range(min(p.max_n, len(tokens) - 1), p.min_n - 1, -1):
+            for end in range(len(tokens) - 1, max(n, low) - 1, -1):
+                c = tokens[end:end + depth]
+                if tokens[end - n:end] == tokens[-n:] and c and c not in found:
+                    found.append(c)
+                    if len(found) == p.num_branches:
+                        return found
+        return found
+    for trial in range(60):
+        max_n = rng.randint(1, 4)
+        p = NGramTreeProposer(max_n, rng.randint(1, max_n), num_branches=rng.randint(1, 5),
+                              search_window=rng.randint(1, 40))
+        tokens = [rng.randrange(4) for _ in range(rng.randint(1, 10))]
+        for step in range(8):
+            tokens += [rng.randrange(4) for _ in range(rng.randint(1, 3))]
+            depth = rng.randint(1, 4)
+            assert p.continuations(tokens, depth, "r") == scan(p, tokens, depth), (trial, step)
+        assert p.active_requests() == {"r"}
+        p.free("r")
+        assert p.active_requests() == set()
+
+
 class _Seq:
     def __init__(self, tokens):
         self.token_ids, self.request_id = list(tokens), "r"

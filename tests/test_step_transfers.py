@@ -5,13 +5,21 @@ TorchFunctionMode), for every kind of step: prefill, plain decode (greedy, sampl
 verify step, and the decode and verify steps that replay CUDA graphs. Then the pieces: the packed upload and the
 one-transfer download round-trip their values, a graph step laid out in the graph's static inputs replays to the
 eager forward's hidden states with harmless padding rows, and the sampler's host hints change nothing.
+
+Speculative steps of the head proposers (EAGLE chain and tree): the proposal for step N+1 starts at the end of
+step N (minillm/speculative/draft_ahead.py), so the step adds to the budget one upload (the windows' tokens and
+lengths) and one *non-blocking* download of the drafts, started there and collected without waiting: the host's
+one wait per step stays the verify step's download.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minillm.bench.step_transfers import STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, count_scenario, host_graphs
+from minillm.bench.step_transfers import (STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, _NullTokenizer, count_scenario,
+                                         host_graphs, tiny_llama)
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.prepared_batch import prepare_batch
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -29,6 +37,55 @@ from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 def test_one_upload_one_download_per_step(scenario):
     counter = count_scenario(scenario)
     assert counter.counts() == STEP_BUDGET, f"{scenario} step:\n{counter.report()}"
+
+
+def count_head_step(method: str, tmp_path, batch: int = 2, k: int = 3) -> StepTransfers:
+    """One verify step of an EAGLE engine (random heads over the tiny Llama), counted after two steps that record
+    the features and start drafting ahead."""
+    from minillm.speculative.head_kinds import new_heads
+    from minillm.speculative.heads import HeadConfig, save_heads
+    model, config = tiny_llama()
+    torch.manual_seed(0)
+    head_config = HeadConfig.for_target("eagle", config, k)
+    save_heads(tmp_path, new_heads(head_config), head_config)
+    spec = {"method": method, "num_speculative_tokens": k, "model": str(tmp_path)}
+    with StepTransfers(model) as counter:
+        engine = LLMEngine(model, _NullTokenizer(), config,
+                           EngineConfig(max_model_len=128, max_num_seqs=batch, block_size=16, num_kv_blocks=24,
+                                        max_num_batched_tokens=128, speculative_config=spec),
+                           device=VIRTUAL_DEVICE, dtype=torch.float32)
+        eagle = engine.speculative.proposer
+        eagle = getattr(eagle, "heads", eagle) if method == "eagle_tree" else eagle
+        for module in (eagle.heads, eagle.fused):  # the heads' weights live on the device too
+            counter.mark_device(*module.parameters(), *module.buffers(),
+                                *(v for m in module.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)))
+        for i in range(batch):
+            engine.add_request(str(i), [(7 * i + j) % 256 for j in range(9 + 3 * i)],
+                               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        engine.step()  # the prefill records the prompts' features and drafts ahead
+        engine.step()  # the first verify step
+        verify_steps = engine.speculative.metrics.num_verify_steps
+        counter.reset()
+        engine.step()
+        assert engine.speculative.metrics.num_verify_steps == verify_steps + batch
+    return counter
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle_tree"])
+def test_a_head_proposer_step_waits_once_and_drafts_ahead(method, tmp_path):
+    counter = count_head_step(method, tmp_path)
+    speculative = [e for e in counter.events if e.where.startswith("minillm/speculative/") and not e.in_forward]
+    engine = [e for e in counter.events if not e.where.startswith("minillm/speculative/") and not e.in_forward]
+    # the proposer: the windows' upload and the drafts' non-blocking copy, both at the end of the step
+    assert [(e.kind, e.where.split(":")[0]) for e in speculative] == [
+        ("h2d", "minillm/speculative/head_proposer.py"), ("d2h", "minillm/speculative/draft_ahead.py")], \
+        counter.report()
+    assert counter.events.index(speculative[0]) > max(counter.events.index(e) for e in engine)
+    # the engine: its step budget; a tree step may add the previous tree's KV slot moves (kv_cache.copy_slots)
+    slot_moves = [e for e in engine if "copy_slots" in e.where]
+    assert {k: sum(e.kind == k for e in engine if e not in slot_moves) for k in STEP_BUDGET} == STEP_BUDGET, \
+        counter.report()
+    assert method == "eagle_tree" or not slot_moves
 
 
 def test_the_counter_sees_what_a_gpu_would_copy_or_wait_for():

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from minillm.engine.sequence import Sequence
-from minillm.speculative.head_proposer import Chooser, HeadProposer, Window
+from minillm.speculative.draft_ahead import AheadProposal
+from minillm.speculative.head_proposer import Chooser, HeadProposer, RequestWindow, Window
 from minillm.speculative.heads import (DraftBlock, FusedDraftBlock, HeadConfig, draft_attention_bias,
                                       grouped_attention_bias)
 from minillm.speculative.proposer import check_num_tokens
@@ -53,6 +54,18 @@ class DraftTreeCandidates:
     parents: torch.Tensor
     scores: torch.Tensor
     depths: torch.Tensor
+
+
+def pack_candidates(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """A tree search's [B, M] results as one int32 [B, 3M] (token ids, parents, the fp32 scores' bits): the host
+    needs all three, and one transfer costs a third of three."""
+    return torch.cat([tokens.to(torch.int32), parents.to(torch.int32), scores.float().view(torch.int32)], dim=1)
+
+
+def unpack_candidates(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token_ids int64, parents int64, scores float32), each [B, M], from pack_candidates' [B, 3M]."""
+    m = packed.shape[1] // 3
+    return packed[:, :m].long(), packed[:, m:2 * m].long(), packed[:, 2 * m:].contiguous().view(torch.float32)
 
 
 class EagleHead(nn.Module):
@@ -163,6 +176,34 @@ class EagleProposer(HeadProposer):
         logits = self.target.logits(self.final_norm(g.reshape(b * t, d)))
         return torch.log_softmax(logits.float(), dim=-1).view(b, t, -1)
 
+    def _tree_search(self, windows: list[RequestWindow], depth: int, topk: int, beam: int
+                     ) -> tuple[torch.Tensor, int]:
+        """The candidates of the windows' tree search, packed [B, 3M] on the device, and the depth searched (a
+        deeper graph may serve: its prefix is this search)."""
+        found = None
+        if self.graphs is not None and self.graphs.fits(windows):  # CUDA: the search replays as one graph
+            if self.tree_graphs is None:
+                from minillm.speculative.tree_graphs import TreeDraftGraphs
+                self.tree_graphs = TreeDraftGraphs(self)
+            found = self.tree_graphs.propose_tree(windows, depth, topk, beam)
+            if found is None:  # capture failed: search op by op from now on
+                self.graphs = self.tree_graphs = None
+        if found is not None:
+            tokens, parents, scores, depth = found
+        else:
+            tokens, parents, scores = self.draft_tree(self._batch(windows), depth, topk, beam)
+        return pack_candidates(tokens, parents, scores), depth  # a new tensor: the next replay may reuse `found`
+
+    @torch.inference_mode()
+    def tree_ahead(self, seqs: list[Sequence], new_tokens: list[list[int]], depths: list[int], topk: int,
+                   beam: int) -> None:
+        """Start the next step's tree search now (draft_ahead.py; the arguments are draft_ahead's, plus the
+        search's widths): propose_tree_candidates collects it without waiting."""
+        rows, windows, depth = self._ahead_windows(seqs, new_tokens, depths)
+        if windows:
+            packed, depth = self._tree_search(windows, depth, topk, beam)
+            self._ahead = AheadProposal.start(rows, packed, depth, ("tree", topk, beam))
+
     @torch.inference_mode()
     def propose_tree_candidates(self, seqs: list[Sequence], depths: list[int], topk: int, beam: int
                                 ) -> list[DraftTreeCandidates | None]:
@@ -181,19 +222,15 @@ class EagleProposer(HeadProposer):
         if not ready:
             return result
         depth = max(depths[i] for i in ready)
-        batch = [windows[i] for i in ready]
-        found = None
-        if self.graphs is not None and self.graphs.fits(batch):  # CUDA: the search replays as one graph
-            if self.tree_graphs is None:
-                from minillm.speculative.tree_graphs import TreeDraftGraphs
-                self.tree_graphs = TreeDraftGraphs(self)
-            found = self.tree_graphs.propose_tree(batch, depth, topk, beam)
-            if found is None:  # capture failed: search op by op from now on
-                self.graphs = self.tree_graphs = None
-        if found is not None:
-            tokens, parents, scores, depth = found  # a deeper graph may have served: its prefix is this search
+        ahead, self._ahead = self._ahead, None  # a search started at the end of the last step (draft_ahead.py)
+        request_ids = [seqs[i].request_id for i in ready]
+        if ahead is not None and ahead.covers(request_ids, [seqs[i].num_tokens - 1 for i in ready], depth,
+                                              ("tree", topk, beam)):
+            packed, depth = ahead.collect(request_ids), ahead.num_drafts
         else:
-            tokens, parents, scores = (t.cpu() for t in self.draft_tree(self._batch(batch), depth, topk, beam))
+            packed, depth = self._tree_search([windows[i] for i in ready], depth, topk, beam)
+            packed = packed.cpu()  # the search's one transfer
+        tokens, parents, scores = unpack_candidates(packed)
         levels = torch.tensor([1] * topk + [d for d in range(2, depth + 1) for _ in range(beam * topk)])
         for row, i in enumerate(ready):
             keep = int((levels <= depths[i]).sum())  # the layout is depth by depth: a prefix

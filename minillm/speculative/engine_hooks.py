@@ -89,10 +89,8 @@ class SpeculativeDecoder:
         for seq in running:
             if seq.is_prefill or seq.num_uncomputed_tokens != 1:
                 continue  # only a sequence about to decode gets drafts
-            # the last step of a request needs no drafts: max_tokens and the context bound what can be kept
-            room = min(seq.sampling_params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
             seqs.append(seq)
-            wanted.append(max(0, min(self.config.num_speculative_tokens, room - 1)))
+            wanted.append(self._num_wanted(seq))
         if not seqs:
             return
         if self.tree is not None:  # one tree per sequence, at most `wanted` levels below its last token
@@ -118,6 +116,13 @@ class SpeculativeDecoder:
                 draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
             seq.spec_token_ids = draft
 
+    def _num_wanted(self, seq: Sequence, num_new_tokens: int = 0) -> int:
+        """Drafts to ask for seq once it has num_new_tokens more tokens: the last step of a request needs none,
+        and max_tokens and the context bound what can be kept."""
+        room = min(seq.sampling_params.max_tokens - seq.num_output_tokens - num_new_tokens,
+                   self.max_model_len - seq.num_tokens - num_new_tokens)
+        return max(0, min(self.config.num_speculative_tokens, room - 1))
+
     @property
     def needs_hidden_states(self) -> bool:
         """Set StepInput.return_hidden_states: only head proposers (Medusa, EAGLE, MTP) draft from features."""
@@ -125,8 +130,9 @@ class SpeculativeDecoder:
 
     def record_step(self, batch: ScheduledBatch, output: StepOutput, accepted: list[list[int]]) -> None:
         """Before postprocess: hand a head proposer the target's hidden states of the rows this step keeps (a
-        prefill chunk's rows; a verify step's first 1 + accepted-drafts rows). Like propose, a failure here
-        costs drafts, never a request."""
+        prefill chunk's rows; a verify step's first 1 + accepted-drafts rows), and let a chain proposer start the
+        next step's drafts now (draft_ahead.py: they run on the GPU while the host postprocesses this step). Like
+        propose, a failure here costs drafts, never a request."""
         if not self.needs_hidden_states:
             return
         try:
@@ -134,6 +140,10 @@ class SpeculativeDecoder:
                 raise ValueError("the head proposer needs hidden states: the step was run without "
                                  "return_hidden_states")
             self.proposer.record_hidden_states(batch, output.hidden_states, accepted)
+            limit = self.config.disable_by_batch_size
+            if hasattr(self.proposer, "draft_ahead") and (limit is None or len(batch.seqs) <= limit):
+                self.proposer.draft_ahead(batch.seqs, accepted,
+                                          [self._num_wanted(s, len(t)) for s, t in zip(batch.seqs, accepted)])
         except Exception:
             self.num_propose_errors += 1
             if self.num_propose_errors == 1:  # counted with the proposal errors: the traceback once

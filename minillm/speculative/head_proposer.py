@@ -21,8 +21,13 @@ Cost (what one proposal launches): every window has the same width, `window` (le
 features are kept already padded to it, so the batch's windows are one torch.stack and its tokens and lengths one
 host-to-device copy. The drafting loop then has static shapes (EAGLE writes its K/V in place: heads.DraftKV), and
 on CUDA a batch of greedy requests replays a CUDA graph captured per (batch bucket, k): the whole proposal, window
-pass and k drafts, costs one graph launch and one host sync, the one that reads the drafted ids back. A batch
-with a sampled request runs the same code eagerly (its q needs the host every draft).
+pass and k drafts, costs one graph launch. A batch with a sampled request runs the same code eagerly (its q needs
+the host every draft).
+
+Drafting ahead (draft_ahead.py): greedy proposals start at the end of the previous step, as soon as its features
+are recorded (`draft_ahead`, called by SpeculativeDecoder.record_step), and come back by a non-blocking copy into
+pinned memory; `propose_with_probs` then collects them without waiting, and the draft's GPU time hides behind the
+host's postprocessing instead of stalling it.
 
 Sampling: a greedy request drafts the argmax; a sampled one draws its drafts from q = the head's distribution under
 the request's own temperature/top-k/top-p, and returns q so that verification applies the rejection rule with it
@@ -39,6 +44,7 @@ from torch import nn
 
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
+from minillm.speculative.draft_ahead import AheadProposal
 from minillm.speculative.heads import HeadConfig, TargetParts, fused_norm, window_positions
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
@@ -92,6 +98,7 @@ class HeadProposer(SampledDraftProposer):
         # request_id -> (end, real rows L, f at positions [end - L, end) in the last L rows of a [window, d] tensor)
         self._features: dict[str, tuple[int, int, torch.Tensor]] = {}
         self._zeros: torch.Tensor | None = None  # [window, d]: the padding every stored window starts from
+        self._ahead: AheadProposal | None = None  # next step's greedy drafts, started at the end of this one
         self.final_norm = fused_norm(target.norm_weight, target.eps)  # the target's final norm, one kernel
         self.fused = self.fuse()
         self.graphs = DraftGraphs(self) if cuda_graphs else None
@@ -141,6 +148,8 @@ class HeadProposer(SampledDraftProposer):
     def free(self, request_id: str) -> None:
         self._features.pop(request_id, None)
         self._generators.pop(request_id, None)
+        if self._ahead is not None:
+            self._ahead.rows.pop(request_id, None)
 
     def active_requests(self) -> set[str]:
         return set(self._features)
@@ -190,8 +199,13 @@ class HeadProposer(SampledDraftProposer):
         num_drafts = max(k for _, k in ready)
         params = [seqs[i].sampling_params for i, _ in ready]
         sampled_rows = [r for r, p in enumerate(params) if p.temperature > 0]
-        if not sampled_rows and self.graphs is not None and self.graphs.fits(windows):
-            table = self.graphs.propose(windows, num_drafts)  # one replay; the drafts' read-back is the sync
+        ahead, self._ahead = self._ahead, None  # one use: a later proposal starts from newer windows
+        request_ids = [seqs[i].request_id for i, _ in ready]
+        if not sampled_rows and ahead is not None and \
+                ahead.covers(request_ids, [seqs[i].num_tokens - 1 for i, _ in ready], num_drafts):
+            table = ahead.collect(request_ids).tolist()  # drafted during the previous step's postprocessing
+        elif not sampled_rows:
+            table = self._greedy_drafts(windows, num_drafts).tolist()  # the proposal's one sync
         else:
             gens = [self._generator_of(seqs[ready[r][0]]) for r in sampled_rows]
             table = self._propose_eager(windows, num_drafts, params, sampled_rows, gens)
@@ -201,6 +215,45 @@ class HeadProposer(SampledDraftProposer):
         for row, (i, k) in enumerate(ready):
             drafts[i] = table[row][:k]
         return drafts, probs
+
+    @torch.inference_mode()
+    def draft_ahead(self, seqs: list[Sequence], new_tokens: list[list[int]], num_tokens: list[int]) -> None:
+        """Start the next step's greedy proposal now (draft_ahead.py): seqs[i] is about to gain new_tokens[i] (the
+        step's accepted tokens, whose features record_hidden_states has just stored) and will ask for up to
+        num_tokens[i] drafts. Nothing waits here: the drafts come back by a non-blocking copy."""
+        rows, windows, num_drafts = self._ahead_windows(seqs, new_tokens, num_tokens)
+        if windows:
+            num_drafts = min(num_drafts, self.max_drafts)
+            self._ahead = AheadProposal.start(rows, self._greedy_drafts(windows, num_drafts), num_drafts)
+
+    def _ahead_windows(self, seqs: list[Sequence], new_tokens: list[list[int]], num_tokens: list[int]
+                       ) -> tuple[dict[str, tuple[int, int]], list[RequestWindow], int]:
+        """The windows the greedy sequences will have once they gain new_tokens (what _window_of will return
+        then), their rows and window ends, and the most drafts asked for."""
+        check_num_tokens(seqs, num_tokens)
+        self._ahead = None
+        rows: dict[str, tuple[int, int]] = {}
+        windows: list[RequestWindow] = []
+        for seq, tokens, k in zip(seqs, new_tokens, num_tokens):
+            if k == 0 or not tokens or seq.sampling_params.temperature > 0:
+                continue
+            end, length, features = self._features.get(seq.request_id, (0, 0, None))
+            if features is None or length == 0 or end != seq.num_tokens - 1 + len(tokens):
+                continue  # no feature for the token before the last one: propose will find no window either
+            # the tokens after the window's features, as they will read once postprocess appends `tokens`
+            rows[seq.request_id] = (len(windows), end)
+            windows.append((features, length, (seq.token_ids[-length:] + list(tokens))[-length:]))
+        num_drafts = max((k for seq, k in zip(seqs, num_tokens) if seq.request_id in rows), default=0)
+        return rows, windows, num_drafts
+
+    def _greedy_drafts(self, windows: list[RequestWindow], num_drafts: int) -> torch.Tensor:
+        """Greedy drafts [B, num_drafts] of the windows, left on the device: one graph replay where graphs are on,
+        else the eager proposal."""
+        if self.graphs is not None and self.graphs.fits(windows):
+            drafts = self.graphs.launch(windows, num_drafts)
+            if drafts is not None:
+                return drafts
+        return torch.stack(self.draft(self._batch(windows), num_drafts, greedy), dim=1)
 
     def _propose_eager(self, windows: list[RequestWindow], num_drafts: int, params: list, sampled_rows: list[int],
                        gens: list[torch.Generator | None]) -> list[list[int]]:
@@ -274,8 +327,10 @@ class DraftGraphs:
         torch.stack([f for f, _, _ in windows], out=features[:len(windows)])
         packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
 
-    def propose(self, windows: list[RequestWindow], num_drafts: int) -> list[list[int]]:
-        """Drafts [B][num_drafts] of the windows, by one graph replay."""
+    def launch(self, windows: list[RequestWindow], num_drafts: int) -> torch.Tensor | None:
+        """Drafts [B, num_drafts] of the windows by one graph replay, left on the device (a view of the graph's
+        static output: read it, or queue a copy of it, before the next replay). None after a capture failure: the
+        proposer drafts eagerly from then on."""
         batch = len(windows)
         bucket = self.bucket(batch)
         key = self._key(bucket, num_drafts)
@@ -285,11 +340,11 @@ class DraftGraphs:
             except RuntimeError as err:  # a capture failure costs speed, never a request: draft eagerly from now
                 warnings.warn(f"{self.proposer.method}: CUDA graph capture failed ({err}); drafting eagerly")
                 self.proposer.graphs = None
-                return self.proposer._propose_eager(windows, num_drafts, [], [], [])
+                return None
         graph, out = self.graphs[key]
         self._fill(windows, bucket)
         graph.replay()
-        return out[:batch, :num_drafts].tolist()
+        return out[:batch, :num_drafts]
 
     def _key(self, bucket: int, num_drafts: int) -> tuple[int, int]:
         """The graph to replay: the shortest captured one of this bucket that drafts at least num_drafts, else a

@@ -20,7 +20,8 @@ from minillm.speculative.head_proposer import DraftGraphs, RequestWindow, Window
 
 
 class TreeDraftGraphs(DraftGraphs):
-    """propose_tree(windows, depth, topk, beam) -> (tokens, parents, scores [B, M] on the CPU, the depth searched)."""
+    """propose_tree(windows, depth, topk, beam) -> (tokens, parents, scores [B, M] on the device: views of the
+    graph's static outputs, the depth searched)."""
 
     def _run(self, bucket: int, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         depth, topk, beam = key
@@ -43,5 +44,5 @@ class TreeDraftGraphs(DraftGraphs):
         self._fill(windows, bucket)
         graph.replay()
         batch = len(windows)
-        tokens, parents, scores = (t[:batch].cpu() for t in out)
+        tokens, parents, scores = (t[:batch] for t in out)
         return tokens, parents, scores, key[1][0]

@@ -69,6 +69,18 @@ class TreeDraft:
         return TreeDraft(cut, self.token_ids[:num_nodes])
 
 
+def permute_rows(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """rows[order] for a device tensor without uploading `order`: one cat of the slices of its consecutive runs
+    (the accepted path, then the other nodes in their order: a handful of runs)."""
+    runs: list[list[int]] = []
+    for j in order:
+        if runs and runs[-1][1] == j:
+            runs[-1][1] = j + 1
+        else:
+            runs.append([j, j + 1])
+    return torch.cat([rows[a:b] for a, b in runs])
+
+
 class TreeProposer(Proposer):
     """A proposer that drafts a token tree per sequence (`proposes_trees`: the engine then verifies trees)."""
 
@@ -215,7 +227,7 @@ class TreeVerifier:
             output.logprobs[index] = [output.logprobs[index][j] for j in order]
         hidden = output.hidden_states  # head proposers (Medusa, EAGLE) keep the accepted path's features
         if hidden is not None and hidden[index].shape[0] == draft.num_nodes:
-            hidden[index] = hidden[index][torch.tensor(order, device=hidden[index].device)]
+            hidden[index] = permute_rows(hidden[index], order)
 
     def _slot(self, seq: "Sequence", position: int) -> int:
         block = self._block_size

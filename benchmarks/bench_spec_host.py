@@ -1,0 +1,205 @@
+"""Where a speculative step's time goes at batch 1: host work, GPU work, host waits (issue 11, chapter 9).
+
+    python benchmarks/bench_spec_host.py --out spec_host.json                     (H200: random SmolLM2-shaped weights)
+    python benchmarks/bench_spec_host.py --model PATH.gguf --out spec_host.json   (the real model and shipped heads)
+    python benchmarks/bench_spec_host.py --quick --out /tmp/spec_host_cpu.json    (CPU smoke test, tiny model)
+
+At batch 1 a step of SmolLM2-135M is about a millisecond of GPU work, so a speculative method wins only if the host
+keeps the GPU busy: every time the host waits for the device and then prepares the next launch, the GPU idles.
+For plain decoding, n-gram prompt lookup, EAGLE and EAGLE-2 trees (eagle_tree) this script generates 128 tokens
+greedily from one prompt and reports, per engine step:
+
+    ms/step     wall time of LLMEngine.step (timed run, after a warm-up that captures the CUDA graphs)
+    gpu ms      GPU busy time per step: the union of the kernels' and copies' intervals in a torch.profiler trace
+    idle ms     ms/step - gpu ms: the time the GPU waits for the host
+    waits       host calls that block on the device per step (cudaStreamSynchronize, cudaDeviceSynchronize,
+                cudaEventSynchronize, synchronous cudaMemcpy): the budget is one, the verify step's download
+    d2h         device-to-host copies per step (a non-blocking copy into pinned memory counts here, not in waits)
+    tok/step    tokens emitted per step (1 for plain decoding); speedup: plain's wall time / the method's
+
+The head methods run twice: as shipped, drafting ahead (minillm/speculative/draft_ahead.py: step N+1's proposal
+starts when step N's features are recorded and comes back by a non-blocking copy), and "no ahead", drafting when the
+engine asks (the proposal's read-back then blocks before the verify step is built): the difference is what
+overlapping the draft with the host's bookkeeping buys. Correctness first: the greedy tokens of every method are
+compared with plain decoding's (equal in fp32; in bf16 a verify step's rows may round differently from a one-token
+step's, so a near-tie can flip: that is numerics, not the method).
+
+Without --model the target has SmolLM2-135M's shapes with random bf16 weights and the EAGLE head is random too: the
+acceptance figures are then meaningless, the per-step times are not. With --model the EAGLE head is the shipped one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from minillm import LLM, SamplingParams
+from minillm.bench.step_transfers import _NullTokenizer, tiny_llama
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+               max_position_embeddings=8192, tie_word_embeddings=True)
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+K = 5
+
+
+def base_llm(args: argparse.Namespace, device: torch.device) -> tuple[LLM, str | None]:
+    """(an LLM whose weights every variant shares, the EAGLE heads directory: None = the shipped heads)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.model:
+        return LLM(args.model, device=str(device), dtype=dtype, max_model_len=1024, max_num_seqs=2,
+                   enforce_eager=True), None  # the variants capture their own graphs
+    from minillm.config import EngineConfig, ModelConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.engine.worker import RandomWeights
+    from minillm.speculative.head_kinds import new_heads
+    from minillm.speculative.heads import HeadConfig, save_heads
+    if device.type == "cuda":
+        config = ModelConfig(**SMOLLM2)
+        model = RandomWeights(0)(config, device, dtype)
+    else:
+        model, config = tiny_llama()
+    engine = LLMEngine(model, _NullTokenizer(), config,
+                       EngineConfig(max_model_len=1024, max_num_seqs=2, num_kv_blocks=8, enforce_eager=True),
+                       device=device, dtype=dtype)  # never stepped: the variants share its weights
+    heads_dir = tempfile.mkdtemp(prefix="spec_host_eagle_")
+    torch.manual_seed(0)
+    head_config = HeadConfig.for_target("eagle", config, K)
+    save_heads(heads_dir, new_heads(head_config), head_config)
+    return LLM.from_engine(engine), heads_dir
+
+
+def prompt_ids(llm: LLM, vocab: int) -> list[int]:
+    """A summary prompt (text quoted back: n-gram lookup has something to find), or, without a tokenizer, 200
+    random ids with a repeated stretch."""
+    try:
+        import sys
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_speculative import SUMMARY
+        return list(llm.llm_engine.tokenizer.encode(SUMMARY[0]))
+    except ValueError:  # the random-weight target has no tokenizer
+        g = torch.Generator().manual_seed(0)
+        head = torch.randint(0, vocab, (120,), generator=g).tolist()
+        return head + head[20:100]
+
+
+def gpu_busy_ms(prof) -> float:
+    """Union of the device intervals (kernels, memcpys, memsets) of a trace, in ms."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    total, current = 0.0, None
+    for start, end in spans:
+        if current is None or start > current[1]:
+            if current is not None:
+                total += current[1] - current[0]
+            current = [start, end]
+        else:
+            current[1] = max(current[1], end)
+    if current is not None:
+        total += current[1] - current[0]
+    return total / 1e3
+
+
+def run_variant(llm: LLM, label: str, spec: dict | None, ahead: bool, ids: list[int], device: torch.device,
+                max_tokens: int) -> dict:
+    variant = llm.share_model(max_num_seqs=2, num_kv_blocks=80, speculative_config=spec)
+    engine = variant.llm_engine
+    decoder = engine.speculative
+    if decoder is not None and not ahead and hasattr(decoder.proposer, "draft_ahead"):
+        decoder.proposer.draft_ahead = lambda *args: None  # propose drafts when asked, as before draft_ahead.py
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    variant.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    variant.generate([ids], params, use_tqdm=False)  # warm-up: graphs of every bucket this run replays
+    steps = [0, 0.0]
+    step = engine.step
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+
+    def timed_step():
+        start = clock()
+        out = step()
+        steps[0] += 1
+        steps[1] += clock() - start
+        return out
+    engine.step = timed_step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = clock()
+    tokens = variant.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
+    sync()
+    wall = clock() - start
+    num_steps, step_seconds = steps
+    row = {"method": label, "wall_ms": round(wall * 1e3, 2), "steps": num_steps,
+           "ms_per_step": round(1e3 * step_seconds / num_steps, 3),
+           "tokens_per_step": round(len(tokens) / max(num_steps - 1, 1), 3), "tokens": list(tokens)}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        steps[0] = 0
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            variant.generate([ids], params, use_tqdm=False)
+            sync()
+        names = {}
+        for e in prof.events():
+            names[e.name] = names.get(e.name, 0) + 1
+        n = max(steps[0], 1)
+        row["gpu_ms_per_step"] = round(gpu_busy_ms(prof) / n, 3)
+        row["idle_ms_per_step"] = round(row["ms_per_step"] - row["gpu_ms_per_step"], 3)
+        row["waits_per_step"] = round(sum(names.get(c, 0) for c in WAIT_CALLS) / n, 2)
+        row["d2h_per_step"] = round(sum(c for name, c in names.items() if "DtoH" in name or "Device -> Pinned"
+                                        in name or "Device -> Pageable" in name) / n, 2)
+    if decoder is not None and decoder.metrics.mean_acceptance_length is not None:
+        row["acceptance_length"] = round(decoder.metrics.mean_acceptance_length, 3)  # over every run of the engine
+    engine.shutdown()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--model", default=None, help="a GGUF file or HF directory (default: random weights)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test with a tiny random model")
+    args = parser.parse_args()
+    if not 8 <= args.max_tokens <= 900:
+        raise SystemExit(f"--max-tokens must be in [8, 900], got {args.max_tokens}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    llm, heads_dir = base_llm(args, device)
+    ids = prompt_ids(llm, llm.llm_engine.model_config.vocab_size)
+    head = {"num_speculative_tokens": K} if heads_dir is None else {"num_speculative_tokens": K, "model": heads_dir}
+    variants = [("plain", None, True), ("ngram", {"method": "ngram", "num_speculative_tokens": K}, True),
+                ("eagle", {"method": "eagle", **head}, True), ("eagle no ahead", {"method": "eagle", **head}, False),
+                ("eagle_tree", {"method": "eagle_tree", **head}, True),
+                ("eagle_tree no ahead", {"method": "eagle_tree", **head}, False)]
+    rows = []
+    for label, spec, ahead in variants:
+        rows.append(run_variant(llm, label, spec, ahead, ids, device, args.max_tokens))
+        print(f"  {label:20s} {rows[-1]['ms_per_step']:7.3f} ms/step", flush=True)
+    plain = rows[0]
+    for row in rows:
+        row["speedup"] = round(plain["wall_ms"] / row["wall_ms"], 3)
+        row["same_tokens_as_plain"] = row.pop("tokens") == plain["tokens"] if row is not plain else True
+    plain.pop("tokens", None)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU fp32 tiny (--quick)"
+    print(f"\nbatch 1, {args.max_tokens} tokens, k = {K}, {where}, "
+          f"{'model ' + args.model if args.model else 'random weights'}")
+    print(f"{'method':20s} {'wall ms':>8s} {'steps':>5s} {'ms/step':>7s} {'gpu ms':>6s} {'idle ms':>7s} "
+          f"{'waits':>5s} {'d2h':>4s} {'tok/step':>8s} {'speedup':>7s} {'same':>5s}")
+    for r in rows:
+        gpu = [f"{r[key]:{w}}" if key in r else f"{'-':>{w[:-3]}}" for key, w in
+               (("gpu_ms_per_step", "6.3f"), ("idle_ms_per_step", "7.3f"), ("waits_per_step", "5.2f"),
+                ("d2h_per_step", "4.1f"))]
+        print(f"{r['method']:20s} {r['wall_ms']:8.1f} {r['steps']:5d} {r['ms_per_step']:7.3f} {' '.join(gpu)} "
+              f"{r['tokens_per_step']:8.2f} {r['speedup']:6.2f}x {str(r['same_tokens_as_plain']):>5s}")
+    meta = {"device": where, "torch": torch.__version__, "model": args.model or "random SmolLM2-135M shape",
+            "max_tokens": args.max_tokens, "k": K, "date": time.strftime("%Y-%m-%d")}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Draft ahead: start step N+1's proposal at the end of step N, read it back without waiting (chapter 9).
+
+A head proposer (EAGLE, MTP, Medusa) drafts from the target's features, and those of step N are known the moment
+step N's verification is done: the accepted tokens and the hidden states of their rows. The engine, however, asks
+for drafts only at the start of step N+1 (SpeculativeDecoder.propose, before the scheduler), after it has applied
+step N (postprocess, stop checks, detokenizer, outputs). Drafting there serialises three things per step:
+
+    host: verify N, postprocess N, outputs N | launch draft, WAIT | schedule, build, upload, launch verify, WAIT
+    GPU:                        ...idle...   | draft (~0.3 ms)    | ...idle...                   | verify N+1
+
+Drafting ahead moves the launch to the end of verification (SpeculativeDecoder.record_step, right after the
+features are recorded) and the read-back to a non-blocking copy into page-locked host memory with an event:
+
+    host: verify N, launch draft + async copy, postprocess N, outputs N | collect (no wait) | schedule, build, ...
+    GPU:                    draft (runs while the host works)             ...
+
+so the draft's GPU time hides behind the host's bookkeeping, and the host never blocks on the draft: its one wait
+per step is the verify step's download. This is the same idea as vLLM's and SGLang's overlap schedulers, applied to
+the proposer only (the engine's step order is unchanged).
+
+What is drafted ahead is exactly what propose would draft: the same recorded features, the same tokens (the step's
+accepted tokens appended to the sequence's, as postprocess will), greedy choices. A proposal made ahead is used only
+if every sequence asking for drafts was drafted ahead from the window it now has (same last position) with at
+least as many drafts; otherwise (a request finished, preempted, sampled, newly scheduled) it is dropped and
+propose drafts as before. A pending proposal is never wrong, at worst wasted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AheadProposal:
+    """A proposal started before it was asked for: `rows[request_id] = (row, end)`: the sequence's row of `host`
+    and the last feature position its window ended at; `num_drafts`: the drafts per row (a chain's length, a tree
+    search's depth); `key`: what else fixed the proposal (a tree search's topk and beam); `ready` is recorded
+    after the copy into `host` (None on a CPU, where the copy is done when it returns)."""
+
+    rows: dict[str, tuple[int, int]]
+    num_drafts: int
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+    key: tuple = ()
+
+    @classmethod
+    def start(cls, rows: dict[str, tuple[int, int]], result: torch.Tensor, num_drafts: int,
+              key: tuple = ()) -> "AheadProposal":
+        """Queue the copy of `result` [B, ...] (device) into fresh host memory, pinned on a GPU so that the copy is
+        asynchronous; the caller keeps working while the proposal and the copy run."""
+        on_gpu = result.device.type == "cuda"
+        host = torch.empty(tuple(result.shape), dtype=result.dtype, pin_memory=on_gpu)
+        host.copy_(result, non_blocking=on_gpu)
+        ready = None
+        if on_gpu:
+            ready = torch.cuda.Event()
+            ready.record()
+        return cls(rows, num_drafts, host, ready, key)
+
+    def covers(self, request_ids: list[str], ends: list[int], num_drafts: int, key: tuple = ()) -> bool:
+        """Whether this proposal holds every request's drafts, from the window it has now, at least num_drafts
+        deep, made with the same key."""
+        return num_drafts <= self.num_drafts and key == self.key and all(
+            self.rows.get(r, (None, None))[1] == e for r, e in zip(request_ids, ends))
+
+    def collect(self, request_ids: list[str]) -> torch.Tensor:
+        """The rows of these requests, on the host (waits for the copy only if the proposal is still running:
+        normally it finished while the host applied the previous step)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        rows = [self.rows[r][0] for r in request_ids]
+        if rows == list(range(self.host.shape[0])):
+            return self.host
+        return self.host[rows]
