@@ -1,13 +1,20 @@
 """P6's step-time breakdown (issue 14, item 4): where the wall time of the 256-request run goes, by step phase.
 
     python benchmarks/bench_p6_breakdown.py --modes graphs,piecewise --out p6_breakdown.json      (CUDA only)
+    python benchmarks/bench_p6_breakdown.py --modes graphs --async-scheduling --out p6_async.json
 
 Runs the P6 workload (bench_scheduling's: Llama-3-8B shape, random bf16 weights, 256 requests, input and output
 lengths uniform in 100..1024, greedy) once per engine mode, with the engine's phases wrapped in perf_counter
 timers and each forward's GPU span measured by CUDA events (recorded around the launch, read after the run: no
 extra syncs). What the phases do not cover inside `engine step (all)` is the per-request output loop (stop
 checks, incremental detokenization, RequestOutput building). The GPU is idle for wall - GPU span: that is the
-host time a step does not overlap with the device."""
+host time a step does not overlap with the device.
+
+`--async-scheduling` runs every mode twice, synchronous steps and then EngineConfig(async_scheduling=True)
+(minillm/engine/async_step.py: step N+1 is scheduled and launched before step N's tokens are read), in the same
+process. Under async scheduling the phases are: launch (prepare, upload, forward queued, download queued), read
+(the wait for step N's tokens and the output loop) and expect (step N+1's placeholder bookkeeping).
+`output tok/s` of the two rows is the comparison; `GPU busy` (forward span / wall) says how much idle time is left."""
 import argparse
 import collections
 import json
@@ -18,12 +25,15 @@ import time
 import torch
 sys.path.insert(0, "benchmarks")
 import bench_scheduling as bs
+import minillm.engine.async_step as async_step
 import minillm.engine.llm_engine as le
 from minillm import SamplingParams
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--modes", default="graphs,piecewise")
 parser.add_argument("--n", type=int, default=256)
+parser.add_argument("--async-scheduling", action="store_true",
+                    help="run each mode with synchronous steps and with async scheduling")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 if not torch.cuda.is_available():
@@ -61,28 +71,34 @@ def instrument(llm):
         return out
     runner.forward = forward
     wrap(runner, "execute_model", "execute_model (all)")
-    orig_build = le.build_step_input
+    wrap(runner, "launch", "launch (prepare, forward and download queued)")
+    wrap(runner, "collect", "collect (wait for step N's tokens)")
+    if engine.async_steps is not None:
+        wrap(engine.async_steps, "_read", "read step N (wait + output loop)")
+        wrap(engine.async_steps, "_expect", "expect step N+1 (placeholders)")
+    orig_build = build_step_input
     def build(*a, **k):
         t = time.perf_counter()
         try:
             return orig_build(*a, **k)
         finally:
             acc["build_step_input"] += time.perf_counter() - t
-    le.build_step_input = build
+    le.build_step_input = async_step.build_step_input = build
     wrap(engine, "_step", "engine step (all)")
     return acc, events
 
-def run(mode):
-    setup = bs.Setup(torch.device("cuda"), enforce_eager=False, piecewise=(mode == "piecewise"))
+build_step_input = le.build_step_input
+
+def run(mode, setup, asynchronous):
     rng = random.Random(6)
     lo, hi = 100, 1024
     in_lens = [rng.randint(lo, hi) for _ in range(args.n)]
     out_lens = [rng.randint(lo, hi) for _ in range(args.n)]
     prompts = [setup.prompt(rng, k) for k in in_lens]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
-    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256)
+    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256, async_scheduling=asynchronous)
     llm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
-                                for i in range(16)])
+                                for i in range(len(prompts[:16]))])
     acc, events = instrument(llm)
     steps0 = llm.llm_engine.num_steps
     outs, wall, _ = bs.timed_generate(llm, prompts, params)
@@ -91,18 +107,30 @@ def run(mode):
     gpu_fwd = sum(s.elapsed_time(e) for s, e, _, _ in events) / 1e3
     gpu_fwd_mixed = sum(s.elapsed_time(e) for s, e, n, m in events if m) / 1e3
     n_mixed = sum(1 for *_, m in events if m)
-    res = {"mode": mode, "wall_s": wall, "output_tok_s": produced / wall, "steps": steps,
+    mode = mode + (" + async" if asynchronous else "")
+    res = {"mode": mode, "async_scheduling": asynchronous, "wall_s": wall, "output_tok_s": produced / wall, "steps": steps,
            "mixed_steps": n_mixed, "gpu_forward_s": gpu_fwd, "gpu_forward_mixed_s": gpu_fwd_mixed,
            "kv_blocks": llm.llm_engine.scheduler.block_manager.num_blocks,
            "preemptions": llm.llm_engine.scheduler.num_preemptions, "phases_s": dict(acc)}
     print(f"== {mode}: {produced / wall:,.0f} output tok/s, wall {wall:.2f} s, {steps} steps ({n_mixed} with "
-          f"prefill tokens), GPU forward span {gpu_fwd:.2f} s (mixed steps {gpu_fwd_mixed:.2f} s)")
+          f"prefill tokens), GPU forward span {gpu_fwd:.2f} s (mixed steps {gpu_fwd_mixed:.2f} s), GPU busy "
+          f"{100 * gpu_fwd / wall:.0f}%", flush=True)
     for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
         print(f"   {k:38s} {v:7.3f} s  {1e3 * v / max(steps, 1):7.3f} ms/step  {100 * v / wall:5.1f}%")
     del llm, outs
     bs.release(setup)
     return res
 
-results = [run(m) for m in args.modes.split(",")]
+results = []
+for m in args.modes.split(","):
+    setup = bs.Setup(torch.device("cuda"), enforce_eager=False, piecewise=(m == "piecewise"))
+    for asynchronous in ((False, True) if args.async_scheduling else (False,)):
+        results.append(run(m, setup, asynchronous))
+    del setup
+    bs.release()
+print("\nmode                      output tok/s   wall s   steps   GPU busy")
+for r in results:
+    print(f"{r['mode']:24s} {r['output_tok_s']:13,.0f} {r['wall_s']:8.2f} {r['steps']:7d} "
+          f"{100 * r['gpu_forward_s'] / r['wall_s']:8.0f}%")
 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
           open(args.out, "w"), indent=1)

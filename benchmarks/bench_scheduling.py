@@ -1,6 +1,7 @@
 """Benchmark chapter 6's scheduling layer: continuous batching, prefix caching, and the whole engine vs HF.
 
     python benchmarks/bench_scheduling.py [--quick] [--parts p9,p8,p6] [--out results.json]
+    python benchmarks/bench_scheduling.py --parts p6 --cuda-graphs --async-scheduling --hf-requests 1 --out p6.json
 
 P9  Continuous vs static batching on output lengths of high variance (uniform 8..512, seeded, ignore_eos): output
     tokens per second of the same requests through `scheduling="continuous"` (paged) and `scheduling="static"`
@@ -13,6 +14,7 @@ P6  The whole engine against HF transformers `generate` (CUDA only): 256 request
     uniform in 100..1024, ignore_eos, a Llama-3-8B-shaped model in bf16 with random weights. HF runs static
     batches of 64 in arrival order (left padding, max_new_tokens = min_new_tokens = the batch's longest output);
     both sides are credited only with each request's own output tokens. Measured in the same run.
+    `--async-scheduling` measures our engine twice, without and with EngineConfig(async_scheduling=True).
 
 Which model: on CUDA a Llama-3-8B-shaped model with random bf16 weights (hidden 4096, 32 layers, 32/8 heads,
 FFN 14336, vocab 128256; prompts are random token ids), as vLLM's benchmarks do with dummy weights. On CPU the
@@ -254,8 +256,29 @@ def hf_static_generate(model_config: ModelConfig, prompts: list[list[int]], out_
     return wall
 
 
-def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None) -> dict:
+def _p6_minillm(setup: Setup, prompts: list[list[int]], params: list[SamplingParams], lo: int, hi: int,
+                asynchronous: bool) -> dict:
+    """One timed run of our engine on P6's requests (after a warm-up); its engine is dropped afterwards."""
+    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256, async_scheduling=asynchronous)  # pool from profiling
+    num_blocks = llm.llm_engine.scheduler.block_manager.num_blocks
+    llm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
+                                for i in range(len(prompts[:16]))])  # warm up: prefills, mixed steps, decodes
+    print(f"P6 minillm{' (async scheduling)' if asynchronous else ''}: {len(prompts)} requests, lengths {lo}..{hi}, "
+          f"KV pool {num_blocks} blocks ...", flush=True)
+    outs, wall, _ = timed_generate(llm, prompts, params)
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    ours = {"wall_s": wall, "output_tok_s": produced / wall, "kv_blocks": num_blocks,
+            "preemptions": llm.llm_engine.scheduler.num_preemptions, "steps": llm.llm_engine.num_steps}
+    print(f"  {ours['output_tok_s']:,.0f} output tok/s, wall {wall:.2f} s", flush=True)
+    del llm, outs
+    release(setup)
+    return ours
+
+
+def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None, async_scheduling: bool = False) -> dict:
     """Our engine on all n requests; HF generate on the first `hf_requests` of them (default: all).
+    `async_scheduling`: our engine runs twice, with synchronous steps and then with EngineConfig(async_scheduling=
+    True); the second run's numbers are under minillm.async_scheduling.
 
     HF's static batches cost about the same per token whatever their number, so its throughput on a prefix of
     the request list (whole batches) is a fair baseline when device time is short; the JSON says which was used."""
@@ -265,18 +288,14 @@ def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None) -> dict:
     out_lens = [rng.randint(lo, hi) for _ in range(n)]
     prompts = [setup.prompt(rng, k) for k in in_lens]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
-    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256)  # pool from profiling + gpu_memory_utilization
-    num_blocks = llm.llm_engine.scheduler.block_manager.num_blocks
-    llm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
-                                for i in range(len(prompts[:16]))])  # warm up: prefills, mixed steps, decodes
-    print(f"P6 minillm: {n} requests, lengths {lo}..{hi}, KV pool {num_blocks} blocks ...", flush=True)
-    outs, wall, _ = timed_generate(llm, prompts, params)
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    ours = {"wall_s": wall, "output_tok_s": produced / wall, "kv_blocks": num_blocks,
-            "preemptions": llm.llm_engine.scheduler.num_preemptions, "steps": llm.llm_engine.num_steps}
-    del llm, outs
+    ours = None
+    for asynchronous in ((False, True) if async_scheduling else (False,)):
+        result = _p6_minillm(setup, prompts, params, lo, hi, asynchronous)
+        if ours is None:
+            ours = result
+        else:
+            ours["async_scheduling"] = result
     # HF needs the GPU memory our KV pool and weights held
-    release(setup)
     model_config, setup.model = setup.model_config, None
     release()
     print(f"  GPU memory still allocated after dropping our engine: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
@@ -312,6 +331,10 @@ def table(results: dict) -> str:
                  f"P6 | HF generate ({r['hf'].get('num_requests', r['num_requests'])} requests, static batches of "
                  f"{r['hf']['batch_size']}) output tok/s | "
                  f"{r['hf']['output_tok_s']:.0f}", f"P6 | minillm / HF | {r['speedup']:.2f}x"]
+        if "async_scheduling" in r["minillm"]:
+            a = r["minillm"]["async_scheduling"]
+            rows += [f"P6 | minillm, async scheduling, output tok/s | {a['output_tok_s']:.0f}",
+                     f"P6 | async / sync | {a['output_tok_s'] / r['minillm']['output_tok_s']:.2f}x"]
     return "\n".join(rows)
 
 
@@ -324,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="our engine replays CUDA graphs for decode steps (enforce_eager=False)")
     parser.add_argument("--piecewise", action="store_true",
                         help="with --cuda-graphs: steps with prefill tokens replay piecewise graphs too")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="P6: run our engine with synchronous steps and with async_scheduling=True, one after "
+                             "the other (P9 and P8 are unchanged)")
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="P6: time HF generate on the first N requests only (whole static batches)")
     args = parser.parse_args(argv)
@@ -345,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("p9", "p8", "p6"):  # P6 last: it gives the GPU to HF and drops our model
         if part in parts:
             if part == "p6":
-                results[part] = bench_p6(setup, args.quick, args.hf_requests)
+                results[part] = bench_p6(setup, args.quick, args.hf_requests, args.async_scheduling)
             else:
                 results[part] = {"p9": bench_p9, "p8": bench_p8}[part](setup, args.quick)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

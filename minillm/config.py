@@ -149,6 +149,9 @@ class EngineConfig:
     # Scheduling (chapter 6)
     scheduling: str = "continuous"  # "continuous" | "static"
     preemption_mode: str = "recompute"  # "recompute" | "swap"
+    # schedule and launch step N+1 while the device runs step N; step N's tokens reach the host one step later
+    # (vLLM's async scheduling; minillm/engine/async_step.py). Continuous scheduling, one worker rank.
+    async_scheduling: bool = False
     swap_space: int = 4 << 30  # bytes of pinned CPU memory for swapped blocks
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = False
@@ -201,7 +204,7 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
         for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
-                     "piecewise_cuda_graphs"):
+                     "piecewise_cuda_graphs", "async_scheduling"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
                                                                                 "piecewise_cuda_graphs")):
@@ -210,6 +213,11 @@ class EngineConfig:
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} runs attention replicated on every "
                              f"rank; combine it with tensor_parallel_size=1 and pipeline_parallel_size=1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.async_scheduling and (self.scheduling != "continuous" or self.tensor_parallel_size
+                                      * self.pipeline_parallel_size * self.expert_parallel_size > 1):
+            raise ValueError(f"async_scheduling=True needs scheduling='continuous' and one worker rank "
+                             f"(tensor/pipeline/expert_parallel_size 1), got scheduling={self.scheduling!r}, sizes "
+                             f"{self.tensor_parallel_size}/{self.pipeline_parallel_size}/{self.expert_parallel_size}")
         factor = self.moe_capacity_factor
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                    or not 0 < factor < float("inf")):

@@ -11,6 +11,9 @@ Both offer the same four calls the engine makes (load happens at construction):
     initialize_cache(cache_config)
     execute_model(step_input) -> StepOutput (the driver worker's: rank 1, or the sampling rank of a parallel group)
     shutdown()
+The in-process one also splits a step in two for async scheduling (minillm/engine/async_step.py):
+launch_model(step_input) queues it on the device and returns, collect_model(launched) waits for its tokens. The
+child-process executor has no such split: an engine with async_scheduling=True runs it step by step.
 
 Tensor and pipeline parallelism (chapter 11): with EngineConfig.tensor_parallel_size * pipeline_parallel_size
 = N > 1 the executor starts N workers and builds their TP groups (minillm.parallel.state) before they load their
@@ -65,6 +68,19 @@ class UniProcExecutor:
 
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.driver_worker.execute_model(step)
+
+    @property
+    def can_launch(self) -> bool:
+        """launch_model / collect_model work (async scheduling): the in-process worker's plain runner."""
+        return self.driver_worker.can_launch
+
+    def launch_model(self, step: StepInput):
+        """Queue a step on the worker's device and return at once (async scheduling, engine/async_step.py)."""
+        return self.driver_worker.launch_model(step)
+
+    def collect_model(self, launched) -> StepOutput:
+        """Wait for a launched step's tokens: its StepOutput."""
+        return self.driver_worker.collect_model(launched)
 
     def shutdown(self) -> None:
         pass

@@ -6,6 +6,10 @@
                        sequences go back to the scheduler, which frees their KV blocks at once
     abort(request_id)  drop a request wherever it is and free its blocks
 
+With EngineConfig.async_scheduling the step is split (minillm/engine/async_step.py): each call schedules and
+launches step N+1 before it reads step N's tokens, so the host's work overlaps the device's, and returns step N's
+outputs (one call later than a synchronous step would).
+
 The names are vLLM's (`add_request`, `step`, `has_unfinished_requests`), so a server can drive the engine one
 step at a time and stream what each step produced. The engine is parametric in its scheduler (static batching of
 chapter 2 or continuous batching of chapter 6) and KV layout (contiguous or paged): both meet in
@@ -118,6 +122,12 @@ class LLMEngine:
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
         self.num_steps = 0
+        # async scheduling (engine/async_step.py); None: every step waits for its own tokens. An engine with a
+        # speculative decoder, or whose executor cannot split a step (workers in other processes), steps in sync.
+        self.async_steps = None
+        if config.async_scheduling and getattr(executor, "can_launch", False) and self.speculative is None:
+            from minillm.engine.async_step import AsyncSteps
+            self.async_steps = AsyncSteps(self)
 
     @property
     def runner(self):
@@ -188,6 +198,8 @@ class LLMEngine:
         if state is None:
             return None
         seq = self.scheduler.abort(state.seq.request_id) or state.seq
+        if seq.num_output_tokens and seq.token_ids[-1] < 0:  # async scheduling: a token not read yet is dropped
+            seq.truncate_output(seq.num_tokens - 1)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
@@ -196,7 +208,8 @@ class LLMEngine:
         return RequestOutput.from_sequence(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request waits, runs or is swapped, or a launched step's tokens are still to be read."""
+        return self.scheduler.has_unfinished() or (self.async_steps is not None and self.async_steps.in_flight)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
@@ -213,6 +226,8 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        if self.async_steps is not None and self.speculative is None:  # schedule N+1 while the device runs N
+            return self.async_steps.step()
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)
         batch = self.scheduler.schedule()
@@ -249,8 +264,18 @@ class LLMEngine:
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
-        decoded = self._decode_step_windows(batch.seqs, tokens)
-        for seq, new_tokens, entries, texts in zip(batch.seqs, tokens, scored, decoded):
+        self._emit_outputs(batch.seqs, tokens, scored, outputs)
+        if self.speculative is not None:  # proposer state of finished / preempted requests
+            self.speculative.release(self.scheduler)
+        return outputs
+
+    def _emit_outputs(self, seqs: list[Sequence], tokens: list[list[int]], scored: list[list[TokenLogprobs] | None],
+                      outputs: list[RequestOutput]) -> None:
+        """The per-request output loop of a step whose tokens are in the sequences already: log-probs, incremental
+        text and stop checks for each new token; finished requests are finished (blocks freed) and every request
+        the caller will see this step gets its RequestOutput appended to `outputs`."""
+        decoded = self._decode_step_windows(seqs, tokens)
+        for seq, new_tokens, entries, texts in zip(seqs, tokens, scored, decoded):
             reason = None
             for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
                 if entries is not None:  # before the stop check: a stop token keeps its log-prob, later ones none
@@ -264,9 +289,6 @@ class LLMEngine:
                 outputs.append(self._finish(seq, reason))
             elif seq.sampling_params.output_kind == "cumulative":
                 outputs.append(self._output(seq))
-        if self.speculative is not None:  # proposer state of finished / preempted requests
-            self.speculative.release(self.scheduler)
-        return outputs
 
     def _scored_tokens(self, batch: ScheduledBatch, output: StepOutput,
                        tokens: list[list[int]]) -> list[list[TokenLogprobs] | None]:

@@ -21,6 +21,11 @@ Each step it
      output) or before it (the residual stream, caught by a hook on the final norm; with CUDA graphs the hook
      copies it into a static buffer inside the captured graph, so a replay refreshes it too).
 
+Async scheduling (minillm/engine/async_step.py) splits execute_model in two: `launch(step)` queues everything up to
+the download (into a pinned buffer, with an event) and returns; `collect(launched)` waits for that one step's tokens.
+A launched step may take some input ids from the previous launch's samples, still on the device
+(StepInput.deferred_input_ids, gathered by step_buffers.resolve_deferred_ids before the forward).
+
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
 
@@ -33,7 +38,7 @@ The operator backend itself (torch reference or Triton kernels) is the model's (
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,10 +49,20 @@ from minillm.engine.kv_scales import calibrate_kv_scales
 from minillm.engine.logprobs import logprob_entries, score_tokens, token_logprobs  # noqa: F401  (re-exported)
 from minillm.engine.prepared_batch import PreparedBatch, prepare_batch
 from minillm.engine.scheduler_interface import ScheduledBatch
-from minillm.engine.step_buffers import UploadBuffer, download
+from minillm.engine.step_buffers import DownloadRing, PendingDownload, UploadBuffer, download, resolve_deferred_ids
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import forward_context
 from minillm.layers.sampler import Sampler
+
+
+class LaunchedStep(NamedTuple):
+    """A step queued on the device by ModelRunner.launch; ModelRunner.collect turns it into its StepOutput."""
+
+    step: StepInput
+    prepared: PreparedBatch | None  # None: an empty step (nothing was computed)
+    download: PendingDownload | None
+    num_top: list[int] | None
+    hidden_states: list | None
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -89,6 +104,8 @@ class ModelRunner:
         self._capturing_graphs = False  # only this runner's own captures record the pre-norm copy
         self._upload: UploadBuffer | None = None  # the step metadata's pinned staging and device buffer
         self._arange = torch.arange(256, device=device)  # 0, 1, 2, ...: sample_indices of all-rows steps
+        self._downloads: DownloadRing | None = None  # pinned buffers of launched steps' downloads (async scheduling)
+        self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -216,12 +233,44 @@ class ModelRunner:
     def execute_model(self, step: StepInput) -> StepOutput:
         """Run one step; for each sequence, the tokens sampled at its last num_sampled rows. The host waits for
         the device once: for the one download of the sampled tokens (and the log-probs / logits asked for)."""
+        run = self._run(step)
+        if run is None:
+            return StepOutput([[] for _ in range(step.num_seqs)])
+        prepared, parts, num_top, hidden_states = run
+        return self._step_output(step, prepared, download(parts), num_top, hidden_states)
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> "LaunchedStep":
+        """Queue one step on the device without waiting for it (async scheduling, minillm/engine/async_step.py):
+        its download goes into a pinned buffer of the runner's DownloadRing; `collect` reads it later. A step may
+        take input ids from the previous launch's samples (StepInput.deferred_input_ids)."""
+        run = self._run(step)
+        if run is None:
+            return LaunchedStep(step, None, None, None, None)
+        prepared, parts, num_top, hidden_states = run
+        if self._downloads is None:
+            self._downloads = DownloadRing(self.device)
+        return LaunchedStep(step, prepared, self._downloads.start(parts), num_top, hidden_states)
+
+    def collect(self, launched: "LaunchedStep") -> StepOutput:
+        """Wait for a launched step's download (only for it: later launches keep running) and cut it into a
+        StepOutput, as execute_model would have returned."""
+        if launched.download is None:
+            return StepOutput([[] for _ in range(launched.step.num_seqs)])
+        host = launched.download.wait()
+        return self._step_output(launched.step, launched.prepared, host, launched.num_top, launched.hidden_states)
+
+    def _run(self, step: StepInput) -> tuple[PreparedBatch, list[torch.Tensor], list[int] | None, list | None] | None:
+        """Everything of a step up to its download, queued on the device: (prepared batch, the device tensors to
+        download, log-prob widths, hidden states), or None for a step with nothing to compute."""
         for request_id in step.finished_request_ids:
             self._generators.pop(request_id, None)
         self.apply_block_ops(step)
         if step.is_empty:
-            return StepOutput([[] for _ in range(step.num_seqs)])
+            return None
         prepared = self.prepare(step)
+        if step.deferred_input_ids:  # ids the host has not seen: the previous step's samples, gathered here
+            resolve_deferred_ids(prepared.input_ids, self._last_sampled)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
@@ -233,6 +282,7 @@ class ModelRunner:
                                                else hidden[prepared.sample_indices])
             tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
             parts.append(tokens)
+        self._last_sampled = tokens  # what the next step's deferred input ids refer to
         num_top = self._logprob_widths(step, prepared)
         if num_top is not None and prepared.logprob_row_list:  # scored at the sampled rows that asked
             rows = prepared.logprob_rows
@@ -243,8 +293,7 @@ class ModelRunner:
                                   max(prepared.prompt_scoring[2]))
         if step.return_logits and logits is not None:
             parts.append(logits.float())
-        host = download(parts)
-        return self._step_output(step, prepared, host, num_top, hidden_states)
+        return prepared, parts, num_top, hidden_states
 
     def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
         """Per sampled row that returns log-probs, its number of top alternatives (None: no request asked)."""

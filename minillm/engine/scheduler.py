@@ -27,6 +27,10 @@ Speculative decoding (chapter 9): a running decode whose `spec_token_ids` hold k
 free blocks allow (`_grant_drafts`: drafts are trimmed, never a reason to preempt); `postprocess` then gives
 back the blocks of the rejected ones. Drafts never ride on a prefill, and stale ones are dropped every step.
 
+Async scheduling (minillm/engine/async_step.py): schedule() runs while the previous step's tokens are still
+placeholders; a sequence whose placeholder already reached max_tokens / max_model_len is given no new tokens
+(`skip_finished_by_length`): the engine finishes it when the token arrives.
+
 A request that can never fit (more blocks than the pool can give one sequence, or longer than
 max_model_len) is finished with finish_reason "error" and a message naming the numbers, and put in
 `self.rejected`, which the engine drains: it never waits forever.
@@ -134,6 +138,9 @@ class Scheduler:
         self.timeline: list[StepRecord] = []
         self.num_steps = 0
         self.num_preemptions = 0
+        # async scheduling: a decode whose last (not yet downloaded) token reached max_tokens or max_model_len
+        # ends when that token is read; it computes nothing more (never true of a sequence in a synchronous step)
+        self.skip_finished_by_length = config.async_scheduling
 
     # -- the protocol -------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -321,9 +328,18 @@ class Scheduler:
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         """Tokens seq would compute this step within `budget` (0: it does not fit this step)."""
         n = seq.num_uncomputed_tokens
+        if n == 1 and self.skip_finished_by_length and self._reached_length(seq):
+            return 0
         if self.config.enable_chunked_prefill:
             return max(0, min(n, budget))
         return n if n <= budget else 0
+
+    def _reached_length(self, seq: Sequence) -> bool:
+        """Has seq generated all it may (max_tokens, or max_model_len tokens in all)? Its engine finishes it."""
+        num_tokens = len(seq.token_ids)
+        outputs = num_tokens - seq.num_prompt_tokens
+        limit = self.config.max_model_len
+        return outputs > 0 and (outputs >= seq.sampling_params.max_tokens or (limit is not None and num_tokens >= limit))
 
     def _never_fits(self, seq: Sequence, num_tokens: int) -> str | None:
         """Why seq can never run (a message naming the numbers), or None."""

@@ -14,7 +14,9 @@ scalars down cost more host time than the whole forward of a 135M model. So ever
   it and moves on. vLLM's persistent input buffers and TensorRT-LLM's runtime buffers follow the same idea.
 * ONE device-to-host transfer: the sampled token ids, with their log-probabilities (and the logits) appended to the
   same int32 words only when a request asked for them (`download`). The host must wait for that one anyway: it needs
-  the tokens to schedule the next step.
+  the tokens to schedule the next step. Unless it schedules without them: under async scheduling
+  (minillm/engine/async_step.py) the words go with `non_blocking=True` into a pinned buffer of a `DownloadRing`
+  and are read one step later, and the next step's inputs take the tokens on the device (`resolve_deferred_ids`).
 
 The host buffer is reused every step. The copy that reads it runs later, on the GPU's timeline, so before writing
 new values `reserve` makes sure the previous copy has finished (an event query: free in the normal case, since the
@@ -115,14 +117,9 @@ class UploadBuffer:
             self._pending = True
 
 
-def download(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Bring device tensors to the host in ONE transfer: each is flattened to int32 words (int64 values narrowed,
-    which token ids, ranks and row indices fit; float32 by its bits), the words are concatenated on the device and
-    copied once; the host cuts them back into tensors of the original dtypes (int64 for integer parts) and shapes."""
-    if not parts:
-        return []
-    if len(parts) == 1 and parts[0].dtype != torch.float32:
-        return [parts[0].cpu()]
+def _words(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts as one device vector of int32 words: int64 values narrowed (token ids, ranks and row indices fit),
+    float32 kept bit for bit."""
     words = []
     for part in parts:
         if part.dtype == torch.float32:
@@ -131,12 +128,96 @@ def download(parts: list[torch.Tensor]) -> list[torch.Tensor]:
             words.append(part.reshape(-1).to(torch.int32))
         else:
             raise TypeError(f"download takes int64, int32 or float32 tensors, got {part.dtype}")
-    host = torch.cat(words).cpu()
+    return torch.cat(words)
+
+
+def _unpack(host: torch.Tensor, shapes: list[tuple[torch.dtype, torch.Size]], copy_floats: bool) -> list[torch.Tensor]:
+    """Cut host int32 words back into tensors of the original dtypes (int64 for integer parts) and shapes.
+    `copy_floats`: float parts are copied out of `host` (a reused buffer) rather than viewed."""
     out, offset = [], 0
-    for part in parts:
-        n = part.numel()
+    for dtype, shape in shapes:
+        n = shape.numel()
         chunk = host[offset:offset + n]
-        chunk = chunk.view(torch.float32) if part.dtype == torch.float32 else chunk.to(torch.int64)
-        out.append(chunk.view(part.shape))
+        if dtype == torch.float32:
+            chunk = chunk.view(torch.float32).clone() if copy_floats else chunk.view(torch.float32)
+        else:
+            chunk = chunk.to(torch.int64)
+        out.append(chunk.view(shape))
         offset += n
     return out
+
+
+def download(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bring device tensors to the host in ONE transfer: each is flattened to int32 words (int64 values narrowed,
+    which token ids, ranks and row indices fit; float32 by its bits), the words are concatenated on the device and
+    copied once; the host cuts them back into tensors of the original dtypes (int64 for integer parts) and shapes."""
+    if not parts:
+        return []
+    if len(parts) == 1 and parts[0].dtype != torch.float32:
+        return [parts[0].cpu()]
+    return _unpack(_words(parts).cpu(), [(p.dtype, p.shape) for p in parts], copy_floats=False)
+
+
+class PendingDownload:
+    """A download queued by DownloadRing.start: `wait()` blocks until it has landed and returns the tensors."""
+
+    def __init__(self, ring: "DownloadRing", slot: int, generation: int, host: torch.Tensor,
+                 shapes: list[tuple[torch.dtype, torch.Size]], event) -> None:
+        self.ring, self.slot, self.generation = ring, slot, generation
+        self.host, self.shapes, self.event = host, shapes, event
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.ring.generations[self.slot] != self.generation:
+            raise RuntimeError(f"download slot {self.slot} was reused before this download was read: wait for a "
+                               f"step's download before starting {len(self.ring.generations)} more")
+        if self.event is not None:
+            self.event.synchronize()  # the only wait: for this step's sampling and its copy, not for later work
+        return _unpack(self.host, self.shapes, copy_floats=True)
+
+
+class DownloadRing:
+    """Downloads that do not wait (async scheduling, minillm/engine/async_step.py): the step's words are copied
+    with `non_blocking=True` into one of `num_slots` pinned host buffers and a CUDA event is recorded after the
+    copy; the host reads them later (`PendingDownload.wait`), after it has queued the next step. With two slots,
+    step N's download may still be pending while step N+1's is queued. On a CPU the copy is a plain memcpy and
+    the event is None: the same code path."""
+
+    def __init__(self, device: torch.device, num_slots: int = 2) -> None:
+        if num_slots < 1:
+            raise ValueError(f"a download ring needs at least 1 slot, got {num_slots}")
+        self.device = torch.device(device)
+        self._pinned = self.device.type == "cuda"
+        self.buffers: list[torch.Tensor | None] = [None] * num_slots
+        self.generations = [0] * num_slots
+        self.events = [torch.cuda.Event() for _ in range(num_slots)] if self._pinned else [None] * num_slots
+        self._next = 0
+
+    def start(self, parts: list[torch.Tensor]) -> PendingDownload:
+        """Queue the download of `parts` (int64 / int32 / float32 device tensors); returns its handle."""
+        slot = self._next
+        self._next = (slot + 1) % len(self.buffers)
+        shapes = [(p.dtype, p.shape) for p in parts]
+        words = _words(parts) if parts else torch.empty(0, dtype=torch.int32, device=self.device)
+        n = words.numel()
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < n:  # grown, never shrunk: a steady decode reuses its two buffers
+            buffer = self.buffers[slot] = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=self._pinned)
+        self.generations[slot] += 1
+        host = buffer[:n]
+        host.copy_(words, non_blocking=self._pinned)
+        event = self.events[slot]  # reused: the generation check refuses a handle whose slot was taken again
+        if event is not None:
+            event.record()
+        return PendingDownload(self, slot, self.generations[slot], host, shapes, event)
+
+
+def resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor | None) -> None:
+    """Async scheduling's device-side gather: an input id -(r + 1) stands for row r of the previous step's sampled
+    tokens (`previous_tokens`, int64 [S], still on the device), which the host has not seen yet. Rewrites
+    `input_ids` in place (a view of the step's upload or of a CUDA graph's static input), on the device's stream,
+    so the forward queued after it reads the real tokens; no host round trip."""
+    if previous_tokens is None or previous_tokens.numel() == 0:
+        raise ValueError("the step defers input ids to the previous step's samples, but that step sampled nothing")
+    deferred = input_ids < 0
+    rows = (-1 - input_ids).clamp_(0, previous_tokens.numel() - 1)  # other rows read row 0, then are kept
+    input_ids.copy_(torch.where(deferred, previous_tokens[rows], input_ids))

@@ -101,6 +101,9 @@ class StepInput:
     # copy before anything else, moving the previous step's accepted tree nodes to consecutive positions
     tree_masks: list[list[int] | None] | None = None
     slots_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # async scheduling (minillm/engine/async_step.py): some input ids are -(r + 1), row r of the previous step's
+    # sampled tokens, which the host has not downloaded yet; the runner gathers them on the device
+    deferred_input_ids: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -177,6 +177,21 @@ class Worker:
             raise RuntimeError("initialize_cache() before execute_model()")
         return self.runner.execute_model(step)
 
+    @property
+    def can_launch(self) -> bool:
+        """Whether this worker's steps can be launched and collected apart (async scheduling): the plain runner
+        can; a tensor/pipeline/expert-parallel rank's runner steps only as a whole (execute_model)."""
+        return type(self.runner) is ModelRunner
+
+    def launch_model(self, step: StepInput):
+        """Queue one step without waiting for it (ModelRunner.launch); `collect_model` returns its StepOutput."""
+        if self.runner is None:
+            raise RuntimeError("initialize_cache() before launch_model()")
+        return self.runner.launch(step)
+
+    def collect_model(self, launched) -> StepOutput:
+        return self.runner.collect(launched)
+
     def get_comm_stats(self, reset: bool = False) -> dict[str, int]:
         """Bytes this process has handed to torch.distributed collectives, per operation (chapter 11)."""
         from minillm.parallel.state import comm_stats

@@ -1,0 +1,164 @@
+"""Async scheduling: the host prepares step N+1 while the device runs step N (chapter 4's overlap, vLLM's
+`async_scheduling`). `EngineConfig(async_scheduling=True)` / `LLM(..., async_scheduling=True)`.
+
+Why. A synchronous engine step is a relay race with one runner at a time: the host schedules, builds and uploads
+step N, launches it, then waits for its tokens, runs the per-request output loop (stop checks, detokenizer,
+outputs) and only then schedules step N+1. Every millisecond of host work is a millisecond the GPU idles: on the
+H200 an 8B decode step is ~10 ms of GPU and ~3-7 ms of host (benchmarks/RESULTS.md, P6). Overlapped, the step
+takes max(GPU, host) instead of GPU + host.
+
+How. What the host needs of step N's tokens to schedule step N+1 is only how many there are, and that is known in
+advance: a decode (or the last chunk of a prefill) produces exactly one token. So one engine call does
+
+    1. schedule step N+1, assuming every sequence that sampled in step N now has one more token. That token is a
+       *placeholder* in `seq.token_ids`: the negative number -(r + 1), meaning "row r of step N's sampled tokens".
+    2. build and launch step N+1 without waiting (ModelRunner.launch). Its input ids hold the placeholders; on the
+       device, before the forward, `resolve_deferred_ids` replaces each by step N's sampled token (a gather from
+       the tensor that is still on the device: no host round trip). The step's download goes into a pinned buffer
+       with `non_blocking=True`, followed by a CUDA event.
+    3. wait for step N's download only (the event: step N+1 keeps running), write the real tokens over the
+       placeholders, and run the output loop for step N exactly as a synchronous step would.
+    4. apply step N+1's bookkeeping with new placeholders (num_computed_tokens, one token per sampling sequence),
+       skipping the requests that step 3 finished. It returns step N's outputs: a caller sees each token one
+       call later than in a synchronous engine.
+
+The price is the token a finished request computes for nothing. A request that stops in step N (EOS, stop string)
+was already scheduled into step N+1; its block for that extra token exists (the scheduler appended it as for any
+decode) and is freed with the others when step 3 finishes the request; step N+1's sample for it is dropped. Its
+stray K/V write lands above num_computed_tokens, in a block nobody else holds (copy-on-write made it private), and a
+block freed here and reused later is written again after it, in stream order. Requests that end by length are
+known in advance: the scheduler gives them no step N+1 at all (Scheduler.skip_finished_by_length).
+
+Everything else stays exact. Placeholders never reach the prefix cache: the cache hashes only computed tokens
+(below num_computed_tokens), and by the time a placeholder's position is computed (step N+2's schedule), step 3 has
+replaced it. Preemption needs no special case: a preempted sequence keeps its token list (placeholder included) and
+gets its real token in step 3; it is not in step N+1, and it is re-admitted only after step 3. Swaps and copies
+are queued in stream order before step N+1's forward.
+
+What falls back to synchronous steps: an engine with a speculative decoder (the number of tokens a verify step
+produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
+processes). Random sampling consumes one extra draw per wasted token, so sampled (not greedy) outputs of the shared
+generator differ from a synchronous run's; greedy outputs are the same.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.sequence import SequenceStatus
+from minillm.engine.step_input import build_step_input
+from minillm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+FINISHED = SequenceStatus.FINISHED
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose tokens the host has not read: its batch, the runner's handle, and per sequence the
+    position of its placeholder token (-1: the step samples nothing for it, or it had finished already)."""
+
+    batch: ScheduledBatch
+    launched: Any  # ModelRunner's LaunchedStep, through the executor
+    positions: list[int]
+
+
+class AsyncSteps:
+    """The engine's step when async scheduling is on (LLMEngine._step hands over to `step`)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.in_flight_step: InFlightStep | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.in_flight_step is not None
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and launch step N+1, then read step N and return its outputs (see the module docstring)."""
+        engine = self.engine
+        batch = engine.scheduler.schedule()
+        outputs = [engine._drop_rejected(seq) for seq in engine._drain_rejected()]
+        launched = step_input = failure = None
+        if not batch.is_empty:
+            engine.num_steps += 1
+            now = time.perf_counter()
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+            try:
+                step_input = build_step_input(batch, engine.cache_config.block_size, engine._finished_since_last_step)
+                engine._finished_since_last_step = []
+                step_input.deferred_input_ids = min(step_input.input_ids) < 0
+                launched = engine.executor.launch_model(step_input)
+            except Exception as err:  # isolate: this step's requests fail (after the step in flight is read)
+                logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
+                failure = f"{type(err).__name__}: {err}"
+        previous, self.in_flight_step = self.in_flight_step, None
+        if previous is not None:
+            self._read(previous, outputs)
+        if failure is not None:
+            outputs += [engine._finish(seq, "error", error=failure) for seq in batch.seqs if not seq.is_finished]
+        elif launched is not None:
+            self.in_flight_step = self._expect(batch, step_input.num_sampled, launched)
+        return outputs
+
+    def _expect(self, batch: ScheduledBatch, num_sampled: list[int], launched: Any) -> InFlightStep:
+        """Step N+1's bookkeeping before its tokens exist: num_computed_tokens advances and every sequence that
+        samples gets the placeholder -(r + 1) for its row r of the step's sampled tokens. Sequences finished
+        while step N was read are left alone (their sample will be dropped)."""
+        if max(num_sampled) > 1:
+            raise ValueError(f"a sequence samples {max(num_sampled)} rows in one step: async scheduling expects one "
+                             f"token per step (speculative steps run synchronously)")
+        seqs, counts, new, positions = [], [], [], []
+        row = 0
+        for seq, n, k in zip(batch.seqs, batch.num_new_tokens, num_sampled):
+            if seq.status is FINISHED:
+                positions.append(-1)
+            else:
+                seqs.append(seq)
+                counts.append(n)
+                new.append([-1 - row] if k else [])
+                positions.append(len(seq.token_ids) if k else -1)  # where the placeholder is about to go
+            row += k
+        self.engine.scheduler.postprocess(ScheduledBatch(seqs=seqs, num_new_tokens=counts), new)
+        return InFlightStep(batch, launched, positions)
+
+    def _read(self, flight: InFlightStep, outputs: list[RequestOutput]) -> None:
+        """Wait for a launched step's tokens, put them in place of its placeholders and run the output loop for
+        the requests still alive (an aborted one, or one that finished the step before, is skipped)."""
+        engine = self.engine
+        seqs = flight.batch.seqs
+        live = [i for i, seq in enumerate(seqs) if seq.status is not FINISHED]
+        try:
+            output = engine.executor.collect_model(flight.launched)
+            tokens = output.sampled_token_ids
+            now = time.perf_counter()
+            positions = flight.positions
+            for i in live:
+                position = positions[i]
+                if position < 0:
+                    continue
+                seq, new = seqs[i], tokens[i]
+                token_ids = seq.token_ids
+                if token_ids[position] >= 0 or len(new) != 1:
+                    raise RuntimeError(f"sequence {seq.request_id!r}: expected a placeholder at position {position} "
+                                       f"and one sampled token, found {token_ids[position:]} and {new}")
+                token_ids[position] = new[0]
+                seq.token_times[-1] = now  # when the host learned it
+                if position == seq.num_prompt_tokens:
+                    seq.first_token_time = now
+            scored = engine._scored_tokens(flight.batch, output, tokens)
+        except Exception as err:  # the step's requests fail, the engine goes on
+            logger.exception("reading a launched step failed; finishing %d request(s) with 'error'", len(live))
+            message = f"{type(err).__name__}: {err}"
+            outputs += [engine._finish(seqs[i], "error", error=message) for i in live]
+            return
+        if len(live) == len(seqs):
+            engine._emit_outputs(seqs, tokens, scored, outputs)
+        else:
+            engine._emit_outputs([seqs[i] for i in live], [tokens[i] for i in live], [scored[i] for i in live],
+                                 outputs)

@@ -1,0 +1,188 @@
+"""Async scheduling (minillm/engine/async_step.py): the engine schedules and launches step N+1 before it reads step
+N's tokens. On a CPU the overlap is only logical (a launch computes at once), but the code path is the GPU's:
+placeholder tokens, the device-side gather of step N's samples into step N+1's input ids, the ring of downloads,
+the wasted token of a request that stops. Greedy outputs must be token-identical to synchronous steps for a mixed
+workload (lengths, max_tokens, stop strings, stop tokens, EOS, preemption under KV pressure, swaps, chunked
+prefill, prefix caching), and no block may leak.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.step_buffers import DownloadRing, resolve_deferred_ids
+from minillm.llm import _engine_config
+from minillm.sampling_params import SamplingParams
+from test_engine import tiny_config, tiny_model
+from tiny import EOS, ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config(max_position_embeddings=256)
+    return tiny_model(config, seed=3), config
+
+
+def make_engine(model_and_config, **kw) -> LLMEngine:
+    model, config = model_and_config
+    options = dict(max_model_len=96, max_num_seqs=6, block_size=4, num_kv_blocks=200)
+    options.update(kw)
+    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(**options))
+
+
+def workload(n: int = 14, seed: int = 0) -> list[tuple[list[int], dict]]:
+    """Prompts of varied lengths (some sharing a prefix) and varied max_tokens."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 250) for _ in range(9)]
+    items = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))]
+        if i % 3 == 0:
+            prompt = shared + prompt
+        items.append((prompt, dict(temperature=0.0, max_tokens=rng.randint(1, 40))))
+    return items
+
+
+def run(engine: LLMEngine, items, abort_after: dict[str, int] | None = None) -> dict[str, tuple]:
+    """Add every request, step to the end; {request_id: (token ids, text, finish reason)}. `abort_after`:
+    request id -> the step after which it is aborted."""
+    for i, (prompt, params) in enumerate(items):
+        engine.add_request(str(i), prompt, SamplingParams(**params))
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        for rid, when in (abort_after or {}).items():
+            if when == steps:
+                out = engine.abort(rid)
+                if out is not None:
+                    outs.append(out)
+        for out in outs:
+            if out.finished:
+                assert out.request_id not in done, f"request {out.request_id} finished twice"
+                c = out.outputs[0]
+                done[out.request_id] = (list(c.token_ids), c.text, c.finish_reason)
+        engine.scheduler.check_invariants()
+        assert steps < 5000
+    bm = engine.scheduler.block_manager
+    assert bm.num_used_blocks == 0 and bm.num_used_cpu_blocks == 0, "blocks leaked"
+    bm.check_invariants()
+    return done
+
+
+def with_stops(model_and_config, items) -> list[tuple[list[int], dict]]:
+    """The workload with stop strings, stop tokens and EOS taken from a synchronous run's own outputs, so that
+    they really fire mid-generation."""
+    plain = run(make_engine(model_and_config), items)
+    out = []
+    for i, (prompt, params) in enumerate(items):
+        tokens, text, _ = plain[str(i)]
+        params = dict(params)
+        if i % 4 == 1 and len(text) > 6:
+            params["stop"] = [text[3:5]]
+        elif i % 4 == 2 and len(tokens) > 4:
+            params["stop_token_ids"] = [tokens[3]]
+        out.append((prompt, params))
+    return out
+
+
+CONFIGS = {
+    "plain": {},
+    "kv_pressure_recompute": dict(num_kv_blocks=24),
+    "kv_pressure_swap": dict(num_kv_blocks=24, preemption_mode="swap", swap_space=1 << 20),
+    "chunked_prefix_cache": dict(enable_chunked_prefill=True, max_num_batched_tokens=16, enable_prefix_caching=True,
+                                 num_kv_blocks=60),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_async_outputs_equal_sync_outputs(model_and_config, name):
+    items = with_stops(model_and_config, workload())
+    sync_engine = make_engine(model_and_config, **CONFIGS[name])
+    async_engine = make_engine(model_and_config, async_scheduling=True, **CONFIGS[name])
+    assert async_engine.async_steps is not None and sync_engine.async_steps is None
+    expected, got = run(sync_engine, items), run(async_engine, items)
+    assert got == expected
+    reasons = {r for _, _, r in got.values()}
+    assert reasons == {"stop", "length"}, reasons
+    if name.startswith("kv_pressure"):
+        assert async_engine.scheduler.num_preemptions > 0
+    assert async_engine.num_steps >= sync_engine.num_steps - 1
+
+
+def test_eos_and_max_model_len(model_and_config):
+    """A request whose greedy continuation hits EOS stops there (EOS taken from the model's own output, by
+    declaring that token the model's EOS), and one that reaches max_model_len ends by length, in both modes."""
+    model, config = model_and_config
+    items = [([7, 8, 9], dict(temperature=0.0, max_tokens=40)), ([11] * 50, dict(temperature=0.0, max_tokens=200))]
+    plain = run(make_engine(model_and_config, max_model_len=64), items)
+    eos = plain["0"][0][5]
+    config_eos = tiny_config(max_position_embeddings=256, eos_token_id=eos)
+    results = []
+    for async_scheduling in (False, True):
+        engine = LLMEngine(model, ByteTokenizer(), config_eos,
+                           EngineConfig(max_model_len=64, max_num_seqs=4, block_size=4, num_kv_blocks=100,
+                                        async_scheduling=async_scheduling))
+        results.append(run(engine, items))
+    assert results[0] == results[1]
+    assert results[1]["0"][2] == "stop" and results[1]["0"][0][-1] == eos
+    assert results[1]["1"][2] == "length" and len(results[1]["1"][0]) == 64 - 50
+
+
+def test_abort_mid_run(model_and_config):
+    """Aborting a request whose step is in flight frees its blocks; the others finish as they would have."""
+    items = workload(8, seed=1)
+    items = [(p, dict(params, max_tokens=30)) for p, params in items]
+    expected = run(make_engine(model_and_config), items)
+    got = run(make_engine(model_and_config, async_scheduling=True), items, abort_after={"2": 5, "5": 9})
+    assert got["2"][2] == "abort" and got["5"][2] == "abort"
+    assert len(got["2"][0]) < 30
+    assert got["2"][0] == expected["2"][0][:len(got["2"][0])]
+    for rid in expected:
+        if rid not in ("2", "5"):
+            assert got[rid] == expected[rid]
+
+
+def test_outputs_come_one_call_later(model_and_config):
+    """The first call launches step 1 and returns nothing; the next reads step 1 (the prefill's token)."""
+    engine = make_engine(model_and_config, async_scheduling=True)
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))
+    assert engine.step() == [] and engine.async_steps.in_flight
+    seq = engine.scheduler.running[0]
+    assert seq.token_ids[-1] == -1  # the placeholder for row 0 of step 1
+    outs = engine.step()
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1] and seq.token_ids[3] >= 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine.async_steps.in_flight and seq.num_output_tokens == 3
+
+
+def test_config_and_llm_options():
+    assert _engine_config(None, None, None, None, {"async_scheduling": True}).async_scheduling
+    with pytest.raises(TypeError, match="async_scheduling"):
+        EngineConfig(async_scheduling="yes")
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(async_scheduling=True, scheduling="static")
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(async_scheduling=True, tensor_parallel_size=2)
+
+
+def test_resolve_deferred_ids_and_download_ring():
+    ids = torch.tensor([5, -1, 7, -3, 0])
+    resolve_deferred_ids(ids, torch.tensor([40, 41, 42]))
+    assert ids.tolist() == [5, 40, 7, 42, 0]
+    with pytest.raises(ValueError, match="sampled nothing"):
+        resolve_deferred_ids(torch.tensor([-1]), None)
+    ring = DownloadRing(torch.device("cpu"), num_slots=2)
+    first = ring.start([torch.tensor([1, 2, 3]), torch.tensor([0.5, -1.0])])
+    second = ring.start([torch.tensor([9])])
+    tokens, floats = first.wait()
+    assert tokens.tolist() == [1, 2, 3] and tokens.dtype == torch.int64 and floats.tolist() == [0.5, -1.0]
+    ring.start([torch.tensor([4])])  # takes the first slot again
+    with pytest.raises(RuntimeError, match="reused"):
+        first.wait()
+    assert second.wait()[0].tolist() == [9]
