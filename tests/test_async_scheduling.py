@@ -186,3 +186,40 @@ def test_resolve_deferred_ids_and_download_ring():
     with pytest.raises(RuntimeError, match="reused"):
         first.wait()
     assert second.wait()[0].tolist() == [9]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_async_step_keeps_one_upload_one_download_no_sync(graphs):
+    """An async step (launch N+1, then read N) makes the transfers of a synchronous one: one packed upload and one
+    download, and no sync: the gather of step N's tokens into step N+1's inputs stays on the device. Counted on
+    the virtual device of minillm.bench.step_transfers; with graphs, the decode replays (host stand-in) graphs."""
+    from minillm.bench.step_transfers import (STEP_BUDGET, VIRTUAL_DEVICE, StepTransfers, _NullTokenizer,
+                                              attach_host_graphs, tiny_llama)
+    model, config = tiny_llama()
+    with StepTransfers(model) as counter:
+        engine = LLMEngine(model, _NullTokenizer(), config,
+                           EngineConfig(max_model_len=128, max_num_seqs=4, block_size=16, num_kv_blocks=40,
+                                        async_scheduling=True), device=VIRTUAL_DEVICE)
+        if graphs:
+            attach_host_graphs(engine)
+        for i in range(3):
+            engine.add_request(str(i), [(7 * i + j) % 256 for j in range(9 + 3 * i)],
+                               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        for _ in range(3):  # the prefill's launch, then decodes that take their input ids from the device
+            engine.step()
+        counter.reset()
+        engine.step()
+    assert counter.counts() == STEP_BUDGET, counter.report()
+    assert engine.async_steps.in_flight_step.launched.step.deferred_input_ids
+    assert all(t >= 0 for seq in engine.scheduler.running for t in seq.token_ids[:-1])
+
+
+def test_speculative_engine_steps_synchronously(model_and_config):
+    """With a speculative decoder the engine keeps synchronous steps (a verify step's token count is not known
+    before its tokens are): same outputs as without the flag."""
+    items = workload(6, seed=2)
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    plain = make_engine(model_and_config, speculative_config=spec)
+    flagged = make_engine(model_and_config, speculative_config=spec, async_scheduling=True)
+    assert flagged.async_steps is None
+    assert run(flagged, items) == run(plain, items)
