@@ -80,15 +80,9 @@ class AsyncSteps:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch step N+1, then read step N and return its outputs (see the module docstring)."""
         engine = self.engine
-        batch = engine.scheduler.schedule()
-        outputs = [engine._drop_rejected(seq) for seq in engine._drain_rejected()]
+        batch, outputs = engine._schedule()
         launched = step_input = failure = None
         if not batch.is_empty:
-            engine.num_steps += 1
-            now = time.perf_counter()
-            for seq in batch.seqs:
-                if seq.first_scheduled_time is None:
-                    seq.first_scheduled_time = now
             try:
                 step_input = build_step_input(batch, engine.cache_config.block_size, engine._finished_since_last_step)
                 engine._finished_since_last_step = []

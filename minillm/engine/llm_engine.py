@@ -230,16 +230,9 @@ class LLMEngine:
             return self.async_steps.step()
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)
-        batch = self.scheduler.schedule()
-        # requests the scheduler finished itself ("error": they can never fit); their blocks are already free
-        outputs = [self._drop_rejected(seq) for seq in self._drain_rejected()]
+        batch, outputs = self._schedule()
         if batch.is_empty:
             return outputs
-        self.num_steps += 1
-        now = time.perf_counter()
-        for seq in batch.seqs:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
         try:
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
             if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
@@ -289,6 +282,19 @@ class LLMEngine:
                 outputs.append(self._finish(seq, reason))
             elif seq.sampling_params.output_kind == "cumulative":
                 outputs.append(self._output(seq))
+
+    def _schedule(self) -> tuple[ScheduledBatch, list[RequestOutput]]:
+        """The scheduler's batch for the next step (counted, its sequences' first schedule time stamped), and the
+        outputs of the requests the scheduler finished itself ("error": they can never fit; blocks already free)."""
+        batch = self.scheduler.schedule()
+        outputs = [self._drop_rejected(seq) for seq in self._drain_rejected()]
+        if not batch.is_empty:
+            self.num_steps += 1
+            now = time.perf_counter()
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+        return batch, outputs
 
     def _scored_tokens(self, batch: ScheduledBatch, output: StepOutput,
                        tokens: list[list[int]]) -> list[list[TokenLogprobs] | None]:
