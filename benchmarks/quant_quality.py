@@ -54,6 +54,13 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # MSE row scales and GPTQ rounding onto the e4m3 grid (the LM head, the tied embedding, stays unquantized)
     ("fp8 w8a8 calibrated", "fp8", dict(fp8_smooth_alpha="search", fp8_gptq=True, fp8_mse_scale=True)),
     ("fp8 w8a8 gptq", "fp8", dict(fp8_gptq=True)),  # GPTQ alone: on the CPU as good as the full recipe
+    # fp8_block.py: one e4m3 scale per 64 x 64 (or 32 x 32) weight tile and per token per 64 (32) channels
+    # (DeepSeek-V3's fine-grained scheme; its 128 does not divide SmolLM2's 576)
+    ("fp8_block w8a8 b64", "fp8_block", dict(weight_block_size=64)),
+    ("fp8_block w8a8 b32", "fp8_block", dict(weight_block_size=32)),
+    # the same tiles with GPTQ's rounding (fp8_block.gptq_fp8_block: one GPTQ pass per tile row)
+    ("fp8_block w8a8 b64 gptq", "fp8_block", dict(weight_block_size=64, fp8_gptq=True)),
+    ("fp8_block w8a8 b32 gptq", "fp8_block", dict(weight_block_size=32, fp8_gptq=True)),
     ("smoothquant w8a8", "smoothquant", dict(alpha=0.5)),
     ("nf4 (double quant)", "nf4", {}),
     ("int8 (LLM.int8)", "int8", {}),

@@ -10,6 +10,7 @@
     weight_only.py   "rtn" (at load time), "gptq" and "awq" checkpoints       W4A16 / W3A16
     fp8.py           "fp8"          e4m3 weights and per-token activations   W8A8 float
     fp8_calibrated.py  fp8's calibrated recipe: smoothing, MSE row scales, GPTQ on the e4m3 grid
+    fp8_block.py     "fp8_block"    e4m3 with tile / token-group scales      W8A8 float (DeepSeek-V3)
     smoothquant.py   "smoothquant"  outliers migrated into the weights      W8A8 int8
     nf4.py           "nf4"          NormalFloat4 + double quantization      W4A16
     llm_int8.py      "int8"         int8 with outlier columns in float      W8A8 int8 + fp

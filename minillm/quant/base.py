@@ -37,6 +37,7 @@ QUANTIZATION_METHODS = MappingProxyType({
     "gptq": "minillm.quant.weight_only:GPTQConfig",
     "awq": "minillm.quant.weight_only:AWQConfig",
     "fp8": "minillm.quant.fp8:Fp8Config",
+    "fp8_block": "minillm.quant.fp8_block:Fp8BlockConfig",
     "smoothquant": "minillm.quant.smoothquant:SmoothQuantConfig",
     "nf4": "minillm.quant.nf4:NF4Config",
     "int8": "minillm.quant.llm_int8:LLMInt8Config",

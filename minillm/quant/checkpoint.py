@@ -21,7 +21,7 @@ from typing import Any
 
 from minillm.quant.base import apply_quantization_override, check_quantization_name
 
-LOAD_TIME_METHODS = ("rtn", "fp8", "nf4", "int8", "int8_rtn")
+LOAD_TIME_METHODS = ("rtn", "fp8", "fp8_block", "nf4", "int8", "int8_rtn")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

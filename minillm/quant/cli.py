@@ -3,6 +3,8 @@
     minillm quantize --method gptq --bits 4 --group-size 64 --out smollm2-gptq     # the bundled SmolLM2
     minillm quantize my-llama/ --method fp8 --out my-llama-fp8
     minillm quantize --method fp8 --smooth-alpha search --gptq --mse-scale --out smollm2-fp8    # calibrated fp8
+    minillm quantize --method fp8_block --block-size 64 --out smollm2-fp8-block    # e4m3, 64 x 64 tile scales
+    minillm quantize --method fp8_block --gptq --out smollm2-fp8-block-gptq        # + GPTQ onto the tile grid
     python -c "from minillm import LLM; print(LLM(model='smollm2-gptq').generate('Hi')[0].outputs[0].text)"
 
     minillm quantize --method gguf-q4_k --out smollm2-q4_k.gguf    # one self-contained GGUF (quant/gguf_export.py)
@@ -10,6 +12,7 @@
     minillm quantize --method prune-2:4 --prune-scores magnitude --out smollm2-2of4
 
 Calibrated methods (gptq, awq, smoothquant, fp8 with any of --smooth-alpha/--gptq/--mse-scale (quant/fp8_calibrated.py),
+fp8_block with --gptq,
 prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
 --calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a
 GGUF source's tokenizer and chat template, or converts an HF directory's tokenizer.json (quant/gguf_tokenizer.py).
@@ -85,9 +88,28 @@ def _fp8_recipe(args: argparse.Namespace) -> dict:
     """quantize_model's fp8 recipe options from the flags; ValueError if they are given to another method."""
     recipe = {"fp8_smooth_alpha": args.smooth_alpha, "fp8_gptq": args.gptq, "fp8_mse_scale": args.mse_scale}
     given = args.smooth_alpha is not None or args.gptq or args.mse_scale
-    if given and args.method != "fp8":
+    if args.method == "fp8_block" and (args.smooth_alpha is not None or args.mse_scale):
+        raise ValueError("--method fp8_block takes --gptq only (not --smooth-alpha or --mse-scale)")
+    if given and args.method not in ("fp8", "fp8_block"):
         raise ValueError(f"--smooth-alpha, --gptq and --mse-scale belong to --method fp8, got --method {args.method}")
     return recipe if given else {}
+
+
+def _block_options(args: argparse.Namespace) -> dict:
+    """quantize_model's weight_block_size from --block-size; ValueError if it is given to another method."""
+    if args.block_size is None:
+        return {}
+    if args.method != "fp8_block":
+        raise ValueError(f"--block-size belongs to --method fp8_block, got --method {args.method}")
+    return {"weight_block_size": args.block_size}
+
+
+def _block_size(text: str) -> int | tuple[int, int]:
+    """--block-size 64 (square tiles) or 128,64 (block_n, block_k)."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 2) or any(p < 16 or p % 16 for p in parts):
+        raise argparse.ArgumentTypeError(f"block size must be N or N,K, multiples of 16, got {text}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -121,7 +143,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         qm = quantize_model(model, args.method, args.bits, args.group_size, calibration=calibration,
                             sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
-                            grid_search=args.grid_search, alpha=args.alpha, **recipe)
+                            grid_search=args.grid_search, alpha=args.alpha, **recipe, **_block_options(args))
         save_quantized(qm, args.out, tokenizer, source=path if os.path.isdir(path) else None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"minillm quantize: error: {err}", file=sys.stderr)
@@ -133,8 +155,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("quantize", help="quantize a model (rtn, gptq, awq, fp8, smoothquant, nf4, int8) "
-                                               "and save it as safetensors + config.json; or write a GGUF "
+    p = subparsers.add_parser("quantize", help="quantize a model (rtn, gptq, awq, fp8, fp8_block, smoothquant, nf4, "
+                                               "int8) and save it as safetensors + config.json; or write a GGUF "
                                                "(gguf-q4_0, gguf-q4_k, gguf-q8_0); or prune it")
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
     p.add_argument("--method", required=True, choices=METHODS + tuple(GGUF_METHODS) + PRUNE_METHODS)
@@ -152,9 +174,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=None,
                    help="fp8: SmoothQuant migration before e4m3, a float in [0, 1] or 'search' (per linear)")
-    p.add_argument("--gptq", action="store_true", help="fp8: GPTQ error feedback onto the e4m3 grid")
+    p.add_argument("--gptq", action="store_true", help="fp8, fp8_block: GPTQ error feedback onto the e4m3 grid")
     p.add_argument("--mse-scale", action="store_true",
                    help="fp8: per-channel weight scales that minimise the activation-weighted rounding error")
+    p.add_argument("--block-size", type=_block_size, default=None,
+                   help="fp8_block: weight tile and activation group, N (square) or BLOCK_N,BLOCK_K (default 64; "
+                        "each must divide SmolLM2's 576-wide rows: 64 or 32)")
     p.add_argument("--sparsity", type=float, default=0.5, help="prune-*: fraction of weights set to zero (default 0.5)")
     p.add_argument("--granularity", choices=("row", "layer"), default="row",
                    help="prune-magnitude/wanda: compare scores per output row (default) or per matrix")

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.quant.awq import _clip, awq_quantize, fold_scales_into_linear, fold_scales_into_rmsnorm, search_clip
 from minillm.quant.fp8 import quantize_fp8
+from minillm.quant import fp8_block
 from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe, fp8_calibrated_layer
 from minillm.quant.gptq import HessianAccumulator, gptq_quantize
 from minillm.quant.int4 import awq_tensors, gptq_tensors
@@ -51,9 +52,9 @@ from minillm.quant.nf4 import quantize_nf4
 from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
 from minillm.quant.smoothquant import smoothing_factors
 
-METHODS = ("rtn", "gptq", "awq", "fp8", "smoothquant", "nf4", "int8")
+METHODS = ("rtn", "gptq", "awq", "fp8", "fp8_block", "smoothquant", "nf4", "int8")
 CALIBRATED = ("gptq", "awq", "smoothquant")
-_FIXED_BITS = {"fp8": 8, "smoothquant": 8, "int8": 8, "nf4": 4}
+_FIXED_BITS = {"fp8": 8, "fp8_block": 8, "smoothquant": 8, "int8": 8, "nf4": 4}
 
 
 @dataclasses.dataclass
@@ -277,7 +278,7 @@ def _smoothquant_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, An
 
 
 _LAYER_ALGORITHMS = {"gptq": _gptq_layer, "awq": _awq_layer, "smoothquant": _smoothquant_layer,
-                     "fp8": fp8_calibrated_layer}
+                     "fp8": fp8_calibrated_layer, "fp8_block": fp8_block.gptq_layer}
 
 
 def _export(method: str, w: torch.Tensor, qw: QuantizedWeight | None, opts: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -295,6 +296,8 @@ def _export(method: str, w: torch.Tensor, qw: QuantizedWeight | None, opts: dict
             return {"weight": qw.codes, "weight_scale": qw.scales[:, 0].contiguous()}
         w8, scale = quantize_fp8(w, opts["fp8_per_channel"])
         return {"weight": w8, "weight_scale": scale}
+    if method == "fp8_block":
+        return fp8_block.checkpoint_tensors(w, opts["weight_block_size"], qw)
     if method == "nf4":
         codes, absmax = quantize_nf4(w)
         return {"qweight": pack_int4(codes), "absmax": absmax}
@@ -319,6 +322,7 @@ def _quantization_config(method: str, opts: dict[str, Any]) -> dict[str, Any]:
                     "weight_granularity": "channel" if opts["fp8_per_channel"] else "tensor",
                     **({"minillm_recipe": {k.removeprefix("fp8_"): opts[k] for k in FP8_RECIPE}}
                        if opts["fp8_calibrated"] else {})},
+            "fp8_block": fp8_block.quantization_config(opts["weight_block_size"], opts["fp8_gptq"]),
             "smoothquant": {"quant_method": "smoothquant", "bits": 8, "alpha": opts["alpha"]},
             "nf4": {"quant_method": "nf4", "blocksize": 64, "double_quant_blocksize": 256},
             "int8": {"quant_method": "int8", "llm_int8_threshold": opts["llm_int8_threshold"]}}[method]
@@ -332,7 +336,8 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
                    max_tokens: int = 4096, fp8_per_channel: bool = True,
                    llm_int8_threshold: float = 6.0, fp8_smooth_alpha: float | str | None = None,
                    fp8_gptq: bool = False, fp8_mse_scale: bool = False,
-                   fp8_alphas: tuple[float, ...] = DEFAULT_ALPHAS, fp8_search_tokens: int = 1024) -> QuantizedModel:
+                   fp8_alphas: tuple[float, ...] = DEFAULT_ALPHAS, fp8_search_tokens: int = 1024,
+                   weight_block_size: int | tuple[int, int] = fp8_block.DEFAULT_BLOCK) -> QuantizedModel:
     """Quantize a dense LlamaForCausalLM with `method` (METHODS); the model itself is left unchanged.
 
     bits/group_size/sym: the integer grid of rtn, gptq and awq (bits 2..8, default 4; group_size -1 = per channel;
@@ -345,10 +350,13 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     the calibration tokens AWQ's searches use per linear. fp8_smooth_alpha (a float in [0, 1] or "search" over
     fp8_alphas on fp8_search_tokens tokens), fp8_gptq, fp8_mse_scale: the calibrated fp8 recipe (fp8_calibrated.py;
     any of them makes fp8 need calibration); without them fp8 rounds each weight on its own.
+    weight_block_size: fp8_block's (block_n, block_k) tile, or one int for square tiles (fp8_block.py); with
+    fp8_gptq, fp8_block rounds onto its tile grid by GPTQ (fp8_block.gptq_layer).
     """
     fp8_calibrated = method == "fp8" and check_fp8_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale, fp8_alphas,
                                                           fp8_search_tokens, fp8_per_channel)
-    calibrated = method in CALIBRATED or fp8_calibrated
+    calibrated = method in CALIBRATED or fp8_calibrated or (
+        method == "fp8_block" and fp8_block.check_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale))
     bits = _check(model, method, bits, group_size, calibration, calibrated)
     if method == "awq" and sym:
         raise ValueError("awq quantizes on an asymmetric grid (zero points); got sym=True")
@@ -362,7 +370,10 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
                 grid_search=grid_search, percdamp=percdamp, alpha=alpha,
                 max_tokens=max_tokens, fp8_per_channel=fp8_per_channel, llm_int8_threshold=llm_int8_threshold,
                 format=fmt, fp8_calibrated=fp8_calibrated, fp8_smooth_alpha=fp8_smooth_alpha, fp8_gptq=fp8_gptq,
-                fp8_mse_scale=fp8_mse_scale, fp8_alphas=tuple(fp8_alphas), fp8_search_tokens=fp8_search_tokens)
+                fp8_mse_scale=fp8_mse_scale, fp8_alphas=tuple(fp8_alphas), fp8_search_tokens=fp8_search_tokens,
+                weight_block_size=fp8_block.check_block_size(weight_block_size))
+    if method == "fp8_block":  # refuse a tile that does not divide a linear before any work
+        fp8_block.check_linears(_decoder_linears(model), opts["weight_block_size"])
     qweights: dict[nn.Module, QuantizedWeight] = {}
     if calibrated:
         model = copy.deepcopy(model)  # weights are rewritten (quantized, scales folded) as the walk goes
