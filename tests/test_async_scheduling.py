@@ -223,3 +223,44 @@ def test_speculative_engine_steps_synchronously(model_and_config):
     flagged = make_engine(model_and_config, speculative_config=spec, async_scheduling=True)
     assert flagged.async_steps is None
     assert run(flagged, items) == run(plain, items)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_async_equals_sync_with_cuda_graphs():
+    """On the GPU, bf16, decode steps replayed by CUDA graphs (and piecewise graphs for prefill steps): requests
+    that end by length make the same batches in both modes (async scheduling does not reschedule them), so the
+    tokens must be identical, the deferred ids gathered into the graphs' static inputs included. Then with stop
+    tokens (the wasted-token path; batches now differ, so bf16 rounding may too): each request ends at its stop
+    token or at max_tokens, with no placeholder left in its output."""
+    from minillm.engine.worker import RandomWeights
+    config = tiny_config(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=512, max_position_embeddings=512)
+    model = RandomWeights(seed=3)(config, torch.device("cuda"), torch.bfloat16)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(5, 120))] for _ in range(24)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
+
+    def run_engine(async_scheduling, params):
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+            block_size=16, kv_cache_memory=64 << 20, max_model_len=256, max_num_seqs=16,
+            async_scheduling=async_scheduling), device="cuda", dtype=torch.bfloat16)
+        assert engine.runner.cuda_graphs is not None
+        ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert engine.scheduler.block_manager.num_used_blocks == 0
+        return [done[i].outputs[0] for i in ids]
+
+    sync, asynchronous = run_engine(False, params), run_engine(True, params)
+    assert [o.token_ids for o in asynchronous] == [o.token_ids for o in sync]
+    stops = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True,
+                            stop_token_ids=[o.token_ids[len(o.token_ids) // 2]])
+             for p, o in zip(params, sync)]
+    for out, stop in zip(run_engine(True, stops), stops):
+        assert all(0 <= t < config.vocab_size for t in out.token_ids)
+        if out.finish_reason == "stop":
+            assert out.token_ids[-1] in stop.stop_token_ids
+        else:
+            assert out.finish_reason == "length" and len(out.token_ids) == stop.max_tokens
