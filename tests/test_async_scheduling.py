@@ -264,3 +264,9 @@ def test_gpu_async_equals_sync_with_cuda_graphs():
             assert out.token_ids[-1] in stop.stop_token_ids
         else:
             assert out.finish_reason == "length" and len(out.token_ids) == stop.max_tokens
+
+
+def test_disaggregation_refuses_async_scheduling():
+    from minillm.engine.disagg_engine import check_disaggregation
+    with pytest.raises(ValueError, match="async_scheduling"):
+        check_disaggregation(EngineConfig(async_scheduling=True))

@@ -114,6 +114,9 @@ def check_disaggregation(config: EngineConfig) -> None:
                          "pipeline_parallel_size and expert_parallel_size must be 1")
     if SpeculativeConfig.from_engine_config(config) is not None:
         raise ValueError("speculative decoding is not supported with disaggregation")
+    if config.async_scheduling:
+        raise ValueError("async_scheduling is not supported with disaggregation (its worker processes answer "
+                         "each step in turn): give async_scheduling=False")
 
 
 class _SizingExecutor:
