@@ -12,9 +12,12 @@ greedily from one prompt and reports, per engine step:
     ms/step     wall time of LLMEngine.step (timed run, after a warm-up that captures the CUDA graphs)
     gpu ms      GPU busy time per step: the union of the kernels' and copies' intervals in a torch.profiler trace
     idle ms     ms/step - gpu ms: the time the GPU waits for the host
-    waits       host calls that block on the device per step (cudaStreamSynchronize, cudaDeviceSynchronize,
-                cudaEventSynchronize, synchronous cudaMemcpy): the budget is one, the verify step's download
-    d2h         device-to-host copies per step (a non-blocking copy into pinned memory counts here, not in waits)
+    syncs       blocking syncs per step (cudaStreamSynchronize, cudaDeviceSynchronize, synchronous cudaMemcpy: a
+                .cpu() / .tolist() of a device tensor): the budget is one, the verify step's download
+    sync ms     host time spent blocked in them per step
+    ev / ev ms  cudaEventSynchronize calls per step and the time blocked in them: collecting a proposal drafted
+                ahead (free when the draft finished while the host worked; the time says how often it did not)
+    d2h         device-to-host copies per step (a non-blocking copy into pinned memory counts here, not in syncs)
     tok/step    tokens emitted per step (1 for plain decoding); speedup: plain's wall time / the method's
 
 The head methods run twice: as shipped, drafting ahead (minillm/speculative/draft_ahead.py: step N+1's proposal
@@ -43,7 +46,7 @@ from minillm.bench.step_transfers import _NullTokenizer, tiny_llama
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                max_position_embeddings=8192, tie_word_embeddings=True)
-WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 K = 5
 
 
@@ -141,15 +144,18 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ahead: bool, ids: list[
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             variant.generate([ids], params, use_tqdm=False)
             sync()
-        names = {}
+        calls, blocked = {}, {}  # host-side CUDA runtime calls: count, microseconds
         for e in prof.events():
-            names[e.name] = names.get(e.name, 0) + 1
+            calls[e.name] = calls.get(e.name, 0) + 1
+            blocked[e.name] = blocked.get(e.name, 0.0) + e.time_range.elapsed_us()
         n = max(steps[0], 1)
         row["gpu_ms_per_step"] = round(gpu_busy_ms(prof) / n, 3)
         row["idle_ms_per_step"] = round(row["ms_per_step"] - row["gpu_ms_per_step"], 3)
-        row["waits_per_step"] = round(sum(names.get(c, 0) for c in WAIT_CALLS) / n, 2)
-        row["d2h_per_step"] = round(sum(c for name, c in names.items() if "DtoH" in name or "Device -> Pinned"
-                                        in name or "Device -> Pageable" in name) / n, 2)
+        row["syncs_per_step"] = round(sum(calls.get(c, 0) for c in SYNC_CALLS) / n, 2)
+        row["sync_ms_per_step"] = round(sum(blocked.get(c, 0.0) for c in SYNC_CALLS) / n / 1e3, 3)
+        row["event_syncs_per_step"] = round(calls.get("cudaEventSynchronize", 0) / n, 2)
+        row["event_sync_ms_per_step"] = round(blocked.get("cudaEventSynchronize", 0.0) / n / 1e3, 3)
+        row["d2h_per_step"] = round(sum(c for name, c in calls.items() if "DtoH" in name) / n, 2)
     if decoder is not None and decoder.metrics.mean_acceptance_length is not None:
         row["acceptance_length"] = round(decoder.metrics.mean_acceptance_length, 3)  # over every run of the engine
     engine.shutdown()
@@ -188,10 +194,12 @@ def main() -> None:
     print(f"\nbatch 1, {args.max_tokens} tokens, k = {K}, {where}, "
           f"{'model ' + args.model if args.model else 'random weights'}")
     print(f"{'method':20s} {'wall ms':>8s} {'steps':>5s} {'ms/step':>7s} {'gpu ms':>6s} {'idle ms':>7s} "
-          f"{'waits':>5s} {'d2h':>4s} {'tok/step':>8s} {'speedup':>7s} {'same':>5s}")
+          f"{'syncs':>5s} {'sync ms':>7s} {'ev':>4s} {'ev ms':>6s} {'d2h':>4s} {'tok/step':>8s} {'speedup':>7s} "
+          f"{'same':>5s}")
     for r in rows:
         gpu = [f"{r[key]:{w}}" if key in r else f"{'-':>{w[:-3]}}" for key, w in
-               (("gpu_ms_per_step", "6.3f"), ("idle_ms_per_step", "7.3f"), ("waits_per_step", "5.2f"),
+               (("gpu_ms_per_step", "6.3f"), ("idle_ms_per_step", "7.3f"), ("syncs_per_step", "5.2f"),
+                ("sync_ms_per_step", "7.3f"), ("event_syncs_per_step", "4.1f"), ("event_sync_ms_per_step", "6.3f"),
                 ("d2h_per_step", "4.1f"))]
         print(f"{r['method']:20s} {r['wall_ms']:8.1f} {r['steps']:5d} {r['ms_per_step']:7.3f} {' '.join(gpu)} "
               f"{r['tokens_per_step']:8.2f} {r['speedup']:6.2f}x {str(r['same_tokens_as_plain']):>5s}")

@@ -188,3 +188,28 @@ def test_tree_graph_bookkeeping_replays_what_the_eager_search_finds(monkeypatch)
             assert torch.equal(a.depths, b.depths)
             torch.testing.assert_close(a.scores, b.scores)
     assert sorted(graphs.tree_graphs.graphs) == [(2, (2, topk, beam)), (4, (3, topk, beam))]
+
+
+def test_host_tree_helpers_equal_the_tensor_algorithms():
+    """host_token_tree (the proposers' per-step trees) builds what TokenTree.from_parents builds, and
+    greedy_tree_path walks to the path verify_tree_greedy accepts (random trees, a 3-token alphabet: many
+    matches, siblings with equal tokens, ties in depth)."""
+    import random
+    from minillm.speculative.tree import TokenTree, verify_tree_greedy
+    from minillm.speculative.tree_verify import greedy_tree_path, host_token_tree
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 33)
+        parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+        fast, slow = host_token_tree(parents), TokenTree.from_parents(parents)
+        for name in ("parents", "depths", "ranks", "attn_mask"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), (trial, name)
+        tokens = [rng.randrange(3) for _ in range(n)]
+        targets = [rng.randrange(3) for _ in range(n)]
+        want = verify_tree_greedy(slow, torch.tensor([tokens]), torch.tensor([targets]))
+        path = greedy_tree_path(parents, tokens, targets)
+        accepted = int(want.num_accepted[0])
+        assert path == want.accepted_nodes[0, :accepted + 1].tolist(), trial
+        assert [tokens[j] for j in path[1:]] + [targets[path[-1]]] == want.token_ids[0, :accepted + 1].tolist()
+    with pytest.raises(ValueError, match="node 2 has parent 2"):
+        host_token_tree([-1, 0, 2])

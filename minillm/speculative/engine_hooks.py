@@ -7,6 +7,9 @@ LLMEngine._step calls three methods of the SpeculativeDecoder it built from `Eng
                                         the scheduler then grants them as far as budget and blocks allow
     decoder.verify(batch, step_output)  after the forward: per sequence, the tokens it appends (accepted drafts +
                                         one), which scheduler.postprocess applies (and rolls back the rest)
+    decoder.record_step(batch, ...)     then, for head proposers: the target's features of the kept rows, and the
+                                        next step's proposal started at once (draft_ahead.py), so that the draft
+                                        runs on the GPU while the host postprocesses this step
     decoder.release(scheduler)          after the step: proposer state of requests no longer running (finished,
                                         aborted, preempted) is freed
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minillm.speculative.tree import MAX_TREE_NODES, TokenTree, sparse_tree_paths
-from minillm.speculative.tree_verify import TreeDraft, TreeProposer
+from minillm.speculative.tree_verify import TreeDraft, TreeProposer, host_token_tree
 
 if TYPE_CHECKING:
     from minillm.engine.sequence import Sequence
@@ -59,7 +59,7 @@ def trie_draft(root_token_id: int, continuations: SequenceT[SequenceT[int]], max
                 parents.append(node)
                 tokens.append(int(token))
             node = child[key]
-    return TreeDraft(TokenTree.from_parents(parents), tokens)
+    return TreeDraft(host_token_tree(parents), tokens)
 
 
 class NGramTreeProposer(TreeProposer):
@@ -211,11 +211,12 @@ def best_candidates_tree(root_token_id: int, candidates: "DraftTreeCandidates", 
         raise ValueError(f"num_nodes must be an integer in [1, {MAX_TREE_NODES - 1}], got {num_nodes!r}")
     order = torch.sort(candidates.scores, descending=True, stable=True).indices[:num_nodes].tolist()
     index = {c: i + 1 for i, c in enumerate(order)}  # candidate -> node (node 0 is the root)
-    parents = [-1] + [index.get(int(candidates.parents[c]), 0) for c in order]
-    if any(int(candidates.parents[c]) >= 0 and int(candidates.parents[c]) not in index for c in order):
+    parent_of, token_of = candidates.parents.tolist(), candidates.token_ids.tolist()
+    if any(parent_of[c] >= 0 and parent_of[c] not in index for c in order):
         raise ValueError("draft tree candidates must score a child no higher than its parent, parents first")
-    tokens = [int(root_token_id)] + [int(candidates.token_ids[c]) for c in order]
-    return TreeDraft(TokenTree.from_parents(parents), tokens)
+    parents = [-1] + [index.get(parent_of[c], 0) for c in order]
+    tokens = [int(root_token_id)] + [token_of[c] for c in order]
+    return TreeDraft(host_token_tree(parents), tokens)
 
 
 class EagleTreeProposer(HeadTreeProposer):

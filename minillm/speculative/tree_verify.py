@@ -11,7 +11,8 @@ them in the engine's step, around the same seams chain speculation uses (minillm
    prefix, every row sampled. Here the rows get the tree's positions (root position + depth: siblings share one,
    and RoPE rotates them alike) and their ancestor bitmasks (StepInput.tree_masks), which the attention path
    honours (minillm/layers/tree_attention.py): each node sees the prefix and its own root-to-node path only.
-3. verify. Greedy requests: verify_tree_greedy on the target's argmax at every node (the runner's samples).
+3. verify. Greedy requests: verify_tree_greedy's rule on the target's argmax at every node (the runner's samples,
+   on the host already: greedy_tree_path walks them as lists).
    Sampled requests: verify_tree_sampling on the target's probabilities at every node (logits_to_probs, the
    sampler's own filters), which keeps the target's distribution exactly (SpecInfer's multi-candidate rule).
 4. keep the accepted path only. The accepted nodes n_0 = 0, n_1, .., n_a sit at slots root + n_d; the sequence
@@ -27,12 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from minillm.hooks import dispatch
 from minillm.speculative.proposer import Proposer
 from minillm.speculative.rejection import logits_to_probs
 from minillm.speculative.tree import (MAX_TREE_NODES, TokenTree, TreeVerifyOutput, ancestor_bitmasks,
-                                      verify_tree_greedy, verify_tree_sampling)
+                                      tree_attention_mask, verify_tree_sampling)
 
 if TYPE_CHECKING:
     from minillm.engine.scheduler_interface import ScheduledBatch
@@ -67,6 +70,47 @@ class TreeDraft:
         cut = TokenTree(tree.parents[:num_nodes], tree.depths[:num_nodes], tree.ranks[:num_nodes],
                         tree.attn_mask[:num_nodes, :num_nodes])
         return TreeDraft(cut, self.token_ids[:num_nodes])
+
+
+def host_token_tree(parents: list[int]) -> TokenTree:
+    """TokenTree.from_parents for a tree a proposer builds on the host every step: depths and the ancestor mask in
+    one pass over the list (a node's row is its parent's plus itself), where the tensor ops per node cost about a
+    millisecond for 33 nodes. A learner's tree_attention_mask (exercise ch09.tree_attention_mask) still builds
+    the mask when it is active: then this is from_parents itself."""
+    if dispatch("ch09.tree_attention_mask", tree_attention_mask) is not tree_attention_mask:
+        return TokenTree.from_parents(parents)
+    n = len(parents)
+    if n < 1 or parents[0] != -1:
+        raise ValueError(f"parents must be 1-D with parents[0] == -1 (the root), got {parents}")
+    depths = [0] * n
+    mask = np.eye(n, dtype=bool)
+    for i in range(1, n):
+        p = parents[i]
+        if not 0 <= p < i:
+            raise ValueError(f"node {i} has parent {p}; need 0 <= parent < {i} (parents before children)")
+        depths[i] = depths[p] + 1
+        mask[i, :i] = mask[p, :i]
+    return TokenTree(torch.tensor(parents, dtype=torch.int64), torch.tensor(depths, dtype=torch.int64),
+                     torch.zeros(n, dtype=torch.int64), torch.from_numpy(mask))
+
+
+def greedy_tree_path(parents: list[int], tokens: list[int], targets: list[int]) -> list[int]:
+    """verify_tree_greedy's accepted path for one tree, root first, on host lists: a node is accepted when its
+    parent is and its token is the target's argmax at the parent; the path ends at the first deepest accepted
+    node (node order breaks ties, as there). A verify step's samples are on the host already: a walk over 33
+    nodes costs microseconds, the tensor version a launch per level and more."""
+    accepted, depths, best = [True] + [False] * (len(parents) - 1), [0] * len(parents), 0
+    for i in range(1, len(parents)):
+        p = parents[i]
+        depths[i] = depths[p] + 1
+        if accepted[p] and tokens[i] == targets[p]:
+            accepted[i] = True
+            if depths[i] > depths[best]:
+                best = i
+    path = [best]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
 
 
 def permute_rows(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -187,21 +231,27 @@ class TreeVerifier:
         emitted: list[list[int]] = [[] for _ in seqs]
         for (greedy, _), members in groups.items():
             tree = self._draft(seqs[members[0]]).tree
-            tokens = torch.tensor([self._draft(seqs[j]).token_ids for j in members])
             if greedy:  # the runner's samples at temperature 0 are the target's argmax at every node
-                targets = torch.tensor([output.sampled_token_ids[indices[j]] for j in members])
-                result: TreeVerifyOutput = verify_tree_greedy(tree, tokens, targets)
-            else:
-                if output.logits is None:
-                    raise ValueError("sampled tree verification needs the target's logits: the step was run "
-                                     "without return_logits")
-                params = [seqs[j].sampling_params for j in members]
-                probs = logits_to_probs(torch.stack([output.logits[indices[j]] for j in members]),
-                                        torch.tensor([p.temperature for p in params]),
-                                        torch.tensor([p.top_k for p in params]),
-                                        torch.tensor([p.top_p for p in params]))
-                result = verify_tree_sampling(tree, tokens, probs, generators=[generators[j] for j in members],
-                                              default_generator=default_generator)
+                parents = tree.parents.tolist()
+                for j in members:
+                    draft, targets = self._draft(seqs[j]), output.sampled_token_ids[indices[j]]
+                    if len(targets) != draft.num_nodes:
+                        raise ValueError(f"request {seqs[j].request_id!r}: {len(targets)} samples for a tree of "
+                                         f"{draft.num_nodes} nodes")
+                    paths[j] = greedy_tree_path(parents, draft.token_ids, targets)
+                    emitted[j] = [draft.token_ids[n] for n in paths[j][1:]] + [targets[paths[j][-1]]]
+                continue
+            if output.logits is None:
+                raise ValueError("sampled tree verification needs the target's logits: the step was run "
+                                 "without return_logits")
+            params = [seqs[j].sampling_params for j in members]
+            probs = logits_to_probs(torch.stack([output.logits[indices[j]] for j in members]),
+                                    torch.tensor([p.temperature for p in params]),
+                                    torch.tensor([p.top_k for p in params]),
+                                    torch.tensor([p.top_p for p in params]))
+            result: TreeVerifyOutput = verify_tree_sampling(
+                tree, torch.tensor([self._draft(seqs[j]).token_ids for j in members]), probs,
+                generators=[generators[j] for j in members], default_generator=default_generator)
             for row, j in enumerate(members):
                 accepted = int(result.num_accepted[row])
                 paths[j] = result.accepted_nodes[row, :accepted + 1].tolist()
