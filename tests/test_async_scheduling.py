@@ -270,3 +270,32 @@ def test_disaggregation_refuses_async_scheduling():
     from minillm.engine.disagg_engine import check_disaggregation
     with pytest.raises(ValueError, match="async_scheduling"):
         check_disaggregation(EngineConfig(async_scheduling=True))
+
+
+def test_logprobs_and_prompt_logprobs_with_chunked_prefill(model_and_config):
+    """Log-probs of sampled tokens and of prompt tokens (scored chunk by chunk, read one step late) equal a
+    synchronous engine's."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, prompt_logprobs=1)
+
+    def outputs(**kw):
+        engine = make_engine(model_and_config, enable_chunked_prefill=True, max_num_batched_tokens=16, **kw)
+        ids = [engine.add_request(None, p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        return [(done[i].outputs[0].token_ids, done[i].outputs[0].logprobs, done[i].prompt_logprobs) for i in ids]
+
+    expected, got = outputs(), outputs(async_scheduling=True)
+    assert got == expected
+    assert all(len(p) == len(prompt) for (_, _, p), prompt in zip(got, prompts))
+
+
+def test_seeded_sampling_matches(model_and_config):
+    """A request with its own seed draws from its own generator, once per step it samples: the same draws in both
+    modes (only a finished request's wasted token draws once more, after its end)."""
+    items = [(p, dict(temperature=0.9, top_p=0.9, seed=11 * i, max_tokens=params["max_tokens"]))
+             for i, (p, params) in enumerate(workload(10, seed=7))]
+    items = with_stops(model_and_config, items)
+    assert run(make_engine(model_and_config, async_scheduling=True), items) == run(make_engine(model_and_config), items)
