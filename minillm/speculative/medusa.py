@@ -70,6 +70,9 @@ class MedusaProposer(HeadProposer):
             return result
         probs = torch.softmax(self.head_logits(self._batch([windows[i] for i in ready])).float(), dim=-1)
         top_p, top_ids = probs.topk(topk, dim=-1)  # [K, B, topk]
+        # one transfer for both: the ids as int32 words, the probabilities by their bits
+        host = torch.cat([top_ids.to(torch.int32), top_p.view(torch.int32)], dim=-1).cpu()
+        ids, top_p = host[..., :topk].long(), host[..., topk:].contiguous().view(torch.float32)
         for row, i in enumerate(ready):
-            result[i] = (top_ids[:, row].cpu(), top_p[:, row].cpu())
+            result[i] = (ids[:, row], top_p[:, row])
         return result
