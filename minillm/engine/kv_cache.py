@@ -188,6 +188,14 @@ class KVCache:
             raise ValueError(f"{what} block ids {bad} are outside [0, {limit})")
         return torch.tensor(blocks, dtype=torch.long)
 
+    def _device_ids(self, ids: list[int], limit: int, what: str) -> torch.Tensor:
+        """Checked ids as a device tensor, copied from pinned memory without waiting: a copy from pageable memory
+        would make the host wait for all work queued before it (async scheduling queues a whole step there)."""
+        ids = self._check(ids, limit, what)
+        if torch.device(self.device).type != "cuda":
+            return ids.to(self.device)
+        return ids.pin_memory().to(self.device, non_blocking=True)
+
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device_block, cpu_block) pairs from the device cache to the CPU cache, all layers at once."""
         if not pairs:
@@ -210,8 +218,8 @@ class KVCache:
         if not pairs:
             return
         limit = self.num_blocks * self.block_shape[0]
-        src = self._check([s for s, _ in pairs], limit, "source slot").to(self.device)
-        dst = self._check([d for _, d in pairs], limit, "destination slot").to(self.device)
+        src = self._device_ids([s for s, _ in pairs], limit, "source slot")
+        dst = self._device_ids([d for _, d in pairs], limit, "destination slot")
         storage = self.storage.view(torch.uint8) if self.storage.element_size() == 1 else self.storage
         flat = storage.view(2, self.num_layers, limit, *self.block_shape[1:])  # fp8: moved as bytes (CPU has no
         flat[:, :, dst] = flat[:, :, src]  # fp8 index_put)
@@ -221,6 +229,6 @@ class KVCache:
         so a chain like [(0, 1), (1, 2)] copies the *old* contents of block 1 into block 2."""
         if not pairs:
             return
-        src = self._check([s for s, _ in pairs], self.num_blocks, "source").to(self.device)
-        dst = self._check([d for _, d in pairs], self.num_blocks, "destination").to(self.device)
+        src = self._device_ids([s for s, _ in pairs], self.num_blocks, "source")
+        dst = self._device_ids([d for _, d in pairs], self.num_blocks, "destination")
         self.storage[:, :, dst] = self.storage[:, :, src]
