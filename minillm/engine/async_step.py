@@ -33,12 +33,14 @@ Everything else stays exact. Placeholders never reach the prefix cache: the cach
 (below num_computed_tokens), and by the time a placeholder's position is computed (step N+2's schedule), step 3 has
 replaced it. Preemption needs no special case: a preempted sequence keeps its token list (placeholder included) and
 gets its real token in step 3; it is not in step N+1, and it is re-admitted only after step 3. Swaps and copies
-are queued in stream order before step N+1's forward.
+are queued in stream order before step N+1's forward (a swap-out brings blocks to host memory, so it waits for
+the device: such a step loses its overlap, not its correctness).
 
 What falls back to synchronous steps: an engine with a speculative decoder (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
-processes). Random sampling consumes one extra draw per wasted token, so sampled (not greedy) outputs of the shared
-generator differ from a synchronous run's; greedy outputs are the same.
+processes). Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
+CPU; in bf16 a batch that holds a wasted token rounds like any other batch of that size, so near-ties may part).
+Unseeded random sampling draws from the shared generator for wasted tokens too, so its outputs differ.
 """
 from __future__ import annotations
 
