@@ -138,25 +138,6 @@ def test_train_options_name_the_bad_value():
         TrainOptions("eagle", 0)
 
 
-def test_distillation_prompts_cover_code_and_summaries_and_hold_out_the_benchmarks_prompts():
-    """The training mix has every kind serving traffic has (chat, code, docstrings explained, summarised,
-    continued), in turn; none of bench_speculative's prompts is among them (its numbers measure held-out text)."""
-    import os
-    import sys
-    from minillm.speculative.train_data import (CHAT_PROMPTS, CODE_PROMPTS, PROMPT_KINDS, SUMMARY_REQUESTS,
-                                                build_prompts)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from bench_speculative import PROMPTS as BENCH_PROMPTS
-    tokenizer = ByteTokenizer()
-    prompts = build_prompts(tokenizer, 2 * len(PROMPT_KINDS), max_prompt_tokens=10_000)
-    texts = [tokenizer.decode(p) for p in prompts]
-    assert PROMPT_KINDS == ("chat", "code", "explain", "summarise", "continue")
-    assert CODE_PROMPTS[0] in texts[1] and CODE_PROMPTS[1] in texts[6]
-    assert texts[3].find(SUMMARY_REQUESTS[0]) >= 0 and texts[8].find(SUMMARY_REQUESTS[1]) >= 0
-    assert "Explain in plain words" in texts[2] and texts[2][-80:] != texts[3][-80:]  # different docstrings
-    assert not set(BENCH_PROMPTS) & set(CHAT_PROMPTS + CODE_PROMPTS)
-
-
 def test_cli_parses_train_heads():
     from minillm.cli import build_parser
     args = build_parser().parse_args(["train-heads", "--kind", "mtp", "--steps", "7", "--out", "x", "--tiny"])
@@ -184,31 +165,6 @@ def test_cli_trains_several_kinds_on_one_dataset(target, tmp_path, monkeypatch, 
     assert all(p.requires_grad is False for p in model.parameters())  # the target stays frozen
     for p in model.parameters():
         p.requires_grad_(True)
-
-
-def test_cli_prints_the_simulated_acceptances_caveat(target, tmp_path, monkeypatch, capsys):
-    """EAGLE's printout says how few starts the simulated number could score, and the unbiased variant's."""
-    import minillm.engine.worker
-    import minillm.loader
-    from minillm.cli import main
-    from minillm.speculative import train_heads as train_heads_module
-    model, config = target
-    monkeypatch.setattr(minillm.loader, "load_model", lambda path: (config, iter(()), ByteTokenizer()))
-    monkeypatch.setattr(minillm.engine.worker, "build_model", lambda *args, **kwargs: model)
-    summary = {"num_drafts": 5, "positions": 100, "eligible_fraction": 0.24, "mean_accepted_length": 3.07,
-               "walked_accepted_length": 2.5, "per_step_acceptance": [0.6, 0.7, 0.8, None, None]}
-    unbiased = dict(summary, positions=512, eligible_fraction=1.0, mean_accepted_length=2.0,
-                    walked_accepted_length=None)
-    monkeypatch.setattr(train_heads_module, "train_heads", lambda *args, **kwargs: {
-        "history": [{"loss": 1.0}], "out": str(tmp_path), "seconds_per_step": 0.01,
-        "held_out_top1_agreement": [0.6], "simulated_acceptance": summary, "greedy_continued_acceptance": unbiased})
-    assert main(["train-heads", "--kind", "eagle", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    for p in model.parameters():  # the CLI froze the shared target
-        p.requires_grad_(True)
-    out = capsys.readouterr().out
-    assert "simulated mean accepted length (k=5, greedy, bonus included): 3.070 over 100 positions" in out
-    assert "caveat: only 24% of start positions were scorable" in out and "over the scorable starts: 2.500" in out
-    assert "greedy-continued acceptance" in out and "mean 2.000 over 512 starts" in out
 
 
 # -- the engine -----------------------------------------------------------------------------------------------

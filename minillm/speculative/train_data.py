@@ -3,19 +3,24 @@
 A head is trained to guess what *this* target will say, so the best data is what the target says (Medusa-2 and
 EAGLE both distil on the target's outputs rather than on a fixed corpus). Offline and deterministic:
 
-  1. prompts, in turn (PROMPT_KINDS): a hand-written chat request, a request to write code, a chat request to
-     explain one of the standard library's docstrings (minillm.quant.calibration, the calibration split), a
-     request to summarise / list the facts of / simplify a docstring, and a docstring as plain text to continue
-     (chat requests rendered with the model's chat template when it has one). The code and summary kinds are
-     there because serving traffic has them: a head trained on chat and prose alone accepted 3.0 tokens per
-     step on chat but 1.6 on code and 1.3 on summaries (benchmarks/eagle_acceptance_probe.py, issue 11),
-  2. generations: the engine decodes every prompt; half of the distinct prompts greedily, the rest (and every
-     repeat of a prompt) sampled at temperature 0.8, so the heads also see the branches a sampled request takes;
-     prompt + generation is one document,
-  3. rows: the documents are concatenated and cut into rows of `seq_len` tokens,
-  4. features: one cache-less prefill of the target over each row records the last hidden state *before* the
-     final norm (a hook on the final norm) at every position: f [N, seq_len, d]. The post-norm state Medusa reads
-     and the target's own next-token distribution are recomputed from f during training (norm, LM head: cheap).
+  1. prompts: minillm.speculative.train_prompts builds thousands of distinct requests (chat, how-to, stories,
+     emails, code in ten languages, code to explain, documents to summarise, sentences to rewrite) in the model's
+     chat template, and splits them *by prompt* into training and held-out requests before anything is generated
+     (a held-out answer is never trained on: re-sampled training prompts made the old held-out numbers read high),
+  2. generations: the engine answers every prompt. Training prompts alternate greedy and sampled answers
+     (temperature 0.7, 0.8, 0.9, 1.0 in turn, top-p 0.95): self-distillation as EAGLE does it on ShareGPT, the
+     sampled ones showing the branches a sampled request takes. Held-out prompts are answered greedily, so every
+     position of their answers is one a greedy engine would draft at (train_eval.held_out_acceptance).
+     Some answers go on past the end of the turn (ignore_eos), as benchmark runs with a fixed output length do:
+     the target then writes a new turn of an imagined conversation, which a head never shown it drafts badly
+     (issue 11: the P7 summaries end after about 60 of their 128 tokens),
+  3. features: one cache-less prefill of each *whole document* (prompt + answer; documents batched as packed
+     variable-length sequences) records the target's last hidden state before the final norm at every position,
+     each position seeing its document's whole context, as in the engine (a hook on the final norm),
+  4. rows: training documents end to end, cut into rows of `seq_len` tokens, with each position's document index
+     (`segments`) and whether a drafting chain can start there (`drafted`: x_{t+1} is an answer token, the
+     positions the engine drafts from; prompt positions are context only, as EAGLE's loss mask has it).
+     Held-out documents stay whole, one per row, right-padded (`HeldOut`).
 """
 from __future__ import annotations
 
@@ -30,120 +35,93 @@ from tqdm.auto import tqdm
 from minillm.config import EngineConfig, ModelConfig
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.sampling_params import SamplingParams
+from minillm.speculative.train_prompts import prompt_texts, split_prompts
 
-# none of benchmarks/bench_speculative.py's prompts: its acceptance numbers must measure held-out requests (the
-# first three of its chat prompts were here until issue 11, which made its chat numbers read high)
-CHAT_PROMPTS = [
-    "What are three ways to stay motivated when learning a new language?",
-    "Explain the difference between a set and a dictionary in Python.",
-    "Write a short, friendly message thanking a neighbour for watering your plants.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Summarise the plot of a story about a lighthouse keeper who finds a message in a bottle.",
-    "How does a refrigerator keep food cold?",
-    "Give me a recipe for a simple vegetable soup.",
-    "What is the capital of Australia, and why was it chosen?",
-    "Explain recursion to a ten-year-old.",
-    "List five common mistakes beginners make when learning to program.",
-    "Write a haiku about autumn rain.",
-    "What are the pros and cons of working from home?",
-    "Describe how photosynthesis works in simple terms.",
-    "Write a SQL query that returns the ten most recent orders with their customer names.",
-    "How do I politely decline a meeting invitation?",
-    "Explain what a hash table is and when to use one.",
-    "Suggest a weekend itinerary for a first visit to Paris.",
-    "Why is the sky blue?",
-    "Write a Python class for a bank account with deposit and withdraw methods.",
-    "What should I pack for a three-day hiking trip?",
-    "Translate 'Good morning, how are you?' into French and Spanish.",
-    "Explain the difference between weather and climate.",
-    "Write a short motivational message for someone starting a new job.",
-    "How can I improve my sleep habits?",
-]
+SAMPLED_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the sampled training answers, in turn
+IGNORE_EOS_EVERY = 4  # one training answer in 4 (half the held-out ones) runs past its end of turn (see below)
+HELD_OUT_FRACTION = 0.05
+FEATURE_TOKENS_PER_BATCH = 16384  # documents packed into one cache-less prefill when recording features
 
 
-CODE_PROMPTS = [
-    "Write a Python function that merges two sorted lists into one sorted list, with a docstring.",
-    "Write a Python function that counts how often each word appears in a text and returns a dict.",
-    "Write a Python class Queue with enqueue, dequeue and is_empty methods.",
-    "Write a Python function that returns the factorial of n recursively, with type hints and a docstring.",
-    "Here is a function:\n\ndef area(w, h):\n    return w * h\n\nAdd type hints and a docstring, then write two "
-    "pytest tests for it.",
-    "Write a Python function that reads a CSV file and returns the average of one column.",
-    "Write a Python generator that yields the prime numbers below n.",
-    "Write a Python function that reverses the words of a sentence, and show an example call.",
-    "Write a Python dataclass Point with x and y and a method that returns its distance to another point.",
-    "Write a Python function that flattens a nested list, with a docstring and an example.",
-    "Write a JavaScript function that removes duplicate values from an array.",
-    "Write a Python function binary_search(items, target) that returns the index or -1, with a docstring.",
-]
-SUMMARY_REQUESTS = [  # each followed by a blank line and a docstring of the calibration split
-    "Summarise the following text in three sentences.",
-    "List the key facts of this text as bullet points.",
-    "Rewrite this text in simple words for a beginner, keeping its facts.",
-    "Give a one-paragraph summary of this documentation.",
-]
-PROMPT_KINDS = ("chat", "code", "explain", "summarise", "continue")
+@dataclass
+class HeldOut:
+    """Held-out documents, one per row, right-padded with token 0 and zero features (causal: padding never reaches
+    a real position). A document is prompt_lengths[i] prompt tokens, then the target's greedy answer."""
+    tokens: torch.Tensor  # int64 [H, L]
+    features: torch.Tensor  # [H, L, d]
+    lengths: torch.Tensor  # int64 [H]
+    prompt_lengths: torch.Tensor  # int64 [H]
+
 
 @dataclass
 class DistillData:
     tokens: torch.Tensor  # int64 [N, seq_len]
     features: torch.Tensor  # [N, seq_len, d]: the target's pre-final-norm hidden state at each position
+    segments: torch.Tensor | None = None  # int64 [N, seq_len]: the document each position belongs to
+    drafted: torch.Tensor | None = None  # bool [N, seq_len]: a drafting chain starts here at inference
+    held_out: HeldOut | None = None  # None: rows built by hand, the last tenth held out (held_out_rows)
 
     def __post_init__(self) -> None:
         if self.tokens.shape != self.features.shape[:2]:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and features {tuple(self.features.shape)} disagree")
+        for name in ("segments", "drafted"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.tokens.shape:
+                raise ValueError(f"{name} {tuple(value.shape)} and tokens {tuple(self.tokens.shape)} disagree")
 
 
-def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 192) -> list[list[int]]:
-    """`num_prompts` prompts, the PROMPT_KINDS in turn (chat request, code request, docstring to explain,
-    docstring to summarise, docstring to continue), each cut to max_prompt_tokens."""
-    from minillm.quant.calibration import calibration_texts
-    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
-        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+def encode_request(tokenizer: Any, text: str) -> list[int]:
+    """A user turn in the chat template, ready for the answer (plain text where the tokenizer has no template)."""
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    except Exception:  # no chat template (tiny test tokenizers): the request as plain text
+        return tokenizer.encode(text)
 
-    def chat(text: str) -> list[int]:
-        try:
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-            return tokenizer.encode(rendered, add_special_tokens=False)
-        except Exception:  # no chat template (tiny test tokenizers): the request as plain text
-            return tokenizer.encode(text)
 
-    docs = calibration_texts("calibration")
-    prompts = []
-    for i in range(num_prompts):
-        turn, kind = divmod(i, len(PROMPT_KINDS))
-        doc = docs[(2 * turn + (kind == 3)) % len(docs)]  # explain and summarise read different docstrings
-        if PROMPT_KINDS[kind] == "chat":
-            prompts.append(chat(CHAT_PROMPTS[turn % len(CHAT_PROMPTS)]))
-        elif PROMPT_KINDS[kind] == "code":
-            prompts.append(chat(CODE_PROMPTS[turn % len(CODE_PROMPTS)]))
-        elif PROMPT_KINDS[kind] == "explain":
-            prompts.append(chat("Explain in plain words what this documentation says:\n\n" + doc[:600]))
-        elif PROMPT_KINDS[kind] == "summarise":
-            prompts.append(chat(SUMMARY_REQUESTS[turn % len(SUMMARY_REQUESTS)] + "\n\n" + doc[:600]))
-        else:
-            prompts.append(tokenizer.encode(doc))
-    return [p[:max_prompt_tokens] or [0] for p in prompts]
+def _encode_within(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
+    """encode_request, the request's text shortened until the whole turn fits in max_tokens (the template's
+    header and answer prompt stay whole); the last max_tokens tokens if even a bare turn does not fit."""
+    ids = encode_request(tokenizer, text)
+    while len(ids) > max_tokens and len(text) > 1:
+        text = text[:max(1, len(text) * max_tokens // len(ids) - 8)]
+        ids = encode_request(tokenizer, text)
+    return ids[-max_tokens:] or [0]
+
+
+def build_prompts(tokenizer: Any, num_prompts: int, max_prompt_tokens: int = 256, seed: int = 0,
+                  held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[list[list[int]], list[list[int]]]:
+    """(training prompts, held-out prompts) as token ids, from train_prompts.prompt_texts(num_prompts), split by
+    prompt; a request too long for max_prompt_tokens has its text shortened until it fits (_encode_within)."""
+    if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be an integer >= 1, got {max_prompt_tokens!r}")
+    texts = [text for _, text in prompt_texts(num_prompts, seed)]
+    train, held = split_prompts(texts, held_out_fraction)
+    encoded = [_encode_within(tokenizer, t, max_prompt_tokens) for t in texts]
+    return [encoded[i] for i in train], [encoded[i] for i in held]
 
 
 def generate(model: nn.Module, tokenizer: Any, model_config: ModelConfig, prompts: list[list[int]],
-             max_new_tokens: int, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 256,
-             seed: int = 0, deadline: float | None = None) -> list[list[int]]:
-    """prompt + the target's continuation for every prompt (see the module docstring for which are greedy),
-    through the engine (paged KV, continuous batching of up to max_num_seqs requests; CUDA graphs on a GPU).
+             max_new_tokens: int, device: torch.device, dtype: torch.dtype, temperatures: list[float] | None = None,
+             max_num_seqs: int = 256, seed: int = 0, deadline: float | None = None,
+             ignore_eos: list[bool] | None = None) -> list[list[int]]:
+    """prompt + the target's answer for every prompt, through the engine (paged KV, continuous batching of up to
+    max_num_seqs requests; CUDA graphs on a GPU). temperatures[i]: 0 for greedy (None: all greedy);
+    ignore_eos[i]: generate all max_new_tokens, past the end of the turn (None: stop at EOS).
     `deadline` (a time.perf_counter() value): past it the unfinished requests are aborted and kept as far as
     they got (a shorter generation is still the target's own text; one never started is its prompt alone)."""
     from minillm.engine.llm_engine import LLMEngine
+    for name, values in (("temperatures", temperatures), ("ignore_eos", ignore_eos)):
+        if values is not None and len(values) != len(prompts):
+            raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
     longest = max(len(p) for p in prompts) + max_new_tokens
     engine = LLMEngine(model, tokenizer, model_config,
                        EngineConfig(max_num_seqs=min(max_num_seqs, len(prompts)), max_model_len=longest),
                        device=device, dtype=dtype, seed=seed)
-    seen: set[tuple[int, ...]] = set()
     for i, prompt in enumerate(prompts):
-        greedy = tuple(prompt) not in seen and len(seen) % 2 == 0  # a repeat greedy would repeat the document
-        seen.add(tuple(prompt))
-        params = SamplingParams(temperature=0.0 if greedy else 0.8, top_p=0.95, max_tokens=max_new_tokens,
-                                seed=seed + i)
+        temperature = 0.0 if temperatures is None else temperatures[i]
+        params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0, max_tokens=max_new_tokens,
+                                seed=seed + i, ignore_eos=bool(ignore_eos and ignore_eos[i]))
         engine.add_request(str(i), prompt, params)
     documents: dict[str, list[int]] = {}
     with tqdm(total=len(prompts), desc="generating", unit="doc") as bar:
@@ -159,7 +137,56 @@ def generate(model: nn.Module, tokenizer: Any, model_config: ModelConfig, prompt
                     documents[out.request_id] = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
                     bar.update(1)
     engine.shutdown()
-    return [documents[str(i)] for i in range(len(prompts))]
+    return [documents.get(str(i), prompts[i]) for i in range(len(prompts))]
+
+
+def _prefill_features(model: nn.Module, ids: torch.Tensor, lengths: list[int], device: torch.device) -> torch.Tensor:
+    """One cache-less prefill of packed sequences: the pre-final-norm hidden state of every token, [sum(lengths), d]."""
+    captured: list[torch.Tensor] = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: captured.append(out[1]))
+    try:
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        with forward_context(prefill_metadata(lengths, device=device)):
+            model(ids.to(device), positions)
+    finally:
+        handle.remove()
+    return captured[-1].clone()
+
+
+@torch.inference_mode()
+def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 32,
+                    progress: bool = True) -> torch.Tensor:
+    """The target's pre-final-norm hidden state at every position of every row, [N, seq_len, d] (cache-less
+    prefills, each row a sequence of its own); `progress`: a progress bar."""
+    n, seq_len = rows.shape
+    features = []
+    for start in tqdm(range(0, n, rows_per_batch), desc="recording features", unit="batch", disable=not progress):
+        ids = rows[start:start + rows_per_batch]
+        features.append(_prefill_features(model, ids.flatten(), [seq_len] * ids.shape[0], device)
+                        .view(ids.shape[0], seq_len, -1))
+    return torch.cat(features)
+
+
+@torch.inference_mode()
+def document_features(model: nn.Module, documents: list[list[int]], device: torch.device,
+                      tokens_per_batch: int = FEATURE_TOKENS_PER_BATCH) -> list[torch.Tensor]:
+    """[len(doc), d] per document, each recorded over its whole document (documents packed into prefills of about
+    tokens_per_batch tokens)."""
+    out: list[torch.Tensor] = []
+    batch: list[list[int]] = []
+
+    def flush() -> None:
+        if batch:
+            lengths = [len(d) for d in batch]
+            flat = _prefill_features(model, torch.tensor([t for d in batch for t in d]), lengths, device)
+            out.extend(flat.split(lengths))
+            batch.clear()
+    for doc in tqdm(documents, desc="recording features", unit="doc"):
+        if batch and sum(map(len, batch)) + len(doc) > tokens_per_batch:
+            flush()
+        batch.append(doc)
+    flush()
+    return out
 
 
 def pack_rows(documents: list[list[int]], seq_len: int) -> torch.Tensor:
@@ -171,34 +198,53 @@ def pack_rows(documents: list[list[int]], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[:n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
-@torch.inference_mode()
-def record_features(model: nn.Module, rows: torch.Tensor, device: torch.device, rows_per_batch: int = 32,
-                    progress: bool = True) -> torch.Tensor:
-    """The target's pre-final-norm hidden state at every position of every row, [N, seq_len, d] (cache-less
-    prefills, one row per sequence); `progress`: a progress bar."""
-    captured: list[torch.Tensor] = []
-    handle = model.model.norm.register_forward_hook(lambda module, args, out: captured.append(out[1]))
-    n, seq_len = rows.shape
-    features = []
-    try:
-        for start in tqdm(range(0, n, rows_per_batch), desc="recording features", unit="batch", disable=not progress):
-            ids = rows[start:start + rows_per_batch].to(device)
-            b = ids.shape[0]
-            captured.clear()
-            with forward_context(prefill_metadata([seq_len] * b, device=device)):
-                model(ids.flatten(), torch.arange(seq_len, device=device).repeat(b))
-            features.append(captured[-1].view(b, seq_len, -1).clone())
-    finally:
-        handle.remove()
-    return torch.cat(features)
+def pack_documents(documents: list[list[int]], features: list[torch.Tensor], prompt_lengths: list[int],
+                   seq_len: int) -> DistillData:
+    """Training rows: documents end to end cut into rows of seq_len, with segments (document index) and drafted
+    (position t where x_{t+1} is an answer token: t >= prompt length - 1, and not a document's last position)."""
+    tokens = pack_rows(documents, seq_len)
+    n = tokens.numel()
+    segments = torch.cat([torch.full((len(d),), i) for i, d in enumerate(documents)])[:n]
+    drafted = torch.cat([(torch.arange(len(d)) >= p - 1) & (torch.arange(len(d)) < len(d) - 1)
+                         for d, p in zip(documents, prompt_lengths)])[:n]
+    return DistillData(tokens, torch.cat(features)[:n].view(*tokens.shape, -1), segments.view(tokens.shape),
+                       drafted.view(tokens.shape))
+
+
+def pad_documents(documents: list[list[int]], features: list[torch.Tensor], prompt_lengths: list[int]) -> HeldOut:
+    """Held-out documents one per row, right-padded to the longest."""
+    longest = max(len(d) for d in documents)
+    tokens = torch.zeros(len(documents), longest, dtype=torch.int64)
+    padded = features[0].new_zeros(len(documents), longest, features[0].shape[-1])
+    for i, (doc, f) in enumerate(zip(documents, features)):
+        tokens[i, :len(doc)] = torch.tensor(doc)
+        padded[i, :len(doc)] = f
+    return HeldOut(tokens, padded, torch.tensor([len(d) for d in documents]), torch.tensor(prompt_lengths))
 
 
 def distill_data(model: nn.Module, tokenizer: Any, model_config: ModelConfig, num_prompts: int,
                  max_new_tokens: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0, max_prompt_tokens: int = 192, deadline: float | None = None) -> DistillData:
-    """Prompts -> the target's generations (cut short at `deadline`, see generate) -> rows -> the target's
-    features on them."""
-    prompts = build_prompts(tokenizer, num_prompts, max_prompt_tokens)
-    rows = pack_rows(generate(model, tokenizer, model_config, prompts, max_new_tokens, device, dtype, seed=seed,
-                              deadline=deadline), seq_len)
-    return DistillData(rows, record_features(model, rows, device))
+                 seed: int = 0, max_prompt_tokens: int = 256, deadline: float | None = None,
+                 held_out_fraction: float = HELD_OUT_FRACTION) -> DistillData:
+    """Prompts split by prompt -> the target's answers (held-out ones first and greedily, so a deadline never
+    leaves the evaluation empty; cut short at `deadline`, see generate) -> features over whole documents ->
+    training rows and held-out documents."""
+    train, held = build_prompts(tokenizer, num_prompts, max_prompt_tokens, seed, held_out_fraction)
+    temperatures = [0.0] * len(held) + [0.0 if i % 2 == 0 else SAMPLED_TEMPERATURES[(i // 2) % 4]
+                                         for i in range(len(train))]
+    past_eos = [i % 2 == 1 for i in range(len(held))] + [i % IGNORE_EOS_EVERY == 1 for i in range(len(train))]
+    prompts = held + train
+    documents = generate(model, tokenizer, model_config, prompts, max_new_tokens, device, dtype, temperatures,
+                         seed=seed, deadline=deadline, ignore_eos=past_eos)
+    answered = [i for i, (d, p) in enumerate(zip(documents, prompts)) if len(d) > len(p)]  # aborted unstarted: none
+    features = dict(zip(answered, document_features(model, [documents[i] for i in answered], device)))
+    held_ids = [i for i in answered if i < len(held)]
+    train_ids = [i for i in answered if i >= len(held)]
+    if not held_ids or not train_ids:
+        raise ValueError(f"generation answered {len(held_ids)} held-out and {len(train_ids)} training prompts before "
+                         f"its deadline; both need at least one (raise the time budget or lower num_prompts)")
+    data = pack_documents([documents[i] for i in train_ids], [features[i] for i in train_ids],
+                          [len(prompts[i]) for i in train_ids], seq_len)
+    data.held_out = pad_documents([documents[i] for i in held_ids], [features[i] for i in held_ids],
+                                  [len(prompts[i]) for i in held_ids])
+    return data

@@ -15,14 +15,21 @@ pass's output one position back, the real next token) and its query attends to
     pass i's key at position p + i, for i = 1 .. j     the chain's own earlier drafts (the last one is itself)
 
 a mask over the concatenated keys of passes 0..j, a causal band on pass 0 and one diagonal per later pass
-(`chain_mask`). Every chain is then computed
-exactly as the proposer computes it, with the real token where the proposer feeds its draft: the same thing
-whenever the drafts so far were right, the only case in which the later drafts count.
+(`chain_mask`), and, where a row packs several documents, only keys of the document the chain started in. Every
+chain is then computed exactly as the proposer computes it, with the real token where the proposer feeds its
+draft: the same thing whenever the drafts so far were right, the only case in which the later drafts count.
 
-`simulated_acceptance` uses this to read the engine's greedy mean accepted length off held-out rows without an
-engine: the chain's drafts against the target's own greedy tokens (argmax of p, not the data's tokens, which are
-sampled in some rows), at start positions where the data's next tokens are the greedy ones (where they are not,
-the target's later distributions in the data are conditioned on a token greedy decoding would not have chosen),
+`held_out_acceptance` uses this to read the engine's greedy mean accepted length off held-out *requests* without
+an engine: train_data holds prompts out before generation and has the target answer them greedily, so every start
+of an answer is one the greedy engine drafts from, and walking the starts as the engine's verify steps do
+(`walk_steps`) gives the engine's own unit: on the P7 texts the simulator's walk and the engine agree
+(benchmarks/eagle_acceptance_probe.py). `held_out_top1` is the teacher-forced top-1 agreement on the same answers.
+
+The older estimates, for rows built by hand: `simulated_acceptance` reads the engine's greedy mean accepted length
+off held-out rows of sampled and greedy text: the chain's drafts against the target's own greedy tokens (argmax
+of p, not the data's tokens, which are sampled in some rows), at start positions where the data's next tokens are
+the greedy ones (where they are not, the target's later distributions in the data are conditioned on a token
+greedy decoding would not have chosen),
 averaged over start positions. Two caveats, both optimistic (issue 11: 3.07 simulated, 1.62 in the engine, where
 benchmarks/eagle_acceptance_probe.py found the engine drafting exactly what this chain drafts): the scorable starts
 of sampled text are its predictable stretches, and the engine averages over its verify steps, each starting where
@@ -60,10 +67,12 @@ def chain_mask(length: int, depth: int, window: int, device: torch.device) -> to
 
 
 def _block_pass(block: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                cache: list[tuple[torch.Tensor, torch.Tensor]], depth: int, window: int) -> torch.Tensor:
+                cache: list[tuple[torch.Tensor, torch.Tensor]], depth: int, window: int,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
     """DraftBlock's computation for pass `depth`, attending as `chain_mask` says; appends this pass's K/V to
     `cache`. Pass 0 without a window limit is plain causal attention (SDPA's is_causal: its fused kernels); the
-    other passes use an additive float mask shared by every row and head (the memory-efficient kernel on CUDA)."""
+    other passes use an additive float mask shared by every head (the memory-efficient kernel on CUDA), one per row
+    when `segments` [B, T] (document ids) keeps a chain's attention inside the document it started in."""
     b, t, _ = x.shape
     h, kv, hd = block.num_heads, block.num_kv_heads, block.head_dim
     cos, sin = rotary
@@ -75,12 +84,17 @@ def _block_pass(block: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, t
     group = h // kv
     keys = torch.cat([c[0] for c in cache], dim=2).repeat_interleave(group, 1)
     values = torch.cat([c[1] for c in cache], dim=2).repeat_interleave(group, 1)
-    if depth == 0 and window >= t:
+    if depth == 0 and window >= t and segments is None:
         attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=hd ** -0.5)
     else:
         allowed = chain_mask(t, depth, window, x.device)
-        columns = -(-allowed.shape[1] // 16) * 16  # rows 16-aligned in memory, as the fused kernels want
-        bias = torch.full((t, columns), float("-inf"), dtype=q.dtype, device=x.device)[:, :allowed.shape[1]]
+        if segments is not None:  # query t's chain started at t - depth; a key at s belongs to segments[s]
+            # (never an empty row: the chain's start, or position 0 for t < depth, is a key of its document)
+            start = segments[:, (torch.arange(t, device=x.device) - depth).clamp(min=0)]
+            allowed = (allowed & (start[:, :, None] == segments.repeat(1, depth + 1)[:, None, :]))[:, None]
+        columns = -(-allowed.shape[-1] // 16) * 16  # rows 16-aligned in memory, as the fused kernels want
+        bias = torch.full((*allowed.shape[:-1], columns), float("-inf"), dtype=q.dtype,
+                          device=x.device)[..., :allowed.shape[-1]]
         bias.masked_fill_(allowed, 0.0)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=hd ** -0.5)
     x = x + block.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
@@ -89,9 +103,10 @@ def _block_pass(block: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, t
 
 
 def unrolled_chain(head: nn.Module, features: torch.Tensor, token_embeds: torch.Tensor, depth: int, window: int,
-                   detach: bool = False) -> list[torch.Tensor]:
+                   detach: bool = False, segments: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[g^0, ..., g^{depth-1}], each [B, T, d]: pass j at position t is draft j + 1 of the chain started at t - j
-    (valid for t >= j). features [B, T, d]: f_0..f_{T-1}; token_embeds [B, T, d]: embed(x_1..x_T).
+    (valid for t >= j). features [B, T, d]: f_0..f_{T-1}; token_embeds [B, T, d]: embed(x_1..x_T); segments
+    [B, T] (optional): the document of each position, for rows that pack several (a chain sees its own only).
     `detach`: feed pass j the previous pass's g without its gradient (the default keeps it: the loss of a later
     draft then also teaches the earlier step to produce features the next step can use, which is what drafting
     needs; detaching makes every pass an independent regression on its own inputs)."""
@@ -113,7 +128,7 @@ def unrolled_chain(head: nn.Module, features: torch.Tensor, token_embeds: torch.
             previous = outputs[-1].detach() if detach else outputs[-1]
             inputs = F.pad(previous[:, :-1], (0, 0, 1, 0))
         x = head.fc(torch.cat([inputs, token_embeds], dim=-1))
-        outputs.append(_block_pass(block, x, rotary, cache, j, window))
+        outputs.append(_block_pass(block, x, rotary, cache, j, window, segments))
     return outputs
 
 
@@ -237,4 +252,68 @@ def top1_agreement(loss, heads: nn.Module, tokens: torch.Tensor, features: torch
         for k, (q, p) in enumerate(pairs):
             hits[k] += float((q.argmax(-1) == p.argmax(-1)).sum())
             counts[k] += p.shape[0] * p.shape[1]
+    return [h / max(c, 1) for h, c in zip(hits, counts)]
+
+
+def _answer_starts(held, lengths: torch.Tensor, first: int, num_drafts: int) -> torch.Tensor:
+    """lengths [B, S] of held-out documents first .. first + B - 1, -1 outside each one's answer: a start p counts
+    from prompt length - 1 (the engine's first proposal: the context is the prompt, x_{p+1} its first answer token)
+    to document length - 1 - num_drafts (every draft still inside the document)."""
+    p = torch.arange(lengths.shape[1], device=lengths.device)[None]
+    prompt = held.prompt_lengths[first:first + lengths.shape[0], None].to(lengths.device)
+    end = held.lengths[first:first + lengths.shape[0], None].to(lengths.device) - num_drafts
+    return torch.where((p >= prompt - 1) & (p < end), lengths, torch.full_like(lengths, -1))
+
+
+@torch.no_grad()
+def held_out_acceptance(head: nn.Module, target: TargetParts, held, num_drafts: int = ACCEPTANCE_DRAFTS,
+                        window: int = DEFAULT_WINDOW, docs_per_batch: int = 8, max_docs: int | None = None
+                        ) -> dict[str, float | int | list[float] | None]:
+    """The greedy engine's mean accepted length on held-out requests, without its engine: every held-out document
+    (train_data.HeldOut: prompts never trained on, answered greedily by the target) is drafted from every start
+    of its answer by the chain of `num_drafts` on the head's own features (accepted_lengths), and the starts are
+    walked as the engine's verify steps walk them (walk_steps: walked_accepted_length, the engine's unit; on greedy
+    text the simulator's walk equals the engine's number, eagle_acceptance_probe.py). eligible_fraction < 1 only
+    where a bf16 near-tie's argmax differs between the engine's decode and the recording prefill.
+    first_draft_acceptance: the share of starts whose first draft is the target's token (top-1 agreement at the
+    positions a greedy engine drafts from)."""
+    count = held.tokens.shape[0] if max_docs is None else min(max_docs, held.tokens.shape[0])
+    device = target.lm_head_weight.device
+    lengths = []
+    for first in range(0, count, docs_per_batch):
+        last = min(first + docs_per_batch, count)
+        longest = int(held.lengths[first:last].max())
+        if longest <= num_drafts + 1:
+            continue
+        tokens = held.tokens[first:last, :longest].to(device)
+        with mixed_precision(device):
+            found = accepted_lengths(head, target, tokens, held.features[first:last, :longest].to(device).float(),
+                                     num_drafts, window)
+        found = _answer_starts(held, found, first, num_drafts)
+        lengths.append(F.pad(found, (0, held.tokens.shape[1] - found.shape[1]), value=-1))
+    if not lengths:
+        raise ValueError(f"no held-out document is longer than {num_drafts + 1} tokens: nothing to draft")
+    summary = _summary(torch.cat(lengths), num_drafts, walk=True)
+    summary["documents"] = count
+    summary["first_draft_acceptance"] = summary["per_step_acceptance"][0]
+    return summary
+
+
+@torch.no_grad()
+def held_out_top1(loss, heads: nn.Module, held, max_docs: int = 64) -> list[float]:
+    """Per head / module (`loss`: a train_heads.HeadLoss): how often its teacher-forced argmax is the target's, over
+    the answer positions (from prompt length - 1) of held-out documents. For EAGLE's head and Medusa's head 1 this
+    is the first draft's greedy acceptance; later heads read the target's tokens here, drafts in the engine."""
+    hits: list[float] = []
+    counts: list[int] = []
+    for i in range(min(max_docs, held.tokens.shape[0])):
+        n, start = int(held.lengths[i]), int(held.prompt_lengths[i]) - 1
+        with mixed_precision(held.features.device):
+            pairs, _ = loss.predictions(heads, held.tokens[i:i + 1, :n].to(held.features.device),
+                                        held.features[i:i + 1, :n].float())
+        if not hits:
+            hits, counts = [0.0] * len(pairs), [0] * len(pairs)
+        for k, (q, p) in enumerate(pairs):
+            hits[k] += float((q[:, start:].argmax(-1) == p[:, start:].argmax(-1)).sum())
+            counts[k] += max(0, q.shape[1] - start)
     return [h / max(c, 1) for h, c in zip(hits, counts)]

@@ -1,26 +1,23 @@
 """Training draft heads by self-distillation: `minillm train-heads --kind {draft,medusa,eagle,mtp}` (chapter 9).
 
-Data: minillm.speculative.train_data (the target's own generations, its pre-norm features f on them). Every loss
-compares a head's distribution with the *target's* distribution for the same token, KL(p_target || q_head) (the
-cross-entropy against the target's soft labels, less their entropy): that is what verification will accept, and it
-carries more signal than the one token the target happened to emit. With p_t = softmax(lm_head(norm(f_t))), the
-target's law of token t + 1:
+Data: minillm.speculative.train_data (the target's own answers to thousands of distinct requests, its pre-norm
+features f on them; held-out *requests* for the evaluation). Losses: minillm.speculative.train_losses, each head's
+distribution against the target's, KL(p_target || q_head). With p_t the target's law of token t + 1:
 
     medusa  head k at position t reads norm(f_t), guesses token t + 1 + k       target p_{t+k}
     eagle   g_t = layer(fc([f_t; embed(x_{t+1})])), guesses token t + 2          target p_{t+1}
             plus the feature regression SmoothL1(g_t, f_{t+1}) (the paper's L_reg; weights 1 and 0.1 as there),
             on features divided by their RMS so one scale suits every model; f_t gets uniform noise as in EAGLE;
             then `unroll` more passes of the drafting chain on the head's own features ("training-time test",
-            minillm.speculative.train_eval), pass j weighted unroll_decay**j, the same two losses each
+            minillm.speculative.train_eval), pass j weighted unroll_decay**j, the same two losses each; only the
+            chains the engine drafts count (answer positions, one document)
     mtp     module k: h^k_t = TRM_k(M_k[norm(h^{k-1}_t); norm(embed(x_{t+k}))]), guesses token t + k + 1,
             target p_{t+k}; the D modules' losses are averaged (DeepSeek-V3's lambda, here 1/D)
     draft   the first L layers of the target (own weights, its embedding and LM head frozen), at every position:
             the classic distilled draft model, saved as an HF directory for speculative_config "draft_model"
 
-The KL over the whole vocabulary without a second log-softmax: with z = W n the head's logits (n its normalised
-feature, W the LM head) and p the target's law, KL(p || softmax(z)) = sum p log p - n . (W^T p) + logsumexp(z).
-W^T p (the target's expected output embedding, [d]) and sum p log p are computed once per step from the target,
-so each head prediction costs its logits and one fp32 logsumexp (`target_law`, `kl_to_target`).
+Evaluation on the held-out requests' greedy answers: top-1 agreement per head, and for EAGLE the engine's greedy
+mean accepted length at k = 5 (train_eval.held_out_acceptance), also every PROBE_EVERY steps as a learning curve.
 
 AdamW with a linear warm-up and cosine decay; a tqdm bar; the loss curve saved as loss.json and loss.png (when
 matplotlib is installed). Heads are saved with minillm.speculative.heads.save_heads (heads.safetensors +
@@ -36,26 +33,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.config import ModelConfig
-from minillm.forward_context import forward_context, prefill_metadata
 from minillm.speculative.head_kinds import new_heads
 from minillm.speculative.head_proposer import DEFAULT_WINDOW
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
-from minillm.speculative.train_data import DistillData
-from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, greedy_continued_acceptance, mixed_precision,
-                                           simulated_acceptance, top1_agreement, unrolled_chain)
+from minillm.speculative.train_data import DistillData, HeldOut
+from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, greedy_continued_acceptance, held_out_acceptance,
+                                           held_out_top1, mixed_precision, simulated_acceptance, top1_agreement)
+from minillm.speculative.train_losses import (  # noqa: F401  (distill_kl, kl_to_target, target_law: re-exported)
+    HeadLoss, distill_kl, draft_loss, kl_to_target, target_law)
 
 TRAIN_KINDS = ("draft", *HEAD_KINDS)
 TIMING_STEPS = 10  # steps timed before a deadline shortens a run (the pace is taken from step WARM_STEPS on)
 WARM_STEPS, REFIT_STEPS, LOG_EVERY = 3, (100, 500), 25  # the first steps pay one-off costs (lazy kernel loading)
 EVAL_ROWS = 256  # held-out rows the simulated acceptance reads at most
 CONTINUED_ROWS, CONTINUED_STARTS = 64, 8  # eagle: greedy_continued_acceptance on 512 held-out starts
-PROBE_EVERY, PROBE_ROWS = 500, 32  # eagle: the simulated acceptance on a few held-out rows, as training goes
-EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
+PROBE_EVERY, PROBE_ROWS, PROBE_DOCS = 500, 32, 32  # eagle: the acceptance on held-out data, as training goes
+EVAL_DOCS = 256  # held-out documents the top-1 agreement reads at most
 
 
 @dataclasses.dataclass
@@ -94,113 +91,6 @@ class TrainOptions:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
 
 
-def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p_target || q) = sum p (log p - log q), in fp32 (0 when the head is the target)."""
-    log_p = torch.log_softmax(target_logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
-
-
-@torch.no_grad()
-def target_law(target: TargetParts, features: torch.Tensor, rows_per_chunk: int = 1024
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the KL needs of the target's law p = softmax(W norm(f)) at each position: (W^T p [..., d] and
-    sum p log p [...], both fp32), computed in chunks of rows so no more than one chunk's [rows, V] is alive."""
-    flat = features.reshape(-1, features.shape[-1])
-    weight = target.lm_head_weight
-    expected, neg_entropy = [], []
-    for start in range(0, flat.shape[0], rows_per_chunk):
-        log_p = torch.log_softmax(target.logits(target.final_norm(flat[start:start + rows_per_chunk])).float(), -1)
-        p = log_p.exp()
-        expected.append((p.to(weight.dtype) @ weight).float())  # bf16 on a GPU: ~0.4% rounding per entry, any sign
-        neg_entropy.append((p * log_p).sum(-1))
-    return (torch.cat(expected).view(*features.shape[:-1], -1), torch.cat(neg_entropy).view(features.shape[:-1]))
-
-
-def kl_to_target(target: TargetParts, hidden: torch.Tensor, law: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """KL(p || softmax(W norm(hidden))) per position, exact over the whole vocabulary, from `target_law`:
-    sum p log p - n . (W^T p) + logsumexp(W n). Only the logsumexp sees the vocabulary (logits in the autocast
-    dtype, reduced in fp32); its gradient, softmax(z) - p in logit space, is the usual one."""
-    normed = target.final_norm(hidden)
-    expected, neg_entropy = law
-    log_normalizer = torch.logsumexp(target.logits(normed).float(), dim=-1)
-    return neg_entropy - (normed.float() * expected).sum(-1) + log_normalizer
-
-
-class HeadLoss:
-    """loss(heads, tokens [B, L], features [B, L, d]) -> (loss, {name: value tensor}) for one head kind;
-    `predictions` gives each head's (or draft step's) logits with the target's logits for the same tokens.
-    EAGLE: `unroll` passes of the drafting chain after the teacher-forced one, pass j weighted decay ** j."""
-
-    def __init__(self, kind: str, target: TargetParts, feature_rms: float, unroll: int = 0, decay: float = 0.8,
-                 window: int = DEFAULT_WINDOW) -> None:
-        self.kind, self.target, self.scale = kind, target, feature_rms
-        self.unroll, self.decay, self.window = unroll, decay, window
-
-    def __call__(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.kind == "eagle":
-            return self.eagle_loss(heads, tokens, features)
-        pairs, _ = self.predictions(heads, tokens, features)
-        kls = [distill_kl(q, p) for q, p in pairs]
-        prefix = "head" if self.kind == "medusa" else "module"
-        return sum(kls) / len(kls), {f"{prefix}{k + 1}": v.detach() for k, v in enumerate(kls)}
-
-    def eagle_loss(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Pass j at position t (t >= j: a chain that starts inside the row) predicts f_{t+1} and the target's
-        law p_{t+1}, whatever j: the same targets for every pass, computed once."""
-        inputs = features[:, :-1]
-        inputs = inputs + (torch.rand_like(inputs) - 0.5) * (EAGLE_NOISE * self.scale)  # pass 0's input only
-        passes = unrolled_chain(heads, inputs, self.target.embed(tokens[:, 1:]), 1 + self.unroll, self.window)
-        truth = features[:, 1:].float() / self.scale
-        law = target_law(self.target, features[:, 1:])
-        total, weights, parts = 0.0, 0.0, {}
-        for j, g in enumerate(passes):
-            regression = F.smooth_l1_loss(g[:, j:].float() / self.scale, truth[:, j:])
-            kl = kl_to_target(self.target, g[:, j:], (law[0][:, j:], law[1][:, j:])).mean()
-            total = total + self.decay ** j * (regression + EAGLE_CLS_WEIGHT * kl)
-            weights += self.decay ** j
-            parts.update({"reg": regression.detach(), "cls": kl.detach()} if j == 0 else {f"cls{j + 1}": kl.detach()})
-        return total / weights, parts
-
-    def predictions(self, heads: nn.Module, tokens: torch.Tensor, features: torch.Tensor
-                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """([(head logits, target logits)] per head / module, EAGLE's feature regression loss or None), every input
-        the target's (teacher forcing; EAGLE's later drafts: train_eval.simulated_acceptance)."""
-        b, length, _ = features.shape
-        with torch.no_grad():
-            p_logits = self.target.logits(self.target.final_norm(features))
-
-        def window(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.arange(n, device=features.device).expand(b, -1),
-                    torch.ones(b, n, dtype=torch.bool, device=features.device))
-        if self.kind == "medusa":  # head k at t guesses token t + 1 + k: the target's law at t + k
-            z = heads(self.target.final_norm(features))  # [K, B, L, d]
-            return [(self.target.logits(z[k - 1][:, :-k]), p_logits[:, k:]) for k in range(1, z.shape[0] + 1)], None
-        if self.kind == "eagle":  # g_t from (f_t, x_{t+1}) ~ f_{t+1}, which guesses token t + 2
-            g = unrolled_chain(heads, features[:, :-1], self.target.embed(tokens[:, 1:]), 1, self.window)[0]
-            regression = F.smooth_l1_loss(g.float() / self.scale, features[:, 1:].float() / self.scale)
-            return [(self.target.logits(self.target.final_norm(g)), p_logits[:, 1:])], regression
-        hidden, pairs = features, []  # mtp: module k at t reads token t + k, guesses token t + k + 1
-        for k, module in enumerate(heads.mtp, start=1):
-            n = length - k  # positions t whose token t + k is known
-            hidden = module(hidden[:, :n], self.target.embed(tokens[:, k:]), *window(n))
-            pairs.append((self.target.logits(module.normed(hidden)), p_logits[:, k:]))
-        return pairs, None
-
-
-def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The draft model's distribution against the target's at every position (a cache-less prefill)."""
-    b, length = tokens.shape
-    with torch.no_grad():
-        p_logits = target.logits(target.final_norm(features))
-    with forward_context(prefill_metadata([length] * b, device=tokens.device)):
-        hidden = draft(tokens.flatten(), torch.arange(length, device=tokens.device).repeat(b))
-    loss = distill_kl(draft.compute_logits(hidden).view(b, length, -1), p_logits)
-    return loss, {"kl": loss.detach()}
-
-
 def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:
     """New heads as training starts them: Medusa at zero (each head = the LM head), EAGLE's and every MTP module's
     layer from the target's last layer (its neighbour in depth), MTP's output norms from the target's final norm.
@@ -220,8 +110,12 @@ def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: fl
 
 
 def feature_rms(data: DistillData) -> float:
-    """The scale EAGLE's feature regression divides by."""
-    return float(data.features.float().pow(2).mean().sqrt())
+    """The scale EAGLE's feature regression (and its input noise) is measured in: the features' RMS over the answer
+    positions (data.drafted) where known, the states the head regresses. The first token of a sequence is an
+    attention sink whose pre-norm state is far from the rest (SmolLM2-135M: RMS 256 against about 28), so it is
+    left out with the prompts."""
+    features = data.features if data.drafted is None else data.features[data.drafted]
+    return float(features.float().pow(2).mean().sqrt())
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -267,8 +161,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     all_tokens = data.tokens.to(device)  # once: a per-step host-to-device copy would wait for the GPU every step
     history: list[dict[str, float]] = []
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []  # read back LOG_EVERY steps at a time
-    n = data.tokens.shape[0] - held_out_rows(data)  # the last rows are held out for the evaluation
+    n = data.tokens.shape[0] - held_out_rows(data)  # rows built by hand: the last ones are held out
     probe = _acceptance_probe(options, trainee, target, data, n)
+    segments, drafted = (None if x is None else x.to(device) for x in (data.segments, data.drafted))
     curve: list[dict[str, float]] = []  # eagle: (step, simulated mean accepted length) every PROBE_EVERY steps
     started = mark = time.perf_counter()
     with tqdm(total=options.steps, desc=f"training {options.kind}", unit="step") as bar:
@@ -284,7 +179,10 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
             rows = torch.randperm(n, generator=generator, device=device)[:options.rows_per_step]  # no replacement
             tokens, features = all_tokens[rows], data.features[rows].float()
             with mixed_precision(device):
-                loss, parts = loss_fn(trainee, tokens, features)
+                if segments is None or options.kind != "eagle":
+                    loss, parts = loss_fn(trainee, tokens, features)
+                else:  # only EAGLE reads where documents and answers are (HeadLoss.eagle_loss)
+                    loss, parts = loss_fn(trainee, tokens, features, segments[rows], drafted[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -308,17 +206,24 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     out = Path(out_dir)
     result: dict[str, Any] = {"history": history, "out": str(out), "held_out_top1_agreement": None,
                               "simulated_acceptance": None, "greedy_continued_acceptance": None,
-                              "seconds_per_step": train_seconds / len(history)}
+                              "held_out_acceptance": None, "seconds_per_step": train_seconds / len(history)}
     if options.kind == "draft":
         _save_draft(trainee, out, tokenizer)
     else:
+        config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
+                           "rows_per_step": options.rows_per_step, "seconds_per_step": result["seconds_per_step"],
+                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee)}
+        if data.held_out is not None:
+            _evaluate_held_out(result, config.training, options, loss_fn, trainee, target, data.held_out)
+            if options.kind == "eagle":
+                config.training.update(unroll=options.unroll, acceptance_curve=curve)
+            save_heads(out, trainee, config)
+            save_loss_curve(history, out, options.kind)
+            return result
         held = slice(n, min(n + EVAL_ROWS, data.tokens.shape[0]))
         held_tokens, held_features = data.tokens[held].to(device), data.features[held]
         result["held_out_top1_agreement"] = top1_agreement(loss_fn, trainee, held_tokens, held_features)
-        config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
-                           "rows_per_step": options.rows_per_step, "seconds_per_step": result["seconds_per_step"],
-                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
-                           "held_out_top1_agreement": result["held_out_top1_agreement"]}
+        config.training["held_out_top1_agreement"] = result["held_out_top1_agreement"]
         if options.kind == "eagle":
             config.training.update(unroll=options.unroll, acceptance_curve=curve)
             if held_tokens.shape[0] and held_tokens.shape[1] > ACCEPTANCE_DRAFTS:
@@ -335,10 +240,29 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     return result
 
 
+def _evaluate_held_out(result: dict[str, Any], record: dict[str, Any], options: TrainOptions, loss_fn: HeadLoss,
+                       heads: nn.Module, target: TargetParts, held: HeldOut) -> None:
+    """The held-out documents' numbers into `result` and the saved config's `record`: top-1 agreement per head
+    (train_eval.held_out_top1) and, for EAGLE, the stepped acceptance of the chain (train_eval.held_out_acceptance,
+    the engine's greedy mean accepted length at k = ACCEPTANCE_DRAFTS on requests never trained on)."""
+    result["held_out_top1_agreement"] = held_out_top1(loss_fn, heads, held, max_docs=EVAL_DOCS)
+    record.update(held_out_top1_agreement=result["held_out_top1_agreement"],
+                  held_out_documents=int(held.tokens.shape[0]))
+    if options.kind == "eagle":
+        result["held_out_acceptance"] = held_out_acceptance(heads, target, held, window=options.window)
+        record["held_out_acceptance"] = result["held_out_acceptance"]
+
+
 def _acceptance_probe(options: TrainOptions, heads: nn.Module, target: TargetParts, data: DistillData, n: int):
-    """EAGLE with held-out rows: a function returning the simulated mean accepted length on the first PROBE_ROWS
-    of them (a learning curve in the engine's own unit); None otherwise."""
-    if options.kind != "eagle" or n == data.tokens.shape[0] or data.tokens.shape[1] <= ACCEPTANCE_DRAFTS:
+    """EAGLE with held-out data: a function returning the engine's mean accepted length estimated on the first
+    PROBE_DOCS held-out documents (held_out_acceptance's walk) or, for rows built by hand, simulated on the first
+    PROBE_ROWS held-out rows: a learning curve in the engine's own unit; None otherwise."""
+    if options.kind != "eagle":
+        return None
+    if data.held_out is not None:
+        return lambda: held_out_acceptance(heads, target, data.held_out, window=options.window,
+                                           max_docs=PROBE_DOCS)["walked_accepted_length"]
+    if n == data.tokens.shape[0] or data.tokens.shape[1] <= ACCEPTANCE_DRAFTS:
         return None
     rows = slice(n, n + PROBE_ROWS)
     tokens, features = data.tokens[rows].to(data.features.device), data.features[rows]
@@ -372,7 +296,10 @@ def _fit_to_deadline(plan: dict[str, int], options: TrainOptions, step: int, sec
 
 
 def held_out_rows(data: DistillData) -> int:
-    """Rows kept out of training to measure the heads on: a tenth, none when there are fewer than 10 rows."""
+    """Rows kept out of training to measure the heads on, for rows built by hand (data.held_out None: distill_data
+    holds out prompts instead): a tenth, none when there are fewer than 10 rows."""
+    if data.held_out is not None:
+        return 0
     n = data.tokens.shape[0]
     return n // 10 if n >= 10 else 0
 
