@@ -299,3 +299,20 @@ def test_seeded_sampling_matches(model_and_config):
              for i, (p, params) in enumerate(workload(10, seed=7))]
     items = with_stops(model_and_config, items)
     assert run(make_engine(model_and_config, async_scheduling=True), items) == run(make_engine(model_and_config), items)
+
+
+def test_llm_generate_and_stream_with_the_bundled_model():
+    """LLM(..., async_scheduling=True) on SmolLM2: generate() and generate_stream() give the synchronous engine's
+    texts (real tokenizer, chat-length prompts, a stop string)."""
+    from minillm import LLM
+    base = LLM(max_model_len=128, max_num_seqs=4, seed=0)
+    fast = base.share_model(max_num_seqs=4, async_scheduling=True)
+    assert fast.llm_engine.async_steps is not None
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
+    params = [SamplingParams(temperature=0, max_tokens=10), SamplingParams(temperature=0, max_tokens=14, stop=["\n"]),
+              SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=0, max_tokens=12)]
+    expected = [(o.outputs[0].text, o.outputs[0].finish_reason) for o in base.generate(prompts, params)]
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in fast.generate(prompts, params)] == expected
+    streamed = "".join(delta.outputs[0].text for delta in fast.generate_stream(prompts[0], params[0]))
+    assert streamed == expected[0][0]
+    assert fast.llm_engine.scheduler.block_manager.num_used_blocks == 0
