@@ -12,17 +12,16 @@ from collections import Counter
 import pytest
 import torch
 
-from minillm.speculative.heads import HeadConfig, TargetParts
+from minillm.speculative.heads import TargetParts
 from minillm.speculative.train_data import (HeldOut, build_prompts, distill_data, pack_documents, pad_documents,
                                             record_features)
 from minillm.speculative.train_eval import accepted_lengths, held_out_acceptance, unrolled_chain, walk_steps
-from minillm.speculative.train_heads import DistillData, HeadLoss, feature_rms, initial_heads
+from minillm.speculative.train_heads import DistillData, HeadLoss, feature_rms
 from minillm.speculative.train_losses import chain_weights
 from minillm.speculative.train_prompts import KIND_WEIGHTS, _by_kind, prompt_texts, split_prompts
 from test_engine import tiny_config, tiny_model
+from test_train_heads_eagle import VOCAB, head, target  # noqa: F401  (fixtures: a 12-token target, a shaken head)
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (autouse fixture)
-
-VOCAB = 12
 
 
 def test_thousands_of_distinct_prompts_in_a_stable_mix():
@@ -71,12 +70,6 @@ def test_prompts_are_split_before_generation_by_prompt():
 
 
 @pytest.fixture(scope="module")
-def target():
-    config = tiny_config(vocab_size=VOCAB, eos_token_id=VOCAB - 1, num_hidden_layers=2)
-    return tiny_model(config), config
-
-
-@pytest.fixture(scope="module")
 def byte_target():
     config = tiny_config(num_hidden_layers=2)  # a vocabulary for ByteTokenizer's bytes
     return tiny_model(config), config
@@ -121,17 +114,6 @@ def test_feature_rms_reads_the_answers_only():
     drafted = torch.tensor([[False, True, True, False]])
     assert feature_rms(DistillData(tokens, features, torch.zeros_like(tokens), drafted)) == pytest.approx(1.0)
     assert feature_rms(DistillData(tokens, features)) > 40
-
-
-@pytest.fixture(scope="module")
-def head(target):
-    model, config = target
-    head = initial_heads(HeadConfig.for_target("eagle", config, 1), model, 1.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.3 * p.abs().mean() * torch.randn_like(p))
-    return head.eval()
 
 
 def _greedy_docs(model, prompts, total):
