@@ -255,14 +255,15 @@ def top1_agreement(loss, heads: nn.Module, tokens: torch.Tensor, features: torch
     return [h / max(c, 1) for h, c in zip(hits, counts)]
 
 
-def _answer_starts(held, lengths: torch.Tensor, first: int, num_drafts: int) -> torch.Tensor:
-    """lengths [B, S] of held-out documents first .. first + B - 1, -1 outside each one's answer: a start p counts
-    from prompt length - 1 (the engine's first proposal: the context is the prompt, x_{p+1} its first answer token)
-    to document length - 1 - num_drafts (every draft still inside the document)."""
+def _answer_starts(held, lengths: torch.Tensor, first: int, num_drafts: int) -> tuple[torch.Tensor, int]:
+    """(lengths [B, S] of held-out documents first .. first + B - 1 with -1 outside each one's answer, the number
+    of answer starts): a start p counts from prompt length - 1 (the engine's first proposal: the context is the
+    prompt, x_{p+1} its first answer token) to document length - 1 - num_drafts (every draft inside the document)."""
     p = torch.arange(lengths.shape[1], device=lengths.device)[None]
     prompt = held.prompt_lengths[first:first + lengths.shape[0], None].to(lengths.device)
     end = held.lengths[first:first + lengths.shape[0], None].to(lengths.device) - num_drafts
-    return torch.where((p >= prompt - 1) & (p < end), lengths, torch.full_like(lengths, -1))
+    inside = (p >= prompt - 1) & (p < end)
+    return torch.where(inside, lengths, torch.full_like(lengths, -1)), int(inside.sum())
 
 
 @torch.no_grad()
@@ -273,13 +274,14 @@ def held_out_acceptance(head: nn.Module, target: TargetParts, held, num_drafts: 
     (train_data.HeldOut: prompts never trained on, answered greedily by the target) is drafted from every start
     of its answer by the chain of `num_drafts` on the head's own features (accepted_lengths), and the starts are
     walked as the engine's verify steps walk them (walk_steps: walked_accepted_length, the engine's unit; on greedy
-    text the simulator's walk equals the engine's number, eagle_acceptance_probe.py). eligible_fraction < 1 only
-    where a bf16 near-tie's argmax differs between the engine's decode and the recording prefill.
+    text the simulator's walk equals the engine's number, eagle_acceptance_probe.py). eligible_fraction: the share
+    of answer starts scored, < 1 only where a bf16 near-tie's argmax differs between the engine's decode and the
+    recording prefill (that start, and those before it whose drafts reach it, are passed over).
     first_draft_acceptance: the share of starts whose first draft is the target's token (top-1 agreement at the
     positions a greedy engine drafts from)."""
     count = held.tokens.shape[0] if max_docs is None else min(max_docs, held.tokens.shape[0])
     device = target.lm_head_weight.device
-    lengths = []
+    lengths, starts = [], 0
     for first in range(0, count, docs_per_batch):
         last = min(first + docs_per_batch, count)
         longest = int(held.lengths[first:last].max())
@@ -289,12 +291,13 @@ def held_out_acceptance(head: nn.Module, target: TargetParts, held, num_drafts: 
         with mixed_precision(device):
             found = accepted_lengths(head, target, tokens, held.features[first:last, :longest].to(device).float(),
                                      num_drafts, window)
-        found = _answer_starts(held, found, first, num_drafts)
+        found, inside = _answer_starts(held, found, first, num_drafts)
+        starts += inside
         lengths.append(F.pad(found, (0, held.tokens.shape[1] - found.shape[1]), value=-1))
     if not lengths:
         raise ValueError(f"no held-out document is longer than {num_drafts + 1} tokens: nothing to draft")
     summary = _summary(torch.cat(lengths), num_drafts, walk=True)
-    summary["documents"] = count
+    summary.update(documents=count, eligible_fraction=summary["positions"] / max(starts, 1))
     summary["first_draft_acceptance"] = summary["per_step_acceptance"][0]
     return summary
 

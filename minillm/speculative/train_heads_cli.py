@@ -3,9 +3,13 @@
     minillm train-heads --kind eagle --steps 2000 --out heads/eagle [MODEL] [--device cuda] [--dtype bfloat16]
     minillm train-heads --kind medusa,eagle,mtp --out heads              # one dataset, heads/medusa, heads/eagle, ...
     minillm train-heads --kind medusa --tiny --out /tmp/medusa            # a smoke run with few prompts and steps
-    minillm train-heads --kind eagle --device cuda --num-prompts 4096 --time-budget 300 --out heads/eagle
-                                          # a budgeted GPU run: data (<= DATA_SHARE of the budget), then training;
-                                          # prints EAGLE's simulated mean accepted length (train_eval)
+    minillm train-heads --kind eagle --device cuda --num-prompts 5000 --time-budget 290 --out heads/eagle
+                                          # a budgeted GPU run: data (<= --data-share of the budget), then
+                                          # training; prints the held-out top-1 agreement and EAGLE's stepped
+                                          # mean accepted length on held-out requests (train_eval)
+
+The prompts (minillm.speculative.train_prompts) are split into training and held-out requests before generation;
+--held-out-fraction sets the share held out.
 
 Then `LLM(speculative_config={"method": "eagle", "model": "heads/eagle", "num_speculative_tokens": 4})`; a draft
 model (--kind draft) is an HF directory for {"method": "draft_model", "model": DIR}. Needs torch, safetensors and
@@ -39,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="the target's dtype: auto (bf16 on cuda, fp32 on cpu), ...")
-    p.add_argument("--num-prompts", type=int, default=256, help="prompts the target answers (default 256)")
+    p.add_argument("--num-prompts", type=int, default=256,
+                   help="distinct prompts the target answers, held-out ones included (default 256; about 5,800 exist)")
     p.add_argument("--max-prompt-tokens", type=int, default=256,
                    help="a longer request's text is shortened to fit (default 256)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt (default 192)")
