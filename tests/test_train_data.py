@@ -12,11 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from minillm.speculative.heads import TargetParts
+from minillm.speculative.heads import HeadConfig, TargetParts, save_heads
 from minillm.speculative.train_data import (HeldOut, build_prompts, distill_data, pack_documents, pad_documents,
                                             record_features)
 from minillm.speculative.train_eval import accepted_lengths, held_out_acceptance, unrolled_chain, walk_steps
-from minillm.speculative.train_heads import DistillData, HeadLoss, feature_rms
+from minillm.speculative.train_heads import DistillData, HeadLoss, feature_rms, initial_heads
 from minillm.speculative.train_losses import chain_weights
 from minillm.speculative.train_prompts import KIND_WEIGHTS, _by_kind, prompt_texts, split_prompts
 from test_engine import tiny_config, tiny_model
@@ -216,11 +216,18 @@ def test_cli_prints_the_held_out_numbers(byte_target, tmp_path, monkeypatch, cap
     monkeypatch.setattr(train_heads_module, "train_heads", lambda *args, **kwargs: {
         "history": [{"loss": 1.0}], "out": str(tmp_path), "seconds_per_step": 0.01, "simulated_acceptance": None,
         "held_out_top1_agreement": [0.6], "held_out_acceptance": held})
-    assert main(["train-heads", "--kind", "eagle", "--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    shipped = tmp_path / "shipped"  # an EAGLE head to compare with, on the same held-out requests
+    save_heads(shipped, initial_heads(HeadConfig.for_target("eagle", config, 1), model), HeadConfig.for_target(
+        "eagle", config, 1))
+    assert main(["train-heads", "--kind", "eagle", "--tiny", "--device", "cpu", "--out", str(tmp_path),
+                 "--compare", str(shipped)]) == 0
     for p in model.parameters():  # the CLI froze the shared target
         p.requires_grad_(True)
     out = capsys.readouterr().out
     assert "held-out requests" in out and "held-out top-1 agreement with the target, per head/step: 0.600" in out
+    assert "of this head" in out and f"of {shipped}" in out
     assert "mean accepted length 2.250; first draft accepted 0.600; per draft: 0.600, 0.700, 0.800, -, -" in out
+    with pytest.raises(SystemExit, match="no heads.safetensors there"):
+        main(["train-heads", "--kind", "eagle", "--tiny", "--compare", str(tmp_path / "nothing"), "--out", "x"])
     with pytest.raises(SystemExit, match="--held-out-fraction and --data-share must be in"):
         main(["train-heads", "--kind", "eagle", "--tiny", "--held-out-fraction", "1", "--out", str(tmp_path)])

@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of the prompts held out (answered greedily, never trained on) to measure the heads on")
     p.add_argument("--data-share", type=float, default=DATA_SHARE,
                    help=f"--time-budget: generation stops (keeping what it has) at this share (default {DATA_SHARE})")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="--kind eagle: also measure the EAGLE head in DIR (e.g. the shipped one) on the same "
+                        "held-out requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a few prompts, short rows, a few steps: a smoke run")
     p.set_defaults(func=_cmd_train_heads)
@@ -96,6 +99,10 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    if args.compare and args.kind != ["eagle"]:
+        raise SystemExit(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
+    if args.compare and not os.path.isfile(os.path.join(args.compare, "heads.safetensors")):
+        raise SystemExit(f"--compare {args.compare}: no heads.safetensors there (a directory train-heads wrote)")
     if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
         raise SystemExit(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
                          f"and {args.data_share}")
@@ -134,16 +141,21 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         if result["held_out_top1_agreement"]:  # head 1: the first draft's greedy acceptance; later ones: a bound
             print("  held-out top-1 agreement with the target, per head/step: "
                   + ", ".join(f"{a:.3f}" for a in result["held_out_top1_agreement"]))
-        held = result.get("held_out_acceptance")
-        if held and held["positions"]:  # eagle: the engine's greedy chain of k drafts on held-out requests
-            print(f"  held-out stepped acceptance (k={held['num_drafts']}, chain, greedy, bonus included; "
-                  f"{held['documents']} requests never trained on, every answer start drafted on the head's own "
-                  f"features, walked as the engine's verify steps): mean accepted length "
-                  f"{held['walked_accepted_length']:.3f}; first draft accepted {held['first_draft_acceptance']:.3f};"
-                  f" per draft: " + ", ".join("-" if a is None else f"{a:.3f}" for a in held["per_step_acceptance"]))
-        sim = result["simulated_acceptance"]
-        if sim and sim["positions"]:  # rows built by hand: the older, biased estimates (train_eval's docstring)
-            print(f"  simulated mean accepted length on held-out rows (k={sim['num_drafts']}; scorable starts "
-                  f"{100 * sim['eligible_fraction']:.0f}%, the predictable ones): {sim['mean_accepted_length']:.3f}"
-                  f", walked {sim['walked_accepted_length']:.3f}")
+        if result.get("held_out_acceptance"):  # eagle: the engine's greedy chain of k drafts on held-out requests
+            _print_acceptance("this head", result["held_out_acceptance"])
+    if args.compare:  # another EAGLE head (the shipped one, say) on the same held-out requests
+        from minillm.speculative.head_kinds import load_heads
+        from minillm.speculative.heads import TargetParts
+        from minillm.speculative.train_eval import held_out_acceptance
+        other, _ = load_heads("eagle", args.compare, model_config, device=device)
+        _print_acceptance(args.compare, held_out_acceptance(other, TargetParts(target), data.held_out))
     return 0
+
+
+def _print_acceptance(name: str, held: dict) -> None:
+    """One EAGLE head's held-out stepped acceptance (train_eval.held_out_acceptance), in a line."""
+    print(f"  held-out stepped acceptance of {name} (k={held['num_drafts']}, chain, greedy, bonus included; "
+          f"{held['documents']} requests never trained on, every answer start drafted on the head's own features, "
+          f"walked as the engine's verify steps): mean accepted length {held['walked_accepted_length']:.3f}; first "
+          f"draft accepted {held['first_draft_acceptance']:.3f}; per draft: "
+          + ", ".join("-" if a is None else f"{a:.3f}" for a in held["per_step_acceptance"]))
