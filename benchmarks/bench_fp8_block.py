@@ -13,7 +13,8 @@ Figures: median microseconds (triton.testing.do_bench), TFLOP/s, and the ratio t
 
 Part 2, quality (--model): held-out perplexity of SmolLM2-135M (benchmarks/quant_quality.py's text and scoring)
 for fp32, per-channel fp8 and fp8_block at 64 x 64 and 32 x 32 tiles, on CUDA (fp8_block runs through the
-Triton kernels there), all in the same run.
+Triton kernels there), and GPTQ-rounded fp8 and fp8_block 64 x 64 and 32 x 32 (16 x 256 calibration tokens;
+--skip-gptq leaves them out), all in the same run.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quant_quality, beside this script
 
 M_VALUES = (1, 16, 128, 2048)
+# tiles tried beside default_config's (64 x 64 up to M = 64, 128 x 128 beyond)
 CANDIDATES = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
-              for bm, bn, w, s in ((16, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4),
-                                   (128, 128, 8, 3), (128, 256, 8, 3))]
+              for bm, bn, w, s in ((16, 64, 4, 4), (64, 128, 4, 3), (128, 256, 8, 3))]
 
 
 def _bench(fn) -> float:
@@ -99,7 +100,7 @@ def _scaled_mm_per_tensor(x: torch.Tensor, w: torch.Tensor) -> float:
     return _bench(lambda: torch._scaled_mm(x8, wt, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16))
 
 
-def perplexity_rows(model_path: str, n_samples: int, seq_len: int) -> list[dict]:
+def perplexity_rows(model_path: str, n_samples: int, seq_len: int, gptq: bool) -> list[dict]:
     from minillm.engine.worker import build_model
     from minillm.loader import load_model
     from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
@@ -108,11 +109,18 @@ def perplexity_rows(model_path: str, n_samples: int, seq_len: int) -> list[dict]
     config, weights, tokenizer = load_model(model_path)
     dense = build_model(config, weights, torch.device("cuda"), torch.float32)
     held_out = tokenize_to_sequences(calibration_texts("held_out"), tokenizer, n_samples, seq_len).cuda()
+    calib = tokenize_to_sequences(calibration_texts("calibration"), tokenizer, 16, 256)
+    runs = [("fp32", None, {}), ("fp8 w8a8 (per-channel, per-token)", "fp8", {}),
+            ("fp8_block 64x64", "fp8_block", {"weight_block_size": 64}),
+            ("fp8_block 32x32", "fp8_block", {"weight_block_size": 32})]
+    if gptq:  # calibrated on 16 x 256 tokens of the calibration split (seconds on the GPU)
+        runs += [("fp8 w8a8 gptq", "fp8", {"fp8_gptq": True}),
+                 ("fp8_block 64x64 gptq", "fp8_block", {"weight_block_size": 64, "fp8_gptq": True}),
+                 ("fp8_block 32x32 gptq", "fp8_block", {"weight_block_size": 32, "fp8_gptq": True})]
     rows = []
-    for label, method, opts in (("fp32", None, {}), ("fp8 w8a8 (per-channel, per-token)", "fp8", {}),
-                                ("fp8_block 64x64", "fp8_block", {"weight_block_size": 64}),
-                                ("fp8_block 32x32", "fp8_block", {"weight_block_size": 32})):
-        model = dense if method is None else quantize_model(dense, method, progress=False, **opts).build("cuda")
+    for label, method, opts in runs:
+        model = dense if method is None else quantize_model(dense, method, calibration=calib, progress=False,
+                                                            **opts).build("cuda")
         ppl = perplexity(model, held_out, 4)
         rows.append({"label": label, "perplexity": ppl})
         print(f"{label:36s} ppl {ppl:.4f}  ({ppl / rows[0]['perplexity'] - 1:+.2%} vs fp32)", flush=True)
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--skip-gptq", action="store_true", help="with --model: leave out the GPTQ-rounded rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8_block needs a CUDA GPU (fp8 tensor cores)", file=sys.stderr)
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_gemm:
         result["gemm"] = gemm_rows()
     if args.model:
-        result["perplexity"] = perplexity_rows(args.model, args.n_samples, args.seq_len)
+        result["perplexity"] = perplexity_rows(args.model, args.n_samples, args.seq_len, not args.skip_gptq)
         result["held_out_tokens"] = [args.n_samples, args.seq_len]
     if "gemm" in result:
         print("\n| M | N | K | bf16 us | fp8 per-tensor scaled_mm us | fp8 block default us | best us | "

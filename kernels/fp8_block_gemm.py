@@ -13,7 +13,8 @@ wgmma's is what makes fine-grained scales cheap. The tile loops K in steps of BL
 divides group_k), loads one activation scale per row and one weight scale per column (a column's block
 row is n // group_n, so BLOCK_N may span several weight blocks) and multiplies.
 
-The e4m3 operands go straight to tl.dot on the GPU (wgmma with fp8 inputs). Under the interpreter (CPU) the
+The e4m3 operands go straight to tl.dot on the GPU (wgmma with fp8 inputs, whose K step is 32: a 16-wide K
+tile is upcast and multiplied in tf32 instead, exact for e4m3's 4 significant bits). Under the interpreter (CPU) the
 kernel upcasts the tiles to fp32 first (UPCAST) and dots with ieee precision: the products of e4m3 values
 are exact in fp32, so it checks the indexing and the scaling against a torch emulation; the interpreter's
 fp32 -> fp8 *down*-cast rounds wrongly, so CPU tests quantize with torch and pass the e4m3 tensors in.
@@ -76,8 +77,9 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor
 @triton.jit
 def _fp8_block_gemm_kernel(A, B, A_SCALE, B_SCALE, BIAS, C, M, N, K, stride_am, stride_bn, stride_cm,
                            stride_asm, stride_bsn, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,7 +96,7 @@ def _fp8_block_gemm_kernel(A, B, A_SCALE, B_SCALE, BIAS, C, M, N, K, stride_am, 
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
         if UPCAST:
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
         else:
             part = tl.dot(a, b)
         kb = k0 // GROUP_K
@@ -165,5 +167,6 @@ def fp8_block_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_sc
     _fp8_block_gemm_kernel[grid](a, b, a_scale, b_scale, bias if bias is not None else a_scale, c, m, n, k,
                                  a.stride(0), b.stride(0), c.stride(0), a_scale.stride(0), b_scale.stride(0),
                                  GROUP_N=group_n, GROUP_K=group_k, HAS_BIAS=bias is not None,
-                                 UPCAST=triton_interpreted(), **cfg)
+                                 UPCAST=triton_interpreted() or cfg["BLOCK_K"] < 32,
+                                 DOT_PRECISION="ieee" if triton_interpreted() else "tf32", **cfg)
     return c

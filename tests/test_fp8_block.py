@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minillm.engine.worker import build_model
+from minillm.forward_context import forward_context, prefill_metadata
 from minillm.llm import LLM
 from minillm.quant.checkpoint import save_quantized
 from minillm.sampling_params import SamplingParams
@@ -172,3 +173,24 @@ def test_cli_quantize_fp8_block(tmp_path, dense, capsys):
     assert main(["quantize", str(tmp_path), "--method", "fp8_block", "--block-size", "32", "--mse-scale",
                  "--out", str(tmp_path / "z")]) == 2
     assert "takes --gptq only" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_engine_runs_the_triton_kernels(tmp_path, dense):
+    """On CUDA the layers run per_token_group_quant_fp8 and fp8_block_gemm (bf16, CUDA graphs on): the logits
+    follow the CPU emulation's, and LLM(model=DIR) generates."""
+    qm = quantize_model(dense[0], "fp8_block", progress=False, weight_block_size=BLOCK)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    cpu = _logits(qm.build(), ids)
+    ids = ids.cuda()
+    n, length = ids.shape
+    model = qm.build("cuda")
+    with torch.no_grad(), forward_context(prefill_metadata([length] * n, device=ids.device)):
+        cuda = model.compute_logits(model(ids.flatten(), torch.arange(length, device="cuda").repeat(n))).cpu()
+    assert _rel(cuda, cpu) < 1e-2  # the same e4m3 codes; rare round-half ties and fp32 summation order differ
+    _byte_tokenizer_json(tmp_path)
+    save_quantized(qm, tmp_path / "q", source=str(tmp_path))
+    llm = LLM(model=tmp_path / "q", max_model_len=64, max_num_seqs=2, dtype="bfloat16")
+    out = llm.generate(["hello", "fp8"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]

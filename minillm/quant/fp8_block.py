@@ -37,14 +37,15 @@ import torch
 from torch import nn
 
 from minillm.hooks import dispatch
-from minillm.quant.base import LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter, \
-    parse_modules_to_not_convert
+from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
+                                parse_modules_to_not_convert)
 from minillm.quant.fp8 import FP8_DTYPE, scaled_fp8_quant
 
 DEFAULT_BLOCK = (64, 64)  # (block_n, block_k): DeepSeek's 128 does not divide SmolLM2's 576
 
 
 def _divisors(n: int) -> list[int]:
+    """The block sizes that fit n: multiples of 16 that divide it."""
     return [d for d in range(16, n + 1, 16) if n % d == 0]
 
 
@@ -228,22 +229,34 @@ def gptq_fp8_block(w: torch.Tensor, H: torch.Tensor, block: tuple[int, int], per
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2022) onto the tile grid: (W8 float8_e4m3fn [N, K], scale [N / block_n, K / block_k]).
 
-    Tile scales are fixed first (max|tile| / 448 of the original W). For the rows of one tile row the scale
-    varies only along K, as a diagonal D (one entry per column), and their error is (w - D c)^T H (w - D c) =
-    (w / D - c)^T (D H D) (w / D - c): GPTQ on the scaled weights w / D with the scaled Hessian D H D and unit
-    scale is exactly the problem, so gptq_fp8 (fp8_calibrated.py) runs once per tile row, unchanged.
+    Tile scales are fixed first (max|tile| / 448 of the original W), as gptq_fp8 (fp8_calibrated.py) fixes its
+    row scales. GPTQ's error feedback depends only on H, never on how a column is rounded, so the column loop
+    is gptq_fp8's with one change: GPTQ's blocks are the K-blocks, and column j of row r is rounded on its own
+    tile's grid, q = s[r // block_n, j // block_k] * e4m3(w / s). Error pushed onto later columns may carry
+    them past their tile's max: they saturate at +-448 * s.
     """
-    from minillm.quant.fp8_calibrated import gptq_fp8  # calibration code loads only when used
+    from minillm.quant.fp8_calibrated import E4M3_MAX
+    from minillm.quant.gptq import _inverse_hessian_cholesky, gptq_column_update
     block_n, block_k = block
     _, scale = quantize_fp8_block(w, block)
-    w = w.detach().float()
-    codes = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-    H = H.detach().to(device=w.device, dtype=torch.float32)
-    for nb in range(scale.shape[0]):
-        d = scale[nb].repeat_interleave(block_k)  # [K]: this tile row's scale of every column
-        rows = slice(nb * block_n, (nb + 1) * block_n)
-        codes[rows], _ = gptq_fp8(w[rows] / d, H * d[:, None] * d[None, :], torch.ones(block_n, device=w.device),
-                                  percdamp, block_size=block_k)
+    row_scale = scale.repeat_interleave(block_n, dim=0)  # [N, K / block_k]: each row's scale per K-block
+    W = w.detach().float().clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0  # inputs that are always zero: any weight works, take 0 (as gptq.py)
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U = _inverse_hessian_cholesky(H, percdamp)
+    codes = torch.empty(W.shape, dtype=FP8_DTYPE, device=W.device)
+    column_update = dispatch("ch08.gptq_column_update", gptq_column_update)
+    for kb, i1 in enumerate(range(0, W.shape[1], block_k)):
+        i2, s = i1 + block_k, row_scale[:, kb]
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(block_k):
+            c = (W1[:, i] / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+            codes[:, i1 + i] = c
+            Err1[:, i] = column_update(W1, U1, i, c.float() * s)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return codes, scale
 
 

@@ -101,7 +101,7 @@ def test_fp8_block_gemm_rejects_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 128, 300])
-@pytest.mark.parametrize("block", [(128, 128), (64, 64)])
+@pytest.mark.parametrize("block", [(128, 128), (64, 64), (32, 32)])
 def test_fp8_block_gemm_gpu(m, block):
     n, k = 4096, 4096
     x8, x_scale, w8, w_scale, ref = _operands(m, n, k, block, seed=m, device="cuda")
