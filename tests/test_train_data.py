@@ -231,3 +231,18 @@ def test_cli_prints_the_held_out_numbers(byte_target, tmp_path, monkeypatch, cap
         main(["train-heads", "--kind", "eagle", "--tiny", "--compare", str(tmp_path / "nothing"), "--out", "x"])
     with pytest.raises(SystemExit, match="--held-out-fraction and --data-share must be in"):
         main(["train-heads", "--kind", "eagle", "--tiny", "--held-out-fraction", "1", "--out", str(tmp_path)])
+
+
+def test_training_on_held_out_requests_saves_their_numbers(byte_target, data, tmp_path, monkeypatch):
+    import json
+    from minillm.speculative import train_heads as train_heads_module
+    from minillm.speculative.train_heads import TrainOptions, train_heads
+    monkeypatch.setattr(train_heads_module, "PROBE_EVERY", 3)
+    model, config = byte_target
+    result = train_heads(model, config, data, TrainOptions("eagle", 3, rows_per_step=2, unroll=1, window=8), tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["training"]
+    held = saved["held_out_acceptance"]
+    assert held == result["held_out_acceptance"] and held["documents"] == 2 and held["positions"] > 0
+    assert saved["rows"] == data.tokens.shape[0]  # every row trains: the held-out requests are elsewhere
+    assert saved["held_out_top1_agreement"] == result["held_out_top1_agreement"]
+    assert saved["acceptance_curve"] == [{"step": 3, "mean_accepted_length": held["walked_accepted_length"]}]

@@ -197,8 +197,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
                 if probe is not None and step % PROBE_EVERY == 0:
                     curve.append({"step": step, "mean_accepted_length": probe()})  # None: no position scorable
-                    bar.write(f"step {step}: simulated mean accepted length {curve[-1]['mean_accepted_length']}"
-                              f" on {PROBE_ROWS} held-out rows")
+                    where = f"{PROBE_DOCS} held-out requests" if data.held_out is not None else \
+                        f"{PROBE_ROWS} held-out rows"
+                    bar.write(f"step {step}: mean accepted length {curve[-1]['mean_accepted_length']} on {where}")
                 if deadline is not None and step > TIMING_STEPS and time.perf_counter() > deadline:
                     break  # a slower pace than measured: stop at the deadline rather than overrun it
     train_seconds = time.perf_counter() - started
