@@ -13,7 +13,7 @@ EAGLE both distil on the target's outputs rather than on a fixed corpus). Offlin
      position of their answers is one a greedy engine would draft at (train_eval.held_out_acceptance).
      Some answers go on past the end of the turn (ignore_eos), as benchmark runs with a fixed output length do:
      the target then writes a new turn of an imagined conversation, which a head never shown it drafts badly
-     (issue 11: the P7 summaries end after about 60 of their 128 tokens),
+     (issue 11: the P7 summaries end after 73-97 of their 128 tokens; chat and code answers run past 128),
   3. features: one cache-less prefill of each *whole document* (prompt + answer; documents batched as packed
      variable-length sequences) records the target's last hidden state before the final norm at every position,
      each position seeing its document's whole context, as in the engine (a hook on the final norm),
@@ -38,7 +38,7 @@ from minillm.sampling_params import SamplingParams
 from minillm.speculative.train_prompts import prompt_texts, split_prompts
 
 SAMPLED_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the sampled training answers, in turn
-IGNORE_EOS_EVERY = 4  # one training answer in 4 (half the held-out ones) runs past its end of turn (see below)
+IGNORE_EOS_EVERY = 4  # one training answer in 4 (half the held-out ones) runs past its end of turn (module docstring)
 HELD_OUT_FRACTION = 0.05
 FEATURE_TOKENS_PER_BATCH = 16384  # documents packed into one cache-less prefill when recording features
 
