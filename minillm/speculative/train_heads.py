@@ -43,8 +43,8 @@ from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_p
 from minillm.speculative.train_data import DistillData, HeldOut
 from minillm.speculative.train_eval import (ACCEPTANCE_DRAFTS, greedy_continued_acceptance, held_out_acceptance,
                                            held_out_top1, mixed_precision, simulated_acceptance, top1_agreement)
-from minillm.speculative.train_losses import (  # noqa: F401  (distill_kl, kl_to_target, target_law: re-exported)
-    HeadLoss, distill_kl, draft_loss, kl_to_target, target_law)
+from minillm.speculative.train_losses import (  # noqa: F401  (the losses' names re-exported: tests, benchmarks)
+    EAGLE_CLS_WEIGHT, HeadLoss, distill_kl, draft_loss, kl_to_target, target_law)
 
 TRAIN_KINDS = ("draft", *HEAD_KINDS)
 TIMING_STEPS = 10  # steps timed before a deadline shortens a run (the pace is taken from step WARM_STEPS on)
