@@ -18,7 +18,8 @@ from minillm.speculative.train_data import (HeldOut, build_prompts, distill_data
 from minillm.speculative.train_eval import accepted_lengths, held_out_acceptance, unrolled_chain, walk_steps
 from minillm.speculative.train_heads import DistillData, HeadLoss, feature_rms, initial_heads
 from minillm.speculative.train_losses import chain_weights
-from minillm.speculative.train_prompts import KIND_WEIGHTS, _by_kind, prompt_texts, split_prompts
+from minillm.speculative.train_prompts import (KIND_WEIGHTS, _by_kind, num_distinct_prompts, prompt_texts,
+                                               split_prompts)
 from test_engine import tiny_config, tiny_model
 from test_train_heads_eagle import VOCAB, head, target  # noqa: F401  (fixtures: a 12-token target, a shaken head)
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (autouse fixture)
@@ -35,7 +36,8 @@ def test_thousands_of_distinct_prompts_in_a_stable_mix():
     with pytest.raises(ValueError, match="num_prompts must be an integer >= 1, got 0"):
         prompt_texts(0)
     with pytest.raises(ValueError, match="exceeds the"):
-        prompt_texts(10 ** 6)
+        prompt_texts(num_distinct_prompts() + 1)
+    assert len(prompt_texts(num_distinct_prompts())) == num_distinct_prompts() > 5000
 
 
 def _words(text: str) -> list[str]:

@@ -87,6 +87,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     from minillm.platform import resolve_device, resolve_dtype
     from minillm.speculative.train_data import distill_data
     from minillm.speculative.train_heads import TrainOptions, train_heads
+    from minillm.speculative.train_prompts import num_distinct_prompts
 
     steps = args.steps if args.steps is not None else 1000 if args.time_budget is None else BUDGET_STEPS
     sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
@@ -97,6 +98,10 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     for name, value in sizes.items():
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    available = num_distinct_prompts()  # docstrings differ between Python versions, and so does this count
+    if sizes["num_prompts"] > available:
+        print(f"--num-prompts {sizes['num_prompts']}: this Python builds {available} distinct prompts; using them all")
+        sizes["num_prompts"] = available
     if args.time_budget is not None and not args.time_budget > 0:
         raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.compare and args.kind != ["eagle"]:

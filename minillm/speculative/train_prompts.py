@@ -180,6 +180,11 @@ def _by_kind() -> dict[str, list[str]]:
     }
 
 
+def num_distinct_prompts() -> int:
+    """How many distinct prompts prompt_texts can give on this Python (its docstrings set the count)."""
+    return sum(len(texts) for texts in _by_kind().values())
+
+
 def prompt_texts(num_prompts: int, seed: int = 0) -> list[tuple[str, str]]:
     """(kind, request text) for `num_prompts` distinct requests: each kind's list shuffled by `seed`, then the kinds
     interleaved by KIND_WEIGHTS (a kind that runs out drops out), so a prefix of any length keeps the mix."""
@@ -188,7 +193,7 @@ def prompt_texts(num_prompts: int, seed: int = 0) -> list[tuple[str, str]]:
     pools = _by_kind()
     for kind, texts in pools.items():
         random.Random(f"{seed}:{kind}").shuffle(texts)
-    available = sum(len(t) for t in pools.values())
+    available = sum(len(t) for t in pools.values())  # num_distinct_prompts, without building the pools twice
     if num_prompts > available:
         raise ValueError(f"num_prompts={num_prompts} exceeds the {available} distinct prompts this Python builds")
     out: list[tuple[str, str]] = []
