@@ -114,8 +114,13 @@ def feature_rms(data: DistillData) -> float:
     positions (data.drafted) where known, the states the head regresses. The first token of a sequence is an
     attention sink whose pre-norm state is far from the rest (SmolLM2-135M: RMS 256 against about 28), so it is
     left out with the prompts."""
-    features = data.features if data.drafted is None else data.features[data.drafted]
-    return float(features.float().pow(2).mean().sqrt())
+    total, count = 0.0, 0
+    for start in range(0, data.features.shape[0], 256):  # in chunks: no fp32 copy of every feature at once
+        features = data.features[start:start + 256].float()
+        if data.drafted is not None:
+            features = features[data.drafted[start:start + 256].to(features.device)]
+        total, count = total + float(features.pow(2).sum()), count + features.numel()
+    return math.sqrt(total / max(count, 1))
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
