@@ -61,6 +61,8 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # the same tiles with GPTQ's rounding (fp8_block.gptq_fp8_block: one GPTQ pass per tile row)
     ("fp8_block w8a8 b64 gptq", "fp8_block", dict(weight_block_size=64, fp8_gptq=True)),
     ("fp8_block w8a8 b32 gptq", "fp8_block", dict(weight_block_size=32, fp8_gptq=True)),
+    ("fp8_block w8a8 b64 gptq act-order", "fp8_block", dict(weight_block_size=64, fp8_gptq=True, act_order=True)),
+    ("fp8_block w8a8 b32 gptq act-order", "fp8_block", dict(weight_block_size=32, fp8_gptq=True, act_order=True)),
     ("smoothquant w8a8", "smoothquant", dict(alpha=0.5)),
     ("nf4 (double quant)", "nf4", {}),
     ("int8 (LLM.int8)", "int8", {}),

@@ -82,12 +82,13 @@ def test_gptq_onto_the_tile_grid_lowers_output_error():
     acc = HessianAccumulator(k)
     acc.add(inputs(1024))
     held_out = inputs(256)
-    codes, scale = gptq_fp8_block(w, acc.H, BLOCK)
     rtn_codes, rtn_scale = quantize_fp8_block(w, BLOCK)
-    assert codes.dtype == FP8_DTYPE and torch.equal(scale, rtn_scale)
     ref = held_out @ w.T
-    gptq_err = _rel(held_out @ dequantize_fp8_block(codes, scale).T, ref)
-    assert gptq_err < 0.5 * _rel(held_out @ dequantize_fp8_block(rtn_codes, rtn_scale).T, ref)
+    rtn_err = _rel(held_out @ dequantize_fp8_block(rtn_codes, rtn_scale).T, ref)
+    for act_order in (False, True):
+        codes, scale = gptq_fp8_block(w, acc.H, BLOCK, act_order=act_order)
+        assert codes.dtype == FP8_DTYPE and torch.equal(scale, rtn_scale)
+        assert _rel(held_out @ dequantize_fp8_block(codes, scale).T, ref) < 0.5 * rtn_err
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_checkpoint_round_trips_through_llm(tmp_path, dense):
 def test_gptq_checkpoint_round_trips_through_llm(tmp_path, dense):
     qm = quantize_model(dense[0], "fp8_block", calibration=CALIB, progress=False, weight_block_size=BLOCK,
                         fp8_gptq=True)
-    assert qm.quantization_config["minillm_recipe"] == {"gptq": True}
+    assert qm.quantization_config["minillm_recipe"] == {"gptq": True, "act_order": False}
     rtn = quantize_model(dense[0], "fp8_block", progress=False, weight_block_size=BLOCK)
     name = "model.layers.1.mlp.up_proj.weight"
     assert torch.equal(qm.state[name + "_scale_inv"], rtn.state[name + "_scale_inv"])  # same tiles, other codes
@@ -132,6 +133,8 @@ def test_gptq_checkpoint_round_trips_through_llm(tmp_path, dense):
     assert torch.equal(_logits(llm.llm_engine.runner.model, ids), _logits(qm.build(), ids))
     with pytest.raises(ValueError, match="fp8_gptq .a bool. only"):
         quantize_model(dense[0], "fp8_block", calibration=CALIB, fp8_mse_scale=True)
+    with pytest.raises(ValueError, match="act_order .* needs fp8_gptq"):
+        quantize_model(dense[0], "fp8_block", calibration=CALIB, act_order=True)
 
 
 def test_bad_block_sizes_are_refused(tmp_path, dense):

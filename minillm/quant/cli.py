@@ -165,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="input columns per scale, -1 = per channel (default 64: SmolLM2's 576 is not a multiple "
                         "of 128)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (rtn/gptq); default asymmetric")
-    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing activation (desc_act)")
+    p.add_argument("--act-order", action="store_true", help="gptq, fp8_block --gptq: columns by decreasing activation (desc_act)")
     p.add_argument("--static-groups", action="store_true",
                    help="gptq: group grids from the original columns, fixed before act-order (no g_idx)")
     p.add_argument("--grid-search", action="store_true",

@@ -322,7 +322,8 @@ def _quantization_config(method: str, opts: dict[str, Any]) -> dict[str, Any]:
                     "weight_granularity": "channel" if opts["fp8_per_channel"] else "tensor",
                     **({"minillm_recipe": {k.removeprefix("fp8_"): opts[k] for k in FP8_RECIPE}}
                        if opts["fp8_calibrated"] else {})},
-            "fp8_block": fp8_block.quantization_config(opts["weight_block_size"], opts["fp8_gptq"]),
+            "fp8_block": fp8_block.quantization_config(opts["weight_block_size"], opts["fp8_gptq"],
+                                                       opts["act_order"]),
             "smoothquant": {"quant_method": "smoothquant", "bits": 8, "alpha": opts["alpha"]},
             "nf4": {"quant_method": "nf4", "blocksize": 64, "double_quant_blocksize": 256},
             "int8": {"quant_method": "int8", "llm_int8_threshold": opts["llm_int8_threshold"]}}[method]
@@ -351,12 +352,12 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     fp8_alphas on fp8_search_tokens tokens), fp8_gptq, fp8_mse_scale: the calibrated fp8 recipe (fp8_calibrated.py;
     any of them makes fp8 need calibration); without them fp8 rounds each weight on its own.
     weight_block_size: fp8_block's (block_n, block_k) tile, or one int for square tiles (fp8_block.py); with
-    fp8_gptq, fp8_block rounds onto its tile grid by GPTQ (fp8_block.gptq_layer).
+    fp8_gptq (and act_order), fp8_block rounds onto its tile grid by GPTQ (fp8_block.gptq_layer).
     """
     fp8_calibrated = method == "fp8" and check_fp8_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale, fp8_alphas,
                                                           fp8_search_tokens, fp8_per_channel)
     calibrated = method in CALIBRATED or fp8_calibrated or (
-        method == "fp8_block" and fp8_block.check_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale))
+        method == "fp8_block" and fp8_block.check_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale, act_order))
     bits = _check(model, method, bits, group_size, calibration, calibrated)
     if method == "awq" and sym:
         raise ValueError("awq quantizes on an asymmetric grid (zero points); got sym=True")

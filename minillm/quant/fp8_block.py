@@ -1,11 +1,7 @@
 """Block-wise FP8 W8A8 ("fp8_block"): one e4m3 scale per weight tile and per token group (chapters 7-8).
 
 Plain FP8 (fp8.py) gives a weight one scale per output channel (over all K inputs) and an activation one scale
-per token (over its whole hidden row). An e4m3 scale maps the largest value of its range to 448; everything
-else keeps its ~3% relative rounding, *unless* it is so much smaller that it falls into e4m3's subnormals or
-flushes to zero (2^-9 of the maximum and below), and a coarse scale is chosen by one value for many. LLM
-activations have a few outlier channels 10-100x the rest (Dettmers et al. 2022, LLM.int8()), so one outlier
-sets the scale of the whole token. DeepSeek-V3 (2024, section 3.3 "fine-grained quantization") trains and
+per token (over its whole hidden row). DeepSeek-V3 (2024, section 3.3 "fine-grained quantization") trains and
 serves in FP8 with finer scales, and vLLM serves such checkpoints (`"quant_method": "fp8"` with
 `"weight_block_size": [128, 128]`):
 
@@ -15,14 +11,23 @@ serves in FP8 with finer scales, and vLLM serves such checkpoints (`"quant_metho
 
 The scales change along K, so they cannot wait for the epilogue as in a per-channel GEMM (scaled_mm.py): the
 kernel (minillm.kernels.fp8_block_gemm) multiplies the e4m3 tiles of one K-block on the tensor cores and
-scales that partial product before adding it to the fp32 accumulator. An outlier channel now spoils only its
-own group of block_k values, not the whole row; the cost is one scale per block_k activations and one per
-block_n x block_k weights (about 0.2% more bytes at 64 x 64).
+scales that partial product before adding it to the fp32 accumulator. The cost is one scale per block_k
+activations and one per block_n x block_k weights (about 0.2% more bytes at 64 x 64).
+
+What finer scales buy on a *float* grid is less than on an integer one. e4m3 rounds every value to 3 mantissa
+bits (about 2.4% RMS) whatever the scale, as long as it lies within e4m3's normal range, 2^15 below the 448
+the scale maps the maximum to; only below that (subnormals, then zero) does a coarse scale cost precision.
+LLM.int8()'s 10-100x outlier channels stay far inside that range; "massive activations" (Sun et al. 2024,
+single channels 1e4-1e5x the median) reach it, and there a token group keeps the damage inside the outlier's
+group (tests/test_fp8_block.py). Otherwise a finer scale only makes more values exact (each group's maximum
+lands on 448) and moves where the others fall on the grid, which on SmolLM2 shifts perplexity by a few tenths
+of a percent either way. GPTQ's rounding onto the tile grid (gptq_fp8_block, `fp8_gptq=True`) matters more.
 
 SmolLM2's hidden size 576 = 9 x 64 is not a multiple of DeepSeek's 128: block_k must divide every linear's K
 (576 and 1536: 64 or 32) and block_n every checkpoint tensor's rows (q 576, k and v 192, gate/up 1536), so
 that q/k/v and gate/up shards load into whole tile rows; a block that does not divide is refused, naming the
-divisors that would. Both must be multiples of 16 (the kernel's K tile and the tensor cores' fp8 K step).
+divisors that would. Both must be multiples of 16, the kernel's smallest tile (the fp8 tensor cores take K
+in steps of 32; a block_k of 16 or 48 is multiplied in tf32 instead).
 
 Checkpoints (`"quant_method": "fp8_block"`, `"weight_block_size": [block_n, block_k]`, `"activation_scheme":
 "dynamic"`): `weight` float8_e4m3fn [N, K] and `weight_scale_inv` fp32 [N / block_n, K / block_k], named as in
@@ -79,11 +84,14 @@ def check_linears(linears: dict[str, nn.Module], block: tuple[int, int]) -> None
         check_block_divides(block, lin.input_size, checkpoint_row_sizes(lin, lin.output_size), name)
 
 
-def check_recipe(smooth_alpha: Any, gptq: Any, mse_scale: Any) -> bool:
-    """quantize_model's fp8 recipe options for fp8_block: only fp8_gptq applies; True when it needs calibration."""
+def check_recipe(smooth_alpha: Any, gptq: Any, mse_scale: Any, act_order: Any = False) -> bool:
+    """quantize_model's fp8 recipe options for fp8_block: only fp8_gptq (with or without act_order) applies;
+    True when it needs calibration."""
     if smooth_alpha is not None or mse_scale or not isinstance(gptq, bool):
         raise ValueError(f"fp8_block calibrates with fp8_gptq (a bool) only; got fp8_smooth_alpha={smooth_alpha!r}, "
                          f"fp8_mse_scale={mse_scale!r}, fp8_gptq={gptq!r}")
+    if act_order and not gptq:
+        raise ValueError("fp8_block: act_order orders GPTQ's columns; it needs fp8_gptq=True")
     return gptq
 
 
@@ -225,39 +233,43 @@ class Fp8BlockConfig(SkipListQuantizationConfig):
                 "weight_scale_inv": (output_size // block_n, input_size // block_k)}
 
 
-def gptq_fp8_block(w: torch.Tensor, H: torch.Tensor, block: tuple[int, int], percdamp: float = 0.01
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_fp8_block(w: torch.Tensor, H: torch.Tensor, block: tuple[int, int], percdamp: float = 0.01,
+                   act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2022) onto the tile grid: (W8 float8_e4m3fn [N, K], scale [N / block_n, K / block_k]).
 
     Tile scales are fixed first (max|tile| / 448 of the original W), as gptq_fp8 (fp8_calibrated.py) fixes its
     row scales. GPTQ's error feedback depends only on H, never on how a column is rounded, so the column loop
-    is gptq_fp8's with one change: GPTQ's blocks are the K-blocks, and column j of row r is rounded on its own
-    tile's grid, q = s[r // block_n, j // block_k] * e4m3(w / s). Error pushed onto later columns may carry
-    them past their tile's max: they saturate at +-448 * s.
+    is gptq_fp8's with one change: column j of row r is rounded on its own tile's grid, q = s[r // block_n,
+    j // block_k] * e4m3(w / s). Error pushed onto later columns may carry them past their tile's max: they
+    saturate at +-448 * s. act_order: columns by decreasing H[j, j] (GPTQ's desc_act); the tile scales stay
+    those of the original columns ("static groups"), so nothing about the checkpoint changes.
     """
     from minillm.quant.fp8_calibrated import E4M3_MAX
     from minillm.quant.gptq import _inverse_hessian_cholesky, gptq_column_update
     block_n, block_k = block
     _, scale = quantize_fp8_block(w, block)
-    row_scale = scale.repeat_interleave(block_n, dim=0)  # [N, K / block_k]: each row's scale per K-block
+    col_scale = scale.repeat_interleave(block_n, dim=0).repeat_interleave(block_k, dim=1)  # [N, K]
     W = w.detach().float().clone()
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
     dead = torch.diag(H) == 0  # inputs that are always zero: any weight works, take 0 (as gptq.py)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1], device=W.device)
+    W, H, col_scale = W[:, perm], H[perm][:, perm], col_scale[:, perm]
     U = _inverse_hessian_cholesky(H, percdamp)
     codes = torch.empty(W.shape, dtype=FP8_DTYPE, device=W.device)
     column_update = dispatch("ch08.gptq_column_update", gptq_column_update)
-    for kb, i1 in enumerate(range(0, W.shape[1], block_k)):
-        i2, s = i1 + block_k, row_scale[:, kb]
+    for i1 in range(0, W.shape[1], 128):  # GPTQ's lazy batches of 128 columns
+        i2 = min(i1 + 128, W.shape[1])
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        for i in range(block_k):
+        for i in range(i2 - i1):
+            s = col_scale[:, i1 + i]
             c = (W1[:, i] / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
             codes[:, i1 + i] = c
             Err1[:, i] = column_update(W1, U1, i, c.float() * s)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return codes, scale
+    return codes[:, torch.argsort(perm)], scale
 
 
 def gptq_layer(layer: nn.Module, runner: Any, opts: dict[str, Any]) -> dict[nn.Module, Any]:
@@ -280,7 +292,8 @@ def gptq_layer(layer: nn.Module, runner: Any, opts: dict[str, Any]) -> dict[nn.M
     for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
         runner.run(layer, {lin: acc.add})
-        codes, scale = gptq_fp8_block(lin.weight.data, acc.H, (block_n, block_k), opts["percdamp"])
+        codes, scale = gptq_fp8_block(lin.weight.data, acc.H, (block_n, block_k), opts["percdamp"],
+                                      opts["act_order"])
         lin.weight.data.copy_(dequantize_fp8_block(codes, scale).to(lin.weight.dtype))
         lin.register_forward_pre_hook(fake_quant_input)  # the walk's private copy of the model
         result[lin] = QuantizedWeight(codes, scale.repeat_interleave(block_n, 0), None, 8, block_k, True)
@@ -296,7 +309,7 @@ def checkpoint_tensors(w: torch.Tensor, block: tuple[int, int], qw: Any = None) 
     return {"weight": w8, "weight_scale_inv": scale}
 
 
-def quantization_config(block: tuple[int, int], gptq: bool = False) -> dict[str, Any]:
+def quantization_config(block: tuple[int, int], gptq: bool = False, act_order: bool = False) -> dict[str, Any]:
     """config.json's quantization_config of an fp8_block checkpoint (minillm_recipe records a GPTQ pass)."""
     return {"quant_method": "fp8_block", "activation_scheme": "dynamic", "weight_block_size": list(block),
-            **({"minillm_recipe": {"gptq": True}} if gptq else {})}
+            **({"minillm_recipe": {"gptq": True, "act_order": act_order}} if gptq else {})}
