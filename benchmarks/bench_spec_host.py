@@ -20,12 +20,20 @@ greedily from one prompt and reports, per engine step:
     d2h         device-to-host copies per step (a non-blocking copy into pinned memory counts here, not in syncs)
     tok/step    tokens emitted per step (1 for plain decoding); speedup: plain's wall time / the method's
 
-The head methods run twice: as shipped, drafting ahead (minillm/speculative/draft_ahead.py: step N+1's proposal
-starts when step N's features are recorded and comes back by a non-blocking copy), and "no ahead", drafting when the
-engine asks (the proposal's read-back then blocks before the verify step is built): the difference is what
+The head methods run twice: as shipped, drafting when the engine asks (the proposal's read-back blocks before the
+verify step is built), and "ahead" (SpeculativeConfig.draft_ahead, minillm/speculative/draft_ahead.py: step N+1's
+proposal starts when step N's features are recorded and comes back by a non-blocking copy): the difference is what
 overlapping the draft with the host's bookkeeping buys. Correctness first: the greedy tokens of every method are
 compared with plain decoding's (equal in fp32; in bf16 a verify step's rows may round differently from a one-token
 step's, so a near-tie can flip: that is numerics, not the method).
+
+Timing: the timed generation runs --repeats times (after gc.collect(): a full collection of a process that imported
+torch costs tens of milliseconds, as much as a whole run's difference between two variants) and the median run
+counts. A second table splits the host time of a step into phases (wall ms per step inside each call, waits
+included): propose (drafting; with "no ahead" it includes waiting for the draft), schedule, execute (the target's
+forward: building inputs, launching, waiting for the verify step's download), verify (acceptance, KV moves of
+trees), record (features; with "ahead" the next draft's launch), postprocess (the scheduler's rollback and
+appends), and the rest of LLMEngine.step (outputs, stop checks, release, building the step input).
 
 Without --model the target has SmolLM2-135M's shapes with random bf16 weights and the EAGLE head is random too: the
 acceptance figures are then meaningless, the per-step times are not. With --model the EAGLE head is the shipped one.
@@ -33,6 +41,7 @@ acceptance figures are then meaningless, the per-step times are not. With --mode
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -107,19 +116,44 @@ def gpu_busy_ms(prof) -> float:
     return total / 1e3
 
 
-def run_variant(llm: LLM, label: str, spec: dict | None, ahead: bool, ids: list[int], device: torch.device,
-                max_tokens: int) -> dict:
+PHASES = ("propose", "schedule", "execute", "verify", "record", "postprocess", "rest")
+
+
+def time_phases(engine, clock, totals: dict[str, float]) -> None:
+    """Wrap the engine's per-step calls (instance attributes: nothing in the engine changes) so that each adds its
+    wall time to totals[phase]."""
+    def timed(obj, name: str, phase: str) -> None:
+        call = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            start = clock()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                totals[phase] += clock() - start
+        setattr(obj, name, wrapper)
+    decoder = engine.speculative
+    if decoder is not None:
+        for name, phase in (("propose", "propose"), ("verify", "verify"), ("record_step", "record")):
+            timed(decoder, name, phase)
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.scheduler, "postprocess", "postprocess")
+    timed(engine.executor, "execute_model", "execute")
+
+
+def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device: torch.device,
+                max_tokens: int, repeats: int) -> dict:
     variant = llm.share_model(max_num_seqs=2, num_kv_blocks=80, speculative_config=spec)
     engine = variant.llm_engine
     decoder = engine.speculative
-    if decoder is not None and not ahead and hasattr(decoder.proposer, "draft_ahead"):
-        decoder.proposer.draft_ahead = lambda *args: None  # propose drafts when asked, as before draft_ahead.py
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     variant.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     variant.generate([ids], params, use_tqdm=False)  # warm-up: graphs of every bucket this run replays
-    steps = [0, 0.0]
-    step = engine.step
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    phases = dict.fromkeys(PHASES, 0.0)
+    time_phases(engine, clock, phases)
+    step = engine.step
+    steps = [0, 0.0]
 
     def timed_step():
         start = clock()
@@ -129,18 +163,28 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ahead: bool, ids: list[
         return out
     engine.step = timed_step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = clock()
-    tokens = variant.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
-    sync()
-    wall = clock() - start
-    num_steps, step_seconds = steps
+    runs = []
+    for _ in range(repeats):
+        gc.collect()
+        sync()
+        before = dict(phases)
+        steps[:] = [0, 0.0]
+        start = clock()
+        tokens = variant.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
+        sync()
+        runs.append((clock() - start, steps[0], steps[1], {k: phases[k] - before[k] for k in PHASES}))
+    wall, num_steps, step_seconds, spent = sorted(runs, key=lambda r: r[2] / r[1])[len(runs) // 2]  # the median
+    spent["rest"] = step_seconds - sum(spent.values())
     row = {"method": label, "wall_ms": round(wall * 1e3, 2), "steps": num_steps,
            "ms_per_step": round(1e3 * step_seconds / num_steps, 3),
+           "ms_per_step_runs": [round(1e3 * r[2] / r[1], 3) for r in runs],
+           "phase_ms_per_step": {k: round(1e3 * v / num_steps, 3) for k, v in spent.items()},
            "tokens_per_step": round(len(tokens) / max(num_steps - 1, 1), 3), "tokens": list(tokens)}
+    engine.step = step
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         steps[0] = 0
+        engine.step = timed_step
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             variant.generate([ids], params, use_tqdm=False)
             sync()
@@ -156,6 +200,7 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ahead: bool, ids: list[
         row["event_syncs_per_step"] = round(calls.get("cudaEventSynchronize", 0) / n, 2)
         row["event_sync_ms_per_step"] = round(blocked.get("cudaEventSynchronize", 0.0) / n / 1e3, 3)
         row["d2h_per_step"] = round(sum(c for name, c in calls.items() if "DtoH" in name) / n, 2)
+        row["host_alloc_per_step"] = round(sum(c for name, c in calls.items() if "HostAlloc" in name) / n, 2)
     if decoder is not None and decoder.metrics.mean_acceptance_length is not None:
         row["acceptance_length"] = round(decoder.metrics.mean_acceptance_length, 3)  # over every run of the engine
     engine.shutdown()
@@ -168,23 +213,28 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a GGUF file or HF directory (default: random weights)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test with a tiny random model")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median counts")
     args = parser.parse_args()
     if not 8 <= args.max_tokens <= 900:
         raise SystemExit(f"--max-tokens must be in [8, 900], got {args.max_tokens}")
+    if not 1 <= args.repeats <= 20:
+        raise SystemExit(f"--repeats must be in [1, 20], got {args.repeats}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     llm, heads_dir = base_llm(args, device)
     ids = prompt_ids(llm, llm.llm_engine.model_config.vocab_size)
     head = {"num_speculative_tokens": K} if heads_dir is None else {"num_speculative_tokens": K, "model": heads_dir}
-    variants = [("plain", None, True), ("ngram", {"method": "ngram", "num_speculative_tokens": K}, True),
-                ("eagle", {"method": "eagle", **head}, True), ("eagle no ahead", {"method": "eagle", **head}, False),
-                ("eagle_tree", {"method": "eagle_tree", **head}, True),
-                ("eagle_tree no ahead", {"method": "eagle_tree", **head}, False)]
+    ahead = {"draft_ahead": True}
+    variants = [("plain", None), ("ngram", {"method": "ngram", "num_speculative_tokens": K}),
+                ("eagle", {"method": "eagle", **head}), ("eagle ahead", {"method": "eagle", **head, **ahead}),
+                ("eagle_tree", {"method": "eagle_tree", **head}),
+                ("eagle_tree ahead", {"method": "eagle_tree", **head, **ahead})]
     rows = []
-    for label, spec, ahead in variants:
-        rows.append(run_variant(llm, label, spec, ahead, ids, device, args.max_tokens))
-        print(f"  {label:20s} {rows[-1]['ms_per_step']:7.3f} ms/step", flush=True)
+    for label, spec in variants:
+        rows.append(run_variant(llm, label, spec, ids, device, args.max_tokens, args.repeats))
+        print(f"  {label:20s} {rows[-1]['ms_per_step']:7.3f} ms/step (runs {rows[-1]['ms_per_step_runs']})",
+              flush=True)
     plain = rows[0]
     for row in rows:
         row["speedup"] = round(plain["wall_ms"] / row["wall_ms"], 3)
@@ -203,8 +253,12 @@ def main() -> None:
                 ("d2h_per_step", "4.1f"))]
         print(f"{r['method']:20s} {r['wall_ms']:8.1f} {r['steps']:5d} {r['ms_per_step']:7.3f} {' '.join(gpu)} "
               f"{r['tokens_per_step']:8.2f} {r['speedup']:6.2f}x {str(r['same_tokens_as_plain']):>5s}")
+    print(f"\nhost ms per step by phase (wall time inside each call, waits included; median run)")
+    print(f"{'method':20s} " + " ".join(f"{p:>11s}" for p in PHASES))
+    for r in rows:
+        print(f"{r['method']:20s} " + " ".join(f"{r['phase_ms_per_step'][p]:11.3f}" for p in PHASES))
     meta = {"device": where, "torch": torch.__version__, "model": args.model or "random SmolLM2-135M shape",
-            "max_tokens": args.max_tokens, "k": K, "date": time.strftime("%Y-%m-%d")}
+            "max_tokens": args.max_tokens, "k": K, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

@@ -136,7 +136,8 @@ def eagle_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other
-def test_eagle_tree_in_the_engine_equals_plain_decoding(model_and_config, plain, eagle_dir, num_blocks):
+@pytest.mark.parametrize("ahead", [False, True])  # SpeculativeConfig.draft_ahead: the search started a step early
+def test_eagle_tree_in_the_engine_equals_plain_decoding(model_and_config, plain, eagle_dir, num_blocks, ahead):
     from test_speculative_tree_engine import run
     sizes = []
 
@@ -145,11 +146,35 @@ def test_eagle_tree_in_the_engine_equals_plain_decoding(model_and_config, plain,
         proposer.propose_trees = lambda seqs, depths: [sizes.append(d.num_nodes) or d if d else d
                                                        for d in inner(seqs, depths)]
         return proposer
-    spec = {"method": "eagle_tree", "num_speculative_tokens": K, "model": eagle_dir, "num_tree_nodes": 7}
-    outputs, engine = run(model_and_config, spec, num_blocks, proposer=spy)
+    spec = {"method": "eagle_tree", "num_speculative_tokens": K, "model": eagle_dir, "num_tree_nodes": 7,
+            "draft_ahead": ahead}
+    collected = []
+    outputs, engine = run(model_and_config, spec, num_blocks, proposer=lambda p: spy(watch_ahead(p, collected)))
     assert outputs == plain and isinstance(engine.speculative.proposer, EagleTreeProposer)
+    assert any(collected) == ahead  # ahead: some proposals were the ones started a step early
     assert sizes and max(sizes) <= 8 and engine.speculative.tree.num_nodes_scored > 0
     assert engine.speculative.metrics.num_verify_steps > 0
+
+
+def watch_ahead(proposer, collected: list[bool]):
+    """Record, per tree proposal, whether a search started ahead was pending when it was asked for."""
+    inner = proposer.propose_trees
+
+    def propose_trees(seqs, depths):
+        collected.append(proposer.heads._ahead is not None)
+        return inner(seqs, depths)
+    proposer.propose_trees = propose_trees
+    return proposer
+
+
+def test_config_switches_drafting_ahead():
+    assert SpeculativeConfig("eagle", 3).draft_ahead is False  # the measured faster path is the default
+    assert SpeculativeConfig.from_dict({"method": "eagle_tree", "num_speculative_tokens": 3,
+                                        "draft_ahead": True}).draft_ahead
+    with pytest.raises(ValueError, match="draft_ahead must be True or False, got 1"):
+        SpeculativeConfig("eagle", 3, draft_ahead=1)
+    with pytest.raises(ValueError, match="draft_ahead is only read by the head methods .*got method 'ngram'"):
+        SpeculativeConfig("ngram", 3, draft_ahead=True)
 
 
 def test_eagle_tree_sampled_requests_run_next_to_greedy_ones(model_and_config, plain, eagle_dir):
@@ -195,7 +220,7 @@ def test_host_tree_helpers_equal_the_tensor_algorithms():
     greedy_tree_path walks to the path verify_tree_greedy accepts (random trees, a 3-token alphabet: many
     matches, siblings with equal tokens, ties in depth)."""
     import random
-    from minillm.speculative.tree import TokenTree, verify_tree_greedy
+    from minillm.speculative.tree import TokenTree, ancestor_bitmasks, verify_tree_greedy
     from minillm.speculative.tree_verify import greedy_tree_path, host_token_tree
     rng = random.Random(0)
     for trial in range(200):
@@ -204,6 +229,10 @@ def test_host_tree_helpers_equal_the_tensor_algorithms():
         fast, slow = host_token_tree(parents), TokenTree.from_parents(parents)
         for name in ("parents", "depths", "ranks", "attn_mask"):
             assert torch.equal(getattr(fast, name), getattr(slow, name)), (trial, name)
+        for name in ("parent_list", "depth_list", "row_bitmasks"):  # kept by host_token_tree, computed by from_parents
+            assert getattr(fast, name) == getattr(slow, name), (trial, name)
+        assert slow.row_bitmasks == ancestor_bitmasks(slow.attn_mask) and fast.max_depth == int(slow.depths.max())
+        assert host_token_tree(list(parents)) is fast  # one tree per shape: its host lists are made once
         tokens = [rng.randrange(3) for _ in range(n)]
         targets = [rng.randrange(3) for _ in range(n)]
         want = verify_tree_greedy(slow, torch.tensor([tokens]), torch.tensor([targets]))
@@ -213,3 +242,5 @@ def test_host_tree_helpers_equal_the_tensor_algorithms():
         assert [tokens[j] for j in path[1:]] + [targets[path[-1]]] == want.token_ids[0, :accepted + 1].tolist()
     with pytest.raises(ValueError, match="node 2 has parent 2"):
         host_token_tree([-1, 0, 2])
+    with pytest.raises(ValueError, match="a tree of 65 nodes; at most 64"):
+        host_token_tree([-1] + list(range(64)))

@@ -302,3 +302,21 @@ def test_drafts_made_ahead_are_the_drafts_propose_would_make(kind):
         assert ahead._ahead is None and pending.ready is None  # used once (on a CPU the copy is done at once)
     ahead.draft_ahead(seqs, [[5, 6, 7, 8]] * 3, [K] * 3)  # no features for the tokens before these: no drafts
     assert ahead._ahead is None
+
+
+def test_ahead_landing_copies_and_reuses_one_pinned_buffer():
+    """AheadLanding: on a CPU a copy (the caller may reuse its tensor); on a GPU one pinned buffer, grown only when
+    a proposal needs more, and one event, reused: the collected values are each proposal's own."""
+    from minillm.speculative.draft_ahead import AheadLanding, AheadProposal
+    landing = AheadLanding()
+    result = torch.arange(6).view(2, 3)
+    host, ready = landing.land(result)
+    assert ready is None and torch.equal(host, result) and host.data_ptr() != result.data_ptr()
+    if not torch.cuda.is_available():
+        return
+    first = AheadProposal.start({"a": (0, 4), "b": (1, 5)}, result.cuda(), 3, landing=landing)
+    buffer = landing.buffer
+    assert buffer.is_pinned() and first.ready is landing.event
+    assert first.collect(["b", "a"]).tolist() == [[3, 4, 5], [0, 1, 2]]
+    second = AheadProposal.start({"a": (0, 6)}, torch.tensor([[7, 8]], device="cuda"), 2, landing=landing)
+    assert landing.buffer is buffer and second.collect(["a"]).tolist() == [[7, 8]]

@@ -186,6 +186,23 @@ def test_greedy_output_equals_plain_decoding(target, trained, kind, num_blocks):
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_drafting_ahead_equals_plain_decoding(target, trained, kind, monkeypatch):
+    """SpeculativeConfig.draft_ahead (draft_ahead.py): proposals started at the end of the previous step, under
+    preemption, give plain decoding's tokens, and proposals made ahead are used."""
+    from minillm.speculative.draft_ahead import AheadProposal
+    collected = []
+    collect = AheadProposal.collect
+    monkeypatch.setattr(AheadProposal, "collect", lambda self, ids: collected.append(ids) or collect(self, ids))
+    plain, _ = run(target, None, 12)
+    outputs, engine = run(target, {**spec(kind, trained[kind][0]), "draft_ahead": True}, 12)
+    for rid, out in plain.items():
+        assert outputs[rid].outputs[0].token_ids == out.outputs[0].token_ids, (kind, rid)
+    assert_nothing_held(engine)
+    assert engine.speculative.metrics.num_verify_steps > 0 and collected
+    assert engine.speculative.proposer._landing.buffer is None  # a CPU: no pinned landing buffer
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_engine_drafts_are_what_the_training_forward_predicts(target, trained, kind):
     """The proposer's drafts after a prefill, from the features the engine recorded and its window, equal the heads
     run the way training runs them: over the whole recorded sequence, every draft recomputed from scratch (no K/V

@@ -6,10 +6,12 @@ verify step, and the decode and verify steps that replay CUDA graphs. Then the p
 one-transfer download round-trip their values, a graph step laid out in the graph's static inputs replays to the
 eager forward's hidden states with harmless padding rows, and the sampler's host hints change nothing.
 
-Speculative steps of the head proposers (EAGLE chain and tree): the proposal for step N+1 starts at the end of
-step N (minillm/speculative/draft_ahead.py), so the step adds to the budget one upload (the windows' tokens and
-lengths) and one *non-blocking* download of the drafts, started there and collected without waiting: the host's
-one wait per step stays the verify step's download.
+Speculative steps of the head proposers (EAGLE chain and tree): as shipped the proposal is drafted when the engine
+asks, before the scheduler, so the step adds to the budget one upload (the windows' tokens and lengths) and one
+download of the drafts, both before the engine's own. With SpeculativeConfig.draft_ahead the proposal for step N+1
+starts at the end of step N (minillm/speculative/draft_ahead.py): the same upload and a *non-blocking* download of
+the drafts, started there and collected without waiting, so the host's one wait per step stays the verify step's
+download.
 """
 from __future__ import annotations
 
@@ -39,16 +41,16 @@ def test_one_upload_one_download_per_step(scenario):
     assert counter.counts() == STEP_BUDGET, f"{scenario} step:\n{counter.report()}"
 
 
-def count_head_step(method: str, tmp_path, batch: int = 2, k: int = 3) -> StepTransfers:
+def count_head_step(method: str, tmp_path, batch: int = 2, k: int = 3, ahead: bool = True) -> StepTransfers:
     """One verify step of an EAGLE engine (random heads over the tiny Llama), counted after two steps that record
-    the features and start drafting ahead."""
+    the features (and, ahead, start drafting ahead)."""
     from minillm.speculative.head_kinds import new_heads
     from minillm.speculative.heads import HeadConfig, save_heads
     model, config = tiny_llama()
     torch.manual_seed(0)
     head_config = HeadConfig.for_target("eagle", config, k)
     save_heads(tmp_path, new_heads(head_config), head_config)
-    spec = {"method": method, "num_speculative_tokens": k, "model": str(tmp_path)}
+    spec = {"method": method, "num_speculative_tokens": k, "model": str(tmp_path), "draft_ahead": ahead}
     with StepTransfers(model) as counter:
         engine = LLMEngine(model, _NullTokenizer(), config,
                            EngineConfig(max_model_len=128, max_num_seqs=batch, block_size=16, num_kv_blocks=24,
@@ -86,6 +88,22 @@ def test_a_head_proposer_step_waits_once_and_drafts_ahead(method, tmp_path):
     assert {k: sum(e.kind == k for e in engine if e not in slot_moves) for k in STEP_BUDGET} == STEP_BUDGET, \
         counter.report()
     assert method == "eagle_tree" or not slot_moves
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle_tree"])
+def test_a_head_proposer_step_drafts_when_asked_by_default(method, tmp_path):
+    counter = count_head_step(method, tmp_path, ahead=False)
+    speculative = [e for e in counter.events if e.where.startswith("minillm/speculative/") and not e.in_forward]
+    engine = [e for e in counter.events if not e.where.startswith("minillm/speculative/") and not e.in_forward]
+    # the proposer: the windows' upload and the drafts' download, both before the step's own transfers
+    assert [(e.kind, e.where.split(":")[0]) for e in speculative] == [
+        ("h2d", "minillm/speculative/head_proposer.py"), ("d2h", "minillm/speculative/" +
+                                                          ("head_proposer.py" if method == "eagle" else "eagle.py"))], \
+        counter.report()
+    assert counter.events.index(speculative[-1]) < min(counter.events.index(e) for e in engine)
+    slot_moves = [e for e in engine if "copy_slots" in e.where]
+    assert {k: sum(e.kind == k for e in engine if e not in slot_moves) for k in STEP_BUDGET} == STEP_BUDGET, \
+        counter.report()
 
 
 def test_the_counter_sees_what_a_gpu_would_copy_or_wait_for():

@@ -40,7 +40,7 @@ HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm",
 # methods that read `model`: a draft checkpoint, or a directory of trained heads
 _READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes"}
+         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes", "draft_ahead"}
 # methods that read num_tree_nodes (the draft nodes below the root of each verified tree)
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
@@ -58,6 +58,9 @@ class SpeculativeConfig:
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
     num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
     # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
+    draft_ahead: bool = False  # head methods: start step N+1's greedy proposal at the end of step N and collect it
+    # without waiting (draft_ahead.py). Off by default: on the H200 (benchmarks/bench_spec_host.py, 2026-12-03) it
+    # measured slower than drafting when asked (EAGLE 2.57 vs 2.12 ms/step, eagle_tree 10.1 vs 8.1)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +85,11 @@ class SpeculativeConfig:
         if n is not None and self.method not in _READS_TREE_NODES:
             raise ValueError(f"speculative_config num_tree_nodes is only read by methods "
                              f"{', '.join(_READS_TREE_NODES)}, got method {self.method!r}")
+        if not isinstance(self.draft_ahead, bool):
+            raise ValueError(f"speculative_config draft_ahead must be True or False, got {self.draft_ahead!r}")
+        if self.draft_ahead and self.method not in HIDDEN_STATE_KIND:
+            raise ValueError(f"speculative_config draft_ahead is only read by the head methods "
+                             f"{', '.join(HIDDEN_STATE_KIND)}, got method {self.method!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"speculative_config model must be a path (str) or None, got {self.model!r}")
         if self.model is not None and self.method not in _READS_MODEL:

@@ -23,6 +23,17 @@ accepted tokens appended to the sequence's, as postprocess will), greedy choices
 if every sequence asking for drafts was drafted ahead from the window it now has (same last position) with at
 least as many drafts; otherwise (a request finished, preempted, sampled, newly scheduled) it is dropped and
 propose drafts as before. A pending proposal is never wrong, at worst wasted.
+
+The copy lands in one page-locked buffer and one event per proposer (AheadLanding), reused every step: a fresh
+pinned tensor and a fresh event per step cost an allocator round trip each, and a pinned allocation that misses
+the cache is a cudaHostAlloc, which can stall the host for longer than the whole draft.
+
+It is a switch (SpeculativeConfig.draft_ahead, off by default), not the default: on the H200 at batch 1
+(benchmarks/bench_spec_host.py, random SmolLM2-shaped weights, 2026-12-03) the first version measured slower than
+drafting when asked, EAGLE 2.57 against 2.12 ms per step and eagle_tree 10.1 against 8.1, with the same GPU time
+and one blocking sync fewer per step. The overlap only pays when the host's postprocessing is longer than the
+draft and nothing else on the host waits for the device meanwhile; bench_spec_host.py measures both ways per
+phase, so the default can follow the measurement.
 """
 from __future__ import annotations
 
@@ -46,16 +57,10 @@ class AheadProposal:
 
     @classmethod
     def start(cls, rows: dict[str, tuple[int, int]], result: torch.Tensor, num_drafts: int,
-              key: tuple = ()) -> "AheadProposal":
-        """Queue the copy of `result` [B, ...] (device) into fresh host memory, pinned on a GPU so that the copy is
-        asynchronous; the caller keeps working while the proposal and the copy run."""
-        on_gpu = result.device.type == "cuda"
-        host = torch.empty(tuple(result.shape), dtype=result.dtype, pin_memory=on_gpu)
-        host.copy_(result, non_blocking=on_gpu)
-        ready = None
-        if on_gpu:
-            ready = torch.cuda.Event()
-            ready.record()
+              key: tuple = (), landing: "AheadLanding | None" = None) -> "AheadProposal":
+        """Queue the copy of `result` [B, ...] (device) into host memory (the landing's pinned buffer on a GPU, so
+        that the copy is asynchronous); the caller keeps working while the proposal and the copy run."""
+        host, ready = (landing or AheadLanding()).land(result)
         return cls(rows, num_drafts, host, ready, key)
 
     def covers(self, request_ids: list[str], ends: list[int], num_drafts: int, key: tuple = ()) -> bool:
@@ -71,5 +76,31 @@ class AheadProposal:
             self.ready.synchronize()
         rows = [self.rows[r][0] for r in request_ids]
         if rows == list(range(self.host.shape[0])):
-            return self.host
+            return self.host.clone()  # the landing buffer is rewritten by the next proposal
         return self.host[rows]
+
+
+class AheadLanding:
+    """Where one proposer's proposals made ahead land on the host: a page-locked buffer, grown when a proposal
+    needs more, and one event, both reused by every proposal (a proposal is collected, or dropped, before the next
+    one starts: a dropped one's copy is queued before the next one's, so the buffer ends up holding the newer)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+    def land(self, result: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """(host tensor shaped like result, the event recorded after the copy into it; None on a CPU, where the
+        copy is done when this returns)."""
+        if result.device.type != "cuda":
+            return result.to("cpu", copy=True), None
+        n = result.numel()
+        if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != result.dtype:
+            self.buffer = torch.empty(max(n, 2 * (self.buffer.numel() if self.buffer is not None else 0)),
+                                      dtype=result.dtype, pin_memory=True)
+        if self.event is None:
+            self.event = torch.cuda.Event()
+        host = self.buffer[:n].view(tuple(result.shape))
+        host.copy_(result, non_blocking=True)
+        self.event.record()
+        return host, self.event

@@ -202,7 +202,7 @@ class EagleProposer(HeadProposer):
         rows, windows, depth = self._ahead_windows(seqs, new_tokens, depths)
         if windows:
             packed, depth = self._tree_search(windows, depth, topk, beam)
-            self._ahead = AheadProposal.start(rows, packed, depth, ("tree", topk, beam))
+            self._ahead = AheadProposal.start(rows, packed, depth, ("tree", topk, beam), landing=self._landing)
 
     @torch.inference_mode()
     def propose_tree_candidates(self, seqs: list[Sequence], depths: list[int], topk: int, beam: int
@@ -231,9 +231,21 @@ class EagleProposer(HeadProposer):
             packed, depth = self._tree_search([windows[i] for i in ready], depth, topk, beam)
             packed = packed.cpu()  # the search's one transfer
         tokens, parents, scores = unpack_candidates(packed)
-        levels = torch.tensor([1] * topk + [d for d in range(2, depth + 1) for _ in range(beam * topk)])
+        levels = candidate_depths(depth, topk, beam)
         for row, i in enumerate(ready):
-            keep = int((levels <= depths[i]).sum())  # the layout is depth by depth: a prefix
+            keep = topk + (min(depths[i], depth) - 1) * beam * topk  # the layout is depth by depth: a prefix
             result[i] = DraftTreeCandidates(tokens[row, :keep], parents[row, :keep], scores[row, :keep],
                                             levels[:keep])
         return result
+
+
+_CANDIDATE_DEPTHS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def candidate_depths(depth: int, topk: int, beam: int) -> torch.Tensor:
+    """int64 [M]: the depth of each candidate of draft_tree's layout (topk of depth 1, then beam * topk per
+    level), made once per (depth, topk, beam) and shared (read only)."""
+    key = (depth, topk, beam)
+    if key not in _CANDIDATE_DEPTHS:
+        _CANDIDATE_DEPTHS[key] = torch.tensor([1] * topk + [d for d in range(2, depth + 1) for _ in range(beam * topk)])
+    return _CANDIDATE_DEPTHS[key]

@@ -7,9 +7,9 @@ LLMEngine._step calls three methods of the SpeculativeDecoder it built from `Eng
                                         the scheduler then grants them as far as budget and blocks allow
     decoder.verify(batch, step_output)  after the forward: per sequence, the tokens it appends (accepted drafts +
                                         one), which scheduler.postprocess applies (and rolls back the rest)
-    decoder.record_step(batch, ...)     then, for head proposers: the target's features of the kept rows, and the
-                                        next step's proposal started at once (draft_ahead.py), so that the draft
-                                        runs on the GPU while the host postprocesses this step
+    decoder.record_step(batch, ...)     then, for head proposers: the target's features of the kept rows, and,
+                                        with SpeculativeConfig.draft_ahead, the next step's proposal started at
+                                        once (draft_ahead.py: the draft runs while the host postprocesses)
     decoder.release(scheduler)          after the step: proposer state of requests no longer running (finished,
                                         aborted, preempted) is freed
 
@@ -133,9 +133,9 @@ class SpeculativeDecoder:
 
     def record_step(self, batch: ScheduledBatch, output: StepOutput, accepted: list[list[int]]) -> None:
         """Before postprocess: hand a head proposer the target's hidden states of the rows this step keeps (a
-        prefill chunk's rows; a verify step's first 1 + accepted-drafts rows), and let a chain proposer start the
-        next step's drafts now (draft_ahead.py: they run on the GPU while the host postprocesses this step). Like
-        propose, a failure here costs drafts, never a request."""
+        prefill chunk's rows; a verify step's first 1 + accepted-drafts rows), and, with config.draft_ahead, let it
+        start the next step's drafts now (draft_ahead.py: they run on the GPU while the host postprocesses this
+        step). Like propose, a failure here costs drafts, never a request."""
         if not self.needs_hidden_states:
             return
         try:
@@ -144,7 +144,8 @@ class SpeculativeDecoder:
                                  "return_hidden_states")
             self.proposer.record_hidden_states(batch, output.hidden_states, accepted)
             limit = self.config.disable_by_batch_size
-            if hasattr(self.proposer, "draft_ahead") and (limit is None or len(batch.seqs) <= limit):
+            if self.config.draft_ahead and hasattr(self.proposer, "draft_ahead") and \
+                    (limit is None or len(batch.seqs) <= limit):
                 self.proposer.draft_ahead(batch.seqs, accepted,
                                           [self._num_wanted(s, len(t)) for s, t in zip(batch.seqs, accepted)])
         except Exception:

@@ -24,10 +24,10 @@ on CUDA a batch of greedy requests replays a CUDA graph captured per (batch buck
 pass and k drafts, costs one graph launch. A batch with a sampled request runs the same code eagerly (its q needs
 the host every draft).
 
-Drafting ahead (draft_ahead.py): greedy proposals start at the end of the previous step, as soon as its features
-are recorded (`draft_ahead`, called by SpeculativeDecoder.record_step), and come back by a non-blocking copy into
-pinned memory; `propose_with_probs` then collects them without waiting, and the draft's GPU time hides behind the
-host's postprocessing instead of stalling it.
+Drafting ahead (draft_ahead.py; SpeculativeConfig.draft_ahead, off by default): greedy proposals start at the end
+of the previous step, as soon as its features are recorded (`draft_ahead`, called by SpeculativeDecoder.record_step),
+and come back by a non-blocking copy into pinned memory; `propose_with_probs` then collects them without waiting,
+and the draft's GPU time may hide behind the host's postprocessing instead of stalling it.
 
 Sampling: a greedy request drafts the argmax; a sampled one draws its drafts from q = the head's distribution under
 the request's own temperature/top-k/top-p, and returns q so that verification applies the rejection rule with it
@@ -44,7 +44,7 @@ from torch import nn
 
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
-from minillm.speculative.draft_ahead import AheadProposal
+from minillm.speculative.draft_ahead import AheadLanding, AheadProposal
 from minillm.speculative.heads import HeadConfig, TargetParts, fused_norm, window_positions
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
@@ -99,6 +99,7 @@ class HeadProposer(SampledDraftProposer):
         self._features: dict[str, tuple[int, int, torch.Tensor]] = {}
         self._zeros: torch.Tensor | None = None  # [window, d]: the padding every stored window starts from
         self._ahead: AheadProposal | None = None  # next step's greedy drafts, started at the end of this one
+        self._landing = AheadLanding()  # where they come back: one pinned buffer and event, reused
         self.final_norm = fused_norm(target.norm_weight, target.eps)  # the target's final norm, one kernel
         self.fused = self.fuse()
         self.graphs = DraftGraphs(self) if cuda_graphs else None
@@ -224,7 +225,8 @@ class HeadProposer(SampledDraftProposer):
         rows, windows, num_drafts = self._ahead_windows(seqs, new_tokens, num_tokens)
         if windows:
             num_drafts = min(num_drafts, self.max_drafts)
-            self._ahead = AheadProposal.start(rows, self._greedy_drafts(windows, num_drafts), num_drafts)
+            self._ahead = AheadProposal.start(rows, self._greedy_drafts(windows, num_drafts), num_drafts,
+                                              landing=self._landing)
 
     def _ahead_windows(self, seqs: list[Sequence], new_tokens: list[list[int]], num_tokens: list[int]
                        ) -> tuple[dict[str, tuple[int, int]], list[RequestWindow], int]:

@@ -34,7 +34,9 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from minillm.hooks import dispatch
@@ -86,9 +88,9 @@ def ancestor_bitmasks(tree_mask: torch.Tensor) -> list[int]:
     n = tree_mask.shape[0]
     if tree_mask.shape != (n, n) or not 1 <= n <= MAX_TREE_NODES:
         raise ValueError(f"tree_mask must be [N, N] with 1 <= N <= {MAX_TREE_NODES}, got {tuple(tree_mask.shape)}")
-    # bit 63 is int64's sign bit: 1 << 63 is -2**63, and the other bits sum to < 2**63, so the sum never overflows
-    bits = torch.ones(n, dtype=torch.int64, device=tree_mask.device) << torch.arange(n, device=tree_mask.device)
-    return (tree_mask.long() * bits).sum(dim=1).tolist()
+    # on the host, in unsigned 64-bit arithmetic (numpy: no tensor ops), read back as int64: bit 63 becomes the sign
+    rows = tree_mask.detach().cpu().numpy().astype(np.uint64)
+    return (rows << np.arange(n, dtype=np.uint64)).sum(axis=1, dtype=np.uint64).view(np.int64).tolist()
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class TokenTree:
     parents: int64 [N] (-1 for the root); depths: int64 [N] (root 0; position offset of each node);
     ranks: int64 [N], for a tree built from index paths the top-k rank each node takes from its head (root 0);
     attn_mask: bool [N, N] from tree_attention_mask.
+
+    The engine reads a tree on the host several times a step (positions, masks, the verify walk): parent_list,
+    depth_list and row_bitmasks are those reads as Python lists, computed once per tree and kept (a tree is
+    immutable), instead of a tensor op and a .tolist() at every use.
     """
 
     parents: torch.Tensor
@@ -109,9 +115,22 @@ class TokenTree:
     def num_nodes(self) -> int:
         return self.parents.shape[0]
 
+    @cached_property
+    def parent_list(self) -> list[int]:
+        return self.parents.tolist()
+
+    @cached_property
+    def depth_list(self) -> list[int]:
+        return self.depths.tolist()
+
+    @cached_property
+    def row_bitmasks(self) -> list[int]:
+        """ancestor_bitmasks(attn_mask): what the engine's attention takes for this tree's rows."""
+        return ancestor_bitmasks(self.attn_mask)
+
     @property
     def max_depth(self) -> int:
-        return int(self.depths.max())
+        return max(self.depth_list)
 
     def position_ids(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """int64 [B, N]: the position of each node for sequences whose next position is seq_lens [B]."""

@@ -34,8 +34,8 @@ import torch
 from minillm.hooks import dispatch
 from minillm.speculative.proposer import Proposer
 from minillm.speculative.rejection import logits_to_probs
-from minillm.speculative.tree import (MAX_TREE_NODES, TokenTree, TreeVerifyOutput, ancestor_bitmasks,
-                                      tree_attention_mask, verify_tree_sampling)
+from minillm.speculative.tree import (MAX_TREE_NODES, TokenTree, TreeVerifyOutput, tree_attention_mask,
+                                      verify_tree_sampling)
 
 if TYPE_CHECKING:
     from minillm.engine.scheduler_interface import ScheduledBatch
@@ -72,26 +72,46 @@ class TreeDraft:
         return TreeDraft(cut, self.token_ids[:num_nodes])
 
 
+_HOST_TREES: dict[tuple[int, ...], TokenTree] = {}  # host_token_tree's trees by shape (parents), bounded
+_HOST_TREES_MAX = 4096
+
+
 def host_token_tree(parents: list[int]) -> TokenTree:
-    """TokenTree.from_parents for a tree a proposer builds on the host every step: depths and the ancestor mask in
-    one pass over the list (a node's row is its parent's plus itself), where the tensor ops per node cost about a
-    millisecond for 33 nodes. A learner's tree_attention_mask (exercise ch09.tree_attention_mask) still builds
-    the mask when it is active: then this is from_parents itself."""
+    """TokenTree.from_parents for a tree a proposer builds on the host every step: depths and the rows of the
+    ancestor mask (as bitmasks: a node's is its parent's plus its own bit) in one pass over the list, the mask
+    expanded from them by one numpy op, where the tensor ops per node cost about a millisecond for 33 nodes.
+    Trees are kept by shape: a proposer that often drafts the same shape (a static or a settled dynamic tree)
+    gets the same immutable TokenTree back, its host lists (TokenTree.depth_list, row_bitmasks) already made.
+    A learner's tree_attention_mask (exercise ch09.tree_attention_mask) still builds the mask when it is
+    active: then this is from_parents itself."""
     if dispatch("ch09.tree_attention_mask", tree_attention_mask) is not tree_attention_mask:
         return TokenTree.from_parents(parents)
+    key = tuple(parents)
+    tree = _HOST_TREES.get(key)
+    if tree is not None:
+        return tree
     n = len(parents)
     if n < 1 or parents[0] != -1:
         raise ValueError(f"parents must be 1-D with parents[0] == -1 (the root), got {parents}")
-    depths = [0] * n
-    mask = np.eye(n, dtype=bool)
+    if n > MAX_TREE_NODES:
+        raise ValueError(f"a tree of {n} nodes; at most {MAX_TREE_NODES} (one 64-bit ancestor mask per node)")
+    depths, bits = [0] * n, [1] * n
     for i in range(1, n):
         p = parents[i]
         if not 0 <= p < i:
             raise ValueError(f"node {i} has parent {p}; need 0 <= parent < {i} (parents before children)")
         depths[i] = depths[p] + 1
-        mask[i, :i] = mask[p, :i]
-    return TokenTree(torch.tensor(parents, dtype=torch.int64), torch.tensor(depths, dtype=torch.int64),
-                     torch.zeros(n, dtype=torch.int64), torch.from_numpy(mask))
+        bits[i] = bits[p] | (1 << i)
+    rows = np.array(bits, dtype=np.uint64)
+    mask = ((rows[:, None] >> np.arange(n, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+    as_tensor = lambda values: torch.from_numpy(np.array(values, dtype=np.int64))  # noqa: E731 (torch.tensor: 10 us)
+    tree = TokenTree(as_tensor(parents), as_tensor(depths), torch.zeros(n, dtype=torch.int64), torch.from_numpy(mask))
+    tree.__dict__.update(parent_list=list(parents), depth_list=depths,  # TokenTree's cached host lists, known here
+                         row_bitmasks=rows.view(np.int64).tolist())
+    if len(_HOST_TREES) >= _HOST_TREES_MAX:
+        _HOST_TREES.clear()
+    _HOST_TREES[key] = tree
+    return tree
 
 
 def greedy_tree_path(parents: list[int], tokens: list[int], targets: list[int]) -> list[int]:
@@ -210,9 +230,9 @@ class TreeVerifier:
                     raise ValueError(f"request {seq.request_id!r}: a tree of {draft.num_nodes} nodes must be the "
                                      f"step's only new tokens, got {n}")
                 root = step.positions[offset]
-                step.positions[offset:offset + n] = [root + d for d in draft.tree.depths.tolist()]
+                step.positions[offset:offset + n] = [root + d for d in draft.tree.depth_list]
                 masks = masks if masks is not None else [None] * len(batch.seqs)
-                masks[i] = ancestor_bitmasks(draft.tree.attn_mask)
+                masks[i] = draft.tree.row_bitmasks
             offset += n
         step.tree_masks = masks
 
@@ -225,14 +245,14 @@ class TreeVerifier:
         and queues the KV moves (see the module docstring)."""
         groups: dict[tuple, list[int]] = {}
         for j, seq in enumerate(seqs):
-            key = (seq.sampling_params.temperature <= 0, tuple(self._draft(seq).tree.parents.tolist()))
+            key = (seq.sampling_params.temperature <= 0, tuple(self._draft(seq).tree.parent_list))
             groups.setdefault(key, []).append(j)
         paths: list[list[int]] = [[] for _ in seqs]
         emitted: list[list[int]] = [[] for _ in seqs]
         for (greedy, _), members in groups.items():
             tree = self._draft(seqs[members[0]]).tree
             if greedy:  # the runner's samples at temperature 0 are the target's argmax at every node
-                parents = tree.parents.tolist()
+                parents = tree.parent_list
                 for j in members:
                     draft, targets = self._draft(seqs[j]), output.sampled_token_ids[indices[j]]
                     if len(targets) != draft.num_nodes:
