@@ -188,11 +188,9 @@ class EagleProposer(HeadProposer):
             found = self.tree_graphs.propose_tree(windows, depth, topk, beam)
             if found is None:  # capture failed: search op by op from now on
                 self.graphs = self.tree_graphs = None
-        if found is not None:
-            tokens, parents, scores, depth = found
-        else:
-            tokens, parents, scores = self.draft_tree(self._batch(windows), depth, topk, beam)
-        return pack_candidates(tokens, parents, scores), depth  # a new tensor: the next replay may reuse `found`
+        if found is not None:  # a view of the graph's output: read or copied (.cpu(), the landing) before the next
+            return found       # replay, which is queued after that copy
+        return pack_candidates(*self.draft_tree(self._batch(windows), depth, topk, beam)), depth
 
     @torch.inference_mode()
     def tree_ahead(self, seqs: list[Sequence], new_tokens: list[list[int]], depths: list[int], topk: int,

@@ -39,6 +39,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -162,17 +163,22 @@ class HeadProposer(SampledDraftProposer):
             return None
         return features, length, seq.token_ids[end - length + 1:end + 1]
 
-    def _packed(self, windows: list[RequestWindow], rows: int) -> torch.Tensor:
-        """The host's numbers for `rows` windows (the last rows - len(windows) empty): each row's tokens, right
-        aligned, then every row's length; int64 [rows * W + rows] on the host, pinned where a GPU will read it."""
+    def _pack_into(self, host: np.ndarray, windows: list[RequestWindow], rows: int) -> None:
+        """Write the host's numbers for `rows` windows (the last rows - len(windows) empty) into host, int64
+        [rows * W + rows]: each row's tokens, right aligned, then every row's length."""
         width = self.window
-        host = [0] * (rows * width + rows)
+        host[:] = 0
         for row, (_, length, next_tokens) in enumerate(windows):
             if len(next_tokens) != length:
                 raise ValueError(f"a window of {length} features needs as many tokens, got {len(next_tokens)}")
             host[(row + 1) * width - length:(row + 1) * width] = next_tokens
             host[rows * width + row] = length
-        packed = torch.tensor(host, dtype=torch.int64)
+
+    def _packed(self, windows: list[RequestWindow], rows: int) -> torch.Tensor:
+        """_pack_into a fresh int64 tensor on the host, pinned where a GPU will read it."""
+        host = np.empty(rows * self.window + rows, dtype=np.int64)
+        self._pack_into(host, windows, rows)
+        packed = torch.from_numpy(host)
         return packed.pin_memory() if windows[0][0].device.type == "cuda" else packed
 
     def _batch(self, windows: list[RequestWindow]) -> Window:
@@ -290,6 +296,7 @@ class DraftGraphs:
         self.proposer = proposer
         self.pool = None
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (features, packed)
+        self.staging: dict[int, tuple] = {}  # bucket -> (pinned host packed, its numpy view, its copy's event)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, k)
 
     @staticmethod
@@ -324,10 +331,23 @@ class DraftGraphs:
         return graph, out
 
     def _fill(self, windows: list[RequestWindow], bucket: int) -> None:
-        """The windows into the bucket's static inputs (rows past len(windows) keep stale windows)."""
+        """The windows into the bucket's static inputs (rows past len(windows) keep stale windows). The tokens and
+        lengths are staged in a pinned buffer per bucket, reused: its last copy to the device has finished by now
+        (a step's download waited for it), which the event confirms without waiting."""
         features, packed = self.inputs[bucket]
         torch.stack([f for f, _, _ in windows], out=features[:len(windows)])
-        packed.copy_(self.proposer._packed(windows, bucket), non_blocking=True)
+        staging = self.staging.get(bucket)
+        if staging is None:
+            pinned = packed.device.type == "cuda"
+            host = torch.empty(packed.shape, dtype=torch.int64, pin_memory=pinned)
+            staging = self.staging[bucket] = (host, host.numpy(), torch.cuda.Event() if pinned else None)
+        host, host_numbers, copied = staging
+        if copied is not None and not copied.query():
+            copied.synchronize()
+        self.proposer._pack_into(host_numbers, windows, bucket)
+        packed.copy_(host, non_blocking=True)
+        if copied is not None:
+            copied.record()
 
     def launch(self, windows: list[RequestWindow], num_drafts: int) -> torch.Tensor | None:
         """Drafts [B, num_drafts] of the windows by one graph replay, left on the device (a view of the graph's

@@ -20,16 +20,18 @@ from minillm.speculative.head_proposer import DraftGraphs, RequestWindow, Window
 
 
 class TreeDraftGraphs(DraftGraphs):
-    """propose_tree(windows, depth, topk, beam) -> (tokens, parents, scores [B, M] on the device: views of the
-    graph's static outputs, the depth searched)."""
+    """propose_tree(windows, depth, topk, beam) -> (the candidates packed as eagle.pack_candidates packs them,
+    int32 [B, 3M] on the device: a view of the graph's static output, the depth searched). The packing is
+    recorded in the graph: four launches fewer per search than packing after the replay."""
 
-    def _run(self, bucket: int, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, bucket: int, key: tuple[int, int, int]) -> torch.Tensor:
+        from minillm.speculative.eagle import pack_candidates
         depth, topk, beam = key
         features, packed = self.inputs[bucket]
-        return self.proposer.draft_tree(Window.from_packed(features, packed), depth, topk, beam)
+        return pack_candidates(*self.proposer.draft_tree(Window.from_packed(features, packed), depth, topk, beam))
 
     def propose_tree(self, windows: list[RequestWindow], depth: int, topk: int, beam: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+                     ) -> tuple[torch.Tensor, int] | None:
         """One replay for the batch (None after a capture failure: the caller searches eagerly from then on)."""
         bucket = self.bucket(len(windows))
         deeper = [d for b, (d, t, w) in self.graphs if b == bucket and (t, w) == (topk, beam) and d >= depth]
@@ -43,6 +45,4 @@ class TreeDraftGraphs(DraftGraphs):
         graph, out = self.graphs[key]
         self._fill(windows, bucket)
         graph.replay()
-        batch = len(windows)
-        tokens, parents, scores = (t[:batch] for t in out)
-        return tokens, parents, scores, key[1][0]
+        return out[:len(windows)], key[1][0]

@@ -193,7 +193,7 @@ class TreeVerifier:
                 raise ValueError(f"proposer {proposer.method!r} drafted a tree of depth {draft.tree.max_depth} "
                                  f"rooted at {draft.token_ids[0]} for request {seq.request_id!r}: at most {depth} "
                                  f"levels below its last token {seq.last_token_id}")
-            if any(not 0 <= t < vocab_size for t in draft.token_ids):
+            if min(draft.token_ids) < 0 or max(draft.token_ids) >= vocab_size:
                 raise ValueError(f"proposer {proposer.method!r} drafted tokens outside [0, {vocab_size})")
             self._drafts[seq.seq_id] = draft
             seq.spec_token_ids = list(draft.token_ids[1:])
