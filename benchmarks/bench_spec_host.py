@@ -33,7 +33,10 @@ counts. A second table splits the host time of a step into phases (wall ms per s
 included): propose (drafting; with "no ahead" it includes waiting for the draft), schedule, execute (the target's
 forward: building inputs, launching, waiting for the verify step's download), verify (acceptance, KV moves of
 trees), record (features; with "ahead" the next draft's launch), postprocess (the scheduler's rollback and
-appends), and the rest of LLMEngine.step (outputs, stop checks, release, building the step input).
+appends), and the rest of LLMEngine.step (outputs, stop checks, release, building the step input). "attn" is the
+part of execute spent in the attention layers' Python calls: zero where a whole-forward CUDA graph replays the step
+(plain decode, chain verify), about 30 calls per step where a token tree's verify step runs the piecewise graphs
+around eager attention (minillm/engine/piecewise_graph.py): their launches are what a tree step's host pays extra.
 
 Without --model the target has SmolLM2-135M's shapes with random bf16 weights and the EAGLE head is random too: the
 acceptance figures are then meaningless, the per-step times are not. With --model the EAGLE head is the shipped one.
@@ -117,6 +120,7 @@ def gpu_busy_ms(prof) -> float:
 
 
 PHASES = ("propose", "schedule", "execute", "verify", "record", "postprocess", "rest")
+SUB_PHASES = ("attn",)  # inside execute
 
 
 def time_phases(engine, clock, totals: dict[str, float]) -> None:
@@ -139,6 +143,13 @@ def time_phases(engine, clock, totals: dict[str, float]) -> None:
     timed(engine.scheduler, "schedule", "schedule")
     timed(engine.scheduler, "postprocess", "postprocess")
     timed(engine.executor, "execute_model", "execute")
+    for layer in engine.runner.attention_layers:  # instance attributes on the shared model: untimed() removes them
+        timed(layer, "forward", "attn")
+
+
+def untimed(engine) -> None:
+    for layer in engine.runner.attention_layers:
+        layer.__dict__.pop("forward", None)
 
 
 def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device: torch.device,
@@ -150,7 +161,7 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device:
     variant.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     variant.generate([ids], params, use_tqdm=False)  # warm-up: graphs of every bucket this run replays
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    phases = dict.fromkeys(PHASES, 0.0)
+    phases = dict.fromkeys(PHASES + SUB_PHASES, 0.0)
     time_phases(engine, clock, phases)
     step = engine.step
     steps = [0, 0.0]
@@ -172,9 +183,10 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device:
         start = clock()
         tokens = variant.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
         sync()
-        runs.append((clock() - start, steps[0], steps[1], {k: phases[k] - before[k] for k in PHASES}))
+        runs.append((clock() - start, steps[0], steps[1], {k: phases[k] - before[k] for k in phases}))
+    untimed(engine)
     wall, num_steps, step_seconds, spent = sorted(runs, key=lambda r: r[2] / r[1])[len(runs) // 2]  # the median
-    spent["rest"] = step_seconds - sum(spent.values())
+    spent["rest"] = step_seconds - sum(spent[k] for k in PHASES)
     row = {"method": label, "wall_ms": round(wall * 1e3, 2), "steps": num_steps,
            "ms_per_step": round(1e3 * step_seconds / num_steps, 3),
            "ms_per_step_runs": [round(1e3 * r[2] / r[1], 3) for r in runs],
@@ -254,9 +266,9 @@ def main() -> None:
         print(f"{r['method']:20s} {r['wall_ms']:8.1f} {r['steps']:5d} {r['ms_per_step']:7.3f} {' '.join(gpu)} "
               f"{r['tokens_per_step']:8.2f} {r['speedup']:6.2f}x {str(r['same_tokens_as_plain']):>5s}")
     print(f"\nhost ms per step by phase (wall time inside each call, waits included; median run)")
-    print(f"{'method':20s} " + " ".join(f"{p:>11s}" for p in PHASES))
+    print(f"{'method':20s} " + " ".join(f"{p:>11s}" for p in PHASES + SUB_PHASES))
     for r in rows:
-        print(f"{r['method']:20s} " + " ".join(f"{r['phase_ms_per_step'][p]:11.3f}" for p in PHASES))
+        print(f"{r['method']:20s} " + " ".join(f"{r['phase_ms_per_step'][p]:11.3f}" for p in PHASES + SUB_PHASES))
     meta = {"device": where, "torch": torch.__version__, "model": args.model or "random SmolLM2-135M shape",
             "max_tokens": args.max_tokens, "k": K, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
