@@ -73,7 +73,7 @@ class TreeDraft:
 
 
 _HOST_TREES: dict[tuple[int, ...], TokenTree] = {}  # host_token_tree's trees by shape (parents), bounded
-_HOST_TREES_MAX = 4096
+_HOST_TREES_MAX = 256  # an EAGLE-2 tree of a random head is a new shape almost every step: a small cache suffices
 
 
 def host_token_tree(parents: list[int]) -> TokenTree:
