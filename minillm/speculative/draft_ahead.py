@@ -31,9 +31,12 @@ the cache is a cudaHostAlloc, which can stall the host for longer than the whole
 It is a switch (SpeculativeConfig.draft_ahead, off by default), not the default: on the H200 at batch 1
 (benchmarks/bench_spec_host.py, random SmolLM2-shaped weights, 2026-12-03) the first version measured slower than
 drafting when asked, EAGLE 2.57 against 2.12 ms per step and eagle_tree 10.1 against 8.1, with the same GPU time
-and one blocking sync fewer per step. The overlap only pays when the host's postprocessing is longer than the
-draft and nothing else on the host waits for the device meanwhile; bench_spec_host.py measures both ways per
-phase, so the default can follow the measurement.
+and one blocking sync fewer per step. By the timeline above the overlap can save at most the shorter of the
+draft's GPU time and the host's postprocessing (a few tenths of a millisecond at batch 1), never cost 0.45 ms
+(EAGLE) or 2 ms (trees) per step; that measurement timed one run per variant, the "ahead" one always first after
+a new engine had captured its graphs, so a full garbage collection (tens of ms in a process holding torch) or
+another one-off may have landed in it. bench_spec_host.py now takes the median of several runs after
+gc.collect() and splits the step into phases: the default should follow that measurement.
 """
 from __future__ import annotations
 
