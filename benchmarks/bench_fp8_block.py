@@ -13,8 +13,8 @@ Figures: median microseconds (triton.testing.do_bench), TFLOP/s, and the ratio t
 
 Part 2, quality (--model): held-out perplexity of SmolLM2-135M (benchmarks/quant_quality.py's text and scoring)
 for fp32, per-channel fp8 and fp8_block at 64 x 64 and 32 x 32 tiles, on CUDA (fp8_block runs through the
-Triton kernels there), and GPTQ-rounded fp8 and fp8_block 64 x 64 and 32 x 32 (16 x 256 calibration tokens;
---skip-gptq leaves them out), all in the same run.
+Triton kernels there), and GPTQ-rounded fp8 and fp8_block 64 x 64 and 32 x 32 (32 x 32 with act-order too;
+16 x 256 calibration tokens; --skip-gptq leaves them out), all in the same run.
 """
 from __future__ import annotations
 
@@ -116,7 +116,9 @@ def perplexity_rows(model_path: str, n_samples: int, seq_len: int, gptq: bool) -
     if gptq:  # calibrated on 16 x 256 tokens of the calibration split (seconds on the GPU)
         runs += [("fp8 w8a8 gptq", "fp8", {"fp8_gptq": True}),
                  ("fp8_block 64x64 gptq", "fp8_block", {"weight_block_size": 64, "fp8_gptq": True}),
-                 ("fp8_block 32x32 gptq", "fp8_block", {"weight_block_size": 32, "fp8_gptq": True})]
+                 ("fp8_block 32x32 gptq", "fp8_block", {"weight_block_size": 32, "fp8_gptq": True}),
+                 ("fp8_block 32x32 gptq act-order", "fp8_block",
+                  {"weight_block_size": 32, "fp8_gptq": True, "act_order": True})]
     rows = []
     for label, method, opts in runs:
         model = dense if method is None else quantize_model(dense, method, calibration=calib, progress=False,

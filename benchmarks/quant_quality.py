@@ -58,7 +58,7 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # (DeepSeek-V3's fine-grained scheme; its 128 does not divide SmolLM2's 576)
     ("fp8_block w8a8 b64", "fp8_block", dict(weight_block_size=64)),
     ("fp8_block w8a8 b32", "fp8_block", dict(weight_block_size=32)),
-    # the same tiles with GPTQ's rounding (fp8_block.gptq_fp8_block: one GPTQ pass per tile row)
+    # the same tiles with GPTQ's rounding onto them (fp8_block.gptq_fp8_block), then with act-order too
     ("fp8_block w8a8 b64 gptq", "fp8_block", dict(weight_block_size=64, fp8_gptq=True)),
     ("fp8_block w8a8 b32 gptq", "fp8_block", dict(weight_block_size=32, fp8_gptq=True)),
     ("fp8_block w8a8 b64 gptq act-order", "fp8_block", dict(weight_block_size=64, fp8_gptq=True, act_order=True)),

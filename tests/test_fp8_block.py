@@ -168,6 +168,10 @@ def test_cli_quantize_fp8_block(tmp_path, dense, capsys):
     assert code == 0, capsys.readouterr().err
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "fp8_block", "activation_scheme": "dynamic", "weight_block_size": [16, 32]}
+    assert main(["quantize", str(tmp_path), "--method", "fp8_block", "--block-size", "32", "--gptq", "--act-order",
+                 "--calib-samples", "2", "--calib-seq-len", "16", "--out", str(tmp_path / "g")]) == 0
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["minillm_recipe"] == {"gptq": True, "act_order": True}
     assert main(["quantize", str(tmp_path), "--method", "fp8_block", "--block-size", "64",
                  "--out", str(tmp_path / "x")]) == 2
     assert "block_n=64 does not divide" in capsys.readouterr().err

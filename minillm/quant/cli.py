@@ -4,7 +4,7 @@
     minillm quantize my-llama/ --method fp8 --out my-llama-fp8
     minillm quantize --method fp8 --smooth-alpha search --gptq --mse-scale --out smollm2-fp8    # calibrated fp8
     minillm quantize --method fp8_block --block-size 64 --out smollm2-fp8-block    # e4m3, 64 x 64 tile scales
-    minillm quantize --method fp8_block --gptq --out smollm2-fp8-block-gptq        # + GPTQ onto the tile grid
+    minillm quantize --method fp8_block --gptq --act-order --out smollm2-fp8-block-gptq   # + GPTQ onto the tiles
     python -c "from minillm import LLM; print(LLM(model='smollm2-gptq').generate('Hi')[0].outputs[0].text)"
 
     minillm quantize --method gguf-q4_k --out smollm2-q4_k.gguf    # one self-contained GGUF (quant/gguf_export.py)
@@ -165,7 +165,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="input columns per scale, -1 = per channel (default 64: SmolLM2's 576 is not a multiple "
                         "of 128)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (rtn/gptq); default asymmetric")
-    p.add_argument("--act-order", action="store_true", help="gptq, fp8_block --gptq: columns by decreasing activation (desc_act)")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq, fp8_block --gptq: columns by decreasing activation (desc_act)")
     p.add_argument("--static-groups", action="store_true",
                    help="gptq: group grids from the original columns, fixed before act-order (no g_idx)")
     p.add_argument("--grid-search", action="store_true",
