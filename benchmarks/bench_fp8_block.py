@@ -13,8 +13,8 @@ Figures: median microseconds (triton.testing.do_bench), TFLOP/s, and the ratio t
 
 Part 2, quality (--model): held-out perplexity of SmolLM2-135M (benchmarks/quant_quality.py's text and scoring)
 for fp32, per-channel fp8 and fp8_block at 64 x 64 and 32 x 32 tiles, on CUDA (fp8_block runs through the
-Triton kernels there), and GPTQ-rounded fp8 and fp8_block 64 x 64 and 32 x 32 (32 x 32 with act-order too;
-16 x 256 calibration tokens; --skip-gptq leaves them out), all in the same run.
+Triton kernels there), and GPTQ-rounded fp8 and fp8_block 64 x 64 and 32 x 32 (both with act-order too;
+--calib-samples x 256 calibration tokens, default 16; --skip-gptq leaves them out), all in the same run.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _scaled_mm_per_tensor(x: torch.Tensor, w: torch.Tensor) -> float:
     return _bench(lambda: torch._scaled_mm(x8, wt, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16))
 
 
-def perplexity_rows(model_path: str, n_samples: int, seq_len: int, gptq: bool) -> list[dict]:
+def perplexity_rows(model_path: str, n_samples: int, seq_len: int, gptq: bool, calib_samples: int) -> list[dict]:
     from minillm.engine.worker import build_model
     from minillm.loader import load_model
     from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
@@ -109,14 +109,16 @@ def perplexity_rows(model_path: str, n_samples: int, seq_len: int, gptq: bool) -
     config, weights, tokenizer = load_model(model_path)
     dense = build_model(config, weights, torch.device("cuda"), torch.float32)
     held_out = tokenize_to_sequences(calibration_texts("held_out"), tokenizer, n_samples, seq_len).cuda()
-    calib = tokenize_to_sequences(calibration_texts("calibration"), tokenizer, 16, 256)
+    calib = tokenize_to_sequences(calibration_texts("calibration"), tokenizer, calib_samples, 256)
     runs = [("fp32", None, {}), ("fp8 w8a8 (per-channel, per-token)", "fp8", {}),
             ("fp8_block 64x64", "fp8_block", {"weight_block_size": 64}),
             ("fp8_block 32x32", "fp8_block", {"weight_block_size": 32})]
-    if gptq:  # calibrated on 16 x 256 tokens of the calibration split (seconds on the GPU)
+    if gptq:  # calibrated on calib_samples x 256 tokens of the calibration split (seconds on the GPU)
         runs += [("fp8 w8a8 gptq", "fp8", {"fp8_gptq": True}),
                  ("fp8_block 64x64 gptq", "fp8_block", {"weight_block_size": 64, "fp8_gptq": True}),
                  ("fp8_block 32x32 gptq", "fp8_block", {"weight_block_size": 32, "fp8_gptq": True}),
+                 ("fp8_block 64x64 gptq act-order", "fp8_block",
+                  {"weight_block_size": 64, "fp8_gptq": True, "act_order": True}),
                  ("fp8_block 32x32 gptq act-order", "fp8_block",
                   {"weight_block_size": 32, "fp8_gptq": True, "act_order": True})]
     rows = []
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-gptq", action="store_true", help="with --model: leave out the GPTQ-rounded rows")
+    parser.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration sequences of 256 tokens")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8_block needs a CUDA GPU (fp8 tensor cores)", file=sys.stderr)
@@ -148,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_gemm:
         result["gemm"] = gemm_rows()
     if args.model:
-        result["perplexity"] = perplexity_rows(args.model, args.n_samples, args.seq_len, not args.skip_gptq)
+        result["perplexity"] = perplexity_rows(args.model, args.n_samples, args.seq_len, not args.skip_gptq,
+                                               args.calib_samples)
         result["held_out_tokens"] = [args.n_samples, args.seq_len]
+        result["calibration_tokens"] = [args.calib_samples, 256]
     if "gemm" in result:
         print("\n| M | N | K | bf16 us | fp8 per-tensor scaled_mm us | fp8 block default us | best us | "
               "+quant us | block best / bf16 |\n|---|---|---|---|---|---|---|---|---|")
