@@ -5,7 +5,7 @@
     quantized = qm.build()            # a LlamaForCausalLM with GPTQ layers, for the engine or for perplexity
     save_quantized(qm, "out/", tokenizer)   # minillm.quant.checkpoint: safetensors + config.json
 
-Methods: "rtn", "fp8", "nf4", "int8" need no data (each weight is quantized on its own); "gptq", "awq" and
+Methods: "rtn", "fp8", "fp8_block", "nf4", "int8" need no data (each weight is quantized on its own); "gptq", "awq" and
 "smoothquant" calibrate on real activations. Those walk the decoder layers in order, as GPTQ's reference does:
 the calibration tokens go through the embedding once; each layer's inputs are the outputs of the layers
 before it *already quantized*, so a layer's quantization corrects for the error that reaches it, not for a
@@ -22,6 +22,8 @@ model that no longer exists. Per layer:
     fp8          calibrated only with fp8_smooth_alpha / fp8_gptq / fp8_mse_scale (fp8_calibrated.py): one run
                  records H, max|X_j| and a token sample per linear; smoothing (an alpha, or searched per linear),
                  MSE-chosen row scales, GPTQ on the e4m3 grid; the walk then runs fp8 activations too
+    fp8_block    calibrated only with fp8_gptq (fp8_block.gptq_layer): GPTQ onto the e4m3 tile grid per linear, as
+                 gptq, optionally act-order; the walk then quantizes activations per token group
 
 Then the layer runs once more, quantized, to produce the next layer's inputs. The result is a checkpoint in
 memory (`QuantizedModel.state`: Hugging Face names, quantized tensors, folded norms) and the config
@@ -42,9 +44,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.forward_context import forward_context, prefill_metadata
+from minillm.quant import fp8_block
 from minillm.quant.awq import _clip, awq_quantize, fold_scales_into_linear, fold_scales_into_rmsnorm, search_clip
 from minillm.quant.fp8 import quantize_fp8
-from minillm.quant import fp8_block
 from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe, fp8_calibrated_layer
 from minillm.quant.gptq import HessianAccumulator, gptq_quantize
 from minillm.quant.int4 import awq_tensors, gptq_tensors
