@@ -349,9 +349,9 @@ def test_shipped_weights_stay_under_40_mb():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", [*HEAD_KINDS, "eagle_tree"])
 def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kind):
-    """On the GPU, verify steps replay CUDA graphs and prefills piecewise ones, whose captured forwards also copy
-    the pre-norm hidden states into a static buffer: greedy output equals plain decoding, and the drafts (hence
-    acceptance) match eager mode."""
+    """On the GPU, verify steps replay CUDA graphs (token trees: tree graphs) and prefills piecewise ones, whose
+    captured forwards also copy the pre-norm hidden states into a static buffer: greedy output equals plain
+    decoding, and the drafts (hence acceptance: drafted from those features) match eager mode."""
     _, config = target
     with torch.device("cuda"):
         model = tiny_model(config)  # the same weights as the CPU target the heads were trained on
@@ -369,6 +369,8 @@ def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kin
         while engine.has_unfinished_requests():
             outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
         rate = None if engine.speculative is None else engine.speculative.metrics.acceptance_rate
+        if not eager and kind.endswith("_tree") and speculative_config is not None:
+            assert engine.runner.cuda_graphs.num_tree_replays > 0  # tree verify steps replay tree graphs
         return outputs, rate
 
     heads = trained[kind.removesuffix("_tree")][0]  # eagle_tree: the EAGLE head's tree search, in a graph too

@@ -190,7 +190,7 @@ def test_a_failing_tree_proposer_costs_drafts_not_requests(model_and_config, pla
             done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
     assert done == plain and engine.speculative.num_propose_errors > 0
     assert "rooted at" in caplog.text and engine.scheduler.block_manager.num_used_blocks == 0
-    assert verify_query_lens(EngineConfig(speculative_config=spec)) == (1,)  # tree steps never replay CUDA graphs
+    assert verify_query_lens(EngineConfig(speculative_config=spec)) == (1,)  # trees: tree graphs (tree_graph_batch)
 
 
 class ChainAsTree(TreeProposer):
@@ -390,8 +390,8 @@ class _Seq:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tree_verification_next_to_cuda_graphs_equals_plain():
-    """On the GPU: plain decode steps replay CUDA graphs, tree steps run eagerly with the tree-masked kernel;
-    greedy output unchanged, accepted KV moved on the device, no block held."""
+    """On the GPU: plain decode steps replay CUDA graphs, tree steps replay tree graphs (the tree-masked kernel
+    reading the static tree masks); greedy output unchanged, accepted KV moved on the device, no block held."""
     config = tiny_config(num_hidden_layers=3, max_position_embeddings=256)
     with torch.device("cuda"):
         model_and_config = tiny_model(config), config
@@ -401,6 +401,7 @@ def test_gpu_tree_verification_next_to_cuda_graphs_equals_plain():
     oracle, _ = run(model_and_config, spec, backend="auto", device="cuda", proposer=OracleTreeProposer(_truth(plain)))
     assert ngram == plain and oracle == plain
     assert engine.runner.cuda_graphs is not None and engine.speculative.metrics.num_accepted_tokens > 0
+    assert engine.runner.cuda_graphs.num_tree_replays > 0  # ngram_tree: trees of <= 32 rows, buckets 1, 2, 4
     fp8_plain = run(model_and_config, None, backend="auto", device="cuda", kv_cache_dtype="fp8")[0]
     fp8_truth = {tuple(p): p + fp8_plain[str(i)] for i, p in enumerate(PROMPTS)}
     fp8_tree, _ = run(model_and_config, spec, backend="auto", device="cuda", kv_cache_dtype="fp8",

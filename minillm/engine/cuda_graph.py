@@ -22,6 +22,22 @@ every sequence has the same number q_len of new tokens, from a configured tuple 
 plain decoding; speculative decoding with k drafts adds 1 + k). One graph per (bucket, q_len): its static
 buffers hold bucket x q_len tokens, the query tokens of sequence i at rows i*q_len .. i*q_len + q_len - 1.
 
+Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
+method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
+1 + the tree's nodes (speculative.config.tree_graph_batch). Their trees differ in size from sequence to sequence
+and from step to step (trimmed by the scheduler, cut short near a request's end), so a *tree graph* does not fix
+each sequence's count: its static inputs add the two things the paged decode kernel's varlen + tree mode reads
+(kernels/paged_attention.py, HAS_TREE), `cu_seqlens_q` (int32 [bucket + 1]: sequence b owns rows
+cu[b] .. cu[b+1] - 1) and `tree_mask` (int64 [bucket x Q]: each row's ancestor bitmask). A step packs its rows
+sequence after sequence as an eager step does; the rows past them (up to bucket x Q) and the padding sequences
+(empty: cu[b] = cu[b+1]) are stored nowhere and their results thrown away. No sequence owns those rows, so their
+attention output is whatever the kernel's output buffer held: harmless where every other op works row by row
+(dense models; MoE models with expert capacity get no tree graphs). Without a tree graph a tree step runs
+piecewise graphs around ~30 eager attention calls (about 100 us of host time per layer); replayed, it is one
+launch. Tree graphs are captured only for a tree method, at the buckets speculation runs at (up to
+disable_by_batch_size) and of at most TREE_GRAPH_MAX_TOKENS rows: past that a forward's GPU time dwarfs its launch
+overhead, and the shared pool would grow for nothing.
+
 How this maps onto TensorRT-LLM's build step (an engine "built" ahead of time for a fixed GPU):
   layer fusion      = our fused kernels (residual+RMSNorm, RoPE in place, SiLU*mul, the KV scatter, attention);
   kernel autotuning = triton.autotune, run in the warm-up calls here;
@@ -39,11 +55,14 @@ from typing import NamedTuple
 
 from minillm.engine.step_buffers import FieldLayout, UploadBuffer
 from minillm.forward_context import MAX_DECODE_QUERY_LEN, AttentionMetadata, forward_context
+from minillm.layers.tree_attention import MAX_TREE_NODES
 
 # Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
 # log-prob rows, prompt log-prob rows and targets: at most 6 numbers of 8 bytes per token) between the static
 # inputs and the block table.
 EXTRA_BYTES_PER_TOKEN = 48
+# the most rows (bucket x Q) a tree graph holds: a bigger tree step is GPU-bound and runs as before
+TREE_GRAPH_MAX_TOKENS = 1024
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -66,6 +85,22 @@ def check_query_lens(query_lens: tuple[int, ...]) -> tuple[int, ...]:
     return lens
 
 
+def tree_graph_buckets(max_num_seqs: int, tree_query_len: int | None, max_batch: int | None = None) -> list[int]:
+    """The batch buckets a tree graph of Q = tree_query_len rows per sequence is captured for: those that a step
+    of at most max_batch sequences (None: max_num_seqs) may replay, of at most TREE_GRAPH_MAX_TOKENS rows each;
+    [] without a tree length."""
+    if tree_query_len is None:
+        return []
+    if isinstance(tree_query_len, bool) or not isinstance(tree_query_len, int) or \
+            not 2 <= tree_query_len <= MAX_TREE_NODES:
+        raise ValueError(f"tree_query_len must be None or an int in [2, {MAX_TREE_NODES}], got {tree_query_len!r}")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+    buckets = batch_size_buckets(max_num_seqs)
+    limit = next((b for b in buckets if b >= (max_batch or max_num_seqs)), buckets[-1])
+    return [b for b in buckets if b <= limit and b * tree_query_len <= TREE_GRAPH_MAX_TOKENS]
+
+
 class GraphInputs(NamedTuple):
     """The static inputs of the graph of one (batch size, q_len), views of DecodeCUDAGraphs.upload's device buffer.
     Byte layout: input_ids | positions | slot_mapping | seq_lens | extras (room for other per-step fields, from
@@ -79,6 +114,8 @@ class GraphInputs(NamedTuple):
     layout: FieldLayout  # the offsets of the five fields above
     extras_offset: int  # first byte free for the step's other fields
     extras_end: int  # ... up to here (the block table's offset)
+    tree_mask: torch.Tensor | None = None  # int64 [batch * q_len]: tree graphs only
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [batch + 1]: tree graphs only
 
 
 class DecodeCUDAGraphs:
@@ -87,37 +124,51 @@ class DecodeCUDAGraphs:
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 query_lens: tuple[int, ...] = (1,)) -> None:
+                 query_lens: tuple[int, ...] = (1,), tree_query_len: int | None = None,
+                 tree_max_batch: int | None = None) -> None:
         self._check_device(device)
         self.model = model
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = batch_size_buckets(max_num_seqs)
         self.query_lens = check_query_lens(query_lens)
-        layouts = {(b, q): self._layout(b, q) for b in self.buckets for q in self.query_lens}
+        # token trees: Q rows per sequence at most, at these buckets (none without a tree method)
+        self.tree_buckets = tree_graph_buckets(max_num_seqs, tree_query_len, tree_max_batch)
+        self.tree_query_len = tree_query_len if self.tree_buckets else None
+        layouts = {(b, q, False): self._layout(b, q) for b in self.buckets for q in self.query_lens}
+        layouts.update({(b, tree_query_len, True): self._layout(b, tree_query_len, True) for b in self.tree_buckets})
         # every graph's inputs live in this one buffer (graphs replay one at a time, each step rewrites its part)
         self.upload = UploadBuffer(device, max(layout.end for layout, _ in layouts.values()), growable=False)
         self.inputs: dict[tuple[int, int], GraphInputs] = {}
-        for (b, q), (layout, extras) in layouts.items():
+        self.tree_inputs: dict[int, GraphInputs] = {}  # bucket -> a tree graph's inputs
+        for (b, q, tree), (layout, extras) in layouts.items():
             views = self.upload.views(layout)
-            self.inputs[b, q] = GraphInputs(views["input_ids"], views["positions"], views["slot_mapping"],
-                                             views["seq_lens"], views["block_tables"], layout, extras,
-                                             layout.fields["block_tables"][0])
+            inputs = GraphInputs(views["input_ids"], views["positions"], views["slot_mapping"], views["seq_lens"],
+                                 views["block_tables"], layout, extras, layout.fields["block_tables"][0],
+                                 views.get("tree_mask"), views.get("cu_seqlens_q"))
+            if tree:
+                self.tree_inputs[b] = inputs
+            else:
+                self.inputs[b, q] = inputs
         n = self.buckets[-1]
         self.cu_seqlens_q = {q: torch.arange(0, q * n + 1, q, dtype=torch.int32, device=device)
-                             for q in self.query_lens}
+                             for q in self.query_lens + ((self.tree_query_len,) if self.tree_buckets else ())}
         self._step_views: dict[tuple[int, int, int, int], tuple[torch.Tensor, ...]] = {}
         self.graphs: dict[int, dict[int, object]] = {}  # batch size -> q_len -> torch.cuda.CUDAGraph
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}
+        self.tree_graphs: dict[int, tuple[object, torch.Tensor]] = {}  # bucket -> (graph, its output)
+        self.num_tree_replays = 0  # tree steps replayed (benchmarks and tests read it)
         self.pool = None
         self.hidden_size, self.dtype = hidden_size, dtype
 
-    def _layout(self, batch: int, q_len: int) -> tuple[FieldLayout, int]:
+    def _layout(self, batch: int, q_len: int, tree: bool = False) -> tuple[FieldLayout, int]:
         tokens = batch * q_len
         layout = FieldLayout()
-        for name in ("input_ids", "positions", "slot_mapping"):
+        for name in ("input_ids", "positions", "slot_mapping") + (("tree_mask",) if tree else ()):
             layout.add(name, torch.int64, (tokens,))
         layout.add("seq_lens", torch.int32, (batch,))
+        if tree:
+            layout.add("cu_seqlens_q", torch.int32, (batch + 1,))
         extras = layout.end
         layout.end += tokens * EXTRA_BYTES_PER_TOKEN
         layout.add("block_tables", torch.int32, (batch, self.max_blocks_per_seq))
@@ -140,13 +191,17 @@ class DecodeCUDAGraphs:
             self.pool = graph.pool()
         return graph, out
 
-    def _metadata(self, batch: int, q_len: int) -> AttentionMetadata:
-        inputs = self.inputs[batch, q_len]
+    def _metadata(self, batch: int, q_len: int, tree: bool = False) -> AttentionMetadata:
+        """What the captured forward's attention reads: the static inputs. A tree graph's attention takes the
+        tree-masked varlen path (tree_mask set, cu_seqlens_q its static buffer): the host lists say Q rows per
+        sequence, the upper bound the kernel is compiled for, and are never read again at replay."""
+        inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
         max_len = self.max_blocks_per_seq * self.block_size
         return AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens_q[q_len][:batch + 1], seq_lens=inputs.seq_lens, max_seqlen_q=q_len,
-            max_seqlen_k=max_len, slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
-            block_size=self.block_size, seq_lens_list=[q_len] * batch, query_lens_list=[q_len] * batch)
+            cu_seqlens_q=inputs.cu_seqlens_q if tree else self.cu_seqlens_q[q_len][:batch + 1],
+            seq_lens=inputs.seq_lens, max_seqlen_q=q_len, max_seqlen_k=max_len, slot_mapping=inputs.slot_mapping,
+            block_tables=inputs.block_tables, block_size=self.block_size, seq_lens_list=[q_len] * batch,
+            query_lens_list=[q_len] * batch, tree_mask=inputs.tree_mask)
 
     def _pad(self, inputs: GraphInputs, batch: int, q_len: int, tokens: int) -> None:
         """Padding rows from `batch` / `tokens` on: store nothing (slot -1), attend to q_len rows of block 0."""
@@ -158,12 +213,18 @@ class DecodeCUDAGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up, then record one graph per (bucket, q_len), most tokens first, all in one memory pool."""
+        """Warm up, then record one graph per (bucket, q_len) and one tree graph per tree bucket, most tokens
+        first, all in one memory pool."""
         self._synchronize()
-        shapes = sorted(((b, q) for b in self.buckets for q in self.query_lens), key=lambda bq: -bq[0] * bq[1])
-        for batch, q_len in shapes:
-            meta, inputs = self._metadata(batch, q_len), self.inputs[batch, q_len]
+        shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
+        shapes += [(b, self.tree_query_len, True) for b in self.tree_buckets]
+        for batch, q_len, tree in sorted(shapes, key=lambda s: (-s[0] * s[1], s[2])):
+            meta = self._metadata(batch, q_len, tree)
+            inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
             self._pad(inputs, 0, q_len, 0)  # every row a padding row: valid addresses for the warm-up and capture
+            if tree:  # ... each sequence q_len rows over q_len keys, causal
+                inputs.tree_mask.fill_(-1)
+                inputs.cu_seqlens_q.copy_(self.cu_seqlens_q[q_len][:batch + 1])
 
             def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta) -> torch.Tensor:
                 with forward_context(meta):
@@ -172,6 +233,9 @@ class DecodeCUDAGraphs:
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
             self._synchronize()
             graph, out = self._record(forward)
+            if tree:
+                self.tree_graphs[batch] = (graph, out)
+                continue
             self.graphs.setdefault(batch, {})[q_len] = graph
             self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
@@ -189,6 +253,14 @@ class DecodeCUDAGraphs:
         if not self.graphs or q_len not in self.query_lens or width > self.max_blocks_per_seq:
             return None
         return self.bucket_for(batch)
+
+    def plan_tree(self, batch: int, max_q_len: int, width: int) -> int | None:
+        """The bucket whose tree graph will run a tree step of `batch` sequences with at most max_q_len new tokens
+        each and block tables `width` wide, or None (no tree graph fits: the step runs as without one)."""
+        if not self.tree_graphs or max_q_len > self.tree_query_len or width > self.max_blocks_per_seq:
+            return None
+        size = self.bucket_for(batch)
+        return size if size in self.tree_graphs else None
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         if not self.graphs or meta.block_tables is None or meta.slot_mapping is None or meta.tree_mask is not None:
@@ -211,9 +283,29 @@ class DecodeCUDAGraphs:
                 inputs.slot_mapping[:tokens], inputs.seq_lens[:batch], inputs.block_tables[:batch, :width])
         return views
 
-    def replay(self, size: int, q_len: int, tokens: int) -> torch.Tensor:
-        """Replay the graph of (size, q_len) on what its static inputs hold; hidden states of the first `tokens`
-        rows. The runner has filled the inputs (padding rows included) with the step's one upload."""
+    def tree_step_views(self, size: int, batch: int, width: int, tokens: int) -> tuple[torch.Tensor, ...]:
+        """step_views' six views of a tree step of `tokens` packed rows, and its tree_mask [tokens]."""
+        key = (size, -1, batch, width, tokens)
+        views = self._step_views.get(key)
+        if views is None:
+            if len(self._step_views) >= 4096:
+                self._step_views.clear()
+            inputs = self.tree_inputs[size]
+            views = self._step_views[key] = (
+                inputs.input_ids[:tokens], inputs.positions[:tokens], inputs.cu_seqlens_q[:batch + 1],
+                inputs.slot_mapping[:tokens], inputs.seq_lens[:batch], inputs.block_tables[:batch, :width],
+                inputs.tree_mask[:tokens])
+        return views
+
+    def replay(self, size: int, q_len: int, tokens: int, tree: bool = False) -> torch.Tensor:
+        """Replay the graph of (size, q_len), or the tree graph of bucket `size`, on what its static inputs hold;
+        hidden states of the first `tokens` rows. The runner has filled the inputs (padding rows included) with
+        the step's one upload."""
+        if tree:
+            graph, out = self.tree_graphs[size]
+            graph.replay()
+            self.num_tree_replays += 1
+            return out[:tokens]
         self.graphs[size][q_len].replay()
         return self.outputs[size][q_len][:tokens]
 

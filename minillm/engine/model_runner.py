@@ -30,8 +30,9 @@ The runner owns the KV cache tensors: it allocates them once and hands each Atte
 views through the module's `k_cache` / `v_cache` attributes.
 
 Launch overhead (chapter 4), set by `configure(engine_config)` (or the `engine_config=` argument):
-on CUDA with `enforce_eager=False` (the default there), decode-only steps replay CUDA graphs captured up front
-for batch-size buckets (minillm/engine/cuda_graph.py); every other step runs eagerly. `compile=True` runs the
+on CUDA with `enforce_eager=False` (the default there), decode-only steps, chain verify steps and token-tree
+verify steps replay CUDA graphs captured up front for batch-size buckets (minillm/engine/cuda_graph.py); steps
+with prefill tokens replay piecewise graphs where configured; every other step runs eagerly. `compile=True` runs the
 forward through `torch.compile(dynamic=True)` instead (an alternative to graphs, not a complement).
 The operator backend itself (torch reference or Triton kernels) is the model's (minillm.layers.backend).
 """
@@ -114,12 +115,20 @@ class ModelRunner:
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
         self.cuda_graphs, self.piecewise_graphs, self.forward_fn = None, None, self.model
-        from minillm.speculative.config import hidden_state_kind, verify_query_lens
-        # before any capture: a graph records the pre-norm copy only if the hook exists when it is captured
+        from minillm.speculative.config import hidden_state_kind, tree_graph_batch, verify_query_lens
+        from minillm.engine.cuda_graph import tree_graph_buckets
         from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS
+        # token-tree verify steps: tree graphs of Q rows per sequence (not for MoE: their padding rows hold
+        # garbage, which a router with expert capacity would let crowd out real rows)
+        tree_q, tree_batch = tree_graph_batch(engine_config)
+        if getattr(self.model_config, "num_local_experts", None):
+            tree_q = None
+        tree_buckets = tree_graph_buckets(engine_config.max_num_seqs, tree_q, tree_batch)
+        # before any capture: a graph records the pre-norm copy only if the hook exists when it is captured
         piecewise_tokens = min(engine_config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS)
         self._keep_hidden_states(hidden_state_kind(engine_config),
                                  max(engine_config.max_num_seqs * max(verify_query_lens(engine_config)),
+                                     max(tree_buckets, default=0) * (tree_q or 0),
                                      piecewise_tokens if engine_config.piecewise_cuda_graphs else 0))
         if engine_config.compile:
             # Attention reads per-step Python metadata (lengths, the forward context): traced, it would recompile
@@ -140,10 +149,11 @@ class ModelRunner:
                              f"enforce_eager=True")
         from minillm.engine.cuda_graph import DecodeCUDAGraphs
         max_model_len = engine_config.max_model_len or self.model_config.max_position_embeddings
-        # query lengths (1,) or (1, 1 + k) with speculative decoding
+        # query lengths (1,) or (1, 1 + k) with speculative decoding; tree graphs with a tree method
         graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
                                   self.block_size, self.model_config.hidden_size, self.dtype, self.device,
-                                  query_lens=verify_query_lens(engine_config))
+                                  query_lens=verify_query_lens(engine_config), tree_query_len=tree_q,
+                                  tree_max_batch=tree_batch)
         self._capture(graphs)
         self.cuda_graphs = graphs
         # steps with prefill tokens and token-tree steps: piecewise graphs, unless a layer mixes rows (MoE
@@ -358,7 +368,7 @@ class ModelRunner:
         graphs = self.cuda_graphs
         hidden = None
         if graphs is not None and prepared.graph is not None:
-            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0])
+            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0], tree=prepared.graph_tree)
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:

@@ -15,6 +15,10 @@ views of the device copy:
 Two layouts. An eager step packs the fields back to back in the runner's growable buffer. A decode-like step that
 a CUDA graph will replay (every sequence with the same q_len, a captured bucket) is written straight into the
 graph's static inputs (DecodeCUDAGraphs.inputs), padding rows included: the upload then IS the graph's input copy.
+A token-tree verify step whose trees fit a tree graph (at most its Q rows per sequence) is written the same way into
+that graph's inputs (DecodeCUDAGraphs.tree_inputs): packed rows as in an eager step, then padding, plus the rows'
+ancestor bitmasks and cu_seqlens_q. `tree_mask_rows` flattens the bitmasks for both layouts, so a CPU step (which
+never has graphs) builds the same values a replayed step uploads.
 
 Host work is kept to what cannot be avoided: numpy writes Python lists into the pinned pages at C speed, decode
 steps (one row per sequence, all sampled) skip building index lists, and the device views are cached by
@@ -50,6 +54,7 @@ class PreparedBatch:
     prompt_rows: torch.Tensor | None = None  # int64 [P]: forward rows that score prompt tokens
     prompt_targets: torch.Tensor | None = None  # int64 [P]: the prompt tokens they score
     graph: tuple[int, int] | None = None  # (bucket, q_len) of the CUDA graph whose static inputs hold this step
+    graph_tree: bool = False  # ... a tree graph (DecodeCUDAGraphs.tree_inputs; q_len: its rows per sequence)
     # the host's copies: the sampled rows that return log-probs (None: no request asked); per prompt row, its
     # sequence, its target token and its number of top alternatives
     logprob_row_list: list[int] | None = None
@@ -89,13 +94,17 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     greedy = all(s.temperature <= 0 for s in row_specs)
     width = max(map(len, step.block_tables))
     max_q = max(q_lens)
-    size = None
+    size, tree_graph = None, False
     if graphs is not None and step.tree_masks is None and min(q_lens) == max_q:
         size = graphs.plan(num_seqs, max_q, width)
+    elif graphs is not None and step.tree_masks is not None:
+        size = graphs.plan_tree(num_seqs, max_q, width)
+        tree_graph = size is not None
+    graph_q = graphs.tree_query_len if tree_graph else max_q  # the graph's rows per sequence
 
     # -- the layout --------------------------------------------------------------------------------------------
     if size is not None:
-        inputs = graphs.inputs[size, max_q]
+        inputs = graphs.tree_inputs[size] if tree_graph else graphs.inputs[size, max_q]
         buffer, extras = graphs.upload, FieldLayout(inputs.extras_offset)
     else:
         extras = FieldLayout()
@@ -128,8 +137,9 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
             raise ValueError(f"a graph step's metadata needs {extras.end - inputs.extras_offset} bytes, the graph "
                              f"layout has {inputs.extras_end - inputs.extras_offset}")
         # up to the last block-table entry a replay reads: row size-1's first `width` entries, or for a padding
-        # row the blocks its q_len keys span
-        pad_cols = min(-(-max_q // step.block_size), graphs.max_blocks_per_seq) if size > num_seqs else 0
+        # row the blocks its keys span (q_len keys; 1 for a tree graph's padding sequences)
+        pad_cols = min(-(-_pad_keys(max_q, tree_graph) // step.block_size), graphs.max_blocks_per_seq) \
+            if size > num_seqs else 0
         end = inputs.extras_end + 4 * ((size - 1) * graphs.max_blocks_per_seq + max(width, pad_cols, 1))
     else:
         end = extras.end
@@ -140,13 +150,13 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         buffer.host_view(*extras.fields[name])[:] = values
 
     if size is not None:
-        _write_graph_inputs(buffer, inputs, step, size, max_q, width)
+        _write_graph_inputs(buffer, inputs, step, size, max_q, width, tree_graph)
     else:
         put("input_ids", step.input_ids)
         put("positions", step.positions)
         put("slot_mapping", step.slot_mapping)
-        if step.tree_masks is not None:  # token trees: ancestor bitmasks; -1 (causal) for the other rows
-            put("tree_mask", [b for m, n in zip(step.tree_masks, q_lens) for b in (m if m is not None else [-1] * n)])
+        if step.tree_masks is not None:
+            put("tree_mask", tree_mask_rows(step))
         put("cu_seqlens_q", [0, *accumulate(q_lens)])
         put("seq_lens", step.seq_lens)
         put("block_tables", _padded(step.block_tables, width))
@@ -165,7 +175,11 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
 
     # -- the device views --------------------------------------------------------------------------------------
     views = buffer.views(extras)
-    if size is not None:  # block_tables keeps the row stride of the graph's static table (its max blocks)
+    tree_mask = views.get("tree_mask")
+    if tree_graph:
+        input_ids, positions, cu_seqlens_q, slot_mapping, seq_lens, block_tables, tree_mask = \
+            graphs.tree_step_views(size, num_seqs, width, num_tokens)
+    elif size is not None:  # block_tables keeps the row stride of the graph's static table (its max blocks)
         input_ids, positions, cu_seqlens_q, slot_mapping, seq_lens, block_tables = \
             graphs.step_views(size, max_q, num_seqs, width)
     else:
@@ -174,15 +188,15 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     metadata = AttentionMetadata(
         cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, max_seqlen_q=max_q, max_seqlen_k=max(step.seq_lens),
         slot_mapping=slot_mapping, block_tables=block_tables, block_size=step.block_size,
-        seq_lens_list=step.seq_lens, query_lens_list=q_lens, tree_mask=views.get("tree_mask"))
+        seq_lens_list=step.seq_lens, query_lens_list=q_lens, tree_mask=tree_mask)
     return PreparedBatch(
         input_ids, positions, metadata,
         sample_indices=arange[:num_tokens] if sample_rows is None else views["sample_indices"],
         sample_seqs=sample_seqs, all_rows_sampled=sample_rows is None, row_specs=row_specs,
         sampling=None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
         logprob_rows=views.get("logprob_rows"), prompt_rows=views.get("prompt_rows"),
-        prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, max_q),
-        logprob_row_list=logprob_row_list,
+        prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, graph_q),
+        graph_tree=tree_graph,        logprob_row_list=logprob_row_list,
         prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
 
 
@@ -192,23 +206,46 @@ def _padded(tables: list[list[int]], width: int) -> list[list[int]]:
     return [t + [-1] * (width - len(t)) for t in tables]
 
 
-def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int, q_len: int, width: int) -> None:
+def tree_mask_rows(step: StepInput) -> list[int]:
+    """Per new token of a tree step, its int64 ancestor bitmask over its sequence's new tokens; -1 (plain causal)
+    for the rows of sequences without a tree."""
+    return [b for m, n in zip(step.tree_masks, step.query_lens) for b in (m if m is not None else [-1] * n)]
+
+
+def _pad_keys(q_len: int, tree_graph: bool) -> int:
+    """Keys a padding sequence of a graph step attends to: q_len (its q_len rows, causal), or, in a tree graph,
+    1 (it owns no rows: cu_seqlens_q gives it none, so only its first block-table entry must be valid)."""
+    return 1 if tree_graph else q_len
+
+
+def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int, q_len: int, width: int,
+                        tree_graph: bool = False) -> None:
     """The step's static inputs in the graph's layout; rows past the batch are padding rows: token 0 at position 0,
-    stored nowhere (slot -1), attending to q_len keys in block 0 onwards (valid memory; the result is discarded)."""
+    stored nowhere (slot -1), attending to q_len keys in block 0 onwards (valid memory; the result is discarded).
+    A tree graph's step keeps its packed rows (cu_seqlens_q says whose they are, tree_mask how they see each other);
+    its rows past them belong to no sequence (-1 masks), and its padding sequences own none."""
     fields, tokens, batch = inputs.layout.fields, len(step.input_ids), len(step.query_lens)
     for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
                               ("slot_mapping", step.slot_mapping, -1)):
         view = buffer.host_view(*fields[name])
         view[:tokens] = values
         view[tokens:] = pad
+    pad_keys = _pad_keys(q_len, tree_graph)
+    if tree_graph:
+        masks = buffer.host_view(*fields["tree_mask"])
+        masks[:tokens] = tree_mask_rows(step)
+        masks[tokens:] = -1
+        cu = buffer.host_view(*fields["cu_seqlens_q"])
+        cu[:batch + 1] = [0, *accumulate(step.query_lens)]
+        cu[batch + 1:] = tokens
     seq_lens = buffer.host_view(*fields["seq_lens"])
     seq_lens[:batch] = step.seq_lens
-    seq_lens[batch:] = q_len
+    seq_lens[batch:] = pad_keys
     tables = buffer.host_view(*fields["block_tables"])
     tables[:batch, :width] = _padded(step.block_tables, width)
-    # the blocks a padding row's q_len keys span must be valid addresses: block 0 (the graph's buffer is shared by
+    # the blocks a padding row's keys span must be valid addresses: block 0 (the graph's buffer is shared by
     # every captured shape, so whatever else is left there may be any bytes)
-    tables[batch:size, :-(-q_len // step.block_size)] = 0
+    tables[batch:size, :-(-pad_keys // step.block_size)] = 0
 
 
 def _prompt_rows(step: StepInput) -> tuple[list[int], list[int], list[int], list[int]]:

@@ -142,8 +142,9 @@ class SpeculativeConfig:
         return cls.from_dict(options)
 
 
-# methods whose verify steps score token trees: those carry a tree mask, so no whole-forward decode graph for
-# their verify length; piecewise graphs (minillm/engine/piecewise_graph.py) replay them around eager attention
+# methods whose verify steps score token trees: those carry a tree mask, so they replay tree graphs (a decode
+# graph whose static inputs hold the tree masks, minillm/engine/cuda_graph.py) of tree_graph_batch's shape, not the
+# chain graphs of verify_query_lens
 TREE_METHODS = ("ngram_tree", "medusa_tree", "eagle_tree")
 
 
@@ -156,6 +157,26 @@ def verify_query_lens(engine_config: Any) -> tuple[int, ...]:
     if spec is None or spec.method in TREE_METHODS or 1 + spec.num_speculative_tokens > MAX_DECODE_QUERY_LEN:
         return (1,)
     return (1, 1 + spec.num_speculative_tokens)
+
+
+def tree_graph_batch(engine_config: Any) -> tuple[int | None, int | None]:
+    """(Q, max batch) of the tree graphs model_runner.configure captures: Q = the most new tokens a tree method's
+    verify step gives one sequence (the root and the tree's nodes: eagle_tree 1 + num_tree_nodes, medusa_tree
+    1 + its node count, ngram_tree its trie's node budget, root included), and the most sequences a step drafts
+    for (disable_by_batch_size; None: every batch). (None, None) for a method that drafts no trees. A proposer
+    may draft smaller trees (the scheduler trims them, requests end): a tree graph takes any tree of <= Q rows."""
+    spec = SpeculativeConfig.from_engine_config(engine_config)
+    if spec is None or spec.method not in TREE_METHODS:
+        return None, None
+    from minillm.speculative.tree import MAX_TREE_NODES
+    from minillm.speculative.tree_proposers import EAGLE_TREE_NODES, NGRAM_TREE_NODES, NODES_PER_LEVEL
+    if spec.method == "ngram_tree":
+        q_len = NGRAM_TREE_NODES
+    elif spec.method == "eagle_tree":
+        q_len = 1 + (spec.num_tree_nodes or EAGLE_TREE_NODES)
+    else:  # medusa_tree: build_medusa_tree_proposer's count, with depth at most num_speculative_tokens
+        q_len = 1 + (spec.num_tree_nodes or min(NODES_PER_LEVEL * spec.num_speculative_tokens, MAX_TREE_NODES - 1))
+    return q_len, spec.disable_by_batch_size
 
 
 def hidden_state_kind(engine_config: Any) -> str | None:

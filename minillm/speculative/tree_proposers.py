@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 NODES_PER_LEVEL = 4  # medusa_tree: a tree of 4 nodes per level of depth (16 for k = 4)
 EAGLE_TREE_NODES, EAGLE_TREE_TOPK, EAGLE_TREE_BEAM = 32, 8, 8  # eagle_tree: nodes below the root, search widths
+NGRAM_TREE_NODES = 32  # ngram_tree: nodes per trie, the root included
 
 
 def trie_draft(root_token_id: int, continuations: SequenceT[SequenceT[int]], max_nodes: int) -> TreeDraft:
@@ -68,7 +69,7 @@ class NGramTreeProposer(TreeProposer):
     method = "ngram_tree"
 
     def __init__(self, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1, num_branches: int = 4,
-                 max_nodes: int = 32, search_window: int = 4096) -> None:
+                 max_nodes: int = NGRAM_TREE_NODES, search_window: int = 4096) -> None:
         if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
                 and 1 <= prompt_lookup_min <= prompt_lookup_max):
             raise ValueError(f"need integers 1 <= prompt_lookup_min <= prompt_lookup_max, got "
