@@ -17,7 +17,9 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
-from minillm.engine.step_input import build_step_input
+from minillm.engine.prepared_batch import prepare_batch
+from minillm.engine.step_buffers import UploadBuffer
+from minillm.engine.step_input import SamplingSpec, StepInput, build_step_input
 from minillm.sampling_params import SamplingParams
 from minillm.speculative.config import tree_graph_batch
 from minillm.speculative.tree_verify import host_token_tree
@@ -60,6 +62,38 @@ def test_tree_graph_buckets_are_bounded():
             tree_graph_buckets(8, bad)
     with pytest.raises(ValueError, match="max_batch"):
         tree_graph_buckets(8, 8, max_batch=0)
+
+
+def test_tree_graph_inputs_are_rewritten_whatever_the_shared_buffer_held():
+    """Every captured shape shares one input buffer: the upload of a tree step rewrites each number a tree graph's
+    replay reads, padding included (rows past the packed ones: slot -1, mask -1; the padding sequence: no rows,
+    one key in block 0), and the metadata's views are slices of the graph's inputs."""
+    graphs = host_graphs(torch.nn.Identity(), 4, 6, BLOCK, 8, torch.float32, torch.device("cpu"),
+                         tree_query_len=TREE_Q)
+    graphs.tree_graphs = {4: None}  # plan_tree() only asks whether the graph exists; nothing is replayed here
+    graphs.upload.host.fill_(0x7F)
+    graphs.upload.device_bytes.fill_(0x7F)
+    tables, seq_lens, q_lens = [[1, 2, 3], [4, 5], [7, 8, 9, 10, 11]], [10, 6, 20], [4, 1, 8]
+    bits = [host_token_tree(p).row_bitmasks for p in ([-1, 0, 0, 1], [-1, 0, 1, 0, 3, 3, 1, 6])]
+    slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, n, q in zip(tables, seq_lens, q_lens) for p in range(n - q, n)]
+    step = StepInput(input_ids=list(range(13)), positions=list(range(13)), slot_mapping=slots, query_lens=q_lens,
+                     seq_lens=seq_lens, block_tables=tables, num_sampled=q_lens,
+                     sampling=[SamplingSpec(str(i), 0.0, -1, 1.0, None) for i in range(3)], block_size=BLOCK,
+                     tree_masks=[bits[0], None, bits[1]])
+    prepared = prepare_batch(step, UploadBuffer(torch.device("cpu"), 64), torch.arange(64), graphs)
+    inputs = graphs.tree_inputs[4]
+    assert prepared.graph == (4, TREE_Q) and prepared.graph_tree and prepared.all_rows_sampled
+    assert prepared.input_ids.data_ptr() == inputs.input_ids.data_ptr()  # the upload IS the graph's input
+    assert inputs.input_ids.tolist() == list(range(13)) + [0] * 19 and inputs.positions[13:].eq(0).all()
+    assert inputs.slot_mapping.tolist() == slots + [-1] * 19
+    assert inputs.tree_mask.tolist() == bits[0] + [-1] + bits[1] + [-1] * 19
+    assert inputs.cu_seqlens_q.tolist() == [0, 4, 5, 13, 13] and inputs.seq_lens.tolist() == seq_lens + [1]
+    assert inputs.block_tables[3, 0].item() == 0
+    assert prepared.metadata.block_tables.tolist() == [[1, 2, 3, -1, -1], [4, 5, -1, -1, -1], tables[2]]
+    assert prepared.metadata.tree_mask.tolist() == inputs.tree_mask[:13].tolist()
+    # without tree graphs the same step packs the same masks into the eager layout
+    eager = prepare_batch(step, UploadBuffer(torch.device("cpu"), 64), torch.arange(64), None)
+    assert eager.graph is None and eager.metadata.tree_mask.tolist() == inputs.tree_mask[:13].tolist()
 
 
 def _tree_step(seqs, trees):
