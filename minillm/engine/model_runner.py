@@ -156,9 +156,9 @@ class ModelRunner:
                                   tree_max_batch=tree_batch)
         self._capture(graphs)
         self.cuda_graphs = graphs
-        # steps with prefill tokens and token-tree steps: piecewise graphs, unless a layer mixes rows (MoE
-        # capacity). Heads that read the final norm's input (EAGLE, MTP) get it as from the decode graphs: the
-        # hook's copy into _graph_pre_norm is recorded in the last piece, and every replay refreshes it
+        # steps with prefill tokens and token-tree steps no tree graph holds: piecewise graphs, unless a layer
+        # mixes rows (MoE capacity). Heads that read the final norm's input (EAGLE, MTP) get it as from the decode
+        # graphs: the hook's copy into _graph_pre_norm is recorded in the last piece, and every replay refreshes it
         if engine_config.piecewise_cuda_graphs and not getattr(self.model_config, "num_local_experts", None):
             from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
             pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device)

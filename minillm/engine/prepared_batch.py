@@ -196,7 +196,7 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         sampling=None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
         logprob_rows=views.get("logprob_rows"), prompt_rows=views.get("prompt_rows"),
         prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, graph_q),
-        graph_tree=tree_graph,        logprob_row_list=logprob_row_list,
+        graph_tree=tree_graph, logprob_row_list=logprob_row_list,
         prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
 
 
