@@ -168,10 +168,10 @@ def watch_ahead(proposer, collected: list[bool]):
 
 
 def test_config_switches_drafting_ahead():
-    assert SpeculativeConfig("eagle", 3).draft_ahead is False  # the measured faster path is the default
+    assert SpeculativeConfig("eagle", 3).draft_ahead is None  # None: on for head methods on a GPU, off on a CPU
     assert SpeculativeConfig.from_dict({"method": "eagle_tree", "num_speculative_tokens": 3,
                                         "draft_ahead": True}).draft_ahead
-    with pytest.raises(ValueError, match="draft_ahead must be True or False, got 1"):
+    with pytest.raises(ValueError, match="draft_ahead must be True, False or None, got 1"):
         SpeculativeConfig("eagle", 3, draft_ahead=1)
     with pytest.raises(ValueError, match="draft_ahead is only read by the head methods .*got method 'ngram'"):
         SpeculativeConfig("ngram", 3, draft_ahead=True)

@@ -58,9 +58,10 @@ class SpeculativeConfig:
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
     num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
     # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
-    draft_ahead: bool = False  # head methods: start step N+1's greedy proposal at the end of step N and collect it
-    # without waiting (draft_ahead.py). Off by default: on the H200 (benchmarks/bench_spec_host.py, 2026-12-03) it
-    # measured slower than drafting when asked (EAGLE 2.57 vs 2.12 ms/step, eagle_tree 10.1 vs 8.1)
+    draft_ahead: bool | None = None  # head methods: start step N+1's greedy proposal at the end of step N and
+    # collect it without waiting (draft_ahead.py). None: on for the head methods on a GPU (where the draft then runs
+    # during the host's bookkeeping), off on a CPU (nothing overlaps there). H200, bench_spec_host.py, 2026-12-03,
+    # median of 3 runs each: EAGLE 2.13 vs 2.26 ms/step, eagle_tree 3.06 vs 3.24 (drafting when asked)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,8 +86,8 @@ class SpeculativeConfig:
         if n is not None and self.method not in _READS_TREE_NODES:
             raise ValueError(f"speculative_config num_tree_nodes is only read by methods "
                              f"{', '.join(_READS_TREE_NODES)}, got method {self.method!r}")
-        if not isinstance(self.draft_ahead, bool):
-            raise ValueError(f"speculative_config draft_ahead must be True or False, got {self.draft_ahead!r}")
+        if self.draft_ahead is not None and not isinstance(self.draft_ahead, bool):
+            raise ValueError(f"speculative_config draft_ahead must be True, False or None, got {self.draft_ahead!r}")
         if self.draft_ahead and self.method not in HIDDEN_STATE_KIND:
             raise ValueError(f"speculative_config draft_ahead is only read by the head methods "
                              f"{', '.join(HIDDEN_STATE_KIND)}, got method {self.method!r}")

@@ -28,15 +28,12 @@ The copy lands in one page-locked buffer and one event per proposer (AheadLandin
 pinned tensor and a fresh event per step cost an allocator round trip each, and a pinned allocation that misses
 the cache is a cudaHostAlloc, which can stall the host for longer than the whole draft.
 
-It is a switch (SpeculativeConfig.draft_ahead, off by default), not the default: on the H200 at batch 1
-(benchmarks/bench_spec_host.py, random SmolLM2-shaped weights, 2026-12-03) the first version measured slower than
-drafting when asked, EAGLE 2.57 against 2.12 ms per step and eagle_tree 10.1 against 8.1, with the same GPU time
-and one blocking sync fewer per step. By the timeline above the overlap can save at most the shorter of the
-draft's GPU time and the host's postprocessing (a few tenths of a millisecond at batch 1), never cost 0.45 ms
-(EAGLE) or 2 ms (trees) per step; that measurement timed one run per variant, the "ahead" one always first after
-a new engine had captured its graphs, so a full garbage collection (tens of ms in a process holding torch) or
-another one-off may have landed in it. bench_spec_host.py now takes the median of several runs after
-gc.collect() and splits the step into phases: the default should follow that measurement.
+It is a switch (SpeculativeConfig.draft_ahead; None, the default, turns it on for the head methods on a GPU and off
+on a CPU, where nothing overlaps). On the H200 at batch 1 (benchmarks/bench_spec_host.py, random SmolLM2-shaped
+weights, 2026-12-03, the median of three runs per variant after gc.collect(), with the tree graphs) it saves what
+the timeline above says it can: EAGLE 2.13 against 2.26 ms per step drafting when asked, eagle_tree 3.06 against
+3.24, faster in every run. (A first measurement, one run per variant with "ahead" always first after a new engine
+had captured its graphs, had read it slower; a one-off such as a full garbage collection landed in it.)
 """
 from __future__ import annotations
 

@@ -50,9 +50,11 @@ logger = logging.getLogger(__name__)
 
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, vocab_size: int, max_model_len: int,
-                 pad_drafts: bool = False, seed: int = 0) -> None:
+                 pad_drafts: bool = False, seed: int = 0, draft_ahead: bool | None = None) -> None:
         self.config, self.proposer = config, proposer
         self.vocab_size, self.max_model_len, self.pad_drafts = vocab_size, max_model_len, pad_drafts
+        # SpeculativeConfig.draft_ahead, None resolved by the device (build_speculative_decoder passes it)
+        self.draft_ahead = bool(config.draft_ahead) if draft_ahead is None else draft_ahead
         self.metrics = SpecDecodeMetrics()  # engine-wide totals
         self.generator = torch.Generator().manual_seed(seed + 2)  # rejection draws of unseeded requests (CPU)
         self._generators: dict[str, torch.Generator] = {}
@@ -144,7 +146,7 @@ class SpeculativeDecoder:
                                  "return_hidden_states")
             self.proposer.record_hidden_states(batch, output.hidden_states, accepted)
             limit = self.config.disable_by_batch_size
-            if self.config.draft_ahead and hasattr(self.proposer, "draft_ahead") and \
+            if self.draft_ahead and hasattr(self.proposer, "draft_ahead") and \
                     (limit is None or len(batch.seqs) <= limit):
                 self.proposer.draft_ahead(batch.seqs, accepted,
                                           [self._num_wanted(s, len(t)) for s, t in zip(batch.seqs, accepted)])
@@ -338,4 +340,6 @@ def build_speculative_decoder(engine: Any, seed: int = 0) -> SpeculativeDecoder 
     # pad deterministic drafts to k only where a (bucket, 1 + k) CUDA graph exists to replay
     pad = not config.enforce_eager and engine.device.type == "cuda" and len(verify_query_lens(config)) > 1
     return SpeculativeDecoder(spec, build_proposer(spec, engine, seed), engine.model_config.vocab_size,
-                              engine.max_model_len, pad_drafts=pad, seed=seed)
+                              engine.max_model_len, pad_drafts=pad, seed=seed,
+                              draft_ahead=spec.draft_ahead if spec.draft_ahead is not None
+                              else spec.method in HIDDEN_STATE_KIND and engine.device.type == "cuda")

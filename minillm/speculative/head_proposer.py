@@ -24,7 +24,7 @@ on CUDA a batch of greedy requests replays a CUDA graph captured per (batch buck
 pass and k drafts, costs one graph launch. A batch with a sampled request runs the same code eagerly (its q needs
 the host every draft).
 
-Drafting ahead (draft_ahead.py; SpeculativeConfig.draft_ahead, off by default): greedy proposals start at the end
+Drafting ahead (draft_ahead.py; SpeculativeConfig.draft_ahead, on by default on a GPU): greedy proposals start at the end
 of the previous step, as soon as its features are recorded (`draft_ahead`, called by SpeculativeDecoder.record_step),
 and come back by a non-blocking copy into pinned memory; `propose_with_probs` then collects them without waiting,
 and the draft's GPU time may hide behind the host's postprocessing instead of stalling it.
