@@ -237,10 +237,10 @@ def main() -> None:
     llm, heads_dir = base_llm(args, device)
     ids = prompt_ids(llm, llm.llm_engine.model_config.vocab_size)
     head = {"num_speculative_tokens": K} if heads_dir is None else {"num_speculative_tokens": K, "model": heads_dir}
-    ahead = {"draft_ahead": True}
+    ahead, asked = {"draft_ahead": True}, {"draft_ahead": False}  # both explicit: None is on for a GPU
     variants = [("plain", None), ("ngram", {"method": "ngram", "num_speculative_tokens": K}),
-                ("eagle", {"method": "eagle", **head}), ("eagle ahead", {"method": "eagle", **head, **ahead}),
-                ("eagle_tree", {"method": "eagle_tree", **head}),
+                ("eagle", {"method": "eagle", **head, **asked}), ("eagle ahead", {"method": "eagle", **head, **ahead}),
+                ("eagle_tree", {"method": "eagle_tree", **head, **asked}),
                 ("eagle_tree ahead", {"method": "eagle_tree", **head, **ahead})]
     rows = []
     for label, spec in variants:
