@@ -45,9 +45,12 @@ def _per_token_group_quant_kernel(X, Q, SCALE, K, stride_x, stride_q, GROUP: tl.
     cols = g * GROUP + tl.arange(0, BLOCK)
     ok = tl.arange(0, BLOCK) < GROUP
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)
+    # div_rn: IEEE round-to-nearest division, as torch divides. Triton's `/` on fp32 is the approximate
+    # div.full.f32 (up to 2 ulp off), which moved scales and flipped e4m3 codes against the CPU emulation (the
+    # H200 engine test's logits 3.6% apart in fp32, 2026-12-03)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), QMAX), MIN_SCALE)
     tl.store(SCALE + row * (K // GROUP) + g, scale)
-    q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
 
 
