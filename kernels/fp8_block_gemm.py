@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.kernels.scaled_mm import _tile_coords
+from minillm.kernels.scaled_mm import _clamped_operand_ptrs, _tile_coords
 from minillm.platform import triton_interpreted
 
 __all__ = ["FP8_MAX", "per_token_group_quant_fp8", "fp8_block_gemm", "default_config"]
@@ -84,14 +84,9 @@ def _fp8_block_gemm_kernel(A, B, A_SCALE, B_SCALE, BIAS, C, M, N, K, stride_am, 
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     # rows past M / N re-read a valid row (clamped) so the K loop's loads need no mask; K % BLOCK_K == 0
-    a_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
-    b_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    a_ptrs = A + a_rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = B + b_rows[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: the tile of B^T
+    offs_m, offs_n, a_rows, b_rows, a_ptrs, b_ptrs = _clamped_operand_ptrs(A, B, M, N, stride_am, stride_bn,
+                                                                          pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
     a_scale_ptrs = A_SCALE + a_rows * stride_asm                # this tile's rows, K-block 0
     b_scale_ptrs = B_SCALE + (b_rows // GROUP_N) * stride_bsn   # each column's weight-block row, K-block 0
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -56,6 +56,22 @@ def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def _clamped_operand_ptrs(A, B, M, N, stride_am, stride_bn, pid_m, pid_n, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The first K tile's pointers of a GEMM tile: A [BLOCK_M, BLOCK_K] and B^T [BLOCK_K, BLOCK_N] (B is [N, K],
+    K-major). Rows past M / N are clamped (they re-read a valid row) instead of masked, so the K loop's loads need
+    no row mask; their results are never stored. Returns (offs_m, offs_n, a_rows, b_rows, a_ptrs, b_ptrs)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
+    b_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    a_ptrs = A + a_rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + b_rows[None, :] * stride_bn + offs_k[:, None]
+    return offs_m, offs_n, a_rows, b_rows, a_ptrs, b_ptrs
+
+
+@triton.jit
 def _scaled_epilogue(acc, offs_m, offs_n, M, N, A_SCALE, B_SCALE, BIAS, C, stride_cm, PER_TOKEN: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """C = acc * a_scale (row) * b_scale (column) (+ bias), stored in C's dtype."""
@@ -83,14 +99,9 @@ def _scaled_mm_kernel(A, B, A_SCALE, B_SCALE, BIAS, C, M, N, K, stride_am, strid
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Pointer loads (cp.async on Hopper): works for any strides and alignment."""
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # rows past M / N are clamped (re-read a valid row) instead of masked: the loads stay unpredicated
-    a_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
-    b_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    a_ptrs = A + a_rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = B + b_rows[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] tile of B^T, K-major
+    offs_m, offs_n, a_rows, b_rows, a_ptrs, b_ptrs = _clamped_operand_ptrs(A, B, M, N, stride_am, stride_bn,
+                                                                          pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)  # K is masked: this kernel takes any K
     if INT_ACC:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:

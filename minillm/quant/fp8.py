@@ -93,18 +93,28 @@ class Fp8LinearMethod(LinearMethod):
             add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
         add_bias(layer, output_size, bias, dtype)
 
+    SCALE_NAME = "weight_scale"  # the checkpoint's name of the weight's scales (fp8_block: weight_scale_inv)
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense weight -> (e4m3 weight, its scales): the one step subclasses with other scale shapes change."""
+        return quantize_fp8(weight, self.per_channel)
+
+    def linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.weight.dtype == FP8_DTYPE:
             return
-        w8, scale = quantize_fp8(layer.weight.data, self.per_channel)
+        w8, scale = self.quantize_weight(layer.weight.data)
         del layer._parameters["weight"]
         add_parameter(layer, "weight", w8, output_dim=None)
-        add_parameter(layer, "weight_scale", scale, output_dim=None)
+        add_parameter(layer, self.SCALE_NAME, scale, output_dim=None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.weight.dtype != FP8_DTYPE:
-            raise RuntimeError("fp8 layer has not been processed yet: load_weights calls process_weights_after_loading")
-        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+            raise RuntimeError(f"{type(self).__name__} layer has not been processed yet: load_weights calls "
+                               "process_weights_after_loading")
+        return self.linear(layer, x, bias)
 
 
 class Fp8Config(SkipListQuantizationConfig):

@@ -50,7 +50,7 @@ from torch import nn
 from minillm.hooks import dispatch
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
-from minillm.quant.fp8 import FP8_DTYPE, scaled_fp8_quant
+from minillm.quant.fp8 import FP8_DTYPE, Fp8LinearMethod, scaled_fp8_quant
 
 DEFAULT_BLOCK = (64, 64)  # (block_n, block_k): DeepSeek's 128 does not divide SmolLM2's 576
 
@@ -179,7 +179,11 @@ def checkpoint_row_sizes(layer: nn.Module, output_size: int) -> list[int]:
     return [layer.shard_slice(s)[1] for s in ids] if ids else [output_size]
 
 
-class Fp8BlockLinearMethod(LinearMethod):
+class Fp8BlockLinearMethod(Fp8LinearMethod):
+    """Fp8LinearMethod's life cycle (dense staging weight -> e4m3 + scales once loaded, or e4m3 read as stored)
+    with one scale per (block_n x block_k) tile, stored as DeepSeek's `weight_scale_inv`."""
+    SCALE_NAME = "weight_scale_inv"
+
     def __init__(self, serialized: bool, block: tuple[int, int]) -> None:
         self.serialized, self.block = serialized, block
 
@@ -196,18 +200,10 @@ class Fp8BlockLinearMethod(LinearMethod):
             add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
         add_bias(layer, output_size, bias, dtype)
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if layer.weight.dtype == FP8_DTYPE:
-            return
-        w8, scale = quantize_fp8_block(layer.weight.data, self.block)
-        del layer._parameters["weight"]
-        add_parameter(layer, "weight", w8, output_dim=None)
-        add_parameter(layer, "weight_scale_inv", scale, output_dim=None)
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_block(weight, self.block)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.weight.dtype != FP8_DTYPE:
-            raise RuntimeError("fp8_block layer has not been processed yet: load_weights calls "
-                               "process_weights_after_loading")
+    def linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block, bias)
 
 
