@@ -35,8 +35,10 @@ forward: building inputs, launching, waiting for the verify step's download), ve
 trees), record (features; with "ahead" the next draft's launch), postprocess (the scheduler's rollback and
 appends), and the rest of LLMEngine.step (outputs, stop checks, release, building the step input). "attn" is the
 part of execute spent in the attention layers' Python calls: zero where a whole-forward CUDA graph replays the step
-(plain decode, chain verify), about 30 calls per step where a token tree's verify step runs the piecewise graphs
-around eager attention (minillm/engine/piecewise_graph.py): their launches are what a tree step's host pays extra.
+(plain decode, chain verify, and token-tree verify steps that fit the tree graphs of minillm/engine/cuda_graph.py),
+about 30 calls per step where a step runs the piecewise graphs around eager attention
+(minillm/engine/piecewise_graph.py): a tree larger than the captured one, or a step mixed with a prefill. The rows
+with "ahead" set SpeculativeConfig.draft_ahead=True, the others False (its default, None, is on for a GPU).
 
 Without --model the target has SmolLM2-135M's shapes with random bf16 weights and the EAGLE head is random too: the
 acceptance figures are then meaningless, the per-step times are not. With --model the EAGLE head is the shipped one.

@@ -27,6 +27,9 @@
                                                               table: chunks and prefix hits, no gather (chapter 5)
     flash_attention_hopper.py                                  TMA-descriptor FlashAttention for sm_90, opt-in
                                                               (backend="hopper"; slower than the portable kernel)
+    fp8_block_gemm.py   per_token_group_quant_fp8,             FP8 with DeepSeek-style block scales: activations per
+                        fp8_block_gemm                        token and K-group, weights per tile (chapter 10)
+    argmax.py           argmax_last_dim                        greedy decoding's argmax in two stages over many SMs
     hardware.py         num_sms                                the SM count the launch heuristics size grids by
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),

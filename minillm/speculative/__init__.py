@@ -21,6 +21,11 @@ In the engine (LLM(speculative_config={"method": ..., "num_speculative_tokens": 
 Heads that draft from the target's hidden states ("medusa", "eagle", "mtp"; StepOutput.hidden_states):
     heads.py         their config, the target's embedding/norm/LM head, one windowed decoder block, files
     head_proposer.py the target's features per request, windows, draft sampling
+    draft_ahead.py   step N+1's greedy proposal started at the end of step N, collected without waiting (on a GPU)
     medusa.py, eagle.py, mtp.py   the three heads and their proposers (head_kinds.py: by name)
-    train_data.py, train_heads.py, train_heads_cli.py   `minillm train-heads`: self-distillation
+    tree_graphs.py   the EAGLE-2 tree search in CUDA graphs
+    train_prompts.py  thousands of offline distillation requests, split train / held out by prompt
+    train_data.py    the target's own answers (greedy and sampled) and its features over whole documents
+    train_losses.py, train_eval.py   the losses (EAGLE's training-time test); held-out top-1 and stepped acceptance
+    train_heads.py, train_heads_cli.py   `minillm train-heads`: self-distillation, a loss curve, the held-out report
 """
