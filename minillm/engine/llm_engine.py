@@ -226,7 +226,7 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        if self.async_steps is not None and self.speculative is None:  # schedule N+1 while the device runs N
+        if self.async_steps is not None:  # schedule N+1 while the device runs N (never with a speculative decoder)
             return self.async_steps.step()
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)

@@ -197,6 +197,7 @@ class EagleProposer(HeadProposer):
                    beam: int) -> None:
         """Start the next step's tree search now (draft_ahead.py; the arguments are draft_ahead's, plus the
         search's widths): propose_tree_candidates collects it without waiting."""
+        self._ahead = None  # an older proposal never outlives a newer step
         rows, windows, depth = self._ahead_windows(seqs, new_tokens, depths)
         if windows:
             packed, depth = self._tree_search(windows, depth, topk, beam)

@@ -228,6 +228,7 @@ class HeadProposer(SampledDraftProposer):
         """Start the next step's greedy proposal now (draft_ahead.py): seqs[i] is about to gain new_tokens[i] (the
         step's accepted tokens, whose features record_hidden_states has just stored) and will ask for up to
         num_tokens[i] drafts. Nothing waits here: the drafts come back by a non-blocking copy."""
+        self._ahead = None  # an older proposal never outlives a newer step
         rows, windows, num_drafts = self._ahead_windows(seqs, new_tokens, num_tokens)
         if windows:
             num_drafts = min(num_drafts, self.max_drafts)
@@ -239,7 +240,6 @@ class HeadProposer(SampledDraftProposer):
         """The windows the greedy sequences will have once they gain new_tokens (what _window_of will return
         then), their rows and window ends, and the most drafts asked for."""
         check_num_tokens(seqs, num_tokens)
-        self._ahead = None
         rows: dict[str, tuple[int, int]] = {}
         windows: list[RequestWindow] = []
         for seq, tokens, k in zip(seqs, new_tokens, num_tokens):
