@@ -53,7 +53,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.step_buffers import DownloadRing, PendingDownload, UploadBuffer, download, resolve_deferred_ids
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import forward_context
-from minillm.layers.sampler import Sampler
+from minillm.layers.sampler import Sampler, greedy_tokens
 
 
 class LaunchedStep(NamedTuple):
@@ -399,7 +399,7 @@ class ModelRunner:
         """int64 [rows] on the device, no sync: params (temperatures, top_ks, top_ps) is None when every row is
         greedy, and the sampler's branches are decided here from the host's copy of the parameters."""
         if params is None:
-            return logits.argmax(dim=-1)
+            return greedy_tokens(logits)
         generators = None
         if any(s.seed is not None for s in specs):
             generators = [self._generator_of(s) for s in specs]

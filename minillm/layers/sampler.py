@@ -76,7 +76,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary of [B, V] logits, int64 [B]. On a GPU, the two-stage kernel of
     minillm.kernels.argmax (a one-row argmax in torch runs on a single SM; the kernel spreads the row over
     many, and reads bf16 without an fp32 copy); elsewhere torch.argmax."""
-    if logits.is_cuda and logits.stride(-1) == 1:
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1 and logits.is_floating_point():
         from minillm.kernels.argmax import argmax_last_dim
         return argmax_last_dim(logits)
     return logits.argmax(dim=-1)

@@ -45,6 +45,7 @@ from torch import nn
 
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
+from minillm.layers.sampler import greedy_tokens
 from minillm.speculative.draft_ahead import AheadLanding, AheadProposal
 from minillm.speculative.heads import HeadConfig, TargetParts, fused_norm, window_positions
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
@@ -78,7 +79,7 @@ RequestWindow = tuple[torch.Tensor, int, list[int]]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+    return greedy_tokens(logits)
 
 
 class HeadProposer(SampledDraftProposer):

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from minillm.hooks import dispatch
-from minillm.layers.sampler import top_k_filter, top_p_filter
+from minillm.layers.sampler import greedy_tokens, top_k_filter, top_p_filter
 
 # Fills the positions of a row after its last emitted token (vLLM's convention).
 PLACEHOLDER_TOKEN_ID = -1
@@ -370,6 +370,6 @@ def verify_draft_tokens(target_logits: torch.Tensor, draft_token_ids: torch.Tens
     if not isinstance(temperatures, torch.Tensor) or bool((temperatures < 0).any()):
         raise ValueError(f"temperatures must be a tensor of values >= 0, got {temperatures!r}")
     if bool((temperatures == 0).all()):
-        return greedy_verify(target_logits.argmax(dim=-1), draft_token_ids, num_draft_tokens)
+        return greedy_verify(greedy_tokens(target_logits), draft_token_ids, num_draft_tokens)
     probs = logits_to_probs(target_logits, temperatures, top_ks, top_ps)
     return rejection_sample(probs, draft_probs, draft_token_ids, num_draft_tokens, generators, default_generator)
