@@ -116,6 +116,20 @@ def _rotary_kernel(POS, stride_p, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt
     _rotate_heads(K, stride_kt, stride_kh, token, num_kv_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
 
+def check_rotary_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """The shapes rotary_embedding_ (and rope_store.py's fused launch) accept, with a clear error otherwise."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"need q [T, H, D] and k [T, KVH, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    num_tokens, head_dim = q.shape[0], q.shape[2]
+    if head_dim % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(f"need an even head_dim and cos_sin_cache [max_pos, {head_dim}], got head_dim "
+                         f"{head_dim}, cache {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions must have shape ({num_tokens},), got {tuple(positions.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q, k and cos_sin_cache must be contiguous in their last dimension (rotated in place)")
+
+
 def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       cos_sin_cache: torch.Tensor) -> None:
     """Apply rotate-half RoPE in place to q [T, H, D] and k [T, KVH, D] at `positions` [T].
@@ -126,16 +140,8 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     contiguous walked past its one element, and the garbage "positions" indexed far outside the cos/sin table:
     an illegal memory access on the H200 in EAGLE's tree search, found with compute-sanitizer).
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"need q [T, H, D] and k [T, KVH, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    check_rotary_args(positions, q, k, cos_sin_cache)
     num_tokens, num_heads, head_dim = q.shape
-    if head_dim % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
-        raise ValueError(f"need an even head_dim and cos_sin_cache [max_pos, {head_dim}], got head_dim "
-                         f"{head_dim}, cache {tuple(cos_sin_cache.shape)}")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions must have shape ({num_tokens},), got {tuple(positions.shape)}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
-        raise ValueError("q, k and cos_sin_cache must be contiguous in their last dimension (rotated in place)")
     if num_tokens == 0:
         return
     half = head_dim // 2
@@ -218,15 +224,10 @@ def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, strid
     tl.store(V_CACHE + slot * stride_vc + cols, v.to(V_CACHE.dtype.element_ty), mask=ok)
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
-    """Write k, v [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slots slot_mapping [T].
-
-    slot = block_id * block_size + offset; slot -1 skips the token. Slots must be < num_blocks * block_size.
-    k_scale/v_scale (a float or one per kv head): store x / scale, the FP8 cache's quantisation. A float8_e4m3fn
-    cache gets minillm.layers.kv_quant.quantize_kv's bytes (saturated at +-448, rounded to nearest-even) from
-    this one launch: no torch ops before it, which on a decode step were 8 small kernels per layer.
-    """
+def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, k_scale=None, v_scale=None):
+    """The arguments store_kvcache (and rope_store.py's fused launch) accept, with a clear error otherwise;
+    returns the FP8 scales as fp32 [KVH] tensors, or (None, None) for a cache of k's own type."""
     if k.dim() != 3 or k.shape != v.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need k, v [T, KVH, D] and caches [num_blocks, block_size, KVH, D], got k {tuple(k.shape)}"
                          f", v {tuple(v.shape)}, caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -236,17 +237,30 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale, or neither")
+    if k_scale is not None:
+        k_scale, v_scale = (per_head_scale(sc, k.shape[1], k.device, name)
+                            for sc, name in ((k_scale, "k_scale"), (v_scale, "v_scale")))
+    return k_scale, v_scale
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    """Write k, v [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slots slot_mapping [T].
+
+    slot = block_id * block_size + offset; slot -1 skips the token. Slots must be < num_blocks * block_size.
+    k_scale/v_scale (a float or one per kv head): store x / scale, the FP8 cache's quantisation. A float8_e4m3fn
+    cache gets minillm.layers.kv_quant.quantize_kv's bytes (saturated at +-448, rounded to nearest-even) from
+    this one launch: no torch ops before it, which on a decode step were 8 small kernels per layer.
+    """
+    k_scale, v_scale = check_store_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     row = k.shape[1] * k.shape[2]
     if k.shape[0] == 0:
         return
     k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
     if k2.stride(-1) != 1 or v2.stride(-1) != 1:
         k2, v2 = k2.contiguous(), v2.contiguous()
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("give both k_scale and v_scale, or neither")
-    if k_scale is not None:
-        k_scale, v_scale = (per_head_scale(sc, k.shape[1], k.device, name)
-                            for sc, name in ((k_scale, "k_scale"), (v_scale, "v_scale")))
     _store_kvcache_kernel[(k.shape[0],)](k2, v2, k_cache, v_cache, slot_mapping,
                                          k_scale if k_scale is not None else k2, v_scale if v_scale is not None else v2,
                                          k2.stride(0), v2.stride(0), k_cache.stride(1), v_cache.stride(1), ROW=row,

@@ -2,7 +2,8 @@
 3 (FlashAttention) and 5 (paged attention).
 
 `Attention` receives the new tokens of every sequence of the batch packed one after another (q [T, H, D],
-k and v [T, KVH, D], already rotated) and learns from the forward context (minillm.forward_context) which
+k and v [T, KVH, D]; q and k rotated already, or rotated here when the model hands over its RotaryEmbedding and
+the positions: on the Triton path with a cache by the launch that also stores k and v) and learns from the forward context (minillm.forward_context) which
 tokens belong to which sequence and where their keys and values live:
 
 * With a KV cache (the engine has set `k_cache`/`v_cache` and the metadata carries a `slot_mapping`): the
@@ -52,6 +53,7 @@ read back from the cache carries the fp8 rounding.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,9 @@ from minillm.layers.backend import OperatorModule, use_triton
 from minillm.layers.decode_attention import decode_gather_plan, padded_decode_attention
 from minillm.layers.kv_quant import dequantize_kv, quantize_kv
 from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
+
+if TYPE_CHECKING:
+    from minillm.layers.rotary import RotaryEmbedding
 
 # mean new tokens per sequence up to which a step with cached context reads it through the block table
 # (paged_prefill_attention) rather than from a gathered copy: measured wins at 64, losses at 512 (H200)
@@ -248,8 +253,15 @@ class Attention(OperatorModule):
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+                rope: RotaryEmbedding | None = None) -> torch.Tensor:
+        """Attention of the packed new tokens (module docstring). With `rope` (the model's RotaryEmbedding) and
+        the tokens' `positions`, q and k arrive unrotated: on the Triton path with a KV cache one launch rotates
+        them and stores k and v (kernels/rope_store.py: two launches per layer fewer on a decode step),
+        elsewhere rope(positions, q, k) runs first. Without `rope`, q and k must already be rotated."""
         self._check_shapes(q, k, v)
+        if (rope is None) != (positions is None):
+            raise ValueError("give both positions and rope (to rotate q and k here), or neither")
         meta = get_forward_context()
         if meta is None:
             meta = prefill_metadata([q.shape[0]], device=q.device)
@@ -257,8 +269,13 @@ class Attention(OperatorModule):
         if sum(q_lens) != q.shape[0]:
             raise ValueError(f"forward context describes {sum(q_lens)} query tokens, but q has {q.shape[0]}")
         use_cache = meta.slot_mapping is not None and self.k_cache.numel() > 0
-        if use_triton(self.backend, q):
-            return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
+        triton_path = use_triton(self.backend, q)
+        fuse_rope = rope is not None and triton_path and use_cache and use_triton(rope.backend, q)
+        if rope is not None and not fuse_rope:
+            q, k = rope(positions, q, k)
+        if triton_path:
+            return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens,
+                                          (positions, rope) if fuse_rope else None)
         return self._torch_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
 
     def _torch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -316,14 +333,21 @@ class Attention(OperatorModule):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def _triton_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                          use_cache: bool, q_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
-        """The kernels of chapters 3 and 5 (see the module docstring for which batch takes which path)."""
+                          use_cache: bool, q_lens: list[int], seq_lens: list[int],
+                          rope_here: tuple | None = None) -> torch.Tensor:
+        """The kernels of chapters 3 and 5 (see the module docstring for which batch takes which path).
+        rope_here: (positions, RotaryEmbedding) when q and k still need rotating (with the store, one launch)."""
         from minillm.kernels import paged_prefill
         from minillm.kernels.fused import store_kvcache as store_kvcache_kernel
         from minillm.kernels.flash_attention import flash_attn_varlen
         from minillm.kernels.paged_attention import paged_decode_attention
+        from minillm.kernels.rope_store import rotary_and_store_kvcache_
 
-        if use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
+        if rope_here is not None:  # (only with a cache) RoPE on q, k and the store of k, v: one launch
+            positions, rope = rope_here
+            rotary_and_store_kvcache_(positions, q, k, v, rope.cos_sin_cache, self.k_cache, self.v_cache,
+                                      meta.slot_mapping, self.k_scale, self.v_scale)
+        elif use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
             store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         read_cache = use_cache and meta.block_tables is not None
         tree = meta.tree_mask is not None

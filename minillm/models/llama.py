@@ -60,8 +60,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)  # [T, H, D]
+        out = self.attn(q, k, v, positions, self.rotary_emb)  # [T, H, D]; RoPE inside (fused with the KV store)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
