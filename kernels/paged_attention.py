@@ -112,7 +112,7 @@ def _fp8_tile(words, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_CVT: tl.cons
 # a multiple of 16): batch-dependent strides and the split count would otherwise recompile mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "stride_lb", "stride_lh", "num_splits"])
 def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SCALE, V_SCALE, O_PART, LSE_PART,
-                               OUT, CU_SEQLENS_Q, TREE_MASK, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                               OUT, CU_SEQLENS_Q, TREE_MASK, ARRIVALS, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                                stride_ob, stride_oh, qk_scale, num_splits,
                                QUERY_GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -121,7 +121,9 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                HAS_SCALE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                                VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False,
                                PREFETCH_TABLE: tl.constexpr = False, FP8_WORDS: tl.constexpr = False,
-                               FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False):
+                               FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False,
+                               FUSED_MERGE: tl.constexpr = False, MERGE_ROWS: tl.constexpr = 1,
+                               MERGE_G: tl.constexpr = 1, CHUNK_S: tl.constexpr = 2):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -230,43 +232,75 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         part = tokens * stride_pb + heads * stride_ph + split * stride_ps
         tl.store(O_PART + part[:, None] + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
         tl.store(LSE_PART + tokens * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+        if FUSED_MERGE:  # the last of the row tile's splits to finish merges them all (module docstring)
+            tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
+            row_tiles = tl.num_programs(2) // num_splits
+            counter = ARRIVALS + (batch * tl.num_programs(1) + kv_head) * row_tiles + row_tile
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")  # gpu scope: releases ours, acquires theirs
+            if arrived == num_splits - 1:
+                for r0 in tl.static_range(0, MERGE_ROWS, MERGE_G):  # MERGE_G rows at a time (registers)
+                    rows = row_tile * BLOCK_G + r0 + tl.arange(0, MERGE_G)
+                    m_query = rows // QUERY_GROUP
+                    m_heads = kv_head * QUERY_GROUP + rows % QUERY_GROUP
+                    m_tokens = q_start + m_query
+                    m_ok = (rows < Q_LEN * QUERY_GROUP) & (m_query < q_len)
+                    _merge_rows(O_PART, LSE_PART, OUT, m_tokens * stride_pb + m_heads * stride_ph,
+                                m_tokens * stride_lb + m_heads * stride_lh, m_tokens * stride_ob + m_heads * stride_oh,
+                                m_ok, offs_d, d_ok, stride_ps, num_splits, MERGE_G, BLOCK_D, CHUNK_S)
+                tl.atomic_xchg(counter, 0)  # clean for the next call, or the next replay of a CUDA graph
+
+
+@triton.jit
+def _merge_rows(O_PART, LSE_PART, OUT, part_rows, lse_rows, out_rows, rows_ok, offs_d, d_ok, stride_ps, num_splits,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
+    """Merge the split partials of ROWS (query token, head) rows: out = sum_s w_s out_s / sum_s w_s with
+    w_s = exp(lse_s - max lse). part_rows / lse_rows / out_rows: each row's offset into O_PART (split 0),
+    LSE_PART (split 0) and OUT; offs_d / d_ok: the slice of head_dim to merge.
+
+    The splits are walked CHUNK_S at a time with the online-softmax rescaling (a running max m, the total
+    weight and the weighted sum are rescaled by exp(m_old - m_new) when a larger lse arrives), so 64 or 128
+    splits never hold a [rows, splits, head_dim] fp32 tile in registers, and the split count is not a
+    compile-time constant. An empty split (lse -inf) weighs 0; a row with no key at all gets 0, never nan.
+    The loads are `.cg` (cached at L2 only): the partials were written by programs on other SMs, and an SM's
+    L1 is not kept coherent with them.
+    """
+    offs_s = tl.arange(0, CHUNK_S)
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):
+        s = s0 + offs_s
+        ok = rows_ok[:, None] & (s < num_splits)[None, :]  # [ROWS, CHUNK_S]
+        lse = tl.load(LSE_PART + lse_rows[:, None] + s[None, :], mask=ok, other=float("-inf"),
+                      cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights stay 0
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe[:, None])  # an empty split weighs exp(-inf) = 0
+        part = (part_rows[:, None] + s[None, :] * stride_ps)[:, :, None] + offs_d[None, None, :]
+        o = tl.load(O_PART + part, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        total = total * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=rows_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          CHUNK_S: tl.constexpr):
-    """One program per (query token, head, BLOCK_D slice of head_dim): out = sum_s w_s out_s / sum_s w_s with
-    w_s = exp(lse_s - max lse).
-
-    The splits are walked CHUNK_S at a time with the online-softmax rescaling (a running max m, the total
-    weight and the weighted sum are rescaled by exp(m_old - m_new) when a larger lse arrives), so 64 or 128
-    splits never hold a [splits, head_dim] fp32 tile in registers, and the split count is not a compile-time
-    constant. Slicing head_dim gives a batch-1 merge more than one program per head.
-    """
-    batch = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
+    """The two-kernel merge (fused_merge=False, or a CUDA-graph capture that found too few arrival counters):
+    one program per (query token, head, BLOCK_D slice of head_dim), the same _merge_rows as the fused path on a
+    single row. Slicing head_dim gives a batch-1 merge more than one program per head."""
+    token = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_s = tl.arange(0, CHUNK_S)
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, num_splits, CHUNK_S):
-        s_ok = s0 + offs_s < num_splits
-        lse = tl.load(LSE_PART + batch * stride_lb + head * stride_lh + s0 + offs_s, mask=s_ok,
-                      other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights stay 0
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse - m_safe)  # an empty split weighs exp(-inf) = 0
-        base = batch * stride_pb + head * stride_ph + (s0 + offs_s) * stride_ps
-        o = tl.load(O_PART + base[:, None] + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        total = total * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    one = tl.arange(0, 1)  # a one-row tile
+    _merge_rows(O_PART, LSE_PART, OUT, token * stride_pb + head * stride_ph + one, token * stride_lb + head * stride_lh
+                + one, token * stride_ob + head * stride_oh + one, one == 0, offs_d, offs_d < HEAD_DIM, stride_ps,
+                num_splits, 1, BLOCK_D, CHUNK_S)
 
 
 @dataclass(frozen=True)
@@ -362,13 +396,60 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return choose_decode_config(batch, num_kv_heads, max_seq_len, _num_sms(index), kv_bytes).num_splits
 
 
+# Arrival counters of the fused merge: one int32 per (sequence, kv head, row tile) of a launch, zero between launches
+# (the last program of each puts its counter back to 0). One buffer per device, shared by every call on it: calls on
+# one stream run one after another, which is how the engine runs its layers (two streams running decode attention
+# on one device at the same time would need a buffer each).
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+# Outgrown buffers are kept, never freed: a CUDA graph captured earlier still points at its buffer, and a replay
+# must not count into memory the allocator has handed to someone else.
+_RETIRED_ARRIVALS: list[torch.Tensor] = []
+MIN_ARRIVALS = 4096  # entries of a first buffer (16 KB): batch 512 x 8 kv heads without growing
+MERGE_ELEMENTS_PER_THREAD = 64  # fp32 partial values one thread holds per merge step: sets MERGE_G x CHUNK_S
+
+
+def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least `needed` counters on `device`, or None while a CUDA graph is being
+    captured and the buffer is too small: allocating then would put it in the graph's private pool (and the
+    engine warms every graph shape up first, which grows the buffer outside the capture)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _ARRIVALS.get(device)
+    if buf is not None and buf.numel() >= needed:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED_ARRIVALS.append(buf)
+    size = max(needed, MIN_ARRIVALS, 2 * buf.numel() if buf is not None else 0)
+    _ARRIVALS[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _ARRIVALS[device]
+
+
+def _merge_tile(rows: int, block_g: int, block_d: int, num_warps: int) -> tuple[int, int, int]:
+    """(MERGE_ROWS, MERGE_G, CHUNK_S) of the fused merge: the rows of a row tile that hold queries (the tile is
+    padded to 16 rows for the tensor cores; G = 4 fills 4), merged MERGE_G rows x CHUNK_S splits x head_dim at a
+    time within MERGE_ELEMENTS_PER_THREAD fp32 values a thread. CHUNK_S does not depend on the split count: one
+    compiled variant serves every count. Fewer, larger chunks mean fewer dependent L2 round trips."""
+    merge_rows = min(block_g, triton.next_power_of_2(rows))
+    budget = MERGE_ELEMENTS_PER_THREAD * 32 * num_warps
+    merge_g = merge_rows
+    while merge_g > 1 and merge_g * 2 * block_d > budget:  # at least two splits per chunk
+        merge_g //= 2
+    chunk_s = 2
+    while chunk_s < MAX_SPLITS and merge_g * chunk_s * 2 * block_d <= budget:
+        chunk_s *= 2
+    return merge_rows, merge_g, chunk_s
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
                            num_splits: int | None = None, k_scale=None, v_scale=None,
                            q_len: int = 1, cu_seqlens_q: torch.Tensor | None = None,
                            tree_mask: torch.Tensor | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           prefetch_table: bool | None = None, fp8_widen: str | None = None) -> torch.Tensor:
+                           prefetch_table: bool | None = None, fp8_widen: str | None = None,
+                           fused_merge: bool | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -391,6 +472,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     "cvt" (a GPU's default) and "bits" (the interpreter's) load int32 words and widen them to fp16 in registers
     (the hardware instruction, or the exponent-bias bit trick; exact either way); "cast" is the plain
     `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after.
+    fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see the module
+    docstring), False in a second kernel; None fuses unless a CUDA-graph capture would have to grow the arrival
+    counters (then it takes the two kernels for that graph). True raises there instead.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -449,6 +533,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_stages must be an int in [1, 6], got {num_stages!r}")
     if prefetch_table is not None and not isinstance(prefetch_table, bool):
         raise ValueError(f"prefetch_table must be a bool or None, got {prefetch_table!r}")
+    if fused_merge is not None and not isinstance(fused_merge, bool):
+        raise ValueError(f"fused_merge must be a bool or None, got {fused_merge!r}")
     block_tables = block_tables.contiguous()
     has_scale = k_scale is not None
     if has_scale:
@@ -493,9 +579,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     words = fp8_widen in ("cvt", "bits")
     if words:  # 4 e4m3 bytes per int32 word: [num_blocks, block_size, KVH, D / 4], strides in words
         k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
+    arrivals = None
+    if not single and fused_merge is not False:
+        arrivals = _arrival_counters(q.device, batch * num_kv_heads * row_tiles)
+        if arrivals is None and fused_merge:
+            raise RuntimeError(f"fused_merge=True needs {batch * num_kv_heads * row_tiles} arrival counters, more "
+                               f"than this device has, and none can be allocated during a CUDA-graph capture: run "
+                               f"the call once before capturing it, or pass fused_merge=None")
+    merge_rows, merge_g, chunk_s = (1, 1, 2) if arrivals is None else _merge_tile(rows, block_g, block_d, num_warps)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
         placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,
+        placeholder if arrivals is None else arrivals,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
         out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
@@ -504,8 +599,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
         PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt", FP16_DOT=words and not interp,
+        FUSED_MERGE=arrivals is not None, MERGE_ROWS=merge_rows, MERGE_G=merge_g, CHUNK_S=chunk_s,
         num_warps=num_warps, num_stages=num_stages)
-    if not single:
+    if not single and arrivals is None:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
         d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))
         _merge_splits_kernel[(num_tokens, num_heads, d_slices)](
