@@ -66,13 +66,21 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 class _Piece:
     """One cut: the attention module that runs eagerly there, its q/k/v (written by the graph before) and the
-    output buffer the graph after reads."""
+    output buffer the graph after reads; with `rope` (the model hands RoPE to attention, which fuses it with the
+    KV store) also the RotaryEmbedding and the positions buffer, a static input of every graph."""
 
-    __slots__ = ("attention", "q", "k", "v", "out")
+    __slots__ = ("attention", "q", "k", "v", "out", "positions", "rope")
 
     def __init__(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, positions: torch.Tensor | None = None, rope: nn.Module | None = None) -> None:
         self.attention, self.q, self.k, self.v, self.out = attention, q, k, v, out
+        self.positions, self.rope = positions, rope
+
+    def __call__(self, n: int) -> torch.Tensor:
+        """The attention of the first n tokens (eager, between two graphs)."""
+        if self.rope is None:
+            return self.attention(self.q[:n], self.k[:n], self.v[:n])
+        return self.attention(self.q[:n], self.k[:n], self.v[:n], self.positions[:n], self.rope)
 
 
 class PiecewiseCUDAGraphs:
@@ -128,11 +136,12 @@ class PiecewiseCUDAGraphs:
         state = {"graph": self._begin()}
 
         def cut(module: nn.Module):
-            def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+                         rope: nn.Module | None = None) -> torch.Tensor:
                 state["graph"].capture_end()
                 graphs.append(state["graph"])
                 out = torch.zeros_like(q)  # outside any recording: an ordinary, long-lived allocation
-                pieces.append(_Piece(module, q, k, v, out))
+                pieces.append(_Piece(module, q, k, v, out, positions, rope))
                 state["graph"] = self._begin()
                 return out
             return stand_in
@@ -187,6 +196,6 @@ class PiecewiseCUDAGraphs:
         graphs, pieces = self.graphs[size], self.pieces[size]
         for graph, piece in zip(graphs, pieces):
             graph.replay()
-            piece.out[:n].copy_(piece.attention(piece.q[:n], piece.k[:n], piece.v[:n]))
+            piece.out[:n].copy_(piece(n))
         graphs[-1].replay()
         return self.outputs[size][:n]
