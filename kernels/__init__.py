@@ -6,6 +6,8 @@
                         merge_attention_states                log-sum-exp merge of partial attentions (chapter 5)
     fused.py            rms_norm, rotary_embedding_,           memory-bound fused ops: residual + RMSNorm, RoPE in
                         silu_and_mul, store_kvcache           place, SwiGLU gate, KV-cache scatter (chapters 1, 2, 4)
+    rope_store.py       rotary_and_store_kvcache_              RoPE on q/k and the KV-cache store in one launch
+                                                              (what Attention runs when handed the RoPE module)
     int4_gemm.py        int4_gemm                              INT4 weight-only GEMM (GPTQ layout, unpacked in
                                                               registers, split-K for decode) (chapter 10)
     int4_layout.py      repack_int4, sort_act_order,           its layout: repack from QuantizedWeight, act-order,
