@@ -141,6 +141,9 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
         variant.generate([ids for _, ids in batches_for(prompts, batch)[0]], warm_up)
         seconds, tokens, by_kind = 0.0, [], {}
         total = SpecDecodeMetrics()
+        runner = getattr(engine, "runner", None)
+        counts = getattr(runner, "forward_counts", None)
+        counts_before = dict(counts) if counts is not None else {}
         for group in batches_for(prompts, batch):
             if engine.speculative is not None:
                 engine.speculative.metrics = SpecDecodeMetrics()
@@ -165,7 +168,9 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
                      "acceptance_rate": total.acceptance_rate,
                      "acceptance_by_position": total.acceptance_by_position,
                      "acceptance_length_by_kind": {k: m.mean_acceptance_length for k, m in by_kind.items()},
-                     "same_tokens_as_plain": same, "tokens": tokens})
+                     "same_tokens_as_plain": same, "tokens": tokens,
+                     # how the timed forwards ran: a step outside every graph (eager) costs ~10x a replay
+                     "forwards": {k: v - counts_before.get(k, 0) for k, v in (counts or {}).items()}})
     variant.llm_engine.shutdown()
     del variant, engine  # its KV pool and CUDA graphs go before the next variant's are made
     gc.collect()
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         results += rows
         for r in rows:
             print(f"  {method:22s} batch {r['batch']:4d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:8.1f} tok/s, "
-                  f"accept len {r['mean_acceptance_length']:.2f}", flush=True)
+                  f"accept len {r['mean_acceptance_length']:.2f}, forwards {r['forwards']}", flush=True)
     plain = {r["batch"]: r["seconds"] for r in results if r["method"] == "plain"}
     for r in results:
         r["speedup"] = plain[r["batch"]] / r["seconds"]

@@ -38,6 +38,7 @@ The operator backend itself (torch reference or Triton kernels) is the model's (
 """
 from __future__ import annotations
 
+import collections
 import weakref
 from typing import Any, NamedTuple
 
@@ -97,6 +98,8 @@ class ModelRunner:
         self.engine_config: EngineConfig | None = None
         self.cuda_graphs = None  # DecodeCUDAGraphs once captured
         self.piecewise_graphs = None  # PiecewiseCUDAGraphs (steps with prefill tokens), when configured
+        # forwards by how they ran: "graph" (a whole-forward replay), "piecewise", "eager" (benchmarks read it)
+        self.forward_counts: collections.Counter = collections.Counter()
         self.forward_fn = model
         self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
         self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
@@ -372,16 +375,19 @@ class ModelRunner:
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:
+            self.forward_counts["graph"] += 1
             if self._graph_pre_norm is not None:  # what the replay's recorded copy wrote
                 self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
             return hidden
         pieces = self.piecewise_graphs
         with forward_context(prepared.metadata):
             if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
+                self.forward_counts["piecewise"] += 1
                 hidden = pieces.run(prepared.input_ids, prepared.positions)
                 if self._graph_pre_norm is not None:  # the last piece's recorded copy of the residual stream
                     self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
                 return hidden
+            self.forward_counts["eager"] += 1
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
     def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
