@@ -27,6 +27,28 @@ Short contexts or big batches already fill the chip, so the heuristic uses one s
 skipped (phase 1 then writes the final output directly). choose_decode_config states the rule (splits and
 tile from programs per SM, keys per split and the merge's cost) and the H200 measurements behind it.
 
+Phase 2 inside phase 1 (the fused merge). As a kernel of its own, the merge cost a launch and a kernel boundary
+per layer (on the H200 at batch 1: 1.65 us of merge after 4.4 us of split kernel, 32 times a step), while its
+work is a few KB per head. But no program can merge before every split of its head has finished, and programs
+of one launch cannot wait for each other (nothing guarantees they are resident together). So the program that
+finishes *last* does it, as split-K GEMMs do (int4_mma.py's split_k_store):
+  * each program writes its partial and lse, then bumps an int32 arrival counter of its (sequence, kv head, row
+    tile) with an atomic add; the one that reads back num_splits - 1 knows every other partial is written, and
+    merges the tile's rows into the output, one row at a time (_merge_row: the code the two-kernel path runs);
+  * memory ordering: the partial is stored by all of the program's threads, the counter bumped by one. A
+    barrier (tl.debug_barrier) first makes every thread's stores part of that thread's view, and the atomic's
+    acq_rel semantics at GPU scope publish them (release) and, in the last program, make the others' visible
+    (acquire). Its loads of the partials are `.cg`, served by L2, the point of coherence: an SM's L1 is not
+    kept coherent with stores from other SMs, and a CUDA-graph replay could otherwise hit lines left from
+    the previous replay;
+  * the last program sets the counter back to 0 (atomic exchange), so the next call, or the next replay of a
+    graph that recorded this launch, starts from zero without a memset kernel. The counters are one zeroed
+    buffer per device, grown outside CUDA-graph capture only (the engine warms every graph shape up before
+    recording it); a capture that would need more records the two kernels instead.
+The price: the merge is serial at the tail, the last program reading its rows' partials alone (32 splits x 4
+heads x 512 B = 64 KB at batch 1) where the merge kernel spread them over 128 programs. fused_merge=False keeps
+the two-kernel path for comparison (benchmarks/bench_decode_merge.py).
+
 Several queries per sequence (speculative decoding's verify step: the last token plus k drafts). With a fixed
 q_len per sequence, the q_len x G queries of one kv head are still one small matrix: row r is query r // G of
 the sequence, query head r % G of the group, and each row sees the keys up to its own position (causal within
@@ -112,7 +134,8 @@ def _fp8_tile(words, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_CVT: tl.cons
 # a multiple of 16): batch-dependent strides and the split count would otherwise recompile mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "stride_lb", "stride_lh", "num_splits"])
 def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SCALE, V_SCALE, O_PART, LSE_PART,
-                               OUT, CU_SEQLENS_Q, TREE_MASK, ARRIVALS, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                               OUT, CU_SEQLENS_Q, TREE_MASK, ARRIVALS, stride_qb, stride_qh, stride_kb, stride_ks,
+                               stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                                stride_ob, stride_oh, qk_scale, num_splits,
                                QUERY_GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -122,8 +145,7 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False,
                                PREFETCH_TABLE: tl.constexpr = False, FP8_WORDS: tl.constexpr = False,
                                FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False,
-                               FUSED_MERGE: tl.constexpr = False, MERGE_ROWS: tl.constexpr = 1,
-                               MERGE_G: tl.constexpr = 1, CHUNK_S: tl.constexpr = 2):
+                               FUSED_MERGE: tl.constexpr = False, CHUNK_S: tl.constexpr = 16):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -238,53 +260,53 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
             counter = ARRIVALS + (batch * tl.num_programs(1) + kv_head) * row_tiles + row_tile
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")  # gpu scope: releases ours, acquires theirs
             if arrived == num_splits - 1:
-                for r0 in tl.static_range(0, MERGE_ROWS, MERGE_G):  # MERGE_G rows at a time (registers)
-                    rows = row_tile * BLOCK_G + r0 + tl.arange(0, MERGE_G)
-                    m_query = rows // QUERY_GROUP
-                    m_heads = kv_head * QUERY_GROUP + rows % QUERY_GROUP
-                    m_tokens = q_start + m_query
-                    m_ok = (rows < Q_LEN * QUERY_GROUP) & (m_query < q_len)
-                    _merge_rows(O_PART, LSE_PART, OUT, m_tokens * stride_pb + m_heads * stride_ph,
-                                m_tokens * stride_lb + m_heads * stride_lh, m_tokens * stride_ob + m_heads * stride_oh,
-                                m_ok, offs_d, d_ok, stride_ps, num_splits, MERGE_G, BLOCK_D, CHUNK_S)
+                # the tile's rows that hold a query (rows go query-major, so they are a prefix), one at a time:
+                # a [rows, CHUNK_S, BLOCK_D] tile at once took 40-70 more registers a thread (measured in
+                # Triton's sm_90 output), and the kernel's occupancy is set by its most register-hungry part
+                first = row_tile * BLOCK_G
+                last = tl.minimum(first + BLOCK_G, tl.minimum(q_len, Q_LEN) * QUERY_GROUP)
+                for r in range(first, last):
+                    token = q_start + r // QUERY_GROUP
+                    head = kv_head * QUERY_GROUP + r % QUERY_GROUP
+                    _merge_row(O_PART, LSE_PART, OUT, token * stride_pb + head * stride_ph,
+                               token * stride_lb + head * stride_lh, token * stride_ob + head * stride_oh, offs_d,
+                               d_ok, stride_ps, num_splits, CHUNK_S)
                 tl.atomic_xchg(counter, 0)  # clean for the next call, or the next replay of a CUDA graph
 
 
 @triton.jit
-def _merge_rows(O_PART, LSE_PART, OUT, part_rows, lse_rows, out_rows, rows_ok, offs_d, d_ok, stride_ps, num_splits,
-                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
-    """Merge the split partials of ROWS (query token, head) rows: out = sum_s w_s out_s / sum_s w_s with
-    w_s = exp(lse_s - max lse). part_rows / lse_rows / out_rows: each row's offset into O_PART (split 0),
-    LSE_PART (split 0) and OUT; offs_d / d_ok: the slice of head_dim to merge.
+def _merge_row(O_PART, LSE_PART, OUT, part_row, lse_row, out_row, offs_d, d_ok, stride_ps, num_splits,
+               CHUNK_S: tl.constexpr):
+    """Merge the split partials of one (query token, head) row over the head_dim slice offs_d:
+    out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse). part_row / lse_row / out_row: the row's
+    offsets into O_PART (split 0), LSE_PART (split 0) and OUT.
 
     The splits are walked CHUNK_S at a time with the online-softmax rescaling (a running max m, the total
     weight and the weighted sum are rescaled by exp(m_old - m_new) when a larger lse arrives), so 64 or 128
-    splits never hold a [rows, splits, head_dim] fp32 tile in registers, and the split count is not a
-    compile-time constant. An empty split (lse -inf) weighs 0; a row with no key at all gets 0, never nan.
-    The loads are `.cg` (cached at L2 only): the partials were written by programs on other SMs, and an SM's
-    L1 is not kept coherent with them.
+    splits never hold a [splits, head_dim] fp32 tile in registers, and the split count is not a compile-time
+    constant. An empty split (lse -inf) weighs 0; a row with no key at all gets 0, never nan. The loads are
+    `.cg` (cached in L2 only): the partials were written by programs on other SMs, whose stores an SM's L1
+    does not see.
     """
     offs_s = tl.arange(0, CHUNK_S)
-    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros(offs_d.shape, dtype=tl.float32)
     for s0 in range(0, num_splits, CHUNK_S):
-        s = s0 + offs_s
-        ok = rows_ok[:, None] & (s < num_splits)[None, :]  # [ROWS, CHUNK_S]
-        lse = tl.load(LSE_PART + lse_rows[:, None] + s[None, :], mask=ok, other=float("-inf"),
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 1))
+        s_ok = s0 + offs_s < num_splits
+        lse = tl.load(LSE_PART + lse_row + s0 + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights stay 0
         alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse - m_safe[:, None])  # an empty split weighs exp(-inf) = 0
-        part = (part_rows[:, None] + s[None, :] * stride_ps)[:, :, None] + offs_d[None, None, :]
-        o = tl.load(O_PART + part, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
-        total = total * alpha + tl.sum(w, 1)
+        w = tl.exp(lse - m_safe)  # an empty split weighs exp(-inf) = 0
+        part = part_row + (s0 + offs_s) * stride_ps
+        o = tl.load(O_PART + part[:, None] + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        total = total * alpha + tl.sum(w, 0)
         m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(OUT + out_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=rows_ok[:, None] & d_ok[None, :])
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + out_row + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])
@@ -292,15 +314,13 @@ def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps,
                          stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          CHUNK_S: tl.constexpr):
     """The two-kernel merge (fused_merge=False, or a CUDA-graph capture that found too few arrival counters):
-    one program per (query token, head, BLOCK_D slice of head_dim), the same _merge_rows as the fused path on a
-    single row. Slicing head_dim gives a batch-1 merge more than one program per head."""
+    one program per (query token, head, BLOCK_D slice of head_dim), running the fused path's _merge_row.
+    Slicing head_dim gives a batch-1 merge more than one program per head."""
     token = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    one = tl.arange(0, 1)  # a one-row tile
-    _merge_rows(O_PART, LSE_PART, OUT, token * stride_pb + head * stride_ph + one, token * stride_lb + head * stride_lh
-                + one, token * stride_ob + head * stride_oh + one, one == 0, offs_d, offs_d < HEAD_DIM, stride_ps,
-                num_splits, 1, BLOCK_D, CHUNK_S)
+    _merge_row(O_PART, LSE_PART, OUT, token * stride_pb + head * stride_ph, token * stride_lb + head * stride_lh,
+               token * stride_ob + head * stride_oh, offs_d, offs_d < HEAD_DIM, stride_ps, num_splits, CHUNK_S)
 
 
 @dataclass(frozen=True)
@@ -405,7 +425,7 @@ _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 # must not count into memory the allocator has handed to someone else.
 _RETIRED_ARRIVALS: list[torch.Tensor] = []
 MIN_ARRIVALS = 4096  # entries of a first buffer (16 KB): batch 512 x 8 kv heads without growing
-MERGE_ELEMENTS_PER_THREAD = 64  # fp32 partial values one thread holds per merge step: sets MERGE_G x CHUNK_S
+MERGE_ELEMENTS_PER_THREAD = 32  # fp32 partials a thread loads per merge step (sets CHUNK_S)
 
 
 def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
@@ -426,20 +446,14 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return _ARRIVALS[device]
 
 
-def _merge_tile(rows: int, block_g: int, block_d: int, num_warps: int) -> tuple[int, int, int]:
-    """(MERGE_ROWS, MERGE_G, CHUNK_S) of the fused merge: the rows of a row tile that hold queries (the tile is
-    padded to 16 rows for the tensor cores; G = 4 fills 4), merged MERGE_G rows x CHUNK_S splits x head_dim at a
-    time within MERGE_ELEMENTS_PER_THREAD fp32 values a thread. CHUNK_S does not depend on the split count: one
-    compiled variant serves every count. Fewer, larger chunks mean fewer dependent L2 round trips."""
-    merge_rows = min(block_g, triton.next_power_of_2(rows))
-    budget = MERGE_ELEMENTS_PER_THREAD * 32 * num_warps
-    merge_g = merge_rows
-    while merge_g > 1 and merge_g * 2 * block_d > budget:  # at least two splits per chunk
-        merge_g //= 2
+def _merge_chunk(block_d: int, num_warps: int) -> int:
+    """CHUNK_S of the fused merge: splits per merge step, [CHUNK_S, BLOCK_D] fp32 partials within
+    MERGE_ELEMENTS_PER_THREAD values a thread, at most MAX_SPLITS (the rule's 32 splits in one step). It does not
+    depend on the split count: one compiled variant serves every count."""
     chunk_s = 2
-    while chunk_s < MAX_SPLITS and merge_g * chunk_s * 2 * block_d <= budget:
+    while chunk_s < MAX_SPLITS and 2 * chunk_s * block_d <= MERGE_ELEMENTS_PER_THREAD * 32 * num_warps:
         chunk_s *= 2
-    return merge_rows, merge_g, chunk_s
+    return chunk_s
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -586,7 +600,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise RuntimeError(f"fused_merge=True needs {batch * num_kv_heads * row_tiles} arrival counters, more "
                                f"than this device has, and none can be allocated during a CUDA-graph capture: run "
                                f"the call once before capturing it, or pass fused_merge=None")
-    merge_rows, merge_g, chunk_s = (1, 1, 2) if arrivals is None else _merge_tile(rows, block_g, block_d, num_warps)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
         placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,
@@ -599,7 +612,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
         PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt", FP16_DOT=words and not interp,
-        FUSED_MERGE=arrivals is not None, MERGE_ROWS=merge_rows, MERGE_G=merge_g, CHUNK_S=chunk_s,
+        FUSED_MERGE=arrivals is not None, CHUNK_S=16 if arrivals is None else _merge_chunk(block_d, num_warps),
         num_warps=num_warps, num_stages=num_stages)
     if not single and arrivals is None:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim

@@ -73,10 +73,10 @@ def test_fused_equals_two_kernels_and_reference(num_splits, q_len, monkeypatch):
     torch.testing.assert_close(fused, _reference(q, kc, vc, bt, sl, q_len), atol=2e-5, rtol=1e-4)
 
 
-def test_many_chunks_and_row_steps_and_calls_in_a_row(monkeypatch):
-    # one fp32 value a thread: 2 rows x 2 splits a merge step, so 5 splits take 3 chunks and 8 rows 4 steps
+def test_many_chunks_and_calls_in_a_row(monkeypatch):
+    # one fp32 value a thread: 4 splits of head_dim 32 a merge step, so 5 splits take two (online rescaling)
     monkeypatch.setattr(paged, "MERGE_ELEMENTS_PER_THREAD", 1)
-    assert paged._merge_tile(8, 16, 32, 4) == (8, 2, 2)
+    assert paged._merge_chunk(32, 4) == 4
     q, kc, vc, bt, sl = _pool([2, 50, 33], 4, 1, 32, 6, seed=3)
     first = paged_decode_attention(q, kc, vc, bt, sl, num_splits=5, q_len=2, fused_merge=True)
     assert _counters_clean()
