@@ -335,7 +335,7 @@ class DecodeConfig:
 
 PROGRAMS_PER_SM = 4  # split-kernel programs one SM holds at once: ~120 registers x 128 threads each (of 64k)
 MIN_SPLIT_TOKENS = 64  # one tile: a shorter split is all start-up (q, block ids, partial write)
-MIN_SPLIT_TOKENS_FULL = 1024  # once every SM has a program, a split must pay for the merge launch (~5 us)
+MIN_SPLIT_TOKENS_FULL = 1024  # once every SM has a program, a split must pay for the merge (measured as a launch)
 MAX_SPLITS = 32  # more partials make the merge a long dependent chain (measured: 64 loses to 32 with BLOCK_N 128)
 
 
@@ -346,7 +346,9 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     Decode is bound by reading K and V, and a program reads its K/V tiles one after another, so the bandwidth
     the chip delivers grows with the programs in flight until the SMs hold as many as they can (PROGRAMS_PER_SM
     each). batch x kv heads programs come for free; splits multiply them (flash-decoding) at a price: each
-    program's fixed start-up (q, block ids, its partial output) and a second kernel, the merge.
+    program's fixed start-up (q, block ids, its partial output) and the merge. The rule was measured with the
+    merge as a second kernel; it is now fused into the split kernel (module docstring), which may make
+    MIN_SPLIT_TOKENS_FULL too strict: benchmarks/bench_decode_merge.py --min-split-tokens-full measures that.
       1. Splits: the largest power of two that keeps batch x kv heads x splits within one full wave of
          PROGRAMS_PER_SM x num_sms programs, with splits of at least MIN_SPLIT_TOKENS keys (a tile), or of
          MIN_SPLIT_TOKENS_FULL keys when batch x kv heads already puts a program on every SM (then a split
