@@ -104,14 +104,21 @@ def _rotate_heads(X, stride_t, stride_h, token, num_heads, cos, sin, HALF: tl.co
 
 
 @triton.jit
-def _rotary_kernel(POS, stride_p, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
-                   num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
+def _cos_sin_row(POS, stride_p, COS_SIN, stride_c, token, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin [1, BLOCK_HALF], fp32, of the token's position: its row of the cos|sin table."""
     pos = tl.load(POS + token * stride_p).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     cos = tl.load(COS_SIN + pos * stride_c + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(COS_SIN + pos * stride_c + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotary_kernel(POS, stride_p, Q, K, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+                   num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin_row(POS, stride_p, COS_SIN, stride_c, token, HALF, BLOCK_HALF)
     _rotate_heads(Q, stride_qt, stride_qh, token, num_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(K, stride_kt, stride_kh, token, num_kv_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 

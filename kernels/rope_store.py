@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.kernels.fused import _rotate_heads, _round_to_e4m3, check_rotary_args, check_store_args
+from minillm.kernels.fused import (_cos_sin_row, _rotate_heads, _round_to_e4m3, check_rotary_args,
+                                   check_store_args)
 
 __all__ = ["rotary_and_store_kvcache_"]
 
@@ -41,10 +42,8 @@ def _rope_store_kernel(POS, stride_p, Q, K, V, COS_SIN, K_CACHE, V_CACHE, SLOTS,
                        BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                        HAS_SCALE: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + token * stride_p).to(tl.int64)
+    cos, sin = _cos_sin_row(POS, stride_p, COS_SIN, stride_c, token, HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(COS_SIN + pos * stride_c + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(COS_SIN + pos * stride_c + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(Q, stride_qt, stride_qh, token, num_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
 
     # k: rotated in registers, written back in place, and (same registers) into the cache slot
