@@ -46,8 +46,12 @@ finishes *last* does it, as split-K GEMMs do (int4_mma.py's split_k_store):
     buffer per device, grown outside CUDA-graph capture only (the engine warms every graph shape up before
     recording it); a capture that would need more records the two kernels instead.
 The price: the merge is serial at the tail, the last program reading its rows' partials alone (32 splits x 4
-heads x 512 B = 64 KB at batch 1) where the merge kernel spread them over 128 programs. fused_merge=False keeps
-the two-kernel path for comparison (benchmarks/bench_decode_merge.py).
+heads x 512 B = 64 KB at batch 1) where the merge kernel spread them over 128 programs. Measured on the H200
+(2026-12-03, benchmarks/bench_decode_merge.py, CUDA graphs, Llama-3-8B attention) that price is larger than the
+launch it saves: the fused merge was 3.5-4 us *slower* per call at every batch and context where the rule splits
+(batch 1: 9.9 vs 6.2 us at 512 keys, 16.5 vs 12.5 at 4k; batch 8 x 4k: 46.9 vs 43.2), so the two kernels stay
+the default and fused_merge=True is the experiment, kept for the lesson: a launch saved is not time saved when
+the work it held becomes a serial tail.
 
 Several queries per sequence (speculative decoding's verify step: the last token plus k drafts). With a fixed
 q_len per sequence, the q_len x G queries of one kv head are still one small matrix: row r is query r // G of
@@ -489,8 +493,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (the hardware instruction, or the exponent-bias bit trick; exact either way); "cast" is the plain
     `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after.
     fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see the module
-    docstring), False in a second kernel; None fuses unless a CUDA-graph capture would have to grow the arrival
-    counters (then it takes the two kernels for that graph). True raises there instead.
+    docstring; measured slower on the H200), False or None (the default) in a second kernel. True raises when a
+    CUDA-graph capture would have to grow the arrival counters.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -596,12 +600,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if words:  # 4 e4m3 bytes per int32 word: [num_blocks, block_size, KVH, D / 4], strides in words
         k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
     arrivals = None
-    if not single and fused_merge is not False:
+    if not single and fused_merge:
         arrivals = _arrival_counters(q.device, batch * num_kv_heads * row_tiles)
-        if arrivals is None and fused_merge:
+        if arrivals is None:
             raise RuntimeError(f"fused_merge=True needs {batch * num_kv_heads * row_tiles} arrival counters, more "
                                f"than this device has, and none can be allocated during a CUDA-graph capture: run "
-                               f"the call once before capturing it, or pass fused_merge=None")
+                               f"the call once before capturing it, or pass fused_merge=False")
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
         placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,

@@ -167,31 +167,27 @@ def test_gpu_bf16_fused_equals_two_kernels(q_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warm", [True, False])
-def test_gpu_cuda_graph_replays(warm, monkeypatch):
-    """Captured once, replayed 3 times with new queries and lengths: each replay equals an eager call. warm: the
-    counters exist before the capture (the fused kernel is recorded); cold: the capture must not allocate them,
-    and records the two kernels instead."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_cuda_graph_replays(fused):
+    """Captured once, replayed 3 times with new queries and lengths: each replay equals an eager call, with the
+    merge fused (the counters allocated by the warm-up, reset by every replay) and as the second kernel."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if not warm:
-        monkeypatch.setattr(paged, "_ARRIVALS", {})
     q, kc, vc, bt, sl = _pool([512] * 4, **LLAMA, q_rows=4, seed=9, device="cuda", dtype=torch.bfloat16)
     static_q, static_sl = q.clone(), sl.clone()
-    # the warm-up the engine does: Triton compiles here (and, warm, the counters are allocated), not in the capture
-    paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8, fused_merge=None if warm else False)
+    # the warm-up the engine does: Triton compiles here (and the counters are allocated), not in the capture
+    paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8, fused_merge=fused)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8)
-    assert (torch.device("cuda", torch.cuda.current_device()) in paged._ARRIVALS) == warm
+        static_out = paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8, fused_merge=fused)
     g = torch.Generator(device="cuda").manual_seed(10)
     for step in range(3):
         static_q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
         static_sl.copy_(torch.tensor([300 + 50 * step, 512, 1, 17 * step + 2], dtype=torch.int32))
         graph.replay()
-        eager = paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8, fused_merge=warm)
+        eager = paged_decode_attention(static_q, kc, vc, bt, static_sl, num_splits=8, fused_merge=fused)
         torch.testing.assert_close(static_out, eager, atol=0.0, rtol=0.0, msg=f"replay {step}")
     torch.cuda.synchronize()
-    if warm:
+    if fused:
         assert _counters_clean("cuda")
