@@ -93,10 +93,9 @@ def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_token_tree_verify_steps_replay_piecewise_graphs_and_match_eager():
-    """ngram_tree's verify steps carry a tree mask: no whole-forward decode graph fits them, the pieces do (their
-    attention runs eagerly with the mask). Greedy outputs equal the eager engine's, and the tree steps went
-    through the piecewise replay."""
+def test_token_tree_verify_steps_replay_graphs_and_match_eager():
+    """ngram_tree's verify steps carry a tree mask: the tree graphs (cuda_graph.py, a static tree-mask input) replay
+    them, the prefills go through the pieces, nothing runs eagerly. Greedy outputs equal the eager engine's."""
     with torch.device("cuda"):
         model, config = tiny_model(seed=7, backend="triton", max_position_embeddings=256)
     motif = [11, 12, 13, 14, 15, 16]
@@ -114,4 +113,6 @@ def test_token_tree_verify_steps_replay_piecewise_graphs_and_match_eager():
     pieces.run = lambda ids, pos: tree_steps.append(ids.shape[0]) or run(ids, pos)
     got = run_to_completion(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert got == eager
-    assert len(tree_steps) > 1  # the prefill, then verify steps of the trees
+    counts = engine.runner.forward_counts
+    assert tree_steps and counts["piecewise"] == len(tree_steps)  # the prefills
+    assert counts["graph"] > 0 and counts["eager"] == 0, counts  # the tree verify steps: tree graphs
