@@ -1,0 +1,74 @@
+"""A batch-1 decode step of the Llama-3-8B shape, kernel by kernel (issue 14, P5).
+
+    python benchmarks/profile_decode_step.py [--steps 64] [--layers 32] --out p5_profile.json
+
+bench_decode's engine (random bf16 weights, paged KV, CUDA graphs, a 128-token prompt) decodes 40 warm-up steps,
+then torch.profiler records 64 more. CUPTI sees the kernels inside CUDA-graph replays, so the table sums GPU time
+per kernel name: us per step, calls per step, share of all kernel time. Against the weight-read floor (bytes of
+weights / copy bandwidth) it shows what the GEMMs cost and what everything else around them does. Wall time per
+step is inflated by the profiler; the kernel times are not. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.steps < 1 or args.layers < 1:
+        raise SystemExit(f"--steps and --layers must be >= 1, got {args.steps} and {args.layers}")
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    import bench_decode as bd
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.sampling_params import SamplingParams
+
+    model, config = bd.build_model(args.layers)
+    engine = LLMEngine(model, bd.DummyTokenizer(), config,
+                       EngineConfig(max_model_len=512, max_num_seqs=1, block_size=16, num_kv_blocks=64,
+                                    max_num_batched_tokens=512), device="cuda", dtype=torch.bfloat16)
+    engine.add_request(None, list(range(1, 129)),
+                       SamplingParams(temperature=0.0, max_tokens=40 + args.steps + 8, ignore_eos=True))
+    for _ in range(40):
+        engine.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name][0] += getattr(event, "device_time_total", 0.0)
+            by_name[event.name][1] += 1
+    total = sum(us for us, _ in by_name.values())
+    print(f"wall {1e3 * wall / args.steps:.3f} ms/step (profiled), GPU kernel time {total / args.steps / 1e3:.3f} "
+          f"ms/step")
+    rows = sorted(by_name.items(), key=lambda item: -item[1][0])
+    for name, (us, calls) in rows[:30]:
+        print(f"{us / args.steps:9.1f} us/step {calls / args.steps:6.1f} calls/step {100 * us / total:5.1f}%  "
+              f"{name[:100]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "wall_ms_per_step": 1e3 * wall / args.steps, "kernel_ms_per_step": total / args.steps / 1e3,
+                       "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows]}, f, indent=0)
+
+
+if __name__ == "__main__":
+    main()
