@@ -77,6 +77,9 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     ("awq+ w4 g64", "recipe-awq", dict(bits=4, group_size=64)),
     ("awq+gptq w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64)),
     ("awq+gptq w3 g64", "recipe-awq+gptq", dict(bits=3, group_size=64)),
+    # AutoRound (quant/autoround.py): rounding offsets and clip factors learned per block by signed descent
+    ("autoround w4 g64", "recipe-autoround", dict(bits=4, group_size=64)),
+    ("autoround w3 g64", "recipe-autoround", dict(bits=3, group_size=64)),
     # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
     ("gguf q8_0 (ours)", "gguf-q8_0", {}),
     ("gguf q4_k (ours)", "gguf-q4_k", {}),
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-seq-len", type=int, default=None, help="default: --seq-len")
     parser.add_argument("--awq-tokens", type=int, default=4096,
                         help="calibration tokens AWQ's scale search uses per linear (its cost grows with them)")
+    parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's iterations per block")
+    parser.add_argument("--calib-ppl", action="store_true",
+                        help="also score the calibration split (what tuning may look at: no held-out leakage)")
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to quantize and score")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per scoring forward")
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             bits = 32.0  # dense storage: the zeros pay off only with sparse kernels (2:4 on tensor cores)
         elif method.startswith("recipe-"):
             recipe = method.removeprefix("recipe-")
-            extra = {"awq_tokens": args.awq_tokens} if recipe.startswith("awq") else {}
+            extra = {"awq_tokens": args.awq_tokens} if recipe.startswith("awq") else \
+                {"iters": args.autoround_iters} if recipe == "autoround" else {}
             qm = quantize_recipe(dense, recipe, calib, **options, **extra)
             model, bits = qm.build(device), linear_bits_per_weight(qm.state, n_weights)
         else:
@@ -179,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         ppl = perplexity(model, held_out.to(device), args.batch_size)
         rows.append({"label": label, "method": method or "fp32", **options, "perplexity": round(ppl, 4),
                      "bits_per_weight": round(bits, 3), "quantize_seconds": round(seconds, 1)})
-        print(f"{label:22s} ppl {ppl:9.4f}  {bits:6.2f} bits/weight  ({seconds:.0f} s)", flush=True)
+        if args.calib_ppl:
+            rows[-1]["calibration_perplexity"] = round(perplexity(model, calib.to(device), args.batch_size), 4)
+        print(f"{label:22s} ppl {ppl:9.4f}  {bits:6.2f} bits/weight  ({seconds:.0f} s)"
+              + (f"  calibration ppl {rows[-1]['calibration_perplexity']:.4f}" if args.calib_ppl else ""), flush=True)
         _write(args, argv, rows)  # after every run: a long run cut short keeps what it measured
     base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
     print("\n| method | bits/weight (linears) | held-out ppl | vs fp32 |\n|---|---|---|---|")
@@ -198,7 +208,7 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict]) -
               "model": args.model or "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized to fp32)",
               "held_out_tokens": [args.n_samples, args.seq_len],
               "calibration_tokens": [args.calib_samples, args.calib_seq_len or args.seq_len],
-              "awq_search_tokens": args.awq_tokens, "runs": rows}
+              "awq_search_tokens": args.awq_tokens, "autoround_iters": args.autoround_iters, "runs": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

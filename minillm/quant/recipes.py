@@ -16,6 +16,9 @@ The recipes (chapters 7-8 explain each piece):
                scales protect the salient input channels, GPTQ's error feedback spends the rest of the
                rounding error where the Hessian says it costs least (AutoAWQ's "scales only" export fed to
                GPTQ, as the field combines them)
+    autoround  AutoRound / SignRound (autoround.py): each block's rounding offsets and group clip factors
+               learned by signed gradient descent on the block's output, against the unquantized model's
+               (Cheng et al. 2023); GPTQ's checkpoint format, asymmetric, no g_idx
 
 Measured (CPU, 2026-12-02; SmolLM2-135M, 4-bit group 64, calibrated on 16 x 256 docstring tokens, held-out
 perplexity on 16 x 256 vs fp32 18.999): RTN +33.6%, driver GPTQ +20.3% (act-order +12.5%), driver AWQ +15.3%,
@@ -40,24 +43,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minillm.quant.autoround import quantize_autoround
 from minillm.quant.awq_block import awq_scale_layer
 from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, quantize_model
 
 __all__ = ["RECIPES", "quantize_recipe"]
 
-RECIPES = ("gptq", "awq", "awq+gptq")
+RECIPES = ("gptq", "awq", "awq+gptq", "autoround")
 
 
 @torch.no_grad()
 def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bits: int = 4, group_size: int = 64,
                     *, act_order: bool = True, static_groups: bool = True, clip_search: bool = True,
                     percdamp: float = 0.01, awq_clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
-                    awq_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> QuantizedModel:
+                    awq_tokens: int | None = None, batch_size: int = 4, iters: int = 200, lr: float | None = None,
+                    seed: int = 0, progress: bool = True) -> QuantizedModel:
     """Quantize a dense LlamaForCausalLM with `recipe` (RECIPES) on calibration ids [n_samples, seq_len].
 
     bits 2..8, group_size -1 or a divisor of every in_features; act_order/static_groups/clip_search/percdamp:
     the GPTQ pass (gptq_quantize); awq_clip/duo_scaling/n_grid/awq_tokens (calibration tokens its block search
-    reads, None: all): the AWQ pass (awq_block.awq_scale_layer). The model is left
+    reads, None: all): the AWQ pass (awq_block.awq_scale_layer); iters/lr/seed: AutoRound's signed descent
+    (autoround.quantize_autoround, a minibatch of batch_size sequences an iteration). The model is left
     unchanged; the result is a GPTQ checkpoint in memory (asymmetric, no g_idx when static_groups).
     """
     if recipe not in RECIPES:
@@ -79,6 +85,8 @@ def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bi
         if group_size != -1 and (group_size < 1 or lin.input_size % group_size):
             raise ValueError(f"group_size={group_size} must be -1 or divide every in_features "
                              f"({lin.input_size} does not divide); 64 for SmolLM2's 576")
+    if recipe == "autoround":
+        return quantize_autoround(model, calibration, bits, group_size, iters, lr, batch_size, seed, progress)
     if recipe in ("awq", "awq+gptq"):
         model = copy.deepcopy(model)  # the scales are folded into the norms and up_proj as the walk goes
         runner = LayerRunner(model, calibration, batch_size)
