@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from minillm.forward_context import forward_context
 from minillm.layers.backend import OperatorModule
-from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, _shards, _split_rows
+from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, _shards, _split_rows, hf_state_dict
 from minillm.quant.int4 import gptq_tensors
 from minillm.quant.rtn import QuantizedWeight, check_quant_args
 
@@ -211,22 +211,15 @@ def autoround_layer(layer: nn.Module, batches: list[tuple], targets: list[torch.
 
 def _checkpoint(model: nn.Module, qweights: dict[nn.Module, QuantizedWeight], config: dict[str, Any]
                 ) -> QuantizedModel:
-    """The GPTQ checkpoint (zero - 1 stored, fp16 scales) of the walked model: quantized linears, the rest as is."""
-    linears = set(_decoder_linears(model).values())
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        module_name, _, suffix = name.rpartition(".")
-        layer = model.get_submodule(module_name)
-        if layer not in linears:
-            state[name] = param.detach().clone()
-            continue
-        shards = _shards(model, module_name, layer)
-        if suffix == "bias":
-            state.update({f"{hf}.bias": param.detach()[rows].clone() for hf, rows in shards})
-            continue
-        for (hf, _), qw in zip(shards, _split_rows(qweights[layer], [r.stop - r.start for _, r in shards])):
+    """The GPTQ checkpoint (zero - 1 stored, fp16 scales) of the walked model: each linear's HF tensors
+    (q/k/v and gate/up split back) replaced by its codes, scales and zeros; the rest as the model holds it."""
+    state = hf_state_dict(model)
+    for name, lin in _decoder_linears(model).items():
+        shards = _shards(model, name, lin)
+        for (hf, _), qw in zip(shards, _split_rows(qweights[lin], [r.stop - r.start for _, r in shards])):
+            del state[f"{hf}.weight"]
             tensors = gptq_tensors(qw, zero_offset=1)
-            tensors["scales"] = tensors["scales"].half()
+            tensors["scales"] = tensors["scales"].half()  # what GPTQ files hold (and the kernels read)
             state.update({f"{hf}.{key}": t.contiguous() for key, t in tensors.items()})
     return QuantizedModel(dataclasses.replace(model.config, quantization="gptq", quantization_config=config), state)
 
