@@ -93,10 +93,30 @@ class GemvConfig:
 
 
 @triton.jit
+def _load_x(x_ptrs, K, k_ok, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of the GEMV's input. SWIGLU: the row holds [gate | up] (2K wide) and the input is
+    silu(gate) * up, computed as fused.py's silu_and_mul computes it (fp32, rounded to x's dtype): the same
+    values, without that kernel's launch and its write and re-read of the product."""
+    if MASKED:
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+    else:
+        x = tl.load(x_ptrs)
+    if SWIGLU:
+        if MASKED:
+            up = tl.load(x_ptrs + K, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        else:
+            up = tl.load(x_ptrs + K).to(tl.float32)
+        gate = x.to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 SWIGLU: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,7 +139,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
         tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
-        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         elif REDUCE_EACH:
@@ -131,11 +151,11 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     for k0 in range(k_lo + FIRST_K, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
+            x = _load_x(x_ptrs, K, offs_k, False, SWIGLU)
         else:
             k_ok = (k0 + offs_k) < k_hi
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
@@ -246,14 +266,24 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, swiglu: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, for at most MAX_M rows of x.
 
     `config` pins the launch (benchmarks, tests); None takes `default_config` for the shape.
+    swiglu=True: x is [..., 2K] = [gate | up] (the gate_up projection's output) and the product's input is
+    silu(gate) * up, computed in the loads (a Llama MLP's down projection without the activation's launch).
     """
-    _check_args(x, weight, bias)
+    if swiglu:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != 2 * weight.shape[1]:
+            raise ValueError(f"gemv(swiglu=True): x must be [..., 2K] = [gate | up] with K = {weight.shape[1]}, "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        _check_args(x[..., :weight.shape[1]], weight, bias)
+    else:
+        _check_args(x, weight, bias)
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, 2 * k if swiglu else k)
     m = x2.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"gemv serves 1..{MAX_M} rows of x, got {m} (x of shape {tuple(x.shape)}); use F.linear")
@@ -274,6 +304,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
         REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=cfg.pdl,
         FIRST_K=cfg.block_k if cfg.pdl else 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWIGLU=swiglu,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if cfg.pdl else {}))
     return y.reshape(*x.shape[:-1], n)

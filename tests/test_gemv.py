@@ -208,3 +208,38 @@ def test_gemv_split_k_in_a_cuda_graph():
         torch.cuda.synchronize()
         ref = F.linear(x.float(), w.float())
         assert (y.float() - ref).abs().max().item() < 0.05, f"replay {i}"
+
+
+def test_gemv_swiglu_input_equals_silu_and_mul_then_gemv():
+    """gemv(swiglu=True) on [gate | up] computes the activation in its loads exactly as silu_and_mul's kernel
+    does (fp32, rounded to x's dtype), so it equals the two launches it replaces (interpreter, fp32)."""
+    from minillm.kernels.fused import silu_and_mul
+    g = torch.Generator().manual_seed(11)
+    for m, n, k, cfg in ((1, 24, 64, GemvConfig(block_n=8, block_k=32)),
+                         (3, 20, 48, GemvConfig(block_n=8, block_k=32, split_k=2))):  # a ragged K and split-K
+        gate_up = torch.randn(m, 2 * k, generator=g)
+        w = torch.randn(n, k, generator=g)
+        fused = gemv(gate_up, w, config=cfg, swiglu=True)
+        torch.testing.assert_close(fused, gemv(silu_and_mul(gate_up), w, config=cfg), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="gate \\| up"):
+        gemv(torch.randn(1, 2 * k + 1), w, swiglu=True)
+
+
+def test_swiglu_fusion_not_offered_on_cpu():
+    layer = Linear(16, 8)
+    assert not layer.fuses_swiglu(torch.randn(1, 32))
+    with pytest.raises(ValueError, match="swiglu=True needs"):
+        layer(torch.randn(1, 32), swiglu=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4])
+def test_gemv_swiglu_bf16_down_proj_shape(m):
+    """Llama-3-8B's down projection (14336 -> 4096) fed [gate | up]: bit-equal to silu_and_mul, then the GEMV."""
+    from minillm.kernels.fused import silu_and_mul
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    gate_up = torch.randn(m, 2 * 14336, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    cfg = default_config(m, 4096, 14336)
+    assert torch.equal(gemv(gate_up, w, config=cfg, swiglu=True), gemv(silu_and_mul(gate_up), w, config=cfg))

@@ -36,7 +36,7 @@ from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
 __all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader",
-           "dense_linear", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
+           "dense_linear", "swiglu_gemv_choice", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
 GEMV_MODES = ("auto", "off", "on")
@@ -123,31 +123,54 @@ def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     return cfg if t_gemv < t_cublas else None
 
 
+def _gemv_may_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T is a decode GEMV candidate: CUDA, fp16/bf16, at most GEMV_MAX_M rows, a row-major weight,
+    not traced by torch.compile, no autograd (the GEMV has no backward)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and x.dim() >= 1 and 0 < x.numel() <= GEMV_MAX_M * x.shape[-1]
+            and weight.dim() == 2 and weight.stride(-1) == 1 and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _gemv_choice(x2: torch.Tensor, weight: torch.Tensor):
+    """The GemvConfig dense_linear runs for x2 [M, K] W^T, or None for F.linear (decided on first use)."""
+    mode = gemv_mode()
+    if mode == "off":
+        return None
+    key = (x2.device, x2.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
+    if key not in _GEMV_DECISIONS:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # no timing (nor compiling) inside a capture: cuBLAS this time
+        _GEMV_DECISIONS[key] = _decide_gemv(x2, weight, mode)
+    return _GEMV_DECISIONS[key]
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b) for a dense weight [N, K]: F.linear, or the decode GEMV (module docstring) on CUDA when x
     has at most GEMV_MAX_M rows in fp16/bf16 and the GEMV won for this shape; on the CPU in fp32, the layout
     (transposed copy, oneDNN blocks, ...) timed fastest for this shape and row count (minillm.layers.cpu_matmul)."""
     if x.device.type == "cpu":
         return cpu_linear(x, weight, bias) if cpu_matmul_applies(x, weight, bias) else F.linear(x, weight, bias)
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype \
-            or x.dim() < 1 or x.numel() > GEMV_MAX_M * x.shape[-1] or x.numel() == 0 \
-            or weight.dim() != 2 or weight.stride(-1) != 1 or torch.compiler.is_compiling() \
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # the GEMV has no backward
+    if not _gemv_may_apply(x, weight):
         return F.linear(x, weight, bias)
-    mode = gemv_mode()
-    if mode == "off":
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    key = (x.device, x.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
-    if key not in _GEMV_DECISIONS:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, weight, bias)  # no timing (nor compiling) inside a capture: cuBLAS this time
-        _GEMV_DECISIONS[key] = _decide_gemv(x2, weight, mode)
-    cfg = _GEMV_DECISIONS[key]
+    cfg = _gemv_choice(x.reshape(-1, x.shape[-1]), weight)
     if cfg is None:
         return F.linear(x, weight, bias)
     from minillm.kernels.gemv import gemv
     return gemv(x, weight, bias, config=cfg)
+
+
+def swiglu_gemv_choice(gate_up: torch.Tensor, weight: torch.Tensor):
+    """The GemvConfig with which silu(gate) * up @ W^T runs as one GEMV whose loads compute the activation
+    (gate_up [..., 2K] = [gate | up], weight [N, K]), or None where dense_linear would not run the GEMV for
+    that product (then the caller applies the activation and the layer as two steps)."""
+    k = weight.shape[-1] if weight.dim() == 2 else -1
+    if gate_up.dim() < 1 or gate_up.shape[-1] != 2 * k:
+        return None
+    gate = gate_up[..., :k]  # the product's rows and dtype; the decision is the plain GEMV's for this shape
+    if gate.device.type != "cuda" or not _gemv_may_apply(gate, weight):
+        return None
+    return _gemv_choice(gate.reshape(-1, k), weight)
 
 
 def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
@@ -191,7 +214,23 @@ class Linear(nn.Module):
         _check_shape(type(self).__name__, loaded_weight.shape, param.shape)
         param.data.copy_(loaded_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuses_swiglu(self, gate_up: torch.Tensor) -> bool:
+        """Whether forward(gate_up, swiglu=True) can take SwiGLU's silu(gate) * up inside this layer's decode
+        GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS): one launch fewer per MLP."""
+        return type(self.quant_method) is UnquantizedLinearMethod and \
+            swiglu_gemv_choice(gate_up, self.weight) is not None
+
+    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """y = x W^T (+ b). swiglu=True (only where fuses_swiglu(x)): x is [..., 2 * input_size] = [gate | up]
+        and the layer's input is silu(gate) * up, computed by the GEMV as it loads x."""
+        if swiglu:
+            cfg = swiglu_gemv_choice(x, self.weight) if type(self.quant_method) is UnquantizedLinearMethod else None
+            if cfg is None:
+                raise ValueError(f"swiglu=True needs a dense layer at a GEMV-sized batch on a GPU (check "
+                                 f"fuses_swiglu first); got x {tuple(x.shape)} on {x.device}, "
+                                 f"{type(self.quant_method).__name__}")
+            from minillm.kernels.gemv import gemv
+            return gemv(x, self.weight, self.bias, config=cfg, swiglu=True)
         if type(self.quant_method) is UnquantizedLinearMethod:  # dense: F.linear, or the decode GEMV
             return dense_linear(x, self.weight, self.bias)
         return self.quant_method.apply(self, x, self.bias)

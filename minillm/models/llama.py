@@ -25,7 +25,7 @@ from torch import nn
 from minillm.config import ModelConfig
 from minillm.layers.activation import SiluAndMul
 from minillm.layers.attention import Attention
-from minillm.layers.backend import check_backend, set_operator_backend
+from minillm.layers.backend import check_backend, set_operator_backend, use_triton
 from minillm.layers.linear import default_weight_loader
 from minillm.layers.norm import RMSNorm
 from minillm.layers.rotary import RotaryEmbedding
@@ -79,7 +79,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if use_triton(self.act_fn.backend, gate_up) and self.down_proj.fuses_swiglu(gate_up):
+            return self.down_proj(gate_up, swiglu=True)  # decode: silu(gate) * up inside down's GEMV, one launch
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -161,8 +161,8 @@ class _ReducesOutput:
     parallel_style = "column"
     reduce_output = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        out = super().forward(x, swiglu=swiglu)
         return tensor_parallel_all_reduce(out) if self.reduce_output else out
 
 
