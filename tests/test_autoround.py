@@ -45,8 +45,14 @@ def test_block_output_error_below_rtn(dense):
                 rtn_layer.mlp.down_proj):
         lin.weight.data.copy_(fake_quantize(lin.weight.data, 4, 32, False))
     rtn = block_output_error(rtn_layer, inputs, targets)
+    for m in layer.modules():  # the block learns on the torch backend, then gets its own back
+        if hasattr(m, "backend"):
+            m.backend = "reference"
+    flags = [p.requires_grad for p in layer.parameters()]
     qweights, first, best = autoround_layer(layer, inputs, targets, 4, 32, iters=40,
                                             generator=torch.Generator().manual_seed(0))
+    assert {m.backend for m in layer.modules() if hasattr(m, "backend")} == {"reference"}
+    assert [p.requires_grad for p in layer.parameters()] == flags and all(p.grad is None for p in layer.parameters())
     learned = block_output_error(layer, inputs, targets)
     assert best <= first and len(qweights) == 4
     assert 0 < learned < 0.9 * rtn, f"AutoRound {learned:.4g} vs RTN {rtn:.4g}"
@@ -106,3 +112,17 @@ def test_bad_arguments_name_the_value_and_range(dense):
     layer, inputs, targets = _block_setup(dense)
     with pytest.raises(ValueError, match="one target per batch"):
         autoround_layer(layer, inputs, targets[:1], group_size=32)
+
+
+@pytest.mark.gpu
+def test_autoround_on_cuda_beats_rtn_and_restores_the_backends():
+    """Where the H200 runs it: the block learns on the torch backend (Triton has no backward)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dense = build_model(CONFIG, _checkpoint(CONFIG).items(), torch.device("cuda"), torch.float32)
+    ids = CALIB.cuda()
+    ref = _logits(dense, ids)
+    rtn = _rel(_logits(quantize_model(dense, "rtn", group_size=32, progress=False).build("cuda"), ids), ref)
+    err = _rel(_logits(quantize_recipe(dense, "autoround", ids, 4, 32, iters=30, batch_size=2,
+                                       progress=False).build("cuda"), ids), ref)
+    assert 0 < err < rtn, f"AutoRound {err:.4f} vs RTN {rtn:.4f}"
