@@ -234,6 +234,27 @@ def test_engine_greedy_tokens_static_contiguous(model_and_config):
     assert _greedy(model, config, "triton", PROMPTS, 4) == ref
 
 
+def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_config, monkeypatch):
+    """The decode path that fuses SwiGLU into the down projection's GEMV (a GPU's, where the GEMV wins) forced on
+    the CPU: the engine's paged decode steps through LlamaMLP -> down_proj(gate_up, swiglu=True) -> the GEMV give
+    the torch backend's tokens, and the fused path did run."""
+    import minillm.kernels.gemv as gemv_module
+    import minillm.layers.linear as linear_module
+    model, config = model_and_config
+    ref = _greedy(model, config, "torch", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
+                  num_kv_blocks=40)
+    calls = []
+    real_gemv = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: calls.append(kw.get("swiglu")) or real_gemv(*a, **kw))
+    monkeypatch.setattr(linear_module, "swiglu_gemv_choice",
+                        lambda gate_up, w: gemv_module.GemvConfig(block_n=8, block_k=32) if gate_up.shape[0] <= 4
+                        else None)
+    got = _greedy(model, config, "triton", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
+                  num_kv_blocks=40)
+    assert got == ref
+    assert calls and all(calls)  # every GEMV call here was a fused down projection
+
+
 @pytest.mark.slow
 def test_engine_greedy_tokens_chunked_prefill_and_prefix_cache(model_and_config, monkeypatch):
     from minillm.kernels import paged_prefill
