@@ -18,7 +18,8 @@
                                                               FP8 GEMM (chapter 10)
     int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
     gemv.py             gemv, GemvConfig, default_config       dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
-                                                              weight streaming, split-K with one launch (chapter 4)
+                                                              weight streaming, split-K with one launch, SwiGLU
+                                                              computed in the loads (chapter 4)
     int4_mma.py,        int4 kernels for decode sizes:         bf16-halves tensor-core and packed-fp16 CUDA-core
     int4_gemv.py,       int4_dispatch times them per shape     INT4 GEMMs; int4_dispatch picks per (M bucket,
     int4_dispatch.py,   and keeps the fastest correct one      shape); int4_tuning: configs, split-K, workspace
