@@ -21,9 +21,10 @@ qkv_proj 79%) well below it. `dense_linear` is the dense layers' (and the LM hea
 except on a GPU for at most GEMV_MAX_M rows of fp16/bf16, where it runs minillm.kernels.gemv if that measured
 faster for this (N, K, M) on its first call (see `gemv_mode`; both timed from CUDA-graph replays with cold
 weights, as decode runs them). Where it runs, a Llama MLP's down projection takes [gate | up] itself
-(`forward(x, swiglu=True)`, after `fuses_swiglu`): the GEMV computes silu(gate) * up as it loads x. On the CPU in fp32 the same idea picks a memory
-layout instead of a kernel: minillm.layers.cpu_matmul times F.linear against a transposed copy of W, (W x^T)^T,
-W in two halves and oneDNN's prepacked blocks, per shape and row class (1, 2-16, more), and keeps the fastest.
+(`forward(x, swiglu=True)`, after `fuses_swiglu`): the GEMV computes silu(gate) * up as it loads x. On the CPU
+in fp32 the same idea picks a memory layout instead of a kernel: minillm.layers.cpu_matmul times F.linear against
+a transposed copy of W, (W x^T)^T, W in two halves and oneDNN's prepacked blocks, per shape and row class (1,
+2-16, more), and keeps the fastest.
 """
 from __future__ import annotations
 
