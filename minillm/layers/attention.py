@@ -3,8 +3,9 @@
 
 `Attention` receives the new tokens of every sequence of the batch packed one after another (q [T, H, D],
 k and v [T, KVH, D]; q and k rotated already, or rotated here when the model hands over its RotaryEmbedding and
-the positions: on the Triton path with a cache by the launch that also stores k and v) and learns from the forward context (minillm.forward_context) which
-tokens belong to which sequence and where their keys and values live:
+the positions: on the Triton path with a cache by the launch that also stores k and v) and learns from the
+forward context (minillm.forward_context) which tokens belong to which sequence and where their keys and values
+live:
 
 * With a KV cache (the engine has set `k_cache`/`v_cache` and the metadata carries a `slot_mapping`): the
   new k/v are written to their slots, then each sequence attends to all its `seq_lens[i]` keys, read back
