@@ -241,7 +241,8 @@ def check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
     if k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"cache [.., KVH, D] = {tuple(k_cache.shape[2:])} does not match k's {tuple(k.shape[1:])}")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     if (k_scale is None) != (v_scale is None):
