@@ -16,6 +16,7 @@ from minillm.quant.driver import LayerRunner, quantize_model
 from minillm.quant.recipes import quantize_recipe
 from minillm.quant.rtn import fake_quantize
 from test_gptq_recipes import _logits, _rel
+from test_gptq_recipes import test_recipes_on_cuda_beat_rtn as _recipe_on_cuda_beats_rtn
 from test_quant_methods import CALIB, CONFIG
 from test_quant_seam import _checkpoint
 from tiny import one_thread  # noqa: F401  (autouse: one thread)
@@ -115,14 +116,6 @@ def test_bad_arguments_name_the_value_and_range(dense):
 
 
 @pytest.mark.gpu
-def test_autoround_on_cuda_beats_rtn_and_restores_the_backends():
-    """Where the H200 runs it: the block learns on the torch backend (Triton has no backward)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    dense = build_model(CONFIG, _checkpoint(CONFIG).items(), torch.device("cuda"), torch.float32)
-    ids = CALIB.cuda()
-    ref = _logits(dense, ids)
-    rtn = _rel(_logits(quantize_model(dense, "rtn", group_size=32, progress=False).build("cuda"), ids), ref)
-    err = _rel(_logits(quantize_recipe(dense, "autoround", ids, 4, 32, iters=30, batch_size=2,
-                                       progress=False).build("cuda"), ids), ref)
-    assert 0 < err < rtn, f"AutoRound {err:.4f} vs RTN {rtn:.4f}"
+def test_autoround_on_cuda_beats_rtn():
+    """Where the H200 runs it: the block learns on the torch backend (Triton's kernels have no backward)."""
+    _recipe_on_cuda_beats_rtn("autoround")

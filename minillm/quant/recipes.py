@@ -23,8 +23,10 @@ The recipes (chapters 7-8 explain each piece):
 Measured (CPU, 2026-12-02; SmolLM2-135M, 4-bit group 64, calibrated on 16 x 256 docstring tokens, held-out
 perplexity on 16 x 256 vs fp32 18.999): RTN +33.6%, driver GPTQ +20.3% (act-order +12.5%), driver AWQ +15.3%,
 "gptq" +5.8%, "awq+gptq" +9.3% (its AWQ search on 1024 tokens): on this model the scales (and the clipping
-applied before GPTQ) cost more than they protect, and "gptq" alone is the better recipe. A smaller probe
-(4 x 128 held out) put "awq" at +17.1% (RTN +40.1%, driver GPTQ +10.6%, "gptq" +7.3%).
+applied before GPTQ) cost more than they protect, and "gptq" alone is the better recipe. "autoround" (same
+eval, 2026-12-03, when "gptq" read +6.5%): +6.4% held out but +0.2% on the calibration text itself ("gptq"
++2.4%): it fits the 4096 calibration tokens and ties "gptq" on new text (autoround.py's docstring). A
+smaller probe (4 x 128 held out) put "awq" at +17.1% (RTN +40.1%, driver GPTQ +10.6%, "gptq" +7.3%).
 
 The AWQ pass walks the layers with dense (scaled) weights, as AutoAWQ does; the GPTQ pass walks them with
 quantized ones, as GPTQ's reference does (each layer calibrated on the outputs of the already quantized
