@@ -18,6 +18,11 @@ as in llama.cpp (5.25 bits/weight overall). Only some rows:
         --only fp32 "gguf q8_0 (ours)" "gguf q4_k (ours)" "gguf q4_0 (ours)" "magnitude 50%" "2:4 magnitude" \
         "wanda 50%" "2:4 wanda" --out benchmarks/results/quant_quality_cpu_gguf_prune.json
 
+AutoRound against the best GPTQ recipe, with the calibration split scored too (what tuning may look at):
+
+    .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 16 --calib-ppl \
+        --only fp32 "gptq+ w4 g64" "autoround w4 g64"          # ~20 min of AutoRound on 2 CPU cores
+
 Reference weights are the bundled GGUF dequantized to fp32 (they lie on Q4_1's grid: see rtn.py's docstring),
 so "fp32" is the Q4_1 model itself. Group 64 because SmolLM2's hidden size 576 is not a multiple of 128.
 """
