@@ -45,8 +45,8 @@ on 16 x 256 held-out tokens; benchmarks/quant_quality.py --calib-ppl):
     awq+gptq, 3-bit    29.525  (+55.4%)                 17.133  (+28.0%)
     autoround, 3-bit   28.462  (+49.8%)                 13.679  (+2.2%)
 
-At 4 bits a tie on held-out text, not the win that closes P10's +5% (at 3 bits the best we have): AutoRound matches the calibration text almost
-exactly (ten times closer than GPTQ) but that does not carry over. With one free offset per weight and 4096
+At 4 bits a tie on held-out text, not the win that closes P10's +5% (at 3 bits the best we have): AutoRound
+matches the calibration text almost exactly (ten times closer than GPTQ) but that does not carry over. With one free offset per weight and 4096
 calibration tokens it fits the calibration set; the paper calibrates on 512 x 2048 tokens, and the H200 run
 (128 x 512) is where more data can show whether the gap is overfitting. Block losses against the unquantized
 stream fell 4-6x below RTN's in the first blocks, ~1.7x in the last (error carried in from earlier blocks is
