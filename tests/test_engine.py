@@ -121,6 +121,18 @@ def test_static_batch_waits_for_longest(model_and_config):
     assert first_step_of == {"short": 1, "long": 1, "next": 7}
 
 
+def test_forward_counts_count_every_forward_by_how_it_ran(model_and_config):
+    """ModelRunner.forward_counts: on a CPU there are no graphs, so every step's forward is counted "eager"."""
+    engine = make_engine(model_and_config, max_num_seqs=2)
+    engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    counts = engine.runner.forward_counts
+    assert counts["eager"] == steps == 4 and counts["graph"] == counts["piecewise"] == 0
+
+
 def test_max_model_len_ends_with_length(model_and_config):
     engine = make_engine(model_and_config, max_model_len=16)
     engine.add_request("a", list(range(1, 13)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
