@@ -43,8 +43,8 @@ finishes *last* does it, as split-K GEMMs do (int4_mma.py's split_k_store):
     the previous replay;
   * the last program sets the counter back to 0 (atomic exchange), so the next call, or the next replay of a
     graph that recorded this launch, starts from zero without a memset kernel. The counters are one zeroed
-    buffer per device, grown outside CUDA-graph capture only (the engine warms every graph shape up before
-    recording it); a capture that would need more records the two kernels instead.
+    buffer per device, grown outside CUDA-graph capture only (warm a call up before recording it: a capture that
+    would need more counters raises).
 The price: the merge is serial at the tail, the last program reading its rows' partials alone (32 splits x 4
 heads x 512 B = 64 KB at batch 1) where the merge kernel spread them over 128 programs. Measured on the H200
 (2026-12-03, benchmarks/bench_decode_merge.py, CUDA graphs, Llama-3-8B attention) that price is larger than the
@@ -317,8 +317,8 @@ def _merge_row(O_PART, LSE_PART, OUT, part_row, lse_row, out_row, offs_d, d_ok, 
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          CHUNK_S: tl.constexpr):
-    """The two-kernel merge (fused_merge=False, or a CUDA-graph capture that found too few arrival counters):
-    one program per (query token, head, BLOCK_D slice of head_dim), running the fused path's _merge_row.
+    """The merge as a second kernel (the default; fused_merge=True runs _merge_row in the split kernel instead):
+    one program per (query token, head, BLOCK_D slice of head_dim).
     Slicing head_dim gives a batch-1 merge more than one program per head."""
     token = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
@@ -350,9 +350,7 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     Decode is bound by reading K and V, and a program reads its K/V tiles one after another, so the bandwidth
     the chip delivers grows with the programs in flight until the SMs hold as many as they can (PROGRAMS_PER_SM
     each). batch x kv heads programs come for free; splits multiply them (flash-decoding) at a price: each
-    program's fixed start-up (q, block ids, its partial output) and the merge. The rule was measured with the
-    merge as a second kernel; it is now fused into the split kernel (module docstring), which may make
-    MIN_SPLIT_TOKENS_FULL too strict: benchmarks/bench_decode_merge.py --min-split-tokens-full measures that.
+    program's fixed start-up (q, block ids, its partial output) and a second kernel, the merge.
       1. Splits: the largest power of two that keeps batch x kv heads x splits within one full wave of
          PROGRAMS_PER_SM x num_sms programs, with splits of at least MIN_SPLIT_TOKENS keys (a tile), or of
          MIN_SPLIT_TOKENS_FULL keys when batch x kv heads already puts a program on every SM (then a split
@@ -469,7 +467,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            tree_mask: torch.Tensor | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            prefetch_table: bool | None = None, fp8_widen: str | None = None,
-                           fused_merge: bool | None = None) -> torch.Tensor:
+                           fused_merge: bool = False) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -493,7 +491,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (the hardware instruction, or the exponent-bias bit trick; exact either way); "cast" is the plain
     `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after.
     fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see the module
-    docstring; measured slower on the H200), False or None (the default) in a second kernel. True raises when a
+    docstring; measured slower on the H200), False (the default) in a second kernel. True raises when a
     CUDA-graph capture would have to grow the arrival counters.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -553,8 +551,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_stages must be an int in [1, 6], got {num_stages!r}")
     if prefetch_table is not None and not isinstance(prefetch_table, bool):
         raise ValueError(f"prefetch_table must be a bool or None, got {prefetch_table!r}")
-    if fused_merge is not None and not isinstance(fused_merge, bool):
-        raise ValueError(f"fused_merge must be a bool or None, got {fused_merge!r}")
+    if not isinstance(fused_merge, bool):
+        raise ValueError(f"fused_merge must be a bool, got {fused_merge!r}")
     block_tables = block_tables.contiguous()
     has_scale = k_scale is not None
     if has_scale:
