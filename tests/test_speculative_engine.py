@@ -183,6 +183,61 @@ def test_sampled_drafts_keep_the_target_distribution():
     assert_nothing_held(engine)
 
 
+def graph_shaped_engine(model_and_config, spec):
+    """An engine whose verify steps must have 1 + k rows, as a GPU engine with CUDA graphs pads them (pad_drafts),
+    and the list of draft counts its verify steps carried."""
+    model, config = model_and_config
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+                                    speculative_config=spec))
+    engine.speculative.pad_drafts = True
+    widths, verify = [], engine.speculative.verify
+
+    def recording_verify(batch, output):
+        widths.extend(len(seq.spec_token_ids) for seq in batch.seqs if seq.spec_token_ids)
+        return verify(batch, output)
+    engine.speculative.verify = recording_verify
+    return engine, widths
+
+
+def finish_all(engine, requests):
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    return outputs
+
+
+@pytest.mark.parametrize("method", ["ngram", "self_speculative"])
+def test_graph_shaped_verify_steps_carry_k_drafts_to_the_end(model_and_config, method):
+    """Near its end a request whose max_tokens leaves room for fewer than k drafts still drafts k where the
+    graphs need 1 + k rows (a shorter step would miss them); the output is still plain decoding's."""
+    engine, widths = graph_shaped_engine(model_and_config, METHODS[method])
+    outputs = finish_all(engine, list(zip(PROMPTS, GREEDY)))
+    plain, _ = run(model_and_config, None)
+    for rid, out in plain.items():
+        assert outputs[rid].outputs[0].token_ids == out.outputs[0].token_ids, rid
+    assert widths and set(widths) == {K}
+    assert_nothing_held(engine)
+
+
+def test_drafts_accepted_past_max_tokens_are_neither_emitted_nor_counted(model_and_config):
+    """Full-depth self-speculation accepts every draft: 7 tokens = the prefill's, then a step of 3 drafts + 1, then
+    3 padded drafts of which only 2 may be emitted. The metrics count the 4 drafts accepted and emitted, not 6."""
+    _, config = model_and_config
+    spec = dict(METHODS["self_speculative"], draft_num_layers=config.num_hidden_layers)
+    engine, widths = graph_shaped_engine(model_and_config, spec)
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    out = finish_all(engine, [(PROMPTS[0], params)])["0"]
+    plain, _ = run(model_and_config, None, requests=[(PROMPTS[0], params)])
+    assert out.outputs[0].token_ids == plain["0"].outputs[0].token_ids
+    metrics = out.metrics.spec_decode
+    assert widths == [K, K]
+    assert (metrics.num_verify_steps, metrics.num_accepted_tokens, metrics.num_draft_tokens) == (2, 4, 2 * K)
+    assert_nothing_held(engine)
+
+
 def test_ngram_index_proposes_what_the_prompt_lookup_scan_finds():
     """The proposer's incremental n-gram index against ngram.propose_prompt_lookup's scan, as sequences grow by
     one or several tokens a step (a verify step appends up to k + 1)."""

@@ -123,10 +123,16 @@ class SpeculativeDecoder:
 
     def _num_wanted(self, seq: Sequence, num_new_tokens: int = 0) -> int:
         """Drafts to ask for seq once it has num_new_tokens more tokens: the last step of a request needs none,
-        and max_tokens and the context bound what can be kept."""
-        room = min(seq.sampling_params.max_tokens - seq.num_output_tokens - num_new_tokens,
-                   self.max_model_len - seq.num_tokens - num_new_tokens)
-        return max(0, min(self.config.num_speculative_tokens, room - 1))
+        and the context bounds them (a position past max_model_len is never computed). max_tokens bounds them
+        too, except where drafts are padded to k for the CUDA graphs: a verify step of other than 1 + k rows
+        misses the captured graphs and runs piecewise, ~10x slower on the H200, so near its end a request still
+        drafts k and verify() keeps only the tokens it may emit."""
+        k = self.config.num_speculative_tokens
+        tokens_left = seq.sampling_params.max_tokens - seq.num_output_tokens - num_new_tokens
+        if self.pad_drafts and tokens_left > 1:
+            tokens_left = k + 1
+        context_left = self.max_model_len - seq.num_tokens - num_new_tokens
+        return max(0, min(k, tokens_left - 1, context_left - 1))
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -192,7 +198,7 @@ class SpeculativeDecoder:
             depths = [self.tree.depth(seq) for seq in seqs]  # metrics count a tree's levels, not its nodes
             rows = self.tree.verify(seqs, output, trees, [self._generator_of(s) for s in seqs], self.generator)
             for i, seq, depth, row in zip(trees, seqs, depths, rows):
-                accepted[i] = row
+                accepted[i] = row = _emittable(seq, row)
                 self._record(seq, depth, len(row) - 1)
         if exact:
             for i, row in zip(exact, self._verify_exact([batch.seqs[i] for i in exact], [sampled[i] for i in exact])):
@@ -219,6 +225,7 @@ class SpeculativeDecoder:
                 accepted[i] = row
         for i in exact + stochastic:
             seq = batch.seqs[i]
+            accepted[i] = _emittable(seq, accepted[i])
             self._record(seq, len(seq.spec_token_ids), len(accepted[i]) - 1)
             self.proposer.observe(seq, list(seq.spec_token_ids), list(sampled[i]))
         return accepted  # type: ignore[return-value]
@@ -278,6 +285,14 @@ class SpeculativeDecoder:
             self.proposer.free(request_id)
         for request_id in set(self._generators) - running:
             del self._generators[request_id]
+
+
+def _emittable(seq: Sequence, tokens: list[int]) -> list[int]:
+    """The accepted tokens a request may still emit: drafts padded to the graphs' k near the end of a request
+    (SpeculativeDecoder._num_wanted) can be accepted past max_tokens. The stop check would drop them too; cutting
+    here keeps the acceptance metrics to tokens that were really emitted."""
+    room = seq.sampling_params.max_tokens - seq.num_output_tokens
+    return tokens if len(tokens) <= room else tokens[:max(room, 1)]
 
 
 def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Proposer:
