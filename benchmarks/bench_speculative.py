@@ -27,9 +27,9 @@ medusa, eagle and mtp (add them to --methods) draft from the target's hidden sta
 in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle, DIR/mtp as `minillm train-heads
 --out` wrote them. Medusa drafts at most its K heads, MTP at most its D modules, per verify step.
 Token trees: ngram_tree (several prompt-lookup continuations), medusa_tree (the Medusa heads' top-k under a sparse
-tree, 4 nodes per level) and eagle_tree (EAGLE-2: the EAGLE head's dynamic tree, its 32 most probable nodes) score a
-tree per sequence; their verify steps (a tree mask: no whole-forward decode graph fits them) replay the piecewise
-CUDA graphs around eager attention.
+tree, 4 nodes per level) and eagle_tree (EAGLE-2: the EAGLE head's dynamic tree, its 32 most probable nodes;
+--tree-nodes 32 63 measures each size) score a tree per sequence; their verify steps replay the tree CUDA graphs
+(minillm/engine/cuda_graph.py) where the batch fits them.
 """
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
                    help="layers of the target an early-exit draft keeps (self_speculative: each; draft_model: "
                         "the first)")
+    p.add_argument("--tree-nodes", type=int, nargs="+", default=None,
+                   help="tree methods: one variant per node count (num_tree_nodes, at most 63; default: the "
+                        "method's own, 32 for eagle_tree; EAGLE-2's paper drafts about 60)")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.draft_layers = args.draft_layers[:1]
     if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1 or min(args.draft_layers) < 1:
         p.error("--k, --max-tokens, every batch size and every draft layer count must be >= 1")
+    if args.tree_nodes and not all(1 <= n <= 63 for n in args.tree_nodes):
+        p.error(f"--tree-nodes must be in [1, 63] (one 64-bit ancestor mask per node), got {args.tree_nodes}")
     return args
 
 
@@ -114,11 +119,14 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
         elif method == "draft_model":
             out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
-        elif method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
-            heads = method.removesuffix("_tree")  # a tree over the same heads
-            out.append((method, dict(config, model=os.path.join(args.heads_dir, heads))))
         else:
-            out.append((method, config))
+            if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
+                heads = method.removesuffix("_tree")  # a tree over the same heads
+                config["model"] = os.path.join(args.heads_dir, heads)
+            if method.endswith("_tree") and args.tree_nodes:
+                out += [(f"{method}/{n}", dict(config, num_tree_nodes=n)) for n in args.tree_nodes]
+            else:
+                out.append((method, config))
     return out
 
 
