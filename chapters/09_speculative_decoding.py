@@ -398,14 +398,18 @@ for method in ("medusa", "eagle", "mtp"):
 # %% [markdown]
 # ## 8. The batch-size trade-off, measured on an H200
 #
-# `benchmarks/bench_speculative.py` ran every method on the H200 (SmolLM2 in bf16, CUDA graphs, k = 4, 128 greedy
-# tokens per request) at batch 1, 8, 32 and 128; we read its JSON instead of recomputing it. Later runs (trained
-# Medusa/EAGLE/MTP heads, token trees: `speculative_methods_h200.json`, `speculative_heads_h200.json` and
-# benchmarks/RESULTS.md) came after the engine's plain decode step got 2x faster, and there no variant pays even at
-# batch 1: on a 135M model a step is host-bound, not memory-bound, and a verify step costs more host work.
+# `benchmarks/bench_speculative.py` ran the methods on the H200 (SmolLM2 in bf16, CUDA graphs, k = 5, nine chat,
+# code and summary prompts, 128 greedy tokens each) at batch 1, 8 and 32; we read its JSON instead of recomputing
+# it. eagle_tree/32 and eagle_tree/63 are EAGLE-2 trees of 32 and 63 nodes (the paper's size is about 60).
+#
+# One lesson came before these numbers. CUDA graphs are captured for verify steps of exactly 1 + k rows. Until the
+# engine was fixed, a request's last steps drafted fewer than k tokens (max_tokens left no room for more), missed
+# the graphs, and ran eagerly at about 20 ms instead of 2: n-gram measured 0.39x; the same engine with every verify
+# step in its graph gives the 1.3x below. On a small model a step is bound by launches and host work, so a step
+# outside its graph costs more than everything speculation can save (benchmarks/RESULTS.md, "Ninth session").
 
 # %%
-RESULTS = [repo_root() / "benchmarks" / "results" / "speculative_h200.json"]  # the all-batch-sizes run
+RESULTS = [repo_root() / "benchmarks" / "results" / "speculative_p7_trees_s9_h200.json"]
 bench = json.loads(RESULTS[0].read_text())
 rows = bench["results"]
 methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "plain"))
@@ -423,14 +427,13 @@ for method in ["plain"] + methods:
         cells.append(f"{r['tokens_per_s']:7.0f} tok/s {r['speedup']:4.2f}x" if method == "plain" else
                      f"{r['speedup']:5.2f}x, len {r['mean_acceptance_length']:.2f}")
     print(f"{method:22s} " + " ".join(f"{c:>16s}" for c in cells))
-missing = [m for m in ("medusa", "eagle", "mtp") if not any(x.startswith(m) for x in methods)]
-print("not measured yet:", ", ".join(missing) if missing else "nothing")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
 for method in methods:
     axes[0].plot(batches, [table[(method, b)]["speedup"] for b in batches], marker="o", label=method)
-    axes[1].plot(range(1, k + 1), table[(method, 1)]["acceptance_by_position"], marker="o", label=method)
+    by_position = table[(method, 1)]["acceptance_by_position"]
+    axes[1].plot(range(1, len(by_position) + 1), by_position, marker="o", label=method)
 axes[0].axhline(1.0, color="k", lw=0.8, ls=":")
 axes[0].set_xscale("log", base=2)
 axes[0].set_xticks(batches, [str(b) for b in batches])
@@ -478,17 +481,17 @@ for b in batches:
 #   memory-bound at all: a plain step takes milliseconds while its weights stream in 0.06 ms; it is bound by
 #   per-step overheads. Speculation adds its own per-sequence work (proposing, verifying, rolling back, longer
 #   query rows), which grows with the batch while plain decoding replays one CUDA graph: at batch 8 and above every
-#   method runs at 0.3x to 0.6x of plain throughput.
-# * *The draft is too expensive for its acceptance.* A draft of 24 of the 30 layers costs 0.8 target steps per
-#   drafted token: k = 4 drafts cost 3.2 steps to win 0.5 tokens, 0.68x even at batch 1. Break-even needs a draft
-#   that is an order of magnitude cheaper (EAGLE's one layer, Medusa's heads) or a much higher acceptance.
-# * *Nothing repeats.* Prompt lookup is free but proposes only what already occurred: 1.35 tokens per step on chat
-#   against 2.41 on summaries (the JSON's `acceptance_length_by_kind`).
+#   method runs below plain throughput.
+# * *The draft is too expensive for its acceptance.* EAGLE's head is one layer, but it drafts k tokens one after
+#   another, each a pass through that layer and the 49152-word LM head: a chain verify step costs about twice a
+#   plain one here, so 1.78 tokens per step do not pay; its trees accept more (2.74 with 63 nodes) and cost more
+#   again. (An earlier run, `speculative_h200.json`: a draft of 24 of the 30 layers, 0.68x even at batch 1.)
+# * *Nothing repeats.* Prompt lookup is free but proposes only what already occurred: 1.40 tokens per step on chat
+#   against 2.27 on code and 2.34 on summaries (the JSON's `acceptance_length_by_kind`).
 #
 # This is why vLLM switches speculation off above a batch size (`disable_by_batch_size`). One caution on the
-# numbers: each is a single run, and lookahead's 1.60x with 1.40 tokens per verify step is more than any
-# step-cost model allows (it would need a verify step cheaper than a plain one): differences of that size
-# between methods are within run-to-run noise.
+# numbers: each is a single run, and plain decoding itself measured 949 and 999 tok/s in two runs the same hour:
+# differences of a few percent between methods are noise.
 #
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
