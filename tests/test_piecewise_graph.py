@@ -85,10 +85,42 @@ def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed
     graphs.run = lambda *a: calls.append(a[0].shape[0]) or run(*a)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     engine.add_request(None, [1, 2, 3], params)
-    engine.step()  # a 3-token prefill: a piecewise replay of bucket 16
+    engine.step()  # a 3-token prompt alone: the whole-forward prompt graph of bucket 16, not the pieces
     engine.add_request(None, list(range(20, 50)), params)
     engine.step()  # the 30-token prompt with the first request's decode: 31 tokens, one mixed step
-    assert calls == [3, 31]
+    assert calls == [31]
+    assert engine.runner.forward_counts["prompt_graph"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_prompt_graphs_replay_lone_prompts_and_match_eager():
+    """A step that is one fresh prompt replays the whole forward of its token bucket (attention included):
+    prompts at and across bucket edges, one at a time, give the eager engine's greedy tokens, and every prefill
+    was a prompt-graph replay; a prompt longer than the largest bucket runs eagerly."""
+    with torch.device("cuda"):
+        model, config = tiny_model(seed=8, backend="triton", max_position_embeddings=256)
+    prompts = [[7], list(range(3, 19)), list(range(30, 47)), list(range(50, 90)), list(range(1, 100)),
+               list(range(100, 230))]
+    kw = dict(max_num_batched_tokens=128, enable_chunked_prefill=True)  # the 130-token prompt: two chunks
+    eager = [_greedy(model, config, [p], enforce_eager=True, **kw)[0] for p in prompts]
+    engine = LLMEngine(model, ByteTokenizer(), config,
+                       EngineConfig(max_model_len=256, max_num_seqs=8, num_kv_blocks=96, enforce_eager=False, **kw),
+                       device=torch.device("cuda"), dtype=torch.float32)
+    assert engine.runner.prompt_graphs.buckets == [16, 24, 32, 48, 64, 96, 128]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = [run_to_completion(engine, [p], params)[0] for p in prompts]
+    assert got == eager
+    counts = engine.runner.forward_counts
+    # every prompt's first (or only) chunk; the 130-token prompt's second chunk has cached context: the pieces
+    assert counts["prompt_graph"] == len(prompts) and counts["piecewise"] == 1 and counts["eager"] == 0, counts
+
+
+def test_prompt_graphs_refuse_a_cpu():
+    from minillm.engine.prompt_graph import PromptCUDAGraphs
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match="CUDA device"):
+        PromptCUDAGraphs(model, 64, torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -11,7 +11,8 @@ anything is built, `resolve_engine_config` turns that into a concrete EngineConf
     piecewise_cuda_graphs  on wherever decode graphs are: steps with prefill tokens (up to 512 of them) replay
                        graphs between eager attention calls. H200, Llama-3-8B shape: continuous batching 1.57-1.64x
                        the tokens/s of decode-only graphs' 1.10x against static; a prefix-cached prompt's TTFT
-                       7 ms instead of 37 (benchmarks/RESULTS.md)
+                       7 ms instead of 37 (benchmarks/RESULTS.md); with them, a step that is one fresh prompt
+                       replays a whole-forward graph (minillm/engine/prompt_graph.py)
 The operator backend stays as given: "auto" is decided per call by the tensors' device (minillm.layers.backend).
 
 Then, once the worker knows how many device blocks fit (minillm.engine.kv_cache.num_device_blocks, which on

@@ -31,8 +31,9 @@ views through the module's `k_cache` / `v_cache` attributes.
 
 Launch overhead (chapter 4), set by `configure(engine_config)` (or the `engine_config=` argument):
 on CUDA with `enforce_eager=False` (the default there), decode-only steps, chain verify steps and token-tree
-verify steps replay CUDA graphs captured up front for batch-size buckets (minillm/engine/cuda_graph.py); steps
-with prefill tokens replay piecewise graphs where configured; every other step runs eagerly. `compile=True` runs the
+verify steps replay CUDA graphs captured up front for batch-size buckets (minillm/engine/cuda_graph.py); a step that
+is one fresh prompt replays a whole-forward graph per token bucket (prompt_graph.py), other steps with prefill
+tokens piecewise graphs, where configured; every other step runs eagerly. `compile=True` runs the
 forward through `torch.compile(dynamic=True)` instead (an alternative to graphs, not a complement).
 The operator backend itself (torch reference or Triton kernels) is the model's (minillm.layers.backend).
 """
@@ -98,7 +99,9 @@ class ModelRunner:
         self.engine_config: EngineConfig | None = None
         self.cuda_graphs = None  # DecodeCUDAGraphs once captured
         self.piecewise_graphs = None  # PiecewiseCUDAGraphs (steps with prefill tokens), when configured
-        # forwards by how they ran: "graph" (a whole-forward replay), "piecewise", "eager" (benchmarks read it)
+        self.prompt_graphs = None  # PromptCUDAGraphs (a step that is one fresh prompt), with the piecewise ones
+        # forwards by how they ran: "graph" (a decode/verify replay), "prompt_graph" (one fresh prompt, a whole
+        # replay), "piecewise", "eager" (benchmarks read it)
         self.forward_counts: collections.Counter = collections.Counter()
         self.forward_fn = model
         self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
@@ -117,7 +120,7 @@ class ModelRunner:
         """Apply the engine's launch options: CUDA graphs for decode (CUDA, enforce_eager=False) or
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
-        self.cuda_graphs, self.piecewise_graphs, self.forward_fn = None, None, self.model
+        self.cuda_graphs, self.piecewise_graphs, self.prompt_graphs, self.forward_fn = None, None, None, self.model
         from minillm.speculative.config import hidden_state_kind, tree_graph_batch, verify_query_lens
         from minillm.engine.cuda_graph import tree_graph_buckets
         from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS
@@ -164,9 +167,14 @@ class ModelRunner:
         # graphs: the hook's copy into _graph_pre_norm is recorded in the last piece, and every replay refreshes it
         if engine_config.piecewise_cuda_graphs and not getattr(self.model_config, "num_local_experts", None):
             from minillm.engine.piecewise_graph import PiecewiseCUDAGraphs
+            from minillm.engine.prompt_graph import PromptCUDAGraphs
             pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device)
             self._capture(pieces)
             self.piecewise_graphs = pieces
+            # the commonest of those steps, one fresh prompt, replays a whole-forward graph (attention included)
+            prompts = PromptCUDAGraphs(self.model, piecewise_tokens, self.device)
+            self._capture(prompts)
+            self.prompt_graphs = prompts
 
     def _capture(self, graphs: Any) -> None:
         """graphs.capture(), with the flag that lets the pre-norm hook record its copy into the static buffer."""
@@ -378,6 +386,13 @@ class ModelRunner:
             self.forward_counts["graph"] += 1
             if self._graph_pre_norm is not None:  # what the replay's recorded copy wrote
                 self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
+            return hidden
+        prompts, tokens = self.prompt_graphs, prepared.input_ids.shape[0]
+        if prompts is not None and prompts.can_run(prepared.metadata, tokens):
+            self.forward_counts["prompt_graph"] += 1
+            hidden = prompts.run(prepared.input_ids, prepared.positions, prepared.metadata)
+            if self._graph_pre_norm is not None:  # the recorded copy of the final norm's input
+                self._pre_norm = self._graph_pre_norm[:tokens]
             return hidden
         pieces = self.piecewise_graphs
         with forward_context(prepared.metadata):
