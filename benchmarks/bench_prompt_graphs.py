@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.shapes, args.lengths, args.repeats = args.shapes[:1], [5, 20], 1
-    rows = []
+    rows: list[dict] = []
+    record = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if
+              device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "repeats": args.repeats, "rows": rows}
     for name in args.shapes:
         engine = engine_for(SHAPES[name], device)
         vocab = engine.model_config.vocab_size
@@ -99,12 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    record = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if
-              device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "repeats": args.repeats, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        with open(args.out, "w") as f:  # after every shape: a run cut short keeps what it measured
+            json.dump(record, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -97,7 +97,8 @@ def test_piecewise_runner_records_one_graph_per_layer_plus_one_and_replays_mixed
 def test_prompt_graphs_replay_lone_prompts_and_match_eager():
     """A step that is one fresh prompt replays the whole forward of its token bucket (attention included):
     prompts at and across bucket edges, one at a time, give the eager engine's greedy tokens, and every prefill
-    was a prompt-graph replay; a prompt longer than the largest bucket runs eagerly."""
+    of more than one token was a prompt-graph replay; a prompt longer than the largest bucket is chunked, and its
+    second chunk (with cached context) runs piecewise."""
     with torch.device("cuda"):
         model, config = tiny_model(seed=8, backend="triton", max_position_embeddings=256)
     prompts = [[7], list(range(3, 19)), list(range(30, 47)), list(range(50, 90)), list(range(1, 100)),
@@ -112,8 +113,9 @@ def test_prompt_graphs_replay_lone_prompts_and_match_eager():
     got = [run_to_completion(engine, [p], params)[0] for p in prompts]
     assert got == eager
     counts = engine.runner.forward_counts
-    # every prompt's first (or only) chunk; the 130-token prompt's second chunk has cached context: the pieces
-    assert counts["prompt_graph"] == len(prompts) and counts["piecewise"] == 1 and counts["eager"] == 0, counts
+    # every prompt's first (or only) chunk but the one-token prompt's (a decode graph takes a step of one token
+    # per sequence); the 130-token prompt's second chunk has cached context: the pieces
+    assert counts["prompt_graph"] == len(prompts) - 1 and counts["piecewise"] == 1 and counts["eager"] == 0, counts
 
 
 def test_prompt_graphs_refuse_a_cpu():
