@@ -79,6 +79,9 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # outputs (awq+); AWQ's scales then GPTQ's rounding (awq+gptq)
     ("gptq w4 g64 act-order", "gptq", dict(bits=4, group_size=64, act_order=True)),
     ("gptq+ w4 g64", "recipe-gptq", dict(bits=4, group_size=64)),
+    # the same GPTQ aimed at the unquantized model's outputs (asymmetric calibration, quant/gptq_asym.py)
+    ("gptq+ asym w4 g64", "recipe-gptq", dict(bits=4, group_size=64, asym_calib=True)),
+    ("awq+gptq asym w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64, asym_calib=True)),
     ("awq+ w4 g64", "recipe-awq", dict(bits=4, group_size=64)),
     ("awq+gptq w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64)),
     ("awq+gptq w3 g64", "recipe-awq+gptq", dict(bits=3, group_size=64)),

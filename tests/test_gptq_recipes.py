@@ -139,6 +139,39 @@ def test_recipe_validates_its_inputs(dense):
         quantize_recipe(dense, "awq", CALIB.float())
 
 
+# -- asymmetric calibration (quant/gptq_asym.py) ---------------------------------------------------------------
+def test_asymmetric_target_is_the_least_squares_fit_of_the_unquantized_outputs():
+    """W* fits x~ W^T from x (what the quantized walk feeds the layer) in the least-squares sense, streamed over
+    batches like GPTQ's Hessian; with x~ = x nothing was quantized before and W* is W."""
+    from minillm.quant.gptq_asym import PairedInputAccumulator, asymmetric_target
+    g = torch.Generator().manual_seed(3)
+    x_fp = torch.randn(600, 24, generator=g) @ torch.randn(24, 24, generator=g)
+    x = x_fp + 0.1 * torch.randn(600, 24, generator=g)  # the error that reached the layer
+    w = torch.randn(10, 24, generator=g)
+    acc, same = PairedInputAccumulator(24), PairedInputAccumulator(24)
+    for rows in torch.split(torch.arange(600), [100, 250, 250]):
+        acc.add(x[rows], x_fp[rows])
+        same.add(x[rows], x[rows])
+    fit = torch.linalg.lstsq(x.double(), (x_fp @ w.T).double()).solution.T.float()
+    target = asymmetric_target(w, acc.H, acc.D, percdamp=0.0)
+    assert torch.allclose(target, fit, atol=1e-4, rtol=1e-4)
+    assert (x @ target.T - x_fp @ w.T).norm() < (x @ w.T - x_fp @ w.T).norm()
+    assert torch.allclose(asymmetric_target(w, same.H, same.D), w, atol=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        acc.add(x[:5], x_fp[:4])
+
+
+def test_asymmetric_gptq_lands_closer_to_the_unquantized_model(dense):
+    """Aimed at the unquantized model's outputs, GPTQ's logits on the calibration text come closer to the dense
+    model's than plain (sequential) GPTQ's, which aims each layer at its own quantized inputs."""
+    ref = _logits(dense, CALIB)
+    plain = quantize_model(dense, "gptq", bits=3, group_size=32, calibration=CALIB, progress=False)
+    asym = quantize_model(dense, "gptq", bits=3, group_size=32, calibration=CALIB, asym_calib=True, progress=False)
+    assert _rel(_logits(asym.build(), CALIB), ref) < _rel(_logits(plain.build(), CALIB), ref)
+    with pytest.raises(ValueError, match="asym_calib is a GPTQ option"):
+        quantize_model(dense, "rtn", asym_calib=True, progress=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["gptq", "awq+gptq"])
 def test_recipes_on_cuda_beat_rtn(recipe):

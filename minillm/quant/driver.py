@@ -49,6 +49,7 @@ from minillm.quant.awq import _clip, awq_quantize, fold_scales_into_linear, fold
 from minillm.quant.fp8 import quantize_fp8
 from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe, fp8_calibrated_layer
 from minillm.quant.gptq import HessianAccumulator, gptq_quantize
+from minillm.quant.gptq_asym import PairedInputAccumulator, accumulate_paired_inputs, asymmetric_target
 from minillm.quant.int4 import awq_tensors, gptq_tensors
 from minillm.quant.nf4 import quantize_nf4
 from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
@@ -180,14 +181,28 @@ class LayerRunner:
                 h.remove()
 
 
-def _gptq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
+def _linears_in_order(layer: nn.Module) -> tuple[nn.Module, ...]:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def _gptq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any],
+                reference: tuple[nn.Module, LayerRunner] | None = None) -> dict[nn.Module, QuantizedWeight]:
+    """True-sequential GPTQ of one layer. reference: (the layer's unquantized twin, the unquantized walk) for
+    asymmetric calibration (gptq_asym.py): each linear aims at the unquantized model's outputs."""
     result = {}
-    for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-        acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
-        runner.run(layer, {lin: acc.add})
+    twins = _linears_in_order(reference[0]) if reference is not None else (None,) * 4
+    for lin, twin in zip(_linears_in_order(layer), twins):
+        weight = lin.weight.data
+        if reference is None:
+            acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
+            runner.run(layer, {lin: acc.add})
+        else:
+            acc = PairedInputAccumulator(lin.input_size, device=lin.weight.device)
+            accumulate_paired_inputs(layer, reference[0], lin, twin, runner.batches, reference[1].batches, acc)
+            weight = asymmetric_target(weight, acc.H, acc.D, opts["percdamp"])
         g = opts["group_size"]
         block = 128 if g == -1 or 128 % g == 0 else g
-        res = gptq_quantize(lin.weight.data, acc.H, opts["bits"], g, opts["sym"], opts["percdamp"], block,
+        res = gptq_quantize(weight, acc.H, opts["bits"], g, opts["sym"], opts["percdamp"], block,
                             act_order=opts["act_order"], static_groups=opts["static_groups"],
                             clip_search=opts["grid_search"])
         lin.weight.data.copy_(res.weight_dq.to(lin.weight.dtype))
@@ -335,7 +350,7 @@ def _quantization_config(method: str, opts: dict[str, Any]) -> dict[str, Any]:
 def quantize_model(model: nn.Module, method: str, bits: int | None = None, group_size: int = 64,
                    calibration: torch.Tensor | None = None, progress: bool = True, *, sym: bool = False,
                    act_order: bool = False, static_groups: bool = False, grid_search: bool = False,
-                   percdamp: float = 0.01, alpha: float = 0.5, batch_size: int = 4,
+                   percdamp: float = 0.01, asym_calib: bool = False, alpha: float = 0.5, batch_size: int = 4,
                    max_tokens: int = 4096, fp8_per_channel: bool = True,
                    llm_int8_threshold: float = 6.0, fp8_smooth_alpha: float | str | None = None,
                    fp8_gptq: bool = False, fp8_mse_scale: bool = False,
@@ -348,7 +363,9 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     sequences per forward); act_order/percdamp: GPTQ's; static_groups (group grids fixed from the original
     columns before act-order reorders them: no g_idx) and grid_search (each group's range searched, weighted by
     the Hessian's diagonal): GPTQ's too, all three together the options of the "gptq+" recipe (quant/recipes.py;
-    SmolLM2 4-bit g64 in benchmarks/RESULTS.md: +7.6% perplexity on the H200 against +21.0% plain GPTQ); alpha:
+    SmolLM2 4-bit g64 in benchmarks/RESULTS.md: +7.6% perplexity on the H200 against +21.0% plain GPTQ);
+    asym_calib: GPTQ aimed at the unquantized model's outputs rather than at the quantized walk's own
+    (gptq_asym.py: a second, unquantized walk alongside); alpha:
     SmoothQuant's migration strength; max_tokens:
     the calibration tokens AWQ's searches use per linear. fp8_smooth_alpha (a float in [0, 1] or "search" over
     fp8_alphas on fp8_search_tokens tokens), fp8_gptq, fp8_mse_scale: the calibrated fp8 recipe (fp8_calibrated.py;
@@ -366,7 +383,7 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     fmt = "awq" if method == "awq" and bits == 4 else ("gptq" if method in ("rtn", "gptq", "awq") else method)
-    for name, flag in (("static_groups", static_groups), ("grid_search", grid_search)):
+    for name, flag in (("static_groups", static_groups), ("grid_search", grid_search), ("asym_calib", asym_calib)):
         if flag and method != "gptq":
             raise ValueError(f"{name} is a GPTQ option; got it with method {method!r}")
     opts = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
@@ -381,8 +398,14 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     if calibrated:
         model = copy.deepcopy(model)  # weights are rewritten (quantized, scales folded) as the walk goes
         runner = LayerRunner(model, calibration, batch_size)
+        fp_runner = LayerRunner(model, calibration, batch_size) if asym_calib else None  # the unquantized walk
         for layer in tqdm(model.model.layers, desc=method, unit="layer", disable=not progress):
-            qweights.update(_LAYER_ALGORITHMS[method](layer, runner, opts))
+            if fp_runner is None:
+                qweights.update(_LAYER_ALGORITHMS[method](layer, runner, opts))
+            else:
+                fp_layer = copy.deepcopy(layer)  # before quantization: the walk the targets come from
+                qweights.update(_gptq_layer(layer, runner, opts, reference=(fp_layer, fp_runner)))
+                fp_runner.run(fp_layer, advance=True)
             runner.run(layer, advance=True)
     linears = {m: n for n, m in _decoder_linears(model).items()}
     state: dict[str, torch.Tensor] = {}

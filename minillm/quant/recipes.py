@@ -57,14 +57,15 @@ RECIPES = ("gptq", "awq", "awq+gptq", "autoround")
 @torch.no_grad()
 def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bits: int = 4, group_size: int = 64,
                     *, act_order: bool = True, static_groups: bool = True, clip_search: bool = True,
-                    percdamp: float = 0.01, awq_clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
+                    percdamp: float = 0.01, asym_calib: bool = False, awq_clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
                     awq_tokens: int | None = None, batch_size: int = 4, iters: int = 200, lr: float | None = None,
                     seed: int = 0, progress: bool = True) -> QuantizedModel:
     """Quantize a dense LlamaForCausalLM with `recipe` (RECIPES) on calibration ids [n_samples, seq_len].
 
     bits 2..8, group_size -1 or a divisor of every in_features; act_order/static_groups/clip_search/percdamp:
     the GPTQ pass (gptq_quantize); awq_clip/duo_scaling/n_grid/awq_tokens (calibration tokens its block search
-    reads, None: all): the AWQ pass (awq_block.awq_scale_layer); iters/lr/seed: AutoRound's signed descent
+    reads, None: all): the AWQ pass (awq_block.awq_scale_layer); asym_calib: the GPTQ pass aimed at the
+    unquantized model's outputs (gptq_asym.py); iters/lr/seed: AutoRound's signed descent
     (autoround.quantize_autoround, a minibatch of batch_size sequences an iteration). The model is left
     unchanged; the result is a GPTQ checkpoint in memory (asymmetric, no g_idx when static_groups).
     """
@@ -102,6 +103,7 @@ def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bi
         qm = quantize_model(model, "rtn", **common)
     else:
         qm = quantize_model(model, "gptq", calibration=calibration, act_order=act_order,
-                            static_groups=static_groups, grid_search=clip_search, percdamp=percdamp, **common)
+                            static_groups=static_groups, grid_search=clip_search, percdamp=percdamp,
+                            asym_calib=asym_calib, **common)
     config = dict(qm.config.quantization_config, minillm_method=recipe)
     return dataclasses.replace(qm, config=dataclasses.replace(qm.config, quantization_config=config))
