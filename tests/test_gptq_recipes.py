@@ -172,6 +172,25 @@ def test_asymmetric_gptq_lands_closer_to_the_unquantized_model(dense):
         quantize_model(dense, "rtn", asym_calib=True, progress=False)
 
 
+def test_cli_quantizes_with_asymmetric_calibration(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from minillm.cli import main
+    from minillm.quant.checkpoint import hf_config_dict
+    from test_fp8_block import _byte_tokenizer_json
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(CONFIG)))
+    save_file(_checkpoint(CONFIG), str(tmp_path / "model.safetensors"))
+    _byte_tokenizer_json(tmp_path)
+    common = ["quantize", str(tmp_path), "--group-size", "32", "--calib-samples", "2", "--calib-seq-len", "16"]
+    assert main(common + ["--method", "gptq", "--asym-calib", "--out", str(tmp_path / "q")]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert main(common + ["--method", "rtn", "--asym-calib", "--out", str(tmp_path / "r")]) == 2
+    assert "asym_calib is a GPTQ option" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["gptq", "awq+gptq"])
 def test_recipes_on_cuda_beat_rtn(recipe):

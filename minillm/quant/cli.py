@@ -143,7 +143,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         qm = quantize_model(model, args.method, args.bits, args.group_size, calibration=calibration,
                             sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
-                            grid_search=args.grid_search, alpha=args.alpha, **recipe, **_block_options(args))
+                            grid_search=args.grid_search, asym_calib=args.asym_calib, alpha=args.alpha, **recipe,
+                            **_block_options(args))
         save_quantized(qm, args.out, tokenizer, source=path if os.path.isdir(path) else None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"minillm quantize: error: {err}", file=sys.stderr)
@@ -172,6 +173,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grid-search", action="store_true",
                    help="gptq: search each group's grid range (weighted by the Hessian's diagonal); with "
                         "--act-order --static-groups this is the best GPTQ here")
+    p.add_argument("--asym-calib", action="store_true",
+                   help="gptq: aim each layer at the unquantized model's outputs (GPTAQ's asymmetric calibration; "
+                        "needs many calibration tokens: 16k+ on SmolLM2)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=None,
                    help="fp8: SmoothQuant migration before e4m3, a float in [0, 1] or 'search' (per linear)")
