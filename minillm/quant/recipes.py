@@ -27,6 +27,8 @@ applied before GPTQ) cost more than they protect, and "gptq" alone is the better
 eval, 2026-12-03, when "gptq" read +6.5%): +6.4% held out but +0.2% on the calibration text itself ("gptq"
 +2.4%): it fits the 4096 calibration tokens and ties "gptq" on new text (autoround.py's docstring). A
 smaller probe (4 x 128 held out) put "awq" at +17.1% (RTN +40.1%, driver GPTQ +10.6%, "gptq" +7.3%).
+"gptq" with asym_calib=True (gptq_asym.py: aimed at the unquantized model's outputs), same eval: +8.8% with 16 x
+256 calibration tokens (it fits them), +3.4% with 64 x 256 (where "gptq" reads +5.4%).
 
 The AWQ pass walks the layers with dense (scaled) weights, as AutoAWQ does; the GPTQ pass walks them with
 quantized ones, as GPTQ's reference does (each layer calibrated on the outputs of the already quantized
