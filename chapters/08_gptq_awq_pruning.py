@@ -251,7 +251,9 @@ for name in ("qkv_proj", "down_proj"):
 # %%
 for path in sorted(glob.glob(f"{repo_root()}/benchmarks/results/quant_quality*.json")):
     run = json.load(open(path))
-    print(f"{run['model']} on {run['device']}, {run['date']}, held-out tokens {run['held_out_tokens']}:")
+    calibration = run.get("calibration_tokens", "-")
+    print(f"{run['model']} on {run['device']}, {run['date']}, held-out tokens {run['held_out_tokens']}, "
+          f"calibration tokens {calibration}:")
     for r in run["runs"]:
         print(f"  {r['label']:22s} perplexity {r['perplexity']:8.3f}   {r['bits_per_weight']:6.3f} bits/weight")
 for path in sorted(glob.glob(f"{repo_root()}/benchmarks/results/quant_gemm*.json")):
