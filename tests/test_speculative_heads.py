@@ -131,6 +131,36 @@ def test_a_deadline_shortens_training_to_the_steps_that_fit(target, data, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["training"]["steps"] == TIMING_STEPS + 1
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_init_continues_from_the_saved_heads(target, data, trained, kind, tmp_path):
+    """Fine-tuning a shipped head: one step at a negligible learning rate leaves the saved weights (not the fresh
+    start of initial_heads), and config.json says where training continued from."""
+    model, config = target
+    directory, _ = trained[kind]
+    options = TrainOptions(kind, 1, num_heads=K, rows_per_step=8, lr=1e-12, init=str(directory))
+    train_heads(model, config, data, options, tmp_path)
+    saved, head_config = load_heads(kind, directory, config)
+    continued = dict(load_heads(kind, tmp_path, config)[0].named_parameters())
+    fresh = dict(initial_heads(head_config, model, feature_rms(data)).named_parameters())
+    assert all(torch.allclose(continued[n], p, atol=1e-6) for n, p in saved.named_parameters())
+    assert any(not torch.allclose(fresh[n], p) for n, p in saved.named_parameters())  # a fresh start would fail
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["continued_from"] == str(directory)
+    with pytest.raises(ValueError, match="init continues a head's training"):
+        TrainOptions("draft", 1, init=str(directory))
+    other = "eagle" if kind == "medusa" else "medusa"
+    with pytest.raises(ValueError):  # a medusa directory cannot start an eagle head, nor the reverse
+        train_heads(model, config, data, TrainOptions(other, 1, num_heads=K, init=str(directory)), tmp_path / "x")
+
+
+def test_a_new_sample_seed_keeps_the_held_out_requests(target, data):
+    """--sample-seed: new sampled answers for the same training prompts, the same greedy held-out requests."""
+    model, config = target
+    again = distill_data(model, ByteTokenizer(), config, num_prompts=6, max_new_tokens=24, seq_len=24,
+                         device=torch.device("cpu"), dtype=torch.float32, max_prompt_tokens=40, sample_seed=7)
+    assert torch.equal(again.held_out.tokens, data.held_out.tokens)
+    assert not torch.equal(again.tokens, data.tokens)
+
+
 def test_train_options_name_the_bad_value():
     with pytest.raises(ValueError, match="kind must be one of draft, medusa, eagle, mtp, got 'beam'"):
         TrainOptions("beam", 10)

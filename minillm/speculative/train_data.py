@@ -225,17 +225,22 @@ def pad_documents(documents: list[list[int]], features: list[torch.Tensor], prom
 def distill_data(model: nn.Module, tokenizer: Any, model_config: ModelConfig, num_prompts: int,
                  max_new_tokens: int, seq_len: int, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, max_prompt_tokens: int = 256, deadline: float | None = None,
-                 held_out_fraction: float = HELD_OUT_FRACTION) -> DistillData:
+                 held_out_fraction: float = HELD_OUT_FRACTION, sample_seed: int | None = None) -> DistillData:
     """Prompts split by prompt -> the target's answers (held-out ones first and greedily, so a deadline never
     leaves the evaluation empty; cut short at `deadline`, see generate) -> features over whole documents ->
-    training rows and held-out documents."""
+    training rows and held-out documents.
+
+    `seed` orders the prompts and so decides which are held out; `sample_seed` (default: seed) seeds the sampled
+    answers alone. Another sample_seed with the same seed gives new sampled answers to the same training prompts
+    and the same held-out requests: fresh data for a head that continues training (train_heads' `init`) without
+    its held-out measurement reading a request an earlier run trained on."""
     train, held = build_prompts(tokenizer, num_prompts, max_prompt_tokens, seed, held_out_fraction)
     temperatures = [0.0] * len(held) + [0.0 if i % 2 == 0 else SAMPLED_TEMPERATURES[(i // 2) % 4]
                                          for i in range(len(train))]
     past_eos = [i % 2 == 1 for i in range(len(held))] + [i % IGNORE_EOS_EVERY == 1 for i in range(len(train))]
     prompts = held + train
     documents = generate(model, tokenizer, model_config, prompts, max_new_tokens, device, dtype, temperatures,
-                         seed=seed, deadline=deadline, ignore_eos=past_eos)
+                         seed=seed if sample_seed is None else sample_seed, deadline=deadline, ignore_eos=past_eos)
     answered = [i for i, (d, p) in enumerate(zip(documents, prompts)) if len(d) > len(p)]  # aborted unstarted: none
     features = dict(zip(answered, document_features(model, [documents[i] for i in answered], device)))
     held_ids = [i for i in answered if i < len(held)]

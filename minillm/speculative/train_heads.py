@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.config import ModelConfig
-from minillm.speculative.head_kinds import new_heads
+from minillm.speculative.head_kinds import load_heads, new_heads
 from minillm.speculative.head_proposer import DEFAULT_WINDOW
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
 from minillm.speculative.train_data import DistillData, HeldOut
@@ -69,6 +69,7 @@ class TrainOptions:
     unroll: int = 3  # eagle: passes of the drafting chain after the teacher-forced one (training-time test)
     unroll_decay: float = 0.8  # eagle: weight of pass j is unroll_decay ** j
     window: int = DEFAULT_WINDOW  # eagle: real positions a chain attends to, as the proposer's window
+    init: str | None = None  # a directory train_heads wrote (medusa, eagle, mtp): continue from those weights
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -89,6 +90,9 @@ class TrainOptions:
             raise ValueError(f"unroll_decay must be in (0, 1], got {self.unroll_decay!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.init is not None and self.kind == "draft":
+            raise ValueError("init continues a head's training (medusa, eagle, mtp); a draft model starts from "
+                             "the target's own layers")
 
 
 def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:
@@ -156,6 +160,8 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         config = HeadConfig.for_target(options.kind, model_config, options.num_heads)
         scale = feature_rms(data)
         trainee = initial_heads(config, target_model, scale).to(device=device, dtype=torch.float32)
+        if options.init is not None:  # fine-tuning: the saved head (checked against this target) replaces the start
+            trainee.load_state_dict(load_heads(options.kind, options.init, model_config, device)[0].state_dict())
         loss_fn = HeadLoss(options.kind, target, scale, options.unroll, options.unroll_decay, options.window)
     trainee.train()
     params = [p for p in trainee.parameters() if p.requires_grad]
@@ -218,7 +224,8 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     else:
         config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
                            "rows_per_step": options.rows_per_step, "seconds_per_step": result["seconds_per_step"],
-                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee)}
+                           "final_loss": history[-1]["loss"], "parameters": num_parameters(trainee),
+                           "continued_from": options.init}
         if data.held_out is not None:
             _evaluate_held_out(result, config.training, options, loss_fn, trainee, target, data.held_out)
             if options.kind == "eagle":

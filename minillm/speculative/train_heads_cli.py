@@ -67,7 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, metavar="DIR",
                    help="--kind eagle: also measure the EAGLE head in DIR (e.g. the shipped one) on the same "
                         "held-out requests")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="continue training the head saved in DIR (medusa, eagle or mtp: one --kind), e.g. the "
+                        "shipped one, instead of starting from the target's last layer; pair it with a new "
+                        "--sample-seed so the run sees new sampled answers")
+    p.add_argument("--seed", type=int, default=0,
+                   help="orders the prompts, so it decides the held-out ones (keep it when continuing with --init)")
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="seeds the sampled answers alone (default: --seed): the same held-out requests, new "
+                        "training text")
     p.add_argument("--tiny", action="store_true", help="a few prompts, short rows, a few steps: a smoke run")
     p.set_defaults(func=_cmd_train_heads)
 
@@ -108,12 +116,18 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         raise SystemExit(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
     if args.compare and not os.path.isfile(os.path.join(args.compare, "heads.safetensors")):
         raise SystemExit(f"--compare {args.compare}: no heads.safetensors there (a directory train-heads wrote)")
+    if args.init is not None and (len(args.kind) != 1 or args.kind[0] == "draft"):
+        raise SystemExit(f"--init continues one head's training: use it with one --kind of medusa, eagle or mtp, "
+                         f"got {args.kind}")
+    if args.init is not None and not os.path.isfile(os.path.join(args.init, "heads.safetensors")):
+        raise SystemExit(f"--init {args.init}: no heads.safetensors there (a directory train-heads wrote)")
     if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
         raise SystemExit(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
                          f"and {args.data_share}")
     options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
                             draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
-                            seed=args.seed, unroll=args.unroll) for kind in args.kind]  # validates before loading
+                            seed=args.seed, unroll=args.unroll, init=args.init)
+               for kind in args.kind]  # validates before loading
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
@@ -125,7 +139,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     data = distill_data(target, tokenizer, model_config, sizes["num_prompts"], sizes["max_new_tokens"],
                         sizes["seq_len"], device, dtype, seed=args.seed,
                         max_prompt_tokens=sizes["max_prompt_tokens"], deadline=data_deadline,
-                        held_out_fraction=args.held_out_fraction)
+                        held_out_fraction=args.held_out_fraction, sample_seed=args.sample_seed)
     spent = time.perf_counter() - start
     share = f" ({100 * spent / args.time_budget:.0f}% of the budget)" if args.time_budget else ""
     documents = int(data.segments.max()) + 1 if data.segments is not None else 0
