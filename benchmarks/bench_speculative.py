@@ -1,6 +1,6 @@
 """Speculative decoding on SmolLM2: mean acceptance length and wall-clock speedup per proposer (chapter 9).
 
-    python benchmarks/bench_speculative.py [MODEL] [--quick] [--k 4] [--max-tokens 128]
+    python benchmarks/bench_speculative.py [MODEL] [--quick | --cpu] [--k 4] [--max-tokens 128]
            [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]
            [--draft-layers 4 16 24] [--heads-dir DIR] [--out benchmarks/results/speculative_h200.json]
 
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2)")
     p.add_argument("--quick", action="store_true", help="a short CPU smoke test")
+    p.add_argument("--cpu", action="store_true",
+                   help="run the full prompt set without a GPU (slow; acceptance lengths, not speed, mean something)")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -74,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-nodes", type=int, nargs="+", default=None,
                    help="tree methods: one variant per node count (num_tree_nodes, at most 63; default: the "
                         "method's own, 32 for eagle_tree; EAGLE-2's paper drafts about 60)")
+    p.add_argument("--tree-widths", type=int, nargs="+", default=None,
+                   help="eagle_tree: one variant per search width (speculative_config tree_search_width: top-k "
+                        "children per expanded node, nodes expanded per depth; default: the method's own)")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -123,10 +128,12 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
                 heads = method.removesuffix("_tree")  # a tree over the same heads
                 config["model"] = os.path.join(args.heads_dir, heads)
-            if method.endswith("_tree") and args.tree_nodes:
-                out += [(f"{method}/{n}", dict(config, num_tree_nodes=n)) for n in args.tree_nodes]
-            else:
-                out.append((method, config))
+            trees = [(f"{method}/{n}", dict(config, num_tree_nodes=n)) for n in args.tree_nodes] \
+                if method.endswith("_tree") and args.tree_nodes else [(method, config)]
+            if method == "eagle_tree" and args.tree_widths:  # EAGLE-2's search width (top-k and beam)
+                trees = [(f"{label}/w{w}", dict(spec, tree_search_width=w)) for label, spec in trees
+                         for w in args.tree_widths]
+            out += trees
     return out
 
 
@@ -195,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(1)  # small ops on a shared CPU: threads only fight each other
-    if device == "cpu" and not args.quick:
-        print("no CUDA device: run with --quick for a CPU smoke test", file=sys.stderr)
+    if device == "cpu" and not (args.quick or args.cpu):
+        print("no CUDA device: run with --quick for a CPU smoke test (or --cpu for the full prompt set)",
+              file=sys.stderr)
         return 2
     batch_max = max(args.batch_sizes)
     max_model_len = 1024

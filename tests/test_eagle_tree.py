@@ -156,6 +156,26 @@ def test_eagle_tree_in_the_engine_equals_plain_decoding(model_and_config, plain,
     assert engine.speculative.metrics.num_verify_steps > 0
 
 
+def test_tree_search_width_is_validated_and_reaches_the_search(model_and_config, plain, eagle_dir):
+    """speculative_config tree_search_width sets EAGLE-2's top-k and beam; outputs stay plain decoding's."""
+    from test_speculative_tree_engine import run
+    with pytest.raises(ValueError, match="tree_search_width must be None or an integer in \\[1, 64\\], got 0"):
+        SpeculativeConfig("eagle_tree", 5, tree_search_width=0)
+    with pytest.raises(ValueError, match="tree_search_width is only read by method eagle_tree, got method 'eagle'"):
+        SpeculativeConfig("eagle", 5, tree_search_width=8)
+    widths = []
+
+    def spy(proposer):
+        inner = proposer.heads.propose_tree_candidates
+        proposer.heads.propose_tree_candidates = lambda seqs, depths, topk, beam: \
+            widths.append((topk, beam)) or inner(seqs, depths, topk, beam)
+        return proposer
+    spec = {"method": "eagle_tree", "num_speculative_tokens": K, "model": eagle_dir, "num_tree_nodes": 7,
+            "tree_search_width": 3, "draft_ahead": False}
+    outputs, engine = run(model_and_config, spec, 64, proposer=spy)
+    assert outputs == plain and widths and set(widths) == {(3, 3)}
+
+
 def watch_ahead(proposer, collected: list[bool]):
     """Record, per tree proposal, whether a search started ahead was pending when it was asked for."""
     inner = proposer.propose_trees

@@ -40,7 +40,8 @@ HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm",
 # methods that read `model`: a draft checkpoint, or a directory of trained heads
 _READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes", "draft_ahead"}
+         "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes", "tree_search_width",
+         "draft_ahead"}
 # methods that read num_tree_nodes (the draft nodes below the root of each verified tree)
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
@@ -58,6 +59,8 @@ class SpeculativeConfig:
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
     num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
     # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
+    tree_search_width: int | None = None  # eagle_tree: children kept per expanded node and nodes expanded per depth
+    # of EAGLE-2's search (its top-k), in [1, 64]; None: tree_proposers.EAGLE_TREE_TOPK
     draft_ahead: bool | None = None  # head methods: start step N+1's greedy proposal at the end of step N and
     # collect it without waiting (draft_ahead.py). None: on for the head methods on a GPU (where the draft then runs
     # during the host's bookkeeping), off on a CPU (nothing overlaps there). H200, bench_spec_host.py, 2026-12-03,
@@ -86,6 +89,12 @@ class SpeculativeConfig:
         if n is not None and self.method not in _READS_TREE_NODES:
             raise ValueError(f"speculative_config num_tree_nodes is only read by methods "
                              f"{', '.join(_READS_TREE_NODES)}, got method {self.method!r}")
+        w = self.tree_search_width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 64):
+            raise ValueError(f"speculative_config tree_search_width must be None or an integer in [1, 64], got {w!r}")
+        if w is not None and self.method != "eagle_tree":
+            raise ValueError(f"speculative_config tree_search_width is only read by method eagle_tree, got method "
+                             f"{self.method!r}")
         if self.draft_ahead is not None and not isinstance(self.draft_ahead, bool):
             raise ValueError(f"speculative_config draft_ahead must be True, False or None, got {self.draft_ahead!r}")
         if self.draft_ahead and self.method not in HIDDEN_STATE_KIND:
