@@ -60,7 +60,7 @@ class SpeculativeConfig:
     num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
     # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
     tree_search_width: int | None = None  # eagle_tree: children kept per expanded node and nodes expanded per depth
-    # of EAGLE-2's search (its top-k), in [1, 64]; None: tree_proposers.EAGLE_TREE_TOPK
+    # of EAGLE-2's search (its top-k), in [1, 64]; None: tree_proposers.EAGLE_TREE_WIDTH
     draft_ahead: bool | None = None  # head methods: start step N+1's greedy proposal at the end of step N and
     # collect it without waiting (draft_ahead.py). None: on for the head methods on a GPU (where the draft then runs
     # during the host's bookkeeping), off on a CPU (nothing overlaps there). H200, bench_spec_host.py, 2026-12-03,

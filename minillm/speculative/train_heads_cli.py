@@ -114,13 +114,11 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.compare and args.kind != ["eagle"]:
         raise SystemExit(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
-    if args.compare and not os.path.isfile(os.path.join(args.compare, "heads.safetensors")):
-        raise SystemExit(f"--compare {args.compare}: no heads.safetensors there (a directory train-heads wrote)")
+    _require_heads("--compare", args.compare)
     if args.init is not None and (len(args.kind) != 1 or args.kind[0] == "draft"):
         raise SystemExit(f"--init continues one head's training: use it with one --kind of medusa, eagle or mtp, "
                          f"got {args.kind}")
-    if args.init is not None and not os.path.isfile(os.path.join(args.init, "heads.safetensors")):
-        raise SystemExit(f"--init {args.init}: no heads.safetensors there (a directory train-heads wrote)")
+    _require_heads("--init", args.init)
     if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
         raise SystemExit(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
                          f"and {args.data_share}")
@@ -169,6 +167,12 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         other, _ = load_heads("eagle", args.compare, model_config, device=device)
         _print_acceptance(args.compare, held_out_acceptance(other, TargetParts(target), data.held_out))
     return 0
+
+
+def _require_heads(flag: str, directory: str | None) -> None:
+    """A directory given to `flag` must hold heads train-heads saved (None: the flag was not given)."""
+    if directory is not None and not os.path.isfile(os.path.join(directory, "heads.safetensors")):
+        raise SystemExit(f"{flag} {directory}: no heads.safetensors there (a directory train-heads wrote)")
 
 
 def _print_acceptance(name: str, held: dict) -> None:

@@ -38,12 +38,13 @@ if TYPE_CHECKING:
     from minillm.speculative.config import SpeculativeConfig
 
 NODES_PER_LEVEL = 4  # medusa_tree: a tree of 4 nodes per level of depth (16 for k = 4)
-# eagle_tree: nodes below the root, and the search's widths: the top-k children of each expanded node and the beam of
-# nodes expanded per depth. A wider search only adds candidates, so the best num_nodes of them are at least as probable
-# under the draft; on the P7 prompts (CPU, fp32, 63 nodes, k = 5, 64 tokens each, 2026-12-03) the mean accepted length
-# went 2.75 / 2.79 / 2.83 / 2.88 at widths 8 / 10 (EAGLE-2's top-k) / 12 / 16. The price is drafting: `beam` query
-# rows per depth through the head and the LM head, and topk + (depth - 1) * beam * topk candidates to rerank.
-EAGLE_TREE_NODES, EAGLE_TREE_TOPK, EAGLE_TREE_BEAM = 32, 16, 16
+# eagle_tree: nodes below the root, and the search's width: the top-k children of each expanded node and the beam
+# of nodes expanded per depth, one number for both (speculative_config tree_search_width). A wider search only adds
+# candidates, so the best num_nodes of them are at least as probable under the draft; on the P7 prompts (CPU, fp32,
+# 63 nodes, k = 5, 64 tokens each, 2026-12-03) the mean accepted length went 2.75 / 2.79 / 2.83 / 2.88 at widths
+# 8 / 10 (EAGLE-2's top-k) / 12 / 16. The price is drafting: `beam` query rows per depth through the head and the
+# LM head, and topk + (depth - 1) * beam * topk candidates to rerank.
+EAGLE_TREE_NODES, EAGLE_TREE_WIDTH = 32, 16
 NGRAM_TREE_NODES = 32  # ngram_tree: nodes per trie, the root included
 
 
@@ -231,8 +232,8 @@ class EagleTreeProposer(HeadTreeProposer):
 
     method = "eagle_tree"
 
-    def __init__(self, eagle: Any, num_nodes: int = EAGLE_TREE_NODES, topk: int = EAGLE_TREE_TOPK,
-                 beam: int = EAGLE_TREE_BEAM) -> None:
+    def __init__(self, eagle: Any, num_nodes: int = EAGLE_TREE_NODES, topk: int = EAGLE_TREE_WIDTH,
+                 beam: int = EAGLE_TREE_WIDTH) -> None:
         if not callable(getattr(eagle, "propose_tree_candidates", None)):
             raise TypeError(f"{type(eagle).__name__} has no propose_tree_candidates: not an EAGLE proposer")
         for name, value, high in (("num_nodes", num_nodes, MAX_TREE_NODES - 1), ("topk", topk, 1 << 20),
@@ -254,9 +255,9 @@ class EagleTreeProposer(HeadTreeProposer):
 def build_eagle_tree_proposer(spec: "SpeculativeConfig", engine: Any, seed: int = 0) -> EagleTreeProposer:
     """The "eagle_tree" method: the engine's EAGLE proposer (spec.model or the shipped head), trees at most
     num_speculative_tokens deep of spec.num_tree_nodes nodes (default EAGLE_TREE_NODES) below the root, searched
-    spec.tree_search_width wide (top-k and beam alike; default EAGLE_TREE_TOPK)."""
+    spec.tree_search_width wide (top-k and beam alike; default EAGLE_TREE_WIDTH)."""
     from minillm.speculative.head_kinds import build_head_proposer
     eagle = build_head_proposer(dataclasses.replace(spec, method="eagle", num_tree_nodes=None, tree_search_width=None),
                                 engine, seed)
-    width = spec.tree_search_width or EAGLE_TREE_TOPK
+    width = spec.tree_search_width or EAGLE_TREE_WIDTH
     return EagleTreeProposer(eagle, spec.num_tree_nodes or EAGLE_TREE_NODES, topk=width, beam=width)
