@@ -128,8 +128,9 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
                 heads = method.removesuffix("_tree")  # a tree over the same heads
                 config["model"] = os.path.join(args.heads_dir, heads)
+            sized = method in ("medusa_tree", "eagle_tree")  # (ngram_tree's size is its proposer's max_nodes)
             trees = [(f"{method}/{n}", dict(config, num_tree_nodes=n)) for n in args.tree_nodes] \
-                if method.endswith("_tree") and args.tree_nodes else [(method, config)]
+                if sized and args.tree_nodes else [(method, config)]
             if method == "eagle_tree" and args.tree_widths:  # EAGLE-2's search width (top-k and beam)
                 trees = [(f"{label}/w{w}", dict(spec, tree_search_width=w)) for label, spec in trees
                          for w in args.tree_widths]

@@ -82,6 +82,9 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # the same GPTQ aimed at the unquantized model's outputs (asymmetric calibration, quant/gptq_asym.py)
     ("gptq+ asym w4 g64", "recipe-gptq", dict(bits=4, group_size=64, asym_calib=True)),
     ("awq+gptq asym w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64, asym_calib=True)),
+    # AWQ's scales only (no clipping: GPTQ's rounding chooses the ranges), then asymmetric GPTQ
+    ("awq+gptq asym noclip w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64, asym_calib=True,
+                                                            awq_clip=False)),
     ("awq+ w4 g64", "recipe-awq", dict(bits=4, group_size=64)),
     ("awq+gptq w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64)),
     ("awq+gptq w3 g64", "recipe-awq+gptq", dict(bits=3, group_size=64)),

@@ -490,7 +490,10 @@ for b in batches:
 #   (1.08x; `speculative_p7_newhead_s10_h200.json`). The tree's shape is a search: EAGLE-2 expands the most
 #   probable nodes of each depth, keeps each one's top-k children, and verifies the 63 most probable candidates.
 #   A wider search (`speculative_config["tree_search_width"]`) only adds candidates: on these prompts on a CPU,
-#   widths 8 / 10 / 16 accept 2.75 / 2.79 / 2.88 (`speculative_tree_widths_cpu_s10.json`). (An earlier run, `speculative_h200.json`: a draft of 24 of the 30 layers, 0.68x even at batch 1.)
+#   widths 8 / 10 / 16 accept 2.75 / 2.79 / 2.88 (`speculative_tree_widths_cpu_s10.json`); on the H200 width 16
+#   (the default) accepts 3.06 against 2.91, and its wider search costs a few percent of speed
+#   (`speculative_p7_widths_s11_h200.json`). (An earlier run, `speculative_h200.json`: a draft of 24 of the 30
+#   layers, 0.68x even at batch 1.)
 # * *Nothing repeats.* Prompt lookup is free but proposes only what already occurred: 1.40 tokens per step on chat
 #   against 2.27 on code and 2.34 on summaries (the JSON's `acceptance_length_by_kind`).
 #
