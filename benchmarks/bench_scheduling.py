@@ -275,6 +275,15 @@ def _p6_minillm(setup: Setup, prompts: list[list[int]], params: list[SamplingPar
     return ours
 
 
+def p6_lengths(quick: bool = False) -> tuple[random.Random, list[int], list[int]]:
+    """P6's requests: (the seeded generator, positioned to draw the prompts next; input lengths; output lengths),
+    both uniform in 100..1024 for 256 requests (100..256 for 32 when quick). benchmarks/p6_bound.py reads them too."""
+    n, lo, hi = (32, 100, 256) if quick else (256, 100, 1024)
+    rng = random.Random(6)
+    in_lens = [rng.randint(lo, hi) for _ in range(n)]
+    return rng, in_lens, [rng.randint(lo, hi) for _ in range(n)]
+
+
 def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None, async_scheduling: bool = False) -> dict:
     """Our engine on all n requests; HF generate on the first `hf_requests` of them (default: all).
     `async_scheduling`: our engine runs twice, with synchronous steps and then with EngineConfig(async_scheduling=
@@ -283,9 +292,7 @@ def bench_p6(setup: Setup, quick: bool, hf_requests: int | None = None, async_sc
     HF's static batches cost about the same per token whatever their number, so its throughput on a prefix of
     the request list (whole batches) is a fair baseline when device time is short; the JSON says which was used."""
     n, lo, hi, hf_batch = (32, 100, 256, 16) if quick else (256, 100, 1024, 64)
-    rng = random.Random(6)
-    in_lens = [rng.randint(lo, hi) for _ in range(n)]
-    out_lens = [rng.randint(lo, hi) for _ in range(n)]
+    rng, in_lens, out_lens = p6_lengths(quick)
     prompts = [setup.prompt(rng, k) for k in in_lens]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
     ours = None

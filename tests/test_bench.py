@@ -196,3 +196,23 @@ def test_demo_end_to_end_small(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
         run_demo(max_tokens=0, out_dir=tmp_path, out=buf)
+
+
+def test_p6_bound_counts_the_runs_bytes_and_flops():
+    """benchmarks/p6_bound.py: KV positions read, steps and FLOPs of a hand-checked workload; the lower bound is
+    below the prefill-first schedule's estimate (it holds for every schedule)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from p6_bound import bound, model_sizes
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=32)
+    layer_params, head_params, kv_per_pos = model_sizes(cfg)
+    assert (layer_params, head_params, kv_per_pos) == (2 * (64 + 2 * 8 * 4 + 64 + 3 * 8 * 16), 256, 2 * 2 * 4 * 2)
+    # input 10, output 4: decode steps at positions 10, 11, 12 read 10 + 11 + 12 = 33 positions
+    result = bound([10], [4], bandwidth=1e3, peak=1e4, cfg=cfg)
+    assert result["kv_bytes"] == 33 * kv_per_pos and result["steps_at_least"] == 4
+    assert math.isclose(result["gemm_tflop"] * 1e12, 2 * layer_params * (10 + 3) + 2 * head_params * 4)
+    s = result["seconds"]
+    assert math.isclose(s["lower_bound"], s["kv_reads"] + max(s["weight_reads"], s["gemm"]))
+    assert s["lower_bound"] <= s["prefill_first"]
