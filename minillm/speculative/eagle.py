@@ -145,6 +145,8 @@ class EagleProposer(HeadProposer):
         all_tokens, all_parents, all_scores = [level_tokens], [level_parents], [level_scores]
         offset, ancestors = 0, None  # ancestors: bool [B, beam, columns] over the draft keys in the cache
         own = torch.eye(beam, dtype=torch.bool, device=device).expand(batch, beam, beam)
+        slots_of_children = torch.arange(beam, device=device)[:, None].expand(beam, topk).reshape(1, -1).expand(
+            batch, -1)  # which frontier slot each of a level's beam * topk candidates hangs from
         for d in range(1, depth):
             # expand the beam most probable candidates of depth d: their feature from the parent, their token
             front_scores, pick = level_scores.topk(beam, dim=1)  # [B, beam]
@@ -162,8 +164,10 @@ class EagleProposer(HeadProposer):
             child_scores, child_tokens = self._log_probs(g).topk(topk, dim=-1)  # [B, beam, topk]
             level_scores = (front_scores[..., None] + child_scores).flatten(1)
             level_tokens = child_tokens.flatten(1)
-            level_parents = (offset + pick).repeat_interleave(topk, dim=1)
-            level_slots = torch.arange(beam, device=device).repeat_interleave(topk).expand(batch, -1)
+            # each expanded node's topk children sit together: parent and slot repeated topk times (a broadcast,
+            # not repeat_interleave, whose CUDA version runs a scan to compute its indices)
+            level_parents = (offset + pick)[..., None].expand(batch, beam, topk).reshape(batch, beam * topk)
+            level_slots = slots_of_children
             offset += all_tokens[-1].shape[1]
             all_tokens.append(level_tokens)
             all_parents.append(level_parents)
