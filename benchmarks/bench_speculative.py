@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-widths", type=int, nargs="+", default=None,
                    help="eagle_tree: one variant per search width (speculative_config tree_search_width: top-k "
                         "children per expanded node, nodes expanded per depth; default: the method's own)")
+    p.add_argument("--disable-by-batch-size", type=int, default=None,
+                   help="speculative_config disable_by_batch_size for every method: plain steps while more "
+                        "sequences than this run (the switch's cost and effect, measured)")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -89,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.max_tokens, args.batch_sizes, args.k = min(args.max_tokens, 8), [1, 2], min(args.k, 3)
         args.draft_layers = args.draft_layers[:1]
+    if args.disable_by_batch_size is not None and args.disable_by_batch_size < 1:
+        p.error(f"--disable-by-batch-size must be >= 1, got {args.disable_by_batch_size}")
     if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1 or min(args.draft_layers) < 1:
         p.error("--k, --max-tokens, every batch size and every draft layer count must be >= 1")
     if args.tree_nodes and not all(1 <= n <= 63 for n in args.tree_nodes):
@@ -120,6 +125,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     out: list[tuple[str, dict | None]] = [("plain", None)]
     for method in args.methods:
         config = {"method": method, "num_speculative_tokens": args.k}
+        if args.disable_by_batch_size is not None:
+            config["disable_by_batch_size"] = args.disable_by_batch_size
         if method == "self_speculative":
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
         elif method == "draft_model":

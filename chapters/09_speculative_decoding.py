@@ -481,7 +481,12 @@ for b in batches:
 #   memory-bound at all: a plain step takes milliseconds while its weights stream in 0.06 ms; it is bound by
 #   per-step overheads. Speculation adds its own per-sequence work (proposing, verifying, rolling back, longer
 #   query rows), which grows with the batch while plain decoding replays one CUDA graph: at batch 8 and above every
-#   method runs below plain throughput.
+#   method runs below plain throughput. Even at batch 1 the ceiling is low: a step here is ~280 kernels of a few
+#   microseconds, so a 6-row verify step costs 0.78 ms of GPU time against a plain step's 0.67, and drafting is
+#   kernels too (EAGLE's five draft steps 0.41 ms, the tree search about a full step). Divide tokens per step by
+#   GPU time per step and, with the host costing nothing at all, n-gram tops out near 1.8x on these prompts and
+#   EAGLE-2's tree near 1.2x (`spec_host_model_h200_s11.json`): on a 135M model the 2-3x of the papers is out of
+#   reach; on a 7B+ model, whose step is bound by reading weights, it is not.
 # * *The draft is too expensive for its acceptance.* EAGLE's head is one layer, but it drafts k tokens one after
 #   another, each a pass through that layer and the 49152-word LM head: a chain verify step costs about twice a
 #   plain one here, so 1.78 tokens per step do not pay; its trees accept more (2.74 with 63 nodes) and cost more

@@ -264,3 +264,22 @@ def test_host_tree_helpers_equal_the_tensor_algorithms():
         host_token_tree([-1, 0, 2])
     with pytest.raises(ValueError, match="a tree of 65 nodes; at most 64"):
         host_token_tree([-1] + list(range(64)))
+
+
+def test_switched_off_speculation_keeps_no_features(model_and_config, plain, eagle_dir):
+    """disable_by_batch_size with a head proposer: while more requests run than the limit, no step asks for hidden
+    states and the proposer holds no windows; once the batch shrinks it drafts again, and the tokens stay plain
+    decoding's."""
+    from test_speculative_tree_engine import run
+    seen = []
+
+    def spy(proposer):
+        inner = proposer.record_hidden_states
+        proposer.record_hidden_states = lambda batch, *rest: seen.append(len(batch.seqs)) or inner(batch, *rest)
+        return proposer
+    spec = {"method": "eagle", "num_speculative_tokens": K, "model": eagle_dir, "disable_by_batch_size": 2,
+            "draft_ahead": False}
+    outputs, engine = run(model_and_config, spec, 64, proposer=spy)
+    assert outputs == plain
+    assert seen and max(seen) <= 2  # features recorded only for batches within the limit
+    assert engine.speculative.metrics.num_verify_steps > 0  # drafting resumed once two requests had finished

@@ -239,7 +239,7 @@ class LLMEngine:
                 self.speculative.prepare_step(batch, step_input)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
-            step_input.return_hidden_states = self.speculative is not None and self.speculative.needs_hidden_states
+            step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
