@@ -155,13 +155,17 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
                               speculative_config=spec)
     engine = variant.llm_engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    warm_up = SamplingParams(temperature=0, max_tokens=2 if args.quick else 24, ignore_eos=True)
     rows = []
     for batch in args.batch_sizes:
         # warm-up at this batch size (Triton JIT of the decode and verify kernels it picks, graph capture of the
         # drafts, allocator, first-touch costs): on the H200 a 0.5-1.5 s compile inside a timed run of a few
-        # seconds read as a 2x slowdown
-        variant.generate([ids for _, ids in batches_for(prompts, batch)[0]], warm_up)
+        # seconds read as a 2x slowdown. Above batch 1 the warm-up runs as long as the timed run: requests that
+        # accept more finish first, so the batch drains through smaller draft-graph buckets (8 -> 4 -> 2 -> 1),
+        # each captured on first use, and a 24-token warm-up never reached them (eleventh session: one capture
+        # cost 300 ms of a 0.6 s run)
+        length = 2 if args.quick else 24 if batch == 1 else args.max_tokens
+        variant.generate([ids for _, ids in batches_for(prompts, batch)[0]],
+                         SamplingParams(temperature=0, max_tokens=length, ignore_eos=True))
         seconds, tokens, by_kind = 0.0, [], {}
         total = SpecDecodeMetrics()
         runner = getattr(engine, "runner", None)
