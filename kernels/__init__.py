@@ -33,6 +33,8 @@
     fp8_block_gemm.py   per_token_group_quant_fp8,             FP8 with DeepSeek-style block scales: activations per
                         fp8_block_gemm                        token and K-group, weights per tile (chapter 10)
     argmax.py           argmax_last_dim                        greedy decoding's argmax in two stages over many SMs
+    topk_logprobs.py    topk_log_softmax                       the k most probable tokens' log-probabilities in two
+                                                              stages (EAGLE-2's tree search, chapter 9)
     hardware.py         num_sms                                the SM count the launch heuristics size grids by
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),

@@ -138,7 +138,7 @@ class EagleProposer(HeadProposer):
         cache = block.new_cache(batch, width + beam * (depth - 1), window.features)
         x = fc(torch.cat([window.features, target.embed(window.next_tokens)], dim=-1))
         g = block(x, window.positions, draft_attention_bias(window.key_mask, width, group, dtype), cache)[:, -1:]
-        scores, tokens = self._log_probs(g).topk(topk, dim=-1)  # [B, 1, topk]: the root's children
+        scores, tokens = self._top_log_probs(g, topk)  # [B, 1, topk]: the root's children
         level_scores, level_tokens = scores.flatten(1), tokens.flatten(1)
         level_parents = torch.full_like(level_tokens, -1)
         level_slots = torch.zeros_like(level_tokens)  # which node of the last expanded frontier is the parent
@@ -161,7 +161,7 @@ class EagleProposer(HeadProposer):
             x = fc(torch.cat([parent_g, target.embed(front_tokens)], dim=-1))
             positions = (window.positions[:, -1:] + d).expand(batch, beam)
             g = block(x, positions, grouped_attention_bias(allowed, group, dtype), cache)  # [B, beam, d]
-            child_scores, child_tokens = self._log_probs(g).topk(topk, dim=-1)  # [B, beam, topk]
+            child_scores, child_tokens = self._top_log_probs(g, topk)  # [B, beam, topk]
             level_scores = (front_scores[..., None] + child_scores).flatten(1)
             level_tokens = child_tokens.flatten(1)
             # each expanded node's topk children sit together: parent and slot repeated topk times (a broadcast,
@@ -174,11 +174,20 @@ class EagleProposer(HeadProposer):
             all_scores.append(level_scores)
         return torch.cat(all_tokens, dim=1), torch.cat(all_parents, dim=1), torch.cat(all_scores, dim=1)
 
-    def _log_probs(self, g: torch.Tensor) -> torch.Tensor:
-        """The draft distribution's log-probabilities (fp32) from head features g [B, T, d] -> [B, T, V]."""
+    def _top_log_probs(self, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most probable tokens of the draft distribution from head features g [B, T, d], best first:
+        (log-probabilities fp32 [B, T, k], token ids int64 [B, T, k]). On a GPU two Triton kernels
+        (kernels/topk_logprobs.py: no fp32 copy of the logits, no softmax pass, no multi-block radix select);
+        elsewhere log_softmax then topk."""
         b, t, d = g.shape
         logits = self.target.logits(self.final_norm(g.reshape(b * t, d)))
-        return torch.log_softmax(logits.float(), dim=-1).view(b, t, -1)
+        if logits.is_cuda:
+            from minillm.kernels.topk_logprobs import MAX_K, topk_log_softmax
+            if k <= MAX_K:
+                scores, tokens = topk_log_softmax(logits.contiguous(), k)
+                return scores.view(b, t, k), tokens.view(b, t, k)
+        scores, tokens = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        return scores.view(b, t, k), tokens.view(b, t, k)
 
     def _tree_search(self, windows: list[RequestWindow], depth: int, topk: int, beam: int
                      ) -> tuple[torch.Tensor, int]:
