@@ -64,7 +64,8 @@ def bound(in_lens: list[int], out_lens: list[int], bandwidth: float, peak: float
         if not running:
             break
         step_flops = 2 * (layer_params + head_params) * len(running)
-        decode_s += max(weight_bytes / bandwidth, step_flops / peak) + sum(p + t for p, _ in running) * kv_per_pos / bandwidth
+        kv_bytes = sum(p + t for p, _ in running) * kv_per_pos
+        decode_s += max(weight_bytes / bandwidth, step_flops / peak) + kv_bytes / bandwidth
     out_tokens = sum(out_lens)
     return {"output_tokens": out_tokens, "steps_at_least": steps, "weight_bytes": weight_bytes,
             "kv_bytes": kv_positions * kv_per_pos, "gemm_tflop": flops / 1e12,
