@@ -17,11 +17,12 @@ k so that verify steps replay the q_len = 1 + k graphs; the padding counts as dr
 and the fraction of requests whose tokens equal the plain run's (1.0 expected; in bf16 a verify step's logits may
 differ in the last bit from a one-token step's, so a near-tie can flip: that is numerics, not the method).
 
-The draft_model variant uses a *copy* of the target's first --draft-layers[0] layers as the draft (there is no
-smaller SmolLM2 on disk); it is an initialisation, not a trained draft: distilling it on the target's outputs is a
-separate task. self_speculative shares the target's first L layers' weights instead, for each L of --draft-layers
-(untrained early exit: acceptance stays low until L is close to the full depth, where a draft costs nearly a target
-step; the sweep shows that trade-off, which LayerSkip-style training is for). --quick runs a short smoke test on a CPU.
+The draft_model variant uses the distilled draft in --heads-dir DIR/draft when there is one (`minillm train-heads
+--kind draft --out DIR/draft`), else a *copy* of the target's first --draft-layers[0] layers (there is no smaller
+SmolLM2 on disk): an initialisation, not a trained draft. self_speculative shares the target's first L layers'
+weights instead, for each L of --draft-layers (untrained early exit: acceptance stays low until L is close to the
+full depth, where a draft costs nearly a target step; the sweep shows that trade-off, which LayerSkip-style training
+is for). --quick runs a short smoke test on a CPU.
 
 medusa, eagle and mtp (add them to --methods) draft from the target's hidden states with trained heads: those shipped
 in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle, DIR/mtp as `minillm train-heads
@@ -129,8 +130,12 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             config["disable_by_batch_size"] = args.disable_by_batch_size
         if method == "self_speculative":
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
-        elif method == "draft_model":
-            out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
+        elif method == "draft_model":  # distilled (train-heads --kind draft) in --heads-dir/draft, else a copy
+            distilled = os.path.join(args.heads_dir, "draft") if args.heads_dir else None
+            if distilled and os.path.isdir(distilled):
+                out.append((f"{method}/distilled", dict(config, model=distilled)))
+            else:
+                out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
         else:
             if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
                 heads = method.removesuffix("_tree")  # a tree over the same heads

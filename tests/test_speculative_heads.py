@@ -108,17 +108,50 @@ def test_training_lowers_the_distillation_loss_and_saves_heads(target, data, tra
     assert all(config.vocab_size not in p.shape for p in heads.parameters())  # no vocabulary matrix: the target's
 
 
-def test_training_a_draft_model_writes_an_hf_directory(target, data, tmp_path):
-    from minillm.loader import load_hf_model
+def test_a_distilled_draft_keeps_only_its_own_weights_and_drafts_losslessly(target, data, tmp_path):
+    """train-heads --kind draft saves the draft's layers and final norm, not the target's embedding and LM head;
+    loading hands it the target's modules; in the engine it drafts and the tokens stay plain decoding's."""
+    from safetensors import safe_open
+    from minillm.speculative.draft_weights import WEIGHTS_FILE, load_draft, shipped_draft_dir
     model, config = target
     history = train_heads(model, config, data, TrainOptions("draft", 15, draft_num_layers=1, rows_per_step=64,
                                                             lr=3e-3, warmup=3), tmp_path)["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     with pytest.raises(ValueError, match="draft_num_layers=4 exceeds the target's 3 layers"):
         train_heads(model, config, data, TrainOptions("draft", 1, draft_num_layers=4), tmp_path / "x")
-    draft_config, weights = load_hf_model(tmp_path)
-    assert draft_config.num_hidden_layers == 1 and draft_config.vocab_size == config.vocab_size
-    assert any(name.startswith("model.layers.0.") for name, _ in weights)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["kind"] == "draft" and saved["num_layers"] == 1 and saved["training"]["steps"] == 15
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
+        names, norm = list(f.keys()), f.get_tensor("model.norm.weight")
+    assert names and all(n.startswith(("model.layers.0.", "model.norm.")) for n in names)
+    draft, draft_config = load_draft(tmp_path, model, config, "cpu", torch.float32)
+    assert draft.model.embed_tokens is model.model.embed_tokens and draft.lm_head is model.lm_head
+    assert draft_config.num_hidden_layers == 1 and torch.equal(draft.model.norm.weight, norm.float())
+    assert shipped_draft_dir(config) is None  # the shipped draft (if any) is for SmolLM2, not this target
+    plain, _ = run(target, None)
+    outputs, engine = run(target, {"method": "draft_model", "num_speculative_tokens": K, "model": str(tmp_path)})
+    assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
+        {r: o.outputs[0].token_ids for r, o in plain.items()}
+    assert engine.speculative.metrics.num_verify_steps > 0
+    assert_nothing_held(engine)
+    other = tiny_config(num_hidden_layers=3, hidden_size=48)
+    with pytest.raises(ValueError, match="a draft distilled from a target .* this target is"):
+        load_draft(tmp_path, tiny_model(other), other, "cpu", torch.float32)
+
+
+def test_draft_model_takes_the_shipped_distilled_draft_unless_layers_are_named(target, tmp_path, monkeypatch):
+    """{"method": "draft_model"} without model or draft_num_layers loads the shipped distilled draft when it was
+    trained on this target; with draft_num_layers it copies that many of the target's layers (undistilled)."""
+    from minillm.speculative import draft_weights
+    from minillm.speculative.draft import independent_copy
+    model, config = target
+    draft_weights.save_draft(tmp_path / "draft", independent_copy(model, 1), config, {"steps": 0})
+    monkeypatch.setattr(draft_weights, "SHIPPED_DIR", tmp_path)
+    _, shipped = run(target, {"method": "draft_model", "num_speculative_tokens": K})
+    _, named = run(target, {"method": "draft_model", "num_speculative_tokens": K, "draft_num_layers": 2})
+    assert len(shipped.speculative.proposer.model.model.layers) == 1  # the shipped one
+    assert shipped.speculative.proposer.model.lm_head is model.lm_head  # borrowed, not copied
+    assert len(named.speculative.proposer.model.model.layers) == 2
 
 
 def test_a_deadline_shortens_training_to_the_steps_that_fit(target, data, tmp_path):

@@ -46,16 +46,22 @@ _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prom
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
 
+DEFAULT_DRAFT_LAYERS = 4  # self_speculative / draft_model: the target's first layers a draft keeps by default
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
-    model: str | None = None  # draft_model: a GGUF file or HF directory (None: a copy of the target's first layers);
+    model: str | None = None  # draft_model: a GGUF file, HF directory or `train-heads --kind draft` directory (None:
+    # the shipped distilled draft, or a copy of the target's first layers: see draft_num_layers);
     # medusa/eagle/mtp: a directory from `minillm train-heads` (None: the weights shipped for the bundled model)
     prompt_lookup_max: int = 3  # ngram: longest suffix pattern tried
     prompt_lookup_min: int = 1  # ngram: shortest suffix pattern tried
     disable_by_batch_size: int | None = None  # no drafts while more sequences than this are running
-    draft_num_layers: int = 4  # self_speculative / draft_model without `model`: layers of the target kept
+    draft_num_layers: int | None = None  # self_speculative / draft_model without `model`: layers of the target
+    # kept (None: DEFAULT_DRAFT_LAYERS; draft_model first takes the distilled draft shipped for the bundled model,
+    # minillm/speculative/draft_weights.py, where one was trained on this target)
     lookahead_ngram: int = 3  # lookahead: n of the n-gram pool (N in the paper)
     num_tree_nodes: int | None = None  # medusa_tree / eagle_tree: draft nodes per tree below the root, at most
     # 63 (the root and 63 nodes: the attention's 64-bit ancestor masks); None: the method's default
@@ -72,6 +78,8 @@ class SpeculativeConfig:
         for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
                           ("draft_num_layers", 1), ("lookahead_ngram", 2)):
             value = getattr(self, name)
+            if name == "draft_num_layers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"speculative_config {name} must be an integer >= {low}, got {value!r}")
         if self.num_speculative_tokens > 16:

@@ -2,10 +2,10 @@
 
 Two methods share this worker:
     draft_model       a separate model with the same tokenizer (Leviathan et al. 2023; Chen et al. 2023): a GGUF file
-                      or HF directory, or, for a model without a smaller sibling on disk (the bundled SmolLM2), a
-                      *copy* of the target's first L layers + final norm + LM head. That copy is only an
-                      initialisation: a real draft is then distilled on the target's outputs (a separate task; the
-                      acceptance rate of the undistilled copy is what the benchmark measures).
+                      or HF directory, or, for a model without a smaller sibling on disk (the bundled SmolLM2), the
+                      target's first L layers + final norm + LM head *distilled* on the target's outputs
+                      (`minillm train-heads --kind draft`, stored as draft_weights.py says); with draft_num_layers
+                      and no distilled draft, an undistilled copy of those layers (an initialisation only).
     self_speculative  the target's own first L layers + final norm + LM head, weights *shared* (no extra weight
                       memory; "early exit" self-speculation as in LayerSkip, Elhoushi et al. 2024, without its
                       training recipe).
@@ -26,6 +26,8 @@ the rejection rule min(1, p/q) with the residual resample, which keeps the targe
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,6 +38,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
 from minillm.models.llama import LlamaForCausalLM
+from minillm.speculative.config import DEFAULT_DRAFT_LAYERS, SpeculativeConfig
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 
@@ -81,6 +84,42 @@ def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
         for name, tensor in draft.state_dict().items():
             tensor.copy_(source[name])
     return draft.eval()
+
+
+def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelConfig]:
+    """(draft model, its ModelConfig) for a draft_model / self_speculative spec on this engine:
+      * draft_model with `model`: a distilled draft directory (draft_weights.py: the target's embedding and LM
+        head plus its own layers) or any model with the target's tokenizer (a GGUF file or HF directory);
+      * draft_model without `model` or draft_num_layers: the distilled draft shipped for the bundled model when
+        one was trained on this target;
+      * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers: a copy with its own
+        weights for draft_model (undistilled: an initialisation), the target's own modules for self_speculative."""
+    from minillm.speculative.draft_weights import is_draft_dir, load_draft, shipped_draft_dir
+    config = engine.model_config
+    if spec.method == "draft_model" and spec.model is not None and not is_draft_dir(spec.model):
+        from minillm.engine.worker import build_model
+        from minillm.loader import load_model
+        draft_config, weights, _ = load_model(spec.model)
+        if draft_config.vocab_size != config.vocab_size:
+            raise ValueError(f"draft model {spec.model!r} has vocab_size {draft_config.vocab_size}, the target "
+                             f"{config.vocab_size}: a draft must share the target's tokenizer")
+        return build_model(draft_config, weights, engine.device, engine.dtype), draft_config
+    try:
+        target = engine.runner.model
+    except AttributeError:
+        raise ValueError(f"speculative method {spec.method!r} builds its draft on the target's weights, which live "
+                         f"in another process here; use the in-process executor or give a draft model file as "
+                         f"speculative_config['model']") from None
+    distilled = spec.model if spec.method == "draft_model" else None
+    if spec.method == "draft_model" and distilled is None and spec.draft_num_layers is None:
+        distilled = shipped_draft_dir(config)
+    if distilled is not None:
+        return load_draft(distilled, target, config, engine.device, engine.dtype)
+    layers = spec.draft_num_layers or DEFAULT_DRAFT_LAYERS
+    if layers > config.num_hidden_layers:
+        raise ValueError(f"draft_num_layers={layers} exceeds the target's {config.num_hidden_layers} layers")
+    draft = independent_copy(target, layers) if spec.method == "draft_model" else EarlyExitModel(target, layers)
+    return draft, dataclasses.replace(config, num_hidden_layers=layers)
 
 
 class DraftModelProposer(SampledDraftProposer):

@@ -30,7 +30,6 @@ length (1 + k) the graphs were captured for (a padded draft is merely rejected: 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -325,29 +324,8 @@ def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Propo
     if spec.method in HIDDEN_STATE_KIND:  # Medusa, EAGLE, MTP: trained heads over the target's features
         from minillm.speculative.head_kinds import build_head_proposer
         return build_head_proposer(spec, engine, seed)
-    from minillm.speculative.draft import DraftModelProposer, EarlyExitModel, independent_copy
-    if spec.method == "draft_model" and spec.model is not None:
-        from minillm.engine.worker import build_model
-        from minillm.loader import load_model
-        draft_config, weights, _ = load_model(spec.model)
-        if draft_config.vocab_size != engine.model_config.vocab_size:
-            raise ValueError(f"draft model {spec.model!r} has vocab_size {draft_config.vocab_size}, the target "
-                             f"{engine.model_config.vocab_size}: a draft must share the target's tokenizer")
-        draft = build_model(draft_config, weights, engine.device, engine.dtype)
-    else:
-        try:
-            target = engine.runner.model
-        except AttributeError:
-            raise ValueError(f"speculative method {spec.method!r} without a draft path builds its draft from the "
-                             f"target's weights, which live in another process here; use the in-process "
-                             f"executor or give speculative_config['model']") from None
-        if spec.draft_num_layers > engine.model_config.num_hidden_layers:
-            raise ValueError(f"draft_num_layers={spec.draft_num_layers} exceeds the target's "
-                             f"{engine.model_config.num_hidden_layers} layers")
-        # draft_model: own weights, initialised from the target's first layers (then to be distilled)
-        draft = independent_copy(target, spec.draft_num_layers) if spec.method == "draft_model" \
-            else EarlyExitModel(target, spec.draft_num_layers)
-        draft_config = dataclasses.replace(engine.model_config, num_hidden_layers=spec.draft_num_layers)
+    from minillm.speculative.draft import DraftModelProposer, draft_for
+    draft, draft_config = draft_for(spec, engine)
     cache = engine.cache_config
     slack = engine.engine_config.max_num_seqs * (spec.num_speculative_tokens // cache.block_size + 2)
     return DraftModelProposer(draft, draft_config, engine.engine_config, cache.num_gpu_blocks + slack,

@@ -14,14 +14,16 @@ distribution against the target's, KL(p_target || q_head). With p_t the target's
     mtp     module k: h^k_t = TRM_k(M_k[norm(h^{k-1}_t); norm(embed(x_{t+k}))]), guesses token t + k + 1,
             target p_{t+k}; the D modules' losses are averaged (DeepSeek-V3's lambda, here 1/D)
     draft   the first L layers of the target (own weights, its embedding and LM head frozen), at every position:
-            the classic distilled draft model, saved as an HF directory for speculative_config "draft_model"
+            the classic distilled draft model, saved without the target's embedding and LM head
+            (minillm.speculative.draft_weights) for speculative_config "draft_model"
 
 Evaluation on the held-out requests' greedy answers: top-1 agreement per head, and for EAGLE the engine's greedy
 mean accepted length at k = 5 (train_eval.held_out_acceptance), also every PROBE_EVERY steps as a learning curve.
 
 AdamW with a linear warm-up and cosine decay; a tqdm bar; the loss curve saved as loss.json and loss.png (when
 matplotlib is installed). Heads are saved with minillm.speculative.heads.save_heads (heads.safetensors +
-config.json, bf16), the draft model with minillm.quant.checkpoint's HF writer.
+config.json, bf16), the draft model with minillm.speculative.draft_weights.save_draft (draft.safetensors +
+config.json, bf16).
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train_heads(target_model: nn.Module, model_config: ModelConfig, data: DistillData, options: TrainOptions,
-                out_dir: str | Path, tokenizer: Any = None, deadline: float | None = None) -> dict[str, Any]:
+                out_dir: str | Path, deadline: float | None = None) -> dict[str, Any]:
     """Train `options.kind` on `data` and save it into out_dir; returns the loss history (also in loss.json).
 
     `deadline` (a time.perf_counter() value): the step time is measured from step WARM_STEPS to TIMING_STEPS (the
@@ -220,7 +222,11 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                               "simulated_acceptance": None, "greedy_continued_acceptance": None,
                               "held_out_acceptance": None, "seconds_per_step": train_seconds / len(history)}
     if options.kind == "draft":
-        _save_draft(trainee, out, tokenizer)
+        from minillm.speculative.draft_weights import save_draft
+        trained = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
+                   "seconds_per_step": result["seconds_per_step"], "final_loss": history[-1]["loss"]}
+        save_draft(out, trainee, model_config, trained)
+        save_loss_curve(history, out, options.kind)
     else:
         config.training = {"steps": len(history), "rows": n, "seq_len": int(data.tokens.shape[1]),
                            "rows_per_step": options.rows_per_step, "seconds_per_step": result["seconds_per_step"],
@@ -315,13 +321,6 @@ def held_out_rows(data: DistillData) -> int:
         return 0
     n = data.tokens.shape[0]
     return n // 10 if n >= 10 else 0
-
-
-def _save_draft(draft: nn.Module, out: Path, tokenizer: Any) -> None:
-    from minillm.quant.checkpoint import save_quantized
-    from minillm.quant.driver import QuantizedModel, hf_state_dict
-    draft.attention_backend = "auto"
-    save_quantized(QuantizedModel(config=draft.config, state=hf_state_dict(draft)), out, tokenizer)
 
 
 def save_loss_curve(history: list[dict[str, float]], out: Path, kind: str) -> None:

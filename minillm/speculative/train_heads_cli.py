@@ -12,7 +12,8 @@ The prompts (minillm.speculative.train_prompts) are split into training and held
 --held-out-fraction sets the share held out.
 
 Then `LLM(speculative_config={"method": "eagle", "model": "heads/eagle", "num_speculative_tokens": 4})`; a draft
-model (--kind draft) is an HF directory for {"method": "draft_model", "model": DIR}. Needs torch, safetensors and
+model (--kind draft) is a directory for {"method": "draft_model", "model": DIR} (its layers and final norm only:
+it borrows the target's embedding and LM head, minillm/speculative/draft_weights.py). Needs torch, safetensors and
 tqdm only (matplotlib for loss.png, if installed); no network: the prompts are built in and the target is local.
 """
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         if args.time_budget is not None:  # an equal share of what is left, less a few seconds to evaluate and save
             now, end = time.perf_counter(), start + args.time_budget
             deadline = now + max(0.0, end - now - SAVE_SECONDS * (len(options) - i)) / (len(options) - i)
-        result = train_heads(target, model_config, data, option, out, tokenizer, deadline=deadline)
+        result = train_heads(target, model_config, data, option, out, deadline=deadline)
         history = result["history"]
         print(f"{option.kind}: {len(history)} steps ({1000 * result['seconds_per_step']:.1f} ms each), loss "
               f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, {time.perf_counter() - start:.0f} s so far; "
