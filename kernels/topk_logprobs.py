@@ -15,8 +15,8 @@ Here the row is split as kernels/argmax.py splits it, and the softmax's normalis
   (M = max_c m_c), takes the top-k of the chunks' k * chunks candidates the same way, and writes value - log Z.
 
 Any token of the row's top-k is in its chunk's top-k, so stage 2 sees every winner. Ties go to the earlier
-position (torch.topk leaves their order unspecified). The logits must be finite; they are read in their own
-dtype and compared in fp32, exact for bf16 / fp16.
+position (torch.topk leaves their order unspecified). Logits may be -inf (masked tokens) but not NaN, and a row
+needs k values above -inf; they are read in their own dtype and compared in fp32, exact for bf16 / fp16.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _topk_chunks_kernel(X, VALS, IDX, MAXES, SUMS, V, stride_x, n_chunks, CHUNK:
     x = tl.load(X + row * stride_x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
     m = tl.max(x, axis=0)
     tl.store(MAXES + row * n_chunks + c, m)
-    tl.store(SUMS + row * n_chunks + c, tl.sum(tl.exp(x - m), axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk of masked (-inf) logits adds exp(-inf) = 0, not NaN
+    tl.store(SUMS + row * n_chunks + c, tl.sum(tl.exp(x - m_safe), axis=0))
     out = (row * n_chunks + c) * K
     for i in range(K):
         best, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)

@@ -30,6 +30,16 @@ def test_winners_of_one_chunk_ties_and_bf16():
     torch.testing.assert_close(values, want.gather(1, indices), rtol=0, atol=1e-5)
 
 
+def test_masked_logits_and_a_chunk_masked_whole():
+    logits = torch.randn(2, 3 * CHUNK)
+    logits[0, CHUNK:2 * CHUNK] = float("-inf")  # a whole chunk masked: its share of the normaliser is 0
+    logits[1, ::2] = float("-inf")
+    values, indices = topk_log_softmax(logits, 6)
+    want_values, want_indices = torch.log_softmax(logits, dim=-1).topk(6, dim=-1)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=1e-5)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="2-D"):
         topk_log_softmax(torch.randn(5), 2)
