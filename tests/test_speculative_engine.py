@@ -299,6 +299,8 @@ def test_config_accepts_both_spellings():
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ({"method": "ngram", "num_speculative_tokens": 2, "k": 3}, "unknown key"),
     ({"method": "ngram", "num_speculative_tokens": 2, "model": "x.gguf"}, "only read by methods draft_model, medusa"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 0},
+     "draft_num_layers must be None or an integer >= 1, got 0"),
 ])
 def test_config_errors_name_the_bad_value(options, message):
     with pytest.raises(ValueError, match=message):

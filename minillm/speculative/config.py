@@ -78,10 +78,12 @@ class SpeculativeConfig:
         for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
                           ("draft_num_layers", 1), ("lookahead_ngram", 2)):
             value = getattr(self, name)
-            if name == "draft_num_layers" and value is None:
+            optional = name == "draft_num_layers"
+            if optional and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"speculative_config {name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"speculative_config {name} must be {'None or ' if optional else ''}an integer "
+                                 f">= {low}, got {value!r}")
         if self.num_speculative_tokens > 16:
             raise ValueError(f"speculative_config num_speculative_tokens must be <= 16 (one verify step scores "
                              f"k + 1 rows per sequence), got {self.num_speculative_tokens}")
