@@ -1,6 +1,7 @@
 """Sweep paged decode attention's launch configuration over batch x context on one GPU (issue 14, P2).
 
     python benchmarks/sweep_paged_decode.py --out sweep.json [--quick] [--batches 1,8] [--ctxs 4096]
+    python benchmarks/sweep_paged_decode.py --heads 9,3,64 --batches 1,8 --ctxs 128,256,512,1024   (SmolLM2's)
 
 What it measures. kernels/paged_attention.py reads each sequence's K and V once per decode step, so its
 roofline is memory bandwidth: bytes = K + V read (batch x ctx x kv heads x head_dim x 2 bytes, twice) plus q
@@ -13,8 +14,8 @@ holds several instances of the shape over disjoint cache blocks with fresh queri
 all, so no instance finds its keys in the 50 MB L2 left by the previous one: in a real step the other layers'
 weights have evicted them too. Time per call = graph time / instances, median of a few trials.
 
-What it sweeps, per (batch, ctx) of Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16,
-block_size 16, the engine's default, random block tables):
+What it sweeps, per (batch, ctx) of Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128; or --heads),
+bf16, block_size 16 (the engine's default), random block tables:
   stage 1: num_splits in {1, 2, 4, ..., 64} (splits of fewer than 64 keys skipped) with today's tile;
   stage 2: the tile variants (BLOCK_N, num_warps, num_stages, block table read one tile ahead or not) at the
            two best split counts of stage 1;
@@ -244,13 +245,25 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def set_heads(heads: int, kv_heads: int, head_dim: int) -> None:
+    """The attention shape swept (module-level, read by every helper above)."""
+    global HEADS, KV_HEADS, HEAD_DIM
+    HEADS, KV_HEADS, HEAD_DIM = heads, kv_heads, head_dim
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write rows and summary as JSON here")
     parser.add_argument("--quick", action="store_true", help="only the first six tile variants")
     parser.add_argument("--batches", type=_ints, default=list(BATCHES), help="comma-separated, default 1..256")
     parser.add_argument("--ctxs", type=_ints, default=list(CONTEXTS), help="comma-separated context lengths")
+    parser.add_argument("--heads", type=_ints, default=[HEADS, KV_HEADS, HEAD_DIM],
+                        help="query heads, kv heads, head_dim (default Llama-3-8B's 32,8,128; SmolLM2's 9,3,64)")
     args = parser.parse_args(argv)
+    heads = args.heads
+    if len(heads) != 3 or heads[0] % heads[1] or heads[2] not in (64, 128):
+        parser.error(f"--heads must be Q,KV,D with KV dividing Q and D in (64, 128), got {heads}")
+    set_heads(*heads)
     if not torch.cuda.is_available():
         print("sweep_paged_decode.py needs a CUDA GPU (the Triton interpreter would take hours).", file=sys.stderr)
         return 2
