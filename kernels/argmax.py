@@ -51,15 +51,20 @@ def _argmax_rows_kernel(VALS, IDX, OUT, n_chunks, BLOCK: tl.constexpr):
     tl.store(OUT + row, tl.load(IDX + row * n_chunks + winner).to(tl.int64))
 
 
-def argmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(logits, dim=-1) for a 2-D [rows, vocab] tensor whose last dimension is contiguous, as int64
-    [rows], computed by the two-stage kernel above."""
+def check_row_logits(logits: torch.Tensor) -> tuple[int, int]:
+    """(rows, vocab) of logits that a row kernel here can read: 2-D, floating point, contiguous in vocab."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be 2-D [rows, vocab] and contiguous in vocab, got shape "
                          f"{tuple(logits.shape)} with strides {logits.stride()}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    rows, vocab = logits.shape
+    return logits.shape[0], logits.shape[1]
+
+
+def argmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for a 2-D [rows, vocab] tensor whose last dimension is contiguous, as int64
+    [rows], computed by the two-stage kernel above."""
+    rows, vocab = check_row_logits(logits)
     if vocab == 0:
         raise ValueError("argmax of an empty vocabulary (vocab = 0) is undefined")
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

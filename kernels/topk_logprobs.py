@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.argmax import check_row_logits
+
 CHUNK = 2048  # values per stage-1 program: 24 programs for SmolLM2's 49,152-word row
 MAX_K = 64  # k rounds of a reduction per program: fine for a search's top-k, not for sampling's top-k of 1,000s
 
@@ -71,12 +73,7 @@ def _topk_rows_kernel(VALS, IDX, MAXES, SUMS, OUT_V, OUT_I, n_chunks, K: tl.cons
 def topk_log_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values fp32 [rows, k], indices int64 [rows, k]): torch.log_softmax(logits.float(), -1).topk(k) for 2-D
     [rows, vocab] logits contiguous in vocab, best first, computed by the two kernels above."""
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be 2-D [rows, vocab] and contiguous in vocab, got shape "
-                         f"{tuple(logits.shape)} with strides {logits.stride()}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    rows, vocab = logits.shape
+    rows, vocab = check_row_logits(logits)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, vocab):
         raise ValueError(f"k must be an integer in [1, min({MAX_K}, vocab = {vocab})], got {k!r}")
     values = torch.empty((rows, k), dtype=torch.float32, device=logits.device)
