@@ -12,7 +12,9 @@ cycled) greedily with ignore_eos, so every variant emits exactly the same number
 variant time, measured in the same run after a warm-up.
 
 Reported per variant and batch size: wall time, output tokens/s, speedup over plain decoding, mean acceptance length
-(tokens per verify step, 1 + accepted / steps), acceptance rate (on CUDA, n-gram and lookahead drafts are padded to
+(tokens per verify step, 1 + accepted / steps), tokens per step per sequence ("tok/step": output tokens over the
+sequences every step ran, drafting or not: 1.0 for plain decoding; the fair figure for a method that may skip
+drafting, as n-gram lookup does when it finds nothing), acceptance rate (on CUDA, n-gram and lookahead drafts are padded to
 k so that verify steps replay the q_len = 1 + k graphs; the padding counts as drafts: compare acceptance lengths),
 and the fraction of requests whose tokens equal the plain run's (1.0 expected; in bf16 a verify step's logits may
 differ in the last bit from a one-token step's, so a near-tie can flip: that is numerics, not the method).
@@ -161,6 +163,16 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
     engine = variant.llm_engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
+    # sequence-steps: each step adds the sequences it runs. Output tokens over sequence-steps is tokens per step
+    # per sequence (1.0 for plain decoding), unlike the accepted length (per *verify* step), it also counts the
+    # steps a method did not draft in (n-gram finds nothing, a tree is cut to its root)
+    seq_steps, schedule = [0], engine.scheduler.schedule
+
+    def counted_schedule():
+        scheduled = schedule()
+        seq_steps[0] += len(scheduled.seqs)
+        return scheduled
+    engine.scheduler.schedule = counted_schedule
     for batch in args.batch_sizes:
         # warm-up at this batch size (Triton JIT of the decode and verify kernels it picks, graph capture of the
         # drafts, allocator, first-touch costs): on the H200 a 0.5-1.5 s compile inside a timed run of a few
@@ -176,6 +188,7 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
         runner = getattr(engine, "runner", None)
         counts = getattr(runner, "forward_counts", None)
         counts_before = dict(counts) if counts is not None else {}
+        seq_steps_before = seq_steps[0]
         for group in batches_for(prompts, batch):
             if engine.speculative is not None:
                 engine.speculative.metrics = SpecDecodeMetrics()
@@ -196,6 +209,7 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
         num_tokens = sum(len(t) for t in tokens)
         rows.append({"method": method, "batch": batch, "num_requests": len(tokens), "seconds": seconds,
                      "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
+                     "tokens_per_sequence_step": num_tokens / max(seq_steps[0] - seq_steps_before, 1),
                      "mean_acceptance_length": total.mean_acceptance_length or 1.0,
                      "acceptance_rate": total.acceptance_rate,
                      "acceptance_by_position": total.acceptance_by_position,
@@ -246,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup"] = plain[r["batch"]] / r["seconds"]
     print(f"\nspeculative decoding, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), "
           f"k={args.k}, {args.max_tokens} tokens per request, greedy")
-    print(f"{'method':22s} {'batch':>5s} {'tok/s':>9s} {'speedup':>8s} {'accept len':>10s} {'accept rate':>11s} "
-          f"{'same as plain':>13s}")
+    print(f"{'method':22s} {'batch':>5s} {'tok/s':>9s} {'speedup':>8s} {'accept len':>10s} {'tok/step':>8s} "
+          f"{'accept rate':>11s} {'same as plain':>13s}")
     for r in results:
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "-" if r["same_tokens_as_plain"] is None else f"{r['same_tokens_as_plain']:.2f}"
         print(f"{r['method']:22s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
-              f"{r['mean_acceptance_length']:10.2f} {rate:>11s} {same:>13s}  "
+              f"{r['mean_acceptance_length']:10.2f} {r['tokens_per_sequence_step']:8.2f} {rate:>11s} {same:>13s}  "
               + " ".join(f"{k} {v:.2f}" for k, v in r["acceptance_length_by_kind"].items() if v is not None))
     if args.out:
         for r in results:
