@@ -500,7 +500,10 @@ for b in batches:
 #   (`speculative_p7_widths_s11_h200.json`). (An earlier run, `speculative_h200.json`: a draft of 24 of the 30
 #   layers, 0.68x even at batch 1.)
 # * *Nothing repeats.* Prompt lookup is free but proposes only what already occurred: 1.40 tokens per step on chat
-#   against 2.27 on code and 2.34 on summaries (the JSON's `acceptance_length_by_kind`).
+#   against 2.27 on code and 2.34 on summaries (the JSON's `acceptance_length_by_kind`). Read such figures with
+#   care: the accepted length counts only the steps that carried drafts. Requiring a longer match (prompt_lookup_min
+#   2 instead of 1) lifts it from 2.05 to 3.35 on these prompts, yet tokens per step, drafting or not, go from 1.53
+#   to 1.46 (CPU, benchmarks/RESULTS.md): fewer, better drafts, the same speed.
 #
 # This is why vLLM switches speculation off above a batch size (`disable_by_batch_size`). One caution on the
 # numbers: each is a single run, and plain decoding itself measured 949 and 999 tok/s in two runs the same hour:
