@@ -112,7 +112,7 @@ def test_a_distilled_draft_keeps_only_its_own_weights_and_drafts_losslessly(targ
     """train-heads --kind draft saves the draft's layers and final norm, not the target's embedding and LM head;
     loading hands it the target's modules; in the engine it drafts and the tokens stay plain decoding's."""
     from safetensors import safe_open
-    from minillm.speculative.draft_weights import WEIGHTS_FILE, load_draft, shipped_draft_dir
+    from minillm.speculative.draft_weights import WEIGHTS_FILE, load_draft
     model, config = target
     history = train_heads(model, config, data, TrainOptions("draft", 15, draft_num_layers=1, rows_per_step=64,
                                                             lr=3e-3, warmup=3), tmp_path)["history"]
@@ -127,7 +127,7 @@ def test_a_distilled_draft_keeps_only_its_own_weights_and_drafts_losslessly(targ
     draft, draft_config = load_draft(tmp_path, model, config, "cpu", torch.float32)
     assert draft.model.embed_tokens is model.model.embed_tokens and draft.lm_head is model.lm_head
     assert draft_config.num_hidden_layers == 1 and torch.equal(draft.model.norm.weight, norm.float())
-    assert shipped_draft_dir(config) is None  # the shipped draft (if any) is for SmolLM2, not this target
+    assert heads_module.shipped_weights_dir("draft", config) is None  # any shipped draft is SmolLM2's
     plain, _ = run(target, None)
     outputs, engine = run(target, {"method": "draft_model", "num_speculative_tokens": K, "model": str(tmp_path)})
     assert {r: o.outputs[0].token_ids for r, o in outputs.items()} == \
@@ -146,7 +146,7 @@ def test_draft_model_takes_the_shipped_distilled_draft_unless_layers_are_named(t
     from minillm.speculative.draft import independent_copy
     model, config = target
     draft_weights.save_draft(tmp_path / "draft", independent_copy(model, 1), config, {"steps": 0})
-    monkeypatch.setattr(draft_weights, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(heads_module, "SHIPPED_DIR", tmp_path)
     _, shipped = run(target, {"method": "draft_model", "num_speculative_tokens": K})
     _, named = run(target, {"method": "draft_model", "num_speculative_tokens": K, "draft_num_layers": 2})
     assert len(shipped.speculative.proposer.model.model.layers) == 1  # the shipped one

@@ -94,7 +94,8 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
         one was trained on this target;
       * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers: a copy with its own
         weights for draft_model (undistilled: an initialisation), the target's own modules for self_speculative."""
-    from minillm.speculative.draft_weights import is_draft_dir, load_draft, shipped_draft_dir
+    from minillm.speculative.draft_weights import is_draft_dir, load_draft
+    from minillm.speculative.heads import shipped_weights_dir
     config = engine.model_config
     if spec.method == "draft_model" and spec.model is not None and not is_draft_dir(spec.model):
         from minillm.engine.worker import build_model
@@ -110,9 +111,9 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
         raise ValueError(f"speculative method {spec.method!r} builds its draft on the target's weights, which live "
                          f"in another process here; use the in-process executor or give a draft model file as "
                          f"speculative_config['model']") from None
-    distilled = spec.model if spec.method == "draft_model" else None
-    if spec.method == "draft_model" and distilled is None and spec.draft_num_layers is None:
-        distilled = shipped_draft_dir(config)
+    distilled = None
+    if spec.method == "draft_model":
+        distilled = spec.model or (shipped_weights_dir("draft", config) if spec.draft_num_layers is None else None)
     if distilled is not None:
         return load_draft(distilled, target, config, engine.device, engine.dtype)
     layers = spec.draft_num_layers or DEFAULT_DRAFT_LAYERS

@@ -12,10 +12,10 @@ and LM head modules: no copy, no extra memory, and a quantized target lends its 
     save_draft(directory, draft, target_config, training)   what train_heads writes
     is_draft_dir(path)                                      a directory of this format (not an HF or GGUF model)
     load_draft(directory, target, target_config, device, dtype) -> (draft model, its ModelConfig)
-    shipped_draft_dir(target_config)                        the draft shipped for the bundled model, if it fits
 
 speculative_config {"method": "draft_model", "model": DIR} loads one; without "model" and without
-"draft_num_layers", the shipped draft (minillm/speculative/weights/draft) where it was trained on this target.
+"draft_num_layers", the shipped draft (minillm/speculative/weights/draft, found by heads.shipped_weights_dir)
+where it was trained on this target.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.speculative.heads import SHIPPED_DIR, target_fingerprint
+from minillm.speculative.heads import target_fingerprint
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "draft.safetensors"
 _OWN = ("model.layers.", "model.norm.")  # the draft's own tensors; embedding and LM head are the target's
@@ -92,12 +92,3 @@ def load_draft(directory: str | os.PathLike, target: nn.Module, target_config: M
         raise ValueError(f"{directory}: a draft with missing tensors {missing[:4]} / unexpected tensors "
                          f"{unexpected[:4]}")
     return draft.to(device=device).eval(), draft_config
-
-
-def shipped_draft_dir(target_config: ModelConfig) -> Path | None:
-    """minillm/speculative/weights/draft when it exists and was distilled from this target, else None."""
-    shipped = SHIPPED_DIR / "draft"
-    if not is_draft_dir(shipped):
-        return None
-    trained_for = json.loads((shipped / CONFIG_FILE).read_text()).get("target")
-    return shipped if trained_for == target_fingerprint(target_config) else None

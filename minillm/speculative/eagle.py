@@ -179,14 +179,13 @@ class EagleProposer(HeadProposer):
         (log-probabilities fp32 [B, T, k], token ids int64 [B, T, k]). On a GPU two Triton kernels
         (kernels/topk_logprobs.py: no fp32 copy of the logits, no softmax pass, no multi-block radix select);
         elsewhere log_softmax then topk."""
+        from minillm.kernels.topk_logprobs import MAX_K, topk_log_softmax
         b, t, d = g.shape
         logits = self.target.logits(self.final_norm(g.reshape(b * t, d)))
-        if logits.is_cuda:
-            from minillm.kernels.topk_logprobs import MAX_K, topk_log_softmax
-            if k <= MAX_K:
-                scores, tokens = topk_log_softmax(logits.contiguous(), k)
-                return scores.view(b, t, k), tokens.view(b, t, k)
-        scores, tokens = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        if logits.is_cuda and k <= MAX_K:
+            scores, tokens = topk_log_softmax(logits.contiguous(), k)
+        else:
+            scores, tokens = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
         return scores.view(b, t, k), tokens.view(b, t, k)
 
     def _tree_search(self, windows: list[RequestWindow], depth: int, topk: int, beam: int

@@ -363,16 +363,23 @@ def load_head_files(directory: str | os.PathLike, kind: str, target: ModelConfig
     return config, load_file(str(path / WEIGHTS_FILE))
 
 
+def shipped_weights_dir(kind: str, target: ModelConfig) -> Path | None:
+    """SHIPPED_DIR / kind (heads, or train-heads' "draft") when it was trained on this target, else None."""
+    shipped = SHIPPED_DIR / kind
+    if not (shipped / CONFIG_FILE).is_file():
+        return None
+    trained_for = json.loads((shipped / CONFIG_FILE).read_text()).get("target")
+    return shipped if trained_for == target_fingerprint(target) else None
+
+
 def resolve_heads_dir(kind: str, model: str | None, target: ModelConfig) -> Path:
     """`model` when given; else the shipped weights for `kind` if they were trained on this target; else a
     ValueError that says how to get some."""
     if model is not None:
         return Path(model)
-    shipped = SHIPPED_DIR / kind
-    if (shipped / CONFIG_FILE).is_file():
-        trained_for = json.loads((shipped / CONFIG_FILE).read_text()).get("target")
-        if trained_for == target_fingerprint(target):
-            return shipped
+    shipped = shipped_weights_dir(kind, target)
+    if shipped is not None:
+        return shipped
     raise ValueError(f"no shipped {kind} heads for this target ({target_fingerprint(target)}): train them with "
                      f"`minillm train-heads --kind {kind} --out DIR` and pass speculative_config="
                      f"{{'method': '{kind}', 'model': DIR, ...}}")
