@@ -41,3 +41,21 @@ On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRE
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so
 `import minillm.kernels` stays cheap; import the module you need.
 """
+
+if __name__ == "kernels":
+    # Found as a bare top-level `kernels`: the repository root is on sys.path (`python -m pytest` or a notebook run
+    # from the checkout), so this folder shadows the PyPI package `kernels` that transformers (>= 5.25 depends on
+    # it) imports. Hand the name over to that package when one is installed elsewhere on sys.path; without one,
+    # stay an empty module (no `__version__`, so transformers' probe finds no usable `kernels`).
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _elsewhere = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _pypi_kernels = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _pypi_kernels  # the import system returns what sys.modules holds after this runs
+        _spec.loader.exec_module(_pypi_kernels)

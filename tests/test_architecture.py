@@ -102,3 +102,27 @@ def test_no_import_cycles():
     for mod in sorted(graph):
         if mod not in state and (cycle := visit(mod)):
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_a_bare_kernels_import_from_the_checkout_reaches_the_pypi_package(tmp_path):
+    """With the repository root first on sys.path, `import kernels` finds our kernels/ folder; it must hand the
+    name to an installed PyPI `kernels` (transformers imports it), and stay an empty module without one."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.19.1'\nfrom .sub import CUDAProperties\n")
+    (fake / "sub.py").write_text("class CUDAProperties: pass\n")
+    probe = "import kernels; print(getattr(kernels, '__version__', None), kernels.__file__)"
+
+    def bare_import(*path):
+        # -S: no site-packages, so only the folders given here hold a `kernels`
+        env = {"PYTHONPATH": ":".join(str(p) for p in path), "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert bare_import(ROOT, fake.parent) == ["0.19.1", str(fake / "__init__.py")]
+    version, where = bare_import(ROOT)
+    assert version == "None" and where == str(ROOT / "kernels" / "__init__.py")
