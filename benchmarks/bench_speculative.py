@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-widths", type=int, nargs="+", default=None,
                    help="eagle_tree: one variant per search width (speculative_config tree_search_width: top-k "
                         "children per expanded node, nodes expanded per depth; default: the method's own)")
+    p.add_argument("--draft-vocab-sizes", type=int, nargs="+", default=None,
+                   help="head methods: also one variant per draft vocabulary size (speculative_config "
+                        "draft_vocab_size: drafts over the target's most frequent answer tokens, FR-Spec)")
     p.add_argument("--disable-by-batch-size", type=int, default=None,
                    help="speculative_config disable_by_batch_size for every method: plain steps while more "
                         "sequences than this run (the switch's cost and effect, measured)")
@@ -148,6 +151,9 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             if method == "eagle_tree" and args.tree_widths:  # EAGLE-2's search width (top-k and beam)
                 trees = [(f"{label}/w{w}", dict(spec, tree_search_width=w)) for label, spec in trees
                          for w in args.tree_widths]
+            if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.draft_vocab_sizes:
+                trees += [(f"{label}/v{v}", dict(spec, draft_vocab_size=v)) for label, spec in trees
+                          for v in args.draft_vocab_sizes]  # the full vocabulary first, then each size
             out += trees
     return out
 

@@ -41,12 +41,15 @@ HIDDEN_STATE_KIND: dict[str, str] = {"medusa": "post_norm", "eagle": "pre_norm",
 _READS_MODEL = ("draft_model", *HIDDEN_STATE_KIND)
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
          "disable_by_batch_size", "draft_num_layers", "lookahead_ngram", "num_tree_nodes", "tree_search_width",
-         "draft_ahead"}
+         "draft_ahead", "draft_vocab_size"}
+# methods that draft through an LM head, so over a draft vocabulary when draft_vocab_size is set
+_READS_DRAFT_VOCAB = ("draft_model", "self_speculative", *HIDDEN_STATE_KIND)
 # methods that read num_tree_nodes (the draft nodes below the root of each verified tree)
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
 
 DEFAULT_DRAFT_LAYERS = 4  # self_speculative / draft_model: the target's first layers a draft keeps by default
+MIN_DRAFT_VOCAB = 64  # draft_vocab_size: no smaller than the widest tree search (tree_search_width <= 64)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class SpeculativeConfig:
     # collect it without waiting (draft_ahead.py). None: on for the head methods on a GPU (where the draft then runs
     # during the host's bookkeeping), off on a CPU (nothing overlaps there). H200, bench_spec_host.py, 2026-12-03,
     # median of 3 runs each: EAGLE 2.13 vs 2.26 ms/step, eagle_tree 3.06 vs 3.24 (drafting when asked)
+
+    draft_vocab_size: int | None = None  # LM-head drafters: draft over the target's draft_vocab_size most frequent
+    # answer tokens only (FR-Spec; draft_vocab.py), in [MIN_DRAFT_VOCAB, the vocabulary]; None: every token
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,6 +116,13 @@ class SpeculativeConfig:
         if self.draft_ahead and self.method not in HIDDEN_STATE_KIND:
             raise ValueError(f"speculative_config draft_ahead is only read by the head methods "
                              f"{', '.join(HIDDEN_STATE_KIND)}, got method {self.method!r}")
+        v = self.draft_vocab_size
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < MIN_DRAFT_VOCAB):
+            raise ValueError(f"speculative_config draft_vocab_size must be None or an integer >= {MIN_DRAFT_VOCAB} "
+                             f"(at most the vocabulary; checked when the model is known), got {v!r}")
+        if v is not None and self.method not in _READS_DRAFT_VOCAB:
+            raise ValueError(f"speculative_config draft_vocab_size is only read by methods "
+                             f"{', '.join(_READS_DRAFT_VOCAB)}, got method {self.method!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"speculative_config model must be a path (str) or None, got {self.model!r}")
         if self.model is not None and self.method not in _READS_MODEL:

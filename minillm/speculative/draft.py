@@ -39,6 +39,7 @@ from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
 from minillm.models.llama import LlamaForCausalLM
 from minillm.speculative.config import DEFAULT_DRAFT_LAYERS, SpeculativeConfig
+from minillm.speculative.draft_vocab import DraftVocab
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 
@@ -144,6 +145,11 @@ class DraftModelProposer(SampledDraftProposer):
         self._shadows: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._synced: dict[str, int] = {}  # request_id -> leading tokens the shadow shares with the sequence
+        self.vocab: DraftVocab | None = None  # restrict_vocab: draft over a few tokens' rows of the LM head
+
+    def restrict_vocab(self, token_ids: torch.Tensor) -> None:
+        """Draft over these token ids only (draft_vocab.py): a 1-layer draft's LM head is most of its cost."""
+        self.vocab = DraftVocab(self.model.lm_head.weight).restrict(token_ids)
 
     # -- per-request state --------------------------------------------------------------------------------
     def free(self, request_id: str) -> None:
@@ -202,14 +208,16 @@ class DraftModelProposer(SampledDraftProposer):
             logits = self._forward(batch)
             params = [seqs[i].sampling_params for i, _, _ in active]
             sampled_rows = [row for row, p in enumerate(params) if p.temperature > 0]
-            tokens = logits.argmax(dim=-1).tolist()  # greedy rows: deterministic drafts, no distribution needed
+            chosen = logits.argmax(dim=-1)  # greedy rows: deterministic drafts, no distribution needed
             q = None
             if sampled_rows:  # q under the request's own temperature / top-k / top-p, then x ~ q
                 gens = [self._generator_of(seqs[active[r][0]]) for r in sampled_rows]
                 picked, q = sample_drafts(logits[sampled_rows], [params[r] for r in sampled_rows], gens,
                                           self.generator)
-                for r, token in zip(sampled_rows, picked.tolist()):
-                    tokens[r] = token
+                chosen[sampled_rows] = picked.to(chosen.device)
+            if self.vocab is not None:  # indices into the draft vocabulary -> token ids; q over every token
+                chosen, q = self.vocab.to_ids(chosen), None if q is None else self.vocab.spread(q)
+            tokens = chosen.tolist()
             q_row = {r: j for j, r in enumerate(sampled_rows)}
             for row, (i, shadow, _) in enumerate(active):
                 token = int(tokens[row])
@@ -223,10 +231,10 @@ class DraftModelProposer(SampledDraftProposer):
         return drafts, [torch.stack(p) if p else None for p in probs]
 
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        """The draft's logits at the last row of every sequence of `batch`, [B, V]."""
+        """The draft's logits at the last row of every sequence of `batch`, [B, V] (V': its draft vocabulary)."""
         runner = self.runner
         prepared = runner.prepare(build_step_input(batch, self.block_size))
         if runner.attention_layers[0].k_cache.data_ptr() != runner.kv_cache.storage.data_ptr():
             runner.bind_kv_cache()  # self_speculative: the target's attention modules were bound to its own cache
-        hidden = runner.forward(prepared)
-        return self.model.compute_logits(hidden[prepared.sample_indices])
+        hidden = runner.forward(prepared)[prepared.sample_indices]
+        return self.model.compute_logits(hidden) if self.vocab is None else self.vocab.logits(hidden)

@@ -113,7 +113,7 @@ class EagleProposer(HeadProposer):
         last, position = g[:, -1], window.positions[:, -1:]
         drafted = []
         for step in range(num_drafts):
-            token = choose(target.logits(self.final_norm(last)))
+            token = target.vocab.to_ids(choose(target.vocab.logits(self.final_norm(last))))
             drafted.append(token)
             if step + 1 == num_drafts:
                 break
@@ -181,12 +181,12 @@ class EagleProposer(HeadProposer):
         elsewhere log_softmax then topk."""
         from minillm.kernels.topk_logprobs import MAX_K, topk_log_softmax
         b, t, d = g.shape
-        logits = self.target.logits(self.final_norm(g.reshape(b * t, d)))
+        logits = self.target.vocab.logits(self.final_norm(g.reshape(b * t, d)))
         if logits.is_cuda and k <= MAX_K:
-            scores, tokens = topk_log_softmax(logits.contiguous(), k)
+            scores, index = topk_log_softmax(logits.contiguous(), k)
         else:
-            scores, tokens = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        return scores.view(b, t, k), tokens.view(b, t, k)
+            scores, index = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        return scores.view(b, t, k), self.target.vocab.to_ids(index).view(b, t, k)
 
     def _tree_search(self, windows: list[RequestWindow], depth: int, topk: int, beam: int
                      ) -> tuple[torch.Tensor, int]:

@@ -328,8 +328,12 @@ def build_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> Propo
     draft, draft_config = draft_for(spec, engine)
     cache = engine.cache_config
     slack = engine.engine_config.max_num_seqs * (spec.num_speculative_tokens // cache.block_size + 2)
-    return DraftModelProposer(draft, draft_config, engine.engine_config, cache.num_gpu_blocks + slack,
-                              cache.block_size, engine.device, engine.dtype, seed)
+    proposer = DraftModelProposer(draft, draft_config, engine.engine_config, cache.num_gpu_blocks + slack,
+                                  cache.block_size, engine.device, engine.dtype, seed)
+    if spec.draft_vocab_size is not None:  # FR-Spec: counts beside a distilled draft, else the shipped ones
+        from minillm.speculative.draft_vocab import draft_vocab_ids
+        proposer.restrict_vocab(draft_vocab_ids(spec.draft_vocab_size, spec.model, engine.model_config))
+    return proposer
 
 
 def build_speculative_decoder(engine: Any, seed: int = 0) -> SpeculativeDecoder | None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.speculative.config import SpeculativeConfig
+from minillm.speculative.draft_vocab import draft_vocab_ids
 from minillm.speculative.eagle import EagleHead, EagleProposer
 from minillm.speculative.head_proposer import HeadProposer
 from minillm.speculative.heads import HeadConfig, TargetParts, load_head_files, resolve_heads_dir
@@ -55,4 +56,7 @@ def build_head_proposer(spec: SpeculativeConfig, engine: Any, seed: int = 0) -> 
     directory = resolve_heads_dir(spec.method, spec.model, engine.model_config)
     heads, config = load_heads(spec.method, directory, engine.model_config, engine.device, engine.dtype)
     cuda_graphs = torch.device(engine.device).type == "cuda" and not engine.engine_config.enforce_eager
-    return KINDS[spec.method][1](heads, config, TargetParts(target), seed=seed, cuda_graphs=cuda_graphs)
+    parts = TargetParts(target)
+    if spec.draft_vocab_size is not None:  # FR-Spec: draft over the target's most frequent answer tokens only
+        parts.vocab.restrict(draft_vocab_ids(spec.draft_vocab_size, directory, engine.model_config))
+    return KINDS[spec.method][1](heads, config, parts, seed=seed, cuda_graphs=cuda_graphs)

@@ -72,7 +72,8 @@ class Window:
         return cls(features, packed[:batch * width].view(batch, width), positions, key_mask)
 
 
-# choose(logits [B, V]) -> the drafted tokens [B] (on the logits' device): argmax or a sample from q
+# choose(logits [B, V'] over the draft vocabulary) -> the drafted indices into it [B] (on the logits' device):
+# argmax or a sample from q; the proposers map them to token ids (TargetParts.vocab.to_ids)
 Chooser = Callable[[torch.Tensor], torch.Tensor]
 # a request's window as _window_of finds it: (features [W, d] left padded, real rows L, the L tokens after them)
 RequestWindow = tuple[torch.Tensor, int, list[int]]
@@ -275,7 +276,7 @@ class HeadProposer(SampledDraftProposer):
                 picked, q = sample_drafts(logits[sampled_rows], [params[r] for r in sampled_rows], gens,
                                           self.generator)
                 tokens[sampled_rows] = picked.to(tokens.device)
-                q_steps.append(q)
+                q_steps.append(self.target.vocab.spread(q))  # over every token, as verification's p
             return tokens
 
         steps = self.draft(self._batch(windows), num_drafts, choose)

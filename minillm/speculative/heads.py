@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from minillm.config import ModelConfig
 from minillm.layers.norm import rms_norm
 from minillm.layers.rotary import apply_rotary
+from minillm.speculative.draft_vocab import DraftVocab
 
 HEAD_KINDS = ("medusa", "eagle", "mtp")
 WEIGHTS_FILE, CONFIG_FILE = "heads.safetensors", "config.json"
@@ -89,6 +90,7 @@ class TargetParts:
             raise ValueError(f"heads need the target's embed_tokens, final norm and lm_head; "
                              f"{type(target).__name__} lacks one ({err})") from None
         self.vocab_size, self.hidden_size = self.lm_head_weight.shape
+        self.vocab = DraftVocab(self.lm_head_weight)  # what drafting scores (draft_vocab.py): all rows, or a few
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed_weight)

@@ -48,12 +48,12 @@ class MedusaProposer(HeadProposer):
         super().__init__(heads, config, target, window=1, seed=seed, cuda_graphs=cuda_graphs)  # only f_{n-2} is read
 
     def head_logits(self, window: Window) -> torch.Tensor:
-        """[K, B, V]: every head's logits at each row's last feature."""
-        return self.target.logits(self.heads(window.features[:, -1]))
+        """[K, B, V']: every head's logits over the draft vocabulary at each row's last feature."""
+        return self.target.vocab.logits(self.heads(window.features[:, -1]))
 
     def draft(self, window: Window, num_drafts: int, choose: Chooser) -> list[torch.Tensor]:
         logits = self.head_logits(window)
-        return [choose(logits[k]) for k in range(num_drafts)]
+        return [self.target.vocab.to_ids(choose(logits[k])) for k in range(num_drafts)]
 
     @torch.inference_mode()
     def propose_candidates(self, seqs: list[Sequence], topk: int
@@ -61,15 +61,17 @@ class MedusaProposer(HeadProposer):
         """Per sequence, (token ids int64 [K, topk], probabilities float32 [K, topk]): head k's top-k guesses for
         the token k + 1 positions after the last one, best first; None for a sequence without its features yet.
         Stack the ids of several sequences into minillm.speculative.tree.TokenTree.candidates' [B, K, topk]."""
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= self.target.vocab_size:
-            raise ValueError(f"topk must be an integer in [1, {self.target.vocab_size}], got {topk!r}")
+        words = self.target.vocab.size  # the draft vocabulary's size
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= words:
+            raise ValueError(f"topk must be an integer in [1, {words}] (the draft vocabulary), got {topk!r}")
         windows = [self._window_of(seq) for seq in seqs]
         ready = [i for i, w in enumerate(windows) if w is not None]
         result: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
         if not ready:
             return result
         probs = torch.softmax(self.head_logits(self._batch([windows[i] for i in ready])).float(), dim=-1)
-        top_p, top_ids = probs.topk(topk, dim=-1)  # [K, B, topk]
+        top_p, top_index = probs.topk(topk, dim=-1)  # [K, B, topk]
+        top_ids = self.target.vocab.to_ids(top_index)
         # one transfer for both: the ids as int32 words, the probabilities by their bits
         host = torch.cat([top_ids.to(torch.int32), top_p.view(torch.int32)], dim=-1).cpu()
         ids, top_p = host[..., :topk].long(), host[..., topk:].contiguous().view(torch.float32)

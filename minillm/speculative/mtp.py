@@ -84,7 +84,7 @@ class MTPProposer(HeadProposer):
             x = module.proj(torch.cat([module.hidden_norm(hidden), module.embed_norm(self.target.embed(tokens))],
                                       dim=-1))
             hidden = module.layer(x, window.positions, bias, module.layer.new_cache(batch, width, x))
-            token = choose(self.target.logits(module.out_norm(hidden[:, -1])))
+            token = self.target.vocab.to_ids(choose(self.target.vocab.logits(module.out_norm(hidden[:, -1]))))
             drafted.append(token)
             # module k + 1 at position p reads token p + k + 1: the window's tokens one further, the draft last
             tokens = torch.cat([tokens[:, 1:], token[:, None]], dim=1)

@@ -145,6 +145,10 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     print(f"data: {documents} training requests answered, {data.tokens.shape[0]} rows of {data.tokens.shape[1]} "
           f"tokens ({int(data.drafted.sum())} answer positions); {data.held_out.tokens.shape[0]} held-out requests; "
           f"{spent:.0f} s{share} (loading, generating, recording features)")
+    from minillm.speculative.draft_vocab import answer_token_counts, save_token_counts
+    counts = save_token_counts(args.out, answer_token_counts(data.tokens, data.drafted, model_config.vocab_size),
+                               model_config)
+    print(f"token counts of the answers (for a draft vocabulary) saved to {counts}")
     for i, option in enumerate(options):
         out = args.out if len(options) == 1 else os.path.join(args.out, option.kind)
         deadline = None
