@@ -23,10 +23,9 @@ from minillm.speculative.head_kinds import new_heads
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, save_heads
 from minillm.speculative.train_heads import TrainOptions, train_heads
 from test_engine import tiny_config, tiny_model
-from test_speculative_core import _chi_square_p_value
-from test_speculative_engine import GREEDY, PROMPTS, SAMPLED, assert_nothing_held, run
+from test_speculative_engine import GREEDY, PROMPTS, SAMPLED, assert_nothing_held, pair_law_p_value, run
 from test_speculative_heads import K, data, target, trained  # noqa: F401  (module fixtures)
-from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny import ByteTokenizer, one_thread, run_to_completion  # noqa: F401  (one_thread: autouse fixture)
 
 SIZE = 64  # of the tiny target's 300 tokens
 
@@ -172,29 +171,8 @@ def test_sampled_drafts_over_a_few_tokens_keep_the_target_distribution(kind, tmp
     proposer.restrict_vocab(ids) if kind == "draft_model" else proposer.target.vocab.restrict(ids)
     params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True)
     prompt = [1, 2, 3]
-    for i in range(n):
-        engine.add_request(str(i), prompt, params)
-    tokens = []
-    while engine.has_unfinished_requests():
-        tokens += [o.outputs[0].token_ids for o in engine.step() if o.finished]
-    tokens = torch.tensor(tokens)
-
-    @torch.no_grad()
-    def next_law(prefix: list[int]) -> torch.Tensor:
-        from minillm.speculative.train_data import record_features
-        hidden = record_features(model, torch.tensor([prefix]), torch.device("cpu"))[0, -1:]
-        return torch.softmax(model.compute_logits(model.model.norm(hidden)).double() / temperature, -1)[0]
-
-    first = next_law(prompt)
-    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])
-    pair_law = (first[:, None] * second).flatten()
-    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
-    keep = pair_law * n >= 5
-    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
-    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
-    if float(expected[-1]) < 5:
-        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
-    assert _chi_square_p_value(counts, expected) > 1e-3
+    tokens = torch.tensor(run_to_completion(engine, [prompt] * n, params))
+    assert pair_law_p_value(model, prompt, tokens, temperature) > 1e-3
     metrics = engine.speculative.metrics
     assert metrics.num_draft_tokens > 0 and 0.05 < metrics.acceptance_rate < 0.95
     assert_nothing_held(engine)

@@ -58,6 +58,30 @@ def run(model_and_config, spec, num_blocks=64, requests=None, **engine_kwargs):
     return outputs, engine
 
 
+def pair_law_p_value(model, prompt: list[int], tokens: torch.Tensor, temperature: float) -> float:
+    """Chi-square p-value that the first two sampled tokens of every row of tokens [n, >= 2] follow the target's
+    exact law for them after `prompt`, p(a) p(b | a) at `temperature` (a cache-less forward per prefix); pairs
+    expected fewer than 5 times are pooled into one cell, as the test needs."""
+    from minillm.speculative.train_data import record_features
+    vocab, n = model.config.vocab_size, tokens.shape[0]
+
+    @torch.no_grad()
+    def next_law(prefix: list[int]) -> torch.Tensor:
+        hidden = record_features(model, torch.tensor([prefix]), torch.device("cpu"))[0, -1:]
+        return torch.softmax(model.compute_logits(model.model.norm(hidden)).double() / temperature, -1)[0]
+
+    first = next_law(prompt)
+    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])  # [a, b]
+    pair_law = (first[:, None] * second).flatten()
+    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
+    keep = pair_law * n >= 5
+    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
+    if float(expected[-1]) < 5:
+        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
+    return _chi_square_p_value(counts, expected)
+
+
 def assert_nothing_held(engine):
     assert engine.speculative.num_propose_errors == 0  # a failing proposer only costs speed: make it visible
     assert engine.scheduler.block_manager.num_used_blocks == 0
@@ -154,30 +178,7 @@ def test_sampled_drafts_keep_the_target_distribution():
     tokens = torch.tensor(tokens)
     assert tokens.shape == (n, 3)
 
-    @torch.no_grad()
-    def next_law(prefix: list[int]) -> torch.Tensor:  # the target's next-token distribution, no cache involved
-        engine.runner.bind_kv_cache()
-        from minillm.forward_context import AttentionMetadata, forward_context
-        ids = torch.tensor(prefix)
-        meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, len(prefix)], dtype=torch.int32),
-                                 seq_lens=torch.tensor([len(prefix)], dtype=torch.int32), max_seqlen_q=len(prefix),
-                                 max_seqlen_k=len(prefix), slot_mapping=torch.arange(len(prefix)),
-                                 block_tables=torch.arange(4, dtype=torch.int32)[None], block_size=4,
-                                 seq_lens_list=[len(prefix)], query_lens_list=[len(prefix)])
-        with forward_context(meta):
-            hidden = model(ids, torch.arange(len(prefix)))
-        return torch.softmax(model.compute_logits(hidden[-1:]).double() / TEMPERATURE, -1)[0]
-
-    first = next_law(prompt)
-    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])  # [a, b]
-    pair_law = (first[:, None] * second).flatten()
-    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
-    keep = pair_law * n >= 5  # chi-square needs >= 5 expected per cell: pool the rare pairs into one cell
-    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
-    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
-    if float(expected[-1]) < 5:
-        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
-    assert _chi_square_p_value(counts, expected) > 1e-3
+    assert pair_law_p_value(model, prompt, tokens, TEMPERATURE) > 1e-3
     metrics = engine.speculative.metrics
     assert 0.05 < metrics.acceptance_rate < 0.95  # both the accept and the residual branch were exercised
     assert_nothing_held(engine)

@@ -25,8 +25,7 @@ from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, save_
 from minillm.speculative.train_data import distill_data, record_features
 from minillm.speculative.train_heads import HeadLoss, TrainOptions, feature_rms, initial_heads, train_heads
 from test_engine import tiny_config, tiny_model
-from test_speculative_core import _chi_square_p_value
-from test_speculative_engine import GREEDY, PROMPTS, SAMPLED, assert_nothing_held, run
+from test_speculative_engine import GREEDY, PROMPTS, SAMPLED, assert_nothing_held, pair_law_p_value, run
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 K = 3
@@ -352,21 +351,7 @@ def test_sampled_drafts_keep_the_target_distribution(kind, tmp_path):
     assert sum(with_q) > 0
     tokens = torch.tensor(tokens)
 
-    @torch.no_grad()
-    def next_law(prefix: list[int]) -> torch.Tensor:
-        hidden = record_features(model, torch.tensor([prefix]), torch.device("cpu"))[0, -1:]
-        return torch.softmax(model.compute_logits(model.model.norm(hidden)).double() / temperature, -1)[0]
-
-    first = next_law(prompt)
-    second = torch.stack([next_law(prompt + [a]) for a in range(vocab)])
-    pair_law = (first[:, None] * second).flatten()
-    counts = torch.bincount(tokens[:, 0] * vocab + tokens[:, 1], minlength=vocab * vocab).double()
-    keep = pair_law * n >= 5
-    counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
-    expected = torch.cat([pair_law[keep], pair_law[~keep].sum(0, keepdim=True)]) * n
-    if float(expected[-1]) < 5:
-        counts, expected = counts[:-1], expected[:-1] * (n / float(expected[:-1].sum()))
-    assert _chi_square_p_value(counts, expected) > 1e-3
+    assert pair_law_p_value(model, prompt, tokens, temperature) > 1e-3
     assert 0.05 < engine.speculative.metrics.acceptance_rate < 0.95  # accept and residual branches both ran
     assert_nothing_held(engine)
 
