@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import torch
-
 import torch.nn.functional as F
 
 from minillm.config import ModelConfig
@@ -50,16 +49,15 @@ class DraftVocab:
 
     def restrict(self, token_ids: torch.Tensor) -> "DraftVocab":
         """Draft over these token ids only (int64 [V'], distinct, ascending)."""
+        if self.ids is not None:
+            raise ValueError("this draft vocabulary is already restricted; restrict a new DraftVocab")
         ids = torch.as_tensor(token_ids, dtype=torch.int64)
         if ids.dim() != 1 or ids.numel() == 0 or bool((ids[1:] <= ids[:-1]).any()) or \
                 not 0 <= int(ids[0]) <= int(ids[-1]) < self.vocab_size:
             raise ValueError(f"a draft vocabulary is 1-D, ascending, distinct token ids in [0, {self.vocab_size}); "
                              f"got {tuple(ids.shape)} ids")
-        full = self.weight if self.ids is None else None
-        if full is None:
-            raise ValueError("this draft vocabulary is already restricted; restrict a new DraftVocab")
-        self.ids = ids.to(full.device)
-        self.weight = full.index_select(0, self.ids).contiguous()
+        self.ids = ids.to(self.weight.device)
+        self.weight = self.weight.index_select(0, self.ids).contiguous()
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
