@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="eagle_tree: one variant per search width (speculative_config tree_search_width: top-k "
                         "children per expanded node, nodes expanded per depth; default: the method's own)")
     p.add_argument("--draft-vocab-sizes", type=int, nargs="+", default=None,
-                   help="head methods: also one variant per draft vocabulary size (speculative_config "
-                        "draft_vocab_size: drafts over the target's most frequent answer tokens, FR-Spec)")
+                   help="head methods and draft_model: also one variant per draft vocabulary size "
+                        "(speculative_config draft_vocab_size: drafts over the target's most frequent answer "
+                        "tokens, FR-Spec)")
     p.add_argument("--disable-by-batch-size", type=int, default=None,
                    help="speculative_config disable_by_batch_size for every method: plain steps while more "
                         "sequences than this run (the switch's cost and effect, measured)")
@@ -135,12 +136,19 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             config["disable_by_batch_size"] = args.disable_by_batch_size
         if method == "self_speculative":
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
-        elif method == "draft_model":  # distilled (train-heads --kind draft) in --heads-dir/draft, else a copy
+        elif method == "draft_model":  # distilled: --heads-dir/draft, else the shipped one; else an undistilled copy
+            from minillm.speculative.heads import SHIPPED_DIR
             distilled = os.path.join(args.heads_dir, "draft") if args.heads_dir else None
             if distilled and os.path.isdir(distilled):
-                out.append((f"{method}/distilled", dict(config, model=distilled)))
+                drafts = [(f"{method}/distilled", dict(config, model=distilled))]
+            elif os.path.isdir(SHIPPED_DIR / "draft"):  # draft_model without model or layers loads it
+                drafts = [(f"{method}/shipped", config)]
             else:
-                out.append((f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0])))
+                drafts = [(f"{method}/L{args.draft_layers[0]}", dict(config, draft_num_layers=args.draft_layers[0]))]
+            if args.draft_vocab_sizes:
+                drafts += [(f"{drafts[0][0]}/v{v}", dict(drafts[0][1], draft_vocab_size=v))
+                           for v in args.draft_vocab_sizes]
+            out += drafts
         else:
             if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
                 heads = method.removesuffix("_tree")  # a tree over the same heads
