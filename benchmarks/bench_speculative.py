@@ -2,7 +2,8 @@
 
     python benchmarks/bench_speculative.py [MODEL] [--quick | --cpu] [--k 4] [--max-tokens 128]
            [--batch-sizes 1 8 32 128] [--methods ngram lookahead self_speculative draft_model]
-           [--draft-layers 4 16 24] [--heads-dir DIR] [--out benchmarks/results/speculative_h200.json]
+           [--draft-layers 4 16 24] [--heads-dir DIR] [--draft-vocab-sizes 8192 16384]
+           [--out benchmarks/results/speculative_h200.json]
 
 MODEL defaults to the bundled SmolLM2-135M-Instruct GGUF. One LLM loads the weights; every variant (plain decoding,
 then each proposer) is an engine over the same weights (`LLM.share_model`) with its own KV pool and its own CUDA
@@ -20,8 +21,10 @@ and the fraction of requests whose tokens equal the plain run's (1.0 expected; i
 differ in the last bit from a one-token step's, so a near-tie can flip: that is numerics, not the method).
 
 The draft_model variant uses the distilled draft in --heads-dir DIR/draft when there is one (`minillm train-heads
---kind draft --out DIR/draft`), else a *copy* of the target's first --draft-layers[0] layers (there is no smaller
-SmolLM2 on disk): an initialisation, not a trained draft. self_speculative shares the target's first L layers'
+--kind draft --out DIR/draft`), else the one shipped in minillm/speculative/weights/draft, else a *copy* of the
+target's first --draft-layers[0] layers (there is no smaller SmolLM2 on disk): an initialisation, not a trained
+draft. --draft-vocab-sizes V1 V2 adds, for the head methods and draft_model, one variant per size drafting over the
+target's V most frequent answer tokens only (speculative_config draft_vocab_size, FR-Spec). self_speculative shares the target's first L layers'
 weights instead, for each L of --draft-layers (untrained early exit: acceptance stays low until L is close to the
 full depth, where a draft costs nearly a target step; the sweep shows that trade-off, which LayerSkip-style training
 is for). --quick runs a short smoke test on a CPU.
