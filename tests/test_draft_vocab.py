@@ -57,6 +57,17 @@ def test_counts_are_saved_with_the_target_they_count(tmp_path):
         draft_vocab_ids(3, tmp_path / "none", config)
 
 
+def test_the_shipped_counts_are_the_bundled_models_answers():
+    """weights/token_counts.safetensors: counted on SmolLM2-135M's own answers, found for it without a directory."""
+    import dataclasses
+    bundled = dataclasses.replace(tiny_config(), vocab_size=49152, hidden_size=576, num_hidden_layers=30)
+    counts = load_token_counts(heads_module.SHIPPED_DIR, bundled)
+    assert int(counts.sum()) > 50_000 and int((counts > 0).sum()) > 4096
+    ids = draft_vocab_ids(4096, None, bundled)
+    assert ids.shape == (4096,) and bool((ids[1:] > ids[:-1]).all())
+    assert int(counts[ids].min()) >= int(counts.sort(descending=True).values[4095])  # the 4,096 most frequent
+
+
 def test_a_draft_vocabulary_scores_only_its_rows_and_maps_back(target):
     model, config = target
     parts = TargetParts(model)

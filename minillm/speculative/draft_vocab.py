@@ -93,7 +93,7 @@ def answer_token_counts(tokens: torch.Tensor, drafted: torch.Tensor | None, voca
     return torch.bincount(following, minlength=vocab_size).to(torch.int64)
 
 
-def save_token_counts(directory: str | os.PathLike, counts: torch.Tensor, target: ModelConfig | None = None) -> Path:
+def save_token_counts(directory: str | os.PathLike, counts: torch.Tensor, target: ModelConfig) -> Path:
     """Write `counts` [V] and the fingerprint of the target they count to directory/token_counts.safetensors."""
     from safetensors.torch import save_file
 
@@ -101,7 +101,7 @@ def save_token_counts(directory: str | os.PathLike, counts: torch.Tensor, target
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     save_file({"counts": counts.to(torch.int64).contiguous().cpu()}, str(path / COUNTS_FILE),
-              metadata={"target": json.dumps(None if target is None else target_fingerprint(target), sort_keys=True)})
+              metadata={"target": json.dumps(target_fingerprint(target), sort_keys=True)})
     return path / COUNTS_FILE
 
 
