@@ -16,7 +16,7 @@ from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
 from minillm.sampling_params import SamplingParams
 from minillm.speculative.config import SpeculativeConfig
-from minillm.speculative.draft_vocab import (answer_token_counts, draft_vocab_ids, frequent_token_ids,
+from minillm.speculative.draft_vocab import (DraftVocab, answer_token_counts, draft_vocab_ids, frequent_token_ids,
                                              load_token_counts, save_token_counts)
 from minillm.speculative import heads as heads_module
 from minillm.speculative.head_kinds import new_heads
@@ -86,6 +86,8 @@ def test_a_draft_vocabulary_scores_only_its_rows_and_maps_back(target):
         pytest.approx(2.0)
     with pytest.raises(ValueError, match="already restricted"):
         parts.vocab.restrict(ids)
+    with pytest.raises(ValueError, match="dense floating-point LM head"):
+        DraftVocab(torch.zeros(300, 16, dtype=torch.int8))  # packed or quantized codes
     for bad in ([4, 3], [3, 3], [-1, 2], [299, 300], []):
         with pytest.raises(ValueError, match="ascending, distinct"):
             TargetParts(model).vocab.restrict(torch.tensor(bad, dtype=torch.int64))

@@ -39,6 +39,11 @@ class DraftVocab:
     turn the results back into token ids and distributions over the whole vocabulary."""
 
     def __init__(self, lm_head_weight: torch.Tensor) -> None:
+        if not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2 or \
+                not lm_head_weight.is_floating_point():
+            raise ValueError(f"a draft vocabulary needs a dense floating-point LM head weight [vocab, hidden], got "
+                             f"{getattr(lm_head_weight, 'dtype', type(lm_head_weight).__name__)} "
+                             f"{tuple(getattr(lm_head_weight, 'shape', ()))}")
         self.vocab_size = lm_head_weight.shape[0]
         self.ids: torch.Tensor | None = None  # None: every token, index = token id
         self.weight = lm_head_weight
