@@ -421,9 +421,10 @@ for name, rows in (("whole vocabulary", config.vocab_size), ("V = 4096", 4096)):
           f"rows), {(config.num_hidden_layers * layer + config.vocab_size * h) / 1e6:.0f} M per target step")
 
 # %% [markdown]
-# Measured on this course's 2-core CPU (benchmarks/RESULTS.md, twelfth session): EAGLE at k = 5 over the P7 prompts
-# accepts the same 1.67 tokens per verify step with the whole vocabulary and with V = 4,096, and runs 1.8x faster
-# with the smaller one. On an H200 the LM head is a small part of a launch-bound draft step, and the gain is smaller.
+# Measured on this course's 2-core CPU (benchmarks/RESULTS.md, twelfth session; nine prompts x 64 tokens, k = 5):
+# EAGLE accepts the same 1.67 tokens per verify step with the whole vocabulary and with V = 4,096, and goes from
+# 0.58x to 0.86x the speed of plain decoding; Medusa from 0.77x to 1.04x. What is left is the verify step: six rows
+# through the target cost a CPU about two plain steps, where a GPU barely notices them (section 1).
 
 # %% [markdown]
 # ## 8. The batch-size trade-off, measured on an H200
