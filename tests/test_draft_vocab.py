@@ -189,3 +189,26 @@ def test_sampled_drafts_over_a_few_tokens_keep_the_target_distribution(kind, tmp
     metrics = engine.speculative.metrics
     assert metrics.num_draft_tokens > 0 and 0.05 < metrics.acceptance_rate < 0.95
     assert_nothing_held(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["eagle", "eagle_tree", "medusa"])
+def test_cuda_graph_drafts_over_a_draft_vocabulary_give_plain_tokens(target, with_counts, method):  # noqa: F811
+    """On the GPU the head's proposals (and EAGLE-2's search) replay CUDA graphs that score the draft vocabulary's
+    rows and gather their token ids on the device: greedy output equals plain decoding, eager and graphed alike."""
+    _, config = target
+    with torch.device("cuda"):
+        model = tiny_model(config)  # the CPU target's weights, which the heads were trained on
+
+    def go(spec, eager):
+        engine = LLMEngine(model, ByteTokenizer(), config,
+                           EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+                                        enforce_eager=eager, speculative_config=spec), device="cuda")
+        outputs = dict(zip(map(str, range(len(PROMPTS))), run_to_completion(engine, PROMPTS, GREEDY)))
+        return outputs, None if spec is None else engine.speculative.metrics.num_draft_tokens
+
+    plain, _ = go(None, False)
+    for eager in (True, False):
+        outputs, drafted = go(_spec(method, with_counts), eager)
+        assert outputs == plain and drafted > 0, (method, eager)
