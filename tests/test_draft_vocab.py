@@ -53,8 +53,10 @@ def test_counts_are_saved_with_the_target_they_count(tmp_path):
     with pytest.raises(ValueError, match="token counts of a target"):
         load_token_counts(tmp_path, other)
     assert draft_vocab_ids(3, tmp_path, config).tolist() == [config.vocab_size - 3 + i for i in range(3)]
+    (tmp_path / "eagle").mkdir()  # train-heads --kind medusa,eagle --out DIR: DIR/eagle, the counts in DIR
+    assert draft_vocab_ids(3, tmp_path / "eagle", config).tolist() == [config.vocab_size - 3 + i for i in range(3)]
     with pytest.raises(ValueError, match="train-heads"):
-        draft_vocab_ids(3, tmp_path / "none", config)
+        draft_vocab_ids(3, tmp_path / "none" / "eagle", config)  # neither there nor one level up
 
 
 def test_the_shipped_counts_are_the_bundled_models_answers():

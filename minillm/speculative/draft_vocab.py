@@ -14,7 +14,8 @@ max(0, p - q) keeps its mass). What a small V' costs is acceptance: a draft can 
 The counts are those of the target's answers in train-heads' self-distilled data (the token each drafting
 position predicts), saved as token_counts.safetensors (with the target's fingerprint) beside the heads;
 `frequent_token_ids` ranks them, ties by token id so that every machine picks the same set. `draft_vocab_ids`
-finds them: in the heads' directory, else those shipped for the bundled model (weights/token_counts.safetensors).
+finds them: beside the heads (or one level up), else those shipped for the bundled model
+(weights/token_counts.safetensors).
 """
 from __future__ import annotations
 
@@ -137,18 +138,20 @@ def frequent_token_ids(counts: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def draft_vocab_ids(size: int, heads_dir: str | os.PathLike | None, target: ModelConfig) -> torch.Tensor:
-    """The draft vocabulary of `size` tokens: ranked by the counts in `heads_dir` when it has some, else by those
-    shipped for the bundled model when `target` is it; a ValueError that says how to get counts otherwise."""
+    """The draft vocabulary of `size` tokens: ranked by the counts in `heads_dir` or its parent (where train-heads
+    writes them when it trains several kinds, OUT/<kind> each) when there are some, else by those shipped for the
+    bundled model when `target` is it; a ValueError that says how to get counts otherwise."""
     from minillm.speculative.heads import SHIPPED_DIR
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= target.vocab_size:
         raise ValueError(f"speculative_config draft_vocab_size must be an integer in [1, {target.vocab_size}] (the "
                          f"target's vocabulary), got {size!r}")
-    for directory in (heads_dir, SHIPPED_DIR):
+    nearby = [] if heads_dir is None else [Path(heads_dir), Path(heads_dir).parent]
+    for directory in (*nearby, SHIPPED_DIR):
         if directory is not None and (Path(directory) / COUNTS_FILE).is_file():
             try:
                 counts = load_token_counts(directory, target)
             except ValueError:  # shipped counts of another target: as if there were none
-                if directory != SHIPPED_DIR:
+                if Path(directory) != Path(SHIPPED_DIR):
                     raise
                 continue
             return frequent_token_ids(counts, size)
