@@ -63,6 +63,7 @@ class DraftVocab:
             raise ValueError(f"a draft vocabulary is 1-D, ascending, distinct token ids in [0, {self.vocab_size}); "
                              f"got {tuple(ids.shape)} ids")
         self.ids = ids.to(self.weight.device)
+        self._host_ids = ids  # for spread: sampled drafts' q lives on the host, so no device copy per draft step
         self.weight = self.weight.index_select(0, self.ids).contiguous()
         return self
 
@@ -80,7 +81,7 @@ class DraftVocab:
         if self.ids is None:
             return q
         full = q.new_zeros(q.shape[0], self.vocab_size)
-        full[:, self.ids.to(q.device)] = q
+        full[:, self._host_ids if q.device.type == "cpu" else self.ids.to(q.device)] = q
         return full
 
 
