@@ -385,6 +385,21 @@ def test_heads_for_another_target_or_kind_are_refused(target, trained):
         load_heads("medusa", trained["mtp"][0] / "missing", config)
 
 
+def test_the_shipped_draft_is_the_bundled_models_one_layer():
+    """weights/draft: found for SmolLM2-135M by its fingerprint (no directory named), and holds one decoder layer and
+    the final norm of its width, nothing of the vocabulary (the embedding and LM head are borrowed at load)."""
+    import dataclasses
+    from safetensors import safe_open
+    bundled = dataclasses.replace(tiny_config(), vocab_size=49152, hidden_size=576, num_hidden_layers=30)
+    directory = heads_module.shipped_weights_dir("draft", bundled)
+    assert directory is not None and json.loads((directory / "config.json").read_text())["num_layers"] == 1
+    with safe_open(str(directory / "draft.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+        assert tensors.get_slice("model.norm.weight").get_shape() == [576]
+    assert "model.norm.weight" in names and all(n.startswith(("model.layers.0.", "model.norm.")) for n in names)
+    assert any(n.endswith("mlp.down_proj.weight") for n in names)
+
+
 def test_shipped_weights_stay_under_40_mb():
     files = [p for p in heads_module.SHIPPED_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 40 * 2 ** 20
