@@ -341,6 +341,7 @@ PROGRAMS_PER_SM = 4  # split-kernel programs one SM holds at once: ~120 register
 MIN_SPLIT_TOKENS = 64  # one tile: a shorter split is all start-up (q, block ids, partial write)
 MIN_SPLIT_TOKENS_FULL = 1024  # once every SM has a program, a split must pay for the merge (measured as a launch)
 MAX_SPLITS = 32  # more partials make the merge a long dependent chain (measured: 64 loses to 32 with BLOCK_N 128)
+SINGLE_TILE_TOKENS = 128  # a context this short is one 128-key tile: splitting it only adds the merge
 
 
 def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
@@ -358,6 +359,10 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
       2. Tile: 64 keys per iteration (two 16 KB K/V tiles) with a 2-stage pipeline; when the grid holds at
          most two programs per SM and each split has 128 keys or more, 128 keys per iteration, so each
          program keeps twice the bytes in flight.
+      0. Before both: a context of at most SINGLE_TILE_TOKENS keys (bf16/fp16) is read whole by one program
+         in one 128-key tile, with no split and no merge. Two splits of 64 keys save less than the merge
+         kernel costs (SmolLM2's heads, 9 q / 3 kv, d 64, ctx 128: 3.3 / 4.3 / 5.0 us unsplit against 4.1 /
+         5.8 / 7.1 us in two splits at batch 1 / 8 / 32; a split never paid there).
     Measured on an H200 (132 SMs, benchmarks/sweep_paged_decode.py, Llama-3-8B heads: 32 q / 8 kv, d 128),
     this picks the best of the swept configurations, or one within 6% of it, at batch 1..256 x ctx 1k..32k:
     batch 1: 32 splits, BLOCK_N 128; batch 8: 8 splits; batch 32: 1 split at 1k, 2 beyond; batch >= 64: 1.
@@ -373,6 +378,8 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if kv_bytes not in (1, 2, 4):
         raise ValueError(f"kv_bytes must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), got {kv_bytes!r}")
+    if kv_bytes == 2 and max_seq_len <= SINGLE_TILE_TOKENS:
+        return DecodeConfig(1, block_n=SINGLE_TILE_TOKENS, num_warps=4, num_stages=3)
     programs = max(batch * num_kv_heads, 1)
     min_tokens = MIN_SPLIT_TOKENS_FULL * 2 // kv_bytes if programs >= num_sms else MIN_SPLIT_TOKENS
     cap = min(PROGRAMS_PER_SM * num_sms // programs, max_seq_len // min_tokens, MAX_SPLITS)

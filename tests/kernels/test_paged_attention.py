@@ -121,7 +121,12 @@ def test_decode_config_rule():
                 s = cfg.num_splits
                 assert s & (s - 1) == 0 and 1 <= s <= 32, cfg  # a power of two
                 assert s == 1 or (batch * 8 * s <= 4 * sms and ctx // s >= 64), (batch, ctx, sms, cfg)
-                assert cfg.block_n <= max(64, ctx // s), cfg  # a 128-key tile only where a split fills it
+                assert cfg.block_n <= max(64, ctx // s) or ctx <= 128, cfg  # 128-key tiles only where filled
+    for batch in (1, 8, 32, 256):  # one tile holds the whole context: no split, no merge (bf16 only)
+        cfg = choose_decode_config(batch, 3, 128, 132)
+        assert (cfg.num_splits, cfg.block_n) == (1, 128), (batch, cfg)
+    assert choose_decode_config(1, 3, 129, 132).num_splits == 2  # one key more: the general rule again
+    assert choose_decode_config(1, 3, 128, 132, kv_bytes=1).num_splits == 2  # fp8 keeps its own rule
     assert choose_num_splits(1, 8, 32768, torch.device("cpu")) == 1  # the interpreter: one program per head
     with pytest.raises(ValueError, match="num_sms"):
         choose_decode_config(1, 8, 1024, 0)
