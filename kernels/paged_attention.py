@@ -352,6 +352,10 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     the chip delivers grows with the programs in flight until the SMs hold as many as they can (PROGRAMS_PER_SM
     each). batch x kv heads programs come for free; splits multiply them (flash-decoding) at a price: each
     program's fixed start-up (q, block ids, its partial output) and a second kernel, the merge.
+      0. First: a context of at most SINGLE_TILE_TOKENS keys (bf16/fp16) is read whole by one program
+         in one 128-key tile, with no split and no merge. Two splits of 64 keys save less than the merge
+         kernel costs (SmolLM2's heads, 9 q / 3 kv, d 64, ctx 128: 3.3 / 4.3 / 5.0 us unsplit against 4.1 /
+         5.8 / 7.1 us in two splits at batch 1 / 8 / 32; a split never paid there).
       1. Splits: the largest power of two that keeps batch x kv heads x splits within one full wave of
          PROGRAMS_PER_SM x num_sms programs, with splits of at least MIN_SPLIT_TOKENS keys (a tile), or of
          MIN_SPLIT_TOKENS_FULL keys when batch x kv heads already puts a program on every SM (then a split
@@ -359,13 +363,12 @@ def choose_decode_config(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
       2. Tile: 64 keys per iteration (two 16 KB K/V tiles) with a 2-stage pipeline; when the grid holds at
          most two programs per SM and each split has 128 keys or more, 128 keys per iteration, so each
          program keeps twice the bytes in flight.
-      0. Before both: a context of at most SINGLE_TILE_TOKENS keys (bf16/fp16) is read whole by one program
-         in one 128-key tile, with no split and no merge. Two splits of 64 keys save less than the merge
-         kernel costs (SmolLM2's heads, 9 q / 3 kv, d 64, ctx 128: 3.3 / 4.3 / 5.0 us unsplit against 4.1 /
-         5.8 / 7.1 us in two splits at batch 1 / 8 / 32; a split never paid there).
     Measured on an H200 (132 SMs, benchmarks/sweep_paged_decode.py, Llama-3-8B heads: 32 q / 8 kv, d 128),
     this picks the best of the swept configurations, or one within 6% of it, at batch 1..256 x ctx 1k..32k:
     batch 1: 32 splits, BLOCK_N 128; batch 8: 8 splits; batch 32: 1 split at 1k, 2 beyond; batch >= 64: 1.
+    max_seq_len is what paged_decode_attention knows without a device sync, the block table's width: in an
+    eager or piecewise step the longest sequence's, in a decode CUDA graph max_model_len (the graph's split
+    count is fixed at capture for the longest sequence it could hold; a short one fills only its first splits).
 
     kv_bytes: bytes per cached element (2 for bf16, 1 for an fp8 cache). The merge's price is paid in bytes,
     so an fp8 split needs twice the keys (MIN_SPLIT_TOKENS_FULL * 2 / kv_bytes). The fp8 tile is the one the
