@@ -138,6 +138,31 @@ def test_a_distilled_draft_keeps_only_its_own_weights_and_drafts_losslessly(targ
         load_draft(tmp_path, tiny_model(other), other, "cpu", torch.float32)
 
 
+def test_the_draft_learns_only_where_it_will_draft(target):
+    """draft_loss with `drafted`: the KL averaged over answer positions only; the target's law at a prompt
+    position does not move it, at an answer position it does; no answer position gives 0, not nan."""
+    from minillm.speculative.draft import independent_copy
+    from minillm.speculative.train_losses import distill_kl, draft_loss
+    model, config = target
+    parts, draft = TargetParts(model), independent_copy(model, 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=g)
+    features = torch.randn(2, 12, config.hidden_size, generator=g)
+    drafted = torch.zeros(2, 12, dtype=torch.bool)
+    drafted[:, 5:11] = True  # an answer from position 5 on, not the row's last position
+    loss, _ = draft_loss(draft, parts, tokens, features, drafted)
+    moved = features.clone()
+    moved[:, 2] += 3.0  # a prompt position
+    assert torch.allclose(draft_loss(draft, parts, tokens, moved, drafted)[0], loss)
+    moved[:, 7] += 3.0  # an answer position
+    assert not torch.allclose(draft_loss(draft, parts, tokens, moved, drafted)[0], loss)
+    assert not torch.allclose(draft_loss(draft, parts, tokens, features)[0], loss)  # all positions: another mean
+    logits, target_logits = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    per_row = torch.stack([distill_kl(logits[i:i + 1], target_logits[i:i + 1]) for i in range(3)])
+    assert torch.allclose(distill_kl(logits, target_logits, torch.tensor([1.0, 0.0, 1.0])), per_row[[0, 2]].mean())
+    assert distill_kl(logits, target_logits, torch.zeros(3)) == 0
+
+
 def test_draft_model_takes_the_shipped_distilled_draft_unless_layers_are_named(target, tmp_path, monkeypatch):
     """{"method": "draft_model"} without model or draft_num_layers loads the shipped distilled draft when it was
     trained on this target; with draft_num_layers it copies that many of the target's layers (undistilled)."""

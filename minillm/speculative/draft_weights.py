@@ -1,7 +1,7 @@
 """A distilled draft model stored as what it does not share with its target (chapter 9).
 
 `minillm train-heads --kind draft` distils the target's first L layers into a draft (draft_loss: the target's
-next-token law, at every position of its own generations), keeping the target's embedding and LM head frozen.
+next-token law where a draft proposes, in the target's own answers), keeping its embedding and LM head frozen.
 Those two matrices are most of a small model (SmolLM2-135M: 28.3M of the 134.5M parameters, 57 MB in bf16, more
 than a whole layer's 3.5M eight times over), and they are the target's own, so a draft directory holds only the
 rest: its L decoder layers and its final norm (`draft.safetensors`, bf16), and a `config.json` with the layer

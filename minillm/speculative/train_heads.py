@@ -13,7 +13,7 @@ distribution against the target's, KL(p_target || q_head). With p_t the target's
             chains the engine drafts count (answer positions, one document)
     mtp     module k: h^k_t = TRM_k(M_k[norm(h^{k-1}_t); norm(embed(x_{t+k}))]), guesses token t + k + 1,
             target p_{t+k}; the D modules' losses are averaged (DeepSeek-V3's lambda, here 1/D)
-    draft   the first L layers of the target (own weights, its embedding and LM head frozen), at every position:
+    draft   the first L layers of the target (own weights, its embedding and LM head frozen), at answer positions:
             the classic distilled draft model, saved without the target's embedding and LM head
             (minillm.speculative.draft_weights) for speculative_config "draft_model"
 
@@ -156,7 +156,7 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
         trainee.attention_backend = "torch"  # autograd through plain torch ops (no triton kernel has a backward)
         for p in (trainee.model.embed_tokens.weight, trainee.lm_head.weight):
             p.requires_grad_(False)  # the vocabulary matrices stay the target's
-        loss_fn = lambda m, t, f: draft_loss(m, target, t, f)  # noqa: E731
+        loss_fn = lambda m, t, f, segments=None, drafted=None: draft_loss(m, target, t, f, drafted)  # noqa: E731
         config = None
     else:
         config = HeadConfig.for_target(options.kind, model_config, options.num_heads)
@@ -192,9 +192,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
             rows = torch.randperm(n, generator=generator, device=device)[:options.rows_per_step]  # no replacement
             tokens, features = all_tokens[rows], data.features[rows].float()
             with mixed_precision(device):
-                if segments is None or options.kind != "eagle":
+                if segments is None or options.kind not in ("eagle", "draft"):
                     loss, parts = loss_fn(trainee, tokens, features)
-                else:  # only EAGLE reads where documents and answers are (HeadLoss.eagle_loss)
+                else:  # EAGLE and the draft read where answers are (HeadLoss.eagle_loss, draft_loss)
                     loss, parts = loss_fn(trainee, tokens, features, segments[rows], drafted[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -29,10 +29,15 @@ from minillm.speculative.train_eval import unrolled_chain
 EAGLE_CLS_WEIGHT, EAGLE_NOISE = 0.1, 0.2  # the paper's w_cls; noise U(-a/2, a/2) in units of the feature RMS
 
 
-def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p_target || q) = sum p (log p - log q), in fp32 (0 when the head is the target)."""
+def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor, weight: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Mean over rows of KL(p_target || q) = sum p (log p - log q), in fp32 (0 when the head is the target);
+    with `weight` (one per row, 0 or 1) the mean over the weighted rows (0 when there are none)."""
     log_p = torch.log_softmax(target_logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
+    kl = (log_p.exp() * (log_p - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+    if weight is None:
+        return kl.mean()
+    return (kl * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -148,13 +153,17 @@ class HeadLoss:
         return pairs, None
 
 
-def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The draft model's distribution against the target's at every position (a cache-less prefill)."""
+def draft_loss(draft: nn.Module, target: TargetParts, tokens: torch.Tensor, features: torch.Tensor,
+               drafted: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The draft model's distribution against the target's (a cache-less prefill of each row), at every position,
+    or with `drafted` [B, L] only where the engine drafts: positions whose next token is an answer token. A
+    draft never proposes a prompt's next token, and a small one has no capacity to spend on the system prompt and
+    the user's text (EAGLE's loss is restricted the same way)."""
     b, length = tokens.shape
     with torch.no_grad():
         p_logits = target.logits(target.final_norm(features))
     with forward_context(prefill_metadata([length] * b, device=tokens.device)):
         hidden = draft(tokens.flatten(), torch.arange(length, device=tokens.device).repeat(b))
-    loss = distill_kl(draft.compute_logits(hidden).view(b, length, -1), p_logits)
+    weight = None if drafted is None else drafted.float()
+    loss = distill_kl(draft.compute_logits(hidden).view(b, length, -1), p_logits, weight)
     return loss, {"kl": loss.detach()}
