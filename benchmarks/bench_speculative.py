@@ -24,10 +24,10 @@ The draft_model variant uses the distilled draft in --heads-dir DIR/draft when t
 --kind draft --out DIR/draft`), else the one shipped in minillm/speculative/weights/draft, else a *copy* of the
 target's first --draft-layers[0] layers (there is no smaller SmolLM2 on disk): an initialisation, not a trained
 draft. --draft-vocab-sizes V1 V2 adds, for the head methods and draft_model, one variant per size drafting over the
-target's V most frequent answer tokens only (speculative_config draft_vocab_size, FR-Spec). self_speculative shares the target's first L layers'
-weights instead, for each L of --draft-layers (untrained early exit: acceptance stays low until L is close to the
-full depth, where a draft costs nearly a target step; the sweep shows that trade-off, which LayerSkip-style training
-is for). --quick runs a short smoke test on a CPU.
+target's V most frequent answer tokens only (speculative_config draft_vocab_size, FR-Spec). self_speculative shares
+the target's first L layers' weights instead, for each L of --draft-layers (untrained early exit: acceptance stays
+low until L is close to the full depth, where a draft costs nearly a target step; the sweep shows that trade-off,
+which LayerSkip-style training is for). --quick runs a short smoke test on a CPU.
 
 medusa, eagle and mtp (add them to --methods) draft from the target's hidden states with trained heads: those shipped
 in minillm/speculative/weights/, or, with --heads-dir DIR, DIR/medusa, DIR/eagle, DIR/mtp as `minillm train-heads
@@ -64,6 +64,7 @@ SUMMARY = [f"Summarise the following text in three sentences.\n\n{PASSAGE}",
            f"List the key facts of this text as bullet points, quoting the numbers exactly.\n\n{PASSAGE}",
            f"Rewrite this text for a ten-year-old, keeping its facts.\n\n{PASSAGE}"]
 PROMPTS = CHAT + CODE + SUMMARY
+HEAD_METHODS = ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree")  # trained heads: --heads-dir, vocab sizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,7 +154,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
                            for v in args.draft_vocab_sizes]
             out += drafts
         else:
-            if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.heads_dir is not None:
+            if method in HEAD_METHODS and args.heads_dir is not None:
                 heads = method.removesuffix("_tree")  # a tree over the same heads
                 config["model"] = os.path.join(args.heads_dir, heads)
             sized = method in ("medusa_tree", "eagle_tree")  # (ngram_tree's size is its proposer's max_nodes)
@@ -162,7 +163,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
             if method == "eagle_tree" and args.tree_widths:  # EAGLE-2's search width (top-k and beam)
                 trees = [(f"{label}/w{w}", dict(spec, tree_search_width=w)) for label, spec in trees
                          for w in args.tree_widths]
-            if method in ("medusa", "eagle", "mtp", "medusa_tree", "eagle_tree") and args.draft_vocab_sizes:
+            if method in HEAD_METHODS and args.draft_vocab_sizes:
                 trees += [(f"{label}/v{v}", dict(spec, draft_vocab_size=v)) for label, spec in trees
                           for v in args.draft_vocab_sizes]  # the full vocabulary first, then each size
             out += trees

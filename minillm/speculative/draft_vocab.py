@@ -148,7 +148,7 @@ def draft_vocab_ids(size: int, heads_dir: str | os.PathLike | None, target: Mode
                          f"target's vocabulary), got {size!r}")
     nearby = [] if heads_dir is None else [Path(heads_dir), Path(heads_dir).parent]
     for directory in (*nearby, SHIPPED_DIR):
-        if directory is not None and (Path(directory) / COUNTS_FILE).is_file():
+        if (Path(directory) / COUNTS_FILE).is_file():
             try:
                 counts = load_token_counts(directory, target)
             except ValueError:  # shipped counts of another target: as if there were none

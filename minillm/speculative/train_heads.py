@@ -191,11 +191,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
                                      deadline, bar)
             rows = torch.randperm(n, generator=generator, device=device)[:options.rows_per_step]  # no replacement
             tokens, features = all_tokens[rows], data.features[rows].float()
-            with mixed_precision(device):
-                if segments is None or options.kind not in ("eagle", "draft"):
-                    loss, parts = loss_fn(trainee, tokens, features)
-                else:  # EAGLE and the draft read where answers are (HeadLoss.eagle_loss, draft_loss)
-                    loss, parts = loss_fn(trainee, tokens, features, segments[rows], drafted[rows])
+            with mixed_precision(device):  # where documents and answers are: read by EAGLE's and the draft's loss
+                loss, parts = loss_fn(trainee, tokens, features, None if segments is None else segments[rows],
+                                      None if drafted is None else drafted[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
