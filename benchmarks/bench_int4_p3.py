@@ -1,17 +1,13 @@
-"""P3 in one run: the INT4 weight-only GEMM's new candidates against the previous ones and cuBLAS bf16 (issue 10).
+"""P3 in one run: every INT4 weight-only GEMM candidate, the dispatcher's pick and cuBLAS bf16 (issue 10).
 
     python benchmarks/bench_int4_p3.py --out int4_p3_h200.json      # one H200, < 2 minutes
     python benchmarks/bench_int4_p3.py --dry-run                      # CPU: candidate counts, no timing
 
-For 4096->14336, 14336->4096 and 4096->6144 (g128 asymmetric, GPTQ layout) at M = 1, 2, 4, 8, 16, 32, 64, 256:
+For the decoder's four Llama-3-8B shapes and 4096->14336 (g128 asymmetric, GPTQ layout) at M = 1 .. 256:
   bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
-  current  the fastest correct launch among the candidates the dispatcher had before this change: int4_gemm.py's
-           two paths, int4_mma.py and the first int4_gemv.py (ONE_SHIFT=False: a shift and a sub per nibble pair,
-           every word's fp16 sums converted to fp32) on its first two tiles;
-           above M = 64 int4_gemm.py's large tiles (what its autotuner chose among);
-  new      the fastest correct launch among today's candidates: the same kernels with the one-shift GEMV (rows
-           added as fp16 pairs at BLOCK_K 32; one more tile), and
-           from M = 16 dequantise-to-bf16-then-cuBLAS (int4_dequant.py) whole and in L2-sized slices;
+  best     the fastest correct launch among the dispatcher's candidates (int4_dispatch.candidates: int4_gemm.py's
+           two paths, int4_mma.py, int4_gemv.py and, from M = 16, dequantise-then-cuBLAS), and the fastest of
+           each kernel on its own;
   auto     int4_gemm() itself: int4_dispatch.py's pick (timed by do_bench on its first call per shape).
 Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1% of max|y|, the dispatcher's
 rule) before it is timed; a wrong one is reported and never ranked. Timing: a CUDA graph of 20 launches replayed
@@ -30,50 +26,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_int4_gemm import (GROUP, cold_operands, copy_bandwidth, gpu_bench_args, require_cuda,  # noqa: E402
                              row_operands, time_graph_us, weight_bytes, write_result)
 
-SHAPES = {"4096->14336": (4096, 14336), "14336->4096": (14336, 4096), "4096->6144": (4096, 6144)}  # (K, N)
+SHAPES = {"4096->14336": (4096, 14336), "4096->6144": (4096, 6144), "4096->4096": (4096, 4096),
+          "4096->28672": (4096, 28672), "14336->4096": (14336, 4096)}  # (K, N): P3's shape, then a decoder layer
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
 P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
 P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
-FIRST_GEMV_TILES = ((256, 64, 1), (512, 32, 1))  # the dispatcher's GEMV tiles before this change
+KERNELS = ("fma", "gemv", "dot", "mma", "dequant")
 
 
-def _legacy_gemv(lc, x, qw, s, qz, y, ws, cnt):
-    """The first int4_gemv.py (ONE_SHIFT=False) with the launch's tile and split."""
-    import triton
-
-    from minillm.kernels.int4_gemv import int4_gemv_kernel
-
-    m, k = x.shape
-    n = qw.shape[1]
-    int4_gemv_kernel[(m * triton.cdiv(n, lc.block_n), lc.split_k)](
-        x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0),
-        0x000F000F, GROUP_SIZE=GROUP, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=lc.block_n,
-        BLOCK_K=lc.block_k, SPLIT_K=lc.split_k, ONE_SHIFT=False, num_warps=lc.num_warps, num_stages=lc.num_stages)
-
-
-def launches_for(m: int, n: int, k: int, sms: int) -> list[tuple[str, object, set]]:
-    """(name, Launch, {"current", "new"}) for every launch to time: a gemv tile appears twice (old and new)."""
+def launches_for(m: int, n: int, k: int, sms: int) -> list:
+    """Every candidate launch the dispatcher would time for this call."""
     import torch
 
     from minillm.kernels.int4_dispatch import candidates
 
-    out = []
-    for lc in candidates(m, n, k, GROUP, torch.bfloat16, sms):
-        if lc.kernel == "gemv":
-            if (lc.block_n, lc.block_k, lc.num_warps) in FIRST_GEMV_TILES:
-                out.append(("gemv0", lc, {"current"}))
-            out.append(("gemv", lc, {"new"}))
-        elif lc.kernel == "dequant":
-            out.append(("dequant", lc, {"new"}))
-        else:
-            out.append((lc.kernel, lc, {"current", "new"}))
-    return out
+    return candidates(m, n, k, GROUP, torch.bfloat16, sms)
 
 
-def _name(kind: str, lc) -> str:
-    if kind == "dequant":
+def _name(lc) -> str:
+    if lc.kernel == "dequant":
         return f"dequant x{lc.split_k} slices"
-    return f"{kind} M{lc.block_m} N{lc.block_n} K{lc.block_k} w{lc.num_warps} sk{lc.split_k}"
+    return (f"{lc.kernel} M{lc.block_m} N{lc.block_n} K{lc.block_k} w{lc.num_warps} sk{lc.split_k}"
+            + (" prefetch" if lc.prefetch else ""))
 
 
 def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: float) -> list[dict]:
@@ -95,18 +69,15 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
         pick = tuned_launch(m, n, k, GROUP, x.dtype, x.device)
         row["auto_pick"] = vars(pick) if pick is not None else None
         row["launches"] = []
-        for kind, lc, sets_in in launches_for(m, n, k, sms):
-            rec = dict(name=_name(kind, lc), kind=kind, launch=vars(lc), sets=sorted(sets_in))
+        for lc in launches_for(m, n, k, sms):
+            rec = dict(name=_name(lc), kind=lc.kernel, launch=vars(lc))
             if time.time() > deadline:
                 rec.update(ok=False, us=math.nan, error="skipped: time budget")
                 row["launches"].append(rec)
                 continue
 
-            def step(i, kind=kind, lc=lc):
-                if kind == "gemv0":
-                    _legacy_gemv(lc, x, *sets[i], y, ws, cnt)
-                else:
-                    run_launch(lc, x, *sets[i], GROUP, None, y, ws, cnt)
+            def step(i, lc=lc):
+                run_launch(lc, x, *sets[i], GROUP, None, y, ws, cnt)
             try:
                 y.fill_(float("nan"))
                 step(0)
@@ -116,11 +87,11 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
             except Exception as exc:  # noqa: BLE001  (a launch this Triton cannot run: recorded, not fatal)
                 rec.update(ok=False, us=math.nan, error=f"{type(exc).__name__}: {str(exc)[:160]}")
             row["launches"].append(rec)
-        for which in ("current", "new"):
-            good = [r for r in row["launches"] if r["ok"] and which in r["sets"]]
-            best = min(good, key=lambda r: r["us"]) if good else None
-            row[f"{which}_us"] = best["us"] if best else math.nan
-            row[f"{which}_best"] = best["name"] if best else None
+        good = [r for r in row["launches"] if r["ok"]]
+        best = min(good, key=lambda r: r["us"]) if good else None
+        row["best_us"], row["best"] = (best["us"], best["name"]) if best else (math.nan, None)
+        row["best_by_kernel"] = {kind: min((r["us"] for r in good if r["kind"] == kind), default=math.nan)
+                                 for kind in KERNELS}
         row["n_bad"] = sum(1 for r in row["launches"] if not r["ok"] and "skipped" not in r.get("error", ""))
         rows.append(row)
         _print_row(row)
@@ -131,32 +102,31 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
 
 def _print_row(r: dict) -> None:
     x = lambda us: r["bf16_us"] / us if us == us else math.nan  # noqa: E731
-    print(f"{r['shape']:>12} M={r['M']:<4} bf16 {r['bf16_us']:7.1f} | current {r['current_us']:7.1f} "
-          f"({x(r['current_us']):4.2f}x) | new {r['new_us']:7.1f} ({x(r['new_us']):4.2f}x) | auto "
-          f"{r['auto_us']:7.1f}{'' if r['auto_ok'] else ' WRONG'} | floor {r['floor_us']:5.1f} | new best: "
-          f"{r['new_best']}" + (f"  ({r['n_bad']} wrong/failed)" if r["n_bad"] else ""), flush=True)
+    kinds = " ".join(f"{kind} {us:.1f}" for kind, us in r["best_by_kernel"].items() if us == us)
+    print(f"{r['shape']:>12} M={r['M']:<4} bf16 {r['bf16_us']:7.1f} | best {r['best_us']:7.1f} "
+          f"({x(r['best_us']):4.2f}x) | auto {r['auto_us']:7.1f}{'' if r['auto_ok'] else ' WRONG'} "
+          f"({x(r['auto_us']):4.2f}x) | floor {r['floor_us']:5.1f} | {r['best']} | {kinds}"
+          + (f"  ({r['n_bad']} wrong/failed)" if r["n_bad"] else ""), flush=True)
 
 
 def verdict(rows: list[dict]) -> list[str]:
-    """The P3 lines: M = 1 on 4096->14336 within 12 us, and >= 2.5x bf16 at each M <= 16 (new and auto)."""
+    """The P3 lines: M = 1 on 4096->14336 within 12 us, and >= 2.5x bf16 at each M <= 16 (best and auto)."""
     lines = []
     m1 = [r for r in rows if r["shape"] == "4096->14336" and r["M"] == 1]
     if m1:
         r = m1[0]
-        best = min(r["new_us"], r["auto_us"])
-        lines.append(f"P3 M=1 4096->14336: new {r['new_us']:.1f} us, auto {r['auto_us']:.1f} us (current "
-                     f"{r['current_us']:.1f}, bf16 {r['bf16_us']:.1f}, floor {r['floor_us']:.1f}): <= {P3_M1_US} us? "
-                     f"{'YES' if best <= P3_M1_US else 'NO'}")
+        lines.append(f"P3 M=1 4096->14336: best {r['best_us']:.1f} us, auto {r['auto_us']:.1f} us (bf16 "
+                     f"{r['bf16_us']:.1f}, floor {r['floor_us']:.1f}): <= {P3_M1_US} us? "
+                     f"{'YES' if min(r['best_us'], r['auto_us']) <= P3_M1_US else 'NO'}")
     for shape in SHAPES:
         small = [r for r in rows if r["shape"] == shape and r["M"] <= 16]
         if small:
-            parts = [f"M={r['M']} {r['bf16_us'] / min(r['new_us'], r['auto_us']):.2f}x" for r in small]
-            ok = all(r["bf16_us"] / min(r["new_us"], r["auto_us"]) >= P3_SPEEDUP for r in small)
+            parts = [f"M={r['M']} {r['bf16_us'] / min(r['best_us'], r['auto_us']):.2f}x" for r in small]
+            ok = all(r["bf16_us"] / min(r["best_us"], r["auto_us"]) >= P3_SPEEDUP for r in small)
             lines.append(f"P3 >= {P3_SPEEDUP}x bf16 at M <= 16, {shape}: {', '.join(parts)}: {'YES' if ok else 'NO'}")
         big = [r for r in rows if r["shape"] == shape and r["M"] >= 32]
         if big:
-            parts = [f"M={r['M']} {r['bf16_us'] / r['new_us']:.2f}x (was {r['bf16_us'] / r['current_us']:.2f}x)"
-                     for r in big]
+            parts = [f"M={r['M']} {r['bf16_us'] / r['best_us']:.2f}x" for r in big]
             lines.append(f"prefill-sized M vs bf16 (target ~0.9x at M >= 64), {shape}: {', '.join(parts)}")
     return lines
 
@@ -178,7 +148,7 @@ def main() -> None:
     torch = require_cuda("this benchmark")
     from minillm.kernels import int4_dispatch
 
-    try:  # fill Triton's disk cache in worker processes (the legacy GEMV compiles lazily: two tiles)
+    try:  # fill Triton's disk cache in worker processes
         int4_dispatch.precompile([(m, n, k, GROUP, torch.bfloat16) for k, n in SHAPES.values() for m in MS],
                                  args.workers)
     except Exception as exc:  # noqa: BLE001

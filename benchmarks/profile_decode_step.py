@@ -1,12 +1,13 @@
 """A batch-1 decode step of the Llama-3-8B shape, kernel by kernel (issue 14, P5).
 
-    python benchmarks/profile_decode_step.py [--steps 64] [--layers 32] --out p5_profile.json
+    python benchmarks/profile_decode_step.py [--steps 64] [--layers 32] [--quantization rtn] --out p5_profile.json
 
 bench_decode's engine (random bf16 weights, paged KV, CUDA graphs, a 128-token prompt) decodes 40 warm-up steps,
 then torch.profiler records 64 more. CUPTI sees the kernels inside CUDA-graph replays, so the table sums GPU time
 per kernel name: us per step, calls per step, share of all kernel time. Against the weight-read floor (bytes of
 weights / copy bandwidth) it shows what the GEMMs cost and what everything else around them does. Wall time per
-step is inflated by the profiler; the kernel times are not. Needs CUDA.
+step is inflated by the profiler; the kernel times are not. `--quantization rtn` profiles the INT4 model of
+bench_int4_decode.py instead (decoder linears rounded to 4-bit g128 at load). Needs CUDA.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--quantization", choices=["rtn"], default=None, help="INT4 decoder linears (4-bit, g128)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.steps < 1 or args.layers < 1:
@@ -36,7 +38,8 @@ def main() -> None:
     from minillm.engine.llm_engine import LLMEngine
     from minillm.sampling_params import SamplingParams
 
-    model, config = bd.build_model(args.layers)
+    options = {"bits": 4, "group_size": 128} if args.quantization else None
+    model, config = bd.build_model(args.layers, args.quantization, options)
     engine = LLMEngine(model, bd.DummyTokenizer(), config,
                        EngineConfig(max_model_len=512, max_num_seqs=1, block_size=16, num_kv_blocks=64,
                                     max_num_batched_tokens=512), device="cuda", dtype=torch.bfloat16)

@@ -60,9 +60,11 @@ def dot_configs() -> list[dict]:
 
 
 def gemv_configs() -> list[dict]:
-    """int4_gemv.py: one row per program, 8 columns x 8 packed rows per thread where it can."""
-    return [dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-            for bn, bk, w in ((256, 64, 1), (256, 32, 1), (512, 32, 1), (512, 64, 2), (1024, 64, 4))]
+    """int4_gemv.py: one row per program, 4 or 8 columns x 4 or 8 packed rows per thread, with and without the
+    next tile's prefetch."""
+    return [dict(kernel="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, PREFETCH=pf)
+            for bn, bk, w in ((64, 64, 1), (128, 64, 1), (128, 32, 1), (256, 64, 1), (256, 64, 2), (512, 64, 2))
+            for pf in (True, False)]
 
 
 def mma_configs() -> list[dict]:
@@ -88,16 +90,21 @@ def configs_for(m: int) -> list[dict]:
 
 def splits_for(cfg: dict, m: int, n: int, k: int, num_sms: int) -> list[int]:
     """SPLIT_K values worth timing: each split keeps >= 1 K tile, the grid holds 0.5..20 programs per SM (the
-    smallest split when even 1 gives more), and two splits giving the same tiles per program are timed once."""
+    smallest split when even 1 gives more), and two splits giving the same tiles per program are timed once;
+    int4_gemv.py's only where the shape divides into whole tiles."""
+    from minillm.kernels.int4_gemv import gemv_fits
+
     k_tiles = -(-k // cfg["BLOCK_K"])
     tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
     seen, out = set(), []
     for s in SPLITS:
         per = -(-k_tiles // s)
-        if s <= k_tiles and (s == 1 or tiles * s <= 20 * num_sms) and tiles * s * 2 >= num_sms and per not in seen:
+        fits = cfg["kernel"] != "gemv" or gemv_fits(n, k, GROUP, cfg["BLOCK_N"], cfg["BLOCK_K"], s)
+        if (fits and s <= k_tiles and (s == 1 or tiles * s <= 20 * num_sms) and tiles * s * 2 >= num_sms
+                and per not in seen):
             seen.add(per)
             out.append(s)
-    return out or [max(s for s in SPLITS if s <= k_tiles and tiles * s <= 20 * num_sms)]
+    return out or [max(s for s in SPLITS if s <= k_tiles and tiles * s <= 20 * num_sms)] if cfg["kernel"] != "gemv" else out
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -143,7 +150,7 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
     if cfg["kernel"] == "gemv":
         tiles.pop("BLOCK_M")
         return run(*common, 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=not interp, **tiles,
-                   SPLIT_K=split, **extra)
+                   SPLIT_K=split, PREFETCH=cfg["PREFETCH"], **extra)
     if cfg["kernel"] == "mma":
         return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
                    UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,

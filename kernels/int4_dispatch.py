@@ -4,7 +4,8 @@ Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depend
   fma      int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
   dot      int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
   mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
-  gemv     int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2;
+  gemv     int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2,
+           where the shape divides into its tiles;
   dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
 Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
@@ -25,7 +26,7 @@ import triton
 
 from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
-from minillm.kernels.int4_gemv import int4_gemv_kernel
+from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
 from minillm.kernels.hardware import num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
@@ -38,8 +39,9 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
-# (BLOCK_N, BLOCK_K, num_warps) of int4_gemv.py: 8 columns x 8 packed rows per thread (fewest instructions by ptxas)
-GEMV_TILES = [(256, 64, 1), (512, 32, 1), (256, 32, 1)]  # BLOCK_K 32: rows added in fp16 (3.1 per weight)
+# (BLOCK_N, BLOCK_K, num_warps, prefetch) of int4_gemv.py: the best of the H200 sweep over its four Llama-3-8B
+# shapes at M = 1 (2026-12-03): 4 or 8 columns x 8 packed rows per thread, 96-128 registers
+GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 64, 1, True)]
 # dequantise-then-cuBLAS from this many rows; slices of the bf16 weight of about this many bytes (L2 is 50 MB)
 DEQUANT_MIN_M = 16
 DEQUANT_SLICE_BYTES = 24 << 20
@@ -56,6 +58,7 @@ class Launch:
     num_warps: int
     num_stages: int
     split_k: int  # for "dequant": the number of column slices (int4_dequant_matmul's chunks)
+    prefetch: bool = False  # "gemv": load the next K tile before this one's arithmetic
 
 
 def _splits(tiles: int, k_tiles: int, sms: int) -> list[int]:
@@ -78,10 +81,11 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
             if group % bk == 0:  # one scale per tile: the cheap scale-after-the-sums path
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     out.append(Launch("fma", 1, bn, bk, w, 3, s))
-        for bn, bk, w in GEMV_TILES:
-            if group % bk == 0 and dtype != torch.float32:  # fp16 arithmetic: not for fp32 callers
+        for bn, bk, w, pf in GEMV_TILES:
+            if dtype != torch.float32:  # fp16 arithmetic: not for fp32 callers
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
-                    out.append(Launch("gemv", 1, bn, bk, w, 1, s))
+                    if gemv_fits(n, k, group, bn, bk, s):
+                        out.append(Launch("gemv", 1, bn, bk, w, 1, s, pf))
     if m <= SPLIT_K_MAX_M:
         bm = max(16, m_bucket)
         for bn, w in DOT_TILES:
@@ -123,7 +127,8 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
                                x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
                                0x000F000F, GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
-                               SPLIT_K=lc.split_k, num_warps=lc.num_warps, num_stages=lc.num_stages)
+                               SPLIT_K=lc.split_k, PREFETCH=lc.prefetch, num_warps=lc.num_warps,
+                               num_stages=lc.num_stages)
         return
     _int4_gemm_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                             x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
@@ -232,7 +237,8 @@ def precompile(calls: list[tuple[int, int, int, int, torch.dtype]], workers: int
             # int4_gemv.py's kernels do not specialise them), not on the exact sizes
             bucket = min(triton.next_power_of_2(m), 256)
             ints = (lc.split_k == 1, m == 1, m % 16 == 0, bucket % 16 == 0) if lc.kernel in ("fma", "dot") else ()
-            spec = (lc.kernel, lc.block_m, lc.block_n, lc.block_k, lc.num_warps, lc.num_stages, ints, dtype)
+            spec = (lc.kernel, lc.block_m, lc.block_n, lc.block_k, lc.num_warps, lc.num_stages, lc.prefetch, ints,
+                    dtype)
             if spec not in seen:
                 seen.add(spec)
                 jobs.append((m, n, k, group, str(dtype).removeprefix("torch."), lc))

@@ -1,42 +1,54 @@
 """INT4 weight-only GEMV for decode (M = 1, 2) on CUDA cores with packed half-precision math (chapter 8).
 
-The first H200 sweep showed the decode GEMM bound by instructions, not bytes: int4_gemm.py's CUDA-core path spends
-~5 instructions per weight (an AND and an FMA to unpack into fp32, an FMA to accumulate, and the overheads), which
-at 132 SMs x 128 lanes keeps a 4096 x 14336 GEMM near 20 us while its 4-bit weights take 7 us to read.
-Here every instruction handles two weights, Marlin's trick on CUDA cores:
+A decode GEMV reads every weight once, so it should run at HBM speed: 4096 x 14336 4-bit weights are 29 MB, 7 us
+at the H200's 4.2 TB/s. What Nsight Compute showed about the first version of this kernel (H200, 2026-12-03) is
+the lesson of this file: it was neither bandwidth- nor instruction-bound but *latency*-bound. 254 registers per
+thread allowed 8 warps per SM, the grid gave 1.7, and each warp waited on its own loads and its own dependent
+arithmetic (one instruction issued every 2-3 cycles per scheduler, 18-38% of issue slots used, DRAM 19-38% busy).
+A load-only kernel with the same tiles was just as slow at the same split; with enough warps it read at ~9 us.
+So this version spends fewer registers and fewer instructions per weight, and lets more warps be in flight:
 
 * One AND-OR (LOP3) puts nibbles i and i + 4 of a packed word into the two fp16 halves of a 32-bit register as
   1024 + c (0x6400 is 1024.0 in fp16, whose mantissa unit at 1024 is exactly 1): two weights per instruction.
-* One sub.f16x2 takes away 1024 + zero from both halves (exact: the result is c - zero in -15..15), one
-  fma.rn.f16x2 multiplies both by their activations and adds them into a per-word pair of fp16 accumulators.
-* Shifts only once per word (Marlin's arrangement): nibbles 0/4 and 1/5 are masked where they lie, the second
-  pair as 1024 + 16c, which one fma.rn.f16x2 (times 1/16, minus 64 + zero: both exact) turns into c - zero in
-  place of the sub; the word shifted right by 8 gives nibbles 2/6 and 3/7 the same way.
-* After the tile's four nibble pairs, each word's two fp16 sums become one fp32 number (two converts and an add),
-  the K rows of the tile are summed inside the thread and the group's scale multiplies the column once. With
-  BLOCK_K <= 32 (<= 4 word rows, so <= 16 products per fp16 half) the rows are first added as fp16 pairs
-  (add.f16x2) and each column is converted once per tile instead of once per word.
-fp16 carries 11 significant bits, and the partial sums in fp16 are four products each (sixteen with BLOCK_K <= 32),
-so the result keeps ~1e-3 relative accuracy (bf16's output rounding is 4e-3; the tests bound it at 3e-3). The
-activations are scaled by 1/16 on their way to fp16 (and y by 16 after), so |x| up to ~4000 cannot overflow
-fp16's 65504 even times a code of 15 sixteen times over.
+  Nibbles 1 / 5 are masked where they lie (1024 + 16c) and the word is shifted once, by 8, for nibbles 2-7
+  (Marlin's arrangement): one shift per word of eight weights.
+* One fma.rn.f16x2 turns both halves into (c - zero) / 16: times 1/16 (or 1/256 for 1024 + 16c) plus
+  -(1024 + zero) / 16 (or -(64 + zero) / 16), exact in fp16 since the result is a multiple of 1/16 below 1.
+  A second fma.rn.f16x2 multiplies by the activations and accumulates: 2 instructions per pair of weights.
+  The 1/16 is the headroom that keeps fp16 sums of up to 32 products (BLOCK_K = 64) of |x| < ~2,000 in range;
+  carrying it in the weights leaves the activations untouched, so each activation pair costs only two loads
+  and one cvt.rn.f16x2.f32 (the first version scaled, rounded and packed each half: ~12 instructions a pair).
+* Each thread holds whole columns of a tile (one warp spans the tile's columns): the tile's rows are summed in
+  fp16 pairs inside the thread (add.f16x2), then each column becomes one fp32 number, times the group's scale.
+* No masks in the loop: the dispatcher offers this kernel only where N % BLOCK_N == 0 and K % (SPLIT_K x
+  BLOCK_K) == 0 (every real layer); PREFETCH loads the next tile's words before this tile's arithmetic, which
+  hides one load latency per tile at the price of a second set of word registers.
+fp16 carries 11 significant bits: with sums of up to 32 products per half the result keeps ~1e-3 relative
+accuracy (bf16's own output rounding is 4e-3; the tests bound it at 3e-3). ptxas (sm_90) counts ~2.6-2.9
+instructions per weight in the loop, 96-128 registers. Split-K adds the programs' partial sums with
+int4_mma.py's protocol (one launch, the last split writes y).
 
 The packed instructions are PTX (tl.inline_asm_elementwise) and run only on a GPU; under the interpreter
-(PACKED=False) the same arithmetic runs half by half in plain Triton, so the CPU tests check the algorithm.
-Layout, tile loader and split-K protocol are int4_gemm.py's / int4_mma.py's; one activation row per program.
+(PACKED=False) the same arithmetic runs half by half in plain Triton (each step rounded to fp16), so the CPU
+tests check the algorithm. Layout: int4_gemm.py's (GPTQ's qweight [K // 8, N], scales, packed qzeros).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from minillm.kernels.int4_gemm import _load_tile
 from minillm.kernels.int4_mma import split_k_store
 
-__all__ = ["int4_gemv_kernel"]
+__all__ = ["int4_gemv_kernel", "gemv_fits"]
 
-X_SCALE = 0.0625  # activations enter fp16 divided by 16 (headroom), y leaves multiplied by 16
-SIXTEENTH2: tl.constexpr = tl.constexpr(0x2C002C00)  # 1/16 in both fp16 halves
+MAGIC2: tl.constexpr = tl.constexpr(0x64006400)  # 1024.0 in both fp16 halves
+SIXTEENTH2: tl.constexpr = tl.constexpr(0x2C002C00)  # 1/16 in both halves
+INV256_2: tl.constexpr = tl.constexpr(0x1C001C00)  # 1/256 in both halves
+
+
+def gemv_fits(n: int, k: int, group: int, block_n: int, block_k: int, split_k: int) -> bool:
+    """Whether a launch covers the shape with whole tiles (the kernel has no masks)."""
+    return n % block_n == 0 and k % (split_k * block_k) == 0 and group % block_k == 0 and block_k % 8 == 0
 
 
 @triton.jit
@@ -54,128 +66,103 @@ def _pack(lo, hi):
 
 
 @triton.jit
-def _sub_fma_f16x2(pair, zz, xx, acc, PACKED: tl.constexpr):
-    """acc += (pair - zz) * xx on both fp16 halves of each int32 word (one sub.f16x2, one fma.rn.f16x2)."""
+def _fma_f16x2(a, b, c, PACKED: tl.constexpr):
+    """a * b + c on both fp16 halves of int32 words (fma.rn.f16x2: one rounding)."""
     if PACKED:
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t; sub.rn.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, $3, $4; }",
-            constraints="=r,r,r,r,r", args=[pair, zz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm="fma.rn.f16x2 $0, $1, $2, $3;", constraints="=r,r,r,r",
+                                         args=[a, b, c], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        lo = (_half(pair, 0) - _half(zz, 0)) * _half(xx, 0) + _half(acc, 0)
-        hi = (_half(pair, 1) - _half(zz, 1)) * _half(xx, 1) + _half(acc, 1)
-        return _pack(lo, hi)
-
-
-@triton.jit
-def _fma_fma_f16x2(pair, sixteenth, nzz, xx, acc, PACKED: tl.constexpr):
-    """acc += (pair * sixteenth + nzz) * xx on both fp16 halves (two fma.rn.f16x2): pair holds 1024 + 16 c,
-    sixteenth 1/16 and nzz -(64 + zero) in both halves, so the first FMA leaves c - zero exactly."""
-    if PACKED:
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t, c; mov.b32 c, 0x2C002C00; fma.rn.f16x2 t, $1, c, $2; fma.rn.f16x2 $0, t, $3, $4; }",
-            constraints="=r,r,r,r,r", args=[pair, nzz, xx, acc], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        lo = (_half(pair, 0) * 0.0625 + _half(nzz, 0)) * _half(xx, 0) + _half(acc, 0)  # (sixteenth's value)
-        hi = (_half(pair, 1) * 0.0625 + _half(nzz, 1)) * _half(xx, 1) + _half(acc, 1)
-        return _pack(lo, hi)
-
-
-@triton.jit
-def _x_pair(x_row, k0, offs_j, j_ok, i: tl.constexpr):
-    """Activations of K rows 8j + i and 8j + i + 4, divided by 16 (X_SCALE), as fp16 pairs [ROWS, 1]."""
-    x_lo = tl.load(x_row + k0 + 8 * offs_j + i, mask=j_ok, other=0.0).to(tl.float32)
-    x_hi = tl.load(x_row + k0 + 8 * offs_j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
-    return _pack(x_lo * 0.0625, x_hi * 0.0625)[:, None]
-
-
-@triton.jit
-def _two_pairs(wp, zz, nzz, mask, mask16, x_row, k0, offs_j, j_ok, sums, I: tl.constexpr, PACKED: tl.constexpr):
-    """sums += the products of nibbles I, I + 4 (bits 0..3 of each half of wp: 1024 + c) and I + 1, I + 5
-    (bits 4..7: 1024 + 16 c) with their activations."""
-    pair = (wp & mask) | 0x64006400
-    sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, I), sums, PACKED)
-    pair16 = (wp & mask16) | 0x64006400
-    return _fma_fma_f16x2(pair16, SIXTEENTH2, nzz, _x_pair(x_row, k0, offs_j, j_ok, I + 1), sums, PACKED)
+        return _pack(_half(a, 0) * _half(b, 0) + _half(c, 0), _half(a, 1) * _half(b, 1) + _half(c, 1))
 
 
 @triton.jit
 def _add_f16x2(a, b):
-    """add.f16x2 of two int32 words (the fp16-pair reduction's combine, PTX)."""
+    """add.f16x2 of two int32 words (the rows' reduction combine, PTX)."""
     return tl.inline_asm_elementwise(asm="add.rn.f16x2 $0, $1, $2;", constraints="=r,r,r", args=[a, b],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _sum_rows_f16x2(sums, PACKED: tl.constexpr):
-    """[ROWS, BLOCK_N] fp16 pairs -> [BLOCK_N] fp16 pairs summed over the rows: add.f16x2 in a tree on a GPU;
-    under the interpreter (where a tl.reduce with a custom combine crawls) each half summed in fp32, rounded once."""
+def _x_pair(x_ptrs, PACKED: tl.constexpr):
+    """Activations x[8j + i] and x[8j + i + 4] (x_ptrs points at 8j + i) as fp16 pairs [ROWS, 1]."""
+    lo = tl.load(x_ptrs).to(tl.float32)
+    hi = tl.load(x_ptrs + 4).to(tl.float32)
     if PACKED:
-        return tl.reduce(sums, 0, _add_f16x2)
+        pair = tl.inline_asm_elementwise(asm="cvt.rn.f16x2.f32 $0, $2, $1;", constraints="=r,f,f", args=[lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return _pack(tl.sum(_half(sums, 0), axis=0), tl.sum(_half(sums, 1), axis=0))
+        pair = _pack(lo, hi)
+    return pair[:, None]
 
 
 @triton.jit
-def _sum_halves(acc, PACKED: tl.constexpr):
-    """fp32 sum of the two fp16 halves of each int32 word."""
+def _column_sums(sums, PACKED: tl.constexpr):
+    """[ROWS, BLOCK_N] fp16 pairs -> fp32 [BLOCK_N]: the rows added as fp16 pairs (inside each thread on a GPU),
+    then each column's two halves converted and added."""
     if PACKED:
+        col = tl.reduce(sums, 0, _add_f16x2)
         return tl.inline_asm_elementwise(
             asm="{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
                 "add.f32 $0, a, b; }",
-            constraints="=f,r", args=[acc], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return _half(acc, 0) + _half(acc, 1)
+            constraints="=f,r", args=[col], dtype=tl.float32, is_pure=True, pack=1)
+    else:  # (a tl.reduce with a custom combine crawls under the interpreter: each half in fp32, rounded once)
+        lo = tl.sum(_half(sums, 0), axis=0).to(tl.float16).to(tl.float32)
+        hi = tl.sum(_half(sums, 1), axis=0).to(tl.float16).to(tl.float32)
+        return lo + hi
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one compile for every M and split
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                     ONE_SHIFT: tl.constexpr = True):
-    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * cdiv(N, BLOCK_N), SPLIT_K).
-    GROUP_SIZE % BLOCK_K == 0; NIBBLE_MASK = 0x000F000F (a run-time value: see int4_mma_kernel).
-    ONE_SHIFT=False is the first version (a shift and a sub per nibble pair, every word converted to fp32), kept
-    for the benchmark's A/B."""
-    ROWS: tl.constexpr = BLOCK_K // 8
+                     PREFETCH: tl.constexpr = True):
+    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * N // BLOCK_N, SPLIT_K), every program
+    K // SPLIT_K rows of K in tiles of BLOCK_K (gemv_fits must hold). NIBBLE_MASK = 0x000F000F, a run-time value
+    (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it would be rematerialised for every word)."""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed word rows per tile
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = N // BLOCK_N
     row = pid // num_n
-    pid_n = pid % num_n
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, ROWS)
-    n_ok = offs_n < N
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, k_tiles)
-    x_row = X + row.to(tl.int64) * stride_xm
-
-    nibble_mask16 = NIBBLE_MASK << 4  # 0x00F000F0, a register like NIBBLE_MASK (a LOP3 has one immediate)
-    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
-                         GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
-    for t in range(t_begin, t_end):
-        w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg,
-                                            stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
-        k0 = t * BLOCK_K
-        j_ok = (k0 // 8 + offs_j) < K // 8
-        zz = _pack(z + 1024.0, z + 1024.0)  # [1, BLOCK_N]: 1024 + zero in both halves
-        nzz = _pack(-64.0 - z, -64.0 - z)  # -(64 + zero): (1024 + 16 c) / 16 - (64 + zero) = c - zero
+    k_per = K // SPLIT_K
+    k_begin = pid_k * k_per
+    w_ptrs = QW + (k_begin // 8 + offs_j)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    x_ptrs = X + row.to(tl.int64) * stride_xm + k_begin + 8 * offs_j
+    mask16 = NIBBLE_MASK << 4  # nibbles 1 and 5 where they lie
+    sixteenth = tl.full([1, BLOCK_N], SIXTEENTH2, tl.int32)
+    inv256 = tl.full([1, BLOCK_N], INV256_2, tl.int32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        w_next = tl.load(w_ptrs)
+    for k0 in range(k_begin, k_begin + k_per, BLOCK_K):
+        if PREFETCH:  # this tile's words arrived during the last tile's arithmetic; ask for the next tile's now
+            w = w_next
+            more = k0 + BLOCK_K < k_begin + k_per
+            w_next = tl.load(w_ptrs + ROWS * stride_qk, mask=(offs_j[:, None] * 0 + more) != 0, other=0)
+        else:
+            w = tl.load(w_ptrs)
+        g = k0 // GROUP_SIZE
+        s = tl.load(S + g * stride_sg + offs_n).to(tl.float32)
+        if HAS_ZEROS:
+            zw = tl.load(QZ + g * stride_zg + offs_n // 8)
+            z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N], 8.0, tl.float32)
+        # (1024 + c) / 16 - (1024 + z) / 16 and (1024 + 16c) / 256 - (64 + z) / 16 are both (c - z) / 16
+        off_lo = _pack(-(1024.0 + z) * 0.0625, -(1024.0 + z) * 0.0625)[None, :]
+        off_hi = _pack(-(64.0 + z) * 0.0625, -(64.0 + z) * 0.0625)[None, :]
         sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
-        if ONE_SHIFT:
-            sums = _two_pairs(w, zz, nzz, NIBBLE_MASK, nibble_mask16, x_row, k0, offs_j, j_ok, sums, 0, PACKED)
-            sums = _two_pairs(w >> 8, zz, nzz, NIBBLE_MASK, nibble_mask16, x_row, k0, offs_j, j_ok, sums, 2,
-                              PACKED)  # (the only shift of the word)
-        else:
-            for i in tl.static_range(4):
-                pair = ((w >> (4 * i)) & NIBBLE_MASK) | 0x64006400  # 1024 + code of nibbles i and i + 4
-                sums = _sub_fma_f16x2(pair, zz, _x_pair(x_row, k0, offs_j, j_ok, i), sums, PACKED)
-        if ONE_SHIFT and ROWS <= 4:  # <= 16 products per half: add the rows' pairs in fp16, one conversion a column
-            acc += _sum_halves(_sum_rows_f16x2(sums, PACKED), PACKED)[None, :] * s
-        else:
-            acc += tl.sum(_sum_halves(sums, PACKED), axis=0)[None, :] * s
-        w, s, z = w_next, s_next, z_next
+        for h in tl.static_range(2):  # h = 0: nibbles 0/4 and 1/5; h = 1 (the word >> 8): 2/6 and 3/7
+            wh = w >> (8 * h)
+            codes = _fma_f16x2((wh & NIBBLE_MASK) | MAGIC2, sixteenth, off_lo, PACKED)
+            sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h, PACKED), sums, PACKED)
+            codes = _fma_f16x2((wh & mask16) | MAGIC2, inv256, off_hi, PACKED)
+            sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h + 1, PACKED), sums, PACKED)
+        acc += _column_sums(sums, PACKED) * s
+        w_ptrs += ROWS * stride_qk
+        x_ptrs += BLOCK_K
 
-    split_k_store(acc * 16.0, Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n, row + tl.arange(0, 1) < M, n_ok,
-                  N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n,
+                  row + tl.arange(0, 1) < M, offs_n < N, N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)

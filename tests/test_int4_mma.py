@@ -74,29 +74,42 @@ def test_int4_mma_rejects_tiles_it_cannot_run():
         int4_gemm(torch.randn(1, 256), *packed.args(), config=dict(MMA=True, BLOCK_M=8, BLOCK_N=32, BLOCK_K=128))
 
 
+def _run_gemv(x, packed, bias, block_n, block_k, split, prefetch, packed_math):
+    from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel
+
+    m, k = x.shape
+    n = packed.qweight.shape[1]
+    assert gemv_fits(n, k, packed.group_size, block_n, block_k, split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, cnt = split_k_workspace(x.device, m, n)
+    qw, s = packed.qweight, packed.scales
+    qz = packed.qzeros if packed.qzeros is not None else qw
+    int4_gemv_kernel[(m * (n // block_n), split)](
+        x, qw, s, qz, bias if bias is not None else s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0),
+        qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=packed.group_size, HAS_ZEROS=packed.qzeros is not None,
+        HAS_BIAS=bias is not None, PACKED=packed_math, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+        PREFETCH=prefetch, **({} if not packed_math else dict(num_warps=1, num_stages=1)))
+    assert not ws.any() and not cnt.any(), "the last split must leave the workspace and counters zeroed"
+    return y
+
+
 def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
-    from minillm.kernels.int4_gemv import int4_gemv_kernel
+    from minillm.kernels.int4_gemv import gemv_fits
 
     torch.manual_seed(7)
     m, n, k, group = 2, 96, 384, 64
-    for symmetric, split, bias, one_shift, block_k in ((False, 4, None, True, 64), (True, 1, torch.randn(n), True, 32),
-                                                       (False, 2, None, False, 64)):
+    # split 3: two K tiles of 64 per program, with and without the next tile's prefetch; split 6: one tile each
+    for symmetric, split, bias, prefetch, block_k in ((False, 3, None, True, 64), (True, 1, torch.randn(n), False, 32),
+                                                      (False, 6, None, True, 64), (False, 2, None, False, 64)):
         packed, w = _weights(n, k, group, symmetric)
-        x = torch.randn(m, k)
-        y = torch.empty(m, n)
-        ws, cnt = split_k_workspace(x.device, m, n)
-        qw, s = packed.qweight, packed.scales
-        qz = packed.qzeros if packed.qzeros is not None else qw
-        block_n = 64  # split 4: 6 K tiles of 64 as 2, 2, 2, 0 (an idle split still arrives)
-        grid = (m * triton.cdiv(n, block_n), split)
-        int4_gemv_kernel[grid](x, qw, s, qz, bias if bias is not None else s, y, ws, cnt, m, n, k, x.stride(0),
-                               qw.stride(0), s.stride(0), qz.stride(0), y.stride(0), 0x000F000F, GROUP_SIZE=group,
-                               HAS_ZEROS=not symmetric, HAS_BIAS=bias is not None, PACKED=False, BLOCK_N=block_n,
-                               BLOCK_K=block_k, SPLIT_K=split, ONE_SHIFT=one_shift)
+        x = torch.randn(m, k) * 4
+        y = _run_gemv(x, packed, bias, 32, block_k, split, prefetch, packed_math=False)
         ref = x @ w.t() + (bias if bias is not None else 0)
-        # fp16 activations (x / 16) and fp16 sums of 4 (BLOCK_K 64) or 16 (32) products: ~1e-3 of max|y|
+        # fp16 weights (c - zero) / 16, fp16 activations, fp16 sums of up to 32 products: ~1e-3 of max|y|
         _close(y, ref, 3e-3)
-        assert not ws.any() and not cnt.any()
+    assert not gemv_fits(96, 384, 64, 64, 64, 1)  # 96 columns are not whole tiles of 64: never offered
+    assert not gemv_fits(96, 384, 64, 32, 64, 4)  # 6 K tiles do not split 4 ways
+    assert not gemv_fits(96, 384, 64, 32, 128, 1)  # a 128-row K tile straddles two groups of 64
 
 
 def test_mma_applies_only_where_its_codes_fit():
@@ -205,21 +218,12 @@ def test_int4_gemm_gpu_mma_path_bf16(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2])
 def test_int4_gemv_gpu_packed_asm_matches_torch(m):
-    """The PTX path (lop3 / sub.f16x2 / fma.rn.f16x2 / add.f16x2, PACKED=True on a GPU) against torch, both nibble
-    schemes and both row reductions."""
-    from minillm.kernels.int4_gemv import int4_gemv_kernel
-
+    """The PTX path (lop3 / fma.rn.f16x2 / cvt.rn.f16x2.f32 / add.f16x2, PACKED=True on a GPU) against torch, with
+    and without the prefetch, at BLOCK_K 64 and 32."""
     torch.manual_seed(40 + m)
     n, k, group = 4096, 4096, 128
     packed, w = _weights(n, k, group, False, torch.bfloat16, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
-    qw, s, qz = packed.qweight, packed.scales, packed.qzeros
-    for one_shift, block_k in ((True, 64), (False, 64), (True, 32)):  # 32: rows added as fp16 pairs first
-        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        ws, cnt = split_k_workspace(x.device, m, n)
-        int4_gemv_kernel[(m * triton.cdiv(n, 256), 8)](
-            x, qw, s, qz, s, y, ws, cnt, m, n, k, x.stride(0), qw.stride(0), s.stride(0), qz.stride(0), y.stride(0),
-            0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=256, BLOCK_K=block_k,
-            SPLIT_K=8, ONE_SHIFT=one_shift, num_warps=1, num_stages=1)
-        _close(y, ref, 0.01)
+    for block_n, block_k, split, prefetch in ((256, 64, 8, True), (128, 64, 16, False), (128, 32, 4, True)):
+        _close(_run_gemv(x, packed, None, block_n, block_k, split, prefetch, packed_math=True), ref, 0.01)
