@@ -149,8 +149,6 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
 def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
     """_tune on the interpreter (timings faked): a launch whose output disagrees with the reference is dropped
     even when it would be the fastest, and the fastest correct one wins."""
-    import triton.testing
-
     import minillm.kernels.int4_dispatch as dispatch
 
     torch.manual_seed(11)
@@ -174,7 +172,7 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
 
     current = {}
 
-    def fake_bench(fn, **kwargs):
+    def fake_time(fn):
         fn()
         return fake_us[current["lc"]]
 
@@ -184,7 +182,7 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
 
     monkeypatch.setattr(dispatch, "run_launch", tracking_run)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(dispatch, "cold_graph_us", fake_time)
     args = (x, packed.qweight, packed.scales, packed.qzeros, 128, None, y, ws, cnt)
     assert dispatch._tune([ref_launch, broken, mma, gemv, fma], args) == fma
     real_run(fma, *args)
