@@ -218,6 +218,25 @@ for path in sorted(glob.glob(f"{repo_root()}/benchmarks/results/quant_gemm*.json
               f"{100 * r['int4_bw_fraction']:4.1f}% of HBM bandwidth")
 
 # %% [markdown]
+# Those first kernels read the weights at 35-42% of bandwidth, whatever their tiles. Fewer instructions per weight
+# (two weights per packed fp16 instruction) bought 2%. What was wrong showed up only under Nsight Compute
+# (`benchmarks/probe_int4_loads.py` has the command): the GEMV used 254 registers per thread, so few warps fitted
+# on an SM, the grid gave fewer still (1.7 per SM), and each warp sat waiting on its own loads: DRAM 19% busy,
+# issue slots 18% busy. A kernel that only *loaded* the same tiles with the same grid was just as slow. Neither
+# bytes nor arithmetic: **latency**, which only more bytes in flight can hide (more warps, fewer registers each,
+# or the next tile requested before this one is used). `minillm.kernels.int4_gemv` is the rewrite (96-128
+# registers, 2.6-2.9 instructions per weight, a prefetch of the next tile), and the dispatcher (`int4_dispatch`)
+# times every kernel's launches per shape from CUDA graphs with a cold L2 and keeps the fastest. Its figures:
+
+# %%
+p3 = json.load(open(f"{repo_root()}/benchmarks/results/int4_p3_s14_h200.json"))
+print(f"{p3['device']}, {p3['date'][:10]}: us per call at M = 1 and 2 (best launch of each kernel; bf16 = cuBLAS)")
+for r in p3["rows"]:
+    if r["M"] <= 2:
+        kernels = ", ".join(f"{k} {us:.1f}" for k, us in r["best_by_kernel"].items() if us == us)
+        print(f"  {r['shape']:>12} M={r['M']}: bf16 {r['bf16_us']:5.1f} | {kernels} | floor {r['floor_us']:.1f}")
+
+# %% [markdown]
 # ## 4. 2:4 pruning
 #
 # Pruning drops weights instead of shortening them. Unstructured sparsity (any 50%) saves nothing on a GPU: the
