@@ -253,6 +253,12 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # kernels before capturing (chapter 3's kernel autotunes on its first call). On this CPU there is nothing to
 # capture; the next cell measures eager launches against a graph replay on a GPU.
 #
+# Frozen too: every choice a kernel made from the shapes it saw at capture. Section 2's split-KV kernel picks its
+# number of splits from the longest sequence the metadata allows, and a graph's block table is max_model_len wide,
+# so a graph captured for 8,192 tokens splits a 100-token context 32 ways (31 splits with nothing to read, plus
+# the merge). The engine therefore also captures *narrow* graphs for small batches, with a 512-token longest
+# sequence, and replays them while every sequence of the step fits (minillm/engine/cuda_graph.py).
+#
 # Prefill steps do not fit one graph per batch size: their lengths change every step. The engine records two more
 # kinds. *Piecewise* graphs (vLLM's idea, minillm/engine/piecewise_graph.py) hold everything but attention, one set
 # per token-count bucket, and call attention eagerly in between: any mix of prompts, chunks and decodes fits.

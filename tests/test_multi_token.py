@@ -337,6 +337,15 @@ def test_narrow_graphs_replay_short_steps_and_only_those(model_and_config):
     wide_only = host_graphs(model, 4, 2, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
                             narrow_tokens=2 * BLOCK)
     assert wide_only.narrow_blocks is None and wide_only.narrow_buckets == []  # no narrower than the table
+    from minillm.engine import cuda_graph
+    default = host_graphs(model, 4, 200, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"))
+    assert default.narrow_blocks == cuda_graph.NARROW_GRAPH_TOKENS // BLOCK  # the module's width, read at init
+    saved, cuda_graph.NARROW_GRAPH_TOKENS = cuda_graph.NARROW_GRAPH_TOKENS, 0  # what a benchmark's A/B sets
+    try:
+        assert host_graphs(model, 4, 200, BLOCK, config.hidden_size, torch.float32,
+                           torch.device("cpu")).narrow_blocks is None
+    finally:
+        cuda_graph.NARROW_GRAPH_TOKENS = saved
 
 
 @pytest.mark.gpu

@@ -138,7 +138,7 @@ class DecodeCUDAGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device,
                  query_lens: tuple[int, ...] = (1,), tree_query_len: int | None = None,
-                 tree_max_batch: int | None = None, narrow_tokens: int | None = NARROW_GRAPH_TOKENS) -> None:
+                 tree_max_batch: int | None = None, narrow_tokens: int | None = None) -> None:
         self._check_device(device)
         self.model = model
         self.block_size = block_size
@@ -148,8 +148,10 @@ class DecodeCUDAGraphs:
         # token trees: Q rows per sequence at most, at these buckets (none without a tree method)
         self.tree_buckets = tree_graph_buckets(max_num_seqs, tree_query_len, tree_max_batch)
         self.tree_query_len = tree_query_len if self.tree_buckets else None
-        # narrow graphs (read at most narrow_blocks blocks per sequence): only where they are narrower than the table
-        narrow = -(-narrow_tokens // block_size) if narrow_tokens else max_blocks_per_seq
+        # narrow graphs (read at most narrow_blocks blocks per sequence): only where they are narrower than the table;
+        # narrow_tokens None: NARROW_GRAPH_TOKENS as the module holds it now (a benchmark's A/B sets it), 0: none
+        narrow_tokens = NARROW_GRAPH_TOKENS if narrow_tokens is None else narrow_tokens
+        narrow = -(-narrow_tokens // block_size) if narrow_tokens > 0 else max_blocks_per_seq
         self.narrow_blocks = narrow if narrow < max_blocks_per_seq else None
         self.narrow_buckets = [b for b in self.buckets if b <= NARROW_GRAPH_MAX_BATCH] if self.narrow_blocks else []
         layouts = {(b, q, False): self._layout(b, q) for b in self.buckets for q in self.query_lens}
