@@ -111,7 +111,7 @@ def tree_graph_buckets(max_num_seqs: int, tree_query_len: int | None, max_batch:
 
 
 NARROW_GRAPH_TOKENS = 512  # narrow graphs: every sequence of the step within this many tokens ...
-NARROW_GRAPH_MAX_BATCH = 16  # ... at buckets up to this (larger batches split little: the rule fills the SMs by rows)
+NARROW_GRAPH_MAX_BATCH = 16  # ... at buckets up to this (where the split counts are largest; each costs a capture)
 
 
 class GraphInputs(NamedTuple):
