@@ -225,3 +225,27 @@ def test_int4_gemv_gpu_packed_asm_matches_torch(m):
     ref = x.float() @ w.t()
     for block_n, block_k, split, prefetch in ((256, 64, 8, True), (128, 64, 16, False), (128, 32, 4, True)):
         _close(_run_gemv(x, packed, None, block_n, block_k, split, prefetch, packed_math=True), ref, 0.01)
+
+
+def test_gemv_tiles_compile_for_hopper_with_few_registers_and_instructions():
+    """The INT4 GEMV's tiles compiled for sm_90 on this machine (Triton's bundled ptxas, no GPU): at most 168
+    registers per thread (12 warps per SM) and 3.5 SASS instructions per weight in the K loop. The H200 showed the
+    kernel latency-bound when it took 254 registers and 6.5 instructions (RESULTS.md, fourteenth session)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from minillm.course.registry import repo_root
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tools):
+        pytest.skip("this Triton wheel has no NVIDIA tools")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, os.path.join(repo_root(), "benchmarks", "sass_count.py"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) >= 3
+    for row in rows:
+        assert row["registers"] <= 168 and row["per_weight"] <= 3.5, row

@@ -1,0 +1,121 @@
+"""Registers and SASS instructions per weight of the INT4 GEMV's tiles, compiled for sm_90 on any machine, no GPU.
+
+    python benchmarks/sass_count.py [--json] [--keep DIR]
+
+Triton compiles for the target it is given, not only for the GPU it runs on, and its wheel carries NVIDIA's ptxas
+and cuobjdump. So a CPU machine can read what a kernel costs on a Hopper GPU before any GPU time is spent: for each
+of the dispatcher's GEMV tiles (int4_dispatch.GEMV_TILES; bf16 activations, g128 asymmetric weights, pointers and
+sizes 16-divisible as the launcher specialises them) this prints the registers per thread (an SM holds 65,536:
+at 128 registers, 16 warps) and the SASS instructions inside the K loop per weight a thread handles there. Both
+decided the INT4 GEMV's speed on the H200 (RESULTS.md, fourteenth session: 254 registers and 6.5 instructions per
+weight before the rewrite, latency-bound at 1.7 warps per SM). The counts are Triton's and ptxas's of this
+machine's versions (the H200 runs triton 3.6: close, not equal). --keep DIR writes each tile's SASS there.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0")  # the compiler, not the interpreter (before triton is imported)
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+POINTERS = dict(X="*bf16", QW="*i32", S="*bf16", QZ="*i32", BIAS="*bf16", Y="*bf16", WS="*fp32", CNT="*i32")
+
+
+def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool):
+    """int4_gemv_kernel compiled for sm_90 with the constants and 16-divisibility a real launch has."""
+    from minillm.kernels.int4_gemv import int4_gemv_kernel
+
+    fn = int4_gemv_kernel
+    const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=block_n, BLOCK_K=block_k,
+                 PREFETCH=prefetch)
+    signature, divisible = {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = POINTERS.get(name, "i32")
+        if name in POINTERS or name in ("N", "K") or name.startswith("stride"):
+            divisible.append(i)
+    src = ASTSource(fn, signature=signature, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+
+
+def sass_of(cubin: bytes, workdir: str, name: str) -> tuple[str, int]:
+    """(SASS text, registers per thread) of a cubin, through cuobjdump."""
+    path = os.path.join(workdir, f"{name}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                          check=True).stdout
+    usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                           check=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def loop_body(sass: str) -> collections.Counter:
+    """Opcode counts of the largest loop: the instructions between a backward branch and its target."""
+    rows = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);", line)
+        if m:
+            rows.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    best = collections.Counter()
+    for addr, op, rest in rows:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = collections.Counter(o.split(".")[0] for a, o, _ in rows if int(target.group(1), 16) <= a <= addr)
+            if sum(body.values()) > sum(best.values()):
+                best = body
+    return best
+
+
+def measure(keep: str | None = None) -> list[dict]:
+    from minillm.kernels.int4_dispatch import GEMV_TILES
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for block_n, block_k, warps, prefetch in GEMV_TILES:
+            name = f"gemv_N{block_n}_K{block_k}_w{warps}{'_prefetch' if prefetch else ''}"
+            sass, regs = sass_of(compile_gemv(block_n, block_k, warps, prefetch).asm["cubin"], keep or tmp, name)
+            body = loop_body(sass)
+            weights = block_n * block_k // (32 * warps)  # per thread per K tile
+            out.append(dict(tile=name, registers=regs, loop_instructions=sum(body.values()),
+                            per_weight=round(sum(body.values()) / weights, 2), top=dict(body.most_common(6))))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--keep", default=None, help="write each tile's cubin and SASS into this directory")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("TRITON_INTERPRET=1 replaces the compiler: run with it unset (or 0)")
+    if not os.path.exists(os.path.join(TOOLS, "cuobjdump")):
+        raise SystemExit(f"no cuobjdump in {TOOLS}: this Triton wheel has no NVIDIA tools")
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    rows = measure(args.keep)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"triton {triton.__version__}, sm_90: the INT4 GEMV's tiles (int4_dispatch.GEMV_TILES)")
+    for r in rows:
+        print(f"  {r['tile']:28s} {r['registers']:4d} registers, {r['loop_instructions']:5d} instructions in the K "
+              f"loop, {r['per_weight']:.2f} per weight; most: {r['top']}")
+
+
+if __name__ == "__main__":
+    main()
