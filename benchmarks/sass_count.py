@@ -4,7 +4,7 @@
 
 Triton compiles for the target it is given, not only for the GPU it runs on, and its wheel carries NVIDIA's ptxas
 and cuobjdump. So a CPU machine can read what a kernel costs on a Hopper GPU before any GPU time is spent: for each
-of the dispatcher's GEMV tiles (int4_dispatch.GEMV_TILES; bf16 activations, g128 asymmetric weights, pointers and
+of the dispatcher's GEMV tiles (int4_dispatch.GEMV_TILES and the TMA kernel's GEMV_TMA_TILES; bf16 activations, g128 asymmetric weights, pointers and
 sizes 16-divisible as the launcher specialises them) this prints the registers per thread (an SM holds 65,536:
 at 128 registers, 16 warps) and the SASS instructions inside the K loop per weight a thread handles there. Both
 decided the INT4 GEMV's speed on the H200 (RESULTS.md, fourteenth session: 254 registers and 6.5 instructions per
@@ -32,24 +32,29 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 POINTERS = dict(X="*bf16", QW="*i32", S="*bf16", QZ="*i32", BIAS="*bf16", Y="*bf16", WS="*fp32", CNT="*i32")
 
 
-def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool):
-    """int4_gemv_kernel compiled for sm_90 with the constants and 16-divisibility a real launch has."""
-    from minillm.kernels.int4_gemv import int4_gemv_kernel
+def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0):
+    """int4_gemv_kernel (or with tma_stages > 0 its TMA twin, pipelined that deep) compiled for sm_90 with the
+    constants and 16-divisibility a real launch has."""
+    from minillm.kernels.int4_gemv import int4_gemv_kernel, int4_gemv_tma_kernel
 
-    fn = int4_gemv_kernel
+    fn = int4_gemv_tma_kernel if tma_stages else int4_gemv_kernel
     const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=block_n, BLOCK_K=block_k,
-                 PREFETCH=prefetch)
+                 **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch)))
     signature, divisible = {}, []
     for i, name in enumerate(fn.arg_names):
         if name in const:
             signature[name] = "constexpr"
+            continue
+        if name == "W_DESC":  # a host-side tensor descriptor of qweight's int32 words, one tile per load
+            signature[name] = f"tensordesc<i32[{block_k // 8}, {block_n}]>"
             continue
         signature[name] = POINTERS.get(name, "i32")
         if name in POINTERS or name in ("N", "K") or name.startswith("stride"):
             divisible.append(i)
     src = ASTSource(fn, signature=signature, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=max(tma_stages, 1)))
 
 
 def sass_of(cubin: bytes, workdir: str, name: str) -> tuple[str, int]:
@@ -82,17 +87,20 @@ def loop_body(sass: str) -> collections.Counter:
 
 
 def measure(keep: str | None = None) -> list[dict]:
-    from minillm.kernels.int4_dispatch import GEMV_TILES
+    from minillm.kernels.int4_dispatch import GEMV_TILES, GEMV_TMA_TILES
 
+    tiles = [(f"gemv_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}", "gemv", (n, k, w, pf, 0)) for n, k, w, pf in GEMV_TILES]
+    tiles += [(f"gemv_tma_N{n}_K{k}_w{w}_stages{st}", "gemv_tma", (n, k, w, False, st)) for n, k, w, st in GEMV_TMA_TILES]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for block_n, block_k, warps, prefetch in GEMV_TILES:
-            name = f"gemv_N{block_n}_K{block_k}_w{warps}{'_prefetch' if prefetch else ''}"
-            sass, regs = sass_of(compile_gemv(block_n, block_k, warps, prefetch).asm["cubin"], keep or tmp, name)
+        for name, kind, (block_n, block_k, warps, prefetch, stages) in tiles:
+            compiled = compile_gemv(block_n, block_k, warps, prefetch, stages)
+            sass, regs = sass_of(compiled.asm["cubin"], keep or tmp, name)
             body = loop_body(sass)
             weights = block_n * block_k // (32 * warps)  # per thread per K tile
-            out.append(dict(tile=name, registers=regs, loop_instructions=sum(body.values()),
-                            per_weight=round(sum(body.values()) / weights, 2), top=dict(body.most_common(6))))
+            out.append(dict(tile=name, kernel=kind, registers=regs, loop_instructions=sum(body.values()),
+                            per_weight=round(sum(body.values()) / weights, 2), tma_loads="UTMALDG" in sass,
+                            shared_bytes=compiled.metadata.shared, top=dict(body.most_common(6))))
     return out
 
 
@@ -111,10 +119,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"triton {triton.__version__}, sm_90: the INT4 GEMV's tiles (int4_dispatch.GEMV_TILES)")
+    print(f"triton {triton.__version__}, sm_90: the INT4 GEMV's tiles (int4_dispatch.GEMV_TILES, GEMV_TMA_TILES)")
     for r in rows:
-        print(f"  {r['tile']:28s} {r['registers']:4d} registers, {r['loop_instructions']:5d} instructions in the K "
-              f"loop, {r['per_weight']:.2f} per weight; most: {r['top']}")
+        print(f"  {r['tile']:32s} {r['registers']:4d} registers, {r['shared_bytes']:6d} B shared, "
+              f"{r['loop_instructions']:5d} instructions in the K loop, {r['per_weight']:.2f} per weight"
+              f"{', TMA loads' if r['tma_loads'] else ''}; most: {r['top']}")
 
 
 if __name__ == "__main__":

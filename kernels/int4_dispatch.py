@@ -5,7 +5,8 @@ Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depend
   dot      int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
   mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
   gemv     int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2,
-           where the shape divides into its tiles;
+           where the shape divides into its tiles; on Hopper also its TMA twin (gemv_tma: the words pipelined
+           into shared memory by the TMA engine);
   dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
 Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
@@ -29,7 +30,7 @@ import triton
 
 from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
-from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel
+from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
 from minillm.kernels.hardware import num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
@@ -45,6 +46,8 @@ MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) of int4_gemv.py: the best of the H200 sweep over its four Llama-3-8B
 # shapes at M = 1 (2026-12-03): 4 or 8 columns x 8 packed rows per thread, 96-128 registers
 GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 64, 1, True)]
+# (BLOCK_N, BLOCK_K, num_warps, pipeline stages) of int4_gemv.py's TMA kernel (Hopper and later; not yet timed)
+GEMV_TMA_TILES = [(128, 64, 1, 3), (256, 64, 2, 3), (128, 64, 1, 4)]
 # dequantise-then-cuBLAS from this many rows; slices of the bf16 weight of about this many bytes (L2 is 50 MB)
 DEQUANT_MIN_M = 16
 DEQUANT_SLICE_BYTES = 24 << 20
@@ -54,7 +57,7 @@ DEQUANT_SLICE_BYTES = 24 << 20
 class Launch:
     """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
 
-    kernel: str  # "fma" | "dot" | "mma" | "gemv" | "dequant"
+    kernel: str  # "fma" | "dot" | "mma" | "gemv" | "gemv_tma" | "dequant"
     block_m: int
     block_n: int
     block_k: int
@@ -75,6 +78,12 @@ def _splits(tiles: int, k_tiles: int, sms: int) -> list[int]:
     return out or [1]
 
 
+def tma_available() -> bool:
+    """Whether this process's GPU has the TMA engine (compute capability 9.0 and later) and runs compiled Triton."""
+    return (not triton_interpreted() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
 def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int) -> list[Launch]:
     """The launches worth timing for M rows; the reference launch (int4_gemm.py's tensor-core path) first."""
     m_bucket = triton.next_power_of_2(m)
@@ -89,6 +98,10 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
                 for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                     if gemv_fits(n, k, group, bn, bk, s):
                         out.append(Launch("gemv", 1, bn, bk, w, 1, s, pf))
+        for bn, bk, w, stages in GEMV_TMA_TILES if dtype != torch.float32 and tma_available() else ():
+            for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
+                if gemv_fits(n, k, group, bn, bk, s):
+                    out.append(Launch("gemv_tma", 1, bn, bk, w, stages, s))
     if m <= SPLIT_K_MAX_M:
         bm = max(16, m_bucket)
         for bn, w in DOT_TILES:
@@ -125,6 +138,17 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
     n = qweight.shape[1]
     qz = qzeros if qzeros is not None else qweight
     grid = (triton.cdiv(m, lc.block_m) * triton.cdiv(n, lc.block_n), lc.split_k)
+    if lc.kernel == "gemv_tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        desc = TensorDescriptor(qweight, shape=list(qweight.shape), strides=list(qweight.stride()),
+                                block_shape=[lc.block_k // 8, lc.block_n])
+        int4_gemv_tma_kernel[grid](x2, desc, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
+                                   x2.stride(0), scales.stride(0), qz.stride(0), y.stride(0), 0x000F000F,
+                                   GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
+                                   PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
+                                   SPLIT_K=lc.split_k, STAGES=lc.num_stages, num_warps=lc.num_warps,
+                                   num_stages=lc.num_stages)
+        return
     if lc.kernel == "gemv":
         int4_gemv_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                                x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),

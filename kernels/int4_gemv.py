@@ -28,6 +28,11 @@ accuracy (bf16's own output rounding is 4e-3; the tests bound it at 3e-3). ptxas
 instructions per weight in the loop, 96-128 registers. Split-K adds the programs' partial sums with
 int4_mma.py's protocol (one launch, the last split writes y).
 
+int4_gemv_tma_kernel is the same arithmetic with the words brought by Hopper's TMA engine: a host-side tensor
+descriptor of qweight, loads that tl.range pipelines STAGES deep into shared memory, so the bytes in flight cost
+neither registers nor per-thread load instructions (3.5 instructions per weight with the shared-memory reads, 96-128
+registers, 10-20 KB of shared memory per program). The dispatcher offers it on sm_90 and later; not yet timed.
+
 The packed instructions are PTX (tl.inline_asm_elementwise) and run only on a GPU; under the interpreter
 (PACKED=False) the same arithmetic runs half by half in plain Triton (each step rounded to fp16), so the CPU
 tests check the algorithm. Layout: int4_gemm.py's (GPTQ's qweight [K // 8, N], scales, packed qzeros).
@@ -39,7 +44,7 @@ import triton.language as tl
 
 from minillm.kernels.int4_mma import split_k_store
 
-__all__ = ["int4_gemv_kernel", "gemv_fits"]
+__all__ = ["int4_gemv_kernel", "int4_gemv_tma_kernel", "gemv_fits"]
 
 MAGIC2: tl.constexpr = tl.constexpr(0x64006400)  # 1024.0 in both fp16 halves
 SIXTEENTH2: tl.constexpr = tl.constexpr(0x2C002C00)  # 1/16 in both halves
@@ -111,6 +116,33 @@ def _column_sums(sums, PACKED: tl.constexpr):
         return lo + hi
 
 
+@triton.jit
+def _tile_product(w, x_ptrs, S, QZ, g, offs_n, stride_sg, stride_zg, NIBBLE_MASK, HAS_ZEROS: tl.constexpr,
+                  PACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One K tile's contribution, fp32 [BLOCK_N], divided by 16: the packed words w [ROWS, BLOCK_N] (group g)
+    times the activations at x_ptrs (8j + 0 for word row j)."""
+    s = tl.load(S + g * stride_sg + offs_n).to(tl.float32)
+    if HAS_ZEROS:
+        zw = tl.load(QZ + g * stride_zg + offs_n // 8)
+        z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N], 8.0, tl.float32)
+    # (1024 + c) / 16 - (1024 + z) / 16 and (1024 + 16c) / 256 - (64 + z) / 16 are both (c - z) / 16
+    off_lo = _pack(-(1024.0 + z) * 0.0625, -(1024.0 + z) * 0.0625)[None, :]
+    off_hi = _pack(-(64.0 + z) * 0.0625, -(64.0 + z) * 0.0625)[None, :]
+    sixteenth = tl.full([1, BLOCK_N], SIXTEENTH2, tl.int32)
+    inv256 = tl.full([1, BLOCK_N], INV256_2, tl.int32)
+    mask16 = NIBBLE_MASK << 4  # nibbles 1 and 5 where they lie
+    sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
+    for h in tl.static_range(2):  # h = 0: nibbles 0/4 and 1/5; h = 1 (the word >> 8): 2/6 and 3/7
+        wh = w >> (8 * h)
+        codes = _fma_f16x2((wh & NIBBLE_MASK) | MAGIC2, sixteenth, off_lo, PACKED)
+        sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h, PACKED), sums, PACKED)
+        codes = _fma_f16x2((wh & mask16) | MAGIC2, inv256, off_hi, PACKED)
+        sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h + 1, PACKED), sums, PACKED)
+    return _column_sums(sums, PACKED) * s
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one compile for every M and split
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -130,9 +162,6 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     k_begin = pid_k * k_per
     w_ptrs = QW + (k_begin // 8 + offs_j)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
     x_ptrs = X + row.to(tl.int64) * stride_xm + k_begin + 8 * offs_j
-    mask16 = NIBBLE_MASK << 4  # nibbles 1 and 5 where they lie
-    sixteenth = tl.full([1, BLOCK_N], SIXTEENTH2, tl.int32)
-    inv256 = tl.full([1, BLOCK_N], INV256_2, tl.int32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PREFETCH:
         w_next = tl.load(w_ptrs)
@@ -143,26 +172,39 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
             w_next = tl.load(w_ptrs + ROWS * stride_qk, mask=(offs_j[:, None] * 0 + more) != 0, other=0)
         else:
             w = tl.load(w_ptrs)
-        g = k0 // GROUP_SIZE
-        s = tl.load(S + g * stride_sg + offs_n).to(tl.float32)
-        if HAS_ZEROS:
-            zw = tl.load(QZ + g * stride_zg + offs_n // 8)
-            z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
-        else:
-            z = tl.full([BLOCK_N], 8.0, tl.float32)
-        # (1024 + c) / 16 - (1024 + z) / 16 and (1024 + 16c) / 256 - (64 + z) / 16 are both (c - z) / 16
-        off_lo = _pack(-(1024.0 + z) * 0.0625, -(1024.0 + z) * 0.0625)[None, :]
-        off_hi = _pack(-(64.0 + z) * 0.0625, -(64.0 + z) * 0.0625)[None, :]
-        sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
-        for h in tl.static_range(2):  # h = 0: nibbles 0/4 and 1/5; h = 1 (the word >> 8): 2/6 and 3/7
-            wh = w >> (8 * h)
-            codes = _fma_f16x2((wh & NIBBLE_MASK) | MAGIC2, sixteenth, off_lo, PACKED)
-            sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h, PACKED), sums, PACKED)
-            codes = _fma_f16x2((wh & mask16) | MAGIC2, inv256, off_hi, PACKED)
-            sums = _fma_f16x2(codes, _x_pair(x_ptrs + 2 * h + 1, PACKED), sums, PACKED)
-        acc += _column_sums(sums, PACKED) * s
+        acc += _tile_product(w, x_ptrs, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK, HAS_ZEROS,
+                             PACKED, ROWS, BLOCK_N)
         w_ptrs += ROWS * stride_qk
         x_ptrs += BLOCK_K
 
+    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n,
+                  row + tl.arange(0, 1) < M, offs_n < N, N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_sg, stride_zg, stride_ym,
+                         NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
+                         STAGES: tl.constexpr):
+    """int4_gemv_kernel with the words brought in by the TMA engine (Hopper): W_DESC is a host-side tensor
+    descriptor of qweight [K // 8, N] with block [BLOCK_K // 8, BLOCK_N], and tl.range pipelines its loads STAGES
+    deep into shared memory. The bytes in flight then cost no registers and no load instructions per thread (one
+    thread issues a tile's copy), where the register prefetch holds a second tile of words in every thread: the
+    measured limit of int4_gemv_kernel was bytes in flight per SM, not arithmetic."""
+    ROWS: tl.constexpr = BLOCK_K // 8
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = N // BLOCK_N
+    row = pid // num_n
+    n0 = (pid % num_n) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_per = K // SPLIT_K
+    k_begin = pid_k * k_per
+    x_row = X + row.to(tl.int64) * stride_xm + 8 * tl.arange(0, ROWS)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_begin, k_begin + k_per, BLOCK_K, num_stages=STAGES):
+        w = W_DESC.load([k0 // 8, n0])
+        acc += _tile_product(w, x_row + k0, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK,
+                             HAS_ZEROS, PACKED, ROWS, BLOCK_N)
     split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n,
                   row + tl.arange(0, 1) < M, offs_n < N, N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
