@@ -226,7 +226,11 @@ def _tune(cands: list[Launch], args: tuple) -> Launch:
         elif not (out - ref).abs().max().item() <= tol:
             print(f"int4 dispatch: dropping {lc}: its output differs from the reference kernel's", file=sys.stderr)
             continue
-        timed.append((cold_graph_us(lambda: run_launch(lc, *args)), lc))
+        try:
+            timed.append((cold_graph_us(lambda: run_launch(lc, *args)), lc))
+        except Exception as exc:  # noqa: BLE001  (a launch that cannot be captured in a graph is no use here)
+            print(f"int4 dispatch: skipping {lc}: it failed under CUDA-graph capture: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:160]}", file=sys.stderr)
     if not timed:
         raise RuntimeError(f"no INT4 kernel launch worked for M={x2.shape[0]}, N={qweight.shape[1]}, "
                            f"K={x2.shape[1]} (see the messages above)")

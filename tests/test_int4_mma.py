@@ -167,8 +167,8 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
 
 
 def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
-    """_tune on the interpreter (timings faked): a launch whose output disagrees with the reference is dropped
-    even when it would be the fastest, and the fastest correct one wins."""
+    """_tune on the interpreter (timings faked): a launch whose output disagrees with the reference, or whose
+    graph-timing fails, is dropped even when it would be the fastest, and the fastest correct one wins."""
     import minillm.kernels.int4_dispatch as dispatch
 
     torch.manual_seed(11)
@@ -182,7 +182,8 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
     fma = dispatch.Launch("fma", 1, 32, 64, 4, 3, 2)
     gemv = dispatch.Launch("gemv", 1, 32, 64, 4, 1, 2)
     broken = dispatch.Launch("fma", 1, 64, 128, 4, 3, 1)
-    fake_us = {ref_launch: 3.0, mma: 2.0, gemv: 1.8, fma: 1.5, broken: 0.5}
+    uncapturable = dispatch.Launch("fma", 1, 16, 64, 1, 3, 2)  # right answer, but its graph capture fails
+    fake_us = {ref_launch: 3.0, mma: 2.0, gemv: 1.8, fma: 1.5, broken: 0.5, uncapturable: 0.4}
     real_run = dispatch.run_launch
 
     def run(lc, *args):
@@ -194,6 +195,8 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
 
     def fake_time(fn):
         fn()
+        if current["lc"] == uncapturable:
+            raise RuntimeError("operation not permitted when stream is capturing")
         return fake_us[current["lc"]]
 
     def tracking_run(lc, *args):
@@ -204,7 +207,7 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(dispatch, "cold_graph_us", fake_time)
     args = (x, packed.qweight, packed.scales, packed.qzeros, 128, None, y, ws, cnt)
-    assert dispatch._tune([ref_launch, broken, mma, gemv, fma], args) == fma
+    assert dispatch._tune([ref_launch, broken, mma, gemv, uncapturable, fma], args) == fma
     real_run(fma, *args)
     _close(y, x @ w.t(), MMA_FP32_RTOL)
 
