@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from minillm.bench.roofline import graph_replay_us
 from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
@@ -187,15 +186,25 @@ def cold_graph_us(fn, reps: int = 20, trials: int = 5) -> float:
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     scratch = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
 
-    def replay_us(body) -> float:  # median us per body() over replays of a graph of `reps` of them
+    def replay_ms(body) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(reps):
                 body()
-        return graph_replay_us(graph, reps, trials)
+        graph.replay()  # (the first replay uploads the graph)
+        times = []
+        for _ in range(trials):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
 
     flush = scratch.zero_
-    return max(replay_us(lambda: (flush(), fn())) - replay_us(flush), 0.0)
+    both = replay_ms(lambda: (flush(), fn()))
+    return max(both - replay_ms(flush), 0.0) * 1e3 / reps
 
 
 def _tune(cands: list[Launch], args: tuple) -> Launch:
