@@ -32,7 +32,7 @@ from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
-from minillm.kernels.hardware import num_sms
+from minillm.kernels.hardware import graph_replay_us, num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
 from minillm.platform import triton_interpreted
 
@@ -186,25 +186,15 @@ def cold_graph_us(fn, reps: int = 20, trials: int = 5) -> float:
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     scratch = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
 
-    def replay_ms(body) -> float:
+    def replay_us(body) -> float:  # median us per body() over replays of a graph of `reps` of them
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(reps):
                 body()
-        graph.replay()  # (the first replay uploads the graph)
-        times = []
-        for _ in range(trials):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
+        return graph_replay_us(graph, reps, trials)
 
     flush = scratch.zero_
-    both = replay_ms(lambda: (flush(), fn()))
-    return max(both - replay_ms(flush), 0.0) * 1e3 / reps
+    return max(replay_us(lambda: (flush(), fn())) - replay_us(flush), 0.0)
 
 
 def _tune(cands: list[Launch], args: tuple) -> Launch:

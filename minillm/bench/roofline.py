@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from minillm.kernels.hardware import graph_replay_us  # noqa: F401  (benchmarks import it from here)
+
 from minillm.hooks import dispatch
 
 
@@ -175,19 +177,3 @@ def plot_roofline(peaks: Sequence[MachinePeak], points: Sequence[tuple[str, floa
     ax.legend(fontsize=8, loc="lower right")
     return ax.figure
 
-
-def graph_replay_us(graph: Any, launches: int, trials: int = 5) -> float:
-    """Median microseconds per launch of a captured CUDA graph that holds `launches` launches (timed with CUDA
-    events over `trials` replays, after one untimed replay). Replaying from a graph takes Python and the launch
-    path out of a kernel's time: what the engine's decode step sees."""
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]

@@ -85,20 +85,14 @@ def _cold_graph_us(fn, weights: list[torch.Tensor], reps: int = 5) -> float:
     for w in weights:
         fn(w)  # compile, and cuBLAS's heuristics, outside the recording
     torch.cuda.synchronize()
+    from minillm.kernels.hardware import graph_replay_us
+
+    calls = max(CALLS_PER_GRAPH, len(weights))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(max(CALLS_PER_GRAPH, len(weights))):
+        for i in range(calls):
             fn(weights[i % len(weights)])
-    graph.replay()  # one untimed replay: first-touch costs
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / max(CALLS_PER_GRAPH, len(weights)))
-    return sorted(times)[len(times) // 2]
+    return graph_replay_us(graph, calls, reps)  # (after one untimed replay: first-touch costs)
 
 
 def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
