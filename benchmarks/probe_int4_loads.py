@@ -1,4 +1,4 @@
-"""Is the INT4 GEMV bound by its bytes, its instructions or its latency? Time it beside its own loads alone (issue 10).
+"""Is the INT4 GEMV bound by its bytes, its instructions or its latency? Time it beside its own loads alone (issue 10, chapter 8).
 
     python benchmarks/probe_int4_loads.py [--k 4096 --n 14336] [--out probe.json]       # one GPU, ~1 minute
     ncu --clock-control none --cache-control all --profile-from-start off \\
@@ -6,7 +6,8 @@
         python benchmarks/probe_int4_loads.py --ncu "gemv N128 K64 w1 s16 pf1;tiles N128 R8 w1 s16"
 
 At M = 1 (g128 asymmetric INT4, GPTQ layout, cold weights, each call replayed from a CUDA graph):
-  gemv / fma   int4_gemv.py's and int4_gemm.py's CUDA-core launches as the dispatcher offers them;
+  gemv / gemv_tma / fma   int4_gemv.py's two kernels and int4_gemm.py's CUDA-core path as the dispatcher offers
+               them (gemv_tma on sm_90 and later);
   tiles        a load-only kernel with the GEMV's grid and tiles: each program reads [BLOCK_K / 8, BLOCK_N] word
                tiles over its share of K and xors them together (no arithmetic worth the name);
   flat         a contiguous read of the same bytes in large blocks: the ceiling for this many bytes in one launch;
@@ -70,9 +71,10 @@ def launches(k: int, n: int):
     flat_out = torch.empty(1 << 24, dtype=torch.int32, device="cuda")
     steps = {}
     for lc in candidates(1, n, k, GROUP, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count):
-        if lc.kernel not in ("gemv", "fma"):
+        if lc.kernel not in ("gemv", "gemv_tma", "fma"):
             continue
-        name = f"{lc.kernel} N{lc.block_n} K{lc.block_k} w{lc.num_warps} s{lc.split_k} pf{int(lc.prefetch)}"
+        name = (f"{lc.kernel} N{lc.block_n} K{lc.block_k} w{lc.num_warps} s{lc.split_k} "
+                + (f"st{lc.num_stages}" if lc.kernel == "gemv_tma" else f"pf{int(lc.prefetch)}"))
         steps[name] = lambda i, lc=lc: run_launch(lc, x, *sets[i], GROUP, None, y, ws, cnt)
         tiles = f"tiles N{lc.block_n} R{lc.block_k // 8} w{lc.num_warps} s{lc.split_k}"
         if lc.kernel == "gemv" and tiles not in steps:

@@ -1,4 +1,5 @@
-"""Registers and SASS instructions per weight of the INT4 GEMV's tiles, compiled for sm_90 on any machine, no GPU.
+"""Registers and SASS instructions per weight of the INT4 GEMV's tiles, compiled for sm_90 on any machine, no GPU
+(issue 10, chapter 8).
 
     python benchmarks/sass_count.py [--json] [--keep DIR]
 

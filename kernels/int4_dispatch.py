@@ -13,7 +13,7 @@ tile (powers of two that put between half a program and 16 programs on each SM).
 (M bucket, N, K, group, ...) key each candidate runs once, its output is checked against the reference kernel's
 (int4_gemm.py's, which the interpreter tests cover: a candidate that miscompiles on this Triton is dropped, not
 used), then the survivors are timed from CUDA-graph replays with the L2 cache flushed before every launch
-(cold_graph_us: a decode step reads each layer's weights cold, from a graph) and the fastest is kept for the
+(cold_graph_timer: a decode step reads each layer's weights cold, from a graph) and the fastest is kept for the
 process. Timing eager launches instead (triton.testing.do_bench) let the host's launch cost, which differs from
 kernel to kernel and exceeds a 10 us GEMV's run time, into the figures: on the H200 the end-to-end INT4 decode
 step moved between 2.9 and 3.8 ms from one process to the next with what each happened to pick.
@@ -179,28 +179,30 @@ def tuned_launch(m: int, n: int, k: int, group: int, dtype: torch.dtype, device,
     return _BEST.get(_key(m, n, k, group, dtype, device, symmetric, has_bias))
 
 
-def cold_graph_us(fn, reps: int = 20, trials: int = 5) -> float:
-    """GPU microseconds of one fn() call with a cold L2, free of host launch time: the median replay of a CUDA
-    graph of `reps` x (flush the L2, fn) minus that of a graph of `reps` flushes, divided by `reps`. fn must have
-    run once already (compiled) and must not synchronize."""
+def _graph_us(body, reps: int, trials: int) -> float:
+    """Median GPU microseconds per body() over replays of a CUDA graph that records `reps` of them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            body()
+    return graph_replay_us(graph, reps, trials)
+
+
+def cold_graph_timer(reps: int = 20, trials: int = 5):
+    """A timer fn -> GPU microseconds of one fn() call with a cold L2, free of host launch time: replays of a
+    CUDA graph of `reps` x (flush the L2, fn) less the flush's own time, measured once here. fn must have run once
+    already (compiled) and must not synchronize."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    scratch = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
-
-    def replay_us(body) -> float:  # median us per body() over replays of a graph of `reps` of them
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                body()
-        return graph_replay_us(graph, reps, trials)
-
-    flush = scratch.zero_
-    return max(replay_us(lambda: (flush(), fn())) - replay_us(flush), 0.0)
+    flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda").zero_
+    flush_us = _graph_us(flush, reps, trials)
+    return lambda fn: max(_graph_us(lambda: (flush(), fn()), reps, trials) - flush_us, 0.0)
 
 
 def _tune(cands: list[Launch], args: tuple) -> Launch:
     x2, qweight, scales, qzeros, group, bias, y, ws, cnt = args
     ref = None
     timed = []
+    time_us = cold_graph_timer()
     for lc in cands:
         try:
             run_launch(lc, *args)
@@ -217,7 +219,7 @@ def _tune(cands: list[Launch], args: tuple) -> Launch:
             print(f"int4 dispatch: dropping {lc}: its output differs from the reference kernel's", file=sys.stderr)
             continue
         try:
-            timed.append((cold_graph_us(lambda: run_launch(lc, *args)), lc))
+            timed.append((time_us(lambda: run_launch(lc, *args)), lc))
         except Exception as exc:  # noqa: BLE001  (a launch that cannot be captured in a graph is no use here)
             print(f"int4 dispatch: skipping {lc}: it failed under CUDA-graph capture: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:160]}", file=sys.stderr)

@@ -205,7 +205,7 @@ def test_dispatch_tune_drops_wrong_launches_and_keeps_the_fastest(monkeypatch):
 
     monkeypatch.setattr(dispatch, "run_launch", tracking_run)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(dispatch, "cold_graph_us", fake_time)
+    monkeypatch.setattr(dispatch, "cold_graph_timer", lambda: fake_time)
     args = (x, packed.qweight, packed.scales, packed.qzeros, 128, None, y, ws, cnt)
     assert dispatch._tune([ref_launch, broken, mma, gemv, uncapturable, fma], args) == fma
     real_run(fma, *args)
