@@ -1,7 +1,8 @@
 """P5: single-stream decode speed of the engine on a Llama-3-8B-shaped model, with and without CUDA graphs.
 
     python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf] [--gemv auto|on|off] [--gemv-ab]
-                                      [--async-scheduling]
+                                      [--async-scheduling] [--shape llama3-8b|smollm2-135m]
+                                      [--max-model-len N] [--narrow-ab TOKENS]
 
 The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336, vocab 128256)
 and random bf16 weights drawn on the GPU (std 0.02, so activations stay finite), as vLLM's dummy-weight
@@ -20,6 +21,12 @@ cuBLAS on its first call (--gemv auto, the default; `on` forces it, `off` is cuB
 --gemv-ab adds CUDA-graph runs under the other two policies, in the same process, for the A/B; the choices made per
 (N, K, M) are listed in the JSON under "gemv_decisions".
 
+--shape smollm2-135m times the bundled model's shapes instead (30 layers of hidden 576: small GEMMs, so attention
+and launch costs weigh more). --max-model-len sets the engine's context limit (default: just enough for the request,
+as above); a serving engine keeps it at thousands of tokens, and a decode CUDA graph sizes its attention's split-KV
+choice for that length. --narrow-ab TOKENS adds a CUDA-graph run with narrow decode graphs of that width (captured
+for short contexts; minillm.engine.cuda_graph.NARROW_GRAPH_TOKENS, off by default) for the A/B in the same run.
+
 Baseline in the same run: Hugging Face transformers `generate` (greedy, min_new_tokens = max_new_tokens) on a
 LlamaForCausalLM of the same shape with random weights (our model is freed first, so both never share memory).
 Needs CUDA; prints a table and writes the raw numbers to --out as JSON.
@@ -36,6 +43,10 @@ import time
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
                  max_position_embeddings=8192, tie_word_embeddings=False)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    max_position_embeddings=8192, tie_word_embeddings=True)
+SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
 INIT_STD = 0.02
 
 
@@ -51,15 +62,16 @@ class DummyTokenizer:
         return ""
 
 
-def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None):
-    """The Llama-3-8B-shaped model with random bf16 weights; with `quantization` (a load-time method such as "rtn",
+def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None,
+                shape: dict = LLAMA3_8B):
+    """The Llama-3-8B-shaped model (or another of SHAPES) with random bf16 weights; with `quantization` (a load-time method such as "rtn",
     options like {"bits": 4, "group_size": 128}) its decoder linears are quantized from those weights at load."""
     import torch
     from minillm.config import ModelConfig
     from minillm.models.llama import LlamaForCausalLM
     from minillm.quant.checkpoint import load_time_quantization
 
-    config = load_time_quantization(ModelConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers}), quantization,
+    config = load_time_quantization(ModelConfig(**{**shape, "num_hidden_layers": num_layers}), quantization,
                                     options)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -101,7 +113,7 @@ def copy_bandwidth() -> float:
 
 
 def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enforce_eager: bool | None,
-               device: str = "cuda", async_scheduling: bool = False) -> dict:
+               device: str = "cuda", async_scheduling: bool = False, max_model_len: int | None = None) -> dict:
     """Warm up, then time one batch of requests through LLMEngine. (device="cpu" only to smoke-test this code
     on a tiny model: the figures are GPU figures.)"""
     import torch
@@ -110,10 +122,13 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
     from minillm.sampling_params import SamplingParams
 
     block_size = 16
-    max_model_len = -(-(prompt_len + output_len + 8) // block_size) * block_size
+    needed = -(-(prompt_len + output_len + 8) // block_size) * block_size
+    if max_model_len is not None and max_model_len < needed:
+        raise ValueError(f"max_model_len={max_model_len} is below the {needed} tokens one request needs")
+    max_model_len = max_model_len or needed
     engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=batch, scheduling="continuous",
                                  kv_layout="paged", block_size=block_size,
-                                 num_kv_blocks=(batch + 1) * (max_model_len // block_size),
+                                 num_kv_blocks=(batch + 1) * (needed // block_size),
                                  max_num_batched_tokens=max(max_model_len, batch * prompt_len),
                                  enforce_eager=enforce_eager,  # None: the default for the device
                                  async_scheduling=async_scheduling)
@@ -160,15 +175,12 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
     return result
 
 
-def run_hf(num_layers: int, prompt_len: int, output_len: int, batch: int) -> dict:
+def run_hf(num_layers: int, prompt_len: int, output_len: int, batch: int, shape: dict = LLAMA3_8B) -> dict:
     import torch
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=LLAMA3_8B["vocab_size"], hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
-                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
-                      tie_word_embeddings=False, initializer_range=INIT_STD, pad_token_id=0)
+    cfg = LlamaConfig(**{**shape, "num_hidden_layers": num_layers}, initializer_range=INIT_STD, pad_token_id=0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -211,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="fewer layers for a smoke test (not for figures); default: the shape's")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="the engine's context limit (default: prompt + output, rounded up to a block)")
+    parser.add_argument("--narrow-ab", type=int, default=None, metavar="TOKENS",
+                        help="add a CUDA-graph run with narrow decode graphs this many tokens wide (e.g. 512)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
                         help="decode GEMV policy of the engine runs (default auto: timed against cuBLAS per shape)")
@@ -223,8 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                              "for an A/B in the same run")
     args = parser.parse_args(argv)
     output_len = args.output_len or (64 if args.quick else 256)
+    shape = SHAPES[args.shape]
+    args.layers = args.layers or shape["num_hidden_layers"]
     if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
         parser.error("need --prompt-len >= 1, --output-len >= 2, --batch >= 1, --layers >= 1")
+    if args.narrow_ab is not None and args.narrow_ab < 1:
+        parser.error(f"--narrow-ab takes a width in tokens >= 1, got {args.narrow_ab}")
+    if args.max_model_len is not None and args.max_model_len < args.prompt_len + output_len + 8:
+        parser.error(f"--max-model-len {args.max_model_len} is below --prompt-len + output + 8 "
+                     f"({args.prompt_len + output_len + 8})")
 
     import torch
     if not torch.cuda.is_available():
@@ -234,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import minillm  # noqa: F401  (platform setup)
+    from minillm.engine import cuda_graph
     from minillm.layers import linear as linear_module
 
-    model, config = build_model(args.layers)
+    model, config = build_model(args.layers, shape=shape)
     nbytes = weight_bytes(model)
     peak_bytes_per_s = copy_bandwidth()
     floor_steps = peak_bytes_per_s / nbytes  # decode steps per second if only the weights had to be read
@@ -244,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         benchmark="P5 decode", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         command="python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        model=dict(LLAMA3_8B, num_hidden_layers=args.layers, dtype="bfloat16", weights="random"),
+        model=dict(shape, name=args.shape, num_hidden_layers=args.layers, dtype="bfloat16", weights="random"),
+        max_model_len=args.max_model_len, narrow_graph_tokens=cuda_graph.NARROW_GRAPH_TOKENS,
         weight_gb=round(nbytes / 1e9, 3), copy_bytes_per_s=round(peak_bytes_per_s),
         weight_read_floor_tok_per_s=round(floor_steps * args.batch, 2),
         prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, gemv=args.gemv, runs={})
@@ -255,16 +282,21 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("off", "on", "auto"):
             if mode != args.gemv:
                 plan.insert(1, (others[mode], False, mode))
-    plan = [(name, eager, gemv, False) for name, eager, gemv in plan]
+    narrow = cuda_graph.NARROW_GRAPH_TOKENS
+    plan = [(name, eager, gemv, False, narrow) for name, eager, gemv in plan]
     if args.async_scheduling:
-        plan.append(("engine_cuda_graphs_async", False, args.gemv, True))
-    for name, eager, gemv, overlap in plan:
+        plan.append(("engine_cuda_graphs_async", False, args.gemv, True, narrow))
+    if args.narrow_ab:
+        plan.insert(2, (f"engine_cuda_graphs_narrow_{args.narrow_ab}", False, args.gemv, False, args.narrow_ab))
+    for name, eager, gemv, overlap, narrow_tokens in plan:
         linear_module.set_gemv_mode(gemv)  # before the engine captures its graphs
+        cuda_graph.NARROW_GRAPH_TOKENS = narrow_tokens  # read when the engine builds its graphs
         try:
             run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager,
-                             async_scheduling=overlap)
+                             async_scheduling=overlap, max_model_len=args.max_model_len)
             run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
             run["gemv"] = gemv
+            run["narrow_graph_tokens"] = narrow_tokens
         except Exception as err:  # keep the other measurements
             run = dict(error=f"{type(err).__name__}: {err}")
         results["runs"][name] = run
@@ -279,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     if not args.no_hf:
         try:
-            run = run_hf(args.layers, args.prompt_len, output_len, args.batch)
+            run = run_hf(args.layers, args.prompt_len, output_len, args.batch, shape)
             run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
         except Exception as err:
             run = dict(error=f"{type(err).__name__}: {err}")

@@ -26,10 +26,13 @@ A replay also freezes what the attention kernels decided at capture from the met
 sequence: the paged decode kernel splits each sequence's keys into as many parts as max_seqlen_k calls for
 (kernels/paged_attention.py, choose_decode_config), and a graph's block table is max_model_len wide, so a graph
 captured for max_model_len = 8,192 splits every sequence 32 ways at batch 1 even when it holds 100 tokens: 31
-splits with nothing to read, and a merge kernel. So small buckets get a second, *narrow* graph per q_len, captured
+splits with nothing to read, and a merge kernel. Small buckets can get a second, *narrow* graph per q_len, captured
 with max_seqlen_k = NARROW_GRAPH_TOKENS: a step whose every block table fits in it (width <= narrow_blocks)
 replays that one, with the split count of a short context (H200, SmolLM2's heads at batch 1 and 128 keys: one
-128-key tile, 3.3 us, against 5.8 us for the 32-split graph's kernel and merge).
+128-key tile, 3.3 us, against 5.8 us for the 32-split graph's kernel and merge). They are off by default
+(NARROW_GRAPH_TOKENS = 0): a couple of microseconds per layer is ~2-3% of a SmolLM2 step, and on the H200
+(benchmarks/RESULTS.md, "Sixteenth session") decode with and without them differed by less than the same
+configuration differed from itself between runs, while each narrow graph costs a capture and its memory.
 
 Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
 method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
@@ -110,7 +113,7 @@ def tree_graph_buckets(max_num_seqs: int, tree_query_len: int | None, max_batch:
     return [b for b in buckets if b <= limit and b * tree_query_len <= TREE_GRAPH_MAX_TOKENS]
 
 
-NARROW_GRAPH_TOKENS = 512  # narrow graphs: every sequence of the step within this many tokens ...
+NARROW_GRAPH_TOKENS = 0  # narrow graphs (0: none; e.g. 512): every sequence of the step within this many tokens ...
 NARROW_GRAPH_MAX_BATCH = 16  # ... at buckets up to this (where the split counts are largest; each costs a capture)
 
 
