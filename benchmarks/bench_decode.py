@@ -63,9 +63,10 @@ class DummyTokenizer:
 
 
 def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None,
-                shape: dict = LLAMA3_8B):
-    """The Llama-3-8B-shaped model (or another of SHAPES) with random bf16 weights; with `quantization` (a load-time method such as "rtn",
-    options like {"bits": 4, "group_size": 128}) its decoder linears are quantized from those weights at load."""
+                shape: dict = LLAMA3_8B, dtype: str = "bfloat16"):
+    """The Llama-3-8B-shaped model (or another of SHAPES) with random weights in `dtype` (bf16 by default); with
+    `quantization` (a load-time method such as "rtn", options like {"bits": 4, "group_size": 128}) its decoder
+    linears are quantized from those weights at load."""
     import torch
     from minillm.config import ModelConfig
     from minillm.models.llama import LlamaForCausalLM
@@ -74,7 +75,7 @@ def build_model(num_layers: int, quantization: str | None = None, options: dict 
     config = load_time_quantization(ModelConfig(**{**shape, "num_hidden_layers": num_layers}), quantization,
                                     options)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device("cuda"):
             model = LlamaForCausalLM(config, backend="triton")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_int4_p3.py --out int4_p3_h200.json      # one H200, < 2 minutes
     python benchmarks/bench_int4_p3.py --dry-run                      # CPU: candidate counts, no timing
+    python benchmarks/bench_int4_p3.py --dtype float16                # fp16 activations (vLLM's AWQ/GPTQ dtype)
 
 For the decoder's four Llama-3-8B shapes and 4096->14336 (g128 asymmetric, GPTQ layout) at M = 1 .. 256:
   bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
@@ -13,7 +14,9 @@ Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1
 rule) before it is timed; a wrong one is reported and never ranked. Timing: a CUDA graph of 20 launches replayed
 5 times, median us per launch, weights rotated over enough copies to stay out of the 50 MB L2 (cold, as in a
 decode step); bf16 is timed the same way in the same run, and the copy bandwidth of this run gives the INT4
-read floor. Prints a table per shape, then the P3 verdict lines; writes everything to --out as JSON.
+read floor. Prints a table per shape, then the P3 verdict lines; writes everything to --out as JSON. With
+--dtype float16 the activations, scales and the cuBLAS baseline are fp16 (the "bf16" column is then cuBLAS fp16,
+which reads the same bytes) and the GEMV takes its 64-bit activation path.
 """
 from __future__ import annotations
 
@@ -34,13 +37,13 @@ P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
 KERNELS = ("fma", "gemv", "dot", "mma", "dequant")
 
 
-def launches_for(m: int, n: int, k: int, sms: int) -> list:
-    """Every candidate launch the dispatcher would time for this call."""
+def launches_for(m: int, n: int, k: int, sms: int, dtype=None) -> list:
+    """Every candidate launch the dispatcher would time for this call (bf16 activations unless dtype)."""
     import torch
 
     from minillm.kernels.int4_dispatch import candidates
 
-    return candidates(m, n, k, GROUP, torch.bfloat16, sms)
+    return candidates(m, n, k, GROUP, dtype or torch.bfloat16, sms)
 
 
 def _name(lc) -> str:
@@ -50,17 +53,17 @@ def _name(lc) -> str:
             + (" prefetch" if lc.prefetch else ""))
 
 
-def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: float) -> list[dict]:
+def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: float, dtype=None) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
     from minillm.kernels.int4_dispatch import run_launch, tuned_launch
     from minillm.kernels.int4_gemm import int4_gemm
 
-    copies, sets, ref_w, bf16_copies = cold_operands(k, n)
+    copies, sets, ref_w, bf16_copies = cold_operands(k, n, dtype)
     rows = []
     for m in MS:
-        x, ref, tol, y, ws, cnt = row_operands(m, k, n, ref_w)
+        x, ref, tol, y, ws, cnt = row_operands(m, k, n, ref_w, dtype)
         row = dict(shape=label, K=k, N=n, M=m, floor_us=weight_bytes(k, n, m) / copy_bw * 1e6)
         row["bf16_us"] = time_graph_us(lambda i: F.linear(x, bf16_copies[i]), len(bf16_copies))
         auto_err = (int4_gemm(x, *sets[0], GROUP).float() - ref).abs().max().item()  # tunes on this first call
@@ -69,7 +72,7 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
         pick = tuned_launch(m, n, k, GROUP, x.dtype, x.device)
         row["auto_pick"] = vars(pick) if pick is not None else None
         row["launches"] = []
-        for lc in launches_for(m, n, k, sms):
+        for lc in launches_for(m, n, k, sms, x.dtype):
             rec = dict(name=_name(lc), kind=lc.kernel, launch=vars(lc))
             if time.time() > deadline:
                 rec.update(ok=False, us=math.nan, error="skipped: time budget")
@@ -140,7 +143,9 @@ def dry_run() -> None:
 
 
 def main() -> None:
-    args = gpu_bench_args(__doc__, "benchmarks/results/int4_p3.json", "CPU: launch counts only", 100.0).parse_args()
+    parser = gpu_bench_args(__doc__, "benchmarks/results/int4_p3.json", "CPU: launch counts only", 100.0)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    args = parser.parse_args()
     if args.dry_run:
         dry_run()
         return
@@ -148,8 +153,9 @@ def main() -> None:
     torch = require_cuda("this benchmark")
     from minillm.kernels import int4_dispatch
 
+    dtype = getattr(torch, args.dtype)
     try:  # fill Triton's disk cache in worker processes
-        int4_dispatch.precompile([(m, n, k, GROUP, torch.bfloat16) for k, n in SHAPES.values() for m in MS],
+        int4_dispatch.precompile([(m, n, k, GROUP, dtype) for k, n in SHAPES.values() for m in MS],
                                  args.workers)
     except Exception as exc:  # noqa: BLE001
         print(f"parallel precompile failed ({type(exc).__name__}: {exc}); compiling lazily", file=sys.stderr)
@@ -162,11 +168,11 @@ def main() -> None:
     rows = []
     per_shape = (args.budget_s - (time.time() - t_start)) / len(SHAPES)
     for label, (k, n) in SHAPES.items():
-        rows += run_shape(label, k, n, sms, copy_bw, time.time() + max(per_shape, 10.0))
+        rows += run_shape(label, k, n, sms, copy_bw, time.time() + max(per_shape, 10.0), dtype)
     lines = verdict(rows)
     print()
     print("\n".join(lines))
-    write_result(args.out, t_start, copy_bw, rows=rows, verdict=lines)
+    write_result(args.out, t_start, copy_bw, rows=rows, verdict=lines, dtype=args.dtype)
 
 
 if __name__ == "__main__":

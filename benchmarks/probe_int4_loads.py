@@ -1,6 +1,6 @@
 """Is the INT4 GEMV bound by its bytes, its instructions or its latency? Time it beside its own loads alone (issue 10, chapter 8).
 
-    python benchmarks/probe_int4_loads.py [--k 4096 --n 14336] [--out probe.json]       # one GPU, ~1 minute
+    python benchmarks/probe_int4_loads.py [--k 4096 --n 14336] [--dtype float16] [--out probe.json]  # ~1 minute
     ncu --clock-control none --cache-control all --profile-from-start off \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
         python benchmarks/probe_int4_loads.py --ncu "gemv N128 K64 w1 s16 pf1;tiles N128 R8 w1 s16"
@@ -57,20 +57,21 @@ def read_flat(P, OUT, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     tl.store(OUT + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
-def launches(k: int, n: int):
-    """{name: step(i)} over weight copy i, and the number of copies (enough to keep each call's reads cold)."""
+def launches(k: int, n: int, dtype=None):
+    """{name: step(i)} over weight copy i, and the number of copies (enough to keep each call's reads cold);
+    activations in dtype (bf16 by default)."""
     import torch
     import torch.nn.functional as F
 
     from minillm.kernels.int4_dispatch import candidates, run_launch
     from sweep_int4_gemm import GROUP, cold_operands, row_operands
 
-    copies, sets, ref_w, bf16 = cold_operands(k, n)
-    x, ref, tol, y, ws, cnt = row_operands(1, k, n, ref_w)
+    copies, sets, ref_w, dense = cold_operands(k, n, dtype)
+    x, ref, tol, y, ws, cnt = row_operands(1, k, n, ref_w, dtype)
     xor_out = torch.empty(64 * n, dtype=torch.int32, device="cuda")
     flat_out = torch.empty(1 << 24, dtype=torch.int32, device="cuda")
     steps = {}
-    for lc in candidates(1, n, k, GROUP, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count):
+    for lc in candidates(1, n, k, GROUP, x.dtype, torch.cuda.get_device_properties(0).multi_processor_count):
         if lc.kernel not in ("gemv", "gemv_tma", "fma"):
             continue
         name = (f"{lc.kernel} N{lc.block_n} K{lc.block_k} w{lc.num_warps} s{lc.split_k} "
@@ -86,7 +87,7 @@ def launches(k: int, n: int):
         grid = (triton.cdiv(words, block * iters),)
         steps[f"flat B{block} it{iters} w{warps}"] = lambda i, grid=grid, block=block, iters=iters, warps=warps: (
             read_flat[grid](sets[i][0], flat_out, words, BLOCK=block, ITERS=iters, num_warps=warps))
-    steps["cublas bf16"] = lambda i: F.linear(x, bf16[i % len(bf16)], out=y)
+    steps[f"cublas {str(x.dtype)[6:]}"] = lambda i: F.linear(x, dense[i % len(dense)], out=y)
     return steps, copies
 
 
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=14336)
     parser.add_argument("--ncu", default=None, help="';'-separated launch names: run each twice for Nsight Compute")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                        help="the activations' (and scales') dtype: fp16 takes the GEMV's 64-bit activation path")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.k % 1024 or args.n % 512:
@@ -105,7 +108,7 @@ def main() -> None:
     import minillm  # noqa: F401
     from sweep_int4_gemm import copy_bandwidth, time_graph_us
 
-    steps, copies = launches(args.k, args.n)
+    steps, copies = launches(args.k, args.n, getattr(torch, args.dtype))
     if args.ncu:
         names = args.ncu.split(";")
         unknown = [name for name in names if name not in steps]
@@ -129,7 +132,8 @@ def main() -> None:
         print(f"  {name:34s} {us:7.1f} us")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "k": args.k, "n": args.n, "floor_us": floor_us,
+            json.dump({"device": torch.cuda.get_device_name(), "k": args.k, "n": args.n, "dtype": args.dtype,
+                       "floor_us": floor_us,
                        "us": times}, f, indent=1)
 
 

@@ -31,11 +31,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = dict(X="*bf16", QW="*i32", S="*bf16", QZ="*i32", BIAS="*bf16", Y="*bf16", WS="*fp32", CNT="*i32")
+HALF = dict(POINTERS, X="*fp16", S="*fp16", BIAS="*fp16", Y="*fp16")  # an fp16 model's launch
 
 
-def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0):
+def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0,
+                 half: bool = False):
     """int4_gemv_kernel (or with tma_stages > 0 its TMA twin, pipelined that deep) compiled for sm_90 with the
-    constants and 16-divisibility a real launch has."""
+    constants and 16-divisibility a real launch has; bf16 activations, or fp16 with `half`."""
     from minillm.kernels.int4_gemv import int4_gemv_kernel, int4_gemv_tma_kernel
 
     fn = int4_gemv_tma_kernel if tma_stages else int4_gemv_kernel
@@ -49,7 +51,7 @@ def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = Fa
         if name == "W_DESC":  # a host-side tensor descriptor of qweight's int32 words, one tile per load
             signature[name] = f"tensordesc<i32[{block_k // 8}, {block_n}]>"
             continue
-        signature[name] = POINTERS.get(name, "i32")
+        signature[name] = (HALF if half else POINTERS).get(name, "i32")
         if name in POINTERS or name in ("N", "K") or name.startswith("stride"):
             divisible.append(i)
     src = ASTSource(fn, signature=signature, constexprs=const,
@@ -90,12 +92,14 @@ def loop_body(sass: str) -> collections.Counter:
 def measure(keep: str | None = None) -> list[dict]:
     from minillm.kernels.int4_dispatch import GEMV_TILES, GEMV_TMA_TILES
 
-    tiles = [(f"gemv_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}", "gemv", (n, k, w, pf, 0)) for n, k, w, pf in GEMV_TILES]
-    tiles += [(f"gemv_tma_N{n}_K{k}_w{w}_stages{st}", "gemv_tma", (n, k, w, False, st)) for n, k, w, st in GEMV_TMA_TILES]
+    tiles = [(f"gemv_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}{'_fp16' if half else ''}", "gemv",
+              (n, k, w, pf, 0, half)) for half in (False, True) for n, k, w, pf in GEMV_TILES]
+    tiles += [(f"gemv_tma_N{n}_K{k}_w{w}_stages{st}", "gemv_tma", (n, k, w, False, st, False))
+              for n, k, w, st in GEMV_TMA_TILES]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind, (block_n, block_k, warps, prefetch, stages) in tiles:
-            compiled = compile_gemv(block_n, block_k, warps, prefetch, stages)
+        for name, kind, (block_n, block_k, warps, prefetch, stages, half) in tiles:
+            compiled = compile_gemv(block_n, block_k, warps, prefetch, stages, half)
             sass, regs = sass_of(compiled.asm["cubin"], keep or tmp, name)
             body = loop_body(sass)
             weights = block_n * block_k // (32 * warps)  # per thread per K tile

@@ -219,27 +219,30 @@ def weight_bytes(k: int, n: int, m: int) -> int:
     return k * n // 2 + (k // GROUP) * n * 2 + (k // GROUP) * (n // 8) * 4 + 2 * m * (k + n)
 
 
-def cold_operands(k: int, n: int):
-    """(copies, INT4 weight sets, fp32 reference W, bf16 copies): enough copies of each that cycling through
-    them keeps every read out of the 50 MB L2 (cold weights, as a decode step reads them)."""
+def cold_operands(k: int, n: int, dtype=None):
+    """(copies, INT4 weight sets, fp32 reference W, dense copies): enough copies of each that cycling through
+    them keeps every read out of the 50 MB L2 (cold weights, as a decode step reads them). dtype: the model's,
+    bf16 by default (scales and the dense copies are in it)."""
     import torch
 
+    dtype = dtype or torch.bfloat16
     copies = max(1, math.ceil(3 * L2_BYTES / weight_bytes(k, n, 0)))
-    sets, ref_w = make_weights(k, n, copies, torch.bfloat16)
-    bf16_copies = [ref_w.to(torch.bfloat16) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
-    return copies, sets, ref_w, bf16_copies
+    sets, ref_w = make_weights(k, n, copies, dtype)
+    dense_copies = [ref_w.to(dtype) for _ in range(max(1, math.ceil(3 * L2_BYTES / (2 * k * n))))]
+    return copies, sets, ref_w, dense_copies
 
 
-def row_operands(m: int, k: int, n: int, ref_w):
-    """Fresh bf16 activations x [M, K], the fp32 reference y, the check's tolerance (1% of max|y|: the
-    dispatcher's rule), an output buffer and the split-K workspace."""
+def row_operands(m: int, k: int, n: int, ref_w, dtype=None):
+    """Fresh activations x [M, K] (bf16 unless dtype), the fp32 reference y, the check's tolerance (1% of
+    max|y|: the dispatcher's rule), an output buffer and the split-K workspace."""
     import torch
 
     from minillm.kernels.int4_tuning import split_k_workspace
 
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dtype = dtype or torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = x.float() @ ref_w.t()
-    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=dtype)
     return (x, ref, 0.01 * ref.abs().max().item(), y) + tuple(split_k_workspace(x.device, m, n))
 
 

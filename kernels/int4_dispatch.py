@@ -139,6 +139,8 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
     n = qweight.shape[1]
     qz = qzeros if qzeros is not None else qweight
     grid = (triton.cdiv(m, lc.block_m) * triton.cdiv(n, lc.block_n), lc.split_k)
+    if lc.kernel in ("gemv", "gemv_tma") and x2.dtype == torch.float16 and (x2.data_ptr() % 8 or x2.stride(0) % 4):
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # the GEMV reads fp16 rows as 8-byte words
     if lc.kernel == "gemv_tma":
         from triton.tools.tensor_descriptor import TensorDescriptor
         desc = TensorDescriptor(qweight, shape=list(qweight.shape), strides=list(qweight.stride()),
