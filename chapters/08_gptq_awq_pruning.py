@@ -35,6 +35,9 @@
 # %%
 import glob
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import torch
@@ -235,6 +238,28 @@ for r in p3["rows"]:
     if r["M"] <= 2:
         kernels = ", ".join(f"{k} {us:.1f}" for k, us in r["best_by_kernel"].items() if us == us)
         print(f"  {r['shape']:>12} M={r['M']}: bf16 {r['bf16_us']:5.1f} | {kernels} | floor {r['floor_us']:.1f}")
+
+# %% [markdown]
+# The rewrite moved the limit. Timed beside a kernel that only loads its tiles (same grid), the GEMV now costs
+# 14.3 us where its loads alone take 9.1, as long as a flat read of the same 29 MB (H200, benchmarks/RESULTS.md,
+# sixteenth session): the bytes arrive in time, and what is left is **instructions**. Holding two tiles in flight
+# made it slower (20 us: more registers, fewer warps). Instructions can be counted without a GPU: Triton ships
+# NVIDIA's assembler, so the next cell compiles the GEMV for Hopper (sm_90) on this machine and counts the machine
+# instructions of its inner loop per weight (`benchmarks/sass_count.py`). With bf16 activations each pair of them
+# is two 16-bit loads, two widenings and a rounding to fp16; an fp16 model's pair is one byte permute of two
+# 64-bit loads.
+
+# %%
+script = f"{repo_root()}/benchmarks/sass_count.py"
+done = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True, timeout=300,
+                      env=dict(os.environ, TRITON_INTERPRET="0"))
+if done.returncode != 0:
+    print("could not compile for sm_90 here:", done.stderr.strip().splitlines()[-1:])
+else:
+    for row in json.loads(done.stdout.strip().splitlines()[-1]):
+        if row["kernel"] == "gemv":
+            print(f"  {row['tile']:32s} {row['registers']:4d} registers, {row['per_weight']:.2f} instructions per "
+                  f"weight; most common: {', '.join(list(row['top'])[:4])}")
 
 # %% [markdown]
 # ## 4. 2:4 pruning
