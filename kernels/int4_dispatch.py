@@ -32,7 +32,7 @@ from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
-from minillm.kernels.hardware import graph_replay_us, num_sms
+from minillm.kernels.hardware import graph_capture, graph_replay_us, num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
 from minillm.platform import triton_interpreted
 
@@ -185,7 +185,7 @@ def tuned_launch(m: int, n: int, k: int, group: int, dtype: torch.dtype, device,
 def _graph_us(body, reps: int, trials: int) -> float:
     """Median GPU microseconds per body() over replays of a CUDA graph that records `reps` of them."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with graph_capture(graph):
         for _ in range(reps):
             body()
     return graph_replay_us(graph, reps, trials)

@@ -126,3 +126,45 @@ def test_a_bare_kernels_import_from_the_checkout_reaches_the_pypi_package(tmp_pa
     assert bare_import(ROOT, fake.parent) == ["0.19.1", str(fake / "__init__.py")]
     version, where = bare_import(ROOT)
     assert version == "None" and where == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_every_cuda_graph_is_recorded_with_the_collector_paused():
+    """CUDA graphs are recorded through minillm.kernels.hardware: graph_capture (torch.cuda.graph inside
+    paused_gc), or paused_gc around a hand-cut recording (capture_begin / capture_end). A collector run in the
+    middle of a capture that frees another engine's dead graph invalidates the capture (hardware.paused_gc)."""
+    offenders = []
+    for mod, path in _modules().items():
+        if mod == "minillm.kernels.hardware":
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            if node.func.attr == "graph" and ast.unparse(node.func.value) == "torch.cuda":
+                offenders.append(f"{mod}:{node.lineno} records with torch.cuda.graph: use hardware.graph_capture")
+            elif node.func.attr == "capture_begin" and "paused_gc()" not in source:
+                offenders.append(f"{mod}:{node.lineno} calls capture_begin with no paused_gc() around it")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_paused_gc_pauses_the_collector_and_restores_it():
+    import gc
+
+    import pytest
+
+    from minillm.kernels.hardware import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), paused_gc():  # resumed on the way out of an exception too
+        raise KeyError("x")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

@@ -171,6 +171,30 @@ def test_config_and_llm_options():
         EngineConfig(async_scheduling=True, tensor_parallel_size=2)
 
 
+def test_a_dropped_async_engine_is_freed_at_once(model_and_config):
+    """No reference cycle through the async stepper: a dropped engine (its CUDA graphs, KV cache, pinned
+    buffers) is freed when its last reference goes, not whenever the cyclic collector next runs, which can be in
+    the middle of another engine's CUDA-graph capture (minillm.kernels.hardware.paused_gc)."""
+    import gc
+    import weakref
+
+    model, config = model_and_config
+    gc.collect()
+    gc.disable()
+    try:
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(block_size=16, num_kv_blocks=32,
+                           max_model_len=64, max_num_seqs=2, async_scheduling=True), device="cpu")
+        engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.async_steps is not None
+        ref = weakref.ref(engine)
+        del engine
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_resolve_deferred_ids_and_download_ring():
     ids = torch.tensor([5, -1, 7, -3, 0])
     resolve_deferred_ids(ids, torch.tensor([40, 41, 42]))

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,10 @@ class AsyncSteps:
     """The engine's step when async scheduling is on (LLMEngine._step hands over to `step`)."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        # a weak reference: the engine owns this object, and a strong one back would make every async engine a
+        # reference cycle, freed not when dropped but whenever Python's cyclic collector next runs (with its
+        # CUDA graphs, KV cache and pinned buffers still held until then)
+        self.engine = weakref.proxy(engine)
         self.in_flight_step: InFlightStep | None = None
 
     @property

@@ -67,6 +67,7 @@ from typing import NamedTuple
 
 from minillm.engine.step_buffers import FieldLayout, UploadBuffer
 from minillm.forward_context import MAX_DECODE_QUERY_LEN, AttentionMetadata, forward_context
+from minillm.kernels.hardware import graph_capture
 from minillm.layers.tree_attention import MAX_TREE_NODES
 
 # Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
@@ -209,7 +210,7 @@ class DecodeCUDAGraphs:
     def _record(self, forward) -> tuple[object, torch.Tensor]:
         """Record `forward()` into a new graph in the shared pool; returns (graph, its output tensor)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with graph_capture(graph, pool=self.pool):
             out = forward()
         if self.pool is None:
             self.pool = graph.pool()

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from minillm.forward_context import AttentionMetadata, forward_context
+from minillm.kernels.hardware import paused_gc
 
 TOKEN_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # Steps of more tokens run eagerly. Graphs pay where a step is launch-bound; a big step is GEMM-bound, and there a
@@ -125,7 +126,7 @@ class PiecewiseCUDAGraphs:
                 self.model(ids, pos)  # Triton compiles and autotunes here, never while recording
             torch.cuda.synchronize(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), paused_gc():  # (minillm.kernels.hardware says why)
                 self._record(tokens, ids, pos)
             torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)

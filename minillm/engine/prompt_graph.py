@@ -27,6 +27,7 @@ from torch import nn
 
 from minillm.engine.piecewise_graph import token_buckets
 from minillm.forward_context import AttentionMetadata, forward_context
+from minillm.kernels.hardware import graph_capture
 
 
 class PromptCUDAGraphs:
@@ -64,7 +65,7 @@ class PromptCUDAGraphs:
                 self.model(ids, pos)  # Triton compiles and autotunes here, never while recording
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with forward_context(meta), torch.cuda.graph(graph, pool=self.pool):
+            with forward_context(meta), graph_capture(graph, pool=self.pool):
                 out = self.model(ids, pos)
             if self.pool is None:
                 self.pool = graph.pool()

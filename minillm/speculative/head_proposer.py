@@ -45,6 +45,7 @@ from torch import nn
 
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
+from minillm.kernels.hardware import graph_capture
 from minillm.layers.sampler import greedy_tokens
 from minillm.speculative.draft_ahead import AheadLanding, AheadProposal
 from minillm.speculative.heads import HeadConfig, TargetParts, fused_norm, window_positions
@@ -328,7 +329,7 @@ class DraftGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with graph_capture(graph, pool=self.pool):
             out = self._run(bucket, key)
         return graph, out
 
