@@ -250,8 +250,11 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # A **CUDA graph** records the whole step's kernel launches once and replays them with one call: the launch
 # cost disappears, but every tensor address and shape is frozen. Engines therefore capture one graph per batch
 # size (padding the batch up to the next captured size), keep the inputs in static buffers, and autotune the
-# kernels before capturing (chapter 3's kernel autotunes on its first call). On this CPU there is nothing to
-# capture; the next cell measures eager launches against a graph replay on a GPU.
+# kernels before capturing (chapter 3's kernel autotunes on its first call). While a graph records, CUDA refuses
+# anything that is not stream work, and a refused call spoils the recording: the engine records with Python's
+# garbage collector paused (`minillm.kernels.hardware.graph_capture`), or a dead engine's graph freed by a
+# collection mid-capture takes the new one down. On this CPU there is nothing to capture; the next cell measures
+# eager launches against a graph replay on a GPU.
 #
 # Frozen too: every choice a kernel made from the shapes it saw at capture. Section 2's split-KV kernel picks its
 # number of splits from the longest sequence the metadata allows, and a graph's block table is max_model_len wide,
