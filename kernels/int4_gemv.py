@@ -125,7 +125,7 @@ def _x_pairs_fp16(x_ptrs, PACKED: tl.constexpr):
     """fp16 activations (how vLLM serves AWQ and GPTQ models): the pairs (x[8j + i], x[8j + i + 4]), i = 0..3, of
     every word row j (x_ptrs -> x[8j], 8-byte aligned: the launcher checks) as four [ROWS, 1] tensors of fp16
     pairs, from two 64-bit loads per row and one permute per pair. ptxas (sm_90, N256 x 2 warps): 2.43
-    instructions per weight in the K loop at 128 registers, against 2.87-2.90 for bf16's load per activation,
+    instructions per weight in the K loop at 128 registers, against 2.85 for bf16's load per activation,
     widening and rounding. (A 64-bit variant for bf16, shifts and masks before the cvt, counted 2.70 but took 142
     registers: untimed, not used.)"""
     words = x_ptrs.to(tl.pointer_type(tl.int64), bitcast=True)
