@@ -1,13 +1,15 @@
-"""A batch-1 decode step of the Llama-3-8B shape, kernel by kernel (issue 14, P5).
+"""A decode step of the Llama-3-8B shape (or SmolLM2's), kernel by kernel (issue 14, P5).
 
-    python benchmarks/profile_decode_step.py [--steps 64] [--layers 32] [--quantization rtn] --out p5_profile.json
+    python benchmarks/profile_decode_step.py [--steps 64] [--layers N] [--quantization rtn] [--shape smollm2-135m]
+                                             [--batch 8] --out p5_profile.json
 
 bench_decode's engine (random bf16 weights, paged KV, CUDA graphs, a 128-token prompt) decodes 40 warm-up steps,
 then torch.profiler records 64 more. CUPTI sees the kernels inside CUDA-graph replays, so the table sums GPU time
 per kernel name: us per step, calls per step, share of all kernel time. Against the weight-read floor (bytes of
 weights / copy bandwidth) it shows what the GEMMs cost and what everything else around them does. Wall time per
 step is inflated by the profiler; the kernel times are not. `--quantization rtn` profiles the INT4 model of
-bench_int4_decode.py instead (decoder linears rounded to 4-bit g128 at load). Needs CUDA.
+bench_int4_decode.py instead (decoder linears rounded to 4-bit g128 at load). --batch decodes that many requests
+at once (each step then a batch of them); --shape takes bench_decode's other shapes. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -24,27 +26,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke test (not for figures)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="fewer layers for a smoke test (not for figures); default: the shape's")
+    parser.add_argument("--shape", default="llama3-8b", help="one of bench_decode.SHAPES")
+    parser.add_argument("--batch", type=int, default=1, help="requests decoded together")
     parser.add_argument("--quantization", choices=["rtn"], default=None, help="INT4 decoder linears (4-bit, g128)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.steps < 1 or args.layers < 1:
-        raise SystemExit(f"--steps and --layers must be >= 1, got {args.steps} and {args.layers}")
+    import bench_decode as bd
+    if args.shape not in bd.SHAPES:
+        raise SystemExit(f"--shape must be one of {sorted(bd.SHAPES)}, got {args.shape!r}")
+    args.layers = args.layers or bd.SHAPES[args.shape]["num_hidden_layers"]
+    if args.steps < 1 or args.layers < 1 or not 1 <= args.batch <= 256:
+        raise SystemExit(f"--steps and --layers must be >= 1 and --batch in [1, 256], got {args.steps}, "
+                         f"{args.layers} and {args.batch}")
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    import bench_decode as bd
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
     from minillm.sampling_params import SamplingParams
 
     options = {"bits": 4, "group_size": 128} if args.quantization else None
-    model, config = bd.build_model(args.layers, args.quantization, options)
+    model, config = bd.build_model(args.layers, args.quantization, options, shape=bd.SHAPES[args.shape])
     engine = LLMEngine(model, bd.DummyTokenizer(), config,
-                       EngineConfig(max_model_len=512, max_num_seqs=1, block_size=16, num_kv_blocks=64,
-                                    max_num_batched_tokens=512), device="cuda", dtype=torch.bfloat16)
-    engine.add_request(None, list(range(1, 129)),
-                       SamplingParams(temperature=0.0, max_tokens=40 + args.steps + 8, ignore_eos=True))
+                       EngineConfig(max_model_len=512, max_num_seqs=args.batch, block_size=16,
+                                    num_kv_blocks=32 * args.batch + 32,
+                                    max_num_batched_tokens=max(512, 128 * args.batch)),
+                       device="cuda", dtype=torch.bfloat16)
+    for _ in range(args.batch):
+        engine.add_request(None, list(range(1, 129)),
+                           SamplingParams(temperature=0.0, max_tokens=40 + args.steps + 8, ignore_eos=True))
     for _ in range(40):
         engine.step()
     torch.cuda.synchronize()
@@ -68,7 +80,8 @@ def main() -> None:
               f"{name[:100]}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+                       "batch": args.batch,
                        "wall_ms_per_step": 1e3 * wall / args.steps, "kernel_ms_per_step": total / args.steps / 1e3,
                        "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows]}, f, indent=0)
 
