@@ -304,8 +304,9 @@ def test_int4_gemv_tma_on_hopper_matches_torch():
 def test_gemv_tiles_compile_for_hopper_with_few_registers_and_instructions():
     """The INT4 GEMV's tiles compiled for sm_90 on this machine (Triton's bundled ptxas, no GPU): at most 168
     registers per thread (12 warps per SM) and 3.5 SASS instructions per weight in the K loop (4.2 for the TMA
-    twin, whose loads must be TMA's); with fp16 activations at least 0.2 fewer per weight than with bf16. The H200 showed the kernel latency-bound when it took 254 registers and 6.5
-    instructions (RESULTS.md, fourteenth session)."""
+    twin, whose loads must be TMA's); with fp16 activations at least 0.2 fewer per weight than with bf16. The
+    H200 showed the kernel latency-bound when it took 254 registers and 6.5 instructions (RESULTS.md, fourteenth
+    session)."""
     import json
     import os
     import subprocess
