@@ -49,6 +49,8 @@ GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 
 # (BLOCK_N, BLOCK_K, num_warps, pipeline stages) of int4_gemv.py's TMA kernel (Hopper and later; on the H200 never
 # faster than the register kernel: 15.8-16.2 us against 14.2 at 4096 -> 14336, 2026-12-04)
 GEMV_TMA_TILES = [(128, 64, 1, 3), (256, 64, 2, 3), (128, 64, 1, 4)]
+# the GEMV loads activations as words: 64-bit for fp16, 32-bit for bf16 (rows must start on such a boundary)
+GEMV_WORD_BYTES = {torch.float16: 8, torch.bfloat16: 4}
 # dequantise-then-cuBLAS from this many rows; slices of the bf16 weight of about this many bytes (L2 is 50 MB)
 DEQUANT_MIN_M = 16
 DEQUANT_SLICE_BYTES = 24 << 20
@@ -139,8 +141,9 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
     n = qweight.shape[1]
     qz = qzeros if qzeros is not None else qweight
     grid = (triton.cdiv(m, lc.block_m) * triton.cdiv(n, lc.block_n), lc.split_k)
-    if lc.kernel in ("gemv", "gemv_tma") and x2.dtype == torch.float16 and (x2.data_ptr() % 8 or x2.stride(0) % 4):
-        x2 = x2.clone(memory_format=torch.contiguous_format)  # the GEMV reads fp16 rows as 8-byte words
+    word = GEMV_WORD_BYTES.get(x2.dtype) if lc.kernel in ("gemv", "gemv_tma") else None
+    if word and (x2.data_ptr() % word or x2.stride(0) * x2.element_size() % word):
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # the GEMV reads its activations as whole words
     if lc.kernel == "gemv_tma":
         from triton.tools.tensor_descriptor import TensorDescriptor
         desc = TensorDescriptor(qweight, shape=list(qweight.shape), strides=list(qweight.stride()),

@@ -18,8 +18,9 @@ So this version spends fewer registers and fewer instructions per weight, and le
   The 1/16 is the headroom that keeps fp16 sums of up to 32 products (BLOCK_K = 64) of |x| < ~2,000 in range;
   carrying it in the weights leaves the activations untouched, so each activation pair costs only two loads
   and one cvt.rn.f16x2.f32 (the first version scaled, rounded and packed each half: ~12 instructions a pair).
-  fp16 activations (an fp16 model, as vLLM serves AWQ and GPTQ checkpoints) are already halves: a word row's
-  eight come in two 64-bit loads and each pair is one byte permute (2.43 instructions per weight against 2.85).
+  bf16 activations come two per 32-bit load (2.75 instructions per weight); fp16 ones (an fp16 model, as vLLM
+  serves AWQ and GPTQ checkpoints) are already halves: a word row's eight come in two 64-bit loads and each pair
+  is one byte permute (2.43).
 * Each thread holds whole columns of a tile (one warp spans the tile's columns): the tile's rows are summed in
   fp16 pairs inside the thread (add.f16x2), then each column becomes one fp32 number, times the group's scale.
 * No masks in the loop: the dispatcher offers this kernel only where N % BLOCK_N == 0 and K % (SPLIT_K x
@@ -100,6 +101,31 @@ _PAIRS_FP16 = tl.constexpr(
     "prmt.b32 $2, ah, bh, 0x5410; prmt.b32 $3, ah, bh, 0x7632; }")
 
 
+# bf16: pairs 2h and 2h + 1 from a = x[8j+2h], x[8j+2h+1] and b = x[8j+2h+4], x[8j+2h+5] (two 32-bit words)
+_PAIRS_BF16 = tl.constexpr(
+    "{ .reg .b32 fa, fb; shl.b32 fa, $2, 16; shl.b32 fb, $3, 16; cvt.rn.f16x2.f32 $0, fb, fa; "
+    "and.b32 fa, $2, 0xFFFF0000; and.b32 fb, $3, 0xFFFF0000; cvt.rn.f16x2.f32 $1, fb, fa; }")
+
+
+@triton.jit
+def _x_pairs_bf16(x_ptrs, PACKED: tl.constexpr):
+    """bf16 activations: the pairs (x[8j + i], x[8j + i + 4]) for i = 2h and 2h + 1 (x_ptrs -> x[8j + 2h], 4-byte
+    aligned: the launcher checks) as two [ROWS, 1] tensors of fp16 pairs, from two 32-bit loads per row, a = x[8j +
+    2h .. +1] and b = x[8j + 2h + 4 .. +5]: a bf16 is the top half of an fp32, so a shift (low half) or a mask
+    (high half) widens it, and one cvt.rn.f16x2.f32 rounds a pair (2.75 instructions per weight against 2.85 for
+    a load per activation, 128 registers both: ptxas, sm_90, N256 x 2 warps)."""
+    words = x_ptrs.to(tl.pointer_type(tl.int32), bitcast=True)
+    a = tl.load(words)
+    b = tl.load(words + 2)
+    if PACKED:
+        p0, p1 = tl.inline_asm_elementwise(asm=_PAIRS_BF16, constraints="=r,=r,r,r", args=[a, b],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        p0 = _pack((a << 16).to(tl.float32, bitcast=True), (b << 16).to(tl.float32, bitcast=True))
+        p1 = _pack((a & -65536).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True))
+    return p0[:, None], p1[:, None]
+
+
 @triton.jit
 def _x_half(v, I: tl.constexpr):
     """fp16 element I (0..3) of 64-bit words holding four of them, as fp32 (the interpreter's path)."""
@@ -125,9 +151,8 @@ def _x_pairs_fp16(x_ptrs, PACKED: tl.constexpr):
     """fp16 activations (how vLLM serves AWQ and GPTQ models): the pairs (x[8j + i], x[8j + i + 4]), i = 0..3, of
     every word row j (x_ptrs -> x[8j], 8-byte aligned: the launcher checks) as four [ROWS, 1] tensors of fp16
     pairs, from two 64-bit loads per row and one permute per pair. ptxas (sm_90, N256 x 2 warps): 2.43
-    instructions per weight in the K loop at 128 registers, against 2.85 for bf16's load per activation,
-    widening and rounding. (A 64-bit variant for bf16, shifts and masks before the cvt, counted 2.70 but took 142
-    registers: untimed, not used.)"""
+    instructions per weight in the K loop at 128 registers, against 2.75 for bf16's 32-bit loads, widening and
+    rounding. (bf16 from 64-bit loads counted 2.70 but took 142 registers: all four pairs live at once.)"""
     words = x_ptrs.to(tl.pointer_type(tl.int64), bitcast=True)
     a = tl.load(words)
     b = tl.load(words + 1)
@@ -184,7 +209,9 @@ def _tile_product(w, x_ptrs, S, QZ, g, offs_n, stride_sg, stride_zg, NIBBLE_MASK
         if HALF:
             xa = x0 if h == 0 else x2
             xb = x1 if h == 0 else x3
-        else:  # bf16 (or the interpreter's fp32): one load per activation
+        elif x_ptrs.dtype.element_ty == tl.bfloat16:
+            xa, xb = _x_pairs_bf16(x_ptrs + 2 * h, PACKED)
+        else:  # the interpreter's fp32: one load per activation
             xa = _x_pair(x_ptrs + 2 * h, PACKED)
             xb = _x_pair(x_ptrs + 2 * h + 1, PACKED)
         wh = w >> (8 * h)

@@ -112,34 +112,36 @@ def test_int4_gemv_packed_fp16_arithmetic_matches_reference():
     assert not gemv_fits(96, 384, 64, 32, 128, 1)  # a 128-row K tile straddles two groups of 64
 
 
-def test_int4_gemv_fp16_activations_by_64_bit_words(monkeypatch):
-    """fp16 activations take the 64-bit path (two loads per word row, the pairs unpacked from them): the same
-    numbers as the reference, through run_launch, also for rows that start off an 8-byte boundary (a view one
-    element in: the launcher copies them to aligned rows first, which the kernel's first argument shows)."""
+@pytest.mark.parametrize("dtype, word", [(torch.float16, 8), (torch.bfloat16, 4)])
+def test_int4_gemv_16_bit_activations_by_words(monkeypatch, dtype, word):
+    """16-bit activations are loaded as words (fp16: two 64-bit loads per word row, the pairs permuted out of
+    them; bf16: two 32-bit loads per pair of pairs, widened by a shift or a mask): the same numbers as the
+    reference through run_launch, also for rows that start off a word boundary (a view one element in: the
+    launcher copies them to aligned rows first, which the kernel's first argument shows)."""
     import minillm.kernels.int4_dispatch as dispatch
 
-    seen = []  # the activations each GEMV launch received
+    seen = []  # (address, row stride in bytes) modulo the word size, per GEMV launch
     kernel = dispatch.int4_gemv_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(x, *args, **kwargs):
-                seen.append((x.data_ptr() % 8, x.stride(0) % 4))
+                seen.append((x.data_ptr() % word, x.stride(0) * x.element_size() % word))
                 return kernel[grid](x, *args, **kwargs)
             return launch
     monkeypatch.setattr(dispatch, "int4_gemv_kernel", Spy())
     torch.manual_seed(11)
     m, n, k, group = 2, 64, 256, 64
-    packed, w = _weights(n, k, group, False, torch.float16)
-    base = (torch.randn(m, k + 1) * 2).half()
+    packed, w = _weights(n, k, group, False, dtype)
+    base = (torch.randn(m, k + 1) * 2).to(dtype)
     for x in (base[:, :k].contiguous(), base[:, 1:]):  # aligned rows; rows at 2-byte offsets (stride k + 1)
         ref = x.float() @ w.float().t()
         for split, prefetch in ((2, True), (4, False)):
-            y = torch.empty(m, n, dtype=torch.float16)
+            y = torch.empty(m, n, dtype=torch.float32)  # (the interpreter rounds fp32 -> bf16 stores wrongly)
             ws, cnt = split_k_workspace(x.device, m, n)
             dispatch.run_launch(dispatch.Launch("gemv", 1, 32, 64, 1, 1, split, prefetch), x, packed.qweight,
                                 packed.scales, packed.qzeros, group, None, y, ws, cnt)
-            _close(y.float(), ref, 3e-3)
+            _close(y, ref, 3e-3)
     assert seen == [(0, 0)] * 4
 
 
@@ -304,7 +306,7 @@ def test_int4_gemv_tma_on_hopper_matches_torch():
 def test_gemv_tiles_compile_for_hopper_with_few_registers_and_instructions():
     """The INT4 GEMV's tiles compiled for sm_90 on this machine (Triton's bundled ptxas, no GPU): at most 168
     registers per thread (12 warps per SM) and 3.5 SASS instructions per weight in the K loop (4.2 for the TMA
-    twin, whose loads must be TMA's); with fp16 activations at least 0.2 fewer per weight than with bf16. The
+    twin, whose loads must be TMA's); with fp16 activations at least 0.1 fewer per weight than with bf16. The
     H200 showed the kernel latency-bound when it took 254 registers and 6.5 instructions (RESULTS.md, fourteenth
     session)."""
     import json
@@ -327,7 +329,7 @@ def test_gemv_tiles_compile_for_hopper_with_few_registers_and_instructions():
     for name, row in by_tile.items():  # fp16 activations (two 64-bit loads a row, a permute a pair) cost less
         if name.endswith("_fp16"):
             bf16 = by_tile[name[:-len("_fp16")]]
-            assert row["per_weight"] <= bf16["per_weight"] - 0.2, (row, bf16)
+            assert row["per_weight"] <= bf16["per_weight"] - 0.1, (row, bf16)
     for row in rows:
         assert row["registers"] <= 168, row
         if row["kernel"] == "gemv":
