@@ -245,9 +245,10 @@ for r in p3["rows"]:
 # sixteenth session): the bytes arrive in time, and what is left is **instructions**. Holding two tiles in flight
 # made it slower (20 us: more registers, fewer warps). Instructions can be counted without a GPU: Triton ships
 # NVIDIA's assembler, so the next cell compiles the GEMV for Hopper (sm_90) on this machine and counts the machine
-# instructions of its inner loop per weight (`benchmarks/sass_count.py`). With bf16 activations each pair of them
-# is two 16-bit loads, two widenings and a rounding to fp16; an fp16 model's pair is one byte permute of two
-# 64-bit loads.
+# instructions of its inner loop per weight (`benchmarks/sass_count.py`). The weights' share is fixed (a LOP3 and
+# two packed fp16 FMAs per two weights); the activations' is not: bf16 ones come two per 32-bit load and are
+# widened and rounded to fp16 pairs, an fp16 model's are permuted straight out of 64-bit loads (one loaded 16
+# bits at a time before: 64 of the loop's 74 load instructions).
 
 # %%
 script = f"{repo_root()}/benchmarks/sass_count.py"
