@@ -216,3 +216,28 @@ def test_p6_bound_counts_the_runs_bytes_and_flops():
     s = result["seconds"]
     assert math.isclose(s["lower_bound"], s["kv_reads"] + max(s["weight_reads"], s["gemm"]))
     assert s["lower_bound"] <= s["prefill_first"]
+
+
+def test_bench_decode_engine_run_on_the_cpu_with_a_context_limit():
+    """benchmarks/bench_decode.py's engine run (the P5 and narrow-graph A/B code path) on a tiny model on the CPU:
+    the context limit it is given is the engine's, a limit below one request is refused, and the shapes table
+    holds the bundled model's."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_decode as bd
+    from test_engine import tiny_config, tiny_model
+
+    config = tiny_config(num_hidden_layers=2, max_position_embeddings=512)
+    model = tiny_model(config)
+    run = bd.run_engine(model, config, prompt_len=8, output_len=4, batch=2, enforce_eager=True, device="cpu",
+                        max_model_len=256)
+    assert run["decode_tok_per_s"] > 0 and len(run["first_tokens"]) == 4 and not run["cuda_graphs"]
+    with pytest.raises(ValueError, match="max_model_len=16"):
+        bd.run_engine(model, config, prompt_len=8, output_len=4, batch=1, enforce_eager=True, device="cpu",
+                      max_model_len=16)
+    from minillm.loader import load_model
+    from minillm.loader.model_files import default_model_path
+    bundled = load_model(default_model_path())[0]
+    for name, value in bd.SHAPES["smollm2-135m"].items():  # random weights of exactly the bundled model's shapes
+        assert getattr(bundled, name) == pytest.approx(value), name
