@@ -259,3 +259,18 @@ def check_two_gpus_match_one(model_config: ModelConfig, parallel: dict) -> None:
         assert _generate(engine) == expected
     finally:
         executor.shutdown()
+
+
+def test_bench_tp_decode_smoke_on_the_cpu(tmp_path):
+    """benchmarks/bench_tp_decode.py (issue 15's TP = 1 vs TP = 2 decode) end to end on the CPU: two gloo worker
+    processes, the same greedy tokens as one process, and an all-reduce time per step measured on the engine's
+    own TP group (Worker.time_all_reduce)."""
+    out = tmp_path / "tp.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_tp_decode.py")
+    done = subprocess.run([sys.executable, script, "--cpu", "--batches", "2", "--prompt-len", "6", "--output-len",
+                           "4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = {r["tp"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs[1]["all_reduce_ms_per_step"] == 0.0 and runs[2]["all_reduce_ms_per_step"] > 0
+    assert runs[2]["tokens_part_from_tp1_at"] is None  # fp32 on the CPU: the same tokens
+    assert all(r["decode_tok_per_s"] > 0 for r in runs.values())

@@ -200,6 +200,35 @@ class Worker:
             comm_stats.clear()
         return stats
 
+    def time_all_reduce(self, rows: int, reps: int = 20) -> float:
+        """Median milliseconds of one all-reduce of a [rows, hidden] activation in the model's dtype over this
+        rank's tensor-parallel group: what each row-parallel linear of a step of `rows` tokens pays (chapter 11;
+        benchmarks/bench_tp_decode.py). 0.0 without tensor parallelism. Every rank of the group must call it."""
+        from minillm.parallel.state import comm_stats, get_parallel_state, tensor_parallel_all_reduce
+        if rows < 1 or reps < 1:
+            raise ValueError(f"rows and reps must be >= 1, got {rows} and {reps}")
+        if get_parallel_state().tp_size == 1:
+            return 0.0
+        x = torch.ones(rows, self.model_config.hidden_size, device=self.device, dtype=self.dtype)
+        saved = dict(comm_stats)  # a measurement, not traffic of the engine's steps
+        tensor_parallel_all_reduce(x)  # warm-up (NCCL builds its channels on the first call)
+        times = []
+        for _ in range(reps):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                tensor_parallel_all_reduce(x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                tensor_parallel_all_reduce(x)
+                times.append(1e3 * (time.perf_counter() - t0))
+        comm_stats.clear()
+        comm_stats.update(saved)
+        return sorted(times)[len(times) // 2]
+
     def get_moe_stats(self, reset: bool = False) -> dict:
         """Tokens routed to this rank's experts per MoE layer (minillm.parallel.expert.collect_load_stats)."""
         from minillm.parallel.expert import model_load_stats
