@@ -1,6 +1,6 @@
 """Issue 15: decode speed with tensor parallelism, TP = 1 against TP = 2, and what the all-reduces cost (chapter 11).
 
-    python benchmarks/bench_tp_decode.py [--tp 1 2] [--batches 1 64] [--output-len 64] [--out results.json]
+    python benchmarks/bench_tp_decode.py [--tp 1 2] [--pp 2] [--batches 1 64] [--output-len 64] [--out results.json]
     python benchmarks/bench_tp_decode.py --cpu          # a smoke run: tiny model, gloo, 2 CPU processes
 
 Each run: an engine on random weights of the Llama-3-8B shape (bf16; vLLM's "dummy" load: speed does not depend
@@ -8,7 +8,8 @@ on the values), `batch` requests of --prompt-len random tokens, --output-len new
 tok/s over the steps after the prefill. TP = 1 runs in-process twice, with CUDA graphs (the engine's default) and
 eagerly; TP >= 2 runs in worker processes (LLM(tensor_parallel_size=N)'s executor: one GPU per rank, NCCL), eagerly
 (minillm/parallel/runner.py captures no graphs), so the like-for-like ratio is TP = 2 eager over TP = 1 eager, and
-TP = 1 with graphs is what a single GPU gives today.
+TP = 1 with graphs is what a single GPU gives today. --pp N adds a pipeline-parallel run of N stages (eager, its
+steps cut into micro-batches), for its tokens and speed beside the others.
 
 All-reduce time per step: every decoder layer all-reduces its attention output and its MLP output ([batch,
 hidden] each), and the embedding adds one more: 2 x layers + 1 per step. Each rank times one all-reduce of that
@@ -37,9 +38,9 @@ import torch  # noqa: E402
 from bench_decode import LLAMA3_8B, DummyTokenizer  # noqa: E402
 
 
-def build_engine(config, tp: int, batch: int, max_model_len: int, eager: bool, device: torch.device,
+def build_engine(config, tp: int, pp: int, batch: int, max_model_len: int, eager: bool, device: torch.device,
                  dtype: torch.dtype):
-    """(engine, executor or None): TP = 1 in this process, TP >= 2 over worker processes."""
+    """(engine, executor or None): one rank in this process, tp x pp ranks over worker processes."""
     from minillm.config import EngineConfig
     from minillm.engine.cache_config import resolve_engine_config
     from minillm.engine.executor import MultiProcExecutor
@@ -49,8 +50,8 @@ def build_engine(config, tp: int, batch: int, max_model_len: int, eager: bool, d
     blocks = (batch + 1) * -(-max_model_len // 16)
     options = dict(max_model_len=max_model_len, max_num_seqs=batch, block_size=16, num_kv_blocks=blocks,
                    max_num_batched_tokens=max(max_model_len, batch * 128), enforce_eager=eager,
-                   tensor_parallel_size=tp)
-    if tp == 1:
+                   tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    if tp * pp == 1:
         model = RandomWeights(seed=0)(config, device, dtype)
         return LLMEngine(model, DummyTokenizer(), config, EngineConfig(**options), device=device, dtype=dtype), None
     engine_config = resolve_engine_config(EngineConfig(**options), config, device)
@@ -91,6 +92,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--pp", type=int, nargs="*", default=[], help="pipeline-parallel runs (stages)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -98,16 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="smoke run on the CPU: tiny model, fp32, gloo")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if any(t < 1 for t in args.tp) or any(b < 1 for b in args.batches) or args.prompt_len < 1 or args.output_len < 2:
-        parser.error("--tp and --batches must be >= 1, --prompt-len >= 1, --output-len >= 2")
+    if any(t < 1 for t in args.tp + args.batches) or any(p < 2 for p in args.pp) or args.prompt_len < 1 \
+            or args.output_len < 2:
+        parser.error("--tp and --batches must be >= 1, --pp >= 2, --prompt-len >= 1, --output-len >= 2")
     if 1 not in args.tp:
         parser.error("--tp must include 1: the baseline and the tokens' reference")
     from minillm.config import ModelConfig
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
         parser.error("no CUDA here: pass --cpu for the smoke run")
-    if cuda and max(args.tp) > torch.cuda.device_count():
-        parser.error(f"--tp {max(args.tp)} needs as many GPUs; this machine has {torch.cuda.device_count()}")
+    if cuda and max(args.tp + args.pp) > torch.cuda.device_count():
+        parser.error(f"--tp / --pp {max(args.tp + args.pp)} needs as many GPUs; this machine has "
+                     f"{torch.cuda.device_count()}")
     shape = dict(LLAMA3_8B, num_hidden_layers=args.layers or LLAMA3_8B["num_hidden_layers"])
     if args.cpu:
         shape.update(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -117,35 +121,39 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     max_model_len = -(-(args.prompt_len + args.output_len + 8) // 16) * 16
     runs = []
+    # (tp, pp, eager): one rank eagerly first (every other run's tokens are compared with its), with graphs, then
+    # the parallel runs (eager: minillm/parallel/runner.py captures no graphs)
+    plans = [(1, 1, True)] + ([(1, 1, False)] if cuda else [])
+    plans += [(tp, 1, True) for tp in sorted(args.tp) if tp > 1] + [(1, pp, True) for pp in sorted(args.pp)]
     for batch in args.batches:
         reference = None
-        for tp in sorted(args.tp):
-            for eager in ((False, True) if tp == 1 and cuda else (True,)):
-                engine, executor = build_engine(config, tp, batch, max_model_len, eager, device, dtype)
-                try:
-                    run = decode_run(engine, batch, args.prompt_len, args.output_len, config.vocab_size)
-                    per_all_reduce = max(executor.collective_rpc("time_all_reduce", batch)) if executor else 0.0
-                finally:
-                    if executor is not None:
-                        executor.shutdown()
-                    del engine
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
-                tokens = run.pop("tokens")
-                if tp == 1 and eager:
-                    reference = tokens
-                run.update(batch=batch, tp=tp, cuda_graphs=not eager,
-                           all_reduce_ms_per_step=round((2 * config.num_hidden_layers + 1) * per_all_reduce, 3),
-                           tokens_part_from_tp1_at=first_difference(tokens, reference) if reference else None)
-                runs.append(run)
-                print(json.dumps(run), flush=True)
+        for tp, pp, eager in plans:
+            engine, executor = build_engine(config, tp, pp, batch, max_model_len, eager, device, dtype)
+            try:
+                run = decode_run(engine, batch, args.prompt_len, args.output_len, config.vocab_size)
+                per_all_reduce = max(executor.collective_rpc("time_all_reduce", batch)) if executor else 0.0
+            finally:
+                if executor is not None:
+                    executor.shutdown()
+                del engine
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            tokens = run.pop("tokens")
+            if tp * pp == 1 and eager:
+                reference = tokens
+            run.update(batch=batch, tp=tp, pp=pp, cuda_graphs=not eager,
+                       all_reduce_ms_per_step=round((2 * config.num_hidden_layers + 1) * per_all_reduce, 3),
+                       tokens_part_from_tp1_at=first_difference(tokens, reference) if reference else None)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
     print(f"\ndecode, {config.num_hidden_layers} layers of hidden {config.hidden_size}, {dtype}, "
           f"prompt {args.prompt_len}, {args.output_len} new tokens")
-    print(f"{'batch':>6}{'tp':>4}{'graphs':>8}{'tok/s':>11}{'ms/step':>9}{'all-reduce ms':>15}{'tokens part at':>16}")
+    print(f"{'batch':>6}{'tp':>4}{'pp':>4}{'graphs':>8}{'tok/s':>11}{'ms/step':>9}{'all-reduce ms':>15}"
+          f"{'tokens part at':>16}")
     for r in runs:
         part = "-" if r["tokens_part_from_tp1_at"] is None else str(r["tokens_part_from_tp1_at"])
-        print(f"{r['batch']:>6}{r['tp']:>4}{str(r['cuda_graphs']):>8}{r['decode_tok_per_s']:>11.1f}"
+        print(f"{r['batch']:>6}{r['tp']:>4}{r['pp']:>4}{str(r['cuda_graphs']):>8}{r['decode_tok_per_s']:>11.1f}"
               f"{r['ms_per_step']:>9.2f}{r['all_reduce_ms_per_step']:>15.3f}{part:>16}")
     if args.out:
         with open(args.out, "w") as f:
