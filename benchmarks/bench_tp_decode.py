@@ -38,6 +38,9 @@ import torch  # noqa: E402
 from bench_decode import LLAMA3_8B, DummyTokenizer  # noqa: E402
 
 
+_MODELS: dict = {}
+
+
 def build_engine(config, tp: int, pp: int, batch: int, max_model_len: int, eager: bool, device: torch.device,
                  dtype: torch.dtype):
     """(engine, executor or None): one rank in this process, tp x pp ranks over worker processes."""
@@ -51,9 +54,13 @@ def build_engine(config, tp: int, pp: int, batch: int, max_model_len: int, eager
     options = dict(max_model_len=max_model_len, max_num_seqs=batch, block_size=16, num_kv_blocks=blocks,
                    max_num_batched_tokens=max(max_model_len, batch * 128), enforce_eager=eager,
                    tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    if tp * pp == 1:
-        model = RandomWeights(seed=0)(config, device, dtype)
-        return LLMEngine(model, DummyTokenizer(), config, EngineConfig(**options), device=device, dtype=dtype), None
+    if tp * pp == 1:  # the one-rank engines share one model (drawing 8B random numbers takes a while)
+        key = (id(config), device, dtype)
+        if key not in _MODELS:
+            _MODELS.clear()
+            _MODELS[key] = RandomWeights(seed=0)(config, device, dtype)
+        return LLMEngine(_MODELS[key], DummyTokenizer(), config, EngineConfig(**options), device=device,
+                         dtype=dtype), None
     engine_config = resolve_engine_config(EngineConfig(**options), config, device)
     executor = MultiProcExecutor(dict(model_config=config, engine_config=engine_config, device=device, dtype=dtype,
                                       model_source=RandomWeights(seed=0), seed=0))
@@ -120,33 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     max_model_len = -(-(args.prompt_len + args.output_len + 8) // 16) * 16
-    runs = []
+    runs, reference = [], {}
     # (tp, pp, eager): one rank eagerly first (every other run's tokens are compared with its), with graphs, then
-    # the parallel runs (eager: minillm/parallel/runner.py captures no graphs)
+    # the parallel runs (eager: minillm/parallel/runner.py captures no graphs). Each engine serves every batch size.
     plans = [(1, 1, True)] + ([(1, 1, False)] if cuda else [])
     plans += [(tp, 1, True) for tp in sorted(args.tp) if tp > 1] + [(1, pp, True) for pp in sorted(args.pp)]
-    for batch in args.batches:
-        reference = None
-        for tp, pp, eager in plans:
-            engine, executor = build_engine(config, tp, pp, batch, max_model_len, eager, device, dtype)
-            try:
+    for tp, pp, eager in plans:
+        engine, executor = build_engine(config, tp, pp, max(args.batches), max_model_len, eager, device, dtype)
+        try:
+            for batch in args.batches:
                 run = decode_run(engine, batch, args.prompt_len, args.output_len, config.vocab_size)
                 per_all_reduce = max(executor.collective_rpc("time_all_reduce", batch)) if executor else 0.0
-            finally:
-                if executor is not None:
-                    executor.shutdown()
-                del engine
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
-            tokens = run.pop("tokens")
-            if tp * pp == 1 and eager:
-                reference = tokens
-            run.update(batch=batch, tp=tp, pp=pp, cuda_graphs=not eager,
-                       all_reduce_ms_per_step=round((2 * config.num_hidden_layers + 1) * per_all_reduce, 3),
-                       tokens_part_from_tp1_at=first_difference(tokens, reference) if reference else None)
-            runs.append(run)
-            print(json.dumps(run), flush=True)
+                tokens = run.pop("tokens")
+                reference.setdefault(batch, tokens)  # the first plan's: one rank, eager
+                run.update(batch=batch, tp=tp, pp=pp, cuda_graphs=not eager,
+                           all_reduce_ms_per_step=round((2 * config.num_hidden_layers + 1) * per_all_reduce, 3),
+                           tokens_part_from_tp1_at=first_difference(tokens, reference[batch]))
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+            del engine
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    runs.sort(key=lambda r: (r["batch"], r["tp"] * r["pp"], r["pp"], r["cuda_graphs"]))
     print(f"\ndecode, {config.num_hidden_layers} layers of hidden {config.hidden_size}, {dtype}, "
           f"prompt {args.prompt_len}, {args.output_len} new tokens")
     print(f"{'batch':>6}{'tp':>4}{'pp':>4}{'graphs':>8}{'tok/s':>11}{'ms/step':>9}{'all-reduce ms':>15}"
