@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf] [--gemv auto|on|off] [--gemv-ab]
                                       [--async-scheduling] [--shape llama3-8b|smollm2-135m]
-                                      [--max-model-len N] [--narrow-ab TOKENS]
+                                      [--max-model-len N]
 
 The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336, vocab 128256)
 and random bf16 weights drawn on the GPU (std 0.02, so activations stay finite), as vLLM's dummy-weight
@@ -24,8 +24,7 @@ cuBLAS on its first call (--gemv auto, the default; `on` forces it, `off` is cuB
 --shape smollm2-135m times the bundled model's shapes instead (30 layers of hidden 576: small GEMMs, so attention
 and launch costs weigh more). --max-model-len sets the engine's context limit (default: just enough for the request,
 as above); a serving engine keeps it at thousands of tokens, and a decode CUDA graph sizes its attention's split-KV
-choice for that length. --narrow-ab TOKENS adds a CUDA-graph run with narrow decode graphs of that width (captured
-for short contexts; minillm.engine.cuda_graph.NARROW_GRAPH_TOKENS, off by default) for the A/B in the same run.
+choice for that length.
 
 Baseline in the same run: Hugging Face transformers `generate` (greedy, min_new_tokens = max_new_tokens) on a
 LlamaForCausalLM of the same shape with random weights (our model is freed first, so both never share memory).
@@ -229,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="the engine's context limit (default: prompt + output, rounded up to a block)")
-    parser.add_argument("--narrow-ab", type=int, default=None, metavar="TOKENS",
-                        help="add a CUDA-graph run with narrow decode graphs this many tokens wide (e.g. 512)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
                         help="decode GEMV policy of the engine runs (default auto: timed against cuBLAS per shape)")
@@ -246,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     args.layers = args.layers or shape["num_hidden_layers"]
     if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
         parser.error("need --prompt-len >= 1, --output-len >= 2, --batch >= 1, --layers >= 1")
-    if args.narrow_ab is not None and args.narrow_ab < 1:
-        parser.error(f"--narrow-ab takes a width in tokens >= 1, got {args.narrow_ab}")
     if args.max_model_len is not None and args.max_model_len < args.prompt_len + output_len + 8:
         parser.error(f"--max-model-len {args.max_model_len} is below --prompt-len + output + 8 "
                      f"({args.prompt_len + output_len + 8})")
@@ -260,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import minillm  # noqa: F401  (platform setup)
-    from minillm.engine import cuda_graph
     from minillm.layers import linear as linear_module
 
     model, config = build_model(args.layers, shape=shape)
@@ -272,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         command="python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         model=dict(shape, name=args.shape, num_hidden_layers=args.layers, dtype="bfloat16", weights="random"),
-        max_model_len=args.max_model_len, narrow_graph_tokens=cuda_graph.NARROW_GRAPH_TOKENS,
+        max_model_len=args.max_model_len,
         weight_gb=round(nbytes / 1e9, 3), copy_bytes_per_s=round(peak_bytes_per_s),
         weight_read_floor_tok_per_s=round(floor_steps * args.batch, 2),
         prompt_len=args.prompt_len, output_len=output_len, batch=args.batch, gemv=args.gemv, runs={})
@@ -283,21 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("off", "on", "auto"):
             if mode != args.gemv:
                 plan.insert(1, (others[mode], False, mode))
-    narrow = cuda_graph.NARROW_GRAPH_TOKENS
-    plan = [(name, eager, gemv, False, narrow) for name, eager, gemv in plan]
+    plan = [(name, eager, gemv, False) for name, eager, gemv in plan]
     if args.async_scheduling:
-        plan.append(("engine_cuda_graphs_async", False, args.gemv, True, narrow))
-    if args.narrow_ab:
-        plan.insert(2, (f"engine_cuda_graphs_narrow_{args.narrow_ab}", False, args.gemv, False, args.narrow_ab))
-    for name, eager, gemv, overlap, narrow_tokens in plan:
+        plan.append(("engine_cuda_graphs_async", False, args.gemv, True))
+    for name, eager, gemv, overlap in plan:
         linear_module.set_gemv_mode(gemv)  # before the engine captures its graphs
-        cuda_graph.NARROW_GRAPH_TOKENS = narrow_tokens  # read when the engine builds its graphs
         try:
             run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager,
                              async_scheduling=overlap, max_model_len=args.max_model_len)
             run["fraction_of_floor"] = round(run["decode_tok_per_s"] / (floor_steps * args.batch), 4)
             run["gemv"] = gemv
-            run["narrow_graph_tokens"] = narrow_tokens
         except Exception as err:  # keep the other measurements
             run = dict(error=f"{type(err).__name__}: {err}")
         results["runs"][name] = run

@@ -45,14 +45,10 @@ GRAPH_LAYERS = 8  # launches per captured graph
 
 def graph_us(fn, launches: int = GRAPH_LAYERS) -> float:
     """Microseconds per call of fn, replayed from a CUDA graph of `launches` calls (after an eager warm-up)."""
-    from minillm.bench.roofline import graph_replay_us
+    from minillm.bench.roofline import graph_us as replayed_us
     fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return graph_replay_us(graph, launches)
+    return replayed_us(lambda i: fn(), launches)
 
 
 def kernel_parts(batch: int, context: int, bandwidth: float, sweep: bool, num_layers: int) -> list[dict]:

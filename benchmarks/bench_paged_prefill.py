@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 
 import torch
+
+from minillm.kernels.hardware import graph_us
 
 CASES = [(0, 2048, 1), (1024, 512, 1), (4096, 512, 1), (16384, 2048, 1), (8192, 64, 32)]  # (context, new, batch)
 FP8_CASES = [(4096, 512, 1)]
@@ -109,23 +110,7 @@ def time_us(fn, device: str, calls_per_graph: int = 10, runs: int = 5) -> float:
     with torch.cuda.stream(stream):  # capture-time allocations warm up on a side stream, as torch recommends
         fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (10 * calls_per_graph))
-    del graph
-    return statistics.median(times)
+    return graph_us(lambda i: fn(), calls_per_graph, trials=runs)
 
 
 def gemm_tflops() -> float:

@@ -98,13 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="model dtype (default: the device's, bf16 on a GPU); float32 shows losslessness on a GPU: "
                         "in bf16 a verify step (1 + k rows) and a decode step (1 row) round differently")
-    p.add_argument("--narrow-graph-tokens", type=int, default=None,
-                   help="decode CUDA graphs' narrow width in tokens (minillm.engine.cuda_graph.NARROW_GRAPH_TOKENS; "
-                        "0: none, every graph as wide as max_model_len), for an A/B between runs")
     p.add_argument("--out", default=None, help="JSON file for the raw results")
     args = p.parse_args(argv)
-    if args.narrow_graph_tokens is not None and args.narrow_graph_tokens < 0:
-        p.error(f"--narrow-graph-tokens must be >= 0, got {args.narrow_graph_tokens}")
     if args.quick:
         args.max_tokens, args.batch_sizes, args.k = min(args.max_tokens, 8), [1, 2], min(args.k, 3)
         args.draft_layers = args.draft_layers[:1]
@@ -260,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --quick for a CPU smoke test (or --cpu for the full prompt set)",
               file=sys.stderr)
         return 2
-    if args.narrow_graph_tokens is not None:
-        from minillm.engine import cuda_graph
-        cuda_graph.NARROW_GRAPH_TOKENS = args.narrow_graph_tokens  # read when each engine captures its graphs
     batch_max = max(args.batch_sizes)
     max_model_len = 1024
     llm = LLM(args.model, device=device, max_model_len=max_model_len, max_num_seqs=batch_max,

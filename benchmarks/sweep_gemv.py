@@ -49,12 +49,8 @@ def graph_time_us(calls, est_us: float) -> float:
     torch.cuda.synchronize()
     n = max(len(calls), int(GRAPH_GPU_MS * 1e3 / max(est_us, 1.0)))
     n = -(-n // len(calls)) * len(calls)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n):
-            calls[i % len(calls)]()
-    from minillm.bench.roofline import graph_replay_us
-    return graph_replay_us(graph, n)
+    from minillm.bench.roofline import graph_us
+    return graph_us(lambda i: calls[i % len(calls)](), n)
 
 
 def split_factors(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> list[int]:

@@ -257,12 +257,8 @@ def time_graph_us(step, copies: int, launches: int = 20, trials: int = 5) -> flo
         for i in range(2):
             step(i % copies)
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(launches):
-            step(i % copies)
-    from minillm.bench.roofline import graph_replay_us
-    return graph_replay_us(g, launches, trials)
+    from minillm.bench.roofline import graph_us
+    return graph_us(lambda i: step(i % copies), launches, trials)
 
 
 def copy_bandwidth() -> float:

@@ -259,10 +259,10 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # Frozen too: every choice a kernel made from the shapes it saw at capture. Section 2's split-KV kernel picks its
 # number of splits from the longest sequence the metadata allows, and a graph's block table is max_model_len wide,
 # so a graph captured for 8,192 tokens splits a 100-token context 32 ways (31 splits with nothing to read, plus
-# the merge). The engine can also capture *narrow* graphs for small batches, with e.g. a 512-token longest
-# sequence, and replay them while every sequence of the step fits (minillm/engine/cuda_graph.py). Measured on the
-# H200 they saved a couple of microseconds per layer, less than decode speed varies from run to run, so they are
-# off by default: a fix is worth its capture time and memory only if the clock says so.
+# the merge). We built *narrow* graphs for small batches, captured for a 512-token longest sequence and replayed
+# while every sequence of the step fits. Measured on the H200 they saved a couple of microseconds per layer, less
+# than decode speed varies from run to run, so they were taken out again (minillm/engine/cuda_graph.py tells the
+# figures): a fix is worth its capture time and memory only if the clock says so.
 #
 # Prefill steps do not fit one graph per batch size: their lengths change every step. The engine records two more
 # kinds. *Piecewise* graphs (vLLM's idea, minillm/engine/piecewise_graph.py) hold everything but attention, one set

@@ -69,3 +69,14 @@ def graph_capture(graph, pool=None) -> Iterator[None]:
     """torch.cuda.graph(graph, pool=pool) inside paused_gc(): how this package records a CUDA graph."""
     with paused_gc(), torch.cuda.graph(graph, pool=pool):
         yield
+
+
+def graph_us(step, calls: int, trials: int = 5) -> float:
+    """Median GPU microseconds per call of step(i), i = 0 .. calls - 1, recorded into one CUDA graph (with
+    graph_capture) and timed by graph_replay_us. step must have run once already (compiled, autotuned) and must
+    not synchronize; i lets it cycle through copies of its operands (cold reads)."""
+    graph = torch.cuda.CUDAGraph()
+    with graph_capture(graph):
+        for i in range(calls):
+            step(i)
+    return graph_replay_us(graph, calls, trials)

@@ -32,7 +32,7 @@ from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
-from minillm.kernels.hardware import graph_capture, graph_replay_us, num_sms
+from minillm.kernels.hardware import graph_us, num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
 from minillm.platform import triton_interpreted
 
@@ -185,23 +185,14 @@ def tuned_launch(m: int, n: int, k: int, group: int, dtype: torch.dtype, device,
     return _BEST.get(_key(m, n, k, group, dtype, device, symmetric, has_bias))
 
 
-def _graph_us(body, reps: int, trials: int) -> float:
-    """Median GPU microseconds per body() over replays of a CUDA graph that records `reps` of them."""
-    graph = torch.cuda.CUDAGraph()
-    with graph_capture(graph):
-        for _ in range(reps):
-            body()
-    return graph_replay_us(graph, reps, trials)
-
-
 def cold_graph_timer(reps: int = 20, trials: int = 5):
     """A timer fn -> GPU microseconds of one fn() call with a cold L2, free of host launch time: replays of a
     CUDA graph of `reps` x (flush the L2, fn) less the flush's own time, measured once here. fn must have run once
     already (compiled) and must not synchronize."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda").zero_
-    flush_us = _graph_us(flush, reps, trials)
-    return lambda fn: max(_graph_us(lambda: (flush(), fn()), reps, trials) - flush_us, 0.0)
+    flush_us = graph_us(lambda i: flush(), reps, trials)
+    return lambda fn: max(graph_us(lambda i: (flush(), fn()), reps, trials) - flush_us, 0.0)
 
 
 def _tune(cands: list[Launch], args: tuple) -> Launch:

@@ -219,7 +219,7 @@ def test_p6_bound_counts_the_runs_bytes_and_flops():
 
 
 def test_bench_decode_engine_run_on_the_cpu_with_a_context_limit():
-    """benchmarks/bench_decode.py's engine run (the P5 and narrow-graph A/B code path) on a tiny model on the CPU:
+    """benchmarks/bench_decode.py's engine run (P5's code path) on a tiny model on the CPU:
     the context limit it is given is the engine's, a limit below one request is refused, and the shapes table
     holds the bundled model's."""
     import os

@@ -319,41 +319,6 @@ def test_verify_step_graph_bookkeeping_on_cpu(model_and_config):
         host_graphs(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"), query_lens=(0,))
 
 
-def test_narrow_graphs_replay_short_steps_and_only_those(model_and_config):
-    """Narrow graphs (captured with a short longest sequence, so the attention kernel's split count is a short
-    context's): a step whose every block table fits replays one, a step with one longer table the full graph; both
-    give the eager step's hidden states and cache writes."""
-    model, config = model_and_config
-    backend, model.attention_backend = model.attention_backend, "triton"
-    try:
-        caches = bind_kv_caches(model, config, 24, BLOCK, "cpu")
-        graphs = host_graphs(model, 4, 6, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
-                             query_lens=(1, 3), narrow_tokens=2 * BLOCK)
-        with torch.inference_mode():
-            graphs.capture()
-        assert graphs.narrow_blocks == 2 and sorted(graphs.narrow_graphs) == [1, 2, 4]
-        assert all(sorted(by_q) == [1, 3] for by_q in graphs.narrow_graphs.values())
-        for seq_lens, q_len, narrow in (([5, 8, 3], 3, True), ([5, 9], 3, False), ([8], 1, True), ([21], 1, False)):
-            before = graphs.num_narrow_replays
-            replay_equals_eager(graphs, model, config, caches, seq_lens, q_len, "cpu")
-            assert graphs.num_narrow_replays == before + narrow, (seq_lens, q_len)
-    finally:
-        model.attention_backend = backend
-    wide_only = host_graphs(model, 4, 2, BLOCK, config.hidden_size, torch.float32, torch.device("cpu"),
-                            narrow_tokens=2 * BLOCK)
-    assert wide_only.narrow_blocks is None and wide_only.narrow_buckets == []  # no narrower than the table
-    from minillm.engine import cuda_graph
-    saved = cuda_graph.NARROW_GRAPH_TOKENS
-    assert saved == 0  # off by default: no gain measured on the H200 (RESULTS.md, sixteenth session)
-    try:
-        for tokens, blocks in ((6 * BLOCK, 6), (0, None)):  # what a benchmark's A/B sets; read at init
-            cuda_graph.NARROW_GRAPH_TOKENS = tokens
-            assert host_graphs(model, 4, 200, BLOCK, config.hidden_size, torch.float32,
-                               torch.device("cpu")).narrow_blocks == blocks
-    finally:
-        cuda_graph.NARROW_GRAPH_TOKENS = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -364,14 +329,8 @@ def test_gpu_verify_step_graph_replay_equals_eager(batch):
         model = tiny_model(config, seed=4)
     model.attention_backend = "triton"
     caches = bind_kv_caches(model, config, 128, 16, device)  # before capture: the graphs keep these addresses
-    graphs = DecodeCUDAGraphs(model, 8, 16, 16, config.hidden_size, torch.float32, device, query_lens=(1, 3),
-                              narrow_tokens=64)  # narrow graphs: 4 blocks of the table's 16
+    graphs = DecodeCUDAGraphs(model, 8, 16, 16, config.hidden_size, torch.float32, device, query_lens=(1, 3))
     graphs.capture()
     seq_lens = [3 + (37 * i) % 200 for i in range(batch)]
     replay_equals_eager(graphs, model, config, caches, seq_lens, 3, device, torch_reference=True)
     replay_equals_eager(graphs, model, config, caches, seq_lens, 1, device)
-    short = [min(n, 64) for n in seq_lens]  # every table within 4 blocks: the narrow graphs
-    before = graphs.num_narrow_replays
-    replay_equals_eager(graphs, model, config, caches, short, 3, device, torch_reference=True)
-    replay_equals_eager(graphs, model, config, caches, short, 1, device)
-    assert graphs.num_narrow_replays == before + 2

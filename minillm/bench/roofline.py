@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from minillm.kernels.hardware import graph_replay_us  # noqa: F401  (benchmarks import it from here)
+from minillm.kernels.hardware import graph_us  # noqa: F401  (benchmarks import it from here)
 
 from minillm.hooks import dispatch
 

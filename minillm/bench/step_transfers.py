@@ -282,14 +282,13 @@ def host_graphs(*args, **kwargs):
     return HostGraphs(*args, **kwargs)
 
 
-def attach_host_graphs(engine, **graph_options) -> None:
-    """Capture host_graphs for the engine's runner, so that its decode steps take the CUDA-graph path on a CPU
-    (graph_options: DecodeCUDAGraphs' keyword arguments, e.g. narrow_tokens)."""
+def attach_host_graphs(engine) -> None:
+    """Capture host_graphs for the engine's runner, so that its decode steps take the CUDA-graph path on a CPU."""
     from minillm.speculative.config import verify_query_lens
     runner, config = engine.runner, engine.engine_config
     graphs = host_graphs(runner.model, config.max_num_seqs, -(-engine.max_model_len // runner.block_size),
                          runner.block_size, engine.model_config.hidden_size, runner.dtype, runner.device,
-                         query_lens=verify_query_lens(config), **graph_options)
+                         query_lens=verify_query_lens(config))
     with torch.inference_mode():
         graphs.capture()
     runner.cuda_graphs = graphs

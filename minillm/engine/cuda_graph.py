@@ -26,13 +26,12 @@ A replay also freezes what the attention kernels decided at capture from the met
 sequence: the paged decode kernel splits each sequence's keys into as many parts as max_seqlen_k calls for
 (kernels/paged_attention.py, choose_decode_config), and a graph's block table is max_model_len wide, so a graph
 captured for max_model_len = 8,192 splits every sequence 32 ways at batch 1 even when it holds 100 tokens: 31
-splits with nothing to read, and a merge kernel. Small buckets can get a second, *narrow* graph per q_len, captured
-with max_seqlen_k = NARROW_GRAPH_TOKENS: a step whose every block table fits in it (width <= narrow_blocks)
-replays that one, with the split count of a short context (H200, SmolLM2's heads at batch 1 and 128 keys: one
-128-key tile, 3.3 us, against 5.8 us for the 32-split graph's kernel and merge). They are off by default
-(NARROW_GRAPH_TOKENS = 0): a couple of microseconds per layer is ~2-3% of a SmolLM2 step, and on the H200
-(benchmarks/RESULTS.md, "Sixteenth session") decode with and without them differed by less than the same
-configuration differed from itself between runs, while each narrow graph costs a capture and its memory.
+splits with nothing to read, and a merge kernel. A second, *narrow* graph per small bucket, captured for a
+short longest sequence and replayed while every block table fits, was built and measured (H200, SmolLM2's heads at
+batch 1 and 128 keys: 3.3 us for one 128-key tile against 5.8 us for the 32-split kernel and merge), and then
+removed: a couple of microseconds per layer is ~2-3% of a SmolLM2 step, and decode with and without the narrow
+graphs differed by less than one configuration differed from itself between runs (benchmarks/RESULTS.md,
+"Sixteenth session"), while each graph costs a capture and its memory.
 
 Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
 method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
@@ -114,10 +113,6 @@ def tree_graph_buckets(max_num_seqs: int, tree_query_len: int | None, max_batch:
     return [b for b in buckets if b <= limit and b * tree_query_len <= TREE_GRAPH_MAX_TOKENS]
 
 
-NARROW_GRAPH_TOKENS = 0  # narrow graphs (0: none; e.g. 512): every sequence of the step within this many tokens ...
-NARROW_GRAPH_MAX_BATCH = 16  # ... at buckets up to this (where the split counts are largest; each costs a capture)
-
-
 class GraphInputs(NamedTuple):
     """The static inputs of the graph of one (batch size, q_len), views of DecodeCUDAGraphs.upload's device buffer.
     Byte layout: input_ids | positions | slot_mapping | seq_lens | extras (room for other per-step fields, from
@@ -142,7 +137,7 @@ class DecodeCUDAGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device,
                  query_lens: tuple[int, ...] = (1,), tree_query_len: int | None = None,
-                 tree_max_batch: int | None = None, narrow_tokens: int | None = None) -> None:
+                 tree_max_batch: int | None = None) -> None:
         self._check_device(device)
         self.model = model
         self.block_size = block_size
@@ -152,12 +147,6 @@ class DecodeCUDAGraphs:
         # token trees: Q rows per sequence at most, at these buckets (none without a tree method)
         self.tree_buckets = tree_graph_buckets(max_num_seqs, tree_query_len, tree_max_batch)
         self.tree_query_len = tree_query_len if self.tree_buckets else None
-        # narrow graphs (read at most narrow_blocks blocks per sequence): only where they are narrower than the table;
-        # narrow_tokens None: NARROW_GRAPH_TOKENS as the module holds it now (a benchmark's A/B sets it), 0: none
-        narrow_tokens = NARROW_GRAPH_TOKENS if narrow_tokens is None else narrow_tokens
-        narrow = -(-narrow_tokens // block_size) if narrow_tokens > 0 else max_blocks_per_seq
-        self.narrow_blocks = narrow if narrow < max_blocks_per_seq else None
-        self.narrow_buckets = [b for b in self.buckets if b <= NARROW_GRAPH_MAX_BATCH] if self.narrow_blocks else []
         layouts = {(b, q, False): self._layout(b, q) for b in self.buckets for q in self.query_lens}
         layouts.update({(b, tree_query_len, True): self._layout(b, tree_query_len, True) for b in self.tree_buckets})
         # every graph's inputs live in this one buffer (graphs replay one at a time, each step rewrites its part)
@@ -179,8 +168,6 @@ class DecodeCUDAGraphs:
         self._step_views: dict[tuple[int, int, int, int], tuple[torch.Tensor, ...]] = {}
         self.graphs: dict[int, dict[int, object]] = {}  # batch size -> q_len -> torch.cuda.CUDAGraph
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}
-        self.narrow_graphs: dict[int, dict[int, tuple[object, torch.Tensor]]] = {}  # ... -> (graph, its output)
-        self.num_narrow_replays = 0  # decode steps replayed from a narrow graph (benchmarks and tests read it)
         self.tree_graphs: dict[int, tuple[object, torch.Tensor]] = {}  # bucket -> (graph, its output)
         self.num_tree_replays = 0  # tree steps replayed (benchmarks and tests read it)
         self.pool = None
@@ -216,13 +203,12 @@ class DecodeCUDAGraphs:
             self.pool = graph.pool()
         return graph, out
 
-    def _metadata(self, batch: int, q_len: int, tree: bool = False, narrow: bool = False) -> AttentionMetadata:
+    def _metadata(self, batch: int, q_len: int, tree: bool = False) -> AttentionMetadata:
         """What the captured forward's attention reads: the static inputs. A tree graph's attention takes the
         tree-masked varlen path (tree_mask set, cu_seqlens_q its static buffer): the host lists say Q rows per
-        sequence, the upper bound the kernel is compiled for, and are never read again at replay. A narrow
-        graph's longest sequence is narrow_blocks blocks (the split count its kernels are recorded with)."""
+        sequence, the upper bound the kernel is compiled for, and are never read again at replay."""
         inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
-        max_len = (self.narrow_blocks if narrow else self.max_blocks_per_seq) * self.block_size
+        max_len = self.max_blocks_per_seq * self.block_size
         return AttentionMetadata(
             cu_seqlens_q=inputs.cu_seqlens_q if tree else self.cu_seqlens_q[q_len][:batch + 1],
             seq_lens=inputs.seq_lens, max_seqlen_q=q_len, max_seqlen_k=max_len, slot_mapping=inputs.slot_mapping,
@@ -239,15 +225,13 @@ class DecodeCUDAGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up, then record one graph per (bucket, q_len), a narrow one per (narrow bucket, q_len) and one tree
-        graph per tree bucket, most tokens first, all in one memory pool."""
+        """Warm up, then record one graph per (bucket, q_len) and one tree graph per tree bucket, most tokens
+        first, all in one memory pool."""
         self._synchronize()
-        shapes = [(b, q, "wide") for b in self.buckets for q in self.query_lens]
-        shapes += [(b, q, "narrow") for b in self.narrow_buckets for q in self.query_lens]
-        shapes += [(b, self.tree_query_len, "tree") for b in self.tree_buckets]
-        for batch, q_len, kind in sorted(shapes, key=lambda s: (-s[0] * s[1], s[2] == "tree", s[2])):
-            tree = kind == "tree"
-            meta = self._metadata(batch, q_len, tree, narrow=kind == "narrow")
+        shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
+        shapes += [(b, self.tree_query_len, True) for b in self.tree_buckets]
+        for batch, q_len, tree in sorted(shapes, key=lambda s: (-s[0] * s[1], s[2])):
+            meta = self._metadata(batch, q_len, tree)
             inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
             self._pad(inputs, 0, q_len, 0)  # every row a padding row: valid addresses for the warm-up and capture
             if tree:  # ... each sequence q_len rows over q_len keys, causal
@@ -263,9 +247,6 @@ class DecodeCUDAGraphs:
             graph, out = self._record(forward)
             if tree:
                 self.tree_graphs[batch] = (graph, out)
-                continue
-            if kind == "narrow":
-                self.narrow_graphs.setdefault(batch, {})[q_len] = (graph, out)
                 continue
             self.graphs.setdefault(batch, {})[q_len] = graph
             self.outputs.setdefault(batch, {})[q_len] = out
@@ -284,12 +265,6 @@ class DecodeCUDAGraphs:
         if not self.graphs or q_len not in self.query_lens or width > self.max_blocks_per_seq:
             return None
         return self.bucket_for(batch)
-
-    def fits_narrow(self, size: int, q_len: int, width: int) -> bool:
-        """Whether a step laid out in the graph inputs of (size, q_len) with block tables `width` wide can replay
-        the narrow graph (every sequence within narrow_blocks blocks)."""
-        return self.narrow_blocks is not None and width <= self.narrow_blocks and q_len in self.narrow_graphs.get(
-            size, {})
 
     def plan_tree(self, batch: int, max_q_len: int, width: int) -> int | None:
         """The bucket whose tree graph will run a tree step of `batch` sequences with at most max_q_len new tokens
@@ -334,19 +309,14 @@ class DecodeCUDAGraphs:
                 inputs.tree_mask[:tokens])
         return views
 
-    def replay(self, size: int, q_len: int, tokens: int, tree: bool = False, narrow: bool = False) -> torch.Tensor:
-        """Replay the graph of (size, q_len) (its narrow one with `narrow`: fits_narrow must hold), or the tree
-        graph of bucket `size`, on what its static inputs hold; hidden states of the first `tokens` rows. The
-        runner has filled the inputs (padding rows included) with the step's one upload."""
+    def replay(self, size: int, q_len: int, tokens: int, tree: bool = False) -> torch.Tensor:
+        """Replay the graph of (size, q_len), or the tree graph of bucket `size`, on what its static inputs hold;
+        hidden states of the first `tokens` rows. The runner has filled the inputs (padding rows included) with
+        the step's one upload."""
         if tree:
             graph, out = self.tree_graphs[size]
             graph.replay()
             self.num_tree_replays += 1
-            return out[:tokens]
-        if narrow:
-            graph, out = self.narrow_graphs[size][q_len]
-            graph.replay()
-            self.num_narrow_replays += 1
             return out[:tokens]
         self.graphs[size][q_len].replay()
         return self.outputs[size][q_len][:tokens]
@@ -368,4 +338,4 @@ class DecodeCUDAGraphs:
         inputs.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
         if size > batch:
             self._pad(inputs, batch, q_len, tokens)
-        return self.replay(size, q_len, tokens, narrow=self.fits_narrow(size, q_len, width))
+        return self.replay(size, q_len, tokens)

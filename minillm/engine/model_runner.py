@@ -379,8 +379,7 @@ class ModelRunner:
         graphs = self.cuda_graphs
         hidden = None
         if graphs is not None and prepared.graph is not None:
-            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0], tree=prepared.graph_tree,
-                                   narrow=prepared.graph_narrow)
+            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0], tree=prepared.graph_tree)
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:

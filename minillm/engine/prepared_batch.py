@@ -55,7 +55,6 @@ class PreparedBatch:
     prompt_targets: torch.Tensor | None = None  # int64 [P]: the prompt tokens they score
     graph: tuple[int, int] | None = None  # (bucket, q_len) of the CUDA graph whose static inputs hold this step
     graph_tree: bool = False  # ... a tree graph (DecodeCUDAGraphs.tree_inputs; q_len: its rows per sequence)
-    graph_narrow: bool = False  # ... replayed from the narrow graph of (bucket, q_len): every table fits in it
     # the host's copies: the sampled rows that return log-probs (None: no request asked); per prompt row, its
     # sequence, its target token and its number of top alternatives
     logprob_row_list: list[int] | None = None
@@ -102,7 +101,6 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         size = graphs.plan_tree(num_seqs, max_q, width)
         tree_graph = size is not None
     graph_q = graphs.tree_query_len if tree_graph else max_q  # the graph's rows per sequence
-    narrow = size is not None and not tree_graph and graphs.fits_narrow(size, max_q, width)
 
     # -- the layout --------------------------------------------------------------------------------------------
     if size is not None:
@@ -198,7 +196,7 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         sampling=None if greedy else (views["temperatures"], views["top_ks"], views["top_ps"]),
         logprob_rows=views.get("logprob_rows"), prompt_rows=views.get("prompt_rows"),
         prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, graph_q),
-        graph_tree=tree_graph, graph_narrow=narrow, logprob_row_list=logprob_row_list,
+        graph_tree=tree_graph, logprob_row_list=logprob_row_list,
         prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
 
 

@@ -85,14 +85,9 @@ def _cold_graph_us(fn, weights: list[torch.Tensor], reps: int = 5) -> float:
     for w in weights:
         fn(w)  # compile, and cuBLAS's heuristics, outside the recording
     torch.cuda.synchronize()
-    from minillm.kernels.hardware import graph_capture, graph_replay_us
+    from minillm.kernels.hardware import graph_us
 
-    calls = max(CALLS_PER_GRAPH, len(weights))
-    graph = torch.cuda.CUDAGraph()
-    with graph_capture(graph):
-        for i in range(calls):
-            fn(weights[i % len(weights)])
-    return graph_replay_us(graph, calls, reps)  # (after one untimed replay: first-touch costs)
+    return graph_us(lambda i: fn(weights[i % len(weights)]), max(CALLS_PER_GRAPH, len(weights)), reps)
 
 
 def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
