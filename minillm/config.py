@@ -150,8 +150,9 @@ class EngineConfig:
     scheduling: str = "continuous"  # "continuous" | "static"
     preemption_mode: str = "recompute"  # "recompute" | "swap"
     # schedule and launch step N+1 while the device runs step N; step N's tokens reach the host one step later
-    # (vLLM's async scheduling; minillm/engine/async_step.py). Continuous scheduling, one worker rank.
-    async_scheduling: bool = False
+    # (vLLM's async scheduling; minillm/engine/async_step.py). Continuous scheduling, one worker rank. None: on
+    # for CUDA where it applies, off on a CPU (resolved once, minillm.engine.cache_config)
+    async_scheduling: bool | None = None
     swap_space: int = 4 << 30  # bytes of pinned CPU memory for swapped blocks
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = False
@@ -207,7 +208,8 @@ class EngineConfig:
                      "piecewise_cuda_graphs", "async_scheduling"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
-                                                                                "piecewise_cuda_graphs")):
+                                                                                "piecewise_cuda_graphs",
+                                                                                "async_scheduling")):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")
         if self.expert_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} runs attention replicated on every "

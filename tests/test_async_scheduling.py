@@ -163,6 +163,19 @@ def test_outputs_come_one_call_later(model_and_config):
 
 def test_config_and_llm_options():
     assert _engine_config(None, None, None, None, {"async_scheduling": True}).async_scheduling
+    from minillm.engine.cache_config import resolve_engine_config
+    model_config = tiny_config()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolution reads only the device's type
+
+    def resolved(device, **options):
+        return resolve_engine_config(EngineConfig(**options), model_config, device).async_scheduling
+
+    # None: on for CUDA where it applies; off on a CPU, for static batching, several ranks, speculation
+    assert resolved(cuda) is True and resolved(cpu) is False
+    assert resolved(cuda, async_scheduling=False) is False and resolved(cpu, async_scheduling=True) is True
+    assert resolved(cuda, scheduling="static") is False
+    assert resolved(cuda, tensor_parallel_size=2) is False
+    assert resolved(cuda, speculative_config={"method": "ngram", "num_speculative_tokens": 3}) is False
     with pytest.raises(TypeError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
     with pytest.raises(ValueError, match="async_scheduling"):

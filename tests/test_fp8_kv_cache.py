@@ -376,17 +376,44 @@ def test_smollm2_fp8_kv_cache_stays_with_fp32():
             print(f"fp8 diverged on {out.prompt!r}: {out.outputs[0].text!r} vs {ref.text!r}")
 
 
+# Graph replays and eager steps are not bit-identical in bf16: a graph's attention keeps the split count it was
+# captured with, an eager step picks one for its context, and the partial sums round differently. On the H200
+# (2026-12-04) that moved a log-prob by 0.016 and turned a near-tie into an exact one (two tokens at -3.8891),
+# which argmax then broke the other way. A frozen scale changes log-probs by far more than SAME_STEP_TOL.
+SAME_STEP_TOL = 0.1
+
+
+def assert_same_greedy(outs, refs) -> None:
+    """Two greedy runs of the same model and cache format: equal tokens with log-probs within SAME_STEP_TOL, up
+    to a first difference that must be a near-tie in both runs (each ranks the other's choice within
+    SAME_STEP_TOL of its own); after it the continuations differ, so the rest is not compared. At least half
+    of all tokens must be compared."""
+    compared = total = 0
+    for out, ref in zip(outs, refs, strict=True):
+        total += len(ref.token_ids)
+        for n, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)):
+            mine, theirs = out.logprobs[n], ref.logprobs[n]
+            if a != b:
+                assert b in mine and a in theirs, f"position {n}: {a} vs {b} is no near-tie ({mine}, {theirs})"
+                assert mine[a].logprob - mine[b].logprob <= SAME_STEP_TOL, (n, mine)
+                assert theirs[b].logprob - theirs[a].logprob <= SAME_STEP_TOL, (n, theirs)
+                break
+            assert abs(mine[a].logprob - theirs[b].logprob) <= SAME_STEP_TOL, (n, mine[a], theirs[b])
+            compared += 1
+    assert compared >= total // 2, f"only {compared} of {total} tokens compared: the runs parted too early"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fp8_kv_decode_with_cuda_graphs():
-    """bf16 model, fp8 cache, decode steps replayed by CUDA graphs: the same tokens as eager fp8 steps (the same
-    kernels and split counts: deterministic), log-probs close to a bf16 cache's, 2x its blocks for the same memory.
-    Then the scales are doubled in place: a graph that had frozen the old values would now read its cache with
-    the wrong scale (the eager prefill writes with the new one) and part from the eager engine."""
+    """bf16 model, fp8 cache, decode steps replayed by CUDA graphs: the same greedy choices as eager fp8 steps
+    (`assert_same_greedy`), log-probs close to a bf16 cache's, 2x its blocks for the same memory. Then the scales
+    are doubled in place: a graph that had frozen the old values would now read its cache with the wrong scale
+    (the eager prefill writes with the new one) and part from the eager engine."""
     config = tiny_config(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=512, max_position_embeddings=512)
     model = RandomWeights(seed=3)(config, torch.device("cuda"), torch.bfloat16)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
 
     def engine(**kw):
         return LLMEngine(model, ByteTokenizer(), config, EngineConfig(
@@ -406,7 +433,7 @@ def test_gpu_fp8_kv_decode_with_cuda_graphs():
     assert graphed.runner.kv_cache.storage.dtype == FP8 and bf16.runner.kv_cache.storage.dtype == torch.bfloat16
     assert graphed.runner.kv_cache.num_blocks == 2 * bf16.runner.kv_cache.num_blocks
     graph_outs, eager_outs, bf16_outs = run(graphed), run(eager), run(bf16)
-    assert [o.token_ids for o in graph_outs] == [o.token_ids for o in eager_outs]
+    assert_same_greedy(graph_outs, eager_outs)
     for out, ref in zip(graph_outs, bf16_outs):
         n = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), len(ref.token_ids))
         ours = torch.tensor([e[t].logprob for t, e in zip(out.token_ids[:n], out.logprobs[:n])])
@@ -414,7 +441,7 @@ def test_gpu_fp8_kv_decode_with_cuda_graphs():
         torch.testing.assert_close(ours, theirs, atol=LOGPROB_TOL, rtol=0)
     for eng in (graphed, eager):
         eng.runner.kv_cache.scales.mul_(2.0)
-    assert [o.token_ids for o in run(graphed)] == [o.token_ids for o in run(eager)]
+    assert_same_greedy(run(graphed), run(eager))
 
 
 @pytest.mark.gpu

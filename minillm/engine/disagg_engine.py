@@ -166,6 +166,8 @@ class DisaggregatedEngine(LLMEngine):
                  disaggregation: DisaggregationConfig | Mapping[str, Any] | None = None) -> None:
         plan = DisaggregationConfig.from_value(disaggregation)
         device = torch.device(device)
+        if engine_config.async_scheduling is None:  # the default: off here (check_disaggregation refuses True)
+            engine_config = dataclasses.replace(engine_config, async_scheduling=False)
         config = resolve_engine_config(engine_config, model_config, device)
         check_disaggregation(config)
         kwargs = {}

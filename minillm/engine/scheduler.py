@@ -140,7 +140,7 @@ class Scheduler:
         self.num_preemptions = 0
         # async scheduling: a decode whose last (not yet downloaded) token reached max_tokens or max_model_len
         # ends when that token is read; it computes nothing more (never true of a sequence in a synchronous step)
-        self.skip_finished_by_length = config.async_scheduling
+        self.skip_finished_by_length = bool(config.async_scheduling)
 
     # -- the protocol -------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
