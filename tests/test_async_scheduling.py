@@ -339,6 +339,49 @@ def test_seeded_sampling_matches(model_and_config):
     assert run(make_engine(model_and_config, async_scheduling=True), items) == run(make_engine(model_and_config), items)
 
 
+def test_sampling_graphs_equal_eager_steps(model_and_config, monkeypatch):
+    """Decode graphs that also run the LM head, the greedy argmax and async scheduling's gather of deferred ids
+    (DecodeCUDAGraphs(sample=True); host stand-in graphs over the Triton kernels, interpreted): synchronous and
+    async, greedy, seeded-sampling and log-prob requests in one batch, chunked prefills between the decodes (the
+    runner refills the graphs' token buffer after those eager steps), batches that change bucket: the tokens of
+    eager synchronous steps, log-probs up to rounding. And no all-greedy step replayed that way samples on the host."""
+    from minillm.bench.step_transfers import attach_host_graphs
+    model, _ = model_and_config
+    monkeypatch.setattr(model, "attention_backend", "triton")  # graphs read no per-step Python lists
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=rng.randint(1, 8)) if i % 3 == 1 else
+              SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 20), logprobs=2 if i % 3 == 2 else None)
+              for i in range(len(prompts))]
+
+    def outputs(graphs, **kw):
+        engine = make_engine(model_and_config, enable_chunked_prefill=True, max_num_batched_tokens=24, **kw)
+        if graphs:
+            attach_host_graphs(engine)
+        greedy_on_host = []
+        sample = engine.runner._sample_on_device
+        monkeypatch.setattr(engine.runner, "_sample_on_device",
+                            lambda logits, specs, params: greedy_on_host.append(params is None) or
+                            sample(logits, specs, params))
+        ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert engine.scheduler.block_manager.num_used_blocks == 0
+        counts = engine.runner.forward_counts
+        if graphs:  # every all-greedy step that sampled on the host ran without a graph
+            assert counts["graph"] > 10 and sum(greedy_on_host) <= sum(counts.values()) - counts["graph"]
+        return [done[i].outputs[0] for i in ids]
+
+    expected = outputs(False)
+    for async_scheduling in (False, True):
+        for out, ref in zip(outputs(True, async_scheduling=async_scheduling), expected, strict=True):
+            assert out.token_ids == ref.token_ids, async_scheduling
+            for mine, theirs in zip(out.logprobs or [], ref.logprobs or [], strict=True):
+                assert mine.keys() == theirs.keys()
+                assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-5 for t in mine)
+
+
 def test_llm_generate_and_stream_with_the_bundled_model():
     """LLM(..., async_scheduling=True) on SmolLM2: generate() and generate_stream() give the synchronous engine's
     texts (real tokenizer, chat-length prompts, a stop string)."""

@@ -241,3 +241,27 @@ def test_bench_decode_engine_run_on_the_cpu_with_a_context_limit():
     bundled = load_model(default_model_path())[0]
     for name, value in bd.SHAPES["smollm2-135m"].items():  # random weights of exactly the bundled model's shapes
         assert getattr(bundled, name) == pytest.approx(value), name
+
+
+def test_profile_async_step_smoke_on_the_cpu(tmp_path):
+    """benchmarks/profile_async_step.py on a 2-layer toy: a row per (batch, mode) with the host time of the step
+    and of its parts, and every wrapped method put back afterwards."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import profile_async_step as pa
+    from minillm.engine.cuda_graph import DecodeCUDAGraphs
+    from minillm.engine.llm_engine import LLMEngine
+
+    step, init = LLMEngine.step, DecodeCUDAGraphs.__init__
+    out = tmp_path / "r.json"
+    assert pa.main(["--device", "cpu", "--batch", "1", "2", "--output-len", "3", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["batch"], r["async_scheduling"]) for r in runs] == [(1, False), (1, True), (2, False), (2, True)]
+    for r in runs:
+        assert r["tok_per_s"] > 0 and r["host"]["LLMEngine.step"]["calls_per_step"] == 1.0
+    assert "AsyncSteps._read" in runs[1]["host"] and "AsyncSteps._read" not in runs[0]["host"]
+    assert LLMEngine.step is step and DecodeCUDAGraphs.__init__ is init
+    with pytest.raises(SystemExit):
+        pa.main(["--device", "cpu", "--batch", "0"])

@@ -273,11 +273,13 @@ def host_graphs(*args, **kwargs):
             pass
 
         def _record(self, forward):
-            out = forward()
+            out = forward()  # a tensor, or a tuple of them (a sampling graph: hidden, logits, tokens)
 
             class Replay:
                 def replay(self):
-                    out.copy_(forward())
+                    fresh = forward()
+                    for static, new in zip(out, fresh) if isinstance(out, tuple) else ((out, fresh),):
+                        static.copy_(new)
             return Replay(), out
     return HostGraphs(*args, **kwargs)
 
@@ -288,7 +290,7 @@ def attach_host_graphs(engine) -> None:
     runner, config = engine.runner, engine.engine_config
     graphs = host_graphs(runner.model, config.max_num_seqs, -(-engine.max_model_len // runner.block_size),
                          runner.block_size, engine.model_config.hidden_size, runner.dtype, runner.device,
-                         query_lens=verify_query_lens(config))
+                         query_lens=verify_query_lens(config), sample=True)
     with torch.inference_mode():
         graphs.capture()
     runner.cuda_graphs = graphs

@@ -33,6 +33,15 @@ removed: a couple of microseconds per layer is ~2-3% of a SmolLM2 step, and deco
 graphs differed by less than one configuration differed from itself between runs (benchmarks/RESULTS.md,
 "Sixteenth session"), while each graph costs a capture and its memory.
 
+With `sample=True` (the runner's choice on one rank) a graph of q_len 1 records the end of the step too: the LM
+head and greedy argmax (`sampled[bucket]` = its logits and tokens), and, first, async scheduling's gather of
+deferred input ids (minillm/engine/async_step.py) from `prev_tokens`, a static buffer of the previous step's
+tokens that the graph itself refills at its end (and the runner after any step whose tokens came from
+elsewhere). On the H200 a SmolLM2 decode step under async scheduling was host-bound (benchmarks/RESULTS.md,
+"Seventeenth session"): the LM head, the two argmax kernels and the gather's six small ops were ~20% of the host's
+~1.1 ms; replayed, they cost no host time. Rows that sample with a temperature still sample eagerly, from the
+graph's logits.
+
 Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
 method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
 1 + the tree's nodes (speculative.config.tree_graph_batch). Their trees differ in size from sequence to sequence
@@ -64,9 +73,10 @@ from torch import nn
 
 from typing import NamedTuple
 
-from minillm.engine.step_buffers import FieldLayout, UploadBuffer
+from minillm.engine.step_buffers import FieldLayout, UploadBuffer, resolve_deferred_ids
 from minillm.forward_context import MAX_DECODE_QUERY_LEN, AttentionMetadata, forward_context
 from minillm.kernels.hardware import graph_capture
+from minillm.layers.sampler import greedy_tokens
 from minillm.layers.tree_attention import MAX_TREE_NODES
 
 # Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
@@ -137,7 +147,7 @@ class DecodeCUDAGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device,
                  query_lens: tuple[int, ...] = (1,), tree_query_len: int | None = None,
-                 tree_max_batch: int | None = None) -> None:
+                 tree_max_batch: int | None = None, sample: bool = False) -> None:
         self._check_device(device)
         self.model = model
         self.block_size = block_size
@@ -172,6 +182,10 @@ class DecodeCUDAGraphs:
         self.num_tree_replays = 0  # tree steps replayed (benchmarks and tests read it)
         self.pool = None
         self.hidden_size, self.dtype = hidden_size, dtype
+        # q_len-1 graphs that also gather deferred ids and compute logits and greedy tokens (module docstring)
+        self.sample = sample
+        self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device) if sample else None
+        self.sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, greedy tokens)
 
     def _layout(self, batch: int, q_len: int, tree: bool = False) -> tuple[FieldLayout, int]:
         tokens = batch * q_len
@@ -242,15 +256,35 @@ class DecodeCUDAGraphs:
                 with forward_context(meta):
                     return self.model(inputs.input_ids, inputs.positions)
 
+            samples = self.sample and q_len == 1 and not tree
+            if samples:
+                def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta, batch: int = batch):
+                    resolve_deferred_ids(inputs.input_ids, self.prev_tokens)  # ids >= 0 are kept as they are
+                    with forward_context(meta):
+                        hidden = self.model(inputs.input_ids, inputs.positions)
+                    logits = self.model.compute_logits(hidden)
+                    tokens = greedy_tokens(logits)
+                    self.prev_tokens[:batch].copy_(tokens)
+                    return hidden, logits, tokens
+
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
             self._synchronize()
             graph, out = self._record(forward)
             if tree:
                 self.tree_graphs[batch] = (graph, out)
                 continue
+            if samples:
+                out, logits, tokens = out
+                self.sampled[batch] = (logits, tokens)
             self.graphs.setdefault(batch, {})[q_len] = graph
             self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
+
+    def keep_tokens(self, tokens: torch.Tensor) -> None:
+        """Make `tokens` (a step's sampled tokens, not a sampling graph's own greedy ones) what the next replay's
+        deferred ids refer to. (Only async steps defer, one row per sequence: at most a bucket's rows.)"""
+        if self.sample and tokens.numel() <= self.prev_tokens.numel():
+            self.prev_tokens[:tokens.numel()].copy_(tokens)
 
     def bucket_for(self, batch: int) -> int | None:
         """The smallest captured size >= batch, or None when the batch is too big for any graph."""

@@ -24,7 +24,8 @@ Each step it
 Async scheduling (minillm/engine/async_step.py) splits execute_model in two: `launch(step)` queues everything up to
 the download (into a pinned buffer, with an event) and returns; `collect(launched)` waits for that one step's tokens.
 A launched step may take some input ids from the previous launch's samples, still on the device
-(StepInput.deferred_input_ids, gathered by step_buffers.resolve_deferred_ids before the forward).
+(StepInput.deferred_input_ids, gathered by step_buffers.resolve_deferred_ids before the forward). On one rank a
+decode step's CUDA graph does steps 4-5 for greedy rows and that gather inside the replay (cuda_graph.py, `sample`).
 
 The runner owns the KV cache tensors: it allocates them once and hands each Attention module its layer's
 views through the module's `k_cache` / `v_cache` attributes.
@@ -113,6 +114,7 @@ class ModelRunner:
         self._arange = torch.arange(256, device=device)  # 0, 1, 2, ...: sample_indices of all-rows steps
         self._downloads: DownloadRing | None = None  # pinned buffers of launched steps' downloads (async scheduling)
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
+        self._graph_sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's logits, tokens
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -156,10 +158,14 @@ class ModelRunner:
         from minillm.engine.cuda_graph import DecodeCUDAGraphs
         max_model_len = engine_config.max_model_len or self.model_config.max_position_embeddings
         # query lengths (1,) or (1, 1 + k) with speculative decoding; tree graphs with a tree method
+        # one rank: the decode graphs also take the LM head, greedy argmax and deferred-id gather off the host
+        # (with tensor or pipeline parallelism the logits are gathered or exist on one stage only)
+        one_rank = engine_config.tensor_parallel_size * engine_config.pipeline_parallel_size * \
+            engine_config.expert_parallel_size == 1
         graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
                                   self.block_size, self.model_config.hidden_size, self.dtype, self.device,
                                   query_lens=verify_query_lens(engine_config), tree_query_len=tree_q,
-                                  tree_max_batch=tree_batch)
+                                  tree_max_batch=tree_batch, sample=one_rank)
         self._capture(graphs)
         self.cuda_graphs = graphs
         # steps with prefill tokens and token-tree steps no tree graph holds: piecewise graphs, unless a layer
@@ -290,8 +296,11 @@ class ModelRunner:
         if step.is_empty:
             return None
         prepared = self.prepare(step)
-        if step.deferred_input_ids:  # ids the host has not seen: the previous step's samples, gathered here
-            resolve_deferred_ids(prepared.input_ids, self._last_sampled)
+        graphs = self.cuda_graphs
+        sampling_graph = (graphs is not None and graphs.sample and prepared.graph is not None
+                          and not prepared.graph_tree and prepared.graph[1] == 1)
+        if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
+            resolve_deferred_ids(prepared.input_ids, self._last_sampled)  # samples (a sampling graph gathers them)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
@@ -299,9 +308,17 @@ class ModelRunner:
         parts: list[torch.Tensor] = []  # everything the host needs back, downloaded together
         logits = tokens = None
         if prepared.sample_seqs:
-            logits = self.model.compute_logits(hidden if prepared.all_rows_sampled
-                                               else hidden[prepared.sample_indices])
-            tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+            in_graph = self._graph_sampled if prepared.all_rows_sampled else None
+            if in_graph is not None:  # the replay computed the logits and the greedy tokens already
+                logits, tokens = in_graph
+                if prepared.sampling is not None:  # some row samples with a temperature
+                    tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+            else:
+                logits = self.model.compute_logits(hidden if prepared.all_rows_sampled
+                                                   else hidden[prepared.sample_indices])
+                tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+            if graphs is not None and (in_graph is None or tokens is not in_graph[1]):
+                graphs.keep_tokens(tokens)  # for a sampling graph's gather of the next step's deferred ids
             parts.append(tokens)
         self._last_sampled = tokens  # what the next step's deferred input ids refer to
         num_top = self._logprob_widths(step, prepared)
@@ -375,11 +392,15 @@ class ModelRunner:
         """Hidden states [T, hidden]: a CUDA graph replay for a decode-like batch when graphs are captured (the
         step was laid out in the graph's static inputs by prepare, or is copied there), else the (possibly
         compiled) eager forward."""
-        self._pre_norm = None
+        self._pre_norm = self._graph_sampled = None
         graphs = self.cuda_graphs
         hidden = None
         if graphs is not None and prepared.graph is not None:
-            hidden = graphs.replay(*prepared.graph, prepared.input_ids.shape[0], tree=prepared.graph_tree)
+            rows = prepared.input_ids.shape[0]
+            hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
+            sampled = None if prepared.graph_tree else graphs.sampled.get(prepared.graph[0])
+            if sampled is not None and prepared.graph[1] == 1:
+                self._graph_sampled = (sampled[0][:rows], sampled[1][:rows])
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:
