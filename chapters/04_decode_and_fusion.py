@@ -272,6 +272,13 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # real length from a device tensor, so the padding tiles return at once. On the H200 a lone 40-token SmolLM2
 # prompt's time to first token went from 10.0 ms piecewise (30 eager attention calls, each paying Python and
 # launch work around 0.05 ms of GPU work) to 1.6 ms (benchmarks/RESULTS.md, "Prompt graphs").
+#
+# A graph can hold more than the model. With *async scheduling* (vLLM's name; on by default on CUDA) the host
+# prepares step N+1 while the GPU runs step N, so a step costs max(host, GPU), and once the GPU is hidden, the host's
+# leftover launches are the step. The engine's decode graphs therefore also record the LM head, the greedy argmax
+# and the gather of the previous step's tokens into this step's inputs: on the H200 that took 250-850 us of host
+# work out of each SmolLM2 step (1.05-1.39x the tokens/s at batch 1 and 32; benchmarks/RESULTS.md, "Decode graphs
+# that sample").
 
 # %%
 if torch.cuda.is_available():
