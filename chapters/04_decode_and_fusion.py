@@ -277,7 +277,7 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # prepares step N+1 while the GPU runs step N, so a step costs max(host, GPU), and once the GPU is hidden, the host's
 # leftover launches are the step. The engine's decode graphs therefore also record the LM head, the greedy argmax
 # and the gather of the previous step's tokens into this step's inputs: on the H200 that took 250-850 us of host
-# work out of each SmolLM2 step (1.05-1.39x the tokens/s at batch 1 and 32; benchmarks/RESULTS.md, "Decode graphs
+# work out of each SmolLM2 step (1.05-1.4x the tokens/s at batch 1 and 32; benchmarks/RESULTS.md, "Decode graphs
 # that sample").
 
 # %%

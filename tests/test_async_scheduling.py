@@ -365,6 +365,8 @@ def test_sampling_graphs_equal_eager_steps(model_and_config, monkeypatch):
         engine = make_engine(model_and_config, enable_chunked_prefill=True, max_num_batched_tokens=24, **kw)
         if graphs:
             attach_host_graphs(engine)
+            sampled = engine.runner.cuda_graphs.sampled  # every graph's logits: rows of one shared buffer
+            assert len(sampled) > 2 and len({logits.data_ptr() for logits, _ in sampled.values()}) == 1
         host_samples = []  # (during a sampling graph's step, every row greedy)
         runner, sample = engine.runner, engine.runner._sample_on_device
         monkeypatch.setattr(runner, "_sample_on_device", lambda logits, specs, params: host_samples.append(

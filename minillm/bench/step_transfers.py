@@ -273,7 +273,7 @@ def host_graphs(*args, **kwargs):
             pass
 
         def _record(self, forward):
-            out = forward()  # a tensor, or a tuple of them (a sampling graph: hidden, logits, tokens)
+            out = forward()  # a tensor, or a tuple of them (a sampling graph: hidden, greedy tokens)
 
             class Replay:
                 def replay(self):
