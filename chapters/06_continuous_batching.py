@@ -26,13 +26,15 @@
 # * which prompt blocks are already in the **prefix cache**, and how to cut long prompts into **chunks**.
 #
 # Your exercises, in `exercises/ch06_scheduling.py` (then `minillm grade ch06`): `admit_or_preempt` (the
-# scheduler's decision) and `swap_out_mapping` (where a swapped block goes), which the scheduler calls, and the
-# interview question `batching_steps` at the end. Section 4 runs chapter 5's `hash_block` in the prefix cache.
+# scheduler's decision) and `swap_out_mapping` (where a swapped block goes), which the scheduler calls,
+# `resolve_deferred_ids` (async scheduling's gather, section 6), and the interview question `batching_steps` at the
+# end. Section 4 runs chapter 5's `hash_block` in the prefix cache.
 
 # %%
 import time
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.patches import Patch
 
 from minillm import LLM, SamplingParams
@@ -44,6 +46,7 @@ from minillm.engine.sequence import Sequence
 
 admit_or_preempt = load_function("ch06.admit_or_preempt")
 swap_out_mapping = load_function("ch06.swap_out_mapping")
+resolve_deferred_ids = load_function("ch06.resolve_deferred_ids")
 hash_block = load_function("ch05.hash_block")
 
 # %% [markdown]
@@ -325,7 +328,52 @@ ax.legend(handles=[Patch(color="C0", label="decode"), Patch(color="C1", label="p
 plt.show()
 
 # %% [markdown]
-# ## 6. Interview questions
+# ## 6. Async scheduling: the host one step ahead
+#
+# Every step so far was *synchronous*: the host schedules, launches the forward, waits for the sampled tokens,
+# runs the output loop, and only then schedules the next step. On a GPU the device idles through the host's part:
+# for a small model that is most of the step. **Async scheduling** (vLLM's `async_scheduling`, SGLang's overlap
+# scheduler; on by default on CUDA here) schedules and launches step N+1 *before* reading step N's tokens. The
+# host knows everything about step N+1 except those tokens, so it writes a placeholder `-(r + 1)` for "row r of
+# step N's samples", and a small gather on the device swaps the real tokens in just before the forward. That
+# gather is **exercise `ch06.resolve_deferred_ids`**: in place, and without the host reading a single value (a
+# `.tolist()`, `.item()` or `if` on an element there would wait for step N and undo the overlap; the grader traps
+# them). On the H200, SmolLM2's decode went from 1,051 to 1,255 tokens/s at batch 1 and from 19,068 to 31,076 at
+# batch 32 (benchmarks/RESULTS.md, sixteenth and seventeenth sessions). The price: `step()` returns each step's
+# outputs one call later.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+ids = torch.tensor([5, -1, 7, -3, 0])  # two placeholders: rows 0 and 2 of the previous step's tokens
+resolve_deferred_ids(ids, torch.tensor([40, 41, 42]))
+print(ids.tolist())
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def run_steps(llm, prompts):
+    engine, first = llm.llm_engine, None
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    done, calls = {}, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        calls += 1
+        first = len(outs) if first is None else first
+        done.update((o.request_id, o.outputs[0].token_ids) for o in outs if o.finished)
+    return [done[str(i)] for i in range(len(prompts))], first, calls
+
+
+prompts = synthetic_prompts(tok, 3, 10, seed=4)
+with use_overrides({"ch06.resolve_deferred_ids": resolve_deferred_ids}):  # your gather, inside the engine
+    sync_tokens, sync_first, sync_calls = run_steps(LLM(seed=0, max_model_len=128), prompts)
+    async_tokens, async_first, async_calls = run_steps(LLM(seed=0, max_model_len=128, async_scheduling=True),
+                                                       prompts)
+print(f"synchronous: outputs from the first step() {sync_first}, step() calls {sync_calls}")
+print(f"async:       outputs from the first step() {async_first}, step() calls {async_calls}")
+print("same tokens:", async_tokens == sync_tokens)
+
+# %% [markdown]
+# ## 7. Interview questions
 #
 # 1. *Static vs continuous batching?* <details><summary>answer</summary>Static runs a batch until its longest
 #    request ends; continuous (iteration-level, Orca) re-forms the batch every step, so a finished request's slot

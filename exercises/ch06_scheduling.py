@@ -1,4 +1,4 @@
-"""Chapter 6 exercises. Continuous batching: admission, preemption by swap or recompute.
+"""Chapter 6 exercises. Continuous batching: admission, preemption by swap or recompute, async steps.
 
 Write each function where it says `raise NotImplementedError`, then run `minillm grade ch06`.
 Keep the signatures. Use only torch, math and F (torch.nn.functional): each function stands alone.
@@ -49,6 +49,24 @@ def swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list
     Raise ValueError if there are fewer free CPU blocks than blocks to move.
     """
     raise NotImplementedError("ch06.swap_out_mapping is not attempted yet: write it in exercises/ch06_scheduling.py")
+
+
+def resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor | None) -> None:
+    """Async scheduling's device-side gather: put the previous step's sampled tokens into this step's input ids.
+
+    Under async scheduling (minillm/engine/async_step.py) the host builds step N+1 while the GPU still runs step
+    N, so it does not know the tokens step N is sampling. Where a sequence's next input is such a token, the host
+    writes a placeholder: the id -(r + 1) stands for row r of step N's sampled tokens (`previous_tokens`, int64
+    [S], still on the device). Replace every negative id by previous_tokens[-id - 1] and keep the others, IN
+    PLACE (input_ids is a view of the step's upload, or of a CUDA graph's static input, that the forward reads).
+    Stay on the device: no .item(), .tolist() or Python loop over elements, each of which would make the host
+    wait for step N and undo the overlap. For the same reason nothing checks that -id - 1 < S: rows out of range
+    are the caller's bug (clamp them to a valid row; their value is then wrong, not a crash).
+
+    Example: input_ids [5, -1, 7, -3, 0], previous_tokens [40, 41, 42] -> input_ids [5, 40, 7, 42, 0].
+    Raise ValueError if previous_tokens is None or empty (the previous step sampled nothing).
+    """
+    raise NotImplementedError("ch06.resolve_deferred_ids is not attempted yet: write it in exercises/ch06_scheduling.py")
 
 
 def batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> int:

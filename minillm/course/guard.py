@@ -26,6 +26,8 @@ import types
 from typing import Any, Callable
 
 _MISSING = object()
+_THIS_FILE = os.path.realpath(__file__)
+_GRADER_FILES = {"guard.py", "sandbox_worker.py", "sandbox_template.py"}  # the sandbox worker's own files
 _CACHES = {"__slotnames__"}  # attributes the standard library caches on classes (copyreg, when pickling)
 
 
@@ -84,9 +86,19 @@ def restore_changes(before: dict[str, dict[str, Any]]) -> list[str]:
 # ---- shortcut traps ---------------------------------------------------------------------------------
 
 def _resolve(dotted: str) -> tuple[Any, str]:
-    """('torch.nn.functional.rms_norm') -> (the torch.nn.functional module, 'rms_norm')."""
+    """('torch.nn.functional.rms_norm') -> (the torch.nn.functional module, 'rms_norm'); a class's method too:
+    ('torch.Tensor.tolist') -> (torch.Tensor, 'tolist')."""
     mod_name, attr = dotted.rsplit(".", 1)
-    return importlib.import_module(mod_name), attr
+    try:
+        return importlib.import_module(mod_name), attr
+    except ImportError:
+        if "." not in mod_name:
+            raise
+        parent, cls = mod_name.rsplit(".", 1)
+        owner = getattr(importlib.import_module(parent), cls, None)
+        if not isinstance(owner, type):
+            raise
+        return owner, attr
 
 
 def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) -> list[tuple[Any, str, Any]]:
@@ -101,14 +113,40 @@ def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) 
         original = getattr(owner, attr, _MISSING)
         if original is _MISSING:
             continue
+        if isinstance(owner, type) and attr not in vars(owner):
+            original = _MISSING  # inherited: removing the trap must not leave a copy on the class
 
-        def trap(*a: Any, _d: str = dotted, _why: str = why, **k: Any) -> Any:
+        def trap(*a: Any, _d: str = dotted, _why: str = why, _original: Any = getattr(owner, attr),
+                 _method: bool = isinstance(owner, type), **k: Any) -> Any:
+            if _method and _trusted_caller(sys._getframe(1)):  # torch itself, or the grader's own machinery
+                return _original(*a, **k)
             hits.append(f"{_d} ({_why})")
             raise ForbiddenCallError(f"{exercise_id} must not call {_d}: {_why}")
 
         setattr(owner, attr, trap)
         undo.append((owner, attr, original))
     return undo
+
+
+def _trusted_caller(frame: Any) -> bool:
+    """A trapped *method* (a class attribute such as torch.Tensor.tolist) is forbidden to the learner's code only:
+    torch's own Python code and the grader's may call it (in the sandbox the traps stay in for the worker's whole
+    life, and the worker encodes results with .numpy()). The grader's files are copied to temporary folders, so
+    they are known by name; a submission cannot pose as one (its module file is named by the grader, and code
+    compiled under another file name fails the provenance check)."""
+    import torch
+    path = os.path.realpath(frame.f_code.co_filename)
+    return path.startswith(os.path.dirname(os.path.realpath(torch.__file__)) + os.sep) or \
+        os.path.basename(path) in _GRADER_FILES
+
+
+def remove_traps(undo: list[tuple[Any, str, Any]]) -> None:
+    """Put back what install_traps replaced (an inherited method: delete the trap from the class)."""
+    for owner, attr, original in reversed(undo):
+        if original is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, original)
 
 
 def check_after_call(exercise_id: str, hits: list[str], before: dict[str, dict[str, Any]]) -> None:
@@ -134,8 +172,7 @@ def guarded(exercise_id: str, fn: Callable, forbidden: dict[str, str]) -> Callab
         try:
             result = fn(*args, **kwargs)
         finally:
-            for owner, attr, original in reversed(undo):
-                setattr(owner, attr, original)
+            remove_traps(undo)
             check_after_call(exercise_id, hits, before)
         return result
 
@@ -144,7 +181,6 @@ def guarded(exercise_id: str, fn: Callable, forbidden: dict[str, str]) -> Callab
 
 # ---- provenance -------------------------------------------------------------------------------------
 
-_THIS_FILE = os.path.realpath(__file__)
 
 
 def _library_dirs() -> tuple[str, ...]:

@@ -60,6 +60,11 @@ FORBIDDEN: dict[str, dict[str, str]] = {
                              "torch.rms_norm": "write the normalisation in the kernel",
                              "minillm.kernels.fused.rms_norm": "the engine's kernel; write your own",
                              "minillm.kernels.fused.rms_norm_kernel": "the engine's reference"},
+    # host reads of device values: each makes the host wait for the step in flight (async scheduling's point)
+    "ch06.resolve_deferred_ids": {f"torch.Tensor.{m}": "a host read of device values: the host would wait for "
+                                  "the step in flight; stay on the device (torch.where, indexing)"
+                                  for m in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__",
+                                            "__float__")},
     "ch07.quantize_per_group": {"torch.quantize_per_channel": "compute the grid yourself",
                                 "torch.fake_quantize_per_channel_affine": "compute the grid yourself",
                                 "minillm.quant.rtn.quantize": "the engine's RTN", "minillm.quant.rtn.compute_qparams":

@@ -32,7 +32,7 @@ CHAPTERS: dict[int, Chapter] = {c.number: c for c in [
     Chapter(3, "ch03_flash_attention", "FlashAttention: online softmax, tiles and causal block skipping"),
     Chapter(4, "ch04_decode_and_fusion", "Decode and fusion: split-KV merges and a fused RMSNorm kernel"),
     Chapter(5, "ch05_paged_kv", "Paged KV cache: block tables, slot mappings and prefix caching"),
-    Chapter(6, "ch06_scheduling", "Continuous batching: admission, preemption by swap or recompute"),
+    Chapter(6, "ch06_scheduling", "Continuous batching: admission, preemption by swap or recompute, async steps"),
 ]}
 
 _EXERCISES: list[Exercise] = [
@@ -165,6 +165,17 @@ _EXERCISES: list[Exercise] = [
         nudge="Swapping out copies each GPU block of the sequence to its own free CPU block, in order.",
         signature="swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list[tuple[int, int]]",
         called_from="minillm.engine.block_manager.BlockManager.swap_out",
+    ),
+    Exercise(
+        id="ch06.resolve_deferred_ids", function="resolve_deferred_ids", source="minillm/engine/step_buffers.py",
+        points=5,
+        hint="deferred = ids < 0; rows = (-1 - ids).clamp(0, S - 1); ids.copy_(torch.where(deferred, "
+             "previous_tokens[rows], ids)): in place, no .tolist().",
+        nudge="Which row of the previous step's tokens does -(r + 1) name, and how do you fetch all of them at once "
+              "without the host reading a single value?",
+        signature="resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor | None) -> None",
+        called_from="minillm.engine.model_runner.ModelRunner._run (async scheduling's steps that take input ids "
+                    "from the step before)",
     ),
     # ---- interview questions with a numeric answer (minillm/bench/interview.py), and chapter 3's Triton puzzles
     Exercise(

@@ -56,6 +56,7 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.step_buffers import DownloadRing, PendingDownload, UploadBuffer, download, resolve_deferred_ids
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import forward_context
+from minillm.hooks import dispatch
 from minillm.layers.sampler import Sampler, greedy_tokens
 
 
@@ -300,7 +301,8 @@ class ModelRunner:
         sampling_graph = (graphs is not None and graphs.sample and prepared.graph is not None
                           and not prepared.graph_tree and prepared.graph[1] == 1)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
-            resolve_deferred_ids(prepared.input_ids, self._last_sampled)  # samples (a sampling graph gathers them)
+            dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)(  # samples (a sampling graph gathers
+                prepared.input_ids, self._last_sampled)  # them inside its replay)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)

@@ -221,13 +221,27 @@ class DownloadRing:
         return PendingDownload(self, slot, self.generations[slot], host, shapes, event)
 
 
+# >>> exercise ch06.resolve_deferred_ids
 def resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor | None) -> None:
-    """Async scheduling's device-side gather: an input id -(r + 1) stands for row r of the previous step's sampled
-    tokens (`previous_tokens`, int64 [S], still on the device), which the host has not seen yet. Rewrites
-    `input_ids` in place (a view of the step's upload or of a CUDA graph's static input), on the device's stream,
-    so the forward queued after it reads the real tokens; no host round trip."""
+    """Async scheduling's device-side gather: put the previous step's sampled tokens into this step's input ids.
+
+    Under async scheduling (minillm/engine/async_step.py) the host builds step N+1 while the GPU still runs step
+    N, so it does not know the tokens step N is sampling. Where a sequence's next input is such a token, the host
+    writes a placeholder: the id -(r + 1) stands for row r of step N's sampled tokens (`previous_tokens`, int64
+    [S], still on the device). Replace every negative id by previous_tokens[-id - 1] and keep the others, IN
+    PLACE (input_ids is a view of the step's upload, or of a CUDA graph's static input, that the forward reads).
+    Stay on the device: no .item(), .tolist() or Python loop over elements, each of which would make the host
+    wait for step N and undo the overlap. For the same reason nothing checks that -id - 1 < S: rows out of range
+    are the caller's bug (clamp them to a valid row; their value is then wrong, not a crash).
+
+    Example: input_ids [5, -1, 7, -3, 0], previous_tokens [40, 41, 42] -> input_ids [5, 40, 7, 42, 0].
+    Raise ValueError if previous_tokens is None or empty (the previous step sampled nothing).
+    """
+    # >>> solution
     if previous_tokens is None or previous_tokens.numel() == 0:
         raise ValueError("the step defers input ids to the previous step's samples, but that step sampled nothing")
     deferred = input_ids < 0
     rows = (-1 - input_ids).clamp_(0, previous_tokens.numel() - 1)  # other rows read row 0, then are kept
     input_ids.copy_(torch.where(deferred, previous_tokens[rows], input_ids))
+    # <<< solution
+# <<< exercise

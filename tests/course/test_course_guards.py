@@ -35,6 +35,31 @@ def test_calling_the_engines_reference_is_trapped():
         guarded(get("ch01.rms_norm"), lazy)(torch.randn(2, 4), torch.ones(4), 1e-6)
 
 
+def test_host_reads_of_device_values_are_trapped_in_the_learners_code_only():
+    """ch06.resolve_deferred_ids traps torch.Tensor methods (.tolist(), bool(), ...): a learner's loop is refused,
+    torch's own use of them (printing a tensor) is not, and afterwards the inherited methods are inherited again
+    (nothing left on torch.Tensor, which the tamper check would flag)."""
+    ex = get("ch06.resolve_deferred_ids")
+
+    def loop(input_ids, previous_tokens):
+        for i in range(input_ids.numel()):
+            if input_ids[i] < 0:
+                input_ids[i] = previous_tokens[-1 - int(input_ids[i])]
+
+    def prints_then_gathers(input_ids, previous_tokens):
+        print(input_ids)  # torch's formatter reads the values: not the learner's read
+        rows = (-1 - input_ids).clamp(0, previous_tokens.numel() - 1)
+        input_ids.copy_(torch.where(input_ids < 0, previous_tokens[rows], input_ids))
+
+    owned_before = {m for m in ("tolist", "item", "__bool__", "__index__") if m in vars(torch.Tensor)}
+    with pytest.raises(ForbiddenCallError, match="must not call torch.Tensor.__bool__"):
+        guarded(ex, loop)(torch.tensor([3, -1]), torch.tensor([7]))
+    ids = torch.tensor([3, -1])
+    guarded(ex, prints_then_gathers)(ids, torch.tensor([7]))
+    assert ids.tolist() == [3, 7] and bool(ids[0] > 0)
+    assert {m for m in ("tolist", "item", "__bool__", "__index__") if m in vars(torch.Tensor)} == owned_before
+
+
 def test_monkey_patching_is_detected_and_restored():
     original_allclose, original_sqrt = torch.allclose, math.sqrt
 

@@ -126,3 +126,76 @@ def test_swap_out_mapping_inside_the_engine(impl):
     got = simulate({"ch06.swap_out_mapping": impl}, **kwargs)
     assert got[0] == want[0], "with your swap_out_mapping the swapped sequences came back with different K/V or tokens"
     assert got[2].block_manager.num_used_cpu_blocks == 0, "CPU blocks leaked"
+
+
+# -- resolve_deferred_ids -------------------------------------------------------------------------------------------
+def _deferred_case(gen, n: int, s: int) -> tuple:
+    """n input ids, about half of them placeholders -(r + 1) for rows r of s previous tokens, in shuffled order
+    (row r is not sequence r: batches change between steps)."""
+    import torch
+    previous = torch.randint(0, 50_000, (s,), generator=gen)
+    ids = torch.randint(0, 50_000, (n,), generator=gen)
+    rows = torch.randint(0, s, (n,), generator=gen)
+    return torch.where(torch.rand(n, generator=gen) < 0.5, -1 - rows, ids), previous
+
+
+@pytest.mark.exercise("ch06.resolve_deferred_ids")
+@pytest.mark.points(2)
+def test_resolve_deferred_ids_matches_solution(impl, ref):
+    import torch
+    gen = torch.Generator().manual_seed(graded_seed(6))
+    for n, s in ((1, 1), (5, 3), (16, 16), (17, 4), (64, 63)):
+        ids, previous = _deferred_case(gen, n, s)
+        got, want = ids.clone(), ids.clone()
+        impl(got, previous.clone())
+        ref(want, previous.clone())
+        assert torch.equal(got, want), (f"input_ids {ids.tolist()}, previous_tokens {previous.tolist()}: got "
+                                        f"{got.tolist()}, expected {want.tolist()} (in place)")
+
+
+@pytest.mark.exercise("ch06.resolve_deferred_ids")
+@pytest.mark.points(2)
+def test_resolve_deferred_ids_properties(impl):
+    """In place, through a view; real ids kept; a clear error without previous tokens. (Every call of yours, in
+    every test, runs with the host reads of device values trapped: .tolist(), .item(), bool(), int(), ...)"""
+    import torch
+    buffer = torch.tensor([9, 9, 5, -1, 7, -3, 0, 9])  # the ids are a view of a larger buffer (the step's upload)
+    impl(buffer[2:7], torch.tensor([40, 41, 42]))
+    assert buffer.tolist() == [9, 9, 5, 40, 7, 42, 0, 9], \
+        f"got {buffer.tolist()}: write into the view, and only there"
+    kept = torch.tensor([3, 0, 2])
+    impl(kept, torch.tensor([8]))
+    assert kept.tolist() == [3, 0, 2], "ids >= 0 are real tokens: keep them"
+    for previous in (None, torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError):
+            impl(torch.tensor([-1]), previous)
+
+
+@pytest.mark.exercise("ch06.resolve_deferred_ids")
+@pytest.mark.points(1)
+def test_resolve_deferred_ids_inside_the_async_engine(impl):
+    """A tiny model under async scheduling on the CPU: with your gather, the tokens of synchronous steps."""
+    import torch
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.sampling_params import SamplingParams
+    from test_engine import tiny_config, tiny_model
+    from tiny import ByteTokenizer
+    config = tiny_config(max_position_embeddings=128)
+    model = tiny_model(config, seed=graded_seed(8) % 1000)
+    rng = random.Random(graded_seed(9))
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(1, 12))] for _ in range(5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(2, 12)) for _ in prompts]
+
+    def tokens(async_scheduling: bool) -> list:
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+            max_model_len=64, max_num_seqs=3, block_size=4, num_kv_blocks=64, async_scheduling=async_scheduling))
+        ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        return [done[i] for i in ids]
+
+    want = tokens(False)
+    with use_overrides({"ch06.resolve_deferred_ids": impl}):
+        got = tokens(True)
+    assert got == want, "with your gather the async engine's tokens differ from synchronous steps'"
