@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch) or args.output_len < 2:
         parser.error(f"--batch must be >= 1 and --output-len >= 2, got {args.batch} and {args.output_len}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: the figures are GPU figures (--device cpu runs a smoke test)")
     if args.device == "cpu":  # a smoke test: a 2-layer toy
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         from test_engine import tiny_config, tiny_model

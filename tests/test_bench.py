@@ -265,3 +265,6 @@ def test_profile_async_step_smoke_on_the_cpu(tmp_path):
     assert LLMEngine.step is step and DecodeCUDAGraphs.__init__ is init
     with pytest.raises(SystemExit):
         pa.main(["--device", "cpu", "--batch", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            pa.main([])  # the default device is CUDA: a clear error, not a traceback from deep in torch
