@@ -403,6 +403,27 @@ def assert_same_greedy(outs, refs) -> None:
     assert compared >= total // 2, f"only {compared} of {total} tokens compared: the runs parted too early"
 
 
+def test_assert_same_greedy_accepts_a_near_tie_and_nothing_else():
+    """The GPU test's comparison, on made-up outputs: equal runs pass; parting at a near-tie passes; parting where
+    one run was sure fails, as do log-probs that differ by more than SAME_STEP_TOL and runs that part too early."""
+    from minillm.outputs import CompletionOutput, Logprob
+
+    def out(tokens, tops):  # tops: per position, {token: logprob}
+        return CompletionOutput(0, "", tokens, logprobs=[{t: Logprob(lp) for t, lp in top.items()} for top in tops])
+
+    sure = {1: -0.1, 2: -3.0}
+    ref = out([1, 1, 1, 1], [sure] * 4)
+    assert_same_greedy([out([1, 1, 1, 1], [sure] * 4)], [ref])
+    tie_ref = out([1, 1, 1, 1], [sure, sure, {1: -1.00, 2: -1.01}, sure])
+    assert_same_greedy([out([1, 1, 2, 2], [sure, sure, {2: -1.000, 1: -1.002}, sure])], [tie_ref])
+    with pytest.raises(AssertionError):  # the reference was sure of token 1
+        assert_same_greedy([out([1, 1, 2, 2], [sure, sure, {2: -1.0, 1: -1.02}, sure])], [ref])
+    with pytest.raises(AssertionError):  # same tokens, log-probs apart by 0.5
+        assert_same_greedy([out([1, 1, 1, 1], [sure, {1: -0.6, 2: -3.0}, sure, sure])], [ref])
+    with pytest.raises(AssertionError):  # a near-tie at the first token: nothing compared
+        assert_same_greedy([out([2, 2, 2, 2], [{2: -1.0, 1: -1.0}] * 4)], [out([1, 1, 1, 1], [{1: -1.0, 2: -1.0}] * 4)])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fp8_kv_decode_with_cuda_graphs():
