@@ -367,10 +367,12 @@ def test_sampling_graphs_equal_eager_steps(model_and_config, monkeypatch):
             attach_host_graphs(engine)
             sampled = engine.runner.cuda_graphs.sampled  # every graph's logits: rows of one shared buffer
             assert len(sampled) > 2 and len({logits.data_ptr() for logits, _ in sampled.values()}) == 1
-        host_samples = []  # (during a sampling graph's step, every row greedy)
-        runner, sample = engine.runner, engine.runner._sample_on_device
+        host_samples, replayed = [], [False]  # (in a step replayed by a decode graph, every row greedy)
+        runner, sample, forward = engine.runner, engine.runner._sample_on_device, engine.runner.forward
+        monkeypatch.setattr(runner, "forward", lambda prepared: replayed.__setitem__(
+            0, prepared.graph is not None and prepared.graph[1] == 1) or forward(prepared))
         monkeypatch.setattr(runner, "_sample_on_device", lambda logits, specs, params: host_samples.append(
-            (runner._graph_sampled is not None, params is None)) or sample(logits, specs, params))
+            (replayed[0], params is None)) or sample(logits, specs, params))
         ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
         done = {}
         while engine.has_unfinished_requests():

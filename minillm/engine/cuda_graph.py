@@ -286,6 +286,11 @@ class DecodeCUDAGraphs:
             self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
 
+    def samples(self, graph: tuple[int, int] | None, tree: bool = False) -> bool:
+        """Whether the replay of `graph` ((bucket, q_len), as PreparedBatch.graph) gathers deferred ids and
+        computes the logits and greedy tokens (`sampled[bucket]`)."""
+        return graph is not None and not tree and graph[1] == 1 and graph[0] in self.sampled
+
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Make `tokens` (a step's sampled tokens, not a sampling graph's own greedy ones) what the next replay's
         deferred ids refer to. (Only async steps defer, one row per sequence: at most a bucket's rows.)"""

@@ -298,11 +298,10 @@ class ModelRunner:
             return None
         prepared = self.prepare(step)
         graphs = self.cuda_graphs
-        sampling_graph = (graphs is not None and graphs.sample and prepared.graph is not None
-                          and not prepared.graph_tree and prepared.graph[1] == 1)
+        sampling_graph = graphs is not None and graphs.samples(prepared.graph, prepared.graph_tree)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
-            dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)(  # samples (a sampling graph gathers
-                prepared.input_ids, self._last_sampled)  # them inside its replay)
+            gather = dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)  # samples (a sampling graph
+            gather(prepared.input_ids, self._last_sampled)  # gathers them inside its replay)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden = self.forward(prepared)
@@ -400,9 +399,9 @@ class ModelRunner:
         if graphs is not None and prepared.graph is not None:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
-            sampled = None if prepared.graph_tree else graphs.sampled.get(prepared.graph[0])
-            if sampled is not None and prepared.graph[1] == 1:
-                self._graph_sampled = (sampled[0][:rows], sampled[1][:rows])
+            if graphs.samples(prepared.graph, prepared.graph_tree):
+                logits, tokens = graphs.sampled[prepared.graph[0]]
+                self._graph_sampled = (logits[:rows], tokens[:rows])
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:
