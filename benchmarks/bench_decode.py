@@ -113,9 +113,10 @@ def copy_bandwidth() -> float:
 
 
 def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enforce_eager: bool | None,
-               device: str = "cuda", async_scheduling: bool = False, max_model_len: int | None = None) -> dict:
+               device: str = "cuda", async_scheduling: bool | None = False, max_model_len: int | None = None) -> dict:
     """Warm up, then time one batch of requests through LLMEngine. (device="cpu" only to smoke-test this code
-    on a tiny model: the figures are GPU figures.)"""
+    on a tiny model: the figures are GPU figures.) enforce_eager / async_scheduling None: the engine's defaults
+    for the device (on CUDA: graphs, and async scheduling with decode graphs that sample)."""
     import torch
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
@@ -137,6 +138,7 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
     engine = LLMEngine(model, DummyTokenizer(), config, engine_config, device=device, dtype=dtype)
     setup_s = time.perf_counter() - start
     graphs = engine.runner.cuda_graphs is not None
+    async_scheduling = engine.async_steps is not None  # as resolved (None: the default for the device)
     if device == "cuda" and enforce_eager is not None and graphs == enforce_eager:
         raise RuntimeError(f"expected CUDA graphs={not enforce_eager}, the runner has graphs={graphs}")
     gen = torch.Generator().manual_seed(1)
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("off", "on", "auto"):
             if mode != args.gemv:
                 plan.insert(1, (others[mode], False, mode))
-    plan = [(name, eager, gemv, False) for name, eager, gemv in plan]
+    # the first two are the synchronous baselines; "engine_default" takes every engine default (async included)
+    plan = [(name, eager, gemv, None if name == "engine_default" else False) for name, eager, gemv in plan]
     if args.async_scheduling:
         plan.append(("engine_cuda_graphs_async", False, args.gemv, True))
     for name, eager, gemv, overlap in plan:

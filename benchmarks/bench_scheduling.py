@@ -83,7 +83,7 @@ def random_llama(device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Mod
 class Setup:
     """The model every part shares, and a way to build an LLM with any engine options around it."""
 
-    def __init__(self, device: torch.device, enforce_eager: bool = True, piecewise: bool = False) -> None:
+    def __init__(self, device: torch.device, enforce_eager: bool = True, piecewise: bool | None = None) -> None:
         self.device = device
         self.enforce_eager, self.piecewise = enforce_eager, piecewise
         self.cuda = device.type == "cuda"
@@ -352,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the raw results as JSON here")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="our engine replays CUDA graphs for decode steps (enforce_eager=False)")
-    parser.add_argument("--piecewise", action="store_true",
-                        help="with --cuda-graphs: steps with prefill tokens replay piecewise graphs too")
+    parser.add_argument("--piecewise", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --cuda-graphs: steps with prefill tokens replay piecewise graphs too (default: "
+                             "the engine's default, on wherever decode graphs are; --no-piecewise turns them off)")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="P6: run our engine with synchronous steps and with async_scheduling=True, one after "
                              "the other (P9 and P8 are unchanged)")
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and "p6" in parts:
         print("P6 skipped: it needs CUDA (an 8B-shaped model in bf16 against HF generate); P9 and P8 run on CPU")
         parts.remove("p6")
-    if args.piecewise and not args.cuda_graphs:
+    if args.piecewise is not None and not args.cuda_graphs:
         parser.error("--piecewise needs --cuda-graphs (the piecewise graphs complement the decode graphs)")
     setup = Setup(device, enforce_eager=not args.cuda_graphs, piecewise=args.piecewise)
     device_name = torch.cuda.get_device_name() if setup.cuda else \
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = {"p9": bench_p9, "p8": bench_p8}[part](setup, args.quick)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {"benchmark": "bench_scheduling", "date": date, "device": device_name, "model": setup.name,
-        "quick": args.quick, "cuda_graphs": args.cuda_graphs, "piecewise": args.piecewise,
+        "quick": args.quick, "cuda_graphs": args.cuda_graphs,
+        "piecewise": args.cuda_graphs and args.piecewise is not False,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
         "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "results": results}

@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_paged_decode.py --out sweep.json [--quick] [--batches 1,8] [--ctxs 4096]
     python benchmarks/sweep_paged_decode.py --heads 9,3,64 --batches 1,8 --ctxs 128,256,512,1024   (SmolLM2's)
+    python benchmarks/sweep_paged_decode.py --batches 64,128,256 --ctxs 2048 --min-ctx 100   (P6's mixed batches)
 
 What it measures. kernels/paged_attention.py reads each sequence's K and V once per decode step, so its
 roofline is memory bandwidth: bytes = K + V read (batch x ctx x kv heads x head_dim x 2 bytes, twice) plus q
@@ -18,8 +19,11 @@ What it sweeps, per (batch, ctx) of Llama-3-8B attention (32 query heads, 8 kv h
 bf16, block_size 16 (the engine's default), random block tables:
   stage 1: num_splits in {1, 2, 4, ..., 64} (splits of fewer than 64 keys skipped) with today's tile;
   stage 2: the tile variants (BLOCK_N, num_warps, num_stages, block table read one tile ahead or not) at the
-           two best split counts of stage 1;
+           two best split counts of stage 1, and at the rule's split count;
   and the heuristic (num_splits=None, default tile), i.e. what the engine runs.
+With --min-ctx LO each sequence's context is drawn uniformly from LO..ctx (seeded) instead of all being ctx: the
+batches of a serving run (P6: contexts of 100..2048 tokens in one decode step), where the block table is ctx
+wide and the heuristic sees only that width. Bytes are then those of the contexts actually drawn.
 The best configuration of each shape and the heuristic's are checked against a float32 torch reference
 before the table is printed. The table gives, per shape, the heuristic's and the best config's fraction of
 copy bandwidth. Raw rows and the summary go to --out as JSON; about 1-2 minutes on an H200.
@@ -48,15 +52,18 @@ CONFIG_KEYS = ("num_splits",) + TILE_KEYS
 MAX_KV_BYTES = 40e9  # skip shapes whose KV cache would not fit beside the rest
 ROTATE_BYTES = 256e6  # KV bytes per timed graph at least: 5x the H200's L2
 MIN_SPLIT_KEYS = 64
+MIN_CTX = None  # --min-ctx: contexts drawn from MIN_CTX..ctx per sequence (None: every sequence has ctx keys)
 
 
 def kv_bytes(batch: int, ctx: int) -> int:
     return 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
 
 
-def bytes_moved(batch: int, ctx: int) -> int:
-    """The kernel's compulsory traffic: K and V read, q read, out written (bf16)."""
-    return kv_bytes(batch, ctx) + 2 * batch * HEADS * HEAD_DIM * 2
+def bytes_moved(batch: int, ctx: int, seq_lens: torch.Tensor | None = None) -> int:
+    """The kernel's compulsory traffic: K and V read, q read, out written (bf16); with seq_lens, the K and V of
+    those contexts (ctx is then only the table's width)."""
+    kv = kv_bytes(batch, ctx) if seq_lens is None else 4 * int(seq_lens.sum()) * KV_HEADS * HEAD_DIM
+    return kv + 2 * batch * HEADS * HEAD_DIM * 2
 
 
 def graph_time_us(calls, trials: int = 3, min_gpu_ms: float = 1.0, warm_ms: float = 5.0, best: bool = False) -> float:
@@ -112,7 +119,11 @@ class CachePool:
             raise ValueError(f"pool of {self.k_cache.shape[0]} blocks cannot hold {need}")
         perm = torch.randperm(self.k_cache.shape[0], device=self.device, generator=self.gen)[:need].to(torch.int32)
         tables = perm.view(count, batch, per_seq)
-        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=self.device)
+        if MIN_CTX is None:
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=self.device)
+        else:  # a serving batch: contexts uniform in MIN_CTX..ctx, the same draw for a given (batch, ctx)
+            cpu = torch.Generator().manual_seed(batch * 100003 + ctx)
+            seq_lens = torch.randint(MIN_CTX, ctx + 1, (batch,), generator=cpu, dtype=torch.int32).to(self.device)
         return [(torch.randn(batch, HEADS, HEAD_DIM, device=self.device, dtype=torch.bfloat16, generator=self.gen),
                  tables[i].contiguous(), seq_lens) for i in range(count)]
 
@@ -179,7 +190,7 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     from minillm.kernels.paged_attention import choose_decode_config
 
     insts = pool.instances(batch, ctx, rotation_count(batch, ctx))
-    nbytes = bytes_moved(batch, ctx)
+    nbytes = bytes_moved(batch, ctx, insts[0][2] if MIN_CTX is not None else None)
     row = lambda cfg, us, stage: {  # noqa: E731
         "batch": batch, "ctx": ctx, "stage": stage, **cfg, "us": us, "tb_per_s": nbytes / us / 1e6,
         "fraction_of_copy": nbytes / (us * 1e-6) / copy_bw}
@@ -197,6 +208,10 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
         stage1.append(row(cfg, time_config(pool, insts, cfg), "splits"))
     rows += stage1
     best_splits = [r["num_splits"] for r in sorted(stage1, key=lambda r: r["us"])[:2]]
+    for tile in tiles[1:]:  # every tile at the rule's own split count too: what a change of rule 2 would give
+        if rule.num_splits not in best_splits:
+            cfg = {"num_splits": rule.num_splits, **dict(zip(TILE_KEYS, tile))}
+            rows.append(row(cfg, time_config(pool, insts, cfg), "rule_splits"))
     for s in best_splits:
         for tile in tiles[1:]:
             cfg = {"num_splits": s, **dict(zip(TILE_KEYS, tile))}
@@ -205,10 +220,12 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     best_cfg = {k: best[k] for k in CONFIG_KEYS if best.get(k) is not None}
     best["max_abs_err"] = check(pool, insts[0], best_cfg, f"B{batch} ctx{ctx} best")
     auto["max_abs_err"] = check(pool, insts[0], {}, f"B{batch} ctx{ctx} heuristic")
-    summary = {"batch": batch, "ctx": ctx, "kv_mb": kv_bytes(batch, ctx) / 1e6, "rotation": len(insts),
+    summary = {"batch": batch, "ctx": ctx, "kv_mb": (nbytes - 2 * batch * HEADS * HEAD_DIM * 2) / 1e6, "rotation": len(insts),
                "rule": rule_cfg, "auto_us": auto["us"], "auto_fraction": auto["fraction_of_copy"],
                "best": best_cfg, "best_us": best["us"], "best_fraction": best["fraction_of_copy"],
                "speedup": auto["us"] / best["us"]}
+    if MIN_CTX is not None:
+        summary["min_ctx"], summary["mean_ctx"] = MIN_CTX, float(insts[0][2].float().mean())
     if nbytes < 1e9:  # small shapes: the same bytes copied, with its own launch latency
         summary["same_size_copy_us"] = same_size_copy_us(*copy_bufs, nbytes, len(insts))
         summary["best_vs_same_size_copy"] = summary["same_size_copy_us"] / best["us"]
@@ -259,11 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctxs", type=_ints, default=list(CONTEXTS), help="comma-separated context lengths")
     parser.add_argument("--heads", type=_ints, default=[HEADS, KV_HEADS, HEAD_DIM],
                         help="query heads, kv heads, head_dim (default Llama-3-8B's 32,8,128; SmolLM2's 9,3,64)")
+    parser.add_argument("--min-ctx", type=int, default=None,
+                        help="draw each sequence's context from MIN_CTX..ctx (a serving batch) instead of all ctx")
     args = parser.parse_args(argv)
     heads = args.heads
     if len(heads) != 3 or heads[0] % heads[1] or heads[2] not in (64, 128):
         parser.error(f"--heads must be Q,KV,D with KV dividing Q and D in (64, 128), got {heads}")
     set_heads(*heads)
+    if args.min_ctx is not None:
+        if not 1 <= args.min_ctx <= min(args.ctxs):
+            parser.error(f"--min-ctx must lie in 1..{min(args.ctxs)} (the smallest --ctxs), got {args.min_ctx}")
+        global MIN_CTX
+        MIN_CTX = args.min_ctx
     if not torch.cuda.is_available():
         print("sweep_paged_decode.py needs a CUDA GPU (the Triton interpreter would take hours).", file=sys.stderr)
         return 2
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "copy_bytes_per_s": copy_bw, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-            "block_size": BLOCK_SIZE}
+            "block_size": BLOCK_SIZE, "min_ctx": MIN_CTX}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "summary": summaries, "rows": rows}, f, indent=1)
