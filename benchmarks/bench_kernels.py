@@ -142,7 +142,7 @@ def bench_paged_decode(quick: bool) -> list[dict]:
             contiguous.append((q.unsqueeze(2), *kv))
         sdpa = sweep.graph_time_us([_sdpa(q, k, v, False) for q, k, v in contiguous])
         del contiguous
-        nbytes = sweep.bytes_moved(batch, ctx)
+        nbytes = sweep.bytes_moved(insts[0][2])
         rows.append({"bench": "P2 paged decode bf16", "batch": batch, "ctx": ctx, "heads": heads,
                      "kv_heads": kv_heads, "head_dim": d, "block_size": sweep.BLOCK_SIZE,
                      "num_splits": choose_num_splits(batch, kv_heads, ctx, torch.device("cuda")),

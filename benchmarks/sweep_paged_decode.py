@@ -59,11 +59,14 @@ def kv_bytes(batch: int, ctx: int) -> int:
     return 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
 
 
-def bytes_moved(batch: int, ctx: int, seq_lens: torch.Tensor | None = None) -> int:
-    """The kernel's compulsory traffic: K and V read, q read, out written (bf16); with seq_lens, the K and V of
-    those contexts (ctx is then only the table's width)."""
-    kv = kv_bytes(batch, ctx) if seq_lens is None else 4 * int(seq_lens.sum()) * KV_HEADS * HEAD_DIM
-    return kv + 2 * batch * HEADS * HEAD_DIM * 2
+def kv_read_bytes(seq_lens: torch.Tensor) -> int:
+    """K and V bytes a decode step reads for these contexts (bf16): kv_bytes(batch, ctx) when all are ctx."""
+    return 4 * int(seq_lens.sum()) * KV_HEADS * HEAD_DIM
+
+
+def bytes_moved(seq_lens: torch.Tensor) -> int:
+    """The kernel's compulsory traffic: K and V read, q read, out written (bf16)."""
+    return kv_read_bytes(seq_lens) + 2 * seq_lens.numel() * HEADS * HEAD_DIM * 2
 
 
 def graph_time_us(calls, trials: int = 3, min_gpu_ms: float = 1.0, warm_ms: float = 5.0, best: bool = False) -> float:
@@ -190,7 +193,7 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     from minillm.kernels.paged_attention import choose_decode_config
 
     insts = pool.instances(batch, ctx, rotation_count(batch, ctx))
-    nbytes = bytes_moved(batch, ctx, insts[0][2] if MIN_CTX is not None else None)
+    nbytes = bytes_moved(insts[0][2])
     row = lambda cfg, us, stage: {  # noqa: E731
         "batch": batch, "ctx": ctx, "stage": stage, **cfg, "us": us, "tb_per_s": nbytes / us / 1e6,
         "fraction_of_copy": nbytes / (us * 1e-6) / copy_bw}
@@ -208,8 +211,8 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
         stage1.append(row(cfg, time_config(pool, insts, cfg), "splits"))
     rows += stage1
     best_splits = [r["num_splits"] for r in sorted(stage1, key=lambda r: r["us"])[:2]]
-    for tile in tiles[1:]:  # every tile at the rule's own split count too: what a change of rule 2 would give
-        if rule.num_splits not in best_splits:
+    if rule.num_splits not in best_splits:  # every tile at the rule's own split count: a change of rule 2 alone
+        for tile in tiles[1:]:
             cfg = {"num_splits": rule.num_splits, **dict(zip(TILE_KEYS, tile))}
             rows.append(row(cfg, time_config(pool, insts, cfg), "rule_splits"))
     for s in best_splits:
@@ -220,7 +223,7 @@ def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tup
     best_cfg = {k: best[k] for k in CONFIG_KEYS if best.get(k) is not None}
     best["max_abs_err"] = check(pool, insts[0], best_cfg, f"B{batch} ctx{ctx} best")
     auto["max_abs_err"] = check(pool, insts[0], {}, f"B{batch} ctx{ctx} heuristic")
-    summary = {"batch": batch, "ctx": ctx, "kv_mb": (nbytes - 2 * batch * HEADS * HEAD_DIM * 2) / 1e6, "rotation": len(insts),
+    summary = {"batch": batch, "ctx": ctx, "kv_mb": kv_read_bytes(insts[0][2]) / 1e6, "rotation": len(insts),
                "rule": rule_cfg, "auto_us": auto["us"], "auto_fraction": auto["fraction_of_copy"],
                "best": best_cfg, "best_us": best["us"], "best_fraction": best["fraction_of_copy"],
                "speedup": auto["us"] / best["us"]}
