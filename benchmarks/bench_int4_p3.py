@@ -7,8 +7,8 @@
 For the decoder's four Llama-3-8B shapes and 4096->14336 (g128 asymmetric, GPTQ layout) at M = 1 .. 256:
   bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
   best     the fastest correct launch among the dispatcher's candidates (int4_dispatch.candidates: int4_gemm.py's
-           two paths, int4_mma.py, int4_gemv.py and, from M = 16, dequantise-then-cuBLAS), and the fastest of
-           each kernel on its own;
+           two paths, int4_mma.py, int4_gemv.py with one row per program and, for M = 2..8, with all rows in one
+           (gemv_rows), and from M = 16 dequantise-then-cuBLAS), and the fastest of each kernel on its own;
   auto     int4_gemm() itself: int4_dispatch.py's pick (timed by do_bench on its first call per shape).
 Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1% of max|y|, the dispatcher's
 rule) before it is timed; a wrong one is reported and never ranked. Timing: a CUDA graph of 20 launches replayed
@@ -34,7 +34,7 @@ SHAPES = {"4096->14336": (4096, 14336), "4096->6144": (4096, 6144), "4096->4096"
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
 P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
 P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
-KERNELS = ("fma", "gemv", "dot", "mma", "dequant")
+KERNELS = ("fma", "gemv", "gemv_rows", "dot", "mma", "dequant")  # gemv_rows: int4_gemv.py with BLOCK_M > 1
 
 
 def launches_for(m: int, n: int, k: int, sms: int, dtype=None) -> list:
@@ -73,7 +73,8 @@ def run_shape(label: str, k: int, n: int, sms: int, copy_bw: float, deadline: fl
         row["auto_pick"] = vars(pick) if pick is not None else None
         row["launches"] = []
         for lc in launches_for(m, n, k, sms, x.dtype):
-            rec = dict(name=_name(lc), kind=lc.kernel, launch=vars(lc))
+            kind = "gemv_rows" if lc.kernel == "gemv" and lc.block_m > 1 else lc.kernel
+            rec = dict(name=_name(lc), kind=kind, launch=vars(lc))
             if time.time() > deadline:
                 rec.update(ok=False, us=math.nan, error="skipped: time budget")
                 row["launches"].append(rec)

@@ -5,9 +5,10 @@
 
 Triton compiles for the target it is given, not only for the GPU it runs on, and its wheel carries NVIDIA's ptxas
 and cuobjdump. So a CPU machine can read what a kernel costs on a Hopper GPU before any GPU time is spent: for each
-of the dispatcher's GEMV tiles (int4_dispatch.GEMV_TILES and the TMA kernel's GEMV_TMA_TILES; bf16 activations, g128 asymmetric weights, pointers and
-sizes 16-divisible as the launcher specialises them) this prints the registers per thread (an SM holds 65,536:
-at 128 registers, 16 warps) and the SASS instructions inside the K loop per weight a thread handles there. Both
+of the dispatcher's GEMV tiles (int4_dispatch.GEMV_TILES, the TMA kernel's GEMV_TMA_TILES and GEMV_ROW_TILES, several
+activation rows per program; bf16 activations, g128 asymmetric weights, pointers and sizes 16-divisible as the
+launcher specialises them) this prints the registers per thread (an SM holds 65,536: at 128 registers, 16 warps)
+and the SASS instructions inside the K loop per weight a thread handles there (and per weight and row). Both
 decided the INT4 GEMV's speed on the H200 (RESULTS.md, fourteenth session: 254 registers and 6.5 instructions per
 weight before the rewrite, latency-bound at 1.7 warps per SM). The counts are Triton's and ptxas's of this
 machine's versions (the H200 runs triton 3.6: close, not equal). --keep DIR writes each tile's SASS there.
@@ -35,13 +36,14 @@ HALF = dict(POINTERS, X="*fp16", S="*fp16", BIAS="*fp16", Y="*fp16")  # an fp16 
 
 
 def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0,
-                 half: bool = False):
+                 half: bool = False, block_m: int = 1):
     """int4_gemv_kernel (or with tma_stages > 0 its TMA twin, pipelined that deep) compiled for sm_90 with the
     constants and 16-divisibility a real launch has; bf16 activations, or fp16 with `half`."""
     from minillm.kernels.int4_gemv import int4_gemv_kernel, int4_gemv_tma_kernel
 
     fn = int4_gemv_tma_kernel if tma_stages else int4_gemv_kernel
     const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=block_n, BLOCK_K=block_k,
+                 BLOCK_M=block_m,
                  **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch)))
     signature, divisible = {}, []
     for i, name in enumerate(fn.arg_names):
@@ -90,22 +92,25 @@ def loop_body(sass: str) -> collections.Counter:
 
 
 def measure(keep: str | None = None) -> list[dict]:
-    from minillm.kernels.int4_dispatch import GEMV_TILES, GEMV_TMA_TILES
+    from minillm.kernels.int4_dispatch import GEMV_ROW_TILES, GEMV_TILES, GEMV_TMA_TILES
 
     tiles = [(f"gemv_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}{'_fp16' if half else ''}", "gemv",
-              (n, k, w, pf, 0, half)) for half in (False, True) for n, k, w, pf in GEMV_TILES]
-    tiles += [(f"gemv_tma_N{n}_K{k}_w{w}_stages{st}", "gemv_tma", (n, k, w, False, st, False))
+              (n, k, w, pf, 0, half, 1)) for half in (False, True) for n, k, w, pf in GEMV_TILES]
+    tiles += [(f"gemv_tma_N{n}_K{k}_w{w}_stages{st}", "gemv_tma", (n, k, w, False, st, False, 1))
               for n, k, w, st in GEMV_TMA_TILES]
+    tiles += [(f"gemv_M{m}_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}", "gemv", (n, k, w, pf, 0, False, m))
+              for m, row_tiles in GEMV_ROW_TILES.items() for n, k, w, pf in row_tiles]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind, (block_n, block_k, warps, prefetch, stages, half) in tiles:
-            compiled = compile_gemv(block_n, block_k, warps, prefetch, stages, half)
+        for name, kind, (block_n, block_k, warps, prefetch, stages, half, rows) in tiles:
+            compiled = compile_gemv(block_n, block_k, warps, prefetch, stages, half, rows)
             sass, regs = sass_of(compiled.asm["cubin"], keep or tmp, name)
             body = loop_body(sass)
             weights = block_n * block_k // (32 * warps)  # per thread per K tile
-            out.append(dict(tile=name, kernel=kind, registers=regs, loop_instructions=sum(body.values()),
-                            per_weight=round(sum(body.values()) / weights, 2), tma_loads="UTMALDG" in sass,
-                            shared_bytes=compiled.metadata.shared, top=dict(body.most_common(6))))
+            out.append(dict(tile=name, kernel=kind, rows=rows, registers=regs, loop_instructions=sum(body.values()),
+                            per_weight=round(sum(body.values()) / weights, 2),
+                            per_weight_row=round(sum(body.values()) / weights / rows, 2), tma_loads="UTMALDG" in sass,
+                            spills="STL" in sass, shared_bytes=compiled.metadata.shared, top=dict(body.most_common(6))))
     return out
 
 
@@ -124,11 +129,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"triton {triton.__version__}, sm_90: the INT4 GEMV's tiles (int4_dispatch.GEMV_TILES, GEMV_TMA_TILES)")
+    print(f"triton {triton.__version__}, sm_90: the INT4 GEMV's tiles (int4_dispatch.GEMV_TILES, GEMV_TMA_TILES, "
+          "GEMV_ROW_TILES)")
     for r in rows:
         print(f"  {r['tile']:32s} {r['registers']:4d} registers, {r['shared_bytes']:6d} B shared, "
               f"{r['loop_instructions']:5d} instructions in the K loop, {r['per_weight']:.2f} per weight"
-              f"{', TMA loads' if r['tma_loads'] else ''}; most: {r['top']}")
+              + (f" ({r['per_weight_row']:.2f} per weight and row)" if r["rows"] > 1 else "")
+              + f"{', TMA loads' if r['tma_loads'] else ''}{', SPILLS' if r['spills'] else ''}; most: {r['top']}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depend
   fma      int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
   dot      int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
   mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
-  gemv     int4_gemv.py: one row per program, two weights per instruction in packed fp16 math (PTX), M <= 2,
-           where the shape divides into its tiles; on Hopper also its TMA twin (gemv_tma: the words pipelined
-           into shared memory by the TMA engine);
+  gemv     int4_gemv.py: two weights per instruction in packed fp16 math (PTX), where the shape divides into
+           its tiles: one row per program for M <= 2 (on Hopper also its TMA twin, gemv_tma: the words pipelined
+           into shared memory by the TMA engine), and for M = 2..8 all rows in one program (BLOCK_M = M rounded
+           up to a power of two), each word unpacked once for every row;
   dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
 Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
@@ -46,6 +47,13 @@ MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) of int4_gemv.py: the best of the H200 sweep over its four Llama-3-8B
 # shapes at M = 1 (2026-12-03): 4 or 8 columns x 8 packed rows per thread, 96-128 registers
 GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 64, 1, True)]
+# int4_gemv.py with BLOCK_M rows per program (each word unpacked once for all of them), for M = 2..8: tiles of
+# (BLOCK_N, BLOCK_K, num_warps, prefetch) per BLOCK_M with the fewest SASS instructions per weight and row at <= 232
+# registers, no spills (benchmarks/sass_count.py, sm_90, bf16 / fp16: 2.3-2.75 / 1.9-2.2 at 2 rows, 1.3-2.4 /
+# 1.3-1.8 at 4, 1.2 at 8, against 2.75 / 2.43 for one row)
+GEMV_ROW_TILES = {2: [(128, 64, 1, True), (128, 64, 2, True), (64, 64, 1, True)],
+                  4: [(64, 64, 1, True), (64, 32, 1, True)],
+                  8: [(64, 32, 1, True)]}
 # (BLOCK_N, BLOCK_K, num_warps, pipeline stages) of int4_gemv.py's TMA kernel (Hopper and later; on the H200 never
 # faster than the register kernel: 15.8-16.2 us against 14.2 at 4096 -> 14336, 2026-12-04)
 GEMV_TMA_TILES = [(128, 64, 1, 3), (256, 64, 2, 3), (128, 64, 1, 4)]
@@ -105,6 +113,10 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
             for s in _splits(m * triton.cdiv(n, bn), triton.cdiv(k, bk), sms):
                 if gemv_fits(n, k, group, bn, bk, s):
                     out.append(Launch("gemv_tma", 1, bn, bk, w, stages, s))
+    for bn, bk, w, pf in GEMV_ROW_TILES.get(m_bucket, []) if dtype != torch.float32 else ():
+        for s in _splits(triton.cdiv(n, bn), triton.cdiv(k, bk), sms):  # one program holds all the rows
+            if gemv_fits(n, k, group, bn, bk, s):
+                out.append(Launch("gemv", m_bucket, bn, bk, w, 1, s, pf))
     if m <= SPLIT_K_MAX_M:
         bm = max(16, m_bucket)
         for bn, w in DOT_TILES:
@@ -152,16 +164,16 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
                                    x2.stride(0), scales.stride(0), qz.stride(0), y.stride(0), 0x000F000F,
                                    GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                    PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
-                                   SPLIT_K=lc.split_k, STAGES=lc.num_stages, num_warps=lc.num_warps,
-                                   num_stages=lc.num_stages)
+                                   SPLIT_K=lc.split_k, STAGES=lc.num_stages, BLOCK_M=lc.block_m,
+                                   num_warps=lc.num_warps, num_stages=lc.num_stages)
         return
     if lc.kernel == "gemv":
         int4_gemv_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                                x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),
                                0x000F000F, GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
-                               SPLIT_K=lc.split_k, PREFETCH=lc.prefetch, num_warps=lc.num_warps,
-                               num_stages=lc.num_stages)
+                               SPLIT_K=lc.split_k, PREFETCH=lc.prefetch, BLOCK_M=lc.block_m,
+                               num_warps=lc.num_warps, num_stages=lc.num_stages)
         return
     _int4_gemm_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                             x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),

@@ -110,9 +110,9 @@ _PAIRS_BF16 = tl.constexpr(
 @triton.jit
 def _x_pairs_bf16(x_ptrs, PACKED: tl.constexpr):
     """bf16 activations: the pairs (x[8j + i], x[8j + i + 4]) for i = 2h and 2h + 1 (x_ptrs -> x[8j + 2h], 4-byte
-    aligned: the launcher checks) as two [ROWS, 1] tensors of fp16 pairs, from two 32-bit loads per row, a = x[8j +
-    2h .. +1] and b = x[8j + 2h + 4 .. +5]: a bf16 is the top half of an fp32, so a shift (low half) or a mask
-    (high half) widens it, and one cvt.rn.f16x2.f32 rounds a pair (2.75 instructions per weight against 2.85 for
+    aligned: the launcher checks) as two tensors of fp16 pairs shaped as x_ptrs, from two 32-bit loads per row,
+    a = x[8j + 2h .. +1] and b = x[8j + 2h + 4 .. +5]: a bf16 is the top half of an fp32, so a shift (low half) or a
+    mask (high half) widens it, and one cvt.rn.f16x2.f32 rounds a pair (2.75 instructions per weight against 2.85 for
     a load per activation, 128 registers both: ptxas, sm_90, N256 x 2 warps)."""
     words = x_ptrs.to(tl.pointer_type(tl.int32), bitcast=True)
     a = tl.load(words)
@@ -123,7 +123,7 @@ def _x_pairs_bf16(x_ptrs, PACKED: tl.constexpr):
     else:
         p0 = _pack((a << 16).to(tl.float32, bitcast=True), (b << 16).to(tl.float32, bitcast=True))
         p1 = _pack((a & -65536).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True))
-    return p0[:, None], p1[:, None]
+    return p0, p1
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def _x_half(v, I: tl.constexpr):
 
 @triton.jit
 def _x_pair(x_ptrs, PACKED: tl.constexpr):
-    """x[8j + i] and x[8j + i + 4] (x_ptrs -> x[8j + i]) as fp16 pairs [ROWS, 1], one load each, widened to
+    """x[8j + i] and x[8j + i + 4] (x_ptrs -> x[8j + i]) as fp16 pairs shaped as x_ptrs, one load each, widened to
     fp32 and rounded in pairs (cvt.rn.f16x2.f32)."""
     lo = tl.load(x_ptrs).to(tl.float32)
     hi = tl.load(x_ptrs + 4).to(tl.float32)
@@ -143,13 +143,13 @@ def _x_pair(x_ptrs, PACKED: tl.constexpr):
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
         pair = _pack(lo, hi)
-    return pair[:, None]
+    return pair
 
 
 @triton.jit
 def _x_pairs_fp16(x_ptrs, PACKED: tl.constexpr):
     """fp16 activations (how vLLM serves AWQ and GPTQ models): the pairs (x[8j + i], x[8j + i + 4]), i = 0..3, of
-    every word row j (x_ptrs -> x[8j], 8-byte aligned: the launcher checks) as four [ROWS, 1] tensors of fp16
+    every word row j (x_ptrs -> x[8j], 8-byte aligned: the launcher checks) as four tensors of fp16
     pairs, from two 64-bit loads per row and one permute per pair. ptxas (sm_90, N256 x 2 warps): 2.43
     instructions per weight in the K loop at 128 registers, against 2.75 for bf16's 32-bit loads, widening and
     rounding. (bf16 from 64-bit loads counted 2.70 but took 142 registers: all four pairs live at once.)"""
@@ -165,30 +165,52 @@ def _x_pairs_fp16(x_ptrs, PACKED: tl.constexpr):
         p1 = _pack(_x_half(a, 1), _x_half(b, 1))
         p2 = _pack(_x_half(a, 2), _x_half(b, 2))
         p3 = _pack(_x_half(a, 3), _x_half(b, 3))
-    return p0[:, None], p1[:, None], p2[:, None], p3[:, None]
+    return p0, p1, p2, p3
 
 
 @triton.jit
 def _column_sums(sums, PACKED: tl.constexpr):
-    """[ROWS, BLOCK_N] fp16 pairs -> fp32 [BLOCK_N]: the rows added as fp16 pairs (inside each thread on a GPU),
-    then each column's two halves converted and added."""
+    """[ROWS, BLOCK_N] fp16 pairs -> fp32 [BLOCK_N] (or [BLOCK_M, ROWS, BLOCK_N] -> [BLOCK_M, BLOCK_N]): the word
+    rows added as fp16 pairs (inside each thread on a GPU), then each column's two halves converted and added."""
+    AXIS: tl.constexpr = len(sums.shape) - 2
     if PACKED:
-        col = tl.reduce(sums, 0, _add_f16x2)
+        col = tl.reduce(sums, AXIS, _add_f16x2)
         return tl.inline_asm_elementwise(
             asm="{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
                 "add.f32 $0, a, b; }",
             constraints="=f,r", args=[col], dtype=tl.float32, is_pure=True, pack=1)
     else:  # (a tl.reduce with a custom combine crawls under the interpreter: each half in fp32, rounded once)
-        lo = tl.sum(_half(sums, 0), axis=0).to(tl.float16).to(tl.float32)
-        hi = tl.sum(_half(sums, 1), axis=0).to(tl.float16).to(tl.float32)
+        lo = tl.sum(_half(sums, 0), axis=AXIS).to(tl.float16).to(tl.float32)
+        hi = tl.sum(_half(sums, 1), axis=AXIS).to(tl.float16).to(tl.float32)
         return lo + hi
 
 
 @triton.jit
+def _per_row(t, BLOCK_M: tl.constexpr):
+    """A [ROWS or 1, BLOCK_N] tensor of the weights' side, given the activation rows' axis when there are several."""
+    if BLOCK_M == 1:
+        return t
+    else:
+        return t[None, :, :]
+
+
+@triton.jit
+def _per_column(p, BLOCK_M: tl.constexpr):
+    """Activation pairs [ROWS] (or [BLOCK_M, ROWS]) given the columns' axis: [ROWS, 1] ([BLOCK_M, ROWS, 1])."""
+    if BLOCK_M == 1:
+        return p[:, None]
+    else:
+        return p[:, :, None]
+
+
+@triton.jit
 def _tile_product(w, x_ptrs, S, QZ, g, offs_n, stride_sg, stride_zg, NIBBLE_MASK, HAS_ZEROS: tl.constexpr,
-                  PACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One K tile's contribution, fp32 [BLOCK_N], divided by 16: the packed words w [ROWS, BLOCK_N] (group g)
-    times the activations at x_ptrs (8j + 0 for word row j)."""
+                  PACKED: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One K tile's contribution divided by 16: the packed words w [ROWS, BLOCK_N] (group g) times the activations
+    at x_ptrs (x[8j + 0] for word row j: [ROWS] for one row, fp32 [BLOCK_N] out; [BLOCK_M, ROWS] for BLOCK_M rows,
+    fp32 [BLOCK_M, BLOCK_N] out). With several rows the codes are unpacked once, [1, ROWS, BLOCK_N], and serve
+    them all; one row keeps the 2-D tensors, whose code ptxas schedules best (3-D costs M = 1 ~0.4 instructions
+    per weight more: sm_90, triton 3.9)."""
     s = tl.load(S + g * stride_sg + offs_n).to(tl.float32)
     if HAS_ZEROS:
         zw = tl.load(QZ + g * stride_zg + offs_n // 8)
@@ -196,12 +218,13 @@ def _tile_product(w, x_ptrs, S, QZ, g, offs_n, stride_sg, stride_zg, NIBBLE_MASK
     else:
         z = tl.full([BLOCK_N], 8.0, tl.float32)
     # (1024 + c) / 16 - (1024 + z) / 16 and (1024 + 16c) / 256 - (64 + z) / 16 are both (c - z) / 16
-    off_lo = _pack(-(1024.0 + z) * 0.0625, -(1024.0 + z) * 0.0625)[None, :]
-    off_hi = _pack(-(64.0 + z) * 0.0625, -(64.0 + z) * 0.0625)[None, :]
-    sixteenth = tl.full([1, BLOCK_N], SIXTEENTH2, tl.int32)
-    inv256 = tl.full([1, BLOCK_N], INV256_2, tl.int32)
+    off_lo = _per_row(_pack(-(1024.0 + z) * 0.0625, -(1024.0 + z) * 0.0625)[None, :], BLOCK_M)
+    off_hi = _per_row(_pack(-(64.0 + z) * 0.0625, -(64.0 + z) * 0.0625)[None, :], BLOCK_M)
+    sixteenth = _per_row(tl.full([1, BLOCK_N], SIXTEENTH2, tl.int32), BLOCK_M)
+    inv256 = _per_row(tl.full([1, BLOCK_N], INV256_2, tl.int32), BLOCK_M)
     mask16 = NIBBLE_MASK << 4  # nibbles 1 and 5 where they lie
-    sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # a pair of fp16 zeros per word
+    # a pair of fp16 zeros per word (and per activation row)
+    sums = tl.zeros([ROWS, BLOCK_N], tl.int32) if BLOCK_M == 1 else tl.zeros([BLOCK_M, ROWS, BLOCK_N], tl.int32)
     HALF: tl.constexpr = x_ptrs.dtype.element_ty == tl.float16
     if HALF:  # the row's four pairs from two 64-bit loads
         x0, x1, x2, x3 = _x_pairs_fp16(x_ptrs, PACKED)
@@ -214,34 +237,59 @@ def _tile_product(w, x_ptrs, S, QZ, g, offs_n, stride_sg, stride_zg, NIBBLE_MASK
         else:  # the interpreter's fp32: one load per activation
             xa = _x_pair(x_ptrs + 2 * h, PACKED)
             xb = _x_pair(x_ptrs + 2 * h + 1, PACKED)
-        wh = w >> (8 * h)
+        wh = _per_row(w >> (8 * h), BLOCK_M)
         codes = _fma_f16x2((wh & NIBBLE_MASK) | MAGIC2, sixteenth, off_lo, PACKED)
-        sums = _fma_f16x2(codes, xa, sums, PACKED)
+        sums = _fma_f16x2(codes, _per_column(xa, BLOCK_M), sums, PACKED)
         codes = _fma_f16x2((wh & mask16) | MAGIC2, inv256, off_hi, PACKED)
-        sums = _fma_f16x2(codes, xb, sums, PACKED)
+        sums = _fma_f16x2(codes, _per_column(xb, BLOCK_M), sums, PACKED)
     return _column_sums(sums, PACKED) * s
+
+
+@triton.jit
+def _activation_rows(X, M, pid_m, stride_xm, k_begin, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """Rows pid_m * BLOCK_M .. + BLOCK_M of x: (pointers to x[m, k_begin + 8j], [ROWS] for one row and [BLOCK_M,
+    ROWS] for more; the row indices [BLOCK_M]; which of them are real). Rows past M read row M - 1 again (no masks
+    in the loop) and are not stored."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if BLOCK_M == 1:
+        x_ptrs = X + pid_m.to(tl.int64) * stride_xm + k_begin + 8 * tl.arange(0, ROWS)
+    else:
+        rows = tl.minimum(offs_m, M - 1).to(tl.int64)
+        x_ptrs = X + rows[:, None] * stride_xm + k_begin + 8 * tl.arange(0, ROWS)[None, :]
+    return x_ptrs, offs_m, offs_m < M
+
+
+@triton.jit
+def _as_tile(acc, BLOCK_M: tl.constexpr):
+    """The accumulator as the [BLOCK_M, BLOCK_N] tile split_k_store writes."""
+    if BLOCK_M == 1:
+        return acc[None, :]
+    else:
+        return acc
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one compile for every M and split
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                     PREFETCH: tl.constexpr = True):
-    """y[m, :] = x[m, :] @ dequant(W)^T, one row m per program; grid (M * N // BLOCK_N, SPLIT_K), every program
-    K // SPLIT_K rows of K in tiles of BLOCK_K (gemv_fits must hold). NIBBLE_MASK = 0x000F000F, a run-time value
-    (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it would be rematerialised for every word)."""
+                     PREFETCH: tl.constexpr = True, BLOCK_M: tl.constexpr = 1):
+    """y[m, :] = x[m, :] @ dequant(W)^T for BLOCK_M rows m per program; grid (cdiv(M, BLOCK_M) * N // BLOCK_N,
+    SPLIT_K), every program K // SPLIT_K rows of K in tiles of BLOCK_K (gemv_fits must hold). With BLOCK_M > 1 each
+    word is unpacked once for all the program's rows: one LOP3 and one fma per pair of weights, then one fma per
+    pair and row (M = 2: 3 instructions per pair of weights and row pair, where two one-row programs pay 6).
+    NIBBLE_MASK = 0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it
+    would be rematerialised for every word)."""
     ROWS: tl.constexpr = BLOCK_K // 8  # packed word rows per tile
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = N // BLOCK_N
-    row = pid // num_n
     offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, ROWS)
     k_per = K // SPLIT_K
     k_begin = pid_k * k_per
     w_ptrs = QW + (k_begin // 8 + offs_j)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
-    x_ptrs = X + row.to(tl.int64) * stride_xm + k_begin + 8 * offs_j
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_ptrs, offs_m, m_ok = _activation_rows(X, M, pid // num_n, stride_xm, k_begin, BLOCK_M, ROWS)
+    acc = tl.zeros([BLOCK_N], tl.float32) if BLOCK_M == 1 else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if PREFETCH:
         w_next = tl.load(w_ptrs)
     for k0 in range(k_begin, k_begin + k_per, BLOCK_K):
@@ -252,19 +300,19 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
         else:
             w = tl.load(w_ptrs)
         acc += _tile_product(w, x_ptrs, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK, HAS_ZEROS,
-                             PACKED, ROWS, BLOCK_N)
+                             PACKED, BLOCK_M, ROWS, BLOCK_N)
         w_ptrs += ROWS * stride_qk
         x_ptrs += BLOCK_K
 
-    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n,
-                  row + tl.arange(0, 1) < M, offs_n < N, N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    split_k_store(_as_tile(acc * 16.0, BLOCK_M), Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N,
+                  stride_ym, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_sg, stride_zg, stride_ym,
                          NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                          PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, BLOCK_M: tl.constexpr = 1):
     """int4_gemv_kernel with the words brought in by the TMA engine (Hopper): W_DESC is a host-side tensor
     descriptor of qweight [K // 8, N] with block [BLOCK_K // 8, BLOCK_N], and tl.range pipelines its loads STAGES
     deep into shared memory. The bytes in flight then cost no registers and no load instructions per thread (one
@@ -274,16 +322,15 @@ def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm,
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = N // BLOCK_N
-    row = pid // num_n
     n0 = (pid % num_n) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k_per = K // SPLIT_K
     k_begin = pid_k * k_per
-    x_row = X + row.to(tl.int64) * stride_xm + 8 * tl.arange(0, ROWS)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_ptrs, offs_m, m_ok = _activation_rows(X, M, pid // num_n, stride_xm, 0, BLOCK_M, ROWS)
+    acc = tl.zeros([BLOCK_N], tl.float32) if BLOCK_M == 1 else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in tl.range(k_begin, k_begin + k_per, BLOCK_K, num_stages=STAGES):
         w = W_DESC.load([k0 // 8, n0])
-        acc += _tile_product(w, x_row + k0, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK,
-                             HAS_ZEROS, PACKED, ROWS, BLOCK_N)
-    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, row + tl.arange(0, 1), offs_n,
-                  row + tl.arange(0, 1) < M, offs_n < N, N, stride_ym, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+        acc += _tile_product(w, x_ptrs + k0, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK,
+                             HAS_ZEROS, PACKED, BLOCK_M, ROWS, BLOCK_N)
+    split_k_store(_as_tile(acc * 16.0, BLOCK_M), Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N,
+                  stride_ym, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
