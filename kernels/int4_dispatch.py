@@ -6,8 +6,8 @@ Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depend
   mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
   gemv     int4_gemv.py: two weights per instruction in packed fp16 math (PTX), where the shape divides into
            its tiles: one row per program for M <= 2 (on Hopper also its TMA twin, gemv_tma: the words pipelined
-           into shared memory by the TMA engine), and for M = 2..8 all rows in one program (BLOCK_M = M rounded
-           up to a power of two), each word unpacked once for every row;
+           into shared memory by the TMA engine), and for M = 3..4 all rows in one program (BLOCK_M = 4), each
+           word unpacked once for every row;
   dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
 Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
@@ -47,13 +47,11 @@ MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) of int4_gemv.py: the best of the H200 sweep over its four Llama-3-8B
 # shapes at M = 1 (2026-12-03): 4 or 8 columns x 8 packed rows per thread, 96-128 registers
 GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 64, 1, True)]
-# int4_gemv.py with BLOCK_M rows per program (each word unpacked once for all of them), for M = 2..8: tiles of
-# (BLOCK_N, BLOCK_K, num_warps, prefetch) per BLOCK_M with the fewest SASS instructions per weight and row at <= 232
-# registers, no spills (benchmarks/sass_count.py, sm_90, bf16 / fp16: 2.3-2.75 / 1.9-2.2 at 2 rows, 1.3-2.4 /
-# 1.3-1.8 at 4, 1.2 at 8, against 2.75 / 2.43 for one row)
-GEMV_ROW_TILES = {2: [(128, 64, 1, True), (128, 64, 2, True), (64, 64, 1, True)],
-                  4: [(64, 64, 1, True), (64, 32, 1, True)],
-                  8: [(64, 32, 1, True)]}
+# int4_gemv.py with BLOCK_M rows per program (each word unpacked once for all of them): (BLOCK_N, BLOCK_K,
+# num_warps, prefetch) per BLOCK_M. Timed on the H200 (2026-12-04, bench_int4_p3.py) this tile was the fastest launch
+# at M = 4 on all five Llama-3-8B shapes (5-24% under int4_mma), while at M = 2 two one-row programs per tile were as
+# fast and at M = 8 int4_mma won on four shapes of five: so it is offered for M = 3..4 only.
+GEMV_ROW_TILES = {4: [(64, 64, 1, True)]}
 # (BLOCK_N, BLOCK_K, num_warps, pipeline stages) of int4_gemv.py's TMA kernel (Hopper and later; on the H200 never
 # faster than the register kernel: 15.8-16.2 us against 14.2 at 4096 -> 14336, 2026-12-04)
 GEMV_TMA_TILES = [(128, 64, 1, 3), (256, 64, 2, 3), (128, 64, 1, 4)]

@@ -1,4 +1,4 @@
-"""INT4 weight-only GEMV for decode (M = 1, 2) on CUDA cores with packed half-precision math (chapter 8).
+"""INT4 weight-only GEMV for decode (M = 1..4) on CUDA cores with packed half-precision math (chapter 8).
 
 A decode GEMV reads every weight once, so it should run at HBM speed: 4096 x 14336 4-bit weights are 29 MB, 7 us
 at the H200's 4.2 TB/s. What Nsight Compute showed about the first version of this kernel (H200, 2026-12-03) is
@@ -276,8 +276,10 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     """y[m, :] = x[m, :] @ dequant(W)^T for BLOCK_M rows m per program; grid (cdiv(M, BLOCK_M) * N // BLOCK_N,
     SPLIT_K), every program K // SPLIT_K rows of K in tiles of BLOCK_K (gemv_fits must hold). With BLOCK_M > 1 each
     word is unpacked once for all the program's rows: one LOP3 and one fma per pair of weights, then one fma per
-    pair and row (M = 2: 3 instructions per pair of weights and row pair, where two one-row programs pay 6).
-    NIBBLE_MASK = 0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it
+    pair and row. ptxas counts 1.3 instructions per weight and row at BLOCK_M = 4 against 2.4-2.75 for one row, but
+    the price is registers (~220: 9 warps per SM), and the kernel stays latency-bound: on the H200 four rows took
+    1.9x one row's time (4096 -> 14336: 26.1 against 13.6 us), 5-24% under the tensor-core kernel, and two rows in
+    one program were no faster than two one-row programs (RESULTS.md, nineteenth session). NIBBLE_MASK = 0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it
     would be rematerialised for every word)."""
     ROWS: tl.constexpr = BLOCK_K // 8  # packed word rows per tile
     pid = tl.program_id(0)

@@ -201,12 +201,13 @@ def test_mma_applies_only_where_its_codes_fit():
 
 def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
     sms = 132
-    for m, n, k in ((1, 14336, 4096), (2, 4096, 14336), (3, 14336, 4096), (5, 4096, 4096), (16, 6144, 4096),
+    for m, n, k in ((1, 14336, 4096), (2, 4096, 14336), (3, 14336, 4096), (4, 4096, 4096), (5, 4096, 4096),
+                    (16, 6144, 4096),
                     (64, 28672, 4096), (1, 64, 256)):
         cands = candidates(m, n, k, 128, torch.bfloat16, sms)
         assert cands[0].kernel == "dot", "the reference for the output check comes first"
         kinds = {c.kernel for c in cands}
-        expected = {"fma", "gemv", "dot", "mma"} if m <= 2 else {"gemv", "dot", "mma"} if m <= 8 else {"dot", "mma"}
+        expected = {"fma", "gemv", "dot", "mma"} if m <= 2 else {"gemv", "dot", "mma"} if m <= 4 else {"dot", "mma"}
         assert kinds == expected | ({"dequant"} if m >= 16 else set()), (m, kinds)
         for c in cands:
             if c.kernel == "dequant":  # split_k counts column slices of the bf16 weight (1 and L2-sized)
@@ -219,7 +220,7 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
             # a GEMV program holds one row, or from M = 2 all of them (M rounded up to a power of two)
             assert c.kernel != "gemv" or c.block_m in (1, triton.next_power_of_2(m)), c
         assert (m <= 2) == any(c.kernel == "gemv" and c.block_m == 1 for c in cands), m
-        assert (2 <= m <= 8) == any(c.kernel == "gemv" and c.block_m > 1 for c in cands), m
+        assert (3 <= m <= 4) == any(c.kernel == "gemv" and c.block_m > 1 for c in cands), m
     big = candidates(4096, 14336, 4096, 128, torch.bfloat16, sms)  # prefill: large tiles unsplit, and dequant
     assert big[0].kernel == "dot" and {c.kernel for c in big} == {"dot", "dequant"}
     assert all(c.split_k == 1 and c.block_m <= 128 for c in big if c.kernel == "dot")
@@ -320,7 +321,7 @@ def test_int4_gemv_gpu_packed_asm_matches_torch(m, dtype):
 @pytest.mark.parametrize("m", [2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_gemv_gpu_several_rows_match_torch(m, dtype):
-    """The PTX path with BLOCK_M rows per program, every tile the dispatcher offers for this M."""
+    """The PTX path with BLOCK_M rows per program: the dispatcher's tile for M = 3..4 at BLOCK_M = 2, 4 and 8."""
     import minillm.kernels.int4_dispatch as dispatch
 
     torch.manual_seed(50 + m)
@@ -329,7 +330,7 @@ def test_int4_gemv_gpu_several_rows_match_torch(m, dtype):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = x.float() @ w.t()
     block_m = triton.next_power_of_2(m)
-    for block_n, block_k, warps, prefetch in dispatch.GEMV_ROW_TILES[block_m]:
+    for block_n, block_k, warps, prefetch in dispatch.GEMV_ROW_TILES[4]:
         y = torch.empty(m, n, device="cuda", dtype=dtype)
         ws, cnt = split_k_workspace(x.device, m, n)
         dispatch.run_launch(dispatch.Launch("gemv", block_m, block_n, block_k, warps, 1, 8, prefetch), x,
