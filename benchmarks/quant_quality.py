@@ -85,6 +85,11 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # AWQ's scales only (no clipping: GPTQ's rounding chooses the ranges), then asymmetric GPTQ
     ("awq+gptq asym noclip w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64, asym_calib=True,
                                                             awq_clip=False)),
+    # llm-awq's own search, s = mean|x|^alpha without AutoAWQ's duo scaling: alpha = 0 is s = 1, so the search
+    # can decline to scale a group of linears where scaling does not pay
+    ("awq+gptq asym noduo w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64, asym_calib=True,
+                                                           duo_scaling=False)),
+    ("awq+ noduo w4 g64", "recipe-awq", dict(bits=4, group_size=64, duo_scaling=False)),
     ("awq+ w4 g64", "recipe-awq", dict(bits=4, group_size=64)),
     ("awq+gptq w4 g64", "recipe-awq+gptq", dict(bits=4, group_size=64)),
     ("awq+gptq w3 g64", "recipe-awq+gptq", dict(bits=3, group_size=64)),
