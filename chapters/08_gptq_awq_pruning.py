@@ -259,8 +259,18 @@ if done.returncode != 0:
 else:
     for row in json.loads(done.stdout.strip().splitlines()[-1]):
         if row["kernel"] == "gemv":
+            rows = f" ({row['per_weight_row']:.2f} per weight and row)" if row["rows"] > 1 else ""
             print(f"  {row['tile']:32s} {row['registers']:4d} registers, {row['per_weight']:.2f} instructions per "
-                  f"weight; most common: {', '.join(list(row['top'])[:4])}")
+                  f"weight{rows}; most common: {', '.join(list(row['top'])[:4])}")
+
+# %% [markdown]
+# The `gemv_M4` tile is the GEMV for a few rows at once (M = 3..4: a small decode batch, or a verify step): each
+# word is unpacked once and then multiplied into all four rows, so the instructions per weight *and row* drop to
+# ~1.3. On the H200 it is the fastest INT4 kernel at M = 4 on every Llama-3-8B shape (5-24% under the
+# tensor-core kernel), yet four rows take ~1.9x one row's time, not 1x: ~220 registers leave 9 warps per SM, and
+# the kernel is latency-bound again. At M = 2 two one-row programs per tile are as fast, and from M = 8 the
+# tensor-core kernel wins (benchmarks/RESULTS.md, nineteenth session). The lesson of this section once more:
+# count instructions, but time the kernel.
 
 # %% [markdown]
 # ## 4. 2:4 pruning
