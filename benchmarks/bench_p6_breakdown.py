@@ -2,6 +2,7 @@
 
     python benchmarks/bench_p6_breakdown.py --modes graphs,piecewise --out p6_breakdown.json      (CUDA only)
     python benchmarks/bench_p6_breakdown.py --modes graphs --async-scheduling --out p6_async.json
+    python benchmarks/bench_p6_breakdown.py --modes graphs --async-only --kv-cache-dtypes auto,fp8 --out p6_kv.json
 
 Runs the P6 workload (bench_scheduling's: Llama-3-8B shape, random bf16 weights, 256 requests, input and output
 lengths uniform in 100..1024, greedy) once per engine mode, with the engine's phases wrapped in perf_counter
@@ -14,7 +15,10 @@ host time a step does not overlap with the device.
 (minillm/engine/async_step.py: step N+1 is scheduled and launched before step N's tokens are read), in the same
 process. Under async scheduling the phases are: launch (prepare, upload, forward queued, download queued), read
 (the wait for step N's tokens and the output loop) and expect (step N+1's placeholder bookkeeping).
-`output tok/s` of the two rows is the comparison; `GPU busy` (forward span / wall) says how much idle time is left."""
+`output tok/s` of the two rows is the comparison; `GPU busy` (forward span / wall) says how much idle time is left.
+`--async-only` runs only the async rows. `--kv-cache-dtypes auto,fp8` repeats every row with each KV cache dtype
+(EngineConfig.kv_cache_dtype; "fp8" stores K/V in one byte: half the bytes decode attention reads, twice the blocks).
+P6's target is a bf16 figure ("auto"): the fp8 row says what the KV cache's bytes cost at this scale, not P6."""
 import argparse
 import collections
 import json
@@ -34,6 +38,8 @@ parser.add_argument("--modes", default="graphs,piecewise")
 parser.add_argument("--n", type=int, default=256)
 parser.add_argument("--async-scheduling", action="store_true",
                     help="run each mode with synchronous steps and with async scheduling")
+parser.add_argument("--async-only", action="store_true", help="only the async-scheduling rows")
+parser.add_argument("--kv-cache-dtypes", default="auto", help="comma-separated EngineConfig.kv_cache_dtype values")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 if not torch.cuda.is_available():
@@ -89,14 +95,15 @@ def instrument(llm):
 
 build_step_input = le.build_step_input
 
-def run(mode, setup, asynchronous):
+def run(mode, setup, asynchronous, kv_cache_dtype="auto"):
     rng = random.Random(6)
     lo, hi = 100, 1024
     in_lens = [rng.randint(lo, hi) for _ in range(args.n)]
     out_lens = [rng.randint(lo, hi) for _ in range(args.n)]
     prompts = [setup.prompt(rng, k) for k in in_lens]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
-    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256, async_scheduling=asynchronous)
+    llm = setup.llm(max_model_len=2 * hi, max_num_seqs=256, async_scheduling=asynchronous,
+                    kv_cache_dtype=kv_cache_dtype)
     llm.generate(prompts[:16], [SamplingParams(temperature=0, max_tokens=4 + 4 * (i % 4), ignore_eos=True)
                                 for i in range(len(prompts[:16]))])
     acc, events = instrument(llm)
@@ -107,8 +114,9 @@ def run(mode, setup, asynchronous):
     gpu_fwd = sum(s.elapsed_time(e) for s, e, _, _ in events) / 1e3
     gpu_fwd_mixed = sum(s.elapsed_time(e) for s, e, n, m in events if m) / 1e3
     n_mixed = sum(1 for *_, m in events if m)
-    mode = mode + (" + async" if asynchronous else "")
-    res = {"mode": mode, "async_scheduling": asynchronous, "wall_s": wall, "output_tok_s": produced / wall, "steps": steps,
+    mode = mode + (" + async" if asynchronous else "") + (f" + {kv_cache_dtype} KV" if kv_cache_dtype != "auto" else "")
+    res = {"mode": mode, "async_scheduling": asynchronous, "kv_cache_dtype": kv_cache_dtype, "wall_s": wall,
+           "output_tok_s": produced / wall, "steps": steps,
            "mixed_steps": n_mixed, "gpu_forward_s": gpu_fwd, "gpu_forward_mixed_s": gpu_fwd_mixed,
            "kv_blocks": llm.llm_engine.scheduler.block_manager.num_blocks,
            "preemptions": llm.llm_engine.scheduler.num_preemptions, "phases_s": dict(acc)}
@@ -124,13 +132,14 @@ def run(mode, setup, asynchronous):
 results = []
 for m in args.modes.split(","):
     setup = bs.Setup(torch.device("cuda"), enforce_eager=False, piecewise=(m == "piecewise"))
-    for asynchronous in ((False, True) if args.async_scheduling else (False,)):
-        results.append(run(m, setup, asynchronous))
+    for kv_cache_dtype in args.kv_cache_dtypes.split(","):
+        for asynchronous in ((True,) if args.async_only else (False, True) if args.async_scheduling else (False,)):
+            results.append(run(m, setup, asynchronous, kv_cache_dtype))
     del setup
     bs.release()
-print("\nmode                      output tok/s   wall s   steps   GPU busy")
+print("\nmode                                output tok/s   wall s   steps   GPU busy")
 for r in results:
-    print(f"{r['mode']:24s} {r['output_tok_s']:13,.0f} {r['wall_s']:8.2f} {r['steps']:7d} "
+    print(f"{r['mode']:34s} {r['output_tok_s']:13,.0f} {r['wall_s']:8.2f} {r['steps']:7d} "
           f"{100 * r['gpu_forward_s'] / r['wall_s']:8.0f}%")
 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
           open(args.out, "w"), indent=1)
