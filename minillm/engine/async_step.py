@@ -38,7 +38,14 @@ the device: such a step loses its overlap, not its correctness).
 
 What falls back to synchronous steps: an engine with a speculative decoder (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
-processes). Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
+processes). For speculation that costs most of its gain on a small model: on the H200 an n-gram verify step of
+SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work, where an async plain step hides its host work (0.76 ms
+for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling step N+1 before
+step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence (the most a step can keep), keep
+each sequence's length on the device and derive step N+1's positions, slot mapping and input ids there from step
+N's accepted count (placeholders become "row r of step N's kept tokens, however many"), draft on the device (an
+EAGLE head already does; n-gram lookup would have to), and let the host's num_computed_tokens catch up one step
+late, rolling back the slots a rejection freed. vLLM's EAGLE path works this way; here it is not built yet. Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
 CPU; in bf16 a batch that holds a wasted token rounds like any other batch of that size, so near-ties may part).
 Unseeded random sampling draws from the shared generator for wasted tokens too, so its outputs differ.
 """
