@@ -45,7 +45,8 @@ step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence
 each sequence's length on the device and derive step N+1's positions, slot mapping and input ids there from step
 N's accepted count (placeholders become "row r of step N's kept tokens, however many"), draft on the device (an
 EAGLE head already does; n-gram lookup would have to), and let the host's num_computed_tokens catch up one step
-late, rolling back the slots a rejection freed. vLLM's EAGLE path works this way; here it is not built yet. Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
+late, rolling back the slots a rejection freed. vLLM's EAGLE path works this way; here it is not built yet.
+Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
 CPU; in bf16 a batch that holds a wasted token rounds like any other batch of that size, so near-ties may part).
 Unseeded random sampling draws from the shared generator for wasted tokens too, so its outputs differ.
 """
