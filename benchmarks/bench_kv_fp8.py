@@ -135,6 +135,11 @@ def kernel_parts(batch: int, context: int, bandwidth: float, sweep: bool, num_la
             for splits in sorted({fp8_rule.num_splits, bf16_rule.num_splits, 2 * fp8_rule.num_splits}):
                 attention(f"sweep cvt {block_n}/{warps}w/{stages}s/{splits} splits", kq, vq, kv_elems,
                           fp8_widen="cvt", num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        # the bytes staged raw and widened to fp16 operands (fp8_widen="cast16"; nineteenth session: 128/4/2 best)
+        for block_n, warps, stages in [(128, 4, 2), (128, 4, 3), (64, 4, 3), (128, 8, 2), (64, 4, 2)]:
+            for splits in sorted({fp8_rule.num_splits, bf16_rule.num_splits}):
+                attention(f"sweep cast16 {block_n}/{warps}w/{stages}s/{splits} splits", kq, vq, kv_elems,
+                          fp8_widen="cast16", num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
     return rows
 
 

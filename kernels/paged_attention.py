@@ -499,7 +499,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     fp8_widen (float8_e4m3fn caches only; None picks): how the kernel turns cached bytes into dot operands.
     "cvt" (a GPU's default) and "bits" (the interpreter's) load int32 words and widen them to fp16 in registers
     (the hardware instruction, or the exponent-bias bit trick; exact either way); "cast" is the plain
-    `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after.
+    `k.to(q.dtype)` that the word path replaced, kept for benchmarks/bench_kv_fp8.py's before/after; "cast16"
+    loads the bytes as float8_e4m3fn and widens them to fp16 for fp16 dots (q rounded to fp16 as with "cvt"):
+    Triton then stages the raw bytes in shared memory (40 KB for 128 keys x 2 stages against the word path's
+    100 KB). On the H200 (benchmarks/RESULTS.md, nineteenth session) it was 7-9% faster than "cvt" at batch
+    128-256 of serving contexts with 128 keys / 4 warps / 2 stages and -5..+1% elsewhere: an option to sweep, not
+    yet the default.
     fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see the module
     docstring; measured slower on the H200), False (the default) in a second kernel. True raises when a
     CUDA-graph capture would have to grow the arrival counters.
@@ -537,9 +542,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("give both k_scale and v_scale, or neither")
     max_seq_len = block_tables.shape[1] * block_size  # an upper bound known without a device sync
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    if fp8_widen is not None and (not fp8 or fp8_widen not in ("cvt", "bits", "cast")):
-        raise ValueError(f"fp8_widen must be None, or one of 'cvt', 'bits', 'cast' for a float8_e4m3fn cache; got "
-                         f"{fp8_widen!r} for a {k_cache.dtype} cache")
+    if fp8_widen is not None and (not fp8 or fp8_widen not in ("cvt", "bits", "cast", "cast16")):
+        raise ValueError(f"fp8_widen must be None, or one of 'cvt', 'bits', 'cast', 'cast16' for a float8_e4m3fn "
+                         f"cache; got {fp8_widen!r} for a {k_cache.dtype} cache")
     interp = triton_interpreted()
     if fp8_widen in ("cvt", "bits") and (head_dim % 4 or (fp8_widen == "cvt" and interp)):
         raise ValueError(f"fp8_widen={fp8_widen!r} needs head_dim % 4 == 0 (int32 words of 4 bytes) and, for "
@@ -625,7 +630,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
         UPCAST=interp and q.dtype != torch.float32, VARLEN=cu_seqlens_q is not None, HAS_TREE=tree_mask is not None,
-        PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt", FP16_DOT=words and not interp,
+        PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt",
+        FP16_DOT=(words or fp8_widen == "cast16") and not interp,
         FUSED_MERGE=arrivals is not None, CHUNK_S=16 if arrivals is None else _merge_chunk(block_d, num_warps),
         num_warps=num_warps, num_stages=num_stages)
     if not single and arrivals is None:

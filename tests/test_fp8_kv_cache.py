@@ -223,8 +223,8 @@ def test_store_kernel_quantises_to_the_bytes_of_quantize_kv():
 
 @pytest.mark.parametrize("head_dim", [64, 20, 6])
 def test_fp8_decode_widening_paths_agree(head_dim):
-    """The int32-word path (bits; head_dim % 4 == 0) and the plain widening (cast) read the same values; a
-    head_dim that is no whole number of words falls back to the cast."""
+    """The int32-word path (bits; head_dim % 4 == 0), the plain widening (cast) and the fp8 loads widened to fp16
+    (cast16) read the same values; a head_dim that is no whole number of words falls back to the cast."""
     kq, vq, k_scale, v_scale = random_fp8_pool(head_dim=head_dim)
     block_tables = torch.tensor([[3, 7, 1, -1], [0, 5, 2, 9]], dtype=torch.int32)
     seq_lens = torch.tensor([37, 64], dtype=torch.int32)
@@ -233,6 +233,8 @@ def test_fp8_decode_widening_paths_agree(head_dim):
     default = paged_decode_attention(q, kq, vq, block_tables, seq_lens, **common)
     cast = paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="cast", **common)
     torch.testing.assert_close(default, cast, atol=2e-6, rtol=1e-5)
+    cast16 = paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="cast16", **common)
+    torch.testing.assert_close(cast16, cast, atol=2e-6, rtol=1e-5)  # (fp16 dots only on a GPU)
     if head_dim % 4 == 0:
         bits = paged_decode_attention(q, kq, vq, block_tables, seq_lens, fp8_widen="bits", **common)
         torch.testing.assert_close(bits, cast, atol=2e-6, rtol=1e-5)
@@ -490,7 +492,7 @@ def test_gpu_fp8_decode_paths_and_store_match(batch, q_len):
     seq_lens = torch.randint(q_len, blocks_per_seq * block_size + 1, (batch,), device=dev, generator=g).to(torch.int32)
     q = torch.randn(batch * q_len, 32, dim, device=dev, generator=g, dtype=torch.bfloat16)
     ref = paged_decode_attention(q, kd, vd, tables, seq_lens, q_len=q_len).float()
-    for widen in ("cvt", "bits", "cast"):
+    for widen in ("cvt", "bits", "cast", "cast16"):
         out = paged_decode_attention(q, kq, vq, tables, seq_lens, k_scale=k_scale, v_scale=v_scale, q_len=q_len,
                                      fp8_widen=widen).float()
         assert float((out - ref).abs().max()) <= 1e-2 * float(ref.abs().max()), widen
