@@ -12,9 +12,10 @@ depend on the values, only on the bytes read. The embedding and the LM head stay
 
 The figure of merit: INT4 decode tok/s over bf16 decode tok/s in the same run at batch 1 (target >= 2.5x, P3's
 end-to-end half); --batch B decodes B requests at once (the INT4 GEMMs then run with M = B rows: the GEMV up to
-M = 4, int4_mma beyond). --async-scheduling runs both with the engine's async scheduling (the host prepares step N + 1 while the
-GPU runs step N), which takes the ~1 ms of host work per step off the clock. Weight bytes shrink from 16.06 GB to about 5.0 GB (4.5 bits per weight with scales and zeros, plus the
-bf16 embedding and head), so the floor ratio is about 3.2x. --int4-dtype float16 runs the INT4 model in fp16 (as
+M = 4, int4_mma beyond). --async-scheduling runs both with the engine's async scheduling (the host prepares step
+N + 1 while the GPU runs step N), which takes the ~1 ms of host work per step off the clock. Weight bytes shrink
+from 16.06 GB to about 5.0 GB (4.5 bits per weight with scales and zeros, plus the bf16 embedding and head), so the
+floor ratio is about 3.2x. --int4-dtype float16 runs the INT4 model in fp16 (as
 vLLM serves AWQ and GPTQ checkpoints; the GEMV then reads activations as 64-bit words), against the same bf16
 baseline: both read the same bytes per dense weight.
 """

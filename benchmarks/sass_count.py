@@ -38,13 +38,13 @@ HALF = dict(POINTERS, X="*fp16", S="*fp16", BIAS="*fp16", Y="*fp16")  # an fp16 
 def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0,
                  half: bool = False, block_m: int = 1):
     """int4_gemv_kernel (or with tma_stages > 0 its TMA twin, pipelined that deep) compiled for sm_90 with the
-    constants and 16-divisibility a real launch has; bf16 activations, or fp16 with `half`."""
+    constants and 16-divisibility a real launch has; bf16 activations, or fp16 with `half`; block_m activation rows
+    per program (the register kernel only: the TMA twin holds one)."""
     from minillm.kernels.int4_gemv import int4_gemv_kernel, int4_gemv_tma_kernel
 
     fn = int4_gemv_tma_kernel if tma_stages else int4_gemv_kernel
     const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=block_n, BLOCK_K=block_k,
-                 BLOCK_M=block_m,
-                 **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch)))
+                 **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch, BLOCK_M=block_m)))
     signature, divisible = {}, []
     for i, name in enumerate(fn.arg_names):
         if name in const:

@@ -162,8 +162,8 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
                                    x2.stride(0), scales.stride(0), qz.stride(0), y.stride(0), 0x000F000F,
                                    GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                    PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
-                                   SPLIT_K=lc.split_k, STAGES=lc.num_stages, BLOCK_M=lc.block_m,
-                                   num_warps=lc.num_warps, num_stages=lc.num_stages)
+                                   SPLIT_K=lc.split_k, STAGES=lc.num_stages, num_warps=lc.num_warps,
+                                   num_stages=lc.num_stages)
         return
     if lc.kernel == "gemv":
         int4_gemv_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,

@@ -279,8 +279,9 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     pair and row. ptxas counts 1.3 instructions per weight and row at BLOCK_M = 4 against 2.4-2.75 for one row, but
     the price is registers (~220: 9 warps per SM), and the kernel stays latency-bound: on the H200 four rows took
     1.9x one row's time (4096 -> 14336: 26.1 against 13.6 us), 5-24% under the tensor-core kernel, and two rows in
-    one program were no faster than two one-row programs (RESULTS.md, nineteenth session). NIBBLE_MASK = 0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it
-    would be rematerialised for every word)."""
+    one program were no faster than two one-row programs (RESULTS.md, nineteenth session). NIBBLE_MASK =
+    0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it would be
+    rematerialised for every word)."""
     ROWS: tl.constexpr = BLOCK_K // 8  # packed word rows per tile
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -314,12 +315,12 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
 def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_sg, stride_zg, stride_ym,
                          NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                          PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                         STAGES: tl.constexpr, BLOCK_M: tl.constexpr = 1):
-    """int4_gemv_kernel with the words brought in by the TMA engine (Hopper): W_DESC is a host-side tensor
-    descriptor of qweight [K // 8, N] with block [BLOCK_K // 8, BLOCK_N], and tl.range pipelines its loads STAGES
-    deep into shared memory. The bytes in flight then cost no registers and no load instructions per thread (one
-    thread issues a tile's copy), where the register prefetch holds a second tile of words in every thread: the
-    measured limit of int4_gemv_kernel was bytes in flight per SM, not arithmetic."""
+                         STAGES: tl.constexpr):
+    """int4_gemv_kernel (one row per program) with the words brought in by the TMA engine (Hopper): W_DESC is a
+    host-side tensor descriptor of qweight [K // 8, N] with block [BLOCK_K // 8, BLOCK_N], and tl.range pipelines its
+    loads STAGES deep into shared memory. The bytes in flight then cost no registers and no load instructions per
+    thread (one thread issues a tile's copy), where the register prefetch holds a second tile of words in every
+    thread: the measured limit of int4_gemv_kernel was bytes in flight per SM, not arithmetic."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -328,11 +329,11 @@ def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k_per = K // SPLIT_K
     k_begin = pid_k * k_per
-    x_ptrs, offs_m, m_ok = _activation_rows(X, M, pid // num_n, stride_xm, 0, BLOCK_M, ROWS)
-    acc = tl.zeros([BLOCK_N], tl.float32) if BLOCK_M == 1 else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    x_ptrs, offs_m, m_ok = _activation_rows(X, M, pid // num_n, stride_xm, 0, 1, ROWS)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_begin, k_begin + k_per, BLOCK_K, num_stages=STAGES):
         w = W_DESC.load([k0 // 8, n0])
         acc += _tile_product(w, x_ptrs + k0, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK,
-                             HAS_ZEROS, PACKED, BLOCK_M, ROWS, BLOCK_N)
-    split_k_store(_as_tile(acc * 16.0, BLOCK_M), Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N,
-                  stride_ym, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+                             HAS_ZEROS, PACKED, 1, ROWS, BLOCK_N)
+    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N, stride_ym,
+                  HAS_BIAS, SPLIT_K, 1, BLOCK_N)
