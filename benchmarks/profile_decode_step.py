@@ -1,7 +1,8 @@
 """A decode step of the Llama-3-8B shape (or SmolLM2's), kernel by kernel (issue 14, P5).
 
     python benchmarks/profile_decode_step.py [--steps 64] [--layers N] [--quantization rtn] [--shape smollm2-135m]
-                                             [--batch 8] --out p5_profile.json
+                                             [--batch 8] [--dtype float16] [--async-scheduling]
+                                             --out p5_profile.json
 
 bench_decode's engine (random bf16 weights, paged KV, CUDA graphs, a 128-token prompt) decodes 40 warm-up steps,
 then torch.profiler records 64 more. CUPTI sees the kernels inside CUDA-graph replays, so the table sums GPU time
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", help="one of bench_decode.SHAPES")
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together")
     parser.add_argument("--quantization", choices=["rtn"], default=None, help="INT4 decoder linears (4-bit, g128)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                        help="the model's dtype (bench_int4_decode's --int4-dtype)")
+    parser.add_argument("--async-scheduling", action="store_true", help="the engine with async scheduling")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import bench_decode as bd
@@ -48,12 +52,14 @@ def main() -> None:
     from minillm.sampling_params import SamplingParams
 
     options = {"bits": 4, "group_size": 128} if args.quantization else None
-    model, config = bd.build_model(args.layers, args.quantization, options, shape=bd.SHAPES[args.shape])
+    model, config = bd.build_model(args.layers, args.quantization, options, shape=bd.SHAPES[args.shape],
+                                   dtype=args.dtype)
     engine = LLMEngine(model, bd.DummyTokenizer(), config,
                        EngineConfig(max_model_len=512, max_num_seqs=args.batch, block_size=16,
                                     num_kv_blocks=32 * args.batch + 32,
-                                    max_num_batched_tokens=max(512, 128 * args.batch)),
-                       device="cuda", dtype=torch.bfloat16)
+                                    max_num_batched_tokens=max(512, 128 * args.batch),
+                                    async_scheduling=args.async_scheduling),
+                       device="cuda", dtype=getattr(torch, args.dtype))
     for _ in range(args.batch):
         engine.add_request(None, list(range(1, 129)),
                            SamplingParams(temperature=0.0, max_tokens=40 + args.steps + 8, ignore_eos=True))
@@ -81,7 +87,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
-                       "batch": args.batch,
+                       "batch": args.batch, "dtype": args.dtype, "async_scheduling": args.async_scheduling,
                        "wall_ms_per_step": 1e3 * wall / args.steps, "kernel_ms_per_step": total / args.steps / 1e3,
                        "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows]}, f, indent=0)
 
