@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                         help="the model's dtype (bench_int4_decode's --int4-dtype)")
     parser.add_argument("--async-scheduling", action="store_true", help="the engine with async scheduling")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also run cProfile over the same number of steps (no torch profiler) and print the "
+                             "host functions by cumulative time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import bench_decode as bd
@@ -62,7 +65,7 @@ def main() -> None:
                        device="cuda", dtype=getattr(torch, args.dtype))
     for _ in range(args.batch):
         engine.add_request(None, list(range(1, 129)),
-                           SamplingParams(temperature=0.0, max_tokens=40 + args.steps + 8, ignore_eos=True))
+                           SamplingParams(temperature=0.0, max_tokens=40 + 2 * args.steps + 8, ignore_eos=True))
     for _ in range(40):
         engine.step()
     torch.cuda.synchronize()
@@ -72,24 +75,72 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
+    if args.host_profile:
+        host_profile(engine, args.steps)
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             by_name[event.name][0] += getattr(event, "device_time_total", 0.0)
             by_name[event.name][1] += 1
     total = sum(us for us, _ in by_name.values())
+    gaps = idle_gaps(prof)
     print(f"wall {1e3 * wall / args.steps:.3f} ms/step (profiled), GPU kernel time {total / args.steps / 1e3:.3f} "
           f"ms/step")
     rows = sorted(by_name.items(), key=lambda item: -item[1][0])
     for name, (us, calls) in rows[:30]:
         print(f"{us / args.steps:9.1f} us/step {calls / args.steps:6.1f} calls/step {100 * us / total:5.1f}%  "
               f"{name[:100]}")
+    idle = sum(g for g, _ in gaps.values())
+    print(f"GPU idle between kernels: {idle / args.steps:.1f} us/step; the largest gaps by the kernels around them:")
+    gap_rows = sorted(gaps.items(), key=lambda item: -item[1][0])
+    for (before, after), (us, count) in gap_rows[:8]:
+        print(f"{us / args.steps:9.1f} us/step {count / args.steps:6.1f} gaps/step  {before[:45]} -> {after[:45]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
                        "batch": args.batch, "dtype": args.dtype, "async_scheduling": args.async_scheduling,
                        "wall_ms_per_step": 1e3 * wall / args.steps, "kernel_ms_per_step": total / args.steps / 1e3,
-                       "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows]}, f, indent=0)
+                       "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows],
+                       "idle_us_per_step": idle / args.steps,
+                       "gaps": [(b, a, us / args.steps, c / args.steps) for (b, a), (us, c) in gap_rows[:30]]}, f, indent=0)
+
+
+def host_profile(engine, steps: int) -> None:
+    """cProfile over `steps` engine steps: where the host's time per step goes (cumulative, top 25)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    print(f"host profile: {1e3 * (time.perf_counter() - start) / steps:.3f} ms/step under cProfile")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+    print("\n".join(line[:150] for line in text.getvalue().splitlines()[6:40]))
+
+
+def idle_gaps(prof, min_us: float = 1.0) -> dict:
+    """GPU idle time between consecutive device activities (kernels and copies, in start order), summed per
+    (activity before, activity after): where a step waits on the host rather than on its kernels."""
+    import torch
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps = collections.defaultdict(lambda: [0.0, 0])
+    busy_until, last = None, None
+    for start, end, name in spans:
+        if busy_until is not None and start - busy_until >= min_us:
+            gaps[(last, name)][0] += start - busy_until
+            gaps[(last, name)][1] += 1
+        if busy_until is None or end >= busy_until:
+            busy_until, last = end, name
+    return gaps
 
 
 if __name__ == "__main__":

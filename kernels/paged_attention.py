@@ -407,9 +407,16 @@ def _fp8_decode_tile(programs: int, splits: int, max_seq_len: int, num_sms: int)
     SM) 128 keys over 8 warps (118 registers, 2 per SM). Measured on the H200 with the cvt path (Llama-3-8B's
     attention, 32 sequences x 4096 keys, 2 splits: a full grid), 128 keys over 8 warps with a 2-stage pipeline
     beat the 32-key tile too: 132 us a layer against 148 (and bf16's own kernel, 137); with 3 stages 141. That
-    one shape is all the evidence: benchmarks/bench_kv_fp8.py --sweep times the neighbours."""
+    one shape is all the evidence: benchmarks/bench_kv_fp8.py --sweep times the neighbours.
+    The sweep of the twentieth session (H200, CUDA graphs, cold L2; benchmarks/RESULTS.md, "fp8 decode tiles on
+    full grids") found the exception: one split over more than two programs per SM (64 sequences and up, the
+    serving batches of P6) runs fastest with 64 keys over 4 warps in 2 stages, 7-14% under the 128 x 8 tile and
+    under bf16 (256 x 2048: 433 us against 505, bf16 497); with two splits the same tile was 41% slower (32 x 4096),
+    so it is offered only where the grid needs no split."""
     if programs * splits <= 2 * num_sms and max_seq_len // splits >= 128:
         return DecodeConfig(splits, block_n=128, num_warps=8, num_stages=3)
+    if splits == 1 and programs > 2 * num_sms and max_seq_len >= 128:
+        return DecodeConfig(1, block_n=64, num_warps=4, num_stages=2)
     if max_seq_len // splits >= 128:
         return DecodeConfig(splits, block_n=128, num_warps=8, num_stages=2)
     return DecodeConfig(splits, block_n=32, num_warps=4, num_stages=3)

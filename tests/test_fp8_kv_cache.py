@@ -258,7 +258,8 @@ def test_fp8_widen_is_checked():
 def test_decode_rule_counts_fp8_bytes():
     """An fp8 split must hold twice the keys of a bf16 one before it pays for the merge (bytes, not tokens), and
     the fp8 tile is the word path's: 128 keys x 8 warps (2 stages on a full grid, the H200's measured best for
-    32 x 4k; 3 on a sparse one), 32 x 4 only where a split holds fewer than 128 keys."""
+    32 x 4k; 3 on a sparse one), 64 keys x 4 warps where one split's grid holds more than two programs per SM,
+    32 x 4 only where a split holds fewer than 128 keys."""
     from minillm.kernels.paged_attention import choose_decode_config
     # 32 x 8 = 256 programs on 132 SMs: every SM busy, so a split needs 1024 bf16 / 2048 fp8 keys
     assert choose_decode_config(32, 8, 2048, 132, kv_bytes=2).num_splits == 2
@@ -266,6 +267,12 @@ def test_decode_rule_counts_fp8_bytes():
     assert choose_decode_config(32, 8, 4096, 132, kv_bytes=1).num_splits == 2
     full = choose_decode_config(32, 8, 4096, 132, kv_bytes=1)
     assert (full.block_n, full.num_warps, full.num_stages) == (128, 8, 2)
+    # one split over more than two programs per SM: the 64-key, 4-warp, 2-stage tile (the H200's best there)
+    serving = choose_decode_config(64, 8, 2048, 132, kv_bytes=1)
+    assert (serving.num_splits, serving.block_n, serving.num_warps, serving.num_stages) == (1, 64, 4, 2)
+    assert choose_decode_config(256, 8, 16384, 132, kv_bytes=1).block_n == 64
+    assert choose_decode_config(33, 8, 2048, 132, kv_bytes=1).block_n == 128  # 264 programs: two per SM, not more
+    assert choose_decode_config(34, 8, 2048, 132, kv_bytes=1).block_n == 64
     short = choose_decode_config(64, 8, 100, 132, kv_bytes=1)
     assert (short.num_splits, short.block_n, short.num_warps) == (1, 32, 4)
     sparse = choose_decode_config(1, 8, 32768, 132, kv_bytes=1)
