@@ -1,14 +1,16 @@
 """End-to-end INT4 decode (issue 10, chapter 8): decode of a Llama-3-8B-shaped model, bf16 against 4-bit.
 
     python benchmarks/bench_int4_decode.py [--quick] [--group-size 128] [--async-scheduling] [--int4-dtype float16]
-                                           [--batch 1] [--out results.json]
+                                           [--lm-head] [--batch 1] [--out results.json]
 
 Both runs go through the same engine (LLMEngine, paged KV, CUDA graphs) on the same random bf16 weights
 (bench_decode.py's model). The INT4 run rounds every decoder linear to 4-bit asymmetric codes in groups of
 --group-size input channels (round-to-nearest at load: `quantization="rtn"`), packs them in GPTQ's layout and
 computes with minillm.kernels.int4_gemm through quant.int4.int4_linear. AWQ and GPTQ checkpoints end in exactly
 this layout and kernel (AWQ's words are repacked at load), so the speed is theirs too: decode speed does not
-depend on the values, only on the bytes read. The embedding and the LM head stay bf16 (as in AWQ/GPTQ models).
+depend on the values, only on the bytes read. The embedding and the LM head stay bf16 (as in AWQ/GPTQ models);
+--lm-head rounds the head too (RTN's lm_head=True, GPTQModel's option): 1.05 GB of bf16 rows, read once per
+step, become ~0.28 GB.
 
 The figure of merit: INT4 decode tok/s over bf16 decode tok/s in the same run at batch 1 (target >= 2.5x, P3's
 end-to-end half); --batch B decodes B requests at once (the INT4 GEMMs then run with M = B rows: the GEMV up to
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together (default 1)")
     parser.add_argument("--int4-dtype", choices=["bfloat16", "float16"], default="bfloat16",
                         help="the INT4 model's activations (the baseline stays bf16)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="also round the LM head to 4-bit (RTN's lm_head=True; the bf16 baseline stays dense)")
     parser.add_argument("--out", default=None, help="write the raw results here as JSON")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for label, build in (("bf16", lambda: build_model(args.layers)),
                          (f"int4 g{args.group_size}",
-                          lambda: build_model(args.layers, "rtn", {"bits": 4, "group_size": args.group_size},
+                          lambda: build_model(args.layers, "rtn", {"bits": 4, "group_size": args.group_size,
+                                                                   "lm_head": args.lm_head},
                                               dtype=args.int4_dtype))):
         t0 = time.perf_counter()
         model, config = build()
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(command=" ".join(["benchmarks/bench_int4_decode.py", *(argv or sys.argv[1:])]),
                   device=torch.cuda.get_device_name(), torch=torch.__version__, date=str(datetime.date.today()),
                   copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), output_len=output_len, runs=rows,
-                  int4_dtype=args.int4_dtype, batch=args.batch, int4_over_bf16=round(speedup, 3))
+                  int4_dtype=args.int4_dtype, lm_head=args.lm_head, batch=args.batch, int4_over_bf16=round(speedup, 3))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)

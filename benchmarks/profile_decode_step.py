@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", help="one of bench_decode.SHAPES")
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together")
     parser.add_argument("--quantization", choices=["rtn"], default=None, help="INT4 decoder linears (4-bit, g128)")
+    parser.add_argument("--lm-head", action="store_true", help="with --quantization: the LM head in 4-bit too")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                         help="the model's dtype (bench_int4_decode's --int4-dtype)")
     parser.add_argument("--async-scheduling", action="store_true", help="the engine with async scheduling")
@@ -54,7 +55,7 @@ def main() -> None:
     from minillm.engine.llm_engine import LLMEngine
     from minillm.sampling_params import SamplingParams
 
-    options = {"bits": 4, "group_size": 128} if args.quantization else None
+    options = {"bits": 4, "group_size": 128, "lm_head": args.lm_head} if args.quantization else None
     model, config = bd.build_model(args.layers, args.quantization, options, shape=bd.SHAPES[args.shape],
                                    dtype=args.dtype)
     engine = LLMEngine(model, bd.DummyTokenizer(), config,

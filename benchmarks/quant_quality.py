@@ -43,6 +43,7 @@ from minillm.engine.worker import build_model
 from minillm.forward_context import forward_context, prefill_metadata
 from minillm.loader import load_model
 from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
+from minillm.quant.checkpoint import load_time_quantization
 from minillm.quant.driver import quantize_model
 from minillm.quant.gguf_export import GGUF_METHODS, write_gguf_model
 from minillm.quant.prune import prune_model
@@ -97,6 +98,10 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     ("autoround w4 g64", "recipe-autoround", dict(bits=4, group_size=64)),
     ("autoround w3 g64", "recipe-autoround", dict(bits=3, group_size=64)),
     # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
+    # round-to-nearest at load time (LLM(..., quantization="rtn")), then with the LM head (the tied embedding's
+    # copy) rounded too: what lm_head=True costs in perplexity
+    ("rtn w4 g64 at load", "load-rtn", dict(bits=4, group_size=64)),
+    ("rtn w4 g64 at load + lm_head", "load-rtn", dict(bits=4, group_size=64, lm_head=True)),
     ("gguf q8_0 (ours)", "gguf-q8_0", {}),
     ("gguf q4_k (ours)", "gguf-q4_k", {}),
     ("gguf q4_0 (ours)", "gguf-q4_0", {}),
@@ -128,6 +133,15 @@ def linear_bits_per_weight(state: dict[str, torch.Tensor], n_weights: int) -> fl
     """Bits per weight of the decoder's linear layers as stored (codes + scales + zeros)."""
     linear = [t for name, t in state.items() if ".layers." in name and "norm" not in name]
     return 8 * sum(t.numel() * t.element_size() for t in linear) / n_weights
+
+
+def stored_bits_per_weight(model: torch.nn.Module, n_weights: int) -> float:
+    """Bits per weight of the decoder's linear layers as a built model holds them (a load-time method's codes,
+    scales and zeros; biases left out)."""
+    total = sum(p.numel() * p.element_size() for n, m in model.named_modules()
+                if hasattr(m, "quant_method") and ".layers." in n
+                for pn, p in m.named_parameters(recurse=False) if pn != "bias")
+    return 8 * total / n_weights
 
 
 def gguf_round_trip(model_path: str | None, method: str, device: torch.device) -> tuple[torch.nn.Module, float]:
@@ -183,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             model, bits = dense, 32.0
         elif method in GGUF_METHODS:
             model, bits = gguf_round_trip(args.model, method, device)
+        elif method.startswith("load-"):
+            _, fresh_weights, _ = load_model(args.model)
+            qconfig = load_time_quantization(config, method.removeprefix("load-"), options)
+            model = build_model(qconfig, fresh_weights, device, torch.float32)
+            bits = stored_bits_per_weight(model, n_weights)
         elif method.startswith("prune-"):
             scores = method.removeprefix("prune-")
             model = prune_model(dense, scores, options.get("sparsity"), calib if scores == "wanda" else None,

@@ -174,9 +174,12 @@ class LlamaForCausalLM(nn.Module):
         self._backend = check_backend(backend)
         self.quant_config = make_quant_config(config)  # None: dense; one per model, asked once per Linear
         self.model = self.model_class(config, backend, self.quant_config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if self.model.is_last_stage \
-            else PPMissingLayer()
-        if config.tie_word_embeddings and self.model.is_last_stage:
+        head_method = self.quant_config.get_lm_head_method() if self.quant_config is not None else None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_method=head_method) \
+            if self.model.is_last_stage else PPMissingLayer()
+        # a quantized head keeps its own copy of a tied embedding's rows (load_weights fills it)
+        self.head_copies_embedding = config.tie_word_embeddings and head_method is not None
+        if config.tie_word_embeddings and self.model.is_last_stage and head_method is None:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @property
@@ -204,7 +207,9 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors, packing q/k/v and gate/up; raises on unknown, misshapen or missing tensors."""
         params = dict(self.named_parameters())  # tied lm_head.weight appears once, as model.embed_tokens.weight
-        expected = {name: _shards(name, param) for name, param in params.items()}
+        copy_head = self.head_copies_embedding and "lm_head.weight" in params
+        expected = {name: _shards(name, param) for name, param in params.items()
+                    if not (copy_head and name == "lm_head.weight")}
         loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:  # older HF checkpoints save the RoPE frequencies; we derive them
@@ -229,6 +234,14 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        if copy_head:  # the same vocabulary rows on this rank as the embedding's, before the head is rounded
+            if getattr(self.lm_head, "vocab_start", 0) != getattr(self.model.embed_tokens, "vocab_start", 0):
+                raise ValueError("a quantized LM head pads each rank's vocabulary rows to a multiple of 8, so under "
+                                 "this tensor-parallel size its rows no longer line up with the tied embedding's; "
+                                 "use a vocabulary that splits into multiples of 8 per rank, or lm_head=False")
+            head, rows = params["lm_head.weight"].data, params["model.embed_tokens.weight"].data
+            head[:len(rows)].copy_(rows)
+            head[len(rows):].zero_()  # the head's padding rows (a multiple of 8), cut from the logits
         self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:

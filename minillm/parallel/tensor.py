@@ -246,9 +246,11 @@ class VocabParallelEmbedding(VocabEmbedding):
     """Rows vocab_start .. vocab_end - 1 of the embedding on this rank (the last rank's tail padded with zero rows
     so every rank's slice has the same shape, which the logits gather needs); forward: masked lookup, all-reduce."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None,
+                 pad_to: int = 1) -> None:
         tp, rank = get_tp_size(), get_tp_rank()
         per_rank = -(-vocab_size // tp)
+        per_rank = -(-per_rank // pad_to) * pad_to  # rows a rank holds: a multiple of pad_to
         super().__init__(per_rank, hidden_size, dtype=dtype)
         self.tp_size, self.tp_rank = tp, rank
         self.vocab_size = vocab_size  # the whole vocabulary: ids are checked against it
@@ -283,10 +285,24 @@ class VocabParallelEmbedding(VocabEmbedding):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """forward(hidden [N, hidden]) -> logits [N, vocab] on TP rank 0 (None on the other TP ranks)."""
+    """forward(hidden [N, hidden]) -> logits [N, vocab] on TP rank 0 (None on the other TP ranks).
 
-    def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False, dtype: torch.dtype | None = None) -> None:
-        super().__init__(vocab_size, hidden_size, dtype=dtype)
+    quant_method (QuantizationConfig.get_lm_head_method): a load-time LinearMethod that rounds the head's dense
+    `weight` after loading (RTN with lm_head=True); forward then runs its kernel. A quantized head cannot be
+    tied to the embedding, which must stay dense for its lookups: the model loads the embedding's rows into it."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False, dtype: torch.dtype | None = None,
+                 quant_method: Any = None) -> None:
+        # packed 4-bit zeros fill int32 words along the vocabulary: a quantized head pads its rows to 8
+        super().__init__(vocab_size, hidden_size, dtype=dtype, pad_to=1 if quant_method is None else 8)
+        self.quant_method = quant_method
+        if quant_method is not None:  # a Linear's view of the head: [vocab rows of this rank, hidden]
+            self.input_size, self.output_size = hidden_size, self.num_embeddings_per_partition
+            quant_method.create_weights(self, hidden_size, self.output_size, False, self.weight.dtype)
+            if tuple(self.weight.shape) != (self.output_size, hidden_size):
+                raise ValueError(f"the LM head's method {type(quant_method).__name__} must stage a dense weight "
+                                 f"{(self.output_size, hidden_size)} (a load-time method), got "
+                                 f"{tuple(self.weight.shape)}")
         if bias:
             self.bias = nn.Parameter(torch.empty(self.num_embeddings_per_partition, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader  # rows of the vocabulary, like the weight
@@ -295,13 +311,20 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie_to(self, embedding: VocabEmbedding) -> None:
         """Share the (vocab-parallel) embedding's weight: the same rows of the vocabulary on the same rank."""
+        if self.quant_method is not None:
+            raise ValueError("a quantized LM head cannot share the embedding's dense weight; load the "
+                             "embedding's rows into it instead (LlamaForCausalLM does)")
         if embedding.weight.shape != self.weight.shape:
             raise ValueError(f"cannot tie LM head {tuple(self.weight.shape)} to embedding "
                              f"{tuple(embedding.weight.shape)}")
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        logits = tensor_parallel_gather(dense_linear(hidden_states, self.weight, self.bias))
+        if self.quant_method is not None:
+            local = self.quant_method.apply(self, hidden_states, self.bias)
+        else:
+            local = dense_linear(hidden_states, self.weight, self.bias)
+        logits = tensor_parallel_gather(local)
         if logits is None or logits.shape[-1] == self.vocab_size:
             return logits
         return logits[..., :self.vocab_size]  # drop the padding rows of the last rank

@@ -119,10 +119,14 @@ class _WeightOnlyConfig(SkipListQuantizationConfig):
     fmt = "dense"
 
     def __init__(self, bits: int, group_size: int, symmetric: bool, modules_to_not_convert: tuple[str, ...] = (),
-                 zero_offset: int = 0, act_order: bool = False) -> None:
+                 zero_offset: int = 0, act_order: bool = False, lm_head: bool = False) -> None:
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.modules_to_not_convert, self.zero_offset, self.act_order = modules_to_not_convert, zero_offset, act_order
         self.serialized = self.fmt != "dense"
+        self.lm_head_quantized = lm_head
+
+    def get_lm_head_method(self) -> WeightOnlyLinearMethod | None:
+        return self.make_method() if self.lm_head_quantized else None
 
     def make_method(self) -> WeightOnlyLinearMethod:
         return WeightOnlyLinearMethod(self.bits, self.group_size, self.symmetric, self.fmt, self.zero_offset,
@@ -133,11 +137,25 @@ class _WeightOnlyConfig(SkipListQuantizationConfig):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size}, sym={self.symmetric}, "
-                f"act_order={self.act_order})")
+                f"act_order={self.act_order}, lm_head={self.lm_head_quantized})")
+
+
+def _lm_head(config: dict[str, Any], method: str) -> bool:
+    """The `lm_head` key (GPTQModel's name): quantize the LM head too. Only a load-time method can, here: the
+    head of a serialized GPTQ/AWQ checkpoint would need its own packed tensors, which the loaders do not read."""
+    value = config.get("lm_head", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: lm_head must be a bool, got {value!r}")
+    if value and method != "rtn":
+        raise ValueError(f"{method}: checkpoints with a quantized lm_head are not supported (minillm reads the "
+                         f"decoder's packed linears only); quantize the head at load time with "
+                         f"quantization='rtn' and lm_head=True")
+    return value
 
 
 class RTNConfig(_WeightOnlyConfig):
-    """Round-to-nearest at load time from a dense checkpoint: bits (4), group_size (64), sym (False)."""
+    """Round-to-nearest at load time from a dense checkpoint: bits (4), group_size (64), sym (False), lm_head
+    (False: True rounds the LM head as well, the largest single matrix of a decode step at batch 1)."""
 
     name = "rtn"
 
@@ -147,7 +165,7 @@ class RTNConfig(_WeightOnlyConfig):
         if not isinstance(sym, bool):
             raise ValueError(f"rtn: sym must be a bool, got {sym!r}")
         return cls(_bits(config, "rtn", 4), _group_size(config, "rtn", 64), sym,
-                   parse_modules_to_not_convert(config, "rtn"))
+                   parse_modules_to_not_convert(config, "rtn"), lm_head=_lm_head(config, "rtn"))
 
 
 class GPTQConfig(_WeightOnlyConfig):
@@ -162,6 +180,7 @@ class GPTQConfig(_WeightOnlyConfig):
         fmt = config.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"gptq: checkpoint_format must be 'gptq' or 'gptq_v2', got {fmt!r}")
+        _lm_head(config, "gptq")
         desc_act, sym = config.get("desc_act", False), config.get("sym", True)
         if not isinstance(desc_act, bool) or not isinstance(sym, bool):
             raise ValueError(f"gptq: desc_act and sym must be bools, got {desc_act!r}, {sym!r}")
@@ -179,6 +198,7 @@ class AWQConfig(_WeightOnlyConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AWQConfig":
         require_checkpoint(config, "awq", "calibration data (activation scales)")
+        _lm_head(config, "awq")
         if config.get("zero_point", True) is not True:
             raise ValueError(f"awq: only zero_point=true checkpoints exist in AutoAWQ's gemm format, got "
                              f"{config.get('zero_point')!r}")

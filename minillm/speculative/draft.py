@@ -39,7 +39,7 @@ from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
 from minillm.models.llama import LlamaForCausalLM
 from minillm.speculative.config import DEFAULT_DRAFT_LAYERS, SpeculativeConfig
-from minillm.speculative.draft_vocab import DraftVocab
+from minillm.speculative.draft_vocab import DraftVocab, dense_head_weight
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
 
 
@@ -149,7 +149,7 @@ class DraftModelProposer(SampledDraftProposer):
 
     def restrict_vocab(self, token_ids: torch.Tensor) -> None:
         """Draft over these token ids only (draft_vocab.py): a 1-layer draft's LM head is most of its cost."""
-        self.vocab = DraftVocab(self.model.lm_head.weight).restrict(token_ids)
+        self.vocab = DraftVocab(dense_head_weight(self.model.lm_head, "a draft vocabulary")).restrict(token_ids)
 
     # -- per-request state --------------------------------------------------------------------------------
     def free(self, request_id: str) -> None:

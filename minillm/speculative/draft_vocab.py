@@ -85,6 +85,15 @@ class DraftVocab:
         return full
 
 
+def dense_head_weight(lm_head: torch.nn.Module, user: str) -> torch.Tensor:
+    """The LM head's dense [vocab, hidden] weight, which drafters score rows of; ValueError (naming `user`) for a
+    head quantized at load time (RTN with lm_head=True), whose rows are packed codes."""
+    if getattr(lm_head, "quant_method", None) is not None:
+        raise ValueError(f"{user} scores drafts with rows of the target's dense LM head, but the head is quantized "
+                         f"(lm_head=True); load the target without lm_head quantization")
+    return lm_head.weight
+
+
 def answer_token_counts(tokens: torch.Tensor, drafted: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """int64 [vocab_size]: how often each token is what a drafting position predicts, i.e. tokens[:, p + 1] where
     drafted[:, p] (every next token when `drafted` is None), over rows tokens [N, L]."""

@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from minillm.config import ModelConfig
 from minillm.layers.norm import rms_norm
 from minillm.layers.rotary import apply_rotary
-from minillm.speculative.draft_vocab import DraftVocab
+from minillm.speculative.draft_vocab import DraftVocab, dense_head_weight
 
 HEAD_KINDS = ("medusa", "eagle", "mtp")
 WEIGHTS_FILE, CONFIG_FILE = "heads.safetensors", "config.json"
@@ -85,7 +85,7 @@ class TargetParts:
         try:
             self.embed_weight = target.model.embed_tokens.weight
             self.norm_weight, self.eps = target.model.norm.weight, target.model.norm.eps
-            self.lm_head_weight = target.lm_head.weight
+            self.lm_head_weight = dense_head_weight(target.lm_head, "a Medusa/EAGLE/MTP head")
         except AttributeError as err:
             raise ValueError(f"heads need the target's embed_tokens, final norm and lm_head; "
                              f"{type(target).__name__} lacks one ({err})") from None
