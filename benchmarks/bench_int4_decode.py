@@ -1,7 +1,7 @@
 """End-to-end INT4 decode (issue 10, chapter 8): decode of a Llama-3-8B-shaped model, bf16 against 4-bit.
 
     python benchmarks/bench_int4_decode.py [--quick] [--group-size 128] [--async-scheduling] [--int4-dtype float16]
-                                           [--lm-head] [--batch 1] [--out results.json]
+                                           [--lm-head] [--batch 1] [--pdl {on,off,ab}] [--out results.json]
 
 Both runs go through the same engine (LLMEngine, paged KV, CUDA graphs) on the same random bf16 weights
 (bench_decode.py's model). The INT4 run rounds every decoder linear to 4-bit asymmetric codes in groups of
@@ -33,6 +33,7 @@ import time
 import torch
 
 from bench_decode import build_model, copy_bandwidth, run_engine, weight_bytes
+from minillm.kernels import pdl as pdl_module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the INT4 model's activations (the baseline stays bf16)")
     parser.add_argument("--lm-head", action="store_true",
                         help="also round the LM head to 4-bit (RTN's lm_head=True; the bf16 baseline stays dense)")
+    parser.add_argument("--pdl", choices=["on", "off", "ab"], default="on",
+                        help="programmatic dependent launch (kernels/pdl.py): on (the default), off, or ab: each "
+                             "model without it, then with it, in this process")
     parser.add_argument("--out", default=None, help="write the raw results here as JSON")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -56,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     output_len = 64 if args.quick else 256
     bandwidth = copy_bandwidth()
     rows = {}
-    for label, build in (("bf16", lambda: build_model(args.layers)),
-                         (f"int4 g{args.group_size}",
-                          lambda: build_model(args.layers, "rtn", {"bits": 4, "group_size": args.group_size,
-                                                                   "lm_head": args.lm_head},
-                                              dtype=args.int4_dtype))):
+    models = (("bf16", lambda: build_model(args.layers)),
+              (f"int4 g{args.group_size}",
+               lambda: build_model(args.layers, "rtn", {"bits": 4, "group_size": args.group_size,
+                                                        "lm_head": args.lm_head}, dtype=args.int4_dtype)))
+    settings = {"on": [(True, "")], "off": [(False, "")], "ab": [(False, " no PDL"), (True, "")]}[args.pdl]
+    for (name, build), (pdl, suffix) in [(m, p) for m in models for p in settings]:
+        label = name + suffix
+        pdl_module.set_enabled(pdl)  # read at every launch: the graphs of this engine are captured with it
         t0 = time.perf_counter()
         model, config = build()
         nbytes = weight_bytes(model)
@@ -79,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     base, int4 = rows["bf16"], rows[f"int4 g{args.group_size}"]
     speedup = int4["decode_tok_per_s"] / base["decode_tok_per_s"]
     print(f"INT4 / bf16 decode speed at batch {args.batch}: {speedup:.2f}x (target >= 2.5x at batch 1)")
+    if args.pdl == "ab":
+        for name, _ in models:
+            gain = rows[name]["decode_tok_per_s"] / rows[name + " no PDL"]["decode_tok_per_s"]
+            print(f"{name}: PDL on / off {gain:.3f}x")
     record = dict(command=" ".join(["benchmarks/bench_int4_decode.py", *(argv or sys.argv[1:])]),
                   device=torch.cuda.get_device_name(), torch=torch.__version__, date=str(datetime.date.today()),
                   copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), output_len=output_len, runs=rows,
-                  int4_dtype=args.int4_dtype, lm_head=args.lm_head, batch=args.batch, int4_over_bf16=round(speedup, 3))
+                  int4_dtype=args.int4_dtype, lm_head=args.lm_head, pdl=args.pdl, batch=args.batch, int4_over_bf16=round(speedup, 3))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.kernels.pdl import grid_dependency_sync, launch_options
+
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() < 1 or x.stride(-1) != 1:
@@ -161,7 +163,8 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 # ----------------------------------------------------------------------------------------- silu_and_mul
 @triton.jit
-def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency_sync(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter
@@ -181,7 +184,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if out.numel() > 0:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, x2.stride(0), out.stride(0), inter,
-                                                                       BLOCK=block, num_warps=4)
+                                                                       BLOCK=block, num_warps=4,
+                                                                       **launch_options(x.device))
     return out.view(*x.shape[:-1], inter)
 
 

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.hardware import num_sms
+from minillm.kernels.pdl import launch_options
 
 __all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv"]
 
@@ -304,12 +305,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
     ws, cnt = _workspace(x.device, m * n, grid_n) if split > 1 else (y, y)
     even_k = k % (cfg.block_k * split) == 0
+    pdl = cfg.pdl or bool(launch_options(x.device))  # the config's switch, or PDL on for every kernel (pdl.py)
     _gemv_kernel[(grid_n, split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
-        REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=cfg.pdl,
-        FIRST_K=cfg.block_k if cfg.pdl else 0,
+        REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=pdl,
+        FIRST_K=cfg.block_k if pdl else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWIGLU=swiglu,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if cfg.pdl else {}))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return y.reshape(*x.shape[:-1], n)

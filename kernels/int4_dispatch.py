@@ -33,6 +33,7 @@ from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
+from minillm.kernels.pdl import launch_options
 from minillm.kernels.hardware import graph_us, num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
 from minillm.platform import triton_interpreted
@@ -163,7 +164,7 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
                                    GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                    PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
                                    SPLIT_K=lc.split_k, STAGES=lc.num_stages, num_warps=lc.num_warps,
-                                   num_stages=lc.num_stages)
+                                   num_stages=lc.num_stages, **launch_options(x2.device))
         return
     if lc.kernel == "gemv":
         int4_gemv_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
@@ -171,7 +172,7 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
                                0x000F000F, GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
                                PACKED=not triton_interpreted(), BLOCK_N=lc.block_n, BLOCK_K=lc.block_k,
                                SPLIT_K=lc.split_k, PREFETCH=lc.prefetch, BLOCK_M=lc.block_m,
-                               num_warps=lc.num_warps, num_stages=lc.num_stages)
+                               num_warps=lc.num_warps, num_stages=lc.num_stages, **launch_options(x2.device))
         return
     _int4_gemm_kernel[grid](x2, qweight, scales, qz, bias if bias is not None else scales, y, ws, cnt, m, n, k,
                             x2.stride(0), qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0),

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.int4_mma import split_k_store
+from minillm.kernels.pdl import grid_dependency_sync
 
 __all__ = ["int4_gemv_kernel", "int4_gemv_tma_kernel", "gemv_fits"]
 
@@ -272,7 +273,7 @@ def _as_tile(acc, BLOCK_M: tl.constexpr):
 def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                      NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                     PREFETCH: tl.constexpr = True, BLOCK_M: tl.constexpr = 1):
+                     PREFETCH: tl.constexpr = True, BLOCK_M: tl.constexpr = 1, PDL: tl.constexpr = False):
     """y[m, :] = x[m, :] @ dequant(W)^T for BLOCK_M rows m per program; grid (cdiv(M, BLOCK_M) * N // BLOCK_N,
     SPLIT_K), every program K // SPLIT_K rows of K in tiles of BLOCK_K (gemv_fits must hold). With BLOCK_M > 1 each
     word is unpacked once for all the program's rows: one LOP3 and one fma per pair of weights, then one fma per
@@ -281,7 +282,8 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     1.9x one row's time (4096 -> 14336: 26.1 against 13.6 us), 5-24% under the tensor-core kernel, and two rows in
     one program were no faster than two one-row programs (RESULTS.md, nineteenth session). NIBBLE_MASK =
     0x000F000F, a run-time value (a LOP3 takes one immediate operand: as a literal beside MAGIC2 it would be
-    rematerialised for every word)."""
+    rematerialised for every word). PDL (pdl.py): the first tile of words, which no kernel writes, is requested
+    before the wait for the previous kernel, so it arrives while that kernel drains."""
     ROWS: tl.constexpr = BLOCK_K // 8  # packed word rows per tile
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -295,6 +297,7 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
     acc = tl.zeros([BLOCK_N], tl.float32) if BLOCK_M == 1 else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if PREFETCH:
         w_next = tl.load(w_ptrs)
+    grid_dependency_sync(PDL)  # x, the workspace and y belong to earlier kernels until here
     for k0 in range(k_begin, k_begin + k_per, BLOCK_K):
         if PREFETCH:  # this tile's words arrived during the last tile's arithmetic; ask for the next tile's now
             w = w_next
@@ -315,12 +318,13 @@ def int4_gemv_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_
 def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_sg, stride_zg, stride_ym,
                          NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                          PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, PDL: tl.constexpr = False):
     """int4_gemv_kernel (one row per program) with the words brought in by the TMA engine (Hopper): W_DESC is a
     host-side tensor descriptor of qweight [K // 8, N] with block [BLOCK_K // 8, BLOCK_N], and tl.range pipelines its
     loads STAGES deep into shared memory. The bytes in flight then cost no registers and no load instructions per
     thread (one thread issues a tile's copy), where the register prefetch holds a second tile of words in every
     thread: the measured limit of int4_gemv_kernel was bytes in flight per SM, not arithmetic."""
+    grid_dependency_sync(PDL)
     ROWS: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -101,6 +101,7 @@ import triton.language as tl
 from minillm.hooks import dispatch
 from minillm.platform import triton_interpreted
 from minillm.kernels.fused import per_head_scale
+from minillm.kernels.pdl import grid_dependency_sync, launch_options
 
 _LOG2E = 1.4426950408889634
 MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step of up to 15 drafts
@@ -149,7 +150,9 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                VARLEN: tl.constexpr = False, HAS_TREE: tl.constexpr = False,
                                PREFETCH_TABLE: tl.constexpr = False, FP8_WORDS: tl.constexpr = False,
                                FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False,
-                               FUSED_MERGE: tl.constexpr = False, CHUNK_S: tl.constexpr = 16):
+                               FUSED_MERGE: tl.constexpr = False, CHUNK_S: tl.constexpr = 16,
+                               PDL: tl.constexpr = False):
+    grid_dependency_sync(PDL)
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -316,10 +319,11 @@ def _merge_row(O_PART, LSE_PART, OUT, part_row, lse_row, out_row, offs_d, d_ok, 
 @triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])
 def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         CHUNK_S: tl.constexpr):
+                         CHUNK_S: tl.constexpr, PDL: tl.constexpr = False):
     """The merge as a second kernel (the default; fused_merge=True runs _merge_row in the split kernel instead):
     one program per (query token, head, BLOCK_D slice of head_dim).
     Slicing head_dim gives a batch-1 merge more than one program per head."""
+    grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
     head = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -626,6 +630,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise RuntimeError(f"fused_merge=True needs {batch * num_kv_heads * row_tiles} arrival counters, more "
                                f"than this device has, and none can be allocated during a CUDA-graph capture: run "
                                f"the call once before capturing it, or pass fused_merge=False")
+    pdl = launch_options(q.device)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits * row_tiles)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, o_part, lse_part, out,
         placeholder if cu_seqlens_q is None else cu_seqlens_q, placeholder if tree_mask is None else tree_mask,
@@ -640,13 +645,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt",
         FP16_DOT=(words or fp8_widen == "cast16") and not interp,
         FUSED_MERGE=arrivals is not None, CHUNK_S=16 if arrivals is None else _merge_chunk(block_d, num_warps),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl)
     if not single and arrivals is None:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
         d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))
         _merge_splits_kernel[(num_tokens, num_heads, d_slices)](
             o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d // d_slices, CHUNK_S=16, num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d // d_slices, CHUNK_S=16, num_warps=4, **pdl)
     return out
 
 

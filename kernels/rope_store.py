@@ -21,6 +21,7 @@ import triton.language as tl
 
 from minillm.kernels.fused import (_cos_sin_row, _rotate_heads, _round_to_e4m3, check_rotary_args,
                                    check_store_args)
+from minillm.kernels.pdl import grid_dependency_sync, launch_options
 
 __all__ = ["rotary_and_store_kvcache_"]
 
@@ -40,7 +41,8 @@ def _rope_store_kernel(POS, stride_p, Q, K, V, COS_SIN, K_CACHE, V_CACHE, SLOTS,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c, stride_kc, stride_vc,
                        num_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, FP8: tl.constexpr):
+                       HAS_SCALE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr = False):
+    grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin_row(POS, stride_p, COS_SIN, stride_c, token, HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
@@ -94,4 +96,4 @@ def rotary_and_store_kvcache_(positions: torch.Tensor, q: torch.Tensor, k: torch
         k_cache.stride(1), v_cache.stride(1), num_heads, k.shape[1], HEAD_DIM=head_dim, HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_HK=triton.next_power_of_2(k.shape[1]), HAS_SCALE=has_scale,
-        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **launch_options(q.device))

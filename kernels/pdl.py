@@ -1,0 +1,78 @@
+"""Programmatic dependent launch (PDL): let the next kernel start while this one drains (sm_90+).
+
+A decode step of a small or 4-bit model is a chain of ~300 short kernels, and even inside a CUDA graph each
+boundary costs about a microsecond: the GPU waits for the last program of kernel N to finish and its writes to
+be flushed, and only then launches kernel N+1, whose programs must still be scheduled onto the SMs and run their
+prologues. On the H200 that gap was ~0.28 ms of a 2.44 ms INT4 step of the Llama-3-8B shape (the wall time minus
+the sum of kernel times; benchmarks/RESULTS.md, twentieth session).
+
+Hopper lets a kernel be launched with the attribute "programmatic stream serialization" (Triton:
+`kernel[grid](..., launch_pdl=True)`): it may start *before* its predecessor in the stream has finished, as soon
+as every program of the predecessor has executed `griddepcontrol.launch_dependents` (or exited). Its programs
+then run whatever does not depend on the predecessor and block in `griddepcontrol.wait` until the predecessor has
+completed and its memory is visible. TensorRT-LLM launches its kernels this way; CUDA graphs keep the attribute as
+a programmatic edge between the two kernel nodes.
+
+Every kernel here that takes part follows one rule, `grid_dependency_sync(PDL)` as its first statement: wait for
+the predecessor (nothing before it reads memory another kernel wrote), then allow the successor to launch. Waiting
+first keeps the chain transitive (kernel N+2 waits on N+1, which could not finish before N did), and since all of
+a kernel's programs have been placed by the time the successor launches, the successor's waiting programs never
+take an SM from a program of the predecessor. A kernel launched without the attribute waits for its predecessor
+as always, so kernels with and without PDL mix freely (cuBLAS, torch ops, a learner's exercise kernel).
+
+`launch_options(device)` is what a launcher passes: {"PDL": True, "launch_pdl": True} on a GPU of compute
+capability 9.0 or newer with a Triton that has the instructions, else {} (the CPU interpreter, older GPUs).
+`set_enabled(False)` (or MINILLM_PDL=0 in the environment) turns it off, for A/B measurements.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.3 (sm_90 griddepcontrol)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
+_ENABLED = os.environ.get("MINILLM_PDL", "1") != "0"
+
+
+@triton.jit
+def grid_dependency_sync(PDL: tl.constexpr):
+    """First statement of a PDL kernel: wait for the previous kernel in the stream to complete (its writes
+    visible), then let the next one launch. Compiles to nothing when PDL is False."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn PDL on or off for launches from now on (kernels already captured in CUDA graphs keep theirs)."""
+    global _ENABLED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _ENABLED = enabled
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or gdc_wait is None:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a PDL-aware kernel launch on `device`: PDL on where the hardware and Triton have it
+    and it is enabled, else nothing (the kernel's PDL parameter defaults to False)."""
+    if not _ENABLED or device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"PDL": True, "launch_pdl": True} if _supported(index) else {}
