@@ -279,6 +279,17 @@ for shape in [(3, 7), (4, 576), (2, 5, 100)]:
 # and the gather of the previous step's tokens into this step's inputs: on the H200 that took 250-850 us of host
 # work out of each SmolLM2 step (1.05-1.4x the tokens/s at batch 1 and 32; benchmarks/RESULTS.md, "Decode graphs
 # that sample").
+#
+# A graph removes the CPU's launch cost, not the GPU's: between two kernels of a replay the GPU still waits for
+# every program of the first to finish and its writes to land before the second is scheduled. On the H200 a 4-bit
+# Llama-3-8B step ran 2.26 ms of kernels in 2.54 ms, ~0.24 ms lost at ~300 boundaries of under a microsecond each.
+# Hopper's **programmatic dependent launch** (PDL; TensorRT-LLM uses it throughout) lets a kernel launched with
+# the attribute start while its predecessor drains: its programs run what does not depend on the predecessor (the
+# INT4 GEMV asks for its first tile of weights, which no kernel writes), then block in `griddepcontrol.wait` until
+# the predecessor's memory is visible, and `launch_dependents` lets the next kernel in turn be scheduled.
+# kernels/pdl.py holds the rule every participating kernel follows (wait first, so the chain of dependencies stays
+# transitive); on the H200 it made that INT4 step 3.3% faster (benchmarks/RESULTS.md, "Programmatic dependent
+# launch") and left the bf16 one, 4.5 ms of mostly weight reads, where it was.
 
 # %%
 if torch.cuda.is_available():
@@ -325,6 +336,11 @@ else:
 # 4. *What do CUDA graphs remove, and what do they constrain?* <details><summary>answer</summary>The CPU launch cost
 #    of each kernel; shapes and addresses are frozen at capture, hence static buffers and one graph per padded
 #    batch size.</details>
+# 5. *A decode step runs in a CUDA graph and the GPU is never idle for a microsecond, yet the step takes longer than
+#    the sum of its kernels. Where does the time go, and what recovers it?* <details><summary>answer</summary>The
+#    boundaries: each kernel starts only after the previous one has fully finished and flushed. Fewer kernels
+#    (fusion), or programmatic dependent launch on Hopper, which overlaps a kernel's launch and prologue with its
+#    predecessor's tail.</details>
 #
 # A question whose answer is a number (exercise `ch04.decode_step_floor_s`): *Llama-3-8B in bf16 (16.06 GB of
 # weights, 128 KiB of KV per token) on an H200 (4.24 TB/s): what is the lowest possible time of one decode step

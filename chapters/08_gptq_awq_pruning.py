@@ -271,6 +271,13 @@ else:
 # the kernel is latency-bound again. At M = 2 two one-row programs per tile are as fast, and from M = 8 the
 # tensor-core kernel wins (benchmarks/RESULTS.md, nineteenth session). The lesson of this section once more:
 # count instructions, but time the kernel.
+#
+# End to end, the kernel is not the whole step. A 4-bit Llama-3-8B decode step at batch 1 spent 1.54 ms in its
+# 128 GEMVs and 0.24 ms in the fp16 LM head (128,256 x 4,096, 1 GB, read once per token): with the decoder's bytes
+# cut to a quarter the head became a tenth of the step. RTN takes `lm_head=True` (GPTQModel's option) to round it
+# as well: 1.85x the bf16 engine's tokens/s instead of 1.73x on the H200. AWQ and GPTQ leave the head dense by
+# default, and SmolLM2, whose head *is* its embedding, shows why: rounding it too took the RTN model's perplexity
+# from +33% to +55% of fp32 (`benchmarks/quant_quality.py`; benchmarks/RESULTS.md, twentieth session).
 
 # %% [markdown]
 # ## 4. 2:4 pruning
