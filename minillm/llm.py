@@ -22,6 +22,8 @@ max_num_seqs sequences of max_model_len, at most 1 GiB (see minillm/engine/kv_ca
 Every default is decided once, for the model and device, by minillm/engine/cache_config.py.
 `kv_cache_dtype="fp8"` (or "fp8_e4m3"; default "auto", the model's dtype) stores keys and values as float8_e4m3fn
 with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 (minillm/engine/kv_scales.py).
+`quantization="rtn"` rounds a dense checkpoint's linears to 4-bit while loading; `quantization_options=` passes
+the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ class LLM:
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
-                 quantization: str | None = None, disaggregation: Mapping[str, Any] | None = None,
-                 **engine_kwargs: Any) -> None:
+                 quantization: str | None = None, quantization_options: Mapping[str, Any] | None = None,
+                 disaggregation: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
@@ -80,12 +82,22 @@ class LLM:
         from minillm.quant.checkpoint import load_time_quantization
         if quantization is not None:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
+        if quantization_options is not None:  # a load-time method's options, e.g. rtn's {"group_size": 128}
+            if quantization is None:
+                raise ValueError(f"quantization_options={dict(quantization_options)!r} need quantization= (a "
+                                 f"load-time method such as 'rtn')")
+            if not isinstance(quantization_options, Mapping):
+                raise TypeError(f"quantization_options must be a dict, got {type(quantization_options).__name__}")
+            quantization_options = dict(quantization_options)
 
         from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
         model_config, weights, tokenizer = load_model(path)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant)
-        model_config = load_time_quantization(model_config, quantization)
+        if quantization_options is not None and model_config.quantization is not None:
+            raise ValueError(f"quantization_options apply to a dense checkpoint rounded while loading; {path} is "
+                             f"already quantized ({model_config.quantization}): its own config decides")
+        model_config = load_time_quantization(model_config, quantization, quantization_options)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         self.model_path = path
         if disaggregation is not None:

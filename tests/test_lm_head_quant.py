@@ -72,3 +72,29 @@ def test_heads_refuse_a_quantized_lm_head():
                         _checkpoint(CONFIG).items(), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="quantized"):
         TargetParts(model)
+
+
+def test_llm_passes_quantization_options(tmp_path):
+    """LLM(quantization="rtn", quantization_options={...}): the options reach the load-time method, generation
+    runs on the rounded head, and options without a method (or for a quantized checkpoint) are refused."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from minillm.llm import LLM
+    from minillm.quant.checkpoint import hf_config_dict
+    from minillm.sampling_params import SamplingParams
+    from test_quant_methods import _byte_tokenizer_json
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(CONFIG)))
+    save_file(_checkpoint(CONFIG), str(tmp_path / "model.safetensors"))
+    _byte_tokenizer_json(tmp_path)
+    llm = LLM(model=tmp_path, max_model_len=64, max_num_seqs=2, quantization="rtn",
+              quantization_options={"group_size": 32, "lm_head": True})
+    assert llm.llm_engine.model_config.quantization_config == {"group_size": 32, "lm_head": True}
+    assert "qweight" in llm.llm_engine.runner.model.lm_head._parameters
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="need quantization="):
+        LLM(model=tmp_path, quantization_options={"lm_head": True})
+    with pytest.raises(TypeError, match="quantization_options must be a dict"):
+        LLM(model=tmp_path, quantization="rtn", quantization_options=[("lm_head", True)])
