@@ -223,3 +223,42 @@ def test_graph_padding_rows_are_valid_whatever_the_shared_buffer_held():
     assert inputs.input_ids[24:].tolist() == [0] * 8 and inputs.positions[24:].tolist() == [0] * 8
     assert inputs.block_tables[3, :2].tolist() == [0, 0]
     assert prepared.metadata.block_tables.tolist() == [[1, 2, 3, -1, -1], [4, 5, 6, -1, -1], tables[2]]
+
+
+def test_verify_graphs_sample_in_the_replay_and_match_the_eager_engine():
+    """A chain verify step (q_len 1 + k, every row sampled) replayed by a graph of the host stand-in takes its
+    logits and greedy tokens from the replay, as a decode graph does: the runner samples nothing after it, and the
+    greedy outputs are the eager engine's."""
+    from minillm.bench.step_transfers import attach_host_graphs, build_engine, force_drafts
+    model, config = tiny_llama()
+    model.attention_backend = "triton"  # (interpreted) kernels read lengths from tensors, as a replay needs
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[(5 * i + j) % 200 for j in range(7 + 4 * i)] for i in range(3)]
+
+    def generate(graphs: bool):
+        engine = build_engine(model, config, torch.device("cpu"), max_num_seqs=4, num_speculative_tokens=3,
+                              enforce_eager=not graphs)
+        if graphs:
+            attach_host_graphs(engine)
+            shapes = engine.runner.cuda_graphs.sampling_shapes
+            assert {(1, 4), (2, 4), (4, 4), (4, 1)} <= shapes  # decode and verify graphs both sample
+        force_drafts(engine)
+        runner, eager_samples, replayed = engine.runner, [], [None]
+        sample, forward = runner._sample_on_device, runner.forward
+        runner.forward = lambda prepared: replayed.__setitem__(0, prepared.graph) or forward(prepared)
+        runner._sample_on_device = lambda logits, specs, sampling: eager_samples.append(replayed[0]) or \
+            sample(logits, specs, sampling)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        assert engine.speculative.metrics.num_verify_steps > 0
+        return done, eager_samples, runner.forward_counts["graph"]
+
+    eager, eager_samples, _ = generate(graphs=False)
+    replayed, graph_samples, graph_steps = generate(graphs=True)
+    assert replayed == eager
+    assert graph_steps > 0 and any(graph is None for graph in eager_samples)
+    # after a graph replay (decode or verify) the runner sampled nothing: only eager steps (prefills) are left
+    assert graph_samples and all(graph is None for graph in graph_samples), graph_samples

@@ -34,13 +34,19 @@ graphs differed by less than one configuration differed from itself between runs
 "Sixteenth session"), while each graph costs a capture and its memory.
 
 With `sample=True` (the runner's choice on one rank) a graph of q_len 1 records the end of the step too: the LM
-head and greedy argmax (`sampled[bucket]` = its logits and tokens), and, first, async scheduling's gather of
+head and greedy argmax (`sampled[bucket, 1]` = its logits and tokens), and, first, async scheduling's gather of
 deferred input ids (minillm/engine/async_step.py) from `prev_tokens`, a static buffer of the previous step's
 tokens that the graph itself refills at its end (and the runner after any step whose tokens came from
 elsewhere). On the H200 a SmolLM2 decode step under async scheduling was host-bound (benchmarks/RESULTS.md,
 "Seventeenth session"): the LM head, the two argmax kernels and the gather's six small ops were ~20% of the host's
 ~1.1 ms; replayed, they cost no host time. Rows that sample with a temperature still sample eagerly, from the
 graph's logits.
+
+Verify steps of a chain method (q_len 1 + k, every row sampled) sample in their graphs the same way, up to
+SAMPLED_VERIFY_MAX_ROWS rows (bucket x q_len): the LM head and greedy argmax of every row are recorded after the
+forward, so a verify step stops paying the eager LM head, two argmax launches and their host time after the
+replay (on the H200 ~0.29 ms of an n-gram verify step's host time; benchmarks/RESULTS.md, nineteenth session).
+They defer no input ids (speculative steps run synchronously), so they neither gather nor refill `prev_tokens`.
 
 Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
 method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
@@ -79,6 +85,9 @@ from minillm.kernels.hardware import graph_capture
 from minillm.layers.sampler import greedy_tokens
 from minillm.layers.tree_attention import MAX_TREE_NODES
 
+# Verify graphs (q_len > 1) record their LM head and argmax up to this many rows (bucket x q_len): the logits
+# buffer, shared by every sampling graph, is then no larger than a 256-sequence decode graph's.
+SAMPLED_VERIFY_MAX_ROWS = 256
 # Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
 # log-prob rows, prompt log-prob rows and targets: at most 6 numbers of 8 bytes per token) between the static
 # inputs and the block table.
@@ -185,9 +194,13 @@ class DecodeCUDAGraphs:
         # q_len-1 graphs that also gather deferred ids and compute logits and greedy tokens (module docstring)
         self.sample = sample
         self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device) if sample else None
-        self.sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, greedy tokens)
-        # the logits of every sampling graph, in one buffer [largest bucket, vocab] (graphs replay one at a time):
+        # (bucket, q_len) -> (logits, greedy tokens) of its rows
+        self.sampled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the logits of every sampling graph, in one buffer [most rows, vocab] (graphs replay one at a time):
         # kept per graph they would add up over the buckets (Llama-3-8B, 256 sequences: 1.1 GB, against 66 MB)
+        self.sampling_shapes = {(b, q) for b in self.buckets for q in self.query_lens
+                                if sample and (q == 1 or b * q <= SAMPLED_VERIFY_MAX_ROWS)}
+        self.logit_rows = max((b * q for b, q in self.sampling_shapes), default=0)
         self.logits: torch.Tensor | None = None
 
     def _layout(self, batch: int, q_len: int, tree: bool = False) -> tuple[FieldLayout, int]:
@@ -259,18 +272,21 @@ class DecodeCUDAGraphs:
                 with forward_context(meta):
                     return self.model(inputs.input_ids, inputs.positions)
 
-            samples = self.sample and q_len == 1 and not tree
+            samples = not tree and (batch, q_len) in self.sampling_shapes
             if samples:
-                def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta, batch: int = batch):
-                    resolve_deferred_ids(inputs.input_ids, self.prev_tokens)  # ids >= 0 are kept as they are
+                def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta, batch: int = batch,
+                            rows: int = batch * q_len, decode: bool = q_len == 1):
+                    if decode:  # async scheduling's deferred ids (verify steps run synchronously: none)
+                        resolve_deferred_ids(inputs.input_ids, self.prev_tokens)  # ids >= 0 are kept as they are
                     with forward_context(meta):
                         hidden = self.model(inputs.input_ids, inputs.positions)
                     logits = self.model.compute_logits(hidden)
                     if self.logits is None:  # in the first warm-up (never inside a capture): the shared buffer
-                        self.logits = logits.new_empty((self.prev_tokens.numel(), logits.shape[-1]))
-                    self.logits[:batch].copy_(logits)
+                        self.logits = logits.new_empty((self.logit_rows, logits.shape[-1]))
+                    self.logits[:rows].copy_(logits)
                     tokens = greedy_tokens(logits)
-                    self.prev_tokens[:batch].copy_(tokens)
+                    if decode:
+                        self.prev_tokens[:batch].copy_(tokens)
                     return hidden, tokens
 
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
@@ -281,15 +297,15 @@ class DecodeCUDAGraphs:
                 continue
             if samples:
                 out, tokens = out
-                self.sampled[batch] = (self.logits[:batch], tokens)
+                self.sampled[batch, q_len] = (self.logits[:batch * q_len], tokens)
             self.graphs.setdefault(batch, {})[q_len] = graph
             self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
 
     def samples(self, graph: tuple[int, int] | None, tree: bool = False) -> bool:
-        """Whether the replay of `graph` ((bucket, q_len), as PreparedBatch.graph) gathers deferred ids and
-        computes the logits and greedy tokens (`sampled[bucket]`)."""
-        return graph is not None and not tree and graph[1] == 1 and graph[0] in self.sampled
+        """Whether the replay of `graph` ((bucket, q_len), as PreparedBatch.graph) computes the logits and greedy
+        tokens of its rows (`sampled[graph]`); those of q_len 1 also gather deferred ids first."""
+        return graph is not None and not tree and tuple(graph) in self.sampled
 
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Make `tokens` (a step's sampled tokens, not a sampling graph's own greedy ones) what the next replay's

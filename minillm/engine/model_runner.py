@@ -298,7 +298,8 @@ class ModelRunner:
             return None
         prepared = self.prepare(step)
         graphs = self.cuda_graphs
-        sampling_graph = graphs is not None and graphs.samples(prepared.graph, prepared.graph_tree)
+        sampling_graph = graphs is not None and graphs.samples(prepared.graph, prepared.graph_tree) and \
+            prepared.graph[1] == 1  # (a decode graph that samples gathers the deferred ids itself)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
             gather = dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)  # samples (a sampling graph
             gather(prepared.input_ids, self._last_sampled)  # gathers them inside its replay)
@@ -400,7 +401,7 @@ class ModelRunner:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
             if graphs.samples(prepared.graph, prepared.graph_tree):
-                logits, tokens = graphs.sampled[prepared.graph[0]]
+                logits, tokens = graphs.sampled[tuple(prepared.graph)]
                 self._graph_sampled = (logits[:rows], tokens[:rows])
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
