@@ -3,7 +3,7 @@
 A decode step of a small or 4-bit model is a chain of ~300 short kernels, and even inside a CUDA graph each
 boundary costs about a microsecond: the GPU waits for the last program of kernel N to finish and its writes to
 be flushed, and only then launches kernel N+1, whose programs must still be scheduled onto the SMs and run their
-prologues. On the H200 that gap was ~0.28 ms of a 2.44 ms INT4 step of the Llama-3-8B shape (the wall time minus
+prologues. On the H200 that gap was ~0.28 ms of a 2.54 ms INT4 step of the Llama-3-8B shape (the wall time minus
 the sum of kernel times; benchmarks/RESULTS.md, twentieth session).
 
 Hopper lets a kernel be launched with the attribute "programmatic stream serialization" (Triton:
@@ -19,6 +19,11 @@ first keeps the chain transitive (kernel N+2 waits on N+1, which could not finis
 a kernel's programs have been placed by the time the successor launches, the successor's waiting programs never
 take an SM from a program of the predecessor. A kernel launched without the attribute waits for its predecessor
 as always, so kernels with and without PDL mix freely (cuBLAS, torch ops, a learner's exercise kernel).
+RMSNorm, the ch04 exercise kernel, stays out on purpose: launched with PDL, a learner's kernel that forgot the
+wait would read its input before the previous kernel had written it, a race that only shows on Hopper.
+
+Measured on the H200 (bench_int4_decode.py --pdl ab): the 4-bit Llama-3-8B step went from 2.42 to 2.34 ms
+(~0.3 us saved per boundary); the bf16 step, 4.5 ms of weight reads with cuBLAS between, did not move.
 
 `launch_options(device)` is what a launcher passes: {"PDL": True, "launch_pdl": True} on a GPU of compute
 capability 9.0 or newer with a Triton that has the instructions, else {} (the CPU interpreter, older GPUs).
