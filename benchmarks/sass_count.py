@@ -36,15 +36,17 @@ HALF = dict(POINTERS, X="*fp16", S="*fp16", BIAS="*fp16", Y="*fp16")  # an fp16 
 
 
 def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = False, tma_stages: int = 0,
-                 half: bool = False, block_m: int = 1):
+                 half: bool = False, block_m: int = 1, pdl: bool = False):
     """int4_gemv_kernel (or with tma_stages > 0 its TMA twin, pipelined that deep) compiled for sm_90 with the
     constants and 16-divisibility a real launch has; bf16 activations, or fp16 with `half`; block_m activation rows
-    per program (the register kernel only: the TMA twin holds one)."""
+    per program (the register kernel only: the TMA twin holds one); `pdl`: launched with programmatic dependent
+    launch (kernels/pdl.py), as on a Hopper GPU."""
     from minillm.kernels.int4_gemv import int4_gemv_kernel, int4_gemv_tma_kernel
 
     fn = int4_gemv_tma_kernel if tma_stages else int4_gemv_kernel
     const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, PACKED=True, BLOCK_N=block_n, BLOCK_K=block_k,
-                 **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch, BLOCK_M=block_m)))
+                 **(dict(STAGES=tma_stages) if tma_stages else dict(PREFETCH=prefetch, BLOCK_M=block_m)),
+                 **(dict(PDL=True) if pdl else {}))
     signature, divisible = {}, []
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -59,7 +61,8 @@ def compile_gemv(block_n: int, block_k: int, num_warps: int, prefetch: bool = Fa
     src = ASTSource(fn, signature=signature, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=max(tma_stages, 1)))
+                          options=dict(num_warps=num_warps, num_stages=max(tma_stages, 1),
+                                       **(dict(launch_pdl=True) if pdl else {})))
 
 
 def sass_of(cubin: bytes, workdir: str, name: str) -> tuple[str, int]:

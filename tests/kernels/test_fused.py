@@ -158,16 +158,3 @@ def test_gpu_store_kvcache_fp8():
     torch.testing.assert_close(got_k, want_k, atol=2e-3, rtol=0.13)  # within one fp8 rounding step
     torch.testing.assert_close(got_v, want_v, atol=2e-3, rtol=0.13)
 
-
-def test_pdl_launch_options_only_where_hopper_can_take_them():
-    """kernels/pdl.py: no PDL arguments on a CPU (the interpreter has no griddepcontrol), a bool switch."""
-    from minillm.kernels import pdl
-    assert pdl.launch_options(torch.device("cpu")) == {}
-    before = pdl.is_enabled()
-    try:
-        pdl.set_enabled(False)
-        assert not pdl.is_enabled() and pdl.launch_options(torch.device("cpu")) == {}
-        with pytest.raises(TypeError, match="enabled must be a bool"):
-            pdl.set_enabled("yes")
-    finally:
-        pdl.set_enabled(before)
