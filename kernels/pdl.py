@@ -13,11 +13,13 @@ then run whatever does not depend on the predecessor and block in `griddepcontro
 completed and its memory is visible. TensorRT-LLM launches its kernels this way; CUDA graphs keep the attribute as
 a programmatic edge between the two kernel nodes.
 
-Every kernel here that takes part follows one rule, `grid_dependency_sync(PDL)` as its first statement: wait for
-the predecessor (nothing before it reads memory another kernel wrote), then allow the successor to launch. Waiting
-first keeps the chain transitive (kernel N+2 waits on N+1, which could not finish before N did), and since all of
-a kernel's programs have been placed by the time the successor launches, the successor's waiting programs never
-take an SM from a program of the predecessor. A kernel launched without the attribute waits for its predecessor
+Every kernel here that takes part follows one rule, `grid_dependency_sync(PDL)` before it reads anything another
+kernel wrote (its first statement; the INT4 GEMV first asks for its first tile of weights, which no kernel writes):
+wait for the predecessor, then allow the successor to launch. The chain stays ordered (kernel N+1 cannot complete
+before its wait, so N+2's wait on N+1 covers N too). Waiting before releasing bounds the overlap to two kernels (N+2
+cannot launch while N still runs), and since a successor launches only once every program of this kernel has
+started, its waiting programs never take an SM from one of this kernel's. (gemv.py's own PDL path releases its
+successor before its wait, after loading its first weight tile: also ordered, with one more kernel in flight.) A kernel launched without the attribute waits for its predecessor
 as always, so kernels with and without PDL mix freely (cuBLAS, torch ops, a learner's exercise kernel).
 RMSNorm, the ch04 exercise kernel, stays out on purpose: launched with PDL, a learner's kernel that forgot the
 wait would read its input before the previous kernel had written it, a race that only shows on Hopper.
