@@ -194,7 +194,7 @@ def _engine(model, config, spec, tree_graphs: bool):
     if tree_graphs:  # what model_runner.configure captures on a GPU, as host graphs
         runner = engine.runner
         graphs = host_graphs(runner.model, 2, 64 // BLOCK, BLOCK, config.hidden_size, runner.dtype, runner.device,
-                             tree_query_len=tree_graph_batch(engine.engine_config)[0])
+                             tree_query_len=tree_graph_batch(engine.engine_config)[0], sample=True)
         with torch.inference_mode():
             graphs.capture()
         runner.cuda_graphs = graphs
@@ -209,6 +209,11 @@ def _generate(model, config, spec, tree_graphs: bool):
     model.attention_backend = "triton"  # what CUDA graphs run
     try:
         engine = _engine(model, config, spec, tree_graphs)
+        runner, replayed = engine.runner, [None]
+        forward, sample = runner.forward, runner._sample_on_device
+        runner.forward = lambda prepared: replayed.__setitem__(0, prepared.graph_tree) or forward(prepared)
+        runner._sample_on_device = lambda logits, specs, sampling: engine.__dict__.setdefault(
+            "samples_after_tree_replay", []).append(replayed[0]) or sample(logits, specs, sampling)
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         done = {}
@@ -250,3 +255,7 @@ def test_tree_methods_through_tree_graphs_equal_plain(model_and_config, plain, e
     assert outputs == plain
     assert engine.runner.cuda_graphs.tree_query_len == (32 if method == "ngram_tree" else 8)
     assert engine.runner.cuda_graphs.num_tree_replays > 0 and engine.speculative.tree.num_nodes_scored > 0
+    # tree graphs of at most SAMPLED_VERIFY_MAX_ROWS rows record the LM head and argmax too (on one rank)
+    q = engine.runner.cuda_graphs.tree_query_len
+    assert {key for key in engine.runner.cuda_graphs.sampled if key[2]} == {(b, q, True) for b in (1, 2)}
+    assert not any(engine.__dict__.get("samples_after_tree_replay", []))  # greedy: nothing sampled after a replay

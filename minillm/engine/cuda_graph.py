@@ -34,7 +34,7 @@ graphs differed by less than one configuration differed from itself between runs
 "Sixteenth session"), while each graph costs a capture and its memory.
 
 With `sample=True` (the runner's choice on one rank) a graph of q_len 1 records the end of the step too: the LM
-head and greedy argmax (`sampled[bucket, 1]` = its logits and tokens), and, first, async scheduling's gather of
+head and greedy argmax (`sampled[bucket, 1, False]` = its logits and tokens), and, first, async scheduling's gather of
 deferred input ids (minillm/engine/async_step.py) from `prev_tokens`, a static buffer of the previous step's
 tokens that the graph itself refills at its end (and the runner after any step whose tokens came from
 elsewhere). On the H200 a SmolLM2 decode step under async scheduling was host-bound (benchmarks/RESULTS.md,
@@ -42,9 +42,9 @@ elsewhere). On the H200 a SmolLM2 decode step under async scheduling was host-bo
 ~1.1 ms; replayed, they cost no host time. Rows that sample with a temperature still sample eagerly, from the
 graph's logits.
 
-Verify steps of a chain method (q_len 1 + k, every row sampled) sample in their graphs the same way, up to
-SAMPLED_VERIFY_MAX_ROWS rows (bucket x q_len): the LM head and greedy argmax of every row are recorded after the
-forward, so a verify step stops paying the eager LM head, two argmax launches and their host time after the
+Verify steps of a chain method (q_len 1 + k, every row sampled) and tree graphs (Q rows per sequence) sample in
+their graphs the same way, up to SAMPLED_VERIFY_MAX_ROWS rows (bucket x q_len): the LM head and greedy argmax of
+every row (a tree graph's padding rows included, thrown away with them) are recorded after the forward, so a verify step stops paying the eager LM head, two argmax launches and their host time after the
 replay (on the H200 ~0.29 ms of an n-gram verify step's host time; benchmarks/RESULTS.md, nineteenth session).
 They defer no input ids (speculative steps run synchronously), so they neither gather nor refill `prev_tokens`.
 
@@ -195,12 +195,14 @@ class DecodeCUDAGraphs:
         self.sample = sample
         self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device) if sample else None
         # (bucket, q_len) -> (logits, greedy tokens) of its rows
-        self.sampled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sampled: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # key: (b, q, tree)
         # the logits of every sampling graph, in one buffer [most rows, vocab] (graphs replay one at a time):
         # kept per graph they would add up over the buckets (Llama-3-8B, 256 sequences: 1.1 GB, against 66 MB)
-        self.sampling_shapes = {(b, q) for b in self.buckets for q in self.query_lens
-                                if sample and (q == 1 or b * q <= SAMPLED_VERIFY_MAX_ROWS)}
-        self.logit_rows = max((b * q for b, q in self.sampling_shapes), default=0)
+        shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
+        shapes += [(b, self.tree_query_len, True) for b in self.tree_buckets]
+        self.sampling_shapes = {(b, q, tree) for b, q, tree in shapes
+                                if sample and ((q == 1 and not tree) or b * q <= SAMPLED_VERIFY_MAX_ROWS)}
+        self.logit_rows = max((b * q for b, q, _ in self.sampling_shapes), default=0)
         self.logits: torch.Tensor | None = None
 
     def _layout(self, batch: int, q_len: int, tree: bool = False) -> tuple[FieldLayout, int]:
@@ -272,10 +274,10 @@ class DecodeCUDAGraphs:
                 with forward_context(meta):
                     return self.model(inputs.input_ids, inputs.positions)
 
-            samples = not tree and (batch, q_len) in self.sampling_shapes
+            samples = (batch, q_len, tree) in self.sampling_shapes
             if samples:
                 def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta, batch: int = batch,
-                            rows: int = batch * q_len, decode: bool = q_len == 1):
+                            rows: int = batch * q_len, decode: bool = q_len == 1 and not tree):
                     if decode:  # async scheduling's deferred ids (verify steps run synchronously: none)
                         resolve_deferred_ids(inputs.input_ids, self.prev_tokens)  # ids >= 0 are kept as they are
                     with forward_context(meta):
@@ -292,20 +294,21 @@ class DecodeCUDAGraphs:
             forward()  # warm-up: Triton JIT and autotuning happen here, not during capture
             self._synchronize()
             graph, out = self._record(forward)
+            if samples:
+                out, tokens = out
+                self.sampled[batch, q_len, tree] = (self.logits[:batch * q_len], tokens)
             if tree:
                 self.tree_graphs[batch] = (graph, out)
                 continue
-            if samples:
-                out, tokens = out
-                self.sampled[batch, q_len] = (self.logits[:batch * q_len], tokens)
             self.graphs.setdefault(batch, {})[q_len] = graph
             self.outputs.setdefault(batch, {})[q_len] = out
         self._synchronize()
 
     def samples(self, graph: tuple[int, int] | None, tree: bool = False) -> bool:
-        """Whether the replay of `graph` ((bucket, q_len), as PreparedBatch.graph) computes the logits and greedy
-        tokens of its rows (`sampled[graph]`); those of q_len 1 also gather deferred ids first."""
-        return graph is not None and not tree and tuple(graph) in self.sampled
+        """Whether the replay of `graph` ((bucket, q_len), as PreparedBatch.graph; a tree graph's with `tree`)
+        computes the logits and greedy tokens of its rows (`sampled[bucket, q_len, tree]`); the decode graphs (q_len
+        1) also gather deferred ids first."""
+        return graph is not None and (*graph, tree) in self.sampled
 
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Make `tokens` (a step's sampled tokens, not a sampling graph's own greedy ones) what the next replay's

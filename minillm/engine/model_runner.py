@@ -299,7 +299,7 @@ class ModelRunner:
         prepared = self.prepare(step)
         graphs = self.cuda_graphs
         sampling_graph = graphs is not None and graphs.samples(prepared.graph, prepared.graph_tree) and \
-            prepared.graph[1] == 1  # (a decode graph that samples gathers the deferred ids itself)
+            prepared.graph[1] == 1 and not prepared.graph_tree  # (a sampling decode graph gathers deferred ids)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
             gather = dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)  # samples (a sampling graph
             gather(prepared.input_ids, self._last_sampled)  # gathers them inside its replay)
@@ -401,7 +401,7 @@ class ModelRunner:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
             if graphs.samples(prepared.graph, prepared.graph_tree):
-                logits, tokens = graphs.sampled[tuple(prepared.graph)]
+                logits, tokens = graphs.sampled[(*prepared.graph, prepared.graph_tree)]
                 self._graph_sampled = (logits[:rows], tokens[:rows])
         elif graphs is not None and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
