@@ -45,7 +45,18 @@ try:  # triton >= 3.3 (sm_90 griddepcontrol)
 except ImportError:  # pragma: no cover - older triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
-_ENABLED = os.environ.get("MINILLM_PDL", "1") != "0"
+_SWITCH = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
+
+
+def _from_environment() -> bool:
+    """MINILLM_PDL: unset (on), or one of _SWITCH's spellings; anything else is an error naming them."""
+    value = os.environ.get("MINILLM_PDL", "1").strip().lower()
+    if value not in _SWITCH:
+        raise ValueError(f"MINILLM_PDL={os.environ['MINILLM_PDL']!r}: use one of {', '.join(_SWITCH)}")
+    return _SWITCH[value]
+
+
+_ENABLED = _from_environment()
 
 
 @triton.jit

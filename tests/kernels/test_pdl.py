@@ -30,6 +30,16 @@ def test_launch_options_only_where_hopper_can_take_them():
         pdl.set_enabled(before)
 
 
+def test_the_environment_switch_names_its_spellings(monkeypatch):
+    monkeypatch.setenv("MINILLM_PDL", "Off")
+    assert pdl._from_environment() is False
+    monkeypatch.setenv("MINILLM_PDL", "1")
+    assert pdl._from_environment() is True
+    monkeypatch.setenv("MINILLM_PDL", "maybe")
+    with pytest.raises(ValueError, match="MINILLM_PDL='maybe': use one of 1, on, true"):
+        pdl._from_environment()
+
+
 def _pdl_kernels():
     for module in (fused, gemv, int4_gemv, paged_attention, rope_store):
         for name, fn in vars(module).items():
