@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(command=" ".join(["benchmarks/bench_int4_decode.py", *(argv or sys.argv[1:])]),
                   device=torch.cuda.get_device_name(), torch=torch.__version__, date=str(datetime.date.today()),
                   copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), output_len=output_len, runs=rows,
-                  int4_dtype=args.int4_dtype, lm_head=args.lm_head, pdl=args.pdl, batch=args.batch, int4_over_bf16=round(speedup, 3))
+                  int4_dtype=args.int4_dtype, lm_head=args.lm_head, pdl=args.pdl, batch=args.batch,
+                  int4_over_bf16=round(speedup, 3))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)

@@ -103,7 +103,8 @@ def main() -> None:
                        "wall_ms_per_step": 1e3 * wall / args.steps, "kernel_ms_per_step": total / args.steps / 1e3,
                        "kernels": [(n, us / args.steps, c / args.steps) for n, (us, c) in rows],
                        "idle_us_per_step": idle / args.steps,
-                       "gaps": [(b, a, us / args.steps, c / args.steps) for (b, a), (us, c) in gap_rows[:30]]}, f, indent=0)
+                       "gaps": [(b, a, us / args.steps, c / args.steps) for (b, a), (us, c) in gap_rows[:30]]},
+                      f, indent=0)
 
 
 def host_profile(engine, steps: int) -> None:

@@ -97,11 +97,11 @@ RUNS = [  # cheapest first, so a run cut short still has most of the table
     # AutoRound (quant/autoround.py): rounding offsets and clip factors learned per block by signed descent
     ("autoround w4 g64", "recipe-autoround", dict(bits=4, group_size=64)),
     ("autoround w3 g64", "recipe-autoround", dict(bits=3, group_size=64)),
-    # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
     # round-to-nearest at load time (LLM(..., quantization="rtn")), then with the LM head (the tied embedding's
     # copy) rounded too: what lm_head=True costs in perplexity
     ("rtn w4 g64 at load", "load-rtn", dict(bits=4, group_size=64)),
     ("rtn w4 g64 at load + lm_head", "load-rtn", dict(bits=4, group_size=64, lm_head=True)),
+    # our GGUF files (written, then read back as a user would) and pruning (dense weights with zeros)
     ("gguf q8_0 (ours)", "gguf-q8_0", {}),
     ("gguf q4_k (ours)", "gguf-q4_k", {}),
     ("gguf q4_0 (ours)", "gguf-q4_0", {}),
@@ -133,15 +133,6 @@ def linear_bits_per_weight(state: dict[str, torch.Tensor], n_weights: int) -> fl
     """Bits per weight of the decoder's linear layers as stored (codes + scales + zeros)."""
     linear = [t for name, t in state.items() if ".layers." in name and "norm" not in name]
     return 8 * sum(t.numel() * t.element_size() for t in linear) / n_weights
-
-
-def stored_bits_per_weight(model: torch.nn.Module, n_weights: int) -> float:
-    """Bits per weight of the decoder's linear layers as a built model holds them (a load-time method's codes,
-    scales and zeros; biases left out)."""
-    total = sum(p.numel() * p.element_size() for n, m in model.named_modules()
-                if hasattr(m, "quant_method") and ".layers." in n
-                for pn, p in m.named_parameters(recurse=False) if pn != "bias")
-    return 8 * total / n_weights
 
 
 def gguf_round_trip(model_path: str | None, method: str, device: torch.device) -> tuple[torch.nn.Module, float]:
@@ -201,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             _, fresh_weights, _ = load_model(args.model)
             qconfig = load_time_quantization(config, method.removeprefix("load-"), options)
             model = build_model(qconfig, fresh_weights, device, torch.float32)
-            bits = stored_bits_per_weight(model, n_weights)
+            bits = linear_bits_per_weight(model.state_dict(), n_weights)  # the codes, scales and zeros it holds
         elif method.startswith("prune-"):
             scores = method.removeprefix("prune-")
             model = prune_model(dense, scores, options.get("sparsity"), calib if scores == "wanda" else None,

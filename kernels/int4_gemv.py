@@ -339,5 +339,5 @@ def int4_gemv_tma_kernel(X, W_DESC, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm,
         w = W_DESC.load([k0 // 8, n0])
         acc += _tile_product(w, x_ptrs + k0, S, QZ, k0 // GROUP_SIZE, offs_n, stride_sg, stride_zg, NIBBLE_MASK,
                              HAS_ZEROS, PACKED, 1, ROWS, BLOCK_N)
-    split_k_store((acc * 16.0)[None, :], Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N, stride_ym,
+    split_k_store(_as_tile(acc * 16.0, 1), Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, offs_n < N, N, stride_ym,
                   HAS_BIAS, SPLIT_K, 1, BLOCK_N)

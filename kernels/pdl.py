@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL): let the next kernel start while this one drains (sm_90+).
+"""Programmatic dependent launch (PDL): let the next kernel start while this one drains (sm_90+; chapter 4).
 
 A decode step of a small or 4-bit model is a chain of ~300 short kernels, and even inside a CUDA graph each
 boundary costs about a microsecond: the GPU waits for the last program of kernel N to finish and its writes to
@@ -19,8 +19,9 @@ wait for the predecessor, then allow the successor to launch. The chain stays or
 before its wait, so N+2's wait on N+1 covers N too). Waiting before releasing bounds the overlap to two kernels (N+2
 cannot launch while N still runs), and since a successor launches only once every program of this kernel has
 started, its waiting programs never take an SM from one of this kernel's. (gemv.py's own PDL path releases its
-successor before its wait, after loading its first weight tile: also ordered, with one more kernel in flight.) A kernel launched without the attribute waits for its predecessor
-as always, so kernels with and without PDL mix freely (cuBLAS, torch ops, a learner's exercise kernel).
+successor before its wait, after loading its first weight tile: also ordered, with one more kernel in flight.)
+A kernel launched without the attribute waits for its predecessor as always, so kernels with and without PDL mix
+freely (cuBLAS, torch ops, a learner's exercise kernel).
 RMSNorm, the ch04 exercise kernel, stays out on purpose: launched with PDL, a learner's kernel that forgot the
 wait would read its input before the previous kernel had written it, a race that only shows on Hopper.
 

@@ -82,21 +82,12 @@ class LLM:
         from minillm.quant.checkpoint import load_time_quantization
         if quantization is not None:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
-        if quantization_options is not None:  # a load-time method's options, e.g. rtn's {"group_size": 128}
-            if quantization is None:
-                raise ValueError(f"quantization_options={dict(quantization_options)!r} need quantization= (a "
-                                 f"load-time method such as 'rtn')")
-            if not isinstance(quantization_options, Mapping):
-                raise TypeError(f"quantization_options must be a dict, got {type(quantization_options).__name__}")
-            quantization_options = dict(quantization_options)
 
         from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
         model_config, weights, tokenizer = load_model(path)
-        # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant)
-        if quantization_options is not None and model_config.quantization is not None:
-            raise ValueError(f"quantization_options apply to a dense checkpoint rounded while loading; {path} is "
-                             f"already quantized ({model_config.quantization}): its own config decides")
+        # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant), with the
+        # method's options (e.g. rtn's {"group_size": 128, "lm_head": True}); misplaced options are refused there
         model_config = load_time_quantization(model_config, quantization, quantization_options)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         self.model_path = path

@@ -60,6 +60,11 @@ def test_lm_head_option_is_checked():
         RTNConfig.from_config({"lm_head": "yes"})
     with pytest.raises(ValueError, match="quantized lm_head are not supported"):
         GPTQConfig.from_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True})
+    # options go to a load-time method on a dense checkpoint, nowhere else (refused, not ignored)
+    with pytest.raises(ValueError, match="already quantized"):
+        load_time_quantization(dataclasses.replace(CONFIG, quantization="int8_rtn"), "int8_rtn", {"lm_head": True})
+    with pytest.raises(ValueError, match="need quantization="):
+        load_time_quantization(CONFIG, None, {"lm_head": True})
     # 300 x 64 with groups of 48: the head's in_features must split into whole groups, like any linear's
     with pytest.raises(ValueError, match="group_size=48"):
         build_model(load_time_quantization(CONFIG, "rtn", {"group_size": 48, "lm_head": True}),

@@ -44,9 +44,10 @@ graph's logits.
 
 Verify steps of a chain method (q_len 1 + k, every row sampled) and tree graphs (Q rows per sequence) sample in
 their graphs the same way, up to SAMPLED_VERIFY_MAX_ROWS rows (bucket x q_len): the LM head and greedy argmax of
-every row (a tree graph's padding rows included, thrown away with them) are recorded after the forward, so a verify step stops paying the eager LM head, two argmax launches and their host time after the
-replay (on the H200 ~0.29 ms of an n-gram verify step's host time; benchmarks/RESULTS.md, nineteenth session).
-They defer no input ids (speculative steps run synchronously), so they neither gather nor refill `prev_tokens`.
+every row (a tree graph's padding rows included, thrown away with them) are recorded after the forward, so a
+verify step stops paying the eager LM head, two argmax launches and their host time after the replay (on the
+H200 ~0.29 ms of an n-gram verify step's host time; benchmarks/RESULTS.md, nineteenth session). They defer no
+input ids (speculative steps run synchronously), so they neither gather nor refill `prev_tokens`.
 
 Token-tree verify steps (chapter 9: ngram_tree, medusa_tree, eagle_tree) are decode-like too once padded: a tree
 method's tree has at most a configured number of nodes, so a step of B sequences has at most B x Q new tokens, Q =
@@ -85,7 +86,7 @@ from minillm.kernels.hardware import graph_capture
 from minillm.layers.sampler import greedy_tokens
 from minillm.layers.tree_attention import MAX_TREE_NODES
 
-# Verify graphs (q_len > 1) record their LM head and argmax up to this many rows (bucket x q_len): the logits
+# Verify and tree graphs record their LM head and argmax up to this many rows (bucket x q_len): the logits
 # buffer, shared by every sampling graph, is then no larger than a 256-sequence decode graph's.
 SAMPLED_VERIFY_MAX_ROWS = 256
 # Room per token, in the graph's upload layout, for the step's other metadata (sampled rows, sampling parameters,
@@ -166,8 +167,10 @@ class DecodeCUDAGraphs:
         # token trees: Q rows per sequence at most, at these buckets (none without a tree method)
         self.tree_buckets = tree_graph_buckets(max_num_seqs, tree_query_len, tree_max_batch)
         self.tree_query_len = tree_query_len if self.tree_buckets else None
-        layouts = {(b, q, False): self._layout(b, q) for b in self.buckets for q in self.query_lens}
-        layouts.update({(b, tree_query_len, True): self._layout(b, tree_query_len, True) for b in self.tree_buckets})
+        # every graph to capture: (bucket, q_len, tree)
+        self.shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
+        self.shapes += [(b, tree_query_len, True) for b in self.tree_buckets]
+        layouts = {(b, q, tree): self._layout(b, q, tree) for b, q, tree in self.shapes}
         # every graph's inputs live in this one buffer (graphs replay one at a time, each step rewrites its part)
         self.upload = UploadBuffer(device, max(layout.end for layout, _ in layouts.values()), growable=False)
         self.inputs: dict[tuple[int, int], GraphInputs] = {}
@@ -194,13 +197,11 @@ class DecodeCUDAGraphs:
         # q_len-1 graphs that also gather deferred ids and compute logits and greedy tokens (module docstring)
         self.sample = sample
         self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device) if sample else None
-        # (bucket, q_len) -> (logits, greedy tokens) of its rows
-        self.sampled: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # key: (b, q, tree)
+        # (bucket, q_len, tree) -> (logits, greedy tokens) of that graph's rows
+        self.sampled: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         # the logits of every sampling graph, in one buffer [most rows, vocab] (graphs replay one at a time):
         # kept per graph they would add up over the buckets (Llama-3-8B, 256 sequences: 1.1 GB, against 66 MB)
-        shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
-        shapes += [(b, self.tree_query_len, True) for b in self.tree_buckets]
-        self.sampling_shapes = {(b, q, tree) for b, q, tree in shapes
+        self.sampling_shapes = {(b, q, tree) for b, q, tree in self.shapes
                                 if sample and ((q == 1 and not tree) or b * q <= SAMPLED_VERIFY_MAX_ROWS)}
         self.logit_rows = max((b * q for b, q, _ in self.sampling_shapes), default=0)
         self.logits: torch.Tensor | None = None
@@ -260,9 +261,7 @@ class DecodeCUDAGraphs:
         """Warm up, then record one graph per (bucket, q_len) and one tree graph per tree bucket, most tokens
         first, all in one memory pool."""
         self._synchronize()
-        shapes = [(b, q, False) for b in self.buckets for q in self.query_lens]
-        shapes += [(b, self.tree_query_len, True) for b in self.tree_buckets]
-        for batch, q_len, tree in sorted(shapes, key=lambda s: (-s[0] * s[1], s[2])):
+        for batch, q_len, tree in sorted(self.shapes, key=lambda s: (-s[0] * s[1], s[2])):
             meta = self._metadata(batch, q_len, tree)
             inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
             self._pad(inputs, 0, q_len, 0)  # every row a padding row: valid addresses for the warm-up and capture
@@ -309,6 +308,11 @@ class DecodeCUDAGraphs:
         computes the logits and greedy tokens of its rows (`sampled[bucket, q_len, tree]`); the decode graphs (q_len
         1) also gather deferred ids first."""
         return graph is not None and (*graph, tree) in self.sampled
+
+    def gathers_deferred_ids(self, graph: tuple[int, int] | None, tree: bool = False) -> bool:
+        """Whether the replay of `graph` puts async scheduling's deferred input ids in place itself: a sampling
+        decode graph (q_len 1) does; verify and tree graphs never see deferred ids."""
+        return not tree and graph is not None and graph[1] == 1 and self.samples(graph)
 
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Make `tokens` (a step's sampled tokens, not a sampling graph's own greedy ones) what the next replay's

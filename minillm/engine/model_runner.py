@@ -298,8 +298,7 @@ class ModelRunner:
             return None
         prepared = self.prepare(step)
         graphs = self.cuda_graphs
-        sampling_graph = graphs is not None and graphs.samples(prepared.graph, prepared.graph_tree) and \
-            prepared.graph[1] == 1 and not prepared.graph_tree  # (a sampling decode graph gathers deferred ids)
+        sampling_graph = graphs is not None and graphs.gathers_deferred_ids(prepared.graph, prepared.graph_tree)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
             gather = dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)  # samples (a sampling graph
             gather(prepared.input_ids, self._last_sampled)  # gathers them inside its replay)

@@ -104,9 +104,6 @@ class QuantizationConfig(ABC):
     """One model's quantization scheme: parsed once from the checkpoint, asked once per Linear layer."""
 
     name: str = ""  # the key in QUANTIZATION_METHODS
-    # whether the LM head is quantized too (GPTQModel's `lm_head` key, vLLM's lm_head_quantized): off by default,
-    # as in AutoGPTQ and AutoAWQ, since the head's errors land straight on the logits
-    lm_head_quantized: bool = False
 
     @classmethod
     @abstractmethod
@@ -118,9 +115,10 @@ class QuantizationConfig(ABC):
         """The method for the layer at `prefix` (e.g. "model.layers.0.self_attn.qkv_proj"); None = dense."""
 
     def get_lm_head_method(self) -> LinearMethod | None:
-        """The method of the LM head (minillm.parallel.tensor.ParallelLMHead), or None to keep it dense (the
-        default). A method given here must quantize the head's dense `weight` in process_weights_after_loading:
-        the head is loaded like the embedding it mirrors."""
+        """The method of the LM head (minillm.parallel.tensor.ParallelLMHead), or None to keep it dense: the default,
+        as in AutoGPTQ and AutoAWQ, since the head's errors land straight on the logits (GPTQModel's `lm_head` key,
+        vLLM's lm_head_quantized, turns it on). A method given here must quantize the head's dense `weight` in
+        process_weights_after_loading: the head is loaded like the embedding it mirrors."""
         return None
 
     def checkpoint_shapes(self, prefix: str, output_size: int, input_size: int) -> dict[str, tuple[int, ...]] | None:

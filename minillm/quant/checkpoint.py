@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from minillm.quant.base import apply_quantization_override, check_quantization_name
@@ -27,13 +28,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def load_time_quantization(model_config: Any, quantization: str | None,
                            options: dict[str, Any] | None = None) -> Any:
-    """The ModelConfig to build for `LLM(model, quantization=...)`: unchanged for None or for the checkpoint's own
-    method; a dense checkpoint gets a load-time method (options: e.g. {"bits": 3, "group_size": 32} for rtn)."""
+    """The ModelConfig to build for `LLM(model, quantization=..., quantization_options=...)`: unchanged for None or
+    for the checkpoint's own method; a dense checkpoint gets a load-time method (options: e.g. {"bits": 3,
+    "group_size": 32} for rtn). Options without a method, or for a checkpoint that is already quantized (its own
+    config decides), are refused rather than ignored."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"quantization_options must be a dict, got {type(options).__name__}")
     if quantization is None:
+        if options:
+            raise ValueError(f"quantization_options={dict(options)!r} need quantization= (a load-time method such "
+                             f"as 'rtn')")
         return model_config
     check_quantization_name(quantization)
-    if options is not None and not isinstance(options, dict):
-        raise TypeError(f"quantization options must be a dict, got {type(options).__name__}")
+    if options and model_config.quantization is not None:
+        raise ValueError(f"quantization_options apply to a dense checkpoint rounded while loading; this checkpoint is "
+                         f"already quantized ({model_config.quantization}): its own config decides")
     if model_config.quantization is None and quantization not in LOAD_TIME_METHODS:
         raise ValueError(f"quantization={quantization!r} needs calibration data and cannot be applied while loading a "
                          f"dense checkpoint; run `minillm quantize MODEL --method {quantization} --out DIR` and load "
