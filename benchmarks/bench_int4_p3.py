@@ -34,7 +34,7 @@ SHAPES = {"4096->14336": (4096, 14336), "4096->6144": (4096, 6144), "4096->4096"
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
 P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
 P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
-KERNELS = ("fma", "gemv", "gemv_rows", "dot", "mma", "dequant")  # gemv_rows: int4_gemv.py with BLOCK_M > 1
+KERNELS = ("fma", "gemv", "gemv_rows", "dot", "mma", "wgmma", "dequant")  # gemv_rows: int4_gemv.py with BLOCK_M > 1
 
 
 def launches_for(m: int, n: int, k: int, sms: int, dtype=None) -> list:

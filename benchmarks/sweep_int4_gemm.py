@@ -133,6 +133,7 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
     import torch
     import triton
 
+    from minillm.kernels.int4_mma import code_constants
     from minillm.platform import triton_interpreted
 
     m, k = x.shape
@@ -152,8 +153,8 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
         return run(*common, 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, PACKED=not interp, **tiles,
                    SPLIT_K=split, PREFETCH=cfg["PREFETCH"], **extra)
     if cfg["kernel"] == "mma":
-        return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False, FP16_CODES=x.dtype == torch.float16,
-                   UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
+        return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
+                   **code_constants(x.dtype), UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
                    SPLIT_K=split, **extra)
     return run(*common, min(_pow2(m), 256), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
                DOT_PRECISION="ieee" if x.dtype == torch.float32 or interp else "tf32",

@@ -272,6 +272,16 @@ else:
 # tensor-core kernel wins (benchmarks/RESULTS.md, nineteenth session). The lesson of this section once more:
 # count instructions, but time the kernel.
 #
+# Why not the tensor cores at M = 1, as Marlin does? On Hopper a wgmma reads its *second* operand from shared
+# memory, so `x @ W^T` must store every unpacked weight there first. `minillm.kernels.int4_wgmma` swaps the
+# operands (`y^T = W x^T`: the weights become the first operand, which may live in registers) and orders K so
+# that one shift and one LOP3 leave two weights exactly where the operand wants them. Compiled for sm_90 its loop
+# is lean; on the H200 it takes 50 us where the GEMV takes 12. Nsight Compute says why: Triton still routes the
+# tile through shared memory to reach the operand's register layout, 118 registers leave 16 warps per SM, and each
+# warp's iteration is one dependent chain (load, unpack, store, barrier, wgmma, shuffles) that nothing overlaps.
+# The idea is right; what makes it fast in Marlin is weights pre-shuffled offline into the register order and
+# warp-specialised load pipelines. The dispatcher keeps it where it wins: M = 32 (twenty-first session).
+#
 # End to end, the kernel is not the whole step. A 4-bit Llama-3-8B decode step at batch 1 spent 1.54 ms in its
 # 128 GEMVs and 0.24 ms in the fp16 LM head (128,256 x 4,096, 1 GB, read once per token): with the decoder's bytes
 # cut to a quarter the head became a tenth of the step. RTN takes `lm_head=True` (GPTQModel's option) to round it

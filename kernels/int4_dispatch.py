@@ -1,15 +1,17 @@
 """Pick the fastest INT4 weight-only kernel for each shape by timing the candidates once (chapter 8).
 
-Five ways compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
+Six ways compute the same y = x @ dequant(W)^T, and which one is fastest depends on M and on the shape:
   fma      int4_gemm.py's CUDA-core path: one activation row per program (won M = 1 and 2 on the first H200 sweep);
   dot      int4_gemm.py's tensor-core path: rows padded to BLOCK_M >= 16, fp32 unpacking then bf16 for tl.dot;
   mma      int4_mma.py: rows padded to 16, two weights per instruction straight into bf16 for the tensor cores;
+  wgmma    int4_wgmma.py: the same unpacking with the product transposed (W @ x^T), so the unpacked weights stay
+           in registers as the tensor cores' first operand (Hopper's wgmma reads its second from shared memory);
   gemv     int4_gemv.py: two weights per instruction in packed fp16 math (PTX), where the shape divides into
            its tiles: one row per program for M <= 2 (on Hopper also its TMA twin, gemv_tma: the words pipelined
            into shared memory by the TMA engine), and for M = 3..4 all rows in one program (BLOCK_M = 4), each
            word unpacked once for every row;
   dequant  int4_dequant.py: W dequantised to bf16 in a scratch buffer, then cuBLAS (prefill-sized M >= 16).
-Triton's autotuner times configs of *one* kernel; here the candidates span all four, with split-K chosen per
+Triton's autotuner times configs of *one* kernel; here the candidates span all of them, with split-K chosen per
 tile (powers of two that put between half a program and 16 programs on each SM). On the first call per
 (M bucket, N, K, group, ...) key each candidate runs once, its output is checked against the reference kernel's
 (int4_gemm.py's, which the interpreter tests cover: a candidate that miscompiles on this Triton is dropped, not
@@ -33,6 +35,7 @@ from minillm.kernels.int4_dequant import int4_dequant_matmul
 from minillm.kernels.int4_gemm import _int4_gemm_kernel
 from minillm.kernels.int4_gemv import gemv_fits, int4_gemv_kernel, int4_gemv_tma_kernel
 from minillm.kernels.int4_mma import launch_int4_mma
+from minillm.kernels.int4_wgmma import WGMMA_BLOCK_K, launch_int4_wgmma
 from minillm.kernels.pdl import launch_options
 from minillm.kernels.hardware import graph_us, num_sms
 from minillm.kernels.int4_tuning import LARGE_M_CONFIGS, MAX_SPLIT_K, SPLIT_K_MAX_M, mma_applies
@@ -45,6 +48,11 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
+# (BLOCK_N, num_warps) of int4_wgmma.py: output columns per program (wgmma's M side, 64 per warpgroup), and the
+# M buckets it is offered for: on the H200 (2026-12-04, fp16) it was the fastest launch at M = 32 on four of five
+# Llama-3-8B shapes (4-6% under int4_mma) and 2-4x slower than the GEMV at M = 1..16 (RESULTS.md, twenty-first session)
+WGMMA_TILES = [(128, 4), (64, 4), (128, 8)]
+WGMMA_M_BUCKETS = (32,)
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) of int4_gemv.py: the best of the H200 sweep over its four Llama-3-8B
 # shapes at M = 1 (2026-12-03): 4 or 8 columns x 8 packed rows per thread, 96-128 registers
 GEMV_TILES = [(128, 64, 1, True), (256, 64, 2, True), (256, 64, 1, False), (64, 64, 1, True)]
@@ -67,7 +75,7 @@ DEQUANT_SLICE_BYTES = 24 << 20
 class Launch:
     """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
 
-    kernel: str  # "fma" | "dot" | "mma" | "gemv" | "gemv_tma" | "dequant"
+    kernel: str  # "fma" | "dot" | "mma" | "wgmma" | "gemv" | "gemv_tma" | "dequant"
     block_m: int
     block_n: int
     block_k: int
@@ -129,6 +137,12 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
         for bn, w in MMA_TILES:
             for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
                 out.append(Launch("mma", bm, bn, 128, w, 3, s))
+    if m_bucket in WGMMA_M_BUCKETS and mma_applies(torch.empty(0, dtype=dtype), group, m) and k % WGMMA_BLOCK_K == 0:
+        bm = max(16, m_bucket)
+        for bn, w in WGMMA_TILES:
+            if n % bn == 0:
+                for s in _splits(triton.cdiv(m, bm) * (n // bn), k // WGMMA_BLOCK_K, sms):
+                    out.append(Launch("wgmma", bm, bn, WGMMA_BLOCK_K, w, 1, s))
     if m >= DEQUANT_MIN_M:  # the whole weight at once, and in slices small enough to stay in L2 for cuBLAS
         slices = triton.cdiv(k * n * 2, DEQUANT_SLICE_BYTES)
         for c in sorted({1, min(slices, max(1, n // 8))}):
@@ -147,6 +161,11 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
         cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, BLOCK_K=lc.block_k, SPLIT_K=lc.split_k,
                    num_warps=lc.num_warps, num_stages=lc.num_stages)
         launch_int4_mma(x2, qweight, scales, qzeros, group, bias, y, ws, cnt, cfg)
+        return
+    if lc.kernel == "wgmma":
+        cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, SPLIT_K=lc.split_k, num_warps=lc.num_warps,
+                   num_stages=lc.num_stages)
+        launch_int4_wgmma(x2, qweight, scales, qzeros, group, bias, y, ws, cnt, cfg)
         return
     m, k = x2.shape
     n = qweight.shape[1]

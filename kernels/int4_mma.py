@@ -31,7 +31,16 @@ import triton.language as tl
 from minillm.kernels.int4_gemm import _load_tile
 from minillm.platform import triton_interpreted
 
-__all__ = ["int4_mma_kernel", "launch_int4_mma", "split_k_store"]
+__all__ = ["code_constants", "int4_mma_kernel", "launch_int4_mma", "split_k_store"]
+
+
+def code_constants(dtype: torch.dtype) -> dict:
+    """The constexprs that turn a word's nibbles into 16-bit floats of the activations' type: MAGIC2, the
+    exponent OR-ed into both halves of a word (1024.0 in each fp16 half: 1024 + c, unit 1; for bf16 and fp32
+    activations 128.0 in each bf16 half: 128 + c), OFFSET, the value code 0 becomes, and CODE_T, the halves' type."""
+    if dtype == torch.float16:
+        return dict(MAGIC2=0x64006400, OFFSET=1024.0, CODE_T=tl.float16)
+    return dict(MAGIC2=0x43004300, OFFSET=128.0, CODE_T=tl.bfloat16)
 
 
 @triton.jit
@@ -64,22 +73,15 @@ def split_k_store(acc, Y, WS, CNT, BIAS, tile, offs_m, offs_n, m_ok, n_ok, N, st
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])  # one compile for every M and split
 def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                     M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP16_CODES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+                    MAGIC2: tl.constexpr, OFFSET: tl.constexpr, CODE_T: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K):
     """y [M, N] = x [M, K] @ dequant(W)^T; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K);
     GROUP_SIZE % BLOCK_K == 0, BLOCK_K >= 128 (16 packed rows: tl.dot's K), BLOCK_M >= 16. M_BUCKET (M rounded
-    up to a power of two) is only the autotuner's key.
+    up to a power of two) is only the autotuner's key. MAGIC2, OFFSET, CODE_T: code_constants(x.dtype).
     NIBBLE_MASK = 0x000F000F arrives as a run-time value: as a literal beside the literal MAGIC2 the compiler
     would rematerialise one of the two constants for every word (a LOP3 takes one immediate operand)."""
     ROWS: tl.constexpr = BLOCK_K // 8
-    if FP16_CODES:  # 1024.0 in each fp16 half: 1024 + c for c < 16 (unit 1)
-        MAGIC2: tl.constexpr = 0x64006400
-        OFFSET: tl.constexpr = 1024.0
-        CODE_T: tl.constexpr = tl.float16
-    else:  # 128.0 in each bf16 half: 128 + c (unit 1)
-        MAGIC2: tl.constexpr = 0x43004300
-        OFFSET: tl.constexpr = 128.0
-        CODE_T: tl.constexpr = tl.bfloat16
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -145,7 +147,7 @@ def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
             qweight.stride(0), scales.stride(0), qz.stride(0), y.stride(0), min(triton.next_power_of_2(m), 256),
             0x000F000F)
     consts = dict(GROUP_SIZE=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
-                  FP16_CODES=x2.dtype == torch.float16, UPCAST=interp or x2.dtype == torch.float32,
+                  **code_constants(x2.dtype), UPCAST=interp or x2.dtype == torch.float32,
                   DOT_PRECISION="ieee" if interp or x2.dtype == torch.float32 else "tf32")
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1) if config is None else dict(config)
     if cfg["BLOCK_M"] < 16 or cfg["BLOCK_K"] < 128 or group % cfg["BLOCK_K"]:

@@ -202,13 +202,14 @@ def test_mma_applies_only_where_its_codes_fit():
 def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
     sms = 132
     for m, n, k in ((1, 14336, 4096), (2, 4096, 14336), (3, 14336, 4096), (4, 4096, 4096), (5, 4096, 4096),
-                    (16, 6144, 4096),
+                    (16, 6144, 4096), (32, 4096, 4096),
                     (64, 28672, 4096), (1, 64, 256)):
         cands = candidates(m, n, k, 128, torch.bfloat16, sms)
         assert cands[0].kernel == "dot", "the reference for the output check comes first"
         kinds = {c.kernel for c in cands}
         expected = {"fma", "gemv", "dot", "mma"} if m <= 2 else {"gemv", "dot", "mma"} if m <= 4 else {"dot", "mma"}
-        assert kinds == expected | ({"dequant"} if m >= 16 else set()), (m, kinds)
+        expected |= ({"dequant"} if m >= 16 else set()) | ({"wgmma"} if m == 32 else set())
+        assert kinds == expected, (m, kinds)
         for c in cands:
             if c.kernel == "dequant":  # split_k counts column slices of the bf16 weight (1 and L2-sized)
                 assert 1 <= c.split_k <= n // 8, c
