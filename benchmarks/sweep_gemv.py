@@ -22,8 +22,10 @@ import json
 import sys
 import time
 
+# name -> (N, K): Llama-3-8B's, then SmolLM2-135M's (a speculative verify step runs them at M = 1 + k rows)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}  # name -> (N, K)
+          "lm_head": (128256, 4096),
+          "smol_qkv": (960, 576), "smol_o": (576, 576), "smol_gate_up": (3072, 576), "smol_down": (576, 1536)}
 # (block_n, block_k, num_warps, num_stages) per M bucket on CUDA cores; tensor-core tiles for all M.
 # Round 1 (H200, 2026-12-02): at M = 1, narrow tiles with long K rows won ((8, 1024) and (8, 512), 4 warps);
 # split-K and a software prefetch lost everywhere. Round 2 adds longer rows (one or two load rounds per
@@ -34,8 +36,14 @@ FMA_TILES = {1: [(8, 512, 4, 1), (8, 1024, 4, 1), (4, 1024, 4, 1), (16, 512, 4, 
              2: [(8, 256, 4, 1), (8, 512, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (2, 2048, 4, 1)],
              4: [(4, 256, 4, 1), (8, 256, 4, 1), (4, 512, 4, 1), (2, 1024, 4, 1)]}
 # CUDA cores with the sum over K after every tile (reduce_each): wide tiles for M > 1, x re-read less often
-REDUCE_TILES = {2: [(32, 256, 4, 1), (16, 512, 4, 1)], 4: [(16, 512, 8, 1), (16, 256, 4, 1)], 8: [(16, 256, 4, 1)]}
-DOT_TILES = [(64, 128, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 4), (64, 128, 4, 6)]
+REDUCE_TILES = {2: [(32, 256, 4, 1), (16, 512, 4, 1)], 4: [(16, 512, 8, 1), (16, 256, 4, 1)],
+                8: [(16, 256, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (4, 512, 4, 1)]}
+# the last three: narrow tiles, more programs for SmolLM2's small matrices (9 programs of 64 rows fill 9 SMs)
+# CUDA cores for M > 1 where a whole row of W fits one tile (K <= 2048): (block_n, num_warps), block_k = K rounded
+# up to a power of two; W's tile is read once and each row of x makes one pass over it (GemvConfig.row_passes)
+ROW_PASS_TILES = [(1, 1), (2, 2), (4, 2), (4, 4), (8, 4)]
+DOT_TILES = [(64, 128, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 4), (64, 128, 4, 6),
+             (16, 128, 4, 2), (32, 128, 4, 3), (16, 64, 4, 3)]
 L2_FLUSH_BYTES = 256 << 20  # cycle through weight copies totalling at least this (H200 L2: 50 MB)
 GRAPH_GPU_MS = 2.0  # GPU time per graph replay
 
@@ -74,6 +82,10 @@ def configs_for(m: int, n: int, k: int, num_sms: int):
         for s in split_factors(n, k, bn, bk, num_sms) if dot else [1]:  # split-K lost on CUDA cores (round 1)
             yield GemvConfig(block_n=bn, block_k=bk, split_k=s, use_dot=dot, num_warps=warps, num_stages=stages,
                              reduce_each=reduce_each)
+    row = 1 << (k - 1).bit_length()
+    if m > 1 and row <= 2048:
+        for bn, warps in ROW_PASS_TILES:
+            yield GemvConfig(block_n=bn, block_k=row, num_warps=warps, row_passes=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
           f"fraction = weight bytes / time / copy bandwidth")
     print(f"{'shape':<9}{'M':>3}{'cuBLAS us':>11}{'frac':>7}{'default us':>12}{'frac':>7}{'best us':>9}"
           f"{'frac':>7}{'x cuBLAS':>9}{'PDL us':>8}{'frac':>7}  best config")
-    print("  (best config: block_n, block_k, split_k, use_dot, num_warps, num_stages, reduce_each)")
+    print("  (best config: block_n, block_k, split_k, use_dot, num_warps, num_stages, reduce_each, row_passes)")
     for r in results["rows"]:
         c = r.get("best_config")
-        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "reduce_each")
+        fields = ("block_n", "block_k", "split_k", "use_dot", "num_warps", "num_stages", "reduce_each", "row_passes")
         cs = ", ".join(str(c[f]) for f in fields) if c else "-"
         print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_frac']:>7.1%}"
               f"{r.get('default_us', float('nan')):>12.1f}{r.get('default_frac', float('nan')):>7.1%}"

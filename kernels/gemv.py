@@ -75,6 +75,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     reduce_each: bool = False  # CUDA cores: sum over K after every tile (for M > 1: fewer registers, wider tiles)
+    row_passes: bool = False  # CUDA cores, all of K in one tile: the weight tile is read once, then one pass per row
     pdl: bool = False  # programmatic dependent launch (Hopper): weights stream while the previous kernel ends
 
     def check(self, m: int, x_is_cuda: bool = True) -> None:
@@ -94,6 +95,9 @@ class GemvConfig:
                              "capability >= 9.0 (Hopper)")
         if self.use_dot and (self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"tl.dot needs block_n >= 16 and block_k >= 16, got {self}")
+        if self.row_passes and (self.use_dot or self.reduce_each or self.split_k != 1):
+            raise ValueError(f"GemvConfig.row_passes is a CUDA-core path over one unsplit K tile: it excludes "
+                             f"use_dot, reduce_each and split_k > 1, got {self}")
 
     def block_m(self, m: int) -> int:
         return 16 if self.use_dot else triton.next_power_of_2(m)
@@ -123,7 +127,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
                  USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 SWIGLU: tl.constexpr = False):
+                 SWIGLU: tl.constexpr = False, ROW_PASSES: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,42 +141,54 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    if USE_DOT or REDUCE_EACH:
+    if ROW_PASSES:  # the whole of K in this one tile (the launcher checks): W once, then one pass per row of x
+        k_ok = offs_k < K
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(BLOCK_M):
+            x_row = X + tl.minimum(i, M - 1).to(tl.int64) * stride_xm + offs_k[None, :]
+            x = _load_x(x_row, K, k_ok, True, SWIGLU).to(tl.float32)
+            acc = tl.where(offs_m[:, None] == i, tl.sum(x * w, axis=1)[None, :], acc)
     else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if USE_PDL:  # programmatic dependent launch: the first weight tile is loaded before x exists
-        k_ok = (k_lo + offs_k) < k_hi
-        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
-        tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
-        x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
-        if USE_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        elif REDUCE_EACH:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if USE_DOT or REDUCE_EACH:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    for k0 in range(k_lo + FIRST_K, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = _load_x(x_ptrs, K, offs_k, False, SWIGLU)
-        else:
-            k_ok = (k0 + offs_k) < k_hi
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if USE_PDL:  # programmatic dependent launch: the first weight tile is loaded before x exists
+            k_ok = (k_lo + offs_k) < k_hi
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
+            tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
             x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
-        if USE_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        else:
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    if not USE_DOT and not REDUCE_EACH:
-        acc = tl.sum(acc3, axis=2)
+            if USE_DOT:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            elif REDUCE_EACH:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            else:
+                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        for k0 in range(k_lo + FIRST_K, k_hi, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = _load_x(x_ptrs, K, offs_k, False, SWIGLU)
+            else:
+                k_ok = (k0 + offs_k) < k_hi
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
+            if USE_DOT:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            else:
+                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        if not USE_DOT and not REDUCE_EACH:
+            acc = tl.sum(acc3, axis=2)
 
     n_ok = offs_n < N
     y_mask = (offs_m < M)[:, None] & n_ok[None, :]
@@ -223,13 +239,27 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
 
     * M = 1: CUDA cores, 8 rows x 1024 columns per program (8 loads of 16 bytes per thread in flight), no
       split-K: on 4096..128256 outputs that is 512+ programs, enough to fill 132 SMs, and splitting K only
-      added atomics (every split config measured slower than the same tile unsplit).
-    * M >= 2: the 3-D CUDA-core accumulator costs M times the registers, so tensor cores take over (64 x 128
-      tiles, 4 stages of cp.async in flight), K split 4 ways when the outputs give fewer than ~2 programs/SM.
+      added atomics (every split config measured slower than the same tile unsplit). Rows of at most 2048
+      (SmolLM2's K = 576 and 1536): 4 rows per program, each read whole in one tile with a warp per 512
+      columns, 1.5-1.7 us against 2.1-3.6 for the 8 x 1024 tile on SmolLM2's qkv, o and down (H200,
+      2026-12-04, sweep_gemv.py): one load round per program instead of a loop with a masked tail.
+    * M = 2 with rows of at most 2048: the same one-tile read of W, then one pass per row of x (row_passes):
+      1.5-1.8 us on SmolLM2's qkv, o and down against 3.0-4.3 for the tensor-core tile and 3.6-5.0 for cuBLAS
+      (H200, 2026-12-04). Each pass ends in a cross-thread sum, so passes cost: at 4 rows 2.7-3.6 us, at 8
+      5-8 us, and the tensor cores keep M >= 3.
+    * M >= 2 otherwise: the 3-D CUDA-core accumulator costs M times the registers, so tensor cores take over (64 x
+      128 tiles, 4 stages of cp.async in flight), K split 4 ways when the outputs give fewer than ~2 programs/SM.
     `num_sms` is kept for the split rule (the H200 has 132)."""
     if m == 1:
-        return GemvConfig(block_n=8, block_k=min(1024, triton.next_power_of_2(k)), split_k=1, use_dot=False,
-                          num_warps=4, num_stages=1)
+        row = triton.next_power_of_2(k)
+        if row <= 2048:
+            return GemvConfig(block_n=4, block_k=row, split_k=1, use_dot=False, num_warps=max(1, row // 512),
+                              num_stages=1)
+        return GemvConfig(block_n=8, block_k=1024, split_k=1, use_dot=False, num_warps=4, num_stages=1)
+    row = triton.next_power_of_2(k)
+    if m == 2 and row <= 2048:
+        return GemvConfig(block_n=4, block_k=row, split_k=1, use_dot=False, num_warps=max(1, row // 512),
+                          num_stages=1, row_passes=True)
     block_n, block_k = 64, 128
     split = 4 if triton.cdiv(n, block_n) < 2 * num_sms and k >= 4 * 2 * block_k else 1
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=True, num_warps=4, num_stages=4)
@@ -300,6 +330,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
     cfg = config if config is not None else default_config(m, n, k, num_sms(x.device))
     cfg.check(m, x.is_cuda)
+    if cfg.row_passes and k > cfg.block_k:
+        raise ValueError(f"GemvConfig.row_passes needs all of K = {k} in one tile, got block_k = {cfg.block_k}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
@@ -312,6 +344,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
         REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=pdl,
         FIRST_K=cfg.block_k if pdl else 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWIGLU=swiglu,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWIGLU=swiglu, ROW_PASSES=cfg.row_passes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return y.reshape(*x.shape[:-1], n)

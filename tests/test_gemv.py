@@ -37,7 +37,11 @@ CASES = [  # m, n, k, bias, config
     (2, 7, 64, False, GemvConfig(block_n=2, block_k=64, num_warps=2)),           # the whole K row at once
     (4, 40, 100, True, GemvConfig(block_n=16, block_k=32, reduce_each=True)),    # sums over K every tile
     (3, 40, 128, False, GemvConfig(block_n=16, block_k=32, split_k=2, reduce_each=True)),
+    (6, 37, 100, True, GemvConfig(block_n=4, block_k=128, row_passes=True)),     # one pass per row, ragged
+    (2, 8, 64, False, GemvConfig(block_n=8, block_k=64, row_passes=True)),       # K exactly one tile
     (1, 20, 64, True, None),                                                     # default_config
+    (6, 20, 64, False, None),                                                    # default_config, M > 1
+    (2, 20, 576, True, None),                                                    # default_config: row passes
 ]
 
 
@@ -93,6 +97,10 @@ def test_gemv_rejects_bad_input():
         gemv(torch.randn(1, 32), w, config=GemvConfig(pdl=True))
     with pytest.raises(ValueError, match="tl.dot"):
         gemv(torch.randn(1, 32), w, config=GemvConfig(block_n=8, use_dot=True))
+    with pytest.raises(ValueError, match="all of K = 32 in one tile"):
+        gemv(torch.randn(2, 32), w, config=GemvConfig(block_n=4, block_k=16, row_passes=True))
+    with pytest.raises(ValueError, match="excludes"):
+        gemv(torch.randn(2, 32), w, config=GemvConfig(block_n=4, block_k=32, split_k=2, row_passes=True))
 
 
 def test_default_config_is_valid_for_any_shape():
@@ -101,8 +109,12 @@ def test_default_config_is_valid_for_any_shape():
         for n, k in [(1, 1), (20, 64), (4096, 4096), (4096, 14336), (6144, 4096), (128256, 4096), (576, 1536)]:
             cfg = default_config(m, n, k, num_sms=132)
             cfg.check(m)
-            assert cfg.use_dot == (m > 1), (m, n, k, cfg)
+            # M = 2 over rows of <= 2048 weights: one pass per row of x over W's tile; otherwise M >= 2 is tl.dot
+            assert cfg.row_passes == (m == 2 and k <= 2048), (m, n, k, cfg)
+            assert cfg.use_dot == (m > 1 and not cfg.row_passes), (m, n, k, cfg)
             assert cfg.split_k == 1 or -(-n // cfg.block_n) < 2 * 132, (m, n, k, cfg)
+            # one row of at most 2048 weights: read whole in one tile (SmolLM2's K = 576 and 1536)
+            assert m > 1 or (cfg.block_k >= k) == (k <= 2048), (m, n, k, cfg)
 
 
 def test_cpu_layers_still_call_f_linear(monkeypatch):
@@ -216,7 +228,8 @@ def test_gemv_swiglu_input_equals_silu_and_mul_then_gemv():
     from minillm.kernels.fused import silu_and_mul
     g = torch.Generator().manual_seed(11)
     for m, n, k, cfg in ((1, 24, 64, GemvConfig(block_n=8, block_k=32)),
-                         (3, 20, 48, GemvConfig(block_n=8, block_k=32, split_k=2))):  # a ragged K and split-K
+                         (3, 20, 48, GemvConfig(block_n=8, block_k=32, split_k=2)),  # a ragged K and split-K
+                         (5, 12, 48, GemvConfig(block_n=4, block_k=64, row_passes=True))):  # one pass per row
         gate_up = torch.randn(m, 2 * k, generator=g)
         w = torch.randn(n, k, generator=g)
         fused = gemv(gate_up, w, config=cfg, swiglu=True)
