@@ -117,6 +117,20 @@ def test_default_config_is_valid_for_any_shape():
             assert m > 1 or (cfg.block_k >= k) == (k <= 2048), (m, n, k, cfg)
 
 
+def test_tuned_configs_are_valid_and_correct_at_smollm2_sizes():
+    """Every measured entry passes its own check, and the small ones (SmolLM2's verify-step shapes) give F.linear's
+    result under the interpreter (the Llama-3-8B ones are too big to run here; test_default_config covers them)."""
+    from minillm.kernels.gemv import TUNED_CONFIGS, tuned_config
+
+    for (m, n, k), cfg in TUNED_CONFIGS.items():
+        cfg.check(m, x_is_cuda=False)
+        assert tuned_config(m, n, k, torch.device("cpu")) is cfg
+        if n * k <= 1 << 20:
+            gen = torch.Generator().manual_seed(n + k + m)
+            x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+            _close(gemv(x, w, config=cfg), F.linear(x, w), FP32_RTOL)
+
+
 def test_cpu_layers_still_call_f_linear(monkeypatch):
     """On CPU the dense Linear and the LM head give exactly F.linear, and never reach the GEMV decision."""
     monkeypatch.setattr(linear_module, "_decide_gemv", lambda *a: pytest.fail("GEMV considered on CPU"))
