@@ -546,6 +546,17 @@ for b in batches:
 # numbers: each is a single run, and plain decoding itself measured 949 and 999 tok/s in two runs the same hour:
 # differences of a few percent between methods are noise.
 #
+# Later runs sharpen both caveats (benchmarks/RESULTS.md, twenty-first session). As plain decoding got faster
+# (graphs that sample, programmatic dependent launch, a decode GEMV tiled for a 135M model's small matrices:
+# 1,274 -> 1,500 tok/s), every speedup fell: n-gram measured 0.71x, 0.88x and 0.95x in three runs of the same
+# code on the same machine, while plain decoding moved by 1%. A speculative step cannot overlap its host work
+# with the GPU the way a plain step does (what step N + 1 verifies depends on what step N accepted), so the
+# host's speed, which varies from process to process, lands in the result. And a profile of the kernels shows
+# where a 6-row verify step's extra GPU time goes: the linear layers, 373 -> 600 us a step, because at 6 rows a
+# small matrix is multiplied on tensor cores padded to 16 rows (~3-4 us a call) where one row takes a 1.5-2 us
+# CUDA-core pass. The verify step is "almost free" only where reading the weights dominates, which is exactly
+# what a 135M model never does.
+#
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
 # * accept with min(1, p/q), resample from norm(max(0, p − q)), bonus token after a full accept: exact sampling;
