@@ -1,10 +1,12 @@
-"""Sweep the decode GEMV (kernels/gemv.py) against cuBLAS (F.linear) on Llama-3-8B's linear shapes, M = 1..8.
+"""Sweep the decode GEMV (kernels/gemv.py) against cuBLAS (F.linear) on Llama-3-8B's and SmolLM2's linear shapes.
 
     python benchmarks/sweep_gemv.py [--out gemv.json] [--m 1 2 4 8] [--budget-s 100] [--no-pdl]
+    python benchmarks/sweep_gemv.py --m 1 2 6 --shapes smol_qkv smol_o smol_gate_up smol_down   (a verify step)
 
 At decode a linear layer is a weight read: the figure of merit is weight bytes / time as a fraction of the
 copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written). For each shape
-(qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096, lm_head 4096->128256) and M, this
+(qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096, lm_head 4096->128256; with --shapes also
+SmolLM2-135M's four, whose small matrices make launch and reduction costs the whole story) and M, this
 times F.linear and every GemvConfig of the space below (each with the split-K factors that make sense for the
 grid), all inside CUDA graphs (what the engine replays), cycling through enough copies of the weight that it
 never sits in the 50 MB L2 between calls. Every config is checked against an fp32 reference first.
