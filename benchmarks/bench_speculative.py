@@ -10,7 +10,9 @@ then each proposer) is an engine over the same weights (`LLM.share_model`) with 
 graphs (on CUDA: graphs for q_len 1 and, with speculation, 1 + k). Each batch size runs the fixed prompt set below
 (chat, code and summarisation prompts: at batch 1 each prompt in turn, at batch B one batch of B with the set
 cycled) greedily with ignore_eos, so every variant emits exactly the same number of tokens: speedup = plain time /
-variant time, measured in the same run after a warm-up.
+variant time, measured in the same run after a warm-up. With --repeats R each timed pass runs R times (garbage
+collected before and disabled during each) and the median pass's time counts; acceptance figures are the first
+pass's (greedy: every pass emits the same tokens).
 
 Reported per variant and batch size: wall time, output tokens/s, speedup over plain decoding, mean acceptance length
 (tokens per verify step, 1 + accepted / steps), tokens per step per sequence ("tok/step": output tokens over the
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the full prompt set without a GPU (slow; acceptance lengths, not speed, mean something)")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed passes per variant and batch size; the median pass's time counts (the speculative "
+                        "rows moved 15-30%% between single runs on the H200: use 3 or more there)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--methods", nargs="+", default=["ngram", "lookahead", "self_speculative", "draft_model"])
     p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
@@ -107,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--disable-by-batch-size must be >= 1, got {args.disable_by_batch_size}")
     if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1 or min(args.draft_layers) < 1:
         p.error("--k, --max-tokens, every batch size and every draft layer count must be >= 1")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.tree_nodes and not all(1 <= n <= 63 for n in args.tree_nodes):
         p.error(f"--tree-nodes must be in [1, 63] (one 64-bit ancestor mask per node), got {args.tree_nodes}")
     return args
@@ -201,40 +208,52 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
         length = 2 if args.quick else 24 if batch == 1 else args.max_tokens
         variant.generate([ids for _, ids in batches_for(prompts, batch)[0]],
                          SamplingParams(temperature=0, max_tokens=length, ignore_eos=True))
-        seconds, tokens, by_kind = 0.0, [], {}
+        runs, tokens, by_kind = [], [], {}
         total = SpecDecodeMetrics()
         runner = getattr(engine, "runner", None)
         counts = getattr(runner, "forward_counts", None)
         counts_before = dict(counts) if counts is not None else {}
         seq_steps_before = seq_steps[0]
-        for group in batches_for(prompts, batch):
-            if engine.speculative is not None:
-                engine.speculative.metrics = SpecDecodeMetrics()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs = variant.generate([ids for _, ids in group], params)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - start
-            tokens += [o.outputs[0].token_ids for o in outputs]
-            if engine.speculative is not None:
-                total.merge(engine.speculative.metrics)
-                if batch == 1:  # acceptance per kind of prompt: n-grams shine on summaries, not on chat
-                    by_kind.setdefault(group[0][0], SpecDecodeMetrics()).merge(engine.speculative.metrics)
+        for repeat in range(args.repeats):  # the figures of the first pass, the time of the median pass
+            seconds = 0.0
+            for group in batches_for(prompts, batch):
+                if engine.speculative is not None:
+                    engine.speculative.metrics = SpecDecodeMetrics()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                gc.collect()  # a full collection costs tens of ms: never inside a timed run
+                gc.disable()
+                start = time.perf_counter()
+                outputs = variant.generate([ids for _, ids in group], params)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - start
+                gc.enable()
+                if repeat:
+                    continue
+                tokens += [o.outputs[0].token_ids for o in outputs]
+                if engine.speculative is not None:
+                    total.merge(engine.speculative.metrics)
+                    if batch == 1:  # acceptance per kind of prompt: n-grams shine on summaries, not on chat
+                        by_kind.setdefault(group[0][0], SpecDecodeMetrics()).merge(engine.speculative.metrics)
+            if not repeat:
+                seq_steps_first = seq_steps[0] - seq_steps_before
+                forwards = {k: v - counts_before.get(k, 0) for k, v in (counts or {}).items()}
+            runs.append(seconds)
+        seconds = sorted(runs)[len(runs) // 2]
         same = None if plain_tokens is None else \
             sum(a == b for a, b in zip(tokens, plain_tokens[batch])) / len(tokens)
         num_tokens = sum(len(t) for t in tokens)
         rows.append({"method": method, "batch": batch, "num_requests": len(tokens), "seconds": seconds,
-                     "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
-                     "tokens_per_sequence_step": num_tokens / max(seq_steps[0] - seq_steps_before, 1),
+                     "seconds_runs": runs, "output_tokens": num_tokens, "tokens_per_s": num_tokens / seconds,
+                     "tokens_per_sequence_step": num_tokens / max(seq_steps_first, 1),
                      "mean_acceptance_length": total.mean_acceptance_length or 1.0,
                      "acceptance_rate": total.acceptance_rate,
                      "acceptance_by_position": total.acceptance_by_position,
                      "acceptance_length_by_kind": {k: m.mean_acceptance_length for k, m in by_kind.items()},
                      "same_tokens_as_plain": same, "tokens": tokens,
-                     # how the timed forwards ran: a step outside every graph (eager) costs ~10x a replay
-                     "forwards": {k: v - counts_before.get(k, 0) for k, v in (counts or {}).items()}})
+                     # how the first timed pass's forwards ran: a step outside every graph (eager) costs ~10x a replay
+                     "forwards": forwards})
     variant.llm_engine.shutdown()
     del variant, engine  # its KV pool and CUDA graphs go before the next variant's are made
     gc.collect()
