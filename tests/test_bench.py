@@ -268,3 +268,24 @@ def test_profile_async_step_smoke_on_the_cpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             pa.main([])  # the default device is CUDA: a clear error, not a traceback from deep in torch
+
+
+def test_profile_spec_step_smoke_on_the_cpu(tmp_path):
+    """benchmarks/profile_spec_step.py --quick: plain decoding and an n-gram variant each get per-step op times on a
+    toy model, the speculative one in fewer steps (its drafts are accepted on the repeated prompt), and bad sizes
+    are refused before anything loads."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import profile_spec_step as ps
+
+    out = tmp_path / "k.json"
+    assert ps.main(["--quick", "--methods", "ngram", "--max-tokens", "12", "--top", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"plain", "ngram"}
+    for r in res.values():
+        assert r["steps"] > 0 and r["us_per_step"] > 0 and r["per_step"][0][2] >= r["per_step"][-1][2]
+    assert res["ngram"]["steps"] <= res["plain"]["steps"]
+    with pytest.raises(SystemExit):
+        ps.main(["--quick", "--k", "0", "--out", str(out)])
