@@ -25,7 +25,9 @@ small-M kernels; written here from the idea):
   prefetch of tile i + 1 during tile i's FMAs measured slower on the H200: the registers it takes cost more
   resident programs than it adds bytes in flight.) Each program re-reads x, so x's traffic (from L2) is
   M / BLOCK_N of W's: for M > 1 `reduce_each` sums over K after every tile instead, which keeps only
-  [M, BLOCK_N] sums in registers and so affords the wider tiles that keep x's share small. Tensor cores
+  [M, BLOCK_N] sums in registers and so affords the wider tiles that keep x's share small; where a whole
+  row of W fits one tile (K <= 2048, a small model), `row_passes` loads the tile once and makes one pass per row
+  of x over it (a product and a sum over K each: cheap for 2 rows, a cross-thread sum per row beyond). Tensor cores
   (USE_DOT=True): M padded to BLOCK_M = 16, acc += tl.dot(x, w^T); the padding costs flops, which are free
   here, and the compiler pipelines the tile loads through shared memory (num_stages).
 * Programmatic dependent launch (`pdl`, Hopper; CUTLASS's weight-prefetch GEMM has the same idea): the
@@ -250,16 +252,12 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     * M >= 2 otherwise: the 3-D CUDA-core accumulator costs M times the registers, so tensor cores take over (64 x
       128 tiles, 4 stages of cp.async in flight), K split 4 ways when the outputs give fewer than ~2 programs/SM.
     `num_sms` is kept for the split rule (the H200 has 132)."""
-    if m == 1:
-        row = triton.next_power_of_2(k)
-        if row <= 2048:
-            return GemvConfig(block_n=4, block_k=row, split_k=1, use_dot=False, num_warps=max(1, row // 512),
-                              num_stages=1)
-        return GemvConfig(block_n=8, block_k=1024, split_k=1, use_dot=False, num_warps=4, num_stages=1)
-    row = triton.next_power_of_2(k)
-    if m == 2 and row <= 2048:
+    row = triton.next_power_of_2(k)  # one tile holding a whole row of W
+    if m <= 2 and row <= 2048:
         return GemvConfig(block_n=4, block_k=row, split_k=1, use_dot=False, num_warps=max(1, row // 512),
-                          num_stages=1, row_passes=True)
+                          num_stages=1, row_passes=m == 2)
+    if m == 1:
+        return GemvConfig(block_n=8, block_k=1024, split_k=1, use_dot=False, num_warps=4, num_stages=1)
     block_n, block_k = 64, 128
     split = 4 if triton.cdiv(n, block_n) < 2 * num_sms and k >= 4 * 2 * block_k else 1
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=True, num_warps=4, num_stages=4)
