@@ -77,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the full prompt set without a GPU (slow; acceptance lengths, not speed, mean something)")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed passes per variant and batch size; the median pass's time counts (the speculative "
-                        "rows moved 15-30%% between single runs on the H200: use 3 or more there)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed passes per variant and batch size, the median pass's time counting (default: 3 on "
+                        "a GPU, where single runs of the speculative rows moved 15-30%%; 1 on the CPU)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--methods", nargs="+", default=["ngram", "lookahead", "self_speculative", "draft_model"])
     p.add_argument("--draft-layers", type=int, nargs="+", default=[4, 16, 24],
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--disable-by-batch-size must be >= 1, got {args.disable_by_batch_size}")
     if args.k < 1 or args.max_tokens < 1 or min(args.batch_sizes) < 1 or min(args.draft_layers) < 1:
         p.error("--k, --max-tokens, every batch size and every draft layer count must be >= 1")
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.tree_nodes and not all(1 <= n <= 63 for n in args.tree_nodes):
         p.error(f"--tree-nodes must be in [1, 63] (one 64-bit ancestor mask per node), got {args.tree_nodes}")
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from minillm import LLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.repeats is None:
+        args.repeats = 3 if device == "cuda" else 1
     if device == "cpu":
         torch.set_num_threads(1)  # small ops on a shared CPU: threads only fight each other
     if device == "cpu" and not (args.quick or args.cpu):
