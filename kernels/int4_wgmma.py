@@ -14,15 +14,15 @@ Unpacking lands in the operand's register order with no data movement. A 32-bit 
 output column, nibble i (K row 8j + i of word row j) in bits [4i, 4i + 4). Shift by 4i, AND 0x000F000F and OR
 0x43004300 (one LOP3): the low half is the bf16 number 128 + code of nibble i, the high half 128 + code of
 nibble i + 4 (0x6400 = 1024.0 for fp16, Marlin's trick). A wgmma register operand holds two *adjacent* K
-positions per 32-bit register, so this kernel simply defines its K order that way: in dot (i, h) of a tile,
-K position 2c + s is nibble i + 4s of word row 8h + c. The activations are gathered in the same order (they
-are tiny at decode), and the word needs no shuffling at all: two weights per LOP3 (plus a shift), ~1 instruction
-per weight against int4_gemv.py's ~2.4.
+positions per 32-bit register, so this kernel simply defines its K order that way: in a tile of 16 word rows
+(128 K rows, one tl.dot), K position 16c + 2(4h + i) + s is nibble i + 4s of word row 8h + c. The activations are
+gathered in the same order (they are tiny at decode), and the word needs no shuffling: two weights per LOP3 (plus
+a shift), ~1 instruction per weight for the unpacking against int4_gemv.py's ~2.4 for everything.
 
 The offset and the zero point come out after the dots, once per tile, as in int4_mma.py:
-sum_k x_k (128 + c_k - z) = [sum_k x_k (128 + c_k)] - (128 + z) sum_k x_k, the row sums of x taken on the
-tensor cores too (a dot of a tile of ones), and the scale multiplies the tile's partial sums (BLOCK_K = 128
-divides the group). Split-K and the one-launch workspace protocol are int4_mma.split_k_store's. Under the
+sum_k x_k (128 + c_k - z) = [sum_k x_k (128 + c_k)] - (128 + z) sum_k x_k (the row sums of x summed from the
+tile the dot reads; a second dot against a tile of ones cost 64 register moves an iteration to rebuild the ones),
+and the scale multiplies the tile's partial sums (the 128 K rows lie inside one group). Split-K and the one-launch workspace protocol are int4_mma.split_k_store's. Under the
 interpreter (and for fp32 activations) both operands are fp32 (the interpreter mis-multiplies bf16 dots).
 
 What it does on the H200 (triton 3.6, 2026-12-04, RESULTS.md twenty-first session), a lesson in itself: the wgmma
@@ -46,7 +46,7 @@ from minillm.platform import triton_interpreted
 
 __all__ = ["int4_wgmma_kernel", "launch_int4_wgmma", "WGMMA_BLOCK_K"]
 
-WGMMA_BLOCK_K = 128  # one tile = 16 word rows = two halves of 8 = eight dots of K 16
+WGMMA_BLOCK_K = 128  # one tile = 16 word rows = one tl.dot of K 128 (eight wgmma steps of K 16)
 
 
 @triton.jit
