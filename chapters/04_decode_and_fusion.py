@@ -23,7 +23,8 @@
 # 3. **fusion**: the small element-wise kernels around attention move bytes, not FLOPs, so the only way to speed
 #    them up is to move fewer: one pass instead of several (exercise `ch04.rms_norm_kernel`, a Triton kernel);
 # 4. **CUDA graphs**: when each kernel is a few microseconds, launching it costs as much as running it;
-# 5. interview questions, one a number you compute (exercise `ch04.decode_step_floor_s`).
+# 5. the linear layers at decode: a **GEMV**, and why its best tile depends on the matrix and the rows;
+# 6. interview questions, one a number you compute (exercise `ch04.decode_step_floor_s`).
 #
 # Write the exercises in `exercises/ch04_decode_and_fusion.py`, then `minillm grade ch04`. On this CPU the Triton
 # kernels run through the interpreter at tiny sizes (correctness only); the GPU cells quote our H100 recordings
@@ -323,7 +324,46 @@ else:
           "  90-98% of the copy bandwidth, 2.7-14x faster than the eager torch code they replace")
 
 # %% [markdown]
-# ## 5. Interview questions
+# ## 5. The linear layers at decode: a GEMV
+#
+# At batch 1 every linear layer multiplies one row of activations by a weight matrix: 2 FLOPs per weight for 2
+# bytes read, so its time is the weight's bytes over the bandwidth, ~85% of a decode step's bytes on Llama-3-8B.
+# cuBLAS's kernels are built for matrices and leave a few microseconds of ramp-up on the table for each small one;
+# `minillm.kernels.gemv` is the decode GEMV the engine times against cuBLAS per shape and keeps where it wins. Each
+# program owns a few rows of W and streams them along K in 16-byte loads, every byte read once. Which tile is best
+# depends on the shape, and the H200 said so in numbers (benchmarks/RESULTS.md, twenty-first session):
+# * Llama-3-8B's rows of 4096-14336 weights: 8 rows x 1024 columns a program, looping along K.
+# * SmolLM2's rows of 576 and 1536: a whole row in one tile (one load round, no loop): 1.5 us against 2.1-3.6.
+# * Two rows of x (a batch of 2, or a verify step with one draft): load W's tile once, one pass per row of x.
+# * Six or eight rows: each pass ends in a sum across threads, and the tensor cores (rows padded to 16) win. A
+#   6-row speculative verify step therefore spends ~1.6x a plain step's time in its linear layers (chapter 9).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from minillm.kernels.gemv import default_config, gemv
+
+for name, (m, n, k) in {"Llama-3-8B qkv, batch 1": (1, 6144, 4096), "SmolLM2 down, batch 1": (1, 576, 1536),
+                        "SmolLM2 qkv, 2 rows": (2, 960, 576), "SmolLM2 qkv, 6 rows": (6, 960, 576)}.items():
+    c = default_config(m, n, k)
+    path = "tensor cores" if c.use_dot else "one pass per row" if c.row_passes else "CUDA cores"
+    print(f"{name:24s} {c.block_n:3d} rows x {c.block_k:4d} columns a program, {path}")
+x, w = torch.randn(2, 576), torch.randn(96, 576)  # the interpreter runs the same kernel, at a small size
+print("2 rows through gemv equal F.linear:", bool((gemv(x, w) - torch.nn.functional.linear(x, w)).abs().max() < 1e-3))
+
+# %%
+import json
+
+from minillm.course.registry import repo_root
+
+sweep = json.loads((repo_root() / "benchmarks/results/gemv_smollm2_rows_sweep_s21_h200.json").read_text())
+print(f"{sweep['device']}, {sweep['date'][:10]}: us per call, CUDA graphs, cold weights (benchmarks/sweep_gemv.py)")
+for r in sweep["rows"]:
+    best = r["best_config"]
+    kind = "tensor cores" if best["use_dot"] else "row passes" if best["row_passes"] else "CUDA cores"
+    print(f"  {r['shape']:13s} M={r['m']}: cuBLAS {r['cublas_us']:4.1f}, best {r['best_us']:4.1f} ({kind})")
+
+# %% [markdown]
+# ## 6. Interview questions
 #
 # 1. *Why is decode attention memory-bound even with a perfect kernel?* <details><summary>answer</summary>One query
 #    per sequence: each cached K/V element is used for ~2·H/KVH FLOPs, far below the ridge point. Only the bytes
