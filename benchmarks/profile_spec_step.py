@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, spec in variants:
         res = results[label] = step_kernels(llm, spec, ids, args.max_tokens, device)
-        print(f"{label}: {res['steps']} steps, {res['us_per_step']:.1f} us of "
-              f"{'kernels' if device.type == 'cuda' else 'CPU ops'} per step, "
-              f"{sum(r[1] for r in res['per_step']):.1f} {'launches' if device.type == 'cuda' else 'op calls'} per step")
+        what, calls = ("kernels", "launches") if device.type == "cuda" else ("CPU ops", "op calls")
+        print(f"{label}: {res['steps']} steps, {res['us_per_step']:.1f} us of {what} per step, "
+              f"{sum(r[1] for r in res['per_step']):.1f} {calls} per step")
         for name, calls, us in res["per_step"][:args.top]:
             print(f"  {us:9.1f} us {calls:6.1f}x  {name}")
     record = dict(command="python benchmarks/profile_spec_step.py " + " ".join(argv if argv is not None else

@@ -154,8 +154,8 @@ def launch(cfg: dict, split: int, x, qw, s, qz, y, ws, cnt, group: int, warmup: 
                    SPLIT_K=split, PREFETCH=cfg["PREFETCH"], **extra)
     if cfg["kernel"] == "mma":
         return run(*common, min(_pow2(m), 256), 0x000F000F, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
-                   **code_constants(x.dtype), UPCAST=interp or x.dtype == torch.float32, DOT_PRECISION="ieee" if interp else "tf32", **tiles,
-                   SPLIT_K=split, **extra)
+                   **code_constants(x.dtype), UPCAST=interp or x.dtype == torch.float32,
+                   DOT_PRECISION="ieee" if interp else "tf32", **tiles, SPLIT_K=split, **extra)
     return run(*common, min(_pow2(m), 256), 0x4B000000, GROUP_SIZE=group, HAS_ZEROS=True, HAS_BIAS=False,
                DOT_PRECISION="ieee" if x.dtype == torch.float32 or interp else "tf32",
                UPCAST=interp and x.dtype == torch.bfloat16, **tiles, USE_DOT=cfg["USE_DOT"], SPLIT_K=split, **extra)

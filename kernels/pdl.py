@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.platform import triton_interpreted
+
 try:  # triton >= 3.3 (sm_90 griddepcontrol)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older triton: PDL stays off
@@ -78,12 +80,13 @@ def set_enabled(enabled: bool) -> None:
 
 
 def is_enabled() -> bool:
+    """Whether launches from now on may use PDL (set_enabled, or MINILLM_PDL at import)."""
     return _ENABLED
 
 
 @functools.lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or gdc_wait is None:
+    if triton_interpreted() or gdc_wait is None:
         return False
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 

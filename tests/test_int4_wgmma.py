@@ -1,24 +1,17 @@
 """int4_wgmma.py, the INT4 decode GEMM computed as W @ x^T with the unpacked weights as the tensor cores' register
-operand. CPU: Triton's interpreter against the torch reference (x @ dequantize_int4(W)^T in fp32); sm_90 SASS
-compiled on this machine; GPU (@pytest.mark.gpu): bf16 and fp16 at Llama-3-8B sizes, every dispatcher tile."""
+operand. CPU: Triton's interpreter against the torch reference (x @ dequantize_int4(W)^T in fp32) and the launcher's
+refusals; GPU (@pytest.mark.gpu): bf16 and fp16 at Llama-3-8B sizes, every dispatcher tile."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import minillm  # noqa: F401  (TRITON_INTERPRET=1 before triton runs anything, without CUDA)
-from minillm.kernels.int4_layout import dequantize_int4, repack_int4
 from minillm.kernels.int4_tuning import split_k_workspace
 from minillm.kernels.int4_wgmma import launch_int4_wgmma
-from minillm.quant.rtn import quantize
+from test_int4_mma import _close, _weights  # the int4 tests' weights and tolerance check
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _weights(n, k, group, symmetric, dtype=torch.float32, device="cpu"):
-    packed = repack_int4(quantize(torch.randn(n, k, device=device), bits=4, group_size=group, symmetric=symmetric),
-                         dtype)
-    return packed, dequantize_int4(*packed.args())
 
 
 def _run(x, packed, bias=None, **cfg):
@@ -29,12 +22,6 @@ def _run(x, packed, bias=None, **cfg):
                       cfg or None)
     assert not ws.any() and not cnt.any(), "the last split must leave the workspace and counters zeroed"
     return y
-
-
-def _close(got, ref, rtol):
-    err = (got.float() - ref.float()).abs().max().item()
-    scale = ref.float().abs().max().item()
-    assert err <= rtol * scale + 1e-6, f"max abs error {err:.3g} > {rtol} x max|ref| {scale:.3g}"
 
 
 CASES = [  # m, n, k, group, symmetric, split_k, block_m
