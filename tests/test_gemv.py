@@ -274,3 +274,27 @@ def test_gemv_swiglu_bf16_down_proj_shape(m):
     fused, two = gemv(gate_up, w, config=cfg, swiglu=True), gemv(silu_and_mul(gate_up), w, config=cfg)
     assert (fused == two).float().mean() > 0.99
     torch.testing.assert_close(fused, two, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fused_wins", [True, False])
+def test_swiglu_fusion_follows_its_own_timing(monkeypatch, fused_wins):
+    """In "auto" mode the down projection takes SwiGLU into its GEMV only where _decide_swiglu timed the fused
+    loads faster than the activation's launch plus the same GEMV (at 6 rows on the H200 they were not), once per
+    shape; "on" fuses wherever the GEMV runs; set_gemv_mode forgets the decisions."""
+    calls = []
+    monkeypatch.setattr(linear_module, "_decide_swiglu", lambda *a: calls.append(1) or fused_wins)
+    set_gemv_mode("on")  # the plain GEMV is chosen for certain, so only the SwiGLU decision is under test
+    try:
+        layer = Linear(1536, 576, dtype=torch.bfloat16).cuda()
+        gate_up = torch.randn(6, 2 * 1536, device="cuda", dtype=torch.bfloat16)
+        assert layer.fuses_swiglu(gate_up) and not calls  # "on": no timing
+        linear_module._gemv_mode = "auto"  # auto, keeping the plain decision made above
+        monkeypatch.setattr(linear_module, "_decide_gemv", lambda x2, w, mode: default_config(6, 576, 1536))
+        assert layer.fuses_swiglu(gate_up) is fused_wins and layer.fuses_swiglu(gate_up) is fused_wins
+        assert len(calls) == 1  # timed once per shape
+        set_gemv_mode("auto")
+        assert not linear_module._SWIGLU_DECISIONS
+    finally:
+        set_gemv_mode("auto")

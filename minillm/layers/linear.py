@@ -20,8 +20,9 @@ H200 cuBLAS reads Llama-3-8B's big matrices at 89-100% of the copy bandwidth but
 qkv_proj 79%) well below it. `dense_linear` is the dense layers' (and the LM head's) matmul: `F.linear`,
 except on a GPU for at most GEMV_MAX_M rows of fp16/bf16, where it runs minillm.kernels.gemv if that measured
 faster for this (N, K, M) on its first call (see `gemv_mode`; both timed from CUDA-graph replays with cold
-weights, as decode runs them). Where it runs, a Llama MLP's down projection takes [gate | up] itself
-(`forward(x, swiglu=True)`, after `fuses_swiglu`): the GEMV computes silu(gate) * up as it loads x. On the CPU
+weights, as decode runs them). Where it runs, a Llama MLP's down projection can take [gate | up] itself
+(`forward(x, swiglu=True)`, after `fuses_swiglu`): the GEMV computes silu(gate) * up as it loads x, kept where
+that timed faster than the activation's own launch. On the CPU
 in fp32 the same idea picks a memory layout instead of a kernel: minillm.layers.cpu_matmul times F.linear against
 a transposed copy of W, (W x^T)^T, W in two halves and oneDNN's prepacked blocks, per shape and row class (1,
 2-16, more), and keeps the fastest.
@@ -47,6 +48,7 @@ GEMV_MODES = ("auto", "off", "on")
 # launch. Like Triton's autotuning cache, filled on the first call of each shape (the engine's warm-up before
 # CUDA-graph capture) and read on every later call; set_gemv_mode clears it.
 _GEMV_DECISIONS: dict[tuple, Any] = {}
+_SWIGLU_DECISIONS: dict[tuple, bool] = {}  # the same key: whether the down GEMV also takes SwiGLU (_decide_swiglu)
 _gemv_mode: str | None = None  # None: read MINILLM_GEMV on first use
 
 
@@ -71,6 +73,7 @@ def set_gemv_mode(mode: str) -> None:
         raise ValueError(f"gemv mode must be one of {GEMV_MODES}, got {mode!r}")
     _gemv_mode = mode
     _GEMV_DECISIONS.clear()
+    _SWIGLU_DECISIONS.clear()
 
 
 COLD_BYTES = 128 << 20  # weight copies a timing cycles through: > 2x the 50 MB L2 of an H100/H200
@@ -90,6 +93,15 @@ def _cold_graph_us(fn, weights: list[torch.Tensor], reps: int = 5) -> float:
     return graph_us(lambda i: fn(weights[i % len(weights)]), max(CALLS_PER_GRAPH, len(weights)), reps)
 
 
+def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """weight and enough clones of it (COLD_BYTES in all) for _cold_graph_us to read it from memory each call."""
+    num_copies = -(-COLD_BYTES // (weight.numel() * weight.element_size()))
+    try:
+        return [weight] + [weight.clone() for _ in range(num_copies - 1)]
+    except torch.cuda.OutOfMemoryError:
+        return [weight]  # too little memory to spare: warm weights, still a fair A/B
+
+
 def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     """The GemvConfig to use for this (N, K, M), or None for F.linear; timed against F.linear in "auto" mode.
 
@@ -104,15 +116,27 @@ def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     cfg = tuned_config(x2.shape[0], n, k, x2.device)
     if mode == "on":
         return cfg
-    num_copies = -(-COLD_BYTES // (weight.numel() * weight.element_size()))
-    try:
-        weights = [weight] + [weight.clone() for _ in range(num_copies - 1)]
-    except torch.cuda.OutOfMemoryError:
-        weights = [weight]  # too little memory to spare: warm weights, still a fair A/B
+    weights = _cold_copies(weight)
     t_gemv = _cold_graph_us(lambda w: gemv(x2, w, config=cfg), weights)
     t_cublas = _cold_graph_us(lambda w: F.linear(x2, w), weights)
     del weights
     return cfg if t_gemv < t_cublas else None
+
+
+def _decide_swiglu(gate_up2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
+    """Whether silu(gate) * up computed in the GEMV's loads beats the two launches it replaces (the SiLU-and-mul
+    kernel, then the same GEMV), timed as _decide_gemv times. Not a given: on the H200 the fused loads won at
+    one row (CUDA cores), but with the tensor-core tiles of 3..8 rows they stall the tile pipeline, and
+    SmolLM2's down projection took 7.9 us fused against 4.4 + ~1.5 us apart at 6 rows (20 us with one tile
+    that was faster unfused); a verify step of 30 layers lost ~0.3 ms that way (2026-12-04)."""
+    from minillm.kernels.fused import silu_and_mul
+    from minillm.kernels.gemv import gemv
+
+    weights = _cold_copies(weight)
+    t_fused = _cold_graph_us(lambda w: gemv(gate_up2, w, config=cfg, swiglu=True), weights)
+    t_apart = _cold_graph_us(lambda w: gemv(silu_and_mul(gate_up2), w, config=cfg), weights)
+    del weights
+    return t_fused < t_apart
 
 
 def _gemv_may_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -154,15 +178,24 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def swiglu_gemv_choice(gate_up: torch.Tensor, weight: torch.Tensor):
     """The GemvConfig with which silu(gate) * up @ W^T runs as one GEMV whose loads compute the activation
-    (gate_up [..., 2K] = [gate | up], weight [N, K]), or None where dense_linear would not run the GEMV for
-    that product (then the caller applies the activation and the layer as two steps)."""
+    (gate_up [..., 2K] = [gate | up], weight [N, K]), or None where the caller should apply the activation and
+    the layer as two steps: dense_linear would not run the GEMV for that product, or ("auto" mode) the fused
+    loads timed slower than the two launches (_decide_swiglu)."""
     k = weight.shape[-1] if weight.dim() == 2 else -1
     if gate_up.dim() < 1 or gate_up.shape[-1] != 2 * k:
         return None
-    gate = gate_up[..., :k]  # the product's rows and dtype; the decision is the plain GEMV's for this shape
+    gate = gate_up[..., :k]  # the product's rows and dtype; the GEMV's config is the plain GEMV's for this shape
     if gate.device.type != "cuda" or not _gemv_may_apply(gate, weight):
         return None
-    return _gemv_choice(gate.reshape(-1, k), weight)
+    cfg = _gemv_choice(gate.reshape(-1, k), weight)
+    if cfg is None or gemv_mode() == "on":
+        return cfg
+    key = (gate.device, gate.dtype, weight.shape[0], k, gate.numel() // k)
+    if key not in _SWIGLU_DECISIONS:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # no timing inside a capture: the two launches this time
+        _SWIGLU_DECISIONS[key] = _decide_swiglu(gate_up.reshape(-1, 2 * k).contiguous(), weight, cfg)
+    return cfg if _SWIGLU_DECISIONS[key] else None
 
 
 def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
