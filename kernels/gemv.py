@@ -45,7 +45,13 @@ small-M kernels; written here from the idea):
   a launch and the write and re-read of the product: on the H200 at batch 1 (Llama-3-8B shape) silu_and_mul had
   taken 48 us of a 4.45 ms step in 32 launches.
 
-`gemv(x, weight, bias, config, swiglu)` is the entry point; `default_config` picks a launch for a shape, and
+* RMSNorm in the loads (`gemv_rms_norm`, the qkv and gate_up projections of a Llama layer): the norm before the
+  projection needs the whole row's sum of squares, which no single program of the GEMV owns, so every program
+  computes it: a first pass over x (and the residual) along all of K, a few KB from L2 per program, then each x
+  tile is normalised as it is loaded; one program also writes x + residual, the new residual stream. The step
+  loses the norm's launch and kernel boundary, sixty of them a step on a 30-layer model.
+
+`gemv(x, weight, bias, config, swiglu)` and `gemv_rms_norm(...)` are the entry points; `default_config` picks a launch for a shape, and
 benchmarks/sweep_gemv.py measures the whole config space on the GPU against cuBLAS (F.linear). The engine's
 dense linears and the LM head call it at decode through minillm.layers.linear.dense_linear.
 """
@@ -60,7 +66,7 @@ import triton.language as tl
 from minillm.kernels.hardware import num_sms
 from minillm.kernels.pdl import launch_options
 
-__all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv"]
+__all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv", "gemv_rms_norm"]
 
 MAX_M = 16  # rows of x one launch serves (the tensor-core path pads M to 16)
 MAX_SPLIT_K = 16
@@ -106,10 +112,13 @@ class GemvConfig:
 
 
 @triton.jit
-def _load_x(x_ptrs, K, k_ok, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
+def _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms, K, k_ok, MASKED: tl.constexpr, SWIGLU: tl.constexpr,
+            NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
     """A [BLOCK_M, BLOCK_K] tile of the GEMV's input. SWIGLU: the row holds [gate | up] (2K wide) and the input is
     silu(gate) * up, computed as fused.py's silu_and_mul computes it (fp32, rounded to x's dtype): the same
-    values, without that kernel's launch and its write and re-read of the product."""
+    values, without that kernel's launch and its write and re-read of the product. NORM: the input is
+    RMSNorm(h) with h = x (+ the residual at r_ptrs, rounded to x's dtype), computed as fused.py's rms_norm_kernel
+    computes it: (h * inv_rms * weight) in fp32, rounded once (inv_rms broadcasts over the tile's rows)."""
     if MASKED:
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
     else:
@@ -121,7 +130,43 @@ def _load_x(x_ptrs, K, k_ok, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
             up = tl.load(x_ptrs + K).to(tl.float32)
         gate = x.to(tl.float32)
         x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
+    if NORM:
+        if MASKED:
+            nw = tl.load(nw_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        else:
+            nw = tl.load(nw_ptrs).to(tl.float32)
+        h = x
+        if HAS_RES:
+            if MASKED:
+                r = tl.load(r_ptrs, mask=k_ok[None, :], other=0.0)
+            else:
+                r = tl.load(r_ptrs)
+            h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = (h.to(tl.float32) * inv_rms * nw).to(x.dtype)
     return x
+
+
+@triton.jit
+def _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps, WRITE,
+                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """inv_rms [BLOCK_M] of every row of h = x (+ residual) over all of K (every program needs its rows' norms,
+    whatever K range it owns: a second read of x, from L2). Where WRITE (one program of the grid), h is also
+    stored to RES_OUT: the new residual stream, as rms_norm_kernel writes it. WRITE is 1 there, else 0."""
+    offs_k = tl.arange(0, BLOCK_K)
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        h = tl.load(X + rows_x[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :], mask=k_ok[None, :],
+                    other=0.0)
+        if HAS_RES:
+            r = tl.load(RES + rows_x[:, None].to(tl.int64) * stride_rm + (k0 + offs_k)[None, :],
+                        mask=k_ok[None, :], other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded as the unfused add rounds it
+            tl.store(RES_OUT + offs_m[:, None].to(tl.int64) * stride_om + (k0 + offs_k)[None, :], h,
+                     mask=(offs_m < M * WRITE)[:, None] & k_ok[None, :])  # WRITE = 0: no rows
+        h = h.to(tl.float32)
+        sum_sq += tl.sum(h * h, axis=1)
+    return 1.0 / tl.sqrt(sum_sq / K + eps)
 
 
 @triton.jit
@@ -129,7 +174,9 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
                  USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 SWIGLU: tl.constexpr = False, ROW_PASSES: tl.constexpr = False):
+                 SWIGLU: tl.constexpr = False, ROW_PASSES: tl.constexpr = False,
+                 RES=None, NW=None, RES_OUT=None, stride_rm=0, stride_om=0, eps=0.0,
+                 NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,16 +190,31 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    # NORM: the residual's and the norm weight's tiles walk along K with x's; inv_rms comes from a first pass over
+    # x, once x exists (after the PDL wait), so here it is only a placeholder
+    r_ptrs = RES + rows_x[:, None].to(tl.int64) * stride_rm + (k_lo + offs_k)[None, :]
+    nw_ptrs = NW + (k_lo + offs_k)[None, :]
+    inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
+    writer = ((pid_n == 0) & (pid_k == 0)).to(tl.int32)  # 1 in the one program that writes h
+    if NORM and not USE_PDL:
+        inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps,
+                                 writer, HAS_RES, BLOCK_M, BLOCK_K)
     if ROW_PASSES:  # the whole of K in this one tile (the launcher checks): W once, then one pass per row of x
         k_ok = offs_k < K
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            if NORM:
+                inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om,
+                                         eps, writer, HAS_RES, BLOCK_M, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(BLOCK_M):
-            x_row = X + tl.minimum(i, M - 1).to(tl.int64) * stride_xm + offs_k[None, :]
-            x = _load_x(x_row, K, k_ok, True, SWIGLU).to(tl.float32)
+            row_i = tl.minimum(i, M - 1).to(tl.int64)
+            x_row = X + row_i * stride_xm + offs_k[None, :]
+            inv_rms_i = tl.sum(tl.where(offs_m == i, inv_rms, 0.0), axis=0)
+            x = _load_x(x_row, RES + row_i * stride_rm + offs_k[None, :], NW + offs_k[None, :], inv_rms_i, K, k_ok,
+                        True, SWIGLU, NORM, HAS_RES).to(tl.float32)
             acc = tl.where(offs_m[:, None] == i, tl.sum(x * w, axis=1)[None, :], acc)
     else:
         if USE_DOT or REDUCE_EACH:
@@ -164,7 +226,10 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
             tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
-            x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
+            if NORM:
+                inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om,
+                                         eps, writer, HAS_RES, BLOCK_M, BLOCK_K)
+            x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, k_ok, True, SWIGLU, NORM, HAS_RES)
             if USE_DOT:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             elif REDUCE_EACH:
@@ -173,14 +238,16 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                 acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         for k0 in range(k_lo + FIRST_K, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
-                x = _load_x(x_ptrs, K, offs_k, False, SWIGLU)
+                x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, offs_k, False, SWIGLU, NORM, HAS_RES)
             else:
                 k_ok = (k0 + offs_k) < k_hi
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-                x = _load_x(x_ptrs, K, k_ok, True, SWIGLU)
+                x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, k_ok, True, SWIGLU, NORM, HAS_RES)
             if USE_DOT:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
@@ -189,6 +256,8 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                 acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         if not USE_DOT and not REDUCE_EACH:
             acc = tl.sum(acc3, axis=2)
 
@@ -325,31 +394,76 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _check_args(x[..., :weight.shape[1]], weight, bias)
     else:
         _check_args(x, weight, bias)
-    n, k = weight.shape
+    k = weight.shape[1]
     x2 = x.reshape(-1, 2 * k if swiglu else k)
+    y = _launch(x2, weight, bias, config, swiglu=swiglu)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) @ weight^T (+ bias), h) with h = x + residual (x alone when residual is None): the norm before
+    a decoder layer's qkv or gate_up projection, inside that projection's GEMV (`NORM`), as
+    fused.rms_norm(x, norm_weight, eps, residual) followed by gemv would compute it, one launch instead of two.
+
+    Every program computes its rows' inverse RMS from a first pass over x (and residual) along all of K, then
+    normalises each x tile as it loads it; one program also writes h, the new residual stream (a new tensor:
+    writing it over `residual` while other programs still read it would race). Returns h = x itself without a
+    residual. x, residual: [..., K] in the weight's dtype; norm_weight [K]; at most MAX_M rows."""
+    _check_args(x, weight, bias)
+    k = weight.shape[1]
+    if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,):
+        raise ValueError(f"gemv_rms_norm: norm_weight must have shape ({k},), got "
+                         f"{tuple(getattr(norm_weight, 'shape', ()))}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"gemv_rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
+                         f"{tuple(residual.shape)}, {residual.dtype}")
+    if not eps > 0:
+        raise ValueError(f"gemv_rms_norm: eps must be > 0, got {eps}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    res2 = None
+    if residual is not None:
+        res2 = residual.reshape(-1, k)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+    h = torch.empty_like(x2) if residual is not None else x2
+    y = _launch(x2, weight, bias, config, norm=(res2, norm_weight.contiguous(), h, float(eps)))
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h.view(x.shape)
+
+
+def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig | None,
+            swiglu: bool = False, norm: tuple | None = None) -> torch.Tensor:
+    """y [M, N] for x2 [M, K] (or [M, 2K] with swiglu); norm = (residual [M, K] or None, norm weight, h, eps)."""
+    n, k = weight.shape
     m = x2.shape[0]
     if not 1 <= m <= MAX_M:
-        raise ValueError(f"gemv serves 1..{MAX_M} rows of x, got {m} (x of shape {tuple(x.shape)}); use F.linear")
+        raise ValueError(f"gemv serves 1..{MAX_M} rows of x, got {m}; use F.linear")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
-    cfg = config if config is not None else default_config(m, n, k, num_sms(x.device))
-    cfg.check(m, x.is_cuda)
+    cfg = config if config is not None else default_config(m, n, k, num_sms(x2.device))
+    cfg.check(m, x2.is_cuda)
     if cfg.row_passes and k > cfg.block_k:
         raise ValueError(f"GemvConfig.row_passes needs all of K = {k} in one tile, got block_k = {cfg.block_k}")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
-    ws, cnt = _workspace(x.device, m * n, grid_n) if split > 1 else (y, y)
+    ws, cnt = _workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
     even_k = k % (cfg.block_k * split) == 0
-    pdl = cfg.pdl or bool(launch_options(x.device))  # the config's switch, or PDL on for every kernel (pdl.py)
+    pdl = cfg.pdl or bool(launch_options(x2.device))  # the config's switch, or PDL on for every kernel (pdl.py)
+    res, nw, h, eps = norm if norm is not None else (None, x2, x2, 0.0)
     _gemv_kernel[(grid_n, split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt, m, n, k, x2.stride(0), weight.stride(0),
         y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_SPLIT=split > 1, USE_DOT=cfg.use_dot,
         REDUCE_EACH=cfg.reduce_each and not cfg.use_dot, EVEN_K=even_k, USE_PDL=pdl,
         FIRST_K=cfg.block_k if pdl else 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWIGLU=swiglu, ROW_PASSES=cfg.row_passes,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", SWIGLU=swiglu, ROW_PASSES=cfg.row_passes,
+        RES=res if res is not None else x2, NW=nw, RES_OUT=h, stride_rm=res.stride(0) if res is not None else 0,
+        stride_om=h.stride(0), eps=eps, NORM=norm is not None, HAS_RES=res is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
-    return y.reshape(*x.shape[:-1], n)
+    return y

@@ -252,6 +252,61 @@ def test_gemv_swiglu_input_equals_silu_and_mul_then_gemv():
         gemv(torch.randn(1, 2 * k + 1), w, swiglu=True)
 
 
+NORM_CASES = [  # m, n, k, residual, config: every inner product, split-K, ragged K, one tile, row passes
+    (1, 37, 100, True, GemvConfig(block_n=8, block_k=32)),
+    (1, 37, 100, False, GemvConfig(block_n=8, block_k=32)),
+    (3, 40, 96, True, GemvConfig(block_n=16, block_k=32, split_k=3)),
+    (2, 24, 128, True, GemvConfig(block_n=16, block_k=16, use_dot=True)),
+    (4, 40, 100, True, GemvConfig(block_n=16, block_k=32, reduce_each=True)),
+    (1, 20, 96, True, GemvConfig(block_n=4, block_k=128)),  # the whole row in one tile (the small-model M = 1 rule)
+    (2, 7, 64, True, GemvConfig(block_n=4, block_k=64, row_passes=True)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,has_residual,config", NORM_CASES)
+def test_gemv_rms_norm_equals_rms_norm_then_gemv(m, n, k, has_residual, config):
+    """gemv_rms_norm normalises x (+ residual) in its loads as fused.rms_norm's kernel does, so (y, new residual)
+    match the two launches it replaces (interpreter, fp32: the inverse RMS may differ in its last bit, being
+    summed in another order), the new residual is a new tensor written once, and the residual passed in is
+    left as it was."""
+    from minillm.kernels.fused import rms_norm
+    from minillm.kernels.gemv import gemv_rms_norm
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x, w, norm_w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(k, generator=g)
+    residual = torch.randn(m, k, generator=g) if has_residual else None
+    kept = residual.clone() if has_residual else None
+    y, h = gemv_rms_norm(x, residual, norm_w, 1e-5, w, config=config)
+    ref = rms_norm(x, norm_w, 1e-5, residual)
+    x_normed, h_ref = ref if has_residual else (ref, x)
+    _close(y, F.linear(x_normed, w), FP32_RTOL)
+    assert torch.equal(h, h_ref)
+    if has_residual:
+        assert torch.equal(residual, kept) and h.data_ptr() != residual.data_ptr()
+    else:
+        assert h is x or h.data_ptr() == x.data_ptr()
+
+
+def test_gemv_rms_norm_rejects_bad_input():
+    from minillm.kernels.gemv import gemv_rms_norm
+    x, w = torch.randn(1, 32), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="norm_weight must have shape \\(32,\\)"):
+        gemv_rms_norm(x, None, torch.ones(31), 1e-5, w)
+    with pytest.raises(ValueError, match="residual must match x"):
+        gemv_rms_norm(x, torch.randn(2, 32), torch.ones(32), 1e-5, w)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        gemv_rms_norm(x, None, torch.ones(32), 0.0, w)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        gemv_rms_norm(torch.randn(17, 32), None, torch.ones(32), 1e-5, w)
+
+
+def test_rms_norm_fusion_not_offered_on_cpu():
+    from minillm.layers.norm import RMSNorm
+    layer = Linear(16, 8)
+    assert not layer.fuses_rms_norm(torch.randn(1, 16))
+    with pytest.raises(ValueError, match="forward_rms_norm needs"):
+        layer.forward_rms_norm(torch.randn(1, 16), None, RMSNorm(16))
+
+
 def test_swiglu_fusion_not_offered_on_cpu():
     layer = Linear(16, 8)
     assert not layer.fuses_swiglu(torch.randn(1, 32))
@@ -298,3 +353,25 @@ def test_swiglu_fusion_follows_its_own_timing(monkeypatch, fused_wins):
         assert not linear_module._SWIGLU_DECISIONS
     finally:
         set_gemv_mode("auto")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (1, 960, 576), (2, 3072, 576), (6, 960, 576), (8, 28672, 4096)])
+def test_gemv_rms_norm_bf16_on_gpu(m, n, k):
+    """The norm-fused GEMV at Llama-3-8B's and SmolLM2's decode shapes, bf16, with the launch the engine would
+    pick (PDL on where the GPU has it): the new residual bit for bit, y within bf16 rounding of the two launches
+    (a last-bit change of the inverse RMS can move a normalised x across a bf16 rounding boundary)."""
+    from minillm.kernels.fused import rms_norm
+    from minillm.kernels.gemv import gemv_rms_norm, tuned_config
+    gen = torch.Generator(device="cuda").manual_seed(m + n)
+    x, residual = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    norm_w = 1 + 0.1 * torch.randn(k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cfg = tuned_config(m, n, k, x.device)
+    y, h = gemv_rms_norm(x, residual, norm_w, 1e-5, w, config=cfg)
+    x_normed, h_ref = rms_norm(x, norm_w, 1e-5, residual)
+    assert torch.equal(h, h_ref)
+    two = gemv(x_normed, w, config=cfg)
+    assert (y == two).float().mean() > 0.98
+    torch.testing.assert_close(y, two, rtol=1.6e-2, atol=1e-2)

@@ -255,6 +255,30 @@ def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_con
     assert calls and all(calls)  # every GEMV call here was a fused down projection
 
 
+def test_engine_greedy_tokens_with_rms_norm_fused_into_the_gemvs(model_and_config, monkeypatch):
+    """The decode path that runs each decoder layer's two RMSNorms inside the qkv and gate_up GEMVs (a GPU's,
+    where the fused GEMV wins) forced on the CPU: paged decode steps through Linear.forward_rms_norm give the
+    torch backend's tokens, both norms of every layer took the fused path, and the first layer's (no residual
+    yet) did too."""
+    import minillm.kernels.gemv as gemv_module
+    import minillm.layers.linear as linear_module
+    model, config = model_and_config
+    ref = _greedy(model, config, "torch", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
+                  num_kv_blocks=40)
+    calls = []
+    real = gemv_module.gemv_rms_norm
+    monkeypatch.setattr(gemv_module, "gemv_rms_norm",
+                        lambda x, residual, *a, **kw: calls.append((x.shape[0], residual is None)) or
+                        real(x, residual, *a, **kw))
+    monkeypatch.setattr(linear_module, "norm_gemv_choice",
+                        lambda x, w: gemv_module.GemvConfig(block_n=8, block_k=32) if x.shape[0] <= 4 else None)
+    got = _greedy(model, config, "triton", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
+                  num_kv_blocks=40)
+    assert got == ref
+    forwards = sum(1 for _, no_residual in calls if no_residual)  # layer 0's input norm: no residual to add yet
+    assert forwards and len(calls) == 2 * config.num_hidden_layers * forwards  # both norms of every layer
+
+
 @pytest.mark.slow
 def test_engine_greedy_tokens_chunked_prefill_and_prefix_cache(model_and_config, monkeypatch):
     from minillm.kernels import paged_prefill

@@ -22,7 +22,8 @@ except on a GPU for at most GEMV_MAX_M rows of fp16/bf16, where it runs minillm.
 faster for this (N, K, M) on its first call (see `gemv_mode`; both timed from CUDA-graph replays with cold
 weights, as decode runs them). Where it runs, a Llama MLP's down projection can take [gate | up] itself
 (`forward(x, swiglu=True)`, after `fuses_swiglu`): the GEMV computes silu(gate) * up as it loads x, kept where
-that timed faster than the activation's own launch. On the CPU
+that timed faster than the activation's own launch; likewise the qkv and gate_up projections can take the RMSNorm
+before them (`forward_rms_norm`, after `fuses_rms_norm`): each program normalises x as it loads it. On the CPU
 in fp32 the same idea picks a memory layout instead of a kernel: minillm.layers.cpu_matmul times F.linear against
 a transposed copy of W, (W x^T)^T, W in two halves and oneDNN's prepacked blocks, per shape and row class (1,
 2-16, more), and keeps the fastest.
@@ -40,7 +41,7 @@ from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
 __all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader",
-           "dense_linear", "swiglu_gemv_choice", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
+           "dense_linear", "swiglu_gemv_choice", "norm_gemv_choice", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
 GEMV_MODES = ("auto", "off", "on")
@@ -49,6 +50,7 @@ GEMV_MODES = ("auto", "off", "on")
 # CUDA-graph capture) and read on every later call; set_gemv_mode clears it.
 _GEMV_DECISIONS: dict[tuple, Any] = {}
 _SWIGLU_DECISIONS: dict[tuple, bool] = {}  # the same key: whether the down GEMV also takes SwiGLU (_decide_swiglu)
+_NORM_DECISIONS: dict[tuple, bool] = {}  # the same key: whether the GEMV also takes the RMSNorm before it (_decide_norm)
 _gemv_mode: str | None = None  # None: read MINILLM_GEMV on first use
 
 
@@ -74,6 +76,7 @@ def set_gemv_mode(mode: str) -> None:
     _gemv_mode = mode
     _GEMV_DECISIONS.clear()
     _SWIGLU_DECISIONS.clear()
+    _NORM_DECISIONS.clear()
 
 
 COLD_BYTES = 128 << 20  # weight copies a timing cycles through: > 2x the 50 MB L2 of an H100/H200
@@ -137,6 +140,39 @@ def _decide_swiglu(gate_up2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
     t_apart = _cold_graph_us(lambda w: gemv(silu_and_mul(gate_up2), w, config=cfg), weights)
     del weights
     return t_fused < t_apart
+
+
+def _decide_norm(x2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
+    """Whether the GEMV that normalises its own input (kernels/gemv.py, gemv_rms_norm: every program recomputes its
+    rows' RMS over all of K from L2) beats the two launches it replaces, fused.rms_norm then the same GEMV, timed
+    as _decide_gemv times (random residual and unit norm weight: the values do not change the time)."""
+    from minillm.kernels.fused import rms_norm
+    from minillm.kernels.gemv import gemv, gemv_rms_norm
+
+    residual, norm_weight = torch.randn_like(x2), torch.ones(x2.shape[1], dtype=x2.dtype, device=x2.device)
+    weights = _cold_copies(weight)
+    t_fused = _cold_graph_us(lambda w: gemv_rms_norm(x2, residual, norm_weight, 1e-6, w, config=cfg), weights)
+    t_apart = _cold_graph_us(lambda w: gemv(rms_norm(x2, norm_weight, 1e-6, residual)[0], w, config=cfg), weights)
+    del weights
+    return t_fused < t_apart
+
+
+def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
+    """The GemvConfig with which RMSNorm(x (+ residual)) @ W^T runs as one GEMV that normalises its own loads
+    (gemv_rms_norm), or None where the norm should run as its own kernel: dense_linear would not run the GEMV for
+    this shape, or ("auto" mode) the fused GEMV timed slower than the two launches (_decide_norm)."""
+    if x.device.type != "cuda" or not _gemv_may_apply(x, weight):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    cfg = _gemv_choice(x2, weight)
+    if cfg is None or gemv_mode() == "on":
+        return cfg
+    key = (x.device, x.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
+    if key not in _NORM_DECISIONS:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # no timing inside a capture: the two launches this time
+        _NORM_DECISIONS[key] = _decide_norm(x2.contiguous(), weight, cfg)
+    return cfg if _NORM_DECISIONS[key] else None
 
 
 def _gemv_may_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -244,6 +280,26 @@ class Linear(nn.Module):
         GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS): one launch fewer per MLP."""
         return type(self.quant_method) is UnquantizedLinearMethod and \
             swiglu_gemv_choice(gate_up, self.weight) is not None
+
+    def fuses_rms_norm(self, x: torch.Tensor) -> bool:
+        """Whether forward_rms_norm can take the RMSNorm before this layer inside its decode GEMV (a dense weight,
+        no hooks on the layer, no all-reduce after it, a GEMV-sized batch where the fused GEMV timed faster): one
+        launch fewer."""
+        return type(self.quant_method) is UnquantizedLinearMethod and not self._forward_hooks and \
+            not self._forward_pre_hooks and not getattr(self, "reduce_output", False) and \
+            norm_gemv_choice(x, self.weight) is not None
+
+    def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x, residual)[0]), the new residual) in one GEMV (only where fuses_rms_norm(x)): `norm` is the
+        RMSNorm before this layer (its weight and eps); the residual returned is x + residual (x without one)."""
+        cfg = norm_gemv_choice(x, self.weight) if type(self.quant_method) is UnquantizedLinearMethod else None
+        if cfg is None:
+            raise ValueError(f"forward_rms_norm needs a dense layer at a GEMV-sized batch on a GPU where the fused "
+                             f"GEMV won (check fuses_rms_norm first); got x {tuple(x.shape)} on {x.device}, "
+                             f"{type(self.quant_method).__name__}")
+        from minillm.kernels.gemv import gemv_rms_norm
+        return gemv_rms_norm(x, residual, norm.weight, norm.eps, self.weight, self.bias, config=cfg)
 
     def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """y = x W^T (+ b). swiglu=True (only where fuses_swiglu(x)): x is [..., 2 * input_size] = [gate | up]

@@ -8,7 +8,8 @@ picks the rows it needs (the last token of each sequence) and calls `compute_log
     embed -> N x [ RMSNorm -> attention (qkv_proj, RoPE, Attention, o_proj) -> +residual
                    RMSNorm -> MLP (gate_up_proj, silu_and_mul, down_proj)    -> +residual ] -> RMSNorm
 
-The residual adds are fused into the following norm (RMSNorm(x, residual)). Weights arrive under Hugging
+The residual adds are fused into the following norm (RMSNorm(x, residual)), and at decode on a GPU that norm can
+run inside the next projection's GEMV (Linear.forward_rms_norm: one kernel per norm fewer). Weights arrive under Hugging
 Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused projections.
 
 Operator backend: `LlamaForCausalLM(config, backend=...)` or, later, `model.attention_backend = ...` sets the
@@ -54,9 +55,14 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                               backend=rotary_emb.backend)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden_states.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | None,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj(attention(RoPE(q, k), v)); `qkv` (instead of hidden_states): the projection already computed, by
+        the decoder layer's norm-fused GEMV."""
+        if qkv is None:
+            qkv = self.qkv_proj(hidden_states)
+        num_tokens = qkv.shape[0]
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -78,8 +84,11 @@ class LlamaMLP(nn.Module):
         plan_all_reduces(self.gate_up_proj, self.down_proj)
         self.act_fn = SiluAndMul(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor | None, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate) * up); `gate_up` (instead of x): the projection already computed, by the decoder
+        layer's norm-fused GEMV."""
+        if gate_up is None:
+            gate_up = self.gate_up_proj(x)
         if use_triton(self.act_fn.backend, gate_up) and self.down_proj.fuses_swiglu(gate_up):
             return self.down_proj(gate_up, swiglu=True)  # decode: silu(gate) * up inside down's GEMV, one launch
         return self.down_proj(self.act_fn(gate_up))
@@ -98,14 +107,31 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # `residual` carries the stream *before* the previous sub-block's output was added; the norm adds it.
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
+        # At decode on a GPU the norm can also run inside the next projection's GEMV (_fused_norm): one launch.
+        qkv_proj = self.self_attn.qkv_proj
+        if self._fused_norm(self.input_layernorm, qkv_proj, hidden_states):
+            qkv, residual = qkv_proj.forward_rms_norm(hidden_states, residual, self.input_layernorm)
+            hidden_states = self.self_attn(positions, None, qkv=qkv)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+            if residual is None:
+                residual = hidden_states
+                hidden_states = self.input_layernorm(hidden_states)
+            else:
+                hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states = self.self_attn(positions, hidden_states)
+        gate_up_proj = self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else None
+        if gate_up_proj is not None and self._fused_norm(self.post_attention_layernorm, gate_up_proj, hidden_states):
+            gate_up, residual = gate_up_proj.forward_rms_norm(hidden_states, residual, self.post_attention_layernorm)
+            return self.mlp(None, gate_up=gate_up), residual
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    @staticmethod
+    def _fused_norm(norm: RMSNorm, linear: nn.Module, x: torch.Tensor) -> bool:
+        """Whether `norm` runs inside `linear`'s GEMV: the norm would run the Triton kernel (whose arithmetic the
+        GEMV repeats), nothing hooks the norm, and the layer says the fused GEMV won for this shape."""
+        return use_triton(norm.backend, x) and not norm._forward_hooks and not norm._forward_pre_hooks and \
+            linear.fuses_rms_norm(x)
 
     def build_mlp(self, config: ModelConfig, backend: str, quant_config: QuantizationConfig | None,
                   prefix: str) -> nn.Module:
