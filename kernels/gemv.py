@@ -51,9 +51,10 @@ small-M kernels; written here from the idea):
   tile is normalised as it is loaded; one program also writes x + residual, the new residual stream. The step
   loses the norm's launch and kernel boundary, sixty of them a step on a 30-layer model.
 
-`gemv(x, weight, bias, config, swiglu)` and `gemv_rms_norm(...)` are the entry points; `default_config` picks a launch for a shape, and
-benchmarks/sweep_gemv.py measures the whole config space on the GPU against cuBLAS (F.linear). The engine's
-dense linears and the LM head call it at decode through minillm.layers.linear.dense_linear.
+`gemv(x, weight, bias, config, swiglu)` and `gemv_rms_norm(...)` are the entry points; `default_config` picks a
+launch for a shape, and benchmarks/sweep_gemv.py measures the whole config space on the GPU against cuBLAS
+(F.linear). The engine's dense linears and the LM head call it at decode through
+minillm.layers.linear.dense_linear (and Linear.forward_rms_norm).
 """
 from __future__ import annotations
 

@@ -49,8 +49,10 @@ GEMV_MODES = ("auto", "off", "on")
 # launch. Like Triton's autotuning cache, filled on the first call of each shape (the engine's warm-up before
 # CUDA-graph capture) and read on every later call; set_gemv_mode clears it.
 _GEMV_DECISIONS: dict[tuple, Any] = {}
-_SWIGLU_DECISIONS: dict[tuple, bool] = {}  # the same key: whether the down GEMV also takes SwiGLU (_decide_swiglu)
-_NORM_DECISIONS: dict[tuple, bool] = {}  # the same key: whether the GEMV also takes the RMSNorm before it (_decide_norm)
+# Under the same keys, two more decisions, each timed once (_decide_swiglu, _decide_norm): whether the down GEMV
+# also computes SwiGLU in its loads, and whether a qkv / gate_up GEMV also takes the RMSNorm before it.
+_SWIGLU_DECISIONS: dict[tuple, bool] = {}
+_NORM_DECISIONS: dict[tuple, bool] = {}
 _gemv_mode: str | None = None  # None: read MINILLM_GEMV on first use
 
 

@@ -9,8 +9,8 @@ picks the rows it needs (the last token of each sequence) and calls `compute_log
                    RMSNorm -> MLP (gate_up_proj, silu_and_mul, down_proj)    -> +residual ] -> RMSNorm
 
 The residual adds are fused into the following norm (RMSNorm(x, residual)), and at decode on a GPU that norm can
-run inside the next projection's GEMV (Linear.forward_rms_norm: one kernel per norm fewer). Weights arrive under Hugging
-Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused projections.
+run inside the next projection's GEMV (Linear.forward_rms_norm: one kernel per norm fewer). Weights arrive under
+Hugging Face's names; `load_weights` packs q/k/v and gate/up into the engine's fused projections.
 
 Operator backend: `LlamaForCausalLM(config, backend=...)` or, later, `model.attention_backend = ...` sets the
 one backend of every operator module (attention, RMSNorm, RoPE, SiLU*mul): "torch", "reference", "triton" or
