@@ -398,6 +398,11 @@ for r in sweep["rows"]:
 #    boundaries: each kernel starts only after the previous one has fully finished and flushed. Fewer kernels
 #    (fusion), or programmatic dependent launch on Hopper, which overlaps a kernel's launch and prologue with its
 #    predecessor's tail.</details>
+# 6. *Can the RMSNorm before a projection be fused into the GEMV before it, or the one after it?*
+#    <details><summary>answer</summary>Not into the one before: the norm needs the sum of squares of the whole row,
+#    and each program of that GEMV computes only a slice of the row. Into the one after, yes: at decode the row is a
+#    few KB, so every program can recompute its RMS from L2 and normalise x as it loads it (one program writes the
+#    new residual). Whether it pays depends on the shape: the redundant reads grow with programs x K.</details>
 #
 # A question whose answer is a number (exercise `ch04.decode_step_floor_s`): *Llama-3-8B in bf16 (16.06 GB of
 # weights, 128 KiB of KV per token) on an H200 (4.24 TB/s): what is the lowest possible time of one decode step
