@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import minillm  # noqa: F401  (platform setup)
-    from minillm.layers import linear as linear_module
+    from minillm.layers import gemv_dispatch
 
     model, config = build_model(args.layers, shape=shape)
     nbytes = weight_bytes(model)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.async_scheduling:
         plan.append(("engine_cuda_graphs_async", False, args.gemv, True))
     for name, eager, gemv, overlap in plan:
-        linear_module.set_gemv_mode(gemv)  # before the engine captures its graphs
+        gemv_dispatch.set_gemv_mode(gemv)  # before the engine captures its graphs
         try:
             run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager,
                              async_scheduling=overlap, max_model_len=args.max_model_len)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps(run), flush=True)
     # what the last run chose per (N, K, M): a GemvConfig, or cuBLAS
     results["gemv_decisions"] = [dict(n=key[2], k=key[3], m=key[4], choice=repr(cfg) if cfg else "cuBLAS")
-                                 for key, cfg in linear_module._GEMV_DECISIONS.items()]
+                                 for key, cfg in gemv_dispatch._GEMV_DECISIONS.items()]
     for d in results["gemv_decisions"]:
         print(f"gemv decision N={d['n']} K={d['k']} M={d['m']}: {d['choice']}")
     del model

@@ -54,7 +54,7 @@ small-M kernels; written here from the idea):
 `gemv(x, weight, bias, config, swiglu)` and `gemv_rms_norm(...)` are the entry points; `default_config` picks a
 launch for a shape, and benchmarks/sweep_gemv.py measures the whole config space on the GPU against cuBLAS
 (F.linear). The engine's dense linears and the LM head call it at decode through
-minillm.layers.linear.dense_linear (and Linear.forward_rms_norm).
+minillm.layers.gemv_dispatch.dense_linear (and Linear.forward_rms_norm).
 """
 from __future__ import annotations
 

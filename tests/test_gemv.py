@@ -1,4 +1,4 @@
-"""The decode GEMV (kernels/gemv.py) and its dispatch from the dense linears and the LM head (layers/linear.py).
+"""The decode GEMV (kernels/gemv.py) and its dispatch from the dense linears and the LM head (layers/gemv_dispatch.py).
 
 CPU part: Triton's interpreter in fp32 at tiny awkward sizes (N not a multiple of BLOCK_N, K not a multiple of
 BLOCK_K, M = 1, 3, 16), both inner products, split-K (including a split with no K tiles left), bias, repeated
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minillm.layers.linear as linear_module
+import minillm.layers.gemv_dispatch as dispatch_module
 from minillm.kernels.gemv import MAX_M, GemvConfig, default_config, gemv
 from minillm.layers.embedding import LMHead
 from minillm.layers.linear import Linear, dense_linear, set_gemv_mode
@@ -133,7 +133,7 @@ def test_tuned_configs_are_valid_and_correct_at_smollm2_sizes():
 
 def test_cpu_layers_still_call_f_linear(monkeypatch):
     """On CPU the dense Linear and the LM head give exactly F.linear, and never reach the GEMV decision."""
-    monkeypatch.setattr(linear_module, "_decide_gemv", lambda *a: pytest.fail("GEMV considered on CPU"))
+    monkeypatch.setattr(dispatch_module, "_decide_gemv", lambda *a: pytest.fail("GEMV considered on CPU"))
     torch.manual_seed(0)
     layer = Linear(32, 24, bias=True)
     layer.weight.data.normal_()
@@ -149,12 +149,12 @@ def test_cpu_layers_still_call_f_linear(monkeypatch):
 def test_gemv_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="gemv mode must be one of"):
         set_gemv_mode("fast")
-    monkeypatch.setattr(linear_module, "_gemv_mode", None)
+    monkeypatch.setattr(dispatch_module, "_gemv_mode", None)
     monkeypatch.setenv("MINILLM_GEMV", "maybe")
     with pytest.raises(ValueError, match="MINILLM_GEMV must be one of"):
-        linear_module.gemv_mode()
+        dispatch_module.gemv_mode()
     monkeypatch.setenv("MINILLM_GEMV", "0")
-    assert linear_module.gemv_mode() == "off"
+    assert dispatch_module.gemv_mode() == "off"
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -192,7 +192,7 @@ def test_dense_linear_modes_on_gpu(mode):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), layer.weight.float())
             assert (layer(x).float() - ref).abs().max().item() < 0.05
-        decisions = {key[-1]: cfg for key, cfg in linear_module._GEMV_DECISIONS.items() if key[2:4] == (6144, 4096)}
+        decisions = {key[-1]: cfg for key, cfg in dispatch_module._GEMV_DECISIONS.items() if key[2:4] == (6144, 4096)}
         if mode == "on":
             assert all(decisions.get(m) is not None for m in (1, 4, 8))
         if mode == "off":
@@ -339,18 +339,18 @@ def test_swiglu_fusion_follows_its_own_timing(monkeypatch, fused_wins):
     loads faster than the activation's launch plus the same GEMV (at 6 rows on the H200 they were not), once per
     shape; "on" fuses wherever the GEMV runs; set_gemv_mode forgets the decisions."""
     calls = []
-    monkeypatch.setattr(linear_module, "_decide_swiglu", lambda *a: calls.append(1) or fused_wins)
+    monkeypatch.setattr(dispatch_module, "_decide_swiglu", lambda *a: calls.append(1) or fused_wins)
     set_gemv_mode("on")  # the plain GEMV is chosen for certain, so only the SwiGLU decision is under test
     try:
         layer = Linear(1536, 576, dtype=torch.bfloat16).cuda()
         gate_up = torch.randn(6, 2 * 1536, device="cuda", dtype=torch.bfloat16)
         assert layer.fuses_swiglu(gate_up) and not calls  # "on": no timing
-        linear_module._gemv_mode = "auto"  # auto, keeping the plain decision made above
-        monkeypatch.setattr(linear_module, "_decide_gemv", lambda x2, w, mode: default_config(6, 576, 1536))
+        dispatch_module._gemv_mode = "auto"  # auto, keeping the plain decision made above
+        monkeypatch.setattr(dispatch_module, "_decide_gemv", lambda x2, w, mode: default_config(6, 576, 1536))
         assert layer.fuses_swiglu(gate_up) is fused_wins and layer.fuses_swiglu(gate_up) is fused_wins
         assert len(calls) == 1  # timed once per shape
         set_gemv_mode("auto")
-        assert not linear_module._SWIGLU_DECISIONS
+        assert not dispatch_module._SWIGLU_DECISIONS
     finally:
         set_gemv_mode("auto")
 

@@ -11,7 +11,7 @@ LM head W [49152, 576]:
 
 and the gate_up weight [3072, 576] at 8 rows: F.linear 1.2-1.4 ms, prepacked 0.4-0.5 ms. No layout wins
 everywhere: it depends on the shape and the number of rows, so this module *measures*, like an autotuner
-(Triton's, or the CUDA GEMV's choice in minillm.layers.linear): the first call of each (N, K, bias, row class)
+(Triton's, or the CUDA GEMV's choice in minillm.layers.gemv_dispatch): the first call of each (N, K, bias, row class)
 times every candidate on the real input, interleaved round by round so that a burst of load from another
 process hits all alike, keeps each one's fastest time, and caches the winner. The row classes are the decode
 step's sizes: one row (batch 1), 2-16 rows (a decode batch or a speculative verify), more (a prefill).
