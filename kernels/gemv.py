@@ -171,6 +171,22 @@ def _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, 
 
 
 @triton.jit
+def _x_ready(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps, WRITE,
+             USE_PDL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """From here on x may be read: with PDL, release the next kernel and wait for the previous one (whose output x
+    is); then, with NORM, the first pass for the rows' inverse RMS. Returns inv_rms [BLOCK_M] (ones without NORM)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
+        tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
+    inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if NORM:
+        inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps, WRITE,
+                                 HAS_RES, BLOCK_M, BLOCK_K)
+    return inv_rms
+
+
+@triton.jit
 def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, SPLIT_K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_EACH: tl.constexpr, EVEN_K: tl.constexpr,
@@ -191,24 +207,15 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    # NORM: the residual's and the norm weight's tiles walk along K with x's; inv_rms comes from a first pass over
-    # x, once x exists (after the PDL wait), so here it is only a placeholder
+    # NORM: the residual's and the norm weight's tiles walk along K with x's
     r_ptrs = RES + rows_x[:, None].to(tl.int64) * stride_rm + (k_lo + offs_k)[None, :]
     nw_ptrs = NW + (k_lo + offs_k)[None, :]
-    inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
     writer = ((pid_n == 0) & (pid_k == 0)).to(tl.int32)  # 1 in the one program that writes h
-    if NORM and not USE_PDL:
-        inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps,
-                                 writer, HAS_RES, BLOCK_M, BLOCK_K)
     if ROW_PASSES:  # the whole of K in this one tile (the launcher checks): W once, then one pass per row of x
         k_ok = offs_k < K
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-            if NORM:
-                inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om,
-                                         eps, writer, HAS_RES, BLOCK_M, BLOCK_K)
+        inv_rms = _x_ready(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps, writer,
+                           USE_PDL, NORM, HAS_RES, BLOCK_M, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(BLOCK_M):
             row_i = tl.minimum(i, M - 1).to(tl.int64)
@@ -225,11 +232,9 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         if USE_PDL:  # programmatic dependent launch: the first weight tile is loaded before x exists
             k_ok = (k_lo + offs_k) < k_hi
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
-            tl.extra.cuda.gdc_wait()  # x (and y, the workspace) belong to the previous kernel until it is done
-            if NORM:
-                inv_rms = _norm_prologue(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om,
-                                         eps, writer, HAS_RES, BLOCK_M, BLOCK_K)
+        inv_rms = _x_ready(X, RES, RES_OUT, rows_x, offs_m, M, K, stride_xm, stride_rm, stride_om, eps, writer,
+                           USE_PDL, NORM, HAS_RES, BLOCK_M, BLOCK_K)
+        if USE_PDL:
             x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, k_ok, True, SWIGLU, NORM, HAS_RES)
             if USE_DOT:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)

@@ -93,6 +93,15 @@ def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
         return [weight]  # too little memory to spare: warm weights, still a fair A/B
 
 
+def _faster(first, second, weight: torch.Tensor) -> bool:
+    """Whether first(w) takes less GPU time than second(w), both timed by _cold_graph_us on cold copies of weight."""
+    weights = _cold_copies(weight)
+    try:
+        return _cold_graph_us(first, weights) < _cold_graph_us(second, weights)
+    finally:
+        del weights
+
+
 def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     """The GemvConfig to use for this (N, K, M), or None for F.linear; timed against F.linear in "auto" mode.
 
@@ -107,11 +116,7 @@ def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     cfg = tuned_config(x2.shape[0], n, k, x2.device)
     if mode == "on":
         return cfg
-    weights = _cold_copies(weight)
-    t_gemv = _cold_graph_us(lambda w: gemv(x2, w, config=cfg), weights)
-    t_cublas = _cold_graph_us(lambda w: F.linear(x2, w), weights)
-    del weights
-    return cfg if t_gemv < t_cublas else None
+    return cfg if _faster(lambda w: gemv(x2, w, config=cfg), lambda w: F.linear(x2, w), weight) else None
 
 
 def _decide_swiglu(gate_up2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
@@ -123,11 +128,8 @@ def _decide_swiglu(gate_up2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
     from minillm.kernels.fused import silu_and_mul
     from minillm.kernels.gemv import gemv
 
-    weights = _cold_copies(weight)
-    t_fused = _cold_graph_us(lambda w: gemv(gate_up2, w, config=cfg, swiglu=True), weights)
-    t_apart = _cold_graph_us(lambda w: gemv(silu_and_mul(gate_up2), w, config=cfg), weights)
-    del weights
-    return t_fused < t_apart
+    return _faster(lambda w: gemv(gate_up2, w, config=cfg, swiglu=True),
+                   lambda w: gemv(silu_and_mul(gate_up2), w, config=cfg), weight)
 
 
 def _decide_norm(x2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
@@ -138,11 +140,23 @@ def _decide_norm(x2: torch.Tensor, weight: torch.Tensor, cfg) -> bool:
     from minillm.kernels.gemv import gemv, gemv_rms_norm
 
     residual, norm_weight = torch.randn_like(x2), torch.ones(x2.shape[1], dtype=x2.dtype, device=x2.device)
-    weights = _cold_copies(weight)
-    t_fused = _cold_graph_us(lambda w: gemv_rms_norm(x2, residual, norm_weight, 1e-6, w, config=cfg), weights)
-    t_apart = _cold_graph_us(lambda w: gemv(rms_norm(x2, norm_weight, 1e-6, residual)[0], w, config=cfg), weights)
-    del weights
-    return t_fused < t_apart
+    return _faster(lambda w: gemv_rms_norm(x2, residual, norm_weight, 1e-6, w, config=cfg),
+                   lambda w: gemv(rms_norm(x2, norm_weight, 1e-6, residual)[0], w, config=cfg), weight)
+
+
+def _fusion_choice(decisions: dict[tuple, bool], x2: torch.Tensor, weight: torch.Tensor, decide):
+    """The plain GEMV's config for x2 [M, K] @ W^T where a fusion onto it should run, else None: in "on" mode
+    wherever the GEMV runs, in "auto" mode where decide(cfg) timed the fused GEMV faster (once per shape, kept in
+    `decisions`; never inside a capture, which then gets the two launches)."""
+    cfg = _gemv_choice(x2, weight)
+    if cfg is None or gemv_mode() == "on":
+        return cfg
+    key = (x2.device, x2.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
+    if key not in decisions:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        decisions[key] = decide(cfg)
+    return cfg if decisions[key] else None
 
 
 def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
@@ -152,15 +166,7 @@ def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
     if x.device.type != "cuda" or not _gemv_may_apply(x, weight):
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    cfg = _gemv_choice(x2, weight)
-    if cfg is None or gemv_mode() == "on":
-        return cfg
-    key = (x.device, x.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
-    if key not in _NORM_DECISIONS:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # no timing inside a capture: the two launches this time
-        _NORM_DECISIONS[key] = _decide_norm(x2.contiguous(), weight, cfg)
-    return cfg if _NORM_DECISIONS[key] else None
+    return _fusion_choice(_NORM_DECISIONS, x2, weight, lambda cfg: _decide_norm(x2.contiguous(), weight, cfg))
 
 
 def _gemv_may_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -211,12 +217,5 @@ def swiglu_gemv_choice(gate_up: torch.Tensor, weight: torch.Tensor):
     gate = gate_up[..., :k]  # the product's rows and dtype; the GEMV's config is the plain GEMV's for this shape
     if gate.device.type != "cuda" or not _gemv_may_apply(gate, weight):
         return None
-    cfg = _gemv_choice(gate.reshape(-1, k), weight)
-    if cfg is None or gemv_mode() == "on":
-        return cfg
-    key = (gate.device, gate.dtype, weight.shape[0], k, gate.numel() // k)
-    if key not in _SWIGLU_DECISIONS:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # no timing inside a capture: the two launches this time
-        _SWIGLU_DECISIONS[key] = _decide_swiglu(gate_up.reshape(-1, 2 * k).contiguous(), weight, cfg)
-    return cfg if _SWIGLU_DECISIONS[key] else None
+    return _fusion_choice(_SWIGLU_DECISIONS, gate.reshape(-1, k), weight,
+                          lambda cfg: _decide_swiglu(gate_up.reshape(-1, 2 * k).contiguous(), weight, cfg))

@@ -36,6 +36,7 @@ from minillm.quant.base import LinearMethod, QuantizationConfig, UnquantizedLine
 __all__ = ["Linear", "QKVLinear", "MergedColumnLinear", "UnquantizedLinearMethod", "default_weight_loader",
            "dense_linear", "swiglu_gemv_choice", "norm_gemv_choice", "set_gemv_mode", "gemv_mode", "GEMV_MAX_M"]
 
+
 def _check_shape(param_name: str, got: torch.Size, expected: torch.Size | tuple[int, ...]) -> None:
     if tuple(got) != tuple(expected):
         raise ValueError(f"weight shape mismatch for {param_name}: got {tuple(got)}, expected {tuple(expected)}")
@@ -77,25 +78,28 @@ class Linear(nn.Module):
         _check_shape(type(self).__name__, loaded_weight.shape, param.shape)
         param.data.copy_(loaded_weight)
 
+    @property
+    def is_dense(self) -> bool:
+        """A plain weight (UnquantizedLinearMethod): the layers the decode GEMV and its fusions serve."""
+        return type(self.quant_method) is UnquantizedLinearMethod
+
     def fuses_swiglu(self, gate_up: torch.Tensor) -> bool:
         """Whether forward(gate_up, swiglu=True) can take SwiGLU's silu(gate) * up inside this layer's decode
         GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS): one launch fewer per MLP."""
-        return type(self.quant_method) is UnquantizedLinearMethod and \
-            gemv_dispatch.swiglu_gemv_choice(gate_up, self.weight) is not None
+        return self.is_dense and gemv_dispatch.swiglu_gemv_choice(gate_up, self.weight) is not None
 
     def fuses_rms_norm(self, x: torch.Tensor) -> bool:
         """Whether forward_rms_norm can take the RMSNorm before this layer inside its decode GEMV (a dense weight,
         no hooks on the layer, no all-reduce after it, a GEMV-sized batch where the fused GEMV timed faster): one
         launch fewer."""
-        return type(self.quant_method) is UnquantizedLinearMethod and not self._forward_hooks and \
-            not self._forward_pre_hooks and not getattr(self, "reduce_output", False) and \
-            gemv_dispatch.norm_gemv_choice(x, self.weight) is not None
+        return self.is_dense and not self._forward_hooks and not self._forward_pre_hooks and \
+            not getattr(self, "reduce_output", False) and gemv_dispatch.norm_gemv_choice(x, self.weight) is not None
 
     def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                          norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x, residual)[0]), the new residual) in one GEMV (only where fuses_rms_norm(x)): `norm` is the
         RMSNorm before this layer (its weight and eps); the residual returned is x + residual (x without one)."""
-        cfg = gemv_dispatch.norm_gemv_choice(x, self.weight) if type(self.quant_method) is UnquantizedLinearMethod else None
+        cfg = gemv_dispatch.norm_gemv_choice(x, self.weight) if self.is_dense else None
         if cfg is None:
             raise ValueError(f"forward_rms_norm needs a dense layer at a GEMV-sized batch on a GPU where the fused "
                              f"GEMV won (check fuses_rms_norm first); got x {tuple(x.shape)} on {x.device}, "
@@ -107,14 +111,14 @@ class Linear(nn.Module):
         """y = x W^T (+ b). swiglu=True (only where fuses_swiglu(x)): x is [..., 2 * input_size] = [gate | up]
         and the layer's input is silu(gate) * up, computed by the GEMV as it loads x."""
         if swiglu:
-            cfg = gemv_dispatch.swiglu_gemv_choice(x, self.weight) if type(self.quant_method) is UnquantizedLinearMethod else None
+            cfg = gemv_dispatch.swiglu_gemv_choice(x, self.weight) if self.is_dense else None
             if cfg is None:
                 raise ValueError(f"swiglu=True needs a dense layer at a GEMV-sized batch on a GPU (check "
                                  f"fuses_swiglu first); got x {tuple(x.shape)} on {x.device}, "
                                  f"{type(self.quant_method).__name__}")
             from minillm.kernels.gemv import gemv
             return gemv(x, self.weight, self.bias, config=cfg, swiglu=True)
-        if type(self.quant_method) is UnquantizedLinearMethod:  # dense: F.linear, or the decode GEMV
+        if self.is_dense:  # F.linear, or the decode GEMV
             return gemv_dispatch.dense_linear(x, self.weight, self.bias)
         return self.quant_method.apply(self, x, self.bias)
 
