@@ -170,12 +170,13 @@ def test_config_and_llm_options():
     def resolved(device, **options):
         return resolve_engine_config(EngineConfig(**options), model_config, device).async_scheduling
 
-    # None: on for CUDA where it applies; off on a CPU, for static batching, several ranks, speculation
+    # None: on for CUDA where it applies; off on a CPU, for static batching, several ranks. A speculative engine
+    # has it on: it steps async while speculation is switched off by batch size (steps_async)
     assert resolved(cuda) is True and resolved(cpu) is False
     assert resolved(cuda, async_scheduling=False) is False and resolved(cpu, async_scheduling=True) is True
     assert resolved(cuda, scheduling="static") is False
     assert resolved(cuda, tensor_parallel_size=2) is False
-    assert resolved(cuda, speculative_config={"method": "ngram", "num_speculative_tokens": 3}) is False
+    assert resolved(cuda, speculative_config={"method": "ngram", "num_speculative_tokens": 3}) is True
     with pytest.raises(TypeError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
     with pytest.raises(ValueError, match="async_scheduling"):
@@ -258,15 +259,50 @@ def test_async_step_keeps_one_upload_one_download_no_sync(graphs):
     assert all(t >= 0 for seq in engine.scheduler.running for t in seq.token_ids[:-1])
 
 
-def test_speculative_engine_steps_synchronously(model_and_config):
-    """With a speculative decoder the engine keeps synchronous steps (a verify step's token count is not known
-    before its tokens are): same outputs as without the flag."""
+def count_launches(engine: LLMEngine) -> list[int]:
+    """[async steps launched]: a counter around the engine's AsyncSteps.step."""
+    count, inner = [0], engine.async_steps.step
+
+    def step():
+        count[0] += 1
+        return inner()
+    engine.async_steps.step = step
+    return count
+
+
+def test_speculative_engine_verifies_synchronously(model_and_config):
+    """A speculative decoder that may always speculate (no disable_by_batch_size) keeps every step synchronous: a
+    verify step's token count is not known before its tokens are. Same outputs as without the flag."""
     items = workload(6, seed=2)
     spec = {"method": "ngram", "num_speculative_tokens": 3}
     plain = make_engine(model_and_config, speculative_config=spec)
     flagged = make_engine(model_and_config, speculative_config=spec, async_scheduling=True)
-    assert flagged.async_steps is None
+    launches = count_launches(flagged)
     assert run(flagged, items) == run(plain, items)
+    assert launches == [0] and flagged.speculative.metrics.num_verify_steps > 0
+
+
+SWITCHED = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
+    "ngram_tree": {"method": "ngram_tree", "num_speculative_tokens": 3},
+    "self_speculative": {"method": "self_speculative", "num_speculative_tokens": 2, "draft_num_layers": 1},
+}
+
+
+@pytest.mark.parametrize("method", list(SWITCHED))
+@pytest.mark.parametrize("config", ["plain", "kv_pressure_recompute"])
+def test_switched_off_speculation_steps_async(model_and_config, method, config):
+    """With disable_by_batch_size, the steps with more requests running than the limit run async (as an engine
+    without speculation would), the others propose and verify in sync after reading the step in flight: greedy
+    outputs equal plain decoding's through both switches, under KV pressure too, and no block leaks (run)."""
+    items = with_stops(model_and_config, workload(10, seed=4))
+    expected = run(make_engine(model_and_config, **CONFIGS[config]), items)
+    spec = dict(SWITCHED[method], disable_by_batch_size=2)
+    engine = make_engine(model_and_config, speculative_config=spec, async_scheduling=True, **CONFIGS[config])
+    launches = count_launches(engine)
+    assert run(engine, items) == expected
+    assert launches[0] > 0 and engine.speculative.metrics.num_verify_steps > 0
+    assert engine.speculative.proposer.active_requests() == set()
 
 
 @pytest.mark.gpu
@@ -286,10 +322,10 @@ def test_gpu_async_equals_sync_with_cuda_graphs():
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(5, 120))] for _ in range(24)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
 
-    def run_engine(async_scheduling, params):
+    def run_engine(async_scheduling, params, **options):
         engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
             block_size=16, kv_cache_memory=64 << 20, max_model_len=256, max_num_seqs=16,
-            async_scheduling=async_scheduling), device="cuda", dtype=torch.float32)
+            async_scheduling=async_scheduling, **options), device="cuda", dtype=torch.float32)
         assert engine.runner.cuda_graphs is not None
         ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
         done = {}
@@ -300,6 +336,11 @@ def test_gpu_async_equals_sync_with_cuda_graphs():
 
     sync, asynchronous = run_engine(False, params), run_engine(True, params)
     assert [o.token_ids for o in asynchronous] == [o.token_ids for o in sync]
+    # a speculative engine: async steps over the limit, verify graphs (q_len 1 + k) in sync below it
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 4},
+                 {"method": "ngram_tree", "num_speculative_tokens": 3, "disable_by_batch_size": 4}):
+        switched = run_engine(True, params, speculative_config=spec)
+        assert [o.token_ids for o in switched] == [o.token_ids for o in sync], spec["method"]
     stops = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True,
                             stop_token_ids=[o.token_ids[len(o.token_ids) // 2]])
              for p, o in zip(params, sync)]
@@ -408,3 +449,19 @@ def test_llm_generate_and_stream_with_the_bundled_model():
     streamed = "".join(delta.outputs[0].text for delta in fast.generate_stream(prompts[0], params[0]))
     assert streamed == expected[0][0]
     assert fast.llm_engine.scheduler.block_manager.num_used_blocks == 0
+
+
+
+def test_steps_async_rule(model_and_config):
+    """SpeculativeDecoder.steps_async: async only over the limit, and never while a token tree's KV slot moves
+    wait for the next step (an async step would not carry them: the next verify would read stale K/V)."""
+    from types import SimpleNamespace
+    spec = {"method": "ngram_tree", "num_speculative_tokens": 3, "disable_by_batch_size": 2}
+    decoder = make_engine(model_and_config, speculative_config=spec, async_scheduling=True).speculative
+    batch = lambda n: SimpleNamespace(running=[object()] * n)
+    assert not decoder.steps_async(batch(2)) and decoder.steps_async(batch(3))
+    decoder.tree._pending_copies = [(17, 12)]
+    assert not decoder.steps_async(batch(3)) and decoder.tree.has_pending_moves
+    unlimited = make_engine(model_and_config, speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+                            async_scheduling=True).speculative
+    assert not unlimited.steps_async(batch(6))

@@ -266,10 +266,11 @@ def test_host_tree_helpers_equal_the_tensor_algorithms():
         host_token_tree([-1] + list(range(64)))
 
 
-def test_switched_off_speculation_keeps_no_features(model_and_config, plain, eagle_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_switched_off_speculation_keeps_no_features(model_and_config, plain, eagle_dir, async_scheduling):
     """disable_by_batch_size with a head proposer: while more requests run than the limit, no step asks for hidden
-    states and the proposer holds no windows; once the batch shrinks it drafts again, and the tokens stay plain
-    decoding's."""
+    states and the proposer holds no windows (with async scheduling those steps run async: no speculative hook at
+    all); once the batch shrinks it drafts again, and the tokens stay plain decoding's."""
     from test_speculative_tree_engine import run
     seen = []
 
@@ -279,7 +280,7 @@ def test_switched_off_speculation_keeps_no_features(model_and_config, plain, eag
         return proposer
     spec = {"method": "eagle", "num_speculative_tokens": K, "model": eagle_dir, "disable_by_batch_size": 2,
             "draft_ahead": False}
-    outputs, engine = run(model_and_config, spec, 64, proposer=spy)
-    assert outputs == plain
+    outputs, engine = run(model_and_config, spec, 64, proposer=spy, async_scheduling=async_scheduling)
+    assert outputs == plain and (engine.async_steps is not None) == async_scheduling
     assert seen and max(seen) <= 2  # features recorded only for batches within the limit
     assert engine.speculative.metrics.num_verify_steps > 0  # drafting resumed once two requests had finished

@@ -36,9 +36,12 @@ gets its real token in step 3; it is not in step N+1, and it is re-admitted only
 are queued in stream order before step N+1's forward (a swap-out brings blocks to host memory, so it waits for
 the device: such a step loses its overlap, not its correctness).
 
-What falls back to synchronous steps: an engine with a speculative decoder (the number of tokens a verify step
+What falls back to synchronous steps: verify steps of speculative decoding (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
-processes). For speculation that costs most of its gain on a small model: on the H200 an n-gram verify step of
+processes). A speculative engine steps async while speculation is switched off (more sequences running than
+speculative_config's disable_by_batch_size: SpeculativeDecoder.steps_async), so that "off" costs nothing against an
+engine without speculation; when the batch shrinks, `drain` reads the step in flight and the next call proposes
+and verifies in sync. For the verify steps themselves that costs most of speculation's gain on a small model: on the H200 an n-gram verify step of
 SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work, where an async plain step hides its host work (0.76 ms
 for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling step N+1 before
 step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence (the most a step can keep), keep
@@ -112,6 +115,15 @@ class AsyncSteps:
             outputs += [engine._finish(seq, "error", error=failure) for seq in batch.seqs if not seq.is_finished]
         elif launched is not None:
             self.in_flight_step = self._expect(batch, step_input.num_sampled, launched)
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Read the step in flight, if any, and launch nothing: after it every token is on the host (a speculative
+        engine calls this before a verify step, whose proposer drafts from the latest token)."""
+        outputs: list[RequestOutput] = []
+        previous, self.in_flight_step = self.in_flight_step, None
+        if previous is not None:
+            self._read(previous, outputs)
         return outputs
 
     def _expect(self, batch: ScheduledBatch, num_sampled: list[int], launched: Any) -> InFlightStep:

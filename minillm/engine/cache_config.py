@@ -13,9 +13,9 @@ anything is built, `resolve_engine_config` turns that into a concrete EngineConf
                        the tokens/s of decode-only graphs' 1.10x against static; a prefix-cached prompt's TTFT
                        7 ms instead of 37 (benchmarks/RESULTS.md); with them, a step that is one fresh prompt
                        replays a whole-forward graph (minillm/engine/prompt_graph.py)
-    async_scheduling   on for CUDA with continuous scheduling, one worker rank and no speculative decoding (a
-                       verify step's token count is not known in advance): the host schedules and launches step
-                       N+1 while the GPU runs step N. H200: SmolLM2's shapes at batch 1 / 32 1.19x / 1.53x the
+    async_scheduling   on for CUDA with continuous scheduling and one worker rank: the host schedules and
+                       launches step N+1 while the GPU runs step N (a speculative engine only while speculation
+                       is switched off by batch size: a verify step's token count is not known in advance). H200: SmolLM2's shapes at batch 1 / 32 1.19x / 1.53x the
                        tokens/s of synchronous steps, Llama-3-8B's batch-1 decode +4-8 points of the weight-read
                        floor, P6's 256 requests 1.24x. Off on a CPU, where host and model share the same cores.
 The operator backend stays as given: "auto" is decided per call by the tensors' device (minillm.layers.backend).
@@ -66,10 +66,8 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
         piecewise = not enforce_eager
     overlap = config.async_scheduling
     if overlap is None:
-        from minillm.speculative.config import SpeculativeConfig  # a leaf module (the config's own validation)
         ranks = config.tensor_parallel_size * config.pipeline_parallel_size * config.expert_parallel_size
-        overlap = on_cuda and config.scheduling == "continuous" and ranks == 1 and \
-            SpeculativeConfig.from_engine_config(config) is None
+        overlap = on_cuda and config.scheduling == "continuous" and ranks == 1
     return dataclasses.replace(config, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                                enforce_eager=enforce_eager, piecewise_cuda_graphs=piecewise,
                                async_scheduling=overlap)

@@ -122,10 +122,11 @@ class LLMEngine:
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
         self.num_steps = 0
-        # async scheduling (engine/async_step.py); None: every step waits for its own tokens. An engine with a
-        # speculative decoder, or whose executor cannot split a step (workers in other processes), steps in sync.
+        # async scheduling (engine/async_step.py); None: every step waits for its own tokens (an executor that
+        # cannot split a step, workers in other processes, steps in sync). A speculative engine steps async only
+        # while speculation is switched off (SpeculativeDecoder.steps_async): verify steps run in sync.
         self.async_steps = None
-        if config.async_scheduling and getattr(executor, "can_launch", False) and self.speculative is None:
+        if config.async_scheduling and getattr(executor, "can_launch", False):
             from minillm.engine.async_step import AsyncSteps
             self.async_steps = AsyncSteps(self)
 
@@ -226,8 +227,11 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        if self.async_steps is not None:  # schedule N+1 while the device runs N (never with a speculative decoder)
-            return self.async_steps.step()
+        if self.async_steps is not None:  # schedule N+1 while the device runs N, unless this step speculates
+            if self.speculative is None or self.speculative.steps_async(self.scheduler):
+                return self.async_steps.step()
+            if self.async_steps.in_flight:  # speculation resumes: first read the step in flight (its tokens are
+                return self.async_steps.drain()  # what the proposer drafts from); the next call speculates
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)
         batch, outputs = self._schedule()

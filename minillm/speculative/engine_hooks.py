@@ -121,6 +121,22 @@ class SpeculativeDecoder:
                 draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
             seq.spec_token_ids = draft
 
+    def steps_async(self, scheduler: Any) -> bool:
+        """Whether the engine's next step may run as an async plain step (engine/async_step.py; with async
+        scheduling on): only while speculation is switched off by disable_by_batch_size, the rule propose applies,
+        and no token tree's KV moves wait for the next step (prepare_step carries them; an async step would drop
+        them). Head proposers record no features meanwhile, so their windows restart, as after record_step's
+        switch-off: every request's proposer state is freed here."""
+        limit = self.config.disable_by_batch_size
+        running = getattr(scheduler, "running", ())
+        if limit is None or len(running) <= limit or (self.tree is not None and self.tree.has_pending_moves):
+            return False
+        self.enabled_last_step = False
+        self._draft_probs.clear()
+        for request_id in self.proposer.active_requests():
+            self.proposer.free(request_id)
+        return True
+
     def _num_wanted(self, seq: Sequence, num_new_tokens: int = 0) -> int:
         """Drafts to ask for seq once it has num_new_tokens more tokens: the last step of a request needs none,
         and the context bounds them (a position past max_model_len is never computed). max_tokens bounds them

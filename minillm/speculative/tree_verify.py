@@ -216,6 +216,11 @@ class TreeVerifier:
         return any(self.holds(seq) and seq.sampling_params.temperature > 0 for seq in batch.seqs)
 
     # -- 2. the step's input ------------------------------------------------------------------------------
+    @property
+    def has_pending_moves(self) -> bool:
+        """Whether the last verification left KV slot copies for the next step to carry (prepare_step)."""
+        return bool(self._pending_copies)
+
     def prepare_step(self, batch: "ScheduledBatch", step: "StepInput") -> None:
         """Tree positions and ancestor masks for the rows of tree sequences; the pending KV slot copies."""
         step.slots_to_copy = self._pending_copies + list(step.slots_to_copy)
