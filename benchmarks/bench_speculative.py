@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disable-by-batch-size", type=int, default=None,
                    help="speculative_config disable_by_batch_size for every method: plain steps while more "
                         "sequences than this run (the switch's cost and effect, measured)")
+    p.add_argument("--sync-too", action="store_true",
+                   help="also run every speculative variant with async_scheduling=False (label '/sync'): every "
+                        "step synchronous, as speculative engines stepped before they went async while switched off")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -178,13 +181,13 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
 
 
 def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[str, list[int]]], num_kv_blocks: int,
-                plain_tokens: dict[int, list[list[int]]] | None) -> list[dict]:
+                plain_tokens: dict[int, list[list[int]]] | None, async_scheduling: bool | None = None) -> list[dict]:
     import torch
     from minillm import SamplingParams
     from minillm.speculative.metrics import SpecDecodeMetrics
 
     variant = llm.share_model(max_num_seqs=max(args.batch_sizes), num_kv_blocks=num_kv_blocks,
-                              speculative_config=spec)
+                              speculative_config=spec, async_scheduling=async_scheduling)
     engine = variant.llm_engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
@@ -286,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     num_kv_blocks = batch_max * -(-(longest + args.max_tokens + args.k + 1) // block) + 8
     results: list[dict] = []
     plain_tokens = None
-    for method, spec in variants(args):
-        rows = run_variant(llm, method, spec, args, prompts, num_kv_blocks, plain_tokens)
+    runs = [(method, spec, None) for method, spec in variants(args)]
+    if args.sync_too:  # each speculative variant again, every step synchronous
+        runs += [(f"{method}/sync", spec, False) for method, spec, _ in runs if spec is not None]
+    for method, spec, async_scheduling in runs:
+        rows = run_variant(llm, method, spec, args, prompts, num_kv_blocks, plain_tokens, async_scheduling)
         if method == "plain":
             plain_tokens = {r["batch"]: r["tokens"] for r in rows}
         results += rows
