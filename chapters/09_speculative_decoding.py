@@ -559,6 +559,12 @@ for b in batches:
 # next GEMV made plain decoding 1,505 -> 1,867 tok/s (one launch fewer per norm, at 1 and 2 rows only: at 6 rows
 # the fused kernel timed slower and the engine keeps them apart), and n-gram fell from 0.99x to 0.74x.
 #
+# The switch itself must cost nothing, and at first it did not: a speculative engine ran *every* step in sync, so
+# with speculation off at batch 8 it still paid the host round trip that async scheduling hides for plain decoding
+# (0.74x of plain at batch 8, 0.55-0.63x at 32). Now the steps over the limit run async like any plain engine's,
+# and the engine drains the step in flight before it speculates again: 1.03-1.06x at batch 8, 0.93-0.95x at 32
+# (benchmarks/RESULTS.md, twenty-third session). Set `disable_by_batch_size` (off by default, as in vLLM).
+#
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
 # * accept with min(1, p/q), resample from norm(max(0, p − q)), bonus token after a full accept: exact sampling;
