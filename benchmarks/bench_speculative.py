@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disable-by-batch-size", type=int, default=None,
                    help="speculative_config disable_by_batch_size for every method: plain steps while more "
                         "sequences than this run (the switch's cost and effect, measured)")
+    p.add_argument("--prompt-lookup-mins", type=int, nargs="+", default=None,
+                   help="ngram: one variant per prompt_lookup_min (shortest suffix matched; default: the config's, 1)")
     p.add_argument("--sync-too", action="store_true",
                    help="also run every speculative variant with async_scheduling=False (label '/sync'): every "
                         "step synchronous, as speculative engines stepped before they went async while switched off")
@@ -148,7 +150,9 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
         config = {"method": method, "num_speculative_tokens": args.k}
         if args.disable_by_batch_size is not None:
             config["disable_by_batch_size"] = args.disable_by_batch_size
-        if method == "self_speculative":
+        if method == "ngram" and args.prompt_lookup_mins:
+            out += [(f"{method}/min{n}", dict(config, prompt_lookup_min=n)) for n in args.prompt_lookup_mins]
+        elif method == "self_speculative":
             out += [(f"{method}/L{n}", dict(config, draft_num_layers=n)) for n in args.draft_layers]
         elif method == "draft_model":  # distilled: --heads-dir/draft, else the shipped one; else an undistilled copy
             from minillm.speculative.heads import SHIPPED_DIR

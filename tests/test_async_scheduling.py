@@ -271,15 +271,66 @@ def count_launches(engine: LLMEngine) -> list[int]:
 
 
 def test_speculative_engine_verifies_synchronously(model_and_config):
-    """A speculative decoder that may always speculate (no disable_by_batch_size) keeps every step synchronous: a
-    verify step's token count is not known before its tokens are. Same outputs as without the flag."""
+    """A proposer that always drafts (here a one-layer self-speculative draft) and no disable_by_batch_size: every
+    step synchronous (a verify step's token count is not known before its tokens are). Same outputs as without
+    the flag."""
     items = workload(6, seed=2)
-    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    spec = {"method": "self_speculative", "num_speculative_tokens": 2, "draft_num_layers": 1}
     plain = make_engine(model_and_config, speculative_config=spec)
     flagged = make_engine(model_and_config, speculative_config=spec, async_scheduling=True)
     launches = count_launches(flagged)
     assert run(flagged, items) == run(plain, items)
     assert launches == [0] and flagged.speculative.metrics.num_verify_steps > 0
+
+
+def repetitive_workload(n: int = 8, seed: int = 7) -> list[tuple[list[int], dict]]:
+    """Prompts that repeat short phrases (so prompt lookup finds matches now and then) and varied max_tokens."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        phrases = [[rng.randrange(3, 250) for _ in range(rng.randint(2, 4))] for _ in range(3)]
+        prompt = [t for _ in range(rng.randint(2, 5)) for t in rng.choice(phrases)] + [rng.randrange(3, 250)]
+        items.append((prompt, dict(temperature=0.0, max_tokens=rng.randint(8, 40))))
+    return items
+
+
+@pytest.mark.parametrize("config", ["plain", "kv_pressure_recompute", "chunked_prefix_cache"])
+@pytest.mark.parametrize("lookup_min", [1, 2])
+def test_ngram_steps_without_drafts_run_async(model_and_config, config, lookup_min):
+    """Prompt lookup predicts when its next step will carry no drafts (NGramProposer.predicts_drafts, one token
+    behind while a step is in flight): those steps run async, the others verify in sync after reading the step in
+    flight. Greedy outputs equal plain decoding's; both kinds of step happen; no block leaks (run)."""
+    items = with_stops(model_and_config, repetitive_workload())
+    expected = run(make_engine(model_and_config, **CONFIGS[config]), items)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": lookup_min}
+    engine = make_engine(model_and_config, speculative_config=spec, async_scheduling=True, **CONFIGS[config])
+    launches = count_launches(engine)
+    assert run(engine, items) == expected
+    assert launches[0] > 0 and engine.speculative.metrics.num_verify_steps > 0
+
+
+def test_predicts_drafts_matches_prompt_lookup():
+    """predicts_drafts against the scan (propose_prompt_lookup): with every token known, whether it drafts at
+    all; with the last token in flight (a placeholder), whether the known tokens' lookup yields two tokens or more.
+    Sequences are grown step by step (the index is incremental), with and without a placeholder at the end, and
+    the same answers come from a learner's scan plugged in through the exercise hook."""
+    from types import SimpleNamespace
+    from minillm.hooks import overriding
+    from minillm.speculative.ngram import propose_prompt_lookup
+    from minillm.speculative.proposer import NGramProposer
+    rng = random.Random(11)
+    for trial in range(40):
+        lo, hi = rng.choice([(1, 3), (2, 3), (2, 2), (1, 1)])
+        proposer, tokens = NGramProposer(hi, lo), []
+        for step in range(60):
+            tokens.append(rng.randrange(0, 6))
+            in_flight = rng.random() < 0.5
+            ids = tokens + [-1] if in_flight else list(tokens)
+            seq = SimpleNamespace(request_id="r", token_ids=ids, num_tokens=len(ids))
+            want = len(tokens) >= 2 and len(propose_prompt_lookup(tokens, 2, hi, lo)) > int(in_flight)
+            assert proposer.predicts_drafts([seq]) == want, (trial, step, lo, hi, ids)
+            with overriding({"ch09.ngram_lookup": propose_prompt_lookup}):
+                assert NGramProposer(hi, lo).predicts_drafts([seq]) == want
 
 
 SWITCHED = {
@@ -462,6 +513,7 @@ def test_steps_async_rule(model_and_config):
     assert not decoder.steps_async(batch(2)) and decoder.steps_async(batch(3))
     decoder.tree._pending_copies = [(17, 12)]
     assert not decoder.steps_async(batch(3)) and decoder.tree.has_pending_moves
-    unlimited = make_engine(model_and_config, speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+    unlimited = make_engine(model_and_config, speculative_config={"method": "self_speculative", "draft_num_layers": 1,
+                                                                  "num_speculative_tokens": 3},
                             async_scheduling=True).speculative
-    assert not unlimited.steps_async(batch(6))
+    assert not unlimited.steps_async(batch(6))  # a proposer without predicts_drafts: always in sync

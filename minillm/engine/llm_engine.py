@@ -228,10 +228,17 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         if self.async_steps is not None:  # schedule N+1 while the device runs N, unless this step speculates
-            if self.speculative is None or self.speculative.steps_async(self.scheduler):
+            if self.speculative is None:
                 return self.async_steps.step()
-            if self.async_steps.in_flight:  # speculation resumes: first read the step in flight (its tokens are
-                return self.async_steps.drain()  # what the proposer drafts from); the next call speculates
+            if self.speculative.steps_async(self.scheduler):
+                outputs = self.async_steps.step()
+            elif self.async_steps.in_flight:  # speculation resumes: first read the step in flight (its tokens
+                outputs = self.async_steps.drain()  # are what the proposer drafts from); the next call speculates
+            else:
+                outputs = None
+            if outputs is not None:
+                self.speculative.release(self.scheduler)  # proposer state of requests that finished meanwhile
+                return outputs
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)
         batch, outputs = self._schedule()

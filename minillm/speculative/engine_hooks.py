@@ -123,19 +123,31 @@ class SpeculativeDecoder:
 
     def steps_async(self, scheduler: Any) -> bool:
         """Whether the engine's next step may run as an async plain step (engine/async_step.py; with async
-        scheduling on): only while speculation is switched off by disable_by_batch_size, the rule propose applies,
-        and no token tree's KV moves wait for the next step (prepare_step carries them; an async step would drop
-        them). Head proposers record no features meanwhile, so their windows restart, as after record_step's
-        switch-off: every request's proposer state is freed here."""
+        scheduling on), never while a token tree's KV moves wait for the next step (prepare_step carries them; an
+        async step would drop them). Two cases:
+          * speculation is switched off by disable_by_batch_size (the rule propose applies). Head proposers record
+            no features meanwhile, so their windows restart, as after record_step's switch-off: every request's
+            proposer state is freed here;
+          * the proposer expects no drafts for any running decode (`predicts_drafts`: prompt lookup, whose drafts
+            come and go with the text; its index is kept). A step with nothing to verify is a plain step, and run
+            async it costs what plain decoding's does: on the P7 prompts, an offline replay of the greedy outputs
+            with the H200's step times put n-gram at 1.12x of plain decoding this way against 0.90x with every
+            step synchronous (prompt_lookup_min 2; benchmarks/RESULTS.md, twenty-third session)."""
+        if self.tree is not None and self.tree.has_pending_moves:
+            return False
         limit = self.config.disable_by_batch_size
         running = getattr(scheduler, "running", ())
-        if limit is None or len(running) <= limit or (self.tree is not None and self.tree.has_pending_moves):
+        if limit is not None and len(running) > limit:
+            self.enabled_last_step = False
+            self._draft_probs.clear()
+            for request_id in self.proposer.active_requests():
+                self.proposer.free(request_id)
+            return True
+        predicts = getattr(self.proposer, "predicts_drafts", None)
+        if predicts is None:
             return False
-        self.enabled_last_step = False
-        self._draft_probs.clear()
-        for request_id in self.proposer.active_requests():
-            self.proposer.free(request_id)
-        return True
+        decodes = [seq for seq in running if not seq.is_prefill and self._num_wanted(seq) > 0]
+        return not predicts(decodes)
 
     def _num_wanted(self, seq: Sequence, num_new_tokens: int = 0) -> int:
         """Drafts to ask for seq once it has num_new_tokens more tokens: the last step of a request needs none,

@@ -110,13 +110,14 @@ class NGramProposer(Proposer):
         # request_id -> (tokens indexed so far, {n: {n-gram: end of its latest occurrence}})
         self._index: dict[str, tuple[int, dict[int, dict[tuple[int, ...], int]]]] = {}
 
-    def _lookup_table(self, seq: "Sequence") -> dict[int, dict[tuple[int, ...], int]]:
-        """The request's index covering every n-gram that ends before the last token (the suffix itself is not
-        an earlier occurrence of itself)."""
+    def _lookup_table(self, seq: "Sequence", last: int | None = None) -> dict[int, dict[tuple[int, ...], int]]:
+        """The request's index covering every n-gram that ends before token `last` (default: the last token; the
+        suffix itself is not an earlier occurrence of itself). The index only grows: `last` never moves back."""
         done, table = self._index.get(seq.request_id, (0, None))
         if table is None:
             table = {n: {} for n in range(self.min_n, self.max_n + 1)}
-        tokens, last = seq.token_ids, seq.num_tokens - 1
+        tokens = seq.token_ids
+        last = seq.num_tokens - 1 if last is None else last
         for end in range(max(done, 1), last + 1):  # n-grams tokens[end - n: end], later ones overwrite
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 table[n][tuple(tokens[end - n:end])] = end
@@ -141,6 +142,31 @@ class NGramProposer(Proposer):
                         break
             drafts.append(draft)
         return drafts
+
+    def predicts_drafts(self, seqs: list["Sequence"]) -> bool:
+        """Whether the next step of these decoding sequences will probably carry drafts (SpeculativeDecoder.
+        steps_async: if not, that step runs async, as plain decoding would). Exact when every token is known: the
+        lookup propose would do. With async scheduling a step may be in flight, its token a placeholder (< 0)
+        at the end; then the answer is a guess one token behind: the suffix ending at the token before it has an
+        earlier occurrence followed by at least two known tokens (the first predicts the token in flight, the
+        next would be a draft). A learner's prompt lookup (exercise ch09.ngram_lookup) answers the same way."""
+        scan = dispatch("ch09.ngram_lookup", None)
+        for seq in seqs:
+            tokens = seq.token_ids
+            behind = int(tokens[-1] < 0)  # the token in flight is not known yet
+            length = seq.num_tokens - behind  # the known tokens, tokens[:length]
+            if length < 2:
+                continue
+            if scan is not None:
+                if len(scan(list(tokens[:length]), 1 + behind, self.max_n, self.min_n)) > behind:
+                    return True
+                continue
+            table = self._lookup_table(seq, length - 1)
+            for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+                end = table[n].get(tuple(tokens[length - n:length]))
+                if end is not None and end + behind < length:
+                    return True
+        return False
 
     def free(self, request_id: str) -> None:
         self._index.pop(request_id, None)
