@@ -218,6 +218,28 @@ def test_p6_bound_counts_the_runs_bytes_and_flops():
     assert s["lower_bound"] <= s["prefill_first"]
 
 
+def test_replay_ngram_async_counts_steps_by_hand():
+    """benchmarks/replay_ngram_async.py on a hand-checked request: the prompt [1, 2, 3, 9] and the output
+    [1, 2, 3, 4]. Token 1 comes from the prefill. sync: known [1,2,3,9,1] looks up (1) and drafts [2, 3, 9]; 2 and
+    3 are accepted, 9 is not (4 came): one verify step emits 3 tokens. async: the same verify step (nothing is in
+    flight at the start). plain: 3 async steps."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from replay_ngram_async import replay
+    cost = {"verify": 2.0, "sync_plain": 1.5, "async_plain": 1.0, "drain": 0.5}
+    requests = [{"prompt": [1, 2, 3, 9], "output": [1, 2, 3, 4]}]
+    sync = replay(requests, "sync", 5, 1, 3, cost)
+    assert (sync["verify"], sync["sync_plain"], sync["tokens"], sync["ms"]) == (1, 0, 3, 2.0)
+    assert replay(requests, "async", 5, 1, 3, cost)["ms"] == 2.0
+    plain = replay(requests, "plain", 5, 1, 3, cost)
+    assert (plain["async_plain"], plain["ms"]) == (3, 3.0)
+    # nothing repeats: sync pays a synchronous step per token, async runs them async (the guess finds nothing)
+    novel = [{"prompt": [5, 6], "output": [7, 8, 10, 11]}]
+    assert replay(novel, "sync", 5, 1, 3, cost)["ms"] == 4.5
+    assert replay(novel, "async", 5, 1, 3, cost)["ms"] == 3.0
+
+
 def test_bench_decode_engine_run_on_the_cpu_with_a_context_limit():
     """benchmarks/bench_decode.py's engine run (P5's code path) on a tiny model on the CPU:
     the context limit it is given is the engine's, a limit below one request is refused, and the shapes table
