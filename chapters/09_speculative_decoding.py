@@ -564,6 +564,11 @@ for b in batches:
 # (0.74x of plain at batch 8, 0.55-0.63x at 32). Now the steps over the limit run async like any plain engine's,
 # and the engine drains the step in flight before it speculates again: 1.03-1.06x at batch 8, 0.93-0.95x at 32
 # (benchmarks/RESULTS.md, twenty-third session). Set `disable_by_batch_size` (off by default, as in vLLM).
+# The same idea serves prompt lookup at batch 1: about half its steps find no match and carry no draft, so the
+# proposer predicts them (one token behind while a step is in flight) and they run async too. Replayed offline
+# on these prompts with the H200's step times (`benchmarks/replay_ngram_async.py`), that turns n-gram's 0.85x
+# into 0.99x, and 1.12x with `prompt_lookup_min=2` (fewer, better drafts now pay: the steps between them are as
+# cheap as plain decoding's). A model, not yet a measurement: the engine run comes first in the next GPU session.
 #
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
