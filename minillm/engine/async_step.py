@@ -38,12 +38,12 @@ the device: such a step loses its overlap, not its correctness).
 
 What falls back to synchronous steps: verify steps of speculative decoding (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
-processes). A speculative engine steps async while speculation is switched off (more sequences running than
-speculative_config's disable_by_batch_size: SpeculativeDecoder.steps_async), so that "off" costs nothing against an
-engine without speculation; when the batch shrinks, `drain` reads the step in flight and the next call proposes
-and verifies in sync. For the verify steps themselves that costs most of speculation's gain on a small model: on the H200 an n-gram verify step of
-SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work, where an async plain step hides its host work (0.76 ms
-for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling step N+1 before
+processes). A speculative engine steps async whenever a step will verify nothing (SpeculativeDecoder.steps_async:
+speculation switched off by disable_by_batch_size, or a prompt-lookup proposer that expects no draft), so that
+those steps cost what plain decoding's do; before a step that verifies, `drain` reads the step in flight and the
+next call proposes and verifies in sync. For the verify steps themselves that costs most of speculation's gain on
+a small model: on the H200 an n-gram verify step of SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work,
+where an async plain step hides its host work (0.76 ms for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling step N+1 before
 step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence (the most a step can keep), keep
 each sequence's length on the device and derive step N+1's positions, slot mapping and input ids there from step
 N's accepted count (placeholders become "row r of step N's kept tokens, however many"), draft on the device (an

@@ -14,9 +14,9 @@ anything is built, `resolve_engine_config` turns that into a concrete EngineConf
                        7 ms instead of 37 (benchmarks/RESULTS.md); with them, a step that is one fresh prompt
                        replays a whole-forward graph (minillm/engine/prompt_graph.py)
     async_scheduling   on for CUDA with continuous scheduling and one worker rank: the host schedules and
-                       launches step N+1 while the GPU runs step N (a speculative engine only while speculation
-                       is switched off by batch size: a verify step's token count is not known in advance). H200: SmolLM2's shapes at batch 1 / 32 1.19x / 1.53x the
-                       tokens/s of synchronous steps, Llama-3-8B's batch-1 decode +4-8 points of the weight-read
+                       launches step N+1 while the GPU runs step N (a speculative engine only for steps that verify
+                       nothing: a verify step's token count is not known in advance). H200: SmolLM2's shapes at
+                       batch 1 / 32 1.19x / 1.53x the tokens/s of synchronous steps, Llama-3-8B's batch-1 decode +4-8 points of the weight-read
                        floor, P6's 256 requests 1.24x. Off on a CPU, where host and model share the same cores.
 The operator backend stays as given: "auto" is decided per call by the tensors' device (minillm.layers.backend).
 

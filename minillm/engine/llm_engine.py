@@ -124,7 +124,7 @@ class LLMEngine:
         self.num_steps = 0
         # async scheduling (engine/async_step.py); None: every step waits for its own tokens (an executor that
         # cannot split a step, workers in other processes, steps in sync). A speculative engine steps async only
-        # while speculation is switched off (SpeculativeDecoder.steps_async): verify steps run in sync.
+        # where a step verifies nothing (SpeculativeDecoder.steps_async): verify steps run in sync.
         self.async_steps = None
         if config.async_scheduling and getattr(executor, "can_launch", False):
             from minillm.engine.async_step import AsyncSteps
