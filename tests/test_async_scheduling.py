@@ -517,3 +517,20 @@ def test_steps_async_rule(model_and_config):
                                                                   "num_speculative_tokens": 3},
                             async_scheduling=True).speculative
     assert not unlimited.steps_async(batch(6))  # a proposer without predicts_drafts: always in sync
+
+
+def test_a_failing_draft_prediction_costs_the_overlap_not_requests(model_and_config, monkeypatch, caplog):
+    """predicts_drafts raising (a proposer bug, or a learner's lookup through the hook) is counted and logged
+    once, the step runs synchronously (propose decides there), and every request still gets plain decoding's
+    tokens."""
+    from minillm.speculative.proposer import NGramProposer
+
+    def broken(self, seqs):
+        raise RuntimeError("prediction bug")
+    monkeypatch.setattr(NGramProposer, "predicts_drafts", broken)
+    items = repetitive_workload(4, seed=9)
+    expected = run(make_engine(model_and_config), items)
+    engine = make_engine(model_and_config, speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+                         async_scheduling=True)
+    assert run(engine, items) == expected
+    assert engine.speculative.num_propose_errors > 0 and caplog.text.count("could not predict its drafts") == 1

@@ -147,7 +147,13 @@ class SpeculativeDecoder:
         if predicts is None:
             return False
         decodes = [seq for seq in running if not seq.is_prefill and self._num_wanted(seq) > 0]
-        return not predicts(decodes)
+        try:
+            return not predicts(decodes)
+        except Exception:  # like a failed proposal: counted, and the step runs in sync (propose decides there)
+            self.num_propose_errors += 1
+            if self.num_propose_errors == 1:
+                logger.exception("proposer %r could not predict its drafts", self.proposer.method)
+            return False
 
     def _num_wanted(self, seq: Sequence, num_new_tokens: int = 0) -> int:
         """Drafts to ask for seq once it has num_new_tokens more tokens: the last step of a request needs none,
