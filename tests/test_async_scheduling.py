@@ -534,3 +534,26 @@ def test_a_failing_draft_prediction_costs_the_overlap_not_requests(model_and_con
                          async_scheduling=True)
     assert run(engine, items) == expected
     assert engine.speculative.num_propose_errors > 0 and caplog.text.count("could not predict its drafts") == 1
+
+
+def test_a_step_that_cannot_be_read_fails_its_requests_without_placeholders(model_and_config, caplog):
+    """Reading a launched step fails (the download, say): that step's requests finish with 'error', their
+    outputs hold no placeholder (a token never read is dropped, as abort drops it), no block leaks, and the other
+    requests end as in a synchronous run."""
+    items = workload(8, seed=3)
+    expected = run(make_engine(model_and_config), items)
+    engine = make_engine(model_and_config, async_scheduling=True)
+    inner, calls = engine.executor.collect_model, [0]
+
+    def collect(launched):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("download lost")
+        return inner(launched)
+    engine.executor.collect_model = collect
+    got = run(engine, items)
+    failed = {rid for rid, (_, _, reason) in got.items() if reason == "error"}
+    assert failed and "download lost" in caplog.text
+    assert all(t >= 0 for tokens, _, _ in got.values() for t in tokens)
+    assert {rid: out for rid, out in got.items() if rid not in failed} == \
+        {rid: out for rid, out in expected.items() if rid not in failed}

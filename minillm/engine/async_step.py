@@ -38,17 +38,18 @@ the device: such a step loses its overlap, not its correctness).
 
 What falls back to synchronous steps: verify steps of speculative decoding (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other
-processes). A speculative engine steps async whenever a step will verify nothing (SpeculativeDecoder.steps_async:
-speculation switched off by disable_by_batch_size, or a prompt-lookup proposer that expects no draft), so that
-those steps cost what plain decoding's do; before a step that verifies, `drain` reads the step in flight and the
-next call proposes and verifies in sync. For the verify steps themselves that costs most of speculation's gain on
-a small model: on the H200 an n-gram verify step of SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work,
-where an async plain step hides its host work (0.76 ms for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling step N+1 before
-step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence (the most a step can keep), keep
-each sequence's length on the device and derive step N+1's positions, slot mapping and input ids there from step
-N's accepted count (placeholders become "row r of step N's kept tokens, however many"), draft on the device (an
-EAGLE head already does; n-gram lookup would have to), and let the host's num_computed_tokens catch up one step
-late, rolling back the slots a rejection freed. vLLM's EAGLE path works this way; here it is not built yet.
+processes). A speculative engine runs a step async when SpeculativeDecoder.steps_async expects it to verify
+nothing (speculation switched off by disable_by_batch_size, or a prompt-lookup proposer that expects no draft), so
+that such steps cost what plain decoding's do; otherwise `drain` first reads the step in flight, and the next call
+decides again with every token known (it may still find nothing to verify: the guess was one token behind).
+For the verify steps themselves that costs most of speculation's gain on a small model: on the H200 an n-gram
+verify step of SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work, where an async plain step hides its host
+work (0.76 ms for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling
+step N+1 before step N's accepted count is known: reserve KV slots for 1 + k tokens per sequence (the most a step
+can keep), keep each sequence's length on the device and derive step N+1's positions, slot mapping and input ids
+there from step N's accepted count (placeholders become "row r of step N's kept tokens, however many"), draft on
+the device (an EAGLE head already does; n-gram lookup would have to), and let the host's num_computed_tokens catch
+up one step late, rolling back the slots a rejection freed. vLLM's EAGLE path works this way; here it is not built yet.
 Greedy outputs and those of requests with their own seed are the same as a synchronous run's (tested in fp32 on a
 CPU; in bf16 a batch that holds a wasted token rounds like any other batch of that size, so near-ties may part).
 Unseeded random sampling draws from the shared generator for wasted tokens too, so its outputs differ.
@@ -175,6 +176,10 @@ class AsyncSteps:
         except Exception as err:  # the step's requests fail, the engine goes on
             logger.exception("reading a launched step failed; finishing %d request(s) with 'error'", len(live))
             message = f"{type(err).__name__}: {err}"
+            for i in live:  # a token never read is no token: its placeholder goes (as abort drops it)
+                position, seq = flight.positions[i], seqs[i]
+                if 0 <= position < seq.num_tokens and seq.token_ids[position] < 0:
+                    seq.truncate_output(position)
             outputs += [engine._finish(seqs[i], "error", error=message) for i in live]
             return
         if len(live) == len(seqs):

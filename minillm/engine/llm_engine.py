@@ -232,8 +232,8 @@ class LLMEngine:
                 return self.async_steps.step()
             if self.speculative.steps_async(self.scheduler):
                 outputs = self.async_steps.step()
-            elif self.async_steps.in_flight:  # speculation resumes: first read the step in flight (its tokens
-                outputs = self.async_steps.drain()  # are what the proposer drafts from); the next call speculates
+            elif self.async_steps.in_flight:  # first read the step in flight (its tokens are what a proposer
+                outputs = self.async_steps.drain()  # drafts from); the next call decides again, every token known
             else:
                 outputs = None
             if outputs is not None:

@@ -146,7 +146,8 @@ class SpeculativeDecoder:
         predicts = getattr(self.proposer, "predicts_drafts", None)
         if predicts is None:
             return False
-        decodes = [seq for seq in running if not seq.is_prefill and self._num_wanted(seq) > 0]
+        decodes = [seq for seq in running  # the sequences propose would ask for drafts
+                   if not seq.is_prefill and seq.num_uncomputed_tokens == 1 and self._num_wanted(seq) > 0]
         try:
             return not predicts(decodes)
         except Exception:  # like a failed proposal: counted, and the step runs in sync (propose decides there)
