@@ -374,9 +374,9 @@ def test_gpu_async_equals_sync_with_cuda_graphs():
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
 
     def run_engine(async_scheduling, params, **options):
-        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
-            block_size=16, kv_cache_memory=64 << 20, max_model_len=256, max_num_seqs=16,
-            async_scheduling=async_scheduling, **options), device="cuda", dtype=torch.float32)
+        options = dict(dict(block_size=16, kv_cache_memory=64 << 20, max_model_len=256, max_num_seqs=16), **options)
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(async_scheduling=async_scheduling, **options),
+                           device="cuda", dtype=torch.float32)
         assert engine.runner.cuda_graphs is not None
         ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
         done = {}
@@ -392,6 +392,15 @@ def test_gpu_async_equals_sync_with_cuda_graphs():
                  {"method": "ngram_tree", "num_speculative_tokens": 3, "disable_by_batch_size": 4}):
         switched = run_engine(True, params, speculative_config=spec)
         assert [o.token_ids for o in switched] == [o.token_ids for o in sync], spec["method"]
+    # prompt lookup without a limit on prompts that repeat themselves: async steps where no draft is expected,
+    # drains, padded verify graphs, one request at a time (batch 1) and all together
+    prompts[:] = [prompt for prompt, _ in repetitive_workload(8, seed=5)]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) for _ in prompts]
+    sync = run_engine(False, params)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}
+    assert [o.token_ids for o in run_engine(True, params, speculative_config=spec)] == [o.token_ids for o in sync]
+    assert [o.token_ids for o in run_engine(True, params, speculative_config=spec, max_num_seqs=1)] == \
+        [o.token_ids for o in sync]
     stops = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True,
                             stop_token_ids=[o.token_ids[len(o.token_ids) // 2]])
              for p, o in zip(params, sync)]
