@@ -295,14 +295,15 @@ def repetitive_workload(n: int = 8, seed: int = 7) -> list[tuple[list[int], dict
 
 
 @pytest.mark.parametrize("config", ["plain", "kv_pressure_recompute", "chunked_prefix_cache"])
-@pytest.mark.parametrize("lookup_min", [1, 2])
-def test_ngram_steps_without_drafts_run_async(model_and_config, config, lookup_min):
-    """Prompt lookup predicts when its next step will carry no drafts (NGramProposer.predicts_drafts, one token
-    behind while a step is in flight): those steps run async, the others verify in sync after reading the step in
-    flight. Greedy outputs equal plain decoding's; both kinds of step happen; no block leaks (run)."""
+@pytest.mark.parametrize("method, lookup_min", [("ngram", 1), ("ngram", 2), ("ngram_tree", 1)])
+def test_ngram_steps_without_drafts_run_async(model_and_config, config, method, lookup_min):
+    """Prompt lookup predicts when its next step will carry no drafts (predicts_drafts of NGramProposer and
+    NGramTreeProposer, one token behind while a step is in flight): those steps run async, the others verify in
+    sync after reading the step in flight (a tree step leaving KV moves keeps the next one in sync too). Greedy
+    outputs equal plain decoding's; both kinds of step happen; no block leaks (run)."""
     items = with_stops(model_and_config, repetitive_workload())
     expected = run(make_engine(model_and_config, **CONFIGS[config]), items)
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": lookup_min}
+    spec = {"method": method, "num_speculative_tokens": 3, "prompt_lookup_min": lookup_min}
     engine = make_engine(model_and_config, speculative_config=spec, async_scheduling=True, **CONFIGS[config])
     launches = count_launches(engine)
     assert run(engine, items) == expected
@@ -310,15 +311,17 @@ def test_ngram_steps_without_drafts_run_async(model_and_config, config, lookup_m
 
 
 def test_predicts_drafts_matches_prompt_lookup():
-    """predicts_drafts against the scan (propose_prompt_lookup): with every token known, whether it drafts at
-    all; with the last token in flight (a placeholder), whether the known tokens' lookup yields two tokens or more.
+    """predicts_drafts (of the chain and the tree proposer) against the scan (propose_prompt_lookup): with every
+    token known, whether it drafts at all; with the last token in flight (a placeholder), whether the known
+    tokens' lookup yields two tokens or more.
     Sequences are grown step by step (the index is incremental), with and without a placeholder at the end, and
     the same answers come from a learner's scan plugged in through the exercise hook."""
     from types import SimpleNamespace
     from minillm.hooks import overriding
     from minillm.speculative.ngram import propose_prompt_lookup
     from minillm.speculative.proposer import NGramProposer
-    rng = random.Random(11)
+    from minillm.speculative.tree_proposers import NGramTreeProposer
+    rng, trees = random.Random(11), {}
     for trial in range(40):
         lo, hi = rng.choice([(1, 3), (2, 3), (2, 2), (1, 1)])
         proposer, tokens = NGramProposer(hi, lo), []
@@ -331,6 +334,11 @@ def test_predicts_drafts_matches_prompt_lookup():
             assert proposer.predicts_drafts([seq]) == want, (trial, step, lo, hi, ids)
             with overriding({"ch09.ngram_lookup": propose_prompt_lookup}):
                 assert NGramProposer(hi, lo).predicts_drafts([seq]) == want
+            # the tree proposer branches over every earlier occurrence (not only the latest): its own reference is
+            # the continuations of a fresh index, against the one it extends step by step
+            tree_want = len(tokens) >= 2 and any(len(c) > int(in_flight) for c in NGramTreeProposer(hi, lo)
+                                                 .continuations(tokens, 1 + int(in_flight)))
+            assert trees.setdefault((trial, lo, hi), NGramTreeProposer(hi, lo)).predicts_drafts([seq]) == tree_want
 
 
 SWITCHED = {
@@ -513,19 +521,28 @@ def test_llm_generate_and_stream_with_the_bundled_model():
 
 
 def test_steps_async_rule(model_and_config):
-    """SpeculativeDecoder.steps_async: async only over the limit, and never while a token tree's KV slot moves
-    wait for the next step (an async step would not carry them: the next verify would read stale K/V)."""
+    """SpeculativeDecoder.steps_async: async over the limit; below it only where the proposer expects no draft for
+    any decoding sequence; never while a token tree's KV slot moves wait for the next step (an async step would not
+    carry them: the next verify would read stale K/V)."""
     from types import SimpleNamespace
+
+    def decoding(tokens):  # a sequence about to decode, its last token sampled
+        return SimpleNamespace(request_id=str(tokens), token_ids=tokens, num_tokens=len(tokens), is_prefill=False,
+                               num_uncomputed_tokens=1, num_output_tokens=1,
+                               sampling_params=SimpleNamespace(max_tokens=50))
+    repeating, novel = decoding([5, 6, 7, 5, 6, 7, 5]), decoding([5, 6, 7, 8])
     spec = {"method": "ngram_tree", "num_speculative_tokens": 3, "disable_by_batch_size": 2}
     decoder = make_engine(model_and_config, speculative_config=spec, async_scheduling=True).speculative
-    batch = lambda n: SimpleNamespace(running=[object()] * n)
-    assert not decoder.steps_async(batch(2)) and decoder.steps_async(batch(3))
+    batch = lambda *seqs: SimpleNamespace(running=list(seqs))
+    assert decoder.steps_async(batch(novel, novel, novel))  # over the limit
+    assert not decoder.steps_async(batch(repeating, novel)) and decoder.steps_async(batch(novel))
     decoder.tree._pending_copies = [(17, 12)]
-    assert not decoder.steps_async(batch(3)) and decoder.tree.has_pending_moves
+    assert not decoder.steps_async(batch(novel, novel, novel)) and not decoder.steps_async(batch(novel))
+    assert decoder.tree.has_pending_moves
     unlimited = make_engine(model_and_config, speculative_config={"method": "self_speculative", "draft_num_layers": 1,
                                                                   "num_speculative_tokens": 3},
                             async_scheduling=True).speculative
-    assert not unlimited.steps_async(batch(6))  # a proposer without predicts_drafts: always in sync
+    assert not unlimited.steps_async(batch(novel))  # a proposer without predicts_drafts: always in sync
 
 
 def test_a_failing_draft_prediction_costs_the_overlap_not_requests(model_and_config, monkeypatch, caplog):

@@ -89,6 +89,14 @@ def check_num_tokens(seqs: list, num_tokens: list[int]) -> None:
         raise ValueError(f"num_tokens must be integers >= 0, got {bad[0]!r}")
 
 
+def known_tokens(seq: "Sequence") -> tuple[list[int], int]:
+    """(the tokens the host knows, how many it does not yet): with async scheduling the token of a step in flight
+    is a placeholder (< 0) at the end of token_ids (engine/async_step.py)."""
+    tokens = seq.token_ids
+    behind = int(tokens[-1] < 0)
+    return list(tokens[:len(tokens) - behind]), behind
+
+
 class NGramProposer(Proposer):
     """Prompt-lookup decoding (Saxena 2023): the tokens that followed the latest earlier occurrence of the sequence's
     last n tokens, n from prompt_lookup_max down to prompt_lookup_min. Free, strong on summaries and code edits that
@@ -152,18 +160,17 @@ class NGramProposer(Proposer):
         next would be a draft). A learner's prompt lookup (exercise ch09.ngram_lookup) answers the same way."""
         scan = dispatch("ch09.ngram_lookup", None)
         for seq in seqs:
-            tokens = seq.token_ids
-            behind = int(tokens[-1] < 0)  # the token in flight is not known yet
-            length = seq.num_tokens - behind  # the known tokens, tokens[:length]
+            known, behind = known_tokens(seq)
+            length = len(known)
             if length < 2:
                 continue
             if scan is not None:
-                if len(scan(list(tokens[:length]), 1 + behind, self.max_n, self.min_n)) > behind:
+                if len(scan(known, 1 + behind, self.max_n, self.min_n)) > behind:
                     return True
                 continue
             table = self._lookup_table(seq, length - 1)
             for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-                end = table[n].get(tuple(tokens[length - n:length]))
+                end = table[n].get(tuple(known[length - n:]))
                 if end is not None and end + behind < length:
                     return True
         return False

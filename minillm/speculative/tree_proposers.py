@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minillm.speculative.proposer import known_tokens
 from minillm.speculative.tree import MAX_TREE_NODES, TokenTree, sparse_tree_paths
 from minillm.speculative.tree_verify import TreeDraft, TreeProposer, host_token_tree
 
@@ -125,6 +126,18 @@ class NGramTreeProposer(TreeProposer):
         if request_id is not None:
             self._index[request_id] = (max(done, last + 1), table)
         return table
+
+    def predicts_drafts(self, seqs: list["Sequence"]) -> bool:
+        """Whether the next step of these decoding sequences will probably carry a tree (SpeculativeDecoder.
+        steps_async), as NGramProposer.predicts_drafts answers for a chain: exactly with every token known, one
+        token behind while a step is in flight (a continuation of two known tokens: the first predicts the token
+        in flight)."""
+        for seq in seqs:
+            known, behind = known_tokens(seq)
+            if len(known) >= 2 and any(len(c) > behind for c in self.continuations(known, 1 + behind,
+                                                                                  seq.request_id)):
+                return True
+        return False
 
     def propose_trees(self, seqs: list["Sequence"], max_depths: list[int]) -> list[TreeDraft | None]:
         drafts: list[TreeDraft | None] = []
