@@ -575,4 +575,5 @@ for b in batches:
 # * accept with min(1, p/q), resample from norm(max(0, p − q)), bonus token after a full accept: exact sampling;
 # * greedy = accept while the draft equals the argmax; deterministic drafts = match the target's own samples;
 # * drafts: n-grams (free, need repetition), draft models (cheap only if small), heads and trees (trained);
-# * it pays at small batch and high acceptance; measure it, and switch it off for big batches.
+# * it pays at small batch and high acceptance; measure it, and switch it off for big batches;
+# * a step that verifies nothing is a plain step: run it async, so that speculation costs nothing where it is off.
