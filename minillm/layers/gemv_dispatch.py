@@ -151,12 +151,18 @@ def _fusion_choice(decisions: dict[tuple, bool], x2: torch.Tensor, weight: torch
     cfg = _gemv_choice(x2, weight)
     if cfg is None or gemv_mode() == "on":
         return cfg
+    return cfg if _decided(decisions, x2, weight, lambda: decide(cfg)) else None
+
+
+def _decided(decisions: dict[tuple, Any], x2: torch.Tensor, weight: torch.Tensor, decide) -> Any:
+    """decisions' entry for this (device, dtype, N, K, M), made by decide() on first use; None inside a CUDA-graph
+    capture, where nothing may be timed (nor compiled): the caller then takes its unfused path this once."""
     key = (x2.device, x2.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
     if key not in decisions:
         if torch.cuda.is_current_stream_capturing():
             return None
-        decisions[key] = decide(cfg)
-    return cfg if decisions[key] else None
+        decisions[key] = decide()
+    return decisions[key]
 
 
 def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
@@ -183,12 +189,7 @@ def _gemv_choice(x2: torch.Tensor, weight: torch.Tensor):
     mode = gemv_mode()
     if mode == "off":
         return None
-    key = (x2.device, x2.dtype, weight.shape[0], weight.shape[1], x2.shape[0])
-    if key not in _GEMV_DECISIONS:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # no timing (nor compiling) inside a capture: cuBLAS this time
-        _GEMV_DECISIONS[key] = _decide_gemv(x2, weight, mode)
-    return _GEMV_DECISIONS[key]
+    return _decided(_GEMV_DECISIONS, x2, weight, lambda: _decide_gemv(x2, weight, mode))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

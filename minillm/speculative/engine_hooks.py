@@ -81,21 +81,30 @@ class SpeculativeDecoder:
             self._draft_probs.clear()
             for seq in getattr(scheduler, "running", ()):
                 seq.spec_token_ids = []
-            for request_id in self.proposer.active_requests():  # its state may be half-updated
-                self.proposer.free(request_id)
+            self._free_all()  # the proposer's state may be half-updated
+
+    def _switched_off(self, running: list[Sequence]) -> bool:
+        """disable_by_batch_size: no drafts while more sequences than the limit are running."""
+        limit = self.config.disable_by_batch_size
+        return limit is not None and len(running) > limit
+
+    @staticmethod
+    def _decoding(running: list[Sequence]) -> list[Sequence]:
+        """The sequences that may get drafts: those about to decode (not a prefill or a chunk of one)."""
+        return [seq for seq in running if not seq.is_prefill and seq.num_uncomputed_tokens == 1]
+
+    def _free_all(self) -> None:
+        """Drop the proposer's state of every request (each rebuilds it, as after a preemption)."""
+        for request_id in self.proposer.active_requests():
+            self.proposer.free(request_id)
 
     def _propose(self, scheduler: Any) -> None:
         running = list(getattr(scheduler, "running", ()))
-        limit = self.config.disable_by_batch_size
-        self.enabled_last_step = not (limit is not None and len(running) > limit)
+        self.enabled_last_step = not self._switched_off(running)
         if not self.enabled_last_step:
             return
-        seqs, wanted = [], []
-        for seq in running:
-            if seq.is_prefill or seq.num_uncomputed_tokens != 1:
-                continue  # only a sequence about to decode gets drafts
-            seqs.append(seq)
-            wanted.append(self._num_wanted(seq))
+        seqs = self._decoding(running)
+        wanted = [self._num_wanted(seq) for seq in seqs]
         if not seqs:
             return
         if self.tree is not None:  # one tree per sequence, at most `wanted` levels below its last token
@@ -135,19 +144,16 @@ class SpeculativeDecoder:
             step synchronous (prompt_lookup_min 2; benchmarks/RESULTS.md, twenty-third session)."""
         if self.tree is not None and self.tree.has_pending_moves:
             return False
-        limit = self.config.disable_by_batch_size
-        running = getattr(scheduler, "running", ())
-        if limit is not None and len(running) > limit:
+        running = list(getattr(scheduler, "running", ()))
+        if self._switched_off(running):
             self.enabled_last_step = False
             self._draft_probs.clear()
-            for request_id in self.proposer.active_requests():
-                self.proposer.free(request_id)
+            self._free_all()
             return True
         predicts = getattr(self.proposer, "predicts_drafts", None)
         if predicts is None:
             return False
-        decodes = [seq for seq in running  # the sequences propose would ask for drafts
-                   if not seq.is_prefill and seq.num_uncomputed_tokens == 1 and self._num_wanted(seq) > 0]
+        decodes = [seq for seq in self._decoding(running) if self._num_wanted(seq) > 0]  # what propose asks for
         try:
             return not predicts(decodes)
         except Exception:  # like a failed proposal: counted, and the step runs in sync (propose decides there)
@@ -205,8 +211,7 @@ class SpeculativeDecoder:
             self.num_propose_errors += 1
             if self.num_propose_errors == 1:  # counted with the proposal errors: the traceback once
                 logger.exception("proposer %r could not record hidden states", self.proposer.method)
-            for request_id in self.proposer.active_requests():
-                self.proposer.free(request_id)
+            self._free_all()
 
     def needs_logits(self, batch: ScheduledBatch) -> bool:
         """Set StepInput.return_logits: only sampled drafts need the target's logits."""

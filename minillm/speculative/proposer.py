@@ -89,12 +89,12 @@ def check_num_tokens(seqs: list, num_tokens: list[int]) -> None:
         raise ValueError(f"num_tokens must be integers >= 0, got {bad[0]!r}")
 
 
-def known_tokens(seq: "Sequence") -> tuple[list[int], int]:
-    """(the tokens the host knows, how many it does not yet): with async scheduling the token of a step in flight
-    is a placeholder (< 0) at the end of token_ids (engine/async_step.py)."""
+def known_tokens(seq: "Sequence") -> tuple[int, int]:
+    """(how many of seq.token_ids the host knows, how many it does not yet): with async scheduling the token of a
+    step in flight is a placeholder (< 0) at the end of token_ids (engine/async_step.py)."""
     tokens = seq.token_ids
     behind = int(tokens[-1] < 0)
-    return list(tokens[:len(tokens) - behind]), behind
+    return len(tokens) - behind, behind
 
 
 class NGramProposer(Proposer):
@@ -160,17 +160,16 @@ class NGramProposer(Proposer):
         next would be a draft). A learner's prompt lookup (exercise ch09.ngram_lookup) answers the same way."""
         scan = dispatch("ch09.ngram_lookup", None)
         for seq in seqs:
-            known, behind = known_tokens(seq)
-            length = len(known)
+            length, behind = known_tokens(seq)
             if length < 2:
                 continue
             if scan is not None:
-                if len(scan(known, 1 + behind, self.max_n, self.min_n)) > behind:
+                if len(scan(list(seq.token_ids[:length]), 1 + behind, self.max_n, self.min_n)) > behind:
                     return True
                 continue
-            table = self._lookup_table(seq, length - 1)
+            table, tokens = self._lookup_table(seq, length - 1), seq.token_ids
             for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-                end = table[n].get(tuple(known[length - n:]))
+                end = table[n].get(tuple(tokens[length - n:length]))
                 if end is not None and end + behind < length:
                     return True
         return False

@@ -133,9 +133,9 @@ class NGramTreeProposer(TreeProposer):
         token behind while a step is in flight (a continuation of two known tokens: the first predicts the token
         in flight)."""
         for seq in seqs:
-            known, behind = known_tokens(seq)
-            if len(known) >= 2 and any(len(c) > behind for c in self.continuations(known, 1 + behind,
-                                                                                  seq.request_id)):
+            length, behind = known_tokens(seq)
+            if length >= 2 and any(len(c) > behind for c in self.continuations(seq.token_ids[:length], 1 + behind,
+                                                                              seq.request_id)):
                 return True
         return False
 
