@@ -224,11 +224,29 @@ class EngineConfig:
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                    or not 0 < factor < float("inf")):
             raise ValueError(f"EngineConfig.moe_capacity_factor must be None or a finite number > 0, got {factor!r}")
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or \
-                not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {type(utilization).__name__}: "
+                             f"{utilization!r}")
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"EngineConfig.extra must be a dict, got {type(self.extra).__name__}: {self.extra!r}")
+        self._check_static()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)
         if self.kv_cache_dtype != "auto" and self.pipeline_parallel_size > 1:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs pipeline_parallel_size=1 (its scales are "
                              f"calibrated by one forward of the whole model), got {self.pipeline_parallel_size}")
+
+    def _check_static(self) -> None:
+        """Static batching (chapter 2) runs each batch to its end in fixed slots: it never shares prefix blocks,
+        splits a prompt or preempts, so asking it to is a contradiction, not something to ignore silently."""
+        if self.scheduling != "static":
+            return
+        asked = [text for text, on in (("enable_prefix_caching=True", self.enable_prefix_caching),
+                                       ("enable_chunked_prefill=True", self.enable_chunked_prefill),
+                                       ("preemption_mode='swap'", self.preemption_mode == "swap"),
+                                       (f"extra['policy']={self.extra.get('policy')!r}", "policy" in self.extra))
+                 if on]
+        if asked:
+            raise ValueError(f"scheduling='static' cannot honour {', '.join(asked)}: those are continuous "
+                             f"batching's (scheduling='continuous')")

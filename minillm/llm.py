@@ -41,7 +41,7 @@ from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.hooks import overriding
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
-from minillm.sampling_params import SamplingParams
+from minillm.sampling_params import SamplingParams, check_seed
 
 Prompt = str | list[int]
 
@@ -53,6 +53,10 @@ class LLM:
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
                  quantization: str | None = None, quantization_options: Mapping[str, Any] | None = None,
                  disaggregation: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path (a .gguf file or an HF model directory) or None for the bundled "
+                            f"model, got {type(model).__name__}: {model!r}")
+        check_seed(seed)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)

@@ -43,11 +43,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None -> cuda if present else cpu; validates an explicit choice."""
     if device is None or device == "auto":
         return default_device()
-    dev = torch.device(device)
+    allowed = "allowed: 'auto', 'cpu', 'cuda' or 'cuda:N' (a str or a torch.device)"
+    if not isinstance(device, (str, torch.device)):  # torch.device(3) would mean "accelerator 3"
+        raise ValueError(f"device={device!r} ({type(device).__name__}) is not a device; {allowed}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every backend it was built with
+        raise ValueError(f"device={device!r} is not a device; {allowed}") from None
     if dev.type == "cuda" and not has_cuda():
         raise ValueError(f"device={device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; allowed: 'auto', 'cpu', 'cuda'")
+        raise ValueError(f"device={device!r} is not supported; {allowed}")
     return dev
 
 

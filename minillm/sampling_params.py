@@ -43,6 +43,11 @@ def _integer(name: str, value: Any, low: int, high: int = INT64_MAX, allowed: st
     return value
 
 
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A random seed as an int: the range torch.Generator.manual_seed accepts (a request's seed, an engine's)."""
+    return _integer(name, value, -2**63, 2**64 - 1, allowed="in [-2**63, 2**64 - 1]")
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy (argmax), exactly; else in [0.01, inf)
@@ -81,8 +86,8 @@ class SamplingParams:
         if self.top_k == 0:
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
         self.max_tokens = _integer("max_tokens", self.max_tokens, 1, allowed=f">= 1 (at most {INT64_MAX})")
-        if self.seed is not None:  # the range torch.Generator.manual_seed accepts
-            self.seed = _integer("seed", self.seed, -2**63, 2**64 - 1, allowed="in [-2**63, 2**64 - 1] or None")
+        if self.seed is not None:
+            self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: {self.ignore_eos!r}")

@@ -147,3 +147,44 @@ def test_bad_overrides_fail_eagerly():
     pytest.importorskip("minillm.course.overrides")
     with pytest.raises(TypeError, match="ch99.nothing"):
         LLM(overrides={"ch99.nothing": lambda x: x})
+
+
+# -- engine options that used to reach torch (or be ignored) before anything named them -------------------
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(device="tpu"), r"device='tpu' is not a device; allowed: 'auto', 'cpu', 'cuda'"),
+    (dict(device=3), r"device=3 \(int\) is not a device"),
+    (dict(seed="x"), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got str: 'x'"),
+    (dict(seed=2**70), r"seed must be an integer .* got 1180591620717411303424"),
+    (dict(gpu_memory_utilization=True), r"gpu_memory_utilization must be a number in \(0, 1\], got bool: True"),
+    (dict(gpu_memory_utilization="0.5"), r"got str: '0.5'"),
+    (dict(scheduling="static", enable_prefix_caching=True), r"scheduling='static' cannot honour enable_prefix"),
+    (dict(scheduling="static", enable_chunked_prefill=True, preemption_mode="swap"),
+     r"cannot honour enable_chunked_prefill=True, preemption_mode='swap'"),
+])
+def test_bad_engine_options_fail_before_loading(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        LLM(**kwargs)
+
+
+def test_engine_option_types_are_named():
+    with pytest.raises(TypeError, match=r"EngineConfig.extra must be a dict, got list"):
+        LLM(extra=[1])
+    with pytest.raises(TypeError, match=r"model must be a path .* got int: 5"):
+        LLM(model=5)
+
+
+def test_quantization_options_refuse_unknown_keys():
+    from minillm.config import ModelConfig
+    from minillm.quant.checkpoint import load_time_quantization
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'bitz' for quantization='rtn'; allowed: bits, group"):
+        load_time_quantization(ModelConfig(), "rtn", {"bitz": 4})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'bits' for quantization='fp8'"):
+        load_time_quantization(ModelConfig(), "fp8", {"bits": 4})
+    assert load_time_quantization(ModelConfig(), "rtn", {"bits": 4, "group_size": 32}).quantization == "rtn"
+
+
+def test_a_kv_pool_that_cannot_be_allocated_names_its_size():
+    from minillm.config import ModelConfig
+    from minillm.engine.kv_cache import KVCache
+    with pytest.raises(ValueError, match=r"KV pool of 1000000000000 blocks of 16 tokens needs .* GiB on cpu"):
+        KVCache(ModelConfig(), 10**12, 16, torch.float32, torch.device("cpu"))

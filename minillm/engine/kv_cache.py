@@ -22,6 +22,7 @@ the layer, not to the block, so nothing else has to move.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -145,8 +146,15 @@ class KVCache:
         self.device = device
         # zeros, not empty: a kernel that reads a padded position multiplies it by a zero probability,
         # and 0 * NaN from uninitialised memory would still be NaN
-        self.storage = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=self.dtype,
-                                   device=device)
+        shape = (2, self.num_layers, num_blocks, *self.block_shape)
+        try:
+            self.storage = torch.zeros(shape, dtype=self.dtype, device=device)
+        except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, an allocator RuntimeError on a CPU
+            nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+            raise ValueError(f"the KV pool of {num_blocks} blocks of {block_size} tokens needs "
+                             f"{nbytes / 2**30:.2f} GiB on {device}, which could not be allocated; ask for fewer "
+                             f"(num_kv_blocks, kv_cache_memory, gpu_memory_utilization; max_num_seqs x "
+                             f"max_model_len for static batching)") from err
         # fp8: (k_scale, v_scale) per layer and kv head, 1.0 until minillm.engine.kv_scales calibrates them
         self.scales: torch.Tensor | None = None
         if self.dtype != dtype:

@@ -51,7 +51,7 @@ from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
 from minillm.outputs import RequestOutput, TokenLogprobDict, logprob_dict
-from minillm.sampling_params import SamplingParams
+from minillm.sampling_params import SamplingParams, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class LLMEngine:
                  engine_config: EngineConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0,
                  overrides: Mapping[str, Any] | None = None, executor: Any | None = None) -> None:
+        check_seed(seed)
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = torch.device(device)

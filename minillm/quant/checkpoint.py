@@ -22,7 +22,17 @@ from typing import Any
 
 from minillm.quant.base import apply_quantization_override, check_quantization_name
 
-LOAD_TIME_METHODS = ("rtn", "fp8", "fp8_block", "nf4", "int8", "int8_rtn")
+# The methods that need no calibration data, and the quantization_options each one reads (its QuantizationConfig's
+# from_config keys): anything else in quantization_options is a typo or a misplaced option, refused by name.
+LOAD_TIME_OPTIONS = {
+    "rtn": ("bits", "group_size", "sym", "lm_head", "modules_to_not_convert"),
+    "fp8": ("weight_granularity", "activation_scheme", "modules_to_not_convert"),
+    "fp8_block": ("weight_block_size", "activation_scheme", "modules_to_not_convert"),
+    "nf4": ("blocksize", "double_quant_blocksize", "modules_to_not_convert"),
+    "int8": ("llm_int8_threshold", "modules_to_not_convert"),
+    "int8_rtn": ("bits", "modules_to_not_convert"),
+}
+LOAD_TIME_METHODS = tuple(LOAD_TIME_OPTIONS)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -49,6 +59,10 @@ def load_time_quantization(model_config: Any, quantization: str | None,
                          f"DIR, or pick a load-time method: {', '.join(LOAD_TIME_METHODS)}")
     config = apply_quantization_override(model_config, quantization)
     if model_config.quantization is None and options:
+        unknown = sorted(map(str, set(options) - set(LOAD_TIME_OPTIONS[quantization])))
+        if unknown:
+            raise ValueError(f"quantization_options has unknown key(s) {', '.join(map(repr, unknown))} for "
+                             f"quantization={quantization!r}; allowed: {', '.join(LOAD_TIME_OPTIONS[quantization])}")
         config = dataclasses.replace(config, quantization_config=dict(options))
     from minillm.quant.base import make_quant_config
     make_quant_config(config)  # bad options fail here, naming the field, before any weight is read
