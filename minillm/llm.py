@@ -307,13 +307,15 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _normalize_prompts(prompts: Any) -> list[Prompt]:
-    """str -> [str]; list[int] -> [list[int]]; list of str / list[int] -> itself. Anything else: TypeError."""
+    """str -> [str]; list[int] -> [list[int]]; list of str / list[int] -> itself. Anything else: TypeError.
+    A list that holds no str and no list is one token-id prompt, whatever else it holds: [1, 2.0] is then
+    refused for its 2.0 (validate_prompt), not as a "list of prompts" whose first prompt is the int 1."""
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise ValueError("prompts is empty: an empty list is neither a prompt nor a list of prompts")
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        if not any(isinstance(p, (str, list, tuple)) for p in prompts):
             return [list(prompts)]
         for i, p in enumerate(prompts):
             if not isinstance(p, (str, list, tuple)):

@@ -188,3 +188,33 @@ def test_a_kv_pool_that_cannot_be_allocated_names_its_size():
     from minillm.engine.kv_cache import KVCache
     with pytest.raises(ValueError, match=r"KV pool of 1000000000000 blocks of 16 tokens needs .* GiB on cpu"):
         KVCache(ModelConfig(), 10**12, 16, torch.float32, torch.device("cpu"))
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+def test_text_that_is_not_unicode_is_named(llm):
+    with pytest.raises(ValueError, match=r"prompt 1: text is not valid Unicode: '\\udc00' at character 1 is a lone "
+                                         r"surrogate"):
+        llm.generate(["fine", "x\udc00"], SHORT)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        llm.chat([{"role": "user", "content": "\ud83d"}], SHORT)
+
+
+def test_token_id_prompts_are_judged_as_token_ids(llm):
+    import numpy as np
+    with pytest.raises(TypeError, match=r"prompt 0: a token-id prompt must hold ints .* got 2.0 \(float\)"):
+        llm.generate([1, 2.0], SHORT)
+    out = llm.generate([np.int64(5), 7], SHORT)[0]  # numpy integers, as a tokenizer's array gives them
+    assert out.prompt_token_ids == [5, 7] and all(type(t) is int for t in out.prompt_token_ids)
+
+
+def test_add_request_range_checks_given_token_ids(llm):
+    """A text prompt's tokens given alongside it (the server's path) are not trusted: one id past the vocabulary
+    would fail the whole step, and every other request in it."""
+    engine = llm.llm_engine
+    engine.add_request("ok", "The first", SHORT)
+    with pytest.raises(ValueError, match=r"token id 1000000000 is outside the vocabulary \[0, 49152\)"):
+        engine.add_request("bad", "hi", SHORT, prompt_token_ids=[1, 10**9])
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(done) == ["ok"] and done["ok"].outputs[0].finish_reason == "length"

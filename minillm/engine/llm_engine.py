@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence as SequenceT
@@ -148,7 +149,7 @@ class LLMEngine:
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None,
                     prompt_token_ids: list[int] | None = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError/TypeError for this request only.
-        `prompt_token_ids`, when given, are the already validated tokens of a text `prompt` (no re-encoding)."""
+        `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked)."""
         sampling_params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -156,7 +157,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         if prompt_token_ids is not None and isinstance(prompt, str):
-            text, token_ids = prompt, list(prompt_token_ids)
+            # checked again (a range check, no re-encoding): ids out of the vocabulary would fail the whole step,
+            # and with it every other request in the batch
+            text, token_ids = prompt, self.validate_prompt(prompt_token_ids)[1]
         else:
             text, token_ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
@@ -179,11 +182,11 @@ class LLMEngine:
         elif isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or one token id")
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
             if bad:
-                raise TypeError(f"a token-id prompt must hold Python ints, got {bad[0]!r} "
+                raise TypeError(f"a token-id prompt must hold ints (Python or numpy integers), got {bad[0]!r} "
                                 f"({type(bad[0]).__name__})")
-            text, token_ids = None, list(prompt)
+            text, token_ids = None, [int(t) for t in prompt]
         else:
             raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         vocab = self.model_config.vocab_size

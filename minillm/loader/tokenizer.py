@@ -77,6 +77,16 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_utf8(text: str) -> None:
+    """ValueError naming the first character UTF-8 cannot encode: a lone surrogate such as U+D800, which a Python
+    str may hold (a JSON string escape decodes to one) but no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode: {text[err.start]!r} at character {err.start} is a lone "
+                         f"surrogate (text must be encodable as UTF-8)") from None
+
+
 class Tokenizer:
     """Text <-> ids, special-token ids, and the chat template, behind one small interface."""
 
@@ -202,7 +212,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}: {text!r}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust tokenizer's "TextInputSequence must be str": the text is not valid Unicode
+            _check_utf8(text)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
