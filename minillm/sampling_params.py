@@ -1,10 +1,10 @@
 """SamplingParams: how to pick each next token and when to stop (vLLM's names and defaults).
 
-Validated on construction: every bad value raises ValueError naming the value and the allowed range, before
-the request reaches the engine. That includes the values a type check alone lets through: nan and inf
-(a nan temperature turns every probability into nan and the sampler then returns token 0 forever), bools
-where a number is meant (True is an int to Python, not to us), and integers too large for the int64 tensors
-the sampler builds. The sampler that honours these is minillm.layers.sampler (chapter 1).
+Validated on construction: every bad value raises ValueError (a ParamError, whose `param` names the field) with
+the value and the allowed range, before the request reaches the engine. That includes the values a type check
+alone lets through: nan and inf (a nan temperature turns every probability into nan and the sampler then returns
+token 0 forever), bools where a number is meant (True is an int to Python, not to us), and integers too large for
+the int64 tensors the sampler builds. The sampler that honours these is minillm.layers.sampler (chapter 1).
 """
 from __future__ import annotations
 
@@ -22,13 +22,21 @@ MIN_TEMPERATURE = 1e-2
 OUTPUT_KINDS = ("cumulative", "final_only")
 
 
+class ParamError(ValueError):
+    """A bad value for one field; `param` names the field (a server's OpenAI error carries it as "param")."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _number(name: str, value: Any, allowed: str) -> float:
     """A finite real number as a float (numpy scalars are welcome; bools, strings, nan and inf are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number {allowed}, got {type(value).__name__}: {value!r}")
+        raise ParamError(name, f"{name} must be a number {allowed}, got {type(value).__name__}: {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+        raise ParamError(name, f"{name} must be a finite number {allowed}, got {value!r}")
     return value
 
 
@@ -36,10 +44,10 @@ def _integer(name: str, value: Any, low: int, high: int = INT64_MAX, allowed: st
     """An integer in [low, high] as an int (numpy integers are welcome; bools and 2.0 are not)."""
     allowed = allowed or f"in [{low}, {high}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer {allowed}, got {type(value).__name__}: {value!r}")
+        raise ParamError(name, f"{name} must be an integer {allowed}, got {type(value).__name__}: {value!r}")
     value = int(value)
     if not low <= value <= high:
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        raise ParamError(name, f"{name} must be an integer {allowed}, got {value!r}")
     return value
 
 
@@ -74,29 +82,31 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.temperature = _number("temperature", self.temperature, ">= 0 (0 = greedy)")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ParamError("temperature", f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if 0 < self.temperature < MIN_TEMPERATURE:
             warnings.warn(f"temperature={self.temperature!r} is below {MIN_TEMPERATURE} and would overflow the "
                           f"scaled logits; using {MIN_TEMPERATURE} (pass 0 for greedy)", stacklevel=3)
             self.temperature = MIN_TEMPERATURE
         self.top_p = _number("top_p", self.top_p, "in (0, 1]")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         self.top_k = _integer("top_k", self.top_k, -1, allowed=f"-1 (disabled) or in [1, {INT64_MAX}]")
         if self.top_k == 0:
-            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+            raise ParamError("top_k", f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
         self.max_tokens = _integer("max_tokens", self.max_tokens, 1, allowed=f">= 1 (at most {INT64_MAX})")
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: {self.ignore_eos!r}")
+            raise ParamError("ignore_eos", f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: "
+                                           f"{self.ignore_eos!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0, MAX_LOGPROBS,
                                              allowed=f"in [0, {MAX_LOGPROBS}] or None"))
         if self.output_kind not in OUTPUT_KINDS:
-            raise ValueError(f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, got {self.output_kind!r}")
+            raise ParamError("output_kind", f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, "
+                                            f"got {self.output_kind!r}")
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
 
@@ -106,19 +116,20 @@ class SamplingParams:
             return []
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+            raise ParamError("stop", f"stop must be a non-empty string or a list of them, got {stop!r}")
         return list(stops)
 
     @staticmethod
     def _check_stop_token_ids(ids: Any) -> list[int]:
+        allowed = f"integers in [0, {INT64_MAX}]"  # int64: the ids may go into a tensor
         if ids is None:
             return []
         if not isinstance(ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {type(ids).__name__}: "
-                             f"{ids!r}")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t]
+            raise ParamError("stop_token_ids", f"stop_token_ids must be a list of {allowed}, got "
+                                               f"{type(ids).__name__}: {ids!r}")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT64_MAX]
         if bad:
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {bad[0]!r} in {ids!r}")
+            raise ParamError("stop_token_ids", f"stop_token_ids must be {allowed}, got {bad[0]!r} in {ids!r}")
         return [int(t) for t in ids]
 
     @property

@@ -87,6 +87,22 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs is only allowed"),
     ("/v1/nothing", {}, 404, "Not Found"),
+    # types are strict (a bool is not 1, "yes" is not true), and a union field says what it accepts
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 422, "max_tokens: Input should be a valid integer, "
+                                                                  "got boolean: True"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 422, "stream: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": [True]}, 422, "prompt: expected a string, a list of strings, a list of token "
+                                                 "ids or a list of token-id lists, got array: [True]"),
+    ("/v1/completions", b"[1, 2]", 422, "the request body must be a JSON object, got array"),
+    ("/v1/completions", b"[" * 50000 + b"]" * 50000, 400, "error parsing the body"),
+    # what minillm does not implement is refused, not silently ignored
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools (tool calling) is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "'json_object' is not supported"),
 ]
 
 
@@ -98,6 +114,38 @@ def test_bad_requests_get_their_status_and_an_openai_error(server, path, body, s
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": "x", "temperature": -1}, "temperature", "temperature must be a number >= 0"),
+    ({"prompt": "x", "n": 17}, "n", "n must be an integer in [1, 16], got 17"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 25}, "top_logprobs",
+     "top_logprobs: logprobs must be an integer in [0, 20]"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens",
+     "max_completion_tokens: max_tokens must be an integer >= 1"),
+    ({"prompt": "x", "stop_token_ids": [2**63]}, "stop_token_ids", "stop_token_ids must be integers in [0, "),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "messages.0.content: expected a string"),
+])
+def test_errors_name_the_field_in_param(server, body, param, words):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    error = httpx.post(server.url + path, json=body, timeout=30).json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_a_json_body_without_the_json_content_type_gets_415(server):
+    response = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}', timeout=30,
+                          headers={"content-type": "application/x-www-form-urlencoded"})  # what `curl -d` sends
+    assert response.status_code == 415
+    assert "Content-Type: application/json, got 'application/x-www-form-urlencoded'" in \
+        response.json()["error"]["message"]
+    deep = httpx.post(server.url + "/v1/completions", content=b"[" * 50000 + b"]" * 50000, timeout=30)
+    assert deep.status_code == 400 and "not valid JSON" in deep.json()["error"]["message"]  # was a 500
+
+
+def test_a_seed_at_the_top_of_its_range_serves_every_choice(client):
+    """Choice i samples with seed + i: past 2**64 - 1 it wraps round instead of refusing a valid seed."""
+    done = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, n=3, seed=2**64 - 1)
+    assert sorted(c.index for c in done.choices) == [0, 1, 2]
 
 
 def test_api_key_guards_every_route_but_health():

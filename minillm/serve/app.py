@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minillm.engine.async_llm import AsyncLLM, EngineSnapshot
 from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
-from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
+from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, error_body,
+                                    validation_message)
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
 RECENT_STEPS = 64  # batches the playground can show
@@ -84,10 +85,13 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         errors = err.errors()
         if any(e.get("type") == "json_invalid" for e in errors) or not _is_json(await request.body()):
             return JSONResponse(error_body("the request body is not valid JSON", code="bad_json"), status_code=400)
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")
-        return JSONResponse(error_body(message, param=where or None), status_code=422)
+        content_type = request.headers.get("content-type", "")
+        if not _is_json_type(content_type):  # FastAPI reads a body as JSON only when the request says it is
+            return JSONResponse(error_body(f"send the JSON body with Content-Type: application/json, got "
+                                           f"{content_type or 'no Content-Type'!r}", code="unsupported_media_type"),
+                                status_code=415)
+        param, message = validation_message(errors)
+        return JSONResponse(error_body(message, param=param), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -143,9 +147,15 @@ def state_json(snap: EngineSnapshot, recent: list[dict], model_name: str) -> dic
 def _is_json(body: bytes) -> bool:
     try:
         json.loads(body)
-    except ValueError:  # UnicodeDecodeError is one too
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; [[[[...]]]] nested too deep
         return False
     return True
+
+
+def _is_json_type(content_type: str) -> bool:
+    """application/json or application/<something>+json, parameters (charset) ignored: what FastAPI parses."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 class GuardMiddleware:

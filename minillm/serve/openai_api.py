@@ -92,9 +92,9 @@ class OpenAIServing:
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
                         default_max_tokens: int | None) -> list[SamplingParams]:
         """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value."""
-        message = request.unsupported()
-        if message:
-            raise ApiError(400, message)
+        problem = request.unsupported()
+        if problem:
+            raise ApiError(400, problem[1], param=problem[0])
         longest = max(len(ids) for _, ids in prompts)
         limit = self.llm.max_model_len
         if max_tokens is None:
@@ -105,14 +105,16 @@ class OpenAIServing:
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
         params = []
         for i in range(request.n):
-            seed = None if request.seed is None else request.seed + i
+            seed = None if request.seed is None else _choice_seed(request.seed, i)
             try:
                 params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
                                              top_k=request.top_k, max_tokens=max_tokens, seed=seed,
-                                             stop=request.stop, ignore_eos=request.ignore_eos,
-                                             logprobs=request.num_logprobs()))
-            except ValueError as err:
-                raise ApiError(400, str(err)) from None
+                                             stop=request.stop, stop_token_ids=request.stop_token_ids,
+                                             ignore_eos=request.ignore_eos, logprobs=request.num_logprobs()))
+            except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
+                field = getattr(err, "param", None)
+                param = request.api_name(field) if field else None
+                raise ApiError(400, str(err) if param == field else f"{param}: {err}", param=param) from None
         return params
 
     # -- endpoints ----------------------------------------------------------------------------------------
@@ -219,6 +221,12 @@ class OpenAIServing:
         except EngineDeadError as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
         yield "data: [DONE]\n\n"
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a seeded request: seed + index, wrapped round at the top of the range a seed
+    may take ([-2**63, 2**64 - 1]), so that a valid seed never makes its later choices invalid."""
+    return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
 
 
 def _new_logprobs(choice: _Choice, logprobs: list[TokenLogprobDict] | None, chat: bool) -> dict | None:

@@ -1,9 +1,11 @@
 """The OpenAI request bodies the server accepts, and OpenAI-shaped errors (chapter 10).
 
-Pydantic checks the *types* of a body (a string where a number belongs is a 422, as in vLLM); the *ranges*
-(temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message.
-Fields the OpenAI API defines but minillm cannot honour (echo, penalties) are refused with a 400
-that says so, rather than silently ignored: a client that asked for them must not get a silent default.
+Pydantic checks the *types* of a body, strictly (a string, a float or a bool where an integer belongs is a 422
+naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
+(temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
+and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (echo,
+penalties, logit_bias, best_of, tools, a JSON response_format) are refused with a 400 that says so, unless they
+hold their no-op value: a client that asked for them must not get a silent default.
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int).
 Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
@@ -36,13 +38,15 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """What completions and chat share: the sampling knobs and the streaming switch."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None  # None: the one model this server serves
     max_tokens: int | None = None
@@ -51,27 +55,42 @@ class _SamplingFields(BaseModel):
     top_k: int = -1  # vLLM's extension
     n: int = 1
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: benchmarks use it to fix the output length
+    user: str | None = None
+    # defined by OpenAI (or vLLM) and not implemented here: refused unless they hold their no-op value
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
-    def unsupported(self) -> str | None:
-        """The first requested feature minillm does not implement, as a message; None if all is supported."""
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty and frequency_penalty are not supported yet (give 0)"
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first requested feature minillm does not implement or a count out of range;
+        None if all is well."""
+        for name, no_op in (("presence_penalty", 0), ("frequency_penalty", 0), ("min_p", 0),
+                            ("repetition_penalty", 1), ("min_tokens", 0)):
+            if getattr(self, name) != no_op:
+                return name, f"{name} is not supported yet (give {no_op} or leave it out), got {getattr(self, name)!r}"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported yet (give {} or leave it out)"
         if self.stream_options is not None and not self.stream:
-            return "stream_options is only allowed with stream=true"
+            return "stream_options", "stream_options is only allowed with stream=true"
         if not 1 <= self.n <= MAX_N:
-            return f"n must be an integer in [1, {MAX_N}], got {self.n}"
+            return "n", f"n must be an integer in [1, {MAX_N}], got {self.n}"
         return None
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs for this request: None when log-probabilities were not asked for."""
         return None
+
+    def api_name(self, field: str) -> str:
+        """This request's name for a SamplingParams field (where a bad value came from, for the error's param)."""
+        return field
 
 
 class CompletionRequest(_SamplingFields):
@@ -79,25 +98,31 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
-            return "echo is not supported yet"
+            return "echo", "echo is not supported yet"
         if self.suffix:
-            return "suffix is not supported"
+            return "suffix", "suffix is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
+                               f"got {self.best_of}")
         return super().unsupported()
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -115,11 +140,65 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    # tool calling and structured output: not implemented, refused when asked for
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def unsupported(self) -> str | None:
+    def api_name(self, field: str) -> str:
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return field
+
+    def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
-            return "top_logprobs is only allowed with logprobs=true"
+            return "top_logprobs", "top_logprobs is only allowed with logprobs=true"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} (tool calling) is not supported yet"
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format", (f"response_format {self.response_format.get('type')!r} is not supported "
+                                       f"(only 'text')")
         return super().unsupported()
+
+
+# Fields that accept several shapes: pydantic reports one error per shape it tried ("prompt.str",
+# "prompt.list[int].0", ...), so the message says what the field accepts instead of the first shape's complaint.
+FIELD_SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": 'a string, null or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def json_type(value: Any) -> str:
+    """JSON's name for a decoded value's type (what a client wrote), for error messages."""
+    for kind, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"),
+                       (dict, "object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(param, message) for pydantic's errors about a decoded JSON body: the first bad field, what it accepts and
+    what it got."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    value = first.get("input")
+    if not loc:
+        return None, f"the request body must be a JSON object, got {json_type(value)}"
+    for depth, name in enumerate(loc[:-1]):
+        if name in FIELD_SHAPES:  # the next entry names the shape pydantic tried
+            where = ".".join(loc[:depth + 1])
+            got = f", got {json_type(value)}: {value!r:.100}" if len(loc) == depth + 2 else ""
+            return where, f"{where}: expected {FIELD_SHAPES[name]}{got}"
+    where = ".".join(loc)
+    if first.get("type") == "missing":
+        return where, f"{where}: field required"
+    return where, f"{where}: {first.get('msg', 'invalid value')}, got {json_type(value)}: {value!r:.100}"
