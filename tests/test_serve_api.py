@@ -148,6 +148,13 @@ def test_a_seed_at_the_top_of_its_range_serves_every_choice(client):
     assert sorted(c.index for c in done.choices) == [0, 1, 2]
 
 
+def test_a_graceful_timeout_that_is_not_a_duration_is_refused():
+    app, _ = tiny_app()
+    for bad in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="graceful_timeout must be a finite number of seconds >= 0"):
+            ServerThread(app, graceful_timeout=bad)
+
+
 def test_api_key_guards_every_route_but_health():
     app, _ = tiny_app(api_key="sesame")
     with ServerThread(app) as srv:

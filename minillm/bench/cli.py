@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 
@@ -42,10 +43,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         else:
             shape = est.custom_shape(args.params, args.layers, args.kv_heads, args.head_dim)
         e = est.estimate(shape, args.dtype, args.context, args.batch, kv_dtype=args.kv_dtype, num_params=args.params)
+        table = est.format_estimate(e, gpu_gb=args.gpu_gb)
     except ValueError as err:
         print(f"minillm estimate: error: {err}", file=sys.stderr)
         return 2
-    print(est.format_estimate(e, gpu_gb=args.gpu_gb))
+    print(table)
     if args.model is not None and args.params is None:
         print(f"(parameters counted from {e.model}'s shapes; nominal {est.get_preset(args.model).nominal_params / 1e9:g} B; "
               f"pass --params to override)")
@@ -57,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         run_demo(max_tokens=args.max_tokens, out_dir=args.out, model=args.model, device=args.device)
-    except ValueError as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a model path that is not there
         print(f"minillm demo: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -67,10 +69,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from minillm.bench.workload import run_bench
 
     try:
+        _check_output_file(args.json)
         result = run_bench(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                            max_model_len=args.max_model_len)
-    except ValueError as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a model path that is not there
         print(f"minillm bench: error: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -80,6 +83,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             json.dump(to_dict(result), f, indent=2)
         print(f"raw results written to {args.json}")
     return 0
+
+
+def _check_output_file(path: str | None) -> None:
+    """A results file's folder must exist before the run, not after it (the measurements would be lost)."""
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"cannot write {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
 
 
 def parse_rates(text: str) -> list[float]:
@@ -99,6 +108,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from minillm.bench import serve as bs
 
     try:
+        _check_output_file(args.json)
+        _check_output_file(args.plot)
         prompts = bs.docstring_prompts(args.num_prompts, args.max_prompt_chars, args.seed)
         results = []
         for rate in args.request_rate:

@@ -38,8 +38,10 @@ def _conversation(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-def stream_answer(llm: Any, question: str, sampling_params: Any, out: Any = sys.stdout) -> BenchResult:
-    """Print the answer as it is generated; returns the single request's metrics."""
+def stream_answer(llm: Any, question: str, sampling_params: Any, out: Any = None) -> BenchResult:
+    """Print the answer as it is generated (to `out`, default the current sys.stdout); returns the single
+    request's metrics."""
+    out = sys.stdout if out is None else out
     prompt = llm.tokenizer.apply_chat_template(_conversation(question), add_generation_prompt=True)
     print(f"\nuser> {question}\nassistant> ", end="", file=out, flush=True)
     last = None
@@ -57,8 +59,10 @@ def stream_answer(llm: Any, question: str, sampling_params: Any, out: Any = sys.
 
 
 def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", model: str | None = None,
-             device: str | None = None, out: Any = sys.stdout) -> BenchResult:
-    """The demo; returns the batch's BenchResult. Prints everything to `out`."""
+             device: str | None = None, out: Any = None) -> BenchResult:
+    """The demo; returns the batch's BenchResult. Prints everything to `out` (default: sys.stdout when called, not
+    the one at import time, which a test harness may have replaced and closed since)."""
+    out = sys.stdout if out is None else out
     from minillm import LLM, SamplingParams
     from minillm.platform import resolve_device
 

@@ -16,6 +16,7 @@ number unless `num_params` is given, and `seed_table()` shows both side by side.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -77,9 +78,11 @@ def dtype_bytes(dtype: str) -> float:
 
 
 def _positive(name: str, value: float, integer: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} >= 1, got {value!r}")
+    """ValueError unless `value` is a finite number > 0 (an integer if `integer`)."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or (integer and int(value) != value):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
@@ -151,6 +154,7 @@ def custom_shape(num_params: float, num_layers: int, num_kv_heads: int, head_dim
 
 def format_estimate(e: MemoryEstimate, gpu_gb: float = 80.0) -> str:
     """A small table: weights, KV cache, total, and how many `gpu_gb` GPUs that fills."""
+    _positive("gpu_gb", gpu_gb, integer=False)
     rows = [("model", e.model), ("parameters", f"{e.num_params / 1e9:.3f} B"),
             ("weights dtype", f"{e.dtype} ({DTYPE_BYTES[e.dtype]:g} bytes/param)"),
             ("KV cache dtype", f"{e.kv_dtype} ({DTYPE_BYTES[e.kv_dtype]:g} bytes/value)"),

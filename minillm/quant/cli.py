@@ -117,6 +117,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from minillm.engine.worker import build_model
     from minillm.loader import default_model_path, load_model
+    from minillm.platform import resolve_device
     from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
     from minillm.quant.checkpoint import save_quantized
     from minillm.quant.driver import quantize_model
@@ -127,10 +128,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.method in GGUF_METHODS:
             print(f"{args.method}: {_cmd_gguf(args, path)} in {time.perf_counter() - start:.1f} s")
             return 0
+        device = resolve_device(args.device)
         config, weights, tokenizer = load_model(path)
         if config.quantization is not None:
             raise ValueError(f"{path} is already quantized ({config.quantization}); quantize a dense checkpoint")
-        device = torch.device(args.device)
         model = build_model(config, weights, device, torch.float32)
         if args.method in PRUNE_METHODS:
             print(f"{args.method}: {_cmd_prune(args, model, tokenizer, path)} in {time.perf_counter() - start:.1f} s")

@@ -43,6 +43,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _config(app: Any, graceful_timeout: float, log_level: str) -> uvicorn.Config:
+    if isinstance(graceful_timeout, bool) or not isinstance(graceful_timeout, (int, float)) or \
+            not 0 <= graceful_timeout < float("inf"):
+        raise ValueError(f"graceful_timeout must be a finite number of seconds >= 0, got {graceful_timeout!r}")
     # h11 is pure Python and always there; keep-alive long enough for a benchmark's pauses
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout, lifespan="on",
                           timeout_keep_alive=30, backlog=2048)
@@ -51,8 +54,8 @@ def _config(app: Any, graceful_timeout: float, log_level: str) -> uvicorn.Config
 def run(app: Any, host: str = LOCALHOST, port: int = 8000, graceful_timeout: float = 30.0,
         log_level: str = "info") -> None:
     """Serve until Ctrl-C / SIGTERM (blocking)."""
-    sock = bind(host, port)
-    uvicorn.Server(_config(app, graceful_timeout, log_level)).run(sockets=[sock])
+    config = _config(app, graceful_timeout, log_level)
+    uvicorn.Server(config).run(sockets=[bind(host, port)])
 
 
 class ServerThread:
@@ -61,10 +64,10 @@ class ServerThread:
 
     def __init__(self, app: Any, host: str = LOCALHOST, port: int = 0, graceful_timeout: float = 5.0,
                  log_level: str = "warning") -> None:
+        self.server = uvicorn.Server(_config(app, graceful_timeout, log_level))
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self.server = uvicorn.Server(_config(app, graceful_timeout, log_level))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="minillm-server", daemon=True)
 

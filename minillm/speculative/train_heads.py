@@ -96,6 +96,13 @@ class TrainOptions:
             raise ValueError("init continues a head's training (medusa, eagle, mtp); a draft model starts from "
                              "the target's own layers")
 
+    def check_target(self, model_config: ModelConfig) -> None:
+        """What only the target decides: a draft model of the target's first draft_num_layers layers needs that
+        many (checked before any data is generated for it)."""
+        if self.kind == "draft" and self.draft_num_layers > model_config.num_hidden_layers:
+            raise ValueError(f"draft_num_layers={self.draft_num_layers} exceeds the target's "
+                             f"{model_config.num_hidden_layers} layers")
+
 
 def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:
     """New heads as training starts them: Medusa at zero (each head = the LM head), EAGLE's and every MTP module's
@@ -147,11 +154,9 @@ def train_heads(target_model: nn.Module, model_config: ModelConfig, data: Distil
     torch.manual_seed(options.seed)
     device = data.features.device
     target = TargetParts(target_model)
+    options.check_target(model_config)
     if options.kind == "draft":
         from minillm.speculative.draft import independent_copy
-        if options.draft_num_layers > model_config.num_hidden_layers:
-            raise ValueError(f"draft_num_layers={options.draft_num_layers} exceeds the target's "
-                             f"{model_config.num_hidden_layers} layers")
         trainee = independent_copy(target_model, options.draft_num_layers).float()
         trainee.attention_backend = "torch"  # autograd through plain torch ops (no triton kernel has a backward)
         for p in (trainee.model.embed_tokens.weight, trainee.lm_head.weight):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from minillm.speculative.train_heads import TRAIN_KINDS
@@ -95,42 +96,19 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     from minillm.loader import load_model
     from minillm.platform import resolve_device, resolve_dtype
     from minillm.speculative.train_data import distill_data
-    from minillm.speculative.train_heads import TrainOptions, train_heads
-    from minillm.speculative.train_prompts import num_distinct_prompts
+    from minillm.speculative.train_heads import train_heads
 
-    steps = args.steps if args.steps is not None else 1000 if args.time_budget is None else BUDGET_STEPS
-    sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
-                 max_new_tokens=args.max_new_tokens, seq_len=args.seq_len, steps=steps,
-                 rows_per_step=args.rows_per_step)
-    if args.tiny:
-        sizes.update(TINY)
-    for name, value in sizes.items():
-        if value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    available = num_distinct_prompts()  # docstrings differ between Python versions, and so does this count
-    if sizes["num_prompts"] > available:
-        print(f"--num-prompts {sizes['num_prompts']}: this Python builds {available} distinct prompts; using them all")
-        sizes["num_prompts"] = available
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-    if args.compare and args.kind != ["eagle"]:
-        raise SystemExit(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
-    _require_heads("--compare", args.compare)
-    if args.init is not None and (len(args.kind) != 1 or args.kind[0] == "draft"):
-        raise SystemExit(f"--init continues one head's training: use it with one --kind of medusa, eagle or mtp, "
-                         f"got {args.kind}")
-    _require_heads("--init", args.init)
-    if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
-        raise SystemExit(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
-                         f"and {args.data_share}")
-    options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
-                            draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
-                            seed=args.seed, unroll=args.unroll, init=args.init)
-               for kind in args.kind]  # validates before loading
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
-    model_config, weights, tokenizer = load_model(args.model)
+    try:  # every flag, the model and the heads' fit to it, before minutes of generation: one line, exit code 2
+        sizes, options = _checked_options(args)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        model_config, weights, tokenizer = load_model(args.model)
+        for option in options:
+            option.check_target(model_config)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"minillm train-heads: error: {err}", file=sys.stderr)
+        return 2
     target = build_model(model_config, weights, device, dtype).eval()
     for p in target.parameters():
         p.requires_grad_(False)
@@ -174,10 +152,47 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
+    """The run's sizes and one TrainOptions per kind, or ValueError naming the flag, its value and its range."""
+    from minillm.speculative.train_heads import TrainOptions
+    from minillm.speculative.train_prompts import num_distinct_prompts
+
+    steps = args.steps if args.steps is not None else 1000 if args.time_budget is None else BUDGET_STEPS
+    sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
+                 max_new_tokens=args.max_new_tokens, seq_len=args.seq_len, steps=steps,
+                 rows_per_step=args.rows_per_step)
+    if args.tiny:
+        sizes.update(TINY)
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    available = num_distinct_prompts()  # docstrings differ between Python versions, and so does this count
+    if sizes["num_prompts"] > available:
+        print(f"--num-prompts {sizes['num_prompts']}: this Python builds {available} distinct prompts; using them all")
+        sizes["num_prompts"] = available
+    if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
+        raise ValueError(f"--time-budget must be a finite number of seconds > 0, got {args.time_budget}")
+    if args.compare and args.kind != ["eagle"]:
+        raise ValueError(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
+    _require_heads("--compare", args.compare)
+    if args.init is not None and (len(args.kind) != 1 or args.kind[0] == "draft"):
+        raise ValueError(f"--init continues one head's training: use it with one --kind of medusa, eagle or mtp, "
+                         f"got {args.kind}")
+    _require_heads("--init", args.init)
+    if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
+        raise ValueError(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
+                         f"and {args.data_share}")
+    options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
+                            draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
+                            seed=args.seed, unroll=args.unroll, init=args.init)
+               for kind in args.kind]
+    return sizes, options
+
+
 def _require_heads(flag: str, directory: str | None) -> None:
     """A directory given to `flag` must hold heads train-heads saved (None: the flag was not given)."""
     if directory is not None and not os.path.isfile(os.path.join(directory, "heads.safetensors")):
-        raise SystemExit(f"{flag} {directory}: no heads.safetensors there (a directory train-heads wrote)")
+        raise ValueError(f"{flag} {directory}: no heads.safetensors there (a directory train-heads wrote)")
 
 
 def _print_acceptance(name: str, held: dict) -> None:
