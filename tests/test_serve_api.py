@@ -99,6 +99,9 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty is not supported"),
+    # one request may not queue thousands of engine requests ahead of everyone else's
+    ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
+                                                              "request; at most 256"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools (tool calling) is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

@@ -54,10 +54,15 @@ class OpenAIServing:
         self.chat_template = chat_template
 
     # -- validation ---------------------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
-                           "invalid_request_error", "model", "model_not_found")
+    def check_request(self, request: _SamplingFields) -> None:
+        """What the body alone decides, before any prompt is tokenized: the model name (404), then unsupported
+        fields and counts out of range (400)."""
+        if request.model is not None and request.model != self.model_name:
+            raise ApiError(404, f"The model `{request.model}` does not exist. This server serves "
+                                f"`{self.model_name}`.", "invalid_request_error", "model", "model_not_found")
+        problem = request.unsupported()
+        if problem:
+            raise ApiError(400, problem[1], param=problem[0])
 
     def _prompt(self, prompt: str | list[int], param: str) -> Prompt:
         try:
@@ -92,9 +97,6 @@ class OpenAIServing:
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
                         default_max_tokens: int | None) -> list[SamplingParams]:
         """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value."""
-        problem = request.unsupported()
-        if problem:
-            raise ApiError(400, problem[1], param=problem[0])
         longest = max(len(ids) for _, ids in prompts)
         limit = self.llm.max_model_len
         if max_tokens is None:
@@ -119,7 +121,7 @@ class OpenAIServing:
 
     # -- endpoints ----------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request)
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             prompt = [prompt]
@@ -131,7 +133,7 @@ class OpenAIServing:
         return await self._respond(request, raw, prompts, params, chat=False)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request)
         prompts = [self.render_chat(request)]
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens

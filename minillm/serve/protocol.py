@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_N = 16  # choices per request: each is a full request in the engine
+MAX_N = 16  # choices per prompt: each is a full request in the engine
+# engine requests one HTTP request may start (prompts x n): 20,000 prompts x 16 would queue 320,000 requests ahead
+# of every other client's (a small request sent a second later had no answer after 10 minutes)
+MAX_CHOICES = 256
 
 
 class ApiError(Exception):
@@ -111,7 +114,13 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
                                f"got {self.best_of}")
-        return super().unsupported()
+        problem = super().unsupported()
+        prompts = 1 if isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt) else \
+            len(self.prompt)
+        if problem is None and prompts * self.n > MAX_CHOICES:
+            return "prompt", (f"{prompts} prompt(s) x n={self.n} = {prompts * self.n} completions in one request; "
+                              f"at most {MAX_CHOICES}: send several requests")
+        return problem
 
 
 class ContentPart(BaseModel):
