@@ -1,9 +1,9 @@
 """Property-based fuzzing of every public entry point: bad input gets a clear ValueError/TypeError, never a crash.
 
 Hypothesis throws values of every type (None, bools, huge and negative ints, nan/inf/-0.0, empty and unicode
-strings, bytes, lists, dicts, nested mixtures) at SamplingParams, LLM.generate, LLM.chat and both loaders
-(a GGUF file with random bytes, flipped bytes or truncated at a random offset; an HF directory with a random
-config.json). Each call must either raise ValueError/TypeError (never IndexError, KeyError, RuntimeError,
+strings, bytes, lists, dicts, nested mixtures) at SamplingParams, LLM.generate, LLM.chat, the HTTP server's
+JSON bodies and both loaders (a GGUF file with random bytes, flipped bytes or truncated at a random offset; an HF
+directory with a random config.json). Each call must either raise ValueError/TypeError (never IndexError, KeyError, RuntimeError,
 ZeroDivisionError, ... which would mean the input reached code that did not expect it) or return a correct
 result, and the engine must still serve a normal request afterwards.
 
@@ -174,6 +174,63 @@ def test_chat_rejects_or_serves(llm, messages):
 
 def test_engine_still_serves_after_the_fuzzing(llm):
     _still_serves(llm)
+
+
+# -- the HTTP server ---------------------------------------------------------------------------------------
+BODY_FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+               "n", "stop", "stop_token_ids", "seed", "stream", "stream_options", "ignore_eos", "logprobs",
+               "top_logprobs", "echo", "best_of", "logit_bias", "tools", "response_format", "presence_penalty")
+chat_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                      "content": st.text(max_size=8) | st.none() | st.lists(st.fixed_dictionaries(
+                                          {"type": st.just("text"), "text": st.text(max_size=4)}), max_size=2)})
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.integers(-2**70, 2**70)
+                           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=6)
+nearly_valid = {"max_tokens": st.integers(-1, 5), "n": st.integers(0, 3), "stream": st.booleans(),
+                "seed": st.integers(-3, 3) | st.none(), "temperature": st.floats(0, 2)}
+http_bodies = (st.fixed_dictionaries({}, optional={name: json_values for name in BODY_FIELDS})
+               | st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=8)
+                                        | st.lists(st.integers(0, 299), min_size=1, max_size=5)},
+                                       optional={**nearly_valid, "logprobs": st.integers(-1, 3) | st.none()})
+               | st.fixed_dictionaries({"messages": st.lists(chat_message, max_size=3)},
+                                       optional={**nearly_valid, "logprobs": st.booleans(),
+                                                 "top_logprobs": st.integers(-1, 3)}))
+
+
+@pytest.fixture(scope="module")
+def server():
+    from minillm.serve.server import ServerThread
+    from serve_tiny import tiny_app
+    app, async_llm = tiny_app()
+    with ServerThread(app) as srv:
+        srv.engine = async_llm.engine
+        yield srv
+
+
+@FUZZ
+@given(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), http_bodies)
+def test_http_bodies_get_an_answer_or_an_openai_error(server, path, body):
+    """Any JSON body: a 2xx (a stream that ends with [DONE] and no error event) or a 4xx in OpenAI's shape, never
+    a 500; and no request left in the engine."""
+    import httpx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny temperatures warn (and are raised to 0.01)
+        response = httpx.post(server.url + path, json=body, timeout=30)
+    assert response.status_code in (200, 400, 404, 422), (response.status_code, response.text[:300])
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream") is True:
+        assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
+
+
+def test_the_server_leaks_nothing_after_the_fuzzing(server):
+    import time
+    deadline = time.monotonic() + 5  # aborts of finished streams are applied between steps
+    while server.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.engine.has_unfinished_requests()
+    assert server.engine.scheduler.block_manager.num_used_blocks == 0
 
 
 # -- loaders -----------------------------------------------------------------------------------------------
