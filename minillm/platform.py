@@ -30,6 +30,14 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say: not Linux or macOS)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run through the (slow, CPU) interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

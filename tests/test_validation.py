@@ -218,3 +218,14 @@ def test_add_request_range_checks_given_token_ids(llm):
     while engine.has_unfinished_requests():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert list(done) == ["ok"] and done["ok"].outputs[0].finish_reason == "length"
+
+
+def test_a_swap_pool_larger_than_the_machine_fails_at_start():
+    """The CPU pool is allocated at the first preemption, mid-serving: swap_space=10**15 used to build a free list
+    of 10**12 block ids (the process was killed); now it is refused up front."""
+    from minillm.config import EngineConfig, ModelConfig
+    from minillm.engine.cache_config import make_cache_config, resolve_engine_config
+    config = resolve_engine_config(EngineConfig(preemption_mode="swap", swap_space=10**15, num_kv_blocks=8),
+                                   ModelConfig(), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"swap_space=1000000000000000 bytes .* more than 70% of this machine's"):
+        make_cache_config(config, 8, 1024)

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
+from minillm.platform import host_memory_bytes
 
 CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
 CPU_MAX_NUM_SEQS = 8  # default batch on CPU (a GPU default of 64 would reserve far too much memory here)
 GPU_MAX_NUM_SEQS = 64
+MAX_SWAP_FRACTION = 0.7  # of the host's memory, at most, for preemption_mode="swap"'s CPU pool
 DEFAULT_KV_LAYOUT = {"static": "contiguous", "continuous": "paged"}
 
 
@@ -106,6 +108,17 @@ def needs_sized_pool(config: EngineConfig) -> bool:
     return config.kv_layout == "paged" and config.scheduling == "continuous"
 
 
+def check_swap_space(swap_space: int) -> None:
+    """The CPU pool for swapped-out blocks is allocated at the first preemption, in the middle of serving: one that
+    cannot fit in the machine must fail now, not then. Over MAX_SWAP_FRACTION of its memory is refused (vLLM's
+    rule: the host needs the rest for the process itself, the weights while loading, the pinned staging)."""
+    total = host_memory_bytes()
+    if total is not None and swap_space > MAX_SWAP_FRACTION * total:
+        raise ValueError(f"swap_space={swap_space} bytes ({swap_space / 2**30:.1f} GiB) is more than "
+                         f"{MAX_SWAP_FRACTION:.0%} of this machine's {total / 2**30:.1f} GiB of memory; give at most "
+                         f"{int(MAX_SWAP_FRACTION * total)} (or preemption_mode='recompute')")
+
+
 def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_per_block: int) -> CacheConfig:
     """The geometry of a resolved config, given the device blocks the worker found room for (None when
     `needs_sized_pool` is False). Static batching and the contiguous layout reserve max_model_len tokens for
@@ -119,5 +132,6 @@ def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_pe
         raise ValueError("a paged continuous-batching pool needs num_gpu_blocks from the worker")
     num_cpu_blocks = 0
     if config.preemption_mode == "swap" and config.kv_layout == "paged":
+        check_swap_space(config.swap_space)
         num_cpu_blocks = config.swap_space // bytes_per_block
     return CacheConfig(block_size, num_gpu_blocks, num_cpu_blocks, config.max_model_len, config.kv_layout)
