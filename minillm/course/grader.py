@@ -207,8 +207,8 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
             folder = Path(tmp) / "submissions" / key
             folder.mkdir(parents=True)
             source = Path(sub.impl_dir) / f"{sub.ex.module}.py"
-            if source.is_file():
-                shutil.copy(source, folder / source.name)
+            if source.is_file():  # a symbolic link is copied as a link, never followed: the sandbox refuses it
+                shutil.copy(source, folder / source.name, follow_symlinks=False)
             plan.append({"key": key, "exercise": sub.ex.id, "submission": str(folder)})
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(json.dumps(plan), encoding="utf-8")

@@ -101,10 +101,12 @@ def _resolve(dotted: str) -> tuple[Any, str]:
         return owner, attr
 
 
-def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) -> list[tuple[Any, str, Any]]:
-    """Replace each forbidden dotted name by a trap that appends to `hits` and raises; returns what to undo.
+def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) -> list[Callable[[], None]]:
+    """Replace each forbidden dotted name by a trap that appends to `hits` and raises, and trap the forbidden torch
+    operations whatever their spelling (see OperatorTrap); returns what undoes it, one callable per trap.
     Names whose module cannot be imported (the engine's, inside the sandbox) are skipped: nothing can call them."""
-    undo = []
+    undo: list[Callable[[], None]] = []
+    operators: dict[str, tuple[str, str, bool]] = {}  # a torch operation's name -> (forbidden name, why, a method)
     for dotted, why in forbidden.items():
         try:
             owner, attr = _resolve(dotted)
@@ -113,19 +115,83 @@ def install_traps(exercise_id: str, forbidden: dict[str, str], hits: list[str]) 
         original = getattr(owner, attr, _MISSING)
         if original is _MISSING:
             continue
-        if isinstance(owner, type) and attr not in vars(owner):
+        method = isinstance(owner, type)
+        if method and attr not in vars(owner):
             original = _MISSING  # inherited: removing the trap must not leave a copy on the class
+        if dotted.startswith("torch."):
+            operators.setdefault(attr, (dotted, why, method))
 
         def trap(*a: Any, _d: str = dotted, _why: str = why, _original: Any = getattr(owner, attr),
-                 _method: bool = isinstance(owner, type), **k: Any) -> Any:
+                 _method: bool = method, **k: Any) -> Any:
             if _method and _trusted_caller(sys._getframe(1)):  # torch itself, or the grader's own machinery
                 return _original(*a, **k)
             hits.append(f"{_d} ({_why})")
             raise ForbiddenCallError(f"{exercise_id} must not call {_d}: {_why}")
 
+        # torch hands a trapped method's class attribute to the operator trap, which knows it by these names
+        trap.__name__, trap.__qualname__ = attr, f"{owner.__name__}.{attr}" if method else attr
+        trap.__module__ = owner.__module__ if method else owner.__name__
         setattr(owner, attr, trap)
-        undo.append((owner, attr, original))
+        undo.append(functools.partial(_put_back, owner, attr, original))
+    if operators:
+        mode = operator_trap(exercise_id, operators, hits)
+        mode.__enter__()
+        undo.append(lambda: mode.__exit__(None, None, None))
     return undo
+
+
+def _put_back(owner: Any, attr: str, original: Any) -> None:
+    if original is _MISSING:
+        delattr(owner, attr)
+    else:
+        setattr(owner, attr, original)
+
+
+def _operator_name(func: Any) -> str:
+    """The name of the torch operation `func` runs, however it was reached: torch.rms_norm and its C binding
+    torch._C._VariableFunctions.rms_norm, torch.ops.aten.rms_norm (an operator packet or overload), x.softmax."""
+    schema = getattr(func, "_schema", None)
+    qualified = schema.name if schema is not None else getattr(func, "_qualified_op_name", None)
+    return str(qualified).split("::")[-1] if qualified else str(getattr(func, "__name__", ""))
+
+
+def _spelling(func: Any, name: str) -> str:
+    if hasattr(func, "_schema") or hasattr(func, "_qualified_op_name"):
+        return f"torch.ops.{func}"  # an operator overload or packet prints as aten.rms_norm(.default)
+    return f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__qualname__', name)}"
+
+
+_OPERATOR_TRAPS: list[Any] = []  # the operator traps in force, checked after every call (check_after_call)
+
+
+def operator_trap(exercise_id: str, operators: dict[str, tuple[str, str, bool]], hits: list[str]) -> Any:
+    """A TorchFunctionMode that sees every call of torch's API (functions, Tensor methods, torch.ops) and traps the
+    forbidden operations by their name: a trap on the name `torch.rms_norm` alone misses its C binding, its
+    torch.ops spelling and the original the trap itself keeps; one on `torch.Tensor.tolist` misses
+    `torch._C.TensorBase.tolist`. A forbidden method stays open to the grader's own code (see _served_grader).
+    (Code that turns torch function modes off escapes it: check_after_call notices a trap taken off the stack, not
+    one stepped around within a call.)"""
+    from torch.overrides import TorchFunctionMode
+
+    class OperatorTrap(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            name = _operator_name(func)
+            if name in operators and not (operators[name][2] and _served_grader(sys._getframe(1))):
+                dotted, why, _ = operators[name]
+                spelling = _spelling(func, name)
+                hits.append(f"{dotted} ({why}" + ("" if spelling == dotted else f"; reached as {spelling}") + ")")
+                raise ForbiddenCallError(f"{exercise_id} must not call {dotted}: {why}")
+            return func(*args, **(kwargs or {}))
+
+        def __enter__(self) -> Any:
+            _OPERATOR_TRAPS.append(self)
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            _OPERATOR_TRAPS.remove(self)
+            return super().__exit__(*exc)
+
+    return OperatorTrap()
 
 
 def _trusted_caller(frame: Any) -> bool:
@@ -140,18 +206,39 @@ def _trusted_caller(frame: Any) -> bool:
         os.path.basename(path) in _GRADER_FILES
 
 
-def remove_traps(undo: list[tuple[Any, str, Any]]) -> None:
+def _served_grader(frame: Any) -> bool:
+    """The first caller outside torch's own Python code is one of the grader's files (see _trusted_caller): torch's
+    Python methods (Tensor.__array__, Tensor.__repr__) reach the operator trap through torch.overrides, so the frame
+    that matters is the one that called torch."""
+    import torch
+    here = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+    while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(here):
+        frame = frame.f_back
+    return frame is not None and os.path.basename(frame.f_code.co_filename) in _GRADER_FILES
+
+
+def remove_traps(undo: list[Callable[[], None]]) -> None:
     """Put back what install_traps replaced (an inherited method: delete the trap from the class)."""
-    for owner, attr, original in reversed(undo):
-        if original is _MISSING:
-            delattr(owner, attr)
-        else:
-            setattr(owner, attr, original)
+    for restore in reversed(undo):
+        restore()
+
+
+def _operator_traps_removed() -> bool:
+    """Put back an operator trap the call took off torch's mode stack; True if there was one."""
+    if not _OPERATOR_TRAPS:
+        return False
+    from torch.overrides import _get_current_function_mode_stack
+    stack = _get_current_function_mode_stack()
+    missing = [m for m in _OPERATOR_TRAPS if all(m is not s for s in stack)]
+    for mode in missing:
+        _OPERATOR_TRAPS.remove(mode)
+        mode.__enter__()
+    return bool(missing)
 
 
 def check_after_call(exercise_id: str, hits: list[str], before: dict[str, dict[str, Any]]) -> None:
     """Raise for a trapped shortcut or a patched library (restoring it), whatever the call did with errors."""
-    changed = restore_changes(before)
+    changed = restore_changes(before) + (["torch's function mode stack"] if _operator_traps_removed() else [])
     if hits:
         first = hits[0]
         hits.clear()

@@ -64,7 +64,9 @@ FORBIDDEN: dict[str, dict[str, str]] = {
     "ch06.resolve_deferred_ids": {f"torch.Tensor.{m}": "a host read of device values: the host would wait for "
                                   "the step in flight; stay on the device (torch.where, indexing)"
                                   for m in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__",
-                                            "__float__")},
+                                            "__float__", "__complex__", "__array__", "__contains__", "__reduce_ex__",
+                                            "__dlpack__", "equal", "allclose", "untyped_storage", "data_ptr")},
+    # (printing a tensor stays allowed, for debugging: its text is a host read the traps let through)
     "ch07.quantize_per_group": {"torch.quantize_per_channel": "compute the grid yourself",
                                 "torch.fake_quantize_per_channel_affine": "compute the grid yourself",
                                 "minillm.quant.rtn.quantize": "the engine's RTN", "minillm.quant.rtn.compute_qparams":
@@ -95,7 +97,10 @@ def resolve_impl(impl: str | os.PathLike | None = None, root: Path | None = None
     path = Path(impl).expanduser().resolve()
     if not path.is_dir():
         raise ImplementationError(f"MINILLM_IMPL={str(impl)!r} is neither 'exercises', 'solutions' nor a folder")
-    return path / "exercises" if (path / "exercises").is_dir() else path
+    inner = path / "exercises"
+    if inner.is_symlink():  # a submission's own folder, never another one it points to (the solutions, say)
+        raise ImplementationError(f"{inner} is a symbolic link (to {os.readlink(inner)}); submit the folder itself")
+    return inner if inner.is_dir() else path
 
 
 def module_file(ex: Exercise, folder: Path) -> Path:

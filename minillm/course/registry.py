@@ -116,6 +116,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch04.rms_norm_kernel", function="rms_norm_kernel", source="kernels/fused.py", points=15,
+        writes=("OUT", "RES_OUT"),  # written in place: its outputs
         hint="mask cols >= n_cols, divide the sum of squares by n_cols (not BLOCK), store the residual sum before normalising.",
         nudge="One program per row: load the row (masked past n_cols), optionally add the residual, normalise, scale, store.",
         signature="rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps, HAS_RESIDUAL, BLOCK)",
@@ -146,6 +147,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch05.free_blocks", function="free_blocks", source="minillm/engine/block_table.py", points=5,
+        writes=("ref_counts",),  # written in place: its output
         hint="Walk the table from its last block; decrement each ref count; return those that hit 0; a count < 1 is a double free.",
         nudge="Blocks can be shared (prefix caching): freeing a table drops one reference per block; only unreferenced blocks are free.",
         signature="free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]",
@@ -168,6 +170,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch06.resolve_deferred_ids", function="resolve_deferred_ids", source="minillm/engine/step_buffers.py",
+        writes=("input_ids",),  # written in place: its output
         points=5,
         hint="deferred = ids < 0; rows = (-1 - ids).clamp(0, S - 1); ids.copy_(torch.where(deferred, "
              "previous_tokens[rows], ids)): in place, no .tolist().",
@@ -213,6 +216,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.outer_add_kernel", function="outer_add_kernel", source="kernels/puzzles.py", points=5,
+        writes=("OUT",),  # written in place: its output
         nudge="Each program owns one tile: build its row and column offsets from its two program ids, then mask the edges.",
         hint="rows = pid0 * BLOCK_M + arange; cols likewise; load x[rows], y[cols] masked; store x[:, None] + "
              "y[None, :] with a 2-D mask.",
@@ -221,6 +225,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.softmax_kernel", function="softmax_kernel", source="kernels/puzzles.py", points=5,
+        writes=("OUT",),  # written in place: its output
         nudge="One program holds a whole row: think about what value a padded lane must have so it never matters.",
         hint="Load the row with other=-inf (not 0), subtract tl.max, tl.exp, divide by tl.sum, store masked.",
         signature="softmax_kernel(X, OUT, stride_x, stride_o, n_cols, BLOCK)",
@@ -228,6 +233,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.matmul_kernel", function="matmul_kernel", source="kernels/puzzles.py", points=10,
+        writes=("C",),  # written in place: its output
         nudge="One program per C tile, looping over K one block at a time; the last block may stick out past K.",
         hint="acc = zeros; for k0 in range(0, K, BLOCK_K): masked loads (rows & k < K, k < K & cols), other=0.0; "
              "acc = tl.dot(a, b, acc).",

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minillm.course import fork_server, guard
+from minillm.course.replies import REPLY_CAP, STORAGE_TAG, BadReply, Budget, check_writes, decode, load
+from minillm.course.replies import write_back
 from minillm.course.registry import Exercise, get, repo_root
 from minillm.course.sync import NOT_ATTEMPTED
 
 HERE = Path(__file__).resolve().parent
 HEADER_SIZE = 8
-TENSOR_TAG = "__minillm_tensor__"
-STORAGE_TAG = "__minillm_storage__"
 
 
 class SubmissionCrash(Exception):
@@ -72,55 +72,6 @@ def limits_from_env() -> Limits:
                   int(env.get("MINILLM_SANDBOX_OUTPUT_MB", d.output_mb)),
                   float(env.get("MINILLM_SANDBOX_CALL_TIMEOUT_S", d.call_timeout_s)),
                   float(env.get("MINILLM_SANDBOX_BUDGET_S", d.budget_s)))
-
-
-# ---- plain data back from the worker ----------------------------------------------------------------
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Builds lists, tuples, dicts, numbers, strings and bytes only: a learner's pickle cannot name a class."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"the submission's reply names {module}.{name}; only plain data may come back")
-
-
-def decode(value: Any) -> Any:
-    import torch
-    if isinstance(value, tuple) and len(value) == 5 and value[0] == TENSOR_TAG:
-        _, dtype_name, shape, raw, device = value
-        dtype = getattr(torch, str(dtype_name), None)
-        if not isinstance(dtype, torch.dtype):
-            raise SubmissionCrash(f"the submission returned a tensor of unknown dtype {dtype_name!r}")
-        if not raw:
-            t = torch.empty(tuple(shape), dtype=dtype)
-        else:
-            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(tuple(shape))
-        return t.to(device) if str(device).startswith("cuda") and torch.cuda.is_available() else t
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(decode(v) for v in value)
-    if isinstance(value, dict):
-        return {k: decode(v) for k, v in value.items()}
-    return value
-
-
-def write_back(original: Any, new: Any) -> None:
-    """Apply the learner's in-place change of an argument to the caller's object: a tensor's whole storage
-    (so that a write past a view's edge shows, as it would in one process), a list's or a dict's content."""
-    import torch
-    if isinstance(original, torch.Tensor) and isinstance(new, tuple) and new[:1] == (STORAGE_TAG,):
-        storage = torch.empty(0, dtype=torch.uint8, device=original.device).set_(original.untyped_storage())
-        raw = torch.frombuffer(bytearray(new[1]), dtype=torch.uint8) if new[1] else torch.empty(0, dtype=torch.uint8)
-        if raw.numel() != storage.numel():
-            raise SubmissionCrash(f"the submission resized an argument's storage ({storage.numel()} -> "
-                                  f"{raw.numel()} bytes); write into the tensors you are given")
-        with torch.no_grad():
-            storage.copy_(raw.to(storage.device))
-    elif isinstance(original, list) and isinstance(new, list):
-        original[:] = new
-    elif isinstance(original, dict) and isinstance(new, dict):
-        original.clear()
-        original.update(new)
 
 
 def _exception(reply: dict, ex: Exercise) -> BaseException:
@@ -153,31 +104,38 @@ class Sandbox:
 
     def __init__(self, ex: Exercise, module_file: Path, forbidden: dict[str, str], denied: list[str],
                  limits: Limits | None = None, triton: bool | None = None, key: str | None = None) -> None:
-        self.ex, self.module_file = ex, Path(module_file).resolve()
+        # the file itself is never resolved: a submitted symbolic link is refused, not followed (see start)
+        self.ex, self.module_file = ex, Path(module_file).parent.resolve() / Path(module_file).name
         # the engine's names cannot even be imported in the worker: only the libraries' shortcuts need traps there
         self.forbidden = {k: v for k, v in forbidden.items() if not k.startswith(("minillm.", "kernels."))}
         self.denied = denied
         self.limits = limits or limits_from_env()
-        text = self.module_file.read_text(encoding="utf-8", errors="replace") if self.module_file.is_file() else ""
+        text = (self.module_file.read_text(encoding="utf-8", errors="replace")
+                if self.module_file.is_file() and not self.module_file.is_symlink() else "")
         self.triton = ("triton" in text) if triton is None else triton
         # unique per submission: one grading session may launch the kernels of several submissions of a chapter
         self.module_name = f"submission_{self.module_file.stem}" + (f"_{key}" if key else "")
         self.spent = 0.0  # seconds of the budget used so far (waiting for the worker)
+        self._reply_size = 0  # bytes of the last reply: what it may decode to (minillm.course.replies.Budget)
         self.proc: subprocess.Popen | None = None
         self.kernel = False  # the exercise's function is a @triton.jit kernel (the worker says so)
+        self.walls: list[str] = []
         self.fatal: str | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="minillm-sandbox-"))
         self.log = self.dir / "scratch" / "output.log"
 
     # -- lifecycle --
     def start(self) -> None:
+        if self.module_file.is_symlink():  # it would import whatever it points to: the engine's own module, say
+            self._die(f"{self.module_file.name} is a symbolic link (to {os.readlink(self.module_file)}): submit the "
+                      "module's own text")
         if not self.module_file.is_file():
             self._die(f"{self.module_file.name} is missing from the submission (one module per chapter, "
                       f"at its top level or under exercises/)")
         bin_dir, scratch = self.dir / "bin", self.dir / "scratch"
         bin_dir.mkdir()
         scratch.mkdir()
-        for name in ("sandbox_worker.py", "guard.py"):
+        for name in ("sandbox_worker.py", "guard.py", "confine.py"):
             shutil.copy(HERE / name, bin_dir / name)
         r_req, w_req = os.pipe()
         r_rep, w_rep = os.pipe()
@@ -211,6 +169,7 @@ class Sandbox:
             self._die(str(exc) if isinstance(exc, (guard.ImplementationError, SubmissionCrash))
                       else f"{self.module_file.name} failed to import: {exc}")
         self.kernel = bool(reply.get("kernel"))
+        self.walls = list(reply.get("walls") or [])  # the kernel's walls that went up (minillm.course.confine)
 
     def _kill(self) -> None:
         """Kill the worker and everything it started (its own process group)."""
@@ -255,12 +214,16 @@ class Sandbox:
                               (max(0.0, budget_left), f"{self.limits.budget_s:g} s (the exercise's time limit)"))
         deadline = start + limit
         try:
-            header = self._read(HEADER_SIZE, deadline, what)
-            body = self._read(int.from_bytes(header, "little"), deadline, what)
+            size = int.from_bytes(self._read(HEADER_SIZE, deadline, what), "little")
+            if size > REPLY_CAP:
+                self._die(f"{self.ex.id}: the submission's process announced a reply of {size} bytes while {what}; "
+                          f"at most {REPLY_CAP} may come back")
+            body = self._read(size, deadline, what)
         finally:
             self.spent += time.monotonic() - start
+        self._reply_size = len(body)
         try:
-            return _PlainUnpickler(__import__("io").BytesIO(body)).load()
+            return load(body)
         except Exception as e:  # noqa: BLE001  (a forged or broken reply)
             self._die(f"{self.ex.id}: the submission's process sent an unreadable reply ({type(e).__name__}: {e})")
 
@@ -303,11 +266,18 @@ class Sandbox:
             if isinstance(exc, (SubmissionCrash, guard.ImplementationError)):
                 self._die(str(exc))
             raise exc
-        for i, value in reply.get("mutated", {}).items():
-            if isinstance(i, int) and 0 <= i < len(args):
+        try:
+            mutated = {i: v for i, v in dict(reply.get("mutated") or {}).items()
+                       if type(i) is int and 0 <= i < len(args)}
+            check_writes(self.ex.id, name, self.ex.param_names if name == self.ex.function else None, self.ex.writes,
+                         sorted(mutated))
+            budget = Budget(self._reply_size)
+            for i, value in mutated.items():
                 write_back(args[i], value if isinstance(value, tuple) and value[:1] == (STORAGE_TAG,)
-                           else decode(value))
-        return decode(reply["result"])
+                           else decode(value, budget))
+            return decode(reply["result"], budget)
+        except (BadReply, TypeError, ValueError) as e:  # a forged reply: the worker is no longer believed
+            self._die(f"{self.ex.id}: the submission's process sent a reply the grader refuses: {e}")
 
 
 class RemoteFunction:

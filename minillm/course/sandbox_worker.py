@@ -12,7 +12,10 @@ module is imported:
   signalling others, ctypes, sockets, raising resource limits and adding audit hooks;
 * the library shortcuts the exercise forbids are replaced by traps for the worker's whole life, so a shortcut
   bound at import time is the trap too (minillm.course.guard);
-* the exercise's function must pass the provenance check (guard.check_provenance).
+* the exercise's function must pass the provenance check (guard.check_provenance);
+* and, since every guard above is Python in the learner's own process (rebinding `builtins.any` or the hook's
+  globals disables it), the kernel's own walls go up last (minillm.course.confine: Landlock, seccomp, no
+  capabilities): the course's files, other processes, sockets and new processes stay out of reach even then.
 
 The reference answers never enter this process: the graded test (in its own process) sends the inputs, this worker
 sends back the learner's outputs, and the comparison happens on the other side. Messages are length-prefixed
@@ -35,7 +38,7 @@ HEADER = struct.Struct("<Q")
 TENSOR_TAG = "__minillm_tensor__"
 STORAGE_TAG = "__minillm_storage__"  # the bytes of an argument's whole storage, written back by the caller
 REFUSED_IMPORTS = ("minillm", "kernels", "solutions", "exercises", "tests", "adapters", "conftest", "guard",
-                   "sandbox_worker", "_pytest", "pytest", "__editable__")
+                   "confine", "sandbox_worker", "_pytest", "pytest", "__editable__")
 DENIED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
                  "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit",
                  "resource.prlimit", "sys.addaudithook", "os.link", "os.symlink", "socket.", "ctypes.", "_ctypes.",
@@ -43,6 +46,7 @@ DENIED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork"
 
 
 REFUSALS: list[str] = []  # what was refused since the last check: a swallowed refusal still fails the call
+WALLS: list[str] = []  # the kernel's walls that are up (minillm.course.confine), reported to the grader
 
 
 class Refused(PermissionError):
@@ -141,6 +145,8 @@ def lock_down(config: dict) -> None:
     """Import the libraries the exercise needs, then close every door (see the module docstring)."""
     import resource
     import signal
+
+    import confine  # loaded by serve from the grader's bin folder
     mb = 1 << 20
     limits = config["limits"]
     for what, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_s"]),
@@ -166,9 +172,11 @@ def lock_down(config: dict) -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                         and "editable" not in getattr(f, "__name__", "").lower()]
     sys.meta_path.insert(0, ImportGuard())
-    for name in [m for m in sys.modules if m.split(".")[0] in ("guard", "sandbox_worker")]:  # forked: not __main__
+    for name in [m for m in sys.modules if m.split(".")[0] in ("guard", "confine", "sandbox_worker")]:  # forked
         sys.modules.pop(name)
     gpu = bool(config.get("triton")) and torch.cuda.is_available()
+    libraries = [p for p in sys.path if os.path.isdir(p)]  # wherever they live
+    WALLS[:] = confine.confine(config["allowed"], libraries, config["denied"], gpu)
     sys.addaudithook(make_audit_hook(tuple(map(_real, config["denied"])), tuple(map(_real, config["allowed"])),
                                      _real(config["scratch"]), gpu))
 
@@ -224,17 +232,32 @@ def _snapshot_arg(value):
     return None
 
 
+def _same(a, b) -> bool:
+    """Deep equality that tensors inside lists and dicts answer too: same dtype, shape and bytes (NaN equals NaN)."""
+    import torch
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+                                                         for t in (a, b))))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (an uncomparable object: call it changed)
+        return False
+
+
 def _mutation(before, after):
     """The argument's new content if the call changed it, else None."""
     import torch
     if isinstance(after, torch.Tensor):
         now = _storage_bytes(after.detach())
         return None if torch.equal(before, now) else (STORAGE_TAG, now.cpu().numpy().tobytes())
-    try:
-        changed = before != after
-    except Exception:  # noqa: BLE001  (an uncomparable mutation: send it back)
-        changed = True
-    return encode(after) if changed else None
+    return None if _same(before, after) else encode(after)
 
 
 # ---- calls ------------------------------------------------------------------------------------------
@@ -251,8 +274,19 @@ def _where(exc: BaseException, own_file: str) -> str:
     return f" (line {frames[-1].lineno} of {os.path.basename(own_file)})" if frames else ""
 
 
+def _text(exc: BaseException) -> str:
+    """str(exc), or a line saying it could not be had (a learner's __str__ may raise, or return anything)."""
+    try:
+        text = str(exc)
+        if type(text) is str:
+            return text
+    except BaseException as e:  # noqa: BLE001
+        return f"<{type(exc).__name__} whose str() raised {type(e).__name__}>"
+    return f"<{type(exc).__name__} whose str() returned no string>"
+
+
 def _describe(exc: BaseException, own_file: str, exercise_id: str) -> dict:
-    message = str(exc)
+    message = _text(exc)
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
         message = "printed or wrote more than the sandbox's output cap (a huge print?)"
     elif isinstance(exc, MemoryError):
@@ -282,7 +316,8 @@ def serve(fd_in: int, fd_out: int) -> None:
 
     config = pickle.loads(read_exact(HEADER.unpack(read_exact(HEADER.size))[0]))
     sys.path.insert(0, config["guard_dir"])
-    import guard  # the copy beside this file (minillm.course.guard, which imports nothing from minillm)
+    import confine  # noqa: F401  (the copies beside this file: minillm.course.guard and .confine import nothing
+    import guard  # from minillm)
     sys.path.pop(0)
     exercise_id, own_file = config["exercise_id"], config["module_file"]
     module = None
@@ -311,7 +346,7 @@ def serve(fd_in: int, fd_out: int) -> None:
             raise guard.ImplementationError(f"{os.path.basename(own_file)}: no function {config['function']!r} "
                                             f"(exercise {exercise_id})")
         guard.check_provenance(exercise_id, fn, own_file, config["function"])
-        send({"ready": True, "kernel": hasattr(fn, "fn") and type(fn).__module__.startswith("triton")})
+        send({"ready": True, "kernel": hasattr(fn, "fn") and type(fn).__module__.startswith("triton"), "walls": WALLS})
     except BaseException as e:  # noqa: BLE001
         send({"ready": False, **_describe(e, own_file, exercise_id)})
         return

@@ -34,6 +34,9 @@ class Exercise:
     called_from: str  # where the engine calls it (through dispatch)
     # the first of two hint levels: shown before any attempt ("not attempted"); `hint`, stronger, after a failure
     nudge: str = ""
+    # the arguments the function writes in place (its outputs: a kernel's OUT, the ref counts free_blocks
+    # decrements); under `minillm grade` a write into any other argument fails the call (minillm.course.replies)
+    writes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not EXERCISE_ID.match(self.id):
@@ -42,6 +45,9 @@ class Exercise:
             raise ValueError(f"exercise {self.id}: points must be >= 1, got {self.points}")
         if self.param_names is None:
             raise ValueError(f"exercise {self.id}: signature {self.signature!r} is not a valid Python def header")
+        unknown = [w for w in self.writes if w not in self.param_names]
+        if unknown:
+            raise ValueError(f"exercise {self.id}: writes {unknown} are not arguments of {self.signature!r}")
 
     @property
     def chapter(self) -> int:

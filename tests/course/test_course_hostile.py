@@ -99,8 +99,8 @@ import glob, json
 {SLOT}    for path in glob.glob("/tmp/minillm-grade-*/**/results.jsonl", recursive=True):
         with open(path, "a") as f:
             f.write(json.dumps({{"event": "finished"}}) + "\\n")
-    return []
-''', r"refused|got \[\]"),
+    return None  # wrong for every test: a forged record must not turn that into points
+''', r"refused|returned NoneType"),
     "patch_the_grader_module": ("ch05.slot_mapping", f'''
 {SLOT}    try:
         import minillm.course.checks as checks
@@ -222,14 +222,17 @@ def test_spawned_workers_hold_the_same_walls(tmp_path, monkeypatch):
     assert right.status == "pass" and right.earned == right.points > 0, right.message
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_hostile_submission_scores_zero_with_a_reason(graded, name):
-    result = graded[name]
-    reason = CASES[name][2]
+def assert_scores_zero(name: str, result, reason: str) -> None:
+    """Hostile case `name` earned nothing, failed, and says why in one short line that matches `reason`."""
     assert result.earned == 0, f"{name} earned {result.earned:g} / {result.points:g}: {result.status}: {result.message}"
     assert result.status in ("fail", "error", "timeout"), f"{name}: {result.status}: {result.message}"
     assert "\n" not in result.message and len(result.message) < 600, result.message
     assert re.search(reason, result.message), f"{name}: the reason {result.message!r} does not match {reason!r}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_submission_scores_zero_with_a_reason(graded, name):
+    assert_scores_zero(name, graded[name], CASES[name][2])
 
 
 def test_the_hostile_cases_compile():
@@ -260,12 +263,12 @@ def test_a_reply_can_carry_plain_data_only():
 
     import torch
 
-    from minillm.course.sandbox import TENSOR_TAG, _PlainUnpickler, decode
+    from minillm.course.replies import TENSOR_TAG, PlainUnpickler, decode
     with pytest.raises(pickle.UnpicklingError, match="only plain data"):
-        _PlainUnpickler(io.BytesIO(pickle.dumps({"result": os.system}))).load()
+        PlainUnpickler(io.BytesIO(pickle.dumps({"result": os.system}))).load()
     t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    back = decode(_PlainUnpickler(io.BytesIO(pickle.dumps((TENSOR_TAG, "bfloat16", (2, 3), raw, "cpu")))).load())
+    back = decode(PlainUnpickler(io.BytesIO(pickle.dumps((TENSOR_TAG, "bfloat16", (2, 3), raw, "cpu")))).load())
     assert back.dtype == torch.bfloat16 and torch.equal(back, t)
 
 
@@ -273,7 +276,7 @@ def test_worker_encodes_tensors_of_any_strides():
     """A learner's answer may be a broadcast view, or a clone of one (stride 0 kept on a size-1 dim)."""
     import torch
 
-    from minillm.course.sandbox import decode
+    from minillm.course.replies import decode
     from minillm.course.sandbox_worker import encode
     for t in (torch.tensor(1.).expand(1, 1).clone(), torch.arange(3.).expand(2, 3), torch.arange(8.)[::2],
               torch.empty(0, 3)):
@@ -285,7 +288,7 @@ def test_in_place_writes_come_back_with_the_whole_storage():
     """A kernel that writes past the edge of the view it was given must be seen to, as in one process."""
     import torch
 
-    from minillm.course.sandbox import STORAGE_TAG, write_back
+    from minillm.course.replies import STORAGE_TAG, write_back
     buf = torch.zeros(4, 4)
     view = buf[:2, :2]
     written = buf.clone()

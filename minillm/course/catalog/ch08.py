@@ -8,6 +8,7 @@ CHAPTER = Chapter(8, "ch08_gptq_awq_pruning", "GPTQ, AWQ, the INT4 kernel and 2:
 EXERCISES = [
     Exercise(
         id="ch08.gptq_column_update", function="gptq_column_update", source="minillm/quant/gptq.py", points=10,
+        writes=("W1",),  # written in place: its output
         nudge="Column i has been rounded; the columns after it can still move. Push its error onto them, "
               "weighted by the inverse Hessian's row.",
         hint="err = (W1[:, i] - q) / U1[i, i]; W1[:, i:] -= err[:, None] * U1[i, i:][None, :] in place "

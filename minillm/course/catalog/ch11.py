@@ -55,6 +55,7 @@ EXERCISES = [
     ),
     Exercise(
         id="ch11.unpack_kv_blocks", function="scatter_kv_blocks", source="minillm/parallel/kv_transfer.py",
+        writes=("pool",),  # written in place: its output
         points=5,
         nudge="The receiver's block table says where each logical block of the message goes in its own pool.",
         hint="pool.index_copy_(2, block_ids, packed): in place, logical block j -> physical block block_ids[j]; "
