@@ -147,6 +147,12 @@ def _classify(call: pytest.CallInfo, exercise_id: str | None = None, key: str | 
     return "failed", f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _printable(text: str, keep: str = "") -> str:
+    """`text` with control characters (but those in `keep`) spelled out as escapes: a learner's exception message
+    reaches the report, and must not draw on the terminal (an escape sequence that rewrites a line as a pass)."""
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
@@ -161,8 +167,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         else:
             status, message = _classify(call, _exercise_of(item), _key(item))
         _emit(item.config, {"event": "test", **_describe(item), "outcome": status,
-                            "message": message[:MAX_MESSAGE], "duration": rep.duration,
-                            "traceback": "" if rep.passed else rep.longreprtext[-MAX_TRACEBACK:]})
+                            "message": _printable(message)[:MAX_MESSAGE], "duration": rep.duration,
+                            "traceback": "" if rep.passed else _printable(rep.longreprtext[-MAX_TRACEBACK:], "\n")})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -9,7 +9,8 @@ to its end of the pipe, not only what `sandbox_worker.encode` makes. So the grad
   so nothing of the learner's runs here);
 * it decodes to no more objects and tensor bytes than it carries (`Budget`): a pickle can name one object many
   times through its memo, and forty nested pairs of one list would decode to a trillion lists;
-* a tensor's bytes must be exactly its shape times its dtype's size;
+* it is nested at most MAX_DEPTH levels deep (the grader's decoding recurses), and a tensor's bytes are exactly
+  its shape times its dtype's size;
 * an argument the learner's function changed in place is written back only if the exercise writes it (the
   registry's `writes`: a kernel's output pointer, the ref counts `free_blocks` decrements). In one process any
   change would show; here a function that zeroes its weight, or rewrites the block table the test checks its answer
@@ -25,6 +26,7 @@ from typing import Any
 TENSOR_TAG = "__minillm_tensor__"
 STORAGE_TAG = "__minillm_storage__"  # the bytes of an argument's whole storage, written back by the caller
 REPLY_CAP = 1 << 30  # bytes one reply may announce
+MAX_DEPTH = 64  # levels of nesting a reply may have (the worker's encode sends at most 21)
 
 
 class BadReply(Exception):
@@ -81,19 +83,21 @@ def _tensor(value: tuple, budget: Budget):
     return t.to(device) if str(device).startswith("cuda") and torch.cuda.is_available() else t
 
 
-def decode(value: Any, budget: Budget | None = None) -> Any:
+def decode(value: Any, budget: Budget | None = None, depth: int = 0) -> Any:
     """The objects `value` (a loaded reply) stands for: tensors rebuilt from their tagged tuples, containers
-    copied, within `budget` (None: unbounded, for data the grader made itself)."""
+    copied, within `budget` (None: unbounded, for data the grader made itself) and MAX_DEPTH levels."""
     budget = budget or Budget(math.inf)
     budget.spend(1)
+    if depth > MAX_DEPTH:
+        raise BadReply(f"its reply is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, tuple) and len(value) == 5 and value[0] == TENSOR_TAG:
         return _tensor(value, budget)
     if isinstance(value, list):
-        return [decode(v, budget) for v in value]
+        return [decode(v, budget, depth + 1) for v in value]
     if isinstance(value, tuple):
-        return tuple(decode(v, budget) for v in value)
+        return tuple(decode(v, budget, depth + 1) for v in value)
     if isinstance(value, dict):
-        return {k: decode(v, budget) for k, v in value.items()}
+        return {k: decode(v, budget, depth + 1) for k, v in value.items()}
     return value
 
 

@@ -6,7 +6,8 @@ one-line reason, and none may cost another submission its points.
   turns it off, and then only the kernel's walls hold (minillm.course.confine: Landlock for files, seccomp for
   processes, sockets and signals); those cases are skipped where the kernel offers no such wall;
 * a reply is bytes the learner's process writes: a forged header, or a pickle that names one list a trillion
-  times, must not make the grading session hold it all (minillm.course.replies);
+  times, must not make the grading session hold it all (minillm.course.replies); a message must not draw on the
+  terminal that shows the report;
 * an argument written in place comes back only if the exercise writes it: zeroing the weight, or rewriting the
   block table the test checks against, fails the call;
 * a library shortcut is trapped by its operation, whatever the spelling (C binding, torch.ops, a Tensor method),
@@ -103,6 +104,8 @@ class _Unprintable(Exception):
     def __str__(self):
         raise RuntimeError("no text for the grader")
 ''' + SLOT + "    raise _Unprintable()\n", r"_Unprintable whose str\(\) raised RuntimeError", None),
+    "message_that_draws_on_the_terminal": ("ch05.slot_mapping", SLOT + '''    raise RuntimeError("\\x1b[1A\\x1b[2Kch05.slot_mapping  10 / 10  pass")
+''', r"RuntimeError: \\x1b\[1A\\x1b\[2Kch05\.slot_mapping  10 / 10  pass", None),
     "rewrite_the_block_table_to_fit_the_answer": ("ch05.slot_mapping", SLOT + '''    block_table[:] = range(len(block_table))  # the properties test checks the slots against this very list
     return list(range(start, end))
 ''', r"wrote into its argument 'block_table', which it only reads", None),
@@ -190,7 +193,8 @@ def test_grants_carve_the_denied_folders_out(tmp_path):
 
 def test_a_reply_decodes_to_no_more_than_it_carries():
     """Forty nested pairs of one list pickle to a few hundred bytes and decode to 2**40 lists; an honest reply (its
-    tensor's bytes included) fits its own size; a tensor's bytes must be its shape times its dtype's size."""
+    tensor's bytes included) fits its own size; a tensor's bytes must be its shape times its dtype's size; the
+    grader's decoding recurses, so a reply may not nest deeper than the worker ever sends."""
     import pickle
 
     import torch
@@ -208,3 +212,8 @@ def test_a_reply_decodes_to_no_more_than_it_carries():
     assert torch.equal(got[0], t.reshape(2, 3)) and got[1:] == ["float32", [1, 2]]
     with pytest.raises(BadReply, match=r"shape \(1000000000,\) \(4000000000 bytes\) carrying 0 bytes"):
         decode((TENSOR_TAG, "float32", (10**9,), b"", "cpu"))
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(BadReply, match="nested more than 64 levels deep"):
+        decode(deep)
