@@ -125,3 +125,38 @@ def assert_scalar_close(actual: Any, expected: float, what: str = "value", rtol:
     if not err <= rtol * abs(expected) + 1e-12:
         raise AssertionError(f"{what}: got {actual:.10g}, expected {expected:.10g} "
                              f"(abs err {err:.2g}, rel err {err / max(abs(expected), 1e-300):.2g}, rtol {rtol:g})")
+
+
+def _short(args: tuple) -> str:
+    """An argument tuple for a one-line message: tensors by their shape."""
+    return "(" + ", ".join(f"tensor{list(a.shape)}" if isinstance(a, torch.Tensor) else repr(a) for a in args) + ")"
+
+
+def _assert_same(actual: Any, expected: Any, what: str, rtol: float) -> None:
+    """The reference's answer, whatever its kind: tensors within their dtype's tolerance, numbers within rtol,
+    sequences element by element, anything else equal."""
+    if isinstance(expected, torch.Tensor):
+        assert_close(actual, expected, what)
+    elif isinstance(expected, float):
+        assert_scalar_close(actual, expected, what, rtol)
+    elif isinstance(expected, (tuple, list)) and any(isinstance(e, (torch.Tensor, float)) for e in expected):
+        if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
+            raise AssertionError(f"{what}: expected {type(expected).__name__} of {len(expected)}, got {actual!r:.80}")
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{what}[{i}]", rtol)
+    elif actual != expected:
+        raise AssertionError(f"{what}: got {actual!r:.80}, expected {expected!r:.80}")
+
+
+def assert_rejects(impl: Any, valid: tuple, expected: Any, invalid: list[tuple], name: str,
+                   rtol: float = 1e-6) -> None:
+    """The error-handling part of an exercise's grade: every argument tuple in `invalid` must raise ValueError.
+    A function that raises for *every* input would pass that alone and earn points for nothing, so the `valid`
+    call must first return `expected` (the reference's answer): refusing is right only where the input is wrong."""
+    _assert_same(impl(*valid), expected, f"{name}{_short(valid)}, a valid call", rtol)
+    for args in invalid:
+        try:
+            impl(*args)
+        except ValueError:
+            continue
+        raise AssertionError(f"{name}{_short(args)} must raise ValueError")

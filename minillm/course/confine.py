@@ -211,6 +211,8 @@ def confine(allowed: list[str], libraries: list[str], denied: list[str], gpu: bo
     denied one), `denied`: the course's folders. Call it once, single-threaded, before any of the learner's code
     runs."""
     up = []
+    if platform.system() != "Linux":  # Landlock, seccomp and capset are Linux's: elsewhere (macOS) no wall goes up
+        return up
 
     def landlock() -> str:
         abi = landlock_abi()
@@ -226,6 +228,6 @@ def confine(allowed: list[str], libraries: list[str], denied: list[str], gpu: bo
     for wall in walls:
         try:
             up.append(wall())
-        except OSError:  # this kernel (or container) does not offer it: the walls before it still stand
-            pass
+        except (OSError, AttributeError):  # this kernel, container or C library does not offer it (AttributeError:
+            pass                             # no such function in libc): the walls before it still stand
     return up

@@ -54,6 +54,9 @@ def test_merge_matches_solution_and_is_symmetric(impl, ref):
     got = impl(a[0].clone(), a[1].clone(), b[0].clone(), b[1].clone())
     want = ref(a[0].clone(), a[1].clone(), b[0].clone(), b[1].clone())
     swapped = impl(b[0].clone(), b[1].clone(), a[0].clone(), a[1].clone())
+    for result in (got, swapped):  # (zip over anything shorter would check nothing)
+        assert isinstance(result, (tuple, list)) and len(result) == 2, \
+            f"merge_lse must return the pair (out, lse), got {type(result).__name__}: {result!r:.60}"
     for name, x, y, z in zip(("out", "lse"), got, want, swapped):
         assert_close(x, y, f"merge_lse {name}")
         assert_close(z, y, f"merge_lse {name} with the two sides swapped", atol=1e-6, rtol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from minillm.course.checks import graded_seed
+from minillm.course.checks import assert_rejects, graded_seed
 
 
 @pytest.mark.exercise("ch05.slot_mapping")
@@ -13,8 +13,7 @@ from minillm.course.checks import graded_seed
     (16, 2, 15, 18),  # across one block boundary (the docstring's example)
     (16, 1, 0, 16),  # exactly one block
     (16, 2, 0, 17),  # one past a block
-    (1, 7, 0, 7),  # every token its own block
-    (5, 9, 12, 12),  # nothing to map
+    (1, 7, 2, 7),  # every token its own block (from position 2: from 0 the answer would be the table itself)
     (3, 11, 4, 31),  # many boundaries, a non-power-of-two block size
 ])
 def test_slot_mapping_matches_solution(impl, ref, block_size, n_blocks, start, end):
@@ -28,7 +27,7 @@ def test_slot_mapping_matches_solution(impl, ref, block_size, n_blocks, start, e
 
 
 @pytest.mark.exercise("ch05.slot_mapping")
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_slot_mapping_properties(impl):
     block_size, table = 4, [9, 0, 5]
     slots = impl(table, 0, 12, block_size)
@@ -37,14 +36,14 @@ def test_slot_mapping_properties(impl):
         assert s // block_size == table[p // block_size], f"position {p} -> slot {s} is not in block {table[p // block_size]}"
         assert s % block_size == p % block_size, f"position {p} -> slot {s}: wrong offset inside the block"
     assert impl(table, 5, 9, block_size) == slots[5:9], "a sub-range must give the same slots as the full range"
+    assert impl(table, 7, 7, block_size) == [], "an empty range (start == end) maps nothing"
 
 
 @pytest.mark.exercise("ch05.slot_mapping")
 @pytest.mark.points(2)
-def test_slot_mapping_rejects_bad_ranges(impl):
-    for args in [([3, 4], 0, 9, 4), ([3], 2, 1, 4), ([3], -1, 2, 4)]:
-        with pytest.raises(ValueError):
-            impl(*args)
+def test_slot_mapping_rejects_bad_ranges(impl, ref):
+    valid = ([3, 4], 2, 7, 4)
+    assert_rejects(impl, valid, ref(*valid), [([3, 4], 0, 9, 4), ([3], 2, 1, 4), ([3], -1, 2, 4)], "slot_mapping")
 
 
 @pytest.mark.exercise("ch05.hash_block")

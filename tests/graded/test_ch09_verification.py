@@ -142,7 +142,7 @@ def _residual_inputs(rows: int, vocab: int, base: int) -> tuple[torch.Tensor, to
 
 @pytest.mark.exercise("ch09.residual_distribution")
 @pytest.mark.points(1)
-@pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 7), (4, 3), (9, 50), (33, 129)])
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (4, 3), (9, 50), (33, 129)])
 def test_residual_matches_solution(impl, ref, rows, vocab):
     p, q = _residual_inputs(rows, vocab, base=rows * 1000 + vocab)
     got, want = impl(p.clone(), q.clone()), ref(p.clone(), q.clone())
@@ -150,7 +150,7 @@ def test_residual_matches_solution(impl, ref, rows, vocab):
 
 
 @pytest.mark.exercise("ch09.residual_distribution")
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_residual_properties(impl):
     p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.25, 0.25, 0.5]])
     q = torch.tensor([[0.2, 0.6, 0.2], [0.4, 0.5, 0.1], [0.25, 0.25, 0.5]])
@@ -183,7 +183,7 @@ def _greedy_inputs(batch: int, width: int, base: int):
 
 @pytest.mark.exercise("ch09.greedy_verify")
 @pytest.mark.points(1)
-@pytest.mark.parametrize("batch,width", [(1, 0), (1, 1), (6, 4), (13, 5), (40, 3)])
+@pytest.mark.parametrize("batch,width", [(1, 1), (6, 4), (13, 5), (40, 3)])
 def test_greedy_accept_matches_solution(impl, ref, batch, width):
     args = _greedy_inputs(batch, width, base=batch * 10 + width)
     got, want = impl(*(a.clone() for a in args)), ref(*(a.clone() for a in args))
@@ -191,7 +191,7 @@ def test_greedy_accept_matches_solution(impl, ref, batch, width):
 
 
 @pytest.mark.exercise("ch09.greedy_verify")
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_greedy_accept_properties(impl):
     t = torch.tensor
     target = t([[5, 7, 2, 9], [5, 7, 2, 9], [5, 7, 2, 9], [5, 7, 2, 9]])

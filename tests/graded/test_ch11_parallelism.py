@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_moe import TINY_MOE
 
-from minillm.course.checks import assert_close, assert_equal, assert_tensor, graded_seed
+from minillm.course.checks import assert_close, assert_equal, assert_rejects, assert_tensor, graded_seed
 from minillm.engine.step_input import StepInput
 from minillm.engine.worker import RandomWeights
 from minillm.hooks import overriding
@@ -90,12 +90,11 @@ def test_split_linear_ranks_reproduce_the_layer(impl, tp, out, inp):
 
 @pytest.mark.exercise("ch11.split_linear")
 @pytest.mark.points(1)
-def test_split_linear_rejects_bad_input(impl):
+def test_split_linear_rejects_bad_input(impl, ref):
     w, b = torch.zeros(6, 4), torch.zeros(6)
-    for args in [(w, b, 0, 2, "diagonal"), (w, b, 2, 2, "column"), (w, b, -1, 2, "row"), (w, b, 0, 4, "column"),
-                 (w, b, 0, 3, "row")]:
-        with pytest.raises(ValueError):
-            impl(*args)
+    valid = (torch.arange(24.0).reshape(6, 4), torch.arange(6.0), 1, 2, "column")
+    assert_rejects(impl, valid, ref(*valid), [(w, b, 0, 2, "diagonal"), (w, b, 2, 2, "column"), (w, b, -1, 2, "row"),
+                                              (w, b, 0, 4, "column"), (w, b, 0, 3, "row")], "split_linear")
 
 
 @pytest.mark.exercise("ch11.split_linear")
@@ -142,11 +141,11 @@ def test_allreduce_placement_matches_solution(impl, ref):
 
 @pytest.mark.exercise("ch11.allreduce_placement")
 @pytest.mark.points(1)
-def test_allreduce_placement_rejects_chains_that_need_more_than_an_all_reduce(impl):
-    for chain, tp in [(["column"], 2), (["column", "column", "row"], 2), (["column", "replicated"], 4),
-                      (["row", "column"], 2), (["diagonal"], 2), (["row"], 0)]:
-        with pytest.raises(ValueError):
-            impl(chain, tp)
+def test_allreduce_placement_rejects_chains_that_need_more_than_an_all_reduce(impl, ref):
+    valid = (["column", "row"], 2)
+    assert_rejects(impl, valid, ref(*valid), [(["column"], 2), (["column", "column", "row"], 2),
+                                              (["column", "replicated"], 4), (["row", "column"], 2),
+                                              (["diagonal"], 2), (["row"], 0)], "allreduce_placement")
 
 
 @pytest.mark.exercise("ch11.allreduce_placement")
