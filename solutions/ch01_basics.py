@@ -18,7 +18,13 @@ import torch.nn.functional as F
 
 
 def arithmetic_intensity(m: int, n: int, k: int, bytes_per_element: float) -> float:
-    """FLOPs per byte moved for C[m,n] = A[m,k] @ B[k,n]: 2mnk / (bytes_per_element * (mk + kn + mn)). Teach: reads A and B once, writes C once; why decode (m=1) is memory-bound."""
+    """Arithmetic intensity (FLOPs per byte moved) of the matmul C[m, n] = A[m, k] @ B[k, n].
+
+    FLOPs: one multiply and one add for each of the k terms of each of the m*n outputs, 2*m*n*k.
+    Bytes: A and B are read once and C is written once, each element bytes_per_element bytes:
+    bytes_per_element * (m*k + k*n + m*n). Return their ratio as a float (no validation needed).
+    Decode (m = 1) reads a whole weight matrix for 2 FLOPs per weight: that is why it is memory-bound.
+    """
     flops = 2 * m * n * k  # one multiply and one add for each of the k terms of each of the m x n outputs
     bytes_moved = bytes_per_element * (m * k + k * n + m * n)  # read A, read B, write C: each exactly once
     return flops / bytes_moved
