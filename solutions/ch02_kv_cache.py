@@ -41,7 +41,8 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_
     Each token keeps one key AND one value vector of head_dim numbers per KV head (not per query head:
     grouped-query attention shares them) in every layer. Example: Llama-3-8B (32 layers, 8 KV heads,
     head_dim 128) in bf16 keeps 131072 bytes (128 KiB) per token.
-    Raise ValueError if a count is < 1 (num_tokens may be 0) or bytes_per_element <= 0.
+    Raise ValueError if num_layers, num_kv_heads or head_dim is < 1, bytes_per_element <= 0 or num_tokens < 0
+    (num_tokens = 0 is valid: no tokens, no cache, 0 bytes).
     """
     if min(num_layers, num_kv_heads, head_dim) < 1 or num_tokens < 0 or bytes_per_element <= 0:
         raise ValueError(f"need num_layers, num_kv_heads, head_dim >= 1, num_tokens >= 0, bytes_per_element > 0; "
