@@ -81,9 +81,10 @@ def causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block
                        causal: bool = True) -> tuple[int, int]:
     """Which keys the query tile of rows m_start .. m_start + block_m - 1 must visit: returns (full_end, hi).
 
-    Keys [0, full_end) are seen by every row of the tile: they need no mask (full_end is a multiple of
-    block_n, so those are whole tiles). Keys [full_end, hi) are visited with a mask (the diagonal, or the end
-    of the sequence, cuts through them); keys from hi on are skipped. Bottom-right causal alignment: the
+    Keys [0, full_end) are seen by every row of the tile: they need no mask. full_end is the LARGEST multiple
+    of block_n such that every existing row of the tile sees all keys below it (so those are whole tiles).
+    Keys [full_end, hi) are visited with a mask (the diagonal, or the end of the sequence, cuts through
+    them); hi is one past the last key that any row of the tile sees; keys from hi on are skipped. Bottom-right causal alignment: the
     queries are the LAST q_len of the k_len tokens, so query row i sits at position k_len - q_len + i and sees
     keys 0 .. that position. Rows from q_len on do not exist (the last tile may be short). Not causal: every
     key, full_end = k_len rounded down to a multiple of block_n, hi = k_len. Always 0 <= full_end <= hi <= k_len.
