@@ -43,7 +43,8 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     block_size tokens inside it: the same 16 tokens after a different prefix have different keys and values,
     so they must get a different key. The first block has no parent (parent_hash is None).
 
-    Use Python's built-in `hash` of the tuple (parent, token_ids), with parent = 0 for the first block.
+    Use Python's built-in `hash` of the tuple (parent, tuple(token_ids)), with parent = 0 for the first block.
+    token_ids may arrive as a tuple or a list of ints (a list is unhashable): the key must be the same for both.
     Why 0 and not None: before Python 3.12, hash(None) changes from one process to the next, and a cache
     key (and the numbers a notebook prints) should not. Ints and tuples of ints hash the same in every run.
 

@@ -12,7 +12,7 @@ from minillm.course.overrides import use_overrides
 from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler import Scheduler
 from minillm.engine.scheduler_sim import SimulatedEngine
-from minillm.course.checks import graded_seed
+from minillm.course.checks import assert_rejects, graded_seed
 
 
 def simulate(overrides: dict, num_blocks: int, block_size: int = 4, seed: int = 0, n: int = 10) -> tuple:
@@ -55,7 +55,7 @@ def test_blocks_to_append_matches_solution(impl, ref):
 
 @pytest.mark.exercise("ch05.blocks_to_append")
 @pytest.mark.points(2)
-def test_blocks_to_append_properties(impl):
+def test_blocks_to_append_properties(impl, ref):
     rng = random.Random(graded_seed(1))
     for _ in range(300):
         bs = rng.choice([1, 3, 4, 16])
@@ -67,9 +67,9 @@ def test_blocks_to_append_properties(impl):
                                               f"{now + new} tokens")
         if k > 0:
             assert (held + k - 1) * bs < now + new, f"blocks_to_append({now}, {new}, {held}, {bs}) = {k}: one too many"
-    for args in [(-1, 1, 0, 16), (0, -1, 0, 16), (0, 1, -1, 16), (0, 1, 0, 0)]:
-        with pytest.raises(ValueError):
-            impl(*args)
+    valid = (16, 1, 1, 16)
+    assert_rejects(impl, valid, ref(*valid), [(-1, 1, 0, 16), (0, -1, 0, 16), (0, 1, -1, 16), (0, 1, 0, 0)],
+                   "blocks_to_append")
 
 
 @pytest.mark.exercise("ch05.blocks_to_append")
@@ -113,8 +113,13 @@ def test_free_blocks_properties(impl):
     assert impl([0, 3, 1], counts) == [1, 3, 0], "blocks are released from the table's last block to its first"
     assert impl([], counts) == [], "an empty table frees nothing"
     counts = [1, 0, 1]
-    with pytest.raises(ValueError):
+    try:
         impl([0, 1], counts)  # block 1 is held by nobody: a double free
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("free_blocks([0, 1], ref_counts=[1, 0, 1]) must raise ValueError: block 1 has no "
+                             "holder left (a double free)")
     assert counts == [1, 0, 1], f"a rejected double free must change nothing; counts became {counts}"
 
 
