@@ -16,7 +16,7 @@ from minillm.course.overrides import use_overrides
 from minillm.engine.block_manager import BlockManager
 from minillm.engine.scheduler import Scheduler
 from minillm.engine.scheduler_sim import SimulatedEngine
-from minillm.course.checks import graded_seed
+from minillm.course.checks import assert_rejects, graded_seed
 
 
 def simulate(overrides: dict, num_blocks: int, num_cpu_blocks: int = 0, mode: str = "recompute",
@@ -63,9 +63,8 @@ def test_admit_or_preempt_properties(impl):
     for args in itertools.product([0, 2, 9], [0, 1, 9], [0, 1], [0, 3], [3]):
         answer = impl(False, *args)
         assert answer in ("admit", "wait"), f"a waiting sequence never preempts anyone; got {answer!r} for {args}"
-    for args in [(True, -1, 3, 0, 0, 4), (False, 1, -1, 0, 0, 4), (False, 1, 3, 0, 0, 0)]:
-        with pytest.raises(ValueError):
-            impl(*args)
+    assert_rejects(impl, (False, 3, 4, 1, 0, 4), "admit",
+                   [(True, -1, 3, 0, 0, 4), (False, 1, -1, 0, 0, 4), (False, 1, 3, 0, 0, 0)], "admit_or_preempt")
 
 
 @pytest.mark.exercise("ch06.admit_or_preempt")
@@ -110,8 +109,8 @@ def test_swap_out_mapping_properties(impl):
     cpu = [c for _, c in pairs]
     assert len(set(cpu)) == len(cpu) and set(cpu) <= set(free), f"distinct CPU blocks from the free list; got {pairs}"
     assert cpu == free[:4], f"CPU blocks come from the front of the free list, in order; got {cpu}"
-    with pytest.raises(ValueError):
-        impl([1, 2, 3], [0, 1])  # not enough swap space: the sequence must be recomputed instead
+    # not enough swap space: the sequence must be recomputed instead
+    assert_rejects(impl, ([], [3]), [], [([1, 2, 3], [0, 1])], "swap_out_mapping")
 
 
 @pytest.mark.exercise("ch06.swap_out_mapping")
@@ -165,10 +164,11 @@ def test_resolve_deferred_ids_properties(impl):
         f"got {buffer.tolist()}: write into the view, and only there"
     kept = torch.tensor([3, 0, 2])
     impl(kept, torch.tensor([8]))
-    assert kept.tolist() == [3, 0, 2], "ids >= 0 are real tokens: keep them"
-    for previous in (None, torch.tensor([], dtype=torch.int64)):
-        with pytest.raises(ValueError):
-            impl(torch.tensor([-1]), previous)
+    assert kept.tolist() == [3, 0, 2], \
+        f"input_ids [3, 0, 2] with previous_tokens [8] became {kept.tolist()}: ids >= 0 are real tokens, keep them"
+    assert_rejects(impl, (torch.tensor([3]), torch.tensor([8])), None,
+                   [(torch.tensor([-1]), None), (torch.tensor([-1]), torch.tensor([], dtype=torch.int64))],
+                   "resolve_deferred_ids")
 
 
 @pytest.mark.exercise("ch06.resolve_deferred_ids")
