@@ -25,8 +25,10 @@ def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
       symmetric:  s = max|w| / (2^(b-1) - 1), codes = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) as int8, no zeros
       asymmetric: lo = min(min w, 0), hi = max(max w, 0), s = (hi - lo) / (2^b - 1), z = clamp(round(-lo / s),
                   0, 2^b - 1) as int32, codes = clamp(round(w / s) + z, 0, 2^b - 1) as uint8
-    Work in fp32; clamp every scale to at least torch.finfo(torch.float32).tiny (an all-zero group then gets
-    codes that dequantize to exactly 0, not nan). Inputs are valid (2-D float, bits 2..8, group divides in).
+    Work in fp32, round with torch.round (halves to even) and divide by s as written (w / s, not w * (1 / s):
+    the codes are compared exactly). Clamp every scale to at least torch.finfo(torch.float32).tiny, before
+    computing z and the codes (an all-zero group then gets codes that dequantize to exactly 0, not nan).
+    Inputs are valid (2-D float, bits 2..8, group divides in).
     """
     out_f, in_f = weight.shape
     g = in_f if group_size == -1 else group_size
@@ -90,7 +92,8 @@ def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
 
 
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns n_blocks * 32 floats.
+    """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns a flat fp32
+    tensor of n_blocks * 32 weights, in block order.
 
     Block layout (ggml's block_q4_1): d (fp16, bytes 0-1) | m (fp16, bytes 2-3) | 16 bytes of 4-bit codes q.
     Byte j holds element j in its LOW nibble and element j + 16 in its HIGH nibble. w = q * d + m.
@@ -105,7 +108,8 @@ def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns n * 256 floats.
+    """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns a flat fp32 tensor of
+    n * 256 weights, in super-block order.
 
     A super-block of 256 weights (ggml's block_q4_K) is 8 sub-blocks of 32, with two levels of scales:
         d (fp16, bytes 0-1) | dmin (fp16, bytes 2-3) | 12 bytes of 6-bit scales/mins | 128 bytes of nibbles

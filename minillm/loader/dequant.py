@@ -83,7 +83,8 @@ def dequantize_q4_0(raw: torch.Tensor) -> torch.Tensor:
 
 # >>> exercise ch07.dequant_q4_1
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns n_blocks * 32 floats.
+    """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns a flat fp32
+    tensor of n_blocks * 32 weights, in block order.
 
     Block layout (ggml's block_q4_1): d (fp16, bytes 0-1) | m (fp16, bytes 2-3) | 16 bytes of 4-bit codes q.
     Byte j holds element j in its LOW nibble and element j + 16 in its HIGH nibble. w = q * d + m.
@@ -140,7 +141,8 @@ def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 # >>> exercise ch07.dequant_q4_k
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns n * 256 floats.
+    """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns a flat fp32 tensor of
+    n * 256 weights, in super-block order.
 
     A super-block of 256 weights (ggml's block_q4_K) is 8 sub-blocks of 32, with two levels of scales:
         d (fp16, bytes 0-1) | dmin (fp16, bytes 2-3) | 12 bytes of 6-bit scales/mins | 128 bytes of nibbles

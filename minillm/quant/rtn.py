@@ -160,8 +160,10 @@ def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
       symmetric:  s = max|w| / (2^(b-1) - 1), codes = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) as int8, no zeros
       asymmetric: lo = min(min w, 0), hi = max(max w, 0), s = (hi - lo) / (2^b - 1), z = clamp(round(-lo / s),
                   0, 2^b - 1) as int32, codes = clamp(round(w / s) + z, 0, 2^b - 1) as uint8
-    Work in fp32; clamp every scale to at least torch.finfo(torch.float32).tiny (an all-zero group then gets
-    codes that dequantize to exactly 0, not nan). Inputs are valid (2-D float, bits 2..8, group divides in).
+    Work in fp32, round with torch.round (halves to even) and divide by s as written (w / s, not w * (1 / s):
+    the codes are compared exactly). Clamp every scale to at least torch.finfo(torch.float32).tiny, before
+    computing z and the codes (an all-zero group then gets codes that dequantize to exactly 0, not nan).
+    Inputs are valid (2-D float, bits 2..8, group divides in).
     """
     # >>> solution
     out_f, in_f = weight.shape

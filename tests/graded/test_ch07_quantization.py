@@ -66,7 +66,7 @@ def test_quantize_per_group_round_trip_and_ranges(impl):
             assert_tensor(scales, f"{what}: scales", (6, 3), torch.float32)
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if sym else (0, (1 << bits) - 1)
             c = codes.long()
-            assert int(c.min()) >= lo and int(c.max()) <= hi, f"{what}: codes outside [{lo}, {hi}]"
+            assert int(c.min()) >= lo and int(c.max()) <= hi, f"{what}: codes span [{int(c.min())}, {int(c.max())}], outside [{lo}, {hi}]"
             z = 0 if zeros is None else zeros.long().repeat_interleave(16, dim=1)
             w_hat = (c - z).float() * scales.repeat_interleave(16, dim=1)
             slack = scales.repeat_interleave(16, dim=1) * (0.5 + 1e-4)  # no weight clipped: within half a step
@@ -74,8 +74,10 @@ def test_quantize_per_group_round_trip_and_ranges(impl):
             assert not bad.any(), (f"{what}: {int(bad.sum())} weights dequantize more than half a step away, "
                                    f"first at {tuple(bad.nonzero()[0].tolist())}")
     codes, scales, zeros = impl(torch.zeros(2, 8), 4, 8, False)  # an all-zero group: exact zeros, no nan
-    assert torch.isfinite(scales).all() and (scales > 0).all(), "an all-zero group needs a positive finite scale"
-    assert torch.equal(codes.long(), zeros.long().expand(2, 8)), "an all-zero group must quantize to its zero point"
+    assert torch.isfinite(scales).all() and (scales > 0).all(), \
+        f"W = zeros(2, 8), 4 bits, group 8, asymmetric: scales {scales.tolist()}; need a positive finite scale (clamp)"
+    assert torch.equal(codes.long(), zeros.long().expand(2, 8)), \
+        f"W = zeros(2, 8): codes {codes[0].tolist()}, zeros {zeros.flatten().tolist()}; each code must be its zero"
 
 
 @pytest.mark.exercise("ch07.quantize_per_group")
