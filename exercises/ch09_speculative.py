@@ -68,7 +68,8 @@ def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_t
                           min_n: int = 1) -> list[int]:
     """Prompt-lookup drafts for one sequence: up to `num_speculative_tokens` tokens that followed the most recent
     earlier occurrence of the sequence's last n tokens, n tried from max_n down to min_n (never more than
-    len - 1: the pattern needs an earlier occurrence). [] when nothing matches.
+    len - 1: the pattern needs an earlier occurrence). [] when nothing matches. Returns a list of Python ints,
+    also when token_ids is a 1-D tensor.
 
     "Earlier" means the occurrence may not be the suffix itself (its window starts before len - n), but it may
     overlap the suffix: a repeated pattern proposes its own repetition. The proposal is shorter than requested
