@@ -90,7 +90,8 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch03.causal_block_range", function="causal_block_range", source="kernels/flash_attention.py", points=10,
-        hint="Row i is at position k_len - q_len + i; hi = min(k_len, last row's pos + 1); full_end = first row's pos + 1 rounded DOWN to block_n.",
+        hint="Row i is at position k_len - q_len + i; hi = min(k_len, last EXISTING row's pos + 1); full_end = "
+             "min(k_len, first row's pos + 1) rounded DOWN to block_n; neither below 0 (k_len < q_len).",
         nudge="A tile of query rows needs only the key blocks at or before its last row's position; some of those need no mask at all.",
         signature="causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block_n: int, causal: bool = True) -> tuple[int, int]",
         called_from="minillm.kernels.flash_attention.flash_attention_reference (through dispatch); "
