@@ -217,7 +217,7 @@ print("ref counts now:", ref_counts)
 # `j` must cover the whole prefix. A **chain hash** does that cheaply:
 # `h_0 = hash_block(None, tokens of block 0)`, `h_j = hash_block(h_{j−1}, tokens of block j)`. Only full blocks
 # get a name: a partly filled block will still be written. **Exercise `ch05.hash_block`** (use `hash((parent,
-# tokens))` with parent 0 for the first block). Below: three prompts of 4-token blocks; equal colours are equal
+# tuple(tokens)))` with parent 0 for the first block: the tokens may come as a list). Below: three prompts of 4-token blocks; equal colours are equal
 # names. Prompts 0 and 1 share their first two blocks; prompt 2 has prompt 0's block 2 tokens, after a different
 # beginning: a different name, since its keys and values differ.
 
