@@ -97,12 +97,15 @@ def test_tree_mask_properties(impl):
     assert_equal(example, want, "mask of parents [-1, 0, 0, 1] (siblings 1 and 2 must not see each other)")
     tree = TokenTree.from_paths(dense_tree_paths((3, 2, 2)))  # 1 + 3 + 6 + 12 nodes
     mask = impl(tree.parents.clone())
-    assert bool(mask.diagonal().all()), "every node sees itself"
-    assert bool(mask[:, 0].all()), "every node sees the root"
-    assert not bool(mask.triu(1).any()), "a node never sees a later node (its descendants come after it)"
-    assert_equal(mask.sum(1), tree.depths + 1, "visible nodes per row = the node's depth + 1 (its root path)")
+    what = "tree_attention_mask of dense_tree_paths((3, 2, 2)) (22 nodes)"
+    assert bool(mask.diagonal().all()), f"{what}: node {int((~mask.diagonal()).nonzero()[0])} must see itself"
+    assert bool(mask[:, 0].all()), f"{what}: node {int((~mask[:, 0]).nonzero()[0])} must see the root (node 0)"
+    assert not bool(mask.triu(1).any()), (f"{what}: mask[i, j] with j > i at {mask.triu(1).nonzero()[0].tolist()}: "
+                                          "a node never sees a later node (its descendants come after it)")
+    assert_equal(mask.sum(1), tree.depths + 1, f"{what}: visible nodes per row = the node's depth + 1 (its root path)")
     siblings = (tree.parents.unsqueeze(0) == tree.parents.unsqueeze(1)) & ~torch.eye(tree.num_nodes, dtype=torch.bool)
-    assert not bool((mask & siblings).any()), "siblings are alternatives for one position: they must not see each other"
+    assert not bool((mask & siblings).any()), (f"{what}: nodes {(mask & siblings).nonzero()[0].tolist()} are "
+                                               "siblings (alternatives for one position): they must not see each other")
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
