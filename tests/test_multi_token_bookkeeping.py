@@ -260,3 +260,14 @@ def test_prefix_cache_registers_only_accepted_tokens():
     bm.check_invariants()
 
 
+
+
+def test_drafts_are_trimmed_at_max_model_len():
+    sched = Scheduler(EngineConfig(block_size=BLOCK, max_model_len=8, max_num_seqs=2), BlockManager(16, BLOCK))
+    seq = Sequence("m", [1, 2, 3, 4, 5], SamplingParams(max_tokens=20))
+    sched.add(seq)
+    sched.postprocess(sched.schedule(), [[6]])
+    seq.spec_token_ids = [7, 8, 9, 10]
+    batch = sched.schedule()
+    # position 5 (the last token) and drafts at 6 and 7: nothing at position 8 = max_model_len
+    assert batch.num_new_tokens == [3] and seq.spec_token_ids == [7, 8]

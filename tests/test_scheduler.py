@@ -259,3 +259,30 @@ def test_timeline_records_every_step(make_engine):
     assert sum(r.num_batched_tokens for r in timeline) == sum(sum(b.num_new_tokens) for b in engine.batches)
     preempted = [i for r in timeline for i in r.preempted]
     assert len(preempted) == engine.scheduler.num_preemptions > 0
+
+
+def test_recompute_preemption_keeps_the_generated_tokens(make_engine):
+    # A recompute-preempted sequence prefills its prompt AND its output again: tokens a client has seen are never
+    # taken back (the fake model is deterministic, so the final outputs alone would not show a lost token).
+    engine = make_engine(num_blocks=9, max_num_seqs=8)
+    old = engine.add_request(list(range(40)), max_tokens=60)
+    young = engine.add_request(list(range(100, 140)), max_tokens=40)
+    seen: dict[int, list[int]] = {}
+    while engine.scheduler.has_unfinished():
+        engine.step()
+        for seq in (old, young):
+            before = seen.get(seq.seq_id, [])
+            assert seq.output_token_ids[:len(before)] == before, f"{seq!r} lost generated tokens"
+            seen[seq.seq_id] = list(seq.output_token_ids)
+    assert young.num_preemptions >= 1 and len(young.output_token_ids) == 40
+
+
+def test_blocks_computed_in_a_requests_last_step_are_cached(make_engine):
+    # max_tokens=1: the request finishes in the step that computed its prompt, before any later schedule() offers
+    # those blocks to the prefix cache; freeing it must offer them.
+    engine = make_engine(prefix_caching=True)
+    engine.add_request(list(range(48)), max_tokens=1)
+    engine.run()
+    second = engine.add_request(list(range(48)), max_tokens=1)
+    assert engine.step().num_new_tokens == [1] and second.num_cached_tokens == 47
+    engine.run()
