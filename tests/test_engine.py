@@ -401,6 +401,7 @@ def test_stop_string_helpers():
     assert find_stop_string("xxST", ["STOP"], new_text_len=2) == -1
     assert stream_safe_length("hello ST", ["STOP"]) == 6  # "ST" may become "STOP": hold it back
     assert stream_safe_length("hello S", ["STOP", "Sx"]) == 6
+    assert stream_safe_length("hello STO", ["STOP"]) == 6 and stream_safe_length("a S", ["Sx"]) == 2  # up to len - 1
     assert stream_safe_length("hello", ["STOP"]) == 5 and stream_safe_length("hello", []) == 5
 
 
@@ -451,3 +452,35 @@ def test_final_only_requests_appear_once_when_they_finish(model_and_config):
     llm = LLM.from_engine(engine)
     outs = llm.generate([prompt, prompt[:2]], cumulative)
     assert cumulative.output_kind == "cumulative" and [len(o.outputs[0].token_ids) for o in outs] == [5, 5]
+
+
+def test_pool_size_check_rounds_max_model_len_up_to_whole_blocks():
+    # 33 tokens need 3 blocks of 16: a budget of 2 blocks must be refused at start-up, not by an "error" later
+    from minillm.engine.kv_cache import kv_bytes_per_block, num_device_blocks
+    config, cpu = tiny_config(), torch.device("cpu")
+    per_block = kv_bytes_per_block(config, 16, torch.float32)
+
+    def pool(blocks: int) -> int:
+        engine_config = EngineConfig(block_size=16, max_model_len=33, max_num_seqs=1, kv_cache_memory=blocks * per_block)
+        return num_device_blocks(engine_config, config, torch.float32, cpu)
+
+    assert pool(3) == 3
+    with pytest.raises(ValueError, match="max_model_len=33 needs 3"):
+        pool(2)
+
+
+def test_detokenizer_keeps_a_leading_space_that_depends_on_context():
+    # SentencePiece decodes "▁there" as "there" at the start of a text and as " there" after a word: the first
+    # generated token must be decoded after some prompt tokens, or the space between prompt and output is lost
+    from minillm.engine.detokenizer import DetokenizerState, detokenize_incrementally
+
+    class SentencePieceLike:
+        pieces = ["▁Hi", "▁there", "!"]
+
+        def decode(self, token_ids: list[int]) -> str:
+            text = "".join(self.pieces[t] for t in token_ids).replace("▁", " ")
+            return text[1:] if text.startswith(" ") else text
+
+    tok, state = SentencePieceLike(), DetokenizerState.for_prompt(1)
+    assert detokenize_incrementally(tok, [0, 1], state) == " there"
+    assert detokenize_incrementally(tok, [0, 1, 2], state) == "!"
