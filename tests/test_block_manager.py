@@ -352,3 +352,18 @@ def test_kv_memory_waste():
     assert kv_memory_waste([], 16, 64)["paged_waste_fraction"] == 0.0
     with pytest.raises(ValueError, match="max_model_len=64"):
         kv_memory_waste([65], 16, 64)
+
+
+def test_swapped_in_blocks_are_offered_to_the_prefix_cache_again(make_bm):
+    bm, kv = make_bm(4, block_size=4, num_cpu_blocks=4, enable_prefix_caching=True), ShadowKVCache(4, 4, 4)
+    seq = new_seq(list(range(8)))
+    bm.allocate(seq)
+    compute(bm, kv, seq)  # two full computed blocks, cached
+    bm.swap_out(seq)
+    filler = new_seq(list(range(100, 116)))
+    bm.allocate(filler)  # takes the whole pool: both cached blocks are evicted
+    bm.free(filler)
+    bm.swap_in(seq)  # fresh device blocks with the same contents: they are the cached copy now
+    bm.mark_computed(seq)
+    bm.free(seq)
+    assert bm.num_cached_tokens_on_allocate(new_seq(list(range(8)))) == 7
