@@ -144,12 +144,13 @@ def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[in
         raise ValueError("query_lens is empty: a step has at least one sequence")
     num_seqs = len(query_lens)
     n = min(num_micro_batches, num_seqs)
-    target = sum(query_lens) / n
+    total = sum(query_lens)
     bounds, acc = [0], 0
     for i, q in enumerate(query_lens):
         acc += q
         left, groups_to_open = num_seqs - (i + 1), n - len(bounds)
-        if groups_to_open > 0 and (acc >= target * len(bounds) or left == groups_to_open):
+        # acc / total >= g / n, compared in integers (a float quotient can land a hair below an exact boundary)
+        if groups_to_open > 0 and (acc * n >= total * len(bounds) or left == groups_to_open):
             bounds.append(i + 1)
     bounds.append(num_seqs)
     return bounds
