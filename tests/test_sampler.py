@@ -133,3 +133,19 @@ def test_filters_reach_the_engine_through_dispatch():
     with overrides.use_overrides({"ch01.top_k_filter": top_k_filter}):
         Sampler()(torch.randn(2, 10), t, k, p, default_generator=torch.Generator().manual_seed(0))
     assert calls == [[3, 3]]
+
+
+def test_top_p_boundary_keeps_the_smallest_set_that_reaches_top_p():
+    # four equally likely tokens (exact in binary): the first two reach 0.5 exactly, so a third is not kept
+    out = top_p_filter(torch.zeros(2, 4), torch.tensor([0.5, 0.75]))
+    assert torch.isfinite(out).sum(-1).tolist() == [2, 3]
+
+
+def test_unseeded_rows_around_a_seeded_one_draw_independent_noise():
+    # rows 0 and 2 share the default generator, row 1 has its own: the shared rows must not reuse one noise row
+    logits = torch.zeros(3, 1000)
+    t, k, p = _params(3)
+    for seed in range(3):
+        tokens = Sampler()(logits, t, k, p, generators=[None, torch.Generator().manual_seed(seed), None],
+                           default_generator=torch.Generator().manual_seed(seed))
+        assert tokens[0] != tokens[2]

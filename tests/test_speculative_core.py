@@ -368,3 +368,22 @@ def test_tree_sampling_keeps_the_target_distribution():
     pair_law = (target[0].unsqueeze(1) * target).double().flatten()
     assert _chi_square_p_value(torch.bincount(first, minlength=V).double(), n * target[0].double()) > 1e-3
     assert _chi_square_p_value(torch.bincount(first * V + second, minlength=V * V).double(), n * pair_law) > 1e-3
+
+
+def test_logits_to_probs_filters_top_k_before_top_p():
+    # the sampler's order: top-k keeps [0.4, 0.35, -], renormalised [0.53, 0.47]; top-p 0.5 then keeps one token.
+    # The other order would keep two.
+    logits = torch.log(torch.tensor([[0.4, 0.35, 0.25]]))
+    probs = logits_to_probs(logits, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([0.5]))
+    torch.testing.assert_close(probs, torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_a_seeded_row_draws_the_same_numbers_whatever_the_other_rows_draft():
+    g = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(2, 5, V, generator=g) * 0.1, -1)  # flat: the final draw decides a lot
+    tokens = torch.randint(0, V, (2, 4), generator=g)
+    for seed in range(8):
+        alone = rejection_sample(target[:1, :2], None, tokens[:1, :1], generators=[torch.Generator().manual_seed(seed)])
+        batched = rejection_sample(target, None, tokens, torch.tensor([1, 4]),
+                                   generators=[torch.Generator().manual_seed(seed), None])
+        assert alone.to_lists()[0] == batched.to_lists()[0], seed
