@@ -484,3 +484,10 @@ def test_detokenizer_keeps_a_leading_space_that_depends_on_context():
     tok, state = SentencePieceLike(), DetokenizerState.for_prompt(1)
     assert detokenize_incrementally(tok, [0, 1], state) == " there"
     assert detokenize_incrementally(tok, [0, 1, 2], state) == "!"
+
+
+def test_a_length_finish_flushes_a_pending_partial_character(model_and_config):
+    llm = LLM.from_engine(make_engine(model_and_config))
+    out = llm.generate([[65, 66]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids[-1] == 0xE9  # the first byte of a 3-byte character: its text is pending when the run ends
+    assert out.text == ByteTokenizer().decode(out.token_ids) and out.text.endswith("\ufffd")
