@@ -4,8 +4,8 @@ Greedy tree speculation is token-identical to plain decoding: with the "ngram_tr
 right continuation is never the first branch (so accepted nodes must move their K/V), on the torch and the Triton
 paths, under KV pressure with preemption, over an fp8 cache, with Medusa's heads under a sparse tree; no block is
 left held. A one-chain tree gives exactly chain verification's steps and metrics. Sampled requests keep the target's
-distribution (chi-square on a vocabulary of 8); log-probs follow the accepted path; a prefix-cache hit reads the
-moved K/V. Tree-masked attention itself: tests/test_tree_attention.py.
+distribution (chi-square on a vocabulary of 8); log-probs follow the accepted path, greedy and sampled; a
+prefix-cache hit reads the moved K/V. Tree-masked attention itself: tests/test_tree_attention.py.
 """
 from __future__ import annotations
 
@@ -407,3 +407,22 @@ def test_gpu_tree_verification_next_to_cuda_graphs_equals_plain():
     fp8_tree, _ = run(model_and_config, spec, backend="auto", device="cuda", kv_cache_dtype="fp8",
                       proposer=OracleTreeProposer(fp8_truth))
     assert fp8_tree == fp8_plain
+
+
+def test_sampled_tree_steps_report_the_logprobs_of_the_row_that_sampled(model_and_config, plain):
+    """Sampled token trees (temperature > 0) whose accepted path leaves the first branch: the step's logits are
+    reordered into path order with its tokens, so each emitted token's log-prob is read from the row that sampled
+    it (a resampled token included) and equals a full forward's over the output."""
+    from test_logprobs import reference_logprobs
+    params = [SamplingParams(temperature=0.5, max_tokens=p.max_tokens, ignore_eos=True, seed=i, logprobs=1)
+              for i, p in enumerate(GREEDY)]
+    proposer = OracleTreeProposer(_truth(plain))
+    outputs, _ = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K},
+                     requests=list(zip(PROMPTS, params)), engine_outputs=True, proposer=proposer)
+    assert proposer.num_trees > 0
+    for i, prompt in enumerate(PROMPTS):
+        done = outputs[str(i)].outputs[0]
+        ref = reference_logprobs(model_and_config[0], prompt + done.token_ids)
+        for j, (token, entry) in enumerate(zip(done.token_ids, done.logprobs)):
+            assert entry[token].logprob == pytest.approx(float(ref[len(prompt) - 1 + j, token]), abs=1e-4), \
+                f"request {i}, output token {j}"
