@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minillm.course import fork_server, guard
-from minillm.course.replies import REPLY_CAP, STORAGE_TAG, BadReply, Budget, check_writes, decode, load
-from minillm.course.replies import write_back
+from minillm.course.replies import (REPLY_CAP, STORAGE_TAG, BadReply, Budget, check_writes, decode, load,
+                                    write_back)
 from minillm.course.registry import Exercise, get, repo_root
 from minillm.course.sync import NOT_ATTEMPTED
 

@@ -122,9 +122,7 @@ class OpenAIServing:
     # -- endpoints ----------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        prompt = request.prompt
-        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
-            prompt = [prompt]
+        prompt = request.prompts()
         if not prompt:
             raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
                            param="prompt")

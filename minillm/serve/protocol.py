@@ -106,6 +106,11 @@ class CompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts as a list: one string or one list of token ids is a single prompt."""
+        one = isinstance(self.prompt, str) or (self.prompt and all(isinstance(t, int) for t in self.prompt))
+        return [self.prompt] if one else list(self.prompt)
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
             return "echo", "echo is not supported yet"
@@ -115,8 +120,7 @@ class CompletionRequest(_SamplingFields):
             return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
                                f"got {self.best_of}")
         problem = super().unsupported()
-        prompts = 1 if isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt) else \
-            len(self.prompt)
+        prompts = len(self.prompts())
         if problem is None and prompts * self.n > MAX_CHOICES:
             return "prompt", (f"{prompts} prompt(s) x n={self.n} = {prompts * self.n} completions in one request; "
                               f"at most {MAX_CHOICES}: send several requests")
