@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speculative_config disable_by_batch_size for every method: plain steps while more "
                         "sequences than this run (the switch's cost and effect, measured)")
     p.add_argument("--prompt-lookup-mins", type=int, nargs="+", default=None,
-                   help="ngram: one variant per prompt_lookup_min (shortest suffix matched; default: the config's, 1)")
+                   help="ngram: one variant per prompt_lookup_min (shortest suffix matched; default: the config's, 2)")
     p.add_argument("--sync-too", action="store_true",
                    help="also run every speculative variant with async_scheduling=False (label '/sync'): every "
                         "step synchronous, as speculative engines stepped before they went async while switched off")

@@ -342,8 +342,9 @@ def test_predicts_drafts_matches_prompt_lookup():
 
 
 SWITCHED = {
-    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
-    "ngram_tree": {"method": "ngram_tree", "num_speculative_tokens": 3},
+    # prompt_lookup_min 1 (not the default 2): the short random workload must give both switches drafts to verify
+    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+    "ngram_tree": {"method": "ngram_tree", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
     "self_speculative": {"method": "self_speculative", "num_speculative_tokens": 2, "draft_num_layers": 1},
 }
 

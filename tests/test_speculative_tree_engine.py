@@ -207,7 +207,7 @@ class ChainAsTree(TreeProposer):
 
 
 def test_a_one_chain_tree_equals_chain_verification(model_and_config, plain):
-    chain_out, chain = run(model_and_config, {"method": "ngram", "num_speculative_tokens": K})
+    chain_out, chain = run(model_and_config, {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1})
     tree_out, tree = run(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": K},
                          proposer=ChainAsTree())
     assert chain_out == tree_out == plain
