@@ -323,7 +323,7 @@ for name in ("qkv_proj", "down_proj"):
 # Only runs in one setting compare (P10's: 32 x 512 held-out tokens, 128 x 512 calibration tokens), and each
 # method is shown relative to the fp32 model *of the same run*: the CPU and the H200 read the docstrings of
 # different Python versions, so their absolute perplexities differ (fp32 18.18 against 17.13) while the relative
-# ones agree within a few tenths of a point. Of several runs of a method the H200's newest wins. Not in these
+# ones agree within about a point. Of several runs of a method the H200's newest wins. Not in these
 # files: FP8 with DeepSeek-style 32 x 32 block scales and GPTQ rounding, +0.83% (`benchmarks/bench_fp8_block.py`).
 #
 # The labels: `gptq+` is GPTQ with act-order, static groups and a searched grid range, `asym` its calibration
