@@ -14,7 +14,11 @@ for every thread or process it could start, for good:
   (the course, the grader's files) except where an allowed folder lies inside one (a virtual environment in the
   repository). Nothing may be written, made or executed; TCP is refused (Landlock ABI 4) and so are signals to other
   processes and their abstract sockets (ABI 6). On a GPU, where CUDA's driver and Triton's compiler need much that
-  no list foresees, Landlock only keeps the course's folders unreadable (writing and running stay the audit hook's);
+  no list foresees, Landlock only keeps the course's folders unreadable (writing and running stay the audit hook's)
+  and lets files move between folders only inside the scratch folder. That last right must be given explicitly:
+  Landlock refuses every rename into another folder (EXDEV) unless a rule grants LANDLOCK_ACCESS_FS_REFER there,
+  even when nothing else is handled, and Triton's cache writes each compiled file in a temporary folder and
+  renames it into place (ABI 2 or later; under ABI 1 no rule can allow it, so a GPU worker goes without Landlock);
 * seccomp (CPU only): fork, exec, sockets, ptrace, other processes' memory, io_uring and signals to other processes
   fail with EPERM; clone3 reports ENOSYS, so that the C library starts threads with clone, whose flags can be checked.
 
@@ -141,16 +145,22 @@ def _landlock(abi: int, handled: int, rules: list[tuple[str, int]]) -> None:
 
 
 def landlock_rules(abi: int, allowed: list[str], libraries: list[str], denied: list[str],
-                   gpu: bool) -> tuple[int, list[tuple[str, int]]]:
+                   gpu: bool, scratch: list[str] = ()) -> tuple[int, list[tuple[str, int]]]:
     """The accesses to handle and the (path, rights) rules. On a CPU: everything handled, reading allowed in the
     allowlist only, writing nowhere but /dev/null. On a GPU, where CUDA's driver and Triton's compiler (ptxas, a C
-    compiler) read, write and run much that no list foresees, reading only is handled and allowed everywhere but
-    the course's folders (writing and running are left to the audit hook, as before)."""
+    compiler) read, write and run much that no list foresees, reading is handled and allowed everywhere but the
+    course's folders (writing and running are left to the audit hook, as before), and moving a file into another
+    folder is allowed inside `scratch` only, where Triton's cache renames what it compiled into place (Landlock
+    refuses such renames wherever no rule grants FS_REFER, handled or not; ABI 1 has no such right: OSError)."""
     real_allowed = [os.path.realpath(p) for p in allowed]
     real_denied = [os.path.realpath(d) for d in denied]
     read = FS_READ_FILE | FS_READ_DIR
     if gpu:
-        return read, [(p, read) for p in grants(["/", *real_allowed], real_denied, real_allowed)]
+        if abi < 2:
+            raise OSError(errno.ENOTSUP, "Landlock ABI 1 refuses every rename between folders, which Triton's cache "
+                                         "needs on a GPU")
+        return read | FS_REFER, ([(p, read) for p in grants(["/", *real_allowed], real_denied, real_allowed)]
+                                 + [(os.path.realpath(p), read | FS_REFER) for p in scratch])
     handled = (FS_EXECUTE | FS_WRITE_FILE | read | FS_MAKE | (FS_REFER if abi >= 2 else 0)
                | (FS_TRUNCATE if abi >= 3 else 0) | (FS_IOCTL_DEV if abi >= 5 else 0))
     trees = [os.path.realpath(p) for p in (*allowed, *libraries, *SYSTEM_TREES)]
@@ -205,11 +215,12 @@ def _seccomp(machine: str) -> None:
 
 # ---- all together -------------------------------------------------------------------------------------
 
-def confine(allowed: list[str], libraries: list[str], denied: list[str], gpu: bool = False) -> list[str]:
+def confine(allowed: list[str], libraries: list[str], denied: list[str], gpu: bool = False,
+            scratch: list[str] = ()) -> list[str]:
     """Put up every wall this kernel offers (see the module docstring) and return their names. `allowed`: the folders
     the grader opens by name (they may lie inside a denied folder), `libraries`: sys.path's folders (never inside a
-    denied one), `denied`: the course's folders. Call it once, single-threaded, before any of the learner's code
-    runs."""
+    denied one), `denied`: the course's folders, `scratch`: the worker's writable folder (on a GPU, where Triton's
+    cache moves files between its folders). Call it once, single-threaded, before any of the learner's code runs."""
     up = []
     if platform.system() != "Linux":  # Landlock, seccomp and capset are Linux's: elsewhere (macOS) no wall goes up
         return up
@@ -218,7 +229,7 @@ def confine(allowed: list[str], libraries: list[str], denied: list[str], gpu: bo
         abi = landlock_abi()
         if not abi:
             raise OSError(errno.ENOSYS, "no Landlock in this kernel")
-        _landlock(abi, *landlock_rules(abi, allowed, libraries, denied, gpu))
+        _landlock(abi, *landlock_rules(abi, allowed, libraries, denied, gpu, scratch))
         return f"landlock (ABI {abi})"
 
     walls = [lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) or "no_new_privs",

@@ -176,7 +176,7 @@ def lock_down(config: dict) -> None:
         sys.modules.pop(name)
     gpu = bool(config.get("triton")) and torch.cuda.is_available()
     libraries = [p for p in sys.path if os.path.isdir(p)]  # wherever they live
-    WALLS[:] = confine.confine(config["allowed"], libraries, config["denied"], gpu)
+    WALLS[:] = confine.confine(config["allowed"], libraries, config["denied"], gpu, [config["scratch"]])
     sys.addaudithook(make_audit_hook(tuple(map(_real, config["denied"])), tuple(map(_real, config["allowed"])),
                                      _real(config["scratch"]), gpu))
 

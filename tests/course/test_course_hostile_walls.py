@@ -191,6 +191,53 @@ def test_grants_carve_the_denied_folders_out(tmp_path):
     assert confine.grants([f"{course}/solutions"], [course], []) == []  # a tree inside a denied folder: dropped
 
 
+GPU_WALLS = """
+import os, sys
+sys.path.insert(0, {here!r})
+import confine
+root, course = sys.argv[1], sys.argv[2]
+scratch, other = os.path.join(root, "scratch"), os.path.join(root, "other")
+walls = confine.confine([scratch], [], [course], gpu=True, scratch=[scratch])
+def moved(folder):  # what Triton's cache does: write in a temporary folder, rename into place
+    tmp = os.path.join(folder, "tmp.pid_1")
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "cuda_utils.so"), "wb") as f:
+        f.write(b"x")
+    try:
+        os.replace(os.path.join(tmp, "cuda_utils.so"), os.path.join(folder, "cuda_utils.so"))
+        return "moved"
+    except OSError as e:
+        return e.strerror
+try:
+    open(os.path.join(course, "answer.py")).read()
+    course_read = "read"
+except OSError as e:
+    course_read = e.strerror
+print(walls, moved(scratch), moved(other), course_read, sep="|")
+"""
+
+
+@pytest.mark.skipif(confine.landlock_abi() < 2, reason="Landlock ABI 2 or later (FS_REFER) needed")
+def test_gpu_walls_let_tritons_cache_rename_in_scratch_only(tmp_path):
+    """On a GPU Landlock handles reading only, yet the kernel still refuses every rename into another folder
+    (EXDEV) where no rule grants FS_REFER: Triton's cache, which renames each compiled file into place, failed in
+    the worker on the H200 (twenty-fifth session) until scratch got that right. Elsewhere renames stay refused,
+    and the course stays unreadable."""
+    import subprocess
+    import sys
+    for sub in ("scratch", "other", "course"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "course" / "answer.py").write_text("secret = 1\n")
+    script = GPU_WALLS.format(here=str(Path(confine.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "course")],
+                         capture_output=True, text=True, timeout=60)
+    walls, in_scratch, elsewhere, course_read = out.stdout.strip().split("|")
+    assert "landlock" in walls, out
+    assert in_scratch == "moved", out
+    assert elsewhere == "Invalid cross-device link", out
+    assert course_read == "Permission denied", out
+
+
 def test_a_reply_decodes_to_no_more_than_it_carries():
     """Forty nested pairs of one list pickle to a few hundred bytes and decode to 2**40 lists; an honest reply (its
     tensor's bytes included) fits its own size; a tensor's bytes must be its shape times its dtype's size; the
