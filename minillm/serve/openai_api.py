@@ -126,13 +126,15 @@ class OpenAIServing:
         if not prompt:
             raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
                            param="prompt")
-        prompts = [self._prompt(p, "prompt") for p in prompt]
+        # tokenizing is the one slow thing a request body can ask for (~0.6 s for a 1 MiB prompt on 2 cores): off
+        # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL)
+        prompts = await asyncio.to_thread(lambda: [self._prompt(p, "prompt") for p in prompt])
         params = self.sampling_params(request, request.max_tokens, prompts, default_max_tokens=16)
         return await self._respond(request, raw, prompts, params, chat=False)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        prompts = [self.render_chat(request)]
+        prompts = [await asyncio.to_thread(self.render_chat, request)]  # off the event loop, as completions
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = self.sampling_params(request, max_tokens, prompts, default_max_tokens=None)
