@@ -136,6 +136,8 @@ def make_audit_hook(denied: tuple[str, ...], allowed: tuple[str, ...], scratch: 
         elif event.startswith(DENIED_EVENTS):
             what = {"os.fork": "starting processes (fork)", "subprocess.Popen": "starting processes",
                     "os.system": "starting processes", "os.posix_spawn": "starting processes"}.get(event, event)
+            if event == "ctypes.dlopen" and args:
+                what = f"ctypes.dlopen({args[0]!r})"
             raise Refused(f"{what} is refused while grading")
 
     return hook
@@ -175,6 +177,13 @@ def lock_down(config: dict) -> None:
     for name in [m for m in sys.modules if m.split(".")[0] in ("guard", "confine", "sandbox_worker")]:  # forked
         sys.modules.pop(name)
     gpu = bool(config.get("triton")) and torch.cuda.is_available()
+    if gpu:  # start CUDA and Triton's driver before the walls and the hook go up: until CUDA is initialised torch
+        # counts devices through NVML (ctypes.CDLL("libnvidia-ml.so.1"), which the hook refuses from torch's frames),
+        # and Triton's driver loads libcuda and builds its cuda_utils module on first use
+        torch.cuda.init()
+        torch.cuda.device_count()  # cached from now on, NVML no longer asked
+        from triton.runtime import driver
+        driver.active.get_current_device()
     libraries = [p for p in sys.path if os.path.isdir(p)]  # wherever they live
     WALLS[:] = confine.confine(config["allowed"], libraries, config["denied"], gpu, [config["scratch"]])
     sys.addaudithook(make_audit_hook(tuple(map(_real, config["denied"])), tuple(map(_real, config["allowed"])),
