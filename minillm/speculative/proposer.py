@@ -108,6 +108,7 @@ class NGramProposer(Proposer):
     with long prompts (the scan would cost more than the target's forward)."""
 
     method = "ngram"
+    drafts_behind = True  # propose works with the last token still in flight (see propose)
 
     def __init__(self, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1) -> None:
         if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
@@ -132,47 +133,43 @@ class NGramProposer(Proposer):
         self._index[seq.request_id] = (max(done, last + 1), table)
         return table
 
+    def _continuation(self, seq: "Sequence", want: int, scan) -> list[int]:
+        """Up to `want` known tokens that followed the latest earlier occurrence of the sequence's known suffix (the
+        longest n-gram, max_n down to min_n, that has one): from the index, or from a learner's scan (exercise
+        ch09.ngram_lookup), which gives the same answer."""
+        length, _ = known_tokens(seq)
+        if want <= 0 or length < 2:
+            return []
+        tokens = seq.token_ids
+        if scan is not None:
+            return list(scan(list(tokens[:length]), want, self.max_n, self.min_n))
+        table = self._lookup_table(seq, length - 1)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            end = table[n].get(tuple(tokens[length - n:length]))
+            if end is not None:
+                return list(tokens[end:min(end + want, length)])
+        return []
+
     def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
+        """Drafts by prompt lookup. With a step in flight (its token a placeholder at the end, async scheduling)
+        the lookup runs one token behind: the continuation's first token is the guess for the token in flight and
+        the drafts are the ones after it (LLMEngine._verify_ahead launches such a verify step without waiting)."""
         check_num_tokens(seqs, num_tokens)
-        # a learner's prompt lookup (exercise ch09.ngram_lookup) replaces the index: the same answer by a scan
         scan = dispatch("ch09.ngram_lookup", None)
         drafts = []
         for seq, k in zip(seqs, num_tokens):
-            draft: list[int] = []
-            if k > 0 and scan is not None:
-                draft = list(scan(list(seq.token_ids), k, self.max_n, self.min_n))
-            elif k > 0:
-                table, tokens = self._lookup_table(seq), seq.token_ids
-                for n in range(min(self.max_n, seq.num_tokens - 1), self.min_n - 1, -1):
-                    end = table[n].get(tuple(tokens[-n:]))
-                    if end is not None:
-                        draft = tokens[end:end + k]
-                        break
-            drafts.append(draft)
+            behind = known_tokens(seq)[1]
+            drafts.append(self._continuation(seq, k + behind, scan)[behind:] if k > 0 else [])
         return drafts
 
     def predicts_drafts(self, seqs: list["Sequence"]) -> bool:
         """Whether the next step of these decoding sequences will probably carry drafts (SpeculativeDecoder.
         steps_async: if not, that step runs async, as plain decoding would). Exact when every token is known: the
-        lookup propose would do. With async scheduling a step may be in flight, its token a placeholder (< 0)
-        at the end; then the answer is a guess one token behind: the suffix ending at the token before it has an
-        earlier occurrence followed by at least two known tokens (the first predicts the token in flight, the
-        next would be a draft). A learner's prompt lookup (exercise ch09.ngram_lookup) answers the same way."""
+        lookup propose would do. With a step in flight the answer is one token behind, as propose's drafts are: the
+        continuation must hold a guess for the token in flight and at least one draft after it."""
         scan = dispatch("ch09.ngram_lookup", None)
-        for seq in seqs:
-            length, behind = known_tokens(seq)
-            if length < 2:
-                continue
-            if scan is not None:
-                if len(scan(list(seq.token_ids[:length]), 1 + behind, self.max_n, self.min_n)) > behind:
-                    return True
-                continue
-            table, tokens = self._lookup_table(seq, length - 1), seq.token_ids
-            for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-                end = table[n].get(tuple(tokens[length - n:length]))
-                if end is not None and end + behind < length:
-                    return True
-        return False
+        return any(len(self._continuation(seq, 1 + behind, scan)) > behind
+                   for seq in seqs for behind in (known_tokens(seq)[1],))
 
     def free(self, request_id: str) -> None:
         self._index.pop(request_id, None)
