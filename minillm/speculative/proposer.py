@@ -168,8 +168,11 @@ class NGramProposer(Proposer):
         lookup propose would do. With a step in flight the answer is one token behind, as propose's drafts are: the
         continuation must hold a guess for the token in flight and at least one draft after it."""
         scan = dispatch("ch09.ngram_lookup", None)
-        return any(len(self._continuation(seq, 1 + behind, scan)) > behind
-                   for seq in seqs for behind in (known_tokens(seq)[1],))
+        for seq in seqs:
+            behind = known_tokens(seq)[1]
+            if len(self._continuation(seq, 1 + behind, scan)) > behind:
+                return True
+        return False
 
     def free(self, request_id: str) -> None:
         self._index.pop(request_id, None)
