@@ -37,6 +37,21 @@ def graded_seed(base: int) -> int:
     return base + GRADE_SEED
 
 
+def kernel_device() -> torch.device:
+    """Where the chapters' Triton kernels run: the GPU when Triton compiles for one, else the CPU (its interpreter).
+
+    Graded kernel tests draw their inputs on the CPU from seeded generators (the same numbers on every machine),
+    move them here, and compare on the CPU (`assert_close` moves both sides)."""
+    from minillm.platform import triton_interpreted
+    return torch.device("cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu")
+
+
+# tl.dot rounds fp32 operands to TF32 (10 bits of mantissa) on a GPU unless told otherwise; the interpreter
+# multiplies in full fp32. Graded runs ask Triton for IEEE fp32 everywhere (tests/graded/conftest.py and the
+# sandbox's workers), so one fp32 tolerance holds on both and a learner's kernel needs no GPU-only argument.
+GRADED_TRITON_ENV = {"TRITON_F32_DEFAULT": "ieee"}
+
+
 # (atol, rtol) per dtype: the only tolerances graded tests use. fp32 leaves room for a different but
 # sound order of operations; bf16 has 8 bits of mantissa (one rounding = 2**-8 relative).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

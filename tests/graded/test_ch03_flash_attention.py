@@ -15,7 +15,7 @@ import torch
 from minillm.course.checks import assert_close, assert_rejects, assert_tensor
 from minillm.course.impl import guarded
 from minillm.course.registry import get
-from minillm.course.checks import graded_seed
+from minillm.course.checks import graded_seed, kernel_device
 
 
 def _state(m_rows: int, d: int, seed: int, fresh: bool):
@@ -139,8 +139,8 @@ def _launcher(fn):
 
 
 def _attention(q, k, v, causal, scale):
-    """fp64 attention with bottom-right causal alignment; rows without keys give 0 and lse -inf."""
-    q, k, v = q.double(), k.double(), v.double()
+    """fp64 attention (on the CPU) with bottom-right causal alignment; rows without keys give 0 and lse -inf."""
+    q, k, v = q.cpu().double(), k.cpu().double(), v.cpu().double()
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = q @ k.transpose(-1, -2) * scale
@@ -155,8 +155,9 @@ def _attention(q, k, v, causal, scale):
 
 def _qkv(b, h, kvh, sq, sk, d, seed):
     g = torch.Generator().manual_seed(graded_seed(seed))
-    return (torch.randn(b, h, sq, d, generator=g), torch.randn(b, kvh, sk, d, generator=g),
-            torch.randn(b, kvh, sk, d, generator=g))
+    q, k, v = (torch.randn(b, h, sq, d, generator=g), torch.randn(b, kvh, sk, d, generator=g),
+               torch.randn(b, kvh, sk, d, generator=g))
+    return q.to(kernel_device()), k.to(kernel_device()), v.to(kernel_device())
 
 
 _CASES = [  # (batch, heads, kv heads, seqlen_q, seqlen_k, head_dim, causal)

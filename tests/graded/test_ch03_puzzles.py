@@ -13,12 +13,13 @@ import pytest
 import torch
 import triton
 
-from minillm.course.checks import assert_close, graded_seed
+from minillm.course.checks import assert_close, graded_seed, kernel_device
 from minillm.course.impl import guarded
 from minillm.course.registry import get
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SENTINEL = 12345.0
+DEV = kernel_device()  # inputs are drawn on the CPU, then moved where the kernels run
 
 
 def _launcher(fn, exercise_id: str, name: str):
@@ -39,7 +40,7 @@ def gen(seed: int) -> torch.Generator:
 
 def _padded(rows: int, cols: int, pad: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(buffer, view): a [rows, cols] view at the top-left of a sentinel-filled [rows + pad, cols + pad] buffer."""
-    buf = torch.full((rows + pad, cols + pad), SENTINEL)
+    buf = torch.full((rows + pad, cols + pad), SENTINEL, device=DEV)
     return buf, buf[:rows, :cols]
 
 
@@ -59,7 +60,7 @@ def _untouched(buf: torch.Tensor, rows: int, cols: int, what: str) -> None:
 def test_outer_add_matches_formula(impl, rows, cols):
     g = gen(rows * 100 + cols)
     x, y = torch.randn(rows, generator=g), torch.randn(cols, generator=g)
-    out = _launcher(impl, "ch03.outer_add_kernel", "outer_add")(x.clone(), y.clone())
+    out = _launcher(impl, "ch03.outer_add_kernel", "outer_add")(x.to(DEV, copy=True), y.to(DEV, copy=True))
     assert_close(out, x[:, None] + y[None, :], f"outer_add of {rows} rows and {cols} columns (tiles of 16 x 16)")
 
 
@@ -72,7 +73,7 @@ def test_outer_add_masks_and_strides(impl):
     buf, _ = _padded(cols, rows)  # OUT is the transpose of a [cols, rows] view: stride_om = 1, stride_on = row pitch
     out = buf[:cols, :rows].T
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 8))
-    _kernel(impl)[grid](x, y, out, rows, cols, out.stride(0), out.stride(1), BLOCK_M=16, BLOCK_N=8)
+    _kernel(impl)[grid](x.to(DEV), y.to(DEV), out, rows, cols, out.stride(0), out.stride(1), BLOCK_M=16, BLOCK_N=8)
     assert_close(out.contiguous(), x[:, None] + y[None, :], "outer_add into a transposed (strided) output")
     _untouched(buf, cols, rows, "outer_add with tiles of 16 x 8")
 
@@ -84,7 +85,7 @@ def test_outer_add_masks_and_strides(impl):
 @pytest.mark.parametrize("rows,cols,scale", [(1, 1, 1.0), (3, 16, 1.0), (4, 17, 3.0), (2, 100, 60.0)], ids=str)
 def test_softmax_matches_torch(impl, rows, cols, scale):
     x = torch.randn(rows, cols, generator=gen(rows + cols)) * scale  # scale 60: exp(score) overflows unless shifted
-    out = _launcher(impl, "ch03.softmax_kernel", "softmax")(x.clone())
+    out = _launcher(impl, "ch03.softmax_kernel", "softmax")(x.to(DEV, copy=True))
     assert_close(out, torch.softmax(x.double(), dim=-1).float(), f"softmax of [{rows}, {cols}] x {scale:g}")
 
 
@@ -92,7 +93,7 @@ def test_softmax_matches_torch(impl, rows, cols, scale):
 @pytest.mark.points(1)
 def test_softmax_strided_rows_and_padding(impl, ref):
     rows, cols = 5, 23  # BLOCK 32: 9 padded lanes that must count for nothing and never be stored
-    x_buf = torch.randn(rows, 40, generator=gen(2)) * 5  # row pitch 40: stride_x is not n_cols
+    x_buf = (torch.randn(rows, 40, generator=gen(2)) * 5).to(DEV)  # row pitch 40: stride_x is not n_cols
     x = x_buf[:, :cols]
     buf, out = _padded(rows, cols)
     _kernel(impl)[(rows,)](x, out, x.stride(0), out.stride(0), cols, BLOCK=32)
@@ -109,7 +110,7 @@ def test_softmax_strided_rows_and_padding(impl, ref):
 def test_matmul_matches_torch(impl, m, k, n):
     g = gen(m * 10000 + k * 100 + n)
     a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-    out = _launcher(impl, "ch03.matmul_kernel", "matmul")(a.clone(), b.clone())
+    out = _launcher(impl, "ch03.matmul_kernel", "matmul")(a.to(DEV, copy=True), b.to(DEV, copy=True))
     assert_close(out, (a.double() @ b.double()).float(), f"matmul [{m}, {k}] @ [{k}, {n}] (blocks of 16)",
                  atol=1e-4, rtol=1e-4)  # a K-long fp32 sum in another order: room for a few roundings
 
@@ -119,8 +120,8 @@ def test_matmul_matches_torch(impl, m, k, n):
 def test_matmul_strided_operands(impl):
     g = gen(3)
     m, k, n = 20, 37, 18
-    a = torch.randn(k, m, generator=g).T  # column-major A: stride_am = 1
-    b = torch.randn(n, k, generator=g).T  # column-major B
+    a = torch.randn(k, m, generator=g).to(DEV).T  # column-major A: stride_am = 1
+    b = torch.randn(n, k, generator=g).to(DEV).T  # column-major B
     buf, c = _padded(m, n)
     grid = (triton.cdiv(m, 16), triton.cdiv(n, 16))
     _kernel(impl)[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
@@ -136,6 +137,7 @@ def test_matmul_strided_operands(impl):
 def test_matmul_k_tail_matches_solution(impl, ref, block_k):
     g = gen(4 + block_k)
     a, b = torch.randn(9, 50, generator=g), torch.randn(50, 30, generator=g)  # 50 = 3 x 16 + 2: a K tail
+    a, b = a.to(DEV), b.to(DEV)
     got = _launcher(impl, "ch03.matmul_kernel", "matmul")(a.clone(), b.clone(), 16, 16, block_k)
     want = _launcher(ref, "ch03.matmul_kernel", "matmul")(a.clone(), b.clone(), 16, 16, block_k)
     assert_close(got, want, f"matmul with K = 50, BLOCK_K = {block_k}", atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ import torch
 from minillm.course.checks import assert_close, assert_tensor
 from minillm.course.impl import guarded
 from minillm.course.registry import get
-from minillm.course.checks import graded_seed
+from minillm.course.checks import graded_seed, kernel_device
 
 
 def _partial(q, k, v):
@@ -111,6 +111,11 @@ def _launcher(fn):
     return guarded(get("ch04.rms_norm_kernel"), sys.modules[kernel.fn.__module__].rms_norm)
 
 
+def _on_kernel_device(*tensors):
+    """Copies of the CPU-drawn inputs where the kernels run (the GPU when Triton compiles, else the CPU)."""
+    return tuple(t.to(kernel_device(), copy=True) for t in tensors)
+
+
 def _rms_norm(h, w, eps):
     h = h.double()
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.double()).float()
@@ -122,7 +127,7 @@ def _rms_norm(h, w, eps):
 def test_rms_norm_kernel_matches_formula(impl, shape):
     g = torch.Generator().manual_seed(graded_seed(sum(shape)))
     x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
-    out = _launcher(impl)(x.clone(), w.clone(), 1e-6)
+    out = _launcher(impl)(*_on_kernel_device(x, w), 1e-6)
     assert_close(out, _rms_norm(x, w, 1e-6), f"rms_norm of x {shape} (hidden {shape[-1]}: padded to a power of two)")
 
 
@@ -132,7 +137,8 @@ def test_rms_norm_kernel_matches_formula(impl, shape):
 def test_rms_norm_kernel_fused_residual(impl, shape):
     g = torch.Generator().manual_seed(graded_seed(shape[1]))
     x, res, w = (torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), torch.randn(shape[1], generator=g))
-    out, new_res = _launcher(impl)(x.clone(), w.clone(), 1e-5, res.clone())
+    xd, wd, rd = _on_kernel_device(x, w, res)
+    out, new_res = _launcher(impl)(xd, wd, 1e-5, rd)
     assert_close(new_res, x + res, f"the new residual stream x + residual ({shape})")
     assert_close(out, _rms_norm(x + res, w, 1e-5), f"rms_norm(x + residual) ({shape})")
 
@@ -142,6 +148,6 @@ def test_rms_norm_kernel_fused_residual(impl, shape):
 def test_rms_norm_kernel_eps_and_solution(impl, ref):
     g = torch.Generator().manual_seed(graded_seed(9))
     x, w = torch.randn(6, 48, generator=g) * 1e-3, torch.rand(48, generator=g) + 0.5  # mean(x^2) ~ eps: eps matters
-    got, want = _launcher(impl)(x.clone(), w.clone(), 1e-6), _launcher(ref)(x.clone(), w.clone(), 1e-6)
+    got, want = _launcher(impl)(*_on_kernel_device(x, w), 1e-6), _launcher(ref)(*_on_kernel_device(x, w), 1e-6)
     assert_close(got, want, "rms_norm of tiny inputs, eps = 1e-6 (eps inside the square root)")
     assert_close(got, _rms_norm(x, w, 1e-6), "rms_norm of tiny inputs against the formula")

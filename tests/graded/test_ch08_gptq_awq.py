@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from minillm.course.checks import assert_close, assert_tensor, graded_seed
+from minillm.course.checks import assert_close, assert_tensor, graded_seed, kernel_device
 from minillm.course.impl import guarded
 from minillm.course.registry import get
 from minillm.hooks import overriding
@@ -164,7 +164,8 @@ def _int4_layer(n: int, k: int, group: int, symmetric: bool, seed: int):
     g = _gen(seed)
     iw = repack_int4(quantize(torch.randn(n, k, generator=g), bits=4, group_size=group, symmetric=symmetric),
                      torch.float32)
-    return iw.qweight, iw.scales, iw.qzeros
+    dev = kernel_device()  # the GPU when Triton compiles, else the CPU
+    return iw.qweight.to(dev), iw.scales.to(dev), None if iw.qzeros is None else iw.qzeros.to(dev)
 
 
 @pytest.mark.exercise("ch08.int4_unpack_kernel")
@@ -173,8 +174,8 @@ def _int4_layer(n: int, k: int, group: int, symmetric: bool, seed: int):
 def test_int4_gemm_asymmetric(impl, m, n, k, group):
     qweight, scales, qzeros = _int4_layer(n, k, group, symmetric=False, seed=m * 1000 + n + k)
     x = torch.randn(m, k, generator=_gen(m + n + k))
-    y = _launcher(impl)(x, qweight, scales, qzeros, group)
-    want = x @ dequantize_int4(qweight, scales, qzeros, group).T
+    y = _launcher(impl)(x.to(kernel_device()), qweight, scales, qzeros, group)
+    want = x @ dequantize_int4(qweight, scales, qzeros, group).cpu().T
     assert_close(y, want, f"y = x W^T with 4-bit W [{n}, {k}], group {group}, zero points", atol=1e-4, rtol=1e-4)
 
 
@@ -183,8 +184,8 @@ def test_int4_gemm_asymmetric(impl, m, n, k, group):
 def test_int4_gemm_symmetric_tensor_core_path(impl):
     qweight, scales, _ = _int4_layer(32, 128, 64, symmetric=True, seed=21)
     x = torch.randn(17, 128, generator=_gen(22))  # 17 rows: two row tiles of 16, the second almost empty
-    y = _launcher(impl)(x, qweight, scales, None, 64, use_dot=True)
-    want = x @ dequantize_int4(qweight, scales, None, 64).T
+    y = _launcher(impl)(x.to(kernel_device()), qweight, scales, None, 64, use_dot=True)
+    want = x @ dequantize_int4(qweight, scales, None, 64).cpu().T
     assert_close(y, want, "symmetric 4-bit (zero point 8), tl.dot path, 17 rows", atol=1e-4, rtol=1e-4)
 
 
@@ -197,7 +198,8 @@ def test_int4_unpack_is_exact_for_every_nibble(impl):
     zeros = torch.randint(0, 16, (1, n), generator=_gen(24), dtype=torch.int32)
     qzeros = pack_int4_along_k(zeros).t().contiguous()  # [1, n // 8]
     scales = torch.ones(1, n)
-    y = _launcher(impl)(torch.eye(k), pack_int4_along_k(codes), scales, qzeros, -1, use_dot=True)
+    y = _launcher(impl)(*(t.to(kernel_device()) for t in (torch.eye(k), pack_int4_along_k(codes), scales, qzeros)), -1,
+                        use_dot=True)
     want = (codes - zeros.t()).float().t()  # row j of y is column j of W: codes[:, j] - zero
     assert_close(y, want, "y = I_K @ W^T: W[n, 8j + i] = code - zero, exactly (nibble i of word j holds column 8j + i)",
                  atol=0.0, rtol=0.0)
