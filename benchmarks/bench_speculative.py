@@ -103,9 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-too", action="store_true",
                    help="also run every speculative variant with async_scheduling=False (label '/sync'): every "
                         "step synchronous, as speculative engines stepped before they went async while switched off")
-    p.add_argument("--drain-too", action="store_true",
-                   help="also run prompt lookup with its verify steps launched only after the step in flight is "
-                        "read (label '/drain'): the ablation of LLMEngine._verify_ahead")
     p.add_argument("--heads-dir", default=None,
                    help="medusa/eagle/mtp: a folder with trained heads in medusa/, eagle/, mtp/ (default: shipped)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -188,8 +185,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
 
 
 def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[str, list[int]]], num_kv_blocks: int,
-                plain_tokens: dict[int, list[list[int]]] | None, async_scheduling: bool | None = None,
-                verify_ahead: bool = True) -> list[dict]:
+                plain_tokens: dict[int, list[list[int]]] | None, async_scheduling: bool | None = None) -> list[dict]:
     import torch
     from minillm import SamplingParams
     from minillm.speculative.metrics import SpecDecodeMetrics
@@ -197,8 +193,6 @@ def run_variant(llm, method: str, spec: dict | None, args, prompts: list[tuple[s
     variant = llm.share_model(max_num_seqs=max(args.batch_sizes), num_kv_blocks=num_kv_blocks,
                               speculative_config=spec, async_scheduling=async_scheduling)
     engine = variant.llm_engine
-    if not verify_ahead:  # the ablation: read the step in flight, then propose from known tokens and verify
-        engine.speculative.drafts_ahead = lambda: False
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     # sequence-steps: each step adds the sequences it runs. Output tokens over sequence-steps is tokens per step
@@ -299,14 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     num_kv_blocks = batch_max * -(-(longest + args.max_tokens + args.k + 1) // block) + 8
     results: list[dict] = []
     plain_tokens = None
-    runs = [(method, spec, None, True) for method, spec in variants(args)]
-    if args.drain_too:  # prompt lookup again, each verify step launched after the step in flight is read
-        runs += [(f"{method}/drain", spec, None, False) for method, spec, _, _ in runs
-                 if spec is not None and spec.get("method") == "ngram"]
+    runs = [(method, spec, None) for method, spec in variants(args)]
     if args.sync_too:  # each speculative variant again, every step synchronous
-        runs += [(f"{method}/sync", spec, False, True) for method, spec, _, ahead in runs if spec is not None and ahead]
-    for method, spec, async_scheduling, ahead in runs:
-        rows = run_variant(llm, method, spec, args, prompts, num_kv_blocks, plain_tokens, async_scheduling, ahead)
+        runs += [(f"{method}/sync", spec, False) for method, spec, _ in runs if spec is not None]
+    for method, spec, async_scheduling in runs:
+        rows = run_variant(llm, method, spec, args, prompts, num_kv_blocks, plain_tokens, async_scheduling)
         if method == "plain":
             plain_tokens = {r["batch"]: r["tokens"] for r in rows}
         results += rows

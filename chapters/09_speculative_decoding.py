@@ -571,12 +571,11 @@ for b in batches:
 # cheap as plain decoding's). The engine then measured it on the H200 (twenty-fifth session, plain 1,882 tok/s):
 # 0.96x / **1.09x** / 1.09x at prompt_lookup_min 1 / 2 / 3, against 0.83x / 0.90x / 0.92x with every step in sync,
 # the first speculative row above 1x on this model. So the engine's default is now `prompt_lookup_min=2`.
-# One more step of the same idea: a verify step need not wait for the token in flight either. Prompt lookup can
-# draft one token behind (the earlier occurrence's next token is its guess for the token in flight; the drafts
-# are the tokens after it) and launch the verify step with that token as a placeholder the GPU fills in. If the
-# guess was wrong, the drafts are simply rejected: verification compares them with what the target samples after
-# the *real* token, so it stays exact. The engine does this now (`LLMEngine._verify_ahead`); its replay estimate
-# is ~1.2x, its measurement on the H200 is still to come.
+# One more step of the same idea was tried and measured: launch the verify step without waiting for the token in
+# flight, drafting one token behind (the earlier occurrence's next token is the guess for the token in flight, the
+# drafts are the tokens after it). It stays exact (a wrong guess only gets the drafts rejected), but it was no
+# faster on the H200 (1.04x / 1.07x against 1.05x / 1.10x at `prompt_lookup_min` 2 / 3, same run): a wrong guess
+# turns a whole verify step into one token, which is what the wait had been buying. The engine waits.
 #
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;

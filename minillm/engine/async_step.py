@@ -42,11 +42,10 @@ processes). A speculative engine runs a step async when SpeculativeDecoder.steps
 nothing (speculation switched off by disable_by_batch_size, or a prompt-lookup proposer that expects no draft), so
 that such steps cost what plain decoding's do; otherwise `drain` first reads the step in flight, and the next call
 decides again with every token known (it may still find nothing to verify: the guess was one token behind).
-Prompt lookup goes one step further (LLMEngine._verify_ahead): it drafts one token behind too, taking the
-continuation's first token as the guess for the token in flight, so its verify step is launched at once, its
-first input a placeholder like an async step's, and only then is the step in flight read; the verify step
-itself is read before anything else is scheduled. A wrong guess costs drafts, never tokens (verification compares
-the drafts with what the target samples after the real token).
+Going one step further, launching prompt lookup's verify step behind the step in flight (drafting one token
+behind, the earlier occurrence's next token taken as the guess for the token in flight), was built and measured:
+no faster (1.04x / 1.07x of plain against 1.05x / 1.10x at prompt_lookup_min 2 / 3, H200), since a wrong guess
+turns a whole verify step into one token, and it was taken out (benchmarks/RESULTS.md, twenty-sixth session).
 For the verify steps themselves that costs most of speculation's gain on a small model: on the H200 an n-gram
 verify step of SmolLM2 took 1.67 ms of wall time for 0.83 ms of GPU work, where an async plain step hides its host
 work (0.76 ms for 0.67; benchmarks/RESULTS.md, nineteenth session). Making verify steps async means scheduling

@@ -277,7 +277,7 @@ class DecodeCUDAGraphs:
             if samples:
                 def forward(inputs: GraphInputs = inputs, meta: AttentionMetadata = meta, batch: int = batch,
                             rows: int = batch * q_len, decode: bool = q_len == 1 and not tree):
-                    if decode:  # async scheduling's deferred ids (a verify step's: gathered before its replay)
+                    if decode:  # async scheduling's deferred ids (verify steps run synchronously: none)
                         resolve_deferred_ids(inputs.input_ids, self.prev_tokens)  # ids >= 0 are kept as they are
                     with forward_context(meta):
                         hidden = self.model(inputs.input_ids, inputs.positions)
@@ -311,8 +311,7 @@ class DecodeCUDAGraphs:
 
     def gathers_deferred_ids(self, graph: tuple[int, int] | None, tree: bool = False) -> bool:
         """Whether the replay of `graph` puts async scheduling's deferred input ids in place itself: a sampling
-        decode graph (q_len 1) does. A verify step launched behind the step in flight (LLMEngine._verify_ahead)
-        has its one placeholder gathered by ModelRunner._run before the replay; tree graphs never see any."""
+        decode graph (q_len 1) does; verify and tree graphs never see deferred ids."""
         return not tree and graph is not None and graph[1] == 1 and self.samples(graph)
 
     def keep_tokens(self, tokens: torch.Tensor) -> None:

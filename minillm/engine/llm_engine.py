@@ -236,8 +236,6 @@ class LLMEngine:
                 return self.async_steps.step()
             if self.speculative.steps_async(self.scheduler):
                 outputs = self.async_steps.step()
-            elif self.async_steps.in_flight and self.speculative.drafts_ahead():
-                return self._verify_ahead()  # prompt lookup drafts one token behind: no drain before verifying
             elif self.async_steps.in_flight:  # first read the step in flight (its tokens are what a proposer
                 outputs = self.async_steps.drain()  # drafts from); the next call decides again, every token known
             else:
@@ -268,44 +266,6 @@ class LLMEngine:
         step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
         step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)
         return step_input
-
-    def _verify_ahead(self) -> list[RequestOutput]:
-        """A verify step launched while step N, in flight, still runs (async scheduling with a proposer that drafts
-        one token behind: prompt lookup). Its first input is N's token as a placeholder, gathered on the device
-        as an async plain step's is, and its drafts continue the earlier occurrence past that occurrence's guess
-        for the token. Verification needs nothing more: it compares each draft with what the target samples after
-        the *real* token, so a wrong guess costs the step its drafts, never a wrong token. The device runs the
-        verify right after N, where reading N first (`drain`) left it idle while the host proposed, scheduled and
-        launched. Then N is read and the verify step too (the step after it needs its kept count): the next call
-        starts with nothing in flight. Requests that N finished (a stop token) drop their verify rows."""
-        self.speculative.propose(self.scheduler)
-        batch, outputs = self._schedule()
-        launched = failure = None
-        if not batch.is_empty:
-            try:
-                step_input = self._step_input(batch)
-                step_input.deferred_input_ids = min(step_input.input_ids) < 0
-                launched = self.executor.launch_model(step_input)
-            except Exception as err:  # isolate, after the step in flight is read
-                logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
-                failure = f"{type(err).__name__}: {err}"
-        outputs += self.async_steps.drain()  # step N: its tokens replace the placeholders
-        if failure is not None:
-            outputs += [self._finish(seq, "error", error=failure) for seq in batch.seqs if not seq.is_finished]
-        if launched is None:
-            self.speculative.release(self.scheduler)
-            return outputs
-        live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
-        try:
-            step_output = self.executor.collect_model(launched)
-        except Exception as err:
-            logger.exception("reading a launched step failed; finishing %d request(s) with 'error'", len(live))
-            message = f"{type(err).__name__}: {err}"
-            return outputs + [self._finish(batch.seqs[i], "error", error=message) for i in live]
-        if len(live) < len(batch.seqs):
-            batch, step_output = _rows(batch, step_output, live)
-        self._complete_step(batch, step_output, outputs)
-        return outputs
 
     def _complete_step(self, batch: ScheduledBatch, step_output: StepOutput, outputs: list[RequestOutput]) -> None:
         """A synchronous step's second half: verify drafts, keep the accepted tokens, emit the outputs."""
@@ -479,11 +439,3 @@ class LLMEngine:
         safe = stream_safe_length(seq.output_text, seq.sampling_params.stop_list)
         return RequestOutput.from_sequence(seq, text=seq.output_text[:safe])
 
-
-def _rows(batch: ScheduledBatch, output: StepOutput, keep: list[int]) -> tuple[ScheduledBatch, StepOutput]:
-    """The batch and the step's output restricted to the sequences at `keep` (their block operations were done)."""
-    def pick(values):
-        return None if values is None else [values[i] for i in keep]
-    return (ScheduledBatch(seqs=pick(batch.seqs), num_new_tokens=pick(batch.num_new_tokens)),
-            StepOutput(pick(output.sampled_token_ids), logits=pick(output.logits), logprobs=pick(output.logprobs),
-                       prompt_logprobs=pick(output.prompt_logprobs), hidden_states=pick(output.hidden_states)))

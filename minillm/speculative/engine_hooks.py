@@ -127,15 +127,8 @@ class SpeculativeDecoder:
                 self._draft_probs[seq.seq_id] = q
             elif padding:  # one query length (1 + k) per verify step: what the CUDA graphs were captured for
                 self.num_padded_tokens += k - len(draft)  # scored like drafts: they dilute acceptance_rate
-                filler = draft[-1] if draft else max(seq.last_token_id, 0)  # any token: verified like a draft
-                draft += [filler] * (k - len(draft))  # (a last token still in flight is a placeholder < 0)
+                draft += [draft[-1] if draft else seq.last_token_id] * (k - len(draft))
             seq.spec_token_ids = draft
-
-    def drafts_ahead(self) -> bool:
-        """Whether a verify step may be launched while the step before it is still in flight
-        (LLMEngine._verify_ahead): the proposer drafts one token behind (`drafts_behind`, prompt lookup) and no
-        token tree is proposed (a tree carries KV moves into the next step)."""
-        return bool(getattr(self.proposer, "drafts_behind", False)) and self.tree is None
 
     def steps_async(self, scheduler: Any) -> bool:
         """Whether the engine's next step may run as an async plain step (engine/async_step.py; with async

@@ -108,7 +108,6 @@ class NGramProposer(Proposer):
     with long prompts (the scan would cost more than the target's forward)."""
 
     method = "ngram"
-    drafts_behind = True  # propose works with the last token still in flight (see propose)
 
     def __init__(self, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1) -> None:
         if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
@@ -151,9 +150,11 @@ class NGramProposer(Proposer):
         return []
 
     def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
-        """Drafts by prompt lookup. With a step in flight (its token a placeholder at the end, async scheduling)
-        the lookup runs one token behind: the continuation's first token is the guess for the token in flight and
-        the drafts are the ones after it (LLMEngine._verify_ahead launches such a verify step without waiting)."""
+        """Drafts by prompt lookup. With a step in flight (its token a placeholder at the end) the lookup would run
+        one token behind: the continuation's first token is the guess for the token in flight, the drafts the ones
+        after it. The engine reads the step in flight before it proposes, so every token is known here; launching
+        the verify step behind the guess instead was measured and did not pay (benchmarks/RESULTS.md, "Verify
+        steps launched behind the step in flight")."""
         check_num_tokens(seqs, num_tokens)
         scan = dispatch("ch09.ngram_lookup", None)
         drafts = []
