@@ -296,8 +296,11 @@ print("rows sum to 1:", bool(torch.allclose(probs.sum(-1), torch.ones(6))),
 # **Puzzle 3, `ch03.matmul_kernel`**: `C = A @ B` with one program per `BLOCK_M × BLOCK_N` tile of C. A program
 # walks K in steps of `BLOCK_K`: it loads a tile of its **row panel** of A and a tile of its **column panel** of B,
 # multiplies them with `tl.dot` (the tensor cores on a GPU) and accumulates in fp32. The last K step may stick out:
-# mask it and load `0.0`, which adds nothing. FlashAttention is this loop with the keys in place of K: a query
-# tile (A's row panel) meets every key tile in turn, with section 2's online softmax between the two dots.
+# mask it and load `0.0`, which adds nothing. On a GPU, `tl.dot` rounds fp32 operands to TF32 (10 bits of
+# mantissa, ~1e-3 relative error) unless told `input_precision="ieee"`; `minillm grade` sets
+# `TRITON_F32_DEFAULT=ieee`, so your kernel is graded in full fp32 on a GPU as under the interpreter.
+# FlashAttention is this loop with the keys in place of K: a query tile (A's row panel) meets every key tile
+# in turn, with section 2's online softmax between the two dots.
 # The picture: the tiles that program (1, 1) reads, by K step, for `[40, 45] @ [45, 40]` in tiles of 16.
 
 # %%
