@@ -36,6 +36,7 @@ import torch
 from minillm.config import EngineConfig
 from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
+from minillm.engine.kv_cache import shared_pool_memory
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.hooks import overriding
@@ -120,10 +121,19 @@ class LLM:
         """A new LLM around this one's loaded weights (nothing is reloaded) with its own engine, scheduler and
         KV pool, built from these options exactly as LLM(...) would build them. Both stay usable: each engine
         re-points the attention layers at its own cache before its forward. max_model_len defaults to this
-        LLM's. An explicit attention_backend switches the shared modules, so both LLMs."""
+        LLM's. An explicit attention_backend switches the shared modules, so both LLMs.
+
+        On a GPU this LLM's pool already holds its gpu_memory_utilization share of the device, so without
+        num_kv_blocks or kv_cache_memory the new pool is sized for max_num_seqs sequences of max_model_len,
+        within what is free now (kv_cache.shared_pool_memory), not profiled as LLM(...) would."""
         base = self.llm_engine
         max_model_len = base.max_model_len if max_model_len is None else max_model_len
         engine_config = _engine_config(max_model_len, max_num_seqs, kv_layout, scheduling, engine_kwargs)
+        if self.device.type == "cuda" and engine_config.num_kv_blocks is None and engine_config.kv_cache_memory is None:
+            resolved = resolve_engine_config(engine_config, base.model_config, self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            engine_config = dataclasses.replace(engine_config, kv_cache_memory=shared_pool_memory(
+                resolved, base.model_config, self.dtype, free))
         engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config, engine_config, device=self.device,
                            dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
         llm = LLM.from_engine(engine)

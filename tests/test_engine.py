@@ -6,6 +6,8 @@ model's own greedy continuation computed by full forwards without any cache.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -469,6 +471,19 @@ def test_pool_size_check_rounds_max_model_len_up_to_whole_blocks():
         pool(2)
 
 
+def test_a_shared_engines_pool_is_sized_for_its_own_work_within_free_memory():
+    # LLM.share_model on a GPU: the first engine's pool already holds its share, so the second one's is
+    # max_num_seqs x max_model_len (in whole blocks), capped by gpu_memory_utilization of the memory free now
+    from minillm.engine.kv_cache import kv_bytes_per_block, shared_pool_memory
+    config = tiny_config()
+    per_block = kv_bytes_per_block(config, 16, torch.float32)
+    engine_config = EngineConfig(block_size=16, max_model_len=33, max_num_seqs=4, gpu_memory_utilization=0.5)
+    assert shared_pool_memory(engine_config, config, torch.float32, free_bytes=1 << 40) == 4 * 3 * per_block
+    assert shared_pool_memory(engine_config, config, torch.float32, free_bytes=10 * per_block) == 5 * per_block
+    fp8 = dataclasses.replace(engine_config, kv_cache_dtype="fp8")  # half the bytes a block
+    assert shared_pool_memory(fp8, config, torch.float32, free_bytes=1 << 40) == 4 * 3 * per_block // 4
+
+
 def test_detokenizer_keeps_a_leading_space_that_depends_on_context():
     # SentencePiece decodes "▁there" as "there" at the start of a text and as " there" after a word: the first
     # generated token must be decoded after some prompt tokens, or the space between prompt and output is lost
@@ -491,3 +506,23 @@ def test_a_length_finish_flushes_a_pending_partial_character(model_and_config):
     out = llm.generate([[65, 66]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
     assert out.token_ids[-1] == 0xE9  # the first byte of a 3-byte character: its text is pending when the run ends
     assert out.text == ByteTokenizer().decode(out.token_ids) and out.text.endswith("\ufffd")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_share_model_without_a_pool_size():
+    """On a GPU the first engine's profiled pool takes its gpu_memory_utilization share of the device: a shared
+    engine with no pool size must still get one (max_num_seqs x max_model_len within the free memory) and run
+    (chapter 9's notebook does this), equal to the first engine's greedy output."""
+    from minillm.engine.worker import RandomWeights
+    config = tiny_config(max_position_embeddings=256)
+    model = RandomWeights(seed=3)(config, torch.device("cuda"), torch.float32)
+    first = LLM.from_engine(LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=128),
+                                      device="cuda", dtype=torch.float32))
+    shared = first.share_model(max_num_seqs=4)
+    engine = shared.llm_engine
+    assert engine.cache_config.num_gpu_blocks == 4 * (128 // engine.cache_config.block_size)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10]]
+    assert [o.outputs[0].token_ids for o in shared.generate(prompts, params)] == \
+        [o.outputs[0].token_ids for o in first.generate(prompts, params)]

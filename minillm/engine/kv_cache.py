@@ -76,6 +76,18 @@ def profile_peak_memory(model: torch.nn.Module, engine_config: EngineConfig, max
     return int(peak)
 
 
+def shared_pool_memory(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, free_bytes: int) -> int:
+    """KV memory for a second engine around weights an engine of this process already serves (LLM.share_model on
+    a GPU, no pool size given). The first engine's pool holds its gpu_memory_utilization share of the device
+    already, so profiling would leave the second nothing; instead it is sized for its own work, max_num_seqs
+    sequences of max_model_len, within gpu_memory_utilization of the `free_bytes` free now (the rest is headroom
+    for its activations). `config` is resolved (resolve_engine_config)."""
+    kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+    per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
+    full = config.max_num_seqs * -(-config.max_model_len // config.block_size) * per_block
+    return max(1, min(full, int(config.gpu_memory_utilization * free_bytes)))  # 1: num_device_blocks says why
+
+
 def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
                       device: torch.device, model: torch.nn.Module | None = None) -> int:
     """How many paged KV blocks the device pool gets, for a resolved engine configuration and the model's `dtype`
