@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.minillm-installed
 
-.PHONY: setup run test test-fast lab bench clean
+.PHONY: setup run test test-gpu lab bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,15 @@ $(STAMP): pyproject.toml setup.py
 run: setup
 	$(VENV)/bin/minillm demo
 
+# The suite and the notebooks' stored outputs are the CPU's (fp32, Triton's interpreter): a GPU, if there is one,
+# is hidden from them (CUDA_VISIBLE_DEVICES empty). test-gpu runs the tests that need one (pytest -m gpu).
 test: setup
-	$(VPY) -m pytest -q -x --timeout=900
+	CUDA_VISIBLE_DEVICES= $(VPY) -m pytest -q -x --timeout=900
 	@# the stored outputs are the reference's: the notebooks must pass with solutions/ (minillm grade --notebooks runs yours)
-	MINILLM_IMPL=solutions $(VPY) -m pytest -q --nbval-lax --nbval-sanitize-with chapters/sanitize.cfg chapters/ -p no:cacheprovider
+	CUDA_VISIBLE_DEVICES= MINILLM_IMPL=solutions $(VPY) -m pytest -q --nbval-lax --nbval-sanitize-with chapters/sanitize.cfg chapters/ -p no:cacheprovider
+
+test-gpu: setup
+	$(VPY) -m pytest -q -m gpu --timeout=900
 
 lab: setup
 	@# the repository root as the notebook dir (chapters import exercises/ next door); root needs --allow-root
