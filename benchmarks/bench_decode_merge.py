@@ -71,11 +71,12 @@ def measure(pool: CachePool, insts, batch: int, ctx: int, label: str, copy_bw: f
 
 def shape_rows(pool, batch, ctx, copy_bw, min_full) -> list[dict]:
     """The rule's split count, fused and two-kernel (and under another MIN_SPLIT_TOKENS_FULL, fused)."""
+    import minillm.kernels.decode_split_rule as rule
     import minillm.kernels.paged_attention as paged
 
     insts = pool.instances(batch, ctx, rotation_count(batch, ctx))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = paged.choose_decode_config(batch, KV_HEADS, ctx, sms).num_splits
+    splits = rule.choose_decode_config(batch, KV_HEADS, ctx, sms).num_splits
     q, tables, seq_lens = insts[0]
     fused, two = (paged.paged_decode_attention(q, pool.k_cache, pool.v_cache, tables, seq_lens, fused_merge=f)
                   for f in (True, False))
@@ -84,14 +85,14 @@ def shape_rows(pool, batch, ctx, copy_bw, min_full) -> list[dict]:
     rows = [measure(pool, insts, batch, ctx, f"rule fused ({splits} splits)", copy_bw, fused_merge=True),
             measure(pool, insts, batch, ctx, f"rule two-kernel ({splits} splits)", copy_bw, fused_merge=False)]
     if min_full is not None:
-        saved = paged.MIN_SPLIT_TOKENS_FULL
-        paged.MIN_SPLIT_TOKENS_FULL = min_full
+        saved = rule.MIN_SPLIT_TOKENS_FULL
+        rule.MIN_SPLIT_TOKENS_FULL = min_full
         try:
-            alt = paged.choose_decode_config(batch, KV_HEADS, ctx, sms).num_splits
+            alt = rule.choose_decode_config(batch, KV_HEADS, ctx, sms).num_splits
             rows.append(measure(pool, insts, batch, ctx, f"min_full {min_full} fused ({alt} splits)", copy_bw,
                                 fused_merge=True))
         finally:
-            paged.MIN_SPLIT_TOKENS_FULL = saved
+            rule.MIN_SPLIT_TOKENS_FULL = saved
     return rows
 
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--min-split-tokens-full must be >= 1, got {args.min_split_tokens_full}")
     import triton
 
+    import minillm.kernels.decode_split_rule as rule
     import minillm.kernels.paged_attention as paged
 
     need = max(rotation_count(b, c) * b * c // BLOCK_SIZE for b, c in shapes + args.sweep)

@@ -123,7 +123,8 @@ def bench_paged_decode(quick: bool) -> list[dict]:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import sweep_paged_decode as sweep  # noqa: E402  (a sibling script, not a package)
-    from minillm.kernels.paged_attention import choose_num_splits, paged_decode_attention
+    from minillm.kernels.decode_split_rule import choose_num_splits
+    from minillm.kernels.paged_attention import paged_decode_attention
 
     batches, ctxs = ((1, 8, 64, 256), (1024, 32768)) if quick else (sweep.BATCHES, sweep.CONTEXTS)
     shapes = [(b, c) for b in batches for c in ctxs if sweep.kv_bytes(b, c) <= sweep.MAX_KV_BYTES]

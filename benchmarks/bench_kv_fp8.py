@@ -54,7 +54,8 @@ def graph_us(fn, launches: int = GRAPH_LAYERS) -> float:
 def kernel_parts(batch: int, context: int, bandwidth: float, sweep: bool, num_layers: int) -> list[dict]:
     """The store and attention rows of the part table (see the module docstring)."""
     from minillm.kernels.fused import store_kvcache
-    from minillm.kernels.paged_attention import choose_decode_config, paged_decode_attention
+    from minillm.kernels.decode_split_rule import choose_decode_config
+    from minillm.kernels.paged_attention import paged_decode_attention
     from minillm.layers.kv_quant import FP8_KV_DTYPE, dequantize_kv, quantize_kv
     dev, sms = torch.device("cuda"), torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device=dev).manual_seed(0)

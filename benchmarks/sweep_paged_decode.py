@@ -190,7 +190,7 @@ def same_size_copy_us(buf_src: torch.Tensor, buf_dst: torch.Tensor, nbytes: int,
 
 
 def sweep_shape(pool, batch, ctx, tiles, splits_list, copy_bw, copy_bufs) -> tuple[list[dict], dict]:
-    from minillm.kernels.paged_attention import choose_decode_config
+    from minillm.kernels.decode_split_rule import choose_decode_config
 
     insts = pool.instances(batch, ctx, rotation_count(batch, ctx))
     nbytes = bytes_moved(insts[0][2])

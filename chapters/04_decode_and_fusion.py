@@ -196,7 +196,7 @@ print(f"4 splits folded with merge_lse == one softmax over all keys: {bool((merg
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from minillm.kernels.paged_attention import choose_decode_config
+from minillm.kernels.decode_split_rule import choose_decode_config
 
 num_sms = 132  # H100 SXM and H200 alike
 for batch in (1, 8, 64):

@@ -260,7 +260,7 @@ def test_decode_rule_counts_fp8_bytes():
     the fp8 tile is the word path's: 128 keys x 8 warps (2 stages on a full grid, the H200's measured best for
     32 x 4k; 3 on a sparse one), 64 keys x 4 warps where one split's grid holds more than two programs per SM,
     32 x 4 only where a split holds fewer than 128 keys."""
-    from minillm.kernels.paged_attention import choose_decode_config
+    from minillm.kernels.decode_split_rule import choose_decode_config
     # 32 x 8 = 256 programs on 132 SMs: every SM busy, so a split needs 1024 bf16 / 2048 fp8 keys
     assert choose_decode_config(32, 8, 2048, 132, kv_bytes=2).num_splits == 2
     assert choose_decode_config(32, 8, 2048, 132, kv_bytes=1).num_splits == 1
