@@ -134,6 +134,10 @@ def _cmd_notebooks(args: argparse.Namespace) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
+    if args.smoke:
+        from minillm.course.chapter_smoke import smoke
+        failed = smoke(notebooks.sources(names=args.names or None), jobs=args.jobs)
+        return 1 if failed else 0
     for py in notebooks.sources(names=args.names or None):
         print(f"building {py.with_suffix('.ipynb').name}" + (" (executing with the solutions)" if args.execute else ""))
         notebooks.build(py, execute=args.execute)
@@ -181,5 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("names", nargs="*", help="chapter stems (default: all)")
     p.add_argument("--check", action="store_true", help="only check every .ipynb matches its .py")
     p.add_argument("--no-execute", dest="execute", action="store_false", help="write cells without running them")
+    p.add_argument("--smoke", action="store_true",
+                   help="write nothing: run each chapter top to bottom on this machine (a GPU if there is one) with the "
+                        "solutions, outputs unchecked; exit 1 if one fails")
+    p.add_argument("--jobs", type=int, default=1, help="--smoke: chapters run at once (default 1)")
     p.set_defaults(func=_cmd_notebooks)
 

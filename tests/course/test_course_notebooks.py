@@ -3,6 +3,7 @@ solutions and fails with the blank stubs (so a chapter's checked cells grade the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,21 @@ def test_a_real_chapter_shows_the_learners_wrong_answer(tmp_path):
     assert "expected 'blocks touched: [0, 1, 5]', got 'blocks touched: [0, 1, 2]'" in "\n".join(lines), lines
     passed, lines = notebooks.grade_notebook(ipynb, "solutions")
     assert passed, lines
+
+
+def test_smoke_runs_chapters_as_scripts_and_names_the_one_that_fails(tmp_path, capsys):
+    """`minillm course notebooks --smoke`: each chapter runs in its own folder, top-level await allowed, display
+    available as in a notebook; a failing chapter is named with the end of its traceback and counted."""
+    from minillm.course.chapter_smoke import smoke
+    good = tmp_path / "01_good.py"
+    good.write_text("# %%\nimport asyncio\nfrom pathlib import Path\n\nawait asyncio.sleep(0)\n"
+                    "display(Path('data.txt').read_text())  # the chapter's folder is the working directory\n")
+    (tmp_path / "data.txt").write_text("hello")
+    bad = tmp_path / "02_bad.py"
+    bad.write_text("# %%\nx = 1\n# %%\nraise ValueError('cell two broke')\n")
+    assert smoke([good, bad], jobs=2) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"01_good\.py\s+ok", out) and re.search(r"02_bad\.py\s+failed", out)
+    assert "ValueError: cell two broke" in out
+    with pytest.raises(ValueError, match="jobs must be a positive integer, got 0"):
+        smoke([good], jobs=0)
