@@ -356,7 +356,7 @@ for name, (m, n, k) in {"Llama-3-8B qkv, batch 1": (1, 6144, 4096), "SmolLM2 dow
     c = default_config(m, n, k)
     path = "tensor cores" if c.use_dot else "one pass per row" if c.row_passes else "CUDA cores"
     print(f"{name:24s} {c.block_n:3d} rows x {c.block_k:4d} columns a program, {path}")
-x, w = torch.randn(2, 576).to(device), torch.randn(96, 576).to(device)  # interpreted here, at a small size
+x, w = torch.randn(2, 576).to(device), torch.randn(96, 576).to(device)  # on a CPU: interpreted, at a small size
 print("2 rows through gemv equal F.linear:", bool((gemv(x, w) - torch.nn.functional.linear(x, w)).abs().max() < 1e-3))
 from minillm.kernels.fused import rms_norm
 from minillm.kernels.gemv import gemv_rms_norm

@@ -1,4 +1,4 @@
-"""How paged decode attention splits its work (chapter 5): how many splits per sequence (flash-decoding) and
+"""How paged decode attention splits its work (split-KV, chapter 4): how many splits per sequence (flash-decoding) and
 which tile each program walks, as a rule of the batch, the kv heads, the context and the GPU's SM count.
 
 kernels/paged_attention.py launches what these functions choose; the rule and the H200 measurements behind it

@@ -35,7 +35,8 @@ def _stand_ins() -> None:
     except ImportError:
         class Widget:
             def __init__(self, *args, **kwargs):
-                self.children, self.value, self.description = (args[0] if args else []), "", kwargs.get("description", "")
+                self.children = args[0] if args else []
+                self.value, self.description = "", kwargs.get("description", "")
 
             def on_click(self, callback):
                 pass
@@ -70,7 +71,7 @@ def run_as_script(path: str) -> None:
 def run_chapter(py: Path, impl: str = "solutions", timeout: float = 600.0) -> tuple[str, float, str]:
     """(status "ok" / "failed" / "timeout", seconds, the last lines of its stderr) of one chapter's run."""
     start = time.time()
-    env = {**os.environ, "MINILLM_IMPL": impl, "MPLBACKEND": "Agg"}
+    env = {**os.environ, "MINILLM_IMPL": impl}  # the child picks a headless matplotlib (run_as_script)
     try:
         proc = subprocess.run([sys.executable, "-m", "minillm.course.chapter_smoke", py.name], cwd=py.parent,
                               env=env, capture_output=True, text=True, timeout=timeout)

@@ -82,10 +82,14 @@ def shared_pool_memory(config: EngineConfig, model_config: ModelConfig, dtype: t
     already, so profiling would leave the second nothing; instead it is sized for its own work, max_num_seqs
     sequences of max_model_len, within gpu_memory_utilization of the `free_bytes` free now (the rest is headroom
     for its activations). `config` is resolved (resolve_engine_config)."""
-    kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
-    per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
-    full = config.max_num_seqs * -(-config.max_model_len // config.block_size) * per_block
+    per_block = kv_bytes_per_block(model_config, config.block_size, kv_cache_torch_dtype(config.kv_cache_dtype, dtype))
+    full = _every_sequence_bytes(config, per_block)
     return max(1, min(full, int(config.gpu_memory_utilization * free_bytes)))  # 1: num_device_blocks says why
+
+
+def _every_sequence_bytes(config: EngineConfig, per_block: int) -> int:
+    """The pool that holds max_num_seqs sequences of max_model_len at once (whole blocks each)."""
+    return config.max_num_seqs * -(-config.max_model_len // config.block_size) * per_block
 
 
 def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
@@ -123,8 +127,7 @@ def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dt
         source = (f"gpu_memory_utilization={engine_config.gpu_memory_utilization} of {total / 2**30:.1f} GiB "
                   f"minus a peak of {peak / 2**30:.2f} GiB and {outside_torch / 2**30:.2f} GiB outside torch")
     else:
-        full = engine_config.max_num_seqs * -(-max_model_len // block_size) * per_block
-        budget = min(full, CPU_DEFAULT_KV_MEMORY)
+        budget = min(_every_sequence_bytes(engine_config, per_block), CPU_DEFAULT_KV_MEMORY)
         source = f"the CPU default min(max_num_seqs x max_model_len, {CPU_DEFAULT_KV_MEMORY >> 20} MiB)"
     num_blocks = max(0, budget) // per_block
     needed = -(-max_model_len // block_size)

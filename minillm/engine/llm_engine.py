@@ -45,7 +45,7 @@ from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.model_runner import token_logprobs
-from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
+from minillm.engine.step_input import StepOutput, TokenLogprobs, build_step_input
 from minillm.engine.worker import PrebuiltModel, Worker
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
@@ -249,27 +249,18 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         try:
-            step_output = self.executor.execute_model(self._step_input(batch))
+            step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
+            if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
+                self.speculative.prepare_step(batch, step_input)
+            self._finished_since_last_step = []
+            step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
+            step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)
+            step_output = self.executor.execute_model(step_input)
+            tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
-        self._complete_step(batch, step_output, outputs)
-        return outputs
-
-    def _step_input(self, batch: ScheduledBatch) -> StepInput:
-        """The worker's input for a scheduled batch, with what the speculative decoder adds to it."""
-        step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
-        if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
-            self.speculative.prepare_step(batch, step_input)
-        self._finished_since_last_step = []
-        step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
-        step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)
-        return step_input
-
-    def _complete_step(self, batch: ScheduledBatch, step_output: StepOutput, outputs: list[RequestOutput]) -> None:
-        """A synchronous step's second half: verify drafts, keep the accepted tokens, emit the outputs."""
-        tokens = step_output.sampled_token_ids
         try:
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)
@@ -280,11 +271,11 @@ class LLMEngine:
         except Exception as err:  # a bad verification result fails these requests, not the engine
             logger.exception("step postprocessing failed; finishing %d request(s) with 'error'", len(batch.seqs))
             message = f"{type(err).__name__}: {err}"
-            outputs += [self._finish(seq, "error", error=message) for seq in batch.seqs]
-            return
+            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
         self._emit_outputs(batch.seqs, tokens, scored, outputs)
         if self.speculative is not None:  # proposer state of finished / preempted requests
             self.speculative.release(self.scheduler)
+        return outputs
 
     def _emit_outputs(self, seqs: list[Sequence], tokens: list[list[int]], scored: list[list[TokenLogprobs] | None],
                       outputs: list[RequestOutput]) -> None:
@@ -438,4 +429,3 @@ class LLMEngine:
         """A running request's output: text that might still become a stop string is held back."""
         safe = stream_safe_length(seq.output_text, seq.sampling_params.stop_list)
         return RequestOutput.from_sequence(seq, text=seq.output_text[:safe])
-

@@ -150,11 +150,8 @@ class NGramProposer(Proposer):
         return []
 
     def propose(self, seqs: list["Sequence"], num_tokens: list[int]) -> list[list[int]]:
-        """Drafts by prompt lookup. With a step in flight (its token a placeholder at the end) the lookup would run
-        one token behind: the continuation's first token is the guess for the token in flight, the drafts the ones
-        after it. The engine reads the step in flight before it proposes, so every token is known here; launching
-        the verify step behind the guess instead was measured and did not pay (benchmarks/RESULTS.md, "Verify
-        steps launched behind the step in flight")."""
+        """Drafts by prompt lookup. The engine proposes with every token known; a sequence whose last token is
+        still a placeholder gets the drafts after the continuation's first token (its guess for that token)."""
         check_num_tokens(seqs, num_tokens)
         scan = dispatch("ch09.ngram_lookup", None)
         drafts = []
