@@ -79,7 +79,7 @@ def split_factors(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> l
 
 
 def configs_for(m: int, n: int, k: int, num_sms: int):
-    from minillm.kernels.gemv import GemvConfig
+    from minillm.kernels.gemv_config import GemvConfig
     bucket = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8 if m <= 8 else None
     tiles = [(t, False, False) for t in FMA_TILES.get(bucket, [])] + \
         [(t, False, True) for t in REDUCE_TILES.get(bucket, [])] + [(t, True, False) for t in DOT_TILES]
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import minillm  # noqa: F401  (platform setup)
     from bench_decode import copy_bandwidth  # the same 1 GiB copy as P5's floor (benchmarks/ is on sys.path)
-    from minillm.kernels.gemv import GemvConfig, default_config, gemv
+    from minillm.kernels.gemv import gemv
+    from minillm.kernels.gemv_config import GemvConfig, default_config
 
     t_start = time.perf_counter()
     bw = copy_bandwidth()

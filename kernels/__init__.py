@@ -2,8 +2,10 @@
 
     flash_attention.py  flash_attn_varlen, flash_attention     FlashAttention-2 forward, packed or fixed-length
                                                               batches, GQA, bottom-right causal, lse (chapter 3)
-    paged_attention.py  paged_decode_attention,                split-KV decode over the paged KV cache (FP8-ready),
-                        merge_attention_states                log-sum-exp merge of partial attentions (chapter 5)
+    paged_attention.py  paged_decode_attention                 split-KV decode over the paged KV cache (chapter 5)
+    decode_merge.py     merge_attention_states                 its merge of the splits: the log-sum-exp merge in torch
+                                                              and Triton, and fused into the split kernel (chapter 4)
+    fp8_kv_tile.py      _fp8_tile                              its FP8 cache reads: e4m3 bytes widened to fp16 tiles
     fused.py            rms_norm, rotary_embedding_,           memory-bound fused ops: residual + RMSNorm, RoPE in
                         silu_and_mul, store_kvcache           place, SwiGLU gate, KV-cache scatter (chapters 1, 2, 4)
     rope_store.py       rotary_and_store_kvcache_              RoPE on q/k and the KV-cache store in one launch
@@ -17,9 +19,11 @@
     fp8_gemm.py         per_token_quant_fp8, fp8_gemm          FP8 e4m3: activations quantized per token, the
                                                               FP8 GEMM (chapter 10)
     int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
-    gemv.py             gemv, GemvConfig, default_config       dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
+    gemv.py             gemv, gemv_rms_norm                    dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
                                                               weight streaming, split-K with one launch, SwiGLU
                                                               computed in the loads (chapter 4)
+    gemv_config.py      GemvConfig, default_config,            its launches: the rule read off the H200 sweep and the
+                        tuned_config                          measured winners per shape
     int4_mma.py,        int4 kernels for decode sizes:         bf16-halves tensor-core and packed-fp16 CUDA-core
     int4_gemv.py,       int4_dispatch times them per shape     INT4 GEMMs; int4_dispatch picks per (M bucket,
     int4_dispatch.py,   and keeps the fastest correct one      shape); int4_tuning: configs, split-K, workspace

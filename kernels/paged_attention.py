@@ -17,41 +17,11 @@ Why split-KV. A batch of 8 sequences with 8 kv heads makes only 64 programs, and
 each want several programs in flight: most of the chip would idle while a few programs walk 4k tokens one
 after another. Flash-decoding cuts each sequence's keys into `num_splits` contiguous ranges, gives each to
 its own program (phase 1 grid: batch x kv heads x splits), and each writes a partial output normalised by
-its own softmax sum plus the log-sum-exp (lse) of its scores. Phase 2 merges the partials exactly:
-
-    lse = log(sum_s exp(lse_s)),   out = sum_s exp(lse_s - lse) * out_s
-
-which is the online-softmax rescaling of flash_attention.py applied once, at the end, across programs
-(merge_lse below is the same formula for two partials, in torch: chapter 4's exercise).
+its own softmax sum plus the log-sum-exp (lse) of its scores. Phase 2 merges the partials exactly (decode_merge.py:
+the formula, the merge kernel, and the fused merge that runs phase 2 inside phase 1).
 Short contexts or big batches already fill the chip, so the heuristic uses one split there and phase 2 is
 skipped (phase 1 then writes the final output directly). decode_split_rule.choose_decode_config states the
 rule (splits and tile from programs per SM, keys per split and the merge's cost) and the H200 measurements behind it.
-
-Phase 2 inside phase 1 (the fused merge). As a kernel of its own, the merge cost a launch and a kernel boundary
-per layer (on the H200 at batch 1: 1.65 us of merge after 4.4 us of split kernel, 32 times a step), while its
-work is a few KB per head. But no program can merge before every split of its head has finished, and programs
-of one launch cannot wait for each other (nothing guarantees they are resident together). So the program that
-finishes *last* does it, as split-K GEMMs do (int4_mma.py's split_k_store):
-  * each program writes its partial and lse, then bumps an int32 arrival counter of its (sequence, kv head, row
-    tile) with an atomic add; the one that reads back num_splits - 1 knows every other partial is written, and
-    merges the tile's rows into the output, one row at a time (_merge_row: the code the two-kernel path runs);
-  * memory ordering: the partial is stored by all of the program's threads, the counter bumped by one. A
-    barrier (tl.debug_barrier) first makes every thread's stores part of that thread's view, and the atomic's
-    acq_rel semantics at GPU scope publish them (release) and, in the last program, make the others' visible
-    (acquire). Its loads of the partials are `.cg`, served by L2, the point of coherence: an SM's L1 is not
-    kept coherent with stores from other SMs, and a CUDA-graph replay could otherwise hit lines left from
-    the previous replay;
-  * the last program sets the counter back to 0 (atomic exchange), so the next call, or the next replay of a
-    graph that recorded this launch, starts from zero without a memset kernel. The counters are one zeroed
-    buffer per device, grown outside CUDA-graph capture only (warm a call up before recording it: a capture that
-    would need more counters raises).
-The price: the merge is serial at the tail, the last program reading its rows' partials alone (32 splits x 4
-heads x 512 B = 64 KB at batch 1) where the merge kernel spread them over 128 programs. Measured on the H200
-(2026-12-03, benchmarks/bench_decode_merge.py, CUDA graphs, Llama-3-8B attention) that price is larger than the
-launch it saves: the fused merge was 3.5-4 us *slower* per call at every batch and context where the rule splits
-(batch 1: 9.9 vs 6.2 us at 512 keys, 16.5 vs 12.5 at 4k; batch 8 x 4k: 46.9 vs 43.2), so the two kernels stay
-the default and fused_merge=True is the experiment, kept for the lesson: a launch saved is not time saved when
-the work it held becomes a serial tail.
 
 Several queries per sequence (speculative decoding's verify step: the last token plus k drafts). With a fixed
 q_len per sequence, the q_len x G queries of one kv head are still one small matrix: row r is query r // G of
@@ -71,22 +41,8 @@ with the splits).
 FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
 x_q = x / scale in float8_e4m3fn. The scales are constant along the keys, so they are applied once, not per
 element: k_scale folds into the softmax scale (one multiply per score), and v_scale multiplies the output
-accumulator at the end. Reading half the bytes only pays if turning the bytes into tensor-core operands costs
-less than the memory time saved, and the plain `k.to(bf16)` did not (the step was 0.79x bf16's on the H200).
-Compiled for sm_90 (Triton 3.6), that one line became, per 64-key tile and thread: 128 F2F (fp16 -> bf16, there
-is no direct e4m3 -> bf16 instruction), 64 F2FP (e4m3x2 -> f16x2), and 64 one-byte shared-memory loads, because
-the compiler moved the conversion after the shared-memory copy and V (contiguous along D, not along the
-reduction over keys) cannot go through `ldmatrix.trans` as 8-bit data; 140 registers against bf16's 88 (3
-programs per SM instead of 5). Conversions run at 16 per clock per SM, a quarter of integer arithmetic's rate.
-So an fp8 cache takes another road (`_fp8_tile`):
-  * load K and V as int32 words, four e4m3 bytes each (16-byte vector loads, as for bf16);
-  * widen each word in registers to four fp16 (e4m3 is a subset of fp16, so this is exact): on a GPU one
-    `cvt.rn.f16x2.e4m3x2` per two values; in the interpreter (and as the textbook version) by moving bits:
-    the byte s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the same number divided by 2^8 (fp16's exponent
-    bias is 15, e4m3's 7), subnormals included, and that 2^8 folds into k_scale and v_scale with the rest;
-  * run both dots in fp16 (q rounded once to fp16; p in [0, 1] is finer in fp16 than in bf16), so no F2F at
-    all, and let the fp16 tile take the path bf16 takes (ldmatrix, transposed for V).
-The pool holds finite values only (store_kvcache saturates at +-448), so e4m3's NaN code never needs care here.
+accumulator at the end. How the bytes become dot operands (int32 words widened to fp16 in registers, `_fp8_tile`,
+and fp16 dots) and why the plain cast did not pay: fp8_kv_tile.py.
 """
 from __future__ import annotations
 
@@ -96,43 +52,19 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.hooks import dispatch
 from minillm.platform import triton_interpreted
 from minillm.kernels.fused import per_head_scale
 from minillm.kernels.pdl import grid_dependency_sync, launch_options
-from minillm.kernels.decode_split_rule import (MAX_SPLITS, DecodeConfig, choose_num_splits, decode_tile,
-                                               fp8_decode_tile, num_sms_of)
+from minillm.kernels.decode_split_rule import (DecodeConfig, choose_num_splits, decode_tile, fp8_decode_tile,
+                                               num_sms_of)
+from minillm.kernels.decode_merge import _arrival_counters, _merge_chunk, _merge_row, _merge_splits_kernel
+# re-exported: the course names the engine's merge as paged_attention's (minillm/course/impl.py, FORBIDDEN)
+from minillm.kernels.decode_merge import merge_attention_states, merge_lse  # noqa: F401
+from minillm.kernels.fp8_kv_tile import _fp8_tile
 
 _LOG2E = 1.4426950408889634
 MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step of up to 15 drafts
 MAX_TREE_QUERY_LEN = 64  # with a tree_mask: one int64 ancestor bitmask per node bounds a tree at 64 nodes
-
-
-@triton.jit
-def _e4m3_pair_bits(x):
-    """uint32 with an e4m3 byte in the high byte of each 16-bit half -> the fp16 bit patterns of value / 2^8:
-    keep the sign bit where it is, shift exponent and mantissa one place right (fp16 has one exponent bit more)."""
-    return (x & 0x80008000) | ((x >> 1) & 0x3F803F80)
-
-
-@triton.jit
-def _fp8_tile(words, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_CVT: tl.constexpr):
-    """words uint32 [ROWS, BLOCK_D // 4] (byte i of word j: element 4j + i) -> fp16 [ROWS, BLOCK_D], exact.
-
-    USE_CVT: the hardware conversion (sm_89+), values as stored; else the bit trick, values / 2^8."""
-    if USE_CVT:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.rn.f16x2.e4m3x2 $0, l; cvt.rn.f16x2.e4m3x2 $1, h; }",
-            "=r,=r,r", [words], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
-    else:
-        lo = _e4m3_pair_bits(((words << 8) & 0x0000FF00) | ((words << 16) & 0xFF000000))  # bytes 0, 1
-        hi = _e4m3_pair_bits(((words >> 8) & 0x0000FF00) | (words & 0xFF000000))  # bytes 2, 3
-    e0 = lo.to(tl.uint16).to(tl.float16, bitcast=True)
-    e1 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    e2 = hi.to(tl.uint16).to(tl.float16, bitcast=True)
-    e3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    # join(join(e0, e2), join(e1, e3))[..., a, b] is element 2a + b of the word: row-major flattening interleaves
-    return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), [ROWS, BLOCK_D])
 
 
 # Integers that change from step to step are not specialised (Triton compiles a variant per value that is 1 or
@@ -281,96 +213,6 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                 tl.atomic_xchg(counter, 0)  # clean for the next call, or the next replay of a CUDA graph
 
 
-@triton.jit
-def _merge_row(O_PART, LSE_PART, OUT, part_row, lse_row, out_row, offs_d, d_ok, stride_ps, num_splits,
-               CHUNK_S: tl.constexpr):
-    """Merge the split partials of one (query token, head) row over the head_dim slice offs_d:
-    out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse). part_row / lse_row / out_row: the row's
-    offsets into O_PART (split 0), LSE_PART (split 0) and OUT.
-
-    The splits are walked CHUNK_S at a time with the online-softmax rescaling (a running max m, the total
-    weight and the weighted sum are rescaled by exp(m_old - m_new) when a larger lse arrives), so 64 or 128
-    splits never hold a [splits, head_dim] fp32 tile in registers, and the split count is not a compile-time
-    constant. An empty split (lse -inf) weighs 0; a row with no key at all gets 0, never nan. The loads are
-    `.cg` (cached in L2 only): the partials were written by programs on other SMs, whose stores an SM's L1
-    does not see.
-    """
-    offs_s = tl.arange(0, CHUNK_S)
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros(offs_d.shape, dtype=tl.float32)
-    for s0 in range(0, num_splits, CHUNK_S):
-        s_ok = s0 + offs_s < num_splits
-        lse = tl.load(LSE_PART + lse_row + s0 + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights stay 0
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse - m_safe)  # an empty split weighs exp(-inf) = 0
-        part = part_row + (s0 + offs_s) * stride_ps
-        o = tl.load(O_PART + part[:, None] + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        total = total * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + out_row + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
-
-
-@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])
-def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         stride_ob, stride_oh, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         CHUNK_S: tl.constexpr, PDL: tl.constexpr = False):
-    """The merge as a second kernel (the default; fused_merge=True runs _merge_row in the split kernel instead):
-    one program per (query token, head, BLOCK_D slice of head_dim).
-    Slicing head_dim gives a batch-1 merge more than one program per head."""
-    grid_dependency_sync(PDL)
-    token = tl.program_id(0).to(tl.int64)  # a query token (one per sequence, or q_len per sequence)
-    head = tl.program_id(1)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    _merge_row(O_PART, LSE_PART, OUT, token * stride_pb + head * stride_ph, token * stride_lb + head * stride_lh,
-               token * stride_ob + head * stride_oh, offs_d, offs_d < HEAD_DIM, stride_ps, num_splits, CHUNK_S)
-
-
-# Arrival counters of the fused merge: one int32 per (sequence, kv head, row tile) of a launch, zero between launches
-# (the last program of each puts its counter back to 0). One buffer per device, shared by every call on it: calls on
-# one stream run one after another, which is how the engine runs its layers (two streams running decode attention
-# on one device at the same time would need a buffer each).
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-# Outgrown buffers are kept, never freed: a CUDA graph captured earlier still points at its buffer, and a replay
-# must not count into memory the allocator has handed to someone else.
-_RETIRED_ARRIVALS: list[torch.Tensor] = []
-MIN_ARRIVALS = 4096  # entries of a first buffer (16 KB): batch 512 x 8 kv heads without growing
-MERGE_ELEMENTS_PER_THREAD = 32  # fp32 partials a thread loads per merge step (sets CHUNK_S)
-
-
-def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """A zeroed int32 buffer of at least `needed` counters on `device`, or None while a CUDA graph is being
-    captured and the buffer is too small: allocating then would put it in the graph's private pool (and the
-    engine warms every graph shape up first, which grows the buffer outside the capture)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = _ARRIVALS.get(device)
-    if buf is not None and buf.numel() >= needed:
-        return buf
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if buf is not None:
-        _RETIRED_ARRIVALS.append(buf)
-    size = max(needed, MIN_ARRIVALS, 2 * buf.numel() if buf is not None else 0)
-    _ARRIVALS[device] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _ARRIVALS[device]
-
-
-def _merge_chunk(block_d: int, num_warps: int) -> int:
-    """CHUNK_S of the fused merge: splits per merge step, [CHUNK_S, BLOCK_D] fp32 partials within
-    MERGE_ELEMENTS_PER_THREAD values a thread, at most MAX_SPLITS (the rule's 32 splits in one step). It does not
-    depend on the split count: one compiled variant serves every count."""
-    chunk_s = 2
-    while chunk_s < MAX_SPLITS and 2 * chunk_s * block_d <= MERGE_ELEMENTS_PER_THREAD * 32 * num_warps:
-        chunk_s *= 2
-    return chunk_s
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float | None = None,
                            num_splits: int | None = None, k_scale=None, v_scale=None,
@@ -406,8 +248,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     100 KB). On the H200 (benchmarks/RESULTS.md, nineteenth session) it was 7-9% faster than "cvt" at batch
     128-256 of serving contexts with 128 keys / 4 warps / 2 stages and -5..+1% elsewhere: an option to sweep, not
     yet the default.
-    fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see the module
-    docstring; measured slower on the H200), False (the default) in a second kernel. True raises when a
+    fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see
+    decode_merge.py; measured slower on the H200), False (the default) in a second kernel. True raises when a
     CUDA-graph capture would have to grow the arrival counters.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -543,40 +385,3 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             o_part, lse_part, out, *part_strides, out.stride(0), out.stride(1), num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d // d_slices, CHUNK_S=16, num_warps=4, **pdl)
     return out
-
-
-def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
-    """Merge two attentions of the same queries over disjoint key sets: out [T, H, D], lse fp32 [H, T].
-
-    Returns (out, lse) as if one softmax had seen both key sets (e.g. a cached prefix and the new chunk,
-    or two KV splits). A side with lse = -inf (no keys) weighs 0; both -inf gives out = 0, lse = -inf.
-    """
-    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
-        raise ValueError(f"shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
-                         f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}")
-    if out_a.dim() != 3 or lse_a.shape != (out_a.shape[1], out_a.shape[0]):
-        raise ValueError(f"need out [T, H, D] and lse [H, T], got {tuple(out_a.shape)} and {tuple(lse_a.shape)}")
-    return dispatch("ch04.merge_lse", merge_lse)(out_a, lse_a, out_b, lse_b)
-
-
-# >>> exercise ch04.merge_lse
-def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partial attentions of the same queries over disjoint key sets A and B: returns (out, lse).
-
-    out_a, out_b [T, H, D]: each side's softmax-weighted values, normalised by its own softmax sum;
-    lse_a, lse_b [H, T]: the natural-log log-sum-exp of each side's scaled scores. The merge is exact:
-    lse = log(exp(lse_a) + exp(lse_b)) and out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
-    (compute it without overflow: never exp() a large lse on its own). A side with lse = -inf saw no key and
-    weighs 0; both -inf gives out = 0 and lse = -inf, never nan. Math in fp32; out in out_a's dtype, lse fp32.
-    """
-    # >>> solution
-    lse_a, lse_b = lse_a.float(), lse_b.float()
-    lse = torch.logaddexp(lse_a, lse_b)  # [H, T]
-    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)  # keeps -inf - -inf away
-    w_a = torch.exp(lse_a - safe).T.unsqueeze(-1)  # [T, H, 1]: the share of side A's softmax mass
-    w_b = torch.exp(lse_b - safe).T.unsqueeze(-1)
-    out = out_a.float() * w_a + out_b.float() * w_b
-    return out.to(out_a.dtype), lse
-    # <<< solution
-# <<< exercise

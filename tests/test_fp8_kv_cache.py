@@ -19,7 +19,8 @@ from minillm.engine.kv_cache import KVCache, kv_bytes_per_block, num_device_bloc
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
 from minillm.forward_context import AttentionMetadata, forward_context
-from minillm.kernels.paged_attention import _fp8_tile, paged_decode_attention
+from minillm.kernels.fp8_kv_tile import _fp8_tile
+from minillm.kernels.paged_attention import paged_decode_attention
 from minillm.layers.attention import Attention, attention_reference
 from minillm.layers.kv_quant import FP8_E4M3_MAX, dequantize_kv, quantize_kv
 from minillm.models.llama import LlamaForCausalLM

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import minillm.layers.gemv_dispatch as dispatch_module
-from minillm.kernels.gemv import MAX_M, GemvConfig, default_config, gemv
+from minillm.kernels.gemv import MAX_M, gemv
+from minillm.kernels.gemv_config import GemvConfig, default_config
 from minillm.layers.embedding import LMHead
 from minillm.layers.linear import Linear, dense_linear, set_gemv_mode
 
@@ -120,7 +121,7 @@ def test_default_config_is_valid_for_any_shape():
 def test_tuned_configs_are_valid_and_correct_at_smollm2_sizes():
     """Every measured entry passes its own check, and the small ones (SmolLM2's verify-step shapes) give F.linear's
     result under the interpreter (the Llama-3-8B ones are too big to run here; test_default_config covers them)."""
-    from minillm.kernels.gemv import TUNED_CONFIGS, tuned_config
+    from minillm.kernels.gemv_config import TUNED_CONFIGS, tuned_config
 
     for (m, n, k), cfg in TUNED_CONFIGS.items():
         cfg.check(m, x_is_cuda=False)
@@ -363,7 +364,8 @@ def test_gemv_rms_norm_bf16_on_gpu(m, n, k):
     pick (PDL on where the GPU has it): the new residual bit for bit, y within bf16 rounding of the two launches
     (a last-bit change of the inverse RMS can move a normalised x across a bf16 rounding boundary)."""
     from minillm.kernels.fused import rms_norm
-    from minillm.kernels.gemv import gemv_rms_norm, tuned_config
+    from minillm.kernels.gemv import gemv_rms_norm
+    from minillm.kernels.gemv_config import tuned_config
     gen = torch.Generator(device="cuda").manual_seed(m + n)
     x, residual = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02

@@ -240,6 +240,7 @@ def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_con
     the torch backend's tokens, and the fused path did run."""
     import minillm.kernels.gemv as gemv_module
     import minillm.layers.gemv_dispatch as dispatch_module
+    from minillm.kernels.gemv_config import GemvConfig
     model, config = model_and_config
     ref = _greedy(model, config, "torch", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
                   num_kv_blocks=40)
@@ -247,8 +248,7 @@ def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_con
     real_gemv = gemv_module.gemv
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: calls.append(kw.get("swiglu")) or real_gemv(*a, **kw))
     monkeypatch.setattr(dispatch_module, "swiglu_gemv_choice",
-                        lambda gate_up, w: gemv_module.GemvConfig(block_n=8, block_k=32) if gate_up.shape[0] <= 4
-                        else None)
+                        lambda gate_up, w: GemvConfig(block_n=8, block_k=32) if gate_up.shape[0] <= 4 else None)
     got = _greedy(model, config, "triton", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
                   num_kv_blocks=40)
     assert got == ref
@@ -262,6 +262,7 @@ def test_engine_greedy_tokens_with_rms_norm_fused_into_the_gemvs(model_and_confi
     yet) did too."""
     import minillm.kernels.gemv as gemv_module
     import minillm.layers.gemv_dispatch as dispatch_module
+    from minillm.kernels.gemv_config import GemvConfig
     model, config = model_and_config
     ref = _greedy(model, config, "torch", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
                   num_kv_blocks=40)
@@ -271,7 +272,7 @@ def test_engine_greedy_tokens_with_rms_norm_fused_into_the_gemvs(model_and_confi
                         lambda x, residual, *a, **kw: calls.append((x.shape[0], residual is None)) or
                         real(x, residual, *a, **kw))
     monkeypatch.setattr(dispatch_module, "norm_gemv_choice",
-                        lambda x, w: gemv_module.GemvConfig(block_n=8, block_k=32) if x.shape[0] <= 4 else None)
+                        lambda x, w: GemvConfig(block_n=8, block_k=32) if x.shape[0] <= 4 else None)
     got = _greedy(model, config, "triton", PROMPTS, 4, scheduling="continuous", kv_layout="paged", block_size=4,
                   num_kv_blocks=40)
     assert got == ref

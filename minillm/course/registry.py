@@ -108,7 +108,7 @@ _EXERCISES: list[Exercise] = [
                     "in the chapter module, which runs the kernel with the learner's helper",
     ),
     Exercise(
-        id="ch04.merge_lse", function="merge_lse", source="kernels/paged_attention.py", points=10,
+        id="ch04.merge_lse", function="merge_lse", source="kernels/decode_merge.py", points=10,
         hint="lse = logaddexp(lse_a, lse_b); weights exp(lse_x - lse), transposed [H, T] -> [T, H, 1]; both -inf -> 0, not nan.",
         nudge="Two partial attentions over disjoint keys combine exactly if each is weighted by its share of the total softmax mass (its lse).",
         signature="merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]",

@@ -110,7 +110,8 @@ def _decide_gemv(x2: torch.Tensor, weight: torch.Tensor, mode: str):
     (2026-12-03: 3 of 7 decisions for qkv, 0 of 7 for o_proj where the GEMV was 13% faster), and a process's
     decode speed with them. Both are timed here as the engine runs them: replayed from a CUDA graph, with cold
     weights."""
-    from minillm.kernels.gemv import gemv, tuned_config
+    from minillm.kernels.gemv import gemv
+    from minillm.kernels.gemv_config import tuned_config
 
     n, k = weight.shape
     cfg = tuned_config(x2.shape[0], n, k, x2.device)

@@ -15,7 +15,8 @@ from kernel_reference import (attention_reference, gather_from_cache, paged_deco
                               varlen_attention_reference)
 from minillm.kernels.flash_attention import flash_attn_varlen
 from minillm.kernels.decode_split_rule import choose_decode_config, choose_num_splits
-from minillm.kernels.paged_attention import merge_attention_states, paged_decode_attention
+from minillm.kernels.decode_merge import merge_attention_states
+from minillm.kernels.paged_attention import paged_decode_attention
 
 
 def _paged_batch(seq_lens, heads, kv_heads, head_dim, block_size, seed=0, device="cpu", dtype=torch.float32,

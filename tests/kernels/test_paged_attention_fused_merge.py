@@ -1,4 +1,4 @@
-"""The split-KV merge fused into the paged decode kernel (minillm.kernels.paged_attention, fused_merge).
+"""The split-KV merge fused into the paged decode kernel (fused_merge=True; minillm.kernels.decode_merge).
 
 The last split program of each (sequence, kv head, row tile) merges the partials; the two-kernel path
 (fused_merge=False) and a torch reference must agree with it. CPU (interpreter, fp32): 2, 3 and 5 splits, one and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import minillm.kernels.decode_merge as merge
 import minillm.kernels.paged_attention as paged
 from kernel_reference import attention_reference, gather_from_cache
 from minillm.kernels.paged_attention import paged_decode_attention
@@ -49,7 +50,7 @@ def _reference(q, k_cache, v_cache, tables, seq_lens, q_len, k_scale=None, v_sca
 
 def _counters_clean(device="cpu"):
     device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    buf = paged._ARRIVALS.get(device)
+    buf = merge._ARRIVALS.get(device)
     return buf is not None and not buf.any()
 
 
@@ -75,8 +76,8 @@ def test_fused_equals_two_kernels_and_reference(num_splits, q_len, monkeypatch):
 
 def test_many_chunks_and_calls_in_a_row(monkeypatch):
     # one fp32 value a thread: 4 splits of head_dim 32 a merge step, so 5 splits take two (online rescaling)
-    monkeypatch.setattr(paged, "MERGE_ELEMENTS_PER_THREAD", 1)
-    assert paged._merge_chunk(32, 4) == 4
+    monkeypatch.setattr(merge, "MERGE_ELEMENTS_PER_THREAD", 1)
+    assert merge._merge_chunk(32, 4) == 4
     q, kc, vc, bt, sl = _pool([2, 50, 33], 4, 1, 32, 6, seed=3)
     first = paged_decode_attention(q, kc, vc, bt, sl, num_splits=5, q_len=2, fused_merge=True)
     assert _counters_clean()
@@ -129,14 +130,14 @@ def test_varlen_tree_over_two_row_tiles():
 
 
 def test_counter_buffer_grows_and_keeps_the_old_one(monkeypatch):
-    monkeypatch.setattr(paged, "_ARRIVALS", {})
-    monkeypatch.setattr(paged, "_RETIRED_ARRIVALS", [])
-    small = paged._arrival_counters(torch.device("cpu"), 10)
-    assert small.numel() == paged.MIN_ARRIVALS and not small.any()
-    assert paged._arrival_counters(torch.device("cpu"), 10) is small
-    big = paged._arrival_counters(torch.device("cpu"), paged.MIN_ARRIVALS + 1)
-    assert big.numel() == 2 * paged.MIN_ARRIVALS and not big.any()
-    assert paged._RETIRED_ARRIVALS == [small]  # a captured graph may still count into it
+    monkeypatch.setattr(merge, "_ARRIVALS", {})
+    monkeypatch.setattr(merge, "_RETIRED_ARRIVALS", [])
+    small = merge._arrival_counters(torch.device("cpu"), 10)
+    assert small.numel() == merge.MIN_ARRIVALS and not small.any()
+    assert merge._arrival_counters(torch.device("cpu"), 10) is small
+    big = merge._arrival_counters(torch.device("cpu"), merge.MIN_ARRIVALS + 1)
+    assert big.numel() == 2 * merge.MIN_ARRIVALS and not big.any()
+    assert merge._RETIRED_ARRIVALS == [small]  # a captured graph may still count into it
 
 
 def test_rejects_bad_fused_merge():
