@@ -20,11 +20,15 @@
 # 1. **The async loop.** The engine has one scheduler and is not thread-safe, but a server holds hundreds of
 #    requests at once. `AsyncLLM` (vLLM's `AsyncLLMEngine`) runs *one* loop that steps the engine; any number of
 #    coroutines add requests and stream their outputs; a coroutine that goes away aborts its request.
-# 2. **The server.** `minillm serve`: FastAPI + uvicorn, `/v1/completions` and `/v1/chat/completions` with
+# 2. **Text, one step at a time.** Tokens become text without half characters, and stop strings end a request
+#    even when they arrive split across steps, without the client ever seeing text that is taken back.
+#    Three exercises: `next_text`, `find_stop_string`, `stream_safe_length`.
+# 3. **The server.** `minillm serve`: FastAPI + uvicorn, `/v1/completions` and `/v1/chat/completions` with
 #    Server-Sent Events, OpenAI-shaped errors, `/metrics` for Prometheus.
-# 3. **Latency under load.** `minillm bench serve` sends real prompts at a request rate and reports TTFT, TPOT,
-#    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows.
-# 4. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
+# 4. **Latency under load.** `minillm bench serve` sends real prompts at a request rate and reports TTFT, TPOT,
+#    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows; and
+#    the load a server carries, by Little's law (exercise `max_request_rate`).
+# 5. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
 
 # %%
 import asyncio
@@ -36,11 +40,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from minillm import LLM, SamplingParams
 from minillm.bench.serve import bench_serve, format_result, plot_latency_vs_rate
+from minillm.course.impl import load_function
+from minillm.course.overrides import use_overrides
 from minillm.engine.async_llm import AsyncLLM
+from minillm.engine.detokenizer import DetokenizerState, detokenize_incrementally
 from minillm.serve.app import build_app
 from minillm.serve.server import ServerThread
 
 llm = LLM(max_model_len=256, max_num_seqs=4)  # the bundled SmolLM2-135M-Instruct; small, so it runs on a CPU
+next_text = load_function("ch10.next_text")  # yours (MINILLM_IMPL), or the reference where you have not started
+find_stop_string = load_function("ch10.find_stop_string")
+stream_safe_length = load_function("ch10.stream_safe_length")
+max_request_rate = load_function("ch10.max_request_rate")
 
 # %% [markdown]
 # ## 1. One loop steps the engine; coroutines stream
@@ -117,7 +128,62 @@ held, freed = await cancel_one()
 print(f"blocks held while streaming: {held > 0}; after the cancel: {freed}")
 
 # %% [markdown]
-# ## 2. The server
+# ## 2. Text, one step at a time
+#
+# A stream sends text, but the engine makes tokens, and "decode the newest token" is wrong twice over:
+#
+# * **Half characters.** SmolLM2's tokenizer is byte-level BPE: a CJK character or an emoji is 3-4 bytes of
+#   UTF-8 and may be cut between tokens. A piece decoded alone is U+FFFD (�), and a client that received it
+#   could never repair it.
+# * **Spaces that depend on context.** SentencePiece tokenizers (Llama 2, Mistral) render a word's leading space
+#   only when something is decoded before it.
+#
+# So the engine decodes a small *window* (a few tokens already sent, as context, plus the new ones) and sends the
+# difference once it no longer ends in U+FFFD (vLLM's and HF TextStreamer's scheme). `next_text` is that rule
+# (**exercise `ch10.next_text`**); the engine calls it for every token of every request.
+
+# %%
+tok = llm.tokenizer
+ids = tok.encode("Tea in 東京 costs ¥500 🍵!", add_special_tokens=False)
+# NBVAL_CHECK_OUTPUT
+print("each token alone:", [tok.decode([t]) for t in ids])
+state = DetokenizerState.for_prompt(3)  # the first three tokens play the prompt
+with use_overrides({"ch10.next_text": next_text}):  # your rule, inside the engine's detokenizer
+    print("streamed:        ", [detokenize_incrementally(tok, ids[:n], state) for n in range(4, len(ids) + 1)])
+
+# %% [markdown]
+# **Stop strings** (`stop=["\n\nQ:"]`) end a request where the string appears, and cut it from the output.
+# Two traps, one exercise each. The string may arrive split across steps (`"\n"`, then `"\nQ"`), so the search
+# must reach back over the seam, yet only that far, or every step rescans the whole output
+# (**`ch10.find_stop_string`**). And while streaming, text that could still become a stop string (`"\n\nQ"`)
+# must be held back, or the client is shown characters the finished answer does not contain
+# (**`ch10.stream_safe_length`**). Pieces of text arrive as a stream's steps deliver them; each line is what the
+# client is shown after that step:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+stops, text = ["\n\nQ:"], ""
+for piece in ["The answer", " is 42.", "\n", "\nQ", ": and", " then?"]:
+    text += piece
+    cut = find_stop_string(text, stops, len(piece))
+    if cut >= 0:
+        print(f"+ {piece!r:12} stop string at {cut}: the request ends with {text[:cut]!r}")
+        break
+    print(f"+ {piece!r:12} shown: {text[:stream_safe_length(text, stops)]!r}")
+
+# %% [markdown]
+# The same three functions of yours, inside the engine, on the real model:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+yours = {"ch10.next_text": next_text, "ch10.find_stop_string": find_stop_string,
+         "ch10.stream_safe_length": stream_safe_length}
+with use_overrides(yours):
+    out = llm.generate(["List three colors:\n1."], SamplingParams(temperature=0, max_tokens=30, stop=["\n4."]))[0]
+print(repr(out.outputs[0].text), out.outputs[0].finish_reason)
+
+# %% [markdown]
+# ## 3. The server
 #
 # `minillm serve` builds exactly this: `build_app(AsyncLLM, model_name)` is a FastAPI app whose lifespan starts
 # the loop, and uvicorn serves it on 127.0.0.1 (never every interface by default: an open inference server is
@@ -180,7 +246,7 @@ print(f"generated so far: {gen:.0f} tokens; KV blocks in use now: "
       f"{families['minillm:kv_cache_blocks_used'].samples[0].value:.0f}")
 
 # %% [markdown]
-# ## 3. TTFT, TPOT and ITL under rising load
+# ## 4. TTFT, TPOT and ITL under rising load
 #
 # `minillm bench serve` plays users: prompts cut from the standard library's docstrings, sent at a request rate
 # with Poisson arrivals (independent users), or all at once (a burst). For each request it timestamps every
@@ -218,9 +284,24 @@ plot_latency_vs_rate(results)
 # ```
 #
 # Then try `--enable-prefix-caching` or a larger `--max-num-seqs` and watch which curve moves.
+#
+# **Interview question: how many requests per second can this server take?** Little's law: requests inside the
+# server = arrival rate x time each stays. A full batch holds max_num_seqs requests, each staying output tokens x
+# step time, so a rate above max_num_seqs / (output tokens x step time) only lengthens the queue: TTFT grows
+# without bound. That is **exercise `ch10.max_request_rate`**. For the sweep above (the burst's median TPOT as
+# the step time) and for SmolLM2 on an H200 (256 sequences at 26,118 output tokens/s, benchmarks/RESULTS.md:
+# a 9.8 ms step) answering 200 tokens each:
+
+# %%
+tpot_s = results[-1].latency_ms["tpot"]["median"] / 1000
+print(f"this notebook's server: at most ~{max_request_rate(4, 6, tpot_s):.1f} requests/s of 6 tokens")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"SmolLM2 on an H200: {max_request_rate(256, 200, 256 / 26_118):.0f} requests/s of 200 tokens")
 
 # %% [markdown]
-# ## 4. The playground
+# ## 5. The playground
 #
 # Open `http://127.0.0.1:8000/` while `minillm serve` runs: a chat box streams tokens, and beside it the live
 # engine: running and waiting queues, the KV pool as a grid of blocks coloured by the request that holds them,

@@ -1,4 +1,4 @@
-"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, answered with a formula (chapters 1-6).
+"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, answered with a formula (chapters 1-6 and 10).
 
 "How many tokens per second can one GPU decode?", "how big is the KV cache?", "how much memory traffic does
 FlashAttention save?": each has a short formula behind it, and each formula is a graded exercise (the learner's
@@ -12,6 +12,7 @@ engine's design, and `minillm estimate` does the model-level bookkeeping (weight
     ch04  decode_step_floor_s                                a decode step reads the weights AND every sequence's KV
     ch05  num_kv_blocks_needed                               paged blocks, with a shared prompt prefix stored once
     ch06  batching_steps                                     static vs continuous batching, in decode steps
+    ch10  max_request_rate                                   the load a server carries before its queue grows
 """
 from __future__ import annotations
 
@@ -176,5 +177,28 @@ def batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> 
             finish_times.remove(start)
             finish_times.append(start + n)
     return max(finish_times, default=0)
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch10.max_request_rate
+def max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float) -> float:
+    """The highest request rate (requests/s) a continuous-batching server sustains: beyond it the waiting queue,
+    and with it every new request's TTFT, grows without bound.
+
+    The server runs at most max_num_seqs requests at once; each produces output_tokens tokens, one per decode
+    step of step_time_s seconds (prefill ignored; a full batch steps as fast as a small one, which is true while
+    decode is memory-bound: chapter 1). Little's law: requests inside = arrival rate x time each stays. A request
+    stays output_tokens * step_time_s seconds, and at most max_num_seqs fit, so requests leave (and may arrive)
+    at no more than max_num_seqs / (output_tokens * step_time_s) per second.
+    Example: 64 sequences, 200 tokens each, 20 ms steps -> 64 / (200 * 0.02) = 16 requests/s.
+    Raise ValueError if any argument is <= 0 (max_num_seqs must be an integer).
+    """
+    # >>> solution
+    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+    if not output_tokens > 0 or not step_time_s > 0:
+        raise ValueError(f"output_tokens and step_time_s must be > 0, got {output_tokens!r} and {step_time_s!r}")
+    return max_num_seqs / (output_tokens * step_time_s)
     # <<< solution
 # <<< exercise

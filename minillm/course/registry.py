@@ -112,7 +112,7 @@ _EXERCISES: list[Exercise] = [
         hint="lse = logaddexp(lse_a, lse_b); weights exp(lse_x - lse), transposed [H, T] -> [T, H, 1]; both -inf -> 0, not nan.",
         nudge="Two partial attentions over disjoint keys combine exactly if each is weighted by its share of the total softmax mass (its lse).",
         signature="merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]",
-        called_from="minillm.kernels.paged_attention.merge_attention_states (through dispatch); "
+        called_from="minillm.kernels.decode_merge.merge_attention_states (through dispatch); "
                     "_merge_splits_kernel does the same merge over N splits in Triton",
     ),
     Exercise(

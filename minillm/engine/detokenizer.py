@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings (chapter 2).
+"""Incremental detokenization and stop strings (chapter 10: what a streaming server sends).
 
 Turning tokens back into text one token at a time is subtler than `decode([token])`:
 
@@ -8,17 +8,21 @@ Turning tokens back into text one token at a time is subtler than `decode([token
 * Some tokenizers (SentencePiece) render a token's leading space differently depending on what precedes it, so the
   window always starts a few tokens back ("prefix_offset") and we emit only what lies past the text those
   context tokens already produced ("read_offset"). This is the scheme vLLM and HF's TextStreamer use.
+  `next_text` is that rule on the two decoded windows (chapter 10's exercise); `detokenize_incrementally`
+  decodes the windows and keeps the offsets.
 
 Stop strings: the engine checks the text after every token; when a stop string appears, the text is cut just
-before it and the request finishes with reason "stop". While streaming, text that *could* be the start of a stop
-string is held back, so a client never receives characters that are later taken away.
+before it and the request finishes with reason "stop" (`find_stop_string`). While streaming, text that *could*
+be the start of a stop string is held back (`stream_safe_length`), so a client never receives characters that
+are later taken away. All three are chapter 10's exercises; the engine calls them through `dispatch`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
-REPLACEMENT_CHAR = "\ufffd"
+from minillm.hooks import dispatch
+
 _CONTEXT_TOKENS = 5  # tokens of left context decoded with each new token
 
 
@@ -38,21 +42,47 @@ class DetokenizerState:
         return cls(prefix_offset=max(num_prompt_tokens - _CONTEXT_TOKENS, 0), read_offset=num_prompt_tokens)
 
 
+# >>> exercise ch10.next_text
+def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset: int,
+              num_tokens: int) -> tuple[str, int, int]:
+    """One step of incremental detokenization: the text a sequence's newest tokens add, and the next window.
+
+    The caller decoded two windows of the sequence's token ids (prompt included):
+        prefix_text = decode(ids[prefix_offset:read_offset])   tokens whose text was already emitted (context)
+        full_text   = decode(ids[prefix_offset:num_tokens])    the same context plus the tokens not yet emitted
+    Return (new_text, next_prefix_offset, next_read_offset):
+    * when full_text is longer than prefix_text and does not end in U+FFFD ("\ufffd", what a decoder returns for
+      an incomplete UTF-8 character): new_text is full_text past prefix_text's length, and the window slides:
+      the tokens just emitted become the left context (next prefix_offset = read_offset) and everything up to
+      num_tokens counts as read (next read_offset = num_tokens);
+    * otherwise nothing is emitted and nothing moves: ("", prefix_offset, read_offset). The pending tokens are
+      decoded again, with the next token, until their character is complete.
+    Example: windows "Hi" / "Hi \ufffd" (half an emoji) -> ("", p, r); next step "Hi" / "Hi 🙂" -> (" 🙂", r, n).
+    Raise ValueError unless 0 <= prefix_offset <= read_offset <= num_tokens (integers).
+    """
+    # >>> solution
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (prefix_offset, read_offset, num_tokens)) \
+            or not 0 <= prefix_offset <= read_offset <= num_tokens:
+        raise ValueError(f"need integers 0 <= prefix_offset <= read_offset <= num_tokens, got {prefix_offset!r}, "
+                         f"{read_offset!r}, {num_tokens!r}")
+    if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        return full_text[len(prefix_text):], read_offset, num_tokens
+    return "", prefix_offset, read_offset
+    # <<< solution
+# <<< exercise
+
+
 def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: DetokenizerState,
                              decoded: tuple[str, str] | None = None) -> str:
     """Text contributed by token_ids[state.read_offset:], or "" while it ends inside a multi-byte character.
-    Advances `state` when text is emitted. `decoded`: the two windows' texts (`decode_windows`), when the caller
-    decoded them already, with every other sequence of the step in one batch."""
+    Advances `state` when text is emitted (`next_text`). `decoded`: the two windows' texts (`decode_windows`),
+    when the caller decoded them already, with every other sequence of the step in one batch."""
     if decoded is None:
         decoded = (tokenizer.decode(token_ids[state.prefix_offset:state.read_offset]),
                    tokenizer.decode(token_ids[state.prefix_offset:]))
-    prefix_text, full_text = decoded
-    if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT_CHAR):
-        new_text = full_text[len(prefix_text):]
-        # the tokens just emitted become the next window's left context
-        state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
-        return new_text
-    return ""
+    new_text, state.prefix_offset, state.read_offset = dispatch("ch10.next_text", next_text)(
+        decoded[0], decoded[1], state.prefix_offset, state.read_offset, len(token_ids))
+    return new_text
 
 
 def decode_windows(tokenizer: Decoder, windows: list[tuple[list[int], DetokenizerState]]) -> list[tuple[str, str]]:
@@ -66,24 +96,67 @@ def decode_windows(tokenizer: Decoder, windows: list[tuple[list[int], Detokenize
     return list(zip(texts[0::2], texts[1::2]))
 
 
+# >>> exercise ch10.find_stop_string
 def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
-    """Index where the earliest stop string starts in `text`, or -1. Only the tail that the last
-    `new_text_len` characters could have completed is searched, so checking every step stays O(new text)."""
+    """Where the earliest stop string starts in `text`, or -1, searching only where the last `new_text_len`
+    characters (the text this step added) could have completed one.
+
+    The text before them was searched when it arrived, so a stop string found now must END inside the new
+    characters; it may START before them (a stop string split across two steps: "...ST" then "OP"). Searching
+    that tail only keeps the check O(new text) per step however long the output grows.
+    Example: text "abc STOP def", stops ["STOP"]: new_text_len 12 -> 4; new_text_len 6 ("OP def" is new) -> 4;
+    new_text_len 1 ("f" is new) -> -1 (STOP was complete before this step). Several stop strings: the smallest
+    start among those found. No stop strings -> -1.
+    Raise ValueError if new_text_len is not an integer in [0, len(text)] or a stop string is empty.
+    """
+    # >>> solution
+    if isinstance(new_text_len, bool) or not isinstance(new_text_len, int) or not 0 <= new_text_len <= len(text):
+        raise ValueError(f"new_text_len must be an integer in [0, {len(text)}] (the text's length), got "
+                         f"{new_text_len!r}")
+    if any(not s for s in stops):
+        raise ValueError(f"stop strings must be non-empty, got {stops!r}")
     if not stops:
         return -1
     longest = max(len(s) for s in stops)
-    start = max(len(text) - new_text_len - longest + 1, 0)
+    start = max(len(text) - new_text_len - longest + 1, 0)  # a stop ending at the first new character starts here
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else -1
+    # <<< solution
+# <<< exercise
 
 
+# >>> exercise ch10.stream_safe_length
 def stream_safe_length(text: str, stops: list[str]) -> int:
-    """How many characters of `text` can be shown now: all of it, minus the longest suffix that is a proper
-    prefix of some stop string (it might yet grow into that stop string and be cut)."""
+    """How many characters of a running request's `text` a stream may send now.
+
+    A suffix of the text that is a proper prefix of some stop string ("ST" when "STOP" is a stop string) might
+    grow into that stop string with the next tokens, and then be cut: a client must never see characters that
+    are later taken away. So hold back the LONGEST suffix that is a proper prefix (shorter than the whole) of any
+    stop string, and send the rest. Nothing to hold back (or no stop strings) -> len(text).
+    Example: "hello ST", ["STOP"] -> 6; "hello S", ["STOP", "Sx"] -> 6; "a S", ["Sx"] -> 2; "hello", [] -> 5;
+    "ab", ["abab"] -> 0 (all of "ab" may become the stop string).
+    Raise ValueError if a stop string is empty.
+    """
+    # >>> solution
+    if any(not s for s in stops):
+        raise ValueError(f"stop strings must be non-empty, got {stops!r}")
     held = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
+        for k in range(min(len(stop) - 1, len(text)), held, -1):  # longest first, only longer than held so far
             if text.endswith(stop[:k]):
                 held = k
                 break
     return len(text) - held
+    # <<< solution
+# <<< exercise
+
+
+def stop_string_at(text: str, stops: list[str], new_text_len: int) -> int:
+    """The engine's call of `find_stop_string` (a learner's version when one is active); -1 at once for a
+    request without stop strings, the common case, so it costs nothing per token."""
+    return dispatch("ch10.find_stop_string", find_stop_string)(text, stops, new_text_len) if stops else -1
+
+
+def streamable_length(text: str, stops: list[str]) -> int:
+    """The engine's call of `stream_safe_length`: how much of a running request's text its stream may show."""
+    return dispatch("ch10.stream_safe_length", stream_safe_length)(text, stops) if stops else len(text)

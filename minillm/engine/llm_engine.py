@@ -38,7 +38,7 @@ import torch
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.detokenizer import (DetokenizerState, decode_windows, detokenize_incrementally,
-                                        find_stop_string, stream_safe_length)
+                                        stop_string_at, streamable_length)
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
@@ -385,7 +385,7 @@ class LLMEngine:
                                             decoded if position + 1 == seq.num_tokens else None)
         if new_text:
             seq.output_text += new_text
-            cut = find_stop_string(seq.output_text, params.stop_list, len(new_text))
+            cut = stop_string_at(seq.output_text, params.stop_list, len(new_text))
             if cut >= 0:
                 seq.output_text = seq.output_text[:cut]
                 return "stop"
@@ -403,7 +403,8 @@ class LLMEngine:
                 tail = self.tokenizer.decode(seq.token_ids[state.detok.prefix_offset:])
                 head = self.tokenizer.decode(seq.token_ids[state.detok.prefix_offset:state.detok.read_offset])
                 seq.output_text += tail[len(head):]
-                cut = find_stop_string(seq.output_text, seq.sampling_params.stop_list, len(tail) - len(head))
+                cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list,
+                                     max(len(tail) - len(head), 0))
                 if cut >= 0:
                     seq.output_text, seq.finish_reason = seq.output_text[:cut], "stop"
         self.scheduler.finish(seq)
@@ -427,5 +428,5 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """A running request's output: text that might still become a stop string is held back."""
-        safe = stream_safe_length(seq.output_text, seq.sampling_params.stop_list)
+        safe = streamable_length(seq.output_text, seq.sampling_params.stop_list)
         return RequestOutput.from_sequence(seq, text=seq.output_text[:safe])

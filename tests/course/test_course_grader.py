@@ -3,7 +3,7 @@ costs only its own exercises, and the Gradescope archive grades a submission fol
 
 A grading run is a couple of pytest sessions (a few seconds each to start, mostly importing torch) and one
 sandbox worker per submission, forked from a warm template in well under a second; the module still shares its
-two full gradings through module-scoped fixtures, and grades all 67 mutants in one run.
+two full gradings through module-scoped fixtures, and grades every mutant in one run.
 """
 from __future__ import annotations
 

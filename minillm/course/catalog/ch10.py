@@ -1,0 +1,53 @@
+"""Chapter 10: serving. What a streaming server does between the engine's tokens and the client's screen.
+
+The exercises are the text side of a stream (minillm/engine/detokenizer.py): turning each step's new tokens into
+the text they add without ever sending half a character (next_text), finding a stop string that may straddle two
+steps (find_stop_string), and holding back the text that could still become one (stream_safe_length); and the
+capacity question every serving interview asks, answered with Little's law (max_request_rate). The engine calls
+the first three through `dispatch`, so a learner's version streams the real server's output.
+"""
+from minillm.course.spec import Chapter, Exercise
+
+CHAPTER = Chapter(10, "ch10_serving", "Serving: incremental detokenization, stop strings and capacity")
+
+EXERCISES = [
+    Exercise(
+        id="ch10.next_text", function="next_text", source="minillm/engine/detokenizer.py", points=10,
+        nudge="You get the text of the tokens already sent and the text with the new ones: when is the difference "
+              "safe to send, and which tokens become the next step's context?",
+        hint="if len(full_text) > len(prefix_text) and not full_text.endswith('\\ufffd'): return "
+             "(full_text[len(prefix_text):], read_offset, num_tokens); else ('', prefix_offset, read_offset).",
+        signature="next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset: int, "
+                  "num_tokens: int) -> tuple[str, int, int]",
+        called_from="minillm.engine.detokenizer.detokenize_incrementally (LLMEngine, every new token of every "
+                    "request)",
+    ),
+    Exercise(
+        id="ch10.find_stop_string", function="find_stop_string", source="minillm/engine/detokenizer.py",
+        points=5,
+        nudge="A stop string found now must end in the new text, but it may begin before it: where is the first "
+              "place one could start?",
+        hint="start = max(len(text) - new_text_len - max(len(s) for s in stops) + 1, 0); the smallest "
+             "text.find(s, start) >= 0 over the stops, else -1.",
+        signature="find_stop_string(text: str, stops: list[str], new_text_len: int) -> int",
+        called_from="minillm.engine.detokenizer.stop_string_at (LLMEngine, after each step's new text of a "
+                    "request with stop strings)",
+    ),
+    Exercise(
+        id="ch10.stream_safe_length", function="stream_safe_length", source="minillm/engine/detokenizer.py",
+        points=5,
+        nudge="Which end of the text could still turn into a stop string? Send everything before it.",
+        hint="held = the largest k < len(stop) (k <= len(text)) with text.endswith(stop[:k]), over every stop; "
+             "return len(text) - held.",
+        signature="stream_safe_length(text: str, stops: list[str]) -> int",
+        called_from="minillm.engine.detokenizer.streamable_length (LLMEngine, every running request's output, "
+                    "so every streamed chunk)",
+    ),
+    Exercise(
+        id="ch10.max_request_rate", function="max_request_rate", source="minillm/bench/interview.py", points=5,
+        nudge="How long does one request occupy a seat in the batch, and how many seats are there?",
+        hint="Little's law: rate = max_num_seqs / (output_tokens * step_time_s).",
+        signature="max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float) -> float",
+        called_from="chapter 10 (interview question); not called by the engine",
+    ),
+]

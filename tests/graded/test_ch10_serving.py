@@ -1,0 +1,277 @@
+"""Graded tests of chapter 10: incremental detokenization, stop strings across steps, the held-back stream text,
+and the capacity question.
+
+The text exercises are checked three ways: against the solution on seeded random inputs (short alphabets, so
+stop strings and their prefixes really occur), against properties that hold whatever the solution says (a
+stream's chunks add up to the whole text and never carry half a character; a stop string is found the step it
+completes, at its first occurrence; text once shown is never taken back), and inside the engine's own code through
+`dispatch` (detokenize_incrementally, stop_string_at, streamable_length), with two toy tokenizers: a byte-level
+one whose tokens split UTF-8 characters, and a SentencePiece-like one whose leading spaces depend on context.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from minillm.course.checks import assert_rejects, assert_scalar_close, graded_seed
+from minillm.engine.detokenizer import (DetokenizerState, detokenize_incrementally, find_stop_string,
+                                        stop_string_at, streamable_length)
+from minillm.hooks import overriding
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+FFFD = "\ufffd"
+
+
+def rng(seed: int) -> random.Random:
+    return random.Random(graded_seed(seed))
+
+
+class ByteTokenizer:
+    """Byte-level BPE in miniature: a token is a run of 1-3 UTF-8 bytes, so a character of 2-4 bytes is often
+    split between tokens, and decoding a window that ends inside one gives U+FFFD, as real byte-level BPE does."""
+
+    def __init__(self, text: str, r: random.Random):
+        data, self.pieces, i = text.encode(), [], 0
+        while i < len(data):
+            n = r.randint(1, 3)
+            self.pieces.append(data[i:i + n])
+            i += n
+
+    def decode(self, token_ids: list[int]) -> str:
+        return b"".join(self.pieces[t] for t in token_ids).decode("utf-8", errors="replace")
+
+
+class SentencePieceLike:
+    """Words carry their leading space as "▁", and a decoded text drops the space of its very first word, as
+    SentencePiece does: a token's text depends on what is decoded before it."""
+
+    def __init__(self, words: list[str]):
+        self.pieces = ["▁" + w for w in words]
+
+    def decode(self, token_ids: list[int]) -> str:
+        text = "".join(self.pieces[t] for t in token_ids).replace("▁", " ")
+        return text[1:] if text.startswith(" ") else text
+
+
+TEXTS = ["Hi 🙂, café au lait — 東京 at 5°C 🚀!", "naïve résumé: 3×4=12 ✓ ünïcödé 日本語 🎉🎉",
+         "plain ascii only, then ½ and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 at the end 🙂"]
+
+
+def _stream(tokenizer, num_tokens: int, num_prompt: int) -> list[str]:
+    """Every step's new text, through the engine's detokenize_incrementally (whatever next_text is active)."""
+    state, chunks = DetokenizerState.for_prompt(num_prompt), []
+    ids = list(range(num_tokens))
+    for n in range(num_prompt + 1, num_tokens + 1):
+        chunks.append(detokenize_incrementally(tokenizer, ids[:n], state))
+    return chunks
+
+
+# ---- ch10.next_text ----------------------------------------------------------------------------------
+
+def _window_case(r: random.Random) -> tuple[str, str, int, int, int]:
+    prefix = "".join(r.choice("ab é") for _ in range(r.randint(0, 5)))
+    tail = "".join(r.choice(["x", " y", "🙂", FFFD, "", "é"]) for _ in range(r.randint(0, 3)))
+    full = prefix + tail if r.random() < 0.85 else prefix[:max(len(prefix) - 1, 0)]
+    p = r.randint(0, 6)
+    rd = p + r.randint(0, 4)
+    return prefix, full, p, rd, rd + r.randint(0, 4)
+
+
+@pytest.mark.exercise("ch10.next_text")
+@pytest.mark.points(3)
+def test_next_text_matches_solution(impl, ref):
+    r = rng(101)
+    cases = [("Hi", "Hi " + FFFD, 3, 5, 6), ("Hi", "Hi 🙂", 3, 5, 7), ("", "Hello", 0, 0, 2), ("ab", "ab", 1, 4, 4),
+             ("a", "a" + FFFD + "b", 0, 2, 5)] + [_window_case(r) for _ in range(40)]
+    for args in cases:
+        got, want = impl(*args), ref(*args)
+        assert isinstance(got, tuple) and len(got) == 3, f"next_text{args!r} must return (text, prefix_offset, " \
+                                                         f"read_offset), got {got!r}"
+        assert tuple(got) == want, f"next_text{args!r}: got {got!r}, expected {want!r}"
+
+
+@pytest.mark.exercise("ch10.next_text")
+@pytest.mark.points(3)
+def test_next_text_streams_whole_characters_only(impl):
+    """Byte tokens that split characters: the chunks add up to the text, none holds U+FFFD, and a character is
+    sent the step its last byte arrives (not later)."""
+    r = rng(102)
+    with overriding({"ch10.next_text": impl}):
+        for text in TEXTS:
+            tok = ByteTokenizer(text, r)
+            # a prompt is text, so it ends on a whole character (its window may still start inside one)
+            whole = [n for n in range(1, len(tok.pieces) - 3) if not tok.decode(list(range(n))).endswith(FFFD)]
+            for num_prompt in r.sample(whole, 3):
+                chunks = _stream(tok, len(tok.pieces), num_prompt)
+                sent = "".join(chunks)
+                want = tok.decode(list(range(len(tok.pieces))))[len(tok.decode(list(range(num_prompt)))):]
+                assert sent == want, f"the streamed chunks join to {sent!r}, expected {want!r}"
+                bad = [c for c in chunks if FFFD in c]
+                assert not bad, f"a chunk holds half a character (U+FFFD): {bad[0]!r}"
+                for n, chunk in enumerate(chunks, start=num_prompt + 1):
+                    complete = not tok.decode(list(range(n))).endswith(FFFD)
+                    assert bool(chunk) == complete, f"after token {n} of {len(tok.pieces)} the text " + (
+                        "is complete but nothing was sent" if complete else f"ends mid-character, yet {chunk!r} was sent")
+
+
+@pytest.mark.exercise("ch10.next_text")
+@pytest.mark.points(2)
+def test_next_text_keeps_context_dependent_spaces(impl):
+    """SentencePiece-like pieces: the window must start at tokens already sent, or each word loses its space."""
+    words = "the quick brown fox jumps over the lazy dog again".split()
+    tok = SentencePieceLike(words)
+    with overriding({"ch10.next_text": impl}):
+        for num_prompt in (1, 2, 6):
+            chunks = _stream(tok, len(words), num_prompt)
+            want = " " + " ".join(words[num_prompt:])
+            assert "".join(chunks) == want, f"prompt of {num_prompt} words: streamed {''.join(chunks)!r}, " \
+                                            f"expected {want!r}"
+
+
+@pytest.mark.exercise("ch10.next_text")
+@pytest.mark.points(2)
+def test_next_text_rejects_bad_offsets(impl, ref):
+    valid = ("Hi", "Hi there", 2, 4, 5)
+    assert_rejects(impl, valid, ref(*valid), [("a", "ab", 3, 2, 5), ("a", "ab", 0, 4, 3), ("a", "ab", -1, 0, 1),
+                                              ("a", "ab", 0, 1.5, 2)], "next_text")
+
+
+# ---- ch10.find_stop_string ---------------------------------------------------------------------------
+
+def _stop_case(r: random.Random) -> tuple[str, list[str], int]:
+    text = "".join(r.choice("ab c") for _ in range(r.randint(1, 14)))
+    stops = ["".join(r.choice("abc") for _ in range(r.randint(1, 4))) for _ in range(r.randint(1, 3))]
+    return text, stops, r.randint(0, len(text))
+
+
+@pytest.mark.exercise("ch10.find_stop_string")
+@pytest.mark.points(2)
+def test_find_stop_string_matches_solution(impl, ref):
+    r = rng(111)
+    cases = [("abc STOP def", ["STOP"], 12), ("abc STOP def", ["STOP"], 6), ("abc STOP def", ["STOP", "def"], 1),
+             ("xxST", ["STOP"], 2), ("hello", [], 3)] + [_stop_case(r) for _ in range(60)]
+    for text, stops, new in cases:
+        got, want = impl(text, list(stops), new), ref(text, list(stops), new)
+        assert got == want, f"find_stop_string({text!r}, {stops!r}, {new}): got {got!r}, expected {want}"
+
+
+@pytest.mark.exercise("ch10.find_stop_string")
+@pytest.mark.points(2)
+def test_find_stop_string_catches_stops_split_across_steps(impl):
+    """Text arrives in chunks of 1-4 characters, as a stream's steps deliver it, checked by the engine's
+    stop_string_at after each chunk: nothing is found until a stop string completes, and then it is found at
+    its first occurrence (the smallest start among the stop strings present)."""
+    r = rng(112)
+    with overriding({"ch10.find_stop_string": impl}):
+        for _ in range(40):
+            full = "".join(r.choice("ab c") for _ in range(r.randint(4, 30)))
+            stops = ["".join(r.choice("abc") for _ in range(r.randint(2, 4))) for _ in range(r.randint(1, 3))]
+            text, seen = "", -1
+            while len(text) < len(full) and seen < 0:
+                chunk = full[len(text):len(text) + r.randint(1, 4)]
+                text += chunk
+                seen = stop_string_at(text, stops, len(chunk))
+                hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+                want = min(hits) if hits else -1
+                assert seen == want, f"stops {stops!r}: after the chunk {chunk!r} the text is {text!r}; " \
+                                     f"got {seen}, expected {want}"
+
+
+@pytest.mark.exercise("ch10.find_stop_string")
+@pytest.mark.points(1)
+def test_find_stop_string_rejects_bad_input(impl, ref):
+    valid = ("abc STOP def", ["STOP"], 6)
+    assert_rejects(impl, valid, ref(*valid), [("abc", ["b"], -1), ("abc", ["b"], 4), ("abc", ["", "b"], 2)],
+                   "find_stop_string")
+
+
+# ---- ch10.stream_safe_length -------------------------------------------------------------------------
+
+@pytest.mark.exercise("ch10.stream_safe_length")
+@pytest.mark.points(2)
+def test_stream_safe_length_matches_solution(impl, ref):
+    r = rng(121)
+    cases = [("hello ST", ["STOP"]), ("hello S", ["STOP", "Sx"]), ("a S", ["Sx"]), ("hello", []), ("ab", ["abab"]),
+             ("hello STO", ["STOP"]), ("xab", ["b", "abc"])]
+    cases += [("".join(r.choice("ab c") for _ in range(r.randint(0, 10))),
+               ["".join(r.choice("abc") for _ in range(r.randint(1, 5))) for _ in range(r.randint(1, 3))])
+              for _ in range(60)]
+    for text, stops in cases:
+        got, want = impl(text, list(stops)), ref(text, list(stops))
+        assert got == want, f"stream_safe_length({text!r}, {stops!r}): got {got!r}, expected {want}"
+
+
+@pytest.mark.exercise("ch10.stream_safe_length")
+@pytest.mark.points(2)
+def test_stream_shows_nothing_it_takes_back(impl):
+    """A stream with stop strings, step by step through the engine's streamable_length: what is shown only grows,
+    is always a prefix of the final (cut) text, and whatever is held back could still become a stop string
+    (holding back more than that delays the user for nothing)."""
+    r = rng(122)
+    with overriding({"ch10.stream_safe_length": impl}):
+        for _ in range(40):
+            full = "".join(r.choice("ab c") for _ in range(r.randint(4, 24)))
+            stops = ["".join(r.choice("abc") for _ in range(r.randint(2, 4))) for _ in range(r.randint(1, 3))]
+            hits = [i for i in (full.find(s) for s in stops) if i >= 0]
+            final = full[:min(hits)] if hits else full
+            shown, text = "", ""
+            for ch in full:
+                text += ch
+                if find_stop_string(text, stops, 1) >= 0:
+                    break
+                safe = streamable_length(text, stops)
+                assert isinstance(safe, int) and 0 <= safe <= len(text), \
+                    f"stream_safe_length({text!r}, {stops!r}) = {safe!r}: not a length of the text"
+                now = text[:safe]
+                assert now.startswith(shown) and final.startswith(now), \
+                    f"stops {stops!r}: after {text!r} the stream shows {now!r}, but it showed {shown!r} before " \
+                    f"and the request will end with {final!r}"
+                held = text[safe:]
+                assert held == "" or any(s.startswith(held) and len(held) < len(s) for s in stops), \
+                    f"stream_safe_length({text!r}, {stops!r}) holds back {held!r}, which begins no stop string"
+                shown = now
+
+
+@pytest.mark.exercise("ch10.stream_safe_length")
+@pytest.mark.points(1)
+def test_stream_safe_length_rejects_empty_stops(impl, ref):
+    valid = ("hello ST", ["STOP"])
+    assert_rejects(impl, valid, ref(*valid), [("hello", [""]), ("hello", ["ST", ""])], "stream_safe_length")
+
+
+# ---- ch10.max_request_rate ---------------------------------------------------------------------------
+
+@pytest.mark.exercise("ch10.max_request_rate")
+@pytest.mark.points(2)
+def test_max_request_rate_matches_solution(impl, ref):
+    r = rng(131)
+    cases = [(64, 200, 0.02), (1, 1, 1.0)] + [(r.randint(1, 512), r.uniform(1, 2000), r.uniform(1e-3, 0.2))
+                                              for _ in range(10)]
+    for args in cases:
+        assert_scalar_close(impl(*args), ref(*args), f"max_request_rate{args!r}", rtol=1e-6)
+
+
+@pytest.mark.exercise("ch10.max_request_rate")
+@pytest.mark.points(2)
+def test_max_request_rate_is_a_full_server_s_throughput(impl):
+    """Simulated: requests that never stop coming keep all seats busy; count how many finish per second."""
+    r = rng(132)
+    for _ in range(6):
+        seats, tokens, step = r.randint(1, 16), r.randint(1, 12), r.uniform(0.005, 0.05)
+        remaining, finished, steps = [tokens] * seats, 0, seats * tokens * 20
+        for _ in range(steps):
+            remaining = [n - 1 for n in remaining]
+            finished += sum(n == 0 for n in remaining)
+            remaining = [n if n > 0 else tokens for n in remaining]  # a waiting request takes the seat
+        assert_scalar_close(impl(seats, tokens, step), finished / (steps * step),
+                            f"max_request_rate({seats}, {tokens}, {step:.4f}) against a simulated full server",
+                            rtol=1e-6)
+
+
+@pytest.mark.exercise("ch10.max_request_rate")
+@pytest.mark.points(1)
+def test_max_request_rate_rejects_bad_input(impl, ref):
+    valid = (64, 200, 0.02)
+    assert_rejects(impl, valid, ref(*valid), [(0, 200, 0.02), (64, 0, 0.02), (64, 200, -1.0), (2.5, 200, 0.02)],
+                   "max_request_rate")

@@ -1,0 +1,11 @@
+"""With several stop strings present, cuts at the one that starts LAST: the output keeps an earlier stop string."""
+
+
+def find_stop_string(text, stops, new_text_len):
+    if not 0 <= new_text_len <= len(text) or any(not s for s in stops):
+        raise ValueError("bad arguments")
+    if not stops:
+        return -1
+    start = max(len(text) - new_text_len - max(len(s) for s in stops) + 1, 0)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return max(hits) if hits else -1
