@@ -54,6 +54,7 @@ scaled_fp8_quant = load_function("ch07.fp8_scale")
 smoothquant_scale = load_function("ch07.smoothquant_scale")
 dequantize_q4_1 = load_function("ch07.dequant_q4_1")
 dequantize_q4_k = load_function("ch07.dequant_q4_k")
+quantized_weight_bytes = load_function("ch07.quantized_weight_bytes")
 torch.manual_seed(0)
 
 
@@ -68,15 +69,18 @@ def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
 # Bits per weight include what the format stores *besides* the codes: a group's fp16 scale and 4-bit zero point
 # cost (16 + 4) / 128 = 0.16 bit per weight at group 128; a GGUF Q4_1 block is 20 bytes for 32 weights (5 bits
 # each: 4 for the code, 1 for the block's fp16 scale and minimum); Q4_K is 144 bytes for 256 (4.5 bits); NF4
-# with double quantization 4.127. Parameter counts are counted from the shapes (chapter 1's estimator).
+# with double quantization 4.127. Parameter counts are counted from the shapes (chapter 1's estimator). The
+# grouped integer rows come from **exercise `ch07.quantized_weight_bytes`** (the bytes of num_params weights in
+# a format with group scales), the first number every "will it fit?" question needs.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 FORMATS = {  # bits per weight, everything included
     "fp32": 32, "bf16": 16, "fp8 / int8 per channel": 8, "GGUF Q8_0 (34 B / 32)": 34 * 8 / 32,
     "GGUF Q4_1 (20 B / 32)": 20 * 8 / 32, "GGUF Q4_K (144 B / 256)": 144 * 8 / 256,
-    "int4 g128 (fp16 scale + 4-bit zero)": 4 + 20 / 128, "NF4 + double quant": 4 + 8 / 64 + 32 / (64 * 256),
-    "int4 per channel": 4, "int3 g64": 3 + 20 / 64,
+    "int4 g128 (fp16 scale + 4-bit zero)": quantized_weight_bytes(1.0, 4, 128, 16, 4) * 8,  # bits of one weight
+    "NF4 + double quant": 4 + 8 / 64 + 32 / (64 * 256), "int4 per channel": 4,
+    "int3 g64": quantized_weight_bytes(1.0, 3, 64, 16, 4) * 8,
 }
 models = {name: PRESETS[name].counted_params for name in ("llama-3-8b", "smollm2-135m")}
 print(f"{'format':38s} {'bits/w':>6s} {'Llama-3-8B':>11s} {'SmolLM2-135M':>13s}")
@@ -84,6 +88,12 @@ for fmt, bits in FORMATS.items():
     gb = [n * bits / 8 / 1e9 for n in models.values()]
     print(f"{fmt:38s} {bits:6.3f} {gb[0]:8.2f} GB {1e3 * gb[1]:9.1f} MB")
 print("parameters:", {k: f"{v / 1e9:.3f}e9" for k, v in models.items()})
+# the interview version: does Llama-3-70B fit on one H200 (141 GB), weights alone?
+n70 = PRESETS["llama-3-70b"].counted_params
+for name, nbytes in (("bf16", quantized_weight_bytes(n70, 16, 1, 0, 0)),
+                     ("int4 g128", quantized_weight_bytes(n70, 4, 128, 16, 4))):
+    print(f"Llama-3-70B in {name}: {nbytes / 1e9:.1f} GB = {nbytes / 141e9:.0%} of an H200's 141 GB, "
+          f"{'no room left for a KV cache' if nbytes > 0.9 * 141e9 else 'the rest for the KV cache'}")
 
 # %% [markdown]
 # At batch 1 on an H200 (4.24 TB/s measured), 16 GB of bf16 weights take at least 3.8 ms per token; 4.2 GB of int4

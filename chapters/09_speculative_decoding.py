@@ -39,7 +39,7 @@ from minillm.bench import roofline
 from minillm.course.impl import load_function
 from minillm.course.overrides import use_overrides
 from minillm.course.registry import repo_root
-from minillm.speculative.rejection import expected_tokens_per_step, rejection_sample
+from minillm.speculative.rejection import rejection_sample
 from minillm.speculative.tree import TokenTree, dense_tree_paths, sparse_tree_paths, verify_tree_greedy
 
 accept_reject = load_function("ch09.accept_reject")
@@ -49,6 +49,7 @@ propose_prompt_lookup = load_function("ch09.ngram_lookup")
 tree_attention_mask = load_function("ch09.tree_attention_mask")
 medusa_candidates = load_function("ch09.medusa_candidates")
 critical_batch_size = load_function("ch01.critical_batch_size")  # chapter 1's roofline, yours
+expected_tokens_per_step = load_function("ch09.expected_tokens_per_step")
 
 # %% [markdown]
 # ## 1. Why the extra tokens are (almost) free
@@ -71,8 +72,9 @@ print(f"rows per step before the weights stop being the bottleneck: {crit} (chap
 # A step then costs about `max(weight bytes / bandwidth, FLOPs / peak)`. For Llama-3-8B in bf16 the memory term is
 # 3.8 ms; the FLOPs of 5 rows take 0.1 ms. Verifying 4 drafts costs what decoding one token costs, as long as the
 # batch times `(k + 1)` stays under the critical batch: the first reason speculation stops paying is a batch that
-# already keeps the tensor cores busy. With per-draft acceptance rate `a`, a step emits `(1 - a^(k+1)) / (1 - a)`
-# tokens on average (a draft counts only if all before it were accepted):
+# already keeps the tensor cores busy. With per-draft acceptance rate `a`, how many tokens does a step emit on
+# average? A draft counts only if all before it were accepted, and the target always adds one token of its own:
+# that is **exercise `ch09.expected_tokens_per_step`**, the interview question behind every speculative speedup.
 
 # %%
 # NBVAL_CHECK_OUTPUT

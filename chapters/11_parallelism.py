@@ -52,6 +52,7 @@ route_topk = load_function("ch11.moe_route")
 gather_kv_blocks = load_function("ch11.pack_kv_blocks")
 scatter_kv_blocks = load_function("ch11.unpack_kv_blocks")
 micro_batch_bounds = load_function("ch11.pipeline_schedule")
+ring_allreduce_bytes = load_function("ch11.ring_allreduce_bytes")
 torch.manual_seed(0)
 RANK_COLORS = ["C0", "C1", "C2", "C3"]
 
@@ -282,8 +283,9 @@ for name, layers, kv_heads in (("SmolLM2-135M", 30, 3), ("Llama-3-8B", 32, 8)):
 # ## 7. Interview question: tensor parallel or pipeline parallel?
 #
 # *"You have 8 GPUs and Llama-3-8B-shaped layers (hidden 4096, 32 layers, bf16). Tensor or pipeline parallel?"*
-# Count the bytes per token. TP all-reduces [h] twice per layer; a ring all-reduce makes each rank send
-# 2·(tp − 1)/tp of the payload. PP sends hidden and residual, 2·h values, once per stage *boundary*, i.e. (pp − 1)
+# Count the bytes per token. TP all-reduces [h] twice per layer; what a ring all-reduce makes each GPU send is
+# **exercise `ch11.ring_allreduce_bytes`** (cut the tensor into one chunk per GPU, then count a reduce-scatter and
+# an all-gather around the ring). PP sends hidden and residual, 2·h values, once per stage *boundary*, i.e. (pp − 1)
 # times for the whole model. Assumptions, stated: NVLink 900 GB/s and PCIe 64 GB/s per GPU, one direction; a
 # collective or send also costs a fixed α ≈ 5 µs of latency (order of magnitude of a small NCCL call); an H200
 # reads memory at 4.24 TB/s (measured copy) and multiplies bf16 at 700 TFLOP/s.
@@ -292,7 +294,7 @@ for name, layers, kv_heads in (("SmolLM2-135M", 30, 3), ("Llama-3-8B", 32, 8)):
 # NBVAL_CHECK_OUTPUT
 H, L, BYTES, N = 4096, 32, 2, 8
 NVLINK, PCIE, ALPHA = 900e9, 64e9, 5e-6  # assumptions: bytes/s per GPU, seconds per collective
-tp_per_token_layer = 2 * H * BYTES * 2 * (N - 1) / N  # two ring all-reduces
+tp_per_token_layer = 2 * ring_allreduce_bytes(H * BYTES, N)  # two ring all-reduces of [h] per layer
 pp_per_token_layer = 2 * H * BYTES * (N - 1) / L  # one (hidden, residual) pair per boundary, spread over layers
 print(f"bytes a GPU sends per token per layer: TP={N} {tp_per_token_layer / 1024:.1f} KiB, "
       f"PP={N} {pp_per_token_layer / 1024:.2f} KiB ({tp_per_token_layer / pp_per_token_layer:.0f}x less)")

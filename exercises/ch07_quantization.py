@@ -92,3 +92,17 @@ def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     from its high nibbles (byte l of the chunk: element l of each). w = d * sc[s] * q - dmin * mn[s].
     """
     raise NotImplementedError("ch07.dequant_q4_k is not attempted yet: write it in exercises/ch07_quantization.py")
+
+
+def quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_bits: int = 16,
+                           zero_bits: int = 0) -> float:
+    """Bytes of a model's weights stored as `bits`-bit codes with one scale (and, asymmetric, one zero point) per
+    group of `group_size` consecutive weights: what "will it fit?" needs (chapter 7's memory table).
+
+    Every weight costs its code, and every group adds scale_bits + zero_bits shared by its group_size weights, so a
+    weight costs bits + (scale_bits + zero_bits) / group_size bits in all, and the model num_params times that,
+    divided by 8. Example: 70.6e9 parameters, int4 g128 with fp16 scales and 4-bit zeros: 4 + 20 / 128 = 4.156 bits
+    per weight -> 36.7 GB (bf16: 141 GB). Per-channel scales are group_size = the layer's input size.
+    Raise ValueError if num_params <= 0, bits < 1, group_size < 1 or scale_bits / zero_bits < 0 (integers).
+    """
+    raise NotImplementedError("ch07.quantized_weight_bytes is not attempted yet: write it in exercises/ch07_quantization.py")

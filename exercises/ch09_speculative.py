@@ -110,3 +110,17 @@ def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor,
         depths [0, 1, 1, 2, 2], ranks [0, 0, 1, 0, 1] -> [[9, 4, 5, 6, 7]].
     """
     raise NotImplementedError("ch09.medusa_candidates is not attempted yet: write it in exercises/ch09_speculative.py")
+
+
+def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
+    """Leviathan et al.'s expected tokens per verification step when each of the k = num_speculative_tokens drafts
+    is accepted independently with probability a = acceptance_rate (a = sum_x min(p(x), q(x)) for sampled drafts).
+
+    Draft i counts only if drafts 1..i were all accepted (probability a^i), and every step ends with one token of
+    the target's own (the correction after a rejection, or the bonus token after k acceptances). So the step
+    emits 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens on average, and exactly k + 1 when a = 1.
+    It is the ceiling a benchmark's measured accepted length + 1 is compared with (chapter 9).
+    Example: a = 0.6, k = 4 -> (1 - 0.6^5) / 0.4 = 2.306; a = 0 -> 1 (the target's token alone); a = 1 -> k + 1.
+    Raise ValueError unless 0 <= acceptance_rate <= 1 and num_speculative_tokens is an integer >= 0.
+    """
+    raise NotImplementedError("ch09.expected_tokens_per_step is not attempted yet: write it in exercises/ch09_speculative.py")

@@ -112,3 +112,17 @@ def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[in
     Raise ValueError for num_micro_batches < 1 or an empty query_lens.
     """
     raise NotImplementedError("ch11.pipeline_schedule is not attempted yet: write it in exercises/ch11_parallelism.py")
+
+
+def ring_allreduce_bytes(payload_bytes: float, world_size: int) -> float:
+    """Bytes each GPU sends in a ring all-reduce of a `payload_bytes` tensor over `world_size` GPUs (NCCL's
+    algorithm for large messages; chapter 11's tensor-parallel traffic).
+
+    The tensor is cut into world_size chunks. Reduce-scatter: world_size - 1 steps, in each every GPU sends one
+    chunk to its neighbour and adds the chunk it receives, until each GPU holds one fully summed chunk. All-gather:
+    world_size - 1 more steps pass the summed chunks around the ring. So each GPU sends 2 (world_size - 1) chunks of
+    payload_bytes / world_size: nearly twice the payload however many GPUs there are (bandwidth-optimal), and 0
+    alone. Example: 16 KiB over 8 GPUs -> 2 * 7 / 8 * 16384 = 28,672 bytes per GPU.
+    Raise ValueError if payload_bytes < 0 or world_size is not an integer >= 1.
+    """
+    raise NotImplementedError("ch11.ring_allreduce_bytes is not attempted yet: write it in exercises/ch11_parallelism.py")

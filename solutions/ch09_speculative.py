@@ -158,3 +158,24 @@ def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor,
     flat = ((depths[1:] - 1) * topk + ranks[1:]).to(device)
     drafts = head_topk_ids.reshape(batch, heads * topk).gather(1, flat.expand(batch, -1))
     return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
+
+
+def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
+    """Leviathan et al.'s expected tokens per verification step when each of the k = num_speculative_tokens drafts
+    is accepted independently with probability a = acceptance_rate (a = sum_x min(p(x), q(x)) for sampled drafts).
+
+    Draft i counts only if drafts 1..i were all accepted (probability a^i), and every step ends with one token of
+    the target's own (the correction after a rejection, or the bonus token after k acceptances). So the step
+    emits 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens on average, and exactly k + 1 when a = 1.
+    It is the ceiling a benchmark's measured accepted length + 1 is compared with (chapter 9).
+    Example: a = 0.6, k = 4 -> (1 - 0.6^5) / 0.4 = 2.306; a = 0 -> 1 (the target's token alone); a = 1 -> k + 1.
+    Raise ValueError unless 0 <= acceptance_rate <= 1 and num_speculative_tokens is an integer >= 0.
+    """
+    if not 0 <= acceptance_rate <= 1:
+        raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate!r}")
+    if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
+            or num_speculative_tokens < 0:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}")
+    if acceptance_rate == 1:
+        return float(num_speculative_tokens + 1)
+    return (1 - acceptance_rate ** (num_speculative_tokens + 1)) / (1 - acceptance_rate)

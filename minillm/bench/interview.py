@@ -1,4 +1,4 @@
-"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, answered with a formula (chapters 1-6 and 10).
+"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, answered with a formula (chapters 1-7, 10 and 11).
 
 "How many tokens per second can one GPU decode?", "how big is the KV cache?", "how much memory traffic does
 FlashAttention save?": each has a short formula behind it, and each formula is a graded exercise (the learner's
@@ -12,7 +12,9 @@ engine's design, and `minillm estimate` does the model-level bookkeeping (weight
     ch04  decode_step_floor_s                                a decode step reads the weights AND every sequence's KV
     ch05  num_kv_blocks_needed                               paged blocks, with a shared prompt prefix stored once
     ch06  batching_steps                                     static vs continuous batching, in decode steps
+    ch07  quantized_weight_bytes                             a model's weights in a format with group scales
     ch10  max_request_rate                                   the load a server carries before its queue grows
+    ch11  ring_allreduce_bytes                               what each GPU sends in a ring all-reduce
 """
 from __future__ import annotations
 
@@ -200,5 +202,51 @@ def max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float
     if not output_tokens > 0 or not step_time_s > 0:
         raise ValueError(f"output_tokens and step_time_s must be > 0, got {output_tokens!r} and {step_time_s!r}")
     return max_num_seqs / (output_tokens * step_time_s)
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch07.quantized_weight_bytes
+def quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_bits: int = 16,
+                           zero_bits: int = 0) -> float:
+    """Bytes of a model's weights stored as `bits`-bit codes with one scale (and, asymmetric, one zero point) per
+    group of `group_size` consecutive weights: what "will it fit?" needs (chapter 7's memory table).
+
+    Every weight costs its code, and every group adds scale_bits + zero_bits shared by its group_size weights, so a
+    weight costs bits + (scale_bits + zero_bits) / group_size bits in all, and the model num_params times that,
+    divided by 8. Example: 70.6e9 parameters, int4 g128 with fp16 scales and 4-bit zeros: 4 + 20 / 128 = 4.156 bits
+    per weight -> 36.7 GB (bf16: 141 GB). Per-channel scales are group_size = the layer's input size.
+    Raise ValueError if num_params <= 0, bits < 1, group_size < 1 or scale_bits / zero_bits < 0 (integers).
+    """
+    # >>> solution
+    if not num_params > 0:
+        raise ValueError(f"num_params must be > 0, got {num_params!r}")
+    for name, value, low in (("bits", bits, 1), ("group_size", group_size, 1), ("scale_bits", scale_bits, 0),
+                             ("zero_bits", zero_bits, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return num_params * (bits + (scale_bits + zero_bits) / group_size) / 8
+    # <<< solution
+# <<< exercise
+
+
+# >>> exercise ch11.ring_allreduce_bytes
+def ring_allreduce_bytes(payload_bytes: float, world_size: int) -> float:
+    """Bytes each GPU sends in a ring all-reduce of a `payload_bytes` tensor over `world_size` GPUs (NCCL's
+    algorithm for large messages; chapter 11's tensor-parallel traffic).
+
+    The tensor is cut into world_size chunks. Reduce-scatter: world_size - 1 steps, in each every GPU sends one
+    chunk to its neighbour and adds the chunk it receives, until each GPU holds one fully summed chunk. All-gather:
+    world_size - 1 more steps pass the summed chunks around the ring. So each GPU sends 2 (world_size - 1) chunks of
+    payload_bytes / world_size: nearly twice the payload however many GPUs there are (bandwidth-optimal), and 0
+    alone. Example: 16 KiB over 8 GPUs -> 2 * 7 / 8 * 16384 = 28,672 bytes per GPU.
+    Raise ValueError if payload_bytes < 0 or world_size is not an integer >= 1.
+    """
+    # >>> solution
+    if not payload_bytes >= 0:
+        raise ValueError(f"payload_bytes must be >= 0, got {payload_bytes!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    return 2 * (world_size - 1) * payload_bytes / world_size
     # <<< solution
 # <<< exercise

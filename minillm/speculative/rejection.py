@@ -69,10 +69,19 @@ class SpecDecodeOutput:
         return [row[: n + 1] for row, n in zip(rows, self.num_accepted.tolist())]
 
 
+# >>> exercise ch09.expected_tokens_per_step
 def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
-    """Leviathan et al.'s expected tokens per verification step, (1 - a^(k+1)) / (1 - a), when each draft is
-    accepted independently with probability a = sum_x min(p(x), q(x)). The ceiling a benchmark's measured
-    accept length + 1 is compared with."""
+    """Leviathan et al.'s expected tokens per verification step when each of the k = num_speculative_tokens drafts
+    is accepted independently with probability a = acceptance_rate (a = sum_x min(p(x), q(x)) for sampled drafts).
+
+    Draft i counts only if drafts 1..i were all accepted (probability a^i), and every step ends with one token of
+    the target's own (the correction after a rejection, or the bonus token after k acceptances). So the step
+    emits 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens on average, and exactly k + 1 when a = 1.
+    It is the ceiling a benchmark's measured accepted length + 1 is compared with (chapter 9).
+    Example: a = 0.6, k = 4 -> (1 - 0.6^5) / 0.4 = 2.306; a = 0 -> 1 (the target's token alone); a = 1 -> k + 1.
+    Raise ValueError unless 0 <= acceptance_rate <= 1 and num_speculative_tokens is an integer >= 0.
+    """
+    # >>> solution
     if not 0 <= acceptance_rate <= 1:
         raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate!r}")
     if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
@@ -81,6 +90,8 @@ def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int
     if acceptance_rate == 1:
         return float(num_speculative_tokens + 1)
     return (1 - acceptance_rate ** (num_speculative_tokens + 1)) / (1 - acceptance_rate)
+    # <<< solution
+# <<< exercise
 
 
 def logits_to_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,

@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from minillm.course.checks import assert_close, assert_equal, assert_tensor, graded_seed
+from minillm.course.checks import (assert_close, assert_equal, assert_rejects, assert_scalar_close,
+                                   assert_tensor, graded_seed)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -337,3 +338,47 @@ def test_q4_k_sub_block_order(impl):
     want = torch.zeros(8, 32)
     want[2], want[3] = 3.0 * 10, 4.0 * 5
     assert_close(got, want, "Q4_K: chunk c of 32 bytes holds sub-block 2c (low nibbles) and 2c + 1 (high nibbles)")
+
+
+# ---- ch07.quantized_weight_bytes ---------------------------------------------------------------------
+
+@pytest.mark.exercise("ch07.quantized_weight_bytes")
+@pytest.mark.points(2)
+def test_quantized_weight_bytes_matches_solution(impl, ref):
+    g = _gen(701)
+    cases = [(70.6e9, 4, 128, 16, 4), (8.03e9, 8, 4096, 16, 0), (1.0, 4, 1, 16, 4), (135e6, 3, 64, 16, 4)]
+    for _ in range(10):
+        n, bits, group, scale, zero = (float(torch.randint(1, 10**6, (1,), generator=g)) * 1e3,
+                                       int(torch.randint(1, 9, (1,), generator=g)),
+                                       int(2 ** torch.randint(0, 9, (1,), generator=g)),
+                                       int(torch.tensor([8, 16, 32])[torch.randint(0, 3, (1,), generator=g)]),
+                                       int(torch.tensor([0, 4, 8])[torch.randint(0, 3, (1,), generator=g)]))
+        cases.append((n, bits, group, scale, zero))
+    for args in cases:
+        assert_scalar_close(impl(*args), ref(*args), f"quantized_weight_bytes{args!r}", rtol=1e-9)
+
+
+@pytest.mark.exercise("ch07.quantized_weight_bytes")
+@pytest.mark.points(2)
+def test_quantized_weight_bytes_counts_what_a_layer_stores(impl):
+    """Count the storage of real per-group layouts: a [out, in] layer keeps out x in codes of `bits` bits, and per
+    group one scale and (asymmetric) one zero point; the function, given the layer's parameter count, must say
+    the same bytes."""
+    for out_f, in_f, bits, group, zero_bits in [(576, 576, 4, 64, 4), (1536, 576, 3, 64, 4), (4096, 14336, 4, 128, 0),
+                                               (64, 96, 8, 32, 8), (7, 12, 2, 4, 2)]:
+        codes = torch.empty(out_f, in_f)
+        scales = torch.empty(out_f, in_f // group)
+        zeros = torch.empty(out_f, in_f // group) if zero_bits else torch.empty(0)
+        stored_bits = codes.numel() * bits + scales.numel() * 16 + zeros.numel() * zero_bits
+        got = impl(float(out_f * in_f), bits, group, 16, zero_bits)
+        assert_scalar_close(got, stored_bits / 8, f"a [{out_f}, {in_f}] layer in {bits}-bit g{group} with "
+                                                  f"{zero_bits}-bit zeros: quantized_weight_bytes", rtol=1e-9)
+
+
+@pytest.mark.exercise("ch07.quantized_weight_bytes")
+@pytest.mark.points(1)
+def test_quantized_weight_bytes_rejects_bad_input(impl, ref):
+    valid = (70.6e9, 4, 128, 16, 4)
+    assert_rejects(impl, valid, ref(*valid), [(0.0, 4, 128, 16, 4), (1e9, 0, 128, 16, 4), (1e9, 4, 0, 16, 4),
+                                              (1e9, 4, 128, -16, 4), (1e9, 4, 128, 16, -1), (1e9, 4.5, 128, 16, 4)],
+                   "quantized_weight_bytes")

@@ -15,7 +15,8 @@ from test_engine import tiny_config, tiny_model
 from tiny import ByteTokenizer
 
 from minillm.config import EngineConfig
-from minillm.course.checks import assert_close, assert_equal, assert_tensor, graded_seed
+from minillm.course.checks import (assert_close, assert_equal, assert_rejects, assert_scalar_close,
+                                   assert_tensor, graded_seed)
 from minillm.engine.llm_engine import LLMEngine
 from minillm.hooks import overriding
 from minillm.sampling_params import SamplingParams
@@ -239,3 +240,36 @@ def test_greedy_accept_inside_a_speculative_engine(impl):
         f"the engine accepted {got.num_accepted_tokens} drafts in {got.num_verify_steps} verify steps with your "
         f"greedy_accept, {want.num_accepted_tokens} in {want.num_verify_steps} with the reference")
     assert reference == plain
+
+
+# ---- ch09.expected_tokens_per_step -------------------------------------------------------------------
+
+@pytest.mark.exercise("ch09.expected_tokens_per_step")
+@pytest.mark.points(2)
+def test_expected_tokens_per_step_matches_solution(impl, ref):
+    g = _generator(901)
+    cases = [(0.6, 4), (0.0, 5), (1.0, 3), (0.5, 0), (0.999, 7)]
+    cases += [(float(a), int(k)) for a, k in zip(torch.rand(12, generator=g), torch.randint(0, 13, (12,), generator=g))]
+    for a, k in cases:
+        assert_scalar_close(impl(a, k), ref(a, k), f"expected_tokens_per_step({a:.4f}, {k})", rtol=1e-9)
+
+
+@pytest.mark.exercise("ch09.expected_tokens_per_step")
+@pytest.mark.points(2)
+def test_expected_tokens_per_step_against_simulated_steps(impl):
+    """Simulated verify steps: each draft accepted with probability a, the chain stopping at its first rejection,
+    plus the target's own token; the mean over 40,000 steps is within 0.03 of the answer."""
+    g = _generator(902)
+    for a, k in [(0.3, 2), (0.6, 4), (0.8, 6), (0.9, 1)]:
+        accepted = torch.rand(40_000, k, generator=g) < a
+        tokens = accepted.int().cumprod(dim=1).sum(dim=1) + 1
+        got = impl(a, k)
+        assert abs(got - float(tokens.double().mean())) < 0.03, \
+            f"expected_tokens_per_step({a}, {k}) = {got!r}, simulated steps emit {float(tokens.double().mean()):.3f}"
+
+
+@pytest.mark.exercise("ch09.expected_tokens_per_step")
+@pytest.mark.points(1)
+def test_expected_tokens_per_step_rejects_bad_input(impl, ref):
+    valid = (0.6, 4)
+    assert_rejects(impl, valid, ref(*valid), [(-0.1, 4), (1.5, 4), (0.6, -1), (0.6, 2.5)], "expected_tokens_per_step")

@@ -27,7 +27,7 @@ def rng(seed: int) -> random.Random:
     return random.Random(graded_seed(seed))
 
 
-class ByteTokenizer:
+class SplitUtf8Tokenizer:
     """Byte-level BPE in miniature: a token is a run of 1-3 UTF-8 bytes, so a character of 2-4 bytes is often
     split between tokens, and decoding a window that ends inside one gives U+FFFD, as real byte-level BPE does."""
 
@@ -99,7 +99,7 @@ def test_next_text_streams_whole_characters_only(impl):
     r = rng(102)
     with overriding({"ch10.next_text": impl}):
         for text in TEXTS:
-            tok = ByteTokenizer(text, r)
+            tok = SplitUtf8Tokenizer(text, r)
             # a prompt is text, so it ends on a whole character (its window may still start inside one)
             whole = [n for n in range(1, len(tok.pieces) - 3) if not tok.decode(list(range(n))).endswith(FFFD)]
             for num_prompt in r.sample(whole, 3):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from tiny_moe import TINY_MOE
 
-from minillm.course.checks import assert_close, assert_equal, assert_rejects, assert_tensor, graded_seed
+from minillm.course.checks import (assert_close, assert_equal, assert_rejects, assert_scalar_close,
+                                   assert_tensor, graded_seed)
 from minillm.engine.step_input import StepInput
 from minillm.engine.worker import RandomWeights
 from minillm.hooks import overriding
@@ -306,3 +307,56 @@ def test_micro_batches_through_split_step(impl):
     assert [p.query_lens for p in parts] == [[3, 1, 9], [1], [1, 4, 2]], \
         f"micro-batches of {lens} over 3 stages: {[p.query_lens for p in parts]}"
     assert sum((p.input_ids for p in parts), []) == step.input_ids, "every token, once, in order"
+
+
+# ---- ch11.ring_allreduce_bytes -----------------------------------------------------------------------
+
+def _ring_allreduce(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Run a ring all-reduce step by step over simulated ranks: (each rank's result, bytes each rank sent)."""
+    n = len(tensors)
+    chunks = [list(t.clone().chunk(n)) for t in tensors]
+    sent = [0] * n
+    for step in range(n - 1):  # reduce-scatter: rank r sends chunk (r - step) to r + 1, which adds it
+        msgs = [(r, (r - step) % n, chunks[r][(r - step) % n].clone()) for r in range(n)]
+        for r, c, data in msgs:
+            sent[r] += data.numel() * data.element_size()
+            chunks[(r + 1) % n][c] += data
+    for step in range(n - 1):  # all-gather: rank r sends its complete chunk (r + 1 - step) to r + 1
+        msgs = [(r, (r + 1 - step) % n, chunks[r][(r + 1 - step) % n].clone()) for r in range(n)]
+        for r, c, data in msgs:
+            sent[r] += data.numel() * data.element_size()
+            chunks[(r + 1) % n][c] = data
+    return [torch.cat(c) for c in chunks], sent
+
+
+@pytest.mark.exercise("ch11.ring_allreduce_bytes")
+@pytest.mark.points(2)
+def test_ring_allreduce_bytes_matches_solution(impl, ref):
+    r = random.Random(graded_seed(1101))
+    cases = [(16384.0, 8), (1.0, 1), (0.0, 4)] + [(float(r.randint(1, 10**7)), r.randint(1, 64)) for _ in range(10)]
+    for args in cases:
+        assert_scalar_close(impl(*args), ref(*args), f"ring_allreduce_bytes{args!r}", rtol=1e-9)
+
+
+@pytest.mark.exercise("ch11.ring_allreduce_bytes")
+@pytest.mark.points(2)
+def test_ring_allreduce_bytes_counts_a_simulated_ring(impl):
+    """A ring all-reduce run chunk by chunk over simulated ranks: every rank ends with the sum, and the bytes each
+    rank sent are what the function says."""
+    g = _gen(1102)
+    for world in (1, 2, 3, 5, 8):
+        tensors = [torch.randn(world * 6, generator=g) for _ in range(world)]
+        results, sent = _ring_allreduce(tensors)
+        for rank_result in results:
+            assert_close(rank_result, torch.stack(tensors).sum(0), "the simulated ring's result")
+        payload = tensors[0].numel() * tensors[0].element_size()
+        for rank, nbytes in enumerate(sent):
+            assert_scalar_close(impl(float(payload), world), float(nbytes),
+                                f"ring_allreduce_bytes({payload}, {world}) against rank {rank}'s sends", rtol=1e-9)
+
+
+@pytest.mark.exercise("ch11.ring_allreduce_bytes")
+@pytest.mark.points(1)
+def test_ring_allreduce_bytes_rejects_bad_input(impl, ref):
+    valid = (16384.0, 8)
+    assert_rejects(impl, valid, ref(*valid), [(-1.0, 8), (16384.0, 0), (16384.0, 2.5)], "ring_allreduce_bytes")

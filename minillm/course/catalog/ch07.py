@@ -1,5 +1,6 @@
 """Chapter 7: quantization formats. Round-to-nearest per group, FP8 with saturation, SmoothQuant's smoothing
-scale, and the GGUF blocks (Q4_1, Q4_K) that SmolLM2 ships in."""
+scale, and the GGUF blocks (Q4_1, Q4_K) that SmolLM2 ships in; and the interview question every format answers
+first: how many bytes the weights take (quantized_weight_bytes)."""
 from __future__ import annotations
 
 from minillm.course.spec import Chapter, Exercise
@@ -63,5 +64,15 @@ EXERCISES = [
              "chunk c of 32 bytes: low nibbles = sub-block 2c, high = 2c + 1.",
         signature="dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor",
         called_from="minillm.loader.dequant.GGML_TYPES (any Q4_K / Q4_K_M GGUF)",
+    ),
+    Exercise(
+        id="ch07.quantized_weight_bytes", function="quantized_weight_bytes", source="minillm/bench/interview.py",
+        points=5,
+        nudge="A group's scale and zero point are paid once and shared by all of its weights: what does one weight "
+              "cost, everything included?",
+        hint="bits per weight = bits + (scale_bits + zero_bits) / group_size; bytes = num_params * that / 8.",
+        signature="quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_bits: int = 16, "
+                  "zero_bits: int = 0) -> float",
+        called_from="chapter 7 (interview question: the memory table); not called by the engine",
     ),
 ]

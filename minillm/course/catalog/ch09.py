@@ -3,7 +3,8 @@
 The exercises are the pieces of minillm.speculative that decide which tokens a verify step keeps (accept_reject,
 residual_distribution, greedy_verify), which drafts it proposes without a model (ngram_lookup), and how a tree of
 candidates is laid out for one forward pass (tree_attention_mask, medusa_candidates). The engine calls each through
-`dispatch`, so a learner's version runs inside a real speculative engine.
+`dispatch`, so a learner's version runs inside a real speculative engine. One more is the interview question behind
+every speculative speedup: how many tokens a verify step emits on average (expected_tokens_per_step).
 """
 from minillm.course.spec import Chapter, Exercise
 
@@ -73,5 +74,14 @@ EXERCISES = [
         signature="medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor, "
                   "depths: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor",
         called_from="minillm.speculative.tree.TokenTree.candidates (Medusa / EAGLE tree drafts)",
+    ),
+    Exercise(
+        id="ch09.expected_tokens_per_step", function="expected_tokens_per_step",
+        source="minillm/speculative/rejection.py", points=5,
+        nudge="Which drafts count in a step, with what probability, and what does the target add every time?",
+        hint="draft i counts with probability a^i (all before it accepted); plus the target's token: "
+             "sum_{i=0..k} a^i = (1 - a^(k+1)) / (1 - a), and k + 1 at a = 1.",
+        signature="expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float",
+        called_from="chapter 9 (interview question: the speedup ceiling of section 1); not called by the engine",
     ),
 ]

@@ -4,7 +4,8 @@ The exercises are the decisions of minillm.parallel and minillm.layers.moe: whic
 parallel rank keeps (split_linear) and where the all-reduce goes (allreduce_placement), where a pipeline cuts a
 step into micro-batches (micro_batch_bounds), which experts a token goes to (route_topk), and how a request's KV
 blocks are packed for the prefill -> decode transfer and unpacked on the other side. The engine calls each through
-`dispatch`; the graded tests simulate the ranks in one process by looping over rank indices.
+`dispatch`; the graded tests simulate the ranks in one process by looping over rank indices. And the interview
+question behind "TP within a node": the bytes each GPU sends in a ring all-reduce (ring_allreduce_bytes).
 """
 from minillm.course.spec import Chapter, Exercise
 
@@ -73,5 +74,15 @@ EXERCISES = [
              "or seqs left == groups still to open; end with num_seqs (the remainder is never dropped).",
         signature="micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[int]",
         called_from="minillm.parallel.runner.split_step (every step of a pipeline-parallel worker: pp micro-batches)",
+    ),
+    Exercise(
+        id="ch11.ring_allreduce_bytes", function="ring_allreduce_bytes", source="minillm/bench/interview.py",
+        points=5,
+        nudge="Cut the tensor into one chunk per GPU; count the steps of a reduce-scatter and of an all-gather "
+              "around the ring, and what each GPU sends per step.",
+        hint="2 (world_size - 1) steps, one chunk of payload_bytes / world_size sent per step: "
+             "2 (N - 1) / N * payload_bytes; 0 for one GPU.",
+        signature="ring_allreduce_bytes(payload_bytes: float, world_size: int) -> float",
+        called_from="chapter 11 (interview question: tensor or pipeline parallel?); not called by the engine",
     ),
 ]

@@ -1,0 +1,8 @@
+"""Counts the codes and the scales but not the zero points: an asymmetric format looks 4 / group_size bits per
+weight cheaper than it is."""
+
+
+def quantized_weight_bytes(num_params, bits, group_size, scale_bits=16, zero_bits=0):
+    if num_params <= 0 or bits < 1 or group_size < 1 or scale_bits < 0 or zero_bits < 0:
+        raise ValueError("bad arguments")
+    return num_params * (bits + scale_bits / group_size) / 8
