@@ -27,3 +27,21 @@ def test_a_speculative_config_that_is_not_a_json_object_is_refused(text, capsys)
     with pytest.raises(SystemExit):
         _parse("--speculative-config", text)
     assert "JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["busy", "99999"])
+def test_a_bad_or_busy_port_fails_before_the_model_loads(port, capsys, monkeypatch):
+    import socket
+
+    import minillm.llm
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+    monkeypatch.setattr(minillm.llm, "LLM", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        args = _parse("--port", str(taken.getsockname()[1]) if port == "busy" else port)
+        assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert ("Address already in use" in err) if port == "busy" else ("[0, 65535]" in err), err

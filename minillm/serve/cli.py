@@ -68,9 +68,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from minillm.engine.async_llm import AsyncLLM
     from minillm.llm import LLM
     from minillm.serve.app import build_app
-    from minillm.serve.server import run
+    from minillm.serve.server import bind, run
 
     try:
+        sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
         chat_template = None
         if args.chat_template is not None:
             with open(args.chat_template, encoding="utf-8") as f:
@@ -82,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0)
         print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
               file=sys.stderr)
-        run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+        run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock)
     except (ValueError, TypeError, OSError) as err:
         print(f"minillm serve: error: {err}", file=sys.stderr)
         return 2

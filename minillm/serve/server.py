@@ -52,10 +52,11 @@ def _config(app: Any, graceful_timeout: float, log_level: str) -> uvicorn.Config
 
 
 def run(app: Any, host: str = LOCALHOST, port: int = 8000, graceful_timeout: float = 30.0,
-        log_level: str = "info") -> None:
-    """Serve until Ctrl-C / SIGTERM (blocking)."""
+        log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Serve until Ctrl-C / SIGTERM (blocking). `sock`: a socket bound already (`bind`), so that a port in use
+    is reported before a model is loaded; host and port are then only its description."""
     config = _config(app, graceful_timeout, log_level)
-    uvicorn.Server(config).run(sockets=[bind(host, port)])
+    uvicorn.Server(config).run(sockets=[sock if sock is not None else bind(host, port)])
 
 
 class ServerThread:
