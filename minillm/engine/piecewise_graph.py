@@ -31,7 +31,7 @@ Padding. A step of n tokens replays the smallest bucket T >= n. The rows n..T-1 
 before (valid token ids and positions): every piece works row by row, so they never touch the real rows, and
 attention only ever sees rows 0..n-1. Models whose non-attention layers mix rows (an MoE with expert capacity)
 are not cut; they run eagerly. Heads that read the final norm's input (EAGLE, MTP) get it through the runner's
-forward hook, whose copy into a static buffer is recorded in the last piece (model_runner._keep_hidden_states).
+forward hook, whose copy into a static buffer is recorded in the last piece (launch_setup._keep_hidden_states).
 
 Memory. All graphs share one pool, recorded largest bucket first. A tensor that lives from one graph into the
 next (the residual stream, q/k/v) is still referenced while the next graph is recorded, so that graph cannot

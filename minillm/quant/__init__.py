@@ -16,6 +16,7 @@
     llm_int8.py      "int8"         int8 with outlier columns in float      W8A8 int8 + fp
     int8_rtn.py      "int8_rtn"     the seam's first example               W8A16
     driver.py        quantize_model: a whole model, layer by layer, with calibration
+    calibrated_layers.py  one layer of that walk: LayerRunner, and GPTQ / AWQ / SmoothQuant per layer
     checkpoint.py    save_quantized (safetensors + config.json + tokenizer) and load-time quantization
     gguf_quants.py   ggml's Q8_0 / Q4_0 / Q5_0 / Q4_K blocks, written by searched-scale quantizers
     gguf_export.py   a whole model as one GGUF (loader/gguf_writer.py: the container; gguf_tokenizer.py: an HF

@@ -37,23 +37,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from minillm.forward_context import forward_context, prefill_metadata
 from minillm.quant import fp8_block
-from minillm.quant.awq import _clip, awq_quantize, fold_scales_into_linear, fold_scales_into_rmsnorm, search_clip
+from minillm.quant.calibrated_layers import _LAYER_ALGORITHMS, LayerRunner, _gptq_layer
 from minillm.quant.fp8 import quantize_fp8
-from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe, fp8_calibrated_layer
-from minillm.quant.gptq import HessianAccumulator, gptq_quantize
-from minillm.quant.gptq_asym import PairedInputAccumulator, accumulate_paired_inputs, asymmetric_target
+from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe
 from minillm.quant.int4 import awq_tensors, gptq_tensors
 from minillm.quant.nf4 import quantize_nf4
 from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
-from minillm.quant.smoothquant import smoothing_factors
 
 METHODS = ("rtn", "gptq", "awq", "fp8", "fp8_block", "smoothquant", "nf4", "int8")
 CALIBRATED = ("gptq", "awq", "smoothquant")
@@ -149,153 +145,6 @@ def _check(model: nn.Module, method: str, bits: int | None, group_size: int, cal
     return bits
 
 
-class LayerRunner:
-    """Runs one decoder layer over every calibration batch (cache-less prefill) with optional input hooks."""
-
-    def __init__(self, model: nn.Module, calibration: torch.Tensor, batch_size: int) -> None:
-        device = next(model.parameters()).device
-        self.batches = []
-        for start in range(0, calibration.shape[0], batch_size):
-            ids = calibration[start:start + batch_size].to(device)
-            n, seq_len = ids.shape
-            positions = torch.arange(seq_len, device=device).repeat(n)
-            self.batches.append((positions, prefill_metadata([seq_len] * n, device=device),
-                                 model.model.embed_tokens(ids.flatten()), None))
-
-    def run(self, layer: nn.Module, hooks: dict[nn.Module, Callable[[torch.Tensor], None]] | None = None,
-            advance: bool = False) -> None:
-        def hook(fn: Callable[[torch.Tensor], None]) -> Callable[..., None]:
-            def observe(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                fn(inputs[0].detach())  # returns None: a forward hook that returns a value replaces the output
-            return observe
-
-        handles = [m.register_forward_hook(hook(fn)) for m, fn in (hooks or {}).items()]
-        try:
-            for i, (positions, meta, hidden, residual) in enumerate(self.batches):
-                with forward_context(meta):
-                    out = layer(positions, hidden, residual)
-                if advance:  # this layer is final: its outputs are the next layer's inputs
-                    self.batches[i] = (positions, meta, *out)
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def _linears_in_order(layer: nn.Module) -> tuple[nn.Module, ...]:
-    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
-
-
-def _gptq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any],
-                reference: tuple[nn.Module, LayerRunner] | None = None) -> dict[nn.Module, QuantizedWeight]:
-    """True-sequential GPTQ of one layer. reference: (the layer's unquantized twin, the unquantized walk) for
-    asymmetric calibration (gptq_asym.py): each linear aims at the unquantized model's outputs."""
-    result = {}
-    twins = _linears_in_order(reference[0]) if reference is not None else (None,) * 4
-    for lin, twin in zip(_linears_in_order(layer), twins):
-        weight = lin.weight.data
-        if reference is None:
-            acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
-            runner.run(layer, {lin: acc.add})
-        else:
-            acc = PairedInputAccumulator(lin.input_size, device=lin.weight.device)
-            accumulate_paired_inputs(layer, reference[0], lin, twin, runner.batches, reference[1].batches, acc)
-            weight = asymmetric_target(weight, acc.H, acc.D, opts["percdamp"])
-        g = opts["group_size"]
-        block = 128 if g == -1 or 128 % g == 0 else g
-        res = gptq_quantize(weight, acc.H, opts["bits"], g, opts["sym"], opts["percdamp"], block,
-                            act_order=opts["act_order"], static_groups=opts["static_groups"],
-                            clip_search=opts["grid_search"])
-        lin.weight.data.copy_(res.weight_dq.to(lin.weight.dtype))
-        result[lin] = res.qweight
-    return result
-
-
-def _capture_inputs(layer: nn.Module, runner: LayerRunner, linears: list[nn.Module], max_tokens: int
-                    ) -> dict[nn.Module, torch.Tensor]:
-    xs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in linears}
-    runner.run(layer, {m: xs[m].append for m in linears})
-    out = {}
-    for m, chunks in xs.items():
-        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).float()
-        if x.shape[0] > max_tokens:  # evenly spaced tokens bound the search's cost
-            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()]
-        out[m] = x
-    return out
-
-
-def _awq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]) -> dict[nn.Module, QuantizedWeight]:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-    x = _capture_inputs(layer, runner, [qkv, o, gate_up, down], opts["max_tokens"])
-    bits, g, sym = opts["bits"], opts["group_size"], opts["sym"]
-    inter = mlp.gate_up_proj.output_sizes[0]
-
-    def set_weight(lin: nn.Module, qws: list[QuantizedWeight]) -> QuantizedWeight:
-        merged = QuantizedWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scales for q in qws]),
-                                 None if qws[0].zeros is None else torch.cat([q.zeros for q in qws]), bits, g, sym)
-        lin.weight.data.copy_(merged.dequantize(lin.weight.dtype))
-        return merged
-
-    result = {}
-    # down_proj: 1/s into up_proj's rows (silu(gate) * up commutes with a per-channel scale)
-    r = awq_quantize([down.weight.data], x[down], bits, g, sym)
-    up = gate_up.weight.data[inter:]
-    up.copy_(fold_scales_into_linear(up, r.scales)[0])
-    result[down] = set_weight(down, r.qweights)
-    # gate/up: 1/s into post_attention_layernorm
-    w = gate_up.weight.data
-    r = awq_quantize([w[:inter], w[inter:]], x[gate_up], bits, g, sym)
-    norm = layer.post_attention_layernorm.weight
-    norm.data.copy_(fold_scales_into_rmsnorm(norm.data, r.scales))
-    result[gate_up] = set_weight(gate_up, r.qweights)
-    # o_proj: its input is attention's output, which v_proj's rows scale only when every head has its own v
-    w_qkv = qkv.weight.data
-    q_end, k_end = qkv.q_size, qkv.q_size + qkv.kv_size
-    if attn.num_heads == attn.num_kv_heads:
-        r = awq_quantize([o.weight.data], x[o], bits, g, sym)
-        w_qkv[k_end:].copy_(fold_scales_into_linear(w_qkv[k_end:], r.scales)[0])
-        result[o] = set_weight(o, r.qweights)
-    else:
-        clip_max = search_clip(o.weight.data, x[o], bits, g, sym)
-        result[o] = set_weight(o, [quantize(_clip(o.weight.data, clip_max), bits, g, sym)])
-    # q/k/v: 1/s into input_layernorm; no clip search for q and k (their output error is not attention's)
-    r = awq_quantize([w_qkv[:q_end], w_qkv[q_end:k_end], w_qkv[k_end:]], x[qkv], bits, g, sym,
-                     clip=[False, False, True])
-    norm = layer.input_layernorm.weight
-    norm.data.copy_(fold_scales_into_rmsnorm(norm.data, r.scales))
-    result[qkv] = set_weight(qkv, r.qweights)
-    return result
-
-
-def _smoothquant_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any]
-                       ) -> dict[nn.Module, QuantizedWeight]:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-    amax = {m: torch.zeros(m.input_size, device=m.weight.device) for m in (qkv, gate_up, down)}
-
-    def track(m: nn.Module) -> Callable[[torch.Tensor], None]:
-        return lambda x: amax[m].copy_(torch.maximum(amax[m], x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()))
-
-    runner.run(layer, {m: track(m) for m in amax})
-    inter = gate_up.output_sizes[0]
-    for lin, norm in ((qkv, layer.input_layernorm), (gate_up, layer.post_attention_layernorm), (down, None)):
-        s = smoothing_factors(amax[lin], [lin.weight.data], opts["alpha"])
-        if norm is not None:
-            norm.weight.data.copy_(fold_scales_into_rmsnorm(norm.weight.data, s))
-        else:
-            up = gate_up.weight.data[inter:]
-            up.copy_(fold_scales_into_linear(up, s)[0])
-        lin.weight.data.mul_(s.to(lin.weight.dtype))
-    result = {}
-    for lin in (qkv, o, gate_up, down):
-        qw = quantize(lin.weight.data, bits=8, group_size=-1, symmetric=True)
-        lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
-        result[lin] = qw
-    return result
-
-
-_LAYER_ALGORITHMS = {"gptq": _gptq_layer, "awq": _awq_layer, "smoothquant": _smoothquant_layer,
-                     "fp8": fp8_calibrated_layer, "fp8_block": fp8_block.gptq_layer}
 
 
 def _export(method: str, w: torch.Tensor, qw: QuantizedWeight | None, opts: dict[str, Any]) -> dict[str, torch.Tensor]:
