@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from minillm.bench.harness import BenchResult, format_percentiles, format_requests, request_stats, run_workload
+from minillm.bench.harness import BenchResult, format_percentiles, format_requests, request_stats, run_workload, warm_up
 from minillm.bench.plots import plot_run, save_figure
 
 DEMO_QUESTIONS = [
@@ -79,7 +79,8 @@ def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", 
           else f"minillm demo: loading {model} ...", file=out, flush=True)
     llm = LLM(model=model, device=dev, seed=0, max_model_len=max_model_len)
     dtype = str(llm.dtype).replace("torch.", "")
-    print(f"loaded in {time.perf_counter() - start:.1f} s on {llm.device} ({dtype})", file=out, flush=True)
+    print(f"loaded in {time.perf_counter() - start:.1f} s on {llm.device} ({dtype}); warm-up {warm_up(llm):.1f} s "
+          f"(the first step of each shape pays one-time costs: kept out of the figures below)", file=out, flush=True)
 
     # mild sampling, seeded per request: varied but reproducible answers, whatever else is in the batch
     def params(seed: int) -> Any:

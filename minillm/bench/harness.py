@@ -131,6 +131,24 @@ def summarize(outputs: Iterable[Any], wall_time: float | None = None,
     return BenchResult(reqs, wall_time, pct, failed)
 
 
+def warm_up(llm: Any) -> float:
+    """Run the engine through the step shapes a timed run meets, untimed, and return the seconds it took.
+
+    The first step of each shape pays one-time costs that no later step pays: on the CPU, cpu_matmul times its
+    candidate layouts once per weight shape and row class (one row, 2-16 rows, 17 or more: a prefill), and oneDNN
+    builds its primitives; on a GPU, Triton compiles on first launch (LLM() captures the CUDA graphs already). A
+    benchmark that bills them to its first request reports a TTFT of warm-up, not of the engine. So: one prompt
+    of 24 tokens alone (a prefill, then one-row decode steps), then two at once (2-row decode steps)."""
+    from minillm import SamplingParams
+
+    start = time.perf_counter()
+    prompt = [llm.tokenizer.encode("warm up", add_special_tokens=False)[0]] * 24
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for batch in (1, 2):
+        llm.generate([prompt] * batch, params)
+    return time.perf_counter() - start
+
+
 def run_workload(llm: Any, prompts: list, sampling_params: Any, chat: bool = False) -> tuple[list, BenchResult]:
     """Send every prompt at once (an offline batch), time the whole call, and summarise. `chat=True` passes
     the prompts to llm.chat (each a list of {"role", "content"} messages) so the chat template is applied."""

@@ -1,4 +1,5 @@
-"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, answered with a formula (chapters 1-7, 10 and 11).
+"""Back-of-the-envelope numbers: the questions an ML-systems interview asks, each answered with a formula
+(chapters 1-7, 10 and 11).
 
 "How many tokens per second can one GPU decode?", "how big is the KV cache?", "how much memory traffic does
 FlashAttention save?": each has a short formula behind it, and each formula is a graded exercise (the learner's

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Any
 
-from minillm.bench.harness import BenchResult, format_percentiles, format_requests, run_workload
+from minillm.bench.harness import BenchResult, format_percentiles, format_requests, run_workload, warm_up
 
 _STDLIB_MODULES = ("argparse", "asyncio", "collections", "csv", "dataclasses", "decimal", "difflib", "email",
                    "functools", "heapq", "inspect", "json", "logging", "pathlib", "pickle", "random", "shutil",
@@ -67,6 +67,9 @@ def run_bench(num_prompts: int = 8, input_len: int = 64, output_len: int = 32, m
             print(f"loaded in {time.perf_counter() - t0:.1f} s on {llm.device}, {str(llm.dtype).replace('torch.', '')}")
     prompts = synthetic_prompts(llm.tokenizer, num_prompts, input_len, seed)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    warm = warm_up(llm)  # one-time costs of the first steps, outside the timed run
+    if verbose:
+        print(f"warm-up {warm:.1f} s (first steps of each shape: layout timing, kernel builds; not timed)")
     _, result = run_workload(llm, prompts, params)
     if verbose:
         print(format_requests(result))

@@ -276,8 +276,8 @@ def gptq_fp8_block(w: torch.Tensor, H: torch.Tensor, block: tuple[int, int], per
 
 def gptq_layer(layer: nn.Module, runner: Any, opts: dict[str, Any]) -> dict[nn.Module, Any]:
     """quantize_model's layer step for fp8_block with fp8_gptq: each linear in turn (true sequential, as
-    driver._gptq_layer) gets its input Hessian from the calibration batches, gptq_fp8_block, its dequantized
-    weights written back and a forward pre-hook that quantizes its input per token group, so the next linear
+    calibrated_layers._gptq_layer) gets its input Hessian from the calibration batches, gptq_fp8_block, its
+    dequantized weights written back and a forward pre-hook that quantizes its input per token group, so the next linear
     and the next layer calibrate on what the fp8_block model will feed them. Returns QuantizedWeight's with
     the tile scales repeated on every row (so the driver can split q/k/v and gate/up by rows)."""
     from minillm.quant.gptq import HessianAccumulator

@@ -112,7 +112,8 @@ def test_next_text_streams_whole_characters_only(impl):
                 for n, chunk in enumerate(chunks, start=num_prompt + 1):
                     complete = not tok.decode(list(range(n))).endswith(FFFD)
                     assert bool(chunk) == complete, f"after token {n} of {len(tok.pieces)} the text " + (
-                        "is complete but nothing was sent" if complete else f"ends mid-character, yet {chunk!r} was sent")
+                        "is complete but nothing was sent" if complete
+                        else f"ends mid-character, yet {chunk!r} was sent")
 
 
 @pytest.mark.exercise("ch10.next_text")
