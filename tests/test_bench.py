@@ -311,3 +311,15 @@ def test_profile_spec_step_smoke_on_the_cpu(tmp_path):
     assert res["ngram"]["steps"] <= res["plain"]["steps"]
     with pytest.raises(SystemExit):
         ps.main(["--quick", "--k", "0", "--out", str(out)])
+
+
+def test_warm_up_meets_every_step_shape_before_a_timed_run():
+    """After warm_up, the CPU matmul has timed its layouts for every row class a run meets (one row, 2-16 rows, a
+    prefill of 17+), so no timed request pays for that timing."""
+    from minillm import LLM
+    from minillm.layers.cpu_matmul import clear_cpu_matmul_cache, cpu_matmul_decisions
+
+    llm = LLM(max_model_len=64, seed=0)
+    clear_cpu_matmul_cache()
+    assert harness.warm_up(llm) > 0
+    assert {key[3] for key in cpu_matmul_decisions()} == {"1", "2-16", "17+"}
