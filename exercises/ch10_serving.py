@@ -36,15 +36,16 @@ def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset:
 
 
 def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
-    """Where the earliest stop string starts in `text`, or -1, searching only where the last `new_text_len`
-    characters (the text this step added) could have completed one.
+    """Where the earliest stop string starts in `text`, or -1, counting only occurrences that END inside the last
+    `new_text_len` characters (the text this step added).
 
-    The text before them was searched when it arrived, so a stop string found now must END inside the new
-    characters; it may START before them (a stop string split across two steps: "...ST" then "OP"). Searching
-    that tail only keeps the check O(new text) per step however long the output grows.
+    The text before them was searched when it arrived, so only a stop string that the new characters complete is
+    news; it may START before them (a stop string split across two steps: "...ST" then "OP"). So stop string s is
+    looked for from position len(text) - new_text_len - len(s) + 1 on (its last character is then new), which
+    keeps the check O(new text) per step however long the output grows.
     Example: text "abc STOP def", stops ["STOP"]: new_text_len 12 -> 4; new_text_len 6 ("OP def" is new) -> 4;
-    new_text_len 1 ("f" is new) -> -1 (STOP was complete before this step). Several stop strings: the smallest
-    start among those found. No stop strings -> -1.
+    new_text_len 1 ("f" is new) -> -1 (STOP ends in the old text). Several stop strings: the smallest start
+    among those found. No stop strings -> -1.
     Raise ValueError if new_text_len is not an integer in [0, len(text)] or a stop string is empty.
     """
     raise NotImplementedError("ch10.find_stop_string is not attempted yet: write it in exercises/ch10_serving.py")

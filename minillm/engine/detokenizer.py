@@ -98,15 +98,16 @@ def decode_windows(tokenizer: Decoder, windows: list[tuple[list[int], Detokenize
 
 # >>> exercise ch10.find_stop_string
 def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
-    """Where the earliest stop string starts in `text`, or -1, searching only where the last `new_text_len`
-    characters (the text this step added) could have completed one.
+    """Where the earliest stop string starts in `text`, or -1, counting only occurrences that END inside the last
+    `new_text_len` characters (the text this step added).
 
-    The text before them was searched when it arrived, so a stop string found now must END inside the new
-    characters; it may START before them (a stop string split across two steps: "...ST" then "OP"). Searching
-    that tail only keeps the check O(new text) per step however long the output grows.
+    The text before them was searched when it arrived, so only a stop string that the new characters complete is
+    news; it may START before them (a stop string split across two steps: "...ST" then "OP"). So stop string s is
+    looked for from position len(text) - new_text_len - len(s) + 1 on (its last character is then new), which
+    keeps the check O(new text) per step however long the output grows.
     Example: text "abc STOP def", stops ["STOP"]: new_text_len 12 -> 4; new_text_len 6 ("OP def" is new) -> 4;
-    new_text_len 1 ("f" is new) -> -1 (STOP was complete before this step). Several stop strings: the smallest
-    start among those found. No stop strings -> -1.
+    new_text_len 1 ("f" is new) -> -1 (STOP ends in the old text). Several stop strings: the smallest start
+    among those found. No stop strings -> -1.
     Raise ValueError if new_text_len is not an integer in [0, len(text)] or a stop string is empty.
     """
     # >>> solution
@@ -115,11 +116,8 @@ def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
                          f"{new_text_len!r}")
     if any(not s for s in stops):
         raise ValueError(f"stop strings must be non-empty, got {stops!r}")
-    if not stops:
-        return -1
-    longest = max(len(s) for s in stops)
-    start = max(len(text) - new_text_len - longest + 1, 0)  # a stop ending at the first new character starts here
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    first_new = len(text) - new_text_len  # index of the first new character
+    hits = [i for i in (text.find(s, max(first_new - len(s) + 1, 0)) for s in stops) if i >= 0]
     return min(hits) if hits else -1
     # <<< solution
 # <<< exercise

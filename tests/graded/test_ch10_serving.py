@@ -151,7 +151,8 @@ def _stop_case(r: random.Random) -> tuple[str, list[str], int]:
 def test_find_stop_string_matches_solution(impl, ref):
     r = rng(111)
     cases = [("abc STOP def", ["STOP"], 12), ("abc STOP def", ["STOP"], 6), ("abc STOP def", ["STOP", "def"], 1),
-             ("xxST", ["STOP"], 2), ("hello", [], 3)] + [_stop_case(r) for _ in range(60)]
+             ("xxST", ["STOP"], 2), ("hello", [], 3), ("xxSTOP", ["STOP", "P"], 2), ("abc STOP", ["OP", "STOP"], 2),
+             ("b ab", ["b", "ab"], 2)] + [_stop_case(r) for _ in range(60)]
     for text, stops, new in cases:
         got, want = impl(text, list(stops), new), ref(text, list(stops), new)
         assert got == want, f"find_stop_string({text!r}, {stops!r}, {new}): got {got!r}, expected {want}"

@@ -27,8 +27,8 @@ EXERCISES = [
         points=5,
         nudge="A stop string found now must end in the new text, but it may begin before it: where is the first "
               "place one could start?",
-        hint="start = max(len(text) - new_text_len - max(len(s) for s in stops) + 1, 0); the smallest "
-             "text.find(s, start) >= 0 over the stops, else -1.",
+        hint="for each stop s: i = text.find(s, max(len(text) - new_text_len - len(s) + 1, 0)); the smallest "
+             "i >= 0 over the stops, else -1 (not only the new text: s may begin before it).",
         signature="find_stop_string(text: str, stops: list[str], new_text_len: int) -> int",
         called_from="minillm.engine.detokenizer.stop_string_at (LLMEngine, after each step's new text of a "
                     "request with stop strings)",
