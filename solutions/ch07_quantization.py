@@ -140,8 +140,10 @@ def quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_
     Every weight costs its code, and every group adds scale_bits + zero_bits shared by its group_size weights, so a
     weight costs bits + (scale_bits + zero_bits) / group_size bits in all, and the model num_params times that,
     divided by 8. Example: 70.6e9 parameters, int4 g128 with fp16 scales and 4-bit zeros: 4 + 20 / 128 = 4.156 bits
-    per weight -> 36.7 GB (bf16: 141 GB). Per-channel scales are group_size = the layer's input size.
-    Raise ValueError if num_params <= 0, bits < 1, group_size < 1 or scale_bits / zero_bits < 0 (integers).
+    per weight -> 36.7 GB; bf16 has no groups to pay for (bits 16, group_size 1, scale_bits 0): 141 GB.
+    Per-channel scales are group_size = the layer's input size.
+    Raise ValueError if num_params <= 0, or if bits, group_size, scale_bits or zero_bits is not an integer with
+    bits >= 1, group_size >= 1, scale_bits >= 0 and zero_bits >= 0.
     """
     if not num_params > 0:
         raise ValueError(f"num_params must be > 0, got {num_params!r}")
