@@ -265,7 +265,18 @@ class Sandbox:
             exc = _exception(reply, self.ex)
             if isinstance(exc, (SubmissionCrash, guard.ImplementationError)):
                 self._die(str(exc))
+            if reply.get("mutated"):  # what the raising call changed in place, as a returning call's changes
+                self._write_back(name, args, reply)
             raise exc
+        budget = self._write_back(name, args, reply)
+        try:
+            return decode(reply["result"], budget)
+        except (BadReply, TypeError, ValueError) as e:  # a forged reply: the worker is no longer believed
+            self._die(f"{self.ex.id}: the submission's process sent a reply the grader refuses: {e}")
+
+    def _write_back(self, name: str, args: tuple, reply: dict) -> Budget:
+        """Apply the learner's in-place changes of the reply (only to arguments the exercise `writes`) to the
+        caller's objects; return the reply's size budget, part spent."""
         try:
             mutated = {i: v for i, v in dict(reply.get("mutated") or {}).items()
                        if type(i) is int and 0 <= i < len(args)}
@@ -275,7 +286,7 @@ class Sandbox:
             for i, value in mutated.items():
                 write_back(args[i], value if isinstance(value, tuple) and value[:1] == (STORAGE_TAG,)
                            else decode(value, budget))
-            return decode(reply["result"], budget)
+            return budget
         except (BadReply, TypeError, ValueError) as e:  # a forged reply: the worker is no longer believed
             self._die(f"{self.ex.id}: the submission's process sent a reply the grader refuses: {e}")
 

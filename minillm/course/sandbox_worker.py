@@ -366,6 +366,7 @@ def serve(fd_in: int, fd_out: int) -> None:
         except EOFError:
             return
         target = getattr(module, request["name"], None)
+        before_args = None  # set once the call's arguments are snapshotted (never a previous request's)
         try:
             if not callable(target):
                 raise guard.ImplementationError(f"{os.path.basename(own_file)}: no function {request['name']!r}")
@@ -393,6 +394,14 @@ def serve(fd_in: int, fd_out: int) -> None:
             reply = {"result": encode(result), "mutated": mutated}
         except BaseException as e:  # noqa: BLE001  (SystemExit and KeyboardInterrupt are the learner's too)
             reply = _describe(e, own_file, exercise_id)
+            if type(e).__module__ == "builtins" and isinstance(e, Exception) and before_args is not None:
+                # a refusal the exercise asks for (ValueError...) may have changed its arguments first: the grader
+                # sees those changes too, so "raise and change nothing" is graded as written
+                try:
+                    reply["mutated"] = {i: m for i, (b, a) in enumerate(zip(before_args, args))
+                                        if b is not None and (m := _mutation(b, a)) is not None}
+                except Exception:  # noqa: BLE001  (the error reply stands without them)
+                    pass
         try:
             sys.stdout.flush()
         except OSError:  # past the output cap: the reply already says so

@@ -9,7 +9,8 @@ one-line reason, and none may cost another submission its points.
   times, must not make the grading session hold it all (minillm.course.replies); a message must not draw on the
   terminal that shows the report;
 * an argument written in place comes back only if the exercise writes it: zeroing the weight, or rewriting the
-  block table the test checks against, fails the call;
+  block table the test checks against, fails the call, also when the call then raises (a raising call's writes
+  come back too, so "raise ValueError and change nothing" is graded as written);
 * a library shortcut is trapped by its operation, whatever the spelling (C binding, torch.ops, a Tensor method),
   and so is a host read of a tensor's values where the exercise forbids one;
 * a submitted module that is a symbolic link is refused, never followed by the grader.
@@ -108,6 +109,9 @@ class _Unprintable(Exception):
 ''', r"RuntimeError: \\x1b\[1A\\x1b\[2Kch05\.slot_mapping  10 / 10  pass", None),
     "rewrite_the_block_table_to_fit_the_answer": ("ch05.slot_mapping", SLOT + '''    block_table[:] = range(len(block_table))  # the properties test checks the slots against this very list
     return list(range(start, end))
+''', r"wrote into its argument 'block_table', which it only reads", None),
+    "rewrite_the_block_table_then_refuse": ("ch05.slot_mapping", SLOT + '''    block_table[:] = range(len(block_table))
+    raise ValueError("refused, after writing")  # a raising call's writes are seen too
 ''', r"wrote into its argument 'block_table', which it only reads", None),
     "zero_the_weight_the_reference_reads": ("ch01.rms_norm", RMS + '''    weight.zero_()  # the test hands the same weight to the reference afterwards
     return torch.zeros_like(x)

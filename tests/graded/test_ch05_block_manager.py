@@ -112,15 +112,18 @@ def test_free_blocks_properties(impl):
     counts = [1, 1, 1, 1]
     assert impl([0, 3, 1], counts) == [1, 3, 0], "blocks are released from the table's last block to its first"
     assert impl([], counts) == [], "an empty table frees nothing"
-    counts = [1, 0, 1]
-    try:
-        impl([0, 1], counts)  # block 1 is held by nobody: a double free
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("free_blocks([0, 1], ref_counts=[1, 0, 1]) must raise ValueError: block 1 has no "
-                             "holder left (a double free)")
-    assert counts == [1, 0, 1], f"a rejected double free must change nothing; counts became {counts}"
+    for table in ([0, 1], [1, 2, 0]):  # block 1 is held by nobody: a double free, met first or last (tail first)
+        counts = [1, 0, 1]
+        try:
+            impl(list(table), counts)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"free_blocks({table}, ref_counts=[1, 0, 1]) must raise ValueError: block 1 has no "
+                                 "holder left (a double free)")
+        assert counts == [1, 0, 1], (f"free_blocks({table}, ref_counts=[1, 0, 1]): a rejected double free must change "
+                                     f"nothing, but the counts became {counts} (check every block before any "
+                                     "decrement)")
 
 
 @pytest.mark.exercise("ch05.free_blocks")
