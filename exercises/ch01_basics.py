@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch01.arithmetic_intensity (5 points)
 def arithmetic_intensity(m: int, n: int, k: int, bytes_per_element: float) -> float:
     """Arithmetic intensity (FLOPs per byte moved) of the matmul C[m, n] = A[m, k] @ B[k, n].
 
@@ -26,6 +27,7 @@ def arithmetic_intensity(m: int, n: int, k: int, bytes_per_element: float) -> fl
     raise NotImplementedError("ch01.arithmetic_intensity is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.rms_norm (10 points)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square normalisation over the last dimension, then a learned per-channel gain.
 
@@ -49,6 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     raise NotImplementedError("ch01.rms_norm is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.rope (10 points)
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the channels of `x` by the per-token angles whose cos and sin are given ("rotate half").
 
@@ -75,6 +78,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     raise NotImplementedError("ch01.rope is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.top_k_filter (10 points)
 def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's `top_k` largest logits; set every other entry to -inf.
 
@@ -88,6 +92,7 @@ def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch01.top_k_filter is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.top_p_filter (10 points)
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches `top_p`.
 
@@ -100,6 +105,7 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch01.top_p_filter is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.batch1_decode_tokens_per_s (5 points)
 def batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwidth: float) -> float:
     """The upper bound on tokens/s of batch-1 decode when it is memory-bound: every step reads every weight once.
 
@@ -112,6 +118,7 @@ def batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwi
     raise NotImplementedError("ch01.batch1_decode_tokens_per_s is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.critical_batch_size (5 points)
 def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> int:
     """The smallest decode batch at which the weight matmuls stop being memory-bound (they reach the ridge point).
 

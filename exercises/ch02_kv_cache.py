@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch02.causal_mask (10 points)
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask [q_len, kv_len], True where query i may attend to key j.
 
@@ -31,6 +32,7 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     raise NotImplementedError("ch02.causal_mask is not attempted yet: write it in exercises/ch02_kv_cache.py")
 
 
+# ch02.kv_cache_bytes (5 points)
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float,
                    num_tokens: int) -> float:
     """Bytes of KV cache for num_tokens tokens (summed over every sequence of a batch) of one model.

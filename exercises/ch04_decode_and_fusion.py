@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 
+# ch04.merge_lse (10 points)
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partial attentions of the same queries over disjoint key sets A and B: returns (out, lse).
@@ -31,6 +32,7 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     raise NotImplementedError("ch04.merge_lse is not attempted yet: write it in exercises/ch04_decode_and_fusion.py")
 
 
+# ch04.rms_norm_kernel (15 points)
 @triton.jit
 def rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
@@ -75,6 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, res_out.view(x.shape))
 
 
+# ch04.decode_step_floor_s (5 points)
 def decode_step_floor_s(weight_bytes: float, kv_bytes_per_token: float, context_lens: list[int],
                         bandwidth: float) -> float:
     """The memory floor of one decode step, in seconds: its bytes read divided by the bandwidth.

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch07.quantize_per_group (15 points)
 def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
                        symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest W [out, in] on a b-bit grid per (output row, group of `group_size` input columns).
@@ -32,6 +33,7 @@ def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
     raise NotImplementedError("ch07.quantize_per_group is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.dequantize_per_group (5 points)
 def dequantize_per_group(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                          group_size: int) -> torch.Tensor:
     """fp32 W [out, in] = (codes - zero) * scale, the inverse of quantize_per_group up to rounding.
@@ -43,6 +45,7 @@ def dequantize_per_group(codes: torch.Tensor, scales: torch.Tensor, zeros: torch
     raise NotImplementedError("ch07.dequantize_per_group is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.fp8_scale (10 points)
 def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
                      fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8 in `fp8_dtype`, scale fp32) with x ~= x8 * scale: scale = amax / fp8_max, saturating what lies beyond.
@@ -57,6 +60,7 @@ def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
     raise NotImplementedError("ch07.fp8_scale is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.smoothquant_scale (5 points)
 def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factor s [in] = max|X_j|^alpha / max|W_j|^(1 - alpha), in fp32.
 
@@ -68,6 +72,7 @@ def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     raise NotImplementedError("ch07.smoothquant_scale is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.dequant_q4_1 (10 points)
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
     """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns a flat fp32
     tensor of n_blocks * 32 weights, in block order.
@@ -79,6 +84,7 @@ def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch07.dequant_q4_1 is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.dequant_q4_k (15 points)
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns a flat fp32 tensor of
     n * 256 weights, in super-block order.
@@ -94,6 +100,7 @@ def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch07.dequant_q4_k is not attempted yet: write it in exercises/ch07_quantization.py")
 
 
+# ch07.quantized_weight_bytes (5 points)
 def quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_bits: int = 16,
                            zero_bits: int = 0) -> float:
     """Bytes of a model's weights stored as `bits`-bit codes with one scale (and, asymmetric, one zero point) per

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch09.accept_reject (10 points)
 def accept_reject(p_x: torch.Tensor, q_x: torch.Tensor, uniforms: torch.Tensor,
                   num_draft_tokens: torch.Tensor) -> torch.Tensor:
     """The accept test of speculative sampling: how many drafts each row keeps. [B, K] -> int64 [B].
@@ -32,6 +33,7 @@ def accept_reject(p_x: torch.Tensor, q_x: torch.Tensor, uniforms: torch.Tensor,
     raise NotImplementedError("ch09.accept_reject is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.residual_distribution (10 points)
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) row by row: what to sample after rejecting a draft token. [R, V] -> [R, V].
 
@@ -46,6 +48,7 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch09.residual_distribution is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.greedy_verify (10 points)
 def greedy_accept(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
                   num_draft_tokens: torch.Tensor) -> torch.Tensor:
     """Greedy verification of one step of drafts: the tokens each row appends, int64 [B, K+1].
@@ -64,6 +67,7 @@ def greedy_accept(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
     raise NotImplementedError("ch09.greedy_verify is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.ngram_lookup (10 points)
 def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_tokens: int, max_n: int = 3,
                           min_n: int = 1) -> list[int]:
     """Prompt-lookup drafts for one sequence: up to `num_speculative_tokens` tokens that followed the most recent
@@ -82,6 +86,7 @@ def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_t
     raise NotImplementedError("ch09.ngram_lookup is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.tree_attention_mask (10 points)
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
     """bool [N, N]: mask[i, j] is True when node j is node i itself or one of its ancestors.
 
@@ -96,6 +101,7 @@ def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch09.tree_attention_mask is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.medusa_candidates (10 points)
 def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor, depths: torch.Tensor,
                       ranks: torch.Tensor) -> torch.Tensor:
     """The tokens of a Medusa tree for a batch, int64 [B, N]: what one verify step scores.
@@ -112,6 +118,7 @@ def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor,
     raise NotImplementedError("ch09.medusa_candidates is not attempted yet: write it in exercises/ch09_speculative.py")
 
 
+# ch09.expected_tokens_per_step (5 points)
 def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
     """Leviathan et al.'s expected tokens per verification step when each of the k = num_speculative_tokens drafts
     is accepted independently with probability a = acceptance_rate (a = sum_x min(p(x), q(x)) for sampled drafts).

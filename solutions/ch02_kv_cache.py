@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch02.causal_mask (10 points)
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask [q_len, kv_len], True where query i may attend to key j.
 
@@ -34,6 +35,7 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     return cols <= rows + (kv_len - q_len)
 
 
+# ch02.kv_cache_bytes (5 points)
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float,
                    num_tokens: int) -> float:
     """Bytes of KV cache for num_tokens tokens (summed over every sequence of a batch) of one model.

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 
+# ch03.online_softmax_update (10 points)
 def online_softmax_update(m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor,
                           values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold one block of scores into the running softmax state of M query rows; returns (m_new, l_new, acc_new).
@@ -39,6 +40,7 @@ def online_softmax_update(m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tenso
     return m_new, l_new.to(l_i.dtype), acc_new.to(acc.dtype)
 
 
+# ch03.causal_block_range (10 points)
 def causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block_n: int,
                        causal: bool = True) -> tuple[int, int]:
     """Which keys the query tile of rows m_start .. m_start + block_m - 1 must visit: returns (full_end, hi).
@@ -67,6 +69,7 @@ def causal_block_range(m_start: int, block_m: int, q_len: int, k_len: int, block
     return full_end, max(hi, 0)  # hi < 0: no row of this tile sees any key (k_len < q_len)
 
 
+# ch03.flash_attention_kernel (20 points)
 @triton.jit
 def attend_kv_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, k_len, lo, hi, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -209,6 +212,7 @@ def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     return out, lse
 
 
+# ch03.attention_hbm_bytes (5 points)
 def attention_hbm_bytes(seq_len: int, head_dim: int, bytes_per_element: float, block_m: int, flash: bool) -> float:
     """Bytes that one head of NON-causal attention over seq_len queries and keys moves to and from memory (HBM).
 
@@ -229,6 +233,7 @@ def attention_hbm_bytes(seq_len: int, head_dim: int, bytes_per_element: float, b
     return bytes_per_element * (2 * n * d + query_tiles * 2 * n * d)  # Q in, O out; K and V once per query tile
 
 
+# ch03.outer_add_kernel (5 points)
 @triton.jit
 def outer_add_kernel(X, Y, OUT, n_rows, n_cols, stride_om, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT[i, j] = X[i] + Y[j] for i < n_rows, j < n_cols, one BLOCK_M x BLOCK_N tile per program.
@@ -261,6 +266,7 @@ def outer_add(x: torch.Tensor, y: torch.Tensor, block_m: int = 16, block_n: int 
     return out
 
 
+# ch03.softmax_kernel (5 points)
 @triton.jit
 def softmax_kernel(X, OUT, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
     """OUT[row] = softmax(X[row]) over its n_cols contiguous entries, one program per row (tl.program_id(0)).
@@ -295,6 +301,7 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ch03.matmul_kernel (10 points)
 @triton.jit
 def matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

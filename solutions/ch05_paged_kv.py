@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch05.slot_mapping (10 points)
 def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slots of token positions start..end-1 of a sequence whose logical block j is physical block
     block_table[j].
@@ -36,6 +37,7 @@ def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) 
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+# ch05.hash_block (5 points)
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """The prefix-cache key of one full KV block: a hash of (the previous block's key, this block's tokens).
 
@@ -54,6 +56,7 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent, tuple(token_ids)))
 
 
+# ch05.blocks_to_append (5 points)
 def blocks_to_append(num_tokens_now: int, num_new_tokens: int, num_blocks_held: int, block_size: int) -> int:
     """How many more blocks a sequence must take so that its block table covers num_tokens_now +
     num_new_tokens token positions, when it already holds num_blocks_held blocks of block_size slots.
@@ -74,6 +77,7 @@ def blocks_to_append(num_tokens_now: int, num_new_tokens: int, num_blocks_held: 
     return max(0, blocks_needed - num_blocks_held)
 
 
+# ch05.free_blocks (5 points)
 def free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]:
     """Drop a finished (or preempted) sequence's hold on its blocks; return the blocks nobody holds any more.
 
@@ -100,6 +104,7 @@ def free_blocks(block_table: list[int], ref_counts: list[int]) -> list[int]:
     return freed
 
 
+# ch05.num_kv_blocks_needed (5 points)
 def num_kv_blocks_needed(seq_lens: list[int], block_size: int, shared_prefix_len: int = 0) -> int:
     """Paged KV blocks that hold every sequence of seq_lens, when all of them start with the same prompt prefix
     of shared_prefix_len tokens.

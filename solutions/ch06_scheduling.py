@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch06.admit_or_preempt (10 points)
 def admit_or_preempt(is_running: bool, num_blocks_needed: int, num_free_blocks: int, watermark_blocks: int,
                      num_running: int, max_num_seqs: int) -> str:
     """The scheduler's decision about one sequence, this step: "run" / "preempt", or "admit" / "wait".
@@ -45,6 +46,7 @@ def admit_or_preempt(is_running: bool, num_blocks_needed: int, num_free_blocks: 
     return "wait"
 
 
+# ch06.swap_out_mapping (5 points)
 def swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list[tuple[int, int]]:
     """Where each device block of a preempted sequence goes in CPU memory: [(device_block, cpu_block), ...].
 
@@ -63,6 +65,7 @@ def swap_out_mapping(block_table: list[int], free_cpu_blocks: list[int]) -> list
     return [(block, cpu) for block, cpu in zip(block_table, free_cpu_blocks)]
 
 
+# ch06.resolve_deferred_ids (5 points)
 def resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor | None) -> None:
     """Async scheduling's device-side gather: put the previous step's sampled tokens into this step's input ids.
 
@@ -85,6 +88,7 @@ def resolve_deferred_ids(input_ids: torch.Tensor, previous_tokens: torch.Tensor 
     input_ids.copy_(torch.where(deferred, previous_tokens[rows], input_ids))
 
 
+# ch06.batching_steps (5 points)
 def batching_steps(output_lens: list[int], max_batch: int, continuous: bool) -> int:
     """Decode steps to finish requests that all arrive at once, each producing output_lens[i] tokens, one
     token per step per running request, at most max_batch running together (prefill ignored: one step = one

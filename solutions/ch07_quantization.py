@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch07.quantize_per_group (15 points)
 def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
                        symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest W [out, in] on a b-bit grid per (output row, group of `group_size` input columns).
@@ -49,6 +50,7 @@ def quantize_per_group(weight: torch.Tensor, bits: int, group_size: int,
     return codes.reshape(out_f, in_f), scale, zero
 
 
+# ch07.dequantize_per_group (5 points)
 def dequantize_per_group(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                          group_size: int) -> torch.Tensor:
     """fp32 W [out, in] = (codes - zero) * scale, the inverse of quantize_per_group up to rounding.
@@ -63,6 +65,7 @@ def dequantize_per_group(codes: torch.Tensor, scales: torch.Tensor, zeros: torch
     return q * scale if zeros is None else (q - zeros.float().repeat_interleave(g, dim=1)) * scale
 
 
+# ch07.fp8_scale (10 points)
 def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
                      fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8 in `fp8_dtype`, scale fp32) with x ~= x8 * scale: scale = amax / fp8_max, saturating what lies beyond.
@@ -79,6 +82,7 @@ def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
     return (x.float() / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype), scale
 
 
+# ch07.smoothquant_scale (5 points)
 def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factor s [in] = max|X_j|^alpha / max|W_j|^(1 - alpha), in fp32.
 
@@ -92,6 +96,7 @@ def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
+# ch07.dequant_q4_1 (10 points)
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
     """Q4_1 bytes -> fp32 weights: raw is a flat uint8 tensor of n_blocks * 20 bytes; returns a flat fp32
     tensor of n_blocks * 32 weights, in block order.
@@ -108,6 +113,7 @@ def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (q * d + m).reshape(-1)
 
 
+# ch07.dequant_q4_k (15 points)
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     """Q4_K bytes -> fp32 weights: raw is a flat uint8 tensor of n * 144 bytes; returns a flat fp32 tensor of
     n * 256 weights, in super-block order.
@@ -132,6 +138,7 @@ def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1)
 
 
+# ch07.quantized_weight_bytes (5 points)
 def quantized_weight_bytes(num_params: float, bits: int, group_size: int, scale_bits: int = 16,
                            zero_bits: int = 0) -> float:
     """Bytes of a model's weights stored as `bits`-bit codes with one scale (and, asymmetric, one zero point) per

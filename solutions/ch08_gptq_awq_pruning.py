@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 
+# ch08.gptq_column_update (10 points)
 def gptq_column_update(W1: torch.Tensor, U1: torch.Tensor, i: int, q: torch.Tensor) -> torch.Tensor:
     """GPTQ's error feedback for column i of a block: push its rounding error onto the columns after it.
 
@@ -32,6 +33,7 @@ def gptq_column_update(W1: torch.Tensor, U1: torch.Tensor, i: int, q: torch.Tens
     return err
 
 
+# ch08.awq_scale_step (10 points)
 def awq_scale_step(x: torch.Tensor, weights: list[torch.Tensor], s_x: torch.Tensor,
                    alpha: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One point of AWQ's scale search: the per-channel scales for `alpha` and the problem they turn W x into.
@@ -46,6 +48,7 @@ def awq_scale_step(x: torch.Tensor, weights: list[torch.Tensor], s_x: torch.Tens
     return s, x / s, [w * s for w in weights]  # salient columns (s > 1) grow: their rounding error shrinks
 
 
+# ch08.int4_unpack_kernel (15 points)
 @triton.jit
 def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr, ROWS: tl.constexpr,
@@ -225,6 +228,7 @@ def launch_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return y
 
 
+# ch08.two_four_mask (10 points)
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask (bool, same shape) with exactly the `n` highest scores kept in every `m` consecutive entries of
     the last dim (2:4: two of every four input weights). Among equal scores any n may be kept.

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch09.accept_reject (10 points)
 def accept_reject(p_x: torch.Tensor, q_x: torch.Tensor, uniforms: torch.Tensor,
                   num_draft_tokens: torch.Tensor) -> torch.Tensor:
     """The accept test of speculative sampling: how many drafts each row keeps. [B, K] -> int64 [B].
@@ -35,6 +36,7 @@ def accept_reject(p_x: torch.Tensor, q_x: torch.Tensor, uniforms: torch.Tensor,
     return accepted.long().cumprod(dim=1).sum(dim=1)  # stop at the first rejection
 
 
+# ch09.residual_distribution (10 points)
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) row by row: what to sample after rejecting a draft token. [R, V] -> [R, V].
 
@@ -52,6 +54,7 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 1e-6, residual / mass.clamp_min(1e-6), p)
 
 
+# ch09.greedy_verify (10 points)
 def greedy_accept(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
                   num_draft_tokens: torch.Tensor) -> torch.Tensor:
     """Greedy verification of one step of drafts: the tokens each row appends, int64 [B, K+1].
@@ -81,6 +84,7 @@ def greedy_accept(target_token_ids: torch.Tensor, draft_token_ids: torch.Tensor,
     return out
 
 
+# ch09.ngram_lookup (10 points)
 def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_tokens: int, max_n: int = 3,
                           min_n: int = 1) -> list[int]:
     """Prompt-lookup drafts for one sequence: up to `num_speculative_tokens` tokens that followed the most recent
@@ -116,6 +120,7 @@ def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_t
     return []
 
 
+# ch09.tree_attention_mask (10 points)
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
     """bool [N, N]: mask[i, j] is True when node j is node i itself or one of its ancestors.
 
@@ -139,6 +144,7 @@ def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+# ch09.medusa_candidates (10 points)
 def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor, depths: torch.Tensor,
                       ranks: torch.Tensor) -> torch.Tensor:
     """The tokens of a Medusa tree for a batch, int64 [B, N]: what one verify step scores.
@@ -160,6 +166,7 @@ def medusa_candidates(root_token_ids: torch.Tensor, head_topk_ids: torch.Tensor,
     return torch.cat([root_token_ids.to(device, torch.int64).unsqueeze(-1), drafts.long()], dim=1)
 
 
+# ch09.expected_tokens_per_step (5 points)
 def expected_tokens_per_step(acceptance_rate: float, num_speculative_tokens: int) -> float:
     """Leviathan et al.'s expected tokens per verification step when each of the k = num_speculative_tokens drafts
     is accepted independently with probability a = acceptance_rate (a = sum_x min(p(x), q(x)) for sampled drafts).

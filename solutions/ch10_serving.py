@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch10.next_text (10 points)
 def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset: int,
               num_tokens: int) -> tuple[str, int, int]:
     """One step of incremental detokenization: the text a sequence's newest tokens add, and the next window.
@@ -40,6 +41,7 @@ def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset:
     return "", prefix_offset, read_offset
 
 
+# ch10.find_stop_string (5 points)
 def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
     """Where the earliest stop string starts in `text`, or -1, counting only occurrences that END inside the last
     `new_text_len` characters (the text this step added).
@@ -63,6 +65,7 @@ def find_stop_string(text: str, stops: list[str], new_text_len: int) -> int:
     return min(hits) if hits else -1
 
 
+# ch10.stream_safe_length (5 points)
 def stream_safe_length(text: str, stops: list[str]) -> int:
     """How many characters of a running request's `text` a stream may send now.
 
@@ -85,6 +88,7 @@ def stream_safe_length(text: str, stops: list[str]) -> int:
     return len(text) - held
 
 
+# ch10.max_request_rate (5 points)
 def max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float) -> float:
     """The highest request rate (requests/s) a continuous-batching server sustains: beyond it the waiting queue,
     and with it every new request's TTFT, grows without bound.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ch11.split_linear (10 points)
 def split_linear(weight: torch.Tensor | None, bias: torch.Tensor | None, tp_rank: int, tp_size: int,
                  style: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Rank `tp_rank`'s share of a linear layer y = x W^T + b split over `tp_size` ranks: (weight shard, bias shard).
@@ -53,6 +54,7 @@ def split_linear(weight: torch.Tensor | None, bias: torch.Tensor | None, tp_rank
     return (None if weight is None else shard(weight, 1)), row_bias
 
 
+# ch11.allreduce_placement (5 points)
 def allreduce_placement(styles: list[str], tp_size: int) -> list[bool]:
     """Where a chain of tensor-parallel linears needs its all-reduce: one bool per layer, True where that layer's
     output must be summed over the TP group before anything reads it.
@@ -67,7 +69,8 @@ def allreduce_placement(styles: list[str], tp_size: int) -> list[bool]:
       row         each rank holds a partial sum of every output: all-reduce.
       replicated  every rank computes the same whole output: nothing to sum.
 
-    With tp_size 1 there is no group: every entry is False. Megatron's MLP ["column", "row"] -> [False, True]:
+    With tp_size 1 there is no group: every entry is False (the chain is still checked: a column layer must feed a
+    row layer whatever the group's size). Megatron's MLP ["column", "row"] -> [False, True]:
     one all-reduce per sub-block, two per transformer layer.
     Raise ValueError for an unknown style or tp_size < 1.
     """
@@ -83,6 +86,7 @@ def allreduce_placement(styles: list[str], tp_size: int) -> list[bool]:
     return [tp_size > 1 and style == "row" for style in styles]
 
 
+# ch11.moe_route (10 points)
 def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router: softmax over the E experts (in fp32), keep the top_k, renormalise their weights to sum
     to 1. router_logits [T, E] -> (weights [T, top_k] float32, expert_ids [T, top_k] int64), best expert first.
@@ -101,6 +105,7 @@ def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
     return weights / weights.sum(dim=-1, keepdim=True), expert_ids
 
 
+# ch11.pack_kv_blocks (5 points)
 def gather_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Pack a request's KV blocks for the wire: a new contiguous tensor [2, num_layers, n, block_size, kv_heads,
     head_dim] whose logical block j is physical block block_ids[j] of `pool` [2, num_layers, num_blocks, ...],
@@ -113,6 +118,7 @@ def gather_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tenso
     return pool.index_select(2, block_ids)  # a gather along the blocks dimension: a new tensor, in table order
 
 
+# ch11.unpack_kv_blocks (5 points)
 def scatter_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
     """Unpack a received message into the receiver's pool, in place: logical block j of `packed` (gather_kv_blocks'
     layout [2, num_layers, n, block_size, kv_heads, head_dim]) lands in physical block block_ids[j] (int64 [n],
@@ -123,6 +129,7 @@ def scatter_kv_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch
     pool.index_copy_(2, block_ids, packed)
 
 
+# ch11.pipeline_schedule (10 points)
 def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[int]:
     """Cut a step's sequences (query_lens[i] new tokens each, in the step's order) into consecutive micro-batches
     of about equal token counts, for the pipeline: returns the boundaries [0, b_1, ..., num_seqs], micro-batch m
@@ -157,6 +164,7 @@ def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[in
     return bounds
 
 
+# ch11.ring_allreduce_bytes (5 points)
 def ring_allreduce_bytes(payload_bytes: float, world_size: int) -> float:
     """Bytes each GPU sends in a ring all-reduce of a `payload_bytes` tensor over `world_size` GPUs (NCCL's
     algorithm for large messages; chapter 11's tensor-parallel traffic).

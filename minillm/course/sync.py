@@ -173,6 +173,8 @@ def build(root: Path | None = None, exercises: Iterable[Exercise] | None = None,
             codes = [render(found[e.id], stub) for e in present]
             for e, code in zip(present, codes):
                 check_signature(e, code)
+            # the exercise id above each function: what `minillm grade` names it (ids and function names differ)
+            codes = [f"# {e.id} ({e.points} points)\n{code}" for e, code in zip(present, codes)]
             kernels = any(re.search(r"\b(tl|triton)\.", c) for c in codes)
             imports = IMPORTS + (TRITON_IMPORTS if kernels else "")
             sources = sorted({e.source for e in present})

@@ -103,7 +103,8 @@ def allreduce_placement(styles: list[str], tp_size: int) -> list[bool]:
       row         each rank holds a partial sum of every output: all-reduce.
       replicated  every rank computes the same whole output: nothing to sum.
 
-    With tp_size 1 there is no group: every entry is False. Megatron's MLP ["column", "row"] -> [False, True]:
+    With tp_size 1 there is no group: every entry is False (the chain is still checked: a column layer must feed a
+    row layer whatever the group's size). Megatron's MLP ["column", "row"] -> [False, True]:
     one all-reduce per sub-block, two per transformer layer.
     Raise ValueError for an unknown style or tp_size < 1.
     """

@@ -146,7 +146,7 @@ def test_allreduce_placement_rejects_chains_that_need_more_than_an_all_reduce(im
     valid = (["column", "row"], 2)
     assert_rejects(impl, valid, ref(*valid), [(["column"], 2), (["column", "column", "row"], 2),
                                               (["column", "replicated"], 4), (["row", "column"], 2),
-                                              (["diagonal"], 2), (["row"], 0)], "allreduce_placement")
+                                              (["diagonal"], 2), (["row"], 0), (["column"], 1)], "allreduce_placement")
 
 
 @pytest.mark.exercise("ch11.allreduce_placement")
