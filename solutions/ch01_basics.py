@@ -126,7 +126,9 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    remove_sorted = mass_before >= top_p.to(logits.device, torch.float32).unsqueeze(-1)
+    top_p = top_p.to(logits.device, torch.float32).unsqueeze(-1)
+    # top_p 1 keeps every token: in fp32 the running sum reaches 1.0 before the last tokens of a large vocabulary
+    remove_sorted = (mass_before >= top_p) & (top_p < 1)
     remove_sorted[:, 0] = False  # never empty a row, whatever rounding did to the cumulative sum
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
