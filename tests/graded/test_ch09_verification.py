@@ -256,16 +256,15 @@ def test_expected_tokens_per_step_matches_solution(impl, ref):
 
 @pytest.mark.exercise("ch09.expected_tokens_per_step")
 @pytest.mark.points(2)
-def test_expected_tokens_per_step_against_simulated_steps(impl):
-    """Simulated verify steps: each draft accepted with probability a, the chain stopping at its first rejection,
-    plus the target's own token; the mean over 40,000 steps is within 0.03 of the answer."""
-    g = _generator(902)
-    for a, k in [(0.3, 2), (0.6, 4), (0.8, 6), (0.9, 1)]:
-        accepted = torch.rand(40_000, k, generator=g) < a
-        tokens = accepted.int().cumprod(dim=1).sum(dim=1) + 1
-        got = impl(a, k)
-        assert abs(got - float(tokens.double().mean())) < 0.03, \
-            f"expected_tokens_per_step({a}, {k}) = {got!r}, simulated steps emit {float(tokens.double().mean()):.3f}"
+def test_expected_tokens_per_step_against_the_step_distribution(impl):
+    """The mean over the distribution of a step's outcomes, summed term by term: n drafts accepted then a
+    rejection (probability a^n (1 - a), n < k) or all k accepted (a^k), each emitting n + 1 tokens. Exact: the
+    test depends on no draw (tests/test_speculative_core.py checks the formula against sampled verify steps)."""
+    for a, k in [(0.3, 2), (0.6, 4), (0.8, 6), (0.9, 1), (0.0, 3), (1.0, 5), (0.95, 12)]:
+        outcomes = [(n + 1, a ** n * (1 - a)) for n in range(k)] + [(k + 1, a ** k)]
+        mean = sum(tokens * prob for tokens, prob in outcomes)
+        assert_scalar_close(impl(a, k), mean, f"expected_tokens_per_step({a}, {k}) against the sum over a step's "
+                                              f"outcomes (n accepted + the target's token)", rtol=1e-9)
 
 
 @pytest.mark.exercise("ch09.expected_tokens_per_step")
