@@ -30,7 +30,8 @@ from minillm.hooks import dispatch
 def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's `top_k` largest logits; set every other entry to -inf.
 
-    logits: float [B, V]. top_k: int64 [B]; -1 (or any value >= V) keeps the whole row.
+    logits: float [B, V]. top_k: int64 [B]; -1 (or any value >= V) keeps the whole row (SamplingParams refuses
+    0, so the rows you are given ask for -1 or at least 1).
     Returns a new tensor of the same shape and dtype; `logits` is not modified.
 
     Exactly k entries survive in a row even when several logits tie at the boundary: rank the entries
