@@ -60,8 +60,8 @@ def test_solutions_score_full(solutions_report):
 def test_solutions_score_full_at_other_seeds(seed):
     """The graded tests draw their inputs from the release's seed: the reference must score full marks whatever
     that seed is, or some test depends on luck (a sampled mean within a fixed tolerance, say) and will one day fail
-    a right answer. (Seeds 1 to 11 were checked by hand when this test came in; at seed 3 it caught a test that compared a
-    formula with 40,000 sampled verify steps.)"""
+    a right answer. (Seeds 1 to 11 were checked by hand when this test came in; at seed 3 it caught a test that
+    compared a formula with 40,000 sampled verify steps.)"""
     result = grade(impl="solutions", jobs=2, seed=seed)
     failed = [f"{ex.id}: {ex.message}" for ex in result.exercises if ex.earned != ex.points]
     assert not failed and result.score == result.max_score, f"seed {seed}: {failed}"
