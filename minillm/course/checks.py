@@ -175,3 +175,14 @@ def assert_rejects(impl: Any, valid: tuple, expected: Any, invalid: list[tuple],
         except ValueError:
             continue
         raise AssertionError(f"{name}{_short(args)} must raise ValueError")
+
+
+def near_the_top_p_cut(logits: torch.Tensor, top_p: torch.Tensor, band: float = 2e-4) -> torch.Tensor:
+    """bool [B, V]: the tokens a top-p filter may keep or drop by fp32 rounding alone, where the probability mass
+    before them (fp64, most likely first) is within `band` of their row's top_p < 1. The order of the fp32 sums
+    (softmax then sort, or sort then softmax) moves them across the cut; a comparison leaves them out."""
+    probs, order = torch.softmax(logits.double(), dim=-1).sort(dim=-1, descending=True)
+    before = probs.cumsum(dim=-1) - probs
+    near = ((before - top_p.double()[:, None]).abs() < band) & (top_p[:, None] < 1)
+    return torch.zeros_like(near).scatter(-1, order, near)
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minillm.course.checks import assert_close, assert_equal, assert_scalar_close, assert_tensor
-from minillm.course.checks import graded_seed
+from minillm.course.checks import graded_seed, near_the_top_p_cut
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -219,19 +219,11 @@ def test_top_p_matches_solution(impl, ref, B, V):
     assert_tensor(out, "top_p_filter output", (B, V), torch.float32)
     # a token whose mass before it lies within fp32 summation error of top_p may fall either side of the cut,
     # depending only on the order of the sums (softmax then sort, or sort then softmax): not graded
-    at_the_cut = _at_the_cut(logits, top_p)
+    at_the_cut = near_the_top_p_cut(logits, top_p)
     assert_close(out.masked_fill(at_the_cut, 0.0), want.masked_fill(at_the_cut, 0.0),
                  f"top_p_filter [B={B}, V={V}], top_p={top_p.tolist()}")
     assert_equal(logits, before, "input logits after the call (must not be modified)")
 
-
-def _at_the_cut(logits: torch.Tensor, top_p: torch.Tensor, band: float = 2e-4) -> torch.Tensor:
-    """Tokens whose probability mass before them (in fp64, most likely first) is within `band` of their row's
-    top_p < 1: kept or dropped by fp32 rounding alone."""
-    probs, order = torch.softmax(logits.double(), dim=-1).sort(dim=-1, descending=True)
-    before = probs.cumsum(dim=-1) - probs
-    near = ((before - top_p.double()[:, None]).abs() < band) & (top_p[:, None] < 1)
-    return torch.zeros_like(near).scatter(-1, order, near)
 
 
 @pytest.mark.exercise("ch01.top_p_filter")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minillm.course.checks import assert_close, assert_equal
-from minillm.course.checks import graded_seed
+from minillm.course.checks import graded_seed, near_the_top_p_cut
 
 
 @pytest.mark.exercise("ch01.top_k_filter")
@@ -27,7 +27,9 @@ def test_top_p_peaked_rows_hidden(impl, ref):
     g = torch.Generator().manual_seed(graded_seed(102))
     logits = torch.randn(9, 513, generator=g) * 8  # very peaked rows: often one token holds most of the mass
     top_p = torch.rand(9, generator=g).clamp_min(0.02)
-    assert_close(impl(logits.clone(), top_p.clone()), ref(logits.clone(), top_p.clone()), "top_p_filter [9, 513]")
+    cut = near_the_top_p_cut(logits, top_p)  # fp32 rounding alone decides these: not graded
+    assert_close(impl(logits.clone(), top_p.clone()).masked_fill(cut, 0.0),
+                 ref(logits.clone(), top_p.clone()).masked_fill(cut, 0.0), "top_p_filter [9, 513]")
 
 
 @pytest.mark.exercise("ch02.causal_mask")
