@@ -42,7 +42,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Args:
         x: [..., hidden] activations (fp32, bf16 or fp16); typically [T, hidden] for T packed tokens.
-        weight: [hidden] learned gain.
+        weight: [hidden] learned gain, of x's dtype (as in the model: the product then keeps that dtype).
         eps: small constant added to the mean square before the square root (1e-5 or 1e-6 in Llamas).
 
     Returns:
