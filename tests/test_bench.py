@@ -323,3 +323,10 @@ def test_warm_up_meets_every_step_shape_before_a_timed_run():
     clear_cpu_matmul_cache()
     assert harness.warm_up(llm) > 0
     assert {key[3] for key in cpu_matmul_decisions()} == {"1", "2-16", "17+"}
+
+
+def test_warm_up_fits_a_short_context():
+    """minillm bench --max-model-len 8: the warm-up's prompt and tokens shrink to the context, not fail."""
+    from minillm import LLM
+
+    assert harness.warm_up(LLM(max_model_len=8, seed=0)) > 0

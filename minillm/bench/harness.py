@@ -138,12 +138,15 @@ def warm_up(llm: Any) -> float:
     candidate layouts once per weight shape and row class (one row, 2-16 rows, 17 or more: a prefill), and oneDNN
     builds its primitives; on a GPU, Triton compiles on first launch (LLM() captures the CUDA graphs already). A
     benchmark that bills them to its first request reports a TTFT of warm-up, not of the engine. So: one prompt
-    of 24 tokens alone (a prefill, then one-row decode steps), then two at once (2-row decode steps)."""
+    of 24 tokens alone (a prefill, then one-row decode steps), then two at once (2-row decode steps); shorter
+    where max_model_len is (a prompt and its two tokens must fit)."""
     from minillm import SamplingParams
 
     start = time.perf_counter()
-    prompt = [llm.tokenizer.encode("warm up", add_special_tokens=False)[0]] * 24
-    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    length = max(1, min(24, llm.llm_engine.max_model_len - 2))
+    prompt = [llm.tokenizer.encode("warm up", add_special_tokens=False)[0]] * length
+    params = SamplingParams(temperature=0, max_tokens=max(1, min(2, llm.llm_engine.max_model_len - length)),
+                            ignore_eos=True)
     for batch in (1, 2):
         llm.generate([prompt] * batch, params)
     return time.perf_counter() - start

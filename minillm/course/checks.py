@@ -185,4 +185,3 @@ def near_the_top_p_cut(logits: torch.Tensor, top_p: torch.Tensor, band: float = 
     before = probs.cumsum(dim=-1) - probs
     near = ((before - top_p.double()[:, None]).abs() < band) & (top_p[:, None] < 1)
     return torch.zeros_like(near).scatter(-1, order, near)
-

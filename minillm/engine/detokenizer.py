@@ -61,8 +61,9 @@ def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset:
     Raise ValueError unless 0 <= prefix_offset <= read_offset <= num_tokens (integers).
     """
     # >>> solution
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (prefix_offset, read_offset, num_tokens)) \
-            or not 0 <= prefix_offset <= read_offset <= num_tokens:
+    # `type(...) is int` (no bool, no generator): the engine calls this for every token of every request
+    if not (type(prefix_offset) is type(read_offset) is type(num_tokens) is int
+            and 0 <= prefix_offset <= read_offset <= num_tokens):
         raise ValueError(f"need integers 0 <= prefix_offset <= read_offset <= num_tokens, got {prefix_offset!r}, "
                          f"{read_offset!r}, {num_tokens!r}")
     if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
