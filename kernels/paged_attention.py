@@ -58,8 +58,6 @@ from minillm.kernels.pdl import grid_dependency_sync, launch_options
 from minillm.kernels.decode_split_rule import (DecodeConfig, choose_num_splits, decode_tile, fp8_decode_tile,
                                                num_sms_of)
 from minillm.kernels.decode_merge import _arrival_counters, _merge_chunk, _merge_row, _merge_splits_kernel
-# re-exported: the course names the engine's merge as paged_attention's (minillm/course/impl.py, FORBIDDEN)
-from minillm.kernels.decode_merge import merge_attention_states, merge_lse  # noqa: F401
 from minillm.kernels.fp8_kv_tile import _fp8_tile
 
 _LOG2E = 1.4426950408889634
