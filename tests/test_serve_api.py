@@ -94,7 +94,15 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/completions", {"prompt": [True]}, 422, "prompt: expected a string, a list of strings, a list of token "
                                                  "ids or a list of token-id lists, got array: [True]"),
     ("/v1/completions", b"[1, 2]", 422, "the request body must be a JSON object, got array"),
-    ("/v1/completions", b"[" * 50000 + b"]" * 50000, 400, "error parsing the body"),
+    ("/v1/completions", b"[" * 50000 + b"]" * 50000, 400, "not valid JSON"),  # was FastAPI's own words
+    ("/v1/completions", b'{"prompt": "\xff"}', 400, "not valid JSON"),  # not UTF-8
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422,
+     "messages.0.role: Input should be 'system', 'developer', 'user', 'assistant', 'tool' or 'function', got "
+     "string: 'wizard'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "tool_choice 'required' is not supported"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400,
+     "stop must hold at most 16 strings, got 17"),
     # what minillm does not implement is refused, not silently ignored
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
@@ -251,3 +259,108 @@ def test_prompts_are_tokenized_off_the_event_loop():
         bad = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "x" * 100})
         assert bad.status_code == 400 and "max_model_len" in bad.json()["error"]["message"]  # errors still arrive
     assert len(where) >= 4 and set(where) == {"worker thread"}, where
+
+
+def test_null_means_the_default_as_openai_declares_the_fields_nullable(server):
+    """Many clients send `"temperature": null` for "not set": OpenAI's spec marks these fields nullable."""
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "seed", "presence_penalty", "frequency_penalty",
+                           "top_k", "ignore_eos", "echo", "stop", "user"))
+    done = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **nulls}, timeout=30)
+    assert done.status_code == 200 and len(done.json()["choices"]) == 1, done.text
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": None, "top_logprobs": None,
+        **nulls})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["logprobs"] is None, chat.text
+    missing = httpx.post(server.url + "/v1/completions", json={"prompt": None}, timeout=30)  # required: still 422
+    assert missing.status_code == 422 and "prompt: expected" in missing.json()["error"]["message"]
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_does(client):
+    def prompt_tokens(content):
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                              max_tokens=1).usage.prompt_tokens
+    parts = [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]
+    assert prompt_tokens(parts) == prompt_tokens("ab\ncd") == prompt_tokens("abcd") + 1
+
+
+def test_http_methods_head_allow_and_the_model_route(server, client):
+    not_allowed = httpx.get(server.url + "/v1/completions")
+    assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "POST"  # HTTP requires Allow
+    assert set(not_allowed.json()["error"]) == {"message", "type", "param", "code"}
+    for path in ("/health", "/v1/models", "/metrics"):  # a load balancer's probe, curl -I
+        assert httpx.head(server.url + path).status_code == 200, path
+    assert client.models.retrieve(MODEL).id == MODEL  # GET /v1/models/{model}
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_in_front(client):
+    """OpenAI's legacy echo (as vLLM serves it): the prompt's text comes back before the completion; with logprobs,
+    the prompt's tokens too, the first with a null log-prob (nothing predicts it)."""
+    kwargs = dict(model=MODEL, max_tokens=4, temperature=0, logprobs=1, echo=True, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model=MODEL, prompt="Hey", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    done = client.completions.create(prompt="Hey", **kwargs)
+    choice, lp = done.choices[0], done.choices[0].logprobs
+    assert choice.text == "Hey" + plain and done.usage.prompt_tokens == 3 and done.usage.completion_tokens == 4
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 7
+    assert lp.tokens[:3] == ["H", "e", "y"] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and lp.text_offset[:4] == [0, 1, 2, 3]
+    # streamed, from token ids: the same text and log-probs (a token that ends mid-character keeps its log-prob)
+    chunks = list(client.completions.create(prompt=[72, 101, 121], stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert client.completions.create(model=MODEL, prompt=["ab", "cd"], n=2, max_tokens=1, echo=True).choices[3] \
+        .text.startswith("cd")
+
+
+def test_a_failed_engine_step_is_an_openai_error_and_the_server_goes_on():
+    """A step that raises fails the requests in it; the client still gets OpenAI's error shape (a JSON 500, or an
+    error event and [DONE] in a stream) instead of Starlette's plain text or a cut connection."""
+    engine = tiny_engine()
+    app, _ = tiny_app(engine)
+    step, fail = engine.step, []
+
+    def failing_step():
+        if fail:
+            fail.pop()
+            raise RuntimeError("boom")
+        return step()
+    engine.step = failing_step
+    body = {"prompt": "x", "max_tokens": 5, "ignore_eos": True}
+    with ServerThread(app) as srv:
+        fail.append(1)
+        done = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        assert done.status_code == 500 and "boom" in done.json()["error"]["message"], done.text
+        assert done.json()["error"]["type"] == "server_error"
+        fail.append(1)
+        events = [line for line in httpx.post(srv.url + "/v1/completions", json={**body, "stream": True},
+                                              timeout=30).text.splitlines() if line]
+        assert events[-1] == "data: [DONE]" and '"boom' not in events[-1] and "boom" in events[-2], events
+        after = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
+    assert engine.scheduler.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_a_client_that_stops_reading_holds_one_output_per_choice():
+    """The outputs are cumulative: while a stream's reader is stalled (a client that does not read its socket), a
+    newer output replaces the one waiting, instead of queueing a copy of every token after every step."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from minillm.serve.openai_api import _merge
+
+    async def steps(n):
+        for i in range(1, n + 1):
+            await asyncio.sleep(0)
+            yield SimpleNamespace(step=i, finished=i == n)
+
+    async def main():
+        merged, seen = _merge([steps(200), steps(150)]), []
+        seen.append(await merged.__anext__())
+        await asyncio.sleep(0.2)  # the reader stalls while both streams run to their end
+        seen += [item async for item in merged]
+        return seen
+    seen = asyncio.run(main())
+    assert len(seen) <= 4, len(seen)
+    assert {(i, out.step) for i, out in seen if out.finished} == {(0, 200), (1, 150)}

@@ -1,12 +1,16 @@
 """The HTTP server: a FastAPI app around one AsyncLLM (chapter 10).
 
     GET  /health                 200 while the engine loop runs, 503 otherwise (never needs the API key)
-    GET  /v1/models              the one model served
+    GET  /v1/models              the one model served (/v1/models/{id}: that model, or 404)
     POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
     POST /v1/chat/completions    messages through the model's chat template
     GET  /metrics                Prometheus text (metrics.py)
     GET  /engine/state           the engine's queues, KV blocks and recent batches as JSON (for the playground)
     GET  /                       the playground: a chat box beside the live engine (playground.html)
+
+Every GET route answers HEAD too (a load balancer's probe, `curl -I`); a known route asked with another method is
+a 405 whose Allow header lists the methods it takes, as HTTP requires. Every error, a bug's included, is a JSON
+body of OpenAI's shape: a client never has to parse Starlette's plain-text "Internal Server Error".
 
 Why FastAPI and uvicorn: pydantic checks every body against a declared schema (the 422s come for free and
 name the bad field), StreamingResponse turns an async generator into Server-Sent Events and cancels it when the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import collections
 import hmac
 import json
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -33,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minillm.engine.async_llm import AsyncLLM, EngineSnapshot
+from minillm.engine.async_llm import AsyncLLM, EngineDeadError, EngineSnapshot
 from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, error_body,
@@ -84,7 +89,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
         if any(e.get("type") == "json_invalid" for e in errors) or not _is_json(await request.body()):
-            return JSONResponse(error_body("the request body is not valid JSON", code="bad_json"), status_code=400)
+            return _bad_json()
         content_type = request.headers.get("content-type", "")
         if not _is_json_type(content_type):  # FastAPI reads a body as JSON only when the request says it is
             return JSONResponse(error_body(f"send the JSON body with Content-Type: application/json, got "
@@ -95,18 +100,41 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400 and request.method == "POST" and not _is_json(await request.body()):
+            return _bad_json()  # JSON that is not UTF-8, or nested too deep: FastAPI's own 400 says neither
         return JSONResponse(error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
-                                       "invalid_request_error"), status_code=err.status_code)
+                                       "invalid_request_error"), status_code=err.status_code, headers=err.headers)
 
-    @app.get("/health")
+    @app.exception_handler(EngineDeadError)
+    async def engine_gone(request: Request, err: EngineDeadError) -> JSONResponse:
+        return JSONResponse(error_body(str(err), "service_unavailable", code=503), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # a bug or a failed engine step; uvicorn still logs the traceback
+        return JSONResponse(error_body(f"internal server error: {type(err).__name__}: {err}", "server_error",
+                                       code=500), status_code=500)
+
+    def get(path: str) -> Any:
+        """@app.get, answering HEAD too (FastAPI's own @app.get does not, unlike Starlette's routes)."""
+        return app.api_route(path, methods=["GET", "HEAD"])
+
+    @get("/health")
     async def health() -> Response:
         ok = llm.is_running and llm.accepting
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minillm",
+            "max_model_len": llm.max_model_len}
+
+    @get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minillm",
-                                            "max_model_len": llm.max_model_len}]}
+        return {"object": "list", "data": [card]}
+
+    @get("/v1/models/{model_id:path}")  # :path: a model id may hold a slash (HuggingFaceTB/SmolLM2-135M)
+    async def model(model_id: str) -> dict:
+        serving.check_model(model_id)
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -116,15 +144,15 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/engine/state")
+    @get("/engine/state")
     async def engine_state() -> dict:
         return state_json(llm.snapshot(), list(recent), model_name)
 
-    @app.get("/")
+    @get("/")
     async def playground() -> HTMLResponse:
         return HTMLResponse(resources.files("minillm.serve").joinpath("playground.html").read_text("utf-8"))
 
@@ -142,6 +170,10 @@ def state_json(snap: EngineSnapshot, recent: list[dict], model_name: str) -> dic
             "num_used_blocks": snap.num_used_blocks, "block_size": snap.block_size,
             "num_preemptions": snap.num_preemptions,
             "prefix_cache_hit_rate": snap.prefix_cache_hits / queries if queries else 0.0, "recent_steps": recent}
+
+
+def _bad_json() -> JSONResponse:
+    return JSONResponse(error_body("the request body is not valid JSON", code="bad_json"), status_code=400)
 
 
 def _is_json(body: bytes) -> bool:

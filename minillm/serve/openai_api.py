@@ -9,7 +9,9 @@ The path of one request:
      Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
      stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`.
      Log-probabilities, when asked for, ride along in OpenAI's shapes (`_completion_logprobs`, `_chat_logprobs`):
-     every chunk carries those of the tokens produced since the previous chunk.
+     every chunk carries those of the tokens produced since the previous chunk. A completion with `echo` has its
+     prompt (and the prompt's log-probabilities) in front of its first piece, as vLLM sends it.
+     A generation that fails ends the stream with an `{"error": ...}` event, then `data: [DONE]`, like any other.
 A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
 generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -27,11 +30,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.loader.chat_template import render_chat_template
-from minillm.outputs import RequestOutput, TokenLogprobDict
+from minillm.outputs import Logprob, RequestOutput, TokenLogprobDict
 from minillm.sampling_params import SamplingParams
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -42,6 +46,7 @@ class _Choice:
     sent_tokens: int = 0  # tokens whose log-probabilities were already sent
     text_offset: int = 0  # characters of token text before the next unsent token (completions' text_offset)
     num_top: int = 0  # top_logprobs per token (chat)
+    echo: tuple[str, str] | None = None  # (prompt text, its first token's text): still to send, with echo=true
     output: RequestOutput | None = None
 
 
@@ -54,12 +59,16 @@ class OpenAIServing:
         self.chat_template = chat_template
 
     # -- validation ---------------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` names the model served (None: the one served)."""
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist. This server serves "
+                                f"`{self.model_name}`.", "invalid_request_error", "model", "model_not_found")
+
     def check_request(self, request: _SamplingFields) -> None:
         """What the body alone decides, before any prompt is tokenized: the model name (404), then unsupported
         fields and counts out of range (400)."""
-        if request.model is not None and request.model != self.model_name:
-            raise ApiError(404, f"The model `{request.model}` does not exist. This server serves "
-                                f"`{self.model_name}`.", "invalid_request_error", "model", "model_not_found")
+        self.check_model(request.model)
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
@@ -112,7 +121,8 @@ class OpenAIServing:
                 params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
                                              top_k=request.top_k, max_tokens=max_tokens, seed=seed,
                                              stop=request.stop, stop_token_ids=request.stop_token_ids,
-                                             ignore_eos=request.ignore_eos, logprobs=request.num_logprobs()))
+                                             ignore_eos=request.ignore_eos, logprobs=request.num_logprobs(),
+                                             prompt_logprobs=request.num_prompt_logprobs()))
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
                 field = getattr(err, "param", None)
                 param = request.api_name(field) if field else None
@@ -148,6 +158,11 @@ class OpenAIServing:
         base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0)
                    for p in range(len(prompts)) for i in range(len(params))]
+        if getattr(request, "echo", False):
+            decode = self.llm.tokenizer.decode
+            echoes = [(text if text is not None else decode(ids), decode(ids[:1])) for text, ids in prompts]
+            for c in choices:
+                c.echo = echoes[c.prompt_index]
         streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
                                      params[c.index % len(params)], request_id=f"{base}-{c.index}",
                                      prompt_token_ids=prompts[c.prompt_index][1]) for c in choices]
@@ -165,7 +180,7 @@ class OpenAIServing:
             await asyncio.gather(collect, return_exceptions=True)
             return Response(status_code=499)
         gone.cancel()
-        collect.result()
+        collect.result()  # a failed generation raises: app.py answers 503 (engine gone) or 500, OpenAI-shaped
         return JSONResponse(self._final_body(head, choices, chat, num_prompt_tokens))
 
     async def _collect(self, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]]) -> None:
@@ -178,12 +193,12 @@ class OpenAIServing:
             done = c.output.outputs[0]
             if done.finish_reason == "error":
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
-            logprobs = _new_logprobs(c, done.logprobs, chat)
+            text, logprobs = _next_piece(c, c.output, chat)
             if chat:
-                body_choices.append({"index": c.index, "message": {"role": "assistant", "content": done.text},
+                body_choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
                                      "logprobs": logprobs, "finish_reason": done.finish_reason})
             else:
-                body_choices.append({"index": c.index, "text": done.text, "logprobs": logprobs,
+                body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                      "finish_reason": done.finish_reason})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
                 "usage": _usage(num_prompt_tokens, choices)}
@@ -212,16 +227,20 @@ class OpenAIServing:
                 if done.finish_reason == "error":
                     yield _event(error_body(f"generation failed: {done.error}", "server_error", code=500))
                     break
-                new_text, c.sent = done.text[c.sent:], len(done.text)
-                if new_text or out.finished:  # one event per step; the last one carries the finish_reason
-                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason,
-                                logprobs=_new_logprobs(c, done.logprobs, chat))
+                # one event per step that added text (a token may end mid-character and add none: its log-prob
+                # waits for the next event); the last one carries the finish_reason
+                if len(done.text) > c.sent or out.finished or c.echo is not None:
+                    new_text, logprobs = _next_piece(c, out, chat)
+                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason, logprobs=logprobs)
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
                                   "usage": _usage(num_prompt_tokens, choices)})
         except EngineDeadError as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
+        except Exception as err:  # the headers are sent: the error can only travel as an event
+            logger.exception("stream %s failed", head["id"])
+            yield _event(error_body(f"generation failed: {type(err).__name__}: {err}", "server_error", code=500))
         yield "data: [DONE]\n\n"
 
 
@@ -231,17 +250,26 @@ def _choice_seed(seed: int, index: int) -> int:
     return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
 
 
-def _new_logprobs(choice: _Choice, logprobs: list[TokenLogprobDict] | None, chat: bool) -> dict | None:
-    """The OpenAI logprobs object for the choice's tokens not sent yet (None when none were asked for)."""
-    if logprobs is None:
-        return None
-    new = logprobs[choice.sent_tokens:]
-    choice.sent_tokens = len(logprobs)
+def _next_piece(choice: _Choice, out: RequestOutput, chat: bool) -> tuple[str, dict | None]:
+    """The choice's text not sent yet, and the OpenAI logprobs object of its tokens (None when none were asked
+    for). An echoed prompt comes once, in front of the first piece, with the prompt's log-probabilities."""
+    done = out.outputs[0]
+    text, choice.sent = done.text[choice.sent:], len(done.text)
+    new = None if done.logprobs is None else done.logprobs[choice.sent_tokens:]
+    if choice.echo is not None:
+        (prompt, first_token), choice.echo = choice.echo, None
+        text = prompt + text
+        if new is not None:  # nothing predicts the first prompt token: its log-prob is null (as OpenAI's)
+            first = {out.prompt_token_ids[0]: Logprob(None, None, first_token)}
+            new = [first, *(out.prompt_logprobs or [None])[1:], *new]
+    if new is None:
+        return text, None
+    choice.sent_tokens = len(done.logprobs)
     if chat:
-        return _chat_logprobs(new, choice.num_top)
+        return text, _chat_logprobs(new, choice.num_top)
     body = _completion_logprobs(new, choice.text_offset)
     choice.text_offset += sum(len(token) for token in body["tokens"])
-    return body
+    return text, body
 
 
 def _token_of(entries: TokenLogprobDict) -> tuple[str, float]:
@@ -263,7 +291,7 @@ def _completion_logprobs(logprobs: list[TokenLogprobDict], text_offset: int) -> 
         alternatives: dict[str, float] = {}
         for lp in entries.values():  # two ids may decode to the same text: the actual token's entry wins
             alternatives.setdefault(lp.decoded_token or "", lp.logprob)
-        top.append(alternatives)
+        top.append(alternatives if logprob is not None else None)  # an echoed prompt's first token: null
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -284,21 +312,32 @@ def _chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int) -> dict[str, 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several request streams as (stream index, output). Leaving early cancels every pump, and a
-    cancelled pump closes its stream, which aborts that request in the engine."""
-    queue: asyncio.Queue = asyncio.Queue()
+    cancelled pump closes its stream, which aborts that request in the engine.
+    Outputs are cumulative, so a stream's newer output replaces one not taken yet: a client that stops reading holds
+    one output per choice here, not one per step (a copy of all its tokens each: at 8,192 tokens, ~270 MB a
+    choice). Streams take turns (a dict keeps the order in which its keys came back)."""
+    latest: dict[int, RequestOutput | Exception] = {}
+    ready = asyncio.Event()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in stream:
-                queue.put_nowait((i, out))
+                latest[i] = out
+                ready.set()
         except Exception as err:  # e.g. the engine refused the request: the consumer raises it
-            queue.put_nowait((i, err))
+            latest[i] = err
+            ready.set()
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
     try:
         while remaining:
-            i, item = await queue.get()
+            if not latest:  # (one thread: no pump runs between this check and the wait)
+                ready.clear()
+                await ready.wait()
+                continue
+            i = next(iter(latest))
+            item = latest.pop(i)
             if isinstance(item, Exception):
                 raise item
             if item.finished:

@@ -3,23 +3,30 @@
 Pydantic checks the *types* of a body, strictly (a string, a float or a bool where an integer belongs is a 422
 naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
-and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (echo,
-penalties, logit_bias, best_of, tools, a JSON response_format) are refused with a 400 that says so, unless they
+and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (suffix,
+penalties, logit_bias, best_of, tools, tool_choice, a JSON response_format) are refused with a 400 that says so, unless they
 hold their no-op value: a client that asked for them must not get a silent default.
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
-top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int).
-Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
+top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
+the prompt's (`num_prompt_logprobs()`).
+Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working; `null` for an optional
+field means its default, as OpenAI's spec marks them nullable (`"temperature": null` is what many clients send for
+"not set").
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16  # choices per prompt: each is a full request in the engine
 # engine requests one HTTP request may start (prompts x n): 20,000 prompts x 16 would queue 320,000 requests ahead
 # of every other client's (a small request sent a second later had no answer after 10 minutes)
 MAX_CHOICES = 256
+# stop strings per request: the engine checks each one after every token, so 80,000 of them (a 1 MiB body) made a
+# 40-token request take 4 s and slowed every request beside it as much (OpenAI allows 4)
+MAX_STOP = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's message roles
 
 
 class ApiError(Exception):
@@ -72,6 +79,15 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """Drop `null` for the optional fields (before the strict type checks), so they take their defaults."""
+        if not isinstance(data, dict):
+            return data  # not an object: the type check says so
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first requested feature minillm does not implement or a count out of range;
         None if all is well."""
@@ -85,10 +101,16 @@ class _SamplingFields(BaseModel):
             return "stream_options", "stream_options is only allowed with stream=true"
         if not 1 <= self.n <= MAX_N:
             return "n", f"n must be an integer in [1, {MAX_N}], got {self.n}"
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            return "stop", f"stop must hold at most {MAX_STOP} strings, got {len(self.stop)}"
         return None
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs for this request: None when log-probabilities were not asked for."""
+        return None
+
+    def num_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: only an echoed prompt shows its log-probabilities."""
         return None
 
     def api_name(self, field: str) -> str:
@@ -106,14 +128,15 @@ class CompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts as a list: one string or one list of token ids is a single prompt."""
         one = isinstance(self.prompt, str) or (self.prompt and all(isinstance(t, int) for t in self.prompt))
         return [self.prompt] if one else list(self.prompt)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported yet"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of is not None and self.best_of != self.n:
@@ -137,15 +160,16 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: str
+    role: Literal[CHAT_ROLES]  # a 422 naming the value and the roles allowed
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
+        """The content as one string: text parts joined by newlines, as vLLM joins them."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -156,6 +180,7 @@ class ChatCompletionRequest(_SamplingFields):
     # tool calling and structured output: not implemented, refused when asked for
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" and "auto" (with no tools: no tool call) are no-ops
     response_format: dict[str, Any] | None = None
 
     def num_logprobs(self) -> int | None:
@@ -174,6 +199,9 @@ class ChatCompletionRequest(_SamplingFields):
         for name in ("tools", "functions"):
             if getattr(self, name):
                 return name, f"{name} (tool calling) is not supported yet"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", (f"tool_choice {self.tool_choice!r} is not supported (tool calling): give 'none' or "
+                                   f"'auto', or leave it out")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return "response_format", (f"response_format {self.response_format.get('type')!r} is not supported "
                                        f"(only 'text')")
