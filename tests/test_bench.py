@@ -330,3 +330,39 @@ def test_warm_up_fits_a_short_context():
     from minillm import LLM
 
     assert harness.warm_up(LLM(max_model_len=8, seed=0)) > 0
+
+
+def test_stack_table_runs_every_cpu_row_on_one_workload(capsys):
+    """`minillm bench stack` on the bundled model, tiny: the rows a CPU can run are measured on the same workload
+    (the same greedy tokens row after row: nothing above changes the weights), the GPU-only ones say why not."""
+    from minillm.bench import cli
+    from minillm.bench.stack import LAYERS, run_stack
+
+    rows = run_stack(num_prompts=3, batch=2, prefix_len=8, suffix_len=4, output_len=4, verbose=False)
+    assert [r.name for r in rows] == [layer.name for layer in LAYERS]
+    ran = [r for r in rows if not r.skipped]
+    assert [r.name for r in ran] == ["no KV cache", "+ KV cache", "+ static batching",
+                                     "+ paged KV, continuous batching", "+ prefix caching", "+ speculative decoding"]
+    assert all("a CPU" in r.skipped or "CUDA" in r.skipped for r in rows if r.skipped)
+    tokens = ran[0].tokens
+    assert len(tokens) == 3 and all(1 <= len(t) <= 4 for t in tokens)
+    for row in ran:
+        assert row.tokens == tokens and row.output_tokens == sum(map(len, tokens))
+        assert row.seconds > 0 and row.ttft is not None and 0 < row.ttft <= row.seconds
+    assert [r.same_as_above for r in ran] == ["-"] + ["3/3"] * 5
+    assert cli.main(["bench", "stack", "--output-len", "0"]) == 2
+    assert "output_len must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_stack_workload_shares_a_prefix_and_varies_lengths():
+    from minillm.bench.stack import stack_workload
+
+    class Words:
+        def encode(self, text, add_special_tokens=False):
+            return [hash(w) % 1000 for w in text.split()]
+
+    prompts, lengths = stack_workload(Words(), 6, prefix_len=10, suffix_len=5, output_len=40, seed=3)
+    assert len(prompts) == 6 and all(len(p) == 15 and p[:10] == prompts[0][:10] for p in prompts)
+    assert len({tuple(p[10:]) for p in prompts}) == 6  # each its own part
+    assert all(10 <= n <= 40 for n in lengths) and len(set(lengths)) > 1
+    assert stack_workload(Words(), 6, 10, 5, 40, seed=3) == (prompts, lengths)

@@ -349,13 +349,20 @@ def test_static_scheduler_slots():
 
 
 def test_request_the_pool_can_never_hold_is_an_error_not_a_hang(model_and_config):
-    # continuous batching over 12 blocks of 4 tokens: a 50-token prompt can never fit, the others still run
+    # continuous batching over 12 blocks of 4 tokens (48 slots): a 50-token prompt can never fit, and generate
+    # says so before any work, naming it; a 40-token prompt fits but cannot grow to 50 tokens: it ends in "error"
+    # when it outgrows the pool, and the others still run
     llm = LLM.from_engine(make_engine(model_and_config, scheduling="continuous", kv_layout="paged", block_size=4,
                                       num_kv_blocks=12))
-    outs = llm.generate([[1, 2, 3], [4] * 50, [5, 6]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with pytest.raises(ValueError, match=r"prompt 1: prompt has 50 tokens, 13 KV blocks of 4, but the pool gives "
+                                         r"one sequence at most 12"):
+        llm.generate([[1, 2, 3], [4] * 50, [5, 6]], params)
+    outs = llm.generate([[1, 2, 3], [4] * 40, [5, 6]], params)
     assert [o.outputs[0].finish_reason for o in outs] == ["length", "error", "length"]
-    assert "50 tokens" in outs[1].outputs[0].error
+    assert "KV blocks" in outs[1].outputs[0].error
     assert not llm.llm_engine.has_unfinished_requests() and llm.llm_engine.get_num_unfinished_requests() == 0
+    assert llm.llm_engine.scheduler.num_free_blocks() == 12
 
 
 def test_overrides_run_inside_the_engine_and_a_broken_one_only_errors(model_and_config):

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+from minillm.cli import check_output_path
+
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
@@ -58,6 +60,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from minillm.bench.demo import run_demo
 
     try:
+        check_output_path(args.out, "--out", folder=True)  # the plot is saved last: not after a minute's demo
         run_demo(max_tokens=args.max_tokens, out_dir=args.out, model=args.model, device=args.device)
     except (ValueError, TypeError, OSError) as err:  # OSError: a model path that is not there
         print(f"minillm demo: error: {err}", file=sys.stderr)
@@ -87,8 +90,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _check_output_file(path: str | None) -> None:
     """A results file's folder must exist before the run, not after it (the measurements would be lost)."""
-    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"cannot write {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if path is not None:
+        check_output_path(path, "", folder=False)
 
 
 def parse_rates(text: str) -> list[float]:
@@ -100,6 +103,17 @@ def parse_rates(text: str) -> list[float]:
     if not rates or any(not r > 0 for r in rates):
         raise argparse.ArgumentTypeError(f"request rates must be > 0 (inf for a burst), got {text!r}")
     return rates
+
+
+def positive_ms(text: str) -> float:
+    """An SLO in milliseconds: a finite number > 0 (goodput counts the requests within it; -1 or nan counted none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of milliseconds > 0, got {text!r}")
+    return value
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -133,8 +147,45 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_stack(args: argparse.Namespace) -> int:
+    from minillm.bench.stack import format_stack, run_stack, to_dict
+
+    try:
+        _check_output_file(args.json)
+        rows = run_stack(model=args.model, device=args.device, dtype=args.dtype, num_prompts=args.num_prompts,
+                         batch=args.batch, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
+                         output_len=args.output_len, seed=args.seed)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"minillm bench stack: error: {err}", file=sys.stderr)
+        return 2
+    print(format_stack(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_dict(rows), f, indent=2)
+        print(f"raw results written to {args.json}")
+    return 0
+
+
+def _add_bench_stack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stack", help="the course's optimizations stacked row by row on one workload, each "
+                                     "measured here: tok/s, TTFT, TPOT")
+    p.add_argument("--num-prompts", type=int, default=8, help="requests (default 8)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step from the batching rows on (default 4)")
+    p.add_argument("--prefix-len", type=int, default=96, help="tokens of the system prompt every request shares")
+    p.add_argument("--suffix-len", type=int, default=32, help="tokens of each request's own part")
+    p.add_argument("--output-len", type=int, default=32,
+                   help="longest answer; lengths are drawn from [output_len // 4, output_len]")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.set_defaults(func=_cmd_bench_stack)
+
+
 def _add_bench_serve(bench: argparse.ArgumentParser) -> None:
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve}")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,stack}")
+    _add_bench_stack(sub)
     p = sub.add_parser("serve", help="load a running server with docstring prompts at a request rate: "
                                      "TTFT/TPOT/ITL/E2E, throughput, goodput")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -146,8 +197,8 @@ def _add_bench_serve(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--arrival", choices=("poisson", "burst"), default="poisson")
     p.add_argument("--output-len", type=int, default=64, help="tokens per answer (EOS ignored)")
     p.add_argument("--max-prompt-chars", type=int, default=400, help="docstring prompts are cut to this length")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT at most this")
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: TPOT at most this")
+    p.add_argument("--slo-ttft-ms", type=positive_ms, default=1000.0, help="goodput: TTFT at most this")
+    p.add_argument("--slo-tpot-ms", type=positive_ms, default=200.0, help="goodput: TPOT at most this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--plot", default=None, help="save latency against request rate here (PNG)")

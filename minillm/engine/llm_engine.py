@@ -195,6 +195,12 @@ class LLMEngine:
             raise ValueError(f"token id {out_of_range[0]} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
+        bm = getattr(self.scheduler, "block_manager", None)  # a paged pool smaller than max_model_len
+        if bm is not None and bm.blocks_needed(len(token_ids)) > bm.num_blocks - bm.watermark_blocks:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, {bm.blocks_needed(len(token_ids))} KV blocks of "
+                             f"{bm.block_size}, but the pool gives one sequence at most "
+                             f"{bm.num_blocks - bm.watermark_blocks} (its {bm.num_blocks} blocks minus a watermark "
+                             f"of {bm.watermark_blocks}): give the KV cache more memory or shorten the prompt")
         return text, token_ids
 
     def abort(self, request_id: str) -> RequestOutput | None:
