@@ -2,7 +2,7 @@
 
 cli.py only wires. Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its
 subcommands and sets `func` (parsed args -> exit code) on each. To add a command, write it in its own
-package's cli module and list that module here.
+package's cli module and list that module here. check_output_path is the one check the commands share.
 
     minillm grade [chNN | chNN.name] [--impl ...] [--format table|json|gradescope]   (minillm.course.cli)
     minillm course sync | release | gradescope | notebooks | list                     (minillm.course.cli)
@@ -15,10 +15,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.quant.cli",
                    "minillm.speculative.train_heads_cli")
+
+
+def check_output_path(path: str, flag: str, *, folder: bool) -> None:
+    """ValueError unless `path` can take a command's output, checked before the long work whose result it holds
+    (a bad path used to fail only at the end, and the result was lost). Nothing is created here.
+    folder=True: a directory, made later if missing (so the nearest existing ancestor must be a writable
+    directory); folder=False: a file, whose folder must exist."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; give a directory (it is created if missing)")
+    if not folder:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"cannot write {path}: the folder {parent} does not exist")
+        return
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {flag} {path}: {ancestor} is not a writable directory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 # with a scale per layer and kv head (minillm.layers.kv_quant, minillm.engine.kv_scales)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
+# EngineConfig.extra: options without a field of their own. "policy" is the scheduler's queue order, "fcfs" or
+# "priority" (minillm.engine.scheduler checks the value). Any other key is refused: a misspelt one would be ignored.
+EXTRA_KEYS = ("policy",)
+
 
 @dataclass
 class ModelConfig:
@@ -230,6 +234,10 @@ class EngineConfig:
                              f"{utilization!r}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"EngineConfig.extra must be a dict, got {type(self.extra).__name__}: {self.extra!r}")
+        unknown = [key for key in self.extra if key not in EXTRA_KEYS]
+        if unknown:
+            raise ValueError(f"EngineConfig.extra has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join(map(repr, EXTRA_KEYS))}")
         self._check_static()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)

@@ -42,7 +42,7 @@ from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.hooks import overriding
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
-from minillm.sampling_params import SamplingParams, check_seed
+from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 Prompt = str | list[int]
 
@@ -165,7 +165,8 @@ class LLM:
         """Generate for every prompt; outputs come back in input order. Every prompt is validated before any
         work starts: a bad one raises ValueError/TypeError naming its index."""
         prompt_list = _normalize_prompts(prompts)
-        params = _normalize_params(sampling_params, len(prompt_list))
+        # only the finished outputs are returned: the engine need not snapshot every request after every step
+        params = _normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         tokenized = []
         for i, prompt in enumerate(prompt_list):
             try:
@@ -177,13 +178,6 @@ class LLM:
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
-        # only the finished outputs are returned: the engine need not snapshot every request after every step
-        # (copies of the caller's params, once per distinct object: theirs are left as they were)
-        final: dict[int, SamplingParams] = {}
-        for p in params:
-            if id(p) not in final:
-                final[id(p)] = p if p.output_kind == "final_only" else dataclasses.replace(p, output_kind="final_only")
-        params = [final[id(p)] for p in params]
         ids = [engine.add_request(None, text if text is not None else token_ids, p, prompt_token_ids=token_ids)
                for (text, token_ids), p in zip(tokenized, params)]
         return self._run_until_done(ids, use_tqdm)
@@ -197,7 +191,7 @@ class LLM:
             conversations = list(messages)
         else:
             conversations = [messages]
-        params = _normalize_params(sampling_params, len(conversations))
+        params = _normalize_params(sampling_params, len(conversations), output_kind="final_only")
         tokenized = []
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
@@ -216,7 +210,12 @@ class LLM:
         """Yield deltas for one prompt as tokens arrive: each item's outputs[0].text and .token_ids hold only
         what is new since the previous item. Closing the generator early aborts the request (its KV is freed).
         Several streams (and generate calls) may be interleaved: each step serves all of them."""
-        request_id = self.llm_engine.add_request(None, prompt, sampling_params)
+        if isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, list, tuple)) for p in prompt):
+            raise TypeError(f"generate_stream streams one prompt (a str or a list of token ids), got a list of "
+                            f"{len(prompt)} prompts; use generate() for several")
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        request_id = self.llm_engine.add_request(None, prompt, _normalize_params(sampling_params, 1)[0])
         self._watching.add(request_id)
         sent_text, sent_tokens, finished = 0, 0, False
         try:
@@ -334,19 +333,28 @@ def _normalize_prompts(prompts: Any) -> list[Prompt]:
     raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got {type(prompts).__name__}")
 
 
-def _normalize_params(params: Any, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(n)]
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    if isinstance(params, (list, tuple)):
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
-        for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        return list(params)
-    raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
+def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParams]:
+    """One SamplingParams per prompt, from one (or None: the defaults) or a list of n. Each distinct object is
+    copied with `changes` applied, and the copy is checked again (dataclasses.replace runs the constructor's
+    checks): fields are plain attributes, so a value assigned after construction (params.seed = 2**70) would
+    otherwise reach the engine unchecked and fail a whole step, every request in it, and a `stop` assigned
+    later would be ignored. The caller's objects are left as they were."""
+    if params is None or isinstance(params, SamplingParams):
+        return [dataclasses.replace(SamplingParams() if params is None else params, **changes)] * n
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
+    copies: dict[int, SamplingParams] = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        if id(p) not in copies:
+            try:
+                copies[id(p)] = dataclasses.replace(p, **changes)
+            except ParamError as err:
+                raise ParamError(err.param, f"sampling_params[{i}]: {err}") from None
+    return [copies[id(p)] for p in params]
 
 
 def _check_conversation(conversation: Any, where: str) -> None:

@@ -5,6 +5,8 @@ the value and the allowed range, before the request reaches the engine. That inc
 alone lets through: nan and inf (a nan temperature turns every probability into nan and the sampler then returns
 token 0 forever), bools where a number is meant (True is an int to Python, not to us), and integers too large for
 the int64 tensors the sampler builds. The sampler that honours these is minillm.layers.sampler (chapter 1).
+Fields are plain attributes: LLM.generate/chat/generate_stream check a copy of the params they are given, so a
+value assigned after construction is refused there too (minillm.llm._normalize_params).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ MAX_LOGPROBS = 20  # top-k log-probabilities per token at most (OpenAI's top_log
 # Below this a temperature divides logits into values that overflow fp16/bf16 (inf - inf = nan in the softmax);
 # as vLLM does, smaller positive temperatures are raised to it with a warning (0 itself means greedy).
 MIN_TEMPERATURE = 1e-2
+# The sampler divides the logits by the temperature in float32: a larger one would be inf there (a warning in the
+# middle of a step; an error for every request in it where warnings are errors)
+MAX_TEMPERATURE = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 OUTPUT_KINDS = ("cumulative", "final_only")
 
 
@@ -34,7 +39,11 @@ def _number(name: str, value: Any, allowed: str) -> float:
     """A finite real number as a float (numpy scalars are welcome; bools, strings, nan and inf are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ParamError(name, f"{name} must be a number {allowed}, got {type(value).__name__}: {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range (10**400); int(value): numpy integers have no bit_length
+        raise ParamError(name, f"{name} must be a finite number {allowed}, got an integer of {int(value).bit_length()} "
+                               f"bits, beyond a float's range") from None
     if not math.isfinite(value):
         raise ParamError(name, f"{name} must be a finite number {allowed}, got {value!r}")
     return value
@@ -83,6 +92,9 @@ class SamplingParams:
         self.temperature = _number("temperature", self.temperature, ">= 0 (0 = greedy)")
         if self.temperature < 0:
             raise ParamError("temperature", f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature > MAX_TEMPERATURE:
+            raise ParamError("temperature", f"temperature must be at most {MAX_TEMPERATURE:.6g} (float32's largest), "
+                                            f"got {self.temperature!r}")
         if 0 < self.temperature < MIN_TEMPERATURE:
             warnings.warn(f"temperature={self.temperature!r} is below {MIN_TEMPERATURE} and would overflow the "
                           f"scaled logits; using {MIN_TEMPERATURE} (pass 0 for greedy)", stacklevel=3)

@@ -62,6 +62,10 @@ def test_token_id_outside_vocabulary(llm, bad_id):
     (dict(priority=1.5), "priority"), (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=5), "stop"),
     (dict(stop_token_ids=7), "stop_token_ids"), (dict(stop_token_ids=[1, None]), "stop_token_ids"),
     (dict(output_kind="delta"), "output_kind must be one of 'cumulative', 'final_only'"),
+    # past float's range (float() raised OverflowError), and past float32's, where the sampler divides by it
+    (dict(temperature=10**400), "temperature must be a finite number .* beyond a float's range"),
+    (dict(top_p=-10**400), "top_p must be a finite number"),
+    (dict(temperature=1e39), r"temperature must be at most 3.40282e\+38 \(float32's largest\), got 1e\+39"),
 ])
 def test_bad_sampling_params(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -93,6 +97,39 @@ def test_wrong_prompt_types(llm, prompts):
 def test_token_lists_must_hold_ints(llm):
     with pytest.raises(TypeError, match=r"prompt 0: .*ints.*1\.5"):
         llm.generate([[1, 1.5]], SHORT)
+
+
+def test_params_assigned_after_construction_are_checked_again(llm):
+    """SamplingParams' fields are plain attributes: a value assigned after construction used to reach the engine
+    unchecked. A seed past int64 then failed the whole step (the good request beside it finished with 'error');
+    a stop assigned later was ignored. generate, chat and generate_stream check a copy; the caller's is untouched."""
+    from minillm.sampling_params import ParamError
+    engine = llm.llm_engine
+    steps = engine.num_steps
+    bad = SamplingParams(max_tokens=2, output_kind="final_only")
+    bad.seed = 2**70
+    with pytest.raises(ParamError, match=r"sampling_params\[1\]: seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
+        llm.generate(["good", "bad"], [SHORT, bad])
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        next(llm.generate_stream("bad", bad))
+    assert engine.num_steps == steps and not engine.has_unfinished_requests()
+    stop = SamplingParams(temperature=0, max_tokens=8, output_kind="final_only")
+    unstopped = llm.generate("The capital of France is", stop)[0].outputs[0].text
+    stop.stop = [unstopped[3:5]]
+    cut = unstopped[:unstopped.index(stop.stop[0])]
+    assert llm.generate("The capital of France is", stop)[0].outputs[0].text == cut
+    streamed = SamplingParams(temperature=0, max_tokens=8)
+    streamed.stop = stop.stop
+    assert "".join(o.outputs[0].text for o in llm.generate_stream("The capital of France is", streamed)) == cut
+    assert streamed.output_kind == "cumulative"  # the caller's object, as it was
+
+
+def test_generate_stream_takes_one_prompt(llm):
+    with pytest.raises(TypeError, match=r"generate_stream streams one prompt .* got a list of 2 prompts; use "
+                                        r"generate\(\) for several"):
+        next(llm.generate_stream(["a", "b"], SHORT))
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, got list"):
+        next(llm.generate_stream("a", [SHORT]))
 
 
 def test_sampling_params_list_length_and_type(llm):
@@ -153,6 +190,8 @@ def test_bad_overrides_fail_eagerly():
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(device="tpu"), r"device='tpu' is not a device; allowed: 'auto', 'cpu', 'cuda'"),
     (dict(device=3), r"device=3 \(int\) is not a device"),
+    # a misspelt key was ignored (the default fcfs order ran)
+    (dict(extra={"polcy": "priority"}), r"EngineConfig.extra has unknown key\(s\) 'polcy'; allowed: 'policy'"),
     (dict(seed="x"), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got str: 'x'"),
     (dict(seed=2**70), r"seed must be an integer .* got 1180591620717411303424"),
     (dict(gpu_memory_utilization=True), r"gpu_memory_utilization must be a number in \(0, 1\], got bool: True"),

@@ -21,10 +21,12 @@ minillm/cli.py owns the parser and calls `register`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
+from minillm.cli import check_output_path
 from minillm.quant.driver import CALIBRATED, METHODS
 from minillm.quant.gguf_export import GGUF_METHODS
 
@@ -32,7 +34,11 @@ PRUNE_METHODS = ("prune-magnitude", "prune-wanda", "prune-2:4")
 
 
 def _group_size(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would name the function: "invalid _group_size value"
+        raise argparse.ArgumentTypeError(f"group size must be -1 (per channel) or a positive integer, "
+                                         f"got {text!r}") from None
     if value != -1 and value < 1:
         raise argparse.ArgumentTypeError(f"group size must be -1 (per channel) or positive, got {value}")
     return value
@@ -42,8 +48,6 @@ def _cmd_gguf(args: argparse.Namespace, path: str) -> str:
     """Write the model as one GGUF file; returns the line to print."""
     from minillm.loader import GGUFFile, Tokenizer, load_gguf_model, load_hf_model
     from minillm.quant.gguf_export import write_gguf_model
-    if os.path.isdir(args.out) or not args.out.endswith(".gguf"):
-        raise ValueError(f"--method {args.method} writes one file: give --out FILE.gguf, got {args.out!r}")
     if os.path.isdir(path):  # an HF directory: its tokenizer.json is converted to GGUF metadata
         (config, weights), source = load_hf_model(path), Tokenizer.from_hf_dir(path)
     else:  # a GGUF: its metadata is copied
@@ -78,7 +82,10 @@ def _cmd_prune(args: argparse.Namespace, model, tokenizer, path: str) -> str:
 def _smooth_alpha(text: str) -> float | str:
     if text == "search":
         return text
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # refused below, with the allowed values
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"smooth alpha must be 'search' or a float in [0, 1], got {text}")
     return value
@@ -106,10 +113,22 @@ def _block_options(args: argparse.Namespace) -> dict:
 
 def _block_size(text: str) -> int | tuple[int, int]:
     """--block-size 64 (square tiles) or 128,64 (block_n, block_k)."""
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []  # refused below, with the allowed values
     if len(parts) not in (1, 2) or any(p < 16 or p % 16 for p in parts):
         raise argparse.ArgumentTypeError(f"block size must be N or N,K, multiples of 16, got {text}")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out, before any loading or calibration (minutes of GPTQ were lost to a bad path): a GGUF method writes
+    FILE.gguf into a folder that exists; the others write a directory (save_quantized creates it)."""
+    gguf = args.method in GGUF_METHODS
+    if gguf and (os.path.isdir(args.out) or not args.out.endswith(".gguf")):
+        raise ValueError(f"--method {args.method} writes one file: give --out FILE.gguf, got {args.out!r}")
+    check_output_path(args.out, "--out", folder=not gguf)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -123,6 +142,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from minillm.quant.driver import quantize_model
 
     try:
+        _check_out(args)
         path = args.model if args.model is not None else default_model_path()
         start = time.perf_counter()
         if args.method in GGUF_METHODS:
@@ -147,7 +167,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             grid_search=args.grid_search, asym_calib=args.asym_calib, alpha=args.alpha, **recipe,
                             **_block_options(args))
         save_quantized(qm, args.out, tokenizer, source=path if os.path.isdir(path) else None)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a model path that is not there or not readable
         print(f"minillm quantize: error: {err}", file=sys.stderr)
         return 2
     size = sum(t.numel() * t.element_size() for t in qm.state.values())

@@ -154,6 +154,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
 
 def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     """The run's sizes and one TrainOptions per kind, or ValueError naming the flag, its value and its range."""
+    from minillm.cli import check_output_path
+    from minillm.sampling_params import check_seed
     from minillm.speculative.train_heads import TrainOptions
     from minillm.speculative.train_prompts import num_distinct_prompts
 
@@ -182,10 +184,16 @@ def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
         raise ValueError(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
                          f"and {args.data_share}")
+    for flag, seed in (("--seed", args.seed), ("--sample-seed", args.sample_seed)):
+        if seed is not None:
+            check_seed(seed, flag)  # torch.manual_seed's range; it was met only after the data was generated
     options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
                             draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
                             seed=args.seed, unroll=args.unroll, init=args.init)
                for kind in args.kind]
+    if not args.lr < float("inf"):  # TrainOptions refuses lr <= 0 and nan; inf trains every weight to nan
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    check_output_path(args.out, "--out", folder=True)  # was met when the trained heads were saved: they were lost
     return sizes, options
 
 
