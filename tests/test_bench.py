@@ -164,6 +164,26 @@ def test_bench_cli_rejects_bad_sizes_before_loading(capsys):
     assert "max_model_len=20 cannot hold" in capsys.readouterr().err
 
 
+def test_bench_refuses_a_prompt_past_the_models_context_before_loading(monkeypatch, capsys):
+    """Without --max-model-len, `--input-len 100000` loaded and warmed up the model (14 s) before the engine
+    refused the prompt. The model's context is read from its config (GGUF metadata, no weights) and resolved as
+    the engine will (capped on a CPU) before anything loads."""
+    import minillm
+    from minillm.bench.cli import main
+    from minillm.engine.cache_config import CPU_MAX_MODEL_LEN
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(minillm, "LLM", no_loading)
+    assert main(["bench", "--input-len", "100000", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"minillm bench: error: input_len + output_len = 100032 tokens exceed max_model_len="
+                   f"{CPU_MAX_MODEL_LEN} (the default: the model's context of 8192 tokens, capped at "
+                   f"{CPU_MAX_MODEL_LEN} on cpu); give shorter lengths\n"), err
+    assert main(["bench", "--input-len", "9000", "--max-model-len", "9100", "--device", "cpu"]) == 2
+    assert "max_model_len=9100 exceeds the model's context of 8192 tokens" in capsys.readouterr().err
+
+
 # -- a real run ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_run_two_prompts_four_tokens():
@@ -366,3 +386,13 @@ def test_stack_workload_shares_a_prefix_and_varies_lengths():
     assert len({tuple(p[10:]) for p in prompts}) == 6  # each its own part
     assert all(10 <= n <= 40 for n in lengths) and len(set(lengths)) > 1
     assert stack_workload(Words(), 6, 10, 5, 40, seed=3) == (prompts, lengths)
+
+
+def test_stack_row_that_fails_is_reported_and_switches_nothing_on():
+    from minillm.bench.stack import LAYERS, Layer, run_stack
+
+    broken = Layer("+ a broken option", "-", dict(block_size=0))
+    rows = run_stack(num_prompts=2, batch=2, prefix_len=4, suffix_len=2, output_len=2, verbose=False,
+                     layers=(LAYERS[0], broken, LAYERS[1]))
+    assert rows[1].skipped.startswith("failed: ValueError: EngineConfig.block_size must be an integer >= 1")
+    assert rows[2].skipped is None and rows[2].same_as_above == "2/2"

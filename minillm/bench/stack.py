@@ -177,19 +177,32 @@ def run_stack(model: str | None = None, device: str = "auto", dtype: str = "auto
         if layer.needs_cuda and not cuda:
             row.skipped = layer.needs_cuda
             continue
+        kept = dict(options)  # a row that fails switches nothing on for the rows below it
         options.update(_resolve(layer.options, batch))
         new_weights = tuple((k, options[k]) for k in LOAD_TIME_OPTIONS if k in options)
         engine_options = {k: v for k, v in options.items() if k not in LOAD_TIME_OPTIONS}
-        if new_weights != weights:  # drop the old weights before loading the new ones
-            loaded = None
+        try:
+            if new_weights != weights:  # drop the old weights before loading the new ones
+                loaded = None
+                _free(cuda)
+                loaded, weights = load(new_weights), new_weights
+                row.same_as_above = "new weights"
+            # rows without engine options of their own run on the loaded LLM; the others share its weights
+            llm = loaded.share_model(seed=seed, **{**base_options, **engine_options}) if engine_options else loaded
+            warm_up(llm)
+            run = _recompute(llm, prompts, lengths) if i == 0 else \
+                _engine_run(llm, prompts, lengths, serial=options.get("max_num_seqs", 1) == 1)
+        except Exception as err:  # one row that cannot run here (memory, a missing kernel) leaves the others' rows
+            if i == 0:
+                raise
+            row.skipped = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            if verbose:
+                print(f"  {row.name}: {row.skipped}", flush=True)
+            llm, options = None, kept
             _free(cuda)
-            loaded, weights = load(new_weights), new_weights
-            row.same_as_above = "new weights"
-        # rows without engine options of their own run on the loaded LLM; the others share its weights
-        llm = loaded.share_model(seed=seed, **{**base_options, **engine_options}) if engine_options else loaded
-        warm_up(llm)
-        run = _recompute(llm, prompts, lengths) if i == 0 else \
-            _engine_run(llm, prompts, lengths, serial=options.get("max_num_seqs", 1) == 1)
+            if loaded is None:  # new weights failed to load: the rows below run on the previous ones
+                loaded = load(weights)
+            continue
         _summarise(row, *run)
         if above is None:
             row.same_as_above = "-"
