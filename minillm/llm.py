@@ -335,12 +335,11 @@ def _normalize_prompts(prompts: Any) -> list[Prompt]:
 
 def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParams]:
     """One SamplingParams per prompt, from one (or None: the defaults) or a list of n. Each distinct object is
-    copied with `changes` applied, and the copy is checked again (dataclasses.replace runs the constructor's
-    checks): fields are plain attributes, so a value assigned after construction (params.seed = 2**70) would
-    otherwise reach the engine unchecked and fail a whole step, every request in it, and a `stop` assigned
-    later would be ignored. The caller's objects are left as they were."""
+    copied with `changes` applied and checked again (SamplingParams.checked_copy), before any request is queued:
+    a bad sampling_params[3] then queues none of the prompts (add_request checks its own copy of each as well:
+    about 6 us a request, too little to be worth a trusted side door). The caller's objects are left as they were."""
     if params is None or isinstance(params, SamplingParams):
-        return [dataclasses.replace(SamplingParams() if params is None else params, **changes)] * n
+        return [(SamplingParams() if params is None else params).checked_copy(**changes)] * n
     if not isinstance(params, (list, tuple)):
         raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
     if len(params) != n:
@@ -351,7 +350,7 @@ def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParam
             raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
         if id(p) not in copies:
             try:
-                copies[id(p)] = dataclasses.replace(p, **changes)
+                copies[id(p)] = p.checked_copy(**changes)
             except ParamError as err:
                 raise ParamError(err.param, f"sampling_params[{i}]: {err}") from None
     return [copies[id(p)] for p in params]

@@ -5,11 +5,13 @@ the value and the allowed range, before the request reaches the engine. That inc
 alone lets through: nan and inf (a nan temperature turns every probability into nan and the sampler then returns
 token 0 forever), bools where a number is meant (True is an int to Python, not to us), and integers too large for
 the int64 tensors the sampler builds. The sampler that honours these is minillm.layers.sampler (chapter 1).
-Fields are plain attributes: LLM.generate/chat/generate_stream check a copy of the params they are given, so a
-value assigned after construction is refused there too (minillm.llm._normalize_params).
+Fields are plain attributes, so a value assigned after construction (p.seed = 2**70) is checked by no constructor:
+every entry point that queues a request (LLMEngine.add_request, LLM.generate/chat/generate_stream, AsyncLLM.generate)
+takes a `checked_copy()`, which refuses it there, and keeps the queued request safe from later assignments too.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -121,6 +123,12 @@ class SamplingParams:
                                             f"got {self.output_kind!r}")
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+
+    def checked_copy(self, **changes: Any) -> "SamplingParams":
+        """A copy with `changes` applied, checked again as on construction (dataclasses.replace runs
+        __post_init__): a value assigned to this object after construction raises ParamError here, naming the
+        field, instead of failing a whole engine step and every request in it. A few microseconds."""
+        return dataclasses.replace(self, **changes)
 
     @staticmethod
     def _check_stop(stop: Any) -> list[str]:

@@ -2,6 +2,8 @@
 never a traceback, and before any long work starts (loading a model, generating data, a benchmark run)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from minillm.cli import main
@@ -18,7 +20,7 @@ from minillm.cli import main
     (["estimate", "--model", "llama-3-8b", "--gpu-gb", "nan"], "gpu_gb must be a finite number > 0, got nan"),
     (["quantize", "--method", "rtn", "--device", "tpu", "--out", "x"], "minillm quantize: error: device='tpu'"),
     (["train-heads", "--kind", "eagle", "--device", "tpu", "--out", "x"], "minillm train-heads: error: device="),
-    (["train-heads", "--kind", "eagle", "--lr", "nan", "--out", "x"], "lr must be > 0, got nan"),
+    (["train-heads", "--kind", "eagle", "--lr", "nan", "--out", "x"], "lr must be a finite number > 0, got nan"),
     (["train-heads", "--kind", "medusa", "--num-heads", "0", "--out", "x"], "num_heads must be an integer >= 1"),
     (["train-heads", "--kind", "eagle", "--steps", "0", "--out", "x"], "--steps must be >= 1, got 0"),
     (["train-heads", "--kind", "eagle", "--time-budget", "inf", "--out", "x"], "--time-budget must be a finite"),
@@ -33,7 +35,12 @@ from minillm.cli import main
     (["train-heads", "/nonexistent", "--kind", "eagle", "--sample-seed", str(-2**70), "--out", "x"],
      "--sample-seed must be an integer"),
     (["train-heads", "/nonexistent", "--kind", "eagle", "--lr", "inf", "--out", "x"],
-     "--lr must be a finite number > 0, got inf"),
+     "lr must be a finite number > 0, got inf"),
+    # the engine drafts at most MAX_SPECULATIVE_TOKENS (16) a step; more heads were met after the data was made
+    (["train-heads", "/nonexistent", "--kind", "medusa", "--num-heads", "1000", "--out", "x"],
+     "num_heads must be an integer in [1, 16]"),
+    (["train-heads", "/nonexistent", "--kind", "mtp", "--mtp-depth", "1000", "--out", "x"],
+     "num_heads (mtp: the depth, --mtp-depth) must be an integer in [1, 16]"),
     (["train-heads", "/nonexistent", "--kind", "eagle", "--out", __file__], f"--out {__file__} is a file"),
     (["quantize", "/nonexistent", "--method", "gptq", "--out", __file__], f"--out {__file__} is a file"),
     (["quantize", "/nonexistent", "--method", "gguf-q4_0", "--out", "/nonexistent/dir/x.gguf"],
@@ -62,3 +69,36 @@ def test_bad_flag_values_are_argparse_errors(argv, words, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and words in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "unrelated"])
+def test_grade_refuses_an_impl_that_is_not_an_exercises_folder(layout, tmp_path, capsys):
+    """`--impl PATH` that does not exist, or holds none of exercises/' modules, graded everything 0 (281 lines, exit
+    0): a typo looked like a failing submission. It is refused before any grading, in one line naming the path."""
+    folder = tmp_path / "submission"
+    if layout != "missing":
+        folder.mkdir()
+    if layout == "unrelated":
+        (folder / "notes.py").write_text("x = 1\n")
+    assert main(["grade", "ch01.rms_norm", "--impl", str(folder)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"minillm grade: error: implementation {str(folder)!r}"), err
+    if layout == "missing":
+        assert "is neither 'exercises', 'solutions' nor a folder" in err, err
+    else:
+        assert "holds none of the exercise modules (a folder laid out like exercises/: ch01_basics.py, " in err, err
+
+
+def test_gradescope_gets_a_results_json_for_a_submission_it_cannot_grade(tmp_path, capsys):
+    """On Gradescope an ungradable submission (no exercise module in it) still writes results.json: score 0 and
+    the reason the learner sees, not "the autograder failed to produce any results"."""
+    folder, out = tmp_path / "submission", tmp_path / "results" / "results.json"
+    folder.mkdir()
+    assert main(["grade", "--impl", str(folder), "--format", "gradescope", "--out", str(out)]) == 2
+    results = json.loads(out.read_text())
+    assert results["score"] == 0 and results["tests"] == []
+    assert results["output"].startswith("Your submission could not be graded: implementation")
+    assert "holds none of the exercise modules" in results["output"]
+    assert "holds none of the exercise modules" in capsys.readouterr().err

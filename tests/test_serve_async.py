@@ -99,7 +99,10 @@ def test_bad_requests_raise_before_anything_is_queued():
         llm = AsyncLLM(tiny_engine())
         await llm.start()
         errors = []
-        for prompt, params in (([], GREEDY), ([1000], GREEDY), (list(range(65)), GREEDY), ([1], "greedy")):
+        late = SamplingParams(temperature=0, max_tokens=6)
+        late.seed = 2**70  # assigned after construction: checked again here, not in the middle of a step
+        for prompt, params in (([], GREEDY), ([1000], GREEDY), (list(range(65)), GREEDY), ([1], "greedy"),
+                               ([1], late)):
             try:
                 async for _ in llm.generate(prompt, params):
                     pass
@@ -109,7 +112,8 @@ def test_bad_requests_raise_before_anything_is_queued():
         await llm.shutdown()
         return errors, in_flight
     errors, in_flight = asyncio.run(main())
-    assert len(errors) == 4 and in_flight == 0
+    assert len(errors) == 5 and in_flight == 0
     assert "empty" in errors[0] and "vocabulary" in errors[1] and "max_model_len" in errors[2]
+    assert errors[4].startswith("seed must be an integer in [-2**63, 2**64 - 1]")
     with pytest.raises(TypeError, match="LLMEngine"):
         AsyncLLM(object())

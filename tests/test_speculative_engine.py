@@ -296,6 +296,11 @@ def test_config_accepts_both_spellings():
     ({"method": "beam", "num_speculative_tokens": 2}, "unknown speculative method 'beam'"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1, got 0"),
     ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
+    # the method is judged first: a misspelt one was reported as a missing count
+    ({"method": "foo"}, r"unknown speculative method 'foo'; allowed: ngram, lookahead, .*eagle_tree$"),
+    ({"method": ["ngram"], "num_speculative_tokens": 2}, r"unknown speculative method \['ngram'\]; allowed: "),
+    ({"method": "ngram", "num_speculative_tokens": 17},
+     r"num_speculative_tokens must be <= 16 \(MAX_SPECULATIVE_TOKENS: one verify step"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4}, "prompt_lookup_min <= "),
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ({"method": "ngram", "num_speculative_tokens": 2, "k": 3}, "unknown key"),

@@ -10,6 +10,7 @@ fingerprint, or the error says how to train some.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -223,6 +224,25 @@ def test_train_options_name_the_bad_value():
         TrainOptions("beam", 10)
     with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
         TrainOptions("eagle", 0)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3, "1e-3", True])
+def test_train_options_refuse_a_learning_rate_that_is_not_finite_and_positive(lr):
+    """inf trained every weight to nan (only the CLI refused it); the rule lives in TrainOptions now."""
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0, got "):
+        TrainOptions("eagle", 10, lr=lr)
+
+
+@pytest.mark.parametrize("kind, words", [("medusa", "num_heads"), ("mtp", "num_heads (mtp: the depth")])
+def test_train_options_refuse_more_heads_than_the_engine_drafts(kind, words):
+    """Medusa's K heads and MTP's D modules draft one token each: the engine verifies at most
+    MAX_SPECULATIVE_TOKENS a step, so more could never be used (and were met only after the data was generated)."""
+    from minillm.speculative.config import MAX_SPECULATIVE_TOKENS
+    with pytest.raises(ValueError, match=rf"{re.escape(words)}.* must be an integer in \[1, {MAX_SPECULATIVE_TOKENS}\] "
+                                         rf"\(MAX_SPECULATIVE_TOKENS.*\), got 1000"):
+        TrainOptions(kind, 10, num_heads=1000)
+    assert TrainOptions(kind, 10, num_heads=MAX_SPECULATIVE_TOKENS).num_heads == MAX_SPECULATIVE_TOKENS
+    TrainOptions("eagle", 10, num_heads=1000)  # not read by eagle (one layer, run k times)
 
 
 def test_cli_parses_train_heads():

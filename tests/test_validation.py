@@ -180,6 +180,32 @@ def test_engine_add_request_isolates_the_bad_one(llm):
     assert all(len(o.outputs[0].token_ids) == 2 for o in done.values())
 
 
+@pytest.mark.parametrize("field, value, pattern", [
+    ("seed", 2**70, r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 1180591620717411303424"),
+    ("temperature", float("nan"), r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+    ("max_tokens", "5", r"max_tokens must be an integer >= 1 .* got str: '5'"),
+])
+def test_engine_add_request_checks_params_assigned_after_construction(llm, field, value, pattern):
+    """A direct engine user's SamplingParams are checked again at add_request (fields are plain attributes):
+    the bad request raises there, naming the field, and the good ones queued beside it finish as usual. A value
+    assigned after add_request does not reach the queued request (the engine keeps its own checked copy)."""
+    from minillm.sampling_params import ParamError
+    engine = llm.llm_engine
+    good = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.add_request("p1", "The first", good)
+    bad = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    setattr(bad, field, value)
+    with pytest.raises(ParamError, match=pattern):
+        engine.add_request("p2", "The second", bad)
+    engine.add_request("p3", "The third", good)
+    good.max_tokens = "2"  # assigned after the requests were queued: theirs are copies
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["p1", "p3"]
+    assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 2 for o in done.values())
+
+
 def test_bad_overrides_fail_eagerly():
     pytest.importorskip("minillm.course.overrides")
     with pytest.raises(TypeError, match="ch99.nothing"):

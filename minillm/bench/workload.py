@@ -45,19 +45,49 @@ def synthetic_prompts(tokenizer: Any, num_prompts: int, input_len: int, seed: in
     return [ids[s: s + input_len] for s in starts]
 
 
+def check_lengths(input_len: int, output_len: int, max_model_len: int | None = None, model: str | None = None,
+                  device: str | None = None, llm: Any = None) -> None:
+    """ValueError unless every request (input_len + output_len tokens) fits the context the engine will have:
+    `llm`'s, else max_model_len resolved as LLM() will resolve it (None: the model's context, capped on a CPU;
+    an explicit one may not exceed the model's), from the model's config alone (GGUF metadata or config.json, no
+    weights: about 0.1 s), so that an impossible run is refused before the seconds of loading and warm-up."""
+    needed = input_len + output_len
+    if max_model_len is not None and max_model_len < needed:  # the user's own number: the one to raise
+        raise ValueError(f"max_model_len={max_model_len} cannot hold input_len + output_len = {needed} tokens; "
+                         f"give at least that")
+    if llm is not None:
+        limit, why = llm.llm_engine.max_model_len, "this engine's"
+    else:
+        from minillm.config import EngineConfig
+        from minillm.engine.cache_config import resolve_engine_config
+        from minillm.loader import read_model_config
+        from minillm.platform import resolve_device
+
+        dev = resolve_device(device or "auto")
+        model_config = read_model_config(model)
+        # raises when an explicit max_model_len exceeds the model's context
+        limit = resolve_engine_config(EngineConfig(max_model_len=max_model_len), model_config, dev).max_model_len
+        context = model_config.max_position_embeddings
+        why = f"the default: the model's context of {context} tokens" + (
+            f", capped at {limit} on {dev.type}" if limit < context else "")
+    if limit < needed:
+        lift = f" or max_model_len up to {context}" if llm is None and needed <= context else ""
+        raise ValueError(f"input_len + output_len = {needed} tokens exceed max_model_len={limit} ({why}); give "
+                         f"shorter lengths{lift}")
+
+
 def run_bench(num_prompts: int = 8, input_len: int = 64, output_len: int = 32, model: str | None = None,
               device: str | None = None, dtype: str | None = None, seed: int = 0, llm: Any = None,
               verbose: bool = True, max_model_len: int | None = None) -> BenchResult:
-    """Load the model (unless `llm` is given), send the batch, print and return the summary."""
+    """Load the model (unless `llm` is given), send the batch, print and return the summary. Every size is
+    checked before the model loads (or, with `llm`, before its warm-up): see check_lengths."""
     from minillm import LLM, SamplingParams
 
     if output_len < 1:
         raise ValueError(f"output_len must be >= 1, got {output_len}")
     if num_prompts < 1 or input_len < 1:
         raise ValueError(f"num_prompts and input_len must be >= 1, got {num_prompts} and {input_len}")
-    if max_model_len is not None and max_model_len < input_len + output_len:
-        raise ValueError(f"max_model_len={max_model_len} cannot hold input_len + output_len = "
-                         f"{input_len + output_len} tokens; give at least that")
+    check_lengths(input_len, output_len, max_model_len, model, device, llm)
     if llm is None:
         t0 = time.perf_counter()
         if verbose:

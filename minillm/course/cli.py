@@ -29,6 +29,12 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs, seed=args.seed)
     except (ValueError, KeyError, ImplementationError) as e:
         print(f"minillm grade: error: {e}", file=sys.stderr)
+        if args.format == "gradescope" and args.out and isinstance(e, ImplementationError):
+            # a submission that cannot be graded (no exercise module in it) still gets a results.json that
+            # says why: without one, Gradescope shows the learner only "the autograder failed"
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(gradescope.ungradable_results(str(e)), indent=2) + "\n",
+                                      encoding="utf-8")
         return 2
     if args.format == "table":
         text = report.format_table(result, verbose=args.verbose)

@@ -56,6 +56,13 @@ export PYTHONPATH="$ROOT/source${PYTHONPATH:+:$PYTHONPATH}" MINILLM_ROOT="$ROOT/
 """
 
 
+def ungradable_results(message: str) -> dict:
+    """results.json for a submission that could not be graded at all (e.g. none of the exercise modules in it):
+    score 0 and the reason, in the output every learner sees."""
+    return {"score": 0.0, "output": f"Your submission could not be graded: {message}", "stdout_visibility": "hidden",
+            "tests": []}
+
+
 def results_json(report: GradeReport) -> dict:
     """Gradescope's results.json content for `report`."""
     tests, summary = [], []

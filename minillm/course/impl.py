@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from minillm.course import guard as _guard
 from minillm.course.guard import ForbiddenCallError, ImplementationError, TamperingError
-from minillm.course.registry import Exercise, get, repo_root
+from minillm.course.registry import EXERCISES, Exercise, get, repo_root
 from minillm.course.sync import NOT_ATTEMPTED
 
 __all__ = ["FORBIDDEN", "ForbiddenCallError", "ImplementationError", "TamperingError", "default_impl",
@@ -89,18 +89,26 @@ def default_impl(root: Path | None = None) -> str:
 
 
 def resolve_impl(impl: str | os.PathLike | None = None, root: Path | None = None) -> Path:
-    """The folder of implementation `impl` (None: $MINILLM_IMPL, else the default)."""
+    """The folder of implementation `impl` (None: $MINILLM_IMPL, else the default). A PATH must be a folder
+    holding at least one of exercises/' modules (a submission may hold only its assignment's chapters): a typo,
+    or the wrong folder, would otherwise be graded as a blank submission, every exercise 0."""
     root = Path(root or repo_root())
     impl = impl or os.environ.get("MINILLM_IMPL") or default_impl(root)
     if str(impl) in NAMED_IMPLS:
         return root / str(impl)
+    name = f"implementation {str(impl)!r} (--impl or MINILLM_IMPL)"
     path = Path(impl).expanduser().resolve()
     if not path.is_dir():
-        raise ImplementationError(f"MINILLM_IMPL={str(impl)!r} is neither 'exercises', 'solutions' nor a folder")
+        raise ImplementationError(f"{name} is neither 'exercises', 'solutions' nor a folder")
     inner = path / "exercises"
     if inner.is_symlink():  # a submission's own folder, never another one it points to (the solutions, say)
         raise ImplementationError(f"{inner} is a symbolic link (to {os.readlink(inner)}); submit the folder itself")
-    return inner if inner.is_dir() else path
+    folder = inner if inner.is_dir() else path
+    modules = sorted({f"{ex.module}.py" for ex in EXERCISES.values()})
+    if not any((folder / module).is_file() for module in modules):
+        raise ImplementationError(f"{name}: {folder} holds none of the exercise modules (a folder laid out like "
+                                  f"exercises/: {', '.join(modules)})")
+    return folder
 
 
 def module_file(ex: Exercise, folder: Path) -> Path:

@@ -183,12 +183,16 @@ class AsyncLLM:
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Queue one request and yield its cumulative RequestOutput after every step it took part in, the last
         one with `finished=True`. Leaving the `async for` early (or being cancelled) aborts the request.
-        Bad prompts raise ValueError/TypeError here, before anything is queued."""
+        Bad prompts and bad sampling params (a value assigned after construction included) raise
+        ValueError/TypeError here, before anything is queued."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
-        sampling_params = SamplingParams() if sampling_params is None else sampling_params
-        if not isinstance(sampling_params, SamplingParams):
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        elif not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        else:  # checked now (add_request checks it again on the loop, where an error could only end the stream)
+            sampling_params = sampling_params.checked_copy()
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
             prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
             prompt = prompt if prompt is not None else prompt_token_ids

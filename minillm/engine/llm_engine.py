@@ -149,10 +149,16 @@ class LLMEngine:
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None,
                     prompt_token_ids: list[int] | None = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError/TypeError for this request only.
-        `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked)."""
-        sampling_params = SamplingParams() if sampling_params is None else sampling_params
-        if not isinstance(sampling_params, SamplingParams):
+        `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked).
+        The request keeps a checked copy of `sampling_params`: a value assigned to the caller's object after
+        construction (p.seed = 2**70) raises ParamError here instead of failing the step for the whole batch,
+        and one assigned after this call does not reach the queued request."""
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        elif not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        else:
+            sampling_params = sampling_params.checked_copy()
         request_id = str(next(self._counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")

@@ -4,6 +4,7 @@
     config, weights, tokenizer = load_model("model.gguf")   # a llama/qwen2 GGUF (F32/F16/BF16, Q4_0..Q8_0, Q4_K..Q6_K)
     config, weights, tokenizer = load_model("Llama-3-8B/")  # an HF directory: config.json + *.safetensors
     model.load_weights(weights)                               # (hf_name, tensor) pairs, HF Llama names
+    config = read_model_config(path)                          # the config alone (no weights): checks before loading
 
 `weights` is a lazy iterator: each tensor is read (and dequantized) when the model asks for it.
 """
@@ -17,14 +18,14 @@ import torch
 from minillm.config import ModelConfig
 from minillm.loader.gguf import GGUFError, GGUFFile, TensorInfo
 from minillm.loader.gguf_model import config_from_gguf, gguf_to_hf_name, load_gguf_model, unpermute_rotary
-from minillm.loader.hf import config_from_hf, load_hf_model
+from minillm.loader.hf import config_from_hf, load_hf_model, read_hf_config
 from minillm.loader.model_files import default_model_path, expected_weight_shapes
 from minillm.loader.tokenizer import Tokenizer
 
 __all__ = [
-    "load_model", "load_gguf_model", "load_hf_model", "default_model_path", "Tokenizer", "GGUFFile", "GGUFError",
-    "TensorInfo", "config_from_gguf", "config_from_hf", "expected_weight_shapes", "gguf_to_hf_name",
-    "unpermute_rotary",
+    "load_model", "read_model_config", "load_gguf_model", "load_hf_model", "default_model_path", "Tokenizer",
+    "GGUFFile", "GGUFError", "TensorInfo", "config_from_gguf", "config_from_hf", "expected_weight_shapes",
+    "gguf_to_hf_name", "unpermute_rotary",
 ]
 
 
@@ -32,13 +33,29 @@ def load_model(
     path: str | os.PathLike | None = None,
 ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
     """(config, weights iterator, tokenizer) for a .gguf file, an HF model directory, or None (the bundled SmolLM2)."""
-    path = default_model_path() if path is None else os.fspath(path)
-    if os.path.isdir(path):
+    path, is_dir = _model_path(path)
+    if is_dir:
         config, weights = load_hf_model(path)
         return config, weights, Tokenizer.from_hf_dir(path)
+    gguf = GGUFFile(path)  # parsed once, shared by the weights and the tokenizer
+    config, weights = load_gguf_model(gguf)
+    return config, weights, Tokenizer.from_gguf(gguf)
+
+
+def read_model_config(path: str | os.PathLike | None = None) -> ModelConfig:
+    """The ModelConfig load_model would return, without its weights or tokenizer: an HF directory's config.json,
+    a GGUF file's metadata (a memory map; the bundled model's in about 0.1 s). For checks made before loading,
+    e.g. a prompt length against the model's context."""
+    path, is_dir = _model_path(path)
+    return read_hf_config(path) if is_dir else config_from_gguf(GGUFFile(path))
+
+
+def _model_path(path: str | os.PathLike | None) -> tuple[str, bool]:
+    """(the path, whether it is an HF directory) of a model, or FileNotFoundError saying what may be given."""
+    path = default_model_path() if path is None else os.fspath(path)
+    if os.path.isdir(path):
+        return path, True
     if path.endswith(".gguf") or os.path.isfile(path):
-        gguf = GGUFFile(path)  # parsed once, shared by the weights and the tokenizer
-        config, weights = load_gguf_model(gguf)
-        return config, weights, Tokenizer.from_gguf(gguf)
+        return path, False
     raise FileNotFoundError(f"{path}: no such file or directory; pass a .gguf file, an HF model directory "
                             f"(config.json + *.safetensors), or None for the bundled SmolLM2-135M-Instruct")

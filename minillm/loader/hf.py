@@ -149,8 +149,9 @@ def _weight_files(directory: str) -> dict[str, str]:
     return names
 
 
-def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, lazy stream of (hf_name, tensor)) for an HF model directory; shapes are checked up front."""
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of an HF model directory, from its config.json (and AutoGPTQ's quantize_config.json):
+    no weights are opened."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
@@ -163,7 +164,13 @@ def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[t
         if not isinstance(extra, dict):
             raise ValueError(f"{quantize_config}: expected a JSON object, got {type(extra).__name__}")
         raw = {**raw, "quantization_config": {"quant_method": "gptq", **extra}}
-    config = config_from_hf(raw, source=config_path)
+    return config_from_hf(raw, source=config_path)
+
+
+def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, lazy stream of (hf_name, tensor)) for an HF model directory; shapes are checked up front."""
+    directory = os.fspath(directory)
+    config = read_hf_config(directory)
     files = _weight_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):

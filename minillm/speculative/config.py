@@ -48,6 +48,9 @@ _READS_DRAFT_VOCAB = ("draft_model", "self_speculative", *HIDDEN_STATE_KIND)
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
 
 
+# the most tokens one step drafts per sequence: a verify step scores k + 1 rows per sequence. Medusa's heads and
+# MTP's modules draft one token each, so train-heads trains no more than this many (TrainOptions, HeadConfig)
+MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_DRAFT_LAYERS = 4  # self_speculative / draft_model: the target's first layers a draft keeps by default
 MIN_DRAFT_VOCAB = 64  # draft_vocab_size: no smaller than the widest tree search (tree_search_width <= 64)
 
@@ -81,8 +84,7 @@ class SpeculativeConfig:
     # answer tokens only (FR-Spec; draft_vocab.py), in [MIN_DRAFT_VOCAB, the vocabulary]; None: every token
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown speculative method {self.method!r}; allowed: {', '.join(METHODS)}")
+        check_method(self.method)
         for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
                           ("draft_num_layers", 1), ("lookahead_ngram", 2)):
             value = getattr(self, name)
@@ -92,9 +94,10 @@ class SpeculativeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"speculative_config {name} must be {'None or ' if optional else ''}an integer "
                                  f">= {low}, got {value!r}")
-        if self.num_speculative_tokens > 16:
-            raise ValueError(f"speculative_config num_speculative_tokens must be <= 16 (one verify step scores "
-                             f"k + 1 rows per sequence), got {self.num_speculative_tokens}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS} "
+                             f"(MAX_SPECULATIVE_TOKENS: one verify step scores k + 1 rows per sequence), got "
+                             f"{self.num_speculative_tokens}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config needs prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} > {self.prompt_lookup_max}")
@@ -153,6 +156,7 @@ class SpeculativeConfig:
             options.setdefault("method", "draft_model")
         if "method" not in options:
             raise ValueError(f"speculative_config needs a 'method' (one of {', '.join(METHODS)}) or a draft 'model'")
+        check_method(options["method"])  # first: a misspelt method is the mistake to name, not a missing count
         if "num_speculative_tokens" not in options:
             raise ValueError("speculative_config needs 'num_speculative_tokens' (an integer >= 1)")
         return cls(**options)
@@ -175,6 +179,12 @@ class SpeculativeConfig:
                                  f"speculative_model={model!r}, num_speculative_tokens={k!r}")
             options = {"model": model, "num_speculative_tokens": k}
         return cls.from_dict(options)
+
+
+def check_method(method: Any) -> None:
+    """ValueError naming `method` and the allowed ones unless it is a registered method (METHODS)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown speculative method {method!r}; allowed: {', '.join(METHODS)}")
 
 
 # methods whose verify steps score token trees: those carry a tree mask, so they replay tree graphs (a decode

@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from minillm.config import ModelConfig
 from minillm.layers.norm import rms_norm
 from minillm.layers.rotary import apply_rotary
+from minillm.speculative.config import MAX_SPECULATIVE_TOKENS
 from minillm.speculative.draft_vocab import DraftVocab, dense_head_weight
 
 HEAD_KINDS = ("medusa", "eagle", "mtp")
@@ -67,8 +68,9 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
-        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or not 1 <= self.num_heads <= 16:
-            raise ValueError(f"num_heads must be an integer in [1, 16], got {self.num_heads!r}")
+        top = MAX_SPECULATIVE_TOKENS
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or not 1 <= self.num_heads <= top:
+            raise ValueError(f"num_heads must be an integer in [1, {top}], got {self.num_heads!r}")
 
     @classmethod
     def for_target(cls, kind: str, config: ModelConfig, num_heads: int) -> "HeadConfig":

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.config import ModelConfig
+from minillm.speculative.config import MAX_SPECULATIVE_TOKENS
 from minillm.speculative.head_kinds import load_heads, new_heads
 from minillm.speculative.head_proposer import DEFAULT_WINDOW
 from minillm.speculative.heads import HEAD_KINDS, HeadConfig, TargetParts, num_parameters, save_heads
@@ -80,12 +82,19 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kind in ("medusa", "mtp") and self.num_heads > MAX_SPECULATIVE_TOKENS:
+            # each head (module) drafts one token; a verify step takes at most MAX_SPECULATIVE_TOKENS of them
+            name = "num_heads (mtp: the depth, --mtp-depth)" if self.kind == "mtp" else "num_heads"
+            raise ValueError(f"{name} must be an integer in [1, {MAX_SPECULATIVE_TOKENS}] (MAX_SPECULATIVE_TOKENS: "
+                             f"the engine drafts at most that many tokens a step, one per head), got "
+                             f"{self.num_heads!r}")
         if self.warmup is None:
             self.warmup = max(1, min(100, self.steps // 10))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
             raise ValueError(f"warmup must be None or an integer >= 1, got {self.warmup!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        lr = self.lr  # inf (or nan) would train every weight to nan
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or not 0 <= self.unroll <= 8:
             raise ValueError(f"unroll must be an integer in [0, 8], got {self.unroll!r}")
         if not 0 < self.unroll_decay <= 1:

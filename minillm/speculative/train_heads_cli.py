@@ -190,9 +190,7 @@ def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     options = [TrainOptions(kind, sizes["steps"], num_heads=args.mtp_depth if kind == "mtp" else args.num_heads,
                             draft_num_layers=args.draft_layers, rows_per_step=sizes["rows_per_step"], lr=args.lr,
                             seed=args.seed, unroll=args.unroll, init=args.init)
-               for kind in args.kind]
-    if not args.lr < float("inf"):  # TrainOptions refuses lr <= 0 and nan; inf trains every weight to nan
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+               for kind in args.kind]  # they check --lr, --num-heads and --mtp-depth
     check_output_path(args.out, "--out", folder=True)  # was met when the trained heads were saved: they were lost
     return sizes, options
 
