@@ -363,7 +363,33 @@ print(repr(yours.text))
 print("same tokens with your rms_norm, rope, top_k_filter, top_p_filter:", yours.token_ids == reference.token_ids)
 
 # %% [markdown]
-# ## 8. Interview questions
+# ## 8. The course in one table
+#
+# Every later chapter removes one cost from the way this model generates text. `minillm bench stack` measures them
+# stacked, on one workload and the same weights: each row keeps everything the rows above it switched on and adds
+# one technique (the chapter that builds it is in the second column). Below, a small version on this machine:
+# 4 requests sharing a 32-token system prompt, answers of 3 to 12 tokens, batches of 2. TTFT counts from the
+# moment all requests arrive, so it includes the wait behind earlier requests. Rows that need a GPU say so; run
+# `minillm bench stack` in a terminal (or on a GPU) for the full-size table.
+
+# %%
+from minillm.bench.stack import format_stack, run_stack
+
+rows = run_stack(num_prompts=4, batch=2, prefix_len=32, suffix_len=8, output_len=12, verbose=False)
+print(format_stack(rows))
+
+# %% [markdown]
+# Read it from the top. Without a cache every token is a prefill of everything so far (chapter 2); with it, each
+# token is one step. Batching makes one step serve several sequences: the weights are read once per step, not
+# once per sequence (section 2's arithmetic intensity). Continuous batching stops waiting for a batch's longest
+# answer, and the prefix cache stops recomputing the shared system prompt (chapters 5 and 6). On a GPU the next
+# rows remove what the arithmetic does not need: kernel launches (CUDA graphs), Python between steps (async
+# scheduling) and weight bytes (FP8). Speculative decoding (chapter 9) is the row that can go *down*: it spends
+# idle compute to save steps, and a CPU, or a batch that already uses the compute, has none to spare.
+# benchmarks/RESULTS.md holds the table measured on an H200.
+
+# %% [markdown]
+# ## 9. Interview questions
 #
 # Classic questions on this chapter's material; try them before opening the answers.
 #

@@ -364,3 +364,17 @@ def test_a_client_that_stops_reading_holds_one_output_per_choice():
     seen = asyncio.run(main())
     assert len(seen) <= 4, len(seen)
     assert {(i, out.step) for i, out in seen if out.finished} == {(0, 200), (1, 150)}
+
+
+def test_prompt_the_kv_pool_can_never_hold_is_a_400():
+    """8 blocks of 4 tokens hold 32 tokens (max_model_len 64): a 40-token prompt could never be served. It is a
+    400 naming the blocks, not a 500 "generation failed" after queueing; the server keeps serving."""
+    app, llm = tiny_app(tiny_engine(num_kv_blocks=8))
+    with ServerThread(app) as srv:
+        body = {"model": MODEL, "max_tokens": 2, "temperature": 0}
+        bad = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "x" * 40})
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert error["param"] == "prompt" and "10 KV blocks of 4" in error["message"], error
+        assert "the pool gives one sequence at most 8" in error["message"]
+        assert httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "x" * 20}).status_code == 200
