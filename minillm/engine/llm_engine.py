@@ -22,8 +22,9 @@ row). A request with prompt_logprobs never reads the prefix cache (a cached pref
 BlockManager._match_prefix honours.
 
 Robustness: a bad request is rejected by add_request (ValueError for that request only, nothing else changes); an
-exception inside a step finishes that step's requests with finish_reason "error" and the message, frees their
-KV, and the engine carries on with whatever arrives next.
+exception inside a step reruns the step one request at a time where that is safe (minillm/engine/step_isolation.py)
+and finishes with finish_reason "error" and the message only the requests that fail alone (all of the step's where
+a rerun is not safe), frees their KV, and the engine carries on with whatever arrives next.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.model_runner import token_logprobs
 from minillm.engine.step_input import StepOutput, TokenLogprobs, build_step_input
+from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
 from minillm.engine.worker import PrebuiltModel, Worker
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence, SequenceStatus
@@ -270,9 +272,18 @@ class LLMEngine:
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
-            logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
-            message = f"{type(err).__name__}: {err}"
-            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
+            if can_isolate(batch, self.executor, self.async_steps, self.speculative):  # unless they pass one at a time
+                logger.exception("engine step failed; rerunning its %d requests one by one", len(batch.seqs))
+                batch, step_output, failed = rerun_one_by_one(batch, self.cache_config.block_size,
+                                                              self.executor.execute_model)
+                outputs += [self._finish(seq, "error", error=message) for seq, message in failed]
+                if batch.is_empty:
+                    return outputs
+                tokens = step_output.sampled_token_ids
+            else:
+                logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
+                message = f"{type(err).__name__}: {err}"
+                return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
         try:
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)

@@ -1,0 +1,62 @@
+"""When a batched step fails, find the request that broke it: rerun the step one sequence at a time.
+
+A step is one forward over every scheduled sequence, so an exception inside it (a learner's override that fails
+on one shape, a kernel bug one prompt reaches) used to finish *all* of them with "error": one bad request took its
+batch-mates down. Before giving up, the engine reruns the same work (the same sequences, the same token counts,
+the same blocks) one sequence per forward. The ones whose forward succeeds get their tokens as if nothing had
+happened; only the ones that fail alone end in "error". A failure that is nobody's in particular (the device is
+gone, memory is short) fails every rerun too and ends as before, N forwards later.
+
+Rerunning is safe only where the failed attempt left nothing half-done that a rerun would do twice:
+* no block operations in the batch (swaps and copy-on-write copies run at the start of the forward: they may
+  already have happened);
+* no speculative decoding (a verify step's bookkeeping and a head's features span the batch) and no step
+  in flight (async scheduling);
+* the model in this process (UniProcExecutor): worker processes of a parallel group may be stuck in a collective.
+K/V written by the failed attempt is harmless: each rerun writes the same slots again before anything reads them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.step_input import StepOutput, build_step_input
+
+logger = logging.getLogger(__name__)
+
+
+def can_isolate(batch: ScheduledBatch, executor: Any, async_steps: Any, speculative: Any) -> bool:
+    """Whether a failed `batch` may be rerun one sequence at a time (see the module docstring)."""
+    from minillm.engine.executor import UniProcExecutor
+    return (len(batch.seqs) > 1 and not (batch.blocks_to_swap_in or batch.blocks_to_swap_out or batch.blocks_to_copy)
+            and speculative is None and async_steps is None and isinstance(executor, UniProcExecutor))
+
+
+def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput]
+                     ) -> tuple[ScheduledBatch, StepOutput, list[tuple[Any, str]]]:
+    """Each sequence of `batch` in a forward of its own through `execute` (the executor's execute_model).
+    Returns (the batch of the sequences that ran, their outputs merged into one StepOutput in that batch's order,
+    [(sequence, error message)] of the rest)."""
+    survivors, outputs, failed = ScheduledBatch(), [], []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        alone = ScheduledBatch(seqs=[seq], num_new_tokens=[n])
+        try:
+            outputs.append(execute(build_step_input(alone, block_size, [])))
+        except Exception as err:
+            logger.warning("request %s fails a step alone: %s: %s", seq.request_id, type(err).__name__, err)
+            failed.append((seq, f"{type(err).__name__}: {err}"))
+            continue
+        survivors.seqs.append(seq)
+        survivors.num_new_tokens.append(n)
+    return survivors, _merge(outputs), failed
+
+
+def _merge(outputs: list[StepOutput]) -> StepOutput:
+    """One-sequence outputs as the output of one step over all of them (a field none of them has stays None)."""
+    def field(name: str) -> list | None:
+        values = [getattr(o, name) for o in outputs]
+        return None if all(v is None for v in values) else [v[0] if v else [] for v in values]
+
+    return StepOutput([o.sampled_token_ids[0] for o in outputs], logprobs=field("logprobs"),
+                      prompt_logprobs=field("prompt_logprobs"))
