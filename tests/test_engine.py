@@ -245,7 +245,9 @@ def test_failing_step_errors_its_requests_only(model_and_config):
 
 
 @pytest.mark.parametrize("layout", [dict(scheduling="static", kv_layout="contiguous"),
-                                    dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=24)])
+                                    dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=24),
+                                    dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=24,
+                                         async_scheduling=True)])
 def test_failing_batch_is_rerun_one_by_one_and_only_the_culprit_fails(model_and_config, layout):
     """Three requests in one batch, one of which breaks the forward: the step is rerun one request at a time, the
     two good ones get exactly plain decoding's tokens, the bad one alone ends in "error", nothing leaks."""

@@ -60,6 +60,7 @@ Unseeded random sampling draws from the shared generator for wasted tokens too, 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -69,6 +70,7 @@ from typing import Any
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import SequenceStatus
 from minillm.engine.step_input import build_step_input
+from minillm.engine.step_isolation import can_isolate
 from minillm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -111,13 +113,18 @@ class AsyncSteps:
                 step_input.deferred_input_ids = min(step_input.input_ids) < 0
                 launched = engine.executor.launch_model(step_input)
             except Exception as err:  # isolate: this step's requests fail (after the step in flight is read)
-                logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
+                logger.exception("engine step failed for %d request(s)", len(batch.seqs))
                 failure = f"{type(err).__name__}: {err}"
         previous, self.in_flight_step = self.in_flight_step, None
         if previous is not None:
             self._read(previous, outputs)
         if failure is not None:
-            outputs += [engine._finish(seq, "error", error=failure) for seq in batch.seqs if not seq.is_finished]
+            alive = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
+            batch = dataclasses.replace(batch, seqs=[seq for seq, _ in alive], num_new_tokens=[n for _, n in alive])
+            if can_isolate(batch, engine.executor, None, engine.speculative):  # nothing is in flight now: rerun
+                outputs += engine._rerun_one_by_one(batch)  # synchronously, one request at a time
+            else:
+                outputs += [engine._finish(seq, "error", error=failure) for seq in batch.seqs]
         elif launched is not None:
             self.in_flight_step = self._expect(batch, step_input.num_sampled, launched)
         return outputs

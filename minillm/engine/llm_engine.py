@@ -274,16 +274,25 @@ class LLMEngine:
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
             if can_isolate(batch, self.executor, self.async_steps, self.speculative):  # unless they pass one at a time
                 logger.exception("engine step failed; rerunning its %d requests one by one", len(batch.seqs))
-                batch, step_output, failed = rerun_one_by_one(batch, self.cache_config.block_size,
-                                                              self.executor.execute_model)
-                outputs += [self._finish(seq, "error", error=message) for seq, message in failed]
-                if batch.is_empty:
-                    return outputs
-                tokens = step_output.sampled_token_ids
-            else:
-                logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
-                message = f"{type(err).__name__}: {err}"
-                return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
+                return outputs + self._rerun_one_by_one(batch)
+            logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))
+            message = f"{type(err).__name__}: {err}"
+            return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
+        return self._postprocess_step(batch, step_output, tokens, outputs)
+
+    def _rerun_one_by_one(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A failed step's work again, one sequence per forward (minillm/engine/step_isolation.py): the outputs of
+        the sequences that fail alone (finished with "error") and of the step the others make together."""
+        batch, step_output, failed = rerun_one_by_one(batch, self.cache_config.block_size, self.executor.execute_model)
+        outputs = [self._finish(seq, "error", error=message) for seq, message in failed]
+        if batch.is_empty:
+            return outputs
+        return self._postprocess_step(batch, step_output, step_output.sampled_token_ids, outputs)
+
+    def _postprocess_step(self, batch: ScheduledBatch, step_output: StepOutput, tokens: list[list[int]],
+                          outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """A synchronous step's results into its sequences: drafts verified, log-probs scored, the scheduler's
+        bookkeeping, then the output loop; `outputs` (extended and returned) gets every request to report."""
         try:
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)

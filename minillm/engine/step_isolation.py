@@ -11,7 +11,7 @@ Rerunning is safe only where the failed attempt left nothing half-done that a re
 * no block operations in the batch (swaps and copy-on-write copies run at the start of the forward: they may
   already have happened);
 * no speculative decoding (a verify step's bookkeeping and a head's features span the batch) and no step
-  in flight (async scheduling);
+  in flight (async scheduling reads the step in flight first, then reruns the failed one synchronously);
 * the model in this process (UniProcExecutor): worker processes of a parallel group may be stuck in a collective.
 K/V written by the failed attempt is harmless: each rerun writes the same slots again before anything reads them.
 """
