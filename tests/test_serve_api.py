@@ -314,6 +314,28 @@ def test_echo_puts_the_prompt_and_its_logprobs_in_front(client):
         .text.startswith("cd")
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(client, server):
+    """echo + max_tokens 0 + logprobs: the prompt's log-likelihood, as evaluation harnesses ask for it (OpenAI's
+    legacy completions): the prompt alone comes back with its tokens' log-probs, no completion tokens, "length";
+    the same log-probs as the echoed prompt of a request that generates. Without echo, max_tokens 0 is a 400."""
+    kwargs = dict(model=MODEL, temperature=0, logprobs=2, echo=True)
+    scored = client.completions.create(prompt="Hey you", max_tokens=0, **kwargs)
+    generated = client.completions.create(prompt="Hey you", max_tokens=3, **kwargs)
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert choice.text == "Hey you" and choice.finish_reason == "length"
+    assert scored.usage.prompt_tokens == 7 and scored.usage.completion_tokens == 0
+    assert lp.tokens == list("Hey you") and lp.token_logprobs[0] is None
+    assert lp.token_logprobs == generated.choices[0].logprobs.token_logprobs[:7]
+    assert all(len(top) <= 3 for top in lp.top_logprobs[1:])  # the actual token and the top 2
+    chunks = list(client.completions.create(prompt="Hey you", max_tokens=0, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == "Hey you"
+    assert [t for c in chunks for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert chunks[-1].choices[0].finish_reason == "length"
+    bad = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hey", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    assert "echo=true" in bad.json()["error"]["message"]
+
+
 def test_a_failed_engine_step_is_an_openai_error_and_the_server_goes_on():
     """A step that raises fails the requests in it; the client still gets OpenAI's error shape (a JSON 500, or an
     error event and [DONE] in a stream) instead of Starlette's plain text or a cut connection."""

@@ -11,6 +11,8 @@ The path of one request:
      Log-probabilities, when asked for, ride along in OpenAI's shapes (`_completion_logprobs`, `_chat_logprobs`):
      every chunk carries those of the tokens produced since the previous chunk. A completion with `echo` has its
      prompt (and the prompt's log-probabilities) in front of its first piece, as vLLM sends it.
+     With `max_tokens: 0` as well, the prompt alone comes back, scored (a text's log-likelihood, as evaluation
+     harnesses ask for it): the one token generated to score it is left out of the text, log-probs and usage.
      A generation that fails ends the stream with an `{"error": ...}` event, then `data: [DONE]`, like any other.
 A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
 generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
@@ -47,6 +49,7 @@ class _Choice:
     text_offset: int = 0  # characters of token text before the next unsent token (completions' text_offset)
     num_top: int = 0  # top_logprobs per token (chat)
     echo: tuple[str, str] | None = None  # (prompt text, its first token's text): still to send, with echo=true
+    score_only: bool = False  # echo with max_tokens 0: the prompt (and its log-probs) only, nothing generated
     output: RequestOutput | None = None
 
 
@@ -139,8 +142,15 @@ class OpenAIServing:
         # tokenizing is the one slow thing a request body can ask for (~0.6 s for a 1 MiB prompt on 2 cores): off
         # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL)
         prompts = await asyncio.to_thread(lambda: [self._prompt(p, "prompt") for p in prompt])
-        params = self.sampling_params(request, request.max_tokens, prompts, default_max_tokens=16)
-        return await self._respond(request, raw, prompts, params, chat=False)
+        # echo with max_tokens 0 scores the prompt (how evaluation harnesses ask for a text's log-likelihood): the
+        # engine generates one token, which the answer leaves out
+        score_only = request.echo and request.max_tokens == 0
+        if request.max_tokens == 0 and not score_only:
+            raise ApiError(400, "max_tokens=0 generates nothing: give it with echo=true to get the prompt back (and "
+                                "its log-probabilities with logprobs), or ask for max_tokens >= 1", param="max_tokens")
+        params = self.sampling_params(request, 1 if score_only else request.max_tokens, prompts,
+                                      default_max_tokens=16)
+        return await self._respond(request, raw, prompts, params, chat=False, score_only=score_only)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
@@ -152,11 +162,11 @@ class OpenAIServing:
 
     # -- generation ---------------------------------------------------------------------------------------
     async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],
-                       params: list[SamplingParams], chat: bool) -> Response:
+                       params: list[SamplingParams], chat: bool, score_only: bool = False) -> Response:
         if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
         base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0)
+        choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only)
                    for p in range(len(prompts)) for i in range(len(params))]
         if getattr(request, "echo", False):
             decode = self.llm.tokenizer.decode
@@ -199,7 +209,7 @@ class OpenAIServing:
                                      "logprobs": logprobs, "finish_reason": done.finish_reason})
             else:
                 body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                                     "finish_reason": done.finish_reason})
+                                     "finish_reason": _finish_reason(c, done.finish_reason)})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
                 "usage": _usage(num_prompt_tokens, choices)}
 
@@ -231,7 +241,8 @@ class OpenAIServing:
                 # waits for the next event); the last one carries the finish_reason
                 if len(done.text) > c.sent or out.finished or c.echo is not None:
                     new_text, logprobs = _next_piece(c, out, chat)
-                    yield chunk(c.index, new_text or (None if chat else ""), done.finish_reason, logprobs=logprobs)
+                    yield chunk(c.index, new_text or (None if chat else ""),
+                                _finish_reason(c, done.finish_reason), logprobs=logprobs)
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
@@ -256,6 +267,8 @@ def _next_piece(choice: _Choice, out: RequestOutput, chat: bool) -> tuple[str, d
     done = out.outputs[0]
     text, choice.sent = done.text[choice.sent:], len(done.text)
     new = None if done.logprobs is None else done.logprobs[choice.sent_tokens:]
+    if choice.score_only:  # the one token generated to get the prompt scored is not part of the answer
+        text, new = "", None if new is None else []
     if choice.echo is not None:
         (prompt, first_token), choice.echo = choice.echo, None
         text = prompt + text
@@ -355,8 +368,13 @@ async def _disconnected(raw: Request) -> None:
         pass
 
 
+def _finish_reason(choice: _Choice, reason: str | None) -> str | None:
+    """A scored prompt (max_tokens 0) ends by length, whatever became of the token generated to score it."""
+    return "length" if choice.score_only and reason is not None else reason
+
+
 def _usage(num_prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
-    completion = sum(len(c.output.outputs[0].token_ids) for c in choices if c.output is not None)
+    completion = sum(len(c.output.outputs[0].token_ids) for c in choices if c.output is not None and not c.score_only)
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
             "total_tokens": num_prompt_tokens + completion}
 
