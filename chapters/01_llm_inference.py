@@ -386,7 +386,7 @@ print(format_stack(rows))
 # rows remove what the arithmetic does not need: kernel launches (CUDA graphs), Python between steps (async
 # scheduling) and weight bytes (FP8). Speculative decoding (chapter 9) is the row that can go *down*: it spends
 # idle compute to save steps, and a CPU, or a batch that already uses the compute, has none to spare.
-# benchmarks/RESULTS.md holds the table measured on an H200.
+# On a GPU the same command fills every row; benchmarks/RESULTS.md records the tables we measured.
 
 # %% [markdown]
 # ## 9. Interview questions
