@@ -285,7 +285,8 @@ def test_server_returns_openai_shaped_logprobs(client):
     for item in content:
         assert len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob == item.logprob  # greedy
         assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
-        assert bytes(item.bytes).decode("utf-8") == item.token
+        # a byte token's own byte (token_bytes), even where its text alone is U+FFFD
+        assert len(item.bytes) <= 1 and bytes(item.bytes).decode("utf-8", errors="replace") == item.token
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
                                                  logprobs=True, stream=True, extra_body={"ignore_eos": True}))
     streamed = [i for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
@@ -293,3 +294,16 @@ def test_server_returns_openai_shaped_logprobs(client):
     assert all(i.top_logprobs == [] for i in streamed)  # top_logprobs not asked: 0 alternatives
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(client):
+    """OpenAI's `bytes` lets a client rebuild a character split across tokens: each token's own bytes (a byte
+    token >= 0x80 is that byte, not the UTF-8 of U+FFFD), so the bytes of all the tokens are the answer's bytes."""
+    from serve_tiny import MODEL
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=24,
+                                          temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+    raw = b"".join(bytes(item.bytes) for item in chat.choices[0].logprobs.content)
+    assert any(b >= 0x80 for b in raw)  # the tiny model's answer holds bytes that are no character alone
+    assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
+    assert b"\xef\xbf\xbd" not in raw  # no U+FFFD stood in for a byte
+

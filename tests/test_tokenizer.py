@@ -222,3 +222,19 @@ def test_crafted_vocab_add_bos_and_errors(tmp_path):
         Tokenizer.from_gguf(_tiny_tokenizer_gguf(tmp_path / "pre.gguf", pre="mystery"))
     with pytest.raises(GGUFError, match=r"tokenizer.ggml.model='llama' is not supported"):
         Tokenizer.from_gguf(_tiny_tokenizer_gguf(tmp_path / "spm.gguf", model="llama"))
+
+
+def test_token_bytes_rebuild_characters_split_across_tokens():
+    """token_bytes gives each token's own bytes: SmolLM2 splits 東, ¥ and the emoji across byte tokens whose text
+    alone is U+FFFD, and the bytes of all the tokens are the text's UTF-8, special tokens included."""
+    from minillm.loader import load_model
+    _, _, tok = load_model()
+    text = "Tea in 東京 costs ¥500 🍵!<|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    split = [i for i in ids if tok.decode([i]).endswith("\ufffd")]
+    assert split and all(len(tok.token_bytes(i)) >= 1 and b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in split)
+    assert tok.token_bytes(tok.encode(" the", add_special_tokens=False)[0]) == b" the"
+    with pytest.raises(ValueError, match="unknown token id"):
+        tok.token_bytes(10**9)
+

@@ -22,6 +22,9 @@ class ByteTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""
+
 
 def run_to_completion(engine, prompts: list, params) -> list[list[int]]:
     """Add every prompt to `engine` and step it until all finish; each prompt's generated token ids, in prompt

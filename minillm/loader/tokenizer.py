@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from functools import cached_property
 from typing import Any, Iterable
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -230,6 +232,26 @@ class Tokenizer:
                 raise ValueError(f"unknown token id {bad[0]}; valid ids are 0..{vocab_size - 1}")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for, whole even when they are only part of a UTF-8 character (which
+        decode() of the token alone turns into U+FFFD): OpenAI's logprobs `bytes`, from which a client rebuilds
+        a character split across tokens. A byte-level vocabulary writes each byte as a printable
+        character (GPT-2's table, inverted in `_byte_of_char`); a SentencePiece one writes a byte token as <0xNN>
+        and a space as U+2581; an added token (<|im_end|>) is its own text."""
+        token = self.backend.id_to_token(int(token_id))
+        if token is None:
+            raise ValueError(f"unknown token id {token_id}; valid ids are 0..{self.vocab_size - 1}")
+        if int(token_id) in self._added_ids:
+            return token.encode("utf-8")
+        if type(self.backend.decoder).__name__ == "ByteLevel" and all(c in _byte_of_char() for c in token):
+            return bytes(_byte_of_char()[c] for c in token)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+        return bytes([int(byte[1], 16)]) if byte else token.replace("\u2581", " ").encode("utf-8")
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
     def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """`decode` of each id list, in one call into the tokenizer library (the engine's detokenizer decodes two
         windows of every running sequence per step: one call for all of them instead of 2 x batch)."""
@@ -257,3 +279,19 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos={self.eos_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
+
+
+_BYTE_OF_CHAR: dict[str, int] = {}
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: character -> the byte it stands for. The printable bytes
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68 (controls, space, ...) are given the
+    characters from U+0100 on, in byte order, so that no vocabulary entry holds a space or a control."""
+    if not _BYTE_OF_CHAR:
+        printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        others = [b for b in range(256) if b not in printable]
+        _BYTE_OF_CHAR.update({chr(b): b for b in printable})
+        _BYTE_OF_CHAR.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return _BYTE_OF_CHAR
+

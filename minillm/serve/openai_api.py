@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -60,6 +60,8 @@ class OpenAIServing:
         self.llm = llm
         self.model_name = model_name
         self.chat_template = chat_template
+        # a token's own bytes for chat logprobs (minillm.loader.Tokenizer.token_bytes); None: its text's UTF-8
+        self._token_bytes: Callable[[int], bytes] | None = getattr(llm.tokenizer, "token_bytes", None)
 
     # -- validation ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -203,7 +205,7 @@ class OpenAIServing:
             done = c.output.outputs[0]
             if done.finish_reason == "error":
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
-            text, logprobs = _next_piece(c, c.output, chat)
+            text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             if chat:
                 body_choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
                                      "logprobs": logprobs, "finish_reason": done.finish_reason})
@@ -240,7 +242,7 @@ class OpenAIServing:
                 # one event per step that added text (a token may end mid-character and add none: its log-prob
                 # waits for the next event); the last one carries the finish_reason
                 if len(done.text) > c.sent or out.finished or c.echo is not None:
-                    new_text, logprobs = _next_piece(c, out, chat)
+                    new_text, logprobs = _next_piece(c, out, chat, self._token_bytes)
                     yield chunk(c.index, new_text or (None if chat else ""),
                                 _finish_reason(c, done.finish_reason), logprobs=logprobs)
             else:
@@ -261,7 +263,8 @@ def _choice_seed(seed: int, index: int) -> int:
     return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
 
 
-def _next_piece(choice: _Choice, out: RequestOutput, chat: bool) -> tuple[str, dict | None]:
+def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,
+                token_bytes: Callable[[int], bytes] | None = None) -> tuple[str, dict | None]:
     """The choice's text not sent yet, and the OpenAI logprobs object of its tokens (None when none were asked
     for). An echoed prompt comes once, in front of the first piece, with the prompt's log-probabilities."""
     done = out.outputs[0]
@@ -279,7 +282,7 @@ def _next_piece(choice: _Choice, out: RequestOutput, chat: bool) -> tuple[str, d
         return text, None
     choice.sent_tokens = len(done.logprobs)
     if chat:
-        return text, _chat_logprobs(new, choice.num_top)
+        return text, _chat_logprobs(new, choice.num_top, token_bytes)
     body = _completion_logprobs(new, choice.text_offset)
     choice.text_offset += sum(len(token) for token in body["tokens"])
     return text, body
@@ -308,18 +311,23 @@ def _completion_logprobs(logprobs: list[TokenLogprobDict], text_offset: int) -> 
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int) -> dict[str, list]:
-    """/v1/chat/completions' shape: per token {token, logprob, bytes, top_logprobs: the top k by rank}."""
-    def item(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int,
+                   token_bytes: Callable[[int], bytes] | None = None) -> dict[str, list]:
+    """/v1/chat/completions' shape: per token {token, logprob, bytes, top_logprobs: the top k by rank}. `bytes`
+    are the token's own (the tokenizer's token_bytes: a piece of a character stays that piece, where the token's
+    text alone is U+FFFD), or its text's UTF-8 with a tokenizer that cannot tell them."""
+    def item(token_id: int, lp: Any) -> dict[str, Any]:
+        text = lp.decoded_token or ""
+        raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8")
+        return {"token": text, "logprob": lp.logprob, "bytes": list(raw)}
 
     content = []
     for entries in logprobs:
-        token, logprob = _token_of(entries)
+        token_id, actual = next(iter(entries.items()))  # the actual token: the first entry of vLLM's dict
         # the dict holds the actual token and the top k: keep the top k by rank (the actual token when it is one)
-        top = sorted(entries.values(), key=lambda lp: lp.rank)[:num_top]
-        content.append({**item(token, logprob), "top_logprobs": [item(lp.decoded_token or "", lp.logprob)
-                                                                 for lp in top if lp.rank <= num_top]})
+        top = sorted(entries.items(), key=lambda kv: kv[1].rank)[:num_top]
+        content.append({**item(token_id, actual), "top_logprobs": [item(i, lp) for i, lp in top
+                                                                   if lp.rank <= num_top]})
     return {"content": content}
 
 
