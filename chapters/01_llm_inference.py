@@ -373,10 +373,14 @@ print("same tokens with your rms_norm, rope, top_k_filter, top_p_filter:", yours
 # `minillm bench stack` in a terminal (or on a GPU) for the full-size table.
 
 # %%
+from minillm.bench.plots import plot_stack
 from minillm.bench.stack import format_stack, run_stack
 
 rows = run_stack(num_prompts=4, batch=2, prefix_len=32, suffix_len=8, output_len=12, verbose=False)
 print(format_stack(rows))
+fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+plot_stack(rows, ax)
+plt.show()
 
 # %% [markdown]
 # Read it from the top. Without a cache every token is a prefill of everything so far (chapter 2); with it, each

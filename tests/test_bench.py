@@ -370,6 +370,12 @@ def test_stack_table_runs_every_cpu_row_on_one_workload(capsys):
         assert row.tokens == tokens and row.output_tokens == sum(map(len, tokens))
         assert row.seconds > 0 and row.ttft is not None and 0 < row.ttft <= row.seconds
     assert [r.same_as_above for r in ran] == ["-"] + ["3/3"] * 5
+    from matplotlib.figure import Figure
+
+    from minillm.bench.plots import plot_stack
+    ax = Figure().subplots()
+    plot_stack(rows, ax)
+    assert len(ax.patches) == len(ran) and sum("skipped" in t.get_text() for t in ax.texts) == 4
     assert cli.main(["bench", "stack", "--output-len", "0"]) == 2
     assert "output_len must be an integer >= 1, got 0" in capsys.readouterr().err
 

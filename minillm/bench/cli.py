@@ -152,6 +152,7 @@ def _cmd_bench_stack(args: argparse.Namespace) -> int:
 
     try:
         _check_output_file(args.json)
+        _check_output_file(args.plot)
         rows = run_stack(model=args.model, device=args.device, dtype=args.dtype, num_prompts=args.num_prompts,
                          batch=args.batch, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
                          output_len=args.output_len, seed=args.seed)
@@ -163,6 +164,13 @@ def _cmd_bench_stack(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(to_dict(rows), f, indent=2)
         print(f"raw results written to {args.json}")
+    if args.plot:
+        from matplotlib.figure import Figure
+
+        from minillm.bench.plots import plot_stack, save_figure
+        fig = Figure(figsize=(9, 4), layout="constrained")
+        plot_stack(rows, fig.subplots())
+        print(f"plotted to {save_figure(fig, args.plot)}")
     return 0
 
 
@@ -180,6 +188,7 @@ def _add_bench_stack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--plot", default=None, help="also draw the rows here (PNG)")
     p.set_defaults(func=_cmd_bench_stack)
 
 

@@ -67,6 +67,25 @@ def plot_run(outputs: Sequence[Any], result: BenchResult, title: str = "") -> An
     return fig
 
 
+def plot_stack(rows: Sequence[Any], ax: Any) -> None:
+    """`minillm bench stack`'s rows (minillm.bench.stack.RowResult) as horizontal bars of output tokens/s on a log
+    axis, top to bottom, each labelled with its gain over the first row; a row that did not run says why, in grey."""
+    ran = [r.tok_per_s for r in rows if not r.skipped]
+    first, low = (ran[0], min(ran)) if ran else (1.0, 1.0)
+    for y, row in enumerate(rows):
+        if row.skipped:
+            ax.text(low, y, f"skipped: {row.skipped}", va="center", fontsize=7, color="grey")
+            continue
+        ax.barh(y, row.tok_per_s, color=PHASE_COLORS["decode"])
+        ax.text(row.tok_per_s, y, f" {row.tok_per_s / first:.1f}x", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{r.name} (ch. {r.chapters})" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(low / 2, max(ran, default=1.0) * 4)
+    ax.set_xlabel("output tokens/s (log scale); each bar's label: x the first row")
+    ax.set_title("the optimizations stacked, each row on top of the rows above")
+
+
 def save_figure(fig: Any, path: str | os.PathLike) -> str:
     """Save, creating the folder; returns the path written."""
     path = os.fspath(path)
