@@ -2,6 +2,7 @@
 and message, the API key, /metrics through Prometheus' own parser, graceful shutdown."""
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -334,6 +335,22 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, server):
     bad = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hey", "max_tokens": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
     assert "echo=true" in bad.json()["error"]["message"]
+
+
+def test_echo_streams_the_whole_prompts_logprobs_under_chunked_prefill():
+    """A chunked prefill reports after every chunk; the echoed prompt is sent once it is scored whole, so a stream
+    carries the same log-probs as the JSON answer. A prompt of max_model_len tokens can be scored (max_tokens 0)."""
+    app, _ = tiny_app(tiny_engine(enable_chunked_prefill=True, max_num_batched_tokens=8))
+    body = {"model": MODEL, "prompt": "x" * 30, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True}
+    with ServerThread(app) as srv:
+        whole = httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+        streamed = [t for e in events for t in json.loads(e)["choices"][0]["logprobs"]["token_logprobs"]]
+        assert len(whole) == 32 and streamed == whole
+        full = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "y" * 64, "max_tokens": 0})
+        assert full.status_code == 200, full.text
+        assert len(full.json()["choices"][0]["logprobs"]["tokens"]) == 64
 
 
 def test_a_failed_engine_step_is_an_openai_error_and_the_server_goes_on():

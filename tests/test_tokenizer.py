@@ -226,15 +226,30 @@ def test_crafted_vocab_add_bos_and_errors(tmp_path):
 
 def test_token_bytes_rebuild_characters_split_across_tokens():
     """token_bytes gives each token's own bytes: SmolLM2 splits 東, ¥ and the emoji across byte tokens whose text
-    alone is U+FFFD, and the bytes of all the tokens are the text's UTF-8, special tokens included."""
+    alone is U+FFFD, and the bytes of all the tokens are the text's UTF-8; a special token has none (decode skips
+    it too)."""
     from minillm.loader import load_model
     _, _, tok = load_model()
-    text = "Tea in 東京 costs ¥500 🍵!<|im_end|>"
-    ids = tok.encode(text, add_special_tokens=False)
+    text = "Tea in 東京 costs ¥500 🍵!"
+    ids = tok.encode(text + "<|im_end|>", add_special_tokens=False)
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(ids[-1]) == b"" and tok.decode(ids[-1:]) == ""
     split = [i for i in ids if tok.decode([i]).endswith("\ufffd")]
     assert split and all(len(tok.token_bytes(i)) >= 1 and b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in split)
     assert tok.token_bytes(tok.encode(" the", add_special_tokens=False)[0]) == b" the"
-    with pytest.raises(ValueError, match="unknown token id"):
-        tok.token_bytes(10**9)
+    for bad in (10**9, -1):
+        with pytest.raises(ValueError, match="unknown token id"):
+            tok.token_bytes(bad)
+
+
+def test_token_bytes_with_a_byte_level_decoder_inside_a_sequence():
+    """A tokenizer.json may wrap the ByteLevel decoder in a Sequence: still byte-level ('Ġh' is b' h')."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+
+    from minillm.loader.tokenizer import Tokenizer
+    backend = Backend(models.BPE(vocab={"Ġh": 0, "Ã©": 1, "h": 2}, merges=[]))
+    backend.decoder = decoders.Sequence([decoders.ByteLevel()])
+    tok = Tokenizer(backend, bos_token_id=None, eos_token_id=None)
+    assert tok.token_bytes(0) == b" h" and tok.token_bytes(1) == "é".encode("utf-8")
 

@@ -3,9 +3,10 @@
 A step is one forward over every scheduled sequence, so an exception inside it (a learner's override that fails
 on one shape, a kernel bug one prompt reaches) used to finish *all* of them with "error": one bad request took its
 batch-mates down. Before giving up, the engine reruns the same work (the same sequences, the same token counts,
-the same blocks) one sequence per forward. The ones whose forward succeeds get their tokens as if nothing had
-happened; only the ones that fail alone end in "error". A failure that is nobody's in particular (the device is
-gone, memory is short) fails every rerun too and ends as before, N forwards later.
+the same blocks) one sequence per forward. The ones whose forward succeeds go on; only the ones that fail alone
+end in "error". A failure that is nobody's in particular (the device is gone, memory is short) fails every rerun
+too and ends as before, N forwards later. Greedy requests get exactly the tokens they would have had; a sampled
+one draws again, so a seeded request whose step failed after its draw gets a different (equally valid) sample.
 
 Rerunning is safe only where the failed attempt left nothing half-done that a rerun would do twice:
 * no block operations in the batch (swaps and copy-on-write copies run at the start of the forward: they may

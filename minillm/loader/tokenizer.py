@@ -235,22 +235,34 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token `token_id` stands for, whole even when they are only part of a UTF-8 character (which
         decode() of the token alone turns into U+FFFD): OpenAI's logprobs `bytes`, from which a client rebuilds
-        a character split across tokens. A byte-level vocabulary writes each byte as a printable
-        character (GPT-2's table, inverted in `_byte_of_char`); a SentencePiece one writes a byte token as <0xNN>
-        and a space as U+2581; an added token (<|im_end|>) is its own text."""
-        token = self.backend.id_to_token(int(token_id))
+        a character split across tokens. A byte-level vocabulary writes each byte as a printable character
+        (GPT-2's table, inverted in `_byte_of_char`); a SentencePiece one writes a byte token as <0xNN> and a
+        space as U+2581; a user-defined added token is its own text, and a special one (<|im_end|>) has no bytes,
+        as decode() skips it."""
+        token_id = int(token_id)
+        token = self.backend.id_to_token(token_id) if token_id >= 0 else None
         if token is None:
             raise ValueError(f"unknown token id {token_id}; valid ids are 0..{self.vocab_size - 1}")
-        if int(token_id) in self._added_ids:
-            return token.encode("utf-8")
-        if type(self.backend.decoder).__name__ == "ByteLevel" and all(c in _byte_of_char() for c in token):
+        added = self._added_tokens.get(token_id)
+        if added is not None:
+            return b"" if added.special else token.encode("utf-8")
+        if self._byte_level and all(c in _byte_of_char() for c in token):
             return bytes(_byte_of_char()[c] for c in token)
         byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
         return bytes([int(byte[1], 16)]) if byte else token.replace("\u2581", " ").encode("utf-8")
 
     @cached_property
-    def _added_ids(self) -> frozenset[int]:
-        return frozenset(self.backend.get_added_tokens_decoder())
+    def _added_tokens(self) -> dict[int, AddedToken]:
+        return self.backend.get_added_tokens_decoder()
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the decoder maps GPT-2's byte characters back to bytes (alone, or inside a Sequence)."""
+        def has_byte_level(decoder: Any) -> bool:
+            if not isinstance(decoder, dict):
+                return False
+            return decoder.get("type") == "ByteLevel" or any(has_byte_level(d) for d in decoder.get("decoders", []))
+        return has_byte_level(json.loads(self.backend.to_str()).get("decoder"))
 
     def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """`decode` of each id list, in one call into the tokenizer library (the engine's detokenizer decodes two

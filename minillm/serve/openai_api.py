@@ -109,13 +109,14 @@ class OpenAIServing:
         return text, token_ids
 
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
-                        default_max_tokens: int | None) -> list[SamplingParams]:
-        """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value."""
+                        default_max_tokens: int | None, score_only: bool = False) -> list[SamplingParams]:
+        """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value.
+        score_only: the one token asked for only scores the prompt, so a prompt of max_model_len tokens fits."""
         longest = max(len(ids) for _, ids in prompts)
         limit = self.llm.max_model_len
         if max_tokens is None:
             max_tokens = default_max_tokens if default_max_tokens is not None else limit - longest
-        if max_tokens >= 1 and longest + max_tokens > limit:
+        if max_tokens >= 1 and longest + max_tokens > limit and not score_only:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the "
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
@@ -151,7 +152,7 @@ class OpenAIServing:
             raise ApiError(400, "max_tokens=0 generates nothing: give it with echo=true to get the prompt back (and "
                                 "its log-probabilities with logprobs), or ask for max_tokens >= 1", param="max_tokens")
         params = self.sampling_params(request, 1 if score_only else request.max_tokens, prompts,
-                                      default_max_tokens=16)
+                                      default_max_tokens=16, score_only=score_only)
         return await self._respond(request, raw, prompts, params, chat=False, score_only=score_only)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
@@ -240,8 +241,10 @@ class OpenAIServing:
                     yield _event(error_body(f"generation failed: {done.error}", "server_error", code=500))
                     break
                 # one event per step that added text (a token may end mid-character and add none: its log-prob
-                # waits for the next event); the last one carries the finish_reason
-                if len(done.text) > c.sent or out.finished or c.echo is not None:
+                # waits for the next event); the last one carries the finish_reason. An echoed prompt goes once
+                # it is scored whole: a chunked prefill reports after every chunk, with that chunk's log-probs only
+                echo_ready = c.echo is not None and (bool(done.token_ids) or out.finished)
+                if len(done.text) > c.sent or out.finished or echo_ready:
                     new_text, logprobs = _next_piece(c, out, chat, self._token_bytes)
                     yield chunk(c.index, new_text or (None if chat else ""),
                                 _finish_reason(c, done.finish_reason), logprobs=logprobs)
