@@ -177,12 +177,14 @@ def _cmd_bench_stack(args: argparse.Namespace) -> int:
 def _add_bench_stack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stack", help="the course's optimizations stacked row by row on one workload, each "
                                      "measured here: tok/s, TTFT, TPOT")
-    p.add_argument("--num-prompts", type=int, default=8, help="requests (default 8)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step from the batching rows on (default 4)")
-    p.add_argument("--prefix-len", type=int, default=96, help="tokens of the system prompt every request shares")
-    p.add_argument("--suffix-len", type=int, default=32, help="tokens of each request's own part")
-    p.add_argument("--output-len", type=int, default=32,
-                   help="longest answer; lengths are drawn from [output_len // 4, output_len]")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests (default 8 on a CPU, 32 on a GPU)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step from the batching rows on (default 4 on a CPU, 16 on a GPU)")
+    p.add_argument("--prefix-len", type=int, default=None,
+                   help="tokens of the system prompt every request shares (default 96 / 256)")
+    p.add_argument("--suffix-len", type=int, default=None, help="tokens of each request's own part (default 32 / 64)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="longest answer, lengths drawn from [output_len // 4, output_len] (default 32 / 128)")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

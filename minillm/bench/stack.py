@@ -145,15 +145,27 @@ def _summarise(row: RowResult, tokens: list[list[int]], times: list[tuple]) -> N
     row.tpot = sum(gaps) / len(gaps) if gaps else None
 
 
-def run_stack(model: str | None = None, device: str = "auto", dtype: str = "auto", num_prompts: int = 8,
-              batch: int = 4, prefix_len: int = 96, suffix_len: int = 32, output_len: int = 32, seed: int = 0,
-              layers: tuple[Layer, ...] = LAYERS, verbose: bool = True) -> list[RowResult]:
-    """Measure every row of `layers` in order on one workload; returns the rows (skipped ones included)."""
+# The workload's default sizes per device: a CPU run takes about a minute, a GPU one gives batching room to work.
+DEFAULT_SIZES = {"cpu": dict(num_prompts=8, batch=4, prefix_len=96, suffix_len=32, output_len=32),
+                 "cuda": dict(num_prompts=32, batch=16, prefix_len=256, suffix_len=64, output_len=128)}
+
+
+def run_stack(model: str | None = None, device: str = "auto", dtype: str = "auto", num_prompts: int | None = None,
+              batch: int | None = None, prefix_len: int | None = None, suffix_len: int | None = None,
+              output_len: int | None = None, seed: int = 0, layers: tuple[Layer, ...] = LAYERS,
+              verbose: bool = True) -> list[RowResult]:
+    """Measure every row of `layers` in order on one workload; returns the rows (skipped ones included). A size
+    left None takes the device's DEFAULT_SIZES."""
     from minillm import LLM
-    for name, value, low in (("num_prompts", num_prompts, 1), ("batch", batch, 1), ("prefix_len", prefix_len, 1),
-                             ("suffix_len", suffix_len, 1), ("output_len", output_len, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    from minillm.platform import resolve_device
+    given = dict(num_prompts=num_prompts, batch=batch, prefix_len=prefix_len, suffix_len=suffix_len,
+                 output_len=output_len)
+    defaults = DEFAULT_SIZES["cuda" if resolve_device(device).type == "cuda" else "cpu"]
+    sizes = {name: defaults[name] if value is None else value for name, value in given.items()}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    num_prompts, batch, prefix_len, suffix_len, output_len = sizes.values()
     max_model_len = prefix_len + suffix_len + output_len + 8  # room for a verify step's draft tokens
     base_options = _resolve(BASE_OPTIONS, batch)
 
