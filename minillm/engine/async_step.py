@@ -121,7 +121,7 @@ class AsyncSteps:
         if failure is not None:
             alive = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
             batch = dataclasses.replace(batch, seqs=[seq for seq, _ in alive], num_new_tokens=[n for _, n in alive])
-            if can_isolate(batch, engine.executor, None, engine.speculative):  # nothing is in flight now: rerun
+            if can_isolate(batch, engine.executor, engine.speculative):  # nothing is in flight now: rerun
                 outputs += engine._rerun_one_by_one(batch)  # synchronously, one request at a time
             else:
                 outputs += [engine._finish(seq, "error", error=failure) for seq in batch.seqs]

@@ -92,6 +92,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """The most blocks one sequence can ever hold: the whole pool minus the watermark kept free."""
+        return self.num_blocks - self.watermark_blocks
+
     def is_writable(self, block: int) -> bool:
         """May a step write K/V into this block in place? Only if one table holds it and no hash vouches for it."""
         return self.ref_counts[block] == 1 and not (self.prefix_cache and self.prefix_cache.is_cached(block))

@@ -141,7 +141,7 @@ class DisaggScheduler:
         transfer the decode side has no room for stays unsent, holding its prefill blocks: that is the
         back-pressure. One that can never fit is sent anyway: the decode side rejects it and drains the send."""
         bm = self.decode.block_manager
-        capacity = bm.num_blocks - bm.watermark_blocks
+        capacity = bm.max_blocks_per_seq
         room = bm.num_free_blocks - bm.watermark_blocks
         fresh = []
         for transfer in self.transfers:

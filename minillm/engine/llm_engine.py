@@ -203,11 +203,12 @@ class LLMEngine(StepOutputs):
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
         bm = getattr(self.scheduler, "block_manager", None)  # a paged pool smaller than max_model_len
-        if bm is not None and bm.blocks_needed(len(token_ids)) > bm.num_blocks - bm.watermark_blocks:
-            raise ValueError(f"prompt has {len(token_ids)} tokens, {bm.blocks_needed(len(token_ids))} KV blocks of "
-                             f"{bm.block_size}, but the pool gives one sequence at most "
-                             f"{bm.num_blocks - bm.watermark_blocks} (its {bm.num_blocks} blocks minus a watermark "
-                             f"of {bm.watermark_blocks}): give the KV cache more memory or shorten the prompt")
+        needed = bm.blocks_needed(len(token_ids)) if bm is not None else 0
+        if bm is not None and needed > bm.max_blocks_per_seq:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, {needed} KV blocks of {bm.block_size}, but the "
+                             f"pool gives one sequence at most {bm.max_blocks_per_seq} (its {bm.num_blocks} blocks "
+                             f"minus a watermark of {bm.watermark_blocks}): give the KV cache more memory or shorten "
+                             f"the prompt")
         return text, token_ids
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -271,7 +272,7 @@ class LLMEngine(StepOutputs):
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
-            if can_isolate(batch, self.executor, self.async_steps, self.speculative):  # unless they pass one at a time
+            if can_isolate(batch, self.executor, self.speculative):  # unless they pass one at a time
                 logger.exception("engine step failed; rerunning its %d requests one by one", len(batch.seqs))
                 return outputs + self._rerun_one_by_one(batch)
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))

@@ -262,7 +262,7 @@ class Scheduler:
         drafts into this step). This runs after every running
         sequence got its own token, so a draft never preempts anyone: drafts that do not fit are trimmed."""
         bm, limit = self.block_manager, self.config.max_model_len
-        capacity = bm.num_blocks - bm.watermark_blocks
+        capacity = bm.max_blocks_per_seq
         granted: set[int] = set()
         for i, seq in enumerate(batch.seqs):
             n = batch.num_new_tokens[i]
@@ -347,8 +347,7 @@ class Scheduler:
         limit = self.config.max_model_len
         if limit is not None and seq.num_tokens > limit:
             return f"request {seq.request_id!r} has {seq.num_tokens} tokens, more than max_model_len={limit}"
-        needed = bm.blocks_needed(num_tokens)
-        capacity = bm.num_blocks - bm.watermark_blocks
+        needed, capacity = bm.blocks_needed(num_tokens), bm.max_blocks_per_seq
         if needed > capacity:
             return (f"request {seq.request_id!r} needs {needed} KV blocks of {bm.block_size} tokens for "
                     f"{num_tokens} tokens, but one sequence can have at most {capacity} (the pool's "

@@ -1,4 +1,5 @@
-"""When a batched step fails, find the request that broke it: rerun the step one sequence at a time.
+"""When a batched step fails, find the request that broke it: rerun the step one sequence at a time (chapter 10:
+a server batches strangers' requests, and one bad request must not take the others down).
 
 A step is one forward over every scheduled sequence, so an exception inside it (a learner's override that fails
 on one shape, a kernel bug one prompt reaches) used to finish *all* of them with "error": one bad request took its
@@ -27,11 +28,12 @@ from minillm.engine.step_input import StepOutput, build_step_input
 logger = logging.getLogger(__name__)
 
 
-def can_isolate(batch: ScheduledBatch, executor: Any, async_steps: Any, speculative: Any) -> bool:
-    """Whether a failed `batch` may be rerun one sequence at a time (see the module docstring)."""
+def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any) -> bool:
+    """Whether a failed `batch` may be rerun one sequence at a time (see the module docstring). Callers rerun only
+    with no step in flight: the synchronous step has none, the async one reads its step in flight first."""
     from minillm.engine.executor import UniProcExecutor
     return (len(batch.seqs) > 1 and not (batch.blocks_to_swap_in or batch.blocks_to_swap_out or batch.blocks_to_copy)
-            and speculative is None and async_steps is None and isinstance(executor, UniProcExecutor))
+            and speculative is None and isinstance(executor, UniProcExecutor))
 
 
 def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Iterable
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -293,17 +293,12 @@ class Tokenizer:
                 f"eos={self.eos_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
 
 
-_BYTE_OF_CHAR: dict[str, int] = {}
-
-
+@cache
 def _byte_of_char() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: character -> the byte it stands for. The printable bytes
     ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68 (controls, space, ...) are given the
     characters from U+0100 on, in byte order, so that no vocabulary entry holds a space or a control."""
-    if not _BYTE_OF_CHAR:
-        printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-        others = [b for b in range(256) if b not in printable]
-        _BYTE_OF_CHAR.update({chr(b): b for b in printable})
-        _BYTE_OF_CHAR.update({chr(0x100 + i): b for i, b in enumerate(others)})
-    return _BYTE_OF_CHAR
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(0x100 + i): b for i, b in enumerate(others)}}
 
