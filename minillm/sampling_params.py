@@ -27,6 +27,9 @@ MIN_TEMPERATURE = 1e-2
 # middle of a step; an error for every request in it where warnings are errors)
 MAX_TEMPERATURE = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 OUTPUT_KINDS = ("cumulative", "final_only")
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range, vLLM's check)
+MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range: -100 bans a token, 100 forces it)
+MAX_LOGIT_BIAS_ENTRIES = 300  # tokens one request may bias (OpenAI's limit): each is a scatter on the device
 
 
 class ParamError(ValueError):
@@ -88,7 +91,23 @@ class SamplingParams:
     # output when it finishes. LLM.generate asks for final_only: at 256 running requests the per-step snapshots
     # (copies of every prompt and output) were half of the engine's host time per step.
     output_kind: str = "cumulative"
+    # Logits processors (vLLM's names; minillm/layers/logits_processors.py, chapter 1), applied before the
+    # temperature and so to greedy rows too. Penalties on what the sequence holds already: presence subtracts a
+    # constant from every token generated so far, frequency subtracts it once per occurrence (both over the
+    # generated tokens only, in [-2, 2]); repetition (> 0; 1 = off) divides a positive logit, multiplies a negative
+    # one, of every token in the prompt or the output (CTRL's rule). logit_bias adds {token id: bias in [-100, 100]}.
+    # min_tokens bans EOS and stop_token_ids (and holds back stop strings) until that many tokens are out.
+    # min_p, after the temperature: drops tokens less likely than min_p times the most likely one, in [0, 1].
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    min_p: float = 0.0
     stop_list: list[str] = field(init=False, repr=False)
+    # whether any of the processors above is on (checked on the host every step: off costs nothing)
+    processes_logits: bool = field(init=False, repr=False)
+    penalizes: bool = field(init=False, repr=False)  # ... one of the three penalties: needs the token history
 
     def __post_init__(self) -> None:
         self.temperature = _number("temperature", self.temperature, ">= 0 (0 = greedy)")
@@ -123,6 +142,56 @@ class SamplingParams:
                                             f"got {self.output_kind!r}")
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+        self._check_processors()
+
+    def _check_processors(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _number(name, getattr(self, name), f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ParamError(name, f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+            setattr(self, name, value)
+        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
+        if self.repetition_penalty <= 0:
+            raise ParamError("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got "
+                                                   f"{self.repetition_penalty!r}")
+        self.min_p = _number("min_p", self.min_p, "in [0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
+        self.min_tokens = _integer("min_tokens", self.min_tokens, 0, self.max_tokens,
+                                   allowed=f"in [0, max_tokens={self.max_tokens}]")
+        self.logit_bias = self._check_logit_bias(self.logit_bias)
+        self.penalizes = (self.presence_penalty != 0 or self.frequency_penalty != 0
+                          or self.repetition_penalty != 1)
+        self.processes_logits = self.penalizes or bool(self.logit_bias) or self.min_tokens > 0 or self.min_p > 0
+
+    @staticmethod
+    def _check_logit_bias(bias: Any) -> dict[int, float] | None:
+        """{token id: bias} with int ids >= 0 (the engine checks them against its vocabulary) and biases in
+        [-100, 100]. String ids ("50256", as JSON must send them) are read as integers."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ParamError("logit_bias", f"logit_bias must be a dict {{token id: bias}}, got "
+                                           f"{type(bias).__name__}: {bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ParamError("logit_bias", f"logit_bias may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got "
+                                           f"{len(bias)}")
+        checked: dict[int, float] = {}
+        for key, value in bias.items():
+            token = key
+            if isinstance(key, str) and key.strip().lstrip("+").isdigit():
+                token = int(key)
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token <= INT64_MAX:
+                raise ParamError("logit_bias", f"logit_bias keys must be token ids (integers in [0, {INT64_MAX}]), "
+                                               f"got {key!r}")
+            value = _number("logit_bias", value, f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ParamError("logit_bias", f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, "
+                                               f"{MAX_LOGIT_BIAS:g}], got {value!r} for token {key!r}")
+            if int(token) in checked:
+                raise ParamError("logit_bias", f"logit_bias names token {int(token)} twice")
+            checked[int(token)] = value
+        return checked or None
 
     def checked_copy(self, **changes: Any) -> "SamplingParams":
         """A copy with `changes` applied, checked again as on construction (dataclasses.replace runs

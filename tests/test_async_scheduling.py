@@ -500,8 +500,8 @@ def test_sampling_graphs_equal_eager_steps(model_and_config, monkeypatch):
         runner, sample, forward = engine.runner, engine.runner._sample_on_device, engine.runner.forward
         monkeypatch.setattr(runner, "forward", lambda prepared: replayed.__setitem__(
             0, prepared.graph is not None and prepared.graph[1] == 1) or forward(prepared))
-        monkeypatch.setattr(runner, "_sample_on_device", lambda logits, specs, params: host_samples.append(
-            (replayed[0], params is None)) or sample(logits, specs, params))
+        monkeypatch.setattr(runner, "_sample_on_device", lambda logits, specs, params, *rest: host_samples.append(
+            (replayed[0], params is None)) or sample(logits, specs, params, *rest))
         ids = [engine.add_request(None, p, s) for p, s in zip(prompts, params)]
         done = {}
         while engine.has_unfinished_requests():

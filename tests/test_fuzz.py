@@ -91,7 +91,8 @@ def _still_serves(llm: LLM) -> None:
 
 
 # -- SamplingParams --------------------------------------------------------------------------------------
-FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "ignore_eos", "priority")
+FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "ignore_eos", "priority",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "min_p")
 
 
 @FUZZ
@@ -113,6 +114,9 @@ def test_sampling_params_accepts_only_valid_values(kwargs):
     assert p.seed is None or type(p.seed) is int
     assert all(type(s) is str and s for s in p.stop_list)
     assert all(type(t) is int and t >= 0 for t in p.stop_token_ids)
+    assert -2 <= p.presence_penalty <= 2 and -2 <= p.frequency_penalty <= 2 and 0 < p.repetition_penalty
+    assert 0 <= p.min_p <= 1 and type(p.min_tokens) is int and 0 <= p.min_tokens <= p.max_tokens
+    assert p.logit_bias is None or all(type(t) is int and t >= 0 and -100 <= b <= 100 for t, b in p.logit_bias.items())
 
 
 valid_params = st.builds(
@@ -122,7 +126,10 @@ valid_params = st.builds(
     top_k=st.sampled_from([-1, 1, 2, 299, 300, 301, 2**62]), max_tokens=st.integers(1, 4),
     seed=st.none() | st.sampled_from([0, -2**63, 2**64 - 1, 12345]),
     stop=st.none() | st.lists(st.text(min_size=1, max_size=3), max_size=2),
-    stop_token_ids=st.none() | st.lists(st.integers(0, 2**62), max_size=3), ignore_eos=st.booleans())
+    stop_token_ids=st.none() | st.lists(st.integers(0, 2**62), max_size=3), ignore_eos=st.booleans(),
+    presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2), repetition_penalty=st.floats(0.01, 1e3),
+    logit_bias=st.none() | st.dictionaries(st.integers(0, 299), st.floats(-100, 100), max_size=3),
+    min_tokens=st.integers(0, 1), min_p=st.floats(0, 1))
 
 
 @FUZZ
@@ -179,7 +186,8 @@ def test_engine_still_serves_after_the_fuzzing(llm):
 # -- the HTTP server ---------------------------------------------------------------------------------------
 BODY_FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                "n", "stop", "stop_token_ids", "seed", "stream", "stream_options", "ignore_eos", "logprobs",
-               "top_logprobs", "echo", "best_of", "logit_bias", "tools", "response_format", "presence_penalty")
+               "top_logprobs", "echo", "best_of", "logit_bias", "tools", "response_format", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "min_tokens", "min_p")
 chat_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                       "content": st.text(max_size=8) | st.none() | st.lists(st.fixed_dictionaries(
                                           {"type": st.just("text"), "text": st.text(max_size=4)}), max_size=2)})
@@ -188,7 +196,11 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                        max_size=3), max_leaves=6)
 nearly_valid = {"max_tokens": st.integers(-1, 5), "n": st.integers(0, 3), "stream": st.booleans(),
-                "seed": st.integers(-3, 3) | st.none(), "temperature": st.floats(0, 2)}
+                "seed": st.integers(-3, 3) | st.none(), "temperature": st.floats(0, 2),
+                "repetition_penalty": st.floats(0, 3), "frequency_penalty": st.floats(-3, 3),
+                "min_tokens": st.integers(-1, 4), "min_p": st.floats(0, 1),
+                "logit_bias": st.dictionaries(st.sampled_from(["1", "42", "299", "300", "x"]), st.floats(-101, 101),
+                                              max_size=2)}
 http_bodies = (st.fixed_dictionaries({}, optional={name: json_values for name in BODY_FIELDS})
                | st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=8)
                                         | st.lists(st.integers(0, 299), min_size=1, max_size=5)},

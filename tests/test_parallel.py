@@ -39,7 +39,8 @@ PROMPTS = [[5, 6, 7, 8, 9], list(range(30, 47)), [100], [200, 201, 202]]
 PARAMS = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
           SamplingParams(temperature=1.0, max_tokens=4, seed=7, ignore_eos=True),
           SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.3,
+                         logit_bias={5: 1.0}, min_p=0.1)]  # logits processors: the parallel runner's own sampling
 
 
 def _kwargs(**parallel) -> dict:

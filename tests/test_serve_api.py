@@ -104,9 +104,7 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400,
      "stop must hold at most 16 strings, got 17"),
     # what minillm does not implement is refused, not silently ignored
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty is not supported"),
     # one request may not queue thousands of engine requests ahead of everyone else's
     ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
                                                               "request; at most 256"),
@@ -136,6 +134,11 @@ def test_bad_requests_get_their_status_and_an_openai_error(server, path, body, s
      "max_completion_tokens: max_tokens must be an integer >= 1"),
     ({"prompt": "x", "stop_token_ids": [2**63]}, "stop_token_ids", "stop_token_ids must be integers in [0, "),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "messages.0.content: expected a string"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "logit_bias values must be in [-100, 100]"),
+    ({"prompt": "x", "logit_bias": {"300": 1}}, "logit_bias", "token id 300 is outside the vocabulary [0, 300)"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty must be > 0"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "min_tokens must be an integer in [0, "
+                                                                        "max_tokens=4]"),
 ])
 def test_errors_name_the_field_in_param(server, body, param, words):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

@@ -246,8 +246,8 @@ def test_verify_graphs_sample_in_the_replay_and_match_the_eager_engine():
         runner, eager_samples, replayed = engine.runner, [], [None]
         sample, forward = runner._sample_on_device, runner.forward
         runner.forward = lambda prepared: replayed.__setitem__(0, prepared.graph) or forward(prepared)
-        runner._sample_on_device = lambda logits, specs, sampling: eager_samples.append(replayed[0]) or \
-            sample(logits, specs, sampling)
+        runner._sample_on_device = lambda logits, specs, sampling, *rest: eager_samples.append(replayed[0]) or \
+            sample(logits, specs, sampling, *rest)
         for i, prompt in enumerate(prompts):
             engine.add_request(str(i), prompt, params)
         done = {}

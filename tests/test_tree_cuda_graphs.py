@@ -212,8 +212,8 @@ def _generate(model, config, spec, tree_graphs: bool):
         runner, replayed = engine.runner, [None]
         forward, sample = runner.forward, runner._sample_on_device
         runner.forward = lambda prepared: replayed.__setitem__(0, prepared.graph_tree) or forward(prepared)
-        runner._sample_on_device = lambda logits, specs, sampling: engine.__dict__.setdefault(
-            "samples_after_tree_replay", []).append(replayed[0]) or sample(logits, specs, sampling)
+        runner._sample_on_device = lambda logits, specs, sampling, *rest: engine.__dict__.setdefault(
+            "samples_after_tree_replay", []).append(replayed[0]) or sample(logits, specs, sampling, *rest)
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         done = {}

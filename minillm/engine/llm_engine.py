@@ -53,7 +53,7 @@ from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
 from minillm.outputs import RequestOutput
-from minillm.sampling_params import SamplingParams, check_seed
+from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,11 @@ class LLMEngine(StepOutputs):
             text, token_ids = prompt, self.validate_prompt(prompt_token_ids)[1]
         else:
             text, token_ids = self.validate_prompt(prompt)
+        self.check_sampling_params(sampling_params)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
+        if sampling_params.min_tokens > 0:
+            eos = () if sampling_params.ignore_eos else tuple(self.eos_token_ids)
+            seq.min_tokens_stop_ids = tuple(dict.fromkeys(eos + tuple(sampling_params.stop_token_ids)))
         if sampling_params.logprobs is not None:
             seq.logprobs = []
         if sampling_params.prompt_logprobs is not None:
@@ -177,6 +181,24 @@ class LLMEngine(StepOutputs):
         self.scheduler.add(seq)
         self._requests[request_id] = _RequestState(seq, DetokenizerState.for_prompt(len(token_ids)))
         return request_id
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
+        outside this model's vocabulary, and logits processors under speculative decoding (its verify step
+        samples several rows per sequence, each with its own history of drafts: not implemented). Reads only
+        the configuration: safe to call beside a running step (AsyncLLM and the server check before queuing)."""
+        if not params.processes_logits:
+            return
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias or () if t >= vocab]
+        if outside:
+            raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        if self.speculative is not None:
+            name = next(n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                         ("repetition_penalty", 1.0), ("logit_bias", None), ("min_tokens", 0),
+                                         ("min_p", 0.0)) if getattr(params, n) != off)
+            raise ParamError(name, f"{name} is not supported with speculative decoding (this engine runs "
+                                   f"speculative_config): leave it at its default or use an engine without one")
 
     def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""

@@ -37,6 +37,7 @@ ModelRunner); `forward` picks among them step by step.
 from __future__ import annotations
 
 import collections
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -53,6 +54,7 @@ from minillm.engine.step_buffers import DownloadRing, PendingDownload, UploadBuf
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
 from minillm.forward_context import forward_context
 from minillm.hooks import dispatch
+from minillm.layers.logits_processors import processing_tensors
 from minillm.layers.sampler import Sampler, greedy_tokens
 
 
@@ -206,12 +208,14 @@ class ModelRunner(LaunchSetup):
             in_graph = self._graph_sampled if prepared.all_rows_sampled else None
             if in_graph is not None:  # the replay computed the logits and the greedy tokens already
                 logits, tokens = in_graph
-                if prepared.sampling is not None:  # some row samples with a temperature
-                    tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+                if prepared.sampling is not None:  # some row samples with a temperature or processors
+                    tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling,
+                                                    prepared.input_ids, step, prepared.sample_seqs)
             else:
                 logits = self.model.compute_logits(hidden if prepared.all_rows_sampled
                                                    else hidden[prepared.sample_indices])
-                tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling)
+                tokens = self._sample_on_device(logits, prepared.row_specs, prepared.sampling,
+                                                prepared.input_ids, step, prepared.sample_seqs)
             if graphs is not None and (in_graph is None or tokens is not in_graph[1]):
                 graphs.keep_tokens(tokens)  # for a sampling graph's gather of the next step's deferred ids
             parts.append(tokens)
@@ -321,28 +325,42 @@ class ModelRunner(LaunchSetup):
             self.forward_counts["eager"] += 1
             return self.forward_fn(prepared.input_ids, prepared.positions)
 
-    def sample(self, logits: torch.Tensor, specs: list) -> list[int]:
+    def sample(self, logits: torch.Tensor, specs: list, input_ids: torch.Tensor | None = None,
+               step: StepInput | None = None) -> list[int]:
         """One token per row; rows of a request with a seed draw from that request's own generator. (The runner's
-        own steps upload the sampling parameters with the step's metadata; this entry point builds them.)"""
+        own steps upload the sampling parameters with the step's metadata; this entry point builds them.) Rows
+        with logits processors need the step and its input ids on the device (their tokens count as history)."""
         params = None
-        if any(s.temperature > 0 for s in specs):
+        if not all(s.greedy for s in specs):
             device = logits.device
             params = (torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device),
                       torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=device),
                       torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device))
-        return self._sample_on_device(logits, specs, params).tolist()
+        return self._sample_on_device(logits, specs, params, input_ids, step).tolist()
 
-    def _sample_on_device(self, logits: torch.Tensor, specs: list, params: tuple | None) -> torch.Tensor:
+    def _sample_on_device(self, logits: torch.Tensor, specs: list, params: tuple | None,
+                          input_ids: torch.Tensor | None = None, step: StepInput | None = None,
+                          sample_seqs: list[int] | None = None) -> torch.Tensor:
         """int64 [rows] on the device, no sync: params (temperatures, top_ks, top_ps) is None when every row is
-        greedy, and the sampler's branches are decided here from the host's copy of the parameters."""
+        greedy, and the sampler's branches are decided here from the host's copy of the parameters. Rows with
+        logits processors read this step's input ids (`input_ids`, `step`; `sample_seqs`: each row's sequence,
+        by default one row per sequence that samples)."""
         if params is None:
             return greedy_tokens(logits)
         generators = None
         if any(s.seed is not None for s in specs):
             generators = [self._generator_of(s) for s in specs]
+        processing = None
+        if any(s.processing is not None for s in specs):
+            if step is None or input_ids is None:
+                raise ValueError("rows with logits processors need the step and its input ids")
+            if sample_seqs is None:
+                sample_seqs = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
+            processing = processing_tensors(specs, sample_seqs, input_ids, [0, *accumulate(step.query_lens)],
+                                            step.query_lens, logits.shape[-1])
         return self.sampler(logits, *params, generators=generators, default_generator=self.generator,
                             all_greedy=False, use_top_k=any(s.top_k > 0 for s in specs),
-                            use_top_p=any(s.top_p < 1 for s in specs))
+                            use_top_p=any(s.top_p < 1 for s in specs), processing=processing)
 
     def _generator_of(self, spec) -> torch.Generator | None:
         if spec.seed is None:

@@ -8,7 +8,7 @@ views of the device copy:
     cu_seqlens_q, seq_lens               int32 [B+1], [B]
     block_tables                         int32 [B, W]  (-1 padded)
     sample_indices                       int64 [S]   the rows whose logits get sampled
-    temperatures, top_ks, top_ps         [S]         only when some sampled row is not greedy
+    temperatures, top_ks, top_ps         [S]         only when some sampled row is not greedy (or has processors)
     logprob_rows                         int64 [R]   which sampled rows return log-probs (only when some, not all)
     prompt_rows, prompt_targets          int64 [P]   rows that score prompt tokens and the tokens they score
 
@@ -91,7 +91,7 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         sample_rows = [r for end, k in zip(ends, num_sampled) for r in range(end - k, end)]
     sampling = step.sampling
     row_specs = [sampling[i] for i in sample_seqs]
-    greedy = all(s.temperature <= 0 for s in row_specs)
+    greedy = all(s.greedy for s in row_specs)
     width = max(map(len, step.block_tables))
     max_q = max(q_lens)
     size, tree_graph = None, False

@@ -53,6 +53,9 @@ class Sequence:
         self.error: str | None = None
         self.num_preemptions = 0
         self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
+        # what min_tokens bans until that many tokens are out: EOS (unless ignore_eos) and stop_token_ids; the
+        # engine fills it in (it knows the EOS ids) when the request asks for min_tokens
+        self.min_tokens_stop_ids: tuple[int, ...] = ()
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
         self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it
         # log-probabilities, kept only when sampling_params asks (None otherwise): one dict per generated token,

@@ -36,6 +36,21 @@ from minillm.hooks import dispatch
 _VECTORISED_SLOTS_FROM = 512
 
 
+class LogitsProcessing(NamedTuple):
+    """One sequence's logits processors for this step (minillm/layers/logits_processors.py), sent only for a
+    request that asks for one: min_tokens' banned ids while it applies, the logit bias as (id, bias) pairs, min_p,
+    and for the penalties the sequence's tokens before this step's (`history`; None when no penalty is on)."""
+
+    banned_ids: tuple[int, ...]
+    logit_bias: tuple[tuple[int, float], ...]
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    history: list[int] | None
+    num_prompt_tokens: int
+
+
 class SamplingSpec(NamedTuple):
     """What the sampler needs of one request's SamplingParams (the rest stays with the engine). A NamedTuple:
     immutable, picklable, and built for every sequence of every step at a fraction of a frozen dataclass's cost."""
@@ -45,6 +60,12 @@ class SamplingSpec(NamedTuple):
     top_k: int
     top_p: float
     seed: int | None  # a per-request generator lives in the worker, keyed by request_id
+    processing: LogitsProcessing | None = None  # None: the row's logits are sampled as they are
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax of the raw logits is this row's token: no temperature, no processor."""
+        return self.temperature <= 0 and self.processing is None
 
 
 @dataclass(frozen=True)
@@ -191,7 +212,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
         # reached the end of what is known: sample the next token (and one per draft, to verify it)
         num_sampled(min(n, 1 + len(drafts)) if end == num_known else 0)
         p = seq.sampling_params
-        sampling(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed))
+        sampling(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed,
+                              _processing(seq, start, end) if p.processes_logits else None))
         if p.logprobs is not None:
             any_logprobs = True
         num_logprobs.append(-1 if p.logprobs is None else p.logprobs)
@@ -203,6 +225,16 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     if any_prompt_rows:
         step.prompt_logprob_rows = prompt_rows
     return step
+
+
+def _processing(seq, start: int, end: int) -> LogitsProcessing:
+    """The processors of a sequence whose step computes tokens start..end-1 (a sample follows token end-1, the
+    (end - num_prompt_tokens)-th output token's choice when end reaches the known tokens)."""
+    p = seq.sampling_params
+    banned = seq.min_tokens_stop_ids if end - seq.num_prompt_tokens < p.min_tokens else ()
+    return LogitsProcessing(banned, tuple(p.logit_bias.items()) if p.logit_bias else (), p.min_p,
+                            p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                            seq.token_ids[:start] if p.penalizes else None, seq.num_prompt_tokens)
 
 
 def _prompt_logprob_rows(seq, start: int, end: int) -> PromptLogprobRows | None:

@@ -110,7 +110,9 @@ class StepOutputs:
                                             decoded if position + 1 == seq.num_tokens else None)
         if new_text:
             seq.output_text += new_text
-            cut = stop_string_at(seq.output_text, params.stop_list, len(new_text))
+            # min_tokens holds stop strings back as well as stop tokens (vLLM: checked past min_tokens tokens)
+            past_min = position + 1 - seq.num_prompt_tokens > params.min_tokens
+            cut = stop_string_at(seq.output_text, params.stop_list, len(new_text)) if past_min else -1
             if cut >= 0:
                 seq.output_text = seq.output_text[:cut]
                 return "stop"

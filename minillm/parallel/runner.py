@@ -138,7 +138,11 @@ class ParallelModelRunner(ModelRunner):
             return StepOutput(sampled, [] if step.return_logits else None)
         logits = torch.cat(logits_parts)
         rows = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
-        tokens = self.sample(logits, [step.sampling[i] for i in rows])
+        specs = [step.sampling[i] for i in rows]
+        input_ids = None
+        if any(s.processing is not None for s in specs):  # the penalties count this step's tokens too
+            input_ids = torch.tensor(step.input_ids, dtype=torch.int64, device=logits.device)
+        tokens = self.sample(logits, specs, input_ids, step)
         for i, token in zip(rows, tokens):
             sampled[i].append(token)
         per_seq_logits = None

@@ -128,7 +128,13 @@ class OpenAIServing:
                                              top_k=request.top_k, max_tokens=max_tokens, seed=seed,
                                              stop=request.stop, stop_token_ids=request.stop_token_ids,
                                              ignore_eos=request.ignore_eos, logprobs=request.num_logprobs(),
-                                             prompt_logprobs=request.num_prompt_logprobs()))
+                                             prompt_logprobs=request.num_prompt_logprobs(),
+                                             presence_penalty=request.presence_penalty,
+                                             frequency_penalty=request.frequency_penalty,
+                                             repetition_penalty=request.repetition_penalty,
+                                             logit_bias=request.logit_bias, min_tokens=request.min_tokens,
+                                             min_p=request.min_p))
+                self.llm.engine.check_sampling_params(params[-1])
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
                 field = getattr(err, "param", None)
                 param = request.api_name(field) if field else None

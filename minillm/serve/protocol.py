@@ -4,8 +4,8 @@ Pydantic checks the *types* of a body, strictly (a string, a float or a bool whe
 naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (suffix,
-penalties, logit_bias, best_of, tools, tool_choice, a JSON response_format) are refused with a 400 that says so, unless they
-hold their no-op value: a client that asked for them must not get a silent default.
+best_of, tools, tool_choice, a JSON response_format) are refused with a 400 that says so, unless they hold their
+no-op value: a client that asked for them must not get a silent default.
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
 the prompt's (`num_prompt_logprobs()`).
@@ -71,10 +71,10 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: benchmarks use it to fix the output length
     user: str | None = None
-    # defined by OpenAI (or vLLM) and not implemented here: refused unless they hold their no-op value
+    # logits processors (OpenAI's penalties and logit_bias, vLLM's extensions): SamplingParams checks the ranges
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # JSON keys are strings: {"50256": -100}
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
@@ -91,12 +91,6 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first requested feature minillm does not implement or a count out of range;
         None if all is well."""
-        for name, no_op in (("presence_penalty", 0), ("frequency_penalty", 0), ("min_p", 0),
-                            ("repetition_penalty", 1), ("min_tokens", 0)):
-            if getattr(self, name) != no_op:
-                return name, f"{name} is not supported yet (give {no_op} or leave it out), got {getattr(self, name)!r}"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported yet (give {} or leave it out)"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream=true"
         if not 1 <= self.n <= MAX_N:

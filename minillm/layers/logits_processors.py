@@ -1,0 +1,147 @@
+"""Logits processors: what a request asks to change in the model's logits before a token is picked (chapter 1).
+
+vLLM's order, applied to the float32 logits of the rows that ask (SamplingParams documents each field):
+
+    min_tokens        EOS and the stop token ids set to -inf until min_tokens tokens are out
+    logit_bias        a constant added per token id ({id: bias}; -100 all but bans a token, +100 all but forces it)
+    penalties         on the sequence's own tokens so far, the model's logits of them lowered:
+                        repetition r  (prompt and output)   logit > 0 -> logit / r, else logit * r   (CTRL, 2019)
+                        frequency f   (output only)         logit -= f * count(token)                  (OpenAI)
+                        presence  p   (output only)         logit -= p * [count(token) > 0]            (OpenAI)
+    --- then the sampler: greedy rows take the argmax of the processed logits; the others divide by the
+        temperature, apply min_p (keep tokens with p >= min_p * p_max), top-k, top-p, and draw ---
+
+Everything before the temperature changes what greedy decoding returns, so it applies to greedy rows too;
+min_p never removes the most likely token, so greedy rows skip it. Log-probabilities (SamplingParams.logprobs)
+stay those of the raw logits, as vLLM returns by default.
+
+The penalties need each row's token history. The engine sends it every step (LogitsProcessing.history: the
+tokens before this step's; the step's own come from the device copy of its input ids, so a token sampled by the
+step before and never seen by the host, under async scheduling, counts too). Counting is one scatter_add over a
+[rows, history] tensor: O(history) per step for the rows that ask and nothing for the others. vLLM V1 keeps the
+histories on the device across steps instead; sending them is simpler and survives preemption and recomputation
+unchanged, at the price of host work that grows with the sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minillm.engine.step_input import LogitsProcessing
+
+
+@dataclass
+class ProcessingTensors:
+    """The device tensors of one step's logits processors, for the sampled rows `rows` that ask (int64 [R])."""
+
+    rows: torch.Tensor
+    min_p: torch.Tensor | None = None  # float32 [S] over all sampled rows; None when no row asks
+    ban_rows: torch.Tensor | None = None  # int64 [N], int64 [N]: logits[rows[ban_rows], ban_ids] = -inf
+    ban_ids: torch.Tensor | None = None
+    bias_rows: torch.Tensor | None = None  # int64 [M] x2, float32 [M]: logits[rows[bias_rows], bias_ids] += bias
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    history: torch.Tensor | None = None  # int64 [R, L]: each row's tokens so far, -1 padded
+    is_output: torch.Tensor | None = None  # bool [R, L]: the entry is a generated token (not the prompt's)
+    presence: torch.Tensor | None = None  # float32 [R] each
+    frequency: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 [S, V] logits after min_tokens, logit_bias and the penalties (a new tensor: the caller's
+        logits stay raw for the log-probabilities)."""
+        out = logits.float().clone()
+        picked = out[self.rows]
+        if self.ban_rows is not None:
+            picked[self.ban_rows, self.ban_ids] = float("-inf")
+        if self.bias_rows is not None:
+            picked[self.bias_rows, self.bias_ids] += self.bias_values
+        if self.history is not None:
+            picked = apply_penalties(picked, self.history, self.is_output, self.presence, self.frequency,
+                                     self.repetition)
+        out[self.rows] = picked
+        return out
+
+
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, is_output: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """Repetition, frequency and presence penalties on float32 logits [R, V] (a new tensor).
+
+    history: int64 [R, L], each row's tokens so far with -1 as padding; is_output: bool [R, L], True where the
+    entry was generated (frequency and presence count those only; repetition counts prompt tokens too).
+    presence, frequency, repetition: float32 [R] (0, 0 and 1 leave a row as it is)."""
+    valid = history >= 0
+    index = history.clamp(min=0)  # padding lands on token 0 with weight 0 / mask False
+    counts = torch.zeros_like(logits).scatter_add_(1, index, (valid & is_output).to(logits.dtype))
+    seen = _scatter_any(logits.shape, index, valid)
+    r = repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def _scatter_any(shape: torch.Size, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bool [R, V]: True at (r, index[r, j]) for every valid j (an OR-scatter, as a sum of 0/1 then > 0, so a
+    padding entry pointing at token 0 cannot overwrite a real occurrence of token 0 with False)."""
+    hits = torch.zeros(shape, dtype=torch.int32, device=index.device)
+    return hits.scatter_add_(1, index, valid.to(torch.int32)) > 0
+
+
+def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times the row's largest one (after the temperature);
+    set the rest to -inf. scaled: float32 [S, V]; min_p: float32 [S] in [0, 1], 0 keeps everything. The most
+    likely token always survives (its ratio is 1)."""
+    probs = torch.softmax(scaled, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return scaled.masked_fill(probs < threshold, float("-inf"))
+
+
+def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Tensor, query_starts: list[int],
+                       query_lens: list[int], vocab_size: int) -> ProcessingTensors | None:
+    """The device tensors for the sampled rows whose SamplingSpec carries a LogitsProcessing, or None.
+
+    specs[r] / sample_seqs[r]: sampled row r's parameters and sequence. A sequence with processors samples one row
+    per step (speculative decoding, which samples several, refuses such requests), so its history is
+    spec.processing.history (the host's tokens before this step) followed by this step's input ids of that
+    sequence, input_ids[query_starts[i]: query_starts[i] + query_lens[i]] on the device (already resolved when the
+    step took deferred ids from the step before)."""
+    rows = [r for r, s in enumerate(specs) if s.processing is not None]
+    if not rows:
+        return None
+    device = input_ids.device
+    procs: list[LogitsProcessing] = [specs[r].processing for r in rows]
+    t = ProcessingTensors(rows=torch.tensor(rows, dtype=torch.int64, device=device))
+    if any(p.min_p > 0 for p in procs):
+        t.min_p = torch.tensor([s.processing.min_p if s.processing is not None else 0.0 for s in specs],
+                               dtype=torch.float32, device=device)
+    bans = [(i, tok) for i, p in enumerate(procs) for tok in p.banned_ids if tok < vocab_size]
+    if bans:
+        t.ban_rows, t.ban_ids = torch.tensor(bans, dtype=torch.int64, device=device).unbind(1)
+    biases = [(i, tok, b) for i, p in enumerate(procs) for tok, b in p.logit_bias]
+    if biases:
+        t.bias_rows, t.bias_ids = torch.tensor([b[:2] for b in biases], dtype=torch.int64, device=device).unbind(1)
+        t.bias_values = torch.tensor([b[2] for b in biases], dtype=torch.float32, device=device)
+    penalized = [i for i, p in enumerate(procs) if p.history is not None]
+    if penalized:
+        width = max(len(procs[i].history) + query_lens[sample_seqs[rows[i]]] for i in penalized)
+        history = torch.full((len(procs), width), -1, dtype=torch.int64)
+        starts = []
+        for i in penalized:
+            known = procs[i].history
+            history[i, :len(known)] = torch.tensor(known, dtype=torch.int64)
+            starts.append(len(known))
+        history = history.to(device)
+        # this step's tokens of each penalized sequence, gathered from the device's input ids
+        dst, src = [], []
+        for i, start in zip(penalized, starts):
+            seq = sample_seqs[rows[i]]
+            dst.extend(range(i * width + start, i * width + start + query_lens[seq]))
+            src.extend(range(query_starts[seq], query_starts[seq] + query_lens[seq]))
+        history.view(-1)[torch.tensor(dst, device=device)] = input_ids[torch.tensor(src, device=device)]
+        num_prompt = torch.tensor([p.num_prompt_tokens for p in procs], dtype=torch.int64, device=device)
+        t.history = history
+        t.is_output = torch.arange(width, device=device).unsqueeze(0) >= num_prompt.unsqueeze(1)
+        t.presence, t.frequency, t.repetition = torch.tensor(
+            [[p.presence_penalty, p.frequency_penalty, p.repetition_penalty] for p in procs],
+            dtype=torch.float32, device=device).unbind(1)
+    return t
