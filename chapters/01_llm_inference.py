@@ -363,6 +363,27 @@ print(repr(yours.text))
 print("same tokens with your rms_norm, rope, top_k_filter, top_p_filter:", yours.token_ids == reference.token_ids)
 
 # %% [markdown]
+# Before any of this, a request may change the logits themselves (**logits processors**, vLLM's and OpenAI's
+# names): `repetition_penalty` r divides the positive logits of every token already in the prompt or the output
+# by r (and multiplies the negative ones), `frequency_penalty` subtracts a constant per earlier occurrence in the
+# output, `presence_penalty` once per token seen, `logit_bias` adds a constant to chosen token ids, and
+# `min_tokens` bans end-of-sequence until that many tokens are out. They act before the argmax, so they change
+# greedy decoding too; `min_p` (keep tokens at least `min_p` times as likely as the best) filters after the
+# temperature. A small model asked to repeat itself, greedy, without and with penalties:
+
+# %%
+repeat = [{"role": "user", "content": "Write the word 'cat' ten times."}]
+for name, extra in (("no penalty", {}), ("repetition_penalty=1.3", dict(repetition_penalty=1.3)),
+                    ("frequency_penalty=1.0", dict(frequency_penalty=1.0))):
+    text = llm.chat(repeat, SamplingParams(temperature=0, max_tokens=24, **extra))[0].outputs[0].text
+    print(f"{name:24s} {text!r}")
+
+# %% [markdown]
+# The repetition penalty counts the prompt too, so "cat" (asked for) is penalized from the first token and a
+# 135M-parameter model swerves into invented words; the frequency penalty counts only what was generated, and the
+# answer stops after a few repeats. Penalties are blunt tools: vLLM leaves them off by default, as minillm does.
+
+# %% [markdown]
 # ## 8. The course in one table
 #
 # Every later chapter removes one cost from the way this model generates text. `minillm bench stack` measures them
