@@ -10,9 +10,11 @@ below 448:
     activations  s_x = max|x_t| / 448 per token, x8 = fp8(x_t / s_x)                          (every forward)
     y            = (x8 @ W8^T) * s_x * s_w^T, the products and sums in fp32
 
-On an H100/H200 the product runs on the fp8 tensor cores (torch._scaled_mm or a Triton kernel: twice bf16's
-FLOP/s); `fp8_linear` is that single call site. Here it is emulated exactly: both operands are rounded to e4m3
-with torch's float8_e4m3fn dtype and the matmul runs in fp32 on the dequantized values.
+On an H100/H200 the product runs on the fp8 tensor cores (twice bf16's FLOP/s): `fp8_linear`, the single call
+site, runs minillm.kernels.fp8_gemm's two Triton kernels there (per-token quantization, then the scaled GEMM).
+Elsewhere it is emulated exactly: both operands are rounded to e4m3 with torch's float8_e4m3fn dtype and the
+matmul runs in fp32 on the dequantized values; the GPU sums the same products in another order. While a learner's
+`ch07.fp8_scale` is plugged in (course overrides), the emulation runs on the GPU too, so their function is used.
 
 Checkpoints (`"quant_method": "fp8"`, `"activation_scheme": "dynamic"`): `weight` float8_e4m3fn [out, in] and
 `weight_scale` fp32 [out] (one per output channel; a per-tensor scale is stored repeated on every row, so q/k/v
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.hooks import dispatch
+from minillm.hooks import active_overrides, dispatch
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
@@ -74,6 +76,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """y = x W^T (+ bias) in FP8 W8A8: THE call site of the fp8 GEMM (on CUDA: torch._scaled_mm or a kernel).
 
     Reference: per-token e4m3 activations, fp32 matmul of the exact fp8 values, both scales applied after."""
+    if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
+        from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8
+        x8, x_scale = per_token_quant_fp8(x)  # [M, K] e4m3, [M, 1]
+        y = fp8_gemm(x8, weight, x_scale, weight_scale, bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     x8, x_scale = quantize_fp8_per_token(x)
     y = (x8.float() @ weight.float().T) * x_scale * weight_scale.float()
     y = y.to(x.dtype)

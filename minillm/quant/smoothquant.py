@@ -83,8 +83,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias), W8A8 int8: THE call site of the int8 GEMM (per-token x scales, per-channel W scales)."""
+    """y = x W^T (+ bias), W8A8 int8: THE call site of the int8 GEMM (per-token x scales, per-channel W scales).
+    On CUDA, minillm.kernels.int8_gemm's two Triton kernels (int32 accumulation, scales in the epilogue); elsewhere
+    the exact reference below (the same integer sums, so the two agree up to the final float rounding)."""
     shape = x.shape
+    if x.is_cuda:
+        from minillm.kernels.int8_gemm import int8_gemm, per_token_quant_int8
+        xq, x_scale = per_token_quant_int8(x)
+        return int8_gemm(xq, qweight, x_scale, weight_scale, bias, out_dtype=x.dtype).reshape(
+            *shape[:-1], qweight.shape[0])
     xq, x_scale = quantize_int8_per_token(x.reshape(-1, shape[-1]))
     y = int8_matmul(xq, qweight).float() * x_scale * weight_scale.float()
     y = y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
