@@ -158,23 +158,48 @@ def test_server_passes_the_processors_through():
         assert done["choices"][0]["text"] == "****", done
 
 
-def test_speculative_engines_refuse_processors_naming_the_field(model_and_config):
+def _spec_engine(model_and_config, spec: dict):
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
     from tiny import ByteTokenizer
 
     model, config = model_and_config
-    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
-        block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}))
+    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(block_size=4, num_kv_blocks=96, max_model_len=64,
+                                                                  max_num_seqs=4, speculative_config=spec))
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "draft_model"])
+def test_verify_steps_apply_processors_row_by_row(model_and_config, method):
+    """Each verified row sees the drafts before it as history, so greedy speculation with processors gives the
+    plain engine's processed tokens (with drafts accepted: else this test could not fail)."""
+    model, _ = model_and_config
+    spec = {"method": method, "num_speculative_tokens": 3}
+    spec.update({"ngram": {"prompt_lookup_min": 1}, "draft_model": {"draft_num_layers": 1}}.get(method, {}))
+    engine = _spec_engine(model_and_config, spec)
+    prompts = [[5, 9, 5, 9, 5, 9, 5], [17] * 11, list(range(40, 59))]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in
+              (PROCESSORS["frequency+presence"], dict(repetition_penalty=1.1, logit_bias={9: 3.0}, min_tokens=4),
+               PROCESSORS["all"])]
+    got = run_to_completion(engine, prompts, params)
+    for prompt, p, tokens in zip(prompts, params, got):
+        assert tokens == processed_greedy(model, prompt, 16, p, eos=-1)
+    assert engine.speculative.metrics.num_accepted_tokens > 0
+
+
+def test_speculation_that_cannot_apply_processors_refuses_them_naming_the_field(model_and_config):
+    trees = _spec_engine(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": 3})
     for kw, field in ((dict(frequency_penalty=0.5), "frequency_penalty"), (dict(min_p=0.2), "min_p"),
                       (dict(logit_bias={5: 1.0}), "logit_bias"), (dict(min_tokens=1), "min_tokens")):
-        with pytest.raises(ParamError, match=f"{field} is not supported with speculative decoding") as err:
-            engine.add_request(None, [1, 2, 3], SamplingParams(**kw))
+        with pytest.raises(ParamError, match=f"{field} is not supported with token-tree speculative") as err:
+            trees.add_request(None, [1, 2, 3], SamplingParams(**kw))
         assert err.value.param == field
-    assert not engine.has_unfinished_requests()
-    engine.add_request(None, [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))  # the plain request is served
-    assert run_to_completion(engine, [], []) == []
+    sampled = _spec_engine(model_and_config, {"method": "draft_model", "num_speculative_tokens": 3,
+                                              "draft_num_layers": 1})
+    with pytest.raises(ParamError, match="not supported with sampled drafts .* temperature 0 works"):
+        sampled.add_request(None, [1, 2, 3], SamplingParams(temperature=0.7, repetition_penalty=1.2))
+    assert not trees.has_unfinished_requests() and not sampled.has_unfinished_requests()
+    sampled.add_request(None, [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, repetition_penalty=1.2))
+    assert run_to_completion(sampled, [], []) == [] and not sampled.has_unfinished_requests()
 
 
 @pytest.mark.gpu
@@ -182,7 +207,8 @@ def test_speculative_engines_refuse_processors_naming_the_field(model_and_config
 def test_gpu_processors_under_cuda_graphs_sync_and_async():
     """On the GPU decode steps replay CUDA graphs that compute greedy tokens in the replay; rows with processors
     are sampled again from the graph's logits, and under async scheduling their history's last token is the
-    deferred one the graph gathered. fp32; the reference applies the rules by hand to full forwards."""
+    deferred one the graph gathered; prompt lookup's verify steps replay q_len 1 + k graphs. fp32; the reference
+    applies the rules by hand to full forwards."""
     import random
 
     from minillm.config import EngineConfig
@@ -197,12 +223,13 @@ def test_gpu_processors_under_cuda_graphs_sync_and_async():
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(3, 40))] for _ in range(6)]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in
               (PROCESSORS["repetition"], PROCESSORS["frequency+presence"], PROCESSORS["all"], {})] * 2
-    for async_scheduling in (False, True):
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}  # verify graphs, q_len 4
+    for options in (dict(async_scheduling=False), dict(async_scheduling=True), dict(speculative_config=spec)):
         engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
-            block_size=16, kv_cache_memory=16 << 20, max_model_len=128, max_num_seqs=8,
-            async_scheduling=async_scheduling), device="cuda", dtype=torch.float32)
+            block_size=16, kv_cache_memory=16 << 20, max_model_len=128, max_num_seqs=8, **options),
+            device="cuda", dtype=torch.float32)
         assert engine.runner.cuda_graphs is not None
         got = run_to_completion(engine, prompts, params[:len(prompts)])
         assert engine.runner.forward_counts["graph"] > 0
         for prompt, p, tokens in zip(prompts, params, got):
-            assert tokens == processed_greedy(model, prompt, 16, p, eos=-1), (async_scheduling, p)
+            assert tokens == processed_greedy(model, prompt, 16, p, eos=-1), (options, p)

@@ -184,21 +184,34 @@ class LLMEngine(StepOutputs):
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary, and logits processors under speculative decoding (its verify step
-        samples several rows per sequence, each with its own history of drafts: not implemented). Reads only
-        the configuration: safe to call beside a running step (AsyncLLM and the server check before queuing)."""
+        outside this model's vocabulary, and logits processors where speculative decoding cannot apply them. A
+        verify step samples one row per draft, each with the drafts before it as history (exact for drafts that
+        are deterministic: n-grams, lookahead, any proposer at temperature 0); not implemented: token trees (a
+        node's history is its path) and drafts sampled from a draft distribution q (the rejection rule would need
+        the processed target probabilities). Reads only the configuration: safe beside a running step (AsyncLLM
+        and the server check before queuing)."""
         if not params.processes_logits:
             return
         vocab = self.model_config.vocab_size
         outside = [t for t in params.logit_bias or () if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
-        if self.speculative is not None:
-            name = next(n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                         ("repetition_penalty", 1.0), ("logit_bias", None), ("min_tokens", 0),
-                                         ("min_p", 0.0)) if getattr(params, n) != off)
-            raise ParamError(name, f"{name} is not supported with speculative decoding (this engine runs "
-                                   f"speculative_config): leave it at its default or use an engine without one")
+        spec = self.speculative
+        if spec is None:
+            return
+        from minillm.speculative.config import TREE_METHODS
+        from minillm.speculative.proposer import SampledDraftProposer
+        if spec.config.method in TREE_METHODS:
+            why = f"token-tree speculative decoding (method {spec.config.method!r})"
+        elif params.temperature > 0 and isinstance(spec.proposer, SampledDraftProposer):
+            why = (f"sampled drafts (method {spec.config.method!r} at temperature {params.temperature:g}; "
+                   f"temperature 0 works)")
+        else:
+            return
+        name = next(n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                                     ("logit_bias", None), ("min_tokens", 0), ("min_p", 0.0)) if getattr(params, n) != off)
+        raise ParamError(name, f"{name} is not supported with {why}: leave it at its default or use an engine "
+                               f"without that speculative_config")
 
     def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""

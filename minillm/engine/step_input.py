@@ -38,16 +38,20 @@ _VECTORISED_SLOTS_FROM = 512
 
 class LogitsProcessing(NamedTuple):
     """One sequence's logits processors for this step (minillm/layers/logits_processors.py), sent only for a
-    request that asks for one: min_tokens' banned ids while it applies, the logit bias as (id, bias) pairs, min_p,
-    and for the penalties the sequence's tokens before this step's (`history`; None when no penalty is on)."""
+    request that asks for one. The step feeds the sequence's tokens start, start + 1, ...; a sampled row that follows
+    position p bans `stop_ids` while fewer than min_tokens tokens are out (p + 1 - num_prompt_tokens), and its
+    penalties count `history` (the tokens before `start`; None when no penalty is on) plus the step's own tokens up to
+    p (a verify step's drafts before the row included)."""
 
-    banned_ids: tuple[int, ...]
+    stop_ids: tuple[int, ...]
+    min_tokens: int
     logit_bias: tuple[tuple[int, float], ...]
     min_p: float
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
     history: list[int] | None
+    start: int
     num_prompt_tokens: int
 
 
@@ -213,7 +217,7 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
         num_sampled(min(n, 1 + len(drafts)) if end == num_known else 0)
         p = seq.sampling_params
         sampling(SamplingSpec(seq.request_id, p.temperature, p.top_k, p.top_p, p.seed,
-                              _processing(seq, start, end) if p.processes_logits else None))
+                              _processing(seq, start) if p.processes_logits else None))
         if p.logprobs is not None:
             any_logprobs = True
         num_logprobs.append(-1 if p.logprobs is None else p.logprobs)
@@ -227,14 +231,13 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     return step
 
 
-def _processing(seq, start: int, end: int) -> LogitsProcessing:
-    """The processors of a sequence whose step computes tokens start..end-1 (a sample follows token end-1, the
-    (end - num_prompt_tokens)-th output token's choice when end reaches the known tokens)."""
+def _processing(seq, start: int) -> LogitsProcessing:
+    """The processors of a sequence whose step feeds its tokens from position `start` on."""
     p = seq.sampling_params
-    banned = seq.min_tokens_stop_ids if end - seq.num_prompt_tokens < p.min_tokens else ()
-    return LogitsProcessing(banned, tuple(p.logit_bias.items()) if p.logit_bias else (), p.min_p,
-                            p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
-                            seq.token_ids[:start] if p.penalizes else None, seq.num_prompt_tokens)
+    return LogitsProcessing(seq.min_tokens_stop_ids, p.min_tokens,
+                            tuple(p.logit_bias.items()) if p.logit_bias else (), p.min_p, p.presence_penalty,
+                            p.frequency_penalty, p.repetition_penalty, seq.token_ids[:start] if p.penalizes else None,
+                            start, seq.num_prompt_tokens)
 
 
 def _prompt_logprob_rows(seq, start: int, end: int) -> PromptLogprobRows | None:

@@ -21,14 +21,16 @@ step before and never seen by the host, under async scheduling, counts too). Cou
 [rows, history] tensor: O(history) per step for the rows that ask and nothing for the others. vLLM V1 keeps the
 histories on the device across steps instead; sending them is simpler and survives preemption and recomputation
 unchanged, at the price of host work that grows with the sequence.
+
+Speculative decoding: a verify step samples one row per draft, and row j counts the drafts before it, the history
+it has if they are accepted; with deterministic drafts the accepted tokens are then exactly the processed model's
+(LLMEngine.check_sampling_params refuses the combinations this does not cover: token trees, sampled drafts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from minillm.engine.step_input import LogitsProcessing
 
 
 @dataclass
@@ -100,43 +102,50 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
                        query_lens: list[int], vocab_size: int) -> ProcessingTensors | None:
     """The device tensors for the sampled rows whose SamplingSpec carries a LogitsProcessing, or None.
 
-    specs[r] / sample_seqs[r]: sampled row r's parameters and sequence. A sequence with processors samples one row
-    per step (speculative decoding, which samples several, refuses such requests), so its history is
-    spec.processing.history (the host's tokens before this step) followed by this step's input ids of that
-    sequence, input_ids[query_starts[i]: query_starts[i] + query_lens[i]] on the device (already resolved when the
-    step took deferred ids from the step before)."""
+    specs[r] / sample_seqs[r]: sampled row r's parameters and sequence; a sequence's sampled rows are the last of its
+    query_lens[i] rows, which sit at input_ids[query_starts[i]:][:query_lens[i]] on the device (already resolved when
+    the step took deferred ids from the step before). A row at position p of its sequence counts as history the
+    host's tokens before the step (LogitsProcessing.history) and the step's own tokens up to p: in a verify step
+    of speculative decoding, row j sees the drafts before it, the history it has if they are accepted."""
     rows = [r for r, s in enumerate(specs) if s.processing is not None]
     if not rows:
         return None
     device = input_ids.device
-    procs: list[LogitsProcessing] = [specs[r].processing for r in rows]
+    num_sampled = [0] * len(query_lens)
+    for i in sample_seqs:
+        num_sampled[i] += 1
+    # each processed row's sequence and its offset in that sequence's query rows
+    seqs, offsets, seen = [], [], [0] * len(query_lens)
+    for r in rows:
+        i = sample_seqs[r]
+        seqs.append(i)
+        offsets.append(query_lens[i] - num_sampled[i] + seen[i])
+        seen[i] += 1
+    procs = [specs[r].processing for r in rows]  # minillm.engine.step_input.LogitsProcessing, one per row
     t = ProcessingTensors(rows=torch.tensor(rows, dtype=torch.int64, device=device))
     if any(p.min_p > 0 for p in procs):
         t.min_p = torch.tensor([s.processing.min_p if s.processing is not None else 0.0 for s in specs],
                                dtype=torch.float32, device=device)
-    bans = [(i, tok) for i, p in enumerate(procs) for tok in p.banned_ids if tok < vocab_size]
+    bans = [(n, tok) for n, (p, off) in enumerate(zip(procs, offsets))
+            if p.start + off + 1 - p.num_prompt_tokens < p.min_tokens for tok in p.stop_ids if tok < vocab_size]
     if bans:
         t.ban_rows, t.ban_ids = torch.tensor(bans, dtype=torch.int64, device=device).unbind(1)
-    biases = [(i, tok, b) for i, p in enumerate(procs) for tok, b in p.logit_bias]
+    biases = [(n, tok, b) for n, p in enumerate(procs) for tok, b in p.logit_bias]
     if biases:
         t.bias_rows, t.bias_ids = torch.tensor([b[:2] for b in biases], dtype=torch.int64, device=device).unbind(1)
         t.bias_values = torch.tensor([b[2] for b in biases], dtype=torch.float32, device=device)
-    penalized = [i for i, p in enumerate(procs) if p.history is not None]
+    penalized = [n for n, p in enumerate(procs) if p.history is not None]
     if penalized:
-        width = max(len(procs[i].history) + query_lens[sample_seqs[rows[i]]] for i in penalized)
+        width = max(len(procs[n].history) + offsets[n] + 1 for n in penalized)
         history = torch.full((len(procs), width), -1, dtype=torch.int64)
-        starts = []
-        for i in penalized:
-            known = procs[i].history
-            history[i, :len(known)] = torch.tensor(known, dtype=torch.int64)
-            starts.append(len(known))
+        dst, src = [], []  # this step's tokens of each row, gathered from the device's input ids
+        for n in penalized:
+            known = procs[n].history
+            history[n, :len(known)] = torch.tensor(known, dtype=torch.int64)
+            first = n * width + len(known)
+            dst.extend(range(first, first + offsets[n] + 1))
+            src.extend(range(query_starts[seqs[n]], query_starts[seqs[n]] + offsets[n] + 1))
         history = history.to(device)
-        # this step's tokens of each penalized sequence, gathered from the device's input ids
-        dst, src = [], []
-        for i, start in zip(penalized, starts):
-            seq = sample_seqs[rows[i]]
-            dst.extend(range(i * width + start, i * width + start + query_lens[seq]))
-            src.extend(range(query_starts[seq], query_starts[seq] + query_lens[seq]))
         history.view(-1)[torch.tensor(dst, device=device)] = input_ids[torch.tensor(src, device=device)]
         num_prompt = torch.tensor([p.num_prompt_tokens for p in procs], dtype=torch.int64, device=device)
         t.history = history
