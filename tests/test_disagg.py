@@ -37,10 +37,13 @@ ENGINE = dict(max_model_len=64, max_num_seqs=4, block_size=BLOCK, num_kv_blocks=
 # 1 token, exactly one block, one past a block, two blocks exactly, several blocks
 PROMPTS = [[100], [200, 201, 202, 203], [5, 6, 7, 8, 9], list(range(10, 18)), list(range(30, 47))]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-# greedy for every prompt (the longest also with log-probs: its prompt's scored on the prefill side, its tokens'
-# on both), and the one-past-a-block prompt once more seeded: its generator travels with its KV, and its first
+# greedy for every prompt (the second with logits processors: its history crosses to the decode side; the longest
+# also with log-probs: its prompt's scored on the prefill side, its tokens' on both), and the one-past-a-block
+# prompt once more seeded: its generator travels with its KV, and its first
 # block comes from the prefill side's prefix cache
-PARAMS = [GREEDY] * (len(PROMPTS) - 1) + [
+PARAMS = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.5,
+                                  frequency_penalty=0.4, logit_bias={7: 2.0}, min_tokens=2)] + \
+    [GREEDY] * (len(PROMPTS) - 3) + [
     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1),
     SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)]
 DECODE_BLOCKS = 10  # the six requests need 21 blocks at their longest: some wait for the decode side
