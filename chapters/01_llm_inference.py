@@ -382,6 +382,22 @@ for name, extra in (("no penalty", {}), ("repetition_penalty=1.3", dict(repetiti
 # The repetition penalty counts the prompt too, so "cat" (asked for) is penalized from the first token and a
 # 135M-parameter model swerves into invented words; the frequency penalty counts only what was generated, and the
 # answer stops after a few repeats. Penalties are blunt tools: vLLM leaves them off by default, as minillm does.
+#
+# **Exercise `ch01.apply_penalties`**: the three penalties on a batch of rows, each with its own history (padded
+# with -1) and its own three numbers. The engine calls your function before every penalized sample; the same
+# greedy answer with yours plugged in means it counts what the reference counts.
+
+# %%
+apply_penalties = load_function("ch01.apply_penalties")
+penalized = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.2, frequency_penalty=0.5,
+                           presence_penalty=0.3)
+reference = llm.chat(repeat, penalized)[0].outputs[0]
+with use_overrides({"ch01.apply_penalties": apply_penalties}):
+    yours = llm.chat(repeat, penalized)[0].outputs[0]
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("same tokens with your apply_penalties:", yours.token_ids == reference.token_ids)
 
 # %% [markdown]
 # ## 8. The course in one table

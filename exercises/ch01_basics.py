@@ -106,6 +106,23 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("ch01.top_p_filter is not attempted yet: write it in exercises/ch01_basics.py")
 
 
+# ch01.apply_penalties (10 points)
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, is_output: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """Repetition, frequency and presence penalties on float32 logits [R, V]; returns a new tensor.
+
+    history: int64 [R, L], row r's tokens so far, padded with -1 (padding is no token: it counts for nothing).
+    is_output: bool [R, L], True where history[r, j] was generated (False: a prompt token).
+    presence, frequency, repetition: float32 [R], per row; 0, 0 and 1 leave a row as it is.
+
+    For every token v of the vocabulary, with c = how many times v occurs among row r's *generated* tokens:
+        repetition: if v occurs anywhere in the history (prompt or output): logit / r if logit > 0, else logit * r
+        then        logit -= frequency * c + presence * (1 if c > 0 else 0)
+    Vectorise over rows and vocabulary (a scatter_add into a [R, V] tensor of counts); no Python loop over tokens.
+    """
+    raise NotImplementedError("ch01.apply_penalties is not attempted yet: write it in exercises/ch01_basics.py")
+
+
 # ch01.batch1_decode_tokens_per_s (5 points)
 def batch1_decode_tokens_per_s(num_params: float, bytes_per_param: float, bandwidth: float) -> float:
     """The upper bound on tokens/s of batch-1 decode when it is memory-bound: every step reads every weight once.

@@ -73,6 +73,17 @@ _EXERCISES: list[Exercise] = [
         called_from="minillm.layers.sampler.Sampler.forward",
     ),
     Exercise(
+        id="ch01.apply_penalties", function="apply_penalties", source="minillm/layers/logits_processors.py",
+        points=10,
+        hint="counts = scatter_add of (valid & is_output) over history.clamp(min=0); repetition where the token occurs "
+             "in ANY valid entry (prompt too): / r if > 0 else * r; then - f * counts - p * (counts > 0).",
+        nudge="Lower the logits of tokens the sequence already holds: by a factor for any occurrence, by a constant "
+              "per generated occurrence, and once for being generated at all.",
+        signature="apply_penalties(logits: torch.Tensor, history: torch.Tensor, is_output: torch.Tensor, "
+                  "presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor",
+        called_from="minillm.layers.logits_processors.ProcessingTensors.apply (the sampler, before the temperature)",
+    ),
+    Exercise(
         id="ch02.causal_mask", function="causal_mask", source="minillm/layers/attention.py", points=10,
         hint="Bottom-right aligned: mask[i, j] = j <= i + (kv_len - q_len); q_len == 1 is one all-True row.",
         nudge="With a KV cache the queries are the LAST q_len of kv_len positions: a query may see every key up to its own position.",

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minillm.hooks import dispatch
+
 
 @dataclass
 class ProcessingTensors:
@@ -60,33 +62,38 @@ class ProcessingTensors:
         if self.bias_rows is not None:
             picked[self.bias_rows, self.bias_ids] += self.bias_values
         if self.history is not None:
-            picked = apply_penalties(picked, self.history, self.is_output, self.presence, self.frequency,
-                                     self.repetition)
+            penalize = dispatch("ch01.apply_penalties", apply_penalties)  # a learner's version plugs in here
+            picked = penalize(picked, self.history, self.is_output, self.presence, self.frequency, self.repetition)
         out[self.rows] = picked
         return out
 
 
+# >>> exercise ch01.apply_penalties
 def apply_penalties(logits: torch.Tensor, history: torch.Tensor, is_output: torch.Tensor, presence: torch.Tensor,
                     frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
-    """Repetition, frequency and presence penalties on float32 logits [R, V] (a new tensor).
+    """Repetition, frequency and presence penalties on float32 logits [R, V]; returns a new tensor.
 
-    history: int64 [R, L], each row's tokens so far with -1 as padding; is_output: bool [R, L], True where the
-    entry was generated (frequency and presence count those only; repetition counts prompt tokens too).
-    presence, frequency, repetition: float32 [R] (0, 0 and 1 leave a row as it is)."""
+    history: int64 [R, L], row r's tokens so far, padded with -1 (padding is no token: it counts for nothing).
+    is_output: bool [R, L], True where history[r, j] was generated (False: a prompt token).
+    presence, frequency, repetition: float32 [R], per row; 0, 0 and 1 leave a row as it is.
+
+    For every token v of the vocabulary, with c = how many times v occurs among row r's *generated* tokens:
+        repetition: if v occurs anywhere in the history (prompt or output): logit / r if logit > 0, else logit * r
+        then        logit -= frequency * c + presence * (1 if c > 0 else 0)
+    Vectorise over rows and vocabulary (a scatter_add into a [R, V] tensor of counts); no Python loop over tokens.
+    """
+    # >>> solution
     valid = history >= 0
-    index = history.clamp(min=0)  # padding lands on token 0 with weight 0 / mask False
+    index = history.clamp(min=0)  # padding points at token 0 with weight 0: it counts for nothing
     counts = torch.zeros_like(logits).scatter_add_(1, index, (valid & is_output).to(logits.dtype))
-    seen = _scatter_any(logits.shape, index, valid)
+    # "occurs anywhere" as a count > 0: a boolean scatter would let padding overwrite a real token 0 with False
+    occurs = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    seen = occurs.scatter_add_(1, index, valid.to(torch.int32)) > 0
     r = repetition.unsqueeze(1)
     logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
-
-
-def _scatter_any(shape: torch.Size, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """bool [R, V]: True at (r, index[r, j]) for every valid j (an OR-scatter, as a sum of 0/1 then > 0, so a
-    padding entry pointing at token 0 cannot overwrite a real occurrence of token 0 with False)."""
-    hits = torch.zeros(shape, dtype=torch.int32, device=index.device)
-    return hits.scatter_add_(1, index, valid.to(torch.int32)) > 0
+    # <<< solution
+# <<< exercise
 
 
 def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

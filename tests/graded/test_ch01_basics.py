@@ -1,4 +1,4 @@
-"""Graded tests of chapter 1: arithmetic intensity, RMSNorm, RoPE, top-k and top-p filters.
+"""Graded tests of chapter 1: arithmetic intensity, RMSNorm, RoPE, top-k and top-p filters, sampling penalties.
 
 Each test compares the implementation chosen by MINILLM_IMPL (fixture `impl`) with the solution (`ref`)
 on seeded random inputs of awkward sizes, and checks properties that hold whatever the solution says.
@@ -267,3 +267,78 @@ def test_top_p_properties(impl):
     # a one-word vocabulary is left as it is (checked here, not on its own: returning the input would pass it)
     one = torch.randn(2, 1, generator=g)
     assert_close(impl(one.clone(), torch.tensor([0.05, 1.0])), one, "top_p_filter of a one-word vocabulary")
+
+
+# ---- ch01.apply_penalties ---------------------------------------------------------------------------
+
+def _penalty_inputs(g: torch.Generator, R: int, V: int, L: int):
+    """Random logits and histories: each row holds a prompt and an output (at least one token) of random lengths,
+    then -1 padding (marked "output" too: padding must count for nothing whatever is_output says)."""
+    logits = torch.randn(R, V, generator=g) * 3
+    used = torch.randint(1, L + 1, (R,), generator=g)
+    prompt = (used.float() * torch.rand(R, generator=g)).long()  # < used: every row has a generated token
+    history = torch.randint(0, min(V, 12), (R, L), generator=g)  # a small range: tokens repeat, token 0 appears
+    pos = torch.arange(L)
+    history[pos >= used[:, None]] = -1
+    is_output = pos >= prompt[:, None]
+    presence = torch.rand(R, generator=g) * 4 - 2
+    frequency = torch.rand(R, generator=g) * 4 - 2
+    repetition = torch.rand(R, generator=g) * 1.5 + 0.5
+    return logits, history, is_output, presence, frequency, repetition
+
+
+@pytest.mark.exercise("ch01.apply_penalties")
+@pytest.mark.points(1)
+@pytest.mark.parametrize("R,V,L", [(1, 5, 2), (3, 17, 9), (4, 300, 40), (2, 49152, 64)])
+def test_apply_penalties_matches_solution(impl, ref, R, V, L):
+    inputs = _penalty_inputs(gen(R * 13 + V + L), R, V, L)
+    before = [t.clone() for t in inputs]
+    out = impl(*[t.clone() for t in inputs])
+    assert_tensor(out, "apply_penalties output", (R, V), torch.float32)
+    assert_close(out, ref(*[t.clone() for t in inputs]), f"apply_penalties [R={R}, V={V}, L={L}]")
+    out = impl(*inputs)
+    for name, t, b in zip(("logits", "history", "is_output"), inputs, before):
+        assert_equal(t, b, f"input {name} after the call (must not be modified)")
+
+
+@pytest.mark.exercise("ch01.apply_penalties")
+@pytest.mark.points(4)
+def test_apply_penalties_worked_example(impl):
+    """Worked by hand, one rule per row: prompt vs output, a negative logit, padding, token 0."""
+    logits = torch.tensor([[1.0, 4.0, -2.0, 3.0, -1.0, 0.5],
+                           [0.3, -0.7, 1.1, 2.2, -3.3, 0.0],
+                           [3.0, 1.0, -1.5, 0.0, 2.0, -6.0],
+                           [0.0, 0.0, 0.0, 0.0, -2.0, 5.0]])
+    history = torch.tensor([[1, 1, 2, 2, 3, -1], [-1] * 6, [0, -1, -1, -1, -1, -1], [4, 4, 5, -1, -1, -1]])
+    is_output = torch.tensor([[False, False, True, True, True, True], [True] * 6, [True] * 6,
+                              [False, False, True, True, True, True]])
+    presence, frequency = torch.tensor([0.5, 2.0, 1.0, 0.0]), torch.tensor([0.25, 2.0, 0.5, 1.0])
+    repetition = torch.tensor([2.0, 3.0, 1.5, 1.25])
+    want = torch.tensor([[1.0, 2.0, -5.0, 0.75, -1.0, 0.5],  # 1: prompt only, /2; 2: -2*2 - 0.25*2 - 0.5; 3: 1.5 - 0.75
+                         [0.3, -0.7, 1.1, 2.2, -3.3, 0.0],  # nothing but padding: unchanged
+                         [0.5, 1.0, -1.5, 0.0, 2.0, -6.0],  # token 0 generated once: 3/1.5 - 0.5 - 1 (padding is no 0)
+                         [0.0, 0.0, 0.0, 0.0, -2.5, 3.0]])  # 4 in the prompt: *1.25 and no frequency; 5: 5/1.25 - 1
+    got = impl(logits.clone(), history, is_output, presence, frequency, repetition)
+    for row, why in enumerate(("prompt vs output tokens, a negative logit", "a row of padding only",
+                               "token 0 and -1 padding", "frequency counts generated tokens only")):
+        assert_close(got[row], want[row], f"row {row} ({why})")
+
+
+@pytest.mark.exercise("ch01.apply_penalties")
+@pytest.mark.points(2)
+def test_apply_penalties_properties(impl):
+    g = gen(77)
+    logits, history, is_output, *_ = _penalty_inputs(g, 5, 40, 20)
+    R = logits.shape[0]
+    zeros, ones = torch.zeros(R), torch.ones(R)
+    assert_equal(impl(logits.clone(), history, is_output, zeros, zeros, ones), logits,
+                 "penalties 0, 0 and 1 must leave the logits as they are")
+    out = impl(logits.clone(), history, is_output, ones * 3.0, zeros, ones)
+    generated = torch.zeros(R, 40, dtype=torch.bool)
+    for r in range(R):
+        for token, gen_ in zip(history[r].tolist(), is_output[r].tolist()):
+            if token >= 0 and gen_:
+                generated[r, token] = True
+    assert_close(out[generated], logits[generated] - 3.0, "presence 3: every generated token's logit minus 3")
+    assert_equal(out[~generated], logits[~generated], "presence 3: the other tokens unchanged")
+
