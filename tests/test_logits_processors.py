@@ -168,10 +168,11 @@ def _spec_engine(model_and_config, spec: dict):
                                                                   max_num_seqs=4, speculative_config=spec))
 
 
-@pytest.mark.parametrize("method", ["ngram", "lookahead", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "draft_model", "ngram_tree"])
 def test_verify_steps_apply_processors_row_by_row(model_and_config, method):
-    """Each verified row sees the drafts before it as history, so greedy speculation with processors gives the
-    plain engine's processed tokens (with drafts accepted: else this test could not fail)."""
+    """Each verified row sees the drafts on its path as history (a chain's earlier drafts, a tree node's
+    ancestors), so greedy speculation with processors gives the plain engine's processed tokens (with drafts
+    accepted: else this test could not fail)."""
     model, _ = model_and_config
     spec = {"method": method, "num_speculative_tokens": 3}
     spec.update({"ngram": {"prompt_lookup_min": 1}, "draft_model": {"draft_num_layers": 1}}.get(method, {}))
@@ -190,8 +191,9 @@ def test_speculation_that_cannot_apply_processors_refuses_them_naming_the_field(
     trees = _spec_engine(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": 3})
     for kw, field in ((dict(frequency_penalty=0.5), "frequency_penalty"), (dict(min_p=0.2), "min_p"),
                       (dict(logit_bias={5: 1.0}), "logit_bias"), (dict(min_tokens=1), "min_tokens")):
-        with pytest.raises(ParamError, match=f"{field} is not supported with token-tree speculative") as err:
-            trees.add_request(None, [1, 2, 3], SamplingParams(**kw))
+        with pytest.raises(ParamError, match=f"{field} is not supported with sampled token-tree verification") \
+                as err:
+            trees.add_request(None, [1, 2, 3], SamplingParams(temperature=0.8, **kw))
         assert err.value.param == field
     sampled = _spec_engine(model_and_config, {"method": "draft_model", "num_speculative_tokens": 3,
                                               "draft_num_layers": 1})
@@ -233,3 +235,24 @@ def test_gpu_processors_under_cuda_graphs_sync_and_async():
         assert engine.runner.forward_counts["graph"] > 0
         for prompt, p, tokens in zip(prompts, params, got):
             assert tokens == processed_greedy(model, prompt, 16, p, eos=-1), (options, p)
+
+
+def test_a_tree_nodes_history_is_its_path():
+    """processing_tensors on a verify step of one token tree (root, two children of the root, a grandchild under
+    the first): each node's history is the host's tokens, then its ancestors' and its own, in order; min_tokens'
+    ban counts the same path."""
+    from minillm.engine.step_input import LogitsProcessing, SamplingSpec
+    from minillm.layers.logits_processors import processing_tensors
+
+    proc = LogitsProcessing(stop_ids=(5,), min_tokens=3, logit_bias=(), min_p=0.0, presence_penalty=0.5,
+                            frequency_penalty=0.0, repetition_penalty=1.0, history=[10, 11], start=2,
+                            num_prompt_tokens=1)
+    specs = [SamplingSpec("r", 0.0, -1, 1.0, None, proc)] * 4
+    masks = [[0b1, 0b11, 0b101, 0b1011]]
+    t = processing_tensors(specs, [0] * 4, torch.tensor([20, 21, 22, 23]), [0, 4], [4], 50, masks)
+    paths = [[10, 11, 20], [10, 11, 20, 21], [10, 11, 20, 22], [10, 11, 20, 21, 23]]
+    assert t.history.tolist() == [p + [-1] * (5 - len(p)) for p in paths]
+    assert t.is_output[:, 1:].all() and not t.is_output[:, 0].any()
+    assert t.ban_rows.tolist() == [0] and t.ban_ids.tolist() == [5]  # 1 output before the root's sample, 2 after
+    chain = processing_tensors(specs, [0] * 4, torch.tensor([20, 21, 22, 23]), [0, 4], [4], 50)
+    assert chain.history[3].tolist() == [10, 11, 20, 21, 22, 23]  # without masks: a chain, every row before

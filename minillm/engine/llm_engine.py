@@ -185,11 +185,11 @@ class LLMEngine(StepOutputs):
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
         outside this model's vocabulary, and logits processors where speculative decoding cannot apply them. A
-        verify step samples one row per draft, each with the drafts before it as history (exact for drafts that
-        are deterministic: n-grams, lookahead, any proposer at temperature 0); not implemented: token trees (a
-        node's history is its path) and drafts sampled from a draft distribution q (the rejection rule would need
-        the processed target probabilities). Reads only the configuration: safe beside a running step (AsyncLLM
-        and the server check before queuing)."""
+        verify step samples one row per draft, each with the drafts on its path as history (exact wherever the
+        verification reads those samples: any method at temperature 0, chains of deterministic drafts, n-gram and
+        lookahead, at any temperature); not implemented at temperature > 0: drafts sampled from a draft
+        distribution q and token trees, whose rules read the target's raw probabilities instead. Reads only the configuration: safe beside a running step (AsyncLLM and the server
+        check before queuing)."""
         if not params.processes_logits:
             return
         vocab = self.model_config.vocab_size
@@ -201,13 +201,15 @@ class LLMEngine(StepOutputs):
             return
         from minillm.speculative.config import TREE_METHODS
         from minillm.speculative.proposer import SampledDraftProposer
-        if spec.config.method in TREE_METHODS:
-            why = f"token-tree speculative decoding (method {spec.config.method!r})"
-        elif params.temperature > 0 and isinstance(spec.proposer, SampledDraftProposer):
-            why = (f"sampled drafts (method {spec.config.method!r} at temperature {params.temperature:g}; "
-                   f"temperature 0 works)")
+        if params.temperature <= 0:
+            return
+        if isinstance(spec.proposer, SampledDraftProposer):
+            why = f"sampled drafts (method {spec.config.method!r} at temperature {params.temperature:g}"
+        elif spec.config.method in TREE_METHODS:
+            why = f"sampled token-tree verification (method {spec.config.method!r} at temperature {params.temperature:g}"
         else:
             return
+        why += "; temperature 0 works)"
         name = next(n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
                                      ("logit_bias", None), ("min_tokens", 0), ("min_p", 0.0)) if getattr(params, n) != off)
         raise ParamError(name, f"{name} is not supported with {why}: leave it at its default or use an engine "

@@ -357,7 +357,7 @@ class ModelRunner(LaunchSetup):
             if sample_seqs is None:
                 sample_seqs = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
             processing = processing_tensors(specs, sample_seqs, input_ids, [0, *accumulate(step.query_lens)],
-                                            step.query_lens, logits.shape[-1])
+                                            step.query_lens, logits.shape[-1], step.tree_masks)
         return self.sampler(logits, *params, generators=generators, default_generator=self.generator,
                             all_greedy=False, use_top_k=any(s.top_k > 0 for s in specs),
                             use_top_p=any(s.top_p < 1 for s in specs), processing=processing)

@@ -22,9 +22,10 @@ step before and never seen by the host, under async scheduling, counts too). Cou
 histories on the device across steps instead; sending them is simpler and survives preemption and recomputation
 unchanged, at the price of host work that grows with the sequence.
 
-Speculative decoding: a verify step samples one row per draft, and row j counts the drafts before it, the history
-it has if they are accepted; with deterministic drafts the accepted tokens are then exactly the processed model's
-(LLMEngine.check_sampling_params refuses the combinations this does not cover: token trees, sampled drafts).
+Speculative decoding: a verify step samples one row per draft, and each row counts the drafts on its path (the
+ones before it in a chain, its ancestors in a token tree), the history it has if they are accepted; with
+deterministic drafts the accepted tokens are then exactly the processed model's (LLMEngine.check_sampling_params
+refuses what this does not cover: at temperature > 0, sampled drafts and token trees).
 """
 from __future__ import annotations
 
@@ -106,14 +107,16 @@ def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Tensor, query_starts: list[int],
-                       query_lens: list[int], vocab_size: int) -> ProcessingTensors | None:
+                       query_lens: list[int], vocab_size: int,
+                       tree_masks: list[list[int] | None] | None = None) -> ProcessingTensors | None:
     """The device tensors for the sampled rows whose SamplingSpec carries a LogitsProcessing, or None.
 
     specs[r] / sample_seqs[r]: sampled row r's parameters and sequence; a sequence's sampled rows are the last of its
     query_lens[i] rows, which sit at input_ids[query_starts[i]:][:query_lens[i]] on the device (already resolved when
-    the step took deferred ids from the step before). A row at position p of its sequence counts as history the
-    host's tokens before the step (LogitsProcessing.history) and the step's own tokens up to p: in a verify step
-    of speculative decoding, row j sees the drafts before it, the history it has if they are accepted."""
+    the step took deferred ids from the step before). A row counts as history the host's tokens before the step
+    (LogitsProcessing.history) and the step's own tokens on its path: in a verify step of speculative decoding, the
+    drafts before it, the history it has if they are accepted. That path is rows 0..j for row j of a chain, and the
+    rows set in its ancestor bitmask (StepInput.tree_masks, itself included) for a node of a token tree."""
     rows = [r for r, s in enumerate(specs) if s.processing is not None]
     if not rows:
         return None
@@ -121,20 +124,22 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
     num_sampled = [0] * len(query_lens)
     for i in sample_seqs:
         num_sampled[i] += 1
-    # each processed row's sequence and its offset in that sequence's query rows
-    seqs, offsets, seen = [], [], [0] * len(query_lens)
+    # each processed row's sequence and the rows of that sequence on its path (offsets in its query rows)
+    seqs, paths, seen = [], [], [0] * len(query_lens)
     for r in rows:
         i = sample_seqs[r]
-        seqs.append(i)
-        offsets.append(query_lens[i] - num_sampled[i] + seen[i])
+        row = query_lens[i] - num_sampled[i] + seen[i]
         seen[i] += 1
+        mask = tree_masks[i][row] if tree_masks is not None and tree_masks[i] is not None else -1
+        seqs.append(i)
+        paths.append(list(range(row + 1)) if mask == -1 else [j for j in range(row + 1) if mask >> j & 1])
     procs = [specs[r].processing for r in rows]  # minillm.engine.step_input.LogitsProcessing, one per row
     t = ProcessingTensors(rows=torch.tensor(rows, dtype=torch.int64, device=device))
     if any(p.min_p > 0 for p in procs):
         t.min_p = torch.tensor([s.processing.min_p if s.processing is not None else 0.0 for s in specs],
                                dtype=torch.float32, device=device)
-    bans = [(n, tok) for n, (p, off) in enumerate(zip(procs, offsets))
-            if p.start + off + 1 - p.num_prompt_tokens < p.min_tokens for tok in p.stop_ids if tok < vocab_size]
+    bans = [(n, tok) for n, (p, path) in enumerate(zip(procs, paths))  # outputs so far: context - prompt
+            if p.start + len(path) - p.num_prompt_tokens < p.min_tokens for tok in p.stop_ids if tok < vocab_size]
     if bans:
         t.ban_rows, t.ban_ids = torch.tensor(bans, dtype=torch.int64, device=device).unbind(1)
     biases = [(n, tok, b) for n, p in enumerate(procs) for tok, b in p.logit_bias]
@@ -143,15 +148,15 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
         t.bias_values = torch.tensor([b[2] for b in biases], dtype=torch.float32, device=device)
     penalized = [n for n, p in enumerate(procs) if p.history is not None]
     if penalized:
-        width = max(len(procs[n].history) + offsets[n] + 1 for n in penalized)
+        width = max(len(procs[n].history) + len(paths[n]) for n in penalized)
         history = torch.full((len(procs), width), -1, dtype=torch.int64)
-        dst, src = [], []  # this step's tokens of each row, gathered from the device's input ids
+        dst, src = [], []  # this step's tokens on each row's path, gathered from the device's input ids
         for n in penalized:
             known = procs[n].history
             history[n, :len(known)] = torch.tensor(known, dtype=torch.int64)
             first = n * width + len(known)
-            dst.extend(range(first, first + offsets[n] + 1))
-            src.extend(range(query_starts[seqs[n]], query_starts[seqs[n]] + offsets[n] + 1))
+            dst.extend(range(first, first + len(paths[n])))
+            src.extend(query_starts[seqs[n]] + j for j in paths[n])
         history = history.to(device)
         history.view(-1)[torch.tensor(dst, device=device)] = input_ids[torch.tensor(src, device=device)]
         num_prompt = torch.tensor([p.num_prompt_tokens for p in procs], dtype=torch.int64, device=device)
