@@ -209,8 +209,8 @@ def test_speculation_that_cannot_apply_processors_refuses_them_naming_the_field(
 def test_gpu_processors_under_cuda_graphs_sync_and_async():
     """On the GPU decode steps replay CUDA graphs that compute greedy tokens in the replay; rows with processors
     are sampled again from the graph's logits, and under async scheduling their history's last token is the
-    deferred one the graph gathered; prompt lookup's verify steps replay q_len 1 + k graphs. fp32; the reference
-    applies the rules by hand to full forwards."""
+    deferred one the graph gathered; prompt lookup's verify steps replay q_len 1 + k graphs, its token trees tree
+    graphs. fp32; the reference applies the rules by hand to full forwards."""
     import random
 
     from minillm.config import EngineConfig
@@ -226,7 +226,9 @@ def test_gpu_processors_under_cuda_graphs_sync_and_async():
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in
               (PROCESSORS["repetition"], PROCESSORS["frequency+presence"], PROCESSORS["all"], {})] * 2
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}  # verify graphs, q_len 4
-    for options in (dict(async_scheduling=False), dict(async_scheduling=True), dict(speculative_config=spec)):
+    tree = {"method": "ngram_tree", "num_speculative_tokens": 3}  # tree graphs: rows see their ancestors only
+    for options in (dict(async_scheduling=False), dict(async_scheduling=True), dict(speculative_config=spec),
+                    dict(speculative_config=tree)):
         engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
             block_size=16, kv_cache_memory=16 << 20, max_model_len=128, max_num_seqs=8, **options),
             device="cuda", dtype=torch.float32)
