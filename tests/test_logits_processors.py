@@ -158,6 +158,11 @@ def test_server_passes_the_processors_through():
         assert done["choices"][0]["text"] == "****", done
 
 
+SPEC_PROMPTS = [[5, 9, 5, 9, 5, 9, 5], [17] * 11, list(range(40, 59))]
+SPEC_PROCESSORS = (PROCESSORS["frequency+presence"], dict(repetition_penalty=1.1, logit_bias={9: 3.0}, min_tokens=4),
+                   PROCESSORS["all"])  # mild enough that the outputs repeat themselves: prompt lookup finds drafts
+
+
 def _spec_engine(model_and_config, spec: dict):
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
@@ -177,31 +182,29 @@ def test_verify_steps_apply_processors_row_by_row(model_and_config, method):
     spec = {"method": method, "num_speculative_tokens": 3}
     spec.update({"ngram": {"prompt_lookup_min": 1}, "draft_model": {"draft_num_layers": 1}}.get(method, {}))
     engine = _spec_engine(model_and_config, spec)
-    prompts = [[5, 9, 5, 9, 5, 9, 5], [17] * 11, list(range(40, 59))]
-    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in
-              (PROCESSORS["frequency+presence"], dict(repetition_penalty=1.1, logit_bias={9: 3.0}, min_tokens=4),
-               PROCESSORS["all"])]
-    got = run_to_completion(engine, prompts, params)
-    for prompt, p, tokens in zip(prompts, params, got):
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw) for kw in SPEC_PROCESSORS]
+    got = run_to_completion(engine, SPEC_PROMPTS, params)
+    for prompt, p, tokens in zip(SPEC_PROMPTS, params, got):
         assert tokens == processed_greedy(model, prompt, 16, p, eos=-1)
     assert engine.speculative.metrics.num_accepted_tokens > 0
 
 
-def test_speculation_that_cannot_apply_processors_refuses_them_naming_the_field(model_and_config):
-    trees = _spec_engine(model_and_config, {"method": "ngram_tree", "num_speculative_tokens": 3})
-    for kw, field in ((dict(frequency_penalty=0.5), "frequency_penalty"), (dict(min_p=0.2), "min_p"),
-                      (dict(logit_bias={5: 1.0}), "logit_bias"), (dict(min_tokens=1), "min_tokens")):
-        with pytest.raises(ParamError, match=f"{field} is not supported with sampled token-tree verification") \
-                as err:
-            trees.add_request(None, [1, 2, 3], SamplingParams(temperature=0.8, **kw))
-        assert err.value.param == field
-    sampled = _spec_engine(model_and_config, {"method": "draft_model", "num_speculative_tokens": 3,
-                                              "draft_num_layers": 1})
-    with pytest.raises(ParamError, match="not supported with sampled drafts .* temperature 0 works"):
-        sampled.add_request(None, [1, 2, 3], SamplingParams(temperature=0.7, repetition_penalty=1.2))
-    assert not trees.has_unfinished_requests() and not sampled.has_unfinished_requests()
-    sampled.add_request(None, [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, repetition_penalty=1.2))
-    assert run_to_completion(sampled, [], []) == [] and not sampled.has_unfinished_requests()
+@pytest.mark.parametrize("method", ["draft_model", "ngram_tree"])
+def test_rejection_rules_read_the_processed_distribution(model_and_config, method):
+    """Where verification reads probabilities (drafts sampled from a draft model's q; token trees at temperature
+    > 0), the step returns the processed logits with min_p's removals. With min_p = 1 at temperature 1 that
+    distribution is one-hot at the processed argmax, so every token must be the processed greedy one: raw
+    logits would put the mass on the raw argmax and part from the reference."""
+    model, _ = model_and_config
+    spec = {"method": method, "num_speculative_tokens": 3}
+    spec.update({"draft_model": {"draft_num_layers": 1}}.get(method, {}))
+    engine = _spec_engine(model_and_config, spec)
+    params = [SamplingParams(temperature=1.0, min_p=1.0, max_tokens=16, ignore_eos=True, seed=i, **kw)
+              for i, kw in enumerate(SPEC_PROCESSORS)]
+    got = run_to_completion(engine, SPEC_PROMPTS, params)
+    for prompt, p, tokens in zip(SPEC_PROMPTS, params, got):
+        assert tokens == processed_greedy(model, prompt, 16, p, eos=-1)
+    assert engine.speculative.metrics.num_verify_steps > 0
 
 
 @pytest.mark.gpu

@@ -184,36 +184,14 @@ class LLMEngine(StepOutputs):
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary, and logits processors where speculative decoding cannot apply them. A
-        verify step samples one row per draft, each with the drafts on its path as history (exact wherever the
-        verification reads those samples: any method at temperature 0, chains of deterministic drafts, n-gram and
-        lookahead, at any temperature); not implemented at temperature > 0: drafts sampled from a draft
-        distribution q and token trees, whose rules read the target's raw probabilities instead. Reads only the configuration: safe beside a running step (AsyncLLM and the server
-        check before queuing)."""
-        if not params.processes_logits:
+        outside this model's vocabulary. Reads only the configuration: safe beside a running step (AsyncLLM and
+        the server check before queuing)."""
+        if not params.logit_bias:
             return
         vocab = self.model_config.vocab_size
-        outside = [t for t in params.logit_bias or () if t >= vocab]
+        outside = [t for t in params.logit_bias if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
-        spec = self.speculative
-        if spec is None:
-            return
-        from minillm.speculative.config import TREE_METHODS
-        from minillm.speculative.proposer import SampledDraftProposer
-        if params.temperature <= 0:
-            return
-        if isinstance(spec.proposer, SampledDraftProposer):
-            why = f"sampled drafts (method {spec.config.method!r} at temperature {params.temperature:g}"
-        elif spec.config.method in TREE_METHODS:
-            why = f"sampled token-tree verification (method {spec.config.method!r} at temperature {params.temperature:g}"
-        else:
-            return
-        why += "; temperature 0 works)"
-        name = next(n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
-                                     ("logit_bias", None), ("min_tokens", 0), ("min_p", 0.0)) if getattr(params, n) != off)
-        raise ParamError(name, f"{name} is not supported with {why}: leave it at its default or use an engine "
-                               f"without that speculative_config")
 
     def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""

@@ -106,6 +106,7 @@ class ModelRunner(LaunchSetup):
         self.forward_fn = model
         self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
         self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
+        self._step_processing = None  # this step's ProcessingTensors (logits processors), set by _sample_on_device
         self._graph_pre_norm: torch.Tensor | None = None  # the static copy of it that captured graphs write
         self._pre_norm_hook = None
         self._capturing_graphs = False  # only this runner's own captures record the pre-norm copy
@@ -193,6 +194,7 @@ class ModelRunner(LaunchSetup):
         if step.is_empty:
             return None
         prepared = self.prepare(step)
+        self._step_processing = None  # the logits processors of this step's sampled rows (_sample_on_device)
         graphs = self.cuda_graphs
         sampling_graph = graphs is not None and graphs.gathers_deferred_ids(prepared.graph, prepared.graph_tree)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
@@ -228,8 +230,10 @@ class ModelRunner(LaunchSetup):
         if prepared.prompt_scoring is not None:  # a second, small vocabulary projection over those rows only
             parts += score_tokens(self.model.compute_logits(hidden[prepared.prompt_rows]), prepared.prompt_targets,
                                   max(prepared.prompt_scoring[2]))
-        if step.return_logits and logits is not None:
-            parts.append(logits.float())
+        if step.return_logits and logits is not None:  # for the rejection rule: the distribution sampled from
+            processing = self._step_processing
+            parts.append(logits.float() if processing is None
+                         else processing.target_logits(logits, prepared.sampling[0]))
         return prepared, parts, num_top, hidden_states
 
     def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
@@ -345,6 +349,7 @@ class ModelRunner(LaunchSetup):
         greedy, and the sampler's branches are decided here from the host's copy of the parameters. Rows with
         logits processors read this step's input ids (`input_ids`, `step`; `sample_seqs`: each row's sequence,
         by default one row per sequence that samples)."""
+        self._step_processing = None
         if params is None:
             return greedy_tokens(logits)
         generators = None
@@ -358,6 +363,7 @@ class ModelRunner(LaunchSetup):
                 sample_seqs = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
             processing = processing_tensors(specs, sample_seqs, input_ids, [0, *accumulate(step.query_lens)],
                                             step.query_lens, logits.shape[-1], step.tree_masks)
+        self._step_processing = processing
         return self.sampler(logits, *params, generators=generators, default_generator=self.generator,
                             all_greedy=False, use_top_k=any(s.top_k > 0 for s in specs),
                             use_top_p=any(s.top_p < 1 for s in specs), processing=processing)

@@ -23,9 +23,10 @@ histories on the device across steps instead; sending them is simpler and surviv
 unchanged, at the price of host work that grows with the sequence.
 
 Speculative decoding: a verify step samples one row per draft, and each row counts the drafts on its path (the
-ones before it in a chain, its ancestors in a token tree), the history it has if they are accepted; with
-deterministic drafts the accepted tokens are then exactly the processed model's (LLMEngine.check_sampling_params
-refuses what this does not cover: at temperature > 0, sampled drafts and token trees).
+ones before it in a chain, its ancestors in a token tree), the history it has if they are accepted; the accepted
+tokens are then exactly the processed model's. Where the rule reads probabilities instead of samples (drafts
+sampled from a draft model's q, token trees at temperature > 0), the step returns `target_logits`: the processed
+logits with min_p's removals, so the rule's p is the distribution plain decoding samples from.
 """
 from __future__ import annotations
 
@@ -66,6 +67,17 @@ class ProcessingTensors:
             penalize = dispatch("ch01.apply_penalties", apply_penalties)  # a learner's version plugs in here
             picked = penalize(picked, self.history, self.is_output, self.presence, self.frequency, self.repetition)
         out[self.rows] = picked
+        return out
+
+    def target_logits(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+        """The logits whose temperature / top-k / top-p distribution is what these rows sample from: `apply`, and
+        min_p's removals as -inf (computed at each row's temperature; a -inf stays -inf whatever is applied
+        after). Speculative decoding's rejection rule reads its target probabilities from these."""
+        out = self.apply(logits)
+        if self.min_p is not None:
+            temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures)).to(out)
+            kept = torch.isfinite(min_p_filter(out / temps.unsqueeze(1), self.min_p))
+            out = out.masked_fill(~kept, float("-inf"))
         return out
 
 
