@@ -40,8 +40,8 @@ class LogitsProcessing(NamedTuple):
     """One sequence's logits processors for this step (minillm/layers/logits_processors.py), sent only for a
     request that asks for one. The step feeds the sequence's tokens start, start + 1, ...; a sampled row that follows
     position p bans `stop_ids` while fewer than min_tokens tokens are out (p + 1 - num_prompt_tokens), and its
-    penalties count `history` (the tokens before `start`; None when no penalty is on) plus the step's own tokens up to
-    p (a verify step's drafts before the row included)."""
+    penalties count `history` (the tokens before `start`; None when no penalty is on) plus the step's own tokens on
+    the row's path (a chain's rows up to it, drafts included; a tree node's ancestors and itself)."""
 
     stop_ids: tuple[int, ...]
     min_tokens: int
