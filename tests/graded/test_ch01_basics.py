@@ -302,7 +302,7 @@ def test_apply_penalties_matches_solution(impl, ref, R, V, L):
 
 
 @pytest.mark.exercise("ch01.apply_penalties")
-@pytest.mark.points(4)
+@pytest.mark.points(3)
 def test_apply_penalties_worked_example(impl):
     """Worked by hand, one rule per row: prompt vs output, a negative logit, padding, token 0."""
     logits = torch.tensor([[1.0, 4.0, -2.0, 3.0, -1.0, 0.5],
@@ -325,7 +325,7 @@ def test_apply_penalties_worked_example(impl):
 
 
 @pytest.mark.exercise("ch01.apply_penalties")
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_apply_penalties_properties(impl):
     g = gen(77)
     logits, history, is_output, *_ = _penalty_inputs(g, 5, 40, 20)

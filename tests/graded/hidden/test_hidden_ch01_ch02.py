@@ -36,3 +36,22 @@ def test_top_p_peaked_rows_hidden(impl, ref):
 @pytest.mark.points(1)
 def test_causal_mask_long_chunk_hidden(impl, ref):
     assert_equal(impl(64, 127), ref(64, 127), "causal_mask(q_len=64, kv_len=127)")
+
+
+@pytest.mark.exercise("ch01.apply_penalties")
+@pytest.mark.points(2)
+def test_apply_penalties_long_histories_and_banned_tokens_hidden(impl, ref):
+    """33 rows, histories up to 300 tokens over a 1,000-token vocabulary (most tokens repeat), some logits already
+    -inf (min_tokens' ban runs first in the engine: a penalty must leave -inf as it is)."""
+    g = torch.Generator().manual_seed(graded_seed(103))
+    R, V, L = 33, 1000, 300
+    logits = torch.randn(R, V, generator=g) * 4
+    logits[torch.rand(R, V, generator=g) < 0.01] = float("-inf")
+    used = torch.randint(1, L + 1, (R,), generator=g)
+    history = torch.randint(0, 60, (R, L), generator=g)
+    history[torch.arange(L) >= used[:, None]] = -1
+    is_output = torch.arange(L) >= (used.float() * torch.rand(R, generator=g)).long()[:, None]
+    presence, frequency = torch.rand(R, generator=g) * 4 - 2, torch.rand(R, generator=g) * 4 - 2
+    repetition = torch.rand(R, generator=g) * 3 + 0.1
+    args = (history, is_output, presence, frequency, repetition)
+    assert_close(impl(logits.clone(), *args), ref(logits.clone(), *args), "apply_penalties [33, 1000], L=300")
