@@ -179,8 +179,11 @@ class SamplingParams:
         checked: dict[int, float] = {}
         for key, value in bias.items():
             token = key
-            if isinstance(key, str) and key.strip().lstrip("+").isdigit():
-                token = int(key)
+            if isinstance(key, str):
+                try:
+                    token = int(key)  # "50256" (JSON's keys are strings); "x", "1.5" and "²" stay strings
+                except ValueError:
+                    pass
             if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token <= INT64_MAX:
                 raise ParamError("logit_bias", f"logit_bias keys must be token ids (integers in [0, {INT64_MAX}]), "
                                                f"got {key!r}")

@@ -131,7 +131,8 @@ def test_bad_processor_values_are_refused_with_the_field(model_and_config):
     cases = [(dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")),
              "frequency_penalty"), (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_p=-0.1), "min_p"),
              (dict(min_tokens=17), "min_tokens"), (dict(logit_bias={"a": 1}), "logit_bias"),
-             (dict(logit_bias={1: 101}), "logit_bias"), (dict(logit_bias=[1]), "logit_bias")]
+             (dict(logit_bias={1: 101}), "logit_bias"), (dict(logit_bias=[1]), "logit_bias"),
+             (dict(logit_bias={"\u00b2": 1}), "logit_bias"), (dict(logit_bias={"9" * 5000: 1}), "logit_bias")]
     for kw, field in cases:
         with pytest.raises(ParamError, match=field) as err:
             SamplingParams(**kw)
