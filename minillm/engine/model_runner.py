@@ -106,7 +106,9 @@ class ModelRunner(LaunchSetup):
         self.forward_fn = model
         self.hidden_state_kind: str | None = None  # "post_norm" / "pre_norm": what return_hidden_states returns
         self._pre_norm: torch.Tensor | None = None  # the last forward's residual stream before the final norm
-        self._step_processing = None  # this step's ProcessingTensors (logits processors), set by _sample_on_device
+        # this step's logits processors and the logits they made (ProcessingTensors, float32 [S, V]), or None;
+        # set by _sample_on_device, read for return_logits
+        self._step_processed: tuple | None = None
         self._graph_pre_norm: torch.Tensor | None = None  # the static copy of it that captured graphs write
         self._pre_norm_hook = None
         self._capturing_graphs = False  # only this runner's own captures record the pre-norm copy
@@ -194,7 +196,7 @@ class ModelRunner(LaunchSetup):
         if step.is_empty:
             return None
         prepared = self.prepare(step)
-        self._step_processing = None  # the logits processors of this step's sampled rows (_sample_on_device)
+        self._step_processed = None  # this step's processed logits, if any (_sample_on_device)
         graphs = self.cuda_graphs
         sampling_graph = graphs is not None and graphs.gathers_deferred_ids(prepared.graph, prepared.graph_tree)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
@@ -231,9 +233,7 @@ class ModelRunner(LaunchSetup):
             parts += score_tokens(self.model.compute_logits(hidden[prepared.prompt_rows]), prepared.prompt_targets,
                                   max(prepared.prompt_scoring[2]))
         if step.return_logits and logits is not None:  # for the rejection rule: the distribution sampled from
-            processing = self._step_processing
-            parts.append(logits.float() if processing is None
-                         else processing.target_logits(logits, prepared.sampling[0]))
+            parts.append(self.target_logits(logits, prepared.sampling[0] if prepared.sampling else None))
         return prepared, parts, num_top, hidden_states
 
     def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
@@ -349,24 +349,34 @@ class ModelRunner(LaunchSetup):
         greedy, and the sampler's branches are decided here from the host's copy of the parameters. Rows with
         logits processors read this step's input ids (`input_ids`, `step`; `sample_seqs`: each row's sequence,
         by default one row per sequence that samples)."""
-        self._step_processing = None
+        self._step_processed = None
         if params is None:
             return greedy_tokens(logits)
         generators = None
         if any(s.seed is not None for s in specs):
             generators = [self._generator_of(s) for s in specs]
-        processing = None
-        if any(s.processing is not None for s in specs):
+        min_p = None
+        if any(s.processing is not None for s in specs):  # penalties, bias, min_tokens: before the sampler
             if step is None or input_ids is None:
                 raise ValueError("rows with logits processors need the step and its input ids")
             if sample_seqs is None:
                 sample_seqs = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
             processing = processing_tensors(specs, sample_seqs, input_ids, [0, *accumulate(step.query_lens)],
                                             step.query_lens, logits.shape[-1], step.tree_masks)
-        self._step_processing = processing
+            logits = processing.apply(logits)
+            self._step_processed, min_p = (processing, logits), processing.min_p
         return self.sampler(logits, *params, generators=generators, default_generator=self.generator,
                             all_greedy=False, use_top_k=any(s.top_k > 0 for s in specs),
-                            use_top_p=any(s.top_p < 1 for s in specs), processing=processing)
+                            use_top_p=any(s.top_p < 1 for s in specs), min_p=min_p)
+
+    def target_logits(self, logits: torch.Tensor, temperatures: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits of the distribution the step's rows were sampled from: `logits` as they are, or, where
+        logits processors ran (_sample_on_device), their result with min_p's removals (the rejection rule of
+        speculative decoding reads its target probabilities from these)."""
+        if self._step_processed is None:
+            return logits.float()
+        processing, processed = self._step_processed
+        return processing.target_logits(processed, temperatures)
 
     def _generator_of(self, spec) -> torch.Generator | None:
         if spec.seed is None:

@@ -56,8 +56,8 @@ class ProcessingTensors:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 [S, V] logits after min_tokens, logit_bias and the penalties (a new tensor: the caller's
-        logits stay raw for the log-probabilities)."""
-        out = logits.float().clone()
+        logits stay raw for the log-probabilities). The sampler then draws from these, with `min_p`."""
+        out = logits.to(torch.float32, copy=True)
         picked = out[self.rows]
         if self.ban_rows is not None:
             picked[self.ban_rows, self.ban_ids] = float("-inf")
@@ -69,16 +69,15 @@ class ProcessingTensors:
         out[self.rows] = picked
         return out
 
-    def target_logits(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        """The logits whose temperature / top-k / top-p distribution is what these rows sample from: `apply`, and
-        min_p's removals as -inf (computed at each row's temperature; a -inf stays -inf whatever is applied
-        after). Speculative decoding's rejection rule reads its target probabilities from these."""
-        out = self.apply(logits)
-        if self.min_p is not None:
-            temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures)).to(out)
-            kept = torch.isfinite(min_p_filter(out / temps.unsqueeze(1), self.min_p))
-            out = out.masked_fill(~kept, float("-inf"))
-        return out
+    def target_logits(self, processed: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+        """The logits whose temperature / top-k / top-p distribution is what these rows sample from: `processed`
+        (what `apply` returned) with min_p's removals as -inf (computed at each row's temperature; a -inf stays
+        -inf whatever is applied after). Speculative decoding's rejection rule reads its target p from these."""
+        if self.min_p is None:
+            return processed
+        temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures)).to(processed)
+        kept = torch.isfinite(min_p_filter(processed / temps.unsqueeze(1), self.min_p))
+        return processed.masked_fill(~kept, float("-inf"))
 
 
 # >>> exercise ch01.apply_penalties

@@ -7,7 +7,8 @@ applied row by row in one pass:
     the others                    -> logits / T -> top-k filter -> top-p filter -> softmax -> one draw
 
 A request's logits processors (penalties, logit_bias, min_tokens; minillm/layers/logits_processors.py) change
-its row's logits before all of this, greedy rows included, and its min_p filters after the temperature.
+its row's logits before they reach the sampler (the model runner applies them, greedy rows included); its min_p
+filters here, after the temperature.
 
 The draw uses the *exponential race* (a form of the Gumbel-max trick): with E_v ~ Exp(1) independent,
 argmax_v p_v / E_v is distributed exactly as Categorical(p). It needs no cumulative sums, is a single
@@ -27,7 +28,7 @@ import torch.nn.functional as F  # noqa: F401
 from torch import nn
 
 from minillm.hooks import dispatch
-from minillm.layers.logits_processors import ProcessingTensors, min_p_filter
+from minillm.layers.logits_processors import min_p_filter
 
 
 # >>> exercise ch01.top_k_filter
@@ -101,19 +102,17 @@ class Sampler(nn.Module):
                 top_ps: torch.Tensor, generators: list[torch.Generator | None] | None = None,
                 default_generator: torch.Generator | None = None, *, all_greedy: bool | None = None,
                 use_top_k: bool | None = None, use_top_p: bool | None = None,
-                processing: ProcessingTensors | None = None) -> torch.Tensor:
+                min_p: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V]; temperatures float [B] (0 = greedy); top_ks int64 [B] (-1 = all); top_ps float [B];
         generators: per-row torch.Generator or None (None rows use `default_generator`). all_greedy / use_top_k /
         use_top_p: the host's answers to "every temperature <= 0", "any top_k > 0", "any top_p < 1" (None: read
-        them from the tensors). processing: the logits processors of the rows that ask for them (None: none)."""
+        them from the tensors). min_p: float [B] (0 = off), or None when no row asks."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch = logits.shape[0]
         for name, t in (("temperatures", temperatures), ("top_ks", top_ks), ("top_ps", top_ps)):
             if t.shape != (batch,):
                 raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
-        if processing is not None:  # penalties, logit_bias, min_tokens: before everything, greedy rows included
-            logits = processing.apply(logits)
         tokens = greedy_tokens(logits)
         logits = logits.float()  # sampling in fp32: bf16 rounds small probabilities to zero
         greedy = temperatures <= 0
@@ -122,8 +121,8 @@ class Sampler(nn.Module):
         # greedy rows are divided by 1 (their result is overwritten below), the others by their temperature
         temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits)
         scaled = logits / temps.unsqueeze(-1)
-        if processing is not None and processing.min_p is not None:
-            scaled = min_p_filter(scaled, processing.min_p)
+        if min_p is not None:
+            scaled = min_p_filter(scaled, min_p)
         if use_top_k if use_top_k is not None else bool((top_ks > 0).any()):
             scaled = dispatch("ch01.top_k_filter", top_k_filter)(scaled, top_ks.to(logits.device))
         if use_top_p if use_top_p is not None else bool((top_ps < 1).any()):

@@ -147,10 +147,8 @@ class ParallelModelRunner(ModelRunner):
             sampled[i].append(token)
         per_seq_logits = None
         if step.return_logits:  # for the rejection rule: the distribution sampled from (processors applied)
-            if self._step_processing is not None:
-                temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=logits.device)
-                logits = self._step_processing.target_logits(logits, temperatures)
-            per_seq_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
+            temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=logits.device)
+            per_seq_logits = list(self.target_logits(logits, temperatures).cpu().split([len(s) for s in sampled]))
         return StepOutput(sampled, per_seq_logits)
 
 

@@ -73,7 +73,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) in FP8 W8A8: THE call site of the fp8 GEMM (on CUDA: torch._scaled_mm or a kernel).
+    """y = x W^T (+ bias) in FP8 W8A8: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
 
     Reference: per-token e4m3 activations, fp32 matmul of the exact fp8 values, both scales applied after."""
     if x.is_cuda and "ch07.fp8_scale" not in active_overrides():

@@ -16,7 +16,7 @@ different s). o_proj is left unsmoothed: with grouped KV heads its input cannot 
 
 Then: int8 weights per output channel (rtn.quantize, symmetric, group -1), int8 activations per token, chosen at
 run time (dynamic), the GEMM in int8 with exact int32 accumulation, and y = acc * s_x * s_w in float.
-`int8_linear` is that single call site (on CUDA: torch._int_mm or a Triton int8 kernel).
+`int8_linear` is that single call site (on CUDA: minillm.kernels.int8_gemm's Triton kernels).
 
 Checkpoints: `weight` int8 [out, in] and `weight_scale` fp32 [out], with the smoothing already folded into the
 norms and up_proj of the checkpoint (`"quant_method": "smoothquant"`, `"alpha"`). SmoothQuant needs calibration
@@ -72,13 +72,9 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000).
-
-    CPU: an int32 matmul. CUDA has no integer matmul in plain torch (torch._int_mm has shape rules, a kernel is
-    chapter 8's job), so the reference multiplies in fp64 there: every product and sum is an integer < 2^53."""
-    if a.device.type == "cpu":
-        return a.to(torch.int32) @ b.to(torch.int32).T
-    return (a.double() @ b.double().T).to(torch.int32)
+    """a [m, k] int8 @ b [n, k]^T int8 -> int32 [m, n], exact (|sum| <= 127^2 k fits int32 for k < 133,000): the
+    reference's integer matmul, in int32 on the CPU (on CUDA int8_linear runs the Triton kernel instead)."""
+    return a.to(torch.int32) @ b.to(torch.int32).T
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
