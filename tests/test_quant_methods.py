@@ -21,10 +21,10 @@ from minillm.llm import LLM
 from minillm.quant.checkpoint import load_time_quantization, save_quantized, save_tokenizer
 from minillm.quant.driver import quantize_model
 from minillm.quant.fp8 import Fp8LinearMethod, fp8_linear, quantize_fp8
-from minillm.quant.int4 import pack_bits, unpack_awq, unpack_bits, awq_tensors
+from minillm.quant.int4 import awq_tensors, gptq_tensors, pack_bits, unpack_awq, unpack_bits
 from minillm.quant.llm_int8 import LLMInt8LinearMethod, llm_int8_linear
 from minillm.quant.nf4 import (NF4LinearMethod, double_dequantize, double_quantize, nf4_levels, quantize_nf4)
-from minillm.quant.rtn import pack_int4, quantize
+from minillm.quant.rtn import QuantizedWeight, pack_int4, quantize
 from minillm.quant.smoothquant import int8_linear, smoothing_factors
 from minillm.quant.weight_only import WeightOnlyLinearMethod
 from minillm.sampling_params import SamplingParams
@@ -206,6 +206,55 @@ def test_gptq_plus_stores_no_g_idx_and_its_options_are_gptq_only(dense, quantize
         quantize_model(dense[0], "rtn", grid_search=True, progress=False)
 
 
+def _act_order_weight(bits: int, groups: list[int], seed: int = 0):
+    """A GPTQ act-order QuantizedWeight [64, sum(groups)]: group j holds groups[j] input columns scattered by a
+    random permutation (the order act-order processed them in), as g_idx records."""
+    g = torch.Generator().manual_seed(seed)
+    n_in, out = sum(groups), 64
+    order = torch.randperm(n_in, generator=g)  # order[i]: the i-th column processed
+    g_idx = torch.empty(n_in, dtype=torch.int32)
+    g_idx[order] = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(groups)).int()
+    codes = torch.randint(0, 1 << bits, (out, n_in), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(out, len(groups), generator=g) + 0.5
+    zeros = torch.randint(0, 1 << bits, (out, len(groups)), generator=g, dtype=torch.int32)
+    return QuantizedWeight(codes, scales, zeros, bits, groups[0], False, g_idx=g_idx)
+
+
+def _gptq_layer(qw) -> Linear:
+    method = WeightOnlyLinearMethod(qw.bits, qw.group_size, False, "gptq", act_order=True)
+    layer = Linear(qw.codes.shape[1], qw.codes.shape[0], quant_method=method)
+    for name, tensor in gptq_tensors(qw).items():
+        getattr(layer, name).weight_loader(getattr(layer, name), tensor)
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_act_order_groups_are_sorted_once_at_load(bits):
+    """An act-order checkpoint's input rows are sorted by group at load (sort_act_order): the layer holds
+    act_perm instead of g_idx, so the fused kernel's plain group layout applies, and it computes what the
+    per-column group gather did. Groups that are not whole (not group_size columns each) keep g_idx."""
+    qw = _act_order_weight(bits, [32] * 4)
+    layer = _gptq_layer(qw)
+    assert hasattr(layer, "act_perm") and not hasattr(layer, "g_idx")
+    assert not torch.equal(layer.act_perm, torch.arange(128))  # the permutation is not the identity
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    ref = x @ qw.dequantize().T
+    assert _rel(layer(x), ref) < 1e-6
+    uneven = _act_order_weight(bits, [32, 32, 32, 32], seed=2)
+    uneven.g_idx[uneven.g_idx == 3] = 2  # group 2 now holds 64 columns, group 3 none
+    kept = _gptq_layer(uneven)
+    assert hasattr(kept, "g_idx") and not hasattr(kept, "act_perm")
+    assert _rel(kept(x), x @ uneven.dequantize().T) < 1e-6
+
+
+def test_act_order_checkpoints_load_sorted(quantized, dense):
+    model = quantized["gptq_act_order"].build()
+    layers = [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), WeightOnlyLinearMethod)]
+    assert len(layers) == 2 * 4 and all(hasattr(m, "act_perm") and not hasattr(m, "g_idx") for m in layers)
+    assert _rel(_logits(model, CALIB), _logits(dense[0], CALIB)) < LOGIT_ERROR["gptq_act_order"]
+
+
 def test_awq_folds_scales_into_the_norms(dense, quantized):
     state = quantized["awq"].state
     norm = state["model.layers.0.input_layernorm.weight"]
@@ -365,6 +414,21 @@ def test_reference_call_sites_on_cuda_in_bf16(monkeypatch):
     ref = int8_linear(x, qw.codes, qw.scales[:, 0])
     assert _rel(int8_linear(x.cuda(), qw.codes.cuda(), qw.scales[:, 0].cuda()).cpu(), ref) < 1e-4
     assert launched == ["fp8_gemm", "int8_gemm"]
+
+
+@pytest.mark.gpu
+def test_act_order_layer_runs_the_fused_kernel_on_cuda(monkeypatch):
+    """Sorted at load, an act-order layer on CUDA in bf16 runs minillm.kernels.int4_gemm (no per-call dequantize)
+    and agrees with the CPU reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import minillm.kernels.int4_gemm as kernels
+    launched, kernel = [], kernels.int4_gemm
+    monkeypatch.setattr(kernels, "int4_gemm", lambda *a, **kw: launched.append(1) or kernel(*a, **kw))
+    qw = _act_order_weight(4, [32] * 4)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    out = _gptq_layer(qw).to("cuda", torch.bfloat16)(x.cuda().bfloat16())
+    assert launched and _rel(out.float().cpu(), x @ qw.dequantize().T) < 0.02
 
 
 @pytest.mark.gpu

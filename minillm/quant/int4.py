@@ -20,7 +20,8 @@ dequantize instruction sequence produces); scales [n_groups, out]; no offset on 
 
 `int4_linear` is the single call site of the weight-only matmul: the reference here dequantizes to the input's
 dtype and calls a dense matmul (it saves memory, not time); a fused dequantize-GEMM kernel (minillm.kernels,
-chapters 7-8) takes over on CUDA for 4-bit weights without g_idx.
+chapters 7-8) takes over on CUDA for 4-bit weights. An act-order checkpoint reaches it too: sort_act_order
+makes its groups contiguous at load time, and the layer feeds the matmul x[..., perm].
 """
 from __future__ import annotations
 
@@ -109,6 +110,25 @@ def unpack_awq(packed: torch.Tensor, out: int) -> torch.Tensor:
     return codes.reshape(codes.shape[0], -1, 8)[..., inverse].reshape(codes.shape[0], out)
 
 
+def sort_act_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Make an act-order checkpoint's groups contiguous, once, at load time (ExLlama's and vLLM's trick).
+
+    GPTQ with act-order quantizes the columns in order of decreasing Hessian diagonal, so group j holds scattered
+    input columns and `g_idx` names each column's group: a kernel would have to gather a scale per weight.
+    Sort the input rows of qweight by group (stable argsort of g_idx, `perm`) and feed the kernel x[..., perm]
+    instead: y = sum_k x[k] W[k] = sum_i x[perm[i]] W[perm[i]], and row i of the sorted weight lies in group
+    i // group_size, the plain layout every kernel reads. Returns (sorted qweight, perm int64 [in]), or None
+    when the groups are not whole (each must hold exactly group_size columns, as GPTQ writes them)."""
+    n_in = qweight.shape[0] * 32 // bits
+    g = n_in if group_size == -1 else group_size
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if g_idx.shape != (n_in,) or not torch.equal(g_idx.long()[perm], torch.arange(n_in, device=g_idx.device) // g):
+        return None
+    codes = unpack_bits(qweight, bits, n_in, dim=0)  # [in, out]
+    return pack_bits(codes[perm], bits, dim=0), perm
+
+
 def dequantize_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int,
                     group_size: int, g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
                     ) -> torch.Tensor:
@@ -128,9 +148,9 @@ def fused_kernel_applies(x: torch.Tensor, qweight: torch.Tensor, bits: int, grou
                          g_idx: torch.Tensor | None) -> bool:
     """Whether int4_linear runs the fused kernel (minillm.kernels.int4_gemm) rather than the reference.
 
-    The kernel reads GPTQ's layout as it is, for 4-bit codes on CUDA; act-order checkpoints (g_idx) keep the
-    reference path here, because the kernel wants their input rows sorted by group once at load
-    (int4_layout.sort_act_order), which this layout does not do yet.
+    The kernel reads GPTQ's layout as it is, for 4-bit codes on CUDA. It cannot gather a scale per weight, so
+    a layer still holding g_idx keeps the reference; WeightOnlyLinearMethod sorts act-order checkpoints at load
+    (sort_act_order), so only one whose groups are not whole (each group_size columns) is left with g_idx.
     """
     k, n = x.shape[-1], qweight.shape[1]
     group = k if group_size == -1 else group_size

@@ -20,7 +20,7 @@ from torch import nn
 
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert, require_checkpoint)
-from minillm.quant.int4 import gptq_tensors, int4_linear, pack_bits, unpack_awq, unpack_bits
+from minillm.quant.int4 import gptq_tensors, int4_linear, pack_bits, sort_act_order, unpack_awq, unpack_bits
 from minillm.quant.loading import add_packed_parameter, replace_parameters
 from minillm.quant.rtn import quantize
 
@@ -104,6 +104,11 @@ class WeightOnlyLinearMethod(LinearMethod):
             if self.zero_offset:  # AutoGPTQ stores zero - 1: add it back (mod 2^bits, as it was written)
                 zeros = unpack_bits(tensors["qzeros"], self.bits, layer.output_size, dim=1)
                 tensors["qzeros"] = pack_bits((zeros + self.zero_offset) % (1 << self.bits), self.bits, dim=1)
+            if "g_idx" in tensors:  # act-order: groups made contiguous once, x[..., perm] at run time
+                ordered = sort_act_order(tensors["qweight"], tensors["g_idx"], self.bits, self.group_size)
+                if ordered is not None:
+                    tensors["qweight"], tensors["act_perm"] = ordered
+                    del tensors["g_idx"]
         replace_parameters(layer, tensors)  # keeps the bias
         layer.quant_ready = True
 
@@ -111,6 +116,9 @@ class WeightOnlyLinearMethod(LinearMethod):
         if not getattr(layer, "quant_ready", False):
             raise RuntimeError(f"{type(layer).__name__} ({self.fmt}) has not been processed yet: the model's "
                                f"load_weights calls process_weights_after_loading once the checkpoint is loaded")
+        perm = getattr(layer, "act_perm", None)
+        if perm is not None:
+            x = x.index_select(-1, perm)
         return int4_linear(x, layer.qweight, layer.scales, layer.qzeros, self.group_size, self.bits,
                            getattr(layer, "g_idx", None), bias)
 
