@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_gemv.py [--out gemv.json] [--m 1 2 4 8] [--budget-s 100] [--no-pdl]
     python benchmarks/sweep_gemv.py --m 1 2 6 --shapes smol_qkv smol_o smol_gate_up smol_down   (a verify step)
+    python benchmarks/sweep_gemv.py --int8 --m 1 4 8 16   (int8 weight-only codes + per-row scales, W8A16)
 
 At decode a linear layer is a weight read: the figure of merit is weight bytes / time as a fraction of the
 copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written). For each shape
@@ -13,6 +14,9 @@ never sits in the 50 MB L2 between calls. Every config is checked against an fp3
 Prints one row per (shape, M): cuBLAS, the kernel's default_config, the best config, and the best config
 again with programmatic dependent launch (PDL: in a chain of calls each one's start overlaps the previous
 one's end, as it would after any PDL-aware kernel in the engine); writes every timing to --out.
+With --int8 the kernel reads int8 codes and per-row scales (`weight_scale`, int8_rtn's decode path; its bytes
+are N*K); cuBLAS stays the bf16 baseline on the same values (N*K*2 bytes), and a third column times what
+int8_rtn did before the kernel read its codes: dequantize to bf16, then F.linear.
 Needs CUDA; about 1-2 minutes on one H200 (mostly Triton compiles), bounded by --budget-s.
 """
 from __future__ import annotations
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pdl", dest="pdl", action="store_false",
                         help="skip re-timing each best config with programmatic dependent launch")
     parser.add_argument("--budget-s", type=float, default=100.0, help="stop trying new configs after this")
+    parser.add_argument("--int8", action="store_true", help="int8 codes + per-row scales (W8A16) in the kernel")
     args = parser.parse_args(argv)
     if any(not 1 <= m <= 16 for m in args.m):
         parser.error(f"--m values must lie in [1, 16], got {args.m}")
@@ -130,9 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.m:  # M outer: when the budget runs out, every shape has its M = 1 figures
         for name in args.shapes:
             n, k = SHAPES[name]
-            nbytes = n * k * 2
+            nbytes = n * k * (1 if args.int8 else 2)  # what the kernel reads
             copies = max(1, -(-L2_FLUSH_BYTES // nbytes))
-            weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.02 for _ in range(copies)]
+            if args.int8:  # the codes for the kernel; cuBLAS multiplies the same values in bf16
+                scale = torch.rand(n, device="cuda", generator=gen) * 0.02 / 127 + 1e-5
+                codes = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=gen)
+                         for _ in range(copies)]
+                weights = [(c.float() * scale[:, None]).to(dtype) for c in codes]
+                kern_ws, scale_x = codes, scale.to(dtype)
+
+                def kern(w, cfg, x=None):
+                    return gemv(x, w, config=cfg, weight_scale=scale_x)
+            else:
+                weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.02 for _ in range(copies)]
+                kern_ws = weights
+
+                def kern(w, cfg, x=None):
+                    return gemv(x, w, config=cfg)
             est_us = nbytes / bw * 1e6
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
             ref = (x.float() @ weights[0].float().t())
@@ -140,9 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             cublas_err = (F.linear(x, weights[0]).float() - ref).abs().max().item()
             cublas_us = graph_time_us([lambda w=w: F.linear(x, w) for w in weights], est_us)
             frac = lambda us: nbytes / (us * 1e-6) / bw  # noqa: E731  (bytes moved per second, as the copy)
+            cublas_frac = n * k * 2 / (cublas_us * 1e-6) / bw
             row = dict(shape=name, n=n, k=k, m=m, weight_bytes=nbytes, cublas_us=round(cublas_us, 2),
-                       cublas_frac=round(frac(cublas_us), 4), cublas_err=cublas_err)
-            print(f"{name} M={m}: cuBLAS {cublas_us:.1f} us ({frac(cublas_us):.1%})", flush=True)
+                       cublas_frac=round(cublas_frac, 4), cublas_err=cublas_err)
+            print(f"{name} M={m}: cuBLAS {cublas_us:.1f} us ({cublas_frac:.1%})", flush=True)
+            if args.int8:
+                deq_us = graph_time_us([lambda c=c: F.linear(x, c.to(dtype) * scale_x[:, None]) for c in codes],
+                                       3 * est_us)
+                row["dequant_us"] = round(deq_us, 2)
+                print(f"  dequantize + F.linear {deq_us:.1f} us", flush=True)
             best = None
             default = default_config(m, n, k, num_sms)
             cands = list(configs_for(m, n, k, num_sms))
@@ -155,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 entry = dict(shape=name, m=m, config=cfg.__dict__.copy(), default=cfg == default)
                 try:
-                    err = (gemv(x, weights[0], config=cfg).float() - ref).abs().max().item()
+                    err = (kern(kern_ws[0], cfg, x).float() - ref).abs().max().item()
                     entry["err"] = err
                     if not err <= tol:
                         raise ValueError(f"max abs error {err:.3g} > tol {tol:.3g} (cuBLAS {cublas_err:.3g})")
-                    us = graph_time_us([lambda w=w, c=cfg: gemv(x, w, config=c) for w in weights], est_us)
+                    us = graph_time_us([lambda w=w, c=cfg: kern(w, c, x) for w in kern_ws], est_us)
                 except Exception as exc:  # noqa: BLE001  (a config that fails to compile or check: record it)
                     results["failures"].append(dict(entry, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
                     print(f"  FAIL {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -179,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
                     # overlap one's start (first weight tile) with the previous one's end
                     cfg = dataclasses.replace(GemvConfig(**best["config"]), pdl=True)
                     try:
-                        err = (gemv(x, weights[0], config=cfg).float() - ref).abs().max().item()
+                        err = (kern(kern_ws[0], cfg, x).float() - ref).abs().max().item()
                         if not err <= tol:
                             raise ValueError(f"max abs error {err:.3g} > tol {tol:.3g}")
-                        us = graph_time_us([lambda w=w, c=cfg: gemv(x, w, config=c) for w in weights], est_us)
+                        us = graph_time_us([lambda w=w, c=cfg: kern(w, c, x) for w in kern_ws], est_us)
                         row.update(pdl_us=round(us, 2), pdl_frac=round(frac(us), 4))
                         print(f"  same with PDL {us:.1f} us ({frac(us):.1%})", flush=True)
                     except Exception as exc:  # noqa: BLE001  (PDL is optional: record why it did not run)
                         row["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         print(f"  PDL failed: {row['pdl_error']}", flush=True)
             results["rows"].append(row)
-            del x, ref, weights
+            del x, ref, weights, kern_ws
             torch.cuda.empty_cache()
     results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
 
@@ -207,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('best_us', float('nan')):>9.1f}{r.get('best_frac', float('nan')):>7.1%}"
               f"{r.get('best_vs_cublas', float('nan')):>9.2f}{r.get('pdl_us', float('nan')):>8.1f}"
               f"{r.get('pdl_frac', float('nan')):>7.1%}  {cs}")
+    if args.int8:
+        print("int8 weight-only: the kernel's default config against cuBLAS bf16 and against dequantize + F.linear")
+        for r in results["rows"]:
+            if "default_us" in r:
+                print(f"  {r['shape']:<9} M={r['m']:<3} {r['default_us']:.1f} us: {r['cublas_us'] / r['default_us']:.2f}x "
+                      f"cuBLAS bf16, {r['dequant_us'] / r['default_us']:.2f}x dequantize + F.linear")
     # one decoder layer (qkv, o, gate_up, down) per M: cuBLAS alone vs the faster of the two per shape
     layer = ("qkv", "o", "gate_up", "down")
     for m in args.m:

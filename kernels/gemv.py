@@ -153,7 +153,8 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                  USE_PDL: tl.constexpr, FIRST_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  SWIGLU: tl.constexpr = False, ROW_PASSES: tl.constexpr = False,
                  RES=None, NW=None, RES_OUT=None, stride_rm=0, stride_om=0, eps=0.0,
-                 NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+                 NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+                 W_SCALE=None, HAS_W_SCALE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,7 +198,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
         if USE_PDL:
             x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, k_ok, True, SWIGLU, NORM, HAS_RES)
             if USE_DOT:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
             elif REDUCE_EACH:
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             else:
@@ -215,7 +216,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
                 x = _load_x(x_ptrs, r_ptrs, nw_ptrs, inv_rms[:, None], K, k_ok, True, SWIGLU, NORM, HAS_RES)
             if USE_DOT:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
             elif REDUCE_EACH:  # reduce over K every tile: registers for [M, BLOCK_N] sums only
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             else:
@@ -226,6 +227,8 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
             nw_ptrs += BLOCK_K
         if not USE_DOT and not REDUCE_EACH:
             acc = tl.sum(acc3, axis=2)
+    if HAS_W_SCALE:  # int8 weights: y[:, n] = s[n] * sum_k x[:, k] q[n, k], scaled once per row (and split)
+        acc *= tl.load(W_SCALE + rows_w).to(tl.float32)[None, :]
 
     n_ok = offs_n < N
     y_mask = (offs_m < M)[:, None] & n_ok[None, :]
@@ -271,13 +274,20 @@ def _workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tenso
     return held
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight_scale: torch.Tensor | None = None) -> None:
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
         raise TypeError(f"gemv: x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != x.dtype:
-        raise ValueError(f"gemv: weight must be a 2-D [N, K] tensor of x's dtype {x.dtype}, got "
+    w_dtype = torch.int8 if weight_scale is not None else x.dtype
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != w_dtype:
+        want = "int8 (weight_scale is given)" if weight_scale is not None else f"x's dtype {x.dtype}"
+        raise ValueError(f"gemv: weight must be a 2-D [N, K] tensor of {want}, got "
                          f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if weight_scale is not None and (weight_scale.shape != (weight.shape[0],) or weight_scale.device != x.device
+                                     or not weight_scale.is_floating_point()):
+        raise ValueError(f"gemv: weight_scale must be a floating [N] = [{weight.shape[0]}] tensor on {x.device}, "
+                         f"got {weight_scale.dtype} {tuple(weight_scale.shape)} on {weight_scale.device}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0 or weight.shape[0] == 0:
         raise ValueError(f"gemv: x [..., K] and weight [N, K] must agree on K >= 1 and have N >= 1, got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
@@ -289,8 +299,13 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, swiglu: bool = False) -> torch.Tensor:
+         config: GemvConfig | None = None, swiglu: bool = False,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, for at most MAX_M rows of x.
+
+    weight_scale [N]: the weight is int8 codes q with W = q * weight_scale[:, None] (int8 weight-only, W8A16:
+    chapter 7's int8_rtn); the codes are converted in registers and each row's sum scaled once, so a decode
+    step reads one byte per weight instead of two.
 
     `config` pins the launch (benchmarks, tests); None takes `default_config` for the shape.
     swiglu=True: x is [..., 2K] = [gate | up] (the gate_up projection's output) and the product's input is
@@ -302,12 +317,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                              f"got {tuple(getattr(x, 'shape', ()))}")
         if x.stride(-1) != 1:
             x = x.contiguous()
-        _check_args(x[..., :weight.shape[1]], weight, bias)
+        _check_args(x[..., :weight.shape[1]], weight, bias, weight_scale)
     else:
-        _check_args(x, weight, bias)
+        _check_args(x, weight, bias, weight_scale)
     k = weight.shape[1]
     x2 = x.reshape(-1, 2 * k if swiglu else k)
-    y = _launch(x2, weight, bias, config, swiglu=swiglu)
+    y = _launch(x2, weight, bias, config, swiglu=swiglu, weight_scale=weight_scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -346,7 +361,8 @@ def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig | None,
-            swiglu: bool = False, norm: tuple | None = None) -> torch.Tensor:
+            swiglu: bool = False, norm: tuple | None = None, weight_scale: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """y [M, N] for x2 [M, K] (or [M, 2K] with swiglu); norm = (residual [M, K] or None, norm weight, h, eps)."""
     n, k = weight.shape
     m = x2.shape[0]
@@ -376,5 +392,6 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", SWIGLU=swiglu, ROW_PASSES=cfg.row_passes,
         RES=res if res is not None else x2, NW=nw, RES_OUT=h, stride_rm=res.stride(0) if res is not None else 0,
         stride_om=h.stride(0), eps=eps, NORM=norm is not None, HAS_RES=res is not None,
+        W_SCALE=weight_scale if weight_scale is not None else x2, HAS_W_SCALE=weight_scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -59,6 +59,29 @@ def test_gemv_matches_f_linear(m, n, k, bias, config):
         _close(y, ref, FP32_RTOL)
 
 
+@pytest.mark.parametrize("m,n,k,bias,config", CASES)
+def test_gemv_int8_weights_match_the_dequantized_weight(m, n, k, bias, config):
+    """weight_scale: int8 codes converted in registers, each row's sum scaled once (int8 weight-only)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k + 1)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 127 + 1e-3
+    b = torch.randn(n, generator=gen) if bias else None
+    ref = F.linear(x, q.float() * scale[:, None], b)
+    for _ in range(2):
+        _close(gemv(x, q, b, config=config, weight_scale=scale), ref, FP32_RTOL)
+
+
+def test_gemv_int8_weights_reject_bad_input():
+    x, q = torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="weight must be a 2-D \\[N, K\\] tensor of x's dtype"):
+        gemv(x, q)  # int8 codes without their scales
+    with pytest.raises(ValueError, match="tensor of int8 \\(weight_scale is given\\)"):
+        gemv(x, q.float(), weight_scale=torch.ones(8))
+    with pytest.raises(ValueError, match="weight_scale must be a floating \\[N\\] = \\[8\\]"):
+        gemv(x, q, weight_scale=torch.ones(7))
+
+
 def test_gemv_more_splits_than_k_tiles_and_leading_dims():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 64, generator=gen)  # [..., K]: two rows in all

@@ -188,3 +188,27 @@ def test_int8_on_gpu_in_bf16_with_cuda_graphs():
     graphs, eager = generate(quantized, int8_config, False), generate(quantized, int8_config, True)
     assert graphs == eager  # the same kernels replayed
     assert [t[:2] for t in graphs] == [t[:2] for t in generate(dense, CONFIG, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_decode_reads_the_codes_on_gpu(monkeypatch):
+    """At decode (<= 16 rows) an int8_rtn layer runs the GEMV on its int8 codes (weight_scale), not a dequantized
+    copy; prefill keeps the reference. Both agree with x (q * s)^T in fp32."""
+    import minillm.kernels.gemv as gemv_module
+    calls, kernel = [], gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: calls.append(kw.get("weight_scale") is not None)
+                        or kernel(*a, **kw))
+    layer = Linear(512, 384, quant_method=Int8RTNLinearMethod())
+    layer.weight_loader(layer.weight, torch.randn(384, 512) / 512 ** 0.5)
+    layer.quant_method.process_weights_after_loading(layer)
+    layer = layer.to("cuda", torch.bfloat16)
+    w = layer.qweight.float() * layer.weight_scale.float()[:, None]
+    for rows, gemv_runs in ((1, True), (7, True), (16, True), (40, False)):
+        x = torch.randn(rows, 512, device="cuda")
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x.bfloat16())
+        assert calls == ([True] if gemv_runs else [])
+        ref = x.bfloat16().float() @ w.T
+        assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()

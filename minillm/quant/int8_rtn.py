@@ -5,9 +5,10 @@ Each output channel (row) of W gets one scale, chosen so that its largest |weigh
     s_o = max_i |W[o, i]| / 127          q[o, i] = round(W[o, i] / s_o)  in [-127, 127]
 
 so the weight costs 1 byte per element plus one scale per row (half of bf16's memory) and every weight is
-off by at most s_o / 2. Activations stay in the model's dtype: apply() dequantizes on the fly,
-y = x (q * s)^T, which saves memory but, in plain torch, no time; a fused int8 GEMM kernel is what makes
-weight-only quantization faster in the memory-bound decode phase (chapter 7 measures both).
+off by at most s_o / 2. Activations stay in the model's dtype: y = x (q * s)^T. Dequantizing on the fly in plain torch saves memory
+but no time; what makes weight-only quantization faster in the memory-bound decode phase is a kernel that
+reads the int8 codes themselves: at decode on CUDA, `int8_weight_linear` runs the decode GEMV
+(minillm.kernels.gemv with weight_scale), one byte per weight instead of two.
 
 The checkpoint is the ordinary dense one: create_weights registers a dense *staging* weight, so both loaders
 (GGUF, HF) and the packed q/k/v and gate/up shard logic work unchanged; process_weights_after_loading then
@@ -25,7 +26,10 @@ from torch import nn
 
 from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
                                 add_parameter, parse_modules_to_not_convert)
+from minillm.layers.gemv_dispatch import gemv_mode
 from minillm.quant.rtn import quantize
+
+_GEMV_ROWS = 16  # kernels.gemv.MAX_M (not imported here: that module imports Triton)
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest.
@@ -56,8 +60,24 @@ class Int8RTNLinearMethod(LinearMethod):
         if "qweight" not in layer._parameters:
             raise RuntimeError(f"{type(layer).__name__} with int8_rtn has not been quantized yet: the model's "
                                f"load_weights calls process_weights_after_loading once the checkpoint is loaded")
-        weight = layer.qweight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]
-        return F.linear(x, weight, bias)
+        return int8_weight_linear(x, layer.qweight, layer.weight_scale, bias)
+
+
+def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x (q * s)^T (+ bias) for int8 codes q [out, in] and per-row scales s [out].
+
+    At decode on CUDA (at most the GEMV's MAX_M rows of fp16/bf16) minillm.kernels.gemv reads the codes
+    themselves, one byte per weight, converting them in registers and scaling each row's sum once: half of
+    bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize, then one
+    dense matmul, which saves memory but not time (it writes and re-reads a full-precision copy)."""
+    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 0 < x.numel() <= _GEMV_ROWS * x.shape[-1]
+            and gemv_mode() != "off" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        from minillm.kernels.gemv import gemv  # Triton: imported only where it runs
+        return gemv(x, qweight, bias, weight_scale=scale)
+    weight = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return F.linear(x, weight, bias)
 
 
 class Int8RTNConfig(QuantizationConfig):
