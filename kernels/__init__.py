@@ -21,7 +21,10 @@
     int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
     gemv.py             gemv, gemv_rms_norm                    dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
                                                               weight streaming, split-K with one launch, SwiGLU
-                                                              computed in the loads (chapter 4)
+                                                              computed in the loads (chapter 4); int8 codes with
+                                                              per-row scales (int8_rtn's decode, chapter 7)
+    nf4_gemv.py         nf4_gemv                               NF4 weight-only y = x W^T for M <= 16 rows: packed
+                                                              4-bit levels decoded in registers (chapter 7)
     gemv_config.py      GemvConfig, default_config,            its launches: the rule read off the H200 sweep and the
                         tuned_config                          measured winners per shape
     int4_mma.py,        int4 kernels for decode sizes:         bf16-halves tensor-core and packed-fp16 CUDA-core
