@@ -70,6 +70,7 @@ from minillm.kernels.pdl import launch_options
 __all__ = ["GemvConfig", "MAX_M", "TUNED_CONFIGS", "default_config", "tuned_config", "gemv", "gemv_rms_norm"]
 
 MAX_M = 16  # rows of x one launch serves (the tensor-core path pads M to 16)
+_CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weights given with per-row scales (weight_scale)
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
             nw_ptrs += BLOCK_K
         if not USE_DOT and not REDUCE_EACH:
             acc = tl.sum(acc3, axis=2)
-    if HAS_W_SCALE:  # int8 weights: y[:, n] = s[n] * sum_k x[:, k] q[n, k], scaled once per row (and split)
+    if HAS_W_SCALE:  # 8-bit codes: y[:, n] = s[n] * sum_k x[:, k] q[n, k], scaled once per row (and split)
         acc *= tl.load(W_SCALE + rows_w).to(tl.float32)[None, :]
 
     n_ok = offs_n < N
@@ -279,9 +280,9 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
         raise TypeError(f"gemv: x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    w_dtype = torch.int8 if weight_scale is not None else x.dtype
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != w_dtype:
-        want = "int8 (weight_scale is given)" if weight_scale is not None else f"x's dtype {x.dtype}"
+    w_dtypes = _CODE_DTYPES if weight_scale is not None else (x.dtype,)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in w_dtypes:
+        want = "int8 or float8_e4m3fn (weight_scale is given)" if weight_scale is not None else f"x's dtype {x.dtype}"
         raise ValueError(f"gemv: weight must be a 2-D [N, K] tensor of {want}, got "
                          f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
     if weight_scale is not None and (weight_scale.shape != (weight.shape[0],) or weight_scale.device != x.device
@@ -303,9 +304,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, for at most MAX_M rows of x.
 
-    weight_scale [N]: the weight is int8 codes q with W = q * weight_scale[:, None] (int8 weight-only, W8A16:
-    chapter 7's int8_rtn); the codes are converted in registers and each row's sum scaled once, so a decode
-    step reads one byte per weight instead of two.
+    weight_scale [N]: the weight is 8-bit codes q (int8, or float8_e4m3fn) with W = q * weight_scale[:, None]
+    (weight-only W8A16: chapter 7's int8_rtn, and FP8 at decode); the codes are converted in registers and each
+    row's sum scaled once, so a decode step reads one byte per weight instead of two.
 
     `config` pins the launch (benchmarks, tests); None takes `default_config` for the shape.
     swiglu=True: x is [..., 2K] = [gate | up] (the gate_up projection's output) and the product's input is

@@ -72,11 +72,22 @@ def test_gemv_int8_weights_match_the_dequantized_weight(m, n, k, bias, config):
         _close(gemv(x, q, b, config=config, weight_scale=scale), ref, FP32_RTOL)
 
 
+def test_gemv_fp8_weights_match_the_dequantized_weight():
+    """The same path with e4m3 codes (FP8 at decode): the codes widened in registers, each row scaled once."""
+    from minillm.quant.fp8 import quantize_fp8
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(3, 96, generator=gen), torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
+    w8, scale = quantize_fp8(w)
+    ref = F.linear(x, w8.float() * scale[:, None], b)
+    for config in (None, GemvConfig(block_n=16, block_k=32, split_k=2, use_dot=True), GemvConfig(block_n=8, block_k=32)):
+        _close(gemv(x, w8, b, config=config, weight_scale=scale), ref, FP32_RTOL)
+
+
 def test_gemv_int8_weights_reject_bad_input():
     x, q = torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8)
     with pytest.raises(ValueError, match="weight must be a 2-D \\[N, K\\] tensor of x's dtype"):
         gemv(x, q)  # int8 codes without their scales
-    with pytest.raises(ValueError, match="tensor of int8 \\(weight_scale is given\\)"):
+    with pytest.raises(ValueError, match="tensor of int8 or float8_e4m3fn \\(weight_scale is given\\)"):
         gemv(x, q.float(), weight_scale=torch.ones(8))
     with pytest.raises(ValueError, match="weight_scale must be a floating \\[N\\] = \\[8\\]"):
         gemv(x, q, weight_scale=torch.ones(7))

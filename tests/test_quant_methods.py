@@ -417,6 +417,25 @@ def test_reference_call_sites_on_cuda_in_bf16(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fp8_decode_runs_the_weight_only_gemv_on_cuda(monkeypatch):
+    """At decode (<= 16 rows) fp8_linear leaves x in bf16 and runs the GEMV on the e4m3 codes (W8A16); from 17
+    rows on, the W8A8 GEMM. Both agree with the CPU's exact W8A8 emulation within bf16's rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import minillm.kernels.gemv as gemv_module
+    calls, kernel = [], gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    w8, s = quantize_fp8(torch.randn(384, 512, generator=g) / 512 ** 0.5)
+    for rows, gemv_runs in ((1, True), (16, True), (17, False)):
+        calls.clear()
+        x = torch.randn(rows, 512, generator=g)
+        y = fp8_linear(x.cuda().bfloat16(), w8.cuda(), s.cuda())
+        assert bool(calls) == gemv_runs
+        assert _rel(y.float().cpu(), fp8_linear(x, w8, s)) < 0.03
+
+
+@pytest.mark.gpu
 def test_act_order_layer_runs_the_fused_kernel_on_cuda(monkeypatch):
     """Sorted at load, an act-order layer on CUDA in bf16 runs minillm.kernels.int4_gemm (no per-call dequantize)
     and agrees with the CPU reference."""

@@ -11,7 +11,8 @@ one technique, so the table reads as the story of the course:
   + Triton kernels       FlashAttention prefill, split-KV paged decode, fused norms (GPU)               (3, 4)
   + CUDA graphs          decode (and piecewise mixed) steps replayed, not launched kernel by kernel    (4)
   + async scheduling     the host prepares step N+1 while the GPU runs step N (GPU)                     (6)
-  + FP8 weights          W8A8 FP8 quantization while loading: half the weight bytes of bf16            (7)
+  + FP8 weights          e4m3 weights quantized while loading: half the weight bytes of bf16; W8A8   (7)
+                         GEMMs for prefill, the weight-only GEMV on the codes at decode
   + speculative decoding prompt lookup drafts k tokens, one verify step checks them (lossless)         (9)
 
 The workload (seeded, all requests arriving at t = 0 as in an offline batch): `num_prompts` prompts, each a shared
@@ -25,7 +26,7 @@ near-ties may flip in low precision).
 
 A row that cannot run on this device is printed with the reason and skipped: on a CPU the Triton kernels run in
 Triton's interpreter (a correctness tool, not a speed-up), there are no CUDA graphs and the engine steps
-synchronously, and FP8 is emulated. With FP8 activations, results of a different batch shape can differ in the
+synchronously, and FP8 is emulated. With FP8 activations (prefill), results of a different batch shape can differ in the
 last bit before an activation is rounded to FP8 and land on the other side of a rounding boundary: the rows after
 FP8 may then show a few requests whose greedy tokens part from the row above's at a near-tie.
 """

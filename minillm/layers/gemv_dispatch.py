@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 
 __all__ = ["GEMV_MAX_M", "GEMV_MODES", "gemv_mode", "set_gemv_mode", "dense_linear", "swiglu_gemv_choice",
-           "norm_gemv_choice"]
+           "norm_gemv_choice", "QUANT_GEMV_MAX_M", "quantized_gemv_applies"]
 
 GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
 GEMV_MODES = ("auto", "off", "on")
@@ -174,6 +174,21 @@ def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
         return None
     x2 = x.reshape(-1, x.shape[-1])
     return _fusion_choice(_NORM_DECISIONS, x2, weight, lambda cfg: _decide_norm(x2.contiguous(), weight, cfg))
+
+
+QUANT_GEMV_MAX_M = 16  # rows the weight-only decode kernels serve (kernels.gemv.MAX_M, kernels.nf4_gemv.MAX_M)
+
+
+def quantized_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether a weight-only quantized layer (int8_rtn, NF4, FP8 at decode) runs its decode kernel on x: CUDA,
+    fp16/bf16, 1..QUANT_GEMV_MAX_M rows, gemv_mode() not "off", not traced by torch.compile, no autograd.
+
+    No timing decision here, unlike dense_linear: the alternative is dequantizing the whole weight (or, for FP8,
+    one more launch to quantize x) for a product bound by reading the weight, which the kernel reads at 1 byte
+    (int8, FP8) or half a byte (NF4) per weight against the 2 bytes of bf16 (and the 6 of a dequantized copy)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
+            and 0 < x.numel() <= QUANT_GEMV_MAX_M * x.shape[-1] and gemv_mode() != "off"
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _gemv_may_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -11,7 +11,9 @@ below 448:
     y            = (x8 @ W8^T) * s_x * s_w^T, the products and sums in fp32
 
 On an H100/H200 the product runs on the fp8 tensor cores (twice bf16's FLOP/s): `fp8_linear`, the single call
-site, runs minillm.kernels.fp8_gemm's two Triton kernels there (per-token quantization, then the scaled GEMM).
+site, runs minillm.kernels.fp8_gemm's two Triton kernels there (per-token quantization, then the scaled GEMM);
+at decode (at most 16 rows) it leaves x in bf16 and runs the decode GEMV on the e4m3 codes instead (W8A16: the
+weight read is the cost, and quantizing x would add a launch per layer).
 Elsewhere it is emulated exactly: both operands are rounded to e4m3 with torch's float8_e4m3fn dtype and the
 matmul runs in fp32 on the dequantized values; the GPU sums the same products in another order. While a learner's
 `ch07.fp8_scale` is plugged in (course overrides), the emulation runs on the GPU too, so their function is used.
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from minillm.hooks import active_overrides, dispatch
+from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
@@ -73,9 +76,17 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) in FP8 W8A8: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
+    """y = x W^T (+ bias) with e4m3 weights: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
 
-    Reference: per-token e4m3 activations, fp32 matmul of the exact fp8 values, both scales applied after."""
+    W8A8 as vLLM runs it: per-token e4m3 activations, the GEMM on the fp8 values, both scales applied after
+    (the reference on the CPU: an fp32 matmul of the exact fp8 values). At decode on CUDA (at most 16 rows,
+    gemv_dispatch.quantized_gemv_applies) the activations stay in bf16 (W8A16): the product is bound by reading
+    the weight, one byte per weight either way, so quantizing x would only add a launch per layer (14% of a
+    decode step's GPU time on SmolLM2) and an error; minillm.kernels.gemv converts the codes in registers."""
+    if quantized_gemv_applies(x) and "ch07.fp8_scale" not in active_overrides():
+        from minillm.kernels.gemv import gemv
+        scale = weight_scale if weight_scale.numel() == weight.shape[0] else weight_scale.expand(weight.shape[0])
+        return gemv(x, weight, bias, weight_scale=scale.contiguous())
     if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
         from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8
         x8, x_scale = per_token_quant_fp8(x)  # [M, K] e4m3, [M, 1]

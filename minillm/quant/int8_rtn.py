@@ -26,10 +26,8 @@ from torch import nn
 
 from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
                                 add_parameter, parse_modules_to_not_convert)
-from minillm.layers.gemv_dispatch import gemv_mode
+from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.rtn import quantize
-
-_GEMV_ROWS = 16  # kernels.gemv.MAX_M (not imported here: that module imports Triton)
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest.
@@ -67,13 +65,11 @@ def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x (q * s)^T (+ bias) for int8 codes q [out, in] and per-row scales s [out].
 
-    At decode on CUDA (at most the GEMV's MAX_M rows of fp16/bf16) minillm.kernels.gemv reads the codes
+    At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16) minillm.kernels.gemv reads the codes
     themselves, one byte per weight, converting them in registers and scaling each row's sum once: half of
     bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize, then one
     dense matmul, which saves memory but not time (it writes and re-reads a full-precision copy)."""
-    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 0 < x.numel() <= _GEMV_ROWS * x.shape[-1]
-            and gemv_mode() != "off" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    if quantized_gemv_applies(x):
         from minillm.kernels.gemv import gemv  # Triton: imported only where it runs
         return gemv(x, qweight, bias, weight_scale=scale)
     weight = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 from minillm.quant.loading import replace_parameters
 from minillm.quant.rtn import pack_int4, quantize, unpack_int4
 
 BLOCK_SIZE = 64
-_GEMV_ROWS = 16  # kernels.nf4_gemv.MAX_M (not imported here: that module imports Triton)
 DOUBLE_QUANT_BLOCK = 256
 _OFFSET = 0.9677083  # QLoRA: (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
 
@@ -95,12 +95,11 @@ def nf4_linear(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, a
                absmax_offset: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for a double-quantized NF4 weight: THE call site.
 
-    At decode on CUDA (at most 16 rows of fp16/bf16) minillm.kernels.nf4_gemv reads the packed 4-bit codes and
+    At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16) minillm.kernels.nf4_gemv reads the packed 4-bit codes and
     decodes them in registers. Elsewhere the reference: dequantize the whole weight to x's dtype, then one
     matmul (it saves memory, not time: at decode it writes and re-reads a 16-bit copy of every weight)."""
     out, n_in = qweight.shape[0], qweight.shape[1] * 2
-    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 0 < x.numel() <= _GEMV_ROWS * n_in
-            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)):
+    if quantized_gemv_applies(x):
         from minillm.kernels.nf4_gemv import nf4_gemv  # Triton: imported only where it runs
         return nf4_gemv(x, qweight, absmax_q, absmax_scale, absmax_offset, levels, bias)
     absmax = double_dequantize(absmax_q, absmax_scale, absmax_offset, out * n_in // BLOCK_SIZE)
