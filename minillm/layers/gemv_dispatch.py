@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 
 __all__ = ["GEMV_MAX_M", "GEMV_MODES", "gemv_mode", "set_gemv_mode", "dense_linear", "swiglu_gemv_choice",
-           "norm_gemv_choice", "QUANT_GEMV_MAX_M", "quantized_gemv_applies"]
+           "norm_gemv_choice", "QUANT_GEMV_MAX_M", "W8A8_GEMV_MAX_M", "quantized_gemv_applies"]
 
 GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
 GEMV_MODES = ("auto", "off", "on")
@@ -177,17 +177,23 @@ def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
 
 
 QUANT_GEMV_MAX_M = 16  # rows the weight-only decode kernels serve (kernels.gemv.MAX_M, kernels.nf4_gemv.MAX_M)
+# Rows up to which a W8A8 layer (FP8, SmoothQuant / LLM.int8) leaves x unquantized and runs the GEMV on its codes
+# instead of quantizing x and running its 8-bit GEMM. Measured (H100, 2026-12-05, bench_weight_only_decode.py):
+# at M = 1 the GEMV took 0.59-1.0x the W8A8 path's time on Llama-3-8B's and SmolLM2's shapes; at M = 4 and 16 it
+# was slower on most of them (up to 1.9x), so only single-row steps take it.
+W8A8_GEMV_MAX_M = 1
 
 
-def quantized_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether a weight-only quantized layer (int8_rtn, NF4, FP8 at decode) runs its decode kernel on x: CUDA,
-    fp16/bf16, 1..QUANT_GEMV_MAX_M rows, gemv_mode() not "off", not traced by torch.compile, no autograd.
+def quantized_gemv_applies(x: torch.Tensor, max_rows: int = QUANT_GEMV_MAX_M) -> bool:
+    """Whether a quantized layer runs its decode kernel on x: CUDA, fp16/bf16, 1..max_rows rows (int8_rtn and NF4:
+    QUANT_GEMV_MAX_M; FP8 and INT8 W8A8: W8A8_GEMV_MAX_M), gemv_mode() not "off", not traced by torch.compile,
+    no autograd.
 
-    No timing decision here, unlike dense_linear: the alternative is dequantizing the whole weight (or, for FP8,
-    one more launch to quantize x) for a product bound by reading the weight, which the kernel reads at 1 byte
-    (int8, FP8) or half a byte (NF4) per weight against the 2 bytes of bf16 (and the 6 of a dequantized copy)."""
+    No timing decision here, unlike dense_linear: for int8_rtn and NF4 the alternative is dequantizing the whole
+    weight every call (measured 8-14x slower than the int8 GEMV) for a product bound by reading the weight, which
+    the kernels read at 1 byte (int8, FP8) or half a byte (NF4) per weight against bf16's 2."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
-            and 0 < x.numel() <= QUANT_GEMV_MAX_M * x.shape[-1] and gemv_mode() != "off"
+            and 0 < x.numel() <= max_rows * x.shape[-1] and gemv_mode() != "off"
             and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
 
 

@@ -12,8 +12,8 @@ below 448:
 
 On an H100/H200 the product runs on the fp8 tensor cores (twice bf16's FLOP/s): `fp8_linear`, the single call
 site, runs minillm.kernels.fp8_gemm's two Triton kernels there (per-token quantization, then the scaled GEMM);
-at decode (at most 16 rows) it leaves x in bf16 and runs the decode GEMV on the e4m3 codes instead (W8A16: the
-weight read is the cost, and quantizing x would add a launch per layer).
+a single-row decode step leaves x in bf16 and runs the decode GEMV on the e4m3 codes instead (W8A16: the weight
+read is the cost, and quantizing x would add a launch per layer).
 Elsewhere it is emulated exactly: both operands are rounded to e4m3 with torch's float8_e4m3fn dtype and the
 matmul runs in fp32 on the dequantized values; the GPU sums the same products in another order. While a learner's
 `ch07.fp8_scale` is plugged in (course overrides), the emulation runs on the GPU too, so their function is used.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from minillm.hooks import active_overrides, dispatch
-from minillm.layers.gemv_dispatch import quantized_gemv_applies
+from minillm.layers.gemv_dispatch import W8A8_GEMV_MAX_M, quantized_gemv_applies
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
@@ -79,11 +79,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """y = x W^T (+ bias) with e4m3 weights: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
 
     W8A8 as vLLM runs it: per-token e4m3 activations, the GEMM on the fp8 values, both scales applied after
-    (the reference on the CPU: an fp32 matmul of the exact fp8 values). At decode on CUDA (at most 16 rows,
-    gemv_dispatch.quantized_gemv_applies) the activations stay in bf16 (W8A16): the product is bound by reading
-    the weight, one byte per weight either way, so quantizing x would only add a launch per layer (14% of a
-    decode step's GPU time on SmolLM2) and an error; minillm.kernels.gemv converts the codes in registers."""
-    if quantized_gemv_applies(x) and "ch07.fp8_scale" not in active_overrides():
+    (the reference on the CPU: an fp32 matmul of the exact fp8 values). A single-row decode step on CUDA
+    (gemv_dispatch.W8A8_GEMV_MAX_M) leaves the activations in bf16 (W8A16): the product is bound by reading the
+    weight, one byte per weight either way, so quantizing x would only add a launch per layer (14% of a decode
+    step's GPU time on SmolLM2) and an error; minillm.kernels.gemv converts the codes in registers."""
+    if quantized_gemv_applies(x, W8A8_GEMV_MAX_M) and "ch07.fp8_scale" not in active_overrides():
         from minillm.kernels.gemv import gemv
         scale = weight_scale if weight_scale.numel() == weight.shape[0] else weight_scale.expand(weight.shape[0])
         return gemv(x, weight, bias, weight_scale=scale.contiguous())
