@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 # the launch configurations live in gemv_config.py; they are this module's API too (__all__): callers pass them
-from minillm.kernels.gemv_config import TUNED_CONFIGS, GemvConfig, default_config, tuned_config
+from minillm.kernels.gemv_config import TUNED_CONFIGS, GemvConfig, code_config, default_config, tuned_config
 from minillm.kernels.hardware import num_sms
 from minillm.kernels.pdl import launch_options
 
@@ -373,7 +373,8 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         raise ValueError(f"gemv: weight must be contiguous along K (row-major [N, K]), got strides {weight.stride()}")
-    cfg = config if config is not None else default_config(m, n, k, num_sms(x2.device))
+    rule = code_config if weight_scale is not None else default_config
+    cfg = config if config is not None else rule(m, n, k, num_sms(x2.device))
     cfg.check(m, x2.is_cuda)
     if cfg.row_passes and k > cfg.block_k:
         raise ValueError(f"GemvConfig.row_passes needs all of K = {k} in one tile, got block_k = {cfg.block_k}")

@@ -88,6 +88,29 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=True, num_warps=4, num_stages=4)
 
 
+def code_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
+    """A launch for 8-bit codes with per-row scales (gemv's weight_scale: int8_rtn, FP8 / INT8 at decode).
+
+    With one-byte weights the CUDA-core tiles that win for bf16 at M = 1 lose: each code needs a conversion before
+    its FMA, and the tensor cores convert a tile once and multiply it for every row. The rule read off
+    `sweep_gemv.py --int8` (H100, 2026-12-05, benchmarks/RESULTS.md): 64 x 256 tensor-core tiles, 8 warps, 3
+    stages, K split into the largest power of two that keeps about 3 programs per SM (qkv 4096 -> 6144: 4 splits,
+    12.7 us; gate_up -> 28672: none, 50.2 us; down 14336 -> 4096: 4 splits, 29.4 us at M = 1, within 8% of the
+    best of the sweep's 279 launches, against 17.8 / 76.7 / 36.3 us for default_config); where K is not split and
+    M > 1, 32 x 256 tiles of 4 warps and 4 stages (gate_up: 55.3 / 46.3 us at M = 4 / 16, default 56.6 / 49.5). Matrices smaller
+    than 2^23 weights (SmolLM2's) keep default_config at M = 1: its one-tile rows measured 2.4-2.8 us there."""
+    if m == 1 and n * k < 1 << 23:
+        return default_config(m, n, k, num_sms)
+    block_n, block_k = 64, 256
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    while split * 2 * triton.cdiv(n, block_n) <= 3 * num_sms and split * 2 <= max(1, k_tiles // 2):
+        split *= 2
+    if split == 1 and m > 1:  # many outputs, several rows: narrower tiles (gate_up at M = 4 / 16: 55.3 / 46.3 us)
+        return GemvConfig(block_n=32, block_k=block_k, split_k=1, use_dot=True, num_warps=4, num_stages=4)
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=True, num_warps=8, num_stages=3)
+
+
 # (M, N, K) -> the fastest config measured on the H200 by benchmarks/sweep_gemv.py, 2026-12-02 (Llama-3-8B's
 # decode shapes: qkv, o, gate_up, down, lm_head). At M = 1 they beat cuBLAS by 1.04x / 1.13x / 0.97x / 1.04x /
 # 1.01x; at M >= 2 nothing beat cuBLAS by more than noise, so those shapes keep default_config (and the engine's

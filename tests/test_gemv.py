@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import minillm.layers.gemv_dispatch as dispatch_module
 from minillm.kernels.gemv import MAX_M, gemv
-from minillm.kernels.gemv_config import GemvConfig, default_config
+from minillm.kernels.gemv_config import GemvConfig, code_config, default_config
 from minillm.layers.embedding import LMHead
 from minillm.layers.linear import Linear, dense_linear, set_gemv_mode
 
@@ -150,6 +150,22 @@ def test_default_config_is_valid_for_any_shape():
             assert cfg.split_k == 1 or -(-n // cfg.block_n) < 2 * 132, (m, n, k, cfg)
             # one row of at most 2048 weights: read whole in one tile (SmolLM2's K = 576 and 1536)
             assert m > 1 or (cfg.block_k >= k) == (k <= 2048), (m, n, k, cfg)
+
+
+def test_code_config_is_valid_for_any_shape():
+    """8-bit codes: tensor-core tiles (the rule read off the int8 sweep), K split to ~3 programs per SM with at
+    least two K tiles a split; SmolLM2-sized matrices keep default_config at M = 1."""
+    for m in range(1, MAX_M + 1):
+        for n, k in [(1, 1), (20, 64), (4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096), (576, 1536)]:
+            cfg = code_config(m, n, k, num_sms=132)
+            cfg.check(m)
+            if m == 1 and n * k < 1 << 23:
+                assert cfg == default_config(m, n, k, num_sms=132)
+                continue
+            tiles = -(-n // cfg.block_n)
+            assert cfg.use_dot and (cfg.split_k == 1 or tiles * cfg.split_k <= 3 * 132), (m, n, k, cfg)
+            assert cfg.split_k == 1 or -(-k // cfg.block_k) >= 2 * cfg.split_k, (m, n, k, cfg)
+    assert code_config(1, 6144, 4096).split_k == 4 and code_config(1, 28672, 4096).split_k == 1
 
 
 def test_tuned_configs_are_valid_and_correct_at_smollm2_sizes():
