@@ -7,14 +7,16 @@ the activations' dtype on every call and then multiplies: at decode that writes 
 every weight, three times the bytes of bf16 itself. This kernel is bitsandbytes' idea for batch-1 NF4
 inference, written from the idea: read the packed bytes once and decode them in registers.
 
-* Program pid owns BLOCK_N output rows and walks K one 64-weight block at a time: the block's 32 bytes of each
-  row, the rows' absmax (an int8 code times its row of 256's scale plus the offset: the double
-  quantization undone in two loads and an FMA), and x's 64 values of the block, read as even and odd
-  positions so that the low and high nibbles of a byte meet their own activations without any reshuffle.
-* A nibble becomes its level by a gather from the 16-entry table (64 bytes, always in L1).
-* Each block's partial sum is scaled by the row's absmax once (64 weights share it), not per weight.
+* Program pid owns BLOCK_N output rows and walks K a chunk of 256 weights at a time: the chunk's 128 bytes of
+  each row, the rows' 4 absmax values of the chunk (an int8 code times its row of 256's scale plus the offset:
+  the double quantization undone in two loads and an FMA, then spread over the 32 bytes of each block), and x's
+  256 values, read as even and odd positions so that the low and high nibbles of a byte meet their own
+  activations without any reshuffle.
+* A nibble becomes its level by a gather from the 16-entry table (64 bytes, always in L1), times its absmax.
+* One row of x: the products and sums on the CUDA cores. Several rows: the tensor cores, with x padded to 16
+  rows (the decoded tile is converted to x's dtype once and multiplied for every row).
 * x has at most MAX_M rows (decode and speculative verify steps); rows past M are clamped onto row M - 1 and
-  weight rows past N onto row N - 1, so no load is masked (K is a multiple of 64 by construction).
+  weight rows past N onto row N - 1; only a row's last, partial chunk is masked (K is a multiple of 64).
 
 `nf4_gemv(x, qweight, absmax_q, absmax_scale, absmax_offset, levels, bias)` is the entry point;
 minillm.quant.nf4.nf4_linear calls it on CUDA at decode and keeps its reference everywhere else.
@@ -29,46 +31,48 @@ __all__ = ["MAX_M", "nf4_gemv"]
 
 MAX_M = 16
 BLOCK = 64  # weights per absmax (minillm.quant.nf4.BLOCK_SIZE)
-DOUBLE_QUANT_BLOCK = 256  # absmax values per double-quantization scale (minillm.quant.nf4.DOUBLE_QUANT_BLOCK)
+# absmax values per double-quantization scale: minillm.quant.nf4.DOUBLE_QUANT_BLOCK, the kernel's `flat // 256`
 
 
 @triton.jit
 def _nf4_gemv_kernel(X, QW, AQ, AS, AO, LEVELS, BIAS, Y, M, N, K, stride_xm, stride_qn, stride_ym,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     rows_w = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads; rows past N are never stored
     rows_x = tl.minimum(offs_m, M - 1)
-    offs_b = tl.arange(0, 32)  # the 32 bytes (64 weights) of one block of a row
-    q_ptrs = QW + rows_w[:, None].to(tl.int64) * stride_qn + offs_b[None, :]
-    x_ptrs = X + rows_x[:, None].to(tl.int64) * stride_xm + 2 * offs_b[None, :]
+    offs_c = tl.arange(0, 128)  # the 128 bytes (256 weights, 4 absmax blocks) of a row's chunk
+    offs_a = tl.arange(0, 4)
     n_blocks = K // 64
-    absmax_idx = rows_w.to(tl.int64) * n_blocks  # flat index of each row's first absmax
+    q_rows = QW + rows_w[:, None].to(tl.int64) * stride_qn
+    x_rows = X + rows_x[:, None].to(tl.int64) * stride_xm
+    absmax_rows = rows_w[:, None].to(tl.int64) * n_blocks  # flat index of each row's first absmax
     offset = tl.load(AO).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(0, n_blocks):
-        packed = tl.load(q_ptrs).to(tl.int32)  # [BLOCK_N, 32]
-        w_even = tl.load(LEVELS + (packed & 0xF))  # weight 2j of the block: the low nibble
-        w_odd = tl.load(LEVELS + (packed >> 4))  # weight 2j + 1: the high nibble
-        x_even = tl.load(x_ptrs).to(tl.float32)  # [BLOCK_M, 32]
-        x_odd = tl.load(x_ptrs + 1).to(tl.float32)
-        part = tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
-        flat = absmax_idx + b
-        absmax = tl.load(AQ + flat).to(tl.float32) * tl.load(AS + flat // 256) + offset
-        acc += part * absmax[None, :]
-        q_ptrs += 32
-        x_ptrs += 64
+    for c in range(0, tl.cdiv(K, 256)):
+        byte_ok = (c * 128 + offs_c) < K // 2  # the last chunk of a row of 64 * (4j + r) weights is partial
+        packed = tl.load(q_rows + c * 128 + offs_c[None, :], mask=byte_ok[None, :], other=0).to(tl.int32)
+        x_even = tl.load(x_rows + c * 256 + 2 * offs_c[None, :], mask=byte_ok[None, :], other=0.0)
+        x_odd = tl.load(x_rows + c * 256 + 2 * offs_c[None, :] + 1, mask=byte_ok[None, :], other=0.0)
+        # the chunk's 4 absmax per row (double quantization undone), spread over the 32 bytes of each block
+        flat = absmax_rows + c * 4 + offs_a[None, :]
+        block_ok = (c * 4 + offs_a < n_blocks)[None, :]
+        absmax4 = tl.load(AQ + flat, mask=block_ok, other=0).to(tl.float32) * tl.load(AS + flat // 256, mask=block_ok,
+                                                                                      other=0.0) + offset
+        absmax = tl.reshape(tl.broadcast_to(absmax4[:, :, None], (BLOCK_N, 4, 32)), (BLOCK_N, 128))
+        w_even = tl.load(LEVELS + (packed & 0xF)) * absmax  # weight 2j of the chunk: the low nibble
+        w_odd = tl.load(LEVELS + (packed >> 4)) * absmax  # weight 2j + 1: the high nibble
+        if USE_DOT:  # several rows of x: the tensor cores (rows padded to 16)
+            acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision="ieee")
+            acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :]
+                          + x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-
-
-def _block_n(m: int) -> int:
-    """Rows of W per program: the [BLOCK_M, BLOCK_N, 32] products stay within ~64 fp32 registers a thread."""
-    block_m = max(1, triton.next_power_of_2(m))
-    return max(8, min(64, 1024 // block_m))
 
 
 def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
@@ -96,9 +100,10 @@ def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, abs
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n = _block_n(m)
+    use_dot = m > 1
+    block_n = 64 if use_dot else 32
     _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, qweight, absmax_q, absmax_scale, absmax_offset, levels.float(), bias if bias is not None else y, y,
-        m, n, k, x2.stride(0), qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=4)
+        m, n, k, x2.stride(0), qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=use_dot,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, num_warps=4)
     return y.reshape(*x.shape[:-1], n)
