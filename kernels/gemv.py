@@ -328,8 +328,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None,
+                  weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h) @ weight^T (+ bias), h) with h = x + residual (x alone when residual is None): the norm before
     a decoder layer's qkv or gate_up projection, inside that projection's GEMV (`NORM`), as
     fused.rms_norm(x, norm_weight, eps, residual) followed by gemv would compute it, one launch instead of two.
@@ -337,8 +337,9 @@ def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     Every program computes its rows' inverse RMS from a first pass over x (and residual) along all of K, then
     normalises each x tile as it loads it; one program also writes h, the new residual stream (a new tensor:
     writing it over `residual` while other programs still read it would race). Returns h = x itself without a
-    residual. x, residual: [..., K] in the weight's dtype; norm_weight [K]; at most MAX_M rows."""
-    _check_args(x, weight, bias)
+    residual. x, residual: [..., K] in the weight's dtype; norm_weight [K]; at most MAX_M rows. weight_scale: 8-bit
+    codes with per-row scales, as in gemv."""
+    _check_args(x, weight, bias, weight_scale)
     k = weight.shape[1]
     if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,):
         raise ValueError(f"gemv_rms_norm: norm_weight must have shape ({k},), got "
@@ -357,7 +358,8 @@ def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         if res2.stride(-1) != 1:
             res2 = res2.contiguous()
     h = torch.empty_like(x2) if residual is not None else x2
-    y = _launch(x2, weight, bias, config, norm=(res2, norm_weight.contiguous(), h, float(eps)))
+    y = _launch(x2, weight, bias, config, norm=(res2, norm_weight.contiguous(), h, float(eps)),
+                weight_scale=weight_scale)
     return y.reshape(*x.shape[:-1], weight.shape[0]), h.view(x.shape)
 
 

@@ -337,6 +337,29 @@ def test_gemv_rms_norm_equals_rms_norm_then_gemv(m, n, k, has_residual, config):
         assert h is x or h.data_ptr() == x.data_ptr()
 
 
+@pytest.mark.parametrize("m,n,k,has_residual,config", NORM_CASES + [(3, 40, 512, True, None), (1, 40, 96, True, None)])
+def test_fusions_with_8bit_codes(m, n, k, has_residual, config):
+    """The RMSNorm prologue and the SwiGLU loads with int8 codes and per-row scales (a quantized layer's decode
+    step): what the dense weight q * s gives, in every launch shape (and code_config's, config None)."""
+    from minillm.kernels.fused import rms_norm, silu_and_mul
+    from minillm.kernels.gemv import gemv_rms_norm
+    g = torch.Generator().manual_seed(m * 1000 + k + 7)
+    x, norm_w = torch.randn(m, k, generator=g), torch.randn(k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 127 + 1e-3
+    w = q.float() * scale[:, None]
+    residual = torch.randn(m, k, generator=g) if has_residual else None
+    y, h = gemv_rms_norm(x, residual, norm_w, 1e-5, q, config=config, weight_scale=scale)
+    ref = rms_norm(x, norm_w, 1e-5, residual)
+    x_normed, h_ref = ref if has_residual else (ref, x)
+    _close(y, F.linear(x_normed, w), FP32_RTOL)
+    assert torch.equal(h, h_ref)
+    if not config or not config.row_passes:  # SwiGLU's loads (row passes read a whole row of x: not with 2K)
+        gate_up = torch.randn(m, 2 * k, generator=g)
+        _close(gemv(gate_up, q, config=config, swiglu=True, weight_scale=scale),
+               F.linear(silu_and_mul(gate_up), w), FP32_RTOL)
+
+
 def test_gemv_rms_norm_rejects_bad_input():
     from minillm.kernels.gemv import gemv_rms_norm
     x, w = torch.randn(1, 32), torch.randn(8, 32)

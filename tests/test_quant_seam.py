@@ -19,6 +19,7 @@ from minillm.llm import LLM
 from minillm.quant.base import (QUANTIZATION_METHODS, UnquantizedLinearMethod, apply_quantization_override,
                                 check_quantization_name, make_quant_config)
 from minillm.quant.int8_rtn import Int8RTNConfig, Int8RTNLinearMethod, quantize_per_channel_int8
+from minillm.quant.rtn import quantize
 from minillm.sampling_params import SamplingParams
 from tiny import ByteTokenizer, EOS, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
@@ -212,3 +213,41 @@ def test_int8_decode_reads_the_codes_on_gpu(monkeypatch):
         assert calls == ([True] if gemv_runs else [])
         ref = x.bfloat16().float() @ w.T
         assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("method", ["int8_rtn", "fp8", "smoothquant"])
+def test_quantized_decode_layers_fuse_the_norm_and_swiglu(monkeypatch, method):
+    """Where a quantized layer's decode step is the GEMV on its 8-bit codes (LinearMethod.decode_codes), Linear
+    fuses the RMSNorm before it and SwiGLU into that GEMV as for a dense weight. On the CPU the rule is forced
+    (the interpreter runs the kernel): the fused calls equal norm, then the layer's own forward."""
+    import importlib
+    from minillm.kernels.fused import rms_norm, silu_and_mul
+    from minillm.layers.norm import RMSNorm
+    from minillm.quant.fp8 import Fp8LinearMethod
+    from minillm.quant.smoothquant import Int8W8A8LinearMethod
+    module = importlib.import_module({"int8_rtn": "minillm.quant.int8_rtn", "fp8": "minillm.quant.fp8",
+                                      "smoothquant": "minillm.quant.smoothquant"}[method])
+    k, n = 64, 48
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    if method == "smoothquant":
+        qw = quantize(w, bits=8, group_size=-1, symmetric=True)
+        layer = Linear(k, n, quant_method=Int8W8A8LinearMethod())
+        layer.weight.data.copy_(qw.codes)
+        layer.weight_scale.data.copy_(qw.scales[:, 0])
+    else:
+        layer = Linear(k, n, quant_method=Int8RTNLinearMethod() if method == "int8_rtn" else Fp8LinearMethod(False, True))
+        layer.weight_loader(layer.weight, w)
+        layer.quant_method.process_weights_after_loading(layer)
+    x, res = torch.randn(1, k, generator=g), torch.randn(1, k, generator=g)
+    assert not layer.fuses_rms_norm(x) and not layer.fuses_swiglu(torch.cat([x, x], -1))  # CPU: the reference
+    monkeypatch.setattr(module, "quantized_gemv_applies", lambda x, *rows: True)
+    norm = RMSNorm(k, eps=1e-5)
+    norm.weight.data.copy_(torch.rand(k, generator=g) + 0.5)
+    assert layer.fuses_rms_norm(x)
+    y, h = layer.forward_rms_norm(x, res, norm)
+    x_normed, h_ref = rms_norm(x, norm.weight, 1e-5, res)
+    assert torch.equal(h, h_ref) and (y - layer(x_normed)).abs().max() < 1e-5
+    gate_up = torch.randn(1, 2 * k, generator=g)
+    assert layer.fuses_swiglu(gate_up)
+    assert (layer(gate_up, swiglu=True) - layer(silu_and_mul(gate_up))).abs().max() < 1e-5

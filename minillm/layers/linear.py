@@ -83,28 +83,43 @@ class Linear(nn.Module):
         """A plain weight (UnquantizedLinearMethod): the layers the decode GEMV and its fusions serve."""
         return type(self.quant_method) is UnquantizedLinearMethod
 
+    def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(8-bit codes, per-row scales) where this quantized layer's step on x is the decode GEMV on its codes
+        (LinearMethod.decode_codes: int8_rtn, FP8 and INT8 W8A8 on single rows); None for a dense layer."""
+        return None if self.is_dense else self.quant_method.decode_codes(self, x)
+
     def fuses_swiglu(self, gate_up: torch.Tensor) -> bool:
         """Whether forward(gate_up, swiglu=True) can take SwiGLU's silu(gate) * up inside this layer's decode
-        GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS): one launch fewer per MLP."""
-        return self.is_dense and gemv_dispatch.swiglu_gemv_choice(gate_up, self.weight) is not None
+        GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS; or a quantized layer whose step is
+        the GEMV on its codes): one launch fewer per MLP."""
+        if self.is_dense:
+            return gemv_dispatch.swiglu_gemv_choice(gate_up, self.weight) is not None
+        return self._codes(gate_up) is not None
 
     def fuses_rms_norm(self, x: torch.Tensor) -> bool:
         """Whether forward_rms_norm can take the RMSNorm before this layer inside its decode GEMV (a dense weight,
         no hooks on the layer, no all-reduce after it, a GEMV-sized batch where the fused GEMV timed faster): one
         launch fewer."""
-        return self.is_dense and not self._forward_hooks and not self._forward_pre_hooks and \
-            not getattr(self, "reduce_output", False) and gemv_dispatch.norm_gemv_choice(x, self.weight) is not None
+        if self._forward_hooks or self._forward_pre_hooks or getattr(self, "reduce_output", False):
+            return False
+        if self.is_dense:
+            return gemv_dispatch.norm_gemv_choice(x, self.weight) is not None
+        return self._codes(x) is not None  # a quantized layer whose decode step is the GEMV on its codes
 
     def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                          norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x, residual)[0]), the new residual) in one GEMV (only where fuses_rms_norm(x)): `norm` is the
         RMSNorm before this layer (its weight and eps); the residual returned is x + residual (x without one)."""
         cfg = gemv_dispatch.norm_gemv_choice(x, self.weight) if self.is_dense else None
-        if cfg is None:
+        codes = self._codes(x)
+        if cfg is None and codes is None:
             raise ValueError(f"forward_rms_norm needs a dense layer at a GEMV-sized batch on a GPU where the fused "
-                             f"GEMV won (check fuses_rms_norm first); got x {tuple(x.shape)} on {x.device}, "
+                             f"GEMV won, or a quantized one whose decode step is the GEMV on its codes (check "
+                             f"fuses_rms_norm first); got x {tuple(x.shape)} on {x.device}, "
                              f"{type(self.quant_method).__name__}")
         from minillm.kernels.gemv import gemv_rms_norm
+        if codes is not None:
+            return gemv_rms_norm(x, residual, norm.weight, norm.eps, codes[0], self.bias, weight_scale=codes[1])
         return gemv_rms_norm(x, residual, norm.weight, norm.eps, self.weight, self.bias, config=cfg)
 
     def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
@@ -112,11 +127,14 @@ class Linear(nn.Module):
         and the layer's input is silu(gate) * up, computed by the GEMV as it loads x."""
         if swiglu:
             cfg = gemv_dispatch.swiglu_gemv_choice(x, self.weight) if self.is_dense else None
-            if cfg is None:
-                raise ValueError(f"swiglu=True needs a dense layer at a GEMV-sized batch on a GPU (check "
-                                 f"fuses_swiglu first); got x {tuple(x.shape)} on {x.device}, "
-                                 f"{type(self.quant_method).__name__}")
+            codes = self._codes(x)
+            if cfg is None and codes is None:
+                raise ValueError(f"swiglu=True needs a dense layer at a GEMV-sized batch on a GPU, or a quantized "
+                                 f"one whose decode step is the GEMV on its codes (check fuses_swiglu first); got "
+                                 f"x {tuple(x.shape)} on {x.device}, {type(self.quant_method).__name__}")
             from minillm.kernels.gemv import gemv
+            if codes is not None:
+                return gemv(x, codes[0], self.bias, swiglu=True, weight_scale=codes[1])
             return gemv(x, self.weight, self.bias, config=cfg, swiglu=True)
         if self.is_dense:  # F.linear, or the decode GEMV
             return gemv_dispatch.dense_linear(x, self.weight, self.bias)

@@ -85,6 +85,12 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x W^T (+ bias) for x [..., input_size] -> [..., output_size]."""
 
+    def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(8-bit codes [out, in], per-row scales [out]) where apply(layer, x) is the decode GEMV on codes
+        (minillm.kernels.gemv with weight_scale), so that Linear may fuse the RMSNorm before the layer, or SwiGLU,
+        into that GEMV as it does for a dense weight; None (the default) where it is not."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """The default: a dense weight [output_size, input_size] in the model's dtype, and F.linear."""

@@ -74,6 +74,17 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return dispatch("ch07.fp8_scale", scaled_fp8_quant)(x, x.abs().amax(dim=-1, keepdim=True), FP8_DTYPE)
 
 
+def fp8_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether fp8_linear runs the weight-only GEMV on x: a single-row CUDA step (W8A8_GEMV_MAX_M), unless a
+    learner's ch07.fp8_scale is plugged in (then the emulation runs, so that their function is used)."""
+    return quantized_gemv_applies(x, W8A8_GEMV_MAX_M) and "ch07.fp8_scale" not in active_overrides()
+
+
+def _row_scales(weight_scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """One scale per output row (a per-tensor scale repeated), contiguous, as the GEMV reads them."""
+    return (weight_scale if weight_scale.numel() == rows else weight_scale.expand(rows)).contiguous()
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) with e4m3 weights: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
@@ -83,10 +94,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     (gemv_dispatch.W8A8_GEMV_MAX_M) leaves the activations in bf16 (W8A16): the product is bound by reading the
     weight, one byte per weight either way, so quantizing x would only add a launch per layer (14% of a decode
     step's GPU time on SmolLM2) and an error; minillm.kernels.gemv converts the codes in registers."""
-    if quantized_gemv_applies(x, W8A8_GEMV_MAX_M) and "ch07.fp8_scale" not in active_overrides():
+    if fp8_gemv_applies(x):
         from minillm.kernels.gemv import gemv
-        scale = weight_scale if weight_scale.numel() == weight.shape[0] else weight_scale.expand(weight.shape[0])
-        return gemv(x, weight, bias, weight_scale=scale.contiguous())
+        return gemv(x, weight, bias, weight_scale=_row_scales(weight_scale, weight.shape[0]))
     if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
         from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8
         x8, x_scale = per_token_quant_fp8(x)  # [M, K] e4m3, [M, 1]
@@ -119,6 +129,12 @@ class Fp8LinearMethod(LinearMethod):
 
     def linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp8_linear's single-row GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
+        if layer.weight.dtype != FP8_DTYPE or not fp8_gemv_applies(x):
+            return None
+        return layer.weight, _row_scales(layer.weight_scale, layer.weight.shape[0])
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.weight.dtype == FP8_DTYPE:

@@ -203,6 +203,9 @@ class Fp8BlockLinearMethod(Fp8LinearMethod):
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_fp8_block(weight, self.block)
 
+    def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> None:
+        return None  # block scales, not per-row ones: its own GEMM at every size
+
     def linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block, bias)
 

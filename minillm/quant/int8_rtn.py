@@ -54,6 +54,10 @@ class Int8RTNLinearMethod(LinearMethod):
         add_parameter(layer, "qweight", q)
         add_parameter(layer, "weight_scale", scale.to(dense.dtype))
 
+    def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (layer.qweight, layer.weight_scale) if "qweight" in layer._parameters and \
+            quantized_gemv_applies(x) else None
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if "qweight" not in layer._parameters:
             raise RuntimeError(f"{type(layer).__name__} with int8_rtn has not been quantized yet: the model's "

@@ -110,6 +110,10 @@ class Int8W8A8LinearMethod(LinearMethod):
         add_parameter(layer, "weight_scale", torch.ones(output_size, dtype=torch.float32))
         add_bias(layer, output_size, bias, dtype)
 
+    def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int8_linear's single-row GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
+        return (layer.weight, layer.weight_scale) if quantized_gemv_applies(x, W8A8_GEMV_MAX_M) else None
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int8_linear(x, layer.weight, layer.weight_scale, bias)
 
