@@ -313,12 +313,35 @@ for name, w in W.items():
           f"   int4 asymmetric g64: {rel_err(rtn(w, 4, 64), w):.4f}")
 
 # %% [markdown]
+# ## 8. Fewer bytes are faster only if a kernel reads them
+#
+# A decode step reads every weight once, so a 1-byte weight should take about half the time of a 2-byte one. In
+# plain torch it takes *more*: `int8_rtn`'s reference dequantizes the whole matrix to bf16 on every call (read 1
+# byte, write 2, read 2 again) before the matmul. The engine's GPU path runs kernels that read the codes
+# themselves and decode them in registers: kernels/gemv.py with `weight_scale` (int8 and FP8 codes, one scale per
+# row), kernels/nf4_gemv.py (NF4 levels gathered from the 16-entry table). Measured on an H100 (2026-12-05,
+# `benchmarks/bench_weight_only_decode.py`, Llama-3-8B's gate_up, 28672 x 4096, one token):
+#
+# | weights | microseconds | x bf16 |
+# |---|---:|---:|
+# | bf16, cuBLAS | 82.0 | 1.00 |
+# | int8, dequantize then matmul (the reference) | 693.6 | 0.12 |
+# | int8, the GEMV on the codes | 47.9 | 1.71 |
+# | NF4, dequantize then matmul | 3,343 | 0.02 |
+# | NF4, the kernel on the codes | 134.4 | 0.61 |
+#
+# NF4 saves memory but not time even with its kernel: every weight costs a table lookup. And on SmolLM2 itself
+# each matrix is a few microseconds whatever its bytes, so a quantized SmolLM2 is no faster than bf16: the
+# savings are for models whose steps are bound by reading the weights (chapter 1's stack table, its FP8 row).
+
+# %% [markdown]
 # ## What to take away
 #
 # * Bits per weight include the scales: group 128 costs 0.16 bit, Q4_1's blocks of 32 a whole bit.
 # * Per-group scales contain outliers; per-channel scales spread them over a row.
 # * FP8's relative error is the same for small and large values; a static scale needs saturation.
 # * Activation outliers sit in fixed channels, so a per-channel factor can move them into the weights, for free.
+# * Quantization saves time only through a kernel that reads the codes; dequantizing first is slower than bf16.
 #
 # The engine runs these: `LLM(model, quantization="rtn")` quantizes every linear with your `quantize_per_group`
 # (`overrides={"ch07.quantize_per_group": fn}` makes it yours), `quantization="fp8"` goes through your
