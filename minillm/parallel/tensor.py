@@ -174,8 +174,12 @@ class ColumnParallelLinear(_ReducesOutput, Linear):
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
         super().__init__(input_size, divide(output_size, self.tp_size, "output_size"), **kwargs)
 
+    def tp_slice(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> torch.Tensor:
+        """This rank's piece of a checkpoint tensor (also what a quantized layer's ShardLoader asks for)."""
+        return _column_shard(param, loaded_weight, self.tp_rank, self.tp_size)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        super().weight_loader(param, _column_shard(param, loaded_weight, self.tp_rank, self.tp_size), shard_id)
+        super().weight_loader(param, self.tp_slice(param, loaded_weight, shard_id), shard_id)
 
 
 class RowParallelLinear(_ReducesOutput, Linear):
@@ -190,18 +194,28 @@ class RowParallelLinear(_ReducesOutput, Linear):
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
         super().__init__(divide(input_size, self.tp_size, "input_size"), output_size, **kwargs)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    def tp_slice(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> torch.Tensor:
+        """This rank's piece of a checkpoint tensor (also what a quantized layer's ShardLoader asks for): the
+        input columns r*in/tp .. of a matrix, whatever its layout; per-output-channel vectors whole; a tensor
+        marked input_dim=None whole (an act-order GPTQ layer's scales and zeros: its columns' groups are spread
+        over every rank), one marked input_dim=0 (act-order's g_idx [in]) narrowed."""
         split = dispatch("ch11.split_linear", split_linear)
         if param is self.bias:
             _, bias = split(None, loaded_weight, self.tp_rank, self.tp_size, "row")
-            loaded_weight = torch.zeros_like(loaded_weight) if bias is None else bias
-        elif param.dim() == 2 and getattr(param, "output_dim", 0) == 0:  # [out, in] (or packed [out, in / k])
-            loaded_weight = split(loaded_weight, None, self.tp_rank, self.tp_size, "row")[0]
-        elif param.dim() >= 2:  # a matrix stored another way: its input dimension is the other one
-            out_dim = getattr(param, "output_dim", 0)
-            dim = getattr(param, "input_dim", 1 - out_dim if out_dim in (0, 1) else 1)
-            loaded_weight = _narrow(loaded_weight, dim, self.tp_rank, self.tp_size)
-        super().weight_loader(param, loaded_weight, shard_id)  # per-output-channel scales stay whole
+            return torch.zeros_like(loaded_weight) if bias is None else bias
+        if hasattr(param, "input_dim") and param.input_dim is None:
+            return loaded_weight
+        if param.dim() == 1:
+            return _narrow(loaded_weight, 0, self.tp_rank, self.tp_size) if getattr(param, "input_dim", None) == 0 \
+                else loaded_weight  # per-output-channel scales stay whole
+        if param.dim() == 2 and getattr(param, "output_dim", 0) == 0:  # [out, in] (or packed [out, in / k])
+            return split(loaded_weight, None, self.tp_rank, self.tp_size, "row")[0]
+        out_dim = getattr(param, "output_dim", 0)  # a matrix stored another way: its input dimension is the other
+        dim = getattr(param, "input_dim", 1 - out_dim if out_dim in (0, 1) else 1)
+        return _narrow(loaded_weight, dim, self.tp_rank, self.tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        super().weight_loader(param, self.tp_slice(param, loaded_weight, shard_id), shard_id)
 
 
 class QKVParallelLinear(_ReducesOutput, QKVLinear):
@@ -221,12 +235,17 @@ class QKVParallelLinear(_ReducesOutput, QKVLinear):
         self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         super().__init__(hidden_size, head_dim, local_heads, local_kv, **kwargs)
 
+    def tp_slice(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> torch.Tensor:
+        """This rank's piece of shard q, k or v (also what a quantized layer's ShardLoader asks for)."""
+        if shard_id not in self.shard_ids:
+            return loaded_weight
+        # q in tp pieces; k and v in as many as there are distinct K/V shards
+        kv_parts = min(self.tp_size, self.total_num_kv_heads)
+        index, parts = (self.tp_rank, self.tp_size) if shard_id == "q" else (self.kv_rank, kv_parts)
+        return _column_shard(param, loaded_weight, index, parts)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id in self.shard_ids:  # q in tp pieces; k and v in as many as there are distinct K/V shards
-            kv_parts = min(self.tp_size, self.total_num_kv_heads)
-            index, parts = (self.tp_rank, self.tp_size) if shard_id == "q" else (self.kv_rank, kv_parts)
-            loaded_weight = _column_shard(param, loaded_weight, index, parts)
-        super().weight_loader(param, loaded_weight, shard_id)
+        super().weight_loader(param, self.tp_slice(param, loaded_weight, shard_id), shard_id)
 
 
 class MergedColumnParallelLinear(_ReducesOutput, MergedColumnLinear):
@@ -237,10 +256,14 @@ class MergedColumnParallelLinear(_ReducesOutput, MergedColumnLinear):
         local = [divide(s, self.tp_size, "each merged output size") for s in output_sizes]
         super().__init__(input_size, local, **kwargs)
 
+    def tp_slice(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> torch.Tensor:
+        """This rank's piece of gate or up (also what a quantized layer's ShardLoader asks for)."""
+        if shard_id not in self.shard_ids:
+            return loaded_weight
+        return _column_shard(param, loaded_weight, self.tp_rank, self.tp_size)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id in self.shard_ids:
-            loaded_weight = _column_shard(param, loaded_weight, self.tp_rank, self.tp_size)
-        super().weight_loader(param, loaded_weight, shard_id)
+        super().weight_loader(param, self.tp_slice(param, loaded_weight, shard_id), shard_id)
 
 
 class VocabParallelEmbedding(VocabEmbedding):

@@ -34,6 +34,9 @@ class ShardLoader:
         self.shard_ids = tuple(getattr(layer, "shard_ids", ()))
 
     def load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        tp_slice = getattr(self.layer, "tp_slice", None)  # a tensor-parallel layer: this rank's piece first
+        if tp_slice is not None:
+            loaded_weight = tp_slice(param, loaded_weight, shard_id)
         if shard_id is None or self.shared:
             if shard_id is not None and shard_id not in self.shard_ids:
                 raise ValueError(f"{type(self.layer).__name__} shard_id must be one of {self.shard_ids}, "

@@ -80,10 +80,20 @@ class WeightOnlyLinearMethod(LinearMethod):
             packed_qweight = self.bits if self.fmt == "awq" else None  # AWQ packs along out, GPTQ along in
             add_packed_parameter(layer, "qweight", torch.zeros(shapes["qweight"], dtype=torch.int32), 1,
                                  bits=packed_qweight)
-            add_packed_parameter(layer, "qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32), 1, bits=self.bits)
-            add_parameter(layer, "scales", torch.empty(shapes["scales"], dtype=dtype), output_dim=1)
-            if "g_idx" in shapes:
-                add_packed_parameter(layer, "g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32), 0, shared=True)
+            # act-order under row parallelism: this rank's input columns belong to groups spread over the whole
+            # input, so it keeps every group's scales and zeros (vLLM does the same) and its slice of g_idx
+            spread = "g_idx" in shapes and getattr(layer, "parallel_style", None) == "row" and \
+                getattr(layer, "tp_size", 1) > 1 and self.group_size != -1
+            groups = input_size * layer.tp_size // self.group_size if spread else shapes["scales"][0]
+            zeros = add_packed_parameter(layer, "qzeros", torch.zeros(groups, shapes["qzeros"][1], dtype=torch.int32),
+                                         1, bits=self.bits)
+            scales = add_parameter(layer, "scales", torch.empty(groups, output_size, dtype=dtype), output_dim=1)
+            if spread:
+                zeros.input_dim = scales.input_dim = None  # RowParallelLinear.tp_slice: keep them whole
+            if "g_idx" in shapes:  # along the input: whole on a column-parallel rank, narrowed on a row-parallel one
+                g_idx = add_packed_parameter(layer, "g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32), None,
+                                             shared=True)
+                g_idx.input_dim = 0
         add_bias(layer, output_size, bias, dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
