@@ -83,3 +83,24 @@ def test_a_packed_tensor_that_cannot_split_on_a_word_says_so(checkpoints):
     """3-bit codes pack 32 to 3 words: k_proj's zeros (32 outputs) cannot be halved on a word boundary."""
     with pytest.raises(ValueError, match=r"k_proj.qzeros.*divisible by tensor_parallel_size \(2\)"):
         _rank_models(checkpoints["rtn_w3_sym"])
+
+
+@pytest.mark.parametrize("label", ["gptq_act_order", "awq"])
+def test_llm_serves_a_quantized_checkpoint_at_tp2(tmp_path, checkpoints, label):
+    """`LLM(model=DIR, tensor_parallel_size=2)` on a saved checkpoint (two gloo worker processes): the same greedy
+    tokens as one process."""
+    from minillm.llm import LLM
+    from minillm.quant.checkpoint import save_quantized
+    from minillm.sampling_params import SamplingParams
+    from test_quant_methods import _byte_tokenizer_json
+    _byte_tokenizer_json(tmp_path)
+    save_quantized(checkpoints[label], tmp_path / "q", source=str(tmp_path))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["hello there", "ab ab ab"]
+    tokens = []
+    for tp in (1, 2):
+        llm = LLM(model=tmp_path / "q", max_model_len=64, max_num_seqs=2, tensor_parallel_size=tp)
+        assert type(llm.llm_engine.executor).__name__ == ("MultiProcExecutor" if tp > 1 else "UniProcExecutor")
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        llm.llm_engine.shutdown()
+    assert tokens[0] == tokens[1]
