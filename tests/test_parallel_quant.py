@@ -86,9 +86,9 @@ def test_a_packed_tensor_that_cannot_split_on_a_word_says_so(checkpoints):
 
 
 @pytest.mark.parametrize("label", ["gptq_act_order", "awq"])
-def test_llm_serves_a_quantized_checkpoint_at_tp2(tmp_path, checkpoints, label):
-    """`LLM(model=DIR, tensor_parallel_size=2)` on a saved checkpoint (two gloo worker processes): the same greedy
-    tokens as one process."""
+def test_llm_serves_a_quantized_checkpoint_at_tp2_and_pp2(tmp_path, checkpoints, label):
+    """`LLM(model=DIR, tensor_parallel_size=2)` and `pipeline_parallel_size=2` on a saved checkpoint (two gloo
+    worker processes each): the same greedy tokens as one process."""
     from minillm.llm import LLM
     from minillm.quant.checkpoint import save_quantized
     from minillm.sampling_params import SamplingParams
@@ -98,9 +98,9 @@ def test_llm_serves_a_quantized_checkpoint_at_tp2(tmp_path, checkpoints, label):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = ["hello there", "ab ab ab"]
     tokens = []
-    for tp in (1, 2):
-        llm = LLM(model=tmp_path / "q", max_model_len=64, max_num_seqs=2, tensor_parallel_size=tp)
-        assert type(llm.llm_engine.executor).__name__ == ("MultiProcExecutor" if tp > 1 else "UniProcExecutor")
+    for parallel in ({}, dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)):
+        llm = LLM(model=tmp_path / "q", max_model_len=64, max_num_seqs=2, **parallel)
+        assert type(llm.llm_engine.executor).__name__ == ("MultiProcExecutor" if parallel else "UniProcExecutor")
         tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
         llm.llm_engine.shutdown()
-    assert tokens[0] == tokens[1]
+    assert tokens[0] == tokens[1] == tokens[2]
