@@ -20,7 +20,7 @@ import torch
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.cache_config import resolve_engine_config
-from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
+from minillm.engine.executor import MultiProcExecutor, UniProcExecutor, WorkerError
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights, Worker
 from minillm.models.llama import LlamaForCausalLM
@@ -117,6 +117,25 @@ def test_worker_that_dies_at_start_fails_fast():
     with pytest.raises(RuntimeError, match=r"died before joining the group: rank 1 \(pid \d+, exit code 3\)"):
         MultiProcExecutor({**_kwargs(), "model_source": _DiesOnArrival()})
     assert time.perf_counter() - start < 60
+
+
+def test_a_worker_that_fails_to_load_leaves_nothing_behind(expected):
+    """A rank whose model cannot load (RTN groups of 32 over o_proj's 16 local input columns at TP = 2) raises its
+    WorkerError from the constructor, which ends the workers and the process group: the next engine of this
+    process starts (it used to fail with "trying to initialize the default process group twice")."""
+    import torch.distributed as dist
+    from minillm.quant.checkpoint import load_time_quantization
+    kwargs = _kwargs(tensor_parallel_size=2)
+    bad = {**kwargs, "model_config": load_time_quantization(CONFIG, "rtn", {"group_size": 32})}
+    with pytest.raises(WorkerError, match="in_features=16 is not divisible by group_size=32"):
+        MultiProcExecutor(bad)
+    assert not dist.is_initialized()
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE, tensor_parallel_size=2),
+                       executor=MultiProcExecutor(kwargs))
+    try:
+        assert _generate(engine) == expected
+    finally:
+        engine.shutdown()
 
 
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):

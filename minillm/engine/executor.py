@@ -189,11 +189,18 @@ class MultiProcExecutor:
                     process.kill()
                 raise RuntimeError(f"worker process died before joining the group: {dead}")
             time.sleep(0.05)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
-        if tp * pp * ep > 1:
-            # new_group is collective: rank 0 joins in, belonging to none
-            build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs), ep_size=ep)
-        self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
+        try:
+            dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
+            if tp * pp * ep > 1:
+                # new_group is collective: rank 0 joins in, belonging to none
+                build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs), ep_size=ep)
+            self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
+        except BaseException as err:
+            # nobody will hold this executor to shut it down: end the workers and leave no process group
+            # behind, or the next engine of this process could not start its own
+            self._broken = self._broken or f"start-up failed: {type(err).__name__}"
+            self.shutdown()
+            raise
 
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
@@ -262,7 +269,8 @@ class MultiProcExecutor:
             for process in self.processes:
                 if process.is_alive():
                     process.kill()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         for process in self.processes:
             process.join(timeout=30)
             if process.is_alive():
