@@ -177,10 +177,13 @@ class LLM:
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool) -> list[RequestOutput]:
+        """One engine request per choice (SamplingParams.n: params.choices()); the outputs of a prompt's choices
+        come back as one RequestOutput whose outputs[i] is choice i, as vLLM returns them."""
         engine = self.llm_engine
-        ids = [engine.add_request(None, text if text is not None else token_ids, p, prompt_token_ids=token_ids)
-               for (text, token_ids), p in zip(tokenized, params)]
-        return self._run_until_done(ids, use_tqdm)
+        ids = [[engine.add_request(None, text if text is not None else token_ids, choice, prompt_token_ids=token_ids)
+                for choice in p.choices()] for (text, token_ids), p in zip(tokenized, params)]
+        done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
+        return [_merge_choices([next(done) for _ in choices]) for choices in ids]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
@@ -215,7 +218,11 @@ class LLM:
                             f"{len(prompt)} prompts; use generate() for several")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        request_id = self.llm_engine.add_request(None, prompt, _normalize_params(sampling_params, 1)[0])
+        params = _normalize_params(sampling_params, 1)[0]
+        if params.n > 1:
+            raise ParamError("n", f"generate_stream streams one sequence, got n={params.n}; use generate() for n "
+                                  f"completions")
+        request_id = self.llm_engine.add_request(None, prompt, params)
         self._watching.add(request_id)
         sent_text, sent_tokens, finished = 0, 0, False
         try:
@@ -354,6 +361,15 @@ def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParam
             except ParamError as err:
                 raise ParamError(err.param, f"sampling_params[{i}]: {err}") from None
     return [copies[id(p)] for p in params]
+
+
+def _merge_choices(outputs: list[RequestOutput]) -> RequestOutput:
+    """One prompt's n choices (one finished engine request each) as one RequestOutput: outputs[i] is choice i, the
+    request id and metrics are choice 0's (its prompt and prompt log-probs are every choice's)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outputs)]
+    return dataclasses.replace(outputs[0], outputs=completions, finished=all(out.finished for out in outputs))
 
 
 def _check_conversation(conversation: Any, where: str) -> None:

@@ -65,6 +65,15 @@ def _integer(name: str, value: Any, low: int, high: int = INT64_MAX, allowed: st
     return value
 
 
+MAX_N = 16  # choices per prompt (SamplingParams.n, the server's n): each is a full request in the engine
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a seeded request with n choices: seed + index, wrapped round at the top of the
+    range a seed may take ([-2**63, 2**64 - 1]), so that a valid seed never makes its later choices invalid."""
+    return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
+
+
 def check_seed(value: Any, name: str = "seed") -> int:
     """A random seed as an int: the range torch.Generator.manual_seed accepts (a request's seed, an engine's)."""
     return _integer(name, value, -2**63, 2**64 - 1, allowed="in [-2**63, 2**64 - 1]")
@@ -72,6 +81,7 @@ def check_seed(value: Any, name: str = "seed") -> int:
 
 @dataclass
 class SamplingParams:
+    n: int = 1  # completions of the prompt (vLLM's parallel sampling), in [1, MAX_N]: LLM.generate / chat
     temperature: float = 1.0  # 0 means greedy (argmax), exactly; else in [0.01, inf)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]
     top_k: int = -1  # keep the k most likely tokens; -1 means all
@@ -127,6 +137,7 @@ class SamplingParams:
         if self.top_k == 0:
             raise ParamError("top_k", f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
         self.max_tokens = _integer("max_tokens", self.max_tokens, 1, allowed=f">= 1 (at most {INT64_MAX})")
+        self.n = _integer("n", self.n, 1, MAX_N, allowed=f"in [1, {MAX_N}]")
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
@@ -143,6 +154,15 @@ class SamplingParams:
         self.stop_list = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
         self._check_processors()
+
+    def choices(self) -> list["SamplingParams"]:
+        """The n single-sequence requests that serve these params (vLLM's parallel sampling, as its engine fans a
+        parent request out): n = 1 each, choice i seeded seed + i when a seed is given (reproducible, and the
+        choices still differ), every other field the same. With prefix caching on they share the prompt's KV."""
+        if self.n == 1:
+            return [self]
+        return [dataclasses.replace(self, n=1, seed=None if self.seed is None else choice_seed(self.seed, i))
+                for i in range(self.n)]
 
     def _check_processors(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

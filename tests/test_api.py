@@ -105,6 +105,28 @@ def test_seeded_request_same_tokens_in_any_batch(llm):
     assert crowd == alone
 
 
+def test_n_completions_per_prompt(llm):
+    """SamplingParams(n=3): one RequestOutput per prompt with outputs[0..2]; choice i is the request seeded
+    seed + i (so a seeded call is reproducible and its choices differ); chat fans out the same way; one engine
+    request is one sequence (n > 1 there, or in generate_stream, is a ParamError naming n)."""
+    from minillm.sampling_params import ParamError
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(["The capital of France is", "Hi"], params)
+    assert [len(o.outputs) for o in outs] == [3, 3] and all(o.finished for o in outs)
+    assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+    for i, choice in enumerate(outs[1].outputs):
+        alone = llm.generate("Hi", SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6, ignore_eos=True))
+        assert choice.token_ids == alone[0].outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # seeded apart
+    assert len(llm.chat([{"role": "user", "content": "Hi"}], params)[0].outputs) == 3
+    with pytest.raises(ParamError, match="n=2: an engine request is one sequence"):
+        llm.llm_engine.add_request(None, "Hi", SamplingParams(n=2))
+    with pytest.raises(ParamError, match="generate_stream streams one sequence, got n=2"):
+        next(llm.generate_stream("Hi", SamplingParams(n=2)))
+    with pytest.raises(ParamError, match=r"n must be an integer in \[1, 16\], got 17"):
+        SamplingParams(n=17)
+
+
 def test_metrics_ordering(llm):
     out = llm.generate(["Hello there", "The sun"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     for o in out:

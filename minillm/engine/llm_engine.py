@@ -184,8 +184,12 @@ class LLMEngine(StepOutputs):
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary. Reads only the configuration: safe beside a running step (AsyncLLM and
-        the server check before queuing)."""
+        outside this model's vocabulary, and n > 1 (an engine request is one sequence: LLM.generate, LLM.chat and
+        the server submit params.choices()). Reads only the configuration: safe beside a running step (AsyncLLM
+        and the server check before queuing)."""
+        if params.n > 1:
+            raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
+                                  f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
         if not params.logit_bias:
             return
         vocab = self.model_config.vocab_size

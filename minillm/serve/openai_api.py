@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.loader.chat_template import render_chat_template
 from minillm.outputs import Logprob, RequestOutput, TokenLogprobDict
-from minillm.sampling_params import SamplingParams
+from minillm.sampling_params import SamplingParams, choice_seed
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -122,7 +122,7 @@ class OpenAIServing:
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
         params = []
         for i in range(request.n):
-            seed = None if request.seed is None else _choice_seed(request.seed, i)
+            seed = None if request.seed is None else choice_seed(request.seed, i)
             try:
                 params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
                                              top_k=request.top_k, max_tokens=max_tokens, seed=seed,
@@ -264,12 +264,6 @@ class OpenAIServing:
             logger.exception("stream %s failed", head["id"])
             yield _event(error_body(f"generation failed: {type(err).__name__}: {err}", "server_error", code=500))
         yield "data: [DONE]\n\n"
-
-
-def _choice_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a seeded request: seed + index, wrapped round at the top of the range a seed
-    may take ([-2**63, 2**64 - 1]), so that a valid seed never makes its later choices invalid."""
-    return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
 
 
 def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,

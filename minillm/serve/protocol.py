@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_N = 16  # choices per prompt: each is a full request in the engine
+from minillm.sampling_params import MAX_N  # choices per prompt, as SamplingParams.n allows
+
 # engine requests one HTTP request may start (prompts x n): 20,000 prompts x 16 would queue 320,000 requests ahead
 # of every other client's (a small request sent a second later had no answer after 10 minutes)
 MAX_CHOICES = 256
