@@ -119,6 +119,44 @@ def test_worker_that_dies_at_start_fails_fast():
     assert time.perf_counter() - start < 60
 
 
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_logprobs_and_prompt_logprobs_under_parallelism(parallel):
+    """SamplingParams.logprobs / prompt_logprobs at TP = 2 and PP = 2 (two micro-batches, prompts in chunks of 8):
+    the same tokens, ranks and top alternatives as one process, log-probs within summation order (they used to
+    finish every such request with an error)."""
+    engine_kwargs = dict(ENGINE, enable_chunked_prefill=True, max_num_batched_tokens=8)
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)]
+
+    def run(**par):
+        config = resolve_engine_config(EngineConfig(**engine_kwargs, **par), CONFIG, torch.device("cpu"))
+        kwargs = dict(_kwargs(), engine_config=config)
+        executor = MultiProcExecutor(kwargs) if par else UniProcExecutor(Worker(**kwargs))
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_kwargs, **par), executor=executor)
+        try:
+            ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, params)]
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, o) for o in engine.step() if o.finished)
+            return [done[i] for i in ids]
+        finally:
+            engine.shutdown()
+
+    def flat(out):  # (position, token id, rank, log-prob) of every entry of every scored token
+        dicts = list(out.outputs[0].logprobs or []) + [d for d in out.prompt_logprobs or [] if d]
+        return [(pos, tok, lp.rank, lp.logprob) for pos, d in enumerate(dicts) for tok, lp in d.items()]
+
+    for one, par in zip(run(), run(**parallel)):
+        assert par.outputs[0].error is None and par.outputs[0].token_ids == one.outputs[0].token_ids
+        assert (par.prompt_logprobs is None) == (one.prompt_logprobs is None)
+        a, b = flat(one), flat(par)
+        assert len(a) == len(b) and [x[:3] for x in a] == [x[:3] for x in b]
+        assert all(abs(x[3] - y[3]) < 1e-4 for x, y in zip(a, b))
+        assert (one.outputs[0].logprobs is not None) == (par.outputs[0].logprobs is not None)
+
+
 def test_a_worker_that_fails_to_load_leaves_nothing_behind(expected):
     """A rank whose model cannot load (RTN groups of 32 over o_proj's 16 local input columns at TP = 2) raises its
     WorkerError from the constructor, which ends the workers and the process group: the next engine of this

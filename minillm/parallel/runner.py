@@ -12,7 +12,9 @@ With pp > 1 the step's sequences are cut into pp micro-batches (split_step; wher
 course exercise ch11.pipeline_schedule, reached through `dispatch`) that flow
 through the stages one after the other, so the stages overlap. The logits of all micro-batches are sampled at
 once, in the step's row order: the same sampler call as the single-process runner, so the seeded and unseeded
-generators advance identically and greedy and seeded outputs match one process.
+generators advance identically and greedy and seeded outputs match one process. Log-probabilities are scored
+there too (SamplingParams.logprobs on the sampled rows; prompt_logprobs on each micro-batch's prompt rows, whose
+LM-head gather every rank of the last stage joins).
 
 CUDA graphs are not captured here (a graph would have to capture the collectives too); the runner runs eagerly.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from minillm.config import EngineConfig
+from minillm.engine.logprobs import token_logprobs
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.step_input import StepInput, StepOutput
 from minillm.forward_context import forward_context
@@ -93,7 +96,9 @@ def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
             input_ids=step.input_ids[a:b], positions=step.positions[a:b], slot_mapping=step.slot_mapping[a:b],
             query_lens=step.query_lens[lo:hi], seq_lens=step.seq_lens[lo:hi],
             block_tables=step.block_tables[lo:hi], num_sampled=step.num_sampled[lo:hi],
-            sampling=step.sampling[lo:hi], block_size=step.block_size, return_logits=step.return_logits))
+            sampling=step.sampling[lo:hi], block_size=step.block_size, return_logits=step.return_logits,
+            num_logprobs=None if step.num_logprobs is None else step.num_logprobs[lo:hi],
+            prompt_logprob_rows=None if step.prompt_logprob_rows is None else step.prompt_logprob_rows[lo:hi]))
     return parts
 
 
@@ -112,9 +117,11 @@ class ParallelModelRunner(ModelRunner):
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden_size = self.model_config.hidden_size
-        pending, logits_parts = [], []
+        pending, logits_parts, prompt_parts = [], [], []
+        first_seq = 0  # the micro-batch's first sequence in the step
         for index, micro in enumerate(split_step(step, state.pp_size)):
             prepared = self.prepare(micro)
+            first_seq += micro.num_seqs
             intermediate = None
             if not state.is_first_stage:  # hidden and residual of this micro-batch from the previous stage
                 shape = (len(micro.input_ids), hidden_size)
@@ -126,11 +133,41 @@ class ParallelModelRunner(ModelRunner):
                 continue
             if prepared.sample_seqs:
                 logits_parts.append(self.model.compute_logits(out[prepared.sample_indices]))  # None off TP rank 0
+            if prepared.prompt_scoring is not None:  # rows that score prompt tokens (every TP rank joins the gather)
+                owners, targets, widths = prepared.prompt_scoring
+                scoring = self.model.compute_logits(out[prepared.prompt_rows])
+                offset = first_seq - micro.num_seqs
+                prompt_parts.append(([offset + i for i in owners], targets, widths, scoring))
         for work, _ in pending:  # the last micro-batch's sends must finish before the step returns
             work.wait()
         if not state.is_driver:
             return None
-        return self._sample_all(step, logits_parts)
+        output = self._sample_all(step, logits_parts)
+        output.logprobs = self._logprobs(step, logits_parts, output.sampled_token_ids)
+        if step.prompt_logprob_rows is not None:
+            output.prompt_logprobs = [[] for _ in range(step.num_seqs)]
+            for owners, targets, widths, scoring in prompt_parts:
+                for i, entry in zip(owners, token_logprobs(scoring, targets, widths)):
+                    output.prompt_logprobs[i].append(entry)
+        return output
+
+    @staticmethod
+    def _logprobs(step: StepInput, logits_parts: list[torch.Tensor], sampled: list[list[int]]) -> list | None:
+        """Per sequence, the log-probs of its sampled tokens where it asked (SamplingParams.logprobs), as the
+        single-process runner scores them: log-softmax of the raw logits, the token's rank, the top ones."""
+        if step.num_logprobs is None:
+            return None
+        logprobs: list[list] = [[] for _ in range(step.num_seqs)]
+        rows = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]  # the logits' rows, by sequence
+        asked = [r for r, i in enumerate(rows) if step.num_logprobs[i] >= 0]
+        if asked and logits_parts:
+            tokens = [t for seq in sampled for t in seq]
+            logits = torch.cat(logits_parts)
+            entries = token_logprobs(logits[asked], [tokens[r] for r in asked],
+                                     [step.num_logprobs[rows[r]] for r in asked])
+            for r, entry in zip(asked, entries):
+                logprobs[rows[r]].append(entry)
+        return logprobs
 
     def _sample_all(self, step: StepInput, logits_parts: list[torch.Tensor]) -> StepOutput:
         sampled: list[list[int]] = [[] for _ in range(step.num_seqs)]
