@@ -69,7 +69,14 @@ class WeightOnlyLinearMethod(LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype | None) -> None:
         layer.quant_bits, layer.quant_group_size = self.bits, self.group_size
-        self._groups(input_size)
+        tp = getattr(layer, "tp_size", 1)
+        try:
+            self._groups(input_size)
+        except ValueError as err:
+            if getattr(layer, "parallel_style", None) == "row" and tp > 1:  # say where the odd size comes from
+                raise ValueError(f"{err} (in_features={input_size} is this rank's share of {input_size * tp} "
+                                 f"under tensor_parallel_size={tp})") from None
+            raise
         if self.fmt == "dense":  # staging: the loaders fill a dense weight, process_weights_after_loading rounds it
             add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
         else:
