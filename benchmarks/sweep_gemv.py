@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print("int8 weight-only: the kernel's default config against cuBLAS bf16 and against dequantize + F.linear")
         for r in results["rows"]:
             if "default_us" in r:
-                print(f"  {r['shape']:<9} M={r['m']:<3} {r['default_us']:.1f} us: {r['cublas_us'] / r['default_us']:.2f}x "
-                      f"cuBLAS bf16, {r['dequant_us'] / r['default_us']:.2f}x dequantize + F.linear")
+                us = r["default_us"]
+                print(f"  {r['shape']:<9} M={r['m']:<3} {us:.1f} us: {r['cublas_us'] / us:.2f}x cuBLAS bf16, "
+                      f"{r['dequant_us'] / us:.2f}x dequantize + F.linear")
     # one decoder layer (qkv, o, gate_up, down) per M: cuBLAS alone vs the faster of the two per shape
     layer = ("qkv", "o", "gate_up", "down")
     for m in args.m:

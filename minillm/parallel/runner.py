@@ -118,10 +118,10 @@ class ParallelModelRunner(ModelRunner):
             self.bind_kv_cache()
         hidden_size = self.model_config.hidden_size
         pending, logits_parts, prompt_parts = [], [], []
-        first_seq = 0  # the micro-batch's first sequence in the step
+        next_seq = 0
         for index, micro in enumerate(split_step(step, state.pp_size)):
             prepared = self.prepare(micro)
-            first_seq += micro.num_seqs
+            first_seq, next_seq = next_seq, next_seq + micro.num_seqs  # the micro-batch's sequences in the step
             intermediate = None
             if not state.is_first_stage:  # hidden and residual of this micro-batch from the previous stage
                 shape = (len(micro.input_ids), hidden_size)
@@ -136,43 +136,27 @@ class ParallelModelRunner(ModelRunner):
             if prepared.prompt_scoring is not None:  # rows that score prompt tokens (every TP rank joins the gather)
                 owners, targets, widths = prepared.prompt_scoring
                 scoring = self.model.compute_logits(out[prepared.prompt_rows])
-                offset = first_seq - micro.num_seqs
-                prompt_parts.append(([offset + i for i in owners], targets, widths, scoring))
+                prompt_parts.append(([first_seq + i for i in owners], targets, widths, scoring))
         for work, _ in pending:  # the last micro-batch's sends must finish before the step returns
             work.wait()
         if not state.is_driver:
             return None
         output = self._sample_all(step, logits_parts)
-        output.logprobs = self._logprobs(step, logits_parts, output.sampled_token_ids)
-        if step.prompt_logprob_rows is not None:
+        if step.prompt_logprob_rows is not None:  # each micro-batch's prompt rows, scored where they were cut
             output.prompt_logprobs = [[] for _ in range(step.num_seqs)]
             for owners, targets, widths, scoring in prompt_parts:
                 for i, entry in zip(owners, token_logprobs(scoring, targets, widths)):
                     output.prompt_logprobs[i].append(entry)
         return output
 
-    @staticmethod
-    def _logprobs(step: StepInput, logits_parts: list[torch.Tensor], sampled: list[list[int]]) -> list | None:
-        """Per sequence, the log-probs of its sampled tokens where it asked (SamplingParams.logprobs), as the
-        single-process runner scores them: log-softmax of the raw logits, the token's rank, the top ones."""
-        if step.num_logprobs is None:
-            return None
-        logprobs: list[list] = [[] for _ in range(step.num_seqs)]
-        rows = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]  # the logits' rows, by sequence
-        asked = [r for r, i in enumerate(rows) if step.num_logprobs[i] >= 0]
-        if asked and logits_parts:
-            tokens = [t for seq in sampled for t in seq]
-            logits = torch.cat(logits_parts)
-            entries = token_logprobs(logits[asked], [tokens[r] for r in asked],
-                                     [step.num_logprobs[rows[r]] for r in asked])
-            for r, entry in zip(asked, entries):
-                logprobs[rows[r]].append(entry)
-        return logprobs
-
     def _sample_all(self, step: StepInput, logits_parts: list[torch.Tensor]) -> StepOutput:
+        """The step's tokens from the logits of all micro-batches at once (the single-process sampler call), the
+        log-probs of the sampled rows whose request asked (SamplingParams.logprobs: log-softmax of the raw
+        logits, as the single-process runner scores them), and the rejection rule's distribution if asked."""
         sampled: list[list[int]] = [[] for _ in range(step.num_seqs)]
+        logprobs = None if step.num_logprobs is None else [[] for _ in range(step.num_seqs)]
         if not logits_parts:
-            return StepOutput(sampled, [] if step.return_logits else None)
+            return StepOutput(sampled, [] if step.return_logits else None, logprobs)
         logits = torch.cat(logits_parts)
         rows = [i for i, k in enumerate(step.num_sampled) for _ in range(k)]
         specs = [step.sampling[i] for i in rows]
@@ -182,11 +166,17 @@ class ParallelModelRunner(ModelRunner):
         tokens = self.sample(logits, specs, input_ids, step)
         for i, token in zip(rows, tokens):
             sampled[i].append(token)
+        asked = [] if logprobs is None else [r for r, i in enumerate(rows) if step.num_logprobs[i] >= 0]
+        if asked:
+            entries = token_logprobs(logits[asked], [tokens[r] for r in asked],
+                                     [step.num_logprobs[rows[r]] for r in asked])
+            for r, entry in zip(asked, entries):
+                logprobs[rows[r]].append(entry)
         per_seq_logits = None
         if step.return_logits:  # for the rejection rule: the distribution sampled from (processors applied)
             temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=logits.device)
             per_seq_logits = list(self.target_logits(logits, temperatures).cpu().split([len(s) for s in sampled]))
-        return StepOutput(sampled, per_seq_logits)
+        return StepOutput(sampled, per_seq_logits, logprobs)
 
 
 class StageForProfiling(nn.Module):

@@ -5,10 +5,10 @@ Each output channel (row) of W gets one scale, chosen so that its largest |weigh
     s_o = max_i |W[o, i]| / 127          q[o, i] = round(W[o, i] / s_o)  in [-127, 127]
 
 so the weight costs 1 byte per element plus one scale per row (half of bf16's memory) and every weight is
-off by at most s_o / 2. Activations stay in the model's dtype: y = x (q * s)^T. Dequantizing on the fly in plain torch saves memory
-but no time; what makes weight-only quantization faster in the memory-bound decode phase is a kernel that
-reads the int8 codes themselves: at decode on CUDA, `int8_weight_linear` runs the decode GEMV
-(minillm.kernels.gemv with weight_scale), one byte per weight instead of two.
+off by at most s_o / 2. Activations stay in the model's dtype: y = x (q * s)^T. Dequantizing on the fly in
+plain torch saves memory but no time; what makes weight-only quantization faster in the memory-bound decode
+phase is a kernel that reads the int8 codes themselves: at decode on CUDA, `int8_weight_linear` runs the decode
+GEMV (minillm.kernels.gemv with weight_scale), one byte per weight instead of two (chapter 7, section 8).
 
 The checkpoint is the ordinary dense one: create_weights registers a dense *staging* weight, so both loaders
 (GGUF, HF) and the packed q/k/v and gate/up shard logic work unchanged; process_weights_after_loading then
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
                                 add_parameter, parse_modules_to_not_convert)
-from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.rtn import quantize
+
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest.
@@ -69,9 +70,9 @@ def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x (q * s)^T (+ bias) for int8 codes q [out, in] and per-row scales s [out].
 
-    At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16) minillm.kernels.gemv reads the codes
-    themselves, one byte per weight, converting them in registers and scaling each row's sum once: half of
-    bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize, then one
+    At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16) minillm.kernels.gemv
+    reads the codes themselves, one byte per weight, converting them in registers and scaling each row's sum
+    once: half of bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize, then one
     dense matmul, which saves memory but not time (it writes and re-reads a full-precision copy)."""
     if quantized_gemv_applies(x):
         from minillm.kernels.gemv import gemv  # Triton: imported only where it runs
