@@ -231,6 +231,16 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     if HAS_W_SCALE:  # 8-bit codes: y[:, n] = s[n] * sum_k x[:, k] q[n, k], scaled once per row (and split)
         acc *= tl.load(W_SCALE + rows_w).to(tl.float32)[None, :]
 
+    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K, HAS_BIAS, USE_SPLIT,
+               BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K,
+               HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A decode GEMV's epilogue (also kernels/nf4_gemv.py's): y[:M, offs_n] = acc (+ bias) in Y's dtype; under
+    split-K, acc is this split's partial: added into the workspace WS, and the tile's last split to arrive (the
+    counter CNT[pid_n]) writes the total and leaves WS and CNT zeroed for the next call."""
     n_ok = offs_n < N
     y_mask = (offs_m < M)[:, None] & n_ok[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -257,7 +267,7 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
 _WORKSPACES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The split-K workspace of `device` (fp32 partial sums, int32 arrival counters), grown as needed.
 
     Every launch leaves it zeroed, so calls on one stream share it. It must not be allocated while a CUDA
@@ -383,7 +393,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
-    ws, cnt = _workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
+    ws, cnt = split_workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
     even_k = k % (cfg.block_k * split) == 0
     pdl = cfg.pdl or bool(launch_options(x2.device))  # the config's switch, or PDL on for every kernel (pdl.py)
     res, nw, h, eps = norm if norm is not None else (None, x2, x2, 0.0)

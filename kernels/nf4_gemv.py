@@ -7,76 +7,113 @@ the activations' dtype on every call and then multiplies: at decode that writes 
 every weight, three times the bytes of bf16 itself. This kernel is bitsandbytes' idea for batch-1 NF4
 inference, written from the idea: read the packed bytes once and decode them in registers.
 
-* Program pid owns BLOCK_N output rows and walks K a chunk of 256 weights at a time: the chunk's 128 bytes of
-  each row, the rows' 4 absmax values of the chunk (an int8 code times its row of 256's scale plus the offset:
-  the double quantization undone in two loads and an FMA, then spread over the 32 bytes of each block), and x's
-  256 values, read as even and odd positions so that the low and high nibbles of a byte meet their own
-  activations without any reshuffle.
-* A nibble becomes its level by a gather from the 16-entry table (64 bytes, always in L1), times its absmax.
-* One row of x: the products and sums on the CUDA cores. Several rows: the tensor cores, with x padded to 16
-  rows (the decoded tile is converted to x's dtype once and multiplied for every row).
-* x has at most MAX_M rows (decode and speculative verify steps); rows past M are clamped onto row M - 1 and
-  weight rows past N onto row N - 1; only a row's last, partial chunk is masked (K is a multiple of 64).
+* Program (pid_n, pid_k) owns BLOCK_N output rows and one K range (split-K). It walks its range a step of
+  BLOCKS absmax blocks at a time, reading the step's bytes as a [BLOCK_N, BLOCKS, 32] tile: byte j of a block
+  holds weights 2j (low nibble) and 2j + 1 (high nibble), which meet x's even and odd positions without any
+  reshuffle.
+* A nibble becomes its level by a gather from the 16-entry table (64 bytes, always in L1). The block's absmax
+  (an int8 code times its row of 256's scale plus the offset: the double quantization undone in two loads and an
+  FMA) scales the block's sum once, not each weight: with the blocks a tile axis of their own, no reshape
+  spreads it over the bytes.
+* Rows of x: the decoded tile is kept in registers and each row makes one pass over it (a product and a sum per
+  row), so M rows cost M passes but one decode. (The first version's tensor-core path, x padded to 16 rows,
+  measured 0.07-0.12x of cuBLAS bf16; the row passes are 1.9-3.8x faster than it at M = 16.)
+* Split-K where the rows alone leave SMs idle: the splits' sums meet in kernels/gemv.py's workspace and the
+  last split writes y (its epilogue `store_rows`, shared). Weight rows past N are clamped onto row N - 1 and
+  only a row's last, partial step is masked (K is a multiple of 64).
 
 `nf4_gemv(x, qweight, absmax_q, absmax_scale, absmax_offset, levels, bias)` is the entry point;
 minillm.quant.nf4.nf4_linear calls it on CUDA at decode and keeps its reference everywhere else.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_M", "nf4_gemv"]
+from minillm.kernels.gemv import split_workspace, store_rows
+from minillm.kernels.hardware import num_sms
+
+__all__ = ["MAX_M", "Nf4Config", "nf4_config", "nf4_gemv"]
 
 MAX_M = 16
 BLOCK = 64  # weights per absmax (minillm.quant.nf4.BLOCK_SIZE)
 # absmax values per double-quantization scale: minillm.quant.nf4.DOUBLE_QUANT_BLOCK, the kernel's `flat // 256`
 
 
+@dataclass(frozen=True)
+class Nf4Config:
+    """One launch of the NF4 GEMV: BLOCK_N weight rows per program, `blocks` absmax blocks (64 weights each) per
+    K step, `num_warps`, and `split_k` programs along K per tile of rows (their sums meet in gemv's workspace)."""
+    block_n: int = 32
+    blocks: int = 4
+    num_warps: int = 4
+    split_k: int = 1
+
+
+def nf4_config(m: int, n: int, k: int, num_sms: int = 132) -> Nf4Config:
+    """The launch rule, read off gpu_scratch's sweep of 12 tiles x 3 splits (H100, 2026-12-05; benchmarks/RESULTS.md):
+    steps of 4 absmax blocks and 4 warps everywhere; 16-row tiles where rows are short (K <= 2048: a small
+    model's matrices), 32 otherwise; K split while the grid stays under ~6 programs per SM and every split keeps a
+    step (not for one row over fewer than 4 steps). Within 1.03x of each shape's best launch (geometric mean over
+    Llama-3-8B's and SmolLM2's matrices at M = 1 / 4 / 16)."""
+    block_n = 16 if k <= 2048 else 32
+    cfg = Nf4Config(block_n=block_n, blocks=4, num_warps=4)
+    steps = triton.cdiv(k // BLOCK, cfg.blocks)
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while split * 2 * tiles <= 6 * num_sms and split * 2 <= steps and (m > 1 or steps >= 4):
+        split *= 2  # (a single row over a short K measured faster unsplit)
+    return Nf4Config(block_n, cfg.blocks, cfg.num_warps, split)
+
+
 @triton.jit
-def _nf4_gemv_kernel(X, QW, AQ, AS, AO, LEVELS, BIAS, Y, M, N, K, stride_xm, stride_qn, stride_ym,
-                     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _nf4_gemv_kernel(X, QW, AQ, AS, AO, LEVELS, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qn, stride_ym, SPLIT_K,
+                     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     rows_w = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads; rows past N are never stored
-    rows_x = tl.minimum(offs_m, M - 1)
-    offs_c = tl.arange(0, 128)  # the 128 bytes (256 weights, 4 absmax blocks) of a row's chunk
-    offs_a = tl.arange(0, 4)
+    offs_b = tl.arange(0, BLOCKS)  # the step's absmax blocks
+    offs_j = tl.arange(0, 32)  # the 32 bytes (64 weights) of a block
     n_blocks = K // 64
-    q_rows = QW + rows_w[:, None].to(tl.int64) * stride_qn
-    x_rows = X + rows_x[:, None].to(tl.int64) * stride_xm
-    absmax_rows = rows_w[:, None].to(tl.int64) * n_blocks  # flat index of each row's first absmax
+    steps = tl.cdiv(n_blocks, BLOCKS)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    step_lo = pid_k * steps_per_split
+    step_hi = tl.minimum(step_lo + steps_per_split, steps)
+    q_rows = QW + rows_w.to(tl.int64) * stride_qn  # [BLOCK_N]
+    absmax_rows = rows_w.to(tl.int64) * n_blocks  # flat index of each row's first absmax
     offset = tl.load(AO).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for c in range(0, tl.cdiv(K, 256)):
-        byte_ok = (c * 128 + offs_c) < K // 2  # the last chunk of a row of 64 * (4j + r) weights is partial
-        packed = tl.load(q_rows + c * 128 + offs_c[None, :], mask=byte_ok[None, :], other=0).to(tl.int32)
-        x_even = tl.load(x_rows + c * 256 + 2 * offs_c[None, :], mask=byte_ok[None, :], other=0.0)
-        x_odd = tl.load(x_rows + c * 256 + 2 * offs_c[None, :] + 1, mask=byte_ok[None, :], other=0.0)
-        # the chunk's 4 absmax per row (double quantization undone), spread over the 32 bytes of each block
-        flat = absmax_rows + c * 4 + offs_a[None, :]
-        block_ok = (c * 4 + offs_a < n_blocks)[None, :]
-        absmax4 = tl.load(AQ + flat, mask=block_ok, other=0).to(tl.float32) * tl.load(AS + flat // 256, mask=block_ok,
-                                                                                      other=0.0) + offset
-        absmax = tl.reshape(tl.broadcast_to(absmax4[:, :, None], (BLOCK_N, 4, 32)), (BLOCK_N, 128))
-        w_even = tl.load(LEVELS + (packed & 0xF)) * absmax  # weight 2j of the chunk: the low nibble
-        w_odd = tl.load(LEVELS + (packed >> 4)) * absmax  # weight 2j + 1: the high nibble
-        if USE_DOT:  # several rows of x: the tensor cores (rows padded to 16)
-            acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision="ieee")
-            acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision="ieee")
-        else:
-            acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :]
-                          + x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    for step in range(step_lo, step_hi):
+        blk = step * BLOCKS + offs_b
+        blk_ok = blk < n_blocks  # a row's last step may hold fewer blocks
+        byte = blk[:, None] * 32 + offs_j[None, :]  # [BLOCKS, 32]: byte j of a block holds weights 2j, 2j + 1
+        packed = tl.load(q_rows[:, None, None] + byte[None, :, :], mask=blk_ok[None, :, None], other=0).to(tl.int32)
+        w_lo = tl.load(LEVELS + (packed & 0xF))  # [BLOCK_N, BLOCKS, 32] levels of the even weights (low nibbles)
+        w_hi = tl.load(LEVELS + (packed >> 4))  # and of the odd ones
+        # each block's absmax, its double quantization undone: an int8 code times its row of 256's scale + offset
+        flat = absmax_rows[:, None] + blk[None, :]
+        absmax = tl.load(AQ + flat, mask=blk_ok[None, :], other=0).to(tl.float32) * tl.load(
+            AS + flat // 256, mask=blk_ok[None, :], other=0.0) + offset  # [BLOCK_N, BLOCKS]
+        for i in range(0, M):  # each row of x meets the decoded tile; the absmax scales a block's sum once
+            x_even = X + i * stride_xm + 2 * byte
+            xe = tl.load(x_even, mask=blk_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_even + 1, mask=blk_ok[:, None], other=0.0).to(tl.float32)
+            block_sums = tl.sum(w_lo * xe[None, :, :] + w_hi * xo[None, :, :], axis=2)  # [BLOCK_N, BLOCKS]
+            row = tl.sum(block_sums * absmax, axis=1)
+            acc = tl.where(offs_m[:, None] == i, acc + row[None, :], acc)
+    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K, HAS_BIAS, USE_SPLIT,
+               BLOCK_M, BLOCK_N)
 
 
 def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
-             absmax_offset: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+             absmax_offset: torch.Tensor, levels: torch.Tensor, bias: torch.Tensor | None = None,
+             config: Nf4Config | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) in x's dtype, for at most MAX_M rows of x, with W the NF4 weight
     (qweight uint8 [N, K/2], absmax_q int8 [*, 256], absmax_scale [*], absmax_offset [1], levels [16])."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -100,10 +137,13 @@ def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, abs
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    use_dot = m > 1
-    block_n = 64 if use_dot else 32
-    _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x2, qweight, absmax_q, absmax_scale, absmax_offset, levels.float(), bias if bias is not None else y, y,
-        m, n, k, x2.stride(0), qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=use_dot,
-        BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, num_warps=4)
+    cfg = config if config is not None else nf4_config(m, n, k, num_sms(x.device))
+    grid_n = triton.cdiv(n, cfg.block_n)
+    split = max(1, min(cfg.split_k, triton.cdiv(k // BLOCK, cfg.blocks)))
+    ws, cnt = split_workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
+    _nf4_gemv_kernel[(grid_n, split)](
+        x2, qweight, absmax_q, absmax_scale, absmax_offset, levels.float(), bias if bias is not None else y, y, ws,
+        cnt, m, n, k, x2.stride(0), qweight.stride(0), y.stride(0), split, HAS_BIAS=bias is not None,
+        USE_SPLIT=split > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCKS=cfg.blocks,
+        num_warps=cfg.num_warps)
     return y.reshape(*x.shape[:-1], n)

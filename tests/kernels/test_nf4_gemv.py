@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.kernels.nf4_gemv import MAX_M, nf4_gemv
+from minillm.kernels.nf4_gemv import MAX_M, Nf4Config, nf4_config, nf4_gemv
 from minillm.quant.nf4 import NF4_LEVELS, double_quantize, nf4_linear, quantize_nf4
 from minillm.quant.rtn import pack_int4
 
@@ -37,6 +37,27 @@ def test_nf4_gemv_matches_the_reference(m, n, k, bias):
     assert got.shape == (m, n) and got.dtype == x.dtype
     _close(got, ref, 1e-5)
     _close(nf4_gemv(x.reshape(1, m, k), *weight, bias=b), ref.reshape(1, m, n), 1e-5)  # leading dims
+
+
+@pytest.mark.parametrize("config", [Nf4Config(16, 2, 2, 3), Nf4Config(64, 4, 4, 2), Nf4Config(32, 1, 1, 8)])
+def test_nf4_gemv_split_k_and_tiles(config):
+    """Split-K (the splits' sums meet in gemv's workspace, left zeroed for the next call), steps of 1-4 absmax
+    blocks with a partial last one (K = 448: 7 blocks), more splits than steps."""
+    m, n, k = 3, 50, 448
+    weight = _nf4(n, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    ref = nf4_linear(x, *weight)
+    for _ in range(2):  # the second call sees the workspace the first one left
+        _close(nf4_gemv(x, *weight, config=config), ref, 1e-5)
+
+
+def test_nf4_launch_rule():
+    """The measured rule: 16-row tiles for short rows, K split up to ~6 programs per SM, one row over a short K
+    unsplit."""
+    assert nf4_config(1, 960, 576, num_sms=132) == Nf4Config(16, 4, 4, 1)  # 3 steps: one row stays unsplit
+    assert nf4_config(4, 960, 576, num_sms=132) == Nf4Config(16, 4, 4, 2)
+    assert nf4_config(1, 28672, 4096, num_sms=132).split_k == 1  # 896 tiles already fill the GPU
+    assert nf4_config(1, 4096, 14336, num_sms=132) == Nf4Config(32, 4, 4, 4)
 
 
 def test_nf4_gemv_rejects_bad_input():
