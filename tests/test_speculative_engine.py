@@ -111,6 +111,33 @@ def test_greedy_output_equals_plain_decoding(model_and_config, method, num_block
     assert sum(m.num_draft_tokens for m in per_request) == totals.num_draft_tokens
 
 
+def test_verify_rows_beside_prefill_chunks_go_to_their_own_sequences(model_and_config):
+    """A verify step (1 + k sampled rows) beside another request's prefill chunks (0 sampled rows): when the rows
+    happen to total the number of sequences, each sequence still gets its own rows (a one-row-per-sequence
+    shortcut once handed them out in order and failed the whole batch)."""
+    model, config = model_and_config
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    first, second = ([5, 6, 7] * 3 + [5, 6], greedy(12)), (list(range(30, 60)), greedy(6))
+    chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=8)
+    plain = {rid: run(model_and_config, None, requests=[req], **chunked)[0]["0"].outputs[0].token_ids
+             for rid, req in (("a", first), ("b", second))}
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+        block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=4, **chunked,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 1, "prompt_lookup_min": 1}))
+    engine.add_request("a", *first)
+    for _ in range(3):  # "a" is decoding (verifying one draft a step) when "b" arrives and is prefilled in chunks
+        engine.step()
+    engine.add_request("b", *second)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    for rid in "ab":
+        assert done[rid].finish_reason == "length", done[rid]
+        assert done[rid].token_ids == plain[rid], rid
+    assert engine.speculative.metrics.num_draft_tokens > 0
+    assert_nothing_held(engine)
+
+
 def test_self_speculation_with_every_layer_accepts_everything(model_and_config):
     _, config = model_and_config
     spec = dict(METHODS["self_speculative"], draft_num_layers=config.num_hidden_layers)  # the draft IS the target

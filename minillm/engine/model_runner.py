@@ -251,7 +251,7 @@ class ModelRunner(LaunchSetup):
         tokens: list[int] = []
         if seqs:
             tokens = host.pop(0).tolist()
-            if len(seqs) == num_seqs:  # one row per sequence (decode): no per-token appends
+            if prepared.all_rows_sampled and len(seqs) == num_seqs:  # one row per sequence (decode): no appends
                 sampled = [[t] for t in tokens]
             else:
                 for i, token in zip(seqs, tokens):
