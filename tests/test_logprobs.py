@@ -132,6 +132,23 @@ def test_prompt_logprobs_equal_a_full_forward(model_and_config, engine_kwargs):
     assert len(second.logprobs) == len(second.token_ids)
 
 
+def test_prompt_logprobs_of_a_prefill_preempted_between_its_chunks(model_and_config):
+    """Preempted by recompute in the middle of its chunked prefill, a request re-reads its prompt from position
+    0: the first recomputed chunks have no prompt row left to score (the scores are kept), and a step where no
+    other request scores its prompt returns none. That is not an executor ignoring the ask (it once finished the
+    request with an error): the request completes, with every prompt score once."""
+    shared = list(range(30, 58))
+    prompts = [shared + [1, 2], shared + [3], shared[:13], shared, [7, 8, 9]]
+    scored = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = make_engine(model_and_config, num_kv_blocks=16, enable_chunked_prefill=True, max_num_batched_tokens=8)
+    outs = finish(engine, [(p, scored) for p in prompts] + [(p, plain) for p in prompts])
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(outs)
+    for out in outs[:len(prompts)]:
+        check_prompt_logprobs(model_and_config[0], out, 2)
+
+
 def test_prompt_logprobs_do_not_stop_other_requests_hitting_the_prefix_cache(model_and_config):
     prompt = list(range(40, 62))
     plain = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)

@@ -57,7 +57,9 @@ class StepOutputs:
             if params.prompt_logprobs is not None:
                 if output.prompt_logprobs is not None:
                     seq.prompt_logprobs.extend(self._logprob_dict(e) for e in output.prompt_logprobs[i])
-                elif len(seq.prompt_logprobs) < seq.num_prompt_tokens:  # a decode step has none to return
+                elif tokens[i] and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+                    # past its prompt (this step sampled) without every prompt score: the executor ignored the ask.
+                    # A chunk with none to score (a recompute after preemption re-reading scored rows) is fine.
                     raise ValueError("prompt_logprobs were requested but this executor returned none")
             if params.logprobs is None or not tokens[i]:
                 continue
