@@ -73,6 +73,9 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}, 400,
      "maximum context length is 64"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 64}, 400, "maximum context length"),
+    # messages of exactly max_model_len tokens with no max_tokens: the context is full, not "max_tokens ... got 0"
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 46}]}, 400,
+     "the messages take 64: no room is left for the completion"),
     ("/v1/completions", b'{"prompt": "x",', 400, "not valid JSON"),
     ("/v1/completions", b"x" * (1 << 21), 413, "larger than"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),

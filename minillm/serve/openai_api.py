@@ -114,6 +114,10 @@ class OpenAIServing:
         score_only: the one token asked for only scores the prompt, so a prompt of max_model_len tokens fits."""
         longest = max(len(ids) for _, ids in prompts)
         limit = self.llm.max_model_len
+        if max_tokens is None and default_max_tokens is None and longest >= limit:  # chat: the rest of the context
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens and the messages take "
+                                f"{longest}: no room is left for the completion. Please shorten the messages.",
+                           param="messages")
         if max_tokens is None:
             max_tokens = default_max_tokens if default_max_tokens is not None else limit - longest
         if max_tokens >= 1 and longest + max_tokens > limit and not score_only:
