@@ -86,7 +86,12 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]
     top_k: int = -1  # keep the k most likely tokens; -1 means all
     max_tokens: int = 16  # new tokens to generate at most; >= 1
-    seed: int | None = None  # per-request generator: same tokens whatever else is in the batch
+    # per-request generator: same tokens whatever else is in the batch. Under speculative decoding with sampled
+    # drafts (draft model, self-speculative, Medusa, EAGLE, MTP) the draws also follow how many drafts each step
+    # verified, which the scheduler trims to the step's token budget and free blocks: the same run reproduces,
+    # another batch composition gives other (equally distributed) tokens: which tokens come out depends on where
+    # each verify step began.
+    seed: int | None = None
     stop: list[str] | str | None = None  # stop strings (not included in the output text)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

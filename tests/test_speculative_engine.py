@@ -138,6 +138,31 @@ def test_verify_rows_beside_prefill_chunks_go_to_their_own_sequences(model_and_c
     assert_nothing_held(engine)
 
 
+def test_seeded_streams_survive_preemption_and_end_with_the_request(model_and_config):
+    """A seeded sampled request keeps its random streams (the rejection rule's, the draft's) while it is preempted:
+    a fresh stream on resumption would replay numbers it had already used. Once it finishes they are dropped."""
+    model, config = model_and_config
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+        block_size=4, num_kv_blocks=12, max_model_len=64, max_num_seqs=4, speculative_config=METHODS["draft_model"]))
+    seeded = [SamplingParams(temperature=0.8, max_tokens=m, ignore_eos=True, seed=i) for i, m in enumerate(
+        (20, 14, 20, 9))]
+    for i, (prompt, params) in enumerate(zip(PROMPTS, seeded)):
+        engine.add_request(str(i), prompt, params)
+    decoder, first_seen, held_while_preempted = engine.speculative, {}, set()
+    while engine.has_unfinished_requests():
+        engine.step()
+        waiting = {seq.request_id for seq in engine.scheduler.waiting} | {
+            seq.request_id for seq in engine.scheduler.swapped}
+        for streams in (decoder._generators, decoder.proposer._generators):
+            for rid, generator in streams.items():
+                assert first_seen.setdefault((id(streams), rid), generator) is generator, rid  # never restarted
+                if rid in waiting:
+                    held_while_preempted.add(rid)
+    assert engine.scheduler.num_preemptions > 0 and held_while_preempted
+    assert not decoder._generators and not decoder.proposer._generators
+    assert_nothing_held(engine)
+
+
 def test_self_speculation_with_every_layer_accepts_everything(model_and_config):
     _, config = model_and_config
     spec = dict(METHODS["self_speculative"], draft_num_layers=config.num_hidden_layers)  # the draft IS the target

@@ -156,7 +156,6 @@ class DraftModelProposer(SampledDraftProposer):
         shadow = self._shadows.pop(request_id, None)
         if shadow is not None:
             self.block_manager.free(shadow)
-        self._generators.pop(request_id, None)
         self._synced.pop(request_id, None)
 
     def active_requests(self) -> set[str]:

@@ -330,11 +330,17 @@ class SpeculativeDecoder:
 
     # -- 3. release ---------------------------------------------------------------------------------------
     def release(self, scheduler: Any) -> None:
+        """Free the proposer's state of requests no longer running (finished, aborted, preempted). The random
+        streams of seeded requests (the rejection rule's here, the proposer's draft draws) live until the request
+        leaves the scheduler: one preempted and resumed continues its streams instead of replaying numbers it has
+        already used."""
         running = {seq.request_id for seq in getattr(scheduler, "running", ())}
         for request_id in self.proposer.active_requests() - running:
             self.proposer.free(request_id)
-        for request_id in set(self._generators) - running:
-            del self._generators[request_id]
+        alive = running | {seq.request_id for queue in ("waiting", "swapped") for seq in getattr(scheduler, queue, ())}
+        for streams in (self._generators, getattr(self.proposer, "_generators", {})):
+            for request_id in set(streams) - alive:
+                del streams[request_id]
 
 
 def _emittable(seq: Sequence, tokens: list[int]) -> list[int]:

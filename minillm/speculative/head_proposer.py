@@ -152,7 +152,6 @@ class HeadProposer(SampledDraftProposer):
 
     def free(self, request_id: str) -> None:
         self._features.pop(request_id, None)
-        self._generators.pop(request_id, None)
         if self._ahead is not None:
             self._ahead.rows.pop(request_id, None)
 

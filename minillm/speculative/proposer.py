@@ -53,7 +53,8 @@ class Proposer:
 class SampledDraftProposer(Proposer):
     """Base of proposers that sample the drafts of requests with temperature > 0 (and return q with them): `propose`
     keeps the drafts of propose_with_probs; a seeded request draws from its own generator, seed + seed_offset (a
-    stream apart from the target's). Subclasses create `self._generators = {}` and pop a request's entry in free."""
+    stream apart from the target's). Subclasses create `self._generators = {}`; `free` leaves it alone: the engine
+    hooks drop a request's stream once the request has left the scheduler (a preempted one keeps it)."""
 
     seed_offset = 0x5EED
 
