@@ -98,9 +98,14 @@ def code_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     12.7 us; gate_up -> 28672: none, 50.2 us; down 14336 -> 4096: 4 splits, 29.4 us at M = 1, within 8% of the
     best of the sweep's 279 launches, against 17.8 / 76.7 / 36.3 us for default_config); where K is not split and
     M > 1, 32 x 256 tiles of 4 warps and 4 stages (gate_up: 55.3 / 46.3 us at M = 4 / 16, default 56.6 / 49.5). Matrices smaller
-    than 2^23 weights (SmolLM2's) keep default_config at M = 1: its one-tile rows measured 2.4-2.8 us there."""
-    if m == 1 and n * k < 1 << 23:
+    than 2^23 weights (SmolLM2's) keep default_config at M = 1 (its one-tile rows measured 2.4-2.8 us there) and
+    take CUDA-core tiles of 2 rows x 1024 at M = 2..4 (`sweep_gemv.py --int8 --shapes smol_*`, H100, 2026-12-05:
+    2.4 / 2.5 / 6.4 / 3.5 us on qkv / o / gate_up / down at M = 4, against 3.5 / 3.3 / 8.1 / 6.5 for the tensor-core
+    tiles below and cuBLAS bf16's 3.6 / 3.6 / 4.3 / 5.0)."""
+    if n * k < 1 << 23 and m == 1:
         return default_config(m, n, k, num_sms)
+    if n * k < 1 << 23 and m <= 4:
+        return GemvConfig(block_n=2, block_k=1024, split_k=1, use_dot=False, num_warps=4, num_stages=1)
     block_n, block_k = 64, 256
     k_tiles = triton.cdiv(k, block_k)
     split = 1

@@ -154,13 +154,17 @@ def test_default_config_is_valid_for_any_shape():
 
 def test_code_config_is_valid_for_any_shape():
     """8-bit codes: tensor-core tiles (the rule read off the int8 sweep), K split to ~3 programs per SM with at
-    least two K tiles a split; SmolLM2-sized matrices keep default_config at M = 1."""
+    least two K tiles a split; SmolLM2-sized matrices keep default_config at M = 1 and take 2-row CUDA-core tiles
+    at M = 2..4."""
     for m in range(1, MAX_M + 1):
         for n, k in [(1, 1), (20, 64), (4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096), (576, 1536)]:
             cfg = code_config(m, n, k, num_sms=132)
             cfg.check(m)
             if m == 1 and n * k < 1 << 23:
                 assert cfg == default_config(m, n, k, num_sms=132)
+                continue
+            if m <= 4 and n * k < 1 << 23:  # small matrices, a few rows: CUDA-core tiles of 2 rows
+                assert (cfg.block_n, cfg.block_k, cfg.use_dot) == (2, 1024, False)
                 continue
             tiles = -(-n // cfg.block_n)
             assert cfg.use_dot and (cfg.split_k == 1 or tiles * cfg.split_k <= 3 * 132), (m, n, k, cfg)
