@@ -319,20 +319,24 @@ for name, w in W.items():
 # plain torch it takes *more*: `int8_rtn`'s reference dequantizes the whole matrix to bf16 on every call (read 1
 # byte, write 2, read 2 again) before the matmul. The engine's GPU path runs kernels that read the codes
 # themselves and decode them in registers: kernels/gemv.py with `weight_scale` (int8 and FP8 codes, one scale per
-# row), kernels/nf4_gemv.py (NF4 levels gathered from the 16-entry table). Measured on an H100 (2026-12-05,
-# `benchmarks/bench_weight_only_decode.py`, Llama-3-8B's gate_up, 28672 x 4096, one token):
+# row), kernels/nf4_gemv.py (NF4 levels gathered from the 16-entry table, each 64-weight block's sum scaled by
+# its absmax once). Measured on an H100 (2026-12-05, `benchmarks/bench_weight_only_decode.py`, Llama-3-8B's
+# gate_up, 28672 x 4096, one token; all rows of one run):
 #
 # | weights | microseconds | x bf16 |
 # |---|---:|---:|
-# | bf16, cuBLAS | 82.0 | 1.00 |
-# | int8, dequantize then matmul (the reference) | 693.6 | 0.12 |
-# | int8, the GEMV on the codes | 47.9 | 1.71 |
-# | NF4, dequantize then matmul | 3,343 | 0.02 |
-# | NF4, the kernel on the codes | 134.4 | 0.61 |
+# | bf16, cuBLAS | 81.5 | 1.00 |
+# | int8, dequantize then matmul (the reference) | 691.7 | 0.12 |
+# | int8, the GEMV on the codes | 53.2 | 1.53 |
+# | NF4, dequantize then matmul | 3,336 | 0.02 |
+# | NF4, the kernel on the codes | 62.0 | 1.31 |
 #
-# NF4 saves memory but not time even with its kernel: every weight costs a table lookup. And on SmolLM2 itself
-# each matrix is a few microseconds whatever its bytes, so a quantized SmolLM2 is no faster than bf16: the
-# savings are for models whose steps are bound by reading the weights (chapter 1's stack table, its FP8 row).
+# The NF4 kernel's first version took 134 us here; it multiplied every weight by its block's absmax, after a
+# reshape that spread the absmax over the bytes. The second scales each block's *sum* (one multiply per 64
+# weights) and splits K where the rows alone leave SMs idle: less than half the time. With several tokens NF4 still loses (0.2x bf16 at 16 rows: every row costs a pass of products
+# and sums over the decoded tile), and on SmolLM2 itself each matrix is a few microseconds whatever its bytes, so a
+# quantized SmolLM2 is no faster than bf16: the savings are for models whose steps are bound by reading the
+# weights (chapter 1's stack table, its FP8 row).
 
 # %% [markdown]
 # ## What to take away
