@@ -416,31 +416,43 @@ def test_reference_call_sites_on_cuda_in_bf16(monkeypatch):
     assert launched == ["fp8_gemm", "int8_gemm"]
 
 
+def test_w8a8_gemv_rows_follow_the_matrix_size():
+    """W8A8 layers leave x unquantized and run the code GEMV on one row, on up to four for small matrices."""
+    from minillm.layers.gemv_dispatch import SMALL_MATRIX, w8a8_gemv_max_m
+    assert w8a8_gemv_max_m(torch.empty(960, 576, dtype=torch.int8)) == 4  # SmolLM2's qkv
+    assert w8a8_gemv_max_m(torch.empty(SMALL_MATRIX // 2048, 2048, dtype=torch.int8)) == 1
+    assert w8a8_gemv_max_m(torch.empty(6144, 4096, dtype=torch.int8)) == 1  # Llama-3-8B's qkv
+
+
 @pytest.mark.gpu
 def test_w8a8_decode_runs_the_weight_only_gemv_on_cuda(monkeypatch):
-    """On a single-row decode step fp8_linear and int8_linear leave x in bf16 and run the GEMV on the 8-bit codes
-    (W8A16); from 2 rows on, the W8A8 GEMMs. Both agree with the CPU's exact W8A8 reference within rounding."""
+    """On a decode step of one row (up to four on a small matrix) fp8_linear and int8_linear leave x in bf16 and
+    run the GEMV on the 8-bit codes (W8A16); past that, the W8A8 GEMMs. Both agree with the CPU's exact W8A8
+    reference within rounding."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import minillm.kernels.gemv as gemv_module
     calls, kernel = [], gemv_module.gemv
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     g = torch.Generator().manual_seed(0)
-    w8, s = quantize_fp8(torch.randn(384, 512, generator=g) / 512 ** 0.5)
-    for rows, gemv_runs in ((1, True), (2, False), (17, False)):
-        calls.clear()
-        x = torch.randn(rows, 512, generator=g)
-        y = fp8_linear(x.cuda().bfloat16(), w8.cuda(), s.cuda())
-        assert bool(calls) == gemv_runs
-        assert _rel(y.float().cpu(), fp8_linear(x, w8, s)) < 0.03
-    qw = quantize(torch.randn(384, 512, generator=g) / 512 ** 0.5, bits=8, group_size=-1, symmetric=True)
-    q, s = qw.codes, qw.scales[:, 0]
-    for rows, gemv_runs in ((1, True), (2, False), (17, False)):  # SmoothQuant's int8 call site: the same rule
-        calls.clear()
-        x = torch.randn(rows, 512, generator=g)
-        y = int8_linear(x.cuda().bfloat16(), q.cuda(), s.cuda())
-        assert bool(calls) == gemv_runs
-        assert _rel(y.float().cpu(), int8_linear(x, q, s)) < 0.03
+    cases = (((384, 512), ((1, True), (4, True), (5, False), (17, False))),  # small: up to four rows
+             ((4096, 2048), ((1, True), (2, False))))  # 2^23 weights: one row
+    for (n, k), rows_runs in cases:
+        w8, s = quantize_fp8(torch.randn(n, k, generator=g) / k ** 0.5)
+        for rows, gemv_runs in rows_runs:
+            calls.clear()
+            x = torch.randn(rows, k, generator=g)
+            y = fp8_linear(x.cuda().bfloat16(), w8.cuda(), s.cuda())
+            assert bool(calls) == gemv_runs, (n, k, rows)
+            assert _rel(y.float().cpu(), fp8_linear(x, w8, s)) < 0.03
+        qw = quantize(torch.randn(n, k, generator=g) / k ** 0.5, bits=8, group_size=-1, symmetric=True)
+        q, s = qw.codes, qw.scales[:, 0]
+        for rows, gemv_runs in rows_runs:  # SmoothQuant's int8 call site: the same rule
+            calls.clear()
+            x = torch.randn(rows, k, generator=g)
+            y = int8_linear(x.cuda().bfloat16(), q.cuda(), s.cuda())
+            assert bool(calls) == gemv_runs, (n, k, rows)
+            assert _rel(y.float().cpu(), int8_linear(x, q, s)) < 0.03
 
 
 @pytest.mark.gpu

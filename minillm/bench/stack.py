@@ -12,7 +12,7 @@ one technique, so the table reads as the story of the course:
   + CUDA graphs          decode (and piecewise mixed) steps replayed, not launched kernel by kernel    (4)
   + async scheduling     the host prepares step N+1 while the GPU runs step N (GPU)                     (6)
   + FP8 weights          e4m3 weights quantized while loading: half the weight bytes of bf16; W8A8   (7)
-                         GEMMs, the weight-only GEMV on the codes for single-row decode steps
+                         GEMMs, the weight-only GEMV on the codes for decode steps of few rows
   + speculative decoding prompt lookup drafts k tokens, one verify step checks them (lossless)         (9)
 
 The workload (seeded, all requests arriving at t = 0 as in an offline batch): `num_prompts` prompts, each a shared

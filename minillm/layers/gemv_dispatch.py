@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 
 __all__ = ["GEMV_MAX_M", "GEMV_MODES", "gemv_mode", "set_gemv_mode", "dense_linear", "swiglu_gemv_choice",
-           "norm_gemv_choice", "QUANT_GEMV_MAX_M", "W8A8_GEMV_MAX_M", "quantized_gemv_applies"]
+           "norm_gemv_choice", "QUANT_GEMV_MAX_M", "SMALL_MATRIX", "w8a8_gemv_max_m",
+           "quantized_gemv_applies"]
 
 GEMV_MAX_M = 8  # rows of x up to which the decode GEMV is considered (the engine's decode buckets 1, 2, 4, 8)
 GEMV_MODES = ("auto", "off", "on")
@@ -177,16 +178,22 @@ def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
 
 
 QUANT_GEMV_MAX_M = 16  # rows the weight-only decode kernels serve (kernels.gemv.MAX_M, kernels.nf4_gemv.MAX_M)
-# Rows up to which a W8A8 layer (FP8, SmoothQuant / LLM.int8) leaves x unquantized and runs the GEMV on its codes
-# instead of quantizing x and running its 8-bit GEMM. Measured (H100, 2026-12-05, bench_weight_only_decode.py):
-# at M = 1 the GEMV took 0.59-1.0x the W8A8 path's time on Llama-3-8B's and SmolLM2's shapes; at M = 4 and 16 it
-# was slower on most of them (up to 1.9x), so only single-row steps take it.
-W8A8_GEMV_MAX_M = 1
+SMALL_MATRIX = 1 << 23  # weights; below this (SmolLM2's matrices) a decode GEMV is a few microseconds of launch
+
+
+def w8a8_gemv_max_m(weight: torch.Tensor) -> int:
+    """Rows up to which a W8A8 layer (FP8, SmoothQuant / LLM.int8) leaves x unquantized and runs the GEMV on its
+    codes (W8A16) instead of quantizing x (a launch of its own) and running its 8-bit GEMM. Measured on the H100
+    (2026-12-05, bench_weight_only_decode.py): at M = 1 the GEMV took 0.59-1.0x the W8A8 path's time on
+    Llama-3-8B's and SmolLM2's shapes; at M = 4 and 16 on Llama-3-8B's it was slower on most (up to 1.9x); on
+    SmolLM2's matrices with gemv_config.code_config's 2-row tiles, M = 2..4 took 2.4-3.5 us (gate_up 4.7-6.6)
+    against the W8A8 path's 5.4-6.4. So: 4 rows for matrices under SMALL_MATRIX weights, one row otherwise."""
+    return 4 if weight.numel() < SMALL_MATRIX else 1
 
 
 def quantized_gemv_applies(x: torch.Tensor, max_rows: int = QUANT_GEMV_MAX_M) -> bool:
     """Whether a quantized layer runs its decode kernel on x: CUDA, fp16/bf16, 1..max_rows rows (int8_rtn and NF4:
-    QUANT_GEMV_MAX_M; FP8 and INT8 W8A8: W8A8_GEMV_MAX_M), gemv_mode() not "off", not traced by torch.compile,
+    QUANT_GEMV_MAX_M; FP8 and INT8 W8A8: w8a8_gemv_max_m), gemv_mode() not "off", not traced by torch.compile,
     no autograd.
 
     No timing decision here, unlike dense_linear: for int8_rtn and NF4 the alternative is dequantizing the whole

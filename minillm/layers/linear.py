@@ -85,7 +85,7 @@ class Linear(nn.Module):
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(8-bit codes, per-row scales) where this quantized layer's step on x is the decode GEMV on its codes
-        (LinearMethod.decode_codes: int8_rtn, FP8 and INT8 W8A8 on single rows); None for a dense layer."""
+        (LinearMethod.decode_codes: int8_rtn, FP8 and INT8 W8A8 on one to four rows); None for a dense layer."""
         return None if self.is_dense else self.quant_method.decode_codes(self, x)
 
     def fuses_swiglu(self, gate_up: torch.Tensor) -> bool:

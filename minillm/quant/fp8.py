@@ -12,8 +12,8 @@ below 448:
 
 On an H100/H200 the product runs on the fp8 tensor cores (twice bf16's FLOP/s): `fp8_linear`, the single call
 site, runs minillm.kernels.fp8_gemm's two Triton kernels there (per-token quantization, then the scaled GEMM);
-a single-row decode step leaves x in bf16 and runs the decode GEMV on the e4m3 codes instead (W8A16: the weight
-read is the cost, and quantizing x would add a launch per layer).
+a decode step of one row (up to four on small matrices) leaves x in bf16 and runs the decode GEMV on the e4m3
+codes instead (W8A16: the weight read is the cost, and quantizing x would add a launch per layer).
 Elsewhere it is emulated exactly: both operands are rounded to e4m3 with torch's float8_e4m3fn dtype and the
 matmul runs in fp32 on the dequantized values; the GPU sums the same products in another order. While a learner's
 `ch07.fp8_scale` is plugged in (course overrides), the emulation runs on the GPU too, so their function is used.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from minillm.hooks import active_overrides, dispatch
-from minillm.layers.gemv_dispatch import W8A8_GEMV_MAX_M, quantized_gemv_applies
+from minillm.layers.gemv_dispatch import quantized_gemv_applies, w8a8_gemv_max_m
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
 
@@ -74,10 +74,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return dispatch("ch07.fp8_scale", scaled_fp8_quant)(x, x.abs().amax(dim=-1, keepdim=True), FP8_DTYPE)
 
 
-def fp8_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether fp8_linear runs the weight-only GEMV on x: a single-row CUDA step (W8A8_GEMV_MAX_M), unless a
-    learner's ch07.fp8_scale is plugged in (then the emulation runs, so that their function is used)."""
-    return quantized_gemv_applies(x, W8A8_GEMV_MAX_M) and "ch07.fp8_scale" not in active_overrides()
+def fp8_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether fp8_linear runs the weight-only GEMV on x: a CUDA decode step of at most w8a8_gemv_max_m(weight) rows,
+    unless a learner's ch07.fp8_scale is plugged in (then the emulation runs, so that their function is used)."""
+    return quantized_gemv_applies(x, w8a8_gemv_max_m(weight)) and "ch07.fp8_scale" not in active_overrides()
 
 
 def _row_scales(weight_scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -90,11 +90,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """y = x W^T (+ bias) with e4m3 weights: THE call site of the fp8 GEMM (on CUDA: minillm.kernels.fp8_gemm).
 
     W8A8 as vLLM runs it: per-token e4m3 activations, the GEMM on the fp8 values, both scales applied after
-    (the reference on the CPU: an fp32 matmul of the exact fp8 values). A single-row decode step on CUDA
-    (gemv_dispatch.W8A8_GEMV_MAX_M) leaves the activations in bf16 (W8A16): the product is bound by reading the
+    (the reference on the CPU: an fp32 matmul of the exact fp8 values). A decode step of few rows on CUDA
+    (gemv_dispatch.w8a8_gemv_max_m) leaves the activations in bf16 (W8A16): the product is bound by reading the
     weight, one byte per weight either way, so quantizing x would only add a launch per layer (14% of a decode
     step's GPU time on SmolLM2) and an error; minillm.kernels.gemv converts the codes in registers."""
-    if fp8_gemv_applies(x):
+    if fp8_gemv_applies(x, weight):
         from minillm.kernels.gemv import gemv
         return gemv(x, weight, bias, weight_scale=_row_scales(weight_scale, weight.shape[0]))
     if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
@@ -131,8 +131,8 @@ class Fp8LinearMethod(LinearMethod):
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
     def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """fp8_linear's single-row GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
-        if layer.weight.dtype != FP8_DTYPE or not fp8_gemv_applies(x):
+        """fp8_linear's decode GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
+        if layer.weight.dtype != FP8_DTYPE or not fp8_gemv_applies(x, layer.weight):
             return None
         return layer.weight, _row_scales(layer.weight_scale, layer.weight.shape[0])
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from minillm.hooks import dispatch
-from minillm.layers.gemv_dispatch import W8A8_GEMV_MAX_M, quantized_gemv_applies
+from minillm.layers.gemv_dispatch import quantized_gemv_applies, w8a8_gemv_max_m
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert, require_checkpoint)
 
@@ -82,12 +82,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tens
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias), W8A8 int8: THE call site of the int8 GEMM (per-token x scales, per-channel W scales).
     On CUDA, minillm.kernels.int8_gemm's two Triton kernels (int32 accumulation, scales in the epilogue); elsewhere
-    the exact reference below (the same integer sums, so the two agree up to the final float rounding). A single-row
-    decode step on CUDA (gemv_dispatch.W8A8_GEMV_MAX_M, bf16/fp16) leaves x unquantized (W8A16):
+    the exact reference below (the same integer sums, so the two agree up to the final float rounding). A decode
+    step on CUDA of few rows (gemv_dispatch.w8a8_gemv_max_m, bf16/fp16) leaves x unquantized (W8A16):
     the product is bound by reading the int8 weight, so quantizing x would only add a launch and an error, and
     minillm.kernels.gemv converts the codes in registers (as fp8_linear does)."""
     shape = x.shape
-    if quantized_gemv_applies(x, W8A8_GEMV_MAX_M):
+    if quantized_gemv_applies(x, w8a8_gemv_max_m(qweight)):
         from minillm.kernels.gemv import gemv
         return gemv(x, qweight, bias, weight_scale=weight_scale)
     if x.is_cuda:
@@ -111,8 +111,8 @@ class Int8W8A8LinearMethod(LinearMethod):
         add_bias(layer, output_size, bias, dtype)
 
     def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """int8_linear's single-row GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
-        return (layer.weight, layer.weight_scale) if quantized_gemv_applies(x, W8A8_GEMV_MAX_M) else None
+        """int8_linear's decode GEMV (the same rule), for Linear's fused RMSNorm / SwiGLU."""
+        return (layer.weight, layer.weight_scale) if quantized_gemv_applies(x, w8a8_gemv_max_m(layer.weight)) else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int8_linear(x, layer.weight, layer.weight_scale, bias)
