@@ -186,8 +186,9 @@ def w8a8_gemv_max_m(weight: torch.Tensor) -> int:
     codes (W8A16) instead of quantizing x (a launch of its own) and running its 8-bit GEMM. Measured on the H100
     (2026-12-05, bench_weight_only_decode.py): at M = 1 the GEMV took 0.59-1.0x the W8A8 path's time on
     Llama-3-8B's and SmolLM2's shapes; at M = 4 and 16 on Llama-3-8B's it was slower on most (up to 1.9x); on
-    SmolLM2's matrices with gemv_config.code_config's 2-row tiles, M = 2..4 took 2.4-3.5 us (gate_up 4.7-6.6)
-    against the W8A8 path's 5.4-6.4. So: 4 rows for matrices under SMALL_MATRIX weights, one row otherwise."""
+    SmolLM2's matrices with gemv_config.code_config's 2-row tiles, the FP8 GEMV at M = 2 and 4 took 2.3-3.5 us
+    (gate_up 5.2 / 6.6) against the W8A8 path's 5.4-11.6 (gate_up 5.8 / 7.9). So: 4 rows for matrices under
+    SMALL_MATRIX weights, one row otherwise."""
     return 4 if weight.numel() < SMALL_MATRIX else 1
 
 
