@@ -254,6 +254,13 @@ def test_split_step_balances_tokens_and_keeps_every_row():
     assert sum((p.input_ids for p in parts), []) == step.input_ids
     assert sum((p.sampling for p in parts), []) == step.sampling
     assert split_step(step, 10)[-1].num_seqs == 1 and len(split_step(step, 10)) == step.num_seqs
+    # a token-tree verify step's per-sequence masks (and log-prob asks) go with their sequences
+    step.tree_masks = [None, [1, 3, 5] + [0] * 14, None, [1, 3, 7]]
+    step.num_logprobs = [-1, 2, -1, 0]
+    parts = split_step(step, 2)
+    assert [p.tree_masks for p in parts] == [step.tree_masks[:2], step.tree_masks[2:]]
+    assert [p.num_logprobs for p in parts] == [[-1, 2], [-1, 0]]
+    assert all(p.block_size == step.block_size and not p.finished_request_ids for p in parts)
 
 
 def test_torchrun_entry_tp2_on_a_checkpoint_matches_one_process(tmp_path):

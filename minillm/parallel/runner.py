@@ -92,14 +92,21 @@ def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
     parts = []
     for lo, hi in zip(bounds, bounds[1:]):
         a, b = token_starts[lo], token_starts[hi]
-        parts.append(StepInput(
-            input_ids=step.input_ids[a:b], positions=step.positions[a:b], slot_mapping=step.slot_mapping[a:b],
-            query_lens=step.query_lens[lo:hi], seq_lens=step.seq_lens[lo:hi],
-            block_tables=step.block_tables[lo:hi], num_sampled=step.num_sampled[lo:hi],
-            sampling=step.sampling[lo:hi], block_size=step.block_size, return_logits=step.return_logits,
-            num_logprobs=None if step.num_logprobs is None else step.num_logprobs[lo:hi],
-            prompt_logprob_rows=None if step.prompt_logprob_rows is None else step.prompt_logprob_rows[lo:hi]))
+        # every per-token and per-sequence field sliced (a field left whole would be read against the wrong rows:
+        # tree masks were, once); the step-level block operations stay with the step
+        per_seq = {name: getattr(step, name)[lo:hi] for name in _PER_SEQUENCE}
+        per_seq.update({name: None if getattr(step, name) is None else getattr(step, name)[lo:hi]
+                        for name in _PER_SEQUENCE_OPTIONAL})
+        parts.append(dataclasses.replace(
+            step, **{name: getattr(step, name)[a:b] for name in _PER_TOKEN}, **per_seq,
+            blocks_to_swap_out=[], blocks_to_swap_in=[], blocks_to_copy=[], slots_to_copy=[],
+            finished_request_ids=[]))
     return parts
+
+
+_PER_TOKEN = ("input_ids", "positions", "slot_mapping")
+_PER_SEQUENCE = ("query_lens", "seq_lens", "block_tables", "num_sampled", "sampling")
+_PER_SEQUENCE_OPTIONAL = ("num_logprobs", "prompt_logprob_rows", "tree_masks")
 
 
 class ParallelModelRunner(ModelRunner):
