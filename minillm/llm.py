@@ -111,8 +111,12 @@ class LLM:
             with overriding(self.overrides):
                 executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
                                                   LoadedWeights(weights), seed))
-        self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
-                                    dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
+        try:  # sizing and allocating the KV cache can still fail (too little memory for one block)
+            self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
+                                        dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
+        except BaseException:
+            executor.shutdown()  # nobody else holds it: end its worker processes and process group now
+            raise
         self._init_driver()
 
     def share_model(self, *, seed: int = 0, max_model_len: int | None = None, max_num_seqs: int | None = None,

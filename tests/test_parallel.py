@@ -177,6 +177,31 @@ def test_a_worker_that_fails_to_load_leaves_nothing_behind(expected):
         engine.shutdown()
 
 
+def test_a_failed_or_second_parallel_llm_leaves_the_running_one_alone(tmp_path):
+    """LLM(..., tensor_parallel_size=2) whose KV cache cannot hold one sequence fails after its workers loaded:
+    they end with it (they used to live on until the garbage collector found them, and the next LLM could not
+    start). A second parallel LLM while one runs is refused before it starts anything, and the first goes on (its
+    clean-up used to destroy the first one's process group)."""
+    import torch.distributed as dist
+    from minillm import LLM
+    tiny_qwen2_checkpoint(tmp_path)
+    options = dict(device="cpu", dtype="float32", max_model_len=64)
+    with pytest.raises(WorkerError, match="the KV pool holds 0 blocks"):
+        LLM(tmp_path, tensor_parallel_size=2, kv_cache_memory=3000, **options)
+    assert not dist.is_initialized()
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm = LLM(tmp_path, tensor_parallel_size=2, **options)
+    try:
+        first = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+        with pytest.raises(RuntimeError, match="another multi-process engine .* is running in this process"):
+            LLM(tmp_path, pipeline_parallel_size=2, **options)
+        again = llm.generate([[5, 6, 7]], params)[0].outputs[0]
+        assert again.error is None and again.token_ids == first
+    finally:
+        llm.llm_engine.shutdown()
+    assert not dist.is_initialized()
+
+
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
     executor = MultiProcExecutor(_kwargs(pipeline_parallel_size=2))
     try:

@@ -170,6 +170,11 @@ class MultiProcExecutor:
         if tp * pp > 1:  # a split the model cannot take fails here, not in N freshly started processes
             check_parallel_config(worker_kwargs["model_config"], tp, pp)
         check_expert_parallel_config(worker_kwargs["model_config"], ep)
+        self._owns_group = False
+        if dist.is_initialized():  # one default process group per process: a second would break the first engine's
+            raise RuntimeError("another multi-process engine (or torch.distributed process group) is running in this "
+                               "process; shut it down first (llm.llm_engine.shutdown()), or run this LLM in another "
+                               "process")
         self.world_size = num_workers + 1
         port = _free_port()
         context = mp.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
@@ -191,6 +196,7 @@ class MultiProcExecutor:
             time.sleep(0.05)
         try:
             dist.init_process_group("gloo", store=store, rank=0, world_size=self.world_size, timeout=_TIMEOUT)
+            self._owns_group = True
             if tp * pp * ep > 1:
                 # new_group is collective: rank 0 joins in, belonging to none
                 build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs), ep_size=ep)
@@ -205,9 +211,11 @@ class MultiProcExecutor:
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         dist.gather_object(None, results, dst=0)
-        for result in results[1:]:
-            if isinstance(result, WorkerError):
-                raise result
+        errors = [result for result in results[1:] if isinstance(result, WorkerError)]
+        if errors:  # raised from a name, not from `results`: this frame's list would hold the error in a cycle
+            error = errors[0]
+            del results, errors
+            raise error
         return results[1:]
 
     def _dead_workers(self) -> str | None:
@@ -269,7 +277,7 @@ class MultiProcExecutor:
             for process in self.processes:
                 if process.is_alive():
                     process.kill()
-        if dist.is_initialized():
+        if self._owns_group and dist.is_initialized():  # never another engine's group
             dist.destroy_process_group()
         for process in self.processes:
             process.join(timeout=30)
