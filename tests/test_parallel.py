@@ -202,6 +202,32 @@ def test_a_failed_or_second_parallel_llm_leaves_the_running_one_alone(tmp_path):
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_a_request_that_breaks_a_parallel_step_fails_alone(parallel):
+    """A request that raises inside the workers (a token id past the vocabulary, let through by a patched
+    validation) fails alone, as in one process: every rank answered with its error, so the engine reruns the step
+    one request at a time. Under pipeline parallelism the failing stage sends zeros on for the micro-batches the
+    next stage waits for (the step used to hang there for gloo's ten-minute timeout), and under tensor parallelism
+    its batch-mates used to fail with it."""
+    engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**ENGINE, **parallel),
+                       executor=MultiProcExecutor(_kwargs(**parallel)))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        engine.add_request("good", [5, 6, 7], params)
+        engine.validate_prompt = lambda prompt: (None, list(prompt))  # the engine process only
+        engine.add_request("bad", [5, CONFIG.vocab_size + 10, 7], params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0]) for o in engine.step() if o.finished)
+        assert done["bad"].finish_reason == "error" and "token ids must lie in" in done["bad"].error
+        assert done["good"].finish_reason == "length" and done["good"].error is None
+        alone = _generate(engine)  # the engine and its workers go on
+        assert len(alone) == len(PROMPTS) and engine.scheduler.block_manager.num_used_blocks == 0
+    finally:
+        engine.shutdown()
+
+
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):
     executor = MultiProcExecutor(_kwargs(pipeline_parallel_size=2))
     try:

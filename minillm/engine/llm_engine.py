@@ -291,7 +291,7 @@ class LLMEngine(StepOutputs):
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
-            if can_isolate(batch, self.executor, self.speculative):  # unless they pass one at a time
+            if can_isolate(batch, self.executor, self.speculative, err):  # unless they pass one at a time
                 logger.exception("engine step failed; rerunning its %d requests one by one", len(batch.seqs))
                 return outputs + self._rerun_one_by_one(batch)
             logger.exception("engine step failed; finishing %d request(s) with 'error'", len(batch.seqs))

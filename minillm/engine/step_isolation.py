@@ -14,7 +14,9 @@ Rerunning is safe only where the failed attempt left nothing half-done that a re
   already have happened);
 * no speculative decoding (a verify step's bookkeeping and a head's features span the batch) and no step
   in flight (async scheduling reads the step in flight first, then reruns the failed one synchronously);
-* the model in this process (UniProcExecutor): worker processes of a parallel group may be stuck in a collective.
+* the model in this process (UniProcExecutor), or worker processes that all answered the step (the failure is a
+  WorkerError: every rank came back from the collective; pipeline stages keep their messages flowing past a
+  failed micro-batch, minillm.parallel.runner): a worker stuck in a collective (or dead) cannot rerun anything.
 K/V written by the failed attempt is harmless: each rerun writes the same slots again before anything reads them.
 """
 from __future__ import annotations
@@ -28,12 +30,13 @@ from minillm.engine.step_input import StepOutput, build_step_input
 logger = logging.getLogger(__name__)
 
 
-def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any) -> bool:
-    """Whether a failed `batch` may be rerun one sequence at a time (see the module docstring). Callers rerun only
-    with no step in flight: the synchronous step has none, the async one reads its step in flight first."""
-    from minillm.engine.executor import UniProcExecutor
+def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any, error: BaseException | None = None) -> bool:
+    """Whether a failed `batch` may be rerun one sequence at a time (see the module docstring); `error` is what the
+    step raised. Callers rerun only with no step in flight: the synchronous step has none, the async one reads its
+    step in flight first."""
+    from minillm.engine.executor import UniProcExecutor, WorkerError
     return (len(batch.seqs) > 1 and not (batch.blocks_to_swap_in or batch.blocks_to_swap_out or batch.blocks_to_copy)
-            and speculative is None and isinstance(executor, UniProcExecutor))
+            and speculative is None and (isinstance(executor, UniProcExecutor) or isinstance(error, WorkerError)))
 
 
 def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput]

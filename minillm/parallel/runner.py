@@ -126,17 +126,27 @@ class ParallelModelRunner(ModelRunner):
         hidden_size = self.model_config.hidden_size
         pending, logits_parts, prompt_parts = [], [], []
         next_seq = 0
+        failure = None  # the first exception of this rank's step, raised once every message has gone out
         for index, micro in enumerate(split_step(step, state.pp_size)):
-            prepared = self.prepare(micro)
             first_seq, next_seq = next_seq, next_seq + micro.num_seqs  # the micro-batch's sequences in the step
+            shape = (len(micro.input_ids), hidden_size)
             intermediate = None
             if not state.is_first_stage:  # hidden and residual of this micro-batch from the previous stage
-                shape = (len(micro.input_ids), hidden_size)
                 intermediate = tuple(pipeline_recv([shape, shape], self.dtype, self.device, tag=2 * index))
-            with forward_context(prepared.metadata):
-                out = self.model(prepared.input_ids, prepared.positions, intermediate)
-            if not state.is_last_stage:
+            out = None
+            if failure is None:
+                try:
+                    prepared = self.prepare(micro)
+                    with forward_context(prepared.metadata):
+                        out = self.model(prepared.input_ids, prepared.positions, intermediate)
+                except Exception as err:  # the next stage still waits for this micro-batch and the later ones
+                    failure = err
+            if not state.is_last_stage:  # after a failure, zeros: the pipeline stays in step and the engine
+                if out is None:  # hears of the failure from this rank's WorkerError (and may rerun, isolated)
+                    out = (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
                 pending.extend(pipeline_isend(list(out), tag=2 * index))
+                continue
+            if out is None:
                 continue
             if prepared.sample_seqs:
                 logits_parts.append(self.model.compute_logits(out[prepared.sample_indices]))  # None off TP rank 0
@@ -146,6 +156,8 @@ class ParallelModelRunner(ModelRunner):
                 prompt_parts.append(([first_seq + i for i in owners], targets, widths, scoring))
         for work, _ in pending:  # the last micro-batch's sends must finish before the step returns
             work.wait()
+        if failure is not None:
+            raise failure
         if not state.is_driver:
             return None
         output = self._sample_all(step, logits_parts)
