@@ -184,8 +184,24 @@ class LLM:
         """One engine request per choice (SamplingParams.n: params.choices()); the outputs of a prompt's choices
         come back as one RequestOutput whose outputs[i] is choice i, as vLLM returns them."""
         engine = self.llm_engine
-        ids = [[engine.add_request(None, text if text is not None else token_ids, choice, prompt_token_ids=token_ids)
-                for choice in p.choices()] for (text, token_ids), p in zip(tokenized, params)]
+        choices_of = [p.choices() for p in params]
+        for i, choices in enumerate(choices_of):  # every request checked before any is queued: a bad one raised
+            for choice in choices:  # from add_request left the earlier ones running in the engine, unread
+                try:
+                    engine.check_sampling_params(choice)
+                except ParamError as err:
+                    raise ParamError(err.param, f"sampling_params {i}: {err}") from None
+        ids: list[list[str]] = []
+        try:
+            for (text, token_ids), choices in zip(tokenized, choices_of):
+                ids.append([])
+                for choice in choices:
+                    ids[-1].append(engine.add_request(None, text if text is not None else token_ids, choice,
+                                                      prompt_token_ids=token_ids))
+        except BaseException:
+            for request_id in (i for added in ids for i in added):
+                engine.abort(request_id)
+            raise
         done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
         return [_merge_choices([next(done) for _ in choices]) for choices in ids]
 

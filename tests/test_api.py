@@ -127,6 +127,19 @@ def test_n_completions_per_prompt(llm):
         SamplingParams(n=17)
 
 
+def test_a_bad_request_in_generate_queues_none_of_them(llm):
+    """A sampling check only the engine can make (a logit_bias id past the vocabulary) on the second prompt fails
+    the call before anything is queued: the first prompt used to stay in the engine, stepped by every later call
+    and never read."""
+    from minillm.sampling_params import ParamError
+    ok = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    bad = SamplingParams(temperature=0, max_tokens=3, logit_bias={10**6: 1.0})
+    with pytest.raises(ParamError, match=r"sampling_params 1: logit_bias token id 1000000 is outside the vocabulary"):
+        llm.generate(["The capital of France is", "Hi"], [ok, bad])
+    assert llm.llm_engine.get_num_unfinished_requests() == 0
+    assert llm.llm_engine.scheduler.block_manager.num_used_blocks == 0
+
+
 def test_metrics_ordering(llm):
     out = llm.generate(["Hello there", "The sun"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     for o in out:

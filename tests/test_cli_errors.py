@@ -3,6 +3,7 @@ never a traceback, and before any long work starts (loading a model, generating 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -47,6 +48,9 @@ from minillm.cli import main
      "num_heads (mtp: the depth, --mtp-depth) must be an integer in [1, 16]"),
     (["train-heads", "/nonexistent", "--kind", "eagle", "--out", __file__], f"--out {__file__} is a file"),
     (["quantize", "/nonexistent", "--method", "gptq", "--out", __file__], f"--out {__file__} is a file"),
+    # a directory with files in it (the source checkpoint, an older one whose shards would outvote the new file)
+    (["quantize", "/nonexistent", "--method", "rtn", "--out", os.path.dirname(__file__)],
+     f"--out {os.path.dirname(__file__)} already holds files ("),
     (["quantize", "/nonexistent", "--method", "gguf-q4_0", "--out", "/nonexistent/dir/x.gguf"],
      "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist"),
     (["demo", "--model", "/nonexistent", "--out", __file__ + "/plots"], f"cannot create --out {__file__}/plots: "),

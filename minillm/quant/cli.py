@@ -124,11 +124,15 @@ def _block_size(text: str) -> int | tuple[int, int]:
 
 def _check_out(args: argparse.Namespace) -> None:
     """--out, before any loading or calibration (minutes of GPTQ were lost to a bad path): a GGUF method writes
-    FILE.gguf into a folder that exists; the others write a directory (save_quantized creates it)."""
+    FILE.gguf into a folder that exists; the others write a new or empty directory (save_quantized creates it)."""
     gguf = args.method in GGUF_METHODS
     if gguf and (os.path.isdir(args.out) or not args.out.endswith(".gguf")):
         raise ValueError(f"--method {args.method} writes one file: give --out FILE.gguf, got {args.out!r}")
     check_output_path(args.out, "--out", folder=not gguf)
+    held = sorted(os.listdir(args.out)) if not gguf and os.path.isdir(args.out) else []
+    if held:  # the source itself, an older checkpoint (its shards would outvote ours), "/": a model would be lost
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--out {args.out} already holds files ({shown}); give a new or empty directory")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
