@@ -54,6 +54,13 @@ from minillm.cli import main
     (["quantize", "/nonexistent", "--method", "gguf-q4_0", "--out", "/nonexistent/dir/x.gguf"],
      "cannot write /nonexistent/dir/x.gguf: the folder /nonexistent/dir does not exist"),
     (["demo", "--model", "/nonexistent", "--out", __file__ + "/plots"], f"cannot create --out {__file__}/plots: "),
+    # grading's numbers, checked before any grading (inf crashed after start, NaN turned the gate off, 0 jobs
+    # quietly meant the default, a directory as --out failed after the whole run)
+    (["grade", "ch01.rms_norm", "--timeout", "inf"], "--timeout must be a finite number of seconds > 0, got inf"),
+    (["grade", "ch01.rms_norm", "--fail-under", "nan"], "--fail-under must be a percentage in [0, 100], got nan"),
+    (["grade", "ch01.rms_norm", "--fail-under", "150"], "--fail-under must be a percentage in [0, 100], got 150"),
+    (["grade", "ch01.rms_norm", "--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
+    (["grade", "ch01.rms_norm", "--out", os.path.dirname(__file__)], "is a directory; give a file path"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, words, capsys):
     assert main(argv) == 2

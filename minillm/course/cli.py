@@ -26,6 +26,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     from minillm.course.registry import repo_root
 
     try:
+        _check_grade_numbers(args)  # before any grading: a bad flag must not cost a run, or quietly mean another
         result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs, seed=args.seed)
     except (ValueError, KeyError, ImplementationError) as e:
         print(f"minillm grade: error: {e}", file=sys.stderr)
@@ -61,6 +62,25 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     if args.fail_under is not None and result.max_score and 100 * result.score / result.max_score < args.fail_under:
         return 1
     return 0
+
+
+def _check_grade_numbers(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a value grading would misread: an infinite or NaN timeout (a crash after
+    start), a NaN --fail-under (a gate that never fails), --jobs 0 (once quietly the default), an --out that is
+    a directory (a crash after the whole run)."""
+    import math
+
+    from minillm.cli import check_output_path
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    if args.fail_under is not None and not (math.isfinite(args.fail_under) and 0 <= args.fail_under <= 100):
+        raise ValueError(f"--fail-under must be a percentage in [0, 100], got {args.fail_under}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be an integer >= 1, got {args.jobs}")
+    if args.out:
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; give a file path")
+        check_output_path(str(Path(args.out).parent / "x"), "--out", folder=True)  # its folder: made if missing
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

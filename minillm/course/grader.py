@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import secrets
 import shutil
@@ -172,8 +173,8 @@ def grade_submissions(submissions: list[Submission], root: Path, timeout: float 
         return []
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     root = Path(root).resolve()
     # a session costs a few CPU seconds to start: one per SESSION_MIN submissions at least, then side by side
     jobs = max(1, min(jobs, len(submissions) // SESSION_MIN))
@@ -332,7 +333,8 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     if seed is None:
         seed = int(os.environ["MINILLM_GRADE_SEED"]) if os.environ.get("MINILLM_GRADE_SEED") else config.seed
     course_config.CourseConfig(seed=seed)  # validates the range
-    jobs = jobs or max(1, min(4, os.cpu_count() or 1))  # grading sessions side by side
+    if jobs is None:
+        jobs = max(1, min(4, os.cpu_count() or 1))  # grading sessions side by side
     start = time.monotonic()
     results = grade_submissions([Submission(ex, impl_dir) for ex in exercises], root, timeout, tests_dir,
                                 seed=seed, jobs=jobs)
