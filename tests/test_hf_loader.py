@@ -104,6 +104,15 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
         load_hf_model(tmp_path)
 
 
+def test_a_config_claiming_more_layers_than_the_weights_hold(tmp_path):
+    """Said at once, before any per-layer bookkeeping: 10**9 layers once filled the memory with expected names."""
+    save_tiny(tmp_path, "llama", shard=False)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 10**9}))
+    with pytest.raises(ValueError, match=r"num_hidden_layers=1000000000, but the weights hold 2 layer\(s\)"):
+        load_hf_model(tmp_path)
+
+
 def test_directory_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf_model(tmp_path)

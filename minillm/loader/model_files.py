@@ -75,6 +75,12 @@ def check_weight_shapes(found: dict[str, tuple[int, ...]], config: ModelConfig, 
     file uses (GGUF's `blk.0.attn_q.weight`), so the message names the tensor the user can look up.
     """
     file_names = file_names or {}
+    layers_found = {int(name.split(".")[2]) for name in found
+                    if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    if config.num_hidden_layers > len(layers_found):  # before listing every layer's names: a config claiming
+        # 2**31 layers (a corrupted or hand-edited file) would fill the memory with them
+        raise ValueError(f"{source}: the config says num_hidden_layers={config.num_hidden_layers}, but the weights "
+                         f"hold {len(layers_found)} layer(s)")
     from minillm.quant.base import quantized_weight_shapes  # a quantized checkpoint stores qweight/scales/...
     expected = quantized_weight_shapes(config, expected_weight_shapes(config))
     missing = [name for name in expected if name not in found]
