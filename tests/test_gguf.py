@@ -359,6 +359,20 @@ def test_rope_scaling_from_metadata(tmp_path):
     assert config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 
 
+def test_metadata_that_cannot_split_into_heads_says_so_once(tmp_path):
+    """A hidden size that is no multiple of the heads is named as that (it once read as a false "partial rotary
+    (64 < head_dim 0)"), with the file named once (get() inside a try named it twice)."""
+    VT = gguf.GGUFValueType
+    path, _ = tiny_gguf_from_hf(tmp_path / "heads.gguf", kv={"llama.attention.head_count": (3, VT.UINT32)})
+    with pytest.raises(GGUFError, match=r"^[^ ]*heads\.gguf: metadata llama\.embedding_length=64 is not a multiple of "
+                                        r"llama\.attention\.head_count=3"):
+        load_gguf_model(path)
+    path, _ = tiny_gguf_from_hf(tmp_path / "ffn.gguf", kv={"llama.feed_forward_length": (0, VT.UINT32)})
+    with pytest.raises(GGUFError) as err:
+        load_gguf_model(path)
+    assert str(err.value).count("ffn.gguf") == 1 and "feed_forward_length must be a positive integer" in str(err.value)
+
+
 def test_wrong_tensor_shape_names_tensor_and_shapes(tmp_path):
     bad = np.zeros((64, 64), dtype=np.float32)  # k_proj must be [kv_heads * head_dim, hidden] = [32, 64]
     path, _ = tiny_gguf_from_hf(tmp_path / "bad_shape.gguf", replace={"blk.1.attn_k.weight": bad})

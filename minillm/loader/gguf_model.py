@@ -124,11 +124,15 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     num_heads = get("attention.head_count")
     hidden = get("embedding_length")
     head_dim = get("attention.key_length", required=False)
+    if head_dim is None and hidden % num_heads:
+        raise GGUFError(f"{gguf.path}: metadata {arch}.embedding_length={hidden} is not a multiple of "
+                        f"{arch}.attention.head_count={num_heads} (and no attention.key_length gives the head size)")
     head_dim = head_dim if head_dim is not None else hidden // num_heads
     rope_dim = get("rope.dimension_count", required=False)
     if rope_dim is not None and rope_dim != head_dim:
-        raise GGUFError(f"{gguf.path}: partial rotary ({arch}.rope.dimension_count={rope_dim} < head_dim "
-                        f"{head_dim}) is not supported")
+        kind = "partial rotary" if rope_dim < head_dim else "a rotary dimension larger than the head"
+        raise GGUFError(f"{gguf.path}: {kind} ({arch}.rope.dimension_count={rope_dim}, head_dim {head_dim}) is "
+                        f"not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is not None:
         if not isinstance(tokens, list):
@@ -138,24 +142,24 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         vocab_size = get("vocab_size")
     else:
         vocab_size = gguf.tensor_info("token_embd.weight").shape[0]
+    # read before the try: get() names the file already, and the try would name it again
+    values = dict(intermediate_size=get("feed_forward_length"), num_hidden_layers=get("block_count"),
+                  num_key_value_heads=get("attention.head_count_kv", num_heads),
+                  rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+                  rope_theta=get("rope.freq_base", 10000.0, kind=float), max_position_embeddings=get("context_length"))
     try:  # ModelConfig checks the rest (ranges, divisibility, token ids); the message gains the file's name
         return ModelConfig(
             architecture=arch,
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"),
             num_attention_heads=num_heads,
-            num_key_value_heads=get("attention.head_count_kv", num_heads),
             head_dim=head_dim,
-            rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
-            rope_theta=get("rope.freq_base", 10000.0, kind=float),
             rope_scaling=_rope_scaling(meta, arch),
-            max_position_embeddings=get("context_length"),
             tie_word_embeddings="output.weight" not in gguf.tensors,
             attention_bias="blk.0.attn_q.bias" in gguf.tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            **values,
         )
     except (ValueError, TypeError) as err:
         raise GGUFError(f"{gguf.path}: {err}") from None
