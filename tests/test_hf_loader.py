@@ -113,6 +113,20 @@ def test_a_config_claiming_more_layers_than_the_weights_hold(tmp_path):
         load_hf_model(tmp_path)
 
 
+def test_corrupt_files_are_named(tmp_path):
+    """A truncated safetensors file and a tokenizer.json that is not JSON: ValueErrors naming the file (the
+    libraries' own errors named none, and every CLI printed a traceback)."""
+    from minillm.loader.tokenizer import Tokenizer
+    save_tiny(tmp_path, "llama", shard=False)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file \("):
+        load_hf_model(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a valid tokenizer\.json \("):
+        Tokenizer.from_hf_dir(tmp_path)
+
+
 def test_directory_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf_model(tmp_path)

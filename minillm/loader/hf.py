@@ -11,7 +11,6 @@ checkpoints), so peak memory stays near one shard's largest tensor rather than t
 from __future__ import annotations
 
 import glob
-import json
 import os
 import warnings
 from typing import Any, Iterator
@@ -20,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from minillm.config import ModelConfig
-from minillm.loader.model_files import check_weight_shapes
+from minillm.loader.model_files import check_weight_shapes, read_json
 from minillm.quant.base import check_quantization_name
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")  # SmolLM and SmolLM2 are model_type "llama"
@@ -121,20 +120,20 @@ def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[st
     return method, dict(quant_config)
 
 
-def _read_json(path: str) -> Any:
+def _safe_open(file: str):
+    """safe_open for reading, its errors naming the file (safetensors' own errors name none: a truncated download
+    read as a bare "Error while deserializing header")."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        return safe_open(file, framework="pt")
+    except Exception as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 def _weight_files(directory: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the shard index when there is one."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map: dict[str, str] = read_json(index)["weight_map"]
         missing = sorted({shard for shard in weight_map.values() if not os.path.isfile(os.path.join(directory, shard))})
         if missing:
             raise FileNotFoundError(f"{index} lists shard {missing[0]} but it is not in {directory}")
@@ -144,7 +143,7 @@ def _weight_files(directory: str) -> dict[str, str]:
         raise FileNotFoundError(f"{directory}: no *.safetensors files (minillm does not read .bin/.pt checkpoints)")
     names: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             names.update({name: file for name in f.keys()})
     return names
 
@@ -157,10 +156,10 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: no config.json; expected an HF model directory "
                                 f"(config.json + *.safetensors) or a .gguf file")
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     quantize_config = os.path.join(directory, "quantize_config.json")
     if isinstance(raw, dict) and "quantization_config" not in raw and os.path.isfile(quantize_config):
-        extra = _read_json(quantize_config)  # AutoGPTQ's file: GPTQ unless it says otherwise
+        extra = read_json(quantize_config)  # AutoGPTQ's file: GPTQ unless it says otherwise
         if not isinstance(extra, dict):
             raise ValueError(f"{quantize_config}: expected a JSON object, got {type(extra).__name__}")
         raw = {**raw, "quantization_config": {"quant_method": "gptq", **extra}}
@@ -174,7 +173,7 @@ def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[t
     files = _weight_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             for name in f.keys():
                 if files.get(name) == file:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -192,7 +191,7 @@ def load_hf_model(directory: str | os.PathLike) -> tuple[ModelConfig, Iterator[t
         for name in wanted:
             by_file.setdefault(files[name], []).append(name)
         for file, names in by_file.items():  # one open per shard
-            with safe_open(file, framework="pt") as f:
+            with _safe_open(file) as f:
                 for name in names:
                     yield name, f.get_tensor(name)
 

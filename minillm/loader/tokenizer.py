@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as _Backend
 
 from minillm.loader.chat_template import ChatTemplateError, render_chat_template
 from minillm.loader.gguf import GGUFError, GGUFFile
+from minillm.loader.model_files import read_json
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -172,11 +173,13 @@ class Tokenizer:
         tokenizer_json = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_json):
             raise FileNotFoundError(f"{path}: no tokenizer.json (minillm reads fast-tokenizer files only)")
-        backend = _Backend.from_file(tokenizer_json)
+        try:
+            backend = _Backend.from_file(tokenizer_json)
+        except Exception as err:  # the tokenizers library's bare Exception names no file
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizer.json ({err})") from None
         config: dict[str, Any] = {}
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-            with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json(os.path.join(path, "tokenizer_config.json"))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
