@@ -30,6 +30,8 @@ def check_output_path(path: str, flag: str, *, folder: bool) -> None:
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a directory (it is created if missing)")
     if not folder:
+        if os.path.isdir(path):  # open() would fail after the work, and its result would be lost
+            raise ValueError(f"cannot write {flag + ' ' if flag else ''}{path}: it is a directory; give a file path")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise ValueError(f"cannot write {path}: the folder {parent} does not exist")

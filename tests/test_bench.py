@@ -350,3 +350,14 @@ def test_warm_up_fits_a_short_context():
     from minillm import LLM
 
     assert harness.warm_up(LLM(max_model_len=8, seed=0)) > 0
+
+
+def test_save_figure_returns_the_file_it_wrote(tmp_path):
+    """A name without a format's extension gets matplotlib's .png, and the path returned (the one the CLI prints)
+    says so; a known extension is kept."""
+    from matplotlib.figure import Figure
+
+    from minillm.bench.plots import save_figure
+    assert save_figure(Figure(), tmp_path / "stack") == str(tmp_path / "stack.png")
+    assert (tmp_path / "stack.png").is_file()
+    assert save_figure(Figure(), tmp_path / "sub" / "stack.svg") == str(tmp_path / "sub" / "stack.svg")

@@ -61,6 +61,8 @@ from minillm.cli import main
     (["grade", "ch01.rms_norm", "--fail-under", "150"], "--fail-under must be a percentage in [0, 100], got 150"),
     (["grade", "ch01.rms_norm", "--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
     (["grade", "ch01.rms_norm", "--out", os.path.dirname(__file__)], "is a directory; give a file path"),
+    (["bench", "--model", "/nonexistent", "--json", os.path.dirname(__file__)],
+     f"cannot write {os.path.dirname(__file__)}: it is a directory; give a file path"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, words, capsys):
     assert main(argv) == 2

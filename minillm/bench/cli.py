@@ -142,8 +142,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             f.write(bs.to_json(results))
         print(f"raw results written to {args.json}")
     if args.plot:
-        bs.plot_latency_vs_rate(results, args.plot)
-        print(f"latency against request rate plotted to {args.plot}")
+        from minillm.bench.plots import save_figure
+        print(f"latency against request rate plotted to {save_figure(bs.plot_latency_vs_rate(results), args.plot)}")
     return 0
 
 

@@ -87,8 +87,11 @@ def plot_stack(rows: Sequence[Any], ax: Any) -> None:
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> str:
-    """Save, creating the folder; returns the path written."""
+    """Save, creating the folder; returns the path written (matplotlib adds ".png" to a name without a format's
+    extension: the path returned says so)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.splitext(path)[1].lstrip(".").lower() not in fig.canvas.get_supported_filetypes():
+        path += ".png"
     fig.savefig(path, dpi=110)
     return path
