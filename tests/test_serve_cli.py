@@ -45,3 +45,24 @@ def test_a_bad_or_busy_port_fails_before_the_model_loads(port, capsys, monkeypat
         assert args.func(args) == 2
     err = capsys.readouterr().err
     assert ("Address already in use" in err) if port == "busy" else ("[0, 65535]" in err), err
+
+
+@pytest.mark.parametrize("flag", ["timeout", "template"])
+def test_operator_options_fail_before_the_model_loads(flag, tmp_path, capsys, monkeypatch):
+    """A negative --graceful-timeout (refused only after the model loaded and the banner printed) and a
+    --chat-template file that does not parse (accepted, then every chat request got a 400 blaming the client)."""
+    import minillm.llm
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the option was checked")
+    monkeypatch.setattr(minillm.llm, "LLM", no_load)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }")
+    argv = ["--port", "0", "--graceful-timeout", "-1"] if flag == "timeout" else ["--port", "0", "--chat-template",
+                                                                                     str(template)]
+    args = _parse(*argv)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    words = "--graceful-timeout must be a finite number of seconds >= 0, got -1" if flag == "timeout" else \
+        f"--chat-template {template}: the chat template does not parse"
+    assert words in err, err

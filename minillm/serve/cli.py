@@ -71,11 +71,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from minillm.serve.server import bind, run
 
     try:
+        if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
+            raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
         chat_template = None
         if args.chat_template is not None:
+            from minillm.loader.chat_template import compile_chat_template
             with open(args.chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
+            try:  # the operator's file: a template that does not parse is refused here, not blamed on each client
+                compile_chat_template(chat_template)
+            except ValueError as err:
+                raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
         llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
                   **engine_options(args))
         name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
