@@ -48,6 +48,12 @@ from minillm.cli import main
      "num_heads (mtp: the depth, --mtp-depth) must be an integer in [1, 16]"),
     (["train-heads", "/nonexistent", "--kind", "eagle", "--out", __file__], f"--out {__file__} is a file"),
     (["quantize", "/nonexistent", "--method", "gptq", "--out", __file__], f"--out {__file__} is a file"),
+    # a flag the method does not read is refused, not dropped (rtn --act-order wrote desc_act false, exit 0)
+    (["quantize", "/nonexistent", "--method", "rtn", "--act-order", "--out", "x"],
+     "--act-order belongs to --method gptq / fp8_block, got --method rtn"),
+    (["quantize", "/nonexistent", "--method", "fp8", "--sym", "--out", "x"], "--sym belongs to --method rtn / gptq"),
+    (["quantize", "/nonexistent", "--method", "smoothquant", "--alpha", "2", "--out", "x"],
+     "--alpha (SmoothQuant's migration strength) must be in [0, 1], got 2.0"),
     # a directory with files in it (the source checkpoint, an older one whose shards would outvote the new file)
     (["quantize", "/nonexistent", "--method", "rtn", "--out", os.path.dirname(__file__)],
      f"--out {os.path.dirname(__file__)} already holds files ("),

@@ -150,4 +150,4 @@ def test_cli_quantize_fp8_recipe(tmp_path, dense, capsys):
     assert qc["quant_method"] == "fp8" and qc["minillm_recipe"] == {"smooth_alpha": "search", "gptq": True,
                                                                      "mse_scale": True}
     assert main(["quantize", str(tmp_path), "--method", "rtn", "--gptq", "--out", str(tmp_path / "x")]) == 2
-    assert "belong to --method fp8" in capsys.readouterr().err
+    assert "--gptq belongs to --method fp8 / fp8_block, got --method rtn" in capsys.readouterr().err

@@ -135,6 +135,25 @@ def _check_out(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} already holds files ({shown}); give a new or empty directory")
 
 
+# flags that only some methods read, and those methods: another method given one of them (away from its default)
+# is refused, not silently ignored (rtn --act-order wrote desc_act false and exited 0)
+FLAG_OWNERS = {"bits": ("rtn", "gptq", "awq"), "sym": ("rtn", "gptq"), "act_order": ("gptq", "fp8_block"),
+               "alpha": ("smoothquant",), "smooth_alpha": ("fp8", "fp8_block"), "gptq": ("fp8", "fp8_block"),
+               "mse_scale": ("fp8", "fp8_block"), "sparsity": PRUNE_METHODS,  # 2:4: checked to be 0.5
+               "granularity": ("prune-magnitude", "prune-wanda"), "prune_scores": ("prune-2:4",)}
+
+
+def _check_method_options(args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """Before loading: a flag the method does not read, and SmoothQuant's alpha out of [0, 1] (it was refused
+    only once calibration had started)."""
+    for dest, methods in FLAG_OWNERS.items():
+        if getattr(args, dest) != defaults[dest] and args.method not in methods:
+            raise ValueError(f"--{dest.replace('_', '-')} belongs to --method {' / '.join(methods)}, got --method "
+                             f"{args.method}")
+    if args.method == "smoothquant" and not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha (SmoothQuant's migration strength) must be in [0, 1], got {args.alpha}")
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -146,6 +165,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from minillm.quant.driver import quantize_model
 
     try:
+        _check_method_options(args, args.flag_defaults)
         _check_out(args)
         path = args.model if args.model is not None else default_model_path()
         start = time.perf_counter()
@@ -219,4 +239,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--device", default="cpu", help="where to run the calibration: cpu (default) or cuda")
     p.add_argument("--out", required=True, help="output directory (created if missing); FILE.gguf for gguf-*")
-    p.set_defaults(func=_cmd_quantize)
+    p.set_defaults(func=_cmd_quantize, flag_defaults={dest: p.get_default(dest) for dest in FLAG_OWNERS})
