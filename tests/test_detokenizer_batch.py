@@ -52,3 +52,26 @@ def test_decoded_windows_give_the_same_stream_as_decoding_each(tokenizer, batche
     assert out_plain == [tokenizer.decode(s) for s in streams]
     if not batched:
         assert decoder.calls == 2 * sum(map(len, streams))
+
+
+def test_invalid_bytes_stream_out_after_a_bounded_hold():
+    """Lone UTF-8 lead bytes (0xE4 starts a 3-byte character) never complete: after MAX_PENDING_TOKENS held tokens
+    the text goes out, U+FFFD included, so a stream of them is not silent until the end and a stop string holding
+    U+FFFD can match. A character split over tokens still comes out whole."""
+    from tiny import ByteTokenizer
+
+    from minillm.engine.detokenizer import MAX_PENDING_TOKENS
+    tok = ByteTokenizer()
+    prompt = list(b"Hi ")
+    state, ids, pieces = DetokenizerState.for_prompt(len(prompt)), list(prompt), []
+    for t in [0xE4] * (MAX_PENDING_TOKENS + 2):
+        ids.append(t)
+        pieces.append(detokenize_incrementally(tok, ids, state))
+    assert pieces[:MAX_PENDING_TOKENS] == [""] * MAX_PENDING_TOKENS  # still possibly half a character
+    assert "".join(pieces) and set("".join(pieces)) == {"\ufffd"}
+    assert state.read_offset > len(prompt)  # the window moved on
+    state, ids, pieces = DetokenizerState.for_prompt(len(prompt)), list(prompt), []
+    for t in "héllo 🙂".encode():
+        ids.append(t)
+        pieces.append(detokenize_incrementally(tok, ids, state))
+    assert "".join(pieces) == "héllo 🙂" and "\ufffd" not in "".join(pieces)

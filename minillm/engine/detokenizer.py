@@ -73,16 +73,30 @@ def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset:
 # <<< exercise
 
 
+# A UTF-8 character has at most 4 bytes and a byte-level token at least one: a window still ending in U+FFFD with
+# more tokens pending than this holds an invalid byte (a model can sample a lone lead byte), not half a character
+MAX_PENDING_TOKENS = 4
+
+
 def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: DetokenizerState,
                              decoded: tuple[str, str] | None = None) -> str:
     """Text contributed by token_ids[state.read_offset:], or "" while it ends inside a multi-byte character.
     Advances `state` when text is emitted (`next_text`). `decoded`: the two windows' texts (`decode_windows`),
-    when the caller decoded them already, with every other sequence of the step in one batch."""
+    when the caller decoded them already, with every other sequence of the step in one batch.
+
+    `next_text` holds text back for as long as it ends in U+FFFD; past MAX_PENDING_TOKENS held tokens that U+FFFD
+    is an invalid byte, which no later token completes, so the text goes out with it (else a stream of invalid
+    bytes emitted nothing until the request ended, a stop string containing U+FFFD never matched, and the decode
+    window grew every step)."""
     if decoded is None:
         decoded = (tokenizer.decode(token_ids[state.prefix_offset:state.read_offset]),
                    tokenizer.decode(token_ids[state.prefix_offset:]))
+    read_before = state.read_offset
     new_text, state.prefix_offset, state.read_offset = dispatch("ch10.next_text", next_text)(
         decoded[0], decoded[1], state.prefix_offset, state.read_offset, len(token_ids))
+    if (not new_text and state.read_offset == read_before and len(token_ids) - read_before > MAX_PENDING_TOKENS
+            and len(decoded[1]) > len(decoded[0])):
+        new_text, state.prefix_offset, state.read_offset = decoded[1][len(decoded[0]):], read_before, len(token_ids)
     return new_text
 
 
