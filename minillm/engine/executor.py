@@ -211,11 +211,9 @@ class MultiProcExecutor:
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         dist.gather_object(None, results, dst=0)
-        errors = [result for result in results[1:] if isinstance(result, WorkerError)]
-        if errors:  # raised from a name, not from `results`: this frame's list would hold the error in a cycle
-            error = errors[0]
-            del results, errors
-            raise error
+        for result in results[1:]:
+            if isinstance(result, WorkerError):
+                raise result
         return results[1:]
 
     def _dead_workers(self) -> str | None:
