@@ -54,24 +54,28 @@ def test_decoded_windows_give_the_same_stream_as_decoding_each(tokenizer, batche
         assert decoder.calls == 2 * sum(map(len, streams))
 
 
-def test_invalid_bytes_stream_out_after_a_bounded_hold():
-    """Lone UTF-8 lead bytes (0xE4 starts a 3-byte character) never complete: after MAX_PENDING_TOKENS held tokens
-    the text goes out, U+FFFD included, so a stream of them is not silent until the end and a stop string holding
-    U+FFFD can match. A character split over tokens still comes out whole."""
+def test_invalid_bytes_stream_out_at_once_and_split_characters_whole():
+    """Lone UTF-8 lead bytes (0xE4 starts a 3-byte character) never complete: once a second token shows the first
+    can no longer be completed, the text goes out, U+FFFD included (a stream of them was silent until the end, and a
+    stop string holding U+FFFD could not match). A character split over tokens, even with tokens of no bytes
+    between its pieces, still comes out whole."""
     from tiny import ByteTokenizer
 
-    from minillm.engine.detokenizer import MAX_PENDING_TOKENS
+    from minillm.engine.detokenizer import incomplete_tail
+    assert incomplete_tail(b"ab\xe4") == 1 and incomplete_tail("\U0001d526".encode()[:3]) == 3
+    assert incomplete_tail(b"\xe4\xe4") == 1 and incomplete_tail(b"ab") == incomplete_tail(b"\xe4x") == 0
+    assert incomplete_tail("🙂".encode()) == 0 and incomplete_tail(b"\x80\x80") == 0
     tok = ByteTokenizer()
     prompt = list(b"Hi ")
     state, ids, pieces = DetokenizerState.for_prompt(len(prompt)), list(prompt), []
-    for t in [0xE4] * (MAX_PENDING_TOKENS + 2):
+    for t in [0xE4, 0x41, 0xE4, 0xE4]:
         ids.append(t)
         pieces.append(detokenize_incrementally(tok, ids, state))
-    assert pieces[:MAX_PENDING_TOKENS] == [""] * MAX_PENDING_TOKENS  # still possibly half a character
-    assert "".join(pieces) and set("".join(pieces)) == {"\ufffd"}
-    assert state.read_offset > len(prompt)  # the window moved on
+    assert pieces[0] == "" and pieces[1] == "\ufffdA" and pieces[2] == ""  # 0xE4 alone may still be completed
+    assert pieces[3] == "\ufffd"  # the first 0xE4 cannot be any more: it goes out; the second waits
     state, ids, pieces = DetokenizerState.for_prompt(len(prompt)), list(prompt), []
-    for t in "héllo 🙂".encode():
-        ids.append(t)
-        pieces.append(detokenize_incrementally(tok, ids, state))
-    assert "".join(pieces) == "héllo 🙂" and "\ufffd" not in "".join(pieces)
+    for b in "h\U0001d526llo 🙂".encode():
+        for t in (b, 300, 300):  # special tokens (no bytes) between the bytes of a character
+            ids.append(t)
+            pieces.append(detokenize_incrementally(tok, ids, state))
+    assert "".join(pieces) == "h\U0001d526llo 🙂"

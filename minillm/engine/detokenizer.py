@@ -73,9 +73,17 @@ def next_text(prefix_text: str, full_text: str, prefix_offset: int, read_offset:
 # <<< exercise
 
 
-# A UTF-8 character has at most 4 bytes and a byte-level token at least one: a window still ending in U+FFFD with
-# more tokens pending than this holds an invalid byte (a model can sample a lone lead byte), not half a character
-MAX_PENDING_TOKENS = 4
+def incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of `data` are the first bytes of a UTF-8 character still missing its last ones
+    (what a decoder shows as U+FFFD until a later token completes it); 0 when `data` ends complete or with a byte
+    no later one can complete (an invalid byte)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: its lead byte is further back
+            continue
+        length = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        return back if length > back else 0
+    return 0
 
 
 def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: DetokenizerState,
@@ -84,20 +92,32 @@ def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: De
     Advances `state` when text is emitted (`next_text`). `decoded`: the two windows' texts (`decode_windows`),
     when the caller decoded them already, with every other sequence of the step in one batch.
 
-    `next_text` holds text back for as long as it ends in U+FFFD; past MAX_PENDING_TOKENS held tokens that U+FFFD
-    is an invalid byte, which no later token completes, so the text goes out with it (else a stream of invalid
-    bytes emitted nothing until the request ended, a stop string containing U+FFFD never matched, and the decode
-    window grew every step)."""
+    `next_text` holds everything back while the text ends in U+FFFD. Where the tokenizer gives each token's bytes
+    (`token_bytes`), only the tokens that hold an unfinished character are held: a U+FFFD no later token can
+    complete (an invalid byte: a model can sample lone lead bytes) goes out at once. Held, a stream of them emitted
+    nothing until the request ended, a stop string holding U+FFFD never matched before the end, and the decode
+    window grew every step."""
     if decoded is None:
         decoded = (tokenizer.decode(token_ids[state.prefix_offset:state.read_offset]),
                    tokenizer.decode(token_ids[state.prefix_offset:]))
     read_before = state.read_offset
     new_text, state.prefix_offset, state.read_offset = dispatch("ch10.next_text", next_text)(
         decoded[0], decoded[1], state.prefix_offset, state.read_offset, len(token_ids))
-    if (not new_text and state.read_offset == read_before and len(token_ids) - read_before > MAX_PENDING_TOKENS
-            and len(decoded[1]) > len(decoded[0])):
-        new_text, state.prefix_offset, state.read_offset = decoded[1][len(decoded[0]):], read_before, len(token_ids)
-    return new_text
+    token_bytes = getattr(tokenizer, "token_bytes", None)
+    if new_text or state.read_offset != read_before or token_bytes is None or not decoded[1].endswith("\ufffd"):
+        return new_text
+    pending = [token_bytes(t) for t in token_ids[read_before:]]
+    held, cut = incomplete_tail(b"".join(pending)), len(token_ids)
+    while held > 0 and cut > read_before:  # hold back the fewest last tokens holding the unfinished character
+        cut -= 1
+        held -= len(pending[cut - read_before])
+    if cut <= read_before:
+        return ""
+    text = decoded[1] if cut == len(token_ids) else tokenizer.decode(token_ids[state.prefix_offset:cut])
+    if len(text) <= len(decoded[0]):
+        return ""
+    state.prefix_offset, state.read_offset = read_before, cut
+    return text[len(decoded[0]):]
 
 
 def decode_windows(tokenizer: Decoder, windows: list[tuple[list[int], DetokenizerState]]) -> list[tuple[str, str]]:
