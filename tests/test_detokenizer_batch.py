@@ -79,3 +79,27 @@ def test_invalid_bytes_stream_out_at_once_and_split_characters_whole():
             ids.append(t)
             pieces.append(detokenize_incrementally(tok, ids, state))
     assert "".join(pieces) == "h\U0001d526llo 🙂"
+
+
+def test_bytes_held_before_a_stop_token_become_text():
+    """An unfinished character held when a stop token ends the request is text (U+FFFD), as when max_tokens ends
+    it: the output text was once missing it (decode of the output tokens had it)."""
+    from test_engine import tiny_config, tiny_model
+    from tiny import ByteTokenizer
+
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.sampling_params import SamplingParams
+    config = tiny_config(num_hidden_layers=2)
+    engine = LLMEngine(tiny_model(config), ByteTokenizer(), config,
+                       EngineConfig(block_size=4, num_kv_blocks=32, max_model_len=64, max_num_seqs=2))
+    # 0xE4 (it starts a 3-byte character) until the frequency penalty lets the stop token 0x41 win
+    params = SamplingParams(temperature=0, max_tokens=8, logit_bias={0xE4: 50.0, 0x41: 45.0}, frequency_penalty=2.0,
+                            stop_token_ids=[0x41])
+    engine.add_request("r", list(b"Hi"), params)
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    out = done[0].outputs[0]
+    assert out.token_ids[-2:] == [0xE4, 0x41] and out.finish_reason == "stop"
+    assert out.text == ByteTokenizer().decode(out.token_ids[:-1]) and out.text.endswith("\ufffd")

@@ -104,6 +104,7 @@ class StepOutputs:
         params = seq.sampling_params
         token = seq.token_ids[position]
         if self._is_stop_token(seq, token):
+            self._flush_pending(seq, position)  # bytes held before it (an unfinished character: U+FFFD) are text
             return "stop"  # the stop token's text is not added to the output
         state = self._requests[seq.request_id]
         # the common single-token step reads the list itself; a multi-token step a prefix of it
@@ -126,20 +127,29 @@ class StepOutputs:
         seq.finish_reason = reason
         seq.error = error
         seq.finish_time = time.perf_counter()
-        if reason == "length":  # flush a multi-byte character still pending at the end
-            state = self._requests.get(seq.request_id)
-            if state is not None and state.detok.read_offset < seq.num_tokens:
-                tail = self.tokenizer.decode(seq.token_ids[state.detok.prefix_offset:])
-                head = self.tokenizer.decode(seq.token_ids[state.detok.prefix_offset:state.detok.read_offset])
-                seq.output_text += tail[len(head):]
-                cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list,
-                                     max(len(tail) - len(head), 0))
-                if cut >= 0:
-                    seq.output_text, seq.finish_reason = seq.output_text[:cut], "stop"
+        if reason == "length" and self._flush_pending(seq, seq.num_tokens):  # a character still pending at the end
+            seq.finish_reason = "stop"  # completed a stop string
         self.scheduler.finish(seq)
         self._requests.pop(seq.request_id, None)
         self._finished_since_last_step.append(seq.request_id)
         return RequestOutput.from_sequence(seq)
+
+    def _flush_pending(self, seq: Sequence, end: int) -> bool:
+        """Add the text of the tokens before `end` that the detokenizer still holds (an unfinished UTF-8 character,
+        decoded as U+FFFD now that no token will complete it); True if that completed a stop string (the text is
+        cut there)."""
+        state = self._requests.get(seq.request_id)
+        if state is None or state.detok.read_offset >= end:
+            return False
+        ids = seq.token_ids[:end]
+        tail = self.tokenizer.decode(ids[state.detok.prefix_offset:])
+        head = self.tokenizer.decode(ids[state.detok.prefix_offset:state.detok.read_offset])
+        state.detok.read_offset = end
+        seq.output_text += tail[len(head):]
+        cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list, max(len(tail) - len(head), 0))
+        if cut >= 0:
+            seq.output_text = seq.output_text[:cut]
+        return cut >= 0
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """A running request's output: text that might still become a stop string is held back."""
