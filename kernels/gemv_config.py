@@ -18,6 +18,7 @@ import torch
 import triton
 
 from minillm.kernels.hardware import num_sms
+from minillm.layers.gemv_dispatch import SMALL_MATRIX
 
 MAX_SPLIT_K = 16  # splits of K a launch may take (GemvConfig.check)
 
@@ -102,9 +103,9 @@ def code_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     take CUDA-core tiles of 2 rows x 1024 at M = 2..4 (`sweep_gemv.py --int8 --shapes smol_*`, H100, 2026-12-05:
     2.4 / 2.5 / 6.4 / 3.5 us on qkv / o / gate_up / down at M = 4, against 3.5 / 3.3 / 8.1 / 6.5 for the tensor-core
     tiles below and cuBLAS bf16's 3.6 / 3.6 / 4.3 / 5.0)."""
-    if n * k < 1 << 23 and m == 1:
+    if n * k < SMALL_MATRIX and m == 1:
         return default_config(m, n, k, num_sms)
-    if n * k < 1 << 23 and m <= 4:
+    if n * k < SMALL_MATRIX and m <= 4:
         return GemvConfig(block_n=2, block_k=1024, split_k=1, use_dot=False, num_warps=4, num_stages=1)
     block_n, block_k = 64, 256
     k_tiles = triton.cdiv(k, block_k)

@@ -27,6 +27,7 @@ minillm.quant.nf4.nf4_linear calls it on CUDA at decode and keeps its reference 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,19 +55,18 @@ class Nf4Config:
 
 
 def nf4_config(m: int, n: int, k: int, num_sms: int = 132) -> Nf4Config:
-    """The launch rule, read off gpu_scratch's sweep of 12 tiles x 3 splits (H100, 2026-12-05; benchmarks/RESULTS.md):
-    steps of 4 absmax blocks and 4 warps everywhere; 16-row tiles where rows are short (K <= 2048: a small
-    model's matrices), 32 otherwise; K split while the grid stays under ~6 programs per SM and every split keeps a
-    step (not for one row over fewer than 4 steps). Within 1.03x of each shape's best launch (geometric mean over
-    Llama-3-8B's and SmolLM2's matrices at M = 1 / 4 / 16)."""
-    block_n = 16 if k <= 2048 else 32
-    cfg = Nf4Config(block_n=block_n, blocks=4, num_warps=4)
+    """The launch rule, read off a sweep of 12 tiles x 3 splits (H100, 2026-12-05; benchmarks/RESULTS.md,
+    results/nf4_sweep_s31_h100.json): steps of 4 absmax blocks and 4 warps everywhere (Nf4Config's defaults);
+    16-row tiles where rows are short (K <= 2048: a small model's matrices), 32 otherwise; K split while the grid
+    stays under ~6 programs per SM and every split keeps a step (not for one row over fewer than 4 steps). Within
+    1.03x of each shape's best launch (geometric mean over Llama-3-8B's and SmolLM2's matrices at M = 1 / 4 / 16)."""
+    cfg = Nf4Config(block_n=16 if k <= 2048 else 32)
     steps = triton.cdiv(k // BLOCK, cfg.blocks)
-    tiles = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(n, cfg.block_n)
     split = 1
     while split * 2 * tiles <= 6 * num_sms and split * 2 <= steps and (m > 1 or steps >= 4):
         split *= 2  # (a single row over a short K measured faster unsplit)
-    return Nf4Config(block_n, cfg.blocks, cfg.num_warps, split)
+    return dataclasses.replace(cfg, split_k=split)
 
 
 @triton.jit

@@ -88,9 +88,8 @@ class SamplingParams:
     max_tokens: int = 16  # new tokens to generate at most; >= 1
     # per-request generator: same tokens whatever else is in the batch. Under speculative decoding with sampled
     # drafts (draft model, self-speculative, Medusa, EAGLE, MTP) the draws also follow how many drafts each step
-    # verified, which the scheduler trims to the step's token budget and free blocks: the same run reproduces,
-    # another batch composition gives other (equally distributed) tokens: which tokens come out depends on where
-    # each verify step began.
+    # verified, which the scheduler trims to the step's token budget and free blocks. The same run reproduces;
+    # another batch composition, whose verify steps begin elsewhere, gives other (equally distributed) tokens.
     seed: int | None = None
     stop: list[str] | str | None = None  # stop strings (not included in the output text)
     stop_token_ids: list[int] | None = None

@@ -80,7 +80,7 @@ def _check_grade_numbers(args: argparse.Namespace) -> None:
     if args.out:
         if Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a directory; give a file path")
-        check_output_path(str(Path(args.out).parent / "x"), "--out", folder=True)  # its folder: made if missing
+        check_output_path(str(Path(args.out).parent), "--out", folder=True)  # its folder: made if missing
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

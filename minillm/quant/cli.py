@@ -92,23 +92,15 @@ def _smooth_alpha(text: str) -> float | str:
 
 
 def _fp8_recipe(args: argparse.Namespace) -> dict:
-    """quantize_model's fp8 recipe options from the flags; ValueError if they are given to another method."""
-    recipe = {"fp8_smooth_alpha": args.smooth_alpha, "fp8_gptq": args.gptq, "fp8_mse_scale": args.mse_scale}
+    """quantize_model's fp8 recipe options from the flags (_check_method_options checked who may give them)."""
     given = args.smooth_alpha is not None or args.gptq or args.mse_scale
-    if args.method == "fp8_block" and (args.smooth_alpha is not None or args.mse_scale):
-        raise ValueError("--method fp8_block takes --gptq only (not --smooth-alpha or --mse-scale)")
-    if given and args.method not in ("fp8", "fp8_block"):
-        raise ValueError(f"--smooth-alpha, --gptq and --mse-scale belong to --method fp8, got --method {args.method}")
-    return recipe if given else {}
+    return {"fp8_smooth_alpha": args.smooth_alpha, "fp8_gptq": args.gptq, "fp8_mse_scale": args.mse_scale} if given \
+        else {}
 
 
 def _block_options(args: argparse.Namespace) -> dict:
-    """quantize_model's weight_block_size from --block-size; ValueError if it is given to another method."""
-    if args.block_size is None:
-        return {}
-    if args.method != "fp8_block":
-        raise ValueError(f"--block-size belongs to --method fp8_block, got --method {args.method}")
-    return {"weight_block_size": args.block_size}
+    """quantize_model's weight_block_size from --block-size (fp8_block's only: _check_method_options)."""
+    return {} if args.block_size is None else {"weight_block_size": args.block_size}
 
 
 def _block_size(text: str) -> int | tuple[int, int]:
@@ -137,15 +129,19 @@ def _check_out(args: argparse.Namespace) -> None:
 
 # flags that only some methods read, and those methods: another method given one of them (away from its default)
 # is refused, not silently ignored (rtn --act-order wrote desc_act false and exited 0)
+# (the GPTQ-only --static-groups / --grid-search / --asym-calib are quantize_model's own check)
 FLAG_OWNERS = {"bits": ("rtn", "gptq", "awq"), "sym": ("rtn", "gptq"), "act_order": ("gptq", "fp8_block"),
-               "alpha": ("smoothquant",), "smooth_alpha": ("fp8", "fp8_block"), "gptq": ("fp8", "fp8_block"),
-               "mse_scale": ("fp8", "fp8_block"), "sparsity": PRUNE_METHODS,  # 2:4: checked to be 0.5
+               "alpha": ("smoothquant",), "smooth_alpha": ("fp8",), "gptq": ("fp8", "fp8_block"),
+               "mse_scale": ("fp8",), "block_size": ("fp8_block",),
+               "sparsity": PRUNE_METHODS,  # 2:4: checked to be 0.5
                "granularity": ("prune-magnitude", "prune-wanda"), "prune_scores": ("prune-2:4",)}
 
 
 def _check_method_options(args: argparse.Namespace, defaults: dict[str, object]) -> None:
     """Before loading: a flag the method does not read, and SmoothQuant's alpha out of [0, 1] (it was refused
     only once calibration had started)."""
+    if args.method == "fp8_block" and (args.smooth_alpha is not None or args.mse_scale):
+        raise ValueError("--method fp8_block takes --gptq only (not --smooth-alpha or --mse-scale)")
     for dest, methods in FLAG_OWNERS.items():
         if getattr(args, dest) != defaults[dest] and args.method not in methods:
             raise ValueError(f"--{dest.replace('_', '-')} belongs to --method {' / '.join(methods)}, got --method "

@@ -72,8 +72,8 @@ def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
     At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16) minillm.kernels.gemv
     reads the codes themselves, one byte per weight, converting them in registers and scaling each row's sum
-    once: half of bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize, then one
-    dense matmul, which saves memory but not time (it writes and re-reads a full-precision copy)."""
+    once: half of bf16's bytes in the memory-bound phase. Elsewhere (the CPU, prefill) the reference: dequantize,
+    then one dense matmul, which saves memory but not time (it writes and re-reads a full-precision copy)."""
     if quantized_gemv_applies(x):
         from minillm.kernels.gemv import gemv  # Triton: imported only where it runs
         return gemv(x, qweight, bias, weight_scale=scale)

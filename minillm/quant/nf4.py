@@ -96,8 +96,9 @@ def nf4_linear(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, a
     """y = x W^T (+ bias) for a double-quantized NF4 weight: THE call site.
 
     At decode on CUDA (gemv_dispatch.quantized_gemv_applies: at most 16 rows of fp16/bf16)
-    minillm.kernels.nf4_gemv reads the packed 4-bit codes and decodes them in registers. Elsewhere the reference: dequantize the whole weight to x's dtype, then one
-    matmul (it saves memory, not time: at decode it writes and re-reads a 16-bit copy of every weight)."""
+    minillm.kernels.nf4_gemv reads the packed 4-bit codes and decodes them in registers. Elsewhere the reference:
+    dequantize the whole weight to x's dtype, then one matmul (it saves memory, not time: at decode it writes and
+    re-reads a 16-bit copy of every weight)."""
     out, n_in = qweight.shape[0], qweight.shape[1] * 2
     if quantized_gemv_applies(x):
         from minillm.kernels.nf4_gemv import nf4_gemv  # Triton: imported only where it runs

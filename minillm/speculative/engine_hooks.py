@@ -338,9 +338,9 @@ class SpeculativeDecoder:
         for request_id in self.proposer.active_requests() - running:
             self.proposer.free(request_id)
         alive = running | {seq.request_id for queue in ("waiting", "swapped") for seq in getattr(scheduler, queue, ())}
-        for streams in (self._generators, getattr(self.proposer, "_generators", {})):
-            for request_id in set(streams) - alive:
-                del streams[request_id]
+        for request_id in set(self._generators) - alive:
+            del self._generators[request_id]
+        self.proposer.keep_streams(alive)
 
 
 def _emittable(seq: Sequence, tokens: list[int]) -> list[int]:

@@ -49,12 +49,15 @@ class Proposer:
         """Request ids that hold state here (the engine frees those no longer running)."""
         return set()
 
+    def keep_streams(self, alive: set[str]) -> None:
+        """Drop the random streams of requests not in `alive` (they have left the scheduler). Default: none kept."""
+
 
 class SampledDraftProposer(Proposer):
     """Base of proposers that sample the drafts of requests with temperature > 0 (and return q with them): `propose`
     keeps the drafts of propose_with_probs; a seeded request draws from its own generator, seed + seed_offset (a
-    stream apart from the target's). Subclasses create `self._generators = {}`; `free` leaves it alone: the engine
-    hooks drop a request's stream once the request has left the scheduler (a preempted one keeps it)."""
+    stream apart from the target's). Subclasses create `self._generators = {}`; `free` leaves it alone and
+    `keep_streams` drops a request's stream once the request has left the scheduler (a preempted one keeps it)."""
 
     seed_offset = 0x5EED
 
@@ -68,6 +71,10 @@ class SampledDraftProposer(Proposer):
         if seq.request_id not in self._generators:
             self._generators[seq.request_id] = torch.Generator().manual_seed(seed + self.seed_offset)
         return self._generators[seq.request_id]
+
+    def keep_streams(self, alive: set[str]) -> None:
+        for request_id in set(self._generators) - alive:
+            del self._generators[request_id]
 
 
 def sample_drafts(logits: torch.Tensor, params: list, generators: list[torch.Generator | None],
