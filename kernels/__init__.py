@@ -42,7 +42,8 @@
     argmax.py           argmax_last_dim                        greedy decoding's argmax in two stages over many SMs
     topk_logprobs.py    topk_log_softmax                       the k most probable tokens' log-probabilities in two
                                                               stages (EAGLE-2's tree search, chapter 9)
-    hardware.py         num_sms                                the SM count the launch heuristics size grids by
+    hardware.py         num_sms, SMALL_MATRIX                  the SM count the launch heuristics size grids by;
+                                                              where a matrix is small (launch-bound at decode)
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

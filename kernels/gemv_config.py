@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from minillm.kernels.hardware import num_sms
-from minillm.layers.gemv_dispatch import SMALL_MATRIX
+from minillm.kernels.hardware import SMALL_MATRIX, num_sms
 
 MAX_SPLIT_K = 16  # splits of K a launch may take (GemvConfig.check)
 

@@ -1,5 +1,6 @@
 """What the kernels' launch heuristics ask of the device: how many SMs share the work, and how long a captured
-CUDA graph takes to replay (chapters 4, 5, 8); and the one way this package captures a CUDA graph.
+CUDA graph takes to replay (chapters 4, 5, 8); and the one way this package captures a CUDA graph. Also where a
+matrix counts as small (SMALL_MATRIX: its decode GEMV is launch cost more than bytes).
 
 A heuristic that splits K (GEMV, INT4 GEMM) or the keys (flash-decoding) sizes its grid so that every SM gets
 work; the count is read once per device and kept. A launch chosen by timing (the decode GEMV, the INT4
@@ -14,6 +15,9 @@ from collections.abc import Iterator
 import torch
 
 _NUM_SMS: dict[int, int] = {}
+
+
+SMALL_MATRIX = 1 << 23  # weights; below this (SmolLM2's matrices) a decode GEMV is a few microseconds of launch
 
 
 def num_sms(device: torch.device) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minillm.kernels.hardware import SMALL_MATRIX  # torch only: no Triton at import
 from minillm.layers.cpu_matmul import cpu_linear, cpu_matmul_applies
 
 __all__ = ["GEMV_MAX_M", "GEMV_MODES", "gemv_mode", "set_gemv_mode", "dense_linear", "swiglu_gemv_choice",
@@ -178,7 +179,6 @@ def norm_gemv_choice(x: torch.Tensor, weight: torch.Tensor):
 
 
 QUANT_GEMV_MAX_M = 16  # rows the weight-only decode kernels serve (kernels.gemv.MAX_M, kernels.nf4_gemv.MAX_M)
-SMALL_MATRIX = 1 << 23  # weights; below this (SmolLM2's matrices) a decode GEMV is a few microseconds of launch
 
 
 def w8a8_gemv_max_m(weight: torch.Tensor) -> int:
