@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.cache_config import resolve_engine_config
-from minillm.engine.executor import MultiProcExecutor, UniProcExecutor, WorkerError
+from minillm.engine import executor as executor_module
+from minillm.engine.executor import MultiProcExecutor, UniProcExecutor, WorkerError, desynchronised
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights, Worker
 from minillm.models.llama import LlamaForCausalLM
@@ -161,7 +164,6 @@ def test_a_worker_that_fails_to_load_leaves_nothing_behind(expected):
     """A rank whose model cannot load (RTN groups of 32 over o_proj's 16 local input columns at TP = 2) raises its
     WorkerError from the constructor, which ends the workers and the process group: the next engine of this
     process starts (it used to fail with "trying to initialize the default process group twice")."""
-    import torch.distributed as dist
     from minillm.quant.checkpoint import load_time_quantization
     kwargs = _kwargs(tensor_parallel_size=2)
     bad = {**kwargs, "model_config": load_time_quantization(CONFIG, "rtn", {"group_size": 32})}
@@ -182,7 +184,6 @@ def test_a_failed_or_second_parallel_llm_leaves_the_running_one_alone(tmp_path):
     they end with it (they used to live on until the garbage collector found them, and the next LLM could not
     start). A second parallel LLM while one runs is refused before it starts anything, and the first goes on (its
     clean-up used to destroy the first one's process group)."""
-    import torch.distributed as dist
     from minillm import LLM
     tiny_qwen2_checkpoint(tmp_path)
     options = dict(device="cpu", dtype="float32", max_model_len=64)
@@ -204,7 +205,7 @@ def test_a_failed_or_second_parallel_llm_leaves_the_running_one_alone(tmp_path):
 
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}],
                          ids=["tp2", "pp2"])
-def test_a_request_that_breaks_a_parallel_step_fails_alone(parallel):
+def test_a_request_that_breaks_a_parallel_step_fails_alone(parallel, monkeypatch):
     """A request that raises inside the workers (a token id past the vocabulary, let through by a patched
     validation) fails alone, as in one process: every rank answered with its error, so the engine reruns the step
     one request at a time. Under pipeline parallelism the failing stage sends zeros on for the micro-batches the
@@ -224,8 +225,58 @@ def test_a_request_that_breaks_a_parallel_step_fails_alone(parallel):
         assert done["good"].finish_reason == "length" and done["good"].error is None
         alone = _generate(engine)  # the engine and its workers go on
         assert len(alone) == len(PROMPTS) and engine.scheduler.block_manager.num_used_blocks == 0
+        if "tensor_parallel_size" in parallel:
+            check_one_rank_failing_alone_ends_the_group(engine, monkeypatch)
     finally:
         engine.shutdown()
+    assert not dist.is_initialized()
+
+
+def _break_forward_on_rank(worker: Worker, rank: int) -> None:
+    """Sent through collective_rpc (a function runs as fn(worker, ...) in every worker): from now on rank `rank`'s
+    forward raises at once, before its first collective, as a device out of memory on one GPU would."""
+    if dist.get_rank() == rank:
+        def forward(*args, **kwargs):
+            raise MemoryError("rank-local fault (test)")
+        worker.model.forward = forward
+
+
+def check_one_rank_failing_alone_ends_the_group(engine: LLMEngine, monkeypatch) -> None:
+    """Rank 2 fails its forward alone: rank 1 waits in the embedding's all-reduce for it. The watchdog reads rank
+    2's report and ends the group a grace period later (gloo would wait ten minutes): the step's request ends
+    with the cause, and every later call is refused, naming it."""
+    monkeypatch.setattr(executor_module, "PEER_FAILURE_GRACE_S", 1.0)
+    engine.executor.collective_rpc(_break_forward_on_rank, 2)
+    engine.add_request("a", PROMPTS[0], PARAMS[0])
+    start = time.perf_counter()
+    (out,) = engine.step()
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    assert "rank 2: ForwardFailed: MemoryError: rank-local fault (test)" in out.outputs[0].error
+    assert "still waiting for its peers" in out.outputs[0].error
+    assert time.perf_counter() - start < 15
+    with pytest.raises(RuntimeError, match="rank 2: ForwardFailed: MemoryError.*cannot continue"):
+        engine.executor.collective_rpc("get_comm_stats")
+
+
+def test_a_forward_failed_on_some_ranks_of_a_tensor_parallel_group_ends_it():
+    """desynchronised: every rank of a TP group failing inside the forward (the same bad input) keeps the group
+    in step; one failing while a peer went on does not (over NCCL the peer's collectives no longer pair up);
+    a failure outside the forward (the driver's sampler) or on another group's stage is not the group's."""
+    groups = [[1, 2], [3, 4]]  # tp 2 x pp 2, ranks from 1
+
+    def err(rank, in_forward=True):
+        return WorkerError(f"rank {rank}: boom", rank, in_forward)
+
+    assert desynchronised({1: err(1), 2: err(2)}, groups) is None
+    assert desynchronised({3: err(3, in_forward=False)}, groups) is None  # the driver's sampler
+    assert desynchronised({1: err(1), 2: err(2), 3: err(3), 4: err(4)}, groups) is None
+    why = desynchronised({2: err(2)}, groups)
+    assert why.startswith("rank 2 failed inside the forward while rank 1 of its tensor-parallel group did not")
+    assert "rank 2: boom" in why
+    assert desynchronised({3: err(3), 4: err(4, in_forward=False)}, groups).startswith("rank 3 failed")
+    assert desynchronised({1: err(1)}, []) is None  # no tensor parallelism: nothing to pair up
+    copy = pickle.loads(pickle.dumps(err(2)))  # the fields cross the process boundary
+    assert (copy.rank, copy.in_forward, str(copy)) == (2, True, "rank 2: boom")
 
 
 def test_pipeline_parallel_2_matches_one_process_and_counts_bytes(expected):

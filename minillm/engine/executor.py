@@ -20,10 +20,16 @@ Tensor and pipeline parallelism (chapter 11): with EngineConfig.tensor_parallel_
 shards; every rank gets every step, and only the sampling rank answers with tokens. EngineConfig.expert_parallel_size
 = N > 1 (an MoE model) starts N workers the same way, each with its share of the experts (minillm.parallel.expert).
 A worker process that dies (killed, out of memory) makes the engine's next call raise a RuntimeError naming its
-rank, instead of waiting in a collective for a peer that will never come.
+rank, instead of waiting in a collective for a peer that will never come. So does a rank that fails alone where
+its tensor-parallel peers do not (out of memory on one GPU, a fault on one device): over gloo the peers wait in
+the layer's all-reduce for a partner that has left, over NCCL their queued collectives no longer pair up with the
+failed rank's next ones. A failing worker writes its error to the rendezvous store at once; a watchdog thread of
+the engine kills the group when the call has not come back PEER_FAILURE_GRACE_S later, and a forward that failed
+on some ranks of a TP group but not on all of them ends the group too (WorkerError.in_forward).
 
 A worker's exception does not kill its process: it comes back as a WorkerError, which the engine turns into
-"error" outputs for that step's requests (the same isolation as an exception in-process).
+"error" outputs for that step's requests (the same isolation as an exception in-process) when every rank failed
+alike (a bad token id fails every rank's embedding) or the failure was outside the collectives.
 Learner overrides (minillm.hooks) are a ContextVar of the engine's process: a worker in another process runs
 the reference code, so LLM(..., overrides=...) keeps the in-process executor.
 """
@@ -33,9 +39,10 @@ import datetime
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -49,10 +56,41 @@ from minillm.parallel.weights import check_parallel_config
 
 _TIMEOUT = datetime.timedelta(minutes=10)
 _JOINED = "minillm_workers_joined"  # a counter in the rendezvous store
+_FAILED = "minillm_worker_failed"  # + "/<call number>": a worker's error, written the moment it happens
+PEER_FAILURE_GRACE_S = 30.0  # a call still out this long after a rank reported its failure: its peers are stuck
+_WATCH_INTERVAL_S = 0.25
 
 
 class WorkerError(RuntimeError):
-    """An exception raised inside a worker, with its message (and, for a remote worker, its traceback)."""
+    """An exception raised inside a worker, with its message (and, for a remote worker, its traceback).
+    `in_forward`: it was raised inside a parallel forward, between collectives (minillm.parallel.runner's
+    ForwardFailed), so the rank's tensor-parallel peers are safe only if they failed there too."""
+
+    def __init__(self, message: str, rank: int | None = None, in_forward: bool = False) -> None:
+        super().__init__(message)
+        self.rank, self.in_forward = rank, in_forward
+
+    def __reduce__(self):  # pickled to rank 0 with its fields (an exception pickles only its args by default)
+        return type(self), (str(self), self.rank, self.in_forward)
+
+
+def worker_error(rank: int, err: BaseException) -> WorkerError:
+    """The report of `err`, raised in rank `rank`'s worker, for the engine."""
+    return WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}", rank,
+                       in_forward=getattr(err, "in_forward", False))
+
+
+def desynchronised(errors: dict[int, WorkerError], tp_groups: list[list[int]]) -> str | None:
+    """Why a group whose ranks answered with `errors` ({rank: error}) cannot run another step, or None: a rank
+    that failed inside the forward while a tensor-parallel peer of its did not (the peer went through collectives
+    the failed rank never joined). Pipeline stages keep in step past a failed micro-batch by themselves."""
+    for ranks in tp_groups:
+        failed = [r for r in ranks if r in errors and errors[r].in_forward]
+        went_on = [r for r in ranks if r not in errors or not errors[r].in_forward]
+        if failed and went_on:
+            return (f"rank {failed[0]} failed inside the forward while rank {went_on[0]} of its tensor-parallel "
+                    f"group did not (their collectives no longer pair up): {errors[failed[0]]}")
+    return None
 
 
 class UniProcExecutor:
@@ -125,33 +163,40 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
     if torch.device(worker_kwargs["device"]).type == "cpu":  # share the cores: oversubscribed ranks stall each
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (world_size - 1)))  # other's collectives
     try:
-        serve_worker(rank, worker_kwargs)
+        serve_worker(rank, worker_kwargs, report_failure=lambda call, text: store.set(f"{_FAILED}/{call}", text))
     finally:
         dist.destroy_process_group()
 
 
-def serve_worker(rank: int, worker_kwargs: dict[str, Any], group: Any = None) -> None:
-    """Build and load a Worker, report to rank 0, then run the (method, args) it broadcasts until 'shutdown'.
-    The process group (and any parallel state) must be up; the torchrun entry runs this too, with `group` a gloo
-    group for these control messages (its default group is NCCL, where every object collective goes through
-    GPU memory and synchronises)."""
+def serve_worker(rank: int, worker_kwargs: dict[str, Any], group: Any = None,
+                 report_failure: Callable[[int, str], None] | None = None) -> None:
+    """Build and load a Worker, report to rank 0, then run the (method, args) it broadcasts until 'shutdown':
+    `method` names a Worker method, or is a picklable function called as method(worker, *args). The process
+    group (and any parallel state) must be up; the torchrun entry runs this too, with `group` a gloo group for
+    these control messages (its default group is NCCL, where every object collective goes through GPU memory and
+    synchronises). `report_failure(call_number, message)` is told of a failure before this rank waits in the
+    gather (where its peers may never arrive: the engine's watchdog reads it)."""
     worker = Worker(**worker_kwargs)
     result: Any = None
     try:
         worker.load_model()
     except Exception as err:  # reported at the first gather, so the engine fails with the cause
-        result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+        result = worker_error(rank, err)
     dist.gather_object(result, None, dst=0, group=group)
+    call_number = 0
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0, group=group)
         method, args = message[0]
         if method == "shutdown":
             return
+        call_number += 1
         try:
-            result = getattr(worker, method)(*args)
+            result = method(worker, *args) if callable(method) else getattr(worker, method)(*args)
         except Exception as err:
-            result = WorkerError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+            result = worker_error(rank, err)
+            if report_failure is not None:
+                report_failure(call_number, str(result).split("\n")[0])
         dist.gather_object(result, None, dst=0, group=group)
 
 
@@ -171,6 +216,8 @@ class MultiProcExecutor:
             check_parallel_config(worker_kwargs["model_config"], tp, pp)
         check_expert_parallel_config(worker_kwargs["model_config"], ep)
         self._owns_group = False
+        # the workers' tensor-parallel groups, as build_groups lays them out from rank 1 (desynchronised())
+        self._tp_groups = [[1 + stage * tp + t for t in range(tp)] for stage in range(pp)] if tp > 1 else []
         if dist.is_initialized():  # one default process group per process: a second would break the first engine's
             raise RuntimeError("another multi-process engine (or torch.distributed process group) is running in this "
                                "process; shut it down first (llm.llm_engine.shutdown()), or run this LLM in another "
@@ -186,6 +233,9 @@ class MultiProcExecutor:
             process.start()
         self._closed = False
         self._broken: str | None = None
+        self._calls = 0  # the workers number their calls alike: the watchdog reads _FAILED/<number>
+        self._in_call = False
+        self._stuck: str | None = None  # set by the watchdog when it ended the group
         while store.add(_JOINED, 0) < num_workers:  # a child that dies at start (an import error, no
             dead = self._dead_workers()  # `if __name__ == "__main__":` guard) must not leave us waiting
             if dead:
@@ -201,6 +251,7 @@ class MultiProcExecutor:
                 # new_group is collective: rank 0 joins in, belonging to none
                 build_groups(tp, pp, first_rank=1, backend=_tensor_backend(worker_kwargs), ep_size=ep)
             self._guarded(self._gather)  # every worker has loaded its model (or failed: raised here)
+            threading.Thread(target=self._watch, args=(port,), daemon=True, name="minillm-watchdog").start()
         except BaseException as err:
             # nobody will hold this executor to shut it down: end the workers and leave no process group
             # behind, or the next engine of this process could not start its own
@@ -211,10 +262,41 @@ class MultiProcExecutor:
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         dist.gather_object(None, results, dst=0)
-        for result in results[1:]:
-            if isinstance(result, WorkerError):
-                raise result
+        errors = {rank: r for rank, r in enumerate(results) if isinstance(r, WorkerError)}
+        if errors:
+            broken = desynchronised(errors, self._tp_groups)
+            if broken is not None:  # not a WorkerError: the engine must not rerun anything on this group
+                self._broken = broken
+                raise RuntimeError(f"{broken}; the engine cannot continue (start a new one)")
+            raise next(iter(errors.values()))
         return results[1:]
+
+    def _watch(self, port: int) -> None:
+        """The watchdog (a daemon thread, its own store connection): when a worker has reported a failure in the
+        call out now and the call is still out PEER_FAILURE_GRACE_S later, the failed rank's peers are waiting
+        in a collective it will never join. Kill the workers: the engine's gather then fails at once and the
+        executor refuses further calls, naming the failure (instead of gloo's ten-minute timeout)."""
+        try:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=_TIMEOUT)
+        except Exception:  # the engine is going away
+            return
+        seen: tuple[int, float] | None = None  # (call number, when its failure was first seen)
+        while not self._closed:
+            time.sleep(_WATCH_INTERVAL_S)
+            call, key = self._calls, f"{_FAILED}/{self._calls}"
+            try:
+                if not self._in_call or not store.check([key]):
+                    continue
+                if seen is None or seen[0] != call:
+                    seen = (call, time.monotonic())
+                elif time.monotonic() - seen[1] > PEER_FAILURE_GRACE_S and self._in_call and self._calls == call:
+                    self._stuck = (f"{store.get(key).decode()}, and the call was still waiting for its peers "
+                                   f"{PEER_FAILURE_GRACE_S:g} s later (a collective it never joined)")
+                    for process in self.processes:
+                        process.kill()
+                    return
+            except Exception:  # the store went away with the engine
+                return
 
     def _dead_workers(self) -> str | None:
         dead = [f"rank {rank} (pid {p.pid}, exit code {p.exitcode})"
@@ -225,34 +307,45 @@ class MultiProcExecutor:
         """Run a collective with the workers, failing fast with the rank's name if a worker process is gone.
         gloo notices a closed connection at once, so a peer that dies mid-step ends the collective with an
         error rather than a hang; it is turned into this RuntimeError, and the executor refuses further calls."""
-        dead = self._broken or self._dead_workers()
-        if dead:
-            self._broken = dead
-            raise RuntimeError(f"worker process died: {dead}; the engine cannot continue (start a new one)")
+        if self._broken is None and self._dead_workers():
+            self._broken = f"worker process died: {self._dead_workers()}"
+        if self._broken is not None:
+            raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
         try:
             return collective()
         except WorkerError:
             raise
         except Exception as err:
-            for _ in range(50):  # a peer's death reaches gloo a moment before is_alive() says so
-                dead = self._dead_workers()
-                if dead:
-                    break
-                time.sleep(0.1)
-            self._broken = dead or f"a collective failed: {err}"
-            raise RuntimeError(f"worker process died: {self._broken}; the engine cannot continue") from err
+            if self._broken is not None:  # _gather found the group desynchronised
+                raise
+            if self._stuck is not None:  # the watchdog ended a group stuck behind a failed rank
+                self._broken = self._stuck
+            else:
+                for _ in range(50):  # a peer's death reaches gloo a moment before is_alive() says so
+                    dead = self._dead_workers()
+                    if dead:
+                        break
+                    time.sleep(0.1)
+                self._broken = f"worker process died: {dead}" if dead else f"a collective failed: {err}"
+            raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)") from err
 
-    def _call(self, method: str, *args: Any) -> list[Any]:
+    def _call(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
         if self._closed:
             raise RuntimeError("this executor has been shut down")
 
         def collective() -> list[Any]:
-            dist.broadcast_object_list([(method, args)], src=0)
-            return self._gather()
+            self._calls += 1  # the workers count the same broadcasts
+            self._in_call = True
+            try:
+                dist.broadcast_object_list([(method, args)], src=0)
+                return self._gather()
+            finally:
+                self._in_call = False
         return self._guarded(collective)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        """Call a Worker method on every worker; their results in rank order (vLLM's collective_rpc)."""
+    def collective_rpc(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
+        """Call a Worker method (a name, or a picklable function called as method(worker, *args)) on every
+        worker; their results in rank order (vLLM's collective_rpc)."""
         return self._call(method, *args)
 
     def determine_num_gpu_blocks(self) -> int:

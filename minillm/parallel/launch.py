@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import traceback
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from minillm.engine.executor import MultiProcExecutor, WorkerError, serve_worker
+from minillm.engine.executor import MultiProcExecutor, WorkerError, desynchronised, serve_worker, worker_error
 from minillm.engine.worker import CheckpointSource, Worker
 from minillm.parallel.state import build_groups, init_parallel_state
 
@@ -44,29 +43,38 @@ class TorchrunExecutor(MultiProcExecutor):
         self.alone = dist.get_world_size() == 1  # nobody to tell: no collectives at all
         self.processes = []  # torchrun owns the other processes
         self._closed, self._broken = False, None
+        tp, pp = worker.engine_config.tensor_parallel_size, worker.engine_config.pipeline_parallel_size
+        self._tp_groups = [[stage * tp + t for t in range(tp)] for stage in range(pp)] if tp > 1 else []
         self._gather_checked(self._local(worker.load_model))  # every rank has loaded its shard, or raise
 
     def _local(self, fn, *args: Any) -> Any:
         try:
             return fn(*args)
         except Exception as err:  # the same report a remote worker sends
-            return WorkerError(f"rank 0: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+            return worker_error(0, err)
 
     def _gather_checked(self, own: Any) -> list[Any]:
+        if self._broken is not None:
+            raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
         results: list[Any] = [own]
         if not self.alone:
             results = [None] * dist.get_world_size()
             dist.gather_object(own, results, dst=0, group=self.group)
-        for result in results:
-            if isinstance(result, WorkerError):
-                raise result
+        errors = {rank: r for rank, r in enumerate(results) if isinstance(r, WorkerError)}
+        if errors:
+            self._broken = desynchronised(errors, self._tp_groups)
+            if self._broken is not None:
+                raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
+            raise next(iter(errors.values()))
         return results
 
-    def _call(self, method: str, *args: Any) -> list[Any]:
+    def _call(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
         if self._closed:
             raise RuntimeError("this executor has been shut down")
         if not self.alone:
             dist.broadcast_object_list([(method, args)], src=0, group=self.group)
+        if callable(method):
+            return self._gather_checked(self._local(method, self.worker, *args))
         return self._gather_checked(self._local(getattr(self.worker, method), *args))
 
     def shutdown(self) -> None:

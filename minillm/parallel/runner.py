@@ -109,6 +109,15 @@ _PER_SEQUENCE = ("query_lens", "seq_lens", "block_tables", "num_sampled", "sampl
 _PER_SEQUENCE_OPTIONAL = ("num_logprobs", "prompt_logprob_rows", "tree_masks")
 
 
+class ForwardFailed(RuntimeError):
+    """A tensor-parallel forward raised between its collectives (the message is the cause's). Its TP peers are
+    still in step only if their forward failed too (every rank's embedding refuses the same bad token id); one
+    rank failing alone (out of memory on one GPU) leaves its peers in, or past, collectives it never joined, and
+    the engine ends the group (minillm.engine.executor.desynchronised)."""
+
+    in_forward = True
+
+
 class ParallelModelRunner(ModelRunner):
     def configure(self, engine_config: EngineConfig) -> None:
         super().configure(dataclasses.replace(engine_config, enforce_eager=True, compile=False))
@@ -139,24 +148,19 @@ class ParallelModelRunner(ModelRunner):
                     prepared = self.prepare(micro)
                     with forward_context(prepared.metadata):
                         out = self.model(prepared.input_ids, prepared.positions, intermediate)
+                    if state.is_last_stage:
+                        self._logits(prepared, out, first_seq, logits_parts, prompt_parts)
                 except Exception as err:  # the next stage still waits for this micro-batch and the later ones
-                    failure = err
+                    failure, out = err, None
             if not state.is_last_stage:  # after a failure, zeros: the pipeline stays in step and the engine
                 if out is None:  # hears of the failure from this rank's WorkerError (and may rerun, isolated)
                     out = (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
                 pending.extend(pipeline_isend(list(out), tag=2 * index))
-                continue
-            if out is None:
-                continue
-            if prepared.sample_seqs:
-                logits_parts.append(self.model.compute_logits(out[prepared.sample_indices]))  # None off TP rank 0
-            if prepared.prompt_scoring is not None:  # rows that score prompt tokens (every TP rank joins the gather)
-                owners, targets, widths = prepared.prompt_scoring
-                scoring = self.model.compute_logits(out[prepared.prompt_rows])
-                prompt_parts.append(([first_seq + i for i in owners], targets, widths, scoring))
         for work, _ in pending:  # the last micro-batch's sends must finish before the step returns
             work.wait()
         if failure is not None:
+            if state.tp_size > 1:  # raised between collectives: safe only if every TP peer failed there too
+                raise ForwardFailed(f"{type(failure).__name__}: {failure}") from failure
             raise failure
         if not state.is_driver:
             return None
@@ -167,6 +171,16 @@ class ParallelModelRunner(ModelRunner):
                 for i, entry in zip(owners, token_logprobs(scoring, targets, widths)):
                     output.prompt_logprobs[i].append(entry)
         return output
+
+    def _logits(self, prepared, out, first_seq: int, logits_parts: list, prompt_parts: list) -> None:
+        """The last stage's LM head over a micro-batch's sampled rows (None off TP rank 0) and its prompt-scoring
+        rows (every TP rank joins the gather); `first_seq`: the micro-batch's first sequence in the step."""
+        if prepared.sample_seqs:
+            logits_parts.append(self.model.compute_logits(out[prepared.sample_indices]))
+        if prepared.prompt_scoring is not None:
+            owners, targets, widths = prepared.prompt_scoring
+            scoring = self.model.compute_logits(out[prepared.prompt_rows])
+            prompt_parts.append(([first_seq + i for i in owners], targets, widths, scoring))
 
     def _sample_all(self, step: StepInput, logits_parts: list[torch.Tensor]) -> StepOutput:
         """The step's tokens from the logits of all micro-batches at once (the single-process sampler call), the
