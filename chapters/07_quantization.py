@@ -215,7 +215,7 @@ print(f"held-out activations beyond the calibrated range: {beyond}; after the ca
 # %% [markdown]
 # ## 5. Activations have outlier channels: SmoothQuant
 #
-# For an int8 GEMM both operands must be int8. Weights quantize well (above: ~1% error per channel at 8 bits);
+# For an int8 GEMM both operands must be int8. Weights quantize well (~1% error per channel at 8 bits);
 # activations have a few channels much larger than the rest, in every token, so one scale per token wastes most
 # of its 255 levels on them. SmoothQuant (Xiao et al. 2023) divides each input channel by a factor `s_j` and
 # multiplies the weight's column by it: `X Wᵀ = (X / s)(W s)ᵀ`, exactly.

@@ -330,6 +330,10 @@ for name in ("qkv_proj", "down_proj"):
 # aimed at the unquantized layer's output; `awq+` searches AWQ's scales on whole-block outputs and clips,
 # `awq+gptq` rounds AWQ-scaled weights with GPTQ (`noduo`: scales from activations only, `noclip`: no clipping);
 # `at load` rounds while loading (`LLM(quantization="rtn")`), `+ lm_head` the tied head too.
+# bits/weight counts what the scored checkpoint holds, so two rows differ from chapter 7's memory table: `gguf
+# q4_k` is mostly Q5_0 here (SmolLM2's 576-wide rows do not fill Q4_K's 256-weight super-blocks, so the writer
+# falls back, as llama.cpp does), and `nf4` keeps each 64-weight block's absmax in fp32 in the checkpoint (4.50;
+# it is double-quantized when loaded, chapter 7's 4.127).
 
 # %%
 P10 = ([32, 512], [128, 512], 4096)  # held-out tokens, calibration tokens, AWQ's search tokens

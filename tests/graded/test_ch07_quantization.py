@@ -57,8 +57,10 @@ def test_quantize_per_group_matches_solution(impl, ref, out_f, in_f, group, bits
 
 @pytest.mark.exercise("ch07.quantize_per_group")
 @pytest.mark.points(3)
-def test_quantize_per_group_round_trip_and_ranges(impl):
+def test_quantize_per_group_round_trip_and_ranges(impl, ref):
     w = _weight(6, 48, seed=11)
+    w[0] = w[0].abs() + 0.01  # a row of all-positive groups and one of all-negative ones: the asymmetric range
+    w[1] = -w[1].abs() - 0.01  # still includes 0 (lo = min(min w, 0)), so no weight is clipped
     for bits in (3, 4, 8):
         for sym in (False, True):
             codes, scales, zeros = impl(w.clone(), bits, 16, sym)
@@ -74,11 +76,24 @@ def test_quantize_per_group_round_trip_and_ranges(impl):
             bad = (w_hat - w).abs() > slack
             assert not bad.any(), (f"{what}: {int(bad.sum())} weights dequantize more than half a step away, "
                                    f"first at {tuple(bad.nonzero()[0].tolist())}")
-    codes, scales, zeros = impl(torch.zeros(2, 8), 4, 8, False)  # an all-zero group: exact zeros, no nan
-    assert torch.isfinite(scales).all() and (scales > 0).all(), \
-        f"W = zeros(2, 8), 4 bits, group 8, asymmetric: scales {scales.tolist()}; need a positive finite scale (clamp)"
-    assert torch.equal(codes.long(), zeros.long().expand(2, 8)), \
-        f"W = zeros(2, 8): codes {codes[0].tolist()}, zeros {zeros.flatten().tolist()}; each code must be its zero"
+    for sym in (False, True):  # an all-zero group: exact zeros, no nan
+        what = f"W = zeros(2, 8), 4 bits, group 8, {'symmetric' if sym else 'asymmetric'}"
+        codes, scales, zeros = impl(torch.zeros(2, 8), 4, 8, sym)
+        assert torch.isfinite(scales).all() and (scales > 0).all(), \
+            f"{what}: scales {scales.tolist()}; need a positive finite scale (clamp to tiny)"
+        own_zero = torch.zeros(2, 8, dtype=torch.long) if sym else zeros.long().expand(2, 8)
+        assert torch.equal(codes.long(), own_zero), \
+            f"{what}: codes {codes[0].tolist()}; each code must be its group's zero point"
+    # rounding as the docstring says: s = 1 puts w / s on exact halves (torch.round sends them to even); on the
+    # second rows w / s and w * (1 / s) round to different codes
+    sym_rows = torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5, 7.0, 3.5, 0.0],
+                             [0.1, 0.06428571790456772, -0.06428571790456772, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    asym_rows = torch.tensor([[-2.5, 12.5, 0.5, 1.5, 3.5, -0.5, 4.5, 0.0],  # s = 1, z = round(2.5) = 2
+                              [-0.05, 0.1, 0.07500000298023224, 0.0, 0.0, 0.0, 0.0, 0.0]])  # s = fp32 0.15 / 15
+    for rows, sym in ((sym_rows, True), (asym_rows, False)):
+        _check_grid(impl(rows.clone(), 4, 8, sym), ref(rows, 4, 8, sym),
+                    f"W = {rows.tolist()}, 4 bits, group 8, {'symmetric' if sym else 'asymmetric'} (round with "
+                    f"torch.round: halves to even; divide w / s)")
 
 
 @pytest.mark.exercise("ch07.quantize_per_group")
@@ -212,6 +227,7 @@ def _smooth_inputs(seed: int):
     weights[1][:, 5] *= 30  # only the second weight has a large column 5
     weights[0][:, 9] = 0.0
     weights[1][:, 9] = 0.0
+    weights[0][2, 12] = 3e5  # a huge weight column: at alpha 0, 1 / max|W_j| falls below the result's clamp
     return act, weights
 
 
@@ -221,7 +237,8 @@ def _smooth_inputs(seed: int):
 def test_smoothquant_scale_matches_solution(impl, ref, alpha):
     act, weights = _smooth_inputs(60)
     got = impl(act.clone(), [w.clone() for w in weights], alpha)
-    assert_close(got, ref(act, weights, alpha), f"smoothing factors, alpha {alpha}, weights [16, 24] and [8, 24]")
+    assert_close(got, ref(act, weights, alpha), f"smoothing factors, alpha {alpha}, weights [16, 24] and [8, 24]",
+                 atol=1e-8, rtol=1e-5)  # relative: factors near the 1e-5 clamp are compared too
 
 
 @pytest.mark.exercise("ch07.smoothquant_scale")

@@ -222,16 +222,20 @@ def test_nm_mask_matches_solution(impl, ref, shape, n, m):
 @pytest.mark.exercise("ch08.two_four_mask")
 @pytest.mark.points(3)
 def test_nm_mask_keeps_the_n_best_of_every_group(impl):
-    scores = torch.randn(3, 5, 24, generator=_gen(31)).abs()  # 3-D: groups run along the last dim only
-    mask = impl(scores.clone(), 2, 4)
-    assert_tensor(mask, "2:4 mask of scores [3, 5, 24]", (3, 5, 24), torch.bool)
-    kept = mask.reshape(3, 5, 6, 4).sum(-1)
-    assert (kept == 2).all(), f"every group of 4 must keep exactly 2, got counts {sorted(set(kept.flatten().tolist()))}"
-    g = scores.reshape(3, 5, 6, 4)
-    km = mask.reshape(3, 5, 6, 4)
-    lowest_kept = torch.where(km, g, torch.full_like(g, float("inf"))).amin(-1)
-    highest_dropped = torch.where(km, torch.full_like(g, float("-inf")), g).amax(-1)
-    assert (lowest_kept >= highest_dropped).all(), "a dropped score is larger than a kept one in the same group"
+    signed = torch.randn(3, 5, 24, generator=_gen(31))  # 3-D: groups run along the last dim only; scores, not sizes
+    ties = torch.randint(0, 3, (3, 5, 24), generator=_gen(33)).float()  # many equal scores: any n of them, but n
+    for scores, what in ((signed, "signed scores"), (ties, "scores with ties")):
+        mask = impl(scores.clone(), 2, 4)
+        assert_tensor(mask, f"2:4 mask of {what} [3, 5, 24]", (3, 5, 24), torch.bool)
+        kept = mask.reshape(3, 5, 6, 4).sum(-1)
+        assert (kept == 2).all(), (f"{what}: every group of 4 must keep exactly 2, got counts "
+                                   f"{sorted(set(kept.flatten().tolist()))}")
+        g = scores.reshape(3, 5, 6, 4)
+        km = mask.reshape(3, 5, 6, 4)
+        lowest_kept = torch.where(km, g, torch.full_like(g, float("inf"))).amin(-1)
+        highest_dropped = torch.where(km, torch.full_like(g, float("-inf")), g).amax(-1)
+        assert (lowest_kept >= highest_dropped).all(), \
+            f"{what}: a dropped score is larger than a kept one in the same group (rank by score, not |score|)"
 
 
 @pytest.mark.exercise("ch08.two_four_mask")
