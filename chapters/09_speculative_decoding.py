@@ -21,10 +21,11 @@
 # target's own. The rule (Leviathan et al. 2023; Chen et al. 2023) is **lossless**: the output is distributed
 # exactly as the target's own sampling, whatever the drafts were. Drafts only decide the speed.
 #
-# Your exercises, in `exercises/ch09_speculative.py` (then `minillm grade ch09`): the accept test
-# `accept_reject`, the `residual_distribution` to sample after a rejection, greedy verification with its bonus
-# token `greedy_accept`, prompt lookup `propose_prompt_lookup`, and for token trees `tree_attention_mask` and
-# `medusa_candidates`. The engine calls each of them, so your versions verify real drafts below.
+# Your exercises, in `exercises/ch09_speculative.py` (then `minillm grade ch09`): the expected tokens per step
+# `expected_tokens_per_step`, the accept test `accept_reject`, the `residual_distribution` to sample after a
+# rejection, greedy verification with its bonus token `greedy_accept`, prompt lookup `propose_prompt_lookup`, and
+# for token trees `tree_attention_mask` and `medusa_candidates`. The engine calls the verification and drafting
+# ones, so your versions verify real drafts below.
 
 # %%
 import html
@@ -315,7 +316,7 @@ report(draft_results)
 
 # %% [markdown]
 # Lossless, but at 0.8 target steps per drafted token, `k = 3` drafts cost 2.4 steps before the verify step even
-# starts: about 1.5 tokens for 3.4 steps of work. A draft must be *distilled* (trained to imitate the target) and be
+# starts: about 1.4 tokens (above) for 3.4 steps of work. A draft must be *distilled* (trained to imitate the target) and be
 # an order of magnitude cheaper; that is what Medusa, EAGLE and MTP heads are.
 #
 # Cheap alone is not enough either. `{"method": "draft_model"}` without a layer count loads the draft shipped for

@@ -26,6 +26,8 @@
 # * **prefill/decode disaggregation (PD)**: the *work* is split: prompts on one worker, decoding on another; each
 #   request's KV cache travels once (`ch11.pack_kv_blocks`, `ch11.unpack_kv_blocks`).
 #
+# What each costs on the wire is the last exercise: the bytes of a ring all-reduce (`ch11.ring_allreduce_bytes`).
+#
 # Write the exercises in `exercises/ch11_parallelism.py`, then `minillm grade ch11`. The engine calls each through
 # `dispatch` (the layers' weight loaders, the MoE block, the pipeline runner, the KV transfer), so yours run inside
 # it. The byte counts below were **measured** on CPU processes talking over gloo

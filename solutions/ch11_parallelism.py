@@ -138,9 +138,10 @@ def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[in
     n = min(num_micro_batches, num_seqs) micro-batches, none empty, every sequence in exactly one, order kept.
     Walk the sequences with a running token count: micro-batch g (1, 2, ..., n - 1) closes after the first
     sequence, past the one that closed micro-batch g - 1, at which the count reaches g / n of the step's tokens
-    (count >= total / n * g), or as soon as the sequences left are just enough to give each micro-batch still to
-    open one sequence. One sequence closes at most one micro-batch (a long prompt that passes two thresholds
-    closes g; g + 1 closes at the next sequence). The last micro-batch takes whatever remains.
+    (count * n >= total * g, in integers: a float total / n * g can land a hair off), or as soon as the
+    sequences left are just enough to give each micro-batch still to open one sequence. One sequence closes at
+    most one micro-batch (a long prompt that passes two thresholds closes g; g + 1 closes at the next sequence).
+    The last micro-batch takes whatever remains.
 
     Example: query_lens [5, 17, 1, 3] (26 tokens), 2 micro-batches -> [0, 2, 4] (22 and 4 tokens: the 17-token
     prompt cannot be cut); [1, 1, 1, 1, 1], 2 -> [0, 3, 5]; [100, 1, 1, 1], 3 -> [0, 1, 2, 4]; [4], 3 -> [0, 1].

@@ -46,7 +46,8 @@ def propose_prompt_lookup(token_ids: list[int] | torch.Tensor, num_speculative_t
     when the match sits near the end of the sequence.
 
     Example: [1, 2, 3, 4, 1, 2], k = 3 -> the suffix (1, 2) occurred at 0..1 -> [3, 4, 1];
-             [7, 7, 7], k = 2, max_n 2 -> (7, 7) occurred at 0..1 -> [7]; [5], or no repeat -> [].
+             [7, 7, 7, 7], k = 2, max_n 3 -> (7, 7, 7) occurred at 0..2, overlapping it -> [7]; [5], or no
+             repeat -> [].
     Raise ValueError if num_speculative_tokens < 1 or not 1 <= min_n <= max_n (integers), or token_ids is not 1-D.
     """
     # >>> solution

@@ -162,6 +162,10 @@ def test_residual_properties(impl):
     assert_close(r[0], torch.tensor([1.0, 0.0, 0.0]), "residual of p [0.5, 0.3, 0.2] against q [0.2, 0.6, 0.2]")
     assert_close(r[1], torch.tensor([0.0, 0.0, 1.0]), "residual where only one token has p > q")
     assert_close(r[2], p[2], "p == q leaves nothing over: the residual falls back to p")
+    near_p = torch.tensor([[0.5, 0.3, 0.2]])  # q differs from p by rounding noise: 2e-7 left over (at most 1e-6)
+    near_q = torch.tensor([[0.5 - 2e-7, 0.3 + 2e-7, 0.2]])
+    assert_close(impl(near_p.clone(), near_q.clone())[0], near_p[0],
+                 "leftover mass 2e-7 (<= 1e-6, rounding noise of p == q): the residual falls back to p")
 
 
 @pytest.mark.exercise("ch09.residual_distribution")
