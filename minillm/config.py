@@ -215,6 +215,9 @@ class EngineConfig:
                                                                                 "piecewise_cuda_graphs",
                                                                                 "async_scheduling")):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {value!r}")
+        if self.preemption_mode == "swap" and self.swap_space == 0:  # it would recompute every time, silently
+            raise ValueError("preemption_mode='swap' needs swap_space > 0 bytes of CPU memory for the swapped "
+                             "blocks, got swap_space=0 (or use preemption_mode='recompute')")
         if self.expert_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} runs attention replicated on every "
                              f"rank; combine it with tensor_parallel_size=1 and pipeline_parallel_size=1, got "

@@ -45,6 +45,9 @@ from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 Prompt = str | list[int]
+# LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
+_LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
+                      "distributed_executor_backend", "disaggregation")
 
 
 class LLM:
@@ -131,14 +134,28 @@ class LLM:
         num_kv_blocks or kv_cache_memory the new pool is sized for max_num_seqs sequences of max_model_len,
         within what is free now (kv_cache.shared_pool_memory), not profiled as LLM(...) would."""
         base = self.llm_engine
+        fixed = [name for name in _LOAD_TIME_OPTIONS if name in engine_kwargs]
+        if fixed:  # the weights are this LLM's, loaded once: these were decided then
+            raise ValueError(f"share_model reuses this LLM's loaded weights, so {', '.join(fixed)} cannot change "
+                             f"(this LLM: device={self.device}, dtype={self.dtype}); build a new LLM(...) instead")
         max_model_len = base.max_model_len if max_model_len is None else max_model_len
         engine_config = _engine_config(max_model_len, max_num_seqs, kv_layout, scheduling, engine_kwargs)
+        sizes = (engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size,
+                 engine_config.expert_parallel_size)
+        if sizes != (1, 1, 1):
+            raise ValueError(f"share_model shares the model in this process, so tensor/pipeline/expert_parallel_size "
+                             f"must be 1, got {'/'.join(map(str, sizes))}; build a new LLM(...) for parallel workers")
+        try:
+            model = base.runner.model
+        except AttributeError:
+            raise ValueError("share_model needs this LLM's model in this process; its workers are other processes "
+                             "(distributed_executor_backend='mp', parallelism or disaggregation)") from None
         if self.device.type == "cuda" and engine_config.num_kv_blocks is None and engine_config.kv_cache_memory is None:
             resolved = resolve_engine_config(engine_config, base.model_config, self.device)
             free = torch.cuda.mem_get_info(self.device)[0]
             engine_config = dataclasses.replace(engine_config, kv_cache_memory=shared_pool_memory(
                 resolved, base.model_config, self.dtype, free))
-        engine = LLMEngine(base.runner.model, base.tokenizer, base.model_config, engine_config, device=self.device,
+        engine = LLMEngine(model, base.tokenizer, base.model_config, engine_config, device=self.device,
                            dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
         llm = LLM.from_engine(engine)
         llm.model_path = self.model_path

@@ -151,6 +151,15 @@ def test_bad_disaggregation_options_are_refused_before_any_process_starts():
         DisaggregationConfig.from_value({"decoders": 1})
     with pytest.raises(ValueError, match="decode_num_kv_blocks must be None or an integer >= 1, got 0"):
         DisaggregationConfig(decode_num_kv_blocks=0)
+    # devices reached torch (its list of every backend) or a worker process that died with the reason in its stderr
+    with pytest.raises(ValueError, match=r"decode_device='bogus' is not a device; allowed: None, 'cpu', 'cuda'"):
+        DisaggregationConfig(decode_device="bogus")
+    with pytest.raises(ValueError, match=r"prefill_device=3 is not a device"):
+        DisaggregationConfig(prefill_device=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"prefill_device='cuda', but this machine has 0 CUDA device\(s\)"):
+            DisaggregationConfig(prefill_device="cuda")
+    assert DisaggregationConfig(prefill_device="cpu").device("prefill", torch.device("cpu")) == torch.device("cpu")
     with pytest.raises(ValueError, match="continuous batching over paged KV blocks"):
         DisaggregatedEngine(RandomWeights(), ByteTokenizer(), CONFIG, EngineConfig(scheduling="static"))
     with pytest.raises(ValueError, match="speculative decoding is not supported"):

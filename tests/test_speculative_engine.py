@@ -359,6 +359,15 @@ def test_config_accepts_both_spellings():
     ({"method": "ngram", "num_speculative_tokens": 2, "model": "x.gguf"}, "only read by methods draft_model, medusa"),
     ({"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 0},
      "draft_num_layers must be None or an integer >= 1, got 0"),
+    # options another method reads were accepted and ignored
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft_num_layers": 9},
+     r"draft_num_layers is only read by methods self_speculative and draft_model without model= .*, got method 'ngram'"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 2, "model": "d.gguf"},
+     r"draft_num_layers is only read .* got method 'draft_model' with model 'd.gguf'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead_ngram": 9},
+     r"lookahead_ngram is only read by method\(s\) lookahead, got method 'ngram'"),
+    ({"method": "medusa", "num_speculative_tokens": 2, "prompt_lookup_max": 4},
+     r"prompt_lookup_max is only read by method\(s\) ngram, ngram_tree, got method 'medusa'"),
 ])
 def test_config_errors_name_the_bad_value(options, message):
     with pytest.raises(ValueError, match=message):

@@ -487,3 +487,25 @@ def test_cuda_graph_steps_give_the_same_tokens_and_features(target, trained, kin
     graphs, graph_rate = go(spec(kind, heads), False)
     assert eager == plain and graphs == plain
     assert abs(eager_rate - graph_rate) < 0.05  # TF32 in the kernels may flip a near-tie draft, no more
+
+
+def test_a_draft_model_with_a_shorter_context_than_max_model_len_is_refused(tmp_path):
+    """A draft file whose context ends before max_model_len used to be accepted: once any sequence passed the
+    draft's last position every proposal raised, and each failed step dropped the drafts of the whole batch
+    (speculation silently stopped for every request). LLM refuses it, naming both numbers."""
+    import shutil
+    from minillm import LLM
+    from tiny import tiny_qwen2_checkpoint
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    target.mkdir()
+    tiny_qwen2_checkpoint(target)
+    shutil.copytree(target, draft)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    spec = {"method": "draft_model", "num_speculative_tokens": 2, "model": str(draft)}
+    with pytest.raises(ValueError, match=r"draft model .* reads at most 16 positions \(max_position_embeddings\), "
+                                         r"below max_model_len=64: set max_model_len <= 16"):
+        LLM(str(target), max_model_len=64, speculative_config=spec)
+    llm = LLM(str(target), max_model_len=16, speculative_config=spec)  # within the draft's context: accepted
+    out = llm.generate([[3, 4, 5, 6]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

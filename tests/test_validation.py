@@ -225,6 +225,11 @@ def test_bad_overrides_fail_eagerly():
     (dict(scheduling="static", enable_prefix_caching=True), r"scheduling='static' cannot honour enable_prefix"),
     (dict(scheduling="static", enable_chunked_prefill=True, preemption_mode="swap"),
      r"cannot honour enable_chunked_prefill=True, preemption_mode='swap'"),
+    # these were accepted: swap without space recomputed every time, a block past the context held one sequence,
+    # a dense model ignored the MoE option
+    (dict(preemption_mode="swap", swap_space=0), r"preemption_mode='swap' needs swap_space > 0 bytes"),
+    (dict(max_model_len=64, block_size=10**6), r"block_size=1000000 exceeds max_model_len=64: a paged block"),
+    (dict(moe_capacity_factor=1.5), r"moe_capacity_factor=1.5 is only read by mixture-of-experts models; 'llama'"),
 ])
 def test_bad_engine_options_fail_before_loading(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -294,3 +299,17 @@ def test_a_swap_pool_larger_than_the_machine_fails_at_start():
                                    ModelConfig(), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"swap_space=1000000000000000 bytes .* more than 70% of this machine's"):
         make_cache_config(config, 8, 1024)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(tensor_parallel_size=2), r"share_model shares the model in this process, so tensor/pipeline/expert_"
+                                   r"parallel_size must be 1, got 2/1/1"),
+    (dict(pipeline_parallel_size=2), r"must be 1, got 1/2/1"),
+    (dict(quantization="fp8"), r"share_model reuses this LLM's loaded weights, so quantization cannot change"),
+    (dict(device="cpu", dtype="float16"), r"so dtype, device cannot change \(this LLM: device=cpu"),
+])
+def test_share_model_refuses_what_it_cannot_honour(llm, kwargs, pattern):
+    """Parallel sizes were accepted and ignored (one in-process engine ran); load-time options were refused as
+    unknown keywords of LLM(), which has them."""
+    with pytest.raises(ValueError, match=pattern):
+        llm.share_model(**kwargs)

@@ -79,6 +79,27 @@ class DisaggregationConfig:
             blocks = getattr(self, f"{role}_num_kv_blocks")
             if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
                 raise ValueError(f"disaggregation {role}_num_kv_blocks must be None or an integer >= 1, got {blocks!r}")
+            if getattr(self, f"{role}_device") is not None:
+                self._parsed_device(role)  # a bad one fails here, not in a worker process that dies
+
+    def _parsed_device(self, role: str) -> torch.device:
+        """`{role}_device` as a torch.device on this machine (a CUDA one with its index), or ValueError."""
+        chosen = getattr(self, f"{role}_device")
+        allowed = "allowed: None, 'cpu', 'cuda' or 'cuda:N'"
+        try:
+            device = torch.device(chosen) if isinstance(chosen, (str, torch.device)) else None
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"disaggregation {role}_device={chosen!r} is not a device; {allowed}")
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+            if device.index is None and count:  # each side its own GPU when there are two
+                device = torch.device("cuda", ROLES.index(role) if count >= 2 else 0)
+            if not count or device.index >= count:
+                raise ValueError(f"disaggregation {role}_device={chosen!r}, but this machine has {count} CUDA "
+                                 f"device(s)")
+        return device
 
     @classmethod
     def from_value(cls, value: "DisaggregationConfig | Mapping[str, Any] | None") -> "DisaggregationConfig":
@@ -93,9 +114,8 @@ class DisaggregationConfig:
         return cls(**value)
 
     def device(self, role: str, engine_device: torch.device) -> torch.device:
-        chosen = getattr(self, f"{role}_device")
-        if chosen is not None:
-            return torch.device(chosen)
+        if getattr(self, f"{role}_device") is not None:
+            return self._parsed_device(role)
         if engine_device.type != "cuda":
             return engine_device
         two = torch.cuda.device_count() >= 2

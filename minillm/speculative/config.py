@@ -46,6 +46,10 @@ _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prom
 _READS_DRAFT_VOCAB = ("draft_model", "self_speculative", *HIDDEN_STATE_KIND)
 # methods that read num_tree_nodes (the draft nodes below the root of each verified tree)
 _READS_TREE_NODES = ("medusa_tree", "eagle_tree")
+# options with a default that only some methods read: given for another method, they would be ignored silently
+# (checked where the given keys are known: from_dict)
+_READ_ONLY_BY = {"prompt_lookup_max": ("ngram", "ngram_tree"), "prompt_lookup_min": ("ngram", "ngram_tree"),
+                 "lookahead_ngram": ("lookahead",)}
 
 
 # the most tokens one step drafts per sequence: a verify step scores k + 1 rows per sequence. Medusa's heads and
@@ -104,6 +108,11 @@ class SpeculativeConfig:
         d = self.disable_by_batch_size
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"speculative_config disable_by_batch_size must be None or an integer >= 1, got {d!r}")
+        if self.draft_num_layers is not None and (self.method not in ("self_speculative", "draft_model")
+                                                  or self.model is not None):
+            raise ValueError(f"speculative_config draft_num_layers is only read by methods self_speculative and "
+                             f"draft_model without model= (the target's first layers as the draft), got method "
+                             f"{self.method!r}" + (f" with model {self.model!r}" if self.model is not None else ""))
         n = self.num_tree_nodes
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 63):
             raise ValueError(f"speculative_config num_tree_nodes must be None or an integer in [1, 63], got {n!r}")
@@ -159,6 +168,10 @@ class SpeculativeConfig:
         check_method(options["method"])  # first: a misspelt method is the mistake to name, not a missing count
         if "num_speculative_tokens" not in options:
             raise ValueError("speculative_config needs 'num_speculative_tokens' (an integer >= 1)")
+        for key, methods in _READ_ONLY_BY.items():
+            if key in options and options["method"] not in methods:
+                raise ValueError(f"speculative_config {key} is only read by method(s) {', '.join(methods)}, got "
+                                 f"method {options['method']!r}")
         return cls(**options)
 
     @classmethod

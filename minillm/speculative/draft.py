@@ -105,6 +105,11 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
         if draft_config.vocab_size != config.vocab_size:
             raise ValueError(f"draft model {spec.model!r} has vocab_size {draft_config.vocab_size}, the target "
                              f"{config.vocab_size}: a draft must share the target's tokenizer")
+        if draft_config.max_position_embeddings < engine.max_model_len:  # it drafts at every position up to it
+            raise ValueError(f"draft model {spec.model!r} reads at most {draft_config.max_position_embeddings} "
+                             f"positions (max_position_embeddings), below max_model_len={engine.max_model_len}: "
+                             f"set max_model_len <= {draft_config.max_position_embeddings} or use a draft with a "
+                             f"longer context")
         return build_model(draft_config, weights, engine.device, engine.dtype), draft_config
     try:
         target = engine.runner.model
