@@ -35,11 +35,12 @@ def _ignored(root: Path, path: Path) -> bool:
 def release(dest: Path, root: Path | None = None, overwrite: bool = False,
             config: course_config.CourseConfig | None = None) -> list[str]:
     """Copy the course to `dest` for students, with `config`'s public part (default: the course's own
-    course.json, else every chapter and the default seed) as its course.json; returns the paths written."""
+    course.json, else every chapter and the default seed) as its course.json; returns the paths written.
+    `dest` may not be the root, a folder inside it, or one holding it (`overwrite` empties `dest` first)."""
     root = Path(root or repo_root()).resolve()
     dest = Path(dest).resolve()
-    if dest == root or root in dest.parents:
-        raise ValueError(f"release destination {dest} must be outside the course root {root}")
+    if dest == root or root in dest.parents or dest in root.parents:  # --force below would delete the course
+        raise ValueError(f"release destination {dest} must lie outside the course root {root} and not hold it")
     if dest.exists() and any(dest.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{dest} exists and is not empty; choose an empty folder or pass --force")

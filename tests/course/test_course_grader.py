@@ -217,3 +217,18 @@ def test_student_release_has_no_answers_and_still_grades(tmp_path):
     assert causal.status == "pass" and causal.earned == causal.points > 0, causal.message
     assert all(ex.status == "not attempted" for ex in stubs.exercises) and stubs.score == 0
     assert not any(t.hidden for t in causal.tests)
+
+
+@pytest.mark.parametrize("where", ["parent", "grandparent", "root", "inside"])
+def test_release_refuses_a_destination_that_holds_or_is_the_course_root(tmp_path, where):
+    """`minillm release .. --force` deleted the course: a destination that *contains* the root passed the check
+    (only the root itself and folders inside it were refused) and was rmtree'd. Refused before anything is removed."""
+    root = tmp_path / "work" / "course"
+    (root / "exercises").mkdir(parents=True)
+    (root / "exercises" / "precious.py").write_text("# the instructor's work\n")
+    (tmp_path / "work" / "beside.txt").write_text("another project's file\n")
+    dest = {"parent": tmp_path / "work", "grandparent": tmp_path, "root": root, "inside": root / "student"}[where]
+    with pytest.raises(ValueError, match="must lie outside the course root .* and not hold it"):
+        release(dest, root=root, overwrite=True)
+    assert (root / "exercises" / "precious.py").is_file() and (tmp_path / "work" / "beside.txt").is_file()
+    assert not (root / "student").exists()
