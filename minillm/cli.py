@@ -34,7 +34,8 @@ def check_output_path(path: str, flag: str, *, folder: bool) -> None:
             raise ValueError(f"cannot write {flag + ' ' if flag else ''}{path}: it is a directory; give a file path")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise ValueError(f"cannot write {path}: the folder {parent} does not exist")
+            why = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise ValueError(f"cannot write {path}: the folder {parent} {why}")
         return
     ancestor = os.path.abspath(path)
     while not os.path.exists(ancestor):

@@ -69,6 +69,16 @@ from minillm.cli import main
     (["grade", "ch01.rms_norm", "--out", os.path.dirname(__file__)], "is a directory; give a file path"),
     (["bench", "--model", "/nonexistent", "--json", os.path.dirname(__file__)],
      f"cannot write {os.path.dirname(__file__)}: it is a directory; give a file path"),
+    # the release folder and the autograder archive: an OSError traceback (exit 1), for release mid-copy
+    (["release", __file__], f"minillm course release: error: DIR {__file__} is a file; give a directory"),
+    (["course", "release", __file__ + "/sub"], f"cannot create DIR {__file__}/sub: {__file__} is not a writable"),
+    pytest.param(["release", "/proc/minillm_release"], "cannot create", marks=pytest.mark.skipif(
+        not os.path.isdir("/proc"), reason="needs /proc: a folder no one can create in, root included")),
+    (["course", "gradescope", os.path.dirname(__file__)],
+     f"minillm course gradescope: error: cannot write ZIP {os.path.dirname(__file__)}: it is a directory"),
+    (["course", "gradescope", __file__ + "/x.zip"], f"cannot write {__file__}/x.zip: the folder {__file__} is not a dir"),
+    pytest.param(["course", "gradescope", "/proc/minillm.zip"], "cannot write", marks=pytest.mark.skipif(
+        not os.path.isdir("/proc"), reason="needs /proc: a folder no one can create in, root included")),
 ])
 def test_bad_values_exit_2_with_one_line(argv, words, capsys):
     assert main(argv) == 2

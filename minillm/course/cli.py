@@ -125,8 +125,10 @@ def _assignment(args: argparse.Namespace, hidden: bool = False):
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
+    from minillm.cli import check_output_path
     from minillm.course.release import release
     try:
+        check_output_path(args.dir, "DIR", folder=True)
         cfg = _assignment(args)
         written = release(Path(args.dir), overwrite=args.force, config=cfg)
     except (ValueError, FileExistsError) as e:
@@ -139,8 +141,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradescope(args: argparse.Namespace) -> int:
+    from minillm.cli import check_output_path
     from minillm.course.gradescope import build_autograder
     try:
+        check_output_path(args.zip, "ZIP", folder=False)
         cfg = _assignment(args, hidden=True)
         names = build_autograder(Path(args.zip), config=cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -195,13 +199,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sync)
     for parent, name in ((sub, "release"), (subparsers, "release")):  # `minillm release` is an alias
         p = parent.add_parser(name, help="write a student copy without solutions/ and hidden tests")
-        p.add_argument("dir")
+        p.add_argument("dir", metavar="DIR")
         p.add_argument("--chapters", default=None, help="the assignment, e.g. ch05,ch06 (default: every chapter)")
         p.add_argument("--seed", type=int, default=None, help="the graded inputs' seed (default: course.json's)")
         p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
         p.set_defaults(func=_cmd_release)
     p = sub.add_parser("gradescope", help="build the Gradescope autograder archive")
-    p.add_argument("zip")
+    p.add_argument("zip", metavar="ZIP")
     p.add_argument("--chapters", default=None, help="the assignment, e.g. ch05,ch06 (default: every chapter)")
     p.add_argument("--seed", type=int, default=None, help="the visible tests' seed (default: course.json's)")
     p.add_argument("--hidden-seed", type=int, default=None,

@@ -120,7 +120,11 @@ def build_autograder(zip_path: Path, root: Path | None = None,
                                 "repository")
     config = config or course_config.load(root)
     names = []
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+    try:  # opened before the walk: a path that cannot take the archive fails before any work
+        out = open(zip_path, "wb")
+    except OSError as e:
+        raise ValueError(f"cannot write the autograder archive {zip_path}: {e.strerror}") from None
+    with out, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER),
                            (course_config.CONFIG_FILE, config.to_json())):
             info = zipfile.ZipInfo(name)

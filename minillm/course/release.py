@@ -41,10 +41,14 @@ def release(dest: Path, root: Path | None = None, overwrite: bool = False,
     dest = Path(dest).resolve()
     if dest == root or root in dest.parents or dest in root.parents:  # --force below would delete the course
         raise ValueError(f"release destination {dest} must lie outside the course root {root} and not hold it")
-    if dest.exists() and any(dest.iterdir()):
+    if dest.is_dir() and any(dest.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{dest} exists and is not empty; choose an empty folder or pass --force")
         shutil.rmtree(dest)
+    try:  # now, not at the first copy: a folder that cannot be made (under a file, in /proc) fails before any work
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the release destination {dest}: {e.strerror}") from None
     written = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
