@@ -159,16 +159,22 @@ def _cmd_gradescope(args: argparse.Namespace) -> int:
 
 def _cmd_notebooks(args: argparse.Namespace) -> int:
     from minillm.course import notebooks
+    try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be an integer >= 1, got {args.jobs}")
+        chapters = notebooks.sources(names=args.names)  # refuses a name that is no chapter
+    except ValueError as e:
+        print(f"minillm course notebooks: error: {e}", file=sys.stderr)
+        return 2
     if args.check:
-        problems = notebooks.out_of_sync()
+        problems = notebooks.out_of_sync(names=args.names)
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
     if args.smoke:
         from minillm.course.chapter_smoke import smoke
-        failed = smoke(notebooks.sources(names=args.names or None), jobs=args.jobs)
-        return 1 if failed else 0
-    for py in notebooks.sources(names=args.names or None):
+        return 1 if smoke(chapters, jobs=args.jobs) else 0
+    for py in chapters:
         print(f"building {py.with_suffix('.ipynb').name}" + (" (executing with the solutions)" if args.execute else ""))
         notebooks.build(py, execute=args.execute)
     return 0

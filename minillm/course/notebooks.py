@@ -22,27 +22,32 @@ from minillm.course.registry import repo_root
 
 
 def sources(chapters_dir: Path | None = None, names: list[str] | None = None) -> list[Path]:
-    """The percent-format chapter sources (chapters/*.py that start with a jupytext header or a cell)."""
+    """The percent-format chapter sources (chapters/*.py that start with a jupytext header or a cell), only
+    those `names` (stems or file names) when given. A name that is no chapter is a ValueError: a typo selected
+    nothing, and `--smoke` passed having run nothing."""
     folder = Path(chapters_dir or repo_root() / "chapters")
-    found = []
+    every = []
     for p in sorted(folder.glob("*.py")):
         head = p.read_text(encoding="utf-8")[:2000]
         if "# %%" in head or "format_name: percent" in head:
-            if not names or p.stem in names or p.name in names:
-                found.append(p)
-    return found
+            every.append(p)
+    for name in names or ():
+        if not any(name in (p.stem, p.name) for p in every):
+            raise ValueError(f"no chapter {name!r}; the chapters are {', '.join(p.stem for p in every)}")
+    return [p for p in every if not names or p.stem in names or p.name in names]
 
 
 def _cells(nb) -> list[tuple[str, str]]:
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
-def out_of_sync(chapters_dir: Path | None = None) -> list[str]:
-    """Problems: a .py without its .ipynb, an .ipynb without its .py, or cells that differ."""
+def out_of_sync(chapters_dir: Path | None = None, names: list[str] | None = None) -> list[str]:
+    """Problems: a .py without its .ipynb, an .ipynb without its .py, or cells that differ. Given `names`, only
+    those chapters' (a stray .ipynb is then not looked for)."""
     import jupytext
     folder = Path(chapters_dir or repo_root() / "chapters")
     problems = []
-    pys = {p.stem: p for p in sources(folder)}
+    pys = {p.stem: p for p in sources(folder, names)}
     for stem, py in pys.items():
         ipynb = py.with_suffix(".ipynb")
         if not ipynb.exists():
@@ -50,7 +55,7 @@ def out_of_sync(chapters_dir: Path | None = None) -> list[str]:
         elif _cells(jupytext.read(py)) != _cells(jupytext.read(ipynb)):
             problems.append(f"{ipynb.name} differs from {py.name}: run `minillm course notebooks {stem}`")
     for nb in sorted(folder.glob("*.ipynb")):
-        if nb.stem not in pys:
+        if nb.stem not in pys and not names:
             problems.append(f"{nb.name} has no percent-format source {nb.stem}.py (author chapters as .py)")
     return problems
 

@@ -96,3 +96,17 @@ def test_smoke_runs_chapters_as_scripts_and_names_the_one_that_fails(tmp_path, c
     assert "ValueError: cell two broke" in out
     with pytest.raises(ValueError, match="jobs must be a positive integer, got 0"):
         smoke([good], jobs=0)
+
+
+def test_check_reads_only_the_named_chapters(tmp_path):
+    """`minillm course notebooks --check NAME` checked every chapter (the names were ignored); a name that matches
+    no chapter is refused with the chapters there are, not taken as an empty selection that passes."""
+    for stem in ("01_done", "02_draft"):
+        (tmp_path / f"{stem}.py").write_text("# %%\nx = 1\n")
+    notebooks.build(tmp_path / "01_done.py", execute=False)  # 02_draft has no .ipynb yet
+    assert notebooks.out_of_sync(tmp_path, names=["01_done"]) == []
+    assert notebooks.out_of_sync(tmp_path, names=["02_draft.py"]) == [
+        "02_draft.ipynb is missing: run `minillm course notebooks 02_draft`"]
+    assert len(notebooks.out_of_sync(tmp_path)) == 1
+    with pytest.raises(ValueError, match=r"no chapter '03_gone'; the chapters are 01_done, 02_draft$"):
+        notebooks.sources(tmp_path, names=["01_done", "03_gone"])
