@@ -142,3 +142,12 @@ def test_gradescope_gets_a_results_json_for_a_submission_it_cannot_grade(tmp_pat
     assert results["output"].startswith("Your submission could not be graded: implementation")
     assert "holds none of the exercise modules" in results["output"]
     assert "holds none of the exercise modules" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, out", [(["release"], "student"), (["course", "gradescope"], "autograder.zip")])
+def test_an_empty_chapters_list_is_refused(command, out, tmp_path, capsys):
+    """`--chapters ''` (a shell variable left empty) released, or built the autograder of, every chapter."""
+    assert main([*command, str(tmp_path / out), "--chapters", ""]) == 2
+    err = capsys.readouterr().err
+    assert "error: --chapters is empty; name the assignment's chapters, e.g. ch05,ch06" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / out).exists()

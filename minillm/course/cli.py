@@ -118,8 +118,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _assignment(args: argparse.Namespace, hidden: bool = False):
     from minillm.course import config
     base = config.load()
-    return config.CourseConfig(seed=base.seed if args.seed is None else args.seed,
-                               chapters=config.parse_chapters(args.chapters) if args.chapters else base.chapters,
+    chapters = base.chapters if args.chapters is None else config.parse_chapters(args.chapters)  # '' is refused
+    return config.CourseConfig(seed=base.seed if args.seed is None else args.seed, chapters=chapters,
                                hidden_seed=(args.hidden_seed if args.hidden_seed is not None else base.hidden_seed)
                                if hidden else None)
 

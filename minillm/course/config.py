@@ -52,9 +52,13 @@ class CourseConfig:
 
 
 def parse_chapters(text: str | None) -> tuple[int, ...]:
-    """'ch05,ch06' or '5,6' -> (5, 6); None or '' -> () (every chapter)."""
-    if not text:
+    """'ch05,ch06' or '5,6' -> (5, 6); None (no --chapters) -> () (every chapter). '' is refused: an empty
+    shell variable must not quietly mean every chapter."""
+    if text is None:
         return ()
+    if not text.strip():
+        raise ValueError("--chapters is empty; name the assignment's chapters, e.g. ch05,ch06 "
+                         "(leave --chapters out for every chapter)")
     chapters = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(?:ch)?(\d{1,2})\s*", part)

@@ -19,7 +19,10 @@ ROOT = repo_root()
 
 
 def test_parse_and_validate():
-    assert parse_chapters("ch05,ch06") == (5, 6) and parse_chapters(" 6, ch05 ,5") == (5, 6) and parse_chapters("") == ()
+    assert parse_chapters("ch05,ch06") == (5, 6) and parse_chapters(" 6, ch05 ,5") == (5, 6)
+    assert parse_chapters(None) == ()
+    with pytest.raises(ValueError, match="--chapters is empty"):  # '' meant every chapter: an assignment of all
+        parse_chapters("")
     with pytest.raises(ValueError, match="'ch99' is not a chapter"):
         parse_chapters("ch05,ch99")
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2147483647\], got -1"):
