@@ -76,11 +76,13 @@ from minillm.cli import main
         not os.path.isdir("/proc"), reason="needs /proc: a folder no one can create in, root included")),
     (["course", "gradescope", os.path.dirname(__file__)],
      f"minillm course gradescope: error: cannot write ZIP {os.path.dirname(__file__)}: it is a directory"),
-    (["course", "gradescope", __file__ + "/x.zip"], f"cannot write {__file__}/x.zip: the folder {__file__} is not a dir"),
+    (["course", "gradescope", __file__ + "/x.zip"],
+     f"cannot write {__file__}/x.zip: the folder {__file__} is not a directory"),
     pytest.param(["course", "gradescope", "/proc/minillm.zip"], "cannot write", marks=pytest.mark.skipif(
         not os.path.isdir("/proc"), reason="needs /proc: a folder no one can create in, root included")),
     # --smoke --jobs 0 was a ValueError traceback; a chapter name that matched nothing ran nothing and exited 0
-    (["course", "notebooks", "--smoke", "--jobs", "0"], "minillm course notebooks: error: --jobs must be an integer >= 1"),
+    (["course", "notebooks", "--smoke", "--jobs", "0"],
+     "minillm course notebooks: error: --jobs must be an integer >= 1, got 0"),
     (["course", "notebooks", "--smoke", "--jobs", "-1", "01_llm_inference"], "--jobs must be an integer >= 1, got -1"),
     (["course", "notebooks", "--smoke", "nosuchchapter"],
      "minillm course notebooks: error: no chapter 'nosuchchapter'; the chapters are 01_llm_inference, 02_kv_cache, "),
