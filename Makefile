@@ -39,8 +39,10 @@ lab: setup
 	@# the repository root as the notebook dir (chapters import exercises/ next door); root needs --allow-root
 	$(VENV)/bin/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) chapters/01_llm_inference.ipynb
 
+# the seed's "stack the optimizations" table, measured live on this machine (each row adds one technique;
+# benchmarks/ holds the per-target scripts whose GPU figures are in benchmarks/RESULTS.md)
 bench: setup
-	$(VPY) benchmarks/run_all.py
+	$(VENV)/bin/minillm bench stack
 
 clean:
 	rm -rf $(VENV) build *.egg-info
