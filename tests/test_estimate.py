@@ -55,10 +55,15 @@ def test_custom_shape_and_param_override():
 @pytest.mark.parametrize("kwargs,match", [
     ({"model": "llama-9b"}, "unknown model preset 'llama-9b'; allowed: llama-2-7b"),
     ({"dtype": "fp5"}, "unknown dtype 'fp5'; allowed: fp32, fp16, bf16, fp8, int8, int4"),
-    ({"context": 0}, "context must be > 0, got 0"),
-    ({"batch": -2}, "batch must be > 0, got -2"),
+    ({"context": 0}, r"context must be an integer in \[1, 1,000,000,000\], got 0"),
+    ({"batch": -2}, r"batch must be an integer in \[1, 1,000,000\], got -2"),
     ({"batch": 2.5}, "batch must be an integer"),
-    ({"num_params": -1.0}, "num_params must be > 0"),
+    ({"num_params": -1.0}, r"num_params must be a number in \[1, 1e\+15\], got -1.0"),
+    # beyond float range: an OverflowError from math.isfinite(int), or "inf GB" and "nan GPUs" printed
+    ({"context": 10**310}, r"context must be an integer in \[1, 1,000,000,000\], got about 10\*\*310"),
+    ({"batch": 10**400}, r"batch must be an integer in \[1, 1,000,000\], got about 10\*\*400"),
+    ({"num_params": 1e308}, r"num_params must be a number in \[1, 1e\+15\], got 1e\+308"),
+    ({"context": float("nan")}, "context must be an integer"),
     ({"kv_dtype": "int3"}, "unknown dtype 'int3'"),
 ])
 def test_invalid_inputs_name_the_value_and_the_allowed_range(kwargs, match):
@@ -68,7 +73,7 @@ def test_invalid_inputs_name_the_value_and_the_allowed_range(kwargs, match):
 
 
 def test_custom_shape_rejects_zero_layers():
-    with pytest.raises(ValueError, match="num_layers must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 10,000\], got 0"):
         est.custom_shape(1e9, num_layers=0, num_kv_heads=8, head_dim=128)
 
 
@@ -87,9 +92,30 @@ def test_cli_table_and_estimate(capsys):
 @pytest.mark.parametrize("argv,match", [
     (["--model", "gpt-5"], "allowed: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, smollm2-135m"),
     (["--model", "llama-2-7b", "--dtype", "q4"], "allowed: fp32, fp16, bf16, fp8, int8, int4"),
-    (["--model", "llama-2-7b", "--context", "-5"], "context must be > 0, got -5"),
+    (["--model", "llama-2-7b", "--context", "-5"], "context must be an integer in [1, 1,000,000,000], got -5"),
     (["--params", "7b"], "give --model"),
+    (["--model", "smollm2-135m", "--context", "1" + "0" * 310], "got about 10**310"),  # was an OverflowError
+    (["--model", "smollm2-135m", "--batch", "1" + "0" * 400], "batch must be an integer in [1, 1,000,000]"),
+    (["--params", "1e308", "--layers", "1", "--kv-heads", "1", "--head-dim", "1"],  # printed "inf GB", exit 0
+     "num_params must be a number in [1, 1e+15], got 1e+308"),
+    (["--params", "1e200", "--layers", "1", "--kv-heads", "1", "--head-dim", "1", "--context", "1" + "0" * 300],
+     "num_params must be a number in [1, 1e+15]"),
+    (["--model", "llama-3-8b", "--gpu-gb", "1e-300"], "gpu_gb must be a number in [0.001, 100000], got 1e-300"),
+    # the table is fixed: these were ignored, exit 0, and never checked
+    (["--table", "--model", "nonsense", "--context", "-5"],
+     "--table prints the fixed 70B table and reads no other flag; drop --model, --context"),
+    (["--table", "--dtype", "int4"], "drop --dtype"),
 ])
 def test_cli_errors_exit_2_with_a_clear_message(argv, match, capsys):
     assert main(["estimate", *argv]) == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_largest_inputs_give_finite_numbers():
+    """Every input at its LIMITS bound: the bytes and the GPU count stay finite floats."""
+    top = {name: high for name, (_, high) in est.LIMITS.items()}
+    low = est.LIMITS["gpu_gb"][0]
+    shape = est.custom_shape(top["num_params"], top["num_layers"], top["num_kv_heads"], top["head_dim"])
+    table = est.format_estimate(est.estimate(shape, "fp32", top["context"], top["batch"]), gpu_gb=low)
+    assert "inf" not in table and "nan" not in table

@@ -26,11 +26,20 @@ def parse_count(text: str) -> float:
     return float(m.group(1)) * _SUFFIX[m.group(2)]
 
 
+# `minillm estimate`'s flags and their defaults: --table refuses a flag not left at its default
+ESTIMATE_DEFAULTS = {"model": None, "params": None, "layers": None, "kv_heads": None, "head_dim": None,
+                     "dtype": "fp16", "kv_dtype": None, "context": 4096, "batch": 1, "gpu_gb": 80.0}
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from minillm.bench import estimate as est
 
     try:
-        if args.table:
+        if args.table:  # a fixed table: a flag given with it was ignored (and a bad value never checked)
+            given = [f"--{name.replace('_', '-')}" for name, default in ESTIMATE_DEFAULTS.items()
+                     if getattr(args, name) != default]
+            if given:
+                raise ValueError(f"--table prints the fixed 70B table and reads no other flag; drop {', '.join(given)}")
             print("Weights of a 70B model (decimal GB = 1e9 bytes; weights only, no KV cache):")
             print(est.format_seed_table())
             return 0
@@ -225,17 +234,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
     p = subparsers.add_parser("estimate", help="memory for weights + KV cache of a model size, dtype, context, batch")
-    p.add_argument("--model", default=None, help="preset: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
-                                                 "llama-3-70b, smollm2-135m")
-    p.add_argument("--params", type=parse_count, default=None, help="parameter count (70e9, 70b); overrides the preset's")
-    p.add_argument("--layers", type=int, default=None, help="custom model: number of layers")
-    p.add_argument("--kv-heads", type=int, default=None, help="custom model: key/value heads per layer")
-    p.add_argument("--head-dim", type=int, default=None, help="custom model: dimension of each head")
-    p.add_argument("--dtype", default="fp16", help="weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16)")
-    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weights' float dtype, fp16 for int)")
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU, to count GPUs (default 80)")
+    p.add_argument("--model", help="preset: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, "
+                                   "smollm2-135m")
+    p.add_argument("--params", type=parse_count, help="parameter count (70e9, 70b); overrides the preset's")
+    p.add_argument("--layers", type=int, help="custom model: number of layers")
+    p.add_argument("--kv-heads", type=int, help="custom model: key/value heads per layer")
+    p.add_argument("--head-dim", type=int, help="custom model: dimension of each head")
+    p.add_argument("--dtype", help="weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16)")
+    p.add_argument("--kv-dtype", help="KV cache dtype (default: the weights' float dtype, fp16 for int)")
+    p.add_argument("--context", type=int, help="tokens per sequence (default 4096)")
+    p.add_argument("--batch", type=int, help="sequences held at once (default 1)")
+    p.add_argument("--gpu-gb", type=float, help="memory of one GPU, to count GPUs (default 80)")
+    p.set_defaults(**ESTIMATE_DEFAULTS)
     p.add_argument("--table", action="store_true", help="print the seed's 70B table (140 / 70 / 35 GB) and exit")
     p.set_defaults(func=_cmd_estimate)
 

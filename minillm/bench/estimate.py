@@ -77,14 +77,29 @@ def dtype_bytes(dtype: str) -> float:
     return DTYPE_BYTES[key]
 
 
-def _positive(name: str, value: float, integer: bool = True) -> None:
-    """ValueError unless `value` is a finite number > 0 (an integer if `integer`)."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not number or (integer and int(value) != value):
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+# The range of each input: far past any real model or GPU at the top, and small enough there that every product
+# below (2 x layers x kv_heads x head_dim x bytes x context x batch; the total over a GPU's memory) stays a
+# finite float: a context of 1e310 tokens was an OverflowError, 1e308 parameters printed "inf GB" and "nan GPUs".
+LIMITS: dict[str, tuple[float, float]] = {
+    "num_params": (1, 1e15), "num_layers": (1, 10_000), "num_kv_heads": (1, 10_000), "head_dim": (1, 100_000),
+    "context": (1, 10**9), "batch": (1, 10**6), "gpu_gb": (0.001, 100_000)}
+
+
+def _in_limits(name: str, value: float, integer: bool = True) -> None:
+    """ValueError unless `value` is a number in LIMITS[name] (an integer if `integer`), naming value and range."""
+    low, high = LIMITS[name]
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    # compared before int(), which raises on nan and inf (math.isfinite raised on an int too large for a float)
+    if not (number and low <= value <= high and (not integer or int(value) == value)):
+        span = f"an integer in [{low:,}, {high:,}]" if integer else f"a number in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be {span}, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """repr(value), a huge integer as its order of magnitude (10**310 is 311 digits: too long for an error)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"about {'-' if value < 0 else ''}10**{int(value.bit_length() * math.log10(2))}"
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,7 @@ class MemoryEstimate:
 
 def weight_bytes(num_params: float, dtype: str) -> float:
     """Bytes for the weights alone: params x bytes per param."""
-    _positive("num_params", num_params, integer=False)
+    _in_limits("num_params", num_params, integer=False)
     return num_params * dtype_bytes(dtype)
 
 
@@ -117,7 +132,7 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str
     """2 (a key and a value) x layers x kv_heads x head_dim x bytes x context x batch."""
     for name, v in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                     ("context", context), ("batch", batch)]:
-        _positive(name, v)
+        _in_limits(name, v)
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes(dtype) * context * batch
 
 
@@ -147,14 +162,14 @@ def custom_shape(num_params: float, num_layers: int, num_kv_heads: int, head_dim
                  name: str = "custom") -> ModelShape:
     """A shape from explicit sizes, for a model that is not a preset (only what the memory formula needs)."""
     for n, v in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)]:
-        _positive(n, v)
-    _positive("num_params", num_params, integer=False)
+        _in_limits(n, v)
+    _in_limits("num_params", num_params, integer=False)
     return ModelShape(name, num_layers, 0, num_kv_heads, num_kv_heads, head_dim, 0, 0, nominal_params=num_params)
 
 
 def format_estimate(e: MemoryEstimate, gpu_gb: float = 80.0) -> str:
     """A small table: weights, KV cache, total, and how many `gpu_gb` GPUs that fills."""
-    _positive("gpu_gb", gpu_gb, integer=False)
+    _in_limits("gpu_gb", gpu_gb, integer=False)
     rows = [("model", e.model), ("parameters", f"{e.num_params / 1e9:.3f} B"),
             ("weights dtype", f"{e.dtype} ({DTYPE_BYTES[e.dtype]:g} bytes/param)"),
             ("KV cache dtype", f"{e.kv_dtype} ({DTYPE_BYTES[e.kv_dtype]:g} bytes/value)"),
