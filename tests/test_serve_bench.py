@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minillm.bench.cli import main as bench_main
-from minillm.bench.serve import arrival_times, bench_serve, docstring_prompts, plot_latency_vs_rate, to_json
+from minillm.bench.serve import MAX_SCHEDULE_S, arrival_times, bench_serve, docstring_prompts, plot_latency_vs_rate, to_json
 from minillm.serve.server import ServerThread
 from serve_tiny import tiny_app
 from tiny import one_thread  # noqa: F401 (autouse fixture)
@@ -26,6 +26,22 @@ def test_arrival_times():
     for bad in ((5, 0.0, "poisson"), (5, -1.0, "poisson"), (5, 1.0, "uniform")):
         with pytest.raises(ValueError):
             arrival_times(*bad)
+    # 1e-300 put the first request 7e299 s ahead (1e-320: inf): the run slept forever
+    for rate in (1e-300, 1e-320, 2 / MAX_SCHEDULE_S * 0.99):
+        with pytest.raises(ValueError, match=r"request_rate .* sends 2 requests over about .* s; the schedule may "
+                                             r"last at most 86,400 s \(a day\): give a rate >= 2.31e-05 requests/s"):
+            arrival_times(2, rate)
+    assert len(arrival_times(2, 2 / MAX_SCHEDULE_S)) == 2 and arrival_times(2, 1e-300, "burst") == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("rates", ["1e-300", "1e-320", "1000,1e-300"])
+def test_cli_refuses_a_rate_whose_arrivals_never_end_before_any_request(rates, capsys):
+    """Checked for every rate of a sweep before the first run (no server is needed to be refused)."""
+    assert bench_main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2",
+                       "--request-rate", rates]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm bench serve: error: --request-rate 1e-3") and "at most 86,400 s" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_docstring_prompts_are_real_text_and_deterministic():

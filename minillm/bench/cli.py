@@ -134,6 +134,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         _check_output_file(args.json)
         _check_output_file(args.plot)
         prompts = bs.docstring_prompts(args.num_prompts, args.max_prompt_chars, args.seed)
+        for rate in args.request_rate:  # every rate of a sweep, before the first is run
+            bs.check_rate(len(prompts), rate, args.arrival, "--request-rate")
         results = []
         for rate in args.request_rate:
             results.append(bs.bench_serve(args.base_url, prompts, rate, args.arrival, args.output_len, args.model,

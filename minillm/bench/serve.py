@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 
 ARRIVALS = ("poisson", "burst")
+MAX_SCHEDULE_S = 86_400  # seconds: the longest a rate's arrivals may take on average (num_requests / rate)
 
 
 def docstring_prompts(num_prompts: int, max_chars: int = 400, seed: int = 0) -> list[str]:
@@ -52,12 +53,23 @@ def docstring_prompts(num_prompts: int, max_chars: int = 400, seed: int = 0) -> 
     return [prompts[i % len(prompts)] for i in range(num_prompts)]
 
 
-def arrival_times(num_requests: int, request_rate: float, arrival: str = "poisson", seed: int = 0) -> list[float]:
-    """Seconds after the start at which each request is sent."""
+def check_rate(num_requests: int, request_rate: float, arrival: str = "poisson", name: str = "request_rate") -> None:
+    """ValueError unless `request_rate` (requests/s; inf: a burst) can send `num_requests` with `arrival` within
+    MAX_SCHEDULE_S: poisson arrivals take num_requests / request_rate seconds on average, and a rate of 1e-300 put
+    the first request 7e299 s ahead (the run slept forever). `name` is the rate's name in the message."""
     if arrival not in ARRIVALS:
         raise ValueError(f"arrival={arrival!r}; allowed: {', '.join(ARRIVALS)}")
     if not request_rate > 0:
-        raise ValueError(f"request_rate must be > 0 requests/s (inf for a burst), got {request_rate}")
+        raise ValueError(f"{name} must be > 0 requests/s (inf for a burst), got {request_rate}")
+    if arrival == "poisson" and num_requests / request_rate > MAX_SCHEDULE_S:
+        raise ValueError(f"{name} {request_rate!r} sends {num_requests} requests over about "
+                         f"{num_requests / request_rate:.3g} s; the schedule may last at most {MAX_SCHEDULE_S:,} s "
+                         f"(a day): give a rate >= {num_requests / MAX_SCHEDULE_S:.3g} requests/s (inf for a burst)")
+
+
+def arrival_times(num_requests: int, request_rate: float, arrival: str = "poisson", seed: int = 0) -> list[float]:
+    """Seconds after the start at which each request is sent (see check_rate for what is refused)."""
+    check_rate(num_requests, request_rate, arrival)
     if arrival == "burst" or math.isinf(request_rate):
         return [0.0] * num_requests
     rng = np.random.default_rng(seed)
