@@ -44,6 +44,21 @@ def test_cli_refuses_a_rate_whose_arrivals_never_end_before_any_request(rates, c
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, words", [(["--model", "nosuch"], "nosuch"), (["--output-len", "1000000000"], "")])
+def test_cli_exits_1_when_no_request_succeeded(flags, words, capsys):
+    """Every request failed (a model the server does not serve, answers beyond its context): a table of nan and
+    exit 0 before; now one line with the first error, and exit 1."""
+    app, _ = tiny_app()
+    with ServerThread(app) as srv:
+        code = bench_main(["bench", "serve", "--base-url", srv.url, "--num-prompts", "2", "--max-prompt-chars", "30",
+                           *flags])
+    captured = capsys.readouterr()
+    assert code == 1 and "nan" not in captured.out, captured
+    err = captured.err.strip()
+    assert err.startswith("minillm bench serve: error: no request succeeded at --request-rate inf (2 sent); "
+                          "the first error: ") and words in err and len(err.splitlines()) == 1, err
+
+
 def test_docstring_prompts_are_real_text_and_deterministic():
     prompts = docstring_prompts(5, max_chars=120, seed=2)
     assert prompts == docstring_prompts(5, max_chars=120, seed=2) and len(set(prompts)) == 5

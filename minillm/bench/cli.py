@@ -138,9 +138,15 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             bs.check_rate(len(prompts), rate, args.arrival, "--request-rate")
         results = []
         for rate in args.request_rate:
-            results.append(bs.bench_serve(args.base_url, prompts, rate, args.arrival, args.output_len, args.model,
-                                          args.slo_ttft_ms, args.slo_tpot_ms, args.seed, args.api_key))
-            print(bs.format_result(results[-1]), flush=True)
+            result = bs.bench_serve(args.base_url, prompts, rate, args.arrival, args.output_len, args.model,
+                                    args.slo_ttft_ms, args.slo_tpot_ms, args.seed, args.api_key)
+            if not result.completed:  # a table of nan and exit 0 read as a benchmark that worked
+                first = " ".join(str(result.errors[0] if result.errors else "none reported").split())
+                print(f"minillm bench serve: error: no request succeeded at --request-rate {rate:g} "
+                      f"({result.num_requests} sent); the first error: {first}", file=sys.stderr)
+                return 1
+            results.append(result)
+            print(bs.format_result(result), flush=True)
     except ValueError as err:
         print(f"minillm bench serve: error: {err}", file=sys.stderr)
         return 2
