@@ -15,6 +15,9 @@ from minillm.cli import main
     (["demo", "--model", "/nonexistent"], "minillm demo: error: /nonexistent: no such file or directory"),
     (["bench", "--device", "tpu"], "minillm bench: error: device='tpu' is not a device"),
     (["bench", "--model", "/nonexistent"], "minillm bench: error: /nonexistent: no such file"),
+    # '' quietly meant auto (`device or "auto"`); demo and bench stack refused it
+    (["bench", "--device", ""], "minillm bench: error: device='' is not a device"),
+    (["bench", "--dtype", ""], "minillm bench: error: dtype='' is not supported"),
     (["bench", "--json", "/nonexistent/dir/x.json"], "cannot write /nonexistent/dir/x.json: the folder"),
     (["bench", "serve", "--plot", "/nonexistent/dir/x.png"], "cannot write /nonexistent/dir/x.png"),
     (["bench", "stack", "--device", "tpu"], "minillm bench stack: error: device='tpu' is not a device"),

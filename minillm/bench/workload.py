@@ -63,7 +63,7 @@ def check_lengths(input_len: int, output_len: int, max_model_len: int | None = N
         from minillm.loader import read_model_config
         from minillm.platform import resolve_device
 
-        dev = resolve_device(device or "auto")
+        dev = resolve_device(device)  # None is auto; '' is refused (`device or "auto"` took it for auto)
         model_config = read_model_config(model)
         # raises when an explicit max_model_len exceeds the model's context
         limit = resolve_engine_config(EngineConfig(max_model_len=max_model_len), model_config, dev).max_model_len
@@ -92,7 +92,7 @@ def run_bench(num_prompts: int = 8, input_len: int = 64, output_len: int = 32, m
         t0 = time.perf_counter()
         if verbose:
             print("loading the model ...", flush=True)
-        llm = LLM(model=model, device=device or "auto", dtype=dtype or "auto", seed=seed, max_model_len=max_model_len)
+        llm = LLM(model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len)
         if verbose:
             print(f"loaded in {time.perf_counter() - t0:.1f} s on {llm.device}, {str(llm.dtype).replace('torch.', '')}")
     prompts = synthetic_prompts(llm.tokenizer, num_prompts, input_len, seed)
