@@ -24,6 +24,12 @@ from minillm.cli import main
     (["bench", "stack", "--model", "/nonexistent.gguf"], "minillm bench stack: error: /nonexistent.gguf: GGUF file"),
     (["bench", "stack", "--batch", "0"], "minillm bench stack: error: batch must be an integer >= 1, got 0"),
     (["bench", "stack", "--plot", "/nonexistent/dir/x.png"], "cannot write /nonexistent/dir/x.png"),
+    # checked against the model's context before loading; the error blamed max_model_len, which nobody gave
+    (["demo", "--max-tokens", "100000", "--device", "cpu"], "minillm demo: error: max_tokens must be <= 8064 (the "
+     "model's 8192-token context less 128 for the demo's prompts), got 100000"),
+    (["bench", "stack", "--prefix-len", "100000", "--device", "cpu"], "minillm bench stack: error: prefix_len + "
+     "suffix_len + output_len must be <= 8184 (the model's 8192-token context less 8 for a verify step's drafts), "
+     "got 100000 + 32 + 32"),
     (["estimate", "--model", "llama-3-8b", "--gpu-gb", "0"], "gpu_gb must be a number in [0.001, 100000], got 0.0"),
     (["estimate", "--model", "llama-3-8b", "--gpu-gb", "nan"], "gpu_gb must be a number in [0.001, 100000], got nan"),
     (["quantize", "--method", "rtn", "--device", "tpu", "--out", "x"], "minillm quantize: error: device='tpu'"),

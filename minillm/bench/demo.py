@@ -64,6 +64,7 @@ def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", 
     the one at import time, which a test harness may have replaced and closed since)."""
     out = sys.stdout if out is None else out
     from minillm import LLM, SamplingParams
+    from minillm.loader import read_model_config
     from minillm.platform import resolve_device
 
     if max_tokens is not None and max_tokens < 1:
@@ -72,8 +73,13 @@ def run_demo(max_tokens: int | None = None, out_dir: str | os.PathLike = "out", 
     if max_tokens is None:
         max_tokens = GPU_MAX_TOKENS if dev.type == "cuda" else CPU_MAX_TOKENS
     # The demo's conversations are short (under PROMPT_BUDGET tokens with the template's system prompt); a
-    # contiguous cache reserves max_model_len slots per sequence, so reserve only what the demo can use.
-    max_model_len = -(-(PROMPT_BUDGET + max_tokens) // 64) * 64
+    # contiguous cache reserves max_model_len slots per sequence, so reserve only what the demo can use. Checked
+    # against the model's context (its config alone, before loading): LLM() would blame max_model_len instead.
+    context = read_model_config(model).max_position_embeddings
+    if max_tokens > context - PROMPT_BUDGET:
+        raise ValueError(f"max_tokens must be <= {context - PROMPT_BUDGET} (the model's {context}-token context "
+                         f"less {PROMPT_BUDGET} for the demo's prompts), got {max_tokens}")
+    max_model_len = min(context, -(-(PROMPT_BUDGET + max_tokens) // 64) * 64)
     start = time.perf_counter()
     print("minillm demo: loading SmolLM2-135M-Instruct (bundled GGUF) ..." if model is None
           else f"minillm demo: loading {model} ...", file=out, flush=True)

@@ -158,6 +158,7 @@ def run_stack(model: str | None = None, device: str = "auto", dtype: str = "auto
     """Measure every row of `layers` in order on one workload; returns the rows (skipped ones included). A size
     left None takes the device's DEFAULT_SIZES."""
     from minillm import LLM
+    from minillm.loader import read_model_config
     from minillm.platform import resolve_device
     given = dict(num_prompts=num_prompts, batch=batch, prefix_len=prefix_len, suffix_len=suffix_len,
                  output_len=output_len)
@@ -168,6 +169,10 @@ def run_stack(model: str | None = None, device: str = "auto", dtype: str = "auto
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     num_prompts, batch, prefix_len, suffix_len, output_len = sizes.values()
     max_model_len = prefix_len + suffix_len + output_len + 8  # room for a verify step's draft tokens
+    context = read_model_config(model).max_position_embeddings  # before loading; LLM() blamed max_model_len
+    if max_model_len > context:
+        raise ValueError(f"prefix_len + suffix_len + output_len must be <= {context - 8} (the model's {context}-token "
+                         f"context less 8 for a verify step's drafts), got {prefix_len} + {suffix_len} + {output_len}")
     base_options = _resolve(BASE_OPTIONS, batch)
 
     def load(weights: tuple) -> Any:
