@@ -38,6 +38,13 @@ from minillm.cli import main
     (["train-heads", "--kind", "medusa", "--num-heads", "0", "--out", "x"], "num_heads must be an integer >= 1"),
     (["train-heads", "--kind", "eagle", "--steps", "0", "--out", "x"], "--steps must be >= 1, got 0"),
     (["train-heads", "--kind", "eagle", "--time-budget", "inf", "--out", "x"], "--time-budget must be a finite"),
+    # met after the model loaded (split_prompts), or after the generation (pack_rows): tracebacks
+    (["train-heads", "/nonexistent", "--kind", "medusa", "--num-prompts", "1", "--out", "x"],
+     "minillm train-heads: error: --num-prompts must be >= 2, got 1"),
+    (["train-heads", "/nonexistent", "--kind", "medusa", "--num-prompts", "4", "--max-prompt-tokens", "16",
+      "--max-new-tokens", "4", "--seq-len", "1000000", "--out", "x"],
+     "--seq-len must be <= 60: 3 training prompts (--num-prompts less the held-out ones) of at most "
+     "--max-prompt-tokens + --max-new-tokens tokens each, got 1000000"),
     (["train-heads", "/nonexistent", "--kind", "eagle", "--out", "x"], "/nonexistent: no such file"),
     # checked against the model before any data is generated (it was after: minutes later, with a traceback)
     (["train-heads", "--kind", "draft", "--draft-layers", "99", "--out", "x"],

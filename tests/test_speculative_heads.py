@@ -274,6 +274,63 @@ def test_cli_trains_several_kinds_on_one_dataset(target, tmp_path, monkeypatch, 
         p.requires_grad_(True)
 
 
+@pytest.fixture
+def tiny_cli(target, monkeypatch, capsys):
+    """main(argv) -> (exit code, stderr) of `minillm train-heads` on the tiny target (config: 128 tokens of
+    context), and a function writing untrained heads of a kind (and a size, a target) to a directory."""
+    import minillm.engine.worker
+    import minillm.loader
+    from minillm.cli import main
+    model, config = target
+    monkeypatch.setattr(minillm.loader, "load_model", lambda path: (config, iter(()), ByteTokenizer()))
+    monkeypatch.setattr(minillm.engine.worker, "build_model", lambda *args, **kwargs: model)
+
+    def run(*argv):
+        code = main(["train-heads", *argv, "--device", "cpu"])
+        return code, capsys.readouterr().err
+
+    def heads(directory, kind, num_heads=K, for_config=config):
+        head_config = HeadConfig.for_target(kind, for_config, num_heads)
+        return str(save_heads(directory, new_heads(head_config), head_config))
+    return run, heads
+
+
+def test_cli_checks_what_the_target_decides_before_generating(target, tiny_cli, tmp_path):
+    """Each was a traceback (exit 1) after the generation, or after the training (--compare: the heads saved, the
+    command 'failed'): now one line naming the flag, exit 2, before any data is generated."""
+    run, heads = tiny_cli
+    eagle, medusa = heads(tmp_path / "eagle", "eagle"), heads(tmp_path / "medusa", "medusa")
+    other_target = heads(tmp_path / "other", "eagle", for_config=tiny_config(num_hidden_layers=2))
+    out = str(tmp_path / "out")
+    for argv, words in [
+        (["--kind", "medusa", "--max-prompt-tokens", "32", "--max-new-tokens", "10000", "--num-prompts", "4"],
+         "--max-new-tokens must be <= 96 (the model's context of 128 tokens less --max-prompt-tokens 32), "
+         "got 10000"),
+        (["--kind", "medusa", "--max-prompt-tokens", "500", "--max-new-tokens", "4", "--num-prompts", "4"],
+         "--max-prompt-tokens must be <= 127 (the model's context of 128 tokens, less one for the answer), got 500"),
+        (["--kind", "medusa", "--tiny", "--init", eagle], f"--init {eagle} holds eagle heads, medusa heads are "
+                                                          f"needed here"),
+        (["--kind", "eagle", "--tiny", "--compare", medusa], f"--compare {medusa} holds medusa heads, eagle heads"),
+        (["--kind", "medusa", "--tiny", "--num-heads", "4", "--init", medusa],
+         f"init={medusa} holds 3 medusa heads; num_heads must match it to continue them, got 4"),
+        (["--kind", "eagle", "--tiny", "--init", other_target], "heads trained for a target with"),
+        (["--kind", "eagle", "--tiny", "--compare", other_target], "heads trained for a target with"),
+    ]:
+        code, err = run(*argv, "--out", out)
+        assert code == 2 and err.startswith("minillm train-heads: error: ") and words in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists(), (argv, err)
+
+
+def test_cli_turns_an_error_of_the_run_into_one_line(tiny_cli, tmp_path):
+    """A refusal only the run can meet (here the time budget spent before a request was answered) is one line and
+    exit 2, not a traceback."""
+    run, _ = tiny_cli
+    code, err = run("--kind", "medusa", "--tiny", "--time-budget", "1e-9", "--out", str(tmp_path))
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith("minillm train-heads: error: generation answered 0 held-out and 0 training prompts"), err
+
+
 # -- the engine -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("num_blocks", [64, 12])  # 12 blocks of 4 slots: the four requests preempt each other

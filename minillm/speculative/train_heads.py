@@ -106,11 +106,18 @@ class TrainOptions:
                              "the target's own layers")
 
     def check_target(self, model_config: ModelConfig) -> None:
-        """What only the target decides: a draft model of the target's first draft_num_layers layers needs that
-        many (checked before any data is generated for it)."""
+        """What only the target decides (checked before any data is generated): a draft model of the target's
+        first draft_num_layers layers needs that many; heads to continue (init) must be this kind, trained for this
+        target (load_heads checks both), and as many as num_heads asks for."""
         if self.kind == "draft" and self.draft_num_layers > model_config.num_hidden_layers:
             raise ValueError(f"draft_num_layers={self.draft_num_layers} exceeds the target's "
                              f"{model_config.num_hidden_layers} layers")
+        if self.init is not None:
+            saved = load_heads(self.kind, self.init, model_config)[1].num_heads
+            if saved != HeadConfig.for_target(self.kind, model_config, self.num_heads).num_heads:
+                name = "num_heads (mtp: the depth, --mtp-depth)" if self.kind == "mtp" else "num_heads"
+                raise ValueError(f"init={self.init} holds {saved} {self.kind} heads; {name} must match it to "
+                                 f"continue them, got {self.num_heads}")
 
 
 def initial_heads(config: HeadConfig, target_model: nn.Module, feature_scale: float = 1.0) -> nn.Module:

@@ -19,9 +19,11 @@ tqdm only (matplotlib for loss.png, if installed); no network: the prompts are b
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from typing import Any
 
 from minillm.speculative.train_heads import TRAIN_KINDS
 
@@ -92,11 +94,8 @@ def _kinds(text: str) -> list[str]:
 
 
 def _cmd_train_heads(args: argparse.Namespace) -> int:
-    from minillm.engine.worker import build_model
     from minillm.loader import load_model
     from minillm.platform import resolve_device, resolve_dtype
-    from minillm.speculative.train_data import distill_data
-    from minillm.speculative.train_heads import train_heads
 
     start = time.perf_counter()
     try:  # every flag, the model and the heads' fit to it, before minutes of generation: one line, exit code 2
@@ -104,11 +103,28 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model_config, weights, tokenizer = load_model(args.model)
-        for option in options:
-            option.check_target(model_config)
+        _check_target(args, sizes, options, model_config)
     except (ValueError, TypeError, OSError) as err:
-        print(f"minillm train-heads: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
+    try:  # what only the run can find (generation cut short by --time-budget, say): one line too, not a traceback
+        _train(args, start, sizes, options, model_config, weights, tokenizer, device, dtype)
+    except ValueError as err:
+        return _error(err)
+    return 0
+
+
+def _error(err: Exception) -> int:
+    print(f"minillm train-heads: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace, start: float, sizes: dict[str, int], options: list, model_config: Any,
+           weights: Any, tokenizer: Any, device: Any, dtype: Any) -> None:
+    """Generate the data, train and save each kind, print what was measured (the flags are checked already)."""
+    from minillm.engine.worker import build_model
+    from minillm.speculative.train_data import distill_data
+    from minillm.speculative.train_heads import train_heads
+
     target = build_model(model_config, weights, device, dtype).eval()
     for p in target.parameters():
         p.requires_grad_(False)
@@ -149,7 +165,6 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
         from minillm.speculative.train_eval import held_out_acceptance
         other, _ = load_heads("eagle", args.compare, model_config, device=device)
         _print_acceptance(args.compare, held_out_acceptance(other, TargetParts(target), data.held_out))
-    return 0
 
 
 def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
@@ -157,7 +172,7 @@ def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     from minillm.cli import check_output_path
     from minillm.sampling_params import check_seed
     from minillm.speculative.train_heads import TrainOptions
-    from minillm.speculative.train_prompts import num_distinct_prompts
+    from minillm.speculative.train_prompts import held_out_count, num_distinct_prompts
 
     steps = args.steps if args.steps is not None else 1000 if args.time_budget is None else BUDGET_STEPS
     sizes = dict(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
@@ -166,24 +181,32 @@ def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     if args.tiny:
         sizes.update(TINY)
     for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        low = 2 if name == "num_prompts" else 1  # one prompt at least is held out, one at least trained on
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     available = num_distinct_prompts()  # docstrings differ between Python versions, and so does this count
     if sizes["num_prompts"] > available:
         print(f"--num-prompts {sizes['num_prompts']}: this Python builds {available} distinct prompts; using them all")
         sizes["num_prompts"] = available
+    if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
+        raise ValueError(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
+                         f"and {args.data_share}")
+    # a row is cut from the training documents end to end, each at most a prompt and an answer long (pack_rows
+    # refused a longer one after the generation)
+    trained = sizes["num_prompts"] - held_out_count(sizes["num_prompts"], args.held_out_fraction)
+    most = trained * (sizes["max_prompt_tokens"] + sizes["max_new_tokens"])
+    if sizes["seq_len"] > most:
+        raise ValueError(f"--seq-len must be <= {most}: {trained} training prompts (--num-prompts less the held-out "
+                         f"ones) of at most --max-prompt-tokens + --max-new-tokens tokens each, got {sizes['seq_len']}")
     if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
         raise ValueError(f"--time-budget must be a finite number of seconds > 0, got {args.time_budget}")
     if args.compare and args.kind != ["eagle"]:
         raise ValueError(f"--compare measures an EAGLE head: use it with --kind eagle alone, got {args.kind}")
-    _require_heads("--compare", args.compare)
+    _require_heads("--compare", args.compare, "eagle")
     if args.init is not None and (len(args.kind) != 1 or args.kind[0] == "draft"):
         raise ValueError(f"--init continues one head's training: use it with one --kind of medusa, eagle or mtp, "
                          f"got {args.kind}")
-    _require_heads("--init", args.init)
-    if not 0 < args.held_out_fraction < 1 or not 0 < args.data_share < 1:
-        raise ValueError(f"--held-out-fraction and --data-share must be in (0, 1), got {args.held_out_fraction} "
-                         f"and {args.data_share}")
+    _require_heads("--init", args.init, args.kind[0])
     for flag, seed in (("--seed", args.seed), ("--sample-seed", args.sample_seed)):
         if seed is not None:
             check_seed(seed, flag)  # torch.manual_seed's range; it was met only after the data was generated
@@ -195,10 +218,39 @@ def _checked_options(args: argparse.Namespace) -> tuple[dict[str, int], list]:
     return sizes, options
 
 
-def _require_heads(flag: str, directory: str | None) -> None:
-    """A directory given to `flag` must hold heads train-heads saved (None: the flag was not given)."""
-    if directory is not None and not os.path.isfile(os.path.join(directory, "heads.safetensors")):
-        raise ValueError(f"{flag} {directory}: no heads.safetensors there (a directory train-heads wrote)")
+def _require_heads(flag: str, directory: str | None, kind: str) -> None:
+    """A directory given to `flag` must hold `kind` heads train-heads saved (None: the flag was not given). Their
+    target is checked once the model is loaded (_check_target)."""
+    if directory is None:
+        return
+    from minillm.speculative.heads import CONFIG_FILE, WEIGHTS_FILE
+    config = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_FILE)) or not os.path.isfile(config):
+        raise ValueError(f"{flag} {directory}: no {WEIGHTS_FILE} and {CONFIG_FILE} there (a directory train-heads "
+                         f"wrote)")
+    with open(config) as f:
+        saved = json.load(f).get("kind")
+    if saved != kind:  # met by load_heads after the data was generated (--compare: after training too)
+        raise ValueError(f"{flag} {directory} holds {saved} heads, {kind} heads are needed here")
+
+
+def _check_target(args: argparse.Namespace, sizes: dict[str, int], options: list, model_config: Any) -> None:
+    """The flags only the target decides, before the generation: every request (a prompt of --max-prompt-tokens
+    and --max-new-tokens of answer) within its context; each kind's fit (TrainOptions.check_target: --draft-layers,
+    --init's heads); --compare's heads trained for it."""
+    from minillm.speculative.heads import load_head_files
+
+    context, prompt = model_config.max_position_embeddings, sizes["max_prompt_tokens"]
+    if prompt >= context:
+        raise ValueError(f"--max-prompt-tokens must be <= {context - 1} (the model's context of {context} tokens, "
+                         f"less one for the answer), got {prompt}")
+    if prompt + sizes["max_new_tokens"] > context:
+        raise ValueError(f"--max-new-tokens must be <= {context - prompt} (the model's context of {context} tokens "
+                         f"less --max-prompt-tokens {prompt}), got {sizes['max_new_tokens']}")
+    for option in options:
+        option.check_target(model_config)
+    if args.compare:
+        load_head_files(args.compare, "eagle", model_config)
 
 
 def _print_acceptance(name: str, held: dict) -> None:

@@ -212,14 +212,19 @@ def held_out_score(text: str) -> float:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2 ** 64
 
 
-def split_prompts(texts: list[str], held_out_fraction: float) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): the round(fraction * n) prompts (at least one, never all) with the lowest
-    held_out_score are held out. By prompt, before generation: no held-out request is ever answered in training."""
+def held_out_count(num_prompts: int, held_out_fraction: float) -> int:
+    """How many of num_prompts prompts split_prompts holds out: round(fraction * n), at least one, never all."""
     if not 0 < held_out_fraction < 1:
         raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
-    if len(texts) < 2:
-        raise ValueError(f"need at least 2 prompts to hold one out, got {len(texts)}")
-    count = min(len(texts) - 1, max(1, round(held_out_fraction * len(texts))))
+    if num_prompts < 2:
+        raise ValueError(f"need at least 2 prompts to hold one out, got {num_prompts}")
+    return min(num_prompts - 1, max(1, round(held_out_fraction * num_prompts)))
+
+
+def split_prompts(texts: list[str], held_out_fraction: float) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): the held_out_count prompts with the lowest held_out_score are held out.
+    By prompt, before generation: no held-out request is ever answered in training."""
+    count = held_out_count(len(texts), held_out_fraction)
     ranked = sorted(range(len(texts)), key=lambda i: (held_out_score(texts[i]), i))
     held = sorted(ranked[:count])
     held_set = set(held)
