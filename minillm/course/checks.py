@@ -46,6 +46,60 @@ def kernel_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu")
 
 
+def kernel_launcher(kernel: Any, exercise_id: str, launcher: str, given: tuple[str, ...] = ()) -> Any:
+    """The launcher `launcher` of the module that defines the Triton `kernel` (the learner's, in the sandbox, or
+    the reference's), guarded, for a graded test to run the kernel through: a @triton.jit function cannot be
+    called from Python.
+
+    The launcher and the `given` functions around the exercise (a kernel that calls the learner's @triton.jit
+    helper, say) are the course's code, not the learner's: each must be defined once, as the reference defines
+    it (compared as syntax trees: comments and layout may differ), and bound by nothing else, or the test fails
+    saying so. A launcher rewritten to compute in torch made a kernel whose body was `pass` score full marks (a
+    learner simulation found it)."""
+    from minillm.course.impl import guarded, reference_module
+    from minillm.course.registry import get
+    ex = get(exercise_id)
+    jit = getattr(kernel, "__wrapped__", kernel)
+    if not hasattr(jit, "fn"):
+        raise AssertionError(f"{ex.function} must be a @triton.jit function, got {type(jit).__name__}")
+    module = sys.modules[jit.fn.__module__]
+    sandbox = getattr(module, "_sandbox", None)  # a stand-in for the submission's module (minillm.course.sandbox)
+    path = sandbox.module_file if sandbox is not None else module.__file__
+    mine, shipped = _definitions(_read(path)), _definitions(_read(reference_module(exercise_id).__file__))
+    for name in (launcher, *given):
+        if mine.get(name) != shipped.get(name):
+            raise AssertionError(f"`{name}` is the course's code around {ex.id} and must run as shipped (restore it "
+                                 f"from the stub); only `{ex.function}` is yours to write")
+    return guarded(ex, getattr(module, launcher))
+
+
+def _read(path: Any) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _definitions(text: str) -> dict[str, list[str]]:
+    """Each name a module's top level binds -> how: the syntax tree of each def or class (decorators included,
+    positions and comments not), "bound" for any other binding (an assignment, an import, a loop variable)."""
+    import ast
+    found: dict[str, list[str]] = {}
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return found
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.setdefault(node.name, []).append(ast.dump(node))
+            continue
+        for sub in ast.walk(node):
+            names = ([sub.id] if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store) else
+                     [(a.asname or a.name).split(".")[0] for a in sub.names] if isinstance(sub, (ast.Import, ast.ImportFrom))
+                     else [])
+            for name in names:
+                found.setdefault(name, []).append("bound")
+    return found
+
+
 # tl.dot rounds fp32 operands to TF32 (10 bits of mantissa) on a GPU unless told otherwise; the interpreter
 # multiplies in full fp32. Graded runs ask Triton for IEEE fp32 everywhere (tests/graded/conftest.py and the
 # sandbox's workers), so one fp32 tolerance holds on both and a learner's kernel needs no GPU-only argument.

@@ -211,6 +211,11 @@ def load_chapter_module(exercise_id: str, impl: str | os.PathLike | None = None,
     return module
 
 
+def reference_module(exercise_id: str, root: Path | None = None) -> ModuleType:
+    """The module that holds `exercise_id`'s reference answer and the code shipped around it."""
+    return _reference_module(get(exercise_id), root)
+
+
 def _reference_module(ex: Exercise, root: Path | None = None) -> ModuleType:
     """solutions/'s chapter module when present, else the engine module whose marked region is the answer."""
     root = Path(root or repo_root())

@@ -7,15 +7,11 @@ under Triton's interpreter on small sizes.
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 
-from minillm.course.checks import assert_close, assert_rejects, assert_tensor
-from minillm.course.impl import guarded
-from minillm.course.registry import get
-from minillm.course.checks import graded_seed, kernel_device
+from minillm.course.checks import assert_close, assert_rejects, assert_tensor, graded_seed, kernel_device, kernel_launcher
 
 
 def _state(m_rows: int, d: int, seed: int, fresh: bool):
@@ -130,12 +126,8 @@ def test_causal_block_range_rejects_bad_arguments(impl, ref):
 
 # -------------------------------------------------------------------------------- flash_attention_kernel
 def _launcher(fn):
-    """`launch_flash_attention` of the module that defines `fn` (the learner's or the solution's)."""
-    kernel = getattr(fn, "__wrapped__", fn)
-    if not hasattr(kernel, "fn"):
-        raise AssertionError(f"attend_kv_range must be a @triton.jit function, got {type(kernel).__name__}")
-    module = sys.modules[kernel.fn.__module__]
-    return guarded(get("ch03.flash_attention_kernel"), module.launch_flash_attention)
+    """`launch_flash_attention` (as shipped, with the kernel that calls `fn`) of the module that defines `fn`."""
+    return kernel_launcher(fn, "ch03.flash_attention_kernel", "launch_flash_attention", given=("_flash_fwd_kernel",))
 
 
 def _attention(q, k, v, causal, scale):

@@ -7,15 +7,12 @@ there and is caught, without touching memory that is not ours. Sizes are tiny: t
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 import triton
 
-from minillm.course.checks import assert_close, graded_seed, kernel_device
-from minillm.course.impl import guarded
-from minillm.course.registry import get
+from minillm.course.checks import assert_close, graded_seed, kernel_device, kernel_launcher
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SENTINEL = 12345.0
@@ -23,11 +20,8 @@ DEV = kernel_device()  # inputs are drawn on the CPU, then moved where the kerne
 
 
 def _launcher(fn, exercise_id: str, name: str):
-    """The launcher `name` of the module that defines the kernel `fn` (the learner's or the solution's)."""
-    kernel = getattr(fn, "__wrapped__", fn)
-    if not hasattr(kernel, "fn"):
-        raise AssertionError(f"{get(exercise_id).function} must be a @triton.jit function, got {type(kernel).__name__}")
-    return guarded(get(exercise_id), getattr(sys.modules[kernel.fn.__module__], name))
+    """The launcher `name` (as shipped) of the module that defines the kernel `fn` (the learner's or the solution's)."""
+    return kernel_launcher(fn, exercise_id, name)
 
 
 def _kernel(fn):

@@ -5,15 +5,10 @@ sits next to it in the chapter module (learner's or solution's), under Triton's 
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-from minillm.course.checks import assert_close, assert_tensor
-from minillm.course.impl import guarded
-from minillm.course.registry import get
-from minillm.course.checks import graded_seed, kernel_device
+from minillm.course.checks import assert_close, assert_tensor, graded_seed, kernel_device, kernel_launcher
 
 
 def _partial(q, k, v):
@@ -104,11 +99,8 @@ def test_merge_dtypes(impl):
 
 # ---------------------------------------------------------------------------------------- rms_norm_kernel
 def _launcher(fn):
-    """`rms_norm` of the module that defines `fn` (the learner's or the solution's)."""
-    kernel = getattr(fn, "__wrapped__", fn)
-    if not hasattr(kernel, "fn"):
-        raise AssertionError(f"rms_norm_kernel must be a @triton.jit function, got {type(kernel).__name__}")
-    return guarded(get("ch04.rms_norm_kernel"), sys.modules[kernel.fn.__module__].rms_norm)
+    """`rms_norm` (as shipped) of the module that defines `fn` (the learner's or the solution's)."""
+    return kernel_launcher(fn, "ch04.rms_norm_kernel", "rms_norm")
 
 
 def _on_kernel_device(*tensors):
@@ -132,7 +124,7 @@ def test_rms_norm_kernel_matches_formula(impl, shape):
 
 
 @pytest.mark.exercise("ch04.rms_norm_kernel")
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("shape", [(1, 16), (5, 33)], ids=str)
 def test_rms_norm_kernel_fused_residual(impl, shape):
     g = torch.Generator().manual_seed(graded_seed(shape[1]))
@@ -141,6 +133,23 @@ def test_rms_norm_kernel_fused_residual(impl, shape):
     out, new_res = _launcher(impl)(xd, wd, 1e-5, rd)
     assert_close(new_res, x + res, f"the new residual stream x + residual ({shape})")
     assert_close(out, _rms_norm(x + res, w, 1e-5), f"rms_norm(x + residual) ({shape})")
+
+
+@pytest.mark.exercise("ch04.rms_norm_kernel")
+@pytest.mark.points(2)
+def test_rms_norm_kernel_row_strides(impl):
+    """x and the residual as row slices of wider tensors: each of X, RES, OUT and RES_OUT steps by its own row
+    stride (40 for x, 48 for the residual, 24 for the outputs the launcher allocates)."""
+    g = torch.Generator().manual_seed(graded_seed(40))
+    wide_x, wide_r, w = torch.randn(3, 40, generator=g), torch.randn(3, 48, generator=g), torch.randn(24, generator=g)
+    xd, rd, wd = _on_kernel_device(wide_x, wide_r, w)
+    x, res = xd[:, 8:32], rd[:, :24]  # strides (40, 1) and (48, 1): the launcher passes them on
+    out = _launcher(impl)(x, wd, 1e-5)
+    assert_close(out, _rms_norm(wide_x[:, 8:32], w, 1e-5), "rms_norm of x with row stride 40 (hidden 24)")
+    out, new_res = _launcher(impl)(x, wd, 1e-5, res)
+    h = wide_x[:, 8:32] + wide_r[:, :24]
+    assert_close(new_res, h, "the new residual stream, x and residual with row strides 40 and 48 (outputs: 24)")
+    assert_close(out, _rms_norm(h, w, 1e-5), "rms_norm(x + residual), x and residual with row strides 40 and 48")
 
 
 @pytest.mark.exercise("ch04.rms_norm_kernel")

@@ -64,7 +64,8 @@ def test_admit_or_preempt_properties(impl):
         answer = impl(False, *args)
         assert answer in ("admit", "wait"), f"a waiting sequence never preempts anyone; got {answer!r} for {args}"
     assert_rejects(impl, (False, 3, 4, 1, 0, 4), "admit",
-                   [(True, -1, 3, 0, 0, 4), (False, 1, -1, 0, 0, 4), (False, 1, 3, 0, 0, 0)], "admit_or_preempt")
+                   [(True, -1, 3, 0, 0, 4), (False, 1, -1, 0, 0, 4), (False, 1, 3, -1, 0, 4), (False, 1, 3, 0, -1, 4),
+                    (False, 1, 3, 0, 0, 0)], "admit_or_preempt")
 
 
 @pytest.mark.exercise("ch06.admit_or_preempt")
@@ -162,6 +163,10 @@ def test_resolve_deferred_ids_properties(impl):
     impl(buffer[2:7], torch.tensor([40, 41, 42]))
     assert buffer.tolist() == [9, 9, 5, 40, 7, 42, 0, 9], \
         f"got {buffer.tolist()}: write into the view, and only there"
+    stale = torch.tensor([5, -1, -5])  # row 4 of 3: the caller's bug; clamped to a valid row, not a crash
+    impl(stale, torch.tensor([40, 41, 42]))
+    assert stale[:2].tolist() == [5, 40] and int(stale[2]) in (40, 41, 42), \
+        f"input_ids [5, -1, -5] with previous_tokens [40, 41, 42] became {stale.tolist()}: clamp the row"
     kept = torch.tensor([3, 0, 2])
     impl(kept, torch.tensor([8]))
     assert kept.tolist() == [3, 0, 2], \

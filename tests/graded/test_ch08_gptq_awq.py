@@ -7,14 +7,11 @@ interpreter on small sizes, against a plain-torch dequantization.
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
-from minillm.course.checks import assert_close, assert_tensor, graded_seed, kernel_device
-from minillm.course.impl import guarded
-from minillm.course.registry import get
+from minillm.course.checks import assert_close, assert_tensor, graded_seed, kernel_device, kernel_launcher
 from minillm.hooks import overriding
 from minillm.kernels.int4_layout import dequantize_int4, pack_int4_along_k, repack_int4
 from minillm.quant.awq import search_scales
@@ -153,11 +150,8 @@ def test_awq_search_with_your_step(impl):
 
 # --------------------------------------------------------------------------------------- int4_unpack_kernel
 def _launcher(fn):
-    """`launch_int4_gemm` of the module that defines `fn` (the learner's or the solution's)."""
-    kernel = getattr(fn, "__wrapped__", fn)
-    if not hasattr(kernel, "fn"):
-        raise AssertionError(f"int4_unpack must be a @triton.jit function, got {type(kernel).__name__}")
-    return guarded(get("ch08.int4_unpack_kernel"), sys.modules[kernel.fn.__module__].launch_int4_gemm)
+    """`launch_int4_gemm` (as shipped, with the GEMM kernel around `fn`) of the module that defines `fn`."""
+    return kernel_launcher(fn, "ch08.int4_unpack_kernel", "launch_int4_gemm", given=("_int4_gemm_kernel", "_load_tile"))
 
 
 def _int4_layer(n: int, k: int, group: int, symmetric: bool, seed: int):

@@ -169,7 +169,8 @@ def test_decode_step_floor_properties(impl):
 @pytest.mark.points(1)
 def test_decode_step_floor_rejects_bad_input(impl, ref):
     valid = (1e9, 1e3, [5, 7], 1e12)
-    assert_rejects(impl, valid, ref(*valid), [(1e9, 1e3, [], 1e12), (1e9, 1e3, [5, -1], 1e12), (1e9, 1e3, [5], 0), (-1, 1e3, [5], 1e12)], "decode_step_floor_s")
+    assert_rejects(impl, valid, ref(*valid), [(1e9, 1e3, [], 1e12), (1e9, 1e3, [5, -1], 1e12), (1e9, 1e3, [5], 0), (-1, 1e3, [5], 1e12),
+                                                  (1e9, -1, [5], 1e12)], "decode_step_floor_s")
 
 
 # ---- ch05.num_kv_blocks_needed ----------------------------------------------------------------------
