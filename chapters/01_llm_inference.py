@@ -28,8 +28,8 @@
 # model: the two layers every Llama block runs (RMSNorm, RoPE) and the filters that pick the next token.
 #
 # Your exercises, in `exercises/ch01_basics.py` (then run `minillm grade ch01`): `arithmetic_intensity`,
-# `rms_norm`, `rope` (`apply_rotary`), `top_k_filter`, `top_p_filter`, and two interview questions with a
-# numeric answer at the end (`batch1_decode_tokens_per_s`, `critical_batch_size`).
+# `rms_norm`, `rope` (`apply_rotary`), `top_k_filter`, `top_p_filter`, the penalties `apply_penalties`, and two
+# interview questions with a numeric answer at the end (`batch1_decode_tokens_per_s`, `critical_batch_size`).
 #
 # Whose code runs: your `exercises/` by default. A function you have not attempted yet falls back to the reference,
 # with a one-line banner naming it (`ch01.rms_norm: not attempted yet, using the reference`), so every cell runs.
@@ -366,7 +366,7 @@ print("same tokens with your rms_norm, rope, top_k_filter, top_p_filter:", yours
 # Before any of this, a request may change the logits themselves (**logits processors**, vLLM's and OpenAI's
 # names): `repetition_penalty` r divides the positive logits of every token already in the prompt or the output
 # by r (and multiplies the negative ones), `frequency_penalty` subtracts a constant per earlier occurrence in the
-# output, `presence_penalty` once per token seen, `logit_bias` adds a constant to chosen token ids, and
+# output, `presence_penalty` once per token the output holds, `logit_bias` adds a constant to chosen token ids, and
 # `min_tokens` bans end-of-sequence until that many tokens are out. They act before the argmax, so they change
 # greedy decoding too; `min_p` (keep tokens at least `min_p` times as likely as the best) filters after the
 # temperature. A small model asked to repeat itself, greedy, without and with penalties:

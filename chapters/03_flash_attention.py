@@ -18,7 +18,7 @@
 # `S = Q Kᵀ`, one number per (query, key) pair, writes it to memory, reads it back for the softmax, writes the
 # probabilities, and reads them again for `P V`. FlashAttention (Dao et al., 2022; FlashAttention-2, 2023)
 # computes the same result **tile by tile, in registers**, so `S` never reaches memory. This chapter builds it
-# in four steps:
+# in six steps:
 #
 # 1. naive attention, and what its score matrix costs;
 # 2. the **online softmax**: a softmax computed one block of scores at a time (exercise `ch03.online_softmax_update`);

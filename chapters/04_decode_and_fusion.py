@@ -189,10 +189,10 @@ print(f"4 splits folded with merge_lse == one softmax over all keys: {bool((merg
 # %% [markdown]
 # How many splits? `choose_decode_config` (fitted to a sweep on the H200) takes the largest power of two that
 # keeps batch x kv heads x splits within one wave of 4 programs per SM, with splits of at least 64 keys, or of
-# 1024 keys once every SM already has a program (then a split must pay for the merge). At batch 64 with 8 kv
-# heads there are already 512 programs: one split, and the merge kernel is skipped. It also picks the tile:
-# 128 keys per iteration when the grid is thin (at most two programs per SM), so each program keeps more bytes
-# in flight.
+# 1024 keys once every SM already has a program (then a split must pay for the merge), and at most 32 splits (more
+# partials make the merge a long dependent chain). At batch 64 with 8 kv heads there are already 512 programs:
+# one split, and the merge kernel is skipped. It also picks the tile: 128 keys per iteration when the grid is
+# thin (at most two programs per SM), so each program keeps more bytes in flight.
 
 # %%
 # NBVAL_CHECK_OUTPUT

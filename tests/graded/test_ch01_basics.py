@@ -197,12 +197,15 @@ def test_top_k_properties(impl):
 @pytest.mark.exercise("ch01.top_k_filter")
 @pytest.mark.points(1)
 def test_top_k_ties(impl):
-    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
-    out = impl(logits.clone(), torch.tensor([2, 1]))
-    kept = torch.isfinite(out)
-    assert 2 <= int(kept[0].sum()) <= 3 and not kept[0, 0] and not kept[0, 4], \
-        f"row 0 (three logits tie at the top, k=2): kept {kept[0].tolist()}; keep 2 (or all 3 tied) of the 3.0s"
-    assert int(kept[1].sum()) >= 1, "row 1 (all tied, k=1): at least one token must survive"
+    """Exactly k survive, ties broken by position (the lowest index first), as the docstring says."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0], [3, 1, 2, 2, 2, 0]])
+    out = impl(logits.clone(), torch.tensor([2, 1, 2]))
+    kept = torch.isfinite(out).tolist()
+    want = [[False, True, True, False, False, False], [True, False, False, False, False, False],
+            [True, False, True, False, False, False]]
+    for row in range(3):
+        assert kept[row] == want[row], (f"logits {logits[row].tolist()}, k={[2, 1, 2][row]}: kept {kept[row]}, "
+                                        f"expected {want[row]} (exactly k; among ties the lowest index first)")
 
 
 # ---- ch01.top_p_filter ------------------------------------------------------------------------------
@@ -240,6 +243,13 @@ def test_top_p_known_example(impl):
     for row, p in enumerate([0.01, 0.75, 0.85, 1.0]):
         kept = torch.isfinite(out[row]).tolist()
         assert kept == expect[row], f"top_p={p} on probs {probs.tolist()}: kept {kept}, expected {expect[row]}"
+    even = impl(torch.zeros(1, 4), torch.tensor([0.5]))  # 0.25 each, sums exact in fp32: the mass before token 2
+    assert torch.isfinite(even).tolist() == [[True, True, False, False]], \
+        f"top_p=0.5 on 4 equal tokens: kept {torch.isfinite(even).tolist()}; the third's mass before it (0.5) " \
+        f"is not below top_p, so only two are kept"
+    wide = torch.randn(2, 49152, generator=gen(49)) * 2.5  # fp32 cumulative sums reach 1.0 before the tail
+    assert bool(torch.isfinite(impl(wide.clone(), torch.tensor([1.0, 1.0]))).all()), \
+        "top_p=1 on 49,152 tokens (logits x 2.5): every token must be kept (1 keeps all with non-zero probability)"
 
 
 @pytest.mark.exercise("ch01.top_p_filter")

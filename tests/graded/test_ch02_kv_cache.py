@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.course.checks import assert_equal, assert_tensor
+from minillm.course.checks import assert_equal, assert_rejects, assert_tensor
 
 
 @pytest.mark.exercise("ch02.causal_mask")
@@ -16,7 +16,7 @@ def test_causal_mask_matches_solution(impl, ref, q_len, kv_len):
 
 @pytest.mark.exercise("ch02.causal_mask")
 @pytest.mark.points(2)
-def test_causal_mask_properties(impl):
+def test_causal_mask_properties(impl, ref):
     for q_len, kv_len in [(1, 9), (4, 4), (6, 13), (31, 32)]:
         mask = impl(q_len, kv_len)
         assert_tensor(mask, f"causal_mask({q_len}, {kv_len})", (q_len, kv_len), torch.bool)
@@ -27,6 +27,7 @@ def test_causal_mask_properties(impl):
             assert row == [True] * want + [False] * (kv_len - want), (
                 f"causal_mask({q_len}, {kv_len}) row {i}: query at position {offset + i} must see keys "
                 f"0..{offset + i} ({want} Trues then Falses), got {sum(row)} Trues: {row[:8]}...")
+    assert_rejects(impl, (3, 5), ref(3, 5), [(5, 3)], "causal_mask")  # more queries than keys: invalid
 
 
 @pytest.mark.exercise("ch02.causal_mask")

@@ -77,6 +77,9 @@ def test_online_softmax_masked_rows_and_inputs_untouched(impl):
         f"a row that saw only -inf must stay m=-inf, l=0, acc=0; got m={m2[1]}, l={l2[1]}, acc={acc2[1].tolist()}")
     assert_close(l2[3:], torch.ones(1), "l of a row with one unmasked score (exp(s - max) = 1)")
     assert_close(acc2[3], v[4], "acc of a row with one unmasked score (its value)")
+    low = tuple(t.to(torch.bfloat16) for t in (m, l, acc, s, v))  # results in the inputs' dtypes
+    for name, t in zip(("m_new", "l_new", "acc_new"), impl(*low)):
+        assert_tensor(t, f"{name} for bf16 inputs", tuple(t.shape), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------- causal_block_range
@@ -175,15 +178,37 @@ def test_flash_kernel_matches_attention(impl, case):
 
 
 @pytest.mark.exercise("ch03.flash_attention_kernel")
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16)])
 def test_flash_kernel_tile_shapes_and_large_scores(impl, ref, block_m, block_n):
     q, k, v = _qkv(1, 2, 2, 40, 40, 16, seed=block_m)
-    q = q * 6  # scores of +-100: exp overflows fp32 unless the running max is subtracted
-    got = _launcher(impl)(q, k, v, True, None, block_m, block_n)
-    want = _launcher(ref)(q, k, v, True, None, block_m, block_n)
-    for name, a, e in zip(("out", "lse"), got, want):
-        assert_close(a, e, f"{name} with BLOCK_M={block_m}, BLOCK_N={block_n}, large scores", atol=2e-5, rtol=1e-4)
+    # q x 6: scores of +-100, exp overflows fp32 unless the running max is subtracted; q x 20: +-330, and keys
+    # opposite to the queries: every scaled score near -50 (the max must be taken of the scaled scores)
+    for what, qs, ks in (("large scores", q * 6, k), ("larger scores", q * 20, k),
+                         ("scores all near -50", q[:, :, :1] * 3, -q[:, :, :1].expand_as(k) * 3 + 0.01 * k)):
+        qs, ks = qs.contiguous(), ks.contiguous()
+        got = _launcher(impl)(qs, ks, v, True, None, block_m, block_n)
+        want = _launcher(ref)(qs, ks, v, True, None, block_m, block_n)
+        for name, a, e in zip(("out", "lse"), got, want):
+            assert_close(a, e, f"{name} with BLOCK_M={block_m}, BLOCK_N={block_n}, {what}", atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.exercise("ch03.flash_attention_kernel")
+@pytest.mark.points(2)
+def test_flash_kernel_masks_the_padded_head_dim(impl):
+    """head_dim 24 runs in a 32-wide tile: the 8 padded columns must be masked on load. Here K and V are the
+    first elements of buffers whose tail is NaN, so a load past head_dim reads NaN into the output."""
+    q, k, v = _qkv(1, 1, 1, 33, 33, 24, seed=24)
+    padded = []
+    for t in (k, v):
+        buffer = torch.full((t.numel() + 64,), float("nan"), device=t.device)
+        buffer[:t.numel()] = t.reshape(-1)
+        padded.append(buffer[:t.numel()].view(t.shape))  # contiguous: the launcher passes it as it is
+    out, lse = _launcher(impl)(q, padded[0], padded[1], False, None, 16, 16)
+    want_out, want_lse = _attention(q, k, v, False, 1 / math.sqrt(24))
+    assert not torch.isnan(out).any(), "head_dim 24 with NaN past the end of K and V: mask the padded columns"
+    assert_close(out, want_out, "attention output, head_dim 24 (padded to 32)", atol=2e-5, rtol=1e-4)
+    assert_close(lse, want_lse, "log-sum-exp, head_dim 24 (padded to 32)", atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.exercise("ch03.flash_attention_kernel")
