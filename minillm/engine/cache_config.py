@@ -57,7 +57,8 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     if max_num_seqs is None:
         max_num_seqs = GPU_MAX_NUM_SEQS if on_cuda else CPU_MAX_NUM_SEQS
     kv_layout = config.kv_layout or DEFAULT_KV_LAYOUT[config.scheduling]
-    if kv_layout == "paged" and config.block_size > max_model_len:  # one block would hold more than a sequence
+    # a block past the context holds more than any sequence (the default size stays allowed for short contexts)
+    if kv_layout == "paged" and config.block_size > max(max_model_len, EngineConfig.block_size):
         raise ValueError(f"block_size={config.block_size} exceeds max_model_len={max_model_len}: a paged block "
                          f"holds at most one sequence's tokens (typical sizes: 16 or 32)")
     if config.moe_capacity_factor is not None and model_config.num_local_experts == 0:
