@@ -80,7 +80,8 @@ class RequestMetrics:
 
 @dataclass
 class CompletionOutput:
-    """One generated continuation (minillm produces one per request: `n` is always 1)."""
+    """One generated continuation: RequestOutput.outputs holds SamplingParams.n of them, `index` 0..n-1 (each an
+    engine request of its own: LLM.generate and the server run params.choices() and gather them)."""
 
     index: int
     text: str

@@ -85,7 +85,8 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy (argmax), exactly; else in [0.01, inf)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]
     top_k: int = -1  # keep the k most likely tokens; -1 means all
-    max_tokens: int = 16  # new tokens to generate at most; >= 1
+    max_tokens: int | None = 16  # new tokens to generate at most, >= 1; None: until the context (max_model_len)
+    # ends, as vLLM's None (the engine sets it to max_model_len - the prompt's length when the request comes in)
     # per-request generator: same tokens whatever else is in the batch. Under speculative decoding with sampled
     # drafts (draft model, self-speculative, Medusa, EAGLE, MTP) the draws also follow how many drafts each step
     # verified, which the scheduler trims to the step's token budget and free blocks. The same run reproduces;
@@ -140,7 +141,9 @@ class SamplingParams:
         self.top_k = _integer("top_k", self.top_k, -1, allowed=f"-1 (disabled) or in [1, {INT64_MAX}]")
         if self.top_k == 0:
             raise ParamError("top_k", f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
-        self.max_tokens = _integer("max_tokens", self.max_tokens, 1, allowed=f">= 1 (at most {INT64_MAX})")
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens, 1,
+                                       allowed=f">= 1 (at most {INT64_MAX}), or None (until the context ends)")
         self.n = _integer("n", self.n, 1, MAX_N, allowed=f"in [1, {MAX_N}]")
         if self.seed is not None:
             self.seed = check_seed(self.seed)
@@ -181,8 +184,8 @@ class SamplingParams:
         self.min_p = _number("min_p", self.min_p, "in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
-        self.min_tokens = _integer("min_tokens", self.min_tokens, 0, self.max_tokens,
-                                   allowed=f"in [0, max_tokens={self.max_tokens}]")
+        most = INT64_MAX if self.max_tokens is None else self.max_tokens
+        self.min_tokens = _integer("min_tokens", self.min_tokens, 0, most, allowed=f"in [0, max_tokens={most}]")
         self.logit_bias = self._check_logit_bias(self.logit_bias)
         self.penalizes = (self.presence_penalty != 0 or self.frequency_penalty != 0
                           or self.repetition_penalty != 1)

@@ -13,11 +13,11 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(default_model_path())
 
 
-def test_decode_batch_equals_decode_and_rejects_unknown_ids(tokenizer):
+def test_decode_batch_equals_decode_and_rejects_negative_ids(tokenizer):
     lists = [[], [1], tokenizer.encode("héllo wörld 🙂", add_special_tokens=False), [0, 2, 49151]]
     assert tokenizer.decode_batch(lists) == [tokenizer.decode(ids) for ids in lists]
-    with pytest.raises(ValueError, match="unknown token id 49152"):
-        tokenizer.decode_batch([[5], [49152]])
+    # ids past the tokenizer's vocabulary (a padded embedding's rows, which a model may sample) are no text
+    assert tokenizer.decode_batch([[5], [49152, 5, 10**6]]) == [tokenizer.decode([5])] * 2
     with pytest.raises(ValueError, match="unknown token id -1"):
         tokenizer.decode([3, -1])
 

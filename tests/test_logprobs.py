@@ -163,9 +163,13 @@ def test_prompt_logprobs_do_not_stop_other_requests_hitting_the_prefix_cache(mod
     {"method": "draft_model", "num_speculative_tokens": 2, "draft_num_layers": 1},  # rejections, resampled tokens
 ], ids=["self_speculative", "draft_model"])
 def test_logprobs_through_speculative_verify_steps(model_and_config, spec):
+    # the third request's logits processors change the distribution the rejection rule reads; its log-probs must
+    # stay the raw model's (they were the processed ones for every token the rule accepted or resampled)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=4, logprobs=2)]
-    outs, engine = run(model_and_config, list(zip(PROMPTS[1:], params)), speculative_config=spec)
+              SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=4, logprobs=2),
+              SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=5, logprobs=2,
+                             logit_bias={t: 4.0 for t in range(60, 120)}, presence_penalty=1.5)]
+    outs, engine = run(model_and_config, list(zip(PROMPTS, params)), speculative_config=spec)
     metrics = engine.speculative.metrics
     assert metrics.num_accepted_tokens > 0  # multi-token steps happened
     if spec["draft_num_layers"] == 1:  # and tokens the rejection rule resampled (scored from the step's logits)

@@ -50,3 +50,31 @@ def test_a_step_that_fails_for_everyone_still_ends_every_request(model_and_confi
     done = run(engine)
     assert {r: o.outputs[0].error for r, o in done.items()} == {r: "RuntimeError: device gone" for r in "xyz"}
     assert not engine.has_unfinished_requests() and engine.scheduler.num_free_blocks() == 24
+
+
+def test_a_request_whose_text_cannot_be_made_fails_alone(model_and_config):
+    """An exception while making one request's output (its text, here a tokenizer that cannot decode token 99)
+    used to escape the engine's step after the tokens were in: the requests beside it lost their outputs and
+    every later step raised again. Now that request ends in "error", the others get plain decoding's tokens."""
+    model, config = model_and_config
+
+    class Fussy(ByteTokenizer):
+        def decode(self, ids, *args, **kwargs):
+            if 99 in list(ids):
+                raise ValueError("cannot decode token 99 (test)")
+            return super().decode(ids, *args, **kwargs)
+
+        def decode_batch(self, batch, *args, **kwargs):
+            return [self.decode(ids, *args, **kwargs) for ids in batch]
+
+    engine = LLMEngine(model, Fussy(), config, EngineConfig(max_model_len=32, max_num_seqs=3, scheduling="continuous",
+                                                            kv_layout="paged", block_size=4, num_kv_blocks=24))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for rid, prompt in (("a", [1, 2]), ("bad", [5, 99]), ("c", [3, 4, 5])):
+        engine.add_request(rid, prompt, params)
+    done = run(engine)
+    assert done["bad"].outputs[0].finish_reason == "error"
+    assert "cannot decode token 99" in done["bad"].outputs[0].error
+    assert done["a"].outputs[0].token_ids == greedy_reference(model, [1, 2], 4)
+    assert done["c"].outputs[0].token_ids == greedy_reference(model, [3, 4, 5], 4)
+    assert not engine.has_unfinished_requests() and engine.scheduler.num_free_blocks() == 24

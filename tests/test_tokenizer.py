@@ -169,9 +169,8 @@ def test_template_helpers_and_sandbox(ours):
 
 
 def test_bad_inputs(ours):
-    with pytest.raises(ValueError, match=r"unknown token id 49152; valid ids are 0\.\.49151"):
-        ours.decode([5, 49152])
-    with pytest.raises(ValueError, match="unknown token id -1"):
+    assert ours.decode([5, 49152]) == ours.decode([5])  # past the vocabulary (a padded embedding row): no text
+    with pytest.raises(ValueError, match="unknown token id -1; token ids are >= 0"):
         ours.decode([-1])
     with pytest.raises(TypeError, match="encode expects a str, got list"):
         ours.encode(["a"])
@@ -237,9 +236,9 @@ def test_token_bytes_rebuild_characters_split_across_tokens():
     split = [i for i in ids if tok.decode([i]).endswith("\ufffd")]
     assert split and all(len(tok.token_bytes(i)) >= 1 and b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in split)
     assert tok.token_bytes(tok.encode(" the", add_special_tokens=False)[0]) == b" the"
-    for bad in (10**9, -1):
-        with pytest.raises(ValueError, match="unknown token id"):
-            tok.token_bytes(bad)
+    assert tok.token_bytes(10**9) == b""  # past the vocabulary: no bytes, as decode gives no text
+    with pytest.raises(ValueError, match="unknown token id -1"):
+        tok.token_bytes(-1)
 
 
 def test_token_bytes_with_a_byte_level_decoder_inside_a_sequence():

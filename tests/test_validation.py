@@ -313,3 +313,15 @@ def test_share_model_refuses_what_it_cannot_honour(llm, kwargs, pattern):
     unknown keywords of LLM(), which has them."""
     with pytest.raises(ValueError, match=pattern):
         llm.share_model(**kwargs)
+
+
+def test_max_tokens_none_generates_until_the_context_ends(llm):
+    """vLLM's max_tokens=None: the request may run to max_model_len (it was refused as not an integer)."""
+    out = llm.generate([[5] * 60], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == MAX_LEN - 60 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match=r"max_tokens=None generates until max_model_len=64, but the 64-token "
+                                         r"prompt leaves room for 0"):
+        llm.generate([[5] * 64], SamplingParams(max_tokens=None))
+    with pytest.raises(ValueError, match=r"leaves room for 4 \(min_tokens=6\)"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=None, min_tokens=6))
+    assert llm.llm_engine.scheduler.block_manager.num_used_blocks == 0

@@ -170,6 +170,13 @@ class LLMEngine(StepOutputs):
         else:
             text, token_ids = self.validate_prompt(prompt)
         self.check_sampling_params(sampling_params)
+        if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
+            room = self.max_model_len - len(token_ids)
+            if room < 1 or sampling_params.min_tokens > room:
+                raise ParamError("max_tokens", f"max_tokens=None generates until max_model_len={self.max_model_len}"
+                                               f", but the {len(token_ids)}-token prompt leaves room for {room} "
+                                               f"(min_tokens={sampling_params.min_tokens})")
+            sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
         if sampling_params.min_tokens > 0:
             eos = () if sampling_params.ignore_eos else tuple(self.eos_token_ids)

@@ -234,6 +234,9 @@ class ModelRunner(LaunchSetup):
                                   max(prepared.prompt_scoring[2]))
         if step.return_logits and logits is not None:  # for the rejection rule: the distribution sampled from
             parts.append(self.target_logits(logits, prepared.sampling[0] if prepared.sampling else None))
+            prepared.returns_raw_logits = num_top is not None and self._step_processed is not None
+            if prepared.returns_raw_logits:  # processors changed them: log-probs read the raw ones
+                parts.append(logits.float())
         return prepared, parts, num_top, hidden_states
 
     def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
@@ -273,10 +276,12 @@ class ModelRunner(LaunchSetup):
                 for i, entry in zip(owners, logprob_entries(targets, widths, host[:4])):
                     prompt_logprobs[i].append(entry)
                 del host[:4]
-        per_seq_logits = None
+        per_seq_logits = raw_logits = None
         if step.return_logits:
             per_seq_logits = list(host.pop(0).split([len(s) for s in sampled])) if seqs else []
-        return StepOutput(sampled, per_seq_logits, logprobs, prompt_logprobs, hidden_states)
+            if prepared.returns_raw_logits:
+                raw_logits = list(host.pop(0).split([len(s) for s in sampled]))
+        return StepOutput(sampled, per_seq_logits, logprobs, prompt_logprobs, hidden_states, raw_logits=raw_logits)
 
     def hidden_states(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor] | None:
         """Per sequence, its rows' hidden states [query_len, hidden] (views: no copy), when the step asks."""

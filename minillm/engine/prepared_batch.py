@@ -59,6 +59,7 @@ class PreparedBatch:
     # sequence, its target token and its number of top alternatives
     logprob_row_list: list[int] | None = None
     prompt_scoring: tuple[list[int], list[int], list[int]] | None = None
+    returns_raw_logits: bool = False  # the step returns the raw logits beside the processed ones (StepOutput)
 
 
 def _check(step: StepInput) -> None:

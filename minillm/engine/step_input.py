@@ -152,6 +152,9 @@ class StepOutput:
     # per sequence a [query_len, hidden] tensor on the worker's device (the target's last hidden state at every
     # row of its step, before or after the final norm as the head method asks), when return_hidden_states was set
     hidden_states: list | None = None
+    # the `logits` rows before logits processors, when those changed them and logprobs were asked: a token the
+    # rejection rule accepts or resamples is scored from these (log-probs are the raw model's, as vLLM's)
+    raw_logits: list | None = None
 
 
 def compute_slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:

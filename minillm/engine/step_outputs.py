@@ -12,6 +12,7 @@ become a stop string (`_output`). The async step (async_step.py) and the disaggr
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from minillm.engine.detokenizer import decode_windows, detokenize_incrementally, stop_string_at, streamable_length
@@ -20,6 +21,8 @@ from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import StepOutput, TokenLogprobs
 from minillm.outputs import RequestOutput, TokenLogprobDict, logprob_dict
+
+logger = logging.getLogger(__name__)
 
 
 class StepOutputs:
@@ -30,17 +33,25 @@ class StepOutputs:
         """The per-request output loop of a step whose tokens are in the sequences already: log-probs, incremental
         text and stop checks for each new token; finished requests are finished (blocks freed) and every request
         the caller will see this step gets its RequestOutput appended to `outputs`."""
-        decoded = self._decode_step_windows(seqs, tokens)
+        try:
+            decoded = self._decode_step_windows(seqs, tokens)
+        except Exception:  # each sequence then decodes alone below, so a failure is its request's own
+            decoded = [None] * len(seqs)
         for seq, new_tokens, entries, texts in zip(seqs, tokens, scored, decoded):
             reason = None
-            for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
-                if entries is not None:  # before the stop check: a stop token keeps its log-prob, later ones none
-                    seq.logprobs.append(self._logprob_dict(entries[j]))
-                    seq.cumulative_logprob += entries[j].logprob
-                reason = self._check_stop(seq, position, texts)
-                if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
-                    seq.truncate_output(position + 1)
-                    break
+            try:
+                for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
+                    if entries is not None:  # before the stop check: a stop token keeps its log-prob, later none
+                        seq.logprobs.append(self._logprob_dict(entries[j]))
+                        seq.cumulative_logprob += entries[j].logprob
+                    reason = self._check_stop(seq, position, texts)
+                    if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
+                        seq.truncate_output(position + 1)
+                        break
+            except Exception as err:  # its text or log-probs cannot be made: this request fails, the step goes on
+                logger.exception("request %s: output failed; finishing it with 'error'", seq.request_id)
+                outputs.append(self._finish(seq, "error", error=f"{type(err).__name__}: {err}"))
+                continue
             if reason is not None:
                 outputs.append(self._finish(seq, reason))
             elif seq.sampling_params.output_kind == "cumulative":
@@ -69,8 +80,9 @@ class StepOutputs:
             for j, token in enumerate(tokens[i]):
                 if j < len(output.sampled_token_ids[i]) and output.sampled_token_ids[i][j] == token:
                     entries.append(output.logprobs[i][j])
-                elif output.logits is not None and len(output.logits[i]) > j:
-                    entries.extend(token_logprobs(output.logits[i][j:j + 1], [token], [params.logprobs]))
+                elif output.logits is not None and len(output.logits[i]) > j:  # raw ones where processors ran
+                    logits = output.logits if output.raw_logits is None else output.raw_logits
+                    entries.extend(token_logprobs(logits[i][j:j + 1], [token], [params.logprobs]))
                 else:
                     raise ValueError(f"accepted token {token} at row {j} was not sampled there and the step "
                                      f"returned no logits to score it")

@@ -225,14 +225,17 @@ class Tokenizer:
             raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids`. An id past the tokenizer's vocabulary is no text: a model's embedding often has more
+        rows than its tokenizer has tokens (padded to a multiple of 64 or 128; Qwen2.5 151,936 for 151,665), and
+        the model may sample them; as in HF's tokenizers, they decode to nothing. A negative id is a ValueError."""
         ids = [int(i) for i in ids]
         # range-checked against the size known at construction, asked again only for an id past it: the engine
         # decodes windows of every running sequence after every step, and asking per id cost 3x the decode
         if ids and not (0 <= min(ids) and max(ids) < self._known_vocab_size):
+            if min(ids) < 0:
+                raise ValueError(f"unknown token id {min(ids)}; token ids are >= 0")
             vocab_size = self._known_vocab_size = self.vocab_size
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise ValueError(f"unknown token id {bad[0]}; valid ids are 0..{vocab_size - 1}")
+            ids = [i for i in ids if i < vocab_size]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -243,9 +246,11 @@ class Tokenizer:
         space as U+2581; a user-defined added token is its own text, and a special one (<|im_end|>) has no bytes,
         as decode() skips it."""
         token_id = int(token_id)
-        token = self.backend.id_to_token(token_id) if token_id >= 0 else None
-        if token is None:
-            raise ValueError(f"unknown token id {token_id}; valid ids are 0..{self.vocab_size - 1}")
+        if token_id < 0:
+            raise ValueError(f"unknown token id {token_id}; token ids are >= 0")
+        token = self.backend.id_to_token(token_id)
+        if token is None:  # past the tokenizer's vocabulary (a padded embedding row): no text, no bytes
+            return b""
         added = self._added_tokens.get(token_id)
         if added is not None:
             return b"" if added.special else token.encode("utf-8")
@@ -271,9 +276,8 @@ class Tokenizer:
         """`decode` of each id list, in one call into the tokenizer library (the engine's detokenizer decodes two
         windows of every running sequence per step: one call for all of them instead of 2 x batch)."""
         known = self._known_vocab_size
-        for ids in batch:  # min and max run in C: the per-id Python of `decode` would cost as much as the decode
-            if len(ids) and not (0 <= min(ids) and max(ids) < known):
-                self.decode(ids)  # asks the vocabulary size again; raises naming the bad id
+        if any(len(ids) and not (0 <= min(ids) and max(ids) < known) for ids in batch):  # min, max run in C
+            return [self.decode(ids, skip_special_tokens) for ids in batch]  # drops ids past the vocabulary
         try:
             return self.backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
         except TypeError:  # ids that are not Python ints (numpy, tensors): convert, as `decode` does

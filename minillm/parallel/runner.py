@@ -206,11 +206,13 @@ class ParallelModelRunner(ModelRunner):
                                      [step.num_logprobs[rows[r]] for r in asked])
             for r, entry in zip(asked, entries):
                 logprobs[rows[r]].append(entry)
-        per_seq_logits = None
+        per_seq_logits = raw_logits = None
         if step.return_logits:  # for the rejection rule: the distribution sampled from (processors applied)
             temperatures = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=logits.device)
             per_seq_logits = list(self.target_logits(logits, temperatures).cpu().split([len(s) for s in sampled]))
-        return StepOutput(sampled, per_seq_logits, logprobs)
+            if logprobs is not None and self._step_processed is not None:  # log-probs read the raw logits
+                raw_logits = list(logits.float().cpu().split([len(s) for s in sampled]))
+        return StepOutput(sampled, per_seq_logits, logprobs, raw_logits=raw_logits)
 
 
 class StageForProfiling(nn.Module):
