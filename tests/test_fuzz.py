@@ -107,10 +107,11 @@ def test_sampling_params_accepts_only_valid_values(kwargs):
         return
     assert math.isfinite(p.temperature) and (p.temperature == 0 or p.temperature >= 0.01)
     assert math.isfinite(p.top_p) and 0 < p.top_p <= 1
-    for name in ("top_k", "max_tokens", "priority"):
+    for name in ("top_k", "priority"):
         assert type(getattr(p, name)) is int
     assert p.top_k == -1 or p.top_k >= 1
-    assert p.max_tokens >= 1 and isinstance(p.ignore_eos, bool)
+    assert p.max_tokens is None or (type(p.max_tokens) is int and p.max_tokens >= 1)  # None: until the context ends
+    assert isinstance(p.ignore_eos, bool)
     assert p.seed is None or type(p.seed) is int
     assert all(type(s) is str and s for s in p.stop_list)
     assert all(type(t) is int and t >= 0 for t in p.stop_token_ids)
