@@ -328,3 +328,22 @@ def test_chat_logprobs_bytes_are_the_tokens_own(client):
     assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
     assert b"\xef\xbf\xbd" not in raw  # no U+FFFD stood in for a byte
 
+
+
+def test_a_sentencepiece_tokens_logprob_text_keeps_its_space():
+    """A log-prob entry's token text is its bytes (U+2581 a space), as the output's text has it: a SentencePiece
+    token decoded alone ("w58" for "\u2581w58") lost its space, so the server's `token` differed from its
+    `bytes` and completions' tokens did not add up to the text."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+    from minillm.loader.tokenizer import Tokenizer
+    config = tiny_config(vocab_size=112, eos_token_id=0)
+    backend = Backend(models.WordLevel(vocab={f"\u2581w{i}": i for i in range(112)}, unk_token="\u2581w0"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = Tokenizer(backend, bos_token_id=None, eos_token_id=0)
+    engine = LLMEngine(tiny_model(config, seed=2), tokenizer, config,
+                       EngineConfig(block_size=4, num_kv_blocks=32, max_model_len=32, max_num_seqs=2))
+    (out,) = finish(engine, [([5, 6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1))])
+    done = out.outputs[0]
+    texts = [entry[token].decoded_token for token, entry in zip(done.token_ids, done.logprobs)]
+    assert all(text.startswith(" w") for text in texts) and "".join(texts) == done.text, (texts, done.text)

@@ -90,7 +90,16 @@ class StepOutputs:
         return scored
 
     def _logprob_dict(self, entry: TokenLogprobs) -> TokenLogprobDict:
-        return logprob_dict(*entry, decode=lambda token_id: self.tokenizer.decode([token_id]))
+        return logprob_dict(*entry, decode=self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        """A log-prob entry's token as text: its own bytes, as in context (decoding one SentencePiece token alone
+        drops the space its U+2581 stands for: ' w58' came out 'w58', unlike its bytes and the output's text), an
+        unfinished UTF-8 character as U+FFFD. Tokenizers without token_bytes decode the token alone."""
+        token_bytes = getattr(self.tokenizer, "token_bytes", None)
+        if token_bytes is None:
+            return self.tokenizer.decode([token_id])
+        return token_bytes(token_id).decode("utf-8", errors="replace")
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         params = seq.sampling_params
