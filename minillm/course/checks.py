@@ -92,9 +92,11 @@ def _definitions(text: str) -> dict[str, list[str]]:
             found.setdefault(node.name, []).append(ast.dump(node))
             continue
         for sub in ast.walk(node):
-            names = ([sub.id] if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store) else
-                     [(a.asname or a.name).split(".")[0] for a in sub.names] if isinstance(sub, (ast.Import, ast.ImportFrom))
-                     else [])
+            names: list[str] = []
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                names = [sub.id]
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                names = [(alias.asname or alias.name).split(".")[0] for alias in sub.names]
             for name in names:
                 found.setdefault(name, []).append("bound")
     return found
