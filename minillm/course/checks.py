@@ -8,6 +8,7 @@ checks properties of its own. A failure is one line the grader can show as it is
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -78,6 +79,7 @@ def _read(path: Any) -> str:
         return f.read()
 
 
+@functools.lru_cache(maxsize=32)  # a test launches through the same two files many times
 def _definitions(text: str) -> dict[str, list[str]]:
     """Each name a module's top level binds -> how: the syntax tree of each def or class (decorators included,
     positions and comments not), "bound" for any other binding (an assignment, an import, a loop variable)."""

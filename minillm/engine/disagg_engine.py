@@ -94,8 +94,8 @@ class DisaggregationConfig:
             raise ValueError(f"disaggregation {role}_device={chosen!r} is not a device; {allowed}")
         if device.type == "cuda":
             count = torch.cuda.device_count()
-            if device.index is None and count:  # each side its own GPU when there are two
-                device = torch.device("cuda", ROLES.index(role) if count >= 2 else 0)
+            if device.index is None and count:
+                device = _role_gpu(role)
             if not count or device.index >= count:
                 raise ValueError(f"disaggregation {role}_device={chosen!r}, but this machine has {count} CUDA "
                                  f"device(s)")
@@ -116,10 +116,12 @@ class DisaggregationConfig:
     def device(self, role: str, engine_device: torch.device) -> torch.device:
         if getattr(self, f"{role}_device") is not None:
             return self._parsed_device(role)
-        if engine_device.type != "cuda":
-            return engine_device
-        two = torch.cuda.device_count() >= 2
-        return torch.device("cuda", ROLES.index(role) if two else 0)
+        return engine_device if engine_device.type != "cuda" else _role_gpu(role)
+
+
+def _role_gpu(role: str) -> torch.device:
+    """The GPU a worker of `role` takes when none is named: each side its own when there are two."""
+    return torch.device("cuda", ROLES.index(role) if torch.cuda.device_count() >= 2 else 0)
 
 
 def check_disaggregation(config: EngineConfig) -> None:

@@ -80,6 +80,12 @@ def worker_error(rank: int, err: BaseException) -> WorkerError:
                        in_forward=getattr(err, "in_forward", False))
 
 
+def tp_group_ranks(tp: int, pp: int, first_rank: int) -> list[list[int]]:
+    """The global ranks of each pipeline stage's tensor-parallel group, as build_groups lays them out (none
+    without tensor parallelism: nothing to keep in step)."""
+    return [[first_rank + stage * tp + t for t in range(tp)] for stage in range(pp)] if tp > 1 else []
+
+
 def desynchronised(errors: dict[int, WorkerError], tp_groups: list[list[int]]) -> str | None:
     """Why a group whose ranks answered with `errors` ({rank: error}) cannot run another step, or None: a rank
     that failed inside the forward while a tensor-parallel peer of its did not (the peer went through collectives
@@ -217,7 +223,7 @@ class MultiProcExecutor:
         check_expert_parallel_config(worker_kwargs["model_config"], ep)
         self._owns_group = False
         # the workers' tensor-parallel groups, as build_groups lays them out from rank 1 (desynchronised())
-        self._tp_groups = [[1 + stage * tp + t for t in range(tp)] for stage in range(pp)] if tp > 1 else []
+        self._tp_groups = tp_group_ranks(tp, pp, first_rank=1)  # for desynchronised()
         if dist.is_initialized():  # one default process group per process: a second would break the first engine's
             raise RuntimeError("another multi-process engine (or torch.distributed process group) is running in this "
                                "process; shut it down first (llm.llm_engine.shutdown()), or run this LLM in another "
@@ -262,14 +268,19 @@ class MultiProcExecutor:
     def _gather(self) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         dist.gather_object(None, results, dst=0)
-        errors = {rank: r for rank, r in enumerate(results) if isinstance(r, WorkerError)}
-        if errors:
-            broken = desynchronised(errors, self._tp_groups)
-            if broken is not None:  # not a WorkerError: the engine must not rerun anything on this group
-                self._broken = broken
-                raise RuntimeError(f"{broken}; the engine cannot continue (start a new one)")
-            raise next(iter(errors.values()))
+        self._raise_worker_errors(results)
         return results[1:]
+
+    def _raise_worker_errors(self, results: list[Any]) -> None:
+        """Raise the first WorkerError among the ranks' `results`, or, when the failure left a tensor-parallel
+        group out of step (desynchronised), a RuntimeError that ends the executor: nothing may rerun on it."""
+        errors = {rank: r for rank, r in enumerate(results) if isinstance(r, WorkerError)}
+        if not errors:
+            return
+        self._broken = desynchronised(errors, self._tp_groups)
+        if self._broken is not None:
+            raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
+        raise next(iter(errors.values()))
 
     def _watch(self, port: int) -> None:
         """The watchdog (a daemon thread, its own store connection): when a worker has reported a failure in the
@@ -307,8 +318,9 @@ class MultiProcExecutor:
         """Run a collective with the workers, failing fast with the rank's name if a worker process is gone.
         gloo notices a closed connection at once, so a peer that dies mid-step ends the collective with an
         error rather than a hang; it is turned into this RuntimeError, and the executor refuses further calls."""
-        if self._broken is None and self._dead_workers():
-            self._broken = f"worker process died: {self._dead_workers()}"
+        dead = None if self._broken is not None else self._dead_workers()
+        if dead:
+            self._broken = f"worker process died: {dead}"
         if self._broken is not None:
             raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
         try:

@@ -278,9 +278,10 @@ class ModelRunner(LaunchSetup):
                 del host[:4]
         per_seq_logits = raw_logits = None
         if step.return_logits:
-            per_seq_logits = list(host.pop(0).split([len(s) for s in sampled])) if seqs else []
+            rows = [len(s) for s in sampled]
+            per_seq_logits = list(host.pop(0).split(rows)) if seqs else []
             if prepared.returns_raw_logits:
-                raw_logits = list(host.pop(0).split([len(s) for s in sampled]))
+                raw_logits = list(host.pop(0).split(rows))
         return StepOutput(sampled, per_seq_logits, logprobs, prompt_logprobs, hidden_states, raw_logits=raw_logits)
 
     def hidden_states(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor] | None:

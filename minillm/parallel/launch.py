@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from minillm.engine.executor import MultiProcExecutor, WorkerError, desynchronised, serve_worker, worker_error
+from minillm.engine.executor import MultiProcExecutor, serve_worker, tp_group_ranks, worker_error
 from minillm.engine.worker import CheckpointSource, Worker
 from minillm.parallel.state import build_groups, init_parallel_state
 
@@ -44,7 +44,7 @@ class TorchrunExecutor(MultiProcExecutor):
         self.processes = []  # torchrun owns the other processes
         self._closed, self._broken = False, None
         tp, pp = worker.engine_config.tensor_parallel_size, worker.engine_config.pipeline_parallel_size
-        self._tp_groups = [[stage * tp + t for t in range(tp)] for stage in range(pp)] if tp > 1 else []
+        self._tp_groups = tp_group_ranks(tp, pp, first_rank=0)
         self._gather_checked(self._local(worker.load_model))  # every rank has loaded its shard, or raise
 
     def _local(self, fn, *args: Any) -> Any:
@@ -60,12 +60,7 @@ class TorchrunExecutor(MultiProcExecutor):
         if not self.alone:
             results = [None] * dist.get_world_size()
             dist.gather_object(own, results, dst=0, group=self.group)
-        errors = {rank: r for rank, r in enumerate(results) if isinstance(r, WorkerError)}
-        if errors:
-            self._broken = desynchronised(errors, self._tp_groups)
-            if self._broken is not None:
-                raise RuntimeError(f"{self._broken}; the engine cannot continue (start a new one)")
-            raise next(iter(errors.values()))
+        self._raise_worker_errors(results)
         return results
 
     def _call(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
