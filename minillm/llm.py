@@ -40,11 +40,11 @@ from minillm.engine.kv_cache import shared_pool_memory
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.hooks import overriding
+from minillm.inputs import Prompt, from_prompt_dict, normalize_prompts
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
-Prompt = str | list[int]
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
 _LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
                       "distributed_executor_backend", "disaggregation")
@@ -180,12 +180,17 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer (vLLM's spelling of `llm.tokenizer`)."""
+        return self.llm_engine.tokenizer
+
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | SequenceT[Prompt], sampling_params: SamplingParams |
                  SequenceT[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order. Every prompt is validated before any
-        work starts: a bad one raises ValueError/TypeError naming its index."""
-        prompt_list = _normalize_prompts(prompts)
+        """Generate for every prompt; outputs come back in input order. A prompt is a str, a list of token ids or
+        vLLM's {"prompt": str} / {"prompt_token_ids": [...]} (minillm.inputs). Every prompt is validated before
+        any work starts: a bad one raises ValueError/TypeError naming its index."""
+        prompt_list = normalize_prompts(prompts)
         # only the finished outputs are returned: the engine need not snapshot every request after every step
         params = _normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         tokenized = []
@@ -250,7 +255,9 @@ class LLM:
         """Yield deltas for one prompt as tokens arrive: each item's outputs[0].text and .token_ids hold only
         what is new since the previous item. Closing the generator early aborts the request (its KV is freed).
         Several streams (and generate calls) may be interleaved: each step serves all of them."""
-        if isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, list, tuple)) for p in prompt):
+        if isinstance(prompt, dict):
+            prompt = from_prompt_dict(prompt)
+        if isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, list, tuple, dict)) for p in prompt):
             raise TypeError(f"generate_stream streams one prompt (a str or a list of token ids), got a list of "
                             f"{len(prompt)} prompts; use generate() for several")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
@@ -272,7 +279,7 @@ class LLM:
                 delta = CompletionOutput(index=0, text=done.text[sent_text:], token_ids=done.token_ids[sent_tokens:],
                                          finish_reason=done.finish_reason, error=done.error,
                                          logprobs=None if done.logprobs is None else done.logprobs[sent_tokens:],
-                                         cumulative_logprob=done.cumulative_logprob)
+                                         cumulative_logprob=done.cumulative_logprob, stop_reason=done.stop_reason)
                 sent_text, sent_tokens, finished = len(done.text), len(done.token_ids), out.finished
                 if delta.text or delta.token_ids or finished:
                     yield dataclasses.replace(out, outputs=[delta])
@@ -357,24 +364,6 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     from minillm.course.overrides import resolve_overrides  # LLM is a face: it may import the course
     return resolve_overrides(overrides)
-
-
-def _normalize_prompts(prompts: Any) -> list[Prompt]:
-    """str -> [str]; list[int] -> [list[int]]; list of str / list[int] -> itself. Anything else: TypeError.
-    A list that holds no str and no list is one token-id prompt, whatever else it holds: [1, 2.0] is then
-    refused for its 2.0 (validate_prompt), not as a "list of prompts" whose first prompt is the int 1."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise ValueError("prompts is empty: an empty list is neither a prompt nor a list of prompts")
-        if not any(isinstance(p, (str, list, tuple)) for p in prompts):
-            return [list(prompts)]
-        for i, p in enumerate(prompts):
-            if not isinstance(p, (str, list, tuple)):
-                raise TypeError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}: {p!r}")
-        return [p if isinstance(p, str) else list(p) for p in prompts]
-    raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got {type(prompts).__name__}")
 
 
 def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParams]:

@@ -91,6 +91,9 @@ class CompletionOutput:
     # one dict per token of token_ids when SamplingParams.logprobs was set, else None
     logprobs: list[TokenLogprobDict] | None = None
     cumulative_logprob: float | None = None  # sum of the tokens' log-probabilities (with logprobs only)
+    # vLLM's stop_reason, for finish_reason "stop": the stop string matched (not in `text`) or the stop_token_ids
+    # entry sampled (the last of token_ids); None when EOS ended it, or while running, or for another finish
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:
@@ -123,6 +126,7 @@ class RequestOutput:
             token_ids=list(seq.output_token_ids),
             finish_reason=seq.finish_reason,
             error=seq.error,
+            stop_reason=seq.stop_reason if seq.finish_reason == "stop" else None,
         )
         logprobs = seq.logprobs  # kept by the engine when the request asked for them
         if logprobs is not None:

@@ -51,6 +51,8 @@ class Sequence:
         self.token_times: list[float] = []  # when each output token was produced
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None
+        # what ended a "stop" finish (vLLM's stop_reason): the stop string or stop_token_ids entry; None for EOS
+        self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.output_text = ""  # detokenized output, kept by the engine for stop strings and streaming
         # what min_tokens bans until that many tokens are out: EOS (unless ignore_eos) and stop_token_ids; the

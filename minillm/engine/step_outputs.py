@@ -126,6 +126,9 @@ class StepOutputs:
         token = seq.token_ids[position]
         if self._is_stop_token(seq, token):
             self._flush_pending(seq, position)  # bytes held before it (an unfinished character: U+FFFD) are text
+            # vLLM's stop_reason: the id for a stop_token_ids entry, None for EOS (EOS is checked first there too)
+            is_eos = token in self.eos_token_ids and not params.ignore_eos
+            seq.stop_reason = None if is_eos else token
             return "stop"  # the stop token's text is not added to the output
         state = self._requests[seq.request_id]
         # the common single-token step reads the list itself; a multi-token step a prefix of it
@@ -138,6 +141,7 @@ class StepOutputs:
             past_min = position + 1 - seq.num_prompt_tokens > params.min_tokens
             cut = stop_string_at(seq.output_text, params.stop_list, len(new_text)) if past_min else -1
             if cut >= 0:
+                seq.stop_reason = _stop_string_found(seq.output_text, params.stop_list, cut)
                 seq.output_text = seq.output_text[:cut]
                 return "stop"
         if position + 1 - seq.num_prompt_tokens >= params.max_tokens or position + 1 >= self.max_model_len:
@@ -169,6 +173,7 @@ class StepOutputs:
         seq.output_text += tail[len(head):]
         cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list, max(len(tail) - len(head), 0))
         if cut >= 0:
+            seq.stop_reason = _stop_string_found(seq.output_text, seq.sampling_params.stop_list, cut)
             seq.output_text = seq.output_text[:cut]
         return cut >= 0
 
@@ -176,3 +181,8 @@ class StepOutputs:
         """A running request's output: text that might still become a stop string is held back."""
         safe = streamable_length(seq.output_text, seq.sampling_params.stop_list)
         return RequestOutput.from_sequence(seq, text=seq.output_text[:safe])
+
+
+def _stop_string_found(text: str, stops: list[str], cut: int) -> str | None:
+    """Which stop string begins at `cut` in `text` (the first listed, when several do): the request's stop_reason."""
+    return next((stop for stop in stops if text.startswith(stop, cut)), None)

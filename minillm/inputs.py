@@ -1,0 +1,55 @@
+"""The prompt forms LLM.generate accepts, as vLLM's (vllm/inputs): a str, a list of token ids, or the typed dicts
+TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}; one of them or a list of them.
+
+Every form becomes the engine's own: a str or a list[int] (LLMEngine.validate_prompt checks the text, the ids'
+range and the length). The dicts' other keys (multi_modal_data, cache_salt, ...) are refused by name: a text-only
+engine that dropped them silently would answer another question than the one asked.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+Prompt = str | list[int]
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # TextPrompt's and TokensPrompt's one key each
+
+
+def from_prompt_dict(prompt: dict, where: str = "") -> Prompt:
+    """A TextPrompt's text or a TokensPrompt's ids; ValueError for a dict that is neither (naming its keys)."""
+    keys = set(prompt)
+    if keys in ({"prompt"}, {"prompt_token_ids"}):
+        value = prompt["prompt"] if "prompt" in keys else prompt["prompt_token_ids"]
+        if "prompt" in keys and not isinstance(value, str):
+            raise TypeError(f"{where}a TextPrompt's 'prompt' must be a str, got {type(value).__name__}: {value!r}")
+        if "prompt_token_ids" in keys and not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}a TokensPrompt's 'prompt_token_ids' must be a list of token ids, got "
+                            f"{type(value).__name__}: {value!r}")
+        return value if isinstance(value, str) else list(value)
+    raise ValueError(f"{where}a prompt dict must have exactly one of the keys {', '.join(map(repr, PROMPT_KEYS))} "
+                     f"(vLLM's TextPrompt or TokensPrompt; this engine reads text only), got keys {sorted(keys)}")
+
+
+def normalize_prompts(prompts: Any) -> list[Prompt]:
+    """str -> [str]; list[int] -> [list[int]]; a prompt dict -> [its str or ids]; a list of str / list[int] / dicts
+    -> the list of them. Anything else: TypeError. A list that holds no str, list or dict is one token-id prompt,
+    whatever else it holds: [1, 2.0] is then refused for its 2.0 (validate_prompt), not as a "list of prompts"
+    whose first prompt is the int 1."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, dict):
+        return [from_prompt_dict(prompts)]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is empty: an empty list is neither a prompt nor a list of prompts")
+        if not any(isinstance(p, (str, list, tuple, dict)) for p in prompts):
+            return [list(prompts)]
+        normalized: list[Prompt] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, dict):
+                p = from_prompt_dict(p, where=f"prompt {i}: ")
+            elif not isinstance(p, (str, list, tuple)):
+                raise TypeError(f"prompt {i}: expected a str, a list of token ids or a prompt dict, got "
+                                f"{type(p).__name__}: {p!r}")
+            normalized.append(p if isinstance(p, str) else list(p))
+        return normalized
+    raise TypeError(f"prompts must be a str, a list of token ids, a prompt dict ({{'prompt': str}} or "
+                    f"{{'prompt_token_ids': [...]}}), or a list of those; got {type(prompts).__name__}")
