@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -169,3 +171,12 @@ def test_an_empty_chapters_list_is_refused(command, out, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: --chapters is empty; name the assignment's chapters, e.g. ch05,ch06" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / out).exists()
+
+
+def test_python_dash_m_minillm_is_the_command():
+    """`python -m minillm` (a venv not on PATH) ran nothing: "'minillm' is a package and cannot be directly
+    executed"."""
+    done = subprocess.run([sys.executable, "-m", "minillm", "estimate", "--model", "smollm2-135m"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert "KV cache per token" in done.stdout
