@@ -173,10 +173,14 @@ def _fallback_wanted(fallback: bool | None) -> bool:
     return fallback if fallback is not None else os.environ.get("MINILLM_FALLBACK", "1") != "0"
 
 
-def _banner(ex: Exercise) -> None:
+def _banner(ex: Exercise, path: Path, root: Path | None) -> None:
+    """Say once that `ex` runs the reference, and where the learner's own version goes: exercises/chNN_*.py, or
+    the file under the folder MINILLM_IMPL names (a stub there is not in exercises/)."""
     if ex.id not in _BANNERS:
         _BANNERS.add(ex.id)
-        print(f"{ex.id}: not attempted yet, using the reference (write it in exercises/{ex.module}.py; "
+        own = Path(root or repo_root()) / "exercises" / f"{ex.module}.py"
+        where = f"exercises/{ex.module}.py" if Path(path) == own else str(path)
+        print(f"{ex.id}: not attempted yet, using the reference (write it in {where}; "
               "MINILLM_IMPL=solutions|exercises|PATH chooses whose code runs)", file=sys.stderr, flush=True)
 
 
@@ -187,13 +191,14 @@ def load_function(exercise_id: str, impl: str | os.PathLike | None = None, root:
     `fallback` (default: on unless MINILLM_FALLBACK=0): a function not attempted yet is replaced by the
     reference, with a banner naming it."""
     ex = get(exercise_id)
-    module = load_module(module_file(ex, resolve_impl(impl, root)))
+    path = module_file(ex, resolve_impl(impl, root))
+    module = load_module(path)
     fn = getattr(module, ex.function, None)
     if not callable(fn):
         raise ImplementationError(f"{module.__file__}: no function {ex.function!r} (exercise {ex.id})")
     _guard.check_provenance(ex.id, fn, module.__file__, ex.function)
     if _fallback_wanted(fallback) and is_stub(ex, fn):
-        _banner(ex)
+        _banner(ex, path, root)
         return load_reference(exercise_id, root)
     return guarded(ex, fn) if guard else fn
 
@@ -203,10 +208,11 @@ def load_chapter_module(exercise_id: str, impl: str | os.PathLike | None = None,
     """The chapter module holding `exercise_id` (a Triton kernel is launched through its module's launcher),
     or, when that kernel is not attempted yet and the fallback is on, the reference's module, with the banner."""
     ex = get(exercise_id)
-    module = load_module(module_file(ex, resolve_impl(impl, root)))
+    path = module_file(ex, resolve_impl(impl, root))
+    module = load_module(path)
     fn = getattr(module, ex.function, None)
     if fn is not None and _fallback_wanted(fallback) and is_stub(ex, fn):
-        _banner(ex)
+        _banner(ex, path, root)
         return _reference_module(ex, root)
     return module
 

@@ -144,6 +144,7 @@ def test_a_stub_falls_back_to_the_reference_with_one_banner(tmp_path, capsys, mo
     load_function("ch05.slot_mapping", tmp_path, fallback=True)
     banner = capsys.readouterr().err
     assert banner.count("ch05.slot_mapping: not attempted yet, using the reference") == 1
+    assert f"write it in {tmp_path / 'ch05_paged_kv.py'};" in banner  # the folder's file, not exercises/
     with pytest.raises(NotImplementedError, match="not attempted yet"):
         load_function("ch05.slot_mapping", tmp_path, fallback=False)([7, 2], 15, 18, 16)
 
