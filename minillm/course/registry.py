@@ -140,7 +140,8 @@ _EXERCISES: list[Exercise] = [
         hint="slot = block_table[p // block_size] * block_size + p % block_size for p in range(start, end); check the range.",
         nudge="A token's position tells you its logical block and its offset inside it; the block table turns the logical block into a physical one.",
         signature="slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]",
-        called_from="minillm.engine.model_runner.ModelRunner.slot_mapping (every step) and minillm.engine.scheduler_sim.ShadowKVCache",
+        called_from=("minillm.engine.step_input.build_step_input (every step) and "
+                     "minillm.engine.scheduler_sim.ShadowKVCache"),
     ),
     Exercise(
         id="ch05.hash_block", function="hash_block", source="minillm/engine/prefix_cache.py", points=5,
