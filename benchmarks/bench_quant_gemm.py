@@ -1,4 +1,4 @@
-"""Benchmark the quantized GEMMs (chapter 10) on a GPU against torch baselines measured in the same run.
+"""Benchmark the quantized GEMMs (chapter 8) on a GPU against torch baselines measured in the same run.
 
     python benchmarks/bench_quant_gemm.py --out benchmarks/results/quant_gemm_h200.json
 

@@ -1,4 +1,4 @@
-"""Held-out perplexity of SmolLM2-135M under every quantization method (chapter 10).
+"""Held-out perplexity of SmolLM2-135M under every quantization method (chapter 8).
 
     .venv/bin/python benchmarks/quant_quality.py                          # 32 x 512 held-out tokens, all methods
     .venv/bin/python benchmarks/quant_quality.py --n-samples 16 --seq-len 256 --calib-samples 16 --awq-tokens 512 \

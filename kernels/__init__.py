@@ -11,14 +11,14 @@
     rope_store.py       rotary_and_store_kvcache_              RoPE on q/k and the KV-cache store in one launch
                                                               (what Attention runs when handed the RoPE module)
     int4_gemm.py        int4_gemm                              INT4 weight-only GEMM (GPTQ layout, unpacked in
-                                                              registers, split-K for decode) (chapter 10)
+                                                              registers, split-K for decode) (chapter 8)
     int4_layout.py      repack_int4, sort_act_order,           its layout: repack from QuantizedWeight, act-order,
-                        dequantize_int4                       the torch reference (chapter 10)
+                        dequantize_int4                       the torch reference (chapter 8)
     scaled_mm.py        scaled_mm                              W8A8 GEMM: 8-bit operands, per-token x per-channel
-                                                              scales in the epilogue (chapter 10)
+                                                              scales in the epilogue (chapters 7-8)
     fp8_gemm.py         per_token_quant_fp8, fp8_gemm          FP8 e4m3: activations quantized per token, the
-                                                              FP8 GEMM (chapter 10)
-    int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapter 10)
+                                                              FP8 GEMM (chapters 7-8)
+    int8_gemm.py        per_token_quant_int8, int8_gemm        the same for INT8, int32 accumulation (chapters 7-8)
     gemv.py             gemv, gemv_rms_norm                    dense fp16/bf16 y = x W^T for M <= 16 rows (decode):
                                                               weight streaming, split-K with one launch, SwiGLU
                                                               computed in the loads (chapter 4); int8 codes with
@@ -32,13 +32,13 @@
     int4_dispatch.py,   and keeps the fastest correct one      shape); int4_tuning: configs, split-K, workspace
     int4_tuning.py
     int4_dequant.py     int4_dequant_matmul (prefill sizes)    INT4 -> bf16 into a scratch buffer, then cuBLAS: the
-                                                              dispatcher's candidate from M = 16 up (chapter 10)
+                                                              dispatcher's candidate from M = 16 up (chapter 8)
     paged_prefill.py    paged_prefill_attention                FlashAttention reading cached K/V through the block
                                                               table: chunks and prefix hits, no gather (chapter 5)
     flash_attention_hopper.py                                  TMA-descriptor FlashAttention for sm_90, opt-in
                                                               (backend="hopper"; slower than the portable kernel)
     fp8_block_gemm.py   per_token_group_quant_fp8,             FP8 with DeepSeek-style block scales: activations per
-                        fp8_block_gemm                        token and K-group, weights per tile (chapter 10)
+                        fp8_block_gemm                        token and K-group, weights per tile (chapter 8)
     argmax.py           argmax_last_dim                        greedy decoding's argmax in two stages over many SMs
     topk_logprobs.py    topk_log_softmax                       the k most probable tokens' log-probabilities in two
                                                               stages (EAGLE-2's tree search, chapter 9)

@@ -1,4 +1,4 @@
-"""Block-wise scaled FP8 GEMM and the per-token-group activation quantizer (chapter 10; DeepSeek-V3's recipe).
+"""Block-wise scaled FP8 GEMM and the per-token-group activation quantizer (chapter 8; DeepSeek-V3's recipe).
 
     x  [M, K] --per_token_group_quant_fp8--> a8 e4m3 [M, K], a_scale fp32 [M, K / group_k]
     w8 [N, K] e4m3, w_scale fp32 [N / group_n, K / group_k]           (minillm.quant.fp8_block, offline)

@@ -1,4 +1,4 @@
-"""FP8 W8A8 linear layers: dynamic per-token FP8 quantization of activations and the scaled FP8 GEMM (chapter 10).
+"""FP8 W8A8 linear layers: dynamic per-token FP8 quantization of activations and the scaled FP8 GEMM (chapters 7-8).
 
 FP8 e4m3 (4 exponent bits, 3 mantissa bits, max 448) keeps a floating grid: relative error about 2^-4 at
 every magnitude, so a single scale per token row (activations) and per output channel (weights) is enough,

@@ -1,4 +1,4 @@
-"""The INT4 weight-only layout of int4_gemm.py: packing, repacking and the plain-torch reference (chapter 10).
+"""The INT4 weight-only layout of int4_gemm.py: packing, repacking and the plain-torch reference (chapter 8).
 
     qweight  int32 [K // 8, N]        word (j, n) holds W[n, 8j + i] in bits [4i, 4i + 4), i = 0..7 (packed along K)
     scales   [K // G, N]              one scale per group of G input rows and output column

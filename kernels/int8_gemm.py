@@ -1,4 +1,4 @@
-"""INT8 W8A8 linear layers (SmoothQuant-style): per-token int8 activations x per-channel int8 weights (chapter 10).
+"""INT8 W8A8 linear layers (SmoothQuant-style): per-token int8 activations x per-channel int8 weights (chapters 7-8).
 
     x [M, K] --per_token_quant_int8--> x_q int8 [M, K], x_scale fp32 [M, 1]   (scale = max|x_row| / 127)
     y = scaled_mm(x_q, w_q int8 [N, K], x_scale, w_scale [N] or [1])  -> bf16 [M, N]   (kernels/scaled_mm.py)

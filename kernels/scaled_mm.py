@@ -1,5 +1,5 @@
 """W8A8 scaled matmul: C = (A_q @ B_q^T) * a_scale[:, None] * b_scale[None, :] (+ bias), the one GEMM behind
-FP8 and INT8 "W8A8" layers (chapter 10). fp8_gemm.py and int8_gemm.py quantize the activations and call it.
+FP8 and INT8 "W8A8" layers (chapters 7-8). fp8_gemm.py and int8_gemm.py quantize the activations and call it.
 
     A_q      [M, K]  float8_e4m3fn or int8     activations, quantized per token (row) on the fly
     B_q      [N, K]  same dtype                weights as nn.Linear stores them (out, in): K contiguous

@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism on CPU processes (gloo): chapter 10.
+"""Tensor and pipeline parallelism on CPU processes (gloo): chapter 11.
 
     TP=2 and PP=2 (2 worker processes each) give the same greedy and seeded tokens as one process, on a tiny
     random model with tied embeddings; the torchrun entry at TP=2 on a tiny Qwen2 checkpoint (biases, untied

@@ -1,4 +1,4 @@
-"""Quantization algorithms on small random layers (chapter 10): RTN grids and packing, GPTQ, AWQ, calibration text.
+"""Quantization algorithms on small random layers (chapters 7-8): RTN grids and packing, GPTQ, AWQ, calibration text.
 
 The activations have a few outlier channels, as real LLM activations do (that is what GPTQ's Hessian and
 AWQ's salience see); errors are relative layer-output errors ||X W^T - X Q^T|| / ||X W^T||.

@@ -1,4 +1,4 @@
-"""Block-wise FP8 GEMM and per-token-group quantizer (minillm.kernels.fp8_block_gemm, chapter 10).
+"""Block-wise FP8 GEMM and per-token-group quantizer (minillm.kernels.fp8_block_gemm, chapter 8).
 
 CPU part: Triton's interpreter at tiny awkward sizes (M 1, 5, 17; N not a multiple of the tile; group 16/32/64,
 BLOCK_N spanning two weight blocks, BLOCK_K smaller than group_k), operands quantized with torch (the

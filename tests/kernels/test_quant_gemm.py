@@ -1,4 +1,4 @@
-"""Quantized GEMM kernels (chapter 10): INT4 weight-only, FP8 and INT8 W8A8, and the per-token quantizers.
+"""Quantized GEMM kernels (chapters 7-8): INT4 weight-only, FP8 and INT8 W8A8, and the per-token quantizers.
 
 CPU part: Triton's interpreter at tiny awkward sizes (M 1, 3, 17; N 64, 96; K 128, 256; groups 32/64/128),
 fp32 activations (the interpreter's bf16 tl.dot is wrong), against plain torch: dequantize, then matmul in
