@@ -161,7 +161,7 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                         + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
             v = tl.load(V_CACHE + (block_id * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None]
                         + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            k = k.to(q.dtype)  # a no-op for a cache of q's dtype (or a plain widening: fp8_words=False)
+            k = k.to(q.dtype)  # a no-op for a cache of q's dtype (or a plain widening: FP8_WORDS=False)
             v = v.to(q.dtype)
         s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
         keep = valid[None, :] & (pos[None, :] < visible[:, None])

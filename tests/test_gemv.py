@@ -174,7 +174,8 @@ def test_code_config_is_valid_for_any_shape():
 
 def test_tuned_configs_are_valid_and_correct_at_smollm2_sizes():
     """Every measured entry passes its own check, and the small ones (SmolLM2's verify-step shapes) give F.linear's
-    result under the interpreter (the Llama-3-8B ones are too big to run here; test_default_config covers them)."""
+    result under the interpreter (the Llama-3-8B ones are too big to run here;
+    test_default_config_is_valid_for_any_shape covers them)."""
     from minillm.kernels.gemv_config import TUNED_CONFIGS, tuned_config
 
     for (m, n, k), cfg in TUNED_CONFIGS.items():
