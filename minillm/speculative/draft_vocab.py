@@ -111,13 +111,12 @@ def answer_token_counts(tokens: torch.Tensor, drafted: torch.Tensor | None, voca
 
 def save_token_counts(directory: str | os.PathLike, counts: torch.Tensor, target: ModelConfig) -> Path:
     """Write `counts` [V] and the fingerprint of the target they count to directory/token_counts.safetensors."""
-    from safetensors.torch import save_file
-
+    from minillm.loader.model_files import save_safetensors
     from minillm.speculative.heads import target_fingerprint
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({"counts": counts.to(torch.int64).contiguous().cpu()}, str(path / COUNTS_FILE),
-              metadata={"target": json.dumps(target_fingerprint(target), sort_keys=True)})
+    save_safetensors({"counts": counts.to(torch.int64).contiguous().cpu()}, path / COUNTS_FILE,
+                     metadata={"target": json.dumps(target_fingerprint(target), sort_keys=True)})
     return path / COUNTS_FILE
 
 

@@ -38,12 +38,12 @@ _OWN = ("model.layers.", "model.norm.")  # the draft's own tensors; embedding an
 def save_draft(directory: str | os.PathLike, draft: nn.Module, target_config: ModelConfig,
                training: dict[str, Any] | None = None) -> Path:
     """Write a distilled draft (a LlamaForCausalLM whose embedding and LM head are the target's) in this format."""
-    from safetensors.torch import save_file
+    from minillm.loader.model_files import save_safetensors
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu", torch.bfloat16).contiguous() for name, t in draft.state_dict().items()
              if name.startswith(_OWN)}
-    save_file(state, str(out / WEIGHTS_FILE))
+    save_safetensors(state, out / WEIGHTS_FILE)
     config = {"kind": "draft", "num_layers": draft.config.num_hidden_layers,
               "target": target_fingerprint(target_config), "training": training or {}}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")

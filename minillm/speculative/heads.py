@@ -337,11 +337,11 @@ def window_positions(lengths: list[int] | torch.Tensor, width: int, device: torc
 # -- files ----------------------------------------------------------------------------------------------
 def save_heads(directory: str | os.PathLike, heads: nn.Module, config: HeadConfig) -> Path:
     """Write heads.safetensors (bf16 unless the heads are fp32 and small) and config.json into `directory`."""
-    from safetensors.torch import save_file
+    from minillm.loader.model_files import save_safetensors
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to(torch.bfloat16).contiguous().cpu() for name, t in heads.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE))
+    save_safetensors(tensors, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     return path
 
