@@ -182,7 +182,7 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (vLLM's spelling of `llm.tokenizer`)."""
-        return self.llm_engine.tokenizer
+        return self.tokenizer
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | SequenceT[Prompt], sampling_params: SamplingParams |
