@@ -90,7 +90,7 @@ def test_tables_and_json_mention_every_request():
     outs = [make_output(f"req-{i}", 5 + i, 8, 0.0, 0.1 * (i + 1), 1.0 + i) for i in range(4)]
     res = harness.summarize(outs)
     table = harness.format_requests(res)
-    assert all(f"req-{i}" in table for i in range(4)) and "output tok/s" in table
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["0", "1", "2", "3"] and "output tok/s" in table
     assert "TTFT" in harness.format_percentiles(res) and "p99 ms" in harness.format_percentiles(res)
     d = harness.to_dict(res)
     assert d["total_output_tokens"] == 32 and len(d["requests"]) == 4
@@ -361,3 +361,13 @@ def test_save_figure_returns_the_file_it_wrote(tmp_path):
     assert save_figure(Figure(), tmp_path / "stack") == str(tmp_path / "stack.png")
     assert (tmp_path / "stack.png").is_file()
     assert save_figure(Figure(), tmp_path / "sub" / "stack.svg") == str(tmp_path / "sub" / "stack.svg")
+
+
+def test_request_table_numbers_requests_as_the_workload_does():
+    """The engine's request ids count warm-up requests too (the demo's 8 prompts came out as requests 4..11): the
+    table numbers each request by its place in the workload, the prompts' [0]..[n-1]."""
+    outs = [make_output(str(40 + i), 5, 3, arrival=0.0, first=0.1, finish=0.2 + i) for i in range(3)]
+    outs.insert(1, make_output("41x", 4, 0, 0.0, None, 0.05, finish_reason="error"))  # a failed one keeps its place
+    table = harness.format_requests(harness.summarize(outs))
+    rows = [line.split()[0] for line in table.splitlines()[2:5]]
+    assert rows == ["0", "2", "3"], table

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 
@@ -32,6 +32,7 @@ class RequestStats:
     tpot: float | None
     latency: float
     queue_time: float | None = None  # first_scheduled_time - arrival_time, when the engine records it
+    index: int | None = None  # its place in the workload (the prompt list's order); engine ids count warm-ups too
 
 
 @dataclass
@@ -112,12 +113,13 @@ def summarize(outputs: Iterable[Any], wall_time: float | None = None,
     taken to span the first arrival to the last finish. Requests that ended in an error (the engine isolates
     them) are listed in `failed` and left out of the statistics."""
     outputs = list(outputs)
-    failed = [str(o.request_id) for o in outputs
-              if o.outputs[0].finish_reason == "error" or _get(o.metrics, "first_token_time") is None]
-    outputs = [o for o in outputs if str(o.request_id) not in failed]
+    ok = [o.outputs[0].finish_reason != "error" and _get(o.metrics, "first_token_time") is not None
+          for o in outputs]
+    failed = [str(o.request_id) for o, good in zip(outputs, ok) if not good]
+    reqs = [replace(request_stats(o), index=i) for i, (o, good) in enumerate(zip(outputs, ok)) if good]
+    outputs = [o for o, good in zip(outputs, ok) if good]
     if not outputs:
         raise ValueError(f"summarize needs at least one finished request, got none ({len(failed)} failed)")
-    reqs = [request_stats(o) for o in outputs]
     if wall_time is None:
         wall_time = max(_get(o.metrics, "finish_time") for o in outputs) - min(
             _get(o.metrics, "arrival_time") for o in outputs)
@@ -166,11 +168,12 @@ def _ms(x: float | None) -> str:
 
 
 def format_requests(result: BenchResult) -> str:
-    """One line per request, then the totals."""
+    """One line per request (numbered in the workload's order, as the prompts are), then the totals."""
     head = f"{'request':<10}{'prompt':>8}{'output':>8}{'TTFT ms':>10}{'TPOT ms':>10}{'latency ms':>12}"
     lines = [head, "-" * len(head)]
     for r in result.requests:
-        lines.append(f"{r.request_id[:10]:<10}{r.num_prompt_tokens:>8}{r.num_output_tokens:>8}"
+        label = r.request_id[:10] if r.index is None else str(r.index)
+        lines.append(f"{label:<10}{r.num_prompt_tokens:>8}{r.num_output_tokens:>8}"
                      f"{_ms(r.ttft):>10}{_ms(r.tpot):>10}{_ms(r.latency):>12}")
     lines.append("-" * len(head))
     lines.append(f"{result.num_requests} requests, {result.total_prompt_tokens} prompt + "

@@ -30,7 +30,7 @@ def plot_timeline(outputs: Sequence[Any], ax: Any) -> None:
             if end > start:
                 ax.barh(row, end - start, left=start - t0, color=PHASE_COLORS[phase],
                         label=phase if row == 0 else None)
-    ax.set_yticks(range(len(outputs)), [str(o.request_id) for o in outputs])
+    ax.set_yticks(range(len(outputs)), [str(row) for row in range(len(outputs))])  # the workload's order
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first arrival")
     ax.set_ylabel("request")
@@ -40,7 +40,7 @@ def plot_timeline(outputs: Sequence[Any], ax: Any) -> None:
 
 def plot_latency_bars(result: BenchResult, ax: Any) -> None:
     """TTFT and TPOT per request, in milliseconds, side by side."""
-    ids = [r.request_id for r in result.requests]
+    ids = [r.request_id if r.index is None else str(r.index) for r in result.requests]
     xs = range(len(ids))
     width = 0.4
     ax.bar([x - width / 2 for x in xs], [1e3 * r.ttft for r in result.requests], width, label="TTFT",
