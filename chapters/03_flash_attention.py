@@ -391,9 +391,11 @@ print(f"packed batch of 3 sequences, GQA 4:2: kernel == naive: {worst < TOL}")
 #
 # The kernel's tile shapes are autotuned per (head_dim, causal, varlen) on an H100. Measured with
 # `python benchmarks/bench_kernels.py` on 2026-11-25 (H100 SXM, triton 3.6), causal bf16 prefill, 32 heads of
-# 128, 16k tokens per batch: **334 / 426 / 461 TFLOP/s at sequence length 1k / 4k / 16k**, that is 0.80 / 0.85 /
-# 0.80 × torch's SDPA (which calls FlashAttention-2's CUDA kernels) in the same run. Not bad for ~100 lines of
-# Python; the gap is the hand-tuned pipelining (warp specialisation, async copies) of the CUDA implementation.
+# 128, 16k tokens per batch: **334 / 432 / 473 TFLOP/s at sequence length 1k / 4k / 16k**, that is 0.77 / 0.82 /
+# 0.82 × torch's SDPA in the same run (benchmarks/RESULTS.md). SDPA reached 433-578 TFLOP/s there, more than
+# FlashAttention-2 gets from an H100 (about 35% of its peak, says the FlashAttention-3 paper): on Hopper it ran a
+# Hopper kernel. Not bad for ~100 lines of Python; the gap is that kernel's Hopper-only machinery (TMA async
+# copies, wgmma, warp specialisation, as in FlashAttention-3).
 
 # %%
 if torch.cuda.is_available():
@@ -407,7 +409,7 @@ if torch.cuda.is_available():
         print(f"seq {seq}: {flops / ms / 1e9:.0f} TFLOP/s, {ms_sdpa / ms:.2f}x SDPA")
 else:
     print("no GPU here. On an H100 this cell times flash_attention against SDPA at seq 1k and 4k (causal, bf16,\n"
-          "32 heads x 128, 16k tokens per batch); recorded: 334 and 426 TFLOP/s, 0.80x and 0.85x SDPA.")
+          "32 heads x 128, 16k tokens per batch); recorded: 334 and 432 TFLOP/s, 0.77x and 0.82x SDPA.")
 
 # %% [markdown]
 # ## 7. Interview questions
