@@ -7,7 +7,7 @@ Serving memory has two big parts:
   KV head, so `2 x num_layers x num_kv_heads x head_dim x bytes x context x batch`.
 
 Weights are fixed; the KV cache grows with context x batch, and at long context or big batches it is larger than the
-weights. That is why grouped-query attention (fewer KV heads), paged KV and KV quantization matter (chapters 2-4).
+weights. That is why grouped-query attention (fewer KV heads), paged KV and KV quantization matter (chapters 2-5).
 
 Sizes are in decimal gigabytes (1 GB = 1e9 bytes), the unit of the seed table: a "70B" model holds 70e9 parameters,
 so 140 / 70 / 35 GB at FP16 / INT8 / INT4. A preset also knows its real architecture, from which the parameter

@@ -8,7 +8,7 @@ above it, compute-bound. An H100 runs 722 TFLOP/s of bf16 GEMM over 3.0 TB/s: I*
 An LLM is mostly matrix multiplies with its weights. Prefill multiplies a whole prompt (m = hundreds of tokens) by
 each weight matrix, so the weights are reused m times: compute-bound. Decode multiplies ONE token (m = 1) per
 sequence: every weight byte is read to do 2 FLOPs per 2 bytes, I ~ 1, so the GPU idles waiting for memory. Batching
-many sequences raises m and climbs the roof: that is the whole reason for continuous batching (chapter 2).
+many sequences raises m and climbs the roof: that is the whole reason for continuous batching (chapter 6).
 
 This module measures this machine's peak matmul FLOP/s and copy bandwidth quickly, and plots the roofline.
 """
