@@ -114,9 +114,10 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Without a cache each token costs a prefill, growing with the sequence (quadratic work overall); with it, the
-# first token pays the prefill and every other one costs a single-token step. The price is memory, and it is the
-# subject of the rest of this chapter and of chapter 5.
+# Without a cache each token costs a prefill, growing with the sequence (over n tokens the weight matmuls' work
+# grows quadratically and attention's cubically); with it, the first token pays the prefill and every other one
+# costs a single-token step. The price is memory, and it is the subject of the rest of this chapter and of
+# chapter 5.
 #
 # ## 2. One mask for prefill, chunks and decode
 #
@@ -180,7 +181,8 @@ plt.show()
 # 1. *Why cache K and V, but not Q?* <details><summary>answer</summary>A past token's query is used once, at its own
 #    step; its key and value are read by every later token. With the cache a decode step computes one q, k, v.</details>
 # 2. *What does a KV cache do to the cost of generating n tokens?* <details><summary>answer</summary>Without it,
-#    step i reprocesses all p + i tokens: quadratic total compute. With it, each step processes one token and
+#    step i reprocesses all p + i tokens: the weight matmuls' total work grows quadratically in n and attention's
+#    (all pairs of p + i tokens, at every step) cubically. With it, each step processes one token and
 #    attention reads the i cached keys: linear compute per step, but memory that grows with the context.</details>
 # 3. *How do MQA and GQA change the KV cache?* <details><summary>answer</summary>The cache scales with the KV heads,
 #    not the query heads: Llama-3-8B (8 KV heads for 32 query heads) keeps 4x less than with MHA.</details>

@@ -382,7 +382,8 @@ print("same tokens:", async_tokens == sync_tokens)
 #    max_num_seqs, and the per-step token budget max_num_batched_tokens (latency).</details>
 # 3. *Preemption by recompute or by swap?* <details><summary>answer</summary>Recompute frees the blocks and
 #    prefills again (compute, no CPU memory; vLLM's default); swap copies KV to CPU and back (PCIe both ways).
-#    Swap wins for long sequences and small PCIe-to-compute ratios.</details>
+#    Swap wins for long sequences and when the link is fast next to the GPU's compute: moving a sequence's KV both
+#    ways then costs less than prefilling it again.</details>
 # 4. *What is the admission watermark for?* <details><summary>answer</summary>Keeping a few free blocks so the
 #    running sequences can grow next step without an immediate preemption (thrashing).</details>
 # 5. *What does chunked prefill fix?* <details><summary>answer</summary>A long prompt prefilled whole stalls every
