@@ -81,6 +81,8 @@ def build(py: Path, execute: bool = True, timeout: int = 600, impl: str = "solut
     nb = jupytext.read(py)
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    for i, cell in enumerate(nb.cells):  # ids by position, not random: a rebuilt chapter's diff shows what changed
+        cell.id = f"cell-{i}"
     if execute:
         from nbclient import NotebookClient
         with _env(MINILLM_IMPL=impl, MINILLM_ROOT=str(repo_root())):

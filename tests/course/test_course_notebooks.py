@@ -2,6 +2,7 @@
 solutions and fails with the blank stubs (so a chapter's checked cells grade the learner too)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -55,6 +56,9 @@ def test_build_check_and_grade_a_chapter(tmp_path):
     assert lines[1:] == ["  cell 2 `print(causal_mask(2, 4).int().tolist())`: "
                          "expected '[[1, 1, 1, 0], [1, 1, 1, 1]]', got '[[1, 1, 1, 1], [1, 1, 1, 1]]'"], lines
 
+    ids = [cell["id"] for cell in json.loads(text)["cells"]]  # by position: a rebuild changes no id
+    rebuilt = json.loads(notebooks.build(py, execute=False).read_text())["cells"]
+    assert ids == [f"cell-{i}" for i in range(len(ids))] == [cell["id"] for cell in rebuilt]
     py.write_text(py.read_text().replace("causal_mask(2, 4)", "causal_mask(3, 4)"))
     assert notebooks.out_of_sync(tmp_path) == ["01_demo.ipynb differs from 01_demo.py: run `minillm course notebooks 01_demo`"]
 
