@@ -288,14 +288,15 @@ for name, layers, kv_heads in (("SmolLM2-135M", 30, 3), ("Llama-3-8B", 32, 8)):
 # Count the bytes per token. TP all-reduces [h] twice per layer; what a ring all-reduce makes each GPU send is
 # **exercise `ch11.ring_allreduce_bytes`** (cut the tensor into one chunk per GPU, then count a reduce-scatter and
 # an all-gather around the ring). PP sends hidden and residual, 2·h values, once per stage *boundary*, i.e. (pp − 1)
-# times for the whole model. Assumptions, stated: NVLink 900 GB/s and PCIe 64 GB/s per GPU, one direction; a
-# collective or send also costs a fixed α ≈ 5 µs of latency (order of magnitude of a small NCCL call); an H200
-# reads memory at 4.24 TB/s (measured copy) and multiplies bf16 at 700 TFLOP/s.
+# times for the whole model. Assumptions, stated: NVLink 450 GB/s and PCIe 64 GB/s per GPU, one direction
+# (NVLink 4's 900 GB/s counts both directions); a collective or send also costs a fixed α ≈ 5 µs of latency (order
+# of magnitude of a small NCCL call); an H200 reads memory at 4.24 TB/s (measured copy) and multiplies bf16 at
+# 700 TFLOP/s.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 H, L, BYTES, N = 4096, 32, 2, 8
-NVLINK, PCIE, ALPHA = 900e9, 64e9, 5e-6  # assumptions: bytes/s per GPU, seconds per collective
+NVLINK, PCIE, ALPHA = 450e9, 64e9, 5e-6  # assumptions: bytes/s per GPU and direction, seconds per collective
 tp_per_token_layer = 2 * ring_allreduce_bytes(H * BYTES, N)  # two ring all-reduces of [h] per layer
 pp_per_token_layer = 2 * H * BYTES * (N - 1) / L  # one (hidden, residual) pair per boundary, spread over layers
 print(f"bytes a GPU sends per token per layer: TP={N} {tp_per_token_layer / 1024:.1f} KiB, "
@@ -316,7 +317,7 @@ print(f"work of one step on 1 GPU: decode {decode_1gpu * 1e3:.2f} ms, prefill {p
 # The answer, with these numbers: PP moves 8x fewer bytes than TP, so across a slow link (PCIe, or between nodes)
 # it wins: TP's 4096-token prefill would spend ~60 ms per step on PCIe, five times its own compute. But bytes are
 # not latency. TP splits *every layer's* work over the 8 GPUs: a decode step reads 0.47 ms of weights per GPU
-# instead of 3.8 ms, and over NVLink its all-reduces add ~0.4 ms (mostly the α of 64 small collectives). PP never
+# instead of 3.8 ms, and over NVLink its all-reduces add ~0.45 ms (mostly the α of 64 small collectives). PP never
 # shortens a token's path, it crosses every stage in turn; it raises *throughput*, and only while micro-batches
 # keep all stages busy (at decode, with one token per sequence, the bubbles are large). So the field's rule:
 # **TP within a node (NVLink), PP across nodes**, e.g. TP 8 x PP 2 for a model that needs 16 GPUs. EP is for MoE
