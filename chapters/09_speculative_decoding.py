@@ -493,7 +493,9 @@ plt.show()
 #    with min(1, p/q), else resample from norm(max(0, p − q)): P(emit y) = min(p, q) + max(0, p − q) = p(y), for
 #    any q; by induction over positions the whole output is the target's sampling.</details>
 # 2. *What goes wrong without the residual resample?* <details><summary>answer</summary>Resampling from p after a
-#    rejection gives the mass min(p, q) twice to tokens the draft likes: section 2's "skip residual" row.</details>
+#    rejection emits y with probability min(p, q) + (1 − β)·p(y), β = Σ min(p, q), not p(y): p pays out again
+#    what acceptance already gave, so a token the draft likes (q ≥ p) gets (2 − β)·p(y): section 2's "skip
+#    residual" row.</details>
 # 3. *Why do tree drafts help, and what does the attention mask do?* <details><summary>answer</summary>Several
 #    alternatives per position in one pass; each node sees only its root path, so it is scored as if its path were
 #    the only continuation (siblings share a position id).</details>
