@@ -299,8 +299,9 @@ print(f"{len(viz_steps)} steps for {sum(len(s['emitted']) for s in viz_steps)} t
 # %% [markdown]
 # ## 5. A draft model, or the target's own first layers
 #
-# A **draft model** is a smaller model with the same tokenizer; **self-speculative** decoding (LayerSkip, Draft &
-# Verify) drafts with the target's first layers and its LM head, sharing the weights. Both cost a forward pass per
+# A **draft model** is a smaller model with the same tokenizer; **self-speculative** decoding drafts with part of
+# the target's own layers and its LM head, sharing the weights (LayerSkip: the first layers, an early exit; Draft &
+# Verify: a searched subset, skipping middle layers). Both cost a forward pass per
 # drafted token, so the draft must be much cheaper than the target *and* agree with it often. Here both use the
 # target's first 24 of 30 layers, untrained as a draft: a cost of 0.8 target steps per drafted token. (The draft
 # model is a copy of those layers with its own KV cache: it drafts the same tokens until it is trained.)
