@@ -139,8 +139,8 @@ print(f"blocks held while streaming: {held > 0}; after the cancel: {freed}")
 #   only when something is decoded before it.
 #
 # So the engine decodes a small *window* (a few tokens already sent, as context, plus the new ones) and sends the
-# difference once it no longer ends in U+FFFD (vLLM's and HF TextStreamer's scheme). `next_text` is that rule
-# (**exercise `ch10.next_text`**); the engine calls it for every token of every request.
+# difference once it no longer ends in U+FFFD (vLLM's scheme, from Hugging Face's text-generation-inference).
+# `next_text` is that rule (**exercise `ch10.next_text`**); the engine calls it for every token of every request.
 
 # %%
 tok = llm.tokenizer

@@ -7,7 +7,8 @@ Turning tokens back into text one token at a time is subtler than `decode([token
   of recent tokens and only emit text once the window no longer ends in U+FFFD.
 * Some tokenizers (SentencePiece) render a token's leading space differently depending on what precedes it, so the
   window always starts a few tokens back ("prefix_offset") and we emit only what lies past the text those
-  context tokens already produced ("read_offset"). This is the scheme vLLM and HF's TextStreamer use.
+  context tokens already produced ("read_offset"). This is vLLM's scheme, taken from Hugging Face's
+  text-generation-inference (HF's TextStreamer instead re-decodes everything and holds text back to a space).
   `next_text` is that rule on the two decoded windows (chapter 10's exercise); `detokenize_incrementally`
   decodes the windows and keeps the offsets.
 
