@@ -280,7 +280,8 @@ else:
 # tile through shared memory to reach the operand's register layout, 118 registers leave 16 warps per SM, and each
 # warp's iteration is one dependent chain (load, unpack, store, barrier, wgmma, shuffles) that nothing overlaps.
 # The idea is right; what makes it fast in Marlin is weights pre-shuffled offline into the register order and
-# warp-specialised load pipelines. The dispatcher keeps it where it wins: M = 32 (twenty-first session).
+# multi-stage asynchronous (cp.async) load pipelines. The dispatcher keeps it where it wins: M = 32 (twenty-first
+# session).
 #
 # End to end, the kernel is not the whole step. A 4-bit Llama-3-8B decode step at batch 1 spent 1.54 ms in its
 # 128 GEMVs and 0.24 ms in the fp16 LM head (128,256 x 4,096, 1 GB, read once per token): with the decoder's bytes
