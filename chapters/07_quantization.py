@@ -293,7 +293,7 @@ print(f"a Gaussian weight of the same shape: Q4_K {rel_err(dequantize_q4_k(quant
       f"RTN int4 g32 {rel_err(rtn(fresh, 4, 32), fresh):.4f}")
 
 # %% [markdown]
-# Q4_K looks five times better than round-to-nearest on SmolLM2: its sub-blocks of 32 with their own scale and
+# Q4_K looks 4.5 times better than round-to-nearest on SmolLM2: its sub-blocks of 32 with their own scale and
 # minimum are Q4_1's blocks again, the grid these weights were stored on (section 3's caveat). On a weight that
 # never was Q4_1, the two land close together: measure methods away from the grid a model was shipped in.
 
