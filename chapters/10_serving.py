@@ -222,7 +222,8 @@ print("".join(text for _, text in arrivals))
 
 # %% [markdown]
 # **Errors are OpenAI-shaped**, so the `openai` client raises them with our message. A few bad requests and their
-# status codes: an unknown model is a 404, a request that cannot fit the context a 400, a wrong type a 422.
+# status codes: an unknown model is a 404, a request that cannot fit the context or a value of the wrong type a
+# 400 (FastAPI's default for a schema error is 422; OpenAI and vLLM answer 400).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -272,11 +273,12 @@ for r in results:
 plot_latency_vs_rate(results)
 
 # %% [markdown]
-# Read the plot from left to right: at a low rate each request finds the engine idle, so TTFT is one prefill
-# and TPOT one small decode step. As the rate rises, batches grow (TPOT creeps up) and requests start to queue
-# (TTFT climbs, its p99 first). The burst is the extreme: everyone arrives at once, the last admitted waits for
-# all before it. Your turn, on your own machine (the numbers in `benchmarks/RESULTS.md` are ours, on a CPU and
-# on an H200):
+# Four requests are too few for a curve: the differences above are mostly noise (a busy CPU, the first request's
+# warm-up). What a real sweep shows, read from left to right: at a low rate each request finds the engine idle,
+# so TTFT is one prefill and TPOT one small decode step. As the rate rises, batches grow (TPOT creeps up) and
+# requests start to queue (TTFT climbs, its p99 first). The burst is the extreme: everyone arrives at once, the
+# last admitted waits for all before it. Run it on your own machine (the numbers in `benchmarks/RESULTS.md` are
+# ours, on a CPU and on an H200):
 #
 # ```
 # minillm serve --max-num-seqs 8 &

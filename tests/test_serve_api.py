@@ -78,8 +78,8 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
      "the messages take 64: no room is left for the completion"),
     ("/v1/completions", b'{"prompt": "x",', 400, "not valid JSON"),
     ("/v1/completions", b"x" * (1 << 21), 413, "larger than"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
-    ("/v1/completions", {"max_tokens": 3}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": [1, 999]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -91,15 +91,15 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
      "top_logprobs is only allowed"),
     ("/v1/nothing", {}, 404, "Not Found"),
     # types are strict (a bool is not 1, "yes" is not true), and a union field says what it accepts
-    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 422, "max_tokens: Input should be a valid integer, "
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens: Input should be a valid integer, "
                                                                   "got boolean: True"),
-    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 422, "stream: Input should be a valid boolean"),
-    ("/v1/completions", {"prompt": [True]}, 422, "prompt: expected a string, a list of strings, a list of token "
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": [True]}, 400, "prompt: expected a string, a list of strings, a list of token "
                                                  "ids or a list of token-id lists, got array: [True]"),
-    ("/v1/completions", b"[1, 2]", 422, "the request body must be a JSON object, got array"),
+    ("/v1/completions", b"[1, 2]", 400, "the request body must be a JSON object, got array"),
     ("/v1/completions", b"[" * 50000 + b"]" * 50000, 400, "not valid JSON"),  # was FastAPI's own words
     ("/v1/completions", b'{"prompt": "\xff"}', 400, "not valid JSON"),  # not UTF-8
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422,
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages.0.role: Input should be 'system', 'developer', 'user', 'assistant', 'tool' or 'function', got "
      "string: 'wizard'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
@@ -277,8 +277,8 @@ def test_null_means_the_default_as_openai_declares_the_fields_nullable(server):
         "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": None, "top_logprobs": None,
         **nulls})
     assert chat.status_code == 200 and chat.json()["choices"][0]["logprobs"] is None, chat.text
-    missing = httpx.post(server.url + "/v1/completions", json={"prompt": None}, timeout=30)  # required: still 422
-    assert missing.status_code == 422 and "prompt: expected" in missing.json()["error"]["message"]
+    missing = httpx.post(server.url + "/v1/completions", json={"prompt": None}, timeout=30)  # required: still 400
+    assert missing.status_code == 400 and "prompt: expected" in missing.json()["error"]["message"]
 
 
 def test_text_parts_are_joined_by_newlines_as_vllm_does(client):

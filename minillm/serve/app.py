@@ -12,9 +12,10 @@ Every GET route answers HEAD too (a load balancer's probe, `curl -I`); a known r
 a 405 whose Allow header lists the methods it takes, as HTTP requires. Every error, a bug's included, is a JSON
 body of OpenAI's shape: a client never has to parse Starlette's plain-text "Internal Server Error".
 
-Why FastAPI and uvicorn: pydantic checks every body against a declared schema (the 422s come for free and
-name the bad field), StreamingResponse turns an async generator into Server-Sent Events and cancels it when the
-client disconnects, and uvicorn is the asyncio server vLLM and SGLang run on. Errors are OpenAI-shaped
+Why FastAPI and uvicorn: pydantic checks every body against a declared schema (a wrong type is refused for
+free, naming the bad field: a 400, as OpenAI and vLLM answer it, not FastAPI's default 422), StreamingResponse
+turns an async generator into Server-Sent Events and cancels it when the client disconnects, and uvicorn is the
+asyncio server vLLM and SGLang run on. Errors are OpenAI-shaped
 ({"error": {"message", "type", "param", "code"}}) so the official openai client raises them with our message.
 
 Two checks run before any route, in one small ASGI middleware: the API key (Authorization: Bearer KEY; the
@@ -96,7 +97,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
                                            f"{content_type or 'no Content-Type'!r}", code="unsupported_media_type"),
                                 status_code=415)
         param, message = validation_message(errors)
-        return JSONResponse(error_body(message, param=param), status_code=422)
+        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

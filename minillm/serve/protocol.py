@@ -1,6 +1,6 @@
 """The OpenAI request bodies the server accepts, and OpenAI-shaped errors (chapter 10).
 
-Pydantic checks the *types* of a body, strictly (a string, a float or a bool where an integer belongs is a 422
+Pydantic checks the *types* of a body, strictly (a string, a float or a bool where an integer belongs is a 400
 naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (suffix,
@@ -155,7 +155,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal[CHAT_ROLES]  # a 422 naming the value and the roles allowed
+    role: Literal[CHAT_ROLES]  # a 400 naming the value and the roles allowed
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
