@@ -55,8 +55,10 @@ def kernel_launcher(kernel: Any, exercise_id: str, launcher: str, given: tuple[s
     The launcher and the `given` functions around the exercise (a kernel that calls the learner's @triton.jit
     helper, say) are the course's code, not the learner's: each must be defined once, as the reference defines
     it (compared as syntax trees: comments and layout may differ), and bound by nothing else, or the test fails
-    saying so. A launcher rewritten to compute in torch made a kernel whose body was `pass` score full marks (a
-    learner simulation found it)."""
+    saying so; and each must still be, when it runs, the function its def compiles to (guard.check_shipped: the
+    text can be as shipped while the module rebinds the name through globals()). A launcher rewritten to compute
+    in torch made a kernel whose body was `pass` score full marks (a learner simulation found it)."""
+    from minillm.course import guard
     from minillm.course.impl import guarded, reference_module
     from minillm.course.registry import get
     ex = get(exercise_id)
@@ -71,6 +73,10 @@ def kernel_launcher(kernel: Any, exercise_id: str, launcher: str, given: tuple[s
         if mine.get(name) != shipped.get(name):
             raise AssertionError(f"`{name}` is the course's code around {ex.id} and must run as shipped (restore it "
                                  f"from the stub); only `{ex.function}` is yours to write")
+    if sandbox is not None:  # the module runs in the sandbox's process: it checks the names at every launch
+        from minillm.course.sandbox import RemoteFunction
+        return guarded(ex, RemoteFunction(sandbox, launcher, shipped=(launcher, *given)))
+    guard.check_shipped(module, (launcher, *given), path, ex.id)
     return guarded(ex, getattr(module, launcher))
 
 

@@ -283,6 +283,40 @@ def _code_objects(code: types.CodeType):
             yield from _code_objects(const)
 
 
+def check_shipped(module: Any, names: tuple[str, ...] | list[str], own_file: str, exercise_id: str) -> None:
+    """Refuse when one of `names` (the course's code around an exercise: a Triton kernel's launcher, a kernel
+    it calls) is not, as the module holds it now, the function the file's top-level `def` of that name compiles
+    to. The file's text is checked against the reference elsewhere (minillm.course.checks.kernel_launcher); this
+    catches a module that keeps that text but rebinds the name while it runs (through globals(), setattr or
+    __code__), so that another function would run. A @triton.jit object is compared by its Python function."""
+    if not names:
+        return
+    with open(own_file, encoding="utf-8", errors="replace") as f:
+        compiled = _top_level_code(f.read())
+    kernel_type = getattr(sys.modules.get("triton.runtime.jit"), "KernelInterface", None)  # jit, interpreted, tuned
+    for name in names:
+        fn = getattr(module, name, None)
+        for _ in range(4):  # @triton.autotune over @triton.jit over the def: .fn twice
+            if kernel_type is None or not isinstance(fn, kernel_type):
+                break
+            fn = getattr(fn, "fn", None)
+        if getattr(fn, "__code__", None) != compiled.get(name):
+            raise TamperingError(f"`{name}` is the course's code around {exercise_id} and must run as shipped: the "
+                                 f"module rebinds it to another function while it runs; only the exercise is yours")
+
+
+@functools.lru_cache(maxsize=16)
+def _top_level_code(text: str) -> dict[str, types.CodeType]:
+    """Each top-level def of a module's source -> its code object, compiled as its import compiled it (no
+    compiler flags inherited from this file): code objects are equal only when their bytecode, constants, names
+    and line table agree."""
+    try:
+        module = compile(text, "<checked>", "exec", dont_inherit=True)
+    except SyntaxError:
+        return {}
+    return {c.co_name: c for c in module.co_consts if isinstance(c, types.CodeType)}
+
+
 def check_provenance(exercise_id: str, fn: Any, own_file: str, name: str | None = None,
                      max_objects: int = 2000) -> None:
     """Refuse `fn` (the module's attribute `name`) unless every Python function it reaches is defined in

@@ -252,14 +252,17 @@ class Sandbox:
                   "does your code call os._exit() or quit()?")
 
     # -- calls --
-    def call(self, name: str, args: tuple, kwargs: dict, grid: tuple | None = None) -> Any:
+    def call(self, name: str, args: tuple, kwargs: dict, grid: tuple | None = None,
+             shipped: tuple[str, ...] = ()) -> Any:
         """`module.name(*args, **kwargs)` in the worker (`module.name[grid](...)`: a kernel launch), with the
-        learner's in-place changes of list, dict and tensor arguments applied to the caller's objects."""
+        learner's in-place changes of list, dict and tensor arguments applied to the caller's objects. The worker
+        first checks that each of `shipped` (the course's code around a kernel) is the function its file defines
+        (guard.check_shipped)."""
         if self.fatal:
             raise SubmissionCrash(self.fatal)
         if self.proc is None:
             self.start()
-        self._send({"name": name, "args": args, "kwargs": kwargs, "grid": grid})
+        self._send({"name": name, "args": args, "kwargs": kwargs, "grid": grid, "shipped": tuple(shipped)})
         reply = self._receive(self.limits.call_timeout_s, f"running {name}")
         if "result" not in reply:
             exc = _exception(reply, self.ex)
@@ -296,15 +299,16 @@ class RemoteFunction:
     `use_overrides` accepts it; a Triton exercise also exposes `__wrapped__.fn.__module__`, the name of a stand-in
     module whose attributes are the submission module's launchers (the graded tests launch kernels through them)."""
 
-    def __init__(self, sandbox: Sandbox, name: str, signature: inspect.Signature | None = None) -> None:
-        self._sandbox, self.__name__, self.__qualname__ = sandbox, name, name
+    def __init__(self, sandbox: Sandbox, name: str, signature: inspect.Signature | None = None,
+                 shipped: tuple[str, ...] = ()) -> None:
+        self._sandbox, self.__name__, self.__qualname__, self._shipped = sandbox, name, name, shipped
         self.__module__ = sandbox.module_name
         self.__doc__ = f"{name} from the submission, run in the grader's sandbox"
         if signature is not None:
             self.__signature__ = signature
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._sandbox.call(self.__name__, args, kwargs)
+        return self._sandbox.call(self.__name__, args, kwargs, shipped=self._shipped)
 
     def __repr__(self) -> str:
         return f"<sandboxed {self.__module__}.{self.__name__}>"

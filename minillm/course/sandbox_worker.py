@@ -372,6 +372,7 @@ def serve(fd_in: int, fd_out: int) -> None:
                 raise guard.ImplementationError(f"{os.path.basename(own_file)}: no function {request['name']!r}")
             if request["name"] != config["function"]:
                 guard.check_provenance(exercise_id, target, own_file, request["name"])
+            guard.check_shipped(module, request.get("shipped", ()), own_file, exercise_id)
             args, kwargs = request["args"], request["kwargs"]
             before_args = [_snapshot_arg(a) for a in args]
             before = guard.snapshot()
