@@ -91,7 +91,8 @@ def default_impl(root: Path | None = None) -> str:
 def resolve_impl(impl: str | os.PathLike | None = None, root: Path | None = None) -> Path:
     """The folder of implementation `impl` (None: $MINILLM_IMPL, else the default). A PATH must be a folder
     holding at least one of exercises/' modules (a submission may hold only its assignment's chapters): a typo,
-    or the wrong folder, would otherwise be graded as a blank submission, every exercise 0."""
+    or the wrong folder, would otherwise be graded as a blank submission, every exercise 0. The modules may lie
+    at its top level, under its exercises/, or in one folder further down (see _nested_folder)."""
     root = Path(root or repo_root())
     impl = impl or os.environ.get("MINILLM_IMPL") or default_impl(root)
     if str(impl) in NAMED_IMPLS:
@@ -106,9 +107,39 @@ def resolve_impl(impl: str | os.PathLike | None = None, root: Path | None = None
     folder = inner if inner.is_dir() else path
     modules = sorted({f"{ex.module}.py" for ex in EXERCISES.values()})
     if not any((folder / module).is_file() for module in modules):
-        raise ImplementationError(f"{name}: {folder} holds none of the exercise modules (a folder laid out like "
-                                  f"exercises/: {', '.join(modules)})")
+        folder = _nested_folder(path, modules, name)
     return folder
+
+
+NESTED_DEPTH = 3  # how far below a submission's top the modules are looked for (zip of lab1/, of the repository)
+
+
+def _nested_folder(path: Path, modules: list[str], name: str) -> Path:
+    """The one folder below `path` that holds exercise modules, for a submission uploaded as a zip of its parent
+    folder (`lab1/ch01_basics.py`, `minillm-course/exercises/ch01_basics.py`): Gradescope unpacks the zip as it
+    is, and grading the top as a blank submission would cost the learner every point for a packing detail.
+
+    The shallowest such folder wins, at most NESTED_DEPTH levels down; folders whose name starts with '.' or '__'
+    (`__MACOSX` of a Mac zip, `__pycache__`, `.git`) are skipped, and so are symbolic links (os.walk does not
+    follow them, so a link to the solutions is never graded). Two folders at that depth (an old copy beside
+    the new one) are refused by name: guessing could grade the wrong one."""
+    found: dict[int, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        depth = len(here.relative_to(path).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__"))) if depth < NESTED_DEPTH else []
+        if depth and any(module in filenames and (here / module).is_file() for module in modules):
+            found.setdefault(depth, []).append(here)
+    if not found:
+        raise ImplementationError(f"{name}: {path} holds none of the exercise modules (a folder laid out like "
+                                  f"exercises/: {', '.join(modules)}; looked at its top level, under exercises/ "
+                                  f"and up to {NESTED_DEPTH} folders down)")
+    shallowest = found[min(found)]
+    inner = [f for f in shallowest if f.name == "exercises"]  # a whole repository's copy: its exercises/
+    if len(shallowest) > 1 and len(inner) != 1:
+        raise ImplementationError(f"{name}: exercise modules in several folders "
+                                  f"({', '.join(str(f.relative_to(path)) for f in shallowest)}); submit one")
+    return (inner or shallowest)[0]
 
 
 def module_file(ex: Exercise, folder: Path) -> Path:

@@ -160,3 +160,31 @@ def test_notebooks_default_to_the_learners_exercises(monkeypatch):
     assert resolve_impl() == ROOT / "exercises"
     import adapters
     assert adapters.tests_default_impl() == "solutions"  # the graded tests keep proving the reference
+
+
+@pytest.mark.parametrize("inner", ["lab1", "minillm-course/exercises"])
+def test_a_submission_zipped_with_its_parent_folder_is_found(tmp_path, inner):
+    """Gradescope unpacks a zip as it is: a learner who zipped the folder `lab1/` (or the whole repository) has the
+    modules one or two folders down. That was graded as an empty submission, every point lost; the one folder
+    below that holds them is graded, and a Mac zip's `__MACOSX/` copy of it is not a second candidate."""
+    for folder in (inner, f"__MACOSX/{inner}"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "ch01_basics.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("junk\n")
+    assert resolve_impl(tmp_path) == tmp_path / inner
+
+
+def test_modules_in_two_nested_folders_are_refused_by_name(tmp_path):
+    """Two copies (an old one beside the new one) are not guessed between: the error names both."""
+    for folder in ("lab1", "lab1_old"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ch02_kv_cache.py").write_text("x = 1\n")
+    with pytest.raises(ImplementationError, match=r"several folders \(lab1, lab1_old\)"):
+        resolve_impl(tmp_path)
+
+
+def test_a_nested_link_is_not_followed(tmp_path):
+    """A folder found below the submission is never reached through a symbolic link (to the solutions, say)."""
+    (tmp_path / "lab1").symlink_to(ROOT / "solutions")
+    with pytest.raises(ImplementationError, match="holds none of the exercise modules"):
+        resolve_impl(tmp_path)
