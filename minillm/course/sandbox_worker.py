@@ -294,14 +294,20 @@ def _text(exc: BaseException) -> str:
     return f"<{type(exc).__name__} whose str() returned no string>"
 
 
-def _describe(exc: BaseException, own_file: str, exercise_id: str) -> dict:
-    message = _text(exc)
+def _reason(exc: BaseException) -> str:
+    """What `exc` means to the learner: a cap of the sandbox is named (errno 27, "File too large", says nothing
+    about a print), anything else is its own text. The same words whether it struck at import or in a call."""
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-        message = "printed or wrote more than the sandbox's output cap (a huge print?)"
-    elif isinstance(exc, MemoryError):
-        message = "ran out of the sandbox's memory cap (an enormous allocation?)"
-    elif isinstance(exc, RecursionError):
-        message = "maximum recursion depth exceeded"
+        return "printed or wrote more than the sandbox's output cap (a huge print?)"
+    if isinstance(exc, MemoryError):
+        return "ran out of the sandbox's memory cap (an enormous allocation?)"
+    if isinstance(exc, RecursionError):
+        return "maximum recursion depth exceeded"
+    return _text(exc)
+
+
+def _describe(exc: BaseException, own_file: str, exercise_id: str) -> dict:
+    message = _reason(exc)
     return {"exc": _builtin_name(exc), "type": type(exc).__name__, "message": message[:2000],
             "where": _where(exc, own_file), "kind": type(exc).__name__ if type(exc).__name__ in (
                 "ForbiddenCallError", "TamperingError", "ImplementationError", "Refused") else ""}
@@ -343,7 +349,7 @@ def serve(fd_in: int, fd_out: int) -> None:
             spec.loader.exec_module(module)
         except BaseException as e:  # noqa: BLE001  (SystemExit at import too)
             raise guard.ImplementationError(f"{os.path.basename(own_file)} failed to import: "
-                                            f"{type(e).__name__}: {e}{_where(e, own_file)}") from None
+                                            f"{type(e).__name__}: {_reason(e)}{_where(e, own_file)}") from None
         changed = guard.restore_changes(baseline)
         if REFUSALS:
             raise Refused(REFUSALS[0])

@@ -327,3 +327,12 @@ def test_a_template_that_fails_leaves_the_workers_spawned(monkeypatch):
     finally:
         sandbox.close("t")
         server.close()
+
+
+def test_a_huge_print_at_import_names_the_output_cap(tmp_path):
+    """A module that prints megabytes while it is imported said "OSError: [Errno 27] File too large", which a
+    learner cannot read as "your print was too big"; it now says what a huge print inside a call says."""
+    loud = _submission(tmp_path / "loud", "ch05.slot_mapping", 'print("x" * 100_000_000)\n')
+    result, = grade_submissions([Submission(get("ch05.slot_mapping"), loud)], ROOT, timeout=60.0, call_timeout=10.0)
+    assert_scores_zero("huge print at import", result, r"failed to import: OSError: printed or wrote more than the "
+                                                      r"sandbox's output cap")
