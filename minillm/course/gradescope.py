@@ -18,6 +18,7 @@ worker (minillm.course.sandbox), which can neither import nor open anything unde
 from __future__ import annotations
 
 import os
+import re
 import stat
 import zipfile
 from pathlib import Path
@@ -27,7 +28,8 @@ from minillm.course.grader import GradeReport
 from minillm.course.registry import repo_root
 
 # What the archive carries (relative to the course root): the package (whose marked regions are the reference),
-# the graded tests with their hidden part, and the packaging files. Not solutions/: see the module docstring.
+# the graded tests with their hidden part, and the packaging files, plus the helpers of tests/ the graded tests
+# import (graded_test_helpers). Not solutions/: see the module docstring.
 ARCHIVE_PATHS = ("minillm", "kernels", "tests/conftest.py", "tests/adapters.py", "tests/graded",
                  "pyproject.toml", "setup.py")
 SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
@@ -110,6 +112,24 @@ def _walk(root: Path, rel: str):
                 yield p
 
 
+def graded_test_helpers(root: Path) -> list[str]:
+    """The modules of tests/ that the graded tests import by their bare name (`from test_engine import
+    tiny_model`, `from tiny import ByteTokenizer`: pytest puts tests/ on the path), and the ones those import,
+    as paths relative to `root`. The archive must carry them: without them a graded test file fails to collect
+    and its whole grading session scores 0 for every exercise in it, right answers included."""
+    tests = root / "tests"
+    todo = sorted((tests / "graded").rglob("*.py"))
+    seen: set[str] = set()
+    while todo:
+        text = todo.pop().read_text(encoding="utf-8")
+        for name in re.findall(r"^\s*(?:from\s+(\w+)\s+import|import\s+(\w+))", text, re.M):
+            name = name[0] or name[1]
+            if name not in seen and (tests / f"{name}.py").is_file():
+                seen.add(name)
+                todo.append(tests / f"{name}.py")
+    return sorted(f"tests/{name}.py" for name in seen)
+
+
 def build_autograder(zip_path: Path, root: Path | None = None,
                      config: course_config.CourseConfig | None = None) -> list[str]:
     """Write the Gradescope autograder archive for the assignment `config` (default: the course's course.json,
@@ -131,7 +151,7 @@ def build_autograder(zip_path: Path, root: Path | None = None,
             info.external_attr = (stat.S_IFREG | (0o644 if name.endswith(".json") else 0o755)) << 16
             z.writestr(info, text)
             names.append(name)
-        for rel in ARCHIVE_PATHS:
+        for rel in (*ARCHIVE_PATHS, *graded_test_helpers(root)):
             for p in _walk(root, rel):
                 arc = p.relative_to(root).as_posix()
                 z.write(p, arc)

@@ -149,6 +149,22 @@ def hostile_submission(folder: Path) -> Path:
     return folder
 
 
+def test_every_graded_test_file_collects_in_the_autograder_archive(tmp_path):
+    """The graded tests of ch09 and ch11 import helpers from tests/ (test_engine, tiny, tiny_moe) that the archive
+    left out: on Gradescope their files failed to collect, and a whole-course assignment scored the solutions
+    0 / 480. Every graded file must import from the unpacked archive alone."""
+    zip_path = tmp_path / "autograder.zip"
+    names = gradescope.build_autograder(zip_path, config=course_config.CourseConfig())
+    assert {"tests/test_engine.py", "tests/tiny.py", "tests/tiny_moe.py"} <= set(names)
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(tmp_path / "source")
+    source = tmp_path / "source"
+    env = {**os.environ, "PYTHONPATH": str(source), "MINILLM_ROOT": str(source), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/graded"], cwd=source, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
 def test_autograder_archive_grades_a_hostile_submission(tmp_path):
     zip_path = tmp_path / "autograder.zip"
     assignment = course_config.CourseConfig(seed=7, chapters=(1, 2, 5), hidden_seed=99)
