@@ -59,7 +59,7 @@ def kernel_launcher(kernel: Any, exercise_id: str, launcher: str, given: tuple[s
     text can be as shipped while the module rebinds the name through globals()). A launcher rewritten to compute
     in torch made a kernel whose body was `pass` score full marks (a learner simulation found it)."""
     from minillm.course import guard
-    from minillm.course.impl import guarded, reference_module
+    from minillm.course.impl import engine_module, guarded, reference_module
     from minillm.course.registry import get
     ex = get(exercise_id)
     jit = getattr(kernel, "__wrapped__", kernel)
@@ -76,6 +76,8 @@ def kernel_launcher(kernel: Any, exercise_id: str, launcher: str, given: tuple[s
     if sandbox is not None:  # the module runs in the sandbox's process: it checks the names at every launch
         from minillm.course.sandbox import RemoteFunction
         return guarded(ex, RemoteFunction(sandbox, launcher, shipped=(launcher, *given)))
+    if module is engine_module(ex):  # no solutions/ (a student release, the Gradescope archive): the reference is
+        return getattr(module, launcher)  # the engine's kernel, and guarding it would trap that very kernel
     guard.check_shipped(module, (launcher, *given), path, ex.id)
     return guarded(ex, getattr(module, launcher))
 

@@ -35,8 +35,8 @@ from minillm.course.registry import EXERCISES, Exercise, get, repo_root
 from minillm.course.sync import NOT_ATTEMPTED
 
 __all__ = ["FORBIDDEN", "ForbiddenCallError", "ImplementationError", "TamperingError", "default_impl",
-           "forbidden_calls", "guarded", "is_stub", "load_chapter_module", "load_function", "load_module",
-           "load_reference", "module_file", "resolve_impl"]
+           "engine_module", "forbidden_calls", "guarded", "is_stub", "load_chapter_module", "load_function",
+           "load_module", "load_reference", "module_file", "resolve_impl"]
 
 NAMED_IMPLS = ("exercises", "solutions")
 
@@ -258,6 +258,11 @@ def _reference_module(ex: Exercise, root: Path | None = None) -> ModuleType:
     root = Path(root or repo_root())
     if module_file(ex, root / "solutions").is_file():
         return load_module(module_file(ex, root / "solutions"))
+    return engine_module(ex)
+
+
+def engine_module(ex: Exercise) -> ModuleType:
+    """The engine module whose marked region is `ex`'s answer (kernels/ imports only as minillm.kernels)."""
     name = ex.source[:-3].replace("/", ".")
     return importlib.import_module("minillm." + name if name.startswith("kernels.") else name)
 

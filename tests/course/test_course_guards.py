@@ -188,3 +188,24 @@ def test_a_nested_link_is_not_followed(tmp_path):
     (tmp_path / "lab1").symlink_to(ROOT / "solutions")
     with pytest.raises(ImplementationError, match="holds none of the exercise modules"):
         resolve_impl(tmp_path)
+
+
+@pytest.mark.parametrize("exercise_id", ["ch03.matmul_kernel", "ch04.rms_norm_kernel"])
+def test_the_engines_kernel_runs_unguarded_as_the_reference(exercise_id):
+    """Without solutions/ (a student release, the Gradescope archive) the reference is the engine's own kernel;
+    its launcher was guarded like a learner's, so the trap on the engine's kernel caught the reference itself
+    ("'function' object is not subscriptable") and the solutions lost 9 of 480 points on Gradescope."""
+    import importlib
+
+    from minillm.course.checks import kernel_launcher
+    ex = get(exercise_id)
+    engine = importlib.import_module("minillm." + ex.source[:-3].replace("/", "."))
+    g = torch.Generator().manual_seed(0)
+    if exercise_id == "ch03.matmul_kernel":
+        a, b = torch.randn(9, 50, generator=g), torch.randn(50, 30, generator=g)
+        got, want = kernel_launcher(engine.matmul_kernel, exercise_id, "matmul")(a, b, 16, 16, 16), a @ b
+    else:
+        x, w = torch.randn(3, 40, generator=g), torch.randn(40, generator=g)
+        got = kernel_launcher(engine.rms_norm_kernel, exercise_id, "rms_norm")(x, w, 1e-6)
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
