@@ -34,13 +34,19 @@ ARCHIVE_PATHS = ("minillm", "kernels", "tests/conftest.py", "tests/adapters.py",
                  "pyproject.toml", "setup.py")
 SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
 
-SETUP_SH = """#!/usr/bin/env bash
+# What grading imports besides torch (installed first, from the CPU index) and the package itself, which is
+# installed --no-deps (its own list pulls jupyterlab, transformers, a server): pytest and triton run the tests,
+# tqdm is imported by the CLI (minillm.quant), gguf by the ch07 tests, safetensors and tokenizers by the engine
+# the ch09 tests run. tests/course checks that the graded tests import with nothing else installed.
+GRADING_REQUIREMENTS = ("pytest", "numpy", "triton", "tqdm", "gguf", "safetensors", "tokenizers")
+
+SETUP_SH = f"""#!/usr/bin/env bash
 # Gradescope runs this once when it builds the autograder image (Ubuntu, no GPU).
 set -euo pipefail
 apt-get update -q && apt-get install -y -q python3 python3-pip python3-venv
 python3 -m venv /autograder/venv
 /autograder/venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-/autograder/venv/bin/pip install -q pytest numpy triton
+/autograder/venv/bin/pip install -q {' '.join(GRADING_REQUIREMENTS)}
 cd /autograder/source && /autograder/venv/bin/pip install -q --no-deps -e .
 """
 

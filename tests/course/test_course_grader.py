@@ -159,10 +159,48 @@ def test_every_graded_test_file_collects_in_the_autograder_archive(tmp_path):
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(tmp_path / "source")
     source = tmp_path / "source"
-    env = {**os.environ, "PYTHONPATH": str(source), "MINILLM_ROOT": str(source), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    (tmp_path / "venv_like").mkdir()
+    only = _only_installed(["torch", *gradescope.GRADING_REQUIREMENTS])
+    (tmp_path / "venv_like" / "sitecustomize.py").write_text(only)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(tmp_path / "venv_like")]),
+           "MINILLM_ROOT": str(source), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    run = subprocess.run([sys.executable, "-c", "import minillm.cli; minillm.cli.build_parser()"], cwd=source,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]  # run_autograder's `python -m minillm.cli grade`
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                           "tests/graded"], cwd=source, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _only_installed(requirements: list[str]) -> str:
+    """A sitecustomize that makes this environment look like Gradescope's after setup.sh: a top-level module of an
+    installed distribution outside `requirements` and their dependencies cannot be imported (the --no-deps
+    install of the package left out tqdm, which the CLI imports: every submission got no results.json)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    keep, todo = set(), list(requirements)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in keep:
+            continue
+        keep.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [r.name for r in map(Requirement, reqs) if not r.marker or r.marker.evaluate({"extra": ""})]
+    keep.add("minillm")
+    blocked = sorted(module for module, dists in metadata.packages_distributions().items()
+                     if module.isidentifier() and not any(d.lower().replace("_", "-") in keep for d in dists))
+    return f"""import importlib.abc, sys
+BLOCKED = {set(blocked)!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed by setup.sh)")
+sys.meta_path.insert(0, Block())
+"""
 
 
 def test_autograder_archive_grades_a_hostile_submission(tmp_path):
