@@ -209,3 +209,53 @@ def test_the_engines_kernel_runs_unguarded_as_the_reference(exercise_id):
         got = kernel_launcher(engine.rms_norm_kernel, exercise_id, "rms_norm")(x, w, 1e-6)
         want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+_SHIPPED = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def given_kernel(X, N: tl.constexpr):
+    pass
+
+
+def launcher(x):
+    given_kernel[(1,)](x, N=4)
+    return x
+
+
+def _other(x):
+    return x + 1
+'''
+
+
+@pytest.mark.parametrize("rebinding,caught", [
+    ("", False),  # the module as shipped
+    ("globals()['launcher'] = _other", True),  # the text stays as shipped; the name is another function
+    ("import sys; setattr(sys.modules[__name__], 'launcher', _other)", True),
+    ("launcher.__code__ = _other.__code__", True),
+    ("given_kernel = triton.jit(_other)", True),
+    ("_fake = object.__new__(type('_Fake', (type(given_kernel),), {}))\n_fake.fn = given_kernel.fn\n"
+     "globals()['given_kernel'] = _fake", True),  # holds the shipped def as .fn, launches what it likes
+])
+def test_check_shipped_refuses_a_name_rebound_while_the_module_runs(tmp_path, monkeypatch, rebinding, caught):
+    """guard.check_shipped: the course's launcher and given kernels must be, when they run, the functions their
+    defs compile to; a module may keep their text as shipped and rebind the names through globals(), setattr,
+    __code__ or a subclass of Triton's kernel class that holds the shipped def as .fn."""
+    import importlib.util
+    import sys
+
+    from minillm.course import guard
+    path = tmp_path / "ch_shipped.py"
+    path.write_text(_SHIPPED + "\n" + rebinding + "\n")
+    spec = importlib.util.spec_from_file_location("ch_shipped", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ch_shipped", module)
+    spec.loader.exec_module(module)
+    if caught:
+        with pytest.raises(TamperingError, match="must run as shipped"):
+            guard.check_shipped(module, ("launcher", "given_kernel"), str(path), "chXX.demo")
+    else:
+        guard.check_shipped(module, ("launcher", "given_kernel"), str(path), "chXX.demo")
