@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minillm.course import config as course_config
-from minillm.course.impl import resolve_impl
+from minillm.course.impl import resolve_impl, stub_in_source
 from minillm.course.registry import Exercise, repo_root, select
+from minillm.course.sync import NOT_ATTEMPTED
 
 STATUSES = ("pass", "fail", "not attempted", "error", "timeout")
 SESSION_MIN = 4  # submissions per grading session, at least, before a second one starts beside it
@@ -65,13 +66,16 @@ class ExerciseResult:
     tests: list[TestResult] = field(default_factory=list)
     log: str = ""  # tail of the child's output (shown with -v)
     nudge: str = ""  # the first-level hint, shown while the exercise is not attempted
+    stub: bool = False  # the submission never wrote the function: still its stub, or its module is missing
 
     @property
     def advice(self) -> str:
-        """What to show under the status: the nudge before any attempt, the stronger hint after a failed one."""
+        """What to show under the status: the nudge before any attempt, the stronger hint after a failed one.
+        A function never written gets the nudge whatever the status: a chapter module that fails to import is an
+        error for every exercise in it, but the hint (nearly the answer) is for those the learner tried."""
         if self.status == "pass":
             return ""
-        if self.status == "not attempted":
+        if self.status == "not attempted" or self.stub:
             return f"nudge: {self.nudge}" if self.nudge else ""
         return f"hint: {self.hint}"
 
@@ -203,13 +207,15 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         results_file = Path(tmp) / "results.jsonl"
         # each submission's chapter module is graded from a private copy: its sandbox worker may read that
         # folder and nothing else of the course (not the repository, not the other submissions, not the results)
-        plan = []
+        plan, stubs = [], {}
         for key, sub in zip(keys, subs):
             folder = Path(tmp) / "submissions" / key
             folder.mkdir(parents=True)
             source = Path(sub.impl_dir) / f"{sub.ex.module}.py"
             if source.is_file():  # a symbolic link is copied as a link, never followed: the sandbox refuses it
                 shutil.copy(source, folder / source.name, follow_symlinks=False)
+            # read (never run) here: the nudge or the hint, whatever comes back from the session
+            stubs[key] = not os.path.lexists(source) or stub_in_source(sub.ex, folder / source.name)
             plan.append({"key": key, "exercise": sub.ex.id, "submission": str(folder)})
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(json.dumps(plan), encoding="utf-8")
@@ -254,7 +260,7 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
     out = []
     for key, sub in zip(keys, subs):
         result = ExerciseResult(id=sub.ex.id, hint=sub.ex.hint, points=float(sub.ex.points), nudge=sub.ex.nudge,
-                                log=log)
+                                log=log, stub=stubs[key])
         tests = {t["nodeid"]: TestResult(t["nodeid"], t["name"], t["points"], hidden=t["hidden"])
                  for t in collected if t.get("key") == key}
         durations = 0.0
@@ -310,7 +316,9 @@ def _summarise(result: ExerciseResult) -> None:
     failing = sorted((t for t in counted if t.outcome != "passed"), key=lambda t: t.outcome != worst)
     visible = [t for t in failing if not t.hidden]
     if result.status == "not attempted":
-        result.message = f"{result.id} is not attempted yet"
+        # a stub's own message says it is not attempted; any other names why (the chapter's module is missing)
+        why = next((t.message for t in counted if t.message and NOT_ATTEMPTED not in t.message), "")
+        result.message = f"{result.id} is not attempted yet" + (f": {why}" if why else "")
     elif visible:
         result.message = f"{visible[0].name}: {visible[0].message}"
     elif failing:  # do not leak a hidden test's inputs

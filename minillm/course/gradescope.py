@@ -26,6 +26,7 @@ from pathlib import Path
 from minillm.course import config as course_config
 from minillm.course.grader import GradeReport
 from minillm.course.registry import repo_root
+from minillm.course.sync import NOT_ATTEMPTED
 
 # What the archive carries (relative to the course root): the package (whose marked regions are the reference),
 # the graded tests with their hidden part, and the packaging files, plus the helpers of tests/ the graded tests
@@ -88,8 +89,9 @@ def results_json(report: GradeReport) -> dict:
                 out = "passed"
             elif ex.status in ("timeout", "error") and t.outcome in ("not run", "passed"):
                 out = f"{ex.status}: {ex.message}"
-            elif t.outcome == "not_attempted":
-                out = f"not attempted: {ex.id} still raises NotImplementedError"
+            elif t.outcome == "not_attempted":  # the stub's own message, or why (its module is missing)
+                out = ("not attempted: " + (f"{ex.id} still raises NotImplementedError"
+                                            if not t.message or NOT_ATTEMPTED in t.message else t.message))
             else:
                 out = f"{t.outcome}: {t.message}"
             tests.append({"name": f"{ex.id}: {t.name}", "number": f"{i}.{j}", "score": t.earned,

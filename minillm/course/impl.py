@@ -19,6 +19,7 @@ guard for learning; grading runs the submission in a separate sandboxed process 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -36,7 +37,7 @@ from minillm.course.sync import NOT_ATTEMPTED
 
 __all__ = ["FORBIDDEN", "ForbiddenCallError", "ImplementationError", "TamperingError", "default_impl",
            "engine_module", "forbidden_calls", "guarded", "is_stub", "load_chapter_module", "load_function",
-           "load_module", "load_reference", "module_file", "resolve_impl"]
+           "load_module", "load_reference", "module_file", "resolve_impl", "stub_in_source"]
 
 NAMED_IMPLS = ("exercises", "solutions")
 
@@ -198,6 +199,48 @@ def is_stub(ex: Exercise, fn: Any) -> bool:
     except (OSError, TypeError):
         return False
     return f'"{ex.id} is {NOT_ATTEMPTED}' in source
+
+
+STUB_SOURCE_CAP = 4 << 20  # bytes of a module read to tell whether a function is still its stub
+
+
+def stub_in_source(ex: Exercise, path: Path) -> bool:
+    """The module file at `path` still holds `ex`'s stub: the learner never wrote the function. Read, never
+    imported, so it answers for a module that fails to import too (the grader then shows the nudge, not the hint):
+
+    * a module that parses: the last top-level binding of the function's name must be a def whose body still
+      holds the stub line (a def appended later, an assignment or an import replaces the stub);
+    * a module with a syntax error: the stub line is still in the file (each names its exercise's id, so the
+      other functions of the chapter cannot answer for it).
+
+    A missing or unreadable file, or one over STUB_SOURCE_CAP bytes, is no stub (False)."""
+    stub = f'"{ex.id} is {NOT_ATTEMPTED}'
+    try:
+        if Path(path).is_symlink() or Path(path).stat().st_size > STUB_SOURCE_CAP:
+            return False
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    try:
+        body = ast.parse(text).body
+    except SyntaxError:
+        return stub in text
+    except (ValueError, RecursionError, MemoryError):  # a null byte, nesting too deep to parse
+        return False
+    last = None
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound = {node.name}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = getattr(node, "targets", None) or [node.target]
+            bound = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound = {(a.asname or a.name).split(".")[0] for a in node.names}
+        else:
+            bound = set()
+        if ex.function in bound:
+            last = node
+    return isinstance(last, ast.FunctionDef) and stub in (ast.get_source_segment(text, last) or "")
 
 
 def _fallback_wanted(fallback: bool | None) -> bool:

@@ -12,7 +12,6 @@ the grader ignores a file that does not end with `finished`: a learner's `os._ex
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -102,32 +101,36 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         sandbox.close(key)  # this submission is done: its worker goes
 
 
+def _module_path(exercise_id: str, key: str | None) -> Path:
+    """The chapter module of `exercise_id` in submission `key`'s folder (the plan's), else in MINILLM_IMPL's."""
+    from minillm.course.impl import module_file, resolve_impl
+    from minillm.course.registry import get
+    folder = next((Path(p["submission"]) for p in _PLAN if p["key"] == key), None) or resolve_impl()
+    return module_file(get(exercise_id), folder)
+
+
 def _still_a_stub(exercise_id: str | None, key: str | None = None) -> bool:
     """The implementation's module still holds this exercise's stub (a Triton kernel cannot raise
     NotImplementedError at run time: its stub fails to compile instead, and must still count as not attempted).
-    The module is parsed, never imported: the last top-level binding of the function's name must be a def whose
-    body still holds the stub line (a def appended later, or an assignment, replaces the stub)."""
+    The module is parsed, never imported (minillm.course.impl.stub_in_source)."""
     if not exercise_id:
         return False
     try:
-        from minillm.course.impl import module_file, resolve_impl
+        from minillm.course.impl import stub_in_source
         from minillm.course.registry import get
-        ex = get(exercise_id)
-        folder = next((Path(p["submission"]) for p in _PLAN if p["key"] == key), None) or resolve_impl()
-        text = module_file(ex, folder).read_text(encoding="utf-8", errors="replace")
-        last = None
-        for node in ast.parse(text).body:
-            bound = ({node.name} if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
-                     {n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) for n in ast.walk(t)
-                      if isinstance(n, ast.Name)} if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) else
-                     {(a.asname or a.name).split(".")[0] for a in node.names}
-                     if isinstance(node, (ast.Import, ast.ImportFrom)) else set())
-            if ex.function in bound:
-                last = node
+        return stub_in_source(get(exercise_id), _module_path(exercise_id, key))
     except Exception:  # noqa: BLE001  (no verdict is better than a crash in the reporter)
         return False
-    return (isinstance(last, ast.FunctionDef)
-            and f'"{exercise_id} is {NOT_ATTEMPTED}' in (ast.get_source_segment(text, last) or ""))
+
+
+def _missing(exercise_id: str | None, key: str | None) -> str | None:
+    """'ch02_kv_cache.py is not in the submission' when the chapter's module is absent (not even a link): the
+    learner never attempted the chapter, which is "not attempted", not a crash."""
+    try:
+        path = _module_path(exercise_id, key) if exercise_id else None
+    except Exception:  # noqa: BLE001
+        return None
+    return f"{path.name} is not in the submission" if path and not os.path.lexists(path) else None
 
 
 def _classify(call: pytest.CallInfo, exercise_id: str | None = None, key: str | None = None) -> tuple[str, str]:
@@ -138,6 +141,8 @@ def _classify(call: pytest.CallInfo, exercise_id: str | None = None, key: str | 
     if isinstance(exc, NotImplementedError) and NOT_ATTEMPTED in str(exc):
         return "not_attempted", text
     fatal = type(exc).__name__ in ("ImplementationError", "SubmissionCrash")  # the whole exercise is lost
+    if fatal and (missing := _missing(exercise_id, key)):
+        return "not_attempted", missing  # the one not-attempted message that is not the stub's own
     if not fatal and _still_a_stub(exercise_id, key):
         return "not_attempted", f"{exercise_id} is {NOT_ATTEMPTED} ({type(exc).__name__}: {text})"
     if fatal:

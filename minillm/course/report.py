@@ -7,7 +7,9 @@
     ch01.rope                     0 / 10  not attempted
         nudge: RoPE rotates pairs of channels by a position-dependent angle; which channels form a pair ...
 
-Before any attempt the table shows the exercise's nudge; the stronger hint only after a failed attempt.
+Before any attempt the table shows the exercise's nudge; the stronger hint only after a failed attempt. A function
+never written (still its stub, or its chapter's module missing or failing to import) gets the nudge whatever its
+status.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def format_table(report: GradeReport, verbose: bool = False, width: int = 110) -
         status = f"{ex.status} (all visible tests passed)" if visible_ok and ex.status in ("pass", "fail") else ex.status
         lines.append(f"{ex.id:<{w}}{_pts(ex.earned) + ' / ' + _pts(ex.points):>9}  {status}")
         if ex.status != "pass" or ex.message:
-            if ex.message and ex.status != "not attempted":
+            if ex.message and ex.message != f"{ex.id} is not attempted yet":  # a reason, if it gives one
                 lines += textwrap.wrap(ex.message, width, initial_indent="    ", subsequent_indent="      ")
             if ex.advice:
                 lines += textwrap.wrap(ex.advice, width, initial_indent="    ", subsequent_indent="      ")

@@ -5,15 +5,16 @@ The first tests need no process; the last grades one wrong submission three time
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from minillm.course import checks, gradescope, report
 from minillm.course import config as course_config
 from minillm.course.config import DEFAULT_SEED, CourseConfig, parse_chapters
-from minillm.course.grader import ExerciseResult, GradeReport, grade
+from minillm.course.grader import ExerciseResult, GradeReport, Submission, grade, grade_submissions
 from minillm.course.mutants import build_submission
-from minillm.course.registry import EXERCISES, repo_root
+from minillm.course.registry import EXERCISES, get, repo_root
 
 ROOT = repo_root()
 
@@ -65,6 +66,36 @@ def test_nudge_before_an_attempt_hint_after_a_failure():
     assert "hint: THE HINT" in text and "THE NUDGE" not in text
     res = gradescope.results_json(GradeReport("exercises", [stub], 1.0, seed=42, chapters=[5]))
     assert res["extra_data"] == {"seed": 42, "chapters": [5], "impl": "exercises"} and "inputs seed 42" in res["output"]
+
+
+@pytest.mark.slow
+def test_a_chapter_never_written_gets_the_nudge_not_the_hint(tmp_path):
+    """A single-file upload of ch01 graded for ch02 showed ch02's strong hint (the mask's formula) for functions
+    never written: a missing module is "not attempted" with the nudge. A module that fails to import costs every
+    exercise in it, with the reason; the hint only for the function the learner wrote, the nudge for the stubs."""
+    only_ch01, broken = tmp_path / "only_ch01", tmp_path / "broken"
+    only_ch01.mkdir()
+    broken.mkdir()
+    (only_ch01 / "ch01_basics.py").write_text((ROOT / "solutions" / "ch01_basics.py").read_text())
+    stub = (ROOT / "exercises" / "ch02_kv_cache.py").read_text()
+    written = re.sub(r'raise NotImplementedError\("ch02.causal_mask [^\n]*', "return torch.ones(q_len, kv_len) +", stub)
+    assert written != stub
+    (broken / "ch02_kv_cache.py").write_text(written)  # causal_mask written (with a syntax error), the rest stubs
+    line = written.splitlines().index("    return torch.ones(q_len, kv_len) +") + 1
+    mask, size = get("ch02.causal_mask"), get("ch02.kv_cache_bytes")
+    results = grade_submissions([Submission(mask, only_ch01), Submission(size, only_ch01), Submission(mask, broken),
+                                 Submission(size, broken)], ROOT, timeout=60.0)
+    for r in results[:2]:
+        assert r.status == "not attempted" and r.earned == 0, (r.id, r.status, r.message)
+        assert r.message == f"{r.id} is not attempted yet: ch02_kv_cache.py is not in the submission"
+        assert r.advice == f"nudge: {r.nudge}"
+    for r in results[2:]:
+        assert r.status == "error" and r.earned == 0, (r.id, r.status, r.message)
+        assert f"failed to import: SyntaxError: invalid syntax (ch02_kv_cache.py, line {line})" in r.message
+    assert results[2].advice == f"hint: {mask.hint}" and results[3].advice == f"nudge: {size.nudge}"
+    missing = json.dumps(gradescope.results_json(GradeReport("x", results[:2], 1.0)))
+    assert "not attempted: ch02_kv_cache.py is not in the submission" in missing and mask.hint not in missing
+    assert size.hint not in json.dumps(gradescope.results_json(GradeReport("x", results[3:], 1.0)))
 
 
 @pytest.mark.slow
