@@ -19,6 +19,7 @@ import collections
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -234,7 +235,7 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
                        key=lambda f: ("hidden" in Path(f).parts, f))
         cmd = [python, "-m", "pytest", *files, "-p", "minillm.course.pytest_plugin",
                "--minillm-plan", str(plan_file), "--minillm-results", str(results_file),
-               "--rootdir", str(root), "-o", "addopts=", "-q", "-s", "--no-header",
+               "--rootdir", str(root), "-o", "addopts=", "-q", "-s", "--no-header", "--continue-on-collection-errors",
                "-p", "no:cacheprovider", "-p", "no:warnings", "-p", "no:randomly"]
         session_timeout = 120.0 + timeout * len(subs)  # each worker is bounded by its own budget; this is a backstop
         start = time.monotonic()
@@ -257,6 +258,7 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         records, finished = _read_records(results_file, nonce)
 
     collected = next((r["tests"] for r in records if r.get("event") == "collected"), [])
+    broken = {Path(r["path"]).resolve(): r["message"] for r in records if r.get("event") == "collect_error"}
     out = []
     for key, sub in zip(keys, subs):
         result = ExerciseResult(id=sub.ex.id, hint=sub.ex.hint, points=float(sub.ex.points), nudge=sub.ex.nudge,
@@ -279,6 +281,11 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
             result.message = (f"timed out after {session_timeout:g} s (the grading session as a whole)" if timed_out
                               else f"the test process died from {_signal_name(rc)}" if rc < 0
                               else f"the test process exited (code {rc}) before reporting")
+        elif lost := _lost_to_collection(sub.ex, tests_dir, broken):
+            path, why = lost
+            result.status = "error"  # its points stay the registry's: the file's tests are owed, not dropped
+            result.message = (f"{path.name} failed to collect: {why} (the graded tests' own error, not your code: "
+                              "tell your instructor)")
         elif not result.tests:
             result.status = "error"
             result.message = f"no graded tests found for {sub.ex.id} under {tests_dir}"
@@ -294,6 +301,23 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         result.earned = sum(t.earned for t in result.tests)
         out.append(result)
     return out
+
+
+def _lost_to_collection(ex: Exercise, tests_dir: Path, broken: dict[Path, str]) -> tuple[Path, str] | None:
+    """(file, error) when one of `ex`'s graded test files failed to collect and holds its tests: they never ran,
+    so the exercise cannot be graded, while the exercises of the other files are. Which exercises a file holds is
+    read from its text (`exercise("chNN.name")` markers), as it cannot be imported; a file that names none is
+    taken to hold every exercise of the chapters its name carries (the convention test_files follows)."""
+    for path in test_files(ex, tests_dir):
+        path = path.resolve()
+        if path in broken:
+            try:
+                named = set(re.findall(r"""exercise\(\s*["'](ch\d\d\.\w+)["']""", path.read_text(encoding="utf-8")))
+            except OSError:
+                named = set()
+            if not named or ex.id in named:
+                return path, broken[path]
+    return None
 
 
 def _summarise(result: ExerciseResult) -> None:

@@ -77,8 +77,9 @@ def results_json(report: GradeReport) -> dict:
     tests, summary = [], []
     for i, ex in enumerate(report.exercises, 1):
         hint = f"\n{ex.advice}" if ex.advice else ""
-        if not ex.tests:  # the process died before it could even list its tests
-            tests.append({"name": ex.id, "number": f"{i}", "score": 0.0, "max_score": ex.points,
+        owed = ex.points - sum(t.points for t in ex.tests if t.outcome != "skipped")
+        if owed > 0:  # tests never listed: the process died first, or their file failed to collect
+            tests.append({"name": ex.id, "number": f"{i}", "score": 0.0, "max_score": owed,
                           "status": "failed", "output": f"{ex.status}: {ex.message}{hint}",
                           "output_format": "text", "visibility": "visible"})
         for j, t in enumerate(ex.tests, 1):

@@ -6,9 +6,9 @@ only the tests of the planned exercises, parametrizes each over the keys of its 
 sandbox worker), orders the tests submission by submission (so one worker lives at a time and is closed when its
 submission is done), and appends one JSON line per event to `--minillm-results`: the collected tests first (so a
 process that dies later still tells the grader what it owed), then one record per test as soon as it finishes,
-then `finished`. Each record
-carries a nonce the grader handed over in the environment (removed before any learner code runs), and
-the grader ignores a file that does not end with `finished`: a learner's `os._exit(0)` cannot pass.
+then `finished`; a graded test file that fails to import adds a `collect_error` record (its path, its error).
+Each record carries a nonce the grader handed over in the environment (removed before any learner code runs),
+and the grader ignores a file that does not end with `finished`: a learner's `os._exit(0)` cannot pass.
 """
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
     _emit(config, {"event": "collected", "tests": [_describe(it) for it in keep]})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A graded test file that fails to import is reported by its path and its error's last line (the grader runs
+    with --continue-on-collection-errors, so the other files still run): only the exercises of that file are lost."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and isinstance(collector, pytest.File) and collector.config.getoption("minillm_plan"):
+        text = rep.longreprtext or ""
+        errors = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
+        _emit(collector.config, {"event": "collect_error", "path": str(collector.path),
+                                 "message": _printable(errors[-1] if errors else first)[:MAX_MESSAGE]})
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from minillm.course.grader import Submission, grade_exercise, grade_submissions
+from minillm.course import gradescope
+from minillm.course.grader import GradeReport, Submission, grade_exercise, grade_submissions
 from minillm.course.registry import get, repo_root
 
 ROOT = repo_root()
@@ -336,3 +338,25 @@ def test_a_huge_print_at_import_names_the_output_cap(tmp_path):
     result, = grade_submissions([Submission(get("ch05.slot_mapping"), loud)], ROOT, timeout=60.0, call_timeout=10.0)
     assert_scores_zero("huge print at import", result, r"failed to import: OSError: printed or wrote more than the "
                                                       r"sandbox's output cap")
+
+
+def test_a_graded_file_that_fails_to_collect_costs_only_its_own_exercises(tmp_path):
+    """An import error in one graded test file (a helper left out of the archive, say) stopped the whole pytest
+    run: every exercise of the session got 0 with the empty message "not run: ". Now the exercises whose tests
+    live in that file fail with its collection error, and those of the other files are graded as usual."""
+    tests = tmp_path / "tests"
+    (tests / "graded").mkdir(parents=True)
+    for rel in ("conftest.py", "adapters.py", "graded/conftest.py", "graded/test_ch05_paged_kv.py"):
+        shutil.copy(ROOT / "tests" / rel, tests / rel)
+    broken = (ROOT / "tests" / "graded" / "test_ch05_block_manager.py").read_text()
+    (tests / "graded" / "test_ch05_block_manager.py").write_text(broken + "\nimport helper_left_out  # noqa\n")
+    solutions = ROOT / "solutions"
+    right, lost = grade_submissions([Submission(get("ch05.slot_mapping"), solutions),
+                                     Submission(get("ch05.free_blocks"), solutions)], ROOT, timeout=60.0,
+                                    tests_dir=tests / "graded")
+    assert right.status == "pass" and right.earned == right.points > 0, (right.status, right.message)
+    assert lost.status == "error" and lost.earned == 0 and lost.points == get("ch05.free_blocks").points
+    assert ("test_ch05_block_manager.py failed to collect: ModuleNotFoundError: No module named 'helper_left_out'"
+            in lost.message), lost.message
+    results = gradescope.results_json(GradeReport("x", [right, lost], 1.0))  # the lost file's points still owed
+    assert sum(t["max_score"] for t in results["tests"]) == results["score"] + lost.points
