@@ -1,13 +1,13 @@
 """`minillm grade` and `minillm course ...`: the learner's and the instructor's commands.
 
     minillm grade [chNN | chNN.name] [--impl exercises|solutions|PATH] [--format table|json|gradescope]
-                  [--out FILE] [-v] [--timeout S] [--seed N] [--notebooks]
+                  [--out FILE] [-v] [--timeout S] [--time-budget S] [--seed N] [--notebooks]
     minillm course list                      the registry: id, points, where the engine calls it, nudge, hint
     minillm course sync [--check]            regenerate solutions/ and exercises/ from the reference's markers
     minillm course release DIR [--chapters ch05,ch06] [--seed N] [--force]
                                              a student copy (no solutions/, no hidden tests) for one assignment
     minillm release ...                      the same as `minillm course release`
-    minillm course gradescope ZIP [--chapters ch05,ch06] [--seed N] [--hidden-seed N]
+    minillm course gradescope ZIP [--chapters ch05,ch06] [--seed N] [--hidden-seed N] [--time-budget S]
                                              the Gradescope autograder archive of one assignment
     minillm course notebooks [NAME ...] [--check] [--no-execute]   chapters/*.py -> executed .ipynb
 """
@@ -27,7 +27,8 @@ def _cmd_grade(args: argparse.Namespace) -> int:
 
     try:
         _check_grade_numbers(args)  # before any grading: a bad flag must not cost a run, or quietly mean another
-        result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs, seed=args.seed)
+        result = grade(args.target, impl=args.impl, timeout=args.timeout, jobs=args.jobs, seed=args.seed,
+                       time_budget=args.time_budget)
     except (ValueError, KeyError, ImplementationError) as e:
         print(f"minillm grade: error: {e}", file=sys.stderr)
         if args.format == "gradescope" and args.out and isinstance(e, ImplementationError):
@@ -71,8 +72,10 @@ def _check_grade_numbers(args: argparse.Namespace) -> None:
     import math
 
     from minillm.cli import check_output_path
+    from minillm.course import config
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    config.check_time_budget(args.time_budget, "--time-budget")
     if args.fail_under is not None and not (math.isfinite(args.fail_under) and 0 <= args.fail_under <= 100):
         raise ValueError(f"--fail-under must be a percentage in [0, 100], got {args.fail_under}")
     if args.jobs is not None and args.jobs < 1:
@@ -119,9 +122,10 @@ def _assignment(args: argparse.Namespace, hidden: bool = False):
     from minillm.course import config
     base = config.load()
     chapters = base.chapters if args.chapters is None else config.parse_chapters(args.chapters)  # '' is refused
+    budget = getattr(args, "time_budget", None)
     return config.CourseConfig(seed=base.seed if args.seed is None else args.seed, chapters=chapters,
                                hidden_seed=(args.hidden_seed if args.hidden_seed is not None else base.hidden_seed)
-                               if hidden else None)
+                               if hidden else None, time_budget_s=base.time_budget_s if budget is None else budget)
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
@@ -142,6 +146,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 def _cmd_gradescope(args: argparse.Namespace) -> int:
     from minillm.cli import check_output_path
+    from minillm.course import config
     from minillm.course.gradescope import build_autograder
     try:
         check_output_path(args.zip, "ZIP", folder=False)
@@ -151,7 +156,8 @@ def _cmd_gradescope(args: argparse.Namespace) -> int:
         print(f"minillm course gradescope: error: {e}", file=sys.stderr)
         return 2
     chapters = ", ".join(f"ch{c:02d}" for c in cfg.chapters) or "every chapter"
-    print(f"wrote {args.zip} ({len(names)} files; {chapters}; seed {cfg.seed}"
+    print(f"wrote {args.zip} ({len(names)} files; {chapters}; seed {cfg.seed}; "
+          f"time budget {cfg.time_budget_s or config.GRADESCOPE_TIME_BUDGET_S:g} s"
           + ("; hidden tests on the instructor's seed" if cfg.hidden_seed is not None else "")
           + "): upload it as the assignment's autograder")
     return 0
@@ -188,6 +194,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and the test process's last output")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise (default 60)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; exercises not graded by then fail as 'not run' "
+                        "(default: course.json's time_budget_s, else none)")
     p.add_argument("--jobs", type=int, default=None, help="exercises graded at once (default: min(4, CPUs))")
     p.add_argument("--seed", type=int, default=None,
                    help="the graded inputs' seed (default: $MINILLM_GRADE_SEED, else the release's course.json)")
@@ -216,6 +225,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="the visible tests' seed (default: course.json's)")
     p.add_argument("--hidden-seed", type=int, default=None,
                    help="a seed for the hidden tests only, never shown to learners (default: the same seed)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds run_autograder may grade for, under the assignment's Gradescope timeout "
+                        "(default: course.json's, else 480: Gradescope's default timeout is 10 minutes)")
     p.set_defaults(func=_cmd_gradescope)
     p = sub.add_parser("notebooks", help="chapters/*.py (jupytext percent) -> .ipynb with the solution's outputs")
     p.add_argument("names", nargs="*", help="chapter stems (default: all)")

@@ -12,6 +12,11 @@ exercise, and the workers are forked from a warm template (minillm.course.fork_s
 The plugin reports test by test into a JSON-lines file; the grader believes the file only when it ends with the
 session's `finished` record (never the exit code alone), or, for a session that died, only for the submissions
 whose every test was reported.
+
+A run may have a time budget (`minillm grade --time-budget S`, course.json's `time_budget_s`): a submission that
+hangs in many exercises would otherwise run for the sum of their timeouts, past Gradescope's limit (no score at
+all). When it is spent the sessions stop; what was graded stands, every exercise not finished fails with "not run:
+the submission used up the grading time budget (N s)", and results.json is still written in time.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import collections
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -167,19 +171,23 @@ def grade_exercise(ex: Exercise, impl_dir: Path, root: Path, timeout: float = 60
 
 def grade_submissions(submissions: list[Submission], root: Path, timeout: float = 60.0,
                       tests_dir: Path | None = None, python: str = sys.executable, seed: int | None = None,
-                      call_timeout: float | None = None, jobs: int = 1) -> list[ExerciseResult]:
+                      call_timeout: float | None = None, jobs: int = 1,
+                      time_budget: float | None = None) -> list[ExerciseResult]:
     """Grade every submission, in up to `jobs` pytest sessions run side by side (each grades its share in turn).
 
     One session grades many submissions (even several of the same exercise: the plugin parametrizes the tests
     over them), each in its own sandbox worker: the learner's code never runs in the session itself, so
     sharing it costs no isolation, and the session's start (torch, pytest, the graded tests) is paid once.
-    Each submission gets `timeout` seconds of its worker's time; a hang ends that submission only."""
+    Each submission gets `timeout` seconds of its worker's time; a hang ends that submission only. The whole
+    call gets `time_budget` seconds (None: no limit but the sessions' backstop; see the module docstring)."""
     if not submissions:
         return []
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    course_config.check_time_budget(time_budget, "time_budget")
+    budget = (time.monotonic() + time_budget, time_budget) if time_budget is not None else None
     root = Path(root).resolve()
     # a session costs a few CPU seconds to start: one per SESSION_MIN submissions at least, then side by side
     jobs = max(1, min(jobs, len(submissions) // SESSION_MIN))
@@ -190,7 +198,7 @@ def grade_submissions(submissions: list[Submission], root: Path, timeout: float 
 
         def run(shard: list[int]) -> None:
             for i, r in zip(shard, _grade_session([submissions[i] for i in shard], root, timeout, tests_dir, python,
-                                                  seed, call_timeout, Path(base))):
+                                                  seed, call_timeout, Path(base), budget)):
                 results[i] = r
 
         with ThreadPoolExecutor(max_workers=len(shards)) as pool:
@@ -199,8 +207,10 @@ def grade_submissions(submissions: list[Submission], root: Path, timeout: float 
 
 
 def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir: Path | None, python: str,
-                   seed: int | None, call_timeout: float | None, base: Path) -> list[ExerciseResult]:
-    """One pytest session over `subs` (see grade_submissions), in a folder under `base`."""
+                   seed: int | None, call_timeout: float | None, base: Path,
+                   budget: tuple[float, float] | None = None) -> list[ExerciseResult]:
+    """One pytest session over `subs` (see grade_submissions), in a folder under `base`; `budget`: the whole
+    run's (deadline on time.monotonic(), seconds), past which the session is stopped."""
     tests_dir = Path(tests_dir or root / "tests" / "graded")
     nonce = secrets.token_hex(16)
     keys = [f"s{i}" for i in range(len(subs))]
@@ -244,13 +254,13 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         tail: collections.deque = collections.deque()
         reader = threading.Thread(target=_drain, args=(proc.stdout, tail), daemon=True)
         reader.start()
-        timed_out = False
+        timed_out = out_of_budget = False
+        wait = session_timeout if budget is None else min(session_timeout, max(0.0, budget[0] - start))
         try:
-            proc.wait(timeout=session_timeout)
+            proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and its sandbox workers
-            proc.wait()
+            timed_out, out_of_budget = True, wait < session_timeout
+            _stop_session(proc)
         reader.join(timeout=5)
         duration = time.monotonic() - start
         log = ("(the output is still streaming from an escaped process)" if reader.is_alive()
@@ -258,7 +268,7 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         records, finished = _read_records(results_file, nonce)
 
     collected = next((r["tests"] for r in records if r.get("event") == "collected"), [])
-    broken = {Path(r["path"]).resolve(): r["message"] for r in records if r.get("event") == "collect_error"}
+    broken = {Path(r["path"]).resolve(): r for r in records if r.get("event") == "collect_error"}
     out = []
     for key, sub in zip(keys, subs):
         result = ExerciseResult(id=sub.ex.id, hint=sub.ex.hint, points=float(sub.ex.points), nudge=sub.ex.nudge,
@@ -275,17 +285,23 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
         result.tests = list(tests.values())
         result.duration = durations if finished else duration
         complete = bool(result.tests) and all(t.outcome != "not run" for t in result.tests)
-        if not finished and not complete:  # the session itself died or hung before this submission was done
+        if not finished and not complete and out_of_budget:  # stopped at the run's time budget: not graded
+            result.status = "fail"
+            result.message = f"not run: the submission used up the grading time budget ({budget[1]:g} s)"
+            for t in result.tests:  # a test passed before the stop does not make an exercise graded in part
+                t.earned, t.message = 0.0, result.message.removeprefix("not run: ")
+                t.outcome = "not counted" if t.outcome == "passed" else t.outcome
+        elif not finished and not complete:  # the session itself died or hung before this submission was done
             result.status = "timeout" if timed_out else "error"
             rc = proc.returncode
             result.message = (f"timed out after {session_timeout:g} s (the grading session as a whole)" if timed_out
                               else f"the test process died from {_signal_name(rc)}" if rc < 0
                               else f"the test process exited (code {rc}) before reporting")
-        elif lost := _lost_to_collection(sub.ex, tests_dir, broken):
-            path, why = lost
+        elif lost := next((broken[f] for f in map(Path.resolve, test_files(sub.ex, tests_dir)) if f in broken
+                           and sub.ex.id in (broken[f]["exercises"] or [sub.ex.id])), None):
             result.status = "error"  # its points stay the registry's: the file's tests are owed, not dropped
-            result.message = (f"{path.name} failed to collect: {why} (the graded tests' own error, not your code: "
-                              "tell your instructor)")
+            result.message = (f"{Path(lost['path']).name} failed to collect: {lost['message']} (the graded tests' "
+                              "own error, not your code: tell your instructor)")
         elif not result.tests:
             result.status = "error"
             result.message = f"no graded tests found for {sub.ex.id} under {tests_dir}"
@@ -303,21 +319,19 @@ def _grade_session(subs: list[Submission], root: Path, timeout: float, tests_dir
     return out
 
 
-def _lost_to_collection(ex: Exercise, tests_dir: Path, broken: dict[Path, str]) -> tuple[Path, str] | None:
-    """(file, error) when one of `ex`'s graded test files failed to collect and holds its tests: they never ran,
-    so the exercise cannot be graded, while the exercises of the other files are. Which exercises a file holds is
-    read from its text (`exercise("chNN.name")` markers), as it cannot be imported; a file that names none is
-    taken to hold every exercise of the chapters its name carries (the convention test_files follows)."""
-    for path in test_files(ex, tests_dir):
-        path = path.resolve()
-        if path in broken:
-            try:
-                named = set(re.findall(r"""exercise\(\s*["'](ch\d\d\.\w+)["']""", path.read_text(encoding="utf-8")))
-            except OSError:
-                named = set()
-            if not named or ex.id in named:
-                return path, broken[path]
-    return None
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM first (the plugin kills the sandbox workers, which live in sessions of their own, and exits), then
+    SIGKILL to the session's whole group (pytest and the fork server)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _summarise(result: ExerciseResult) -> None:
@@ -351,10 +365,10 @@ def _summarise(result: ExerciseResult) -> None:
 
 def grade(target: str | None = None, impl: str | os.PathLike | None = None, root: Path | None = None,
           timeout: float = 60.0, jobs: int | None = None, tests_dir: Path | None = None,
-          seed: int | None = None) -> GradeReport:
+          seed: int | None = None, time_budget: float | None = None) -> GradeReport:
     """Grade every exercise selected by `target` (None: the release's assignment, see minillm.course.config;
     'ch01' or 'ch01.rms_norm') in parallel, on inputs drawn from `seed` (None: $MINILLM_GRADE_SEED, else the
-    release's seed)."""
+    release's seed), within `time_budget` seconds in all (None: the release's course.json, else none)."""
     root = Path(root or repo_root()).resolve()
     impl_dir = resolve_impl(impl or os.environ.get("MINILLM_IMPL") or "exercises", root)
     config = course_config.load(root)
@@ -368,8 +382,10 @@ def grade(target: str | None = None, impl: str | os.PathLike | None = None, root
     if jobs is None:
         jobs = max(1, min(4, os.cpu_count() or 1))  # grading sessions side by side
     start = time.monotonic()
+    if time_budget is None:
+        time_budget = config.time_budget_s
     results = grade_submissions([Submission(ex, impl_dir) for ex in exercises], root, timeout, tests_dir,
-                                seed=seed, jobs=jobs)
+                                seed=seed, jobs=jobs, time_budget=time_budget)
     label = str(impl) if impl else os.environ.get("MINILLM_IMPL", "exercises")
     return GradeReport(impl=label, exercises=results, execution_time=time.monotonic() - start, seed=seed,
                        hidden_seed=config.hidden_seed is not None,

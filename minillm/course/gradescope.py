@@ -7,8 +7,9 @@ score, execution_time, output and stdout_visibility "hidden" (a learner's prints
 The archive holds `setup.sh` (installs torch for CPU and this package), `run_autograder`, which grades
 `$ROOT/submission` and writes `$ROOT/results/results.json` (ROOT being $MINILLM_AUTOGRADER_ROOT or /autograder;
 that variable lets `make test` run the archive against a fake submission folder), and `course.json`: the
-assignment's chapters, the inputs' seed and, if the instructor set one, the hidden tests' own seed
-(minillm.course.config). run_autograder grades exactly those chapters.
+assignment's chapters, the inputs' seed, if the instructor set one, the hidden tests' own seed, and the run's time
+budget (minillm.course.config; GRADESCOPE_TIME_BUDGET_S unless set). run_autograder grades exactly those
+chapters, and stops at the budget: results.json is written before Gradescope's own timeout would leave none.
 
 The archive ships no answers: no solutions/ (the graded tests compare against the engine's own functions,
 the one source the solutions are generated from) and no exercises/. The engine's source is there, as it must
@@ -17,6 +18,7 @@ worker (minillm.course.sandbox), which can neither import nor open anything unde
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -60,8 +62,10 @@ PY="${MINILLM_PYTHON:-$ROOT/venv/bin/python}"
 mkdir -p "$ROOT/results"
 cd "$ROOT/source"
 export PYTHONPATH="$ROOT/source${PYTHONPATH:+:$PYTHONPATH}" MINILLM_ROOT="$ROOT/source"
+# the run's time budget is course.json's time_budget_s; MINILLM_GRADE_TIME_BUDGET overrides it
 "$PY" -m minillm.cli grade --impl "$ROOT/submission" --format gradescope \\
-    --out "$ROOT/results/results.json" --timeout "${MINILLM_GRADE_TIMEOUT:-120}"
+    --out "$ROOT/results/results.json" --timeout "${MINILLM_GRADE_TIMEOUT:-120}" \\
+    ${MINILLM_GRADE_TIME_BUDGET:+--time-budget "$MINILLM_GRADE_TIME_BUDGET"}
 """
 
 
@@ -148,6 +152,8 @@ def build_autograder(zip_path: Path, root: Path | None = None,
         raise FileNotFoundError(f"{root}/tests/graded/hidden is missing: build the autograder from the instructor's "
                                 "repository")
     config = config or course_config.load(root)
+    if config.time_budget_s is None:  # Gradescope kills a run past its timeout and shows no score: always a budget
+        config = dataclasses.replace(config, time_budget_s=course_config.GRADESCOPE_TIME_BUDGET_S)
     names = []
     try:  # opened before the walk: a path that cannot take the archive fails before any work
         out = open(zip_path, "wb")

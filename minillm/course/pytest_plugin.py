@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,21 @@ def pytest_configure(config: pytest.Config) -> None:
         from minillm.course import fork_server, sandbox
         _PLAN[:] = json.loads(Path(path).read_text(encoding="utf-8"))
         sandbox.SUBMISSIONS.update({p["key"]: Path(p["submission"]) for p in _PLAN})
+        signal.signal(signal.SIGTERM, _stop)
         fork_server.prestart()
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM from the grader (the run's time budget is spent, or the session's backstop): kill the sandbox
+    workers, which live in sessions of their own and would outlive a killed process group (a learner's
+    `time.sleep(1000)` uses no CPU time), then leave at once. The fork server sees its socket close and exits."""
+    from minillm.course import sandbox
+    for box in list(sandbox._SANDBOXES.values()):
+        try:
+            os.killpg(box.proc.pid, signal.SIGKILL)
+        except (AttributeError, OSError):  # not started, or already gone
+            pass
+    os._exit(128 + signum)
 
 
 def _exercise_of(node) -> str | None:
@@ -94,15 +110,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector):
-    """A graded test file that fails to import is reported by its path and its error's last line (the grader runs
-    with --continue-on-collection-errors, so the other files still run): only the exercises of that file are lost."""
+    """A graded test file that fails to import is reported by its path, its error's last line and the exercises it
+    holds (the grader runs with --continue-on-collection-errors, so the other files still run): only those
+    exercises are lost. They are read from the file's text (`exercise("chNN.name")` markers), as it cannot be
+    imported; none found (an empty list) means every exercise of the chapters its name carries."""
     outcome = yield
     rep = outcome.get_result()
     if rep.failed and isinstance(collector, pytest.File) and collector.config.getoption("minillm_plan"):
         text = rep.longreprtext or ""
         errors = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
         first = next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
-        _emit(collector.config, {"event": "collect_error", "path": str(collector.path),
+        try:
+            source = collector.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            source = ""
+        named = sorted(set(re.findall(r"""exercise\(\s*["'](ch\d\d\.\w+)["']""", source)))
+        _emit(collector.config, {"event": "collect_error", "path": str(collector.path), "exercises": named,
                                  "message": _printable(errors[-1] if errors else first)[:MAX_MESSAGE]})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 
 import pytest
 
@@ -39,8 +40,28 @@ def test_config_round_trip_and_public_part(tmp_path):
     assert course_config.load(tmp_path) == cfg
     assert json.loads(cfg.public().to_json()) == {"seed": 5, "chapters": [5, 6]}
     (tmp_path / "course.json").write_text('{"seed": 1, "answers": "here"}')
-    with pytest.raises(ValueError, match="expected an object with seed, chapters and hidden_seed"):
+    with pytest.raises(ValueError, match="expected an object with seed, chapters, hidden_seed and time_budget_s"):
         course_config.load(tmp_path)
+
+
+def test_a_time_budget_is_checked_kept_and_always_in_the_autograder(tmp_path):
+    """The whole run's time budget (see minillm.course.grader): course.json's time_budget_s, which the Gradescope
+    archive always carries (Gradescope shows no score for a run past its timeout), and --time-budget."""
+    from minillm.cli import build_parser
+    from minillm.course.cli import _check_grade_numbers
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "60"):
+        with pytest.raises(ValueError, match="time_budget_s must be a finite number of seconds > 0"):
+            CourseConfig(time_budget_s=bad)
+    cfg = CourseConfig(seed=5, chapters=(2,), hidden_seed=3, time_budget_s=300.0)
+    course_config.write(cfg, tmp_path)
+    assert course_config.load(tmp_path) == cfg and cfg.public().time_budget_s == 300.0
+    args = build_parser().parse_args(["grade", "--time-budget", "0"])
+    with pytest.raises(ValueError, match="--time-budget must be a finite number of seconds > 0, got 0.0"):
+        _check_grade_numbers(args)
+    names = gradescope.build_autograder(tmp_path / "ag.zip", config=CourseConfig(seed=1))
+    with zipfile.ZipFile(tmp_path / "ag.zip") as z:
+        assert json.loads(z.read("course.json"))["time_budget_s"] == course_config.GRADESCOPE_TIME_BUDGET_S < 600
+        assert "--time-budget" in z.read("run_autograder").decode() and "course.json" in names
 
 
 def test_graded_seed_is_fixed_and_hidden_tests_use_their_own(monkeypatch):

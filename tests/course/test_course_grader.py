@@ -214,8 +214,9 @@ def test_autograder_archive_grades_a_hostile_submission(tmp_path):
     ag = tmp_path / "autograder"
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(ag / "source")
-    assert json.loads((ag / "source" / "course.json").read_text()) == {"seed": 7, "chapters": [1, 2, 5],
-                                                                        "hidden_seed": 99}
+    assert json.loads((ag / "source" / "course.json").read_text()) == {
+        "seed": 7, "chapters": [1, 2, 5], "hidden_seed": 99,
+        "time_budget_s": course_config.GRADESCOPE_TIME_BUDGET_S}  # always a budget: results.json before the timeout
     hostile_submission(ag / "submission")
     env = {**os.environ, "MINILLM_AUTOGRADER_ROOT": str(ag), "MINILLM_PYTHON": sys.executable,
            "MINILLM_GRADE_TIMEOUT": "120", "MINILLM_SANDBOX_CALL_TIMEOUT_S": "5"}  # the infinite loop ends in 5 s

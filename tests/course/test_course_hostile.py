@@ -212,6 +212,29 @@ import time
     assert right.status == "pass" and right.earned == right.points > 0, right.message
 
 
+def test_a_run_stops_at_its_time_budget_and_still_reports_every_exercise(tmp_path):
+    """Each exercise has its own timeout, but a submission hanging in many of them ran for their sum, past
+    Gradescope's limit: no results.json, no score. At the run's budget the session stops; what was graded stands,
+    the rest fails as "not run" and says why."""
+    hang = _submission(tmp_path / "hang", "ch05.slot_mapping", f'''
+import time
+{SLOT}    time.sleep(1000)
+''')
+    solutions = ROOT / "solutions"
+    done, hung, never = grade_submissions([Submission(get("ch05.slot_mapping"), solutions),
+                                           Submission(get("ch05.slot_mapping"), hang),
+                                           Submission(get("ch05.hash_block"), solutions)],
+                                          ROOT, timeout=120.0, call_timeout=60.0, time_budget=12.0)
+    assert done.status == "pass" and done.earned == done.points > 0, (done.status, done.message)
+    for r in (hung, never):
+        assert r.status == "fail" and r.earned == 0 and r.points == get(r.id).points, (r.status, r.message)
+        assert r.message == "not run: the submission used up the grading time budget (12 s)"
+    results = gradescope.results_json(GradeReport("x", [done, hung, never], 12.0))
+    assert results["score"] == done.points and sum(t["max_score"] for t in results["tests"]) == (
+        done.points + hung.points + never.points)
+    assert "not run: the submission used up the grading time budget (12 s)" in results["tests"][-1]["output"]
+
+
 def test_spawned_workers_hold_the_same_walls(tmp_path, monkeypatch):
     """MINILLM_SANDBOX_FORK=0 (and any GPU) spawns each worker afresh: the same refusals, the same full marks."""
     monkeypatch.setenv("MINILLM_SANDBOX_FORK", "0")
