@@ -1,0 +1,241 @@
+"""Randomized differential stress test of LLMEngine: every feature at once against one request run alone.
+
+For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
+budget, preemption by recompute or swap, async scheduling, speculative decoding by n-gram or by untrained Medusa /
+EAGLE heads, block size 4/8/16, a KV pool small enough to preempt) and a stream of events (requests arriving at
+random steps, with random prompt lengths, some sharing long prefixes so the prefix cache hits, random max_tokens,
+some with stop_token_ids that really fire; aborts of waiting, running or swapped requests). The engine is driven
+step by step (add_request / step / abort) and checked after every step:
+
+    the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
+    an aborted request holds no device or CPU block the moment abort returns;
+    no request is reported finished twice, none after its abort, none that was never added;
+    at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
+    finished with a finish_reason and the greedy token ids of the same request run alone in a fresh engine with
+    none of the features (fp32 on the CPU: the same tokens, not merely close logits).
+
+CI runs SEEDS seeds (a few seconds each). A longer hunt: MINILLM_STRESS_SEEDS=500 (and MINILLM_STRESS_FIRST=1000 to
+start elsewhere). A failing seed prints its scenario, which a regression test below can replay by hand.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.sampling_params import SamplingParams
+from test_engine import tiny_config, tiny_model
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+SEEDS = 8
+FIRST = int(os.environ.get("MINILLM_STRESS_FIRST", 0))
+NUM_SEEDS = int(os.environ.get("MINILLM_STRESS_SEEDS", SEEDS))
+MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at the same place)
+K = 3  # speculative tokens per step
+
+
+@dataclass
+class Request:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, stop_token_ids=list(self.stop_token_ids))
+
+
+@dataclass
+class Scenario:
+    """An engine configuration and events: (step, "add", request id, Request) or (step, "abort", request id, None),
+    applied before the engine's step number `step` (0-based)."""
+
+    options: dict
+    spec: str | None  # None, "ngram", "medusa", "eagle"
+    events: list[tuple[int, str, str, Request | None]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config(max_position_embeddings=128)
+    return tiny_model(config, seed=5), config
+
+
+@pytest.fixture(scope="module")
+def head_dirs(model_and_config, tmp_path_factory):
+    """Untrained Medusa and EAGLE heads (random, each head different) saved as train-heads saves them: they draft
+    poorly, which is what a differential test wants (rejections and rollbacks), never wrongly."""
+    from minillm.speculative.heads import HeadConfig, save_heads
+    from minillm.speculative.train_heads import initial_heads
+    model, config = model_and_config
+    dirs = {}
+    for kind, num_heads in (("medusa", K), ("eagle", 1)):
+        head_config = HeadConfig.for_target(kind, config, num_heads)
+        heads = initial_heads(head_config, model)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        dirs[kind] = str(save_heads(tmp_path_factory.mktemp("heads") / kind, heads, head_config))
+    return dirs
+
+
+class Reference:
+    """Greedy outputs of requests each run alone in a plain engine (no prefix cache, chunking, preemption, async
+    or speculation), computed once per distinct request."""
+
+    def __init__(self, model_and_config) -> None:
+        self.model, self.config = model_and_config
+        self.cache: dict[tuple, tuple[list[int], str]] = {}
+
+    def __call__(self, req: Request) -> tuple[list[int], str]:
+        key = (req.prompt, req.max_tokens, req.stop_token_ids)
+        if key not in self.cache:
+            engine = LLMEngine(self.model, ByteTokenizer(), self.config,
+                               EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
+                                            async_scheduling=False))
+            engine.add_request("ref", list(req.prompt), req.params())
+            done = None
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done = (list(out.outputs[0].token_ids), out.outputs[0].finish_reason)
+            assert engine.scheduler.block_manager.num_used_blocks == 0
+            self.cache[key] = done
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_config):
+    return Reference(model_and_config)
+
+
+def draw_scenario(seed: int, reference: Reference) -> Scenario:
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 8, 16])
+    chunked = rng.random() < 0.5
+    per_seq = -(-MAX_LEN // block_size)  # blocks one sequence of max_model_len needs
+    options = dict(
+        max_model_len=MAX_LEN, block_size=block_size, max_num_seqs=rng.randint(2, 6),
+        num_kv_blocks=rng.randint(per_seq + 1, 2 * per_seq),  # small: running several long requests preempts
+        enable_prefix_caching=rng.random() < 0.5, enable_chunked_prefill=chunked,
+        max_num_batched_tokens=rng.choice([4, 7, 16, 33]) if chunked else rng.choice([MAX_LEN, 2 * MAX_LEN]),
+        preemption_mode=rng.choice(["recompute", "swap"]), async_scheduling=rng.random() < 0.5)
+    if options["preemption_mode"] == "swap":  # from a few blocks (then swap falls back to recompute) to plenty
+        bytes_per_block = 2 * 2 * 2 * 8 * 4 * block_size  # layers x (K, V) x kv heads x head dim x fp32 x slots
+        options["swap_space"] = bytes_per_block * rng.choice([per_seq // 2 + 1, per_seq, 4 * per_seq])
+    spec = rng.choice([None, None, "ngram", "ngram", "medusa", "eagle"])
+    scenario = Scenario(options, spec)
+
+    prefixes = [[rng.randrange(256) for _ in range(rng.randint(8, 40))] for _ in range(2)]
+    num_requests = rng.randint(8, 16)
+    step = 0
+    for i in range(num_requests):
+        step += rng.choice([0, 0, 0, 1, 1, 3])
+        kind = rng.random()
+        if kind < 0.4:  # a shared prefix, sometimes the whole prompt (a full cache hit)
+            prefix = rng.choice(prefixes)
+            suffix = [rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 9]))]
+            prompt = prefix + suffix
+        elif kind < 0.5:  # a repetitive prompt: prompt lookup drafts from it
+            unit = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
+            prompt = (unit * 20)[:rng.randint(4, 30)]
+        else:
+            prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
+        prompt = prompt[:MAX_LEN - 1]
+        req = Request(tuple(prompt), rng.choice([1, 2, 5, 12, 30, MAX_LEN]))
+        if rng.random() < 0.3:  # a stop token the plain run really produces (or, rarely, one it never does)
+            tokens, _ = reference(req)
+            req.stop_token_ids = (rng.choice(tokens) if rng.random() < 0.9 else 299,)
+        scenario.events.append((step, "add", str(i), req))
+        if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
+            scenario.events.append((step + rng.randint(0, 12), "abort", str(i), None))
+    scenario.events.sort(key=lambda e: e[0])
+    return scenario
+
+
+def build_engine(model_and_config, head_dirs, scenario: Scenario) -> LLMEngine:
+    model, config = model_and_config
+    spec = None
+    if scenario.spec == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    elif scenario.spec in ("medusa", "eagle"):
+        spec = {"method": scenario.spec, "num_speculative_tokens": K, "model": head_dirs[scenario.spec]}
+    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(speculative_config=spec, **scenario.options))
+
+
+def check_free(engine: LLMEngine, seq) -> None:
+    bm = engine.scheduler.block_manager
+    assert not seq.block_table and seq.seq_id not in bm._on_device and seq.seq_id not in bm._cpu_tables, \
+        f"request {seq.request_id} still holds blocks after it ended"
+
+
+def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, max_steps: int = 3000) -> None:
+    """Drive the engine through the scenario's events, checking the invariants after every step."""
+    scheduler, bm = engine.scheduler, engine.scheduler.block_manager
+    events = list(scenario.events)
+    requests: dict[str, Request] = {}
+    seqs = {}
+    finished: dict[str, tuple[list[int], str]] = {}
+    aborted: set[str] = set()
+    step = 0
+    while events or engine.has_unfinished_requests():
+        while events and events[0][0] <= step:
+            _, kind, rid, req = events.pop(0)
+            if kind == "add":
+                engine.add_request(rid, list(req.prompt), req.params())
+                requests[rid] = req
+                seqs[rid] = engine._requests[rid].seq
+            else:
+                out = engine.abort(rid)
+                if out is None:  # finished already (or never added): nothing to abort
+                    assert rid in finished or rid not in requests
+                    continue
+                assert rid not in finished, f"request {rid} aborted after it finished"
+                assert out.finished and out.outputs[0].finish_reason == "abort"
+                aborted.add(rid)
+                check_free(engine, seqs[rid])
+                scheduler.check_invariants()
+        outputs = engine.step()
+        step += 1
+        assert step < max_steps, "the engine makes no progress"
+        for out in outputs:
+            rid = out.request_id
+            assert rid in requests, f"output for unknown request {rid}"
+            assert rid not in aborted, f"output for request {rid} after its abort"
+            assert rid not in finished, f"request {rid} reported after it finished"
+            if out.finished:
+                c = out.outputs[0]
+                assert c.finish_reason in ("stop", "length"), (rid, c.finish_reason, c.error)
+                finished[rid] = (list(c.token_ids), c.finish_reason)
+                check_free(engine, seqs[rid])
+        scheduler.check_invariants()
+    assert not engine._requests and not scheduler.has_unfinished()
+    assert set(finished) | aborted == set(requests) and not set(finished) & aborted
+    assert bm.num_used_blocks == 0 and all(r == 0 for r in bm.ref_counts), "device blocks leaked"
+    assert bm.num_used_cpu_blocks == 0 and not bm._cpu_tables, "swap space leaked"
+    assert not bm._on_device
+    for rid, got in finished.items():
+        assert got == reference(requests[rid]), f"request {rid} {requests[rid]}"
+
+
+def describe(scenario: Scenario) -> str:
+    lines = [f"options={scenario.options!r}, spec={scenario.spec!r}"]
+    lines += [f"  {e!r}" for e in scenario.events]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_SEEDS))
+def test_random_workload_matches_requests_run_alone(model_and_config, head_dirs, reference, seed):
+    scenario = draw_scenario(seed, reference)
+    engine = build_engine(model_and_config, head_dirs, scenario)
+    try:
+        run_scenario(engine, scenario, reference)
+    except AssertionError as err:
+        raise AssertionError(f"seed {seed}: {err}\n{describe(scenario)}") from err
+    except Exception as err:
+        raise RuntimeError(f"seed {seed}: {type(err).__name__}: {err}\n{describe(scenario)}") from err
+
