@@ -239,3 +239,21 @@ def test_random_workload_matches_requests_run_alone(model_and_config, head_dirs,
     except Exception as err:
         raise RuntimeError(f"seed {seed}: {type(err).__name__}: {err}\n{describe(scenario)}") from err
 
+
+# -- regressions the stress test found, replayed by hand -------------------------------------------------------
+
+def test_a_swap_out_in_a_step_that_schedules_nobody_still_copies_the_blocks(model_and_config, reference):
+    """Async scheduling, swap preemption, a pool of 5 blocks of 16: request 0 (38 + 12 tokens) holds 4 blocks and
+    has its last token in flight, so it is not scheduled (it ends by length when that token is read); request 1
+    crosses into its second block, finds none free and swaps itself out. The step schedules no sequence, only
+    that swap-out, and the engine skipped empty steps: the CPU blocks were never written, and request 1 came back
+    with garbage K/V (its 13th token differed from the request run alone)."""
+    prompt0 = [61, 16, 106, 206, 171, 161, 152, 2, 123, 45, 228, 119, 45, 171, 149, 8, 22, 128, 132, 3, 186, 105,
+               194, 156, 51, 172, 5, 164, 167, 128, 180, 243, 68, 154, 145, 90, 48, 249]
+    scenario = Scenario(dict(max_model_len=MAX_LEN, block_size=16, max_num_seqs=5, num_kv_blocks=5,
+                             preemption_mode="swap", swap_space=16384, async_scheduling=True), None,
+                        [(0, "add", "0", Request(tuple(prompt0), 12)),
+                         (0, "add", "1", Request((84, 222, 85, 175, 44), 13))])
+    engine = build_engine(model_and_config, None, scenario)
+    run_scenario(engine, scenario, reference)
+    assert sum(len(r.swapped_out) for r in engine.scheduler.timeline) == 1

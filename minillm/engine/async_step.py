@@ -106,7 +106,9 @@ class AsyncSteps:
         engine = self.engine
         batch, outputs = engine._schedule()
         launched = step_input = failure = None
-        if not batch.is_empty:
+        if batch.is_empty:  # nothing to launch, but a swap-out to carry out (behind the step in flight)
+            outputs += engine._apply_block_ops(batch)
+        else:
             try:
                 step_input = build_step_input(batch, engine.cache_config.block_size, engine._finished_since_last_step)
                 engine._finished_since_last_step = []

@@ -287,7 +287,7 @@ class LLMEngine(StepOutputs):
             self.speculative.propose(self.scheduler)
         batch, outputs = self._schedule()
         if batch.is_empty:
-            return outputs
+            return outputs + self._apply_block_ops(batch)
         try:
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
             if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
@@ -305,6 +305,27 @@ class LLMEngine(StepOutputs):
             message = f"{type(err).__name__}: {err}"
             return outputs + [self._finish(seq, "error", error=message) for seq in batch.seqs]
         return self._postprocess_step(batch, step_output, tokens, outputs)
+
+    def _apply_block_ops(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Carry out the block operations of a batch that schedules no sequence; the outputs of requests it fails.
+
+        Such a batch can still hold a swap-out: under async scheduling a request whose last token is in flight
+        and ends it by length is not scheduled but keeps its blocks, so the one other running request may find no
+        free block and swap itself out. Its CPU blocks get its K/V only from this step's copy: skipping the empty
+        step would bring it back later with whatever those CPU blocks held before. The runner applies the
+        operations of an empty step and computes nothing (ModelRunner._run)."""
+        if not (batch.blocks_to_swap_out or batch.blocks_to_swap_in or batch.blocks_to_copy):
+            return []
+        try:
+            self.executor.execute_model(build_step_input(batch, self.cache_config.block_size,
+                                                         self._finished_since_last_step))
+            self._finished_since_last_step = []
+        except Exception as err:  # the requests whose blocks were moving fail, the engine goes on
+            logger.exception("block operations of an empty step failed")
+            message = f"{type(err).__name__}: {err}"
+            return [self._finish(seq, "error", error=message) for seq in batch.preempted
+                    if seq.status is SequenceStatus.SWAPPED]
+        return []
 
     def _rerun_one_by_one(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """A failed step's work again, one sequence per forward (minillm/engine/step_isolation.py): the outputs of
