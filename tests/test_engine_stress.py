@@ -44,9 +44,22 @@ class Request:
     prompt: tuple[int, ...]
     max_tokens: int
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    seed: int | None = None  # a seeded sampled request (temperature 0.8): its own stream, whatever the batch
+    priority: int = 0
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, stop_token_ids=list(self.stop_token_ids))
+        return SamplingParams(temperature=0.0 if self.seed is None else 0.8, seed=self.seed,
+                              max_tokens=self.max_tokens, stop_token_ids=list(self.stop_token_ids),
+                              stop=list(self.stop), min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+                              priority=self.priority)
+
+    def key(self) -> tuple:
+        """What the output depends on (not the priority)."""
+        return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
+                self.seed)
 
 
 @dataclass
@@ -55,7 +68,7 @@ class Scenario:
     applied before the engine's step number `step` (0-based)."""
 
     options: dict
-    spec: str | None  # None, "ngram", "medusa", "eagle"
+    spec: str | None  # None or a speculative method: SPEC_METHODS
     events: list[tuple[int, str, str, Request | None]] = field(default_factory=list)
 
 
@@ -89,10 +102,14 @@ class Reference:
 
     def __init__(self, model_and_config) -> None:
         self.model, self.config = model_and_config
-        self.cache: dict[tuple, tuple[list[int], str]] = {}
+        self.cache: dict[tuple, tuple[list[int], str, str]] = {}
 
     def __call__(self, req: Request) -> tuple[list[int], str]:
-        key = (req.prompt, req.max_tokens, req.stop_token_ids)
+        return self.run(req)[:2]
+
+    def run(self, req: Request) -> tuple[list[int], str, str]:
+        """(token ids, finish reason, text)."""
+        key = req.key()
         if key not in self.cache:
             engine = LLMEngine(self.model, ByteTokenizer(), self.config,
                                EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
@@ -102,7 +119,8 @@ class Reference:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:
-                        done = (list(out.outputs[0].token_ids), out.outputs[0].finish_reason)
+                        c = out.outputs[0]
+                        done = (list(c.token_ids), c.finish_reason, c.text)
             assert engine.scheduler.block_manager.num_used_blocks == 0
             self.cache[key] = done
         return self.cache[key]
@@ -119,15 +137,20 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
     chunked = rng.random() < 0.5
     per_seq = -(-MAX_LEN // block_size)  # blocks one sequence of max_model_len needs
     options = dict(
-        max_model_len=MAX_LEN, block_size=block_size, max_num_seqs=rng.randint(2, 6),
-        num_kv_blocks=rng.randint(per_seq + 1, 2 * per_seq),  # small: running several long requests preempts
+        max_model_len=MAX_LEN, block_size=block_size, max_num_seqs=rng.randint(1, 6),
+        num_kv_blocks=rng.randint(per_seq, 2 * per_seq),  # small: running several long requests preempts
         enable_prefix_caching=rng.random() < 0.5, enable_chunked_prefill=chunked,
-        max_num_batched_tokens=rng.choice([4, 7, 16, 33]) if chunked else rng.choice([MAX_LEN, 2 * MAX_LEN]),
+        max_num_batched_tokens=rng.choice([2, 4, 7, 16, 33]) if chunked else rng.choice([MAX_LEN, 2 * MAX_LEN]),
         preemption_mode=rng.choice(["recompute", "swap"]), async_scheduling=rng.random() < 0.5)
+    if rng.random() < 0.2:  # lower priority value runs first; victims are taken from the other end
+        options["extra"] = {"policy": "priority"}
     if options["preemption_mode"] == "swap":  # from a few blocks (then swap falls back to recompute) to plenty
         bytes_per_block = 2 * 2 * 2 * 8 * 4 * block_size  # layers x (K, V) x kv heads x head dim x fp32 x slots
         options["swap_space"] = bytes_per_block * rng.choice([per_seq // 2 + 1, per_seq, 4 * per_seq])
-    spec = rng.choice([None, None, "ngram", "ngram", "medusa", "eagle"])
+    spec = rng.choice([None, None, None, "ngram", "ngram", "medusa", "eagle", "draft_model", "ngram_tree",
+                       "eagle_tree"])
+    if spec is not None and rng.random() < 0.3:  # speculation switched off and on as the batch grows and shrinks
+        options["spec_extra"] = {"disable_by_batch_size": rng.randint(1, 3)}
     scenario = Scenario(options, spec)
 
     prefixes = [[rng.randrange(256) for _ in range(rng.randint(8, 40))] for _ in range(2)]
@@ -140,16 +163,29 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
             prefix = rng.choice(prefixes)
             suffix = [rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 9]))]
             prompt = prefix + suffix
-        elif kind < 0.5:  # a repetitive prompt: prompt lookup drafts from it
+        elif kind < 0.45:  # a long prompt: few tokens left to max_model_len
+            prompt = [rng.randrange(256) for _ in range(rng.randint(MAX_LEN - 20, MAX_LEN - 1))]
+        elif kind < 0.55:  # a repetitive prompt: prompt lookup drafts from it
             unit = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
             prompt = (unit * 20)[:rng.randint(4, 30)]
         else:
             prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
         prompt = prompt[:MAX_LEN - 1]
-        req = Request(tuple(prompt), rng.choice([1, 2, 5, 12, 30, MAX_LEN]))
-        if rng.random() < 0.3:  # a stop token the plain run really produces (or, rarely, one it never does)
-            tokens, _ = reference(req)
+        req = Request(tuple(prompt), rng.choice([1, 2, 5, 12, 30, MAX_LEN]), ignore_eos=rng.random() < 0.2,
+                      priority=rng.randint(0, 2) if "extra" in options else 0)
+        if spec is None and rng.random() < 0.15:  # seeded sampling: verify steps draw differently, so not there
+            req.seed = rng.randrange(1000)
+        r = rng.random()
+        if r < 0.3:  # a stop token the plain run really produces (or, rarely, one it never does)
+            tokens, _, _ = reference.run(req)
             req.stop_token_ids = (rng.choice(tokens) if rng.random() < 0.9 else 299,)
+            if rng.random() < 0.3:
+                req.min_tokens = rng.randint(1, req.max_tokens)
+        elif r < 0.4:  # a stop string cut out of the plain run's text
+            _, _, text = reference.run(req)
+            if len(text) >= 3:
+                start = rng.randrange(len(text) - 2)
+                req.stop = (text[start:start + rng.randint(1, 2)],)
         scenario.events.append((step, "add", str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
             scenario.events.append((step + rng.randint(0, 12), "abort", str(i), None))
@@ -157,14 +193,23 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
     return scenario
 
 
+SPEC_METHODS = {  # method -> its options beyond num_speculative_tokens (a callable of the head directories)
+    "ngram": lambda dirs: {"prompt_lookup_max": 3, "prompt_lookup_min": 1},
+    "ngram_tree": lambda dirs: {"prompt_lookup_max": 3, "prompt_lookup_min": 1},
+    "medusa": lambda dirs: {"model": dirs["medusa"]},
+    "eagle": lambda dirs: {"model": dirs["eagle"]},
+    "eagle_tree": lambda dirs: {"model": dirs["eagle"], "num_tree_nodes": 7},
+    "draft_model": lambda dirs: {"draft_num_layers": 1},  # the target's first layer: its own paged KV pool
+}
+
+
 def build_engine(model_and_config, head_dirs, scenario: Scenario) -> LLMEngine:
     model, config = model_and_config
-    spec = None
-    if scenario.spec == "ngram":
-        spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    elif scenario.spec in ("medusa", "eagle"):
-        spec = {"method": scenario.spec, "num_speculative_tokens": K, "model": head_dirs[scenario.spec]}
-    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(speculative_config=spec, **scenario.options))
+    options = dict(scenario.options)
+    spec = options.pop("spec_extra", {})  # disable_by_batch_size
+    if scenario.spec is not None:
+        spec = {"method": scenario.spec, "num_speculative_tokens": K, **SPEC_METHODS[scenario.spec](head_dirs), **spec}
+    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(speculative_config=spec or None, **options))
 
 
 def check_free(engine: LLMEngine, seq) -> None:
@@ -179,7 +224,7 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
     events = list(scenario.events)
     requests: dict[str, Request] = {}
     seqs = {}
-    finished: dict[str, tuple[list[int], str]] = {}
+    finished: dict[str, tuple[list[int], str, str]] = {}
     aborted: set[str] = set()
     step = 0
     while events or engine.has_unfinished_requests():
@@ -210,7 +255,7 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
             if out.finished:
                 c = out.outputs[0]
                 assert c.finish_reason in ("stop", "length"), (rid, c.finish_reason, c.error)
-                finished[rid] = (list(c.token_ids), c.finish_reason)
+                finished[rid] = (list(c.token_ids), c.finish_reason, c.text)
                 check_free(engine, seqs[rid])
         scheduler.check_invariants()
     assert not engine._requests and not scheduler.has_unfinished()
@@ -219,7 +264,7 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
     assert bm.num_used_cpu_blocks == 0 and not bm._cpu_tables, "swap space leaked"
     assert not bm._on_device
     for rid, got in finished.items():
-        assert got == reference(requests[rid]), f"request {rid} {requests[rid]}"
+        assert got == reference.run(requests[rid]), f"request {rid} {requests[rid]}"
 
 
 def describe(scenario: Scenario) -> str:
