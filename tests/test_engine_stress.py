@@ -1,21 +1,25 @@
 """Randomized differential stress test of LLMEngine: every feature at once against one request run alone.
 
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
-budget, preemption by recompute or swap, async scheduling, speculative decoding by n-gram or by untrained Medusa /
-EAGLE heads, block size 4/8/16, a KV pool small enough to preempt) and a stream of events (requests arriving at
-random steps, with random prompt lengths, some sharing long prefixes so the prefix cache hits, random max_tokens,
-some with stop_token_ids that really fire; aborts of waiting, running or swapped requests). The engine is driven
-step by step (add_request / step / abort) and checked after every step:
+budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
+n-gram tree, untrained Medusa / EAGLE / EAGLE-tree heads or a one-layer draft model, block size 4/8/16, a KV pool
+small enough to preempt) and a stream of events (requests arriving at random steps, with random prompt lengths,
+some sharing long prefixes so the prefix cache hits, random max_tokens, some with stop_token_ids or stop strings
+that really fire, min_tokens, ignore_eos, seeded sampling; aborts of waiting, running or swapped requests).
+The engine is driven step by step (add_request / step / abort) and checked after every step:
 
     the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
     an aborted request holds no device or CPU block the moment abort returns;
     no request is reported finished twice, none after its abort, none that was never added;
     at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
-    finished with a finish_reason and the greedy token ids of the same request run alone in a fresh engine with
-    none of the features (fp32 on the CPU: the same tokens, not merely close logits).
+    finished with a finish_reason and the token ids and text of the same request run alone in a fresh engine
+    with none of the features (fp32 on the CPU: the same tokens, not merely close logits). One exception: where
+    two greedy candidates tie (logits within TIE; a batch of another shape rounds them the other way round), the
+    run may part from the reference if every token from there is still a greedy choice (Reference.parts_at_a_tie).
 
-CI runs SEEDS seeds (a few seconds each). A longer hunt: MINILLM_STRESS_SEEDS=500 (and MINILLM_STRESS_FIRST=1000 to
-start elsewhere). A failing seed prints its scenario, which a regression test below can replay by hand.
+CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer hunt: MINILLM_STRESS_SEEDS=2000 (and
+MINILLM_STRESS_FIRST=10000 to start elsewhere). A failing seed prints its scenario, which a regression test below
+can replay by hand.
 """
 from __future__ import annotations
 
@@ -32,11 +36,12 @@ from minillm.sampling_params import SamplingParams
 from test_engine import tiny_config, tiny_model
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
-SEEDS = 8
+SEEDS = 30
 FIRST = int(os.environ.get("MINILLM_STRESS_FIRST", 0))
 NUM_SEEDS = int(os.environ.get("MINILLM_STRESS_SEEDS", SEEDS))
 MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at the same place)
 K = 3  # speculative tokens per step
+TIE = 1e-4  # logits this close are a tie: which one greedy takes depends on the batch's shape (rounding)
 
 
 @dataclass
@@ -126,6 +131,32 @@ class Reference:
         return self.cache[key]
 
 
+    def parts_at_a_tie(self, req: Request, got: list[int], expected: list[int]) -> bool:
+        """Whether `got` is a greedy run that left `expected` where two tokens tie: at the first difference both
+        tokens' logits are within TIE of the best one (a batch of another shape rounds them the other way round),
+        and every token of `got` from there is such a greedy choice too (min_tokens' ban respected). fp32 on
+        the CPU; a cache-less forward of the whole sequence is the judge."""
+        if req.seed is not None:
+            return False
+        i = next((j for j, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        if i is None:  # one is a prefix of the other: a stop or a length that is not a tie
+            return False
+        from minillm.speculative.train_data import record_features
+        tokens = list(req.prompt) + got
+        with torch.no_grad():
+            hidden = record_features(self.model, torch.tensor([tokens]), torch.device("cpu"))[0]
+            logits = self.model.compute_logits(self.model.model.norm(hidden)).float()
+        start = len(req.prompt) - 1
+        banned = list(req.stop_token_ids) + ([] if req.ignore_eos else [self.config.eos_token_id])
+        for j in range(i, len(got)):
+            row = logits[start + j].clone()
+            if j < req.min_tokens:
+                row[banned] = -float("inf")
+            if float(row.max() - row[got[j]]) > TIE or (j == i and float(row.max() - row[expected[j]]) > TIE):
+                return False
+        return True
+
+
 @pytest.fixture(scope="module")
 def reference(model_and_config):
     return Reference(model_and_config)
@@ -209,7 +240,8 @@ def build_engine(model_and_config, head_dirs, scenario: Scenario) -> LLMEngine:
     spec = options.pop("spec_extra", {})  # disable_by_batch_size
     if scenario.spec is not None:
         spec = {"method": scenario.spec, "num_speculative_tokens": K, **SPEC_METHODS[scenario.spec](head_dirs), **spec}
-    return LLMEngine(model, ByteTokenizer(), config, EngineConfig(speculative_config=spec or None, **options))
+    return LLMEngine(model, ByteTokenizer(), config,
+                     EngineConfig(speculative_config=spec if scenario.spec else None, **options))
 
 
 def check_free(engine: LLMEngine, seq) -> None:
@@ -264,7 +296,9 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
     assert bm.num_used_cpu_blocks == 0 and not bm._cpu_tables, "swap space leaked"
     assert not bm._on_device
     for rid, got in finished.items():
-        assert got == reference.run(requests[rid]), f"request {rid} {requests[rid]}"
+        expected = reference.run(requests[rid])
+        if got != expected and not reference.parts_at_a_tie(requests[rid], got[0], expected[0]):
+            assert got == expected, f"request {rid} {requests[rid]}"
 
 
 def describe(scenario: Scenario) -> str:
