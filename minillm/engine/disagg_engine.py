@@ -282,14 +282,14 @@ class DisaggregatedEngine(LLMEngine):
     def _submit(self, role: str, side: Any, transfers: list[KVTransfer], sends: list[KVSend] = (),
                 recvs: list[KVRecv] = ()) -> None:
         batch = side.schedule() if side.has_unfinished() else ScheduledBatch()
-        if batch.is_empty and not transfers:
+        if batch.is_empty and not transfers and not batch.moves_blocks:
             return
         finished, self._finished_ids[role] = self._finished_ids[role], []
-        if batch.is_empty:
+        if batch.is_empty and not batch.moves_blocks:
             step = StepInput(block_size=self.cache_config.block_size, finished_request_ids=finished)
-        else:
+        else:  # a batch with nothing to run may still swap a sequence out: its K/V is copied by this step
             step = build_step_input(batch, self.cache_config.block_size, finished)
-            self.num_steps += 1
+            self.num_steps += not batch.is_empty
         self._in_flight[role] = (batch, transfers)
         self.workers.workers[role].submit("step", step, list(sends), list(recvs))
 

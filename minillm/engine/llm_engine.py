@@ -314,7 +314,7 @@ class LLMEngine(StepOutputs):
         free block and swap itself out. Its CPU blocks get its K/V only from this step's copy: skipping the empty
         step would bring it back later with whatever those CPU blocks held before. The runner applies the
         operations of an empty step and computes nothing (ModelRunner._run)."""
-        if not (batch.blocks_to_swap_out or batch.blocks_to_swap_in or batch.blocks_to_copy):
+        if not batch.moves_blocks:
             return []
         try:
             self.executor.execute_model(build_step_input(batch, self.cache_config.block_size,

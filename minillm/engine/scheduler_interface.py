@@ -45,6 +45,11 @@ class ScheduledBatch:
         return not self.seqs
 
     @property
+    def moves_blocks(self) -> bool:
+        """Whether the step swaps or copies blocks: an empty batch may still (a swap-out, with nothing to run)."""
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+
+    @property
     def num_batched_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
