@@ -14,7 +14,8 @@ PROMPT_KEYS = ("prompt", "prompt_token_ids")  # TextPrompt's and TokensPrompt's 
 
 
 def from_prompt_dict(prompt: dict, where: str = "") -> Prompt:
-    """A TextPrompt's text or a TokensPrompt's ids; ValueError for a dict that is neither (naming its keys)."""
+    """A TextPrompt's text or a TokensPrompt's ids. TypeError for a dict with neither key (not a prompt), ValueError
+    for one with both or with keys this engine cannot honour (naming them)."""
     keys = set(prompt)
     if keys in ({"prompt"}, {"prompt_token_ids"}):
         value = prompt["prompt"] if "prompt" in keys else prompt["prompt_token_ids"]
@@ -24,6 +25,9 @@ def from_prompt_dict(prompt: dict, where: str = "") -> Prompt:
             raise TypeError(f"{where}a TokensPrompt's 'prompt_token_ids' must be a list of token ids, got "
                             f"{type(value).__name__}: {value!r}")
         return value if isinstance(value, str) else list(value)
+    if not keys & set(PROMPT_KEYS):  # not a prompt at all: the wrong type, as a number would be
+        raise TypeError(f"{where}a prompt dict needs the key 'prompt' (a TextPrompt) or 'prompt_token_ids' (a "
+                        f"TokensPrompt), got keys {sorted(keys)}")
     raise ValueError(f"{where}a prompt dict must have exactly one of the keys {', '.join(map(repr, PROMPT_KEYS))} "
                      f"(vLLM's TextPrompt or TokensPrompt; this engine reads text only), got keys {sorted(keys)}")
 

@@ -36,7 +36,9 @@ def test_prompt_dicts_are_the_plain_prompts(llm):
 
 @pytest.mark.parametrize("prompt, error, words", [
     ({"prompt": "a", "multi_modal_data": {}}, ValueError, "multi_modal_data"),
-    ({}, ValueError, "prompt_token_ids"),
+    ({}, TypeError, "prompt_token_ids"),
+    ({"text": "hi"}, TypeError, r"got keys \['text'\]"),
+    ({"prompt": "a", "prompt_token_ids": [1]}, ValueError, "exactly one"),
     ({"prompt": 5}, TypeError, "must be a str"),
     ([{"prompt_token_ids": "abc"}], TypeError, "prompt 0: a TokensPrompt"),
 ])
