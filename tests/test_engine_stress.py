@@ -2,10 +2,12 @@
 
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
 budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
-n-gram tree, untrained Medusa / EAGLE / EAGLE-tree heads or a one-layer draft model, block size 4/8/16, a KV pool
-small enough to preempt) and a stream of events (requests arriving at random steps, with random prompt lengths,
-some sharing long prefixes so the prefix cache hits, random max_tokens, some with stop_token_ids or stop strings
-that really fire, min_tokens, ignore_eos, seeded sampling; aborts of waiting, running or swapped requests).
+n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE / EAGLE-tree / MTP heads or a
+one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache) and a stream of
+events (requests arriving at random steps, with random prompt lengths, some sharing long prefixes so the prefix
+cache hits, random max_tokens, some with stop_token_ids or stop strings
+that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, a poisoned
+request whose text or forward raises; aborts of waiting, running or swapped requests).
 The engine is driven step by step (add_request / step / abort) and checked after every step:
 
     the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
@@ -13,9 +15,14 @@ The engine is driven step by step (add_request / step / abort) and checked after
     no request is reported finished twice, none after its abort, none that was never added;
     at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
     finished with a finish_reason and the token ids and text of the same request run alone in a fresh engine
-    with none of the features (fp32 on the CPU: the same tokens, not merely close logits). One exception: where
+    with none of the features (fp32 on the CPU: the same tokens, not merely close logits; the same KV cache dtype
+    and poison), with the same log-probs within LP_TOL (the raw target model's, speculative or not);
+    a poisoned request ends in "error" as it does alone, and so may only the requests of a failed step that
+    could not be rerun one at a time (step_isolation.can_isolate). One exception: where
     two greedy candidates tie (logits within TIE; a batch of another shape rounds them the other way round), the
     run may part from the reference if every token from there is still a greedy choice (Reference.parts_at_a_tie).
+    With an fp8 KV cache "tie" means FP8_TOL and log-probs agree within FP8_LP_TOL: a prefill attends to exact
+    K/V, a chunk or a cache hit to fp8-rounded K/V, so the batch legitimately moves the numbers.
 
 CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer hunt: MINILLM_STRESS_SEEDS=2000 (and
 MINILLM_STRESS_FIRST=10000 to start elsewhere). A failing seed prints its scenario, which a regression test below
@@ -23,6 +30,7 @@ can replay by hand.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -42,6 +50,16 @@ NUM_SEEDS = int(os.environ.get("MINILLM_STRESS_SEEDS", SEEDS))
 MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at the same place)
 K = 3  # speculative tokens per step
 TIE = 1e-4  # logits this close are a tie: which one greedy takes depends on the batch's shape (rounding)
+LP_TOL = 1e-4  # log-probs of the same token in two batches of other shapes (fp32 rounding)
+LP_WIDTH = 5  # the widest top-k a request asks for; the reference scores that many
+# fp8 KV: a prefill attends to its fresh, exact K/V, while chunked prefill, a prefix-cache hit, recompute and a
+# verify step read the fp8-rounded K/V of earlier tokens from the cache: their logits differ by up to about 0.1
+# nats from the run alone (tests/test_fp8_kv_cache.py's LOGPROB_TOL), so greedy may part far from a tie. The log-prob
+# of an unlikely token moves more: 0.26 nats seen for a prompt token of rank 124 under chunks of 2 tokens.
+FP8_TOL = 0.25
+FP8_LP_TOL = 0.5
+POISON_TEXT = 298  # a token the tokenizer cannot decode: the request whose prompt ends in it fails alone
+POISON_FORWARD = 297  # a token that makes the model's forward raise (the step reruns one request at a time)
 
 
 @dataclass
@@ -54,15 +72,19 @@ class Request:
     ignore_eos: bool = False
     seed: int | None = None  # a seeded sampled request (temperature 0.8): its own stream, whatever the batch
     priority: int = 0
+    logprobs: int | None = None  # top-k log-probs of each sampled token (and of each prompt token)
+    prompt_logprobs: int | None = None
 
-    def params(self) -> SamplingParams:
+    def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+        """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
         return SamplingParams(temperature=0.0 if self.seed is None else 0.8, seed=self.seed,
                               max_tokens=self.max_tokens, stop_token_ids=list(self.stop_token_ids),
                               stop=list(self.stop), min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-                              priority=self.priority)
+                              priority=self.priority, logprobs=self.logprobs if logprobs is None else logprobs,
+                              prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
 
     def key(self) -> tuple:
-        """What the output depends on (not the priority)."""
+        """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
                 self.seed)
 
@@ -75,6 +97,9 @@ class Scenario:
     options: dict
     spec: str | None  # None or a speculative method: SPEC_METHODS
     events: list[tuple[int, str, str, Request | None]] = field(default_factory=list)
+    # None; "text": the tokenizer fails on POISON_TEXT; "forward": that and the model fails on POISON_FORWARD
+    # (only without speculation, whose proposers reach into the model); the reference's too
+    poison: str | None = None
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +116,7 @@ def head_dirs(model_and_config, tmp_path_factory):
     from minillm.speculative.train_heads import initial_heads
     model, config = model_and_config
     dirs = {}
-    for kind, num_heads in (("medusa", K), ("eagle", 1)):
+    for kind, num_heads in (("medusa", K), ("eagle", 1), ("mtp", K)):
         head_config = HeadConfig.for_target(kind, config, num_heads)
         heads = initial_heads(head_config, model)
         with torch.no_grad():
@@ -101,41 +126,73 @@ def head_dirs(model_and_config, tmp_path_factory):
     return dirs
 
 
+class FussyTokenizer(ByteTokenizer):
+    """Cannot decode POISON_TEXT: making the text of a request that holds it raises (a per-request failure)."""
+
+    def decode(self, token_ids, *args, **kwargs):
+        if POISON_TEXT in list(token_ids):
+            raise ValueError(f"cannot decode token {POISON_TEXT} (test)")
+        return super().decode(token_ids, *args, **kwargs)
+
+    def decode_batch(self, batch, *args, **kwargs):
+        return [self.decode(ids, *args, **kwargs) for ids in batch]
+
+
+class PoisonedModel(torch.nn.Module):
+    """The model, except that a forward whose input holds POISON_FORWARD raises."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, positions):
+        if bool((input_ids == POISON_FORWARD).any()):
+            raise RuntimeError(f"poisoned token {POISON_FORWARD}")
+        return self.inner(input_ids, positions)
+
+    def compute_logits(self, hidden):
+        return self.inner.compute_logits(hidden)
+
+
 class Reference:
-    """Greedy outputs of requests each run alone in a plain engine (no prefix cache, chunking, preemption, async
-    or speculation), computed once per distinct request."""
+    """Outputs of requests each run alone in a plain engine (no prefix cache, chunking, preemption, async or
+    speculation; the scenario's KV cache dtype and poison), computed once per distinct request, with the
+    log-probs of every sampled and prompt token (top LP_WIDTH)."""
 
     def __init__(self, model_and_config) -> None:
         self.model, self.config = model_and_config
         self.cache: dict[tuple, tuple[list[int], str, str]] = {}
+        self.outputs: dict[tuple, object] = {}  # the same key -> the finished RequestOutput
 
     def __call__(self, req: Request) -> tuple[list[int], str]:
         return self.run(req)[:2]
 
-    def run(self, req: Request) -> tuple[list[int], str, str]:
+    def run(self, req: Request, kv_cache_dtype: str = "auto", poison: str | None = None
+            ) -> tuple[list[int], str, str]:
         """(token ids, finish reason, text)."""
-        key = req.key()
+        key = (req.key(), kv_cache_dtype, poison)
         if key not in self.cache:
-            engine = LLMEngine(self.model, ByteTokenizer(), self.config,
+            engine = LLMEngine(PoisonedModel(self.model) if poison == "forward" else self.model,
+                               FussyTokenizer() if poison else ByteTokenizer(), self.config,
                                EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
-                                            async_scheduling=False))
-            engine.add_request("ref", list(req.prompt), req.params())
+                                            async_scheduling=False, kv_cache_dtype=kv_cache_dtype))
+            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH))
             done = None
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:
                         c = out.outputs[0]
                         done = (list(c.token_ids), c.finish_reason, c.text)
+                        self.outputs[key] = out
             assert engine.scheduler.block_manager.num_used_blocks == 0
             self.cache[key] = done
         return self.cache[key]
 
-
-    def parts_at_a_tie(self, req: Request, got: list[int], expected: list[int]) -> bool:
+    def parts_at_a_tie(self, req: Request, got: list[int], expected: list[int], tie: float = TIE) -> bool:
         """Whether `got` is a greedy run that left `expected` where two tokens tie: at the first difference both
         tokens' logits are within TIE of the best one (a batch of another shape rounds them the other way round),
         and every token of `got` from there is such a greedy choice too (min_tokens' ban respected). fp32 on
-        the CPU; a cache-less forward of the whole sequence is the judge."""
+        the CPU; a cache-less forward of the whole sequence is the judge. An fp8 KV cache passes tie=FP8_TOL."""
         if req.seed is not None:
             return False
         i = next((j for j, (a, b) in enumerate(zip(got, expected)) if a != b), None)
@@ -152,7 +209,7 @@ class Reference:
             row = logits[start + j].clone()
             if j < req.min_tokens:
                 row[banned] = -float("inf")
-            if float(row.max() - row[got[j]]) > TIE or (j == i and float(row.max() - row[expected[j]]) > TIE):
+            if float(row.max() - row[got[j]]) > tie or (j == i and float(row.max() - row[expected[j]]) > tie):
                 return False
         return True
 
@@ -175,14 +232,21 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
         preemption_mode=rng.choice(["recompute", "swap"]), async_scheduling=rng.random() < 0.5)
     if rng.random() < 0.2:  # lower priority value runs first; victims are taken from the other end
         options["extra"] = {"policy": "priority"}
+    fp8 = rng.random() < 0.15
+    if fp8:
+        options["kv_cache_dtype"] = "fp8"
     if options["preemption_mode"] == "swap":  # from a few blocks (then swap falls back to recompute) to plenty
-        bytes_per_block = 2 * 2 * 2 * 8 * 4 * block_size  # layers x (K, V) x kv heads x head dim x fp32 x slots
+        # layers x (K, V) x kv heads x head dim x bytes (fp32 or fp8) x slots
+        bytes_per_block = 2 * 2 * 2 * 8 * (1 if fp8 else 4) * block_size
         options["swap_space"] = bytes_per_block * rng.choice([per_seq // 2 + 1, per_seq, 4 * per_seq])
-    spec = rng.choice([None, None, None, "ngram", "ngram", "medusa", "eagle", "draft_model", "ngram_tree",
-                       "eagle_tree"])
+    spec = rng.choice([None, None, None, None, "ngram", "ngram", "medusa", "eagle", "draft_model", "ngram_tree",
+                       "eagle_tree", "lookahead", "self_speculative", "mtp", "medusa_tree"])
     if spec is not None and rng.random() < 0.3:  # speculation switched off and on as the batch grows and shrinks
         options["spec_extra"] = {"disable_by_batch_size": rng.randint(1, 3)}
-    scenario = Scenario(options, spec)
+    # (not with fp8, whose tokens may part from the run alone's: then the tokenizer decodes other windows)
+    poison = None if fp8 else rng.choice([None] * 5 + ["text", "forward" if spec is None else "text"] * 2)
+    scenario = Scenario(options, spec, poison=poison)
+    kv_dtype = options.get("kv_cache_dtype", "auto")
 
     prefixes = [[rng.randrange(256) for _ in range(rng.randint(8, 40))] for _ in range(2)]
     num_requests = rng.randint(8, 16)
@@ -204,16 +268,23 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
         prompt = prompt[:MAX_LEN - 1]
         req = Request(tuple(prompt), rng.choice([1, 2, 5, 12, 30, MAX_LEN]), ignore_eos=rng.random() < 0.2,
                       priority=rng.randint(0, 2) if "extra" in options else 0)
-        if spec is None and rng.random() < 0.15:  # seeded sampling: verify steps draw differently, so not there
-            req.seed = rng.randrange(1000)
+        if spec is None and not fp8 and rng.random() < 0.15:  # seeded sampling: verify steps draw differently,
+            req.seed = rng.randrange(1000)  # so not there; nor where fp8's rounding moves the probabilities
+        if rng.random() < 0.3:
+            req.logprobs = rng.randint(0, LP_WIDTH)
+        if rng.random() < 0.15:  # (such a request never reads the prefix cache)
+            req.prompt_logprobs = rng.randint(0, LP_WIDTH)
+        if scenario.poison and rng.random() < 0.2:  # a request that fails: its text, or the forward of its prompt
+            poisons = [POISON_TEXT, POISON_FORWARD] if scenario.poison == "forward" else [POISON_TEXT]
+            req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
         r = rng.random()
         if r < 0.3:  # a stop token the plain run really produces (or, rarely, one it never does)
-            tokens, _, _ = reference.run(req)
-            req.stop_token_ids = (rng.choice(tokens) if rng.random() < 0.9 else 299,)
+            tokens, _, _ = reference.run(req, kv_dtype, scenario.poison)
+            req.stop_token_ids = (rng.choice(tokens) if tokens and rng.random() < 0.9 else 299,)
             if rng.random() < 0.3:
                 req.min_tokens = rng.randint(1, req.max_tokens)
         elif r < 0.4:  # a stop string cut out of the plain run's text
-            _, _, text = reference.run(req)
+            _, _, text = reference.run(req, kv_dtype, scenario.poison)
             if len(text) >= 3:
                 start = rng.randrange(len(text) - 2)
                 req.stop = (text[start:start + rng.randint(1, 2)],)
@@ -231,6 +302,10 @@ SPEC_METHODS = {  # method -> its options beyond num_speculative_tokens (a calla
     "eagle": lambda dirs: {"model": dirs["eagle"]},
     "eagle_tree": lambda dirs: {"model": dirs["eagle"], "num_tree_nodes": 7},
     "draft_model": lambda dirs: {"draft_num_layers": 1},  # the target's first layer: its own paged KV pool
+    "lookahead": lambda dirs: {},  # Jacobi window + n-gram pool: no weights
+    "self_speculative": lambda dirs: {"draft_num_layers": 1},  # the target's first layer, its KV shared
+    "mtp": lambda dirs: {"model": dirs["mtp"]},
+    "medusa_tree": lambda dirs: {"model": dirs["medusa"], "num_tree_nodes": 7},
 }
 
 
@@ -240,7 +315,9 @@ def build_engine(model_and_config, head_dirs, scenario: Scenario) -> LLMEngine:
     spec = options.pop("spec_extra", {})  # disable_by_batch_size
     if scenario.spec is not None:
         spec = {"method": scenario.spec, "num_speculative_tokens": K, **SPEC_METHODS[scenario.spec](head_dirs), **spec}
-    return LLMEngine(model, ByteTokenizer(), config,
+    if scenario.poison == "forward":
+        model = PoisonedModel(model)
+    return LLMEngine(model, FussyTokenizer() if scenario.poison else ByteTokenizer(), config,
                      EngineConfig(speculative_config=spec if scenario.spec else None, **options))
 
 
@@ -252,11 +329,38 @@ def check_free(engine: LLMEngine, seq) -> None:
 
 def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, max_steps: int = 3000) -> None:
     """Drive the engine through the scenario's events, checking the invariants after every step."""
+    collateral: set[str] = set()  # requests of a failed step that could not be rerun one at a time (may "error")
+    with record_collateral(collateral):
+        _run_scenario(engine, scenario, reference, max_steps, collateral)
+
+
+@contextlib.contextmanager
+def record_collateral(collateral: set[str]):
+    """Where a failed step may not be rerun one request at a time (step_isolation.can_isolate: block operations
+    in it, speculation), every request in it ends in "error": note their ids."""
+    from minillm.engine import async_step, llm_engine
+    from minillm.engine.step_isolation import can_isolate
+
+    def recording(batch, *args, **kwargs):
+        ok = can_isolate(batch, *args, **kwargs)
+        if not ok:
+            collateral.update(seq.request_id for seq in batch.seqs)
+        return ok
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm_engine, "can_isolate", recording)
+        mp.setattr(async_step, "can_isolate", recording)
+        yield
+
+
+def _run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, max_steps: int,
+                  collateral: set[str]) -> None:
     scheduler, bm = engine.scheduler, engine.scheduler.block_manager
     events = list(scenario.events)
     requests: dict[str, Request] = {}
     seqs = {}
     finished: dict[str, tuple[list[int], str, str]] = {}
+    outputs_of = {}  # request id -> its finished RequestOutput
     aborted: set[str] = set()
     step = 0
     while events or engine.has_unfinished_requests():
@@ -286,8 +390,9 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
             assert rid not in finished, f"request {rid} reported after it finished"
             if out.finished:
                 c = out.outputs[0]
-                assert c.finish_reason in ("stop", "length"), (rid, c.finish_reason, c.error)
+                assert c.finish_reason in ("stop", "length", "error"), (rid, c.finish_reason, c.error)
                 finished[rid] = (list(c.token_ids), c.finish_reason, c.text)
+                outputs_of[rid] = out
                 check_free(engine, seqs[rid])
         scheduler.check_invariants()
     assert not engine._requests and not scheduler.has_unfinished()
@@ -295,10 +400,59 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
     assert bm.num_used_blocks == 0 and all(r == 0 for r in bm.ref_counts), "device blocks leaked"
     assert bm.num_used_cpu_blocks == 0 and not bm._cpu_tables, "swap space leaked"
     assert not bm._on_device
+    kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
+    tie, lp_tol = (FP8_TOL, FP8_LP_TOL) if kv_dtype != "auto" else (TIE, LP_TOL)
     for rid, got in finished.items():
-        expected = reference.run(requests[rid])
-        if got != expected and not reference.parts_at_a_tie(requests[rid], got[0], expected[0]):
-            assert got == expected, f"request {rid} {requests[rid]}"
+        req = requests[rid]
+        expected = reference.run(req, kv_dtype, scenario.poison)
+        if "error" in (got[1], expected[1]):  # the poisoned request fails alone, and wherever it fails alone
+            reason = outputs_of[rid].outputs[0].error
+            assert got[1] == expected[1] or rid in collateral, \
+                f"request {rid} {req}: {got[1]} ({reason}), alone {expected[1]}"
+            continue
+        if got != expected and not reference.parts_at_a_tie(req, got[0], expected[0], tie):
+            assert got == expected, f"request {rid} {req}"
+        check_logprobs(rid, req, outputs_of[rid], reference.outputs[(req.key(), kv_dtype, scenario.poison)], lp_tol)
+
+
+def check_logprobs(rid: str, req: Request, out, ref, tol: float) -> None:
+    """`out`'s sampled and prompt log-probs (top req.logprobs / req.prompt_logprobs) are the reference's within
+    `tol`, over the tokens both runs share (past a greedy tie they score other sequences). Speculative or not,
+    they are the raw target model's log-softmax."""
+    got, want = out.outputs[0], ref.outputs[0]
+    if req.logprobs is None:
+        assert got.logprobs is None, f"request {rid}: log-probs nobody asked for"
+    else:
+        assert got.logprobs is not None and len(got.logprobs) == len(got.token_ids), \
+            f"request {rid}: {None if got.logprobs is None else len(got.logprobs)} log-prob entries for " \
+            f"{len(got.token_ids)} tokens"
+        shared = next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b),
+                      min(len(got.token_ids), len(want.token_ids)))
+        for i in range(shared):
+            check_entry(f"request {rid} token {i}", got.token_ids[i], got.logprobs[i], want.logprobs[i],
+                        req.logprobs, tol)
+    if req.prompt_logprobs is None:
+        assert out.prompt_logprobs is None, f"request {rid}: prompt log-probs nobody asked for"
+    else:
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(req.prompt), \
+            f"request {rid}: {None if out.prompt_logprobs is None else len(out.prompt_logprobs)} prompt log-prob " \
+            f"entries for {len(req.prompt)} prompt tokens"
+        assert out.prompt_logprobs[0] is None
+        for i in range(1, len(req.prompt)):
+            check_entry(f"request {rid} prompt token {i}", req.prompt[i], out.prompt_logprobs[i],
+                        ref.prompt_logprobs[i], req.prompt_logprobs, tol)
+
+
+def check_entry(where: str, token: int, got: dict, want: dict, k: int, tol: float) -> None:
+    """One token's {token id: Logprob}: the token itself plus the k most likely (the reference's LP_WIDTH)."""
+    assert token in got, f"{where}: the token {token} is not in its entry {got}"
+    assert abs(got[token].logprob - want[token].logprob) <= tol, f"{where}: {got[token]} alone {want[token]}"
+    top = sorted((v.logprob for t, v in got.items() if v.rank <= k), reverse=True)
+    expected_top = sorted((v.logprob for v in want.values()), reverse=True)[:k]
+    assert len(top) >= min(k, len(expected_top)) and all(abs(a - b) <= tol for a, b in zip(top, expected_top)), \
+        f"{where}: top {k} {got} alone {want}"
+    for t, v in got.items():
+        assert t not in want or abs(v.logprob - want[t].logprob) <= tol, f"{where}: token {t}: {v} alone {want[t]}"
 
 
 def describe(scenario: Scenario) -> str:
