@@ -1,5 +1,6 @@
 """The prompt forms LLM.generate accepts, as vLLM's (vllm/inputs): a str, a list of token ids, or the typed dicts
 TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}; one of them or a list of them.
+Chapter 1 meets LLM.generate with plain strings; a vLLM user's code passes the dicts, and runs unchanged.
 
 Every form becomes the engine's own: a str or a list[int] (LLMEngine.validate_prompt checks the text, the ids'
 range and the length). The dicts' other keys (multi_modal_data, cache_salt, ...) are refused by name: a text-only

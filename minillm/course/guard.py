@@ -291,8 +291,7 @@ def check_shipped(module: Any, names: tuple[str, ...] | list[str], own_file: str
     __code__), so that another function would run. A @triton.jit object is compared by its Python function."""
     if not names:
         return
-    with open(own_file, encoding="utf-8", errors="replace") as f:
-        compiled = _top_level_code(f.read())
+    compiled = _top_level_code(os.path.realpath(own_file))
     for name in names:
         fn = getattr(module, name, None)
         while type(fn) in _triton_kernel_types():  # @triton.autotune over @triton.jit over the def: .fn twice
@@ -311,10 +310,12 @@ def _triton_kernel_types() -> tuple[type, ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _top_level_code(text: str) -> dict[str, types.CodeType]:
-    """Each top-level def of a module's source -> its code object, compiled as its import compiled it (no
+def _top_level_code(path: str) -> dict[str, types.CodeType]:
+    """Each top-level def of the module file at `path` -> its code object, compiled as its import compiled it (no
     compiler flags inherited from this file): code objects are equal only when their bytecode, constants, names
-    and line table agree."""
+    and line table agree. Read and compiled once per file and process, not at every launch."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
     try:
         module = compile(text, "<checked>", "exec", dont_inherit=True)
     except SyntaxError:
