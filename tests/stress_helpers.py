@@ -424,7 +424,7 @@ def check_entry(where: str, token: int, got: dict, want: dict, k: int, tol: floa
 
 
 def describe(scenario: Scenario) -> str:
-    lines = [f"options={scenario.options!r}, spec={scenario.spec!r}"]
+    lines = [f"options={scenario.options!r}, spec={scenario.spec!r}, poison={scenario.poison!r}"]
     lines += [f"  {e!r}" for e in scenario.events]
     return "\n".join(lines)
 

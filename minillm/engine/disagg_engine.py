@@ -307,7 +307,8 @@ class DisaggregatedEngine(LLMEngine):
             else:
                 sched.complete(transfers)  # the receives ran or failed: either way nothing more will come
                 failed += [t.decode_seq for t in transfers if not t.aborted and t.decode_seq not in batch.seqs]
-            return [self._finish(seq, "error", error=message) for seq in failed]
+            # not the ones aborted while the step was under way: their requests ended already (one output only)
+            return [self._finish(seq, "error", error=message) for seq in failed if not seq.is_finished]
         if role == "decode":
             sched.complete(transfers)
         batch, result = _without_finished(batch, result)
@@ -321,19 +322,12 @@ class DisaggregatedEngine(LLMEngine):
         except Exception as err:
             logger.exception("%s step postprocessing failed", role)
             return [self._finish(seq, "error", error=f"{type(err).__name__}: {err}") for seq in batch.seqs]
-        for seq, new_tokens, entries in zip(batch.seqs, tokens, scored):
-            reason = None
-            if new_tokens:  # one token per step: no speculation here
-                if entries is not None:
-                    seq.logprobs.append(self._logprob_dict(entries[0]))
-                    seq.cumulative_logprob += entries[0].logprob
-                reason = self._check_stop(seq, seq.num_tokens - 1)
-            if reason is not None:
-                outputs.append(self._finish(seq, reason))
-                continue
-            outputs.append(self._output(seq))
-            if role == "prefill" and new_tokens:  # the prompt is done and the request goes on: to the decode side
-                self._requests[seq.request_id].seq = sched.hand_off(seq).decode_seq
+        # one engine's output loop (log-probs, text, stop checks): a request whose text cannot be made fails alone
+        self._emit_outputs(batch.seqs, tokens, scored, outputs)
+        if role == "prefill":  # a prompt done whose request goes on: to the decode side
+            for seq, new_tokens in zip(batch.seqs, tokens):
+                if new_tokens and not seq.is_finished:
+                    self._requests[seq.request_id].seq = sched.hand_off(seq).decode_seq
         return outputs
 
     def _drain_both_rejected(self) -> list[RequestOutput]:
