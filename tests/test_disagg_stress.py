@@ -132,10 +132,10 @@ class DisaggChecks(EngineChecks):
                 assert seq.request_id not in places, f"request {seq.request_id} in {places[seq.request_id]} and {where}"
                 places[seq.request_id] = where
                 state = engine._requests.get(seq.request_id)
-                assert state is not None and state.seq is seq, f"request {seq.request_id} in {where}: the router " \
-                                                               f"follows another Sequence (or none)"
-        assert set(places) == set(engine._requests), \
-            f"requests nowhere: {set(engine._requests) - set(places)}, ended but queued: {set(places) - set(engine._requests)}"
+                assert state is not None and state.seq is seq, \
+                    f"request {seq.request_id} in {where}: the router follows another Sequence (or none)"
+        live = set(engine._requests)
+        assert set(places) == live, f"requests nowhere: {live - set(places)}, ended but queued: {set(places) - live}"
 
     def at_end(self) -> None:
         engine = self.engine

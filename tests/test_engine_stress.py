@@ -16,7 +16,7 @@ The engine is driven step by step (add_request / step / abort) and checked after
     at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
     finished with a finish_reason and the token ids and text of the same request run alone in a fresh engine
     with none of the features (fp32 on the CPU: the same tokens, not merely close logits; the same KV cache dtype
-    and poison), with the same log-probs within LP_TOL (the raw target model's, speculative or not);
+    and poison), with the same log-probs within LP_TOL (stress_helpers: the raw target model's, speculative or not);
     a poisoned request ends in "error" as it does alone, and so may only the requests of a failed step that
     could not be rerun one at a time (step_isolation.can_isolate). One exception: where
     two greedy candidates tie (logits within TIE; a batch of another shape rounds them the other way round), the
@@ -26,9 +26,9 @@ The engine is driven step by step (add_request / step / abort) and checked after
 
 The machinery (Request, Reference, draw_requests, drive, the checks) lives in tests/stress_helpers.py, shared with
 the stress tests of the disaggregated engine (tests/test_disagg_stress.py) and of tensor and pipeline parallel
-workers (tests/test_parallel_stress.py). CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer hunt: MINILLM_STRESS_SEEDS=2000 (and
-MINILLM_STRESS_FIRST=10000 to start elsewhere). A failing seed prints its scenario, which a regression test below
-can replay by hand.
+workers (tests/test_parallel_stress.py). CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer
+hunt: MINILLM_STRESS_SEEDS=2000 (and MINILLM_STRESS_FIRST=10000 to start elsewhere). A failing seed prints its
+scenario, which a regression test below can replay by hand.
 """
 from __future__ import annotations
 
