@@ -29,9 +29,8 @@ and every step:
     no request is reported finished twice, none after its abort, none that was never added;
 and at the end of each stream every block on both sides is free, nothing is in flight, and each request that was
 not aborted matches the request run alone (tokens, text, finish reason, log-probs; a greedy tie as in
-tests/test_engine_stress.py). One difference from one engine: a worker step that raises fails every request in
-it (the disaggregated engine does not rerun a failed step one request at a time), so a poisoned forward's
-batch-mates may end in "error" too (collateral, as a failed step that cannot be isolated in one engine).
+tests/test_engine_stress.py); a poisoned request ends in "error" as alone, and so may only the requests of a
+failed worker step that could not be rerun one at a time (its message moved KV, or blocks).
 
 CI runs ENGINES engines of STREAMS streams (about 3 s each). A longer hunt: MINILLM_DISAGG_STRESS_ENGINES=100
 (MINILLM_DISAGG_STRESS_FIRST=1000 to start elsewhere, MINILLM_DISAGG_STRESS_STREAMS=10 for longer-lived engines).
@@ -146,20 +145,21 @@ class DisaggChecks(EngineChecks):
 
     @contextlib.contextmanager
     def recording_collateral(self, collateral: set[str]):
-        """A worker step that raised fails every request in it (and the transfers it carried): note them."""
-        engine, complete = self.engine, self.engine._complete
+        """A worker step that raised and may not be rerun one request at a time (DisaggregatedEngine._can_rerun:
+        its message moved KV, block operations in it) fails every request in it and its transfers: note them."""
+        engine, can_rerun = self.engine, self.engine._can_rerun
 
-        def recording(role, result):
-            if isinstance(result, Exception):
-                batch, transfers = engine._in_flight[role]
+        def recording(role, batch, transfers, error):
+            ok = can_rerun(role, batch, transfers, error)
+            if not ok:
                 collateral.update([seq.request_id for seq in batch.seqs] + [t.request_id for t in transfers])
-            return complete(role, result)
+            return ok
 
-        engine._complete = recording
+        engine._can_rerun = recording
         try:
             yield
         finally:
-            del engine._complete
+            del engine._can_rerun
 
 
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_ENGINES))
@@ -216,5 +216,22 @@ def test_a_failed_step_spares_a_request_aborted_under_it_and_unreadable_text_fai
         scenario = Scenario({}, None, [(0, "add", "text", Request((30, 31, POISON_TEXT), 4)),
                                        (0, "add", "ok", Request((40, 41, 42), 4))], poison="forward")
         drive(engine, scenario, reference, DisaggChecks(engine))  # "text" ends in "error" as alone, "ok" as alone
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_breaks_a_worker_step_fails_alone(reference, caplog):
+    """Three prompts in one prefill step, the middle one poisoned (the model raises on POISON_FORWARD): one engine
+    reruns such a step one request at a time and only the poisoned request fails; the router used to finish all
+    three with "error" (the stress test's poisoned streams counted the other two as collateral)."""
+    engine = DisaggregatedEngine(PoisonedSource(WEIGHTS), ByteTokenizer(), reference.config,
+                                 EngineConfig(max_model_len=MAX_LEN, block_size=16, max_num_seqs=4, num_kv_blocks=8))
+    try:
+        scenario = Scenario({}, None, [(0, "add", "good", Request((50, 51, 52, 53), 5)),
+                                       (0, "add", "bad", Request((60, 61, POISON_FORWARD), 5)),
+                                       (0, "add", "also good", Request((70, 71), 5, logprobs=2))], poison="forward")
+        with caplog.at_level("ERROR", logger="minillm.engine.disagg_engine"):
+            drive(engine, scenario, reference, DisaggChecks(engine))  # no collateral: "good" ones as alone
+        assert "prefill step failed; rerunning its 3 requests one by one" in caplog.text
     finally:
         engine.shutdown()

@@ -25,7 +25,9 @@ Each side is chapter 6's scheduler over its own pool (minillm.engine.disagg_sche
 chunked prefill apply on the prefill side; the decode side admits transfers only while it has blocks (a request
 waits in the transfer queue, holding its prefill blocks, which in turn holds back new prompts: back-pressure
 end to end, never a drop), and a decode sequence it has to preempt is recomputed on the decode worker itself.
-A seeded request's sampler state travels with its KV, so seeded sampling gives one engine's tokens too.
+A seeded request's sampler state travels with its KV, so seeded sampling gives one engine's tokens too. A worker
+step that raises is rerun one request at a time on that worker, as one engine's is (minillm.engine.step_isolation),
+unless its message moved KV: only the request that breaks it fails.
 
 Timing: a request's first token is stamped when the prefill worker's step reaches the router (TTFT), every
 later one when a decode step does (TPOT): RequestOutput.metrics as in one engine. `kv_bytes_sent` keeps the
@@ -54,6 +56,7 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import SequenceStatus
 from minillm.engine.step_input import StepInput, StepOutput, build_step_input
+from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
 from minillm.outputs import RequestOutput
 from minillm.parallel.disagg import ROLES, DisaggWorkers, KVRecv, KVSend, WorkerDied
 
@@ -298,6 +301,16 @@ class DisaggregatedEngine(LLMEngine):
         batch, transfers = self._in_flight.pop(role)
         sched = self.scheduler
         side = sched.prefill if role == "prefill" else sched.decode
+        outputs: list[RequestOutput] = []
+        if isinstance(result, Exception):
+            live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]  # not those aborted meanwhile
+            live_batch = ScheduledBatch(seqs=[batch.seqs[i] for i in live],
+                                        num_new_tokens=[batch.num_new_tokens[i] for i in live])
+            if self._can_rerun(role, live_batch, transfers, result):  # as one engine: find the request that broke it
+                logger.error("%s step failed; rerunning its %d requests one by one: %s", role, len(live), result)
+                batch, result, failed = rerun_one_by_one(live_batch, self.cache_config.block_size,
+                                                         lambda step: self._run_alone(role, step))
+                outputs = [self._finish(seq, "error", error=message) for seq, message in failed]
         if isinstance(result, Exception):
             logger.error("%s step failed; finishing its requests with 'error': %s", role, result)
             message = f"{type(result).__name__}: {result}"
@@ -312,7 +325,6 @@ class DisaggregatedEngine(LLMEngine):
         if role == "decode":
             sched.complete(transfers)
         batch, result = _without_finished(batch, result)
-        outputs: list[RequestOutput] = []
         if batch.is_empty:
             return outputs
         tokens = result.sampled_token_ids
@@ -321,7 +333,7 @@ class DisaggregatedEngine(LLMEngine):
             side.postprocess(batch, tokens)
         except Exception as err:
             logger.exception("%s step postprocessing failed", role)
-            return [self._finish(seq, "error", error=f"{type(err).__name__}: {err}") for seq in batch.seqs]
+            return outputs + [self._finish(seq, "error", error=f"{type(err).__name__}: {err}") for seq in batch.seqs]
         # one engine's output loop (log-probs, text, stop checks): a request whose text cannot be made fails alone
         self._emit_outputs(batch.seqs, tokens, scored, outputs)
         if role == "prefill":  # a prompt done whose request goes on: to the decode side
@@ -329,6 +341,23 @@ class DisaggregatedEngine(LLMEngine):
                 if new_tokens and not seq.is_finished:
                     self._requests[seq.request_id].seq = sched.hand_off(seq).decode_seq
         return outputs
+
+    def _can_rerun(self, role: str, batch: ScheduledBatch, transfers: list[KVTransfer], error: Exception) -> bool:
+        """Whether a failed worker step may be rerun one sequence at a time: one engine's rule
+        (step_isolation.can_isolate: several sequences, no block operations, the worker answered), and no KV
+        transfer in the message that a rerun could not redo: a receive (it may have failed, leaving its blocks
+        unfilled) or a send that was not posted (its request fails)."""
+        moved_kv = transfers if role == "decode" else [t for t in transfers if not t.posted]
+        return not moved_kv and can_isolate(batch, None, None, error)
+
+    def _run_alone(self, role: str, step: StepInput) -> StepOutput:
+        """One step on the `role` worker, waited for (the other worker's answers wait in its pipe meanwhile); its
+        failure raised, as an executor's execute_model would."""
+        self.workers.workers[role].submit("step", step, [], [])
+        result = self.workers.result_of(role)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _drain_both_rejected(self) -> list[RequestOutput]:
         drained = []

@@ -303,6 +303,23 @@ class DisaggWorkers:
                                  f"disaggregated engine cannot continue (start a new one)")
         return messages
 
+    def result_of(self, role: str) -> Any:
+        """Block until the `role` worker answers the message it is busy with (its "done" payload), leaving the
+        other worker's messages in that worker's pipe for the next wait(); WorkerDied if it dies."""
+        worker = self.workers[role]
+        try:
+            while wait([worker.conn, worker.process.sentinel]) and worker.conn.poll():
+                kind, payload = worker.conn.recv()
+                if kind == "done":
+                    worker.busy = False
+                    return payload
+        except (EOFError, OSError):  # the pipe closed under us: the process is going
+            pass
+        worker.process.join(timeout=5)
+        worker.check_alive()
+        raise WorkerDied(f"the {role} worker (pid {worker.process.pid}) closed its pipe; the disaggregated engine "
+                         f"cannot continue (start a new one)")
+
     def call(self, role: str, method: str, *args: Any) -> Any:
         """Call a Worker method between steps (setup, statistics); raises the worker's WorkerError."""
         if any(w.busy for w in self.workers.values()):
