@@ -169,7 +169,7 @@ def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(ref
     source = PoisonedSource(WEIGHTS) if poison == "forward" else WEIGHTS
     engine = DisaggregatedEngine(source, FussyTokenizer() if poison else ByteTokenizer(), reference.config,
                                  EngineConfig(**options), disaggregation=plan)
-    scenario = None
+    scenario, stream = None, 0
     try:
         for stream in range(STREAMS):
             scenario = Scenario({**options, **plan}, None, poison=poison)
