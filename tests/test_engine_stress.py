@@ -27,7 +27,8 @@ The engine is driven step by step (add_request / step / abort) and checked after
 The machinery (Request, Reference, draw_requests, drive, the checks) lives in tests/stress_helpers.py, shared with
 the stress tests of the disaggregated engine (tests/test_disagg_stress.py) and of tensor and pipeline parallel
 workers (tests/test_parallel_stress.py). CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer
-hunt: MINILLM_STRESS_SEEDS=2000 (and MINILLM_STRESS_FIRST=10000 to start elsewhere). A failing seed prints its
+hunt: MINILLM_STRESS_SEEDS=2000 (and MINILLM_STRESS_FIRST=10000 to start elsewhere; MINILLM_STRESS_BACKEND=triton
+for the Triton kernels under the interpreter, 60 seeds clean on 2026-12-06). A failing seed prints its
 scenario, which a regression test below can replay by hand.
 """
 from __future__ import annotations
@@ -48,13 +49,20 @@ from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse f
 SEEDS = 30
 FIRST = int(os.environ.get("MINILLM_STRESS_FIRST", 0))
 NUM_SEEDS = int(os.environ.get("MINILLM_STRESS_SEEDS", SEEDS))
+# MINILLM_STRESS_BACKEND=triton runs every engine (and the runs alone) through the Triton kernels, interpreted on a
+# CPU (paged prefill with context, split-KV decode, tree attention, the fp8 cache's scales): ~a minute a seed
+BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 K = 3  # speculative tokens per step
 
 
 @pytest.fixture(scope="module")
 def model_and_config():
     config = tiny_config(max_position_embeddings=128)
-    return tiny_model(config, seed=5), config
+    model = tiny_model(config, seed=5)
+    if BACKEND != "auto":
+        from minillm.layers.backend import set_operator_backend
+        set_operator_backend(model, BACKEND)
+    return model, config
 
 
 @pytest.fixture(scope="module")
