@@ -4,8 +4,8 @@ pipeline parallel workers): one way to draw requests, run them alone, drive an e
 
     Request, Scenario      what a test draws: requests with their SamplingParams, engine options, timed events
     draw_requests          a stream of requests that exercises the output loop: shared prefixes (prefix-cache
-                           hits), long and repetitive prompts, stop tokens and stop strings that really fire,
-                           min_tokens, seeded sampling, log-probs, poisoned requests; some aborted later
+                           hits), long and repetitive prompts, stop tokens and stop strings that really fire
+                           (draw_stop), min_tokens, seeded sampling, log-probs, poisoned requests; some aborted later
     Reference              each distinct request run alone on a plain in-process LLMEngine (the oracle)
     drive                  the engine stepped through a scenario's events, an engine's Checks after every
                            abort, finish and step, then every request compared with the Reference
@@ -248,21 +248,29 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
         if scenario.poison and rng.random() < 0.2:  # a request that fails: its text, or the forward of its prompt
             poisons = [POISON_TEXT, POISON_FORWARD] if scenario.poison == "forward" else [POISON_TEXT]
             req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
-        r = rng.random()
-        if r < 0.3:  # a stop token the plain run really produces (or, rarely, one it never does)
-            tokens, _, _ = reference.run(req, kv_dtype, scenario.poison)
-            req.stop_token_ids = (rng.choice(tokens) if tokens and rng.random() < 0.9 else 299,)
-            if rng.random() < 0.3:
-                req.min_tokens = rng.randint(1, req.max_tokens)
-        elif r < 0.4:  # a stop string cut out of the plain run's text
-            _, _, text = reference.run(req, kv_dtype, scenario.poison)
-            if len(text) >= 3:
-                start = rng.randrange(len(text) - 2)
-                req.stop = (text[start:start + rng.randint(1, 2)],)
+        draw_stop(rng, req, reference, kv_dtype, scenario.poison)
         scenario.events.append((step, "add", prefix + str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
             scenario.events.append((step + rng.randint(0, 12), "abort", prefix + str(i), None))
     scenario.events.sort(key=lambda e: e[0])
+
+
+def draw_stop(rng: random.Random, req: Request, reference: Reference, kv_dtype: str = "auto",
+              poison: str | None = None, odds: tuple[float, float] = (0.3, 0.1), longest: int = 2) -> None:
+    """Maybe give `req` a stop token (odds[0]; with min_tokens 3 times in 10) or a stop string of 1 to `longest`
+    characters (odds[1]), cut out of the plain run of `req` itself, so that it really fires (rarely a stop token
+    the run never makes)."""
+    r = rng.random()
+    if r < odds[0]:  # a stop token the plain run really produces (or, rarely, one it never does)
+        tokens, _, _ = reference.run(req, kv_dtype, poison)
+        req.stop_token_ids = (rng.choice(tokens) if tokens and rng.random() < 0.9 else 299,)
+        if rng.random() < 0.3:
+            req.min_tokens = rng.randint(1, req.max_tokens)
+    elif r < odds[0] + odds[1]:  # a stop string cut out of the plain run's text
+        _, _, text = reference.run(req, kv_dtype, poison)
+        if len(text) >= 3:
+            start = rng.randrange(len(text) - 2)
+            req.stop = (text[start:start + rng.randint(1, longest)],)
 
 
 class EngineChecks:
