@@ -1,0 +1,433 @@
+"""Randomized differential stress test of the OpenAI server (chapter 10): concurrent HTTP clients, each judged
+against its requests run alone.
+
+For each seed: an engine as the engine stress test draws one (stress_helpers.draw_engine_options: prefix caching,
+chunked prefill with a small token budget, preemption by recompute or swap, async scheduling, an fp8 KV cache;
+a speculative method from test_engine_stress.SPEC_METHODS), behind build_app and a ServerThread, and 6 to 14
+clients (draw_client) that arrive at random engine steps through httpx: /v1/completions with a text or token-id
+prompt or a list of 2 or 3 (sharing prefixes, so the prefix cache hits), or /v1/chat/completions through
+serve_tiny.TEMPLATE; greedy or seeded (temperature 0.8; not with speculation or fp8, whose batches legitimately
+move the draws), n = 1 to 3 (choice i is seeded seed + i), max_tokens up to what the context leaves (or left
+out: 16 for completions, the rest of the context for chat; max_completion_tokens for chat sometimes),
+ignore_eos, stop_token_ids and stop strings cut from the solo run (stress_helpers.draw_stop, so they fire;
+min_tokens with them), log-probs (completions' top-k, chat's logprobs + top_logprobs), echo (with the prompt's
+log-probs; max_tokens 0 scores the prompt only), streaming or not, stream_options.include_usage. Some clients
+leave: "mid_stream" closes the connection after a few events; "early" is cancelled at a random engine step,
+streaming or not (maybe before its body was read). A few send a body test_serve_api.BAD refuses (400, 404 or
+413 with its words in an OpenAI-shaped error).
+
+Checked, for every client that read its answer to the end (async_stress_helpers.EngineRecorder records what the
+engine gave each of its requests, `{response id}-{choice index}`):
+    the SSE stream is well formed: `data: ` lines, one id and object, `[DONE]` last and once; per choice index a
+    chat role chunk first, exactly one finish_reason, in its last chunk; `usage` null in every chunk and a final
+    usage chunk without choices with include_usage, no `usage` key without;
+    per choice, the streamed pieces (or the JSON body's text) are the echo, if any, then exactly the engine's final
+    text, with its finish_reason ("length" for a scored prompt); the log-probs are the engine's (one per token, its
+    bytes, the top-k by rank; an echoed prompt's first token null); usage counts the prompt once and every choice's
+    tokens; no stop string shows (min_tokens 0);
+    the engine's outputs are the requests run alone (stress_helpers.compare: tokens, text, finish reason, log-probs;
+    a greedy tie or fp8 rounding excepted as there). A client that left mid-stream saw the start of its choices'
+    final texts; every engine request ended (aborts included), its tokens the start of its run alone
+    (check_partial); after the storm every block is free, no stream or queue is left, the scheduler's invariants
+    held after every step, and the server answers a plain completion as the engine alone does.
+Not exercised: include_stop_str_in_output (minillm has no such option), a poisoned request (the engine and
+AsyncLLM stress tests cover per-request failures).
+
+CI runs SEEDS seeds (about a second each: a server starts and stops per seed). A longer hunt:
+MINILLM_OPENAI_STRESS_SEEDS=200 (and MINILLM_OPENAI_STRESS_FIRST=10000); a failing seed prints its clients.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from async_stress_helpers import EngineRecorder, check_partial, settle, until_step
+from minillm.engine.async_llm import AsyncLLM
+from minillm.sampling_params import choice_seed
+from minillm.serve.app import build_app
+from minillm.serve.server import ServerThread
+from serve_tiny import MODEL, TEMPLATE
+from stress_helpers import MAX_LEN, EngineChecks, Reference, Request, Scenario, compare, draw_engine_options, draw_stop
+from test_engine_stress import SPEC_METHODS, build_engine, head_dirs, model_and_config, reference  # noqa: F401
+from test_serve_api import BAD
+from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+SEEDS = 6
+FIRST = int(os.environ.get("MINILLM_OPENAI_STRESS_FIRST", 0))
+NUM_SEEDS = int(os.environ.get("MINILLM_OPENAI_STRESS_SEEDS", SEEDS))
+ALPHABET = "abcdefgh ijklmnop.,!?\néß€😀"  # one- to four-byte characters: text prompts that cross UTF-8 widths
+SMALL_BAD = [b for b in BAD if len(b[1] if isinstance(b[1], bytes) else json.dumps(b[1])) < 1000]
+AFTER = {"prompt": "after the storm", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+TOKENIZER = ByteTokenizer()
+
+
+@dataclass
+class HttpClient:
+    path: str
+    body: dict | bytes
+    arrive: int  # the engine step at which it sends its request
+    prompts: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # token ids, as the server must see them
+    # choice p * n + i (prompt p, its choice i) must be choices[p * n + i] run alone
+    choices: list[Request] = dataclasses.field(default_factory=list)
+    echoes: list[str] = dataclasses.field(default_factory=list)  # per prompt: what comes back in front of its texts
+    score_only: bool = False  # echo with max_tokens 0: the prompt comes back, nothing generated
+    leave: str = "stay"  # or "mid_stream" (after leave_at events) or "early" (cancelled at engine step leave_at)
+    leave_at: int = 0
+    leave_after: float = 0.0  # "early": seconds it waits before it waits for step leave_at
+    status: int = 200
+    words: str = ""  # in the error message of a refused body
+
+    @property
+    def chat(self) -> bool:
+        return self.path.endswith("/chat/completions")
+
+    def echo(self, index: int) -> str:
+        """What choice `index` reads in front of its generated text ("" without echo)."""
+        return self.echoes[index * len(self.prompts) // len(self.choices)] if self.echoes else ""
+
+
+def render(messages: list[dict]) -> str:
+    """serve_tiny.TEMPLATE, written out: what the server's chat prompt must be."""
+    return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+def fit(text: str, wrap=lambda t: t) -> str:
+    """`text` shortened until wrap(text) encodes to at most MAX_LEN - 1 tokens (bytes)."""
+    while len(TOKENIZER.encode(wrap(text))) >= MAX_LEN:
+        text = text[:-1]
+    return text
+
+
+def draw_words(rng: random.Random) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 24)))
+
+
+def draw_prompt(rng: random.Random, shared: tuple[str, list[int]], text: bool) -> str | list[int]:
+    """A completion's prompt: text, or token ids (any byte: the text may hold broken UTF-8), maybe behind the
+    shared text or ids (prefix-cache hits)."""
+    if text:
+        return fit((shared[0] if rng.random() < 0.5 else "") + draw_words(rng) or "x")
+    ids = (shared[1] if rng.random() < 0.5 else []) + [rng.randrange(256) for _ in range(rng.randint(1, 30))]
+    return ids[:MAX_LEN - 1]
+
+
+def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], reference: Reference,
+                kv_dtype: str, seeded: bool) -> HttpClient:
+    """A valid request, its solo runs' Requests, and how its client leaves."""
+    chat = rng.random() < 0.35
+    if chat:
+        system = [{"role": "system", "content": shared[0]}] if rng.random() < 0.5 else []
+        messages = system + [{"role": "user", "content": fit(draw_words(rng), lambda t: render(system + [
+            {"role": "user", "content": t}]))}]
+        client = HttpClient("/v1/chat/completions", {"messages": messages}, arrive,
+                            [tuple(TOKENIZER.encode(render(messages)))])
+    else:  # one prompt, or (1 in 6) a list of 2 or 3: their choices come back side by side
+        text = rng.random() < 0.5
+        prompts = [draw_prompt(rng, shared, text) for _ in range(1 if rng.random() < 5 / 6 else rng.randint(2, 3))]
+        client = HttpClient("/v1/completions", {"prompt": prompts[0] if len(prompts) == 1 else prompts}, arrive,
+                            [tuple(TOKENIZER.encode(p) if text else p) for p in prompts])
+    body = client.body
+    room = MAX_LEN - max(len(p) for p in client.prompts)
+    max_tokens = min(rng.choice([1, 2, 5, 12, 30, MAX_LEN]), room)
+    if not chat and rng.random() < 0.1:  # echo with max_tokens 0: score the prompt only
+        client.score_only, max_tokens = True, 1
+        body["max_tokens"] = 0
+    elif chat and rng.random() < 0.2:  # left out: the rest of the context
+        max_tokens = room
+    elif not chat and room >= 16 and rng.random() < 0.1:  # left out: 16
+        max_tokens = 16
+    else:
+        body["max_completion_tokens" if chat and rng.random() < 0.5 else "max_tokens"] = max_tokens
+    req = Request(client.prompts[0], max_tokens, ignore_eos=rng.random() < 0.2)
+    if seeded and rng.random() < 0.3:
+        req.seed = rng.randrange(1000)
+    if not client.score_only:
+        draw_stop(rng, req, reference, kv_dtype, odds=(0.2, 0.3), longest=4)
+    body.update(temperature=0.8 if req.seed is not None else 0.0, ignore_eos=req.ignore_eos)
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.stop:
+        body["stop"] = req.stop[0] if rng.random() < 0.5 else list(req.stop)
+    if req.stop_token_ids:
+        body["stop_token_ids"] = list(req.stop_token_ids)
+    if req.min_tokens:
+        body["min_tokens"] = req.min_tokens
+    if rng.random() < 0.3 or client.score_only:
+        k = rng.randint(0, 5)
+        if chat:
+            body["logprobs"] = True
+            if k or rng.random() < 0.5:
+                body["top_logprobs"] = k
+        else:
+            body["logprobs"] = k
+        req.logprobs = k
+    if not chat and (client.score_only or rng.random() < 0.2):
+        body["echo"] = True
+        client.echoes = [TOKENIZER.decode(p) for p in client.prompts]  # (a text prompt: itself, as it encodes)
+        req.prompt_logprobs = req.logprobs
+    n = 1 if rng.random() < 0.75 or (req.seed is None and rng.random() < 0.5) else rng.randint(2, 3)
+    if n > 1:
+        body["n"] = n
+    client.choices = [dataclasses.replace(req, prompt=prompt, seed=None if req.seed is None else
+                                          choice_seed(req.seed, i)) for prompt in client.prompts for i in range(n)]
+    body["stream"] = rng.random() < 0.6
+    if body["stream"] and rng.random() < 0.6:
+        body["stream_options"] = {"include_usage": rng.random() < 0.7}
+    fate = rng.random()
+    if fate < 0.15 and body["stream"]:
+        client.leave, client.leave_at = "mid_stream", rng.randint(1, 4)
+    elif fate < 0.25:  # (after up to 30 ms: before its body reached the server, or while it waits or runs)
+        client.leave, client.leave_at = "early", arrive + rng.randint(0, 8)
+        client.leave_after = rng.choice([0.0, 0.003, 0.01, 0.03])
+    return client
+
+
+def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpClient]]:
+    rng = random.Random(seed)
+    options = draw_engine_options(rng)
+    spec = rng.choice([None, None, None, *sorted(SPEC_METHODS)])
+    scenario = Scenario(options, spec)
+    fp8 = "kv_cache_dtype" in options
+    shared = ("".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 16))),
+              [rng.randrange(256) for _ in range(rng.randint(8, 30))])
+    clients, step = [], 0
+    for _ in range(rng.randint(6, 14)):
+        step += rng.choice([0, 0, 1, 1, 3])
+        if rng.random() < 0.12:
+            path, body, status, words = rng.choice(SMALL_BAD)
+            clients.append(HttpClient(path, body, step, status=status, words=words))
+        else:
+            clients.append(draw_client(rng, step, shared, reference, options.get("kv_cache_dtype", "auto"),
+                                       seeded=spec is None and not fp8))
+    return scenario, clients
+
+
+# -- the wire ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    """What one client read: per choice index its text, finish_reason and log-probs (merged over the chunks)."""
+
+    id: str | None = None
+    texts: dict[int, str] = dataclasses.field(default_factory=dict)
+    reasons: dict[int, str | None] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, dict] = dataclasses.field(default_factory=dict)
+    usage: dict | None = None
+
+
+def merge_logprobs(into: dict, part: dict | None) -> None:
+    for key, values in (part or {}).items():  # parallel lists (completions) or {"content": [...]} (chat)
+        into.setdefault(key, []).extend(values)
+
+
+def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
+    """Parse and check an SSE stream (complete: it was read to the end)."""
+    events = []
+    for line in lines:
+        if line:
+            assert line.startswith("data: "), f"not an SSE data line: {line!r}"
+            events.append(line[6:])
+    answer = Answer()
+    if complete:
+        assert events and events[-1] == "[DONE]" and events.count("[DONE]") == 1, f"stream ends {events[-2:]}"
+        events = events[:-1]
+    include_usage = (client.body.get("stream_options") or {}).get("include_usage", False)
+    finished: set[int] = set()
+    for n, event in enumerate(json.loads(e) for e in events):
+        assert "error" not in event, event
+        assert event["object"] == ("chat.completion.chunk" if client.chat else "text_completion"), event
+        assert event["model"] == MODEL and event.setdefault("id", None) == (answer.id or event["id"])
+        answer.id = event["id"]
+        assert ("usage" in event) == include_usage, event
+        if not event["choices"]:  # the usage chunk: last, once
+            assert include_usage and n == len(events) - 1, event
+            answer.usage = event["usage"]
+            continue
+        assert event.get("usage") is None and len(event["choices"]) == 1, event
+        choice = event["choices"][0]
+        i = choice["index"]
+        assert i not in finished, f"choice {i}: a chunk after its finish_reason"
+        if client.chat:
+            first = i not in answer.texts
+            assert (choice["delta"] == {"role": "assistant", "content": ""}) == first, f"choice {i}: {choice}"
+            piece = choice["delta"].get("content") or ""
+        else:
+            piece = choice["text"]
+        answer.texts[i] = answer.texts.get(i, "") + piece
+        merge_logprobs(answer.logprobs.setdefault(i, {}), choice["logprobs"])
+        if choice["finish_reason"] is not None:
+            finished.add(i)
+            answer.reasons[i] = choice["finish_reason"]
+    if complete:
+        assert finished == set(range(len(client.choices))), f"finish_reasons for {finished}"
+        assert answer.usage is not None or not include_usage, "no usage chunk"
+    return answer
+
+
+def read_body(client: HttpClient, body: dict) -> Answer:
+    assert body["object"] == ("chat.completion" if client.chat else "text_completion") and body["model"] == MODEL
+    answer = Answer(body["id"], usage=body["usage"])
+    assert sorted(c["index"] for c in body["choices"]) == list(range(len(client.choices))), body["choices"]
+    for choice in body["choices"]:
+        i = choice["index"]
+        answer.texts[i] = choice["message"]["content"] if client.chat else choice["text"]
+        answer.reasons[i] = choice["finish_reason"]
+        merge_logprobs(answer.logprobs.setdefault(i, {}), choice["logprobs"])
+    return answer
+
+
+async def run_client(http: httpx.AsyncClient, llm: AsyncLLM, client: HttpClient, arrived: asyncio.Event):
+    """Send the client's request once the engine reached its step; (how it ended, what it read)."""
+    await until_step(llm, client.arrive)
+    arrived.set()
+    kwargs = {"content": client.body, "headers": {"content-type": "application/json"}} \
+        if isinstance(client.body, bytes) else {"json": client.body}
+    if client.status != 200 or not client.body.get("stream"):
+        response = await http.post(client.path, **kwargs)
+        assert response.status_code == client.status, (response.status_code, response.text)
+        return "done", response.json()
+    lines, events = [], 0
+    async with http.stream("POST", client.path, **kwargs) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            lines.append(line)
+            events += bool(line)
+            if client.leave == "mid_stream" and events >= client.leave_at and line.startswith("data: {"):
+                return "left", lines  # leaving the block closes the connection
+    return "done", lines
+
+
+async def storm(url: str, llm: AsyncLLM, clients: list[HttpClient]) -> list:
+    limits = httpx.Limits(max_connections=len(clients) + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+        async def leaver(client: HttpClient, task: asyncio.Task, arrived: asyncio.Event) -> None:
+            await arrived.wait()
+            await asyncio.sleep(client.leave_after)
+            await until_step(llm, client.leave_at)
+            task.cancel()
+
+        tasks, leavers = [], []
+        for client in clients:
+            arrived = asyncio.Event()
+            tasks.append(asyncio.ensure_future(run_client(http, llm, client, arrived)))
+            if client.leave == "early":
+                leavers.append(asyncio.ensure_future(leaver(client, tasks[-1], arrived)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*leavers)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+        await settle(llm)
+        after = (await http.post("/v1/completions", json=AFTER)).json()
+    return [("cancelled", None) if isinstance(r, BaseException) else r for r in results], after
+
+
+# -- the judge --------------------------------------------------------------------------------------------
+
+def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
+    """Choice i as the client read it against its engine request's finished output."""
+    done = final.outputs[0]
+    text = answer.texts.get(i, "")
+    echo = client.echo(i)
+    assert text == echo + ("" if client.score_only else done.text), \
+        f"choice {i}: read {text!r}, the engine made {echo!r} + {done.text!r}"
+    assert answer.reasons[i] == ("length" if client.score_only else done.finish_reason)
+    req = client.choices[i]
+    if req.min_tokens == 0 and not client.score_only:
+        assert not any(s in text[len(echo):] for s in req.stop), f"choice {i}: a stop string {req.stop}"
+    logprobs = answer.logprobs.get(i) or {}
+    if req.logprobs is None:
+        assert not logprobs, f"choice {i}: log-probs nobody asked for"
+        return
+    entries = [] if client.score_only else list(done.logprobs)
+    if echo:  # the prompt's: its first token unscored (null), then the engine's prompt log-probs
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        entries = final.prompt_logprobs[1:] + entries
+        logprobs = {k: v[1:] for k, v in logprobs.items()}
+    if client.chat:
+        content = logprobs["content"]
+        assert len(content) == len(entries), f"choice {i}: {len(content)} log-probs for {len(entries)} tokens"
+        for item, token, entry in zip(content, done.token_ids, entries):
+            assert item["logprob"] == entry[token].logprob and item["bytes"] == list(TOKENIZER.token_bytes(token))
+            top = sorted(entry.values(), key=lambda lp: lp.rank)[:req.logprobs]
+            assert [t["logprob"] for t in item["top_logprobs"]] == [lp.logprob for lp in top]
+    else:
+        assert len(logprobs["tokens"]) == len(entries), \
+            f"choice {i}: {len(logprobs['tokens'])} log-probs for {len(entries)} tokens"
+        for j, entry in enumerate(entries):
+            actual = next(iter(entry.values()))
+            assert logprobs["token_logprobs"][j] == actual.logprob and logprobs["tokens"][j] == actual.decoded_token
+            assert len(logprobs["top_logprobs"][j]) <= req.logprobs + 1
+        offsets = logprobs["text_offset"]
+        assert all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], logprobs["tokens"]))
+
+
+def judge(scenario: Scenario, reference: Reference, clients: list[HttpClient], results: list,
+          recorder: EngineRecorder) -> None:
+    kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
+    requests, finished, outputs_of = {}, {}, {}
+    for n, (client, (how, got)) in enumerate(zip(clients, results)):
+        try:
+            if client.status != 200:
+                error = got["error"]
+                assert client.words in error["message"] and set(error) == {"message", "type", "param", "code"}
+                continue
+            if how == "cancelled":
+                continue
+            stream = client.body.get("stream")
+            answer = read_sse(client, got, how == "done") if stream else read_body(client, got)
+            if answer.id is None:  # it left before the first event
+                continue
+            for i, req in enumerate(client.choices):
+                rid = f"{answer.id}-{i}"
+                final = recorder.final(rid)
+                requests[rid] = req
+                if how == "left":  # what it read is the start of what the engine made
+                    assert (client.echo(i) + final.outputs[0].text).startswith(answer.texts.get(i, ""))
+                else:
+                    check_choice(client, answer, i, final)
+                if final.outputs[0].finish_reason == "abort":
+                    check_partial(reference, rid, req, final.outputs[0].token_ids, kv_dtype)
+                else:
+                    finished[rid] = (final.outputs[0].token_ids, final.outputs[0].finish_reason, final.outputs[0].text)
+                    outputs_of[rid] = final
+            if how == "done" and answer.usage is not None:
+                tokens = 0 if client.score_only else sum(len(recorder.final(f"{answer.id}-{i}").outputs[0].token_ids)
+                                                         for i in range(len(client.choices)))
+                prompt_tokens = sum(len(p) for p in client.prompts)  # each prompt once, whatever n
+                assert answer.usage == {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                                        "total_tokens": prompt_tokens + tokens}, answer.usage
+        except AssertionError as err:
+            raise AssertionError(f"client {n} {client}: {err}") from err
+    compare(scenario, reference, requests, finished, outputs_of, set())
+
+
+def run_seed(model_and_config, head_dirs, reference: Reference, seed: int) -> None:  # noqa: F811
+    scenario, clients = draw_clients(seed, reference)
+    engine = build_engine(model_and_config, head_dirs, scenario)
+    llm = AsyncLLM(engine)
+    recorder = EngineRecorder(llm)
+    try:
+        with ServerThread(build_app(llm, MODEL, chat_template=TEMPLATE)) as server:
+            results, after = asyncio.run(storm(server.url, llm, clients))
+        assert not engine._requests and not engine.scheduler.has_unfinished() and llm.num_in_flight == 0
+        EngineChecks(engine).at_end()
+        recorder.check_all_ended()
+        prompt = tuple(TOKENIZER.encode(AFTER["prompt"]))  # the plain request after the storm: judged as a client
+        plain = HttpClient("/v1/completions", AFTER, 0, [prompt], [Request(prompt, 8, ignore_eos=True)])
+        judge(scenario, reference, clients + [plain], results + [("done", after)], recorder)
+    except AssertionError as err:
+        raise AssertionError(f"seed {seed}: {err}\noptions={scenario.options!r}, spec={scenario.spec!r}\n"
+                             + "\n".join(f"  {c}" for c in clients)) from err
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_SEEDS))
+def test_http_clients_get_what_requests_run_alone_make(model_and_config, head_dirs, reference, seed):  # noqa: F811
+    run_seed(model_and_config, head_dirs, reference, seed)
