@@ -108,6 +108,11 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
      "stop must hold at most 16 strings, got 17"),
     # what minillm does not implement is refused, not silently ignored
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+    # vLLM's extension was ignored: the stop string was cut from the text all the same, and the client never knew
+    ("/v1/completions", {"prompt": "x", "stop": "a", "include_stop_str_in_output": True}, 400,
+     "include_stop_str_in_output is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "include_stop_str_in_output": True},
+     400, "include_stop_str_in_output is not supported"),
     # one request may not queue thousands of engine requests ahead of everyone else's
     ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
                                                               "request; at most 256"),
