@@ -2,6 +2,7 @@
 and message, the API key, /metrics through Prometheus' own parser, graceful shutdown."""
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -369,3 +370,17 @@ def test_prompt_the_kv_pool_can_never_hold_is_a_400():
         assert error["param"] == "prompt" and "10 KV blocks of 4" in error["message"], error
         assert "the pool gives one sequence at most 8" in error["message"]
         assert httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "x" * 20}).status_code == 200
+
+
+def test_an_sse_event_is_one_line_for_every_line_splitter(server):
+    """U+2028, U+2029 and U+0085 end a line for str.splitlines, and so for httpx's aiter_lines (what `minillm bench
+    serve` reads a stream with), though not for SSE; JSON may carry them raw, so an event whose text held one came
+    apart there (tests/test_openai_stress.py read half an event). The server sends them escaped."""
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"prompt": prompt, "echo": True, "max_tokens": 2, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+    assert text.startswith(prompt)

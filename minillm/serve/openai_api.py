@@ -394,5 +394,11 @@ def _usage(num_prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
             "total_tokens": num_prompt_tokens + completion}
 
 
+# str.splitlines ends a line at U+2028, U+2029 and U+0085, and so do httpx's aiter_lines and `minillm bench serve`;
+# JSON keeps them raw (ensure_ascii=False), so an event whose text held one came apart. Escaped, as only strings
+# can hold them, they mean the same and break no one's lines (SSE itself breaks lines only at CR and LF).
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _event(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
