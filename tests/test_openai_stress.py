@@ -31,9 +31,9 @@ engine gave each of its requests, `{response id}-{choice index}`):
     (check_partial); after the storm every block is free, no stream or queue is left, the scheduler's invariants
     held after every step, and the server answers a plain completion as the engine alone does.
 Three in ten engines (not fp8) have a tokenizer that cannot decode POISON_TEXT (stress_helpers.FussyTokenizer),
-and some token-id completions end their first prompt with it: that request fails as it does alone (unless a stop
-token ends it before it makes text), with a 500 "generation failed", or, streaming, an error event and [DONE]
-(after whatever its other choices sent); every other client is judged as usual.
+and some token-id completions end their first prompt with it: such a request (or one that samples POISON_TEXT)
+fails as it does alone (unless a stop token ends it before it makes text), with a 500 "generation failed", or,
+streaming, an error event and [DONE] (after whatever its other choices sent); every other client is judged as usual.
 Not exercised: include_stop_str_in_output=true (minillm cannot keep a stop string: it answers a 400, one of
 test_serve_api.BAD).
 
@@ -89,7 +89,7 @@ class HttpClient:
     status: int = 200
     words: str = ""  # in the error message of a refused body
     poisoned: bool = False  # its first prompt ends in POISON_TEXT (the tokenizer cannot decode it)
-    fails: bool = False  # one of its choices fails alone (a poisoned one that makes text): a 500, or an error event
+    fails: bool = False  # one of its choices fails alone (it decodes POISON_TEXT): a 500, or an error event
 
     @property
     def chat(self) -> bool:
@@ -189,8 +189,9 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
         body["n"] = n
     client.choices = [dataclasses.replace(req, prompt=prompt, seed=None if req.seed is None else
                                           choice_seed(req.seed, i)) for prompt in client.prompts for i in range(n)]
-    # (a poisoned choice whose first token is a stop token makes no text: it does not fail)
-    client.fails = client.poisoned and any(reference.run(c, kv_dtype, poison)[1] == "error" for c in client.choices)
+    # as alone: a poisoned choice whose first token is a stop token makes no text and does not fail; a sampled one
+    # may draw POISON_TEXT itself and fail
+    client.fails = poison is not None and any(reference.run(c, kv_dtype, poison)[1] == "error" for c in client.choices)
     body["stream"] = rng.random() < 0.6
     if body["stream"] and rng.random() < 0.6:
         body["stream_options"] = {"include_usage": rng.random() < 0.7}
@@ -398,12 +399,12 @@ def judge(scenario: Scenario, reference: Reference, clients: list[HttpClient], r
     requests, finished, outputs_of = {}, {}, {}
     for n, (client, (how, got)) in enumerate(zip(clients, results)):
         try:
+            if how == "cancelled":
+                continue
             if client.status != 200 or (client.fails and not client.body.get("stream")):
                 error = got["error"]
                 words = "generation failed" if client.fails else client.words
                 assert words in error["message"] and set(error) == {"message", "type", "param", "code"}, error
-                continue
-            if how == "cancelled":
                 continue
             stream = client.body.get("stream")
             answer = read_sse(client, got, how == "done") if stream else read_body(client, got)
@@ -447,8 +448,10 @@ def run_seed(model_and_config, head_dirs, reference: Reference, seed: int) -> No
         prompt = tuple(TOKENIZER.encode(AFTER["prompt"]))  # the plain request after the storm: judged as a client
         plain = HttpClient("/v1/completions", AFTER, 0, [prompt], [Request(prompt, 8, ignore_eos=True)])
         judge(scenario, reference, clients + [plain], results + [("done", after)], recorder)
-        for outputs in recorder.outputs.values():  # a poisoned prompt fails alone: nobody fails beside it
-            assert outputs[-1].outputs[0].finish_reason != "error" or POISON_TEXT in outputs[-1].prompt_token_ids
+        for outputs in recorder.outputs.values():  # a request fails only over POISON_TEXT: nobody fails beside it
+            last = outputs[-1]
+            assert last.outputs[0].finish_reason != "error" or \
+                POISON_TEXT in last.prompt_token_ids + last.outputs[0].token_ids, last
     except AssertionError as err:
         raise AssertionError(f"seed {seed}: {err}\noptions={scenario.options!r}, spec={scenario.spec!r}\n"
                              + "\n".join(f"  {c}" for c in clients)) from err
