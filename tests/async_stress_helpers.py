@@ -10,6 +10,8 @@ speculation, an fp8 KV cache) and judge every request against the same request r
                        back), none comes after the finished one
     until_step         a client's arrival or departure: wait until the engine has taken that many steps (sooner
                        when it has nothing in flight, so a lone client never waits for steps that never come)
+    gather_clients     wait for every client task: a cancelled one (a client told to leave) is None, any other
+                       error fails the test
     check_partial      a request that ended early (aborted, its client gone): what it made is where the run
                        alone went too
     settle             after the last client: the loop holds no stream, no add or abort is pending, the engine
@@ -90,6 +92,16 @@ async def until_step(llm: AsyncLLM, step: int) -> None:
     engine takes no steps). Polls: the caller may live on another event loop than the engine's (HTTP clients)."""
     while llm.engine.num_steps < step and (llm.num_in_flight or llm._pending_adds):
         await asyncio.sleep(POLL)
+
+
+async def gather_clients(tasks: list[asyncio.Future]) -> list:
+    """Every task's result, None for a task that was cancelled (a client that was told to leave so); the first
+    other exception is raised, once all tasks are done (none is left running behind the failure)."""
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result
+    return [None if isinstance(result, BaseException) else result for result in results]
 
 
 def check_partial(reference: Reference, rid: str, req: Request, tokens: list[int], kv_dtype: str = "auto",

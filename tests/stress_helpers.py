@@ -1,6 +1,7 @@
 """The machinery of the randomized differential stress tests (tests/test_engine_stress.py drives LLMEngine,
 tests/test_disagg_stress.py the prefill/decode disaggregated engine, tests/test_parallel_stress.py tensor and
-pipeline parallel workers): one way to draw requests, run them alone, drive an engine and judge its outputs.
+pipeline parallel workers; tests/test_async_stress.py and tests/test_openai_stress.py the front end, with
+tests/async_stress_helpers.py): one way to draw requests, run them alone, drive an engine and judge its outputs.
 
     Request, Scenario      what a test draws: requests with their SamplingParams, engine options, timed events
     draw_requests          a stream of requests that exercises the output loop: shared prefixes (prefix-cache

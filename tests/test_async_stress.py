@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from async_stress_helpers import EngineRecorder, check_partial, settle, until_step
+from async_stress_helpers import EngineRecorder, check_partial, gather_clients, settle, until_step
 from minillm.engine.async_llm import AsyncLLM
 from minillm.sampling_params import SamplingParams
 from stress_helpers import MAX_LEN, EngineChecks, Reference, Request, Scenario, compare, describe, draw_stop
@@ -143,10 +143,7 @@ async def serve(llm: AsyncLLM, clients: dict[str, Client], bad: list[tuple[int, 
         if c.leave in ("abort", "cancel"):
             tasks.append(asyncio.ensure_future(leaver(c, task, arrived)))
     tasks += [asyncio.ensure_future(bad_client(step, name)) for step, name in bad]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for result in results:  # a cancelled client is what "cancel" asks for; anything else is a failure
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            raise result
+    await gather_clients(tasks)
     return seen
 
 

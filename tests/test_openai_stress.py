@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from async_stress_helpers import EngineRecorder, check_partial, settle, until_step
+from async_stress_helpers import EngineRecorder, check_partial, gather_clients, settle, until_step
 from minillm.engine.async_llm import AsyncLLM
 from minillm.sampling_params import choice_seed
 from minillm.serve.app import build_app
@@ -343,14 +343,11 @@ async def storm(url: str, llm: AsyncLLM, clients: list[HttpClient]) -> list:
             tasks.append(asyncio.ensure_future(run_client(http, llm, client, arrived)))
             if client.leave == "early":
                 leavers.append(asyncio.ensure_future(leaver(client, tasks[-1], arrived)))
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await gather_clients(tasks)
         await asyncio.gather(*leavers)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
         await settle(llm)
         after = (await http.post("/v1/completions", json=AFTER)).json()
-    return [("cancelled", None) if isinstance(r, BaseException) else r for r in results], after
+    return [("cancelled", None) if r is None else r for r in results], after
 
 
 # -- the judge --------------------------------------------------------------------------------------------
