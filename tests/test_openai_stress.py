@@ -17,7 +17,7 @@ streaming or not (maybe before its body was read). A few send a body test_serve_
 413 with its words in an OpenAI-shaped error).
 
 Checked, for every client that read its answer to the end (async_stress_helpers.EngineRecorder records what the
-engine gave each of its requests, `{response id}-{choice index}`):
+engine gave each of its requests, `{response id}-{choice index}`; tests/openai_wire.py reads and judges answers):
     the SSE stream is well formed: `data: ` lines, one id and object, `[DONE]` last and once; per choice index a
     chat role chunk first, exactly one finish_reason, in its last chunk; `usage` null in every chunk and a final
     usage chunk without choices with include_usage, no `usage` key without;
@@ -47,7 +47,6 @@ import dataclasses
 import json
 import os
 import random
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -57,12 +56,13 @@ from minillm.engine.async_llm import AsyncLLM
 from minillm.sampling_params import choice_seed
 from minillm.serve.app import build_app
 from minillm.serve.server import ServerThread
+from openai_wire import TOKENIZER, HttpClient, check_choice, read_body, read_sse
 from serve_tiny import MODEL, TEMPLATE
 from stress_helpers import (MAX_LEN, POISON_TEXT, EngineChecks, Reference, Request, Scenario, compare,
                             draw_engine_options, draw_stop)
 from test_engine_stress import SPEC_METHODS, build_engine, head_dirs, model_and_config, reference  # noqa: F401
 from test_serve_api import BAD
-from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny import one_thread  # noqa: F401  (autouse fixture)
 
 SEEDS = 6
 FIRST = int(os.environ.get("MINILLM_OPENAI_STRESS_FIRST", 0))
@@ -70,34 +70,6 @@ NUM_SEEDS = int(os.environ.get("MINILLM_OPENAI_STRESS_SEEDS", SEEDS))
 ALPHABET = "abcdefgh ijklmnop.,!?\néß€😀"  # one- to four-byte characters: text prompts that cross UTF-8 widths
 SMALL_BAD = [b for b in BAD if len(b[1] if isinstance(b[1], bytes) else json.dumps(b[1])) < 1000]
 AFTER = {"prompt": "after the storm", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-TOKENIZER = ByteTokenizer()
-
-
-@dataclass
-class HttpClient:
-    path: str
-    body: dict | bytes
-    arrive: int  # the engine step at which it sends its request
-    prompts: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # token ids, as the server must see them
-    # choice p * n + i (prompt p, its choice i) must be choices[p * n + i] run alone
-    choices: list[Request] = dataclasses.field(default_factory=list)
-    echoes: list[str] = dataclasses.field(default_factory=list)  # per prompt: what comes back in front of its texts
-    score_only: bool = False  # echo with max_tokens 0: the prompt comes back, nothing generated
-    leave: str = "stay"  # or "mid_stream" (after leave_at events) or "early" (cancelled at engine step leave_at)
-    leave_at: int = 0
-    leave_after: float = 0.0  # "early": seconds it waits before it waits for step leave_at
-    status: int = 200
-    words: str = ""  # in the error message of a refused body
-    poisoned: bool = False  # its first prompt ends in POISON_TEXT (the tokenizer cannot decode it)
-    fails: bool = False  # one of its choices fails alone (it decodes POISON_TEXT): a 500, or an error event
-
-    @property
-    def chat(self) -> bool:
-        return self.path.endswith("/chat/completions")
-
-    def echo(self, index: int) -> str:
-        """What choice `index` reads in front of its generated text ("" without echo)."""
-        return self.echoes[index * len(self.prompts) // len(self.choices)] if self.echoes else ""
 
 
 def render(messages: list[dict]) -> str:
@@ -226,86 +198,6 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     return scenario, clients
 
 
-# -- the wire ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Answer:
-    """What one client read: per choice index its text, finish_reason and log-probs (merged over the chunks)."""
-
-    id: str | None = None
-    texts: dict[int, str] = dataclasses.field(default_factory=dict)
-    reasons: dict[int, str | None] = dataclasses.field(default_factory=dict)
-    logprobs: dict[int, dict] = dataclasses.field(default_factory=dict)
-    usage: dict | None = None
-    failed: bool = False  # the stream ended with an error event
-
-
-def merge_logprobs(into: dict, part: dict | None) -> None:
-    for key, values in (part or {}).items():  # parallel lists (completions) or {"content": [...]} (chat)
-        into.setdefault(key, []).extend(values)
-
-
-def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
-    """Parse and check an SSE stream (complete: it was read to the end)."""
-    events = []
-    for line in lines:
-        if line:
-            assert line.startswith("data: "), f"not an SSE data line: {line!r}"
-            events.append(line[6:])
-    answer = Answer()
-    if complete:
-        assert events and events[-1] == "[DONE]" and events.count("[DONE]") == 1, f"stream ends {events[-2:]}"
-        events = events[:-1]
-    include_usage = (client.body.get("stream_options") or {}).get("include_usage", False)
-    finished: set[int] = set()
-    for n, event in enumerate(json.loads(e) for e in events):
-        if "error" in event:  # a failed choice ends the stream: this event, then [DONE]
-            assert client.fails and n == len(events) - 1, event
-            assert "generation failed" in event["error"]["message"] and event["error"]["code"] == 500, event
-            answer.failed = True
-            continue
-        assert event["object"] == ("chat.completion.chunk" if client.chat else "text_completion"), event
-        assert event["model"] == MODEL and event.setdefault("id", None) == (answer.id or event["id"])
-        answer.id = event["id"]
-        assert ("usage" in event) == include_usage, event
-        if not event["choices"]:  # the usage chunk: last, once
-            assert include_usage and n == len(events) - 1, event
-            answer.usage = event["usage"]
-            continue
-        assert event.get("usage") is None and len(event["choices"]) == 1, event
-        choice = event["choices"][0]
-        i = choice["index"]
-        assert i not in finished, f"choice {i}: a chunk after its finish_reason"
-        if client.chat:
-            first = i not in answer.texts
-            assert (choice["delta"] == {"role": "assistant", "content": ""}) == first, f"choice {i}: {choice}"
-            piece = choice["delta"].get("content") or ""
-        else:
-            piece = choice["text"]
-        answer.texts[i] = answer.texts.get(i, "") + piece
-        merge_logprobs(answer.logprobs.setdefault(i, {}), choice["logprobs"])
-        if choice["finish_reason"] is not None:
-            finished.add(i)
-            answer.reasons[i] = choice["finish_reason"]
-    assert answer.failed or not (complete and client.fails), "the poisoned request did not fail"
-    if complete and not answer.failed:
-        assert finished == set(range(len(client.choices))), f"finish_reasons for {finished}"
-        assert answer.usage is not None or not include_usage, "no usage chunk"
-    return answer
-
-
-def read_body(client: HttpClient, body: dict) -> Answer:
-    assert body["object"] == ("chat.completion" if client.chat else "text_completion") and body["model"] == MODEL
-    answer = Answer(body["id"], usage=body["usage"])
-    assert sorted(c["index"] for c in body["choices"]) == list(range(len(client.choices))), body["choices"]
-    for choice in body["choices"]:
-        i = choice["index"]
-        answer.texts[i] = choice["message"]["content"] if client.chat else choice["text"]
-        answer.reasons[i] = choice["finish_reason"]
-        merge_logprobs(answer.logprobs.setdefault(i, {}), choice["logprobs"])
-    return answer
-
-
 async def run_client(http: httpx.AsyncClient, llm: AsyncLLM, client: HttpClient, arrived: asyncio.Event):
     """Send the client's request once the engine reached its step; (how it ended, what it read)."""
     await until_step(llm, client.arrive)
@@ -348,46 +240,6 @@ async def storm(url: str, llm: AsyncLLM, clients: list[HttpClient]) -> list:
         await settle(llm)
         after = (await http.post("/v1/completions", json=AFTER)).json()
     return [("cancelled", None) if r is None else r for r in results], after
-
-
-# -- the judge --------------------------------------------------------------------------------------------
-
-def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
-    """Choice i as the client read it against its engine request's finished output."""
-    done = final.outputs[0]
-    text = answer.texts.get(i, "")
-    echo = client.echo(i)
-    assert text == echo + ("" if client.score_only else done.text), \
-        f"choice {i}: read {text!r}, the engine made {echo!r} + {done.text!r}"
-    assert answer.reasons[i] == ("length" if client.score_only else done.finish_reason)
-    req = client.choices[i]
-    if req.min_tokens == 0 and not client.score_only:
-        assert not any(s in text[len(echo):] for s in req.stop), f"choice {i}: a stop string {req.stop}"
-    logprobs = answer.logprobs.get(i) or {}
-    if req.logprobs is None:
-        assert not logprobs, f"choice {i}: log-probs nobody asked for"
-        return
-    entries = [] if client.score_only else list(done.logprobs)
-    if echo:  # the prompt's: its first token unscored (null), then the engine's prompt log-probs
-        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-        entries = final.prompt_logprobs[1:] + entries
-        logprobs = {k: v[1:] for k, v in logprobs.items()}
-    if client.chat:
-        content = logprobs["content"]
-        assert len(content) == len(entries), f"choice {i}: {len(content)} log-probs for {len(entries)} tokens"
-        for item, token, entry in zip(content, done.token_ids, entries):
-            assert item["logprob"] == entry[token].logprob and item["bytes"] == list(TOKENIZER.token_bytes(token))
-            top = sorted(entry.values(), key=lambda lp: lp.rank)[:req.logprobs]
-            assert [t["logprob"] for t in item["top_logprobs"]] == [lp.logprob for lp in top]
-    else:
-        assert len(logprobs["tokens"]) == len(entries), \
-            f"choice {i}: {len(logprobs['tokens'])} log-probs for {len(entries)} tokens"
-        for j, entry in enumerate(entries):
-            actual = next(iter(entry.values()))
-            assert logprobs["token_logprobs"][j] == actual.logprob and logprobs["tokens"][j] == actual.decoded_token
-            assert len(logprobs["top_logprobs"][j]) <= req.logprobs + 1
-        offsets = logprobs["text_offset"]
-        assert all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], logprobs["tokens"]))
 
 
 def judge(scenario: Scenario, reference: Reference, clients: list[HttpClient], results: list,
