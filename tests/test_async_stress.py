@@ -29,7 +29,7 @@ Checked (async_stress_helpers.EngineRecorder, a step listener, sees every output
     afterwards no stream, add or abort is left, every KV block (and swap block) is free, and the loop still
     answers a plain request as the engine alone does.
 
-CI runs SEEDS seeds (a third of a second each). A longer hunt: MINILLM_ASYNC_STRESS_SEEDS=500 (and
+CI runs SEEDS seeds (about half a second each). A longer hunt: MINILLM_ASYNC_STRESS_SEEDS=500 (and
 MINILLM_ASYNC_STRESS_FIRST=10000 to start elsewhere); a failing seed prints its scenario and its clients.
 """
 from __future__ import annotations
