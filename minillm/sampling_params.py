@@ -92,7 +92,7 @@ class SamplingParams:
     # verified, which the scheduler trims to the step's token budget and free blocks. The same run reproduces;
     # another batch composition, whose verify steps begin elsewhere, gives other (equally distributed) tokens.
     seed: int | None = None
-    stop: list[str] | str | None = None  # stop strings (not included in the output text)
+    stop: list[str] | str | None = None  # stop strings (cut out of the output text, unless the flag at the end)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     priority: int = 0  # lower runs first under priority scheduling
@@ -119,6 +119,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     min_p: float = 0.0
+    # vLLM's include_stop_str_in_output: end the text *after* the stop string that stopped it, not before. No text
+    # then needs holding back while streaming: nothing already shown can be cut (see StepOutputs._output).
+    include_stop_str_in_output: bool = False
     stop_list: list[str] = field(init=False, repr=False)
     # whether any of the processors above is on (checked on the host every step: off costs nothing)
     processes_logits: bool = field(init=False, repr=False)
@@ -148,9 +151,10 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
-        if not isinstance(self.ignore_eos, bool):
-            raise ParamError("ignore_eos", f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}: "
-                                           f"{self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be a bool, got {type(getattr(self, name)).__name__}: "
+                                       f"{getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0, MAX_LOGPROBS,

@@ -130,7 +130,11 @@ def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
     assert answer.reasons[i] == ("length" if client.score_only else done.finish_reason)
     req = client.choices[i]
     if req.min_tokens == 0 and not client.score_only:
-        assert not any(s in text[len(echo):] for s in req.stop), f"choice {i}: a stop string {req.stop}"
+        made = text[len(echo):]
+        if req.include_stop and done.finish_reason == "stop" and done.stop_reason in req.stop:
+            assert made.endswith(done.stop_reason), f"choice {i}: {made!r} does not end in {done.stop_reason!r}"
+            made = made[:-len(done.stop_reason)]  # the stop string that ended it, kept; none before it
+        assert not any(s in made for s in req.stop), f"choice {i}: a stop string {req.stop}"
     logprobs = answer.logprobs.get(i) or {}
     if req.logprobs is None:
         assert not logprobs, f"choice {i}: log-probs nobody asked for"

@@ -57,6 +57,7 @@ class Request:
     priority: int = 0
     logprobs: int | None = None  # top-k log-probs of each sampled token (and of each prompt token)
     prompt_logprobs: int | None = None
+    include_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
 
     def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
@@ -64,12 +65,13 @@ class Request:
                               max_tokens=self.max_tokens, stop_token_ids=list(self.stop_token_ids),
                               stop=list(self.stop), min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
                               priority=self.priority, logprobs=self.logprobs if logprobs is None else logprobs,
-                              prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
+                              prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+                              include_stop_str_in_output=self.include_stop)
 
     def key(self) -> tuple:
         """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed)
+                self.seed, self.include_stop)
 
 
 @dataclass

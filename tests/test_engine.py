@@ -166,6 +166,33 @@ def test_stop_strings_and_stop_tokens(model_and_config):
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:first + 1]
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back(model_and_config):
+    """vLLM's include_stop_str_in_output: the text ends after the stop string that stopped it. A stream then has
+    nothing to hold back (no text it shows can be cut later): every step's snapshot is the whole text so far, where
+    without the flag the stop string's first character waits a step (it may become the stop string)."""
+    engine = make_engine(model_and_config)
+    prompt = [65, 66, 67]
+    engine.add_request("free", prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    text = run(engine)["free"].outputs[0].text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2)
+                if "\ufffd" not in text[i:i + 2] and text.index(text[i:i + 2]) == i)
+    end = text.index(stop)
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
+                                include_stop_str_in_output=include)
+        engine.add_request("s", prompt, params)
+        snapshots = []
+        while engine.has_unfinished_requests():
+            snapshots += [o for o in engine.step() if o.request_id == "s"]
+        final = snapshots[-1].outputs[0]
+        assert final.finish_reason == "stop" and final.stop_reason == stop
+        assert final.text == text[:end + len(stop) if include else end]
+        shown = [o.outputs[0].text for o in snapshots[:-1]]
+        assert all(final.text.startswith(t) for t in shown)  # never taken back
+        # the step that made the stop string's first character: shown at once only with the flag
+        assert (text[:end + 1] in shown) == include
+
+
 def test_eos_stops_unless_ignored(model_and_config):
     model, config = model_and_config
     # find what the model emits after a prompt, then declare that token the EOS

@@ -66,6 +66,9 @@ def test_n_seed_and_stop(client):
     cut = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True}).choices[0]
     assert cut.finish_reason == "stop" and cut.text == base[:base.index(stop)]
+    kept = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True}).choices[0]
+    assert kept.finish_reason == "stop" and kept.text == base[:base.index(stop) + len(stop)]  # vLLM's extension
 
 
 BAD = [  # (path, body or raw bytes, status, words in the message)
@@ -109,11 +112,8 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
      "stop must hold at most 16 strings, got 17"),
     # what minillm does not implement is refused, not silently ignored
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
-    # vLLM's extension was ignored: the stop string was cut from the text all the same, and the client never knew
-    ("/v1/completions", {"prompt": "x", "stop": "a", "include_stop_str_in_output": True}, 400,
-     "include_stop_str_in_output is not supported"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "include_stop_str_in_output": True},
-     400, "include_stop_str_in_output is not supported"),
+    ("/v1/completions", {"prompt": "x", "stop": "a", "include_stop_str_in_output": "yes"}, 400,
+     "include_stop_str_in_output: Input should be a valid boolean"),
     # one request may not queue thousands of engine requests ahead of everyone else's
     ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
                                                               "request; at most 256"),

@@ -141,8 +141,7 @@ class StepOutputs:
             past_min = position + 1 - seq.num_prompt_tokens > params.min_tokens
             cut = stop_string_at(seq.output_text, params.stop_list, len(new_text)) if past_min else -1
             if cut >= 0:
-                seq.stop_reason = _stop_string_found(seq.output_text, params.stop_list, cut)
-                seq.output_text = seq.output_text[:cut]
+                _cut_at_stop_string(seq, cut)
                 return "stop"
         if position + 1 - seq.num_prompt_tokens >= params.max_tokens or position + 1 >= self.max_model_len:
             return "length"
@@ -173,16 +172,22 @@ class StepOutputs:
         seq.output_text += tail[len(head):]
         cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list, max(len(tail) - len(head), 0))
         if cut >= 0:
-            seq.stop_reason = _stop_string_found(seq.output_text, seq.sampling_params.stop_list, cut)
-            seq.output_text = seq.output_text[:cut]
+            _cut_at_stop_string(seq, cut)
         return cut >= 0
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """A running request's output: text that might still become a stop string is held back."""
-        safe = streamable_length(seq.output_text, seq.sampling_params.stop_list)
+        params = seq.sampling_params
+        if params.include_stop_str_in_output:  # a stop string that completes stays in the text: nothing to hold
+            return RequestOutput.from_sequence(seq)
+        safe = streamable_length(seq.output_text, params.stop_list)
         return RequestOutput.from_sequence(seq, text=seq.output_text[:safe])
 
 
-def _stop_string_found(text: str, stops: list[str], cut: int) -> str | None:
-    """Which stop string begins at `cut` in `text` (the first listed, when several do): the request's stop_reason."""
-    return next((stop for stop in stops if text.startswith(stop, cut)), None)
+def _cut_at_stop_string(seq: Sequence, cut: int) -> None:
+    """End the text at the stop string that begins at `cut` (the first listed, when several do; it becomes the
+    request's stop_reason): before it, or after it with include_stop_str_in_output."""
+    params = seq.sampling_params
+    stop = next(s for s in params.stop_list if seq.output_text.startswith(s, cut))
+    seq.stop_reason = stop
+    seq.output_text = seq.output_text[:cut + len(stop) if params.include_stop_str_in_output else cut]

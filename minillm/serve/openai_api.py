@@ -137,7 +137,8 @@ class OpenAIServing:
                                              frequency_penalty=request.frequency_penalty,
                                              repetition_penalty=request.repetition_penalty,
                                              logit_bias=request.logit_bias, min_tokens=request.min_tokens,
-                                             min_p=request.min_p))
+                                             min_p=request.min_p,
+                                             include_stop_str_in_output=request.include_stop_str_in_output))
                 self.llm.engine.check_sampling_params(params[-1])
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
                 field = getattr(err, "param", None)

@@ -4,7 +4,7 @@ Pydantic checks the *types* of a body, strictly (a string, a float or a bool whe
 naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (suffix,
-best_of, tools, tool_choice, a JSON response_format, include_stop_str_in_output) are refused with a 400 that says
+best_of, tools, tool_choice, a JSON response_format) are refused with a 400 that says
 so, unless they hold their no-op value: a client that asked for them must not get a silent default.
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
@@ -79,9 +79,7 @@ class _SamplingFields(BaseModel):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
-    # vLLM's extension: keep the stop string that ended the text. minillm always cuts it out, so only its no-op
-    # value is accepted; ignored (as an unknown field), true was answered as if false, and the client never knew
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's extension: keep the stop string that ended the text
 
     @model_validator(mode="before")
     @classmethod
@@ -95,9 +93,6 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first requested feature minillm does not implement or a count out of range;
         None if all is well."""
-        if self.include_stop_str_in_output:
-            return "include_stop_str_in_output", ("include_stop_str_in_output is not supported: a stop string is "
-                                                  "always cut out of the text (leave it out, or give false)")
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream=true"
         if not 1 <= self.n <= MAX_N:
