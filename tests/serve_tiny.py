@@ -26,14 +26,14 @@ TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
 
 
 def tiny_engine(max_num_seqs: int = 16, num_kv_blocks: int = 128, max_model_len: int = 64,
-                step_delay: float = 0.0, **options) -> LLMEngine:
+                step_delay: float = 0.0, tokenizer=None, **options) -> LLMEngine:
     """The engine; step_delay (seconds) slows every step, so a watcher (the browser test) can see it work;
-    `options`: more EngineConfig fields (e.g. enable_chunked_prefill=True)."""
+    tokenizer: another than the ByteTokenizer; `options`: more EngineConfig fields (e.g. enable_chunked_prefill=True)."""
     config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=4,
                           num_kv_blocks=num_kv_blocks, **options)
     worker = Worker(CONFIG, resolve_engine_config(config, CONFIG, torch.device("cpu")), torch.device("cpu"),
                     torch.float32, RandomWeights(seed=3))
-    engine = LLMEngine(None, ByteTokenizer(), CONFIG, config, executor=UniProcExecutor(worker))
+    engine = LLMEngine(None, tokenizer or ByteTokenizer(), CONFIG, config, executor=UniProcExecutor(worker))
     if step_delay:
         step = engine.step
 

@@ -8,12 +8,13 @@ The path of one request:
   3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
      Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
      stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`.
-     Log-probabilities, when asked for, ride along in OpenAI's shapes (`_completion_logprobs`, `_chat_logprobs`):
+     Log-probabilities, when asked for, ride along in OpenAI's shapes (minillm/serve/logprobs.py):
      every chunk carries those of the tokens produced since the previous chunk. A completion with `echo` has its
      prompt (and the prompt's log-probabilities) in front of its first piece, as vLLM sends it.
      With `max_tokens: 0` as well, the prompt alone comes back, scored (a text's log-likelihood, as evaluation
      harnesses ask for it): the one token generated to score it is left out of the text, log-probs and usage.
      A generation that fails ends the stream with an `{"error": ...}` event, then `data: [DONE]`, like any other.
+     vLLM's prompt_logprobs come in the body only (never streamed): per choice on completions, once on chat.
 A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
 generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
 """
@@ -31,9 +32,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
-from minillm.loader.chat_template import render_chat_template
-from minillm.outputs import Logprob, RequestOutput, TokenLogprobDict
+from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import SamplingParams, choice_seed
+from minillm.serve.chat_prompt import answer_role, echoed, render_chat
+from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -50,6 +52,8 @@ class _Choice:
     num_top: int = 0  # top_logprobs per token (chat)
     echo: tuple[str, str] | None = None  # (prompt text, its first token's text): still to send, with echo=true
     score_only: bool = False  # echo with max_tokens 0: the prompt (and its log-probs) only, nothing generated
+    role: str = "assistant"  # the chat answer's role (chat_prompt.answer_role)
+    as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     output: RequestOutput | None = None
 
 
@@ -77,36 +81,30 @@ class OpenAIServing:
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
+        policy = getattr(self.llm.engine.scheduler, "policy", "fcfs")
+        if request.priority != 0 and policy != "priority":  # as vLLM: a priority nothing honours is an error
+            raise ApiError(400, f"priority {request.priority} needs priority scheduling; this server's engine "
+                                f"schedules {policy!r} (EngineConfig.extra={{'policy': 'priority'}} turns it on): "
+                                f"leave priority out or give 0", param="priority")
 
-    def _prompt(self, prompt: str | list[int], param: str) -> Prompt:
+    def _prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
+                keep: int | None = None) -> Prompt:
+        """(text or None, token ids) of one prompt, or a 400. add_special_tokens=False: a text prompt without the
+        tokenizer's BOS/EOS; keep (truncate_prompt_tokens): only its last `keep` tokens (the text is then None)."""
+        text = prompt if isinstance(prompt, str) else None
         try:
-            return self.llm.engine.validate_prompt(prompt)
+            if text and (keep is not None or not add_special_tokens):
+                prompt = _encode(self.llm.tokenizer, text, add_special_tokens) or text  # none: the engine says so
+            if keep is not None and not isinstance(prompt, str) and len(prompt) > keep:
+                prompt, text = list(prompt)[-keep:], None
+            return text, self.llm.engine.validate_prompt(prompt)[1]
         except (ValueError, TypeError) as err:
             raise ApiError(400, str(err), param=param) from None
 
     def render_chat(self, request: ChatCompletionRequest) -> Prompt:
-        if not request.messages:
-            raise ApiError(400, "messages must be a non-empty list of {role, content} messages", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        tokenizer = self.llm.tokenizer
-        try:
-            if self.chat_template is not None:
-                text = render_chat_template(self.chat_template, messages, add_generation_prompt=True,
-                                            special_tokens={"bos_token": getattr(tokenizer, "bos_token", None),
-                                                            "eos_token": getattr(tokenizer, "eos_token", None)})
-            elif callable(getattr(tokenizer, "apply_chat_template", None)):
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            else:
-                raise ApiError(400, "this model has no chat template: use /v1/completions, or start the server "
-                                    "with --chat-template FILE", param="messages")
-            try:  # the template wrote the special tokens as text: do not add them twice
-                token_ids = list(tokenizer.encode(text, add_special_tokens=False))
-            except TypeError:
-                token_ids = list(tokenizer.encode(text))
-        except ValueError as err:  # ChatTemplateError is a ValueError
-            raise ApiError(400, str(err), param="messages") from None
-        self._prompt(token_ids, "messages")  # empty, too long, out of the vocabulary: 400
-        return text, token_ids
+        text, token_ids = render_chat(self.llm.tokenizer, self.chat_template, request)
+        kept = self._prompt(token_ids, "messages", keep=request.truncate_prompt_tokens)[1]  # 400: empty, too long
+        return (text if len(kept) == len(token_ids) else None), kept
 
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
                         default_max_tokens: int | None, score_only: bool = False) -> list[SamplingParams]:
@@ -138,7 +136,8 @@ class OpenAIServing:
                                              repetition_penalty=request.repetition_penalty,
                                              logit_bias=request.logit_bias, min_tokens=request.min_tokens,
                                              min_p=request.min_p,
-                                             include_stop_str_in_output=request.include_stop_str_in_output))
+                                             include_stop_str_in_output=request.include_stop_str_in_output,
+                                             priority=request.priority))
                 self.llm.engine.check_sampling_params(params[-1])
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
                 field = getattr(err, "param", None)
@@ -155,7 +154,8 @@ class OpenAIServing:
                            param="prompt")
         # tokenizing is the one slow thing a request body can ask for (~0.6 s for a 1 MiB prompt on 2 cores): off
         # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL)
-        prompts = await asyncio.to_thread(lambda: [self._prompt(p, "prompt") for p in prompt])
+        prompts = await asyncio.to_thread(lambda: [self._prompt(p, "prompt", request.add_special_tokens,
+                                                                request.truncate_prompt_tokens) for p in prompt])
         # echo with max_tokens 0 scores the prompt (how evaluation harnesses ask for a text's log-likelihood): the
         # engine generates one token, which the answer leaves out
         score_only = request.echo and request.max_tokens == 0
@@ -179,16 +179,23 @@ class OpenAIServing:
                        params: list[SamplingParams], chat: bool, score_only: bool = False) -> Response:
         if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
-        base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only)
+        base = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id or uuid.uuid4().hex}"
+        # the engine's ids stay unique when two clients send the same request_id
+        engine_base = base if request.request_id is None else f"{base}-{uuid.uuid4().hex}"
+        role = answer_role(request) if chat else "assistant"
+        choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only,
+                           role=role, as_ids=request.return_tokens_as_token_ids)
                    for p in range(len(prompts)) for i in range(len(params))]
-        if getattr(request, "echo", False):
+        if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
+            for c in choices:
+                c.echo = (echoed(request), None)
+        elif not chat and request.echo:
             decode = self.llm.tokenizer.decode
             echoes = [(text if text is not None else decode(ids), decode(ids[:1])) for text, ids in prompts]
             for c in choices:
                 c.echo = echoes[c.prompt_index]
         streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
-                                     params[c.index % len(params)], request_id=f"{base}-{c.index}",
+                                     params[c.index % len(params)], request_id=f"{engine_base}-{c.index}",
                                      prompt_token_ids=prompts[c.prompt_index][1]) for c in choices]
         head = {"id": base, "created": int(time.time()), "model": self.model_name}
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -205,7 +212,15 @@ class OpenAIServing:
             return Response(status_code=499)
         gone.cancel()
         collect.result()  # a failed generation raises: app.py answers 503 (engine gone) or 500, OpenAI-shaped
-        return JSONResponse(self._final_body(head, choices, chat, num_prompt_tokens))
+        body = self._final_body(head, choices, chat, num_prompt_tokens)
+        if request.prompt_logprobs is not None:  # vLLM's: per choice on completions, once on chat
+            for c, choice in zip(choices, body["choices"]):
+                choice["prompt_logprobs"] = prompt_logprobs(c.output.prompt_logprobs)
+            if chat:
+                body["prompt_logprobs"] = body["choices"][0].pop("prompt_logprobs")
+                for choice in body["choices"]:
+                    choice.pop("prompt_logprobs", None)
+        return JSONResponse(body)
 
     async def _collect(self, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]]) -> None:
         async for i, out in _merge(streams):
@@ -219,7 +234,7 @@ class OpenAIServing:
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             if chat:
-                body_choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                body_choices.append({"index": c.index, "message": {"role": c.role, "content": text},
                                      "logprobs": logprobs, "finish_reason": done.finish_reason})
             else:
                 body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
@@ -230,12 +245,13 @@ class OpenAIServing:
     async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
                    chat: bool, include_usage: bool, num_prompt_tokens: int) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
+        role = choices[0].role if choices else "assistant"
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
                   logprobs: dict | None = None) -> str:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                delta = {"role": role, "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
                 choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -283,60 +299,16 @@ def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,
     if choice.echo is not None:
         (prompt, first_token), choice.echo = choice.echo, None
         text = prompt + text
-        if new is not None:  # nothing predicts the first prompt token: its log-prob is null (as OpenAI's)
+        if new is not None and not chat:  # nothing predicts the first prompt token: its log-prob is null (as OpenAI's)
             first = {out.prompt_token_ids[0]: Logprob(None, None, first_token)}
             new = [first, *(out.prompt_logprobs or [None])[1:], *new]
     if new is None:
         return text, None
     choice.sent_tokens = len(done.logprobs)
     if chat:
-        return text, _chat_logprobs(new, choice.num_top, token_bytes)
-    body = _completion_logprobs(new, choice.text_offset)
-    choice.text_offset += sum(len(token) for token in body["tokens"])
+        return text, chat_logprobs(new, choice.num_top, token_bytes, choice.as_ids)
+    body, choice.text_offset = completion_logprobs(new, choice.text_offset, choice.as_ids)
     return text, body
-
-
-def _token_of(entries: TokenLogprobDict) -> tuple[str, float]:
-    """(text, log-prob) of the actual token: the first entry of vLLM's dict."""
-    actual = next(iter(entries.values()))
-    return actual.decoded_token or "", actual.logprob
-
-
-def _completion_logprobs(logprobs: list[TokenLogprobDict], text_offset: int) -> dict[str, list]:
-    """/v1/completions' shape: parallel lists; top_logprobs[i] maps token text -> log-prob (the actual token and
-    the top k, as vLLM returns them)."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for entries in logprobs:
-        token, logprob = _token_of(entries)
-        offsets.append(text_offset)
-        text_offset += len(token)
-        tokens.append(token)
-        token_logprobs.append(logprob)
-        alternatives: dict[str, float] = {}
-        for lp in entries.values():  # two ids may decode to the same text: the actual token's entry wins
-            alternatives.setdefault(lp.decoded_token or "", lp.logprob)
-        top.append(alternatives if logprob is not None else None)  # an echoed prompt's first token: null
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int,
-                   token_bytes: Callable[[int], bytes] | None = None) -> dict[str, list]:
-    """/v1/chat/completions' shape: per token {token, logprob, bytes, top_logprobs: the top k by rank}. `bytes`
-    are the token's own (the tokenizer's token_bytes: a piece of a character stays that piece, where the token's
-    text alone is U+FFFD), or its text's UTF-8 with a tokenizer that cannot tell them."""
-    def item(token_id: int, lp: Any) -> dict[str, Any]:
-        text = lp.decoded_token or ""
-        raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8")
-        return {"token": text, "logprob": lp.logprob, "bytes": list(raw)}
-
-    content = []
-    for entries in logprobs:
-        token_id, actual = next(iter(entries.items()))  # the actual token: the first entry of vLLM's dict
-        # the dict holds the actual token and the top k: keep the top k by rank (the actual token when it is one)
-        top = sorted(entries.items(), key=lambda kv: kv[1].rank)[:num_top]
-        content.append({**item(token_id, actual), "top_logprobs": [item(i, lp) for i, lp in top
-                                                                   if lp.rank <= num_top]})
-    return {"content": content}
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -403,3 +375,12 @@ _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": 
 
 def _event(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """The tokenizer's ids for `text`, with or without its special tokens (a tokenizer without the switch adds
+    none)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except TypeError:
+        return list(tokenizer.encode(text))

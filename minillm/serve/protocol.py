@@ -3,9 +3,21 @@
 Pydantic checks the *types* of a body, strictly (a string, a float or a bool where an integer belongs is a 400
 naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"` is not true); the *ranges*
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
-and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour (suffix,
-best_of, tools, tool_choice, a JSON response_format) are refused with a 400 that says
-so, unless they hold their no-op value: a client that asked for them must not get a silent default.
+and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
+with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
+default. They are suffix, best_of (but = n), tools, functions, tool_choice (but none/auto), a JSON
+response_format, and each class's `REFUSED` table: beam search (use_beam_search, length_penalty), guided decoding
+(guided_*, structural_tag, structured_outputs), bad_words, allowed_token_ids, logits_processors,
+skip_special_tokens=false, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt, prompt_embeds, and on
+chat reasoning_effort, include_reasoning=false, audio, modalities, prediction, function_call, web_search_options,
+verbosity, store and service_tier. A few change nothing here and are served whatever they hold:
+spaces_between_special_tokens (special tokens never reach the text), and chat's parallel_tool_calls, metadata,
+prompt_cache_key and safety_identifier (no tools, no stored completions).
+vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
+include_stop_str_in_output, prompt_logprobs (not with stream), priority (a server whose engine schedules by
+priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id), return_tokens_as_token_ids,
+completions' add_special_tokens, and chat's template fields (add_generation_prompt, continue_final_message, echo,
+add_special_tokens, chat_template, chat_template_kwargs, documents: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
 the prompt's (`num_prompt_logprobs()`).
@@ -15,7 +27,9 @@ field means its default, as OpenAI's spec marks them nullable (`"temperature": n
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,6 +94,50 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     include_stop_str_in_output: bool = False  # vLLM's extension: keep the stop string that ended the text
+    # vLLM's extensions, honoured: see openai_api.py and chat_prompt.py
+    priority: int = 0  # lower runs first; anything but 0 needs a server started with the priority policy
+    request_id: str | None = None  # the response's id (cmpl-<request_id>); None: a random one
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (k >= 1)
+    prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities and the top k (not with stream)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" instead of their text
+    skip_special_tokens: bool = True  # only true: the detokenizer always drops special tokens
+    # with special tokens dropped from the text there is nothing to put spaces between: either value is honoured
+    spaces_between_special_tokens: bool = True
+    # vLLM's extensions minillm does not implement: refused unless null or their no-op value (REFUSED)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # beam search's
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structural_tag: Any = None
+    structured_outputs: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    logits_processors: Any = None
+    mm_processor_kwargs: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    cache_salt: Any = None
+
+    # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "skip_special_tokens": ((True,), "special tokens in the output text"),
+        "use_beam_search": ((False,), "beam search"),
+        "length_penalty": ((1.0, 1), "beam search's length penalty"),
+        "bad_words": (([],), "banned words"),
+        "allowed_token_ids": ((), "a restricted vocabulary"),
+        **{name: ((), "guided decoding / structured output") for name in (
+            "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+            "structured_outputs", "guided_decoding_backend", "guided_whitespace_pattern")},
+        "logits_processors": (([],), "custom logits processors"),
+        "mm_processor_kwargs": (({},), "multimodal input"),
+        "kv_transfer_params": (({},), "disaggregated serving through the HTTP server"),
+        "vllm_xargs": (({},), "custom extension arguments"),
+        "cache_salt": ((), "a salted prefix cache"),
+    }
 
     @model_validator(mode="before")
     @classmethod
@@ -93,6 +151,16 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first requested feature minillm does not implement or a count out of range;
         None if all is well."""
+        for name, (no_ops, what) in self.REFUSED.items():
+            value = getattr(self, name)
+            if value is not None and not any(type(value) is type(ok) and value == ok for ok in no_ops):
+                allowed = f" or give {' or '.join(json.dumps(ok) for ok in no_ops)}" if no_ops else ""
+                return name, f"{name} is not supported ({what}): leave it out{allowed}, got {json.dumps(value)[:100]}"
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            return "truncate_prompt_tokens", (f"truncate_prompt_tokens must be an integer >= 1 (keep the prompt's "
+                                              f"last k tokens), got {self.truncate_prompt_tokens}")
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is not available with stream=true (as in vLLM)"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream=true"
         if not 1 <= self.n <= MAX_N:
@@ -106,8 +174,8 @@ class _SamplingFields(BaseModel):
         return None
 
     def num_prompt_logprobs(self) -> int | None:
-        """SamplingParams.prompt_logprobs: only an echoed prompt shows its log-probabilities."""
-        return None
+        """SamplingParams.prompt_logprobs: vLLM's prompt_logprobs (and, on completions, an echoed prompt's)."""
+        return self.prompt_logprobs
 
     def api_name(self, field: str) -> str:
         """This request's name for a SamplingParams field (where a bad value came from, for the error's param)."""
@@ -120,11 +188,22 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's extension: the tokenizer's BOS (and EOS) around a text prompt
+    prompt_embeds: Any = None  # vLLM's extension: refused
+    response_format: Any = None  # vLLM's extension on completions: only {"type": "text"}
+
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SamplingFields.REFUSED,
+        "prompt_embeds": ((), "prompts given as embeddings"),
+        "response_format": (({"type": "text"},), "structured output"),
+    }
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
     def num_prompt_logprobs(self) -> int | None:
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
         return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
@@ -178,6 +257,41 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" and "auto" (with no tools: no tool call) are no-ops
     response_format: dict[str, Any] | None = None
+    # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
+    add_generation_prompt: bool = True  # open the assistant's turn after the messages
+    continue_final_message: bool = False  # leave the last message open: the model continues it
+    add_special_tokens: bool = False  # the tokenizer's BOS on top of what the template writes
+    echo: bool = False  # the answer starts with the last message's content when it has the answer's role
+    documents: list[dict[str, str]] | None = None  # for templates that render retrieved documents
+    chat_template: str | None = None  # this request's Jinja template instead of the model's
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
+    # OpenAI's and vLLM's chat fields minillm does not implement: refused unless null or their no-op value
+    best_of: int | None = None
+    reasoning_effort: Any = None
+    include_reasoning: bool = True
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    store: Any = None
+    service_tier: Any = None
+    # metadata, parallel_tool_calls, prompt_cache_key, safety_identifier: no effect on the answer here, ignored
+
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SamplingFields.REFUSED,
+        "reasoning_effort": ((), "reasoning models"),
+        "include_reasoning": ((True,), "separating reasoning from content"),
+        "audio": ((), "audio output"),
+        "modalities": ((["text"],), "output other than text"),
+        "prediction": ((), "predicted outputs"),
+        "function_call": (("none", "auto"), "function calling"),
+        "web_search_options": ((), "web search"),
+        "verbosity": (("medium",), "a verbosity setting"),
+        "store": ((False,), "stored completions"),
+        "service_tier": (("auto", "default"), "service tiers"),
+    }
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -190,6 +304,13 @@ class ChatCompletionRequest(_SamplingFields):
         return field
 
     def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
+                               f"got {self.best_of}")
+        if self.add_generation_prompt and self.continue_final_message:
+            return "continue_final_message", ("continue_final_message=true continues the last message, "
+                                              "add_generation_prompt=true opens a new one: set "
+                                              "add_generation_prompt=false with it")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs is only allowed with logprobs=true"
         for name in ("tools", "functions"):

@@ -1,0 +1,92 @@
+"""A chat request's messages -> the prompt the model continues, with vLLM's chat-template fields (chapter 10).
+
+The model's chat template (or the server's --chat-template, or the request's own `chat_template`) turns the
+messages into text; the request decides how:
+
+  add_generation_prompt   (default true) end with the header that opens the assistant's turn
+                          (`<|im_start|>assistant\\n` for SmolLM2): the model answers as the assistant.
+  continue_final_message  (default false) leave the last message open instead: the text ends right after its
+                          content (whatever the template writes to close a turn is cut off), so the model goes on
+                          writing it ("prefill" the start of an answer). It contradicts add_generation_prompt,
+                          which must then be false, as in vLLM and Hugging Face.
+  add_special_tokens      (default false) let the tokenizer add its BOS on top of the template, which normally
+                          writes it itself: true gives it twice for most models.
+  documents, chat_template_kwargs
+                          more variables for the template (a RAG template reads `documents`; Qwen3's reads
+                          `enable_thinking`); a template that does not use them ignores them, as in vLLM.
+  echo                    the answer starts with the last message's content when that message has the answer's
+                          role: with continue_final_message, the whole message comes back, not only its end.
+
+The answer's role is the assistant's when a generation prompt opened its turn, else the last message's (what
+the model is continuing), as vLLM names it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from minillm.loader.chat_template import render_chat_template
+from minillm.serve.protocol import ApiError, ChatCompletionRequest
+
+# template variables the request sets through their own fields (or that would clash with the renderer's arguments)
+RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "special_tokens", "source")
+
+
+def render_chat(tokenizer: Any, server_template: str | None, request: ChatCompletionRequest) -> tuple[str, list[int]]:
+    """(prompt text, token ids) for a chat request; ApiError 400 naming the field for what cannot be rendered."""
+    if not request.messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} messages", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    kwargs = dict(request.chat_template_kwargs or {})
+    clash = [k for k in kwargs if k in RESERVED_KWARGS]
+    if clash:
+        raise ApiError(400, f"chat_template_kwargs may not set {clash[0]!r}: give it as a field of the request "
+                            f"(reserved: {', '.join(RESERVED_KWARGS)})", param="chat_template_kwargs")
+    if request.documents is not None:
+        kwargs.setdefault("documents", request.documents)
+    template = request.chat_template or server_template
+    try:
+        if template is not None:
+            special = {"bos_token": getattr(tokenizer, "bos_token", None),
+                       "eos_token": getattr(tokenizer, "eos_token", None)}
+            text = render_chat_template(template, messages, add_generation_prompt=request.add_generation_prompt,
+                                        special_tokens=special, **kwargs)
+        elif callable(getattr(tokenizer, "apply_chat_template", None)):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt,
+                                                 **kwargs)
+        else:
+            raise ApiError(400, "this model has no chat template: use /v1/completions, start the server with "
+                                "--chat-template FILE, or send chat_template", param="messages")
+    except ValueError as err:  # ChatTemplateError is a ValueError
+        raise ApiError(400, str(err), param="chat_template" if request.chat_template else "messages") from None
+    if request.continue_final_message:
+        text = open_final_message(text, messages[-1]["content"])
+    try:  # the template wrote the special tokens as text: add them again only when asked to
+        token_ids = list(tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
+    except TypeError:  # a tokenizer without the switch adds none
+        token_ids = list(tokenizer.encode(text))
+    return text, token_ids
+
+
+def open_final_message(text: str, final: str) -> str:
+    """`text` cut right after the last message's content, so the model continues that message (Hugging Face's
+    rule: the last place the content appears; failing that, the content without its surrounding whitespace,
+    which a template may strip)."""
+    for content in (final, final.strip()):
+        at = text.rfind(content)
+        if at >= 0:
+            return text[:at + len(content)]
+    raise ApiError(400, "continue_final_message: the last message's content does not appear in the rendered chat "
+                        "(the template rewrites it), so there is no end of it to continue from",
+                   param="continue_final_message")
+
+
+def answer_role(request: ChatCompletionRequest) -> str:
+    """The role the answer speaks in: the assistant's after a generation prompt, else the last message's."""
+    return "assistant" if request.add_generation_prompt or not request.messages else request.messages[-1].role
+
+
+def echoed(request: ChatCompletionRequest) -> str | None:
+    """With echo, the text the answer starts with: the last message's content when it has the answer's role."""
+    if not request.echo or not request.messages or request.messages[-1].role != answer_role(request):
+        return None
+    return request.messages[-1].text()

@@ -1,0 +1,161 @@
+"""vLLM's request extensions the server honours (chapter 10), each checked by what it changes in the answer:
+the chat-template fields (add_generation_prompt, continue_final_message, echo, add_special_tokens, chat_template,
+chat_template_kwargs, documents), truncate_prompt_tokens, priority, request_id, prompt_logprobs and
+return_tokens_as_token_ids. The fields minillm refuses are in test_serve_api.py's BAD table."""
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from minillm.serve.server import ServerThread
+from serve_tiny import tiny_app, tiny_engine
+from tiny import ByteTokenizer, one_thread  # noqa: F401 (autouse fixture)
+
+BOS = 256
+GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
+
+
+class BosByteTokenizer(ByteTokenizer):
+    """The byte tokenizer with a BOS that encode() adds unless told not to, as Llama's does."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [BOS] * add_special_tokens + super().encode(text)
+
+
+@pytest.fixture(scope="module")
+def url():
+    app, _ = tiny_app(tiny_engine(tokenizer=BosByteTokenizer()))
+    with ServerThread(app) as srv:
+        yield srv.url
+
+
+def post(url: str, path: str, body: dict, status: int = 200) -> dict:
+    response = httpx.post(url + path, json=body, timeout=30)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def complete(url: str, prompt: str | list[int], **fields) -> dict:
+    return post(url, "/v1/completions", {"prompt": prompt, **GREEDY, **fields})
+
+
+def chat(url: str, messages: list[dict], **fields) -> dict:
+    return post(url, "/v1/chat/completions", {"messages": messages, **GREEDY, **fields})
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_add_generation_prompt_and_the_answers_role(url):
+    opened = chat(url, HI)  # "<user>Hi\n<assistant>": 20 tokens, the template's BOS-free text
+    assert opened["usage"]["prompt_tokens"] == 20 and opened["choices"][0]["message"]["role"] == "assistant"
+    bare = chat(url, HI, add_generation_prompt=False)  # "<user>Hi\n": the model goes on as the user
+    assert bare["usage"]["prompt_tokens"] == 9 and bare["choices"][0]["message"]["role"] == "user"
+    assert bare["choices"][0]["message"]["content"] == complete(url, "<user>Hi\n", add_special_tokens=False)[
+        "choices"][0]["text"]
+
+
+def test_continue_final_message_prefills_the_answer_and_echo_returns_it(url):
+    messages = HI + [{"role": "assistant", "content": "Once upon"}]
+    cont = chat(url, messages, add_generation_prompt=False, continue_final_message=True)
+    # the template closes the turn with "\n": cut off, so the model continues "Once upon" itself
+    rendered = "<user>Hi\n<assistant>Once upon"
+    assert cont["usage"]["prompt_tokens"] == len(rendered)
+    text = complete(url, rendered, add_special_tokens=False)["choices"][0]["text"]
+    assert cont["choices"][0]["message"] == {"role": "assistant", "content": text}
+    echo = chat(url, messages, add_generation_prompt=False, continue_final_message=True, echo=True)
+    assert echo["choices"][0]["message"]["content"] == "Once upon" + text
+    stream = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "messages": messages, **GREEDY, "add_generation_prompt": False, "continue_final_message": True,
+        "echo": True, "stream": True}).text
+    pieces = re.findall(r'"content": "((?:[^"\\]|\\.)*)"', stream)
+    assert "".join(pieces).startswith("Once upon")
+    assert chat(url, HI, echo=True)["choices"][0]["message"]["content"] == chat(url, HI)["choices"][0]["message"][
+        "content"]  # the last message is the user's, not the answer's role: nothing to echo
+
+
+def test_add_special_tokens_on_both_endpoints(url):
+    assert complete(url, "Hi")["usage"]["prompt_tokens"] == 3  # BOS + 2 bytes: completions add it by default
+    assert complete(url, "Hi", add_special_tokens=False)["usage"]["prompt_tokens"] == 2
+    assert chat(url, HI, add_special_tokens=True)["usage"]["prompt_tokens"] == 21  # chat adds it only when asked
+    with_bos = complete(url, "Hi")["choices"][0]["text"]
+    assert complete(url, [BOS, ord("H"), ord("i")])["choices"][0]["text"] == with_bos
+
+
+def test_a_requests_own_template_its_kwargs_and_documents(url):
+    template = ("{% for d in documents %}[{{ d.text }}]{% endfor %}{{ greeting }}{{ messages[-1].content }}"
+                "{% if add_generation_prompt %}>{% endif %}")
+    answer = chat(url, HI, chat_template=template, chat_template_kwargs={"greeting": "Yo "},
+                  documents=[{"title": "t", "text": "abc"}])
+    rendered = "[abc]Yo Hi>"
+    assert answer["usage"]["prompt_tokens"] == len(rendered)
+    assert answer["choices"][0]["message"]["content"] == complete(url, rendered, add_special_tokens=False)[
+        "choices"][0]["text"]
+    error = chat_error(url, chat_template="{% if %}")
+    assert error["param"] == "chat_template" and "does not parse" in error["message"]
+    error = chat_error(url, chat_template_kwargs={"messages": []})
+    assert error["param"] == "chat_template_kwargs" and "may not set 'messages'" in error["message"]
+
+
+def chat_error(url: str, **fields) -> dict:
+    return post(url, "/v1/chat/completions", {"messages": HI, **fields}, status=400)["error"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(url):
+    short = complete(url, "abcdefgh", truncate_prompt_tokens=3)
+    assert short["usage"]["prompt_tokens"] == 3
+    assert short["choices"][0]["text"] == complete(url, "fgh", add_special_tokens=False)["choices"][0]["text"]
+    long = complete(url, "x" * 200, truncate_prompt_tokens=10)  # 201 tokens: too long for 64 but for truncation
+    assert long["usage"]["prompt_tokens"] == 10
+    assert chat(url, HI, truncate_prompt_tokens=4)["usage"]["prompt_tokens"] == 4
+    error = post(url, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, status=400)["error"]
+    assert error["param"] == "truncate_prompt_tokens" and ">= 1" in error["message"]
+
+
+def test_request_id_names_the_response(url):
+    assert complete(url, "a", request_id="mine")["id"] == "cmpl-mine"
+    assert complete(url, "a", request_id="mine")["id"] == "cmpl-mine"  # again: the engine's own ids differ
+    assert chat(url, HI, request_id="mine")["id"] == "chatcmpl-mine"
+
+
+def test_prompt_logprobs_on_both_endpoints(url):
+    done = complete(url, "abcd", prompt_logprobs=2, max_tokens=1)
+    scored = done["choices"][0]["prompt_logprobs"]
+    assert len(scored) == 5 and scored[0] is None  # BOS a b c d: nothing predicts the first
+    for token, entries in zip("abcd", scored[1:]):
+        actual = entries[str(ord(token))]
+        assert actual["decoded_token"] == token and actual["logprob"] <= 0 and actual["rank"] >= 1
+        assert 2 <= len(entries) <= 3 and {e["rank"] for e in entries.values()} >= {1, 2}
+    answer = chat(url, HI, prompt_logprobs=0)
+    assert len(answer["prompt_logprobs"]) == answer["usage"]["prompt_tokens"] == 20
+    assert "prompt_logprobs" not in answer["choices"][0] and "prompt_logprobs" not in complete(url, "ab")["choices"][0]
+
+
+def test_return_tokens_as_token_ids(url):
+    done = complete(url, "ab", logprobs=2, return_tokens_as_token_ids=True)["choices"][0]
+    tokens = done["logprobs"]["tokens"]
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in tokens) and len(tokens) == 6
+    ids = [int(t.split(":")[1]) for t in tokens]
+    assert bytes(i for i in ids if i < 256).decode("utf-8", "replace") == done["text"]
+    assert all(all(k.startswith("token_id:") for k in top) for top in done["logprobs"]["top_logprobs"])
+    content = chat(url, HI, logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True)["choices"][0][
+        "logprobs"]["content"]
+    assert all(re.fullmatch(r"token_id:\d+", c["token"]) and c["top_logprobs"][0]["token"].startswith("token_id:")
+               for c in content)
+
+
+def test_priority_reaches_the_engine_under_the_priority_policy():
+    app, llm = tiny_app(tiny_engine(extra={"policy": "priority"}))
+    seen = []
+    generate = llm.generate
+
+    def spy(prompt, params, **kwargs):
+        seen.append(params.priority)
+        return generate(prompt, params, **kwargs)
+    llm.generate = spy
+    with ServerThread(app) as srv:
+        complete(srv.url, "ab", priority=-3)
+        chat(srv.url, HI, priority=7)
+    assert seen == [-3, 7]
