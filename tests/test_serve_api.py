@@ -122,6 +122,8 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_object"}}, 400, "'json_object' is not supported"),
     # vLLM's extensions: each refused one in test_serve_refused.py; these need more than the field itself
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400,
+     "best_of is not supported"),
     ("/v1/completions", {"prompt": "x", "priority": 1}, 400, "priority 1 needs priority scheduling"),
     ("/v1/completions", {"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400,
      "prompt_logprobs is not available with stream=true"),

@@ -94,6 +94,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     include_stop_str_in_output: bool = False  # vLLM's extension: keep the stop string that ended the text
+    best_of: int | None = None  # only = n: one sample per choice
     # vLLM's extensions, honoured: see openai_api.py and chat_prompt.py
     priority: int = 0  # lower runs first; anything but 0 needs a server started with the priority policy
     request_id: str | None = None  # the response's id (cmpl-<request_id>); None: a random one
@@ -156,6 +157,9 @@ class _SamplingFields(BaseModel):
             if value is not None and not any(type(value) is type(ok) and value == ok for ok in no_ops):
                 allowed = f" or give {' or '.join(json.dumps(ok) for ok in no_ops)}" if no_ops else ""
                 return name, f"{name} is not supported ({what}): leave it out{allowed}, got {json.dumps(value)[:100]}"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
+                               f"got {self.best_of}")
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             return "truncate_prompt_tokens", (f"truncate_prompt_tokens must be an integer >= 1 (keep the prompt's "
                                               f"last k tokens), got {self.truncate_prompt_tokens}")
@@ -187,7 +191,6 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
     add_special_tokens: bool = True  # vLLM's extension: the tokenizer's BOS (and EOS) around a text prompt
     prompt_embeds: Any = None  # vLLM's extension: refused
     response_format: Any = None  # vLLM's extension on completions: only {"type": "text"}
@@ -214,9 +217,6 @@ class CompletionRequest(_SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
-                               f"got {self.best_of}")
         problem = super().unsupported()
         prompts = len(self.prompts())
         if problem is None and prompts * self.n > MAX_CHOICES:
@@ -266,7 +266,6 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None  # this request's Jinja template instead of the model's
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     # OpenAI's and vLLM's chat fields minillm does not implement: refused unless null or their no-op value
-    best_of: int | None = None
     reasoning_effort: Any = None
     include_reasoning: bool = True
     audio: Any = None
@@ -304,9 +303,6 @@ class ChatCompletionRequest(_SamplingFields):
         return field
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
-                               f"got {self.best_of}")
         if self.add_generation_prompt and self.continue_final_message:
             return "continue_final_message", ("continue_final_message=true continues the last message, "
                                               "add_generation_prompt=true opens a new one: set "
