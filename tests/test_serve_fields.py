@@ -26,7 +26,7 @@ class BosByteTokenizer(ByteTokenizer):
 
 @pytest.fixture(scope="module")
 def url():
-    app, _ = tiny_app(tiny_engine(tokenizer=BosByteTokenizer()))
+    app, _ = tiny_app(tiny_engine(tokenizer=BosByteTokenizer()), trust_request_chat_template=True)
     with ServerThread(app) as srv:
         yield srv.url
 
@@ -97,6 +97,16 @@ def test_a_requests_own_template_its_kwargs_and_documents(url):
     assert error["param"] == "chat_template" and "does not parse" in error["message"]
     error = chat_error(url, chat_template_kwargs={"messages": []})
     assert error["param"] == "chat_template_kwargs" and "may not set 'messages'" in error["message"]
+
+
+def test_a_requests_own_template_is_refused_unless_the_server_trusts_it():
+    """A template is code: by default (as vLLM without --trust-request-chat-template) a 400, and nothing runs."""
+    app, _ = tiny_app(tiny_engine())
+    with ServerThread(app) as srv:
+        error = chat_error(srv.url, chat_template="{% for i in range(99999) %}{% for j in range(99999) %}"
+                                                  "{% endfor %}{% endfor %}")
+        assert error["param"] == "chat_template" and "--trust-request-chat-template" in error["message"]
+        assert chat(srv.url, HI)["choices"][0]["finish_reason"] in ("stop", "length")  # the model's template
 
 
 def chat_error(url: str, **fields) -> dict:

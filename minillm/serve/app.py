@@ -50,16 +50,18 @@ RECENT_STEPS = 64  # batches the playground can show
 
 
 def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0) -> FastAPI:
+              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
-    finish for `shutdown_timeout` seconds, then aborts the rest."""
+    finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
+    with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
-    serving = OpenAIServing(llm, model_name, chat_template)
+    serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template)
     metrics = ServerMetrics(model_name)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 

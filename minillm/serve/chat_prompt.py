@@ -31,8 +31,17 @@ from minillm.serve.protocol import ApiError, ChatCompletionRequest
 RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "special_tokens", "source")
 
 
-def render_chat(tokenizer: Any, server_template: str | None, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-    """(prompt text, token ids) for a chat request; ApiError 400 naming the field for what cannot be rendered."""
+def render_chat(tokenizer: Any, server_template: str | None, request: ChatCompletionRequest,
+                trust_request_template: bool = False) -> tuple[str, list[int]]:
+    """(prompt text, token ids) for a chat request; ApiError 400 naming the field for what cannot be rendered.
+
+    A request's own `chat_template` is code the server runs (Jinja's sandbox stops file and attribute access, not
+    loops: a template of nested loops would hold the event loop, and every other stream, for minutes), so it is
+    refused unless the server was started with --trust-request-chat-template, as vLLM does."""
+    if request.chat_template is not None and not trust_request_template:
+        raise ApiError(400, "chat_template in a request is refused: a template is code the server would run; "
+                            "use the model's template (leave it out), or start the server with "
+                            "--trust-request-chat-template", param="chat_template")
     if not request.messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} messages", param="messages")
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]

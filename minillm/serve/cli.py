@@ -87,7 +87,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   **engine_options(args))
         name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
         app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
-                        max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0)
+                        max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
+                        trust_request_chat_template=args.trust_request_chat_template)
         print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
               file=sys.stderr)
         run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock)
@@ -107,6 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health (env MINILLM_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat request's own chat_template (code the server runs; refused by default)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")

@@ -60,10 +60,12 @@ class _Choice:
 class OpenAIServing:
     """The two generation endpoints for the one model an AsyncLLM serves."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
+                 trust_request_chat_template: bool = False) -> None:
         self.llm = llm
         self.model_name = model_name
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template  # a request's own template (chat_prompt)
         # a token's own bytes for chat logprobs (minillm.loader.Tokenizer.token_bytes); None: its text's UTF-8
         self._token_bytes: Callable[[int], bytes] | None = getattr(llm.tokenizer, "token_bytes", None)
 
@@ -102,7 +104,8 @@ class OpenAIServing:
             raise ApiError(400, str(err), param=param) from None
 
     def render_chat(self, request: ChatCompletionRequest) -> Prompt:
-        text, token_ids = render_chat(self.llm.tokenizer, self.chat_template, request)
+        text, token_ids = render_chat(self.llm.tokenizer, self.chat_template, request,
+                                      self.trust_request_chat_template)
         kept = self._prompt(token_ids, "messages", keep=request.truncate_prompt_tokens)[1]  # 400: empty, too long
         return (text if len(kept) == len(token_ids) else None), kept
 

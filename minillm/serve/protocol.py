@@ -17,7 +17,8 @@ vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop
 include_stop_str_in_output, prompt_logprobs (not with stream), priority (a server whose engine schedules by
 priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id), return_tokens_as_token_ids,
 completions' add_special_tokens, and chat's template fields (add_generation_prompt, continue_final_message, echo,
-add_special_tokens, chat_template, chat_template_kwargs, documents: minillm/serve/chat_prompt.py).
+add_special_tokens, chat_template_kwargs, documents, and chat_template on a server that trusts request
+templates: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
 the prompt's (`num_prompt_logprobs()`).
