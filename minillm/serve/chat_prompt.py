@@ -69,11 +69,17 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
         raise ApiError(400, str(err), param="chat_template" if request.chat_template else "messages") from None
     if request.continue_final_message:
         text = open_final_message(text, messages[-1]["content"])
-    try:  # the template wrote the special tokens as text: add them again only when asked to
-        token_ids = list(tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
-    except TypeError:  # a tokenizer without the switch adds none
-        token_ids = list(tokenizer.encode(text))
-    return text, token_ids
+    # the template wrote the special tokens as text: add them again only when asked to
+    return text, encode_text(tokenizer, text, request.add_special_tokens)
+
+
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """The tokenizer's ids for `text`, with or without its special tokens (a tokenizer without the switch adds
+    none). Both endpoints tokenize through it: a chat's rendered text, a completion's text prompt."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except TypeError:
+        return list(tokenizer.encode(text))
 
 
 def open_final_message(text: str, final: str) -> str:

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import SamplingParams, choice_seed
-from minillm.serve.chat_prompt import answer_role, echoed, render_chat
+from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
@@ -96,7 +96,7 @@ class OpenAIServing:
         text = prompt if isinstance(prompt, str) else None
         try:
             if text and (keep is not None or not add_special_tokens):
-                prompt = _encode(self.llm.tokenizer, text, add_special_tokens) or text  # none: the engine says so
+                prompt = encode_text(self.llm.tokenizer, text, add_special_tokens) or text  # none: the engine says so
             if keep is not None and not isinstance(prompt, str) and len(prompt) > keep:
                 prompt, text = list(prompt)[-keep:], None
             return text, self.llm.engine.validate_prompt(prompt)[1]
@@ -379,11 +379,3 @@ _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": 
 def _event(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """The tokenizer's ids for `text`, with or without its special tokens (a tokenizer without the switch adds
-    none)."""
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    except TypeError:
-        return list(tokenizer.encode(text))
