@@ -56,12 +56,14 @@ def _same_or_none(got, want, what: str) -> None:
 def test_split_linear_matches_solution(impl, ref, tp, out, inp):
     g = _gen(tp * 100 + out)
     weight, bias = torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
+    # a loader may hand the tensors over one at a time: a bias alone (weight None) is split like one with its weight
+    pairs = [(weight, bias), (weight, None), (None, bias)]
     for rank in range(tp):
-        for style, b in [(style, b) for style in ("column", "row") for b in (bias, None)]:
-            got, want = impl(weight, b, rank, tp, style), ref(weight, b, rank, tp, style)
+        for style, (w, b) in [(style, pair) for style in ("column", "row") for pair in pairs]:
+            got, want = impl(w, b, rank, tp, style), ref(w, b, rank, tp, style)
             assert isinstance(got, tuple) and len(got) == 2, "split_linear must return (weight shard, bias shard)"
-            what = f"split_linear(W {tuple(weight.shape)}, {'b' if b is not None else 'None'}, rank {rank}, " \
-                   f"tp {tp}, {style!r})"
+            what = f"split_linear({f'W {tuple(weight.shape)}' if w is not None else 'None'}, " \
+                   f"{'b' if b is not None else 'None'}, rank {rank}, tp {tp}, {style!r})"
             _same_or_none(got[0], want[0], f"{what} weight shard")
             _same_or_none(got[1], want[1], f"{what} bias shard")
 
