@@ -292,6 +292,10 @@ def test_micro_batch_bounds_properties(impl):
         assert len(bounds) == n + 1, f"{lens}, {m}: {bounds} must make {n} micro-batches"
         assert all(a < b for a, b in zip(bounds, bounds[1:])), f"{lens}, {m}: {bounds} has an empty micro-batch"
     assert impl([1] * 7, 3) == [0, 3, 5, 7], "seven 1-token rows in 3 micro-batches: 3, 2, 2 (remainder kept)"
+    got = impl([1] * 58, 14)  # micro-batch 7 closes at exactly 7/14 of 58 tokens: 29, which floats miss
+    assert got == [0, 5, 9, 13, 17, 21, 25, 29, 34, 38, 42, 46, 50, 54, 58], \
+        f"58 one-token rows in 14 micro-batches: got {got}; the 7th closes at row 29, where the count is exactly " \
+        f"7/14 of the 58 tokens. Compare count * n >= total * g in integers: 58 / 14 * 7 is 29.000000000000004"
     assert_rejects(impl, ([1] * 7, 3), [0, 3, 5, 7], [([1, 2], 0), ([], 2)], "micro_batch_bounds")
 
 

@@ -70,8 +70,9 @@ EXERCISES = [
         points=10,
         nudge="Walk the sequences with a running token count and cut where each micro-batch has its share; keep "
               "every sequence, and never leave a micro-batch empty.",
-        hint="n = min(M, seqs), target = total / n; after seq i: close group g = len(bounds) when acc >= g * target "
-             "or seqs left == groups still to open; end with num_seqs (the remainder is never dropped).",
+        hint="n = min(M, seqs); after seq i: close group g = len(bounds) when acc * n >= total * g (integers, not "
+             "acc >= g * (total / n)) or seqs left == groups still to open; end with num_seqs (the remainder is never "
+             "dropped).",
         signature="micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[int]",
         called_from="minillm.parallel.runner.split_step (every step of a pipeline-parallel worker: pp micro-batches)",
     ),
