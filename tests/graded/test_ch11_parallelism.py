@@ -97,7 +97,8 @@ def test_split_linear_rejects_bad_input(impl, ref):
     w, b = torch.zeros(6, 4), torch.zeros(6)
     valid = (torch.arange(24.0).reshape(6, 4), torch.arange(6.0), 1, 2, "column")
     assert_rejects(impl, valid, ref(*valid), [(w, b, 0, 2, "diagonal"), (w, b, 2, 2, "column"), (w, b, -1, 2, "row"),
-                                              (w, b, 0, 4, "column"), (w, b, 0, 3, "row")], "split_linear")
+                                              (w, b, 0, 4, "column"), (w, b, 0, 3, "row"),
+                                              (None, b, 0, 4, "column")], "split_linear")
 
 
 @pytest.mark.exercise("ch11.split_linear")
