@@ -192,6 +192,12 @@ def test_moe_route_properties(impl):
     everything, _ = impl(logits, 8)
     assert_close(everything, torch.softmax(logits.float(), -1).sort(-1, descending=True).values,
                  "with top_k = every expert the weights are the router's softmax")
+    big = torch.tensor([[300.0, 290.0, -50.0, 0.0], [-300.0, -310.0, -290.0, -400.0]])
+    w_big, ids_big = impl(big, 2)
+    assert_close(w_big, torch.softmax(torch.tensor([[300.0, 290.0], [-290.0, -300.0]]), -1),
+                 "weights of router logits near +-300 (exp overflows fp32 past 88.7 and is 0 below -104: subtract "
+                 "each token's max first, as torch.softmax does)")
+    assert_equal(ids_big, torch.tensor([[0, 1], [2, 0]]), "expert_ids of router logits near +-300")
 
 
 @pytest.mark.exercise("ch11.moe_route")
