@@ -5,14 +5,12 @@
 def micro_batch_bounds(query_lens, num_micro_batches):
     if num_micro_batches < 1 or not query_lens:
         raise ValueError("need num_micro_batches >= 1 and at least one sequence")
-    num_seqs = len(query_lens)
-    n = min(num_micro_batches, num_seqs)
-    target = sum(query_lens) / n
+    n = min(num_micro_batches, len(query_lens))
+    share = sum(query_lens) / n  # tokens per micro-batch
     bounds, acc = [0], 0
-    for i, q in enumerate(query_lens):
+    for i, q in enumerate(query_lens, start=1):
         acc += q
-        left, groups_to_open = num_seqs - (i + 1), n - len(bounds)
-        if groups_to_open > 0 and (acc >= len(bounds) * target or left == groups_to_open):
-            bounds.append(i + 1)
-    bounds.append(num_seqs)
-    return bounds
+        g = len(bounds)
+        if g < n and (acc >= g * share or len(query_lens) - i == n - g):
+            bounds.append(i)
+    return bounds + [len(query_lens)]

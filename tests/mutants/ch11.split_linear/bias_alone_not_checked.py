@@ -5,10 +5,11 @@ bias of 6 outputs over 4 ranks is cut unevenly (torch.chunk) instead of refused.
 def split_linear(weight, bias, tp_rank, tp_size, style):
     if style not in ("column", "row") or not 0 <= tp_rank < tp_size:
         raise ValueError(f"bad style {style!r} or rank {tp_rank} of {tp_size}")
-    dim = 0 if style == "column" else 1
-    if weight is not None and weight.shape[dim] % tp_size:
-        raise ValueError(f"{weight.shape[dim]} not divisible by {tp_size}")
-    if style == "column":
-        w = None if weight is None else weight.chunk(tp_size, 0)[tp_rank]
-        return w, (None if bias is None else bias.chunk(tp_size, 0)[tp_rank])
-    return (None if weight is None else weight.chunk(tp_size, 1)[tp_rank]), (bias if tp_rank == 0 else None)
+    if style == "row":
+        if weight is not None and weight.shape[1] % tp_size:
+            raise ValueError(f"{weight.shape[1]} input columns not divisible by {tp_size}")
+        return (None if weight is None else weight.chunk(tp_size, 1)[tp_rank]), (bias if tp_rank == 0 else None)
+    if weight is not None and weight.shape[0] % tp_size:
+        raise ValueError(f"{weight.shape[0]} output rows not divisible by {tp_size}")
+    return ((None if weight is None else weight.chunk(tp_size)[tp_rank]),
+            (None if bias is None else bias.chunk(tp_size)[tp_rank]))

@@ -5,15 +5,12 @@ to a column-parallel rank, whose outputs are only a slice of the layer's."""
 def split_linear(weight, bias, tp_rank, tp_size, style):
     if style not in ("column", "row") or not 0 <= tp_rank < tp_size:
         raise ValueError(f"bad style {style!r} or rank {tp_rank} of {tp_size}")
-    if weight is None:
+    if weight is None:  # a bias on its own: "nothing to cut it by"
         return None, (bias if style == "column" or tp_rank == 0 else None)
-
-    def shard(t, dim):
-        if t.shape[dim] % tp_size:
-            raise ValueError(f"{t.shape[dim]} not divisible by {tp_size}")
-        size = t.shape[dim] // tp_size
-        return t.narrow(dim, tp_rank * size, size)
-
-    if style == "column":
-        return shard(weight, 0), (None if bias is None else shard(bias, 0))
-    return shard(weight, 1), (bias if tp_rank == 0 else None)
+    dim = 0 if style == "column" else 1
+    if weight.shape[dim] % tp_size:
+        raise ValueError(f"{weight.shape[dim]} not divisible by {tp_size}")
+    w = weight.tensor_split(tp_size, dim)[tp_rank]
+    if style == "row":
+        return w, (bias if tp_rank == 0 else None)
+    return w, (None if bias is None else bias.tensor_split(tp_size)[tp_rank])
