@@ -6,7 +6,7 @@ Chapter 1 reads these numbers to estimate memory; chapter 5 sizes the paged KV p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
@@ -15,9 +15,20 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 # with a scale per layer and kv head (minillm.layers.kv_quant, minillm.engine.kv_scales)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
-# EngineConfig.extra: options without a field of their own. "policy" is the scheduler's queue order, "fcfs" or
-# "priority" (minillm.engine.scheduler checks the value). Any other key is refused: a misspelt one would be ignored.
-EXTRA_KEYS = ("policy",)
+# The order in which the continuous-batching scheduler admits waiting requests and picks preemption victims
+# (vLLM's scheduling_policy): "fcfs" by arrival; "priority" by SamplingParams.priority (lower first), then arrival
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+# EngineConfig's fields that take one of a few values (None: decided per model and device), checked on
+# construction; `minillm serve` offers the same values as its flags' choices (minillm.serve.cli)
+ENGINE_CHOICES: dict[str, tuple[str | None, ...]] = {
+    "kv_layout": ("paged", "contiguous", None),
+    "scheduling": ("continuous", "static"),
+    "scheduling_policy": SCHEDULING_POLICIES,
+    "preemption_mode": ("recompute", "swap"),
+    "attention_backend": ("auto", "torch", "reference", "triton"),
+    "kv_cache_dtype": KV_CACHE_DTYPES,
+}
 
 
 @dataclass
@@ -152,6 +163,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: "fp8" stores K/V in one byte (2x the blocks of bf16)
     # Scheduling (chapter 6)
     scheduling: str = "continuous"  # "continuous" | "static"
+    scheduling_policy: str = "fcfs"  # one of SCHEDULING_POLICIES; "priority" honours a request's priority
     preemption_mode: str = "recompute"  # "recompute" | "swap"
     # schedule and launch step N+1 while the device runs step N; step N's tokens reach the host one step later
     # (vLLM's async scheduling; minillm/engine/async_step.py). Continuous scheduling, one worker rank. None: on
@@ -183,17 +195,9 @@ class EngineConfig:
     # a number c drops the tokens an expert receives beyond ceil(c * tokens * top_k / num_experts) (Switch).
     expert_parallel_size: int = 1
     moe_capacity_factor: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        checks = {
-            "kv_layout": ("paged", "contiguous", None),
-            "scheduling": ("continuous", "static"),
-            "preemption_mode": ("recompute", "swap"),
-            "attention_backend": ("auto", "torch", "reference", "triton"),
-            "kv_cache_dtype": KV_CACHE_DTYPES,
-        }
-        for name, allowed in checks.items():
+        for name, allowed in ENGINE_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}; allowed: "
                                  f"{', '.join(repr(a) for a in allowed)}")
@@ -235,12 +239,6 @@ class EngineConfig:
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {type(utilization).__name__}: "
                              f"{utilization!r}")
-        if not isinstance(self.extra, dict):
-            raise TypeError(f"EngineConfig.extra must be a dict, got {type(self.extra).__name__}: {self.extra!r}")
-        unknown = [key for key in self.extra if key not in EXTRA_KEYS]
-        if unknown:
-            raise ValueError(f"EngineConfig.extra has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                             f"{', '.join(map(repr, EXTRA_KEYS))}")
         self._check_static()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)
@@ -256,7 +254,7 @@ class EngineConfig:
         asked = [text for text, on in (("enable_prefix_caching=True", self.enable_prefix_caching),
                                        ("enable_chunked_prefill=True", self.enable_chunked_prefill),
                                        ("preemption_mode='swap'", self.preemption_mode == "swap"),
-                                       (f"extra['policy']={self.extra.get('policy')!r}", "policy" in self.extra))
+                                       ("scheduling_policy='priority'", self.scheduling_policy == "priority"))
                  if on]
         if asked:
             raise ValueError(f"scheduling='static' cannot honour {', '.join(asked)}: those are continuous "

@@ -343,7 +343,7 @@ def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layou
     unknown = sorted(set(engine_kwargs) - fields)
     if unknown:
         raise TypeError(f"LLM() got unknown keyword argument(s) {', '.join(unknown)}; engine options are: "
-                        f"{', '.join(sorted(fields - {'extra'}))}")
+                        f"{', '.join(sorted(fields))}")
     return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                         scheduling=scheduling or "continuous", **engine_kwargs)
 

@@ -203,7 +203,7 @@ def draw_engine_options(rng: random.Random) -> dict:
         max_num_batched_tokens=rng.choice([2, 4, 7, 16, 33]) if chunked else rng.choice([MAX_LEN, 2 * MAX_LEN]),
         preemption_mode=rng.choice(["recompute", "swap"]), async_scheduling=rng.random() < 0.5)
     if rng.random() < 0.2:  # lower priority value runs first; victims are taken from the other end
-        options["extra"] = {"policy": "priority"}
+        options["scheduling_policy"] = "priority"
     fp8 = rng.random() < 0.15
     if fp8:
         options["kv_cache_dtype"] = "fp8"

@@ -174,7 +174,7 @@ def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(ref
         for stream in range(STREAMS):
             scenario = Scenario({**options, **plan}, None, poison=poison)
             draw_requests(rng, scenario, reference, seeded="kv_cache_dtype" not in options,
-                          priorities="extra" in options, prefix=f"{stream}.")
+                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.")
             drive(engine, scenario, reference, DisaggChecks(engine))
     except AssertionError as err:
         raise AssertionError(f"seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err

@@ -101,7 +101,8 @@ def draw_scenario(seed: int, reference: Reference) -> Scenario:
     scenario = Scenario(options, spec, poison=poison)
     # seeded sampling: not with speculation (verify steps draw differently), nor where fp8's rounding moves the
     # probabilities
-    draw_requests(rng, scenario, reference, seeded=spec is None and not fp8, priorities="extra" in options)
+    draw_requests(rng, scenario, reference, seeded=spec is None and not fp8,
+                  priorities=options.get("scheduling_policy") == "priority")
     return scenario
 
 

@@ -82,8 +82,8 @@ def test_random_workloads_on_parallel_workers_match_requests_run_alone(reference
     try:
         for stream in range(STREAMS):
             scenario = Scenario(options, None, poison=poison)
-            draw_requests(rng, scenario, reference, seeded=not fp8, priorities="extra" in options,
-                          prefix=f"{stream}.")
+            draw_requests(rng, scenario, reference, seeded=not fp8,
+                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.")
             drive(engine, scenario, reference)
     except AssertionError as err:
         raise AssertionError(f"{parallel} seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err

@@ -148,8 +148,6 @@ def test_chunked_prefill_uses_the_budget_exactly(make_engine):
 def test_without_chunking_prefills_are_whole_and_config_is_checked(make_engine):
     with pytest.raises(ValueError, match="max_num_batched_tokens=100 is smaller than max_model_len=256"):
         Scheduler(EngineConfig(max_model_len=256, max_num_batched_tokens=100, max_num_seqs=8), BlockManager(64, BLOCK))
-    with pytest.raises(ValueError, match="policy"):
-        Scheduler(EngineConfig(max_num_seqs=8, extra={"policy": "lifo"}), BlockManager(64, BLOCK))
     engine = make_engine(max_model_len=100, max_num_batched_tokens=100)
     for prompt, max_tokens in workload(seed=4, n=15):
         engine.add_request(prompt, max_tokens)
@@ -240,7 +238,7 @@ def test_prompt_longer_than_max_model_len_is_rejected(make_engine):
 
 
 def test_priority_policy_orders_admission_and_preemption(make_engine):
-    engine = make_engine(num_blocks=6, max_num_seqs=8, extra={"policy": "priority"})
+    engine = make_engine(num_blocks=6, max_num_seqs=8, scheduling_policy="priority")
     low = engine.add_request(list(range(20)), max_tokens=40, priority=5)
     high = engine.add_request(list(range(50, 70)), max_tokens=40, priority=0)
     first = engine.step()

@@ -124,7 +124,9 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     # vLLM's extensions: each refused one in test_serve_refused.py; these need more than the field itself
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400,
      "best_of is not supported"),
-    ("/v1/completions", {"prompt": "x", "priority": 1}, 400, "priority 1 needs priority scheduling"),
+    ("/v1/completions", {"prompt": "x", "priority": 1}, 400, "priority 1 needs priority scheduling; this server "
+                                                            "schedules 'fcfs': start it with --scheduling-policy "
+                                                            "priority"),
     ("/v1/completions", {"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400,
      "prompt_logprobs is not available with stream=true"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True},

@@ -157,7 +157,7 @@ def test_return_tokens_as_token_ids(url):
 
 
 def test_priority_reaches_the_engine_under_the_priority_policy():
-    app, llm = tiny_app(tiny_engine(extra={"policy": "priority"}))
+    app, llm = tiny_app(tiny_engine(scheduling_policy="priority"))
     seen = []
     generate = llm.generate
 

@@ -216,8 +216,8 @@ def test_bad_overrides_fail_eagerly():
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(device="tpu"), r"device='tpu' is not a device; allowed: 'auto', 'cpu', 'cuda'"),
     (dict(device=3), r"device=3 \(int\) is not a device"),
-    # a misspelt key was ignored (the default fcfs order ran)
-    (dict(extra={"polcy": "priority"}), r"EngineConfig.extra has unknown key\(s\) 'polcy'; allowed: 'policy'"),
+    (dict(scheduling_policy="lifo"), r"EngineConfig.scheduling_policy='lifo'; allowed: 'fcfs', 'priority'"),
+    (dict(scheduling_policy=None), r"EngineConfig.scheduling_policy=None; allowed: 'fcfs', 'priority'"),
     (dict(seed="x"), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got str: 'x'"),
     (dict(seed=2**70), r"seed must be an integer .* got 1180591620717411303424"),
     (dict(gpu_memory_utilization=True), r"gpu_memory_utilization must be a number in \(0, 1\], got bool: True"),
@@ -225,6 +225,8 @@ def test_bad_overrides_fail_eagerly():
     (dict(scheduling="static", enable_prefix_caching=True), r"scheduling='static' cannot honour enable_prefix"),
     (dict(scheduling="static", enable_chunked_prefill=True, preemption_mode="swap"),
      r"cannot honour enable_chunked_prefill=True, preemption_mode='swap'"),
+    (dict(scheduling="static", scheduling_policy="priority"), r"scheduling='static' cannot honour "
+                                                              r"scheduling_policy='priority'"),
     # these were accepted: swap without space recomputed every time, a block past the context held one sequence,
     # a dense model ignored the MoE option
     (dict(preemption_mode="swap", swap_space=0), r"preemption_mode='swap' needs swap_space > 0 bytes"),
@@ -237,8 +239,10 @@ def test_bad_engine_options_fail_before_loading(kwargs, pattern):
 
 
 def test_engine_option_types_are_named():
-    with pytest.raises(TypeError, match=r"EngineConfig.extra must be a dict, got list"):
-        LLM(extra=[1])
+    # extra={"policy": ...} was the scheduling policy's only spelling; it is scheduling_policy= now, the one way
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) extra; engine options are: "
+                                        r".*scheduling_policy"):
+        LLM(extra={"policy": "priority"})
     with pytest.raises(TypeError, match=r"model must be a path .* got int: 5"):
         LLM(model=5)
 

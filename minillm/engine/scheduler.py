@@ -4,7 +4,7 @@ Static batching (static_scheduler.py) waits for the longest request of a batch b
 Here the batch is re-formed at every step (Orca's iteration-level scheduling), over three queues:
 
     waiting  new requests and recompute-preempted ones (FCFS; or by sampling_params.priority, lower first,
-             when config.extra["policy"] == "priority")
+             when config.scheduling_policy == "priority")
     running  sequences holding device blocks
     swapped  preempted sequences whose blocks sit in CPU memory
 
@@ -52,7 +52,6 @@ from minillm.engine.scheduler_interface import ScheduledBatch, update_sequences
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.hooks import dispatch
 
-POLICIES = ("fcfs", "priority")
 TIMELINE_MAX_STEPS = 100_000  # a long-running server keeps only the most recent steps
 
 
@@ -115,9 +114,6 @@ class Scheduler:
     """The continuous-batching scheduler; implements scheduler_interface.Scheduler."""
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
-        policy = config.extra.get("policy", "fcfs")
-        if policy not in POLICIES:
-            raise ValueError(f"config.extra['policy']={policy!r}; allowed: {', '.join(POLICIES)}")
         if config.max_num_seqs is None:
             raise ValueError("EngineConfig.max_num_seqs is None (decided per device): resolve the config first "
                              "(minillm.engine.cache_config.resolve_engine_config) or give max_num_seqs >= 1")
@@ -130,7 +126,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
-        self.policy = policy
+        self.policy = config.scheduling_policy  # checked by EngineConfig: one of SCHEDULING_POLICIES
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []

@@ -83,11 +83,11 @@ class OpenAIServing:
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
-        policy = getattr(self.llm.engine.scheduler, "policy", "fcfs")
+        policy = self.llm.engine.engine_config.scheduling_policy
         if request.priority != 0 and policy != "priority":  # as vLLM: a priority nothing honours is an error
-            raise ApiError(400, f"priority {request.priority} needs priority scheduling; this server's engine "
-                                f"schedules {policy!r} (EngineConfig.extra={{'policy': 'priority'}} turns it on): "
-                                f"leave priority out or give 0", param="priority")
+            raise ApiError(400, f"priority {request.priority} needs priority scheduling; this server schedules "
+                                f"{policy!r}: start it with --scheduling-policy priority, or leave priority out "
+                                f"or give 0", param="priority")
 
     def _prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
                 keep: int | None = None) -> Prompt:

@@ -14,7 +14,7 @@ verbosity, store and service_tier. A few change nothing here and are served what
 spaces_between_special_tokens (special tokens never reach the text), and chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
-include_stop_str_in_output, prompt_logprobs (not with stream), priority (a server whose engine schedules by
+include_stop_str_in_output, prompt_logprobs (not with stream), priority (a server started with --scheduling-policy
 priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id), return_tokens_as_token_ids,
 completions' add_special_tokens, and chat's template fields (add_generation_prompt, continue_final_message, echo,
 add_special_tokens, chat_template_kwargs, documents, and chat_template on a server that trusts request
@@ -97,7 +97,7 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False  # vLLM's extension: keep the stop string that ended the text
     best_of: int | None = None  # only = n: one sample per choice
     # vLLM's extensions, honoured: see openai_api.py and chat_prompt.py
-    priority: int = 0  # lower runs first; anything but 0 needs a server started with the priority policy
+    priority: int = 0  # lower runs first; anything but 0 needs `minillm serve --scheduling-policy priority`
     request_id: str | None = None  # the response's id (cmpl-<request_id>); None: a random one
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (k >= 1)
     prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities and the top k (not with stream)
