@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -20,6 +21,23 @@ def test_engine_flags_reach_the_engine_config():
     assert engine_options(args) == {"max_num_seqs": 4, "enable_prefix_caching": True,
                                     "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
     assert args.quantization == "fp8"
+
+
+def test_scheduling_policy_is_a_flag_with_its_choices(capsys):
+    """--scheduling-policy (vLLM's flag) reaches EngineConfig.scheduling_policy; a field with a few allowed values
+    takes only those, and --help lists them."""
+    assert engine_options(_parse("--scheduling-policy", "priority")) == {"scheduling_policy": "priority"}
+    assert "scheduling_policy" not in engine_options(_parse())  # left to EngineConfig's default, "fcfs"
+    with pytest.raises(SystemExit):
+        _parse("--scheduling-policy", "lifo")
+    # (argparse quotes the choices in some Python versions and not in others)
+    assert re.search(r"argument --scheduling-policy: invalid choice: 'lifo' \(choose from '?fcfs'?, '?priority'?\)",
+                     capsys.readouterr().err)
+    assert engine_options(_parse("--kv-layout", "contiguous", "--kv-cache-dtype", "fp8")) == {
+        "kv_layout": "contiguous", "kv_cache_dtype": "fp8"}
+    with pytest.raises(SystemExit):
+        _parse("--help")
+    assert "--scheduling-policy {fcfs,priority}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text", ["{method: ngram}", '["ngram"]'])

@@ -2,9 +2,10 @@
 
 minillm/cli.py owns the parser and calls `register(subparsers)`. The engine options are not written out by
 hand: every field of EngineConfig becomes a flag of vLLM's spelling (max_num_seqs -> --max-num-seqs,
-enable_prefix_caching -> --enable-prefix-caching), so an option the engine gains (a KV-cache dtype, a
-speculative config) is a server flag the day it exists. The server binds 127.0.0.1 unless told otherwise:
-an inference server on every interface is an open compute service.
+enable_prefix_caching -> --enable-prefix-caching, scheduling_policy -> --scheduling-policy), so an option the
+engine gains (a KV-cache dtype, a speculative config) is a server flag the day it exists; a field with a few
+allowed values (config.ENGINE_CHOICES) lists them in --help and the parser refuses any other. The server binds
+127.0.0.1 unless told otherwise: an inference server on every interface is an open compute service.
 """
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import os
 import sys
 from typing import Any
 
-from minillm.config import EngineConfig
-
-SKIP_FIELDS = {"extra"}  # a dict: not a flag
+from minillm.config import ENGINE_CHOICES, EngineConfig
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -48,11 +47,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (EngineConfig; defaults are decided per model and device)")
     for f in dataclasses.fields(EngineConfig):
         kind = _flag_type(f.type)
-        if f.name in SKIP_FIELDS or kind is None:
+        if kind is None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"EngineConfig.{f.name}")
+        elif f.name in ENGINE_CHOICES:  # None among the allowed values is the default: not a value to type
+            group.add_argument(flag, choices=[c for c in ENGINE_CHOICES[f.name] if c is not None], default=None,
+                               help=f"EngineConfig.{f.name}")
         else:
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
                                help=f"EngineConfig.{f.name}")
