@@ -12,6 +12,8 @@ LLM loads the model, builds an LLMEngine, feeds it every prompt and steps it unt
 The scheduler and KV layout are parameters. The default is chapter 6's continuous batcher over chapter 5's
 paged blocks; `LLM(scheduling="static", kv_layout="contiguous")` is chapter 2's static batching over one
 contiguous region per sequence, kept for comparison (benchmarks/bench_scheduling.py measures the difference).
+`LLM(scheduling_policy="priority")` (vLLM's option; default "fcfs", first come first served) admits the waiting
+request of lowest priority value first and preempts from the other end: `generate(prompts, priority=[...])`.
 `llm.share_model(**options)` builds another LLM around the same loaded weights (no reload), e.g. to compare
 schedulers on one model. `LLM(model, disaggregation={"prefill": 1, "decode": 1})` serves through a prefill worker
 and a decode worker process that pass each request's KV cache (minillm.engine.disagg_engine, chapter 11).
@@ -186,13 +188,20 @@ class LLM:
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | SequenceT[Prompt], sampling_params: SamplingParams |
-                 SequenceT[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+                 SequenceT[SamplingParams] | None = None, use_tqdm: bool = False, *,
+                 priority: SequenceT[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order. A prompt is a str, a list of token ids or
         vLLM's {"prompt": str} / {"prompt_token_ids": [...]} (minillm.inputs). Every prompt is validated before
-        any work starts: a bad one raises ValueError/TypeError naming its index."""
+        any work starts: a bad one raises ValueError/TypeError naming its index.
+
+        priority (vLLM's argument): one integer per prompt, lower scheduled first, for an LLM built with
+        scheduling_policy="priority" (under "fcfs" only zeros are accepted: nothing would honour the others). It
+        replaces the prompt's SamplingParams.priority."""
         prompt_list = normalize_prompts(prompts)
         # only the finished outputs are returned: the engine need not snapshot every request after every step
         params = _normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
+        if priority is not None:
+            params = self._with_priority(params, priority)
         tokenized = []
         for i, prompt in enumerate(prompt_list):
             try:
@@ -200,6 +209,23 @@ class LLM:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i}: {err}") from None
         return self._submit(tokenized, params, use_tqdm)
+
+    def _with_priority(self, params: list[SamplingParams], priority: Any) -> list[SamplingParams]:
+        """A copy of each prompt's SamplingParams with priority[i], each value checked (an integer, one the
+        engine's scheduling policy honours) before any request is queued; errors name the index."""
+        if isinstance(priority, (str, bytes)) or not isinstance(priority, SequenceT):
+            raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}: "
+                            f"{priority!r}")
+        if len(priority) != len(params):
+            raise ValueError(f"got {len(priority)} priorities for {len(params)} prompts; give one per prompt")
+        copies = []
+        for i, (p, value) in enumerate(zip(params, priority)):
+            try:
+                copies.append(p.checked_copy(priority=value))
+                self.llm_engine.check_priority(copies[-1].priority)
+            except ParamError as err:
+                raise ParamError("priority", f"priority[{i}]: {err}") from None
+        return copies
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool) -> list[RequestOutput]:

@@ -138,7 +138,8 @@ class Reference:
                                FussyTokenizer() if poison else ByteTokenizer(), self.config,
                                EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
                                             async_scheduling=False, kv_cache_dtype=kv_cache_dtype))
-            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH))
+            # alone, a request's priority orders nothing, and this fcfs engine refuses any but 0
+            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH).checked_copy(priority=0))
             done = None
             while engine.has_unfinished_requests():
                 for out in engine.step():

@@ -1,6 +1,7 @@
 """What a vLLM user's code reads and passes besides generate(str): the typed prompt dicts (TextPrompt,
-TokensPrompt), llm.get_tokenizer(), and CompletionOutput.stop_reason. On the tiny random engine of the serving
-tests (byte tokens, two layers of width 32), with logit_bias forcing the tokens a case needs.
+TokensPrompt), llm.get_tokenizer(), CompletionOutput.stop_reason, and scheduling_policy="priority" with
+generate(prompts, priority=[...]). On the tiny random engine of the serving tests (byte tokens, two layers of
+width 32), with logit_bias forcing the tokens a case needs.
 """
 from __future__ import annotations
 
@@ -60,3 +61,60 @@ def test_stop_reason_names_what_stopped(llm, params, reason, token_ids):
     assert out.finish_reason == ("length" if "max_tokens" in params else "stop")
     last = list(llm.generate_stream("a", sampling))[-1].outputs[0]
     assert (last.finish_reason, last.stop_reason) == (out.finish_reason, reason)
+
+
+def _finish_order(llm: LLM, prompts: list[str], **generate_kwargs) -> list[str]:
+    """The prompts in the order their requests finished."""
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate(prompts, params, **generate_kwargs)
+    assert [o.prompt for o in outs] == prompts  # returned in input order, whatever the finishing order
+    return [o.prompt for o in sorted(outs, key=lambda o: o.metrics.finish_time)]
+
+
+def test_priority_policy_runs_the_lowest_priority_value_first(llm):
+    """One slot (max_num_seqs=1): under scheduling_policy="priority" (an LLM option, as in vLLM) the waiting
+    request of lowest priority runs next; under the default "fcfs" they run in arrival order."""
+    prompts = ["a", "b", "c", "d"]
+    by_priority = llm.share_model(max_num_seqs=1, scheduling_policy="priority")
+    assert by_priority.llm_engine.engine_config.scheduling_policy == "priority"
+    assert _finish_order(by_priority, prompts, priority=[2, 0, -1, 1]) == ["c", "b", "d", "a"]
+    assert _finish_order(by_priority, prompts) == prompts  # no priorities: all 0, arrival order
+    fcfs = llm.share_model(max_num_seqs=1)
+    assert fcfs.llm_engine.engine_config.scheduling_policy == "fcfs"
+    assert _finish_order(fcfs, prompts, priority=[0, 0, 0, 0]) == prompts
+
+
+def test_priority_replaces_sampling_params_priority(llm):
+    by_priority = llm.share_model(max_num_seqs=1, scheduling_policy="priority")
+    late = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, priority=5)
+    outs = by_priority.generate(["a", "b"], late, priority=[1, 0])
+    assert outs[1].metrics.finish_time < outs[0].metrics.finish_time
+    assert late.priority == 5  # the caller's object is left as it was
+
+
+@pytest.mark.parametrize("policy, priority, error, words", [
+    ("fcfs", [0, 3], ValueError, r"priority\[1\]: priority=3 needs scheduling_policy='priority'; this engine "
+                                 r"schedules 'fcfs'"),
+    ("priority", [0], ValueError, r"got 1 priorities for 2 prompts; give one per prompt"),
+    ("priority", [0, 1, 2], ValueError, r"got 3 priorities for 2 prompts"),
+    ("priority", 1, TypeError, r"priority must be a list of integers, one per prompt, got int: 1"),
+    ("priority", "01", TypeError, r"priority must be a list of integers, one per prompt, got str"),
+    ("priority", [0, 1.5], ValueError, r"priority\[1\]: priority must be an integer .* got float: 1.5"),
+    ("priority", [True, 0], ValueError, r"priority\[0\]: priority must be an integer .* got bool: True"),
+    ("priority", [0, 2**63], ValueError, r"priority\[1\]: priority must be an integer in \[-9223372036854775808, "),
+])
+def test_bad_priorities_are_refused_before_anything_is_queued(llm, policy, priority, error, words):
+    other = llm.share_model(scheduling_policy=policy)
+    with pytest.raises(error, match=words):
+        other.generate(["a", "b"], SamplingParams(max_tokens=1), priority=priority)
+    assert not other.llm_engine.has_unfinished_requests()
+
+
+def test_a_priority_the_fcfs_engine_would_ignore_is_refused(llm):
+    """SamplingParams.priority too: under "fcfs" nothing would honour it (vLLM refuses it the same way)."""
+    from minillm.sampling_params import ParamError
+    with pytest.raises(ParamError, match=r"sampling_params 0: priority=-1 needs scheduling_policy='priority'"):
+        llm.generate("a", SamplingParams(max_tokens=1, priority=-1))
+    with pytest.raises(ParamError, match=r"priority=2 needs scheduling_policy='priority'"):
+        llm.llm_engine.add_request(None, "a", SamplingParams(max_tokens=1, priority=2))
+    assert not llm.llm_engine.has_unfinished_requests()

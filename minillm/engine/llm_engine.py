@@ -191,18 +191,28 @@ class LLMEngine(StepOutputs):
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary, and n > 1 (an engine request is one sequence: LLM.generate, LLM.chat and
-        the server submit params.choices()). Reads only the configuration: safe beside a running step (AsyncLLM
-        and the server check before queuing)."""
+        outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority), and n > 1
+        (an engine request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads
+        only the configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
                                   f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
+        self.check_priority(params.priority)
         if not params.logit_bias:
             return
         vocab = self.model_config.vocab_size
         outside = [t for t in params.logit_bias if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
+
+    def check_priority(self, priority: int) -> None:
+        """ParamError unless this engine honours `priority`: any value under scheduling_policy='priority' (lower
+        runs first), only 0 under 'fcfs', which would ignore it (as vLLM refuses a priority it cannot honour)."""
+        policy = self.engine_config.scheduling_policy
+        if priority != 0 and policy != "priority":
+            raise ParamError("priority", f"priority={priority} needs scheduling_policy='priority'; this engine "
+                                         f"schedules {policy!r}: build it with scheduling_policy='priority' or "
+                                         f"leave priority at 0")
 
     def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""
