@@ -1,10 +1,13 @@
 """vLLM's request extensions the server honours (chapter 10), each checked by what it changes in the answer:
 the chat-template fields (add_generation_prompt, continue_final_message, echo, add_special_tokens, chat_template,
-chat_template_kwargs, documents), truncate_prompt_tokens, priority, request_id, prompt_logprobs and
-return_tokens_as_token_ids. The fields minillm refuses are in test_serve_api.py's BAD table."""
+chat_template_kwargs, documents), truncate_prompt_tokens, priority (on a server started with
+--scheduling-policy priority), request_id, prompt_logprobs and return_tokens_as_token_ids. The fields minillm
+refuses are in test_serve_api.py's BAD table."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import httpx
 import pytest
@@ -169,3 +172,43 @@ def test_priority_reaches_the_engine_under_the_priority_policy():
         complete(srv.url, "ab", priority=-3)
         chat(srv.url, HI, priority=7)
     assert seen == [-3, 7]
+
+
+def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_a_server_started_with_the_priority_flag_serves_priority_minus_one_first():
+    """`minillm serve --scheduling-policy priority --max-num-seqs 1` but for the model: the flags parsed as the
+    command parses them, the tiny engine built from those options. While one request holds the only slot, a
+    priority-0 request arrives, then a priority -1 one: the later, lower value runs first."""
+    import argparse
+
+    from minillm.serve.cli import engine_options, register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    options = engine_options(parser.parse_args(["serve", "--scheduling-policy", "priority", "--max-num-seqs", "1"]))
+    assert options == {"scheduling_policy": "priority", "max_num_seqs": 1}
+    engine = tiny_engine(step_delay=0.01, **options)
+    app, _ = tiny_app(engine)
+    finished: list[str] = []
+
+    def send(name: str, priority: int, max_tokens: int) -> None:
+        complete(srv.url, "ab", priority=priority, max_tokens=max_tokens)
+        finished.append(name)
+
+    with ServerThread(app) as srv:
+        threads = []
+        for name, priority, max_tokens, queued in (("busy", 0, 50, lambda: engine.scheduler.running),
+                                                   ("first", 0, 2, lambda: len(engine.scheduler.waiting) == 1),
+                                                   ("urgent", -1, 2, lambda: len(engine.scheduler.waiting) == 2)):
+            threads.append(threading.Thread(target=send, args=(name, priority, max_tokens)))
+            threads[-1].start()
+            _wait_for(queued, f"{name} to reach the scheduler")
+        assert not finished, "the busy request finished before both others were waiting: no choice was made"
+        for thread in threads:
+            thread.join(30)
+    assert finished == ["busy", "urgent", "first"]
