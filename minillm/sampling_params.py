@@ -122,6 +122,12 @@ class SamplingParams:
     # vLLM's include_stop_str_in_output: end the text *after* the stop string that stopped it, not before. No text
     # then needs holding back while streaming: nothing already shown can be cut (see StepOutputs._output).
     include_stop_str_in_output: bool = False
+    # vLLM's detokenization switches. skip_special_tokens=False keeps special tokens' text (e.g. "<|im_end|>") in
+    # the output text, the streamed deltas and the log-prob token texts (a stop token still ends the text before
+    # itself); stop strings are then matched in that text too. spaces_between_special_tokens is accepted for
+    # vLLM's API; with minillm's tokenizers it changes nothing (Tokenizer.decode says why).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     stop_list: list[str] = field(init=False, repr=False)
     # whether any of the processors above is on (checked on the host every step: off costs nothing)
     processes_logits: bool = field(init=False, repr=False)
@@ -151,7 +157,8 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be a bool, got {type(getattr(self, name)).__name__}: "
                                        f"{getattr(self, name)!r}")

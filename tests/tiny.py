@@ -12,15 +12,18 @@ EOS = 257
 
 
 class ByteTokenizer:
-    """Token i < 256 is byte i; 256.. are special tokens that decode to nothing (257 is EOS)."""
+    """Token i < 256 is byte i; 256.. are special tokens (257 is EOS) that decode to nothing, or to "<|i|>" with
+    skip_special_tokens=False (as a real tokenizer writes "<|im_end|>")."""
 
     eos_token_id = EOS
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: list[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+        return b"".join(bytes([t]) if t < 256 else f"<|{t}|>".encode() for t in token_ids).decode("utf-8", "replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         return bytes([token_id]) if token_id < 256 else b""

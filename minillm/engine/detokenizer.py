@@ -16,9 +16,15 @@ Stop strings: the engine checks the text after every token; when a stop string a
 before it and the request finishes with reason "stop" (`find_stop_string`). While streaming, text that *could*
 be the start of a stop string is held back (`stream_safe_length`), so a client never receives characters that
 are later taken away. All three are chapter 10's exercises; the engine calls them through `dispatch`.
+
+Special tokens (`<|im_end|>`, `<|im_start|>`): decoded text leaves them out unless the request says
+`skip_special_tokens=False` (vLLM's switch), kept in `DetokenizerState` so that every decode of that request's
+windows, the batched one included, keeps them: then their text is ordinary output text, streamed like the rest
+and searched for stop strings like the rest (a stop string may end inside "<|im_end|>").
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +34,28 @@ _CONTEXT_TOKENS = 5  # tokens of left context decoded with each new token
 
 
 class Decoder(Protocol):
+    """What the detokenizer needs: decode(ids) is the text without special tokens. A tokenizer that can keep them
+    takes decode(ids, skip_special_tokens=False) too (minillm's Tokenizer and Hugging Face's do)."""
+
     def decode(self, token_ids: list[int]) -> str: ...
+
+
+def decode_text(tokenizer: Decoder, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+    """tokenizer.decode(token_ids), keeping special tokens' text when skip_special_tokens is False. The default
+    calls decode(ids) alone, so a tokenizer without the keyword serves every request that does not ask for it."""
+    if skip_special_tokens:
+        return tokenizer.decode(token_ids)
+    return tokenizer.decode(token_ids, skip_special_tokens=False)
+
+
+def keeps_special_tokens(tokenizer: Decoder) -> bool:
+    """Whether the tokenizer's decode() takes skip_special_tokens, which a request with skip_special_tokens=False
+    needs (checked when it comes in, rather than failing it at its first token)."""
+    try:
+        params = inspect.signature(tokenizer.decode).parameters
+    except (TypeError, ValueError):  # a compiled function without a signature: let it try
+        return True
+    return "skip_special_tokens" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @dataclass
@@ -37,10 +64,12 @@ class DetokenizerState:
 
     prefix_offset: int  # the decode window starts here
     read_offset: int  # tokens before this are already in the output text
+    skip_special_tokens: bool = True  # the request's SamplingParams.skip_special_tokens: every window decodes so
 
     @classmethod
-    def for_prompt(cls, num_prompt_tokens: int) -> "DetokenizerState":
-        return cls(prefix_offset=max(num_prompt_tokens - _CONTEXT_TOKENS, 0), read_offset=num_prompt_tokens)
+    def for_prompt(cls, num_prompt_tokens: int, skip_special_tokens: bool = True) -> "DetokenizerState":
+        return cls(prefix_offset=max(num_prompt_tokens - _CONTEXT_TOKENS, 0), read_offset=num_prompt_tokens,
+                   skip_special_tokens=skip_special_tokens)
 
 
 # >>> exercise ch10.next_text
@@ -97,24 +126,28 @@ def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: De
     (`token_bytes`), only the tokens that hold an unfinished character are held: a U+FFFD no later token can
     complete (an invalid byte: a model can sample lone lead bytes) goes out at once. Held, a stream of them emitted
     nothing until the request ended, a stop string holding U+FFFD never matched before the end, and the decode
-    window grew every step."""
+    window grew every step. A special token kept as text (state.skip_special_tokens False) counts with its text's
+    bytes: "<|im_end|>" after half a character ends that character's hope of completion."""
+    skip = state.skip_special_tokens
     if decoded is None:
-        decoded = (tokenizer.decode(token_ids[state.prefix_offset:state.read_offset]),
-                   tokenizer.decode(token_ids[state.prefix_offset:]))
+        decoded = (decode_text(tokenizer, token_ids[state.prefix_offset:state.read_offset], skip),
+                   decode_text(tokenizer, token_ids[state.prefix_offset:], skip))
     read_before = state.read_offset
     new_text, state.prefix_offset, state.read_offset = dispatch("ch10.next_text", next_text)(
         decoded[0], decoded[1], state.prefix_offset, state.read_offset, len(token_ids))
     token_bytes = getattr(tokenizer, "token_bytes", None)
     if new_text or state.read_offset != read_before or token_bytes is None or not decoded[1].endswith("\ufffd"):
         return new_text
-    pending = [token_bytes(t) for t in token_ids[read_before:]]
+    # a special token has no bytes of its own: kept as text, its text's bytes stand in for them
+    pending = [token_bytes(t) or (b"" if skip else decode_text(tokenizer, [t], False).encode("utf-8"))
+               for t in token_ids[read_before:]]
     held, cut = incomplete_tail(b"".join(pending)), len(token_ids)
     while held > 0 and cut > read_before:  # hold back the fewest last tokens holding the unfinished character
         cut -= 1
         held -= len(pending[cut - read_before])
     if cut <= read_before:
         return ""
-    text = decoded[1] if cut == len(token_ids) else tokenizer.decode(token_ids[state.prefix_offset:cut])
+    text = decoded[1] if cut == len(token_ids) else decode_text(tokenizer, token_ids[state.prefix_offset:cut], skip)
     if len(text) <= len(decoded[0]):
         return ""
     state.prefix_offset, state.read_offset = read_before, cut
@@ -124,12 +157,24 @@ def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: De
 def decode_windows(tokenizer: Decoder, windows: list[tuple[list[int], DetokenizerState]]) -> list[tuple[str, str]]:
     """The (prefix text, full text) that `detokenize_incrementally` would decode for each (token_ids, state), all
     in one `decode_batch` call when the tokenizer has one: after a step of 256 sequences that is one call into the
-    tokenizer library instead of 512, each with its own Python and argument-conversion overhead."""
-    lists = [ids for token_ids, state in windows
-             for ids in (token_ids[state.prefix_offset:state.read_offset], token_ids[state.prefix_offset:])]
+    tokenizer library instead of 512, each with its own Python and argument-conversion overhead. Requests that keep
+    special tokens and requests that drop them can share a step: one call for each kind present."""
     batch_decode = getattr(tokenizer, "decode_batch", None)
-    texts = batch_decode(lists) if batch_decode is not None else [tokenizer.decode(ids) for ids in lists]
-    return list(zip(texts[0::2], texts[1::2]))
+    texts: list[tuple[str, str]] = [("", "")] * len(windows)
+    for skip in (True, False):
+        picked = [i for i, (_, state) in enumerate(windows) if state.skip_special_tokens == skip]
+        if not picked:
+            continue
+        lists = []
+        for token_ids, state in (windows[i] for i in picked):
+            lists += [token_ids[state.prefix_offset:state.read_offset], token_ids[state.prefix_offset:]]
+        if batch_decode is None:
+            decoded = [decode_text(tokenizer, ids, skip) for ids in lists]
+        else:
+            decoded = batch_decode(lists) if skip else batch_decode(lists, skip_special_tokens=False)
+        for i, pair in zip(picked, zip(decoded[0::2], decoded[1::2])):
+            texts[i] = pair
+    return texts
 
 
 # >>> exercise ch10.find_stop_string

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence as SequenceT
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
-from minillm.engine.detokenizer import DetokenizerState
+from minillm.engine.detokenizer import DetokenizerState, keeps_special_tokens
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
@@ -186,18 +186,23 @@ class LLMEngine(StepOutputs):
         if sampling_params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # position 0 has no prediction; build_step_input scores from len() on
         self.scheduler.add(seq)
-        self._requests[request_id] = _RequestState(seq, DetokenizerState.for_prompt(len(token_ids)))
+        self._requests[request_id] = _RequestState(
+            seq, DetokenizerState.for_prompt(len(token_ids), sampling_params.skip_special_tokens))
         return request_id
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority), and n > 1
-        (an engine request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads
-        only the configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
+        outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
+        skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, and n > 1 (an engine
+        request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads only the
+        configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
                                   f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
         self.check_priority(params.priority)
+        if not params.skip_special_tokens and not keeps_special_tokens(self.tokenizer):
+            raise ParamError("skip_special_tokens", f"skip_special_tokens=False needs a tokenizer that can decode "
+                             f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
         if not params.logit_bias:
             return
         vocab = self.model_config.vocab_size

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import time
 
-from minillm.engine.detokenizer import decode_windows, detokenize_incrementally, stop_string_at, streamable_length
+from minillm.engine.detokenizer import (decode_text, decode_windows, detokenize_incrementally, stop_string_at,
+                                        streamable_length)
 from minillm.engine.model_runner import token_logprobs
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import StepOutput, TokenLogprobs
 from minillm.outputs import RequestOutput, TokenLogprobDict, logprob_dict
+from minillm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class StepOutputs:
             try:
                 for j, position in enumerate(range(seq.num_tokens - len(new_tokens), seq.num_tokens)):
                     if entries is not None:  # before the stop check: a stop token keeps its log-prob, later none
-                        seq.logprobs.append(self._logprob_dict(entries[j]))
+                        seq.logprobs.append(self._logprob_dict(entries[j], seq.sampling_params))
                         seq.cumulative_logprob += entries[j].logprob
                     reason = self._check_stop(seq, position, texts)
                     if reason is not None:  # a stop inside a multi-token step: the tokens after it never happened
@@ -67,7 +69,7 @@ class StepOutputs:
             params = seq.sampling_params
             if params.prompt_logprobs is not None:
                 if output.prompt_logprobs is not None:
-                    seq.prompt_logprobs.extend(self._logprob_dict(e) for e in output.prompt_logprobs[i])
+                    seq.prompt_logprobs.extend(self._logprob_dict(e, params) for e in output.prompt_logprobs[i])
                 elif tokens[i] and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
                     # past its prompt (this step sampled) without every prompt score: the executor ignored the ask.
                     # A chunk with none to score (a recompute after preemption re-reading scored rows) is fine.
@@ -89,17 +91,23 @@ class StepOutputs:
             scored[i] = entries
         return scored
 
-    def _logprob_dict(self, entry: TokenLogprobs) -> TokenLogprobDict:
-        return logprob_dict(*entry, decode=self._token_text)
+    def _logprob_dict(self, entry: TokenLogprobs, params: SamplingParams) -> TokenLogprobDict:
+        skip = params.skip_special_tokens
+        return logprob_dict(*entry, decode=lambda token_id: self._token_text(token_id, skip))
 
-    def _token_text(self, token_id: int) -> str:
+    def _token_text(self, token_id: int, skip_special_tokens: bool = True) -> str:
         """A log-prob entry's token as text: its own bytes, as in context (decoding one SentencePiece token alone
         drops the space its U+2581 stands for: ' w58' came out 'w58', unlike its bytes and the output's text), an
-        unfinished UTF-8 character as U+FFFD. Tokenizers without token_bytes decode the token alone."""
+        unfinished UTF-8 character as U+FFFD. Tokenizers without token_bytes decode the token alone. A special
+        token has no bytes: its text is "" as in the output text, or with skip_special_tokens=False its own text
+        ("<|im_end|>"), so that the token texts still add up to the output text."""
         token_bytes = getattr(self.tokenizer, "token_bytes", None)
         if token_bytes is None:
-            return self.tokenizer.decode([token_id])
-        return token_bytes(token_id).decode("utf-8", errors="replace")
+            return decode_text(self.tokenizer, [token_id], skip_special_tokens)
+        raw = token_bytes(token_id)
+        if raw or skip_special_tokens:
+            return raw.decode("utf-8", errors="replace")
+        return decode_text(self.tokenizer, [token_id], skip_special_tokens=False)  # a special token, kept as text
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         params = seq.sampling_params
@@ -165,9 +173,9 @@ class StepOutputs:
         state = self._requests.get(seq.request_id)
         if state is None or state.detok.read_offset >= end:
             return False
-        ids = seq.token_ids[:end]
-        tail = self.tokenizer.decode(ids[state.detok.prefix_offset:])
-        head = self.tokenizer.decode(ids[state.detok.prefix_offset:state.detok.read_offset])
+        ids, skip = seq.token_ids[:end], state.detok.skip_special_tokens
+        tail = decode_text(self.tokenizer, ids[state.detok.prefix_offset:], skip)
+        head = decode_text(self.tokenizer, ids[state.detok.prefix_offset:state.detok.read_offset], skip)
         state.detok.read_offset = end
         seq.output_text += tail[len(head):]
         cut = stop_string_at(seq.output_text, seq.sampling_params.stop_list, max(len(tail) - len(head), 0))

@@ -227,7 +227,18 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`. An id past the tokenizer's vocabulary is no text: a model's embedding often has more
         rows than its tokenizer has tokens (padded to a multiple of 64 or 128; Qwen2.5 151,936 for 151,665), and
-        the model may sample them; as in HF's tokenizers, they decode to nothing. A negative id is a ValueError."""
+        the model may sample them; as in HF's tokenizers, they decode to nothing. A negative id is a ValueError.
+
+        Special (control) tokens such as <|im_end|> are left out unless skip_special_tokens=False, which writes
+        their text. What goes *between* two of them is the decoder's business, and vLLM's
+        spaces_between_special_tokens cannot change it here: the byte-level decoder (every GGUF tokenizer minillm
+        builds, and Llama 3, Qwen2 and SmolLM tokenizer.json files) and the SentencePiece ones (Replace,
+        ByteFallback, Fuse, Strip; Metaspace) write special tokens back to back ("<|im_end|><|im_end|>"), so either
+        value gives the same text. vLLM behaves the same with these "fast" tokenizers (its fast-tokenizer
+        detokenizer follows the decoder; with the switch off it only drops a space the decoder put between two
+        added tokens, and these put none); only Hugging Face's slow Python tokenizers join special tokens with
+        spaces. A tokenizer.json whose decoder spaces every token apart (WordPiece, or no decoder) keeps those
+        spaces with either value."""
         ids = [int(i) for i in ids]
         # range-checked against the size known at construction, asked again only for an id past it: the engine
         # decodes windows of every running sequence after every step, and asking per id cost 3x the decode
@@ -244,7 +255,7 @@ class Tokenizer:
         a character split across tokens. A byte-level vocabulary writes each byte as a printable character
         (GPT-2's table, inverted in `_byte_of_char`); a SentencePiece one writes a byte token as <0xNN> and a
         space as U+2581; a user-defined added token is its own text, and a special one (<|im_end|>) has no bytes,
-        as decode() skips it."""
+        as decode() skips it (where a request keeps special tokens as text, the engine takes their text's bytes)."""
         token_id = int(token_id)
         if token_id < 0:
             raise ValueError(f"unknown token id {token_id}; token ids are >= 0")
