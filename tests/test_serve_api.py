@@ -114,6 +114,10 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
     ("/v1/completions", {"prompt": "x", "stop": "a", "include_stop_str_in_output": "yes"}, 400,
      "include_stop_str_in_output: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": "x", "skip_special_tokens": "no"}, 400,
+     "skip_special_tokens: Input should be a valid boolean, got string: 'no'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "spaces_between_special_tokens": 0},
+     400, "spaces_between_special_tokens: Input should be a valid boolean, got number: 0"),
     # one request may not queue thousands of engine requests ahead of everyone else's
     ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
                                                               "request; at most 256"),

@@ -1,10 +1,11 @@
 """vLLM's request extensions the server honours (chapter 10), each checked by what it changes in the answer:
 the chat-template fields (add_generation_prompt, continue_final_message, echo, add_special_tokens, chat_template,
 chat_template_kwargs, documents), truncate_prompt_tokens, priority (on a server started with
---scheduling-policy priority), request_id, prompt_logprobs and return_tokens_as_token_ids. The fields minillm
-refuses are in test_serve_api.py's BAD table."""
+--scheduling-policy priority), request_id, prompt_logprobs, return_tokens_as_token_ids, skip_special_tokens and
+spaces_between_special_tokens. The fields minillm refuses are in test_serve_api.py's BAD table."""
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -159,15 +160,20 @@ def test_return_tokens_as_token_ids(url):
                for c in content)
 
 
-def test_priority_reaches_the_engine_under_the_priority_policy():
-    app, llm = tiny_app(tiny_engine(scheduling_policy="priority"))
-    seen = []
-    generate = llm.generate
+def spied_app(engine, read) -> tuple[object, list]:
+    """(app, seen): a server whose AsyncLLM appends read(params) to `seen` for every request it is given."""
+    app, llm = tiny_app(engine)
+    seen, generate = [], llm.generate
 
     def spy(prompt, params, **kwargs):
-        seen.append(params.priority)
+        seen.append(read(params))
         return generate(prompt, params, **kwargs)
     llm.generate = spy
+    return app, seen
+
+
+def test_priority_reaches_the_engine_under_the_priority_policy():
+    app, seen = spied_app(tiny_engine(scheduling_policy="priority"), lambda params: params.priority)
     with ServerThread(app) as srv:
         complete(srv.url, "ab", priority=-3)
         chat(srv.url, HI, priority=7)
@@ -212,3 +218,47 @@ def test_a_server_started_with_the_priority_flag_serves_priority_minus_one_first
         for thread in threads:
             thread.join(30)
     assert finished == ["busy", "urgent", "first"]
+
+
+# greedy, pushed towards the ByteTokenizer's special token 260 ("<|260|>" when kept) and "A" in turns
+SPECIAL_MIX = {"logit_bias": {"260": 100.0, "65": 97.0}, "frequency_penalty": 2.0}
+
+
+def streamed(url: str, path: str, body: dict) -> list[str]:
+    """The text pieces of a stream's chunks, in order (completions' text, chat's content)."""
+    events = httpx.post(url + path, json={**body, "stream": True}, timeout=30).text.split("\n\n")
+    chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
+    return [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content", "")) or ""
+            for c in chunks if c["choices"]]
+
+
+def test_skip_special_tokens_false_keeps_their_text(url):
+    """vLLM's skip_special_tokens=false on both endpoints: special tokens' text in the answer, in its stream (the
+    pieces add up to the answer) and in its log-probs (the tokens add up to it, a special token's bytes are its
+    text's); a stop string may end inside it."""
+    dropped = complete(url, "Hi", **SPECIAL_MIX)["choices"][0]["text"]
+    kept = complete(url, "Hi", **SPECIAL_MIX, skip_special_tokens=False, logprobs=0)["choices"][0]
+    assert "<|" not in dropped and "<|260|>" in kept["text"] and kept["text"].replace("<|260|>", "") == dropped
+    assert "".join(kept["logprobs"]["tokens"]) == kept["text"]
+    body = {"prompt": "Hi", **GREEDY, **SPECIAL_MIX, "skip_special_tokens": False}
+    assert "".join(streamed(url, "/v1/completions", body)) == kept["text"]
+    stopped = complete(url, "Hi", **SPECIAL_MIX, skip_special_tokens=False, stop="60|>A")["choices"][0]
+    assert stopped["finish_reason"] == "stop" and kept["text"].startswith(stopped["text"] + "60|>A")
+    echoed = complete(url, [BOS, ord("H")], echo=True, skip_special_tokens=False)["choices"][0]["text"]
+    assert echoed.startswith("<|256|>H")  # a prompt of token ids comes back as the answer's text shows tokens
+    answer = chat(url, HI, **SPECIAL_MIX, skip_special_tokens=False, logprobs=True)["choices"][0]
+    content, tokens = answer["message"]["content"], answer["logprobs"]["content"]
+    assert "<|260|>" in content and "".join(t["token"] for t in tokens) == content
+    assert [t["bytes"] for t in tokens if t["token"] == "<|260|>"][0] == list(b"<|260|>")
+    body = {"messages": HI, **GREEDY, **SPECIAL_MIX, "skip_special_tokens": False}
+    assert "".join(streamed(url, "/v1/chat/completions", body)) == content
+    assert "<|" not in chat(url, HI, **SPECIAL_MIX)["choices"][0]["message"]["content"]
+
+
+def test_both_switches_reach_the_engine():
+    app, seen = spied_app(tiny_engine(), lambda p: (p.skip_special_tokens, p.spaces_between_special_tokens))
+    with ServerThread(app) as srv:
+        complete(srv.url, "ab", skip_special_tokens=False)
+        chat(srv.url, HI, spaces_between_special_tokens=False)
+        complete(srv.url, "ab", skip_special_tokens=None, spaces_between_special_tokens=None)  # null: the defaults
+    assert seen == [(False, True), (True, False), (True, True)]

@@ -13,7 +13,7 @@ from tiny import one_thread  # noqa: F401 (autouse fixture)
 
 # field -> a value that asks for what minillm does not do
 ASKS = {
-    "skip_special_tokens": False, "use_beam_search": True, "length_penalty": 0.5, "bad_words": ["no"],
+    "use_beam_search": True, "length_penalty": 0.5, "bad_words": ["no"],
     "allowed_token_ids": [1, 2], "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
     "guided_grammar": "root ::= 'a'", "structural_tag": "{}", "structured_outputs": {"regex": "a"},
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "logits_processors": ["m.P"],
@@ -62,8 +62,8 @@ def test_its_no_op_values_and_null_are_served(url, path, name):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_fields_with_no_effect_here_are_served(url, path):
-    """spaces_between_special_tokens (special tokens never reach the text), priority 0, and chat's tool and
-    bookkeeping fields that change nothing without tools or stored completions."""
+    """spaces_between_special_tokens (minillm's tokenizers write special tokens back to back either way), priority
+    0, and chat's tool and bookkeeping fields that change nothing without tools or stored completions."""
     fields = {"spaces_between_special_tokens": False, "priority": 0}
     if path.endswith("chat/completions"):
         fields |= {"parallel_tool_calls": True, "metadata": {"k": "v"}, "prompt_cache_key": "k",

@@ -50,10 +50,11 @@ def chat_logprobs(logprobs: list[TokenLogprobDict], num_top: int,
                   token_bytes: Callable[[int], bytes] | None = None, as_ids: bool = False) -> dict[str, list]:
     """/v1/chat/completions' shape: per token {token, logprob, bytes, top_logprobs: the top k by rank}. `bytes`
     are the token's own (the tokenizer's token_bytes: a piece of a character stays that piece, where the token's
-    text alone is U+FFFD), or its text's UTF-8 with a tokenizer that cannot tell them."""
+    text alone is U+FFFD), or its text's UTF-8 with a tokenizer that cannot tell them, and for a token with no bytes
+    of its own that has text all the same (a special token, kept as text with skip_special_tokens=false)."""
     def item(token_id: int, lp: Any) -> dict[str, Any]:
         text = lp.decoded_token or ""
-        raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8")
+        raw = (token_bytes(token_id) if token_bytes is not None else b"") or text.encode("utf-8")
         return {"token": token_name(token_id, text, as_ids), "logprob": lp.logprob, "bytes": list(raw)}
 
     content = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
+from minillm.engine.detokenizer import decode_text
 from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
@@ -140,6 +142,8 @@ class OpenAIServing:
                                              logit_bias=request.logit_bias, min_tokens=request.min_tokens,
                                              min_p=request.min_p,
                                              include_stop_str_in_output=request.include_stop_str_in_output,
+                                             skip_special_tokens=request.skip_special_tokens,
+                                             spaces_between_special_tokens=request.spaces_between_special_tokens,
                                              priority=request.priority))
                 self.llm.engine.check_sampling_params(params[-1])
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
@@ -192,8 +196,8 @@ class OpenAIServing:
         if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
             for c in choices:
                 c.echo = (echoed(request), None)
-        elif not chat and request.echo:
-            decode = self.llm.tokenizer.decode
+        elif not chat and request.echo:  # a prompt of token ids is echoed as the answer's text would show it
+            decode = functools.partial(decode_text, self.llm.tokenizer, skip_special_tokens=request.skip_special_tokens)
             echoes = [(text if text is not None else decode(ids), decode(ids[:1])) for text, ids in prompts]
             for c in choices:
                 c.echo = echoes[c.prompt_index]

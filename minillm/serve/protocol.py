@@ -8,17 +8,18 @@ with a 400 that says so, unless they hold their no-op value: a client that asked
 default. They are suffix, best_of (but = n), tools, functions, tool_choice (but none/auto), a JSON
 response_format, and each class's `REFUSED` table: beam search (use_beam_search, length_penalty), guided decoding
 (guided_*, structural_tag, structured_outputs), bad_words, allowed_token_ids, logits_processors,
-skip_special_tokens=false, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt, prompt_embeds, and on
-chat reasoning_effort, include_reasoning=false, audio, modalities, prediction, function_call, web_search_options,
-verbosity, store and service_tier. A few change nothing here and are served whatever they hold:
-spaces_between_special_tokens (special tokens never reach the text), and chat's parallel_tool_calls, metadata,
+mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt, prompt_embeds, and on chat reasoning_effort,
+include_reasoning=false, audio, modalities, prediction, function_call, web_search_options, verbosity, store and
+service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
-include_stop_str_in_output, prompt_logprobs (not with stream), priority (a server started with --scheduling-policy
-priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id), return_tokens_as_token_ids,
-completions' add_special_tokens, and chat's template fields (add_generation_prompt, continue_final_message, echo,
-add_special_tokens, chat_template_kwargs, documents, and chat_template on a server that trusts request
-templates: minillm/serve/chat_prompt.py).
+include_stop_str_in_output, skip_special_tokens (false: special tokens' text such as "<|im_end|>" stays in the
+answer, its stream and its log-probs), spaces_between_special_tokens (passed on; with minillm's tokenizers either
+value gives the same text: Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
+with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
+return_tokens_as_token_ids, completions' add_special_tokens, and chat's template fields (add_generation_prompt,
+continue_final_message, echo, add_special_tokens, chat_template_kwargs, documents, and chat_template on a server
+that trusts request templates: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
 top-k), chat's `logprobs` (a bool) with `top_logprobs` (an int); completions' `echo` with `logprobs` also asks for
 the prompt's (`num_prompt_logprobs()`).
@@ -102,9 +103,8 @@ class _SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (k >= 1)
     prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities and the top k (not with stream)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" instead of their text
-    skip_special_tokens: bool = True  # only true: the detokenizer always drops special tokens
-    # with special tokens dropped from the text there is nothing to put spaces between: either value is honoured
-    spaces_between_special_tokens: bool = True
+    skip_special_tokens: bool = True  # false: special tokens' text stays in the answer (SamplingParams')
+    spaces_between_special_tokens: bool = True  # passed on; changes nothing with minillm's tokenizers
     # vLLM's extensions minillm does not implement: refused unless null or their no-op value (REFUSED)
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search's
@@ -126,7 +126,6 @@ class _SamplingFields(BaseModel):
 
     # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "skip_special_tokens": ((True,), "special tokens in the output text"),
         "use_beam_search": ((False,), "beam search"),
         "length_penalty": ((1.0, 1), "beam search's length penalty"),
         "bad_words": (([],), "banned words"),
