@@ -43,6 +43,7 @@ from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
 from minillm.hooks import overriding
 from minillm.inputs import Prompt, from_prompt_dict, normalize_prompts
+from minillm.llm_requests import check_conversation, merge_choices, normalize_params, with_priority
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
@@ -199,9 +200,9 @@ class LLM:
         replaces the prompt's SamplingParams.priority."""
         prompt_list = normalize_prompts(prompts)
         # only the finished outputs are returned: the engine need not snapshot every request after every step
-        params = _normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
+        params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         if priority is not None:
-            params = self._with_priority(params, priority)
+            params = with_priority(params, priority, self.llm_engine)
         tokenized = []
         for i, prompt in enumerate(prompt_list):
             try:
@@ -209,23 +210,6 @@ class LLM:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i}: {err}") from None
         return self._submit(tokenized, params, use_tqdm)
-
-    def _with_priority(self, params: list[SamplingParams], priority: Any) -> list[SamplingParams]:
-        """A copy of each prompt's SamplingParams with priority[i], each value checked (an integer, one the
-        engine's scheduling policy honours) before any request is queued; errors name the index."""
-        if isinstance(priority, (str, bytes)) or not isinstance(priority, SequenceT):
-            raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}: "
-                            f"{priority!r}")
-        if len(priority) != len(params):
-            raise ValueError(f"got {len(priority)} priorities for {len(params)} prompts; give one per prompt")
-        copies = []
-        for i, (p, value) in enumerate(zip(params, priority)):
-            try:
-                copies.append(p.checked_copy(priority=value))
-                self.llm_engine.check_priority(copies[-1].priority)
-            except ParamError as err:
-                raise ParamError("priority", f"priority[{i}]: {err}") from None
-        return copies
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool) -> list[RequestOutput]:
@@ -251,7 +235,7 @@ class LLM:
                 engine.abort(request_id)
             raise
         done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
-        return [_merge_choices([next(done) for _ in choices]) for choices in ids]
+        return [merge_choices([next(done) for _ in choices]) for choices in ids]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
@@ -262,11 +246,11 @@ class LLM:
             conversations = list(messages)
         else:
             conversations = [messages]
-        params = _normalize_params(sampling_params, len(conversations), output_kind="final_only")
+        params = normalize_params(sampling_params, len(conversations), output_kind="final_only")
         tokenized = []
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
-            _check_conversation(conversation, where)
+            check_conversation(conversation, where)
             rendered = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
             # the template already wrote the special tokens (BOS, role markers) as text: do not add them again
             token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
@@ -288,7 +272,7 @@ class LLM:
                             f"{len(prompt)} prompts; use generate() for several")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        params = _normalize_params(sampling_params, 1)[0]
+        params = normalize_params(sampling_params, 1)[0]
         if params.n > 1:
             raise ParamError("n", f"generate_stream streams one sequence, got n={params.n}; use generate() for n "
                                   f"completions")
@@ -390,47 +374,3 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     from minillm.course.overrides import resolve_overrides  # LLM is a face: it may import the course
     return resolve_overrides(overrides)
-
-
-def _normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParams]:
-    """One SamplingParams per prompt, from one (or None: the defaults) or a list of n. Each distinct object is
-    copied with `changes` applied and checked again (SamplingParams.checked_copy), before any request is queued:
-    a bad sampling_params[3] then queues none of the prompts (add_request checks its own copy of each as well:
-    about 6 us a request, too little to be worth a trusted side door). The caller's objects are left as they were."""
-    if params is None or isinstance(params, SamplingParams):
-        return [(SamplingParams() if params is None else params).checked_copy(**changes)] * n
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
-    if len(params) != n:
-        raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
-    copies: dict[int, SamplingParams] = {}
-    for i, p in enumerate(params):
-        if not isinstance(p, SamplingParams):
-            raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        if id(p) not in copies:
-            try:
-                copies[id(p)] = p.checked_copy(**changes)
-            except ParamError as err:
-                raise ParamError(err.param, f"sampling_params[{i}]: {err}") from None
-    return [copies[id(p)] for p in params]
-
-
-def _merge_choices(outputs: list[RequestOutput]) -> RequestOutput:
-    """One prompt's n choices (one finished engine request each) as one RequestOutput: outputs[i] is choice i, the
-    request id and metrics are choice 0's (its prompt and prompt log-probs are every choice's)."""
-    if len(outputs) == 1:
-        return outputs[0]
-    completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outputs)]
-    return dataclasses.replace(outputs[0], outputs=completions, finished=all(out.finished for out in outputs))
-
-
-def _check_conversation(conversation: Any, where: str) -> None:
-    if isinstance(conversation, dict):
-        raise ValueError(f"{where}messages must be a list of {{'role', 'content'}} dicts, got a single dict")
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ValueError(f"{where}messages must be a non-empty list of {{'role', 'content'}} dicts, "
-                         f"got {conversation!r}")
-    for j, message in enumerate(conversation):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or \
-                not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}message {j} must be a dict with string 'role' and 'content', got {message!r}")
