@@ -29,6 +29,13 @@ Triton's interpreter (a correctness tool, not a speed-up), there are no CUDA gra
 synchronously, and FP8 is emulated. With FP8 activations (prefill), results of a different batch shape can differ in the
 last bit before an activation is rounded to FP8 and land on the other side of a rounding boundary: the rows after
 FP8 may then show a few requests whose greedy tokens part from the row above's at a near-tie.
+
+Expect the last two rows to lose on the bundled 135M model at the GPU's batch of 16 (H100, 2026-12-06: FP8 0.74x,
+speculation 0.81x of the row above): its matrices take microseconds, so halving their bytes saves little while FP8
+adds activation-quantization kernels, and a speculative step runs synchronously, its host work for 16 sequences
+added to a verify step that costs the GPU almost nothing more than a decode step. Both pay where a step reads
+gigabytes of weights (chapters 7 and 9 measure the 8B shape); the engine's `disable_by_batch_size` turns
+speculation off above the batch where it stops paying, which this row leaves on to show the cost.
 """
 from __future__ import annotations
 
