@@ -1,4 +1,4 @@
-"""Where a speculative step's time goes at batch 1: host work, GPU work, host waits (issue 11, chapter 9).
+"""Where a speculative step's time goes at batch 1 (or --batch B): host work, GPU work, host waits (issue 11, ch. 9).
 
     python benchmarks/bench_spec_host.py --out spec_host.json                     (H200: random SmolLM2-shaped weights)
     python benchmarks/bench_spec_host.py --model PATH.gguf --out spec_host.json   (the real model and shipped heads)
@@ -154,14 +154,21 @@ def untimed(engine) -> None:
         layer.__dict__.pop("forward", None)
 
 
+def batch_prompts(ids: list[int], batch: int) -> list[list[int]]:
+    """`batch` prompts from one: the i-th drops its first i tokens (distinct sequences, the same text to find)."""
+    return [ids[i % max(len(ids) - 8, 1):] for i in range(batch)]
+
+
 def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device: torch.device,
-                max_tokens: int, repeats: int) -> dict:
-    variant = llm.share_model(max_num_seqs=2, num_kv_blocks=80, speculative_config=spec)
+                max_tokens: int, repeats: int, batch: int = 1) -> dict:
+    prompts = batch_prompts(ids, batch)
+    blocks = batch * (-(-(len(ids) + max_tokens + 2 * K) // 16)) + 16  # every sequence's blocks, at 16 tokens each
+    variant = llm.share_model(max_num_seqs=max(2, batch), num_kv_blocks=max(80, blocks), speculative_config=spec)
     engine = variant.llm_engine
     decoder = engine.speculative
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    variant.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-    variant.generate([ids], params, use_tqdm=False)  # warm-up: graphs of every bucket this run replays
+    variant.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    variant.generate(prompts, params, use_tqdm=False)  # warm-up: graphs of every bucket this run replays
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     phases = dict.fromkeys(PHASES + SUB_PHASES, 0.0)
     time_phases(engine, clock, phases)
@@ -183,7 +190,7 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device:
         before = dict(phases)
         steps[:] = [0, 0.0]
         start = clock()
-        tokens = variant.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
+        tokens = [t for out in variant.generate(prompts, params, use_tqdm=False) for t in out.outputs[0].token_ids]
         sync()
         runs.append((clock() - start, steps[0], steps[1], {k: phases[k] - before[k] for k in phases}))
     untimed(engine)
@@ -193,14 +200,14 @@ def run_variant(llm: LLM, label: str, spec: dict | None, ids: list[int], device:
            "ms_per_step": round(1e3 * step_seconds / num_steps, 3),
            "ms_per_step_runs": [round(1e3 * r[2] / r[1], 3) for r in runs],
            "phase_ms_per_step": {k: round(1e3 * v / num_steps, 3) for k, v in spent.items()},
-           "tokens_per_step": round(len(tokens) / max(num_steps - 1, 1), 3), "tokens": list(tokens)}
+           "tokens_per_step": round(len(tokens) / batch / max(num_steps - 1, 1), 3), "tokens": list(tokens)}
     engine.step = step
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         steps[0] = 0
         engine.step = timed_step
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            variant.generate([ids], params, use_tqdm=False)
+            variant.generate(prompts, params, use_tqdm=False)
             sync()
         calls, blocked = {}, {}  # host-side CUDA runtime calls: count, microseconds
         for e in prof.events():
@@ -228,7 +235,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test with a tiny random model")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median counts")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (one prompt, shifted)")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the variants' labels (plain first)")
     args = parser.parse_args()
+    if not 1 <= args.batch <= 256:
+        raise SystemExit(f"--batch must be in [1, 256], got {args.batch}")
     if not 8 <= args.max_tokens <= 900:
         raise SystemExit(f"--max-tokens must be in [8, 900], got {args.max_tokens}")
     if not 1 <= args.repeats <= 20:
@@ -244,9 +255,15 @@ def main() -> None:
                 ("eagle", {"method": "eagle", **head, **asked}), ("eagle ahead", {"method": "eagle", **head, **ahead}),
                 ("eagle_tree", {"method": "eagle_tree", **head, **asked}),
                 ("eagle_tree ahead", {"method": "eagle_tree", **head, **ahead})]
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - {label for label, _ in variants})
+        if unknown or args.methods[0] != "plain":
+            raise SystemExit(f"--methods must start with plain and name variants of {[v for v, _ in variants]}, "
+                             f"got {args.methods}")
+        variants = [v for v in variants if v[0] in args.methods]
     rows = []
     for label, spec in variants:
-        rows.append(run_variant(llm, label, spec, ids, device, args.max_tokens, args.repeats))
+        rows.append(run_variant(llm, label, spec, ids, device, args.max_tokens, args.repeats, args.batch))
         print(f"  {label:20s} {rows[-1]['ms_per_step']:7.3f} ms/step (runs {rows[-1]['ms_per_step_runs']})",
               flush=True)
     plain = rows[0]
@@ -255,7 +272,7 @@ def main() -> None:
         row["same_tokens_as_plain"] = row.pop("tokens") == plain["tokens"] if row is not plain else True
     plain.pop("tokens", None)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU fp32 tiny (--quick)"
-    print(f"\nbatch 1, {args.max_tokens} tokens, k = {K}, {where}, "
+    print(f"\nbatch {args.batch}, {args.max_tokens} tokens, k = {K}, {where}, "
           f"{'model ' + args.model if args.model else 'random weights'}")
     print(f"{'method':20s} {'wall ms':>8s} {'steps':>5s} {'ms/step':>7s} {'gpu ms':>6s} {'idle ms':>7s} "
           f"{'syncs':>5s} {'sync ms':>7s} {'ev':>4s} {'ev ms':>6s} {'d2h':>4s} {'tok/step':>8s} {'speedup':>7s} "
@@ -272,7 +289,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['method']:20s} " + " ".join(f"{r['phase_ms_per_step'][p]:11.3f}" for p in PHASES + SUB_PHASES))
     meta = {"device": where, "torch": torch.__version__, "model": args.model or "random SmolLM2-135M shape",
-            "max_tokens": args.max_tokens, "k": K, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
+            "max_tokens": args.max_tokens, "batch": args.batch, "k": K, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
