@@ -119,12 +119,14 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     min_p: float = 0.0
-    # vLLM's include_stop_str_in_output: end the text *after* the stop string that stopped it, not before. No text
-    # then needs holding back while streaming: nothing already shown can be cut (see StepOutputs._output).
+    # vLLM's include_stop_str_in_output: end the text *after* the stop string that stopped it, not before (and
+    # after a stop token's text: EOS or a stop_token_ids entry, as vLLM). No text then needs holding back while
+    # streaming: nothing already shown can be cut (see StepOutputs._output).
     include_stop_str_in_output: bool = False
-    # vLLM's detokenization switches. skip_special_tokens=False keeps special tokens' text (e.g. "<|im_end|>") in
-    # the output text, the streamed deltas and the log-prob token texts (a stop token still ends the text before
-    # itself); stop strings are then matched in that text too. spaces_between_special_tokens is accepted for
+    # vLLM's detokenization switches. skip_special_tokens=False keeps special tokens' text (e.g. "<|im_start|>")
+    # in the output text, the streamed deltas and the log-prob token texts; stop strings are then matched in that
+    # text too. The stop token that ends a request (EOS, "<|im_end|>") adds its text only with
+    # include_stop_str_in_output, as in vLLM. spaces_between_special_tokens is accepted for
     # vLLM's API; with minillm's tokenizers it changes nothing (Tokenizer.decode says why).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True

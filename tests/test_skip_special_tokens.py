@@ -131,3 +131,36 @@ def test_a_tokenizer_that_cannot_keep_special_tokens_refuses_the_request():
         engine.add_request("keep", [1, 2], SamplingParams(skip_special_tokens=False))
     assert err.value.param == "skip_special_tokens" and not engine.has_unfinished_requests()
     assert run(engine, {"drop": SamplingParams(max_tokens=2)}, [1, 2])["drop"][-1].finish_reason is not None
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_include_stop_str_in_output_keeps_a_stop_tokens_text(skip):
+    """As vLLM: a request ended by a stop token (EOS or stop_token_ids) leaves that token's text out of the answer,
+    unless include_stop_str_in_output, which keeps it as it keeps a stop string: "<|260|>" with
+    skip_special_tokens=False (a special token's text is "" when skipped), "A" for a byte token either way. The
+    log-prob token texts then add up to the text, the stop token's included."""
+    tok = ByteTokenizer()
+    for stop_token in (SPECIAL, ord("A")):
+        params = dict(MIXED, stop_token_ids=[stop_token], skip_special_tokens=skip, logprobs=0)
+        outputs = run(tiny_engine(), {"cut": SamplingParams(**params),
+                                      "kept": SamplingParams(**params, include_stop_str_in_output=True)})
+        cut, kept = outputs["cut"][-1], outputs["kept"][-1]
+        assert cut.token_ids == kept.token_ids and kept.token_ids[-1] == stop_token
+        assert (cut.finish_reason, cut.stop_reason) == (kept.finish_reason, kept.stop_reason) == ("stop", stop_token)
+        assert cut.text == tok.decode(cut.token_ids[:-1], skip)
+        assert kept.text == tok.decode(kept.token_ids, skip)
+        assert "".join(next(iter(lp.values())).decoded_token for lp in kept.logprobs) == kept.text
+        assert_streams_add_up(outputs["kept"])
+
+
+def test_a_kept_stop_tokens_text_may_complete_a_stop_string():
+    """vLLM checks stop strings in the text the step added, the kept stop token's included: "|>A" ends with the
+    stop token A, so with include_stop_str_in_output the stop string is the stop_reason; without, A adds no text
+    and the stop token is the reason."""
+    params = dict(MIXED, stop_token_ids=[ord("A")], stop="|>A", skip_special_tokens=False)
+    outputs = run(tiny_engine(), {"cut": SamplingParams(**params),
+                                  "kept": SamplingParams(**params, include_stop_str_in_output=True)})
+    cut, kept = outputs["cut"][-1], outputs["kept"][-1]
+    assert cut.token_ids == kept.token_ids == [SPECIAL] * 3 + [ord("A")]
+    assert (cut.stop_reason, cut.text) == (ord("A"), "<|260|>" * 3)
+    assert (kept.stop_reason, kept.text) == ("|>A", "<|260|>" * 3 + "A")

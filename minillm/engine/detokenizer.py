@@ -20,7 +20,8 @@ are later taken away. All three are chapter 10's exercises; the engine calls the
 Special tokens (`<|im_end|>`, `<|im_start|>`): decoded text leaves them out unless the request says
 `skip_special_tokens=False` (vLLM's switch), kept in `DetokenizerState` so that every decode of that request's
 windows, the batched one included, keeps them: then their text is ordinary output text, streamed like the rest
-and searched for stop strings like the rest (a stop string may end inside "<|im_end|>").
+and searched for stop strings like the rest (a stop string may end inside "<|im_start|>"). The stop token that
+ends a request (EOS: "<|im_end|>") is not text, unless include_stop_str_in_output (StepOutputs._check_stop).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def detokenize_incrementally(tokenizer: Decoder, token_ids: list[int], state: De
     complete (an invalid byte: a model can sample lone lead bytes) goes out at once. Held, a stream of them emitted
     nothing until the request ended, a stop string holding U+FFFD never matched before the end, and the decode
     window grew every step. A special token kept as text (state.skip_special_tokens False) counts with its text's
-    bytes: "<|im_end|>" after half a character ends that character's hope of completion."""
+    bytes: "<|im_start|>" after half a character ends that character's hope of completion."""
     skip = state.skip_special_tokens
     if decoded is None:
         decoded = (decode_text(tokenizer, token_ids[state.prefix_offset:state.read_offset], skip),

@@ -133,11 +133,14 @@ class StepOutputs:
         params = seq.sampling_params
         token = seq.token_ids[position]
         if self._is_stop_token(seq, token):
-            self._flush_pending(seq, position)  # bytes held before it (an unfinished character: U+FFFD) are text
+            # the text held before it (an unfinished character: U+FFFD) goes out, and, as in vLLM, the stop token's
+            # own text only with include_stop_str_in_output ("<|im_end|>" with skip_special_tokens=False, "" without)
+            if self._flush_pending(seq, position + 1 if params.include_stop_str_in_output else position):
+                return "stop"  # that text completed a stop string: it is the stop_reason (vLLM's order too)
             # vLLM's stop_reason: the id for a stop_token_ids entry, None for EOS (EOS is checked first there too)
             is_eos = token in self.eos_token_ids and not params.ignore_eos
             seq.stop_reason = None if is_eos else token
-            return "stop"  # the stop token's text is not added to the output
+            return "stop"
         state = self._requests[seq.request_id]
         # the common single-token step reads the list itself; a multi-token step a prefix of it
         token_ids = seq.token_ids if position + 1 == seq.num_tokens else seq.token_ids[:position + 1]
@@ -167,9 +170,9 @@ class StepOutputs:
         return RequestOutput.from_sequence(seq)
 
     def _flush_pending(self, seq: Sequence, end: int) -> bool:
-        """Add the text of the tokens before `end` that the detokenizer still holds (an unfinished UTF-8 character,
-        decoded as U+FFFD now that no token will complete it); True if that completed a stop string (the text is
-        cut there)."""
+        """Add the text of the tokens before `end` not in the output text yet: those the detokenizer still holds (an
+        unfinished UTF-8 character, decoded as U+FFFD now that no token will complete it) and, where `_check_stop`
+        keeps a stop token's text, that token; True if that completed a stop string (the text is cut there)."""
         state = self._requests.get(seq.request_id)
         if state is None or state.detok.read_offset >= end:
             return False

@@ -13,9 +13,10 @@ include_reasoning=false, audio, modalities, prediction, function_call, web_searc
 service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
-include_stop_str_in_output, skip_special_tokens (false: special tokens' text such as "<|im_end|>" stays in the
-answer, its stream and its log-probs), spaces_between_special_tokens (passed on; with minillm's tokenizers either
-value gives the same text: Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
+include_stop_str_in_output, skip_special_tokens (false: special tokens' text such as "<|im_start|>" stays in the
+answer, its stream and its log-probs; the stop token that ends it, "<|im_end|>", with include_stop_str_in_output),
+spaces_between_special_tokens (passed on; with minillm's tokenizers either value gives the same text:
+Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
 return_tokens_as_token_ids, completions' add_special_tokens, and chat's template fields (add_generation_prompt,
 continue_final_message, echo, add_special_tokens, chat_template_kwargs, documents, and chat_template on a server
