@@ -62,6 +62,8 @@ def merge_choices(outputs: list[RequestOutput]) -> RequestOutput:
 
 
 def check_conversation(conversation: Any, where: str) -> None:
+    """ValueError unless `conversation` is a non-empty list of {"role": str, "content": str} dicts (one chat of
+    LLM.chat, before its template is rendered); `where` ("conversation 2: ") starts the message."""
     if isinstance(conversation, dict):
         raise ValueError(f"{where}messages must be a list of {{'role', 'content'}} dicts, got a single dict")
     if not isinstance(conversation, (list, tuple)) or not conversation:

@@ -95,7 +95,9 @@ class SamplingParams:
     stop: list[str] | str | None = None  # stop strings (cut out of the output text, unless the flag at the end)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    priority: int = 0  # lower runs first under priority scheduling
+    # lower runs first under scheduling_policy="priority". minillm's field: vLLM takes a request's priority beside
+    # its SamplingParams (LLM.generate(priority=[...]), which here replaces this field; the server's `priority`)
+    priority: int = 0
     # log-probabilities (vLLM's names): of each generated token plus the `logprobs` most likely ones, and of
     # each prompt token after the first plus the `prompt_logprobs` most likely ones; None: not computed.
     # They are log-softmax of the *raw* logits (temperature 1, no top-k/top-p), as vLLM returns by default.
