@@ -28,7 +28,7 @@ import time
 
 from minillm.engine.async_llm import AsyncLLM
 from minillm.outputs import RequestOutput
-from stress_helpers import FP8_TOL, TIE, Reference, Request
+from stress_helpers import FP8_TOL, TIE, Reference, Request, extension_problem
 
 POLL = 0.001  # seconds between two looks at the engine's step counter
 
@@ -66,25 +66,6 @@ class EngineRecorder:
         assert not self.problems, "\n".join(self.problems[:10])
         for request_id in self.outputs:
             self.final(request_id)
-
-
-def extension_problem(before: RequestOutput | None, after: RequestOutput) -> str | None:
-    """What is wrong with `after` as the next cumulative output of a request whose last one was `before`: its
-    tokens and text must extend the earlier ones (a client never sees text taken back: a possible stop string is
-    held back, not sent and cut), one log-prob entry per token, nothing after the finished output."""
-    a = after.outputs[0]
-    if a.logprobs is not None and len(a.logprobs) != len(a.token_ids):
-        return f"{len(a.logprobs)} log-prob entries for {len(a.token_ids)} tokens"
-    if before is None:
-        return None
-    b = before.outputs[0]
-    if before.finished:
-        return f"an output ({a.finish_reason}) after the finished one ({b.finish_reason})"
-    if a.token_ids[:len(b.token_ids)] != b.token_ids:
-        return f"tokens {a.token_ids} do not extend the earlier {b.token_ids}"
-    if not a.text.startswith(b.text):
-        return f"text {a.text!r} does not extend the earlier {b.text!r}"
-    return None
 
 
 async def until_step(llm: AsyncLLM, step: int) -> None:

@@ -6,10 +6,13 @@ tests/async_stress_helpers.py): one way to draw requests, run them alone, drive 
     Request, Scenario      what a test draws: requests with their SamplingParams, engine options, timed events
     draw_requests          a stream of requests that exercises the output loop: shared prefixes (prefix-cache
                            hits), long and repetitive prompts, stop tokens and stop strings that really fire
-                           (draw_stop), min_tokens, seeded sampling, log-probs, poisoned requests; some aborted later
+                           (draw_stop), min_tokens, seeded sampling, log-probs, special tokens kept as text
+                           (skip_special_tokens=False) or not, poisoned requests; some aborted later
     Reference              each distinct request run alone on a plain in-process LLMEngine (the oracle)
     drive                  the engine stepped through a scenario's events, an engine's Checks after every
-                           abort, finish and step, then every request compared with the Reference
+                           abort, finish and step, every output extending the request's last one
+                           (extension_problem), then every request compared with the Reference (compare: tokens,
+                           text, finish reason, log-probs and their token texts)
     EngineChecks           the checks of an LLMEngine's one scheduler and block manager (other engines subclass)
 
 Why differential: the engine's features (prefix caching, chunked prefill, preemption, speculation, other
@@ -27,6 +30,7 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
+from minillm.outputs import RequestOutput
 from minillm.sampling_params import SamplingParams
 from tiny import ByteTokenizer
 
@@ -43,6 +47,9 @@ FP8_TOL = 0.5
 FP8_LP_TOL = 0.5
 POISON_TEXT = 298  # a token the tokenizer cannot decode: the request whose prompt ends in it fails alone
 POISON_FORWARD = 297  # a token that makes the model's forward raise (the step reruns one request at a time)
+# ByteTokenizer's special tokens that a prompt may hold (not the poisons): "" or "<|260|>" as a request asks
+SPECIAL_IDS = range(256, POISON_FORWARD)
+TOKENIZER = ByteTokenizer()
 
 
 @dataclass
@@ -58,6 +65,8 @@ class Request:
     logprobs: int | None = None  # top-k log-probs of each sampled token (and of each prompt token)
     prompt_logprobs: int | None = None
     include_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
+    skip_special: bool = True  # skip_special_tokens: False keeps special tokens' text ("<|260|>") in every text
+    spaces_between: bool = True  # spaces_between_special_tokens: changes nothing with these tokenizers (key())
 
     def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
@@ -66,12 +75,15 @@ class Request:
                               stop=list(self.stop), min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
                               priority=self.priority, logprobs=self.logprobs if logprobs is None else logprobs,
                               prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
-                              include_stop_str_in_output=self.include_stop)
+                              include_stop_str_in_output=self.include_stop, skip_special_tokens=self.skip_special,
+                              spaces_between_special_tokens=self.spaces_between)
 
     def key(self) -> tuple:
-        """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all)."""
+        """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all).
+        Nor spaces_between_special_tokens: Tokenizer.decode says it changes no text, so the run alone with either
+        value is the answer (the first request drawn decides which, and the comparison holds the claim to it)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed, self.include_stop)
+                self.seed, self.include_stop, self.skip_special)
 
 
 @dataclass
@@ -88,10 +100,15 @@ class Scenario:
 
 
 class FussyTokenizer(ByteTokenizer):
-    """Cannot decode POISON_TEXT: making the text of a request that holds it raises (a per-request failure)."""
+    """Cannot decode POISON_TEXT: making the text of a request that holds it raises (a per-request failure).
+    POISON_TEXT alone decodes: that is a log-prob entry's text (special tokens' where a request keeps them), and
+    the run alone scores LP_WIDTH alternatives, more than most requests ask for: were POISON_TEXT among them
+    poison, the run alone would fail where the request does not. The engine's text windows hold two tokens or more
+    (the prompt's last ones for context)."""
 
     def decode(self, token_ids, *args, **kwargs):
-        if POISON_TEXT in list(token_ids):
+        token_ids = list(token_ids)
+        if POISON_TEXT in token_ids and len(token_ids) > 1:
             raise ValueError(f"cannot decode token {POISON_TEXT} (test)")
         return super().decode(token_ids, *args, **kwargs)
 
@@ -215,15 +232,33 @@ def draw_engine_options(rng: random.Random) -> dict:
     return options
 
 
+def draw_prompt_token(rng: random.Random) -> int:
+    """A random prompt token: a byte, or 1 time in 20 a special token (what a chat template writes between turns:
+    its text shows in the context window of a request that keeps special tokens, and in an echoed prompt)."""
+    return rng.choice(SPECIAL_IDS) if rng.random() < 0.05 else rng.randrange(256)
+
+
+def draw_special_switches(rng: random.Random, req: Request) -> None:
+    """vLLM's detokenization switches: skip_special_tokens mostly True (the default), False 1 time in 4. The
+    tiny models sample a special token (256 and up) for about one token in six, so with False their text
+    ("<|260|>") is output text: streamed, held back behind an unfinished UTF-8 character, in the log-prob token
+    texts, and searched for stop strings (draw_stop, called after this, cuts them out of that text, so some end
+    inside "<|260|>"). spaces_between_special_tokens False 1 time in 5 (it changes no text: Request.key)."""
+    req.skip_special = rng.random() >= 0.25
+    req.spaces_between = rng.random() >= 0.2
+
+
 def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, seeded: bool = True,
                   priorities: bool = False, prefix: str = "") -> None:
     """Append 8 to 16 random requests (ids prefix + "0", prefix + "1", ...) to `scenario.events`, arriving at
-    random steps, and aborts of some of them; sorted by step. `seeded`: some requests sample with a seed (not
-    where the engine's batches legitimately move the probabilities: speculation's verify steps, fp8 KV);
+    random steps, and aborts of some of them; sorted by step. Prompts hold a special token now and then, and a
+    quarter of the requests keep special tokens' text (draw_special_switches). `seeded`: some requests sample
+    with a seed (not where the engine's batches legitimately move the probabilities: speculation's verify steps,
+    fp8 KV);
     `priorities`: random priorities 0-2 (the priority policy). Stops are cut out of the reference's own run, so
     they really fire."""
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
-    prefixes = [[rng.randrange(256) for _ in range(rng.randint(8, 40))] for _ in range(2)]
+    prefixes = [[draw_prompt_token(rng) for _ in range(rng.randint(8, 40))] for _ in range(2)]
     num_requests = rng.randint(8, 16)
     step = 0
     for i in range(num_requests):
@@ -231,15 +266,15 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
         kind = rng.random()
         if kind < 0.4:  # a shared prefix, sometimes the whole prompt (a full cache hit)
             prefix_tokens = rng.choice(prefixes)
-            suffix = [rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 9]))]
+            suffix = [draw_prompt_token(rng) for _ in range(rng.choice([0, 1, 3, 9]))]
             prompt = prefix_tokens + suffix
         elif kind < 0.45:  # a long prompt: few tokens left to max_model_len
-            prompt = [rng.randrange(256) for _ in range(rng.randint(MAX_LEN - 20, MAX_LEN - 1))]
+            prompt = [draw_prompt_token(rng) for _ in range(rng.randint(MAX_LEN - 20, MAX_LEN - 1))]
         elif kind < 0.55:  # a repetitive prompt: prompt lookup drafts from it
-            unit = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
+            unit = [draw_prompt_token(rng) for _ in range(rng.randint(1, 4))]
             prompt = (unit * 20)[:rng.randint(4, 30)]
         else:
-            prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
+            prompt = [draw_prompt_token(rng) for _ in range(rng.randint(1, 30))]
         prompt = prompt[:MAX_LEN - 1]
         req = Request(tuple(prompt), rng.choice([1, 2, 5, 12, 30, MAX_LEN]), ignore_eos=rng.random() < 0.2,
                       priority=rng.randint(0, 2) if priorities else 0)
@@ -252,6 +287,7 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
         if scenario.poison and rng.random() < 0.2:  # a request that fails: its text, or the forward of its prompt
             poisons = [POISON_TEXT, POISON_FORWARD] if scenario.poison == "forward" else [POISON_TEXT]
             req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
+        draw_special_switches(rng, req)
         draw_stop(rng, req, reference, kv_dtype, scenario.poison)
         scenario.events.append((step, "add", prefix + str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
@@ -334,6 +370,7 @@ def drive(engine: LLMEngine, scenario: Scenario, reference: Reference, checks: E
     seqs = {}
     finished: dict[str, tuple[list[int], str, str]] = {}
     outputs_of = {}  # request id -> its finished RequestOutput
+    last_output = {}  # request id -> the last RequestOutput it reported (each must extend the one before)
     aborted: set[str] = set()
     step = 0
     with checks.recording_collateral(collateral):
@@ -363,6 +400,9 @@ def drive(engine: LLMEngine, scenario: Scenario, reference: Reference, checks: E
                 assert rid in requests, f"output for unknown request {rid}"
                 assert rid not in aborted, f"output for request {rid} after its abort"
                 assert rid not in finished, f"request {rid} reported after it finished"
+                problem = stream_problem(requests[rid], last_output.get(rid), out)
+                assert problem is None, f"request {rid} {requests[rid]}: {problem}"
+                last_output[rid] = out
                 if out.finished:
                     c = out.outputs[0]
                     assert c.finish_reason in ("stop", "length", "error"), (rid, c.finish_reason, c.error)
@@ -374,6 +414,36 @@ def drive(engine: LLMEngine, scenario: Scenario, reference: Reference, checks: E
     assert set(finished) | aborted == set(requests) and not set(finished) & aborted
     checks.at_end()
     compare(scenario, reference, requests, finished, outputs_of, collateral)
+
+
+def extension_problem(before: RequestOutput | None, after: RequestOutput) -> str | None:
+    """What is wrong with `after` as the next cumulative output of a request whose last one was `before`: its
+    tokens and text must extend the earlier ones (a client never sees text taken back: a possible stop string is
+    held back, not sent and cut; so the deltas of a stream add up to the final text), one log-prob entry per
+    token, nothing after the finished output."""
+    a = after.outputs[0]
+    if a.logprobs is not None and len(a.logprobs) != len(a.token_ids):
+        return f"{len(a.logprobs)} log-prob entries for {len(a.token_ids)} tokens"
+    if before is None:
+        return None
+    b = before.outputs[0]
+    if before.finished:
+        return f"an output ({a.finish_reason}) after the finished one ({b.finish_reason})"
+    if a.token_ids[:len(b.token_ids)] != b.token_ids:
+        return f"tokens {a.token_ids} do not extend the earlier {b.token_ids}"
+    if not a.text.startswith(b.text):
+        return f"text {a.text!r} does not extend the earlier {b.text!r}"
+    return None
+
+
+def stream_problem(req: Request, before: RequestOutput | None, after: RequestOutput) -> str | None:
+    """extension_problem, and a running output shows no stop string (with min_tokens 0 it would have stopped
+    there; min_tokens holds stop strings back, so they may stand in its text)."""
+    problem = extension_problem(before, after)
+    if problem is None and not after.finished and req.min_tokens == 0:
+        shown = [s for s in req.stop if s in after.outputs[0].text]
+        problem = f"stop string {shown[0]!r} in a running output {after.outputs[0].text!r}" if shown else None
+    return problem
 
 
 def compare(scenario: Scenario, reference: Reference, requests: dict[str, Request],
@@ -410,7 +480,8 @@ def check_logprobs(rid: str, req: Request, out, ref, tol: float) -> None:
                       min(len(got.token_ids), len(want.token_ids)))
         for i in range(shared):
             check_entry(f"request {rid} token {i}", got.token_ids[i], got.logprobs[i], want.logprobs[i],
-                        req.logprobs, tol)
+                        req.logprobs, tol, req.skip_special)
+        check_token_texts_add_up(rid, req, got)
     if req.prompt_logprobs is None:
         assert out.prompt_logprobs is None, f"request {rid}: prompt log-probs nobody asked for"
     else:
@@ -420,12 +491,38 @@ def check_logprobs(rid: str, req: Request, out, ref, tol: float) -> None:
         assert out.prompt_logprobs[0] is None
         for i in range(1, len(req.prompt)):
             check_entry(f"request {rid} prompt token {i}", req.prompt[i], out.prompt_logprobs[i],
-                        ref.prompt_logprobs[i], req.prompt_logprobs, tol)
+                        ref.prompt_logprobs[i], req.prompt_logprobs, tol, req.skip_special)
 
 
-def check_entry(where: str, token: int, got: dict, want: dict, k: int, tol: float) -> None:
-    """One token's {token id: Logprob}: the token itself plus the k most likely (the reference's LP_WIDTH)."""
+def token_text(token: int, skip_special: bool) -> str:
+    """A log-prob entry's decoded_token for `token` (StepOutputs._token_text): its own byte (U+FFFD for a piece
+    of a character), and for a special token nothing, or its text where the request keeps special tokens."""
+    if token < 256:
+        return bytes([token]).decode("utf-8", errors="replace")
+    return "" if skip_special else TOKENIZER.decode([token], skip_special_tokens=False)
+
+
+def check_token_texts_add_up(rid: str, req: Request, done) -> None:
+    """What StepOutputs._token_text promises: the sampled tokens' texts add up to the output text, special
+    tokens' included (their text or nothing, as the text has them). Only where that can hold: every token a whole
+    character (ASCII or special; a piece of one is U+FFFD alone) and no stop string cut the text (a stop token's
+    text is never in it)."""
+    ids = list(done.token_ids)
+    if done.finish_reason == "stop" and not isinstance(done.stop_reason, str):
+        ids = ids[:-1]  # the stop token (EOS, or one of stop_token_ids)
+    elif done.finish_reason != "length":
+        return
+    if all(t < 128 or t >= 256 for t in ids):
+        texts = "".join(entry[t].decoded_token for t, entry in zip(ids, done.logprobs))
+        assert texts == done.text, f"request {rid}: log-prob token texts {texts!r}, text {done.text!r}"
+
+
+def check_entry(where: str, token: int, got: dict, want: dict, k: int, tol: float, skip_special: bool) -> None:
+    """One token's {token id: Logprob}: the token itself plus the k most likely (the reference's LP_WIDTH), each
+    with its text as the request decodes it (token_text)."""
     assert token in got, f"{where}: the token {token} is not in its entry {got}"
+    wrong = {t: v.decoded_token for t, v in got.items() if v.decoded_token != token_text(t, skip_special)}
+    assert not wrong, f"{where}: token texts {wrong} (skip_special_tokens={skip_special})"
     assert abs(got[token].logprob - want[token].logprob) <= tol, f"{where}: {got[token]} alone {want[token]}"
     top = sorted((v.logprob for t, v in got.items() if v.rank <= k), reverse=True)
     expected_top = sorted((v.logprob for v in want.values()), reverse=True)[:k]

@@ -4,10 +4,11 @@ served to concurrent coroutines instead of stepped by hand.
 Seed N takes the engine stress test's scenario N (test_engine_stress.draw_scenario: an engine with prefix caching,
 chunked prefill, preemption by recompute or swap, async scheduling, speculation, an fp8 KV cache, a poisoned
 tokenizer or model; requests with shared prefixes, stop tokens and stop strings cut from their own runs alone,
-min_tokens, ignore_eos, seeds, log-probs of sampled and prompt tokens; the steps at which they arrive and are
-aborted; here 3 in 10 requests without a stop also get a stop string of up to 4 characters, what a stream must
-hold back) and serves it through AsyncLLM.generate: one coroutine per request, arriving once the engine has taken
-that many steps. An abort event becomes one of the ways a client leaves early, at that step:
+min_tokens, ignore_eos, seeds, log-probs of sampled and prompt tokens, skip_special_tokens=False now and then;
+the steps at which they arrive and are aborted; here 3 in 10 requests without a stop also get a stop string of
+up to 4 characters, what a stream must hold back) and serves it through AsyncLLM.generate: one coroutine per
+request, arriving once the engine has taken that many steps. An abort event becomes one of the ways a client
+leaves early, at that step:
     "abort"   it calls AsyncLLM.abort(its request id) and reads on: its stream ends with a finished output
               (finish_reason "abort", or the real one if the request finished first);
     "break"   it leaves its `async for` at the first output from that step on (the generator is dropped, closed

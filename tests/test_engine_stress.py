@@ -6,17 +6,22 @@ n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE
 one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache) and a stream of
 events (requests arriving at random steps, with random prompt lengths, some sharing long prefixes so the prefix
 cache hits, random max_tokens, some with stop_token_ids or stop strings
-that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, a poisoned
-request whose text or forward raises; aborts of waiting, running or swapped requests).
+that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, special tokens
+in prompts and kept as text by a quarter of the requests (skip_special_tokens=False; the tiny model samples
+special ids for about one token in six), a poisoned request whose text or forward raises; aborts of waiting,
+running or swapped requests).
 The engine is driven step by step (add_request / step / abort) and checked after every step:
 
     the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
     an aborted request holds no device or CPU block the moment abort returns;
     no request is reported finished twice, none after its abort, none that was never added;
+    each output of a request extends its last one (tokens, text: nothing shown is taken back) and, running, shows
+    no stop string (min_tokens 0);
     at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
     finished with a finish_reason and the token ids and text of the same request run alone in a fresh engine
     with none of the features (fp32 on the CPU: the same tokens, not merely close logits; the same KV cache dtype
-    and poison), with the same log-probs within LP_TOL (stress_helpers: the raw target model's, speculative or not);
+    and poison), with the same log-probs within LP_TOL (stress_helpers: the raw target model's, speculative or not)
+    and each log-prob entry's token text as the request decodes it (adding up to the text where they can);
     a poisoned request ends in "error" as it does alone, and so may only the requests of a failed step that
     could not be rerun one at a time (step_isolation.can_isolate). One exception: where
     two greedy candidates tie (logits within TIE; a batch of another shape rounds them the other way round), the

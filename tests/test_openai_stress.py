@@ -10,11 +10,13 @@ serve_tiny.TEMPLATE; greedy or seeded (temperature 0.8; not with speculation or 
 move the draws), n = 1 to 3 (choice i is seeded seed + i), max_tokens up to what the context leaves (or left
 out: 16 for completions, the rest of the context for chat; max_completion_tokens for chat sometimes),
 ignore_eos, stop_token_ids and stop strings cut from the solo run (stress_helpers.draw_stop, so they fire;
-min_tokens with them), log-probs (completions' top-k, chat's logprobs + top_logprobs), echo (with the prompt's
-log-probs; max_tokens 0 scores the prompt only), streaming or not, stream_options.include_usage. Some clients
-leave: "mid_stream" closes the connection after a few events; "early" is cancelled at a random engine step,
-streaming or not (maybe before its body was read). A few send a body test_serve_api.BAD refuses (400, 404 or
-413 with its words in an OpenAI-shaped error).
+min_tokens with them), skip_special_tokens (false 1 time in 4: special tokens' text, which token-id prompts hold
+now and then and the model samples often, in the answer, its stream, its echo, its log-probs and its stop
+strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's logprobs + top_logprobs), echo
+(with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not, stream_options.include_usage.
+Some clients leave: "mid_stream" closes the connection after a few events; "early" is cancelled at a random engine
+step, streaming or not (maybe before its body was read). A few send a body test_serve_api.BAD refuses (400, 404
+or 413 with its words in an OpenAI-shaped error).
 
 Checked, for every client that read its answer to the end (async_stress_helpers.EngineRecorder records what the
 engine gave each of its requests, `{response id}-{choice index}`; tests/openai_wire.py reads and judges answers):
@@ -57,7 +59,7 @@ from minillm.serve.server import ServerThread
 from openai_wire import TOKENIZER, HttpClient, check_choice, read_body, read_sse
 from serve_tiny import MODEL, TEMPLATE
 from stress_helpers import (MAX_LEN, POISON_TEXT, EngineChecks, Reference, Request, Scenario, compare,
-                            draw_engine_options, draw_stop)
+                            draw_engine_options, draw_prompt_token, draw_special_switches, draw_stop)
 from test_engine_stress import SPEC_METHODS, build_engine, head_dirs, model_and_config, reference  # noqa: F401
 from test_serve_api import BAD
 from tiny import one_thread  # noqa: F401  (autouse fixture)
@@ -91,7 +93,7 @@ def draw_prompt(rng: random.Random, shared: tuple[str, list[int]], text: bool) -
     shared text or ids (prefix-cache hits)."""
     if text:
         return fit((shared[0] if rng.random() < 0.5 else "") + draw_words(rng) or "x")
-    ids = (shared[1] if rng.random() < 0.5 else []) + [rng.randrange(256) for _ in range(rng.randint(1, 30))]
+    ids = (shared[1] if rng.random() < 0.5 else []) + [draw_prompt_token(rng) for _ in range(rng.randint(1, 30))]
     return ids[:MAX_LEN - 1]
 
 
@@ -128,6 +130,11 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
     req = Request(client.prompts[0], max_tokens, ignore_eos=rng.random() < 0.2)
     if seeded and rng.random() < 0.3:
         req.seed = rng.randrange(1000)
+    draw_special_switches(rng, req)
+    if not req.skip_special or rng.random() < 0.2:  # (left out: true)
+        body["skip_special_tokens"] = req.skip_special
+    if not req.spaces_between or rng.random() < 0.2:
+        body["spaces_between_special_tokens"] = req.spaces_between
     if not client.score_only:
         draw_stop(rng, req, reference, kv_dtype, poison, odds=(0.2, 0.3), longest=4)
     body.update(temperature=0.8 if req.seed is not None else 0.0, ignore_eos=req.ignore_eos)
@@ -154,7 +161,8 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
         req.logprobs = k
     if not chat and not client.poisoned and (client.score_only or rng.random() < 0.2):
         body["echo"] = True
-        client.echoes = [TOKENIZER.decode(p) for p in client.prompts]  # (a text prompt: itself, as it encodes)
+        # (a text prompt: itself, as it encodes; token ids as the answer shows tokens: special ones' text or not)
+        client.echoes = [TOKENIZER.decode(p, skip_special_tokens=req.skip_special) for p in client.prompts]
         req.prompt_logprobs = req.logprobs
     n = 1 if rng.random() < 0.75 or (req.seed is None and rng.random() < 0.5) else rng.randint(2, 3)
     if n > 1:
@@ -185,7 +193,7 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     # windows are decoded)
     scenario = Scenario(options, spec, poison=None if fp8 or rng.random() < 0.7 else "text")
     shared = ("".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 16))),
-              [rng.randrange(256) for _ in range(rng.randint(8, 30))])
+              [draw_prompt_token(rng) for _ in range(rng.randint(8, 30))])
     clients, step = [], 0
     for _ in range(rng.randint(6, 14)):
         step += rng.choice([0, 0, 1, 1, 3])
