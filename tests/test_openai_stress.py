@@ -2,21 +2,22 @@
 against its requests run alone.
 
 For each seed: an engine as the engine stress test draws one (stress_helpers.draw_engine_options: prefix caching,
-chunked prefill with a small token budget, preemption by recompute or swap, async scheduling, an fp8 KV cache;
-a speculative method from test_engine_stress.SPEC_METHODS), behind build_app and a ServerThread, and 6 to 14
-clients (draw_client) that arrive at random engine steps through httpx: /v1/completions with a text or token-id
-prompt or a list of 2 or 3 (sharing prefixes, so the prefix cache hits), or /v1/chat/completions through
-serve_tiny.TEMPLATE; greedy or seeded (temperature 0.8; not with speculation or fp8, whose batches legitimately
-move the draws), n = 1 to 3 (choice i is seeded seed + i), max_tokens up to what the context leaves (or left
-out: 16 for completions, the rest of the context for chat; max_completion_tokens for chat sometimes),
-ignore_eos, stop_token_ids and stop strings cut from the solo run (stress_helpers.draw_stop, so they fire;
-min_tokens with them), skip_special_tokens (false 1 time in 4: special tokens' text, which token-id prompts hold
-now and then and the model samples often, in the answer, its stream, its echo, its log-probs and its stop
-strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's logprobs + top_logprobs), echo
-(with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not, stream_options.include_usage.
-Some clients leave: "mid_stream" closes the connection after a few events; "early" is cancelled at a random engine
-step, streaming or not (maybe before its body was read). A few send a body test_serve_api.BAD refuses (400, 404
-or 413 with its words in an OpenAI-shaped error).
+chunked prefill with a small token budget, preemption by recompute or swap, async scheduling, the priority policy
+(then half the clients send a priority), an fp8 KV cache; a speculative method from
+test_engine_stress.SPEC_METHODS), behind build_app and a ServerThread, and 6 to 14 clients (draw_client) that arrive
+at random engine steps through httpx: /v1/completions with a text or token-id prompt or a list of 2 or 3 (sharing
+prefixes, so the prefix cache hits), or /v1/chat/completions through serve_tiny.TEMPLATE; greedy or seeded
+(temperature 0.8; not with speculation or fp8, whose batches legitimately move the draws), n = 1 to 3 (choice i is
+seeded seed + i), max_tokens up to what the context leaves (or left out: 16 for completions, the rest of the context
+for chat; max_completion_tokens for chat sometimes), ignore_eos, stop_token_ids and stop strings cut from the solo
+run (stress_helpers.draw_stop, so they fire; min_tokens with them), skip_special_tokens (false 1 time in 4: special
+tokens' text, which token-id prompts hold now and then and the model samples often, in the answer, its stream, its
+echo, its log-probs and its stop strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's
+logprobs + top_logprobs), echo (with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not,
+stream_options.include_usage. Some clients leave: "mid_stream" closes the connection after a few events; "early" is
+cancelled at a random engine step, streaming or not (maybe before its body was read). A few send a body
+test_serve_api.BAD refuses (400, 404 or 413 with its words in an OpenAI-shaped error; a priority only where the
+engine schedules fcfs).
 
 Checked, for every client that read its answer to the end (async_stress_helpers.EngineRecorder records what the
 engine gave each of its requests, `{response id}-{choice index}`; tests/openai_wire.py reads and judges answers):
@@ -69,6 +70,8 @@ FIRST = int(os.environ.get("MINILLM_OPENAI_STRESS_FIRST", 0))
 NUM_SEEDS = int(os.environ.get("MINILLM_OPENAI_STRESS_SEEDS", SEEDS))
 ALPHABET = "abcdefgh ijklmnop.,!?\néß€😀"  # one- to four-byte characters: text prompts that cross UTF-8 widths
 SMALL_BAD = [b for b in BAD if len(b[1] if isinstance(b[1], bytes) else json.dumps(b[1])) < 1000]
+# a priority is refused only where the engine schedules first come, first served: a priority engine serves it
+FCFS_ONLY_BAD = [b for b in SMALL_BAD if isinstance(b[1], dict) and "priority" in b[1]]
 AFTER = {"prompt": "after the storm", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
@@ -98,8 +101,9 @@ def draw_prompt(rng: random.Random, shared: tuple[str, list[int]], text: bool) -
 
 
 def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], reference: Reference,
-                kv_dtype: str, seeded: bool, poison: str | None = None) -> HttpClient:
-    """A valid request, its solo runs' Requests, and how its client leaves."""
+                kv_dtype: str, seeded: bool, poison: str | None = None, priorities: bool = False) -> HttpClient:
+    """A valid request, its solo runs' Requests, and how its client leaves. `priorities`: half the clients send
+    a priority, -1 to 2 (an engine under the priority policy)."""
     chat = rng.random() < 0.35
     if chat:
         system = [{"role": "system", "content": shared[0]}] if rng.random() < 0.5 else []
@@ -130,6 +134,8 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
     req = Request(client.prompts[0], max_tokens, ignore_eos=rng.random() < 0.2)
     if seeded and rng.random() < 0.3:
         req.seed = rng.randrange(1000)
+    if priorities and rng.random() < 0.5:  # (the run alone ignores it: alone, a priority orders nothing)
+        req.priority = body["priority"] = rng.randint(-1, 2)
     draw_special_switches(rng, req)
     if not req.skip_special or rng.random() < 0.2:  # (left out: true)
         body["skip_special_tokens"] = req.skip_special
@@ -189,6 +195,7 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     options = draw_engine_options(rng)
     spec = rng.choice([None, None, None, *sorted(SPEC_METHODS)])
     fp8 = "kv_cache_dtype" in options
+    policy = options.get("scheduling_policy", "fcfs")
     # a tokenizer that cannot decode POISON_TEXT (not with fp8, whose runs may part from the run alone: then other
     # windows are decoded)
     scenario = Scenario(options, spec, poison=None if fp8 or rng.random() < 0.7 else "text")
@@ -198,11 +205,13 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     for _ in range(rng.randint(6, 14)):
         step += rng.choice([0, 0, 1, 1, 3])
         if rng.random() < 0.12:
-            path, body, status, words = rng.choice(SMALL_BAD)
+            bad = SMALL_BAD if policy == "fcfs" else [b for b in SMALL_BAD if b not in FCFS_ONLY_BAD]
+            path, body, status, words = rng.choice(bad)
             clients.append(HttpClient(path, body, step, status=status, words=words))
         else:
             clients.append(draw_client(rng, step, shared, reference, options.get("kv_cache_dtype", "auto"),
-                                       seeded=spec is None and not fp8, poison=scenario.poison))
+                                       seeded=spec is None and not fp8, poison=scenario.poison,
+                                       priorities=policy == "priority"))
     return scenario, clients
 
 
