@@ -148,11 +148,11 @@ def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
         content = logprobs["content"]
         assert len(content) == len(entries), f"choice {i}: {len(content)} log-probs for {len(entries)} tokens"
         for item, token, entry in zip(content, done.token_ids, entries):
-            # its own bytes; a special token's text's where the request keeps it (it has no bytes of its own)
-            raw = TOKENIZER.token_bytes(token) or entry[token].decoded_token.encode("utf-8")
-            assert item["logprob"] == entry[token].logprob and item["bytes"] == list(raw), (item, entry[token])
-            top = sorted(entry.values(), key=lambda lp: lp.rank)[:req.logprobs]
-            assert [t["logprob"] for t in item["top_logprobs"]] == [lp.logprob for lp in top]
+            assert item["logprob"] == entry[token].logprob and item["bytes"] == chat_bytes(token, entry[token]), \
+                (item, entry[token])
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank)[:req.logprobs]
+            assert [(t["token"], t["logprob"], t["bytes"]) for t in item["top_logprobs"]] == \
+                [(lp.decoded_token, lp.logprob, chat_bytes(t, lp)) for t, lp in top], (item["top_logprobs"], top)
     else:
         assert len(logprobs["tokens"]) == len(entries), \
             f"choice {i}: {len(logprobs['tokens'])} log-probs for {len(entries)} tokens"
@@ -162,3 +162,9 @@ def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
             assert len(logprobs["top_logprobs"][j]) <= req.logprobs + 1
         offsets = logprobs["text_offset"]
         assert all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], logprobs["tokens"]))
+
+
+def chat_bytes(token: int, logprob) -> list[int]:
+    """A chat log-prob's `bytes`: the token's own, or a special token's text's where the request keeps it (it has
+    no bytes of its own; skipped, it has none at all)."""
+    return list(TOKENIZER.token_bytes(token) or logprob.decoded_token.encode("utf-8"))

@@ -99,7 +99,16 @@ class Scenario:
     poison: str | None = None
 
 
-class FussyTokenizer(ByteTokenizer):
+class BatchByteTokenizer(ByteTokenizer):
+    """ByteTokenizer with decode_batch, as minillm's Tokenizer has it: an engine then decodes the detokenizer
+    windows of a step's sequences in one call (detokenizer.decode_windows: one call per skip_special_tokens
+    setting present). Without it every window is decoded alone, as in the runs alone."""
+
+    def decode_batch(self, batch, skip_special_tokens: bool = True):
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+class FussyTokenizer(BatchByteTokenizer):
     """Cannot decode POISON_TEXT: making the text of a request that holds it raises (a per-request failure).
     POISON_TEXT alone decodes: that is a log-prob entry's text (special tokens' where a request keeps them), and
     the run alone scores LP_WIDTH alternatives, more than most requests ask for: were POISON_TEXT among them
@@ -112,8 +121,11 @@ class FussyTokenizer(ByteTokenizer):
             raise ValueError(f"cannot decode token {POISON_TEXT} (test)")
         return super().decode(token_ids, *args, **kwargs)
 
-    def decode_batch(self, batch, *args, **kwargs):
-        return [self.decode(ids, *args, **kwargs) for ids in batch]
+
+def engine_tokenizer(poison: str | None) -> ByteTokenizer:
+    """The tokenizer of an engine under test: FussyTokenizer where the scenario is poisoned, else
+    BatchByteTokenizer (both batch a step's decodes; the runs alone decode one sequence's windows at a time)."""
+    return FussyTokenizer() if poison else BatchByteTokenizer()
 
 
 class PoisonedModel(torch.nn.Module):
@@ -449,7 +461,8 @@ def stream_problem(req: Request, before: RequestOutput | None, after: RequestOut
 def compare(scenario: Scenario, reference: Reference, requests: dict[str, Request],
             finished: dict[str, tuple[list[int], str, str]], outputs_of: dict, collateral: set[str]) -> None:
     """Each finished request against the same request run alone: tokens, finish reason, text and log-probs
-    (past a greedy tie, only the tie), "error" only where it fails alone or was collateral."""
+    (past a greedy tie, only the tie), "error" only where it fails alone or was collateral; its text against its
+    tokens (check_text)."""
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
     tie, lp_tol = (FP8_TOL, FP8_LP_TOL) if kv_dtype != "auto" else (TIE, LP_TOL)
     for rid, got in finished.items():
@@ -462,6 +475,7 @@ def compare(scenario: Scenario, reference: Reference, requests: dict[str, Reques
             continue
         if got != expected and not reference.parts_at_a_tie(req, got[0], expected[0], tie):
             assert got == expected, f"request {rid} {req}"
+        check_text(rid, req, outputs_of[rid].outputs[0])
         check_logprobs(rid, req, outputs_of[rid], reference.outputs[(req.key(), kv_dtype, scenario.poison)], lp_tol)
 
 
@@ -481,7 +495,6 @@ def check_logprobs(rid: str, req: Request, out, ref, tol: float) -> None:
         for i in range(shared):
             check_entry(f"request {rid} token {i}", got.token_ids[i], got.logprobs[i], want.logprobs[i],
                         req.logprobs, tol, req.skip_special)
-        check_token_texts_add_up(rid, req, got)
     if req.prompt_logprobs is None:
         assert out.prompt_logprobs is None, f"request {rid}: prompt log-probs nobody asked for"
     else:
@@ -502,17 +515,21 @@ def token_text(token: int, skip_special: bool) -> str:
     return "" if skip_special else TOKENIZER.decode([token], skip_special_tokens=False)
 
 
-def check_token_texts_add_up(rid: str, req: Request, done) -> None:
-    """What StepOutputs._token_text promises: the sampled tokens' texts add up to the output text, special
-    tokens' included (their text or nothing, as the text has them). Only where that can hold: every token a whole
-    character (ASCII or special; a piece of one is U+FFFD alone) and no stop string cut the text (a stop token's
-    text is never in it)."""
+def check_text(rid: str, req: Request, done) -> None:
+    """What needs no run alone (the runs alone share the detokenizer): where the prompt ends in an ASCII byte (no
+    character left for the output to finish) and no stop string cut the text, the incremental text is the output
+    tokens decoded at once, special tokens' text kept or not as the request asks (a stop token's never); and, as
+    StepOutputs._token_text promises, the sampled tokens' log-prob texts add up to it where every token is a whole
+    character (ASCII or special: a piece of one is U+FFFD alone)."""
     ids = list(done.token_ids)
     if done.finish_reason == "stop" and not isinstance(done.stop_reason, str):
         ids = ids[:-1]  # the stop token (EOS, or one of stop_token_ids)
     elif done.finish_reason != "length":
         return
-    if all(t < 128 or t >= 256 for t in ids):
+    if req.prompt[-1] < 128:
+        expected = TOKENIZER.decode(ids, skip_special_tokens=req.skip_special)
+        assert done.text == expected, f"request {rid}: text {done.text!r}, its tokens decode to {expected!r}"
+    if done.logprobs is not None and all(t < 128 or t >= 256 for t in ids):
         texts = "".join(entry[t].decoded_token for t, entry in zip(ids, done.logprobs))
         assert texts == done.text, f"request {rid}: log-prob token texts {texts!r}, text {done.text!r}"
 

@@ -49,7 +49,8 @@ from minillm.engine.disagg_engine import DisaggregatedEngine
 from minillm.engine.worker import RandomWeights
 from minillm.sampling_params import SamplingParams
 from stress_helpers import (MAX_LEN, POISON_FORWARD, POISON_TEXT, EngineChecks, FussyTokenizer, PoisonedSource,
-                            Reference, Request, Scenario, describe, draw_engine_options, draw_requests, drive)
+                            Reference, Request, Scenario, describe, draw_engine_options, draw_requests, drive,
+                            engine_tokenizer)
 from test_engine import tiny_config
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
@@ -167,7 +168,7 @@ def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(ref
     rng = random.Random(seed)
     options, plan, poison = draw_engine(rng)
     source = PoisonedSource(WEIGHTS) if poison == "forward" else WEIGHTS
-    engine = DisaggregatedEngine(source, FussyTokenizer() if poison else ByteTokenizer(), reference.config,
+    engine = DisaggregatedEngine(source, engine_tokenizer(poison), reference.config,
                                  EngineConfig(**options), disaggregation=plan)
     scenario, stream = None, 0
     try:

@@ -46,10 +46,10 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
-from stress_helpers import (MAX_LEN, FussyTokenizer, PoisonedModel, Reference, Request, Scenario, describe, drive,
-                            draw_engine_options, draw_requests)
+from stress_helpers import (MAX_LEN, PoisonedModel, Reference, Request, Scenario, describe, draw_engine_options,
+                            draw_requests, drive, engine_tokenizer)
 from test_engine import tiny_config, tiny_model
-from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 30
 FIRST = int(os.environ.get("MINILLM_STRESS_FIRST", 0))
@@ -133,7 +133,7 @@ def build_engine(model_and_config, head_dirs, scenario: Scenario) -> LLMEngine:
         spec = {"method": scenario.spec, "num_speculative_tokens": K, **SPEC_METHODS[scenario.spec](head_dirs), **spec}
     if scenario.poison == "forward":
         model = PoisonedModel(model)
-    return LLMEngine(model, FussyTokenizer() if scenario.poison else ByteTokenizer(), config,
+    return LLMEngine(model, engine_tokenizer(scenario.poison), config,
                      EngineConfig(speculative_config=spec if scenario.spec else None, **options))
 
 

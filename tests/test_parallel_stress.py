@@ -38,10 +38,10 @@ from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
-from stress_helpers import (FussyTokenizer, PoisonedSource, Reference, Scenario, describe, draw_engine_options,
-                            draw_requests, drive)
+from stress_helpers import (PoisonedSource, Reference, Scenario, describe, draw_engine_options, draw_requests, drive,
+                            engine_tokenizer)
 from test_engine import tiny_config
-from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 1
 FIRST = int(os.environ.get("MINILLM_PARALLEL_STRESS_FIRST", 0))
@@ -63,7 +63,7 @@ def build_engine(reference: Reference, options: dict, poison: str | None) -> LLM
     executor = MultiProcExecutor(dict(model_config=reference.config, engine_config=resolved,
                                       device=torch.device("cpu"), dtype=torch.float32, seed=0,
                                       model_source=PoisonedSource(WEIGHTS) if poison == "forward" else WEIGHTS))
-    return LLMEngine(None, FussyTokenizer() if poison else ByteTokenizer(), reference.config, config,
+    return LLMEngine(None, engine_tokenizer(poison), reference.config, config,
                      executor=executor)
 
 
