@@ -583,6 +583,13 @@ for b in batches:
 # faster on the H200 (1.04x / 1.07x against 1.05x / 1.10x at `prompt_lookup_min` 2 / 3, same run): a wrong guess
 # turns a whole verify step into one token, which is what the wait had been buying. The engine waits.
 #
+# Past batch 1 the same host round trip is the whole story. With 16 sequences nearly every step carries some
+# draft, so nearly every step runs in sync. On an H100 (thirty-fifth session, `bench_spec_host.py --batch 16`,
+# the bundled model, n-gram) a verify step kept the GPU busy 0.84 ms against a plain step's 0.90: its 96 rows
+# cost a 135M model nothing extra. Yet the step took 2.35 ms against 1.14, because the GPU idled 1.5 ms while the
+# host ran the output loop for 16 sequences (0.86 ms) and prepared the next launch. Plain decoding hides exactly
+# that work behind the GPU. Measure where the time goes before you blame the verify step.
+#
 # **What to remember**
 # * decode leaves compute idle; k + 1 query rows cost about one row while the step is memory-bound;
 # * accept with min(1, p/q), resample from norm(max(0, p − q)), bonus token after a full accept: exact sampling;
