@@ -1,7 +1,8 @@
-"""How LLM's offline calls (generate, chat) turn their arguments into engine requests: one checked SamplingParams
-copy per prompt (normalize_params), vLLM's per-prompt `priority` list (with_priority), a conversation's shape
-(check_conversation), and a prompt's n choices merged back into one RequestOutput (merge_choices). Everything is
-checked before any request is queued, so a bad argument leaves the engine as it was."""
+"""How LLM's offline calls (generate, chat: minillm/llm.py, chapter 2's entry point) turn their arguments into
+engine requests: one checked SamplingParams copy per prompt (normalize_params), vLLM's per-prompt `priority` list
+for chapter 6's priority scheduling (with_priority), a conversation's shape (check_conversation), and a prompt's n
+choices merged back into one RequestOutput (merge_choices). Everything is checked before any request is queued,
+so a bad argument leaves the engine as it was."""
 from __future__ import annotations
 
 import dataclasses

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.engine.detokenizer import decode_text
 from minillm.outputs import Logprob, RequestOutput
-from minillm.sampling_params import SamplingParams, choice_seed
+from minillm.sampling_params import ParamError, SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
@@ -85,11 +85,13 @@ class OpenAIServing:
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
-        policy = self.llm.engine.engine_config.scheduling_policy
-        if request.priority != 0 and policy != "priority":  # as vLLM: a priority nothing honours is an error
+        try:  # as vLLM: a priority nothing honours is an error (the engine's rule), refused before tokenizing
+            self.llm.engine.check_priority(request.priority)
+        except ParamError:  # said in the server's terms: the flag that turns the policy on
+            policy = self.llm.engine.engine_config.scheduling_policy
             raise ApiError(400, f"priority {request.priority} needs priority scheduling; this server schedules "
                                 f"{policy!r}: start it with --scheduling-policy priority, or leave priority out "
-                                f"or give 0", param="priority")
+                                f"or give 0", param="priority") from None
 
     def _prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
                 keep: int | None = None) -> Prompt:
