@@ -1,0 +1,21 @@
+"""Structured outputs: constraining decoding to a regular language (a regex, a JSON schema, a list of choices).
+
+At every decoding step the engine masks the logits of tokens that would take the output outside the
+language, so what the model writes always parses. The pieces, in the order they run:
+
+- regex_parse.py / regex_dfa.py: a regex (a subset of Python `re`) becomes a Thompson NFA over **bytes**
+  (code-point classes turned into UTF-8 byte ranges, as RE2 does), pruned to the states that can still
+  reach a match, then a DFA built lazily by subset construction: only the states a decode visits exist.
+- token_index.py: the vocabulary as a byte trie (flat arrays, built once per tokenizer); for a DFA state,
+  the allowed tokens are found by walking the trie and the DFA together, dropping a subtree as soon as the
+  DFA dies (the idea of Willard & Louf, "Efficient Guided Generation for LLMs", 2023, computed on demand).
+  Each state's mask is computed once and cached, so a step costs a dict lookup once a state is known.
+- json_schema.py: a JSON schema (depth-limited), `response_format: json_object` (any JSON value) and a
+  list of choices are all written as regexes, so one automaton serves them all.
+"""
+from minillm.structured.json_schema import SchemaError, choice_regex, json_schema_regex, json_value_regex
+from minillm.structured.regex_dfa import DEAD, ByteDFA, RegexError, compile_regex, escape
+from minillm.structured.token_index import FINISHED, TokenIndex, TokenVocabulary
+
+__all__ = ["DEAD", "FINISHED", "ByteDFA", "RegexError", "SchemaError", "TokenIndex", "TokenVocabulary",
+           "choice_regex", "compile_regex", "escape", "json_schema_regex", "json_value_regex"]
