@@ -65,6 +65,67 @@ def _integer(name: str, value: Any, low: int, high: int = INT64_MAX, allowed: st
     return value
 
 
+MAX_BAD_WORDS = 100  # bad_words entries per request: each is matched against the output at every step
+MAX_ALLOWED_TOKEN_IDS = 1 << 20  # allowed_token_ids entries (a vocabulary is smaller: the engine checks it)
+STRUCTURED_KINDS = ("json", "regex", "choice", "json_object", "grammar", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured outputs: the output must match one constraint, enforced token by token (minillm/structured:
+    the constraint becomes a byte-level automaton; each step masks every token that would leave it).
+
+    Exactly one of: `json`, a JSON schema (a dict, or its JSON text); `regex`, a pattern the whole output must match
+    (Python's syntax, a subset: minillm.structured.regex_dfa); `choice`, a list of strings, one of which is the
+    output; `json_object=True`, any JSON value (objects and arrays nested a few levels deep: a regular language
+    cannot count brackets forever). `grammar` and `structural_tag` (context-free grammars: a pushdown automaton,
+    not a regular one) are refused. `whitespace_pattern` is the regex allowed between JSON tokens (default: at most
+    two spaces, newlines or tabs); `disable_any_whitespace=True` allows none."""
+
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            kinds = ", ".join(STRUCTURED_KINDS)
+            raise ParamError("structured_outputs", f"structured_outputs takes exactly one of {kinds}; got "
+                                                   f"{', '.join(given) if given else 'none'}")
+        kind = given[0]
+        if kind in ("grammar", "structural_tag"):
+            raise ParamError("structured_outputs", f"structured_outputs {kind} is not supported: a context-free "
+                             f"grammar needs a pushdown automaton, and minillm enforces regular languages (json, "
+                             f"regex, choice, json_object)")
+        if kind == "json" and not isinstance(self.json, (dict, str, bool)):
+            raise ParamError("structured_outputs", f"structured_outputs json must be a JSON schema (a dict or its "
+                                                   f"JSON text), got {type(self.json).__name__}: {self.json!r}")
+        if kind == "regex" and not isinstance(self.regex, str):
+            raise ParamError("structured_outputs", f"structured_outputs regex must be a string, got {self.regex!r}")
+        if kind == "choice" and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                 or any(not isinstance(c, str) for c in self.choice)):
+            raise ParamError("structured_outputs", f"structured_outputs choice must be a non-empty list of strings, "
+                                                   f"got {self.choice!r}")
+        if self.json_object not in (None, True, False):
+            raise ParamError("structured_outputs", f"structured_outputs json_object must be a bool, got "
+                                                   f"{self.json_object!r}")
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise ParamError("structured_outputs", f"structured_outputs whitespace_pattern must be a regex string, "
+                                                   f"got {self.whitespace_pattern!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ParamError("structured_outputs", f"structured_outputs disable_any_whitespace must be a bool, got "
+                                                   f"{self.disable_any_whitespace!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 MAX_N = 16  # choices per prompt (SamplingParams.n, the server's n): each is a full request in the engine
 
 
@@ -72,6 +133,12 @@ def choice_seed(seed: int, index: int) -> int:
     """The seed of choice `index` of a seeded request with n choices: seed + index, wrapped round at the top of the
     range a seed may take ([-2**63, 2**64 - 1]), so that a valid seed never makes its later choices invalid."""
     return seed + index - 2**64 if seed < 2**64 <= seed + index else seed + index  # (an invalid seed stays invalid)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters (a bad list of a million ids must not make a million-digit message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
@@ -132,6 +199,14 @@ class SamplingParams:
     # vLLM's API; with minillm's tokenizers it changes nothing (Tokenizer.decode says why).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Constraints on what may be generated (vLLM's names; minillm/engine/constraints.py). structured_outputs: the
+    # output must match a JSON schema, a regex or one of a list of strings (StructuredOutputsParams; a dict of its
+    # fields is taken too). allowed_token_ids: only these tokens may be sampled. bad_words: none of these words may
+    # be generated (each as the tokenizer writes it, with and without a leading space: the last token of a bad word
+    # is banned where the output ends with the rest of it).
+    structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stop_list: list[str] = field(init=False, repr=False)
     # whether any of the processors above is on (checked on the host every step: off costs nothing)
     processes_logits: bool = field(init=False, repr=False)
@@ -202,9 +277,42 @@ class SamplingParams:
         most = INT64_MAX if self.max_tokens is None else self.max_tokens
         self.min_tokens = _integer("min_tokens", self.min_tokens, 0, most, allowed=f"in [0, max_tokens={most}]")
         self.logit_bias = self._check_logit_bias(self.logit_bias)
+        self._check_constraints()
         self.penalizes = (self.presence_penalty != 0 or self.frequency_penalty != 0
                           or self.repetition_penalty != 1)
-        self.processes_logits = self.penalizes or bool(self.logit_bias) or self.min_tokens > 0 or self.min_p > 0
+        self.processes_logits = (self.penalizes or bool(self.logit_bias) or self.min_tokens > 0 or self.min_p > 0
+                                 or self.constrains)
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the request restricts which tokens may come (structured outputs, allowed_token_ids, bad_words):
+        the engine then reads each step's tokens on the host before the next (no async steps for it)."""
+        return self.structured_outputs is not None or self.allowed_token_ids is not None or bool(self.bad_words)
+
+    def _check_constraints(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as err:  # an unknown field
+                raise ParamError("structured_outputs", f"structured_outputs: {err}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ParamError("structured_outputs", f"structured_outputs must be a StructuredOutputsParams (or a dict "
+                             f"of its fields), got {type(self.structured_outputs).__name__}")
+        ids = self.allowed_token_ids
+        if ids is not None:
+            if (not isinstance(ids, (list, tuple)) or not 1 <= len(ids) <= MAX_ALLOWED_TOKEN_IDS
+                    or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT64_MAX
+                           for t in ids)):
+                raise ParamError("allowed_token_ids", f"allowed_token_ids must be a non-empty list of token ids "
+                                 f"(integers >= 0, at most {MAX_ALLOWED_TOKEN_IDS}), got {_short(ids)}")
+            self.allowed_token_ids = [int(t) for t in ids]
+        words = self.bad_words
+        if words is not None:
+            if (not isinstance(words, (list, tuple)) or len(words) > MAX_BAD_WORDS
+                    or any(not isinstance(w, str) or not w.strip() for w in words)):
+                raise ParamError("bad_words", f"bad_words must be a list of at most {MAX_BAD_WORDS} non-blank "
+                                              f"strings, got {_short(words)}")
+            self.bad_words = list(words)
 
     @staticmethod
     def _check_logit_bias(bias: Any) -> dict[int, float] | None:

@@ -124,7 +124,7 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools (tool calling) is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, 400, "'json_object' is not supported"),
+                              "response_format": {"type": "json_xml"}}, 400, "'json_xml' is not supported"),
     # vLLM's extensions: each refused one in test_serve_refused.py; these need more than the field itself
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400,
      "best_of is not supported"),

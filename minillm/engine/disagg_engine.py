@@ -55,6 +55,7 @@ from minillm.engine.disagg_scheduler import DecodeScheduler, DisaggScheduler, KV
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import SequenceStatus
+from minillm.engine.constraints import constrain_step
 from minillm.engine.step_input import StepInput, StepOutput, build_step_input
 from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
 from minillm.outputs import RequestOutput
@@ -292,6 +293,7 @@ class DisaggregatedEngine(LLMEngine):
             step = StepInput(block_size=self.cache_config.block_size, finished_request_ids=finished)
         else:  # a batch with nothing to run may still swap a sequence out: its K/V is copied by this step
             step = build_step_input(batch, self.cache_config.block_size, finished)
+            constrain_step(step, batch.seqs)  # the decode side's sequences share the prefill side's constraint
             self.num_steps += not batch.is_empty
         self._in_flight[role] = (batch, transfers)
         self.workers.workers[role].submit("step", step, list(sends), list(recvs))

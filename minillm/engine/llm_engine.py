@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence as SequenceT
@@ -38,14 +37,16 @@ from typing import Any, Callable, Mapping, Sequence as SequenceT
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
-from minillm.engine.detokenizer import DetokenizerState, keeps_special_tokens
+from minillm.engine.detokenizer import DetokenizerState
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
+from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
 from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
+from minillm.engine.request_checks import RequestChecks
 from minillm.engine.step_outputs import StepOutputs
 from minillm.engine.worker import PrebuiltModel, Worker
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -77,7 +78,7 @@ def make_scheduler(engine_config: EngineConfig, cache_config: CacheConfig) -> An
     return Scheduler(engine_config, block_manager)
 
 
-class LLMEngine(StepOutputs):
+class LLMEngine(StepOutputs, RequestChecks):
     """The engine loop around one executor. Give it either a built `model` (it is wrapped in an in-process
     worker) or an `executor` whose workers build their own (model=None): e.g. a MultiProcExecutor."""
 
@@ -121,6 +122,10 @@ class LLMEngine(StepOutputs):
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         eos.update(tok_eos if isinstance(tok_eos, (list, tuple, set)) else [tok_eos] if tok_eos is not None else [])
         self.eos_token_ids = eos
+        # structured outputs, allowed_token_ids, bad_words (constraints.py): compiled per request, masks per step;
+        # while a constrained request is alive (its id in _constrained) every step runs in sync
+        self.constraints = ConstraintCompiler(tokenizer, model_config.vocab_size, eos)
+        self._constrained: set[str] = set()
         self._requests: dict[str, _RequestState] = {}
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
@@ -170,6 +175,7 @@ class LLMEngine(StepOutputs):
         else:
             text, token_ids = self.validate_prompt(prompt)
         self.check_sampling_params(sampling_params)
+        constraint = self.constraints.for_request(sampling_params)  # compiled once: check_sampling_params cached it
         if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
             room = self.max_model_len - len(token_ids)
             if room < 1 or sampling_params.min_tokens > room:
@@ -178,6 +184,9 @@ class LLMEngine(StepOutputs):
                                                f"(min_tokens={sampling_params.min_tokens})")
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
+        if constraint is not None:
+            seq.constraint = constraint
+            self._constrained.add(request_id)
         if sampling_params.min_tokens > 0:
             eos = () if sampling_params.ignore_eos else tuple(self.eos_token_ids)
             seq.min_tokens_stop_ids = tuple(dict.fromkeys(eos + tuple(sampling_params.stop_token_ids)))
@@ -189,68 +198,6 @@ class LLMEngine(StepOutputs):
         self._requests[request_id] = _RequestState(
             seq, DetokenizerState.for_prompt(len(token_ids), sampling_params.skip_special_tokens))
         return request_id
-
-    def check_sampling_params(self, params: SamplingParams) -> None:
-        """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
-        outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
-        skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, and n > 1 (an engine
-        request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads only the
-        configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
-        if params.n > 1:
-            raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
-                                  f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
-        self.check_priority(params.priority)
-        if not params.skip_special_tokens and not keeps_special_tokens(self.tokenizer):
-            raise ParamError("skip_special_tokens", f"skip_special_tokens=False needs a tokenizer that can decode "
-                             f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
-        if not params.logit_bias:
-            return
-        vocab = self.model_config.vocab_size
-        outside = [t for t in params.logit_bias if t >= vocab]
-        if outside:
-            raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
-
-    def check_priority(self, priority: int) -> None:
-        """ParamError unless this engine honours `priority`: any value under scheduling_policy='priority' (lower
-        runs first), only 0 under 'fcfs', which would ignore it (as vLLM refuses a priority it cannot honour)."""
-        policy = self.engine_config.scheduling_policy
-        if priority != 0 and policy != "priority":
-            raise ParamError("priority", f"priority={priority} needs scheduling_policy='priority'; this engine "
-                                         f"schedules {policy!r}: build it with scheduling_policy='priority' or "
-                                         f"leave priority at 0")
-
-    def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
-        """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""
-        if isinstance(prompt, str):
-            if prompt == "":
-                raise ValueError("prompt is empty: give at least one character or one token id")
-            text, token_ids = prompt, list(self.tokenizer.encode(prompt))
-            if not token_ids:
-                raise ValueError(f"prompt {prompt!r} encodes to zero tokens")
-        elif isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise ValueError("prompt is empty: give at least one character or one token id")
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
-            if bad:
-                raise TypeError(f"a token-id prompt must hold ints (Python or numpy integers), got {bad[0]!r} "
-                                f"({type(bad[0]).__name__})")
-            text, token_ids = None, [int(t) for t in prompt]
-        else:
-            raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        vocab = self.model_config.vocab_size
-        out_of_range = [t for t in token_ids if not 0 <= t < vocab]
-        if out_of_range:
-            raise ValueError(f"token id {out_of_range[0]} is outside the vocabulary [0, {vocab})")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
-        bm = getattr(self.scheduler, "block_manager", None)  # a paged pool smaller than max_model_len
-        needed = bm.blocks_needed(len(token_ids)) if bm is not None else 0
-        if bm is not None and needed > bm.max_blocks_per_seq:
-            raise ValueError(f"prompt has {len(token_ids)} tokens, {needed} KV blocks of {bm.block_size}, but the "
-                             f"pool gives one sequence at most {bm.max_blocks_per_seq} (its {bm.num_blocks} blocks "
-                             f"minus a watermark of {bm.watermark_blocks}): give the KV cache more memory or shorten "
-                             f"the prompt")
-        return text, token_ids
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is (waiting, running, swapped) and free its KV blocks."""
@@ -286,17 +233,22 @@ class LLMEngine(StepOutputs):
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        if self._constrained:  # a constrained request's masks need every token on the host: steps run in sync
+            self._constrained.intersection_update(self._requests)
         if self.async_steps is not None:  # schedule N+1 while the device runs N, unless this step speculates
-            if self.speculative is None:
+            outputs = None
+            if self._constrained:  # or a constrained request is alive: read the step in flight, then run in sync
+                if self.async_steps.in_flight:
+                    outputs = self.async_steps.drain()
+            elif self.speculative is None:
                 return self.async_steps.step()
-            if self.speculative.steps_async(self.scheduler):
+            elif self.speculative.steps_async(self.scheduler):
                 outputs = self.async_steps.step()
             elif self.async_steps.in_flight:  # first read the step in flight (its tokens are what a proposer
                 outputs = self.async_steps.drain()  # drafts from); the next call decides again, every token known
-            else:
-                outputs = None
             if outputs is not None:
-                self.speculative.release(self.scheduler)  # proposer state of requests that finished meanwhile
+                if self.speculative is not None:
+                    self.speculative.release(self.scheduler)  # proposer state of requests that finished meanwhile
                 return outputs
         if self.speculative is not None:  # drafts for the running decodes, before the scheduler grants them
             self.speculative.propose(self.scheduler)
@@ -307,6 +259,8 @@ class LLMEngine(StepOutputs):
             step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
             if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
                 self.speculative.prepare_step(batch, step_input)
+            if self._constrained:  # each constrained row's mask and bans, along its path (after the tree's layout)
+                constrain_step(step_input, batch.seqs)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
             step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)

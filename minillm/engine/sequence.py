@@ -59,6 +59,7 @@ class Sequence:
         # engine fills it in (it knows the EOS ids) when the request asks for min_tokens
         self.min_tokens_stop_ids: tuple[int, ...] = ()
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
+        self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
         self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it
         # log-probabilities, kept only when sampling_params asks (None otherwise): one dict per generated token,
         # and [None] + one per prompt position scored so far

@@ -41,7 +41,9 @@ class LogitsProcessing(NamedTuple):
     request that asks for one. The step feeds the sequence's tokens start, start + 1, ...; a sampled row that follows
     position p bans `stop_ids` while fewer than min_tokens tokens are out (p + 1 - num_prompt_tokens), and its
     penalties count `history` (the tokens before `start`; None when no penalty is on) plus the step's own tokens on
-    the row's path (a chain's rows up to it, drafts included; a tree node's ancestors and itself)."""
+    the row's path (a chain's rows up to it, drafts included; a tree node's ancestors and itself). A constrained
+    request (structured outputs, allowed_token_ids, bad_words) also carries each sampled row's mask and bans,
+    which the engine computes on the host (constraints.constrain_step)."""
 
     stop_ids: tuple[int, ...]
     min_tokens: int
@@ -53,6 +55,10 @@ class LogitsProcessing(NamedTuple):
     history: list[int] | None
     start: int
     num_prompt_tokens: int
+    # constraints (minillm/engine/constraints.py), one entry per sampled row of the sequence, in row order: the
+    # tokens the row may sample (bool [V] on the CPU; None: any), and the tokens bad_words bans there
+    allowed: tuple | None = None
+    bans: tuple[tuple[int, ...], ...] | None = None
 
 
 class SamplingSpec(NamedTuple):

@@ -25,6 +25,7 @@ import logging
 from typing import Any, Callable
 
 from minillm.engine.scheduler_interface import ScheduledBatch
+from minillm.engine.constraints import constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         alone = ScheduledBatch(seqs=[seq], num_new_tokens=[n])
         try:
-            outputs.append(execute(build_step_input(alone, block_size, [])))
+            step = build_step_input(alone, block_size, [])
+            constrain_step(step, alone.seqs)  # a constrained request keeps its masks when it runs alone
+            outputs.append(execute(step))
         except Exception as err:
             logger.warning("request %s fails a step alone: %s: %s", seq.request_id, type(err).__name__, err)
             failed.append((seq, f"{type(err).__name__}: {err}"))

@@ -154,6 +154,8 @@ class StepOutputs:
             if cut >= 0:
                 _cut_at_stop_string(seq, cut)
                 return "stop"
+        if seq.constraint is not None and seq.constraint.finished_at(seq, position):
+            return "stop"  # the structured output is complete: only EOS could follow (engine/constraints.py)
         if position + 1 - seq.num_prompt_tokens >= params.max_tokens or position + 1 >= self.max_model_len:
             return "length"
         return None

@@ -2,6 +2,9 @@
 
 vLLM's order, applied to the float32 logits of the rows that ask (SamplingParams documents each field):
 
+    constraints       tokens outside the row's allowed mask (structured outputs, allowed_token_ids) and the
+                      tokens bad_words bans set to -inf; the engine computes both per row on the host
+                      (minillm/engine/constraints.py)
     min_tokens        EOS and the stop token ids set to -inf until min_tokens tokens are out
     logit_bias        a constant added per token id ({id: bias}; -100 all but bans a token, +100 all but forces it)
     penalties         on the sequence's own tokens so far, the model's logits of them lowered:
@@ -48,6 +51,8 @@ class ProcessingTensors:
     bias_rows: torch.Tensor | None = None  # int64 [M] x2, float32 [M]: logits[rows[bias_rows], bias_ids] += bias
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
+    allow_rows: torch.Tensor | None = None  # int64 [A], bool [A, V]: logits[rows[allow_rows]] kept where allow_mask
+    allow_mask: torch.Tensor | None = None
     history: torch.Tensor | None = None  # int64 [R, L]: each row's tokens so far, -1 padded
     is_output: torch.Tensor | None = None  # bool [R, L]: the entry is a generated token (not the prompt's)
     presence: torch.Tensor | None = None  # float32 [R] each
@@ -59,6 +64,8 @@ class ProcessingTensors:
         logits stay raw for the log-probabilities). The sampler then draws from these, with `min_p`."""
         out = logits.to(torch.float32, copy=True)
         picked = out[self.rows]
+        if self.allow_rows is not None:  # constraints: structured outputs, allowed_token_ids
+            picked[self.allow_rows] = picked[self.allow_rows].masked_fill(~self.allow_mask, float("-inf"))
         if self.ban_rows is not None:
             picked[self.ban_rows, self.ban_ids] = float("-inf")
         if self.bias_rows is not None:
@@ -136,10 +143,11 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
     for i in sample_seqs:
         num_sampled[i] += 1
     # each processed row's sequence and the rows of that sequence on its path (offsets in its query rows)
-    seqs, paths, seen = [], [], [0] * len(query_lens)
+    seqs, paths, seen, nth = [], [], [0] * len(query_lens), []
     for r in rows:
         i = sample_seqs[r]
         row = query_lens[i] - num_sampled[i] + seen[i]
+        nth.append(seen[i])  # which of its sequence's sampled rows this is (constraints come in that order)
         seen[i] += 1
         mask = tree_masks[i][row] if tree_masks is not None and tree_masks[i] is not None else -1
         seqs.append(i)
@@ -151,6 +159,15 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
                                dtype=torch.float32, device=device)
     bans = [(n, tok) for n, (p, path) in enumerate(zip(procs, paths))  # outputs so far: context - prompt
             if p.start + len(path) - p.num_prompt_tokens < p.min_tokens for tok in p.stop_ids if tok < vocab_size]
+    bans += [(n, tok) for n, p in enumerate(procs) if p.bans for tok in p.bans[nth[n]] if tok < vocab_size]
+    allowed = [(n, p.allowed[nth[n]]) for n, p in enumerate(procs) if p.allowed and p.allowed[nth[n]] is not None]
+    if allowed:
+        t.allow_rows = torch.tensor([n for n, _ in allowed], dtype=torch.int64, device=device)
+        host = torch.zeros(len(allowed), vocab_size, dtype=torch.bool)  # logits past the tokenizer: never allowed
+        for a, (_, mask) in enumerate(allowed):
+            width = min(len(mask), vocab_size)
+            host[a, :width] = mask[:width]
+        t.allow_mask = host.to(device)
     if bans:
         t.ban_rows, t.ban_ids = torch.tensor(bans, dtype=torch.int64, device=device).unbind(1)
     biases = [(n, tok, b) for n, p in enumerate(procs) for tok, b in p.logit_bias]

@@ -38,6 +38,7 @@ from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
+from minillm.serve.structured_fields import structured_outputs_of
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -129,6 +130,7 @@ class OpenAIServing:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the "
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        structured, structured_field = structured_outputs_of(request)
         params = []
         for i in range(request.n):
             seed = None if request.seed is None else choice_seed(request.seed, i)
@@ -146,11 +148,15 @@ class OpenAIServing:
                                              include_stop_str_in_output=request.include_stop_str_in_output,
                                              skip_special_tokens=request.skip_special_tokens,
                                              spaces_between_special_tokens=request.spaces_between_special_tokens,
-                                             priority=request.priority))
+                                             priority=request.priority, structured_outputs=structured,
+                                             allowed_token_ids=request.allowed_token_ids,
+                                             bad_words=request.bad_words))
                 self.llm.engine.check_sampling_params(params[-1])
             except ValueError as err:  # a ParamError names the SamplingParams field; the client knows its own name
                 field = getattr(err, "param", None)
                 param = request.api_name(field) if field else None
+                if field == "structured_outputs":  # the spelling the client used (guided_json, response_format...)
+                    param = structured_field
                 raise ApiError(400, str(err) if param == field else f"{param}: {err}", param=param) from None
         return params
 

@@ -5,12 +5,11 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
-default. They are suffix, best_of (but = n), tools, functions, tool_choice (but none/auto), a JSON
-response_format, and each class's `REFUSED` table: beam search (use_beam_search, length_penalty), guided decoding
-(guided_*, structural_tag, structured_outputs), bad_words, allowed_token_ids, logits_processors,
-mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt, prompt_embeds, and on chat reasoning_effort,
-include_reasoning=false, audio, modalities, prediction, function_call, web_search_options, verbosity, store and
-service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
+default. They are suffix, best_of (but = n), tools, functions, tool_choice (but none/auto), and each class's
+`REFUSED` table: beam search (use_beam_search, length_penalty), context-free grammars (guided_grammar,
+structural_tag), logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
+prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
+function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens (false: special tokens' text such as "<|im_start|>" stays in the
@@ -18,7 +17,9 @@ answer, its stream and its log-probs; the stop token that ends it, "<|im_end|>",
 spaces_between_special_tokens (passed on; with minillm's tokenizers either value gives the same text:
 Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
-return_tokens_as_token_ids, completions' add_special_tokens, and chat's template fields (add_generation_prompt,
+return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
+(structured_outputs, guided_json, guided_regex, guided_choice, guided_whitespace_pattern, and response_format
+json_object / json_schema: minillm/serve/structured_fields.py), and chat's template fields (add_generation_prompt,
 continue_final_message, echo, add_special_tokens, chat_template_kwargs, documents, and chat_template on a server
 that trusts request templates: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
@@ -106,19 +107,20 @@ class _SamplingFields(BaseModel):
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" instead of their text
     skip_special_tokens: bool = True  # false: special tokens' text stays in the answer (SamplingParams')
     spaces_between_special_tokens: bool = True  # passed on; changes nothing with minillm's tokenizers
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    # structured outputs (one of these, or response_format: serve/structured_fields.py reads them)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's {"json": ..., "regex": ..., "choice": [...], ...}
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: minillm has one backend
     # vLLM's extensions minillm does not implement: refused unless null or their no-op value (REFUSED)
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search's
-    bad_words: Any = None
-    allowed_token_ids: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
     guided_grammar: Any = None
     structural_tag: Any = None
-    structured_outputs: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
     logits_processors: Any = None
     mm_processor_kwargs: Any = None
     kv_transfer_params: Any = None
@@ -129,11 +131,8 @@ class _SamplingFields(BaseModel):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
         "use_beam_search": ((False,), "beam search"),
         "length_penalty": ((1.0, 1), "beam search's length penalty"),
-        "bad_words": (([],), "banned words"),
-        "allowed_token_ids": ((), "a restricted vocabulary"),
-        **{name: ((), "guided decoding / structured output") for name in (
-            "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
-            "structured_outputs", "guided_decoding_backend", "guided_whitespace_pattern")},
+        **{name: ((), "a context-free grammar: minillm enforces regular languages, give guided_json, guided_regex "
+                      "or guided_choice") for name in ("guided_grammar", "structural_tag")},
         "logits_processors": (([],), "custom logits processors"),
         "mm_processor_kwargs": (({},), "multimodal input"),
         "kv_transfer_params": (({},), "disaggregated serving through the HTTP server"),
@@ -194,12 +193,11 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's extension: the tokenizer's BOS (and EOS) around a text prompt
     prompt_embeds: Any = None  # vLLM's extension: refused
-    response_format: Any = None  # vLLM's extension on completions: only {"type": "text"}
+    response_format: dict[str, Any] | None = None  # vLLM's extension on completions, as chat's
 
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
         **_SamplingFields.REFUSED,
         "prompt_embeds": ((), "prompts given as embeddings"),
-        "response_format": (({"type": "text"},), "structured output"),
     }
 
     def num_logprobs(self) -> int | None:
@@ -253,11 +251,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    # tool calling and structured output: not implemented, refused when asked for
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (structured_fields.py)
+    # tool calling: not implemented, refused when asked for
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" and "auto" (with no tools: no tool call) are no-ops
-    response_format: dict[str, Any] | None = None
     # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
     add_generation_prompt: bool = True  # open the assistant's turn after the messages
     continue_final_message: bool = False  # leave the last message open: the model continues it
@@ -316,9 +314,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice", (f"tool_choice {self.tool_choice!r} is not supported (tool calling): give 'none' or "
                                    f"'auto', or leave it out")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format", (f"response_format {self.response_format.get('type')!r} is not supported "
-                                       f"(only 'text')")
         return super().unsupported()
 
 

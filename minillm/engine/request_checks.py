@@ -1,0 +1,78 @@
+"""What the engine checks of a request before it queues it (chapters 1 and 10): the prompt and the parts of its
+SamplingParams that depend on this engine (its vocabulary, context, KV pool, scheduling policy, tokenizer and
+constraint compiler). SamplingParams checks the rest on its own; LLMEngine inherits these checks, and the server
+and AsyncLLM call them before queuing, so a bad request is refused alone, with the field it got wrong."""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence as SequenceT
+
+from minillm.engine.detokenizer import keeps_special_tokens
+from minillm.sampling_params import ParamError, SamplingParams
+
+
+class RequestChecks:
+    """Mixed into LLMEngine: reads model_config, engine_config, max_model_len, tokenizer, scheduler, constraints."""
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
+        outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
+        skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, and n > 1 (an engine
+        request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads only the
+        configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
+        if params.n > 1:
+            raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
+                                  f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
+        self.check_priority(params.priority)
+        if not params.skip_special_tokens and not keeps_special_tokens(self.tokenizer):
+            raise ParamError("skip_special_tokens", f"skip_special_tokens=False needs a tokenizer that can decode "
+                             f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
+        self.constraints.for_request(params)  # a bad schema, regex or token id: compiled (and cached) here
+        if not params.logit_bias:
+            return
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias if t >= vocab]
+        if outside:
+            raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
+
+    def check_priority(self, priority: int) -> None:
+        """ParamError unless this engine honours `priority`: any value under scheduling_policy='priority' (lower
+        runs first), only 0 under 'fcfs', which would ignore it (as vLLM refuses a priority it cannot honour)."""
+        policy = self.engine_config.scheduling_policy
+        if priority != 0 and policy != "priority":
+            raise ParamError("priority", f"priority={priority} needs scheduling_policy='priority'; this engine "
+                                         f"schedules {policy!r}: build it with scheduling_policy='priority' or "
+                                         f"leave priority at 0")
+
+    def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("prompt is empty: give at least one character or one token id")
+            text, token_ids = prompt, list(self.tokenizer.encode(prompt))
+            if not token_ids:
+                raise ValueError(f"prompt {prompt!r} encodes to zero tokens")
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or one token id")
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if bad:
+                raise TypeError(f"a token-id prompt must hold ints (Python or numpy integers), got {bad[0]!r} "
+                                f"({type(bad[0]).__name__})")
+            text, token_ids = None, [int(t) for t in prompt]
+        else:
+            raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        vocab = self.model_config.vocab_size
+        out_of_range = [t for t in token_ids if not 0 <= t < vocab]
+        if out_of_range:
+            raise ValueError(f"token id {out_of_range[0]} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
+        bm = getattr(self.scheduler, "block_manager", None)  # a paged pool smaller than max_model_len
+        needed = bm.blocks_needed(len(token_ids)) if bm is not None else 0
+        if bm is not None and needed > bm.max_blocks_per_seq:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, {needed} KV blocks of {bm.block_size}, but the "
+                             f"pool gives one sequence at most {bm.max_blocks_per_seq} (its {bm.num_blocks} blocks "
+                             f"minus a watermark of {bm.watermark_blocks}): give the KV cache more memory or shorten "
+                             f"the prompt")
+        return text, token_ids

@@ -1,0 +1,170 @@
+"""Constrained decoding in the engine (minillm/engine/constraints.py): structured outputs (regex, choice, JSON schema,
+any JSON), allowed_token_ids and bad_words, on a tiny random Llama with byte tokens, through every step path that
+changes what a row sees (sync, async scheduling, chunked prefill, preemption, speculative verify steps)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from minillm.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
+from test_engine import make_engine, model_and_config  # noqa: F401  (fixture)
+from tiny import EOS, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "XL"]},
+                                           "n": {"enum": [1, 2, 3]}},
+          "required": ["ok", "size"]}
+
+
+def outputs(engine, prompts, params):
+    """Each request's final RequestOutput's first completion, in prompt order."""
+    per = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(None, p, sp) for p, sp in zip(prompts, per)]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    return [done[i] for i in ids]
+
+
+def structured(**kw) -> StructuredOutputsParams:
+    return StructuredOutputsParams(**kw)
+
+
+PROMPTS = [[5, 9, 200], [17] * 11, list(range(40, 59)), [3]]
+
+
+# -- the parameters ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, message", [
+    ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"grammar": "root ::= 'a'"}, "pushdown"),
+    ({"regex": 3}, "regex must be a string"), ({"choice": []}, "non-empty list"), ({"choice": ["a", 1]}, "strings"),
+    ({"json": 3}, "JSON schema"), ({"regex": "a", "disable_any_whitespace": "no"}, "bool"),
+])
+def test_structured_outputs_params_refuse_what_they_cannot_enforce(kw, message):
+    with pytest.raises(ParamError, match=message) as err:
+        StructuredOutputsParams(**kw)
+    assert err.value.param == "structured_outputs"
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(allowed_token_ids=[1, -2]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[True]), "allowed_token_ids"), (dict(bad_words=["ok", " "]), "bad_words"),
+    (dict(bad_words="word"), "bad_words"), (dict(structured_outputs={"regex": "a", "bogus": 1}), "structured_outputs"),
+    (dict(structured_outputs="a+"), "structured_outputs"),
+])
+def test_sampling_params_check_the_constraint_fields(kw, param):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**kw)
+    assert err.value.param == param
+
+
+def test_a_dict_of_fields_becomes_structured_outputs_params():
+    p = SamplingParams(structured_outputs={"choice": ["yes", "no"]})
+    assert isinstance(p.structured_outputs, StructuredOutputsParams) and p.structured_outputs.kind == "choice"
+    assert p.processes_logits and p.constrains and not SamplingParams().constrains
+
+
+def test_the_engine_refuses_a_bad_pattern_or_token_for_that_request_only(model_and_config):
+    engine = make_engine(model_and_config)
+    for kw, param, message in [(dict(structured_outputs=structured(regex="(a")), "structured_outputs", "regex"),
+                               (dict(structured_outputs=structured(json={"type": "object", "not": {}})),
+                                "structured_outputs", "not"),
+                               (dict(allowed_token_ids=[1, 300]), "allowed_token_ids", "300")]:
+        with pytest.raises(ParamError, match=message) as err:
+            engine.add_request(None, [1, 2], SamplingParams(**kw))
+        assert err.value.param == param
+    assert not engine.has_unfinished_requests()
+    assert outputs(engine, [[1, 2]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids  # still serves
+
+
+# -- what comes out ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_output_matches_the_regex_and_stops_where_nothing_can_follow(model_and_config, seed):
+    engine = make_engine(model_and_config, max_num_seqs=4)
+    pattern = r"[a-c]{2}-\d{2,4}"
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=30, structured_outputs=structured(regex=pattern))
+    for out in outputs(engine, PROMPTS, params):
+        assert re.fullmatch(pattern, out.text), out.text
+        assert out.finish_reason == "stop"
+        assert len(out.token_ids) == len(out.text) or out.token_ids[-1] == EOS  # byte tokens, an EOS at most
+
+
+def test_choice_and_json_schema_give_valid_outputs_greedy_and_sampled(model_and_config):
+    engine = make_engine(model_and_config, max_num_seqs=4, max_model_len=128)
+    choices = ["red", "green", "blue", "gré"]
+    for temperature in (0.0, 1.0):
+        got = outputs(engine, PROMPTS, SamplingParams(temperature=temperature, seed=3, max_tokens=20,
+                                                      structured_outputs=structured(choice=choices)))
+        assert all(out.text in choices for out in got), [out.text for out in got]
+        schema = structured(json=SCHEMA, disable_any_whitespace=temperature > 0)
+        got = outputs(engine, PROMPTS, SamplingParams(temperature=temperature, seed=3, max_tokens=100,
+                                                      structured_outputs=schema))
+        for out in got:
+            assert out.finish_reason == "stop", out
+            value = json.loads(out.text)
+            assert isinstance(value["ok"], bool) and value["size"] in ("S", "M", "XL"), out.text
+            assert set(value) <= {"ok", "size", "n"}
+
+
+def test_json_object_and_no_whitespace(model_and_config):
+    engine = make_engine(model_and_config, max_num_seqs=4)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=40,
+                            structured_outputs=structured(json={"type": "array", "items": {"type": "integer"},
+                                                                "maxItems": 3}, disable_any_whitespace=True))
+    for out in outputs(engine, PROMPTS, params):
+        assert re.fullmatch(r"\[(-?\d+(,-?\d+)*)?\]", out.text), out.text
+    params = SamplingParams(temperature=1.0, seed=6, max_tokens=200, structured_outputs=structured(json_object=True))
+    for out in outputs(engine, PROMPTS, params):
+        if out.finish_reason == "stop":  # a random model may ramble inside a string until max_tokens
+            json.loads(out.text)
+        else:
+            assert out.finish_reason == "length"
+
+
+def test_allowed_token_ids_and_bad_words(model_and_config):
+    engine = make_engine(model_and_config, max_num_seqs=4)
+    allowed = [ord(c) for c in "xyz"] + [EOS]
+    for out in outputs(engine, PROMPTS, SamplingParams(temperature=1.0, seed=1, max_tokens=12,
+                                                       allowed_token_ids=allowed)):
+        assert set(out.token_ids) <= set(allowed)
+    # a bias makes greedy decoding write "qqqq...", "z" its second choice: banning "qq" gives "qzqz..."
+    bias = {ord("q"): 100.0, ord("z"): 50.0}
+    plain = outputs(engine, PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias=bias))
+    assert all(out.text == "q" * 8 for out in plain)
+    banned = outputs(engine, PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias=bias,
+                                                     bad_words=["qq", "zqz"]))
+    # q; "qq" bans q: z; then q; now "qq" bans q and "zqz" bans z: the model's third choice
+    assert all(out.token_ids[:3] == [ord("q"), ord("z"), ord("q")] and out.token_ids[3] not in bias for out in banned)
+    assert all("qq" not in out.text and "zqz" not in out.text for out in banned), [o.text for o in banned]
+
+
+# -- the same tokens whatever path the step takes --------------------------------------------------------------------
+def constrained_params(seed: int) -> list[SamplingParams]:
+    """A mixed batch: greedy and seeded, constrained and plain, so masks travel beside unmasked rows."""
+    return [SamplingParams(temperature=0, max_tokens=24, structured_outputs=structured(regex=r"(ab|cd)+[0-9]{3}")),
+            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=seed, max_tokens=60,
+                           structured_outputs=structured(json=SCHEMA, disable_any_whitespace=True)),
+            SamplingParams(temperature=1.0, seed=seed + 1, max_tokens=10, allowed_token_ids=list(range(97, 123)))]
+
+
+@pytest.mark.parametrize("options", [
+    dict(scheduling="continuous", kv_layout="paged", block_size=4),
+    dict(scheduling="continuous", kv_layout="paged", block_size=4, async_scheduling=True),
+    dict(scheduling="continuous", kv_layout="paged", block_size=4, enable_chunked_prefill=True,
+         max_num_batched_tokens=8),
+    dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=14),  # preemption
+    dict(scheduling="continuous", kv_layout="paged", block_size=4,
+         speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}),
+], ids=["sync", "async", "chunked", "preempt", "ngram"])
+def test_every_step_path_gives_the_static_engines_tokens(model_and_config, options):
+    want = outputs(make_engine(model_and_config, max_model_len=128), PROMPTS, constrained_params(7))
+    got = outputs(make_engine(model_and_config, max_model_len=128, **options), PROMPTS, constrained_params(7))
+    # seeded rows of a speculative engine draw through the rejection rule: another (equally distributed) sample
+    same = [0, 1] if "speculative_config" in options else range(len(PROMPTS))
+    assert [got[i].token_ids for i in same] == [want[i].token_ids for i in same]
+    assert re.fullmatch(r"(ab|cd)+[0-9]{3}", got[0].text)
+    assert set(json.loads(got[2].text)) >= {"ok", "size"} and set(got[3].token_ids) <= set(range(97, 123))

@@ -1,0 +1,84 @@
+"""Structured outputs, allowed_token_ids and bad_words over HTTP (minillm/serve/structured_fields.py): every spelling
+a client may use reaches the engine's constraint, and a bad one is a 400 naming the field the client sent."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from minillm.serve.server import ServerThread
+from serve_tiny import MODEL, tiny_app, tiny_engine
+from tiny import one_thread  # noqa: F401 (autouse fixture)
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+@pytest.fixture(scope="module")
+def url():
+    app, _ = tiny_app(tiny_engine(max_model_len=128))
+    with ServerThread(app) as srv:
+        yield srv.url
+
+
+def complete(url: str, **fields) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 40, **fields},
+                      timeout=60)
+
+
+def chat(url: str, **fields) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 40, "messages": [
+        {"role": "user", "content": "x"}], **fields}, timeout=60)
+
+
+def texts(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [c["text"] if "text" in c else c["message"]["content"] for c in response.json()["choices"]]
+
+
+@pytest.mark.parametrize("send", [complete, chat])
+def test_every_spelling_constrains_the_answer(url, send):
+    choices = ["alpha", "beta", "gamma"]
+    for fields in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        assert all(t in choices for t in texts(send(url, n=4, seed=1, **fields)))
+    for fields in ({"guided_regex": r"\d{3}-[a-z]{2}"}, {"structured_outputs": {"regex": r"\d{3}-[a-z]{2}"}}):
+        assert all(re.fullmatch(r"\d{3}-[a-z]{2}", t) for t in texts(send(url, n=3, seed=2, **fields)))
+    for fields in ({"guided_json": SCHEMA}, {"guided_json": json.dumps(SCHEMA)},
+                   {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+                   {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}):
+        for text in texts(send(url, n=3, seed=3, **fields)):
+            assert isinstance(json.loads(text)["ok"], bool), (fields, text)
+    for text in texts(send(url, n=2, seed=4, max_tokens=80, response_format={"type": "json_object"})):
+        assert text and text.lstrip()[0] in '{["-0123456789tfn'  # a JSON value begins (it may run out of tokens)
+
+
+def test_allowed_token_ids_and_bad_words_pass_through(url):
+    allowed = [ord(c) for c in "ab"]
+    assert all(set(t) <= set("ab") for t in texts(complete(url, n=3, seed=5, max_tokens=8, ignore_eos=True,
+                                                           allowed_token_ids=allowed)))
+    for text in texts(complete(url, n=3, seed=6, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed,
+                               bad_words=["aa", "bb"])):
+        assert "aa" not in text and "bb" not in text and set(text) <= set("ab"), text
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"guided_regex": "(ab"}, "guided_regex", "regex"),
+    ({"structured_outputs": {"json": {"type": "object", "if": {}}}}, "structured_outputs", "if"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "once"),
+    ({"guided_json": SCHEMA, "response_format": {"type": "json_object"}}, "response_format", "once"),
+    ({"response_format": {"type": "xml"}}, "response_format", "xml"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, "response_format", "schema"),
+    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs", "pushdown"),
+    ({"structured_outputs": {"regex": "a", "colour": 1}}, "structured_outputs", "colour"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "guided_json"),
+    ({"allowed_token_ids": [1, 300]}, "allowed_token_ids", "300"),
+    ({"bad_words": [""]}, "bad_words", "bad_words"),
+])
+@pytest.mark.parametrize("send", [complete, chat])
+def test_a_bad_constraint_is_a_400_naming_the_field_sent(url, send, fields, param, message):
+    response = send(url, **fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert texts(send(url, max_tokens=2))  # the server goes on serving
