@@ -12,8 +12,9 @@ How each part becomes a regex:
   decoded first, so a pattern should not admit `"`, `\\` or control characters.
 - integer / number: the JSON number grammar. `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`
   are accepted and ignored: a numeric range is regular but its regex is unwieldy in general.
-- enum / const: each value exactly as `json.dumps(value, ensure_ascii=False)` writes it, i.e. the default
-  separators `", "` and `": "` and non-ASCII characters kept as themselves.
+- enum / const: a scalar exactly as `json.dumps(value, ensure_ascii=False)` writes it (non-ASCII characters
+  as themselves, not `\\uXXXX`); an object or array with its members in the given order and the
+  `whitespace` regex between tokens, so json.dumps' default `", "`/`": "` and compact forms both match.
 - objects: the listed properties in the schema's order, any subset of the optional ones. A[i] (nothing
   written yet) = p_i B[i+1] if p_i is required, else (p_i B[i+1] | A[i+1]); B[i] (something written) puts a
   comma before each of p_i, p_i+1, ... making the optional ones `(, p)?`. That is quadratic in the number of
@@ -148,7 +149,7 @@ class _Builder:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             if not isinstance(values, list) or not values:
                 raise self.error(path, "enum", f"must be a non-empty list, got {values!r}")
-            return "(?:" + "|".join(_literal(v) for v in values) + ")"
+            return "(?:" + "|".join(self.constant(v) for v in values) + ")"
         for key in ("anyOf", "oneOf", "allOf"):
             if key in schema:
                 members = schema[key]
@@ -166,6 +167,15 @@ class _Builder:
             raise self.error(path + ["type"], "type", f"must be one of {list(_TYPES)} or a list of them, got {types!r}")
         branches = [self.typed(t, schema, path, depth) for t in types]
         return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+    def constant(self, value: Any) -> str:
+        ws = self.ws
+        if isinstance(value, dict):
+            members = f"{ws},{ws}".join(f"{_literal(k)}{ws}:{ws}{self.constant(v)}" for k, v in value.items())
+            return rf"\{{{ws}{members}{ws}\}}"
+        if isinstance(value, list):
+            return rf"\[{ws}{f'{ws},{ws}'.join(self.constant(v) for v in value)}{ws}\]"
+        return _literal(value)
 
     def ref(self, ref: Any, path: list, depth: int) -> str:
         parts = ref.split("/") if isinstance(ref, str) else []
