@@ -19,7 +19,8 @@ How each part becomes a regex:
   written yet) = p_i B[i+1] if p_i is required, else (p_i B[i+1] | A[i+1]); B[i] (something written) puts a
   comma before each of p_i, p_i+1, ... making the optional ones `(, p)?`. That is quadratic in the number of
   leading optional properties, not exponential. With `properties`, only listed keys are generated (an
-  `additionalProperties` there is ignored); without, any string keys, values per `additionalProperties`.
+  `additionalProperties` there is ignored; a `required` key not in `properties` comes last, any value);
+  without `properties`, any string keys, their values per `additionalProperties`.
 - arrays: `prefixItems` then `items`, with `minItems`/`maxItems` as nested optionals and `{m,n}` counts.
 - `anyOf`/`oneOf` become alternation (oneOf's exclusivity is not enforced), `allOf` must have one member,
   `$ref` may point to `#/$defs/...` or `#/definitions/...`; a recursive `$ref` is refused (a recursive
@@ -36,7 +37,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from minillm.structured.regex_parse import MAX_REPEAT, RegexError, escape, parse
+from minillm.structured.regex_parse import MAX_REPEAT, RegexError, anchored_span, escape, parse
 
 WHITESPACE = r"[ \n\t]{0,2}"
 _CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -122,7 +123,7 @@ class _Builder:
         self.resolving: list[str] = []  # the $refs being expanded, to catch recursion
 
     def error(self, path: list, keyword: str, msg: str) -> SchemaError:
-        return SchemaError(f"schema at {_pointer(path)}: {keyword!r}: {msg}")
+        return SchemaError(f"schema at {_pointer(path)}: {f'{keyword!r}: ' if keyword else ''}{msg}")
 
     def any_value(self, depth: int) -> str:
         return json_value_regex(max(self.max_depth - depth, 0), self.ws)
@@ -222,9 +223,8 @@ class _Builder:
                 return f'"{_FORMATS[text]}"'
             if not isinstance(text, str):
                 raise self.error(path + ["pattern"], "pattern", f"must be a str, got {text!r}")
-            text = text[1:] if text.startswith("^") else text
-            if text.endswith("$") and (len(text) - len(text[:-1].rstrip("\\")) - 1) % 2 == 0:
-                text = text[:-1]
+            start, end = anchored_span(text)
+            text = text[start:end]
             try:
                 parse(text)
             except RegexError as e:

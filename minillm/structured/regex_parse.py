@@ -112,15 +112,20 @@ def parse(pattern: str):
     return _Parser(pattern).parse()
 
 
+def anchored_span(pattern: str) -> tuple[int, int]:
+    """(start, end) of `pattern` without a leading `^` and an unescaped trailing `$` (no-ops under full-match)."""
+    start, end = int(pattern.startswith("^")), len(pattern)
+    if pattern.endswith("$") and end > start:
+        backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+        if backslashes % 2 == 0:  # an escaped "\$" is a literal dollar
+            end -= 1
+    return start, end
+
+
 class _Parser:
     def __init__(self, pattern: str):
-        self.p, self.i, self.end = pattern, 0, len(pattern)
-        if pattern.startswith("^"):
-            self.i = 1
-        if pattern.endswith("$") and self.end > self.i:
-            backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
-            if backslashes % 2 == 0:  # an escaped "\$" is a literal dollar
-                self.end -= 1
+        self.p = pattern
+        self.i, self.end = anchored_span(pattern)
 
     def error(self, msg: str, pos: int | None = None) -> RegexError:
         return RegexError(f"regex {self.p!r}: position {self.i if pos is None else pos}: {msg}")
