@@ -29,6 +29,8 @@
 #    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows; and
 #    the load a server carries, by Little's law (exercise `max_request_rate`).
 # 5. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
+# 6. **Structured outputs.** A JSON schema, a regex or a list of choices, enforced token by token: the format
+#    becomes a byte-level automaton, and each step masks every token that would leave it.
 
 # %%
 import asyncio
@@ -318,3 +320,64 @@ state = httpx.get(server.url + "/engine/state").json()
 print(f"engine: step {state['step']}, {state['num_blocks']} KV blocks of {state['block_size']} tokens, "
       f"{state['num_used_blocks']} in use")
 server.stop()  # graceful: open streams finish, then the engine loop stops
+
+# %% [markdown]
+# ## 6. Structured outputs: a format enforced in the sampler
+#
+# An application that parses the answer (JSON for a tool call, one label of a classifier, a date) cannot rely on
+# asking nicely. vLLM's `structured_outputs` (OpenAI's `response_format`) *enforce* a format: at every step, every
+# token that would take the output outside it gets probability zero before the sampler picks. The model is
+# untouched; only its logits are masked (Willard and Louf, 2023: the idea behind Outlines and XGrammar).
+#
+# 1. The format becomes a regular expression: a JSON schema is written out as one (`json_schema_regex`), a list of
+#    choices as their alternation.
+# 2. The regex becomes a deterministic automaton over **bytes**: tokens are byte strings, and one may end inside a
+#    character.
+# 3. From each automaton state, the allowed tokens are those whose bytes the automaton can read without dying. The
+#    vocabulary is walked as a trie, all 49,152 tokens at once, and the mask is cached per state.
+# 4. Each step a request's row gets the mask of the state its output has reached (`minillm/engine/constraints.py`);
+#    EOS is allowed exactly where the output is complete, and a finished format ends the request.
+
+# %%
+from minillm.sampling_params import StructuredOutputsParams
+from minillm.structured import TokenIndex, TokenVocabulary, compile_regex, json_schema_regex
+
+schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]},
+                                           "population_millions": {"type": "number"}},
+          "required": ["city", "population_millions"]}
+pattern = json_schema_regex(schema, whitespace="")
+vocabulary = TokenVocabulary.from_tokenizer(tok, tok.vocab_size, [tok.eos_token_id])
+index = TokenIndex(compile_regex(pattern), vocabulary)
+# NBVAL_CHECK_OUTPUT
+print(pattern)
+state = index.start
+for text in ['{"city":"', "Lon", 'don","population_millions":', "8.9", "}"]:
+    allowed = index.allowed(state)
+    examples = [tok.decode([t]) for t in allowed.nonzero().flatten()[:4].tolist()]
+    print(f"{int(allowed.sum()):6d} tokens allowed, e.g. {examples}; the text goes on with {text!r}")
+    state = index.dfa.walk(state, text.encode())
+print("complete:", index.is_accepting(state), "| anything may follow:", index.dfa.can_continue(state))
+
+# %% [markdown]
+# The same schema on the model, greedy. Without the constraint SmolLM2 answers in prose; with it, the first token
+# can only be `{`, and the answer parses:
+
+# %%
+import json
+
+question = [{"role": "user", "content": "Which city is the capital of the United Kingdom, and how many people live "
+                                        "there? Answer in JSON."}]
+free = llm.chat([question], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+forced = llm.chat([question], SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(
+    json=schema, disable_any_whitespace=True)))[0].outputs[0]
+# NBVAL_CHECK_OUTPUT
+print("free:  ", repr(free.text))
+print("forced:", forced.text, "->", json.loads(forced.text))
+
+# %% [markdown]
+# The format is guaranteed; the content is not. The city is right, but "population in millions" came out as a
+# runaway number: a regular language can say "a JSON number", not "a number below 100" (`minimum` and `maximum`
+# are not regular: `json_schema_regex` accepts them and says it ignores them), and a 135M model fills the
+# format with what it can. Requests ask for a format on the server the same ways: `structured_outputs`,
+# `guided_json` / `guided_regex` / `guided_choice`, or OpenAI's `response_format` with a `json_schema`.
+

@@ -159,7 +159,9 @@ def constrained_params(seed: int) -> list[SamplingParams]:
     dict(scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=14),  # preemption
     dict(scheduling="continuous", kv_layout="paged", block_size=4,
          speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}),
-], ids=["sync", "async", "chunked", "preempt", "ngram"])
+    dict(scheduling="continuous", kv_layout="paged", block_size=4,
+         speculative_config={"method": "ngram_tree", "num_speculative_tokens": 3}),
+], ids=["sync", "async", "chunked", "preempt", "ngram", "ngram_tree"])
 def test_every_step_path_gives_the_static_engines_tokens(model_and_config, options):
     want = outputs(make_engine(model_and_config, max_model_len=128), PROMPTS, constrained_params(7))
     got = outputs(make_engine(model_and_config, max_model_len=128, **options), PROMPTS, constrained_params(7))
@@ -168,3 +170,44 @@ def test_every_step_path_gives_the_static_engines_tokens(model_and_config, optio
     assert [got[i].token_ids for i in same] == [want[i].token_ids for i in same]
     assert re.fullmatch(r"(ab|cd)+[0-9]{3}", got[0].text)
     assert set(json.loads(got[2].text)) >= {"ok", "size"} and set(got[3].token_ids) <= set(range(97, 123))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_constraints_under_cuda_graphs_async_and_verify_steps():
+    """On the GPU decode steps replay CUDA graphs; constrained rows are sampled again from the graph's logits with
+    their masks (uploaded each step), async scheduling steps synchronously while they live, and prompt lookup's
+    chain and tree verify steps mask each row along its path. fp32 greedy: every variant gives the eager
+    synchronous engine's tokens."""
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.engine.worker import RandomWeights
+    from test_engine import tiny_config
+    from tiny import ByteTokenizer
+
+    config = tiny_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256, max_position_embeddings=256)
+    model = RandomWeights(seed=3)(config, torch.device("cuda"), torch.float32)
+    params = [SamplingParams(temperature=0, max_tokens=40, **kw) for kw in (
+        dict(structured_outputs=structured(regex=r"(ab|cd)+[0-9]{3}")),
+        dict(structured_outputs=structured(json=SCHEMA, disable_any_whitespace=True)),
+        dict(structured_outputs=structured(choice=["north", "south", "east", "west"])),
+        dict(allowed_token_ids=list(range(97, 123)), bad_words=["ee", "aa"], ignore_eos=True),
+        dict(ignore_eos=True))] * 2
+    prompts = [[5, 9, 200], [17] * 11, list(range(40, 59)), [3], [7, 7, 7, 8], [100, 101], [42] * 5, [1, 2, 3, 4]]
+    prompts = prompts + prompts[:2]
+
+    def run(**options):
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+            block_size=16, kv_cache_memory=16 << 20, max_model_len=128, max_num_seqs=8, **options),
+            device="cuda", dtype=torch.float32)
+        return engine, outputs(engine, prompts, params)
+
+    _, want = run(enforce_eager=True, async_scheduling=False)
+    assert re.fullmatch(r"(ab|cd)+[0-9]{3}", want[0].text) and set(json.loads(want[1].text)) >= {"ok", "size"}
+    assert want[2].text in ("north", "south", "east", "west") and "ee" not in want[3].text
+    for options in (dict(async_scheduling=False), dict(async_scheduling=True),
+                    dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}),
+                    dict(speculative_config={"method": "ngram_tree", "num_speculative_tokens": 3})):
+        engine, got = run(**options)
+        assert engine.runner.forward_counts["graph"] > 0
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], options
