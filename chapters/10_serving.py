@@ -30,7 +30,7 @@
 #    the load a server carries, by Little's law (exercise `max_request_rate`).
 # 5. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
 # 6. **Structured outputs.** A JSON schema, a regex or a list of choices, enforced token by token: the format
-#    becomes a byte-level automaton, and each step masks every token that would leave it.
+#    becomes a byte-level automaton, and each step masks every token that would leave it (exercise `token_mask`).
 
 # %%
 import asyncio
@@ -54,6 +54,7 @@ next_text = load_function("ch10.next_text")  # yours (MINILLM_IMPL), or the refe
 find_stop_string = load_function("ch10.find_stop_string")
 stream_safe_length = load_function("ch10.stream_safe_length")
 max_request_rate = load_function("ch10.max_request_rate")
+token_mask = load_function("ch10.token_mask")
 
 # %% [markdown]
 # ## 1. One loop steps the engine; coroutines stream
@@ -341,6 +342,7 @@ server.stop()  # graceful: open streams finish, then the engine loop stops
 # %%
 from minillm.sampling_params import StructuredOutputsParams
 from minillm.structured import TokenIndex, TokenVocabulary, compile_regex, json_schema_regex
+from minillm.structured.token_index import dfa_tables
 
 schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]},
                                            "population_millions": {"type": "number"}},
@@ -357,6 +359,23 @@ for text in ['{"city":"', "Lon", 'don","population_millions":', "8.9", "}"]:
     print(f"{int(allowed.sum()):6d} tokens allowed, e.g. {examples}; the text goes on with {text!r}")
     state = index.dfa.walk(state, text.encode())
 print("complete:", index.is_accepting(state), "| anything may follow:", index.dfa.can_continue(state))
+
+# %% [markdown]
+# `allowed` applies one rule (**exercise `ch10.token_mask`**): a token may come when the automaton reads *all* of
+# its bytes from the state without dying (it need not end in a match: more tokens follow); a token without bytes
+# (`<|im_end|>`) never may, except EOS, exactly where the output is a complete match. The index computes it for the
+# whole vocabulary at once, walking the vocabulary's trie so that tokens sharing a prefix share its walk; your
+# version walks token by token, and must agree at every state of the walk above:
+
+# %%
+transitions, accepting = dfa_tables(index.dfa)
+state, same = index.start, []
+for text in ['{"city":"', "Lon", 'don","population_millions":', "8.9", "}"]:
+    yours = token_mask(transitions, accepting, state, vocabulary.token_bytes, vocabulary.eos_token_ids)
+    same.append(bool((yours == index.allowed(state)).all()))
+    state = index.dfa.walk(state, text.encode())
+# NBVAL_CHECK_OUTPUT
+print("your masks equal the index's at every state:", same)
 
 # %% [markdown]
 # The same schema on the model, greedy. Without the constraint SmolLM2 answers in prose; with it, the first token

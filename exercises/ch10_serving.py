@@ -82,3 +82,22 @@ def max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float
     Raise ValueError if any argument is <= 0 (max_num_seqs must be an integer).
     """
     raise NotImplementedError("ch10.max_request_rate is not attempted yet: write it in exercises/ch10_serving.py")
+
+
+# ch10.token_mask (5 points)
+def token_mask(transitions, accepting, state: int, token_bytes: list[bytes],
+               eos_token_ids: list[int]) -> torch.Tensor:
+    """Which tokens a request under a structured-output constraint may sample next: a bool [len(token_bytes)].
+
+    The constraint is a DFA over bytes, pruned so that every state it can reach still leads to a match:
+    transitions[s][b] is the state after byte b (0..255) from state s, or -1 (dead: no match can follow);
+    accepting[s] is True where the output so far is a complete match. token_bytes[t] is token t's bytes
+    (a token may hold part of a UTF-8 character; special tokens such as "<|im_end|>" have none: b"").
+
+    Token t is allowed from `state` when walking ALL its bytes from `state` never reaches -1 (the state after the
+    last byte need not be accepting: more tokens may follow). A token with no bytes is never allowed, except an
+    EOS id, which is allowed exactly when accepting[state] (the output may end here). Ids in eos_token_ids outside
+    the vocabulary are ignored. Example, pattern "ab": from the start, "a" and "ab" are allowed, "b", "abc" and
+    EOS are not; after "ab", only EOS.
+    """
+    raise NotImplementedError("ch10.token_mask is not attempted yet: write it in exercises/ch10_serving.py")

@@ -72,6 +72,8 @@ def test_the_engine_refuses_a_bad_pattern_or_token_for_that_request_only(model_a
     for kw, param, message in [(dict(structured_outputs=structured(regex="(a")), "structured_outputs", "regex"),
                                (dict(structured_outputs=structured(json={"type": "object", "not": {}})),
                                 "structured_outputs", "not"),
+                               (dict(structured_outputs=structured(regex="(" * 3000 + ")" * 3000)),
+                                "structured_outputs", "nested too deeply"),
                                (dict(allowed_token_ids=[1, 300]), "allowed_token_ids", "300")]:
         with pytest.raises(ParamError, match=message) as err:
             engine.add_request(None, [1, 2], SamplingParams(**kw))

@@ -175,6 +175,9 @@ class ConstraintCompiler:
                 dfa = compile_regex(pattern)
             except (RegexError, SchemaError) as err:
                 raise ParamError("structured_outputs", f"structured_outputs {kind}: {err}") from None
+            except RecursionError:  # groups or schemas nested thousands deep: the parsers recurse
+                raise ParamError("structured_outputs", f"structured_outputs {kind} is nested too deeply to "
+                                                       f"compile") from None
             with self._lock:
                 if self._vocabulary is None:
                     self._vocabulary = TokenVocabulary.from_tokenizer(tokenizer, self.vocab_size, self.eos_token_ids)

@@ -9,7 +9,8 @@ instead we share work between tokens with common prefixes:
 - `TokenVocabulary` builds the vocabulary's byte **trie** once, as flat numpy arrays in breadth-first order
   (node -> first child, number of children, byte on the edge into it; token -> node where it ends). Because
   the nodes of each depth are numbered in sorted order, a node's children are consecutive ids.
-- `TokenIndex.allowed(state)` walks the trie and the DFA together, one trie level at a time, vectorised:
+- The rule itself is `token_mask` (exercise ch10.token_mask): walk each token's bytes from the state.
+- `TokenIndex.allowed(state)` applies it to the whole vocabulary at once: it walks the trie and the DFA together, one trie level at a time, vectorised:
   the frontier is a pair of arrays (trie node, DFA state); its children's DFA states are one gather
   `table[state, byte]` from the DFA's transition rows; pairs that hit DEAD are dropped, which prunes the
   whole subtree below them. A token is allowed iff its end node was reached. Masks are cached per state,
@@ -35,9 +36,58 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from minillm.hooks import dispatch
 from minillm.structured.regex_dfa import DEAD, ByteDFA
 
 FINISHED = -2
+
+
+# >>> exercise ch10.token_mask
+def token_mask(transitions, accepting, state: int, token_bytes: list[bytes],
+               eos_token_ids: list[int]) -> torch.Tensor:
+    """Which tokens a request under a structured-output constraint may sample next: a bool [len(token_bytes)].
+
+    The constraint is a DFA over bytes, pruned so that every state it can reach still leads to a match:
+    transitions[s][b] is the state after byte b (0..255) from state s, or -1 (dead: no match can follow);
+    accepting[s] is True where the output so far is a complete match. token_bytes[t] is token t's bytes
+    (a token may hold part of a UTF-8 character; special tokens such as "<|im_end|>" have none: b"").
+
+    Token t is allowed from `state` when walking ALL its bytes from `state` never reaches -1 (the state after the
+    last byte need not be accepting: more tokens may follow). A token with no bytes is never allowed, except an
+    EOS id, which is allowed exactly when accepting[state] (the output may end here). Ids in eos_token_ids outside
+    the vocabulary are ignored. Example, pattern "ab": from the start, "a" and "ab" are allowed, "b", "abc" and
+    EOS are not; after "ab", only EOS.
+    """
+    # >>> solution
+    mask = torch.zeros(len(token_bytes), dtype=torch.bool)
+    for token, data in enumerate(token_bytes):
+        current = state
+        for byte in data:
+            current = transitions[current][byte]
+            if current < 0:
+                break
+        mask[token] = len(data) > 0 and current >= 0
+    eos = [t for t in eos_token_ids if 0 <= t < len(token_bytes)]
+    mask[eos] = bool(accepting[state])
+    return mask
+    # <<< solution
+# <<< exercise
+
+
+def dfa_tables(dfa: ByteDFA) -> tuple[list[list[int]], list[bool]]:
+    """token_mask's plain view of a ByteDFA: (transitions, accepting) for every state reachable from its start
+    (all of them built now; states never reached get a dead row). Plain lists, so that a learner's token_mask may
+    run in the grader's sandbox, another process."""
+    rows, todo = {dfa.start: None}, [dfa.start]
+    while todo:
+        state = todo.pop()
+        rows[state] = row = list(dfa.transitions(state))
+        for nxt in row:
+            if nxt >= 0 and nxt not in rows:
+                rows[nxt] = None
+                todo.append(nxt)
+    size = max(rows) + 1
+    return [rows.get(s) or [DEAD] * 256 for s in range(size)], [dfa.is_accepting(s) for s in range(size)]
 
 
 class TokenVocabulary:
@@ -97,6 +147,8 @@ class TokenIndex:
         self.dfa, self.vocab = dfa, vocab
         self.start = dfa.start
         self._masks: dict[int, torch.Tensor] = {}
+        self._learner_masks: dict[object, dict[int, torch.Tensor]] = {}
+        self._tables = None  # dfa_tables(dfa), built for a learner's token_mask
         self._table = np.full((64, 256), DEAD, dtype=np.int64)  # DFA rows copied in as states are visited
         self._have = np.zeros(64, dtype=bool)
         self._eos_only = torch.from_numpy(vocab.eos_mask.copy())
@@ -113,8 +165,16 @@ class TokenIndex:
             self._have[s] = True
         return self._table
 
-    def _compute(self, state: int) -> np.ndarray:
+    def _compute(self, state: int, rule=token_mask) -> np.ndarray:
         v = self.vocab
+        if rule is not token_mask:  # a learner's token_mask (chapter 10): one walk per token, the same masks
+            if self._tables is None:
+                self._tables = dfa_tables(self.dfa)
+            mask = np.asarray(rule(*self._tables, state, v.token_bytes, list(v.eos_token_ids)), dtype=bool)
+            if not mask.any():
+                mask |= v.eos_mask
+            return mask
+        # token_mask's rule, with the work of tokens that share a prefix shared (the module docstring)
         reached = np.zeros(v.num_nodes, dtype=bool)
         nodes, states = np.zeros(1, dtype=np.int64), np.array([state], dtype=np.int64)
         while nodes.size:
@@ -140,12 +200,15 @@ class TokenIndex:
 
     def allowed(self, state: int) -> torch.Tensor:
         """bool [vocab_size] on CPU: the tokens that may follow `state`. Cached; treat it as read-only.
-        DEAD and FINISHED allow only the EOS ids."""
-        mask = self._masks.get(state)
+        DEAD and FINISHED allow only the EOS ids. A learner's token_mask (chapter 10, through `dispatch`) gets
+        masks of its own, cached apart, so that its answers and the reference's never stand in for each other."""
+        rule = dispatch("ch10.token_mask", token_mask)
+        cache = self._masks if rule is token_mask else self._learner_masks.setdefault(rule, {})
+        mask = cache.get(state)
         if mask is None:
             if state < 0:
                 return self._eos_only
-            mask = self._masks[state] = torch.from_numpy(self._compute(state))
+            mask = cache[state] = torch.from_numpy(self._compute(state, rule))
         return mask
 
     def next_state(self, state: int, token_id: int) -> int:

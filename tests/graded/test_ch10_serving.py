@@ -1,5 +1,5 @@
 """Graded tests of chapter 10: incremental detokenization, stop strings across steps, the held-back stream text,
-and the capacity question.
+the capacity question, and the token mask of structured outputs.
 
 The text exercises are checked three ways: against the solution on seeded random inputs (short alphabets, so
 stop strings and their prefixes really occur), against properties that hold whatever the solution says (a
@@ -11,10 +11,12 @@ one whose tokens split UTF-8 characters, and a SentencePiece-like one whose lead
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
+import torch
 
-from minillm.course.checks import assert_rejects, assert_scalar_close, graded_seed
+from minillm.course.checks import assert_equal, assert_rejects, assert_scalar_close, graded_seed
 from minillm.engine.detokenizer import (DetokenizerState, detokenize_incrementally, find_stop_string,
                                         stop_string_at, streamable_length)
 from minillm.hooks import overriding
@@ -277,3 +279,82 @@ def test_max_request_rate_rejects_bad_input(impl, ref):
     valid = (64, 200, 0.02)
     assert_rejects(impl, valid, ref(*valid), [(0, 200, 0.02), (64, 0, 0.02), (64, 200, -1.0), (2.5, 200, 0.02)],
                    "max_request_rate")
+
+
+# ---- ch10.token_mask -----------------------------------------------------------------------------------------
+
+def dfa_table(pattern: str) -> tuple[list[list[int]], list[bool], "object"]:
+    """Every reachable state of the pattern's byte automaton as plain lists: (transitions, accepting, dfa)."""
+    from minillm.structured import compile_regex
+    from minillm.structured.token_index import dfa_tables
+    dfa = compile_regex(pattern)
+    return (*dfa_tables(dfa), dfa)
+
+
+def toy_vocabulary(r: random.Random) -> list[bytes]:
+    """Single bytes, runs of ASCII, whole and split UTF-8 characters, and special tokens with no bytes."""
+    words = [bytes([b]) for b in range(256)]
+    words += [bytes(r.choice(b'abcdefxyz019-_" :{}[],') for _ in range(r.randint(2, 6))) for _ in range(300)]
+    for ch in "é東🍵ñ":
+        data = ch.encode()
+        words += [data, data[:1], data[1:], data + b'"', b"a" + data]
+    words += [b""] * 5
+    r.shuffle(words)
+    return words
+
+
+PATTERNS = [r"[a-f]{2}-\d{1,3}", r'\{"k":"(?:[^"\\]|\\.){0,4}"\}', r"(yes|no)!?", r"[éñ]+東?", r"x*"]
+
+
+@pytest.mark.exercise("ch10.token_mask")
+@pytest.mark.points(3)
+def test_token_mask_matches_solution_at_every_state(impl, ref):
+    r = rng(141)
+    for pattern in PATTERNS:
+        transitions, accepting, _ = dfa_table(pattern)
+        words = toy_vocabulary(r)
+        eos = [r.randrange(len(words)), len(words) + 7]  # an id past the vocabulary is ignored
+        for state in range(len(transitions)):
+            if all(t < 0 for t in transitions[state]) and not accepting[state]:
+                continue  # not a state the walk can be in
+            want = ref(transitions, accepting, state, words, eos)
+            assert_equal(impl(transitions, accepting, state, list(words), list(eos)), want,
+                         f"token_mask for {pattern!r} at state {state}")
+
+
+@pytest.mark.exercise("ch10.token_mask")
+@pytest.mark.points(2)
+def test_token_mask_walks_every_byte_and_allows_eos_only_at_a_match(impl):
+    """Pattern "ab": tokens by hand; then inside the engine's TokenIndex (through dispatch): constrained random walks
+    with the learner's masks always end in a full match."""
+    transitions, accepting, dfa = dfa_table("ab")
+    words = [b"a", b"ab", b"b", b"abc", b"", b"x", b"a\x00"]
+    eos = [4]
+    start = dfa.start
+    got = impl(transitions, accepting, start, words, eos)
+    assert_equal(got, torch.tensor([True, True, False, False, False, False, False]), 'token_mask("ab") at the start '
+                 '(a and ab may come; b, abc, EOS, x and a followed by a zero byte may not)')
+    after = dfa.walk(start, b"ab")
+    assert_equal(impl(transitions, accepting, after, words, eos),
+                 torch.tensor([False, False, False, False, True, False, False]), 'token_mask("ab") after "ab" (EOS only)')
+    from minillm.structured import TokenIndex, TokenVocabulary, compile_regex
+    r = rng(142)
+    words = toy_vocabulary(r) + [b""]
+    eos_id = len(words) - 1
+    for pattern in PATTERNS[:4]:
+        index = TokenIndex(compile_regex(pattern), TokenVocabulary(words, [eos_id]))
+        with overriding({"ch10.token_mask": impl}):
+            for _ in range(3):
+                state, text = index.start, b""
+                for _ in range(40):
+                    allowed = index.allowed(state).nonzero().flatten().tolist()
+                    assert allowed, f"token_mask left no token allowed for {pattern!r} after {text!r}"
+                    token = r.choice(allowed)
+                    if token == eos_id:
+                        break
+                    text += words[token]
+                    state = index.next_state(state, token)
+                    assert state >= 0, f"token_mask allowed {words[token]!r} after {text!r} under {pattern!r}"
+                if token == eos_id:  # (a walk may also run out of its 40 tokens mid-way: then it is only alive)
+                    assert re.fullmatch(pattern, text.decode()), \
+                        f"a walk with your masks under {pattern!r} ended with {text!r}"

@@ -3,8 +3,10 @@
 The exercises are the text side of a stream (minillm/engine/detokenizer.py): turning each step's new tokens into
 the text they add without ever sending half a character (next_text), finding a stop string that may straddle two
 steps (find_stop_string), and holding back the text that could still become one (stream_safe_length); and the
-capacity question every serving interview asks, answered with Little's law (max_request_rate). The engine calls
-the first three through `dispatch`, so a learner's version streams the real server's output.
+capacity question every serving interview asks, answered with Little's law (max_request_rate); and the rule of
+structured outputs, which tokens a byte automaton lets come next (token_mask, minillm/structured/token_index.py).
+The engine calls all but max_request_rate through `dispatch`, so a learner's version streams the real server's
+output and constrains its JSON.
 """
 from minillm.course.spec import Chapter, Exercise
 
@@ -49,5 +51,16 @@ EXERCISES = [
         hint="Little's law: rate = max_num_seqs / (output_tokens * step_time_s).",
         signature="max_request_rate(max_num_seqs: int, output_tokens: float, step_time_s: float) -> float",
         called_from="chapter 10 (interview question); not called by the engine",
+    ),
+    Exercise(
+        id="ch10.token_mask", function="token_mask", source="minillm/structured/token_index.py", points=5,
+        nudge="A token is a few bytes: where does the automaton end up if it reads all of them from this state, "
+              "and which tokens carry no bytes at all?",
+        hint="for each token: walk s = transitions[s][b] over its bytes, stop at -1; allowed iff it has bytes and "
+             "never hit -1; then mask[eos ids] = accepting[state].",
+        signature="token_mask(transitions, accepting, state: int, token_bytes: list[bytes], "
+                  "eos_token_ids: list[int]) -> torch.Tensor",
+        called_from="minillm.structured.token_index.TokenIndex.allowed (LLMEngine, each new automaton state of a "
+                    "request with structured_outputs)",
     ),
 ]
