@@ -35,6 +35,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from minillm.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
@@ -88,8 +89,8 @@ class RequestConstraint:
             return grammar
         if grammar is None:
             return self.allowed
-        both = grammar & self.allowed
-        return both if bool(both.any()) else grammar
+        both = np.logical_and(grammar.numpy(), self.allowed.numpy())  # numpy: no torch CPU thread pool per step
+        return torch.from_numpy(both) if both.any() else grammar
 
     def bans(self, outputs: list[int]) -> tuple[int, ...]:
         """Tokens bad_words bans after the output tokens `outputs` (only their last few matter)."""
