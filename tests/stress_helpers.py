@@ -22,7 +22,9 @@ engine is the answer, exactly (fp32 on the CPU), except at a greedy tie (Referen
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,7 +33,7 @@ import torch
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
 from minillm.outputs import RequestOutput
-from minillm.sampling_params import SamplingParams
+from minillm.sampling_params import SamplingParams, StructuredOutputsParams
 from tiny import ByteTokenizer
 
 MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at the same place)
@@ -67,6 +69,9 @@ class Request:
     include_stop: bool = False  # include_stop_str_in_output: the text ends after the stop string, not before
     skip_special: bool = True  # skip_special_tokens: False keeps special tokens' text ("<|260|>") in every text
     spaces_between: bool = True  # spaces_between_special_tokens: changes nothing with these tokenizers (key())
+    # a constraint (draw_constraint): () or ("regex", pattern) / ("choice", strings) / ("json", schema as JSON
+    # text) / ("allowed", token ids) / ("bad_words", words)
+    constraint: tuple = ()
 
     def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
@@ -76,14 +81,14 @@ class Request:
                               priority=self.priority, logprobs=self.logprobs if logprobs is None else logprobs,
                               prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
                               include_stop_str_in_output=self.include_stop, skip_special_tokens=self.skip_special,
-                              spaces_between_special_tokens=self.spaces_between)
+                              spaces_between_special_tokens=self.spaces_between, **constraint_params(self.constraint))
 
     def key(self) -> tuple:
         """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all).
         Nor spaces_between_special_tokens: Tokenizer.decode says it changes no text, so the run alone with either
         value is the answer (the first request drawn decides which, and the comparison holds the claim to it)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed, self.include_stop, self.skip_special)
+                self.seed, self.include_stop, self.skip_special, self.constraint)
 
 
 @dataclass
@@ -197,10 +202,21 @@ class Reference:
             logits = self.model.compute_logits(self.model.model.norm(hidden)).float()
         start = len(req.prompt) - 1
         banned = list(req.stop_token_ids) + ([] if req.ignore_eos else [self.config.eos_token_id])
+        constraint = None  # a constrained request's greedy choice is among the tokens its constraint allows
+        if req.constraint:
+            from minillm.engine.constraints import ConstraintCompiler
+            constraint = ConstraintCompiler(TOKENIZER, self.config.vocab_size,
+                                            {self.config.eos_token_id}).for_request(req.params())
         for j in range(i, len(got)):
             row = logits[start + j].clone()
             if j < req.min_tokens:
                 row[banned] = -float("inf")
+            if constraint is not None:
+                state = None if constraint.index is None else constraint.walk(constraint.index.start, got[:j])
+                mask = constraint.row_mask(state)
+                if mask is not None:
+                    row[~mask[:len(row)]] = -float("inf")
+                row[list(constraint.bans(got[:j]))] = -float("inf")
             if float(row.max() - row[got[j]]) > tie or (j == i and float(row.max() - row[expected[j]]) > tie):
                 return False
         return True
@@ -260,6 +276,59 @@ def draw_special_switches(rng: random.Random, req: Request) -> None:
     req.spaces_between = rng.random() >= 0.2
 
 
+# what draw_constraint picks from: patterns and schemas short enough to finish within a few tokens of MAX_LEN
+CONSTRAINTS = [("regex", r"[a-f]{2,5}-\d{1,3}"), ("regex", r"(yes|no|maybe)!?"), ("regex", r"[^\n]{0,12}\n"),
+               ("choice", ("alpha", "beta", "gamma", "δέλτα")),
+               ("json", '{"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22]}}, '
+                        '"required": ["ok"]}'),
+               ("allowed", tuple(range(97, 123)) + (257,)), ("bad_words", ("ab", "e", "zz q"))]
+
+
+def constraint_params(constraint: tuple) -> dict:
+    """SamplingParams' fields for a Request's constraint."""
+    if not constraint:
+        return {}
+    kind, value = constraint
+    if kind == "allowed":
+        return {"allowed_token_ids": list(value)}
+    if kind == "bad_words":
+        return {"bad_words": list(value)}
+    value = json.loads(value) if kind == "json" else list(value) if kind == "choice" else value
+    return {"structured_outputs": StructuredOutputsParams(**{kind: value}, disable_any_whitespace=kind == "json")}
+
+
+def constraint_problem(req: Request, token_ids: list[int], finish_reason: str, text: str) -> str | None:
+    """What is wrong with a finished request's output under its constraint, or None: a complete structured output
+    must match its format (a cut one, by length, must still be a prefix the format allows), allowed tokens only,
+    no bad word's tokens in a row."""
+    if not req.constraint:
+        return None
+    kind, value = req.constraint
+    outputs = [t for t in token_ids if t != 257 or req.ignore_eos]  # EOS ends the text, it is not in it
+    if kind == "allowed":
+        bad = [t for t in token_ids if t not in value]
+        return f"tokens {bad} are not allowed" if bad else None
+    if kind == "bad_words":
+        for word in value:
+            for ids in (list(word.encode()), list((" " + word).encode())):
+                if any(outputs[i:i + len(ids)] == ids for i in range(len(outputs))):
+                    return f"bad word {word!r} generated"
+        return None
+    if finish_reason != "stop" or req.stop or req.stop_token_ids:  # cut by length or a stop: a prefix only
+        return None
+    complete = {"regex": lambda t: re.fullmatch(value, t), "choice": lambda t: t in value,
+                "json": lambda t: isinstance(json.loads(t).get("ok"), bool)}[kind]
+    return None if complete(text) else f"{kind} output {text!r} does not match {value!r}"
+
+
+def draw_constraint(rng: random.Random, req: Request) -> None:
+    """1 request in 8 gets a constraint (structured outputs, allowed_token_ids or bad_words): the engine runs
+    synchronous steps while it lives, masks its rows along their paths (verify steps too) and stops it where its
+    format is complete."""
+    if rng.random() < 0.125:
+        req.constraint = rng.choice(CONSTRAINTS)
+
+
 def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, seeded: bool = True,
                   priorities: bool = False, prefix: str = "") -> None:
     """Append 8 to 16 random requests (ids prefix + "0", prefix + "1", ...) to `scenario.events`, arriving at
@@ -300,6 +369,7 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
             poisons = [POISON_TEXT, POISON_FORWARD] if scenario.poison == "forward" else [POISON_TEXT]
             req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
         draw_special_switches(rng, req)
+        draw_constraint(rng, req)
         draw_stop(rng, req, reference, kv_dtype, scenario.poison)
         scenario.events.append((step, "add", prefix + str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
@@ -475,6 +545,8 @@ def compare(scenario: Scenario, reference: Reference, requests: dict[str, Reques
             continue
         if got != expected and not reference.parts_at_a_tie(req, got[0], expected[0], tie):
             assert got == expected, f"request {rid} {req}"
+        problem = constraint_problem(req, *got)
+        assert problem is None, f"request {rid} {req}: {problem}"
         check_text(rid, req, outputs_of[rid].outputs[0])
         check_logprobs(rid, req, outputs_of[rid], reference.outputs[(req.key(), kv_dtype, scenario.poison)], lp_tol)
 
@@ -522,8 +594,11 @@ def check_text(rid: str, req: Request, done) -> None:
     StepOutputs._token_text promises, the sampled tokens' log-prob texts add up to it where every token is a whole
     character (ASCII or special: a piece of one is U+FFFD alone)."""
     ids = list(done.token_ids)
-    if done.finish_reason == "stop" and not isinstance(done.stop_reason, str):
+    stop_tokens = set(req.stop_token_ids) | (set() if req.ignore_eos else {257})
+    if done.finish_reason == "stop" and not isinstance(done.stop_reason, str) and ids[-1:] and ids[-1] in stop_tokens:
         ids = ids[:-1]  # the stop token (EOS, or one of stop_token_ids)
+    elif done.finish_reason == "stop" and not isinstance(done.stop_reason, str):
+        pass  # a structured output complete at its last token (engine/constraints.py): that token is text
     elif done.finish_reason != "length":
         return
     if req.prompt[-1] < 128:

@@ -213,3 +213,14 @@ def test_gpu_constraints_under_cuda_graphs_async_and_verify_steps():
         engine, got = run(**options)
         assert engine.runner.forward_counts["graph"] > 0
         assert [o.token_ids for o in got] == [o.token_ids for o in want], options
+
+
+def test_ignore_eos_runs_on_to_the_formats_end(model_and_config):
+    """With EOS pushed to the top, the format's first accepting state ends a request with EOS; under ignore_eos EOS
+    would not end it, so the mask leaves EOS out wherever the format may go on and the output reaches its end."""
+    engine = make_engine(model_and_config)
+    regex = structured(regex=r"no!?")
+    base = dict(temperature=0, max_tokens=10, logit_bias={EOS: 100.0}, structured_outputs=regex)
+    stops, runs_on = outputs(engine, [[5, 9, 200]] * 2, [SamplingParams(**base), SamplingParams(**base, ignore_eos=True)])
+    assert (stops.text, stops.token_ids[-1], stops.finish_reason) == ("no", EOS, "stop")
+    assert (runs_on.text, runs_on.token_ids, runs_on.finish_reason) == ("no!", [ord(c) for c in "no!"], "stop")

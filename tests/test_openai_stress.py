@@ -60,7 +60,7 @@ from minillm.serve.server import ServerThread
 from openai_wire import TOKENIZER, HttpClient, check_choice, read_body, read_sse
 from serve_tiny import MODEL, TEMPLATE
 from stress_helpers import (MAX_LEN, POISON_TEXT, EngineChecks, Reference, Request, Scenario, compare,
-                            draw_engine_options, draw_prompt_token, draw_special_switches, draw_stop)
+                            draw_constraint, draw_engine_options, draw_prompt_token, draw_special_switches, draw_stop)
 from test_engine_stress import SPEC_METHODS, build_engine, head_dirs, model_and_config, reference  # noqa: F401
 from test_serve_api import BAD
 from tiny import one_thread  # noqa: F401  (autouse fixture)
@@ -100,6 +100,21 @@ def draw_prompt(rng: random.Random, shared: tuple[str, list[int]], text: bool) -
     return ids[:MAX_LEN - 1]
 
 
+def constraint_fields(rng: random.Random, constraint: tuple) -> dict:
+    """A Request's constraint (stress_helpers.CONSTRAINTS) in one of the spellings a client may send: vLLM's
+    structured_outputs or its older guided_* fields (a JSON schema with no whitespace either way), allowed_token_ids,
+    bad_words."""
+    if not constraint:
+        return {}
+    kind, value = constraint
+    if kind in ("allowed", "bad_words"):
+        return {"allowed_token_ids" if kind == "allowed" else "bad_words": list(value)}
+    value = json.loads(value) if kind == "json" else list(value) if kind == "choice" else value
+    if rng.random() < 0.5:
+        return {"structured_outputs": {kind: value, **({"disable_any_whitespace": True} if kind == "json" else {})}}
+    return {f"guided_{kind}": value, **({"guided_whitespace_pattern": ""} if kind == "json" else {})}
+
+
 def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], reference: Reference,
                 kv_dtype: str, seeded: bool, poison: str | None = None, priorities: bool = False) -> HttpClient:
     """A valid request, its solo runs' Requests, and how its client leaves. `priorities`: half the clients send
@@ -137,6 +152,8 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
     if priorities and rng.random() < 0.5:  # (the run alone ignores it: alone, a priority orders nothing)
         req.priority = body["priority"] = rng.randint(-1, 2)
     draw_special_switches(rng, req)
+    draw_constraint(rng, req)
+    body.update(constraint_fields(rng, req.constraint))
     if not req.skip_special or rng.random() < 0.2:  # (left out: true)
         body["skip_special_tokens"] = req.skip_special
     if not req.spaces_between or rng.random() < 0.2:

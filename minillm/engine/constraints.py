@@ -25,7 +25,9 @@ Rows that follow such a draft are never kept, so their mask does not matter (the
 
 Finishing. A state that is accepting and cannot go on (the JSON object is closed, the choice is complete) allows
 only EOS; the engine does not spend a step on it: the request finishes with "stop" after the token that completed
-the output (`check_token`). A sampled token the constraint does not allow (only possible where the sampler itself
+the output (RequestConstraint.finished_at), its last token a token of the text, not EOS. Under ignore_eos, EOS is
+kept out of a mask wherever the format can go on (it would not end the request), so the output runs on to the
+format's end. A sampled token the constraint does not allow (only possible where the sampler itself
 was overridden) finishes that request with "error".
 """
 from __future__ import annotations
@@ -51,9 +53,13 @@ class RequestConstraint:
     """One request's constraints: a token index (structured outputs) or None, a static mask (allowed_token_ids)
     or None, and the bad words as token-id tuples. `states[k]` caches the DFA state after k output tokens."""
 
-    def __init__(self, index: Any, allowed: torch.Tensor | None, bad_words: tuple[tuple[int, ...], ...]) -> None:
+    def __init__(self, index: Any, allowed: torch.Tensor | None, bad_words: tuple[tuple[int, ...], ...],
+                 ignored_eos: tuple[int, ...] = ()) -> None:
         self.index, self.allowed, self.bad_words = index, allowed, bad_words
         self.states: list[int] = [] if index is None else [index.start]
+        # ignore_eos: EOS would not end the request, so where the format may go on it must (EOS stays allowed
+        # only where nothing else is); per state, the index's mask without the EOS ids
+        self.ignored_eos, self._without_eos = list(ignored_eos), {}
 
     def state_at(self, token_ids: list[int], first: int, end: int) -> int:
         """The DFA state after the output tokens token_ids[first:end] (DEAD once one is not allowed), walked on from
@@ -85,11 +91,18 @@ class RequestConstraint:
         mask wins (a row must keep a token to sample)."""
         from minillm.structured import DEAD
         grammar = None if state is None or state == DEAD else self.index.allowed(state)
+        if grammar is not None and self.ignored_eos:
+            if state not in self._without_eos:
+                dropped = grammar.numpy().copy()  # (numpy: see row_mask's note on torch's CPU threads)
+                dropped[self.ignored_eos] = False
+                self._without_eos[state] = torch.from_numpy(dropped) if dropped.any() else grammar
+            grammar = self._without_eos[state]
         if self.allowed is None:
             return grammar
         if grammar is None:
             return self.allowed
-        both = np.logical_and(grammar.numpy(), self.allowed.numpy())  # numpy: no torch CPU thread pool per step
+        # numpy, not torch: torch's CPU ops wake its thread pool, which then slows the tokenizer's threads
+        both = np.logical_and(grammar.numpy(), self.allowed.numpy())
         return torch.from_numpy(both) if both.any() else grammar
 
     def bans(self, outputs: list[int]) -> tuple[int, ...]:
@@ -145,7 +158,8 @@ class ConstraintCompiler:
                                                       f"[0, {self.vocab_size})")
             allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
             allowed[params.allowed_token_ids] = True
-        return RequestConstraint(index, allowed, self._bad_words(params.bad_words or []))
+        ignored = tuple(t for t in self.eos_token_ids if t < self.vocab_size) if params.ignore_eos else ()
+        return RequestConstraint(index, allowed, self._bad_words(params.bad_words or []), ignored)
 
     def _tokenizer(self, field: str) -> Any:
         if self.tokenizer is None or not callable(getattr(self.tokenizer, "token_bytes", None)):
