@@ -160,6 +160,14 @@ class OpenAIServing:
                 raise ApiError(400, str(err) if param == field else f"{param}: {err}", param=param) from None
         return params
 
+    async def _checked_params(self, request: _SamplingFields, *args: Any, **kwargs: Any) -> list[SamplingParams]:
+        """sampling_params, off the event loop where the request asks for structured output: compiling a schema
+        into its automaton (and, the first time, reading the vocabulary's bytes) can take a second, during which
+        every other stream would stall."""
+        if structured_outputs_of(request)[0] is None:
+            return self.sampling_params(request, *args, **kwargs)
+        return await asyncio.to_thread(self.sampling_params, request, *args, **kwargs)
+
     # -- endpoints ----------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_request(request)
@@ -177,8 +185,8 @@ class OpenAIServing:
         if request.max_tokens == 0 and not score_only:
             raise ApiError(400, "max_tokens=0 generates nothing: give it with echo=true to get the prompt back (and "
                                 "its log-probabilities with logprobs), or ask for max_tokens >= 1", param="max_tokens")
-        params = self.sampling_params(request, 1 if score_only else request.max_tokens, prompts,
-                                      default_max_tokens=16, score_only=score_only)
+        params = await self._checked_params(request, 1 if score_only else request.max_tokens, prompts,
+                                            default_max_tokens=16, score_only=score_only)
         return await self._respond(request, raw, prompts, params, chat=False, score_only=score_only)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
@@ -186,7 +194,7 @@ class OpenAIServing:
         prompts = [await asyncio.to_thread(self.render_chat, request)]  # off the event loop, as completions
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
-        params = self.sampling_params(request, max_tokens, prompts, default_max_tokens=None)
+        params = await self._checked_params(request, max_tokens, prompts, default_max_tokens=None)
         return await self._respond(request, raw, prompts, params, chat=True)
 
     # -- generation ---------------------------------------------------------------------------------------
