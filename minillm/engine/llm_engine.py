@@ -8,7 +8,9 @@
 
 With EngineConfig.async_scheduling the step is split (minillm/engine/async_step.py): each call schedules and
 launches step N+1 before it reads step N's tokens, so the host's work overlaps the device's, and returns step N's
-outputs (one call later than a synchronous step would).
+outputs (one call later than a synchronous step would). Steps run in sync where the host needs every token first:
+a speculative verify step, and every step while a request with a constraint lives (structured outputs,
+allowed_token_ids, bad_words: its next mask follows from its last token; minillm/engine/constraints.py).
 
 The names are vLLM's (`add_request`, `step`, `has_unfinished_requests`), so a server can drive the engine one
 step at a time and stream what each step produced. The engine is parametric in its scheduler (static batching of

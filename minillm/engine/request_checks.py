@@ -17,9 +17,11 @@ class RequestChecks:
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
         outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
-        skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, and n > 1 (an engine
-        request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()). Reads only the
-        configuration: safe beside a running step (AsyncLLM and the server check before queuing)."""
+        skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, n > 1 (an engine
+        request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()), and a constraint
+        this engine cannot enforce (a bad regex or schema, an allowed token id outside the vocabulary: the
+        ConstraintCompiler compiles it here and keeps it for add_request). Reads only the configuration and the
+        compiler's lock-guarded cache: safe beside a running step (AsyncLLM and the server check before queuing)."""
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
                                   f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
