@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping, Sequence as SequenceT
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence as SequenceT
 
 import torch
 
@@ -47,6 +47,9 @@ from minillm.llm_requests import check_conversation, merge_choices, normalize_pa
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
+
+if TYPE_CHECKING:
+    from minillm.beam_search import BeamSearchOutput, BeamSearchParams
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
 _LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
@@ -236,6 +239,12 @@ class LLM:
             raise
         done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
         return [merge_choices([next(done) for _ in choices]) for choices in ids]
+
+    def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams") -> list["BeamSearchOutput"]:
+        """vLLM's beam search: the beam_width likeliest continuations of each prompt, best first
+        (minillm/beam_search.py says how; enable_prefix_caching=True spares re-reading each beam's prefix)."""
+        from minillm.beam_search import beam_search
+        return beam_search(self, normalize_prompts(prompts), params)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,

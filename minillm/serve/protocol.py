@@ -129,8 +129,8 @@ class _SamplingFields(BaseModel):
 
     # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "use_beam_search": ((False,), "beam search"),
-        "length_penalty": ((1.0, 1), "beam search's length penalty"),
+        "use_beam_search": ((False,), "beam search over HTTP; offline, LLM.beam_search"),
+        "length_penalty": ((1.0, 1), "beam search's length penalty; offline, BeamSearchParams(length_penalty=)"),
         **{name: ((), "a context-free grammar: minillm enforces regular languages, give guided_json, guided_regex "
                       "or guided_choice") for name in ("guided_grammar", "structural_tag")},
         "logits_processors": (([],), "custom logits processors"),
