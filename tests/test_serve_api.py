@@ -107,7 +107,7 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
      "messages.0.role: Input should be 'system', 'developer', 'user', 'assistant', 'tool' or 'function', got "
      "string: 'wizard'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
-     "tool_choice 'required' is not supported"),
+     "tool_choice 'required' needs tools"),
     ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400,
      "stop must hold at most 16 strings, got 17"),
     # what minillm does not implement is refused, not silently ignored
@@ -122,7 +122,7 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/completions", {"prompt": ["a"] * 20, "n": 16}, 400, "20 prompt(s) x n=16 = 320 completions in one "
                                                               "request; at most 256"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     400, "tools (tool calling) is not supported"),
+     400, 'tools[0] must be {"type": "function", "function": {"name": ..., "parameters": ...}}'),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_xml"}}, 400, "'json_xml' is not supported"),
     # vLLM's extensions: each refused one in test_serve_refused.py; these need more than the field itself
@@ -354,7 +354,7 @@ def test_a_client_that_stops_reading_holds_one_output_per_choice():
     import asyncio
     from types import SimpleNamespace
 
-    from minillm.serve.openai_api import _merge
+    from minillm.serve.sse import _merge
 
     async def steps(n):
         for i in range(1, n + 1):

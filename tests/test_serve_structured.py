@@ -82,3 +82,91 @@ def test_a_bad_constraint_is_a_400_naming_the_field_sent(url, send, fields, para
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert texts(send(url, max_tokens=2))  # the server goes on serving
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+             "type": "object", "properties": {"city": {"enum": ["Paris", "Lima"]}, "days": {"enum": [1, 2, 3]}},
+             "required": ["city", "days"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"enum": [1, 2, 3]}, "b": {"enum": [1, 2]}},
+             "required": ["a", "b"]}}}]
+
+
+def stream_calls(url: str, **fields) -> tuple[list[dict], str]:
+    """A streamed chat's tool_calls deltas and its last finish_reason."""
+    calls, finish = [], None
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}], "stream": True,
+            **fields}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                calls += choice["delta"].get("tool_calls", [])
+                finish = choice["finish_reason"] or finish
+    return calls, finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_call_comes_back_as_tool_calls(url, stream):
+    named = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    # (a random model would go on listing calls: a bias on "]" closes the array as soon as the format allows)
+    required = {"tools": TOOLS, "tool_choice": "required", "max_tokens": 100, "logit_bias": {str(ord("]")): 30}}
+    for fields, finish in ((named, "stop"), (required, "tool_calls")):
+        if stream:
+            calls, got_finish = stream_calls(url, seed=7, **fields)
+        else:
+            response = chat(url, seed=7, **fields)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            calls, got_finish = choice["message"]["tool_calls"], choice["finish_reason"]
+            assert choice["message"]["content"] is None
+        assert got_finish == finish and calls, (fields, calls)
+        for call in calls:
+            assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+            arguments = json.loads(call["function"]["arguments"])
+            if call["function"]["name"] == "get_weather":
+                assert arguments["city"] in ("Paris", "Lima") and arguments["days"] in (1, 2, 3)
+            else:
+                assert call["function"]["name"] == "add" and isinstance(arguments["a"], int)
+        if fields is named:
+            assert [c["function"]["name"] for c in calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"tools": TOOLS}, "tool_choice", "'auto' is not supported"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "parser"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "one of"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools", "twice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}], "tool_choice": "required"},
+     "tools", "parameters"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice", "once"),
+    ({"functions": [{"name": "f"}]}, "functions", "older function calling"),
+])
+def test_tool_requests_minillm_cannot_honour_are_400s(url, fields, param, message):
+    response = chat(url, **fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_tool_choice_none_answers_in_text(url):
+    (text,) = texts(chat(url, tools=TOOLS, tool_choice="none", max_tokens=4))
+    assert isinstance(text, str)
+
+
+def test_the_openai_client_reads_the_tool_call(url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "weather?"}],
+                                           tools=TOOLS, tool_choice={"type": "function",
+                                                                     "function": {"name": "get_weather"}},
+                                           max_tokens=40, temperature=0)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Lima")
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one word"}],
+                                            response_format={"type": "json_schema", "json_schema": {
+                                                "name": "w", "schema": {"enum": ["yes", "no"]}}},
+                                            max_tokens=10, temperature=0)
+    assert json.loads(answer.choices[0].message.content) in ("yes", "no")

@@ -52,6 +52,8 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
                             f"(reserved: {', '.join(RESERVED_KWARGS)})", param="chat_template_kwargs")
     if request.documents is not None:
         kwargs.setdefault("documents", request.documents)
+    if request.tools:  # a template for tool use renders them (serve/tool_calls.py)
+        kwargs.setdefault("tools", request.tools)
     template = request.chat_template or server_template
     try:
         if template is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import logging
 import time
 import uuid
@@ -38,7 +37,9 @@ from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
+from minillm.serve.sse import _disconnected, _event, _merge
 from minillm.serve.structured_fields import structured_outputs_of
+from minillm.serve.tool_calls import tool_calls, tool_mode
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -57,6 +58,7 @@ class _Choice:
     score_only: bool = False  # echo with max_tokens 0: the prompt (and its log-probs) only, nothing generated
     role: str = "assistant"  # the chat answer's role (chat_prompt.answer_role)
     as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
+    tool: tuple[str, str | None] | None = None  # a forced tool call (serve/tool_calls.py): answered as tool_calls
     output: RequestOutput | None = None
 
 
@@ -207,7 +209,7 @@ class OpenAIServing:
         engine_base = base if request.request_id is None else f"{base}-{uuid.uuid4().hex}"
         role = answer_role(request) if chat else "assistant"
         choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only,
-                           role=role, as_ids=request.return_tokens_as_token_ids)
+                           role=role, as_ids=request.return_tokens_as_token_ids, tool=tool_mode(request))
                    for p in range(len(prompts)) for i in range(len(params))]
         if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
             for c in choices:
@@ -256,7 +258,12 @@ class OpenAIServing:
             if done.finish_reason == "error":
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
-            if chat:
+            calls = _calls(c, done)
+            if calls is not None:  # a forced call: its JSON becomes tool_calls, the content stays empty
+                body_choices.append({"index": c.index, "message": {"role": c.role, "content": None,
+                                     "tool_calls": calls}, "logprobs": logprobs,
+                                     "finish_reason": "tool_calls" if c.tool[0] == "required" else "stop"})
+            elif chat:
                 body_choices.append({"index": c.index, "message": {"role": c.role, "content": text},
                                      "logprobs": logprobs, "finish_reason": done.finish_reason})
             else:
@@ -272,8 +279,11 @@ class OpenAIServing:
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
-                  logprobs: dict | None = None) -> str:
-            if chat:
+                  logprobs: dict | None = None, calls: list[dict] | None = None) -> str:
+            if calls is not None:  # a forced tool call, whole, in the stream's last event of its choice
+                delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            elif chat:
                 delta = {"role": role, "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
@@ -294,6 +304,14 @@ class OpenAIServing:
                 # waits for the next event); the last one carries the finish_reason. An echoed prompt goes once
                 # it is scored whole: a chunked prefill reports after every chunk, with that chunk's log-probs only
                 echo_ready = c.echo is not None and (bool(done.token_ids) or out.finished)
+                if c.tool is not None:  # a forced tool call streams as one tool_calls delta once it is complete
+                    calls = _calls(c, done) if out.finished else None
+                    if calls is not None:
+                        yield chunk(c.index, None, "tool_calls" if c.tool[0] == "required" else "stop",
+                                    calls=calls)
+                        continue
+                    if not out.finished:
+                        continue
                 if len(done.text) > c.sent or out.finished or echo_ready:
                     new_text, logprobs = _next_piece(c, out, chat, self._token_bytes)
                     yield chunk(c.index, new_text or (None if chat else ""),
@@ -334,49 +352,11 @@ def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,
     return text, body
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams as (stream index, output). Leaving early cancels every pump, and a
-    cancelled pump closes its stream, which aborts that request in the engine.
-    Outputs are cumulative, so a stream's newer output replaces one not taken yet: a client that stops reading holds
-    one output per choice here, not one per step (a copy of all its tokens each: at 8,192 tokens, ~270 MB a
-    choice). Streams take turns (a dict keeps the order in which its keys came back)."""
-    latest: dict[int, RequestOutput | Exception] = {}
-    ready = asyncio.Event()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                latest[i] = out
-                ready.set()
-        except Exception as err:  # e.g. the engine refused the request: the consumer raises it
-            latest[i] = err
-            ready.set()
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            if not latest:  # (one thread: no pump runs between this check and the wait)
-                ready.clear()
-                await ready.wait()
-                continue
-            i = next(iter(latest))
-            item = latest.pop(i)
-            if isinstance(item, Exception):
-                raise item
-            if item.finished:
-                remaining -= 1
-            yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _disconnected(raw: Request) -> None:
-    """Return when the client closes the connection (the body has been read already)."""
-    while (await raw.receive())["type"] != "http.disconnect":
-        pass
+def _calls(choice: _Choice, done: Any) -> list[dict] | None:
+    """A forced tool call's tool_calls once its output is complete (an answer cut by max_tokens stays text)."""
+    if choice.tool is None or done.finish_reason != "stop":
+        return None
+    return tool_calls(done.text, choice.tool)
 
 
 def _finish_reason(choice: _Choice, reason: str | None) -> str | None:
@@ -388,14 +368,3 @@ def _usage(num_prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
     completion = sum(len(c.output.outputs[0].token_ids) for c in choices if c.output is not None and not c.score_only)
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
             "total_tokens": num_prompt_tokens + completion}
-
-
-# str.splitlines ends a line at U+2028, U+2029 and U+0085, and so do httpx's aiter_lines and `minillm bench serve`;
-# JSON keeps them raw (ensure_ascii=False), so an event whose text held one came apart. Escaped, as only strings
-# can hold them, they mean the same and break no one's lines (SSE itself breaks lines only at CR and LF).
-_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
-
-def _event(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
-

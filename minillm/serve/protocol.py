@@ -5,7 +5,7 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
-default. They are suffix, best_of (but = n), tools, functions, tool_choice (but none/auto), and each class's
+default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools, and each class's
 `REFUSED` table: beam search (use_beam_search, length_penalty), context-free grammars (guided_grammar,
 structural_tag), logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
 prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
@@ -19,7 +19,8 @@ Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a serve
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
 return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
 (structured_outputs, guided_json, guided_regex, guided_choice, guided_whitespace_pattern, and response_format
-json_object / json_schema: minillm/serve/structured_fields.py), and chat's template fields (add_generation_prompt,
+json_object / json_schema: minillm/serve/structured_fields.py), tools with a named or required tool_choice
+(serve/tool_calls.py), and chat's template fields (add_generation_prompt,
 continue_final_message, echo, add_special_tokens, chat_template_kwargs, documents, and chat_template on a server
 that trusts request templates: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
@@ -38,6 +39,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from minillm.sampling_params import MAX_N  # choices per prompt, as SamplingParams.n allows
+from minillm.serve.tool_calls import check_tools
 
 # engine requests one HTTP request may start (prompts x n): 20,000 prompts x 16 would queue 320,000 requests ahead
 # of every other client's (a small request sent a second later had no answer after 10 minutes)
@@ -252,10 +254,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (structured_fields.py)
-    # tool calling: not implemented, refused when asked for
+    # tool calling as structured output (serve/tool_calls.py): a named function or "required"; "none"; not "auto"
     tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # "none" and "auto" (with no tools: no tool call) are no-ops
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None  # OpenAI's older function calling: refused
     # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
     add_generation_prompt: bool = True  # open the assistant's turn after the messages
     continue_final_message: bool = False  # leave the last message open: the model continues it
@@ -308,12 +310,11 @@ class ChatCompletionRequest(_SamplingFields):
                                               "add_generation_prompt=false with it")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs is only allowed with logprobs=true"
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return name, f"{name} (tool calling) is not supported yet"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", (f"tool_choice {self.tool_choice!r} is not supported (tool calling): give 'none' or "
-                                   f"'auto', or leave it out")
+        if self.functions:
+            return "functions", "functions (OpenAI's older function calling) is not supported: give tools"
+        problem = check_tools(self.tools, self.tool_choice)
+        if problem is not None:
+            return ("tool_choice" if problem.startswith("tool_choice") else "tools"), problem
         return super().unsupported()
 
 

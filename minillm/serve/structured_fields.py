@@ -10,6 +10,7 @@ Clients ask for structured output in three spellings, and a request may use only
     response_format               OpenAI's: {"type": "json_object"} (any JSON) or {"type": "json_schema",
                                   "json_schema": {"name": ..., "schema": {...}, "strict": ...}}; {"type": "text"}
                                   asks for nothing
+    tool_choice                   a named function or "required" (chat): the call's JSON (serve/tool_calls.py)
 
 The result goes into SamplingParams.structured_outputs, which the engine compiles (a bad schema or regex is a 400
 naming the field the client used).
@@ -20,6 +21,7 @@ from typing import Any
 
 from minillm.sampling_params import StructuredOutputsParams
 from minillm.serve.protocol import ApiError
+from minillm.serve.tool_calls import tool_schema
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
 
@@ -42,6 +44,9 @@ def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None,
     fields = _response_format(getattr(request, "response_format", None))
     if fields is not None:
         asked.append(("response_format", fields))
+    schema = tool_schema(request)
+    if schema is not None:  # a forced tool call: its arguments' JSON (serve/tool_calls.py)
+        asked.append(("tool_choice", {"json": schema}))
     if not asked:
         return None, None
     if len(asked) > 1:

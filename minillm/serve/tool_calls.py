@@ -1,0 +1,89 @@
+"""Tool calling as structured output (chapter 10): OpenAI's `tools` and `tool_choice` on chat completions.
+
+A model calls a tool by writing the call as JSON. A server that *forces* the call constrains the output to that
+JSON (structured outputs, minillm/engine/constraints.py) and returns it as `tool_calls` instead of text:
+
+    tool_choice {"type": "function",   the output is f's arguments: a JSON value of f's `parameters` schema, one
+      "function": {"name": f}}         call of f (finish_reason "stop", as vLLM answers a named choice)
+    tool_choice "required"             the output is a JSON array of one or more {"name": <a tool's name>,
+                                       "parameters": <its arguments>}: each is a call (finish_reason "tool_calls")
+    tool_choice "none"                 no call: plain text; the tools still reach the chat template
+    tool_choice "auto"                 refused (it is OpenAI's default when tools are given): choosing between text
+                                       and a call means reading the model's own tool-call syntax, which differs by
+                                       model (vLLM's --tool-call-parser), and minillm has no such parser
+
+The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut by
+max_tokens before its JSON closes comes back as text (finish_reason "length"), since it is no call.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def check_tools(tools: Any, tool_choice: Any) -> str | None:
+    """What is wrong with a request's tools / tool_choice (a message naming the value), or None."""
+    names = []
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            return f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
+        name, parameters = function.get("name"), function.get("parameters", {})
+        if not isinstance(name, str) or not name:
+            return f"tools[{i}].function.name must be a non-empty string, got {name!r}"
+        if not isinstance(parameters, (dict, bool)):
+            return f"tools[{i}].function.parameters must be a JSON schema (an object), got {parameters!r}"
+        if name in names:
+            return f"tools[{i}].function.name {name!r} is given twice"
+        names.append(name)
+    if tool_choice is None:  # OpenAI's default: "auto" where tools are given
+        tool_choice = "auto" if names else "none"
+    if tool_choice == "none":
+        return None
+    if tool_choice == "auto":
+        return ("tool_choice 'auto' is not supported: it needs a parser of the model's own tool-call syntax; give "
+                "'required', a named function, or 'none'") if names else None
+    if tool_choice == "required":
+        return None if names else "tool_choice 'required' needs tools"
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
+        return (f'tool_choice must be one of {", ".join(map(repr, TOOL_CHOICES))} or {{"type": "function", '
+                f'"function": {{"name": ...}}}}, got {json.dumps(tool_choice)[:100]}')
+    return None if name in names else f"tool_choice names {name!r}, which is not among the tools {names}"
+
+
+def tool_mode(request: Any) -> tuple[str, str | None] | None:
+    """("named", the function's name) or ("required", None) for a request that forces a call; else None."""
+    choice = getattr(request, "tool_choice", None)
+    if choice == "required":
+        return ("required", None)
+    if isinstance(choice, dict):
+        return ("named", choice["function"]["name"])
+    return None
+
+
+def tool_schema(request: Any) -> dict | bool | None:
+    """The JSON schema a forced call's output must match (module docstring), or None."""
+    mode = tool_mode(request)
+    if mode is None:
+        return None
+    parameters = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in request.tools}
+    if mode[0] == "named":
+        return parameters[mode[1]]
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+              "required": ["name", "parameters"]} for name, schema in parameters.items()]
+    return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+
+
+def tool_calls(text: str, mode: tuple[str, str | None]) -> list[dict]:
+    """OpenAI's tool_calls for a forced call's finished output (JSON the constraint made valid)."""
+    if mode[0] == "named":
+        found = [(mode[1], json.loads(text))]
+    else:
+        found = [(call["name"], call["parameters"]) for call in json.loads(text)]
+    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            for name, arguments in found]
