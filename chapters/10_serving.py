@@ -398,5 +398,7 @@ print("forced:", forced.text, "->", json.loads(forced.text))
 # runaway number: a regular language can say "a JSON number", not "a number below 100" (`minimum` and `maximum`
 # are not regular: `json_schema_regex` accepts them and says it ignores them), and a 135M model fills the
 # format with what it can. Requests ask for a format on the server the same ways: `structured_outputs`,
-# `guided_json` / `guided_regex` / `guided_choice`, or OpenAI's `response_format` with a `json_schema`.
+# `guided_json` / `guided_regex` / `guided_choice`, or OpenAI's `response_format` with a `json_schema`. Tool calling
+# is the same idea: `tool_choice` naming a function (or `"required"`) constrains the answer to the call's JSON,
+# which the server returns as `tool_calls` (`minillm/serve/tool_calls.py`).
 
