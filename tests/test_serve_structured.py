@@ -170,3 +170,11 @@ def test_the_openai_client_reads_the_tool_call(url):
                                                 "name": "w", "schema": {"enum": ["yes", "no"]}}},
                                             max_tokens=10, temperature=0)
     assert json.loads(answer.choices[0].message.content) in ("yes", "no")
+
+
+def test_a_tool_call_cut_by_a_stop_string_is_answered_as_text(url):
+    response = chat(url, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                    stop=['"city"'], temperature=0)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert "tool_calls" not in message and message["content"].startswith("{"), message

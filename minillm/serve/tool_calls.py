@@ -12,8 +12,9 @@ JSON (structured outputs, minillm/engine/constraints.py) and returns it as `tool
                                        and a call means reading the model's own tool-call syntax, which differs by
                                        model (vLLM's --tool-call-parser), and minillm has no such parser
 
-The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut by
-max_tokens before its JSON closes comes back as text (finish_reason "length"), since it is no call.
+The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut before its
+JSON closes (by max_tokens, or by a stop string or stop token the request gave) comes back as text, since it is no
+call.
 """
 from __future__ import annotations
 
@@ -78,12 +79,14 @@ def tool_schema(request: Any) -> dict | bool | None:
     return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
 
 
-def tool_calls(text: str, mode: tuple[str, str | None]) -> list[dict]:
-    """OpenAI's tool_calls for a forced call's finished output (JSON the constraint made valid)."""
-    if mode[0] == "named":
-        found = [(mode[1], json.loads(text))]
-    else:
-        found = [(call["name"], call["parameters"]) for call in json.loads(text)]
+def tool_calls(text: str, mode: tuple[str, str | None]) -> list[dict] | None:
+    """OpenAI's tool_calls for a forced call's finished output (JSON the constraint made valid); None where the
+    text is no whole call (a stop string or stop token the request gave ended it early): it is answered as text."""
+    try:
+        value = json.loads(text)
+        found = [(mode[1], value)] if mode[0] == "named" else [(call["name"], call["parameters"]) for call in value]
+    except (ValueError, TypeError, KeyError):
+        return None
     return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
              "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
             for name, arguments in found]
