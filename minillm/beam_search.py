@@ -78,57 +78,83 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: set[int], length_penalty
     return beam.cum_logprob / max(length, 1) ** length_penalty
 
 
+class BeamSearch:
+    """The search for a batch of prompts as a state machine, so that a synchronous LLM (beam_search) and the async
+    server (serve/beam_fields.py) drive the same rule: `prompts()` gives the token ids to extend this step (one
+    request per live beam), `advance()` takes each one's top log-probabilities, `results()` ranks the beams."""
+
+    def __init__(self, prompt_ids: list[list[int]], params: BeamSearchParams, eos_token_ids: set[int],
+                 max_model_len: int) -> None:
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        for n, ids in enumerate(prompt_ids):
+            if len(ids) >= max_model_len:
+                raise ValueError(f"prompt {n}: {len(ids)} tokens leave no room for output in max_model_len="
+                                 f"{max_model_len}")
+        self.prompt_ids, self.params = prompt_ids, params
+        self.eos = set() if params.ignore_eos else set(eos_token_ids)
+        # a prompt's beams grow until max_tokens, or until they fill the context
+        self.limit = [min(params.max_tokens, max_model_len - len(ids)) for ids in prompt_ids]
+        self.live = [[BeamSearchSequence([])] for _ in prompt_ids]
+        self.done: list[list[BeamSearchSequence]] = [[] for _ in prompt_ids]
+        self.step, self._flat = 0, []
+        # what each step asks of a beam: one token, with 2 x beam_width candidates among its top log-probabilities
+        self.ask = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * params.beam_width, ignore_eos=True)
+
+    def prompts(self) -> list[list[int]]:
+        """The token ids of every live beam that still grows (empty: the search is over)."""
+        self._flat = [(i, beam) for i, beams in enumerate(self.live) if self.step < self.limit[i] for beam in beams]
+        return [self.prompt_ids[i] + beam.tokens for i, beam in self._flat]
+
+    def advance(self, top_logprobs: list[dict[int, float]]) -> None:
+        """Each prompt() request's {token id: log-probability} of its candidates: extend, complete, prune."""
+        width = self.params.beam_width
+        candidates: list[list[BeamSearchSequence]] = [[] for _ in self.prompt_ids]
+        for (i, beam), found in zip(self._flat, top_logprobs):
+            for token, logprob in found.items():
+                grown = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob)
+                if token in self.eos:
+                    grown.finish_reason = "stop"
+                    self.done[i].append(grown)
+                else:
+                    candidates[i].append(grown)
+        self.live = [sorted(c, key=lambda b: b.cum_logprob, reverse=True)[:width] if self.step < self.limit[i]
+                     else self.live[i] for i, c in enumerate(candidates)]
+        self.step += 1
+
+    def results(self, decode: Any) -> list[BeamSearchOutput]:
+        """The best beam_width beams of each prompt, best first, their text from `decode(token ids)`."""
+        results = []
+        for i, ids in enumerate(self.prompt_ids):
+            for beam in self.live[i]:
+                beam.finish_reason = "length"
+            ranked = self.done[i] + self.live[i]
+            for beam in ranked:
+                beam.score = beam_score(beam, self.eos, self.params.length_penalty)
+                beam.text = decode(beam.tokens[:-1] if beam.finish_reason == "stop" else beam.tokens)
+            ranked.sort(key=lambda b: (b.score, b.cum_logprob), reverse=True)
+            results.append(BeamSearchOutput(ids, ranked[:self.params.beam_width]))
+        return results
+
+
 def beam_search(llm: Any, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
     """Beam search for every prompt (a str or a list of token ids), all prompts' beams stepped together: one
     LLM.generate call per step with one single-token request per live beam."""
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     engine = llm.llm_engine
-    eos = set() if params.ignore_eos else set(engine.eos_token_ids)
     prompt_ids = []
     for n, prompt in enumerate(prompts):
         try:
-            ids = engine.validate_prompt(prompt)[1]
+            prompt_ids.append(engine.validate_prompt(prompt)[1])
         except (ValueError, TypeError) as err:
             raise type(err)(f"prompt {n}: {err}") from None
-        if len(ids) >= engine.max_model_len:
-            raise ValueError(f"prompt {n}: {len(ids)} tokens leave no room for output in max_model_len="
-                             f"{engine.max_model_len}")
-        prompt_ids.append(ids)
-    live = [[BeamSearchSequence([])] for _ in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    ask = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * params.beam_width, ignore_eos=True)
-    # a prompt's beams grow until max_tokens, or until they fill the context
-    limit = [min(params.max_tokens, engine.max_model_len - len(ids)) for ids in prompt_ids]
-    for step in range(max(limit, default=0)):
-        flat = [(i, beam) for i, beams in enumerate(live) if step < limit[i] for beam in beams]
-        if not flat:
-            break
-        outs = llm.generate([prompt_ids[i] + beam.tokens for i, beam in flat], ask)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(flat, outs):
-            for token, entry in out.outputs[0].logprobs[0].items():
-                grown = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + entry.logprob)
-                if token in eos:
-                    grown.finish_reason = "stop"
-                    done[i].append(grown)
-                else:
-                    candidates[i].append(grown)
-        live = [sorted(c, key=lambda b: b.cum_logprob, reverse=True)[:params.beam_width] if step < limit[i]
-                else live[i] for i, c in enumerate(candidates)]
-    results = []
-    for i, ids in enumerate(prompt_ids):
-        for beam in live[i]:
-            beam.finish_reason = "length"
-        ranked = done[i] + live[i]
-        for beam in ranked:
-            beam.score = beam_score(beam, eos, params.length_penalty)
-            text_ids = beam.tokens[:-1] if beam.finish_reason == "stop" else beam.tokens
-            beam.text = llm.tokenizer.decode(text_ids)
-        ranked.sort(key=lambda b: (b.score, b.cum_logprob), reverse=True)
-        results.append(BeamSearchOutput(ids, ranked[:params.beam_width]))
-    return results
+    search = BeamSearch(prompt_ids, params, set(engine.eos_token_ids), engine.max_model_len)
+    while batch := search.prompts():
+        outs = llm.generate(batch, search.ask)
+        search.advance([{t: e.logprob for t, e in out.outputs[0].logprobs[0].items()} for out in outs])
+    return search.results(llm.tokenizer.decode)
 
 
-__all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "MAX_BEAM_WIDTH", "beam_score",
+__all__ = ["BeamSearch", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "MAX_BEAM_WIDTH", "beam_score",
            "beam_search"]

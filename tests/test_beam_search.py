@@ -84,3 +84,34 @@ def test_beams_stop_at_the_context_and_bad_input_is_refused(model_and_config):
         llm.beam_search([[1, 2], list(range(64))], BeamSearchParams(beam_width=2, max_tokens=4))
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search([[1, 2]], SamplingParams())
+
+
+def test_beam_search_over_http_gives_the_offline_beams():
+    """use_beam_search on /v1/completions and chat: the n choices are LLM.beam_search's beams, best first, for the
+    same weights (serve_tiny's seeded random model); what beam search cannot honour is a 400 naming the field."""
+    import httpx
+
+    from minillm.beam_search import BeamSearchParams as Params
+    from minillm.serve.server import ServerThread
+    from serve_tiny import MODEL, tiny_app, tiny_engine
+
+    offline = LLM.from_engine(tiny_engine(max_num_seqs=16)).beam_search(
+        [[5, 9, 200]], Params(beam_width=3, max_tokens=5, length_penalty=0.5))[0].sequences
+    app, _ = tiny_app(tiny_engine(max_num_seqs=16))
+    with ServerThread(app) as srv:
+        body = {"model": MODEL, "prompt": [5, 9, 200], "max_tokens": 5, "n": 3, "use_beam_search": True,
+                "length_penalty": 0.5}
+        response = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+        assert [(c["index"], c["text"], c["finish_reason"]) for c in choices] == \
+            [(k, s.text, s.finish_reason) for k, s in enumerate(offline)]
+        chat = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "n": 2,
+            "use_beam_search": True}).json()
+        assert len(chat["choices"]) == 2 and all(isinstance(c["message"]["content"], str) for c in chat["choices"])
+        for fields, param in [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"), ({"n": 11}, "n"),
+                              ({"stop": ["x"]}, "stop"), ({"guided_regex": "a+"}, "guided_regex"),
+                              ({"use_beam_search": False}, "length_penalty")]:
+            bad = httpx.post(srv.url + "/v1/completions", json={**body, **fields}, timeout=60)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (fields, bad.text)

@@ -13,7 +13,6 @@ from tiny import one_thread  # noqa: F401 (autouse fixture)
 
 # field -> a value that asks for what minillm does not do
 ASKS = {
-    "use_beam_search": True, "length_penalty": 0.5,
     "guided_grammar": "root ::= 'a'", "structural_tag": "{}", "logits_processors": ["m.P"],
     "mm_processor_kwargs": {"a": 1}, "kv_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1}, "cache_salt": "s",
     "prompt_embeds": "AAAA",  # completions

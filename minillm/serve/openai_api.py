@@ -37,6 +37,8 @@ from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
+from minillm.beam_search import BeamSearchParams
+from minillm.serve.beam_fields import beam_search_async
 from minillm.serve.sse import _disconnected, _event, _merge
 from minillm.serve.structured_fields import structured_outputs_of
 from minillm.serve.tool_calls import tool_calls, tool_mode
@@ -189,6 +191,8 @@ class OpenAIServing:
                                 "its log-probabilities with logprobs), or ask for max_tokens >= 1", param="max_tokens")
         params = await self._checked_params(request, 1 if score_only else request.max_tokens, prompts,
                                             default_max_tokens=16, score_only=score_only)
+        if request.use_beam_search:
+            return await self._beams(request, prompts, params[0].max_tokens, chat=False)
         return await self._respond(request, raw, prompts, params, chat=False, score_only=score_only)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
@@ -197,7 +201,33 @@ class OpenAIServing:
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = await self._checked_params(request, max_tokens, prompts, default_max_tokens=None)
+        if request.use_beam_search:
+            return await self._beams(request, prompts, params[0].max_tokens, chat=True)
         return await self._respond(request, raw, prompts, params, chat=True)
+
+    async def _beams(self, request: _SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool) -> Response:
+        """use_beam_search: the n best beams of each prompt as its n choices, best first (serve/beam_fields.py)."""
+        if not (self.llm.accepting and self.llm.is_running):
+            raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
+        base = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id or uuid.uuid4().hex}"
+        try:
+            params = BeamSearchParams(beam_width=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos,
+                                      temperature=request.temperature, length_penalty=request.length_penalty)
+        except ValueError as err:
+            raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
+        found = await beam_search_async(self.llm, [ids for _, ids in prompts], params, f"{base}-{uuid.uuid4().hex}")
+        role, choices = answer_role(request) if chat else "assistant", []
+        for p, result in enumerate(found):
+            for k, beam in enumerate(result.sequences):
+                answer = {"message": {"role": role, "content": beam.text}} if chat else {"text": beam.text}
+                choices.append({"index": p * request.n + k, **answer, "logprobs": None,
+                                "finish_reason": beam.finish_reason})
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        completion = sum(len(beam.tokens) for result in found for beam in result.sequences)
+        return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                       "total_tokens": prompt_tokens + completion}})
 
     # -- generation ---------------------------------------------------------------------------------------
     async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],

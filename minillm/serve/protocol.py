@@ -6,7 +6,7 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
 default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools, and each class's
-`REFUSED` table: beam search (use_beam_search, length_penalty), context-free grammars (guided_grammar,
+`REFUSED` table: context-free grammars (guided_grammar,
 structural_tag), logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
 prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
 function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
@@ -20,7 +20,8 @@ with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, re
 return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
 (structured_outputs, guided_json, guided_regex, guided_choice, guided_whitespace_pattern, and response_format
 json_object / json_schema: minillm/serve/structured_fields.py), tools with a named or required tool_choice
-(serve/tool_calls.py), and chat's template fields (add_generation_prompt,
+(serve/tool_calls.py), beam search (use_beam_search with n beams, length_penalty: serve/beam_fields.py), and chat's
+template fields (add_generation_prompt,
 continue_final_message, echo, add_special_tokens, chat_template_kwargs, documents, and chat_template on a server
 that trusts request templates: minillm/serve/chat_prompt.py).
 Log-probabilities map onto SamplingParams.logprobs through `num_logprobs()`: completions' `logprobs` (an int, the
@@ -39,6 +40,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from minillm.sampling_params import MAX_N  # choices per prompt, as SamplingParams.n allows
+from minillm.serve.beam_fields import beam_problem
 from minillm.serve.tool_calls import check_tools
 
 # engine requests one HTTP request may start (prompts x n): 20,000 prompts x 16 would queue 320,000 requests ahead
@@ -118,9 +120,9 @@ class _SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_whitespace_pattern: str | None = None
     guided_decoding_backend: str | None = None  # accepted and ignored: minillm has one backend
+    use_beam_search: bool = False  # n beams, the best n come back (serve/beam_fields.py)
+    length_penalty: float = 1.0  # beam search's final ranking
     # vLLM's extensions minillm does not implement: refused unless null or their no-op value (REFUSED)
-    use_beam_search: bool = False
-    length_penalty: float = 1.0  # beam search's
     guided_grammar: Any = None
     structural_tag: Any = None
     logits_processors: Any = None
@@ -131,8 +133,6 @@ class _SamplingFields(BaseModel):
 
     # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "use_beam_search": ((False,), "beam search over HTTP; offline, LLM.beam_search"),
-        "length_penalty": ((1.0, 1), "beam search's length penalty; offline, BeamSearchParams(length_penalty=)"),
         **{name: ((), "a context-free grammar: minillm enforces regular languages, give guided_json, guided_regex "
                       "or guided_choice") for name in ("guided_grammar", "structural_tag")},
         "logits_processors": (([],), "custom logits processors"),
@@ -154,6 +154,9 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first requested feature minillm does not implement or a count out of range;
         None if all is well."""
+        problem = beam_problem(self)
+        if problem is not None:
+            return problem
         for name, (no_ops, what) in self.REFUSED.items():
             value = getattr(self, name)
             if value is not None and not any(type(value) is type(ok) and value == ok for ok in no_ops):
