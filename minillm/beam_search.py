@@ -1,4 +1,5 @@
-"""Beam search on top of the engine (vLLM's `LLM.beam_search` and `BeamSearchParams`; chapter 1's decoding).
+"""Beam search on top of the engine (vLLM's `LLM.beam_search` and `BeamSearchParams`). No chapter builds it; it
+reads best after chapter 1's sampling (greedy, top-k, top-p), whose alternative it is.
 
 Greedy decoding keeps one sequence and takes the likeliest token each step; beam search keeps `beam_width` of them
 and, each step, every extension of every kept sequence competes: the `beam_width` with the highest total log-
@@ -140,8 +141,6 @@ class BeamSearch:
 def beam_search(llm: Any, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
     """Beam search for every prompt (a str or a list of token ids), all prompts' beams stepped together: one
     LLM.generate call per step with one single-token request per live beam."""
-    if not isinstance(params, BeamSearchParams):
-        raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     engine = llm.llm_engine
     prompt_ids = []
     for n, prompt in enumerate(prompts):

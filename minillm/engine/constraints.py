@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from minillm.layers.logits_processors import row_path
 from minillm.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class RequestConstraint:
     def __init__(self, index: Any, allowed: torch.Tensor | None, bad_words: tuple[tuple[int, ...], ...],
                  ignored_eos: tuple[int, ...] = ()) -> None:
         self.index, self.allowed, self.bad_words = index, allowed, bad_words
+        self.longest_bad_word = max(map(len, bad_words), default=0)  # how many recent tokens the bans read
         self.states: list[int] = [] if index is None else [index.start]
         # ignore_eos: EOS would not end the request, so where the format may go on it must (EOS stays allowed
         # only where nothing else is); per state, the index's mask without the EOS ids
@@ -127,10 +129,6 @@ class RequestConstraint:
             raise ValueError(f"token {seq.token_ids[position]} at position {position} does not fit the request's "
                              f"structured_outputs constraint")
         return self.index.is_accepting(state) and not self.index.dfa.can_continue(state)
-
-    @property
-    def longest_bad_word(self) -> int:
-        return max((len(w) for w in self.bad_words), default=0)
 
 
 class ConstraintCompiler:
@@ -204,8 +202,8 @@ class ConstraintCompiler:
         return index
 
     def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
-        """Each bad word's token ids as the text would hold it: alone, and after a space (vLLM's two forms; the
-        second only where it differs from the first in more than its leading space's token)."""
+        """Each bad word's token ids as the text would hold it: alone, and after a space (vLLM's two forms), each
+        distinct form once."""
         if not words:
             return ()
         tokenizer = self._tokenizer("bad_words")
@@ -246,7 +244,7 @@ def constrain_step(step: "StepInput", seqs: list["Sequence"]) -> None:
         masks, bans = [], []
         tree = step.tree_masks[i] if step.tree_masks is not None else None
         for row in range(n - k, n):
-            path = range(row + 1) if tree is None else [j for j in range(row + 1) if tree[row] >> j & 1]
+            path = row_path(row, -1 if tree is None else tree[row])
             new = [inputs[j] for j in path if start + j >= first_output]  # the prompt's last token is no output
             masks.append(constraint.row_mask(None if state is None else constraint.walk(state, new)))
             bans.append(constraint.bans(recent + new) if constraint.bad_words else ())

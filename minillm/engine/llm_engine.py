@@ -176,8 +176,7 @@ class LLMEngine(StepOutputs, RequestChecks):
             text, token_ids = prompt, self.validate_prompt(prompt_token_ids)[1]
         else:
             text, token_ids = self.validate_prompt(prompt)
-        self.check_sampling_params(sampling_params)
-        constraint = self.constraints.for_request(sampling_params)  # compiled once: check_sampling_params cached it
+        constraint = self.check_sampling_params(sampling_params)
         if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
             room = self.max_model_len - len(token_ids)
             if room < 1 or sampling_params.min_tokens > room:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 from typing import Sequence as SequenceT
 
+from minillm.engine.constraints import RequestConstraint
 from minillm.engine.detokenizer import keeps_special_tokens
 from minillm.sampling_params import ParamError, SamplingParams
 
@@ -14,14 +15,15 @@ from minillm.sampling_params import ParamError, SamplingParams
 class RequestChecks:
     """Mixed into LLMEngine: reads model_config, engine_config, max_model_len, tokenizer, scheduler, constraints."""
 
-    def check_sampling_params(self, params: SamplingParams) -> None:
+    def check_sampling_params(self, params: SamplingParams) -> RequestConstraint | None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
         outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
         skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, n > 1 (an engine
         request is one sequence: LLM.generate, LLM.chat and the server submit params.choices()), and a constraint
-        this engine cannot enforce (a bad regex or schema, an allowed token id outside the vocabulary: the
-        ConstraintCompiler compiles it here and keeps it for add_request). Reads only the configuration and the
-        compiler's lock-guarded cache: safe beside a running step (AsyncLLM and the server check before queuing)."""
+        this engine cannot enforce (a bad regex or schema, an allowed token id outside the vocabulary). Returns the
+        request's compiled constraint (engine/constraints.py; None without one), which add_request keeps. Reads only
+        the configuration and the compiler's lock-guarded cache: safe beside a running step (AsyncLLM and the server
+        check before queuing)."""
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
                                   f"requests), as LLM.generate, LLM.chat and the OpenAI server do")
@@ -29,13 +31,11 @@ class RequestChecks:
         if not params.skip_special_tokens and not keeps_special_tokens(self.tokenizer):
             raise ParamError("skip_special_tokens", f"skip_special_tokens=False needs a tokenizer that can decode "
                              f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
-        self.constraints.for_request(params)  # a bad schema, regex or token id: compiled (and cached) here
-        if not params.logit_bias:
-            return
         vocab = self.model_config.vocab_size
-        outside = [t for t in params.logit_bias if t >= vocab]
+        outside = [t for t in params.logit_bias or () if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        return self.constraints.for_request(params)  # a bad schema, regex or token id raises here
 
     def check_priority(self, priority: int) -> None:
         """ParamError unless this engine honours `priority`: any value under scheduling_policy='priority' (lower

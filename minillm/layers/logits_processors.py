@@ -125,6 +125,13 @@ def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scaled.masked_fill(probs < threshold, float("-inf"))
 
 
+def row_path(row: int, ancestors: int = -1) -> list[int]:
+    """The step's rows (offsets in a sequence's query rows) on query row `row`'s path, itself included: every row
+    before it in a chain (ancestors -1), the rows set in its ancestor bitmask in a token tree. The history a sampled
+    row's processors see (penalties here, constraints in engine/constraints.py) is the host's tokens plus these."""
+    return list(range(row + 1)) if ancestors == -1 else [j for j in range(row + 1) if ancestors >> j & 1]
+
+
 def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Tensor, query_starts: list[int],
                        query_lens: list[int], vocab_size: int,
                        tree_masks: list[list[int] | None] | None = None) -> ProcessingTensors | None:
@@ -152,7 +159,7 @@ def processing_tensors(specs: list, sample_seqs: list[int], input_ids: torch.Ten
         seen[i] += 1
         mask = tree_masks[i][row] if tree_masks is not None and tree_masks[i] is not None else -1
         seqs.append(i)
-        paths.append(list(range(row + 1)) if mask == -1 else [j for j in range(row + 1) if mask >> j & 1])
+        paths.append(row_path(row, mask))
     procs = [specs[r].processing for r in rows]  # minillm.engine.step_input.LogitsProcessing, one per row
     t = ProcessingTensors(rows=torch.tensor(rows, dtype=torch.int64, device=device))
     if any(p.min_p > 0 for p in procs):

@@ -1,5 +1,5 @@
-"""Beam search over HTTP: vLLM's `use_beam_search` on completions and chat (chapter 10; the search itself is
-minillm/beam_search.py).
+"""Beam search over HTTP: vLLM's `use_beam_search` on completions and chat (the server of chapter 10; the search
+itself is minillm/beam_search.py, which no chapter builds).
 
 With `use_beam_search: true` the request's `n` is the beam width (1-10), and the answer's n choices are the best
 beams, best first; `length_penalty` shapes the final ranking, `max_tokens`, `ignore_eos` and `temperature` mean what

@@ -1,4 +1,5 @@
 """Structured outputs: constraining decoding to a regular language (a regex, a JSON schema, a list of choices).
+Chapter 10, section 6 shows the pieces at work; its exercise ch10.token_mask is token_index.py's rule.
 
 At every decoding step the engine masks the logits of tokens that would take the output outside the
 language, so what the model writes always parses. The pieces, in the order they run:

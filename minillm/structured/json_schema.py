@@ -1,4 +1,4 @@
-"""JSON Schema -> regular expression, so that a schema-constrained output is a regex-constrained one.
+"""JSON Schema -> regular expression, so that a schema-constrained output is a regex-constrained one (chapter 10).
 
 A JSON document of bounded nesting is a regular language, so the structured-output machinery needs only
 one automaton (regex_dfa.py). This module writes the regex; nothing here runs at decode time.

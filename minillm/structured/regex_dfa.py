@@ -1,4 +1,4 @@
-"""Regular expression -> byte-level NFA -> lazily built DFA: the automaton structured outputs run on.
+"""Regular expression -> byte-level NFA -> lazily built DFA: the automaton structured outputs run on (chapter 10).
 
 A model's tokens are byte strings (a token may hold half of a UTF-8 character), so the automaton reads
 **bytes** of the UTF-8 text, not characters. Compiling a pattern takes three steps:

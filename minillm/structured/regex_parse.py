@@ -1,4 +1,5 @@
-"""Parsing a regular expression into a tree over code-point sets, and code points into UTF-8 byte ranges.
+"""Parsing a regular expression into a tree over code-point sets, and code points into UTF-8 byte ranges
+(chapter 10's structured outputs).
 
 The first half of the regex compiler (regex_dfa.py is the second): `parse` turns a pattern in a subset of
 Python `re` syntax into a tree of ("set", ranges) / ("cat", [...]) / ("alt", [...]) / ("rep", node, lo, hi)

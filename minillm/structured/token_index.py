@@ -1,4 +1,5 @@
-"""Which tokens may come next: a DFA state's logits mask over the vocabulary, computed once and cached.
+"""Which tokens may come next: a DFA state's logits mask over the vocabulary, computed once and cached (chapter 10;
+exercise ch10.token_mask is its rule, `token_mask` below).
 
 Structured outputs run a byte DFA (regex_dfa.py) alongside decoding. At each step the engine needs, for the
 request's current DFA state, a bool per vocabulary entry: may this token come next? A token is allowed iff
@@ -10,11 +11,12 @@ instead we share work between tokens with common prefixes:
   (node -> first child, number of children, byte on the edge into it; token -> node where it ends). Because
   the nodes of each depth are numbered in sorted order, a node's children are consecutive ids.
 - The rule itself is `token_mask` (exercise ch10.token_mask): walk each token's bytes from the state.
-- `TokenIndex.allowed(state)` applies it to the whole vocabulary at once: it walks the trie and the DFA together, one trie level at a time, vectorised:
-  the frontier is a pair of arrays (trie node, DFA state); its children's DFA states are one gather
-  `table[state, byte]` from the DFA's transition rows; pairs that hit DEAD are dropped, which prunes the
-  whole subtree below them. A token is allowed iff its end node was reached. Masks are cached per state,
-  so a decode pays once per DFA state it visits, and each later step is a dict lookup.
+- `TokenIndex.allowed(state)` applies it to the whole vocabulary at once: it walks the trie and the DFA
+  together, one trie level at a time, vectorised: the frontier is a pair of arrays (trie node, DFA state);
+  its children's DFA states are one gather `table[state, byte]` from the DFA's transition rows; pairs that
+  hit DEAD are dropped, which prunes the whole subtree below them. A token is allowed iff its end node was
+  reached. Masks are cached per state, so a decode pays once per DFA state it visits, and each later step is
+  a dict lookup.
 
 Special tokens with no bytes (`<|im_end|>`) are never allowed, except an EOS id, which is allowed exactly
 when the state is accepting (so an accepting state that cannot continue allows only EOS). If nothing at all
