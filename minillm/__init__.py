@@ -2,7 +2,7 @@
 from minillm import platform as _platform  # noqa: F401  (sets TRITON_INTERPRET before triton loads)
 from minillm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
 __version__ = "0.1.0"
 
 
@@ -13,4 +13,7 @@ def __getattr__(name):  # lazy: `import minillm` stays cheap for the grader and 
     if name in ("RequestOutput", "CompletionOutput"):
         from minillm import outputs
         return getattr(outputs, name)
+    if name == "LoRARequest":
+        from minillm.lora.request import LoRARequest
+        return LoRARequest
     raise AttributeError(f"module 'minillm' has no attribute {name!r}")

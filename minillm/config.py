@@ -195,6 +195,12 @@ class EngineConfig:
     # a number c drops the tokens an expert receives beyond ceil(c * tokens * top_k / num_experts) (Switch).
     expert_parallel_size: int = 1
     moe_capacity_factor: float | None = None
+    # Multi-LoRA serving (minillm.lora): requests may name an adapter (LoRARequest); max_loras of them at a time in
+    # device slots of rank up to max_lora_rank; max_cpu_loras adapters kept read in host memory (None: max_loras)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in ENGINE_CHOICES.items():
@@ -206,14 +212,15 @@ class EngineConfig:
                                     ("max_num_batched_tokens", 1, False), ("block_size", 1, False),
                                     ("num_kv_blocks", 1, True), ("kv_cache_memory", 1, True),
                                     ("swap_space", 0, False), ("tensor_parallel_size", 1, False),
-                                    ("pipeline_parallel_size", 1, False), ("expert_parallel_size", 1, False)):
+                                    ("pipeline_parallel_size", 1, False), ("expert_parallel_size", 1, False),
+                                    ("max_loras", 1, False), ("max_lora_rank", 1, False), ("max_cpu_loras", 1, True)):
             value = getattr(self, name)
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
         for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
-                     "piecewise_cuda_graphs", "async_scheduling"):
+                     "piecewise_cuda_graphs", "async_scheduling", "enable_lora"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
                                                                                 "piecewise_cuda_graphs",
@@ -242,9 +249,30 @@ class EngineConfig:
         self._check_static()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)
+        self._check_lora()
         if self.kv_cache_dtype != "auto" and self.pipeline_parallel_size > 1:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs pipeline_parallel_size=1 (its scales are "
                              f"calibrated by one forward of the whole model), got {self.pipeline_parallel_size}")
+
+    def _check_lora(self) -> None:
+        """LoRA adapters run in the in-process worker's eager or graph-free steps of continuous batching."""
+        from minillm.lora.adapter import MAX_LORA_RANK
+        if self.max_lora_rank > MAX_LORA_RANK:
+            raise ValueError(f"EngineConfig.max_lora_rank must be in 1..{MAX_LORA_RANK}, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"EngineConfig.max_cpu_loras={self.max_cpu_loras} must be >= max_loras="
+                             f"{self.max_loras} (every adapter in a slot is also held in host memory)")
+        if not self.enable_lora:
+            return
+        asked = [text for text, on in (
+            (f"tensor/pipeline/expert parallelism ({self.tensor_parallel_size}/{self.pipeline_parallel_size}/"
+             f"{self.expert_parallel_size})",
+             self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size > 1),
+            ("speculative decoding", self.speculative_config is not None or self.speculative_model is not None),
+            ("scheduling='static'", self.scheduling == "static"), ("compile=True", self.compile)) if on]
+        if asked:
+            raise ValueError(f"enable_lora=True does not combine with {', '.join(asked)} in minillm: adapters are "
+                             f"served by one worker rank, continuous batching, without speculation or torch.compile")
 
     def _check_static(self) -> None:
         """Static batching (chapter 2) runs each batch to its end in fixed slots: it never shares prefix blocks,

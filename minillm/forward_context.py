@@ -64,6 +64,9 @@ class AttentionMetadata:
     # plan, whether every slot is stored); emptied each time the metadata enters `forward_context`, so a metadata
     # object replayed with new contents (a CUDA graph's, a recorder's) never serves last step's values.
     step_memo: dict = field(default_factory=dict)
+    # multi-LoRA (minillm.lora.layers.LoRAMapping): which adapter slot each sequence's tokens use, read by every
+    # adapted Linear; None: no token of this step uses an adapter
+    lora: object | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -76,6 +76,9 @@ class LLM:
             from minillm.engine.disagg_engine import DisaggregationConfig, check_disaggregation
             disaggregation = DisaggregationConfig.from_value(disaggregation)
             check_disaggregation(engine_config)
+            if engine_config.enable_lora:
+                raise ValueError("enable_lora=True serves adapters from one in-process worker; disaggregation= "
+                                 "runs prefill and decode workers of their own: use one or the other")
             if distributed_executor_backend is not None or self.overrides:
                 raise ValueError("disaggregation= starts its own prefill and decode worker processes: give neither "
                                  "distributed_executor_backend nor overrides with it")
@@ -88,6 +91,8 @@ class LLM:
                 raise ValueError("tensor/pipeline/expert parallelism needs one worker process per rank: "
                                  "distributed_executor_backend='mp' or None, not 'uni'")
             distributed_executor_backend = "mp"  # one worker process per rank (minillm.parallel, chapter 11)
+        if distributed_executor_backend == "mp" and engine_config.enable_lora:
+            raise ValueError("enable_lora=True needs the in-process worker (distributed_executor_backend=None)")
         if distributed_executor_backend == "mp" and self.overrides:
             raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
                              "(distributed_executor_backend=None)")
@@ -193,14 +198,17 @@ class LLM:
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | SequenceT[Prompt], sampling_params: SamplingParams |
                  SequenceT[SamplingParams] | None = None, use_tqdm: bool = False, *,
-                 priority: SequenceT[int] | None = None) -> list[RequestOutput]:
+                 priority: SequenceT[int] | None = None, lora_request: Any = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order. A prompt is a str, a list of token ids or
         vLLM's {"prompt": str} / {"prompt_token_ids": [...]} (minillm.inputs). Every prompt is validated before
         any work starts: a bad one raises ValueError/TypeError naming its index.
 
         priority (vLLM's argument): one integer per prompt, lower scheduled first, for an LLM built with
         scheduling_policy="priority" (under "fcfs" only zeros are accepted: nothing would honour the others). It
-        replaces the prompt's SamplingParams.priority."""
+        replaces the prompt's SamplingParams.priority.
+
+        lora_request (vLLM's argument, an LLM built with enable_lora=True): a minillm.lora.LoRARequest for every
+        prompt, or one per prompt (None entries: the base model)."""
         prompt_list = normalize_prompts(prompts)
         # only the finished outputs are returned: the engine need not snapshot every request after every step
         params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
@@ -212,13 +220,19 @@ class LLM:
                 tokenized.append(self.llm_engine.validate_prompt(prompt))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i}: {err}") from None
-        return self._submit(tokenized, params, use_tqdm)
+        return self._submit(tokenized, params, use_tqdm, lora_request)
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-                use_tqdm: bool) -> list[RequestOutput]:
+                use_tqdm: bool, lora_request: Any = None) -> list[RequestOutput]:
         """One engine request per choice (SamplingParams.n: params.choices()); the outputs of a prompt's choices
         come back as one RequestOutput whose outputs[i] is choice i, as vLLM returns them."""
         engine = self.llm_engine
+        loras = _per_prompt(lora_request, len(tokenized))
+        for i, request in enumerate(loras):
+            try:
+                engine.check_lora_request(request)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"lora_request {i}: {err}") from None
         choices_of = [p.choices() for p in params]
         for i, choices in enumerate(choices_of):  # every request checked before any is queued: a bad one raised
             for choice in choices:  # from add_request left the earlier ones running in the engine, unread
@@ -228,11 +242,11 @@ class LLM:
                     raise ParamError(err.param, f"sampling_params {i}: {err}") from None
         ids: list[list[str]] = []
         try:
-            for (text, token_ids), choices in zip(tokenized, choices_of):
+            for (text, token_ids), choices, lora in zip(tokenized, choices_of, loras):
                 ids.append([])
                 for choice in choices:
                     ids[-1].append(engine.add_request(None, text if text is not None else token_ids, choice,
-                                                      prompt_token_ids=token_ids))
+                                                      prompt_token_ids=token_ids, lora_request=lora))
         except BaseException:
             for request_id in (i for added in ids for i in added):
                 engine.abort(request_id)
@@ -248,9 +262,10 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
-             use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = False, add_generation_prompt: bool = True,
+             lora_request: Any = None) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (a list of {"role", "content"} dicts) or to
-        a list of conversations, then generate."""
+        a list of conversations, then generate (lora_request as in generate)."""
         if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
             conversations = list(messages)
         else:
@@ -267,10 +282,10 @@ class LLM:
                 tokenized.append((rendered, self.llm_engine.validate_prompt(token_ids)[1]))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{where}{err}") from None
-        return self._submit(tokenized, params, use_tqdm)
+        return self._submit(tokenized, params, use_tqdm, lora_request)
 
-    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
-                        ) -> Iterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        lora_request: Any = None) -> Iterator[RequestOutput]:
         """Yield deltas for one prompt as tokens arrive: each item's outputs[0].text and .token_ids hold only
         what is new since the previous item. Closing the generator early aborts the request (its KV is freed).
         Several streams (and generate calls) may be interleaved: each step serves all of them."""
@@ -285,7 +300,7 @@ class LLM:
         if params.n > 1:
             raise ParamError("n", f"generate_stream streams one sequence, got n={params.n}; use generate() for n "
                                   f"completions")
-        request_id = self.llm_engine.add_request(None, prompt, params)
+        request_id = self.llm_engine.add_request(None, prompt, params, lora_request=lora_request)
         self._watching.add(request_id)
         sent_text, sent_tokens, finished = 0, 0, False
         try:
@@ -365,6 +380,16 @@ def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layou
                         f"{', '.join(sorted(fields))}")
     return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                         scheduling=scheduling or "continuous", **engine_kwargs)
+
+
+def _per_prompt(lora_request: Any, num_prompts: int) -> list:
+    """vLLM's lora_request argument as one entry per prompt: one request (or None) for all, or a list of them."""
+    if isinstance(lora_request, (list, tuple)):
+        if len(lora_request) != num_prompts:
+            raise ValueError(f"lora_request has {len(lora_request)} entries for {num_prompts} prompts: give one "
+                             f"LoRARequest for all or one per prompt")
+        return list(lora_request)
+    return [lora_request] * num_prompts
 
 
 def _default_model_path() -> str:

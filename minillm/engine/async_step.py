@@ -110,13 +110,16 @@ class AsyncSteps:
             outputs += engine._apply_block_ops(batch)
         else:
             try:
-                step_input = build_step_input(batch, engine.cache_config.block_size, engine._finished_since_last_step)
+                step_input = build_step_input(batch, engine.cache_config.block_size, engine._finished_since_last_step,
+                                              engine.lora_slots)
                 engine._finished_since_last_step = []
                 step_input.deferred_input_ids = min(step_input.input_ids) < 0
                 launched = engine.executor.launch_model(step_input)
             except Exception as err:  # isolate: this step's requests fail (after the step in flight is read)
                 logger.exception("engine step failed for %d request(s)", len(batch.seqs))
                 failure = f"{type(err).__name__}: {err}"
+                if engine.lora_slots is not None:  # a slot's copy may have failed halfway: copy them all again
+                    engine.lora_slots.forget()
         previous, self.in_flight_step = self.in_flight_step, None
         if previous is not None:
             self._read(previous, outputs)

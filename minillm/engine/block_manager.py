@@ -133,11 +133,12 @@ class BlockManager:
             return [], []
         if getattr(seq.sampling_params, "prompt_logprobs", None) is not None:
             return [], []  # a cached prefix has no logits to score: such a request computes its whole prompt
-        hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size)
+        hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size,
+                              salt=seq.cache_salt)
         hits: list[int] = []
         for j, h in enumerate(hashes):
             tokens = tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size])
-            block = self.prefix_cache.lookup(h, hashes[j - 1] if j else None, tokens)
+            block = self.prefix_cache.lookup(h, hashes[j - 1] if j else seq.cache_salt, tokens)
             if block is None:
                 break
             hits.append(block)
@@ -280,10 +281,10 @@ class BlockManager:
         if num_full <= start:
             return
         hashes = self._hashes[seq.seq_id] = chain_hashes(seq.token_ids, self.block_size, num_full,
-                                                         self._hashes.get(seq.seq_id))
+                                                         self._hashes.get(seq.seq_id), salt=seq.cache_salt)
         bs = self.block_size
         for j in range(start, num_full):
-            self.prefix_cache.insert(seq.block_table[j], hashes[j], hashes[j - 1] if j else None,
+            self.prefix_cache.insert(seq.block_table[j], hashes[j], hashes[j - 1] if j else seq.cache_salt,
                                      tuple(seq.token_ids[j * bs:(j + 1) * bs]))
         self._num_offered[seq.seq_id] = num_full
 

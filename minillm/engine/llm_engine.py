@@ -127,6 +127,13 @@ class LLMEngine(StepOutputs, RequestChecks):
         # structured outputs, allowed_token_ids, bad_words (constraints.py): compiled per request, masks per step;
         # while a constrained request is alive (its id in _constrained) every step runs in sync
         self.constraints = ConstraintCompiler(tokenizer, model_config.vocab_size, eos)
+        # multi-LoRA (minillm.lora): which adapter sits in which device slot; None when LoRA is off
+        self.lora_slots = None
+        if config.enable_lora:
+            from minillm.lora.adapter import process_adapter_cache
+            from minillm.lora.slots import LoRASlots
+            self.lora_slots = LoRASlots(config.max_loras, config.max_lora_rank, model_config,
+                                        process_adapter_cache(config.max_cpu_loras or config.max_loras))
         self._constrained: set[str] = set()
         self._requests: dict[str, _RequestState] = {}
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
@@ -155,12 +162,13 @@ class LLMEngine(StepOutputs, RequestChecks):
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | SequenceT[int],
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None,
-                    prompt_token_ids: list[int] | None = None) -> str:
+                    prompt_token_ids: list[int] | None = None, lora_request: Any = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError/TypeError for this request only.
         `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked).
         The request keeps a checked copy of `sampling_params`: a value assigned to the caller's object after
         construction (p.seed = 2**70) raises ParamError here instead of failing the step for the whole batch,
-        and one assigned after this call does not reach the queued request."""
+        and one assigned after this call does not reach the queued request. `lora_request` (a LoRARequest; needs
+        enable_lora=True) runs the request with that adapter, which is read and checked here."""
         if sampling_params is None:
             sampling_params = SamplingParams()
         elif not isinstance(sampling_params, SamplingParams):
@@ -177,6 +185,7 @@ class LLMEngine(StepOutputs, RequestChecks):
         else:
             text, token_ids = self.validate_prompt(prompt)
         constraint = self.check_sampling_params(sampling_params)
+        self.check_lora_request(lora_request)
         if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
             room = self.max_model_len - len(token_ids)
             if room < 1 or sampling_params.min_tokens > room:
@@ -185,6 +194,8 @@ class LLMEngine(StepOutputs, RequestChecks):
                                                f"(min_tokens={sampling_params.min_tokens})")
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
+        if lora_request is not None:
+            seq.lora_request, seq.cache_salt = lora_request, hash((0x4C6F5241, lora_request.lora_int_id))
         if constraint is not None:
             seq.constraint = constraint
             self._constrained.add(request_id)
@@ -257,7 +268,8 @@ class LLMEngine(StepOutputs, RequestChecks):
         if batch.is_empty:
             return outputs + self._apply_block_ops(batch)
         try:
-            step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step)
+            step_input = build_step_input(batch, self.cache_config.block_size, self._finished_since_last_step,
+                                          self.lora_slots)
             if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
                 self.speculative.prepare_step(batch, step_input)
             if self._constrained:  # each constrained row's mask and bans, along its path (after the tree's layout)
@@ -268,6 +280,8 @@ class LLMEngine(StepOutputs, RequestChecks):
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
+            if self.lora_slots is not None:  # a slot's copy may have failed halfway: copy every adapter again
+                self.lora_slots.forget()
             if can_isolate(batch, self.executor, self.speculative, err):  # unless they pass one at a time
                 logger.exception("engine step failed; rerunning its %d requests one by one", len(batch.seqs))
                 return outputs + self._rerun_one_by_one(batch)
@@ -300,7 +314,8 @@ class LLMEngine(StepOutputs, RequestChecks):
     def _rerun_one_by_one(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """A failed step's work again, one sequence per forward (minillm/engine/step_isolation.py): the outputs of
         the sequences that fail alone (finished with "error") and of the step the others make together."""
-        batch, step_output, failed = rerun_one_by_one(batch, self.cache_config.block_size, self.executor.execute_model)
+        batch, step_output, failed = rerun_one_by_one(batch, self.cache_config.block_size, self.executor.execute_model,
+                                                      self.lora_slots)
         outputs = [self._finish(seq, "error", error=message) for seq, message in failed]
         if batch.is_empty:
             return outputs

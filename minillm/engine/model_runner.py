@@ -117,6 +117,7 @@ class ModelRunner(LaunchSetup):
         self._downloads: DownloadRing | None = None  # pinned buffers of launched steps' downloads (async scheduling)
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
         self._graph_sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's logits, tokens
+        self.lora = None  # the worker's LoRAWeights (minillm.lora.layers) when enable_lora
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -195,6 +196,8 @@ class ModelRunner(LaunchSetup):
         self.apply_block_ops(step)
         if step.is_empty:
             return None
+        if step.lora_slots is not None:
+            self._load_adapters(step)
         prepared = self.prepare(step)
         self._step_processed = None  # this step's processed logits, if any (_sample_on_device)
         graphs = self.cuda_graphs
@@ -238,6 +241,20 @@ class ModelRunner(LaunchSetup):
             if prepared.returns_raw_logits:  # processors changed them: log-probs read the raw ones
                 parts.append(logits.float())
         return prepared, parts, num_top, hidden_states
+
+    def _load_adapters(self, step: StepInput) -> None:
+        """Copy the step's new adapters into their slots (minillm.lora), and check every slot the step reads holds
+        one (a slot left half-written by a failed copy never serves a step)."""
+        lora = self.lora
+        if lora is None:
+            raise ValueError("the step uses LoRA adapters, but this runner has no adapter slots (enable_lora=False)")
+        if not lora.is_bound:
+            lora.bind()
+        for slot, request in step.lora_loads:
+            lora.load(slot, request)
+        empty = sorted({s for s in step.lora_slots if s >= 0 and lora.resident[s] is None})
+        if empty:
+            raise RuntimeError(f"LoRA slots {empty} hold no adapter: the engine and the worker disagree")
 
     def _logprob_widths(self, step: StepInput, prepared: PreparedBatch) -> list[int] | None:
         """Per sampled row that returns log-probs, its number of top alternatives (None: no request asked)."""
@@ -304,13 +321,14 @@ class ModelRunner(LaunchSetup):
         self._pre_norm = self._graph_sampled = None
         graphs = self.cuda_graphs
         hidden = None
+        adapters = prepared.metadata.lora is not None  # LoRA steps run eagerly: the graphs hold no adapter
         if graphs is not None and prepared.graph is not None:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
             if graphs.samples(prepared.graph, prepared.graph_tree):
                 logits, tokens = graphs.sampled[(*prepared.graph, prepared.graph_tree)]
                 self._graph_sampled = (logits[:rows], tokens[:rows])
-        elif graphs is not None and graphs.can_run(prepared.metadata):
+        elif graphs is not None and not adapters and graphs.can_run(prepared.metadata):
             hidden = graphs.run(prepared.input_ids, prepared.positions, prepared.metadata)
         if hidden is not None:
             self.forward_counts["graph"] += 1
@@ -318,7 +336,7 @@ class ModelRunner(LaunchSetup):
                 self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
             return hidden
         prompts, tokens = self.prompt_graphs, prepared.input_ids.shape[0]
-        if prompts is not None and prompts.can_run(prepared.metadata, tokens):
+        if prompts is not None and not adapters and prompts.can_run(prepared.metadata, tokens):
             self.forward_counts["prompt_graph"] += 1
             hidden = prompts.run(prepared.input_ids, prepared.positions, prepared.metadata)
             if self._graph_pre_norm is not None:  # the recorded copy of the final norm's input
@@ -326,7 +344,7 @@ class ModelRunner(LaunchSetup):
             return hidden
         pieces = self.piecewise_graphs
         with forward_context(prepared.metadata):
-            if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
+            if pieces is not None and not adapters and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
                 self.forward_counts["piecewise"] += 1
                 hidden = pieces.run(prepared.input_ids, prepared.positions)
                 if self._graph_pre_norm is not None:  # the last piece's recorded copy of the residual stream

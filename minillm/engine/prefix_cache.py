@@ -51,12 +51,14 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int,
-                 known: list[int] | None = None) -> list[int]:
-    """Chain hashes of the first `num_blocks` full blocks of `token_ids`, extending the `known` prefix of them."""
+                 known: list[int] | None = None, salt: int | None = None) -> list[int]:
+    """Chain hashes of the first `num_blocks` full blocks of `token_ids`, extending the `known` prefix of them.
+    `salt` (Sequence.cache_salt: a request's LoRA adapter) stands in as the first block's parent, so the same
+    tokens under another adapter, whose keys and values differ, get other keys."""
     hashes = list(known or [])[:num_blocks]
     hash_fn = dispatch("ch05.hash_block", hash_block)
     for j in range(len(hashes), num_blocks):
-        parent = hashes[j - 1] if j else None
+        parent = hashes[j - 1] if j else salt
         hashes.append(hash_fn(parent, tuple(token_ids[j * block_size:(j + 1) * block_size])))
     return hashes
 

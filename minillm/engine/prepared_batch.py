@@ -96,6 +96,9 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     width = max(map(len, step.block_tables))
     max_q = max(q_lens)
     size, tree_graph = None, False
+    lora_segments = _lora_segments(step)
+    if lora_segments is not None:
+        graphs = None  # a step with LoRA adapters runs eagerly: the graphs were captured without them
     if graphs is not None and step.tree_masks is None and min(q_lens) == max_q:
         size = graphs.plan(num_seqs, max_q, width)
     elif graphs is not None and step.tree_masks is not None:
@@ -129,6 +132,8 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         if len(logprob_row_list) < num_rows:  # all sampled rows need no index
             logprob_rows = logprob_row_list
             extras.add("logprob_rows", torch.int64, (len(logprob_rows),))
+    if lora_segments is not None:
+        extras.add("lora_segments", torch.int32, (3, len(lora_segments[0])))
     prompt_rows, prompt_targets, prompt_owners, prompt_top = _prompt_rows(step)
     if prompt_rows:
         extras.add("prompt_rows", torch.int64, (len(prompt_rows),))
@@ -172,6 +177,8 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     if prompt_rows:
         put("prompt_rows", prompt_rows)
         put("prompt_targets", prompt_targets)
+    if lora_segments is not None:
+        put("lora_segments", lora_segments)
     buffer.upload(end)
 
     # -- the device views --------------------------------------------------------------------------------------
@@ -190,6 +197,11 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, max_seqlen_q=max_q, max_seqlen_k=max(step.seq_lens),
         slot_mapping=slot_mapping, block_tables=block_tables, block_size=step.block_size,
         seq_lens_list=step.seq_lens, query_lens_list=q_lens, tree_mask=tree_mask)
+    if lora_segments is not None:
+        from minillm.lora.layers import LoRAMapping
+        starts, lens, slots = views["lora_segments"]
+        metadata.lora = LoRAMapping(starts, lens, slots, max(lora_segments[1]),
+                                    list(zip(*lora_segments)))
     return PreparedBatch(
         input_ids, positions, metadata,
         sample_indices=arange[:num_tokens] if sample_rows is None else views["sample_indices"],
@@ -199,6 +211,21 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, graph_q),
         graph_tree=tree_graph, logprob_row_list=logprob_row_list,
         prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
+
+
+def _lora_segments(step: StepInput) -> list[list[int]] | None:
+    """[starts, lengths, slots] of the sequences whose tokens use a LoRA adapter (minillm.lora), in packed-token
+    coordinates; None when none does."""
+    if step.lora_slots is None:
+        return None
+    starts, lens, slots, offset = [], [], [], 0
+    for q_len, slot in zip(step.query_lens, step.lora_slots):
+        if slot >= 0:
+            starts.append(offset)
+            lens.append(q_len)
+            slots.append(slot)
+        offset += q_len
+    return [starts, lens, slots] if slots else None
 
 
 def _padded(tables: list[list[int]], width: int) -> list[list[int]]:

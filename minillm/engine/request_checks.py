@@ -13,7 +13,8 @@ from minillm.sampling_params import ParamError, SamplingParams
 
 
 class RequestChecks:
-    """Mixed into LLMEngine: reads model_config, engine_config, max_model_len, tokenizer, scheduler, constraints."""
+    """Mixed into LLMEngine: reads model_config, engine_config, max_model_len, tokenizer, scheduler, constraints,
+    lora_slots."""
 
     def check_sampling_params(self, params: SamplingParams) -> RequestConstraint | None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
@@ -45,6 +46,17 @@ class RequestChecks:
             raise ParamError("priority", f"priority={priority} needs scheduling_policy='priority'; this engine "
                                          f"schedules {policy!r}: build it with scheduling_policy='priority' or "
                                          f"leave priority at 0")
+
+    def check_lora_request(self, lora_request) -> None:
+        """ValueError/TypeError unless `lora_request` (None, or a LoRARequest) can run here: LoRA is on, and its
+        adapter reads, fits this model and the slots' rank, and its id names no other directory (the adapter is
+        read from disk the first time: the server calls this off its event loop)."""
+        if lora_request is None:
+            return
+        if self.lora_slots is None:
+            raise ValueError(f"lora_request {getattr(lora_request, 'lora_name', lora_request)!r} given, but this "
+                             f"engine was built without enable_lora=True")
+        self.lora_slots.check(lora_request)
 
     def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""

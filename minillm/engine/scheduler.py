@@ -137,6 +137,8 @@ class Scheduler:
         # async scheduling: a decode whose last (not yet downloaded) token reached max_tokens or max_model_len
         # ends when that token is read; it computes nothing more (never true of a sequence in a synchronous step)
         self.skip_finished_by_length = bool(config.async_scheduling)
+        # multi-LoRA: at most this many distinct adapters among the running sequences (None: LoRA off)
+        self.max_loras = config.max_loras if config.enable_lora else None
 
     # -- the protocol -------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -211,6 +213,8 @@ class Scheduler:
             for seq in sorted(self.swapped, key=self._priority_key):
                 if len(self.running) >= self.config.max_num_seqs:
                     break
+                if not self._lora_fits(seq):
+                    continue
                 n = self._num_new_tokens(seq, budget)
                 if n == 0:
                     break
@@ -284,6 +288,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self._next_waiting()
+            if seq is None:
+                break  # every waiting request needs an adapter slot the running ones hold
             if reason := self._never_fits(seq, seq.num_tokens):
                 self.waiting.remove(seq)
                 self._reject(seq, reason, record)
@@ -393,10 +399,22 @@ class Scheduler:
             return seq.sampling_params.priority, seq.arrival_time, seq.seq_id
         return seq.arrival_time, seq.seq_id
 
-    def _next_waiting(self) -> Sequence:
-        if self.policy == "priority":
-            return min(self.waiting, key=self._priority_key)
-        return self.waiting[0]
+    def _next_waiting(self) -> Sequence | None:
+        """The request to admit next: the queue's head (or its highest priority). With LoRA on, a request whose
+        adapter would be one more than max_loras among the running is passed over (vLLM's rule: the requests
+        behind it may go first); None when every waiting request is passed over."""
+        if self.max_loras is None:
+            return min(self.waiting, key=self._priority_key) if self.policy == "priority" else self.waiting[0]
+        order = sorted(self.waiting, key=self._priority_key) if self.policy == "priority" else self.waiting
+        return next((seq for seq in order if self._lora_fits(seq)), None)
+
+    def _lora_fits(self, seq: Sequence) -> bool:
+        """Whether seq may run beside the running sequences without a (max_loras + 1)-th adapter among them."""
+        request = seq.lora_request
+        if request is None or self.max_loras is None:
+            return True
+        running = {s.lora_request.lora_int_id for s in self.running if s.lora_request is not None}
+        return request.lora_int_id in running or len(running) < self.max_loras
 
     def _add_to_batch(self, batch: ScheduledBatch, record: StepRecord, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)

@@ -58,6 +58,10 @@ class Sequence:
         # what min_tokens bans until that many tokens are out: EOS (unless ignore_eos) and stop_token_ids; the
         # engine fills it in (it knows the EOS ids) when the request asks for min_tokens
         self.min_tokens_stop_ids: tuple[int, ...] = ()
+        # the LoRA adapter its tokens run with (minillm.lora), None: the base model; a prefix-cache key of a
+        # request with an adapter starts from `cache_salt`, so no block is shared across adapters
+        self.lora_request = None
+        self.cache_salt: int | None = None
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
         self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
         self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it

@@ -135,6 +135,10 @@ class StepInput:
     # async scheduling (minillm/engine/async_step.py): some input ids are -(r + 1), row r of the previous step's
     # sampled tokens, which the host has not downloaded yet; the runner gathers them on the device
     deferred_input_ids: bool = False
+    # multi-LoRA (minillm.lora): per sequence the adapter slot its tokens use (-1: none), None when no sequence
+    # uses an adapter; and the (slot, LoRARequest) copies a worker makes before the forward
+    lora_slots: list[int] | None = None
+    lora_loads: list = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -178,8 +182,9 @@ def compute_slot_mapping(block_table: list[int], start: int, end: int, block_siz
 
 
 def build_step_input(batch: ScheduledBatch, block_size: int,
-                     finished_request_ids: list[str] | None = None) -> StepInput:
+                     finished_request_ids: list[str] | None = None, lora_slots=None) -> StepInput:
     """Flatten a scheduled batch into a StepInput (raises ValueError if a sequence's numbers are inconsistent).
+    `lora_slots` (the engine's minillm.lora.slots.LoRASlots, when LoRA is on) gives each sequence's adapter a slot.
 
     This runs for every sequence of every step, so the loop is written for the host's sake: list methods bound
     once, the slot of a single new token computed inline (the ch05.slot_mapping formula; a learner's override
@@ -237,6 +242,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
         step.num_logprobs = num_logprobs
     if any_prompt_rows:
         step.prompt_logprob_rows = prompt_rows
+    if lora_slots is not None:
+        step.lora_slots, step.lora_loads = lora_slots.assign(seq.lora_request for seq in batch.seqs)
     return step
 
 

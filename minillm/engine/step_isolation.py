@@ -40,8 +40,8 @@ def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any, error: B
             and speculative is None and (isinstance(executor, UniProcExecutor) or isinstance(error, WorkerError)))
 
 
-def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput]
-                     ) -> tuple[ScheduledBatch, StepOutput, list[tuple[Any, str]]]:
+def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput],
+                     lora_slots: Any = None) -> tuple[ScheduledBatch, StepOutput, list[tuple[Any, str]]]:
     """Each sequence of `batch` in a forward of its own through `execute` (the executor's execute_model).
     Returns (the batch of the sequences that ran, their outputs merged into one StepOutput in that batch's order,
     [(sequence, error message)] of the rest)."""
@@ -49,10 +49,12 @@ def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         alone = ScheduledBatch(seqs=[seq], num_new_tokens=[n])
         try:
-            step = build_step_input(alone, block_size, [])
+            step = build_step_input(alone, block_size, [], lora_slots)
             constrain_step(step, alone.seqs)  # a constrained request keeps its masks when it runs alone
             outputs.append(execute(step))
         except Exception as err:
+            if lora_slots is not None:
+                lora_slots.forget()
             logger.warning("request %s fails a step alone: %s: %s", seq.request_id, type(err).__name__, err)
             failed.append((seq, f"{type(err).__name__}: {err}"))
             continue

@@ -140,6 +140,7 @@ class Worker:
         self.model_source = model_source
         self.model: nn.Module | None = None
         self.runner: ModelRunner | None = None
+        self.lora = None  # minillm.lora.layers.LoRAWeights when enable_lora: the adapter slots on every layer
 
     def load_model(self) -> None:
         model = self.model_source(self.model_config, self.device, self.dtype)
@@ -150,6 +151,13 @@ class Worker:
         if self.model_config.num_local_experts:  # MoE (chapter 11): drop tokens over an expert's capacity, or not
             from minillm.parallel.expert import set_capacity_factor
             set_capacity_factor(model, self.engine_config.moe_capacity_factor)
+        config = self.engine_config
+        if config.enable_lora:  # the slots exist before the KV pool is sized from the memory left
+            from minillm.lora.adapter import process_adapter_cache
+            from minillm.lora.layers import LoRAWeights
+            self.lora = LoRAWeights(model, config.max_loras, config.max_lora_rank,
+                                    process_adapter_cache(config.max_cpu_loras or config.max_loras), self.dtype,
+                                    self.device)
         self.model = model
 
     def determine_num_gpu_blocks(self) -> int:
@@ -170,6 +178,7 @@ class Worker:
         self.runner = runner_class(self.model, local_config, cache_config.num_gpu_blocks, cache_config.block_size,
                                    self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
                                    engine_config=self.engine_config)
+        self.runner.lora = self.lora
 
     def execute_model(self, step: StepInput) -> StepOutput | None:
         """The step's samples; None on a rank of a parallel group that does not sample (see ParallelModelRunner)."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.forward_context import get_forward_context
 from minillm.layers import gemv_dispatch
 # the dispatch's public names, importable from here as before
 from minillm.layers.gemv_dispatch import (GEMV_MAX_M, dense_linear, gemv_mode, norm_gemv_choice, set_gemv_mode,
@@ -56,6 +57,10 @@ class Linear(nn.Module):
     `quant_config` (one per model) chooses the method for this layer from its `prefix`, its module name in the
     model; `quant_method` passes one directly (tests, the course). Neither: dense.
     """
+
+    # multi-LoRA (minillm.lora.layers): the adapter slots of this layer, attached by the worker when LoRA is on; a
+    # step whose forward context carries a LoRAMapping adds each token's adapter product after the matmul
+    lora = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
@@ -88,10 +93,18 @@ class Linear(nn.Module):
         (LinearMethod.decode_codes: int8_rtn, FP8 and INT8 W8A8 on one to four rows); None for a dense layer."""
         return None if self.is_dense else self.quant_method.decode_codes(self, x)
 
+    def _lora_mapping(self):
+        """This step's LoRAMapping when the step uses adapters, else None."""
+        context = get_forward_context()
+        return None if context is None else context.lora
+
     def fuses_swiglu(self, gate_up: torch.Tensor) -> bool:
         """Whether forward(gate_up, swiglu=True) can take SwiGLU's silu(gate) * up inside this layer's decode
         GEMV (a dense weight, a GEMV-sized batch where the GEMV beat cuBLAS; or a quantized layer whose step is
-        the GEMV on its codes): one launch fewer per MLP."""
+        the GEMV on its codes): one launch fewer per MLP. Not in a step with LoRA adapters on this layer (their
+        product needs the layer's input, which the fused GEMV never writes)."""
+        if self.lora is not None and self._lora_mapping() is not None:
+            return False
         if self.is_dense:
             return gemv_dispatch.swiglu_gemv_choice(gate_up, self.weight) is not None
         return self._codes(gate_up) is not None
@@ -100,7 +113,8 @@ class Linear(nn.Module):
         """Whether forward_rms_norm can take the RMSNorm before this layer inside its decode GEMV (a dense weight,
         no hooks on the layer, no all-reduce after it, a GEMV-sized batch where the fused GEMV timed faster): one
         launch fewer."""
-        if self._forward_hooks or self._forward_pre_hooks or getattr(self, "reduce_output", False):
+        if self._forward_hooks or self._forward_pre_hooks or getattr(self, "reduce_output", False) \
+                or (self.lora is not None and self._lora_mapping() is not None):  # LoRA needs the normed input
             return False
         if self.is_dense:
             return gemv_dispatch.norm_gemv_choice(x, self.weight) is not None
@@ -137,8 +151,14 @@ class Linear(nn.Module):
                 return gemv(x, codes[0], self.bias, swiglu=True, weight_scale=codes[1])
             return gemv(x, self.weight, self.bias, config=cfg, swiglu=True)
         if self.is_dense:  # F.linear, or the decode GEMV
-            return gemv_dispatch.dense_linear(x, self.weight, self.bias)
-        return self.quant_method.apply(self, x, self.bias)
+            y = gemv_dispatch.dense_linear(x, self.weight, self.bias)
+        else:
+            y = self.quant_method.apply(self, x, self.bias)
+        if self.lora is not None:  # (one attribute test per call for a layer without adapters)
+            mapping = self._lora_mapping()
+            if mapping is not None:
+                return self.lora.add_delta(x, y, mapping)
+        return y
 
     def extra_repr(self) -> str:
         method = type(self.quant_method).__name__
