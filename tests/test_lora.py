@@ -266,3 +266,32 @@ def test_llm_generate_takes_one_or_a_list_of_requests(model, adapters):
         llm.generate(PROMPTS[:2], params, lora_request=[None, LoRARequest("x", 7, "/nowhere/at/all")])
     streamed = list(llm.generate_stream(PROMPTS[0], params, lora_request=adapters[1]))
     assert [t for o in streamed for t in o.outputs[0].token_ids] == one[0].outputs[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, async_scheduling):
+    """On CUDA (fp32, CUDA graphs on): the SGMV kernels give each request its merged model's tokens, and the steps
+    without adapters still replay graphs."""
+    def cuda_engine(m, **kw):
+        options = dict(max_model_len=64, max_num_seqs=8, num_kv_blocks=128, block_size=16,
+                       async_scheduling=async_scheduling)
+        options.update(kw)
+        return LLMEngine(copy.deepcopy(m).cuda(), ByteTokenizer(), CONFIG, EngineConfig(**options), device="cuda",
+                         dtype=torch.float32)
+
+    loras = [adapters[i % 4] if i % 4 < 3 else None for i in range(len(PROMPTS))]
+    engine = cuda_engine(model, enable_lora=True, max_loras=2, max_lora_rank=8)
+    got = run(engine, PROMPTS, loras)
+    assert engine.runner.forward_counts["eager"] > 0
+    tail = run(engine, PROMPTS[3:4], [None])  # alone, without adapters: decode steps replay graphs
+    assert engine.runner.forward_counts["graph"] > 0 and tail[0].token_ids == got[3].token_ids
+    for request in [*adapters, None]:
+        plain = cuda_engine(model if request is None else merged(model, request.lora_path))
+        chosen = [i for i, r in enumerate(loras) if r == request]
+        want = run(plain, [PROMPTS[i] for i in chosen], [None] * len(chosen))
+        for i, w in zip(chosen, want):
+            assert got[i].token_ids == w.token_ids, (request, i)
+            lp_got = [next(iter(d.values())).logprob for d in got[i].logprobs]
+            assert lp_got == pytest.approx([next(iter(d.values())).logprob for d in w.logprobs], abs=1e-3)
