@@ -272,8 +272,8 @@ def test_llm_generate_takes_one_or_a_list_of_requests(model, adapters):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, async_scheduling):
-    """On CUDA (fp32, CUDA graphs on): the SGMV kernels give each request its merged model's tokens, and the steps
-    without adapters still replay graphs."""
+    """On CUDA (fp32, CUDA graphs on): the SGMV kernels give each request its merged model's tokens; decode steps
+    with adapters replay the LoRA graph set, and steps without adapters the plain one."""
     def cuda_engine(m, **kw):
         options = dict(max_model_len=64, max_num_seqs=8, num_kv_blocks=128, block_size=16,
                        async_scheduling=async_scheduling)
@@ -283,10 +283,15 @@ def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, as
 
     loras = [adapters[i % 4] if i % 4 < 3 else None for i in range(len(PROMPTS))]
     engine = cuda_engine(model, enable_lora=True, max_loras=2, max_lora_rank=8)
+    runner = engine.runner
+    assert runner.lora_graphs is not None and runner.lora_graphs.graphs
     got = run(engine, PROMPTS, loras)
-    assert engine.runner.forward_counts["eager"] > 0
-    tail = run(engine, PROMPTS[3:4], [None])  # alone, without adapters: decode steps replay graphs
-    assert engine.runner.forward_counts["graph"] > 0 and tail[0].token_ids == got[3].token_ids
+    counts = dict(runner.forward_counts)
+    assert counts["graph"] > 2 * counts["eager"], counts  # the prefills ran eagerly, the decodes in graphs
+    tail = run(engine, PROMPTS[3:4], [None])  # alone, without adapters: the plain graphs
+    assert tail[0].token_ids == got[3].token_ids
+    alone = run(engine, PROMPTS[0:1], [loras[0]])  # alone, with its adapter: the LoRA graphs of batch 1
+    assert alone[0].token_ids == got[0].token_ids
     for request in [*adapters, None]:
         plain = cuda_engine(model if request is None else merged(model, request.lora_path))
         chosen = [i for i, r in enumerate(loras) if r == request]

@@ -148,6 +148,7 @@ class GraphInputs(NamedTuple):
     extras_end: int  # ... up to here (the block table's offset)
     tree_mask: torch.Tensor | None = None  # int64 [batch * q_len]: tree graphs only
     cu_seqlens_q: torch.Tensor | None = None  # int32 [batch + 1]: tree graphs only
+    lora_slots: torch.Tensor | None = None  # int32 [batch * q_len]: each row's adapter slot (LoRA graphs only)
 
 
 class DecodeCUDAGraphs:
@@ -157,9 +158,14 @@ class DecodeCUDAGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device,
                  query_lens: tuple[int, ...] = (1,), tree_query_len: int | None = None,
-                 tree_max_batch: int | None = None, sample: bool = False) -> None:
+                 tree_max_batch: int | None = None, sample: bool = False, lora=None,
+                 prev_tokens: torch.Tensor | None = None) -> None:
         self._check_device(device)
         self.model = model
+        # multi-LoRA (minillm.lora): graphs that also run every adapted layer's shrink and expand, one segment per
+        # row, each row's slot read from the static `lora_slots` input (-1: none). The runner keeps a second set
+        # of these beside the plain graphs, for the steps that use adapters.
+        self.lora = lora
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = batch_size_buckets(max_num_seqs)
@@ -179,7 +185,7 @@ class DecodeCUDAGraphs:
             views = self.upload.views(layout)
             inputs = GraphInputs(views["input_ids"], views["positions"], views["slot_mapping"], views["seq_lens"],
                                  views["block_tables"], layout, extras, layout.fields["block_tables"][0],
-                                 views.get("tree_mask"), views.get("cu_seqlens_q"))
+                                 views.get("tree_mask"), views.get("cu_seqlens_q"), views.get("lora_slots"))
             if tree:
                 self.tree_inputs[b] = inputs
             else:
@@ -196,7 +202,12 @@ class DecodeCUDAGraphs:
         self.hidden_size, self.dtype = hidden_size, dtype
         # q_len-1 graphs that also gather deferred ids and compute logits and greedy tokens (module docstring)
         self.sample = sample
-        self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device) if sample else None
+        # (shared with the other graph set when there are two: either may replay the step before the other's)
+        self.prev_tokens = prev_tokens if prev_tokens is not None or not sample else \
+            torch.zeros(n, dtype=torch.int64, device=device)
+        rows = max(b * q for b, q, _ in self.shapes)  # a LoRA graph's segments: row r alone, of length 1
+        self.lora_starts = torch.arange(rows, dtype=torch.int32, device=device) if lora is not None else None
+        self.lora_lens = torch.ones(rows, dtype=torch.int32, device=device) if lora is not None else None
         # (bucket, q_len, tree) -> (logits, greedy tokens) of that graph's rows
         self.sampled: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         # the logits of every sampling graph, in one buffer [most rows, vocab] (graphs replay one at a time):
@@ -214,6 +225,8 @@ class DecodeCUDAGraphs:
         layout.add("seq_lens", torch.int32, (batch,))
         if tree:
             layout.add("cu_seqlens_q", torch.int32, (batch + 1,))
+        if self.lora is not None:
+            layout.add("lora_slots", torch.int32, (tokens,))
         extras = layout.end
         layout.end += tokens * EXTRA_BYTES_PER_TOKEN
         layout.add("block_tables", torch.int32, (batch, self.max_blocks_per_seq))
@@ -242,11 +255,16 @@ class DecodeCUDAGraphs:
         sequence, the upper bound the kernel is compiled for, and are never read again at replay."""
         inputs = self.tree_inputs[batch] if tree else self.inputs[batch, q_len]
         max_len = self.max_blocks_per_seq * self.block_size
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             cu_seqlens_q=inputs.cu_seqlens_q if tree else self.cu_seqlens_q[q_len][:batch + 1],
             seq_lens=inputs.seq_lens, max_seqlen_q=q_len, max_seqlen_k=max_len, slot_mapping=inputs.slot_mapping,
             block_tables=inputs.block_tables, block_size=self.block_size, seq_lens_list=[q_len] * batch,
             query_lens_list=[q_len] * batch, tree_mask=inputs.tree_mask)
+        if self.lora is not None:
+            from minillm.lora.layers import LoRAMapping
+            rows = inputs.lora_slots.numel()
+            meta.lora = LoRAMapping(self.lora_starts[:rows], self.lora_lens[:rows], inputs.lora_slots, 1, None)
+        return meta
 
     def _pad(self, inputs: GraphInputs, batch: int, q_len: int, tokens: int) -> None:
         """Padding rows from `batch` / `tokens` on: store nothing (slot -1), attend to q_len rows of block 0."""
@@ -255,6 +273,8 @@ class DecodeCUDAGraphs:
         inputs.slot_mapping[tokens:].fill_(-1)
         inputs.seq_lens[batch:].fill_(q_len)
         inputs.block_tables[batch:].zero_()
+        if inputs.lora_slots is not None:
+            inputs.lora_slots[tokens:].fill_(-1)
 
     @torch.inference_mode()
     def capture(self) -> None:

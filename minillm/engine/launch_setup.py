@@ -41,6 +41,7 @@ class LaunchSetup:
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
         self.cuda_graphs, self.piecewise_graphs, self.prompt_graphs, self.forward_fn = None, None, None, self.model
+        self.lora_graphs = None
         from minillm.speculative.config import hidden_state_kind, tree_graph_batch, verify_query_lens
         from minillm.engine.cuda_graph import tree_graph_buckets
         from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS
@@ -80,12 +81,17 @@ class LaunchSetup:
         # (with tensor or pipeline parallelism the logits are gathered or exist on one stage only)
         one_rank = engine_config.tensor_parallel_size * engine_config.pipeline_parallel_size * \
             engine_config.expert_parallel_size == 1
-        graphs = DecodeCUDAGraphs(self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size),
-                                  self.block_size, self.model_config.hidden_size, self.dtype, self.device,
-                                  query_lens=verify_query_lens(engine_config), tree_query_len=tree_q,
+        shape = (self.model, engine_config.max_num_seqs, -(-max_model_len // self.block_size), self.block_size,
+                 self.model_config.hidden_size, self.dtype, self.device)
+        graphs = DecodeCUDAGraphs(*shape, query_lens=verify_query_lens(engine_config), tree_query_len=tree_q,
                                   tree_max_batch=tree_batch, sample=one_rank)
         self._capture(graphs)
         self.cuda_graphs = graphs
+        if self.lora is not None:  # multi-LoRA: a second set for the decode steps that use adapters
+            lora_graphs = DecodeCUDAGraphs(*shape, query_lens=verify_query_lens(engine_config), sample=one_rank,
+                                           lora=self.lora, prev_tokens=graphs.prev_tokens)
+            self._capture(lora_graphs)
+            self.lora_graphs = lora_graphs
         # steps with prefill tokens and token-tree steps no tree graph holds: piecewise graphs, unless a layer
         # mixes rows (MoE capacity). Heads that read the final norm's input (EAGLE, MTP) get it as from the decode
         # graphs: the hook's copy into _graph_pre_norm is recorded in the last piece, and every replay refreshes it

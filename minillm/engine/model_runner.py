@@ -76,7 +76,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 class ModelRunner(LaunchSetup):
     def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, seed: int = 0, num_cpu_blocks: int = 0,
-                 engine_config: EngineConfig | None = None) -> None:
+                 engine_config: EngineConfig | None = None, lora=None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -117,7 +117,8 @@ class ModelRunner(LaunchSetup):
         self._downloads: DownloadRing | None = None  # pinned buffers of launched steps' downloads (async scheduling)
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
         self._graph_sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's logits, tokens
-        self.lora = None  # the worker's LoRAWeights (minillm.lora.layers) when enable_lora
+        self.lora = lora  # the worker's LoRAWeights (minillm.lora.layers) when enable_lora
+        self.lora_graphs = None  # decode graphs captured with the adapters' kernels, beside cuda_graphs
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -154,7 +155,9 @@ class ModelRunner(LaunchSetup):
             self._upload = UploadBuffer(self.device, 1 << 16)
         if self._arange.numel() < num_tokens:  # sample_indices of the steps that sample every row: a slice of it
             self._arange = torch.arange(max(num_tokens, 2 * self._arange.numel()), device=self.device)
-        return prepare_batch(step, self._upload, self._arange, self.cuda_graphs)
+        graphs = self.lora_graphs if step.lora_slots is not None and self.lora_graphs is not None \
+            else self.cuda_graphs
+        return prepare_batch(step, self._upload, self._arange, graphs)
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -200,7 +203,7 @@ class ModelRunner(LaunchSetup):
             self._load_adapters(step)
         prepared = self.prepare(step)
         self._step_processed = None  # this step's processed logits, if any (_sample_on_device)
-        graphs = self.cuda_graphs
+        graphs = prepared.graph_set if prepared.graph is not None else self.cuda_graphs
         sampling_graph = graphs is not None and graphs.gathers_deferred_ids(prepared.graph, prepared.graph_tree)
         if step.deferred_input_ids and not sampling_graph:  # ids the host has not seen: the previous step's
             gather = dispatch("ch06.resolve_deferred_ids", resolve_deferred_ids)  # samples (a sampling graph
@@ -319,9 +322,9 @@ class ModelRunner(LaunchSetup):
         step was laid out in the graph's static inputs by prepare, or is copied there), else the (possibly
         compiled) eager forward."""
         self._pre_norm = self._graph_sampled = None
-        graphs = self.cuda_graphs
+        graphs = prepared.graph_set if prepared.graph is not None else self.cuda_graphs
         hidden = None
-        adapters = prepared.metadata.lora is not None  # LoRA steps run eagerly: the graphs hold no adapter
+        adapters = prepared.metadata.lora is not None  # outside the LoRA decode graphs, LoRA steps run eagerly
         if graphs is not None and prepared.graph is not None:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)

@@ -60,6 +60,7 @@ class PreparedBatch:
     logprob_row_list: list[int] | None = None
     prompt_scoring: tuple[list[int], list[int], list[int]] | None = None
     returns_raw_logits: bool = False  # the step returns the raw logits beside the processed ones (StepOutput)
+    graph_set: object | None = None  # the DecodeCUDAGraphs that `graph` names (a LoRA step's own set, or the plain)
 
 
 def _check(step: StepInput) -> None:
@@ -97,8 +98,8 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     max_q = max(q_lens)
     size, tree_graph = None, False
     lora_segments = _lora_segments(step)
-    if lora_segments is not None:
-        graphs = None  # a step with LoRA adapters runs eagerly: the graphs were captured without them
+    if lora_segments is not None and getattr(graphs, "lora", None) is None:
+        graphs = None  # a step with LoRA adapters runs eagerly unless these are graphs captured with them
     if graphs is not None and step.tree_masks is None and min(q_lens) == max_q:
         size = graphs.plan(num_seqs, max_q, width)
     elif graphs is not None and step.tree_masks is not None:
@@ -210,7 +211,7 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         logprob_rows=views.get("logprob_rows"), prompt_rows=views.get("prompt_rows"),
         prompt_targets=views.get("prompt_targets"), graph=None if size is None else (size, graph_q),
         graph_tree=tree_graph, logprob_row_list=logprob_row_list,
-        prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None)
+        prompt_scoring=(prompt_owners, prompt_targets, prompt_top) if prompt_rows else None, graph_set=graphs)
 
 
 def _lora_segments(step: StepInput) -> list[list[int]] | None:
@@ -266,6 +267,11 @@ def _write_graph_inputs(buffer: UploadBuffer, inputs, step: StepInput, size: int
         cu = buffer.host_view(*fields["cu_seqlens_q"])
         cu[:batch + 1] = [0, *accumulate(step.query_lens)]
         cu[batch + 1:] = tokens
+    if "lora_slots" in fields:  # a LoRA graph: each row's adapter slot, -1 for no adapter and for padding rows
+        slots = buffer.host_view(*fields["lora_slots"])
+        per_seq = step.lora_slots or [-1] * batch
+        slots[:tokens] = [slot for slot, n in zip(per_seq, step.query_lens) for _ in range(n)]
+        slots[tokens:] = -1
     seq_lens = buffer.host_view(*fields["seq_lens"])
     seq_lens[:batch] = step.seq_lens
     seq_lens[batch:] = pad_keys

@@ -175,10 +175,10 @@ class Worker:
         from minillm.parallel.state import get_parallel_state  # an EP rank's forward runs collectives: eager
         sharded = local_config is not self.model_config or get_parallel_state().ep_size > 1
         runner_class = ParallelModelRunner if sharded else ModelRunner
+        lora = {} if self.lora is None else dict(lora=self.lora)  # (LoRA runs unsharded: EngineConfig checks)
         self.runner = runner_class(self.model, local_config, cache_config.num_gpu_blocks, cache_config.block_size,
                                    self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
-                                   engine_config=self.engine_config)
-        self.runner.lora = self.lora
+                                   engine_config=self.engine_config, **lora)
 
     def execute_model(self, step: StepInput) -> StepOutput | None:
         """The step's samples; None on a rank of a parallel group that does not sample (see ParallelModelRunner)."""
