@@ -46,6 +46,7 @@ class SeqView:
     num_prompt_tokens: int
     num_output_tokens: int
     blocks: list[int] = field(default_factory=list)  # its device block table (running sequences only)
+    lora_name: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclass
@@ -77,7 +78,8 @@ def take_snapshot(engine: Any, seq_to_request: dict[int, str] | None = None, ste
 
     def views(queue: Any, with_blocks: bool) -> list[SeqView]:
         return [SeqView(s.request_id, s.num_prompt_tokens, s.num_output_tokens,
-                        list(s.block_table) if with_blocks else []) for s in queue]
+                        list(s.block_table) if with_blocks else [],
+                        getattr(getattr(s, "lora_request", None), "lora_name", None)) for s in queue]
 
     snap = EngineSnapshot(step=engine.num_steps, time=time.time(),
                           running=views(getattr(scheduler, "running", []), bm is not None),
@@ -180,11 +182,12 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Queue one request and yield its cumulative RequestOutput after every step it took part in, the last
         one with `finished=True`. Leaving the `async for` early (or being cancelled) aborts the request.
-        Bad prompts and bad sampling params (a value assigned after construction included) raise
-        ValueError/TypeError here, before anything is queued."""
+        Bad prompts, bad sampling params (a value assigned after construction included) and a bad
+        `lora_request` (a minillm.lora.LoRARequest: the adapter this request runs with; needs enable_lora=True)
+        raise ValueError/TypeError here, before anything is queued."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
         if sampling_params is None:
@@ -197,13 +200,21 @@ class AsyncLLM:
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
             prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
             prompt = prompt if prompt is not None else prompt_token_ids
+        if lora_request is not None:
+            # the first request naming an adapter reads it from disk (milliseconds to seconds): in a thread, so the
+            # event loop keeps streaming every other request; later ones find it in the adapter cache. The engine
+            # may be mid-step meanwhile: the check reads only the adapter cache (locked) and the model's shape
+            await asyncio.to_thread(self.engine.check_lora_request, lora_request)
+            if not self.accepting or not self.is_running:  # shut down while the adapter was read
+                raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
         request_id = f"async-{next(self._counter)}" if request_id is None else str(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        self._pending_adds.append((request_id, prompt, sampling_params, arrival, list(prompt_token_ids)))
+        self._pending_adds.append((request_id, prompt, sampling_params, arrival, list(prompt_token_ids),
+                                   lora_request))
         self._wake.set()
         finished = False
         try:
@@ -273,10 +284,11 @@ class AsyncLLM:
         outputs = []
         while self._pending_adds:
             # a request cancelled before it reached the engine is added and aborted below: one path for both
-            request_id, prompt, params, arrival, token_ids = self._pending_adds.popleft()
+            request_id, prompt, params, arrival, token_ids, lora_request = self._pending_adds.popleft()
             try:
                 self.engine.add_request(request_id, prompt, params, arrival_time=arrival,
-                                        prompt_token_ids=token_ids if isinstance(prompt, str) else None)
+                                        prompt_token_ids=token_ids if isinstance(prompt, str) else None,
+                                        lora_request=lora_request)
             except (ValueError, TypeError) as err:
                 self._finish_stream(request_id, err)
         self._pending_aborts.clear()
