@@ -1,7 +1,7 @@
 """The HTTP server: a FastAPI app around one AsyncLLM (chapter 10).
 
     GET  /health                 200 while the engine loop runs, 503 otherwise (never needs the API key)
-    GET  /v1/models              the one model served (/v1/models/{id}: that model, or 404)
+    GET  /v1/models              the model served and its LoRA adapters (/v1/models/{id}: one of them, or 404)
     POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
     POST /v1/chat/completions    messages through the model's chat template
     GET  /metrics                Prometheus text (metrics.py)
@@ -28,10 +28,9 @@ from __future__ import annotations
 import collections
 import hmac
 import json
-import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -44,6 +43,7 @@ from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, error_body,
                                     validation_message)
+from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
 RECENT_STEPS = 64  # batches the playground can show
@@ -51,17 +51,22 @@ RECENT_STEPS = 64  # batches the playground can show
 
 def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False,
+              lora_modules: Sequence[LoRAModulePath] | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
-    with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why)."""
+    with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
+    served over the model (an engine with enable_lora=True), each read and checked here, before the server
+    starts (serving_models.py)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
-    serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template)
+    models = OpenAIServingModels(llm.engine, model_name, llm.max_model_len, lora_modules or ())
+    models.check_adapters()
+    serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models)
     metrics = ServerMetrics(model_name)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 
@@ -127,17 +132,13 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         ok = llm.is_running and llm.accepting
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
-    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minillm",
-            "max_model_len": llm.max_model_len}
-
     @get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [card]}
+    async def list_models() -> dict:
+        return {"object": "list", "data": models.cards()}
 
     @get("/v1/models/{model_id:path}")  # :path: a model id may hold a slash (HuggingFaceTB/SmolLM2-135M)
     async def model(model_id: str) -> dict:
-        serving.check_model(model_id)
-        return card
+        return models.card(model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -166,7 +167,7 @@ def state_json(snap: EngineSnapshot, recent: list[dict], model_name: str) -> dic
     """What the playground draws: queues, the KV pool (which request holds which block), recent batches."""
     def seqs(views):
         return [{"request_id": v.request_id, "prompt_tokens": v.num_prompt_tokens,
-                 "output_tokens": v.num_output_tokens, "blocks": v.blocks} for v in views]
+                 "output_tokens": v.num_output_tokens, "blocks": v.blocks, "lora_name": v.lora_name} for v in views]
     queries = snap.prefix_cache_queries
     return {"model": model_name, "step": snap.step, "running": seqs(snap.running), "waiting": seqs(snap.waiting),
             "swapped": seqs(snap.swapped), "num_blocks": snap.num_blocks, "num_free_blocks": snap.num_free_blocks,

@@ -6,6 +6,11 @@ enable_prefix_caching -> --enable-prefix-caching, scheduling_policy -> --schedul
 engine gains (a KV-cache dtype, a speculative config) is a server flag the day it exists; a field with a few
 allowed values (config.ENGINE_CHOICES) lists them in --help and the parser refuses any other. The server binds
 127.0.0.1 unless told otherwise: an inference server on every interface is an open compute service.
+
+LoRA adapters are served as vLLM serves them: `--enable-lora --lora-modules sql=/adapters/sql '{"name": "chat",
+"path": "/adapters/chat"}' --max-loras 2 --max-lora-rank 16`, and a request's `model` picks one
+(minillm/serve/serving_models.py). Every module is checked before the model loads (its spec, its name, its
+directory), and against the model once it has loaded, so a bad one stops the server at startup.
 """
 from __future__ import annotations
 
@@ -28,6 +33,55 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"method\": \"ngram\"}}', got {text!r}")
     return value
+
+
+def lora_module(text: str) -> Any:
+    """One --lora-modules entry, in either of vLLM's forms: `name=path`, or a JSON object
+    '{"name": ..., "path": ..., "base_model_name": ...}' (base_model_name, optional: the `parent` /v1/models shows)."""
+    from minillm.serve.serving_models import LoRAModulePath
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+        unknown = sorted(set(spec) - {"name", "path", "base_model_name"}) if isinstance(spec, dict) else []
+        if not isinstance(spec, dict) or unknown or not all(isinstance(spec.get(k), str) for k in ("name", "path")):
+            raise argparse.ArgumentTypeError(f"expected {{\"name\": str, \"path\": str}} and optionally "
+                                             f"\"base_model_name\": str, got {text!r}")
+        name, path, parent = spec["name"], spec["path"], spec.get("base_model_name")
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected name=path (or a JSON object), got {text!r} (the MODEL "
+                                             f"goes before --lora-modules, which takes every word after it)")
+        parent = None
+    try:
+        return LoRAModulePath(name.strip(), path, parent)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (in {text!r})") from None
+
+
+def check_lora_modules(args: argparse.Namespace) -> None:
+    """ValueError for what --lora-modules gets wrong that needs no model: the missing --enable-lora (vLLM's rule,
+    kept), a name given twice or equal to --served-model-name, a directory that is not a PEFT adapter."""
+    from minillm.lora.adapter import load_adapter
+    modules = args.lora_modules or []
+    if modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora (with --max-loras and --max-lora-rank to size the "
+                         "adapter slots): add it")
+    names = [m.name for m in modules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--lora-modules: the name {twice[0]!r} is given twice; each adapter needs a name of its own")
+    if args.served_model_name in names:
+        raise ValueError(f"--lora-modules: {args.served_model_name!r} is the --served-model-name of the base model; "
+                         f"give the adapter a name of its own")
+    for m in modules:
+        try:  # reads the adapter (megabytes); checked against the model once it has loaded (build_app)
+            load_adapter(m.path)
+        except ValueError as err:
+            raise ValueError(f"--lora-modules {m.name}={m.path}: {err}") from None
 
 
 def _flag_type(annotation: str) -> Any:
@@ -75,6 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
             raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
+        check_lora_modules(args)
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
         chat_template = None
         if args.chat_template is not None:
@@ -90,7 +145,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
         app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
-                        trust_request_chat_template=args.trust_request_chat_template)
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        lora_modules=args.lora_modules)
         print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
               file=sys.stderr)
         run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock)
@@ -112,6 +168,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat request's own chat_template (code the server runs; refused by default)")
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to serve, each as name=path or JSON '{\"name\": ..., "
+                        "\"path\": ...}'; a request's \"model\": name runs with it. Needs --enable-lora (as in "
+                        "vLLM: the server refuses to start without it); ids 1, 2, ... in the order given")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")

@@ -1,8 +1,9 @@
 """/v1/completions and /v1/chat/completions on top of AsyncLLM: one body in, JSON or an SSE stream out (chapter 10).
 
 The path of one request:
-  1. validate: the model name (404), unsupported fields (400), the prompt or the rendered chat (400), the
-     sampling ranges (400, SamplingParams' own messages), prompt + max_tokens against the context (400);
+  1. validate: the model name (404; an adapter's name runs the request with its LoRA: serving_models.py),
+     unsupported fields (400), the prompt or the rendered chat (400), the sampling ranges (400, SamplingParams'
+     own messages), prompt + max_tokens against the context (400);
   2. submit every (prompt, choice) pair as its own engine request: `n` choices are n requests whose seeds are
      derived from `seed` (seed + i), so a seeded request is reproducible and its choices still differ;
   3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.engine.detokenizer import decode_text
+from minillm.lora.request import LoRARequest
 from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
@@ -40,6 +42,7 @@ from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_lo
 from minillm.beam_search import BeamSearchParams
 from minillm.serve.beam_fields import beam_search_async
 from minillm.serve.sse import _disconnected, _event, _merge
+from minillm.serve.serving_models import OpenAIServingModels
 from minillm.serve.structured_fields import structured_outputs_of
 from minillm.serve.tool_calls import tool_calls, tool_mode
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
@@ -65,28 +68,23 @@ class _Choice:
 
 
 class OpenAIServing:
-    """The two generation endpoints for the one model an AsyncLLM serves."""
+    """The two generation endpoints for the model an AsyncLLM serves (and the LoRA adapters in `models`)."""
 
     def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
-                 trust_request_chat_template: bool = False) -> None:
+                 trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None) -> None:
         self.llm = llm
         self.model_name = model_name
+        self.models = models if models is not None else OpenAIServingModels(llm.engine, model_name, llm.max_model_len)
         self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template  # a request's own template (chat_prompt)
         # a token's own bytes for chat logprobs (minillm.loader.Tokenizer.token_bytes); None: its text's UTF-8
         self._token_bytes: Callable[[int], bytes] | None = getattr(llm.tokenizer, "token_bytes", None)
 
     # -- validation ---------------------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        """404 unless `model` names the model served (None: the one served)."""
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist. This server serves "
-                                f"`{self.model_name}`.", "invalid_request_error", "model", "model_not_found")
-
-    def check_request(self, request: _SamplingFields) -> None:
-        """What the body alone decides, before any prompt is tokenized: the model name (404), then unsupported
-        fields and counts out of range (400)."""
-        self.check_model(request.model)
+    def check_request(self, request: _SamplingFields) -> LoRARequest | None:
+        """What the body alone decides, before any prompt is tokenized: the model name (404; the adapter it names,
+        returned, or None for the base model), then unsupported fields and counts out of range (400)."""
+        lora_request = self.models.resolve(request.model)
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
@@ -97,6 +95,7 @@ class OpenAIServing:
             raise ApiError(400, f"priority {request.priority} needs priority scheduling; this server schedules "
                                 f"{policy!r}: start it with --scheduling-policy priority, or leave priority out "
                                 f"or give 0", param="priority") from None
+        return lora_request
 
     def _prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
                 keep: int | None = None) -> Prompt:
@@ -174,7 +173,7 @@ class OpenAIServing:
 
     # -- endpoints ----------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
-        self.check_request(request)
+        lora = self.check_request(request)
         prompt = request.prompts()
         if not prompt:
             raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
@@ -192,20 +191,21 @@ class OpenAIServing:
         params = await self._checked_params(request, 1 if score_only else request.max_tokens, prompts,
                                             default_max_tokens=16, score_only=score_only)
         if request.use_beam_search:
-            return await self._beams(request, prompts, params[0].max_tokens, chat=False)
-        return await self._respond(request, raw, prompts, params, chat=False, score_only=score_only)
+            return await self._beams(request, prompts, params[0].max_tokens, lora, chat=False)
+        return await self._respond(request, raw, prompts, params, lora, chat=False, score_only=score_only)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
-        self.check_request(request)
+        lora = self.check_request(request)
         prompts = [await asyncio.to_thread(self.render_chat, request)]  # off the event loop, as completions
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = await self._checked_params(request, max_tokens, prompts, default_max_tokens=None)
         if request.use_beam_search:
-            return await self._beams(request, prompts, params[0].max_tokens, chat=True)
-        return await self._respond(request, raw, prompts, params, chat=True)
+            return await self._beams(request, prompts, params[0].max_tokens, lora, chat=True)
+        return await self._respond(request, raw, prompts, params, lora, chat=True)
 
-    async def _beams(self, request: _SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool) -> Response:
+    async def _beams(self, request: _SamplingFields, prompts: list[Prompt], max_tokens: int,
+                     lora: LoRARequest | None, chat: bool) -> Response:
         """use_beam_search: the n best beams of each prompt as its n choices, best first (serve/beam_fields.py)."""
         if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
@@ -215,7 +215,8 @@ class OpenAIServing:
                                       temperature=request.temperature, length_penalty=request.length_penalty)
         except ValueError as err:
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
-        found = await beam_search_async(self.llm, [ids for _, ids in prompts], params, f"{base}-{uuid.uuid4().hex}")
+        found = await beam_search_async(self.llm, [ids for _, ids in prompts], params, f"{base}-{uuid.uuid4().hex}",
+                                        lora)
         role, choices = answer_role(request) if chat else "assistant", []
         for p, result in enumerate(found):
             for k, beam in enumerate(result.sequences):
@@ -225,13 +226,14 @@ class OpenAIServing:
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         completion = sum(len(beam.tokens) for result in found for beam in result.sequences)
         return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "created": int(time.time()), "model": self.models.name_of(lora), "choices": choices,
                              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                        "total_tokens": prompt_tokens + completion}})
 
     # -- generation ---------------------------------------------------------------------------------------
     async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],
-                       params: list[SamplingParams], chat: bool, score_only: bool = False) -> Response:
+                       params: list[SamplingParams], lora: LoRARequest | None, chat: bool,
+                       score_only: bool = False) -> Response:
         if not (self.llm.accepting and self.llm.is_running):
             raise ApiError(503, "the server is shutting down or not ready: retry later", "service_unavailable")
         base = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id or uuid.uuid4().hex}"
@@ -251,8 +253,9 @@ class OpenAIServing:
                 c.echo = echoes[c.prompt_index]
         streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
                                      params[c.index % len(params)], request_id=f"{engine_base}-{c.index}",
-                                     prompt_token_ids=prompts[c.prompt_index][1]) for c in choices]
-        head = {"id": base, "created": int(time.time()), "model": self.model_name}
+                                     prompt_token_ids=prompts[c.prompt_index][1], lora_request=lora)
+                   for c in choices]
+        head = {"id": base, "created": int(time.time()), "model": self.models.name_of(lora)}
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
