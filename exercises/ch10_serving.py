@@ -101,3 +101,21 @@ def token_mask(transitions, accepting, state: int, token_bytes: list[bytes],
     EOS are not; after "ab", only EOS.
     """
     raise NotImplementedError("ch10.token_mask is not attempted yet: write it in exercises/ch10_serving.py")
+
+
+# ch10.lora_delta (5 points)
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: list[tuple[int, int, int]],
+               y: torch.Tensor) -> torch.Tensor:
+    """Add every segment's LoRA product to y, in place, and return y: for each (start, length, slot) with slot >= 0,
+    the rows r = start .. start + length - 1 get y[r] += (x[r] A^T) B^T with A = lora_a[slot], B = lora_b[slot].
+
+    x [T, K] are the layer's inputs (the packed tokens of a batch), y [T, N] its outputs; lora_a [L, R, K] and
+    lora_b [L, N, R] stack the adapters of L slots (the scaling is already inside B). A segment with slot -1 is a
+    sequence without an adapter, and rows in no segment are left alone. Compute each product in float32 and store
+    y[r] + product back in y's dtype (one rounding, as the kernels do). Multiply in the order shrink, then expand:
+    (x A^T) is only R wide, so it costs T*R*(K + N) multiply-adds, where forming B A first would cost N*K*R.
+
+    Example: x = [[1., 2.]], lora_a = [[[1., 1.]]] (L=1, R=1, K=2), lora_b = [[[2.], [0.]]] (N=2), segments
+    [(0, 1, 0)], y = [[0., 5.]] -> x A^T = 3, times B^T = [6, 0]: y becomes [[6., 5.]].
+    """
+    raise NotImplementedError("ch10.lora_delta is not attempted yet: write it in exercises/ch10_serving.py")

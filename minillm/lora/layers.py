@@ -13,7 +13,8 @@ one shrink and one expand serve all three projections (the zero blocks cost a li
 
 Which tokens use which slot is the step's `LoRAMapping`, carried by the forward context: one segment per sequence
 that uses an adapter (its tokens are contiguous in the packed batch). On a GPU the segments run as Triton kernels
-(minillm.kernels.lora: one program per segment and tile, Punica's SGMV); on the CPU, the torch reference.
+(minillm.kernels.lora: one program per segment and tile, Punica's SGMV); on the CPU, `lora_delta` (chapter 10's
+exercise), one pair of matmuls per segment.
 
 Steps that carry a mapping run eagerly (no CUDA graph: the graphs were captured without adapters) and skip the
 decode GEMV's norm and SwiGLU fusions, whose fused input the LoRA product would need. A step without adapters runs
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minillm.hooks import dispatch
 from minillm.lora.adapter import TARGETS, AdapterCache, LoRAAdapter
 from minillm.lora.request import LoRARequest
 
@@ -34,6 +36,33 @@ from minillm.lora.request import LoRARequest
 PACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
           "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(" + "|".join(re.escape(k) for k in PACKED) + r")$")
+
+
+# >>> exercise ch10.lora_delta
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: list[tuple[int, int, int]],
+               y: torch.Tensor) -> torch.Tensor:
+    """Add every segment's LoRA product to y, in place, and return y: for each (start, length, slot) with slot >= 0,
+    the rows r = start .. start + length - 1 get y[r] += (x[r] A^T) B^T with A = lora_a[slot], B = lora_b[slot].
+
+    x [T, K] are the layer's inputs (the packed tokens of a batch), y [T, N] its outputs; lora_a [L, R, K] and
+    lora_b [L, N, R] stack the adapters of L slots (the scaling is already inside B). A segment with slot -1 is a
+    sequence without an adapter, and rows in no segment are left alone. Compute each product in float32 and store
+    y[r] + product back in y's dtype (one rounding, as the kernels do). Multiply in the order shrink, then expand:
+    (x A^T) is only R wide, so it costs T*R*(K + N) multiply-adds, where forming B A first would cost N*K*R.
+
+    Example: x = [[1., 2.]], lora_a = [[[1., 1.]]] (L=1, R=1, K=2), lora_b = [[[2.], [0.]]] (N=2), segments
+    [(0, 1, 0)], y = [[0., 5.]] -> x A^T = 3, times B^T = [6, 0]: y becomes [[6., 5.]].
+    """
+    # >>> solution
+    for start, length, slot in segments:
+        if slot < 0 or length == 0:
+            continue
+        rows = slice(start, start + length)
+        product = (x[rows].float() @ lora_a[slot].float().T) @ lora_b[slot].float().T
+        y[rows] = (y[rows].float() + product).to(y.dtype)
+    return y
+    # <<< solution
+# <<< exercise
 
 
 @dataclass
@@ -77,16 +106,16 @@ class LoRALayerSlots:
             self.b[slot, offset:offset + size, lo:lo + module.rank].copy_(module.b * module.scaling)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:
-        """y += (x A_s^T) B_s^T for each segment's tokens (in place; returns y)."""
+        """y += (x A_s^T) B_s^T for each segment's tokens (in place; returns y): the Triton kernels on a GPU, else
+        (or when a learner's version is active and the step's segments are known on the host) ch10.lora_delta."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        if x2.is_cuda:
-            from minillm.kernels.lora import lora_expand, lora_shrink
-        else:
-            from minillm.kernels.lora import lora_expand_reference as lora_expand
-            from minillm.kernels.lora import lora_shrink_reference as lora_shrink
+        fn = dispatch("ch10.lora_delta", lora_delta)
+        if mapping.segments is not None and (not x2.is_cuda or fn is not lora_delta):
+            fn(x2, self.a, self.b, mapping.segments, y2)
+            return y
+        from minillm.kernels.lora import lora_expand, lora_shrink
         args = (mapping.seg_starts, mapping.seg_lens, mapping.seg_slots, mapping.max_seg_len)
-        shrunk = lora_shrink(x2, self.a, *args)
-        lora_expand(shrunk, self.b, *args, y2)
+        lora_expand(lora_shrink(x2, self.a, *args), self.b, *args, y2)
         return y
 
 

@@ -10,13 +10,14 @@ one whose tokens split UTF-8 characters, and a SentencePiece-like one whose lead
 """
 from __future__ import annotations
 
+import copy
 import random
 import re
 
 import pytest
 import torch
 
-from minillm.course.checks import assert_equal, assert_rejects, assert_scalar_close, graded_seed
+from minillm.course.checks import assert_close, assert_equal, assert_rejects, assert_scalar_close, graded_seed
 from minillm.engine.detokenizer import (DetokenizerState, detokenize_incrementally, find_stop_string,
                                         stop_string_at, streamable_length)
 from minillm.hooks import overriding
@@ -358,3 +359,110 @@ def test_token_mask_walks_every_byte_and_allows_eos_only_at_a_match(impl):
                 if token == eos_id:  # (a walk may also run out of its 40 tokens mid-way: then it is only alive)
                     assert re.fullmatch(pattern, text.decode()), \
                         f"a walk with your masks under {pattern!r} ended with {text!r}"
+
+
+# ---- ch10.lora_delta -----------------------------------------------------------------------------------------
+
+def lora_case(r: random.Random, dtype=torch.float32):
+    """A batch of packed rows cut into segments: some with an adapter slot, some with none (-1), a gap of rows in
+    no segment, and an empty segment."""
+    g = torch.Generator().manual_seed(r.randrange(1 << 30))
+    num_slots, rank, k, n = r.randint(1, 4), r.choice([1, 4, 8]), r.randint(3, 40), r.randint(2, 40)
+    segments, start = [], 0
+    for _ in range(r.randint(1, 6)):
+        start += r.choice([0, 0, 2])  # sometimes rows between segments
+        length = r.choice([0, 1, 1, 3, 9])
+        segments.append((start, length, r.randrange(-1, num_slots)))
+        start += length
+    rows = start + r.randint(0, 3)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    a = torch.randn(num_slots, rank, k, generator=g).to(dtype)
+    b = torch.randn(num_slots, n, rank, generator=g).to(dtype)
+    y = torch.randn(rows, n, generator=g).to(dtype)
+    return x, a, b, segments, y
+
+
+@pytest.mark.exercise("ch10.lora_delta")
+@pytest.mark.points(3)
+def test_lora_delta_matches_solution_on_random_batches(impl, ref):
+    r = rng(151)
+    for case in range(40):
+        x, a, b, segments, y = lora_case(r, torch.float32 if case % 4 else torch.bfloat16)
+        want = ref(x, a, b, list(segments), y.clone())
+        got_y = y.clone()
+        got = impl(x, a, b, list(segments), got_y)
+        assert got is not None and got.dtype == y.dtype, "lora_delta returns y (in its own dtype)"
+        tol = 1e-4 if y.dtype == torch.float32 else 2e-2
+        assert_close(got, want, f"lora_delta on segments {segments} ({y.dtype})", atol=tol, rtol=tol)
+        assert_close(got_y, want, "lora_delta must update y in place", atol=tol, rtol=tol)
+        covered = torch.zeros(y.shape[0], dtype=torch.bool)
+        for start, length, slot in segments:
+            covered[start:start + length] |= slot >= 0
+        assert_equal(got_y[~covered], y[~covered], "rows of slot -1 segments and rows in no segment stay as they are")
+
+
+@pytest.mark.exercise("ch10.lora_delta")
+@pytest.mark.points(2)
+def test_lora_delta_serves_each_request_its_own_adapter(impl, tmp_path):
+    """Inside the engine (through dispatch): requests with two adapters and none, in one batch, each generate what
+    the base model with its adapter merged into the weights generates."""
+    from minillm.config import EngineConfig, ModelConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from minillm.lora import LoRARequest
+    from minillm.lora.adapter import random_adapter, save_adapter
+    from minillm.models.llama import LlamaForCausalLM
+    from minillm.sampling_params import SamplingParams
+
+    class Bytes:
+        eos_token_id = 257
+
+        def decode(self, token_ids, skip_special_tokens=True):
+            return bytes(t for t in token_ids if t < 256).decode("utf-8", "replace")
+
+    config = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=257)
+    torch.manual_seed(graded_seed(152))
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.5 if "embed" in name else p.shape[-1] ** -0.5)
+    adapters = []
+    for i, targets in enumerate([("q_proj", "v_proj", "down_proj"), ("k_proj", "o_proj", "gate_proj", "up_proj")]):
+        adapter = random_adapter(config, 4, targets=targets, seed=graded_seed(153 + i), std=0.3)
+        save_adapter(adapter, tmp_path / f"a{i}")
+        adapters.append((LoRARequest(f"a{i}", i + 1, str(tmp_path / f"a{i}")), adapter))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 200], [17] * 7, list(range(40, 52)), [3, 4]]
+    loras = [adapters[0][0], None, adapters[1][0], adapters[0][0]]
+
+    def generate(m, requests, **options):
+        engine = LLMEngine(m, Bytes(), config, EngineConfig(max_model_len=32, max_num_seqs=4, num_kv_blocks=32,
+                                                               block_size=4, **options))
+        ids = [engine.add_request(None, p, params, lora_request=q) for p, q in zip(prompts, requests)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [done[i] for i in ids]
+
+    with overriding({"ch10.lora_delta": impl}):
+        got = generate(model, loras, enable_lora=True, max_loras=2, max_lora_rank=4)
+    packed = {"q_proj": ("self_attn.qkv_proj", "q"), "k_proj": ("self_attn.qkv_proj", "k"),
+              "v_proj": ("self_attn.qkv_proj", "v"), "o_proj": ("self_attn.o_proj", None),
+              "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
+              "down_proj": ("mlp.down_proj", None)}
+    for which in (None, 0, 1):
+        merged = copy.deepcopy(model)
+        if which is not None:
+            layers = dict(merged.named_modules())
+            with torch.no_grad():
+                for (layer, name), module in adapters[which][1].modules.items():
+                    linear = layers[f"model.layers.{layer}.{packed[name][0]}"]
+                    shard = packed[name][1]
+                    offset, size = (0, linear.output_size) if shard is None else linear.shard_slice(shard)
+                    linear.weight[offset:offset + size] += module.delta_weight()
+        want = generate(merged, [None] * len(prompts))
+        for i, request in enumerate(loras):
+            if (request is None and which is None) or (request is not None and which is not None
+                                                       and request.lora_int_id == which + 1):
+                assert got[i] == want[i], (f"request {i} ({'no adapter' if request is None else request.lora_name}) "
+                                           f"generated {got[i]}, the merged model {want[i]}")

@@ -4,7 +4,8 @@ The exercises are the text side of a stream (minillm/engine/detokenizer.py): tur
 the text they add without ever sending half a character (next_text), finding a stop string that may straddle two
 steps (find_stop_string), and holding back the text that could still become one (stream_safe_length); and the
 capacity question every serving interview asks, answered with Little's law (max_request_rate); and the rule of
-structured outputs, which tokens a byte automaton lets come next (token_mask, minillm/structured/token_index.py).
+structured outputs, which tokens a byte automaton lets come next (token_mask, minillm/structured/token_index.py);
+multi-LoRA serving, each sequence's adapter product added to a batched layer (lora_delta, minillm/lora/layers.py).
 The engine calls all but max_request_rate through `dispatch`, so a learner's version streams the real server's
 output and constrains its JSON.
 """
@@ -62,5 +63,17 @@ EXERCISES = [
                   "eos_token_ids: list[int]) -> torch.Tensor",
         called_from="minillm.structured.token_index.TokenIndex.allowed (LLMEngine, each new automaton state of a "
                     "request with structured_outputs)",
+    ),
+    Exercise(
+        id="ch10.lora_delta", function="lora_delta", source="minillm/lora/layers.py", points=5,
+        writes=("y",),  # the layer's output, added to in place
+        nudge="Each segment is one sequence's rows and names one adapter slot: which two small matmuls give its "
+              "product, and which rows must stay as they are?",
+        hint="for (start, length, slot) in segments: skip slot < 0; rows = slice(start, start + length); "
+             "y[rows] = (y[rows].float() + (x[rows].float() @ A[slot].float().T) @ B[slot].float().T).to(y.dtype).",
+        signature="lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, "
+                  "segments: list[tuple[int, int, int]], y: torch.Tensor) -> torch.Tensor",
+        called_from="minillm.lora.layers.LoRALayerSlots.add_delta (every adapted Linear of a step whose requests "
+                    "use LoRA adapters, on the CPU)",
     ),
 ]
