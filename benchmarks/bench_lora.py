@@ -10,13 +10,13 @@ reads A and B once per segment tile, so at decode it costs the launch and a few 
 base projection's time.
 
 Part 2, the engine (random bf16 weights of the shape; random adapters on all seven projections, std 0.01): decode
-output tokens/s for a batch of 128-token prompts, in one process, five ways:
+output tokens/s for a batch of 128-token prompts (and the whole run's time, prefill included), five ways:
 
     base            enable_lora=False (CUDA graphs, the defaults)
     lora, no use    enable_lora=True, no request names an adapter: must match `base` (the same graphs)
-    1 adapter       every request with the same adapter (these steps run eagerly: no LoRA graphs yet)
+    1 adapter       every request with the same adapter (the LoRA sets of decode and piecewise graphs)
     4 adapters      requests spread over max_loras adapters
-    base eager      enable_lora=False, enforce_eager=True: what the adapter rows pay for eager steps alone
+    base eager      enable_lora=False, enforce_eager=True: the steps without any graph, for scale
 
 Needs CUDA. Prints a table and writes the raw numbers to --out as JSON.
 """
@@ -110,7 +110,9 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
                 for i in range(batch):
                     engine.add_request(None, torch.randint(0, config.vocab_size, (prompt_len,),
                                                            generator=gen).tolist(), params, lora_request=lora_of(i))
-                engine.step()  # the prefill
+                torch.cuda.synchronize()
+                first = time.perf_counter()
+                engine.step()  # the prefill (launched only, under async scheduling)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 steps = 0
@@ -118,16 +120,17 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
                     engine.step()
                     steps += 1
                 torch.cuda.synchronize()
-                return time.perf_counter() - start, steps
+                end = time.perf_counter()
+                return end - start, steps, end - first
 
             generate(8)
-            seconds, steps = generate(output_len)
+            seconds, steps, total = generate(output_len)
             row = dict(shape=shape, batch=batch, variant=name, rank=rank, decode_s=round(seconds, 4),
-                       tok_per_s=round(batch * (output_len - 1) / seconds, 1), ms_per_step=round(seconds / steps * 1e3, 3),
-                       forwards=dict(engine.runner.forward_counts))
+                       total_s=round(total, 4), tok_per_s=round(batch * (output_len - 1) / seconds, 1),
+                       ms_per_step=round(seconds / steps * 1e3, 3), forwards=dict(engine.runner.forward_counts))
             rows.append(row)
             print(f"{shape} batch {batch:4d} {name:12s}: {row['tok_per_s']:9.1f} tok/s, {row['ms_per_step']:7.3f} "
-                  f"ms/step  {row['forwards']}", flush=True)
+                  f"ms/step, {total * 1e3:8.1f} ms in all  {row['forwards']}", flush=True)
             engine.shutdown()
             del engine
             torch.cuda.empty_cache()

@@ -272,8 +272,8 @@ def test_llm_generate_takes_one_or_a_list_of_requests(model, adapters):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, async_scheduling):
-    """On CUDA (fp32, CUDA graphs on): the SGMV kernels give each request its merged model's tokens; decode steps
-    with adapters replay the LoRA graph set, and steps without adapters the plain one."""
+    """On CUDA (fp32, CUDA graphs on): the SGMV kernels give each request its merged model's tokens; decode and
+    prefill steps with adapters replay the LoRA graph sets, and steps without adapters the plain ones."""
     def cuda_engine(m, **kw):
         options = dict(max_model_len=64, max_num_seqs=8, num_kv_blocks=128, block_size=16,
                        async_scheduling=async_scheduling)
@@ -287,7 +287,7 @@ def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, as
     assert runner.lora_graphs is not None and runner.lora_graphs.graphs
     got = run(engine, PROMPTS, loras)
     counts = dict(runner.forward_counts)
-    assert counts["graph"] > 2 * counts["eager"], counts  # the prefills ran eagerly, the decodes in graphs
+    assert counts["graph"] > 0 and counts["piecewise"] > 0 and not counts.get("eager"), counts  # all in graphs
     tail = run(engine, PROMPTS[3:4], [None])  # alone, without adapters: the plain graphs
     assert tail[0].token_ids == got[3].token_ids
     alone = run(engine, PROMPTS[0:1], [loras[0]])  # alone, with its adapter: the LoRA graphs of batch 1

@@ -41,7 +41,7 @@ class LaunchSetup:
         torch.compile (compile=True). Graphs are captured here, before the first request."""
         self.engine_config = engine_config
         self.cuda_graphs, self.piecewise_graphs, self.prompt_graphs, self.forward_fn = None, None, None, self.model
-        self.lora_graphs = None
+        self.lora_graphs = self.lora_piecewise_graphs = None
         from minillm.speculative.config import hidden_state_kind, tree_graph_batch, verify_query_lens
         from minillm.engine.cuda_graph import tree_graph_buckets
         from minillm.engine.piecewise_graph import MAX_PIECEWISE_TOKENS
@@ -101,6 +101,11 @@ class LaunchSetup:
             pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device)
             self._capture(pieces)
             self.piecewise_graphs = pieces
+            if self.lora is not None:  # multi-LoRA: the steps with prefill tokens that use adapters
+                lora_pieces = PiecewiseCUDAGraphs(self.model, self.attention_layers, piecewise_tokens, self.device,
+                                                  lora=self.lora)
+                self._capture(lora_pieces)
+                self.lora_piecewise_graphs = lora_pieces
             # the commonest of those steps, one fresh prompt, replays a whole-forward graph (attention included)
             prompts = PromptCUDAGraphs(self.model, piecewise_tokens, self.device)
             self._capture(prompts)

@@ -118,7 +118,8 @@ class ModelRunner(LaunchSetup):
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
         self._graph_sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's logits, tokens
         self.lora = lora  # the worker's LoRAWeights (minillm.lora.layers) when enable_lora
-        self.lora_graphs = None  # decode graphs captured with the adapters' kernels, beside cuda_graphs
+        # decode and piecewise graphs captured with the adapters' kernels, beside the plain ones
+        self.lora_graphs = self.lora_piecewise_graphs = None
         if engine_config is not None:
             self.configure(engine_config)
 
@@ -324,7 +325,7 @@ class ModelRunner(LaunchSetup):
         self._pre_norm = self._graph_sampled = None
         graphs = prepared.graph_set if prepared.graph is not None else self.cuda_graphs
         hidden = None
-        adapters = prepared.metadata.lora is not None  # outside the LoRA decode graphs, LoRA steps run eagerly
+        adapters = prepared.metadata.lora is not None  # a LoRA step replays the LoRA sets (or runs eagerly)
         if graphs is not None and prepared.graph is not None:
             rows = prepared.input_ids.shape[0]
             hidden = graphs.replay(*prepared.graph, rows, tree=prepared.graph_tree)
@@ -345,11 +346,12 @@ class ModelRunner(LaunchSetup):
             if self._graph_pre_norm is not None:  # the recorded copy of the final norm's input
                 self._pre_norm = self._graph_pre_norm[:tokens]
             return hidden
-        pieces = self.piecewise_graphs
+        pieces = self.lora_piecewise_graphs if adapters else self.piecewise_graphs
         with forward_context(prepared.metadata):
-            if pieces is not None and not adapters and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
+            if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
                 self.forward_counts["piecewise"] += 1
-                hidden = pieces.run(prepared.input_ids, prepared.positions)
+                slots = prepared.metadata.lora.token_slots if adapters else None
+                hidden = pieces.run(prepared.input_ids, prepared.positions, slots)
                 if self._graph_pre_norm is not None:  # the last piece's recorded copy of the residual stream
                     self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
                 return hidden

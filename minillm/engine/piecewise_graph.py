@@ -88,7 +88,7 @@ class PiecewiseCUDAGraphs:
     """The forward of `model` recorded as len(attention_modules) + 1 graphs per token bucket."""
 
     def __init__(self, model: nn.Module, attention_modules: list[nn.Module], max_tokens: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lora=None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         if not attention_modules:
@@ -103,15 +103,28 @@ class PiecewiseCUDAGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self.device = device
+        # multi-LoRA (minillm.lora): pieces that also run every adapted layer's shrink and expand, each row its own
+        # segment of length 1 whose slot the step writes into `lora_slots` (-1: none); the runner keeps a second
+        # set of these for the steps that use adapters
+        self.lora = None
+        if lora is not None:
+            from minillm.lora.layers import LoRAMapping
+            self.lora_slots = torch.full((t,), -1, dtype=torch.int32, device=device)
+            self.lora = LoRAMapping(torch.arange(t, dtype=torch.int32, device=device),
+                                    torch.ones(t, dtype=torch.int32, device=device), self.lora_slots, 1, None)
 
     # -- recording ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _warmup_metadata(tokens: int, device: torch.device) -> AttentionMetadata:
-        """One fresh prompt of `tokens` tokens whose K/V are not stored (slot -1): the warm-up touches no cache."""
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-        return AttentionMetadata(cu_seqlens_q=cu, seq_lens=cu[1:], max_seqlen_q=tokens, max_seqlen_k=tokens,
-                                 slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+    def _warmup_metadata(self, tokens: int) -> AttentionMetadata:
+        """One fresh prompt of `tokens` tokens whose K/V are not stored (slot -1): the warm-up touches no cache.
+        With LoRA, the static mapping of the first `tokens` rows (the recording reads it too)."""
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(cu_seqlens_q=cu, seq_lens=cu[1:], max_seqlen_q=tokens, max_seqlen_k=tokens,
+                                 slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
                                  block_tables=None, seq_lens_list=[tokens], query_lens_list=[tokens])
+        if self.lora is not None:
+            lora = self.lora
+            meta.lora = type(lora)(lora.seg_starts[:tokens], lora.seg_lens[:tokens], lora.seg_slots[:tokens], 1, None)
+        return meta
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -122,11 +135,13 @@ class PiecewiseCUDAGraphs:
         torch.cuda.synchronize(self.device)
         for tokens in sorted(self.buckets, reverse=True):
             ids, pos = self.input_ids[:tokens], self.positions[:tokens]
-            with forward_context(self._warmup_metadata(tokens, self.device)):
+            meta = self._warmup_metadata(tokens)
+            with forward_context(meta):
                 self.model(ids, pos)  # Triton compiles and autotunes here, never while recording
             torch.cuda.synchronize(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), paused_gc():  # (minillm.kernels.hardware says why)
+            # (the pieces never read the metadata but for a LoRA set's static mapping: attention is cut out)
+            with torch.cuda.stream(stream), paused_gc(), forward_context(meta if self.lora is not None else None):
                 self._record(tokens, ids, pos)
             torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
@@ -186,14 +201,20 @@ class PiecewiseCUDAGraphs:
         that the eager attention calls read, so the recorded pieces never see it)."""
         return bool(self.graphs) and self.bucket_for(tokens) is not None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states [n, hidden] for this step's n tokens; call inside the step's forward_context."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [n, hidden] for this step's n tokens; call inside the step's forward_context. A LoRA set
+        takes each row's adapter slot (`lora_slots`, int32 [n], -1: none)."""
         n = input_ids.shape[0]
         size = self.bucket_for(n)
         if size is None or size not in self.graphs:
             raise ValueError(f"no piecewise graph for {n} tokens (captured buckets: {sorted(self.graphs)})")
+        if (lora_slots is None) != (self.lora is None):
+            raise ValueError("a LoRA set of piecewise graphs needs the step's lora_slots, a plain set none")
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
+        if lora_slots is not None:  # the padding rows keep earlier (valid) slots: their rows are discarded
+            self.lora_slots[:n].copy_(lora_slots, non_blocking=True)
         graphs, pieces = self.graphs[size], self.pieces[size]
         for graph, piece in zip(graphs, pieces):
             graph.replay()

@@ -133,8 +133,9 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         if len(logprob_row_list) < num_rows:  # all sampled rows need no index
             logprob_rows = logprob_row_list
             extras.add("logprob_rows", torch.int64, (len(logprob_rows),))
-    if lora_segments is not None:
+    if lora_segments is not None:  # the segments (eager kernels), and each row's slot (the piecewise LoRA graphs)
         extras.add("lora_segments", torch.int32, (3, len(lora_segments[0])))
+        extras.add("lora_token_slots", torch.int32, (num_tokens,))
     prompt_rows, prompt_targets, prompt_owners, prompt_top = _prompt_rows(step)
     if prompt_rows:
         extras.add("prompt_rows", torch.int64, (len(prompt_rows),))
@@ -180,6 +181,7 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
         put("prompt_targets", prompt_targets)
     if lora_segments is not None:
         put("lora_segments", lora_segments)
+        put("lora_token_slots", [slot for slot, n in zip(step.lora_slots, q_lens) for _ in range(n)])
     buffer.upload(end)
 
     # -- the device views --------------------------------------------------------------------------------------
@@ -201,8 +203,8 @@ def prepare_batch(step: StepInput, buffer: UploadBuffer, arange: torch.Tensor, g
     if lora_segments is not None:
         from minillm.lora.layers import LoRAMapping
         starts, lens, slots = views["lora_segments"]
-        metadata.lora = LoRAMapping(starts, lens, slots, max(lora_segments[1]),
-                                    list(zip(*lora_segments)))
+        metadata.lora = LoRAMapping(starts, lens, slots, max(lora_segments[1]), list(zip(*lora_segments)),
+                                    views["lora_token_slots"])
     return PreparedBatch(
         input_ids, positions, metadata,
         sample_indices=arange[:num_tokens] if sample_rows is None else views["sample_indices"],

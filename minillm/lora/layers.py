@@ -16,9 +16,10 @@ that uses an adapter (its tokens are contiguous in the packed batch). On a GPU t
 (minillm.kernels.lora: one program per segment and tile, Punica's SGMV); on the CPU, `lora_delta` (chapter 10's
 exercise), one pair of matmuls per segment.
 
-Steps that carry a mapping run eagerly (no CUDA graph: the graphs were captured without adapters) and skip the
-decode GEMV's norm and SwiGLU fusions, whose fused input the LoRA product would need. A step without adapters runs
-exactly as in an engine without LoRA.
+Under CUDA graphs, steps with adapters replay second sets of decode and piecewise graphs captured with the kernels
+(one segment per row, each row's slot a static input; minillm.engine.cuda_graph, piecewise_graph); what no graph
+holds runs eagerly. Those steps skip the decode GEMV's norm and SwiGLU fusions, whose fused input the LoRA product
+needs. A step without adapters runs exactly as in an engine without LoRA.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class LoRAMapping:
     seg_lens: torch.Tensor
     seg_slots: torch.Tensor
     max_seg_len: int
-    segments: list[tuple[int, int, int]]
+    segments: list[tuple[int, int, int]] | None  # None in a graph's static mapping (the host does not know it)
+    token_slots: torch.Tensor | None = None  # int32 [T]: each row's slot (-1: none), for the piecewise graphs
 
 
 class LoRALayerSlots:
