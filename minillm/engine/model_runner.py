@@ -350,8 +350,8 @@ class ModelRunner(LaunchSetup):
         with forward_context(prepared.metadata):
             if pieces is not None and pieces.can_run(prepared.metadata, prepared.input_ids.shape[0]):
                 self.forward_counts["piecewise"] += 1
-                slots = prepared.metadata.lora.token_slots if adapters else None
-                hidden = pieces.run(prepared.input_ids, prepared.positions, slots)
+                hidden = pieces.run(prepared.input_ids, prepared.positions, prepared.metadata.lora.token_slots) \
+                    if adapters else pieces.run(prepared.input_ids, prepared.positions)
                 if self._graph_pre_norm is not None:  # the last piece's recorded copy of the residual stream
                     self._pre_norm = self._graph_pre_norm[:hidden.shape[0]]
                 return hidden
