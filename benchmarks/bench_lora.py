@@ -3,11 +3,12 @@
     python benchmarks/bench_lora.py [--shape smollm2-135m|llama3-8b] [--batch 1 16 64] [--rank 16]
                                     [--max-loras 4] [--output-len 64] [--skip-kernels] [--out results.json]
 
-Part 1, kernels (minillm.kernels.lora): for a 4096 -> N projection at rank R, the shrink (x A^T) and expand
-(y += s B^T) of a batch whose M rows are spread over four adapter slots, timed with triton.testing.do_bench beside
-the base projection itself (F.linear, bf16), and also a single 2,048-token segment (a prefill). The LoRA product
-reads A and B once per segment tile, so at decode it costs the launch and a few KB; the figure is its share of the
-base projection's time.
+Part 1, kernels (minillm.kernels.lora): for a 4096 -> N projection at rank R, and for the four adapted layers of
+--shape (qkv, o, gate_up, down at their stacked ranks 3R, R, 2R, R), the shrink (x A^T) and expand (y += s B^T) of
+a batch whose M rows are spread over four adapter slots, and the same in one launch (lora_fused, with whether
+lora_fused_pays picks it), timed with triton.testing.do_bench beside the base projection itself (F.linear, bf16),
+and also a single 2,048-token segment (a prefill). The LoRA product reads A and B once per segment tile, so at
+decode it costs the launches and a few KB; the figures are its share of the base projection's time.
 
 Part 2, the engine (random bf16 weights of the shape; random adapters on all seven projections, std 0.01): decode
 output tokens/s for a batch of 128-token prompts (and the whole run's time, prefill included), five ways:
@@ -39,18 +40,25 @@ SHAPES = {
 }
 
 
-def time_kernels(rank: int, slots: int = 4) -> list[dict]:
+def time_kernels(rank: int, shape: str, slots: int = 4) -> list[dict]:
     import torch
     import torch.nn.functional as F
     import triton
-    from minillm.kernels.lora import lora_expand, lora_shrink
+    from minillm.kernels.lora import lora_expand, lora_fused, lora_fused_pays, lora_shrink
+    cfg = SHAPES[shape]
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    layers = [("4096->4096", 4096, 4096, rank), ("4096->14336", 4096, 14336, rank),
+              (f"{shape} qkv", h, q + 2 * kv, 3 * rank), (f"{shape} o", q, h, rank),
+              (f"{shape} gate_up", h, 2 * inter, 2 * rank), (f"{shape} down", inter, h, rank)]
     rows = []
-    for n in (4096, 14336):
-        w = torch.randn(n, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
-        a = torch.randn(slots, rank, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
-        b = torch.randn(slots, n, rank, dtype=torch.bfloat16, device="cuda") * 0.02
+    for name, k, n, r in layers:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        a = torch.randn(slots, r, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        b = torch.randn(slots, n, r, dtype=torch.bfloat16, device="cuda") * 0.02
         for m, seg in ((1, 1), (8, 1), (32, 1), (128, 1), (2048, 2048)):
-            x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             starts = torch.arange(0, m, seg, dtype=torch.int32, device="cuda")
             lens = torch.full_like(starts, seg)
             slot_ids = torch.arange(starts.numel(), dtype=torch.int32, device="cuda") % slots
@@ -62,10 +70,15 @@ def time_kernels(rank: int, slots: int = 4) -> list[dict]:
                 lora_expand(s, b, starts, lens, slot_ids, seg, y)
 
             lora_us = triton.testing.do_bench(lora, warmup=25, rep=200) * 1e3
-            rows.append(dict(n=n, m=m, segment=seg, rank=rank, base_us=round(base_us, 2),
-                             lora_us=round(lora_us, 2), lora_share=round(lora_us / base_us, 3)))
-            print(f"4096->{n:5d} M={m:5d} seg={seg:4d}: F.linear {base_us:8.1f} us, shrink+expand {lora_us:7.1f} us "
-                  f"({lora_us / base_us:.0%})", flush=True)
+            fused_us = triton.testing.do_bench(lambda: lora_fused(x, a, b, starts, lens, slot_ids, seg, y),
+                                               warmup=25, rep=200) * 1e3
+            pays = lora_fused_pays(starts.numel(), seg, k, n, r)
+            rows.append(dict(layer=name, k=k, n=n, m=m, segment=seg, rank=r, base_us=round(base_us, 2),
+                             lora_us=round(lora_us, 2), fused_us=round(fused_us, 2), fused_pays=pays,
+                             lora_share=round(lora_us / base_us, 3), fused_share=round(fused_us / base_us, 3)))
+            print(f"{name:24s} {k:5d}->{n:5d} R={r:3d} M={m:5d} seg={seg:4d}: F.linear {base_us:8.1f} us, "
+                  f"shrink+expand {lora_us:7.1f} us ({lora_us / base_us:.0%}), fused {fused_us:7.1f} us "
+                  f"({fused_us / base_us:.0%}){' <- picked' if pays else ''}", flush=True)
     return rows
 
 
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.utcnow().isoformat(timespec="seconds"),
                   torch=torch.__version__, args=vars(args))
     if not args.skip_kernels:
-        result["kernels"] = time_kernels(args.rank)
+        result["kernels"] = time_kernels(args.rank, args.shape)
     result["engine"] = time_engine(args.shape, args.batch, args.rank, args.max_loras, args.output_len)
     if args.out:
         with open(args.out, "w") as f:

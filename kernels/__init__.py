@@ -42,9 +42,10 @@
     argmax.py           argmax_last_dim                        greedy decoding's argmax in two stages over many SMs
     topk_logprobs.py    topk_log_softmax                       the k most probable tokens' log-probabilities in two
                                                               stages (EAGLE-2's tree search, chapter 9)
-    lora.py             lora_shrink, lora_expand               multi-LoRA serving: the segmented-gather shrink
+    lora.py             lora_shrink, lora_expand, lora_fused   multi-LoRA serving: the segmented-gather shrink
                                                               (x A^T) and expand (+= s B^T) over adapter slots,
-                                                              one launch for a batch of mixed adapters
+                                                              one launch for a batch of mixed adapters; both in
+                                                              one launch at decode (lora_fused_pays decides)
     hardware.py         num_sms, SMALL_MATRIX                  the SM count the launch heuristics size grids by;
                                                               where a matrix is small (launch-bound at decode)
 

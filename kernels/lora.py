@@ -1,4 +1,5 @@
-"""Multi-LoRA serving: the two segmented-gather LoRA kernels, shrink and expand (Punica's and S-LoRA's SGMV).
+"""Multi-LoRA serving: the segmented-gather LoRA kernels, shrink and expand (Punica's and S-LoRA's SGMV), and the
+two fused into one launch for decode batches.
 
 A LoRA adapter changes a linear layer y = x W^T into y = x W^T + (x A^T) B^T with two thin matrices, A [R, K] and
 B [N, R], of a small rank R (8 to 64; the scaling alpha / R is folded into B by the caller). Serving many adapters
@@ -33,21 +34,31 @@ The LoRA term is computed in two steps, because R is tiny next to K and N:
   dot runs in fp32 operands: TF32 on tensor cores when y is 16-bit (its 10-bit mantissa rounds no worse than
   y's own fp16 / bf16 store), exact IEEE fp32 when y is fp32. Its flops are T*N*R, few: the kernel's cost is
   reading and writing y.
+* fused (lora_fused): both in one launch, for decode-sized batches, where the two launches (and shrink's memset
+  or split-K atomics) cost more than the products. Grid (S, cdiv(max_seg_len, BLOCK_M), cdiv(N, BLOCK_N)):
+  program (i, m, n) runs the shrink of its rows over all of K (fp32, kept in registers), then adds its
+  [BLOCK_M, BLOCK_N] tile of the expand into y (load, add, store: one program per tile, no atomics). The price is
+  the shrink redone by each of the cdiv(N, BLOCK_N) programs of a row tile, A[slot] re-read from L2 each time;
+  `lora_fused_pays` bounds that extra traffic (8 MiB), which keeps wide layers and prefills on the two kernels.
 
 Segments of slot -1 cost one load of their slot per program: the program returns at once, leaving s's rows zero
-(shrink) and y's rows untouched (expand). So do programs past their segment's end (a grid sized by the longest
-segment over-provisions the short ones). Every tensor is addressed through its strides: x and y may be row-strided
-views (a slice of a fused qkv output, say), and lora_a / lora_b need not be contiguous.
+(shrink: a zeroed output, or zeros the program stores when the caller says every row is in a segment,
+`rows_covered`, which spares the memset) and y's rows untouched (expand, fused). So do programs past their
+segment's end (a grid sized by the longest segment over-provisions the short ones). Every tensor is addressed
+through its strides: x and y may be row-strided views (a slice of a fused qkv output, say), and lora_a / lora_b
+need not be contiguous.
 
 Launch sizes (no autotuning): BLOCK_M 16 / 32 / 64 from max_seg_len (decode segments are 1 to 8 tokens, prefill
 segments up to thousands), smaller when the rank is large so the [BLOCK_M, BLOCK_R] accumulator stays in registers;
-BLOCK_K 128 (less for a large rank), BLOCK_N 128 (64 with BLOCK_M 64); 4 warps.
+BLOCK_K 128 (less for a large rank), BLOCK_N 128 (64 with BLOCK_M 64; fused: at most 8192 / BLOCK_R, the whole
+rank's B tile in fp32 registers); 4 warps. Compiled for sm_90 in bf16 (benchmarks/sass_lora.py, triton 3.9) the
+decode launches hold 46 to 102 registers a thread, no spills: fused 84 at R 48, 62 at R 32.
 
-`lora_shrink_reference` / `lora_expand_reference` compute the same in plain torch, one matmul per segment: the
-tests' oracle and a CPU path. The segment arrays' *values* (slots < L, segments inside [0, T), no overlap,
-max_seg_len >= every length) are checked only when the arrays are on the CPU: on a GPU that check would read them
-back, a device sync per layer; `check_segments` runs it anywhere, for a caller that wants it (on host metadata
-before the copy to the GPU, say).
+`lora_shrink_reference` / `lora_expand_reference` (and `lora_fused_reference`, the two in a row) compute the same
+in plain torch, one matmul per segment: the tests' oracle and a CPU path. The segment arrays' *values* (slots < L,
+segments inside [0, T), no overlap, max_seg_len >= every length) are checked only when the arrays are on the CPU:
+on a GPU that check would read them back, a device sync per layer; `check_segments` runs it anywhere, for a caller
+that wants it (on host metadata before the copy to the GPU, say).
 """
 from __future__ import annotations
 
@@ -57,35 +68,21 @@ import triton.language as tl
 
 from minillm.kernels.hardware import num_sms
 
-__all__ = ["lora_shrink", "lora_expand", "lora_shrink_reference", "lora_expand_reference", "check_segments"]
+__all__ = ["lora_shrink", "lora_expand", "lora_fused", "lora_fused_pays", "lora_shrink_reference",
+           "lora_expand_reference", "lora_fused_reference", "check_segments", "FUSED_REREAD_BUDGET"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _lora_shrink_kernel(X, A, S_OUT, SEG_STARTS, SEG_LENS, SEG_SLOTS, K, R, K_PER_SPLIT,
-                        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_sm, stride_sr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program (seg, m, k): S_OUT[rows, :R] (+)= X[rows, K range] @ A[slot, :, K range]^T for rows
-    seg_start + m*BLOCK_M .. of the segment, K range = k*K_PER_SPLIT .. + K_PER_SPLIT (all of K when SPLIT_K = 1)."""
-    seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    slot = tl.load(SEG_SLOTS + seg)
-    seg_len = tl.load(SEG_LENS + seg)
-    if (slot < 0) | (pid_m * BLOCK_M >= seg_len):
-        return  # no adapter (its rows stay zero), or past the segment's end
-    start = tl.load(SEG_STARTS + seg)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seg_len
-    rows = (start + offs_m).to(tl.int64)
+def _shrink_rows(X, A, rows, m_ok, slot, k_begin, k_end, R, stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R]: X[rows, k_begin:k_end] @ A[slot, :R, k_begin:k_end]^T (rows where m_ok, columns
+    below R; the rest zero), streaming [BLOCK_M, BLOCK_K] tiles of x against [BLOCK_K, BLOCK_R] tiles of A^T."""
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
     # x tile [BLOCK_M, BLOCK_K]; A^T tile [BLOCK_K, BLOCK_R] read from A [R, K] (element (k, r) at A[r, k])
     x_ptrs = X + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
     a_ptrs = (A + slot.to(tl.int64) * stride_al + offs_r[None, :] * stride_ar
@@ -98,8 +95,48 @@ def _lora_shrink_kernel(X, A, S_OUT, SEG_STARTS, SEG_LENS, SEG_SLOTS, K, R, K_PE
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
+def _add_into_rows(Y, rows, m_ok, offs_n, n_ok, acc, stride_ym, stride_yn):
+    """Y[rows, offs_n] = Y + acc, the sum in fp32, stored in Y's dtype (rows where m_ok, columns where n_ok)."""
+    y_ptrs = Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
+def _lora_shrink_kernel(X, A, S_OUT, SEG_STARTS, SEG_LENS, SEG_SLOTS, K, R, K_PER_SPLIT,
+                        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_sm, stride_sr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        SPLIT_K: tl.constexpr, ZERO_SKIPPED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (seg, m, k): S_OUT[rows, :R] (+)= X[rows, K range] @ A[slot, :, K range]^T for rows
+    seg_start + m*BLOCK_M .. of the segment, K range = k*K_PER_SPLIT .. + K_PER_SPLIT (all of K when SPLIT_K = 1).
+    ZERO_SKIPPED (with SPLIT_K = 1, into an uninitialised S_OUT): a slot -1 segment stores zeros into its rows."""
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(SEG_SLOTS + seg)
+    seg_len = tl.load(SEG_LENS + seg)
+    if pid_m * BLOCK_M >= seg_len:
+        return  # past the segment's end
+    start = tl.load(SEG_STARTS + seg)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seg_len
+    rows = (start + offs_m).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
     s_ptrs = S_OUT + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    s_ok = m_ok[:, None] & r_ok[None, :]
+    s_ok = m_ok[:, None] & (offs_r < R)[None, :]
+    if slot < 0:  # no adapter: its rows stay zero (a zeroed S_OUT), or are zeroed here
+        if ZERO_SKIPPED:
+            tl.store(s_ptrs, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), mask=s_ok)
+        return
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    acc = _shrink_rows(X, A, rows, m_ok, slot, k_begin, k_end, R, stride_xm, stride_xk, stride_al, stride_ar,
+                       stride_ak, BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
     if SPLIT_K == 1:
         tl.store(s_ptrs, acc, mask=s_ok)
     else:
@@ -137,10 +174,39 @@ def _lora_expand_kernel(S_IN, B, Y, SEG_STARTS, SEG_LENS, SEG_SLOTS, N, R,
         b = tl.load(b_base + (r0 + offs_r)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
                     other=0.0).to(tl.float32)
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
-    y_ptrs = Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y_ok = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=y_ok)
+    _add_into_rows(Y, rows, m_ok, offs_n, n_ok, acc, stride_ym, stride_yn)
+
+
+@triton.jit
+def _lora_fused_kernel(X, A, B, Y, SEG_STARTS, SEG_LENS, SEG_SLOTS, K, N, R,
+                       stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
+                       stride_ym, stride_yn,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       SHRINK_PRECISION: tl.constexpr, EXPAND_PRECISION: tl.constexpr):
+    """Program (seg, m, n): Y[rows, cols] += (X[rows, :] @ A[slot]^T) @ B[slot, cols, :R]^T for rows
+    seg_start + m*BLOCK_M .. of the segment and cols n*BLOCK_N .. + BLOCK_N: the whole shrink over K (fp32, kept in
+    registers; every n program of a row tile computes it again), then this program's N tile of the expand."""
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(SEG_SLOTS + seg)
+    seg_len = tl.load(SEG_LENS + seg)
+    if (slot < 0) | (pid_m * BLOCK_M >= seg_len):
+        return  # no adapter (its rows of y untouched), or past the segment's end
+    start = tl.load(SEG_STARTS + seg)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seg_len
+    rows = (start + offs_m).to(tl.int64)
+    s = _shrink_rows(X, A, rows, m_ok, slot, 0, K, R, stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                     BLOCK_M, BLOCK_K, BLOCK_R, SHRINK_PRECISION)  # [BLOCK_M, BLOCK_R], zero past R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    # B^T tile [BLOCK_R, BLOCK_N] read from B [N, R] (element (r, n) at B[n, r]), widened to fp32
+    b = tl.load(B + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                mask=(offs_r < R)[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.dot(s, b, input_precision=EXPAND_PRECISION)
+    _add_into_rows(Y, rows, m_ok, offs_n, n_ok, acc, stride_ym, stride_yn)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -185,7 +251,8 @@ def check_segments(seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: 
                              f"at row {end}): each row must belong to at most one segment")
 
 
-def _check_shrink(fn: str, x, lora_a, seg_starts, seg_lens, seg_slots, max_seg_len) -> None:
+def _check_x_a(fn: str, x, lora_a) -> None:
+    """x [T, K] and lora_a [L, R, K]: float, the same dtype and device, agreeing on K."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{fn}: x must be a 2-D [T, K] fp16 / bf16 / fp32 tensor, got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
@@ -198,33 +265,66 @@ def _check_shrink(fn: str, x, lora_a, seg_starts, seg_lens, seg_slots, max_seg_l
         raise ValueError(f"{fn}: lora_a's dtype {lora_a.dtype} must equal x's {x.dtype}")
     if lora_a.device != x.device:
         raise ValueError(f"{fn}: lora_a is on {lora_a.device}, x on {x.device}")
-    _check_segment_arrays(fn, seg_starts, seg_lens, seg_slots, max_seg_len, x.device)
-    if x.device.type == "cpu":
-        check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, x.shape[0], lora_a.shape[0])
 
 
-def _check_expand(fn: str, s, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y) -> None:
+def _check_y_b(fn: str, lora_b, y) -> None:
+    """y [T, N] and lora_b [L, N, R]: float, the same dtype, agreeing on N (devices: the caller's check)."""
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{fn}: y must be a 2-D [T, N] fp16 / bf16 / fp32 tensor, got "
                          f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[2] < 1:
         raise ValueError(f"{fn}: lora_b must be a 3-D [L, N, R] tensor with R >= 1, got "
                          f"{tuple(getattr(lora_b, 'shape', ()))}")
-    num_tokens, rank = y.shape[0], lora_b.shape[2]
-    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != (num_tokens, rank):
-        raise ValueError(f"{fn}: s must be the float32 [T, R] = [{num_tokens}, {rank}] output of lora_shrink, got "
-                         f"{getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}")
+
+
+def _check_b_agrees(fn: str, lora_b, y) -> None:
     if y.shape[1] != lora_b.shape[1]:
         raise ValueError(f"{fn}: y must be [T, N] with N = lora_b.shape[1] = {lora_b.shape[1]}, got y "
                          f"{tuple(y.shape)}")
     if lora_b.dtype != y.dtype:
         raise ValueError(f"{fn}: lora_b's dtype {lora_b.dtype} must equal y's {y.dtype}")
+
+
+def _check_segments_of(fn: str, seg_starts, seg_lens, seg_slots, max_seg_len, device: torch.device, num_tokens: int,
+                       num_slots: int) -> None:
+    """The segment arrays' types and shapes; their values too when they are on the CPU (no device sync)."""
+    _check_segment_arrays(fn, seg_starts, seg_lens, seg_slots, max_seg_len, device)
+    if device.type == "cpu":
+        check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, num_tokens, num_slots)
+
+
+def _check_shrink(fn: str, x, lora_a, seg_starts, seg_lens, seg_slots, max_seg_len) -> None:
+    _check_x_a(fn, x, lora_a)
+    _check_segments_of(fn, seg_starts, seg_lens, seg_slots, max_seg_len, x.device, x.shape[0], lora_a.shape[0])
+
+
+def _check_expand(fn: str, s, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y) -> None:
+    _check_y_b(fn, lora_b, y)
+    num_tokens, rank = y.shape[0], lora_b.shape[2]
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != (num_tokens, rank):
+        raise ValueError(f"{fn}: s must be the float32 [T, R] = [{num_tokens}, {rank}] output of lora_shrink, got "
+                         f"{getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}")
+    _check_b_agrees(fn, lora_b, y)
     for name, t in (("s", s), ("lora_b", lora_b)):
         if t.device != y.device:
             raise ValueError(f"{fn}: {name} is on {t.device}, y on {y.device}")
-    _check_segment_arrays(fn, seg_starts, seg_lens, seg_slots, max_seg_len, y.device)
-    if y.device.type == "cpu":
-        check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, num_tokens, lora_b.shape[0])
+    _check_segments_of(fn, seg_starts, seg_lens, seg_slots, max_seg_len, y.device, num_tokens, lora_b.shape[0])
+
+
+def _check_fused(fn: str, x, lora_a, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y) -> None:
+    _check_x_a(fn, x, lora_a)
+    _check_y_b(fn, lora_b, y)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: x [T, K] and y [T, N] must have the same T, got x {tuple(x.shape)} and y "
+                         f"{tuple(y.shape)}")
+    if lora_b.shape[0] != lora_a.shape[0] or lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"{fn}: lora_a [L, R, K] and lora_b [L, N, R] must agree on L and R, got lora_a "
+                         f"{tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)}")
+    _check_b_agrees(fn, lora_b, y)
+    for name, t in (("lora_b", lora_b), ("y", y)):
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, x on {x.device}")
+    _check_segments_of(fn, seg_starts, seg_lens, seg_slots, max_seg_len, x.device, x.shape[0], lora_a.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------- launches
@@ -237,25 +337,80 @@ def _block_m(max_seg_len: int, block_r: int) -> int:
     return max(16, min(bm, 4096 // block_r))
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact for fp32 operands of fp32 tensors; TF32 for the fp32 operands the kernels
+    widen 16-bit ones to (no worse than the 16-bit store that follows; ignored for 16-bit operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _shrink_blocks(max_seg_len: int, k: int, rank: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_R) of the shrink (lora_shrink's and lora_fused's): all R columns in one program, the
+    [BLOCK_K, BLOCK_R] A tile at most 8,192 elements."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    return _block_m(max_seg_len, block_r), max(16, min(128, triton.next_power_of_2(k), 8192 // block_r)), block_r
+
+
+def _fused_blocks(max_seg_len: int, k: int, n: int, rank: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R) of lora_fused: the shrink's tiles as lora_shrink picks them; BLOCK_N as
+    lora_expand's but with the [BLOCK_R, BLOCK_N] fp32 B tile at most 8,192 elements (64 registers a thread at 4
+    warps), since the fused kernel holds all R columns at once where lora_expand loops over 64 at a time."""
+    block_m, block_k, block_r = _shrink_blocks(max_seg_len, k, rank)
+    block_n = max(16, min(128 if block_m <= 32 else 64, triton.next_power_of_2(n), 8192 // block_r))
+    return block_m, block_k, block_n, block_r
+
+
+# lora_fused's budget of L2 traffic beyond shrink + expand's (see lora_fused_pays)
+FUSED_REREAD_BUDGET = 8 << 20
+
+
+def lora_fused_pays(num_segments: int, max_seg_len: int, k: int, n: int, rank: int, element_size: int = 2) -> bool:
+    """Whether one lora_fused launch should replace lora_shrink + lora_expand for a [T, K] -> [T, N] layer of rank R
+    (the stacked rank, R_total) over `num_segments` segments of at most `max_seg_len` rows; host ints only.
+
+    What fusing saves is fixed: a launch (the expand's), shrink's memset or split-K atomics, and the fp32 [T, R]
+    round trip; a few microseconds per adapted layer inside a CUDA graph, most of a decode step's LoRA cost. What it
+    costs grows with the batch: each of the cdiv(N, BLOCK_N) programs of a row tile redoes that tile's shrink, so
+    A[slot] ([R, K]) and the tile's x rows are read cdiv(N, BLOCK_N) times instead of once (from L2: a few hundred
+    KB per slot), plus the recomputed flops. The rule bounds that extra traffic,
+
+        num_segments * cdiv(max_seg_len, BLOCK_M) * (cdiv(N, BLOCK_N) - 1) * (R + min(max_seg_len, BLOCK_M)) * K
+            * element_size  <=  FUSED_REREAD_BUDGET (8 MiB)
+
+    an upper bound (slot -1 segments and short segments' empty tiles read nothing). 8 MiB of L2 reads take ~1.5-2 us
+    on an H100 spread over its SMs, below the launch saved. Decode batches of small models fuse (SmolLM2-135M at
+    rank 16, R_total 48 / 16 / 32 / 16: qkv up to ~21 sequences, o_proj ~100, gate_up ~9, down ~40); wide layers
+    and prefills (one 2,048-token segment) keep the two kernels; one N tile (N <= BLOCK_N) always fuses."""
+    if num_segments <= 0 or max_seg_len <= 0:
+        return True  # nothing to launch either way
+    block_m, _, block_n, _ = _fused_blocks(max_seg_len, k, n, rank)
+    extra = (num_segments * triton.cdiv(max_seg_len, block_m) * (triton.cdiv(n, block_n) - 1)
+             * (rank + min(max_seg_len, block_m)) * k * element_size)
+    return extra <= FUSED_REREAD_BUDGET
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor,
-                seg_slots: torch.Tensor, max_seg_len: int, *, split_k: int | None = None) -> torch.Tensor:
+                seg_slots: torch.Tensor, max_seg_len: int, *, split_k: int | None = None,
+                rows_covered: bool = False) -> torch.Tensor:
     """s = float32 [T, R]: s[t] = x[t] @ lora_a[slot]^T for the rows t of every segment whose slot is >= 0, zero for
     the other rows (slot -1 segments, rows in no segment).
 
     x [T, K] fp16 / bf16 / fp32 (any strides); lora_a [L, R, K] of x's dtype (any strides); the segment arrays
     int32 [S] on x's device (see the module docstring); max_seg_len >= every seg_lens value. split_k: programs per
     K range (None: enough to fill the GPU's SMs, 1 off CUDA); above 1 the partial sums meet through fp32 atomics,
-    whose order varies between runs, so pass 1 for bit-reproducible results."""
+    whose order varies between runs, so pass 1 for bit-reproducible results. rows_covered: the caller promises that
+    every row 0..T-1 lies in some segment (a decode graph's one segment per row, padding rows of slot -1): then,
+    when K is not split, s is allocated uninitialised and every row written by the kernel (zeros for slot -1),
+    saving the zeroing memset; a broken promise leaves garbage in the uncovered rows (checked on CPU arrays)."""
     _check_shrink("lora_shrink", x, lora_a, seg_starts, seg_lens, seg_slots, max_seg_len)
     num_tokens, k = x.shape
     rank = lora_a.shape[1]
     num_segs = seg_starts.shape[0]
-    out = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)
+    if rows_covered and seg_lens.device.type == "cpu" and int(seg_lens.sum()) != num_tokens:
+        raise ValueError(f"lora_shrink: rows_covered=True, but the segments cover {int(seg_lens.sum())} of the "
+                         f"T = {num_tokens} rows")
     if num_tokens == 0 or num_segs == 0 or max_seg_len == 0:
-        return out
-    block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _block_m(max_seg_len, block_r)
-    block_k = max(16, min(128, triton.next_power_of_2(k), 8192 // block_r))
+        return torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)
+    block_m, block_k, block_r = _shrink_blocks(max_seg_len, k, rank)
     grid_m = triton.cdiv(max_seg_len, block_m)
     k_tiles = triton.cdiv(k, block_k)
     if split_k is None:  # each split walks at least 4 K tiles; only as many as it takes to cover the SMs
@@ -264,12 +419,14 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
         raise ValueError(f"lora_shrink: split_k must be an int >= 1 (or None), got {split_k!r}")
     k_per_split = triton.cdiv(k_tiles, min(split_k, k_tiles)) * block_k  # whole tiles per split
     split = triton.cdiv(k, k_per_split)  # no empty splits
+    zero_skipped = rows_covered and split == 1  # every row stored by its program: no memset
+    out = (torch.empty if zero_skipped else torch.zeros)(num_tokens, rank, dtype=torch.float32, device=x.device)
     seg_starts, seg_lens, seg_slots = seg_starts.contiguous(), seg_lens.contiguous(), seg_slots.contiguous()
     _lora_shrink_kernel[(num_segs, grid_m, split)](
         x, lora_a, out, seg_starts, seg_lens, seg_slots, k, rank, k_per_split,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=split,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=split, ZERO_SKIPPED=zero_skipped,
+        DOT_PRECISION=_precision(x.dtype), num_warps=4)
     return out
 
 
@@ -295,8 +452,35 @@ def lora_expand(s: torch.Tensor, lora_b: torch.Tensor, seg_starts: torch.Tensor,
     _lora_expand_kernel[grid](
         s, lora_b, y, seg_starts, seg_lens, seg_slots, n, rank,
         s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y.dtype), num_warps=4)
+
+
+def lora_fused(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, seg_starts: torch.Tensor,
+               seg_lens: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int, y: torch.Tensor) -> None:
+    """In place, one launch: y[t] += (x[t] @ lora_a[slot]^T) @ lora_b[slot]^T for the rows t of every segment whose
+    slot is >= 0 (the shrink summed in fp32 over all of K and kept in fp32, the expand's sum in fp32, stored in y's
+    dtype); the other rows of y are not written. lora_shrink then lora_expand, without the [T, R] intermediate,
+    its memset and the second launch: for decode-sized batches (lora_fused_pays says when it pays).
+
+    x [T, K] and lora_a [L, R, K] as in lora_shrink; lora_b [L, N, R] and y [T, N] as in lora_expand (y any strides,
+    a column slice of a wider output is fine; x and y may differ in dtype); the segment arrays as in both. Grid
+    (S, cdiv(max_seg_len, BLOCK_M), cdiv(N, BLOCK_N)): each (row tile, N tile) of y belongs to one program (no
+    atomics, the result is bit-reproducible), which computes its rows' shrink itself."""
+    _check_fused("lora_fused", x, lora_a, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y)
+    (num_tokens, k), n = x.shape, y.shape[1]
+    rank = lora_a.shape[1]
+    num_segs = seg_starts.shape[0]
+    if num_tokens == 0 or num_segs == 0 or max_seg_len == 0 or n == 0:
+        return
+    block_m, block_k, block_n, block_r = _fused_blocks(max_seg_len, k, n, rank)
+    seg_starts, seg_lens, seg_slots = seg_starts.contiguous(), seg_lens.contiguous(), seg_slots.contiguous()
+    grid = (num_segs, triton.cdiv(max_seg_len, block_m), triton.cdiv(n, block_n))
+    _lora_fused_kernel[grid](
+        x, lora_a, lora_b, y, seg_starts, seg_lens, seg_slots, k, n, rank,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
+        SHRINK_PRECISION=_precision(x.dtype), EXPAND_PRECISION=_precision(y.dtype), num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------------- references
@@ -325,3 +509,11 @@ def lora_expand_reference(s: torch.Tensor, lora_b: torch.Tensor, seg_starts: tor
             continue
         rows = slice(start, start + length)
         y[rows] = (y[rows].float() + s[rows] @ lora_b[slot].float().T).to(y.dtype)
+
+
+def lora_fused_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, seg_starts: torch.Tensor,
+                         seg_lens: torch.Tensor, seg_slots: torch.Tensor, max_seg_len: int, y: torch.Tensor) -> None:
+    """lora_fused in plain torch: lora_shrink_reference then lora_expand_reference (the same arguments and checks)."""
+    _check_fused("lora_fused_reference", x, lora_a, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y)
+    s = lora_shrink_reference(x, lora_a, seg_starts, seg_lens, seg_slots, max_seg_len)
+    lora_expand_reference(s, lora_b, seg_starts, seg_lens, seg_slots, max_seg_len, y)

@@ -263,7 +263,8 @@ class DecodeCUDAGraphs:
         if self.lora is not None:
             from minillm.lora.layers import LoRAMapping
             rows = inputs.lora_slots.numel()
-            meta.lora = LoRAMapping(self.lora_starts[:rows], self.lora_lens[:rows], inputs.lora_slots, 1, None)
+            meta.lora = LoRAMapping(self.lora_starts[:rows], self.lora_lens[:rows], inputs.lora_slots, 1, None,
+                                    rows_covered=True)  # one segment per row
         return meta
 
     def _pad(self, inputs: GraphInputs, batch: int, q_len: int, tokens: int) -> None:

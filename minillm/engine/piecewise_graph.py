@@ -111,7 +111,8 @@ class PiecewiseCUDAGraphs:
             from minillm.lora.layers import LoRAMapping
             self.lora_slots = torch.full((t,), -1, dtype=torch.int32, device=device)
             self.lora = LoRAMapping(torch.arange(t, dtype=torch.int32, device=device),
-                                    torch.ones(t, dtype=torch.int32, device=device), self.lora_slots, 1, None)
+                                    torch.ones(t, dtype=torch.int32, device=device), self.lora_slots, 1, None,
+                                    rows_covered=True)
 
     # -- recording ----------------------------------------------------------------------------------------
     def _warmup_metadata(self, tokens: int) -> AttentionMetadata:
@@ -123,7 +124,8 @@ class PiecewiseCUDAGraphs:
                                  block_tables=None, seq_lens_list=[tokens], query_lens_list=[tokens])
         if self.lora is not None:
             lora = self.lora
-            meta.lora = type(lora)(lora.seg_starts[:tokens], lora.seg_lens[:tokens], lora.seg_slots[:tokens], 1, None)
+            meta.lora = type(lora)(lora.seg_starts[:tokens], lora.seg_lens[:tokens], lora.seg_slots[:tokens], 1, None,
+                                   rows_covered=True)
         return meta
 
     @torch.inference_mode()

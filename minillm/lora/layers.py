@@ -13,8 +13,9 @@ one shrink and one expand serve all three projections (the zero blocks cost a li
 
 Which tokens use which slot is the step's `LoRAMapping`, carried by the forward context: one segment per sequence
 that uses an adapter (its tokens are contiguous in the packed batch). On a GPU the segments run as Triton kernels
-(minillm.kernels.lora: one program per segment and tile, Punica's SGMV); on the CPU, `lora_delta` (chapter 10's
-exercise), one pair of matmuls per segment.
+(minillm.kernels.lora: one program per segment and tile, Punica's SGMV; shrink and expand fused into one launch
+for decode-sized batches, as lora_fused_pays decides); on the CPU, `lora_delta` (chapter 10's exercise), one pair
+of matmuls per segment.
 
 Under CUDA graphs, steps with adapters replay second sets of decode and piecewise graphs captured with the kernels
 (one segment per row, each row's slot a static input; minillm.engine.cuda_graph, piecewise_graph); what no graph
@@ -70,7 +71,9 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segm
 class LoRAMapping:
     """Which adapter slot each sequence's tokens use in one step: segments of the packed batch (start, length,
     slot) for the sequences that use one, as device int32 tensors for the kernels and as a host list for the
-    torch path. Sequences without an adapter have no segment."""
+    torch path. Sequences without an adapter have no segment. rows_covered: every row of the batch lies in a
+    segment (a graph's mapping, one segment per row, slot -1 for rows without an adapter), which spares
+    lora_shrink its zeroing memset."""
 
     seg_starts: torch.Tensor
     seg_lens: torch.Tensor
@@ -78,6 +81,7 @@ class LoRAMapping:
     max_seg_len: int
     segments: list[tuple[int, int, int]] | None  # None in a graph's static mapping (the host does not know it)
     token_slots: torch.Tensor | None = None  # int32 [T]: each row's slot (-1: none), for the piecewise graphs
+    rows_covered: bool = False
 
 
 class LoRALayerSlots:
@@ -108,16 +112,23 @@ class LoRALayerSlots:
             self.b[slot, offset:offset + size, lo:lo + module.rank].copy_(module.b * module.scaling)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:
-        """y += (x A_s^T) B_s^T for each segment's tokens (in place; returns y): the Triton kernels on a GPU, else
-        (or when a learner's version is active and the step's segments are known on the host) ch10.lora_delta."""
+        """y += (x A_s^T) B_s^T for each segment's tokens (in place; returns y). On a GPU one fused launch where
+        lora_fused_pays (decode-sized batches: the host ints S, max_seg_len and the layer's shape decide, so a
+        captured graph keeps the choice), else shrink then expand; on the CPU (or when a learner's version is active
+        and the step's segments are known on the host) ch10.lora_delta."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         fn = dispatch("ch10.lora_delta", lora_delta)
         if mapping.segments is not None and (not x2.is_cuda or fn is not lora_delta):
             fn(x2, self.a, self.b, mapping.segments, y2)
             return y
-        from minillm.kernels.lora import lora_expand, lora_shrink
+        from minillm.kernels.lora import lora_expand, lora_fused, lora_fused_pays, lora_shrink
         args = (mapping.seg_starts, mapping.seg_lens, mapping.seg_slots, mapping.max_seg_len)
-        lora_expand(lora_shrink(x2, self.a, *args), self.b, *args, y2)
+        if lora_fused_pays(mapping.seg_starts.shape[0], mapping.max_seg_len, x2.shape[1], y2.shape[1],
+                           self.a.shape[1], self.a.element_size()):
+            lora_fused(x2, self.a, self.b, *args, y2)
+        else:
+            shrunk = lora_shrink(x2, self.a, *args, rows_covered=mapping.rows_covered)
+            lora_expand(shrunk, self.b, *args, y2)
         return y
 
 

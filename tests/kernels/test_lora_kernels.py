@@ -1,11 +1,13 @@
-"""The segmented-gather LoRA kernels (kernels/lora.py: lora_shrink, lora_expand) and their torch references against
-a naive per-token loop written here, under the Triton interpreter on CPU (fp32), plus one bf16 check on a GPU."""
+"""The segmented-gather LoRA kernels (kernels/lora.py: lora_shrink, lora_expand, lora_fused) and their torch
+references against a naive per-token loop written here, under the Triton interpreter on CPU (fp32, fp16), the
+fused kernel's dispatch rule, plus bf16 checks on a GPU."""
 import pytest
 import torch
 
 import minillm.platform  # noqa: F401  (sets TRITON_INTERPRET on CPU before triton is imported)
-from minillm.kernels.lora import (check_segments, lora_expand, lora_expand_reference, lora_shrink,
-                                  lora_shrink_reference)
+from minillm.kernels import lora as lora_module
+from minillm.kernels.lora import (check_segments, lora_expand, lora_expand_reference, lora_fused, lora_fused_pays,
+                                  lora_fused_reference, lora_shrink, lora_shrink_reference)
 
 DECODE = ([1] * 8, [0, -1, 1, 1, 2, -1, 0, 2])  # (lengths, slots): 8 decode sequences, two without an adapter
 MIXED = ([1, 37, 5, 64], [2, -1, 0, 1])  # a decode token, two prefills and a chunk; one sequence without adapter
@@ -143,6 +145,102 @@ def test_fp16_shrink_accumulates_in_fp32():
     assert torch.equal(y[keep], y0[keep])
 
 
+FUSED_CASES = [  # (lengths, slots, rank, K, N, gap)
+    pytest.param(*DECODE, 8, 96, 80, 0, id="decode-r8"),
+    pytest.param(*DECODE, 48, 96, 200, 0, id="decode-r48-n200"),  # BLOCK_R 64; two N tiles, the second partial
+    pytest.param(*MIXED, 12, 96, 200, 2, id="mixed-r12-n200-gaps"),  # rows in no segment between the segments
+    pytest.param(*MIXED, 48, 96, 80, 0, id="mixed-r48"),  # 37 and 64 rows: row tiles of 64, partial ones
+]
+
+
+@pytest.mark.parametrize("lens,slots,rank,k,n,gap", FUSED_CASES)
+def test_fused_matches_the_per_token_loop(lens, slots, rank, k, n, gap):
+    """lora_fused (and its reference) into y, a column slice of a wider tensor: y + B_slot (A_slot x) per token;
+    rows of slot -1 or of no segment, and the columns beside the slice, keep their values bit for bit."""
+    starts, lens_t, slots_t, max_len, t = segments(lens, slots, gap)
+    a, b = adapters(3, rank, k, n, seed=rank * n + len(lens))
+    g = torch.Generator().manual_seed(k + n)
+    x = torch.randn(t, k, generator=g)
+    wide0 = torch.randn(t, n + 40, generator=g)
+    args = (starts, lens_t, slots_t, max_len)
+    want = naive_expand(naive_shrink(x, a, *args[:3]), b, *args[:3], wide0[:, 24:24 + n])
+    keep = ~adapter_rows(starts, lens_t, slots_t, t)
+    for fused in (lora_fused, lora_fused_reference):
+        wide = wide0.clone()
+        y = wide[:, 24:24 + n]
+        assert fused(x, a, b, *args, y) is None
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(wide[keep], wide0[keep])
+        assert torch.equal(wide[:, :24], wide0[:, :24]) and torch.equal(wide[:, 24 + n:], wide0[:, 24 + n:])
+
+
+def test_fused_fp16_and_mixed_dtypes():
+    """fp16 x, A, B and y (the shrink summed in fp32, not rounded to fp16 between the two products); then fp16 x
+    and A into an fp32 y (B fp32: exact fp32 expand)."""
+    starts, lens_t, slots_t, max_len, t = segments(*MIXED)
+    k, n = 96, 200
+    a, b = adapters(3, 16, k, n, dtype=torch.float16, seed=13)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(t, k, generator=g).half()
+    y0 = torch.randn(t, n, generator=g).half()
+    args = (starts, lens_t, slots_t, max_len)
+    s = naive_shrink(x, a, *args[:3])
+    keep = ~adapter_rows(starts, lens_t, slots_t, t)
+    y = y0.clone()
+    lora_fused(x, a, b, *args, y)
+    torch.testing.assert_close(y.double(), naive_expand(s, b, *args[:3], y0), rtol=2e-3, atol=2e-3)
+    assert torch.equal(y[keep], y0[keep])
+    y32 = y0.float()
+    lora_fused(x, a, b.float(), *args, y32)
+    torch.testing.assert_close(y32.double(), naive_expand(s, b, *args[:3], y0), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dispatch_rule(monkeypatch):
+    """lora_fused_pays: decode batches of small layers fuse, wide layers and prefills do not; a layer of one N tile
+    always fuses (nothing is recomputed); the bound is FUSED_REREAD_BUDGET's."""
+    qkv, gate_up = (576, 960, 48), (576, 3072, 32)  # SmolLM2-135M at rank 16 (R_total 3 * 16, 2 * 16)
+    assert lora_fused_pays(1, 1, *qkv) and lora_fused_pays(16, 1, *qkv)
+    assert not lora_fused_pays(64, 1, *qkv)
+    assert lora_fused_pays(8, 1, *gate_up) and not lora_fused_pays(16, 1, *gate_up)
+    assert not lora_fused_pays(1, 2048, *qkv)  # a prefill: 32 row tiles, each N tile redoing its shrink
+    assert not lora_fused_pays(1, 1, 4096, 6144, 48)  # Llama-3-8B's qkv: 48 N tiles re-reading 384 KB of A
+    assert lora_fused_pays(10_000, 1, 4096, 128, 64)  # one N tile
+    assert lora_fused_pays(0, 0, *qkv)
+    # the bound itself: SmolLM's qkv re-reads 7 N tiles * (48 + 1) * 576 * 2 bytes per decode sequence
+    per_seq = 7 * 49 * 576 * 2
+    monkeypatch.setattr(lora_module, "FUSED_REREAD_BUDGET", 3 * per_seq)
+    assert lora_fused_pays(3, 1, *qkv) and not lora_fused_pays(4, 1, *qkv)
+    assert lora_fused_pays(4, 1, *qkv, element_size=1)
+
+
+def test_shrink_rows_covered_skips_the_memset(monkeypatch):
+    """rows_covered=True with one K split: s starts uninitialised (poisoned with NaN here) and the kernel stores
+    every row, zeros for slot -1 (several row tiles of them); with a K split it falls back to zeros. A promise the
+    CPU arrays break is refused."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    k, rank = 96, 12
+    a, _ = adapters(3, rank, k, 8, seed=5)
+    for lens, slots in (DECODE, ([3, 37, 5, 20], [0, -1, 2, 1])):
+        starts, lens_t, slots_t, max_len, t = segments(lens, slots)
+        x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+        args = (starts, lens_t, slots_t, max_len)
+        want = naive_shrink(x, a, *args[:3])
+        for split_k in (1, 2):
+            s = lora_shrink(x, a, *args, split_k=split_k, rows_covered=True)
+            torch.testing.assert_close(s.double(), want, rtol=1e-5, atol=1e-5)
+            keep = ~adapter_rows(starts, lens_t, slots_t, t)
+            assert torch.equal(s[keep], torch.zeros_like(s[keep]))
+    starts, lens_t, slots_t, max_len, t = segments([2, 3], [0, -1], gap=1)
+    with pytest.raises(ValueError, match="rows_covered=True, but the segments cover 5 of the T = 7 rows"):
+        lora_shrink(torch.randn(t, k), a, starts, lens_t, slots_t, max_len, rows_covered=True)
+
+
 def test_empty_batches():
     a, b = adapters(2, 8, 32, 24)
     empty = torch.zeros(0, dtype=torch.int32)
@@ -156,6 +254,9 @@ def test_empty_batches():
     assert torch.equal(y, y0)
     starts, lens_t, slots_t, _, _ = segments([0, 0], [0, 1])  # zero-length segments
     assert torch.equal(lora_shrink(x, a, starts, lens_t, slots_t, 0), torch.zeros(5, 8))
+    for args in ((empty, empty, empty, 0), (starts, lens_t, slots_t, 0)):
+        lora_fused(x, a, b, *args, y)
+        assert torch.equal(y, y0)
 
 
 def test_bad_inputs_name_the_value():
@@ -180,6 +281,15 @@ def test_bad_inputs_name_the_value():
         lora_expand(torch.zeros(t, 16), b, starts, lens_t, ok_slots, max_len, torch.zeros(t, 24))
     with pytest.raises(ValueError, match="overlap"):
         check_segments(torch.tensor([0, 1]), torch.tensor([2, 2]), ok_slots, 2, t, 3)
+    y = torch.zeros(t, 24)
+    with pytest.raises(ValueError, match=r"seg_slots\[1\] = 3 .*\[-1, 3\)"):
+        lora_fused(x, a, b, starts, lens_t, slots_t, max_len, y)
+    with pytest.raises(ValueError, match=r"agree on L and R, got lora_a \(3, 8, 32\) and lora_b \(3, 24, 16\)"):
+        lora_fused(x, a, torch.zeros(3, 24, 16), starts, lens_t, ok_slots, max_len, y)
+    with pytest.raises(ValueError, match=r"same T, got x \(5, 32\) and y \(4, 24\)"):
+        lora_fused(x, a, b, starts, lens_t, ok_slots, max_len, y[:4])
+    with pytest.raises(ValueError, match="lora_b's dtype torch.float16 must equal y's torch.float32"):
+        lora_fused(x, a, b.half(), starts, lens_t, ok_slots, max_len, y)
 
 
 @pytest.mark.gpu
@@ -207,3 +317,60 @@ def test_bf16_kernels_match_reference_on_gpu():
     torch.testing.assert_close(y.float(), want_y.float(), rtol=1.6e-2, atol=1.6e-2)
     keep = ~adapter_rows(starts.cpu(), lens_t.cpu(), slots_t.cpu(), t).cuda()
     assert torch.equal(y[keep], y0[keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_fused_matches_reference_on_gpu():
+    """lora_fused at a real size in bf16: K = 4096 -> N = 6144 (Llama-3-8B's qkv) at R = 48, 32 decode segments
+    over L = 4 slots (every fifth without adapter), into a column slice of a wider y; against the reference and
+    against shrink + expand."""
+    k, n, rank, num_slots = 4096, 6144, 48, 4
+    slots = [(i % (num_slots + 1)) - 1 for i in range(32)]
+    starts, lens_t, slots_t, max_len, t = segments([1] * 32, slots, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
+    a = (torch.randn(num_slots, rank, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    b = (torch.randn(num_slots, n, rank, device="cuda", generator=g) * 0.05).bfloat16()
+    wide0 = torch.randn(t, n + 64, device="cuda", generator=g).bfloat16()
+    args = (starts, lens_t, slots_t, max_len)
+    wide, want, split = wide0.clone(), wide0.clone(), wide0.clone()
+    lora_fused(x, a, b, *args, wide[:, 32:32 + n])
+    lora_fused_reference(x, a, b, *args, want[:, 32:32 + n])
+    lora_expand(lora_shrink(x, a, *args), b, *args, split[:, 32:32 + n])
+    torch.testing.assert_close(wide.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(wide.float(), split.float(), rtol=1.6e-2, atol=1.6e-2)
+    keep = ~adapter_rows(starts.cpu(), lens_t.cpu(), slots_t.cpu(), t).cuda()
+    assert torch.equal(wide[keep], wide0[keep])
+    assert torch.equal(wide[:, :32], wide0[:, :32]) and torch.equal(wide[:, 32 + n:], wide0[:, 32 + n:])
+    s = lora_shrink(x, a, *args, split_k=1, rows_covered=True)  # uninitialised s, every row stored
+    torch.testing.assert_close(s, lora_shrink_reference(x, a, *args), rtol=1e-3, atol=1e-3)
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """benchmarks/sass_lora.py: the decode launches of lora_fused, lora_shrink and lora_expand compiled for sm_90
+    in bf16 by this CPU's Triton and ptxas (a separate process: the compiler, not the interpreter) keep within 128
+    registers a thread (4 programs of 4 warps an SM), nothing spilled to local memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    import minillm.kernels
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this Triton wheel has no NVIDIA tools")
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    script = (f"import sys, runpy; import minillm.kernels as k; k.__path__[:0] = {list(minillm.kernels.__path__)!r}; "
+              f"sys.path.insert(0, {str(bench)!r}); sys.argv = ['sass_lora.py', '--json']; "
+              f"runpy.run_path({str(bench / 'sass_lora.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in rows} == {"fused", "shrink", "expand"} and len(rows) == 9
+    for row in rows:
+        assert not row["spills"] and row["registers"] <= 128, row
