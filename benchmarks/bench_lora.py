@@ -1,7 +1,8 @@
 """What serving LoRA adapters costs: the SGMV kernels against the base GEMM, and decode with adapters in the engine.
 
     python benchmarks/bench_lora.py [--shape smollm2-135m|llama3-8b] [--batch 1 16 64] [--rank 16]
-                                    [--max-loras 4] [--output-len 64] [--skip-kernels] [--out results.json]
+                                    [--max-loras 4] [--output-len 64] [--skip-kernels] [--variants WORD ...]
+                                    [--out results.json]
 
 Part 1, kernels (minillm.kernels.lora): for a 4096 -> N projection at rank R, and for the four adapted layers of
 --shape (qkv, o, gate_up, down at their stacked ranks 3R, R, 2R, R), the shrink (x A^T) and expand (y += s B^T) of
@@ -82,7 +83,8 @@ def time_kernels(rank: int, shape: str, slots: int = 4) -> list[dict]:
     return rows
 
 
-def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, output_len: int) -> list[dict]:
+def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, output_len: int,
+                only: list[str] | None = None) -> list[dict]:
     import torch
     from minillm.config import EngineConfig, ModelConfig
     from minillm.engine.llm_engine import LLMEngine
@@ -113,6 +115,8 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
                     (f"{max_loras} adapters", dict(enable_lora=True), lambda i: requests[i % max_loras]),
                     ("base eager", dict(enforce_eager=True), lambda i: None)]
         for name, options, lora_of in variants:
+            if only and name.split()[0] not in only:  # --variants base 1 4 lora eager: by first word
+                continue
             engine = LLMEngine(model, Tokenizer(), config, EngineConfig(
                 max_model_len=prompt_len + output_len + 16, max_num_seqs=batch, block_size=16, num_kv_blocks=blocks,
                 max_num_batched_tokens=max(2048, batch * prompt_len), max_loras=max_loras, max_lora_rank=rank,
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="WORD",
+                        help="only the engine variants whose name starts with these words (base, lora, 1, 4, ...)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import torch
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   torch=torch.__version__, args=vars(args))
     if not args.skip_kernels:
         result["kernels"] = time_kernels(args.rank, args.shape)
-    result["engine"] = time_engine(args.shape, args.batch, args.rank, args.max_loras, args.output_len)
+    result["engine"] = time_engine(args.shape, args.batch, args.rank, args.max_loras, args.output_len, args.variants)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
