@@ -18,7 +18,7 @@ output tokens/s for a batch of 128-token prompts (and the whole run's time, pref
     lora, no use    enable_lora=True, no request names an adapter: must match `base` (the same graphs)
     1 adapter       every request with the same adapter (the LoRA sets of decode and piecewise graphs)
     4 adapters      requests spread over max_loras adapters
-    base eager      enable_lora=False, enforce_eager=True: the steps without any graph, for scale
+    eager base      enable_lora=False, enforce_eager=True: the steps without any graph, for scale
 
 Needs CUDA. Prints a table and writes the raw numbers to --out as JSON.
 """
@@ -113,9 +113,9 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
         variants = [("base", {}, lambda i: None), ("lora, no use", dict(enable_lora=True), lambda i: None),
                     ("1 adapter", dict(enable_lora=True), lambda i: requests[0]),
                     (f"{max_loras} adapters", dict(enable_lora=True), lambda i: requests[i % max_loras]),
-                    ("base eager", dict(enforce_eager=True), lambda i: None)]
+                    ("eager base", dict(enforce_eager=True), lambda i: None)]
         for name, options, lora_of in variants:
-            if only and name.split()[0] not in only:  # --variants base 1 4 lora eager: by first word
+            if only and name.split()[0] not in only:  # --variants base lora 1 4 eager: by first word
                 continue
             engine = LLMEngine(model, Tokenizer(), config, EngineConfig(
                 max_model_len=prompt_len + output_len + 16, max_num_seqs=batch, block_size=16, num_kv_blocks=blocks,
