@@ -39,7 +39,8 @@ The LoRA term is computed in two steps, because R is tiny next to K and N:
   program (i, m, n) runs the shrink of its rows over all of K (fp32, kept in registers), then adds its
   [BLOCK_M, BLOCK_N] tile of the expand into y (load, add, store: one program per tile, no atomics). The price is
   the shrink redone by each of the cdiv(N, BLOCK_N) programs of a row tile, A[slot] re-read from L2 each time;
-  `lora_fused_pays` bounds that extra traffic (8 MiB), which keeps wide layers and prefills on the two kernels.
+  `lora_fused_pays` bounds that extra traffic (8 MiB) and K (a fused program walks all of it alone), which keeps
+  wide or deep layers and prefills on the two kernels.
 
 Segments of slot -1 cost one load of their slot per program: the program returns at once, leaving s's rows zero
 (shrink: a zeroed output, or zeros the program stores when the caller says every row is in a segment,
@@ -69,7 +70,7 @@ import triton.language as tl
 from minillm.kernels.hardware import num_sms
 
 __all__ = ["lora_shrink", "lora_expand", "lora_fused", "lora_fused_pays", "lora_shrink_reference",
-           "lora_expand_reference", "lora_fused_reference", "check_segments", "FUSED_REREAD_BUDGET"]
+           "lora_expand_reference", "lora_fused_reference", "check_segments", "FUSED_REREAD_BUDGET", "FUSED_MAX_K"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -359,8 +360,9 @@ def _fused_blocks(max_seg_len: int, k: int, n: int, rank: int) -> tuple[int, int
     return block_m, block_k, block_n, block_r
 
 
-# lora_fused's budget of L2 traffic beyond shrink + expand's (see lora_fused_pays)
+# lora_fused's budget of L2 traffic beyond shrink + expand's, and the longest K it walks (see lora_fused_pays)
 FUSED_REREAD_BUDGET = 8 << 20
+FUSED_MAX_K = 2048
 
 
 def lora_fused_pays(num_segments: int, max_seg_len: int, k: int, n: int, rank: int, element_size: int = 2) -> bool:
@@ -377,11 +379,16 @@ def lora_fused_pays(num_segments: int, max_seg_len: int, k: int, n: int, rank: i
             * element_size  <=  FUSED_REREAD_BUDGET (8 MiB)
 
     an upper bound (slot -1 segments and short segments' empty tiles read nothing). 8 MiB of L2 reads take ~1.5-2 us
-    on an H100 spread over its SMs, below the launch saved. Decode batches of small models fuse (SmolLM2-135M at
-    rank 16, R_total 48 / 16 / 32 / 16: qkv up to ~21 sequences, o_proj ~100, gate_up ~9, down ~40); wide layers
-    and prefills (one 2,048-token segment) keep the two kernels; one N tile (N <= BLOCK_N) always fuses."""
+    on an H100 spread over its SMs, below the launch saved. And K at most FUSED_MAX_K: a fused program walks all of K
+    alone, where shrink splits it across programs. Timed inside CUDA graphs on an H100 (2026-12-06, bf16, 20 calls
+    per graph, gpu_scratch/lora_graph_probe.py): SmolLM2-135M's layers at rank 16 (K 576 / 1536) take 3.5-5.3 us
+    fused against 5.7-7.1 for the two kernels at 1-16 decode rows; Llama-3-8B's (K 4096 / 14336) 10-29 us fused
+    against 6.1-6.8 even at one row. So decode batches of small models fuse (qkv up to ~21 sequences, o_proj ~100,
+    gate_up ~9, down ~40), wide or deep layers and prefills keep the two kernels."""
     if num_segments <= 0 or max_seg_len <= 0:
         return True  # nothing to launch either way
+    if k > FUSED_MAX_K:
+        return False
     block_m, _, block_n, _ = _fused_blocks(max_seg_len, k, n, rank)
     extra = (num_segments * triton.cdiv(max_seg_len, block_m) * (triton.cdiv(n, block_n) - 1)
              * (rank + min(max_seg_len, block_m)) * k * element_size)

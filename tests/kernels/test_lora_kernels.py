@@ -196,15 +196,16 @@ def test_fused_fp16_and_mixed_dtypes():
 
 
 def test_fused_dispatch_rule(monkeypatch):
-    """lora_fused_pays: decode batches of small layers fuse, wide layers and prefills do not; a layer of one N tile
-    always fuses (nothing is recomputed); the bound is FUSED_REREAD_BUDGET's."""
+    """lora_fused_pays: decode batches of small layers fuse, wide or deep layers and prefills do not; a layer of one
+    N tile fuses (nothing is recomputed) unless its K is past FUSED_MAX_K; the bound is FUSED_REREAD_BUDGET's."""
     qkv, gate_up = (576, 960, 48), (576, 3072, 32)  # SmolLM2-135M at rank 16 (R_total 3 * 16, 2 * 16)
     assert lora_fused_pays(1, 1, *qkv) and lora_fused_pays(16, 1, *qkv)
     assert not lora_fused_pays(64, 1, *qkv)
     assert lora_fused_pays(8, 1, *gate_up) and not lora_fused_pays(16, 1, *gate_up)
     assert not lora_fused_pays(1, 2048, *qkv)  # a prefill: 32 row tiles, each N tile redoing its shrink
     assert not lora_fused_pays(1, 1, 4096, 6144, 48)  # Llama-3-8B's qkv: 48 N tiles re-reading 384 KB of A
-    assert lora_fused_pays(10_000, 1, 4096, 128, 64)  # one N tile
+    assert lora_fused_pays(10_000, 1, 1024, 128, 64)  # one N tile
+    assert not lora_fused_pays(1, 1, 4096, 4096, 16)  # K past FUSED_MAX_K: one program would walk all of it
     assert lora_fused_pays(0, 0, *qkv)
     # the bound itself: SmolLM's qkv re-reads 7 N tiles * (48 + 1) * 576 * 2 bytes per decode sequence
     per_seq = 7 * 49 * 576 * 2
