@@ -381,7 +381,7 @@ def lora_fused_pays(num_segments: int, max_seg_len: int, k: int, n: int, rank: i
     an upper bound (slot -1 segments and short segments' empty tiles read nothing). 8 MiB of L2 reads take ~1.5-2 us
     on an H100 spread over its SMs, below the launch saved. And K at most FUSED_MAX_K: a fused program walks all of K
     alone, where shrink splits it across programs. Timed inside CUDA graphs on an H100 (2026-12-06, bf16, 20 calls
-    per graph, gpu_scratch/lora_graph_probe.py): SmolLM2-135M's layers at rank 16 (K 576 / 1536) take 3.5-5.3 us
+    per graph, benchmarks/probe_lora_graphs.py): SmolLM2-135M's layers at rank 16 (K 576 / 1536) take 3.5-5.3 us
     fused against 5.7-7.1 for the two kernels at 1-16 decode rows; Llama-3-8B's (K 4096 / 14336) 10-29 us fused
     against 6.1-6.8 even at one row. So decode batches of small models fuse (qkv up to ~21 sequences, o_proj ~100,
     gate_up ~9, down ~40), wide or deep layers and prefills keep the two kernels."""
