@@ -117,17 +117,22 @@ def measure(keep: str | None = None) -> list[dict]:
     return out
 
 
+def require_tools(keep: str | None) -> None:
+    """Exit with the reason unless Triton compiles for real here and its wheel carries cuobjdump; make `keep`."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("TRITON_INTERPRET=1 replaces the compiler: run with it unset (or 0)")
+    if not os.path.exists(os.path.join(TOOLS, "cuobjdump")):
+        raise SystemExit(f"no cuobjdump in {TOOLS}: this Triton wheel has no NVIDIA tools")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--keep", default=None, help="write each tile's cubin and SASS into this directory")
     args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("TRITON_INTERPRET=1 replaces the compiler: run with it unset (or 0)")
-    if not os.path.exists(os.path.join(TOOLS, "cuobjdump")):
-        raise SystemExit(f"no cuobjdump in {TOOLS}: this Triton wheel has no NVIDIA tools")
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
+    require_tools(args.keep)
     rows = measure(args.keep)
     if args.json:
         print(json.dumps(rows))

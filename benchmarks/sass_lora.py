@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sass_count import TOOLS, sass_of  # noqa: E402
+from sass_count import require_tools, sass_of  # noqa: E402
 
 SHAPES = [(576, 960, 48), (4096, 6144, 48), (4096, 14336 * 2, 32)]  # (K, N, R_total)
 
@@ -91,12 +91,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--keep", default=None, help="write each kernel's cubin and SASS into this directory")
     args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("TRITON_INTERPRET=1 replaces the compiler: run with it unset (or 0)")
-    if not os.path.exists(os.path.join(TOOLS, "cuobjdump")):
-        raise SystemExit(f"no cuobjdump in {TOOLS}: this Triton wheel has no NVIDIA tools")
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
+    require_tools(args.keep)
     rows = measure(args.keep)
     if args.json:
         print(json.dumps(rows))
