@@ -138,10 +138,12 @@ class BeamSearch:
         return results
 
 
-def beam_search(llm: Any, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+def beam_search(llm: Any, prompts: list, params: BeamSearchParams, lora_request: Any = None) -> list[BeamSearchOutput]:
     """Beam search for every prompt (a str or a list of token ids), all prompts' beams stepped together: one
-    LLM.generate call per step with one single-token request per live beam."""
+    LLM.generate call per step with one single-token request per live beam (each with `lora_request`, one LoRA
+    adapter for the whole search, as vLLM's argument)."""
     engine = llm.llm_engine
+    engine.check_lora_request(lora_request)
     prompt_ids = []
     for n, prompt in enumerate(prompts):
         try:
@@ -150,7 +152,7 @@ def beam_search(llm: Any, prompts: list, params: BeamSearchParams) -> list[BeamS
             raise type(err)(f"prompt {n}: {err}") from None
     search = BeamSearch(prompt_ids, params, set(engine.eos_token_ids), engine.max_model_len)
     while batch := search.prompts():
-        outs = llm.generate(batch, search.ask)
+        outs = llm.generate(batch, search.ask, lora_request=lora_request)
         search.advance([{t: e.logprob for t, e in out.outputs[0].logprobs[0].items()} for out in outs])
     return search.results(llm.tokenizer.decode)
 

@@ -254,11 +254,13 @@ class LLM:
         done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
         return [merge_choices([next(done) for _ in choices]) for choices in ids]
 
-    def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams") -> list["BeamSearchOutput"]:
+    def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams",
+                    lora_request: Any = None) -> list["BeamSearchOutput"]:
         """vLLM's beam search: the beam_width likeliest continuations of each prompt, best first
-        (minillm/beam_search.py says how; enable_prefix_caching=True spares re-reading each beam's prefix)."""
+        (minillm/beam_search.py says how; enable_prefix_caching=True spares re-reading each beam's prefix), under
+        one LoRA adapter when `lora_request` names one."""
         from minillm.beam_search import beam_search
-        return beam_search(self, normalize_prompts(prompts), params)
+        return beam_search(self, normalize_prompts(prompts), params, lora_request)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,

@@ -300,3 +300,17 @@ def test_gpu_adapters_through_the_kernels_beside_graph_steps(model, adapters, as
             assert got[i].token_ids == w.token_ids, (request, i)
             lp_got = [next(iter(d.values())).logprob for d in got[i].logprobs]
             assert lp_got == pytest.approx([next(iter(d.values())).logprob for d in w.logprobs], abs=1e-3)
+
+
+def test_beam_search_runs_under_an_adapter(model, adapters):
+    """LLM.beam_search(..., lora_request=): width 1 is the adapter's greedy output."""
+    from minillm.beam_search import BeamSearchParams
+    from minillm.llm import LLM
+    llm = LLM.from_engine(engine_for(model))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    greedy = llm.generate([PROMPTS[2]], params, lora_request=adapters[0])[0].outputs[0].token_ids
+    beams = llm.beam_search([PROMPTS[2]], BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True),
+                            lora_request=adapters[0])
+    assert beams[0].sequences[0].tokens == greedy
+    with pytest.raises(ValueError, match="does not exist"):
+        llm.beam_search([PROMPTS[2]], BeamSearchParams(beam_width=2, max_tokens=2), LoRARequest("x", 9, "/no/where"))
