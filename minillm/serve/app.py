@@ -7,6 +7,8 @@
     GET  /metrics                Prometheus text (metrics.py)
     GET  /engine/state           the engine's queues, KV blocks and recent batches as JSON (for the playground)
     GET  /                       the playground: a chat box beside the live engine (playground.html)
+    POST /v1/load_lora_adapter   with allow_runtime_lora_updating only (vLLM's routes; serving_models.py):
+    POST /v1/unload_lora_adapter adapters served from now on, or no longer (not mounted otherwise: 404)
 
 Every GET route answers HEAD too (a load balancer's probe, `curl -I`); a known route asked with another method is
 a 405 whose Allow header lists the methods it takes, as HTTP requires. Every error, a bug's included, is a JSON
@@ -35,14 +37,14 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError, EngineSnapshot
 from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
-from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, error_body,
-                                    validation_message)
+from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+                                    UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
@@ -52,18 +54,23 @@ RECENT_STEPS = 64  # batches the playground can show
 def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0,
               trust_request_chat_template: bool = False,
-              lora_modules: Sequence[LoRAModulePath] | None = None) -> FastAPI:
+              lora_modules: Sequence[LoRAModulePath] | None = None,
+              allow_runtime_lora_updating: bool = False) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
     served over the model (an engine with enable_lora=True), each read and checked here, before the server
-    starts (serving_models.py)."""
+    starts (serving_models.py). `allow_runtime_lora_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING; needs
+    enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    if allow_runtime_lora_updating and getattr(llm.engine, "lora_slots", None) is None:
+        raise ValueError("allow_runtime_lora_updating needs an engine built with enable_lora=True (minillm serve: "
+                         "add --enable-lora, with --max-loras and --max-lora-rank to size the adapter slots)")
     models = OpenAIServingModels(llm.engine, model_name, llm.max_model_len, lora_modules or ())
     models.check_adapters()
     serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models)
@@ -86,7 +93,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
             await llm.shutdown(timeout=shutdown_timeout)
 
     app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.llm, app.state.metrics = llm, metrics
+    app.state.llm, app.state.metrics, app.state.models = llm, metrics, models
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -139,6 +146,18 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @get("/v1/models/{model_id:path}")  # :path: a model id may hold a slash (HuggingFaceTB/SmolLM2-135M)
     async def model(model_id: str) -> dict:
         return models.card(model_id)
+
+    if allow_runtime_lora_updating:  # vLLM mounts these only when runtime updating is allowed: a 404 otherwise
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            if body.load_inplace:
+                raise ApiError(400, "load_inplace=true is not supported: unload the adapter, then load it again",
+                               "InvalidUserInput", "load_inplace", 400)
+            return PlainTextResponse(await models.load_lora_adapter(body.lora_name, body.lora_path))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            return PlainTextResponse(models.unload_lora_adapter(body.lora_name))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

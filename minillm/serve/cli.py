@@ -11,6 +11,8 @@ LoRA adapters are served as vLLM serves them: `--enable-lora --lora-modules sql=
 "path": "/adapters/chat"}' --max-loras 2 --max-lora-rank 16`, and a request's `model` picks one
 (minillm/serve/serving_models.py). Every module is checked before the model loads (its spec, its name, its
 directory), and against the model once it has loaded, so a bad one stops the server at startup.
+`--allow-runtime-lora-updating` (or MINILLM_ALLOW_RUNTIME_LORA_UPDATING=1, or vLLM's
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) also mounts vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
 """
 from __future__ import annotations
 
@@ -62,14 +64,34 @@ def lora_module(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{err} (in {text!r})") from None
 
 
+RUNTIME_LORA_ENV = ("MINILLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def runtime_lora_updating(args: argparse.Namespace) -> str | None:
+    """What turned runtime adapter loading on (the flag, or the environment variable that did), None if off.
+    --no-allow-runtime-lora-updating overrides the variables; they count as vLLM reads its own: 1 or true."""
+    if args.allow_runtime_lora_updating is not None:
+        return "--allow-runtime-lora-updating" if args.allow_runtime_lora_updating else None
+    for name in RUNTIME_LORA_ENV:
+        if os.environ.get(name, "0").strip().lower() in ("1", "true"):
+            return f"{name}={os.environ[name]}"
+    return None
+
+
 def check_lora_modules(args: argparse.Namespace) -> None:
     """ValueError for what --lora-modules gets wrong that needs no model: the missing --enable-lora (vLLM's rule,
-    kept), a name given twice or equal to --served-model-name, a directory that is not a PEFT adapter."""
+    kept; runtime adapter loading needs it too), a name given twice or equal to --served-model-name, a directory
+    that is not a PEFT adapter."""
     from minillm.lora.adapter import load_adapter
     modules = args.lora_modules or []
     if modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora (with --max-loras and --max-lora-rank to size the "
                          "adapter slots): add it")
+    runtime = runtime_lora_updating(args)
+    if runtime and not args.enable_lora:
+        raise ValueError(f"{runtime} (runtime LoRA loading) needs --enable-lora (with --max-loras and "
+                         f"--max-lora-rank to size the adapter slots): add it"
+                         + ("" if runtime.startswith("--") else ", or --no-allow-runtime-lora-updating"))
     names = [m.name for m in modules]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -130,6 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
             raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
         check_lora_modules(args)
+        runtime_lora = runtime_lora_updating(args)
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
         chat_template = None
         if args.chat_template is not None:
@@ -146,7 +169,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
                         trust_request_chat_template=args.trust_request_chat_template,
-                        lora_modules=args.lora_modules)
+                        lora_modules=args.lora_modules,
+                        allow_runtime_lora_updating=runtime_lora is not None)
+        if runtime_lora:
+            print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
+                  f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
+                  f"an adapter (keep it on localhost, or behind --api-key)", file=sys.stderr)
         print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
               file=sys.stderr)
         run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock)
@@ -172,6 +200,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="LoRA adapters (PEFT directories) to serve, each as name=path or JSON '{\"name\": ..., "
                         "\"path\": ...}'; a request's \"model\": name runs with it. Needs --enable-lora (as in "
                         "vLLM: the server refuses to start without it); ids 1, 2, ... in the order given")
+    p.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=None,
+                   help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes: adapters "
+                        "added and removed while serving). Needs --enable-lora. Default: on when the environment "
+                        "sets MINILLM_ALLOW_RUNTIME_LORA_UPDATING or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING to 1 "
+                        "or true")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")

@@ -321,6 +321,24 @@ class ChatCompletionRequest(_SamplingFields):
         return super().unsupported()
 
 
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body; serving_models.py). vLLM's newer load_inplace (new weights under a
+    name already served) is refused when true: unload the name, then load it."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter: the adapter's name (vLLM's lora_int_id is accepted and, as there, unused)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    lora_name: str
+    lora_int_id: int | None = None
+
 # Fields that accept several shapes: pydantic reports one error per shape it tried ("prompt.str",
 # "prompt.list[int].0", ...), so the message says what the field accepts instead of the first shape's complaint.
 FIELD_SHAPES = {
