@@ -255,7 +255,7 @@ class EngineConfig:
                              f"calibrated by one forward of the whole model), got {self.pipeline_parallel_size}")
 
     def _check_lora(self) -> None:
-        """LoRA adapters run in the in-process worker's eager or graph-free steps of continuous batching."""
+        """What LoRA adapters run beside: continuous batching on one rank or on tensor/pipeline-parallel ranks."""
         from minillm.lora.adapter import MAX_LORA_RANK
         if self.max_lora_rank > MAX_LORA_RANK:
             raise ValueError(f"EngineConfig.max_lora_rank must be in 1..{MAX_LORA_RANK}, got {self.max_lora_rank}")
@@ -265,14 +265,13 @@ class EngineConfig:
         if not self.enable_lora:
             return
         asked = [text for text, on in (
-            (f"tensor/pipeline/expert parallelism ({self.tensor_parallel_size}/{self.pipeline_parallel_size}/"
-             f"{self.expert_parallel_size})",
-             self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size > 1),
+            (f"expert_parallel_size={self.expert_parallel_size}", self.expert_parallel_size > 1),
             ("speculative decoding", self.speculative_config is not None or self.speculative_model is not None),
             ("scheduling='static'", self.scheduling == "static"), ("compile=True", self.compile)) if on]
         if asked:
             raise ValueError(f"enable_lora=True does not combine with {', '.join(asked)} in minillm: adapters are "
-                             f"served by one worker rank, continuous batching, without speculation or torch.compile")
+                             f"served by continuous batching, on one rank or tensor/pipeline-parallel ranks, without "
+                             f"speculation or torch.compile")
 
     def _check_static(self) -> None:
         """Static batching (chapter 2) runs each batch to its end in fixed slots: it never shares prefix blocks,

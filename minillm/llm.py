@@ -77,8 +77,9 @@ class LLM:
             disaggregation = DisaggregationConfig.from_value(disaggregation)
             check_disaggregation(engine_config)
             if engine_config.enable_lora:
-                raise ValueError("enable_lora=True serves adapters from one in-process worker; disaggregation= "
-                                 "runs prefill and decode workers of their own: use one or the other")
+                raise ValueError("enable_lora=True is not supported with disaggregation= (its prefill and decode "
+                                 "workers would both need the adapters and the KV transfer their salt): use one or "
+                                 "the other")
             if distributed_executor_backend is not None or self.overrides:
                 raise ValueError("disaggregation= starts its own prefill and decode worker processes: give neither "
                                  "distributed_executor_backend nor overrides with it")
@@ -91,8 +92,6 @@ class LLM:
                 raise ValueError("tensor/pipeline/expert parallelism needs one worker process per rank: "
                                  "distributed_executor_backend='mp' or None, not 'uni'")
             distributed_executor_backend = "mp"  # one worker process per rank (minillm.parallel, chapter 11)
-        if distributed_executor_backend == "mp" and engine_config.enable_lora:
-            raise ValueError("enable_lora=True needs the in-process worker (distributed_executor_backend=None)")
         if distributed_executor_backend == "mp" and self.overrides:
             raise ValueError("overrides= runs the learner's functions in this process: use the in-process worker "
                              "(distributed_executor_backend=None)")

@@ -243,7 +243,7 @@ def test_a_failing_adapter_copy_fails_its_requests_only(model, adapters, monkeyp
 
 @pytest.mark.parametrize("options, message", [
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative"),
-    (dict(scheduling="static"), "static"), (dict(tensor_parallel_size=2), "parallelism"),
+    (dict(scheduling="static"), "static"), (dict(expert_parallel_size=2), "expert_parallel_size"),
     (dict(max_lora_rank=1024), "max_lora_rank"), (dict(max_loras=0), "max_loras"),
     (dict(max_loras=4, max_cpu_loras=2), "max_cpu_loras")])
 def test_engine_options_that_do_not_combine_are_named(options, message):

@@ -442,3 +442,41 @@ def test_bench_tp_decode_smoke_on_the_cpu(tmp_path):
     assert runs[1]["all_reduce_ms_per_step"] == 0.0 and runs[2]["all_reduce_ms_per_step"] > 0
     assert runs[2]["tokens_part_from_tp1_at"] is None  # fp32 on the CPU: the same tokens
     assert all(r["decode_tok_per_s"] > 0 for r in runs.values())
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_lora_adapters_under_parallelism_match_one_process(parallel, tmp_path):
+    """LoRA adapters at TP = 2 (each rank its rows of B in qkv / gate_up, its columns of A in o / down, the
+    partial products summed by the layers' all-reduces) and PP = 2 (each stage its own layers' slots, micro-batches
+    carrying their rows' slots): every rank reads the adapters itself, and the tokens equal one process's."""
+    from minillm.lora import LoRARequest
+    from minillm.lora.adapter import random_adapter, save_adapter
+    requests = []
+    for i, targets in enumerate([("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                 ("v_proj", "down_proj")]):
+        save_adapter(random_adapter(CONFIG, 4, targets=targets, seed=i, std=0.3), tmp_path / f"a{i}")
+        requests.append(LoRARequest(f"a{i}", i + 1, str(tmp_path / f"a{i}")))
+    loras = [requests[0], None, requests[1], requests[0]]
+    engine_kwargs = dict(ENGINE, enable_lora=True, max_loras=2, max_lora_rank=4)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    def run(lora: bool = True, **par):
+        options = engine_kwargs if lora else ENGINE
+        config = resolve_engine_config(EngineConfig(**options, **par), CONFIG, torch.device("cpu"))
+        kwargs = dict(_kwargs(), engine_config=config)
+        executor = MultiProcExecutor(kwargs) if par else UniProcExecutor(Worker(**kwargs))
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**options, **par), executor=executor)
+        try:
+            ids = [engine.add_request(None, p, params, lora_request=r if lora else None)
+                   for p, r in zip(PROMPTS, loras)]
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, o.outputs[0]) for o in engine.step() if o.finished)
+            return [done[i] for i in ids]
+        finally:
+            engine.shutdown()
+
+    one, par, base = run(), run(**parallel), run(lora=False)
+    assert all(o.error is None for o in par)
+    assert [o.token_ids for o in par] == [o.token_ids for o in one]
+    assert sum(o.token_ids != b.token_ids for o, b, r in zip(one, base, loras) if r is not None) >= 2  # they bite

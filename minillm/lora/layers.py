@@ -67,6 +67,10 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segm
 # <<< exercise
 
 
+# what tp_slice is handed for a LoRA matrix: it reads only a parameter's layout ([out, in], no input_dim marks)
+_MATRIX = torch.empty(0, 0)
+
+
 @dataclass
 class LoRAMapping:
     """Which adapter slot each sequence's tokens use in one step: segments of the packed batch (start, length,
@@ -89,8 +93,7 @@ class LoRALayerSlots:
 
     def __init__(self, linear: nn.Module, projections: tuple[str, ...], max_loras: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.projections = projections
-        self.max_rank = max_rank
+        self.linear, self.projections, self.max_rank = linear, projections, max_rank
         # each shard's output rows: a packed layer's shard_slice, else the whole output
         self.rows = [linear.shard_slice(TARGETS[p][1]) for p in projections] if len(projections) > 1 \
             else [(0, linear.output_size)]
@@ -100,16 +103,25 @@ class LoRALayerSlots:
 
     def set_slot(self, slot: int, modules: dict) -> None:
         """Put one adapter's modules of this layer (Hugging Face projection name -> LoRAModule) into `slot`;
-        projections the adapter leaves alone stay zero."""
+        projections the adapter leaves alone stay zero. Under tensor parallelism each rank keeps its piece, cut by
+        the layer's own tp_slice: a column-parallel layer (qkv, gate_up) its rows of each shard's B (A whole: every
+        rank sees the whole input), a row-parallel one (o, down) its input columns of A (B whole), whose partial
+        product is summed by the layer's all-reduce with the partial matmul."""
         self.a[slot].zero_()
         self.b[slot].zero_()
         for i, name in enumerate(self.projections):
             module = modules.get(name)
             if module is None:
                 continue
+            a, b = module.a, module.b * module.scaling
+            tp_slice = getattr(self.linear, "tp_slice", None)
+            if tp_slice is not None and self.linear.parallel_style == "row":
+                a = tp_slice(_MATRIX, a)
+            elif tp_slice is not None:
+                b = tp_slice(_MATRIX, b, TARGETS[name][1] if len(self.projections) > 1 else None)
             lo, (offset, size) = i * self.max_rank, self.rows[i]
-            self.a[slot, lo:lo + module.rank].copy_(module.a)
-            self.b[slot, offset:offset + size, lo:lo + module.rank].copy_(module.b * module.scaling)
+            self.a[slot, lo:lo + module.rank].copy_(a)
+            self.b[slot, offset:offset + size, lo:lo + module.rank].copy_(b)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:
         """y += (x A_s^T) B_s^T for each segment's tokens (in place; returns y). On a GPU one fused launch where

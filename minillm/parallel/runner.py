@@ -75,8 +75,8 @@ def micro_batch_bounds(query_lens: list[int], num_micro_batches: int) -> list[in
 
 def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
     """Cut a step's sequences into at most `num_micro_batches` consecutive groups of about equal token counts
-    (micro_batch_bounds). Block operations and finished requests travel with the step itself (applied once,
-    before any micro-batch)."""
+    (micro_batch_bounds). Block operations, finished requests and LoRA adapter copies travel with the step itself
+    (applied once, before any micro-batch)."""
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
     if num_micro_batches == 1 or step.num_seqs <= 1:
@@ -101,13 +101,13 @@ def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
         parts.append(dataclasses.replace(
             step, **{name: getattr(step, name)[a:b] for name in _PER_TOKEN}, **per_seq,
             blocks_to_swap_out=[], blocks_to_swap_in=[], blocks_to_copy=[], slots_to_copy=[],
-            finished_request_ids=[]))
+            finished_request_ids=[], lora_loads=[]))
     return parts
 
 
 _PER_TOKEN = ("input_ids", "positions", "slot_mapping")
 _PER_SEQUENCE = ("query_lens", "seq_lens", "block_tables", "num_sampled", "sampling")
-_PER_SEQUENCE_OPTIONAL = ("num_logprobs", "prompt_logprob_rows", "tree_masks")
+_PER_SEQUENCE_OPTIONAL = ("num_logprobs", "prompt_logprob_rows", "tree_masks", "lora_slots")
 
 
 class ForwardFailed(RuntimeError):
@@ -131,6 +131,8 @@ class ParallelModelRunner(ModelRunner):
         self.apply_block_ops(step)
         if step.is_empty:
             return StepOutput([[] for _ in range(step.num_seqs)]) if state.is_driver else None
+        if step.lora_slots is not None:  # every rank copies the step's new adapters into its own layers' slots
+            self._load_adapters(step)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden_size = self.model_config.hidden_size
