@@ -156,16 +156,23 @@ class TokenIndex:
         self._eos_only = torch.from_numpy(vocab.eos_mask.copy())
 
     def _rows(self, states: np.ndarray) -> np.ndarray:
-        """The transition table, with rows present for `states` (building DFA states lazily as needed)."""
+        """The transition table, with rows present for `states` (building DFA states lazily as needed). The table
+        first grows to every state the DFA has built: a state may come from outside this table, from
+        `next_state`'s walks (the engine's own, or a caller's), which build DFA states as they go."""
+        self._grow()
         for s in states[~self._have[states]].tolist():
             row = self.dfa.transitions(s)
-            if self.dfa.num_states > len(self._have):
-                cap = max(2 * len(self._have), self.dfa.num_states)
-                self._table = np.concatenate([self._table, np.full((cap - len(self._have), 256), DEAD)])
-                self._have = np.concatenate([self._have, np.zeros(cap - len(self._have), dtype=bool)])
+            self._grow()
             self._table[s] = row
             self._have[s] = True
         return self._table
+
+    def _grow(self) -> None:
+        """Room in the table for every DFA state built so far."""
+        if self.dfa.num_states > len(self._have):
+            cap = max(2 * len(self._have), self.dfa.num_states)
+            self._table = np.concatenate([self._table, np.full((cap - len(self._have), 256), DEAD)])
+            self._have = np.concatenate([self._have, np.zeros(cap - len(self._have), dtype=bool)])
 
     def _compute(self, state: int, rule=token_mask) -> np.ndarray:
         v = self.vocab
