@@ -4,8 +4,9 @@ engines (test_engine_stress.build_engine: prefix caching, chunked prefill, preem
 speculation, an fp8 KV cache) and judge every request against the same request run alone
 (stress_helpers.Reference and compare). What is new here is what lies between the engine and a client:
 
-    EngineRecorder     a step listener on the AsyncLLM: the scheduler's invariants after every step (and after
-                       every batch of aborts), and every RequestOutput the engine handed out, per request id:
+    EngineRecorder     a step listener on the AsyncLLM: the scheduler's invariants and the LoRA slots'
+                       (stress_helpers.lora_problem) after every step (and after every batch of aborts), and every
+                       RequestOutput the engine handed out, per request id:
                        each extends the one before it (tokens, text, log-probs: nothing shown is ever taken
                        back), none comes after the finished one
     until_step         a client's arrival or departure: wait until the engine has taken that many steps (sooner
@@ -28,7 +29,7 @@ import time
 
 from minillm.engine.async_llm import AsyncLLM
 from minillm.outputs import RequestOutput
-from stress_helpers import FP8_TOL, TIE, Reference, Request, extension_problem
+from stress_helpers import FP8_TOL, TIE, Reference, Request, extension_problem, lora_problem
 
 POLL = 0.001  # seconds between two looks at the engine's step counter
 
@@ -49,6 +50,9 @@ class EngineRecorder:
             self.engine.scheduler.check_invariants()
         except AssertionError as err:
             self.problems.append(f"after step {snapshot.step}: {err}")
+        problem = lora_problem(self.engine)
+        if problem:
+            self.problems.append(f"after step {snapshot.step}: LoRA: {problem}")
         for out in outputs:
             seen = self.outputs.setdefault(out.request_id, [])
             problem = extension_problem(seen[-1] if seen else None, out)

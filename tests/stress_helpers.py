@@ -7,13 +7,15 @@ tests/async_stress_helpers.py): one way to draw requests, run them alone, drive 
     draw_requests          a stream of requests that exercises the output loop: shared prefixes (prefix-cache
                            hits), long and repetitive prompts, stop tokens and stop strings that really fire
                            (draw_stop), min_tokens, seeded sampling, log-probs, special tokens kept as text
-                           (skip_special_tokens=False) or not, poisoned requests; some aborted later
+                           (skip_special_tokens=False) or not, poisoned requests, LoRA adapters (where the
+                           caller passes some: stress_adapters); some aborted later
     Reference              each distinct request run alone on a plain in-process LLMEngine (the oracle)
     drive                  the engine stepped through a scenario's events, an engine's Checks after every
                            abort, finish and step, every output extending the request's last one
                            (extension_problem), then every request compared with the Reference (compare: tokens,
                            text, finish reason, log-probs and their token texts)
-    EngineChecks           the checks of an LLMEngine's one scheduler and block manager (other engines subclass)
+    EngineChecks           the checks of an LLMEngine's one scheduler and block manager (other engines subclass),
+                           its LoRA slots too (lora_problem)
 
 Why differential: the engine's features (prefix caching, chunked prefill, preemption, speculation, other
 processes) must never change what a request produces, only how fast; the same request run alone in the plainest
@@ -21,10 +23,14 @@ engine is the answer, exactly (fp32 on the CPU), except at a greedy tie (Referen
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
 import json
 import random
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import pytest
@@ -32,6 +38,7 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
+from minillm.lora import LoRARequest
 from minillm.outputs import RequestOutput
 from minillm.sampling_params import SamplingParams, StructuredOutputsParams
 from tiny import ByteTokenizer
@@ -52,6 +59,7 @@ POISON_FORWARD = 297  # a token that makes the model's forward raise (the step r
 # ByteTokenizer's special tokens that a prompt may hold (not the poisons): "" or "<|260|>" as a request asks
 SPECIAL_IDS = range(256, POISON_FORWARD)
 TOKENIZER = ByteTokenizer()
+LORA_RANK = 8  # max_lora_rank of every LoRA engine (the reference's too); stress_adapters' ranks are 2 to 8
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Request:
     # a constraint (draw_constraint): () or ("regex", pattern) / ("choice", strings) / ("json", schema as JSON
     # text) / ("allowed", token ids) / ("bad_words", words)
     constraint: tuple = ()
+    lora: LoRARequest | None = None  # the adapter it runs with (stress_adapters), None: the base model
 
     def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
@@ -88,7 +97,7 @@ class Request:
         Nor spaces_between_special_tokens: Tokenizer.decode says it changes no text, so the run alone with either
         value is the answer (the first request drawn decides which, and the comparison holds the claim to it)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed, self.include_stop, self.skip_special, self.constraint)
+                self.seed, self.include_stop, self.skip_special, self.constraint, self.lora)
 
 
 @dataclass
@@ -134,11 +143,19 @@ def engine_tokenizer(poison: str | None) -> ByteTokenizer:
 
 
 class PoisonedModel(torch.nn.Module):
-    """The model, except that a forward whose input holds POISON_FORWARD raises."""
+    """The model, except that a forward whose input holds POISON_FORWARD raises. Its modules are the model's under
+    the model's own names ("model.layers.0.self_attn.qkv_proj", not "inner.model..."): whatever walks the modules
+    by name finds them, as LoRA's slots do (minillm.lora.layers.LoRAWeights)."""
 
     def __init__(self, inner) -> None:
         super().__init__()
-        self.inner = inner
+        self.__dict__["inner"] = inner  # not a submodule: its children are registered as this module's own
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        for name, param in inner.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in inner.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
 
     def forward(self, input_ids, positions, *rest):  # rest: a pipeline stage's (hidden, residual) from the last
         if bool((input_ids == POISON_FORWARD).any()):
@@ -151,14 +168,15 @@ class PoisonedModel(torch.nn.Module):
 
 class Reference:
     """Outputs of requests each run alone in a plain in-process engine (no prefix cache, chunking, preemption,
-    async or speculation; the scenario's KV cache dtype and poison) over `model_and_config` (the engine under
-    test's weights), computed once per distinct request, with the log-probs of every sampled and prompt token
-    (top LP_WIDTH)."""
+    async or speculation; the scenario's KV cache dtype and poison; a request's LoRA adapter in an engine with
+    enable_lora and one slot) over `model_and_config` (the engine under test's weights), computed once per
+    distinct request, with the log-probs of every sampled and prompt token (top LP_WIDTH)."""
 
     def __init__(self, model_and_config) -> None:
         self.model, self.config = model_and_config
         self.cache: dict[tuple, tuple[list[int], str, str]] = {}
         self.outputs: dict[tuple, object] = {}  # the same key -> the finished RequestOutput
+        self.merged: dict[LoRARequest, torch.nn.Module] = {}  # an adapter -> the model with it merged (the tie judge)
 
     def __call__(self, req: Request) -> tuple[list[int], str]:
         return self.run(req)[:2]
@@ -168,12 +186,14 @@ class Reference:
         """(token ids, finish reason, text)."""
         key = (req.key(), kv_cache_dtype, poison)
         if key not in self.cache:
+            lora = dict(enable_lora=True, max_loras=1, max_lora_rank=LORA_RANK) if req.lora is not None else {}
             engine = LLMEngine(PoisonedModel(self.model) if poison == "forward" else self.model,
                                FussyTokenizer() if poison else ByteTokenizer(), self.config,
                                EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
-                                            async_scheduling=False, kv_cache_dtype=kv_cache_dtype))
+                                            async_scheduling=False, kv_cache_dtype=kv_cache_dtype, **lora))
             # alone, a request's priority orders nothing, and this fcfs engine refuses any but 0
-            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH).checked_copy(priority=0))
+            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH).checked_copy(priority=0),
+                               lora_request=req.lora)
             done = None
             while engine.has_unfinished_requests():
                 for out in engine.step():
@@ -189,7 +209,8 @@ class Reference:
         """Whether `got` is a greedy run that left `expected` where two tokens tie: at the first difference both
         tokens' logits are within TIE of the best one (a batch of another shape rounds them the other way round),
         and every token of `got` from there is such a greedy choice too (min_tokens' ban respected). fp32 on
-        the CPU; a cache-less forward of the whole sequence is the judge. An fp8 KV cache passes tie=FP8_TOL."""
+        the CPU; a cache-less forward of the whole sequence is the judge (a request's adapter merged into the
+        weights: merged_model). An fp8 KV cache passes tie=FP8_TOL."""
         if req.seed is not None:
             return False
         i = next((j for j, (a, b) in enumerate(zip(got, expected)) if a != b), None)
@@ -197,9 +218,14 @@ class Reference:
             return False
         from minillm.speculative.train_data import record_features
         tokens = list(req.prompt) + got
+        model = self.model
+        if req.lora is not None:
+            if req.lora not in self.merged:
+                self.merged[req.lora] = merged_model(self.model, req.lora.lora_path)
+            model = self.merged[req.lora]
         with torch.no_grad():
-            hidden = record_features(self.model, torch.tensor([tokens]), torch.device("cpu"))[0]
-            logits = self.model.compute_logits(self.model.model.norm(hidden)).float()
+            hidden = record_features(model, torch.tensor([tokens]), torch.device("cpu"))[0]
+            logits = model.compute_logits(model.model.norm(hidden)).float()
         start = len(req.prompt) - 1
         banned = list(req.stop_token_ids) + ([] if req.ignore_eos else [self.config.eos_token_id])
         constraint = None  # a constrained request's greedy choice is among the tokens its constraint allows
@@ -222,6 +248,54 @@ class Reference:
         return True
 
 
+def merged_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """A copy of `model` with the LoRA adapter in directory `path` folded into its weights (W + scaling B A, in
+    each packed layer's rows): what a request with that adapter computes, cache-less (Reference.parts_at_a_tie)."""
+    from minillm.lora.adapter import TARGETS, load_adapter
+    merged = copy.deepcopy(model)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for module in modules.values():
+            if getattr(module, "lora", None) is not None:
+                module.lora = None  # (slots some engine attached: the copy needs none)
+        for (layer, name), lora in load_adapter(path).modules.items():
+            packed, shard = TARGETS[name]
+            linear = modules[f"model.layers.{layer}.{packed}"]
+            offset, size = linear.shard_slice(shard) if shard is not None else (0, linear.output_size)
+            linear.weight[offset:offset + size] += lora.delta_weight()
+    return merged.eval()
+
+
+# the adapters of stress_adapters: name, rank, targets, layers (None: all), whether each module gets its own alpha
+# (written as alpha_pattern). Names say what each adapts, for a failing seed's description.
+LORA_SPECS = [("all-r8", 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None, False),
+              ("qvo-r4", 4, ("q_proj", "v_proj", "o_proj"), None, False),
+              ("mlp-r6-alpha", 6, ("gate_proj", "up_proj", "down_proj"), None, True),
+              ("k+down-layer1-r2", 2, ("k_proj", "down_proj"), range(1, 2), False)]
+_ADAPTERS: dict[str, list[LoRARequest]] = {}  # repr(model config) -> its adapters, written once per process
+
+
+def stress_adapters(config) -> list[LoRARequest]:
+    """Four random LoRA adapters for a model of shape `config` (LORA_SPECS: ranks 2 to 8, all projections, some
+    of attention, the MLP's with an alpha of their own, two projections of one layer; std 0.3: greedy picks other
+    tokens nearly everywhere), written in PEFT's format once per test session to a temporary directory removed at exit;
+    lora_int_ids 1 to 4."""
+    key = repr(config)
+    if key not in _ADAPTERS:
+        from minillm.lora.adapter import random_adapter, save_adapter
+        root = tempfile.mkdtemp(prefix="minillm-stress-lora-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        requests = []
+        for i, (name, rank, targets, layers, own_alpha) in enumerate(LORA_SPECS):
+            adapter = random_adapter(config, rank, targets=targets, seed=100 + i, std=0.3, layers=layers)
+            if own_alpha:
+                for j, module in enumerate(adapter.modules.values()):
+                    module.scaling = (0.5, 1.0, 3.0)[j % 3]
+            save_adapter(adapter, f"{root}/{name}")
+            requests.append(LoRARequest(name, i + 1, f"{root}/{name}"))
+        _ADAPTERS[key] = requests
+    return _ADAPTERS[key]
+
 
 @dataclass(frozen=True)
 class PoisonedSource:
@@ -238,7 +312,8 @@ def draw_engine_options(rng: random.Random) -> dict:
     """EngineConfig options of a random engine over the tiny model (2 layers, 2 KV heads of 8): block size 4/8/16,
     1-6 sequences, a KV pool of one to two longest sequences (running several long requests preempts), prefix
     caching, chunked prefill with a small token budget, preemption by recompute or swap (swap space from a few
-    blocks, where swap falls back to recompute, to plenty), async scheduling, the priority policy, fp8 KV."""
+    blocks, where swap falls back to recompute, to plenty), async scheduling, the priority policy, fp8 KV. Never
+    LoRA (the disaggregated and parallel engines refuse it): test_engine_stress.draw_scenario adds it."""
     block_size = rng.choice([4, 8, 16])
     chunked = rng.random() < 0.5
     per_seq = -(-MAX_LEN // block_size)  # blocks one sequence of max_model_len needs
@@ -330,14 +405,17 @@ def draw_constraint(rng: random.Random, req: Request) -> None:
 
 
 def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, seeded: bool = True,
-                  priorities: bool = False, prefix: str = "") -> None:
+                  priorities: bool = False, prefix: str = "", loras: list[LoRARequest] | tuple = (),
+                  lora_rng: random.Random | None = None) -> None:
     """Append 8 to 16 random requests (ids prefix + "0", prefix + "1", ...) to `scenario.events`, arriving at
     random steps, and aborts of some of them; sorted by step. Prompts hold a special token now and then, and a
     quarter of the requests keep special tokens' text (draw_special_switches). `seeded`: some requests sample
     with a seed (not where the engine's batches legitimately move the probabilities: speculation's verify steps,
     fp8 KV);
-    `priorities`: random priorities 0-2 (the priority policy). Stops are cut out of the reference's own run, so
-    they really fire."""
+    `priorities`: random priorities 0-2 (the priority policy); `loras`: half the requests run with one of these
+    adapters (the engine must have enable_lora), drawn from `lora_rng` (its own generator: a scenario without
+    adapters draws what it drew before adapters existed). Stops are cut out of the reference's own run (with the
+    request's adapter), so they really fire."""
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
     prefixes = [[draw_prompt_token(rng) for _ in range(rng.randint(8, 40))] for _ in range(2)]
     num_requests = rng.randint(8, 16)
@@ -370,6 +448,8 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
             req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
         draw_special_switches(rng, req)
         draw_constraint(rng, req)
+        if loras and lora_rng.random() < 0.5:
+            req.lora = lora_rng.choice(loras)
         draw_stop(rng, req, reference, kv_dtype, scenario.poison)
         scenario.events.append((step, "add", prefix + str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
@@ -395,12 +475,38 @@ def draw_stop(rng: random.Random, req: Request, reference: Reference, kv_dtype: 
             req.stop = (text[start:start + rng.randint(1, longest)],)
 
 
+def lora_problem(engine, lora_ids: set[int] | None = None) -> str | None:
+    """What is wrong with an engine's LoRA bookkeeping after a step, or None (also None where LoRA is off): more
+    than max_loras distinct adapters among the running sequences; a slot id that is not an adapter of the
+    requests added (`lora_ids`, where known), or one adapter in two slots; a slot the engine thinks holds an
+    adapter while the in-process worker's slot holds another (every step's copies are made by the time step()
+    returns, async steps' too: the CPU runs a launch at once)."""
+    slots = getattr(engine, "lora_slots", None)
+    if slots is None:
+        return None
+    running = {s.lora_request.lora_int_id for s in engine.scheduler.running if s.lora_request is not None}
+    if len(running) > slots.max_loras:
+        return f"{len(running)} adapters {sorted(running)} among the running sequences, max_loras={slots.max_loras}"
+    held = [i for i in slots.slot_ids if i is not None]
+    if len(held) != len(set(held)):
+        return f"an adapter in two slots: {slots.slot_ids}"
+    if lora_ids is not None and not set(held) <= lora_ids:
+        return f"slots {slots.slot_ids} hold an adapter no request named (adapters {sorted(lora_ids)})"
+    worker = getattr(getattr(engine, "executor", None), "driver_worker", None)
+    resident = getattr(getattr(worker, "lora", None), "resident", None)
+    if resident is not None and any(i is not None and resident[s] != i for s, i in enumerate(slots.slot_ids)):
+        return f"the engine's slots {slots.slot_ids}, the worker's {resident}"
+    return None
+
+
 class EngineChecks:
     """The bookkeeping checks of an LLMEngine (one scheduler, one block manager), whatever its executor; the
-    disaggregated engine's checks subclass it (two sides and a transfer queue)."""
+    disaggregated engine's checks subclass it (two sides and a transfer queue). `lora_ids`: the adapters of the
+    requests added so far (drive notes them), for the LoRA checks."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.lora_ids: set[int] = set()
 
     def holds_nothing(self, rid: str, seq) -> None:
         """Request `rid` (its sequence `seq`) has ended: it holds no device or CPU block any more."""
@@ -413,13 +519,18 @@ class EngineChecks:
 
     def after_step(self) -> None:
         self.engine.scheduler.check_invariants()
+        problem = lora_problem(self.engine, self.lora_ids)
+        assert problem is None, f"LoRA: {problem}"
 
     def at_end(self) -> None:
-        """Every request has ended: every block is free again."""
+        """Every request has ended: every block is free again; the LoRA slots hold nothing but adapters of the
+        requests (or nothing)."""
         bm = self.engine.scheduler.block_manager
         assert bm.num_used_blocks == 0 and all(r == 0 for r in bm.ref_counts), "device blocks leaked"
         assert bm.num_used_cpu_blocks == 0 and not bm._cpu_tables, "swap space leaked"
         assert not bm._on_device
+        problem = lora_problem(self.engine, self.lora_ids)
+        assert problem is None, f"LoRA at the end: {problem}"
 
     @contextlib.contextmanager
     def recording_collateral(self, collateral: set[str]):
@@ -460,7 +571,10 @@ def drive(engine: LLMEngine, scenario: Scenario, reference: Reference, checks: E
             while events and events[0][0] <= step:
                 _, kind, rid, req = events.pop(0)
                 if kind == "add":
-                    engine.add_request(rid, list(req.prompt), req.params())
+                    lora = {} if req.lora is None else {"lora_request": req.lora}  # (engines without LoRA)
+                    engine.add_request(rid, list(req.prompt), req.params(), **lora)
+                    if req.lora is not None:
+                        checks.lora_ids.add(req.lora.lora_int_id)
                     requests[rid] = req
                     seqs[rid] = engine._requests[rid].seq
                     continue
@@ -626,7 +740,23 @@ def check_entry(where: str, token: int, got: dict, want: dict, k: int, tol: floa
 
 def describe(scenario: Scenario) -> str:
     lines = [f"options={scenario.options!r}, spec={scenario.spec!r}, poison={scenario.poison!r}"]
+    lines += describe_loras([e[3] for e in scenario.events if e[1] == "add"], scenario.options)
     lines += [f"  {e!r}" for e in scenario.events]
     return "\n".join(lines)
+
+
+def describe_loras(requests: list[Request], options: dict) -> list[str]:
+    """The LoRA part of a scenario's description: max_loras and how many requests run with each adapter."""
+    if not options.get("enable_lora"):
+        return []
+    used: dict[LoRARequest, int] = {}
+    for req in requests:
+        if req.lora is not None:
+            used[req.lora] = used.get(req.lora, 0) + 1
+    each = ", ".join(f"{r.lora_name} (id {r.lora_int_id}, {r.lora_path}): {n}" for r, n in
+                     sorted(used.items(), key=lambda item: item[0].lora_int_id))
+    return [f"LoRA: max_loras={options.get('max_loras')}, max_lora_rank={options.get('max_lora_rank')}; "
+            f"{len(requests) - sum(used.values())} of {len(requests)} requests without an adapter; "
+            f"{each or 'none with one'}"]
 
 

@@ -3,13 +3,15 @@
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
 budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
 n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE / EAGLE-tree / MTP heads or a
-one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache) and a stream of
+one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache; without
+speculation, half the time multi-LoRA: enable_lora with max_loras 1-3 slots for four adapters of ranks 2-8 over
+different projections, stress_helpers.stress_adapters, and no fp8 KV cache: draw_scenario says why) and a stream of
 events (requests arriving at random steps, with random prompt lengths, some sharing long prefixes so the prefix
 cache hits, random max_tokens, some with stop_token_ids or stop strings
 that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, special tokens
 in prompts and kept as text by a quarter of the requests (skip_special_tokens=False; the tiny model samples
-special ids for about one token in six), a poisoned request whose text or forward raises; aborts of waiting,
-running or swapped requests).
+special ids for about one token in six), a poisoned request whose text or forward raises, half the requests of
+a LoRA scenario with one of the adapters; aborts of waiting, running or swapped requests).
 The engine is driven step by step (add_request / step / abort) and checked after every step:
 
     the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
@@ -17,11 +19,14 @@ The engine is driven step by step (add_request / step / abort) and checked after
     no request is reported finished twice, none after its abort, none that was never added;
     each output of a request extends its last one (tokens, text: nothing shown is taken back) and, running, shows
     no stop string (min_tokens 0);
+    with LoRA, at most max_loras distinct adapters among the running sequences, no adapter in two slots, and each
+    slot the engine thinks full holds that adapter in the worker (stress_helpers.lora_problem);
     at the end every block is free (ref counts zero, CPU swap space empty), and each request that was not aborted
     finished with a finish_reason and the token ids and text of the same request run alone in a fresh engine
-    with none of the features (fp32 on the CPU: the same tokens, not merely close logits; the same KV cache dtype
-    and poison), with the same log-probs within LP_TOL (stress_helpers: the raw target model's, speculative or not)
-    and each log-prob entry's token text as the request decodes it (adding up to the text where they can);
+    with none of the features (fp32 on the CPU: the same tokens, not merely close logits; the same KV cache dtype,
+    poison and LoRA adapter: a prefix-cache block shared across adapters shows here), with the same log-probs
+    within LP_TOL (stress_helpers: the raw target model's, speculative or not) and each log-prob entry's token
+    text as the request decodes it (adding up to the text where they can);
     a poisoned request ends in "error" as it does alone, and so may only the requests of a failed step that
     could not be rerun one at a time (step_isolation.can_isolate). One exception: where
     two greedy candidates tie (logits within TIE; a batch of another shape rounds them the other way round), the
@@ -31,8 +36,10 @@ The engine is driven step by step (add_request / step / abort) and checked after
 
 The machinery (Request, Reference, draw_requests, drive, the checks) lives in tests/stress_helpers.py, shared with
 the stress tests of the disaggregated engine (tests/test_disagg_stress.py) and of tensor and pipeline parallel
-workers (tests/test_parallel_stress.py). CI runs SEEDS seeds (about a quarter of a second each on a CPU). A longer
-hunt: MINILLM_STRESS_SEEDS=2000 (and MINILLM_STRESS_FIRST=10000 to start elsewhere; MINILLM_STRESS_BACKEND=triton
+workers (tests/test_parallel_stress.py), which never draw LoRA (those engines refuse it). CI runs SEEDS seeds
+(about a quarter of a second each on a CPU; LoRA comes up in about one scenario in seven) and LORA_SEEDS more
+forced to serve adapters. A longer hunt: MINILLM_STRESS_SEEDS=2000, MINILLM_STRESS_LORA_SEEDS=500 (and
+MINILLM_STRESS_FIRST=10000 to start elsewhere; MINILLM_STRESS_BACKEND=triton
 for the Triton kernels under the interpreter, 60 seeds clean on 2026-12-06). A failing seed prints its
 scenario, which a regression test below can replay by hand.
 """
@@ -46,18 +53,23 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
-from stress_helpers import (MAX_LEN, PoisonedModel, Reference, Request, Scenario, describe, draw_engine_options,
-                            draw_requests, drive, engine_tokenizer)
+from stress_helpers import (LORA_RANK, MAX_LEN, PoisonedModel, Reference, Request, Scenario, describe,
+                            draw_engine_options, draw_requests, drive, engine_tokenizer, stress_adapters)
 from test_engine import tiny_config, tiny_model
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 30
 FIRST = int(os.environ.get("MINILLM_STRESS_FIRST", 0))
 NUM_SEEDS = int(os.environ.get("MINILLM_STRESS_SEEDS", SEEDS))
+# seeds whose scenario is forced to serve LoRA adapters (draw_scenario(lora=True)): the random seeds draw them in
+# about one scenario in seven (two of the first 30), so CI runs a few more
+LORA_SEEDS = 3
+NUM_LORA_SEEDS = int(os.environ.get("MINILLM_STRESS_LORA_SEEDS", LORA_SEEDS))
 # MINILLM_STRESS_BACKEND=triton runs every engine (and the runs alone) through the Triton kernels, interpreted on a
 # CPU (paged prefill with context, split-KV decode, tree attention, the fp8 cache's scales): ~a minute a seed
 BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 K = 3  # speculative tokens per step
+LORA_ODDS = 0.5  # of a scenario without speculation: enable_lora, max_loras 1-3, half its requests with an adapter
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +105,40 @@ def reference(model_and_config):
     return Reference(model_and_config)
 
 
-def draw_scenario(seed: int, reference: Reference) -> Scenario:
+def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> Scenario:
+    """Seed N's scenario. `lora`: None draws multi-LoRA (LORA_ODDS of the scenarios without speculation); True
+    forces it (and no speculation), False forbids it."""
     rng = random.Random(seed)
     options = draw_engine_options(rng)
     fp8 = "kv_cache_dtype" in options
     spec = rng.choice([None, None, None, None, "ngram", "ngram", "medusa", "eagle", "draft_model", "ngram_tree",
                        "eagle_tree", "lookahead", "self_speculative", "mtp", "medusa_tree"])
+    if lora:
+        spec = None
     if spec is not None and rng.random() < 0.3:  # speculation switched off and on as the batch grows and shrinks
         options["spec_extra"] = {"disable_by_batch_size": rng.randint(1, 3)}
     # (not with fp8, whose tokens may part from the run alone's: then the tokenizer decodes other windows)
     poison = None if fp8 else rng.choice([None] * 5 + ["text", "forward" if spec is None else "text"] * 2)
+    # multi-LoRA (not with speculation, which the engine refuses beside it): drawn from a generator of its own, so a
+    # scenario without adapters is the one this seed drew before LoRA was drawn. Not with an fp8 KV cache either:
+    # its scales are calibrated on the base model (engine/kv_scales.py), and these adapters, far stronger than
+    # trained ones, take keys up to 4.1x the calibrated amax (past HEADROOM: saturated; seed 5, lora=True, parted
+    # from its run alone far from any fp8 tie) and magnify fp8's rounding through larger queries: even at std 0.2
+    # a prompt log-prob of a request run alone moved 1.0 nat between one prefill and chunks of 16 (seed 63,
+    # lora=True), twice FP8_LP_TOL, so fp8 could not be told from a wrong adapter.
+    lora_rng = random.Random(f"lora {seed}")
+    loras = []
+    drawn = lora_rng.random() < LORA_ODDS
+    if spec is None and (drawn if lora is None else lora):
+        options.update(enable_lora=True, max_loras=lora_rng.randint(1, 3), max_lora_rank=LORA_RANK)
+        loras = stress_adapters(reference.config)
+        options.pop("kv_cache_dtype", None)  # (its swap space stays as drawn: fewer fp32 blocks, still valid)
+        fp8 = False
     scenario = Scenario(options, spec, poison=poison)
     # seeded sampling: not with speculation (verify steps draw differently), nor where fp8's rounding moves the
     # probabilities
     draw_requests(rng, scenario, reference, seeded=spec is None and not fp8,
-                  priorities=options.get("scheduling_policy") == "priority")
+                  priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng)
     return scenario
 
 
@@ -142,16 +173,27 @@ def run_scenario(engine: LLMEngine, scenario: Scenario, reference: Reference, ma
     drive(engine, scenario, reference, max_steps=max_steps)
 
 
-@pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_SEEDS))
-def test_random_workload_matches_requests_run_alone(model_and_config, head_dirs, reference, seed):
-    scenario = draw_scenario(seed, reference)
+def run_seed(model_and_config, head_dirs, reference: Reference, seed: int, lora: bool | None = None) -> None:
+    scenario = draw_scenario(seed, reference, lora)
     engine = build_engine(model_and_config, head_dirs, scenario)
+    where = f"seed {seed}" + ("" if lora is None else f" (lora={lora})")
     try:
         run_scenario(engine, scenario, reference)
     except AssertionError as err:
-        raise AssertionError(f"seed {seed}: {err}\n{describe(scenario)}") from err
+        raise AssertionError(f"{where}: {err}\n{describe(scenario)}") from err
     except Exception as err:
-        raise RuntimeError(f"seed {seed}: {type(err).__name__}: {err}\n{describe(scenario)}") from err
+        raise RuntimeError(f"{where}: {type(err).__name__}: {err}\n{describe(scenario)}") from err
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_SEEDS))
+def test_random_workload_matches_requests_run_alone(model_and_config, head_dirs, reference, seed):
+    run_seed(model_and_config, head_dirs, reference, seed)
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_LORA_SEEDS))
+def test_random_lora_workload_matches_requests_run_alone(model_and_config, head_dirs, reference, seed):
+    """Seed N's engine options without speculation, serving LoRA adapters (max_loras 1-3) to half its requests."""
+    run_seed(model_and_config, head_dirs, reference, seed, lora=True)
 
 
 # -- regressions the stress test found, replayed by hand -------------------------------------------------------
