@@ -1,5 +1,6 @@
 """Multi-LoRA serving: the segmented-gather LoRA kernels, shrink and expand (Punica's and S-LoRA's SGMV), and the
-two fused into one launch for decode batches.
+two fused into one launch for decode batches. Chapter 10, section 7 explains them (its exercise, lora_delta, is the
+same product in torch: minillm/lora/layers.py).
 
 A LoRA adapter changes a linear layer y = x W^T into y = x W^T + (x A^T) B^T with two thin matrices, A [R, K] and
 B [N, R], of a small rank R (8 to 64; the scaling alpha / R is folded into B by the caller). Serving many adapters

@@ -195,7 +195,7 @@ class LLMEngine(StepOutputs, RequestChecks):
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
         if lora_request is not None:
-            seq.lora_request, seq.cache_salt = lora_request, hash((0x4C6F5241, lora_request.lora_int_id))
+            seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
         if constraint is not None:
             seq.constraint = constraint
             self._constrained.add(request_id)

@@ -1,4 +1,5 @@
-"""LoRA adapters on disk and in host memory: PEFT's format read, checked against the model, and written.
+"""LoRA adapters on disk and in host memory: PEFT's format read, checked against the model, and written (chapter 10,
+section 7 makes two and serves them).
 
 PEFT (Hugging Face's library, and what most LoRA fine-tunes ship as) saves an adapter as a directory:
 

@@ -1,4 +1,5 @@
-"""LoRARequest: which adapter a request runs with, in vLLM's names (`LoRARequest(lora_name, lora_int_id, lora_path)`).
+"""LoRARequest: which adapter a request runs with, in vLLM's names (`LoRARequest(lora_name, lora_int_id, lora_path)`);
+chapter 10, section 7.
 
 A LoRA adapter (Hu et al., 2021) changes a model without touching its weights: for a chosen set of linear layers
 it adds a low-rank product, y = x W^T + scaling * (x A^T) B^T with A [r, in] and B [out, r], r of 8 to 64 against
@@ -34,3 +35,9 @@ class LoRARequest:
         if not isinstance(self.lora_path, (str, os.PathLike)) or not os.fspath(self.lora_path):
             raise ValueError(f"LoRARequest.lora_path must be a directory path, got {self.lora_path!r}")
         object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
+
+    @property
+    def cache_salt(self) -> int:
+        """Where this adapter's prefix-cache keys start (Sequence.cache_salt): the first block's parent hash, one
+        per adapter id, so the same tokens under two adapters (whose K/V differ) never share a block."""
+        return hash((0x4C6F5241, self.lora_int_id))  # "LoRA" in ASCII; ints hash the same in every process

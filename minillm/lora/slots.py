@@ -1,4 +1,5 @@
-"""The engine's side of multi-LoRA serving: which adapters a request may use, and which device slot holds which.
+"""The engine's side of multi-LoRA serving (chapter 10, section 7): which adapters a request may use, and which
+device slot holds which.
 
 The scheduler keeps at most `max_loras` distinct adapters among the running sequences (a waiting request whose
 adapter would be one too many waits, and others behind it may go first: vLLM's rule). Every step, `assign` gives
@@ -31,13 +32,16 @@ class LoRASlots:
         self.num_loads = 0
 
     def check(self, request: LoRARequest) -> None:
-        """Raise ValueError (for this request only) unless its adapter can run here."""
+        """Raise ValueError (for this request only) unless its adapter can run here. An id already checked with
+        this directory passes at once: no second read or stat of the file for every request that names it."""
         if not isinstance(request, LoRARequest):
             raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
         known = self._paths.get(request.lora_int_id)
         if known is not None and os.path.abspath(known) != os.path.abspath(request.lora_path):
             raise ValueError(f"lora_int_id {request.lora_int_id} already names {known!r}; "
                              f"{request.lora_path!r} needs an id of its own")
+        if known is not None:
+            return
         adapter = self.cache.get(request.lora_path)
         adapter.check_model(self.model_config, self.max_lora_rank,
                             where=f"LoRA adapter {request.lora_name!r} ({request.lora_path})")
