@@ -78,9 +78,11 @@ class StructuredOutputsParams:
     Exactly one of: `json`, a JSON schema (a dict, or its JSON text); `regex`, a pattern the whole output must match
     (Python's syntax, a subset: minillm.structured.regex_dfa); `choice`, a list of strings, one of which is the
     output; `json_object=True`, any JSON value (objects and arrays nested a few levels deep: a regular language
-    cannot count brackets forever). `grammar` and `structural_tag` (context-free grammars: a pushdown automaton,
-    not a regular one) are refused. `whitespace_pattern` is the regex allowed between JSON tokens (default: at most
-    two spaces, newlines or tabs); `disable_any_whitespace=True` allows none."""
+    cannot count brackets forever); `grammar`, a context-free grammar in GBNF, llama.cpp's and xgrammar's EBNF
+    (minillm.structured.grammar; it runs on a pushdown automaton, so it may nest without limit). `structural_tag`
+    (xgrammar's tags that switch a schema on inside free text) is refused. `whitespace_pattern` is the regex
+    allowed between JSON tokens (default: at most two spaces, newlines or tabs); `disable_any_whitespace=True`
+    allows none."""
 
     json: dict | str | bool | None = None
     regex: str | None = None
@@ -98,10 +100,12 @@ class StructuredOutputsParams:
             raise ParamError("structured_outputs", f"structured_outputs takes exactly one of {kinds}; got "
                                                    f"{', '.join(given) if given else 'none'}")
         kind = given[0]
-        if kind in ("grammar", "structural_tag"):
-            raise ParamError("structured_outputs", f"structured_outputs {kind} is not supported: a context-free "
-                             f"grammar needs a pushdown automaton, and minillm enforces regular languages (json, "
-                             f"regex, choice, json_object)")
+        if kind == "structural_tag":
+            raise ParamError("structured_outputs", "structured_outputs structural_tag is not supported: give json, "
+                                                   "regex, choice, json_object or grammar")
+        if kind == "grammar" and not isinstance(self.grammar, str):
+            raise ParamError("structured_outputs", f"structured_outputs grammar must be a GBNF grammar's text (a "
+                                                   f"string), got {type(self.grammar).__name__}")
         if kind == "json" and not isinstance(self.json, (dict, str, bool)):
             raise ParamError("structured_outputs", f"structured_outputs json must be a JSON schema (a dict or its "
                                                    f"JSON text), got {type(self.json).__name__}: {self.json!r}")

@@ -13,6 +13,14 @@ from serve_tiny import MODEL, tiny_app, tiny_engine
 from tiny import one_thread  # noqa: F401 (autouse fixture)
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+GRAMMAR = 'root ::= "(" root ")" | "<" root ">" | [a-z]{1,3}'  # brackets nested to any depth: no regex can say it
+
+
+def _balanced(text: str) -> bool:
+    inner = text
+    while inner[:1] + inner[-1:] in ("()", "<>"):
+        inner = inner[1:-1]
+    return re.fullmatch("[a-z]{1,3}", inner) is not None and len(text) - len(inner) <= 2 * 39
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +57,10 @@ def test_every_spelling_constrains_the_answer(url, send):
                    {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}):
         for text in texts(send(url, n=3, seed=3, **fields)):
             assert isinstance(json.loads(text)["ok"], bool), (fields, text)
+    for fields in ({"guided_grammar": GRAMMAR}, {"structured_outputs": {"grammar": GRAMMAR}}):
+        response = send(url, n=3, seed=7, **fields)
+        for text, choice in zip(texts(response), response.json()["choices"]):
+            assert _balanced(text) or choice["finish_reason"] == "length", (fields, text)
     for text in texts(send(url, n=2, seed=4, max_tokens=80, response_format={"type": "json_object"})):
         assert text and text.lstrip()[0] in '{["-0123456789tfn'  # a JSON value begins (it may run out of tokens)
 
@@ -69,7 +81,9 @@ def test_allowed_token_ids_and_bad_words_pass_through(url):
     ({"guided_json": SCHEMA, "response_format": {"type": "json_object"}}, "response_format", "once"),
     ({"response_format": {"type": "xml"}}, "response_format", "xml"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, "response_format", "schema"),
-    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs", "pushdown"),
+    ({"structured_outputs": {"grammar": "root ::= 'a"}}, "structured_outputs", "unterminated"),
+    ({"guided_grammar": "root ::= root 'a' | 'b'"}, "guided_grammar", "left recursion"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
     ({"structured_outputs": {"regex": "a", "colour": 1}}, "structured_outputs", "colour"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "guided_json"),
     ({"allowed_token_ids": [1, 300]}, "allowed_token_ids", "300"),

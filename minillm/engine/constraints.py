@@ -4,10 +4,11 @@ A request may restrict what it generates (SamplingParams.structured_outputs / al
 names). None of this changes the model; it changes which logits survive before a token is picked:
 
     structured outputs  the output must match a regular language (a JSON schema, a regex, one of a list of
-                        strings). minillm.structured compiles it into a byte-level DFA and, per DFA state, the
-                        mask of tokens whose bytes keep the DFA alive (computed once per state, then cached). Each
-                        step a row is masked with the mask of the state its output so far has reached; EOS is
-                        allowed exactly where the output is complete.
+                        strings) or a context-free grammar. minillm.structured compiles it into a byte-level DFA
+                        (a grammar: a pushdown automaton, built lazily into a DFA over its configurations) and,
+                        per state, the mask of tokens whose bytes keep it alive (computed once per state, then
+                        cached). Each step a row is masked with the mask of the state its output so far has
+                        reached; EOS is allowed exactly where the output is complete.
     allowed_token_ids   one fixed mask per request.
     bad_words           each word, tokenized as the text would hold it (alone and after a space), bans its last
                         token wherever the output ends with the rest of it (a one-token word: everywhere).
@@ -167,7 +168,7 @@ class ConstraintCompiler:
 
     def _index(self, spec: StructuredOutputsParams) -> Any:
         from minillm.structured import (RegexError, SchemaError, TokenIndex, TokenVocabulary, choice_regex,
-                                        compile_regex, json_schema_regex, json_value_regex)
+                                        compile_grammar, compile_regex, json_schema_regex, json_value_regex)
         tokenizer = self._tokenizer("structured_outputs")
         whitespace = "" if spec.disable_any_whitespace else spec.whitespace_pattern
         ws = {} if whitespace is None else {"whitespace": whitespace}
@@ -177,7 +178,9 @@ class ConstraintCompiler:
             index = self._indexes.pop(key, None)
         if index is None:
             try:
-                if kind == "json":
+                if kind == "grammar":
+                    pattern = None
+                elif kind == "json":
                     pattern = json_schema_regex(spec.json, **ws)
                 elif kind == "json_object":
                     pattern = json_value_regex(**ws)
@@ -185,7 +188,7 @@ class ConstraintCompiler:
                     pattern = choice_regex(list(spec.choice))
                 else:
                     pattern = spec.regex
-                dfa = compile_regex(pattern)
+                dfa = compile_grammar(spec.grammar) if kind == "grammar" else compile_regex(pattern)
             except (RegexError, SchemaError) as err:
                 raise ParamError("structured_outputs", f"structured_outputs {kind}: {err}") from None
             except RecursionError:  # groups or schemas nested thousands deep: the parsers recurse

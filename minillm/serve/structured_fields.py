@@ -4,9 +4,10 @@ minillm/engine/constraints.py).
 Clients ask for structured output in three spellings, and a request may use only one of them:
 
     structured_outputs            vLLM's current field: {"json": schema} / {"regex": ...} / {"choice": [...]} /
-                                  {"json_object": true}, with "whitespace_pattern" or "disable_any_whitespace"
+                                  {"json_object": true} / {"grammar": GBNF text}, with "whitespace_pattern" or
+                                  "disable_any_whitespace"
     guided_json / guided_regex /  vLLM's older names (guided_whitespace_pattern beside them)
-    guided_choice
+    guided_choice / guided_grammar
     response_format               OpenAI's: {"type": "json_object"} (any JSON) or {"type": "json_schema",
                                   "json_schema": {"name": ..., "schema": {...}, "strict": ...}}; {"type": "text"}
                                   asks for nothing
@@ -23,7 +24,7 @@ from minillm.sampling_params import StructuredOutputsParams
 from minillm.serve.protocol import ApiError
 from minillm.serve.tool_calls import tool_schema
 
-GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None, str | None]:

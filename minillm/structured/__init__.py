@@ -1,4 +1,5 @@
-"""Structured outputs: constraining decoding to a regular language (a regex, a JSON schema, a list of choices).
+"""Structured outputs: constraining decoding to a regular language (a regex, a JSON schema, a list of choices) or
+to a context-free grammar.
 Chapter 10, section 6 shows the pieces at work; its exercise ch10.token_mask is token_index.py's rule.
 
 At every decoding step the engine masks the logits of tokens that would take the output outside the
@@ -13,10 +14,16 @@ language, so what the model writes always parses. The pieces, in the order they 
   Each state's mask is computed once and cached, so a step costs a dict lookup once a state is known.
 - json_schema.py: a JSON schema (depth-limited), `response_format: json_object` (any JSON value) and a
   list of choices are all written as regexes, so one automaton serves them all.
+- grammar.py / pushdown.py: a GBNF grammar (vLLM's `grammar`) becomes one byte NFA with call edges between
+  its rules; a stack of return states makes it a pushdown automaton, and its configurations, interned lazily
+  like the DFA's subsets, give token_index.py a DFA it walks the same way.
 """
+from minillm.structured.grammar import GrammarError, parse_grammar
 from minillm.structured.json_schema import SchemaError, choice_regex, json_schema_regex, json_value_regex
+from minillm.structured.pushdown import PushdownAutomaton, compile_grammar
 from minillm.structured.regex_dfa import DEAD, ByteDFA, RegexError, compile_regex, escape
 from minillm.structured.token_index import FINISHED, TokenIndex, TokenVocabulary
 
-__all__ = ["DEAD", "FINISHED", "ByteDFA", "RegexError", "SchemaError", "TokenIndex", "TokenVocabulary",
-           "choice_regex", "compile_regex", "escape", "json_schema_regex", "json_value_regex"]
+__all__ = ["DEAD", "FINISHED", "ByteDFA", "GrammarError", "PushdownAutomaton", "RegexError", "SchemaError",
+           "TokenIndex", "TokenVocabulary", "choice_regex", "compile_grammar", "compile_regex", "escape",
+           "json_schema_regex", "json_value_regex", "parse_grammar"]

@@ -76,19 +76,23 @@ def token_mask(transitions, accepting, state: int, token_bytes: list[bytes],
 # <<< exercise
 
 
-def dfa_tables(dfa: ByteDFA) -> tuple[list[list[int]], list[bool]]:
+def dfa_tables(dfa: ByteDFA, states: Iterable[int] | None = None) -> tuple[list[list[int]], list[bool]]:
     """token_mask's plain view of a ByteDFA: (transitions, accepting) for every state reachable from its start
-    (all of them built now; states never reached get a dead row). Plain lists, so that a learner's token_mask may
-    run in the grader's sandbox, another process."""
-    rows, todo = {dfa.start: None}, [dfa.start]
-    while todo:
-        state = todo.pop()
-        rows[state] = row = list(dfa.transitions(state))
-        for nxt in row:
-            if nxt >= 0 and nxt not in rows:
-                rows[nxt] = None
-                todo.append(nxt)
-    size = max(rows) + 1
+    (all of them built now; states never reached get a dead row), or only for `states` (a grammar's automaton,
+    pushdown.py, never runs out of states: its caller passes those its tokens can reach). Plain lists, so that a
+    learner's token_mask may run in the grader's sandbox, another process."""
+    if states is not None:
+        rows = {s: list(dfa.transitions(s)) for s in states}
+    else:
+        rows, todo = {dfa.start: None}, [dfa.start]
+        while todo:
+            state = todo.pop()
+            rows[state] = row = list(dfa.transitions(state))
+            for nxt in row:
+                if nxt >= 0 and nxt not in rows:
+                    rows[nxt] = None
+                    todo.append(nxt)
+    size = max(max(rows) + 1, dfa.num_states)
     return [rows.get(s) or [DEAD] * 256 for s in range(size)], [dfa.is_accepting(s) for s in range(size)]
 
 
@@ -177,13 +181,27 @@ class TokenIndex:
     def _compute(self, state: int, rule=token_mask) -> np.ndarray:
         v = self.vocab
         if rule is not token_mask:  # a learner's token_mask (chapter 10): one walk per token, the same masks
-            if self._tables is None:
-                self._tables = dfa_tables(self.dfa)
-            mask = np.asarray(rule(*self._tables, state, v.token_bytes, list(v.eos_token_ids)), dtype=bool)
+            if not getattr(self.dfa, "finite", True):  # a grammar: the rows this state's tokens can reach
+                tables = dfa_tables(self.dfa, self._walk(state)[1])
+            else:
+                if self._tables is None:
+                    self._tables = dfa_tables(self.dfa)
+                tables = self._tables
+            mask = np.asarray(rule(*tables, state, v.token_bytes, list(v.eos_token_ids)), dtype=bool)
             if not mask.any():
                 mask |= v.eos_mask
             return mask
-        # token_mask's rule, with the work of tokens that share a prefix shared (the module docstring)
+        mask = self._walk(state)[0][v.token_node]
+        mask[v.eos_mask] = self.dfa.is_accepting(state)
+        if not mask.any():
+            mask |= v.eos_mask  # a dead end: let the request stop rather than leave no finite logit
+        return mask
+
+    def _walk(self, state: int) -> tuple[np.ndarray, set[int]]:
+        """token_mask's rule, with the work of tokens that share a prefix shared (the module docstring): which
+        trie nodes walking their bytes from `state` reaches alive, and the automaton states the walk passed."""
+        v = self.vocab
+        visited = {state}
         reached = np.zeros(v.num_nodes, dtype=bool)
         nodes, states = np.zeros(1, dtype=np.int64), np.array([state], dtype=np.int64)
         while nodes.size:
@@ -201,11 +219,8 @@ class TokenIndex:
             alive = nxt != DEAD
             nodes, states = children[alive], nxt[alive]
             reached[nodes] = True
-        mask = reached[v.token_node]
-        mask[v.eos_mask] = self.dfa.is_accepting(state)
-        if not mask.any():
-            mask |= v.eos_mask  # a dead end: let the request stop rather than leave no finite logit
-        return mask
+            visited.update(np.unique(states).tolist())
+        return reached, visited
 
     def allowed(self, state: int) -> torch.Tensor:
         """bool [vocab_size] on CPU: the tokens that may follow `state`. Cached; treat it as read-only.

@@ -1,0 +1,277 @@
+"""A context-free grammar as a byte automaton with a stack, determinized lazily (chapter 10's structured outputs).
+
+regex_dfa.py turns a regex into a DFA over bytes, and token_index.py masks tokens by walking the vocabulary's trie
+through that DFA. A grammar (grammar.py) needs one more thing, a stack: inside `"(" expr ")"` the automaton must
+remember that a `)` is owed, however deep the nesting. The construction here keeps everything else the same:
+
+1. Thompson's construction over bytes, once per rule (regex_dfa's `_NFA`), with one new kind of edge: a **call**
+   `s --rule r--> t` for each reference to r, meaning "run r from its entry; when r reaches its exit, go on at t".
+2. A **stack** is a tuple of NFA states: the return states of the calls in progress, then the current state on
+   top. Following epsilon edges, a call pushes (the top becomes r's entry, its return state goes under it) and
+   reaching a rule's exit pops (the return state becomes the top). This is the epsilon closure of a set of stacks.
+3. A **configuration**, a frozenset of stacks, is one state of a DFA that would be infinite if built whole (one state
+   per nesting depth, and more); built lazily, exactly as regex_dfa builds its subsets, only the configurations a
+   decode visits exist, and each gets an int id and a row of 256 successors. To TokenIndex it is just another
+   DFA, so the mask machinery, its caches and the engine serve grammars unchanged.
+
+Liveness, as for regexes: a rule is *productive* when it derives some finite string, and an NFA state is live when
+its rule's exit is reachable from it (through calls of productive rules only). Calls of unproductive rules and
+edges into dead states are dropped before any stack is built, so every stack kept can still be completed: a
+configuration is non-empty exactly when the output so far is a prefix of some string of the language, and a byte
+that would leave the language goes to DEAD at once.
+
+What is refused (GrammarError): **left recursion**, a rule that can reach a call of itself before reading a byte
+(`expr ::= expr "+" term`): the closure would push forever. Rewrite it with repetition, `expr ::= term ("+"
+term)*`, as llama.cpp and xgrammar also require. An unproductive `root`. Stacks deeper than `max_depth` calls are
+dropped: nesting past it (256 calls by default, JSON about 85 levels deep) is treated as outside the language.
+"""
+from __future__ import annotations
+
+from minillm.structured.grammar import Grammar, GrammarError, parse_grammar
+from minillm.structured.regex_dfa import DEAD, MAX_NFA_STATES, _NFA
+
+MAX_STACK_DEPTH = 256
+
+Stack = tuple[int, ...]
+
+
+class _GrammarNFA(_NFA):
+    """Every rule in one Thompson NFA over bytes, plus calls[s]: the (rule index, return state) calls leaving s."""
+
+    def __init__(self, grammar: Grammar):
+        self.pattern = grammar.text  # (named in _NFA's messages)
+        self.eps, self.edges, self.calls = [], [], []
+        self.names = list(grammar.rules)
+        self.index = {name: r for r, name in enumerate(self.names)}
+        self.entry, self.exit = [], []
+        for name in self.names:
+            entry, exit_ = self.build(grammar.rules[name])
+            self.entry.append(entry)
+            self.exit.append(exit_)
+        self.root = self.index[grammar.root]
+        self.start, self.accept = self.entry[self.root], self.exit[self.root]
+
+    def new(self) -> int:
+        if len(self.eps) >= MAX_NFA_STATES:
+            raise GrammarError(f"grammar: its automaton needs more than {MAX_NFA_STATES} NFA states (large "
+                               f"{{m,n}} repeats?)")
+        self.calls.append([])
+        return super().new()
+
+    def build(self, node) -> tuple[int, int]:
+        if node[0] == "ref":
+            start, end = self.new(), self.new()
+            self.calls[start].append((self.index[node[1]], end))
+            return start, end
+        return super().build(node)
+
+    def reaches_exit(self, rule: int, through_bytes: bool, passable: set[int]) -> bool:
+        """Whether `rule`'s entry reaches its exit by epsilon edges, calls of rules in `passable` and, if
+        `through_bytes`, byte edges."""
+        seen, todo = {self.entry[rule]}, [self.entry[rule]]
+        while todo:
+            s = todo.pop()
+            nxt = list(self.eps[s]) + [ret for r, ret in self.calls[s] if r in passable]
+            if through_bytes:
+                nxt += [t for _, _, t in self.edges[s]]
+            for t in nxt:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return self.exit[rule] in seen
+
+    def fixpoint(self, through_bytes: bool) -> set[int]:
+        """The rules that reach their exit (productive: through bytes; nullable: without reading one)."""
+        found: set[int] = set()
+        while True:
+            more = {r for r in range(len(self.names)) if r not in found and self.reaches_exit(r, through_bytes, found)}
+            if not more:
+                return found
+            found |= more
+
+    def live(self, productive: set[int]) -> list[bool]:
+        """States from which their rule's exit can be reached (calls of productive rules count as passable)."""
+        rev: list[list[int]] = [[] for _ in self.eps]
+        for s in range(len(self.eps)):
+            for t in self.eps[s] + [t for _, _, t in self.edges[s]] + [t for r, t in self.calls[s] if r in productive]:
+                rev[t].append(s)
+        live = [False] * len(self.eps)
+        todo = list(self.exit)
+        for s in todo:
+            live[s] = True
+        while todo:
+            for s in rev[todo.pop()]:
+                if not live[s]:
+                    live[s] = True
+                    todo.append(s)
+        return live
+
+    def check_left_recursion(self, nullable: set[int]) -> None:
+        """GrammarError naming a cycle of rules that call each other before reading a byte."""
+        left_calls: list[set[int]] = []
+        for rule in range(len(self.names)):
+            seen, todo, called = {self.entry[rule]}, [self.entry[rule]], set()
+            while todo:
+                s = todo.pop()
+                for r, ret in self.calls[s]:
+                    called.add(r)
+                    if r in nullable and ret not in seen:
+                        seen.add(ret)
+                        todo.append(ret)
+                for t in self.eps[s]:
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append(t)
+            left_calls.append(called)
+        state = [0] * len(self.names)  # 0 unvisited, 1 on the path, 2 done
+        path: list[int] = []
+
+        def visit(rule: int) -> None:
+            state[rule] = 1
+            path.append(rule)
+            for r in sorted(left_calls[rule]):
+                if state[r] == 1:
+                    cycle = " -> ".join(self.names[x] for x in path[path.index(r):] + [r])
+                    raise GrammarError(f"grammar: left recursion ({cycle}): a rule reaches itself before reading "
+                                       f"anything; write it with repetition, e.g. expr ::= term (\"+\" term)*")
+                if state[r] == 0:
+                    visit(r)
+            path.pop()
+            state[rule] = 2
+
+        for rule in range(len(self.names)):
+            if state[rule] == 0:
+                visit(rule)
+
+
+class PushdownAutomaton:
+    """A grammar's lazily determinized configurations (module docstring): the interface of regex_dfa.ByteDFA
+    (start, transitions, next_state, walk, is_accepting, can_continue, num_states), so TokenIndex runs it."""
+
+    finite = False  # its configurations never run out: tables of all of them cannot be listed (token_index.py)
+
+    def __init__(self, nfa: _GrammarNFA, max_states: int, max_depth: int):
+        self.pattern, self.max_states, self.max_depth = nfa.pattern, max_states, max_depth
+        nullable = nfa.fixpoint(through_bytes=False)
+        nfa.check_left_recursion(nullable)
+        productive = nfa.fixpoint(through_bytes=True)
+        if nfa.root not in productive:
+            raise GrammarError("grammar: rule 'root' derives no finite string (every way through it recurses)")
+        live = nfa.live(productive)
+        self._eps = nfa.eps
+        self._edges = [[e for e in edges if live[e[2]]] for edges in nfa.edges]
+        self._calls = [[(nfa.entry[r], ret) for r, ret in calls if r in productive and live[ret]]
+                       for calls in nfa.calls]
+        self._is_exit = [False] * len(nfa.eps)
+        for s in nfa.exit:
+            self._is_exit[s] = True
+        self._tail = self._tail_states()
+        self._sets: list[frozenset[Stack]] = []
+        self._ids: dict[frozenset[Stack], int] = {}
+        self._rows: list[list[int] | None] = []
+        self._accepting: list[bool] = []
+        self.start = self._intern(self._closure([(nfa.start,)]))
+
+    def _tail_states(self) -> list[bool]:
+        """States from which the rule can only end: no byte edge, no call, epsilon edges to such states or the
+        exit. A call returning to one is a tail call: nothing is left to do after it, so it pushes nothing (the
+        callee returns straight to our caller), and right recursion (`items ::= item ("," items)?`) keeps a
+        stack of one depth however many items follow."""
+        tail = list(self._is_exit)
+        changed = True
+        while changed:
+            changed = False
+            for s, eps in enumerate(self._eps):
+                if (not tail[s] and eps and not self._edges[s] and not self._calls[s]
+                        and all(tail[t] for t in eps)):
+                    tail[s] = changed = True
+        return tail
+
+    def _closure(self, seeds: list[Stack]) -> frozenset[Stack]:
+        """Every stack the seeds reach without reading a byte (epsilon edges, calls, returns), keeping those that
+        can read a byte next or that have matched the whole root (one frame left, at a rule's exit: after tail
+        calls the bottom frame may be another rule's)."""
+        seen, todo = set(seeds), list(seeds)
+        while todo:
+            stack = todo.pop()
+            top = stack[-1]
+            nxt = [stack[:-1] + (t,) for t in self._eps[top]]
+            for entry, ret in self._calls[top]:
+                if self._tail[ret]:
+                    nxt.append(stack[:-1] + (entry,))
+                elif len(stack) < self.max_depth:
+                    nxt.append(stack[:-1] + (ret, entry))
+            if self._is_exit[top] and len(stack) > 1:
+                nxt.append(stack[:-1])  # return: the caller's return state is the new top
+            for new in nxt:
+                if new not in seen:
+                    seen.add(new)
+                    todo.append(new)
+        return frozenset(s for s in seen if self._edges[s[-1]] or (len(s) == 1 and self._is_exit[s[0]]))
+
+    def _intern(self, stacks: frozenset[Stack]) -> int:
+        if not stacks:
+            return DEAD
+        sid = self._ids.get(stacks)
+        if sid is None:
+            if len(self._sets) >= self.max_states:
+                raise GrammarError(f"grammar: the automaton needs more than max_states={self.max_states} "
+                                   f"configurations")
+            sid = self._ids[stacks] = len(self._sets)
+            self._sets.append(stacks)
+            self._rows.append(None)
+            self._accepting.append(any(len(s) == 1 and self._is_exit[s[0]] for s in stacks))
+        return sid
+
+    def transitions(self, state: int) -> list[int]:
+        """All 256 successors of configuration `state` (DEAD where a byte leaves the language), built once."""
+        row = self._rows[state]
+        if row is not None:
+            return row
+        moves = [(lo, hi, stack[:-1] + (t,)) for stack in self._sets[state] for lo, hi, t in self._edges[stack[-1]]]
+        cuts = sorted({0, 256} | {lo for lo, _, _ in moves} | {hi + 1 for _, hi, _ in moves})
+        row = [DEAD] * 256
+        for a, b in zip(cuts, cuts[1:]):
+            stacks = [stack for lo, hi, stack in moves if lo <= a <= hi]
+            if stacks:
+                row[a:b] = [self._intern(self._closure(stacks))] * (b - a)
+        self._rows[state] = row
+        return row
+
+    def next_state(self, state: int, byte: int) -> int:
+        """The configuration after `byte`; DEAD when the output can no longer be completed."""
+        return DEAD if state < 0 else self.transitions(state)[byte]
+
+    def walk(self, state: int, data: bytes) -> int:
+        """The configuration after all of `data`; DEAD as soon as a byte fails."""
+        for byte in data:
+            if state < 0:
+                return DEAD
+            row = self._rows[state]
+            state = (row if row is not None else self.transitions(state))[byte]
+        return state
+
+    def is_accepting(self, state: int) -> bool:
+        """Whether the bytes read so far are a whole string of the language."""
+        return state >= 0 and self._accepting[state]
+
+    def can_continue(self, state: int) -> bool:
+        """Whether some non-empty byte string may follow (a kept stack that can read a byte)."""
+        return state >= 0 and any(self._edges[s[-1]] for s in self._sets[state])
+
+    def depth(self, state: int) -> int:
+        """The deepest stack of a configuration: how many calls are in progress (for the chapter's pictures)."""
+        return max(len(s) for s in self._sets[state]) - 1 if state >= 0 else 0
+
+    @property
+    def num_states(self) -> int:
+        """Configurations built so far (they are built lazily, so this grows as the automaton is used)."""
+        return len(self._sets)
+
+
+def compile_grammar(text: str, max_states: int = 20_000, max_depth: int = MAX_STACK_DEPTH) -> PushdownAutomaton:
+    """The pushdown automaton of a GBNF grammar (grammar.py): full-match semantics over the output's UTF-8 bytes,
+    starting at rule `root`; GrammarError for what grammar.py or this module refuses."""
+    if max_states < 1 or max_depth < 1:
+        raise ValueError(f"max_states and max_depth must be >= 1, got {max_states} and {max_depth}")
+    return PushdownAutomaton(_GrammarNFA(parse_grammar(text)), max_states, max_depth)
