@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -204,6 +205,12 @@ def is_stub(ex: Exercise, fn: Any) -> bool:
 STUB_SOURCE_CAP = 4 << 20  # bytes of a module read to tell whether a function is still its stub
 
 
+# The grader checks sources from several threads (grader.py's shards). CPython 3.11's ast.parse keeps the depth of the
+# tree it is converting in interpreter-wide state, so two threads converting at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (seen in this repository's test run, 2026-12-06): one parse at a time.
+_AST_LOCK = threading.Lock()
+
+
 def stub_in_source(ex: Exercise, path: Path) -> bool:
     """The module file at `path` still holds `ex`'s stub: the learner never wrote the function. Read, never
     imported, so it answers for a module that fails to import too (the grader then shows the nudge, not the hint):
@@ -222,7 +229,8 @@ def stub_in_source(ex: Exercise, path: Path) -> bool:
     except OSError:
         return False
     try:
-        body = ast.parse(text).body
+        with _AST_LOCK:
+            body = ast.parse(text).body
     except SyntaxError:
         return stub in text
     except (ValueError, RecursionError, MemoryError):  # a null byte, nesting too deep to parse
