@@ -29,8 +29,9 @@
 #    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows; and
 #    the load a server carries, by Little's law (exercise `max_request_rate`).
 # 5. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
-# 6. **Structured outputs.** A JSON schema, a regex or a list of choices, enforced token by token: the format
-#    becomes a byte-level automaton, and each step masks every token that would leave it (exercise `token_mask`).
+# 6. **Structured outputs.** A JSON schema, a regex, a list of choices or a grammar, enforced token by token: the
+#    format becomes a byte-level automaton (a grammar's with a stack), and each step masks every token that would
+#    leave it (exercise `token_mask`).
 # 7. **Many fine-tunes, one model.** LoRA adapters served side by side: each request names its adapter, and one
 #    batch adds every sequence's own low-rank product (exercise `lora_delta`).
 
@@ -404,6 +405,46 @@ print("forced:", forced.text, "->", json.loads(forced.text))
 # `guided_json` / `guided_regex` / `guided_choice`, or OpenAI's `response_format` with a `json_schema`. Tool calling
 # is the same idea: `tool_choice` naming a function (or `"required"`) constrains the answer to the call's JSON,
 # which the server returns as `tool_calls` (`minillm/serve/tool_calls.py`).
+
+# %% [markdown]
+# **Beyond regular languages.** A regex cannot count: no regex accepts exactly the balanced brackets, so
+# `json_object` as a regex allows only a few levels of nesting. A *context-free grammar* can, because a rule may use
+# itself. vLLM takes grammars as GBNF, the EBNF of llama.cpp and XGrammar (`structured_outputs={"grammar": ...}`,
+# or `guided_grammar` on the server). `minillm/structured/pushdown.py` runs one with the same machinery plus a
+# **stack**: every rule is a byte NFA; a rule's use is a *call* that pushes where to go on afterwards, and a rule's
+# end pops it. A set of stacks is one state of a DFA that would be infinite if built whole; built lazily (only the
+# configurations a decode reaches exist, each interned to an int with its 256-byte row), it is just another DFA to
+# `TokenIndex`, so the trie walk, the mask cache and your `token_mask` serve grammars unchanged. A call in tail
+# position pushes nothing, so `items ::= item ("," items)?` stays one level deep over a thousand items.
+
+# %%
+from minillm.structured import compile_grammar
+
+arithmetic = """
+root   ::= expr
+expr   ::= term (("+" | "-") term)*
+term   ::= factor (("*" | "/") factor)*
+factor ::= [0-9]+ | "(" expr ")"
+"""
+grammar_index = TokenIndex(compile_grammar(arithmetic), vocabulary)
+auto = grammar_index.dfa
+# NBVAL_CHECK_OUTPUT
+for text in ["", "((", "((12", "((12+3)", "((12+3)*4)"]:
+    state = auto.walk(auto.start, text.encode())
+    allowed = grammar_index.allowed(state)
+    print(f"{text!r:14} stack depth {auto.depth(state)}  {int(allowed.sum()):5d} tokens allowed, "
+          f"')' among them: {bool(allowed[tok.encode(')', add_special_tokens=False)[0]])}, "
+          f"complete: {auto.is_accepting(state)}")
+ask = [{"role": "user", "content": "What is 12 times 7 plus 5? Write the expression."}]
+free = llm.chat([ask], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+forced = llm.chat([ask], SamplingParams(temperature=0, max_tokens=30,
+                                        structured_outputs={"grammar": arithmetic}))[0].outputs[0]
+print("free:  ", repr(free.text), "\nforced:", repr(forced.text), forced.finish_reason)
+
+# %% [markdown]
+# A `)` is allowed exactly while a `(` is open, at any depth: the stack remembers what a DFA cannot. What a grammar
+# may not do is reach itself before reading a byte (`expr ::= expr "+" term`, left recursion): the closure would push
+# forever, so it is refused with the rule cycle named; write it with repetition, as above.
 
 
 # %% [markdown]
