@@ -31,7 +31,7 @@
 # 5. **The playground** at `/`: a chat box beside the live engine (queues, KV blocks, each step's batch).
 # 6. **Structured outputs.** A JSON schema, a regex, a list of choices or a grammar, enforced token by token: the
 #    format becomes a byte-level automaton (a grammar's with a stack), and each step masks every token that would
-#    leave it (exercise `token_mask`).
+#    leave it (exercises `token_mask` and `stack_closure`).
 # 7. **Many fine-tunes, one model.** LoRA adapters served side by side: each request names its adapter, and one
 #    batch adds every sequence's own low-rank product (exercise `lora_delta`).
 
@@ -58,6 +58,7 @@ find_stop_string = load_function("ch10.find_stop_string")
 stream_safe_length = load_function("ch10.stream_safe_length")
 max_request_rate = load_function("ch10.max_request_rate")
 token_mask = load_function("ch10.token_mask")
+stack_closure = load_function("ch10.stack_closure")
 lora_delta = load_function("ch10.lora_delta")
 
 # %% [markdown]
@@ -414,10 +415,13 @@ print("forced:", forced.text, "->", json.loads(forced.text))
 # **stack**: every rule is a byte NFA; a rule's use is a *call* that pushes where to go on afterwards, and a rule's
 # end pops it. A set of stacks is one state of a DFA that would be infinite if built whole; built lazily (only the
 # configurations a decode reaches exist, each interned to an int with its 256-byte row), it is just another DFA to
-# `TokenIndex`, so the trie walk, the mask cache and your `token_mask` serve grammars unchanged. A call in tail
-# position pushes nothing, so `items ::= item ("," items)?` stays one level deep over a thousand items.
+# `TokenIndex`, so the trie walk, the mask cache and your `token_mask` serve grammars unchanged. The new piece is
+# **exercise `ch10.stack_closure`**: every stack reachable without reading a byte (follow epsilon edges; a call
+# pushes its return state under the called rule's entry; a rule's exit pops). A call in tail position pushes
+# nothing, so `items ::= item ("," items)?` stays one level deep over a thousand items. The cell below runs yours.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 from minillm.structured import compile_grammar
 
 arithmetic = """
@@ -426,19 +430,19 @@ expr   ::= term (("+" | "-") term)*
 term   ::= factor (("*" | "/") factor)*
 factor ::= [0-9]+ | "(" expr ")"
 """
-grammar_index = TokenIndex(compile_grammar(arithmetic), vocabulary)
-auto = grammar_index.dfa
-# NBVAL_CHECK_OUTPUT
-for text in ["", "((", "((12", "((12+3)", "((12+3)*4)"]:
-    state = auto.walk(auto.start, text.encode())
-    allowed = grammar_index.allowed(state)
-    print(f"{text!r:14} stack depth {auto.depth(state)}  {int(allowed.sum()):5d} tokens allowed, "
-          f"')' among them: {bool(allowed[tok.encode(')', add_special_tokens=False)[0]])}, "
-          f"complete: {auto.is_accepting(state)}")
 ask = [{"role": "user", "content": "What is 12 times 7 plus 5? Write the expression."}]
+with use_overrides({"ch10.stack_closure": stack_closure}):  # the automata built in here run your closure
+    grammar_index = TokenIndex(compile_grammar(arithmetic), vocabulary)
+    auto = grammar_index.dfa
+    for text in ["", "((", "((12", "((12+3)", "((12+3)*4)"]:
+        state = auto.walk(auto.start, text.encode())
+        allowed = grammar_index.allowed(state)
+        print(f"{text!r:14} stack depth {auto.depth(state)}  {int(allowed.sum()):5d} tokens allowed, "
+              f"')' among them: {bool(allowed[tok.encode(')', add_special_tokens=False)[0]])}, "
+              f"complete: {auto.is_accepting(state)}")
+    forced = llm.chat([ask], SamplingParams(temperature=0, max_tokens=30,
+                                            structured_outputs={"grammar": arithmetic}))[0].outputs[0]
 free = llm.chat([ask], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
-forced = llm.chat([ask], SamplingParams(temperature=0, max_tokens=30,
-                                        structured_outputs={"grammar": arithmetic}))[0].outputs[0]
 print("free:  ", repr(free.text), "\nforced:", repr(forced.text), forced.finish_reason)
 
 # %% [markdown]

@@ -103,6 +103,27 @@ def token_mask(transitions, accepting, state: int, token_bytes: list[bytes],
     raise NotImplementedError("ch10.token_mask is not attempted yet: write it in exercises/ch10_serving.py")
 
 
+# ch10.stack_closure (5 points)
+def stack_closure(seeds: list[tuple[int, ...]], eps: list[list[int]], calls: list[list[tuple[int, int]]],
+                  exits: list[bool], tail: list[bool], max_depth: int) -> list[tuple[int, ...]]:
+    """Every stack a grammar's pushdown automaton can be in, from the stacks `seeds`, without reading a byte.
+
+    A stack is a tuple of NFA states: the return states of the rule calls in progress, oldest first, and the
+    current state last (its top). From a stack whose top is s, three moves read nothing:
+      - epsilon: for t in eps[s], the top becomes t;
+      - call: for (entry, ret) in calls[s] (s calls a rule that starts at NFA state `entry`; when that rule ends,
+        the caller goes on at `ret`), push: ret goes on the stack and entry becomes the top. If tail[ret] (nothing
+        is left to do after the call) push nothing: entry simply replaces the top. A push that would make the
+        stack longer than max_depth states is not made;
+      - return: if exits[s] (s ends a rule) and the stack holds more than s, pop: the return state under s becomes
+        the top (a stack of one state at an exit is the whole output matched: it stays as it is).
+    Return every stack reachable by any number of these moves, the seeds included, each once, in any order (no
+    filtering). Example: seeds [(0,)], eps[0] = [1], calls[1] = [(5, 2)], exits[6] = True, eps[5] = [6], nothing
+    else: [(0,), (1,), (2, 5), (2, 6), (2,)].
+    """
+    raise NotImplementedError("ch10.stack_closure is not attempted yet: write it in exercises/ch10_serving.py")
+
+
 # ch10.lora_delta (5 points)
 def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: list[tuple[int, int, int]],
                y: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,9 @@ class ConstraintCompiler:
         ws = {} if whitespace is None else {"whitespace": whitespace}
         kind = spec.kind
         key = json.dumps([kind, getattr(spec, kind), whitespace], sort_keys=True, default=str)
+        if kind == "grammar":  # an automaton built under a learner's closure (chapter 10) is another automaton
+            from minillm.structured.pushdown import closure_rule
+            key += f"/{id(closure_rule())}"
         with self._lock:
             index = self._indexes.pop(key, None)
         if index is None:

@@ -8,7 +8,8 @@ remember that a `)` is owed, however deep the nesting. The construction here kee
    `s --rule r--> t` for each reference to r, meaning "run r from its entry; when r reaches its exit, go on at t".
 2. A **stack** is a tuple of NFA states: the return states of the calls in progress, then the current state on
    top. Following epsilon edges, a call pushes (the top becomes r's entry, its return state goes under it) and
-   reaching a rule's exit pops (the return state becomes the top). This is the epsilon closure of a set of stacks.
+   reaching a rule's exit pops (the return state becomes the top). This is the epsilon closure of a set of stacks
+   (`stack_closure`, exercise ch10.stack_closure).
 3. A **configuration**, a frozenset of stacks, is one state of a DFA that would be infinite if built whole (one state
    per nesting depth, and more); built lazily, exactly as regex_dfa builds its subsets, only the configurations a
    decode visits exist, and each gets an int id and a row of 256 successors. To TokenIndex it is just another
@@ -27,12 +28,53 @@ dropped: nesting past it (256 calls by default, JSON about 85 levels deep) is tr
 """
 from __future__ import annotations
 
+from minillm.hooks import dispatch
 from minillm.structured.grammar import Grammar, GrammarError, parse_grammar
 from minillm.structured.regex_dfa import DEAD, MAX_NFA_STATES, _NFA
 
 MAX_STACK_DEPTH = 256
 
 Stack = tuple[int, ...]
+
+
+# >>> exercise ch10.stack_closure
+def stack_closure(seeds: list[tuple[int, ...]], eps: list[list[int]], calls: list[list[tuple[int, int]]],
+                  exits: list[bool], tail: list[bool], max_depth: int) -> list[tuple[int, ...]]:
+    """Every stack a grammar's pushdown automaton can be in, from the stacks `seeds`, without reading a byte.
+
+    A stack is a tuple of NFA states: the return states of the rule calls in progress, oldest first, and the
+    current state last (its top). From a stack whose top is s, three moves read nothing:
+      - epsilon: for t in eps[s], the top becomes t;
+      - call: for (entry, ret) in calls[s] (s calls a rule that starts at NFA state `entry`; when that rule ends,
+        the caller goes on at `ret`), push: ret goes on the stack and entry becomes the top. If tail[ret] (nothing
+        is left to do after the call) push nothing: entry simply replaces the top. A push that would make the
+        stack longer than max_depth states is not made;
+      - return: if exits[s] (s ends a rule) and the stack holds more than s, pop: the return state under s becomes
+        the top (a stack of one state at an exit is the whole output matched: it stays as it is).
+    Return every stack reachable by any number of these moves, the seeds included, each once, in any order (no
+    filtering). Example: seeds [(0,)], eps[0] = [1], calls[1] = [(5, 2)], exits[6] = True, eps[5] = [6], nothing
+    else: [(0,), (1,), (2, 5), (2, 6), (2,)].
+    """
+    # >>> solution
+    seen, todo = set(seeds), list(seeds)
+    while todo:
+        stack = todo.pop()
+        top = stack[-1]
+        reached = [stack[:-1] + (t,) for t in eps[top]]
+        for entry, ret in calls[top]:
+            if tail[ret]:
+                reached.append(stack[:-1] + (entry,))
+            elif len(stack) < max_depth:
+                reached.append(stack[:-1] + (ret, entry))
+        if exits[top] and len(stack) > 1:
+            reached.append(stack[:-1])
+        for new in reached:
+            if new not in seen:
+                seen.add(new)
+                todo.append(new)
+    return list(seen)
+    # <<< solution
+# <<< exercise
 
 
 class _GrammarNFA(_NFA):
@@ -166,6 +208,9 @@ class PushdownAutomaton:
         for s in nfa.exit:
             self._is_exit[s] = True
         self._tail = self._tail_states()
+        # the closure rule in force when the automaton is built (chapter 10: a learner's, through `dispatch`) serves
+        # it for life, so that its configurations never mix two rules' answers (ConstraintCompiler keys on it too)
+        self._stack_closure = closure_rule()
         self._sets: list[frozenset[Stack]] = []
         self._ids: dict[frozenset[Stack], int] = {}
         self._rows: list[list[int] | None] = []
@@ -188,26 +233,11 @@ class PushdownAutomaton:
         return tail
 
     def _closure(self, seeds: list[Stack]) -> frozenset[Stack]:
-        """Every stack the seeds reach without reading a byte (epsilon edges, calls, returns), keeping those that
-        can read a byte next or that have matched the whole root (one frame left, at a rule's exit: after tail
-        calls the bottom frame may be another rule's)."""
-        seen, todo = set(seeds), list(seeds)
-        while todo:
-            stack = todo.pop()
-            top = stack[-1]
-            nxt = [stack[:-1] + (t,) for t in self._eps[top]]
-            for entry, ret in self._calls[top]:
-                if self._tail[ret]:
-                    nxt.append(stack[:-1] + (entry,))
-                elif len(stack) < self.max_depth:
-                    nxt.append(stack[:-1] + (ret, entry))
-            if self._is_exit[top] and len(stack) > 1:
-                nxt.append(stack[:-1])  # return: the caller's return state is the new top
-            for new in nxt:
-                if new not in seen:
-                    seen.add(new)
-                    todo.append(new)
-        return frozenset(s for s in seen if self._edges[s[-1]] or (len(s) == 1 and self._is_exit[s[0]]))
+        """Every stack the seeds reach without reading a byte (`stack_closure`: epsilon edges, calls, returns),
+        keeping those that can read a byte next or that have matched the whole root (one frame left, at a rule's
+        exit: after tail calls the bottom frame may be another rule's)."""
+        seen = self._stack_closure(seeds, self._eps, self._calls, self._is_exit, self._tail, self.max_depth)
+        return frozenset(s for s in seen if s and (self._edges[s[-1]] or (len(s) == 1 and self._is_exit[s[0]])))
 
     def _intern(self, stacks: frozenset[Stack]) -> int:
         if not stacks:
@@ -267,6 +297,11 @@ class PushdownAutomaton:
     def num_states(self) -> int:
         """Configurations built so far (they are built lazily, so this grows as the automaton is used)."""
         return len(self._sets)
+
+
+def closure_rule():
+    """The stack_closure in force: the reference, or a learner's override (chapter 10, `minillm.hooks.dispatch`)."""
+    return dispatch("ch10.stack_closure", stack_closure)
 
 
 def compile_grammar(text: str, max_states: int = 20_000, max_depth: int = MAX_STACK_DEPTH) -> PushdownAutomaton:

@@ -1,5 +1,5 @@
 """Graded tests of chapter 10: incremental detokenization, stop strings across steps, the held-back stream text,
-the capacity question, and the token mask of structured outputs.
+the capacity question, the token mask of structured outputs, a grammar's stack closure, and multi-LoRA's delta.
 
 The text exercises are checked three ways: against the solution on seeded random inputs (short alphabets, so
 stop strings and their prefixes really occur), against properties that hold whatever the solution says (a
@@ -359,6 +359,76 @@ def test_token_mask_walks_every_byte_and_allows_eos_only_at_a_match(impl):
                 if token == eos_id:  # (a walk may also run out of its 40 tokens mid-way: then it is only alive)
                     assert re.fullmatch(pattern, text.decode()), \
                         f"a walk with your masks under {pattern!r} ended with {text!r}"
+
+
+# ---- ch10.stack_closure --------------------------------------------------------------------------------------
+
+GRAMMARS = ['root ::= "(" root ")" root | "x" root | ""',
+            'root ::= expr\nexpr ::= term (("+" | "-") term)*\nterm ::= [0-9]+ | "(" expr ")"',
+            'root ::= "[" items? "]"\nitems ::= value ("," items)?\nvalue ::= [a-c] | root | "{" items? "}"',
+            'root ::= a b\na ::= "x"? b\nb ::= ("y" a)?']
+
+
+def closure_cases(r: random.Random):
+    """(seeds, eps, calls, exits, tail, max_depth): the NFAs of real grammars with stacks they reach, and random
+    graphs with epsilon cycles, calls into the middle of them and tail flags anywhere."""
+    from minillm.structured import compile_grammar
+    for text in GRAMMARS:
+        auto = compile_grammar(text)
+        stacks = [stack for states in auto._sets for stack in states]
+        for depth in (1, 2, 3, 6, 64):
+            seeds = r.sample(stacks, min(3, len(stacks))) + [(auto._eps.index(auto._eps[0]),)]
+            yield [s for s in seeds if len(s) <= depth], auto._eps, auto._calls, auto._is_exit, auto._tail, depth
+    for _ in range(40):
+        n = r.randint(2, 12)
+        eps = [[r.randrange(n) for _ in range(r.choice([0, 0, 1, 2]))] for _ in range(n)]
+        calls = [[(r.randrange(n), r.randrange(n)) for _ in range(r.choice([0, 0, 0, 1, 2]))] for _ in range(n)]
+        exits = [r.random() < 0.3 for _ in range(n)]
+        tail = [r.random() < 0.3 for _ in range(n)]
+        depth = r.randint(1, 5)
+        seeds = [tuple(r.randrange(n) for _ in range(r.randint(1, depth))) for _ in range(r.randint(1, 3))]
+        yield seeds, eps, calls, exits, tail, depth
+
+
+@pytest.mark.exercise("ch10.stack_closure")
+@pytest.mark.points(3)
+def test_stack_closure_matches_solution(impl, ref):
+    for seeds, eps, calls, exits, tail, depth in closure_cases(rng(161)):
+        want = set(ref(list(seeds), eps, calls, exits, tail, depth))
+        got = impl(list(seeds), copy.deepcopy(eps), copy.deepcopy(calls), list(exits), list(tail), depth)
+        assert isinstance(got, (list, tuple)) and all(isinstance(x, tuple) for x in got), \
+            f"stack_closure must return a list of tuples, got {type(got).__name__}"
+        assert len(got) == len(set(got)), f"stack_closure from {seeds}: a stack comes back twice"
+        assert set(got) == want, (f"stack_closure from {seeds} (max_depth {depth}): missing {sorted(want - set(got))[:5]}"
+                                  f", extra {sorted(set(got) - want)[:5]}")
+
+
+@pytest.mark.exercise("ch10.stack_closure")
+@pytest.mark.points(2)
+def test_stack_closure_runs_a_grammar_exactly(impl):
+    """Inside the pushdown automaton (through dispatch): balanced brackets accepted exactly, every prefix alive
+    exactly when it can still be completed; tail calls keep a long list at one depth; nesting stops at max_depth."""
+    import itertools
+    from minillm.structured import DEAD, compile_grammar
+    with overriding({"ch10.stack_closure": impl}):
+        auto = compile_grammar(GRAMMARS[0])
+        for n in range(9):
+            for chars in itertools.product("()x", repeat=n):
+                text, depth, live = "".join(chars), 0, True
+                for c in text:
+                    depth += {"(": 1, ")": -1}.get(c, 0)
+                    live = live and depth >= 0
+                state = auto.walk(auto.start, text.encode())
+                assert (state != DEAD) == live, f"{text!r} is {'' if live else 'not '}a prefix of balanced brackets"
+                assert auto.is_accepting(state) == (live and depth == 0), f"{text!r}: accepted wrongly"
+        items = compile_grammar(GRAMMARS[2])
+        state = items.walk(items.start, ("[" + ",".join("abc" * 100) + "]").encode())
+        assert items.is_accepting(state) and items.num_states < 40, \
+            f"300 list items took {items.num_states} configurations: a tail call must not push"
+        nest = compile_grammar(GRAMMARS[2], max_depth=9)
+        deepest = max(d for d in range(1, 10) if nest.is_accepting(nest.walk(nest.start, b"[" * d + b"a" + b"]" * d)))
+        assert 1 <= deepest < 9 and nest.walk(nest.start, b"[" * 9) == DEAD, \
+            "stacks may not grow past max_depth states"
 
 
 # ---- ch10.lora_delta -----------------------------------------------------------------------------------------

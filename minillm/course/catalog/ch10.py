@@ -4,7 +4,8 @@ The exercises are the text side of a stream (minillm/engine/detokenizer.py): tur
 the text they add without ever sending half a character (next_text), finding a stop string that may straddle two
 steps (find_stop_string), and holding back the text that could still become one (stream_safe_length); and the
 capacity question every serving interview asks, answered with Little's law (max_request_rate); and the rule of
-structured outputs, which tokens a byte automaton lets come next (token_mask, minillm/structured/token_index.py);
+structured outputs, which tokens a byte automaton lets come next (token_mask, minillm/structured/token_index.py)
+and where a grammar's stack can go without reading a byte (stack_closure, minillm/structured/pushdown.py);
 multi-LoRA serving, each sequence's adapter product added to a batched layer (lora_delta, minillm/lora/layers.py).
 The engine calls all but max_request_rate through `dispatch`, so a learner's version streams the real server's
 output and constrains its JSON.
@@ -63,6 +64,19 @@ EXERCISES = [
                   "eos_token_ids: list[int]) -> torch.Tensor",
         called_from="minillm.structured.token_index.TokenIndex.allowed (LLMEngine, each new automaton state of a "
                     "request with structured_outputs)",
+    ),
+    Exercise(
+        id="ch10.stack_closure", function="stack_closure", source="minillm/structured/pushdown.py", points=5,
+        nudge="Three moves read no byte: follow an epsilon edge, enter a called rule, leave a finished one. Which "
+              "of them change the stack's length, and when may they not be made?",
+        hint="worklist from the seeds: for top s, add stack[:-1]+(t,) for t in eps[s]; for (entry, ret) in "
+             "calls[s]: stack[:-1]+(entry,) if tail[ret] else (if len(stack) < max_depth) stack[:-1]+(ret, entry); "
+             "if exits[s] and len(stack) > 1: stack[:-1]; return the stacks seen as a list.",
+        signature="stack_closure(seeds: list[tuple[int, ...]], eps: list[list[int]], calls: "
+                  "list[list[tuple[int, int]]], exits: list[bool], tail: list[bool], max_depth: int) "
+                  "-> list[tuple[int, ...]]",
+        called_from="minillm.structured.pushdown.PushdownAutomaton (LLMEngine, each new configuration of a "
+                    "request with a structured_outputs grammar)",
     ),
     Exercise(
         id="ch10.lora_delta", function="lora_delta", source="minillm/lora/layers.py", points=5,
