@@ -408,9 +408,9 @@ print("forced:", forced.text, "->", json.loads(forced.text))
 # which the server returns as `tool_calls` (`minillm/serve/tool_calls.py`).
 
 # %% [markdown]
-# **Beyond regular languages.** A regex cannot count: no regex accepts exactly the balanced brackets, so
-# `json_object` as a regex allows only a few levels of nesting. A *context-free grammar* can, because a rule may use
-# itself. vLLM takes grammars as GBNF, the EBNF of llama.cpp and XGrammar (`structured_outputs={"grammar": ...}`,
+# **Beyond regular languages.** A regex cannot count: no regex accepts exactly the balanced brackets, so a JSON
+# value written as a regex stops at a few levels of nesting. A *context-free grammar* can, because a rule may use
+# itself (`json_object` runs on one). vLLM takes grammars as GBNF, the EBNF of llama.cpp and XGrammar (`structured_outputs={"grammar": ...}`,
 # or `guided_grammar` on the server). `minillm/structured/pushdown.py` runs one with the same machinery plus a
 # **stack**: every rule is a byte NFA; a rule's use is a *call* that pushes where to go on afterwards, and a rule's
 # end pops it. A set of stacks is one state of a DFA that would be infinite if built whole; built lazily (only the

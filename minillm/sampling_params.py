@@ -77,9 +77,9 @@ class StructuredOutputsParams:
 
     Exactly one of: `json`, a JSON schema (a dict, or its JSON text); `regex`, a pattern the whole output must match
     (Python's syntax, a subset: minillm.structured.regex_dfa); `choice`, a list of strings, one of which is the
-    output; `json_object=True`, any JSON value (objects and arrays nested a few levels deep: a regular language
-    cannot count brackets forever); `grammar`, a context-free grammar in GBNF, llama.cpp's and xgrammar's EBNF
-    (minillm.structured.grammar; it runs on a pushdown automaton, so it may nest without limit). `structural_tag`
+    output; `json_object=True`, any JSON value; `grammar`, a context-free grammar in GBNF, llama.cpp's and
+    xgrammar's EBNF (minillm.structured.grammar). The last two run on a pushdown automaton, so they nest without
+    limit (a regular language cannot count brackets: a schema's recursion stops at a few levels). `structural_tag`
     (xgrammar's tags that switch a schema on inside free text) is refused. `whitespace_pattern` is the regex
     allowed between JSON tokens (default: at most two spaces, newlines or tabs); `disable_any_whitespace=True`
     allows none."""

@@ -161,3 +161,17 @@ def test_token_masks_equal_a_walk_token_by_token():
         state = index.next_state(state, rng.choice(choices))
         seen = max(seen, g.depth(state))
     assert seen >= 2  # the walk went into nested calls
+
+
+def test_json_object_nests_to_any_depth_with_its_whitespace_rule():
+    from minillm.structured.grammar import json_value_grammar
+    from minillm.structured.json_schema import WHITESPACE
+    spaced, tight = compile_grammar(json_value_grammar(WHITESPACE)), compile_grammar(json_value_grammar(""))
+    rng = random.Random(2)
+    deep = random_json(rng, 3)
+    for _ in range(40):
+        deep = {"k": [deep, None]}
+    assert accepts(spaced, json.dumps(deep)) and accepts(tight, json.dumps(deep, separators=(",", ":")))
+    assert not accepts(tight, json.dumps(deep))  # ", " and ": " carry spaces
+    assert not accepts(spaced, '{"a":   1}')  # at most two whitespace characters between tokens
+    assert not accepts(spaced, " 1") and accepts(spaced, '"\\u00e9"') and not accepts(spaced, "[1,]")

@@ -168,13 +168,15 @@ class ConstraintCompiler:
 
     def _index(self, spec: StructuredOutputsParams) -> Any:
         from minillm.structured import (RegexError, SchemaError, TokenIndex, TokenVocabulary, choice_regex,
-                                        compile_grammar, compile_regex, json_schema_regex, json_value_regex)
+                                        compile_grammar, compile_regex, json_schema_regex)
+        from minillm.structured.grammar import json_value_grammar
+        from minillm.structured.json_schema import WHITESPACE
         tokenizer = self._tokenizer("structured_outputs")
         whitespace = "" if spec.disable_any_whitespace else spec.whitespace_pattern
         ws = {} if whitespace is None else {"whitespace": whitespace}
         kind = spec.kind
         key = json.dumps([kind, getattr(spec, kind), whitespace], sort_keys=True, default=str)
-        if kind == "grammar":  # an automaton built under a learner's closure (chapter 10) is another automaton
+        if kind in ("grammar", "json_object"):  # an automaton built under a learner's closure (chapter 10) differs
             from minillm.structured.pushdown import closure_rule
             key += f"/{id(closure_rule())}"
         with self._lock:
@@ -182,16 +184,15 @@ class ConstraintCompiler:
         if index is None:
             try:
                 if kind == "grammar":
-                    pattern = None
+                    dfa = compile_grammar(spec.grammar)
+                elif kind == "json_object":  # any depth: a grammar (a regex would stop at a few levels)
+                    dfa = compile_grammar(json_value_grammar(WHITESPACE if whitespace is None else whitespace))
                 elif kind == "json":
-                    pattern = json_schema_regex(spec.json, **ws)
-                elif kind == "json_object":
-                    pattern = json_value_regex(**ws)
+                    dfa = compile_regex(json_schema_regex(spec.json, **ws))
                 elif kind == "choice":
-                    pattern = choice_regex(list(spec.choice))
+                    dfa = compile_regex(choice_regex(list(spec.choice)))
                 else:
-                    pattern = spec.regex
-                dfa = compile_grammar(spec.grammar) if kind == "grammar" else compile_regex(pattern)
+                    dfa = compile_regex(spec.regex)
             except (RegexError, SchemaError) as err:
                 raise ParamError("structured_outputs", f"structured_outputs {kind}: {err}") from None
             except RecursionError:  # groups or schemas nested thousands deep: the parsers recurse

@@ -50,6 +50,28 @@ class Grammar:
     root: str = "root"
 
 
+def json_value_grammar(whitespace: str) -> Grammar:
+    """Any JSON value, nested to any depth (`json_object`), with `whitespace` (a regex) between its tokens: the
+    JSON grammar below, its string, number and whitespace rules the regexes json_schema.py writes them with."""
+    from minillm.structured.json_schema import NUMBER, STRING
+    from minillm.structured.regex_parse import parse
+    grammar = parse_grammar(_JSON_VALUE)
+    grammar.rules.update(string=parse(STRING), number=parse(NUMBER), ws=parse(whitespace))
+    return grammar
+
+
+_JSON_VALUE = """
+root   ::= value
+value  ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( member ( ws "," ws member )* )? ws "}"
+member ::= string ws ":" ws value
+array  ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
+string ::= ""
+number ::= ""
+ws     ::= ""
+"""  # string, number and ws are replaced by regex trees
+
+
 def parse_grammar(text: str) -> Grammar:
     """The rules of a GBNF grammar; GrammarError (naming line and column) for anything this reader refuses."""
     if not isinstance(text, str):

@@ -304,9 +304,12 @@ def closure_rule():
     return dispatch("ch10.stack_closure", stack_closure)
 
 
-def compile_grammar(text: str, max_states: int = 20_000, max_depth: int = MAX_STACK_DEPTH) -> PushdownAutomaton:
-    """The pushdown automaton of a GBNF grammar (grammar.py): full-match semantics over the output's UTF-8 bytes,
-    starting at rule `root`; GrammarError for what grammar.py or this module refuses."""
+def compile_grammar(text: str | Grammar, max_states: int = 20_000,
+                    max_depth: int = MAX_STACK_DEPTH) -> PushdownAutomaton:
+    """The pushdown automaton of a GBNF grammar (grammar.py; its text, or a Grammar already parsed): full-match
+    semantics over the output's UTF-8 bytes, starting at rule `root`; GrammarError for what grammar.py or this
+    module refuses."""
     if max_states < 1 or max_depth < 1:
         raise ValueError(f"max_states and max_depth must be >= 1, got {max_states} and {max_depth}")
-    return PushdownAutomaton(_GrammarNFA(parse_grammar(text)), max_states, max_depth)
+    grammar = text if isinstance(text, Grammar) else parse_grammar(text)
+    return PushdownAutomaton(_GrammarNFA(grammar), max_states, max_depth)
