@@ -448,7 +448,9 @@ print("free:  ", repr(free.text), "\nforced:", repr(forced.text), forced.finish_
 # %% [markdown]
 # A `)` is allowed exactly while a `(` is open, at any depth: the stack remembers what a DFA cannot. What a grammar
 # may not do is reach itself before reading a byte (`expr ::= expr "+" term`, left recursion): the closure would push
-# forever, so it is refused with the rule cycle named; write it with repetition, as above.
+# forever, so it is refused with the rule cycle named; write it with repetition, as above. XGrammar's *structural
+# tags* (`structural_tag=`) compile into the same grammars: free text in which a trigger such as `<function=` may
+# appear only as the start of a whole tool call, its arguments held to their JSON schema.
 
 
 # %% [markdown]

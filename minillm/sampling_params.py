@@ -79,8 +79,9 @@ class StructuredOutputsParams:
     (Python's syntax, a subset: minillm.structured.regex_dfa); `choice`, a list of strings, one of which is the
     output; `json_object=True`, any JSON value; `grammar`, a context-free grammar in GBNF, llama.cpp's and
     xgrammar's EBNF (minillm.structured.grammar). The last two run on a pushdown automaton, so they nest without
-    limit (a regular language cannot count brackets: a schema's recursion stops at a few levels). `structural_tag`
-    (xgrammar's tags that switch a schema on inside free text) is refused. `whitespace_pattern` is the regex
+    limit (a regular language cannot count brackets: a schema's recursion stops at a few levels); `structural_tag`,
+    XGrammar's formats that switch constrained parts on inside free text (a dict, or its JSON text:
+    minillm.structured.structural_tag). `whitespace_pattern` is the regex
     allowed between JSON tokens (default: at most two spaces, newlines or tabs); `disable_any_whitespace=True`
     allows none."""
 
@@ -89,7 +90,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     json_object: bool | None = None
     grammar: str | None = None
-    structural_tag: str | None = None
+    structural_tag: str | dict | None = None
     whitespace_pattern: str | None = None
     disable_any_whitespace: bool = False
 
@@ -100,9 +101,9 @@ class StructuredOutputsParams:
             raise ParamError("structured_outputs", f"structured_outputs takes exactly one of {kinds}; got "
                                                    f"{', '.join(given) if given else 'none'}")
         kind = given[0]
-        if kind == "structural_tag":
-            raise ParamError("structured_outputs", "structured_outputs structural_tag is not supported: give json, "
-                                                   "regex, choice, json_object or grammar")
+        if kind == "structural_tag" and not isinstance(self.structural_tag, (str, dict)):
+            raise ParamError("structured_outputs", f"structured_outputs structural_tag must be a JSON object or its "
+                                                   f"text, got {type(self.structural_tag).__name__}")
         if kind == "grammar" and not isinstance(self.grammar, str):
             raise ParamError("structured_outputs", f"structured_outputs grammar must be a GBNF grammar's text (a "
                                                    f"string), got {type(self.grammar).__name__}")

@@ -39,7 +39,7 @@ PROMPTS = [[5, 9, 200], [17] * 11, list(range(40, 59)), [3]]
 
 # -- the parameters ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
-    ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"structural_tag": "{}"}, "structural_tag"),
+    ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"structural_tag": 5}, "JSON object"),
     ({"grammar": ["root ::= 'a'"]}, "GBNF"),
     ({"regex": 3}, "regex must be a string"), ({"choice": []}, "non-empty list"), ({"choice": ["a", 1]}, "strings"),
     ({"json": 3}, "JSON schema"), ({"regex": "a", "disable_any_whitespace": "no"}, "bool"),

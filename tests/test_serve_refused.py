@@ -13,7 +13,7 @@ from tiny import one_thread  # noqa: F401 (autouse fixture)
 
 # field -> a value that asks for what minillm does not do
 ASKS = {
-    "structural_tag": "{}", "logits_processors": ["m.P"],
+    "logits_processors": ["m.P"],
     "mm_processor_kwargs": {"a": 1}, "kv_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1}, "cache_salt": "s",
     "prompt_embeds": "AAAA",  # completions
     "reasoning_effort": "low", "include_reasoning": False, "audio": {"voice": "alloy", "format": "mp3"},  # chat

@@ -16,6 +16,12 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
 GRAMMAR = 'root ::= "(" root ")" | "<" root ">" | [a-z]{1,3}'  # brackets nested to any depth: no regex can say it
 
 
+TAGS = {"type": "structural_tag", "format": {"type": "tags_with_separator", "separator": ",", "at_least_one": True,
+                                             "tags": [{"type": "tag", "begin": "<n>", "end": "</n>",
+                                                       "content": {"type": "regex", "pattern": "[0-9]{1,3}"}}]}}
+TAGGED = r"<n>[0-9]{1,3}</n>(,<n>[0-9]{1,3}</n>)*"
+
+
 def _balanced(text: str) -> bool:
     inner = text
     while inner[:1] + inner[-1:] in ("()", "<>"):
@@ -61,6 +67,10 @@ def test_every_spelling_constrains_the_answer(url, send):
         response = send(url, n=3, seed=7, **fields)
         for text, choice in zip(texts(response), response.json()["choices"]):
             assert _balanced(text) or choice["finish_reason"] == "length", (fields, text)
+    for fields in ({"structural_tag": json.dumps(TAGS)}, {"response_format": TAGS}):
+        response = send(url, n=3, seed=8, **fields)
+        for text, choice in zip(texts(response), response.json()["choices"]):
+            assert re.fullmatch(TAGGED, text) or choice["finish_reason"] == "length", (fields, text)
     for text in texts(send(url, n=2, seed=4, max_tokens=80, response_format={"type": "json_object"})):
         assert text and text.lstrip()[0] in '{["-0123456789tfn'  # a JSON value begins (it may run out of tokens)
 
@@ -83,7 +93,9 @@ def test_allowed_token_ids_and_bad_words_pass_through(url):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, "response_format", "schema"),
     ({"structured_outputs": {"grammar": "root ::= 'a"}}, "structured_outputs", "unterminated"),
     ({"guided_grammar": "root ::= root 'a' | 'b'"}, "guided_grammar", "left recursion"),
-    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "format"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "token", "token": 5}}}, "response_format",
+     "token-level"),
     ({"structured_outputs": {"regex": "a", "colour": 1}}, "structured_outputs", "colour"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "guided_json"),
     ({"allowed_token_ids": [1, 300]}, "allowed_token_ids", "300"),

@@ -175,3 +175,75 @@ def test_json_object_nests_to_any_depth_with_its_whitespace_rule():
     assert not accepts(tight, json.dumps(deep))  # ", " and ": " carry spaces
     assert not accepts(spaced, '{"a":   1}')  # at most two whitespace characters between tokens
     assert not accepts(spaced, " 1") and accepts(spaced, '"\\u00e9"') and not accepts(spaced, "[1,]")
+
+
+# -- structural tags (minillm/structured/structural_tag.py) -------------------------------------------------------
+def tag_automaton(spec):
+    from minillm.structured.structural_tag import structural_tag_grammar
+    return compile_grammar(structural_tag_grammar(spec))
+
+
+def test_free_text_avoids_its_words_exactly():
+    from minillm.structured.grammar import Grammar
+    from minillm.structured.pushdown import MAX_STACK_DEPTH, PushdownAutomaton, _GrammarNFA
+    words = ["ab", "bab", "c", "aab"]
+    g = PushdownAutomaton(_GrammarNFA(Grammar("", {"root": ("avoid", words)})), 100, MAX_STACK_DEPTH)
+    for n in range(8):
+        for chars in itertools.product("abc", repeat=n):
+            text = "".join(chars)
+            ok = not any(w in text for w in words)
+            state = g.walk(g.start, text.encode())
+            assert g.is_accepting(state) == ok and (state != DEAD) == ok, text
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_vllm_structures_switch_the_schema_on_at_a_trigger():
+    g = tag_automaton({"type": "structural_tag", "triggers": ["<function="], "structures": [
+        {"begin": "<function=get_weather>", "schema": WEATHER, "end": "</function>"},
+        {"begin": "<function=noop>", "schema": {"type": "object", "properties": {}}, "end": "</function>"}]})
+    call = '<function=get_weather>{"city": "Paris"}</function>'
+    for text in ["", "Hello, world", "a < b", f"Let me check. {call} Done.", call + call, "<function=noop>{}</function>",
+                 "half a trigger <functio"]:
+        assert accepts(g, text), text
+    for text in ["<function=other>", f"x {call[:-1]}", '<function=get_weather>{"town": "P"}</function>',
+                 f"{call} then <function="]:
+        assert not accepts(g, text), text
+    assert g.walk(g.start, b"<function=x") == DEAD and g.walk(g.start, b"<function=get") != DEAD
+
+
+def test_formats_compose():
+    think = {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"}
+    g = tag_automaton({"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        think, {"type": "or", "elements": [{"type": "const_string", "value": "yes"},
+                                           {"type": "regex", "pattern": "no+"}]},
+        {"type": "repeat", "min": 1, "max": 2, "content": {"type": "grammar", "grammar": PARENS.replace('""', '"x"')}},
+        {"type": "optional", "content": {"type": "json_schema", "json_schema": {"type": "integer"}}}]}})
+    assert accepts(g, "<think>hmm </think </think>yes(x)x7") and accepts(g, "<think></think>nooo((x)x)x")
+    assert not accepts(g, "<think>a</think>b</think>yesx")  # the content may not hold the end string
+    assert not accepts(g, "<think></think>maybex") and not accepts(g, "<think></think>yesxxx")
+    tags = tag_automaton({"type": "tags_with_separator", "separator": ", ", "at_least_one": True, "tags": [
+        {"type": "tag", "begin": "<a>", "content": {"type": "regex", "pattern": "[0-9]"}, "end": "</a>"}]})
+    assert accepts(tags, "<a>1</a>, <a>2</a>") and not accepts(tags, "") and not accepts(tags, "<a>1</a>,")
+    once = tag_automaton({"type": "triggered_tags", "triggers": ["@"], "stop_after_first": True, "at_least_one": True,
+                          "tags": [{"type": "tag", "begin": "@", "content": {"type": "const_string", "value": "go"},
+                                    "end": "!"}]})
+    assert accepts(once, "text @go!") and not accepts(once, "text") and not accepts(once, "@go! more")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ('{"type": ', "not valid JSON"),
+    ({"type": "structural_tag"}, '"format"'),
+    ({"type": "structural_tag", "format": {"type": "token", "token": 3}}, "token-level"),
+    ({"type": "triggered_tags", "triggers": ["<f="], "tags": [{"type": "tag", "begin": "<g>", "content":
+                                                               {"type": "any_text"}, "end": "</g>"}]}, "start with"),
+    ({"type": "sequence", "elements": []}, "'elements' must be a list"),
+    ({"type": "repeat", "min": 3, "max": 1, "content": {"type": "any_text"}}, "max -1 or >= min"),
+    ({"type": "regex", "pattern": "(a"}, "regex"),
+    ({"type": "grammar", "grammar": "root ::= root 'a'"}, "left recursion"),
+    ({"type": "json_schema", "json_schema": {"type": "integer"}, "style": "qwen_xml"}, "style"),
+])
+def test_bad_structural_tags_are_refused(spec, message):
+    with pytest.raises(GrammarError, match=message):
+        tag_automaton(spec)

@@ -170,13 +170,14 @@ class ConstraintCompiler:
         from minillm.structured import (RegexError, SchemaError, TokenIndex, TokenVocabulary, choice_regex,
                                         compile_grammar, compile_regex, json_schema_regex)
         from minillm.structured.grammar import json_value_grammar
+        from minillm.structured.structural_tag import structural_tag_grammar
         from minillm.structured.json_schema import WHITESPACE
         tokenizer = self._tokenizer("structured_outputs")
         whitespace = "" if spec.disable_any_whitespace else spec.whitespace_pattern
         ws = {} if whitespace is None else {"whitespace": whitespace}
         kind = spec.kind
         key = json.dumps([kind, getattr(spec, kind), whitespace], sort_keys=True, default=str)
-        if kind in ("grammar", "json_object"):  # an automaton built under a learner's closure (chapter 10) differs
+        if kind in ("grammar", "json_object", "structural_tag"):  # an automaton built under a learner's closure (chapter 10) differs
             from minillm.structured.pushdown import closure_rule
             key += f"/{id(closure_rule())}"
         with self._lock:
@@ -185,6 +186,8 @@ class ConstraintCompiler:
             try:
                 if kind == "grammar":
                     dfa = compile_grammar(spec.grammar)
+                elif kind == "structural_tag":
+                    dfa = compile_grammar(structural_tag_grammar(spec.structural_tag, whitespace))
                 elif kind == "json_object":  # any depth: a grammar (a regex would stop at a few levels)
                     dfa = compile_grammar(json_value_grammar(WHITESPACE if whitespace is None else whitespace))
                 elif kind == "json":

@@ -20,7 +20,7 @@ _NOT_WITH_BEAMS = {"stream": False, "logprobs": None, "top_logprobs": None, "pro
                    "stop": None, "stop_token_ids": None, "min_tokens": 0, "presence_penalty": 0.0,
                    "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None, "min_p": 0.0,
                    "allowed_token_ids": None, "bad_words": None, "structured_outputs": None, "guided_json": None,
-                   "guided_regex": None, "guided_choice": None, "guided_grammar": None, "response_format": None, "tool_choice": None}
+                   "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structural_tag": None, "response_format": None, "tool_choice": None}
 
 
 def beam_problem(request: Any) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
 default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools, and each class's
-`REFUSED` table: structural_tag, logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
+`REFUSED` table: logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
 prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
 function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
@@ -17,8 +17,8 @@ spaces_between_special_tokens (passed on; with minillm's tokenizers either value
 Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
 return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
-(structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar, guided_whitespace_pattern, and
-response_format
+(structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar, structural_tag,
+guided_whitespace_pattern, and response_format
 json_object / json_schema: minillm/serve/structured_fields.py), tools with a named or required tool_choice
 (serve/tool_calls.py), beam search (use_beam_search with n beams, length_penalty: serve/beam_fields.py), and chat's
 template fields (add_generation_prompt,
@@ -119,12 +119,12 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # a GBNF grammar (minillm/structured/grammar.py)
+    structural_tag: str | dict[str, Any] | None = None  # XGrammar's (minillm/structured/structural_tag.py)
     guided_whitespace_pattern: str | None = None
     guided_decoding_backend: str | None = None  # accepted and ignored: minillm has one backend
     use_beam_search: bool = False  # n beams, the best n come back (serve/beam_fields.py)
     length_penalty: float = 1.0  # beam search's final ranking
     # vLLM's extensions minillm does not implement: refused unless null or their no-op value (REFUSED)
-    structural_tag: Any = None
     logits_processors: Any = None
     mm_processor_kwargs: Any = None
     kv_transfer_params: Any = None
@@ -133,8 +133,6 @@ class _SamplingFields(BaseModel):
 
     # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "structural_tag": ((), "xgrammar's structural tags: give guided_json, guided_regex, guided_choice or "
-                               "guided_grammar"),
         "logits_processors": (([],), "custom logits processors"),
         "mm_processor_kwargs": (({},), "multimodal input"),
         "kv_transfer_params": (({},), "disaggregated serving through the HTTP server"),

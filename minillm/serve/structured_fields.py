@@ -8,9 +8,10 @@ Clients ask for structured output in three spellings, and a request may use only
                                   "disable_any_whitespace"
     guided_json / guided_regex /  vLLM's older names (guided_whitespace_pattern beside them)
     guided_choice / guided_grammar
+    / structural_tag
     response_format               OpenAI's: {"type": "json_object"} (any JSON) or {"type": "json_schema",
                                   "json_schema": {"name": ..., "schema": {...}, "strict": ...}}; {"type": "text"}
-                                  asks for nothing
+                                  asks for nothing; XGrammar's {"type": "structural_tag", "format": {...}}
     tool_choice                   a named function or "required" (chat): the call's JSON (serve/tool_calls.py)
 
 The result goes into SamplingParams.structured_outputs, which the engine compiles (a bad schema or regex is a 400
@@ -24,7 +25,8 @@ from minillm.sampling_params import StructuredOutputsParams
 from minillm.serve.protocol import ApiError
 from minillm.serve.tool_calls import tool_schema
 
-GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+          "structural_tag": "structural_tag"}
 
 
 def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None, str | None]:
@@ -78,5 +80,7 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
             raise ApiError(400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}, '
                                 f"got {str(spec)[:100]}", param="response_format")
         return {"json": schema}
-    raise ApiError(400, f"response_format type {kind!r} is not supported: give 'text', 'json_object' or "
-                        f"'json_schema'", param="response_format")
+    if kind == "structural_tag":
+        return {"structural_tag": value}
+    raise ApiError(400, f"response_format type {kind!r} is not supported: give 'text', 'json_object', "
+                        f"'json_schema' or 'structural_tag'", param="response_format")

@@ -17,7 +17,8 @@ language, so what the model writes always parses. The pieces, in the order they 
 - grammar.py / pushdown.py: a GBNF grammar (vLLM's `grammar`) and any JSON value (`json_object`, nested to
   any depth) become one byte NFA with call edges between rules; a stack of return states makes it a pushdown
   automaton, and its configurations, interned lazily like the DFA's subsets, give token_index.py a DFA it
-  walks the same way.
+  walks the same way. structural_tag.py compiles XGrammar's structural tags (free text, tool calls after a
+  trigger, tags, sequences ...) into such a grammar.
 """
 from minillm.structured.grammar import GrammarError, parse_grammar
 from minillm.structured.json_schema import SchemaError, choice_regex, json_schema_regex, json_value_regex

@@ -105,7 +105,48 @@ class _GrammarNFA(_NFA):
             start, end = self.new(), self.new()
             self.calls[start].append((self.index[node[1]], end))
             return start, end
+        if node[0] == "avoid":
+            return self.avoid([w.encode() for w in node[1] if w])
         return super().build(node)
+
+    def avoid(self, words: list[bytes]) -> tuple[int, int]:
+        """A fragment for any bytes in which no word occurs (structural_tag.py's free text): the Aho-Corasick
+        automaton of the words (a trie; a failed byte falls back to the longest suffix that is a trie node), with
+        every node whose text ends in a word left out. Any of its nodes may end the text."""
+        children: list[dict[int, int]] = [{}]
+        complete = [False]
+        for word in words:
+            node = 0
+            for byte in word:
+                if byte not in children[node]:
+                    children[node][byte] = len(children)
+                    children.append({})
+                    complete.append(False)
+                node = children[node][byte]
+            complete[node] = True
+        step = [[children[0].get(b, 0) for b in range(256)]] + [[] for _ in children[1:]]
+        fallback, queue = [0] * len(children), list(children[0].values())
+        for node in queue:  # breadth first: a node's fallback is shallower, so already done
+            complete[node] = complete[node] or complete[fallback[node]]
+            step[node] = [children[node].get(b, step[fallback[node]][b]) for b in range(256)]
+            for byte, child in children[node].items():
+                fallback[child] = step[fallback[node]][byte] if node else 0
+                queue.append(child)
+        states = [None if done else self.new() for done in complete]
+        end = self.new()
+        for node, state in enumerate(states):
+            if state is None:
+                continue
+            self.eps[state].append(end)
+            row, b = step[node], 0
+            while b < 256:  # runs of bytes going to one node become one range edge
+                e = b
+                while e + 1 < 256 and row[e + 1] == row[b]:
+                    e += 1
+                if states[row[b]] is not None:
+                    self.edges[state].append((b, e, states[row[b]]))
+                b = e + 1
+        return states[0], end
 
     def reaches_exit(self, rule: int, through_bytes: bool, passable: set[int]) -> bool:
         """Whether `rule`'s entry reaches its exit by epsilon edges, calls of rules in `passable` and, if
