@@ -352,7 +352,16 @@ def draw_special_switches(rng: random.Random, req: Request) -> None:
 
 
 # what draw_constraint picks from: patterns and schemas short enough to finish within a few tokens of MAX_LEN
-CONSTRAINTS = [("regex", r"[a-f]{2,5}-\d{1,3}"), ("regex", r"(yes|no|maybe)!?"), ("regex", r"[^\n]{0,12}\n"),
+NESTED = 'root ::= "(" root ")" | "<" root ">" | [a-c]{1,3}'  # brackets nested to any depth: a pushdown automaton
+
+
+def nested_ok(text: str) -> bool:
+    """Whether `text` is in NESTED's language."""
+    while text[:1] + text[-1:] in ("()", "<>"):
+        text = text[1:-1]
+    return re.fullmatch("[a-c]{1,3}", text) is not None
+
+CONSTRAINTS = [("regex", r"[a-f]{2,5}-\d{1,3}"), ("grammar", NESTED), ("regex", r"[^\n]{0,12}\n"),
                ("choice", ("alpha", "beta", "gamma", "δέλτα")),
                ("json", '{"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22]}}, '
                         '"required": ["ok"]}'),
@@ -391,7 +400,7 @@ def constraint_problem(req: Request, token_ids: list[int], finish_reason: str, t
         return None
     if finish_reason != "stop" or req.stop or req.stop_token_ids:  # cut by length or a stop: a prefix only
         return None
-    complete = {"regex": lambda t: re.fullmatch(value, t), "choice": lambda t: t in value,
+    complete = {"regex": lambda t: re.fullmatch(value, t), "choice": lambda t: t in value, "grammar": nested_ok,
                 "json": lambda t: isinstance(json.loads(t).get("ok"), bool)}[kind]
     return None if complete(text) else f"{kind} output {text!r} does not match {value!r}"
 

@@ -80,8 +80,8 @@ def test_a_real_chapter_shows_the_learners_wrong_answer(tmp_path):
     assert not passed and lines[0].startswith("05_paged_attention.ipynb: fail"), lines
     # the slots gathered for the attention demo come from the wrong blocks
     assert "expected 'blocks touched: [0, 1, 5]', got 'blocks touched: [0, 1, 2]'" in "\n".join(lines), lines
-    passed, lines = notebooks.grade_notebook(ipynb, "solutions")
-    assert passed, lines
+    # (the solutions pass: every chapter under nbval in `make test`, and grade_notebook's own pass on the demo chapter
+    # above; running this chapter a second time here cost 40 s of CI)
 
 
 def test_smoke_runs_chapters_as_scripts_and_names_the_one_that_fails(tmp_path, capsys):
