@@ -1,6 +1,7 @@
 """What structured outputs cost: decode with and without a constraint on the bundled SmolLM2 (chapter 10).
 
-    python benchmarks/bench_structured.py [MODEL] [--batch 1 16 64] [--max-tokens 128] [--out results.json]
+    python benchmarks/bench_structured.py [MODEL] [--batch 1 16 64] [--max-tokens 128] [--variants ...]
+                                          [--out results.json]
 
 For each batch size, the same chat prompts (each asks for a JSON description), greedy, four ways in one process:
 
@@ -8,6 +9,10 @@ For each batch size, the same chat prompts (each asks for a JSON description), g
     plain sync   no constraint, async_scheduling=False: the synchronous steps a constrained request forces
     json         structured_outputs=StructuredOutputsParams(json=SCHEMA): a mask per row per step
     regex        structured_outputs=StructuredOutputsParams(regex=REGEX)
+    json_object  structured_outputs=StructuredOutputsParams(json_object=True): any JSON, on the pushdown automaton
+    gbnf         structured_outputs=StructuredOutputsParams(grammar=JSON_GBNF): JSON written as a GBNF grammar
+
+(`--variants` picks some of them.)
 
 A constrained request finishes when its format is complete, so the variants write different numbers of tokens:
 the figure to compare is the time per engine step (ms/step) and per token. `mask ms/step` is the host time of
@@ -32,6 +37,16 @@ SCHEMA = {"type": "object", "properties": {
     "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4},
     "bio": {"type": "string", "maxLength": 200}}, "required": ["name", "age", "city", "hobbies", "bio"]}
 REGEX = r"[A-Z][a-z]+ (lives|works|studies) in [A-Z][a-z]+(, [a-z ]{1,40})*\."
+JSON_GBNF = r"""
+root    ::= object
+value   ::= object | array | string | number | "true" | "false" | "null"
+object  ::= "{" ws ( member ( ws "," ws member )* )? ws "}"
+member  ::= string ws ":" ws value
+array   ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
+string  ::= "\"" ( [^"\\\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number  ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws      ::= [ \t\n]{0,2}
+"""
 TOPICS = ["a baker", "a pilot", "a student", "a painter", "a nurse", "a chess player", "a farmer", "a poet"]
 
 
@@ -68,20 +83,33 @@ def run(llm, batch: int, max_tokens: int, structured, again: bool = False) -> di
     valid = None
     if structured is not None and structured.json is not None:
         valid = sum(_parses(t) for t in texts)
-    elif structured is not None:
+    elif structured is not None and structured.regex is not None:
         valid = sum(bool(re.fullmatch(structured.regex, t)) for t in texts)
+    elif structured is not None:  # json_object, the GBNF JSON grammar: any JSON (an object for the grammar)
+        valid = sum(_parses(t, required=()) for t in texts)
     return dict(seconds=round(elapsed, 4), steps=steps, output_tokens=tokens,
                 ms_per_step=round(1e3 * elapsed / max(steps, 1), 3), tok_per_s=round(tokens / elapsed, 1),
                 mask_ms_per_step=round(1e3 * spent[0] / max(steps, 1), 3), valid=valid,
                 finished_stop=sum(o.outputs[0].finish_reason == "stop" for o in outs), sample=texts[0][:160])
 
 
-def _parses(text: str) -> bool:
+def _parses(text: str, required=tuple(SCHEMA["required"])) -> bool:
     try:
         value = json.loads(text)
     except ValueError:
         return False
-    return set(SCHEMA["required"]) <= set(value)
+    return not required or (isinstance(value, dict) and set(required) <= set(value))
+
+
+def _constraint(**kw):
+    from minillm.sampling_params import StructuredOutputsParams
+    return StructuredOutputsParams(**kw)
+
+
+VARIANTS = {"plain": lambda: ({}, None), "plain sync": lambda: ({"async_scheduling": False}, None),
+            "json": lambda: ({}, _constraint(json=SCHEMA)), "regex": lambda: ({}, _constraint(regex=REGEX)),
+            "json_object": lambda: ({}, _constraint(json_object=True)),
+            "gbnf": lambda: ({}, _constraint(grammar=JSON_GBNF))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,18 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", default=None, help="a GGUF file or HF directory (default: bundled)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="which variants (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import torch
     from minillm import LLM
-    from minillm.sampling_params import StructuredOutputsParams
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = {} if args.model is None else {"model": args.model}
     if device == "cuda":  # two engines share the GPU (async on and off): a fixed KV pool each
         kw["kv_cache_memory"] = 4 << 30
     rows = []
-    variants = [("plain", {}, None), ("plain sync", {"async_scheduling": False}, None),
-                ("json", {}, StructuredOutputsParams(json=SCHEMA)), ("regex", {}, StructuredOutputsParams(regex=REGEX))]
+    variants = [(name, *VARIANTS[name]()) for name in (args.variants or VARIANTS)]
     llms = {}
     for batch in args.batch:
         for name, options, structured in variants:

@@ -226,9 +226,9 @@ def test_gpu_constraints_under_cuda_graphs_async_and_verify_steps():
         dict(structured_outputs=structured(json=SCHEMA, disable_any_whitespace=True)),
         dict(structured_outputs=structured(choice=["north", "south", "east", "west"])),
         dict(allowed_token_ids=list(range(97, 123)), bad_words=["ee", "aa"], ignore_eos=True),
-        dict(ignore_eos=True))] * 2
+        dict(ignore_eos=True), dict(structured_outputs=structured(grammar=ITEMS)))] * 2
     prompts = [[5, 9, 200], [17] * 11, list(range(40, 59)), [3], [7, 7, 7, 8], [100, 101], [42] * 5, [1, 2, 3, 4]]
-    prompts = prompts + prompts[:2]
+    prompts = prompts + prompts[:4]
 
     def run(**options):
         engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
@@ -238,6 +238,7 @@ def test_gpu_constraints_under_cuda_graphs_async_and_verify_steps():
 
     _, want = run(enforce_eager=True, async_scheduling=False)
     assert re.fullmatch(r"(ab|cd)+[0-9]{3}", want[0].text) and set(json.loads(want[1].text)) >= {"ok", "size"}
+    assert items_ok(want[5].text) or want[5].finish_reason == "length", want[5].text
     assert want[2].text in ("north", "south", "east", "west") and "ee" not in want[3].text
     for options in (dict(async_scheduling=False), dict(async_scheduling=True),
                     dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}),
