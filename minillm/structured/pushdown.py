@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from minillm.hooks import dispatch
 from minillm.structured.grammar import Grammar, GrammarError, parse_grammar
-from minillm.structured.regex_dfa import DEAD, MAX_NFA_STATES, _NFA
+from minillm.structured.regex_dfa import DEAD, MAX_NFA_STATES, LazyAutomaton, _NFA
 
 MAX_STACK_DEPTH = 256
 
@@ -227,14 +227,16 @@ class _GrammarNFA(_NFA):
                 visit(rule)
 
 
-class PushdownAutomaton:
-    """A grammar's lazily determinized configurations (module docstring): the interface of regex_dfa.ByteDFA
-    (start, transitions, next_state, walk, is_accepting, can_continue, num_states), so TokenIndex runs it."""
+class PushdownAutomaton(LazyAutomaton):
+    """A grammar's lazily determinized configurations (module docstring): a LazyAutomaton whose items are
+    stacks, so it has ByteDFA's interface (start, transitions, next_state, walk, is_accepting, can_continue,
+    num_states) and TokenIndex runs it."""
 
     finite = False  # its configurations never run out: tables of all of them cannot be listed (token_index.py)
 
     def __init__(self, nfa: _GrammarNFA, max_states: int, max_depth: int):
-        self.pattern, self.max_states, self.max_depth = nfa.pattern, max_states, max_depth
+        super().__init__(max_states)
+        self.pattern, self.max_depth = nfa.pattern, max_depth
         nullable = nfa.fixpoint(through_bytes=False)
         nfa.check_left_recursion(nullable)
         productive = nfa.fixpoint(through_bytes=True)
@@ -252,10 +254,6 @@ class PushdownAutomaton:
         # the closure rule in force when the automaton is built (chapter 10: a learner's, through `dispatch`) serves
         # it for life, so that its configurations never mix two rules' answers (ConstraintCompiler keys on it too)
         self._stack_closure = closure_rule()
-        self._sets: list[frozenset[Stack]] = []
-        self._ids: dict[frozenset[Stack], int] = {}
-        self._rows: list[list[int] | None] = []
-        self._accepting: list[bool] = []
         self.start = self._intern(self._closure([(nfa.start,)]))
 
     def _tail_states(self) -> list[bool]:
@@ -280,64 +278,21 @@ class PushdownAutomaton:
         seen = self._stack_closure(seeds, self._eps, self._calls, self._is_exit, self._tail, self.max_depth)
         return frozenset(s for s in seen if s and (self._edges[s[-1]] or (len(s) == 1 and self._is_exit[s[0]])))
 
-    def _intern(self, stacks: frozenset[Stack]) -> int:
-        if not stacks:
-            return DEAD
-        sid = self._ids.get(stacks)
-        if sid is None:
-            if len(self._sets) >= self.max_states:
-                raise GrammarError(f"grammar: the automaton needs more than max_states={self.max_states} "
-                                   f"configurations")
-            sid = self._ids[stacks] = len(self._sets)
-            self._sets.append(stacks)
-            self._rows.append(None)
-            self._accepting.append(any(len(s) == 1 and self._is_exit[s[0]] for s in stacks))
-        return sid
+    def _moves(self, stacks: frozenset[Stack]) -> list[tuple[int, int, Stack]]:
+        return [(lo, hi, stack[:-1] + (t,)) for stack in stacks for lo, hi, t in self._edges[stack[-1]]]
 
-    def transitions(self, state: int) -> list[int]:
-        """All 256 successors of configuration `state` (DEAD where a byte leaves the language), built once."""
-        row = self._rows[state]
-        if row is not None:
-            return row
-        moves = [(lo, hi, stack[:-1] + (t,)) for stack in self._sets[state] for lo, hi, t in self._edges[stack[-1]]]
-        cuts = sorted({0, 256} | {lo for lo, _, _ in moves} | {hi + 1 for _, hi, _ in moves})
-        row = [DEAD] * 256
-        for a, b in zip(cuts, cuts[1:]):
-            stacks = [stack for lo, hi, stack in moves if lo <= a <= hi]
-            if stacks:
-                row[a:b] = [self._intern(self._closure(stacks))] * (b - a)
-        self._rows[state] = row
-        return row
+    def _accepts(self, stacks: frozenset[Stack]) -> bool:
+        return any(len(s) == 1 and self._is_exit[s[0]] for s in stacks)
 
-    def next_state(self, state: int, byte: int) -> int:
-        """The configuration after `byte`; DEAD when the output can no longer be completed."""
-        return DEAD if state < 0 else self.transitions(state)[byte]
+    def _can_read(self, stack: Stack) -> bool:
+        return bool(self._edges[stack[-1]])
 
-    def walk(self, state: int, data: bytes) -> int:
-        """The configuration after all of `data`; DEAD as soon as a byte fails."""
-        for byte in data:
-            if state < 0:
-                return DEAD
-            row = self._rows[state]
-            state = (row if row is not None else self.transitions(state))[byte]
-        return state
-
-    def is_accepting(self, state: int) -> bool:
-        """Whether the bytes read so far are a whole string of the language."""
-        return state >= 0 and self._accepting[state]
-
-    def can_continue(self, state: int) -> bool:
-        """Whether some non-empty byte string may follow (a kept stack that can read a byte)."""
-        return state >= 0 and any(self._edges[s[-1]] for s in self._sets[state])
+    def _too_many(self) -> Exception:
+        return GrammarError(f"grammar: the automaton needs more than max_states={self.max_states} configurations")
 
     def depth(self, state: int) -> int:
         """The deepest stack of a configuration: how many calls are in progress (for the chapter's pictures)."""
         return max(len(s) for s in self._sets[state]) - 1 if state >= 0 else 0
-
-    @property
-    def num_states(self) -> int:
-        """Configurations built so far (they are built lazily, so this grows as the automaton is used)."""
-        return len(self._sets)
 
 
 def closure_rule():

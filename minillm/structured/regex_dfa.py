@@ -35,7 +35,7 @@ from minillm.structured.regex_parse import RegexError, escape, parse, utf8_seque
 DEAD = -1
 MAX_NFA_STATES = 1_000_000
 
-__all__ = ["DEAD", "ByteDFA", "RegexError", "compile_regex", "escape"]
+__all__ = ["DEAD", "ByteDFA", "LazyAutomaton", "RegexError", "compile_regex", "escape"]
 
 
 class _NFA:
@@ -120,42 +120,35 @@ class _NFA:
         return live
 
 
-class ByteDFA:
-    """A lazily determinized byte automaton for one pattern. States are ints; DEAD (-1) is no match."""
+class LazyAutomaton:
+    """A byte automaton determinized lazily (the base of ByteDFA here and of pushdown.PushdownAutomaton). A state
+    is an interned frozenset of *items* (NFA states; a grammar's stacks), and all 256 transitions of a state are
+    computed the first time one is asked for, then cached. A subclass says what an item does: `_moves(items)`,
+    its byte-range moves (lo, hi, next item); `_closure(seeds)`, the items reached without reading a byte, kept
+    to those that matter; `_accepts(items)`; and `_can_read(item)`, whether it has a byte to read."""
 
-    def __init__(self, nfa: _NFA, max_states: int):
-        self.pattern, self.max_states = nfa.pattern, max_states
-        live = nfa.live()
-        self._eps, self._accept = nfa.eps, nfa.accept
-        self._edges = [[e for e in edges if live[e[2]]] for edges in nfa.edges]  # only edges that can match
-        self._keep = [bool(self._edges[s]) or s == nfa.accept for s in range(len(live))]
-        self._sets: list[frozenset[int]] = []
-        self._ids: dict[frozenset[int], int] = {}
+    def __init__(self, max_states: int):
+        self.max_states = max_states
+        self._sets: list[frozenset] = []
+        self._ids: dict[frozenset, int] = {}
         self._rows: list[list[int] | None] = []
         self._accepting: list[bool] = []
-        self.start = self._intern(self._closure([nfa.start]))
 
-    def _closure(self, seeds) -> frozenset[int]:
-        seen, stack = set(seeds), list(seeds)
-        while stack:
-            for t in self._eps[stack.pop()]:
-                if t not in seen:
-                    seen.add(t)
-                    stack.append(t)
-        return frozenset(s for s in seen if self._keep[s])
+    def _too_many(self) -> Exception:
+        return RegexError(f"regex {self.pattern[:200]!r}: the DFA needs more than max_states={self.max_states} "
+                          f"states")
 
-    def _intern(self, states: frozenset[int]) -> int:
-        if not states:
+    def _intern(self, items: frozenset) -> int:
+        if not items:
             return DEAD
-        sid = self._ids.get(states)
+        sid = self._ids.get(items)
         if sid is None:
             if len(self._sets) >= self.max_states:
-                raise RegexError(f"regex {self.pattern[:200]!r}: the DFA needs more than max_states="
-                                 f"{self.max_states} states")
-            sid = self._ids[states] = len(self._sets)
-            self._sets.append(states)
+                raise self._too_many()
+            sid = self._ids[items] = len(self._sets)
+            self._sets.append(items)
             self._rows.append(None)
-            self._accepting.append(self._accept in states)
+            self._accepting.append(self._accepts(items))
         return sid
 
     def transitions(self, state: int) -> list[int]:
@@ -163,12 +156,12 @@ class ByteDFA:
         row = self._rows[state]
         if row is not None:
             return row
-        edges = [e for s in self._sets[state] for e in self._edges[s]]
+        moves = self._moves(self._sets[state])
         # Bytes between consecutive range boundaries behave alike: one closure per segment, not per byte.
-        cuts = sorted({0, 256} | {lo for lo, _, _ in edges} | {hi + 1 for _, hi, _ in edges})
+        cuts = sorted({0, 256} | {lo for lo, _, _ in moves} | {hi + 1 for _, hi, _ in moves})
         row = [DEAD] * 256
         for a, b in zip(cuts, cuts[1:]):
-            targets = [t for lo, hi, t in edges if lo <= a <= hi]
+            targets = [t for lo, hi, t in moves if lo <= a <= hi]
             if targets:
                 row[a:b] = [self._intern(self._closure(targets))] * (b - a)
         self._rows[state] = row
@@ -191,17 +184,48 @@ class ByteDFA:
         return state
 
     def is_accepting(self, state: int) -> bool:
-        """Whether the bytes read so far fully match the pattern."""
+        """Whether the bytes read so far fully match."""
         return state >= 0 and self._accepting[state]
 
     def can_continue(self, state: int) -> bool:
         """Whether some non-empty byte string leads on to an accepting state (any live byte edge does)."""
-        return state >= 0 and any(self._edges[s] for s in self._sets[state])
+        return state >= 0 and any(self._can_read(item) for item in self._sets[state])
 
     @property
     def num_states(self) -> int:
-        """DFA states built so far (the DFA is built lazily, so this grows as it is used)."""
+        """States built so far (the automaton is built lazily, so this grows as it is used)."""
         return len(self._sets)
+
+
+class ByteDFA(LazyAutomaton):
+    """A lazily determinized byte automaton for one pattern. States are ints; DEAD (-1) is no match."""
+
+    def __init__(self, nfa: _NFA, max_states: int):
+        super().__init__(max_states)
+        self.pattern = nfa.pattern
+        live = nfa.live()
+        self._eps, self._accept = nfa.eps, nfa.accept
+        self._edges = [[e for e in edges if live[e[2]]] for edges in nfa.edges]  # only edges that can match
+        self._keep = [bool(self._edges[s]) or s == nfa.accept for s in range(len(live))]
+        self.start = self._intern(self._closure([nfa.start]))
+
+    def _closure(self, seeds) -> frozenset[int]:
+        seen, stack = set(seeds), list(seeds)
+        while stack:
+            for t in self._eps[stack.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return frozenset(s for s in seen if self._keep[s])
+
+    def _moves(self, states: frozenset[int]) -> list[tuple[int, int, int]]:
+        return [e for s in states for e in self._edges[s]]
+
+    def _accepts(self, states: frozenset[int]) -> bool:
+        return self._accept in states
+
+    def _can_read(self, s: int) -> bool:
+        return bool(self._edges[s])
 
 
 def compile_regex(pattern: str, max_states: int = 20_000) -> ByteDFA:
