@@ -207,24 +207,24 @@ class _GrammarNFA(_NFA):
                         todo.append(t)
             left_calls.append(called)
         state = [0] * len(self.names)  # 0 unvisited, 1 on the path, 2 done
-        path: list[int] = []
-
-        def visit(rule: int) -> None:
-            state[rule] = 1
-            path.append(rule)
-            for r in sorted(left_calls[rule]):
-                if state[r] == 1:
+        for first in range(len(self.names)):
+            if state[first]:
+                continue
+            state[first] = 1
+            path, todo = [first], [iter(sorted(left_calls[first]))]  # depth first, without Python's recursion
+            while todo:
+                r = next(todo[-1], None)
+                if r is None:
+                    state[path.pop()] = 2
+                    todo.pop()
+                elif state[r] == 1:
                     cycle = " -> ".join(self.names[x] for x in path[path.index(r):] + [r])
                     raise GrammarError(f"grammar: left recursion ({cycle}): a rule reaches itself before reading "
                                        f"anything; write it with repetition, e.g. expr ::= term (\"+\" term)*")
-                if state[r] == 0:
-                    visit(r)
-            path.pop()
-            state[rule] = 2
-
-        for rule in range(len(self.names)):
-            if state[rule] == 0:
-                visit(rule)
+                elif state[r] == 0:
+                    state[r] = 1
+                    path.append(r)
+                    todo.append(iter(sorted(left_calls[r])))
 
 
 class PushdownAutomaton(LazyAutomaton):
