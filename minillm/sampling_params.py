@@ -79,7 +79,8 @@ class StructuredOutputsParams:
     (Python's syntax, a subset: minillm.structured.regex_dfa); `choice`, a list of strings, one of which is the
     output; `json_object=True`, any JSON value; `grammar`, a context-free grammar in GBNF, llama.cpp's and
     xgrammar's EBNF (minillm.structured.grammar). The last two run on a pushdown automaton, so they nest without
-    limit (a regular language cannot count brackets: a schema's recursion stops at a few levels); `structural_tag`,
+    limit (a regular language cannot count brackets: a `json` schema whose $ref recurses, or that holds values of
+    any shape, runs on one too: minillm.structured.json_grammar); `structural_tag`,
     XGrammar's formats that switch constrained parts on inside free text (a dict, or its JSON text:
     minillm.structured.structural_tag). `whitespace_pattern` is the regex
     allowed between JSON tokens (default: at most two spaces, newlines or tabs); `disable_any_whitespace=True`

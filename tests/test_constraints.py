@@ -160,6 +160,17 @@ def test_a_grammar_nests_without_limit_greedy_and_sampled(model_and_config):
     assert done >= 6
 
 
+def test_a_recursive_json_schema_gives_valid_trees(model_and_config):
+    """A schema whose $ref reaches itself (json_grammar.py) through the engine: every finished output is a tree."""
+    from test_structured_grammar import TREE, tree_ok
+    engine = make_engine(model_and_config, max_num_seqs=4, max_model_len=128)
+    got = outputs(engine, PROMPTS, SamplingParams(temperature=1.0, seed=9, max_tokens=100, structured_outputs=structured(
+        json=TREE, disable_any_whitespace=True)))
+    for out in got:
+        assert out.finish_reason == "length" or tree_ok(json.loads(out.text)), out.text
+    assert any(out.finish_reason == "stop" for out in got)
+
+
 ITEMS = 'root ::= item+ [0-9]{3}\nitem ::= "ab" | "cd" | "(" item+ ")"'
 
 

@@ -247,3 +247,49 @@ def test_formats_compose():
 def test_bad_structural_tags_are_refused(spec, message):
     with pytest.raises(GrammarError, match=message):
         tag_automaton(spec)
+
+
+# -- JSON schemas that recurse (minillm/structured/json_grammar.py) -----------------------------------------------
+TREE = {"$defs": {"node": {"type": "object", "required": ["value", "children"], "properties": {
+    "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}}}},
+        "$ref": "#/$defs/node"}
+LINKED = {"type": "object", "required": ["head", "tail"], "properties": {
+    "head": {"type": "string", "maxLength": 3}, "tail": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}
+
+
+def tree_ok(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"value", "children"} and type(value["value"]) is int
+            and isinstance(value["children"], list) and len(value["children"]) <= 3
+            and all(tree_ok(c) for c in value["children"]))
+
+
+def random_tree(rng: random.Random, depth: int):
+    kids = [random_tree(rng, depth - 1) for _ in range(rng.randint(0, 3))] if depth else []
+    return {"value": rng.randint(-99, 99), "children": kids}
+
+
+def test_recursive_schemas_run_as_grammars_and_regular_ones_stay_regexes():
+    from minillm.structured import ByteDFA, PushdownAutomaton
+    from minillm.structured.json_grammar import json_schema_automaton
+    assert isinstance(json_schema_automaton({"type": "object", "properties": {"a": {"type": "integer"}}}), ByteDFA)
+    tree = json_schema_automaton(TREE, whitespace="")
+    assert isinstance(tree, PushdownAutomaton)
+    rng = random.Random(3)
+    for _ in range(30):
+        text = json.dumps(random_tree(rng, rng.randint(0, 6)), separators=(",", ":"))
+        assert accepts(tree, text), text
+        i = rng.randrange(len(text))
+        mutated = text[:i] + rng.choice('{}[],:"0a-') + text[i + 1:]
+        try:
+            valid = tree_ok(json.loads(mutated))  # (one character changed cannot reorder keys or add spaces)
+        except ValueError:
+            valid = False
+        assert accepts(tree, mutated) == valid, mutated
+    linked, value = json_schema_automaton(LINKED), None
+    for i in range(60):  # "#": the whole schema, 60 levels deep
+        value = {"head": str(i % 1000), "tail": value}
+    assert accepts(linked, json.dumps(value)) and not accepts(linked, json.dumps({"head": "abcd", "tail": None}))
+    anything = json_schema_automaton({"type": "object", "required": ["meta"], "properties": {"meta": {}}})
+    assert accepts(anything, json.dumps({"meta": [[[[[[{"deep": [1, {"er": None}]}]]]]]]}))  # any depth
+    with pytest.raises(ValueError, match="reserved"):
+        json_schema_automaton({"enum": ["\U000F0001"]})

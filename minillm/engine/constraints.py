@@ -168,7 +168,8 @@ class ConstraintCompiler:
 
     def _index(self, spec: StructuredOutputsParams) -> Any:
         from minillm.structured import (RegexError, SchemaError, TokenIndex, TokenVocabulary, choice_regex,
-                                        compile_grammar, compile_regex, json_schema_regex)
+                                        compile_grammar, compile_regex)
+        from minillm.structured.json_grammar import json_schema_automaton
         from minillm.structured.grammar import json_value_grammar
         from minillm.structured.structural_tag import structural_tag_grammar
         from minillm.structured.json_schema import WHITESPACE
@@ -177,7 +178,7 @@ class ConstraintCompiler:
         ws = {} if whitespace is None else {"whitespace": whitespace}
         kind = spec.kind
         key = json.dumps([kind, getattr(spec, kind), whitespace], sort_keys=True, default=str)
-        if kind in ("grammar", "json_object", "structural_tag"):  # an automaton built under a learner's closure (chapter 10) differs
+        if kind in ("grammar", "json_object", "structural_tag", "json"):  # an automaton built under a learner's closure (chapter 10) differs
             from minillm.structured.pushdown import closure_rule
             key += f"/{id(closure_rule())}"
         with self._lock:
@@ -190,8 +191,8 @@ class ConstraintCompiler:
                     dfa = compile_grammar(structural_tag_grammar(spec.structural_tag, whitespace))
                 elif kind == "json_object":  # any depth: a grammar (a regex would stop at a few levels)
                     dfa = compile_grammar(json_value_grammar(WHITESPACE if whitespace is None else whitespace))
-                elif kind == "json":
-                    dfa = compile_regex(json_schema_regex(spec.json, **ws))
+                elif kind == "json":  # a regular schema: a DFA; a recursive one, or any-values: a grammar
+                    dfa = json_schema_automaton(spec.json, **ws)
                 elif kind == "choice":
                     dfa = compile_regex(choice_regex(list(spec.choice)))
                 else:

@@ -12,8 +12,8 @@ language, so what the model writes always parses. The pieces, in the order they 
   the allowed tokens are found by walking the trie and the DFA together, dropping a subtree as soon as the
   DFA dies (the idea of Willard & Louf, "Efficient Guided Generation for LLMs", 2023, computed on demand).
   Each state's mask is computed once and cached, so a step costs a dict lookup once a state is known.
-- json_schema.py: a JSON schema (depth-limited) and a list of choices are written as regexes, so one
-  automaton serves them all.
+- json_schema.py: a JSON schema and a list of choices are written as regexes, so one automaton serves
+  them all; json_grammar.py turns a schema that recurses (or holds values of any shape) into a grammar.
 - grammar.py / pushdown.py: a GBNF grammar (vLLM's `grammar`) and any JSON value (`json_object`, nested to
   any depth) become one byte NFA with call edges between rules; a stack of return states makes it a pushdown
   automaton, and its configurations, interned lazily like the DFA's subsets, give token_index.py a DFA it

@@ -50,6 +50,18 @@ class Grammar:
     root: str = "root"
 
 
+def rename_rules(node: tuple, names: dict[str, str]) -> tuple:
+    """A rule tree with its rule references renamed by `names` (to put two grammars' rules side by side)."""
+    kind = node[0]
+    if kind == "ref":
+        return ("ref", names[node[1]])
+    if kind in ("cat", "alt"):
+        return (kind, [rename_rules(child, names) for child in node[1]])
+    if kind == "rep":
+        return ("rep", rename_rules(node[1], names), node[2], node[3])
+    return node
+
+
 def json_value_grammar(whitespace: str) -> Grammar:
     """Any JSON value, nested to any depth (`json_object`), with `whitespace` (a regex) between its tokens: the
     JSON grammar below, its string, number and whitespace rules the regexes json_schema.py writes them with."""

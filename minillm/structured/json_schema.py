@@ -23,9 +23,10 @@ How each part becomes a regex:
   without `properties`, any string keys, their values per `additionalProperties`.
 - arrays: `prefixItems` then `items`, with `minItems`/`maxItems` as nested optionals and `{m,n}` counts.
 - `anyOf`/`oneOf` become alternation (oneOf's exclusivity is not enforced), `allOf` must have one member,
-  `$ref` may point to `#/$defs/...` or `#/definitions/...`; a recursive `$ref` is refused (a recursive
-  schema is context-free, not regular). `True` or `{}` is any JSON value whose objects/arrays nest at most
-  `max_depth` levels, counted from the document's root.
+  `$ref` may point to `#/$defs/...` or `#/definitions/...`; a recursive `$ref` is refused here (a recursive
+  schema is context-free, not regular: json_grammar.py writes it as a grammar, which the engine runs). `True`
+  or `{}` is any JSON value whose objects/arrays nest at most `max_depth` levels, counted from the document's
+  root (json_grammar.py: any depth).
 
 Whitespace between tokens follows the `whitespace` regex, by default at most two of space, newline, tab:
 with unbounded whitespace a model can fall into emitting newlines forever, since whitespace is always

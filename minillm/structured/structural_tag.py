@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from minillm.structured.grammar import Grammar, GrammarError, parse_grammar
+from minillm.structured.grammar import Grammar, GrammarError, parse_grammar, rename_rules
 from minillm.structured.regex_parse import RegexError, parse
 
 MAX_FORMAT_DEPTH = 64  # format objects nested inside each other
@@ -81,18 +81,6 @@ def _text(fmt: dict, key: str, allow_empty: bool = True) -> str:
 
 def _literal(text: str) -> tuple:
     return ("cat", [("set", [(ord(c), ord(c))]) for c in text])
-
-
-def _rename(node: tuple, names: dict[str, str]) -> tuple:
-    """A rule tree with its rule references renamed."""
-    kind = node[0]
-    if kind == "ref":
-        return ("ref", names[node[1]])
-    if kind in ("cat", "alt"):
-        return (kind, [_rename(child, names) for child in node[1]])
-    if kind == "rep":
-        return ("rep", _rename(node[1], names), node[2], node[3])
-    return node
 
 
 class _Builder:
@@ -196,5 +184,5 @@ class _Builder:
         prefix = f"g{len(self.rules)}_"
         names = {name: prefix + name for name in sub.rules}
         for name, tree in sub.rules.items():
-            self.rules[names[name]] = _rename(tree, names)
+            self.rules[names[name]] = rename_rules(tree, names)
         return ("ref", names[sub.root])
