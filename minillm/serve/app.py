@@ -27,6 +27,7 @@ uvicorn itself refuses a body longer than its Content-Length).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import hmac
 import json
@@ -46,6 +47,7 @@ from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                     UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
+from minillm.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
 RECENT_STEPS = 64  # batches the playground can show
@@ -166,6 +168,14 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
+
+    @app.post("/tokenize")  # vLLM's: count a prompt's or a chat's tokens, off the event loop (serve/tokenize.py)
+    async def tokenize_prompt(body: TokenizeRequest) -> dict:
+        return await asyncio.to_thread(tokenize, serving, body)
+
+    @app.post("/detokenize")
+    async def detokenize_ids(body: DetokenizeRequest) -> dict:
+        return await asyncio.to_thread(detokenize, serving, body)
 
     @get("/metrics")
     async def prometheus() -> Response:
