@@ -2,7 +2,8 @@
 from minillm import platform as _platform  # noqa: F401  (sets TRITON_INTERPRET before triton loads)
 from minillm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest", "PoolingParams",
+           "EmbeddingRequestOutput"]
 __version__ = "0.1.0"
 
 
@@ -10,9 +11,12 @@ def __getattr__(name):  # lazy: `import minillm` stays cheap for the grader and 
     if name == "LLM":
         from minillm.llm import LLM
         return LLM
-    if name in ("RequestOutput", "CompletionOutput"):
+    if name in ("RequestOutput", "CompletionOutput", "EmbeddingRequestOutput"):
         from minillm import outputs
         return getattr(outputs, name)
+    if name == "PoolingParams":
+        from minillm.pooling import PoolingParams
+        return PoolingParams
     if name == "LoRARequest":
         from minillm.lora.request import LoRARequest
         return LoRARequest

@@ -49,6 +49,8 @@ from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 if TYPE_CHECKING:
+    from minillm.outputs import EmbeddingRequestOutput
+    from minillm.pooling import PoolingParams
     from minillm.beam_search import BeamSearchOutput, BeamSearchParams
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
@@ -252,6 +254,34 @@ class LLM:
             raise
         done = iter(self._run_until_done([i for choices in ids for i in choices], use_tqdm))
         return [merge_choices([next(done) for _ in choices]) for choices in ids]
+
+    def embed(self, prompts: Prompt | SequenceT[Prompt], pooling_params: "PoolingParams | None" = None,
+              use_tqdm: bool = False, *, lora_request: Any = None) -> list["EmbeddingRequestOutput"]:
+        """vLLM's LLM.embed: one vector per prompt, outputs.embedding (minillm/pooling.py: the final hidden state
+        of the prompt's last token, unit length by default; PoolingParams(dimensions=d) keeps the first d). The
+        prompts run their prefill only, batched like any other requests. Every prompt is validated first."""
+        from minillm.outputs import EmbeddingRequestOutput
+        from minillm.pooling import PoolingParams
+        pooling_params = PoolingParams() if pooling_params is None else pooling_params
+        engine = self.llm_engine
+        tokenized = []
+        for i, prompt in enumerate(normalize_prompts(prompts)):
+            try:
+                tokenized.append(engine.validate_prompt(prompt))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"prompt {i}: {err}") from None
+        loras = _per_prompt(lora_request, len(tokenized))
+        ids: list[str] = []
+        try:
+            for (text, token_ids), lora in zip(tokenized, loras):
+                ids.append(engine.add_request(None, text if text is not None else token_ids, None,
+                                              prompt_token_ids=token_ids, lora_request=lora,
+                                              pooling_params=pooling_params))
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        return [EmbeddingRequestOutput.from_request_output(out) for out in self._run_until_done(ids, use_tqdm)]
 
     def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams",
                     lora_request: Any = None) -> list["BeamSearchOutput"]:

@@ -101,6 +101,33 @@ class CompletionOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """LLM.embed's result for one prompt (vLLM's): outputs.embedding is its vector (minillm/pooling.py)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+    @classmethod
+    def from_request_output(cls, out: "RequestOutput") -> "EmbeddingRequestOutput":
+        if out.embedding is None:
+            error = out.outputs[0].error if out.outputs else None
+            raise RuntimeError(f"request {out.request_id} ended without an embedding"
+                               + (f": {error}" if error else f" ({out.outputs[0].finish_reason})"))
+        return cls(out.request_id, out.prompt, out.prompt_token_ids, EmbeddingOutput(out.embedding))
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -111,6 +138,7 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: [None] (nothing predicts the first token), then per prompt position
     # p >= 1 the dict for prompt token p given the tokens before it
     prompt_logprobs: list[TokenLogprobDict | None] | None = None
+    embedding: list[float] | None = None  # an embedding request's vector (pooling_params), once its prefill ran
 
     @property
     def text(self) -> str:
@@ -146,4 +174,4 @@ class RequestOutput:
         return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
                    outputs=[completion], finished=seq.is_finished, metrics=metrics,
                    prompt_logprobs=None if seq.prompt_logprobs is None
-                   else list(seq.prompt_logprobs))
+                   else list(seq.prompt_logprobs), embedding=seq.embedding)

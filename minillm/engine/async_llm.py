@@ -182,14 +182,18 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       arrival_time: float | None = None, lora_request: Any = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, lora_request: Any = None,
+                       pooling_params: Any = None) -> AsyncIterator[RequestOutput]:
         """Queue one request and yield its cumulative RequestOutput after every step it took part in, the last
         one with `finished=True`. Leaving the `async for` early (or being cancelled) aborts the request.
         Bad prompts, bad sampling params (a value assigned after construction included) and a bad
         `lora_request` (a minillm.lora.LoRARequest: the adapter this request runs with; needs enable_lora=True)
-        raise ValueError/TypeError here, before anything is queued."""
+        raise ValueError/TypeError here, before anything is queued. `pooling_params` (minillm.pooling.PoolingParams,
+        instead of sampling_params): an embedding request, its one output's `embedding` the vector."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
+        if pooling_params is not None:
+            sampling_params = self.engine.embedding_sampling_params(pooling_params, sampling_params)
         if sampling_params is None:
             sampling_params = SamplingParams()
         elif not isinstance(sampling_params, SamplingParams):
@@ -214,7 +218,7 @@ class AsyncLLM:
         self._streams[request_id] = queue
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         self._pending_adds.append((request_id, prompt, sampling_params, arrival, list(prompt_token_ids),
-                                   lora_request))
+                                   lora_request, pooling_params))
         self._wake.set()
         finished = False
         try:
@@ -284,11 +288,11 @@ class AsyncLLM:
         outputs = []
         while self._pending_adds:
             # a request cancelled before it reached the engine is added and aborted below: one path for both
-            request_id, prompt, params, arrival, token_ids, lora_request = self._pending_adds.popleft()
+            request_id, prompt, params, arrival, token_ids, lora_request, pooling = self._pending_adds.popleft()
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time=arrival,
-                                        prompt_token_ids=token_ids if isinstance(prompt, str) else None,
-                                        lora_request=lora_request)
+                self.engine.add_request(request_id, prompt, None if pooling is not None else params,
+                                        arrival_time=arrival, prompt_token_ids=token_ids if isinstance(prompt, str)
+                                        else None, lora_request=lora_request, pooling_params=pooling)
             except (ValueError, TypeError) as err:
                 self._finish_stream(request_id, err)
         self._pending_aborts.clear()

@@ -234,6 +234,9 @@ class DisaggregatedEngine(LLMEngine):
         self._check_usable()
         return super().add_request(*args, **kwargs)
 
+    def pooling_problem(self) -> str | None:
+        return "prefill and decode run in separate workers (disaggregation): use one engine for embeddings"
+
     def get_comm_stats(self, reset: bool = False) -> dict[str, dict[str, int]]:
         """Bytes each worker handed to torch.distributed ("kv_send" / "kv_recv"), between steps."""
         self._check_usable()

@@ -56,6 +56,7 @@ from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
 from minillm.outputs import RequestOutput
+from minillm.pooling import pool_embeddings
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class LLMEngine(StepOutputs, RequestChecks):
         eos.update(tok_eos if isinstance(tok_eos, (list, tuple, set)) else [tok_eos] if tok_eos is not None else [])
         self.eos_token_ids = eos
         # structured outputs, allowed_token_ids, bad_words (constraints.py): compiled per request, masks per step;
-        # while a constrained request is alive (its id in _constrained) every step runs in sync
+        # while a constrained or an embedding request is alive (its id in _sync_only) every step runs in sync
         self.constraints = ConstraintCompiler(tokenizer, model_config.vocab_size, eos)
         # multi-LoRA (minillm.lora): which adapter sits in which device slot; None when LoRA is off
         self.lora_slots = None
@@ -134,7 +135,7 @@ class LLMEngine(StepOutputs, RequestChecks):
             from minillm.lora.slots import LoRASlots
             self.lora_slots = LoRASlots(config.max_loras, config.max_lora_rank, model_config,
                                         process_adapter_cache(config.max_cpu_loras or config.max_loras))
-        self._constrained: set[str] = set()
+        self._sync_only: set[str] = set()  # requests whose steps need the last step's results on the host
         self._requests: dict[str, _RequestState] = {}
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
@@ -162,13 +163,18 @@ class LLMEngine(StepOutputs, RequestChecks):
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | SequenceT[int],
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None,
-                    prompt_token_ids: list[int] | None = None, lora_request: Any = None) -> str:
+                    prompt_token_ids: list[int] | None = None, lora_request: Any = None,
+                    pooling_params: Any = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError/TypeError for this request only.
         `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked).
         The request keeps a checked copy of `sampling_params`: a value assigned to the caller's object after
         construction (p.seed = 2**70) raises ParamError here instead of failing the step for the whole batch,
         and one assigned after this call does not reach the queued request. `lora_request` (a LoRARequest; needs
-        enable_lora=True) runs the request with that adapter, which is read and checked here."""
+        enable_lora=True) runs the request with that adapter, which is read and checked here. `pooling_params` (a
+        minillm.pooling.PoolingParams, without sampling_params) makes it an embedding request: its prefill only,
+        its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py)."""
+        if pooling_params is not None:
+            sampling_params = self.embedding_sampling_params(pooling_params, sampling_params)
         if sampling_params is None:
             sampling_params = SamplingParams()
         elif not isinstance(sampling_params, SamplingParams):
@@ -198,7 +204,10 @@ class LLMEngine(StepOutputs, RequestChecks):
             seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
         if constraint is not None:
             seq.constraint = constraint
-            self._constrained.add(request_id)
+            self._sync_only.add(request_id)
+        if pooling_params is not None:
+            seq.pooling = pooling_params
+            self._sync_only.add(request_id)  # its hidden states are read after its step
         if sampling_params.min_tokens > 0:
             eos = () if sampling_params.ignore_eos else tuple(self.eos_token_ids)
             seq.min_tokens_stop_ids = tuple(dict.fromkeys(eos + tuple(sampling_params.stop_token_ids)))
@@ -245,11 +254,11 @@ class LLMEngine(StepOutputs, RequestChecks):
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        if self._constrained:  # a constrained request's masks need every token on the host: steps run in sync
-            self._constrained.intersection_update(self._requests)
+        if self._sync_only:  # a constrained request's masks need every token on the host: steps run in sync
+            self._sync_only.intersection_update(self._requests)
         if self.async_steps is not None:  # schedule N+1 while the device runs N, unless this step speculates
             outputs = None
-            if self._constrained:  # or a constrained request is alive: read the step in flight, then run in sync
+            if self._sync_only:  # or a constrained request is alive: read the step in flight, then run in sync
                 if self.async_steps.in_flight:
                     outputs = self.async_steps.drain()
             elif self.speculative is None:
@@ -272,11 +281,12 @@ class LLMEngine(StepOutputs, RequestChecks):
                                           self.lora_slots)
             if self.speculative is not None:  # token trees: node positions, ancestor masks, last step's KV moves
                 self.speculative.prepare_step(batch, step_input)
-            if self._constrained:  # each constrained row's mask and bans, along its path (after the tree's layout)
+            if self._sync_only:  # each constrained row's mask and bans, along its path (after the tree's layout)
                 constrain_step(step_input, batch.seqs)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
-            step_input.return_hidden_states = self.speculative is not None and self.speculative.keeps_features(batch)
+            step_input.return_hidden_states = ((self.speculative is not None and self.speculative.keeps_features(batch))
+                                               or any(seq.pooling is not None for seq in batch.seqs))
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
@@ -329,6 +339,7 @@ class LLMEngine(StepOutputs, RequestChecks):
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)
             scored = self._scored_tokens(batch, step_output, tokens)
+            pool_embeddings(batch.seqs, step_output, tokens)
             if self.speculative is not None:  # head proposers keep the target's features of the accepted rows
                 self.speculative.record_step(batch, step_output, tokens)
             self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts

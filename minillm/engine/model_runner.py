@@ -309,10 +309,7 @@ class ModelRunner(LaunchSetup):
         """Per sequence, its rows' hidden states [query_len, hidden] (views: no copy), when the step asks."""
         if not step.return_hidden_states:
             return None
-        if self.hidden_state_kind is None:
-            raise ValueError("return_hidden_states was set but this runner was configured without a head method "
-                             "(speculative_config method medusa, eagle or mtp)")
-        if self.hidden_state_kind == "pre_norm":
+        if self.hidden_state_kind == "pre_norm":  # (a draft head's; otherwise the forward's output, after the norm)
             hidden = self._pre_norm
             if hidden is None or hidden.shape[0] < sum(step.query_lens):
                 raise RuntimeError("the final norm's hook did not see this forward: no pre-norm hidden states")

@@ -47,6 +47,33 @@ class RequestChecks:
                                          f"schedules {policy!r}: build it with scheduling_policy='priority' or "
                                          f"leave priority at 0")
 
+    def embedding_sampling_params(self, pooling_params, sampling_params: SamplingParams | None) -> SamplingParams:
+        """What an embedding request (minillm/pooling.py) runs with: its prefill and one greedy token, which only
+        ends it. TypeError / ValueError / ParamError for this request alone: pooling_params of the wrong type, given
+        beside sampling_params, dimensions past the hidden size, or an engine that cannot pool (pooling_problem)."""
+        from minillm.pooling import PoolingParams
+        if not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"pooling_params must be a minillm.pooling.PoolingParams, got "
+                            f"{type(pooling_params).__name__}")
+        if sampling_params is not None:
+            raise ValueError("give sampling_params (a generation request) or pooling_params (an embedding request), "
+                             "not both")
+        problem = self.pooling_problem()
+        if problem:
+            raise ValueError(f"embedding requests are not supported here: {problem}")
+        pooling_params.check(self.model_config.hidden_size)
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, output_kind="final_only")
+
+    def pooling_problem(self) -> str | None:
+        """Why this engine cannot serve embedding requests, or None: they read the last prompt row's hidden state
+        from the step's output, which a single-process engine without speculation returns."""
+        from minillm.engine.executor import UniProcExecutor
+        if self.speculative is not None:
+            return "this engine speculates (speculative_config): its steps keep the draft head's hidden states"
+        if not isinstance(self.executor, UniProcExecutor):
+            return "this engine's model runs in parallel worker processes (tensor, pipeline or expert parallel)"
+        return None
+
     def check_lora_request(self, lora_request) -> None:
         """ValueError/TypeError unless `lora_request` (None, or a LoRARequest) can run here: LoRA is on, and its
         adapter reads, fits this model and the slots' rank, and its id names no other directory (the adapter is

@@ -64,6 +64,8 @@ class Sequence:
         self.cache_salt: int | None = None
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
         self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
+        self.pooling = None  # an embedding request's PoolingParams (minillm/pooling.py)
+        self.embedding: list[float] | None = None  # its vector, once its prefill has run
         self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it
         # log-probabilities, kept only when sampling_params asks (None otherwise): one dict per generated token,
         # and [None] + one per prompt position scored so far

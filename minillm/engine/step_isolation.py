@@ -51,6 +51,7 @@ def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[
         try:
             step = build_step_input(alone, block_size, [], lora_slots)
             constrain_step(step, alone.seqs)  # a constrained request keeps its masks when it runs alone
+            step.return_hidden_states = seq.pooling is not None  # an embedding request, its hidden states
             outputs.append(execute(step))
         except Exception as err:
             if lora_slots is not None:
@@ -70,4 +71,4 @@ def _merge(outputs: list[StepOutput]) -> StepOutput:
         return None if all(v is None for v in values) else [v[0] if v else [] for v in values]
 
     return StepOutput([o.sampled_token_ids[0] for o in outputs], logprobs=field("logprobs"),
-                      prompt_logprobs=field("prompt_logprobs"))
+                      prompt_logprobs=field("prompt_logprobs"), hidden_states=field("hidden_states"))

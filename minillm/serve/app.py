@@ -47,6 +47,7 @@ from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                     UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
+from minillm.serve.embeddings import EmbeddingRequest, embeddings
 from minillm.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
@@ -168,6 +169,10 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
+
+    @app.post("/v1/embeddings")  # OpenAI's: a vector per input, pooled from the model (serve/embeddings.py)
+    async def embed(body: EmbeddingRequest) -> dict:
+        return await embeddings(serving, body)
 
     @app.post("/tokenize")  # vLLM's: count a prompt's or a chat's tokens, off the event loop (serve/tokenize.py)
     async def tokenize_prompt(body: TokenizeRequest) -> dict:
