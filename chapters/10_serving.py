@@ -24,7 +24,7 @@
 #    even when they arrive split across steps, without the client ever seeing text that is taken back.
 #    Three exercises: `next_text`, `find_stop_string`, `stream_safe_length`.
 # 3. **The server.** `minillm serve`: FastAPI + uvicorn, `/v1/completions` and `/v1/chat/completions` with
-#    Server-Sent Events, OpenAI-shaped errors, `/metrics` for Prometheus.
+#    Server-Sent Events, `/v1/embeddings`, OpenAI-shaped errors, `/metrics` for Prometheus.
 # 4. **Latency under load.** `minillm bench serve` sends real prompts at a request rate and reports TTFT, TPOT,
 #    ITL and end-to-end latency; the plot of latency against rate is the picture every serving paper shows; and
 #    the load a server carries, by Little's law (exercise `max_request_rate`).
@@ -227,6 +227,19 @@ for chunk in client.chat.completions.create(model="smollm2", messages=[{"role": 
 print(f"TTFT {arrivals[0][0] * 1000:.0f} ms; then one event every "
       f"{(arrivals[-1][0] - arrivals[0][0]) / max(1, len(arrivals) - 1) * 1000:.0f} ms")
 print("".join(text for _, text in arrivals))
+
+# %% [markdown]
+# **Embeddings** are the same server's other OpenAI endpoint. An embedding request is a prefill and nothing more:
+# the vector is the final hidden state of the prompt's *last* token (the one position of a causal model that has
+# seen the whole prompt), scaled to unit length, so a dot product is a cosine similarity (`minillm/pooling.py`;
+# `LLM.embed` offline). The engine batches these prefill-only requests with everything else.
+
+# %%
+texts = ["The cat sat on the mat.", "A kitten was sitting on the rug.", "Stock markets fell sharply today."]
+vectors = [d.embedding for d in client.embeddings.create(model="smollm2", input=texts).data]
+# NBVAL_CHECK_OUTPUT
+print(len(vectors[0]), "numbers each; cat . kitten", round(sum(a * b for a, b in zip(vectors[0], vectors[1])), 2),
+      "| cat . stocks", round(sum(a * b for a, b in zip(vectors[0], vectors[2])), 2))
 
 # %% [markdown]
 # **Errors are OpenAI-shaped**, so the `openai` client raises them with our message. A few bad requests and their
