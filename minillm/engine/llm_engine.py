@@ -254,11 +254,12 @@ class LLMEngine(StepOutputs, RequestChecks):
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        if self._sync_only:  # a constrained request's masks need every token on the host: steps run in sync
+        if self._sync_only:  # a constrained request's masks need every token on the host, an embedding request
+            # its step's hidden states: steps run in sync while one is alive
             self._sync_only.intersection_update(self._requests)
         if self.async_steps is not None:  # schedule N+1 while the device runs N, unless this step speculates
             outputs = None
-            if self._sync_only:  # or a constrained request is alive: read the step in flight, then run in sync
+            if self._sync_only:  # or such a request is alive: read the step in flight, then run in sync
                 if self.async_steps.in_flight:
                     outputs = self.async_steps.drain()
             elif self.speculative is None:
@@ -285,8 +286,9 @@ class LLMEngine(StepOutputs, RequestChecks):
                 constrain_step(step_input, batch.seqs)
             self._finished_since_last_step = []
             step_input.return_logits = self.speculative is not None and self.speculative.needs_logits(batch)
-            step_input.return_hidden_states = ((self.speculative is not None and self.speculative.keeps_features(batch))
-                                               or any(seq.pooling is not None for seq in batch.seqs))
+            step_input.return_hidden_states = (  # a draft head's features, or an embedding request's vector
+                (self.speculative is not None and self.speculative.keeps_features(batch))
+                or (bool(self._sync_only) and any(seq.pooling is not None for seq in batch.seqs)))
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
