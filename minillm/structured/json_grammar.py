@@ -68,7 +68,7 @@ class _RuleBuilder(_Builder):
         if ref == "#":
             return self.placeholder("root", "#")
         if ref in self.resolving:  # recursion: a call of the definition's rule
-            return self.placeholder("def_" + ref.split("/")[-1], ref)
+            return self.placeholder("ref " + ref, ref)  # (the whole pointer: $defs/x and definitions/x differ)
         return super().ref(ref, path, depth)
 
     def grammar(self, root: str) -> Grammar:
