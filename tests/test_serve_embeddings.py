@@ -61,3 +61,13 @@ def test_bad_bodies_are_refused_naming_the_field(url, body, status, param, messa
     error = response.json()["error"]
     assert message in error["message"] and (param is None or error["param"] == param), error
     assert post(url, input="ok").status_code == 200
+
+
+def test_metrics_count_an_embeddings_prompt_not_its_token(url):
+    def value(name: str) -> float:
+        text = httpx.get(url + "/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+    prompt, generated = value("minillm:prompt_tokens_total"), value("minillm:generation_tokens_total")
+    assert post(url, input=["abc", "de"]).status_code == 200
+    assert value("minillm:prompt_tokens_total") == prompt + 5
+    assert value("minillm:generation_tokens_total") == generated

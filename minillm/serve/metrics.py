@@ -83,9 +83,10 @@ class ServerMetrics:
             self._count_tokens(out)
 
     def _count_tokens(self, out: RequestOutput) -> None:
-        num_out = len(out.outputs[0].token_ids)
+        embedding = out.embedding is not None  # an embedding request: its prompt counts, its one token does not
+        num_out = 0 if embedding else len(out.outputs[0].token_ids)
         before = self._counted.get(out.request_id)
-        if before is None and num_out:
+        if before is None and (num_out or embedding):
             self.prompt_tokens.inc(len(out.prompt_token_ids))
             before = 0
         if before is not None and num_out > before:
@@ -96,8 +97,9 @@ class ServerMetrics:
             return
         self._counted.pop(out.request_id, None)
         self._finished.labels(self._model_name, out.outputs[0].finish_reason or "unknown").inc()
-        if out.outputs[0].finish_reason not in ("stop", "length"):
-            return  # an aborted or failed request's latency says nothing about the service (as vLLM)
+        if out.outputs[0].finish_reason not in ("stop", "length") or embedding:
+            return  # an aborted or failed request's latency says nothing about the service (as vLLM); an embedding
+            # request has no token stream to time
         m = out.metrics
         for histogram, value in ((self.ttft, m.ttft), (self.tpot, m.tpot), (self.e2e, m.latency)):
             if value is not None:
