@@ -49,7 +49,7 @@ from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 if TYPE_CHECKING:
-    from minillm.outputs import EmbeddingRequestOutput
+    from minillm.outputs import EmbeddingRequestOutput, ScoringRequestOutput
     from minillm.pooling import PoolingParams
     from minillm.beam_search import BeamSearchOutput, BeamSearchParams
 
@@ -283,6 +283,20 @@ class LLM:
             raise
         return [EmbeddingRequestOutput.from_request_output(out) for out in self._run_until_done(ids, use_tqdm)]
 
+    def score(self, data_1: Prompt | SequenceT[Prompt], data_2: Prompt | SequenceT[Prompt],
+              pooling_params: "PoolingParams | None" = None, use_tqdm: bool = False) -> list["ScoringRequestOutput"]:
+        """vLLM's LLM.score with an embedding model: the cosine similarity of each pair's embeddings. One text
+        against a list scores it against each; two lists of one length are scored pair by pair."""
+        from minillm.outputs import ScoringOutput, ScoringRequestOutput
+        first, second = normalize_prompts(data_1), normalize_prompts(data_2)
+        if not second or len(first) not in (1, len(second)):
+            raise ValueError(f"score needs one text and a list, or two lists of one length; got {len(first)} and "
+                             f"{len(second)}")
+        outs = self.embed(first + second, pooling_params, use_tqdm)  # one text against many: embedded once
+        lefts, rights = outs[:len(first)] * (len(second) // len(first)), outs[len(first):]
+        return [ScoringRequestOutput(b.request_id, b.prompt_token_ids, ScoringOutput(_cosine(a, b)))
+                for a, b in zip(lefts, rights)]
+
     def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams",
                     lora_request: Any = None) -> list["BeamSearchOutput"]:
         """vLLM's beam search: the beam_width likeliest continuations of each prompt, best first
@@ -398,6 +412,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[r] for r in request_ids]
+
+
+def _cosine(a: "EmbeddingRequestOutput", b: "EmbeddingRequestOutput") -> float:
+    x, y = torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding)
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
 def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layout: str | None,

@@ -128,6 +128,20 @@ class EmbeddingRequestOutput:
 
 
 @dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """LLM.score's result for one pair (vLLM's): outputs.score, the cosine similarity of the two embeddings."""
+    request_id: str
+    prompt_token_ids: list[int]  # the second text's (the one scored against the first)
+    outputs: ScoringOutput
+    finished: bool = True
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

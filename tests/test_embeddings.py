@@ -115,3 +115,21 @@ def test_an_embedding_request_beside_a_failing_one_is_rerun_alone_and_pooled(mod
     assert done["poison"].outputs[0].finish_reason == "error"
     torch.testing.assert_close(torch.tensor(done["e"].embedding),
                                torch.nn.functional.normalize(reference(model, [1, 2, 3]), dim=0), atol=2e-5, rtol=1e-4)
+
+
+def test_llm_score_is_the_cosine_of_the_embeddings(model_and_config):
+    model, _ = model_and_config
+    llm = LLM.from_engine(make_engine(model_and_config, scheduling="continuous", kv_layout="paged", block_size=4))
+
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(reference(model, a), reference(model, b), dim=0))
+
+    one_to_many = llm.score(PROMPTS[0], PROMPTS[1:4])
+    assert [o.prompt_token_ids for o in one_to_many] == PROMPTS[1:4]
+    for out, other in zip(one_to_many, PROMPTS[1:4]):
+        assert abs(out.outputs.score - cosine(PROMPTS[0], other)) < 1e-4
+    pairwise = llm.score(PROMPTS[:2], PROMPTS[2:4])
+    assert [round(o.outputs.score, 4) for o in pairwise] == [round(cosine(PROMPTS[0], PROMPTS[2]), 4),
+                                                             round(cosine(PROMPTS[1], PROMPTS[3]), 4)]
+    with pytest.raises(ValueError, match="two lists of one length"):
+        llm.score(PROMPTS[:2], PROMPTS[:3])
