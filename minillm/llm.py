@@ -215,13 +215,19 @@ class LLM:
         params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         if priority is not None:
             params = with_priority(params, priority, self.llm_engine)
+        tokenized = self._validated(prompt_list)
+        return self._submit(tokenized, params, use_tqdm, lora_request)
+
+    def _validated(self, prompts: list[Prompt]) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) of every prompt, all checked before any work starts; ValueError/TypeError naming the
+        index of a bad one."""
         tokenized = []
-        for i, prompt in enumerate(prompt_list):
+        for i, prompt in enumerate(prompts):
             try:
                 tokenized.append(self.llm_engine.validate_prompt(prompt))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i}: {err}") from None
-        return self._submit(tokenized, params, use_tqdm, lora_request)
+        return tokenized
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                 use_tqdm: bool, lora_request: Any = None) -> list[RequestOutput]:
@@ -264,12 +270,7 @@ class LLM:
         from minillm.pooling import PoolingParams
         pooling_params = PoolingParams() if pooling_params is None else pooling_params
         engine = self.llm_engine
-        tokenized = []
-        for i, prompt in enumerate(normalize_prompts(prompts)):
-            try:
-                tokenized.append(engine.validate_prompt(prompt))
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"prompt {i}: {err}") from None
+        tokenized = self._validated(normalize_prompts(prompts))
         loras = _per_prompt(lora_request, len(tokenized))
         ids: list[str] = []
         try:

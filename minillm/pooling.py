@@ -1,4 +1,5 @@
-"""Embeddings from the generative model: vLLM's PoolingParams and pooling (LLM.embed, POST /v1/embeddings).
+"""Embeddings from the generative model: vLLM's PoolingParams and pooling (LLM.embed, POST /v1/embeddings;
+chapter 10, section 3).
 
 An embedding request runs only the prefill. Its vector is the final hidden state (after the final norm) of the
 prompt's **last** token, which in a causal model is the one position that has seen the whole prompt: vLLM's

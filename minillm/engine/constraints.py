@@ -178,8 +178,8 @@ class ConstraintCompiler:
         ws = {} if whitespace is None else {"whitespace": whitespace}
         kind = spec.kind
         key = json.dumps([kind, getattr(spec, kind), whitespace], sort_keys=True, default=str)
-        if kind in ("grammar", "json_object", "structural_tag", "json"):  # an automaton built under a learner's closure (chapter 10) differs
-            from minillm.structured.pushdown import closure_rule
+        if kind != "regex" and kind != "choice":  # may run on a pushdown automaton, which keeps the stack_closure
+            from minillm.structured.pushdown import closure_rule  # it was built under (a learner's: chapter 10)
             key += f"/{id(closure_rule())}"
         with self._lock:
             index = self._indexes.pop(key, None)

@@ -341,7 +341,8 @@ class LLMEngine(StepOutputs, RequestChecks):
             if any(seq.spec_token_ids for seq in batch.seqs):
                 tokens = self._verify_drafts(batch, step_output)
             scored = self._scored_tokens(batch, step_output, tokens)
-            pool_embeddings(batch.seqs, step_output, tokens)
+            if self._sync_only:  # an embedding request may be in the batch: keep its vector
+                pool_embeddings(batch.seqs, step_output, tokens)
             if self.speculative is not None:  # head proposers keep the target's features of the accepted rows
                 self.speculative.record_step(batch, step_output, tokens)
             self.scheduler.postprocess(batch, tokens)  # computed counts, new tokens, rollback of rejected drafts

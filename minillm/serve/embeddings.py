@@ -60,7 +60,7 @@ async def embeddings(serving: Any, request: EmbeddingRequest) -> dict[str, Any]:
         params.check(serving.llm.engine.model_config.hidden_size)
     except ParamError as err:
         raise ApiError(400, str(err), param=err.param) from None
-    prompts = await asyncio.to_thread(lambda: [serving._prompt(p, "input", request.add_special_tokens, keep)
+    prompts = await asyncio.to_thread(lambda: [serving.checked_prompt(p, "input", request.add_special_tokens, keep)
                                                for p in inputs])
     base = f"embd-{uuid.uuid4().hex}"
 

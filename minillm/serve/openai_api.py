@@ -97,7 +97,7 @@ class OpenAIServing:
                                 f"or give 0", param="priority") from None
         return lora_request
 
-    def _prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
+    def checked_prompt(self, prompt: str | list[int], param: str, add_special_tokens: bool = True,
                 keep: int | None = None) -> Prompt:
         """(text or None, token ids) of one prompt, or a 400. add_special_tokens=False: a text prompt without the
         tokenizer's BOS/EOS; keep (truncate_prompt_tokens): only its last `keep` tokens (the text is then None)."""
@@ -114,7 +114,7 @@ class OpenAIServing:
     def render_chat(self, request: ChatCompletionRequest) -> Prompt:
         text, token_ids = render_chat(self.llm.tokenizer, self.chat_template, request,
                                       self.trust_request_chat_template)
-        kept = self._prompt(token_ids, "messages", keep=request.truncate_prompt_tokens)[1]  # 400: empty, too long
+        kept = self.checked_prompt(token_ids, "messages", keep=request.truncate_prompt_tokens)[1]  # 400: empty, too long
         return (text if len(kept) == len(token_ids) else None), kept
 
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
@@ -180,7 +180,7 @@ class OpenAIServing:
                            param="prompt")
         # tokenizing is the one slow thing a request body can ask for (~0.6 s for a 1 MiB prompt on 2 cores): off
         # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL)
-        prompts = await asyncio.to_thread(lambda: [self._prompt(p, "prompt", request.add_special_tokens,
+        prompts = await asyncio.to_thread(lambda: [self.checked_prompt(p, "prompt", request.add_special_tokens,
                                                                 request.truncate_prompt_tokens) for p in prompt])
         # echo with max_tokens 0 scores the prompt (how evaluation harnesses ask for a text's log-likelihood): the
         # engine generates one token, which the answer leaves out

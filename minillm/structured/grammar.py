@@ -35,7 +35,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DEFINES = re.compile(r"[A-Za-z0-9_-]+[ \t\r\n]*::=")
 _REPEAT = re.compile(r"\{[ \t]*(\d*)[ \t]*(,?)[ \t]*(\d*)[ \t]*\}")
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "/": "/"}
-_ANY_CHARACTER = ("set", [(0, 0xD7FF), (0xE000, 0x10FFFF)])
+ANY_CHARACTER = ("set", [(0, 0xD7FF), (0xE000, 0x10FFFF)])  # every code point UTF-8 can encode
 
 
 class GrammarError(RegexError):
@@ -48,6 +48,11 @@ class Grammar:
     text: str
     rules: dict[str, tuple]
     root: str = "root"
+
+
+def literal_tree(text: str) -> tuple:
+    """The rule tree of exactly `text`."""
+    return ("cat", [("set", [(ord(c), ord(c))]) for c in text])
 
 
 def rename_rules(node: tuple, names: dict[str, str]) -> tuple:
@@ -192,7 +197,7 @@ class _GrammarParser:
             return self.char_class()
         if c == ".":
             self.i += 1
-            return _ANY_CHARACTER
+            return ANY_CHARACTER
         if c == "(":
             self.i += 1
             self.skip()
@@ -225,7 +230,7 @@ class _GrammarParser:
         for ch in chars:
             if 0xD800 <= ord(ch) <= 0xDFFF:
                 raise self.error(f"surrogate U+{ord(ch):04X} has no UTF-8 encoding", start)
-        return ("cat", [("set", [(ord(ch), ord(ch))]) for ch in chars])
+        return literal_tree("".join(chars))
 
     def escape(self) -> str:
         pos, c = self.i, self.text[self.i + 1:self.i + 2]

@@ -80,9 +80,7 @@ class _RuleBuilder(_Builder):
             if ref in ("", "#"):
                 continue
             self.resolving = [ref]  # inside its own body, the definition calls itself
-            parts = ref.split("/")
-            regexes[name] = self.value(self.root[parts[1]][parts[2].replace("~1", "/").replace("~0", "~")],
-                                       [parts[1], parts[2]], 0)
+            regexes[name] = self.value(*self.definition(ref, []), 0)
         calls = {PLACEHOLDER + k: name for k, name in enumerate(self.rule_names)}
         rules = {name: _calls(parse(regex), calls) for name, regex in regexes.items()}
         if "any_root" in self.targets:  # one JSON value grammar, its rules renamed apart ("root" -> "any_root")

@@ -179,7 +179,8 @@ class _Builder:
             return rf"\[{ws}{f'{ws},{ws}'.join(self.constant(v) for v in value)}{ws}\]"
         return _literal(value)
 
-    def ref(self, ref: Any, path: list, depth: int) -> str:
+    def definition(self, ref: Any, path: list) -> tuple[Any, list]:
+        """The schema a `$ref` points to, and its path; SchemaError if it is not one minillm resolves."""
         parts = ref.split("/") if isinstance(ref, str) else []
         if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
             raise self.error(path, "$ref", f"only '#/$defs/<name>' and '#/definitions/<name>' are supported, got {ref!r}")
@@ -187,11 +188,15 @@ class _Builder:
         defs = self.root.get(parts[1]) if isinstance(self.root, dict) else None
         if not isinstance(defs, dict) or name not in defs:
             raise self.error(path, "$ref", f"{ref!r} does not resolve")
+        return defs[name], [parts[1], name]
+
+    def ref(self, ref: Any, path: list, depth: int) -> str:
+        schema, where = self.definition(ref, path)
         if ref in self.resolving:
             raise self.error(path, "$ref", f"{ref!r} is recursive; a recursive schema is not a regular language")
         self.resolving.append(ref)
         try:
-            return self.value(defs[name], [parts[1], name], depth)
+            return self.value(schema, where, depth)
         finally:
             self.resolving.pop()
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from minillm.structured.grammar import Grammar, GrammarError, parse_grammar, rename_rules
+from minillm.structured.grammar import (ANY_CHARACTER, Grammar, GrammarError, literal_tree, parse_grammar,
+                                       rename_rules)
 from minillm.structured.regex_parse import RegexError, parse
 
 MAX_FORMAT_DEPTH = 64  # format objects nested inside each other
 
-_ANY = ("rep", ("set", [(0, 0x10FFFF)]), 0, None)  # any code points (surrogates have no UTF-8: regex_parse drops them)
+_ANY = ("rep", ANY_CHARACTER, 0, None)  # any text
 
 
 def structural_tag_grammar(spec: dict | str, whitespace: str | None = None) -> Grammar:
@@ -79,10 +80,6 @@ def _text(fmt: dict, key: str, allow_empty: bool = True) -> str:
     return value
 
 
-def _literal(text: str) -> tuple:
-    return ("cat", [("set", [(ord(c), ord(c))]) for c in text])
-
-
 class _Builder:
     def __init__(self, whitespace: str | None):
         self.rules: dict[str, tuple] = {}
@@ -101,7 +98,7 @@ class _Builder:
             raise GrammarError(f'structural_tag: a format must be an object with a "type", got {fmt!r}'[:300])
         kind, down = fmt["type"], depth + 1
         if kind == "const_string":
-            return _literal(_text(fmt, "value"))
+            return literal_tree(_text(fmt, "value"))
         if kind == "any_text":
             return ("avoid", list(stops)) if stops else _ANY
         if kind == "json_schema":
@@ -131,7 +128,7 @@ class _Builder:
             return self.triggered_tags(fmt, stops, down)
         if kind == "tags_with_separator":
             tags = ("alt", [self.tag(t, down) for t in _list(fmt, "tags")])
-            separator = _literal(_text(fmt, "separator"))
+            separator = literal_tree(_text(fmt, "separator"))
             if fmt.get("stop_after_first"):
                 return tags if fmt.get("at_least_one") else ("rep", tags, 0, 1)
             more = ("cat", [tags, ("rep", ("cat", [separator, tags]), 0, None)])
@@ -145,7 +142,7 @@ class _Builder:
             raise GrammarError(f'structural_tag: expected a {{"type": "tag", ...}} format, got {fmt!r}'[:300])
         begin, end = _text(fmt, "begin"), _text(fmt, "end")
         content = self.node(fmt.get("content"), (end,) if end else (), depth)
-        return ("cat", [_literal(begin), content, _literal(end)])
+        return ("cat", [literal_tree(begin), content, literal_tree(end)])
 
     def triggered_tags(self, fmt: dict, stops: tuple[str, ...], depth: int) -> tuple:
         triggers = [t for t in _list(fmt, "triggers") if isinstance(t, str) and t]

@@ -182,7 +182,9 @@ class TokenIndex:
         v = self.vocab
         if rule is not token_mask:  # a learner's token_mask (chapter 10): one walk per token, the same masks
             if not getattr(self.dfa, "finite", True):  # a grammar: the rows this state's tokens can reach
-                tables = dfa_tables(self.dfa, self._walk(state)[1])
+                read: set[int] = set()
+                self._walk(state, read)
+                tables = dfa_tables(self.dfa, read)
             else:
                 if self._tables is None:
                     self._tables = dfa_tables(self.dfa)
@@ -191,17 +193,17 @@ class TokenIndex:
             if not mask.any():
                 mask |= v.eos_mask
             return mask
-        mask = self._walk(state)[0][v.token_node]
+        mask = self._walk(state)[v.token_node]
         mask[v.eos_mask] = self.dfa.is_accepting(state)
         if not mask.any():
             mask |= v.eos_mask  # a dead end: let the request stop rather than leave no finite logit
         return mask
 
-    def _walk(self, state: int) -> tuple[np.ndarray, set[int]]:
+    def _walk(self, state: int, read: set[int] | None = None) -> np.ndarray:
         """token_mask's rule, with the work of tokens that share a prefix shared (the module docstring): which
-        trie nodes walking their bytes from `state` reaches alive, and the automaton states the walk passed."""
+        trie nodes walking their bytes from `state` reaches alive. `read`, when given, gets every automaton state
+        whose row the walk read (what a token-by-token walk from `state` reads, no more)."""
         v = self.vocab
-        visited = {state}
         reached = np.zeros(v.num_nodes, dtype=bool)
         nodes, states = np.zeros(1, dtype=np.int64), np.array([state], dtype=np.int64)
         while nodes.size:
@@ -214,13 +216,15 @@ class TokenIndex:
             total = int(counts.sum())
             offsets = np.repeat(v.first_child[nodes] - (np.cumsum(counts) - counts), counts)
             children = offsets + np.arange(total)
-            table = self._rows(np.unique(states))
+            rows = np.unique(states)
+            table = self._rows(rows)
+            if read is not None:
+                read.update(rows.tolist())
             nxt = table[np.repeat(states, counts), v.node_byte[children]]
             alive = nxt != DEAD
             nodes, states = children[alive], nxt[alive]
             reached[nodes] = True
-            visited.update(np.unique(states).tolist())
-        return reached, visited
+        return reached
 
     def allowed(self, state: int) -> torch.Tensor:
         """bool [vocab_size] on CPU: the tokens that may follow `state`. Cached; treat it as read-only.
