@@ -242,6 +242,16 @@ print(len(vectors[0]), "numbers each; cat . kitten", round(sum(a * b for a, b in
       "| cat . stocks", round(sum(a * b for a, b in zip(vectors[0], vectors[2])), 2))
 
 # %% [markdown]
+# vLLM's `/rerank` (and `/score`) returns those cosines directly, best document first. Last-token pooling is one
+# choice of three: `--pooler-config '{"pooling_type": "MEAN"}'` averages every prompt position instead, and such
+# a request skips the prefix cache, since a cached block never computed its rows' hidden states.
+
+# %%
+ranked = httpx.post(server.url + "/rerank", json={"query": texts[0], "documents": texts[1:]}).json()["results"]
+# NBVAL_CHECK_OUTPUT
+print([(r["document"]["text"][:12], round(r["relevance_score"], 2)) for r in ranked])
+
+# %% [markdown]
 # **Errors are OpenAI-shaped**, so the `openai` client raises them with our message. A few bad requests and their
 # status codes: an unknown model is a 404, a request that cannot fit the context or a value of the wrong type a
 # 400 (FastAPI's default for a schema error is 422; OpenAI and vLLM answer 400).

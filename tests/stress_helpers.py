@@ -81,6 +81,15 @@ class Request:
     # text) / ("allowed", token ids) / ("bad_words", words)
     constraint: tuple = ()
     lora: LoRARequest | None = None  # the adapter it runs with (stress_adapters), None: the base model
+    pooling: str | None = None  # an embedding request's pooling_type (LAST / MEAN / CLS), None: it generates
+
+    def add_to(self, engine, rid: str, params: SamplingParams | None = None) -> str:
+        """engine.add_request for this request: generating with `params` (default: its own), or embedding."""
+        lora = {} if self.lora is None else {"lora_request": self.lora}  # (engines without LoRA)
+        if self.pooling is not None:
+            from minillm.pooling import PoolingParams
+            return engine.add_request(rid, list(self.prompt), pooling_params=PoolingParams(self.pooling), **lora)
+        return engine.add_request(rid, list(self.prompt), params or self.params(), **lora)
 
     def params(self, logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Its SamplingParams; the reference passes its own (wider) log-prob widths."""
@@ -97,7 +106,7 @@ class Request:
         Nor spaces_between_special_tokens: Tokenizer.decode says it changes no text, so the run alone with either
         value is the answer (the first request drawn decides which, and the comparison holds the claim to it)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed, self.include_stop, self.skip_special, self.constraint, self.lora)
+                self.seed, self.include_stop, self.skip_special, self.constraint, self.lora, self.pooling)
 
 
 @dataclass
@@ -192,8 +201,7 @@ class Reference:
                                EngineConfig(max_model_len=MAX_LEN, max_num_seqs=1, block_size=16, num_kv_blocks=8,
                                             async_scheduling=False, kv_cache_dtype=kv_cache_dtype, **lora))
             # alone, a request's priority orders nothing, and this fcfs engine refuses any but 0
-            engine.add_request("ref", list(req.prompt), req.params(LP_WIDTH, LP_WIDTH).checked_copy(priority=0),
-                               lora_request=req.lora)
+            req.add_to(engine, "ref", req.params(LP_WIDTH, LP_WIDTH).checked_copy(priority=0))
             done = None
             while engine.has_unfinished_requests():
                 for out in engine.step():
@@ -415,7 +423,7 @@ def draw_constraint(rng: random.Random, req: Request) -> None:
 
 def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, seeded: bool = True,
                   priorities: bool = False, prefix: str = "", loras: list[LoRARequest] | tuple = (),
-                  lora_rng: random.Random | None = None) -> None:
+                  lora_rng: random.Random | None = None, embed_rng: random.Random | None = None) -> None:
     """Append 8 to 16 random requests (ids prefix + "0", prefix + "1", ...) to `scenario.events`, arriving at
     random steps, and aborts of some of them; sorted by step. Prompts hold a special token now and then, and a
     quarter of the requests keep special tokens' text (draw_special_switches). `seeded`: some requests sample
@@ -460,6 +468,8 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
         if loras and lora_rng.random() < 0.5:
             req.lora = lora_rng.choice(loras)
         draw_stop(rng, req, reference, kv_dtype, scenario.poison)
+        if embed_rng is not None and embed_rng.random() < 0.125:  # its prefill's pooled hidden states, no text
+            req = Request(req.prompt, 1, lora=req.lora, pooling=embed_rng.choice(["LAST", "MEAN", "CLS"]))
         scenario.events.append((step, "add", prefix + str(i), req))
         if rng.random() < 0.25:  # abort it later: while waiting, running, swapped, or after it finished
             scenario.events.append((step + rng.randint(0, 12), "abort", prefix + str(i), None))
@@ -580,8 +590,12 @@ def drive(engine: LLMEngine, scenario: Scenario, reference: Reference, checks: E
             while events and events[0][0] <= step:
                 _, kind, rid, req = events.pop(0)
                 if kind == "add":
-                    lora = {} if req.lora is None else {"lora_request": req.lora}  # (engines without LoRA)
-                    engine.add_request(rid, list(req.prompt), req.params(), **lora)
+                    if req.pooling is not None and engine.pooling_problem():  # refused by name, alone
+                        with pytest.raises(ValueError, match="embedding requests are not supported"):
+                            req.add_to(engine, rid)
+                        assert rid not in engine._requests
+                        continue
+                    req.add_to(engine, rid)
                     if req.lora is not None:
                         checks.lora_ids.add(req.lora.lora_int_id)
                     requests[rid] = req
@@ -668,10 +682,24 @@ def compare(scenario: Scenario, reference: Reference, requests: dict[str, Reques
             continue
         if got != expected and not reference.parts_at_a_tie(req, got[0], expected[0], tie):
             assert got == expected, f"request {rid} {req}"
+        if req.pooling is not None:
+            check_embedding(rid, req, outputs_of[rid], reference.outputs[(req.key(), kv_dtype, scenario.poison)],
+                            kv_dtype)
         problem = constraint_problem(req, *got)
         assert problem is None, f"request {rid} {req}: {problem}"
         check_text(rid, req, outputs_of[rid].outputs[0])
         check_logprobs(rid, req, outputs_of[rid], reference.outputs[(req.key(), kv_dtype, scenario.poison)], lp_tol)
+
+
+def check_embedding(rid: str, req: Request, out, ref, kv_dtype: str) -> None:
+    """An embedding request's vector is the run alone's: within fp32 rounding, or (fp8 KV cache: a chunk reads
+    fp8-rounded K/V where the run alone's one prefill read exact ones) pointing the same way."""
+    assert out.embedding is not None and ref.embedding is not None, f"request {rid}: no embedding"
+    got, want = torch.tensor(out.embedding), torch.tensor(ref.embedding)
+    if kv_dtype == "auto":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=lambda m: f"request {rid} {req}: {m}")
+    else:
+        assert float(got @ want) > 0.98, f"request {rid} {req}: cosine {float(got @ want):.4f} to the run alone's"
 
 
 def check_logprobs(rid: str, req: Request, out, ref, tol: float) -> None:

@@ -175,7 +175,8 @@ def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(ref
         for stream in range(STREAMS):
             scenario = Scenario({**options, **plan}, None, poison=poison)
             draw_requests(rng, scenario, reference, seeded="kv_cache_dtype" not in options,
-                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.")
+                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.",
+                          embed_rng=random.Random(f"embed {seed} {stream}"))  # (refused here, by name)
             drive(engine, scenario, reference, DisaggChecks(engine))
     except AssertionError as err:
         raise AssertionError(f"seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err

@@ -1,6 +1,7 @@
-"""Embedding requests (minillm/pooling.py; LLMEngine.add_request(pooling_params=), LLM.embed): the vector is the
-final hidden state of the prompt's last token, whatever path its prefill takes (chunked, prefix-cached, async
-scheduling, beside generating requests, alone after a failed step), and bad requests are refused alone."""
+"""Embedding requests (minillm/pooling.py; LLMEngine.add_request(pooling_params=), LLM.embed): the vector pools
+the final hidden states of the prompt (its last token, their mean, or its first) exactly as one full forward
+does, whatever path its prefill takes (chunked, prefix-cached, async scheduling, beside generating requests,
+recomputed after preemption, alone after a failed step), and bad requests are refused alone."""
 from __future__ import annotations
 
 import pytest
@@ -9,16 +10,17 @@ import torch
 from minillm.llm import LLM
 from minillm.pooling import PoolingParams
 from minillm.sampling_params import ParamError, SamplingParams
-from test_engine import make_engine, model_and_config  # noqa: F401  (fixture)
+from test_engine import greedy_reference, make_engine, model_and_config, run  # noqa: F401  (fixture)
 from tiny import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = [[5, 9, 200], [17] * 11, list(range(40, 59)), [3], list(range(40, 52)) + [7, 7]]
 
 
-def reference(model, prompt: list[int]) -> torch.Tensor:
-    """The last position's hidden state by one full forward, no KV cache."""
+def reference(model, prompt: list[int], pooling_type: str = "LAST") -> torch.Tensor:
+    """The pooled final hidden states by one full forward, no KV cache."""
     with torch.inference_mode():
-        return model(torch.tensor(prompt), torch.arange(len(prompt)))[-1].float()
+        hidden = model(torch.tensor(prompt), torch.arange(len(prompt))).float()
+    return {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[pooling_type]
 
 
 def embed(engine, prompts, pooling=None, generate=()):
@@ -40,13 +42,15 @@ def embed(engine, prompts, pooling=None, generate=()):
     dict(scheduling="continuous", kv_layout="paged", block_size=4, enable_prefix_caching=True),
     dict(scheduling="continuous", kv_layout="paged", block_size=4, async_scheduling=True),
 ], ids=["static", "continuous", "chunked", "prefix_cached", "async"])
-def test_an_embedding_is_the_last_prompt_tokens_hidden_state(model_and_config, options):
+@pytest.mark.parametrize("pooling_type", ["LAST", "MEAN", "CLS"])
+def test_an_embedding_pools_the_prompts_hidden_states(model_and_config, options, pooling_type):
     model, _ = model_and_config
     engine = make_engine(model_and_config, **options)
     plain = make_engine(model_and_config, **options)
-    got, generated = embed(engine, PROMPTS + PROMPTS[:2], generate=PROMPTS[:2])  # repeats: prefix-cache hits
+    got, generated = embed(engine, PROMPTS + PROMPTS[:2], PoolingParams(pooling_type=pooling_type.lower()),
+                           generate=PROMPTS[:2])  # the repeats: prefix-cache hits, which MEAN and CLS must skip
     for prompt, vector in zip(PROMPTS + PROMPTS[:2], got):
-        want = torch.nn.functional.normalize(reference(model, prompt), dim=0)
+        want = torch.nn.functional.normalize(reference(model, prompt, pooling_type), dim=0)
         torch.testing.assert_close(torch.tensor(vector), want, atol=2e-5, rtol=1e-4)
     assert generated == embed(plain, [], generate=PROMPTS[:2])[1]  # generating beside embeddings changes nothing
     assert engine.scheduler.block_manager.num_used_blocks == 0 if hasattr(engine.scheduler, "block_manager") else True
@@ -77,7 +81,7 @@ def test_llm_embed(model_and_config):
 
 
 @pytest.mark.parametrize("kw, error, message", [
-    (dict(pooling_type="MEAN"), ParamError, "LAST"), (dict(dimensions=0), ParamError, ">= 1"),
+    (dict(pooling_type="ALL"), ParamError, "LAST, MEAN, CLS"), (dict(dimensions=0), ParamError, ">= 1"),
     (dict(normalize="yes"), ParamError, "bool"), (dict(dimensions=10_000), ParamError, "hidden size 32"),
 ])
 def test_bad_pooling_params_are_refused(model_and_config, kw, error, message):
@@ -133,3 +137,30 @@ def test_llm_score_is_the_cosine_of_the_embeddings(model_and_config):
                                                              round(cosine(PROMPTS[1], PROMPTS[3]), 4)]
     with pytest.raises(ValueError, match="two lists of one length"):
         llm.score(PROMPTS[:2], PROMPTS[:3])
+
+
+@pytest.mark.parametrize("pooling_type", ["MEAN", "CLS"])
+def test_pooling_restarts_after_a_recompute(model_and_config, pooling_type):
+    """A generating request fills the KV pool while embedding requests' chunked prefills run: it preempts them
+    by recompute mid-prefill, and their sums start again; every vector still equals the full forward's."""
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, scheduling="continuous", kv_layout="paged", block_size=4,
+                         num_kv_blocks=12, enable_chunked_prefill=True, max_num_batched_tokens=8,
+                         enable_prefix_caching=True, preemption_mode="recompute")
+    gen = engine.add_request(None, list(range(60, 75)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    prompts = [list(range(10 + i, 40 + i)) for i in range(3)]
+    ids = [engine.add_request(None, p, pooling_params=PoolingParams(pooling_type=pooling_type)) for p in prompts]
+    done = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for prompt, i in zip(prompts, ids):
+        want = torch.nn.functional.normalize(reference(model, prompt, pooling_type), dim=0)
+        torch.testing.assert_close(torch.tensor(done[i].embedding), want, atol=2e-5, rtol=1e-4)
+    assert done[gen].outputs[0].token_ids == greedy_reference(model, list(range(60, 75)), 12)
+
+
+def test_pooled_rows_refuse_a_gap():
+    from minillm.pooling import PooledRows
+    rows = PooledRows()
+    rows.add(torch.ones(3, 4), 0)
+    with pytest.raises(RuntimeError, match="position 5 after 3"):
+        rows.add(torch.ones(2, 4), 5)

@@ -10,8 +10,10 @@ events (requests arriving at random steps, with random prompt lengths, some shar
 cache hits, random max_tokens, some with stop_token_ids or stop strings
 that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, special tokens
 in prompts and kept as text by a quarter of the requests (skip_special_tokens=False; the tiny model samples
-special ids for about one token in six), a poisoned request whose text or forward raises, half the requests of
-a LoRA scenario with one of the adapters; aborts of waiting, running or swapped requests).
+special ids for about one token in six), embedding requests (LAST / MEAN / CLS pooling: the vector within fp32
+rounding of the run alone's; refused by name where the engine speculates), a poisoned request whose text or
+forward raises, half the requests of a LoRA scenario with one of the adapters; aborts of waiting, running or
+swapped requests).
 The engine is driven step by step (add_request / step / abort) and checked after every step:
 
     the scheduler's and block manager's bookkeeping holds (queues, ref counts, free + evictable + used = all);
@@ -138,7 +140,8 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
     # seeded sampling: not with speculation (verify steps draw differently), nor where fp8's rounding moves the
     # probabilities
     draw_requests(rng, scenario, reference, seeded=spec is None and not fp8,
-                  priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng)
+                  priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng,
+                  embed_rng=random.Random(f"embed {seed}"))
     return scenario
 
 

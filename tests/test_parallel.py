@@ -179,6 +179,34 @@ def test_a_worker_that_fails_to_load_leaves_nothing_behind(expected):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_embeddings_under_parallelism_match_one_process(parallel):
+    """Embedding requests (minillm/pooling.py) at TP = 2 and PP = 2: the driver rank returns the rows' hidden
+    states after the final norm, and LAST / MEAN / CLS vectors over chunked prefills match one process."""
+    from minillm.pooling import PoolingParams
+    engine_kwargs = dict(ENGINE, enable_chunked_prefill=True, max_num_batched_tokens=8)
+
+    def run(**par):
+        config = resolve_engine_config(EngineConfig(**engine_kwargs, **par), CONFIG, torch.device("cpu"))
+        kwargs = dict(_kwargs(), engine_config=config)
+        executor = MultiProcExecutor(kwargs) if par else UniProcExecutor(Worker(**kwargs))
+        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_kwargs, **par), executor=executor)
+        try:
+            ids = [engine.add_request(None, p, pooling_params=PoolingParams(kind))
+                   for kind in ("LAST", "MEAN", "CLS") for p in PROMPTS]
+            ids.append(engine.add_request(None, PROMPTS[1], PARAMS[0]))  # generating beside them
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, o) for o in engine.step() if o.finished)
+            return [done[i].embedding for i in ids[:-1]], done[ids[-1]].outputs[0].token_ids
+        finally:
+            engine.shutdown()
+
+    (one, tokens), (par, par_tokens) = run(), run(**parallel)
+    assert par_tokens == tokens and all(v is not None for v in par)
+    torch.testing.assert_close(torch.tensor(par), torch.tensor(one), atol=1e-5, rtol=1e-4)
+
+
 def test_a_failed_or_second_parallel_llm_leaves_the_running_one_alone(tmp_path):
     """LLM(..., tensor_parallel_size=2) whose KV cache cannot hold one sequence fails after its workers loaded:
     they end with it (they used to live on until the garbage collector found them, and the next LLM could not

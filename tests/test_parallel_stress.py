@@ -14,7 +14,8 @@ Starting the workers costs a few seconds, so each configuration builds ONE engin
 tests/stress_helpers.py's draw_engine_options (block size, a pool small enough to preempt, prefix caching, chunked
 prefill, recompute or swap, the priority policy, an fp8 KV cache under TP; refused here: async scheduling, and
 fp8 under pipeline parallelism) and pushes STREAMS request streams through it (draw_requests:
-shared prefixes, stops that fire, min_tokens, seeded sampling, log-probs, a poisoned tokenizer or model
+shared prefixes, stops that fire, min_tokens, seeded sampling, log-probs, embedding requests (LAST / MEAN / CLS
+pooling of the hidden states the sampling rank returns), a poisoned tokenizer or model
 (PoisonedSource: each rank's forward raises on POISON_FORWARD, so every rank fails alike and the step is rerun one
 request at a time), aborts at random steps). The checks after every step and the comparison at the end are
 tests/test_engine_stress.py's (stress_helpers.drive): the same tokens, text, finish reason and log-probs (within
@@ -83,7 +84,8 @@ def test_random_workloads_on_parallel_workers_match_requests_run_alone(reference
         for stream in range(STREAMS):
             scenario = Scenario(options, None, poison=poison)
             draw_requests(rng, scenario, reference, seeded=not fp8,
-                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.")
+                          priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.",
+                          embed_rng=random.Random(f"embed {seed} {stream}"))  # embedding requests
             drive(engine, scenario, reference)
     except AssertionError as err:
         raise AssertionError(f"{parallel} seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err

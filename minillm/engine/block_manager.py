@@ -131,8 +131,8 @@ class BlockManager:
         """(cached blocks, their chain hashes) for the longest cached run of seq's leading full blocks."""
         if self.prefix_cache is None:
             return [], []
-        if getattr(seq.sampling_params, "prompt_logprobs", None) is not None:
-            return [], []  # a cached prefix has no logits to score: such a request computes its whole prompt
+        if seq.reads_every_prompt_row:  # prompt_logprobs, MEAN / CLS pooling: a cached prefix has no output rows
+            return [], []
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size,
                               salt=seq.cache_salt)
         hits: list[int] = []

@@ -65,13 +65,11 @@ class RequestChecks:
         return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, output_kind="final_only")
 
     def pooling_problem(self) -> str | None:
-        """Why this engine cannot serve embedding requests, or None: they read the last prompt row's hidden state
-        from the step's output, which a single-process engine without speculation returns."""
-        from minillm.engine.executor import UniProcExecutor
+        """Why this engine cannot serve embedding requests, or None: they read their prompt rows' hidden states
+        from the step's output, which an engine without speculation returns (one process, or the driver rank of
+        tensor / pipeline / expert-parallel workers)."""
         if self.speculative is not None:
             return "this engine speculates (speculative_config): its steps keep the draft head's hidden states"
-        if not isinstance(self.executor, UniProcExecutor):
-            return "this engine's model runs in parallel worker processes (tensor, pipeline or expert parallel)"
         return None
 
     def check_lora_request(self, lora_request) -> None:

@@ -66,6 +66,7 @@ class Sequence:
         self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
         self.pooling = None  # an embedding request's PoolingParams (minillm/pooling.py)
         self.embedding: list[float] | None = None  # its vector, once its prefill has run
+        self.pooled = None  # MEAN / CLS pooling's running state over its prefill chunks (pooling.PooledRows)
         self.spec_metrics = None  # SpecDecodeMetrics once speculative decoding verified drafts for it
         # log-probabilities, kept only when sampling_params asks (None otherwise): one dict per generated token,
         # and [None] + one per prompt position scored so far
@@ -102,6 +103,14 @@ class Sequence:
     def is_prefill(self) -> bool:
         """True until every prompt token has its K/V in the cache."""
         return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def reads_every_prompt_row(self) -> bool:
+        """True when this request needs an output row at every prompt position, which a prefix-cache hit never
+        computes: prompt_logprobs (each position's log-probabilities) and MEAN / CLS pooling (minillm/pooling.py).
+        Such a request computes its whole prompt (BlockManager skips the cache lookup for it)."""
+        return (getattr(self.sampling_params, "prompt_logprobs", None) is not None
+                or (self.pooling is not None and self.pooling.reads_every_row))
 
     @property
     def is_finished(self) -> bool:

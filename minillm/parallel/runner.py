@@ -6,7 +6,9 @@ Every rank gets the same StepInput and runs `execute_model`; what differs is wha
     first stage       embeds the tokens; every later stage receives (hidden, residual) from the stage before
     middle stages     run their layers and send (hidden, residual) on, asynchronously
     last stage        runs the final norm and its slice of the LM head; TP rank 0 gathers the logits, samples
-                      and answers with the StepOutput; every other rank answers None
+                      and answers with the StepOutput (and, when the step asks, the rows' hidden states after
+                      the final norm, which every TP rank holds whole: embedding requests pool them);
+                      every other rank answers None
 
 With pp > 1 the step's sequences are cut into pp micro-batches (split_step; where to cut is micro_batch_bounds, the
 course exercise ch11.pipeline_schedule, reached through `dispatch`) that flow
@@ -136,7 +138,7 @@ class ParallelModelRunner(ModelRunner):
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
         hidden_size = self.model_config.hidden_size
-        pending, logits_parts, prompt_parts = [], [], []
+        pending, logits_parts, prompt_parts, hidden_parts = [], [], [], []
         next_seq = 0
         failure = None  # the first exception of this rank's step, raised once every message has gone out
         for index, micro in enumerate(split_step(step, state.pp_size)):
@@ -153,6 +155,8 @@ class ParallelModelRunner(ModelRunner):
                         out = self.model(prepared.input_ids, prepared.positions, intermediate)
                     if state.is_last_stage:
                         self._logits(prepared, out, first_seq, logits_parts, prompt_parts)
+                        if step.return_hidden_states and state.is_driver:  # embedding requests' rows (pooling)
+                            hidden_parts.append(out)
                 except Exception as err:  # the next stage still waits for this micro-batch and the later ones
                     failure, out = err, None
             if not state.is_last_stage:  # after a failure, zeros: the pipeline stays in step and the engine
@@ -173,6 +177,8 @@ class ParallelModelRunner(ModelRunner):
             for owners, targets, widths, scoring in prompt_parts:
                 for i, entry in zip(owners, token_logprobs(scoring, targets, widths)):
                     output.prompt_logprobs[i].append(entry)
+        if step.return_hidden_states:  # after the final norm, every row of the step, to host: they are pickled
+            output.hidden_states = list(torch.cat(hidden_parts).cpu().split(step.query_lens))  # to the engine
         return output
 
     def _logits(self, prepared, out, first_seq: int, logits_parts: list, prompt_parts: list) -> None:

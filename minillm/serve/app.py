@@ -42,12 +42,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError, EngineSnapshot
+from minillm.pooling import PoolingParams
 from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                     UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 from minillm.serve.embeddings import EmbeddingRequest, embeddings
+from minillm.serve.scoring import RerankRequest, ScoreRequest, rerank, score
 from minillm.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
@@ -58,13 +60,14 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0,
               trust_request_chat_template: bool = False,
               lora_modules: Sequence[LoRAModulePath] | None = None,
-              allow_runtime_lora_updating: bool = False) -> FastAPI:
+              allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
     served over the model (an engine with enable_lora=True), each read and checked here, before the server
     starts (serving_models.py). `allow_runtime_lora_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING; needs
-    enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs."""
+    enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs.
+    `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -76,7 +79,10 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
                          "add --enable-lora, with --max-loras and --max-lora-rank to size the adapter slots)")
     models = OpenAIServingModels(llm.engine, model_name, llm.max_model_len, lora_modules or ())
     models.check_adapters()
-    serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models)
+    if pooler_config is not None and not isinstance(pooler_config, PoolingParams):
+        raise TypeError(f"pooler_config must be a minillm.pooling.PoolingParams, got {type(pooler_config).__name__}")
+    serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models,
+                            pooling=pooler_config)
     metrics = ServerMetrics(model_name)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 
@@ -173,6 +179,17 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @app.post("/v1/embeddings")  # OpenAI's: a vector per input, pooled from the model (serve/embeddings.py)
     async def embed(body: EmbeddingRequest) -> dict:
         return await embeddings(serving, body)
+
+    async def score_pairs(body: ScoreRequest) -> dict:  # vLLM's: cosine similarities of embeddings
+        return await score(serving, body)
+
+    async def rerank_documents(body: RerankRequest) -> dict:  # Jina's / Cohere's shape (serve/scoring.py)
+        return await rerank(serving, body)
+
+    for path in ("/score", "/v1/score"):
+        app.post(path)(score_pairs)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.post(path)(rerank_documents)
 
     @app.post("/tokenize")  # vLLM's: count a prompt's or a chat's tokens, off the event loop (serve/tokenize.py)
     async def tokenize_prompt(body: TokenizeRequest) -> dict:

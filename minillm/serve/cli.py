@@ -64,6 +64,21 @@ def lora_module(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{err} (in {text!r})") from None
 
 
+def pooler_config(text: str) -> Any:
+    """--pooler-config, vLLM's: how embeddings, /score and /rerank pool, '{"pooling_type": "MEAN", "normalize":
+    true}' (minillm.pooling.PoolingParams; a request may still set normalize and dimensions)."""
+    from minillm.pooling import PoolingParams
+    from minillm.sampling_params import ParamError
+    spec = _json_object(text)
+    unknown = sorted(set(spec) - {"pooling_type", "normalize"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--pooler-config takes pooling_type and normalize, got {unknown[0]!r}")
+    try:
+        return PoolingParams(**spec)
+    except ParamError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 RUNTIME_LORA_ENV = ("MINILLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
 
 
@@ -170,7 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
                         trust_request_chat_template=args.trust_request_chat_template,
                         lora_modules=args.lora_modules,
-                        allow_runtime_lora_updating=runtime_lora is not None)
+                        allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config)
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
@@ -205,6 +220,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "added and removed while serving). Needs --enable-lora. Default: on when the environment "
                         "sets MINILLM_ALLOW_RUNTIME_LORA_UPDATING or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING to 1 "
                         "or true")
+    p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
+                   help='how /v1/embeddings, /score and /rerank pool: \'{"pooling_type": "MEAN"}\' (LAST, MEAN, CLS; '
+                        'default LAST, normalized)')
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")

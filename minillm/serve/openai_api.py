@@ -37,6 +37,7 @@ from minillm.engine.detokenizer import decode_text
 from minillm.lora.request import LoRARequest
 from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
+from minillm.pooling import PoolingParams
 from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_chat
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from minillm.beam_search import BeamSearchParams
@@ -71,8 +72,10 @@ class OpenAIServing:
     """The two generation endpoints for the model an AsyncLLM serves (and the LoRA adapters in `models`)."""
 
     def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
-                 trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None) -> None:
+                 trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None,
+                 pooling: PoolingParams | None = None) -> None:
         self.llm = llm
+        self.pooling = pooling or PoolingParams()  # how embeddings, /score and /rerank pool (--pooler-config)
         self.model_name = model_name
         self.models = models if models is not None else OpenAIServingModels(llm.engine, model_name, llm.max_model_len)
         self.chat_template = chat_template

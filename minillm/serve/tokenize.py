@@ -24,13 +24,11 @@ from minillm.serve.protocol import ApiError, ChatCompletionRequest, ChatMessage
 MAX_DETOKENIZE_IDS = 1 << 20  # ids in one /detokenize body (the body limit keeps it far lower in practice)
 
 
-class TokenizeRequest(BaseModel):
-    """A /tokenize body: `prompt` (a completion's) or `messages` (a chat's), not both."""
+class ChatFields(BaseModel):
+    """The fields of a body that may carry a chat instead of a prompt (/tokenize, /v1/embeddings): the messages and
+    what changes how they render (vLLM's names)."""
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str | None = None
-    prompt: str | None = None
-    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -38,6 +36,27 @@ class TokenizeRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
     tools: list[Any] | None = None
+
+
+def chat_token_ids(serving: Any, body: ChatFields, add_special_tokens: bool) -> list[int]:
+    """body.messages rendered as /v1/chat/completions renders them, tokenized (400 for contradictory fields)."""
+    if body.add_generation_prompt and body.continue_final_message:
+        raise ApiError(400, "continue_final_message=true continues the last message, add_generation_prompt=true "
+                            "opens a new one: set add_generation_prompt=false with it", param="continue_final_message")
+    chat = ChatCompletionRequest(
+        messages=body.messages, add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message, add_special_tokens=add_special_tokens,
+        chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs,
+        documents=body.documents, tools=body.tools)
+    return render_chat(serving.llm.tokenizer, serving.chat_template, chat, serving.trust_request_chat_template)[1]
+
+
+class TokenizeRequest(ChatFields):
+    """A /tokenize body: `prompt` (a completion's) or `messages` (a chat's), not both."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
     return_token_strs: bool = False
 
 
@@ -56,16 +75,7 @@ def tokenize(serving: Any, body: TokenizeRequest) -> dict[str, Any]:
         raise ApiError(400, "give exactly one of prompt (a completion's text) and messages (a chat)",
                        param="prompt" if body.prompt is not None else "messages")
     if body.messages is not None:
-        if body.add_generation_prompt and body.continue_final_message:
-            raise ApiError(400, "continue_final_message=true continues the last message, add_generation_prompt="
-                                "true opens a new one: set add_generation_prompt=false with it",
-                           param="continue_final_message")
-        chat = ChatCompletionRequest(
-            messages=body.messages, add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message, add_special_tokens=bool(body.add_special_tokens),
-            chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs,
-            documents=body.documents, tools=body.tools)
-        _, ids = render_chat(tokenizer, serving.chat_template, chat, serving.trust_request_chat_template)
+        ids = chat_token_ids(serving, body, bool(body.add_special_tokens))
     else:
         add = True if body.add_special_tokens is None else body.add_special_tokens
         ids = encode_text(tokenizer, body.prompt, add)
