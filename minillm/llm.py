@@ -263,9 +263,10 @@ class LLM:
 
     def embed(self, prompts: Prompt | SequenceT[Prompt], pooling_params: "PoolingParams | None" = None,
               use_tqdm: bool = False, *, lora_request: Any = None) -> list["EmbeddingRequestOutput"]:
-        """vLLM's LLM.embed: one vector per prompt, outputs.embedding (minillm/pooling.py: the final hidden state
-        of the prompt's last token, unit length by default; PoolingParams(dimensions=d) keeps the first d). The
-        prompts run their prefill only, batched like any other requests. Every prompt is validated first."""
+        """vLLM's LLM.embed: one vector per prompt, outputs.embedding (minillm/pooling.py: by default the final
+        hidden state of the prompt's last token, unit length; PoolingParams(pooling_type="MEAN" or "CLS") pools
+        every position or the first, dimensions=d keeps the first d). The prompts run their prefill only, batched
+        like any other requests. Every prompt is validated first."""
         from minillm.outputs import EmbeddingRequestOutput
         from minillm.pooling import PoolingParams
         pooling_params = PoolingParams() if pooling_params is None else pooling_params
@@ -368,6 +369,10 @@ class LLM:
             self._latest.pop(request_id, None)
             if not finished:
                 self.llm_engine.abort(request_id)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's LLM.reset_prefix_cache: no later request reuses a prefix cached before (LLMEngine's)."""
+        return self.llm_engine.reset_prefix_cache()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         return self.llm_engine.abort(request_id)

@@ -190,6 +190,34 @@ def test_fully_cached_prompt_recomputes_its_last_token(make_bm):
     bm.free(b)
 
 
+def test_reset_prefix_cache_forgets_every_block_and_keeps_the_ones_in_use(make_bm):
+    """reset_prefix_cache: evictable blocks become free, a running sequence keeps its (now private) blocks and
+    writes on correctly, and an identical prompt after the reset computes everything again."""
+    bm = make_bm(8, 4, enable_prefix_caching=True)
+    kv = ShadowKVCache(8, 4)
+    prompt = list(range(100, 108))
+    done, running = new_seq(prompt), new_seq(list(range(200, 208)))
+    for seq in (done, running):
+        bm.allocate(seq)
+        compute(bm, kv, seq)
+    bm.free(done)
+    assert bm.prefix_cache.num_evictable == 2 and len(bm.prefix_cache.entries()) == 4
+    free_before = len(bm.free_block_ids)
+    assert bm.reset_prefix_cache()
+    assert bm.prefix_cache.entries() == {} and bm.prefix_cache.num_evictable == 0
+    assert len(bm.free_block_ids) == free_before + 2 and bm.num_used_blocks == 2
+    again = new_seq(prompt)
+    bm.allocate(again)
+    assert again.num_computed_tokens == 0  # nothing cached survives
+    compute(bm, kv, again)
+    running.append_token(300)
+    compute(bm, kv, running)  # its unregistered blocks are its own: it writes on
+    bm.check_invariants()
+    for seq in (again, running):
+        bm.free(seq)
+    assert not make_bm(4, 4).reset_prefix_cache()  # no prefix cache: nothing to reset
+
+
 def test_partial_hit_and_only_computed_blocks_are_cached(make_bm):
     bm = make_bm(16, 4, enable_prefix_caching=True)
     kv = ShadowKVCache(16, 4)

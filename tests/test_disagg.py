@@ -194,6 +194,14 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
         assert engine.num_used_blocks() == {"prefill": 0, "decode": 0}
         engine.scheduler.check_invariants()
 
+        # reset_prefix_cache forgets both sides' cached blocks: PROMPTS[2] again hits nothing this time
+        assert engine.reset_prefix_cache()
+        engine.add_request("again", PROMPTS[2], GREEDY)
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.scheduler.prefill.block_manager.prefix_cache_hits == BLOCK
+        engine.scheduler.check_invariants()
+
         # aborted on its way between the sides, or while a worker computes its step (the router does not wait for
         # the worker): both sides' blocks come back, the others finish
         engine.add_request("between", PROMPTS[4], GREEDY)

@@ -115,6 +115,7 @@ class AsyncLLM:
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_adds: deque[tuple] = deque()
         self._pending_aborts: deque[str] = deque()
+        self._pending_calls: deque[tuple[Callable[[], Any], asyncio.Future]] = deque()  # run between two steps
         self._listeners: list[StepListener] = []
         self._counter = itertools.count()
         self._snapshot = take_snapshot(engine)
@@ -245,6 +246,19 @@ class AsyncLLM:
         if self._wake is not None:
             self._wake.set()
 
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix block (LLMEngine.reset_prefix_cache), between two steps."""
+        return await self.between_steps(self.engine.reset_prefix_cache)
+
+    async def between_steps(self, call: Callable[[], Any]) -> Any:
+        """call() on the engine where no step is running (the loop runs it before its next step); its result."""
+        if self._task is None or self._task.done():  # no loop: nothing steps the engine but the caller
+            return call()
+        future = asyncio.get_running_loop().create_future()
+        self._pending_calls.append((call, future))
+        self._wake.set()
+        return await future
+
     # -- the loop -----------------------------------------------------------------------------------------
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -282,7 +296,17 @@ class AsyncLLM:
         self._apply_pending()
 
     def _apply_pending(self) -> bool:
-        """Adds and aborts queued since the last step; runs on the loop while no step is in flight."""
+        """Adds, aborts and calls queued since the last step; runs on the loop while no step is in flight."""
+        while self._pending_calls:
+            call, future = self._pending_calls.popleft()
+            try:
+                result = call()
+            except Exception as err:  # the caller's error, not the loop's
+                result, error = None, err
+            else:
+                error = None
+            if not future.done():  # (a caller that gave up cancelled it)
+                future.set_exception(error) if error is not None else future.set_result(result)
         changed = bool(self._pending_adds or self._pending_aborts)
         aborted = set(self._pending_aborts)
         outputs = []

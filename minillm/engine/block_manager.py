@@ -126,6 +126,15 @@ class BlockManager:
             else:
                 self.free_block_ids.append(block)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (after new weights, or between benchmark runs): evictable blocks become
+        free, blocks in use stay with their sequences but are no longer offered to others. False when this
+        manager has no prefix cache."""
+        if self.prefix_cache is None:
+            return False
+        self.free_block_ids.extend(self.prefix_cache.reset())
+        return True
+
     # -- new sequences ------------------------------------------------------------------------------------
     def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """(cached blocks, their chain hashes) for the longest cached run of seq's leading full blocks."""

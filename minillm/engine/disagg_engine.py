@@ -237,6 +237,11 @@ class DisaggregatedEngine(LLMEngine):
     def pooling_problem(self) -> str | None:
         return "prefill and decode run in separate workers (disaggregation): use one engine for embeddings"
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes of both workers' pools (LLMEngine.reset_prefix_cache)."""
+        sides = (self.scheduler.prefill.block_manager, self.scheduler.decode.block_manager)
+        return any([bm.reset_prefix_cache() for bm in sides])
+
     def get_comm_stats(self, reset: bool = False) -> dict[str, dict[str, int]]:
         """Bytes each worker handed to torch.distributed ("kv_send" / "kv_recv"), between steps."""
         self._check_usable()

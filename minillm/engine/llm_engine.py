@@ -235,6 +235,13 @@ class LLMEngine(StepOutputs, RequestChecks):
         self._finished_since_last_step.append(seq.request_id)
         return RequestOutput.from_sequence(seq)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix block, so that no later request reuses K/V computed before (new
+        weights loaded in place, or a benchmark's cold start). Requests in flight keep their blocks. False when
+        this engine caches no prefixes (enable_prefix_caching=False, static batching)."""
+        block_manager = getattr(self.scheduler, "block_manager", None)
+        return block_manager is not None and block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs or is swapped, or a launched step's tokens are still to be read."""
         return self.scheduler.has_unfinished() or (self.async_steps is not None and self.async_steps.in_flight)

@@ -140,6 +140,15 @@ class PrefixCache:
         self.evictions += 1
         return block
 
+    def reset(self) -> list[int]:
+        """Forget every cached block (vLLM's reset_prefix_cache); return the evictable ones, now plain free
+        blocks. Blocks still referenced stay with their sequences, no longer shareable; the counters stay."""
+        freed = list(self._evictable)
+        self._block_of_hash.clear()
+        self._entry_of_block.clear()
+        self._evictable.clear()
+        return freed
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0

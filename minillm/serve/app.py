@@ -60,14 +60,16 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 0.0,
               trust_request_chat_template: bool = False,
               lora_modules: Sequence[LoRAModulePath] | None = None,
-              allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None) -> FastAPI:
+              allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
+              dev_mode: bool = False) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
     served over the model (an engine with enable_lora=True), each read and checked here, before the server
     starts (serving_models.py). `allow_runtime_lora_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING; needs
     enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs.
-    `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized)."""
+    `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized).
+    `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -190,6 +192,13 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         app.post(path)(score_pairs)
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.post(path)(rerank_documents)
+
+    if dev_mode:
+        @app.post("/reset_prefix_cache")  # vLLM's (dev mode): later requests reuse no prefix cached before
+        async def reset_prefix_cache() -> Response:
+            if not await llm.reset_prefix_cache():
+                raise ApiError(400, "this server caches no prefixes (start it with --enable-prefix-caching)")
+            return Response(status_code=200)
 
     @app.post("/tokenize")  # vLLM's: count a prompt's or a chat's tokens, off the event loop (serve/tokenize.py)
     async def tokenize_prompt(body: TokenizeRequest) -> dict:

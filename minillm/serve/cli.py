@@ -79,6 +79,15 @@ def pooler_config(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+DEV_MODE_ENV = ("MINILLM_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
+
+
+def dev_mode() -> bool:
+    """Whether the developers' endpoints are on (POST /reset_prefix_cache): an environment variable set to 1 or
+    true, as vLLM reads VLLM_SERVER_DEV_MODE."""
+    return any(os.environ.get(name, "0").strip().lower() in ("1", "true") for name in DEV_MODE_ENV)
+
+
 RUNTIME_LORA_ENV = ("MINILLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
 
 
@@ -185,7 +194,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
                         trust_request_chat_template=args.trust_request_chat_template,
                         lora_modules=args.lora_modules,
-                        allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config)
+                        allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
+                        dev_mode=dev_mode())
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
