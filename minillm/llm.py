@@ -374,6 +374,16 @@ class LLM:
         """vLLM's LLM.reset_prefix_cache: no later request reuses a prefix cached before (LLMEngine's)."""
         return self.llm_engine.reset_prefix_cache()
 
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """vLLM's LLM.start_profile: record torch.profiler traces of the engine and its workers until
+        stop_profile (minillm/engine/profiler.py: profile_dir, else MINILLM_TORCH_PROFILER_DIR or vLLM's
+        VLLM_TORCH_PROFILER_DIR)."""
+        self.llm_engine.start_profile(profile_dir)
+
+    def stop_profile(self) -> list[str]:
+        """Write the traces; their paths (Chrome trace JSON: https://ui.perfetto.dev opens them)."""
+        return self.llm_engine.stop_profile()
+
     def abort(self, request_id: str) -> RequestOutput | None:
         return self.llm_engine.abort(request_id)
 

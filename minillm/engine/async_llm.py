@@ -250,6 +250,14 @@ class AsyncLLM:
         """vLLM's: forget every cached prefix block (LLMEngine.reset_prefix_cache), between two steps."""
         return await self.between_steps(self.engine.reset_prefix_cache)
 
+    async def start_profile(self, profile_dir: str | None = None) -> None:
+        """vLLM's: torch.profiler traces of the engine and its workers until stop_profile (engine/profiler.py)."""
+        await self.between_steps(lambda: self.engine.start_profile(profile_dir))
+
+    async def stop_profile(self) -> list[str]:
+        """Write the traces (paths: this process's first); the writing runs between two steps."""
+        return await self.between_steps(self.engine.stop_profile)
+
     async def between_steps(self, call: Callable[[], Any]) -> Any:
         """call() on the engine where no step is running (the loop runs it before its next step); its result."""
         if self._task is None or self._task.done():  # no loop: nothing steps the engine but the caller

@@ -242,6 +242,11 @@ class DisaggregatedEngine(LLMEngine):
         sides = (self.scheduler.prefill.block_manager, self.scheduler.decode.block_manager)
         return any([bm.reset_prefix_cache() for bm in sides])
 
+    def _worker_profiles(self, method: str, *args) -> list:
+        """start_profile / stop_profile on both workers' processes too (their traces named by their ranks)."""
+        self._check_usable()
+        return [self.workers.call(role, method, *args) for role in ROLES]
+
     def get_comm_stats(self, reset: bool = False) -> dict[str, dict[str, int]]:
         """Bytes each worker handed to torch.distributed ("kv_send" / "kv_recv"), between steps."""
         self._check_usable()

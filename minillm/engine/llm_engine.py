@@ -56,6 +56,7 @@ from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
 from minillm.outputs import RequestOutput
+from minillm.engine.profiler import TraceRecorder, profiler_dir
 from minillm.pooling import pool_embeddings
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
@@ -140,6 +141,7 @@ class LLMEngine(StepOutputs, RequestChecks):
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
         self.num_steps = 0
+        self._tracer = TraceRecorder("engine")  # start_profile / stop_profile (engine/profiler.py)
         # async scheduling (engine/async_step.py); None: every step waits for its own tokens (an executor that
         # cannot split a step, workers in other processes, steps in sync). A speculative engine steps async only
         # where a step verifies nothing (SpeculativeDecoder.steps_async): verify steps run in sync.
@@ -241,6 +243,28 @@ class LLMEngine(StepOutputs, RequestChecks):
         this engine caches no prefixes (enable_prefix_caching=False, static batching)."""
         block_manager = getattr(self.scheduler, "block_manager", None)
         return block_manager is not None and block_manager.reset_prefix_cache()
+
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """vLLM's: record a torch.profiler trace of this process and of every worker process until stop_profile
+        (minillm/engine/profiler.py; profile_dir, else MINILLM_TORCH_PROFILER_DIR / VLLM_TORCH_PROFILER_DIR)."""
+        directory = profiler_dir(profile_dir)
+        self._tracer.start(directory)
+        try:
+            self._worker_profiles("start_profile", directory)
+        except BaseException:
+            self._tracer.stop()
+            raise
+
+    def stop_profile(self) -> list[str]:
+        """Write the traces start_profile began; their paths (this process's first)."""
+        paths = [self._tracer.stop()]
+        return paths + [p for p in self._worker_profiles("stop_profile") if p]
+
+    def _worker_profiles(self, method: str, *args) -> list:
+        """`method` on every worker process (an in-process worker is inside this process's own trace)."""
+        if hasattr(self.executor, "collective_rpc"):
+            return list(self.executor.collective_rpc(method, *args))
+        return []
 
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs or is swapped, or a launched step's tokens are still to be read."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from minillm.config import EngineConfig, ModelConfig
@@ -141,6 +142,7 @@ class Worker:
         self.model: nn.Module | None = None
         self.runner: ModelRunner | None = None
         self.lora = None  # minillm.lora.layers.LoRAWeights when enable_lora: the adapter slots on every layer
+        self._tracer = None  # a worker process's TraceRecorder while start_profile records (engine/profiler.py)
 
     def load_model(self) -> None:
         model = self.model_source(self.model_config, self.device, self.dtype)
@@ -200,6 +202,20 @@ class Worker:
 
     def collect_model(self, launched) -> StepOutput:
         return self.runner.collect(launched)
+
+    def start_profile(self, directory: str, name: str | None = None) -> None:
+        """Record this worker process's operators and kernels until stop_profile (minillm/engine/profiler.py);
+        its trace is named `name`, by default rank<r> (its rank in the process group)."""
+        from minillm.engine.profiler import TraceRecorder
+        if name is None:
+            name = f"rank{dist.get_rank()}" if dist.is_initialized() else "worker"
+        self._tracer = TraceRecorder(name)
+        self._tracer.start(directory)
+
+    def stop_profile(self) -> str | None:
+        """Write this process's trace; its path (None when no profile is being recorded here)."""
+        tracer, self._tracer = self._tracer, None
+        return tracer.stop() if tracer is not None and tracer.running else None
 
     def get_comm_stats(self, reset: bool = False) -> dict[str, int]:
         """Bytes this process has handed to torch.distributed collectives, per operation (chapter 11)."""

@@ -61,7 +61,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               trust_request_chat_template: bool = False,
               lora_modules: Sequence[LoRAModulePath] | None = None,
               allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
-              dev_mode: bool = False) -> FastAPI:
+              dev_mode: bool = False, profile_dir: str | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
@@ -69,7 +69,9 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     starts (serving_models.py). `allow_runtime_lora_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING; needs
     enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs.
     `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized).
-    `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache."""
+    `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache.
+    `profile_dir` (vLLM's VLLM_TORCH_PROFILER_DIR) mounts POST /start_profile and /stop_profile, which record
+    torch.profiler traces of the engine there (minillm/engine/profiler.py)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -199,6 +201,22 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
             if not await llm.reset_prefix_cache():
                 raise ApiError(400, "this server caches no prefixes (start it with --enable-prefix-caching)")
             return Response(status_code=200)
+
+    if profile_dir is not None:
+        @app.post("/start_profile")  # vLLM's, with a profiler directory: traces of the engine at work
+        async def start_profile() -> Response:
+            try:
+                await llm.start_profile(profile_dir)
+            except RuntimeError as err:  # already recording
+                raise ApiError(400, str(err)) from None
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile() -> dict:
+            try:
+                return {"traces": await llm.stop_profile()}
+            except RuntimeError as err:  # nothing recording
+                raise ApiError(400, str(err)) from None
 
     @app.post("/tokenize")  # vLLM's: count a prompt's or a chat's tokens, off the event loop (serve/tokenize.py)
     async def tokenize_prompt(body: TokenizeRequest) -> dict:

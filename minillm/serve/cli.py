@@ -88,6 +88,15 @@ def dev_mode() -> bool:
     return any(os.environ.get(name, "0").strip().lower() in ("1", "true") for name in DEV_MODE_ENV)
 
 
+def _profile_dir() -> str | None:
+    """MINILLM_TORCH_PROFILER_DIR or VLLM_TORCH_PROFILER_DIR, if set: the server mounts /start_profile there."""
+    from minillm.engine.profiler import profiler_dir
+    try:
+        return profiler_dir()
+    except RuntimeError:
+        return None
+
+
 RUNTIME_LORA_ENV = ("MINILLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
 
 
@@ -195,7 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         trust_request_chat_template=args.trust_request_chat_template,
                         lora_modules=args.lora_modules,
                         allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
-                        dev_mode=dev_mode())
+                        dev_mode=dev_mode(), profile_dir=_profile_dir())
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
