@@ -50,6 +50,7 @@ import pytest
 
 from async_stress_helpers import POLL, EngineRecorder, check_partial, gather_clients, settle, until_step
 from minillm.engine.async_llm import AsyncLLM
+from minillm.pooling import PoolingParams
 from minillm.sampling_params import SamplingParams
 from stress_helpers import MAX_LEN, EngineChecks, Reference, Request, Scenario, compare, describe, draw_stop
 from test_engine_stress import build_engine, draw_scenario, head_dirs, model_and_config, reference  # noqa: F401
@@ -101,7 +102,9 @@ def draw_clients(seed: int, scenario: Scenario, reference: Reference
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
     for step, kind, rid, req in scenario.events:
         if kind == "add":
-            if not req.stop and not req.stop_token_ids:  # more and longer stop strings: what streams hold back
+            if req.pooling is not None and scenario.spec is not None:  # a speculating engine refuses to embed
+                req.pooling = None  # (tests/test_engine_stress.py checks the refusal): it generates instead
+            if req.pooling is None and not req.stop and not req.stop_token_ids:  # more and longer stop strings
                 draw_stop(rng, req, reference, kv_dtype, scenario.poison, odds=(0.0, 0.3), longest=4)
             clients[rid] = Client(rid, req, step, final_only=rng.random() < 0.2)
         else:
@@ -122,13 +125,16 @@ async def serve(llm: AsyncLLM, clients: dict[str, Client], bad: list[tuple[int, 
 
     async def client(c: Client, arrived: asyncio.Event) -> None:
         await until_step(llm, c.arrive)
-        params = c.req.params()
+        params, pooling = c.req.params(), None
         if c.final_only:
             params = params.checked_copy(output_kind="final_only")
+        if c.req.pooling is not None:  # an embedding request: its prefill's pooled hidden states
+            params, pooling = None, PoolingParams(c.req.pooling)
         # (the leaver runs once this task waits inside generate(): without an adapter the stream exists by then;
         # with one, generate() first reads the adapter in a thread, and a cancel may land there: nothing queued)
         arrived.set()
-        async for out in llm.generate(list(c.req.prompt), params, request_id=c.rid, lora_request=c.req.lora):
+        async for out in llm.generate(list(c.req.prompt), params, request_id=c.rid, lora_request=c.req.lora,
+                                      pooling_params=pooling):
             seen[c.rid].append(out)
             if c.leave == "break" and llm.engine.num_steps >= c.leave_at and not out.finished:
                 break
