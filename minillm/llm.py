@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence as SequenceT
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence as SequenceT
 
 import torch
 
@@ -373,6 +373,32 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         """vLLM's LLM.reset_prefix_cache: no later request reuses a prefix cached before (LLMEngine's)."""
         return self.llm_engine.reset_prefix_cache()
+
+    def collective_rpc(self, method: str | Callable[..., Any], args: tuple = (),
+                       kwargs: dict | None = None) -> list:
+        """vLLM's LLM.collective_rpc: a Worker method (by name) or a function method(worker, *args, **kwargs) on
+        every worker (in worker processes it must pickle: a module-level function); results in rank order."""
+        return self.llm_engine.collective_rpc(method, args, kwargs)
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[int]:
+        """New values for the model's weights, in place, as an RL trainer sends a policy update (what vLLM users
+        do through collective_rpc and the model's load_weights): HF-named full tensors, any subset of them, each
+        rank keeping its shard (Worker.update_weights), then reset_prefix_cache, since every cached K/V was
+        computed with the old weights. Between requests only, on dense weights and without an fp8 KV cache (its
+        scales were calibrated on the old weights). Returns how many tensors each worker loaded (a pipeline
+        stage loads only its own layers'), in rank order."""
+        engine = self.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError(f"update_weights while {engine.get_num_unfinished_requests()} request(s) run would "
+                               f"mix two models in their outputs: call it between requests")
+        kv_dtype = engine.engine_config.kv_cache_dtype
+        if kv_dtype not in (None, "auto"):
+            raise ValueError(f"update_weights with kv_cache_dtype={kv_dtype!r}: its scales were calibrated on the "
+                             f"loaded weights; build a new LLM for the new ones")
+        weights = [(name, tensor.detach()) for name, tensor in weights]  # (sent whole to worker processes)
+        loaded = engine.collective_rpc("update_weights", (weights,))
+        engine.reset_prefix_cache()
+        return loaded
 
     def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's LLM.start_profile: record torch.profiler traces of the engine and its workers until

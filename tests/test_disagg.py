@@ -201,6 +201,8 @@ def test_disaggregated_matches_one_engine_counts_bytes_leaks_nothing_and_survive
             engine.step()
         assert engine.scheduler.prefill.block_manager.prefix_cache_hits == BLOCK
         engine.scheduler.check_invariants()
+        sent, received = engine.collective_rpc("get_comm_stats")  # the prefill worker, then the decode worker
+        assert set(sent) == {"kv_send"} and set(received) == {"kv_recv"}
 
         # aborted on its way between the sides, or while a worker computes its step (the router does not wait for
         # the worker): both sides' blocks come back, the others finish

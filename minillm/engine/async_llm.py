@@ -250,6 +250,10 @@ class AsyncLLM:
         """vLLM's: forget every cached prefix block (LLMEngine.reset_prefix_cache), between two steps."""
         return await self.between_steps(self.engine.reset_prefix_cache)
 
+    async def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict | None = None) -> list:
+        """vLLM's: LLMEngine.collective_rpc on every worker, between two steps."""
+        return await self.between_steps(lambda: self.engine.collective_rpc(method, args, kwargs))
+
     async def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's: torch.profiler traces of the engine and its workers until stop_profile (engine/profiler.py)."""
         await self.between_steps(lambda: self.engine.start_profile(profile_dir))

@@ -242,8 +242,10 @@ class DisaggregatedEngine(LLMEngine):
         sides = (self.scheduler.prefill.block_manager, self.scheduler.decode.block_manager)
         return any([bm.reset_prefix_cache() for bm in sides])
 
-    def _worker_profiles(self, method: str, *args) -> list:
-        """start_profile / stop_profile on both workers' processes too (their traces named by their ranks)."""
+    _workers_elsewhere = True  # the prefill and the decode worker, each in its own process
+
+    def _on_workers(self, method: Any, *args) -> list:
+        """method(worker, *args) on the prefill worker, then the decode worker (between steps)."""
         self._check_usable()
         return [self.workers.call(role, method, *args) for role in ROLES]
 

@@ -36,6 +36,7 @@ the reference code, so LLM(..., overrides=...) keeps the in-process executor.
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing as mp
 import os
 import socket
@@ -172,6 +173,13 @@ def _worker_main(rank: int, world_size: int, port: int, worker_kwargs: dict[str,
         serve_worker(rank, worker_kwargs, report_failure=lambda call, text: store.set(f"{_FAILED}/{call}", text))
     finally:
         dist.destroy_process_group()
+
+
+def call_worker(worker: Any, method: str | Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """worker.method(*args, **kwargs), or method(worker, *args, **kwargs) for a function: what collective_rpc
+    runs on each worker (a module-level function, so that it pickles to worker processes)."""
+    call = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
+    return call(*args, **kwargs)
 
 
 def serve_worker(rank: int, worker_kwargs: dict[str, Any], group: Any = None,

@@ -42,7 +42,7 @@ from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.detokenizer import DetokenizerState
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
-from minillm.engine.executor import UniProcExecutor
+from minillm.engine.executor import UniProcExecutor, call_worker
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
@@ -244,6 +244,25 @@ class LLMEngine(StepOutputs, RequestChecks):
         block_manager = getattr(self.scheduler, "block_manager", None)
         return block_manager is not None and block_manager.reset_prefix_cache()
 
+    def collective_rpc(self, method: str | Callable[..., Any], args: tuple = (), kwargs: dict | None = None) -> list:
+        """vLLM's: call a Worker method (its name) or a function method(worker, *args, **kwargs) on every worker,
+        in-process or in worker processes (there it must pickle: a module-level function); results in rank
+        order. Runs between steps: the caller owns the engine loop."""
+        if isinstance(method, str) and not callable(getattr(Worker, method, None)):
+            raise ValueError(f"collective_rpc: Worker has no method {method!r}")
+        return self._on_workers(call_worker, method, tuple(args), dict(kwargs or {}))
+
+    def _on_workers(self, method: Callable[..., Any], *args) -> list:
+        """method(worker, *args) on every worker, in rank order."""
+        if self._workers_elsewhere:
+            return list(self.executor.collective_rpc(method, *args))
+        return [method(self.executor.driver_worker, *args)]
+
+    @property
+    def _workers_elsewhere(self) -> bool:
+        """Whether the workers run in processes of their own (tensor / pipeline / expert parallelism)."""
+        return hasattr(self.executor, "collective_rpc")
+
     def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's: record a torch.profiler trace of this process and of every worker process until stop_profile
         (minillm/engine/profiler.py; profile_dir, else MINILLM_TORCH_PROFILER_DIR / VLLM_TORCH_PROFILER_DIR)."""
@@ -262,9 +281,7 @@ class LLMEngine(StepOutputs, RequestChecks):
 
     def _worker_profiles(self, method: str, *args) -> list:
         """`method` on every worker process (an in-process worker is inside this process's own trace)."""
-        if hasattr(self.executor, "collective_rpc"):
-            return list(self.executor.collective_rpc(method, *args))
-        return []
+        return self._on_workers(call_worker, method, args, {}) if self._workers_elsewhere else []
 
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs or is swapped, or a launched step's tokens are still to be read."""

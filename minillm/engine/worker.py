@@ -203,6 +203,26 @@ class Worker:
     def collect_model(self, launched) -> StepOutput:
         return self.runner.collect(launched)
 
+    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """Copy new values into this rank's weights in place (HF names, full tensors: each rank keeps its shard),
+        so every buffer, CUDA graph and KV pool that reads them stays valid: how an RL trainer hands a policy
+        update to the engine (LLM.update_weights). Only dense weights: a quantized layer's codes came from the
+        old values. Returns how many tensors were loaded."""
+        from minillm.layers.cpu_matmul import clear_cpu_matmul_cache
+        from minillm.quant.base import UnquantizedLinearMethod
+        if self.model is None:
+            raise RuntimeError("load_model() before update_weights()")
+        quantized = sorted({type(m.quant_method).__name__ for m in self.model.modules()
+                            if getattr(m, "quant_method", None) is not None
+                            and not isinstance(m.quant_method, UnquantizedLinearMethod)})
+        if quantized:
+            raise ValueError(f"update_weights needs dense weights; this model's layers are quantized ("
+                             f"{', '.join(quantized)}): load the new checkpoint into a new LLM")
+        with torch.no_grad():
+            loaded = self.model.load_weights(weights, strict=False)
+        clear_cpu_matmul_cache()  # the CPU's re-laid-out weight copies (layers/cpu_matmul.py) are stale now
+        return loaded
+
     def start_profile(self, directory: str, name: str | None = None) -> None:
         """Record this worker process's operators and kernels until stop_profile (minillm/engine/profiler.py);
         its trace is named `name`, by default rank<r> (its rank in the process group)."""

@@ -230,8 +230,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, packing q/k/v and gate/up; raises on unknown, misshapen or missing tensors."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> int:
+        """Load HF-named tensors, packing q/k/v and gate/up; raises on unknown or misshapen tensors and, when
+        `strict`, on missing ones. strict=False updates the tensors given in place and leaves the rest (new
+        weights from a trainer: Worker.update_weights). Returns how many tensors were loaded."""
         params = dict(self.named_parameters())  # tied lm_head.weight appears once, as model.embed_tokens.weight
         copy_head = self.head_copies_embedding and "lm_head.weight" in params
         expected = {name: _shards(name, param) for name, param in params.items()
@@ -257,10 +259,11 @@ class LlamaForCausalLM(nn.Module):
             loaded.add((param_name, shard_id))
         missing = [_hf_name(name, shard) for name, shards in expected.items() for shard in shards
                    if (name, shard) not in loaded]
-        if missing:
+        if missing and strict:
             shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-        if copy_head:  # the same vocabulary rows on this rank as the embedding's, before the head is rounded
+        if copy_head and ("model.embed_tokens.weight", None) in loaded:  # the same vocabulary rows on this rank
+            # as the embedding's, before the head is rounded
             if getattr(self.lm_head, "vocab_start", 0) != getattr(self.model.embed_tokens, "vocab_start", 0):
                 raise ValueError("a quantized LM head pads each rank's vocabulary rows to a multiple of 8, so under "
                                  "this tensor-parallel size its rows no longer line up with the tied embedding's; "
@@ -268,7 +271,9 @@ class LlamaForCausalLM(nn.Module):
             head, rows = params["lm_head.weight"].data, params["model.embed_tokens.weight"].data
             head[:len(rows)].copy_(rows)
             head[len(rows):].zero_()  # the head's padding rows (a multiple of 8), cut from the logits
-        self.process_weights_after_loading()
+        if strict:
+            self.process_weights_after_loading()
+        return len(loaded)
 
     def process_weights_after_loading(self) -> None:
         """Every shard is in: now each Linear's method may repack / quantize (and free its staging weights)."""

@@ -187,7 +187,7 @@ def _serve(role: str, rank: int, conn: Connection, worker_kwargs: dict[str, Any]
             elif method == "kv_scales":
                 result = kv_scales(worker, *args)
             else:  # determine_num_gpu_blocks, initialize_cache, get_comm_stats
-                result = getattr(worker, method)(*args)
+                result = method(worker, *args) if callable(method) else getattr(worker, method)(*args)
         except Exception as err:  # the router fails this step's requests; the worker keeps serving
             result = WorkerError(f"{role} worker: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         conn.send(("done", result))
@@ -227,7 +227,7 @@ class WorkerProcess:
         self.role, self.process, self.conn = role, process, conn
         self.busy = False
 
-    def submit(self, method: str, *args: Any) -> None:
+    def submit(self, method: Any, *args: Any) -> None:
         self.check_alive()
         try:
             self.conn.send((method, args))
@@ -320,8 +320,9 @@ class DisaggWorkers:
         raise WorkerDied(f"the {role} worker (pid {worker.process.pid}) closed its pipe; the disaggregated engine "
                          f"cannot continue (start a new one)")
 
-    def call(self, role: str, method: str, *args: Any) -> Any:
-        """Call a Worker method between steps (setup, statistics); raises the worker's WorkerError."""
+    def call(self, role: str, method: Any, *args: Any) -> Any:
+        """Call a Worker method (its name, or a picklable function method(worker, *args)) between steps (setup,
+        statistics, collective_rpc); raises the worker's WorkerError."""
         if any(w.busy for w in self.workers.values()):
             raise RuntimeError(f"a worker is busy with a step; call {method} between steps")
         self.workers[role].submit(method, *args)
