@@ -371,3 +371,36 @@ def test_request_table_numbers_requests_as_the_workload_does():
     table = harness.format_requests(harness.summarize(outs))
     rows = [line.split()[0] for line in table.splitlines()[2:5]]
     assert rows == ["0", "2", "3"], table
+
+
+def test_bench_latency_times_one_batch_per_iteration_with_a_cold_prefix_cache(capsys):
+    """`minillm bench latency` on a tiny engine: num_iters timings of one batch, each after reset_prefix_cache (so
+    each pays its prefill: the prefix cache gains no hit), the mean and percentiles of them; bad sizes refused
+    before anything loads."""
+    from minillm.bench.cli import main
+    from minillm.bench.latency import format_latency, run_latency, to_dict
+    from minillm.llm import LLM
+    from test_engine import make_engine, tiny_config, tiny_model
+
+    config = tiny_config()
+    llm = LLM.from_engine(make_engine((tiny_model(config), config), scheduling="continuous", kv_layout="paged",
+                                      block_size=4, enable_prefix_caching=True))
+    block_manager, generate, hits = llm.llm_engine.scheduler.block_manager, llm.generate, []
+
+    def counting(*args, **kwargs):  # the prefix-cache hits of each batch
+        before = block_manager.prefix_cache_hits
+        out = generate(*args, **kwargs)
+        hits.append(block_manager.prefix_cache_hits - before)
+        return out
+    llm.generate = counting
+    result = run_latency(batch_size=3, input_len=12, output_len=5, num_iters=4, num_iters_warmup=1, llm=llm,
+                         verbose=False)
+    assert len(result.latencies) == 4 and all(t > 0 for t in result.latencies)
+    assert min(result.latencies) <= result.percentiles["p50"] <= result.percentiles["p99"] <= max(result.latencies)
+    assert result.mean == pytest.approx(sum(result.latencies) / 4)
+    assert len(hits) == 2 + 5 and hits[1] > 0 and hits[2:] == [0] * 5  # warm_up's two calls, then cold batches
+    assert "avg latency" in format_latency(result) and to_dict(result)["tokens_per_s"] == result.tokens_per_s
+    assert main(["bench", "latency", "--num-iters", "0"]) == 2
+    assert "num_iters must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "latency", "--batch-size", "0"]) == 2
+    assert "batch_size must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -17,7 +17,7 @@ class ByteTokenizer:
 
     eos_token_id = EOS
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:  # (it has no special tokens to add)
         return list(text.encode("utf-8"))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -191,6 +191,41 @@ def _cmd_bench_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from minillm.bench.latency import run_latency, to_dict
+
+    try:
+        _check_output_file(args.json)
+        result = run_latency(batch_size=args.batch_size, input_len=args.input_len, output_len=args.output_len,
+                             num_iters=args.num_iters, num_iters_warmup=args.num_iters_warmup, model=args.model,
+                             device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"minillm bench latency: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_dict(result), f, indent=2)
+        print(f"raw results written to {args.json}")
+    return 0
+
+
+def _add_bench_latency(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="one batch timed from submission to its last token, over several "
+                                       "iterations: mean and percentiles (vLLM's benchmark_latency)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens per request (EOS ignored)")
+    p.add_argument("--num-iters-warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--num-iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.set_defaults(func=_cmd_bench_latency)
+
+
 def _add_bench_stack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stack", help="the course's optimizations stacked row by row on one workload, each "
                                      "measured here: tok/s, TTFT, TPOT")
@@ -212,8 +247,9 @@ def _add_bench_stack(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_serve(bench: argparse.ArgumentParser) -> None:
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,stack}")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,stack,latency}")
     _add_bench_stack(sub)
+    _add_bench_latency(sub)
     p = sub.add_parser("serve", help="load a running server with docstring prompts at a request rate: "
                                      "TTFT/TPOT/ITL/E2E, throughput, goodput")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
