@@ -6,8 +6,9 @@ package's cli module and list that module here. check_output_path is the one che
 
     minillm grade [chNN | chNN.name] [--impl ...] [--format table|json|gradescope]   (minillm.course.cli)
     minillm course sync | release | gradescope | notebooks | list                     (minillm.course.cli)
-    minillm demo | estimate | bench [serve]                                             (minillm.bench.cli)
+    minillm demo | estimate | bench [serve | stack | latency]                           (minillm.bench.cli)
     minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]                 (minillm.serve.cli)
+    minillm chat | complete [--url URL] [--quick TEXT]                                 (minillm.serve.client)
     minillm quantize [MODEL] --method gptq|awq|... --bits --group-size --out DIR        (minillm.quant.cli)
     minillm train-heads [MODEL] --kind draft|medusa|eagle|mtp --steps N --out DIR        (minillm.speculative.train_heads_cli)
 """
@@ -18,8 +19,8 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.quant.cli",
-                   "minillm.speculative.train_heads_cli")
+COMMAND_MODULES = ("minillm.course.cli", "minillm.bench.cli", "minillm.serve.cli", "minillm.serve.client",
+                   "minillm.quant.cli", "minillm.speculative.train_heads_cli")
 
 
 def check_output_path(path: str, flag: str, *, folder: bool) -> None:
