@@ -50,6 +50,7 @@ from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionR
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 from minillm.serve.embeddings import EmbeddingRequest, embeddings
 from minillm.serve.scoring import RerankRequest, ScoreRequest, rerank, score
+from minillm.serve.tool_parser import TOOL_CALL_PARSERS
 from minillm.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt this context holds, far below a memory problem
@@ -61,7 +62,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               trust_request_chat_template: bool = False,
               lora_modules: Sequence[LoRAModulePath] | None = None,
               allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
-              dev_mode: bool = False, profile_dir: str | None = None) -> FastAPI:
+              dev_mode: bool = False, profile_dir: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
@@ -71,7 +72,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized).
     `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache.
     `profile_dir` (vLLM's VLLM_TORCH_PROFILER_DIR) mounts POST /start_profile and /stop_profile, which record
-    torch.profiler traces of the engine there (minillm/engine/profiler.py)."""
+    torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
+    --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -85,8 +87,11 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     models.check_adapters()
     if pooler_config is not None and not isinstance(pooler_config, PoolingParams):
         raise TypeError(f"pooler_config must be a minillm.pooling.PoolingParams, got {type(pooler_config).__name__}")
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or None, got "
+                         f"{tool_call_parser!r}")
     serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models,
-                            pooling=pooler_config)
+                            pooling=pooler_config, tool_parser=tool_call_parser)
     metrics = ServerMetrics(model_name)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from minillm.config import ENGINE_CHOICES, EngineConfig
+from minillm.serve.tool_parser import TOOL_CALL_PARSERS
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -185,6 +186,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
             raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
         check_lora_modules(args)
+        if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # vLLM's rule: both or neither
+            raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both (e.g. "
+                             "--enable-auto-tool-choice --tool-call-parser hermes) or neither")
         runtime_lora = runtime_lora_updating(args)
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
         chat_template = None
@@ -204,7 +208,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         trust_request_chat_template=args.trust_request_chat_template,
                         lora_modules=args.lora_modules,
                         allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
-                        dev_mode=dev_mode(), profile_dir=_profile_dir())
+                        dev_mode=dev_mode(), profile_dir=_profile_dir(),
+                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
@@ -239,6 +244,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "added and removed while serving). Needs --enable-lora. Default: on when the environment "
                         "sets MINILLM_ALLOW_RUNTIME_LORA_UPDATING or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING to 1 "
                         "or true")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="serve tool_choice 'auto' (OpenAI's default with tools): the model may call a tool in its "
+                        "answer; needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>)")
     p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
                    help='how /v1/embeddings, /score and /rerank pool: \'{"pooling_type": "MEAN"}\' (LAST, MEAN, CLS; '
                         'default LAST, normalized)')

@@ -46,6 +46,7 @@ from minillm.serve.sse import _disconnected, _event, _merge
 from minillm.serve.serving_models import OpenAIServingModels
 from minillm.serve.structured_fields import structured_outputs_of
 from minillm.serve.tool_calls import tool_calls, tool_mode
+from minillm.serve.tool_parser import StreamingToolParser, parse_tool_calls
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -64,7 +65,9 @@ class _Choice:
     score_only: bool = False  # echo with max_tokens 0: the prompt (and its log-probs) only, nothing generated
     role: str = "assistant"  # the chat answer's role (chat_prompt.answer_role)
     as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
-    tool: tuple[str, str | None] | None = None  # a forced tool call (serve/tool_calls.py): answered as tool_calls
+    tool: tuple[str, str | None] | None = None  # a forced tool call (serve/tool_calls.py): answered as tool_calls;
+    # ("auto", parser): calls read out of the text (serve/tool_parser.py), by `parser` while it streams
+    parser: StreamingToolParser | None = None
     output: RequestOutput | None = None
 
 
@@ -73,8 +76,9 @@ class OpenAIServing:
 
     def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
                  trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None,
-                 pooling: PoolingParams | None = None) -> None:
+                 pooling: PoolingParams | None = None, tool_parser: str | None = None) -> None:
         self.llm = llm
+        self.tool_parser = tool_parser  # --tool-call-parser: tool_choice "auto" (serve/tool_parser.py); None: refused
         self.pooling = pooling or PoolingParams()  # how embeddings, /score and /rerank pool (--pooler-config)
         self.model_name = model_name
         self.models = models if models is not None else OpenAIServingModels(llm.engine, model_name, llm.max_model_len)
@@ -88,6 +92,8 @@ class OpenAIServing:
         """What the body alone decides, before any prompt is tokenized: the model name (404; the adapter it names,
         returned, or None for the base model), then unsupported fields and counts out of range (400)."""
         lora_request = self.models.resolve(request.model)
+        if isinstance(request, ChatCompletionRequest):
+            request._tool_parser = self.tool_parser  # what tool_choice "auto" needs (serve/tool_calls.py)
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
@@ -295,7 +301,12 @@ class OpenAIServing:
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             calls = _calls(c, done)
-            if calls is not None:  # a forced call: its JSON becomes tool_calls, the content stays empty
+            if c.tool is not None and c.tool[0] == "auto":  # the calls the model chose to make, out of its text
+                content, found = parse_tool_calls(text)
+                message = {"role": c.role, "content": content, **({"tool_calls": found} if found else {})}
+                body_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                                     "finish_reason": "tool_calls" if found else done.finish_reason})
+            elif calls is not None:  # a forced call: its JSON becomes tool_calls, the content stays empty
                 body_choices.append({"index": c.index, "message": {"role": c.role, "content": None,
                                      "tool_calls": calls}, "logprobs": logprobs,
                                      "finish_reason": "tool_calls" if c.tool[0] == "required" else "stop"})
@@ -315,9 +326,9 @@ class OpenAIServing:
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
-                  logprobs: dict | None = None, calls: list[dict] | None = None) -> str:
-            if calls is not None:  # a forced tool call, whole, in the stream's last event of its choice
-                delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                  logprobs: dict | None = None, calls: list[dict] | None = None, first_call: int = 0) -> str:
+            if calls is not None:  # tool calls, each whole (numbered from first_call within the choice)
+                delta = {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(calls)]}
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             elif chat:
                 delta = {"role": role, "content": ""} if first else ({} if text is None else {"content": text})
@@ -340,6 +351,10 @@ class OpenAIServing:
                 # waits for the next event); the last one carries the finish_reason. An echoed prompt goes once
                 # it is scored whole: a chunked prefill reports after every chunk, with that chunk's log-probs only
                 echo_ready = c.echo is not None and (bool(done.token_ids) or out.finished)
+                if c.tool is not None and c.tool[0] == "auto":  # text as content, each call once it is whole
+                    for event in _auto_tool_chunks(c, out, chunk, self._token_bytes):
+                        yield event
+                    continue
                 if c.tool is not None:  # a forced tool call streams as one tool_calls delta once it is complete
                     calls = _calls(c, done) if out.finished else None
                     if calls is not None:
@@ -362,6 +377,27 @@ class OpenAIServing:
             logger.exception("stream %s failed", head["id"])
             yield _event(error_body(f"generation failed: {type(err).__name__}: {err}", "server_error", code=500))
         yield "data: [DONE]\n\n"
+
+
+def _auto_tool_chunks(choice: _Choice, out: RequestOutput, chunk: Callable[..., str],
+                      token_bytes: Callable[[int], bytes] | None) -> list[str]:
+    """The events of an "auto" tool choice's new output: its text as content deltas, held back where a call may
+    be starting, each call as a tool_calls delta once whole (serve/tool_parser.py); the log-probs ride on the
+    last event, and the last event of the answer carries the finish_reason ("tool_calls" if it made a call)."""
+    done = out.outputs[0]
+    if len(done.text) <= choice.sent and not out.finished:
+        return []
+    choice.parser = choice.parser or StreamingToolParser()
+    new_text, logprobs = _next_piece(choice, out, True, token_bytes)
+    events = choice.parser.feed(new_text) + (choice.parser.finish() if out.finished else [])
+    pieces: list[tuple[str | None, list | None, int]] = [
+        (value, None, 0) if kind == "content" else (None, [value[1]], value[0]) for kind, value in events]
+    if out.finished or logprobs is not None:  # the finish_reason, or log-probs of text still held back
+        pieces.append((None, None, 0))
+    reason = ("tool_calls" if choice.parser.num_calls else done.finish_reason) if out.finished else None
+    last = len(pieces) - 1
+    return [chunk(choice.index, text, reason if k == last else None, logprobs=logprobs if k == last else None,
+                  calls=calls, first_call=first) for k, (text, calls, first) in enumerate(pieces)]
 
 
 def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,

@@ -5,7 +5,8 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 (temperature >= 0, top_p in (0, 1], ...) are SamplingParams' to check, and come back as 400s with its message
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
-default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools, and each class's
+default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools on a server without a
+tool-call parser (serve/tool_parser.py), and each class's
 `REFUSED` table: logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
 prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
 function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
@@ -37,7 +38,7 @@ import json
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from minillm.sampling_params import MAX_N  # choices per prompt, as SamplingParams.n allows
 from minillm.serve.beam_fields import beam_problem
@@ -255,9 +256,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (structured_fields.py)
-    # tool calling as structured output (serve/tool_calls.py): a named function or "required"; "none"; not "auto"
+    # tool calling (serve/tool_calls.py): a named function or "required" as structured output; "none"; "auto"
+    # where the server has a tool-call parser (serve/tool_parser.py)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    _tool_parser: str | None = PrivateAttr(default=None)  # the server's, set by OpenAIServing (not by the client)
     functions: list[Any] | None = None  # OpenAI's older function calling: refused
     # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
     add_generation_prompt: bool = True  # open the assistant's turn after the messages
@@ -297,6 +300,11 @@ class ChatCompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def tool_parser(self) -> str | None:
+        """The server's --tool-call-parser, which tool_choice "auto" needs (None: the server has none)."""
+        return self._tool_parser
+
     def api_name(self, field: str) -> str:
         if field == "logprobs":
             return "top_logprobs"
@@ -313,7 +321,7 @@ class ChatCompletionRequest(_SamplingFields):
             return "top_logprobs", "top_logprobs is only allowed with logprobs=true"
         if self.functions:
             return "functions", "functions (OpenAI's older function calling) is not supported: give tools"
-        problem = check_tools(self.tools, self.tool_choice)
+        problem = check_tools(self.tools, self.tool_choice, self.tool_parser)
         if problem is not None:
             return ("tool_choice" if problem.startswith("tool_choice") else "tools"), problem
         return super().unsupported()

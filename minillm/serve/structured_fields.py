@@ -12,7 +12,8 @@ Clients ask for structured output in three spellings, and a request may use only
     response_format               OpenAI's: {"type": "json_object"} (any JSON) or {"type": "json_schema",
                                   "json_schema": {"name": ..., "schema": {...}, "strict": ...}}; {"type": "text"}
                                   asks for nothing; XGrammar's {"type": "structural_tag", "format": {...}}
-    tool_choice                   a named function or "required" (chat): the call's JSON (serve/tool_calls.py)
+    tool_choice                   a named function or "required" (chat): the call's JSON (serve/tool_calls.py);
+                                  "auto" with a tool-call parser: free text, whole calls (serve/tool_parser.py)
 
 The result goes into SamplingParams.structured_outputs, which the engine compiles (a bad schema or regex is a 400
 naming the field the client used).
@@ -23,7 +24,8 @@ from typing import Any
 
 from minillm.sampling_params import StructuredOutputsParams
 from minillm.serve.protocol import ApiError
-from minillm.serve.tool_calls import tool_schema
+from minillm.serve.tool_calls import tool_mode, tool_schema
+from minillm.serve.tool_parser import hermes_structural_tag
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
           "structural_tag": "structural_tag"}
@@ -50,6 +52,8 @@ def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None,
     schema = tool_schema(request)
     if schema is not None:  # a forced tool call: its arguments' JSON (serve/tool_calls.py)
         asked.append(("tool_choice", {"json": schema}))
+    elif (tool_mode(request) or ("",))[0] == "auto":  # free text, whole calls (serve/tool_parser.py)
+        asked.append(("tool_choice", {"structural_tag": hermes_structural_tag(request.tools)}))
     if not asked:
         return None, None
     if len(asked) > 1:

@@ -8,9 +8,10 @@ JSON (structured outputs, minillm/engine/constraints.py) and returns it as `tool
     tool_choice "required"             the output is a JSON array of one or more {"name": <a tool's name>,
                                        "parameters": <its arguments>}: each is a call (finish_reason "tool_calls")
     tool_choice "none"                 no call: plain text; the tools still reach the chat template
-    tool_choice "auto"                 refused (it is OpenAI's default when tools are given): choosing between text
-                                       and a call means reading the model's own tool-call syntax, which differs by
-                                       model (vLLM's --tool-call-parser), and minillm has no such parser
+    tool_choice "auto"                 OpenAI's default when tools are given: the model chooses between text and
+                                       calls in its own syntax, which a server started with vLLM's
+                                       --enable-auto-tool-choice --tool-call-parser hermes reads (serve/tool_parser.py,
+                                       calls kept whole by a structural tag); refused elsewhere
 
 The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut before its
 JSON closes (by max_tokens, or by a stop string or stop token the request gave) comes back as text, since it is no
@@ -25,8 +26,9 @@ from typing import Any
 TOOL_CHOICES = ("none", "auto", "required")
 
 
-def check_tools(tools: Any, tool_choice: Any) -> str | None:
-    """What is wrong with a request's tools / tool_choice (a message naming the value), or None."""
+def check_tools(tools: Any, tool_choice: Any, tool_parser: str | None = None) -> str | None:
+    """What is wrong with a request's tools / tool_choice (a message naming the value), or None. `tool_parser`:
+    the server's --tool-call-parser, which "auto" needs."""
     names = []
     for i, tool in enumerate(tools or []):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -45,8 +47,9 @@ def check_tools(tools: Any, tool_choice: Any) -> str | None:
     if tool_choice == "none":
         return None
     if tool_choice == "auto":
-        return ("tool_choice 'auto' is not supported: it needs a parser of the model's own tool-call syntax; give "
-                "'required', a named function, or 'none'") if names else None
+        return ("tool_choice 'auto' is not supported by this server: it needs a parser of the model's own tool-call "
+                "syntax (start the server with --enable-auto-tool-choice --tool-call-parser hermes); give "
+                "'required', a named function, or 'none'") if names and tool_parser is None else None
     if tool_choice == "required":
         return None if names else "tool_choice 'required' needs tools"
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
@@ -57,19 +60,24 @@ def check_tools(tools: Any, tool_choice: Any) -> str | None:
 
 
 def tool_mode(request: Any) -> tuple[str, str | None] | None:
-    """("named", the function's name) or ("required", None) for a request that forces a call; else None."""
+    """("named", the function's name) or ("required", None) for a request that forces a call, ("auto", the
+    server's parser) for one whose model may call (tools given, tool_choice "auto" or left out, on a server with
+    a tool-call parser); else None."""
     choice = getattr(request, "tool_choice", None)
     if choice == "required":
         return ("required", None)
     if isinstance(choice, dict):
         return ("named", choice["function"]["name"])
+    parser = getattr(request, "tool_parser", None)
+    if choice in ("auto", None) and getattr(request, "tools", None) and parser is not None:
+        return ("auto", parser)
     return None
 
 
 def tool_schema(request: Any) -> dict | bool | None:
     """The JSON schema a forced call's output must match (module docstring), or None."""
     mode = tool_mode(request)
-    if mode is None:
+    if mode is None or mode[0] == "auto":
         return None
     parameters = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in request.tools}
     if mode[0] == "named":

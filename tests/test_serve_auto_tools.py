@@ -1,0 +1,156 @@
+"""tool_choice "auto" (minillm/serve/tool_parser.py): Hermes calls read out of the answer, in full and while it
+streams; the structural tag that keeps a started call whole; the flags that turn it on."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import httpx
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from minillm.serve.server import ServerThread
+from minillm.serve.tool_parser import StreamingToolParser, hermes_structural_tag, parse_tool_calls
+from serve_tiny import CONFIG, MODEL, tiny_app
+from test_engine import tiny_model
+from tiny import ByteTokenizer, one_thread  # noqa: F401 (autouse fixture)
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Lima"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+ANSWER = "Let me check." + CALL + " Done."
+
+
+def test_parse_reads_the_calls_and_keeps_the_text_around_them():
+    content, calls = parse_tool_calls(ANSWER + "\n" + CALL.replace("Lima", "Paris"))
+    assert content == "Let me check. Done." and [c["function"]["name"] for c in calls] == ["get_weather"] * 2
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Lima"}, {"city": "Paris"}]
+    assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in calls)
+    assert parse_tool_calls("no call") == ("no call", [])
+    assert parse_tool_calls(CALL) [0] is None
+    broken = "<tool_call>{not json}</tool_call>"
+    assert parse_tool_calls(broken) == (broken, [])  # no call: it stays text
+    assert parse_tool_calls("<tool_call>\n{\"name\": \"add\", \"argu") == ("<tool_call>\n{\"name\": \"add\", \"argu", [])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_streaming_parser_agrees_with_the_whole_answer_however_it_is_cut(seed):
+    rng = random.Random(seed)
+    text = rng.choice([ANSWER, CALL + CALL, "a <tool_ call> b", "x<tool_call", ANSWER + "<tool_call>\n{\"na"])
+    parser, content, calls, i = StreamingToolParser(), [], [], 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        for kind, value in parser.feed(text[i:i + n]):
+            (content.append(value) if kind == "content" else calls.append(value))
+        i += n
+    for kind, value in parser.finish():
+        (content.append(value) if kind == "content" else calls.append(value))
+    want_content, want_calls = parse_tool_calls(text)
+    assert "".join(content).strip() == (want_content or "") and [k for k, _ in calls] == list(range(len(calls)))
+    assert [c["function"] for _, c in calls] == [c["function"] for c in want_calls]
+
+
+class Scripted(torch.nn.Module):
+    """The tiny model with its logits pushed to spell `script`, one byte per generated token, from each new
+    request's first token on (one request at a time, no prefix caching: a prefill starts at position 0)."""
+
+    def __init__(self, inner, script: bytes) -> None:
+        super().__init__()
+        self.inner, self.script, self.generated = inner, script, 0
+
+    def forward(self, input_ids, positions, *rest):
+        if int(positions[0]) == 0:
+            self.generated = 0
+        return self.inner(input_ids, positions, *rest)
+
+    def compute_logits(self, hidden):
+        logits = self.inner.compute_logits(hidden)
+        if self.generated < len(self.script):
+            logits[:, self.script[self.generated]] += 100.0
+        else:
+            logits[:, CONFIG.eos_token_id] += 100.0
+        self.generated += 1
+        return logits
+
+
+def scripted_server(script: str, **kwargs):
+    config = dataclasses.replace(CONFIG, max_position_embeddings=256)
+    engine = LLMEngine(Scripted(tiny_model(config, seed=3), script.encode()), ByteTokenizer(), config,
+                       EngineConfig(max_model_len=256, max_num_seqs=1, block_size=4, num_kv_blocks=128,
+                                    scheduling="continuous", kv_layout="paged"))
+    app, _ = tiny_app(engine, **kwargs)
+    return ServerThread(app)
+
+
+def chat(url: str, **fields) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "max_tokens": 120, "temperature": 0, "tools": TOOLS,
+        "messages": [{"role": "user", "content": "weather?"}], **fields})
+
+
+def stream(url: str, **fields) -> tuple[str, list[dict], str]:
+    content, calls, finish = [], [], None
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "max_tokens": 120, "temperature": 0, "tools": TOOLS, "stream": True,
+            "messages": [{"role": "user", "content": "weather?"}], **fields}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                content.append(choice["delta"].get("content") or "")
+                calls += choice["delta"].get("tool_calls", [])
+                finish = choice["finish_reason"] or finish
+    return "".join(content), calls, finish
+
+
+def test_a_model_that_calls_gets_tool_calls_in_full_and_streamed():
+    with scripted_server(ANSWER, tool_call_parser="hermes") as srv:
+        choice = chat(srv.url).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me check. Done."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Lima"}'}
+        content, calls, finish = stream(srv.url)
+        assert content == "Let me check. Done." and finish == "tool_calls"
+        assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+            [(0, "get_weather", '{"city": "Lima"}')]
+
+
+def test_a_call_the_model_starts_is_kept_whole_by_the_structural_tag():
+    """The model tries to call get_weather with a city outside the enum: the constraint does not let it; the
+    call still comes out whole, its arguments valid, whatever the greedy fallback picked."""
+    with scripted_server(CALL.replace("Lima", "Oslo"), tool_call_parser="hermes") as srv:
+        choice = chat(srv.url).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Lima")
+
+
+def test_text_only_answers_and_servers_without_the_parser():
+    with scripted_server("Just text.", tool_call_parser="hermes") as srv:
+        choice = chat(srv.url).json()["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": "Just text."} and choice["finish_reason"] == "stop"
+        assert stream(srv.url)[0] == "Just text."
+        none = chat(srv.url, tool_choice="none").json()["choices"][0]
+        assert "tool_calls" not in none["message"]
+    with scripted_server(ANSWER) as srv:
+        response = chat(srv.url, tool_choice="auto")
+        assert response.status_code == 400 and "--enable-auto-tool-choice" in response.json()["error"]["message"]
+
+
+def test_the_structural_tag_names_every_tool():
+    tag = hermes_structural_tag(TOOLS)
+    assert tag["format"]["triggers"] == ["<tool_call>"]
+    assert [t["begin"] for t in tag["format"]["tags"]] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": ', '<tool_call>\n{"name": "add", "arguments": ']
+
+
+def test_the_flags_go_together(capsys):
+    from minillm.cli import main
+    assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
+    assert "go together" in capsys.readouterr().err
