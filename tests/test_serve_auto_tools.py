@@ -154,3 +154,21 @@ def test_the_flags_go_together(capsys):
     from minillm.cli import main
     assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_a_conversation_with_calls_and_tool_answers_reaches_the_template():
+    """The assistant's earlier calls and a tool's answer come back in the next request: the template sees the
+    calls (arguments as a mapping) and the tool message's id and name."""
+    from minillm.serve.chat_prompt import render_chat
+    from minillm.serve.protocol import ChatCompletionRequest
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}[{{ c.function.name }}:{{ c.function.arguments.city }}]{% endfor %}"
+                "{% if m.tool_call_id %}({{ m.tool_call_id }} {{ m.name }}){% endif %}\n{% endfor %}")
+    request = ChatCompletionRequest(messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}],
+        add_generation_prompt=False)
+    text, _ = render_chat(ByteTokenizer(), template, request)
+    assert text == "<user>weather?<assistant>[get_weather:Lima]<tool>sunny(call_1 get_weather)"  # (trim_blocks)

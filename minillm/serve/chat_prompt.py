@@ -44,7 +44,7 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
                             "--trust-request-chat-template", param="chat_template")
     if not request.messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} messages", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    messages = [m.template_fields() for m in request.messages]
     kwargs = dict(request.chat_template_kwargs or {})
     clash = [k for k in kwargs if k in RESERVED_KWARGS]
     if clash:

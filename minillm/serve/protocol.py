@@ -235,11 +235,38 @@ class ContentPart(BaseModel):
     text: str
 
 
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal[CHAT_ROLES]  # a 400 naming the value and the roles allowed
     content: str | list[ContentPart] | None = None
+    # a tool-calling conversation's turns: the assistant's calls, and a tool's answer to one of them (with its name)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def template_fields(self) -> dict[str, Any]:
+        """This message as a chat template reads it: role and content, and the tool-calling fields it has (a
+        call's arguments as a mapping, parsed from OpenAI's JSON string, as templates for tool use expect)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [_template_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         """The content as one string: text parts joined by newlines, as vLLM joins them."""
