@@ -164,3 +164,25 @@ def test_pooled_rows_refuse_a_gap():
     rows.add(torch.ones(3, 4), 0)
     with pytest.raises(RuntimeError, match="position 5 after 3"):
         rows.add(torch.ones(2, 4), 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_gpu_pooling_beside_graph_steps(model_and_config, piecewise):
+    """On CUDA (fp32, CUDA graphs, chunked prefill; piecewise graphs for the mixed steps or not): LAST / MEAN /
+    CLS vectors equal the full forward's while generating requests decode beside them."""
+    import copy
+
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from tiny import ByteTokenizer
+    model, config = model_and_config
+    engine = LLMEngine(copy.deepcopy(model).cuda(), ByteTokenizer(), config, EngineConfig(
+        max_model_len=64, max_num_seqs=8, num_kv_blocks=128, block_size=16, enable_chunked_prefill=True,
+        max_num_batched_tokens=16, piecewise_cuda_graphs=piecewise), device="cuda", dtype=torch.float32)
+    for kind in ("LAST", "MEAN", "CLS"):
+        got, _ = embed(engine, PROMPTS, PoolingParams(kind), generate=PROMPTS[:2])
+        for prompt, vector in zip(PROMPTS, got):
+            want = torch.nn.functional.normalize(reference(model, prompt, kind), dim=0)
+            torch.testing.assert_close(torch.tensor(vector), want, atol=1e-4, rtol=1e-3)

@@ -81,3 +81,22 @@ def test_the_servers_endpoints_only_with_a_directory(tmp_path):
     app, _ = tiny_app()
     with ServerThread(app) as srv:
         assert httpx.post(srv.url + "/start_profile").status_code == 404
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_trace_holds_the_kernels(model_and_config, tmp_path):
+    import copy
+
+    from minillm.config import EngineConfig
+    model, config = model_and_config
+    engine = LLMEngine(copy.deepcopy(model).cuda(), ByteTokenizer(), config, EngineConfig(
+        max_model_len=64, max_num_seqs=4, num_kv_blocks=64, block_size=16), device="cuda", dtype=torch.float32)
+    engine.start_profile(str(tmp_path))
+    engine.add_request(None, [1, 2, 3], GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+    (path,) = engine.stop_profile()
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)  # the GPU's own activity, not only the host's

@@ -90,3 +90,18 @@ def _hidden_size(worker) -> int:
 
 def _scaled_hidden_size(worker, factor: int, plus: int = 0) -> int:
     return worker.model_config.hidden_size * factor + plus
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_update_weights_keeps_the_cuda_graphs_valid(checkpoints):
+    """On CUDA (bf16, CUDA graphs captured at start): the weights change in place, so the captured graphs read the
+    new ones; the engine then generates what a new LLM on the new checkpoint does."""
+    old, new, weights = checkpoints
+    options = dict(OPTIONS, device="cuda", dtype="bfloat16")
+    want = generate(LLM(new, **options))
+    llm = LLM(old, **options)
+    assert llm.llm_engine.runner.cuda_graphs is not None
+    assert generate(llm) != want
+    llm.update_weights(weights)
+    assert generate(llm) == want
