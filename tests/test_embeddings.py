@@ -171,7 +171,8 @@ def test_pooled_rows_refuse_a_gap():
 @pytest.mark.parametrize("piecewise", [False, True])
 def test_gpu_pooling_beside_graph_steps(model_and_config, piecewise):
     """On CUDA (fp32, CUDA graphs, chunked prefill; piecewise graphs for the mixed steps or not): LAST / MEAN /
-    CLS vectors equal the full forward's while generating requests decode beside them."""
+    CLS vectors equal the CPU's full forward's, within the Triton kernels' TF32 dots (unit vectors: 2e-4 seen,
+    2e-3 allowed), while generating requests decode beside them."""
     import copy
 
     from minillm.config import EngineConfig
@@ -185,4 +186,4 @@ def test_gpu_pooling_beside_graph_steps(model_and_config, piecewise):
         got, _ = embed(engine, PROMPTS, PoolingParams(kind), generate=PROMPTS[:2])
         for prompt, vector in zip(PROMPTS, got):
             want = torch.nn.functional.normalize(reference(model, prompt, kind), dim=0)
-            torch.testing.assert_close(torch.tensor(vector), want, atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(torch.tensor(vector), want, atol=2e-3, rtol=0)

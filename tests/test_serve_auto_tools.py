@@ -172,3 +172,26 @@ def test_a_conversation_with_calls_and_tool_answers_reaches_the_template():
         add_generation_prompt=False)
     text, _ = render_chat(ByteTokenizer(), template, request)
     assert text == "<user>weather?<assistant>[get_weather:Lima]<tool>sunny(call_1 get_weather)"  # (trim_blocks)
+
+
+def test_auto_calls_with_n_logprobs_and_a_cut_call():
+    """Two choices, log-probs, streamed: each choice reads its own calls and its log-probs still cover every
+    token; an answer cut by max_tokens inside a call keeps the unfinished call as text, finish_reason "length"."""
+    with scripted_server(ANSWER, tool_call_parser="hermes") as srv:
+        events = []
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "max_tokens": 120, "temperature": 0, "tools": TOOLS, "stream": True, "n": 2,
+                "logprobs": True, "messages": [{"role": "user", "content": "weather?"}]}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:])["choices"][0])
+        for index in (0, 1):
+            mine = [e for e in events if e["index"] == index]
+            assert "".join(e["delta"].get("content") or "" for e in mine) == "Let me check. Done."
+            assert [c["function"]["name"] for e in mine for c in e["delta"].get("tool_calls", [])] == ["get_weather"]
+            assert mine[-1]["finish_reason"] == "tool_calls"
+            tokens = [t for e in mine if e["logprobs"] for t in e["logprobs"]["content"]]
+            assert "".join(t["token"] for t in tokens).startswith(ANSWER[:20]) and len(tokens) >= len(ANSWER)
+        cut = chat(srv.url, max_tokens=30).json()["choices"][0]
+        assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
+        assert cut["message"]["content"] == ANSWER[:30]
