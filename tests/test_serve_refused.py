@@ -16,7 +16,8 @@ ASKS = {
     "logits_processors": ["m.P"],
     "mm_processor_kwargs": {"a": 1}, "kv_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1}, "cache_salt": "s",
     "prompt_embeds": "AAAA",  # completions
-    "reasoning_effort": "low", "include_reasoning": False, "audio": {"voice": "alloy", "format": "mp3"},  # chat
+    "reasoning_effort": "low", "audio": {"voice": "alloy", "format": "mp3"},  # chat (include_reasoning: see
+    # tests/test_serve_reasoning.py: refused only without --reasoning-parser)
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"}, "function_call": "f",
     "web_search_options": {}, "verbosity": "low", "store": True, "service_tier": "flex",
 }

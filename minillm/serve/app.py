@@ -50,6 +50,7 @@ from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionR
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 from minillm.serve.embeddings import EmbeddingRequest, embeddings
 from minillm.serve.scoring import RerankRequest, ScoreRequest, rerank, score
+from minillm.serve.reasoning import REASONING_PARSERS
 from minillm.serve.tool_parser import TOOL_CALL_PARSERS
 from minillm.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
@@ -62,7 +63,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               trust_request_chat_template: bool = False,
               lora_modules: Sequence[LoRAModulePath] | None = None,
               allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
-              dev_mode: bool = False, profile_dir: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+              dev_mode: bool = False, profile_dir: str | None = None, tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
@@ -73,7 +75,9 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache.
     `profile_dir` (vLLM's VLLM_TORCH_PROFILER_DIR) mounts POST /start_profile and /stop_profile, which record
     torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
-    --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py)."""
+    --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py).
+    `reasoning_parser` (vLLM's --reasoning-parser deepseek_r1 / qwen3) returns a chat answer's thought as
+    reasoning_content apart from its content (serve/reasoning.py)."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -90,8 +94,11 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
         raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or None, got "
                          f"{tool_call_parser!r}")
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)} or None, got "
+                         f"{reasoning_parser!r}")
     serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models,
-                            pooling=pooler_config, tool_parser=tool_call_parser)
+                            pooling=pooler_config, tool_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     metrics = ServerMetrics(model_name)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 

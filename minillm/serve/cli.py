@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from minillm.config import ENGINE_CHOICES, EngineConfig
+from minillm.serve.reasoning import REASONING_PARSERS
 from minillm.serve.tool_parser import TOOL_CALL_PARSERS
 
 
@@ -209,7 +210,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         lora_modules=args.lora_modules,
                         allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
                         dev_mode=dev_mode(), profile_dir=_profile_dir(),
-                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                        reasoning_parser=args.reasoning_parser)
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
@@ -249,6 +251,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "answer; needs --tool-call-parser")
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                    help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>)")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="a thinking model's <think>...</think> returned as reasoning_content, apart from the content")
     p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
                    help='how /v1/embeddings, /score and /rerank pool: \'{"pooling_type": "MEAN"}\' (LAST, MEAN, CLS; '
                         'default LAST, normalized)')

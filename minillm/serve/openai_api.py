@@ -46,7 +46,7 @@ from minillm.serve.sse import _disconnected, _event, _merge
 from minillm.serve.serving_models import OpenAIServingModels
 from minillm.serve.structured_fields import structured_outputs_of
 from minillm.serve.tool_calls import tool_calls, tool_mode
-from minillm.serve.tool_parser import StreamingToolParser, parse_tool_calls
+from minillm.serve.answer_parser import AnswerParser, parse_answer
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -66,9 +66,16 @@ class _Choice:
     role: str = "assistant"  # the chat answer's role (chat_prompt.answer_role)
     as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     tool: tuple[str, str | None] | None = None  # a forced tool call (serve/tool_calls.py): answered as tool_calls;
-    # ("auto", parser): calls read out of the text (serve/tool_parser.py), by `parser` while it streams
-    parser: StreamingToolParser | None = None
+    # ("auto", parser): calls read out of the text (serve/tool_parser.py)
+    reasoning: str | None = None  # the reasoning parser that splits the thought off (serve/reasoning.py)
+    include_reasoning: bool = True  # false: the thought is read, and left out
+    parser: AnswerParser | None = None  # reasoning / auto tool calls while the answer streams (answer_parser.py)
     output: RequestOutput | None = None
+
+    @property
+    def parsed(self) -> bool:
+        """Whether its answer is read for reasoning and for calls the model chose to make (answer_parser.py)."""
+        return self.reasoning is not None or (self.tool is not None and self.tool[0] == "auto")
 
 
 class OpenAIServing:
@@ -76,8 +83,10 @@ class OpenAIServing:
 
     def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
                  trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None,
-                 pooling: PoolingParams | None = None, tool_parser: str | None = None) -> None:
+                 pooling: PoolingParams | None = None, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.llm = llm
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser: the thought apart (serve/reasoning.py)
         self.tool_parser = tool_parser  # --tool-call-parser: tool_choice "auto" (serve/tool_parser.py); None: refused
         self.pooling = pooling or PoolingParams()  # how embeddings, /score and /rerank pool (--pooler-config)
         self.model_name = model_name
@@ -94,6 +103,7 @@ class OpenAIServing:
         lora_request = self.models.resolve(request.model)
         if isinstance(request, ChatCompletionRequest):
             request._tool_parser = self.tool_parser  # what tool_choice "auto" needs (serve/tool_calls.py)
+            request._reasoning_parser = self.reasoning_parser  # what include_reasoning=false needs
         problem = request.unsupported()
         if problem:
             raise ApiError(400, problem[1], param=problem[0])
@@ -249,8 +259,15 @@ class OpenAIServing:
         # the engine's ids stay unique when two clients send the same request_id
         engine_base = base if request.request_id is None else f"{base}-{uuid.uuid4().hex}"
         role = answer_role(request) if chat else "assistant"
+        # the thought is split off a chat answer unless the request constrained the answer's shape itself (its
+        # JSON or regex starts at the first token: there is no thought to split); auto tools' tag leaves it free
+        mode = tool_mode(request)
+        forced = mode is not None and mode[0] != "auto"
+        shaped = structured_outputs_of(request)[1] not in (None, "tool_choice")
+        reasoning = self.reasoning_parser if chat and not forced and not shaped else None
         choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only,
-                           role=role, as_ids=request.return_tokens_as_token_ids, tool=tool_mode(request))
+                           role=role, as_ids=request.return_tokens_as_token_ids, tool=mode,
+                           reasoning=reasoning, include_reasoning=getattr(request, "include_reasoning", True))
                    for p in range(len(prompts)) for i in range(len(params))]
         if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
             for c in choices:
@@ -301,9 +318,13 @@ class OpenAIServing:
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             calls = _calls(c, done)
-            if c.tool is not None and c.tool[0] == "auto":  # the calls the model chose to make, out of its text
-                content, found = parse_tool_calls(text)
-                message = {"role": c.role, "content": content, **({"tool_calls": found} if found else {})}
+            if c.parsed:  # the thought, the calls the model chose to make, and the content, out of its text
+                reasoning, content, found = parse_answer(text, c.reasoning, c.tool is not None)
+                message = {"role": c.role, "content": content}
+                if reasoning is not None and c.include_reasoning:
+                    message["reasoning_content"] = reasoning
+                if found:
+                    message["tool_calls"] = found
                 body_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
                                      "finish_reason": "tool_calls" if found else done.finish_reason})
             elif calls is not None:  # a forced call: its JSON becomes tool_calls, the content stays empty
@@ -326,10 +347,14 @@ class OpenAIServing:
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
-                  logprobs: dict | None = None, calls: list[dict] | None = None, first_call: int = 0) -> str:
+                  logprobs: dict | None = None, calls: list[dict] | None = None, first_call: int = 0,
+                  reasoning: str | None = None) -> str:
             if calls is not None:  # tool calls, each whole (numbered from first_call within the choice)
                 delta = {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(calls)]}
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            elif reasoning is not None:  # a piece of the thought (serve/reasoning.py)
+                choice = {"index": index, "delta": {"reasoning_content": reasoning}, "logprobs": logprobs,
+                          "finish_reason": finish_reason}
             elif chat:
                 delta = {"role": role, "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -351,8 +376,8 @@ class OpenAIServing:
                 # waits for the next event); the last one carries the finish_reason. An echoed prompt goes once
                 # it is scored whole: a chunked prefill reports after every chunk, with that chunk's log-probs only
                 echo_ready = c.echo is not None and (bool(done.token_ids) or out.finished)
-                if c.tool is not None and c.tool[0] == "auto":  # text as content, each call once it is whole
-                    for event in _auto_tool_chunks(c, out, chunk, self._token_bytes):
+                if c.parsed:  # the thought, the content, each call once it is whole
+                    for event in _parsed_chunks(c, out, chunk, self._token_bytes):
                         yield event
                     continue
                 if c.tool is not None:  # a forced tool call streams as one tool_calls delta once it is complete
@@ -379,25 +404,33 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
 
-def _auto_tool_chunks(choice: _Choice, out: RequestOutput, chunk: Callable[..., str],
-                      token_bytes: Callable[[int], bytes] | None) -> list[str]:
-    """The events of an "auto" tool choice's new output: its text as content deltas, held back where a call may
-    be starting, each call as a tool_calls delta once whole (serve/tool_parser.py); the log-probs ride on the
-    last event, and the last event of the answer carries the finish_reason ("tool_calls" if it made a call)."""
+def _parsed_chunks(choice: _Choice, out: RequestOutput, chunk: Callable[..., str],
+                   token_bytes: Callable[[int], bytes] | None) -> list[str]:
+    """The events of a parsed answer's new output (answer_parser.py): the thought as reasoning_content deltas
+    (none with include_reasoning false), the rest as content deltas, each call as a tool_calls delta once whole;
+    text that may be a marker's start is held back. The log-probs ride on the last event, and the answer's last
+    event carries the finish_reason ("tool_calls" if it made a call)."""
     done = out.outputs[0]
     if len(done.text) <= choice.sent and not out.finished:
         return []
-    choice.parser = choice.parser or StreamingToolParser()
+    choice.parser = choice.parser or AnswerParser(choice.reasoning, choice.tool is not None)
     new_text, logprobs = _next_piece(choice, out, True, token_bytes)
     events = choice.parser.feed(new_text) + (choice.parser.finish() if out.finished else [])
-    pieces: list[tuple[str | None, list | None, int]] = [
-        (value, None, 0) if kind == "content" else (None, [value[1]], value[0]) for kind, value in events]
+    pieces = []  # chunk() keyword arguments, one event each
+    for kind, value in events:
+        if kind == "call":
+            pieces.append(dict(calls=[value[1]], first_call=value[0]))
+        elif kind == "reasoning":
+            if choice.include_reasoning:
+                pieces.append(dict(reasoning=value))
+        else:
+            pieces.append(dict(text=value))
     if out.finished or logprobs is not None:  # the finish_reason, or log-probs of text still held back
-        pieces.append((None, None, 0))
+        pieces.append({})
     reason = ("tool_calls" if choice.parser.num_calls else done.finish_reason) if out.finished else None
     last = len(pieces) - 1
-    return [chunk(choice.index, text, reason if k == last else None, logprobs=logprobs if k == last else None,
-                  calls=calls, first_call=first) for k, (text, calls, first) in enumerate(pieces)]
+    return [chunk(choice.index, piece.pop("text", None), reason if k == last else None,
+                  logprobs=logprobs if k == last else None, **piece) for k, piece in enumerate(pieces)]
 
 
 def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,

@@ -8,7 +8,8 @@ with a 400 that says so, unless they hold their no-op value: a client that asked
 default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools on a server without a
 tool-call parser (serve/tool_parser.py), and each class's
 `REFUSED` table: logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
-prompt_embeds, and on chat reasoning_effort, include_reasoning=false, audio, modalities, prediction,
+prompt_embeds, and on chat reasoning_effort, include_reasoning=false (but on a server with --reasoning-parser),
+audio, modalities, prediction,
 function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
 prompt_cache_key and safety_identifier (no tools, no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
@@ -288,6 +289,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     _tool_parser: str | None = PrivateAttr(default=None)  # the server's, set by OpenAIServing (not by the client)
+    _reasoning_parser: str | None = PrivateAttr(default=None)  # likewise: --reasoning-parser (serve/reasoning.py)
     functions: list[Any] | None = None  # OpenAI's older function calling: refused
     # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
     add_generation_prompt: bool = True  # open the assistant's turn after the messages
@@ -299,7 +301,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     # OpenAI's and vLLM's chat fields minillm does not implement: refused unless null or their no-op value
     reasoning_effort: Any = None
-    include_reasoning: bool = True
+    include_reasoning: bool = True  # false: leave the thought out (needs the server's --reasoning-parser)
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -313,7 +315,6 @@ class ChatCompletionRequest(_SamplingFields):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
         **_SamplingFields.REFUSED,
         "reasoning_effort": ((), "reasoning models"),
-        "include_reasoning": ((True,), "separating reasoning from content"),
         "audio": ((), "audio output"),
         "modalities": ((["text"],), "output other than text"),
         "prediction": ((), "predicted outputs"),
@@ -326,6 +327,11 @@ class ChatCompletionRequest(_SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        """The server's --reasoning-parser (None: answers are not split into reasoning and content)."""
+        return self._reasoning_parser
 
     @property
     def tool_parser(self) -> str | None:
@@ -348,6 +354,9 @@ class ChatCompletionRequest(_SamplingFields):
             return "top_logprobs", "top_logprobs is only allowed with logprobs=true"
         if self.functions:
             return "functions", "functions (OpenAI's older function calling) is not supported: give tools"
+        if not self.include_reasoning and self._reasoning_parser is None:
+            return "include_reasoning", ("include_reasoning=false needs a server that separates reasoning from "
+                                         "content (started with --reasoning-parser deepseek_r1 or qwen3)")
         problem = check_tools(self.tools, self.tool_choice, self.tool_parser)
         if problem is not None:
             return ("tool_choice" if problem.startswith("tool_choice") else "tools"), problem

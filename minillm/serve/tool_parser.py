@@ -24,6 +24,8 @@ import re
 import uuid
 from typing import Any
 
+from minillm.serve.markers import partial_suffix
+
 TOOL_CALL_PARSERS = ("hermes",)
 BEGIN, END = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(BEGIN) + r"\s*(.*?)\s*" + re.escape(END), re.DOTALL)
@@ -84,7 +86,7 @@ class StreamingToolParser:
         while True:
             start = self._pending.find(BEGIN)
             if start < 0:  # no call begins: send all but a tail that may be BEGIN's start
-                keep = _partial_suffix(self._pending, BEGIN)
+                keep = partial_suffix(self._pending, BEGIN)
                 if len(self._pending) > keep:
                     events.append(("content", self._pending[:len(self._pending) - keep]))
                     self._pending = self._pending[len(self._pending) - keep:]
@@ -110,10 +112,3 @@ class StreamingToolParser:
         rest, self._pending = self._pending, ""
         return [("content", rest)] if rest else []
 
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that is a proper start of `marker`."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0

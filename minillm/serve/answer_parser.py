@@ -1,0 +1,47 @@
+"""A chat answer read for its parts: the thought (reasoning.py), the calls (tool_parser.py), the content.
+
+The reasoning parser runs first, and the tool-call parser reads only what it passes on as content, so a call
+mentioned while thinking is not made. parse_answer reads a finished answer; AnswerParser a streaming one, turning
+each new piece of text into ("reasoning", text), ("content", text) and ("call", (index, tool call)) events.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from minillm.serve.reasoning import StreamingReasoningParser, split_reasoning
+from minillm.serve.tool_parser import StreamingToolParser, parse_tool_calls
+
+
+def parse_answer(text: str, reasoning_parser: str | None, tools: bool
+                 ) -> tuple[str | None, str | None, list[dict]]:
+    """(reasoning or None, content or None, tool calls) of a finished answer."""
+    reasoning, content = split_reasoning(text, reasoning_parser) if reasoning_parser else (None, text or None)
+    calls: list[dict] = []
+    if tools and content:
+        content, calls = parse_tool_calls(content)
+    return reasoning, content, calls
+
+
+class AnswerParser:
+    def __init__(self, reasoning_parser: str | None, tools: bool) -> None:
+        self.reasoning = StreamingReasoningParser(reasoning_parser) if reasoning_parser else None
+        self.tools = StreamingToolParser() if tools else None
+
+    @property
+    def num_calls(self) -> int:
+        return self.tools.num_calls if self.tools is not None else 0
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        return self._route(self.reasoning.feed(text) if self.reasoning is not None else [("content", text)])
+
+    def finish(self) -> list[tuple[str, Any]]:
+        events = self._route(self.reasoning.finish() if self.reasoning is not None else [])
+        return events + (self.tools.finish() if self.tools is not None else [])
+
+    def _route(self, events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Content goes through the tool-call parser (when there is one); the rest as it is."""
+        routed: list[tuple[str, Any]] = []
+        for kind, value in events:
+            routed.extend(self.tools.feed(value) if kind == "content" and self.tools is not None
+                          else [(kind, value)])
+        return routed
