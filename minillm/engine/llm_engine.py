@@ -42,12 +42,13 @@ from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.detokenizer import DetokenizerState
 from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_config, needs_sized_pool,
                                          resolve_engine_config)
-from minillm.engine.executor import UniProcExecutor, call_worker
+from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
 from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
+from minillm.engine.engine_tools import EngineTools
 from minillm.engine.request_checks import RequestChecks
 from minillm.engine.step_outputs import StepOutputs
 from minillm.engine.worker import PrebuiltModel, Worker
@@ -56,7 +57,6 @@ from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.engine.static_scheduler import StaticScheduler
 from minillm.hooks import overriding
 from minillm.outputs import RequestOutput
-from minillm.engine.profiler import TraceRecorder, profiler_dir
 from minillm.pooling import pool_embeddings
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
@@ -82,7 +82,7 @@ def make_scheduler(engine_config: EngineConfig, cache_config: CacheConfig) -> An
     return Scheduler(engine_config, block_manager)
 
 
-class LLMEngine(StepOutputs, RequestChecks):
+class LLMEngine(StepOutputs, RequestChecks, EngineTools):
     """The engine loop around one executor. Give it either a built `model` (it is wrapped in an in-process
     worker) or an `executor` whose workers build their own (model=None): e.g. a MultiProcExecutor."""
 
@@ -141,7 +141,6 @@ class LLMEngine(StepOutputs, RequestChecks):
         self._finished_since_last_step: list[str] = []  # told to the workers with the next step
         self._counter = itertools.count()
         self.num_steps = 0
-        self._tracer = TraceRecorder("engine")  # start_profile / stop_profile (engine/profiler.py)
         # async scheduling (engine/async_step.py); None: every step waits for its own tokens (an executor that
         # cannot split a step, workers in other processes, steps in sync). A speculative engine steps async only
         # where a step verifies nothing (SpeculativeDecoder.steps_async): verify steps run in sync.
@@ -236,52 +235,6 @@ class LLMEngine(StepOutputs, RequestChecks):
         seq.finish_time = time.perf_counter()
         self._finished_since_last_step.append(seq.request_id)
         return RequestOutput.from_sequence(seq)
-
-    def reset_prefix_cache(self) -> bool:
-        """vLLM's: forget every cached prefix block, so that no later request reuses K/V computed before (new
-        weights loaded in place, or a benchmark's cold start). Requests in flight keep their blocks. False when
-        this engine caches no prefixes (enable_prefix_caching=False, static batching)."""
-        block_manager = getattr(self.scheduler, "block_manager", None)
-        return block_manager is not None and block_manager.reset_prefix_cache()
-
-    def collective_rpc(self, method: str | Callable[..., Any], args: tuple = (), kwargs: dict | None = None) -> list:
-        """vLLM's: call a Worker method (its name) or a function method(worker, *args, **kwargs) on every worker,
-        in-process or in worker processes (there it must pickle: a module-level function); results in rank
-        order. Runs between steps: the caller owns the engine loop."""
-        if isinstance(method, str) and not callable(getattr(Worker, method, None)):
-            raise ValueError(f"collective_rpc: Worker has no method {method!r}")
-        return self._on_workers(call_worker, method, tuple(args), dict(kwargs or {}))
-
-    def _on_workers(self, method: Callable[..., Any], *args) -> list:
-        """method(worker, *args) on every worker, in rank order."""
-        if self._workers_elsewhere:
-            return list(self.executor.collective_rpc(method, *args))
-        return [method(self.executor.driver_worker, *args)]
-
-    @property
-    def _workers_elsewhere(self) -> bool:
-        """Whether the workers run in processes of their own (tensor / pipeline / expert parallelism)."""
-        return hasattr(self.executor, "collective_rpc")
-
-    def start_profile(self, profile_dir: str | None = None) -> None:
-        """vLLM's: record a torch.profiler trace of this process and of every worker process until stop_profile
-        (minillm/engine/profiler.py; profile_dir, else MINILLM_TORCH_PROFILER_DIR / VLLM_TORCH_PROFILER_DIR)."""
-        directory = profiler_dir(profile_dir)
-        self._tracer.start(directory)
-        try:
-            self._worker_profiles("start_profile", directory)
-        except BaseException:
-            self._tracer.stop()
-            raise
-
-    def stop_profile(self) -> list[str]:
-        """Write the traces start_profile began; their paths (this process's first)."""
-        paths = [self._tracer.stop()]
-        return paths + [p for p in self._worker_profiles("stop_profile") if p]
-
-    def _worker_profiles(self, method: str, *args) -> list:
-        """`method` on every worker process (an in-process worker is inside this process's own trace)."""
-        return self._on_workers(call_worker, method, args, {}) if self._workers_elsewhere else []
 
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs or is swapped, or a launched step's tokens are still to be read."""
