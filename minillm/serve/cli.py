@@ -13,6 +13,12 @@ LoRA adapters are served as vLLM serves them: `--enable-lora --lora-modules sql=
 directory), and against the model once it has loaded, so a bad one stops the server at startup.
 `--allow-runtime-lora-updating` (or MINILLM_ALLOW_RUNTIME_LORA_UPDATING=1, or vLLM's
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) also mounts vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+vLLM's other server options, same spelling: `--enable-auto-tool-choice --tool-call-parser hermes` (tool_choice
+"auto": serve/tool_parser.py), `--reasoning-parser deepseek_r1|qwen3` (reasoning_content: serve/reasoning.py),
+`--pooler-config '{"pooling_type": "MEAN"}'` (embeddings, /score, /rerank: serve/embeddings.py); and from the
+environment, MINILLM_SERVER_DEV_MODE=1 (or VLLM_SERVER_DEV_MODE=1: POST /reset_prefix_cache) and
+MINILLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR: POST /start_profile and /stop_profile).
 """
 from __future__ import annotations
 
