@@ -195,3 +195,49 @@ def test_auto_calls_with_n_logprobs_and_a_cut_call():
         cut = chat(srv.url, max_tokens=30).json()["choices"][0]
         assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
         assert cut["message"]["content"] == ANSWER[:30]
+
+
+PYTHONIC = '[get_weather(city="Lima"), add(a=1, b=-2)]'
+
+
+@pytest.mark.parametrize("text, want", [
+    (PYTHONIC, [("get_weather", {"city": "Lima"}), ("add", {"a": 1, "b": -2})]),
+    ("<|python_start|>" + PYTHONIC + "<|python_end|>", [("get_weather", {"city": "Lima"}), ("add", {"a": 1, "b": -2})]),
+    ("  [f(x=[1, {'k': None}], y=True)]\n", [("f", {"x": [1, {"k": None}], "y": True})]),
+    ("[1, 2, 3]", []), ("see [f(x=1)] here", []), ("[f(1)]", []), ("[f(x=g())]", []), ("[f(**k)]", []),
+    ("[__import__('os').system('x')]", []), ("[f(x=1)", []), ("[]", []),
+])
+def test_pythonic_calls_are_read_never_run(text, want):
+    from minillm.serve.pythonic_tools import parse_pythonic_calls
+    content, calls = parse_pythonic_calls(text)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want
+    assert content == (None if want else text)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_pythonic_stream_agrees_with_the_whole_answer(seed):
+    from minillm.serve.pythonic_tools import StreamingPythonicParser, parse_pythonic_calls
+    rng = random.Random(seed)
+    text = rng.choice([PYTHONIC, "  " + PYTHONIC, "plain [text]", "[not a call", "<|python_start|>" + PYTHONIC])
+    parser, content, calls, i = StreamingPythonicParser(), [], [], 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        for kind, value in parser.feed(text[i:i + n]):
+            (content.append(value) if kind == "content" else calls.append(value))
+        i += n
+    for kind, value in parser.finish():
+        (content.append(value) if kind == "content" else calls.append(value))
+    want_content, want_calls = parse_pythonic_calls(text)
+    assert ("".join(content) or None) == want_content
+    assert [c["function"] for _, c in calls] == [c["function"] for c in want_calls]
+
+
+def test_the_pythonic_parser_on_the_server():
+    with scripted_server(PYTHONIC, tool_call_parser="pythonic") as srv:
+        choice = chat(srv.url).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather", "add"]
+        content, calls, finish = stream(srv.url)
+        assert content == "" and finish == "tool_calls" and [c["index"] for c in calls] == [0, 1]
+    with scripted_server("No call [here].", tool_call_parser="pythonic") as srv:
+        assert chat(srv.url).json()["choices"][0]["message"] == {"role": "assistant", "content": "No call [here]."}

@@ -1,4 +1,5 @@
-"""A chat answer read for its parts: the thought (reasoning.py), the calls (tool_parser.py), the content.
+"""A chat answer read for its parts: the thought (reasoning.py), the calls (tool_parser.py for Hermes' syntax,
+pythonic_tools.py for Python's), the content.
 
 The reasoning parser runs first, and the tool-call parser reads only what it passes on as content, so a call
 mentioned while thinking is not made. parse_answer reads a finished answer; AnswerParser a streaming one, turning
@@ -8,24 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from minillm.serve.pythonic_tools import StreamingPythonicParser, parse_pythonic_calls
 from minillm.serve.reasoning import StreamingReasoningParser, split_reasoning
 from minillm.serve.tool_parser import StreamingToolParser, parse_tool_calls
 
 
-def parse_answer(text: str, reasoning_parser: str | None, tools: bool
+def parse_answer(text: str, reasoning_parser: str | None, tool_parser: str | None
                  ) -> tuple[str | None, str | None, list[dict]]:
-    """(reasoning or None, content or None, tool calls) of a finished answer."""
+    """(reasoning or None, content or None, tool calls) of a finished answer; tool_parser None: no calls."""
     reasoning, content = split_reasoning(text, reasoning_parser) if reasoning_parser else (None, text or None)
     calls: list[dict] = []
-    if tools and content:
-        content, calls = parse_tool_calls(content)
+    if tool_parser is not None and content:
+        content, calls = (parse_pythonic_calls if tool_parser == "pythonic" else parse_tool_calls)(content)
     return reasoning, content, calls
 
 
 class AnswerParser:
-    def __init__(self, reasoning_parser: str | None, tools: bool) -> None:
+    def __init__(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
         self.reasoning = StreamingReasoningParser(reasoning_parser) if reasoning_parser else None
-        self.tools = StreamingToolParser() if tools else None
+        self.tools = None if tool_parser is None else \
+            StreamingPythonicParser() if tool_parser == "pythonic" else StreamingToolParser()
 
     @property
     def num_calls(self) -> int:

@@ -78,6 +78,11 @@ class _Choice:
         return self.tool is not None and self.tool[0] == "auto"
 
     @property
+    def tool_parser(self) -> str | None:
+        """The parser of the calls the model may make (tool_choice "auto"), or None."""
+        return self.tool[1] if self.auto_tools else None
+
+    @property
     def parsed(self) -> bool:
         """Whether its answer is read for reasoning and for calls the model chose to make (answer_parser.py)."""
         return self.reasoning is not None or self.auto_tools
@@ -324,7 +329,7 @@ class OpenAIServing:
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             calls = _calls(c, done)
             if c.parsed:  # the thought, the calls the model chose to make, and the content, out of its text
-                reasoning, content, found = parse_answer(text, c.reasoning, c.auto_tools)
+                reasoning, content, found = parse_answer(text, c.reasoning, c.tool_parser)
                 message = {"role": c.role, "content": content}
                 if reasoning is not None and c.include_reasoning:
                     message["reasoning_content"] = reasoning
@@ -418,7 +423,7 @@ def _parsed_chunks(choice: _Choice, out: RequestOutput, chunk: Callable[..., str
     done = out.outputs[0]
     if len(done.text) <= choice.sent and not out.finished:
         return []
-    choice.parser = choice.parser or AnswerParser(choice.reasoning, choice.auto_tools)
+    choice.parser = choice.parser or AnswerParser(choice.reasoning, choice.tool_parser)
     new_text, logprobs = _next_piece(choice, out, True, token_bytes)
     events = choice.parser.feed(new_text) + (choice.parser.finish() if out.finished else [])
     pieces = []  # chunk() keyword arguments, one event each

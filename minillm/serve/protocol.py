@@ -9,9 +9,9 @@ default. They are suffix, best_of (but = n), functions, tool_choice "auto" with 
 tool-call parser (serve/tool_parser.py), and each class's
 `REFUSED` table: logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
 prompt_embeds, and on chat reasoning_effort, include_reasoning=false (but on a server with --reasoning-parser),
-audio, modalities, prediction,
-function_call, web_search_options, verbosity, store and service_tier. A few change nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata,
-prompt_cache_key and safety_identifier (no tools, no stored completions).
+audio, modalities, prediction, function_call, web_search_options, verbosity, store and service_tier. A few change
+nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata, prompt_cache_key and
+safety_identifier (no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens (false: special tokens' text such as "<|im_start|>" stays in the
 answer, its stream and its log-probs; the stop token that ends it, "<|im_end|>", with include_stop_str_in_output),

@@ -52,7 +52,7 @@ def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None,
     schema = tool_schema(request)
     if schema is not None:  # a forced tool call: its arguments' JSON (serve/tool_calls.py)
         asked.append(("tool_choice", {"json": schema}))
-    elif (tool_mode(request) or ("",))[0] == "auto":  # free text, whole calls (serve/tool_parser.py)
+    elif tool_mode(request) == ("auto", "hermes"):  # free text, whole tagged calls (serve/tool_parser.py)
         asked.append(("tool_choice", {"structural_tag": hermes_structural_tag(request.tools)}))
     if not asked:
         return None, None

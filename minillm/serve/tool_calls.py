@@ -11,7 +11,8 @@ JSON (structured outputs, minillm/engine/constraints.py) and returns it as `tool
     tool_choice "auto"                 OpenAI's default when tools are given: the model chooses between text and
                                        calls in its own syntax, which a server started with vLLM's
                                        --enable-auto-tool-choice --tool-call-parser hermes reads (serve/tool_parser.py,
-                                       calls kept whole by a structural tag); refused elsewhere
+                                       calls kept whole by a structural tag; or pythonic: pythonic_tools.py);
+                                       refused elsewhere
 
 The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut before its
 JSON closes (by max_tokens, or by a stop string or stop token the request gave) comes back as text, since it is no
@@ -48,7 +49,7 @@ def check_tools(tools: Any, tool_choice: Any, tool_parser: str | None = None) ->
         return None
     if tool_choice == "auto":
         return ("tool_choice 'auto' is not supported by this server: it needs a parser of the model's own tool-call "
-                "syntax (start the server with --enable-auto-tool-choice --tool-call-parser hermes); give "
+                "syntax (start the server with --enable-auto-tool-choice --tool-call-parser hermes or pythonic); give "
                 "'required', a named function, or 'none'") if names and tool_parser is None else None
     if tool_choice == "required":
         return None if names else "tool_choice 'required' needs tools"

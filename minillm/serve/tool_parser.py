@@ -26,7 +26,7 @@ from typing import Any
 
 from minillm.serve.markers import partial_suffix
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "pythonic")  # pythonic: minillm/serve/pythonic_tools.py
 BEGIN, END = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(BEGIN) + r"\s*(.*?)\s*" + re.escape(END), re.DOTALL)
 
