@@ -16,9 +16,10 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) also mounts vLLM's POST /v1/load_lora_ada
 
 vLLM's other server options, same spelling: `--enable-auto-tool-choice --tool-call-parser hermes|pythonic`
 (tool_choice "auto": serve/tool_parser.py, serve/pythonic_tools.py), `--reasoning-parser deepseek_r1|qwen3`
-(reasoning_content: serve/reasoning.py), `--pooler-config '{"pooling_type": "MEAN"}'` (embeddings, /score, /rerank: serve/embeddings.py); and from the
-environment, MINILLM_SERVER_DEV_MODE=1 (or VLLM_SERVER_DEV_MODE=1: POST /reset_prefix_cache) and
-MINILLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR: POST /start_profile and /stop_profile).
+(reasoning_content: serve/reasoning.py), `--pooler-config '{"pooling_type": "MEAN"}'` (embeddings, /score,
+/rerank: serve/embeddings.py); and from the environment, MINILLM_SERVER_DEV_MODE=1 (or VLLM_SERVER_DEV_MODE=1:
+POST /reset_prefix_cache) and MINILLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR: POST /start_profile and
+/stop_profile).
 """
 from __future__ import annotations
 
