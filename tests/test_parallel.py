@@ -52,6 +52,14 @@ def _kwargs(**parallel) -> dict:
                 model_source=RandomWeights(seed=3), seed=0)
 
 
+def _engine(engine_kwargs: dict, **parallel) -> LLMEngine:
+    """An engine over CONFIG's random weights: in this process, or in worker processes for `parallel` sizes."""
+    config = resolve_engine_config(EngineConfig(**engine_kwargs, **parallel), CONFIG, torch.device("cpu"))
+    kwargs = dict(_kwargs(), engine_config=config)
+    executor = MultiProcExecutor(kwargs) if parallel else UniProcExecutor(Worker(**kwargs))
+    return LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_kwargs, **parallel), executor=executor)
+
+
 def _generate(engine: LLMEngine) -> list[list[int]]:
     ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     tokens: dict[str, list[int]] = {}
@@ -134,10 +142,7 @@ def test_logprobs_and_prompt_logprobs_under_parallelism(parallel):
               SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)]
 
     def run(**par):
-        config = resolve_engine_config(EngineConfig(**engine_kwargs, **par), CONFIG, torch.device("cpu"))
-        kwargs = dict(_kwargs(), engine_config=config)
-        executor = MultiProcExecutor(kwargs) if par else UniProcExecutor(Worker(**kwargs))
-        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_kwargs, **par), executor=executor)
+        engine = _engine(engine_kwargs, **par)
         try:
             ids = [engine.add_request(None, p, sp) for p, sp in zip(PROMPTS, params)]
             done = {}
@@ -187,10 +192,7 @@ def test_embeddings_under_parallelism_match_one_process(parallel):
     engine_kwargs = dict(ENGINE, enable_chunked_prefill=True, max_num_batched_tokens=8)
 
     def run(**par):
-        config = resolve_engine_config(EngineConfig(**engine_kwargs, **par), CONFIG, torch.device("cpu"))
-        kwargs = dict(_kwargs(), engine_config=config)
-        executor = MultiProcExecutor(kwargs) if par else UniProcExecutor(Worker(**kwargs))
-        engine = LLMEngine(None, ByteTokenizer(), CONFIG, EngineConfig(**engine_kwargs, **par), executor=executor)
+        engine = _engine(engine_kwargs, **par)
         try:
             ids = [engine.add_request(None, p, pooling_params=PoolingParams(kind))
                    for kind in ("LAST", "MEAN", "CLS") for p in PROMPTS]

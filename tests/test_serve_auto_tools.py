@@ -38,18 +38,24 @@ def test_parse_reads_the_calls_and_keeps_the_text_around_them():
     assert parse_tool_calls("<tool_call>\n{\"name\": \"add\", \"argu") == ("<tool_call>\n{\"name\": \"add\", \"argu", [])
 
 
+def fed_in_pieces(parser, text: str, rng: random.Random, longest: int) -> tuple[list[str], list[tuple]]:
+    """(content pieces, (index, call) pairs) from a streaming parser fed `text` in random pieces, then finished."""
+    content, calls, i = [], [], 0
+    events = []
+    while i < len(text):
+        n = rng.randint(1, longest)
+        events += parser.feed(text[i:i + n])
+        i += n
+    for kind, value in events + parser.finish():
+        (content.append(value) if kind == "content" else calls.append(value))
+    return content, calls
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_the_streaming_parser_agrees_with_the_whole_answer_however_it_is_cut(seed):
     rng = random.Random(seed)
     text = rng.choice([ANSWER, CALL + CALL, "a <tool_ call> b", "x<tool_call", ANSWER + "<tool_call>\n{\"na"])
-    parser, content, calls, i = StreamingToolParser(), [], [], 0
-    while i < len(text):
-        n = rng.randint(1, 6)
-        for kind, value in parser.feed(text[i:i + n]):
-            (content.append(value) if kind == "content" else calls.append(value))
-        i += n
-    for kind, value in parser.finish():
-        (content.append(value) if kind == "content" else calls.append(value))
+    content, calls = fed_in_pieces(StreamingToolParser(), text, rng, 6)
     want_content, want_calls = parse_tool_calls(text)
     assert "".join(content).strip() == (want_content or "") and [k for k, _ in calls] == list(range(len(calls)))
     assert [c["function"] for _, c in calls] == [c["function"] for c in want_calls]
@@ -219,14 +225,7 @@ def test_the_pythonic_stream_agrees_with_the_whole_answer(seed):
     from minillm.serve.pythonic_tools import StreamingPythonicParser, parse_pythonic_calls
     rng = random.Random(seed)
     text = rng.choice([PYTHONIC, "  " + PYTHONIC, "plain [text]", "[not a call", "<|python_start|>" + PYTHONIC])
-    parser, content, calls, i = StreamingPythonicParser(), [], [], 0
-    while i < len(text):
-        n = rng.randint(1, 4)
-        for kind, value in parser.feed(text[i:i + n]):
-            (content.append(value) if kind == "content" else calls.append(value))
-        i += n
-    for kind, value in parser.finish():
-        (content.append(value) if kind == "content" else calls.append(value))
+    content, calls = fed_in_pieces(StreamingPythonicParser(), text, rng, 4)
     want_content, want_calls = parse_pythonic_calls(text)
     assert ("".join(content) or None) == want_content
     assert [c["function"] for _, c in calls] == [c["function"] for c in want_calls]

@@ -90,11 +90,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         from minillm.bench.harness import to_dict
-
-        with open(args.json, "w") as f:
-            json.dump(to_dict(result), f, indent=2)
-        print(f"raw results written to {args.json}")
+        _write_json(args.json, to_dict(result))
     return 0
+
+
+def _write_json(path: str, data: dict | list) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"raw results written to {path}")
 
 
 def _check_output_file(path: str | None) -> None:
@@ -178,9 +181,7 @@ def _cmd_bench_stack(args: argparse.Namespace) -> int:
         return 2
     print(format_stack(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_dict(rows), f, indent=2)
-        print(f"raw results written to {args.json}")
+        _write_json(args.json, to_dict(rows))
     if args.plot:
         from matplotlib.figure import Figure
 
@@ -203,9 +204,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
         print(f"minillm bench latency: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_dict(result), f, indent=2)
-        print(f"raw results written to {args.json}")
+        _write_json(args.json, to_dict(result))
     return 0
 
 
