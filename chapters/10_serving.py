@@ -473,7 +473,10 @@ print("free:  ", repr(free.text), "\nforced:", repr(forced.text), forced.finish_
 # may not do is reach itself before reading a byte (`expr ::= expr "+" term`, left recursion): the closure would push
 # forever, so it is refused with the rule cycle named; write it with repetition, as above. XGrammar's *structural
 # tags* (`structural_tag=`) compile into the same grammars: free text in which a trigger such as `<function=` may
-# appear only as the start of a whole tool call, its arguments held to their JSON schema.
+# appear only as the start of a whole tool call, its arguments held to their JSON schema. That is how the server's
+# `tool_choice: "auto"` works (`minillm serve --enable-auto-tool-choice --tool-call-parser hermes`): the model
+# decides whether to call, but once it writes `<tool_call>` the call it starts is whole and valid, and the server
+# reads it out of the text as `tool_calls` (`minillm/serve/tool_parser.py`).
 
 
 # %% [markdown]
