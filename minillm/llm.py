@@ -290,13 +290,15 @@ class LLM:
         """vLLM's LLM.score with an embedding model: the cosine similarity of each pair's embeddings. One text
         against a list scores it against each; two lists of one length are scored pair by pair."""
         from minillm.outputs import ScoringOutput, ScoringRequestOutput
+        from minillm.pooling import cosine_similarity
         first, second = normalize_prompts(data_1), normalize_prompts(data_2)
         if not second or len(first) not in (1, len(second)):
             raise ValueError(f"score needs one text and a list, or two lists of one length; got {len(first)} and "
                              f"{len(second)}")
         outs = self.embed(first + second, pooling_params, use_tqdm)  # one text against many: embedded once
         lefts, rights = outs[:len(first)] * (len(second) // len(first)), outs[len(first):]
-        return [ScoringRequestOutput(b.request_id, b.prompt_token_ids, ScoringOutput(_cosine(a, b)))
+        return [ScoringRequestOutput(b.request_id, b.prompt_token_ids,
+                                     ScoringOutput(cosine_similarity(a.outputs.embedding, b.outputs.embedding)))
                 for a, b in zip(lefts, rights)]
 
     def beam_search(self, prompts: Prompt | SequenceT[Prompt], params: "BeamSearchParams",
@@ -454,11 +456,6 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[r] for r in request_ids]
-
-
-def _cosine(a: "EmbeddingRequestOutput", b: "EmbeddingRequestOutput") -> float:
-    x, y = torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding)
-    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
 def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layout: str | None,

@@ -97,6 +97,12 @@ def pool(vector: torch.Tensor, params: PoolingParams) -> list[float]:
     return vector.tolist()
 
 
+def cosine_similarity(a: list[float], b: list[float]) -> float:
+    """The cosine of the angle between two embeddings, whether or not they were normalized (LLM.score, the
+    server's /score and /rerank)."""
+    return float(torch.nn.functional.cosine_similarity(torch.tensor(a), torch.tensor(b), dim=0))
+
+
 def pool_embeddings(seqs: list, step_output, tokens: list[list[int]]) -> None:
     """After a step (before the scheduler advances num_computed_tokens): each embedding request folds in its rows
     (MEAN, CLS) and, if its prefill ended in this step (it sampled a token), keeps its embedding. LAST needs only

@@ -137,3 +137,10 @@ def test_the_servers_pooler_config_pools_every_endpoint():
     with ServerThread(app) as srv:
         last = httpx.post(srv.url + "/v1/embeddings", json={"input": "abc"}).json()["data"][0]["embedding"]
     assert not np.allclose(mean, last, atol=1e-3) and -1.0 <= scored <= 1.0 + 1e-6
+    app, _ = tiny_app(pooler_config=PoolingParams(normalize=False))  # raw vectors: a score is still their cosine
+    with ServerThread(app) as srv:
+        raw = [httpx.post(srv.url + "/v1/embeddings", json={"input": t}).json()["data"][0]["embedding"]
+               for t in ("abc", "abd")]
+        scored = httpx.post(srv.url + "/score", json={"text_1": "abc", "text_2": "abd"}).json()["data"][0]["score"]
+    assert abs(np.linalg.norm(raw[0]) - 1.0) > 1e-3
+    assert abs(scored - float(unit(raw[0]) @ unit(raw[1]))) < 1e-5

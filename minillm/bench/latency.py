@@ -1,4 +1,5 @@
-"""`minillm bench latency`: how long one batch takes from submission to its last token (vLLM's benchmark_latency).
+"""`minillm bench latency`: how long one batch takes from submission to its last token (vLLM's benchmark_latency;
+a tool beside chapter 1's `minillm bench`, built in no exercise).
 
 A throughput run (`minillm bench`) asks how many tokens per second the engine makes with every request queued
 at once; this asks the other question, the one a user waiting on one batch feels: `batch_size` prompts of

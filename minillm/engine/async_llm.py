@@ -314,11 +314,11 @@ class AsyncLLM:
             try:
                 result = call()
             except Exception as err:  # the caller's error, not the loop's
-                result, error = None, err
+                if not future.done():  # (a caller that gave up cancelled it)
+                    future.set_exception(err)
             else:
-                error = None
-            if not future.done():  # (a caller that gave up cancelled it)
-                future.set_exception(error) if error is not None else future.set_result(result)
+                if not future.done():
+                    future.set_result(result)
         changed = bool(self._pending_adds or self._pending_aborts)
         aborted = set(self._pending_aborts)
         outputs = []

@@ -6,8 +6,9 @@ and every operator and kernel launch; on a GPU every kernel too. stop_profile() 
 MINILLM_TORCH_PROFILER_DIR, else vLLM's VLLM_TORCH_PROFILER_DIR. The engine's own process writes
 `engine-<pid>-<ms>.pt.trace.json`; each worker process of a tensor / pipeline / expert-parallel engine
 `rank<r>-...` and of a disaggregated one `prefill-...` / `decode-...`, so the host's share of a step and the
-kernels' share read side by side (chapter 4 reads such a trace; issue 14's step-time breakdowns came from them).
-Profiling slows every operator a little: time a run without it.
+kernels' share read side by side (the step-time breakdowns of benchmarks/RESULTS.md came from such traces). No
+chapter builds this module; it is the tool to read the engine the chapters build. Profiling slows every operator
+a little: time a run without it.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A chat answer read for its parts: the thought (reasoning.py), the calls (tool_parser.py for Hermes' syntax,
-pythonic_tools.py for Python's), the content.
+pythonic_tools.py for Python's), the content (the server of chapter 10; built in no exercise).
 
 The reasoning parser runs first, and the tool-call parser reads only what it passes on as content, so a call
 mentioned while thinking is not made. parse_answer reads a finished answer; AnswerParser a streaming one, turning

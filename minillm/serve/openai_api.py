@@ -269,12 +269,11 @@ class OpenAIServing:
         # the engine's ids stay unique when two clients send the same request_id
         engine_base = base if request.request_id is None else f"{base}-{uuid.uuid4().hex}"
         role = answer_role(request) if chat else "assistant"
-        # the thought is split off a chat answer unless the request constrained the answer's shape itself (its
-        # JSON or regex starts at the first token: there is no thought to split); auto tools' tag leaves it free
+        # the thought is split off a chat answer unless the answer's shape is constrained from its first token (a
+        # schema, a regex, a forced call: there is no thought to split); auto tools' tag leaves the text free
         mode = tool_mode(request)
-        forced = mode is not None and mode[0] != "auto"
-        shaped = structured_outputs_of(request)[1] not in (None, "tool_choice")
-        reasoning = self.reasoning_parser if chat and not forced and not shaped else None
+        shaped = params[0].structured_outputs is not None and (mode is None or mode[0] != "auto")
+        reasoning = self.reasoning_parser if chat and not shaped else None
         choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only,
                            role=role, as_ids=request.return_tokens_as_token_ids, tool=mode,
                            reasoning=reasoning, include_reasoning=getattr(request, "include_reasoning", True))

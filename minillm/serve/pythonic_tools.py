@@ -1,5 +1,5 @@
-"""The "pythonic" tool-call syntax (Llama 3.2 and 4, ...; vLLM's --tool-call-parser pythonic): an answer that is a
-Python list of calls,
+"""The "pythonic" tool-call syntax (Llama 3.2 and 4, ...; vLLM's --tool-call-parser pythonic; a server option of
+chapter 10's): an answer that is a Python list of calls,
 
     [get_weather(city="Lima"), add(a=1, b=2)]
 

@@ -1,4 +1,5 @@
-"""Reasoning outputs: a thinking model's `<think> ... </think>` apart from its answer (vLLM's --reasoning-parser).
+"""Reasoning outputs: a thinking model's `<think> ... </think>` apart from its answer (vLLM's --reasoning-parser;
+a server option of chapter 10's, built in no exercise).
 
 Reasoning models (DeepSeek-R1, Qwen3, SmolLM3, ...) write their chain of thought before the answer, between
 `<think>` and `</think>`. A server that knows the model's convention returns the thought as the message's
@@ -15,7 +16,7 @@ tool-call parser: calls are read from the content only.
 """
 from __future__ import annotations
 
-from minillm.serve.markers import partial_suffix
+from minillm.engine.detokenizer import stream_safe_length
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 THINK, END_THINK = "<think>", "</think>"
@@ -62,8 +63,7 @@ class StreamingReasoningParser:
         if self._state == "thinking":
             end = self._pending.find(END_THINK)
             if end < 0:
-                keep = partial_suffix(self._pending, END_THINK)
-                cut = len(self._pending) - keep
+                cut = stream_safe_length(self._pending, [END_THINK])  # a possible start of END_THINK waits
                 if cut:
                     events.append(("reasoning", self._pending[:cut]))
                 self._pending = self._pending[cut:]

@@ -5,8 +5,8 @@
     /rerank  {"query": "query", "documents": [...], "top_n": n}     (Jina's and Cohere's shape)
              -> {"results": [{"index": i, "document": {"text": ...}, "relevance_score": s}, ...], "usage": ...}
 
-A score is the cosine similarity of two texts' embeddings (pooled as the server's --pooler-config says, then
-normalized, so the score is their dot product): vLLM's scoring for embedding models. A cross-encoder, which reads
+A score is the cosine similarity of two texts' embeddings (pooled as the server's --pooler-config says):
+vLLM's scoring for embedding models. A cross-encoder, which reads
 query and document together through one forward, would score them jointly; minillm serves decoders, not those.
 /score pairs one text_1 with every text_2, or two lists of one length pair by pair; each distinct text is
 embedded once. /rerank returns the documents best first, the `top_n` best (0 or absent: all). Also mounted at
@@ -19,9 +19,9 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from minillm.pooling import cosine_similarity
 from minillm.serve.embeddings import check_truncation, embed_prompts, pooling_params
 from minillm.serve.protocol import MAX_CHOICES, ApiError
 
@@ -57,9 +57,9 @@ async def _similarities(serving: Any, request_model: str | None, firsts: list[st
     prompts = await asyncio.to_thread(lambda: [serving.checked_prompt(t, fields[t not in known], keep=keep)
                                                for t in texts])
     vectors = await embed_prompts(serving, prompts, params, lora, f"score-{uuid.uuid4().hex}")
-    by_text = dict(zip(texts, (np.asarray(v, dtype=np.float64) for v in vectors)))
+    by_text = dict(zip(texts, vectors))
     pairs = zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds)
-    return lora, [float(by_text[a] @ by_text[b]) for a, b in pairs], sum(len(ids) for _, ids in prompts)
+    return lora, [cosine_similarity(by_text[a], by_text[b]) for a, b in pairs], sum(len(ids) for _, ids in prompts)
 
 
 def _count(texts: list[str], param: str) -> None:

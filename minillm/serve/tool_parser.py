@@ -24,7 +24,7 @@ import re
 import uuid
 from typing import Any
 
-from minillm.serve.markers import partial_suffix
+from minillm.engine.detokenizer import stream_safe_length
 
 TOOL_CALL_PARSERS = ("hermes", "pythonic")  # pythonic: minillm/serve/pythonic_tools.py
 BEGIN, END = "<tool_call>", "</tool_call>"
@@ -86,10 +86,10 @@ class StreamingToolParser:
         while True:
             start = self._pending.find(BEGIN)
             if start < 0:  # no call begins: send all but a tail that may be BEGIN's start
-                keep = partial_suffix(self._pending, BEGIN)
-                if len(self._pending) > keep:
-                    events.append(("content", self._pending[:len(self._pending) - keep]))
-                    self._pending = self._pending[len(self._pending) - keep:]
+                cut = stream_safe_length(self._pending, [BEGIN])  # (as a stream holds back a stop string's start)
+                if cut:
+                    events.append(("content", self._pending[:cut]))
+                    self._pending = self._pending[cut:]
                 return events
             if start:
                 events.append(("content", self._pending[:start]))
