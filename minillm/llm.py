@@ -30,6 +30,7 @@ the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence as SequenceT
 
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from minillm.outputs import EmbeddingRequestOutput, ScoringRequestOutput
     from minillm.pooling import PoolingParams
     from minillm.beam_search import BeamSearchOutput, BeamSearchParams
+
+logger = logging.getLogger(__name__)
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
 _LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
@@ -125,7 +128,7 @@ class LLM:
         else:  # load under the overrides too: some exercises run while weights load (the TP split, dequantizers)
             with overriding(self.overrides):
                 executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
-                                                  LoadedWeights(weights), seed))
+                                                  LoadedWeights(weights, path), seed))
         try:  # sizing and allocating the KV cache can still fail (too little memory for one block)
             self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
                                         dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
@@ -384,23 +387,33 @@ class LLM:
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[int]:
         """New values for the model's weights, in place, as an RL trainer sends a policy update (what vLLM users
-        do through collective_rpc and the model's load_weights): HF-named full tensors, any subset of them, each
-        rank keeping its shard (Worker.update_weights), then reset_prefix_cache, since every cached K/V was
-        computed with the old weights. Between requests only, on dense weights and without an fp8 KV cache (its
-        scales were calibrated on the old weights). Returns how many tensors each worker loaded (a pipeline
-        stage loads only its own layers'), in rank order."""
-        engine = self.llm_engine
-        if engine.has_unfinished_requests():
-            raise RuntimeError(f"update_weights while {engine.get_num_unfinished_requests()} request(s) run would "
-                               f"mix two models in their outputs: call it between requests")
-        kv_dtype = engine.engine_config.kv_cache_dtype
-        if kv_dtype not in (None, "auto"):
-            raise ValueError(f"update_weights with kv_cache_dtype={kv_dtype!r}: its scales were calibrated on the "
-                             f"loaded weights; build a new LLM for the new ones")
-        weights = [(name, tensor.detach()) for name, tensor in weights]  # (sent whole to worker processes)
-        loaded = engine.collective_rpc("update_weights", (weights,))
-        engine.reset_prefix_cache()
-        return loaded
+        do through collective_rpc and the model's load_weights): HF-named full tensors, any subset of them (all
+        after sleep(level=2)), each rank keeping its shard (Worker.update_weights), then reset_prefix_cache, since
+        every cached K/V was computed with the old weights. Between requests only, on dense weights and without
+        an fp8 KV cache (its scales were calibrated on the loaded weights). Returns how many tensors each worker
+        loaded (a pipeline stage loads only its own layers'), in rank order."""
+        return self.llm_engine.update_weights(weights)
+
+    def reload_weights(self) -> list[int]:
+        """Read the weights again from the model's checkpoint, in place (vLLM's collective_rpc("reload_weights")):
+        after sleep(level=2), or to undo update_weights. Tensors copied per worker, in rank order."""
+        return self.llm_engine.reload_weights()
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode: give the device's memory back until wake_up (minillm/engine/sleep_mode.py). Level 1
+        keeps the weights in host memory, level 2 drops them (update_weights or reload_weights after wake_up);
+        the KV cache and the prefix cache are dropped at both. Between requests only."""
+        reports = self.llm_engine.sleep(level)
+        logger.info("sleep(level=%d): %.2f GiB of device memory given back, %.2f GiB kept in host memory", level,
+                    sum(r.freed_bytes for r in reports) / 2**30, sum(r.host_bytes for r in reports) / 2**30)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory back: tags "weights" and/or "kv_cache" (None: both); the CUDA graphs are captured again
+        when the last one wakes."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
 
     def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's LLM.start_profile: record torch.profiler traces of the engine and its workers until

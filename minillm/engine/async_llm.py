@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.outputs import RequestOutput
 from minillm.sampling_params import SamplingParams
 
@@ -193,6 +194,7 @@ class AsyncLLM:
         instead of sampling_params): an embedding request, its one output's `embedding` the vector."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
+        self.engine.check_awake()  # (and on the loop again: a sleep queued before this add is applied first)
         if pooling_params is not None:
             sampling_params = self.engine.embedding_sampling_params(pooling_params, sampling_params)
         if sampling_params is None:
@@ -253,6 +255,23 @@ class AsyncLLM:
     async def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict | None = None) -> list:
         """vLLM's: LLMEngine.collective_rpc on every worker, between two steps."""
         return await self.between_steps(lambda: self.engine.collective_rpc(method, args, kwargs))
+
+    async def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (LLMEngine.sleep), between two steps; refused while requests run."""
+        await self.between_steps(lambda: self.engine.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self.between_steps(lambda: self.engine.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
+    async def update_weights(self, weights: Any) -> list[int]:
+        """LLMEngine.update_weights between two steps (refused while requests run)."""
+        return await self.between_steps(lambda: self.engine.update_weights(weights))
+
+    async def reload_weights(self) -> list[int]:
+        return await self.between_steps(self.engine.reload_weights)
 
     async def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's: torch.profiler traces of the engine and its workers until stop_profile (engine/profiler.py)."""
@@ -329,7 +348,7 @@ class AsyncLLM:
                 self.engine.add_request(request_id, prompt, None if pooling is not None else params,
                                         arrival_time=arrival, prompt_token_ids=token_ids if isinstance(prompt, str)
                                         else None, lora_request=lora_request, pooling_params=pooling)
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, EngineSleepingError) as err:
                 self._finish_stream(request_id, err)
         self._pending_aborts.clear()
         for request_id in aborted:

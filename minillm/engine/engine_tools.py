@@ -1,11 +1,12 @@
 """What vLLM's engine offers besides serving requests, a mixin of LLMEngine: run code on every worker
-(collective_rpc, which LLM.update_weights uses to hand new weights to every rank), forget the prefix cache, and
-record profiler traces of the engine and its workers (minillm/engine/profiler.py).
+(collective_rpc), hand new weights to every rank (update_weights, reload_weights), give the device's memory back
+between bursts of work (sleep / wake_up: minillm/engine/sleep_mode.py), forget the prefix cache, and record
+profiler traces of the engine and its workers (minillm/engine/profiler.py).
 
 The workers are in this process (UniProcExecutor: `executor.driver_worker`) or in processes of their own (tensor,
 pipeline and expert parallelism: `executor.collective_rpc`; the disaggregated engine overrides _on_workers for its
 prefill and decode workers). Each call runs between steps: the caller owns the engine loop (AsyncLLM runs them
-through between_steps). No chapter builds these; chapter 10's server mounts reset_prefix_cache and the profiler.
+through between_steps). No chapter builds these; chapter 10's server mounts reset_prefix_cache, sleep mode and the profiler.
 """
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from typing import Any, Callable
 
 from minillm.engine.executor import call_worker
 from minillm.engine.profiler import TraceRecorder, profiler_dir
+from minillm.engine.sleep_mode import (SLEEP_TAGS, EngineSleepingError, SleepReport, check_sleep_level,
+                                       check_wake_tags)
 from minillm.engine.worker import Worker
 
 
 class EngineTools:
-    """LLMEngine's collective_rpc, reset_prefix_cache and start_profile / stop_profile (a mixin: it reads the
-    engine's executor and scheduler)."""
+    """LLMEngine's collective_rpc, update_weights / reload_weights, sleep / wake_up, reset_prefix_cache and
+    start_profile / stop_profile (a mixin: it reads the engine's executor and scheduler)."""
+
+    _asleep: frozenset = frozenset()  # the tags (SLEEP_TAGS) whose memory sleep gave back and no wake_up took again
+    _weights_discarded = False  # sleep(level=2): no step until update_weights or reload_weights loads them all
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every cached prefix block, so that no later request reuses K/V computed before (new
@@ -45,6 +51,80 @@ class EngineTools:
     def _workers_elsewhere(self) -> bool:
         """Whether the workers run in processes of their own (tensor / pipeline / expert parallelism)."""
         return hasattr(self.executor, "collective_rpc")
+
+    # -- new weights -------------------------------------------------------------------------------------------
+    def update_weights(self, weights) -> list[int]:
+        """New values for the model's weights, in place, as an RL trainer sends a policy update: HF-named full
+        tensors, any subset of them (all of them after sleep(level=2)), each rank keeping its shard
+        (Worker.update_weights); then reset_prefix_cache, since every cached K/V came from the old weights.
+        Between requests, on dense weights, without an fp8 KV cache. How many tensors each worker loaded (a
+        pipeline stage only its own layers'), in rank order."""
+        weights = [(name, tensor.detach()) for name, tensor in weights]  # (sent whole to worker processes)
+        return self._new_weights("update_weights", (weights,))
+
+    def reload_weights(self) -> list[int]:
+        """vLLM's: every worker loads the weights again from the model's checkpoint (Worker.reload_weights), e.g.
+        after sleep(level=2); then reset_prefix_cache. How many tensors each worker copied, in rank order."""
+        return self._new_weights("reload_weights", ())
+
+    def _new_weights(self, method: str, args: tuple) -> list[int]:
+        self._check_idle(method)
+        loaded = self._on_workers(call_worker, method, args, {})
+        self._weights_discarded = False
+        self.reset_prefix_cache()
+        return loaded
+
+    def _check_idle(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"{what} while {self.get_num_unfinished_requests()} request(s) run would change "
+                               f"their model (or memory) under them: call it between requests")
+
+    # -- sleep mode ---------------------------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> list[SleepReport]:
+        """vLLM's: give the device's memory back between bursts of work (minillm/engine/sleep_mode.py). Level 1
+        keeps the weights in host memory and drops the KV pool; level 2 drops both (reload them after wake_up).
+        The prefix cache is reset (its blocks go with the pool). Between requests only; requests are refused
+        (EngineSleepingError) until wake_up. What each worker freed, in rank order."""
+        check_sleep_level(level)
+        if self._asleep:
+            raise RuntimeError(f"the engine sleeps already ({', '.join(sorted(self._asleep))}): wake_up() first")
+        self._check_idle("sleep")
+        speculative = getattr(self, "speculative", None)
+        if speculative is not None and speculative.holds_models():
+            raise ValueError(f"sleep mode does not cover speculative decoding's {speculative.config.method!r} "
+                             f"proposer (its own model, heads and graphs); n-gram and lookahead speculation sleep "
+                             f"with the engine")
+        self.reset_prefix_cache()
+        self._asleep = frozenset(SLEEP_TAGS)
+        try:
+            reports = self._on_workers(call_worker, "sleep", (level,), {})
+        except BaseException:
+            self.wake_up()  # whichever workers slept wake again: the engine stays usable
+            raise
+        self._weights_discarded = self._weights_discarded or level == 2
+        return reports
+
+    def wake_up(self, tags=None) -> None:
+        """vLLM's: take the memory of `tags` ("weights", "kv_cache"; None: both) again. An RL loop wakes the
+        weights, loads the new ones (update_weights), then wakes the KV cache, so the two never peak together.
+        The CUDA graphs are captured again when the last tag wakes."""
+        tags = check_wake_tags(tags)
+        self._on_workers(call_worker, "wake_up", (tags,), {})
+        self._asleep = self._asleep - set(tags)
+
+    def is_sleeping(self) -> bool:
+        """Whether any of the engine's memory sleeps (vLLM's is_sleeping)."""
+        return bool(self._asleep)
+
+    def check_awake(self) -> None:
+        """Raise EngineSleepingError unless a request can run now: nothing sleeps, and weights dropped by
+        sleep(level=2) were loaded again."""
+        if self._asleep:
+            raise EngineSleepingError(f"the engine is asleep ({', '.join(sorted(self._asleep))}): wake_up() "
+                                      f"before sending requests")
+        if self._weights_discarded:
+            raise EngineSleepingError("sleep(level=2) dropped the weights: load them with update_weights (all of "
+                                      "them) or reload_weights before sending requests")
 
     def start_profile(self, profile_dir: str | None = None) -> None:
         """vLLM's: record a torch.profiler trace of this process and of every worker process until stop_profile

@@ -111,6 +111,17 @@ class LaunchSetup:
             self._capture(prompts)
             self.prompt_graphs = prompts
 
+    def release_graphs(self) -> bool:
+        """Drop every captured graph, and with them their memory pool and the addresses they recorded (sleep mode,
+        engine/sleep_mode.py, is about to move the weights and the KV pool). Steps run eagerly until configure()
+        captures them again. True when there were graphs to drop."""
+        graphs = (self.cuda_graphs, self.piecewise_graphs, self.prompt_graphs, self.lora_graphs,
+                  self.lora_piecewise_graphs)
+        self.cuda_graphs = self.piecewise_graphs = self.prompt_graphs = None
+        self.lora_graphs = self.lora_piecewise_graphs = None
+        self._graph_sampled = self._last_sampled = self._pre_norm = None  # tensors in the graphs' pool
+        return any(g is not None for g in graphs)
+
     def _capture(self, graphs: Any) -> None:
         """graphs.capture(), with the flag that lets the pre-norm hook record its copy into the static buffer."""
         with torch.inference_mode():

@@ -173,7 +173,9 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         and one assigned after this call does not reach the queued request. `lora_request` (a LoRARequest; needs
         enable_lora=True) runs the request with that adapter, which is read and checked here. `pooling_params` (a
         minillm.pooling.PoolingParams, without sampling_params) makes it an embedding request: its prefill only,
-        its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py)."""
+        its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py). A sleeping engine
+        (sleep mode) raises EngineSleepingError."""
+        self.check_awake()
         if pooling_params is not None:
             sampling_params = self.embedding_sampling_params(pooling_params, sampling_params)
         if sampling_params is None:

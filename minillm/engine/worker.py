@@ -29,7 +29,10 @@ from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.cache_config import CacheConfig
 from minillm.engine.kv_cache import num_device_blocks
 from minillm.engine.model_runner import ModelRunner
+from minillm.engine.sleep_mode import (SLEEP_TAGS, SleepingTensors, SleepReport, check_sleep_level, check_wake_tags,
+                                       give_back_device_memory)
 from minillm.engine.step_input import StepInput, StepOutput
+from minillm.layers.cpu_matmul import clear_cpu_matmul_cache
 from minillm.parallel.runner import ParallelModelRunner, StageForProfiling
 from minillm.parallel.weights import rank_model_config
 
@@ -104,13 +107,22 @@ class RandomWeights:
 
 
 class LoadedWeights:
-    """Weights already opened in this process (LLM reads the file once for the config, tokenizer and these)."""
+    """Weights already opened in this process (LLM reads the file once for the config, tokenizer and these). An
+    iterator of them is used up by the first build; a later one (Worker.reload_weights) reads `path` again."""
 
-    def __init__(self, weights) -> None:
-        self.weights = weights
+    def __init__(self, weights, path: str | None = None) -> None:
+        self.weights, self.path = weights, path
 
     def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return build_model(model_config, self.weights, device, dtype)
+        weights = self.weights
+        if weights is None:
+            if self.path is None:
+                raise ValueError("these weights were an iterator, read by the first build; give LoadedWeights the "
+                                 "checkpoint's path to read them again")
+            return CheckpointSource(self.path)(model_config, device, dtype)
+        if iter(weights) is weights:  # an iterator: used up below
+            self.weights = None
+        return build_model(model_config, weights, device, dtype)
 
     def __reduce__(self):
         raise TypeError("LoadedWeights live in this process; a worker in another process needs CheckpointSource")
@@ -143,6 +155,9 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.lora = None  # minillm.lora.layers.LoRAWeights when enable_lora: the adapter slots on every layer
         self._tracer = None  # a worker process's TraceRecorder while start_profile records (engine/profiler.py)
+        self._sleeping = SleepingTensors()  # what sleep() freed, by tag (engine/sleep_mode.py)
+        self._recapture_graphs = False  # sleep() dropped CUDA graphs: the last wake_up captures them again
+        self.weights_discarded = False  # sleep(level=2) dropped the weights: a full load must come before a step
 
     def load_model(self) -> None:
         model = self.model_source(self.model_config, self.device, self.dtype)
@@ -207,21 +222,84 @@ class Worker:
         """Copy new values into this rank's weights in place (HF names, full tensors: each rank keeps its shard),
         so every buffer, CUDA graph and KV pool that reads them stays valid: how an RL trainer hands a policy
         update to the engine (LLM.update_weights). Only dense weights: a quantized layer's codes came from the
-        old values. Returns how many tensors were loaded."""
-        from minillm.layers.cpu_matmul import clear_cpu_matmul_cache
+        old values. Any subset of the weights, except after sleep(level=2) dropped them: then all of them.
+        Returns how many tensors were loaded."""
+        self._check_reloadable("update_weights")
+        with torch.no_grad():
+            loaded = self.model.load_weights(weights, strict=self.weights_discarded)
+        self.weights_discarded = False
+        clear_cpu_matmul_cache()  # the CPU's re-laid-out weight copies (layers/cpu_matmul.py) are stale now
+        return loaded
+
+    def reload_weights(self) -> int:
+        """Load the weights again from this worker's ModelSource, in place (vLLM's reload_weights: after
+        sleep(level=2), or to undo update_weights). The source builds a second model in host memory, whose
+        tensors are copied over; a PrebuiltModel has no source to read. Returns how many tensors were copied."""
+        self._check_reloadable("reload_weights")
+        fresh = self.model_source(self.model_config, torch.device("cpu"), self.dtype)
+        if fresh is self.model:
+            raise ValueError("reload_weights: this model was handed over built (PrebuiltModel), so there is no "
+                             "checkpoint to read again; use update_weights")
+        ours = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in fresh.named_parameters():
+                ours[name].copy_(tensor)
+        clear_cpu_matmul_cache()
+        self.weights_discarded = False
+        return len(ours)
+
+    def _check_reloadable(self, what: str) -> None:
+        """New weights can be copied in place: loaded, awake, dense (a quantized layer's codes and an fp8 KV
+        cache's scales were computed from the values loaded first)."""
         from minillm.quant.base import UnquantizedLinearMethod
         if self.model is None:
-            raise RuntimeError("load_model() before update_weights()")
+            raise RuntimeError(f"load_model() before {what}()")
+        if self._sleeping.is_asleep("weights"):
+            raise RuntimeError(f"{what} while the weights sleep: wake_up(tags=['weights']) first")
         quantized = sorted({type(m.quant_method).__name__ for m in self.model.modules()
                             if getattr(m, "quant_method", None) is not None
                             and not isinstance(m.quant_method, UnquantizedLinearMethod)})
         if quantized:
-            raise ValueError(f"update_weights needs dense weights; this model's layers are quantized ("
+            raise ValueError(f"{what} needs dense weights; this model's layers are quantized ("
                              f"{', '.join(quantized)}): load the new checkpoint into a new LLM")
-        with torch.no_grad():
-            loaded = self.model.load_weights(weights, strict=False)
-        clear_cpu_matmul_cache()  # the CPU's re-laid-out weight copies (layers/cpu_matmul.py) are stale now
-        return loaded
+        if self.engine_config.kv_cache_dtype not in (None, "auto"):
+            raise ValueError(f"{what} with kv_cache_dtype={self.engine_config.kv_cache_dtype!r}: its scales were "
+                             f"calibrated on the loaded weights; build a new LLM for new ones")
+
+    # -- sleep mode (engine/sleep_mode.py) ---------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Give this worker's device memory back: the KV pool dropped, the weights kept in host memory (level 1)
+        or their parameters dropped (level 2: dense weights only, reloaded after wake_up), the CUDA graphs
+        dropped. Between requests only (the engine checks)."""
+        check_sleep_level(level)
+        if self.runner is None:
+            raise RuntimeError("initialize_cache() before sleep()")
+        if any(self._sleeping.is_asleep(tag) for tag in SLEEP_TAGS):
+            raise RuntimeError("this worker sleeps already: wake_up() first")
+        if level == 2:
+            self._check_reloadable("sleep(level=2)")
+        clear_cpu_matmul_cache()  # derived copies of the weights
+        self._recapture_graphs = self.runner.release_graphs() or self._recapture_graphs
+        kv = self.runner.kv_cache.storage
+        params = list(self.model.parameters())
+        others = [t for m in self.model.modules() for t in (*m.buffers(recurse=False), *vars(m).values())
+                  if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()]
+        lora = [] if self.lora is None else [t for s in self.lora.layers.values() for t in (s.a, s.b)]
+        weights = self._sleeping.put_to_sleep("weights", [*others, *lora, *(params if level == 1 else ())],
+                                              drop=params if level == 2 else ())
+        cache = self._sleeping.put_to_sleep("kv_cache", (), drop=[kv])
+        self.weights_discarded = self.weights_discarded or level == 2
+        give_back_device_memory(self.device)
+        return SleepReport(weights.freed_bytes + cache.freed_bytes, weights.host_bytes)
+
+    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
+        """Take the memory of `tags` ("weights", "kv_cache"; None: both) again; once nothing sleeps, capture the
+        CUDA graphs sleep dropped."""
+        for tag in check_wake_tags(tags):
+            self._sleeping.wake(tag)
+        if self._recapture_graphs and not any(self._sleeping.is_asleep(tag) for tag in SLEEP_TAGS):
+            self._recapture_graphs = False
+            self.runner.configure(self.runner.engine_config)
 
     def start_profile(self, directory: str, name: str | None = None) -> None:
         """Record this worker process's operators and kernels until stop_profile (minillm/engine/profiler.py);

@@ -42,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError, EngineSnapshot
+from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.pooling import PoolingParams
 from minillm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from minillm.serve.openai_api import OpenAIServing
@@ -72,7 +73,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     starts (serving_models.py). `allow_runtime_lora_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING; needs
     enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs.
     `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized).
-    `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache.
+    `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache, and
+    sleep mode's POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache], GET /is_sleeping.
     `profile_dir` (vLLM's VLLM_TORCH_PROFILER_DIR) mounts POST /start_profile and /stop_profile, which record
     torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
     --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py).
@@ -146,7 +148,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
                                        "invalid_request_error"), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(EngineDeadError)
-    async def engine_gone(request: Request, err: EngineDeadError) -> JSONResponse:
+    @app.exception_handler(EngineSleepingError)  # sleep mode: retry once the engine is awake
+    async def engine_gone(request: Request, err: RuntimeError) -> JSONResponse:
         return JSONResponse(error_body(str(err), "service_unavailable", code=503), status_code=503)
 
     @app.exception_handler(Exception)
@@ -213,6 +216,30 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
             if not await llm.reset_prefix_cache():
                 raise ApiError(400, "this server caches no prefixes (start it with --enable-prefix-caching)")
             return Response(status_code=200)
+
+        @app.post("/sleep")  # vLLM's sleep mode (engine/sleep_mode.py): the device's memory given back
+        async def sleep(request: Request) -> Response:
+            level = request.query_params.get("level", "1")
+            try:
+                await llm.sleep(int(level) if level.isdigit() else level)
+            except ValueError as err:  # a bad level; speculative decoding
+                raise ApiError(400, str(err), param="level") from None
+            except RuntimeError as err:  # requests running, asleep already: the server's state, not the request
+                raise ApiError(409, str(err), code=409) from None
+            return Response(status_code=200)
+
+        @app.post("/wake_up")
+        async def wake_up(request: Request) -> Response:
+            tags = request.query_params.getlist("tags") or None
+            try:
+                await llm.wake_up(tags)
+            except ValueError as err:
+                raise ApiError(400, str(err), param="tags") from None
+            return Response(status_code=200)
+
+        @get("/is_sleeping")
+        async def is_sleeping() -> dict:
+            return {"is_sleeping": await llm.is_sleeping()}
 
     if profile_dir is not None:
         @app.post("/start_profile")  # vLLM's, with a profiler directory: traces of the engine at work

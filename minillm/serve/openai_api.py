@@ -33,6 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
+from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.engine.detokenizer import decode_text
 from minillm.lora.request import LoRARequest
 from minillm.outputs import Logprob, RequestOutput
@@ -405,7 +406,7 @@ class OpenAIServing:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
                                   "usage": _usage(num_prompt_tokens, choices)})
-        except EngineDeadError as err:
+        except (EngineDeadError, EngineSleepingError) as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
         except Exception as err:  # the headers are sent: the error can only travel as an event
             logger.exception("stream %s failed", head["id"])

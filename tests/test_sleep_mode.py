@@ -1,0 +1,191 @@
+"""Sleep mode, vLLM's (minillm/engine/sleep_mode.py): sleep gives the weights' and the KV pool's memory back,
+wake_up takes it again, and the engine then generates what it generated before (level 1) or what its reloaded or
+updated weights generate (level 2); requests are refused while it sleeps; in one process, under tensor and
+pipeline parallelism, disaggregated, and through the server's dev-mode endpoints."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from minillm.engine.sleep_mode import EngineSleepingError, SleepingTensors
+from minillm.llm import LLM
+from minillm.sampling_params import SamplingParams
+from test_update_weights import GREEDY, OPTIONS, PROMPTS, checkpoints, generate  # noqa: F401  (fixture)
+
+
+def _device_bytes(llm: LLM) -> int:
+    """Bytes the in-process worker's weights and KV pool hold now."""
+    worker = llm.llm_engine.executor.driver_worker
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*worker.model.parameters(), worker.runner.kv_cache.storage)}
+    return sum(storages.values())
+
+
+def test_sleeping_tensors_keep_or_drop_each_storage_once():
+    a = torch.arange(6.0)
+    tied, view, dropped = a, a[2:4], torch.ones(3)
+    sleeping = SleepingTensors()
+    report = sleeping.put_to_sleep("weights", [tied, view], drop=[dropped, a])  # `a` is kept: keep wins
+    assert report == (24 + 12, 24)
+    assert a.untyped_storage().nbytes() == 0 and dropped.untyped_storage().nbytes() == 0
+    with pytest.raises(RuntimeError, match="asleep already"):
+        sleeping.put_to_sleep("weights", [a])
+    sleeping.wake("weights")
+    assert torch.equal(a, torch.arange(6.0)) and torch.equal(view, torch.tensor([2.0, 3.0]))
+    assert torch.equal(dropped, torch.zeros(3))  # dropped: zeros, to be loaded
+
+
+def test_level_1_gives_the_memory_back_and_wakes_to_the_same_outputs(checkpoints):
+    old, _, _ = checkpoints
+    llm = LLM(old, **OPTIONS)
+    want = generate(llm)
+    held = _device_bytes(llm)
+    llm.sleep(level=1)
+    assert llm.is_sleeping() and _device_bytes(llm) == 0
+    assert llm.llm_engine.scheduler.block_manager.prefix_cache.entries() == {}  # its blocks went with the pool
+    with pytest.raises(EngineSleepingError, match=r"asleep \(kv_cache, weights\)"):
+        llm.generate(PROMPTS, GREEDY)
+    with pytest.raises(RuntimeError, match="sleeps already"):
+        llm.sleep()
+    llm.wake_up(["weights"])  # in stages, as an RL loop does
+    assert llm.is_sleeping() and 0 < _device_bytes(llm) < held
+    with pytest.raises(EngineSleepingError, match=r"asleep \(kv_cache\)"):
+        llm.generate(PROMPTS, GREEDY)
+    llm.wake_up(["kv_cache"])
+    assert not llm.is_sleeping() and _device_bytes(llm) == held
+    assert generate(llm) == want
+
+
+def test_level_2_drops_the_weights_until_they_are_loaded(checkpoints):
+    old, new, weights = checkpoints
+    llm = LLM(old, **OPTIONS)
+    want = generate(llm)
+    llm.sleep(level=2)
+    llm.wake_up()
+    with pytest.raises(EngineSleepingError, match="reload_weights"):
+        llm.generate(PROMPTS, GREEDY)
+    assert llm.reload_weights() == [len(list(llm.llm_engine.executor.driver_worker.model.parameters()))]
+    assert generate(llm) == want
+    # the RL loop: drop, wake the weights, send the trainer's (all of them), wake the KV pool
+    llm.sleep(level=2)
+    llm.wake_up(["weights"])
+    with pytest.raises(ValueError, match="missing"):  # a subset would leave zeros: refused after level 2
+        llm.update_weights(weights[:3])
+    llm.wake_up(["kv_cache"])
+    with pytest.raises(EngineSleepingError):  # still: the failed update loaded only three tensors
+        llm.generate(PROMPTS, GREEDY)
+    llm.update_weights(weights)
+    assert generate(llm) == generate(LLM(new, **OPTIONS))
+
+
+def test_bad_calls_are_refused_and_leave_the_engine_usable(checkpoints):
+    old, _, weights = checkpoints
+    llm = LLM(old, **OPTIONS)
+    for level in (0, 3, "1", True, None):
+        with pytest.raises(ValueError, match="sleep level must be 1"):
+            llm.sleep(level)
+    for tags in ([], ["weights", "kv"], "gpu"):
+        with pytest.raises(ValueError, match="wake_up tags must be"):
+            llm.wake_up(tags)
+    llm.llm_engine.add_request("running", PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="1 request.*between requests"):
+        llm.sleep()
+    llm.llm_engine.abort("running")
+    llm.sleep()
+    with pytest.raises(RuntimeError, match="while the weights sleep"):
+        llm.update_weights(weights)
+    llm.wake_up()
+    assert not llm.is_sleeping()
+    llm.wake_up()  # awake already: nothing to do
+    with pytest.raises(ValueError, match="dense weights"):
+        LLM(old, quantization="int8", **OPTIONS).sleep(level=2)
+    drafted = LLM(old, speculative_config={"method": "draft_model", "draft_num_layers": 1,
+                                           "num_speculative_tokens": 2}, **OPTIONS)
+    with pytest.raises(ValueError, match="'draft_model' proposer"):
+        drafted.sleep()
+    assert not drafted.is_sleeping() and generate(drafted) == generate(llm)
+    ngram = LLM(old, speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **OPTIONS)
+    ngram.sleep()  # n-gram drafts need nothing on the device: the verify steps are the target's
+    ngram.wake_up()
+    assert generate(ngram) == generate(llm)
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                      {"disaggregation": {}}], ids=["tp2", "pp2", "disagg"])
+def test_every_worker_process_sleeps_and_wakes(checkpoints, parallel):
+    old, _, _ = checkpoints
+    want = generate(LLM(old, **OPTIONS))
+    llm = LLM(old, **OPTIONS, **parallel)
+    try:
+        reports = llm.llm_engine.sleep(level=1)
+        assert len(reports) == 2 and all(r.freed_bytes > r.host_bytes > 0 for r in reports)
+        llm.wake_up()
+        assert generate(llm) == want
+        llm.sleep(level=2)
+        llm.wake_up()
+        assert llm.reload_weights()  # each worker reads the checkpoint again
+        assert generate(llm) == want
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_the_servers_sleep_endpoints():
+    import httpx  # (the server's packages: imported here, so that the GPU machine's image collects this file)
+    from minillm.serve.server import ServerThread
+    from serve_tiny import tiny_app, tiny_engine
+    app, _ = tiny_app(tiny_engine(enable_prefix_caching=True), dev_mode=True)
+    body = {"model": "tiny-random", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+    with ServerThread(app) as srv:
+        want = httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        assert httpx.post(srv.url + "/sleep", params={"level": 3}).status_code == 400
+        assert httpx.post(srv.url + "/sleep", params={"level": 2}).status_code == 200
+        assert httpx.get(srv.url + "/is_sleeping").json() == {"is_sleeping": True}
+        refused = httpx.post(srv.url + "/v1/completions", json=body)
+        assert refused.status_code == 503 and "asleep" in refused.json()["error"]["message"]
+        assert httpx.post(srv.url + "/sleep").status_code == 409  # asleep already
+        assert httpx.post(srv.url + "/wake_up", params={"tags": "gpu"}).status_code == 400
+        assert httpx.post(srv.url + "/wake_up", params=[("tags", "weights"), ("tags", "kv_cache")]).status_code == 200
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 503  # level 2: weights to load
+        assert httpx.get(srv.url + "/is_sleeping").json() == {"is_sleeping": False}
+    app, llm = tiny_app(tiny_engine(enable_prefix_caching=True), dev_mode=True)
+
+    async def reload_and_generate() -> str:  # (RandomWeights draws the same weights again)
+        await llm.start()
+        try:
+            await llm.sleep(2)
+            await llm.wake_up()
+            await llm.reload_weights()
+            out = None
+            async for out in llm.generate("hello", SamplingParams(temperature=0, max_tokens=4)):
+                pass
+            return out.outputs[0].text
+        finally:
+            await llm.shutdown()
+    assert asyncio.run(reload_and_generate()) == want
+    app, _ = tiny_app(tiny_engine())
+    with ServerThread(app) as srv:
+        assert httpx.post(srv.url + "/sleep").status_code == 404  # dev mode only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sleep_frees_device_memory_and_recaptures_the_graphs(checkpoints):
+    """On CUDA (bf16, CUDA graphs): level 1 hands the weights' and the pool's bytes back to the driver, wake_up
+    captures the graphs again, and the engine generates what it did before."""
+    old, _, _ = checkpoints
+    llm = LLM(old, **dict(OPTIONS, device="cuda", dtype="bfloat16"))
+    runner = llm.llm_engine.executor.driver_worker.runner
+    want = generate(llm)
+    held = _device_bytes(llm)
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    llm.sleep(level=1)
+    assert runner.cuda_graphs is None and torch.cuda.memory_allocated() <= allocated - held
+    assert torch.cuda.memory_reserved() < reserved  # the allocator's free segments went back to the driver
+    llm.wake_up()
+    assert runner.cuda_graphs is not None
+    assert generate(llm) == want
+    counts = dict(runner.forward_counts)
+    assert generate(llm) == want and runner.forward_counts["graph"] > counts.get("graph", 0)
