@@ -4,6 +4,7 @@
     GET  /v1/models              the model served and its LoRA adapters (/v1/models/{id}: one of them, or 404)
     POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
     POST /v1/chat/completions    messages through the model's chat template
+    POST /v1/responses           OpenAI's Responses API, served by the chat path (responses.py; nothing stored)
     GET  /metrics                Prometheus text (metrics.py)
     GET  /engine/state           the engine's queues, KV blocks and recent batches as JSON (for the playground)
     GET  /                       the playground: a chat box beside the live engine (playground.html)
@@ -50,6 +51,7 @@ from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionR
                                     UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
 from minillm.serve.embeddings import EmbeddingRequest, embeddings
+from minillm.serve.responses import ResponsesRequest, respond
 from minillm.serve.scoring import RerankRequest, ScoreRequest, rerank, score
 from minillm.serve.reasoning import REASONING_PARSERS
 from minillm.serve.tool_parser import TOOL_CALL_PARSERS
@@ -194,6 +196,15 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
+
+    @app.post("/v1/responses")  # OpenAI's Responses API: the chat path's answer as output items
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await respond(serving, body, request)
+
+    @get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Response:
+        raise ApiError(404, f"no response {response_id!r} is stored: this server stores none (its responses say "
+                            f"store: false)", "not_found_error")
 
     @app.post("/v1/embeddings")  # OpenAI's: a vector per input, pooled from the model (serve/embeddings.py)
     async def embed(body: EmbeddingRequest) -> dict:
