@@ -229,6 +229,18 @@ print(f"TTFT {arrivals[0][0] * 1000:.0f} ms; then one event every "
 print("".join(text for _, text in arrivals))
 
 # %% [markdown]
+# **The Responses API** (`/v1/responses`) is OpenAI's newer shape of the same turn: `instructions` and `input` in,
+# a list of typed *output items* out (the message; with tools, function calls; with a reasoning parser, the
+# thought), streamed as named events (`response.output_text.delta`, ...). The server answers it with the chat
+# path: `minillm/serve/responses.py` only translates, both ways.
+
+# %%
+response = client.responses.create(model="smollm2", instructions="Answer in one word.",
+                                   input="What is the capital of France?", max_output_tokens=8, temperature=0)
+# NBVAL_CHECK_OUTPUT
+print([item.type for item in response.output], repr(response.output_text), response.status)
+
+# %% [markdown]
 # **Embeddings** are the same server's other OpenAI endpoint. An embedding request is a prefill and nothing more:
 # the vector is the final hidden state of the prompt's *last* token (the one position of a causal model that has
 # seen the whole prompt), scaled to unit length, so a dot product is a cosine similarity (`minillm/pooling.py`;

@@ -157,3 +157,19 @@ def test_what_the_server_cannot_do_is_refused_by_name(server, fields, param, wor
 def test_no_response_is_stored(server):
     response = httpx.get(server + "/v1/responses/resp_123")
     assert response.status_code == 404 and "stores none" in response.json()["error"]["message"]
+
+
+def test_the_official_client_reads_the_response_and_its_events():
+    """openai's client parses every item into its types and rebuilds the final response from the events itself
+    (responses.stream), so a malformed or out-of-order event would fail here."""
+    openai = pytest.importorskip("openai")
+    with scripted_server(THOUGHT + "Checking." + CALL, reasoning_parser="qwen3", tool_call_parser="hermes") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        fields = dict(model=MODEL, input="weather?", tools=RESPONSES_TOOLS, max_output_tokens=200, temperature=0)
+        response = client.responses.create(**fields)
+        assert response.output_text == "Checking." and response.output[2].arguments == '{"city": "Lima"}'
+        with client.responses.stream(**fields) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_response()
+        assert kinds[-1] == "response.completed" and final.output_text == "Checking."
+        assert [item.type for item in final.output] == ["reasoning", "message", "function_call"]
