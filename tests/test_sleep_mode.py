@@ -12,7 +12,11 @@ import torch
 from minillm.engine.sleep_mode import EngineSleepingError, SleepingTensors
 from minillm.llm import LLM
 from minillm.sampling_params import SamplingParams
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
+from test_engine_stress import K, SPEC_METHODS, head_dirs, model_and_config  # noqa: F401  (fixtures)
 from test_update_weights import GREEDY, OPTIONS, PROMPTS, checkpoints, generate  # noqa: F401  (fixture)
+from tiny import ByteTokenizer
 
 
 def _device_bytes(llm: LLM) -> int:
@@ -101,15 +105,32 @@ def test_bad_calls_are_refused_and_leave_the_engine_usable(checkpoints):
     llm.wake_up()  # awake already: nothing to do
     with pytest.raises(ValueError, match="dense weights"):
         LLM(old, quantization="int8", **OPTIONS).sleep(level=2)
-    drafted = LLM(old, speculative_config={"method": "draft_model", "draft_num_layers": 1,
-                                           "num_speculative_tokens": 2}, **OPTIONS)
-    with pytest.raises(ValueError, match="'draft_model' proposer"):
-        drafted.sleep()
-    assert not drafted.is_sleeping() and generate(drafted) == generate(llm)
-    ngram = LLM(old, speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **OPTIONS)
-    ngram.sleep()  # n-gram drafts need nothing on the device: the verify steps are the target's
-    ngram.wake_up()
-    assert generate(ngram) == generate(llm)
+
+
+
+@pytest.mark.parametrize("method", sorted(SPEC_METHODS))
+def test_a_speculative_proposers_own_state_sleeps_too(model_and_config, head_dirs, method):
+    """A draft model and its KV pool, Medusa / EAGLE / MTP heads and their packed copies go to host memory with
+    the target; the engine then drafts and verifies exactly as before (greedy: the target's tokens)."""
+    model, config = model_and_config
+    spec = {"method": method, "num_speculative_tokens": K, **SPEC_METHODS[method](head_dirs)}
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+        speculative_config=spec, scheduling="continuous", kv_layout="paged", block_size=4, num_kv_blocks=64,
+        max_model_len=64))
+    llm = LLM.from_engine(engine)
+    want = generate(llm)
+    holder = engine.speculative.proposer
+    while hasattr(holder, "heads") and not isinstance(holder, torch.nn.Module):  # a tree proposer's head proposer
+        holder = holder.heads
+    own = list(holder.parameters() if isinstance(holder, torch.nn.Module) else
+               getattr(holder, "model", torch.nn.Module()).parameters())
+    assert bool(own) == (method not in ("ngram", "ngram_tree", "lookahead"))
+    llm.sleep(level=1)
+    assert all(p.untyped_storage().nbytes() == 0 for p in own)
+    llm.wake_up()
+    assert all(p.untyped_storage().nbytes() > 0 for p in own)
+    assert generate(llm) == want
+    assert engine.speculative.metrics.num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
@@ -171,11 +192,14 @@ def test_the_servers_sleep_endpoints():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_sleep_frees_device_memory_and_recaptures_the_graphs(checkpoints):
+@pytest.mark.parametrize("spec", [None, {"method": "draft_model", "draft_num_layers": 1, "num_speculative_tokens": 2}],
+                         ids=["plain", "draft_model"])
+def test_gpu_sleep_frees_device_memory_and_recaptures_the_graphs(checkpoints, spec):
     """On CUDA (bf16, CUDA graphs): level 1 hands the weights' and the pool's bytes back to the driver, wake_up
-    captures the graphs again, and the engine generates what it did before."""
+    captures the graphs again (a draft model's runner's too), and the engine generates what it did before."""
     old, _, _ = checkpoints
-    llm = LLM(old, **dict(OPTIONS, device="cuda", dtype="bfloat16"))
+    llm = LLM(old, **dict(OPTIONS, device="cuda", dtype="bfloat16"), speculative_config=spec)
+    draft = llm.llm_engine.speculative.proposer.runner if spec else None
     runner = llm.llm_engine.executor.driver_worker.runner
     want = generate(llm)
     held = _device_bytes(llm)
@@ -184,8 +208,9 @@ def test_gpu_sleep_frees_device_memory_and_recaptures_the_graphs(checkpoints):
     llm.sleep(level=1)
     assert runner.cuda_graphs is None and torch.cuda.memory_allocated() <= allocated - held
     assert torch.cuda.memory_reserved() < reserved  # the allocator's free segments went back to the driver
+    assert draft is None or draft.cuda_graphs is None
     llm.wake_up()
-    assert runner.cuda_graphs is not None
+    assert runner.cuda_graphs is not None and (draft is None or draft.cuda_graphs is not None)
     assert generate(llm) == want
     counts = dict(runner.forward_counts)
     assert generate(llm) == want and runner.forward_counts["graph"] > counts.get("graph", 0)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from minillm.engine.executor import call_worker
 from minillm.engine.profiler import TraceRecorder, profiler_dir
-from minillm.engine.sleep_mode import (SLEEP_TAGS, EngineSleepingError, SleepReport, check_sleep_level,
-                                       check_wake_tags)
+from minillm.engine.sleep_mode import (SLEEP_TAGS, EngineSleepingError, SleepingTensors, SleepReport,
+                                       check_sleep_level, check_wake_tags, give_back_device_memory, proposer_state)
 from minillm.engine.worker import Worker
 
 
@@ -25,6 +25,8 @@ class EngineTools:
 
     _asleep: frozenset = frozenset()  # the tags (SLEEP_TAGS) whose memory sleep gave back and no wake_up took again
     _weights_discarded = False  # sleep(level=2): no step until update_weights or reload_weights loads them all
+    _proposer_sleep: SleepingTensors | None = None  # the speculative proposer's state while it sleeps
+    _recapture: tuple = ()  # a draft model's runner whose CUDA graphs sleep dropped: captured at the last wake_up
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every cached prefix block, so that no later request reuses K/V computed before (new
@@ -89,20 +91,32 @@ class EngineTools:
         if self._asleep:
             raise RuntimeError(f"the engine sleeps already ({', '.join(sorted(self._asleep))}): wake_up() first")
         self._check_idle("sleep")
-        speculative = getattr(self, "speculative", None)
-        if speculative is not None and speculative.holds_models():
-            raise ValueError(f"sleep mode does not cover speculative decoding's {speculative.config.method!r} "
-                             f"proposer (its own model, heads and graphs); n-gram and lookahead speculation sleep "
-                             f"with the engine")
         self.reset_prefix_cache()
         self._asleep = frozenset(SLEEP_TAGS)
         try:
             reports = self._on_workers(call_worker, "sleep", (level,), {})
+            if getattr(self, "speculative", None) is not None:  # after the workers: see proposer_state
+                reports[0] = self._sleep_proposer(reports[0])
         except BaseException:
-            self.wake_up()  # whichever workers slept wake again: the engine stays usable
+            self.wake_up()  # whatever slept wakes again: the engine stays usable
             raise
         self._weights_discarded = self._weights_discarded or level == 2
         return reports
+
+    def _sleep_proposer(self, report: SleepReport) -> SleepReport:
+        """Put the speculative proposer's own state to sleep in this process (a draft model and its KV pool, the
+        heads; kept in host memory at both levels, since reload_weights reloads the target only); its graphs
+        dropped first. Counted in the first worker's report."""
+        for holder in proposer_state(self.speculative, self.device).graph_holders:
+            if holder.release_graphs() and callable(getattr(holder, "configure", None)):
+                self._recapture = (*self._recapture, holder)  # a draft runner: at wake_up
+        state = proposer_state(self.speculative, self.device)  # (without the graphs' static buffers now)
+        self._proposer_sleep = SleepingTensors()
+        weights = self._proposer_sleep.put_to_sleep("weights", state.tensors)
+        pools = self._proposer_sleep.put_to_sleep("kv_cache", (), drop=state.kv_pools)
+        give_back_device_memory(self.device)
+        return SleepReport(report.freed_bytes + weights.freed_bytes + pools.freed_bytes,
+                           report.host_bytes + weights.host_bytes)
 
     def wake_up(self, tags=None) -> None:
         """vLLM's: take the memory of `tags` ("weights", "kv_cache"; None: both) again. An RL loop wakes the
@@ -110,7 +124,14 @@ class EngineTools:
         The CUDA graphs are captured again when the last tag wakes."""
         tags = check_wake_tags(tags)
         self._on_workers(call_worker, "wake_up", (tags,), {})
+        proposer = self._proposer_sleep
+        for tag in tags if proposer is not None else ():
+            proposer.wake(tag)
         self._asleep = self._asleep - set(tags)
+        if not self._asleep:
+            for runner in self._recapture:  # a draft model's runner: its graphs again
+                runner.configure(runner.engine_config)
+            self._recapture, self._proposer_sleep = (), None
 
     def is_sleeping(self) -> bool:
         """Whether any of the engine's memory sleeps (vLLM's is_sleeping)."""

@@ -20,18 +20,22 @@ the graphs are dropped at sleep (with their private memory pool) and captured ag
 same virtual address, so its graphs survive; the resize needs no allocator of its own and is the same on a CPU,
 where level 1 saves only the KV pool, since "host memory" is where the weights already were.)
 
-What never sleeps: buffers the checkpoint does not hold (RoPE tables, a quantized layer's scales live beside its
-codes and are weights here), LoRA adapter slots, an fp8 KV cache's scales; at level 2 they are kept in host memory
-like level 1's weights, so only the parameters a checkpoint reloads are dropped. No chapter builds this; the engine
-mixin EngineTools (engine_tools.py) exposes it, the workers (worker.py) carry it out.
+What level 2 keeps anyway: buffers the checkpoint does not hold (RoPE tables, a quantized layer's scales live
+beside its codes and are weights here), LoRA adapter slots, an fp8 KV cache's scales, and a speculative proposer's
+own model (a draft model, Medusa / EAGLE / MTP heads): they go to host memory like level 1's weights, so only the
+parameters a checkpoint reloads are dropped. A proposer's state is found by walking it (`proposer_state`): its
+tensors on the device, its KV pool, and its graphs, dropped at sleep and captured again (a draft runner's at wake
+up, the heads' on their next use). No chapter builds this; the engine mixin EngineTools (engine_tools.py) exposes
+it, the workers (worker.py) carry it out for the target model.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +135,46 @@ class SleepingTensors:
                 memory.copy_(entry.backup, non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # (the pinned backups are freed when this returns)
+
+
+class ProposerState(NamedTuple):
+    """What a speculative proposer holds on the device (proposer_state)."""
+
+    tensors: list[torch.Tensor]  # its weights, packed copies, static buffers: kept in host memory while asleep
+    kv_pools: list[torch.Tensor]  # a draft model's KV pool: dropped
+    graph_holders: list[Any]  # objects with release_graphs(): a draft ModelRunner, the heads' DraftGraphs
+
+
+def proposer_state(root: Any, device: torch.device) -> ProposerState:
+    """Walk `root` (a SpeculativeDecoder) through attributes of minillm's objects, containers and nn.Modules,
+    collecting the tensors on `device`'s type, the KV pools of the runners it owns and the graph holders. The
+    target's own tensors that a proposer shares (EAGLE reads its embedding and LM head; a self-speculative draft
+    is its first layers) are the workers' to handle: the engine sleeps the workers first, so their storages are
+    empty by then and SleepingTensors passes them by."""
+    tensors, pools, holders, seen, stack = [], [], [], set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == device.type:
+                tensors.append(obj)
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif isinstance(obj, nn.Module) or type(obj).__module__.startswith("minillm."):
+            if callable(getattr(obj, "release_graphs", None)):
+                holders.append(obj)
+            kv = getattr(obj, "kv_cache", None)
+            if kv is not None and isinstance(getattr(kv, "storage", None), torch.Tensor):
+                pools.append(kv.storage)
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    pool_ptrs = {p.untyped_storage().data_ptr() for p in pools}
+    kept = [t for t in tensors if t.untyped_storage().data_ptr() not in pool_ptrs]
+    return ProposerState(kept, pools, holders)
 
 
 def give_back_device_memory(device: torch.device) -> None:

@@ -65,18 +65,6 @@ class SpeculativeDecoder:
         # token trees (tree_verify.py): a proposer with propose_trees drafts one tree per sequence
         self.tree = TreeVerifier() if getattr(proposer, "proposes_trees", False) else None
 
-    def holds_models(self) -> bool:
-        """Whether the proposer keeps a model of its own (a draft model and its runner, Medusa / EAGLE / MTP heads
-        and their graphs): sleep mode (engine/sleep_mode.py) covers the target's weights, KV pool and graphs only,
-        so n-gram and lookahead speculation sleep with the engine and these do not."""
-        from torch import nn
-        from minillm.engine.model_runner import ModelRunner
-
-        def holds(proposer: Proposer) -> bool:
-            return any(isinstance(v, (nn.Module, ModelRunner)) or (isinstance(v, Proposer) and holds(v))
-                       for v in vars(proposer).values())
-        return holds(self.proposer)
-
     # -- 1. propose ---------------------------------------------------------------------------------------
     def propose(self, scheduler: Any) -> None:
         """Set spec_token_ids of the running decodes. Drafts only ever save time, so a proposer that fails

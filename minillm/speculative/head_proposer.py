@@ -301,6 +301,15 @@ class DraftGraphs:
         self.staging: dict[int, tuple] = {}  # bucket -> (pinned host packed, its numpy view, its copy's event)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, k)
 
+    def release_graphs(self) -> bool:
+        """Drop every graph and its static buffers (sleep mode moves the weights they read); the next proposal
+        captures them again. True when there were any."""
+        had = bool(self.graphs)
+        self.graphs.clear()
+        self.inputs.clear()
+        self.pool = None
+        return had
+
     @staticmethod
     def bucket(batch: int) -> int:
         return 1 << (batch - 1).bit_length()
