@@ -14,12 +14,12 @@ directory), and against the model once it has loaded, so a bad one stops the ser
 `--allow-runtime-lora-updating` (or MINILLM_ALLOW_RUNTIME_LORA_UPDATING=1, or vLLM's
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) also mounts vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
 
-vLLM's other server options, same spelling: `--enable-auto-tool-choice --tool-call-parser hermes|pythonic`
-(tool_choice "auto": serve/tool_parser.py, serve/pythonic_tools.py), `--reasoning-parser deepseek_r1|qwen3`
-(reasoning_content: serve/reasoning.py), `--pooler-config '{"pooling_type": "MEAN"}'` (embeddings, /score,
-/rerank: serve/embeddings.py); and from the environment, MINILLM_SERVER_DEV_MODE=1 (or VLLM_SERVER_DEV_MODE=1:
-POST /reset_prefix_cache) and MINILLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR: POST /start_profile and
-/stop_profile).
+vLLM's other server options, same spelling: `--enable-auto-tool-choice --tool-call-parser
+hermes|pythonic|llama3_json|mistral` (tool_choice "auto": serve/tool_parser.py, pythonic_tools.py, json_tools.py),
+`--reasoning-parser deepseek_r1|qwen3` (reasoning_content: serve/reasoning.py), `--pooler-config
+'{"pooling_type": "MEAN"}'` (embeddings, /score, /rerank: serve/embeddings.py); and from the environment,
+MINILLM_SERVER_DEV_MODE=1 (or VLLM_SERVER_DEV_MODE=1: POST /reset_prefix_cache and sleep mode's endpoints) and
+MINILLM_TORCH_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR: POST /start_profile and /stop_profile).
 """
 from __future__ import annotations
 
@@ -257,8 +257,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve tool_choice 'auto' (OpenAI's default with tools): the model may call a tool in its "
                         "answer; needs --tool-call-parser")
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
-                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>) or pythonic "
-                        "([f(x=1), ...])")
+                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>), pythonic "
+                        "([f(x=1), ...]), llama3_json ({\"name\": ..., \"parameters\": ...}) or mistral "
+                        "([TOOL_CALLS][{...}])")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="a thinking model's <think>...</think> returned as reasoning_content, apart from the content")
     p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",

@@ -179,7 +179,8 @@ class OpenAIServing:
                                              logit_bias=request.logit_bias, min_tokens=request.min_tokens,
                                              min_p=request.min_p,
                                              include_stop_str_in_output=request.include_stop_str_in_output,
-                                             skip_special_tokens=request.skip_special_tokens,
+                                             skip_special_tokens=request.skip_special_tokens and
+                                             tool_mode(request) != ("auto", "mistral"),  # [TOOL_CALLS] is one
                                              spaces_between_special_tokens=request.spaces_between_special_tokens,
                                              priority=request.priority, structured_outputs=structured,
                                              allowed_token_ids=request.allowed_token_ids,

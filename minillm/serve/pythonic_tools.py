@@ -14,9 +14,9 @@ other answer streams as content.
 from __future__ import annotations
 
 import ast
-import json
-import uuid
 from typing import Any
+
+from minillm.serve.tool_parser import make_call
 
 WRAP = ("<|python_start|>", "<|python_end|>")
 
@@ -49,8 +49,7 @@ def _calls(body: str) -> list[dict] | None:
             return None
         if len(arguments) != len(node.keywords):  # a **kwargs
             return None
-        calls.append({"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-                      "function": {"name": node.func.id, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        calls.append(make_call(node.func.id, arguments))
     return calls
 
 

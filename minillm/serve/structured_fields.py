@@ -25,7 +25,7 @@ from typing import Any
 from minillm.sampling_params import StructuredOutputsParams
 from minillm.serve.protocol import ApiError
 from minillm.serve.tool_calls import tool_mode, tool_schema
-from minillm.serve.tool_parser import hermes_structural_tag
+from minillm.serve.answer_parser import TOOL_PARSERS
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
           "structural_tag": "structural_tag"}
@@ -49,11 +49,12 @@ def structured_outputs_of(request: Any) -> tuple[StructuredOutputsParams | None,
     fields = _response_format(getattr(request, "response_format", None))
     if fields is not None:
         asked.append(("response_format", fields))
-    schema = tool_schema(request)
+    schema, mode = tool_schema(request), tool_mode(request)
     if schema is not None:  # a forced tool call: its arguments' JSON (serve/tool_calls.py)
         asked.append(("tool_choice", {"json": schema}))
-    elif tool_mode(request) == ("auto", "hermes"):  # free text, whole tagged calls (serve/tool_parser.py)
-        asked.append(("tool_choice", {"structural_tag": hermes_structural_tag(request.tools)}))
+    elif mode is not None and mode[0] == "auto" and TOOL_PARSERS[mode[1]][2] is not None:
+        # free text, and every call the model starts whole (serve/tool_parser.py, json_tools.py)
+        asked.append(("tool_choice", {"structural_tag": TOOL_PARSERS[mode[1]][2](request.tools)}))
     if not asked:
         return None, None
     if len(asked) > 1:

@@ -11,8 +11,8 @@ JSON (structured outputs, minillm/engine/constraints.py) and returns it as `tool
     tool_choice "auto"                 OpenAI's default when tools are given: the model chooses between text and
                                        calls in its own syntax, which a server started with vLLM's
                                        --enable-auto-tool-choice --tool-call-parser hermes reads (serve/tool_parser.py,
-                                       calls kept whole by a structural tag; or pythonic: pythonic_tools.py);
-                                       refused elsewhere
+                                       calls kept whole by a structural tag; pythonic: pythonic_tools.py;
+                                       llama3_json, mistral: json_tools.py); refused elsewhere
 
 The tools go to the chat template as `tools`, so a model trained for tool use sees them. An answer cut before its
 JSON closes (by max_tokens, or by a stop string or stop token the request gave) comes back as text, since it is no
@@ -21,8 +21,9 @@ call.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
+
+from minillm.serve.tool_parser import make_call
 
 TOOL_CHOICES = ("none", "auto", "required")
 
@@ -49,7 +50,7 @@ def check_tools(tools: Any, tool_choice: Any, tool_parser: str | None = None) ->
         return None
     if tool_choice == "auto":
         return ("tool_choice 'auto' is not supported by this server: it needs a parser of the model's own tool-call "
-                "syntax (start the server with --enable-auto-tool-choice --tool-call-parser hermes or pythonic); give "
+                "syntax (start the server with --enable-auto-tool-choice --tool-call-parser hermes, pythonic, llama3_json or mistral); give "
                 "'required', a named function, or 'none'") if names and tool_parser is None else None
     if tool_choice == "required":
         return None if names else "tool_choice 'required' needs tools"
@@ -96,6 +97,4 @@ def tool_calls(text: str, mode: tuple[str, str | None]) -> list[dict] | None:
         found = [(mode[1], value)] if mode[0] == "named" else [(call["name"], call["parameters"]) for call in value]
     except (ValueError, TypeError, KeyError):
         return None
-    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-            for name, arguments in found]
+    return [make_call(name, arguments) for name, arguments in found]

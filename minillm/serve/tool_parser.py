@@ -26,7 +26,8 @@ from typing import Any
 
 from minillm.engine.detokenizer import stream_safe_length
 
-TOOL_CALL_PARSERS = ("hermes", "pythonic")  # pythonic: minillm/serve/pythonic_tools.py
+# pythonic: pythonic_tools.py; llama3_json, mistral: json_tools.py (answer_parser.py picks among them)
+TOOL_CALL_PARSERS = ("hermes", "pythonic", "llama3_json", "mistral")
 BEGIN, END = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(BEGIN) + r"\s*(.*?)\s*" + re.escape(END), re.DOTALL)
 
@@ -52,8 +53,13 @@ def _call(body: str) -> dict | None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "arguments" not in value:
         return None
+    return make_call(value["name"], value["arguments"])
+
+
+def make_call(name: str, arguments: Any) -> dict:
+    """OpenAI's tool call of `name` with `arguments` (a JSON value, sent as its JSON text), with a fresh id."""
     return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
