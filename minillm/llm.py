@@ -26,6 +26,8 @@ Every default is decided once, for the model and device, by minillm/engine/cache
 with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 (minillm/engine/kv_scales.py).
 `quantization="rtn"` rounds a dense checkpoint's linears to 4-bit while loading; `quantization_options=` passes
 the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
+`load_format="dummy"` (vLLM's) reads the config and tokenizer only and draws random weights of their shapes (a
+directory with config.json and the tokenizer's files is enough): a benchmark of a shape, no checkpoint needed.
 """
 from __future__ import annotations
 
@@ -41,10 +43,10 @@ from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
 from minillm.engine.kv_cache import shared_pool_memory
 from minillm.engine.llm_engine import LLMEngine
-from minillm.engine.worker import CheckpointSource, LoadedWeights, Worker
+from minillm.engine.worker import CheckpointSource, LoadedWeights, RandomWeights, Worker
 from minillm.hooks import overriding
 from minillm.inputs import Prompt, from_prompt_dict, normalize_prompts
-from minillm.llm_requests import check_conversation, merge_choices, normalize_params, with_priority
+from minillm.llm_requests import merge_choices, normalize_params, template_messages, with_priority
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
@@ -58,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
 _LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
-                      "distributed_executor_backend", "disaggregation")
+                      "distributed_executor_backend", "disaggregation", "load_format")
 
 
 class LLM:
@@ -67,7 +69,8 @@ class LLM:
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
                  quantization: str | None = None, quantization_options: Mapping[str, Any] | None = None,
-                 disaggregation: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
+                 disaggregation: Mapping[str, Any] | None = None, load_format: str = "auto",
+                 **engine_kwargs: Any) -> None:
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a path (a .gguf file or an HF model directory) or None for the bundled "
                             f"model, got {type(model).__name__}: {model!r}")
@@ -106,9 +109,17 @@ class LLM:
         if quantization is not None:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
 
-        from minillm.loader import load_model  # the loader pulls in gguf/safetensors: only when needed
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' (the checkpoint's weights) or 'dummy' (random weights of "
+                             f"its shapes, for benchmarks), got {load_format!r}")
+        from minillm import loader  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
-        model_config, weights, tokenizer = load_model(path)
+        if load_format == "dummy":  # vLLM's: the config and tokenizer only, every process drawing the same weights
+            (model_config, tokenizer), weights = loader.load_config_and_tokenizer(path), None
+            source = RandomWeights(seed=seed, std_embed=0.02)
+        else:
+            model_config, weights, tokenizer = loader.load_model(path)
+            source = CheckpointSource(path)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant), with the
         # method's options (e.g. rtn's {"group_size": 128, "lm_head": True}); misplaced options are refused there
         model_config = load_time_quantization(model_config, quantization, quantization_options)
@@ -116,19 +127,19 @@ class LLM:
         self.model_path = path
         if disaggregation is not None:
             from minillm.engine.disagg_engine import DisaggregatedEngine
-            self.llm_engine = DisaggregatedEngine(CheckpointSource(path), tokenizer, model_config, engine_config,
+            self.llm_engine = DisaggregatedEngine(source, tokenizer, model_config, engine_config,
                                                   device=self.device, dtype=self.dtype, seed=seed,
                                                   disaggregation=disaggregation)
             self._init_driver()
             return
         if distributed_executor_backend == "mp":
             worker_kwargs = dict(model_config=model_config, engine_config=engine_config, device=self.device,
-                                 dtype=self.dtype, model_source=CheckpointSource(path), seed=seed)
+                                 dtype=self.dtype, model_source=source, seed=seed)
             executor = MultiProcExecutor(worker_kwargs)
         else:  # load under the overrides too: some exercises run while weights load (the TP split, dequantizers)
             with overriding(self.overrides):
                 executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
-                                                  LoadedWeights(weights, path), seed))
+                                                  source if weights is None else LoadedWeights(weights, path), seed))
         try:  # sizing and allocating the KV cache can still fail (too little memory for one block)
             self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
                                         dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)
@@ -312,28 +323,52 @@ class LLM:
         from minillm.beam_search import beam_search
         return beam_search(self, normalize_prompts(prompts), params, lora_request)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
              use_tqdm: bool = False, add_generation_prompt: bool = True,
-             lora_request: Any = None) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation (a list of {"role", "content"} dicts) or to
-        a list of conversations, then generate (lora_request as in generate)."""
+             lora_request: Any = None, chat_template: str | None = None, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
+        """Apply a chat template to one conversation (a list of {"role", "content"} dicts; an assistant's
+        "tool_calls" and a tool's "tool_call_id" too) or to a list of conversations, then generate (lora_request
+        as in generate). vLLM's options: `chat_template` instead of the tokenizer's; `continue_final_message`
+        leaves the last message open for the model to go on writing (add_generation_prompt must then be False);
+        `tools` (OpenAI's function tools) and `chat_template_kwargs` (e.g. Qwen3's enable_thinking) reach the
+        template as variables."""
+        from minillm.loader.chat_template import open_final_message, render_chat_template
         if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
             conversations = list(messages)
         else:
             conversations = [messages]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True continues the last message, add_generation_prompt=True "
+                             "opens a new assistant turn: give add_generation_prompt=False with it")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}")
+        extra = dict(chat_template_kwargs or {})
+        reserved = [k for k in extra if k in ("messages", "add_generation_prompt", "special_tokens", "tools")]
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {reserved[0]!r}: it is LLM.chat's own argument")
+        if tools is not None:
+            extra["tools"] = list(tools)
         params = normalize_params(sampling_params, len(conversations), output_kind="final_only")
         tokenized = []
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
-            check_conversation(conversation, where)
-            rendered = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-            # the template already wrote the special tokens (BOS, role markers) as text: do not add them again
-            token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
             try:
+                turns = template_messages(conversation, where)
+                if chat_template is None:
+                    rendered = self.tokenizer.apply_chat_template(turns, add_generation_prompt, **extra)
+                else:
+                    rendered = render_chat_template(chat_template, turns, add_generation_prompt, special_tokens={
+                        "bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}, **extra)
+                if continue_final_message:
+                    rendered = open_final_message(rendered, turns[-1]["content"])
+                # the template already wrote the special tokens (BOS, role markers) as text: not added again
+                token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
                 tokenized.append((rendered, self.llm_engine.validate_prompt(token_ids)[1]))
             except (ValueError, TypeError) as err:
-                raise type(err)(f"{where}{err}") from None
+                raise type(err)(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
         return self._submit(tokenized, params, use_tqdm, lora_request)
 
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,

@@ -1,6 +1,7 @@
 """How LLM's offline calls (generate, chat: minillm/llm.py, chapter 2's entry point) turn their arguments into
 engine requests: one checked SamplingParams copy per prompt (normalize_params), vLLM's per-prompt `priority` list
-for chapter 6's priority scheduling (with_priority), a conversation's shape (check_conversation), and a prompt's n
+for chapter 6's priority scheduling (with_priority), a conversation as its template reads it (template_messages),
+and a prompt's n
 choices merged back into one RequestOutput (merge_choices). Everything is checked before any request is queued,
 so a bad argument leaves the engine as it was."""
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence as SequenceT
 
+from minillm.loader.chat_template import template_tool_call
 from minillm.outputs import RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams
 
@@ -62,15 +64,31 @@ def merge_choices(outputs: list[RequestOutput]) -> RequestOutput:
     return dataclasses.replace(outputs[0], outputs=completions, finished=all(out.finished for out in outputs))
 
 
-def check_conversation(conversation: Any, where: str) -> None:
-    """ValueError unless `conversation` is a non-empty list of {"role": str, "content": str} dicts (one chat of
-    LLM.chat, before its template is rendered); `where` ("conversation 2: ") starts the message."""
+def template_messages(conversation: Any, where: str) -> list[dict[str, Any]]:
+    """One conversation of LLM.chat as its chat template reads it, or ValueError naming the bad message; `where`
+    ("conversation 2: ") starts the message. A message is a dict with a string "role" and a "content" that is a
+    string, a list of {"type": "text", "text": ...} parts (joined by newlines), or None beside "tool_calls" (an
+    assistant's calls, their JSON arguments parsed for the template); "tool_call_id" and "name" are kept."""
     if isinstance(conversation, dict):
         raise ValueError(f"{where}messages must be a list of {{'role', 'content'}} dicts, got a single dict")
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(f"{where}messages must be a non-empty list of {{'role', 'content'}} dicts, "
                          f"got {conversation!r}")
+    messages = []
     for j, message in enumerate(conversation):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or \
-                not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}message {j} must be a dict with string 'role' and 'content', got {message!r}")
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                             isinstance(p.get("text"), str) for p in content):
+            content = "\n".join(p["text"] for p in content)
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if content is None and isinstance(calls, list) and calls:
+            content = ""
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(content, str):
+            raise ValueError(f"{where}message {j} must be a dict with a string 'role' and a 'content' (a string, a "
+                             f"list of text parts, or None beside 'tool_calls'), got {message!r}")
+        fields = {"role": message["role"], "content": content}
+        if calls:
+            fields["tool_calls"] = [template_tool_call(call) if isinstance(call, dict) else call for call in calls]
+        fields.update((key, message[key]) for key in ("tool_call_id", "name") if message.get(key) is not None)
+        messages.append(fields)
+    return messages

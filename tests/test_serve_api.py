@@ -196,7 +196,8 @@ def test_api_key_guards_every_route_but_health():
     app, _ = tiny_app(api_key="sesame")
     with ServerThread(app) as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
-        for path in ("/v1/models", "/metrics", "/engine/state", "/"):
+        assert httpx.get(srv.url + "/ping").status_code == httpx.post(srv.url + "/ping").status_code == 200
+        for path in ("/v1/models", "/metrics", "/engine/state", "/", "/version"):
             response = httpx.get(srv.url + path)
             assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -313,8 +314,10 @@ def test_http_methods_head_allow_and_the_model_route(server, client):
     not_allowed = httpx.get(server.url + "/v1/completions")
     assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "POST"  # HTTP requires Allow
     assert set(not_allowed.json()["error"]) == {"message", "type", "param", "code"}
-    for path in ("/health", "/v1/models", "/metrics"):  # a load balancer's probe, curl -I
+    for path in ("/health", "/v1/models", "/metrics", "/ping", "/version"):  # a load balancer's probe, curl -I
         assert httpx.head(server.url + path).status_code == 200, path
+    from minillm import __version__
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}
     assert client.models.retrieve(MODEL).id == MODEL  # GET /v1/models/{model}
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("gpt-4")

@@ -199,7 +199,8 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
         _check_output_file(args.json)
         result = run_latency(batch_size=args.batch_size, input_len=args.input_len, output_len=args.output_len,
                              num_iters=args.num_iters, num_iters_warmup=args.num_iters_warmup, model=args.model,
-                             device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
+                             device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
+                             load_format=args.load_format)
     except (ValueError, TypeError, OSError) as err:
         print(f"minillm bench latency: error: {err}", file=sys.stderr)
         return 2
@@ -221,6 +222,9 @@ def _add_bench_latency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights of the model's shapes (a directory with config.json and a tokenizer "
+                        "is enough)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_bench_latency)
 

@@ -51,9 +51,9 @@ def check_iterations(num_iters: int, num_iters_warmup: int) -> None:
 def run_latency(batch_size: int = 8, input_len: int = 32, output_len: int = 128, num_iters: int = 10,
                 num_iters_warmup: int = 2, model: str | None = None, device: str | None = None,
                 dtype: str | None = None, seed: int = 0, max_model_len: int | None = None, llm: Any = None,
-                verbose: bool = True) -> LatencyResult:
-    """Load the model (unless `llm` is given), then time `num_iters` runs of one batch; print and return the
-    result. Sizes are checked before anything loads."""
+                verbose: bool = True, load_format: str = "auto") -> LatencyResult:
+    """Load the model (unless `llm` is given; load_format="dummy": random weights of its shapes), then time
+    `num_iters` runs of one batch; print and return the result. Sizes are checked before anything loads."""
     from minillm import LLM, SamplingParams
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -65,7 +65,8 @@ def run_latency(batch_size: int = 8, input_len: int = 32, output_len: int = 128,
     if llm is None:
         if verbose:
             print("loading the model ...", flush=True)
-        llm = LLM(model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len)
+        llm = LLM(model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                  load_format=load_format)
     prompts = synthetic_prompts(llm.tokenizer, batch_size, input_len, seed)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     warm_up(llm)  # first steps of each shape (layout timing, kernel builds), untimed

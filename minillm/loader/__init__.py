@@ -5,6 +5,7 @@
     config, weights, tokenizer = load_model("Llama-3-8B/")  # an HF directory: config.json + *.safetensors
     model.load_weights(weights)                               # (hf_name, tensor) pairs, HF Llama names
     config = read_model_config(path)                          # the config alone (no weights): checks before loading
+    config, tokenizer = load_config_and_tokenizer(path)       # no weights read or needed (load_format="dummy")
 
 `weights` is a lazy iterator: each tensor is read (and dequantized) when the model asks for it.
 """
@@ -23,7 +24,7 @@ from minillm.loader.model_files import default_model_path, expected_weight_shape
 from minillm.loader.tokenizer import Tokenizer
 
 __all__ = [
-    "load_model", "read_model_config", "load_gguf_model", "load_hf_model", "default_model_path", "Tokenizer",
+    "load_model", "read_model_config", "load_config_and_tokenizer", "load_gguf_model", "load_hf_model", "default_model_path", "Tokenizer",
     "GGUFFile", "GGUFError", "TensorInfo", "config_from_gguf", "config_from_hf", "expected_weight_shapes",
     "gguf_to_hf_name", "unpermute_rotary",
 ]
@@ -40,6 +41,16 @@ def load_model(
     gguf = GGUFFile(path)  # parsed once, shared by the weights and the tokenizer
     config, weights = load_gguf_model(gguf)
     return config, weights, Tokenizer.from_gguf(gguf)
+
+
+def load_config_and_tokenizer(path: str | os.PathLike | None = None) -> tuple[ModelConfig, Tokenizer]:
+    """(config, tokenizer) of a model without its weights: an HF directory may hold only config.json and its
+    tokenizer files (LLM(load_format="dummy") draws random weights of the config's shapes)."""
+    path, is_dir = _model_path(path)
+    if is_dir:
+        return read_hf_config(path), Tokenizer.from_hf_dir(path)
+    gguf = GGUFFile(path)
+    return config_from_gguf(gguf), Tokenizer.from_gguf(gguf)
 
 
 def read_model_config(path: str | os.PathLike | None = None) -> ModelConfig:

@@ -47,6 +47,31 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return list(messages)
 
 
+def template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call as chat templates for tool use read it: its arguments a mapping, parsed from OpenAI's
+    JSON string (left as they are when they do not parse)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def open_final_message(text: str, final: str) -> str:
+    """`text` cut right after the last message's content, so the model continues that message (continue_final_message:
+    Hugging Face's rule, the last place the content appears; failing that, the content without its surrounding
+    whitespace, which a template may strip)."""
+    for content in (final, final.strip()):
+        at = text.rfind(content)
+        if at >= 0:
+            return text[:at + len(content)]
+    raise ChatTemplateError("continue_final_message: the last message's content does not appear in the rendered "
+                            "chat (the template rewrites it), so there is no end of it to continue from")
+
+
 def _raise_exception(message: str) -> None:
     raise ChatTemplateError(f"the chat template rejected the conversation: {message}")
 

@@ -1,6 +1,8 @@
 """The HTTP server: a FastAPI app around one AsyncLLM (chapter 10).
 
-    GET  /health                 200 while the engine loop runs, 503 otherwise (never needs the API key)
+    GET  /health                 200 while the engine loop runs, 503 otherwise (never needs the API key); /ping
+                                 the same, GET or POST (SageMaker's probe, as vLLM serves it)
+    GET  /version                {"version": minillm's}
     GET  /v1/models              the model served and its LoRA adapters (/v1/models/{id}: one of them, or 404)
     POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
     POST /v1/chat/completions    messages through the model's chat template
@@ -169,6 +171,13 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         ok = llm.is_running and llm.accepting
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
+    app.api_route("/ping", methods=["GET", "HEAD", "POST"])(health)  # SageMaker's name for the probe
+
+    @get("/version")
+    async def version() -> dict:
+        from minillm import __version__
+        return {"version": __version__}
+
     @get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": models.cards()}
@@ -323,7 +332,7 @@ def _is_json_type(content_type: str) -> bool:
 
 
 class GuardMiddleware:
-    """API key on every route but /health; request bodies of at most max_body_bytes (413 otherwise)."""
+    """API key on every route but /health and /ping; request bodies of at most max_body_bytes (413 otherwise)."""
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
@@ -332,7 +341,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope, headers):
+        if self.api_key is not None and scope["path"] not in ("/health", "/ping") and \
+                not self._authorized(scope, headers):
             return await _send_json(send, 401, error_body("invalid or missing API key: send 'Authorization: Bearer "
                                                           "<key>'", "authentication_error", code="invalid_api_key"))
         length = headers.get("content-length")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minillm.loader.chat_template import render_chat_template
+from minillm.loader.chat_template import open_final_message, render_chat_template
 from minillm.serve.protocol import ApiError, ChatCompletionRequest
 
 # template variables the request sets through their own fields (or that would clash with the renderer's arguments)
@@ -67,10 +67,12 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
         else:
             raise ApiError(400, "this model has no chat template: use /v1/completions, start the server with "
                                 "--chat-template FILE, or send chat_template", param="messages")
+        if request.continue_final_message:
+            text = open_final_message(text, messages[-1]["content"])
     except ValueError as err:  # ChatTemplateError is a ValueError
-        raise ApiError(400, str(err), param="chat_template" if request.chat_template else "messages") from None
-    if request.continue_final_message:
-        text = open_final_message(text, messages[-1]["content"])
+        param = "continue_final_message" if str(err).startswith("continue_final_message") else \
+            "chat_template" if request.chat_template else "messages"
+        raise ApiError(400, str(err), param=param) from None
     # the template wrote the special tokens as text: add them again only when asked to
     return text, encode_text(tokenizer, text, request.add_special_tokens)
 
@@ -82,19 +84,6 @@ def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     except TypeError:
         return list(tokenizer.encode(text))
-
-
-def open_final_message(text: str, final: str) -> str:
-    """`text` cut right after the last message's content, so the model continues that message (Hugging Face's
-    rule: the last place the content appears; failing that, the content without its surrounding whitespace,
-    which a template may strip)."""
-    for content in (final, final.strip()):
-        at = text.rfind(content)
-        if at >= 0:
-            return text[:at + len(content)]
-    raise ApiError(400, "continue_final_message: the last message's content does not appear in the rendered chat "
-                        "(the template rewrites it), so there is no end of it to continue from",
-                   param="continue_final_message")
 
 
 def answer_role(request: ChatCompletionRequest) -> str:

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from minillm.loader.chat_template import template_tool_call
 from minillm.sampling_params import MAX_N  # choices per prompt, as SamplingParams.n allows
 from minillm.serve.beam_fields import beam_problem
 from minillm.serve.tool_calls import check_tools
@@ -236,17 +237,6 @@ class ContentPart(BaseModel):
     text: str
 
 
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return call
-    try:
-        arguments = json.loads(function["arguments"])
-    except ValueError:
-        return call
-    return {**call, "function": {**function, "arguments": arguments}}
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -262,7 +252,7 @@ class ChatMessage(BaseModel):
         call's arguments as a mapping, parsed from OpenAI's JSON string, as templates for tool use expect)."""
         message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.tool_calls:
-            message["tool_calls"] = [_template_call(call) for call in self.tool_calls]
+            message["tool_calls"] = [template_tool_call(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:

@@ -1,0 +1,49 @@
+"""LLM(load_format="dummy"), vLLM's: the config and tokenizer only (a directory needs no safetensors), random
+weights of their shapes drawn the same in every process, so one process and tensor parallelism agree."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from minillm.llm import LLM
+from minillm.sampling_params import SamplingParams
+from tiny import tiny_qwen2_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8], [9, 10]]
+OPTIONS = dict(device="cpu", max_model_len=64, num_kv_blocks=32, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def directories(tmp_path_factory):
+    """(a checkpoint, the same without its weights: config.json and the tokenizer only)."""
+    full = tmp_path_factory.mktemp("full")
+    tiny_qwen2_checkpoint(full)
+    bare = tmp_path_factory.mktemp("bare")
+    for name in os.listdir(full):
+        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
+            shutil.copy(full / name, bare / name)
+    return full, bare
+
+
+def tokens(llm: LLM) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
+
+
+def test_dummy_weights_need_no_checkpoint_and_agree_across_processes(directories):
+    full, bare = directories
+    dummy = tokens(LLM(bare, load_format="dummy", **OPTIONS))
+    assert dummy == tokens(LLM(full, load_format="dummy", **OPTIONS))  # the checkpoint's weights are not read
+    assert dummy != tokens(LLM(full, **OPTIONS))
+    assert tokens(LLM(bare, load_format="dummy", seed=1, **OPTIONS)) != dummy  # the seed draws them
+    tp = LLM(bare, load_format="dummy", tensor_parallel_size=2, **OPTIONS)
+    try:
+        assert tokens(tp) == dummy  # each rank draws the full tensors and keeps its shard
+    finally:
+        tp.llm_engine.shutdown()
+    with pytest.raises(ValueError, match="load_format must be 'auto'.*got 'pt'"):
+        LLM(full, load_format="pt", **OPTIONS)
+    with pytest.raises(FileNotFoundError):
+        LLM(bare, **OPTIONS)  # without dummy the weights are needed
