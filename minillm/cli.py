@@ -8,6 +8,7 @@ package's cli module and list that module here. check_output_path is the one che
     minillm course sync | release | gradescope | notebooks | list                     (minillm.course.cli)
     minillm demo | estimate | bench [serve | stack | latency]                           (minillm.bench.cli)
     minillm serve [MODEL] --host 127.0.0.1 --port 8000 [engine options]                 (minillm.serve.cli)
+    minillm run-batch -i requests.jsonl -o results.jsonl [MODEL] [engine options]       (minillm.serve.run_batch)
     minillm chat | complete [--url URL] [--quick TEXT]                                 (minillm.serve.client)
     minillm quantize [MODEL] --method gptq|awq|... --bits --group-size --out DIR        (minillm.quant.cli)
     minillm train-heads [MODEL] --kind draft|medusa|eagle|mtp --steps N --out DIR        (minillm.speculative.train_heads_cli)

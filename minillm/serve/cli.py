@@ -184,41 +184,53 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             if hasattr(args, f.name) and getattr(args, f.name) is not None}
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def check_server_options(args: argparse.Namespace) -> str | None:
+    """ValueError for the options that need no model (checked before seconds of loading); what turned runtime
+    LoRA updating on, if anything (runtime_lora_updating)."""
+    check_lora_modules(args)
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # vLLM's rule: both or neither
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both (e.g. "
+                         "--enable-auto-tool-choice --tool-call-parser hermes) or neither")
+    return runtime_lora_updating(args)
+
+
+def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, api_key: str | None = None,
+                     max_body_bytes: int = 1 << 20) -> tuple[Any, Any, str]:
+    """(LLM, the app, the served model name) for the model options `serve` and `run-batch` share."""
     from minillm.engine.async_llm import AsyncLLM
     from minillm.llm import LLM
     from minillm.serve.app import build_app
+    chat_template = None
+    if args.chat_template is not None:
+        from minillm.loader.chat_template import compile_chat_template
+        with open(args.chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+        try:  # the operator's file: a template that does not parse is refused here, not blamed on each client
+            compile_chat_template(chat_template)
+        except ValueError as err:
+            raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
+              **engine_options(args))
+    name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
+    app = build_app(AsyncLLM.from_llm(llm), name, api_key=api_key, chat_template=chat_template,
+                    max_body_bytes=max_body_bytes, shutdown_timeout=0.0,
+                    trust_request_chat_template=args.trust_request_chat_template, lora_modules=args.lora_modules,
+                    allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
+                    dev_mode=dev_mode(), profile_dir=_profile_dir(),
+                    tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                    reasoning_parser=args.reasoning_parser)
+    return llm, app, name
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     from minillm.serve.server import bind, run
 
     try:
         if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
             raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
-        check_lora_modules(args)
-        if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # vLLM's rule: both or neither
-            raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both (e.g. "
-                             "--enable-auto-tool-choice --tool-call-parser hermes) or neither")
-        runtime_lora = runtime_lora_updating(args)
+        runtime_lora = check_server_options(args)
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
-        chat_template = None
-        if args.chat_template is not None:
-            from minillm.loader.chat_template import compile_chat_template
-            with open(args.chat_template, encoding="utf-8") as f:
-                chat_template = f.read()
-            try:  # the operator's file: a template that does not parse is refused here, not blamed on each client
-                compile_chat_template(chat_template)
-            except ValueError as err:
-                raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
-                  **engine_options(args))
-        name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
-        app = build_app(AsyncLLM.from_llm(llm), name, api_key=args.api_key, chat_template=chat_template,
-                        max_body_bytes=args.max_body_bytes, shutdown_timeout=0.0,
-                        trust_request_chat_template=args.trust_request_chat_template,
-                        lora_modules=args.lora_modules,
-                        allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
-                        dev_mode=dev_mode(), profile_dir=_profile_dir(),
-                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                        reasoning_parser=args.reasoning_parser)
+        llm, app, name = build_served_app(args, runtime_lora, args.api_key, args.max_body_bytes)
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
@@ -233,13 +245,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with streaming, /metrics and a playground")
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options of the model a server answers with (serve and run-batch): its file, names, templates,
+    adapters, parsers, and the engine's options."""
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("MINILLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health (env MINILLM_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
     p.add_argument("--trust-request-chat-template", action="store_true",
@@ -248,11 +257,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="LoRA adapters (PEFT directories) to serve, each as name=path or JSON '{\"name\": ..., "
                         "\"path\": ...}'; a request's \"model\": name runs with it. Needs --enable-lora (as in "
                         "vLLM: the server refuses to start without it); ids 1, 2, ... in the order given")
-    p.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=None,
-                   help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes: adapters "
-                        "added and removed while serving). Needs --enable-lora. Default: on when the environment "
-                        "sets MINILLM_ALLOW_RUNTIME_LORA_UPDATING or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING to 1 "
-                        "or true")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="serve tool_choice 'auto' (OpenAI's default with tools): the model may call a tool in its "
                         "answer; needs --tool-call-parser")
@@ -265,14 +269,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
                    help='how /v1/embeddings, /score and /rerank pool: \'{"pooling_type": "MEAN"}\' (LAST, MEAN, CLS; '
                         'default LAST, normalized)')
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None, help="quantize a dense checkpoint while loading (rtn, fp8, nf4, int8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_flags(p)
-    p.set_defaults(func=_cmd_serve)
 
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with streaming, /metrics and a playground")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MINILLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (env MINILLM_API_KEY)")
+    p.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=None,
+                   help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes: adapters "
+                        "added and removed while serving). Needs --enable-lora. Default: on when the environment "
+                        "sets MINILLM_ALLOW_RUNTIME_LORA_UPDATING or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING to 1 "
+                        "or true")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_options(p)
+    p.set_defaults(func=_cmd_serve)
+    from minillm.serve.run_batch import register_run_batch
+    register_run_batch(subparsers)
