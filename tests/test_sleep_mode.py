@@ -5,15 +5,17 @@ pipeline parallelism, disaggregated, and through the server's dev-mode endpoints
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 
 import pytest
 import torch
 
+from minillm.config import EngineConfig
+from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.sleep_mode import EngineSleepingError, SleepingTensors
 from minillm.llm import LLM
 from minillm.sampling_params import SamplingParams
-from minillm.config import EngineConfig
-from minillm.engine.llm_engine import LLMEngine
 from test_engine_stress import K, SPEC_METHODS, head_dirs, model_and_config  # noqa: F401  (fixtures)
 from test_update_weights import GREEDY, OPTIONS, PROMPTS, checkpoints, generate  # noqa: F401  (fixture)
 from tiny import ByteTokenizer
@@ -214,3 +216,46 @@ def test_gpu_sleep_frees_device_memory_and_recaptures_the_graphs(checkpoints, sp
     assert generate(llm) == want
     counts = dict(runner.forward_counts)
     assert generate(llm) == want and runner.forward_counts["graph"] > counts.get("graph", 0)
+
+
+SLEEP_SEEDS = range(int(os.environ.get("MINILLM_SLEEP_STRESS_FIRST", "0")),
+                    int(os.environ.get("MINILLM_SLEEP_STRESS_FIRST", "0")) + int(
+                        os.environ.get("MINILLM_SLEEP_STRESS_SEEDS", "6")))
+
+
+@pytest.mark.parametrize("seed", SLEEP_SEEDS)
+def test_random_engines_wake_to_the_same_answers(seed):
+    """A random engine of the stress tests' kind (prefix caching, chunked prefill, preemption by swap or
+    recompute, async scheduling, priorities, fp8 KV) answers a random batch, sleeps at a random level, wakes its
+    tags in a random order (reloading dropped weights), refuses a request in between, and answers the batch again
+    token for token (the prefix cache starts cold both times, so the steps are the same)."""
+    from minillm.engine.cache_config import resolve_engine_config
+    from minillm.engine.executor import UniProcExecutor
+    from minillm.engine.worker import RandomWeights, Worker
+    from stress_helpers import draw_engine_options
+    from test_engine import tiny_config
+    rng = random.Random(seed)
+    options, config = draw_engine_options(rng), tiny_config()
+    engine_config = resolve_engine_config(EngineConfig(**options), config, torch.device("cpu"))
+    worker = Worker(config, engine_config, torch.device("cpu"), torch.float32, RandomWeights(seed=seed))
+    engine = LLMEngine(None, ByteTokenizer(), config, EngineConfig(**options), executor=UniProcExecutor(worker))
+    llm = LLM.from_engine(engine)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(1, 20))] for _ in range(rng.randint(2, 6))]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 12), ignore_eos=True) for _ in prompts]
+
+    def answers() -> list[list[int]]:
+        return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    want = answers()
+    level = 1 if "kv_cache_dtype" in options else rng.choice([1, 2])  # (an fp8 pool's scales need the weights)
+    llm.sleep(level)
+    with pytest.raises(EngineSleepingError):
+        llm.generate(prompts[:1], params[0])
+    tags = rng.choice([None, ["weights", "kv_cache"], ["kv_cache", "weights"]])
+    for tag in tags or [None]:
+        llm.wake_up(None if tag is None else [tag])
+    if level == 2:
+        llm.reload_weights()
+    assert not engine.has_unfinished_requests() and answers() == want, (seed, options, level, tags)
+    block_manager = getattr(engine.scheduler, "block_manager", None)
+    if block_manager is not None:
+        block_manager.check_invariants()
