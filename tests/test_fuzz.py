@@ -237,6 +237,39 @@ def test_http_bodies_get_an_answer_or_an_openai_error(server, path, body):
         assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
 
 
+RESPONSES_FIELDS = ("input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+                    "text", "store", "previous_response_id", "reasoning", "include", "metadata", "stream", "seed")
+input_item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "input_image"]),
+    "role": st.sampled_from(["user", "assistant", "developer", "tool"]), "content": json_values
+    | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                      "text": st.text(max_size=4)}), max_size=2),
+    "call_id": json_values, "name": json_values, "arguments": json_values, "output": json_values})
+responses_bodies = (st.fixed_dictionaries({}, optional={name: json_values for name in RESPONSES_FIELDS})
+                    | st.fixed_dictionaries({"input": st.text(min_size=1, max_size=8) | st.lists(input_item,
+                                                                                                 max_size=3)},
+                                            optional={"max_output_tokens": st.integers(-1, 5), "stream": st.booleans(),
+                                                      "temperature": st.floats(0, 2), "text": json_values,
+                                                      "instructions": st.text(max_size=6) | json_values}))
+
+
+@FUZZ
+@given(responses_bodies)
+def test_responses_bodies_get_an_answer_or_an_openai_error(server, body):
+    """/v1/responses: a 200 (a stream whose last event completes, is incomplete or failed) or a 4xx in OpenAI's
+    shape, never a 500."""
+    import httpx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        response = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert response.status_code in (200, 400, 404), (response.status_code, response.text[:300])
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream") is True:
+        last = [line for line in response.text.splitlines() if line.startswith("event: ")][-1]
+        assert last in ("event: response.completed", "event: response.incomplete"), response.text[-300:]
+
+
 def test_the_server_leaks_nothing_after_the_fuzzing(server):
     import time
     deadline = time.monotonic() + 5  # aborts of finished streams are applied between steps
