@@ -183,6 +183,7 @@ class LLM:
                 resolved, base.model_config, self.dtype, free))
         engine = LLMEngine(model, base.tokenizer, base.model_config, engine_config, device=self.device,
                            dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
+        model.shared_by_engines = True  # sleep mode may not take these weights away from the other engine
         llm = LLM.from_engine(engine)
         llm.model_path = self.model_path
         return llm

@@ -107,6 +107,11 @@ def test_bad_calls_are_refused_and_leave_the_engine_usable(checkpoints):
     llm.wake_up()  # awake already: nothing to do
     with pytest.raises(ValueError, match="dense weights"):
         LLM(old, quantization="int8", **OPTIONS).sleep(level=2)
+    shared = llm.share_model(num_kv_blocks=16)
+    for either in (llm, shared):
+        with pytest.raises(ValueError, match="shared with another LLM"):
+            either.sleep()
+    assert generate(shared) == generate(llm)
 
 
 

@@ -276,6 +276,9 @@ class Worker:
             raise RuntimeError("initialize_cache() before sleep()")
         if any(self._sleeping.is_asleep(tag) for tag in SLEEP_TAGS):
             raise RuntimeError("this worker sleeps already: wake_up() first")
+        if getattr(self.model, "shared_by_engines", False):
+            raise ValueError("this model's weights are shared with another LLM (LLM.share_model): sleeping would "
+                             "take them from that engine too; build the LLMs with their own weights to sleep them")
         if level == 2:
             self._check_reloadable("sleep(level=2)")
         clear_cpu_matmul_cache()  # derived copies of the weights
