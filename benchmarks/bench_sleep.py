@@ -12,7 +12,9 @@ driver's own count of used memory (torch.cuda.mem_get_info, which sees the cachi
     reload          level 2: seconds of reload_weights (here RandomWeights draws them again on the CPU)
     build           seconds to build the engine from scratch (the alternative to sleeping)
 
-and checks that the engine generates the same greedy tokens after waking (level 1) or reloading (level 2).
+and checks that the engine generates the same greedy tokens after waking (level 1) or reloading (level 2) as
+before sleeping, beside a control: whether a second run before sleeping repeats the first (with random weights
+the top logits are near-ties, which a different kernel choice on the first run can flip).
 Needs CUDA. Prints a line per run and writes the raw numbers to --out as JSON.
 """
 from __future__ import annotations
@@ -71,6 +73,7 @@ def run(shape: str, level: int, device: str = "cuda") -> dict:
         return [done[str(i)] for i in range(len(prompts))]
 
     want = greedy()
+    again = greedy()  # the control: a second run before sleeping (a random model's near-ties may flip anyway)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in (*worker.model.parameters(), worker.runner.kv_cache.storage)}
     weights_kv = sum(storages.values())
@@ -87,15 +90,18 @@ def run(shape: str, level: int, device: str = "cuda") -> dict:
         start = time.perf_counter()
         engine.reload_weights()
         reload_s = time.perf_counter() - start
-    same = greedy() == want
-    row = dict(shape=shape, level=level, held_gib=held / 2**30, asleep_gib=asleep / 2**30,
+    after = greedy()
+    same, repeatable = after == want, again == want
+    same_as_again = after == again
+    row = dict(repeatable=repeatable, same_as_second_run=same_as_again, shape=shape, level=level, held_gib=held / 2**30, asleep_gib=asleep / 2**30,
                weights_kv_gib=weights_kv / 2**30, freed_share=(held - asleep) / weights_kv, sleep_s=sleep_s,
                wake_s=wake_s, reload_s=reload_s, build_s=build, same_tokens=same,
                graphs_back=worker.runner.cuda_graphs is not None)
     print(f"{shape:13s} level {level}: held {row['held_gib']:.2f} GiB, asleep {row['asleep_gib']:.2f} GiB "
           f"(freed {100 * row['freed_share']:.1f}% of the weights + KV pool's {row['weights_kv_gib']:.2f} GiB); "
           f"sleep {sleep_s:.2f} s, wake {wake_s:.2f} s" + (f", reload {reload_s:.1f} s" if reload_s else "") +
-          f"; build {build:.1f} s; same tokens {same}, graphs back {row['graphs_back']}", flush=True)
+          f"; build {build:.1f} s; same tokens {same} (as the second run before sleeping {same_as_again}, which "
+          f"repeated the first: {repeatable}), graphs back {row['graphs_back']}", flush=True)
     engine.shutdown()
     return row
 
