@@ -170,6 +170,9 @@ def test_the_servers_sleep_endpoints():
         assert httpx.post(srv.url + "/sleep", params={"level": 3}).status_code == 400
         assert httpx.post(srv.url + "/sleep", params={"level": 2}).status_code == 200
         assert httpx.get(srv.url + "/is_sleeping").json() == {"is_sleeping": True}
+        scraped = httpx.get(srv.url + "/metrics").text
+        assert 'minillm:engine_sleep_state{model_name="tiny-random",sleep_state="discard_all"} 1.0' in scraped
+        assert 'sleep_state="awake"} 0.0' in scraped
         refused = httpx.post(srv.url + "/v1/completions", json=body)
         assert refused.status_code == 503 and "asleep" in refused.json()["error"]["message"]
         assert httpx.post(srv.url + "/sleep").status_code == 409  # asleep already
@@ -177,6 +180,7 @@ def test_the_servers_sleep_endpoints():
         assert httpx.post(srv.url + "/wake_up", params=[("tags", "weights"), ("tags", "kv_cache")]).status_code == 200
         assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 503  # level 2: weights to load
         assert httpx.get(srv.url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert 'sleep_state="awake"} 1.0' in httpx.get(srv.url + "/metrics").text
     app, llm = tiny_app(tiny_engine(enable_prefix_caching=True), dev_mode=True)
 
     async def reload_and_generate() -> str:  # (RandomWeights draws the same weights again)

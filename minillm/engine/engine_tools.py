@@ -27,6 +27,7 @@ class EngineTools:
     _weights_discarded = False  # sleep(level=2): no step until update_weights or reload_weights loads them all
     _proposer_sleep: SleepingTensors | None = None  # the speculative proposer's state while it sleeps
     _recapture: tuple = ()  # a draft model's runner whose CUDA graphs sleep dropped: captured at the last wake_up
+    _sleep_level = 0  # the level of the sleep not yet fully woken from (0: awake)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every cached prefix block, so that no later request reuses K/V computed before (new
@@ -101,6 +102,7 @@ class EngineTools:
             self.wake_up()  # whatever slept wakes again: the engine stays usable
             raise
         self._weights_discarded = self._weights_discarded or level == 2
+        self._sleep_level = level
         return reports
 
     def _sleep_proposer(self, report: SleepReport) -> SleepReport:
@@ -131,11 +133,17 @@ class EngineTools:
         if not self._asleep:
             for runner in self._recapture:  # a draft model's runner: its graphs again
                 runner.configure(runner.engine_config)
-            self._recapture, self._proposer_sleep = (), None
+            self._recapture, self._proposer_sleep, self._sleep_level = (), None, 0
 
     def is_sleeping(self) -> bool:
         """Whether any of the engine's memory sleeps (vLLM's is_sleeping)."""
         return bool(self._asleep)
+
+    @property
+    def sleep_state(self) -> str:
+        """vLLM's metric label: "awake", "weights_offloaded" (level 1) or "discard_all" (level 2), the latter
+        two until every tag is awake again."""
+        return ("awake", "weights_offloaded", "discard_all")[self._sleep_level]
 
     def check_awake(self) -> None:
         """Raise EngineSleepingError unless a request can run now: nothing sleeps, and weights dropped by

@@ -287,7 +287,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
 
     @get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(metrics.render(getattr(llm.engine, "sleep_state", "awake")), media_type=CONTENT_TYPE)
 
     @get("/engine/state")
     async def engine_state() -> dict:

@@ -5,6 +5,8 @@ dashboard written for one reads the other. Two kinds of numbers:
 
     state, after every step      gauges: requests running / waiting / swapped, KV blocks used / free, KV usage,
                                  prefix-cache hit rate; counters: preemptions
+    state, when scraped          engine_sleep_state{sleep_state="awake" | "weights_offloaded" | "discard_all"}:
+                                 1 for sleep mode's current state, 0 for the others
     per request, when it ends    histograms: time to first token, time per output token, end-to-end latency;
                                  counters: prompt and generation tokens, finished requests by reason
 
@@ -63,6 +65,8 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._finished = Counter("minillm:request_success", "Finished requests by finish reason.",
                                  ["model_name", "finished_reason"], registry=registry)
+        self._sleep = Gauge("minillm:engine_sleep_state", "Sleep mode's state: 1 for the current one.",
+                            ["model_name", "sleep_state"], registry=registry)
         self._model_name = model_name
         self._num_preemptions = 0
         self._counted: dict[str, int] = {}  # request id -> output tokens already counted (unfinished only)
@@ -105,5 +109,8 @@ class ServerMetrics:
             if value is not None:
                 histogram.observe(value)
 
-    def render(self) -> bytes:
+    def render(self, sleep_state: str = "awake") -> bytes:
+        """The /metrics body; `sleep_state` is the engine's now (LLMEngine.sleep_state)."""
+        for state in ("awake", "weights_offloaded", "discard_all"):
+            self._sleep.labels(self._model_name, state).set(1.0 if state == sleep_state else 0.0)
         return generate_latest(self.registry)
