@@ -41,6 +41,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -69,7 +70,7 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               lora_modules: Sequence[LoRAModulePath] | None = None,
               allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
               dev_mode: bool = False, profile_dir: str | None = None, tool_call_parser: str | None = None,
-              reasoning_parser: str | None = None) -> FastAPI:
+              reasoning_parser: str | None = None, cors: dict[str, Any] | None = None) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
@@ -83,7 +84,10 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
     --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py).
     `reasoning_parser` (vLLM's --reasoning-parser deepseek_r1 / qwen3) returns a chat answer's thought as
-    reasoning_content apart from its content (serve/reasoning.py)."""
+    reasoning_content apart from its content (serve/reasoning.py). `cors` (vLLM's --allowed-origins,
+    --allow-credentials, --allowed-methods, --allowed-headers: Starlette's CORSMiddleware options) lets web pages
+    of those origins call the server from a browser; None (the default, unlike vLLM's "*") sends no CORS headers,
+    so no other site's page can read the answers of a server on this machine."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -126,6 +130,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llm, app.state.metrics, app.state.models = llm, metrics, models
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors is not None:  # added last, so outermost: a browser's preflight (no API key) is answered before the guard
+        app.add_middleware(CORSMiddleware, **cors)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:

@@ -194,8 +194,31 @@ def check_server_options(args: argparse.Namespace) -> str | None:
     return runtime_lora_updating(args)
 
 
+def cors_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """CORSMiddleware's options from the --allowed-* flags; None without --allowed-origins (no CORS headers)."""
+    if args.allowed_origins is None:
+        if args.allow_credentials or args.allowed_methods is not None or args.allowed_headers is not None:
+            raise ValueError("--allow-credentials, --allowed-methods and --allowed-headers need --allowed-origins "
+                             "(the web origins allowed to call this server, e.g. '[\"http://localhost:3000\"]')")
+        return None
+    return {"allow_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
+            "allow_methods": args.allowed_methods or ["*"], "allow_headers": args.allowed_headers or ["*"]}
+
+
+def _json_strings(text: str) -> list[str]:
+    """argparse type: a JSON list of strings (vLLM's spelling of --allowed-origins and its kin)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings, e.g. '[\"http://localhost:3000\"]', "
+                                         f"got {text!r}")
+    return value
+
+
 def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, api_key: str | None = None,
-                     max_body_bytes: int = 1 << 20) -> tuple[Any, Any, str]:
+                     max_body_bytes: int = 1 << 20, cors: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
     """(LLM, the app, the served model name) for the model options `serve` and `run-batch` share."""
     from minillm.engine.async_llm import AsyncLLM
     from minillm.llm import LLM
@@ -218,26 +241,30 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
                     allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
                     dev_mode=dev_mode(), profile_dir=_profile_dir(),
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    reasoning_parser=args.reasoning_parser)
+                    reasoning_parser=args.reasoning_parser, cors=cors)
     return llm, app, name
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from minillm.serve.server import bind, run
+    from minillm.serve.server import bind, check_ssl, run
 
     try:
         if not 0 <= args.graceful_timeout < float("inf"):  # checked again by run(), after the model had loaded
             raise ValueError(f"--graceful-timeout must be a finite number of seconds >= 0, got {args.graceful_timeout}")
         runtime_lora = check_server_options(args)
+        cors = cors_options(args)
+        check_ssl(args.ssl_keyfile, args.ssl_certfile)
         sock = bind(args.host, args.port)  # a bad or busy port fails now, not after loading the model
-        llm, app, name = build_served_app(args, runtime_lora, args.api_key, args.max_body_bytes)
+        llm, app, name = build_served_app(args, runtime_lora, args.api_key, args.max_body_bytes, cors)
         if runtime_lora:
             print(f"minillm serve: {runtime_lora}: POST /v1/load_lora_adapter and "
                   f"/v1/unload_lora_adapter are on; whoever can reach the server can make it read any directory as "
                   f"an adapter (keep it on localhost, or behind --api-key)", file=sys.stderr)
-        print(f"minillm serve: {name} on http://{args.host}:{args.port} (playground at /, metrics at /metrics)",
+        scheme = "https" if args.ssl_certfile else "http"
+        print(f"minillm serve: {name} on {scheme}://{args.host}:{args.port} (playground at /, metrics at /metrics)",
               file=sys.stderr)
-        run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock)
+        run(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level, sock=sock,
+            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     except (ValueError, TypeError, OSError) as err:
         print(f"minillm serve: error: {err}", file=sys.stderr)
         return 2
@@ -291,6 +318,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--allowed-origins", type=_json_strings, default=None, metavar="JSON",
+                   help="web origins whose pages may call the server from a browser (CORS), e.g. "
+                        "'[\"http://localhost:3000\"]' or '[\"*\"]'; default none (vLLM's default is \"*\")")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and auth headers")
+    p.add_argument("--allowed-methods", type=_json_strings, default=None, metavar="JSON", help='CORS (default ["*"])')
+    p.add_argument("--allowed-headers", type=_json_strings, default=None, metavar="JSON", help='CORS (default ["*"])')
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    p.add_argument("--ssl-certfile", default=None, help="... and this certificate (PEM)")
     add_model_options(p)
     p.set_defaults(func=_cmd_serve)
     from minillm.serve.run_batch import register_run_batch

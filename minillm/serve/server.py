@@ -12,6 +12,7 @@ notebooks do) works and the chosen port is known before the first request.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -42,20 +43,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: Any, graceful_timeout: float, log_level: str) -> uvicorn.Config:
+def check_ssl(ssl_keyfile: str | None, ssl_certfile: str | None) -> None:
+    """ValueError unless TLS is off (neither file) or both files are there to read (vLLM's --ssl-keyfile and
+    --ssl-certfile; checked before a model loads, and again by uvicorn, which parses them)."""
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: give both (the private key and its "
+                         "certificate, PEM) or neither")
+    for flag, path in (("--ssl-keyfile", ssl_keyfile), ("--ssl-certfile", ssl_certfile)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+
+
+def _config(app: Any, graceful_timeout: float, log_level: str, ssl_keyfile: str | None = None,
+            ssl_certfile: str | None = None) -> uvicorn.Config:
     if isinstance(graceful_timeout, bool) or not isinstance(graceful_timeout, (int, float)) or \
             not 0 <= graceful_timeout < float("inf"):
         raise ValueError(f"graceful_timeout must be a finite number of seconds >= 0, got {graceful_timeout!r}")
+    check_ssl(ssl_keyfile, ssl_certfile)
     # h11 is pure Python and always there; keep-alive long enough for a benchmark's pauses
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout, lifespan="on",
-                          timeout_keep_alive=30, backlog=2048)
+                          timeout_keep_alive=30, backlog=2048, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
 
 
 def run(app: Any, host: str = LOCALHOST, port: int = 8000, graceful_timeout: float = 30.0,
-        log_level: str = "info", sock: socket.socket | None = None) -> None:
+        log_level: str = "info", sock: socket.socket | None = None, ssl_keyfile: str | None = None,
+        ssl_certfile: str | None = None) -> None:
     """Serve until Ctrl-C / SIGTERM (blocking). `sock`: a socket bound already (`bind`), so that a port in use
-    is reported before a model is loaded; host and port are then only its description."""
-    config = _config(app, graceful_timeout, log_level)
+    is reported before a model is loaded; host and port are then only its description. With ssl_keyfile and
+    ssl_certfile (PEM) the server speaks HTTPS."""
+    config = _config(app, graceful_timeout, log_level, ssl_keyfile, ssl_certfile)
     uvicorn.Server(config).run(sockets=[sock if sock is not None else bind(host, port)])
 
 
@@ -64,11 +80,11 @@ class ServerThread:
     Leaving the block shuts the server down (gracefully, for up to `graceful_timeout` seconds)."""
 
     def __init__(self, app: Any, host: str = LOCALHOST, port: int = 0, graceful_timeout: float = 5.0,
-                 log_level: str = "warning") -> None:
-        self.server = uvicorn.Server(_config(app, graceful_timeout, log_level))
+                 log_level: str = "warning", ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> None:
+        self.server = uvicorn.Server(_config(app, graceful_timeout, log_level, ssl_keyfile, ssl_certfile))
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{'https' if ssl_certfile else 'http'}://{self.host}:{self.port}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="minillm-server", daemon=True)
 
