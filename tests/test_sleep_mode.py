@@ -196,9 +196,16 @@ def test_the_servers_sleep_endpoints():
         finally:
             await llm.shutdown()
     assert asyncio.run(reload_and_generate()) == want
+    app, _ = tiny_app(tiny_engine(), dev_mode=True)
+    with ServerThread(app) as srv:
+        assert httpx.post(srv.url + "/pause", params={"mode": "soon"}).status_code == 400
+        assert httpx.post(srv.url + "/pause").status_code == 200
+        assert httpx.get(srv.url + "/is_paused").json() == {"is_paused": True}
+        assert httpx.post(srv.url + "/resume").status_code == 200
+        assert httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["text"] == want
     app, _ = tiny_app(tiny_engine())
     with ServerThread(app) as srv:
-        assert httpx.post(srv.url + "/sleep").status_code == 404  # dev mode only
+        assert httpx.post(srv.url + "/sleep").status_code == httpx.post(srv.url + "/pause").status_code == 404
 
 
 @pytest.mark.gpu
@@ -268,3 +275,45 @@ def test_random_engines_wake_to_the_same_answers(seed):
     block_manager = getattr(engine.scheduler, "block_manager", None)
     if block_manager is not None:
         block_manager.check_invariants()
+
+
+def test_pause_generation_lets_requests_wait_through_a_sleep():
+    """AsyncLLM.pause_generation (vLLM's, for RL loops): "wait" lets the running requests finish, "abort" ends
+    them; requests sent while paused wait (not refused) through a sleep and a wake, and run after resume."""
+    from serve_tiny import tiny_app, tiny_engine
+    _, llm = tiny_app(tiny_engine())
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    async def last(stream):
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    async def main():
+        await llm.start()
+        try:
+            running = [asyncio.ensure_future(last(llm.generate([5, 6, 7], params))) for _ in range(3)]
+            await asyncio.sleep(0.01)
+            await llm.pause_generation("wait")
+            assert all(t.done() and t.result().outputs[0].finish_reason == "length" for t in running)
+            assert llm.is_paused and not llm.engine.has_unfinished_requests()
+            queued = asyncio.ensure_future(last(llm.generate([5, 6, 7], params)))
+            await asyncio.sleep(0.05)
+            assert not queued.done() and not llm.engine.has_unfinished_requests()
+            await llm.sleep(1)
+            later = asyncio.ensure_future(last(llm.generate([8, 9], params)))  # while asleep: waits too
+            await llm.wake_up()
+            await llm.resume_generation()
+            assert (await queued).outputs[0].token_ids == running[0].result().outputs[0].token_ids
+            assert (await later).outputs[0].finish_reason == "length"
+            aborted = asyncio.ensure_future(last(llm.generate([5, 6, 7], params)))
+            await asyncio.sleep(0.01)
+            await llm.pause_generation("abort")
+            assert (await aborted).outputs[0].finish_reason == "abort"
+            await llm.resume_generation()
+            with pytest.raises(ValueError, match="pause mode must be"):
+                await llm.pause_generation("later")
+        finally:
+            await llm.shutdown()
+    asyncio.run(main())

@@ -125,6 +125,8 @@ class AsyncLLM:
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
         self.accepting = False  # False before start() and once shutdown() began: new requests are refused
+        self._paused = False  # pause_generation: new requests wait in _pending_adds until resume_generation
+        self._drained: asyncio.Event | None = None  # set by the loop whenever the engine has nothing unfinished
 
     @classmethod
     def from_llm(cls, llm: Any) -> "AsyncLLM":
@@ -136,6 +138,7 @@ class AsyncLLM:
         if self._task is not None:
             raise RuntimeError("AsyncLLM.start() was already called")
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="minillm-engine")
         self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run_loop(), name="minillm-engine-loop")
@@ -194,7 +197,8 @@ class AsyncLLM:
         instead of sampling_params): an embedding request, its one output's `embedding` the vector."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
-        self.engine.check_awake()  # (and on the loop again: a sleep queued before this add is applied first)
+        if not self._paused:  # (paused, a request waits for resume_generation, by which time the engine woke)
+            self.engine.check_awake()  # (and on the loop again: a sleep queued before this add is applied first)
         if pooling_params is not None:
             sampling_params = self.engine.embedding_sampling_params(pooling_params, sampling_params)
         if sampling_params is None:
@@ -256,6 +260,37 @@ class AsyncLLM:
         """vLLM's: LLMEngine.collective_rpc on every worker, between two steps."""
         return await self.between_steps(lambda: self.engine.collective_rpc(method, args, kwargs))
 
+    async def pause_generation(self, mode: str = "wait") -> None:
+        """vLLM's, for RL loops: stop taking new requests into the engine and return once it is idle, so that
+        sleep, update_weights or reload_weights can run. mode "wait" lets the requests in the engine finish;
+        "abort" aborts them (their streams end with finish_reason "abort"). Requests sent while paused wait,
+        unanswered but not refused, until resume_generation."""
+        if mode not in ("wait", "abort"):
+            raise ValueError(f"pause mode must be 'wait' (let running requests finish) or 'abort', got {mode!r}")
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running: nothing to pause")
+        self._paused = True
+        if mode == "abort":
+            queued = {add[0] for add in self._pending_adds}
+            for request_id in [r for r in self._streams if r not in queued]:
+                self._queue_abort(request_id, notify=True)
+        while True:
+            self._drained.clear()
+            self._wake.set()
+            await self._drained.wait()
+            if not self.engine.has_unfinished_requests() and not self._pending_aborts:
+                return
+
+    async def resume_generation(self) -> None:
+        """Take the requests that waited during the pause (and new ones) into the engine again."""
+        self._paused = False
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
     async def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode (LLMEngine.sleep), between two steps; refused while requests run."""
         await self.between_steps(lambda: self.engine.sleep(level))
@@ -301,6 +336,7 @@ class AsyncLLM:
             if not self.engine.has_unfinished_requests():
                 if changed:
                     self._publish([], take_snapshot(self.engine))
+                self._drained.set()  # (pause_generation waits for it)
                 await self._wake.wait()
                 continue
             scheduler = self.engine.scheduler
@@ -341,8 +377,12 @@ class AsyncLLM:
         changed = bool(self._pending_adds or self._pending_aborts)
         aborted = set(self._pending_aborts)
         outputs = []
+        waiting = deque()  # paused: the adds that wait for resume_generation
         while self._pending_adds:
             # a request cancelled before it reached the engine is added and aborted below: one path for both
+            if self._paused and self._pending_adds[0][0] not in aborted:
+                waiting.append(self._pending_adds.popleft())
+                continue
             request_id, prompt, params, arrival, token_ids, lora_request, pooling = self._pending_adds.popleft()
             try:
                 self.engine.add_request(request_id, prompt, None if pooling is not None else params,
@@ -350,6 +390,7 @@ class AsyncLLM:
                                         else None, lora_request=lora_request, pooling_params=pooling)
             except (ValueError, TypeError, EngineSleepingError) as err:
                 self._finish_stream(request_id, err)
+        self._pending_adds.extend(waiting)
         self._pending_aborts.clear()
         for request_id in aborted:
             out = self.engine.abort(request_id)

@@ -79,7 +79,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     enable_lora): POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters while it runs.
     `pooler_config` (vLLM's --pooler-config): how /v1/embeddings, /score and /rerank pool (default LAST, normalized).
     `dev_mode` (vLLM's VLLM_SERVER_DEV_MODE) mounts the developers' endpoints: POST /reset_prefix_cache, and
-    sleep mode's POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache], GET /is_sleeping.
+    sleep mode's POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache], GET /is_sleeping, and POST
+    /pause?mode=wait|abort, POST /resume, GET /is_paused (new requests wait while paused).
     `profile_dir` (vLLM's VLLM_TORCH_PROFILER_DIR) mounts POST /start_profile and /stop_profile, which record
     torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
     --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py).
@@ -266,6 +267,23 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         @get("/is_sleeping")
         async def is_sleeping() -> dict:
             return {"is_sleeping": await llm.is_sleeping()}
+
+        @app.post("/pause")  # vLLM's pause_generation: new requests wait; returns once the engine is idle
+        async def pause(request: Request) -> Response:
+            try:
+                await llm.pause_generation(request.query_params.get("mode", "wait"))
+            except ValueError as err:
+                raise ApiError(400, str(err), param="mode") from None
+            return Response(status_code=200)
+
+        @app.post("/resume")
+        async def resume() -> Response:
+            await llm.resume_generation()
+            return Response(status_code=200)
+
+        @get("/is_paused")
+        async def is_paused() -> dict:
+            return {"is_paused": llm.is_paused}
 
     if profile_dir is not None:
         @app.post("/start_profile")  # vLLM's, with a profiler directory: traces of the engine at work
