@@ -94,9 +94,10 @@ class Client:
 
 
 def draw_clients(seed: int, scenario: Scenario, reference: Reference
-                 ) -> tuple[dict[str, Client], list[tuple[int, str]]]:
+                 ) -> tuple[dict[str, Client], list[tuple[int, str]], tuple[int, bool] | None]:
     """The scenario's requests as clients (3 in 10 of those without a stop given a stop string of up to 4
-    characters), and (step, BAD_CALLS name) for the clients that ask for nonsense."""
+    characters), (step, BAD_CALLS name) for the clients that ask for nonsense, and (step, whether to sleep) of a
+    pause_generation, or None."""
     rng = random.Random(f"async {seed}")  # not the scenario's generator: seed N keeps the engine test's scenario N
     clients: dict[str, Client] = {}
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
@@ -113,11 +114,14 @@ def draw_clients(seed: int, scenario: Scenario, reference: Reference
                 clients[rid].cancel_in_check = rng.random() < 0.5
     last = scenario.events[-1][0]
     bad = [(rng.randint(0, last + 3), rng.choice(sorted(BAD_CALLS))) for _ in range(rng.randint(1, 3))]
-    return clients, bad
+    # 1 time in 3 an RL trainer's turn at some step: pause ("wait": running requests finish, new ones wait), half
+    # the time a sleep at level 1 and a wake, then resume (no client notices but by the delay)
+    pause = (rng.randint(0, last + 3), rng.random() < 0.5) if rng.random() < 1 / 3 else None
+    return clients, bad, pause
 
 
 async def serve(llm: AsyncLLM, clients: dict[str, Client], bad: list[tuple[int, str]], recorder: EngineRecorder,
-                unqueued: set[str]) -> dict[str, list]:
+                unqueued: set[str], pause: tuple[int, bool] | None = None) -> dict[str, list]:
     """Run every client concurrently against the started `llm`; each client's outputs, as it received them.
     Fills `unqueued`: the clients cancelled inside generate() before their request was queued (an adapter's
     read), which the engine never sees."""
@@ -172,7 +176,19 @@ async def serve(llm: AsyncLLM, clients: dict[str, Client], bad: list[tuple[int, 
         tasks.append(task)
         if c.leave in ("abort", "cancel"):
             tasks.append(asyncio.ensure_future(leaver(c, task, arrived)))
+    async def trainer(step: int, sleep: bool) -> None:  # an RL loop's turn: the engine emptied, maybe asleep
+        await until_step(llm, step)
+        await llm.pause_generation("wait")
+        assert not llm.engine.has_unfinished_requests()
+        if sleep:
+            await llm.sleep(1)
+            await asyncio.sleep(0.005)
+            await llm.wake_up()
+        await llm.resume_generation()
+
     tasks += [asyncio.ensure_future(bad_client(step, name)) for step, name in bad]
+    if pause is not None:
+        tasks.append(asyncio.ensure_future(trainer(*pause)))
     await gather_clients(tasks)
     return seen
 
@@ -205,7 +221,7 @@ def check_clients(clients: dict[str, Client], seen: dict[str, list], recorder: E
 def run_seed(model_and_config, head_dirs, reference: Reference, seed: int,  # noqa: F811
              lora: bool | None = None) -> None:
     scenario = draw_scenario(seed, reference, lora)
-    clients, bad = draw_clients(seed, scenario, reference)
+    clients, bad, pause = draw_clients(seed, scenario, reference)
     engine = build_engine(model_and_config, head_dirs, scenario)
     llm = AsyncLLM(engine)
     recorder = EngineRecorder(llm)
@@ -217,7 +233,7 @@ def run_seed(model_and_config, head_dirs, reference: Reference, seed: int,  # no
     async def main():
         await llm.start()
         try:
-            seen = await serve(llm, clients, bad, recorder, unqueued)
+            seen = await serve(llm, clients, bad, recorder, unqueued, pause)
             await settle(llm)
             after = [out async for out in llm.generate(list(AFTER.prompt), AFTER.params(), request_id="after")]
         finally:
