@@ -114,9 +114,9 @@ def draw_clients(seed: int, scenario: Scenario, reference: Reference
                 clients[rid].cancel_in_check = rng.random() < 0.5
     last = scenario.events[-1][0]
     bad = [(rng.randint(0, last + 3), rng.choice(sorted(BAD_CALLS))) for _ in range(rng.randint(1, 3))]
-    # 1 time in 3 an RL trainer's turn at some step: pause ("wait": running requests finish, new ones wait), half
+    # 1 time in 2 an RL trainer's turn at some step: pause ("wait": running requests finish, new ones wait), half
     # the time a sleep at level 1 and a wake, then resume (no client notices but by the delay)
-    pause = (rng.randint(0, last + 3), rng.random() < 0.5) if rng.random() < 1 / 3 else None
+    pause = (rng.randint(0, last + 3), rng.random() < 0.5) if rng.random() < 0.5 else None
     return clients, bad, pause
 
 
