@@ -6,7 +6,8 @@ profiler traces of the engine and its workers (minillm/engine/profiler.py).
 The workers are in this process (UniProcExecutor: `executor.driver_worker`) or in processes of their own (tensor,
 pipeline and expert parallelism: `executor.collective_rpc`; the disaggregated engine overrides _on_workers for its
 prefill and decode workers). Each call runs between steps: the caller owns the engine loop (AsyncLLM runs them
-through between_steps). No chapter builds these; chapter 10's server mounts reset_prefix_cache, sleep mode and the profiler.
+through between_steps). Chapter 10 shows sleep mode in a cell; its server mounts reset_prefix_cache, sleep mode and
+the profiler.
 """
 from __future__ import annotations
 

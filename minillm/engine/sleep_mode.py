@@ -25,8 +25,8 @@ beside its codes and are weights here), LoRA adapter slots, an fp8 KV cache's sc
 own model (a draft model, Medusa / EAGLE / MTP heads): they go to host memory like level 1's weights, so only the
 parameters a checkpoint reloads are dropped. A proposer's state is found by walking it (`proposer_state`): its
 tensors on the device, its KV pool, and its graphs, dropped at sleep and captured again (a draft runner's at wake
-up, the heads' on their next use). No chapter builds this; the engine mixin EngineTools (engine_tools.py) exposes
-it, the workers (worker.py) carry it out for the target model.
+up, the heads' on their next use). Chapter 10 shows it in a cell (no exercise builds it); the engine mixin
+EngineTools (engine_tools.py) exposes it, the workers (worker.py) carry it out for the target model.
 """
 from __future__ import annotations
 

@@ -297,7 +297,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help='how /v1/embeddings, /score and /rerank pool: \'{"pooling_type": "MEAN"}\' (LAST, MEAN, CLS; '
                         'default LAST, normalized)')
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, help="quantize a dense checkpoint while loading (rtn, fp8, nf4, int8)")
+    p.add_argument("--quantization", default=None,
+                   help="quantize a dense checkpoint while loading (rtn, fp8, nf4, int8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     add_engine_flags(p)

@@ -284,7 +284,8 @@ async def respond(serving: Any, request: ResponsesRequest, raw: Request) -> Resp
         err.param = _PARAMS.get(err.param, err.param)
         raise
     if isinstance(answer, StreamingResponse):
-        return StreamingResponse(_events(request, answer.body_iterator, request.model or serving.model_name), media_type="text/event-stream",
+        events = _events(request, answer.body_iterator, request.model or serving.model_name)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     if not isinstance(answer, JSONResponse):  # the client left (499)
         return answer
