@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.datetime.utcnow().isoformat(),
+            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "rows": rows}, f, indent=1)
     return 0
 
