@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                       "rows": rows}, f, indent=1)
+            date = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            json.dump({"device": torch.cuda.get_device_name(), "date": date, "rows": rows}, f, indent=1)
     return 0
 
 
