@@ -336,7 +336,7 @@ class LLM:
         leaves the last message open for the model to go on writing (add_generation_prompt must then be False);
         `tools` (OpenAI's function tools) and `chat_template_kwargs` (e.g. Qwen3's enable_thinking) reach the
         template as variables."""
-        from minillm.loader.chat_template import open_final_message, render_chat_template
+        from minillm.loader.chat_template import RESERVED_KWARGS, render_conversation
         if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
             conversations = list(messages)
         else:
@@ -347,7 +347,7 @@ class LLM:
         if chat_template is not None and not isinstance(chat_template, str):
             raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}")
         extra = dict(chat_template_kwargs or {})
-        reserved = [k for k in extra if k in ("messages", "add_generation_prompt", "special_tokens", "tools")]
+        reserved = [k for k in extra if k in (*RESERVED_KWARGS, "tools")]
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {reserved[0]!r}: it is LLM.chat's own argument")
         if tools is not None:
@@ -357,14 +357,8 @@ class LLM:
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
             try:
-                turns = template_messages(conversation, where)
-                if chat_template is None:
-                    rendered = self.tokenizer.apply_chat_template(turns, add_generation_prompt, **extra)
-                else:
-                    rendered = render_chat_template(chat_template, turns, add_generation_prompt, special_tokens={
-                        "bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}, **extra)
-                if continue_final_message:
-                    rendered = open_final_message(rendered, turns[-1]["content"])
+                rendered = render_conversation(self.tokenizer, template_messages(conversation, where), chat_template,
+                                               add_generation_prompt, continue_final_message, **extra)
                 # the template already wrote the special tokens (BOS, role markers) as text: not added again
                 token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
                 tokenized.append((rendered, self.llm_engine.validate_prompt(token_ids)[1]))

@@ -284,9 +284,10 @@ class Worker:
         clear_cpu_matmul_cache()  # derived copies of the weights
         self._recapture_graphs = self.runner.release_graphs() or self._recapture_graphs
         kv = self.runner.kv_cache.storage
+        kv_ptr = kv.untyped_storage().data_ptr()  # (the attention layers' k_cache / v_cache views are the pool's)
         params = list(self.model.parameters())
         others = [t for m in self.model.modules() for t in (*m.buffers(recurse=False), *vars(m).values())
-                  if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()]
+                  if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != kv_ptr]
         lora = [] if self.lora is None else [t for s in self.lora.layers.values() for t in (s.a, s.b)]
         weights = self._sleeping.put_to_sleep("weights", [*others, *lora, *(params if level == 1 else ())],
                                               drop=params if level == 2 else ())

@@ -47,6 +47,26 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return list(messages)
 
 
+# template variables a caller gives through arguments of their own (or that would clash with the renderer's)
+RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "special_tokens", "source")
+
+
+def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], template: str | None = None,
+                        add_generation_prompt: bool = True, continue_final_message: bool = False,
+                        **extra: Any) -> str:
+    """The prompt text of `messages` (dicts as templates read them) through `template`, or through the tokenizer's
+    own chat template when None; `continue_final_message` leaves the last message open (open_final_message);
+    `extra`: more template variables (tools, documents, enable_thinking, ...). LLM.chat and the server's chat
+    endpoint both render through it. ChatTemplateError (a ValueError) for what cannot be rendered."""
+    if template is not None:
+        special = {"bos_token": getattr(tokenizer, "bos_token", None),
+                   "eos_token": getattr(tokenizer, "eos_token", None)}
+        text = render_chat_template(template, messages, add_generation_prompt, special_tokens=special, **extra)
+    else:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+    return open_final_message(text, messages[-1]["content"]) if continue_final_message else text
+
+
 def template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI tool call as chat templates for tool use read it: its arguments a mapping, parsed from OpenAI's
     JSON string (left as they are when they do not parse)."""

@@ -24,12 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from minillm.loader.chat_template import open_final_message, render_chat_template
+from minillm.loader.chat_template import RESERVED_KWARGS, render_conversation
 from minillm.serve.protocol import ApiError, ChatCompletionRequest
-
-# template variables the request sets through their own fields (or that would clash with the renderer's arguments)
-RESERVED_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "special_tokens", "source")
-
 
 def render_chat(tokenizer: Any, server_template: str | None, request: ChatCompletionRequest,
                 trust_request_template: bool = False) -> tuple[str, list[int]]:
@@ -55,20 +51,12 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
     if request.tools:  # a template for tool use renders them (serve/tool_calls.py)
         kwargs.setdefault("tools", request.tools)
     template = request.chat_template or server_template
+    if template is None and not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise ApiError(400, "this model has no chat template: use /v1/completions, start the server with "
+                            "--chat-template FILE, or send chat_template", param="messages")
     try:
-        if template is not None:
-            special = {"bos_token": getattr(tokenizer, "bos_token", None),
-                       "eos_token": getattr(tokenizer, "eos_token", None)}
-            text = render_chat_template(template, messages, add_generation_prompt=request.add_generation_prompt,
-                                        special_tokens=special, **kwargs)
-        elif callable(getattr(tokenizer, "apply_chat_template", None)):
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt,
-                                                 **kwargs)
-        else:
-            raise ApiError(400, "this model has no chat template: use /v1/completions, start the server with "
-                                "--chat-template FILE, or send chat_template", param="messages")
-        if request.continue_final_message:
-            text = open_final_message(text, messages[-1]["content"])
+        text = render_conversation(tokenizer, messages, template, request.add_generation_prompt,
+                                   request.continue_final_message, **kwargs)
     except ValueError as err:  # ChatTemplateError is a ValueError
         param = "continue_final_message" if str(err).startswith("continue_final_message") else \
             "chat_template" if request.chat_template else "messages"

@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from minillm.engine.detokenizer import stream_safe_length
-from minillm.serve.tool_parser import make_call
+from minillm.serve.tool_parser import HeldCallsParser, WholeAnswerCallsParser, make_call
 
 PYTHON_TAG, TOOL_CALLS = "<|python_tag|>", "[TOOL_CALLS]"
 
@@ -90,46 +90,14 @@ def parse_mistral_calls(text: str) -> tuple[str | None, list[dict]]:
     return (content or None), calls
 
 
-class _HeldCalls:
-    """What both streaming parsers share: the events of the held-back text once the answer ends."""
-
-    def __init__(self, parse) -> None:
-        self._parse, self._pending, self.num_calls = parse, "", 0
-
-    def finish(self) -> list[tuple[str, Any]]:
-        rest, self._pending = self._pending, ""
-        if not rest:
-            return []
-        content, calls = self._parse(rest)
-        if not calls:
-            return [("content", rest)]
-        events = [("content", content)] if content else []
-        events += [("call", (self.num_calls + i, call)) for i, call in enumerate(calls)]
-        self.num_calls += len(calls)
-        return events
-
-
-class StreamingLlama3Parser(_HeldCalls):
+class StreamingLlama3Parser(WholeAnswerCallsParser):
     """Feed the answer's new text; ("content", text) and, at finish, ("call", (index, tool call)) events."""
 
     def __init__(self) -> None:
-        super().__init__(parse_llama3_calls)
-        self._holding: bool | None = None  # undecided until the first characters say whether a call begins
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        self._pending += text
-        if self._holding is None:
-            head = self._pending.lstrip()
-            if not head or PYTHON_TAG.startswith(head):
-                return []
-            self._holding = head.startswith("{") or head.startswith(PYTHON_TAG)
-        if self._holding:
-            return []
-        rest, self._pending = self._pending, ""
-        return [("content", rest)]
+        super().__init__(parse_llama3_calls, ("{", PYTHON_TAG))
 
 
-class StreamingMistralParser(_HeldCalls):
+class StreamingMistralParser(HeldCallsParser):
     """Content streams until [TOOL_CALLS]; from there on everything is held until the answer ends."""
 
     def __init__(self) -> None:

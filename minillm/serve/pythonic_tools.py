@@ -14,9 +14,8 @@ other answer streams as content.
 from __future__ import annotations
 
 import ast
-from typing import Any
 
-from minillm.serve.tool_parser import make_call
+from minillm.serve.tool_parser import WholeAnswerCallsParser, make_call
 
 WRAP = ("<|python_start|>", "<|python_end|>")
 
@@ -53,33 +52,8 @@ def _calls(body: str) -> list[dict] | None:
     return calls
 
 
-class StreamingPythonicParser:
+class StreamingPythonicParser(WholeAnswerCallsParser):
     """Feed the answer's new text; get back ("content", text) and ("call", (index, tool call)) events."""
 
     def __init__(self) -> None:
-        self._pending = ""
-        self._holding: bool | None = None  # undecided until the first non-space character
-        self.num_calls = 0
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        self._pending += text
-        if self._holding is None:
-            head = self._pending.lstrip()
-            if not head or WRAP[0].startswith(head):
-                return []
-            self._holding = head.startswith("[") or head.startswith(WRAP[0])
-        if self._holding:
-            return []
-        rest, self._pending = self._pending, ""
-        return [("content", rest)] if rest else []
-
-    def finish(self) -> list[tuple[str, Any]]:
-        rest, self._pending = self._pending, ""
-        if not rest:
-            return []
-        content, calls = parse_pythonic_calls(rest)
-        if not calls:
-            return [("content", rest)]
-        events = [("call", (self.num_calls + i, call)) for i, call in enumerate(calls)]
-        self.num_calls += len(calls)
-        return events
+        super().__init__(parse_pythonic_calls, ("[", WRAP[0]))

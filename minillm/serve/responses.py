@@ -292,67 +292,98 @@ async def respond(serving: Any, request: ResponsesRequest, raw: Request) -> Resp
     return JSONResponse(response_body(request, json.loads(answer.body)))
 
 
-async def _events(request: ResponsesRequest, chunks: AsyncIterator[str], model: str) -> AsyncIterator[str]:
-    """The Responses events of the chat path's streamed chunks (module docstring)."""
-    response, state = _Response(request, model), {"seq": 0, "open": None, "finish": None, "usage": None}
+class _EventWriter:
+    """The Responses events of one streamed answer, item by item: the item being written (a message or a thought,
+    `open`), closed by the next kind of output or by the end; each call sent whole, as the chat path sends it."""
 
-    def event(kind: str, **fields: Any) -> str:
-        state["seq"] += 1
-        return f"event: {kind}\n" + _event({"type": kind, "sequence_number": state["seq"] - 1, **fields})
+    def __init__(self, response: _Response) -> None:
+        self.response, self.seq, self.open = response, 0, None
+        self.finish: str | None = None
+        self.usage: dict | None = None
 
-    def close() -> list[str]:
-        """The .done events of the item being written (a message or a thought), if any."""
-        item, state["open"] = state["open"], None
-        if item is None:
-            return []
-        index, part = len(response.output), item["content"][0]
-        if item["type"] == "message":
-            item["status"] = "incomplete" if state["finish"] == "length" else "completed"
-            done = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                          text=part["text"]),
-                    event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                          part=part)]
-        else:
-            done = [event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
-                          text=part["text"])]
-        response.output.append(item)
-        return done + [event("response.output_item.done", output_index=index, item=item)]
+    def event(self, kind: str, **fields: Any) -> str:
+        self.seq += 1
+        return f"event: {kind}\n" + _event({"type": kind, "sequence_number": self.seq - 1, **fields})
 
-    def write(kind: str, delta: str) -> list[str]:
-        """Events for `delta` of a thought ("reasoning") or of the answer's text ("message")."""
-        out = []
-        if state["open"] is None or state["open"]["type"] != kind:
-            out += close()
-            item = _message("", "in_progress") if kind == "message" else _reasoning("")
-            state["open"] = item
-            shown = {**item, "content": []}
-            out.append(event("response.output_item.added", output_index=len(response.output), item=shown))
-            if kind == "message":
-                out.append(event("response.content_part.added", item_id=item["id"],
-                                 output_index=len(response.output), content_index=0, part=dict(item["content"][0])))
-        item = state["open"]
-        item["content"][0]["text"] += delta
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
-        return out + [event(name, item_id=item["id"], output_index=len(response.output), content_index=0,
-                            delta=delta, **extra)]
-
-    def calls(deltas: list[dict]) -> list[str]:
-        out = close()
-        for delta in deltas:  # each call comes whole from the chat path
-            item, index = _function_call(delta), len(response.output)
-            out += [event("response.output_item.added", output_index=index,
-                          item={**item, "arguments": "", "status": "in_progress"}),
-                    event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                          delta=item["arguments"]),
-                    event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                          arguments=item["arguments"])]
-            response.output.append(item)
-            out.append(event("response.output_item.done", output_index=index, item=item))
+    def chunk(self, chunk: dict) -> list[str]:
+        """The events of one chat chunk's deltas (its finish reason and usage remembered for the end)."""
+        self.response.model = chunk.get("model", self.response.model)
+        self.usage = chunk.get("usage") or self.usage
+        out: list[str] = []
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                out += self.write("reasoning", delta["reasoning_content"])
+            if delta.get("content"):
+                out += self.write("message", delta["content"])
+            if delta.get("tool_calls"):
+                out += self.calls(delta["tool_calls"])
+            self.finish = choice.get("finish_reason") or self.finish
         return out
 
-    yield event("response.created", response=response.body("in_progress"))
-    yield event("response.in_progress", response=response.body("in_progress"))
+    def write(self, kind: str, delta: str) -> list[str]:
+        """Events for `delta` of a thought ("reasoning") or of the answer's text ("message")."""
+        out = [] if self.open is not None and self.open["type"] == kind else self.close()
+        index = len(self.response.output)  # (after closing the item before)
+        if self.open is None:
+            self.open = _message("", "in_progress") if kind == "message" else _reasoning("")
+            out.append(self.event("response.output_item.added", output_index=index,
+                                  item={**self.open, "content": []}))
+            if kind == "message":
+                out.append(self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
+                                      content_index=0, part=dict(self.open["content"][0])))
+        self.open["content"][0]["text"] += delta
+        if kind == "message":
+            return out + [self.event("response.output_text.delta", item_id=self.open["id"], output_index=index,
+                                     content_index=0, delta=delta, logprobs=[])]
+        return out + [self.event("response.reasoning_text.delta", item_id=self.open["id"], output_index=index,
+                                 content_index=0, delta=delta)]
+
+    def calls(self, calls: list[dict]) -> list[str]:
+        out = self.close()
+        for call in calls:
+            item, index = _function_call(call), len(self.response.output)
+            out += [self.event("response.output_item.added", output_index=index,
+                               item={**item, "arguments": "", "status": "in_progress"}),
+                    self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                               delta=item["arguments"]),
+                    self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=index, item=item)]
+            self.response.output.append(item)
+        return out
+
+    def close(self) -> list[str]:
+        """The .done events of the item being written, if any."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index, part = len(self.response.output), item["content"][0]
+        if item["type"] == "message":
+            item["status"] = "incomplete" if self.finish == "length" else "completed"
+            done = [self.event("response.output_text.done", item_id=item["id"], output_index=index,
+                               content_index=0, text=part["text"]),
+                    self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                               content_index=0, part=part)]
+        else:
+            done = [self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                               content_index=0, text=part["text"])]
+        self.response.output.append(item)
+        return done + [self.event("response.output_item.done", output_index=index, item=item)]
+
+    def end(self) -> list[str]:
+        """The last item's .done events (an empty message when nothing was said), then completed / incomplete."""
+        out = self.write("message", "") if not self.response.output and self.open is None else []
+        status = "incomplete" if self.finish == "length" else "completed"
+        return out + self.close() + [self.event(f"response.{status}",
+                                                response=self.response.body(status, _usage(self.usage)))]
+
+
+async def _events(request: ResponsesRequest, chunks: AsyncIterator[str], model: str) -> AsyncIterator[str]:
+    """The Responses events of the chat path's streamed chunks (module docstring)."""
+    writer = _EventWriter(_Response(request, model))
+    yield writer.event("response.created", response=writer.response.body("in_progress"))
+    yield writer.event("response.in_progress", response=writer.response.body("in_progress"))
     try:
         async for piece in chunks:
             for line in piece.split("\n"):
@@ -360,32 +391,14 @@ async def _events(request: ResponsesRequest, chunks: AsyncIterator[str], model: 
                     continue
                 chunk = json.loads(line[len("data: "):])
                 if "error" in chunk:
-                    error = chunk["error"]
-                    yield event("error", code=error.get("code"), message=error.get("message"), param=None)
-                    yield event("response.failed", response=response.body(
-                        "failed", error={"code": "server_error", "message": error.get("message")}))
+                    message = chunk["error"].get("message")
+                    yield writer.event("error", code=chunk["error"].get("code"), message=message, param=None)
+                    yield writer.event("response.failed", response=writer.response.body(
+                        "failed", error={"code": "server_error", "message": message}))
                     return
-                response.model = chunk.get("model", response.model)
-                if chunk.get("usage"):
-                    state["usage"] = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if delta.get("reasoning_content"):
-                        for text in write("reasoning", delta["reasoning_content"]):
-                            yield text
-                    if delta.get("content"):
-                        for text in write("message", delta["content"]):
-                            yield text
-                    if delta.get("tool_calls"):
-                        for text in calls([{"id": c["id"], "function": c["function"]} for c in delta["tool_calls"]]):
-                            yield text
-                    state["finish"] = choice.get("finish_reason") or state["finish"]
+                for text in writer.chunk(chunk):
+                    yield text
     finally:
         await chunks.aclose()  # a client that left: the chat stream's own cleanup aborts the request
-    if not response.output and state["open"] is None:  # nothing at all was said: an empty message
-        for text in write("message", ""):
-            yield text
-    for text in close():
+    for text in writer.end():
         yield text
-    status = "incomplete" if state["finish"] == "length" else "completed"
-    yield event(f"response.{status}", response=response.body(status, _usage(state["usage"])))

@@ -16,6 +16,9 @@ parse_tool_calls reads a finished answer: the calls in order, and the text aroun
 StreamingToolParser does it while the answer streams: text goes out as content until a `<tool_call>` begins
 (a piece that may be the start of one is held back, as stop strings are), a call goes out whole, as one
 tool_calls delta, once its `</tool_call>` arrives. A call cut short (max_tokens) stays text.
+
+What every parser shares lives here too: make_call (OpenAI's tool call), and the streaming bases of the syntaxes
+read once the answer ends (HeldCallsParser, WholeAnswerCallsParser: pythonic_tools.py, json_tools.py).
 """
 from __future__ import annotations
 
@@ -76,6 +79,50 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
     kept.append(text[last:])
     content = "".join(kept).strip()
     return (content or None), calls
+
+
+class HeldCallsParser:
+    """What the streaming parsers of syntaxes read only once the answer ends share (pythonic_tools.py,
+    json_tools.py): `feed` (a subclass's) holds back what may be calls; `finish` reads the held text with `parse`
+    (text -> (content or None, calls)) into ("content", ...) and ("call", (index, tool call)) events, or sends it
+    all as content when it holds no call."""
+
+    def __init__(self, parse) -> None:
+        self._parse, self._pending, self.num_calls = parse, "", 0
+
+    def finish(self) -> list[tuple[str, Any]]:
+        rest, self._pending = self._pending, ""
+        if not rest:
+            return []
+        content, calls = self._parse(rest)
+        if not calls:
+            return [("content", rest)]
+        events = [("content", content)] if content else []
+        events += [("call", (self.num_calls + i, call)) for i, call in enumerate(calls)]
+        self.num_calls += len(calls)
+        return events
+
+
+class WholeAnswerCallsParser(HeldCallsParser):
+    """A syntax whose calls are the whole answer (pythonic's `[f(x=1)]`, Llama 3's JSON): an answer that starts
+    (after whitespace) with one of `openers` is held until it ends; any other streams as content."""
+
+    def __init__(self, parse, openers: tuple[str, ...]) -> None:
+        super().__init__(parse)
+        self.openers = openers
+        self._holding: bool | None = None  # undecided while the answer's start may still become an opener
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self._pending += text
+        if self._holding is None:
+            head = self._pending.lstrip()
+            if not head or any(len(head) < len(o) and o.startswith(head) for o in self.openers):
+                return []
+            self._holding = head.startswith(self.openers)
+        if self._holding:
+            return []
+        rest, self._pending = self._pending, ""
+        return [("content", rest)]
 
 
 class StreamingToolParser:
