@@ -34,10 +34,12 @@ small-M kernels; written here from the idea):
   weights do not depend on the previous kernel, only x does. Launched with PDL, a program loads its first
   weight tile, lets the next kernel launch, and only then waits (griddepcontrol.wait) for the previous kernel's
   output, so one kernel's launch and first loads overlap the previous one's last wave.
-* Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split adds its fp32 partial
-  into a workspace with atomics and bumps a per-tile counter; the last split to arrive reads the total (an
-  atomic add of zero, so it sees L2), zeroes the workspace, adds the bias, writes y and resets the counter. One launch,
-  no host sync, and the workspace is clean for the next call, so a CUDA graph can replay it.
+* Split-K (SPLIT_K > 1) when N / BLOCK_N programs cannot keep every SM busy: each split stores its fp32 partial
+  in its own slot of a workspace and bumps a per-tile counter; the last split to arrive adds the slots in split
+  order (from L2), adds the bias, writes y and resets the counter. One launch, no host sync, a counter left at
+  zero for the next call, so a CUDA graph can replay it. The fixed order makes the sum, and its rounding, the
+  same on every run: atomics adding the partials in arrival order had moved the last bits from run to run, and
+  with them a greedy token wherever two logits were nearly tied (benchmarks/RESULTS.md, fortieth session).
 
 * SwiGLU in the loads (`swiglu=True`, the down projection of a Llama MLP): x arrives as [gate | up], 2K wide,
   and each x tile is silu(gate) * up, computed as fused.py's silu_and_mul computes it. Every program recomputes
@@ -231,16 +233,17 @@ def _gemv_kernel(X, W, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_y
     if HAS_W_SCALE:  # 8-bit codes: y[:, n] = s[n] * sum_k x[:, k] q[n, k], scaled once per row (and split)
         acc *= tl.load(W_SCALE + rows_w).to(tl.float32)[None, :]
 
-    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K, HAS_BIAS, USE_SPLIT,
-               BLOCK_M, BLOCK_N)
+    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, pid_k, SPLIT_K, HAS_BIAS,
+               USE_SPLIT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K,
+def store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, pid_k, SPLIT_K,
                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A decode GEMV's epilogue (also kernels/nf4_gemv.py's): y[:M, offs_n] = acc (+ bias) in Y's dtype; under
-    split-K, acc is this split's partial: added into the workspace WS, and the tile's last split to arrive (the
-    counter CNT[pid_n]) writes the total and leaves WS and CNT zeroed for the next call."""
+    split-K, acc is split pid_k's partial: stored in its slot of the workspace WS ([SPLIT_K, M, N]), and the
+    tile's last split to arrive (the counter CNT[pid_n]) adds the slots in split order, writes the total and
+    leaves CNT zeroed for the next call."""
     n_ok = offs_n < N
     y_mask = (offs_m < M)[:, None] & n_ok[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -249,40 +252,41 @@ def store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, p
             acc += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
     else:
-        ws_ptrs = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
-        tl.debug_barrier()  # all of this program's partials are in before its arrival is counted
-        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # last split of this tile: take the total and leave zeros behind
-            # read the total where the atomics left it (L2), then zero it for the next call
-            total = tl.atomic_add(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=y_mask,
-                                  sem="acquire")
-            tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=y_mask)
+        slot = (offs_m[:, None] + pid_k * M).to(tl.int64) * N + offs_n[None, :]
+        tl.store(WS + slot, acc, mask=y_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")  # gpu scope: releases ours, acquires theirs
+        if arrived == SPLIT_K - 1:  # last split of this tile: the slots in split order, the same sum every run
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                # .cg: from L2, where the other SMs' stores are (an SM's L1 does not see them)
+                part = (offs_m[:, None] + s * M).to(tl.int64) * N + offs_n[None, :]
+                total += tl.load(WS + part, mask=y_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(BIAS + rows_w).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(CNT + pid_n, 0)
 
 
-_WORKSPACES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+# Per device, every workspace ever handed out, the newest last: a grown-out buffer is kept alive, since a CUDA
+# graph captured earlier still replays into the addresses it recorded.
+_WORKSPACES: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def split_workspace(device: torch.device, sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K workspace of `device` (fp32 partial sums, int32 arrival counters), grown as needed.
-
-    Every launch leaves it zeroed, so calls on one stream share it. It must not be allocated while a CUDA
-    graph is being captured (the engine's warm-up call before each capture makes it big enough)."""
-    key = str(device)
-    held = _WORKSPACES.get(key)
-    if held is None or held[0].numel() < sums or held[1].numel() < tiles:
+    """The split-K workspace of `device` (fp32 partials, one slot per split; int32 arrival counters), grown as
+    needed. Every launch overwrites the partials it reads and leaves the counters zeroed, so calls on one stream
+    share it. It must not grow while a CUDA graph is being captured (the engine's warm-up call before each capture
+    makes it big enough)."""
+    held = _WORKSPACES.setdefault(str(device), [])
+    if not held or held[-1][0].numel() < sums or held[-1][1].numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"gemv: the split-K workspace must grow to {sums} sums / {tiles} tiles during CUDA "
                                "graph capture; call gemv once with this shape before capturing")
-        old = (held[0].numel(), held[1].numel()) if held is not None else (0, 0)
-        held = (torch.zeros(max(sums, 2 * old[0]), dtype=torch.float32, device=device),
-                torch.zeros(max(tiles, 2 * old[1]), dtype=torch.int32, device=device))
-        _WORKSPACES[key] = held
-    return held
+        old = (held[-1][0].numel(), held[-1][1].numel()) if held else (0, 0)
+        held.append((torch.zeros(max(sums, 2 * old[0]), dtype=torch.float32, device=device),
+                     torch.zeros(max(tiles, 2 * old[1]), dtype=torch.int32, device=device)))
+    return held[-1]
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -393,7 +397,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid_n = triton.cdiv(n, cfg.block_n)
     split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))  # never more splits than K tiles
-    ws, cnt = split_workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
+    ws, cnt = split_workspace(x2.device, split * m * n, grid_n) if split > 1 else (y, y)
     even_k = k % (cfg.block_k * split) == 0
     pdl = cfg.pdl or bool(launch_options(x2.device))  # the config's switch, or PDL on for every kernel (pdl.py)
     res, nw, h, eps = norm if norm is not None else (None, x2, x2, 0.0)

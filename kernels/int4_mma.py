@@ -49,7 +49,9 @@ def split_k_store(acc, Y, WS, CNT, BIAS, tile, offs_m, offs_n, m_ok, n_ok, N, st
     """Write a program's fp32 partial tile acc [BLOCK_M, BLOCK_N] of y (+ bias), in one launch however K was
     split: with SPLIT_K > 1 each split adds its partial into the fp32 workspace WS and bumps the tile's counter;
     the last to arrive reads the sum (at L2, through atomics), writes y and zeroes the workspace and the counter
-    again, so the next call (or a CUDA-graph replay) finds them clean. int4_gemm.py's kernel does the same."""
+    again, so the next call (or a CUDA-graph replay) finds them clean. int4_gemm.py's kernel does the same.
+    Atomics add in arrival order, so the last bits of y may differ from run to run; gemv.py's store_rows keeps a
+    slot per split and adds them in order instead (bit-repeatable), at the price of SPLIT_K x M x N fp32 slots."""
     y_mask = m_ok[:, None] & n_ok[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:

@@ -107,8 +107,8 @@ def _nf4_gemv_kernel(X, QW, AQ, AS, AO, LEVELS, BIAS, Y, WS, CNT, M, N, K, strid
             block_sums = tl.sum(w_lo * xe[None, :, :] + w_hi * xo[None, :, :], axis=2)  # [BLOCK_N, BLOCKS]
             row = tl.sum(block_sums * absmax, axis=1)
             acc = tl.where(offs_m[:, None] == i, acc + row[None, :], acc)
-    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, SPLIT_K, HAS_BIAS, USE_SPLIT,
-               BLOCK_M, BLOCK_N)
+    store_rows(acc, Y, BIAS, WS, CNT, offs_m, offs_n, rows_w, M, N, stride_ym, pid_n, pid_k, SPLIT_K, HAS_BIAS,
+               USE_SPLIT, BLOCK_M, BLOCK_N)
 
 
 def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
@@ -140,7 +140,7 @@ def nf4_gemv(x: torch.Tensor, qweight: torch.Tensor, absmax_q: torch.Tensor, abs
     cfg = config if config is not None else nf4_config(m, n, k, num_sms(x.device))
     grid_n = triton.cdiv(n, cfg.block_n)
     split = max(1, min(cfg.split_k, triton.cdiv(k // BLOCK, cfg.blocks)))
-    ws, cnt = split_workspace(x2.device, m * n, grid_n) if split > 1 else (y, y)
+    ws, cnt = split_workspace(x2.device, split * m * n, grid_n) if split > 1 else (y, y)
     _nf4_gemv_kernel[(grid_n, split)](
         x2, qweight, absmax_q, absmax_scale, absmax_offset, levels.float(), bias if bias is not None else y, y, ws,
         cnt, m, n, k, x2.stride(0), qweight.stride(0), y.stride(0), split, HAS_BIAS=bias is not None,

@@ -238,6 +238,21 @@ def test_gemv_bf16_llama3_shapes(m, n, k):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_split_k_gives_the_same_bits_every_run(split_k):
+    """The splits' partials meet in split order (kernels/gemv.py: slots, not atomics in arrival order), so a
+    repeated call gives the same bits, fp32 and bf16 outputs alike: greedy decoding repeats itself."""
+    gen = torch.Generator(device="cuda").manual_seed(split_k)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 14336, device="cuda", dtype=dtype, generator=gen)
+        w = torch.randn(4096, 14336, device="cuda", dtype=dtype, generator=gen) * 0.02
+        cfg = GemvConfig(block_n=16, block_k=256, split_k=split_k, use_dot=dtype != torch.float32)
+        first = gemv(x, w, config=cfg)
+        assert all(torch.equal(gemv(x, w, config=cfg), first) for _ in range(30))
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("mode", ["on", "auto", "off"])
 def test_dense_linear_modes_on_gpu(mode):
     set_gemv_mode(mode)
