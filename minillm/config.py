@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# the architectures whose MLPs are sparse mixtures of experts (num_local_experts >= 1)
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 
 # The KV cache's element type, as vLLM spells it: "auto" is the model's dtype, "fp8"/"fp8_e4m3" float8_e4m3fn
 # with a scale per layer and kv head (minillm.layers.kv_quant, minillm.engine.kv_scales)
@@ -49,16 +51,20 @@ class ModelConfig:
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has a bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on every query and key head, before RoPE
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     # Weight quantization (chapters 7-8): a name from minillm.quant.base.QUANTIZATION_METHODS (vLLM's spelling),
     # and the checkpoint's `quantization_config` dict that the method's QuantizationConfig.from_config reads.
     quantization: str | None = None
     quantization_config: dict[str, Any] | None = None
-    # Sparse mixture of experts (Mixtral, chapter 11): every MLP is num_local_experts SwiGLU experts of
+    # Sparse mixture of experts (Mixtral, Qwen3-MoE; chapter 11): every MLP is num_local_experts SwiGLU experts of
     # intermediate_size each, and a router that sends each token to num_experts_per_tok of them. 0: dense.
+    # norm_topk_prob: the k chosen experts' softmax weights renormalised to sum to 1 (Mixtral always; Qwen3-MoE's
+    # config says), else used as they are.
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -92,7 +98,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {self.rope_scaling!r}")
-        for name in ("tie_word_embeddings", "attention_bias"):
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "norm_topk_prob"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
@@ -113,9 +119,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
-        if (self.architecture == "mixtral") != (self.num_local_experts > 0):
+        if (self.architecture in MOE_ARCHITECTURES) != (self.num_local_experts > 0):
             raise ValueError(f"architecture {self.architecture!r} with num_local_experts={self.num_local_experts}: "
-                             f"'mixtral' needs num_local_experts >= 1 and the dense architectures 0")
+                             f"{' and '.join(map(repr, MOE_ARCHITECTURES))} need num_local_experts >= 1 and the "
+                             f"dense architectures 0")
         if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, num_local_experts="
                              f"{self.num_local_experts}], got {self.num_experts_per_tok}")
@@ -138,6 +145,8 @@ class ModelConfig:
         per_layer = h * (q + 2 * kv) + q * h + mlp + 2 * h
         if self.attention_bias:
             per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * d
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + h
 

@@ -309,6 +309,9 @@ def tiny_gguf_from_hf(path, arch: str = "llama", drop: tuple = (), replace: dict
     torch.manual_seed(0)
     if arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+    elif arch == "qwen3":  # per-head q/k norms (head_dim 32: not hidden / heads, as in Qwen3's configs)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32,
+                                                                       tie_word_embeddings=False))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -317,7 +320,7 @@ def tiny_gguf_from_hf(path, arch: str = "llama", drop: tuple = (), replace: dict
     layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down"}
+                   "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     tensors = {}
     for hf_name, array in state.items():
         if hf_name.startswith("model.layers."):
@@ -335,17 +338,20 @@ def tiny_gguf_from_hf(path, arch: str = "llama", drop: tuple = (), replace: dict
             f"{arch}.attention.head_count_kv": (2, VT.UINT32), f"{arch}.context_length": (128, VT.UINT32),
             f"{arch}.attention.layer_norm_rms_epsilon": (1e-6, VT.FLOAT32),
             f"{arch}.rope.freq_base": (10000.0, VT.FLOAT32), f"{arch}.vocab_size": (80, VT.UINT32)}
+    if arch == "qwen3":
+        meta[f"{arch}.attention.key_length"] = (32, VT.UINT32)
     meta.update(kv or {})
     return write_gguf(path, arch=arch, tensors=tensors, kv=meta), model.state_dict()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_model_round_trips_with_gqa_unpermute(tmp_path, arch):
     path, state = tiny_gguf_from_hf(tmp_path / f"{arch}.gguf", arch=arch)
     config, weights = load_gguf_model(path)
     assert (config.architecture, config.attention_bias, config.tie_word_embeddings) == (arch, arch == "qwen2", False)
+    assert config.qk_norm == (arch == "qwen3") and config.head_dim == (32 if arch == "qwen3" else 16)
     loaded = dict(weights)
-    assert set(loaded) == set(state)  # lm_head included: not tied; q/k/v biases for qwen2
+    assert set(loaded) == set(state)  # lm_head included: not tied; q/k/v biases for qwen2, q/k norms for qwen3
     for name, tensor in loaded.items():
         assert torch.equal(tensor, state[name]), name
 
@@ -393,5 +399,5 @@ def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2", kv={"gpt2.block_count": (2, VT.UINT32)},
                       tensors={"token_embd.weight": (np.zeros((8, 32)), QT.F32)})
     with pytest.raises(GGUFError, match=r"gpt2\.gguf: unsupported architecture 'gpt2' \(general\.architecture\); "
-                                        r"minillm reads GGUF files of: llama, qwen2"):
+                                        r"minillm reads GGUF files of: llama, qwen2, qwen3"):
         load_gguf_model(path)

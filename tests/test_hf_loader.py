@@ -1,4 +1,5 @@
-"""HF safetensors directories (tiny random Llama / Mistral / Qwen2 saved by transformers) and load_model dispatch."""
+"""HF safetensors directories (tiny random Llama / Mistral / Qwen2 / Qwen3 saved by transformers) and load_model
+dispatch."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,6 +29,7 @@ def save_tiny(directory, kind: str, shard: bool = True, **overrides) -> dict[str
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[kind]
     model = model_cls(config_cls(**args))
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="60KB" if shard else "1GB")
@@ -44,9 +46,9 @@ def _check_round_trip(directory, state, tied: bool):
     return config
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_sharded_round_trip_and_config(tmp_path, kind):
-    extra = {"head_dim": 24} if kind == "mistral" else {}
+    extra = {"head_dim": 24} if kind in ("mistral", "qwen3") else {}
     state = save_tiny(tmp_path, kind, tie_word_embeddings=False, **extra)
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")  # really sharded
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
@@ -54,11 +56,14 @@ def test_sharded_round_trip_and_config(tmp_path, kind):
     assert (config.architecture, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == \
         (kind, 64, 96, 2)
     assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (4, 2, 112)
-    assert config.head_dim == (24 if kind == "mistral" else 16)  # Mistral may set head_dim != hidden / heads
+    assert config.head_dim == (24 if kind in ("mistral", "qwen3") else 16)  # head_dim may differ from hidden / heads
     assert config.rope_theta == 50000.0 and config.rope_scaling is None and config.rms_norm_eps == 1e-6
     assert config.attention_bias == (kind == "qwen2") and not config.tie_word_embeddings
+    assert config.qk_norm == (kind == "qwen3")
     if kind == "qwen2":
         assert "model.layers.1.self_attn.k_proj.bias" in state
+    if kind == "qwen3":
+        assert state["model.layers.1.self_attn.k_norm.weight"].shape == (24,)
 
 
 def test_llama3_rope_scaling_and_tied_single_file(tmp_path):

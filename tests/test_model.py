@@ -72,7 +72,8 @@ def config_from_hf(c) -> ModelConfig:
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None), rms_norm_eps=c.rms_norm_eps, rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-        attention_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)))
+        attention_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+        qk_norm=c.model_type == "qwen3")
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +244,8 @@ def test_comparison_bites_on_broken_model(monkeypatch, ours, prompts, hf_logits,
 
 
 def _tiny_hf(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
+        Qwen3ForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
@@ -251,19 +253,27 @@ def _tiny_hf(kind: str):
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False,
                                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})).eval()
+    if kind == "qwen3":  # q/k norms; head_dim 16 against hidden / heads 8 (Qwen3 sets it apart); a tied head
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})).eval()
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 5e5}
     return HFLlama(LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=scaling)).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3_untied"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3_untied"])
 def test_tiny_random_models_match_hf(kind):
     hf = _tiny_hf(kind)
     if kind == "qwen2":  # random init leaves biases at zero; make them matter
         for layer in hf.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.data.normal_(0, 0.5)
+    if kind == "qwen3":  # and norms at one: give every q/k norm channel its own gain
+        for layer in hf.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.data.uniform_(0.3, 2.0)
     model = LlamaForCausalLM(config_from_hf(hf.config)).eval()
+    assert model.config.qk_norm == (kind == "qwen3")
     model.load_weights(hf.state_dict().items())
     lens = [1, 37, 100]
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,6 @@
 """Mixtral-style sparse MoE in one process (chapter 11): the router, the expert loop with and without a capacity,
-the model against transformers' MixtralForCausalLM (the oracle) on a tiny checkpoint saved at test time and read
-by our HF loader, and the engine generating from it."""
+the model against transformers' MixtralForCausalLM and Qwen3MoeForCausalLM (the oracles) on tiny checkpoints saved
+at test time and read by our HF loader, and the engine generating from them."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,12 @@ import torch
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.forward_context import forward_context, prefill_metadata
-from minillm.layers.moe import combine_expert_outputs, expert_capacity, route_topk, run_experts
+from minillm.layers.moe import combine_expert_outputs, expert_capacity, route, route_topk, run_experts
 from minillm.loader import load_hf_model
 from minillm.models import MixtralForCausalLM, get_model_class
 from minillm.sampling_params import SamplingParams
 from tiny import one_thread  # noqa: F401  (autouse)
-from tiny_moe import MOE_CONFIG, TINY_MOE, save_tiny_mixtral
+from tiny_moe import MOE_CONFIG, TINY_MOE, save_tiny_mixtral, save_with_tokenizer, tiny_qwen3_moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,6 +44,15 @@ def test_route_topk_keeps_the_best_experts_with_weights_that_sum_to_one():
         route_topk(logits[0], 2)
 
 
+def test_route_without_renormalising_keeps_the_softmax_probabilities():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 3.0]])
+    weights, ids = route(logits, 2, renormalize=False)
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(ids, route_topk(logits, 2)[1])
+    torch.testing.assert_close(weights, probs.gather(1, ids))  # [[0.665, 0.245], ...]: not summing to 1
+    torch.testing.assert_close(route(logits, 2)[0], route_topk(logits, 2)[0])
+
+
 def test_run_experts_groups_rows_and_drops_over_capacity_in_row_order():
     experts = [lambda x, s=s: x * s for s in (10.0, 20.0, 30.0)]
     rows = torch.arange(1.0, 8.0).unsqueeze(1)  # rows 1..7
@@ -71,6 +80,18 @@ def checkpoint(tmp_path_factory):
     return directory, save_tiny_mixtral(directory)
 
 
+def _prefill_logits(model, hf) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(prompt lengths, our logits, transformers') of three seeded prompts of 1, 13 and 40 tokens, ours packed in one
+    prefill, transformers' one prompt at a time."""
+    lens = [1, 13, 40]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, MOE_CONFIG["vocab_size"], (n,), generator=g) for n in lens]
+    with torch.no_grad(), forward_context(prefill_metadata(lens)):
+        ours = model.compute_logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens])))
+        ref = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    return lens, ours, ref
+
+
 def test_logits_match_transformers_mixtral(checkpoint):
     directory, hf = checkpoint
     config, weights = load_hf_model(directory)
@@ -79,12 +100,7 @@ def test_logits_match_transformers_mixtral(checkpoint):
     assert isinstance(model, MixtralForCausalLM)
     model.load_weights(weights)
     assert config.num_parameters() == sum(p.numel() for p in model.parameters())  # experts and routers counted
-    lens = [1, 13, 40]
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, MOE_CONFIG["vocab_size"], (n,), generator=g) for n in lens]
-    with torch.no_grad(), forward_context(prefill_metadata(lens)):
-        ours = model.compute_logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens])))
-        ref = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    lens, ours, ref = _prefill_logits(model, hf)
     assert ref.abs().max() > 1.0  # logits of a real scale: a wrong expert or weight would show
     assert (ours - ref).abs().max() <= 1e-4
     load = [block.load.last.tolist() for block in (layer.mlp for layer in model.model.layers)]
@@ -93,9 +109,40 @@ def test_logits_match_transformers_mixtral(checkpoint):
 
     # every expert matters: zeroing one expert's down projection changes the logits
     model.model.layers[1].mlp.experts[3].w2.weight.data.zero_()
-    with torch.no_grad(), forward_context(prefill_metadata(lens)):
-        broken = model.compute_logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens])))
-    assert (broken - ref).abs().max() > 1e-2
+    assert (_prefill_logits(model, hf)[1] - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_moe_matches_transformers_and_generates(tmp_path, norm_topk_prob):
+    """Qwen3-MoE: Mixtral's block under Llama's MLP names, on attention with per-head q/k norms, experts
+    moe_intermediate_size wide, the router's k probabilities renormalised or kept as they are (norm_topk_prob)."""
+    from minillm import LLM
+    from minillm.models import Qwen3MoeForCausalLM
+    hf = save_with_tokenizer(tiny_qwen3_moe(norm_topk_prob=norm_topk_prob), tmp_path)
+    config, weights = load_hf_model(tmp_path)
+    assert (config.architecture, config.qk_norm, config.num_local_experts, config.intermediate_size,
+            config.norm_topk_prob, config.head_dim) == ("qwen3_moe", True, 4, 24, norm_topk_prob, 16)
+    model = get_model_class(config.architecture)(config).eval()
+    assert isinstance(model, Qwen3MoeForCausalLM)
+    model.load_weights(weights)
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+    _, ours, ref = _prefill_logits(model, hf)
+    assert ref.abs().max() > 1.0 and (ours - ref).abs().max() <= 1e-4
+    llm = LLM(tmp_path, device="cpu", dtype="float32", max_model_len=64)
+    prompt = [40, 2, 90, 17, 3, 3]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_qwen3_moe_configs_we_cannot_run_are_named(tmp_path):
+    from minillm.loader.hf import config_from_hf
+    raw = tiny_qwen3_moe().config.to_dict()
+    for bad, message in (({"mlp_only_layers": [1]}, r"mlp_only_layers=\[1\], decoder_sparse_step=1\) is not"),
+                         ({"decoder_sparse_step": 2}, r"decoder_sparse_step=2\) is not supported"),
+                         ({"moe_intermediate_size": None}, "missing moe_intermediate_size")):
+        with pytest.raises(ValueError, match=message):
+            config_from_hf({**raw, **bad})
 
 
 def test_llm_greedy_matches_transformers_generate(checkpoint):
@@ -120,7 +167,7 @@ def test_missing_expert_tensor_and_bad_moe_settings_are_named(checkpoint, tmp_pa
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
         load_hf_model(tmp_path)
-    with pytest.raises(ValueError, match="'mixtral' needs num_local_experts >= 1"):
+    with pytest.raises(ValueError, match="'mixtral' and 'qwen3_moe' need num_local_experts >= 1"):
         ModelConfig(architecture="mixtral")
     with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, num_local_experts=4\], got 5"):
         ModelConfig(architecture="mixtral", num_local_experts=4, num_experts_per_tok=5)

@@ -234,6 +234,16 @@ def test_engine_greedy_tokens_static_contiguous(model_and_config):
     assert _greedy(model, config, "triton", PROMPTS, 4) == ref
 
 
+def test_engine_greedy_tokens_qwen3_shape():
+    """Qwen3's attention (ModelConfig.qk_norm: each query and key head RMS-normalised over head_dim before RoPE,
+    here through the Triton norm kernel on [tokens x heads, head_dim] rows; head_dim 16 against hidden / heads 8)
+    gives the torch backend's tokens."""
+    model, config = tiny_model(seed=9, qk_norm=True, head_dim=16)
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+    ref = _greedy(model, config, "torch", PROMPTS[:2], 3)
+    assert _greedy(model, config, "triton", PROMPTS[:2], 3) == ref
+
+
 def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_config, monkeypatch):
     """The decode path that fuses SwiGLU into the down projection's GEMV (a GPU's, where the GEMV wins) forced on
     the CPU: the engine's paged decode steps through LlamaMLP -> down_proj(gate_up, swiglu=True) -> the GEMV give
@@ -375,10 +385,11 @@ def test_decode_graph_bookkeeping_on_cpu(model_and_config):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [1, 3, 8, 13])
-def test_cuda_graph_replay_equals_eager(batch):
+@pytest.mark.parametrize("shape", [{}, {"qk_norm": True, "head_dim": 16}], ids=["llama", "qwen3"])
+def test_cuda_graph_replay_equals_eager(batch, shape):
     device = torch.device("cuda")
     with torch.device(device):
-        model, config = tiny_model(seed=4, backend="triton", max_position_embeddings=256)
+        model, config = tiny_model(seed=4, backend="triton", max_position_embeddings=256, **shape)
     block_size, num_blocks = 16, 64
     eager = ModelRunner(model, config, num_blocks, block_size, device, torch.float32)
     graphs = ModelRunner(model, config, num_blocks, block_size, device, torch.float32,

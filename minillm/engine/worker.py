@@ -42,7 +42,8 @@ ModelSource = Callable[[ModelConfig, torch.device, torch.dtype], nn.Module]
 def build_model(model_config: ModelConfig, weights, device: torch.device, dtype: torch.dtype,
                 attention_backend: str = "auto") -> nn.Module:
     """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
-    from minillm.models import get_model_class  # Llama, Mistral, Qwen2 share one implementation; Mixtral adds experts
+    # Llama, Mistral, Qwen2, Qwen3 share one implementation; Mixtral and Qwen3-MoE add experts
+    from minillm.models import get_model_class
     previous = torch.get_default_dtype()
     start = time.perf_counter()
     try:

@@ -6,6 +6,7 @@ their k probabilities renormalised to sum to 1; the token's output is the weight
 outputs. Only k of the E experts run per token: Mixtral-8x7B holds 47B parameters but spends about 13B per token.
 
     route_topk(router_logits, k)       -> (weights [T, k], expert_ids [T, k])     which experts, how much each
+    route(router_logits, k, renorm)    route_topk as the model calls it (Qwen3-MoE may keep the raw probabilities)
     run_experts(rows, expert_of_row)   every expert on the rows routed to it (one gather and two matmuls each)
     combine_expert_outputs(out, w)     the weighted sum over each token's k experts
 
@@ -17,7 +18,7 @@ the residual stream for that expert's share). Without a capacity (the default) n
 is exactly Mixtral's. `ExpertLoad` counts the rows each expert received, for the load-balance statistics.
 
 Where the experts run (this process, or other ranks reached by all-to-all) is minillm.parallel.expert's business.
-`route_topk` is a course exercise (ch11.moe_route): both callers reach it through `dispatch`.
+`route_topk` is a course exercise (ch11.moe_route): `route`, which both callers use, reaches it through `dispatch`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from minillm.hooks import dispatch
 
 
 # >>> exercise ch11.moe_route
@@ -49,6 +52,17 @@ def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
     return weights / weights.sum(dim=-1, keepdim=True), expert_ids
     # <<< solution
 # <<< exercise
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router as a model layer calls it: route_topk (through `dispatch`, so a learner's version runs), and with
+    renormalize=False (Qwen3-MoE's norm_topk_prob false) the k experts' softmax probabilities as they are, the
+    renormalised weights times the mass the k kept: with logits [[2.0, 0.0, 1.0]] and k 2, [[0.665, 0.245]]."""
+    weights, expert_ids = dispatch("ch11.moe_route", route_topk)(router_logits, top_k)
+    if not renormalize:
+        kept = F.softmax(router_logits.float(), dim=-1).gather(-1, expert_ids).sum(dim=-1, keepdim=True)
+        weights = weights * kept
+    return weights, expert_ids
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:

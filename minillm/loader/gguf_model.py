@@ -32,7 +32,7 @@ from minillm.loader.gguf import GGUFError, GGUFFile
 from minillm.loader.model_files import check_weight_shapes
 
 # GGUF architectures we read, and whether their converter permuted Q/K rows for interleaved RoPE.
-GGUF_ARCHITECTURES = {"llama": True, "qwen2": False}
+GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -49,6 +49,8 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3's per-head norms
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -157,6 +159,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             rope_scaling=_rope_scaling(meta, arch),
             tie_word_embeddings="output.weight" not in gguf.tensors,
             attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             **values,

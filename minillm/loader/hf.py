@@ -1,6 +1,6 @@
 """Loading a Hugging Face model directory: config.json + safetensors shards (chapter 1).
 
-This is what a user with a GPU brings: a Llama 2/3, Mistral, Qwen2, Mixtral or SmolLM checkpoint as
+This is what a user with a GPU brings: a Llama 2/3, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE or SmolLM checkpoint as
 `save_pretrained` writes it. The weights are already under the names our model expects and already
 in rotate-half RoPE order, so unlike GGUF there is nothing to rename or permute; the work is reading
 the config (in both the transformers-4 spelling, `rope_theta` + `rope_scaling`, and the
@@ -22,7 +22,8 @@ from minillm.config import ModelConfig
 from minillm.loader.model_files import check_weight_shapes, read_json
 from minillm.quant.base import check_quantization_name
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")  # SmolLM and SmolLM2 are model_type "llama"
+# SmolLM and SmolLM2 are model_type "llama"
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # Tensors that some checkpoints carry but the model recomputes or does not need.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -58,7 +59,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{source}: unsupported model_type {model_type!r}; minillm loads {', '.join(HF_MODEL_TYPES)}")
     if raw.get("mlp_bias") or (model_type != "qwen2" and raw.get("attention_bias")):
-        raise ValueError(f"{source}: Llama with mlp_bias/attention_bias=true (biases on o_proj or the MLP) "
+        raise ValueError(f"{source}: {model_type} with mlp_bias/attention_bias=true (biases on o_proj or the MLP) "
                          f"is not supported")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [key for key in required if key not in raw]
@@ -74,12 +75,13 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         max_pos = window
     heads = raw["num_attention_heads"]
     quantization, quant_config = _quantization(raw, source)
+    experts = _experts(raw, model_type, source)
     try:  # ModelConfig checks every type and range; the message gains the file's name here
         return ModelConfig(
             architecture=model_type,
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
+            intermediate_size=experts.pop("intermediate_size", raw["intermediate_size"]),
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
@@ -90,16 +92,40 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             max_position_embeddings=max_pos,
             tie_word_embeddings=raw.get("tie_word_embeddings") or False,
             attention_bias=model_type == "qwen2",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             quantization=quantization,
             quantization_config=quant_config,
-            # Mixtral (MixtralForCausalLM): experts per MoE layer and per token; router_jitter_noise is training only
-            num_local_experts=raw.get("num_local_experts", 0) if model_type == "mixtral" else 0,
-            num_experts_per_tok=raw.get("num_experts_per_tok", 2) if model_type == "mixtral" else 2,
+            **experts,
         )
     except (ValueError, TypeError) as err:
         raise type(err)(f"{source}: {err}") from None
+
+
+def _experts(raw: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a Mixtral or Qwen3-MoE config.json ({} for a dense model).
+    Mixtral names them num_local_experts / num_experts_per_tok (router_jitter_noise is training only); Qwen3-MoE
+    num_experts / num_experts_per_tok / norm_topk_prob, with the experts' width in moe_intermediate_size.
+    ModelConfig checks the values; here, that every layer is sparse (our decoder has one kind of MLP)."""
+    if model_type == "mixtral":
+        return dict(num_local_experts=raw.get("num_local_experts", 0),
+                    num_experts_per_tok=raw.get("num_experts_per_tok", 2))
+    if model_type != "qwen3_moe":
+        return {}
+    dense_layers = raw.get("mlp_only_layers") or []
+    step = raw.get("decoder_sparse_step", 1)
+    if dense_layers or step != 1:
+        raise ValueError(f"{source}: qwen3_moe with dense MLP layers (mlp_only_layers={dense_layers!r}, "
+                         f"decoder_sparse_step={step!r}) is not supported: minillm needs every layer sparse "
+                         f"(mlp_only_layers [] and decoder_sparse_step 1)")
+    experts = raw.get("num_experts", raw.get("num_local_experts"))  # transformers 5 writes the second name
+    missing = [key for key, value in (("num_experts", experts), ("moe_intermediate_size",
+                                                                  raw.get("moe_intermediate_size"))) if value is None]
+    if missing:
+        raise ValueError(f"{source}: missing {', '.join(missing)} (a qwen3_moe config.json has them)")
+    return dict(num_local_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+                norm_topk_prob=raw.get("norm_topk_prob", False), intermediate_size=raw["moe_intermediate_size"])
 
 
 def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[str, Any] | None]:

@@ -62,7 +62,13 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv_dim, h),
             p + "self_attn.o_proj.weight": (h, q_dim),
         })
-        if config.num_local_experts:  # Mixtral: a router and num_local_experts SwiGLU experts (w1 gate, w3 up, w2 down)
+        if config.architecture == "qwen3_moe":  # a router and num_local_experts SwiGLU experts, Llama's MLP names
+            shapes[p + "mlp.gate.weight"] = (config.num_local_experts, h)
+            for e in range(config.num_local_experts):
+                expert = f"{p}mlp.experts.{e}."
+                shapes.update({expert + "gate_proj.weight": (i, h), expert + "up_proj.weight": (i, h),
+                               expert + "down_proj.weight": (h, i)})
+        elif config.num_local_experts:  # Mixtral: a router and the experts (w1 gate, w3 up, w2 down)
             moe = p + "block_sparse_moe."
             shapes[moe + "gate.weight"] = (config.num_local_experts, h)
             for e in range(config.num_local_experts):
@@ -75,6 +81,9 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "self_attn.q_proj.bias": (q_dim,),
                            p + "self_attn.k_proj.bias": (kv_dim,),
                            p + "self_attn.v_proj.bias": (kv_dim,)})
+        if config.qk_norm:  # Qwen3: one gain over head_dim for every query head, one for every key head
+            shapes.update({p + "self_attn.q_norm.weight": (config.head_dim,),
+                           p + "self_attn.k_norm.weight": (config.head_dim,)})
     return shapes
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from minillm.models.llama import LlamaForCausalLM
-from minillm.models.moe import MixtralForCausalLM
+from minillm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 
-# Mistral and Qwen2 are Llama-shaped for inference (Qwen2: a bias on q/k/v, set by ModelConfig.attention_bias);
-# Mixtral is Llama with a sparse mixture-of-experts MLP (chapter 11).
+# Mistral, Qwen2 and Qwen3 are Llama-shaped for inference (Qwen2: a bias on q/k/v, ModelConfig.attention_bias;
+# Qwen3: an RMSNorm on each query and key head, ModelConfig.qk_norm); Mixtral is Llama with a sparse
+# mixture-of-experts MLP (chapter 11), and Qwen3-MoE is Qwen3 with Mixtral's block under other weight names.
 MODEL_REGISTRY = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
-                  "mixtral": MixtralForCausalLM}
+                  "qwen3": LlamaForCausalLM, "mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}
 
 
 def get_model_class(architecture: str) -> type:
@@ -16,4 +17,4 @@ def get_model_class(architecture: str) -> type:
     return MODEL_REGISTRY[architecture]
 
 
-__all__ = ["LlamaForCausalLM", "MixtralForCausalLM", "MODEL_REGISTRY", "get_model_class"]
+__all__ = ["LlamaForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "MODEL_REGISTRY", "get_model_class"]

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2), chapter 1.
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3), chapter 1.
 
 Written the way vLLM and nano-vllm write it: the forward takes the *packed* new tokens of the whole batch
 (`input_ids` [T], `positions` [T], no padding) and returns hidden states [T, hidden]; which token belongs
@@ -54,6 +54,9 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                               backend=rotary_emb.backend)
+        if config.qk_norm:  # Qwen3: each query and key head RMS-normalised over head_dim (one gain for all heads)
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, backend=rotary_emb.backend)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, backend=rotary_emb.backend)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | None,
                 qkv: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +69,9 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # before RoPE, which rotates the normalised heads
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, positions, self.rotary_emb)  # [T, H, D]; RoPE inside (fused with the KV store)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 

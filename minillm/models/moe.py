@@ -1,4 +1,4 @@
-"""Mixtral: the Llama decoder with a sparse mixture-of-experts MLP (chapter 11, expert parallelism).
+"""Mixtral and Qwen3-MoE: the Llama decoder with a sparse mixture-of-experts MLP (chapter 11, expert parallelism).
 
 Everything but the feed-forward sub-block is Llama's (attention with GQA and RoPE, RMSNorm, the residual
 stream): the classes here swap in one piece, `MixtralSparseMoeBlock`, through LlamaDecoderLayer.build_mlp.
@@ -9,9 +9,12 @@ stream): the classes here swap in one piece, `MixtralSparseMoeBlock`, through Ll
 
 Checkpoint names are Hugging Face's MixtralForCausalLM ones, `model.layers.{l}.block_sparse_moe.gate.weight` and
 `...block_sparse_moe.experts.{e}.w1/w2/w3.weight`; here the block is the layer's `mlp` (as transformers 5 calls
-it) and w1/w3 are packed into one `w13` like gate_up_proj. Where the experts run is decided at construction by the
-parallel state: all of them in this process, or this rank's share (minillm.parallel.expert), the others being
-`ExpertOnAnotherRank` placeholders that hold nothing and that the loader skips. With tensor parallelism each
+it) and w1/w3 are packed into one `w13` like gate_up_proj. Qwen3-MoE is the same block under Llama's names
+(`mlp.gate`, `mlp.experts.{e}.gate_proj/up_proj/down_proj`) on Qwen3's attention (ModelConfig.qk_norm), its
+experts moe_intermediate_size wide, and its router may keep the k probabilities unnormalised (norm_topk_prob).
+Where the experts run is decided at construction by the parallel state: all of them in this process, or this
+rank's share (minillm.parallel.expert), the others being `ExpertOnAnotherRank` placeholders that hold nothing and
+that the loader skips. With tensor parallelism each
 expert is split like Llama's MLP (w13 by columns, w2 by rows) and the block all-reduces once, after the combine.
 
 The expert compute is a loop over experts, each a gather of its rows and two matmuls (HF's and vLLM's reference
@@ -24,10 +27,9 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.hooks import dispatch
 from minillm.layers.activation import SiluAndMul
 from minillm.layers.linear import Linear
-from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route_topk, run_experts
+from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route, run_experts
 from minillm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from minillm.parallel.expert import expert_parallel_moe, expert_range
 from minillm.parallel.pipeline import PPMissingLayer
@@ -62,6 +64,7 @@ class MixtralSparseMoeBlock(nn.Module):
     def __init__(self, config: ModelConfig, backend: str, prefix: str) -> None:
         super().__init__()
         self.num_experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
         self.gate = Linear(config.hidden_size, self.num_experts, bias=False, prefix=f"{prefix}.gate")  # replicated
         state = get_parallel_state()
         self.ep_size, self.tp_size = state.ep_size, state.tp_size
@@ -76,9 +79,9 @@ class MixtralSparseMoeBlock(nn.Module):
         local = list(self.experts[self.first_expert:self.end_expert])
         if self.ep_size > 1:
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
-                                                       self.capacity_factor)
+                                                       self.capacity_factor, self.renormalize)
         else:
-            weights, expert_ids = dispatch("ch11.moe_route", route_topk)(self.gate(hidden_states), self.top_k)
+            weights, expert_ids = route(self.gate(hidden_states), self.top_k, self.renormalize)
             # token-major rows: row t * k + j is token t's j-th expert
             rows = hidden_states.repeat_interleave(self.top_k, dim=0)
             capacity = expert_capacity(hidden_states.shape[0], self.top_k, self.num_experts, self.capacity_factor)
@@ -89,7 +92,8 @@ class MixtralSparseMoeBlock(nn.Module):
 
     def extra_repr(self) -> str:
         held = f", experts {self.first_expert}..{self.end_expert - 1} here" if self.ep_size > 1 else ""
-        return f"experts={self.num_experts}, top_k={self.top_k}{held}"
+        norm = "" if self.renormalize else ", weights not renormalised"
+        return f"experts={self.num_experts}, top_k={self.top_k}{norm}{held}"
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
@@ -110,7 +114,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         if not config.num_local_experts:
-            raise ValueError(f"MixtralForCausalLM needs num_local_experts >= 1, got {config.num_local_experts}")
+            raise ValueError(f"{type(self).__name__} needs num_local_experts >= 1, got {config.num_local_experts}")
         if config.quantization is not None:
             raise ValueError(f"quantization={config.quantization!r} is not supported for mixture-of-experts models "
                              f"(the experts' weights stay dense); load it without quantization")
@@ -118,3 +122,16 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def _map_name(self, name: str) -> tuple[str, object]:
         return super()._map_name(name.replace(".block_sparse_moe.", ".mlp."))
+
+
+class Qwen3MoeForCausalLM(MixtralForCausalLM):
+    """Qwen3-MoE (Qwen3MoeForCausalLM): Mixtral's block on Qwen3's attention; the experts' checkpoint names are
+    Llama's MLP names, mapped onto the expert's w13 / w2 here (the layer's dense names keep Llama's mapping)."""
+
+    _EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+    def _map_name(self, name: str) -> tuple[str, object]:
+        parts = name.split(".")
+        if "experts" in parts:
+            parts = [self._EXPERT_NAMES.get(part, part) for part in parts]
+        return super()._map_name(".".join(parts))

@@ -44,8 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from minillm.config import ModelConfig
-from minillm.hooks import dispatch
-from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route_topk, run_experts
+from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route, run_experts
 from minillm.parallel.state import expert_all_gather, expert_all_to_all, get_parallel_state
 
 
@@ -79,14 +78,15 @@ def token_slice(num_tokens: int, ep_size: int, ep_rank: int) -> tuple[int, int, 
 
 def expert_parallel_moe(hidden_states: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor], top_k: int,
                         num_experts: int, local_experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                        capacity_factor: float | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                        capacity_factor: float | None, renormalize: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The MoE layer across the EP group (steps 1-8 of the module docstring). hidden_states [T, hidden], the same
     on every rank; returns (output [T, hidden], rows routed to each local expert by every rank, rows dropped)."""
     state = get_parallel_state()
     n, per_rank_experts = state.ep_size, len(local_experts)
     first, end, rows_per_rank = token_slice(hidden_states.shape[0], n, state.ep_rank)
     x = hidden_states[first:end]
-    weights, expert_ids = dispatch("ch11.moe_route", route_topk)(gate(x), top_k)
+    weights, expert_ids = route(gate(x), top_k, renormalize)
     flat_ids = expert_ids.reshape(-1)  # row i is token i // k's (i % k)-th choice
     order = torch.argsort(flat_ids, stable=True)  # by expert, hence by the rank that owns it
     rows_per_expert = torch.bincount(flat_ids, minlength=num_experts).view(n, per_rank_experts)

@@ -71,7 +71,8 @@ def load_time_quantization(model_config: Any, quantization: str | None,
 
 def hf_config_dict(config: Any) -> dict[str, Any]:
     """config.json for a ModelConfig, in Hugging Face's field names (config_from_hf reads it back unchanged)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
     raw = {"architectures": [arch[config.architecture]], "model_type": config.architecture,
            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
