@@ -1,8 +1,8 @@
 """P5: single-stream decode speed of the engine on a Llama-3-8B-shaped model, with and without CUDA graphs.
 
     python benchmarks/bench_decode.py [--quick] [--out results.json] [--no-hf] [--gemv auto|on|off] [--gemv-ab]
-                                      [--async-scheduling] [--shape llama3-8b|smollm2-135m]
-                                      [--max-model-len N]
+                                      [--async-scheduling] [--shape llama3-8b|smollm2-135m|qwen3-8b]
+                                      [--max-model-len N] [--qk-norm-ab]
 
 The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336, vocab 128256)
 and random bf16 weights drawn on the GPU (std 0.02, so activations stay finite), as vLLM's dummy-weight
@@ -21,6 +21,8 @@ cuBLAS on its first call (--gemv auto, the default; `on` forces it, `off` is cuB
 --gemv-ab adds CUDA-graph runs under the other two policies, in the same process, for the A/B; the choices made per
 (N, K, M) are listed in the JSON under "gemv_decisions".
 
+--shape qwen3-8b times Qwen3-8B's (36 layers, per-head q/k norms before RoPE, computed inside the fused RoPE +
+KV-store launch; --qk-norm-ab adds a run with them as launches of their own, for the A/B).
 --shape smollm2-135m times the bundled model's shapes instead (30 layers of hidden 576: small GEMMs, so attention
 and launch costs weigh more). --max-model-len sets the engine's context limit (default: just enough for the request,
 as above); a serving engine keeps it at thousands of tokens, and a decode CUDA graph sizes its attention's split-KV
@@ -45,7 +47,11 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                     max_position_embeddings=8192, tie_word_embeddings=True)
-SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
+# Qwen3-8B: 36 layers, head_dim 128 with per-head q/k norms (ModelConfig.qk_norm), a 151,936-token vocabulary
+QWEN3_8B = dict(architecture="qwen3", qk_norm=True, vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, max_position_embeddings=8192, tie_word_embeddings=False)
+SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "qwen3-8b": QWEN3_8B}
 INIT_STD = 0.02
 
 
@@ -180,14 +186,17 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
 def run_hf(num_layers: int, prompt_len: int, output_len: int, batch: int, shape: dict = LLAMA3_8B) -> dict:
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    cfg = LlamaConfig(**{**shape, "num_hidden_layers": num_layers}, initializer_range=INIT_STD, pad_token_id=0)
+    qwen3 = shape.get("architecture") == "qwen3"
+    fields = {k: v for k, v in shape.items() if k not in ("architecture", "qk_norm")}
+    cfg = (Qwen3Config if qwen3 else LlamaConfig)(**{**fields, "num_hidden_layers": num_layers},
+                                                  initializer_range=INIT_STD, pad_token_id=0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).eval()
+            model = (Qwen3ForCausalLM if qwen3 else LlamaForCausalLM)(cfg).eval()
     finally:
         torch.set_default_dtype(previous)
     gen = torch.Generator().manual_seed(1)
@@ -239,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gemv-ab", action="store_true",
                         help="add CUDA-graph runs under the other two GEMV policies (off = cuBLAS only, on, auto) "
                              "for an A/B in the same run")
+    parser.add_argument("--qk-norm-ab", action="store_true",
+                        help="(a shape with q/k norms: qwen3-8b) add a graphs + async run with the norms as their own "
+                             "launches (a hook on each keeps it out of the fused RoPE + KV-store kernel)")
     args = parser.parse_args(argv)
     output_len = args.output_len or (64 if args.quick else 256)
     shape = SHAPES[args.shape]
+    if args.qk_norm_ab and not shape.get("qk_norm"):
+        parser.error(f"--qk-norm-ab needs a shape with q/k norms (qwen3-8b), not {args.shape}")
     args.layers = args.layers or shape["num_hidden_layers"]
     if args.prompt_len < 1 or output_len < 2 or args.batch < 1 or args.layers < 1:
         parser.error("need --prompt-len >= 1, --output-len >= 2, --batch >= 1, --layers >= 1")
@@ -283,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(name, eager, gemv, None if name == "engine_default" else False) for name, eager, gemv in plan]
     if args.async_scheduling:
         plan.append(("engine_cuda_graphs_async", False, args.gemv, True))
+    if args.qk_norm_ab:
+        plan.append(("engine_async_qk_norm_unfused", False, args.gemv, True))
     for name, eager, gemv, overlap in plan:
         gemv_dispatch.set_gemv_mode(gemv)  # before the engine captures its graphs
+        hooks = [m.register_forward_pre_hook(lambda module, inputs: None) for n, m in model.named_modules()
+                 if n.endswith(("q_norm", "k_norm"))] if name.endswith("qk_norm_unfused") else []
         try:
             run = run_engine(model, config, args.prompt_len, output_len, args.batch, enforce_eager=eager,
                              async_scheduling=overlap, max_model_len=args.max_model_len)
@@ -292,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             run["gemv"] = gemv
         except Exception as err:  # keep the other measurements
             run = dict(error=f"{type(err).__name__}: {err}")
+        finally:
+            for hook in hooks:
+                hook.remove()
         results["runs"][name] = run
         print(name, json.dumps(run), flush=True)
     # what the last run chose per (N, K, M): a GemvConfig, or cuBLAS

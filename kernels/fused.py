@@ -91,8 +91,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 # ------------------------------------------------------------------------------------------------- RoPE
 @triton.jit
+def head_rms_norm(x1, x2, W, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, dtype: tl.constexpr):
+    """Qwen3's q/k norm of [heads, HALF] first and second halves (fp32) of heads of 2 * HALF values: each head
+    over its own 2 * HALF values as rms_norm_kernel computes a row, x / sqrt(mean(x^2) + eps) * W, rounded to
+    `dtype` as that kernel's output would be (padding columns are zeros: they add nothing to the sums)."""
+    cols = tl.arange(0, BLOCK_HALF)
+    inv_rms = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    return (x1 * inv_rms * w1).to(dtype).to(tl.float32), (x2 * inv_rms * w2).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(X, stride_t, stride_h, token, num_heads, cos, sin, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM_W=None, eps=0.0, NORM: tl.constexpr = False):
+    """Rotate-half RoPE of one token's heads of X in place; NORM: each head RMS-normalised first (head_rms_norm,
+    Qwen3's q/k norm with gain NORM_W), so that norm and rotation are one pass."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     ok = (heads[:, None] < num_heads) & (cols[None, :] < HALF)
@@ -100,6 +114,8 @@ def _rotate_heads(X, stride_t, stride_h, token, num_heads, cos, sin, HALF: tl.co
     ptr2 = ptr1 + HALF  # second half x2
     x1 = tl.load(ptr1, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(ptr2, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        x1, x2 = head_rms_norm(x1, x2, NORM_W, eps, HALF, BLOCK_HALF, X.dtype.element_ty)
     # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), a 2-D rotation of each pair (x1_i, x2_i)
     tl.store(ptr1, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=ok)
     tl.store(ptr2, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=ok)

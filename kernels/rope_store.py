@@ -12,6 +12,11 @@ The arithmetic is exactly that of the two kernels it replaces (fused.py): rotate
 cos|sin table, rounded to k's dtype, then the cache's conversion of that rounded value (x / scale, saturated,
 rounded to e4m3 for an FP8 cache). So the fused launch writes the same bits, which the tests check against
 the two-launch path.
+
+Qwen3 puts an RMSNorm over head_dim on every query and key head just before RoPE (ModelConfig.qk_norm): two more
+tiny launches per layer, on the same per-token rows. With `qk_norm` the program normalises each head in registers
+(head_rms_norm: rms_norm_kernel's arithmetic, rounded to the model's dtype as that kernel's output is) before
+rotating it, as vLLM's fused q/k-norm + RoPE kernel does: the decode step keeps one launch here per layer.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.fused import (_cos_sin_row, _rotate_heads, _round_to_e4m3, check_rotary_args,
-                                   check_store_args)
+                                   check_store_args, head_rms_norm)
 from minillm.kernels.pdl import grid_dependency_sync, launch_options
 
 __all__ = ["rotary_and_store_kvcache_"]
@@ -41,12 +46,14 @@ def _rope_store_kernel(POS, stride_p, Q, K, V, COS_SIN, K_CACHE, V_CACHE, SLOTS,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c, stride_kc, stride_vc,
                        num_heads, num_kv_heads, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr = False):
+                       HAS_SCALE: tl.constexpr, FP8: tl.constexpr, Q_NORM=None, K_NORM=None, eps=0.0,
+                       QK_NORM: tl.constexpr = False, PDL: tl.constexpr = False):
     grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin_row(POS, stride_p, COS_SIN, stride_c, token, HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)
-    _rotate_heads(Q, stride_qt, stride_qh, token, num_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(Q, stride_qt, stride_qh, token, num_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF, Q_NORM, eps,
+                  QK_NORM)
 
     # k: rotated in registers, written back in place, and (same registers) into the cache slot
     heads = tl.arange(0, BLOCK_HK)
@@ -55,6 +62,8 @@ def _rope_store_kernel(POS, stride_p, Q, K, V, COS_SIN, K_CACHE, V_CACHE, SLOTS,
     k1_ptr = K + token * stride_kt + heads[:, None] * stride_kh + cols[None, :]
     k1 = tl.load(k1_ptr, mask=ok, other=0.0).to(tl.float32)
     k2 = tl.load(k1_ptr + HALF, mask=ok, other=0.0).to(tl.float32)
+    if QK_NORM:
+        k1, k2 = head_rms_norm(k1, k2, K_NORM, eps, HALF, BLOCK_HALF, K.dtype.element_ty)
     r1 = (k1 * cos - k2 * sin).to(K.dtype.element_ty)
     r2 = (k2 * cos + k1 * sin).to(K.dtype.element_ty)
     tl.store(k1_ptr, r1, mask=ok)
@@ -76,15 +85,26 @@ def _rope_store_kernel(POS, stride_p, Q, K, V, COS_SIN, K_CACHE, V_CACHE, SLOTS,
 
 def rotary_and_store_kvcache_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+                              slot_mapping: torch.Tensor, k_scale=None, v_scale=None,
+                              qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
     """`rotary_embedding_(positions, q, k, cos_sin_cache)` then `store_kvcache(k, v, k_cache, v_cache,
     slot_mapping, k_scale, v_scale)`, in one launch with the same results: q and k rotated in place, the rotated k
-    and v written to their slots (slot -1 skips a token). Arguments as those two functions take them (fused.py)."""
+    and v written to their slots (slot -1 skips a token). Arguments as those two functions take them (fused.py).
+    qk_norm = (q gain [D], k gain [D], eps): each q and k head RMS-normalised before its rotation (Qwen3), as
+    rms_norm(q.view(-1, D), q gain, eps) would first, in the same launch (written into q and k in place too)."""
     check_rotary_args(positions, q, k, cos_sin_cache)
     k_scale, v_scale = check_store_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if v.stride(-1) != 1:
         raise ValueError("v must be contiguous in its last dimension")
     num_tokens, num_heads, head_dim = q.shape
+    norm = {}
+    if qk_norm is not None:
+        q_gain, k_gain, eps = qk_norm
+        if q_gain.shape != (head_dim,) or k_gain.shape != (head_dim,) or not q_gain.is_contiguous() \
+                or not k_gain.is_contiguous():
+            raise ValueError(f"qk_norm gains must be contiguous [{head_dim}] tensors (head_dim), got "
+                             f"{tuple(q_gain.shape)} and {tuple(k_gain.shape)}")
+        norm = dict(Q_NORM=q_gain, K_NORM=k_gain, eps=float(eps), QK_NORM=True)
     if num_tokens == 0:
         return
     half = head_dim // 2
@@ -96,4 +116,4 @@ def rotary_and_store_kvcache_(positions: torch.Tensor, q: torch.Tensor, k: torch
         k_cache.stride(1), v_cache.stride(1), num_heads, k.shape[1], HEAD_DIM=head_dim, HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_HK=triton.next_power_of_2(k.shape[1]), HAS_SCALE=has_scale,
-        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **launch_options(q.device))
+        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **norm, **launch_options(q.device))

@@ -234,14 +234,19 @@ def test_engine_greedy_tokens_static_contiguous(model_and_config):
     assert _greedy(model, config, "triton", PROMPTS, 4) == ref
 
 
-def test_engine_greedy_tokens_qwen3_shape():
-    """Qwen3's attention (ModelConfig.qk_norm: each query and key head RMS-normalised over head_dim before RoPE,
-    here through the Triton norm kernel on [tokens x heads, head_dim] rows; head_dim 16 against hidden / heads 8)
-    gives the torch backend's tokens."""
+def test_engine_greedy_tokens_qwen3_shape(monkeypatch):
+    """Qwen3's attention (ModelConfig.qk_norm: each query and key head RMS-normalised over head_dim before RoPE;
+    head_dim 16 against hidden / heads 8) gives the torch backend's tokens, with the norms inside the fused RoPE +
+    KV-store launch (kernels/rope_store.py) on every layer of every step."""
+    import minillm.kernels.rope_store as rope_store
     model, config = tiny_model(seed=9, qk_norm=True, head_dim=16)
     assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)
     ref = _greedy(model, config, "torch", PROMPTS[:2], 3)
+    launches, fused = [], rope_store.rotary_and_store_kvcache_
+    monkeypatch.setattr(rope_store, "rotary_and_store_kvcache_",
+                        lambda *a, **kw: launches.append(kw.get("qk_norm") is not None) or fused(*a, **kw))
     assert _greedy(model, config, "triton", PROMPTS[:2], 3) == ref
+    assert launches and all(launches)
 
 
 def test_engine_greedy_tokens_with_swiglu_fused_into_the_down_gemv(model_and_config, monkeypatch):

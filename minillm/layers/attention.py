@@ -67,6 +67,7 @@ from minillm.layers.kv_quant import dequantize_kv, quantize_kv
 from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
 
 if TYPE_CHECKING:
+    from minillm.layers.norm import RMSNorm
     from minillm.layers.rotary import RotaryEmbedding
 
 # mean new tokens per sequence up to which a step with cached context reads it through the block table
@@ -255,11 +256,14 @@ class Attention(OperatorModule):
         self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
-                rope: RotaryEmbedding | None = None) -> torch.Tensor:
+                rope: RotaryEmbedding | None = None, qk_norm: tuple[RMSNorm, RMSNorm] | None = None
+                ) -> torch.Tensor:
         """Attention of the packed new tokens (module docstring). With `rope` (the model's RotaryEmbedding) and
         the tokens' `positions`, q and k arrive unrotated: on the Triton path with a KV cache one launch rotates
         them and stores k and v (kernels/rope_store.py: two launches per layer fewer on a decode step),
-        elsewhere rope(positions, q, k) runs first. Without `rope`, q and k must already be rotated."""
+        elsewhere rope(positions, q, k) runs first. Without `rope`, q and k must already be rotated.
+        qk_norm: (q_norm, k_norm), RMSNorms over head_dim that every query and key head goes through before
+        RoPE (Qwen3); inside that same launch where it runs and the norms would run Triton's kernel unhooked."""
         self._check_shapes(q, k, v)
         if (rope is None) != (positions is None):
             raise ValueError("give both positions and rope (to rotate q and k here), or neither")
@@ -272,11 +276,18 @@ class Attention(OperatorModule):
         use_cache = meta.slot_mapping is not None and self.k_cache.numel() > 0
         triton_path = use_triton(self.backend, q)
         fuse_rope = rope is not None and triton_path and use_cache and use_triton(rope.backend, q)
+        norms = None  # (q gain, k gain, eps) when the norms run inside the fused RoPE launch
+        if qk_norm is not None:
+            if fuse_rope and all(norm.inlinable(q) for norm in qk_norm):
+                norms = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
+            else:
+                q = qk_norm[0](q.reshape(-1, q.shape[-1])).view(q.shape)
+                k = qk_norm[1](k.reshape(-1, k.shape[-1])).view(k.shape)
         if rope is not None and not fuse_rope:
             q, k = rope(positions, q, k)
         if triton_path:
             return self._triton_attention(q, k, v, meta, use_cache, q_lens, seq_lens,
-                                          (positions, rope) if fuse_rope else None)
+                                          (positions, rope, norms) if fuse_rope else None)
         return self._torch_attention(q, k, v, meta, use_cache, q_lens, seq_lens)
 
     def _torch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -337,7 +348,8 @@ class Attention(OperatorModule):
                           use_cache: bool, q_lens: list[int], seq_lens: list[int],
                           rope_here: tuple | None = None) -> torch.Tensor:
         """The kernels of chapters 3 and 5 (see the module docstring for which batch takes which path).
-        rope_here: (positions, RotaryEmbedding) when q and k still need rotating (with the store, one launch)."""
+        rope_here: (positions, RotaryEmbedding, q/k norm gains and eps or None) when q and k still need rotating
+        (with the store, one launch)."""
         from minillm.kernels import paged_prefill
         from minillm.kernels.fused import store_kvcache as store_kvcache_kernel
         from minillm.kernels.flash_attention import flash_attn_varlen
@@ -345,9 +357,9 @@ class Attention(OperatorModule):
         from minillm.kernels.rope_store import rotary_and_store_kvcache_
 
         if rope_here is not None:  # (only with a cache) RoPE on q, k and the store of k, v: one launch
-            positions, rope = rope_here
+            positions, rope, norms = rope_here
             rotary_and_store_kvcache_(positions, q, k, v, rope.cos_sin_cache, self.k_cache, self.v_cache,
-                                      meta.slot_mapping, self.k_scale, self.v_scale)
+                                      meta.slot_mapping, self.k_scale, self.v_scale, qk_norm=norms)
         elif use_cache:  # an fp8 cache (k_scale set) is quantised inside the store kernel, in the same pass
             store_kvcache_kernel(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         read_cache = use_cache and meta.block_tables is not None

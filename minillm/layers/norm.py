@@ -83,6 +83,11 @@ class RMSNorm(OperatorModule):
         residual = x + residual
         return norm_fn(residual, self.weight, self.eps), residual
 
+    def inlinable(self, x: torch.Tensor) -> bool:
+        """Whether a fused kernel may compute this norm in its own launch for input `x`: the norm would run the
+        Triton kernel (whose arithmetic the fused kernels repeat) and no hook watches or replaces the module."""
+        return use_triton(self.backend, x) and not self._forward_hooks and not self._forward_pre_hooks
+
     def _fused_fp32(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """`rms_norm` through torch's own `torch.rms_norm`: in fp32 on a CPU it is the same sequence of operations
         (square, mean, add eps, rsqrt, scale, gain) run from one call, bit for bit the same result (a test checks),

@@ -69,10 +69,9 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):  # before RoPE, which rotates the normalised heads
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, positions, self.rotary_emb)  # [T, H, D]; RoPE inside (fused with the KV store)
+        # RoPE inside (fused with the KV store, and Qwen3's q/k norms before it)
+        norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
+        out = self.attn(q, k, v, positions, self.rotary_emb, qk_norm=norms)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -136,8 +135,7 @@ class LlamaDecoderLayer(nn.Module):
     def _fused_norm(norm: RMSNorm, linear: nn.Module, x: torch.Tensor) -> bool:
         """Whether `norm` runs inside `linear`'s GEMV: the norm would run the Triton kernel (whose arithmetic the
         GEMV repeats), nothing hooks the norm, and the layer says the fused GEMV won for this shape."""
-        return use_triton(norm.backend, x) and not norm._forward_hooks and not norm._forward_pre_hooks and \
-            linear.fuses_rms_norm(x)
+        return norm.inlinable(x) and linear.fuses_rms_norm(x)
 
     def build_mlp(self, config: ModelConfig, backend: str, quant_config: QuantizationConfig | None,
                   prefix: str) -> nn.Module:

@@ -1,8 +1,9 @@
-"""The fused RoPE + KV-cache store (kernels/rope_store.py) against the two launches it replaces, bit for bit."""
+"""The fused RoPE + KV-cache store (kernels/rope_store.py) against the two launches it replaces, bit for bit, and
+with Qwen3's q/k norms inside it against the norm kernel run first."""
 import pytest
 import torch
 
-from minillm.kernels.fused import rotary_embedding_, store_kvcache
+from minillm.kernels.fused import rms_norm, rotary_embedding_, store_kvcache
 from minillm.kernels.rope_store import rotary_and_store_kvcache_
 
 
@@ -24,15 +25,19 @@ def _case(device, dtype, cache_dtype, tokens=5, heads=6, kv_heads=3, d=16, block
     return qkv, q, k, v, positions, slots, caches
 
 
-def _both(device, dtype, cache_dtype, scales):
-    """(qkv, k cache, v cache) after the two launches, and after the fused one, from the same inputs."""
+def _both(device, dtype, cache_dtype, scales, norms=None):
+    """(qkv, k cache, v cache) after the two launches, and after the fused one, from the same inputs; `norms`
+    (q gain, k gain, eps): the q/k norms first (rms_norm's kernel) or inside the fused launch."""
     results = []
     for fused in (False, True):
         qkv, q, k, v, positions, slots, (kc, vc) = _case(device, dtype, cache_dtype)
         cos_sin = _cos_sin_cache(64, q.shape[-1]).to(device)
         if fused:
-            rotary_and_store_kvcache_(positions, q, k, v, cos_sin, kc, vc, slots, *scales)
+            rotary_and_store_kvcache_(positions, q, k, v, cos_sin, kc, vc, slots, *scales, qk_norm=norms)
         else:
+            if norms is not None:
+                for x, gain in ((q, norms[0]), (k, norms[1])):
+                    x.copy_(rms_norm(x.reshape(-1, x.shape[-1]), gain, norms[2]).view(x.shape))
             rotary_embedding_(positions, q, k, cos_sin)
             store_kvcache(k, v, kc, vc, slots, *scales)
         results.append((qkv, kc, vc))
@@ -49,6 +54,26 @@ def test_fused_equals_rotary_then_store(cache_dtype, scales):
     assert torch.equal(kc_a.view(torch.uint8), kc_b.view(torch.uint8))
     assert torch.equal(vc_a.view(torch.uint8), vc_b.view(torch.uint8))
     assert kc_b.float().abs().sum() > 0  # something was stored (a test that cannot pass vacuously)
+
+
+def _gains(device, d=16):
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(d, generator=g) * 2).to(device), (torch.rand(d, generator=g) * 2).to(device), 1e-6
+
+
+def test_fused_qk_norm_equals_norm_then_rotary_then_store():
+    """Qwen3's per-head norms inside the launch: what rms_norm over each head, then RoPE and the store give, to
+    fp32 rounding (each head's sum of squares is added up in two halves here, in one row there)."""
+    (qkv_a, kc_a, vc_a), (qkv_b, kc_b, vc_b) = _both("cpu", torch.float32, torch.float32, (None, None), _gains("cpu"))
+    torch.testing.assert_close(qkv_b, qkv_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kc_b, kc_a, rtol=1e-5, atol=1e-6)
+    assert torch.equal(vc_a, vc_b)
+    plain = _both("cpu", torch.float32, torch.float32, (None, None))[1][0]
+    assert (plain - qkv_b).abs().max() > 0.1  # the norms did run (inputs of scale 4, gains in [0, 2])
+    qkv, q, k, v, positions, slots, (kc, vc) = _case("cpu", torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"qk_norm gains must be contiguous \[16\]"):
+        rotary_and_store_kvcache_(positions, q, k, v, _cos_sin_cache(64, 16), kc, vc, slots,
+                                  qk_norm=(torch.ones(8), torch.ones(16), 1e-6))
 
 
 def test_fused_rejects_mismatched_cache():
@@ -68,3 +93,14 @@ def test_fused_equals_rotary_then_store_gpu(cache_dtype):
     assert torch.equal(qkv_a, qkv_b)
     assert torch.equal(kc_a.view(torch.uint8), kc_b.view(torch.uint8))
     assert torch.equal(vc_a.view(torch.uint8), vc_b.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_qk_norm_gpu_bf16():
+    """On the GPU in bf16: the normalised heads are rounded to bf16 before the rotation in both paths, so at most
+    the last bit of a value can differ (a sum of squares added in another order)."""
+    (qkv_a, kc_a, _), (qkv_b, kc_b, _) = _both("cuda", torch.bfloat16, torch.bfloat16, (None, None), _gains("cuda"))
+    torch.testing.assert_close(qkv_b, qkv_a, rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(kc_b, kc_a, rtol=8e-3, atol=1e-2)
+    assert (qkv_a != qkv_b).float().mean() < 0.02
