@@ -3,7 +3,7 @@ from minillm import platform as _platform  # noqa: F401  (sets TRITON_INTERPRET 
 from minillm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest", "PoolingParams",
-           "EmbeddingRequestOutput"]
+           "EmbeddingRequestOutput", "ClassificationRequestOutput"]
 __version__ = "0.1.0"
 
 
@@ -11,7 +11,7 @@ def __getattr__(name):  # lazy: `import minillm` stays cheap for the grader and 
     if name == "LLM":
         from minillm.llm import LLM
         return LLM
-    if name in ("RequestOutput", "CompletionOutput", "EmbeddingRequestOutput"):
+    if name in ("RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput"):
         from minillm import outputs
         return getattr(outputs, name)
     if name == "PoolingParams":

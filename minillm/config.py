@@ -65,6 +65,11 @@ class ModelConfig:
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
+    # Sequence classification (reward models and classifiers, HF's *ForSequenceClassification; chapter 10,
+    # minillm/classification.py): num_labels > 0 adds a `score` head [num_labels, hidden] and the model has no LM
+    # head of its own; labels names each row (config.json's id2label; None: "LABEL_0", ...). 0: a generative model.
+    num_labels: int = 0
+    labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -107,6 +112,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer (or a list of them) or None, "
                                  f"got {getattr(self, name)!r}")
         self._check_experts()
+        self._check_labels()
         if self.quantization is not None:
             from minillm.quant.base import check_quantization_name  # lazy: quant imports torch
             check_quantization_name(self.quantization)
@@ -126,6 +132,22 @@ class ModelConfig:
         if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, num_local_experts="
                              f"{self.num_local_experts}], got {self.num_experts_per_tok}")
+
+    def _check_labels(self) -> None:
+        n = self.num_labels
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"ModelConfig.num_labels must be a non-negative integer (0: a generative model), got "
+                             f"{n!r}")
+        if self.labels is None:
+            self.labels = [f"LABEL_{i}" for i in range(n)] if n else None
+            return
+        if not n:
+            raise ValueError(f"ModelConfig.labels={self.labels!r} needs num_labels >= 1 (a classification model)")
+        if not isinstance(self.labels, (list, tuple)) or len(self.labels) != n or \
+                not all(isinstance(label, str) for label in self.labels):
+            raise ValueError(f"ModelConfig.labels must be a list of num_labels={n} strings (or None), got "
+                             f"{self.labels!r}")
+        self.labels = list(self.labels)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -148,7 +170,7 @@ class ModelConfig:
         if self.qk_norm:
             per_layer += 2 * d
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        return self.num_hidden_layers * per_layer + embed + h + self.num_labels * h  # (+ a classifier's head)
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         """Bytes of K and V that one token occupies across all layers."""

@@ -52,7 +52,7 @@ from minillm.platform import resolve_device, resolve_dtype
 from minillm.sampling_params import ParamError, SamplingParams, check_seed
 
 if TYPE_CHECKING:
-    from minillm.outputs import EmbeddingRequestOutput, ScoringRequestOutput
+    from minillm.outputs import ClassificationRequestOutput, EmbeddingRequestOutput, ScoringRequestOutput
     from minillm.pooling import PoolingParams
     from minillm.beam_search import BeamSearchOutput, BeamSearchParams
 
@@ -299,6 +299,24 @@ class LLM:
                 engine.abort(request_id)
             raise
         return [EmbeddingRequestOutput.from_request_output(out) for out in self._run_until_done(ids, use_tqdm)]
+
+    def classify(self, prompts: Prompt | SequenceT[Prompt], use_tqdm: bool = False, *,
+                 lora_request: Any = None) -> list["ClassificationRequestOutput"]:
+        """vLLM's LLM.classify, for a sequence-classification or reward model (a *ForSequenceClassification
+        checkpoint; minillm/classification.py): per prompt outputs.probs over the model's labels (softmax; the
+        sigmoid of a reward model's one logit), and minillm's outputs.logits (the raw scores: a reward model's
+        reward) and outputs.label (the likeliest label's name). The prompts run their prefill only, batched, as
+        embedding requests; every prompt is validated first. ValueError for a generative model."""
+        from minillm.classification import CLASSIFY_POOLING, classification_problem, classifier_head, \
+            read_classifier_head
+        from minillm.outputs import ClassificationRequestOutput
+        problem = classification_problem(self.llm_engine)
+        if problem:
+            raise ValueError(problem)
+        outs = self.embed(prompts, CLASSIFY_POOLING, use_tqdm, lora_request=lora_request)
+        head = classifier_head(self.collective_rpc(read_classifier_head))  # after the run: the weights it used
+        return [ClassificationRequestOutput(o.request_id, o.prompt, o.prompt_token_ids,
+                                            head.classify(o.outputs.embedding)) for o in outs]
 
     def score(self, data_1: Prompt | SequenceT[Prompt], data_2: Prompt | SequenceT[Prompt],
               pooling_params: "PoolingParams | None" = None, use_tqdm: bool = False) -> list["ScoringRequestOutput"]:

@@ -142,6 +142,31 @@ class ScoringRequestOutput:
 
 
 @dataclass
+class ClassificationOutput:
+    """One prompt's class probabilities (vLLM's `probs`: softmax over the labels, the sigmoid of the one logit of a
+    reward model). minillm's additions: the raw `logits` (a reward model's reward, unsquashed) and the `label`
+    name of the likeliest class."""
+    probs: list[float]
+    logits: list[float]
+    label: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """LLM.classify's result for one prompt (vLLM's): outputs.probs, from the model's score head
+    (minillm/classification.py)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
+    finished: bool = True
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

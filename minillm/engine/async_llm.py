@@ -207,7 +207,7 @@ class AsyncLLM:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         else:  # checked now (add_request checks it again on the loop, where an error could only end the stream)
             sampling_params = sampling_params.checked_copy()
-        self.engine.check_sampling_params(sampling_params)
+        self.engine.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
             prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
             prompt = prompt if prompt is not None else prompt_token_ids

@@ -193,7 +193,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
             text, token_ids = prompt, self.validate_prompt(prompt_token_ids)[1]
         else:
             text, token_ids = self.validate_prompt(prompt)
-        constraint = self.check_sampling_params(sampling_params)
+        constraint = self.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         self.check_lora_request(lora_request)
         if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
             room = self.max_model_len - len(token_ids)

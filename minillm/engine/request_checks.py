@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 from typing import Sequence as SequenceT
 
+from minillm.classification import generation_refusal
 from minillm.engine.constraints import RequestConstraint
 from minillm.engine.detokenizer import keeps_special_tokens
 from minillm.sampling_params import ParamError, SamplingParams
@@ -16,7 +17,7 @@ class RequestChecks:
     """Mixed into LLMEngine: reads model_config, engine_config, max_model_len, tokenizer, scheduler, constraints,
     lora_slots."""
 
-    def check_sampling_params(self, params: SamplingParams) -> RequestConstraint | None:
+    def check_sampling_params(self, params: SamplingParams, pooling: bool = False) -> RequestConstraint | None:
         """ParamError, for this request only, for what SamplingParams cannot check alone: logit_bias token ids
         outside this model's vocabulary, a priority the scheduling policy would ignore (check_priority),
         skip_special_tokens=False with a tokenizer that cannot keep special tokens as text, n > 1 (an engine
@@ -24,7 +25,10 @@ class RequestChecks:
         this engine cannot enforce (a bad regex or schema, an allowed token id outside the vocabulary). Returns the
         request's compiled constraint (engine/constraints.py; None without one), which add_request keeps. Reads only
         the configuration and the compiler's lock-guarded cache: safe beside a running step (AsyncLLM and the server
-        check before queuing)."""
+        check before queuing). A classification model (ModelConfig.num_labels) refuses every request but a
+        pooling one (`pooling`: the params embedding_sampling_params made): it has no LM head to generate with."""
+        if self.model_config.num_labels and not pooling:
+            raise ValueError(generation_refusal(self.model_config))
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
                                   f"requests), as LLM.generate, LLM.chat and the OpenAI server do")

@@ -6,7 +6,9 @@ in rotate-half RoPE order, so unlike GGUF there is nothing to rename or permute;
 the config (in both the transformers-4 spelling, `rope_theta` + `rope_scaling`, and the
 transformers-5 one, `rope_parameters`), finding the shards, and checking every shape before any
 tensor is read. Tensors are streamed one at a time, in their stored dtype (bf16 for most
-checkpoints), so peak memory stays near one shard's largest tensor rather than the whole model.
+checkpoints), so peak memory stays near one shard's largest tensor rather than the whole model. A
+`*ForSequenceClassification` directory (a reward model or classifier) loads too: a `score` head in place of the LM
+head, its labels from id2label (minillm/classification.py).
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     heads = raw["num_attention_heads"]
     quantization, quant_config = _quantization(raw, source)
     experts = _experts(raw, model_type, source)
+    num_labels, labels = _classifier(raw, source)
     try:  # ModelConfig checks every type and range; the message gains the file's name here
         return ModelConfig(
             architecture=model_type,
@@ -90,13 +93,17 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=raw.get("tie_word_embeddings") or False,
+            # a classifier has no LM head: the one token an embedding request samples (and drops) comes from
+            # the embedding, read as a tied head (minillm/classification.py)
+            tie_word_embeddings=bool(num_labels) or raw.get("tie_word_embeddings") or False,
             attention_bias=model_type == "qwen2",
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             quantization=quantization,
             quantization_config=quant_config,
+            num_labels=num_labels,
+            labels=labels,
             **experts,
         )
     except (ValueError, TypeError) as err:
@@ -126,6 +133,26 @@ def _experts(raw: dict[str, Any], model_type: str, source: str) -> dict[str, Any
         raise ValueError(f"{source}: missing {', '.join(missing)} (a qwen3_moe config.json has them)")
     return dict(num_local_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
                 norm_topk_prob=raw.get("norm_topk_prob", False), intermediate_size=raw["moe_intermediate_size"])
+
+
+def _classifier(raw: dict[str, Any], source: str) -> tuple[int, list[str] | None]:
+    """(num_labels, label names) of a *ForSequenceClassification checkpoint (LlamaForSequenceClassification,
+    Qwen3ForSequenceClassification, ...: a reward model or classifier), (0, None) for a generative one. The labels
+    come from id2label, whose keys must be "0" .. "n-1"; without it, transformers' num_labels (default 2)."""
+    architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list) or not any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                                      for a in architectures):
+        return 0, None
+    id2label = raw.get("id2label")
+    if id2label is None:
+        return raw.get("num_labels", 2), None  # (ModelConfig checks the number)
+    if not isinstance(id2label, dict) or not id2label or set(id2label) != {str(i) for i in range(len(id2label))}:
+        raise ValueError(f"{source}: id2label must map every label index \"0\" .. \"n-1\" to its name, got "
+                         f"{id2label!r}")
+    labels = [id2label[str(i)] for i in range(len(id2label))]  # (ModelConfig checks that they are strings)
+    if raw.get("num_labels", len(labels)) != len(labels):
+        raise ValueError(f"{source}: num_labels={raw['num_labels']!r} but id2label names {len(labels)} labels")
+    return len(labels), labels
 
 
 def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[str, Any] | None]:

@@ -45,13 +45,16 @@ def read_json(path: str) -> Any:
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape for every tensor the model needs (lm_head only when not tied, biases only when present)."""
+    """HF name -> shape for every tensor the model needs (lm_head only when not tied, biases only when present, a
+    classifier's score head [num_labels, hidden])."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q_dim = config.num_attention_heads * config.head_dim
     kv_dim = config.num_key_value_heads * config.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
+    if config.num_labels:
+        shapes["score.weight"] = (config.num_labels, h)
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}."
         shapes.update({

@@ -211,6 +211,9 @@ class LlamaForCausalLM(nn.Module):
         self.head_copies_embedding = config.tie_word_embeddings and head_method is not None
         if config.tie_word_embeddings and self.model.is_last_stage and head_method is None:
             self.lm_head.tie_to(self.model.embed_tokens)
+        if config.num_labels:  # a sequence classifier's head (HF's score, no bias), read on the host
+            self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False) if self.model.is_last_stage \
+                else PPMissingLayer()  # (minillm/classification.py)
 
     @property
     def attention_backend(self) -> str:

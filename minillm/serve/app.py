@@ -7,6 +7,7 @@
     POST /v1/completions         text or token-id prompts; JSON, or SSE with stream=true
     POST /v1/chat/completions    messages through the model's chat template
     POST /v1/responses           OpenAI's Responses API, served by the chat path (responses.py; nothing stored)
+    POST /classify               a classification or reward model's label probabilities per input (classify.py)
     GET  /metrics                Prometheus text (metrics.py)
     GET  /engine/state           the engine's queues, KV blocks and recent batches as JSON (for the playground)
     GET  /                       the playground: a chat box beside the live engine (playground.html)
@@ -53,6 +54,7 @@ from minillm.serve.openai_api import OpenAIServing
 from minillm.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                     UnloadLoRAAdapterRequest, error_body, validation_message)
 from minillm.serve.serving_models import LoRAModulePath, OpenAIServingModels
+from minillm.serve.classify import ClassificationRequest, classify
 from minillm.serve.embeddings import EmbeddingRequest, embeddings
 from minillm.serve.responses import ResponsesRequest, respond
 from minillm.serve.scoring import RerankRequest, ScoreRequest, rerank, score
@@ -225,6 +227,10 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     @app.post("/v1/embeddings")  # OpenAI's: a vector per input, pooled from the model (serve/embeddings.py)
     async def embed(body: EmbeddingRequest) -> dict:
         return await embeddings(serving, body)
+
+    @app.post("/classify")  # vLLM's: a *ForSequenceClassification model's probabilities (serve/classify.py)
+    async def classify_inputs(body: ClassificationRequest) -> dict:
+        return await classify(serving, body)
 
     async def score_pairs(body: ScoreRequest) -> dict:  # vLLM's: cosine similarities of embeddings
         return await score(serving, body)

@@ -65,6 +65,22 @@ def check_truncation(keep: int | None) -> None:
         raise ApiError(400, f"truncate_prompt_tokens must be >= 1, got {keep}", param="truncate_prompt_tokens")
 
 
+async def checked_inputs(serving: Any, inputs: str | list, add_special_tokens: bool,
+                         keep: int | None) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) of each item of an `input` field (a text, texts, token ids or lists of them),
+    tokenized off the event loop; a 400 naming `input` when it is empty, too long a list, or holds a bad prompt
+    (/v1/embeddings, /classify)."""
+    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    if not inputs:
+        raise ApiError(400, "input must hold at least one text or token list", param="input")
+    if len(inputs) > MAX_CHOICES:
+        raise ApiError(400, f"input holds {len(inputs)} items; at most {MAX_CHOICES}: send several requests",
+                       param="input")
+    return await asyncio.to_thread(lambda: [serving.checked_prompt(p, "input", add_special_tokens, keep)
+                                            for p in inputs])
+
+
 async def embed_prompts(serving: Any, prompts: list[tuple[str | None, list[int]]], params: PoolingParams,
                         lora: Any, base_id: str) -> list[list[float]]:
     """One vector per checked prompt (text or None, token ids), all embedded at once by the engine."""
@@ -96,16 +112,7 @@ async def embeddings(serving: Any, request: EmbeddingRequest) -> dict[str, Any]:
             return [serving.checked_prompt(ids, "messages", keep=keep)]
         prompts = await asyncio.to_thread(render)
     else:
-        inputs = request.input
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not inputs:
-            raise ApiError(400, "input must hold at least one text or token list", param="input")
-        if len(inputs) > MAX_CHOICES:
-            raise ApiError(400, f"input holds {len(inputs)} items; at most {MAX_CHOICES}: send several requests",
-                           param="input")
-        add = request.add_special_tokens is not False
-        prompts = await asyncio.to_thread(lambda: [serving.checked_prompt(p, "input", add, keep) for p in inputs])
+        prompts = await checked_inputs(serving, request.input, request.add_special_tokens is not False, keep)
     base = f"embd-{uuid.uuid4().hex}"
     vectors = await embed_prompts(serving, prompts, params, lora, base)
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
