@@ -42,7 +42,8 @@ workers (tests/test_parallel_stress.py), which never draw LoRA (those engines re
 (about a quarter of a second each on a CPU; LoRA comes up in about one scenario in seven) and LORA_SEEDS more
 forced to serve adapters. A longer hunt: MINILLM_STRESS_SEEDS=2000, MINILLM_STRESS_LORA_SEEDS=500 (and
 MINILLM_STRESS_FIRST=10000 to start elsewhere; MINILLM_STRESS_BACKEND=triton
-for the Triton kernels under the interpreter, 60 seeds clean on 2026-12-06). A failing seed prints its
+for the Triton kernels under the interpreter, 60 seeds clean on 2026-12-06; MINILLM_STRESS_ARCH=qwen3 for Qwen3's
+q/k norms, 240 seeds clean on 2026-12-06). A failing seed prints its
 scenario, which a regression test below can replay by hand.
 """
 from __future__ import annotations
@@ -70,13 +71,17 @@ NUM_LORA_SEEDS = int(os.environ.get("MINILLM_STRESS_LORA_SEEDS", LORA_SEEDS))
 # MINILLM_STRESS_BACKEND=triton runs every engine (and the runs alone) through the Triton kernels, interpreted on a
 # CPU (paged prefill with context, split-KV decode, tree attention, the fp8 cache's scales): ~a minute a seed
 BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
+# MINILLM_STRESS_ARCH=qwen3 gives the model Qwen3's attention (q/k norms before RoPE, head_dim 16 against hidden /
+# heads 8) for a hunt through every feature with it; the default is the Llama shape
+ARCH = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16)}[
+    os.environ.get("MINILLM_STRESS_ARCH", "llama")]
 K = 3  # speculative tokens per step
 LORA_ODDS = 0.5  # of a scenario without speculation: enable_lora, max_loras 1-3, half its requests with an adapter
 
 
 @pytest.fixture(scope="module")
 def model_and_config():
-    config = tiny_config(max_position_embeddings=128)
+    config = tiny_config(max_position_embeddings=128, **ARCH)
     model = tiny_model(config, seed=5)
     if BACKEND != "auto":
         from minillm.layers.backend import set_operator_backend
