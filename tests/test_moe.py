@@ -145,6 +145,34 @@ def test_qwen3_moe_configs_we_cannot_run_are_named(tmp_path):
             config_from_hf({**raw, **bad})
 
 
+def test_the_fused_moe_path_gives_the_loops_logits(checkpoint, monkeypatch):
+    """On the Triton backend (here Triton's interpreter) every MoE block runs kernels/fused_moe.py: the logits and
+    the per-expert row counts of the loop, the experts' weights become views into the layer's stacks, and a weight
+    update written into an expert's parameter reaches the fused path."""
+    import minillm.kernels.fused_moe as fused_moe_module
+    directory, hf = checkpoint
+    config, weights = load_hf_model(directory)
+    model = get_model_class(config.architecture)(config).eval()
+    model.load_weights(weights)
+    _, loop_logits, ref = _prefill_logits(model, hf)
+    loop_counts = [layer.mlp.load.last.tolist() for layer in model.model.layers]
+    calls, fused = [], fused_moe_module.fused_moe
+    monkeypatch.setattr(fused_moe_module, "fused_moe", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    model.attention_backend = "triton"
+    _, fused_logits, _ = _prefill_logits(model, hf)
+    assert len(calls) == config.num_hidden_layers
+    torch.testing.assert_close(fused_logits, loop_logits, rtol=1e-4, atol=1e-4)
+    assert [layer.mlp.load.last.tolist() for layer in model.model.layers] == loop_counts
+    block = model.model.layers[1].mlp
+    assert block.experts[2].w13.weight.data_ptr() == block._stacks[0][2].data_ptr()  # a view, not a copy
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    model.load_weights([(name, torch.zeros_like(block.experts[2].w2.weight))], strict=False)
+    updated = _prefill_logits(model, hf)[1]
+    assert (updated - fused_logits).abs().max() > 1e-3  # the stack saw the update
+    model.attention_backend = "torch"
+    torch.testing.assert_close(updated, _prefill_logits(model, hf)[1], rtol=1e-4, atol=1e-4)
+
+
 def test_llm_greedy_matches_transformers_generate(checkpoint):
     from minillm import LLM
     directory, hf = checkpoint

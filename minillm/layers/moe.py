@@ -118,8 +118,13 @@ class ExpertLoad:
         self.total = torch.zeros(self.num_experts, dtype=torch.int64)
 
     def record(self, counts: torch.Tensor, dropped: int) -> None:
-        self.last = counts.cpu()
-        self.total += self.last
+        """Count a forward's rows per expert. The counts stay on their device (a GPU's, from the fused path: no
+        sync per layer); they are read, and copied, only when someone asks (minillm.parallel.expert)."""
+        counts = counts.detach()
+        if self.total.device != counts.device:
+            self.total = self.total.to(counts.device)
+        self.last = counts
+        self.total += counts
         self.last_dropped = dropped
         self.total_dropped += dropped
 

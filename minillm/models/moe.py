@@ -18,8 +18,11 @@ that the loader skips. With tensor parallelism each
 expert is split like Llama's MLP (w13 by columns, w2 by rows) and the block all-reduces once, after the combine.
 
 The expert compute is a loop over experts, each a gather of its rows and two matmuls (HF's and vLLM's reference
-path); a fused MoE kernel (one grouped GEMM over all experts) is the GPU's next step. The loop has
-data-dependent shapes, so MoE models run eagerly (no CUDA graphs).
+path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
+expert and padded into blocks, then one grouped GEMM per projection over all experts (vLLM's fused_moe), three
+launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
+loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path). MoE models still
+run eagerly (no CUDA graphs): the loop's shapes depend on the routing.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.layers.activation import SiluAndMul
+from minillm.layers.backend import use_triton
 from minillm.layers.linear import Linear
 from minillm.layers.moe import ExpertLoad, combine_expert_outputs, expert_capacity, route, run_experts
 from minillm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -74,10 +78,16 @@ class MixtralSparseMoeBlock(nn.Module):
             else ExpertOnAnotherRank() for e in range(self.num_experts))
         self.capacity_factor: float | None = None  # EngineConfig.moe_capacity_factor (set by the worker)
         self.load = ExpertLoad(self.first_expert, self.end_expert - self.first_expert)
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 [E, 2I, H], w2 [E, H, I]) once fused
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
-        if self.ep_size > 1:
+        if self._fuses(hidden_states, local):
+            from minillm.kernels.fused_moe import fused_moe
+            weights, expert_ids = route(self.gate(hidden_states), self.top_k, self.renormalize)
+            out, counts = fused_moe(hidden_states, *self._expert_stacks(local), weights, expert_ids)
+            dropped = 0
+        elif self.ep_size > 1:
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
                                                        self.capacity_factor, self.renormalize)
         else:
@@ -89,6 +99,25 @@ class MixtralSparseMoeBlock(nn.Module):
             out = combine_expert_outputs(rows_out, weights)
         self.load.record(counts, dropped)
         return tensor_parallel_all_reduce(out) if self.tp_size > 1 else out
+
+    def _fuses(self, x: torch.Tensor, local: list[nn.Module]) -> bool:
+        """Whether the grouped-GEMM path runs: the Triton backend (the experts' SiLU says which), every row routed
+        (no capacity), all experts here (no expert parallelism), dense half- or full-precision weights."""
+        expert = local[0]
+        return use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and self.ep_size == 1 and \
+            x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+    def _expert_stacks(self, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [E, 2I, H] and w2 [E, H, I] of the local experts, stacked once; each expert's parameters then
+        become views into the stacks (no second copy; a weight update written into a parameter lands there)."""
+        if self._stacks is None or local[0].w13.weight.data_ptr() != self._stacks[0].data_ptr() or \
+                local[-1].w2.weight.data_ptr() != self._stacks[1][-1].data_ptr():  # (weights replaced since)
+            w13 = torch.stack([e.w13.weight.detach() for e in local])
+            w2 = torch.stack([e.w2.weight.detach() for e in local])
+            for i, expert in enumerate(local):
+                expert.w13.weight.data, expert.w2.weight.data = w13[i], w2[i]
+            self._stacks = (w13, w2)
+        return self._stacks
 
     def extra_repr(self) -> str:
         held = f", experts {self.first_expert}..{self.end_expert - 1} here" if self.ep_size > 1 else ""

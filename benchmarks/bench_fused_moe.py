@@ -1,0 +1,97 @@
+"""The MoE MLP on the GPU: kernels/fused_moe.py's grouped GEMMs against the per-expert loop (minillm/layers/moe.py).
+
+    python benchmarks/bench_fused_moe.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--tokens 1 8 64 256 1024] [--out F]
+
+One MoE block's MLP (router output given: top-k weights and ids drawn from a random router) with random bf16
+weights of the shape's sizes, timed with triton.testing.do_bench (median, warm weights):
+
+    loop    the engine's reference path: rows sorted by expert, then per expert a gather, gate_up, SiLU, down, and a
+            scatter (run_experts), then the weighted sum over each token's k rows (one host sync for the counts)
+    fused   moe_align + two grouped GEMMs + silu_and_mul + the k-row sum: a fixed number of launches, no sync
+
+and the weight-read floor of the experts the batch touches (bytes of the distinct experts routed to / the copy
+bandwidth measured in the same run). Both outputs are compared first (bf16, relative to the output's scale).
+Needs CUDA; prints a table and writes the raw numbers to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+SHAPES = {  # (experts, top_k, hidden, expert intermediate size)
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("bench_fused_moe needs a CUDA GPU; nothing was measured.", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+
+    import minillm  # noqa: F401  (platform setup)
+    from minillm.kernels.fused_moe import fused_moe
+    from minillm.layers.moe import combine_expert_outputs, route, run_experts
+
+    experts, top_k, hidden, inter = SHAPES[args.shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen).mul_(hidden ** -0.5).bfloat16()
+    w2 = torch.randn(experts, hidden, inter, device="cuda", generator=gen).mul_(inter ** -0.5).bfloat16()
+    src = torch.empty(1 << 28, dtype=torch.bfloat16, device="cuda")
+    copy_bw = 2 * src.numel() * 2 / (triton.testing.do_bench(lambda: src.clone()) * 1e-3)
+    del src
+
+    def loop(x, weights, ids):
+        def expert(e):
+            def run(rows):
+                gate_up = torch.nn.functional.linear(rows, w13[e])
+                return torch.nn.functional.linear(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:],
+                                                  w2[e])
+            return run
+        rows = x.repeat_interleave(top_k, dim=0)
+        out, _, _ = run_experts(rows, ids.reshape(-1), [expert(e) for e in range(experts)])
+        return combine_expert_outputs(out, weights)
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = "python benchmarks/bench_fused_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = dict(benchmark="fused MoE", date=now, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=triton.__version__, command=command,
+                   shape=dict(name=args.shape, experts=experts, top_k=top_k, hidden=hidden, inter=inter),
+                   copy_bytes_per_s=round(copy_bw), rows=[])
+    print(f"{args.shape}: {experts} experts, top-{top_k}, hidden {hidden}, expert FFN {inter}; copy "
+          f"{copy_bw / 1e12:.2f} TB/s")
+    print(f"{'tokens':>7}{'experts hit':>13}{'loop us':>10}{'fused us':>10}{'speed-up':>10}{'floor us':>10}"
+          f"{'of floor':>13}")
+    for tokens in args.tokens:
+        x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+        weights, ids = route(torch.randn(tokens, experts, device="cuda", generator=gen), top_k)
+        fused_out = fused_moe(x, w13, w2, weights, ids)[0]
+        ref = loop(x, weights, ids)
+        err = float((fused_out.float() - ref.float()).abs().max() / ref.float().abs().max())
+        t_loop = triton.testing.do_bench(lambda: loop(x, weights, ids)) * 1e3
+        t_fused = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, weights, ids)) * 1e3
+        hit = int(ids.unique().numel())
+        floor = hit * (w13[0].numel() + w2[0].numel()) * 2 / copy_bw * 1e6
+        row = dict(tokens=tokens, experts_hit=hit, loop_us=round(t_loop, 1), fused_us=round(t_fused, 1),
+                   speedup=round(t_loop / t_fused, 2), floor_us=round(floor, 1), rel_err=err)
+        results["rows"].append(row)
+        print(f"{tokens:>7}{hit:>13}{t_loop:>10.1f}{t_fused:>10.1f}{t_loop / t_fused:>9.2f}x{floor:>10.1f}"
+              f"{floor / t_fused:>12.0%}   (max error {err:.1e} of the output's scale)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

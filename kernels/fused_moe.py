@@ -1,0 +1,135 @@
+"""A mixture-of-experts MLP in three launches: every expert's rows in one grouped GEMM (chapter 11, the GPU path).
+
+minillm/layers/moe.py runs a MoE layer as the reference code does: sort the (token, expert) rows by expert, then
+for each expert a gather and two matmuls. On a GPU that is four or more launches per expert, so a decode step of
+a model with 64-128 experts per layer spends its time launching, and the host must know how many rows each
+expert got (a sync per layer). vLLM's fused_moe does the whole layer as a few launches whose shapes do not depend
+on the routing; this file builds the same thing:
+
+1. `moe_align(topk_ids, num_experts, BLOCK_M)`: the T x k (token, expert) pairs sorted by expert, each expert's
+   run padded to a multiple of BLOCK_M, so that every BLOCK_M rows belong to one expert. Out come sorted_pairs
+   (pair index per row, `num_pairs` for a padding row) and block_expert (the expert of each BLOCK_M rows, -1
+   past the last). All tensor ops of fixed sizes: the bound P + min(P, E) x (BLOCK_M - 1) on the padded length
+   (each expert that got a pair wastes at most BLOCK_M - 1 rows) sizes the buffers, never the counts themselves.
+2. `_grouped_gemm_kernel`, twice. A program takes BLOCK_M sorted rows and BLOCK_N output columns; it reads its
+   block's expert, gathers the rows of A (the tokens themselves for the first GEMM: row = pair // k; the pairs'
+   own rows for the second), multiplies them by that expert's weight tile and writes each row back to its pair's
+   place. Programs whose block is padding return at once. The first GEMM is x @ w13[e]^T (gate | up), then
+   silu_and_mul (kernels/fused.py), then the second h @ w2[e]^T with each pair's routing weight multiplied in
+   before the store, in fp32.
+3. The k rows of each token summed (in fp32) and rounded to the activations' dtype.
+
+Weights are stacked per layer: w13 [E, 2I, H] and w2 [E, H, I], the experts' Linear weights in their own [out,
+in] layout (MixtralSparseMoeBlock makes its experts' parameters views into the stacks, so nothing is held twice).
+Expert capacity (dropping rows) is the loop's business; this path routes every row. Under Triton's interpreter on
+a CPU it runs too (fp32), which is how the tests check it against the loop.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from minillm.kernels.fused import silu_and_mul
+from minillm.platform import triton_interpreted
+
+__all__ = ["moe_align", "fused_moe"]
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """(sorted_pairs int32 [R], block_expert int32 [R / block_m], counts int64 [E]) for topk_ids [T, k] (step 1 of
+    the module docstring). Row r of the sorted order holds pair sorted_pairs[r] (= token * k + j), or the
+    sentinel T * k on a padding row; rows [b * block_m, (b + 1) * block_m) all belong to expert block_expert[b]
+    (-1: unused). Within an expert the pairs keep their token order (a stable sort). No host sync."""
+    flat = topk_ids.reshape(-1)
+    num_pairs, device = flat.numel(), flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    start = counts.cumsum(0) - counts
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(num_pairs, device=device) - start[expert_of]  # place within its expert's run
+    num_blocks = triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m)
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs[padded_start[expert_of] + rank] = order.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)  # first run ending after the start
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert, counts
+
+
+@triton.jit
+def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am, stride_we,
+                         stride_wn, stride_cm, ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """C[pair, n] = sum_k A[pair // ROWS_PER_A, k] * W[expert, n, k] (x PAIR_WEIGHT[pair]) for the BLOCK_M sorted
+    rows of program_id(0) and the BLOCK_N columns of program_id(1) (step 2 of the module docstring)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+    if expert < 0:  # a block past the last expert's padded run: nothing to do
+        return
+    pairs = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs  # padding rows carry the sentinel num_pairs
+    a_rows = (pairs // ROWS_PER_A).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_base = W + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(A + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if MUL_WEIGHT:
+        acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
+                  block_expert: torch.Tensor, rows_per_a: int, pair_weight: torch.Tensor | None,
+                  block_m: int) -> None:
+    num_pairs, n, k = out.shape[0], w.shape[1], w.shape[2]
+    block_n, block_k = (32, 32) if triton_interpreted() else (64, 64)
+    fp32 = a.dtype == torch.float32
+    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](
+        a, w, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert, num_pairs, n, k,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
+        MUL_WEIGHT=pair_weight is not None, PRECISION="ieee" if fp32 or triton_interpreted() else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, block_m: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE MLP of x [T, H]: (out [T, H] in x's dtype, rows routed to each expert [E] int64, on x's device).
+
+    w13 [E, 2I, H] (each expert's gate | up projection, as its Linear holds it), w2 [E, H, I]; topk_weights
+    [T, k] (fp32) and topk_ids [T, k] from the router. out[t] = sum_j topk_weights[t, j] *
+    w2[e] (silu(gate) * up)(x[t]) with e = topk_ids[t, j], every expert's rows in one grouped GEMM per projection."""
+    num_tokens, hidden = x.shape
+    experts, double_inter, _ = w13.shape
+    if w13.shape[2] != hidden or w2.shape != (experts, hidden, double_inter // 2):
+        raise ValueError(f"fused_moe: need w13 [E, 2I, {hidden}] and w2 [E, {hidden}, I], got {tuple(w13.shape)} "
+                         f"and {tuple(w2.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [{num_tokens}, k], got "
+                         f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    sorted_pairs, block_expert, counts = moe_align(topk_ids, experts, block_m)
+    x = x.contiguous()
+    gate_up = torch.empty(num_pairs, double_inter, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, top_k, None, block_m)
+    inner = silu_and_mul(gate_up)
+    mixed = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    _grouped_gemm(inner, w2, mixed, sorted_pairs, block_expert, 1, topk_weights.reshape(-1).float().contiguous(),
+                  block_m)
+    return mixed.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype), counts
