@@ -119,15 +119,17 @@ class ExpertLoad:
 
     def record(self, counts: torch.Tensor, dropped: int) -> None:
         """Count a forward's rows per expert. The counts stay on their device (a GPU's, from the fused path: no
-        sync per layer); they are read, and copied, only when someone asks (minillm.parallel.expert)."""
+        sync per layer) in two buffers updated in place, so a CUDA graph that recorded this call keeps them
+        current at every replay; they are read, and copied, only when someone asks (minillm.parallel.expert)."""
         counts = counts.detach()
-        if self.total.device != counts.device:
-            self.total = self.total.to(counts.device)
-        self.last = counts
+        if self.total.device != counts.device:  # the first forward on this device: the buffers move there once
+            self.last, self.total = self.last.to(counts.device), self.total.to(counts.device)
+        self.last.copy_(counts)
         self.total += counts
         self.last_dropped = dropped
         self.total_dropped += dropped
 
     def reset(self) -> None:
-        self.__post_init__()
+        self.last.zero_()  # in place: a captured graph writes into these very buffers
+        self.total.zero_()
         self.last_dropped = self.total_dropped = 0
