@@ -202,6 +202,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     swap_space: int = 4 << 30  # bytes of pinned CPU memory for swapped blocks
     enable_prefix_caching: bool = False
+    # GiB of host memory for the prefix cache's CPU tier (vLLM's --kv-offloading-size): a cached block evicted on
+    # the device is kept there and copied back when a prompt hits it (minillm/engine/offload_tier.py). None or 0: off
+    kv_offloading_size: float | None = None
     enable_chunked_prefill: bool = False
     # Operators (chapters 3-4)
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
@@ -278,6 +281,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {type(utilization).__name__}: "
                              f"{utilization!r}")
         self._check_static()
+        self._check_offloading()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings
         SpeculativeConfig.from_engine_config(self)
         self._check_lora()
@@ -303,6 +307,21 @@ class EngineConfig:
             raise ValueError(f"enable_lora=True does not combine with {', '.join(asked)} in minillm: adapters are "
                              f"served by continuous batching, on one rank or tensor/pipeline-parallel ranks, without "
                              f"speculation or torch.compile")
+
+    def _check_offloading(self) -> None:
+        """The CPU tier keeps prefix-cache blocks of the paged pool: a size in GiB, and prefix caching on."""
+        size = self.kv_offloading_size
+        if size is None:
+            return
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float("inf"):
+            raise ValueError(f"EngineConfig.kv_offloading_size must be None or a finite number of GiB >= 0, got "
+                             f"{size!r}")
+        if size and not self.enable_prefix_caching:
+            raise ValueError(f"kv_offloading_size={size} GiB keeps evicted prefix-cache blocks in host memory: it "
+                             f"needs enable_prefix_caching=True")
+        if size and self.kv_layout == "contiguous":
+            raise ValueError(f"kv_offloading_size={size} needs the paged KV layout (kv_layout='paged' or None), got "
+                             f"kv_layout='contiguous'")
 
     def _check_static(self) -> None:
         """Static batching (chapter 2) runs each batch to its end in fixed slots: it never shares prefix blocks,

@@ -34,7 +34,8 @@ Everything else stays exact. Placeholders never reach the prefix cache: the cach
 replaced it. Preemption needs no special case: a preempted sequence keeps its token list (placeholder included) and
 gets its real token in step 3; it is not in step N+1, and it is re-admitted only after step 3. Swaps and copies
 are queued in stream order before step N+1's forward (a swap-out brings blocks to host memory, so it waits for
-the device: such a step loses its overlap, not its correctness).
+the device: such a step loses its overlap, not its correctness; so does a step that stores evicted blocks in the
+prefix cache's CPU tier, minillm/engine/offload_tier.py, whose loads, host to device, keep it).
 
 What falls back to synchronous steps: verify steps of speculative decoding (the number of tokens a verify step
 produces is not known in advance), and executors that cannot split a step in launch and collect (workers in other

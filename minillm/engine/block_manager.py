@@ -14,7 +14,13 @@ Block states, always exactly one of:
 
 Writing is allowed only into a block that is used by exactly one table and not in the prefix cache;
 anything else is copied first (copy-on-write) and the (src, dst) pair goes to the runner, which performs
-swap-outs, then swap-ins, then copies, before the forward that writes the new tokens.
+swap-outs, then swap-ins, then copies, before the forward that writes the new tokens (with the CPU tier below, its
+stores go right after the swap-outs and its loads right after the copies).
+
+The prefix cache's CPU tier (EngineConfig.kv_offloading_size, offload_tier.py): when an evictable cached block is
+evicted, its K/V are first stored in a host pool under the same chain hash; a prompt whose device chain stops
+hitting goes on in the tier, and each block found there takes a fresh device block, filled from the host before
+the step's forward and registered as computed at once (its tokens count as cached, `offload_hits` apart).
 
 When do blocks enter the prefix cache? When they are full *and computed*. The engine advances
 `seq.num_computed_tokens` after the forward; `mark_computed(seq)` (called by the scheduler for every running
@@ -30,22 +36,26 @@ from __future__ import annotations
 from collections import deque
 
 from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping, swap_out_mapping
+from minillm.engine.offload_tier import OffloadTier
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
 from minillm.hooks import dispatch
 
 
 class BlockManager:
-    """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching."""
+    """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching, with a CPU tier."""
 
     def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, watermark: float = 0.01,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, num_offload_blocks: int = 0) -> None:
         for name, value, low in (("num_blocks", num_blocks, 1), ("block_size", block_size, 1),
-                                 ("num_cpu_blocks", num_cpu_blocks, 0)):
+                                 ("num_cpu_blocks", num_cpu_blocks, 0), ("num_offload_blocks", num_offload_blocks, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"BlockManager {name} must be an integer >= {low}, got {value!r}")
         if not 0 <= watermark < 1:
             raise ValueError(f"watermark must be a fraction in [0, 1), got {watermark!r}")
+        if num_offload_blocks and not enable_prefix_caching:
+            raise ValueError(f"num_offload_blocks={num_offload_blocks} needs enable_prefix_caching=True: the CPU tier "
+                             f"keeps evicted prefix-cache blocks")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
@@ -56,6 +66,9 @@ class BlockManager:
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.free_cpu_block_ids: deque[int] = deque(range(num_cpu_blocks))
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        # the prefix cache's CPU tier (EngineConfig.kv_offloading_size): evicted cached blocks kept in host memory
+        self.num_offload_blocks = num_offload_blocks
+        self.offload = OffloadTier(num_offload_blocks) if num_offload_blocks else None
         self._on_device: dict[int, Sequence] = {}  # seq_id -> sequence holding device blocks
         self._cpu_tables: dict[int, list[int]] = {}  # seq_id -> CPU blocks of a swapped-out sequence
         self._num_offered: dict[int, int] = {}  # seq_id -> leading blocks already offered to the prefix cache
@@ -85,6 +98,11 @@ class BlockManager:
         return self.prefix_cache.hits if self.prefix_cache else 0
 
     @property
+    def offload_hits(self) -> int:
+        """Of prefix_cache_hits, the tokens whose K/V came back from the CPU tier (copied, not recomputed)."""
+        return self.prefix_cache.offload_hits if self.prefix_cache else 0
+
+    @property
     def prefix_cache_queries(self) -> int:
         """Tokens of every allocated sequence, summed: the denominator of the hit rate."""
         return self.prefix_cache.queries if self.prefix_cache else 0
@@ -106,12 +124,24 @@ class BlockManager:
         if self.free_block_ids:
             block = self.free_block_ids.popleft()
         else:
-            block = self.prefix_cache.evict() if self.prefix_cache else None
-            if block is None:
+            victim = self.prefix_cache.evict_entry() if self.prefix_cache else None
+            if victim is None:
                 raise RuntimeError(f"out of KV blocks: all {self.num_blocks} are in use (check can_allocate / "
                                    "can_append before allocating)")
+            block = victim[0]
+            if self.offload is not None:  # its K/V go to host memory first (stored before anything writes it)
+                self.offload.store(*victim)
         self.ref_counts[block] = 1
         return block
+
+    def _copy_block(self, src: int, dst: int, copies: list[tuple[int, int]]) -> None:
+        """Queue the copy-on-write src -> dst. A src being filled from the CPU tier in this very step is not there
+        yet when copies run (before the tier's loads): dst is filled from the same host block instead."""
+        host = self.offload.loading_into(src) if self.offload is not None else None
+        if host is None:
+            copies.append((src, dst))
+        else:
+            self.offload.load(host, dst)
 
     def _hold_cached(self, block: int) -> None:
         if self.ref_counts[block] == 0:
@@ -126,40 +156,60 @@ class BlockManager:
             else:
                 self.free_block_ids.append(block)
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_prefix_cache(self, keep_offloaded: bool = False) -> bool:
         """Forget every cached prefix (after new weights, or between benchmark runs): evictable blocks become
-        free, blocks in use stay with their sequences but are no longer offered to others. False when this
-        manager has no prefix cache."""
+        free, blocks in use stay with their sequences but are no longer offered to others; the CPU tier is emptied
+        too, unless `keep_offloaded` (sleep mode drops the device pool, but the weights, which the host copies were
+        computed with, stay until new ones come, which reset everything). False when this manager has no prefix
+        cache."""
         if self.prefix_cache is None:
             return False
         self.free_block_ids.extend(self.prefix_cache.reset())
+        if self.offload is not None and not keep_offloaded:
+            self.offload.reset()
         return True
 
+    def take_offload_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The CPU tier's copies queued since the last call, ((device, host) stores, (host, device) loads): the
+        scheduler hands them to the step it planned. Its host blocks are free to be reused by the next plan."""
+        return self.offload.take_copies() if self.offload is not None else ([], [])
+
     # -- new sequences ------------------------------------------------------------------------------------
-    def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        """(cached blocks, their chain hashes) for the longest cached run of seq's leading full blocks."""
+    def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int], list[int]]:
+        """(cached device blocks, host blocks of the CPU tier, chain hashes) for the longest cached run of seq's
+        leading full blocks: the device cache first; where its chain stops, the tier's (vLLM: the GPU's hits, then
+        the offloading connector's)."""
         if self.prefix_cache is None:
-            return [], []
+            return [], [], []
         if seq.reads_every_prompt_row:  # prompt_logprobs, MEAN / CLS pooling: a cached prefix has no output rows
-            return [], []
+            return [], [], []
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size,
                               salt=seq.cache_salt)
         hits: list[int] = []
+        host_hits: list[int] = []
         for j, h in enumerate(hashes):
             tokens = tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size])
-            block = self.prefix_cache.lookup(h, hashes[j - 1] if j else seq.cache_salt, tokens)
-            if block is None:
+            parent = hashes[j - 1] if j else seq.cache_salt
+            block = None if host_hits else self.prefix_cache.lookup(h, parent, tokens)
+            if block is not None:
+                hits.append(block)
+                continue
+            host = self.offload.lookup(h, parent, tokens) if self.offload is not None else None
+            if host is None:
                 break
-            hits.append(block)
-        return hits, hashes
+            host_hits.append(host)
+        return hits, host_hits, hashes
 
     def _allocation_cost(self, seq: Sequence) -> tuple[int, int]:
-        """(free blocks that allocate(seq) would consume, tokens it would find cached)."""
-        hits, _ = self._match_prefix(seq)
-        cached = len(hits) * self.block_size
+        """(free blocks that allocate(seq) would consume, tokens it would find cached). A block found in the CPU
+        tier costs a fresh device block, as an uncached one does, but its tokens count as cached."""
+        hits, host_hits, _ = self._match_prefix(seq)
+        cached = (len(hits) + len(host_hits)) * self.block_size
         fresh = self.blocks_needed(seq.num_tokens) - len(hits)
-        if hits and cached == seq.num_tokens:  # full hit: the last block is copied, not held
-            hits, cached, fresh = hits[:-1], cached - 1, fresh + 1
+        if cached and cached == seq.num_tokens:  # full hit: the last block is copied (or loaded), not held
+            cached -= 1
+            if not host_hits:
+                hits, fresh = hits[:-1], fresh + 1
         return fresh + sum(self.ref_counts[b] == 0 for b in hits), cached
 
     def num_cached_tokens_on_allocate(self, seq: Sequence) -> int:
@@ -187,9 +237,11 @@ class BlockManager:
         cost, _ = self._allocation_cost(seq)
         if cost > self.num_free_blocks:
             raise RuntimeError(f"allocate needs {cost} free blocks, {self.num_free_blocks} are free")
-        hits, hashes = self._match_prefix(seq)
+        hits, host_hits, hashes = self._match_prefix(seq)
         copies: list[tuple[int, int]] = []
-        cow_src = hits.pop() if hits and len(hits) * self.block_size == seq.num_tokens else None
+        num_hit = len(hits) + len(host_hits)
+        full = num_hit > 0 and num_hit * self.block_size == seq.num_tokens
+        cow_src = hits.pop() if full and not host_hits else None
         for block in hits:
             self._hold_cached(block)
         table = list(hits)
@@ -197,20 +249,41 @@ class BlockManager:
             # The source is not held: if it is evicted to become dst itself, its content is already there.
             dst = self._take_block()
             if dst != cow_src:
-                copies.append((cow_src, dst))
+                self._copy_block(cow_src, dst, copies)
             table.append(dst)
+        table += self._load_offloaded(seq, hashes, host_hits, len(table), full)
         while len(table) < self.blocks_needed(seq.num_tokens):
             table.append(self._take_block())
         seq.block_table = table
-        seq.num_computed_tokens = seq.num_tokens - 1 if cow_src is not None else len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_tokens - 1 if full else num_hit * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         self._on_device[seq.seq_id] = seq
-        self._num_offered[seq.seq_id] = len(hits)
+        self._num_offered[seq.seq_id] = num_hit - 1 if full else num_hit  # (a full hit's last block: private)
         self._hashes[seq.seq_id] = hashes
         if self.prefix_cache:
             self.prefix_cache.queries += seq.num_tokens
             self.prefix_cache.hits += seq.num_cached_tokens
+            self.prefix_cache.offload_hits += len(host_hits) * self.block_size - (1 if full and host_hits else 0)
         return copies
+
+    def _load_offloaded(self, seq: Sequence, hashes: list[int], host_hits: list[int], start: int,
+                        full: bool) -> list[int]:
+        """Device blocks for seq's blocks start, start + 1, ... found in the CPU tier (`host_hits`): each is filled
+        from its host block before this step's forward (a queued load) and registered in the device cache at
+        once, as computed; a request later in the same step that hits it reads it after the load, and a copy of
+        it is redirected to the host block (_copy_block). The last block of a fully cached prompt stays private
+        (its last token is computed again, as allocate does for a device hit)."""
+        for host in host_hits:  # before any take: a device eviction's store may not reuse these host blocks
+            self.offload.pin(host)
+        blocks, bs = [], self.block_size
+        for i, host in enumerate(host_hits):
+            j, block = start + i, self._take_block()
+            self.offload.load(host, block)
+            if not (full and i == len(host_hits) - 1):
+                self.prefix_cache.insert(block, hashes[j], hashes[j - 1] if j else seq.cache_salt,
+                                         tuple(seq.token_ids[j * bs:(j + 1) * bs]))
+            blocks.append(block)
+        return blocks
 
     # -- growing ------------------------------------------------------------------------------------------
     def _write_plan(self, seq: Sequence, num_new_tokens: int) -> tuple[list[int], int]:
@@ -254,7 +327,7 @@ class BlockManager:
         copies = []
         for j in to_copy:
             src, dst = seq.block_table[j], self._take_block()  # take before release: dst != src
-            copies.append((src, dst))
+            self._copy_block(src, dst, copies)
             seq.block_table[j] = dst
             self._release([src])
         for _ in range(new):
@@ -413,3 +486,8 @@ class BlockManager:
         cpu_free = list(self.free_cpu_block_ids)
         require(len(set(cpu_used)) == len(cpu_used), "a CPU block is held twice")
         require(sorted(cpu_used + cpu_free) == list(range(self.num_cpu_blocks)), "CPU free + used != all CPU blocks")
+        if self.offload is not None:
+            problems = self.offload.check()
+            require(not problems, "; ".join(problems))
+            require(all(refs[dev] > 0 for _, dev in self.offload.queued_loads()),
+                    "a device block waiting for its CPU-tier load is not held by any sequence")

@@ -21,9 +21,9 @@ anything is built, `resolve_engine_config` turns that into a concrete EngineConf
 The operator backend stays as given: "auto" is decided per call by the tensors' device (minillm.layers.backend).
 
 Then, once the worker knows how many device blocks fit (minillm.engine.kv_cache.num_device_blocks, which on
-CUDA profiles a forward), `make_cache_config` fixes the cache geometry: block size, device and CPU (swap) blocks,
-max_model_len, layout. That one frozen CacheConfig is passed down to the worker (KV tensors, CUDA graphs) and
-to the scheduler (block manager): nothing else decides these numbers.
+CUDA profiles a forward), `make_cache_config` fixes the cache geometry: block size, device blocks, CPU blocks (swap
+space; the prefix cache's CPU tier), max_model_len, layout. That one frozen CacheConfig is passed down to the
+worker (KV tensors, CUDA graphs) and to the scheduler (block manager): nothing else decides these numbers.
 """
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
         enforce_eager = not on_cuda or config.attention_backend not in ("auto", "triton") or config.compile
-        # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe)
-        enforce_eager = enforce_eager or model_config.num_local_experts > 0
+        # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe);
+        # its fused path (kernels/fused_moe.py: every row routed, all experts in this process) has none
+        moe_loop = config.expert_parallel_size > 1 or config.moe_capacity_factor is not None
+        enforce_eager = enforce_eager or (model_config.num_local_experts > 0 and moe_loop)
     piecewise = config.piecewise_cuda_graphs
     if piecewise is None:
         piecewise = not enforce_eager
@@ -91,13 +93,15 @@ class CacheConfig:
     num_cpu_blocks: int  # blocks of CPU swap space (preemption_mode="swap"), 0 otherwise
     max_model_len: int
     kv_layout: str  # "paged" | "contiguous"
+    num_offload_blocks: int = 0  # blocks of the prefix cache's CPU tier (kv_offloading_size), 0: off
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CacheConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_cpu_blocks < 0:
-            raise ValueError(f"CacheConfig.num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        for name in ("num_cpu_blocks", "num_offload_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CacheConfig.{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -115,15 +119,19 @@ def needs_sized_pool(config: EngineConfig) -> bool:
     return config.kv_layout == "paged" and config.scheduling == "continuous"
 
 
-def check_swap_space(swap_space: int) -> None:
-    """The CPU pool for swapped-out blocks is allocated at the first preemption, in the middle of serving: one that
-    cannot fit in the machine must fail now, not then. Over MAX_SWAP_FRACTION of its memory is refused (vLLM's
-    rule: the host needs the rest for the process itself, the weights while loading, the pinned staging)."""
+def check_swap_space(swap_space: int, offload_bytes: int = 0) -> None:
+    """The CPU pool for swapped-out blocks is allocated at the first preemption, in the middle of serving (the
+    prefix cache's CPU tier, `offload_bytes`, at the first eviction): pools that cannot fit in the machine must
+    fail now, not then. Over MAX_SWAP_FRACTION of its memory, both together, is refused (vLLM's rule: the host
+    needs the rest for the process itself, the weights while loading, the pinned staging)."""
     total = host_memory_bytes()
-    if total is not None and swap_space > MAX_SWAP_FRACTION * total:
-        raise ValueError(f"swap_space={swap_space} bytes ({swap_space / 2**30:.1f} GiB) is more than "
+    if total is not None and swap_space + offload_bytes > MAX_SWAP_FRACTION * total:
+        what = f"swap_space={swap_space} bytes" + (f" + kv_offloading_size={offload_bytes / 2**30:g} GiB"
+                                                   if offload_bytes else "")
+        raise ValueError(f"{what} ({(swap_space + offload_bytes) / 2**30:.1f} GiB) is more than "
                          f"{MAX_SWAP_FRACTION:.0%} of this machine's {total / 2**30:.1f} GiB of memory; give at most "
-                         f"{int(MAX_SWAP_FRACTION * total)} (or preemption_mode='recompute')")
+                         f"{int(MAX_SWAP_FRACTION * total)} bytes in all (or preemption_mode='recompute', a smaller "
+                         f"kv_offloading_size)")
 
 
 def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_per_block: int) -> CacheConfig:
@@ -137,8 +145,15 @@ def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_pe
         num_gpu_blocks = config.max_num_seqs * -(-config.max_model_len // block_size)
     elif num_gpu_blocks is None:
         raise ValueError("a paged continuous-batching pool needs num_gpu_blocks from the worker")
-    num_cpu_blocks = 0
-    if config.preemption_mode == "swap" and config.kv_layout == "paged":
-        check_swap_space(config.swap_space)
-        num_cpu_blocks = config.swap_space // bytes_per_block
-    return CacheConfig(block_size, num_gpu_blocks, num_cpu_blocks, config.max_model_len, config.kv_layout)
+    swap = config.swap_space if config.preemption_mode == "swap" and config.kv_layout == "paged" else 0
+    # the prefix cache's CPU tier: GiB of host memory, in blocks of this model's K/V across its layers
+    offload = int((config.kv_offloading_size or 0) * 2**30) if config.kv_layout == "paged" else 0
+    if swap or offload:
+        check_swap_space(swap, offload)
+    num_offload_blocks = offload // bytes_per_block
+    if offload and num_offload_blocks < 1:
+        raise ValueError(f"kv_offloading_size={config.kv_offloading_size} GiB holds no block of this model's KV "
+                         f"cache ({bytes_per_block} bytes per block of {block_size} tokens); give at least "
+                         f"{bytes_per_block / 2**30:.3g} GiB")
+    return CacheConfig(block_size, num_gpu_blocks, swap // bytes_per_block, config.max_model_len, config.kv_layout,
+                       num_offload_blocks)

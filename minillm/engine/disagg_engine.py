@@ -140,6 +140,9 @@ def check_disaggregation(config: EngineConfig) -> None:
                          "pipeline_parallel_size and expert_parallel_size must be 1")
     if SpeculativeConfig.from_engine_config(config) is not None:
         raise ValueError("speculative decoding is not supported with disaggregation")
+    if config.kv_offloading_size:
+        raise ValueError(f"kv_offloading_size={config.kv_offloading_size} (the prefix cache's CPU tier) is not "
+                         f"supported with disaggregation: give None")
     if config.async_scheduling:
         raise ValueError("async_scheduling is not supported with disaggregation (its worker processes answer "
                          "each step in turn): give async_scheduling=False")

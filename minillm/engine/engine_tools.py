@@ -87,13 +87,18 @@ class EngineTools:
     def sleep(self, level: int = 1) -> list[SleepReport]:
         """vLLM's: give the device's memory back between bursts of work (minillm/engine/sleep_mode.py). Level 1
         keeps the weights in host memory and drops the KV pool; level 2 drops both (reload them after wake_up).
-        The prefix cache is reset (its blocks go with the pool). Between requests only; requests are refused
-        (EngineSleepingError) until wake_up. What each worker freed, in rank order."""
+        The prefix cache is reset (its blocks go with the pool), but not its CPU tier (kv_offloading_size):
+        after wake_up, prompts find their prefixes there, until new weights reset it. Between requests only;
+        requests are refused (EngineSleepingError) until wake_up. What each worker freed, in rank order."""
         check_sleep_level(level)
         if self._asleep:
             raise RuntimeError(f"the engine sleeps already ({', '.join(sorted(self._asleep))}): wake_up() first")
         self._check_idle("sleep")
-        self.reset_prefix_cache()
+        block_manager = getattr(self.scheduler, "block_manager", None)
+        if block_manager is not None:  # the pool's blocks go; the CPU tier's host copies stay valid (same weights:
+            block_manager.reset_prefix_cache(keep_offloaded=True)  # new ones reset it, update/reload_weights)
+        else:
+            self.reset_prefix_cache()
         self._asleep = frozenset(SLEEP_TAGS)
         try:
             reports = self._on_workers(call_worker, "sleep", (level,), {})

@@ -18,6 +18,12 @@ byte per element and the same memory holds 2x the blocks of bf16 (4x of fp32). N
 minillm.engine.kv_scales before the first step; each layer's attention gets views of its rows, so CUDA graphs
 capture the scales by address. Swapping and copy-on-write move the fp8 bytes as they are: the scales belong to
 the layer, not to the block, so nothing else has to move.
+
+The prefix cache's CPU tier (EngineConfig.kv_offloading_size, minillm.engine.offload_tier) is a second host pool of
+the same layout, `offload_storage`: `offload` copies evicted cached blocks into it, `onload` copies them back into
+fresh device blocks for a prompt that found them there. Swapping and the tier move bytes the same way (_to_host,
+_from_host); they keep separate pools because a swapped-out sequence must find all its blocks again, while a tier
+entry is a cache's, dropped when the tier is full.
 """
 from __future__ import annotations
 
@@ -143,19 +149,22 @@ def num_device_blocks(engine_config: EngineConfig, model_config: ModelConfig, dt
 
 
 class KVCache:
-    """The device cache (and, on demand, a CPU cache of the same layout for swapped-out blocks).
+    """The device cache (and, on demand, CPU caches of the same layout for swapped-out blocks and for the prefix
+    cache's CPU tier).
 
     `dtype` is the model's; `kv_cache_dtype` ("auto", "fp8", "fp8_e4m3") decides the storage's element type.
     """
 
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, num_cpu_blocks: int = 0, kv_cache_dtype: str = "auto") -> None:
+                 device: torch.device, num_cpu_blocks: int = 0, kv_cache_dtype: str = "auto",
+                 num_offload_blocks: int = 0) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_layers = model_config.num_hidden_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
+        self.num_offload_blocks = num_offload_blocks
         self.block_shape = (block_size, model_config.num_key_value_heads, model_config.head_dim)
         self.dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)  # the storage's element type
         self.device = device
@@ -176,6 +185,7 @@ class KVCache:
             self.scales = torch.ones((2, self.num_layers, model_config.num_key_value_heads), dtype=torch.float32,
                                      device=device)
         self._cpu_storage: torch.Tensor | None = None
+        self._offload_storage: torch.Tensor | None = None
         logger.info("KV cache: %d blocks of %d tokens in %s (%.1f MiB)", num_blocks, block_size, self.dtype,
                     self.nbytes / 2**20)
 
@@ -196,13 +206,25 @@ class KVCache:
     @property
     def cpu_storage(self) -> torch.Tensor:
         """The swap space, allocated the first time a block is swapped (pinned when a GPU is present)."""
-        if self._cpu_storage is None:
-            if self.num_cpu_blocks < 1:
-                raise RuntimeError("a block swap was requested but the CPU swap space has 0 blocks "
-                                   "(set swap_space > 0 with preemption_mode='swap')")
-            self._cpu_storage = torch.zeros((2, self.num_layers, self.num_cpu_blocks, *self.block_shape),
-                                            dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        return self._cpu_storage
+        return self._host_pool("_cpu_storage", self.num_cpu_blocks, "a block swap was requested but the CPU swap "
+                               "space has 0 blocks (set swap_space > 0 with preemption_mode='swap')")
+
+    @property
+    def offload_storage(self) -> torch.Tensor:
+        """The prefix cache's CPU tier, allocated the first time a block is offloaded (pinned when a GPU is present)."""
+        return self._host_pool("_offload_storage", self.num_offload_blocks, "a block offload was requested but the "
+                               "CPU tier has 0 blocks (set kv_offloading_size > 0 with enable_prefix_caching=True)")
+
+    def _host_pool(self, attr: str, num_blocks: int, empty: str) -> torch.Tensor:
+        """The host pool kept in `attr`, of the device cache's layout, allocated on first use."""
+        pool = getattr(self, attr)
+        if pool is None:
+            if num_blocks < 1:
+                raise RuntimeError(empty)
+            pool = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=self.dtype,
+                               pin_memory=torch.device(self.device).type == "cuda")
+            setattr(self, attr, pool)
+        return pool
 
     # -- block operations requested by the scheduler ------------------------------------------------------
     def _check(self, blocks: list[int], limit: int, what: str) -> torch.Tensor:
@@ -221,19 +243,35 @@ class KVCache:
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device_block, cpu_block) pairs from the device cache to the CPU cache, all layers at once."""
-        if not pairs:
-            return
-        src = self._check([d for d, _ in pairs], self.num_blocks, "device")
-        dst = self._check([c for _, c in pairs], self.num_cpu_blocks, "cpu")
-        self.cpu_storage[:, :, dst] = self.storage[:, :, src.to(self.device)].to("cpu")
+        if pairs:
+            self._to_host(pairs, self.cpu_storage, self.num_cpu_blocks, "cpu")
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (cpu_block, device_block) pairs from the CPU cache back to the device cache."""
-        if not pairs:
-            return
-        src = self._check([c for c, _ in pairs], self.num_cpu_blocks, "cpu")
+        if pairs:
+            self._from_host(pairs, self.cpu_storage, self.num_cpu_blocks, "cpu")
+
+    def offload(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device_block, host_block) pairs into the prefix cache's CPU tier (blocks evicted on the device)."""
+        if pairs:
+            self._to_host(pairs, self.offload_storage, self.num_offload_blocks, "CPU-tier")
+
+    def onload(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (host_block, device_block) pairs from the CPU tier into fresh device blocks (a prefix found there)."""
+        if pairs:
+            self._from_host(pairs, self.offload_storage, self.num_offload_blocks, "CPU-tier")
+
+    def _to_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
+        """Device -> host. `.to("cpu")` waits for the device's queued work (a step in flight under async scheduling
+        too), so the bytes copied are those every earlier forward wrote."""
+        src = self._check([d for d, _ in pairs], self.num_blocks, "device")
+        dst = self._check([c for _, c in pairs], limit, what)
+        host[:, :, dst] = self.storage[:, :, src.to(self.device)].to("cpu")
+
+    def _from_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
+        src = self._check([c for c, _ in pairs], limit, what)
         dst = self._check([d for _, d in pairs], self.num_blocks, "device")
-        self.storage[:, :, dst.to(self.device)] = self.cpu_storage[:, :, src].to(self.device, non_blocking=True)
+        self.storage[:, :, dst.to(self.device)] = host[:, :, src].to(self.device, non_blocking=True)
 
     def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Copy single token slots (src, dst), all layers, K and V: a token tree's accepted nodes move to the

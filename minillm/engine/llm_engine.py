@@ -78,7 +78,8 @@ def make_scheduler(engine_config: EngineConfig, cache_config: CacheConfig) -> An
     from minillm.engine.block_manager import BlockManager
     from minillm.engine.scheduler import Scheduler
     block_manager = BlockManager(cache_config.num_gpu_blocks, cache_config.block_size, cache_config.num_cpu_blocks,
-                                 enable_prefix_caching=engine_config.enable_prefix_caching)
+                                 enable_prefix_caching=engine_config.enable_prefix_caching,
+                                 num_offload_blocks=cache_config.num_offload_blocks)
     return Scheduler(engine_config, block_manager)
 
 

@@ -76,7 +76,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 class ModelRunner(LaunchSetup):
     def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, seed: int = 0, num_cpu_blocks: int = 0,
-                 engine_config: EngineConfig | None = None, lora=None) -> None:
+                 engine_config: EngineConfig | None = None, lora=None, num_offload_blocks: int = 0) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -88,7 +88,8 @@ class ModelRunner(LaunchSetup):
         self.generator.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its own generator (seeded requests)
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device, num_cpu_blocks,
-                                kv_cache_dtype=engine_config.kv_cache_dtype if engine_config is not None else "auto")
+                                kv_cache_dtype=engine_config.kv_cache_dtype if engine_config is not None else "auto",
+                                num_offload_blocks=num_offload_blocks)
         self.attention_layers = attention_modules(model)
         if len(self.attention_layers) != model_config.num_hidden_layers:
             raise ValueError(f"the model has {len(self.attention_layers)} attention modules with k_cache/v_cache, "
@@ -132,13 +133,17 @@ class ModelRunner(LaunchSetup):
 
     # -- block operations ---------------------------------------------------------------------------------
     def apply_block_ops(self, step: StepInput | ScheduledBatch) -> None:
-        """Swap-outs first (they free device blocks that swap-ins or copies may then reuse), then swap-ins,
-        then copy-on-write. Tree-verify slot copies (StepInput.slots_to_copy) go before all three: they finish
-        the previous step, whose blocks this step's operations may move or reuse."""
+        """Swap-outs first and the prefix cache's CPU-tier stores (they copy out device blocks that swap-ins,
+        copies or loads may then reuse), then swap-ins, then copy-on-write, then the tier's loads (after the copies,
+        which may read a block an eviction gave to a load; a copy of a loaded block is planned as a second load:
+        minillm/engine/offload_tier.py). Tree-verify slot copies (StepInput.slots_to_copy) go before them all:
+        they finish the previous step, whose blocks this step's operations may move or reuse."""
         self.kv_cache.copy_slots(getattr(step, "slots_to_copy", []))
         self.kv_cache.swap_out(step.blocks_to_swap_out)
+        self.kv_cache.offload(step.blocks_to_offload)
         self.kv_cache.swap_in(step.blocks_to_swap_in)
         self.kv_cache.copy(step.blocks_to_copy)
+        self.kv_cache.onload(step.blocks_to_onload)
 
     # -- input preparation --------------------------------------------------------------------------------
     def prepare(self, step: StepInput | ScheduledBatch) -> PreparedBatch:

@@ -18,8 +18,10 @@ Three rules keep it correct:
     token_ids) and a lookup compares them: a collision is a miss, never a wrong reuse.
 
 Blocks nobody references any more stay registered and *evictable*: still hit-able until the allocator runs
-out of never-used blocks and takes the least recently freed one (LRU). This module is the bookkeeping only
-(hash map, stored keys, LRU order, hit counters); minillm.engine.block_manager owns reference counts.
+out of never-used blocks and takes the least recently freed one (LRU); with EngineConfig.kv_offloading_size
+its K/V go to a host tier first, where a later prompt still finds them (minillm/engine/offload_tier.py).
+This module is the bookkeeping only (hash map, stored keys, LRU order, hit counters); minillm.engine.block_manager
+owns reference counts.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ class PrefixCache:
         # cached blocks with reference count 0, least recently freed first
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.hits = 0
+        self.offload_hits = 0  # of hits, the tokens loaded back from the CPU tier (minillm.engine.offload_tier)
         self.queries = 0
         self.evictions = 0
 
@@ -132,13 +135,19 @@ class PrefixCache:
 
     def evict(self) -> int | None:
         """Take the least recently freed cached block out of the cache (forgetting its hash), or None."""
+        victim = self.evict_entry()
+        return None if victim is None else victim[0]
+
+    def evict_entry(self) -> tuple[int, tuple[int, int | None, tuple[int, ...]]] | None:
+        """`evict`, also returning what the block was registered as, (hash, parent hash, token ids): the CPU tier
+        (minillm.engine.offload_tier) keeps the block's K/V under that name."""
         if not self._evictable:
             return None
         block, _ = self._evictable.popitem(last=False)
-        block_hash = self._entry_of_block.pop(block)[0]
-        del self._block_of_hash[block_hash]
+        entry = self._entry_of_block.pop(block)
+        del self._block_of_hash[entry[0]]
         self.evictions += 1
-        return block
+        return block, entry
 
     def reset(self) -> list[int]:
         """Forget every cached block (vLLM's reset_prefix_cache); return the evictable ones, now plain free

@@ -35,8 +35,10 @@ A request that can never fit (more blocks than the pool can give one sequence, o
 max_model_len) is finished with finish_reason "error" and a message naming the numbers, and put in
 `self.rejected`, which the engine drains: it never waits forever.
 
-The runner must apply a batch's block operations in this order before the forward: swap-outs, swap-ins,
-copies (a block freed by a swap-out may be reused in the same step). `timeline` keeps one StepRecord per
+The runner must apply a batch's block operations in this order before the forward: swap-outs, the prefix cache's
+CPU-tier stores (blocks_to_offload), swap-ins, copies, the tier's loads (blocks_to_onload): every copy out of a
+device block comes before anything that writes it, since a block freed or evicted may be reused in the same step
+(minillm/engine/offload_tier.py says why loads come last). `timeline` keeps one StepRecord per
 step for chapter 6's Gantt charts. Every block decision goes through `admit_or_preempt` (a pure function of
 the step's numbers, chapter 6's exercise).
 """
@@ -241,6 +243,7 @@ class Scheduler:
             for seq in queue:  # drafts not scheduled in (a) are stale by the next step: drop them
                 if seq.spec_token_ids and seq.seq_id not in granted:
                     seq.spec_token_ids = []
+        batch.blocks_to_offload, batch.blocks_to_onload = bm.take_offload_copies()  # what this plan evicted / hit
         record.num_free_blocks = bm.num_free_blocks
         record.num_waiting, record.num_running, record.num_swapped = \
             len(self.waiting), len(self.running), len(self.swapped)

@@ -38,6 +38,10 @@ class ScheduledBatch:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu_block, device_block)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device_block, cpu_block)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    # the prefix cache's CPU tier (minillm/engine/offload_tier.py): evicted cached blocks copied to host memory,
+    # and blocks a prompt found there copied back
+    blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)  # (device_block, host_block)
+    blocks_to_onload: list[tuple[int, int]] = field(default_factory=list)  # (host_block, device_block)
     preempted: list[Sequence] = field(default_factory=list)  # preempted this step (for metrics / timelines)
 
     @property
@@ -47,7 +51,8 @@ class ScheduledBatch:
     @property
     def moves_blocks(self) -> bool:
         """Whether the step swaps or copies blocks: an empty batch may still (a swap-out, with nothing to run)."""
-        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy
+                    or self.blocks_to_offload or self.blocks_to_onload)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -40,20 +40,26 @@ def prefix_identities(token_ids: list[int]) -> list[int]:
 class ShadowKVCache:
     """Stands in for engine.kv_cache.KVCache: same block operations, prefix identities instead of tensors."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, num_offload_blocks: int = 0) -> None:
         self.block_size = block_size
         self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.cpu: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
+        self.tier: list[list[int | None]] = [[None] * block_size for _ in range(num_offload_blocks)]  # CPU tier
 
     def apply(self, batch: ScheduledBatch) -> None:
-        """The runner's order: swap-outs, swap-ins, then copies (all sources read before any copy writes)."""
+        """The runner's order (ModelRunner.apply_block_ops): swap-outs, the CPU tier's stores, swap-ins, copies
+        (all sources read before any copy writes), the tier's loads."""
         for dev, cpu in batch.blocks_to_swap_out:
             self.cpu[cpu] = list(self.device[dev])
+        for dev, host in batch.blocks_to_offload:
+            self.tier[host] = list(self.device[dev])
         for cpu, dev in batch.blocks_to_swap_in:
             self.device[dev] = list(self.cpu[cpu])
         sources = [list(self.device[src]) for src, _ in batch.blocks_to_copy]
         for (_, dst), content in zip(batch.blocks_to_copy, sources):
             self.device[dst] = content
+        for host, dev in batch.blocks_to_onload:
+            self.device[dev] = list(self.tier[host])
 
     def write(self, block_table: list[int], start: int, end: int, identities: list[int]) -> list[int]:
         """Store positions start..end-1; returns their slots."""
@@ -81,7 +87,7 @@ class SimulatedEngine:
         self.scheduler = scheduler
         self.vocab_size = vocab_size
         self.propose = propose  # drafts for a decoding sequence, asked before every step
-        self.kv = ShadowKVCache(bm.num_blocks, bm.block_size, bm.num_cpu_blocks)
+        self.kv = ShadowKVCache(bm.num_blocks, bm.block_size, bm.num_cpu_blocks, bm.num_offload_blocks)
         self.finished: list[Sequence] = []
         self.batches: list[ScheduledBatch] = []
         self._count = 0

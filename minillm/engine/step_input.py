@@ -118,6 +118,8 @@ class StepInput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)  # the prefix cache's CPU tier
+    blocks_to_onload: list[tuple[int, int]] = field(default_factory=list)
     # requests that ended since the previous step: a worker drops their per-request state (generators)
     finished_request_ids: list[str] = field(default_factory=list)
     return_logits: bool = False  # also return the logits of the sampled rows (speculative verification)
@@ -191,6 +193,7 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
     is called for every sequence instead), no copy of a sequence's token list."""
     step = StepInput(block_size=block_size, blocks_to_swap_out=list(batch.blocks_to_swap_out),
                      blocks_to_swap_in=list(batch.blocks_to_swap_in), blocks_to_copy=list(batch.blocks_to_copy),
+                     blocks_to_offload=list(batch.blocks_to_offload), blocks_to_onload=list(batch.blocks_to_onload),
                      finished_request_ids=list(finished_request_ids or ()))
     num_logprobs: list[int] = []
     prompt_rows: list[PromptLogprobRows | None] = []

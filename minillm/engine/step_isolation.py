@@ -36,7 +36,7 @@ def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any, error: B
     step raised. Callers rerun only with no step in flight: the synchronous step has none, the async one reads its
     step in flight first."""
     from minillm.engine.executor import UniProcExecutor, WorkerError
-    return (len(batch.seqs) > 1 and not (batch.blocks_to_swap_in or batch.blocks_to_swap_out or batch.blocks_to_copy)
+    return (len(batch.seqs) > 1 and not batch.moves_blocks
             and speculative is None and (isinstance(executor, UniProcExecutor) or isinstance(error, WorkerError)))
 
 

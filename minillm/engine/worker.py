@@ -196,7 +196,8 @@ class Worker:
         lora = {} if self.lora is None else dict(lora=self.lora)  # (LoRA runs unsharded: EngineConfig checks)
         self.runner = runner_class(self.model, local_config, cache_config.num_gpu_blocks, cache_config.block_size,
                                    self.device, self.dtype, self.seed, cache_config.num_cpu_blocks,
-                                   engine_config=self.engine_config, **lora)
+                                   engine_config=self.engine_config, num_offload_blocks=cache_config.num_offload_blocks,
+                                   **lora)
 
     def execute_model(self, step: StepInput) -> StepOutput | None:
         """The step's samples; None on a rank of a parallel group that does not sample (see ParallelModelRunner)."""
