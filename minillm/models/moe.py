@@ -21,8 +21,10 @@ The expert compute is a loop over experts, each a gather of its rows and two mat
 path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
 expert and padded into blocks, then one grouped GEMM per projection over all experts (vLLM's fused_moe), three
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
-loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path). MoE models still
-run eagerly (no CUDA graphs): the loop's shapes depend on the routing.
+loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path), and with it the
+engine runs eagerly: the loop's shapes depend on the routing. The fused path's do not, so its decode steps are
+CUDA graphs like a dense model's (engine/cache_config.py; the counts of ExpertLoad then include the padding rows
+of a graph's batch bucket). Mixed prefill steps and token trees stay eager for MoE models.
 """
 from __future__ import annotations
 
@@ -78,7 +80,9 @@ class MixtralSparseMoeBlock(nn.Module):
             else ExpertOnAnotherRank() for e in range(self.num_experts))
         self.capacity_factor: float | None = None  # EngineConfig.moe_capacity_factor (set by the worker)
         self.load = ExpertLoad(self.first_expert, self.end_expert - self.first_expert)
-        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 [E, 2I, H], w2 [E, H, I]) once fused
+        # (w13 [E, 2I, H], w2 [E, H, I]) of the local experts, whose parameters are views into them from the start:
+        # the fused path reads the stacks, and loading or updating an expert writes into them (never a copy)
+        self._stacks = _stacked(list(self.experts[self.first_expert:self.end_expert]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
@@ -108,21 +112,31 @@ class MixtralSparseMoeBlock(nn.Module):
             x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
     def _expert_stacks(self, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [E, 2I, H] and w2 [E, H, I] of the local experts, stacked once; each expert's parameters then
-        become views into the stacks (no second copy; a weight update written into a parameter lands there)."""
-        if self._stacks is None or local[0].w13.weight.data_ptr() != self._stacks[0].data_ptr() or \
-                local[-1].w2.weight.data_ptr() != self._stacks[1][-1].data_ptr():  # (weights replaced since)
-            w13 = torch.stack([e.w13.weight.detach() for e in local])
-            w2 = torch.stack([e.w2.weight.detach() for e in local])
-            for i, expert in enumerate(local):
-                expert.w13.weight.data, expert.w2.weight.data = w13[i], w2[i]
-            self._stacks = (w13, w2)
+        """The stacks, stacked again if the experts' parameters were given new tensors since (e.g. model.to())."""
+        if local[0].w13.weight.data_ptr() != self._stacks[0].data_ptr() or \
+                local[-1].w2.weight.data_ptr() != self._stacks[1][-1].data_ptr():
+            self._stacks = _stacked(local)
         return self._stacks
 
     def extra_repr(self) -> str:
         held = f", experts {self.first_expert}..{self.end_expert - 1} here" if self.ep_size > 1 else ""
         norm = "" if self.renormalize else ", weights not renormalised"
         return f"experts={self.num_experts}, top_k={self.top_k}{norm}{held}"
+
+
+def _stacked(experts: list[MixtralExpert]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One w13 [E, 2I, H] and one w2 [E, H, I] tensor holding the experts' weights, each expert's parameters made
+    views into them (the parameter objects, and their weight loaders, stay the same)."""
+    stacks = []
+    for name in ("w13", "w2"):
+        first = getattr(experts[0], name).weight
+        stack = torch.empty((len(experts), *first.shape), dtype=first.dtype, device=first.device)
+        for i, expert in enumerate(experts):
+            param = getattr(expert, name).weight
+            stack[i].copy_(param.detach())
+            param.data = stack[i]
+        stacks.append(stack)
+    return stacks[0], stacks[1]
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
