@@ -3,7 +3,8 @@
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
 budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
 n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE / EAGLE-tree / MTP heads or a
-one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache; without
+one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache, the prefix cache's
+CPU tier (kv_offloading_size) in half the prefix-caching scenarios; without
 speculation, half the time multi-LoRA: enable_lora with max_loras 1-3 slots for four adapters of ranks 2-8 over
 different projections, stress_helpers.stress_adapters, and no fp8 KV cache: draw_scenario says why) and a stream of
 events (requests arriving at random steps, with random prompt lengths, some sharing long prefixes so the prefix
@@ -141,6 +142,7 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
         loras = stress_adapters(reference.config)
         options.pop("kv_cache_dtype", None)  # (its swap space stays as drawn: fewer fp32 blocks, still valid)
         fp8 = False
+    draw_offloading(random.Random(f"offload {seed}"), options, reference.config)
     scenario = Scenario(options, spec, poison=poison)
     # seeded sampling: not with speculation (verify steps draw differently), nor where fp8's rounding moves the
     # probabilities
@@ -148,6 +150,19 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
                   priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng,
                   embed_rng=random.Random(f"embed {seed}"))
     return scenario
+
+
+def draw_offloading(rng: random.Random, options: dict, config, always: bool = False) -> None:
+    """Half the prefix-caching scenarios (`always`: every one) get the prefix cache's CPU tier (kv_offloading_size),
+    from 1 block to four pools' worth. From a generator of its own: a scenario without it is the one its seed drew
+    before."""
+    if not options["enable_prefix_caching"] or (rng.random() < 0.5 and not always):
+        return
+    elem = 1 if options.get("kv_cache_dtype") == "fp8" else 4
+    block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem \
+        * options["block_size"]
+    num_blocks = rng.choice([1, 3, options["num_kv_blocks"], 4 * options["num_kv_blocks"]])
+    options["kv_offloading_size"] = num_blocks * block_bytes / 2**30
 
 
 SPEC_METHODS = {  # method -> its options beyond num_speculative_tokens (a callable of the head directories)

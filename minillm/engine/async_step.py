@@ -71,7 +71,7 @@ from typing import Any
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import SequenceStatus
 from minillm.engine.step_input import build_step_input
-from minillm.engine.step_isolation import can_isolate
+from minillm.engine.step_isolation import can_isolate, forget_unfilled_blocks
 from minillm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class AsyncSteps:
         if previous is not None:
             self._read(previous, outputs)
         if failure is not None:
+            forget_unfilled_blocks(engine.scheduler, batch)
             alive = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
             batch = dataclasses.replace(batch, seqs=[seq for seq, _ in alive], num_new_tokens=[n for _, n in alive])
             if can_isolate(batch, engine.executor, engine.speculative):  # nothing is in flight now: rerun

@@ -169,6 +169,16 @@ class BlockManager:
             self.offload.reset()
         return True
 
+    def forget_unfilled(self, loads: list[tuple[int, int]]) -> None:
+        """A step failed, maybe before its CPU-tier loads (host, device) ran: its loaded device blocks may hold
+        anything, so no hash may vouch for them any more (registered at allocation, they would be hit later)."""
+        for _, block in loads:
+            if self.prefix_cache is not None and self.prefix_cache.is_cached(block):
+                unreferenced = self.prefix_cache.is_evictable(block)
+                self.prefix_cache.forget(block)
+                if unreferenced:
+                    self.free_block_ids.append(block)
+
     def take_offload_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The CPU tier's copies queued since the last call, ((device, host) stores, (host, device) loads): the
         scheduler hands them to the step it planned. Its host blocks are free to be reused by the next plan."""

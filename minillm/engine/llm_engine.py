@@ -47,7 +47,7 @@ from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
-from minillm.engine.step_isolation import can_isolate, rerun_one_by_one
+from minillm.engine.step_isolation import can_isolate, forget_unfilled_blocks, rerun_one_by_one
 from minillm.engine.engine_tools import EngineTools
 from minillm.engine.request_checks import RequestChecks
 from minillm.engine.step_outputs import StepOutputs
@@ -296,6 +296,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
             step_output = self.executor.execute_model(step_input)
             tokens = step_output.sampled_token_ids
         except Exception as err:  # isolate: these requests fail, the engine and every other request go on
+            forget_unfilled_blocks(self.scheduler, batch)
             if self.lora_slots is not None:  # a slot's copy may have failed halfway: copy every adapter again
                 self.lora_slots.forget()
             if can_isolate(batch, self.executor, self.speculative, err):  # unless they pass one at a time

@@ -149,6 +149,14 @@ class PrefixCache:
         self.evictions += 1
         return block, entry
 
+    def forget(self, block: int) -> None:
+        """Unregister one block whose contents are not what its hash promises (a failed step may never have filled
+        it); it leaves the evictable set too, so the caller frees it if nobody holds it."""
+        entry = self._entry_of_block.pop(block, None)
+        if entry is not None:
+            del self._block_of_hash[entry[0]]
+            self._evictable.pop(block, None)
+
     def reset(self) -> list[int]:
         """Forget every cached block (vLLM's reset_prefix_cache); return the evictable ones, now plain free
         blocks. Blocks still referenced stay with their sequences, no longer shareable; the counters stay."""
