@@ -56,9 +56,11 @@ def _greedy(model, config, prompts, **engine_kw) -> list[list[int]]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_piecewise_engine_matches_eager_with_chunked_prefill_and_prefix_caching():
+@pytest.mark.parametrize("shape", [{}, {"qk_norm": True, "head_dim": 16}], ids=["llama", "qwen3"])
+def test_piecewise_engine_matches_eager_with_chunked_prefill_and_prefix_caching(shape):
+    """(qwen3: the cut at each attention carries its q/k norms into the eager piece)"""
     with torch.device("cuda"):
-        model, config = tiny_model(seed=5, backend="triton", max_position_embeddings=256)
+        model, config = tiny_model(seed=5, backend="triton", max_position_embeddings=256, **shape)
     shared = list(range(10, 60))  # a 50-token prefix the later prompts hit in the cache
     prompts = [shared + [3, 4], list(range(100, 141)), shared + [7] * 9, [5, 9, 200], shared, list(range(1, 90))]
     kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=40, enable_prefix_caching=True)

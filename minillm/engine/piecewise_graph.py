@@ -68,20 +68,23 @@ def token_buckets(max_tokens: int) -> list[int]:
 class _Piece:
     """One cut: the attention module that runs eagerly there, its q/k/v (written by the graph before) and the
     output buffer the graph after reads; with `rope` (the model hands RoPE to attention, which fuses it with the
-    KV store) also the RotaryEmbedding and the positions buffer, a static input of every graph."""
+    KV store) also the RotaryEmbedding and the positions buffer, a static input of every graph, and Qwen3's q/k
+    norms (`qk_norm`), which run inside the attention's eager launch too."""
 
-    __slots__ = ("attention", "q", "k", "v", "out", "positions", "rope")
+    __slots__ = ("attention", "q", "k", "v", "out", "positions", "rope", "qk_norm")
 
     def __init__(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, positions: torch.Tensor | None = None, rope: nn.Module | None = None) -> None:
+                 out: torch.Tensor, positions: torch.Tensor | None = None, rope: nn.Module | None = None,
+                 qk_norm: tuple | None = None) -> None:
         self.attention, self.q, self.k, self.v, self.out = attention, q, k, v, out
-        self.positions, self.rope = positions, rope
+        self.positions, self.rope, self.qk_norm = positions, rope, qk_norm
 
     def __call__(self, n: int) -> torch.Tensor:
         """The attention of the first n tokens (eager, between two graphs)."""
         if self.rope is None:
-            return self.attention(self.q[:n], self.k[:n], self.v[:n])
-        return self.attention(self.q[:n], self.k[:n], self.v[:n], self.positions[:n], self.rope)
+            return self.attention(self.q[:n], self.k[:n], self.v[:n], qk_norm=self.qk_norm)
+        return self.attention(self.q[:n], self.k[:n], self.v[:n], self.positions[:n], self.rope,
+                              qk_norm=self.qk_norm)
 
 
 class PiecewiseCUDAGraphs:
@@ -155,11 +158,11 @@ class PiecewiseCUDAGraphs:
 
         def cut(module: nn.Module):
             def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
-                         rope: nn.Module | None = None) -> torch.Tensor:
+                         rope: nn.Module | None = None, qk_norm: tuple | None = None) -> torch.Tensor:
                 state["graph"].capture_end()
                 graphs.append(state["graph"])
                 out = torch.zeros_like(q)  # outside any recording: an ordinary, long-lived allocation
-                pieces.append(_Piece(module, q, k, v, out, positions, rope))
+                pieces.append(_Piece(module, q, k, v, out, positions, rope, qk_norm))
                 state["graph"] = self._begin()
                 return out
             return stand_in
