@@ -68,10 +68,9 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
         enforce_eager = not on_cuda or config.attention_backend not in ("auto", "triton") or config.compile
-        # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe);
-        # its fused path (kernels/fused_moe.py: every row routed, all experts in this process) has none
-        moe_loop = config.expert_parallel_size > 1 or config.moe_capacity_factor is not None
-        enforce_eager = enforce_eager or (model_config.num_local_experts > 0 and moe_loop)
+        # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe;
+        # its fused path's shapes are fixed, but its capture has not been checked on a GPU yet)
+        enforce_eager = enforce_eager or model_config.num_local_experts > 0
     piecewise = config.piecewise_cuda_graphs
     if piecewise is None:
         piecewise = not enforce_eager
