@@ -346,8 +346,10 @@ def test_batch_size_buckets():
         batch_size_buckets(0)
 
 
-def test_decode_graph_bookkeeping_on_cpu(model_and_config):
-    model, config = model_and_config
+@pytest.mark.parametrize("shape", ["llama", "qwen3"])
+def test_decode_graph_bookkeeping_on_cpu(model_and_config, shape):
+    """(qwen3: q/k norms inside the fused RoPE + KV-store launch, replayed into the same buffers)"""
+    model, config = model_and_config if shape == "llama" else tiny_model(seed=3, qk_norm=True, head_dim=16)
     model.attention_backend = "triton"
     try:
         block_size, num_blocks = 4, 24
