@@ -7,7 +7,6 @@ from __future__ import annotations
 import numbers
 from typing import Sequence as SequenceT
 
-from minillm.classification import generation_refusal
 from minillm.engine.constraints import RequestConstraint
 from minillm.engine.detokenizer import keeps_special_tokens
 from minillm.sampling_params import ParamError, SamplingParams
@@ -28,6 +27,7 @@ class RequestChecks:
         check before queuing). A classification model (ModelConfig.num_labels) refuses every request but a
         pooling one (`pooling`: the params embedding_sampling_params made): it has no LM head to generate with."""
         if self.model_config.num_labels and not pooling:
+            from minillm.classification import generation_refusal  # (it imports the engine's types)
             raise ValueError(generation_refusal(self.model_config))
         if params.n > 1:
             raise ParamError("n", f"n={params.n}: an engine request is one sequence; submit params.choices() (n "
