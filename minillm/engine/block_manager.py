@@ -35,14 +35,16 @@ from __future__ import annotations
 
 from collections import deque
 
-from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping, swap_out_mapping
+from minillm.engine.block_invariants import check_block_manager
+from minillm.engine.block_swap import SwapSpace
+from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping
 from minillm.engine.offload_tier import OffloadTier
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
 from minillm.hooks import dispatch
 
 
-class BlockManager:
+class BlockManager(SwapSpace):
     """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching, with a CPU tier."""
 
     def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, watermark: float = 0.01,
@@ -412,92 +414,7 @@ class BlockManager:
         self._num_offered.pop(seq.seq_id, None)
         self._hashes.pop(seq.seq_id, None)
 
-    # -- swapping -----------------------------------------------------------------------------------------
-    def can_swap_out(self, seq: Sequence) -> bool:
-        return seq.seq_id in self._on_device and len(seq.block_table) <= self.num_free_cpu_blocks
-
-    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Move seq's blocks to CPU memory: returns (device_block, cpu_block) copies; its device blocks are
-        released (cached ones stay hit-able) and seq.block_table is empty until swap_in."""
-        if not self.can_swap_out(seq):
-            raise RuntimeError(f"cannot swap out sequence {seq.seq_id}: {len(seq.block_table)} blocks, "
-                               f"{self.num_free_cpu_blocks} free CPU blocks")
-        self.mark_computed(seq)
-        mapping = dispatch("ch06.swap_out_mapping", swap_out_mapping)(list(seq.block_table),
-                                                                    list(self.free_cpu_block_ids))
-        used = {cpu for _, cpu in mapping}
-        self.free_cpu_block_ids = deque(c for c in self.free_cpu_block_ids if c not in used)
-        self._release(seq.block_table)
-        self._cpu_tables[seq.seq_id] = [cpu for _, cpu in mapping]
-        del self._on_device[seq.seq_id]
-        self._num_offered[seq.seq_id] = 0  # its blocks will be new ones: offer them again once back
-        seq.block_table = []
-        return mapping
-
-    def can_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> bool:
-        """Could seq come back and then compute num_new_tokens more tokens, leaving the watermark free?"""
-        if seq.seq_id not in self._cpu_tables:
-            return False
-        return self.num_free_blocks - self.num_blocks_to_swap_in(seq, num_new_tokens) >= self.watermark_blocks
-
-    def num_blocks_to_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> int:
-        """Free blocks seq needs to come back from CPU and then compute num_new_tokens more tokens."""
-        if seq.seq_id not in self._cpu_tables:
-            raise ValueError(f"sequence {seq.seq_id} is not swapped out")
-        held = len(self._cpu_tables[seq.seq_id])
-        return max(held, self.blocks_needed(seq.num_computed_tokens + num_new_tokens))
-
-    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Bring seq's blocks back from CPU into fresh device blocks: returns (cpu_block, device_block) copies.
-        Its CPU blocks are free again at once, so do not swap anything out later in the same step (the
-        scheduler never does: it swaps in only in steps without preemption)."""
-        cpu_table = self._cpu_tables.get(seq.seq_id)
-        if cpu_table is None:
-            raise ValueError(f"sequence {seq.seq_id} is not swapped out")
-        if len(cpu_table) > self.num_free_blocks:
-            raise RuntimeError(f"swap_in needs {len(cpu_table)} free blocks, {self.num_free_blocks} are free")
-        del self._cpu_tables[seq.seq_id]
-        mapping = [(cpu, self._take_block()) for cpu in cpu_table]
-        self.free_cpu_block_ids.extend(cpu_table)
-        seq.block_table = [dev for _, dev in mapping]
-        self._on_device[seq.seq_id] = seq
-        return mapping
-
     # -- checking -----------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (used by tests after every operation)."""
-        def require(ok: bool, what: str) -> None:
-            if not ok:
-                raise AssertionError(f"block manager invariant broken: {what}")
-
-        refs = [0] * self.num_blocks
-        for seq_id, seq in self._on_device.items():
-            require(seq.seq_id == seq_id and seq_id not in self._cpu_tables, f"seq {seq_id} both on device and CPU")
-            require(len(seq.block_table) >= self.blocks_needed(seq.num_computed_tokens),
-                    f"seq {seq_id} has {len(seq.block_table)} blocks for {seq.num_computed_tokens} computed tokens")
-            for block in seq.block_table:
-                refs[block] += 1
-        require(refs == self.ref_counts, "ref counts differ from the number of block-table references: "
-                f"{[(b, r, c) for b, (r, c) in enumerate(zip(self.ref_counts, refs)) if r != c][:5]}")
-        free = list(self.free_block_ids)
-        evictable = self.prefix_cache.evictable_blocks() if self.prefix_cache else []
-        used = [b for b in range(self.num_blocks) if refs[b] > 0]
-        require(len(set(free)) == len(free), "a block is twice in the free list")
-        require(not set(free) & set(used), f"blocks both free and referenced: {set(free) & set(used)}")
-        require(all(refs[b] == 0 for b in evictable), "an evictable block is referenced")
-        require(not set(free) & set(evictable), "a block is both free and evictable")
-        require(len(free) + len(evictable) + len(used) == self.num_blocks, "free + evictable + used != all blocks")
-        if self.prefix_cache:
-            for h, block in self.prefix_cache.entries().items():
-                require(self.prefix_cache.block_hash_of(block) == h, f"cache entry of block {block} is stale")
-            require(all(self.prefix_cache.is_cached(b) for b in evictable), "an evictable block is not cached")
-            require(not any(self.prefix_cache.is_cached(b) for b in free), "a free-list block is still cached")
-        cpu_used = [c for table in self._cpu_tables.values() for c in table]
-        cpu_free = list(self.free_cpu_block_ids)
-        require(len(set(cpu_used)) == len(cpu_used), "a CPU block is held twice")
-        require(sorted(cpu_used + cpu_free) == list(range(self.num_cpu_blocks)), "CPU free + used != all CPU blocks")
-        if self.offload is not None:
-            problems = self.offload.check()
-            require(not problems, "; ".join(problems))
-            require(all(refs[dev] > 0 for _, dev in self.offload.queued_loads()),
-                    "a device block waiting for its CPU-tier load is not held by any sequence")
+        check_block_manager(self)
