@@ -1,7 +1,7 @@
 """Loading models and tokenizers: GGUF files (our own reader) and HF safetensors directories (chapter 1).
 
     config, weights, tokenizer = load_model(None)           # the bundled SmolLM2-135M-Instruct Q4_1
-    config, weights, tokenizer = load_model("model.gguf")   # a llama/qwen2/qwen3 GGUF (F32/F16/BF16, Q4_0..Q8_0, Q4_K..Q6_K)
+    config, weights, tokenizer = load_model("model.gguf")   # llama/qwen2/qwen3 (F32/F16/BF16, Q4_0..Q8_0, Q4_K..Q6_K)
     config, weights, tokenizer = load_model("Llama-3-8B/")  # an HF directory: config.json + *.safetensors
     model.load_weights(weights)                               # (hf_name, tensor) pairs, HF Llama names
     config = read_model_config(path)                          # the config alone (no weights): checks before loading

@@ -127,12 +127,12 @@ def _experts(raw: dict[str, Any], model_type: str, source: str) -> dict[str, Any
                          f"decoder_sparse_step={step!r}) is not supported: minillm needs every layer sparse "
                          f"(mlp_only_layers [] and decoder_sparse_step 1)")
     experts = raw.get("num_experts", raw.get("num_local_experts"))  # transformers 5 writes the second name
-    missing = [key for key, value in (("num_experts", experts), ("moe_intermediate_size",
-                                                                  raw.get("moe_intermediate_size"))) if value is None]
+    width = raw.get("moe_intermediate_size")
+    missing = [name for name, value in (("num_experts", experts), ("moe_intermediate_size", width)) if value is None]
     if missing:
         raise ValueError(f"{source}: missing {', '.join(missing)} (a qwen3_moe config.json has them)")
     return dict(num_local_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-                norm_topk_prob=raw.get("norm_topk_prob", False), intermediate_size=raw["moe_intermediate_size"])
+                norm_topk_prob=raw.get("norm_topk_prob", False), intermediate_size=width)
 
 
 def _classifier(raw: dict[str, Any], source: str) -> tuple[int, list[str] | None]:

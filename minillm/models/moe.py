@@ -14,8 +14,8 @@ it) and w1/w3 are packed into one `w13` like gate_up_proj. Qwen3-MoE is the same
 experts moe_intermediate_size wide, and its router may keep the k probabilities unnormalised (norm_topk_prob).
 Where the experts run is decided at construction by the parallel state: all of them in this process, or this
 rank's share (minillm.parallel.expert), the others being `ExpertOnAnotherRank` placeholders that hold nothing and
-that the loader skips. With tensor parallelism each
-expert is split like Llama's MLP (w13 by columns, w2 by rows) and the block all-reduces once, after the combine.
+that the loader skips. With tensor parallelism each expert is split like Llama's MLP (w13 by columns, w2 by rows)
+and the block all-reduces once, after the combine.
 
 The expert compute is a loop over experts, each a gather of its rows and two matmuls (HF's and vLLM's reference
 path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
@@ -23,8 +23,7 @@ expert and padded into blocks, then one grouped GEMM per projection over all exp
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
 loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path). MoE models run
 eagerly (engine/cache_config.py): the loop's shapes depend on the routing. The fused path's do not (fixed-size
-alignment, no host sync, ExpertLoad's counts updated in place), which is what capturing its decode steps as CUDA
-graphs will need; that capture is not switched on until it has been checked on a GPU.
+alignment, no host sync, ExpertLoad's counts updated in place), what CUDA graphs of its decode steps would need.
 """
 from __future__ import annotations
 
@@ -86,30 +85,29 @@ class MixtralSparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
-        if self._fuses(hidden_states, local):
-            from minillm.kernels.fused_moe import fused_moe
-            weights, expert_ids = route(self.gate(hidden_states), self.top_k, self.renormalize)
-            out, counts = fused_moe(hidden_states, *self._expert_stacks(local), weights, expert_ids)
-            dropped = 0
-        elif self.ep_size > 1:
+        if self.ep_size > 1:
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
                                                        self.capacity_factor, self.renormalize)
         else:
-            weights, expert_ids = route(self.gate(hidden_states), self.top_k, self.renormalize)
-            # token-major rows: row t * k + j is token t's j-th expert
-            rows = hidden_states.repeat_interleave(self.top_k, dim=0)
-            capacity = expert_capacity(hidden_states.shape[0], self.top_k, self.num_experts, self.capacity_factor)
-            rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
-            out = combine_expert_outputs(rows_out, weights)
+            out, counts, dropped = self._local_moe(hidden_states, local)
         self.load.record(counts, dropped)
         return tensor_parallel_all_reduce(out) if self.tp_size > 1 else out
 
-    def _fuses(self, x: torch.Tensor, local: list[nn.Module]) -> bool:
-        """Whether the grouped-GEMM path runs: the Triton backend (the experts' SiLU says which), every row routed
-        (no capacity), all experts here (no expert parallelism), dense half- or full-precision weights."""
+    def _local_moe(self, x: torch.Tensor, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every expert in this process: (output, rows per expert, rows dropped). The grouped GEMMs of
+        kernels/fused_moe.py on the Triton backend (the experts' SiLU says which) when every row is routed (no
+        capacity) through dense half- or full-precision weights, else the loop (minillm/layers/moe.py)."""
+        weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
         expert = local[0]
-        return use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and self.ep_size == 1 and \
-            x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
+                x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from minillm.kernels.fused_moe import fused_moe
+            out, counts = fused_moe(x, *self._expert_stacks(local), weights, expert_ids)
+            return out, counts, 0
+        rows = x.repeat_interleave(self.top_k, dim=0)  # token-major rows: row t * k + j is token t's j-th expert
+        capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+        rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
+        return combine_expert_outputs(rows_out, weights), counts, dropped
 
     def _expert_stacks(self, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacks, stacked again if the experts' parameters were given new tensors since (e.g. model.to())."""
