@@ -395,3 +395,21 @@ def test_swapped_in_blocks_are_offered_to_the_prefix_cache_again(make_bm):
     bm.mark_computed(seq)
     bm.free(seq)
     assert bm.num_cached_tokens_on_allocate(new_seq(list(range(8)))) == 7
+
+
+def test_swapped_in_blocks_of_a_failed_step_are_never_offered(make_bm):
+    """A step that fails may never have run its swap-in copies (engine/step_isolation.py): the fresh device blocks
+    hold whatever they held before, so the request that ends in "error" must not leave them hit-able."""
+    bm, kv = make_bm(4, block_size=4, num_cpu_blocks=4, enable_prefix_caching=True), ShadowKVCache(4, 4, 4)
+    seq = new_seq(list(range(8)))
+    bm.allocate(seq)
+    compute(bm, kv, seq)
+    bm.swap_out(seq)
+    filler = new_seq(list(range(100, 116)))
+    bm.allocate(filler)  # both cached blocks are evicted: only the swap-in could bring the prefix back
+    bm.free(filler)
+    mapping = bm.swap_in(seq)
+    bm.forget_unfilled([], mapping)  # the step with these copies failed
+    bm.free(seq)
+    assert bm.num_cached_tokens_on_allocate(new_seq(list(range(8)))) == 0
+    bm.check_invariants()

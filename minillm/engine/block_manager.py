@@ -171,15 +171,21 @@ class BlockManager(SwapSpace):
             self.offload.reset()
         return True
 
-    def forget_unfilled(self, loads: list[tuple[int, int]]) -> None:
-        """A step failed, maybe before its CPU-tier loads (host, device) ran: its loaded device blocks may hold
-        anything, so no hash may vouch for them any more (registered at allocation, they would be hit later)."""
+    def forget_unfilled(self, loads: list[tuple[int, int]], swap_ins: list[tuple[int, int]] = ()) -> None:
+        """A step failed, maybe before its copies into device blocks ran: those blocks may hold anything, so no
+        hash may vouch for them. CPU-tier loads (host, device) were registered when planned: unregister them.
+        Swap-ins (cpu, device) are not registered yet, but their sequence would offer them to the prefix cache
+        when it is freed (mark_computed): count them as offered already, so they never are."""
         for _, block in loads:
             if self.prefix_cache is not None and self.prefix_cache.is_cached(block):
                 unreferenced = self.prefix_cache.is_evictable(block)
                 self.prefix_cache.forget(block)
                 if unreferenced:
                     self.free_block_ids.append(block)
+        unfilled = {block for _, block in swap_ins}
+        for seq_id, seq in self._on_device.items():
+            if unfilled.intersection(seq.block_table):
+                self._num_offered[seq_id] = len(seq.block_table)
 
     def take_offload_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The CPU tier's copies queued since the last call, ((device, host) stores, (host, device) loads): the

@@ -18,8 +18,9 @@ Rerunning is safe only where the failed attempt left nothing half-done that a re
   WorkerError: every rank came back from the collective; pipeline stages keep their messages flowing past a
   failed micro-batch, minillm.parallel.runner): a worker stuck in a collective (or dead) cannot rerun anything.
 K/V written by the failed attempt is harmless: each rerun writes the same slots again before anything reads them.
-Blocks the step was to fill from the prefix cache's CPU tier are registered in the prefix cache when planned; a
-step that fails may never have filled them, so `forget_unfilled_blocks` unregisters them before anyone hits them.
+Blocks the step was to fill (from the prefix cache's CPU tier, or by a swap-in) may never have been filled by a
+step that fails: `forget_unfilled_blocks` keeps every prefix hash off them (tier blocks are registered when
+planned, swapped-in ones would be offered when their request ends), so nobody hits stale K/V later.
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def can_isolate(batch: ScheduledBatch, executor: Any, speculative: Any, error: B
 
 
 def forget_unfilled_blocks(scheduler: Any, batch: ScheduledBatch) -> None:
-    """A failed step's CPU-tier loads may not have run: no prefix hash may vouch for their blocks any more."""
+    """A failed step's CPU-tier loads and swap-ins may not have run: no prefix hash may vouch for their blocks."""
     block_manager = getattr(scheduler, "block_manager", None)
-    if block_manager is not None and batch.blocks_to_onload:
-        block_manager.forget_unfilled(batch.blocks_to_onload)
+    if block_manager is not None and (batch.blocks_to_onload or batch.blocks_to_swap_in):
+        block_manager.forget_unfilled(batch.blocks_to_onload, batch.blocks_to_swap_in)
 
 
 def rerun_one_by_one(batch: ScheduledBatch, block_size: int, execute: Callable[[Any], StepOutput],
