@@ -356,3 +356,34 @@ def test_a_step_that_fails_before_its_loads_leaves_no_hash_on_unfilled_blocks(mo
     again = prompts[0] + [6]
     assert run_to_completion(engine, [again], GREEDY) == run_to_completion(plain, [again], GREEDY)
     assert bm.offload.loads > loads  # from the tier again, not from the device blocks the failed step never filled
+
+
+def test_the_tier_and_the_prefix_cache_are_on_metrics(model_and_config):  # noqa: F811
+    """/metrics carries the prefix cache's queries and hits and the tier's stores, loads, evictions and used blocks
+    (serve/metrics.py), from the engine's snapshot: each counter equals the engine's total, reset or not."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from minillm.engine.async_llm import take_snapshot
+    from minillm.serve.metrics import ServerMetrics
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(24)] for _ in range(3)]
+    engine = make_engine(model_and_config, scheduling="continuous", kv_layout="paged", block_size=4,
+                         max_model_len=32, max_num_seqs=1, num_kv_blocks=10, enable_prefix_caching=True,
+                         kv_offloading_size=gib_for(4, 4))
+    metrics = ServerMetrics("tiny", offload=True)
+    bm = engine.scheduler.block_manager
+    for prompt in prompts + [prompts[0] + [1], prompts[1] + [2]]:
+        run_to_completion(engine, [prompt], GREEDY)
+        metrics.on_step([], take_snapshot(engine))
+    engine.reset_prefix_cache()
+    metrics.on_step([], take_snapshot(engine))
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render().decode())
+               for s in f.samples}
+    tier = bm.offload
+    assert tier.evictions > 0 and bm.offload_hits > 0  # the workload reached every counter
+    assert samples["minillm:prefix_cache_queries_total"] == bm.prefix_cache_queries
+    assert samples["minillm:prefix_cache_hits_total"] == bm.prefix_cache_hits
+    assert samples["minillm:prefix_cache_offload_hits_total"] == bm.offload_hits
+    assert samples["minillm:kv_offload_store_blocks_total"] == tier.stores
+    assert samples["minillm:kv_offload_load_blocks_total"] == tier.loads
+    assert samples["minillm:kv_offload_evicted_blocks_total"] == tier.evictions
+    assert samples["minillm:kv_offload_used_blocks"] == 0  # emptied by the reset

@@ -66,6 +66,11 @@ class EngineSnapshot:
     num_preemptions: int = 0
     prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
     prefix_cache_queries: int = 0  # prompt tokens looked up
+    offload_hits: int = 0  # of prefix_cache_hits, tokens loaded back from the CPU tier (kv_offloading_size)
+    offload_stores: int = 0  # blocks the CPU tier stored (copied out) / loaded (copied back) / evicted, since start
+    offload_loads: int = 0
+    offload_evictions: int = 0
+    offload_used_blocks: int = 0  # host blocks holding a stored block now
 
     @property
     def num_used_blocks(self) -> int:
@@ -90,6 +95,10 @@ def take_snapshot(engine: Any, seq_to_request: dict[int, str] | None = None, ste
     if bm is not None:
         snap.num_blocks, snap.num_free_blocks, snap.block_size = bm.num_blocks, bm.num_free_blocks, bm.block_size
         snap.prefix_cache_hits, snap.prefix_cache_queries = bm.prefix_cache_hits, bm.prefix_cache_queries
+        tier = getattr(bm, "offload", None)
+        if tier is not None:
+            snap.offload_hits, snap.offload_used_blocks = bm.offload_hits, tier.num_stored
+            snap.offload_stores, snap.offload_loads, snap.offload_evictions = tier.stores, tier.loads, tier.evictions
     timeline = getattr(scheduler, "timeline", None)
     if stepped and timeline and seq_to_request is not None:
         record = timeline[-1]

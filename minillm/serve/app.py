@@ -112,7 +112,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
                          f"{reasoning_parser!r}")
     serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models,
                             pooling=pooler_config, tool_parser=tool_call_parser, reasoning_parser=reasoning_parser)
-    metrics = ServerMetrics(model_name)
+    metrics = ServerMetrics(model_name, offload=getattr(getattr(llm.engine.scheduler, "block_manager", None),
+                                                         "offload", None) is not None)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
 
     def remember_batch(outputs: list, snapshot: EngineSnapshot) -> None:

@@ -4,7 +4,9 @@ Names follow vLLM's (`vllm:num_requests_running` is `minillm:num_requests_runnin
 dashboard written for one reads the other. Two kinds of numbers:
 
     state, after every step      gauges: requests running / waiting / swapped, KV blocks used / free, KV usage,
-                                 prefix-cache hit rate; counters: preemptions
+                                 prefix-cache hit rate; counters: preemptions, prefix-cache queries and hits
+                                 (tokens). With the CPU tier (EngineConfig.kv_offloading_size) also its used
+                                 blocks, its hits (tokens), stored, loaded and evicted blocks
     state, when scraped          engine_sleep_state{sleep_state="awake" | "weights_offloaded" | "discard_all"}:
                                  1 for sleep mode's current state, 0 for the others
     per request, when it ends    histograms: time to first token, time per output token, end-to-end latency;
@@ -35,7 +37,8 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 class ServerMetrics:
     """The collectors of one server; `on_step` is the AsyncLLM listener, `render()` the /metrics body."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, offload: bool = False) -> None:
+        """`offload`: the engine has the prefix cache's CPU tier, whose collectors exist only then (as vLLM's)."""
         self.registry = registry = CollectorRegistry()
         label = ["model_name"]
 
@@ -57,6 +60,21 @@ class ServerMetrics:
         self.hit_rate = gauge("prefix_cache_hit_rate",
                               "Prompt tokens served from the prefix cache / prompt tokens looked up, since start.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (recompute or swap) since start.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        # snapshot field -> its counter: the engine keeps running totals, a counter takes their increase
+        self._totals = {"num_preemptions": self.preemptions, "prefix_cache_queries": self.prefix_queries,
+                        "prefix_cache_hits": self.prefix_hits}
+        self.offload_used = None
+        if offload:
+            self._totals.update(
+                offload_hits=counter("prefix_cache_offload_hits",
+                                     "Of the prefix cache's hits, tokens loaded back from the CPU tier."),
+                offload_stores=counter("kv_offload_store_blocks", "KV blocks the CPU tier stored (device to host)."),
+                offload_loads=counter("kv_offload_load_blocks", "KV blocks the CPU tier loaded (host to device)."),
+                offload_evictions=counter("kv_offload_evicted_blocks", "Entries the CPU tier's LRU dropped."))
+            self.offload_used = gauge("kv_offload_used_blocks", "Host blocks of the CPU tier holding a stored block.")
+        self._seen = dict.fromkeys(self._totals, 0)
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
         self.tpot = histogram("time_per_output_token_seconds", "Mean time between output tokens, per request.",
                               TPOT_BUCKETS)
@@ -68,7 +86,6 @@ class ServerMetrics:
         self._sleep = Gauge("minillm:engine_sleep_state", "Sleep mode's state: 1 for the current one.",
                             ["model_name", "sleep_state"], registry=registry)
         self._model_name = model_name
-        self._num_preemptions = 0
         self._counted: dict[str, int] = {}  # request id -> output tokens already counted (unfinished only)
 
     def on_step(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
@@ -80,9 +97,13 @@ class ServerMetrics:
         self.kv_usage.set(snapshot.num_used_blocks / snapshot.num_blocks if snapshot.num_blocks else 0.0)
         queries = snapshot.prefix_cache_queries
         self.hit_rate.set(snapshot.prefix_cache_hits / queries if queries else 0.0)
-        if snapshot.num_preemptions > self._num_preemptions:
-            self.preemptions.inc(snapshot.num_preemptions - self._num_preemptions)
-            self._num_preemptions = snapshot.num_preemptions
+        if self.offload_used is not None:
+            self.offload_used.set(snapshot.offload_used_blocks)
+        for name, total_counter in self._totals.items():
+            total = getattr(snapshot, name)
+            if total > self._seen[name]:  # the engine's totals only grow (reset_prefix_cache keeps them)
+                total_counter.inc(total - self._seen[name])
+                self._seen[name] = total
         for out in outputs:
             self._count_tokens(out)
 
