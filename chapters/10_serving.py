@@ -277,7 +277,8 @@ for body in ({"model": "gpt-4", "prompt": "hi"}, {"prompt": "hi", "max_tokens": 
 
 # %% [markdown]
 # **/metrics** speaks Prometheus' text format (vLLM's names, `minillm:` instead of `vllm:`): gauges for the
-# queues and the KV pool, counters for tokens and preemptions, histograms of TTFT, TPOT and end-to-end latency.
+# queues and the KV pool, counters for tokens, preemptions and prefix-cache lookups, histograms of TTFT, TPOT
+# and end-to-end latency.
 
 # %%
 families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
