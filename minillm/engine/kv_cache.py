@@ -22,8 +22,9 @@ the layer, not to the block, so nothing else has to move.
 The prefix cache's CPU tier (EngineConfig.kv_offloading_size, minillm.engine.offload_tier) is a second host pool of
 the same layout, `offload_storage`: `offload` copies evicted cached blocks into it, `onload` copies them back into
 fresh device blocks for a prompt that found them there. Swapping and the tier move bytes the same way (_to_host,
-_from_host); they keep separate pools because a swapped-out sequence must find all its blocks again, while a tier
-entry is a cache's, dropped when the tier is full.
+_from_host, through minillm.engine.host_transfers: on a GPU the host never waits for those copies); they keep
+separate pools because a swapped-out sequence must find all its blocks again, while a tier entry is a cache's,
+dropped when the tier is full.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import math
 import torch
 
 from minillm.config import EngineConfig, ModelConfig
+from minillm.engine.host_transfers import HostTransfers
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -186,6 +188,7 @@ class KVCache:
                                      device=device)
         self._cpu_storage: torch.Tensor | None = None
         self._offload_storage: torch.Tensor | None = None
+        self.transfers = HostTransfers(device)  # device <-> host copies the host does not wait for
         logger.info("KV cache: %d blocks of %d tokens in %s (%.1f MiB)", num_blocks, block_size, self.dtype,
                     self.nbytes / 2**20)
 
@@ -205,13 +208,23 @@ class KVCache:
 
     @property
     def cpu_storage(self) -> torch.Tensor:
-        """The swap space, allocated the first time a block is swapped (pinned when a GPU is present)."""
-        return self._host_pool("_cpu_storage", self.num_cpu_blocks, "a block swap was requested but the CPU swap "
-                               "space has 0 blocks (set swap_space > 0 with preemption_mode='swap')")
+        """The swap space, allocated the first time a block is swapped (pinned when a GPU is present), with
+        every store made so far landed in it."""
+        self.transfers.settle()
+        return self._swap_pool()
 
     @property
     def offload_storage(self) -> torch.Tensor:
-        """The prefix cache's CPU tier, allocated the first time a block is offloaded (pinned when a GPU is present)."""
+        """The prefix cache's CPU tier, allocated the first time a block is offloaded (pinned when a GPU is present),
+        with every store made so far landed in it."""
+        self.transfers.settle()
+        return self._tier_pool()
+
+    def _swap_pool(self) -> torch.Tensor:
+        return self._host_pool("_cpu_storage", self.num_cpu_blocks, "a block swap was requested but the CPU swap "
+                               "space has 0 blocks (set swap_space > 0 with preemption_mode='swap')")
+
+    def _tier_pool(self) -> torch.Tensor:
         return self._host_pool("_offload_storage", self.num_offload_blocks, "a block offload was requested but the "
                                "CPU tier has 0 blocks (set kv_offloading_size > 0 with enable_prefix_caching=True)")
 
@@ -244,34 +257,32 @@ class KVCache:
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device_block, cpu_block) pairs from the device cache to the CPU cache, all layers at once."""
         if pairs:
-            self._to_host(pairs, self.cpu_storage, self.num_cpu_blocks, "cpu")
+            self._to_host(pairs, self._swap_pool(), self.num_cpu_blocks, "cpu")
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (cpu_block, device_block) pairs from the CPU cache back to the device cache."""
         if pairs:
-            self._from_host(pairs, self.cpu_storage, self.num_cpu_blocks, "cpu")
+            self._from_host(pairs, self._swap_pool(), self.num_cpu_blocks, "cpu")
 
     def offload(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device_block, host_block) pairs into the prefix cache's CPU tier (blocks evicted on the device)."""
         if pairs:
-            self._to_host(pairs, self.offload_storage, self.num_offload_blocks, "CPU-tier")
+            self._to_host(pairs, self._tier_pool(), self.num_offload_blocks, "CPU-tier")
 
     def onload(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (host_block, device_block) pairs from the CPU tier into fresh device blocks (a prefix found there)."""
         if pairs:
-            self._from_host(pairs, self.offload_storage, self.num_offload_blocks, "CPU-tier")
+            self._from_host(pairs, self._tier_pool(), self.num_offload_blocks, "CPU-tier")
 
     def _to_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
-        """Device -> host. `.to("cpu")` waits for the device's queued work (a step in flight under async scheduling
-        too), so the bytes copied are those every earlier forward wrote."""
+        """Device -> host, queued behind every earlier forward (so the bytes are the ones they wrote); the host
+        does not wait for them (minillm/engine/host_transfers.py)."""
         src = self._check([d for d, _ in pairs], self.num_blocks, "device")
-        dst = self._check([c for _, c in pairs], limit, what)
-        host[:, :, dst] = self.storage[:, :, src.to(self.device)].to("cpu")
+        self.transfers.store(self.storage, src, host, self._check([c for _, c in pairs], limit, what))
 
     def _from_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
         src = self._check([c for c, _ in pairs], limit, what)
-        dst = self._check([d for _, d in pairs], self.num_blocks, "device")
-        self.storage[:, :, dst.to(self.device)] = host[:, :, src].to(self.device, non_blocking=True)
+        self.transfers.load(host, src, self.storage, self._check([d for _, d in pairs], self.num_blocks, "device"))
 
     def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Copy single token slots (src, dst), all layers, K and V: a token tree's accepted nodes move to the
