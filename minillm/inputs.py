@@ -3,8 +3,10 @@ TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}; on
 Chapter 1 meets LLM.generate with plain strings; a vLLM user's code passes the dicts, and runs unchanged.
 
 Every form becomes the engine's own: a str or a list[int] (LLMEngine.validate_prompt checks the text, the ids'
-range and the length). The dicts' other keys (multi_modal_data, cache_salt, ...) are refused by name: a text-only
-engine that dropped them silently would answer another question than the one asked.
+range and the length). A dict may add "cache_salt" (vLLM's: the prompt shares prefix-cache blocks only with
+prompts of the same salt) where the caller passes it on (LLM.generate, LLM.embed: `options`, `cache_salts`). The
+dicts' other keys (multi_modal_data, ...) are refused by name: a text-only engine that dropped them silently would
+answer another question than the one asked.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ Prompt = str | list[int]
 PROMPT_KEYS = ("prompt", "prompt_token_ids")  # TextPrompt's and TokensPrompt's one key each
 
 
-def from_prompt_dict(prompt: dict, where: str = "") -> Prompt:
+def from_prompt_dict(prompt: dict, where: str = "", options: tuple[str, ...] = ()) -> Prompt:
     """A TextPrompt's text or a TokensPrompt's ids. TypeError for a dict with neither key (not a prompt), ValueError
-    for one with both or with keys this engine cannot honour (naming them)."""
-    keys = set(prompt)
+    for one with both or with keys this engine cannot honour (naming them); the keys in `options` (the caller
+    reads them) are allowed beside the prompt's."""
+    keys = set(prompt) - set(options)
     if keys in ({"prompt"}, {"prompt_token_ids"}):
         value = prompt["prompt"] if "prompt" in keys else prompt["prompt_token_ids"]
         if "prompt" in keys and not isinstance(value, str):
@@ -33,15 +36,15 @@ def from_prompt_dict(prompt: dict, where: str = "") -> Prompt:
                      f"(vLLM's TextPrompt or TokensPrompt; this engine reads text only), got keys {sorted(keys)}")
 
 
-def normalize_prompts(prompts: Any) -> list[Prompt]:
+def normalize_prompts(prompts: Any, options: tuple[str, ...] = ()) -> list[Prompt]:
     """str -> [str]; list[int] -> [list[int]]; a prompt dict -> [its str or ids]; a list of str / list[int] / dicts
     -> the list of them. Anything else: TypeError. A list that holds no str, list or dict is one token-id prompt,
     whatever else it holds: [1, 2.0] is then refused for its 2.0 (validate_prompt), not as a "list of prompts"
-    whose first prompt is the int 1."""
+    whose first prompt is the int 1. `options`: keys a prompt dict may add (from_prompt_dict)."""
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, dict):
-        return [from_prompt_dict(prompts)]
+        return [from_prompt_dict(prompts, options=options)]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise ValueError("prompts is empty: an empty list is neither a prompt nor a list of prompts")
@@ -50,7 +53,7 @@ def normalize_prompts(prompts: Any) -> list[Prompt]:
         normalized: list[Prompt] = []
         for i, p in enumerate(prompts):
             if isinstance(p, dict):
-                p = from_prompt_dict(p, where=f"prompt {i}: ")
+                p = from_prompt_dict(p, where=f"prompt {i}: ", options=options)
             elif not isinstance(p, (str, list, tuple)):
                 raise TypeError(f"prompt {i}: expected a str, a list of token ids or a prompt dict, got "
                                 f"{type(p).__name__}: {p!r}")
@@ -58,3 +61,13 @@ def normalize_prompts(prompts: Any) -> list[Prompt]:
         return normalized
     raise TypeError(f"prompts must be a str, a list of token ids, a prompt dict ({{'prompt': str}} or "
                     f"{{'prompt_token_ids': [...]}}), or a list of those; got {type(prompts).__name__}")
+
+
+def cache_salts(prompts: Any, num_prompts: int) -> list[str | None]:
+    """Each prompt's "cache_salt" (None where its dict has none, or it is no dict), in normalize_prompts' order
+    (called after it, with its `options` holding "cache_salt"; the engine checks the values)."""
+    if isinstance(prompts, dict):
+        return [prompts.get("cache_salt")]
+    if isinstance(prompts, (list, tuple)) and any(isinstance(p, dict) for p in prompts):
+        return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+    return [None] * num_prompts

@@ -45,7 +45,8 @@ from minillm.engine.kv_cache import shared_pool_memory
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import CheckpointSource, LoadedWeights, RandomWeights, Worker
 from minillm.hooks import overriding
-from minillm.inputs import Prompt, from_prompt_dict, normalize_prompts
+from minillm.engine.prefix_cache import check_cache_salt
+from minillm.inputs import Prompt, cache_salts, from_prompt_dict, normalize_prompts
 from minillm.llm_requests import merge_choices, normalize_params, template_messages, with_priority
 from minillm.outputs import CompletionOutput, RequestOutput
 from minillm.platform import resolve_device, resolve_dtype
@@ -224,14 +225,17 @@ class LLM:
         replaces the prompt's SamplingParams.priority.
 
         lora_request (vLLM's argument, an LLM built with enable_lora=True): a minillm.lora.LoRARequest for every
-        prompt, or one per prompt (None entries: the base model)."""
-        prompt_list = normalize_prompts(prompts)
+        prompt, or one per prompt (None entries: the base model).
+
+        A prompt dict may carry "cache_salt" (vLLM's, a non-empty string): that prompt shares prefix-cache blocks
+        only with prompts of the same salt, so tenants cannot learn from each other's cache hits."""
+        prompt_list = normalize_prompts(prompts, options=SALTED)
         # only the finished outputs are returned: the engine need not snapshot every request after every step
         params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         if priority is not None:
             params = with_priority(params, priority, self.llm_engine)
         tokenized = self._validated(prompt_list)
-        return self._submit(tokenized, params, use_tqdm, lora_request)
+        return self._submit(tokenized, params, use_tqdm, lora_request, _checked_salts(prompts, len(prompt_list)))
 
     def _validated(self, prompts: list[Prompt]) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) of every prompt, all checked before any work starts; ValueError/TypeError naming the
@@ -245,7 +249,8 @@ class LLM:
         return tokenized
 
     def _submit(self, tokenized: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-                use_tqdm: bool, lora_request: Any = None) -> list[RequestOutput]:
+                use_tqdm: bool, lora_request: Any = None, salts: list[str | None] | None = None
+                ) -> list[RequestOutput]:
         """One engine request per choice (SamplingParams.n: params.choices()); the outputs of a prompt's choices
         come back as one RequestOutput whose outputs[i] is choice i, as vLLM returns them."""
         engine = self.llm_engine
@@ -264,11 +269,13 @@ class LLM:
                     raise ParamError(err.param, f"sampling_params {i}: {err}") from None
         ids: list[list[str]] = []
         try:
-            for (text, token_ids), choices, lora in zip(tokenized, choices_of, loras):
+            for (text, token_ids), choices, lora, salt in zip(tokenized, choices_of, loras,
+                                                              salts or [None] * len(tokenized)):
                 ids.append([])
                 for choice in choices:
                     ids[-1].append(engine.add_request(None, text if text is not None else token_ids, choice,
-                                                      prompt_token_ids=token_ids, lora_request=lora))
+                                                      prompt_token_ids=token_ids, lora_request=lora,
+                                                      cache_salt=salt))
         except BaseException:
             for request_id in (i for added in ids for i in added):
                 engine.abort(request_id)
@@ -286,14 +293,15 @@ class LLM:
         from minillm.pooling import PoolingParams
         pooling_params = PoolingParams() if pooling_params is None else pooling_params
         engine = self.llm_engine
-        tokenized = self._validated(normalize_prompts(prompts))
+        tokenized = self._validated(normalize_prompts(prompts, options=SALTED))
         loras = _per_prompt(lora_request, len(tokenized))
+        salts = _checked_salts(prompts, len(tokenized))
         ids: list[str] = []
         try:
-            for (text, token_ids), lora in zip(tokenized, loras):
+            for (text, token_ids), lora, salt in zip(tokenized, loras, salts):
                 ids.append(engine.add_request(None, text if text is not None else token_ids, None,
                                               prompt_token_ids=token_ids, lora_request=lora,
-                                              pooling_params=pooling_params))
+                                              pooling_params=pooling_params, cache_salt=salt))
         except BaseException:
             for request_id in ids:
                 engine.abort(request_id)
@@ -530,6 +538,20 @@ def _engine_config(max_model_len: int | None, max_num_seqs: int | None, kv_layou
                         f"{', '.join(sorted(fields))}")
     return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                         scheduling=scheduling or "continuous", **engine_kwargs)
+
+
+SALTED = ("cache_salt",)  # the prompt-dict key LLM.generate and LLM.embed read beside the prompt (minillm.inputs)
+
+
+def _checked_salts(prompts: Any, num_prompts: int) -> list[str | None]:
+    """Each prompt's cache_salt, checked before any work starts (the error names the prompt's index)."""
+    salts = cache_salts(prompts, num_prompts)
+    for i, salt in enumerate(salts):
+        try:
+            check_cache_salt(salt)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"prompt {i}: {err}") from None
+    return salts
 
 
 def _per_prompt(lora_request: Any, num_prompts: int) -> list:

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from minillm.engine.prefix_cache import check_cache_salt
 from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.outputs import RequestOutput
 from minillm.sampling_params import SamplingParams
@@ -197,13 +198,14 @@ class AsyncLLM:
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
                        arrival_time: float | None = None, lora_request: Any = None,
-                       pooling_params: Any = None) -> AsyncIterator[RequestOutput]:
+                       pooling_params: Any = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue one request and yield its cumulative RequestOutput after every step it took part in, the last
         one with `finished=True`. Leaving the `async for` early (or being cancelled) aborts the request.
         Bad prompts, bad sampling params (a value assigned after construction included) and a bad
         `lora_request` (a minillm.lora.LoRARequest: the adapter this request runs with; needs enable_lora=True)
         raise ValueError/TypeError here, before anything is queued. `pooling_params` (minillm.pooling.PoolingParams,
-        instead of sampling_params): an embedding request, its one output's `embedding` the vector."""
+        instead of sampling_params): an embedding request, its one output's `embedding` the vector. `cache_salt`
+        (a non-empty string): prefix-cache blocks shared only with requests of the same salt (vLLM's)."""
         if not self.accepting or not self.is_running:
             raise EngineDeadError("the engine is not accepting requests (not started, or shutting down)")
         if not self._paused:  # (paused, a request waits for resume_generation, by which time the engine woke)
@@ -217,6 +219,7 @@ class AsyncLLM:
         else:  # checked now (add_request checks it again on the loop, where an error could only end the stream)
             sampling_params = sampling_params.checked_copy()
         self.engine.check_sampling_params(sampling_params, pooling=pooling_params is not None)
+        check_cache_salt(cache_salt)
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
             prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
             prompt = prompt if prompt is not None else prompt_token_ids
@@ -234,7 +237,7 @@ class AsyncLLM:
         self._streams[request_id] = queue
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         self._pending_adds.append((request_id, prompt, sampling_params, arrival, list(prompt_token_ids),
-                                   lora_request, pooling_params))
+                                   lora_request, pooling_params, cache_salt))
         self._wake.set()
         finished = False
         try:
@@ -392,11 +395,12 @@ class AsyncLLM:
             if self._paused and self._pending_adds[0][0] not in aborted:
                 waiting.append(self._pending_adds.popleft())
                 continue
-            request_id, prompt, params, arrival, token_ids, lora_request, pooling = self._pending_adds.popleft()
+            request_id, prompt, params, arrival, token_ids, lora_request, pooling, salt = self._pending_adds.popleft()
             try:
                 self.engine.add_request(request_id, prompt, None if pooling is not None else params,
                                         arrival_time=arrival, prompt_token_ids=token_ids if isinstance(prompt, str)
-                                        else None, lora_request=lora_request, pooling_params=pooling)
+                                        else None, lora_request=lora_request, pooling_params=pooling,
+                                        cache_salt=salt)
             except (ValueError, TypeError, EngineSleepingError) as err:
                 self._finish_stream(request_id, err)
         self._pending_adds.extend(waiting)

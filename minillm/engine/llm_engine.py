@@ -44,6 +44,7 @@ from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_
                                          resolve_engine_config)
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
+from minillm.engine.prefix_cache import check_cache_salt, sequence_salt
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
@@ -166,7 +167,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
     def add_request(self, request_id: str | None, prompt: str | SequenceT[int],
                     sampling_params: SamplingParams | None = None, arrival_time: float | None = None,
                     prompt_token_ids: list[int] | None = None, lora_request: Any = None,
-                    pooling_params: Any = None) -> str:
+                    pooling_params: Any = None, cache_salt: str | None = None) -> str:
         """Validate and queue one request; returns its id. Raises ValueError/TypeError for this request only.
         `prompt_token_ids`, when given, are the tokens of a text `prompt` (not encoded again, but range-checked).
         The request keeps a checked copy of `sampling_params`: a value assigned to the caller's object after
@@ -174,8 +175,9 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         and one assigned after this call does not reach the queued request. `lora_request` (a LoRARequest; needs
         enable_lora=True) runs the request with that adapter, which is read and checked here. `pooling_params` (a
         minillm.pooling.PoolingParams, without sampling_params) makes it an embedding request: its prefill only,
-        its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py). A sleeping engine
-        (sleep mode) raises EngineSleepingError."""
+        its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py). `cache_salt` (vLLM's, a
+        non-empty string): the request shares prefix-cache blocks only with requests of the same salt. A sleeping
+        engine (sleep mode) raises EngineSleepingError."""
         self.check_awake()
         if pooling_params is not None:
             sampling_params = self.embedding_sampling_params(pooling_params, sampling_params)
@@ -196,6 +198,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
             text, token_ids = self.validate_prompt(prompt)
         constraint = self.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         self.check_lora_request(lora_request)
+        cache_salt = check_cache_salt(cache_salt)
         if sampling_params.max_tokens is None:  # until the context ends (vLLM's None); our copy, resolved once
             room = self.max_model_len - len(token_ids)
             if room < 1 or sampling_params.min_tokens > room:
@@ -204,8 +207,8 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
                                                f"(min_tokens={sampling_params.min_tokens})")
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
-        if lora_request is not None:
-            seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
+        seq.lora_request = lora_request
+        seq.cache_salt = sequence_salt(None if lora_request is None else lora_request.cache_salt, cache_salt)
         if constraint is not None:
             seq.constraint = constraint
             self._sync_only.add(request_id)

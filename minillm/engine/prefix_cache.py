@@ -25,6 +25,7 @@ owns reference counts.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 from minillm.hooks import dispatch
@@ -55,14 +56,38 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int,
                  known: list[int] | None = None, salt: int | None = None) -> list[int]:
     """Chain hashes of the first `num_blocks` full blocks of `token_ids`, extending the `known` prefix of them.
-    `salt` (Sequence.cache_salt: a request's LoRA adapter) stands in as the first block's parent, so the same
-    tokens under another adapter, whose keys and values differ, get other keys."""
+    `salt` (Sequence.cache_salt: a request's LoRA adapter and its cache_salt, sequence_salt) stands in as the
+    first block's parent, so the same tokens under another adapter, whose keys and values differ, or with
+    another salt get other keys."""
     hashes = list(known or [])[:num_blocks]
     hash_fn = dispatch("ch05.hash_block", hash_block)
     for j in range(len(hashes), num_blocks):
         parent = hashes[j - 1] if j else salt
         hashes.append(hash_fn(parent, tuple(token_ids[j * block_size:(j + 1) * block_size])))
     return hashes
+
+
+def check_cache_salt(cache_salt: object) -> str | None:
+    """vLLM's cache_salt: None, or a non-empty string (ValueError / TypeError otherwise)."""
+    if cache_salt is None:
+        return None
+    if not isinstance(cache_salt, str):
+        raise TypeError(f"cache_salt must be a non-empty string or None, got {type(cache_salt).__name__}: "
+                        f"{cache_salt!r}")
+    if not cache_salt:
+        raise ValueError("cache_salt must be a non-empty string or None, got ''")
+    return cache_salt
+
+
+def sequence_salt(adapter_salt: int | None, cache_salt: str | None) -> int | None:
+    """The first block's parent hash of a request (Sequence.cache_salt): its LoRA adapter's (LoRARequest.cache_salt)
+    and its own cache_salt (vLLM's: tenants who must not learn from each other's cache hits, which a timing
+    side channel would show, give different salts), both or either. A string's built-in hash changes from one
+    process to the next, so the salt's digest is taken instead: the same salt, the same keys in every process."""
+    if cache_salt is None:
+        return adapter_salt
+    digest = int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "little")
+    return digest if adapter_salt is None else hash((adapter_salt, digest))
 
 
 class PrefixCache:

@@ -41,16 +41,18 @@ def beam_problem(request: Any) -> tuple[str, str] | None:
 
 
 async def beam_search_async(llm: Any, prompt_ids: list[list[int]], params: BeamSearchParams,
-                            request_id: str, lora_request: Any = None) -> list[BeamSearchOutput]:
+                            request_id: str, lora_request: Any = None, cache_salt: str | None = None
+                            ) -> list[BeamSearchOutput]:
     """BeamSearch driven through an AsyncLLM: each step's single-token requests run together in the engine (every
-    one with `lora_request`, the adapter the request's `model` named, or None)."""
+    one with `lora_request`, the adapter the request's `model` named, or None, and the request's `cache_salt`)."""
     engine = llm.engine
     search = BeamSearch(prompt_ids, params, set(engine.eos_token_ids), llm.max_model_len)
     ask = search.ask.checked_copy(output_kind="final_only")
 
     async def last(ids: list[int], rid: str) -> dict[int, float]:
         out = None
-        async for out in llm.generate(ids, ask, request_id=rid, lora_request=lora_request):
+        async for out in llm.generate(ids, ask, request_id=rid, lora_request=lora_request,
+                                      cache_salt=cache_salt):
             pass
         return {t: e.logprob for t, e in out.outputs[0].logprobs[0].items()}
 

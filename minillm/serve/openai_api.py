@@ -247,7 +247,7 @@ class OpenAIServing:
         except ValueError as err:
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         found = await beam_search_async(self.llm, [ids for _, ids in prompts], params, f"{base}-{uuid.uuid4().hex}",
-                                        lora)
+                                        lora, request.cache_salt)
         role, choices = answer_role(request) if chat else "assistant", []
         for p, result in enumerate(found):
             for k, beam in enumerate(result.sequences):
@@ -290,7 +290,8 @@ class OpenAIServing:
                 c.echo = echoes[c.prompt_index]
         streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
                                      params[c.index % len(params)], request_id=f"{engine_base}-{c.index}",
-                                     prompt_token_ids=prompts[c.prompt_index][1], lora_request=lora)
+                                     prompt_token_ids=prompts[c.prompt_index][1], lora_request=lora,
+                                     cache_salt=request.cache_salt)
                    for c in choices]
         head = {"id": base, "created": int(time.time()), "model": self.models.name_of(lora)}
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)

@@ -6,10 +6,9 @@ naming the field and the value: `"max_tokens": true` is not 1, `"stream": "yes"`
 and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define but minillm cannot honour are refused
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
 default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools on a server without a
-tool-call parser (serve/tool_parser.py), and each class's
-`REFUSED` table: logits_processors, mm_processor_kwargs, kv_transfer_params, vllm_xargs, cache_salt,
-prompt_embeds, and on chat reasoning_effort, include_reasoning=false (but on a server with --reasoning-parser),
-audio, modalities, prediction, function_call, web_search_options, verbosity, store and service_tier. A few change
+tool-call parser (serve/tool_parser.py), and each class's `REFUSED` table: logits_processors,
+mm_processor_kwargs, kv_transfer_params, vllm_xargs, prompt_embeds, and on chat reasoning_effort,
+include_reasoning=false (but on a server with --reasoning-parser), audio, modalities, prediction, function_call, web_search_options, verbosity, store and service_tier. A few change
 nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata, prompt_cache_key and
 safety_identifier (no stored completions).
 vLLM's extensions minillm honours: top_k, min_p, the penalties, min_tokens, stop_token_ids, ignore_eos,
@@ -17,7 +16,8 @@ include_stop_str_in_output, skip_special_tokens (false: special tokens' text suc
 answer, its stream and its log-probs; the stop token that ends it, "<|im_end|>", with include_stop_str_in_output),
 spaces_between_special_tokens (passed on; with minillm's tokenizers either value gives the same text:
 Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
-with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, request_id (the response's id),
+with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, cache_salt (a non-empty string:
+prefix-cache blocks shared only with requests of the same salt), request_id (the response's id),
 return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
 (structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar, structural_tag,
 guided_whitespace_pattern, and response_format
@@ -132,7 +132,7 @@ class _SamplingFields(BaseModel):
     mm_processor_kwargs: Any = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
-    cache_salt: Any = None
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
 
     # field -> (its no-op values, what it asks for): any other value is a 400 (`null` is the default, a no-op)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
@@ -140,7 +140,6 @@ class _SamplingFields(BaseModel):
         "mm_processor_kwargs": (({},), "multimodal input"),
         "kv_transfer_params": (({},), "disaggregated serving through the HTTP server"),
         "vllm_xargs": (({},), "custom extension arguments"),
-        "cache_salt": ((), "a salted prefix cache"),
     }
 
     @model_validator(mode="before")
@@ -163,6 +162,8 @@ class _SamplingFields(BaseModel):
             if value is not None and not any(type(value) is type(ok) and value == ok for ok in no_ops):
                 allowed = f" or give {' or '.join(json.dumps(ok) for ok in no_ops)}" if no_ops else ""
                 return name, f"{name} is not supported ({what}): leave it out{allowed}, got {json.dumps(value)[:100]}"
+        if self.cache_salt is not None and not self.cache_salt:
+            return "cache_salt", "cache_salt must be a non-empty string if given, got \"\""
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", (f"best_of is not supported (leave it out, or give best_of = n = {self.n}), "
                                f"got {self.best_of}")
