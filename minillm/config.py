@@ -206,6 +206,8 @@ class EngineConfig:
     # the device is kept there and copied back when a prompt hits it (minillm/engine/offload_tier.py). None or 0: off
     kv_offloading_size: float | None = None
     enable_chunked_prefill: bool = False
+    # prompts given as embeddings [n, hidden_size] (vLLM's flag; minillm/engine/prompt_embeds.py)
+    enable_prompt_embeds: bool = False
     # Operators (chapters 3-4)
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
@@ -254,7 +256,7 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
         for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
-                     "piecewise_cuda_graphs", "async_scheduling", "enable_lora"):
+                     "piecewise_cuda_graphs", "async_scheduling", "enable_lora", "enable_prompt_embeds"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
                                                                                 "piecewise_cuda_graphs",

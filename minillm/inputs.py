@@ -1,5 +1,6 @@
 """The prompt forms LLM.generate accepts, as vLLM's (vllm/inputs): a str, a list of token ids, or the typed dicts
-TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}; one of them or a list of them.
+TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}, and for LLM.generate EmbedsPrompt
+{"prompt_embeds": tensor [n, hidden_size]} (minillm/engine/prompt_embeds.py); one of them or a list of them.
 Chapter 1 meets LLM.generate with plain strings; a vLLM user's code passes the dicts, and runs unchanged.
 
 Every form becomes the engine's own: a str or a list[int] (LLMEngine.validate_prompt checks the text, the ids'
@@ -12,28 +13,41 @@ from __future__ import annotations
 
 from typing import Any
 
-Prompt = str | list[int]
-PROMPT_KEYS = ("prompt", "prompt_token_ids")  # TextPrompt's and TokensPrompt's one key each
+import torch
+
+Prompt = str | list[int] | torch.Tensor  # a torch.Tensor: an EmbedsPrompt's vectors
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "prompt_embeds")  # TextPrompt's, TokensPrompt's, EmbedsPrompt's key
 
 
 def from_prompt_dict(prompt: dict, where: str = "", options: tuple[str, ...] = ()) -> Prompt:
-    """A TextPrompt's text or a TokensPrompt's ids. TypeError for a dict with neither key (not a prompt), ValueError
-    for one with both or with keys this engine cannot honour (naming them); the keys in `options` (the caller
-    reads them) are allowed beside the prompt's."""
-    keys = set(prompt) - set(options)
-    if keys in ({"prompt"}, {"prompt_token_ids"}):
-        value = prompt["prompt"] if "prompt" in keys else prompt["prompt_token_ids"]
-        if "prompt" in keys and not isinstance(value, str):
-            raise TypeError(f"{where}a TextPrompt's 'prompt' must be a str, got {type(value).__name__}: {value!r}")
-        if "prompt_token_ids" in keys and not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}a TokensPrompt's 'prompt_token_ids' must be a list of token ids, got "
-                            f"{type(value).__name__}: {value!r}")
-        return value if isinstance(value, str) else list(value)
-    if not keys & set(PROMPT_KEYS):  # not a prompt at all: the wrong type, as a number would be
-        raise TypeError(f"{where}a prompt dict needs the key 'prompt' (a TextPrompt) or 'prompt_token_ids' (a "
-                        f"TokensPrompt), got keys {sorted(keys)}")
-    raise ValueError(f"{where}a prompt dict must have exactly one of the keys {', '.join(map(repr, PROMPT_KEYS))} "
-                     f"(vLLM's TextPrompt or TokensPrompt; this engine reads text only), got keys {sorted(keys)}")
+    """A TextPrompt's text, a TokensPrompt's ids or an EmbedsPrompt's tensor. TypeError for a dict with none of
+    those keys (not a prompt), ValueError for one with two or with keys this caller cannot honour (naming them).
+    `options`: what the caller reads besides text and ids: "prompt_embeds" (an EmbedsPrompt is allowed) and keys
+    allowed beside the prompt's ("cache_salt")."""
+    kinds = [key for key in PROMPT_KEYS if key in prompt]
+    extra = sorted(set(prompt) - set(PROMPT_KEYS) - set(options))
+    if not kinds:  # not a prompt at all: the wrong type, as a number would be
+        raise TypeError(f"{where}a prompt dict needs the key 'prompt' (a TextPrompt), 'prompt_token_ids' (a "
+                        f"TokensPrompt) or 'prompt_embeds' (an EmbedsPrompt), got keys {sorted(prompt)}")
+    if len(kinds) > 1 or extra:
+        raise ValueError(f"{where}a prompt dict must have exactly one of the keys {', '.join(map(repr, PROMPT_KEYS))} "
+                         f"(vLLM's TextPrompt, TokensPrompt or EmbedsPrompt; no multimodal input), got keys "
+                         f"{sorted(prompt)}")
+    kind = kinds[0]
+    value = prompt[kind]
+    if kind == "prompt_embeds":  # the engine checks the tensor (enable_prompt_embeds, its shape)
+        if kind not in options:
+            raise ValueError(f"{where}an EmbedsPrompt ('prompt_embeds') is not taken here: LLM.generate takes it")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}an EmbedsPrompt's 'prompt_embeds' must be a torch.Tensor [num_positions, "
+                            f"hidden_size], got {type(value).__name__}")
+        return value
+    if kind == "prompt" and not isinstance(value, str):
+        raise TypeError(f"{where}a TextPrompt's 'prompt' must be a str, got {type(value).__name__}: {value!r}")
+    if kind == "prompt_token_ids" and not isinstance(value, (list, tuple)):
+        raise TypeError(f"{where}a TokensPrompt's 'prompt_token_ids' must be a list of token ids, got "
+                        f"{type(value).__name__}: {value!r}")
+    return value if isinstance(value, str) else list(value)
 
 
 def normalize_prompts(prompts: Any, options: tuple[str, ...] = ()) -> list[Prompt]:
@@ -57,7 +71,7 @@ def normalize_prompts(prompts: Any, options: tuple[str, ...] = ()) -> list[Promp
             elif not isinstance(p, (str, list, tuple)):
                 raise TypeError(f"prompt {i}: expected a str, a list of token ids or a prompt dict, got "
                                 f"{type(p).__name__}: {p!r}")
-            normalized.append(p if isinstance(p, str) else list(p))
+            normalized.append(p if isinstance(p, str) or not isinstance(p, (list, tuple)) else list(p))
         return normalized
     raise TypeError(f"prompts must be a str, a list of token ids, a prompt dict ({{'prompt': str}} or "
                     f"{{'prompt_token_ids': [...]}}), or a list of those; got {type(prompts).__name__}")

@@ -228,8 +228,10 @@ class LLM:
         prompt, or one per prompt (None entries: the base model).
 
         A prompt dict may carry "cache_salt" (vLLM's, a non-empty string): that prompt shares prefix-cache blocks
-        only with prompts of the same salt, so tenants cannot learn from each other's cache hits."""
-        prompt_list = normalize_prompts(prompts, options=SALTED)
+        only with prompts of the same salt, so tenants cannot learn from each other's cache hits. An LLM built with
+        enable_prompt_embeds=True also takes {"prompt_embeds": tensor [n, hidden_size]}, vectors that stand in
+        for the token embedding's output (minillm/engine/prompt_embeds.py)."""
+        prompt_list = normalize_prompts(prompts, options=SALTED + ("prompt_embeds",))
         # only the finished outputs are returned: the engine need not snapshot every request after every step
         params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         if priority is not None:
@@ -243,7 +245,9 @@ class LLM:
         tokenized = []
         for i, prompt in enumerate(prompts):
             try:
-                tokenized.append(self.llm_engine.validate_prompt(prompt))
+                text, token_ids = self.llm_engine.validate_prompt(prompt)
+                # an embeddings prompt goes on as its tensor (its ids are placeholders)
+                tokenized.append((prompt if isinstance(prompt, torch.Tensor) else text, token_ids))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i}: {err}") from None
         return tokenized

@@ -210,7 +210,9 @@ class RequestOutput:
         spec = seq.spec_metrics  # set by minillm.speculative.engine_hooks
         if spec is not None:
             metrics.spec_decode = spec.copy()
-        return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
+        # an embeddings prompt has no token ids (its sequence's are placeholders): [] as for no prompt
+        prompt_ids = [] if getattr(seq, "prompt_embeds", None) is not None else list(seq.prompt_token_ids)
+        return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=prompt_ids,
                    outputs=[completion], finished=seq.is_finished, metrics=metrics,
                    prompt_logprobs=None if seq.prompt_logprobs is None
                    else list(seq.prompt_logprobs), embedding=seq.embedding)

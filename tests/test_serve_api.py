@@ -299,7 +299,7 @@ def test_null_means_the_default_as_openai_declares_the_fields_nullable(server):
         **nulls})
     assert chat.status_code == 200 and chat.json()["choices"][0]["logprobs"] is None, chat.text
     missing = httpx.post(server.url + "/v1/completions", json={"prompt": None}, timeout=30)  # required: still 400
-    assert missing.status_code == 400 and "prompt: expected" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "prompt is required" in missing.json()["error"]["message"]
 
 
 def test_text_parts_are_joined_by_newlines_as_vllm_does(client):

@@ -15,7 +15,7 @@ from tiny import one_thread  # noqa: F401 (autouse fixture)
 ASKS = {
     "logits_processors": ["m.P"],
     "mm_processor_kwargs": {"a": 1}, "kv_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},
-    "prompt_embeds": "AAAA",  # completions
+    # completions: nothing beyond the shared fields
     "reasoning_effort": "low", "audio": {"voice": "alloy", "format": "mp3"},  # chat (include_reasoning: see
     # tests/test_serve_reasoning.py: refused only without --reasoning-parser)
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"}, "function_call": "f",

@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import torch
+
 from minillm.engine.prefix_cache import check_cache_salt
 from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.outputs import RequestOutput
@@ -221,8 +223,9 @@ class AsyncLLM:
         self.engine.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         check_cache_salt(cache_salt)
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
-            prompt, prompt_token_ids = self.engine.validate_prompt(prompt)
-            prompt = prompt if prompt is not None else prompt_token_ids
+            text, prompt_token_ids = self.engine.validate_prompt(prompt)
+            if not isinstance(prompt, torch.Tensor):  # (an embeddings prompt goes on as the tensor)
+                prompt = text if text is not None else prompt_token_ids
         if lora_request is not None:
             # the first request naming an adapter reads it from disk (milliseconds to seconds): in a thread, so the
             # event loop keeps streaming every other request; later ones find it in the adapter cache. The engine

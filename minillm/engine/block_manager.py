@@ -201,6 +201,8 @@ class BlockManager(SwapSpace):
             return [], [], []
         if seq.reads_every_prompt_row:  # prompt_logprobs, MEAN / CLS pooling: a cached prefix has no output rows
             return [], [], []
+        if seq.prompt_embeds is not None:  # placeholder ids: their blocks match nothing and are offered to no one
+            return [], [], []
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size,
                               salt=seq.cache_salt)
         hits: list[int] = []
@@ -374,7 +376,7 @@ class BlockManager(SwapSpace):
 
     def mark_computed(self, seq: Sequence) -> None:
         """Offer seq's full, computed blocks to the prefix cache (idempotent; cheap when nothing is new)."""
-        if self.prefix_cache is None or seq.seq_id not in self._on_device:
+        if self.prefix_cache is None or seq.seq_id not in self._on_device or seq.prompt_embeds is not None:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         start = self._num_offered.get(seq.seq_id, 0)

@@ -146,6 +146,8 @@ def check_disaggregation(config: EngineConfig) -> None:
     if config.async_scheduling:
         raise ValueError("async_scheduling is not supported with disaggregation (its worker processes answer "
                          "each step in turn): give async_scheduling=False")
+    if config.enable_prompt_embeds:
+        raise ValueError("enable_prompt_embeds is not supported with disaggregation: give False")
 
 
 class _SizingExecutor:

@@ -45,6 +45,7 @@ from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.engine.prefix_cache import check_cache_salt, sequence_salt
+from minillm.engine.prompt_embeds import check_prompt_embeds, embeds_problem
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
@@ -176,8 +177,9 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         enable_lora=True) runs the request with that adapter, which is read and checked here. `pooling_params` (a
         minillm.pooling.PoolingParams, without sampling_params) makes it an embedding request: its prefill only,
         its RequestOutput.embedding the pooled vector (LLM.embed; minillm/pooling.py). `cache_salt` (vLLM's, a
-        non-empty string): the request shares prefix-cache blocks only with requests of the same salt. A sleeping
-        engine (sleep mode) raises EngineSleepingError."""
+        non-empty string): the request shares prefix-cache blocks only with requests of the same salt. A `prompt`
+        that is a float tensor [n, hidden_size] is given as embeddings (an engine with enable_prompt_embeds=True;
+        minillm/engine/prompt_embeds.py). A sleeping engine (sleep mode) raises EngineSleepingError."""
         self.check_awake()
         if pooling_params is not None:
             sampling_params = self.embedding_sampling_params(pooling_params, sampling_params)
@@ -190,6 +192,11 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         request_id = str(next(self._counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        embeds = None
+        if isinstance(prompt, torch.Tensor):  # an embeddings prompt: placeholder ids for its positions
+            embeds = check_prompt_embeds(prompt, self.model_config.hidden_size,
+                                         self.engine_config.enable_prompt_embeds)
+            prompt, prompt_token_ids = [0] * embeds.shape[0], None
         if prompt_token_ids is not None and isinstance(prompt, str):
             # checked again (a range check, no re-encoding): ids out of the vocabulary would fail the whole step,
             # and with it every other request in the batch
@@ -207,6 +214,11 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
                                                f"(min_tokens={sampling_params.min_tokens})")
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
+        if embeds is not None:
+            seq.prompt_embeds, seq.pooling = embeds, pooling_params
+            problem = embeds_problem(seq, self)
+            if problem:
+                raise ValueError(problem)
         seq.lora_request = lora_request
         seq.cache_salt = sequence_salt(None if lora_request is None else lora_request.cache_salt, cache_salt)
         if constraint is not None:
@@ -223,8 +235,10 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         if sampling_params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # position 0 has no prediction; build_step_input scores from len() on
         self.scheduler.add(seq)
-        self._requests[request_id] = _RequestState(
-            seq, DetokenizerState.for_prompt(len(token_ids), sampling_params.skip_special_tokens))
+        detokenizer = DetokenizerState.for_prompt(len(token_ids), sampling_params.skip_special_tokens)
+        if embeds is not None:  # no prompt text to continue: the placeholders are no context
+            detokenizer.prefix_offset = len(token_ids)
+        self._requests[request_id] = _RequestState(seq, detokenizer)
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -37,8 +37,9 @@ ModelRunner); `forward` picks among them step by step.
 from __future__ import annotations
 
 import collections
+import contextlib
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from minillm.engine.kv_scales import calibrate_kv_scales
 from minillm.engine.launch_setup import LaunchSetup
 from minillm.engine.logprobs import logprob_entries, score_tokens, token_logprobs  # noqa: F401  (re-exported)
 from minillm.engine.prepared_batch import PreparedBatch, prepare_batch
+from minillm.engine.prompt_embeds import EmbeddingRows
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.step_buffers import DownloadRing, PendingDownload, UploadBuffer, download, resolve_deferred_ids
 from minillm.engine.step_input import StepInput, StepOutput, TokenLogprobs, build_step_input
@@ -118,6 +120,7 @@ class ModelRunner(LaunchSetup):
         self._downloads: DownloadRing | None = None  # pinned buffers of launched steps' downloads (async scheduling)
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, still on the device
         self._graph_sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's logits, tokens
+        self._embedding_rows: EmbeddingRows | None = None  # prompts given as embeddings: the lookup's hook
         self.lora = lora  # the worker's LoRAWeights (minillm.lora.layers) when enable_lora
         # decode and piecewise graphs captured with the adapters' kernels, beside the plain ones
         self.lora_graphs = self.lora_piecewise_graphs = None
@@ -163,7 +166,7 @@ class ModelRunner(LaunchSetup):
             self._arange = torch.arange(max(num_tokens, 2 * self._arange.numel()), device=self.device)
         graphs = self.lora_graphs if step.lora_slots is not None and self.lora_graphs is not None \
             else self.cuda_graphs
-        return prepare_batch(step, self._upload, self._arange, graphs)
+        return prepare_batch(step, self._upload, self._arange, None if step.prompt_embeds else graphs)
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -216,7 +219,8 @@ class ModelRunner(LaunchSetup):
             gather(prepared.input_ids, self._last_sampled)  # gathers them inside its replay)
         if self.attention_layers[0].k_cache.data_ptr() != self.kv_cache.storage.data_ptr():
             self.bind_kv_cache()
-        hidden = self.forward(prepared)
+        with self.prompt_embeds_of(step):
+            hidden = self.forward(prepared)
         hidden_states = self.hidden_states(step, hidden)
         parts: list[torch.Tensor] = []  # everything the host needs back, downloaded together
         logits = tokens = None
@@ -250,6 +254,21 @@ class ModelRunner(LaunchSetup):
             if prepared.returns_raw_logits:  # processors changed them: log-probs read the raw ones
                 parts.append(logits.float())
         return prepared, parts, num_top, hidden_states
+
+    @contextlib.contextmanager
+    def prompt_embeds_of(self, step: StepInput) -> Iterator[None]:
+        """While a step with embeddings prompts runs: their vectors replace those rows' embedding lookups
+        (minillm/engine/prompt_embeds.py; `forward` then runs eagerly)."""
+        if not step.prompt_embeds:
+            yield
+            return
+        if self._embedding_rows is None:
+            self._embedding_rows = EmbeddingRows(self.model)
+        self._embedding_rows.set(step.prompt_embeds, self.device, self.dtype)
+        try:
+            yield
+        finally:
+            self._embedding_rows.clear()
 
     def _load_adapters(self, step: StepInput) -> None:
         """Copy the step's new adapters into their slots (minillm.lora), and check every slot the step reads holds
@@ -325,6 +344,10 @@ class ModelRunner(LaunchSetup):
         step was laid out in the graph's static inputs by prepare, or is copied there), else the (possibly
         compiled) eager forward."""
         self._pre_norm = self._graph_sampled = None
+        if self._embedding_rows is not None and self._embedding_rows.rows is not None:
+            self.forward_counts["eager"] += 1  # a recorded graph would replay the lookup it recorded
+            with forward_context(prepared.metadata):
+                return self.model(prepared.input_ids, prepared.positions)
         graphs = prepared.graph_set if prepared.graph is not None else self.cuda_graphs
         hidden = None
         adapters = prepared.metadata.lora is not None  # a LoRA step replays the LoRA sets (or runs eagerly)

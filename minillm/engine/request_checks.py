@@ -7,8 +7,11 @@ from __future__ import annotations
 import numbers
 from typing import Sequence as SequenceT
 
+import torch
+
 from minillm.engine.constraints import RequestConstraint
 from minillm.engine.detokenizer import keeps_special_tokens
+from minillm.engine.prompt_embeds import check_prompt_embeds
 from minillm.sampling_params import ParamError, SamplingParams
 
 
@@ -87,8 +90,12 @@ class RequestChecks:
                              f"engine was built without enable_lora=True")
         self.lora_slots.check(lora_request)
 
-    def validate_prompt(self, prompt: str | SequenceT[int]) -> tuple[str | None, list[int]]:
-        """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it."""
+    def validate_prompt(self, prompt: str | SequenceT[int] | torch.Tensor) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it. An
+        embeddings prompt (a tensor [n, hidden_size]) has n placeholder ids (minillm/engine/prompt_embeds.py)."""
+        if isinstance(prompt, torch.Tensor):
+            embeds = check_prompt_embeds(prompt, self.model_config.hidden_size, self.engine_config.enable_prompt_embeds)
+            prompt = [0] * embeds.shape[0]
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("prompt is empty: give at least one character or one token id")
@@ -104,7 +111,8 @@ class RequestChecks:
                                 f"({type(bad[0]).__name__})")
             text, token_ids = None, [int(t) for t in prompt]
         else:
-            raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+            raise TypeError(f"prompt must be a str, a list of token ids or (with enable_prompt_embeds) a tensor of "
+                            f"embeddings, got {type(prompt).__name__}")
         vocab = self.model_config.vocab_size
         out_of_range = [t for t in token_ids if not 0 <= t < vocab]
         if out_of_range:

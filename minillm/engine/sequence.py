@@ -62,6 +62,9 @@ class Sequence:
         # request with an adapter starts from `cache_salt`, so no block is shared across adapters
         self.lora_request = None
         self.cache_salt: int | None = None
+        # a prompt given as embeddings: [num_prompt_tokens, hidden] on the host; token_ids holds placeholders for
+        # those positions (minillm/engine/prompt_embeds.py)
+        self.prompt_embeds = None
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
         self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
         self.pooling = None  # an embedding request's PoolingParams (minillm/pooling.py)

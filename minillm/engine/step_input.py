@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from minillm.engine.block_table import slot_mapping
+from minillm.engine.prompt_embeds import embedding_rows
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.hooks import dispatch
 
@@ -141,6 +142,9 @@ class StepInput:
     # uses an adapter; and the (slot, LoRARequest) copies a worker makes before the forward
     lora_slots: list[int] | None = None
     lora_loads: list = field(default_factory=list)
+    # prompts given as embeddings (minillm/engine/prompt_embeds.py): (first row, [rows, hidden] host tensor) for
+    # the step rows whose embedding lookup the caller's vectors replace; None when no sequence has any
+    prompt_embeds: list | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -214,6 +218,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
         if len(table) * block_size < end:
             raise ValueError(f"sequence {seq.request_id!r}: block_table {table} holds "
                              f"{len(table) * block_size} slots, {end} needed")
+        if seq.prompt_embeds is not None and start < seq.num_prompt_tokens:  # rows the caller's vectors fill
+            step.prompt_embeds = (step.prompt_embeds or []) + [embedding_rows(seq, start, end, len(input_ids))]
         if n == 1 and end <= num_tokens:  # a decode step's one token
             input_ids.append(token_ids[start])
             positions.append(start)

@@ -100,10 +100,12 @@ def split_step(step: StepInput, num_micro_batches: int) -> list[StepInput]:
         per_seq = {name: getattr(step, name)[lo:hi] for name in _PER_SEQUENCE}
         per_seq.update({name: None if getattr(step, name) is None else getattr(step, name)[lo:hi]
                         for name in _PER_SEQUENCE_OPTIONAL})
+        # embeddings prompts' rows (a chunk never spans two sequences), counted from the micro-batch's first row
+        embeds = [(row - a, values) for row, values in step.prompt_embeds or () if a <= row < b] or None
         parts.append(dataclasses.replace(
             step, **{name: getattr(step, name)[a:b] for name in _PER_TOKEN}, **per_seq,
             blocks_to_swap_out=[], blocks_to_swap_in=[], blocks_to_copy=[], slots_to_copy=[],
-            finished_request_ids=[], lora_loads=[]))
+            finished_request_ids=[], lora_loads=[], prompt_embeds=embeds))
     return parts
 
 
@@ -151,7 +153,7 @@ class ParallelModelRunner(ModelRunner):
             if failure is None:
                 try:
                     prepared = self.prepare(micro)
-                    with forward_context(prepared.metadata):
+                    with forward_context(prepared.metadata), self.prompt_embeds_of(micro):
                         out = self.model(prepared.input_ids, prepared.positions, intermediate)
                     if state.is_last_stage:
                         self._logits(prepared, out, first_seq, logits_parts, prompt_parts)

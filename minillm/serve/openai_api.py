@@ -43,6 +43,7 @@ from minillm.serve.chat_prompt import answer_role, echoed, encode_text, render_c
 from minillm.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from minillm.beam_search import BeamSearchParams
 from minillm.serve.beam_fields import beam_search_async
+from minillm.serve.embeds_field import decode_prompt_embeds
 from minillm.serve.sse import _disconnected, _event, _merge
 from minillm.serve.serving_models import OpenAIServingModels
 from minillm.serve.structured_fields import structured_outputs_of
@@ -141,6 +142,17 @@ class OpenAIServing:
         except (ValueError, TypeError) as err:
             raise ApiError(400, str(err), param=param) from None
 
+    def checked_embeds(self, value: str, keep: int | None = None) -> Prompt:
+        """(the tensor, its placeholder ids) of one base64 prompt_embeds entry, or a 400; keep
+        (truncate_prompt_tokens): only its last `keep` positions."""
+        try:
+            embeds = decode_prompt_embeds(value)
+            if keep is not None and embeds.dim() == 2 and embeds.shape[0] > keep:
+                embeds = embeds[-keep:]
+            return embeds, self.llm.engine.validate_prompt(embeds)[1]
+        except (ValueError, TypeError) as err:
+            raise ApiError(400, str(err), param="prompt_embeds") from None
+
     def render_chat(self, request: ChatCompletionRequest) -> Prompt:
         text, token_ids = render_chat(self.llm.tokenizer, self.chat_template, request,
                                       self.trust_request_chat_template)
@@ -206,13 +218,16 @@ class OpenAIServing:
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
         lora = self.check_request(request)
         prompt = request.prompts()
-        if not prompt:
+        if not prompt and not request.embeds():
             raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
                            param="prompt")
         # tokenizing is the one slow thing a request body can ask for (~0.6 s for a 1 MiB prompt on 2 cores): off
-        # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL)
-        prompts = await asyncio.to_thread(lambda: [self.checked_prompt(p, "prompt", request.add_special_tokens,
-                                                                request.truncate_prompt_tokens) for p in prompt])
+        # the event loop, which keeps streaming every other request meanwhile (the tokenizer lets go of the GIL);
+        # prompts given as embeddings come first, as vLLM orders them
+        prompts = await asyncio.to_thread(lambda: [self.checked_embeds(e, request.truncate_prompt_tokens)
+                                                   for e in request.embeds()]
+                                          + [self.checked_prompt(p, "prompt", request.add_special_tokens,
+                                                                 request.truncate_prompt_tokens) for p in prompt])
         # echo with max_tokens 0 scores the prompt (how evaluation harnesses ask for a text's log-likelihood): the
         # engine generates one token, which the answer leaves out
         score_only = request.echo and request.max_tokens == 0
@@ -288,7 +303,9 @@ class OpenAIServing:
             echoes = [(text if text is not None else decode(ids), decode(ids[:1])) for text, ids in prompts]
             for c in choices:
                 c.echo = echoes[c.prompt_index]
-        streams = [self.llm.generate(prompts[c.prompt_index][0] or prompts[c.prompt_index][1],
+        # what each prompt is sent as: its text, else its ids; an embeddings prompt's tensor
+        first = [ids if text is None or (isinstance(text, str) and not text) else text for text, ids in prompts]
+        streams = [self.llm.generate(first[c.prompt_index],
                                      params[c.index % len(params)], request_id=f"{engine_base}-{c.index}",
                                      prompt_token_ids=prompts[c.prompt_index][1], lora_request=lora,
                                      cache_salt=request.cache_salt)

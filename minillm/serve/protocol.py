@@ -7,7 +7,7 @@ and the field as `param`. Fields the OpenAI API (or vLLM's extensions) define bu
 with a 400 that says so, unless they hold their no-op value: a client that asked for them must not get a silent
 default. They are suffix, best_of (but = n), functions, tool_choice "auto" with tools on a server without a
 tool-call parser (serve/tool_parser.py), and each class's `REFUSED` table: logits_processors,
-mm_processor_kwargs, kv_transfer_params, vllm_xargs, prompt_embeds, and on chat reasoning_effort,
+mm_processor_kwargs, kv_transfer_params, vllm_xargs, and on chat reasoning_effort,
 include_reasoning=false (but on a server with --reasoning-parser), audio, modalities, prediction, function_call, web_search_options, verbosity, store and service_tier. A few change
 nothing here and are served whatever they hold: chat's parallel_tool_calls, metadata, prompt_cache_key and
 safety_identifier (no stored completions).
@@ -17,7 +17,8 @@ answer, its stream and its log-probs; the stop token that ends it, "<|im_end|>",
 spaces_between_special_tokens (passed on; with minillm's tokenizers either value gives the same text:
 Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a server started
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, cache_salt (a non-empty string:
-prefix-cache blocks shared only with requests of the same salt), request_id (the response's id),
+prefix-cache blocks shared only with requests of the same salt), prompt_embeds on completions (a server with
+--enable-prompt-embeds; serve/embeds_field.py), request_id (the response's id),
 return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
 (structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar, structural_tag,
 guided_whitespace_pattern, and response_format
@@ -194,18 +195,16 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's extension: the tokenizer's BOS (and EOS) around a text prompt
-    prompt_embeds: Any = None  # vLLM's extension: refused
+    # vLLM's extension (a server with --enable-prompt-embeds): base64 of torch.save(tensor [n, hidden]), or a list
+    prompt_embeds: str | list[str] | None = None
     response_format: dict[str, Any] | None = None  # vLLM's extension on completions, as chat's
 
-    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        **_SamplingFields.REFUSED,
-        "prompt_embeds": ((), "prompts given as embeddings"),
-    }
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = _SamplingFields.REFUSED
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
@@ -217,14 +216,26 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts as a list: one string or one list of token ids is a single prompt."""
+        if self.prompt is None:
+            return []
         one = isinstance(self.prompt, str) or (self.prompt and all(isinstance(t, int) for t in self.prompt))
         return [self.prompt] if one else list(self.prompt)
+
+    def embeds(self) -> list[str]:
+        """The base64 tensors of prompt_embeds as a list (serve/embeds_field.py)."""
+        return [] if self.prompt_embeds is None else [self.prompt_embeds] if isinstance(self.prompt_embeds, str) \
+            else list(self.prompt_embeds)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
+        if self.prompt is None and self.prompt_embeds is None:
+            return "prompt", "prompt is required (or prompt_embeds, on a server with --enable-prompt-embeds)"
+        if self.prompt_embeds is not None and (self.echo or self.use_beam_search):
+            name = "echo" if self.echo else "use_beam_search"
+            return name, f"{name} is not supported with prompt_embeds (the prompt has no tokens to echo or extend)"
         problem = super().unsupported()
-        prompts = len(self.prompts())
+        prompts = len(self.prompts()) + len(self.embeds())
         if problem is None and prompts * self.n > MAX_CHOICES:
             return "prompt", (f"{prompts} prompt(s) x n={self.n} = {prompts * self.n} completions in one request; "
                               f"at most {MAX_CHOICES}: send several requests")

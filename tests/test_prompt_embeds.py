@@ -1,0 +1,175 @@
+"""Prompts given as embeddings (vLLM's enable_prompt_embeds; minillm/engine/prompt_embeds.py): the token embedding's
+own vectors give exactly the tokens of the ids they embed, under chunked prefill, preemption, async scheduling and
+beside ordinary prompts; their placeholder ids reach neither the prefix cache nor anything that reads prompt tokens."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import pytest
+import torch
+
+from minillm.llm import LLM
+from minillm.sampling_params import SamplingParams
+from test_engine import make_engine, model_and_config  # noqa: F401  (fixture)
+from tiny import one_thread, run_to_completion  # noqa: F401  (one_thread: autouse fixture)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[5, 9, 33, 7, 81, 12, 3, 44, 17, 2, 200], [66, 1, 90], [120], list(range(30, 52))]
+
+
+def embed(model, ids):
+    with torch.inference_mode():
+        return model.model.embed_tokens(torch.tensor(ids)).clone()
+
+
+PAGED = dict(scheduling="continuous", kv_layout="paged", block_size=4, enable_prompt_embeds=True)
+
+
+@pytest.mark.parametrize("options", [
+    dict(PAGED, num_kv_blocks=64),
+    dict(PAGED, num_kv_blocks=64, enable_chunked_prefill=True, max_num_batched_tokens=8),
+    dict(PAGED, num_kv_blocks=12, max_num_seqs=4),  # preemption by recompute: the prompt's vectors again
+    dict(PAGED, num_kv_blocks=12, max_num_seqs=4, preemption_mode="swap", swap_space=1 << 20),
+    dict(PAGED, num_kv_blocks=64, async_scheduling=True),
+    dict(scheduling="static", kv_layout="contiguous", enable_prompt_embeds=True),
+], ids=["paged", "chunked", "recompute", "swap", "async", "static"])
+def test_the_embeddings_of_ids_give_the_tokens_of_those_ids(model_and_config, options):  # noqa: F811
+    """Each prompt twice in one batch, as ids and as their embeddings: the same greedy tokens (the placeholders
+    are token 0, which none of these prompts holds: a run that ignored the vectors would answer another prompt)."""
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, **options)
+    prompts = PROMPTS + [embed(model, p) for p in PROMPTS]
+    outputs = run_to_completion(engine, prompts, GREEDY)
+    assert outputs[len(PROMPTS):] == outputs[:len(PROMPTS)]
+    if options.get("num_kv_blocks") == 12:
+        assert engine.scheduler.num_preemptions > 0
+    assert not engine.has_unfinished_requests()
+
+
+def test_other_vectors_give_other_tokens(model_and_config):  # noqa: F811
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64)
+    vectors = embed(model, PROMPTS[0])
+    shifted = run_to_completion(engine, [vectors, vectors + 0.5 * torch.randn_like(vectors)], GREEDY)
+    assert shifted[0] != shifted[1]
+
+
+def test_placeholders_never_share_prefix_cache_blocks(model_and_config):  # noqa: F811
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64, enable_prefix_caching=True)
+    bm = engine.scheduler.block_manager
+    zeros = [0] * 12  # what the placeholders of a 12-vector prompt look like
+    run_to_completion(engine, [embed(model, PROMPTS[3][:12])], GREEDY)
+    run_to_completion(engine, [embed(model, PROMPTS[3][:12]), zeros], GREEDY)
+    assert bm.prefix_cache_hits == 0
+    run_to_completion(engine, [zeros], GREEDY)
+    assert bm.prefix_cache_hits == 11  # the ids prompt's own blocks are cached as usual
+    bm.check_invariants()
+
+
+def test_llm_generate_takes_embeds_prompts_and_outputs_no_prompt_ids(model_and_config):  # noqa: F811
+    model, _ = model_and_config
+    llm = LLM.from_engine(make_engine(model_and_config, **PAGED, num_kv_blocks=64))
+    outs = llm.generate([{"prompt_embeds": embed(model, PROMPTS[0])}, {"prompt_token_ids": PROMPTS[0]}], GREEDY)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert outs[0].prompt_token_ids == [] and outs[0].prompt is None and outs[1].prompt_token_ids == PROMPTS[0]
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=4, n=2)
+    assert len(llm.generate({"prompt_embeds": embed(model, PROMPTS[1])}, sampled)[0].outputs) == 2
+    with pytest.raises(ValueError, match="not taken here"):
+        llm.embed({"prompt_embeds": embed(model, PROMPTS[1])})
+
+
+def bad_cases(model):
+    vectors = embed(model, PROMPTS[1])
+    return [
+        (vectors[None], ValueError, r"shape \[num_positions >= 1, hidden_size=\d+\], got \[1, 3, \d+\]"),
+        (vectors[:, :5], ValueError, r"hidden_size=\d+\], got \[3, 5\]"),
+        (vectors[:0], ValueError, "got \\[0, "),
+        (torch.ones(3, vectors.shape[1], dtype=torch.long), TypeError, "floating-point tensor, got torch.int64"),
+        (torch.full_like(vectors, float("nan")), ValueError, "NaN or infinite"),
+        (vectors.tolist(), TypeError, "must be a torch.Tensor"),
+    ]
+
+
+def test_bad_embeddings_and_unsupported_options_are_refused_by_name(model_and_config):  # noqa: F811
+    model, _ = model_and_config
+    off = LLM.from_engine(make_engine(model_and_config, scheduling="continuous", kv_layout="paged", block_size=4))
+    with pytest.raises(ValueError, match="enable_prompt_embeds=True"):
+        off.generate({"prompt_embeds": embed(model, PROMPTS[1])}, GREEDY)
+    engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64)
+    llm = LLM.from_engine(engine)
+    for value, error, message in bad_cases(model):
+        with pytest.raises(error, match=message):
+            llm.generate([PROMPTS[0], {"prompt_embeds": value}], GREEDY)
+    vectors = embed(model, PROMPTS[1])
+    for params, message in ((SamplingParams(max_tokens=2, prompt_logprobs=1), "prompt_logprobs=1"),
+                            (SamplingParams(max_tokens=2, repetition_penalty=1.2), "repetition_penalty=1.2")):
+        with pytest.raises(ValueError, match=message):
+            engine.add_request(None, vectors, params)
+    with pytest.raises(ValueError, match="disaggregation"):
+        from minillm.config import EngineConfig
+        from minillm.engine.disagg_engine import check_disaggregation
+        check_disaggregation(EngineConfig(enable_prompt_embeds=True))
+    assert not engine.has_unfinished_requests()
+    assert run_to_completion(engine, [vectors], GREEDY)  # the engine serves on
+
+
+def test_a_speculating_engine_refuses_embeds_prompts(model_and_config):  # noqa: F811
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64,
+                         speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="speculative decoding"):
+        engine.add_request(None, embed(model, PROMPTS[1]), GREEDY)
+
+
+def test_async_llm_and_the_server_take_embeddings(model_and_config):  # noqa: F811
+    import httpx
+    from serve_tiny import tiny_app, tiny_engine
+    engine = tiny_engine(enable_prompt_embeds=True)
+    app, llm = tiny_app(engine)
+    model = engine.runner.model
+    ids = [40, 50, 60, 70, 80]
+    buffer = io.BytesIO()
+    torch.save(embed(model, ids), buffer)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    transport = httpx.ASGITransport(app=app)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            async for out in llm.generate(embed(model, ids), GREEDY):
+                pass
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+                by_ids = await c.post("/v1/completions", json={**body, "prompt": ids})
+                by_embeds = await c.post("/v1/completions", json={**body, "prompt_embeds": encoded})
+                both = await c.post("/v1/completions", json={**body, "prompt_embeds": [encoded, encoded]})
+                garbage = await c.post("/v1/completions", json={**body, "prompt_embeds": "bm90IGEgdGVuc29y"})
+        return out, by_ids, by_embeds, both, garbage
+    out, by_ids, by_embeds, both, garbage = asyncio.run(main())
+    assert by_ids.status_code == by_embeds.status_code == both.status_code == 200, by_embeds.text
+    text = by_ids.json()["choices"][0]["text"]
+    assert by_embeds.json()["choices"][0]["text"] == text == engine.tokenizer.decode(out.outputs[0].token_ids)
+    assert [c["text"] for c in both.json()["choices"]] == [text, text]
+    assert by_embeds.json()["usage"]["prompt_tokens"] == len(ids)
+    assert garbage.status_code == 400 and "prompt_embeds" in garbage.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)],
+                         ids=["tp2", "pp2"])
+def test_embeddings_prompts_under_parallelism_match_their_ids_in_one_process(parallel):
+    """The step's vectors travel to every worker (StepInput.prompt_embeds): with the vocabulary split across ranks
+    (TP) or the embedding on the first stage only (PP), chunked prefill on, the ids' tokens of one process."""
+    from test_parallel import _engine
+    options = dict(max_model_len=64, max_num_seqs=4, block_size=4, num_kv_blocks=48, enable_prompt_embeds=True,
+                   enable_chunked_prefill=True, max_num_batched_tokens=8)
+    one = _engine(options)
+    prompts = [p for p in PROMPTS if max(p) < 256]
+    want = run_to_completion(one, prompts, GREEDY)
+    vectors = [embed(one.runner.model, p) for p in prompts]
+    engine = _engine(options, **parallel)
+    try:
+        assert run_to_completion(engine, vectors + prompts[:1], GREEDY) == want + want[:1]
+    finally:
+        engine.shutdown()
