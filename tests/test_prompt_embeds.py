@@ -173,3 +173,23 @@ def test_embeddings_prompts_under_parallelism_match_their_ids_in_one_process(par
         assert run_to_completion(engine, vectors + prompts[:1], GREEDY) == want + want[:1]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_a_gpu_embeddings_steps_run_eagerly_beside_graph_steps():
+    """With CUDA graphs on (decode graphs, piecewise and prompt graphs), a step with embeddings rows runs eagerly
+    and every later decode step may replay: the ids' tokens, in one batch with the ids themselves."""
+    from minillm.config import EngineConfig
+    from minillm.engine.llm_engine import LLMEngine
+    from test_engine import tiny_config, tiny_model
+    from tiny import ByteTokenizer
+    config = tiny_config()
+    model = tiny_model(config).to("cuda")
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=64, max_num_seqs=8, block_size=16,
+                       enable_prompt_embeds=True), device=torch.device("cuda"), dtype=torch.float32)
+    assert engine.runner.cuda_graphs is not None
+    prompts = PROMPTS + [embed(model, p) for p in PROMPTS]
+    outputs = run_to_completion(engine, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert outputs[len(PROMPTS):] == outputs[:len(PROMPTS)]
+    assert engine.runner.forward_counts["graph"] > 0 and engine.runner.forward_counts["eager"] > 0
