@@ -56,16 +56,19 @@ def test_other_vectors_give_other_tokens(model_and_config):  # noqa: F811
     assert shifted[0] != shifted[1]
 
 
-def test_placeholders_never_share_prefix_cache_blocks(model_and_config):  # noqa: F811
+def test_the_prefix_cache_keys_embeddings_by_their_vectors(model_and_config):  # noqa: F811
+    """The same vectors again share their blocks (a soft prompt reused); the placeholders never make an embeddings
+    prompt look like a prompt of token 0s, nor like other vectors of its length; the tokens stay the ids'."""
     model, _ = model_and_config
     engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64, enable_prefix_caching=True)
     bm = engine.scheduler.block_manager
-    zeros = [0] * 12  # what the placeholders of a 12-vector prompt look like
-    run_to_completion(engine, [embed(model, PROMPTS[3][:12])], GREEDY)
-    run_to_completion(engine, [embed(model, PROMPTS[3][:12]), zeros], GREEDY)
-    assert bm.prefix_cache_hits == 0
-    run_to_completion(engine, [zeros], GREEDY)
-    assert bm.prefix_cache_hits == 11  # the ids prompt's own blocks are cached as usual
+    zeros, vectors = [0] * 12, embed(model, PROMPTS[3][:12])
+    want = run_to_completion(engine, [PROMPTS[3][:12]], GREEDY)
+    hits = bm.prefix_cache_hits
+    assert run_to_completion(engine, [vectors], GREEDY) == want and bm.prefix_cache_hits == hits  # ids' blocks: no
+    assert run_to_completion(engine, [zeros, vectors * 1.5], GREEDY) and bm.prefix_cache_hits == hits
+    assert run_to_completion(engine, [vectors.clone()], GREEDY) == want
+    assert bm.prefix_cache_hits == hits + 11  # the same vectors: all but the last position from the cache
     bm.check_invariants()
 
 

@@ -201,14 +201,12 @@ class BlockManager(SwapSpace):
             return [], [], []
         if seq.reads_every_prompt_row:  # prompt_logprobs, MEAN / CLS pooling: a cached prefix has no output rows
             return [], [], []
-        if seq.prompt_embeds is not None:  # placeholder ids: their blocks match nothing and are offered to no one
-            return [], [], []
-        hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size,
-                              salt=seq.cache_salt)
+        keys = seq.cache_keys  # token ids (an embeddings prompt's: keys of its vectors)
+        hashes = chain_hashes(keys, self.block_size, seq.num_tokens // self.block_size, salt=seq.cache_salt)
         hits: list[int] = []
         host_hits: list[int] = []
         for j, h in enumerate(hashes):
-            tokens = tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size])
+            tokens = tuple(keys[j * self.block_size:(j + 1) * self.block_size])
             parent = hashes[j - 1] if j else seq.cache_salt
             block = None if host_hits else self.prefix_cache.lookup(h, parent, tokens)
             if block is not None:
@@ -295,13 +293,13 @@ class BlockManager(SwapSpace):
         (its last token is computed again, as allocate does for a device hit)."""
         for host in host_hits:  # before any take: a device eviction's store may not reuse these host blocks
             self.offload.pin(host)
-        blocks, bs = [], self.block_size
+        blocks, bs, keys = [], self.block_size, seq.cache_keys
         for i, host in enumerate(host_hits):
             j, block = start + i, self._take_block()
             self.offload.load(host, block)
             if not (full and i == len(host_hits) - 1):
                 self.prefix_cache.insert(block, hashes[j], hashes[j - 1] if j else seq.cache_salt,
-                                         tuple(seq.token_ids[j * bs:(j + 1) * bs]))
+                                         tuple(keys[j * bs:(j + 1) * bs]))
             blocks.append(block)
         return blocks
 
@@ -376,18 +374,19 @@ class BlockManager(SwapSpace):
 
     def mark_computed(self, seq: Sequence) -> None:
         """Offer seq's full, computed blocks to the prefix cache (idempotent; cheap when nothing is new)."""
-        if self.prefix_cache is None or seq.seq_id not in self._on_device or seq.prompt_embeds is not None:
+        if self.prefix_cache is None or seq.seq_id not in self._on_device:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         start = self._num_offered.get(seq.seq_id, 0)
         if num_full <= start:
             return
-        hashes = self._hashes[seq.seq_id] = chain_hashes(seq.token_ids, self.block_size, num_full,
+        keys = seq.cache_keys
+        hashes = self._hashes[seq.seq_id] = chain_hashes(keys, self.block_size, num_full,
                                                          self._hashes.get(seq.seq_id), salt=seq.cache_salt)
         bs = self.block_size
         for j in range(start, num_full):
             self.prefix_cache.insert(seq.block_table[j], hashes[j], hashes[j - 1] if j else seq.cache_salt,
-                                     tuple(seq.token_ids[j * bs:(j + 1) * bs]))
+                                     tuple(keys[j * bs:(j + 1) * bs]))
         self._num_offered[seq.seq_id] = num_full
 
     # -- sharing and freeing ------------------------------------------------------------------------------

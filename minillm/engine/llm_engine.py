@@ -45,7 +45,7 @@ from minillm.engine.cache_config import (CacheConfig, kv_block_size, make_cache_
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.kv_cache import kv_bytes_per_block
 from minillm.engine.prefix_cache import check_cache_salt, sequence_salt
-from minillm.engine.prompt_embeds import check_prompt_embeds, embeds_problem
+from minillm.engine.prompt_embeds import check_prompt_embeds, embedding_keys, embeds_problem
 from minillm.layers.kv_quant import kv_cache_torch_dtype
 from minillm.engine.constraints import ConstraintCompiler, constrain_step
 from minillm.engine.step_input import StepOutput, build_step_input
@@ -215,7 +215,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
             sampling_params.max_tokens = room
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
         if embeds is not None:
-            seq.prompt_embeds, seq.pooling = embeds, pooling_params
+            seq.prompt_embeds, seq.embed_keys, seq.pooling = embeds, embedding_keys(embeds), pooling_params
             problem = embeds_problem(seq, self)
             if problem:
                 raise ValueError(problem)

@@ -15,13 +15,16 @@ How it runs without a second model path:
   the embedding module that overwrites those rows of its output (`EmbeddingRows`). What follows the lookup, a
   Gemma-style scale included, sees the caller's vectors as it would see looked-up ones (vLLM's inputs_embeds).
 
-What the placeholders must not reach: the prefix cache (two embedding prompts with the same length would share
-"token 0" blocks), repetition_penalty (it penalises prompt tokens), prompt_logprobs (there are no prompt tokens to
-score), the detokenizer's context window and speculative decoding's drafts (they read prompt tokens). Those are
-refused or skipped by name (LLMEngine.add_request, BlockManager).
+What the placeholders must not reach: the prefix cache, which keys such a prompt's blocks by a digest of each
+position's vector instead (`embedding_keys`, Sequence.cache_keys: the same soft prompt twice shares its blocks, as
+in vLLM, and no placeholder block is ever shared with a prompt of token 0s), repetition_penalty (it penalises
+prompt tokens), prompt_logprobs (there are no prompt tokens to score), the detokenizer's context window and
+speculative decoding's drafts (they read prompt tokens). Those are refused or skipped by name
+(LLMEngine.add_request).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -46,6 +49,15 @@ def check_prompt_embeds(embeds: object, hidden_size: int, enabled: bool) -> torc
     if not bool(torch.isfinite(embeds).all()):
         raise ValueError("prompt_embeds holds NaN or infinite values")
     return embeds
+
+
+def embedding_keys(embeds: torch.Tensor) -> list[int]:
+    """A prefix-cache key per position of an embeddings prompt: -1 - (a 63-bit digest of the vector's bytes).
+    Negative, so never a token id; the same vectors (same dtype) give the same keys, so two requests with one
+    soft prompt share its blocks, and any other vector another key."""
+    rows = embeds.contiguous().view(torch.uint8).reshape(embeds.shape[0], -1).numpy()
+    return [-1 - (int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") >> 1)
+            for row in rows]
 
 
 def embeds_problem(seq: Any, engine: Any) -> str | None:

@@ -63,8 +63,9 @@ class Sequence:
         self.lora_request = None
         self.cache_salt: int | None = None
         # a prompt given as embeddings: [num_prompt_tokens, hidden] on the host; token_ids holds placeholders for
-        # those positions (minillm/engine/prompt_embeds.py)
+        # those positions, and embed_keys a prefix-cache key for each (minillm/engine/prompt_embeds.py)
         self.prompt_embeds = None
+        self.embed_keys: list[int] | None = None
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (not in token_ids)
         self.constraint = None  # structured outputs / allowed_token_ids / bad_words (engine/constraints.py)
         self.pooling = None  # an embedding request's PoolingParams (minillm/pooling.py)
@@ -85,6 +86,14 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def cache_keys(self) -> list[int]:
+        """What the prefix cache keys this sequence's blocks by: its token ids, but for an embeddings prompt a key
+        per position derived from that position's vector (placeholders would make every such prompt alike)."""
+        if self.embed_keys is None:
+            return self.token_ids
+        return self.embed_keys + self.token_ids[self.num_prompt_tokens:]
 
     @property
     def output_token_ids(self) -> list[int]:
