@@ -10,7 +10,7 @@ from minillm.forward_context import AttentionMetadata, forward_context, prefill_
 from minillm.layers.activation import silu_and_mul
 from minillm.layers.attention import Attention, attention_reference, causal_mask, sdpa_attention
 from minillm.layers.norm import RMSNorm, rms_norm
-from minillm.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from minillm.layers.rotary import RotaryEmbedding, apply_rotary, rope_attention_factor, rope_inv_freq
 
 
 # ---------------------------------------------------------------- norm and activation
@@ -101,15 +101,14 @@ def test_apply_rotary_keeps_dtype():
     assert out.dtype == torch.bfloat16 and torch.equal(out, x)
 
 
-def _hf_inv_freq(rope_parameters: dict, head_dim: int) -> torch.Tensor:
+def _hf_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """transformers' (inv_freq, attention factor) for these rope parameters."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
                          max_position_embeddings=131072, rope_parameters=rope_parameters)
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu")
-    assert attention_factor == 1.0
-    return inv_freq
+    return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu")
 
 
 @pytest.mark.parametrize("scaling", [
@@ -118,12 +117,20 @@ def _hf_inv_freq(rope_parameters: dict, head_dim: int) -> torch.Tensor:
     {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8192},  # Llama 3.2's values
     {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3's long context
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},  # DeepSeek-V3's
+    {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192, "mscale": 1.0,
+     "mscale_all_dim": 0.5},
 ])
 def test_rope_scaling_frequencies_match_transformers(scaling):
     theta, head_dim = 500000.0, 128
     ours = rope_inv_freq(head_dim, theta, scaling)
-    theirs = _hf_inv_freq({**scaling, "rope_theta": theta}, head_dim)
+    theirs, attention_factor = _hf_inv_freq({**scaling, "rope_theta": theta}, head_dim)
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(scaling) == pytest.approx(attention_factor, rel=1e-12)
+    table = RotaryEmbedding(head_dim, 16, theta, scaling).cos_sin_cache
+    assert float(table[0, 0]) == pytest.approx(attention_factor)  # cos(0), scaled as transformers scales it
     plain = rope_inv_freq(head_dim, theta)
     assert not torch.allclose(ours, plain)  # scaling did something
     if scaling["rope_type"] == "llama3":
@@ -131,7 +138,9 @@ def test_rope_scaling_frequencies_match_transformers(scaling):
 
 
 def test_rope_scaling_errors_name_the_problem():
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="dynamic"):
+        rope_inv_freq(64, 1e4, {"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
         rope_inv_freq(64, 1e4, {"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="low_freq_factor"):
         rope_inv_freq(64, 1e4, {"rope_type": "llama3", "factor": 8.0})

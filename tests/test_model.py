@@ -256,24 +256,28 @@ def _tiny_hf(kind: str):
     if kind == "qwen3":  # q/k norms; head_dim 16 against hidden / heads 8 (Qwen3 sets it apart); a tied head
         return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True,
                                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})).eval()
+    if kind == "qwen3_yarn":  # Qwen3's long-context setting, its original context cut to 32 (positions reach 99)
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e6}
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True,
+                                            rope_parameters=yarn)).eval()
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 5e5}
     return HFLlama(LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=scaling)).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3_untied"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "qwen3_yarn", "llama3_untied"])
 def test_tiny_random_models_match_hf(kind):
     hf = _tiny_hf(kind)
     if kind == "qwen2":  # random init leaves biases at zero; make them matter
         for layer in hf.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.data.normal_(0, 0.5)
-    if kind == "qwen3":  # and norms at one: give every q/k norm channel its own gain
+    if kind.startswith("qwen3"):  # and norms at one: give every q/k norm channel its own gain
         for layer in hf.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight.data.uniform_(0.3, 2.0)
     model = LlamaForCausalLM(config_from_hf(hf.config)).eval()
-    assert model.config.qk_norm == (kind == "qwen3")
+    assert model.config.qk_norm == kind.startswith("qwen3")
     model.load_weights(hf.state_dict().items())
     lens = [1, 37, 100]
     g = torch.Generator().manual_seed(1)

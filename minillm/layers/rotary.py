@@ -24,7 +24,7 @@ import torch
 from minillm.layers.backend import OperatorModule, use_triton
 from minillm.hooks import dispatch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 # >>> exercise ch01.rope
@@ -82,6 +82,8 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | Non
     if rope_type == "linear":
         # Position p with factor f gets the angles position p / f had: the context is stretched f times.
         return inv_freq / factor
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, base, factor, rope_scaling)
     # llama3: wavelengths shorter than original_len / high_freq_factor (local detail) are kept, those longer
     # than original_len / low_freq_factor (long range) are divided by `factor`, and the band in between is
     # a linear blend in 1/wavelength, so no frequency jumps.
@@ -96,6 +98,48 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | Non
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, blended)
     return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, base: float, factor: float,
+                   rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (Peng et al. 2023), "NTK-by-parts": frequency i turns original_len * inv_freq[i] / 2 pi times over the
+    original context. Dimensions that turn more than beta_fast times there (high frequencies: local order) keep
+    their frequency (extrapolate), those turning fewer than beta_slow times are divided by `factor`
+    (interpolate, as linear scaling does), and a linear ramp over dimension index blends the band between."""
+    original = float(rope_scaling.get("original_max_position_embeddings") or 0)
+    if not original > 0:
+        raise ValueError(f"yarn rope_scaling needs original_max_position_embeddings > 0, got {rope_scaling}")
+    beta_fast, beta_slow = float(rope_scaling.get("beta_fast") or 32), float(rope_scaling.get("beta_slow") or 1)
+
+    def dim_turning(turns: float) -> float:  # the (fractional) dimension index whose frequency turns `turns` times
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # (a ramp needs a width)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(rope_scaling: dict[str, Any] | None) -> float:
+    """What cos and sin are multiplied by (so q.k by its square): 1, except for YaRN, whose interpolated angles
+    flatten attention; its "mscale" 0.1 ln(factor) + 1 sharpens it back (DeepSeek's mscale / mscale_all_dim
+    variant, or an explicit attention_factor, where the config gives them)."""
+    if _rope_type(rope_scaling) != "yarn":
+        return 1.0
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    factor = float(_scaling_field(rope_scaling, "factor"))
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    m, m_all = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if m and m_all:
+        return mscale(factor, float(m)) / mscale(factor, float(m_all))
+    return mscale(factor)
 
 
 def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
@@ -130,7 +174,9 @@ class RotaryEmbedding(OperatorModule):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [P, D/2]
         # fp32 even when the model runs in bf16: angles of large positions need the mantissa.
         # Not persistent: it is derived from the config, not a weight to save or load.
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        scale = rope_attention_factor(rope_scaling)  # 1 but for YaRN: every path reads this table
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1) * scale,
+                             persistent=False)
         self._cos_sin_memo: tuple | None = None  # (positions, cos, sin) during a forward, see remember_positions
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,9 @@ def _rope(raw: dict[str, Any], source: str) -> tuple[Any, dict[str, Any] | None]
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
         return theta, None
+    if scaling["rope_type"] == "yarn" and not scaling.get("original_max_position_embeddings"):
+        # (transformers' default: the context the config states)
+        scaling["original_max_position_embeddings"] = raw.get("max_position_embeddings")
     return theta, scaling
 
 
