@@ -288,6 +288,18 @@ print(f"prefix cache: {pc_bm.prefix_cache_hits} of {pc_bm.prefix_cache_queries} 
       f"({100 * pc_bm.prefix_cache.hit_rate:.1f}%)")
 
 # %% [markdown]
+# A cache shared by every user leaks: a request that comes back fast tells its sender that someone sent the same
+# prefix before (a timing side channel). vLLM's answer is `cache_salt`: the salt becomes the first block's parent
+# hash, so only requests with the same salt can share blocks. Request 0 again, under two tenants' salts:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for salt in ("tenant-a", "tenant-b", "tenant-a"):
+    out = pc_llm.generate({"prompt_token_ids": shared_prompts[0], "cache_salt": salt},
+                          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    print(f"cache_salt={salt!r}: {out.num_cached_tokens} prompt tokens from the cache")
+
+# %% [markdown]
 # ## 5. Chunked prefill
 #
 # A long prompt prefilled whole makes one step long, and every decoding sequence waits for it (a TPOT spike).

@@ -178,6 +178,7 @@ class RequestOutput:
     # p >= 1 the dict for prompt token p given the tokens before it
     prompt_logprobs: list[TokenLogprobDict | None] | None = None
     embedding: list[float] | None = None  # an embedding request's vector (pooling_params), once its prefill ran
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed (vLLM's field)
 
     @property
     def text(self) -> str:
@@ -215,4 +216,5 @@ class RequestOutput:
         return cls(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=prompt_ids,
                    outputs=[completion], finished=seq.is_finished, metrics=metrics,
                    prompt_logprobs=None if seq.prompt_logprobs is None
-                   else list(seq.prompt_logprobs), embedding=seq.embedding)
+                   else list(seq.prompt_logprobs), embedding=seq.embedding,
+                   num_cached_tokens=seq.num_cached_tokens)

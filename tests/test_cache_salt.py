@@ -75,8 +75,8 @@ def test_llm_generate_and_embed_read_the_salt_from_prompt_dicts(model_and_config
     llm.generate({"prompt_token_ids": PROMPT, "cache_salt": "a"}, GREEDY)
     llm.generate([{"prompt_token_ids": PROMPT, "cache_salt": "b"}, PROMPT], GREEDY)
     assert bm.prefix_cache_hits == 0
-    llm.generate([{"prompt_token_ids": PROMPT, "cache_salt": "b"}], GREEDY)
-    assert bm.prefix_cache_hits == 23
+    out, = llm.generate([{"prompt_token_ids": PROMPT, "cache_salt": "b"}], GREEDY)
+    assert bm.prefix_cache_hits == 23 == out.num_cached_tokens  # (vLLM's RequestOutput field)
     with pytest.raises(ValueError, match="cache_salt"):  # where nothing reads it, it is refused by name
         llm.beam_search([{"prompt_token_ids": PROMPT, "cache_salt": "a"}], None)
 
