@@ -67,7 +67,7 @@ class HostTransfers:
         """Copy device blocks `src` of `storage` into host blocks `dst` of `pool` (ids: CPU long tensors)."""
         self._land_ready()
         storage, pool = _as_bytes(storage), _as_bytes(pool)
-        gathered = storage[:, :, src.to(storage.device)]
+        gathered = storage[:, :, self._on_device(src, storage.device)]
         if self.on_cuda:
             staged = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
             staged.copy_(gathered, non_blocking=True)
@@ -88,7 +88,7 @@ class HostTransfers:
             return
         staged = torch.empty((*pool.shape[:2], len(src), *pool.shape[3:]), dtype=pool.dtype, pin_memory=True)
         torch.index_select(pool, 2, src, out=staged)
-        storage[:, :, dst.to(storage.device)] = staged.to(storage.device, non_blocking=True)
+        storage[:, :, self._on_device(dst, storage.device)] = staged.to(storage.device, non_blocking=True)
 
     def settle(self, pool: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> None:
         """Land pending stores, oldest first, waiting where needed: all of them, or (given a pool and block ids)
@@ -103,6 +103,11 @@ class HostTransfers:
             pending.land()
         del self._pending[:last + 1]
         self._land_ready()
+
+    def _on_device(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Block ids on the device without waiting: through pinned memory (a pageable copy would wait for the
+        stream, the step in flight included)."""
+        return ids.pin_memory().to(device, non_blocking=True) if self.on_cuda else ids
 
     def _land_ready(self) -> None:
         """Land the oldest stores whose copies have finished, without waiting (keeps the staging memory small)."""
