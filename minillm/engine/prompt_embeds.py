@@ -102,9 +102,12 @@ class EmbeddingRows:
         the embedding has nothing to replace.)"""
         if self.module is None:
             return
-        rows = [torch.arange(first, first + len(values)) for first, values in chunks]
-        self.rows = torch.cat(rows).to(device, non_blocking=True)
-        self.values = torch.cat([values for _, values in chunks]).to(device, dtype, non_blocking=True)
+        rows = torch.cat([torch.arange(first, first + len(values)) for first, values in chunks])
+        values = torch.cat([values for _, values in chunks])
+        if torch.device(device).type == "cuda":  # from pinned memory: the host does not wait for the stream
+            rows, values = rows.pin_memory(), values.pin_memory()
+        self.rows = rows.to(device, non_blocking=True)
+        self.values = values.to(device, dtype, non_blocking=True)
 
     def clear(self) -> None:
         self.rows = self.values = None
