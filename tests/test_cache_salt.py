@@ -125,3 +125,32 @@ def test_the_server_takes_cache_salt_on_completions_and_chat():
     assert number.status_code == 400 and "cache_salt" in number.json()["error"]["message"]
     hits = engine.scheduler.block_manager.prefix_cache_hits
     assert hits == (len(prompt) - 1) // 4 * 4  # only the third completion found the first's blocks
+
+
+def test_usage_reports_cached_prompt_tokens_when_asked():
+    """--enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (OpenAI's field), streamed too."""
+    import json
+    import httpx
+    from serve_tiny import tiny_app, tiny_engine
+    prompt = "a prompt long enough to fill blocks"
+    for details in (False, True):
+        app, _ = tiny_app(tiny_engine(enable_prefix_caching=True), enable_prompt_tokens_details=details)
+        transport = httpx.ASGITransport(app=app)
+
+        async def main():
+            async with app.router.lifespan_context(app):
+                async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                    body = {"prompt": prompt, "max_tokens": 2}
+                    first, again = [(await c.post("/v1/completions", json=body)).json() for _ in range(2)]
+                    stream = await c.post("/v1/completions", json={**body, "stream": True,
+                                                                   "stream_options": {"include_usage": True}})
+                    return first, again, stream.text
+        first, again, stream = asyncio.run(main())
+        if not details:
+            assert "prompt_tokens_details" not in again["usage"]
+            continue
+        tokens = first["usage"]["prompt_tokens"]
+        assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": (tokens - 1) // 4 * 4}
+        last = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")][-1]
+        assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": (tokens - 1) // 4 * 4}

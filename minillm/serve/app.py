@@ -72,7 +72,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
               lora_modules: Sequence[LoRAModulePath] | None = None,
               allow_runtime_lora_updating: bool = False, pooler_config: PoolingParams | None = None,
               dev_mode: bool = False, profile_dir: str | None = None, tool_call_parser: str | None = None,
-              reasoning_parser: str | None = None, cors: dict[str, Any] | None = None) -> FastAPI:
+              reasoning_parser: str | None = None, cors: dict[str, Any] | None = None,
+              enable_prompt_tokens_details: bool = False) -> FastAPI:
     """The server for `llm`. Its lifespan starts the engine loop and, on shutdown, lets in-flight requests
     finish for `shutdown_timeout` seconds, then aborts the rest. A chat request may bring its own template only
     with trust_request_chat_template (minillm.serve.chat_prompt.render_chat says why). `lora_modules`: adapters
@@ -87,10 +88,12 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
     torch.profiler traces of the engine there (minillm/engine/profiler.py). `tool_call_parser` (vLLM's
     --enable-auto-tool-choice --tool-call-parser hermes) serves tool_choice "auto" (serve/tool_parser.py).
     `reasoning_parser` (vLLM's --reasoning-parser deepseek_r1 / qwen3) returns a chat answer's thought as
-    reasoning_content apart from its content (serve/reasoning.py). `cors` (vLLM's --allowed-origins,
-    --allow-credentials, --allowed-methods, --allowed-headers: Starlette's CORSMiddleware options) lets web pages
-    of those origins call the server from a browser; None (the default, unlike vLLM's "*") sends no CORS headers,
-    so no other site's page can read the answers of a server on this machine."""
+    reasoning_content apart from its content (serve/reasoning.py). `enable_prompt_tokens_details` (vLLM's flag)
+    adds usage.prompt_tokens_details.cached_tokens, the prompt tokens served from the prefix cache. `cors`
+    (vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers: Starlette's
+    CORSMiddleware options) lets web pages of those origins call the server from a browser; None (the default,
+    unlike vLLM's "*") sends no CORS headers, so no other site's page can read the answers of a server on this
+    machine."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -111,7 +114,8 @@ def build_app(llm: AsyncLLM, model_name: str, *, api_key: str | None = None, cha
         raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)} or None, got "
                          f"{reasoning_parser!r}")
     serving = OpenAIServing(llm, model_name, chat_template, trust_request_chat_template, models,
-                            pooling=pooler_config, tool_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+                            pooling=pooler_config, tool_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                            prompt_tokens_details=enable_prompt_tokens_details)
     metrics = ServerMetrics(model_name, offload=getattr(getattr(llm.engine.scheduler, "block_manager", None),
                                                          "offload", None) is not None)
     recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)

@@ -241,7 +241,8 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
                     allow_runtime_lora_updating=runtime_lora is not None, pooler_config=args.pooler_config,
                     dev_mode=dev_mode(), profile_dir=_profile_dir(),
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    reasoning_parser=args.reasoning_parser, cors=cors)
+                    reasoning_parser=args.reasoning_parser, cors=cors,
+                    enable_prompt_tokens_details=args.enable_prompt_tokens_details)
     return llm, app, name
 
 
@@ -291,6 +292,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>), pythonic "
                         "([f(x=1), ...]), llama3_json ({\"name\": ..., \"parameters\": ...}) or mistral "
                         "([TOOL_CALLS][{...}])")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens: the prompt tokens served from the prefix cache")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="a thinking model's <think>...</think> returned as reasoning_content, apart from the content")
     p.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",

@@ -96,8 +96,10 @@ class OpenAIServing:
     def __init__(self, llm: AsyncLLM, model_name: str, chat_template: str | None = None,
                  trust_request_chat_template: bool = False, models: OpenAIServingModels | None = None,
                  pooling: PoolingParams | None = None, tool_parser: str | None = None,
-                 reasoning_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None, prompt_tokens_details: bool = False) -> None:
         self.llm = llm
+        # --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (prefix-cache hits), as vLLM
+        self.prompt_tokens_details = prompt_tokens_details
         self.reasoning_parser = reasoning_parser  # --reasoning-parser: the thought apart (serve/reasoning.py)
         self.tool_parser = tool_parser  # --tool-call-parser: tool_choice "auto" (serve/tool_parser.py); None: refused
         self.pooling = pooling or PoolingParams()  # how embeddings, /score and /rerank pool (--pooler-config)
@@ -367,7 +369,7 @@ class OpenAIServing:
                 body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                      "finish_reason": _finish_reason(c, done.finish_reason)})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
-                "usage": _usage(num_prompt_tokens, choices)}
+                "usage": _usage(num_prompt_tokens, choices, self.prompt_tokens_details)}
 
     async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
                    chat: bool, include_usage: bool, num_prompt_tokens: int) -> AsyncIterator[str]:
@@ -424,7 +426,7 @@ class OpenAIServing:
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
-                                  "usage": _usage(num_prompt_tokens, choices)})
+                                  "usage": _usage(num_prompt_tokens, choices, self.prompt_tokens_details)})
         except (EngineDeadError, EngineSleepingError) as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
         except Exception as err:  # the headers are sent: the error can only travel as an event
@@ -498,7 +500,16 @@ def _finish_reason(choice: _Choice, reason: str | None) -> str | None:
     return "length" if choice.score_only and reason is not None else reason
 
 
-def _usage(num_prompt_tokens: int, choices: list[_Choice]) -> dict[str, int]:
+def _usage(num_prompt_tokens: int, choices: list[_Choice], details: bool = False) -> dict[str, Any]:
+    """The usage object; `details`: with prompt_tokens_details.cached_tokens, the prompt tokens each prompt's first
+    choice found in the prefix cache (OpenAI's field; vLLM's --enable-prompt-tokens-details)."""
     completion = sum(len(c.output.outputs[0].token_ids) for c in choices if c.output is not None and not c.score_only)
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
-            "total_tokens": num_prompt_tokens + completion}
+    usage: dict[str, Any] = {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
+                             "total_tokens": num_prompt_tokens + completion}
+    if details:
+        first = {}
+        for c in choices:
+            first.setdefault(c.prompt_index, c)
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(c.output.num_cached_tokens for c in first.values()
+                                                               if c.output is not None)}
+    return usage
