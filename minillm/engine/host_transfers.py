@@ -20,7 +20,8 @@ a device block a store reads and a later load (or forward) writes are ordered on
 reads a host pool on the host must `settle` first (KVCache's cpu_storage / offload_storage properties do).
 
 On a CPU every copy is immediate (the same code, nothing to wait for). `defer` makes a CPU store wait for
-`settle` too, so the tests exercise the deferred path's ordering without a GPU.
+`settle` too, so the tests exercise the deferred path's ordering without a GPU; `wait` makes a GPU store land
+before it returns, as the plain copy did (benchmarks/bench_kv_offload.py times both).
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 class HostTransfers:
     """The stores in flight between a device pool and its host pools, landed in the order they were made."""
 
-    def __init__(self, device: torch.device, defer: bool = False) -> None:
+    def __init__(self, device: torch.device, defer: bool = False, wait: bool = False) -> None:
         self.on_cuda = torch.device(device).type == "cuda"
         self.defer = defer
+        self.wait = wait  # a store lands before it returns, as a plain `.to("cpu")` would (the benchmark's baseline)
         self._pending: list[_PendingStore] = []
 
     @property
@@ -74,6 +76,8 @@ class HostTransfers:
             done = torch.cuda.Event()
             done.record()
             self._pending.append(_PendingStore(staged, pool, dst, done))
+            if self.wait:
+                self.settle()
         elif self.defer:
             self._pending.append(_PendingStore(gathered.clone(), pool, dst, None))
         else:
