@@ -236,16 +236,17 @@ class LLM:
         params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
         if priority is not None:
             params = with_priority(params, priority, self.llm_engine)
-        tokenized = self._validated(prompt_list)
+        tokenized = self._validated(prompt_list, [p.truncate_prompt_tokens for p in params])
         return self._submit(tokenized, params, use_tqdm, lora_request, _checked_salts(prompts, len(prompt_list)))
 
-    def _validated(self, prompts: list[Prompt]) -> list[tuple[str | None, list[int]]]:
+    def _validated(self, prompts: list[Prompt], truncate: list[int | None] | None = None
+                   ) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) of every prompt, all checked before any work starts; ValueError/TypeError naming the
-        index of a bad one."""
+        index of a bad one. `truncate`: each prompt's SamplingParams.truncate_prompt_tokens."""
         tokenized = []
         for i, prompt in enumerate(prompts):
             try:
-                text, token_ids = self.llm_engine.validate_prompt(prompt)
+                text, token_ids = self.llm_engine.validate_prompt(prompt, truncate[i] if truncate else None)
                 # an embeddings prompt goes on as its tensor (its ids are placeholders)
                 tokenized.append((prompt if isinstance(prompt, torch.Tensor) else text, token_ids))
             except (ValueError, TypeError) as err:
@@ -391,7 +392,8 @@ class LLM:
                                                add_generation_prompt, continue_final_message, **extra)
                 # the template already wrote the special tokens (BOS, role markers) as text: not added again
                 token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-                tokenized.append((rendered, self.llm_engine.validate_prompt(token_ids)[1]))
+                kept = self.llm_engine.validate_prompt(token_ids, params[i].truncate_prompt_tokens)[1]
+                tokenized.append((rendered if len(kept) == len(token_ids) else None, kept))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
         return self._submit(tokenized, params, use_tqdm, lora_request)

@@ -213,6 +213,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    # vLLM's: keep only the prompt's last k tokens (k >= 1; -1: max_model_len), the start of a too-long document
+    # dropped instead of the request refused. The prompt's text is then None in the output (it is not the text)
+    truncate_prompt_tokens: int | None = None
     stop_list: list[str] = field(init=False, repr=False)
     # whether any of the processors above is on (checked on the host every step: off costs nothing)
     processes_logits: bool = field(init=False, repr=False)
@@ -242,6 +245,12 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         self.priority = _integer("priority", self.priority, -INT64_MAX - 1)
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = _integer("truncate_prompt_tokens", self.truncate_prompt_tokens, -1,
+                                                   allowed=">= 1, -1 (max_model_len) or None")
+            if self.truncate_prompt_tokens == 0:
+                raise ParamError("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1, -1 "
+                                                           "(max_model_len) or None, got 0")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):

@@ -196,3 +196,23 @@ def test_on_a_gpu_embeddings_steps_run_eagerly_beside_graph_steps():
     outputs = run_to_completion(engine, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert outputs[len(PROMPTS):] == outputs[:len(PROMPTS)]
     assert engine.runner.forward_counts["graph"] > 0 and engine.runner.forward_counts["eager"] > 0
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(model_and_config):  # noqa: F811
+    """SamplingParams.truncate_prompt_tokens (vLLM's): the last k tokens, the same tokens as that tail given alone;
+    -1 keeps max_model_len of them; an embeddings prompt keeps its last k vectors; bad values are named."""
+    model, _ = model_and_config
+    engine = make_engine(model_and_config, **PAGED, num_kv_blocks=64, max_model_len=32)
+    llm = LLM.from_engine(engine)
+    long = list(range(3, 43))  # 40 tokens: more than max_model_len
+    keep = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=10)
+    outs = llm.generate([long, {"prompt_embeds": embed(model, long)}, long[-10:]], [keep, keep, GREEDY])
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids[:4]
+    assert outs[0].prompt_token_ids == long[-10:]
+    whole = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, truncate_prompt_tokens=-1)
+    assert llm.generate([long], whole)[0].prompt_token_ids == long[-32:]
+    with pytest.raises(ValueError, match="max_model_len=32"):  # without truncation the prompt is refused
+        llm.generate([long], GREEDY)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens must be an integer >= 1, -1"):
+            SamplingParams(truncate_prompt_tokens=bad)

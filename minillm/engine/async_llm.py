@@ -223,7 +223,7 @@ class AsyncLLM:
         self.engine.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         check_cache_salt(cache_salt)
         if prompt_token_ids is None:  # reads only the tokenizer and config: safe beside a running step
-            text, prompt_token_ids = self.engine.validate_prompt(prompt)
+            text, prompt_token_ids = self.engine.validate_prompt(prompt, sampling_params.truncate_prompt_tokens)
             if not isinstance(prompt, torch.Tensor):  # (an embeddings prompt goes on as the tensor)
                 prompt = text if text is not None else prompt_token_ids
         if lora_request is not None:

@@ -192,17 +192,20 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         request_id = str(next(self._counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
-        embeds = None
+        embeds, truncate = None, sampling_params.truncate_prompt_tokens
         if isinstance(prompt, torch.Tensor):  # an embeddings prompt: placeholder ids for its positions
             embeds = check_prompt_embeds(prompt, self.model_config.hidden_size,
                                          self.engine_config.enable_prompt_embeds)
+            keep = self.max_model_len if truncate == -1 else truncate
+            embeds = embeds if keep is None else embeds[-keep:]
             prompt, prompt_token_ids = [0] * embeds.shape[0], None
         if prompt_token_ids is not None and isinstance(prompt, str):
             # checked again (a range check, no re-encoding): ids out of the vocabulary would fail the whole step,
             # and with it every other request in the batch
-            text, token_ids = prompt, self.validate_prompt(prompt_token_ids)[1]
+            token_ids = self.validate_prompt(prompt_token_ids, truncate)[1]
+            text = prompt if len(token_ids) == len(prompt_token_ids) else None
         else:
-            text, token_ids = self.validate_prompt(prompt)
+            text, token_ids = self.validate_prompt(prompt, truncate)
         constraint = self.check_sampling_params(sampling_params, pooling=pooling_params is not None)
         self.check_lora_request(lora_request)
         cache_salt = check_cache_salt(cache_salt)

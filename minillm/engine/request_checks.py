@@ -90,9 +90,12 @@ class RequestChecks:
                              f"engine was built without enable_lora=True")
         self.lora_slots.check(lora_request)
 
-    def validate_prompt(self, prompt: str | SequenceT[int] | torch.Tensor) -> tuple[str | None, list[int]]:
+    def validate_prompt(self, prompt: str | SequenceT[int] | torch.Tensor,
+                        truncate: int | None = None) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it. An
-        embeddings prompt (a tensor [n, hidden_size]) has n placeholder ids (minillm/engine/prompt_embeds.py)."""
+        embeddings prompt (a tensor [n, hidden_size]) has n placeholder ids (minillm/engine/prompt_embeds.py).
+        `truncate` (SamplingParams.truncate_prompt_tokens): only the last that many ids are kept (-1: as many as
+        max_model_len), and a text prompt's text is then None."""
         if isinstance(prompt, torch.Tensor):
             embeds = check_prompt_embeds(prompt, self.model_config.hidden_size, self.engine_config.enable_prompt_embeds)
             prompt = [0] * embeds.shape[0]
@@ -113,6 +116,9 @@ class RequestChecks:
         else:
             raise TypeError(f"prompt must be a str, a list of token ids or (with enable_prompt_embeds) a tensor of "
                             f"embeddings, got {type(prompt).__name__}")
+        keep = self.max_model_len if truncate == -1 else truncate
+        if keep is not None and len(token_ids) > keep:
+            text, token_ids = None, token_ids[-keep:]
         vocab = self.model_config.vocab_size
         out_of_range = [t for t in token_ids if not 0 <= t < vocab]
         if out_of_range:
