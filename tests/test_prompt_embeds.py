@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 
 import pytest
 import torch
@@ -216,3 +217,35 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(model_and_config):  # noqa
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="truncate_prompt_tokens must be an integer >= 1, -1"):
             SamplingParams(truncate_prompt_tokens=bad)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("MINILLM_EMBEDS_STRESS_SEEDS", 8))))
+def test_random_workloads_of_embeddings_and_ids_match_each_prompt_alone(model_and_config, seed):  # noqa: F811
+    """Random engines (pool size, chunked prefill, swap or recompute, async scheduling, prefix caching and its CPU
+    tier) over a random mix of ids and embeddings prompts, some of them repeated (prefix hits on vectors): every
+    request's greedy tokens equal its ids' tokens run alone on a roomy engine. A longer hunt:
+    MINILLM_EMBEDS_STRESS_SEEDS=300."""
+    import random
+    from test_kv_offload import gib_for
+    model, _ = model_and_config
+    rng = random.Random(seed)
+    caching = rng.random() < 0.7
+    options = dict(PAGED, num_kv_blocks=rng.choice([10, 14, 24]), max_num_seqs=rng.choice([2, 4]),
+                   preemption_mode=rng.choice(["recompute", "swap"]), swap_space=1 << 20,
+                   async_scheduling=rng.random() < 0.5, enable_prefix_caching=caching)
+    if rng.random() < 0.5:
+        options.update(enable_chunked_prefill=True, max_num_batched_tokens=rng.choice([6, 8, 16]))
+    if caching and rng.random() < 0.5:
+        options["kv_offloading_size"] = gib_for(32, 4)
+    engine = make_engine(model_and_config, **options)
+    alone = make_engine(model_and_config, **PAGED, num_kv_blocks=64)
+    pool = [[rng.randrange(1, 256) for _ in range(rng.randint(1, 20))] for _ in range(5)]
+    ids = [rng.choice(pool) for _ in range(10)]
+    as_embeds = [rng.random() < 0.6 for _ in ids]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 8), ignore_eos=True) for _ in ids]
+    prompts = [embed(model, p) if e else p for p, e in zip(ids, as_embeds)]
+    got = run_to_completion(engine, prompts, params)
+    want = [run_to_completion(alone, [p], [sp])[0] for p, sp in zip(ids, params)]
+    assert got == want, options
+    engine.scheduler.block_manager.check_invariants()
+    assert engine.scheduler.block_manager.num_used_blocks == 0
