@@ -154,3 +154,27 @@ def test_usage_reports_cached_prompt_tokens_when_asked():
         assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": (tokens - 1) // 4 * 4}
         last = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")][-1]
         assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": (tokens - 1) // 4 * 4}
+
+
+def test_the_responses_api_reports_cached_input_tokens():
+    """/v1/responses: usage.input_tokens_details.cached_tokens always carries the prefix cache's hits (OpenAI's
+    field), streamed or not."""
+    import json
+    import httpx
+    from serve_tiny import tiny_app, tiny_engine
+    app, _ = tiny_app(tiny_engine(enable_prefix_caching=True))
+    transport = httpx.ASGITransport(app=app)
+    body = {"input": "tell me a story about a long prompt", "max_output_tokens": 2}
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                first, again = [(await c.post("/v1/responses", json=body)).json() for _ in range(2)]
+                stream = await c.post("/v1/responses", json={**body, "stream": True})
+                return first, again, stream.text
+    first, again, stream = asyncio.run(main())
+    assert first["usage"]["input_tokens_details"] == {"cached_tokens": 0}
+    cached = again["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached == (first["usage"]["input_tokens"] - 1) // 4 * 4 > 0
+    done = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")][-1]
+    assert done["response"]["usage"]["input_tokens_details"] == {"cached_tokens": cached}

@@ -314,9 +314,11 @@ class OpenAIServing:
                    for c in choices]
         head = {"id": base, "created": int(time.time()), "model": self.models.name_of(lora)}
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        details = self.prompt_tokens_details or getattr(request, "_usage_details", False)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(self._sse(head, choices, streams, chat, include_usage, num_prompt_tokens),
+            return StreamingResponse(self._sse(head, choices, streams, chat, include_usage, num_prompt_tokens,
+                                               details),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(choices, streams))
         gone = asyncio.ensure_future(_disconnected(raw))
@@ -327,7 +329,7 @@ class OpenAIServing:
             return Response(status_code=499)
         gone.cancel()
         collect.result()  # a failed generation raises: app.py answers 503 (engine gone) or 500, OpenAI-shaped
-        body = self._final_body(head, choices, chat, num_prompt_tokens)
+        body = self._final_body(head, choices, chat, num_prompt_tokens, details)
         if request.prompt_logprobs is not None:  # vLLM's: per choice on completions, once on chat
             for c, choice in zip(choices, body["choices"]):
                 choice["prompt_logprobs"] = prompt_logprobs(c.output.prompt_logprobs)
@@ -341,7 +343,8 @@ class OpenAIServing:
         async for i, out in _merge(streams):
             choices[i].output = out
 
-    def _final_body(self, head: dict, choices: list[_Choice], chat: bool, num_prompt_tokens: int) -> dict:
+    def _final_body(self, head: dict, choices: list[_Choice], chat: bool, num_prompt_tokens: int,
+                    details: bool = False) -> dict:
         body_choices = []
         for c in choices:
             done = c.output.outputs[0]
@@ -369,10 +372,11 @@ class OpenAIServing:
                 body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                      "finish_reason": _finish_reason(c, done.finish_reason)})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
-                "usage": _usage(num_prompt_tokens, choices, self.prompt_tokens_details)}
+                "usage": _usage(num_prompt_tokens, choices, details)}
 
     async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
-                   chat: bool, include_usage: bool, num_prompt_tokens: int) -> AsyncIterator[str]:
+                   chat: bool, include_usage: bool, num_prompt_tokens: int,
+                   details: bool = False) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         role = choices[0].role if choices else "assistant"
         extra = {"usage": None} if include_usage else {}
@@ -426,7 +430,7 @@ class OpenAIServing:
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
-                                  "usage": _usage(num_prompt_tokens, choices, self.prompt_tokens_details)})
+                                  "usage": _usage(num_prompt_tokens, choices, details)})
         except (EngineDeadError, EngineSleepingError) as err:
             yield _event(error_body(str(err), "service_unavailable", code=503))
         except Exception as err:  # the headers are sent: the error can only travel as an event

@@ -292,6 +292,9 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     _tool_parser: str | None = PrivateAttr(default=None)  # the server's, set by OpenAIServing (not by the client)
     _reasoning_parser: str | None = PrivateAttr(default=None)  # likewise: --reasoning-parser (serve/reasoning.py)
+    # the usage's prompt_tokens_details whatever the server's flag: a /v1/responses request (serve/responses.py),
+    # whose usage always has input_tokens_details.cached_tokens
+    _usage_details: bool = PrivateAttr(default=False)
     functions: list[Any] | None = None  # OpenAI's older function calling: refused
     # vLLM's chat extensions, honoured (minillm/serve/chat_prompt.py renders them)
     add_generation_prompt: bool = True  # open the assistant's turn after the messages

@@ -208,17 +208,20 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
     if request.stream:
         fields["stream_options"] = {"include_usage": True}
     try:
-        return ChatCompletionRequest.model_validate(fields)
+        chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as err:
         first = err.errors()[0]
         raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", param="input") from None
+    chat._usage_details = True  # input_tokens_details.cached_tokens: the prefix cache's hits
+    return chat
 
 
 # -- the answer, as a response ----------------------------------------------------------------------------------
 def _usage(chat_usage: dict | None) -> dict | None:
     if chat_usage is None:
         return None
-    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    cached = chat_usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": chat_usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": chat_usage["total_tokens"]}
 
