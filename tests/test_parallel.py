@@ -246,7 +246,7 @@ def test_a_request_that_breaks_a_parallel_step_fails_alone(parallel, monkeypatch
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         engine.add_request("good", [5, 6, 7], params)
-        engine.validate_prompt = lambda prompt: (None, list(prompt))  # the engine process only
+        engine.validate_prompt = lambda prompt, truncate=None: (None, list(prompt))  # the engine process only
         engine.add_request("bad", [5, CONFIG.vocab_size + 10, 7], params)
         done = {}
         while engine.has_unfinished_requests():
