@@ -3,11 +3,11 @@ TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [int, ...]}, an
 {"prompt_embeds": tensor [n, hidden_size]} (minillm/engine/prompt_embeds.py); one of them or a list of them.
 Chapter 1 meets LLM.generate with plain strings; a vLLM user's code passes the dicts, and runs unchanged.
 
-Every form becomes the engine's own: a str or a list[int] (LLMEngine.validate_prompt checks the text, the ids'
-range and the length). A dict may add "cache_salt" (vLLM's: the prompt shares prefix-cache blocks only with
-prompts of the same salt) where the caller passes it on (LLM.generate, LLM.embed: `options`, `cache_salts`). The
-dicts' other keys (multi_modal_data, ...) are refused by name: a text-only engine that dropped them silently would
-answer another question than the one asked.
+Every form becomes the engine's own: a str, a list[int] or an embeddings tensor (LLMEngine.validate_prompt checks
+the text, the ids' range, the tensor's shape and the length). A dict may add "cache_salt" (vLLM's: the prompt
+shares prefix-cache blocks only with prompts of the same salt) where the caller passes it on (LLM.generate,
+LLM.embed: `options`, `cache_salts`). The dicts' other keys (multi_modal_data, ...) are refused by name: an engine
+that dropped them silently would answer another question than the one asked.
 """
 from __future__ import annotations
 

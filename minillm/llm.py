@@ -240,9 +240,10 @@ class LLM:
         return self._submit(tokenized, params, use_tqdm, lora_request, _checked_salts(prompts, len(prompt_list)))
 
     def _validated(self, prompts: list[Prompt], truncate: list[int | None] | None = None
-                   ) -> list[tuple[str | None, list[int]]]:
+                   ) -> list[tuple[str | torch.Tensor | None, list[int]]]:
         """(text, token ids) of every prompt, all checked before any work starts; ValueError/TypeError naming the
-        index of a bad one. `truncate`: each prompt's SamplingParams.truncate_prompt_tokens."""
+        index of a bad one. `truncate`: each prompt's SamplingParams.truncate_prompt_tokens. An embeddings prompt
+        comes back as (its tensor, placeholder ids)."""
         tokenized = []
         for i, prompt in enumerate(prompts):
             try:

@@ -103,9 +103,9 @@ def test_on_a_gpu_a_store_behind_a_long_kernel_returns_before_it_and_lands_after
     transfers = HostTransfers(torch.device("cuda"))
     want = device[:, :, [5, 1]].cpu()
     torch.cuda._sleep(2_000_000_000)  # about a second of a busy stream
-    transfers.store(device, ids([5, 1]), pool, ids([3, 0]))
+    transfers.store(device, ids([5, 1]).cuda(), pool, ids([3, 0]))  # (device ids: KVCache._device_ids)
     assert transfers.num_pending == 1 and not transfers._pending[0].ready()  # returned before its copy ran
-    transfers.load(pool, ids([3, 0]), device, ids([0, 2]))  # lands the store first (waits for it)
+    transfers.load(pool, ids([3, 0]), device, ids([0, 2]).cuda())  # lands the store first (waits for it)
     assert transfers.num_pending == 0
     torch.testing.assert_close(pool[:, :, [3, 0]], want, rtol=0, atol=0)
     torch.testing.assert_close(device[:, :, [0, 2]].cpu(), want, rtol=0, atol=0)

@@ -66,10 +66,11 @@ class HostTransfers:
         return len(self._pending)
 
     def store(self, storage: torch.Tensor, src: torch.Tensor, pool: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy device blocks `src` of `storage` into host blocks `dst` of `pool` (ids: CPU long tensors)."""
+        """Copy device blocks `src` of `storage` into host blocks `dst` of `pool` (long tensors: src on the
+        storage's device, uploaded without waiting as KVCache._device_ids does; dst on the host)."""
         self._land_ready()
         storage, pool = _as_bytes(storage), _as_bytes(pool)
-        gathered = storage[:, :, self._on_device(src, storage.device)]
+        gathered = storage[:, :, src]
         if self.on_cuda:
             staged = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
             staged.copy_(gathered, non_blocking=True)
@@ -79,12 +80,13 @@ class HostTransfers:
             if self.wait:
                 self.settle()
         elif self.defer:
-            self._pending.append(_PendingStore(gathered.clone(), pool, dst, None))
+            self._pending.append(_PendingStore(gathered, pool, dst, None))  # (indexing made a copy)
         else:
             pool[:, :, dst] = gathered
 
     def load(self, pool: torch.Tensor, src: torch.Tensor, storage: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy host blocks `src` of `pool` into device blocks `dst` of `storage`."""
+        """Copy host blocks `src` of `pool` into device blocks `dst` of `storage` (src on the host, dst on the
+        storage's device)."""
         storage, pool = _as_bytes(storage), _as_bytes(pool)
         self.settle(pool, src)  # a store still bringing one of these blocks lands first
         if not self.on_cuda:
@@ -92,26 +94,20 @@ class HostTransfers:
             return
         staged = torch.empty((*pool.shape[:2], len(src), *pool.shape[3:]), dtype=pool.dtype, pin_memory=True)
         torch.index_select(pool, 2, src, out=staged)
-        storage[:, :, self._on_device(dst, storage.device)] = staged.to(storage.device, non_blocking=True)
+        storage[:, :, dst] = staged.to(storage.device, non_blocking=True)
 
     def settle(self, pool: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> None:
         """Land pending stores, oldest first, waiting where needed: all of them, or (given a pool and block ids)
         those up to the last one that writes any of those blocks; the others wait for a later call."""
         last = len(self._pending) - 1
         if pool is not None:
-            wanted = set(blocks.tolist())
+            wanted, address = set(blocks.tolist()), _as_bytes(pool).data_ptr()
             last = max((i for i, p in enumerate(self._pending)
-                        if p.pool.data_ptr() == _as_bytes(pool).data_ptr() and wanted.intersection(p.dst.tolist())),
-                       default=-1)
+                        if p.pool.data_ptr() == address and wanted.intersection(p.dst.tolist())), default=-1)
         for pending in self._pending[:last + 1]:
             pending.land()
         del self._pending[:last + 1]
         self._land_ready()
-
-    def _on_device(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Block ids on the device without waiting: through pinned memory (a pageable copy would wait for the
-        stream, the step in flight included)."""
-        return ids.pin_memory().to(device, non_blocking=True) if self.on_cuda else ids
 
     def _land_ready(self) -> None:
         """Land the oldest stores whose copies have finished, without waiting (keeps the staging memory small)."""

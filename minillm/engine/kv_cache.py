@@ -277,12 +277,13 @@ class KVCache:
     def _to_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
         """Device -> host, queued behind every earlier forward (so the bytes are the ones they wrote); the host
         does not wait for them (minillm/engine/host_transfers.py)."""
-        src = self._check([d for d, _ in pairs], self.num_blocks, "device")
+        src = self._device_ids([d for d, _ in pairs], self.num_blocks, "device")
         self.transfers.store(self.storage, src, host, self._check([c for _, c in pairs], limit, what))
 
     def _from_host(self, pairs: list[tuple[int, int]], host: torch.Tensor, limit: int, what: str) -> None:
         src = self._check([c for c, _ in pairs], limit, what)
-        self.transfers.load(host, src, self.storage, self._check([d for _, d in pairs], self.num_blocks, "device"))
+        self.transfers.load(host, src, self.storage, self._device_ids([d for _, d in pairs], self.num_blocks,
+                                                                      "device"))
 
     def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Copy single token slots (src, dst), all layers, K and V: a token tree's accepted nodes move to the

@@ -196,7 +196,7 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         if isinstance(prompt, torch.Tensor):  # an embeddings prompt: placeholder ids for its positions
             embeds = check_prompt_embeds(prompt, self.model_config.hidden_size,
                                          self.engine_config.enable_prompt_embeds)
-            keep = self.max_model_len if truncate == -1 else truncate
+            keep = self.kept_prompt_length(truncate)
             embeds = embeds if keep is None else embeds[-keep:]
             prompt, prompt_token_ids = [0] * embeds.shape[0], None
         if prompt_token_ids is not None and isinstance(prompt, str):

@@ -1,4 +1,5 @@
 """Prompts given as embeddings (vLLM's `enable_prompt_embeds`): rows that replace the token embedding's output.
+An engine feature beside chapter 6's scheduling (no chapter builds it; README, "prompt_embeds").
 
 A prompt is usually token ids, which the model's first layer turns into vectors (embed_tokens). Some callers have
 the vectors already: a soft prompt tuned by gradient descent, an image or audio encoder's projected features, the

@@ -90,6 +90,10 @@ class RequestChecks:
                              f"engine was built without enable_lora=True")
         self.lora_slots.check(lora_request)
 
+    def kept_prompt_length(self, truncate: int | None) -> int | None:
+        """How many of a prompt's last positions SamplingParams.truncate_prompt_tokens keeps (None: all)."""
+        return self.max_model_len if truncate == -1 else truncate
+
     def validate_prompt(self, prompt: str | SequenceT[int] | torch.Tensor,
                         truncate: int | None = None) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, or ValueError/TypeError saying what is wrong with it. An
@@ -116,7 +120,7 @@ class RequestChecks:
         else:
             raise TypeError(f"prompt must be a str, a list of token ids or (with enable_prompt_embeds) a tensor of "
                             f"embeddings, got {type(prompt).__name__}")
-        keep = self.max_model_len if truncate == -1 else truncate
+        keep = self.kept_prompt_length(truncate)
         if keep is not None and len(token_ids) > keep:
             text, token_ids = None, token_ids[-keep:]
         vocab = self.model_config.vocab_size

@@ -219,7 +219,9 @@ def build_step_input(batch: ScheduledBatch, block_size: int,
             raise ValueError(f"sequence {seq.request_id!r}: block_table {table} holds "
                              f"{len(table) * block_size} slots, {end} needed")
         if seq.prompt_embeds is not None and start < seq.num_prompt_tokens:  # rows the caller's vectors fill
-            step.prompt_embeds = (step.prompt_embeds or []) + [embedding_rows(seq, start, end, len(input_ids))]
+            if step.prompt_embeds is None:
+                step.prompt_embeds = []
+            step.prompt_embeds.append(embedding_rows(seq, start, end, len(input_ids)))
         if n == 1 and end <= num_tokens:  # a decode step's one token
             input_ids.append(token_ids[start])
             positions.append(start)

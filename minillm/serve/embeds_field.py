@@ -1,4 +1,4 @@
-"""The completions request's `prompt_embeds` (vLLM's, on a server started with --enable-prompt-embeds): each entry
+"""The completions request's `prompt_embeds` (chapter 10's server; vLLM's, with --enable-prompt-embeds): each entry
 the base64 of `torch.save(tensor)` for a float tensor [num_positions, hidden_size], as a client writes it:
 
     buffer = io.BytesIO(); torch.save(vectors, buffer)
