@@ -48,6 +48,8 @@
                                                               one launch at decode (lora_fused_pays decides)
     hardware.py         num_sms, SMALL_MATRIX                  the SM count the launch heuristics size grids by;
                                                               where a matrix is small (launch-bound at decode)
+    sliding_window.py   sliding_window_mask, check_window      sliding-window attention's band (Mistral, Qwen2):
+                                                              the torch mask the paged kernels are tested against
 
 On a machine without CUDA they run through Triton's interpreter (TRITON_INTERPRET=1, set by `import minillm`),
 in fp32 and slowly: fine for tests at small sizes. This package imports nothing at import time (no triton), so

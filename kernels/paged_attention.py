@@ -38,6 +38,10 @@ sequence takes its own query length (rows beyond it are masked) and Q_LEN is onl
 G heads may not fit one program's registers, so the rows are cut into tiles of BLOCK_G (a third grid axis shared
 with the splits).
 
+Sliding windows (`window` W): query p sees keys p - W + 1 .. p only, so the splits divide the keys from the first
+query's window start to the end (a decode reads W keys, not seq_len) and one more comparison per key masks the
+window's lower edge for the later queries of a verify step.
+
 FP8 KV cache: with `k_scale`/`v_scale` (a float, or one scale per kv head) the cache holds quantised values
 x_q = x / scale in float8_e4m3fn. The scales are constant along the keys, so they are applied once, not per
 element: k_scale folds into the softmax scale (one multiply per score), and v_scale multiplies the output
@@ -59,6 +63,7 @@ from minillm.kernels.decode_split_rule import (DecodeConfig, choose_num_splits, 
                                                num_sms_of)
 from minillm.kernels.decode_merge import _arrival_counters, _merge_chunk, _merge_row, _merge_splits_kernel
 from minillm.kernels.fp8_kv_tile import _fp8_tile
+from minillm.kernels.sliding_window import check_window
 
 _LOG2E = 1.4426950408889634
 MAX_QUERY_LEN = 16  # query tokens per sequence: a decode (1) or a verify step of up to 15 drafts
@@ -72,7 +77,7 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                OUT, CU_SEQLENS_Q, TREE_MASK, ARRIVALS, stride_qb, stride_qh, stride_kb, stride_ks,
                                stride_kh, stride_vb, stride_vs,
                                stride_vh, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                               stride_ob, stride_oh, qk_scale, num_splits,
+                               stride_ob, stride_oh, qk_scale, num_splits, window,
                                QUERY_GROUP: tl.constexpr, Q_LEN: tl.constexpr, BLOCK_G: tl.constexpr,
                                HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -81,17 +86,13 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
                                PREFETCH_TABLE: tl.constexpr = False, FP8_WORDS: tl.constexpr = False,
                                FP8_CVT: tl.constexpr = False, FP16_DOT: tl.constexpr = False,
                                FUSED_MERGE: tl.constexpr = False, CHUNK_S: tl.constexpr = 16,
-                               PDL: tl.constexpr = False):
+                               PDL: tl.constexpr = False, SLIDING: tl.constexpr = False):
     grid_dependency_sync(PDL)
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
     row_tile = tl.program_id(2) // num_splits  # which BLOCK_G rows of the Q_LEN x QUERY_GROUP query rows
     seq_len = tl.load(SEQ_LENS + batch)
-    # This program's share of the keys: a contiguous range, a whole number of BLOCK_N tiles long.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
 
     offs_g = row_tile * BLOCK_G + tl.arange(0, BLOCK_G)  # row r: query r // QUERY_GROUP, head r % QUERY_GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -105,6 +106,13 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
         q_start = batch * Q_LEN
         q_len = Q_LEN
     tokens = q_start + query  # the row of q / out holding this query
+    first_key = seq_len * 0  # keys before it are outside every query's window (all are inside without one)
+    if SLIDING:  # the first query, at seq_len - q_len, sees back to window - 1 keys before itself
+        first_key = tl.maximum(seq_len - q_len - window + 1, 0)
+    # This program's share of the keys: a contiguous range, a whole number of BLOCK_N tiles long.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first_key, num_splits), BLOCK_N) * BLOCK_N
+    start = first_key + split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
     g_ok = (offs_g < Q_LEN * QUERY_GROUP) & (query < q_len)
     d_ok = offs_d < HEAD_DIM
     # causal within the new tokens: query j is at position seq_len - q_len + j and sees keys up to it
@@ -165,6 +173,8 @@ def _paged_decode_split_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, K_SC
             v = v.to(q.dtype)
         s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N], log2 units
         keep = valid[None, :] & (pos[None, :] < visible[:, None])
+        if SLIDING:  # and the window's lower edge: key > position - window
+            keep = keep & (pos[None, :] >= visible[:, None] - window)
         if HAS_TREE:  # a new token (pos >= first_new) is seen only by the rows whose bitmask holds its bit
             bit = tl.minimum(tl.maximum(pos - first_new, 0), 63).to(tl.int64)
             in_tree = ((tree_bits[:, None] >> bit[None, :]) & 1) != 0
@@ -218,7 +228,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            tree_mask: torch.Tensor | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            prefetch_table: bool | None = None, fp8_widen: str | None = None,
-                           fused_merge: bool = False) -> torch.Tensor:
+                           fused_merge: bool = False, window: int | None = None) -> torch.Tensor:
     """q_len query tokens per sequence against its paged cache: q [B * q_len, H, D] -> out [B * q_len, H, D]
     (q's dtype). q_len = 1 is a decode step; q_len = 1 + k verifies k draft tokens (speculative decoding).
 
@@ -249,6 +259,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     fused_merge (num_splits > 1 only): True merges the splits in the split kernel (one launch; see
     decode_merge.py; measured slower on the H200), False (the default) in a second kernel. True raises when a
     CUDA-graph capture would have to grow the arrival counters.
+    window: sliding-window attention (kernels/sliding_window.py): each query sees its last `window` keys,
+    itself included, and the splits share only the keys of the first query's window (None: every earlier key).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [B, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -281,7 +293,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
     if (k_scale is None) != (v_scale is None):
         raise ValueError("give both k_scale and v_scale, or neither")
+    check_window(window)
     max_seq_len = block_tables.shape[1] * block_size  # an upper bound known without a device sync
+    if window is not None:  # at most window + q_len - 1 keys are read: the split rule sizes the work by that
+        max_seq_len = min(max_seq_len, window + q_len - 1)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8_widen is not None and (not fp8 or fp8_widen not in ("cvt", "bits", "cast", "cast16")):
         raise ValueError(f"fp8_widen must be None, or one of 'cvt', 'bits', 'cast', 'cast16' for a float8_e4m3fn "
@@ -367,7 +382,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         placeholder if arrivals is None else arrivals,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *part_strides,
-        out.stride(0), out.stride(1), scale * _LOG2E, num_splits,
+        out.stride(0), out.stride(1), scale * _LOG2E, num_splits, window or 0,
         QUERY_GROUP=group, Q_LEN=q_len, BLOCK_G=block_g,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         SINGLE_SPLIT=single,
@@ -375,7 +390,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PREFETCH_TABLE=prefetch_table, FP8_WORDS=words, FP8_CVT=fp8_widen == "cvt",
         FP16_DOT=(words or fp8_widen == "cast16") and not interp,
         FUSED_MERGE=arrivals is not None, CHUNK_S=16 if arrivals is None else _merge_chunk(block_d, num_warps),
-        num_warps=num_warps, num_stages=num_stages, **pdl)
+        SLIDING=window is not None, num_warps=num_warps, num_stages=num_stages, **pdl)
     if not single and arrivals is None:
         # few (token, head) pairs (batch 1: 32 heads) would leave the merge on a handful of SMs: slice head_dim
         d_slices = min(max(1, block_d // 32), triton.next_power_of_2(triton.cdiv(256, num_tokens * num_heads)))

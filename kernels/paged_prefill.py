@@ -33,6 +33,12 @@ it (bottom-right alignment). Key tiles wholly before the tile's first query need
 tiles the diagonal cuts through run the masked second loop; tiles past the last query are never loaded.
 Heavy tiles (late in long sequences) are launched first, so short ones fill the tail of the grid.
 
+Sliding-window attention (Mistral 7B v0.1, Qwen2's upper layers; `window` W > 0): the query at position p sees only
+the W keys p - W + 1 .. p. The tile's rows lie between positions first and last, so keys before first - W + 1 are
+never loaded, the tiles every row sees in full are those from last - W + 1 up to the diagonal (no mask), and the
+tiles the window's lower edge cuts through take the masked loop with both edges tested. The work per query is then
+at most W keys however long the sequence grows.
+
 FP8 KV cache: with k_scale/v_scale (fp32 [KVH]) the cache holds x / scale. The scales are constant along the keys:
 k_scale folds into the softmax scale and v_scale multiplies the finished output (as paged_attention.py does).
 """
@@ -45,6 +51,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.fused import per_head_scale
+from minillm.kernels.sliding_window import check_window
 from minillm.platform import triton_interpreted
 
 _LOG2E = 1.4426950408889634
@@ -67,11 +74,12 @@ def _find_sequence(CU_SEQLENS_Q, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, lo, hi, qk_scale,
-                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, window,
                   MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr):
     """Fold keys lo..hi-1 (paged) into the online-softmax state (acc, l_i, m_i), scores in log2 units.
-    MASKED: keys >= hi are not loaded and each row sees keys <= its position q_pos; otherwise every row sees all."""
+    MASKED: keys >= hi are not loaded and each row sees keys <= its position q_pos (with SLIDING, also only keys
+    > q_pos - window); otherwise every row sees all."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -101,7 +109,10 @@ def _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos,
         v = v.to(q.dtype)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            keep = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            if SLIDING:
+                keep = keep & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -116,10 +127,10 @@ def _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos,
 @triton.jit(do_not_specialize=["stride_bt", "num_seqs"])  # they change every step: one compile for all
 def _paged_prefill_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, K_SCALE, V_SCALE, OUT,
                           stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                          stride_bt, stride_ot, stride_oh, qk_scale, num_seqs,
+                          stride_bt, stride_ot, stride_oh, qk_scale, num_seqs, window,
                           QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr = False):
     BLOCK_Q = BLOCK_M // QUERY_GROUP  # new tokens per program (a constexpr: both operands are)
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest-running) tiles first
     kv_head = tl.program_id(1)
@@ -153,14 +164,23 @@ def _paged_prefill_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLEN
     last_query = tl.minimum(first_query + BLOCK_Q, q_len) - 1
     hi = context_len + last_query + 1  # keys past the tile's last query are never needed
     full_end = (context_len + first_query + 1) // BLOCK_N * BLOCK_N  # keys every row of the tile sees
-    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, 0, full_end,
+    lo = full_end * 0  # keys before lo are seen by no row, keys from lo to mid by some rows only
+    mid = lo
+    if SLIDING:  # the first row's window starts at its position - window + 1, the last row's later
+        lo = tl.maximum(context_len + first_query - window + 1, 0) // BLOCK_N * BLOCK_N
+        mid = tl.cdiv(tl.maximum(context_len + last_query - window + 1, 0), BLOCK_N) * BLOCK_N  # seen by every row
+        mid = tl.minimum(tl.maximum(mid, lo), full_end)
+        acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, lo, mid,
+                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      window, True, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, SLIDING)
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, mid, full_end,
                                   qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                  False, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM)
+                                  window, False, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, SLIDING)
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, full_end, hi,
                                   qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                  True, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM)
+                                  window, True, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, SLIDING)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # every real row saw key 0; padding rows are not stored
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # every real row saw its own key; padding rows are not stored
     if HAS_SCALE:
         out = out * tl.load(V_SCALE + kv_head)
     tl.store(OUT + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -193,7 +213,7 @@ def _kernel_and_tiles(group: int, block_m: int | None, block_n: int | None):
     if _autotuned_kernel is None:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in _GPU_CONFIGS]
-        _autotuned_kernel = triton.autotune(configs, key=["HEAD_DIM", "QUERY_GROUP", "PAGE_SIZE", "HAS_SCALE"],
+        _autotuned_kernel = triton.autotune(configs, key=["HEAD_DIM", "QUERY_GROUP", "PAGE_SIZE", "HAS_SCALE", "SLIDING"],
                                             prune_configs_by={"early_config_prune": _prune_configs}
                                             )(_paged_prefill_kernel)
     return _autotuned_kernel, {}
@@ -206,7 +226,8 @@ def _is_tile(n) -> bool:
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             softmax_scale: float | None = None, k_scale=None, v_scale=None,
-                            block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                            block_m: int | None = None, block_n: int | None = None,
+                            window: int | None = None) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged K/V: q [T, H, D] -> out [T, H, D].
 
     Sequence b owns query rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1 (int32 [B+1]); they are the last q_len_b of
@@ -216,7 +237,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (q_len = 1). Lengths are not checked on the device (that would need a sync): 1 <= q_len_b <= seq_len_b and
     seq_len_b <= max_blocks * block_size are the caller's promise. k_scale/v_scale: an FP8 cache's dequantisation
     scales (a float or fp32 [KVH]). block_m/block_n: fixed tile sizes (powers of two >= 16; block_m >= H / KVH)
-    instead of the autotuned ones.
+    instead of the autotuned ones. window: sliding-window attention, each query sees its last `window` keys
+    (itself included; None: every earlier key).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [T, H, D] and caches [num_blocks, block_size, KVH, D], got q {tuple(q.shape)}, "
@@ -239,6 +261,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
     if (k_scale is None) != (v_scale is None):
         raise ValueError("give both k_scale and v_scale, or neither")
+    check_window(window)
     group = num_heads // num_kv_heads
     if not (_is_tile(block_m) and _is_tile(block_n)) or (block_m is not None and block_m < group):
         raise ValueError(f"block_m/block_n must be powers of two >= 16 (block_m >= {group} heads per kv head), "
@@ -263,7 +286,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, k_scale, v_scale, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * _LOG2E, batch,
+        scale * _LOG2E, batch, window or 0,
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=block_size,
-        HAS_SCALE=has_scale, UPCAST=triton_interpreted() and q.dtype != torch.float32, **tiles)
+        HAS_SCALE=has_scale, UPCAST=triton_interpreted() and q.dtype != torch.float32, SLIDING=bool(window), **tiles)
     return out

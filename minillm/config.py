@@ -12,6 +12,7 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # the architectures whose MLPs are sparse mixtures of experts (num_local_experts >= 1)
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names for a layer's attention
 
 # The KV cache's element type, as vLLM spells it: "auto" is the model's dtype, "fp8"/"fp8_e4m3" float8_e4m3fn
 # with a scale per layer and kv head (minillm.layers.kv_quant, minillm.engine.kv_scales)
@@ -70,6 +71,11 @@ class ModelConfig:
     # head of its own; labels names each row (config.json's id2label; None: "LABEL_0", ...). 0: a generative model.
     num_labels: int = 0
     labels: list[str] | None = None
+    # Sliding-window attention (kernels/sliding_window.py): a token sees its last sliding_window keys, in
+    # every layer, or, with layer_types (HF's per-layer list of "full_attention" / "sliding_attention", e.g. Qwen2's
+    # upper layers from max_window_layers on), only in the "sliding_attention" layers. None: full attention.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -113,6 +119,7 @@ class ModelConfig:
                                  f"got {getattr(self, name)!r}")
         self._check_experts()
         self._check_labels()
+        self._check_sliding_window()
         if self.quantization is not None:
             from minillm.quant.base import check_quantization_name  # lazy: quant imports torch
             check_quantization_name(self.quantization)
@@ -132,6 +139,26 @@ class ModelConfig:
         if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, num_local_experts="
                              f"{self.num_local_experts}], got {self.num_experts_per_tok}")
+
+    def _check_sliding_window(self) -> None:
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {window!r}")
+        types = self.layer_types
+        if types is None:
+            return
+        if not isinstance(types, (list, tuple)) or len(types) != self.num_hidden_layers \
+                or any(t not in LAYER_TYPES for t in types):
+            raise ValueError(f"ModelConfig.layer_types must list one of {LAYER_TYPES} for each of the "
+                             f"{self.num_hidden_layers} layers, got {types!r}")
+        if window is None and "sliding_attention" in types:
+            raise ValueError("ModelConfig.layer_types names sliding_attention layers but sliding_window is None")
+
+    def sliding_window_of(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer` (0-based), None for full attention."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def _check_labels(self) -> None:
         n = self.num_labels

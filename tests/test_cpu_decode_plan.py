@@ -69,7 +69,7 @@ def test_the_step_memo_serves_every_layer_and_is_emptied_for_the_next_step():
         q, k, v = (torch.randn(1, n, D, generator=g) for n in (H, KVH, KVH))
         with forward_context(meta):
             outs = [layer(q, k, v) for layer in layers]
-            starts.append(meta.step_memo["decode_plan"].start)
+            starts.append(meta.step_memo[("decode_plan", None)].start)
             assert meta.step_memo["all_stored"]
         torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-5)  # torch (planned) vs reference
         assert torch.equal(outs[0], outs[1])  # the second layer reused the first one's plan

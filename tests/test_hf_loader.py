@@ -85,10 +85,17 @@ def test_transformers4_config_spelling(tmp_path):
     assert config.rope_theta == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
-def test_mistral_sliding_window_caps_context(tmp_path):
+def test_mistral_sliding_window_is_read_and_written_back(tmp_path):
+    from minillm.quant.checkpoint import hf_config_dict
     save_tiny(tmp_path, "mistral", shard=False, sliding_window=128)
     config, _ = load_hf_model(tmp_path)
-    assert config.max_position_embeddings == 128
+    assert config.sliding_window == 128 and config.layer_types is None and config.max_position_embeddings == 256
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("sliding_window")  # absent: transformers' MistralConfig default, 4096
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert load_hf_model(tmp_path)[0].sliding_window == 4096
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    assert load_hf_model(tmp_path)[0].sliding_window == 128
 
 
 def _rewrite_single_file(directory, edit) -> None:

@@ -53,6 +53,7 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     elif max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
                          f"{model_config.max_position_embeddings} tokens")
+    _check_window_beside_trees(config, model_config)
     max_num_seqs = config.max_num_seqs
     if max_num_seqs is None:
         max_num_seqs = GPU_MAX_NUM_SEQS if on_cuda else CPU_MAX_NUM_SEQS
@@ -81,6 +82,20 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     return dataclasses.replace(config, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_layout=kv_layout,
                                enforce_eager=enforce_eager, piecewise_cuda_graphs=piecewise,
                                async_scheduling=overlap)
+
+
+def _check_window_beside_trees(config: EngineConfig, model_config: ModelConfig) -> None:
+    """Token-tree speculation has no sliding window (a tree node's window would count from its depth, not its
+    slot: kernels/sliding_window.py); chains verify exactly, so only the tree methods are refused."""
+    from minillm.speculative.config import TREE_METHODS, SpeculativeConfig  # lazy: a leaf module
+    spec = SpeculativeConfig.from_engine_config(config)
+    if spec is None or spec.method not in TREE_METHODS:
+        return
+    windows = {model_config.sliding_window_of(i) for i in range(model_config.num_hidden_layers)} - {None}
+    if windows:
+        raise ValueError(f"speculative method {spec.method!r} verifies token trees, which this model's sliding-window "
+                         f"attention (window {min(windows)}) cannot mask; use a chain method (ngram, eagle, medusa, "
+                         f"mtp, draft_model, ...)")
 
 
 @dataclass(frozen=True)

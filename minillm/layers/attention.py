@@ -41,6 +41,11 @@ The Triton attention path, chapters 3 and 5:
   earlier path: gather each sequence's keys into a packed copy (`gather_kv_packed`) and run
   `flash_attn_varlen` on it.
 
+Sliding windows (Mistral, Qwen2's upper layers; kernels/sliding_window.py): a layer built with `sliding_window` W
+lets each query see its last W keys. The torch path slices and masks the band; on the Triton path every step of
+such a layer goes through the paged kernels, which take the window (a fresh prefill too: chapter 3's packed kernel
+has none), and a call without a cache falls back to the torch path.
+
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised on their way into the cache (x / scale, saturated at +-448, rounded to
 e4m3): by minillm.layers.kv_quant.quantize_kv on the torch path, by the store kernel itself on the Triton path
@@ -64,6 +69,7 @@ from minillm.hooks import dispatch
 from minillm.layers.backend import OperatorModule, use_triton
 from minillm.layers.decode_attention import decode_gather_plan, padded_decode_attention
 from minillm.layers.kv_quant import dequantize_kv, quantize_kv
+from minillm.kernels.sliding_window import check_window, first_visible_key, sliding_window_mask
 from minillm.layers.tree_attention import MAX_TREE_NODES, paged_tree_attention, tree_visibility
 
 if TYPE_CHECKING:
@@ -236,14 +242,17 @@ class Attention(OperatorModule):
     """Multi-head / grouped-query attention over the packed batch described by the forward context.
 
     forward(q [T, H, D], k [T, KVH, D], v [T, KVH, D]) -> [T, H, D]. The engine sets `k_cache`/`v_cache`
-    ([num_blocks, block_size, KVH, D]) after allocating the pool; until then they are empty.
+    ([num_blocks, block_size, KVH, D]) after allocating the pool; until then they are empty. sliding_window: the
+    layer's window (kernels/sliding_window.py; None: full causal attention).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", sliding_window: int | None = None) -> None:
         super().__init__(backend)
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        check_window(sliding_window)
+        self.sliding_window = sliding_window  # each token sees its last sliding_window keys (None: all)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -313,16 +322,19 @@ class Attention(OperatorModule):
                              f"got query lens {q_lens}, seq lens {seq_lens}")
         if read_cache and meta.block_size and meta.block_size != self.k_cache.shape[1]:
             raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self.k_cache.shape[1]}")
+        window = self.sliding_window
+        if window is not None and meta.tree_mask is not None:
+            raise ValueError(f"token-tree attention (tree_mask) has no sliding window; this layer's is {window}")
         decode_q_len = meta.decode_query_len if read_cache and meta.tree_mask is None else None
         if decode_q_len is not None and self.backend != "reference" and \
                 (decode_q_len == 1 or dispatch("ch02.causal_mask", causal_mask) is causal_mask):
-            plan = memo.get("decode_plan")
+            plan = memo.get(("decode_plan", window))
             if plan is None:  # where the keys are is the same for every layer of the step: work it out once
-                plan = memo["decode_plan"] = decode_gather_plan(meta.block_tables, meta.seq_lens, max(seq_lens),
-                                                                decode_q_len, self.k_cache.shape[1])
+                plan = memo[("decode_plan", window)] = decode_gather_plan(
+                    meta.block_tables, meta.seq_lens, max(seq_lens), decode_q_len, self.k_cache.shape[1], window)
             return padded_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                            max(seq_lens), decode_q_len, self.scale, self.k_scale, self.v_scale,
-                                           plan=plan)
+                                           plan=plan, window=window)
         attn_fn = attention_reference if self.backend == "reference" else sdpa_attention
         outputs, start = [], 0
         for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
@@ -340,6 +352,10 @@ class Attention(OperatorModule):
             # a token tree's rows see their ancestors only (chapter 9); -1 rows keep the causal mask
             tree = meta.tree_mask is not None and q_len <= MAX_TREE_NODES  # longer: a prefill, never a tree
             mask = tree_visibility(meta.tree_mask[start:end], seq_len) if tree else None
+            if window is not None:  # only the keys of the first query's window onwards, and the band's mask
+                first = first_visible_key(seq_len, q_len, window)
+                k_seq, v_seq = k_seq[first:], v_seq[first:]
+                mask = sliding_window_mask(q_len, seq_len, window, first, device=q.device)
             outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
@@ -366,6 +382,11 @@ class Attention(OperatorModule):
         tree = meta.tree_mask is not None
         if tree and not read_cache:
             raise ValueError("a token-tree step (tree_mask) needs a KV cache and block_tables")
+        window = self.sliding_window
+        if window is not None and tree:
+            raise ValueError(f"token-tree attention (tree_mask) has no sliding window; this layer's is {window}")
+        if window is not None and not read_cache:  # chapter 3's packed kernel has no window: SDPA with the band
+            return self._torch_attention(q, k, v, meta, False, q_lens, seq_lens)
         if tree and max(q_lens) <= MAX_TREE_NODES:  # trees, chains and decodes: one tree-masked paged launch
             return paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale,
                                         k_scale=self.k_scale, v_scale=self.v_scale)
@@ -373,9 +394,9 @@ class Attention(OperatorModule):
         if decode_q_len is not None:  # a decode step, or a verify step with the same number of drafts per sequence
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                           softmax_scale=self.scale, q_len=decode_q_len, k_scale=self.k_scale,
-                                          v_scale=self.v_scale)
+                                          v_scale=self.v_scale, window=window)
         cu_seqlens_q = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
-        if q_lens == seq_lens:  # nothing cached before these tokens: attend to the fresh k/v directly
+        if q_lens == seq_lens and window is None:  # nothing cached before these tokens: the fresh k/v directly
             return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_q,
                                      causal=True, softmax_scale=self.scale)
         if not read_cache:
@@ -389,11 +410,12 @@ class Attention(OperatorModule):
         if max(seq_lens) > meta.block_tables.shape[1] * block_size:
             raise ValueError(f"seq_lens {seq_lens} exceed what block_tables of {meta.block_tables.shape[1]} blocks "
                              f"of {block_size} hold")
-        if self.k_scale is not None or len(q_lens) * PAGED_PREFILL_MAX_MEAN_QUERY >= sum(q_lens):
+        paged = self.k_scale is not None or window is not None  # the packed kernel has neither scales nor window
+        if paged or len(q_lens) * PAGED_PREFILL_MAX_MEAN_QUERY >= sum(q_lens):
             # the new tokens' k/v were stored above: the kernel reads every key, cached or new, through the table
             out = paged_prefill.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                                         meta.seq_lens, cu_seqlens_q, softmax_scale=self.scale,
-                                                        k_scale=self.k_scale, v_scale=self.v_scale)
+                                                        k_scale=self.k_scale, v_scale=self.v_scale, window=window)
         else:  # long chunks: a packed copy of the context and FlashAttention's contiguous loads win
             k_all, v_all, cu_seqlens_k = gather_kv_packed(self.k_cache, self.v_cache, meta, seq_lens)
             out = flash_attn_varlen(q, k_all, v_all, cu_seqlens_q, cu_seqlens_k, max(q_lens), max(seq_lens),
@@ -411,5 +433,6 @@ class Attention(OperatorModule):
                              f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
     def extra_repr(self) -> str:
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"scale={self.scale:.4g}, backend={self.backend!r}")
+                f"scale={self.scale:.4g}, backend={self.backend!r}{window}")

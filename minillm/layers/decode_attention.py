@@ -17,6 +17,9 @@ a few hundred small tensor ops around the weight reads, that removes eight ops p
   are laid out as that head's queries: q [1, KVH, H/KVH, D] against k [1, KVH, L, D] is plain multi-head attention,
   with nothing to mask (the decode row sees every key). (At batch 256 of a toy model the same layout with a padding
   mask measured 3-8% slower than `enable_gqa` on the CPU, so batches keep the latter.)
+
+A sliding window (kernels/sliding_window.py) changes which keys are gathered, not how: each sequence's last
+window + q_len - 1 keys (its first query's window onwards), with the window's lower edge in the mask.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.layers.kv_quant import dequantize_kv
+from minillm.kernels.sliding_window import first_visible_key
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,11 @@ class DecodeGatherPlan:
     """Where the keys of one decode/verify step are; the same for every layer of the step.
 
     Either `start` (one sequence whose blocks are consecutive: keys at flat cache rows start .. start +
-    max_seq_len) or `slots` (int64 [B * max_seq_len], the flat row of each padded key; padding reads row 0).
-    `mask` (bool [B, 1, q_len, max_seq_len], True = visible) is None where nothing is masked: one sequence
-    decoding one token sees all its keys."""
+    max_seq_len) or `slots` (int64 [B * num_keys], the flat row of each padded key; padding reads row 0).
+    `mask` (bool [B, 1, q_len, num_keys], True = visible) is None where nothing is masked: one sequence
+    decoding one token sees all its keys. With a sliding `window`, each sequence's gathered keys start at its
+    first query's window (`first_key` rows into the consecutive blocks for `start`), num_keys at most
+    window + q_len - 1."""
 
     num_seqs: int
     q_len: int
@@ -43,12 +49,15 @@ class DecodeGatherPlan:
     start: int | None
     slots: torch.Tensor | None
     mask: torch.Tensor | None
+    window: int | None = None
+    first_key: int = 0
 
 
 def decode_gather_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, q_len: int,
-                       block_size: int) -> DecodeGatherPlan:
+                       block_size: int, window: int | None = None) -> DecodeGatherPlan:
     """The gather plan of a step of B = block_tables.shape[0] sequences with seq_lens[i] keys each (the largest
-    max_seq_len), q_len new tokens each, in a cache of `block_size`-token blocks."""
+    max_seq_len), q_len new tokens each, in a cache of `block_size`-token blocks; window: a sliding window's
+    width (None: full attention)."""
     num_seqs = block_tables.shape[0]
     if num_seqs < 1 or q_len < 1 or max_seq_len < q_len or block_size < 1:
         raise ValueError(f"a decode gather plan needs >= 1 sequence, 1 <= q_len <= max_seq_len and block_size >= 1; "
@@ -62,7 +71,10 @@ def decode_gather_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_s
     if num_seqs == 1 and q_len == 1 and device.type == "cpu":  # a host table: reading it costs no device sync
         blocks = block_tables[0, :num_blocks].tolist()
         if blocks[0] >= 0 and blocks == list(range(blocks[0], blocks[0] + num_blocks)):
-            return DecodeGatherPlan(1, 1, max_seq_len, blocks[0] * block_size, None, None)
+            first_key = first_visible_key(max_seq_len, 1, window)
+            return DecodeGatherPlan(1, 1, max_seq_len, blocks[0] * block_size, None, None, window, first_key)
+    if window is not None and window + q_len - 1 < max_seq_len:
+        return _windowed_plan(block_tables, seq_lens, max_seq_len, q_len, block_size, window)
     pos = torch.arange(max_seq_len, device=device)
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, L]; < 0 past the table
     slots = slots.clamp_(min=0).flatten()
@@ -71,13 +83,30 @@ def decode_gather_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_s
         last_visible = seq_lens.to(device=device, dtype=torch.int64)[:, None] - q_len \
             + torch.arange(q_len, device=device)  # [B, q_len]
         mask = (pos <= last_visible[:, :, None]).unsqueeze(1)  # [B, 1, q_len, L]
-    return DecodeGatherPlan(num_seqs, q_len, max_seq_len, None, slots, mask)
+    return DecodeGatherPlan(num_seqs, q_len, max_seq_len, None, slots, mask, window)
+
+
+def _windowed_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, q_len: int,
+                   block_size: int, window: int) -> DecodeGatherPlan:
+    """A gather plan that reads each sequence's last window + q_len - 1 keys (fewer where it is shorter)."""
+    device = block_tables.device
+    num_keys = window + q_len - 1
+    seq_lens = seq_lens.to(device=device, dtype=torch.int64)
+    first = (seq_lens - q_len - window + 1).clamp_(min=0)[:, None]  # [B, 1]: the first query's window start
+    pos = first + torch.arange(num_keys, device=device)  # [B, num_keys]; past the end: masked below
+    blocks = block_tables.long().gather(1, (pos // block_size).clamp_(max=block_tables.shape[1] - 1))
+    slots = (blocks * block_size + pos % block_size).clamp_(min=0).flatten()
+    query_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=device)  # [B, q_len]
+    keys, query_pos = pos[:, None, :], query_pos[:, :, None]
+    mask = ((keys <= query_pos) & (keys > query_pos - window)).unsqueeze(1)  # [B, 1, q_len, num_keys]
+    return DecodeGatherPlan(block_tables.shape[0], q_len, max_seq_len, None, slots, mask, window)
 
 
 def padded_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, q_len: int,
                             scale: float, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None, plan: DecodeGatherPlan | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None, plan: DecodeGatherPlan | None = None,
+                            window: int | None = None) -> torch.Tensor:
     """A decode step (q_len 1) or a verify step (every sequence has the same q_len new tokens), all B sequences
     in ONE attention call: the torch path's counterpart of the paged decode kernel (chapter 5).
 
@@ -90,7 +119,7 @@ def padded_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     instead of a Python loop of B gathers and B attention calls per layer (on a CPU each small op costs
     microseconds of dispatch, which at batch 8 outweighed the arithmetic). Padded keys read slot 0 or stale rows
     of a block: finite values whose probability the mask sets to 0. Query j of sequence i sits at position
-    seq_lens[i] - q_len + j and sees keys 0..that position.
+    seq_lens[i] - q_len + j and sees keys 0..that position (with a sliding `window`, the last `window` of them).
     """
     num_seqs = block_tables.shape[0]
     if q.shape[0] != num_seqs * q_len:
@@ -98,12 +127,13 @@ def padded_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if plan is None:
-        plan = decode_gather_plan(block_tables, seq_lens, max_seq_len, q_len, block_size)
-    elif (plan.num_seqs, plan.q_len, plan.max_seq_len) != (num_seqs, q_len, max_seq_len):
+        plan = decode_gather_plan(block_tables, seq_lens, max_seq_len, q_len, block_size, window)
+    elif (plan.num_seqs, plan.q_len, plan.max_seq_len, plan.window) != (num_seqs, q_len, max_seq_len, window):
         raise ValueError(f"the gather plan is for {plan.num_seqs} sequences, q_len {plan.q_len}, max_seq_len "
-                         f"{plan.max_seq_len}; this call has {num_seqs}, {q_len}, {max_seq_len}")
+                         f"{plan.max_seq_len}, window {plan.window}; this call has {num_seqs}, {q_len}, "
+                         f"{max_seq_len}, {window}")
     if plan.start is not None:  # consecutive blocks: the keys are a slice of the flat cache, read in place
-        rows = slice(plan.start, plan.start + max_seq_len)
+        rows = slice(plan.start + plan.first_key, plan.start + max_seq_len)
         k = k_cache.view(-1, num_kv_heads, head_dim)[rows].unsqueeze(0)
         v = v_cache.view(-1, num_kv_heads, head_dim)[rows].unsqueeze(0)
     else:  # index_select of whole rows (one memcpy each) is several times faster on a CPU than advanced indexing

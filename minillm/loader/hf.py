@@ -30,6 +30,25 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def _sliding_window(raw: dict[str, Any], model_type: str, source: str) -> tuple[Any, Any]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral and Mixtral slide in every layer when
+    `sliding_window` is set; Qwen2/Qwen3 only with `use_sliding_window`, in the layers from `max_window_layers`
+    on unless the config lists `layer_types` itself. ModelConfig checks the values."""
+    window = raw.get("sliding_window", None if model_type == "mixtral" else 4096)  # transformers' defaults
+    if window is None or not raw.get("use_sliding_window", model_type in ("mistral", "mixtral")):
+        return None, None
+    if model_type in ("mistral", "mixtral"):
+        return window, None
+    layer_types = raw.get("layer_types")
+    if layer_types is None and _is_int(raw["num_hidden_layers"]):
+        first = raw.get("max_window_layers", 28)  # transformers' default for Qwen2 and Qwen3
+        if not _is_int(first):
+            raise ValueError(f"{source}: max_window_layers must be an integer, got {first!r}")
+        layer_types = ["sliding_attention" if i >= first else "full_attention"
+                       for i in range(raw["num_hidden_layers"])]
+    return window, layer_types
+
+
 def _rope(raw: dict[str, Any], source: str) -> tuple[Any, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either config spelling; rope_scaling None for plain RoPE."""
     params = raw.get("rope_parameters")
@@ -72,12 +91,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise ValueError(f"{source}: missing {', '.join(missing)} (an HF {model_type} config.json has them all)")
     theta, scaling = _rope(raw, source)
     max_pos = raw.get("max_position_embeddings", 4096)
-    window = raw.get("sliding_window")
-    use_window = raw.get("use_sliding_window", model_type in ("mistral", "mixtral"))
-    if use_window and _is_int(window) and _is_int(max_pos) and 0 < window < max_pos:
-        # Sliding-window attention equals full attention while the sequence fits in the window; we
-        # implement only full attention, so we cap the context there instead of silently diverging.
-        max_pos = window
+    window, layer_types = _sliding_window(raw, model_type, source)
     heads = raw["num_attention_heads"]
     quantization, quant_config = _quantization(raw, source)
     experts = _experts(raw, model_type, source)
@@ -107,6 +121,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             quantization_config=quant_config,
             num_labels=num_labels,
             labels=labels,
+            sliding_window=window,
+            layer_types=layer_types,
             **experts,
         )
     except (ValueError, TypeError) as err:

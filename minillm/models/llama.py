@@ -38,6 +38,17 @@ from minillm.parallel.tensor import (MergedColumnParallelLinear, ParallelLMHead,
 from minillm.quant.base import QuantizationConfig, make_quant_config
 
 
+def _window_of(config: ModelConfig, prefix: str) -> int | None:
+    """The sliding window of the attention named `prefix` ("model.layers.7.self_attn": layer 7, as vLLM's
+    extract_layer_index reads it); the layer number matters only where config.layer_types tells layers apart."""
+    if config.layer_types is None:
+        return config.sliding_window
+    numbers = [int(part) for part in prefix.split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise ValueError(f"cannot tell the layer number of {prefix!r}, needed for config.layer_types")
+    return config.sliding_window_of(numbers[0])
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
@@ -53,7 +64,7 @@ class LlamaAttention(nn.Module):
         plan_all_reduces(self.qkv_proj, self.o_proj)  # column -> row: one all-reduce, after o_proj
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
-                              backend=rotary_emb.backend)
+                              backend=rotary_emb.backend, sliding_window=_window_of(config, prefix))
         if config.qk_norm:  # Qwen3: each query and key head RMS-normalised over head_dim (one gain for all heads)
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, backend=rotary_emb.backend)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, backend=rotary_emb.backend)

@@ -81,8 +81,12 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
            "rope_scaling": config.rope_scaling, "max_position_embeddings": config.max_position_embeddings,
            "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
            "eos_token_id": config.eos_token_id}
-    if config.architecture == "mistral":
-        raw["sliding_window"] = None  # the context was already capped at load time
+    if config.sliding_window is not None:  # read back by loader/hf.py's _sliding_window
+        raw.update(sliding_window=config.sliding_window, use_sliding_window=True)
+        if config.layer_types is not None:
+            raw["layer_types"] = list(config.layer_types)
+    elif config.architecture == "mistral":
+        raw["sliding_window"] = None  # full attention (Mistral's config would otherwise default to 4096)
     if config.quantization_config is not None:
         raw["quantization_config"] = dict(config.quantization_config)
     return raw
