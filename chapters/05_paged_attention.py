@@ -401,6 +401,23 @@ print(f"the eight chat turns: {num_kv_blocks_needed(lengths, 16)} blocks = {16 *
       f"slots, against {8 * 2048} contiguous slots")
 
 # %% [markdown]
+# 6. *Mistral 7B v0.1 attends through a 4,096-token sliding window. What changes in a paged engine?*
+#    <details><summary>answer</summary>Query p sees keys p − W + 1 .. p only, so the kernels start their key loop at
+#    the first query's window (a decode reads W keys, not the whole context: its cost stops growing) and mask the
+#    window's lower edge; blocks wholly before every layer's window could go back to the pool (vLLM frees them;
+#    minillm keeps them, so memory still grows with the context).</details>
+#
+# The band of visible keys for six tokens and a window of 3 (rows: queries, columns: keys), the mask the paged
+# kernels are tested against (`kernels/sliding_window.py`):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from minillm.kernels.sliding_window import sliding_window_mask
+
+for row in sliding_window_mask(6, 6, window=3).int().tolist():
+    print(" ".join("x" if seen else "." for seen in row))
+
+# %% [markdown]
 # **What to remember**
 # * the pool is split into blocks; a block table maps a sequence's logical blocks to physical ones, in any order;
 # * a token's slot is `block_table[p // bs] * bs + p % bs`: the only address arithmetic paged attention adds;
