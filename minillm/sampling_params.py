@@ -205,6 +205,10 @@ class SamplingParams:
     # vLLM's API; with minillm's tokenizers it changes nothing (Tokenizer.decode says why).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # vLLM's detokenize: False leaves the output text empty (token ids only; log-prob tokens' decoded_token None),
+    # which saves the detokenizer's work per token (benchmarks, RL rollouts that read the ids). Stop strings are
+    # matched in the text, so they need it on.
+    detokenize: bool = True
     # Constraints on what may be generated (vLLM's names; minillm/engine/constraints.py). structured_outputs: the
     # output must match a JSON schema, a regex or one of a list of strings (StructuredOutputsParams; a dict of its
     # fields is taken too). allowed_token_ids: only these tokens may be sampled. bad_words: none of these words may
@@ -252,7 +256,7 @@ class SamplingParams:
                 raise ParamError("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1, -1 "
                                                            "(max_model_len) or None, got 0")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "spaces_between_special_tokens"):
+                     "spaces_between_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be a bool, got {type(getattr(self, name)).__name__}: "
                                        f"{getattr(self, name)!r}")
@@ -264,6 +268,9 @@ class SamplingParams:
             raise ParamError("output_kind", f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, "
                                             f"got {self.output_kind!r}")
         self.stop_list = self._check_stop(self.stop)
+        if self.stop_list and not self.detokenize:
+            raise ParamError("stop", f"stop strings {self.stop_list!r} are matched in the output text, which "
+                                     f"detokenize=False leaves empty; use stop_token_ids, or detokenize=True")
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
         self._check_processors()
 

@@ -164,3 +164,21 @@ def test_a_kept_stop_tokens_text_may_complete_a_stop_string():
     assert cut.token_ids == kept.token_ids == [SPECIAL] * 3 + [ord("A")]
     assert (cut.stop_reason, cut.text) == (ord("A"), "<|260|>" * 3)
     assert (kept.stop_reason, kept.text) == ("|>A", "<|260|>" * 3 + "A")
+
+
+def test_detokenize_false_gives_the_same_ids_and_no_text():
+    """vLLM's detokenize=False: the same tokens and log-probabilities, an empty text throughout, decoded_token None;
+    stop strings (matched in the text) are refused by name, stop_token_ids still stop."""
+    outputs = run(tiny_engine(), {"text": SamplingParams(**MIXED, logprobs=1),
+                                  "ids": SamplingParams(**MIXED, logprobs=1, detokenize=False),
+                                  "stop": SamplingParams(**MIXED, detokenize=False, stop_token_ids=[ord("A")])})
+    text, ids, stop = outputs["text"][-1], outputs["ids"][-1], outputs["stop"][-1]
+    assert ids.token_ids == text.token_ids and text.text and all(o.text == "" for o in outputs["ids"])
+    assert [{t: lp.logprob for t, lp in d.items()} for d in ids.logprobs] == \
+        [{t: lp.logprob for t, lp in d.items()} for d in text.logprobs]
+    assert all(lp.decoded_token is None for d in ids.logprobs for lp in d.values())
+    assert stop.finish_reason == "stop" and stop.stop_reason == ord("A") and stop.text == ""
+    with pytest.raises(ParamError, match="detokenize=False leaves empty"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ParamError, match="detokenize must be a bool"):
+        SamplingParams(detokenize=1)

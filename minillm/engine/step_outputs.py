@@ -93,6 +93,8 @@ class StepOutputs:
 
     def _logprob_dict(self, entry: TokenLogprobs, params: SamplingParams) -> TokenLogprobDict:
         skip = params.skip_special_tokens
+        if not params.detokenize:  # ids and numbers only: decoded_token stays None
+            return logprob_dict(*entry, decode=lambda token_id: None)
         return logprob_dict(*entry, decode=lambda token_id: self._token_text(token_id, skip))
 
     def _token_text(self, token_id: int, skip_special_tokens: bool = True) -> str:
@@ -117,8 +119,8 @@ class StepOutputs:
         """Per sequence of the step, the two detokenizer windows' texts for its one new token, decoded for all
         sequences in one tokenizer call (detokenizer.decode_windows); None where `_check_stop` decodes for itself
         (multi-token steps, stop tokens, a step of one sequence, a tokenizer without decode_batch)."""
-        picked = [i for i, (seq, new) in enumerate(zip(seqs, tokens))
-                  if len(new) == 1 and not self._is_stop_token(seq, new[0])] if len(seqs) > 1 else []
+        picked = [i for i, (seq, new) in enumerate(zip(seqs, tokens)) if len(new) == 1 and
+                  seq.sampling_params.detokenize and not self._is_stop_token(seq, new[0])] if len(seqs) > 1 else []
         decoded: list[tuple[str, str] | None] = [None] * len(seqs)
         if len(picked) > 1 and hasattr(self.tokenizer, "decode_batch"):  # else nothing to gain: decode one by one
             windows = [(seqs[i].token_ids, self._requests[seqs[i].request_id].detok) for i in picked]
@@ -144,8 +146,8 @@ class StepOutputs:
         state = self._requests[seq.request_id]
         # the common single-token step reads the list itself; a multi-token step a prefix of it
         token_ids = seq.token_ids if position + 1 == seq.num_tokens else seq.token_ids[:position + 1]
-        new_text = detokenize_incrementally(self.tokenizer, token_ids, state.detok,
-                                            decoded if position + 1 == seq.num_tokens else None)
+        new_text = "" if not params.detokenize else detokenize_incrementally(
+            self.tokenizer, token_ids, state.detok, decoded if position + 1 == seq.num_tokens else None)
         if new_text:
             seq.output_text += new_text
             # min_tokens holds stop strings back as well as stop tokens (vLLM: checked past min_tokens tokens)
@@ -176,7 +178,7 @@ class StepOutputs:
         unfinished UTF-8 character, decoded as U+FFFD now that no token will complete it) and, where `_check_stop`
         keeps a stop token's text, that token; True if that completed a stop string (the text is cut there)."""
         state = self._requests.get(seq.request_id)
-        if state is None or state.detok.read_offset >= end:
+        if state is None or state.detok.read_offset >= end or not seq.sampling_params.detokenize:
             return False
         ids, skip = seq.token_ids[:end], state.detok.skip_special_tokens
         tail = decode_text(self.tokenizer, ids[state.detok.prefix_offset:], skip)
