@@ -28,6 +28,8 @@ with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 
 the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
 `load_format="dummy"` (vLLM's) reads the config and tokenizer only and draws random weights of their shapes (a
 directory with config.json and the tokenizer's files is enough): a benchmark of a shape, no checkpoint needed.
+`LLM(disable_log_stats=False)` keeps the server's /metrics numbers while generating; `llm.get_metrics()` returns
+them as objects (requests running and waiting, KV usage, prefix-cache hits, TTFT / TPOT / latency histograms).
 """
 from __future__ import annotations
 
@@ -71,11 +73,14 @@ class LLM:
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
                  quantization: str | None = None, quantization_options: Mapping[str, Any] | None = None,
                  disaggregation: Mapping[str, Any] | None = None, load_format: str = "auto",
-                 **engine_kwargs: Any) -> None:
+                 disable_log_stats: bool = True, **engine_kwargs: Any) -> None:
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a path (a .gguf file or an HF model directory) or None for the bundled "
                             f"model, got {type(model).__name__}: {model!r}")
         check_seed(seed)
+        if not isinstance(disable_log_stats, bool):
+            raise TypeError(f"disable_log_stats must be a bool, got {type(disable_log_stats).__name__}: "
+                            f"{disable_log_stats!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overrides = _check_overrides(overrides)
@@ -127,6 +132,9 @@ class LLM:
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         self.model_path = path
         if disaggregation is not None:
+            if not disable_log_stats:
+                raise ValueError("disable_log_stats=False (LLM.get_metrics) reads one engine's scheduler; "
+                                 "disaggregation= runs two in worker processes: use one or the other")
             from minillm.engine.disagg_engine import DisaggregatedEngine
             self.llm_engine = DisaggregatedEngine(source, tokenizer, model_config, engine_config,
                                                   device=self.device, dtype=self.dtype, seed=seed,
@@ -148,6 +156,8 @@ class LLM:
             executor.shutdown()  # nobody else holds it: end its worker processes and process group now
             raise
         self._init_driver()
+        if not disable_log_stats:
+            self._start_stats()
 
     def share_model(self, *, seed: int = 0, max_model_len: int | None = None, max_num_seqs: int | None = None,
                     kv_layout: str | None = None, scheduling: str | None = None,
@@ -203,6 +213,23 @@ class LLM:
         self._watching: set[str] = set()  # request ids a generate/stream call of this LLM is waiting on
         self._latest: dict[str, RequestOutput] = {}  # newest output of each of them, not yet consumed
         self._idle_steps = 0
+        self._stats = None  # the /metrics collectors, fed after every step, with disable_log_stats=False
+
+    def _start_stats(self) -> None:
+        from minillm.serve.metrics import ServerMetrics  # prometheus_client: only when asked for
+        scheduler = self.llm_engine.scheduler
+        offload = getattr(getattr(scheduler, "block_manager", None), "offload", None) is not None
+        self._stats = ServerMetrics(self.model_path or "minillm", offload=offload)
+
+    def get_metrics(self) -> list:
+        """vLLM's LLM.get_metrics: the server's /metrics collectors (minillm/serve/metrics.py) as objects, a
+        Counter, Gauge or Histogram per name and label set (minillm/serve/metrics_reader.py), counted since this
+        LLM was built. Needs LLM(..., disable_log_stats=False), as in vLLM (the default skips the per-step
+        bookkeeping)."""
+        if self._stats is None:
+            raise ValueError("LLM.get_metrics needs the engine's statistics: build the LLM with "
+                             "disable_log_stats=False")
+        return self._stats.read(getattr(self.llm_engine, "sleep_state", "awake"))
 
     @property
     def tokenizer(self) -> Any:
@@ -501,6 +528,9 @@ class LLM:
             self._idle_steps = 0
             raise RuntimeError(f"the scheduler made no progress for 100 steps with "
                                f"{self.llm_engine.get_num_unfinished_requests()} request(s) unfinished")
+        if self._stats is not None:
+            from minillm.engine.async_llm import take_snapshot
+            self._stats.on_step(outputs, take_snapshot(self.llm_engine))
         for out in outputs:
             if out.request_id in self._watching:
                 self._latest[out.request_id] = out  # outputs are cumulative: the newest one says it all

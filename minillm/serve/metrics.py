@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from minillm.engine.async_llm import EngineSnapshot
 from minillm.outputs import RequestOutput
+from minillm.serve.metrics_reader import Metric, read_registry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # latency buckets (seconds) from a GPU's few milliseconds per token to a loaded CPU's minutes per request
@@ -132,6 +133,14 @@ class ServerMetrics:
 
     def render(self, sleep_state: str = "awake") -> bytes:
         """The /metrics body; `sleep_state` is the engine's now (LLMEngine.sleep_state)."""
+        self._set_sleep_state(sleep_state)
+        return generate_latest(self.registry)
+
+    def read(self, sleep_state: str = "awake") -> list[Metric]:
+        """The same numbers as objects (metrics_reader.py: what LLM.get_metrics returns)."""
+        self._set_sleep_state(sleep_state)
+        return read_registry(self.registry)
+
+    def _set_sleep_state(self, sleep_state: str) -> None:
         for state in ("awake", "weights_offloaded", "discard_all"):
             self._sleep.labels(self._model_name, state).set(1.0 if state == sleep_state else 0.0)
-        return generate_latest(self.registry)
