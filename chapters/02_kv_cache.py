@@ -133,6 +133,21 @@ for q_len, kv_len, what in ((4, 4, "prefill"), (3, 7, "chunk: 3 new tokens after
     print("\n".join("  " + " ".join("x" if v else "." for v in row) for row in causal_mask(q_len, kv_len).tolist()))
 
 # %% [markdown]
+# Some models cap how far back a token looks: Mistral 7B v0.1 attends through a **sliding window** of 4,096 keys
+# (Qwen2 in its upper layers when `use_sliding_window` is set). Query `i` at position `pos` sees keys
+# `pos − window + 1 .. pos`: the causal mask with its far corner cut off, so attention's cost per token stops
+# growing with the context. A decode step need not even pass the keys before its window (`first_key` drops them
+# from the columns). **Exercise `ch02.sliding_window_mask`** (the engine's torch path calls it for such layers).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+sliding_window_mask = load_function("ch02.sliding_window_mask")
+for q_len, kv_len, window, first in ((6, 6, 3, 0), (2, 9, 3, 5)):
+    print(f"q_len={q_len}, kv_len={kv_len}, window={window}, first_key={first}:")
+    mask = sliding_window_mask(q_len, kv_len, window, first)
+    print("\n".join("  " + " ".join("x" if v else "." for v in row) for row in mask.tolist()))
+
+# %% [markdown]
 # ## 3. The contiguous cache
 #
 # How big is one token's K/V? Two tensors (K and V) per layer, each `num_kv_heads × head_dim` numbers. The simplest

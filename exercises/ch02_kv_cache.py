@@ -32,6 +32,21 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     raise NotImplementedError("ch02.causal_mask is not attempted yet: write it in exercises/ch02_kv_cache.py")
 
 
+# ch02.sliding_window_mask (5 points)
+def sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: int = 0,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask [q_len, kv_len - first_key], True where query i may attend to key first_key + j.
+
+    The queries are the last q_len of kv_len tokens (bottom-right alignment, as chapter 2's causal_mask): query i
+    is at position kv_len - q_len + i and sees the keys pos - window < key <= pos, its last `window` keys, itself
+    included (window None: every key <= pos, the causal mask). first_key: the keys before it were left out of the
+    call (they are outside every query's window), so column j is key first_key + j.
+    Raises ValueError unless window is None or an int >= 1, 1 <= q_len <= kv_len and
+    0 <= first_key <= kv_len - q_len. Build it with broadcasting, no Python loops.
+    """
+    raise NotImplementedError("ch02.sliding_window_mask is not attempted yet: write it in exercises/ch02_kv_cache.py")
+
+
 # ch02.kv_cache_bytes (5 points)
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: float,
                    num_tokens: int) -> float:

@@ -29,15 +29,21 @@ def first_visible_key(seq_len: int, q_len: int, window: int | None) -> int:
     return 0 if window is None else max(0, seq_len - q_len - window + 1)
 
 
+# >>> exercise ch02.sliding_window_mask
 def sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: int = 0,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask [q_len, kv_len - first_key], True where query i may attend to key first_key + j.
 
     The queries are the last q_len of kv_len tokens (bottom-right alignment, as chapter 2's causal_mask): query i
-    is at position kv_len - q_len + i and sees keys pos - window < key <= pos (every key <= pos without a window).
-    first_key: the keys before it were left out of the call (first_visible_key), so column j is key first_key + j.
+    is at position kv_len - q_len + i and sees the keys pos - window < key <= pos, its last `window` keys, itself
+    included (window None: every key <= pos, the causal mask). first_key: the keys before it were left out of the
+    call (they are outside every query's window), so column j is key first_key + j.
+    Raises ValueError unless window is None or an int >= 1, 1 <= q_len <= kv_len and
+    0 <= first_key <= kv_len - q_len. Build it with broadcasting, no Python loops.
     """
-    check_window(window)
+    # >>> solution
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None (full attention) or an int >= 1, got {window!r}")
     if q_len < 1 or kv_len < q_len or not 0 <= first_key <= kv_len - q_len:
         raise ValueError(f"need 1 <= q_len <= kv_len and 0 <= first_key <= kv_len - q_len, got q_len={q_len}, "
                          f"kv_len={kv_len}, first_key={first_key}")
@@ -45,3 +51,5 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: 
     keys = torch.arange(first_key, kv_len, device=device).unsqueeze(0)  # [1, kv_len - first_key]
     mask = keys <= pos
     return mask if window is None else mask & (keys > pos - window)
+    # <<< solution
+# <<< exercise

@@ -50,6 +50,7 @@ FORBIDDEN: dict[str, dict[str, str]] = {
     "ch03.online_softmax_update": {"torch.softmax": "the point is the rescaled running sum, not a full softmax",
                                    "torch.nn.functional.softmax": "the point is the rescaled running sum",
                                    "minillm.kernels.flash_attention.online_softmax_update": "the engine's reference"},
+    "ch02.sliding_window_mask": {"minillm.kernels.sliding_window.sliding_window_mask": "the engine's reference"},
     "ch03.causal_block_range": {"minillm.kernels.flash_attention.causal_block_range": "the engine's reference"},
     "ch03.flash_attention_kernel": {
         "torch.nn.functional.scaled_dot_product_attention": "write the attention loop yourself",

@@ -91,6 +91,16 @@ _EXERCISES: list[Exercise] = [
         called_from="minillm.layers.attention (the torch and reference attention paths)",
     ),
     Exercise(
+        id="ch02.sliding_window_mask", function="sliding_window_mask", source="kernels/sliding_window.py",
+        points=5,
+        hint="Positions pos = kv_len - q_len + i (a column), keys first_key + j (a row); keep key <= pos and, with a "
+             "window, key > pos - window (window keys, the query's own included).",
+        nudge="Start from the causal mask, then also hide every key more than window - 1 positions before the query.",
+        signature="sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: int = 0, "
+                  "device: torch.device | str | None = None) -> torch.Tensor",
+        called_from="minillm.layers.attention (the torch path of a sliding-window layer: Mistral, Qwen2)",
+    ),
+    Exercise(
         id="ch03.online_softmax_update", function="online_softmax_update", source="kernels/flash_attention.py",
         points=10,
         hint="m_new = max(m, rowmax(s)); alpha = exp(m - m_new) rescales BOTH l and acc; p = exp(s - m_new); guard all -inf rows.",

@@ -355,7 +355,8 @@ class Attention(OperatorModule):
             if window is not None:  # only the keys of the first query's window onwards, and the band's mask
                 first = first_visible_key(seq_len, q_len, window)
                 k_seq, v_seq = k_seq[first:], v_seq[first:]
-                mask = sliding_window_mask(q_len, seq_len, window, first, device=q.device)
+                mask = dispatch("ch02.sliding_window_mask", sliding_window_mask)(q_len, seq_len, window, first,
+                                                                                 device=q.device)
             outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

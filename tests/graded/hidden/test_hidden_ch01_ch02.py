@@ -55,3 +55,9 @@ def test_apply_penalties_long_histories_and_banned_tokens_hidden(impl, ref):
     repetition = torch.rand(R, generator=g) * 3 + 0.1
     args = (history, is_output, presence, frequency, repetition)
     assert_close(impl(logits.clone(), *args), ref(logits.clone(), *args), "apply_penalties [33, 1000], L=300")
+
+
+@pytest.mark.exercise("ch02.sliding_window_mask")
+@pytest.mark.points(1)
+def test_sliding_window_mask_long_chunk_hidden(impl, ref):
+    assert_equal(impl(64, 300, 40, 197), ref(64, 300, 40, 197), "sliding_window_mask(64, 300, 40, first_key=197)")

@@ -1,0 +1,12 @@
+"""Puts query i at position i (right for a fresh prefill, wrong for a decode or a chunk over context)."""
+
+
+def sliding_window_mask(q_len, kv_len, window, first_key=0, device=None):
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"bad window {window!r}")
+    if q_len < 1 or kv_len < q_len or not 0 <= first_key <= kv_len - q_len:
+        raise ValueError("bad lengths")
+    pos = torch.arange(q_len, device=device).unsqueeze(1)
+    keys = torch.arange(first_key, kv_len, device=device).unsqueeze(0)
+    mask = keys <= pos
+    return mask if window is None else mask & (keys > pos - window)
