@@ -32,7 +32,7 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     raise NotImplementedError("ch02.causal_mask is not attempted yet: write it in exercises/ch02_kv_cache.py")
 
 
-# ch02.sliding_window_mask (5 points)
+# ch02.sliding_window_mask (10 points)
 def sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: int = 0,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask [q_len, kv_len - first_key], True where query i may attend to key first_key + j.

@@ -36,7 +36,7 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
     return cols <= rows + (kv_len - q_len)
 
 
-# ch02.sliding_window_mask (5 points)
+# ch02.sliding_window_mask (10 points)
 def sliding_window_mask(q_len: int, kv_len: int, window: int | None, first_key: int = 0,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask [q_len, kv_len - first_key], True where query i may attend to key first_key + j.

@@ -92,7 +92,7 @@ _EXERCISES: list[Exercise] = [
     ),
     Exercise(
         id="ch02.sliding_window_mask", function="sliding_window_mask", source="kernels/sliding_window.py",
-        points=5,
+        points=10,
         hint="Positions pos = kv_len - q_len + i (a column), keys first_key + j (a row); keep key <= pos and, with a "
              "window, key > pos - window (window keys, the query's own included).",
         nudge="Start from the causal mask, then also hide every key more than window - 1 positions before the query.",

@@ -40,17 +40,16 @@ def test_causal_mask_device_argument(impl):
 
 
 @pytest.mark.exercise("ch02.sliding_window_mask")
-@pytest.mark.points(2)
-@pytest.mark.parametrize("q_len,kv_len,window,first_key", [(1, 1, 1, 0), (6, 6, 3, 0), (1, 40, 8, 0), (1, 40, 8, 32),
-                                                           (5, 30, 4, 21), (7, 19, 100, 0), (4, 9, None, 0),
-                                                           (3, 12, 2, 5)])
+@pytest.mark.points(1)
+@pytest.mark.parametrize("q_len,kv_len,window,first_key", [(6, 6, 3, 0), (1, 40, 8, 32), (5, 30, 4, 21),
+                                                           (7, 19, 100, 0), (4, 9, None, 0)])
 def test_sliding_window_mask_matches_solution(impl, ref, q_len, kv_len, window, first_key):
     args = f"sliding_window_mask({q_len}, {kv_len}, window={window}, first_key={first_key})"
     assert_equal(impl(q_len, kv_len, window, first_key), ref(q_len, kv_len, window, first_key), args)
 
 
 @pytest.mark.exercise("ch02.sliding_window_mask")
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_sliding_window_mask_is_the_band(impl, ref):
     for q_len, kv_len, window in [(1, 12, 5), (6, 6, 2), (4, 20, 7), (9, 11, 3)]:
         mask = impl(q_len, kv_len, window)
