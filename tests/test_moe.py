@@ -173,6 +173,42 @@ def test_the_fused_moe_path_gives_the_loops_logits(checkpoint, monkeypatch):
     torch.testing.assert_close(updated, _prefill_logits(model, hf)[1], rtol=1e-4, atol=1e-4)
 
 
+def test_moe_engines_take_cuda_graphs_where_the_fused_path_runs():
+    """On CUDA an MoE model's decode steps become graphs like a dense model's unless the expert loop must run
+    (expert capacity, expert parallelism), whose shapes follow the routing (engine/cache_config.py)."""
+    from minillm.engine.cache_config import resolve_engine_config
+    cuda = torch.device("cuda")
+    assert not resolve_engine_config(EngineConfig(), TINY_MOE, cuda).enforce_eager
+    assert resolve_engine_config(EngineConfig(moe_capacity_factor=1.25), TINY_MOE, cuda).enforce_eager
+    assert resolve_engine_config(EngineConfig(expert_parallel_size=2), TINY_MOE, cuda).enforce_eager
+    assert resolve_engine_config(EngineConfig(), TINY_MOE, torch.device("cpu")).enforce_eager
+    with pytest.raises(ValueError, match="moe_capacity_factor=1.25"):
+        resolve_engine_config(EngineConfig(enforce_eager=False, moe_capacity_factor=1.25), TINY_MOE, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_moe_decode_runs_in_cuda_graphs_with_the_eager_tokens(checkpoint):
+    """With the fused path (no capacity, no expert parallelism) an MoE model's decode steps are captured as CUDA
+    graphs like a dense model's: the greedy tokens of an eager engine, and the expert counts still kept."""
+    from minillm import LLM
+    from minillm.parallel.expert import collect_load_stats
+    directory, _ = checkpoint
+    prompts = [[5, 6, 7, 8], [40, 2, 90, 17, 3, 3], [9] * 11]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(directory, device="cuda", dtype="float32", max_model_len=64, enforce_eager=eager)
+        runner = llm.llm_engine.executor.driver_worker.runner
+        assert (runner.cuda_graphs is None) == eager
+        collect_load_stats(llm.llm_engine.executor, reset=True)
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        total = collect_load_stats(llm.llm_engine.executor)["total"]
+        assert all(sum(layer) >= (4 + 6 + 11 + 3 * 11) * 2 for layer in total)  # every row of every step, top-2
+        del llm
+    assert outs[False] == outs[True]
+
+
 def test_llm_greedy_matches_transformers_generate(checkpoint):
     from minillm import LLM
     directory, hf = checkpoint

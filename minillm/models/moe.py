@@ -21,9 +21,10 @@ The expert compute is a loop over experts, each a gather of its rows and two mat
 path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
 expert and padded into blocks, then one grouped GEMM per projection over all experts (vLLM's fused_moe), three
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
-loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path). MoE models run
-eagerly (engine/cache_config.py): the loop's shapes depend on the routing. The fused path's do not (fixed-size
-alignment, no host sync, ExpertLoad's counts updated in place), what CUDA graphs of its decode steps would need.
+loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path), and with it the
+engine runs eagerly: the loop's shapes depend on the routing. The fused path's do not, so its decode steps are
+CUDA graphs like a dense model's (engine/cache_config.py; the counts of ExpertLoad then include the padding rows
+of a graph's batch bucket). Mixed prefill steps and token trees stay eager for MoE models.
 """
 from __future__ import annotations
 
