@@ -113,6 +113,16 @@ def test_single_sequence_decode_reads_a_slice_of_its_window():
     torch.testing.assert_close(out, _banded_reference(q, k, v, 10, 32 ** -0.5), atol=2e-5, rtol=1e-4)
 
 
+def test_the_torch_path_attends_in_chunks_of_queries():
+    from minillm.layers.attention import _banded, sdpa_attention
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(37, 4, 16, generator=gen), torch.randn(50, 2, 16, generator=gen), \
+        torch.randn(50, 2, 16, generator=gen)
+    for chunk in (5, 64):
+        out = torch.cat(_banded(sdpa_attention, q, k, v, 0.25, window=9, chunk=chunk))
+        torch.testing.assert_close(out, _banded_reference(q, k, v, 9, 0.25), atol=2e-5, rtol=1e-4)
+
+
 def test_config_reads_windows_as_transformers_does(tmp_path):
     config = ModelConfig(architecture="qwen2", num_hidden_layers=3, sliding_window=8,
                          layer_types=["full_attention", "sliding_attention", "sliding_attention"])
@@ -237,7 +247,7 @@ def test_on_a_gpu_kernels_keep_to_the_band_and_graphs_replay_it():
     outputs = []
     for eager in (True, False):
         engine = LLMEngine(model.to("cuda", torch.bfloat16), ByteTokenizer(), config,
-                           EngineConfig(block_size=16, max_model_len=128, enforce_eager=eager),
+                           EngineConfig(block_size=16, max_model_len=128, num_kv_blocks=64, enforce_eager=eager),
                            device=torch.device("cuda"), dtype=torch.bfloat16)
         outputs.append(run_to_completion(engine, prompts, SamplingParams(max_tokens=30, temperature=0.0,
                                                                          ignore_eos=True)))

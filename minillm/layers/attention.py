@@ -238,6 +238,23 @@ def _lengths(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
     return q_lens, seq_lens
 
 
+def _banded(attn_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+            chunk: int = 1024) -> list[torch.Tensor]:
+    """Sliding-window attention of one sequence's q_len queries (the last of its kv_len keys k, v), in chunks of
+    `chunk` queries: each chunk passes only the keys from its first query's window on and the band's mask
+    (exercise ch02.sliding_window_mask), so no call holds more than chunk x (chunk + window - 1) scores."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    mask_fn = dispatch("ch02.sliding_window_mask", sliding_window_mask)
+    outputs = []
+    for a in range(0, q_len, chunk):
+        b = min(a + chunk, q_len)
+        end = kv_len - q_len + b  # one past the chunk's last query's position
+        first = first_visible_key(end, b - a, window)
+        mask = mask_fn(b - a, end, window, first, device=q.device)
+        outputs.append(attn_fn(q[a:b], k[first:end], v[first:end], scale, mask=mask))
+    return outputs
+
+
 class Attention(OperatorModule):
     """Multi-head / grouped-query attention over the packed batch described by the forward context.
 
@@ -352,12 +369,10 @@ class Attention(OperatorModule):
             # a token tree's rows see their ancestors only (chapter 9); -1 rows keep the causal mask
             tree = meta.tree_mask is not None and q_len <= MAX_TREE_NODES  # longer: a prefill, never a tree
             mask = tree_visibility(meta.tree_mask[start:end], seq_len) if tree else None
-            if window is not None:  # only the keys of the first query's window onwards, and the band's mask
-                first = first_visible_key(seq_len, q_len, window)
-                k_seq, v_seq = k_seq[first:], v_seq[first:]
-                mask = dispatch("ch02.sliding_window_mask", sliding_window_mask)(q_len, seq_len, window, first,
-                                                                                 device=q.device)
-            outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
+            if window is not None:  # the band, a chunk of queries at a time: memory bounded by the window
+                outputs += _banded(attn_fn, q[start:end], k_seq, v_seq, self.scale, window)
+            else:
+                outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
