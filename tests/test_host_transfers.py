@@ -102,10 +102,12 @@ def test_on_a_gpu_a_store_behind_a_long_kernel_returns_before_it_and_lands_after
     pool = torch.zeros(2, 2, 4, 16, 2, 64, dtype=torch.bfloat16, pin_memory=True)
     transfers = HostTransfers(torch.device("cuda"))
     want = device[:, :, [5, 1]].cpu()
+    # the device ids before the busy kernel: a pageable .cuda() copy queued behind it would wait for it
+    device_ids, load_ids = ids([5, 1]).cuda(), ids([0, 2]).cuda()
     torch.cuda._sleep(2_000_000_000)  # about a second of a busy stream
-    transfers.store(device, ids([5, 1]).cuda(), pool, ids([3, 0]))  # (device ids: KVCache._device_ids)
+    transfers.store(device, device_ids, pool, ids([3, 0]))  # (device ids: KVCache._device_ids)
     assert transfers.num_pending == 1 and not transfers._pending[0].ready()  # returned before its copy ran
-    transfers.load(pool, ids([3, 0]), device, ids([0, 2]).cuda())  # lands the store first (waits for it)
+    transfers.load(pool, ids([3, 0]), device, load_ids)  # lands the store first (waits for it)
     assert transfers.num_pending == 0
     torch.testing.assert_close(pool[:, :, [3, 0]], want, rtol=0, atol=0)
     torch.testing.assert_close(device[:, :, [0, 2]].cpu(), want, rtol=0, atol=0)

@@ -22,7 +22,8 @@ PROMPTS = [[5, 9, 33, 7, 81, 12, 3, 44, 17, 2, 200], [66, 1, 90], [120], list(ra
 
 def embed(model, ids):
     with torch.inference_mode():
-        return model.model.embed_tokens(torch.tensor(ids)).clone()
+        weight = model.model.embed_tokens.weight
+        return model.model.embed_tokens(torch.tensor(ids, device=weight.device)).clone()
 
 
 PAGED = dict(scheduling="continuous", kv_layout="paged", block_size=4, enable_prompt_embeds=True)
@@ -191,7 +192,7 @@ def test_on_a_gpu_embeddings_steps_run_eagerly_beside_graph_steps():
     config = tiny_config()
     model = tiny_model(config).to("cuda")
     engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=64, max_num_seqs=8, block_size=16,
-                       enable_prompt_embeds=True), device=torch.device("cuda"), dtype=torch.float32)
+                       num_kv_blocks=64, enable_prompt_embeds=True), device=torch.device("cuda"), dtype=torch.float32)
     assert engine.runner.cuda_graphs is not None
     prompts = PROMPTS + [embed(model, p) for p in PROMPTS]
     outputs = run_to_completion(engine, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
