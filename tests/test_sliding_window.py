@@ -156,7 +156,7 @@ def _tiny_mistral(window: int, layer_types=None):
     return transformers.Qwen2ForCausalLM(hf).eval()
 
 
-def _ours(hf, window: int, layer_types=None) -> tuple[ModelConfig, LlamaForCausalLM]:
+def _ours(hf, window: int, layer_types=None, backend: str = "auto") -> tuple[ModelConfig, LlamaForCausalLM]:
     arch = "mistral" if layer_types is None else "qwen2"
     c = hf.config
     config = ModelConfig(architecture=arch, vocab_size=260, hidden_size=64, intermediate_size=96,
@@ -164,15 +164,17 @@ def _ours(hf, window: int, layer_types=None) -> tuple[ModelConfig, LlamaForCausa
                          max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=c.rope_parameters["rope_theta"],
                          attention_bias=arch == "qwen2", eos_token_id=257, sliding_window=window,
                          layer_types=layer_types)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config, backend=backend).eval()
     model.load_weights(hf.state_dict().items())
     return config, model
 
 
-@pytest.mark.parametrize("layer_types", [None, ["full_attention", "sliding_attention"]], ids=["mistral", "qwen2"])
-def test_prefill_logits_match_transformers(layer_types):
+@pytest.mark.parametrize("layer_types,backend", [(None, "torch"), (["full_attention", "sliding_attention"], "torch"),
+                                                 (None, "triton")], ids=["mistral", "qwen2", "mistral-triton"])
+def test_prefill_logits_match_transformers(layer_types, backend):
+    """Without a KV cache (perplexity, the pool's profiling run): a 5-token prompt inside the window, 40 past it."""
     hf = _tiny_mistral(7, layer_types)
-    _, model = _ours(hf, 7, layer_types)
+    _, model = _ours(hf, 7, layer_types, backend)
     lens = [5, 40]
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 256, (n,), generator=g) for n in lens]

@@ -42,9 +42,11 @@ The Triton attention path, chapters 3 and 5:
   `flash_attn_varlen` on it.
 
 Sliding windows (Mistral, Qwen2's upper layers; kernels/sliding_window.py): a layer built with `sliding_window` W
-lets each query see its last W keys. The torch path slices and masks the band; on the Triton path every step of
-such a layer goes through the paged kernels, which take the window (a fresh prefill too: chapter 3's packed kernel
-has none), and a call without a cache falls back to the torch path.
+lets each query see its last W keys. The torch path slices and masks the band; on the Triton path a decode step
+always passes the window to the paged decode kernel (a CUDA graph replays it at any length), and a step with
+prefill tokens whose sequences all fit in the window is plain causal attention on the usual paths; a longer one goes
+through the paged prefill kernel, which takes the window (a fresh prefill too: chapter 3's packed kernel has none),
+or, without a cache, the torch path.
 
 FP8 KV cache (minillm.layers.kv_quant; the engine binds `k_scale`/`v_scale`, fp32 [KVH], next to the cache views):
 new keys and values are quantised on their way into the cache (x / scale, saturated at +-448, rounded to
@@ -401,8 +403,6 @@ class Attention(OperatorModule):
         window = self.sliding_window
         if window is not None and tree:
             raise ValueError(f"token-tree attention (tree_mask) has no sliding window; this layer's is {window}")
-        if window is not None and not read_cache:  # chapter 3's packed kernel has no window: SDPA with the band
-            return self._torch_attention(q, k, v, meta, False, q_lens, seq_lens)
         if tree and max(q_lens) <= MAX_TREE_NODES:  # trees, chains and decodes: one tree-masked paged launch
             return paged_tree_attention(q, self.k_cache, self.v_cache, meta, q_lens, self.scale,
                                         k_scale=self.k_scale, v_scale=self.v_scale)
@@ -410,7 +410,11 @@ class Attention(OperatorModule):
         if decode_q_len is not None:  # a decode step, or a verify step with the same number of drafts per sequence
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                           softmax_scale=self.scale, q_len=decode_q_len, k_scale=self.k_scale,
-                                          v_scale=self.v_scale, window=window)
+                                          v_scale=self.v_scale, window=window)  # (graphs replay it: always)
+        if window is not None and max(seq_lens) <= window:
+            window = None  # every key lies inside every query's window: plain causal attention, on any path
+        if window is not None and not read_cache:  # chapter 3's packed kernel has no window: SDPA with the band
+            return self._torch_attention(q, k, v, meta, False, q_lens, seq_lens)
         cu_seqlens_q = meta.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
         if q_lens == seq_lens and window is None:  # nothing cached before these tokens: the fresh k/v directly
             return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_q,
