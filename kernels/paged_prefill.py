@@ -288,5 +288,5 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         scale * _LOG2E, batch, window or 0,
         QUERY_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=block_size,
-        HAS_SCALE=has_scale, UPCAST=triton_interpreted() and q.dtype != torch.float32, SLIDING=bool(window), **tiles)
+        HAS_SCALE=has_scale, UPCAST=triton_interpreted() and q.dtype != torch.float32, SLIDING=window is not None, **tiles)
     return out

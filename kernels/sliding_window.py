@@ -5,9 +5,11 @@ of every earlier key: Hugging Face's mask keeps key j for query i when i - W < j
 further than W, one window per layer (a stack of L layers sees L x W tokens back), while attention's cost per
 token stops growing with the context: at most W keys are read, however long the sequence.
 
-Where minillm applies it: every attention path takes the window. The Triton kernels skip the key tiles before
-the first query's window and mask the tiles its lower edge cuts through (kernels/paged_prefill.py,
-kernels/paged_attention.py); the torch path slices each sequence's keys to the window and masks the band. What is
+Chapter 2 builds the mask (exercise ch02.sliding_window_mask, below); chapter 5 asks what a window changes in a
+paged engine. Where minillm applies it: every attention path takes the window. The Triton kernels skip the key
+tiles before the first query's window and mask the tiles its lower edge cuts through (kernels/paged_prefill.py,
+kernels/paged_attention.py); the torch path (minillm/layers/attention.py, decode_attention.py) gathers each
+sequence's keys from its first query's window on and masks the band with this module's function. What is
 not done: the KV cache still keeps every token's K/V (vLLM frees the blocks that slid out of every layer's window),
 so memory grows with the context as for full attention; token-tree speculation is refused beside a window (a tree
 node's window would be counted from its depth, not its slot).

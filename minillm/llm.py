@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import torch
 
 from minillm.config import EngineConfig
+from minillm.engine.async_llm import take_snapshot
 from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
 from minillm.engine.kv_cache import shared_pool_memory
@@ -529,7 +530,6 @@ class LLM:
             raise RuntimeError(f"the scheduler made no progress for 100 steps with "
                                f"{self.llm_engine.get_num_unfinished_requests()} request(s) unfinished")
         if self._stats is not None:
-            from minillm.engine.async_llm import take_snapshot
             self._stats.on_step(outputs, take_snapshot(self.llm_engine))
         for out in outputs:
             if out.request_id in self._watching:

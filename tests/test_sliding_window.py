@@ -123,6 +123,14 @@ def test_the_torch_path_attends_in_chunks_of_queries():
         torch.testing.assert_close(out, _banded_reference(q, k, v, 9, 0.25), atol=2e-5, rtol=1e-4)
 
 
+def test_gather_kv_from_a_window_start_reads_the_same_keys():
+    from minillm.layers.attention import gather_kv
+    cache = torch.randn(6, 4, 2, 8)
+    table = torch.tensor([3, 0, 5, 1], dtype=torch.int32)
+    for start in (0, 1, 4, 7, 8, 12, 13):
+        assert torch.equal(gather_kv(cache, table, 14, start), gather_kv(cache, table, 14)[start:])
+
+
 def test_config_reads_windows_as_transformers_does(tmp_path):
     config = ModelConfig(architecture="qwen2", num_hidden_layers=3, sliding_window=8,
                          layer_types=["full_attention", "sliding_attention", "sliding_attention"])

@@ -185,8 +185,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len keys (or values) [seq_len, KVH, D] of one sequence, through its block table row.
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, start: int = 0) -> torch.Tensor:
+    """Keys (or values) start .. seq_len - 1 [seq_len - start, KVH, D] of one sequence, through its block table row
+    (start > 0: a sliding window's first visible key; the blocks before it are not read).
 
     Only the blocks the sequence uses are touched, and of the last one only its used rows: with the contiguous
     layout (block_size = max_model_len, one block per sequence) indexing `cache[blocks]` first would copy the
@@ -198,12 +199,13 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     if len(blocks) < num_blocks or min(blocks, default=0) < 0:
         raise ValueError(f"block_table {block_table.tolist()} does not hold the {num_blocks} blocks that "
                          f"{seq_len} tokens need with block_size {block_size}")
+    first_block, skip = divmod(start, block_size)
     last_rows = seq_len - (num_blocks - 1) * block_size
     last = cache[blocks[-1], :last_rows]
-    if num_blocks == 1:
-        return last
-    full = cache[block_table[:num_blocks - 1].long()].flatten(0, 1)  # copies exactly the full blocks
-    return torch.cat((full, last), dim=0)
+    if first_block == num_blocks - 1:
+        return last[skip:]
+    full = cache[block_table[first_block:num_blocks - 1].long()].flatten(0, 1)  # copies exactly the full blocks
+    return torch.cat((full, last), dim=0)[skip:]
 
 
 def gather_kv_packed(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -241,11 +243,12 @@ def _lengths(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
 
 
 def _banded(attn_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
-            chunk: int = 1024) -> list[torch.Tensor]:
-    """Sliding-window attention of one sequence's q_len queries (the last of its kv_len keys k, v), in chunks of
-    `chunk` queries: each chunk passes only the keys from its first query's window on and the band's mask
-    (exercise ch02.sliding_window_mask), so no call holds more than chunk x (chunk + window - 1) scores."""
-    q_len, kv_len = q.shape[0], k.shape[0]
+            key_start: int = 0, chunk: int = 1024) -> list[torch.Tensor]:
+    """Sliding-window attention of one sequence's q_len queries, the last of its keys; k and v hold its keys from
+    position key_start on. In chunks of `chunk` queries: each chunk passes only the keys from its first query's
+    window on and the band's mask (exercise ch02.sliding_window_mask), so no call holds more than
+    chunk x (chunk + window - 1) scores."""
+    q_len, kv_len = q.shape[0], key_start + k.shape[0]
     mask_fn = dispatch("ch02.sliding_window_mask", sliding_window_mask)
     outputs = []
     for a in range(0, q_len, chunk):
@@ -253,7 +256,8 @@ def _banded(attn_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         end = kv_len - q_len + b  # one past the chunk's last query's position
         first = first_visible_key(end, b - a, window)
         mask = mask_fn(b - a, end, window, first, device=q.device)
-        outputs.append(attn_fn(q[a:b], k[first:end], v[first:end], scale, mask=mask))
+        keys = slice(first - key_start, end - key_start)
+        outputs.append(attn_fn(q[a:b], k[keys], v[keys], scale, mask=mask))
     return outputs
 
 
@@ -360,9 +364,10 @@ class Attention(OperatorModule):
             if q_len < 1 or q_len > seq_len:
                 raise ValueError(f"sequence {i}: need 1 <= q_len <= seq_len, got q_len={q_len}, seq_len={seq_len}")
             end = start + q_len
+            first = 0 if window is None else first_visible_key(seq_len, q_len, window)  # 0 for a fresh prompt
             if read_cache:
-                k_seq = gather_kv(self.k_cache, meta.block_tables[i], seq_len)
-                v_seq = gather_kv(self.v_cache, meta.block_tables[i], seq_len)
+                k_seq = gather_kv(self.k_cache, meta.block_tables[i], seq_len, first)
+                v_seq = gather_kv(self.v_cache, meta.block_tables[i], seq_len, first)
                 if self.k_scale is not None:
                     k_seq = dequantize_kv(k_seq, self.k_scale, q.dtype)
                     v_seq = dequantize_kv(v_seq, self.v_scale, q.dtype)
@@ -372,7 +377,7 @@ class Attention(OperatorModule):
             tree = meta.tree_mask is not None and q_len <= MAX_TREE_NODES  # longer: a prefill, never a tree
             mask = tree_visibility(meta.tree_mask[start:end], seq_len) if tree else None
             if window is not None:  # the band, a chunk of queries at a time: memory bounded by the window
-                outputs += _banded(attn_fn, q[start:end], k_seq, v_seq, self.scale, window)
+                outputs += _banded(attn_fn, q[start:end], k_seq, v_seq, self.scale, window, first)
             else:
                 outputs.append(attn_fn(q[start:end], k_seq, v_seq, self.scale, mask=mask))
             start = end

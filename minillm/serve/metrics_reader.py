@@ -1,5 +1,6 @@
-"""The /metrics collectors read back as plain Python objects: what `LLM.get_metrics()` returns (vLLM's
-vllm.v1.metrics.reader), for a notebook or a script that wants the numbers without scraping an HTTP endpoint.
+"""The /metrics collectors (metrics.py, chapter 10) read back as plain Python objects: what `LLM.get_metrics()`
+returns (vLLM's vllm.v1.metrics.reader), for a notebook or a script that wants the numbers without scraping an
+HTTP endpoint.
 
 Each collector becomes one object per label set: a Counter (its running total), a Gauge (its value now) or a
 Histogram (observations, their sum, and the cumulative count at or below each bucket's upper bound, keyed by the
