@@ -404,8 +404,10 @@ print(f"the eight chat turns: {num_kv_blocks_needed(lengths, 16)} blocks = {16 *
 # 6. *Mistral 7B v0.1 attends through a 4,096-token sliding window. What changes in a paged engine?*
 #    <details><summary>answer</summary>Query p sees keys p − W + 1 .. p only, so the kernels start their key loop at
 #    the first query's window (a decode reads W keys, not the whole context: its cost stops growing) and mask the
-#    window's lower edge; blocks wholly before every layer's window could go back to the pool (vLLM frees them;
-#    minillm keeps them, so memory still grows with the context).</details>
+#    window's lower edge; and blocks wholly before every layer's window go back to the pool as the sequence grows
+#    (vLLM's sliding-window manager, minillm's `engine/block_window.py`), so a sequence holds about W tokens of K/V,
+#    not its whole context, and a prompt takes its blocks one chunk at a time. Not where a full-attention layer sits
+#    beside the sliding ones (Qwen2's lower layers): it still reads every key.</details>
 #
 # The band of visible keys for six tokens and a window of 3 (rows: queries, columns: keys), the mask the paged
 # kernels are tested against (`kernels/sliding_window.py`):
@@ -416,6 +418,26 @@ from minillm.kernels.sliding_window import sliding_window_mask
 
 for row in sliding_window_mask(6, 6, window=3).int().tolist():
     print(" ".join("x" if seen else "." for seen in row))
+
+# %% [markdown]
+# And the blocks: a `BlockManager(sliding_window=W)` (the engine's, when every layer slides) gives back the blocks
+# wholly before the next query's window; their table entries become -1, the value tables are padded with, which no
+# kernel reads. One sequence decoding, window 6, blocks of 4: it never holds more than 3 blocks.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+windowed = BlockManager(num_blocks=16, block_size=4, sliding_window=6)
+seq = Sequence("w", [1, 2, 3], SamplingParams())
+windowed.allocate(seq)
+for token in range(20):  # each step: give back what slid out, room for the new token, compute it, sample the next
+    windowed.release_out_of_window(seq)
+    windowed.append_slots(seq, seq.num_uncomputed_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    seq.token_ids.append(token)
+    if token % 5 == 4:
+        print(f"{seq.num_computed_tokens:2d} tokens computed: table {seq.block_table}, "
+              f"{windowed.num_used_blocks} blocks held")
+windowed.free(seq)
 
 # %% [markdown]
 # **What to remember**

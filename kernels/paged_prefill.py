@@ -35,9 +35,10 @@ Heavy tiles (late in long sequences) are launched first, so short ones fill the 
 
 Sliding-window attention (Mistral 7B v0.1, Qwen2's upper layers; `window` W > 0): the query at position p sees only
 the W keys p - W + 1 .. p. The tile's rows lie between positions first and last, so keys before first - W + 1 are
-never loaded, the tiles every row sees in full are those from last - W + 1 up to the diagonal (no mask), and the
-tiles the window's lower edge cuts through take the masked loop with both edges tested. The work per query is then
-at most W keys however long the sequence grows.
+never loaded (not even to be masked: the engine may have given their blocks back, block_window.py, and their
+table entries are -1), the tiles every row sees in full are those from last - W + 1 up to the diagonal (no mask),
+and the keys the window's lower edge cuts through take the masked loop, from first - W + 1 on, with both edges
+tested. The work per query is then at most W keys however long the sequence grows.
 
 FP8 KV cache: with k_scale/v_scale (fp32 [KVH]) the cache holds x / scale. The scales are constant along the keys:
 k_scale folds into the softmax scale and v_scale multiplies the finished output (as paged_attention.py does).
@@ -167,7 +168,7 @@ def _paged_prefill_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLEN
     lo = full_end * 0  # keys before lo are seen by no row, keys from lo to mid by some rows only
     mid = lo
     if SLIDING:  # the first row's window starts at its position - window + 1, the last row's later
-        lo = tl.maximum(context_len + first_query - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(context_len + first_query - window + 1, 0)  # not rounded down: earlier blocks may be gone
         mid = tl.cdiv(tl.maximum(context_len + last_query - window + 1, 0), BLOCK_N) * BLOCK_N  # seen by every row
         mid = tl.minimum(tl.maximum(mid, lo), full_end)
         acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, lo, mid,
@@ -176,7 +177,8 @@ def _paged_prefill_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLEN
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, mid, full_end,
                                   qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                   window, False, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, SLIDING)
-    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, full_end, hi,
+    tail = tl.maximum(full_end, lo)  # (a window narrower than a tile may start past full_end)
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, K_CACHE, V_CACHE, table_row, kv_head, q_pos, tail, hi,
                                   qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                   window, True, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, SLIDING)
 

@@ -160,6 +160,15 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when EVERY layer slides (Mistral 7B v0.1), else None. Only then can the KV cache give back the
+        blocks that slid out of it: a full-attention layer among them still reads every key (block_window.py)."""
+        if self.sliding_window is None or any(self.sliding_window_of(i) is None
+                                              for i in range(self.num_hidden_layers)):
+            return None
+        return self.sliding_window
+
     def _check_labels(self) -> None:
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

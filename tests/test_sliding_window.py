@@ -232,6 +232,17 @@ def test_tree_speculation_is_refused_beside_a_window():
                   EngineConfig(speculative_config={"method": "ngram_tree", "num_speculative_tokens": 3}))
 
 
+def check_bf16_against_band(out, dec, q, cu, keys, window):
+    """GPU kernels' bf16 outputs against the band in fp32 over bf16-rounded inputs: `out` the prefill's rows of every
+    sequence, `dec` each sequence's last query as a decode step (head_dim 128)."""
+    for i, (k, v) in enumerate(keys):
+        k, v = k.bfloat16().float(), v.bfloat16().float()
+        rows = slice(cu[i], cu[i + 1])
+        ref = _banded_reference(q[rows].bfloat16().float(), k, v, window, 128 ** -0.5)
+        torch.testing.assert_close(out[rows].float().cpu(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dec[i].float().cpu(), ref[-1], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_kernels_keep_to_the_band_and_graphs_replay_it():
@@ -249,12 +260,7 @@ def test_on_a_gpu_kernels_keep_to_the_band_and_graphs_replay_it():
         out = paged_prefill_attention(q.cuda().bfloat16(), kb, vb, tables.cuda(), lens, cu.cuda(), window=window)
         last = q[cu[1:] - 1].cuda().bfloat16()  # each sequence's last query as a decode step
         dec = paged_decode_attention(last, kb, vb, tables.cuda(), lens, window=window, num_splits=4)
-        for i, (k, v) in enumerate(keys):
-            k, v = k.bfloat16().float(), v.bfloat16().float()
-            rows = slice(cu[i], cu[i + 1])
-            ref = _banded_reference(q[rows].bfloat16().float(), k, v, window, 128 ** -0.5)
-            torch.testing.assert_close(out[rows].float().cpu(), ref, atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(dec[i].float().cpu(), ref[-1], atol=2e-2, rtol=2e-2)
+        check_bf16_against_band(out, dec, q, cu, keys, window)
     hf = _tiny_mistral(9)
     config, model = _ours(hf, 9)
     prompts = [list(range(40, 40 + n)) for n in (3, 30, 12)]

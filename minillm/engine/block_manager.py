@@ -28,6 +28,10 @@ sequence at the start of each step, and by `append_slots`, `swap_out` and `free`
 below num_computed_tokens. Registering at allocation time instead would let a request in the same step hit a
 block whose K/V have not been written yet.
 
+Sliding windows (block_window.py): with `sliding_window` (every layer of the model slides), the blocks wholly
+before a sequence's window are given back as it goes (their table entries become NULL_BLOCK) and a prompt is
+allocated a chunk at a time, so a sequence holds its window, not its whole context.
+
 The arithmetic (slot mapping, blocks to take, references to drop, swap pairs) lives in block_table.py as plain
 functions, the course's exercises; this class calls them through `dispatch`.
 """
@@ -38,21 +42,27 @@ from collections import deque
 from minillm.engine.block_invariants import check_block_manager
 from minillm.engine.block_swap import SwapSpace
 from minillm.engine.block_table import blocks_to_append, free_blocks, slot_mapping
+from minillm.engine.block_window import NULL_BLOCK, SlidingWindowBlocks, held_blocks, num_released
 from minillm.engine.offload_tier import OffloadTier
 from minillm.engine.prefix_cache import PrefixCache, chain_hashes
 from minillm.engine.sequence import Sequence
 from minillm.hooks import dispatch
 
 
-class BlockManager(SwapSpace):
-    """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching, with a CPU tier."""
+class BlockManager(SwapSpace, SlidingWindowBlocks):
+    """Allocates device (and CPU swap) KV blocks to sequences; optional prefix caching, with a CPU tier; with
+    `sliding_window`, gives back the blocks that slid out of every layer's window."""
 
     def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, watermark: float = 0.01,
-                 enable_prefix_caching: bool = False, num_offload_blocks: int = 0) -> None:
+                 enable_prefix_caching: bool = False, num_offload_blocks: int = 0,
+                 sliding_window: int | None = None) -> None:
         for name, value, low in (("num_blocks", num_blocks, 1), ("block_size", block_size, 1),
                                  ("num_cpu_blocks", num_cpu_blocks, 0), ("num_offload_blocks", num_offload_blocks, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"BlockManager {name} must be an integer >= {low}, got {value!r}")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"BlockManager sliding_window must be an integer >= 1 or None, got {sliding_window!r}")
         if not 0 <= watermark < 1:
             raise ValueError(f"watermark must be a fraction in [0, 1), got {watermark!r}")
         if num_offload_blocks and not enable_prefix_caching:
@@ -61,6 +71,7 @@ class BlockManager(SwapSpace):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
+        self.sliding_window = sliding_window  # every layer's window: blocks before it are given back (None: kept)
         # Admissions keep this many blocks free, so that running sequences can still grow without an
         # immediate preemption right after a new request came in.
         self.watermark_blocks = int(watermark * num_blocks)
@@ -218,62 +229,72 @@ class BlockManager(SwapSpace):
             host_hits.append(host)
         return hits, host_hits, hashes
 
-    def _allocation_cost(self, seq: Sequence) -> tuple[int, int]:
-        """(free blocks that allocate(seq) would consume, tokens it would find cached). A block found in the CPU
-        tier costs a fresh device block, as an uncached one does, but its tokens count as cached."""
+    def _allocation_cost(self, seq: Sequence, num_new_tokens: int | None = None) -> tuple[int, int]:
+        """(free blocks that allocate(seq, num_new_tokens) would consume, tokens it would find cached). A block
+        found in the CPU tier costs a fresh device block, as an uncached one does, but its tokens count as cached;
+        with a sliding window, cached blocks before the window cost nothing (they are not taken)."""
         hits, host_hits, _ = self._match_prefix(seq)
         cached = (len(hits) + len(host_hits)) * self.block_size
-        fresh = self.blocks_needed(seq.num_tokens) - len(hits)
         if cached and cached == seq.num_tokens:  # full hit: the last block is copied (or loaded), not held
             cached -= 1
             if not host_hits:
-                hits, fresh = hits[:-1], fresh + 1
-        return fresh + sum(self.ref_counts[b] == 0 for b in hits), cached
+                hits = hits[:-1]
+        kept = self.first_kept_block(cached)
+        blocks = self.blocks_needed(self.covered_tokens(seq.num_tokens, cached, num_new_tokens))
+        return blocks - max(kept, len(hits)) + sum(self.ref_counts[b] == 0 for b in hits[kept:]), cached
 
     def num_cached_tokens_on_allocate(self, seq: Sequence) -> int:
         """What allocate(seq) would set num_computed_tokens to (the prefix-cache hit), without allocating."""
         return self._allocation_cost(seq)[1]
 
-    def num_blocks_to_allocate(self, seq: Sequence) -> int:
-        """Free blocks allocate(seq) would consume (cached prefix blocks that are held already cost nothing)."""
-        return self._allocation_cost(seq)[0]
+    def num_blocks_to_allocate(self, seq: Sequence, num_new_tokens: int | None = None) -> int:
+        """Free blocks allocate(seq, num_new_tokens) would consume (cached prefix blocks that are held already cost
+        nothing)."""
+        return self._allocation_cost(seq, num_new_tokens)[0]
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Could allocate(seq) succeed now and leave the watermark free?"""
-        return self.num_free_blocks - self.num_blocks_to_allocate(seq) >= self.watermark_blocks
+    def can_allocate(self, seq: Sequence, num_new_tokens: int | None = None) -> bool:
+        """Could allocate(seq, num_new_tokens) succeed now and leave the watermark free?"""
+        return self.num_free_blocks - self.num_blocks_to_allocate(seq, num_new_tokens) >= self.watermark_blocks
 
-    def allocate(self, seq: Sequence) -> list[tuple[int, int]]:
+    def allocate(self, seq: Sequence, num_new_tokens: int | None = None) -> list[tuple[int, int]]:
         """Give a new (or recomputed) sequence blocks for all its tokens, reusing cached prefix blocks.
 
         Sets seq.num_computed_tokens = seq.num_cached_tokens = the cached prefix length. If the WHOLE sequence
         is cached, its last token is left uncomputed so the step still produces logits; that token's block
-        is cached (read-only), so it is copied into a fresh block: the (src, dst) pair is returned."""
+        is cached (read-only), so it is copied into a fresh block: the (src, dst) pair is returned.
+        With a sliding window (block_window.py), num_new_tokens (this step's chunk) limits the blocks taken to
+        the cached prefix plus the chunk (later chunks take theirs through append_slots), and the cached blocks
+        before the window are not taken: their entries are NULL_BLOCK."""
         if seq.block_table or seq.seq_id in self._on_device or seq.seq_id in self._cpu_tables:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}; free it first")
         if seq.num_tokens < 1:
             raise ValueError(f"sequence {seq.seq_id} has no tokens to allocate blocks for")
-        cost, _ = self._allocation_cost(seq)
+        if num_new_tokens is not None and num_new_tokens < 1:
+            raise ValueError(f"num_new_tokens must be >= 1 (or None: all of them), got {num_new_tokens}")
+        cost, _ = self._allocation_cost(seq, num_new_tokens)
         if cost > self.num_free_blocks:
             raise RuntimeError(f"allocate needs {cost} free blocks, {self.num_free_blocks} are free")
         hits, host_hits, hashes = self._match_prefix(seq)
         copies: list[tuple[int, int]] = []
         num_hit = len(hits) + len(host_hits)
         full = num_hit > 0 and num_hit * self.block_size == seq.num_tokens
+        computed = seq.num_tokens - 1 if full else num_hit * self.block_size
+        kept = self.first_kept_block(computed)  # blocks before it lie before the window: not taken
         cow_src = hits.pop() if full and not host_hits else None
-        for block in hits:
+        for block in hits[kept:]:
             self._hold_cached(block)
-        table = list(hits)
+        table = [NULL_BLOCK] * min(kept, len(hits)) + hits[kept:]
         if cow_src is not None:
             # The source is not held: if it is evicted to become dst itself, its content is already there.
             dst = self._take_block()
             if dst != cow_src:
                 self._copy_block(cow_src, dst, copies)
             table.append(dst)
-        table += self._load_offloaded(seq, hashes, host_hits, len(table), full)
-        while len(table) < self.blocks_needed(seq.num_tokens):
+        table += self._load_offloaded(seq, hashes, host_hits, len(table), full, kept)
+        while len(table) < self.blocks_needed(self.covered_tokens(seq.num_tokens, computed, num_new_tokens)):
             table.append(self._take_block())
         seq.block_table = table
-        seq.num_computed_tokens = seq.num_tokens - 1 if full else num_hit * self.block_size
+        seq.num_computed_tokens = computed
         seq.num_cached_tokens = seq.num_computed_tokens
         self._on_device[seq.seq_id] = seq
         self._num_offered[seq.seq_id] = num_hit - 1 if full else num_hit  # (a full hit's last block: private)
@@ -285,15 +306,19 @@ class BlockManager(SwapSpace):
         return copies
 
     def _load_offloaded(self, seq: Sequence, hashes: list[int], host_hits: list[int], start: int,
-                        full: bool) -> list[int]:
+                        full: bool, first_kept: int = 0) -> list[int]:
         """Device blocks for seq's blocks start, start + 1, ... found in the CPU tier (`host_hits`): each is filled
         from its host block before this step's forward (a queued load) and registered in the device cache at
         once, as computed; a request later in the same step that hits it reads it after the load, and a copy of
         it is redirected to the host block (_copy_block). The last block of a fully cached prompt stays private
-        (its last token is computed again, as allocate does for a device hit)."""
+        (its last token is computed again, as allocate does for a device hit). Blocks before `first_kept` (a
+        sliding window's first block) are not loaded at all: their entries are NULL_BLOCK."""
+        skipped = max(0, min(first_kept - start, len(host_hits)))
+        host_hits = host_hits[skipped:]
+        start += skipped
         for host in host_hits:  # before any take: a device eviction's store may not reuse these host blocks
             self.offload.pin(host)
-        blocks, bs, keys = [], self.block_size, seq.cache_keys
+        blocks, bs, keys = [NULL_BLOCK] * skipped, self.block_size, seq.cache_keys
         for i, host in enumerate(host_hits):
             j, block = start + i, self._take_block()
             self.offload.load(host, block)
@@ -384,7 +409,7 @@ class BlockManager(SwapSpace):
         hashes = self._hashes[seq.seq_id] = chain_hashes(keys, self.block_size, num_full,
                                                          self._hashes.get(seq.seq_id), salt=seq.cache_salt)
         bs = self.block_size
-        for j in range(start, num_full):
+        for j in range(max(start, num_released(seq.block_table)), num_full):  # (released ones: offered before)
             self.prefix_cache.insert(seq.block_table[j], hashes[j], hashes[j - 1] if j else seq.cache_salt,
                                      tuple(keys[j * bs:(j + 1) * bs]))
         self._num_offered[seq.seq_id] = num_full
@@ -401,7 +426,7 @@ class BlockManager(SwapSpace):
         if child.token_ids[:n] != parent.token_ids[:n]:
             raise ValueError(f"child sequence {child.seq_id} must start with the parent's {n} computed tokens")
         child.block_table = list(parent.block_table)
-        for block in child.block_table:
+        for block in held_blocks(child.block_table):
             self.ref_counts[block] += 1
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
@@ -414,9 +439,9 @@ class BlockManager(SwapSpace):
         evictable; they are released tail first, so eviction takes a prefix's end before its start."""
         if seq.seq_id in self._on_device:
             self.mark_computed(seq)
-            self._release(seq.block_table)
+            self._release(held_blocks(seq.block_table))
             del self._on_device[seq.seq_id]
-        self.free_cpu_block_ids.extend(self._cpu_tables.pop(seq.seq_id, []))
+        self.free_cpu_block_ids.extend(held_blocks(self._cpu_tables.pop(seq.seq_id, [])))
         seq.block_table = []
         self._num_offered.pop(seq.seq_id, None)
         self._hashes.pop(seq.seq_id, None)

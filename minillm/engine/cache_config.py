@@ -115,6 +115,8 @@ class CacheConfig:
     max_model_len: int
     kv_layout: str  # "paged" | "contiguous"
     num_offload_blocks: int = 0  # blocks of the prefix cache's CPU tier (kv_offloading_size), 0: off
+    # every layer's sliding window: the paged pool gives back the blocks that slid out of it (block_window.py)
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_model_len"):
@@ -155,10 +157,13 @@ def check_swap_space(swap_space: int, offload_bytes: int = 0) -> None:
                          f"kv_offloading_size)")
 
 
-def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_per_block: int) -> CacheConfig:
+def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_per_block: int,
+                      sliding_window: int | None = None) -> CacheConfig:
     """The geometry of a resolved config, given the device blocks the worker found room for (None when
     `needs_sized_pool` is False). Static batching and the contiguous layout reserve max_model_len tokens for
-    each of max_num_seqs slots, whatever the memory says (that is their waste, measured in chapter 5)."""
+    each of max_num_seqs slots, whatever the memory says (that is their waste, measured in chapter 5).
+    sliding_window: the model's window when every layer slides (ModelConfig.uniform_sliding_window); the paged
+    continuous-batching pool then gives back what slides out of it."""
     if config.max_model_len is None or config.kv_layout is None or config.max_num_seqs is None:
         raise ValueError("make_cache_config needs a resolved EngineConfig (see resolve_engine_config)")
     block_size = kv_block_size(config)
@@ -176,5 +181,6 @@ def make_cache_config(config: EngineConfig, num_gpu_blocks: int | None, bytes_pe
         raise ValueError(f"kv_offloading_size={config.kv_offloading_size} GiB holds no block of this model's KV "
                          f"cache ({bytes_per_block} bytes per block of {block_size} tokens); give at least "
                          f"{bytes_per_block / 2**30:.3g} GiB")
+    window = sliding_window if needs_sized_pool(config) else None
     return CacheConfig(block_size, num_gpu_blocks, swap // bytes_per_block, config.max_model_len, config.kv_layout,
-                       num_offload_blocks)
+                       num_offload_blocks, window)

@@ -81,7 +81,8 @@ def make_scheduler(engine_config: EngineConfig, cache_config: CacheConfig) -> An
     from minillm.engine.scheduler import Scheduler
     block_manager = BlockManager(cache_config.num_gpu_blocks, cache_config.block_size, cache_config.num_cpu_blocks,
                                  enable_prefix_caching=engine_config.enable_prefix_caching,
-                                 num_offload_blocks=cache_config.num_offload_blocks)
+                                 num_offload_blocks=cache_config.num_offload_blocks,
+                                 sliding_window=cache_config.sliding_window)
     return Scheduler(engine_config, block_manager)
 
 
@@ -120,7 +121,8 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
         num_gpu_blocks = executor.determine_num_gpu_blocks() if needs_sized_pool(config) else None
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)  # fp8 blocks: 1 byte per element
         self.cache_config = make_cache_config(config, num_gpu_blocks,
-                                              kv_bytes_per_block(model_config, kv_block_size(config), kv_dtype))
+                                              kv_bytes_per_block(model_config, kv_block_size(config), kv_dtype),
+                                              model_config.uniform_sliding_window)
         executor.initialize_cache(self.cache_config)
         self.scheduler = make_scheduler(config, self.cache_config)
         from minillm.speculative.engine_hooks import build_speculative_decoder  # chapter 9; None: no speculation

@@ -130,7 +130,7 @@ class RequestChecks:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
         bm = getattr(self.scheduler, "block_manager", None)  # a paged pool smaller than max_model_len
-        needed = bm.blocks_needed(len(token_ids)) if bm is not None else 0
+        needed = bm.peak_blocks(len(token_ids), self.engine_config.max_num_batched_tokens) if bm is not None else 0
         if bm is not None and needed > bm.max_blocks_per_seq:
             raise ValueError(f"prompt has {len(token_ids)} tokens, {needed} KV blocks of {bm.block_size}, but the "
                              f"pool gives one sequence at most {bm.max_blocks_per_seq} (its {bm.num_blocks} blocks "

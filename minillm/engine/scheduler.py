@@ -31,6 +31,10 @@ Async scheduling (minillm/engine/async_step.py): schedule() runs while the previ
 placeholders; a sequence whose placeholder already reached max_tokens / max_model_len is given no new tokens
 (`skip_finished_by_length`): the engine finishes it when the token arrives.
 
+With a sliding window in every layer (block_window.py) the blocks wholly before a running sequence's window are
+given back at the start of each step, and a new prompt takes blocks for its first chunk only (later chunks take
+theirs in (a)): a sequence then holds about its window, whatever its length.
+
 A request that can never fit (more blocks than the pool can give one sequence, or longer than
 max_model_len) is finished with finish_reason "error" and a message naming the numbers, and put in
 `self.rejected`, which the engine drains: it never waits forever.
@@ -177,8 +181,9 @@ class Scheduler:
         batch = ScheduledBatch()
         record = StepRecord(step=self.num_steps, time=time.perf_counter())
         budget = self.config.max_num_batched_tokens
-        for seq in self.running:  # what the last step computed may now be shared
+        for seq in self.running:  # what the last step computed may now be shared; what slid out of a window, go
             bm.mark_computed(seq)
+            bm.release_out_of_window(seq)
 
         # (a) running sequences, highest priority first; victims come off the end of the same order
         order = sorted(self.running, key=self._priority_key)
@@ -276,7 +281,7 @@ class Scheduler:
             if limit is not None:
                 k = min(k, limit - seq.num_tokens)  # positions past max_model_len are never computed
             while k > 0 and (bm.num_blocks_to_append(seq, n + k) > bm.num_free_blocks
-                             or bm.blocks_needed(seq.num_tokens + k) > capacity):
+                             or bm.num_blocks_held_at(seq, seq.num_tokens + k) > capacity):
                 k -= 1
             seq.spec_token_ids = seq.spec_token_ids[:max(k, 0)]
             if k > 0:
@@ -297,15 +302,15 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._reject(seq, reason, record)
                 continue
-            if self._decide(False, bm.num_blocks_to_allocate(seq)) == "wait":
-                break  # FCFS: the head waits for blocks; nobody overtakes it
             n = seq.num_tokens - bm.num_cached_tokens_on_allocate(seq)
             if self.config.enable_chunked_prefill:
                 n = min(n, budget)
-            elif n > budget and batch.seqs:
+            if self._decide(False, bm.num_blocks_to_allocate(seq, n)) == "wait":
+                break  # FCFS: the head waits for blocks; nobody overtakes it
+            if n > budget and batch.seqs:
                 break  # a whole prefill does not fit what is left of this step's budget
             self.waiting.remove(seq)
-            batch.blocks_to_copy += bm.allocate(seq)
+            batch.blocks_to_copy += bm.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_to_batch(batch, record, seq, n)
@@ -352,7 +357,11 @@ class Scheduler:
         limit = self.config.max_model_len
         if limit is not None and seq.num_tokens > limit:
             return f"request {seq.request_id!r} has {seq.num_tokens} tokens, more than max_model_len={limit}"
-        needed, capacity = bm.blocks_needed(num_tokens), bm.max_blocks_per_seq
+        if seq.status == SequenceStatus.WAITING:  # its steps to come, a prefill first (a window's: bounded)
+            needed = bm.peak_blocks(num_tokens, self.config.max_num_batched_tokens)
+        else:  # running or swapped: the blocks it holds once this step's tokens have room
+            needed = bm.num_blocks_held_at(seq, num_tokens)
+        capacity = bm.max_blocks_per_seq
         if needed > capacity:
             return (f"request {seq.request_id!r} needs {needed} KV blocks of {bm.block_size} tokens for "
                     f"{num_tokens} tokens, but one sequence can have at most {capacity} (the pool's "

@@ -195,11 +195,11 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, star
     """
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks].tolist()
-    if len(blocks) < num_blocks or min(blocks, default=0) < 0:
-        raise ValueError(f"block_table {block_table.tolist()} does not hold the {num_blocks} blocks that "
-                         f"{seq_len} tokens need with block_size {block_size}")
     first_block, skip = divmod(start, block_size)
+    blocks = block_table[:num_blocks].tolist()
+    if len(blocks) < num_blocks or min(blocks[first_block:], default=0) < 0:  # (before first_block: maybe released)
+        raise ValueError(f"block_table {block_table.tolist()} does not hold the {num_blocks} blocks that "
+                         f"{seq_len} tokens need with block_size {block_size} (from block {first_block} on)")
     last_rows = seq_len - (num_blocks - 1) * block_size
     last = cache[blocks[-1], :last_rows]
     if first_block == num_blocks - 1:
