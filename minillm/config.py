@@ -6,6 +6,7 @@ Chapter 1 reads these numbers to estimate memory; chapter 5 sizes the paged KV p
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,14 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def without_sliding_window(self) -> "ModelConfig":
+        """vLLM's disable_sliding_window: every layer attends to all keys, and the context is capped at the window,
+        inside which full attention IS the window's (same outputs; a cache layout and kernels without the band)."""
+        if self.sliding_window is None:
+            return self
+        return dataclasses.replace(self, sliding_window=None, layer_types=None,
+                                   max_position_embeddings=min(self.max_position_embeddings, self.sliding_window))
+
     @property
     def uniform_sliding_window(self) -> int | None:
         """The window when EVERY layer slides (Mistral 7B v0.1), else None. Only then can the KV cache give back the
@@ -244,6 +253,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = False
     # prompts given as embeddings [n, hidden_size] (vLLM's flag; minillm/engine/prompt_embeds.py)
     enable_prompt_embeds: bool = False
+    # vLLM's: a sliding-window model attends fully, its context capped at the window (ModelConfig.
+    # without_sliding_window; applied by LLM(...) before the model is built)
+    disable_sliding_window: bool = False
     # Operators (chapters 3-4)
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
@@ -292,7 +304,8 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
         for name in ("enforce_eager", "compile", "enable_prefix_caching", "enable_chunked_prefill",
-                     "piecewise_cuda_graphs", "async_scheduling", "enable_lora", "enable_prompt_embeds"):
+                     "piecewise_cuda_graphs", "async_scheduling", "enable_lora", "enable_prompt_embeds",
+                     "disable_sliding_window"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("enforce_eager",
                                                                                 "piecewise_cuda_graphs",

@@ -129,6 +129,8 @@ class LLM:
             source = CheckpointSource(path)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant), with the
         # method's options (e.g. rtn's {"group_size": 128, "lm_head": True}); misplaced options are refused there
+        if engine_config.disable_sliding_window:  # before anything is built from it (vLLM's option)
+            model_config = model_config.without_sliding_window()
         model_config = load_time_quantization(model_config, quantization, quantization_options)
         engine_config = resolve_engine_config(engine_config, model_config, self.device)  # raises on bad lengths
         self.model_path = path

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import minillm  # noqa: F401  (TRITON_INTERPRET=1 before triton runs anything, without CUDA)
+from minillm import LLM
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.llm_engine import LLMEngine
@@ -19,7 +20,7 @@ from minillm.kernels.sliding_window import sliding_window_mask
 from minillm.loader.hf import load_hf_model
 from minillm.models.llama import LlamaForCausalLM
 from minillm.sampling_params import SamplingParams
-from tiny import ByteTokenizer, one_thread, run_to_completion  # noqa: F401  (one_thread: autouse fixture)
+from tiny import ByteTokenizer, one_thread, run_to_completion, tiny_qwen2_checkpoint  # noqa: F401  (one_thread)
 
 transformers = pytest.importorskip("transformers")
 
@@ -273,3 +274,26 @@ def test_on_a_gpu_kernels_keep_to_the_band_and_graphs_replay_it():
                                                                          ignore_eos=True)))
         assert eager or engine.runner.forward_counts["graph"] > 0
     assert outputs[0] == outputs[1]
+
+
+def test_disable_sliding_window_attends_fully_within_a_context_capped_at_the_window(tmp_path):
+    """vLLM's disable_sliding_window: inside the window full attention is the window's, so the same tokens; the
+    context is the window; a longer max_model_len is refused naming the cap; an engine given a windowed model is
+    told to build it from model_config.without_sliding_window()."""
+    tiny_qwen2_checkpoint(tmp_path, sliding_window=8)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    windowed = LLM(str(tmp_path), num_kv_blocks=32, block_size=4)
+    full = LLM(str(tmp_path), num_kv_blocks=32, block_size=4, disable_sliding_window=True)
+    assert windowed.llm_engine.model_config.sliding_window == 8 and windowed.llm_engine.max_model_len == 256
+    assert full.llm_engine.model_config.sliding_window is None and full.llm_engine.max_model_len == 8
+    assert full.llm_engine.scheduler.block_manager.sliding_window is None
+    prompt = [5, 6, 7, 8, 9]
+    assert [o.outputs[0].token_ids for o in full.generate([prompt], params)] == \
+        [o.outputs[0].token_ids for o in windowed.generate([prompt], params)]
+    with pytest.raises(ValueError, match="max_model_len=16 exceeds the model's context of 8 tokens .capped at its"):
+        LLM(str(tmp_path), max_model_len=16, disable_sliding_window=True)
+    with pytest.raises(ValueError, match="without_sliding_window"):
+        LLMEngine(windowed.llm_engine.runner.model, ByteTokenizer(), windowed.llm_engine.model_config,
+                  EngineConfig(num_kv_blocks=8, disable_sliding_window=True))
+    with pytest.raises(TypeError, match="disable_sliding_window must be a bool"):
+        EngineConfig(disable_sliding_window="yes")

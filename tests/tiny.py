@@ -50,9 +50,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_qwen2_checkpoint(path) -> None:
+def tiny_qwen2_checkpoint(path, sliding_window: int | None = None) -> None:
     """Write a tiny random Qwen2 checkpoint (q/k/v biases, untied LM head) and a word-level BPE tokenizer ("a",
-    "b", "ab", "w3" .. "w111") into directory `path`: a real HF directory that worker processes read themselves."""
+    "b", "ab", "w3" .. "w111") into directory `path`: a real HF directory that worker processes read themselves.
+    sliding_window: every layer attends through a window of that many keys (use_sliding_window, max_window_layers 0)."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
@@ -60,7 +61,8 @@ def tiny_qwen2_checkpoint(path) -> None:
     torch.manual_seed(0)
     config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=112,
-                                      max_position_embeddings=256)
+                                      max_position_embeddings=256, use_sliding_window=sliding_window is not None,
+                                      sliding_window=sliding_window, max_window_layers=0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(path, safe_serialization=True)
     backend = Backend(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, **{f"w{i}": i for i in range(3, 112)}},
                                  merges=[("a", "b")]))

@@ -51,8 +51,9 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
         if not on_cuda:
             max_model_len = min(max_model_len, CPU_MAX_MODEL_LEN)
     elif max_model_len > model_config.max_position_embeddings:
+        capped = " (capped at its sliding window by disable_sliding_window)" if config.disable_sliding_window else ""
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of "
-                         f"{model_config.max_position_embeddings} tokens")
+                         f"{model_config.max_position_embeddings} tokens{capped}")
     _check_window_beside_trees(config, model_config)
     max_num_seqs = config.max_num_seqs
     if max_num_seqs is None:

@@ -111,6 +111,10 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
                 raise TypeError(f"override {name!r} must be a callable here, got {type(fn).__name__}; "
                                 f"resolve names and paths with minillm.course.overrides.resolve_overrides")
         # configuration resolved once, here, then passed down (worker, runner, scheduler)
+        if engine_config.disable_sliding_window and model_config.sliding_window is not None:
+            raise ValueError(f"disable_sliding_window=True, but model_config has sliding_window="
+                             f"{model_config.sliding_window}: build the model from model_config."
+                             f"without_sliding_window() (LLM(..., disable_sliding_window=True) does)")
         self.engine_config = config = resolve_engine_config(engine_config, model_config, self.device)
         self.max_model_len = config.max_model_len
         if (model is None) == (executor is None):
