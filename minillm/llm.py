@@ -74,7 +74,8 @@ class LLM:
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
                  quantization: str | None = None, quantization_options: Mapping[str, Any] | None = None,
                  disaggregation: Mapping[str, Any] | None = None, load_format: str = "auto",
-                 disable_log_stats: bool = True, **engine_kwargs: Any) -> None:
+                 disable_log_stats: bool = True, generation_config: str = "auto",
+                 override_generation_config: Mapping[str, Any] | None = None, **engine_kwargs: Any) -> None:
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a path (a .gguf file or an HF model directory) or None for the bundled "
                             f"model, got {type(model).__name__}: {model!r}")
@@ -121,6 +122,9 @@ class LLM:
                              f"its shapes, for benchmarks), got {load_format!r}")
         from minillm import loader  # the loader pulls in gguf/safetensors: only when needed
         path = os.fspath(model) if model is not None else _default_model_path()
+        # the model's own sampling defaults (its generation_config.json), as vLLM reads them
+        from minillm.loader.generation_config import default_sampling_fields
+        generation_defaults = default_sampling_fields(path, generation_config, override_generation_config)
         if load_format == "dummy":  # vLLM's: the config and tokenizer only, every process drawing the same weights
             (model_config, tokenizer), weights = loader.load_config_and_tokenizer(path), None
             source = RandomWeights(seed=seed, std_embed=0.02)
@@ -142,6 +146,7 @@ class LLM:
             self.llm_engine = DisaggregatedEngine(source, tokenizer, model_config, engine_config,
                                                   device=self.device, dtype=self.dtype, seed=seed,
                                                   disaggregation=disaggregation)
+            self.llm_engine.generation_defaults = generation_defaults
             self._init_driver()
             return
         if distributed_executor_backend == "mp":
@@ -158,6 +163,7 @@ class LLM:
         except BaseException:
             executor.shutdown()  # nobody else holds it: end its worker processes and process group now
             raise
+        self.llm_engine.generation_defaults = generation_defaults
         self._init_driver()
         if not disable_log_stats:
             self._start_stats()
@@ -197,6 +203,7 @@ class LLM:
                 resolved, base.model_config, self.dtype, free))
         engine = LLMEngine(model, base.tokenizer, base.model_config, engine_config, device=self.device,
                            dtype=self.dtype, seed=seed, overrides=_check_overrides(overrides))
+        engine.generation_defaults = base.generation_defaults  # the same model's
         model.shared_by_engines = True  # sleep mode may not take these weights away from the other engine
         llm = LLM.from_engine(engine)
         llm.model_path = self.model_path
@@ -238,6 +245,11 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the SamplingParams a call without sampling_params gets: SamplingParams' defaults, overridden by
+        the model's generation_config.json (LLM(generation_config=...); minillm/loader/generation_config.py)."""
+        return SamplingParams(**self.llm_engine.generation_defaults)
+
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (vLLM's spelling of `llm.tokenizer`)."""
         return self.tokenizer
@@ -263,7 +275,8 @@ class LLM:
         for the token embedding's output (minillm/engine/prompt_embeds.py)."""
         prompt_list = normalize_prompts(prompts, options=SALTED + ("prompt_embeds",))
         # only the finished outputs are returned: the engine need not snapshot every request after every step
-        params = normalize_params(sampling_params, len(prompt_list), output_kind="final_only")
+        params = normalize_params(sampling_params, len(prompt_list), self.get_default_sampling_params(),
+                                  output_kind="final_only")
         if priority is not None:
             params = with_priority(params, priority, self.llm_engine)
         tokenized = self._validated(prompt_list, [p.truncate_prompt_tokens for p in params])
@@ -414,7 +427,8 @@ class LLM:
             raise ValueError(f"chat_template_kwargs may not set {reserved[0]!r}: it is LLM.chat's own argument")
         if tools is not None:
             extra["tools"] = list(tools)
-        params = normalize_params(sampling_params, len(conversations), output_kind="final_only")
+        params = normalize_params(sampling_params, len(conversations), self.get_default_sampling_params(),
+                                  output_kind="final_only")
         tokenized = []
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
@@ -441,7 +455,7 @@ class LLM:
                             f"{len(prompt)} prompts; use generate() for several")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        params = normalize_params(sampling_params, 1)[0]
+        params = normalize_params(sampling_params, 1, self.get_default_sampling_params())[0]
         if params.n > 1:
             raise ParamError("n", f"generate_stream streams one sequence, got n={params.n}; use generate() for n "
                                   f"completions")

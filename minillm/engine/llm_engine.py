@@ -34,6 +34,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence as SequenceT
 
 import torch
@@ -94,6 +95,9 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
     # built from EngineConfig.speculative_config. Tests that set drafts by hand may instead set this hook:
     # (batch, sampled tokens per sequence) -> the accepted tokens per sequence (drafts[:a] + [one token]).
     verify_drafts: Callable[[ScheduledBatch, list[list[int]]], list[list[int]]] | None = None
+    # SamplingParams fields a request gets where it sets none (the model's generation_config.json; LLM sets them:
+    # minillm/loader/generation_config.py); the server's requests read them too
+    generation_defaults: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, model: torch.nn.Module | None, tokenizer: Any, model_config: ModelConfig,
                  engine_config: EngineConfig, *, device: torch.device | str = "cpu",

@@ -34,7 +34,7 @@ def beam_problem(request: Any) -> tuple[str, str] | None:
         return "n", f"n is the beam width with use_beam_search: an integer in [1, {MAX_BEAM_WIDTH}], got {request.n}"
     for name, default in _NOT_WITH_BEAMS.items():
         value = getattr(request, name, default)
-        if value != default and not (name == "response_format" and value.get("type", "text") == "text") \
+        if value is not None and value != default and not (name == "response_format" and value.get("type", "text") == "text") \
                 and not (name == "tool_choice" and value == "none") and not (name == "logprobs" and value is False):
             return name, f"{name} is not supported with use_beam_search (leave it out, or search without beams)"
     return None

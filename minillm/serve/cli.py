@@ -217,6 +217,17 @@ def _json_strings(text: str) -> list[str]:
     return value
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object (--override-generation-config '{"temperature": 0.5}')."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"temperature\": 0.5}}', got {text!r}")
+    return value
+
+
 def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, api_key: str | None = None,
                      max_body_bytes: int = 1 << 20, cors: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
     """(LLM, the app, the served model name) for the model options `serve` and `run-batch` share."""
@@ -233,7 +244,8 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
         except ValueError as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
     llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
-              **engine_options(args))
+              generation_config=args.generation_config,
+              override_generation_config=args.override_generation_config, **engine_options(args))
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
     app = build_app(AsyncLLM.from_llm(llm), name, api_key=api_key, chat_template=chat_template,
                     max_body_bytes=max_body_bytes, shutdown_timeout=0.0,
@@ -302,6 +314,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None,
                    help="quantize a dense checkpoint while loading (rtn, fp8, nf4, int8)")
+    p.add_argument("--generation-config", default="auto",
+                   help="the sampling defaults of requests that leave a knob out: 'auto' (the model directory's "
+                        "generation_config.json), 'vllm' (none: SamplingParams' own) or a directory holding one; "
+                        "its max_new_tokens caps every completion")
+    p.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
+                   help='defaults merged over the generation config\'s, e.g. \'{"temperature": 0.5}\'')
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     add_engine_flags(p)

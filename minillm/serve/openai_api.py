@@ -51,6 +51,10 @@ from minillm.serve.tool_calls import tool_calls, tool_mode
 from minillm.serve.answer_parser import AnswerParser, parse_answer
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
+# the sampling knobs a model's generation config may set; a request that leaves one out (or null) gets the model's
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+SAMPLING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_KNOBS}
+
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
 logger = logging.getLogger(__name__)
 
@@ -161,6 +165,15 @@ class OpenAIServing:
         kept = self.checked_prompt(token_ids, "messages", keep=request.truncate_prompt_tokens)[1]  # 400: empty, too long
         return (text if len(kept) == len(token_ids) else None), kept
 
+    def sampling_knobs(self, request: _SamplingFields) -> dict[str, Any]:
+        """temperature, top_p, top_k, min_p and repetition_penalty: the request's where it sets them, else the
+        model's generation config (LLM(generation_config=...): minillm/loader/generation_config.py), else
+        SamplingParams' defaults (vLLM's order)."""
+        knobs = {name: getattr(request, name) for name in SAMPLING_KNOBS}
+        defaults = self.llm.engine.generation_defaults
+        return {name: defaults.get(name, SAMPLING_DEFAULTS[name]) if value is None else value
+                for name, value in knobs.items()}
+
     def sampling_params(self, request: _SamplingFields, max_tokens: int | None, prompts: list[Prompt],
                         default_max_tokens: int | None, score_only: bool = False) -> list[SamplingParams]:
         """One SamplingParams per choice (n per prompt, seeds seed + i); 400 with the reason on a bad value.
@@ -173,6 +186,9 @@ class OpenAIServing:
                            param="messages")
         if max_tokens is None:
             max_tokens = default_max_tokens if default_max_tokens is not None else limit - longest
+        model_max = self.llm.engine.generation_defaults.get("max_tokens")  # generation_config's max_new_tokens:
+        if model_max is not None:  # a server-wide limit on every completion, as in vLLM
+            max_tokens = min(max_tokens, model_max)
         if max_tokens >= 1 and longest + max_tokens > limit and not score_only:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the "
@@ -182,16 +198,13 @@ class OpenAIServing:
         for i in range(request.n):
             seed = None if request.seed is None else choice_seed(request.seed, i)
             try:
-                params.append(SamplingParams(temperature=request.temperature, top_p=request.top_p,
-                                             top_k=request.top_k, max_tokens=max_tokens, seed=seed,
+                params.append(SamplingParams(**self.sampling_knobs(request), max_tokens=max_tokens, seed=seed,
                                              stop=request.stop, stop_token_ids=request.stop_token_ids,
                                              ignore_eos=request.ignore_eos, logprobs=request.num_logprobs(),
                                              prompt_logprobs=request.num_prompt_logprobs(),
                                              presence_penalty=request.presence_penalty,
                                              frequency_penalty=request.frequency_penalty,
-                                             repetition_penalty=request.repetition_penalty,
                                              logit_bias=request.logit_bias, min_tokens=request.min_tokens,
-                                             min_p=request.min_p,
                                              include_stop_str_in_output=request.include_stop_str_in_output,
                                              skip_special_tokens=request.skip_special_tokens and
                                              tool_mode(request) != ("auto", "mistral"),  # [TOOL_CALLS] is one
@@ -260,7 +273,8 @@ class OpenAIServing:
         base = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id or uuid.uuid4().hex}"
         try:
             params = BeamSearchParams(beam_width=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos,
-                                      temperature=request.temperature, length_penalty=request.length_penalty)
+                                      temperature=self.sampling_knobs(request)["temperature"],
+                                      length_penalty=request.length_penalty)
         except ValueError as err:
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         found = await beam_search_async(self.llm, [ids for _, ids in prompts], params, f"{base}-{uuid.uuid4().hex}",

@@ -87,9 +87,10 @@ class _SamplingFields(BaseModel):
 
     model: str | None = None  # None: the one model this server serves
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # vLLM's extension
+    # the sampling knobs: None (left out, or null) takes the model's generation config, else SamplingParams' default
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's extension
     n: int = 1
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extension
@@ -102,8 +103,8 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None  # JSON keys are strings: {"50256": -100}
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False  # vLLM's extension: keep the stop string that ended the text
     best_of: int | None = None  # only = n: one sample per choice

@@ -61,8 +61,8 @@ class ResponsesRequest(BaseModel):
     input: str | list[dict[str, Any]] = ""
     instructions: str | None = None
     max_output_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the model's generation config (openai_api.py: sampling_knobs)
+    top_p: float | None = None
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -82,10 +82,10 @@ class ResponsesRequest(BaseModel):
     truncation: str | None = None
     max_tool_calls: int | None = None
     # vLLM's sampling extensions, passed on to the chat path
-    top_k: int = -1
-    min_p: float = 0.0
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: str | list[str] | None = None
@@ -280,6 +280,8 @@ def response_body(request: ResponsesRequest, chat_body: dict) -> dict:
 
 async def respond(serving: Any, request: ResponsesRequest, raw: Request) -> Response:
     """POST /v1/responses through the chat path (`serving` is the server's OpenAIServing)."""
+    knobs = serving.sampling_knobs(request)  # what a left-out temperature / top_p will be: the response says so
+    request = request.model_copy(update={"temperature": knobs["temperature"], "top_p": knobs["top_p"]})
     chat = to_chat(request)
     try:
         answer = await serving.chat(chat, raw)
