@@ -209,16 +209,17 @@ class KVCache:
     @property
     def cpu_storage(self) -> torch.Tensor:
         """The swap space, allocated the first time a block is swapped (pinned when a GPU is present), with
-        every store made so far landed in it."""
+        every store made so far landed in it; viewed in the device pool's layout [2, num_layers, num_blocks, ...]
+        (it is kept block-major: host_transfers.py)."""
         self.transfers.settle()
-        return self._swap_pool()
+        return self._swap_pool().movedim(0, 2)
 
     @property
     def offload_storage(self) -> torch.Tensor:
         """The prefix cache's CPU tier, allocated the first time a block is offloaded (pinned when a GPU is present),
-        with every store made so far landed in it."""
+        with every store made so far landed in it; viewed as cpu_storage is."""
         self.transfers.settle()
-        return self._tier_pool()
+        return self._tier_pool().movedim(0, 2)
 
     def _swap_pool(self) -> torch.Tensor:
         return self._host_pool("_cpu_storage", self.num_cpu_blocks, "a block swap was requested but the CPU swap "
@@ -229,12 +230,13 @@ class KVCache:
                                "CPU tier has 0 blocks (set kv_offloading_size > 0 with enable_prefix_caching=True)")
 
     def _host_pool(self, attr: str, num_blocks: int, empty: str) -> torch.Tensor:
-        """The host pool kept in `attr`, of the device cache's layout, allocated on first use."""
+        """The host pool kept in `attr`, allocated on first use: block-major [num_blocks, 2, num_layers, ...], so
+        that each block is one contiguous run of bytes that DMA moves without the CPU (host_transfers.py)."""
         pool = getattr(self, attr)
         if pool is None:
             if num_blocks < 1:
                 raise RuntimeError(empty)
-            pool = torch.zeros((2, self.num_layers, num_blocks, *self.block_shape), dtype=self.dtype,
+            pool = torch.zeros((num_blocks, 2, self.num_layers, *self.block_shape), dtype=self.dtype,
                                pin_memory=torch.device(self.device).type == "cuda")
             setattr(self, attr, pool)
         return pool
