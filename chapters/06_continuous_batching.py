@@ -212,7 +212,13 @@ print(f"recompute : {recompute_us:5.1f} us per token (compute-bound, and attenti
 # small blocks rarely reach peak PCIe bandwidth, and a recomputed prefill rides along in a step that runs anyway
 # (with the prefix cache, often mostly as cache hits). Swap wins for long sequences (attention's prefill cost grows with the
 # square of the length, the copy only linearly), for large models with few KV heads per parameter, and when the
-# prefix cache cannot give the victim its blocks back. **Exercise `ch06.swap_out_mapping`** pairs each device
+# prefix cache cannot give the victim its blocks back. How the host pool is laid out decides whose work a copy is:
+# minillm first kept it in the device's layout ([2, layers, blocks, ...]), so a block's bytes were 2 x layers
+# scattered pieces that the CPU gathered into a staging buffer (a memcpy by one core), and the prefix cache's CPU tier,
+# which copies evicted prefixes the same way, was only level with recomputing 2k-token prefixes of an 8B on an
+# H100. Kept block-major ([blocks, 2, layers, ...], pinned), each block is one run of bytes that the GPU's copy
+# engine moves by itself: 1.91x faster than recomputing (benchmarks/RESULTS.md, `engine/host_transfers.py`).
+# **Exercise `ch06.swap_out_mapping`** pairs each device
 # block of the victim with a free CPU block, in table order, so that swapping in rebuilds the same table:
 
 # %%
