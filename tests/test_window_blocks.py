@@ -71,6 +71,29 @@ def test_a_prompt_takes_a_chunk_at_a_time_and_a_cached_prefix_before_the_window_
     bm.free(second)
 
 
+def test_a_prefix_hit_needs_only_the_blocks_its_window_sees():
+    """The oldest blocks of a finished sequence were released first, so they are evicted first; a request with the
+    same prefix still hits all of it, holding only the block its window reads (the chain from block 0 is gone)."""
+    bm = BlockManager(16, 4, sliding_window=5, enable_prefix_caching=True)
+    first = _seq(40)
+    bm.allocate(first, 8)
+    first.num_computed_tokens = 8
+    while first.num_computed_tokens < 40:
+        _step(bm, first, 8)
+    bm.free(first)
+    other = Sequence("o", list(range(500, 540)), SamplingParams(max_tokens=4))
+    bm.allocate(other)  # 10 blocks: the 6 never used, then the 4 oldest evictable ones (first's blocks 0-3)
+    other.num_computed_tokens = 40
+    bm.free(other)
+    again = Sequence("a", first.token_ids + [7, 8], SamplingParams(max_tokens=4))
+    assert bm.num_cached_tokens_on_allocate(again) == 40
+    assert bm.num_blocks_to_allocate(again, 2) == 2  # a new block, and the cached block 9 out of the evictable ones
+    bm.allocate(again, 2)
+    assert again.block_table[:9] == [NULL_BLOCK] * 9 and again.num_computed_tokens == 40
+    bm.check_invariants()
+    bm.free(again)
+
+
 def test_swap_out_and_in_keeps_the_released_entries_and_fork_shares_only_held_blocks():
     bm = BlockManager(32, 4, num_cpu_blocks=8, sliding_window=6)
     seq = _seq(30)
@@ -165,7 +188,7 @@ ENGINES = {  # chunked prefill in all: a whole 80-token prefill (a recompute) wo
     "torch_recompute": dict(attention_backend="torch", num_kv_blocks=10),  # preempted by recompute (11 times)
     "triton": dict(attention_backend="triton"),
     "prefix_swap": dict(attention_backend="torch", enable_prefix_caching=True, preemption_mode="swap",
-                        swap_space=1 << 20, num_kv_blocks=10),  # one swap-out, a prefix hit
+                        swap_space=1 << 20, num_kv_blocks=9, max_num_batched_tokens=8),  # a swap-out, a prefix hit
 }
 
 
@@ -181,8 +204,8 @@ def _greedy_without_cache(hf, prompt: list[int], max_tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_pool_smaller_than_the_context_serves_it_within_the_window(engine):
-    """Window 9, blocks of 4, chunks of 16: a sequence holds at most cdiv(8 + 16, 4) + 1 = 7 blocks. A pool of 10
-    or 16 blocks (40 or 64 slots) could not hold one 80-token context, yet serves three, token for token as
+    """Window 9, blocks of 4, chunks of 16 (or 8): a sequence holds at most cdiv(8 + 16, 4) + 1 = 7 blocks. A pool
+    of 9 to 16 blocks (36 to 64 slots) could not hold one 80-token context, yet serves three, token for token as
     transformers computes them, through preemptions, and gives every block back."""
     hf = _tiny_mistral(9)
     config, model = _ours(hf, 9)
@@ -207,6 +230,7 @@ def test_a_pool_smaller_than_the_context_serves_it_within_the_window(engine):
         released = max([released] + [num_released(s.block_table) for s in llm.scheduler.running])
     assert [done[i] for i in ids] == want
     assert llm.scheduler.num_preemptions > 0 or engine == "triton"
+    assert bm.prefix_cache_hits > 0 or bm.prefix_cache is None
     assert released >= 15  # an 80-token sequence: (79 - 9 + 1) // 4 = 17 blocks gone by its end
     assert bm.num_used_blocks == 0
 

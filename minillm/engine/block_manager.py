@@ -227,7 +227,28 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
             if host is None:
                 break
             host_hits.append(host)
+        if self.sliding_window is not None and not host_hits:
+            hits = self._window_hits(seq, hashes, hits)
         return hits, host_hits, hashes
+
+    def _window_hits(self, seq: Sequence, hashes: list[int], chain: list[int]) -> list[int]:
+        """Under a sliding window a prefix hit needs only the blocks its next query can see: those before its window
+        may have been released and evicted long ago (the oldest go first) without costing the hit (vLLM's sliding-
+        window lookup). The longest prefix whose window blocks are all cached on the device, as allocate reads
+        hits: None for each block before the window (never held), then the cached blocks; `chain` (the leading
+        run cached from block 0) when it is as long."""
+        keys, bs = seq.cache_keys, self.block_size
+        found = [self.prefix_cache.lookup(h, hashes[j - 1] if j else seq.cache_salt, tuple(keys[j * bs:(j + 1) * bs]))
+                 for j, h in enumerate(hashes)]
+        run = 0  # cached blocks in a row ending at block n - 1
+        best: list[int] = chain
+        for n in range(1, len(found) + 1):
+            run = run + 1 if found[n - 1] is not None else 0
+            computed = n * bs - (n * bs == seq.num_tokens)  # a full hit computes its last token again
+            kept = self.first_kept_block(computed)
+            if run and n - run <= kept and n > len(best):
+                best = [None] * kept + found[kept:n]
+        return best
 
     def _allocation_cost(self, seq: Sequence, num_new_tokens: int | None = None) -> tuple[int, int]:
         """(free blocks that allocate(seq, num_new_tokens) would consume, tokens it would find cached). A block
