@@ -9,9 +9,9 @@ Chapter 2 builds the mask (exercise ch02.sliding_window_mask, below); chapter 5 
 paged engine. Where minillm applies it: every attention path takes the window. The Triton kernels skip the key
 tiles before the first query's window and mask the tiles its lower edge cuts through (kernels/paged_prefill.py,
 kernels/paged_attention.py); the torch path (minillm/layers/attention.py, decode_attention.py) gathers each
-sequence's keys from its first query's window on and masks the band with this module's function. What is
-not done: the KV cache still keeps every token's K/V (vLLM frees the blocks that slid out of every layer's window),
-so memory grows with the context as for full attention; token-tree speculation is refused beside a window (a tree
+sequence's keys from its first query's window on and masks the band with this module's function. When every
+layer slides, the engine gives back the KV blocks that slid out of the window (minillm/engine/block_window.py), so
+memory stays at about the window too. What is not done: token-tree speculation is refused beside a window (a tree
 node's window would be counted from its depth, not its slot).
 """
 from __future__ import annotations

@@ -250,6 +250,9 @@ class LLM:
         the model's generation_config.json (LLM(generation_config=...); minillm/loader/generation_config.py)."""
         return SamplingParams(**self.llm_engine.generation_defaults)
 
+    def _or_default(self, sampling_params: Any) -> Any:
+        return self.get_default_sampling_params() if sampling_params is None else sampling_params
+
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (vLLM's spelling of `llm.tokenizer`)."""
         return self.tokenizer
@@ -275,8 +278,7 @@ class LLM:
         for the token embedding's output (minillm/engine/prompt_embeds.py)."""
         prompt_list = normalize_prompts(prompts, options=SALTED + ("prompt_embeds",))
         # only the finished outputs are returned: the engine need not snapshot every request after every step
-        params = normalize_params(sampling_params, len(prompt_list), self.get_default_sampling_params(),
-                                  output_kind="final_only")
+        params = normalize_params(self._or_default(sampling_params), len(prompt_list), output_kind="final_only")
         if priority is not None:
             params = with_priority(params, priority, self.llm_engine)
         tokenized = self._validated(prompt_list, [p.truncate_prompt_tokens for p in params])
@@ -427,8 +429,7 @@ class LLM:
             raise ValueError(f"chat_template_kwargs may not set {reserved[0]!r}: it is LLM.chat's own argument")
         if tools is not None:
             extra["tools"] = list(tools)
-        params = normalize_params(sampling_params, len(conversations), self.get_default_sampling_params(),
-                                  output_kind="final_only")
+        params = normalize_params(self._or_default(sampling_params), len(conversations), output_kind="final_only")
         tokenized = []
         for i, conversation in enumerate(conversations):
             where = f"conversation {i}: " if len(conversations) > 1 else ""
@@ -455,7 +456,7 @@ class LLM:
                             f"{len(prompt)} prompts; use generate() for several")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        params = normalize_params(sampling_params, 1, self.get_default_sampling_params())[0]
+        params = normalize_params(self._or_default(sampling_params), 1)[0]
         if params.n > 1:
             raise ParamError("n", f"generate_stream streams one sequence, got n={params.n}; use generate() for n "
                                   f"completions")

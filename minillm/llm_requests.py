@@ -14,17 +14,13 @@ from minillm.outputs import RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams
 
 
-def normalize_params(params: Any, n: int, default: SamplingParams | None = None,
-                     **changes: Any) -> list[SamplingParams]:
-    """One SamplingParams per prompt, from one (or None: `default`, the model's defaults, LLM.
-    get_default_sampling_params; else SamplingParams()) or a list of n. Each distinct object is
+def normalize_params(params: Any, n: int, **changes: Any) -> list[SamplingParams]:
+    """One SamplingParams per prompt, from one (or None: the defaults) or a list of n. Each distinct object is
     copied with `changes` applied and checked again (SamplingParams.checked_copy), before any request is queued:
     a bad sampling_params[3] then queues none of the prompts (add_request checks its own copy of each as well:
     about 6 us a request, too little to be worth a trusted side door). The caller's objects are left as they were."""
     if params is None or isinstance(params, SamplingParams):
-        if params is None:
-            params = SamplingParams() if default is None else default
-        return [params.checked_copy(**changes)] * n
+        return [(SamplingParams() if params is None else params).checked_copy(**changes)] * n
     if not isinstance(params, (list, tuple)):
         raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
     if len(params) != n:

@@ -1,4 +1,5 @@
-"""A model's own sampling defaults: its generation_config.json (vLLM's `generation_config="auto"`).
+"""A model's own sampling defaults: its generation_config.json (vLLM's `generation_config="auto"`; read by LLM and
+by chapter 10's server).
 
 A chat model ships the sampling its authors tuned it for (Qwen2.5-Instruct: temperature 0.7, top_p 0.8, top_k 20,
 repetition_penalty 1.05) in generation_config.json beside its weights. vLLM serves with those defaults: a request,
@@ -24,6 +25,8 @@ from minillm.sampling_params import SamplingParams
 # generation_config.json's name -> SamplingParams' name
 GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                      "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+# the knobs among them a server request may leave out (max_tokens has its own rule: a cap on every completion)
+SAMPLING_KNOBS = tuple(name for name in GENERATION_FIELDS.values() if name != "max_tokens")
 NO_FILE = ("vllm", "minillm")  # generation_config values that read no file
 
 

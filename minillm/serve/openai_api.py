@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minillm.engine.async_llm import AsyncLLM, EngineDeadError
 from minillm.engine.sleep_mode import EngineSleepingError
 from minillm.engine.detokenizer import decode_text
+from minillm.loader.generation_config import SAMPLING_KNOBS
 from minillm.lora.request import LoRARequest
 from minillm.outputs import Logprob, RequestOutput
 from minillm.sampling_params import ParamError, SamplingParams, choice_seed
@@ -51,8 +52,7 @@ from minillm.serve.tool_calls import tool_calls, tool_mode
 from minillm.serve.answer_parser import AnswerParser, parse_answer
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _SamplingFields, error_body
 
-# the sampling knobs a model's generation config may set; a request that leaves one out (or null) gets the model's
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# a request that leaves a sampling knob out (or null) gets the model's generation config's, else SamplingParams'
 SAMPLING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_KNOBS}
 
 Prompt = tuple[str | None, list[int]]  # (text or None, token ids)
@@ -194,11 +194,11 @@ class OpenAIServing:
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the "
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
         structured, structured_field = structured_outputs_of(request)
-        params = []
+        params, knobs = [], self.sampling_knobs(request)
         for i in range(request.n):
             seed = None if request.seed is None else choice_seed(request.seed, i)
             try:
-                params.append(SamplingParams(**self.sampling_knobs(request), max_tokens=max_tokens, seed=seed,
+                params.append(SamplingParams(**knobs, max_tokens=max_tokens, seed=seed,
                                              stop=request.stop, stop_token_ids=request.stop_token_ids,
                                              ignore_eos=request.ignore_eos, logprobs=request.num_logprobs(),
                                              prompt_logprobs=request.num_prompt_logprobs(),
