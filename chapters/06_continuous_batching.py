@@ -343,6 +343,34 @@ ax.set_xlabel("step")
 ax.set_ylabel("tokens in the step")
 ax.legend(handles=[Patch(color="C0", label="decode"), Patch(color="C1", label="prefill (chunk)"),
                    plt.Line2D([], [], color="0.4", ls="--", label="budget")], fontsize=8)
+
+# %% [markdown]
+# Chunks keep the decodes flowing, but a long prompt at the head of the queue still takes each step's whole
+# budget until it is done, and the prompts that arrived just after it wait (head-of-line blocking at admission).
+# vLLM's `long_prefill_token_threshold` caps any one sequence's chunk: the long prompt computes that many tokens a
+# step and the prompts behind it take the rest of the budget. Steps until each request's first token, a 100-token
+# prompt and three 8-token ones arriving together:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def first_token_steps(threshold: int) -> dict[str, int]:
+    engine = chunk_llm.share_model(num_kv_blocks=64, enable_chunked_prefill=True, max_num_batched_tokens=32,
+                                   long_prefill_token_threshold=threshold).llm_engine
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.add_request("long", synthetic_prompts(tok, 1, 100, seed=3)[0], params)
+    for i, p in enumerate(synthetic_prompts(tok, 3, 8, seed=2)):
+        engine.add_request(f"short{i}", p, params)
+    first, step = {}, 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            if out.outputs[0].token_ids:
+                first.setdefault(out.request_id, step)
+    return first
+
+
+for threshold in (0, 8):
+    print(f"long_prefill_token_threshold={threshold}: {first_token_steps(threshold)}")
 plt.show()
 
 # %% [markdown]
@@ -406,7 +434,8 @@ print("same tokens:", async_tokens == sync_tokens)
 #    running sequences can grow next step without an immediate preemption (thrashing).</details>
 # 5. *What does chunked prefill fix?* <details><summary>answer</summary>A long prompt prefilled whole stalls every
 #    decoding sequence for a step (a TPOT spike, head-of-line blocking); chunks fill each step's token budget
-#    after the decodes.</details>
+#    after the decodes. Capping one sequence's chunk (`long_prefill_token_threshold`) also stops a long prompt from
+#    holding back the short prompts queued behind it.</details>
 # 6. *When does prefix caching help, and what can it never cache?* <details><summary>answer</summary>Shared
 #    beginnings (system prompts, few-shot examples, multi-turn chats); never a partly filled block.</details>
 #

@@ -251,6 +251,10 @@ class EngineConfig:
     # the device is kept there and copied back when a prompt hits it (minillm/engine/offload_tier.py). None or 0: off
     kv_offloading_size: float | None = None
     enable_chunked_prefill: bool = False
+    # vLLM's: with chunked prefill, a prompt computes at most this many tokens in one step (0: as many as the token
+    # budget leaves), so one long prompt cannot take a whole step's budget and the requests behind it start their
+    # prefills in the same steps (Sarathi-Serve's fairness; short prompts' TTFT stops waiting for the long one's)
+    long_prefill_token_threshold: int = 0
     # prompts given as embeddings [n, hidden_size] (vLLM's flag; minillm/engine/prompt_embeds.py)
     enable_prompt_embeds: bool = False
     # vLLM's: a sliding-window model attends fully, its context capped at the window (ModelConfig.
@@ -297,7 +301,8 @@ class EngineConfig:
                                     ("num_kv_blocks", 1, True), ("kv_cache_memory", 1, True),
                                     ("swap_space", 0, False), ("tensor_parallel_size", 1, False),
                                     ("pipeline_parallel_size", 1, False), ("expert_parallel_size", 1, False),
-                                    ("max_loras", 1, False), ("max_lora_rank", 1, False), ("max_cpu_loras", 1, True)):
+                                    ("max_loras", 1, False), ("max_lora_rank", 1, False), ("max_cpu_loras", 1, True),
+                                    ("long_prefill_token_threshold", 0, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue
@@ -331,6 +336,9 @@ class EngineConfig:
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {type(utilization).__name__}: "
                              f"{utilization!r}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError(f"long_prefill_token_threshold={self.long_prefill_token_threshold} cuts prompts into "
+                             f"chunks: it needs enable_chunked_prefill=True (or long_prefill_token_threshold=0)")
         self._check_static()
         self._check_offloading()
         from minillm.speculative.config import SpeculativeConfig  # lazy: a leaf module, validates both spellings

@@ -284,3 +284,45 @@ def test_blocks_computed_in_a_requests_last_step_are_cached(make_engine):
     second = engine.add_request(list(range(48)), max_tokens=1)
     assert engine.step().num_new_tokens == [1] and second.num_cached_tokens == 47
     engine.run()
+
+
+def first_token_steps(engine: SimulatedEngine, requests) -> list[int]:
+    """Run requests to the end; the step at which each one's first output token was sampled, in request order."""
+    for i, (prompt, max_tokens) in enumerate(requests):
+        engine.add_request(prompt, max_tokens, request_id=str(i))
+    first: dict[str, int] = {}
+    step = 0
+    while engine.scheduler.has_unfinished():
+        step += 1
+        engine.step()
+        for seq in engine.scheduler.running + engine.finished:
+            if seq.output_token_ids:
+                first.setdefault(seq.request_id, step)
+    return [first[str(i)] for i in range(len(requests))]
+
+
+def test_long_prefill_token_threshold_lets_short_prompts_in_beside_a_long_one(make_engine):
+    long_prompt = [i % 50 for i in range(200)]
+    requests = [(long_prompt, 4)] + [([7, i, 3, i + 1, 9, 2, i, 5, 1, 4], 4) for i in range(6)]
+    plain = make_engine(enable_chunked_prefill=True, max_num_batched_tokens=64)
+    capped = make_engine(enable_chunked_prefill=True, max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    (long_before, *short_before), (long_after, *short_after) = (first_token_steps(plain, requests),
+                                                               first_token_steps(capped, requests))
+    # without the cap the long prompt takes every step's whole budget until its last 8 tokens: 4 steps
+    assert long_before == 4 and min(short_before) == 4
+    # with it the long prompt computes 16 a step (13 steps) and the short ones fill the rest of the budget
+    assert short_after[:4] == [1] * 4 and max(short_after) <= 2 and long_after == 13
+    for batch in capped.batches:
+        assert max(batch.num_new_tokens) <= 16
+    assert {s.request_id: s.output_token_ids for s in plain.finished} == \
+        {s.request_id: s.output_token_ids for s in capped.finished}
+
+
+def test_long_prefill_token_threshold_is_checked():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be an integer >= 0, got -1"):
+        EngineConfig(long_prefill_token_threshold=-1, enable_chunked_prefill=True)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be an integer >= 0, got True"):
+        EngineConfig(long_prefill_token_threshold=True, enable_chunked_prefill=True)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold=64 cuts prompts into chunks: it needs "
+                                         "enable_chunked_prefill=True"):
+        EngineConfig(long_prefill_token_threshold=64)

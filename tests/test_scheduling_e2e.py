@@ -137,6 +137,16 @@ def test_chunked_prefill_with_a_small_token_budget(base, workload, expected):
         assert prefill_steps >= -(-n // 32) and decode_steps == m - 1, (seq_id, runs)
 
 
+def test_long_prefill_token_threshold_caps_every_chunk_and_keeps_the_tokens(base, workload, expected):
+    llm = build(base, enable_chunked_prefill=True, max_num_batched_tokens=48, long_prefill_token_threshold=12,
+                enable_prefix_caching=True)
+    assert tokens(llm, *workload) == expected
+    timeline = llm.llm_engine.scheduler.timeline
+    assert max(n for r in timeline for _, n in r.scheduled) == 12
+    # the 120-token prompt shared its steps with other prompts' chunks instead of taking 48 tokens a step
+    assert sum(len(r.prefill_ids) > 1 for r in timeline) >= 5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_pool_at_a_tenth_of_the_batch_preempts_and_still_matches(base, workload, expected, mode):

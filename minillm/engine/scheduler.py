@@ -19,8 +19,10 @@ Each `schedule()`:
   (c) if nobody was preempted and nothing is left swapped, waiting sequences are admitted while
       max_num_seqs, the token budget (max_num_batched_tokens) and the free blocks above the watermark allow.
 With enable_chunked_prefill a prefill may be cut so that the step's token budget is used exactly, decodes
-and prefill chunks sharing one forward (Sarathi-Serve). Without it a prefill runs whole, so
-max_num_batched_tokens must be >= max_model_len (checked here, as vLLM does).
+and prefill chunks sharing one forward (Sarathi-Serve); long_prefill_token_threshold > 0 also caps any one
+sequence's chunk, so a long prompt at the head of the queue leaves budget for the prompts behind it (vLLM's option).
+Without chunking a prefill runs whole, so max_num_batched_tokens must be >= max_model_len (checked here, as vLLM
+does).
 
 Speculative decoding (chapter 9): a running decode whose `spec_token_ids` hold k drafts is extended, after
 (a) gave every running sequence its own token, by as many drafts as the token budget, max_model_len and the
@@ -304,7 +306,7 @@ class Scheduler:
                 continue
             n = seq.num_tokens - bm.num_cached_tokens_on_allocate(seq)
             if self.config.enable_chunked_prefill:
-                n = min(n, budget)
+                n = self._chunk(n, budget)
             if self._decide(False, bm.num_blocks_to_allocate(seq, n)) == "wait":
                 break  # FCFS: the head waits for blocks; nobody overtakes it
             if n > budget and batch.seqs:
@@ -341,8 +343,15 @@ class Scheduler:
         if n == 1 and self.skip_finished_by_length and self._reached_length(seq):
             return 0
         if self.config.enable_chunked_prefill:
-            return max(0, min(n, budget))
+            return max(0, self._chunk(n, budget))
         return n if n <= budget else 0
+
+    def _chunk(self, n: int, budget: int) -> int:
+        """Tokens a sequence with n uncomputed ones computes this step under chunked prefill: what the budget leaves,
+        and at most long_prefill_token_threshold (when > 0), so that a long prompt shares the step with the ones
+        behind it instead of taking the whole budget."""
+        threshold = self.config.long_prefill_token_threshold
+        return min(n, budget, threshold) if threshold else min(n, budget)
 
     def _reached_length(self, seq: Sequence) -> bool:
         """Has seq generated all it may (max_tokens, or max_model_len tokens in all)? Its engine finishes it."""
