@@ -404,3 +404,22 @@ def test_bench_latency_times_one_batch_per_iteration_with_a_cold_prefix_cache(ca
     assert "num_iters must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["bench", "latency", "--batch-size", "0"]) == 2
     assert "batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_window_release_smoke_on_the_cpu(tmp_path):
+    """benchmarks/bench_window_release.py --smoke: on a pool that holds few whole prompts, the release runs more
+    sequences at once than keeping every block, with the same greedy tokens (the script raises if they differ)
+    and every block given back."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_window_release as bw
+
+    out = tmp_path / "w.json"
+    bw.main(["--smoke", "--out", str(out)])
+    release, held = json.loads(out.read_text())["rows"]
+    assert (release["mode"], held["mode"]) == ("release", "held")
+    assert release["max_running"] > held["max_running"]
+    with pytest.raises(ValueError, match="must exceed the window"):
+        bw.main(["--smoke", "--prompt-len", "10"])
