@@ -260,6 +260,9 @@ class EngineConfig:
     # vLLM's: a sliding-window model attends fully, its context capped at the window (ModelConfig.
     # without_sliding_window; applied by LLM(...) before the model is built)
     disable_sliding_window: bool = False
+    # top log-probabilities per token a request may ask for (SamplingParams.logprobs / prompt_logprobs; vLLM's
+    # max_logprobs): -1 lifts the cap to the whole vocabulary (a 49k-entry dict per token: mind the memory)
+    max_logprobs: int = 20
     # Operators (chapters 3-4)
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "torch" | "reference" | "triton"
     enforce_eager: bool | None = None  # None: CUDA graphs for decode on CUDA (False), eager on a CPU (True)
@@ -302,7 +305,7 @@ class EngineConfig:
                                     ("swap_space", 0, False), ("tensor_parallel_size", 1, False),
                                     ("pipeline_parallel_size", 1, False), ("expert_parallel_size", 1, False),
                                     ("max_loras", 1, False), ("max_lora_rank", 1, False), ("max_cpu_loras", 1, True),
-                                    ("long_prefill_token_threshold", 0, False)):
+                                    ("long_prefill_token_threshold", 0, False), ("max_logprobs", -1, False)):
             value = getattr(self, name)
             if value is None and optional:
                 continue

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 INT64_MAX = 2**63 - 1
-MAX_LOGPROBS = 20  # top-k log-probabilities per token at most (OpenAI's top_logprobs limit, vLLM's default)
+# top-k log-probabilities per token an engine returns by default (EngineConfig.max_logprobs; OpenAI's top_logprobs
+# limit, vLLM's default); a request may ask for more from an engine started with a larger max_logprobs
+MAX_LOGPROBS = 20
 # Below this a temperature divides logits into values that overflow fp16/bf16 (inf - inf = nan in the softmax);
 # as vLLM does, smaller positive temperatures are raised to it with a warning (0 itself means greedy).
 MIN_TEMPERATURE = 1e-2
@@ -172,7 +174,8 @@ class SamplingParams:
     # its SamplingParams (LLM.generate(priority=[...]), which here replaces this field; the server's `priority`)
     priority: int = 0
     # log-probabilities (vLLM's names): of each generated token plus the `logprobs` most likely ones, and of
-    # each prompt token after the first plus the `prompt_logprobs` most likely ones; None: not computed.
+    # each prompt token after the first plus the `prompt_logprobs` most likely ones; None: not computed; -1: every
+    # token of the vocabulary. The engine refuses more than its max_logprobs (EngineConfig; 20 by default).
     # They are log-softmax of the *raw* logits (temperature 1, no top-k/top-p), as vLLM returns by default.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -262,8 +265,8 @@ class SamplingParams:
                                        f"{getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                setattr(self, name, _integer(name, getattr(self, name), 0, MAX_LOGPROBS,
-                                             allowed=f"in [0, {MAX_LOGPROBS}] or None"))
+                setattr(self, name, _integer(name, getattr(self, name), -1, allowed=">= 0 (at most the engine's "
+                                             "max_logprobs), -1 (the whole vocabulary) or None"))
         if self.output_kind not in OUTPUT_KINDS:
             raise ParamError("output_kind", f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, "
                                             f"got {self.output_kind!r}")

@@ -204,11 +204,35 @@ def test_gpu_logprobs_with_cuda_graphs_equal_a_full_forward():
                                    atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 21), ("logprobs", -1), ("prompt_logprobs", 1.5),
+@pytest.mark.parametrize("field, value", [("logprobs", -2), ("logprobs", 2.0), ("prompt_logprobs", 1.5),
                                           ("prompt_logprobs", True)])
 def test_bad_logprobs_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_max_logprobs_caps_requests_and_minus_one_means_the_whole_vocabulary(model_and_config):
+    model, config = model_and_config
+    engine = make_engine(model_and_config)  # max_logprobs 20, vLLM's default
+    for field in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=rf"{field} must be an integer in \[0, 20\] \(this engine's "
+                                             rf"max_logprobs\) or -1, got 21"):
+            engine.add_request(None, PROMPTS[0], SamplingParams(**{field: 21}))
+        with pytest.raises(ValueError, match=rf"{field}=-1 asks for all {config.vocab_size} tokens of the "
+                                             rf"vocabulary, but this engine returns at most max_logprobs=20"):
+            engine.add_request(None, PROMPTS[0], SamplingParams(**{field: -1}))
+    assert not engine.has_unfinished_requests()  # nothing was queued
+    with pytest.raises(ValueError, match="max_logprobs must be an integer >= -1, got -2"):
+        EngineConfig(max_logprobs=-2)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=-1, prompt_logprobs=-1)
+    (out,), _ = run(model_and_config, [(PROMPTS[2], params)], max_logprobs=-1)
+    assert params.logprobs == -1  # the engine resolved its own copy
+    tokens = out.prompt_token_ids + out.outputs[0].token_ids
+    ref = reference_logprobs(model, tokens)
+    for p, entry in enumerate(out.prompt_logprobs[1:] + out.outputs[0].logprobs):
+        check_entry(entry, tokens[p + 1], ref[p], config.vocab_size)
+    (out,), _ = run(model_and_config, [(PROMPTS[2], SamplingParams(max_tokens=1, logprobs=25))], max_logprobs=25)
+    assert len(out.outputs[0].logprobs[0]) in (25, 26)  # the top 25, and the sampled token if it is not among them
 
 
 def test_logprob_is_a_small_dataclass():

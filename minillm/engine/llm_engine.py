@@ -226,6 +226,9 @@ class LLMEngine(StepOutputs, RequestChecks, EngineTools):
                                                f", but the {len(token_ids)}-token prompt leaves room for {room} "
                                                f"(min_tokens={sampling_params.min_tokens})")
             sampling_params.max_tokens = room
+        for name in ("logprobs", "prompt_logprobs"):  # -1: every token of the vocabulary (our copy, resolved once)
+            if getattr(sampling_params, name) == -1:
+                setattr(sampling_params, name, self.model_config.vocab_size)
         seq = Sequence(request_id, token_ids, sampling_params, prompt=text, arrival_time=arrival_time)
         if embeds is not None:
             seq.prompt_embeds, seq.embed_keys, seq.pooling = embeds, embedding_keys(embeds), pooling_params

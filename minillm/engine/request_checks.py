@@ -39,11 +39,28 @@ class RequestChecks:
         if not params.skip_special_tokens and not keeps_special_tokens(self.tokenizer):
             raise ParamError("skip_special_tokens", f"skip_special_tokens=False needs a tokenizer that can decode "
                              f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
+        for name in ("logprobs", "prompt_logprobs"):
+            self.check_num_logprobs(name, getattr(params, name))
         vocab = self.model_config.vocab_size
         outside = [t for t in params.logit_bias or () if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
         return self.constraints.for_request(params)  # a bad schema, regex or token id raises here
+
+    def check_num_logprobs(self, name: str, value: int | None) -> None:
+        """ParamError unless `value` top log-probabilities per token (SamplingParams.logprobs or prompt_logprobs;
+        -1: the whole vocabulary) are within this engine's EngineConfig.max_logprobs (-1: no cap), as vLLM checks."""
+        if value is None:
+            return
+        vocab, cap = self.model_config.vocab_size, self.engine_config.max_logprobs
+        cap = vocab if cap == -1 else cap
+        if value == -1 and cap < vocab:
+            raise ParamError(name, f"{name}=-1 asks for all {vocab} tokens of the vocabulary, but this engine "
+                                   f"returns at most max_logprobs={cap}: start it with max_logprobs=-1 (no cap) or "
+                                   f"ask for an integer in [0, {cap}]")
+        if value > cap:
+            raise ParamError(name, f"{name} must be an integer in [0, {cap}] (this engine's max_logprobs) or -1, "
+                                   f"got {value}")
 
     def check_priority(self, priority: int) -> None:
         """ParamError unless this engine honours `priority`: any value under scheduling_policy='priority' (lower
