@@ -26,6 +26,8 @@ Every default is decided once, for the model and device, by minillm/engine/cache
 with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 (minillm/engine/kv_scales.py).
 `quantization="rtn"` rounds a dense checkpoint's linears to 4-bit while loading; `quantization_options=` passes
 the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
+`tokenizer=` (vLLM's) takes the tokenizer from another HF directory (tokenizer.json) or .gguf file than the model,
+e.g. a GGUF model with its original HF tokenizer and chat template; it may not have more tokens than the model.
 `load_format="dummy"` (vLLM's) reads the config and tokenizer only and draws random weights of their shapes (a
 directory with config.json and the tokenizer's files is enough): a benchmark of a shape, no checkpoint needed.
 `LLM(disable_log_stats=False)` keeps the server's /metrics numbers while generating; `llm.get_metrics()` returns
@@ -63,12 +65,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
-_LOAD_TIME_OPTIONS = ("model", "dtype", "device", "quantization", "quantization_options",
+_LOAD_TIME_OPTIONS = ("model", "tokenizer", "dtype", "device", "quantization", "quantization_options",
                       "distributed_executor_backend", "disaggregation", "load_format")
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
+    def __init__(self, model: str | os.PathLike | None = None, *, tokenizer: str | os.PathLike | None = None,
+                 dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
@@ -117,6 +120,7 @@ class LLM:
         if quantization is not None:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
 
+        tokenizer_path, tokenizer = tokenizer, None  # the name is the loaded tokenizer's below
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' (the checkpoint's weights) or 'dummy' (random weights of "
                              f"its shapes, for benchmarks), got {load_format!r}")
@@ -131,6 +135,8 @@ class LLM:
         else:
             model_config, weights, tokenizer = loader.load_model(path)
             source = CheckpointSource(path)
+        if tokenizer_path is not None:  # vLLM's tokenizer=: the model's tokenizer read from elsewhere
+            tokenizer = _checked_tokenizer(loader.load_tokenizer(tokenizer_path), tokenizer_path, model_config)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant), with the
         # method's options (e.g. rtn's {"group_size": 128, "lm_head": True}); misplaced options are refused there
         if engine_config.disable_sliding_window:  # before anything is built from it (vLLM's option)
@@ -616,6 +622,15 @@ def _per_prompt(lora_request: Any, num_prompts: int) -> list:
                              f"LoRARequest for all or one per prompt")
         return list(lora_request)
     return [lora_request] * num_prompts
+
+
+def _checked_tokenizer(tokenizer: Any, path: str | os.PathLike, model_config: Any) -> Any:
+    """A tokenizer given with tokenizer= must not produce ids the model has no embedding for (the model's vocabulary
+    may be larger: embeddings are often padded to a multiple of 64 or 128)."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer={os.fspath(path)!r} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocabulary of {model_config.vocab_size}: it is not this model's tokenizer")
+    return tokenizer
 
 
 def _default_model_path() -> str:

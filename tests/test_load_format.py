@@ -47,3 +47,26 @@ def test_dummy_weights_need_no_checkpoint_and_agree_across_processes(directories
         LLM(full, load_format="pt", **OPTIONS)
     with pytest.raises(FileNotFoundError):
         LLM(bare, **OPTIONS)  # without dummy the weights are needed
+
+
+def test_a_tokenizer_from_another_path(directories, tmp_path):
+    """LLM(model, tokenizer=path), vLLM's: the tokenizer is read from another HF directory (or a .gguf file) than
+    the weights; one with more tokens than the model's vocabulary is refused, naming both sizes."""
+    full, _ = directories
+    only_tokenizer = tmp_path / "tok"
+    only_tokenizer.mkdir()
+    shutil.copy(full / "tokenizer.json", only_tokenizer / "tokenizer.json")
+    own = LLM(full, **OPTIONS)
+    other = LLM(full, tokenizer=only_tokenizer, **OPTIONS)
+    assert other.get_tokenizer().source == os.fspath(only_tokenizer) != own.get_tokenizer().source
+    text = [o.outputs[0].text for o in other.generate(["a b ab w7"], GREEDY)]
+    assert text == [o.outputs[0].text for o in own.generate(["a b ab w7"], GREEDY)] and text[0]
+    from minillm.loader.model_files import default_model_path
+    with pytest.raises(ValueError, match=r"has 49152 tokens, more than the model's vocabulary of 112: it is not"):
+        LLM(full, tokenizer=default_model_path(), **OPTIONS)  # SmolLM2's GGUF tokenizer
+    with pytest.raises(FileNotFoundError, match="tokenizer='/no/such/dir': no such file or directory"):
+        LLM(full, tokenizer="/no/such/dir", **OPTIONS)
+    with pytest.raises(TypeError, match="tokenizer must be a path"):
+        LLM(full, tokenizer=3, **OPTIONS)
+    with pytest.raises(ValueError, match="tokenizer"):
+        own.share_model(tokenizer=only_tokenizer)

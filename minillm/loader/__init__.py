@@ -6,6 +6,7 @@
     model.load_weights(weights)                               # (hf_name, tensor) pairs, HF Llama names
     config = read_model_config(path)                          # the config alone (no weights): checks before loading
     config, tokenizer = load_config_and_tokenizer(path)       # no weights read or needed (load_format="dummy")
+    tokenizer = load_tokenizer(path)                          # an HF directory's or a GGUF file's tokenizer alone
 
 `weights` is a lazy iterator: each tensor is read (and dequantized) when the model asks for it.
 """
@@ -24,7 +25,8 @@ from minillm.loader.model_files import default_model_path, expected_weight_shape
 from minillm.loader.tokenizer import Tokenizer
 
 __all__ = [
-    "load_model", "read_model_config", "load_config_and_tokenizer", "load_gguf_model", "load_hf_model", "default_model_path", "Tokenizer",
+    "load_model", "read_model_config", "load_config_and_tokenizer", "load_tokenizer", "load_gguf_model",
+    "load_hf_model", "default_model_path", "Tokenizer",
     "GGUFFile", "GGUFError", "TensorInfo", "config_from_gguf", "config_from_hf", "expected_weight_shapes",
     "gguf_to_hf_name", "unpermute_rotary",
 ]
@@ -51,6 +53,22 @@ def load_config_and_tokenizer(path: str | os.PathLike | None = None) -> tuple[Mo
         return read_hf_config(path), Tokenizer.from_hf_dir(path)
     gguf = GGUFFile(path)
     return config_from_gguf(gguf), Tokenizer.from_gguf(gguf)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer alone, from an HF directory (tokenizer.json and its config) or a .gguf file's metadata: a
+    model's tokenizer taken from elsewhere (LLM(..., tokenizer=path), vLLM's option; e.g. a GGUF model with its
+    original HF tokenizer)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a path (an HF directory with tokenizer.json, or a .gguf file), got "
+                        f"{type(path).__name__}: {path!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return Tokenizer.from_hf_dir(path)
+    if os.path.isfile(path):
+        return Tokenizer.from_gguf(path)
+    raise FileNotFoundError(f"tokenizer={path!r}: no such file or directory; pass an HF directory with "
+                            f"tokenizer.json or a .gguf file")
 
 
 def read_model_config(path: str | os.PathLike | None = None) -> ModelConfig:

@@ -243,8 +243,8 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
             compile_chat_template(chat_template)
         except ValueError as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
-              generation_config=args.generation_config,
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
+              quantization=args.quantization, generation_config=args.generation_config,
               override_generation_config=args.override_generation_config, **engine_options(args))
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
     app = build_app(AsyncLLM.from_llm(llm), name, api_key=api_key, chat_template=chat_template,
@@ -289,6 +289,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """The options of the model a server answers with (serve and run-batch): its file, names, templates,
     adapters, parsers, and the engine's options."""
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="the tokenizer from this HF directory or .gguf file instead of the model's own")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
     p.add_argument("--trust-request-chat-template", action="store_true",
