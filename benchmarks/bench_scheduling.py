@@ -6,7 +6,10 @@
 P9  Continuous vs static batching on output lengths of high variance (uniform 8..512, seeded, ignore_eos): output
     tokens per second of the same requests through `scheduling="continuous"` (paged) and `scheduling="static"`
     (contiguous), same model, same max_num_seqs, same KV memory. Static batching waits for the longest request of
-    each batch; continuous batching refills a slot the step after it frees.
+    each batch; continuous batching refills a slot the step after it frees. A third run, "pool-bound", is not P9:
+    the same KV bytes with max_num_seqs = every request, so the paged pool, not a slot count, decides how many run
+    at once (what the paged KV buys on top of iteration-level scheduling: sequences hold their own length, not
+    max_model_len).
 P8  Time to first token with a shared 1,000-token prefix, prefix caching on vs off: one request warms the cache,
     then new requests sharing the prefix (each with its own suffix) arrive one at a time; mean TTFT and its %
     reduction.
@@ -168,20 +171,24 @@ def bench_p9(setup: Setup, quick: bool) -> dict:
     result = {"num_requests": n, "input_len_range": in_range, "output_len_range": out_range,
               "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "kv_cache_bytes": kv_memory,
               "total_output_tokens": sum(out_lens)}
-    for name, options in (("static", dict(scheduling="static", kv_layout="contiguous")),
-                          ("continuous", dict(scheduling="continuous", kv_layout="paged",
-                                              kv_cache_memory=kv_memory))):
-        llm = setup.llm(max_model_len=max_model_len, max_num_seqs=max_num_seqs, **options)
+    paged = dict(scheduling="continuous", kv_layout="paged", kv_cache_memory=kv_memory)
+    for name, options in (("static", dict(scheduling="static", kv_layout="contiguous", max_num_seqs=max_num_seqs)),
+                          ("continuous", dict(paged, max_num_seqs=max_num_seqs)),
+                          ("pool_bound", dict(paged, max_num_seqs=n))):
+        llm = setup.llm(max_model_len=max_model_len, **options)
         print(f"P9 {name}: {n} requests, outputs {out_range[0]}..{out_range[1]} ...", flush=True)
         outs, wall, cpu = timed_generate(llm, prompts, params)
         produced = sum(len(o.outputs[0].token_ids) for o in outs)
         assert produced == sum(out_lens), f"{name}: {produced} tokens, expected {sum(out_lens)}"
         result[name] = {"wall_s": wall, "output_tok_s": produced / wall, "cpu_s": cpu,
                         "output_tok_per_cpu_s": produced / cpu, "steps": llm.llm_engine.num_steps,
-                        "preemptions": getattr(llm.llm_engine.scheduler, "num_preemptions", 0)}
+                        "preemptions": getattr(llm.llm_engine.scheduler, "num_preemptions", 0),
+                        "max_running": max((r.num_running for r in getattr(llm.llm_engine.scheduler, "timeline", [])),
+                                           default=max_num_seqs)}
         del llm, outs
         release(setup)
     result["speedup"] = result["continuous"]["output_tok_s"] / result["static"]["output_tok_s"]
+    result["speedup_pool_bound"] = result["pool_bound"]["output_tok_s"] / result["static"]["output_tok_s"]
     result["speedup_cpu_time"] = result["continuous"]["output_tok_per_cpu_s"] / \
         result["static"]["output_tok_per_cpu_s"]
     return result
@@ -325,7 +332,10 @@ def table(results: dict) -> str:
                  f"P9 | continuous batching, output tok/s | {r['continuous']['output_tok_s']:.1f}",
                  f"P9 | continuous / static (wall clock) | {r['speedup']:.2f}x",
                  f"P9 | continuous / static (process CPU time) | {r['speedup_cpu_time']:.2f}x",
-                 f"P9 | steps static / continuous | {r['static']['steps']} / {r['continuous']['steps']}"]
+                 f"P9 | steps static / continuous | {r['static']['steps']} / {r['continuous']['steps']}",
+                 f"(not P9) | pool-bound continuous, output tok/s (at most {r['pool_bound']['max_running']} running, "
+                 f"{r['pool_bound']['preemptions']} preemptions) | {r['pool_bound']['output_tok_s']:.1f}",
+                 f"(not P9) | pool-bound continuous / static | {r['speedup_pool_bound']:.2f}x"]
     if "p8" in results:
         r = results["p8"]
         rows += [f"P8 | mean TTFT, {r['prefix_len']}-token shared prefix, uncached | "
