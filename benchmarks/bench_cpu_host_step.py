@@ -55,8 +55,8 @@ def measure(batch: int, prompt_len: int, steps: int, tokenizer: str) -> dict:
         from minillm.loader.tokenizer import Tokenizer
         tok = Tokenizer.from_gguf(default_model_path())
     else:
-        from minillm.bench.step_transfers import _NullTokenizer
-        tok = _NullTokenizer()
+        from minillm.loader.no_tokenizer import NoTokenizer
+        tok = NoTokenizer()
     max_len = (prompt_len + steps + 32 + 15) // 16 * 16
     engine_config = EngineConfig(max_model_len=max_len, max_num_seqs=batch, block_size=16,
                                  num_kv_blocks=(batch + 1) * (max_len // 16),

@@ -55,18 +55,6 @@ SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "qwen3-8b": QWEN
 INIT_STD = 0.02
 
 
-class DummyTokenizer:
-    """The engine only needs decode() for incremental text; ids are random, so text is irrelevant."""
-
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        raise ValueError("bench_decode feeds token ids; it has no tokenizer")
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
-
-
 def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None,
                 shape: dict = LLAMA3_8B, dtype: str = "bfloat16"):
     """The Llama-3-8B-shaped model (or another of SHAPES) with random weights in `dtype` (bf16 by default); with
@@ -126,6 +114,7 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
     import torch
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
+    from minillm.loader.no_tokenizer import NoTokenizer
     from minillm.sampling_params import SamplingParams
 
     block_size = 16
@@ -141,7 +130,7 @@ def run_engine(model, config, prompt_len: int, output_len: int, batch: int, enfo
                                  async_scheduling=async_scheduling)
     start = time.perf_counter()
     dtype = next(model.parameters()).dtype
-    engine = LLMEngine(model, DummyTokenizer(), config, engine_config, device=device, dtype=dtype)
+    engine = LLMEngine(model, NoTokenizer(), config, engine_config, device=device, dtype=dtype)
     setup_s = time.perf_counter() - start
     graphs = engine.runner.cuda_graphs is not None
     async_scheduling = engine.async_steps is not None  # as resolved (None: the default for the device)

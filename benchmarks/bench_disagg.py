@@ -43,12 +43,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bench_scheduling import LLAMA3_8B, random_llama
-from bench_scheduling import _NoTextTokenizer as NoTextTokenizer  # random weights: ids only, no text
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.disagg_engine import DisaggregatedEngine
 from minillm.engine.executor import UniProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights, Worker
+from minillm.loader.no_tokenizer import NoTokenizer  # random weights: ids only, no text
 from minillm.sampling_params import SamplingParams
 
 CPU_TINY = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -78,10 +78,10 @@ def build_engine(mode: str, model_config: ModelConfig, args: argparse.Namespace,
     config = EngineConfig(**options)
     source = RandomLlama8B() if device.type == "cuda" else RandomWeights(seed=0)
     if mode == "disaggregated":
-        return DisaggregatedEngine(source, NoTextTokenizer(), model_config, config, device=device, dtype=dtype)
+        return DisaggregatedEngine(source, NoTokenizer(), model_config, config, device=device, dtype=dtype)
     from minillm.engine.cache_config import resolve_engine_config
     worker = Worker(model_config, resolve_engine_config(config, model_config, device), device, dtype, source)
-    return LLMEngine(None, NoTextTokenizer(), model_config, config, device=device, dtype=dtype,
+    return LLMEngine(None, NoTokenizer(), model_config, config, device=device, dtype=dtype,
                      executor=UniProcExecutor(worker))
 
 

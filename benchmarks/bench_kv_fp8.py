@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from bench_decode import DummyTokenizer, build_model, copy_bandwidth, weight_bytes
+from bench_decode import build_model, copy_bandwidth, weight_bytes
+from minillm.loader.no_tokenizer import NoTokenizer
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B's attention, the engine's block size
 GRAPH_LAYERS = 8  # launches per captured graph
@@ -157,7 +158,7 @@ def make_engine(model, config, kv_cache_dtype: str, max_model_len: int, batch: i
     engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=batch, block_size=16,
                                  num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max(8192, max_model_len),
                                  kv_cache_dtype=kv_cache_dtype)
-    return LLMEngine(model, DummyTokenizer(), config, engine_config, device="cuda", dtype=torch.bfloat16)
+    return LLMEngine(model, NoTokenizer(), config, engine_config, device="cuda", dtype=torch.bfloat16)
 
 
 def time_decode(engine, config, batch: int, prompt_len: int, output_len: int) -> dict:

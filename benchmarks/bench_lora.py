@@ -93,11 +93,7 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
     from minillm.lora.adapter import random_adapter, save_adapter
     from minillm.sampling_params import SamplingParams
 
-    class Tokenizer:  # ids only: the text is irrelevant
-        eos_token_id = None
-
-        def decode(self, token_ids, skip_special_tokens=True):
-            return ""
+    from minillm.loader.no_tokenizer import NoTokenizer
 
     config = ModelConfig(**SHAPES[shape])
     model = RandomWeights(seed=0, std_embed=0.02)(config, torch.device("cuda"), torch.bfloat16)
@@ -117,7 +113,7 @@ def time_engine(shape: str, batches: list[int], rank: int, max_loras: int, outpu
         for name, options, lora_of in variants:
             if only and name.split()[0] not in only:  # --variants base lora 1 4 eager: by first word
                 continue
-            engine = LLMEngine(model, Tokenizer(), config, EngineConfig(
+            engine = LLMEngine(model, NoTokenizer(), config, EngineConfig(
                 max_model_len=prompt_len + output_len + 16, max_num_seqs=batch, block_size=16, num_kv_blocks=blocks,
                 max_num_batched_tokens=max(2048, batch * prompt_len), max_loras=max_loras, max_lora_rank=rank,
                 **options), device="cuda", dtype=torch.bfloat16)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from bench_scheduling import _NoTextTokenizer as NoTextTokenizer  # random weights: ids only, no text
+from minillm.loader.no_tokenizer import NoTokenizer  # random weights: ids only, no text
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
@@ -84,7 +84,7 @@ def build_engine(ep: int, model_config: ModelConfig, args: argparse.Namespace, d
     kwargs = dict(model_config=model_config, engine_config=config, device=device, dtype=dtype,
                   model_source=RandomByName(), seed=0)
     executor = MultiProcExecutor(kwargs) if ep > 1 else UniProcExecutor(Worker(**kwargs))
-    return LLMEngine(None, NoTextTokenizer(), model_config, config, device=device, dtype=dtype, executor=executor)
+    return LLMEngine(None, NoTokenizer(), model_config, config, device=device, dtype=dtype, executor=executor)
 
 
 def run(engine: LLMEngine, model_config: ModelConfig, args: argparse.Namespace, dtype: torch.dtype) -> dict:

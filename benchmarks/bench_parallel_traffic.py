@@ -36,6 +36,7 @@ from minillm.engine.disagg_engine import DisaggregatedEngine
 from minillm.engine.executor import MultiProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
+from minillm.loader.no_tokenizer import NoTokenizer
 from minillm.parallel.expert import collect_load_stats, token_slice
 from minillm.parallel.kv_transfer import kv_transfer_bytes
 from minillm.sampling_params import SamplingParams
@@ -48,15 +49,6 @@ MIXTRAL = ModelConfig(architecture="mixtral", vocab_size=301, hidden_size=32, in
 ENGINE = dict(max_model_len=128, max_num_seqs=8, block_size=8, num_kv_blocks=96)
 FP32 = 4  # bytes per element
 OUT = Path(__file__).resolve().parent / "results" / "parallel_traffic_cpu.json"
-
-
-class NoTextTokenizer:
-    """Random weights: ids in, ids out, no text."""
-
-    eos_token_id = None
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
 
 
 def _executor(config: ModelConfig, **parallel) -> MultiProcExecutor:
@@ -92,7 +84,7 @@ def _steps(engine: LLMEngine, stats, prompt_len: int, decoders: int) -> dict[str
 def measure_tp(prompt_len: int, decoders: int) -> list[dict]:
     executor = _executor(LLAMA, tensor_parallel_size=2)
     try:
-        engine = LLMEngine(None, NoTextTokenizer(), LLAMA, EngineConfig(**ENGINE), executor=executor)
+        engine = LLMEngine(None, NoTokenizer(), LLAMA, EngineConfig(**ENGINE), executor=executor)
         steps = _steps(engine, lambda reset: executor.collective_rpc("get_comm_stats", reset), prompt_len, decoders)
     finally:
         executor.shutdown()
@@ -109,7 +101,7 @@ def measure_tp(prompt_len: int, decoders: int) -> list[dict]:
 def measure_pp(prompt_len: int, decoders: int) -> list[dict]:
     executor = _executor(LLAMA, pipeline_parallel_size=2)
     try:
-        engine = LLMEngine(None, NoTextTokenizer(), LLAMA, EngineConfig(**ENGINE), executor=executor)
+        engine = LLMEngine(None, NoTokenizer(), LLAMA, EngineConfig(**ENGINE), executor=executor)
         steps = _steps(engine, lambda reset: executor.collective_rpc("get_comm_stats", reset), prompt_len, decoders)
     finally:
         executor.shutdown()
@@ -126,7 +118,7 @@ def measure_ep(prompt_len: int, decoders: int) -> list[dict]:
         return executor.collective_rpc("get_comm_stats", reset), routing
 
     try:
-        engine = LLMEngine(None, NoTextTokenizer(), MIXTRAL, EngineConfig(**ENGINE), executor=executor)
+        engine = LLMEngine(None, NoTokenizer(), MIXTRAL, EngineConfig(**ENGINE), executor=executor)
         steps = _steps(engine, stats, prompt_len, decoders)
     finally:
         executor.shutdown()
@@ -148,7 +140,7 @@ def measure_ep(prompt_len: int, decoders: int) -> list[dict]:
 
 
 def measure_pd(prompt_len: int, decoders: int) -> list[dict]:
-    engine = DisaggregatedEngine(RandomWeights(seed=3), NoTextTokenizer(), LLAMA, EngineConfig(**ENGINE),
+    engine = DisaggregatedEngine(RandomWeights(seed=3), NoTokenizer(), LLAMA, EngineConfig(**ENGINE),
                                  disaggregation={"prefill": 1, "decode": 1})
     lens = [prompt_len] + [3 + i for i in range(decoders)]
     try:

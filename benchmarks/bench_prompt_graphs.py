@@ -32,16 +32,17 @@ SHAPES = {
 
 
 def engine_for(shape: dict, device: torch.device):
-    from minillm.bench.step_transfers import _NullTokenizer, tiny_llama
+    from minillm.bench.step_transfers import tiny_llama
     from minillm.config import EngineConfig, ModelConfig
     from minillm.engine.llm_engine import LLMEngine
+    from minillm.loader.no_tokenizer import NoTokenizer
     from minillm.engine.worker import RandomWeights
     if device.type == "cuda":
         config = ModelConfig(**shape)
         model = RandomWeights(0)(config, device, torch.bfloat16)
     else:
         model, config = tiny_llama()
-    return LLMEngine(model, _NullTokenizer(), config, EngineConfig(max_model_len=min(2048, config.max_position_embeddings), max_num_seqs=8),
+    return LLMEngine(model, NoTokenizer(), config, EngineConfig(max_model_len=min(2048, config.max_position_embeddings), max_num_seqs=8),
                      device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 

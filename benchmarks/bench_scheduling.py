@@ -44,22 +44,11 @@ import torch
 from minillm import LLM, SamplingParams
 from minillm.config import EngineConfig, ModelConfig
 from minillm.engine.kv_cache import kv_bytes_per_block
+from minillm.loader.no_tokenizer import NoTokenizer
 
 LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                  rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
-
-
-class _NoTextTokenizer:
-    """Random weights produce meaningless ids: the engine needs only decode(), and no text is wanted."""
-
-    eos_token_id = None
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError("the random-weights benchmark model has no tokenizer: pass token ids")
 
 
 def random_llama(device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, ModelConfig]:
@@ -92,7 +81,7 @@ class Setup:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.model, self.model_config = random_llama(device, torch.bfloat16)
-            self.dtype, self.tokenizer, self.base = torch.bfloat16, _NoTextTokenizer(), None
+            self.dtype, self.tokenizer, self.base = torch.bfloat16, NoTokenizer(), None
             self.name = "Llama-3-8B-shaped, random bf16 weights"
         else:
             self.base = LLM(max_model_len=2048, max_num_seqs=1, scheduling="static", kv_layout="contiguous")

@@ -46,18 +46,14 @@ def run(shape: str, level: int, device: str = "cuda") -> dict:
     from minillm.engine.cache_config import resolve_engine_config
     from minillm.sampling_params import SamplingParams
 
-    class Tokenizer:
-        eos_token_id = None
-
-        def decode(self, token_ids, skip_special_tokens=True):
-            return ""
+    from minillm.loader.no_tokenizer import NoTokenizer
 
     config = ModelConfig(**SHAPES[shape])
     device = torch.device(device)
     start = time.perf_counter()
     engine_config = resolve_engine_config(EngineConfig(max_model_len=2048, max_num_seqs=64), config, device)
     worker = Worker(config, engine_config, device, torch.bfloat16, RandomWeights(seed=0, std_embed=0.02))
-    engine = LLMEngine(None, Tokenizer(), config, engine_config, executor=UniProcExecutor(worker), device=device,
+    engine = LLMEngine(None, NoTokenizer(), config, engine_config, executor=UniProcExecutor(worker), device=device,
                        dtype=torch.bfloat16)
     build = time.perf_counter() - start
     prompts = [torch.randint(0, config.vocab_size, (64,), generator=torch.Generator().manual_seed(i)).tolist()

@@ -55,7 +55,8 @@ import time
 import torch
 
 from minillm import LLM, SamplingParams
-from minillm.bench.step_transfers import _NullTokenizer, tiny_llama
+from minillm.bench.step_transfers import tiny_llama
+from minillm.loader.no_tokenizer import NoTokenizer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -80,7 +81,7 @@ def base_llm(args: argparse.Namespace, device: torch.device) -> tuple[LLM, str |
         model = RandomWeights(0)(config, device, dtype)
     else:
         model, config = tiny_llama()
-    engine = LLMEngine(model, _NullTokenizer(), config,
+    engine = LLMEngine(model, NoTokenizer(), config,
                        EngineConfig(max_model_len=1024, max_num_seqs=2, num_kv_blocks=8, enforce_eager=True),
                        device=device, dtype=dtype)  # never stepped: the variants share its weights
     heads_dir = tempfile.mkdtemp(prefix="spec_host_eagle_")

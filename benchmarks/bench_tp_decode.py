@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_decode import LLAMA3_8B, DummyTokenizer  # noqa: E402
+from bench_decode import LLAMA3_8B  # noqa: E402
+from minillm.loader.no_tokenizer import NoTokenizer  # noqa: E402
 
 
 _MODELS: dict = {}
@@ -59,12 +60,12 @@ def build_engine(config, tp: int, pp: int, batch: int, max_model_len: int, eager
         if key not in _MODELS:
             _MODELS.clear()
             _MODELS[key] = RandomWeights(seed=0)(config, device, dtype)
-        return LLMEngine(_MODELS[key], DummyTokenizer(), config, EngineConfig(**options), device=device,
+        return LLMEngine(_MODELS[key], NoTokenizer(), config, EngineConfig(**options), device=device,
                          dtype=dtype), None
     engine_config = resolve_engine_config(EngineConfig(**options), config, device)
     executor = MultiProcExecutor(dict(model_config=config, engine_config=engine_config, device=device, dtype=dtype,
                                       model_source=RandomWeights(seed=0), seed=0))
-    engine = LLMEngine(None, DummyTokenizer(), config, EngineConfig(**options), device=device, dtype=dtype,
+    engine = LLMEngine(None, NoTokenizer(), config, EngineConfig(**options), device=device, dtype=dtype,
                        executor=executor)
     return engine, executor
 

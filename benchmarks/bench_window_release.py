@@ -39,7 +39,8 @@ def build_engine(shape: dict, device: str, kv_bytes: int, max_model_len: int, ch
     from minillm.engine.llm_engine import LLMEngine
     from minillm.models.llama import LlamaForCausalLM
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_decode import INIT_STD, DummyTokenizer
+    from bench_decode import INIT_STD
+    from minillm.loader.no_tokenizer import NoTokenizer
 
     config = ModelConfig(**shape)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -56,7 +57,7 @@ def build_engine(shape: dict, device: str, kv_bytes: int, max_model_len: int, ch
             param.fill_(1.0) if "norm" in name else param.normal_(0.0, INIT_STD, generator=gen)
     engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_memory=kv_bytes,
                                  enable_chunked_prefill=True, max_num_batched_tokens=chunk)
-    return LLMEngine(model.eval(), DummyTokenizer(), config, engine_config, device=device, dtype=dtype), config
+    return LLMEngine(model.eval(), NoTokenizer(), config, engine_config, device=device, dtype=dtype), config
 
 
 def run_mode(engine, prompts: list[list[int]], output_len: int, release: bool, device: str) -> dict:

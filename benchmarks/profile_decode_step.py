@@ -53,12 +53,13 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU")
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
+    from minillm.loader.no_tokenizer import NoTokenizer
     from minillm.sampling_params import SamplingParams
 
     options = {"bits": 4, "group_size": 128, "lm_head": args.lm_head} if args.quantization else None
     model, config = bd.build_model(args.layers, args.quantization, options, shape=bd.SHAPES[args.shape],
                                    dtype=args.dtype)
-    engine = LLMEngine(model, bd.DummyTokenizer(), config,
+    engine = LLMEngine(model, NoTokenizer(), config,
                        EngineConfig(max_model_len=512, max_num_seqs=args.batch, block_size=16,
                                     num_kv_blocks=32 * args.batch + 32,
                                     max_num_batched_tokens=max(512, 128 * args.batch),

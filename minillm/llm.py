@@ -28,6 +28,8 @@ with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 
 the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
 `tokenizer=` (vLLM's) takes the tokenizer from another HF directory (tokenizer.json) or .gguf file than the model,
 e.g. a GGUF model with its original HF tokenizer and chat template; it may not have more tokens than the model.
+`skip_tokenizer_init=True` (vLLM's) reads no tokenizer at all: prompts are token ids, outputs token ids with empty
+text (minillm/loader/no_tokenizer.py).
 `load_format="dummy"` (vLLM's) reads the config and tokenizer only and draws random weights of their shapes (a
 directory with config.json and the tokenizer's files is enough): a benchmark of a shape, no checkpoint needed.
 `LLM(disable_log_stats=False)` keeps the server's /metrics numbers while generating; `llm.get_metrics()` returns
@@ -71,7 +73,7 @@ _LOAD_TIME_OPTIONS = ("model", "tokenizer", "dtype", "device", "quantization", "
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, *, tokenizer: str | os.PathLike | None = None,
-                 dtype: str | torch.dtype = "auto",
+                 skip_tokenizer_init: bool = False, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
@@ -121,6 +123,12 @@ class LLM:
             check_quantization_name(quantization)  # a bad name fails before seconds of loading
 
         tokenizer_path, tokenizer = tokenizer, None  # the name is the loaded tokenizer's below
+        if not isinstance(skip_tokenizer_init, bool):
+            raise TypeError(f"skip_tokenizer_init must be a bool, got {type(skip_tokenizer_init).__name__}: "
+                            f"{skip_tokenizer_init!r}")
+        if skip_tokenizer_init and tokenizer_path is not None:
+            raise ValueError("give tokenizer= (read the tokenizer from there) or skip_tokenizer_init=True (none at "
+                             "all), not both")
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' (the checkpoint's weights) or 'dummy' (random weights of "
                              f"its shapes, for benchmarks), got {load_format!r}")
@@ -130,10 +138,11 @@ class LLM:
         from minillm.loader.generation_config import default_sampling_fields
         generation_defaults = default_sampling_fields(path, generation_config, override_generation_config)
         if load_format == "dummy":  # vLLM's: the config and tokenizer only, every process drawing the same weights
-            (model_config, tokenizer), weights = loader.load_config_and_tokenizer(path), None
+            model_config, tokenizer = loader.load_config_and_tokenizer(path, not skip_tokenizer_init)
+            weights = None
             source = RandomWeights(seed=seed, std_embed=0.02)
         else:
-            model_config, weights, tokenizer = loader.load_model(path)
+            model_config, weights, tokenizer = loader.load_model(path, with_tokenizer=not skip_tokenizer_init)
             source = CheckpointSource(path)
         if tokenizer_path is not None:  # vLLM's tokenizer=: the model's tokenizer read from elsewhere
             tokenizer = _checked_tokenizer(loader.load_tokenizer(tokenizer_path), tokenizer_path, model_config)

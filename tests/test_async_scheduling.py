@@ -238,11 +238,11 @@ def test_async_step_keeps_one_upload_one_download_no_sync(graphs):
     """An async step (launch N+1, then read N) makes the transfers of a synchronous one: one packed upload and one
     download, and no sync: the gather of step N's tokens into step N+1's inputs stays on the device. Counted on
     the virtual device of minillm.bench.step_transfers; with graphs, the decode replays (host stand-in) graphs."""
-    from minillm.bench.step_transfers import (STEP_BUDGET, VIRTUAL_DEVICE, StepTransfers, _NullTokenizer,
-                                              attach_host_graphs, tiny_llama)
+    from minillm.bench.step_transfers import STEP_BUDGET, VIRTUAL_DEVICE, StepTransfers, attach_host_graphs, tiny_llama
+    from minillm.loader.no_tokenizer import NoTokenizer
     model, config = tiny_llama()
     with StepTransfers(model) as counter:
-        engine = LLMEngine(model, _NullTokenizer(), config,
+        engine = LLMEngine(model, NoTokenizer(), config,
                            EngineConfig(max_model_len=128, max_num_seqs=4, block_size=16, num_kv_blocks=40,
                                         async_scheduling=True), device=VIRTUAL_DEVICE)
         if graphs:

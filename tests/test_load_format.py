@@ -70,3 +70,40 @@ def test_a_tokenizer_from_another_path(directories, tmp_path):
         LLM(full, tokenizer=3, **OPTIONS)
     with pytest.raises(ValueError, match="tokenizer"):
         own.share_model(tokenizer=only_tokenizer)
+
+
+def test_skip_tokenizer_init_runs_on_token_ids_without_tokenizer_files(directories, tmp_path):
+    """LLM(skip_tokenizer_init=True), vLLM's: no tokenizer is read (a directory with config.json alone serves);
+    token ids in, the same token ids out as with the tokenizer, empty text; what needs text is refused by name."""
+    _, bare = directories
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(bare / "config.json", config_only / "config.json")
+    llm = LLM(config_only, load_format="dummy", skip_tokenizer_init=True, **OPTIONS)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == tokens(LLM(bare, load_format="dummy", **OPTIONS))
+    assert [o.outputs[0].text for o in outs] == ["", ""]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["some text"], GREEDY)
+    with pytest.raises(ValueError, match="stop strings \\['w3'\\] are matched in the output text, and this engine "
+                                         "has no tokenizer"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=4, stop=["w3"]))
+    with pytest.raises(ValueError, match="a chat needs a tokenizer"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    assert not llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="not both"):
+        LLM(bare, load_format="dummy", skip_tokenizer_init=True, tokenizer=bare, **OPTIONS)
+    with pytest.raises(TypeError, match="skip_tokenizer_init must be a bool"):
+        LLM(bare, load_format="dummy", skip_tokenizer_init="yes", **OPTIONS)
+
+
+def test_no_tokenizer_refuses_constraints_and_gives_logprobs_without_text(directories):
+    _, bare = directories
+    llm = LLM(bare, load_format="dummy", skip_tokenizer_init=True, **OPTIONS)
+    from minillm.sampling_params import StructuredOutputsParams
+    with pytest.raises(ValueError, match="structured_outputs needs a tokenizer that gives each token's bytes"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="a+")))
+    with pytest.raises(ValueError, match="bad_words needs a tokenizer that gives each token's bytes"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=4, bad_words=["a"]))
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=2, logprobs=2))[0].outputs[0]
+    assert len(out.logprobs) == 2 and {lp.decoded_token for entry in out.logprobs for lp in entry.values()} == {""}

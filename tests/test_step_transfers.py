@@ -18,10 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.bench.step_transfers import (STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, _NullTokenizer, count_scenario,
-                                         host_graphs, tiny_llama)
+from minillm.bench.step_transfers import (STEP_BUDGET, StepTransfers, VIRTUAL_DEVICE, count_scenario, host_graphs,
+                                         tiny_llama)
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
+from minillm.loader.no_tokenizer import NoTokenizer
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.prepared_batch import prepare_batch
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -52,7 +53,7 @@ def count_head_step(method: str, tmp_path, batch: int = 2, k: int = 3, ahead: bo
     save_heads(tmp_path, new_heads(head_config), head_config)
     spec = {"method": method, "num_speculative_tokens": k, "model": str(tmp_path), "draft_ahead": ahead}
     with StepTransfers(model) as counter:
-        engine = LLMEngine(model, _NullTokenizer(), config,
+        engine = LLMEngine(model, NoTokenizer(), config,
                            EngineConfig(max_model_len=128, max_num_seqs=batch, block_size=16, num_kv_blocks=24,
                                         max_num_batched_tokens=128, speculative_config=spec),
                            device=VIRTUAL_DEVICE, dtype=torch.float32)

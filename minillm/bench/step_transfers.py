@@ -221,21 +221,12 @@ def tiny_llama(seed: int = 0):
     return RandomWeights(seed)(config, torch.device("cpu"), torch.float32), config
 
 
-class _NullTokenizer:
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        raise ValueError("the step scenarios feed token ids")
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
-
-
 def build_engine(model, config, device: torch.device, *, max_num_seqs: int = 4, num_speculative_tokens: int = 0,
                  enforce_eager: bool | None = None, max_model_len: int = 128):
     """A continuous-batching engine over paged blocks (with n-gram speculation when num_speculative_tokens > 0)."""
     from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
+    from minillm.loader.no_tokenizer import NoTokenizer
     spec = None if num_speculative_tokens == 0 else \
         {"method": "ngram", "num_speculative_tokens": num_speculative_tokens}
     block_size = 16
@@ -244,7 +235,7 @@ def build_engine(model, config, device: torch.device, *, max_num_seqs: int = 4, 
                                  max_num_batched_tokens=max(max_model_len, 64 * max_num_seqs),
                                  speculative_config=spec, enforce_eager=enforce_eager)
     dtype = next(model.parameters()).dtype
-    return LLMEngine(model, _NullTokenizer(), config, engine_config, device=device, dtype=dtype)
+    return LLMEngine(model, NoTokenizer(), config, engine_config, device=device, dtype=dtype)
 
 
 def force_drafts(engine) -> None:

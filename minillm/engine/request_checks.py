@@ -41,6 +41,10 @@ class RequestChecks:
                              f"special tokens as text; {type(self.tokenizer).__name__}.decode takes no such switch")
         for name in ("logprobs", "prompt_logprobs"):
             self.check_num_logprobs(name, getattr(params, name))
+        from minillm.loader.no_tokenizer import NO_TOKENIZER, NoTokenizer  # lazy: the loader's package is heavy
+        if params.stop_list and isinstance(self.tokenizer, NoTokenizer):  # they would never match an empty text
+            raise ParamError("stop", f"stop strings {params.stop_list!r} are matched in the output text, and "
+                                     f"{NO_TOKENIZER}; use stop_token_ids")
         vocab = self.model_config.vocab_size
         outside = [t for t in params.logit_bias or () if t >= vocab]
         if outside:

@@ -22,37 +22,40 @@ from minillm.loader.gguf import GGUFError, GGUFFile, TensorInfo
 from minillm.loader.gguf_model import config_from_gguf, gguf_to_hf_name, load_gguf_model, unpermute_rotary
 from minillm.loader.hf import config_from_hf, load_hf_model, read_hf_config
 from minillm.loader.model_files import default_model_path, expected_weight_shapes
+from minillm.loader.no_tokenizer import NoTokenizer
 from minillm.loader.tokenizer import Tokenizer
 
 __all__ = [
     "load_model", "read_model_config", "load_config_and_tokenizer", "load_tokenizer", "load_gguf_model",
-    "load_hf_model", "default_model_path", "Tokenizer",
+    "load_hf_model", "default_model_path", "Tokenizer", "NoTokenizer",
     "GGUFFile", "GGUFError", "TensorInfo", "config_from_gguf", "config_from_hf", "expected_weight_shapes",
     "gguf_to_hf_name", "unpermute_rotary",
 ]
 
 
 def load_model(
-    path: str | os.PathLike | None = None,
-) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
-    """(config, weights iterator, tokenizer) for a .gguf file, an HF model directory, or None (the bundled SmolLM2)."""
+    path: str | os.PathLike | None = None, with_tokenizer: bool = True,
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer | NoTokenizer]:
+    """(config, weights iterator, tokenizer) for a .gguf file, an HF model directory, or None (the bundled SmolLM2).
+    with_tokenizer=False: a NoTokenizer, the tokenizer's files not read (LLM(skip_tokenizer_init=True))."""
     path, is_dir = _model_path(path)
     if is_dir:
         config, weights = load_hf_model(path)
-        return config, weights, Tokenizer.from_hf_dir(path)
+        return config, weights, Tokenizer.from_hf_dir(path) if with_tokenizer else NoTokenizer()
     gguf = GGUFFile(path)  # parsed once, shared by the weights and the tokenizer
     config, weights = load_gguf_model(gguf)
-    return config, weights, Tokenizer.from_gguf(gguf)
+    return config, weights, Tokenizer.from_gguf(gguf) if with_tokenizer else NoTokenizer()
 
 
-def load_config_and_tokenizer(path: str | os.PathLike | None = None) -> tuple[ModelConfig, Tokenizer]:
+def load_config_and_tokenizer(path: str | os.PathLike | None = None,
+                              with_tokenizer: bool = True) -> tuple[ModelConfig, Tokenizer | NoTokenizer]:
     """(config, tokenizer) of a model without its weights: an HF directory may hold only config.json and its
     tokenizer files (LLM(load_format="dummy") draws random weights of the config's shapes)."""
     path, is_dir = _model_path(path)
     if is_dir:
-        return read_hf_config(path), Tokenizer.from_hf_dir(path)
+        return read_hf_config(path), Tokenizer.from_hf_dir(path) if with_tokenizer else NoTokenizer()
     gguf = GGUFFile(path)
-    return config_from_gguf(gguf), Tokenizer.from_gguf(gguf)
+    return config_from_gguf(gguf), Tokenizer.from_gguf(gguf) if with_tokenizer else NoTokenizer()
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
