@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.minillm-installed
+# `make test` spreads the suite over the machine's cores (pytest-xdist, whole files per worker so that a module's
+# fixtures load once; at most 4 workers, each holds its own models); one core runs it in-process (-n 0)
+JOBS    ?= $(shell $(PY) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1); print(min(n, 4) if n > 1 else 0)")
 
 .PHONY: setup run test test-gpu lab bench clean
 
@@ -28,7 +31,7 @@ run: setup
 # The suite and the notebooks' stored outputs are the CPU's (fp32, Triton's interpreter): a GPU, if there is one,
 # is hidden from them (CUDA_VISIBLE_DEVICES empty). test-gpu runs the tests that need one (pytest -m gpu).
 test: setup
-	CUDA_VISIBLE_DEVICES= $(VPY) -m pytest -q -x --timeout=900
+	CUDA_VISIBLE_DEVICES= $(VPY) -m pytest -q -x --timeout=900 -n $(JOBS) --dist loadfile
 	@# the stored outputs are the reference's: the notebooks must pass with solutions/ (minillm grade --notebooks runs yours)
 	CUDA_VISIBLE_DEVICES= MINILLM_IMPL=solutions $(VPY) -m pytest -q --nbval-lax --nbval-sanitize-with chapters/sanitize.cfg chapters/ -p no:cacheprovider
 
