@@ -14,7 +14,11 @@ scheduling). The same engine runs the same requests twice:
   release): the attention kernels still read only the window, but a 16k-token prompt holds 16k tokens of pool.
 
 Reported per mode: wall seconds, output tokens per second, the most sequences running at once, preemptions, and
-the greedy tokens, which must be the same in both modes (the release changes what is kept, never what is read).
+how many requests' greedy tokens agree between the modes. The release changes which blocks are kept, never which
+keys are read, so on a CPU (fp32) the tokens must be equal and a difference raises. On a GPU they need not be:
+the modes batch different numbers of sequences together, bf16 GEMMs round differently at different batch sizes,
+and random weights give nearly tied logits whose argmax such rounding flips; the GPU tests hold the kernels and
+the engine to exactness there (tests/test_window_blocks.py, tests/test_sliding_window.py).
 """
 from __future__ import annotations
 
@@ -128,17 +132,19 @@ def main(argv: list[str] | None = None) -> None:
         run_mode(engine, warm, 4, release, device)
     work = prompts(args.requests, args.prompt_len)
     rows = [run_mode(engine, work, args.output_len, release, device) for release in (True, False)]
-    if rows[0]["tokens"] != rows[1]["tokens"]:
+    agree = sum(a == b for a, b in zip(rows[0]["tokens"], rows[1]["tokens"]))
+    if device == "cpu" and agree != len(work):
         raise RuntimeError("the release changed the greedy tokens: it must change only which blocks are kept")
     for row in rows:
         print(f"{row['mode']:>8}: {row['wall_s']:8.2f} s  {row['output_tok_per_s']:9.1f} output tok/s  "
               f"{row['steps']:5d} steps  at most {row['max_running']:3d} running  {row['preemptions']} preemptions")
-    print(f"release / held: {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}x faster")
+    print(f"release / held: {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}x faster; {agree} of {len(work)} requests' "
+          f"greedy tokens the same in both modes")
     if args.out:
         result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                       args=vars(args), rows=[{k: v for k, v in r.items() if k != "tokens"} for r in rows],
-                      first_tokens=rows[0]["tokens"][0][:8])
+                      requests_with_equal_tokens=agree, first_tokens=rows[0]["tokens"][0][:8])
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
