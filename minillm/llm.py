@@ -28,6 +28,9 @@ with scales calibrated at start-up: the same memory holds 2x the blocks of bf16 
 the method its options, e.g. {"bits": 4, "group_size": 128, "lm_head": True} (the LM head rounded too).
 `tokenizer=` (vLLM's) takes the tokenizer from another HF directory (tokenizer.json) or .gguf file than the model,
 e.g. a GGUF model with its original HF tokenizer and chat template; it may not have more tokens than the model.
+`hf_overrides={"sliding_window": 256}` (vLLM's) changes config fields before the model is built
+(minillm/loader/hf_overrides.py: with the checkpoint's weights only fields that keep every tensor's shape, and
+num_hidden_layers to read the first layers; with load_format="dummy" any field).
 `skip_tokenizer_init=True` (vLLM's) reads no tokenizer at all: prompts are token ids, outputs token ids with empty
 text (minillm/loader/no_tokenizer.py).
 `load_format="dummy"` (vLLM's) reads the config and tokenizer only and draws random weights of their shapes (a
@@ -67,13 +70,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
-_LOAD_TIME_OPTIONS = ("model", "tokenizer", "dtype", "device", "quantization", "quantization_options",
+_LOAD_TIME_OPTIONS = ("model", "tokenizer", "hf_overrides", "dtype", "device", "quantization", "quantization_options",
                       "distributed_executor_backend", "disaggregation", "load_format")
 
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, *, tokenizer: str | os.PathLike | None = None,
-                 skip_tokenizer_init: bool = False, dtype: str | torch.dtype = "auto",
+                 skip_tokenizer_init: bool = False, hf_overrides: Mapping[str, Any] | None = None,
+                 dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int | None = None, kv_layout: str | None = None, scheduling: str | None = None,
                  overrides: Mapping[str, Any] | None = None, distributed_executor_backend: str | None = None,
@@ -144,6 +148,10 @@ class LLM:
         else:
             model_config, weights, tokenizer = loader.load_model(path, with_tokenizer=not skip_tokenizer_init)
             source = CheckpointSource(path)
+        from minillm.loader.hf_overrides import apply_hf_overrides  # vLLM's: config fields changed before building
+        model_config, num_layers = apply_hf_overrides(model_config, hf_overrides, random_weights=weights is None)
+        if num_layers is not None:  # a checkpoint cut to its first layers: the rest are skipped while loading
+            source = CheckpointSource(path, num_layers)
         if tokenizer_path is not None:  # vLLM's tokenizer=: the model's tokenizer read from elsewhere
             tokenizer = _checked_tokenizer(loader.load_tokenizer(tokenizer_path), tokenizer_path, model_config)
         # quantize a dense checkpoint while loading (methods without calibration: see minillm.quant), with the
@@ -171,7 +179,8 @@ class LLM:
         else:  # load under the overrides too: some exercises run while weights load (the TP split, dequantizers)
             with overriding(self.overrides):
                 executor = UniProcExecutor(Worker(model_config, engine_config, self.device, self.dtype,
-                                                  source if weights is None else LoadedWeights(weights, path), seed))
+                                                  source if weights is None else
+                                                  LoadedWeights(weights, path, num_layers), seed))
         try:  # sizing and allocating the KV cache can still fail (too little memory for one block)
             self.llm_engine = LLMEngine(None, tokenizer, model_config, engine_config, device=self.device,
                                         dtype=self.dtype, seed=seed, overrides=self.overrides, executor=executor)

@@ -107,3 +107,50 @@ def test_no_tokenizer_refuses_constraints_and_gives_logprobs_without_text(direct
         llm.generate(PROMPTS, SamplingParams(max_tokens=4, bad_words=["a"]))
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=2, logprobs=2))[0].outputs[0]
     assert len(out.logprobs) == 2 and {lp.decoded_token for entry in out.logprobs for lp in entry.values()} == {""}
+
+
+def test_hf_overrides_change_the_config_and_cut_a_checkpoint_to_its_first_layers(directories):
+    """LLM(hf_overrides=...), vLLM's: fields that keep the tensors' shapes apply to a checkpoint (num_hidden_layers
+    reads its first layers, the same model as the full one cut there); shape changes need random weights; an
+    unknown field or a bad value is refused by name."""
+    import torch
+    from minillm.loader import load_model
+    from minillm.loader.hf_overrides import first_layers
+    from minillm.engine.worker import build_model
+
+    full, bare = directories
+    cut = LLM(full, hf_overrides={"num_hidden_layers": 1, "max_position_embeddings": 512}, **OPTIONS)
+    config = cut.llm_engine.model_config
+    assert (config.num_hidden_layers, config.max_position_embeddings) == (1, 512)
+    reference_config, weights, _ = load_model(full)
+    one_layer = build_model(config, first_layers(weights, 1), torch.device("cpu"), torch.float32)
+    expected = []
+    for prompt in PROMPTS:  # greedy decoding with the cut checkpoint, one full forward per token
+        ids = list(prompt)
+        for _ in range(GREEDY.max_tokens):
+            with torch.inference_mode():
+                hidden = one_layer(torch.tensor(ids), torch.arange(len(ids)))
+                ids.append(int(one_layer.compute_logits(hidden)[-1].argmax()))
+        expected.append(ids[len(prompt):])
+    assert tokens(cut) == expected != tokens(LLM(full, **OPTIONS))
+    tp = LLM(full, hf_overrides={"num_hidden_layers": 1}, tensor_parallel_size=2, **OPTIONS)
+    try:  # each worker process reads the checkpoint itself and cuts it the same way
+        assert tokens(tp) == expected
+    finally:
+        tp.llm_engine.shutdown()
+    assert reference_config.num_hidden_layers > 1
+    windowed = LLM(full, hf_overrides={"sliding_window": 4}, **OPTIONS)
+    assert windowed.llm_engine.model_config.sliding_window == 4 and tokens(windowed) != tokens(LLM(full, **OPTIONS))
+    wide = LLM(bare, load_format="dummy", hf_overrides={"hidden_size": 128, "num_attention_heads": 8}, **OPTIONS)
+    assert (wide.llm_engine.model_config.hidden_size, wide.llm_engine.model_config.head_dim) == (128, 16)
+    assert len(tokens(wide)[0]) == GREEDY.max_tokens
+    with pytest.raises(ValueError, match=r"changes the shape of the checkpoint's weights \(hidden_size\)"):
+        LLM(full, hf_overrides={"hidden_size": 128}, **OPTIONS)
+    with pytest.raises(ValueError, match="the checkpoint has only 2 layers"):
+        LLM(full, hf_overrides={"num_hidden_layers": 3}, **OPTIONS)
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['hidden_dim'\]; allowed: architecture"):
+        LLM(full, hf_overrides={"hidden_dim": 64}, **OPTIONS)
+    with pytest.raises(ValueError, match="ModelConfig.rope_theta must be a finite number > 0, got -1"):
+        LLM(full, hf_overrides={"rope_theta": -1}, **OPTIONS)
+    with pytest.raises(TypeError, match="hf_overrides must be a mapping"):
+        LLM(full, hf_overrides=[("rope_theta", 2.0)], **OPTIONS)

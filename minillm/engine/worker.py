@@ -62,11 +62,13 @@ class CheckpointSource:
     """Load the model from a GGUF file or an HF directory on disk (each worker reads it itself)."""
 
     path: str
+    num_layers: int | None = None  # read only the first num_layers decoder layers (hf_overrides cut the model)
 
     def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
         from minillm.loader import load_model  # gguf / safetensors readers: only when a checkpoint is read
+        from minillm.loader.hf_overrides import first_layers
         _, weights, _ = load_model(self.path)
-        return build_model(model_config, weights, device, dtype)
+        return build_model(model_config, first_layers(weights, self.num_layers), device, dtype)
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,8 @@ class LoadedWeights:
     """Weights already opened in this process (LLM reads the file once for the config, tokenizer and these). An
     iterator of them is used up by the first build; a later one (Worker.reload_weights) reads `path` again."""
 
-    def __init__(self, weights, path: str | None = None) -> None:
-        self.weights, self.path = weights, path
+    def __init__(self, weights, path: str | None = None, num_layers: int | None = None) -> None:
+        self.weights, self.path, self.num_layers = weights, path, num_layers
 
     def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
         weights = self.weights
@@ -120,10 +122,11 @@ class LoadedWeights:
             if self.path is None:
                 raise ValueError("these weights were an iterator, read by the first build; give LoadedWeights the "
                                  "checkpoint's path to read them again")
-            return CheckpointSource(self.path)(model_config, device, dtype)
+            return CheckpointSource(self.path, self.num_layers)(model_config, device, dtype)
         if iter(weights) is weights:  # an iterator: used up below
             self.weights = None
-        return build_model(model_config, weights, device, dtype)
+        from minillm.loader.hf_overrides import first_layers
+        return build_model(model_config, first_layers(weights, self.num_layers), device, dtype)
 
     def __reduce__(self):
         raise TypeError("LoadedWeights live in this process; a worker in another process needs CheckpointSource")

@@ -243,9 +243,10 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
             compile_chat_template(chat_template)
         except ValueError as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
-              quantization=args.quantization, generation_config=args.generation_config,
-              override_generation_config=args.override_generation_config, **engine_options(args))
+    llm = LLM(args.model, tokenizer=args.tokenizer, hf_overrides=args.hf_overrides, dtype=args.dtype,
+              device=args.device, seed=args.seed, quantization=args.quantization,
+              generation_config=args.generation_config, override_generation_config=args.override_generation_config,
+              **engine_options(args))
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.model_path or "minillm"))
     app = build_app(AsyncLLM.from_llm(llm), name, api_key=api_key, chat_template=chat_template,
                     max_body_bytes=max_body_bytes, shutdown_timeout=0.0,
@@ -291,6 +292,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="the tokenizer from this HF directory or .gguf file instead of the model's own")
+    p.add_argument("--hf-overrides", type=_json_object, default=None, metavar="JSON",
+                   help='model config fields changed before building, e.g. \'{"sliding_window": 256}\'')
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's own)")
     p.add_argument("--trust-request-chat-template", action="store_true",
