@@ -70,8 +70,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # LLM(...) options decided when the weights load: a shared model (LLM.share_model) keeps its LLM's
-_LOAD_TIME_OPTIONS = ("model", "tokenizer", "hf_overrides", "dtype", "device", "quantization", "quantization_options",
-                      "distributed_executor_backend", "disaggregation", "load_format")
+_LOAD_TIME_OPTIONS = ("model", "tokenizer", "hf_overrides", "dtype", "device", "quantization",
+                      "quantization_options", "distributed_executor_backend", "disaggregation", "load_format")
 
 
 class LLM:
