@@ -440,6 +440,26 @@ for token in range(20):  # each step: give back what slid out, room for the new 
 windowed.free(seq)
 
 # %% [markdown]
+# The engine does the same whenever every layer of its model slides. The bundled SmolLM2 attends fully, but vLLM's
+# `hf_overrides` can change its config before it is built: with a 32-token window in every layer, a request of
+# 144 tokens runs on a pool of 6 blocks (96 slots) and holds at most 3 of them; without the window the request
+# fills the pool at 97 tokens and is ended with an error (finish_reason "error": it can never fit, so it does not
+# wait forever). (With a window it is another model, and its text changes: this shows the memory, not the quality.)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+text = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable " \
+       "metal type with a screw press."
+for overrides in ({}, {"sliding_window": 32}):
+    small = LLM(seed=0, max_model_len=256, num_kv_blocks=6, block_size=16, enable_chunked_prefill=True,
+                max_num_batched_tokens=32, hf_overrides=overrides)
+    out = small.generate([text], SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))[0]
+    timeline = small.llm_engine.scheduler.timeline
+    held = 6 - min(r.num_free_blocks for r in timeline) if timeline else 0
+    print(f"hf_overrides={overrides}: {len(out.prompt_token_ids)} + {len(out.outputs[0].token_ids)} tokens, "
+          f"finish_reason {out.outputs[0].finish_reason!r}, at most {held} of 6 blocks held")
+
+# %% [markdown]
 # **What to remember**
 # * the pool is split into blocks; a block table maps a sequence's logical blocks to physical ones, in any order;
 # * a token's slot is `block_table[p // bs] * bs + p % bs`: the only address arithmetic paged attention adds;
