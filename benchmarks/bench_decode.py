@@ -56,10 +56,10 @@ INIT_STD = 0.02
 
 
 def build_model(num_layers: int, quantization: str | None = None, options: dict | None = None,
-                shape: dict = LLAMA3_8B, dtype: str = "bfloat16"):
+                shape: dict = LLAMA3_8B, dtype: str = "bfloat16", device: str = "cuda"):
     """The Llama-3-8B-shaped model (or another of SHAPES) with random weights in `dtype` (bf16 by default); with
     `quantization` (a load-time method such as "rtn", options like {"bits": 4, "group_size": 128}) its decoder
-    linears are quantized from those weights at load."""
+    linears are quantized from those weights at load. device="cpu" (torch attention) only smoke-tests a script."""
     import torch
     from minillm.config import ModelConfig
     from minillm.models.llama import LlamaForCausalLM
@@ -70,11 +70,11 @@ def build_model(num_layers: int, quantization: str | None = None, options: dict 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config, backend="triton")
+        with torch.device(device):
+            model = LlamaForCausalLM(config, backend="triton" if device == "cuda" else "torch")
     finally:
         torch.set_default_dtype(previous)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:

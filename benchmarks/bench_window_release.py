@@ -39,29 +39,18 @@ TINY_KV_BYTES = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 kv heads x head_dim
 
 def build_engine(shape: dict, device: str, kv_bytes: int, max_model_len: int, chunk: int, max_num_seqs: int):
     import torch
-    from minillm.config import EngineConfig, ModelConfig
+    from minillm.config import EngineConfig
     from minillm.engine.llm_engine import LLMEngine
-    from minillm.models.llama import LlamaForCausalLM
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_decode import INIT_STD
     from minillm.loader.no_tokenizer import NoTokenizer
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_decode import build_model
 
-    config = ModelConfig(**shape)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config, backend="triton" if device == "cuda" else "torch")
-    finally:
-        torch.set_default_dtype(previous)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if "norm" in name else param.normal_(0.0, INIT_STD, generator=gen)
+    model, config = build_model(shape["num_hidden_layers"], shape=shape, dtype=str(dtype).removeprefix("torch."),
+                                device=device)
     engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_memory=kv_bytes,
                                  enable_chunked_prefill=True, max_num_batched_tokens=chunk)
-    return LLMEngine(model.eval(), NoTokenizer(), config, engine_config, device=device, dtype=dtype), config
+    return LLMEngine(model, NoTokenizer(), config, engine_config, device=device, dtype=dtype), config
 
 
 def run_mode(engine, prompts: list[list[int]], output_len: int, release: bool, device: str) -> dict:

@@ -41,10 +41,10 @@ def load_model(
     path, is_dir = _model_path(path)
     if is_dir:
         config, weights = load_hf_model(path)
-        return config, weights, Tokenizer.from_hf_dir(path) if with_tokenizer else NoTokenizer()
+        return config, weights, _read_tokenizer(path, with_tokenizer)
     gguf = GGUFFile(path)  # parsed once, shared by the weights and the tokenizer
     config, weights = load_gguf_model(gguf)
-    return config, weights, Tokenizer.from_gguf(gguf) if with_tokenizer else NoTokenizer()
+    return config, weights, _read_tokenizer(gguf, with_tokenizer)
 
 
 def load_config_and_tokenizer(path: str | os.PathLike | None = None,
@@ -53,9 +53,9 @@ def load_config_and_tokenizer(path: str | os.PathLike | None = None,
     tokenizer files (LLM(load_format="dummy") draws random weights of the config's shapes)."""
     path, is_dir = _model_path(path)
     if is_dir:
-        return read_hf_config(path), Tokenizer.from_hf_dir(path) if with_tokenizer else NoTokenizer()
+        return read_hf_config(path), _read_tokenizer(path, with_tokenizer)
     gguf = GGUFFile(path)
-    return config_from_gguf(gguf), Tokenizer.from_gguf(gguf) if with_tokenizer else NoTokenizer()
+    return config_from_gguf(gguf), _read_tokenizer(gguf, with_tokenizer)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -66,12 +66,19 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise TypeError(f"tokenizer must be a path (an HF directory with tokenizer.json, or a .gguf file), got "
                         f"{type(path).__name__}: {path!r}")
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return Tokenizer.from_hf_dir(path)
-    if os.path.isfile(path):
-        return Tokenizer.from_gguf(path)
-    raise FileNotFoundError(f"tokenizer={path!r}: no such file or directory; pass an HF directory with "
-                            f"tokenizer.json or a .gguf file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer={path!r}: no such file or directory; pass an HF directory with "
+                                f"tokenizer.json or a .gguf file")
+    return _read_tokenizer(path)
+
+
+def _read_tokenizer(source: str | GGUFFile, with_tokenizer: bool = True) -> Tokenizer | NoTokenizer:
+    """An HF directory's tokenizer, or a GGUF file's (a path or an opened GGUFFile); a NoTokenizer when not wanted."""
+    if not with_tokenizer:
+        return NoTokenizer()
+    if isinstance(source, str) and os.path.isdir(source):
+        return Tokenizer.from_hf_dir(source)
+    return Tokenizer.from_gguf(source)
 
 
 def read_model_config(path: str | os.PathLike | None = None) -> ModelConfig:

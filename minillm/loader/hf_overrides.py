@@ -1,4 +1,5 @@
-"""vLLM's `hf_overrides`: change fields of a model's config before the model is built (chapter 1).
+"""vLLM's `hf_overrides`: change fields of a model's config before the model is built (chapter 1's loader;
+chapter 5 gives the bundled model a sliding window with it).
 
     LLM(hf_overrides={"sliding_window": 256})            # the bundled SmolLM2 with a 256-token window in every layer
     LLM(hf_overrides={"num_hidden_layers": 4})           # its first 4 layers only (the others read and dropped)
@@ -8,7 +9,7 @@ The keys are ModelConfig's fields (Hugging Face's config names); the new config 
 With the checkpoint's weights (load_format="auto") an override must leave every weight's shape alone: a field
 that changes one (hidden_size, vocab_size, the heads, ...) is refused, since the file's tensors would not fit;
 with random weights (load_format="dummy") any field may change. num_hidden_layers may shrink a checkpoint: the
-weights of the layers past it are skipped while loading (`first_layers`).
+weights of the layers past it are read and dropped while loading (`first_layers`).
 """
 from __future__ import annotations
 
