@@ -19,6 +19,7 @@ import pytest
 import minillm.engine.prefix_cache as prefix_cache_module
 from minillm.config import EngineConfig
 from minillm.engine.block_manager import BlockManager
+from minillm.engine.block_window import NULL_BLOCK
 from minillm.engine.disagg_engine import check_disaggregation
 from minillm.engine.scheduler import Scheduler
 from minillm.engine.scheduler_interface import ScheduledBatch
@@ -196,6 +197,65 @@ def test_random_workloads_read_only_their_own_keys_and_values(seed):
         engine.add_request(prompt[:30], max_tokens=rng.randint(1, 8))
     engine.run(max_steps=5000)
     assert bm.offload.stores > 0 and bm.num_used_blocks == 0
+
+
+def test_a_window_hit_takes_each_block_from_the_device_or_the_tier():
+    """Under a sliding window a finished sequence's oldest blocks were released first, so they go to the tier
+    first; a prompt with its prefix then hits every block its window sees, some still on the device, some in the
+    tier (loaded), and none before the window."""
+    bm = BlockManager(16, 4, sliding_window=17, enable_prefix_caching=True, num_offload_blocks=16)
+    kv = ShadowKVCache(16, 4, num_offload_blocks=16)
+    first = new_seq(list(range(100, 140)), "first")
+    ids = prefix_identities(first.token_ids)
+    for start in range(0, 40, 8):  # chunks of 8; the blocks before the window go back as it slides
+        if start:
+            bm.release_out_of_window(first)
+        copies = bm.append_slots(first, 8) if start else bm.allocate(first, 8)
+        stores, loads = bm.take_offload_copies()
+        kv.apply(ScheduledBatch(blocks_to_copy=copies, blocks_to_offload=stores, blocks_to_onload=loads))
+        kv.write(first.block_table, start, start + 8, ids)
+        first.num_computed_tokens = start + 8
+        bm.check_invariants()
+    bm.free(first)  # its 10 full blocks cached: 0-5 released while it ran, then 6-9 (tail first)
+    other = new_seq(list(range(500, 548)), "other")  # 12 blocks: the 6 free ones, then 6 of first's, to the tier
+    run_alone(bm, kv, other)
+    bm.free(other)
+    assert bm.offload.num_stored == 6
+    hits, _ = bm._match_prefix(new_seq(first.token_ids + [7, 8]))
+    assert [kind for kind, _ in hits[6:]] == ["device", "device", "host", "host"]
+    again = new_seq(first.token_ids + [7, 8], "again")
+    assert bm.num_cached_tokens_on_allocate(again) == 40
+    copies = bm.allocate(again, 2)
+    stores, loads = bm.take_offload_copies()
+    kept = (40 - 17 + 1) // 4  # the window of the query at position 40 starts in block 6
+    assert again.block_table[:kept] == [NULL_BLOCK] * kept and len(again.block_table) == 11
+    assert again.num_computed_tokens == 40 and len(loads) == 2 and bm.offload_hits == 8
+    kv.apply(ScheduledBatch(blocks_to_copy=copies, blocks_to_offload=stores, blocks_to_onload=loads))
+    ids = prefix_identities(again.token_ids)
+    kv.write(again.block_table, 40, 42, ids)
+    kv.check(again, 42, ids, start=40 - 17 + 1)
+    bm.check_invariants()
+    bm.free(again)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_sliding_window_workloads_with_the_tier_read_only_their_own_keys_and_values(seed):
+    """As above with a sliding window in every layer: blocks given back as sequences slide, window hits from the
+    device and the tier mixed, every read from each step's first window key checked (SimulatedEngine)."""
+    rng = random.Random(seed)
+    block, window = rng.choice([2, 4]), rng.randint(3, 12)
+    config = EngineConfig(max_model_len=40, max_num_batched_tokens=rng.choice([3, 8, 40]),
+                          max_num_seqs=rng.randint(1, 5), block_size=block, enable_prefix_caching=True,
+                          enable_chunked_prefill=True, preemption_mode=rng.choice(["recompute", "swap"]))
+    bm = BlockManager(rng.randint(10, 24), block, num_cpu_blocks=rng.choice([0, 16]), enable_prefix_caching=True,
+                      num_offload_blocks=rng.choice([2, 12, 40]), sliding_window=window)
+    engine = SimulatedEngine(Scheduler(config, bm), vocab_size=5)
+    prefixes = [[rng.randrange(5) for _ in range(rng.randint(8, 30))] for _ in range(rng.randint(2, 6))]
+    for _ in range(30):
+        prompt = rng.choice(prefixes) + [rng.randrange(5) for _ in range(rng.randint(0, 6))]
+        engine.add_request(prompt[:34], max_tokens=rng.randint(1, 6))
+    engine.run(max_steps=5000)
+    assert bm.num_used_blocks == 0
 
 
 # -- configuration ----------------------------------------------------------------------------------------------

@@ -238,6 +238,34 @@ def test_a_pool_smaller_than_the_context_serves_it_within_the_window(engine):
     assert bm.num_used_blocks == 0
 
 
+def test_a_window_prefix_comes_back_from_the_cpu_tier_token_for_token():
+    """Window 9, blocks of 4, one request at a time on 10 blocks with an 8-block CPU tier: the second prompt evicts
+    the first's cached blocks to the tier, where the oldest are dropped in turn (the chain from block 0 is broken);
+    the third (the first's 40 tokens, then 6 more) hits the blocks its window sees there, loaded instead of
+    recomputed, and generates what transformers computes."""
+    hf = _tiny_mistral(9)
+    config, model = _ours(hf, 9)
+    g = torch.Generator().manual_seed(5)
+    first, second, tail = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 40, 6))
+    prompts = [first, second, first + tail]
+    options = dict(block_size=4, num_kv_blocks=10, max_model_len=128, enable_chunked_prefill=True,
+                   max_num_batched_tokens=16, attention_backend="torch", enable_prefix_caching=True,
+                   kv_offloading_size=2**-16, max_num_seqs=1)  # 8 blocks
+    llm = LLMEngine(model, ByteTokenizer(), config, EngineConfig(**options))
+    bm = llm.scheduler.block_manager
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = []
+    for prompt in prompts:
+        request_id = llm.add_request(None, prompt, params)
+        while llm.has_unfinished_requests():
+            outputs += [out for out in llm.step() if out.finished and out.request_id == request_id]
+            llm.scheduler.check_invariants()
+    assert [out.outputs[0].token_ids for out in outputs] == [_greedy_without_cache(hf, p, 8) for p in prompts]
+    assert llm.cache_config.num_offload_blocks == 8
+    assert outputs[2].num_cached_tokens == 40 and bm.offload_hits >= 8  # the window's blocks from the host
+    assert bm.num_used_blocks == 0
+
+
 def test_a_model_with_full_attention_layers_keeps_every_block():
     hf = _tiny_mistral(9, ["full_attention", "sliding_attention"])
     config, model = _ours(hf, 9, ["full_attention", "sliding_attention"])

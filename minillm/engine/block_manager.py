@@ -18,9 +18,10 @@ swap-outs, then swap-ins, then copies, before the forward that writes the new to
 stores go right after the swap-outs and its loads right after the copies).
 
 The prefix cache's CPU tier (EngineConfig.kv_offloading_size, offload_tier.py): when an evictable cached block is
-evicted, its K/V are first stored in a host pool under the same chain hash; a prompt whose device chain stops
-hitting goes on in the tier, and each block found there takes a fresh device block, filled from the host before
-the step's forward and registered as computed at once (its tokens count as cached, `offload_hits` apart).
+evicted, its K/V are first stored in a host pool under the same chain hash; a prompt's lookup takes each block
+from the device cache where it is there and from the tier where it is not, and each block found in the tier takes a
+fresh device block, filled from the host before the step's forward and registered as computed at once (its tokens
+count as cached, `offload_hits` apart).
 
 When do blocks enter the prefix cache? When they are full *and computed*. The engine advances
 `seq.num_computed_tokens` after the forward; `mark_computed(seq)` (called by the scheduler for every running
@@ -204,65 +205,58 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
         return self.offload.take_copies() if self.offload is not None else ([], [])
 
     # -- new sequences ------------------------------------------------------------------------------------
-    def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int], list[int]]:
-        """(cached device blocks, host blocks of the CPU tier, chain hashes) for the longest cached run of seq's
-        leading full blocks: the device cache first; where its chain stops, the tier's (vLLM: the GPU's hits, then
-        the offloading connector's)."""
+    def _match_prefix(self, seq: Sequence) -> tuple[list[tuple[str, int] | None], list[int]]:
+        """(hits, chain hashes). hits: one entry per leading full block of seq that a new allocation takes from the
+        cache: ("device", block) for a block cached in the device pool (preferred), ("host", host block) for one
+        kept in the CPU tier; None for a block before a sliding window (never taken). Without a window, the run
+        from block 0 until the first block found in neither (vLLM: the GPU's hits, then the offloading
+        connector's); with one, see _window_hits."""
         if self.prefix_cache is None:
-            return [], [], []
+            return [], []
         if seq.reads_every_prompt_row:  # prompt_logprobs, MEAN / CLS pooling: a cached prefix has no output rows
-            return [], [], []
-        keys = seq.cache_keys  # token ids (an embeddings prompt's: keys of its vectors)
-        hashes = chain_hashes(keys, self.block_size, seq.num_tokens // self.block_size, salt=seq.cache_salt)
-        hits: list[int] = []
-        host_hits: list[int] = []
+            return [], []
+        keys, bs = seq.cache_keys, self.block_size  # token ids (an embeddings prompt's: keys of its vectors)
+        hashes = chain_hashes(keys, bs, seq.num_tokens // bs, salt=seq.cache_salt)
+        found: list[tuple[str, int] | None] = []
         for j, h in enumerate(hashes):
-            tokens = tuple(keys[j * self.block_size:(j + 1) * self.block_size])
-            parent = hashes[j - 1] if j else seq.cache_salt
-            block = None if host_hits else self.prefix_cache.lookup(h, parent, tokens)
-            if block is not None:
-                hits.append(block)
-                continue
-            host = self.offload.lookup(h, parent, tokens) if self.offload is not None else None
-            if host is None:
+            entry = (h, hashes[j - 1] if j else seq.cache_salt, tuple(keys[j * bs:(j + 1) * bs]))
+            block = self.prefix_cache.lookup(*entry)
+            host = self.offload.lookup(*entry) if block is None and self.offload is not None else None
+            found.append(("device", block) if block is not None else ("host", host) if host is not None else None)
+            if found[-1] is None and self.sliding_window is None:
                 break
-            host_hits.append(host)
-        if self.sliding_window is not None and not host_hits:
-            hits = self._window_hits(seq, hashes, hits)
-        return hits, host_hits, hashes
+        if self.sliding_window is not None:
+            return self._window_hits(seq, found), hashes
+        return found[:-1] if found and found[-1] is None else found, hashes
 
-    def _window_hits(self, seq: Sequence, hashes: list[int], chain: list[int]) -> list[int]:
+    def _window_hits(self, seq: Sequence, found: list[tuple[str, int] | None]) -> list[tuple[str, int] | None]:
         """Under a sliding window a prefix hit needs only the blocks its next query can see: those before its window
-        may have been released and evicted long ago (the oldest go first) without costing the hit (vLLM's sliding-
-        window lookup). The longest prefix whose window blocks are all cached on the device, as allocate reads
-        hits: None for each block before the window (never held), then the cached blocks; `chain` (the leading
-        run cached from block 0) when it is as long."""
-        keys, bs = seq.cache_keys, self.block_size
-        found = [self.prefix_cache.lookup(h, hashes[j - 1] if j else seq.cache_salt, tuple(keys[j * bs:(j + 1) * bs]))
-                 for j, h in enumerate(hashes)]
-        run = 0  # cached blocks in a row ending at block n - 1
-        best: list[int] = chain
+        may have been released and evicted long ago (the oldest go first, to the CPU tier and then out of it)
+        without costing the hit (vLLM's sliding-window lookup). `found`: every full block's cache entry or None.
+        Returns the longest prefix whose window blocks are all found, as allocate reads hits: None for each block
+        before the window, then the found entries (from the device or the tier, in any mix)."""
+        run, best = 0, []  # run: found blocks in a row ending at block n - 1
         for n in range(1, len(found) + 1):
             run = run + 1 if found[n - 1] is not None else 0
-            computed = n * bs - (n * bs == seq.num_tokens)  # a full hit computes its last token again
+            computed = n * self.block_size - (n * self.block_size == seq.num_tokens)  # a full hit: last token again
             kept = self.first_kept_block(computed)
-            if run and n - run <= kept and n > len(best):
+            if run and n - run <= kept:
                 best = [None] * kept + found[kept:n]
         return best
 
     def _allocation_cost(self, seq: Sequence, num_new_tokens: int | None = None) -> tuple[int, int]:
         """(free blocks that allocate(seq, num_new_tokens) would consume, tokens it would find cached). A block
         found in the CPU tier costs a fresh device block, as an uncached one does, but its tokens count as cached;
-        with a sliding window, cached blocks before the window cost nothing (they are not taken)."""
-        hits, host_hits, _ = self._match_prefix(seq)
-        cached = (len(hits) + len(host_hits)) * self.block_size
-        if cached and cached == seq.num_tokens:  # full hit: the last block is copied (or loaded), not held
-            cached -= 1
-            if not host_hits:
-                hits = hits[:-1]
+        a cached device block costs one only if nobody holds it (it is evictable); with a sliding window, blocks
+        before the window cost nothing (they are not taken)."""
+        hits, _ = self._match_prefix(seq)
+        cached = len(hits) * self.block_size
+        full = cached > 0 and cached == seq.num_tokens  # the last block is copied (or loaded), not held
+        cached -= full
         kept = self.first_kept_block(cached)
         blocks = self.blocks_needed(self.covered_tokens(seq.num_tokens, cached, num_new_tokens))
-        return blocks - max(kept, len(hits)) + sum(self.ref_counts[b] == 0 for b in hits[kept:]), cached
+        held_already = sum(hit[0] == "device" and self.ref_counts[hit[1]] > 0 for hit in hits[kept:len(hits) - full])
+        return blocks - kept - held_already, cached
 
     def num_cached_tokens_on_allocate(self, seq: Sequence) -> int:
         """What allocate(seq) would set num_computed_tokens to (the prefix-cache hit), without allocating."""
@@ -280,12 +274,15 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
     def allocate(self, seq: Sequence, num_new_tokens: int | None = None) -> list[tuple[int, int]]:
         """Give a new (or recomputed) sequence blocks for all its tokens, reusing cached prefix blocks.
 
-        Sets seq.num_computed_tokens = seq.num_cached_tokens = the cached prefix length. If the WHOLE sequence
-        is cached, its last token is left uncomputed so the step still produces logits; that token's block
-        is cached (read-only), so it is copied into a fresh block: the (src, dst) pair is returned.
-        With a sliding window (block_window.py), num_new_tokens (this step's chunk) limits the blocks taken to
-        the cached prefix plus the chunk (later chunks take theirs through append_slots), and the cached blocks
-        before the window are not taken: their entries are NULL_BLOCK."""
+        Sets seq.num_computed_tokens = seq.num_cached_tokens = the cached prefix length. A hit on the device is held
+        as it is; a hit in the CPU tier takes a fresh device block, filled from the host before the step's forward
+        (a queued load) and registered in the device cache at once, as computed: a request later in the same step
+        that hits it reads it after the load, and a copy of it is redirected to the host block (_copy_block). If
+        the WHOLE sequence is cached, its last token is left uncomputed so the step still produces logits; that
+        token's block stays private: copied into a fresh block (the (src, dst) pair is returned) or loaded into
+        one and not registered. With a sliding window (block_window.py), num_new_tokens (this step's chunk) limits
+        the blocks taken to the cached prefix plus the chunk (later chunks take theirs through append_slots), and
+        the cached blocks before the window are not taken: their entries are NULL_BLOCK."""
         if seq.block_table or seq.seq_id in self._on_device or seq.seq_id in self._cpu_tables:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}; free it first")
         if seq.num_tokens < 1:
@@ -295,23 +292,38 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
         cost, _ = self._allocation_cost(seq, num_new_tokens)
         if cost > self.num_free_blocks:
             raise RuntimeError(f"allocate needs {cost} free blocks, {self.num_free_blocks} are free")
-        hits, host_hits, hashes = self._match_prefix(seq)
-        copies: list[tuple[int, int]] = []
-        num_hit = len(hits) + len(host_hits)
-        full = num_hit > 0 and num_hit * self.block_size == seq.num_tokens
-        computed = seq.num_tokens - 1 if full else num_hit * self.block_size
+        hits, hashes = self._match_prefix(seq)
+        num_hit, bs, keys = len(hits), self.block_size, seq.cache_keys
+        full = num_hit > 0 and num_hit * bs == seq.num_tokens
+        computed = seq.num_tokens - 1 if full else num_hit * bs
         kept = self.first_kept_block(computed)  # blocks before it lie before the window: not taken
-        cow_src = hits.pop() if full and not host_hits else None
-        for block in hits[kept:]:
-            self._hold_cached(block)
-        table = [NULL_BLOCK] * min(kept, len(hits)) + hits[kept:]
-        if cow_src is not None:
-            # The source is not held: if it is evicted to become dst itself, its content is already there.
+        taken = hits[kept:]
+        last = taken.pop() if full else None
+        for kind, block in taken + [last] * full:  # before any take: an eviction may neither hand out a hit nor
+            if kind == "host":                      # store into a host block this plan reads
+                self.offload.pin(block)
+        for kind, block in taken:
+            if kind == "device":
+                self._hold_cached(block)
+        copies: list[tuple[int, int]] = []
+        table = [NULL_BLOCK] * kept
+        if last is not None:  # first, while its source is surely still cached (it is not held)
+            kind, src = last
             dst = self._take_block()
-            if dst != cow_src:
-                self._copy_block(cow_src, dst, copies)
-            table.append(dst)
-        table += self._load_offloaded(seq, hashes, host_hits, len(table), full, kept)
+            if kind == "host":
+                self.offload.load(src, dst)
+            elif dst != src:  # if the source was evicted to become dst itself, its content is already there
+                self._copy_block(src, dst, copies)
+            last = dst
+        for j, (kind, block) in enumerate(taken, start=kept):
+            if kind == "host":
+                host, block = block, self._take_block()
+                self.offload.load(host, block)
+                self.prefix_cache.insert(block, hashes[j], hashes[j - 1] if j else seq.cache_salt,
+                                         tuple(keys[j * bs:(j + 1) * bs]))
+            table.append(block)
+        if last is not None:
+            table.append(last)
         while len(table) < self.blocks_needed(self.covered_tokens(seq.num_tokens, computed, num_new_tokens)):
             table.append(self._take_block())
         seq.block_table = table
@@ -321,33 +333,11 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
         self._num_offered[seq.seq_id] = num_hit - 1 if full else num_hit  # (a full hit's last block: private)
         self._hashes[seq.seq_id] = hashes
         if self.prefix_cache:
+            loaded = sum(kind == "host" for kind, _ in hits[kept:])
             self.prefix_cache.queries += seq.num_tokens
             self.prefix_cache.hits += seq.num_cached_tokens
-            self.prefix_cache.offload_hits += len(host_hits) * self.block_size - (1 if full and host_hits else 0)
+            self.prefix_cache.offload_hits += loaded * bs - (1 if full and hits[-1][0] == "host" else 0)
         return copies
-
-    def _load_offloaded(self, seq: Sequence, hashes: list[int], host_hits: list[int], start: int,
-                        full: bool, first_kept: int = 0) -> list[int]:
-        """Device blocks for seq's blocks start, start + 1, ... found in the CPU tier (`host_hits`): each is filled
-        from its host block before this step's forward (a queued load) and registered in the device cache at
-        once, as computed; a request later in the same step that hits it reads it after the load, and a copy of
-        it is redirected to the host block (_copy_block). The last block of a fully cached prompt stays private
-        (its last token is computed again, as allocate does for a device hit). Blocks before `first_kept` (a
-        sliding window's first block) are not loaded at all: their entries are NULL_BLOCK."""
-        skipped = max(0, min(first_kept - start, len(host_hits)))
-        host_hits = host_hits[skipped:]
-        start += skipped
-        for host in host_hits:  # before any take: a device eviction's store may not reuse these host blocks
-            self.offload.pin(host)
-        blocks, bs, keys = [NULL_BLOCK] * skipped, self.block_size, seq.cache_keys
-        for i, host in enumerate(host_hits):
-            j, block = start + i, self._take_block()
-            self.offload.load(host, block)
-            if not (full and i == len(host_hits) - 1):
-                self.prefix_cache.insert(block, hashes[j], hashes[j - 1] if j else seq.cache_salt,
-                                         tuple(keys[j * bs:(j + 1) * bs]))
-            blocks.append(block)
-        return blocks
 
     # -- growing ------------------------------------------------------------------------------------------
     def _write_plan(self, seq: Sequence, num_new_tokens: int) -> tuple[list[int], int]:

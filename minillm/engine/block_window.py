@@ -13,8 +13,9 @@ reads them: the paged decode kernel starts at the first query's window, the page
 starts there too, the torch path gathers from there (layers/attention.py). What goes on around the table:
     - before a block goes, the sequence's full computed blocks are offered to the prefix cache: a released block
       that is cached stays evictable, so a later request with the same prefix still hits it; and a hit needs only
-      the blocks its window sees (BlockManager._window_hits): the oldest, released first, are evicted first, and a
-      prefix whose chain from block 0 is broken still hits as far as its window's blocks are cached;
+      the blocks its window sees (BlockManager._window_hits): the oldest, released first, are evicted first (to
+      the CPU tier when there is one, and out of it later), and a prefix whose chain from block 0 is broken still
+      hits as far as its window's blocks are cached on the device or in the tier;
     - a prompt is allocated chunk by chunk (`allocate(seq, num_new_tokens)`): a 32k-token prompt under chunked
       prefill never holds more than its window plus one chunk, and a cached prefix's blocks before the window are
       not taken at all;

@@ -6,8 +6,9 @@ scheduler can be run, tested and drawn without a model. `SimulatedEngine` drives
 real engine loop does (schedule, apply block operations, compute, advance num_computed_tokens, sample, finish).
 Instead of keys and values, `ShadowKVCache` stores in each slot the *identity of the prefix* the token at that
 slot ends (a running hash of the token ids up to it): the thing a real K/V vector depends on. After each step
-every scheduled sequence reads back all its positions and the identities must match, so a wrong block table,
-a prefix-cache hit on the wrong block, a missed copy-on-write or a lost swap shows up as a precise error.
+every scheduled sequence reads back every position its attention reads (from its window's first key under a
+sliding window) and the identities must match, so a wrong block table, a prefix-cache hit on the wrong block, a
+missed copy-on-write or a lost swap shows up as a precise error.
 The fake model's next token is a function of the prefix, like greedy decoding, so identical prompts continue
 identically (which is what makes prefix caching across requests observable).
 
@@ -68,10 +69,11 @@ class ShadowKVCache:
             self.device[slot // self.block_size][slot % self.block_size] = identities[p]
         return slots
 
-    def check(self, seq: Sequence, end: int, identities: list[int]) -> None:
-        """Every position 0..end-1 of seq must read back its own prefix identity."""
-        slots = dispatch("ch05.slot_mapping", slot_mapping)(seq.block_table, 0, end, self.block_size)
-        for p, slot in enumerate(slots):
+    def check(self, seq: Sequence, end: int, identities: list[int], start: int = 0) -> None:
+        """Every position start..end-1 of seq must read back its own prefix identity (start > 0: a sliding window's
+        first key; the blocks before it may have been given back)."""
+        slots = dispatch("ch05.slot_mapping", slot_mapping)(seq.block_table, start, end, self.block_size)
+        for p, slot in enumerate(slots, start=start):
             got = self.device[slot // self.block_size][slot % self.block_size]
             if got != identities[p]:
                 raise AssertionError(f"sequence {seq.seq_id} ({seq.request_id!r}) position {p}: slot {slot} "
@@ -124,8 +126,10 @@ class SimulatedEngine:
                 raise AssertionError(f"sequence {seq.seq_id} writes into shared blocks {sorted(shared)} or into "
                                      f"slots another sequence wrote this step")
             written |= set(slots)
+        window = bm.sliding_window
         for seq, n in zip(batch.seqs, batch.num_new_tokens):  # attention reads after every store
-            self.kv.check(seq, seq.num_computed_tokens + n, identities[seq.seq_id])
+            first = 0 if window is None else max(0, seq.num_computed_tokens - window + 1)  # the step's first key
+            self.kv.check(seq, seq.num_computed_tokens + n, identities[seq.seq_id], first)
         new_tokens = [self._sample_and_accept(seq, n, identities[seq.seq_id])
                       for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         sched.postprocess(batch, new_tokens)
