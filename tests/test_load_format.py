@@ -109,6 +109,41 @@ def test_no_tokenizer_refuses_constraints_and_gives_logprobs_without_text(direct
     assert len(out.logprobs) == 2 and {lp.decoded_token for entry in out.logprobs for lp in entry.values()} == {""}
 
 
+def test_serve_skip_tokenizer_init_answers_token_ids_and_refuses_text(directories, tmp_path):
+    """`minillm serve --skip-tokenizer-init` (vLLM's) on a directory with config.json alone: /v1/completions takes
+    token-id prompts and gives return_token_ids' ids (those LLM.generate gives with the tokenizer), empty text;
+    a text prompt, a chat and /tokenize are 400s naming the flag; flags that need text are refused at startup."""
+    import httpx
+    from minillm.serve.cli import build_served_app, check_server_options
+    from minillm.serve.server import ServerThread
+    from test_serve_cli import _parse
+
+    _, bare = directories
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(bare / "config.json", config_only / "config.json")
+    args = _parse(str(config_only), "--skip-tokenizer-init", "--load-format", "dummy", "--device", "cpu",
+                  "--max-model-len", "64", "--num-kv-blocks", "32", "--block-size", "4")
+    llm, app, _ = build_served_app(args)
+    body = {"prompt": PROMPTS, "temperature": 0, "max_tokens": 6, "ignore_eos": True, "return_token_ids": True}
+    with ServerThread(app) as srv:
+        done = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        assert done.status_code == 200, done.text
+        choices = done.json()["choices"]
+        assert [c["token_ids"] for c in choices] == tokens(LLM(bare, load_format="dummy", **OPTIONS))
+        assert [c["prompt_token_ids"] for c in choices] == PROMPTS and {c["text"] for c in choices} == {""}
+        for path, request in (("/v1/completions", {"prompt": "hi"}),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                              ("/tokenize", {"prompt": "hi"})):
+            refused = httpx.post(srv.url + path, json=request, timeout=30)
+            assert refused.status_code == 400 and "tokenizer" in refused.json()["error"]["message"], refused.text
+    llm.llm_engine.shutdown()
+    for flag in (["--chat-template", "t.jinja"], ["--reasoning-parser", "qwen3"], ["--tokenizer", str(bare)]):
+        with pytest.raises(ValueError, match=f"--skip-tokenizer-init serves token ids only; {flag[0]} needs a "
+                                             f"tokenizer"):
+            check_server_options(_parse("--skip-tokenizer-init", *flag))
+
+
 def test_hf_overrides_change_the_config_and_cut_a_checkpoint_to_its_first_layers(directories):
     """LLM(hf_overrides=...), vLLM's: fields that keep the tensors' shapes apply to a checkpoint (num_hidden_layers
     reads its first layers, the same model as the full one cut there); shape changes need random weights; an

@@ -1,8 +1,8 @@
 """vLLM's request extensions the server honours (chapter 10), each checked by what it changes in the answer:
 the chat-template fields (add_generation_prompt, continue_final_message, echo, add_special_tokens, chat_template,
 chat_template_kwargs, documents), truncate_prompt_tokens, priority (on a server started with
---scheduling-policy priority), request_id, prompt_logprobs, return_tokens_as_token_ids, skip_special_tokens and
-spaces_between_special_tokens. The fields minillm refuses are in test_serve_api.py's BAD table."""
+--scheduling-policy priority), request_id, prompt_logprobs, return_tokens_as_token_ids, return_token_ids,
+skip_special_tokens and spaces_between_special_tokens. The fields minillm refuses are in test_serve_api.py's BAD table."""
 from __future__ import annotations
 
 import json
@@ -160,6 +160,39 @@ def test_return_tokens_as_token_ids(url):
                for c in content)
 
 
+def stream_chunks(url: str, path: str, body: dict) -> list[dict]:
+    """Every JSON chunk of a stream, in order."""
+    events = httpx.post(url + path, json={**body, "stream": True}, timeout=30).text.split("\n\n")
+    return [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
+
+
+def test_return_token_ids_puts_the_prompts_and_the_answers_ids_beside_the_text(url):
+    """vLLM's return_token_ids: the ids of exactly what was sampled (no re-tokenizing the text), on both
+    endpoints, whole and streamed (each event carries its own tokens' ids, the first the prompt's)."""
+    done = complete(url, "ab", n=2, seed=1, temperature=1.0, return_token_ids=True)
+    for choice in done["choices"]:
+        assert choice["prompt_token_ids"] == [BOS, ord("a"), ord("b")] and len(choice["token_ids"]) == 6
+        assert ByteTokenizer().decode(choice["token_ids"]) == choice["text"]
+    plain = complete(url, "ab")
+    assert not {"token_ids", "prompt_token_ids"} & set(plain["choices"][0])
+    assert complete(url, "ab", return_token_ids=True)["choices"][0]["text"] == plain["choices"][0]["text"]
+    scored = complete(url, "ab", echo=True, max_tokens=0, return_token_ids=True)["choices"][0]
+    assert scored["token_ids"] == [] and scored["prompt_token_ids"] == [BOS, ord("a"), ord("b")]
+    answer = chat(url, HI, return_token_ids=True)
+    assert len(answer["prompt_token_ids"]) == answer["usage"]["prompt_tokens"] == 20
+    assert ByteTokenizer().decode(answer["choices"][0]["token_ids"]) == answer["choices"][0]["message"]["content"]
+    chunks = stream_chunks(url, "/v1/completions", {"prompt": "ab", **GREEDY, "return_token_ids": True})
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == [BOS, ord("a"), ord("b")]
+    assert all("prompt_token_ids" not in c["choices"][0] for c in chunks[1:])
+    assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == complete(
+        url, "ab", return_token_ids=True)["choices"][0]["token_ids"]
+    chunks = stream_chunks(url, "/v1/chat/completions", {"messages": HI, **GREEDY, "return_token_ids": True})
+    assert chunks[0]["prompt_token_ids"] == answer["prompt_token_ids"]
+    assert sum((c["choices"][0].get("token_ids", []) for c in chunks), []) == answer["choices"][0]["token_ids"]
+    for beam in complete(url, "ab", use_beam_search=True, n=2, return_token_ids=True)["choices"]:
+        assert ByteTokenizer().decode(beam["token_ids"]) == beam["text"] and len(beam["prompt_token_ids"]) == 3
+
+
 def spied_app(engine, read) -> tuple[object, list]:
     """(app, seen): a server whose AsyncLLM appends read(params) to `seen` for every request it is given."""
     app, llm = tiny_app(engine)
@@ -226,10 +259,8 @@ SPECIAL_MIX = {"logit_bias": {"260": 100.0, "65": 97.0}, "frequency_penalty": 2.
 
 def streamed(url: str, path: str, body: dict) -> list[str]:
     """The text pieces of a stream's chunks, in order (completions' text, chat's content)."""
-    events = httpx.post(url + path, json={**body, "stream": True}, timeout=30).text.split("\n\n")
-    chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
     return [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content", "")) or ""
-            for c in chunks if c["choices"]]
+            for c in stream_chunks(url, path, body) if c["choices"]]
 
 
 def test_skip_special_tokens_false_keeps_their_text(url):

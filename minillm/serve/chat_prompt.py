@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from minillm.loader.chat_template import RESERVED_KWARGS, render_conversation
+from minillm.loader.no_tokenizer import NoTokenizer
 from minillm.serve.protocol import ApiError, ChatCompletionRequest
 
 def render_chat(tokenizer: Any, server_template: str | None, request: ChatCompletionRequest,
@@ -34,6 +35,7 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
     A request's own `chat_template` is code the server runs (Jinja's sandbox stops file and attribute access, not
     loops: a template of nested loops would hold the event loop, and every other stream, for minutes), so it is
     refused unless the server was started with --trust-request-chat-template, as vLLM does."""
+    require_tokenizer(tokenizer, "a chat is rendered to text and tokenized", "messages")
     if request.chat_template is not None and not trust_request_template:
         raise ApiError(400, "chat_template in a request is refused: a template is code the server would run; "
                             "use the model's template (leave it out), or start the server with "
@@ -63,6 +65,15 @@ def render_chat(tokenizer: Any, server_template: str | None, request: ChatComple
         raise ApiError(400, str(err), param=param) from None
     # the template wrote the special tokens as text: add them again only when asked to
     return text, encode_text(tokenizer, text, request.add_special_tokens)
+
+
+def require_tokenizer(tokenizer: Any, what: str, param: str) -> None:
+    """A 400 naming `param` where a request needs text tokenized and the server has no tokenizer
+    (`minillm serve --skip-tokenizer-init`): token ids in, token ids out, on /v1/completions only."""
+    if isinstance(tokenizer, NoTokenizer):
+        raise ApiError(400, f"{what}, and this server has no tokenizer (started with --skip-tokenizer-init): "
+                            f"send prompts as token ids to /v1/completions (with return_token_ids: true to get "
+                            f"the answer's ids)", param=param)
 
 
 def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

@@ -14,6 +14,9 @@ directory), and against the model once it has loaded, so a bad one stops the ser
 `--allow-runtime-lora-updating` (or MINILLM_ALLOW_RUNTIME_LORA_UPDATING=1, or vLLM's
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) also mounts vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
 
+`--skip-tokenizer-init` (vLLM's) reads no tokenizer: token ids in and out on /v1/completions (return_token_ids),
+what needs text refused with a 400 (serve/chat_prompt.require_tokenizer).
+
 vLLM's other server options, same spelling: `--enable-auto-tool-choice --tool-call-parser
 hermes|pythonic|llama3_json|mistral` (tool_choice "auto": serve/tool_parser.py, pythonic_tools.py, json_tools.py),
 `--reasoning-parser deepseek_r1|qwen3` (reasoning_content: serve/reasoning.py), `--pooler-config
@@ -191,6 +194,13 @@ def check_server_options(args: argparse.Namespace) -> str | None:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # vLLM's rule: both or neither
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both (e.g. "
                          "--enable-auto-tool-choice --tool-call-parser hermes) or neither")
+    if args.skip_tokenizer_init:  # each of these reads or writes text
+        given = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--chat-template", args.chat_template),
+                                          ("--tool-call-parser", args.tool_call_parser),
+                                          ("--reasoning-parser", args.reasoning_parser)) if value is not None]
+        if given:
+            raise ValueError(f"--skip-tokenizer-init serves token ids only; {given[0]} needs a tokenizer: give "
+                             f"one or the other")
     return runtime_lora_updating(args)
 
 
@@ -243,7 +253,8 @@ def build_served_app(args: argparse.Namespace, runtime_lora: str | None = None, 
             compile_chat_template(chat_template)
         except ValueError as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
-    llm = LLM(args.model, tokenizer=args.tokenizer, hf_overrides=args.hf_overrides, dtype=args.dtype,
+    llm = LLM(args.model, tokenizer=args.tokenizer, skip_tokenizer_init=args.skip_tokenizer_init,
+              load_format=args.load_format, hf_overrides=args.hf_overrides, dtype=args.dtype,
               device=args.device, seed=args.seed, quantization=args.quantization,
               generation_config=args.generation_config, override_generation_config=args.override_generation_config,
               **engine_options(args))
@@ -292,6 +303,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="the tokenizer from this HF directory or .gguf file instead of the model's own")
+    p.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="read no tokenizer: /v1/completions takes token-id prompts and answers with empty text "
+                        "(return_token_ids: true gives the ids); chats and text prompts are refused")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="auto: the checkpoint's weights; dummy: random weights of its shapes (config.json alone "
+                        "serves; for benchmarks)")
     p.add_argument("--hf-overrides", type=_json_object, default=None, metavar="JSON",
                    help='model config fields changed before building, e.g. \'{"sliding_window": 256}\'')
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")

@@ -16,6 +16,9 @@ The path of one request:
      harnesses ask for it): the one token generated to score it is left out of the text, log-probs and usage.
      A generation that fails ends the stream with an `{"error": ...}` event, then `data: [DONE]`, like any other.
      vLLM's prompt_logprobs come in the body only (never streamed): per choice on completions, once on chat.
+     vLLM's return_token_ids puts the token ids beside the text, for clients that train on exactly what was
+     sampled (RL) instead of re-tokenizing it: `prompt_token_ids` (per choice on completions, once on chat; in
+     a stream, on each choice's first event) and `token_ids`, the answer's (in a stream, those of the event).
 A client that goes away cancels the response; cancelling the merge cancels every choice's generator, and each
 generator's `finally` aborts its request in the engine, which frees its blocks before the next step.
 """
@@ -71,12 +74,29 @@ class _Choice:
     score_only: bool = False  # echo with max_tokens 0: the prompt (and its log-probs) only, nothing generated
     role: str = "assistant"  # the chat answer's role (chat_prompt.answer_role)
     as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
+    prompt_ids: list[int] | None = None  # return_token_ids: the prompt's ids, still to send
+    return_ids: bool = False  # return_token_ids: each piece of the answer carries its token ids
+    sent_ids: int = 0  # answer tokens whose ids were already sent
     tool: tuple[str, str | None] | None = None  # a forced tool call (serve/tool_calls.py): answered as tool_calls;
     # ("auto", parser): calls read out of the text (serve/tool_parser.py)
     reasoning: str | None = None  # the reasoning parser that splits the thought off (serve/reasoning.py)
     include_reasoning: bool = True  # false: the thought is read, and left out
     parser: AnswerParser | None = None  # reasoning / auto tool calls while the answer streams (answer_parser.py)
     output: RequestOutput | None = None
+
+    def new_ids(self, done: Any) -> list[int] | None:
+        """return_token_ids: the answer's token ids not sent yet (None when not asked for; none for a scored
+        prompt, whose one generated token is not part of the answer)."""
+        if not self.return_ids:
+            return None
+        ids = [] if self.score_only else list(done.token_ids[self.sent_ids:])
+        self.sent_ids += len(ids)
+        return ids
+
+    def take_prompt_ids(self) -> list[int] | None:
+        """return_token_ids: the prompt's ids the first time they are asked for, then None."""
+        ids, self.prompt_ids = self.prompt_ids, None
+        return ids
 
     @property
     def auto_tools(self) -> bool:
@@ -283,14 +303,19 @@ class OpenAIServing:
         for p, result in enumerate(found):
             for k, beam in enumerate(result.sequences):
                 answer = {"message": {"role": role, "content": beam.text}} if chat else {"text": beam.text}
+                if request.return_token_ids:
+                    answer["token_ids"] = list(beam.tokens)
+                    if not chat:
+                        answer["prompt_token_ids"] = list(prompts[p][1])
                 choices.append({"index": p * request.n + k, **answer, "logprobs": None,
                                 "finish_reason": beam.finish_reason})
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         completion = sum(len(beam.tokens) for result in found for beam in result.sequences)
+        top = {"prompt_token_ids": list(prompts[0][1])} if chat and request.return_token_ids else {}
         return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.models.name_of(lora), "choices": choices,
                              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                       "total_tokens": prompt_tokens + completion}})
+                                       "total_tokens": prompt_tokens + completion}, **top})
 
     # -- generation ---------------------------------------------------------------------------------------
     async def _respond(self, request: _SamplingFields, raw: Request, prompts: list[Prompt],
@@ -309,7 +334,9 @@ class OpenAIServing:
         reasoning = self.reasoning_parser if chat and not shaped else None
         choices = [_Choice(p * len(params) + i, p, num_top=params[i].logprobs or 0, score_only=score_only,
                            role=role, as_ids=request.return_tokens_as_token_ids, tool=mode,
-                           reasoning=reasoning, include_reasoning=getattr(request, "include_reasoning", True))
+                           reasoning=reasoning, include_reasoning=getattr(request, "include_reasoning", True),
+                           return_ids=request.return_token_ids,
+                           prompt_ids=list(prompts[p][1]) if request.return_token_ids else None)
                    for p in range(len(prompts)) for i in range(len(params))]
         if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
             for c in choices:
@@ -366,6 +393,8 @@ class OpenAIServing:
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             calls = _calls(c, done)
+            ids = {} if not c.return_ids else {"token_ids": c.new_ids(done)} if chat else \
+                {"prompt_token_ids": c.take_prompt_ids(), "token_ids": c.new_ids(done)}
             if c.parsed:  # the thought, the calls the model chose to make, and the content, out of its text
                 reasoning, content, found = parse_answer(text, c.reasoning, c.tool_parser)
                 message = {"role": c.role, "content": content}
@@ -374,19 +403,22 @@ class OpenAIServing:
                 if found:
                     message["tool_calls"] = found
                 body_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                                     "finish_reason": "tool_calls" if found else done.finish_reason})
+                                     "finish_reason": "tool_calls" if found else done.finish_reason, **ids})
             elif calls is not None:  # a forced call: its JSON becomes tool_calls, the content stays empty
                 body_choices.append({"index": c.index, "message": {"role": c.role, "content": None,
                                      "tool_calls": calls}, "logprobs": logprobs,
-                                     "finish_reason": "tool_calls" if c.tool[0] == "required" else "stop"})
+                                     "finish_reason": "tool_calls" if c.tool[0] == "required" else "stop", **ids})
             elif chat:
                 body_choices.append({"index": c.index, "message": {"role": c.role, "content": text},
-                                     "logprobs": logprobs, "finish_reason": done.finish_reason})
+                                     "logprobs": logprobs, "finish_reason": done.finish_reason, **ids})
             else:
                 body_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                                     "finish_reason": _finish_reason(c, done.finish_reason)})
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
+                                     "finish_reason": _finish_reason(c, done.finish_reason), **ids})
+        body = {**head, "object": "chat.completion" if chat else "text_completion", "choices": body_choices,
                 "usage": _usage(num_prompt_tokens, choices, details)}
+        if chat and choices and choices[0].return_ids:  # one prompt: its ids once, beside the choices
+            body["prompt_token_ids"] = choices[0].take_prompt_ids()
+        return body
 
     async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
                    chat: bool, include_usage: bool, num_prompt_tokens: int,
@@ -397,7 +429,8 @@ class OpenAIServing:
 
         def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
                   logprobs: dict | None = None, calls: list[dict] | None = None, first_call: int = 0,
-                  reasoning: str | None = None) -> str:
+                  reasoning: str | None = None, token_ids: list[int] | None = None,
+                  prompt_token_ids: list[int] | None = None) -> str:
             if calls is not None:  # tool calls, each whole (numbered from first_call within the choice)
                 delta = {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(calls)]}
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -409,11 +442,16 @@ class OpenAIServing:
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
                 choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-            return _event({**head, "object": obj, "choices": [choice], **extra})
+            top = {}  # return_token_ids: the prompt's ids on a choice's first event (chat: beside the choices)
+            if prompt_token_ids is not None:
+                (top if chat else choice)["prompt_token_ids"] = prompt_token_ids
+            if token_ids is not None:
+                choice["token_ids"] = token_ids
+            return _event({**head, "object": obj, "choices": [choice], **extra, **top})
 
         if chat:
             for c in choices:
-                yield chunk(c.index, None, None, first=True)
+                yield chunk(c.index, None, None, first=True, prompt_token_ids=c.take_prompt_ids())
         try:
             async for i, out in _merge(streams):
                 c, done = choices[i], out.outputs[0]
@@ -433,14 +471,15 @@ class OpenAIServing:
                     calls = _calls(c, done) if out.finished else None
                     if calls is not None:
                         yield chunk(c.index, None, "tool_calls" if c.tool[0] == "required" else "stop",
-                                    calls=calls)
+                                    calls=calls, token_ids=c.new_ids(done))
                         continue
                     if not out.finished:
                         continue
                 if len(done.text) > c.sent or out.finished or echo_ready:
                     new_text, logprobs = _next_piece(c, out, chat, self._token_bytes)
                     yield chunk(c.index, new_text or (None if chat else ""),
-                                _finish_reason(c, done.finish_reason), logprobs=logprobs)
+                                _finish_reason(c, done.finish_reason), logprobs=logprobs,
+                                token_ids=c.new_ids(done), prompt_token_ids=c.take_prompt_ids())
             else:
                 if include_usage:
                     yield _event({**head, "object": obj, "choices": [],
@@ -478,8 +517,10 @@ def _parsed_chunks(choice: _Choice, out: RequestOutput, chunk: Callable[..., str
         pieces.append({})
     reason = ("tool_calls" if choice.parser.num_calls else done.finish_reason) if out.finished else None
     last = len(pieces) - 1
+    ids = choice.new_ids(done) if pieces else None  # return_token_ids: all the new output's, on the last event
     return [chunk(choice.index, piece.pop("text", None), reason if k == last else None,
-                  logprobs=logprobs if k == last else None, **piece) for k, piece in enumerate(pieces)]
+                  logprobs=logprobs if k == last else None, token_ids=ids if k == last else None, **piece)
+            for k, piece in enumerate(pieces)]
 
 
 def _next_piece(choice: _Choice, out: RequestOutput, chat: bool,

@@ -19,7 +19,7 @@ Tokenizer.decode says why), prompt_logprobs (not with stream), priority (a serve
 with --scheduling-policy priority; elsewhere only 0), truncate_prompt_tokens, cache_salt (a non-empty string:
 prefix-cache blocks shared only with requests of the same salt), prompt_embeds on completions (a server with
 --enable-prompt-embeds; serve/embeds_field.py), request_id (the response's id),
-return_tokens_as_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
+return_tokens_as_token_ids, return_token_ids, completions' add_special_tokens, bad_words, allowed_token_ids, structured outputs
 (structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar, structural_tag,
 guided_whitespace_pattern, and response_format
 json_object / json_schema: minillm/serve/structured_fields.py), tools with a named or required tool_choice
@@ -114,6 +114,7 @@ class _SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (k >= 1)
     prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities and the top k (not with stream)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" instead of their text
+    return_token_ids: bool = False  # the prompt's and the answer's token ids beside the text (openai_api.py)
     skip_special_tokens: bool = True  # false: special tokens' text stays in the answer (SamplingParams')
     spaces_between_special_tokens: bool = True  # passed on; changes nothing with minillm's tokenizers
     bad_words: list[str] | None = None

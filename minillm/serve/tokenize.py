@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from minillm.serve.chat_prompt import encode_text, render_chat
+from minillm.serve.chat_prompt import encode_text, render_chat, require_tokenizer
 from minillm.serve.protocol import ApiError, ChatCompletionRequest, ChatMessage
 
 MAX_DETOKENIZE_IDS = 1 << 20  # ids in one /detokenize body (the body limit keeps it far lower in practice)
@@ -78,6 +78,7 @@ def tokenize(serving: Any, body: TokenizeRequest) -> dict[str, Any]:
         ids = chat_token_ids(serving, body, bool(body.add_special_tokens))
     else:
         add = True if body.add_special_tokens is None else body.add_special_tokens
+        require_tokenizer(tokenizer, "/tokenize tokenizes text", "prompt")
         ids = encode_text(tokenizer, body.prompt, add)
     strs = None
     if body.return_token_strs:
