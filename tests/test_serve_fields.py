@@ -2,7 +2,8 @@
 the chat-template fields (add_generation_prompt, continue_final_message, echo, add_special_tokens, chat_template,
 chat_template_kwargs, documents), truncate_prompt_tokens, priority (on a server started with
 --scheduling-policy priority), request_id, prompt_logprobs, return_tokens_as_token_ids, return_token_ids,
-skip_special_tokens and spaces_between_special_tokens. The fields minillm refuses are in test_serve_api.py's BAD table."""
+stream_options.continuous_usage_stats, skip_special_tokens and spaces_between_special_tokens. The fields minillm
+refuses are in test_serve_api.py's BAD table."""
 from __future__ import annotations
 
 import json
@@ -191,6 +192,21 @@ def test_return_token_ids_puts_the_prompts_and_the_answers_ids_beside_the_text(u
     assert sum((c["choices"][0].get("token_ids", []) for c in chunks), []) == answer["choices"][0]["token_ids"]
     for beam in complete(url, "ab", use_beam_search=True, n=2, return_token_ids=True)["choices"]:
         assert ByteTokenizer().decode(beam["token_ids"]) == beam["text"] and len(beam["prompt_token_ids"]) == 3
+
+
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(url):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage counts the tokens
+    generated until then; without it only the last chunk (no choices) has a usage."""
+    body = {"prompt": "ab", **GREEDY, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = stream_chunks(url, "/v1/completions", body)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks) and counts == sorted(counts)
+    assert counts[-1] == 6 and not chunks[-1]["choices"] and counts[0] >= 1
+    plain = stream_chunks(url, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert [c["usage"] is None for c in plain] == [True] * (len(plain) - 1) + [False]
+    chat_chunks = stream_chunks(url, "/v1/chat/completions", {"messages": HI, **GREEDY,
+                                                               "stream_options": body["stream_options"]})
+    assert chat_chunks[0]["usage"]["completion_tokens"] == 0 and chat_chunks[-1]["usage"]["completion_tokens"] == 6
 
 
 def spied_app(engine, read) -> tuple[object, list]:

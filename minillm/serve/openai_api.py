@@ -8,7 +8,8 @@ The path of one request:
      derived from `seed` (seed + i), so a seeded request is reproducible and its choices still differ;
   3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
      Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
-     stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`.
+     stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`; with vLLM's
+     continuous_usage_stats as well, every chunk carries the usage so far (tokens generated until then).
      Log-probabilities, when asked for, ride along in OpenAI's shapes (minillm/serve/logprobs.py):
      every chunk carries those of the tokens produced since the previous chunk. A completion with `echo` has its
      prompt (and the prompt's log-probabilities) in front of its first piece, as vLLM sends it.
@@ -357,9 +358,11 @@ class OpenAIServing:
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         details = self.prompt_tokens_details or getattr(request, "_usage_details", False)
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            options = request.stream_options
+            include_usage = bool(options and options.include_usage)
+            continuous = include_usage and options.continuous_usage_stats
             return StreamingResponse(self._sse(head, choices, streams, chat, include_usage, num_prompt_tokens,
-                                               details),
+                                               details, continuous),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(choices, streams))
         gone = asyncio.ensure_future(_disconnected(raw))
@@ -422,7 +425,7 @@ class OpenAIServing:
 
     async def _sse(self, head: dict, choices: list[_Choice], streams: list[AsyncIterator[RequestOutput]],
                    chat: bool, include_usage: bool, num_prompt_tokens: int,
-                   details: bool = False) -> AsyncIterator[str]:
+                   details: bool = False, continuous_usage: bool = False) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         role = choices[0].role if choices else "assistant"
         extra = {"usage": None} if include_usage else {}
@@ -447,6 +450,8 @@ class OpenAIServing:
                 (top if chat else choice)["prompt_token_ids"] = prompt_token_ids
             if token_ids is not None:
                 choice["token_ids"] = token_ids
+            if continuous_usage:  # the usage until this chunk (vLLM's continuous_usage_stats)
+                top["usage"] = _usage(num_prompt_tokens, choices, details)
             return _event({**head, "object": obj, "choices": [choice], **extra, **top})
 
         if chat:

@@ -77,7 +77,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage (OpenAI's)
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class _SamplingFields(BaseModel):
