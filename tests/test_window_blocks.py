@@ -184,6 +184,26 @@ def test_no_attention_path_reads_a_released_block(window):
             torch.testing.assert_close(torch_dec[j * q_len:(j + 1) * q_len], ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_a_verify_step_just_past_the_window_masks_each_querys_lower_edge(num_seqs):
+    """Window 6, four queries a sequence, 7 to 9 keys: every key lies in SOME query's window (window + q_len - 1
+    >= seq_len), yet the first queries must not see the first keys. The torch path's plan for that case masked
+    only the causal edge (a chunk of 7 over context gave other prompt log-probs than a whole prefill)."""
+    gen = torch.Generator().manual_seed(num_seqs)
+    window, q_len, seq_lens = 6, 4, [9, 8, 7][:num_seqs]
+    k_cache, v_cache, tables, keys, _ = _pool_with_poison(seq_lens, 4, 2, 32, gen)
+    q = torch.randn(num_seqs * q_len, 4, 32, generator=gen)
+    args = (q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32))
+    scale = 32 ** -0.5
+    dec = paged_decode_attention(*args, q_len=q_len, num_splits=2, window=window)
+    torch_dec = padded_decode_attention(*args, max(seq_lens), q_len, scale, window=window)
+    for i in range(num_seqs):
+        rows = slice(i * q_len, (i + 1) * q_len)
+        ref = _banded_reference(q[rows], *keys[i], window, scale)
+        torch.testing.assert_close(dec[rows], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(torch_dec[rows], ref, atol=2e-5, rtol=1e-4)
+
+
 # chunked prefill in all: a whole 80-token prefill (a recompute) would need 20 blocks in one step. The Triton
 # path's kernels beside released blocks are tested above (and its engine in test_sliding_window.py, where release
 # is on too: 16 s of the interpreter spared here)

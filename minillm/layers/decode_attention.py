@@ -80,9 +80,12 @@ def decode_gather_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_s
     slots = slots.clamp_(min=0).flatten()
     mask = None
     if num_seqs > 1 or q_len > 1:
-        last_visible = seq_lens.to(device=device, dtype=torch.int64)[:, None] - q_len \
-            + torch.arange(q_len, device=device)  # [B, q_len]
-        mask = (pos <= last_visible[:, :, None]).unsqueeze(1)  # [B, 1, q_len, L]
+        last_visible = (seq_lens.to(device=device, dtype=torch.int64)[:, None] - q_len
+                        + torch.arange(q_len, device=device))[:, :, None]  # [B, q_len, 1]: each query's position
+        mask = pos <= last_visible
+        if window is not None:  # every key lies in SOME query's window, not in each one's: the lower edge too
+            mask &= pos > last_visible - window
+        mask = mask.unsqueeze(1)  # [B, 1, q_len, L]
     return DecodeGatherPlan(num_seqs, q_len, max_seq_len, None, slots, mask, window)
 
 
