@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import copy
 import json
+import os
 import random
 import re
 import shutil
@@ -44,6 +45,17 @@ from minillm.sampling_params import SamplingParams, StructuredOutputsParams
 from tiny import ByteTokenizer
 
 MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at the same place)
+WINDOW = 10  # keys a token sees in the sliding-window model: contexts reach MAX_LEN, six windows
+# model shapes a hunt may pick with MINILLM_STRESS_ARCH (the default: Llama's); every stress test honours it
+ARCHS = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16),
+         "window": dict(sliding_window=WINDOW)}
+ARCH = ARCHS[os.environ.get("MINILLM_STRESS_ARCH", "llama")]
+
+
+def stress_config(**arch):
+    """The stress tests' tiny model config: ARCH's fields, or `arch`'s where given."""
+    from test_engine import tiny_config
+    return tiny_config(max_position_embeddings=128, **(arch or ARCH))
 TIE = 1e-4  # logits this close are a tie: which one greedy takes depends on the batch's shape (rounding)
 LP_TOL = 1e-4  # log-probs of the same token in two batches of other shapes (fp32 rounding)
 LP_WIDTH = 5  # the widest top-k a request asks for; the reference scores that many

@@ -50,8 +50,7 @@ from minillm.engine.worker import RandomWeights
 from minillm.sampling_params import SamplingParams
 from stress_helpers import (MAX_LEN, POISON_FORWARD, POISON_TEXT, EngineChecks, FussyTokenizer, PoisonedSource,
                             Reference, Request, Scenario, describe, draw_engine_options, draw_requests, drive,
-                            engine_tokenizer)
-from test_engine import tiny_config
+                            engine_tokenizer, stress_config)
 from tiny import ByteTokenizer, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 ENGINES = 2
@@ -63,7 +62,7 @@ WEIGHTS = RandomWeights(seed=5)  # rebuilt bit for bit in each worker process an
 
 @pytest.fixture(scope="module")
 def reference():
-    config = tiny_config(max_position_embeddings=128)
+    config = stress_config()  # MINILLM_STRESS_ARCH's shape (Llama's by default)
     return Reference((WEIGHTS(config, torch.device("cpu"), torch.float32), config))
 
 

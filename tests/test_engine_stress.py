@@ -59,9 +59,10 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
-from stress_helpers import (LORA_RANK, MAX_LEN, PoisonedModel, Reference, Request, Scenario, describe,
-                            draw_engine_options, draw_requests, drive, engine_tokenizer, stress_adapters)
-from test_engine import tiny_config, tiny_model
+from stress_helpers import (LORA_RANK, MAX_LEN, WINDOW, PoisonedModel, Reference, Request, Scenario, describe,
+                            draw_engine_options, draw_requests, drive, engine_tokenizer, stress_adapters,
+                            stress_config)
+from test_engine import tiny_model
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 30
@@ -74,13 +75,9 @@ NUM_LORA_SEEDS = int(os.environ.get("MINILLM_STRESS_LORA_SEEDS", LORA_SEEDS))
 # MINILLM_STRESS_BACKEND=triton runs every engine (and the runs alone) through the Triton kernels, interpreted on a
 # CPU (paged prefill with context, split-KV decode, tree attention, the fp8 cache's scales): ~a minute a seed
 BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
-# MINILLM_STRESS_ARCH=qwen3 gives the model Qwen3's attention (q/k norms before RoPE, head_dim 16 against hidden /
-# heads 8) for a hunt through every feature with it; the default is the Llama shape
-# (=window: every layer slides, as test_random_sliding_window_workload_matches_requests_run_alone's model)
-WINDOW = 10  # keys a token sees in the sliding-window model: contexts reach MAX_LEN = 64, six windows
-ARCHS = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16),
-         "window": dict(sliding_window=WINDOW)}
-ARCH = ARCHS[os.environ.get("MINILLM_STRESS_ARCH", "llama")]
+# MINILLM_STRESS_ARCH (stress_helpers.ARCHS; here and in the disaggregated and parallel stress tests): qwen3 gives
+# the model Qwen3's attention (q/k norms before RoPE, head_dim 16 against hidden / heads 8), window a sliding window
+# in every layer (the sliding-window test's model), for a hunt through every feature; the default is the Llama shape
 WINDOW_SEEDS = 20  # seeds run on the sliding-window model in CI
 NUM_WINDOW_SEEDS = int(os.environ.get("MINILLM_STRESS_WINDOW_SEEDS", WINDOW_SEEDS))
 K = 3  # speculative tokens per step
@@ -89,7 +86,12 @@ LORA_ODDS = 0.5  # of a scenario without speculation: enable_lora, max_loras 1-3
 
 @pytest.fixture(scope="module")
 def model_and_config():
-    config = tiny_config(max_position_embeddings=128, **ARCH)
+    return stress_model()
+
+
+def stress_model(**arch) -> tuple:
+    """(the tiny model, its config): MINILLM_STRESS_ARCH's shape, or `arch`'s fields; on BACKEND's operators."""
+    config = stress_config(**arch)
     model = tiny_model(config, seed=5)
     if BACKEND != "auto":
         from minillm.layers.backend import set_operator_backend
@@ -105,8 +107,7 @@ def head_dirs(model_and_config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def window_setup(tmp_path_factory):
     """(model_and_config, head_dirs, reference) of the tiny model with a sliding window in every layer."""
-    config = tiny_config(max_position_embeddings=128, sliding_window=WINDOW)
-    model_and_config = (tiny_model(config, seed=5), config)
+    model_and_config = stress_model(sliding_window=WINDOW)
     return model_and_config, make_head_dirs(model_and_config, tmp_path_factory), Reference(model_and_config)
 
 

@@ -40,8 +40,7 @@ from minillm.engine.executor import MultiProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
 from stress_helpers import (PoisonedSource, Reference, Scenario, describe, draw_engine_options, draw_requests, drive,
-                            engine_tokenizer)
-from test_engine import tiny_config
+                            engine_tokenizer, stress_config)
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 1
@@ -54,7 +53,7 @@ PARALLEL = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size"
 
 @pytest.fixture(scope="module")
 def reference():
-    config = tiny_config(max_position_embeddings=128)
+    config = stress_config()  # MINILLM_STRESS_ARCH's shape (Llama's by default)
     return Reference((WEIGHTS(config, torch.device("cpu"), torch.float32), config))
 
 
