@@ -48,7 +48,8 @@ MAX_LEN = 64  # max_model_len of every engine (the reference's too: "length" at 
 WINDOW = 10  # keys a token sees in the sliding-window model: contexts reach MAX_LEN, six windows
 # model shapes a hunt may pick with MINILLM_STRESS_ARCH (the default: Llama's); every stress test honours it
 ARCHS = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16),
-         "window": dict(sliding_window=WINDOW)}
+         "window": dict(sliding_window=WINDOW),
+         "mixtral": dict(architecture="mixtral", num_local_experts=4, num_experts_per_tok=2)}
 ARCH = ARCHS[os.environ.get("MINILLM_STRESS_ARCH", "llama")]
 
 
@@ -299,7 +300,8 @@ def stress_adapters(config) -> list[LoRARequest]:
     """Four random LoRA adapters for a model of shape `config` (LORA_SPECS: ranks 2 to 8, all projections, some
     of attention, the MLP's with an alpha of their own, two projections of one layer; std 0.3: greedy picks other
     tokens nearly everywhere), written in PEFT's format once per test session to a temporary directory removed at exit;
-    lora_int_ids 1 to 4."""
+    lora_int_ids 1 to 4. A mixture-of-experts model's keep only their attention projections (o_proj for the MLP
+    one): the engine serves LoRA on an MoE model's attention only."""
     key = repr(config)
     if key not in _ADAPTERS:
         from minillm.lora.adapter import random_adapter, save_adapter
@@ -307,6 +309,8 @@ def stress_adapters(config) -> list[LoRARequest]:
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         requests = []
         for i, (name, rank, targets, layers, own_alpha) in enumerate(LORA_SPECS):
+            if config.num_local_experts:
+                targets = tuple(t for t in targets if t in ("q_proj", "k_proj", "v_proj", "o_proj")) or ("o_proj",)
             adapter = random_adapter(config, rank, targets=targets, seed=100 + i, std=0.3, layers=layers)
             if own_alpha:
                 for j, module in enumerate(adapter.modules.values()):
