@@ -188,7 +188,7 @@ def test_engine_still_serves_after_the_fuzzing(llm):
 BODY_FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                "n", "stop", "stop_token_ids", "seed", "stream", "stream_options", "ignore_eos", "logprobs",
                "top_logprobs", "echo", "best_of", "logit_bias", "tools", "response_format", "presence_penalty",
-               "frequency_penalty", "repetition_penalty", "min_tokens", "min_p")
+               "frequency_penalty", "repetition_penalty", "min_tokens", "min_p", "return_token_ids")
 chat_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                       "content": st.text(max_size=8) | st.none() | st.lists(st.fixed_dictionaries(
                                           {"type": st.just("text"), "text": st.text(max_size=4)}), max_size=2)})
@@ -199,7 +199,9 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.
 nearly_valid = {"max_tokens": st.integers(-1, 5), "n": st.integers(0, 3), "stream": st.booleans(),
                 "seed": st.integers(-3, 3) | st.none(), "temperature": st.floats(0, 2),
                 "repetition_penalty": st.floats(0, 3), "frequency_penalty": st.floats(-3, 3),
-                "min_tokens": st.integers(-1, 4), "min_p": st.floats(0, 1),
+                "min_tokens": st.integers(-1, 4), "min_p": st.floats(0, 1), "return_token_ids": st.booleans(),
+                "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                                      "continuous_usage_stats": st.booleans()}),
                 "logit_bias": st.dictionaries(st.sampled_from(["1", "42", "299", "300", "x"]), st.floats(-101, 101),
                                               max_size=2)}
 http_bodies = (st.fixed_dictionaries({}, optional={name: json_values for name in BODY_FIELDS})
