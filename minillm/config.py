@@ -178,6 +178,15 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layers(self, start: int, end: int, **changes: Any) -> "ModelConfig":
+        """The config of layers start .. end - 1 alone (a pipeline stage, a draft of the target's first layers):
+        num_hidden_layers and the per-layer layer_types cut to them; `changes`: other fields replaced too."""
+        if not 0 <= start < end <= self.num_hidden_layers:
+            raise ValueError(f"layers {start}..{end - 1} are not a non-empty range of this model's "
+                             f"{self.num_hidden_layers}")
+        types = None if self.layer_types is None else self.layer_types[start:end]
+        return dataclasses.replace(self, num_hidden_layers=end - start, layer_types=types, **changes)
+
     def _check_labels(self) -> None:
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

@@ -49,6 +49,7 @@ WINDOW = 10  # keys a token sees in the sliding-window model: contexts reach MAX
 # model shapes a hunt may pick with MINILLM_STRESS_ARCH (the default: Llama's); every stress test honours it
 ARCHS = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16),
          "window": dict(sliding_window=WINDOW),
+         "mixed_window": dict(sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"]),
          "mixtral": dict(architecture="mixtral", num_local_experts=4, num_experts_per_tok=2)}
 ARCH = ARCHS[os.environ.get("MINILLM_STRESS_ARCH", "llama")]
 

@@ -297,3 +297,40 @@ def test_disable_sliding_window_attends_fully_within_a_context_capped_at_the_win
                   EngineConfig(num_kv_blocks=8, disable_sliding_window=True))
     with pytest.raises(TypeError, match="disable_sliding_window must be a bool"):
         EngineConfig(disable_sliding_window="yes")
+
+
+def test_a_model_of_mixed_layers_is_cut_with_its_layer_types():
+    """ModelConfig.layers(start, end) cuts layer_types with the layers: a self-speculative draft of the first layer
+    and the stages of pipeline parallelism on a model whose layers mix full and sliding attention (Qwen2's
+    use_sliding_window) were refused ("layer_types must list one ... for each of the 1 layers"); now their tokens
+    are the plain engine's."""
+    from minillm.engine.cache_config import resolve_engine_config
+    from minillm.engine.executor import MultiProcExecutor, UniProcExecutor
+    from minillm.engine.worker import RandomWeights, Worker
+    config = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=6,
+                         layer_types=["full_attention", "sliding_attention"])
+    assert config.layers(1, 2).layer_types == ["sliding_attention"] and config.layers(0, 1).num_hidden_layers == 1
+    with pytest.raises(ValueError, match="layers 1..2 are not a non-empty range of this model's 2"):
+        config.layers(1, 3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 5, 6, 7], [40, 41, 42]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = dict(max_model_len=64, block_size=4, num_kv_blocks=32)
+
+    def tokens(**parallel) -> list[list[int]]:  # over RandomWeights(3): in this process, or in worker processes
+        resolved = resolve_engine_config(EngineConfig(**engine, **parallel), config, torch.device("cpu"))
+        kwargs = dict(model_config=config, engine_config=resolved, device=torch.device("cpu"), dtype=torch.float32,
+                      model_source=RandomWeights(seed=3))
+        executor = MultiProcExecutor({**kwargs, "seed": 0}) if parallel else UniProcExecutor(Worker(**kwargs))
+        try:
+            llm = LLMEngine(None, ByteTokenizer(), config, EngineConfig(**engine, **parallel), executor=executor)
+            return run_to_completion(llm, prompts, params)
+        finally:
+            executor.shutdown()
+
+    plain = tokens()
+    assert tokens(pipeline_parallel_size=2) == plain
+    model = RandomWeights(seed=3)(config, torch.device("cpu"), torch.float32)
+    spec = {"method": "self_speculative", "num_speculative_tokens": 3, "draft_num_layers": 1}
+    llm = LLMEngine(model, ByteTokenizer(), config, EngineConfig(**engine, speculative_config=spec))
+    assert run_to_completion(llm, prompts, params) == plain

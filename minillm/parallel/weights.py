@@ -10,7 +10,6 @@ way) and hands each to the layer's weight_loader, which keeps this rank's slice,
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
@@ -44,8 +43,8 @@ def rank_model_config(model_config: ModelConfig) -> ModelConfig:
     if state.tp_size == 1 and state.pp_size == 1:
         return model_config
     start, end = get_pp_indices(model_config.num_hidden_layers, state.pp_rank, state.pp_size)
-    return dataclasses.replace(
-        model_config, num_hidden_layers=end - start, head_dim=model_config.head_dim,
+    return model_config.layers(
+        start, end, head_dim=model_config.head_dim,
         num_attention_heads=model_config.num_attention_heads // state.tp_size,
         num_key_value_heads=max(1, model_config.num_key_value_heads // state.tp_size))
 

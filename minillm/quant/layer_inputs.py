@@ -9,7 +9,6 @@ and returns what flows into each linear of the last one.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Iterator
 
@@ -37,7 +36,7 @@ def first_layers(num_layers: int, path: str | None = None, device: str = "cpu") 
             if m is None or int(m.group(1)) < num_layers:
                 yield name, tensor
 
-    config = dataclasses.replace(config, num_hidden_layers=num_layers)
+    config = config.layers(0, num_layers)
     return build_model(config, kept(), torch.device(device), torch.float32), tokenizer
 
 

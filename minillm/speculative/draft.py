@@ -55,7 +55,7 @@ class EarlyExitModel(nn.Module):
         self.embed_tokens, self.norm, self.lm_head = target.model.embed_tokens, target.model.norm, target.lm_head
         self.layers = nn.ModuleList(layers[:num_layers])
         self.attention_backend = getattr(target, "attention_backend", "auto")
-        self.config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
+        self.config = target.config.layers(0, num_layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
@@ -71,7 +71,7 @@ class EarlyExitModel(nn.Module):
 def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
     """A new LlamaForCausalLM of `num_layers` layers initialised from the target's first layers (own weights: the
     starting point for distilling a draft model)."""
-    config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
+    config = target.config.layers(0, num_layers)
     first = next(target.parameters())
     previous = torch.get_default_dtype()
     try:
@@ -126,7 +126,7 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
     if layers > config.num_hidden_layers:
         raise ValueError(f"draft_num_layers={layers} exceeds the target's {config.num_hidden_layers} layers")
     draft = independent_copy(target, layers) if spec.method == "draft_model" else EarlyExitModel(target, layers)
-    return draft, dataclasses.replace(config, num_hidden_layers=layers)
+    return draft, config.layers(0, layers)
 
 
 class DraftModelProposer(SampledDraftProposer):

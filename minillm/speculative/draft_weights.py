@@ -19,7 +19,6 @@ where it was trained on this target.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -75,8 +74,7 @@ def load_draft(directory: str | os.PathLike, target: nn.Module, target_config: M
     from minillm.models.llama import LlamaForCausalLM
     directory = Path(directory)
     config = _read_config(directory, target_config)
-    draft_config = dataclasses.replace(target_config, num_hidden_layers=config["num_layers"], quantization=None,
-                                       quantization_config=None)
+    draft_config = target_config.layers(0, config["num_layers"], quantization=None, quantization_config=None)
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
