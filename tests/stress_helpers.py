@@ -50,7 +50,9 @@ WINDOW = 10  # keys a token sees in the sliding-window model: contexts reach MAX
 ARCHS = {"llama": {}, "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=16),
          "window": dict(sliding_window=WINDOW),
          "mixed_window": dict(sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"]),
-         "mixtral": dict(architecture="mixtral", num_local_experts=4, num_experts_per_tok=2)}
+         "mixtral": dict(architecture="mixtral", num_local_experts=4, num_experts_per_tok=2),
+         "qwen2": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=True),
+         "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})}
 ARCH = ARCHS[os.environ.get("MINILLM_STRESS_ARCH", "llama")]
 
 

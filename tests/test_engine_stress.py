@@ -78,10 +78,11 @@ BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 # MINILLM_STRESS_ARCH (stress_helpers.ARCHS; here and in the disaggregated and parallel stress tests): qwen3 gives
 # the model Qwen3's attention (q/k norms before RoPE, head_dim 16 against hidden / heads 8), window a sliding window
 # in every layer (the sliding-window test's model), mixed_window a window in the second layer only (Qwen2's
-# layer_types), mixtral four experts of which each token takes 2 (LoRA on the attention only), for a hunt through
-# every feature (each clean on 2026-12-07: mixtral 220 seeds, 12 disaggregated engines, 8 TP/PP; mixed_window 210
-# and 8 TP/PP, after it found drafts and pipeline stages built without their layers' layer_types); the default is
-# the Llama shape
+# layer_types), mixtral four experts of which each token takes 2 (LoRA on the attention only), qwen2 q/k/v biases
+# and tied embeddings, yarn YaRN's RoPE scaling, for a hunt through every feature (each clean on 2026-12-07: mixtral
+# 220 seeds, 12 disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
+# stages built without their layers' layer_types; qwen2 and yarn 160 and 8 TP/PP, qwen2 8 disaggregated); the
+# default is the Llama shape
 WINDOW_SEEDS = 20  # seeds run on the sliding-window model in CI
 NUM_WINDOW_SEEDS = int(os.environ.get("MINILLM_STRESS_WINDOW_SEEDS", WINDOW_SEEDS))
 K = 3  # speculative tokens per step
