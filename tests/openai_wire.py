@@ -41,6 +41,15 @@ class HttpClient:
         """What choice `index` reads in front of its generated text ("" without echo)."""
         return self.echoes[index * len(self.prompts) // len(self.choices)] if self.echoes else ""
 
+    def prompt_of(self, index: int) -> tuple[int, ...]:
+        """The token ids of choice `index`'s prompt."""
+        return self.prompts[index * len(self.prompts) // len(self.choices)]
+
+    @property
+    def return_ids(self) -> bool:
+        """return_token_ids: the answer carries the prompt's and each choice's token ids."""
+        return bool(self.body.get("return_token_ids"))
+
 
 @dataclass
 class Answer:
@@ -52,6 +61,8 @@ class Answer:
     logprobs: dict[int, dict] = dataclasses.field(default_factory=dict)
     usage: dict | None = None
     failed: bool = False  # the stream ended with an error event
+    token_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # return_token_ids: per choice
+    prompt_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # return_token_ids: per choice
 
 
 def merge_logprobs(into: dict, part: dict | None) -> None:
@@ -70,7 +81,10 @@ def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
     if complete:
         assert events and events[-1] == "[DONE]" and events.count("[DONE]") == 1, f"stream ends {events[-2:]}"
         events = events[:-1]
-    include_usage = (client.body.get("stream_options") or {}).get("include_usage", False)
+    options = client.body.get("stream_options") or {}
+    include_usage = options.get("include_usage", False)
+    continuous = include_usage and options.get("continuous_usage_stats", False)  # the usage so far on every chunk
+    so_far = 0  # the completion tokens the last chunk's usage counted
     finished: set[int] = set()
     for n, event in enumerate(json.loads(e) for e in events):
         if "error" in event:  # a failed choice ends the stream: this event, then [DONE]
@@ -86,10 +100,24 @@ def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
             assert include_usage and n == len(events) - 1, event
             answer.usage = event["usage"]
             continue
-        assert event.get("usage") is None and len(event["choices"]) == 1, event
+        assert len(event["choices"]) == 1, event
+        if continuous:
+            usage = event["usage"]
+            assert usage["completion_tokens"] >= so_far and usage["total_tokens"] == \
+                usage["prompt_tokens"] + usage["completion_tokens"], (so_far, usage)
+            so_far = usage["completion_tokens"]
+        else:
+            assert event.get("usage") is None, event
         choice = event["choices"][0]
         i = choice["index"]
         assert i not in finished, f"choice {i}: a chunk after its finish_reason"
+        prompt_ids = (event if client.chat else choice).get("prompt_token_ids")
+        assert client.return_ids or ("token_ids" not in choice and prompt_ids is None), event
+        if client.return_ids:  # the prompt's ids on the choice's first event only; each event its own tokens' ids
+            assert (prompt_ids is not None) == (i not in answer.prompt_ids), f"choice {i}: {event}"
+            if prompt_ids is not None:
+                answer.prompt_ids[i] = prompt_ids
+            answer.token_ids.setdefault(i, []).extend(choice.get("token_ids") or [])
         if client.chat:
             first = i not in answer.texts
             assert (choice["delta"] == {"role": "assistant", "content": ""}) == first, f"choice {i}: {choice}"
@@ -112,8 +140,13 @@ def read_body(client: HttpClient, body: dict) -> Answer:
     assert body["object"] == ("chat.completion" if client.chat else "text_completion") and body["model"] == MODEL
     answer = Answer(body["id"], usage=body["usage"])
     assert sorted(c["index"] for c in body["choices"]) == list(range(len(client.choices))), body["choices"]
+    assert ("prompt_token_ids" in body) == (client.chat and client.return_ids), body  # chat: once, for all choices
     for choice in body["choices"]:
         i = choice["index"]
+        assert ("token_ids" in choice) == client.return_ids, choice
+        if client.return_ids:
+            answer.token_ids[i] = choice["token_ids"]
+            answer.prompt_ids[i] = body["prompt_token_ids"] if client.chat else choice["prompt_token_ids"]
         answer.texts[i] = choice["message"]["content"] if client.chat else choice["text"]
         answer.reasons[i] = choice["finish_reason"]
         merge_logprobs(answer.logprobs.setdefault(i, {}), choice["logprobs"])
@@ -128,6 +161,10 @@ def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
     assert text == echo + ("" if client.score_only else done.text), \
         f"choice {i}: read {text!r}, the engine made {echo!r} + {done.text!r}"
     assert answer.reasons[i] == ("length" if client.score_only else done.finish_reason)
+    if client.return_ids:  # exactly the engine's tokens (none for a scored prompt), and the prompt it was given
+        assert answer.token_ids.get(i) == ([] if client.score_only else list(done.token_ids)), \
+            f"choice {i}: token_ids {answer.token_ids.get(i)}, the engine made {done.token_ids}"
+        assert answer.prompt_ids[i] == list(client.prompt_of(i)), f"choice {i}: prompt_token_ids"
     req = client.choices[i]
     if req.min_tokens == 0 and not client.score_only:
         made = text[len(echo):]

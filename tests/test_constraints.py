@@ -83,6 +83,26 @@ def test_the_engine_refuses_a_bad_pattern_or_token_for_that_request_only(model_a
     assert outputs(engine, [[1, 2]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids  # still serves
 
 
+def test_a_constraint_whose_tokens_min_tokens_bans_is_refused_or_named(model_and_config):
+    """A JSON object must open with "{"; stop_token_ids [123] ("{") with min_tokens 1 bans it until then: nothing
+    could be sampled. Refused at admission (ParamError naming min_tokens: the server's 400), not a failed generation
+    with a message about token 0. Deeper in the output the same contradiction ends the request with "error" and a
+    message that says what banned the allowed tokens."""
+    engine = make_engine(model_and_config)
+    obj = structured(json={"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+                     disable_any_whitespace=True)
+    with pytest.raises(ParamError, match=r"min_tokens=1 bans EOS and the stop_token_ids \[123\] until then, and "
+                                         r"every token the structured output allows first \(\[123\]\)") as err:
+        engine.add_request(None, [1, 2], SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=[123],
+                                                        structured_outputs=obj))
+    assert err.value.param == "min_tokens" and not engine.has_unfinished_requests()
+    # '{' then '"' ... : a stop on '"' (34) with min_tokens 2 bans the second token the object needs
+    out = outputs(engine, [[1, 2]], SamplingParams(temperature=0, max_tokens=6, min_tokens=2, stop_token_ids=[34],
+                                                  structured_outputs=obj))[0]
+    assert out.finish_reason == "error" and "every token it allows there ([34]) is banned (min_tokens bans EOS and " \
+        "stop_token_ids" in out.error, out.error
+
+
 # -- what comes out ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sampled_output_matches_the_regex_and_stops_where_nothing_can_follow(model_and_config, seed):

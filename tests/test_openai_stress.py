@@ -14,7 +14,8 @@ run (stress_helpers.draw_stop, so they fire; min_tokens with them), skip_special
 tokens' text, which token-id prompts hold now and then and the model samples often, in the answer, its stream, its
 echo, its log-probs and its stop strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's
 logprobs + top_logprobs), echo (with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not,
-stream_options.include_usage. Some clients leave: "mid_stream" closes the connection after a few events; "early" is
+stream_options.include_usage (with continuous_usage_stats: the usage so far on every chunk), return_token_ids
+(the prompt's and the answer's token ids, whole or per event: the engine's exactly). Some clients leave: "mid_stream" closes the connection after a few events; "early" is
 cancelled at a random engine step, streaming or not (maybe before its body was read). A few send a body
 test_serve_api.BAD refuses (400, 404 or 413 with its words in an OpenAI-shaped error; a priority only where the
 engine schedules fcfs).
@@ -198,6 +199,9 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
     body["stream"] = rng.random() < 0.6
     if body["stream"] and rng.random() < 0.6:
         body["stream_options"] = {"include_usage": rng.random() < 0.7}
+    body["return_token_ids"] = rng.random() < 0.3
+    if body.get("stream_options", {}).get("include_usage") and rng.random() < 0.4:
+        body["stream_options"]["continuous_usage_stats"] = True
     fate = rng.random()
     if fate < 0.15 and body["stream"]:
         client.leave, client.leave_at = "mid_stream", rng.randint(1, 4)

@@ -108,6 +108,17 @@ class RequestConstraint:
         both = np.logical_and(grammar.numpy(), self.allowed.numpy())
         return torch.from_numpy(both) if both.any() else grammar
 
+    def all_banned(self, state: int, outputs: list[int], min_tokens_bans: Iterable[int]) -> list[int] | None:
+        """The tokens the constraint allows from `state` (after the output tokens `outputs`) when every one of them
+        is banned there (min_tokens' ban of EOS and the stop token ids, bad_words): a request that asked for the
+        impossible; None where some token is left to sample."""
+        mask = self.row_mask(state)
+        if mask is None:
+            return None
+        allowed = mask.nonzero().flatten().tolist()
+        banned = set(min_tokens_bans) | set(self.bans(outputs))
+        return allowed if allowed and banned.issuperset(allowed) else None
+
     def bans(self, outputs: list[int]) -> tuple[int, ...]:
         """Tokens bad_words bans after the output tokens `outputs` (only their last few matter)."""
         banned = []
@@ -127,8 +138,14 @@ class RequestConstraint:
         if state == FINISHED:  # an EOS the output could end with, sampled under ignore_eos
             return True
         if state == DEAD:
+            first, outputs = seq.num_prompt_tokens, seq.token_ids[seq.num_prompt_tokens:position]
+            bans = seq.min_tokens_stop_ids if position - first < seq.sampling_params.min_tokens else ()
+            before = self.state_at(seq.token_ids, first, position)
+            left = self.all_banned(before, outputs, bans) if before != DEAD else None
+            why = "" if left is None else (f": every token it allows there ({left[:8]}) is banned (min_tokens bans "
+                                           f"EOS and stop_token_ids {list(bans)} until then; bad_words)")
             raise ValueError(f"token {seq.token_ids[position]} at position {position} does not fit the request's "
-                             f"structured_outputs constraint")
+                             f"structured_outputs constraint{why}")
         return self.index.is_accepting(state) and not self.index.dfa.can_continue(state)
 
 

@@ -49,7 +49,16 @@ class RequestChecks:
         outside = [t for t in params.logit_bias or () if t >= vocab]
         if outside:
             raise ParamError("logit_bias", f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
-        return self.constraints.for_request(params)  # a bad schema, regex or token id raises here
+        constraint = self.constraints.for_request(params)  # a bad schema, regex or token id raises here
+        if constraint is not None and constraint.index is not None and params.min_tokens > 0:
+            eos = () if params.ignore_eos else tuple(self.eos_token_ids)
+            left = constraint.all_banned(constraint.index.start, [], eos + tuple(params.stop_token_ids or ()))
+            if left is not None:  # no first token could be sampled: refused, not a failed generation
+                raise ParamError("min_tokens", f"min_tokens={params.min_tokens} bans EOS and the stop_token_ids "
+                                 f"{list(params.stop_token_ids or ())} until then, and every token the structured "
+                                 f"output allows first ({left[:8]}) is among them: lower min_tokens or drop those "
+                                 f"stop_token_ids")
+        return constraint
 
     def check_num_logprobs(self, name: str, value: int | None) -> None:
         """ParamError unless `value` top log-probabilities per token (SamplingParams.logprobs or prompt_logprobs;
