@@ -28,8 +28,10 @@ Finishing. A state that is accepting and cannot go on (the JSON object is closed
 only EOS; the engine does not spend a step on it: the request finishes with "stop" after the token that completed
 the output (RequestConstraint.finished_at), its last token a token of the text, not EOS. Under ignore_eos, EOS is
 kept out of a mask wherever the format can go on (it would not end the request), so the output runs on to the
-format's end. A sampled token the constraint does not allow (only possible where the sampler itself
-was overridden) finishes that request with "error".
+format's end. A sampled token the constraint does not allow finishes that request with "error": possible where
+the sampler itself was overridden, or where min_tokens' ban of stop tokens (or bad_words) leaves none of the tokens
+the format allows (RequestConstraint.all_banned: the error names them; at the first token the engine refuses the
+request instead, check_sampling_params).
 """
 from __future__ import annotations
 
