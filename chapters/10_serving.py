@@ -241,6 +241,23 @@ response = client.responses.create(model="smollm2", instructions="Answer in one 
 print([item.type for item in response.output], repr(response.output_text), response.status)
 
 # %% [markdown]
+# **Token ids beside the text.** A client that trains on what the model sampled (reinforcement learning on a served
+# policy) must not tokenize the answer's text again: a decoded string may come back as other tokens, and the
+# log-probabilities it trains on belong to the sampled ones. vLLM's `return_token_ids` returns the prompt's ids and
+# the answer's (streamed: each event's own); `minillm serve --skip-tokenizer-init` serves ids alone, no text.
+
+# %%
+body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+done = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+print(done["prompt_token_ids"], done["token_ids"], repr(done["text"]))
+
+# %%
+tokenizer = llm.get_tokenizer()  # the same ids the tokenizer gives the prompt; the answer's text decoded from its ids
+# NBVAL_CHECK_OUTPUT
+print(done["prompt_token_ids"] == tokenizer.encode(body["prompt"]),
+      tokenizer.decode(done["token_ids"], skip_special_tokens=True) == done["text"])
+
+# %% [markdown]
 # **Embeddings** are the same server's other OpenAI endpoint. An embedding request is a prefill and nothing more:
 # the vector is the final hidden state of the prompt's *last* token (the one position of a causal model that has
 # seen the whole prompt), scaled to unit length, so a dot product is a cosine similarity (`minillm/pooling.py`;
