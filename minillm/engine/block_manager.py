@@ -299,8 +299,9 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
         kept = self.first_kept_block(computed)  # blocks before it lie before the window: not taken
         taken = hits[kept:]
         last = taken.pop() if full else None
-        for kind, block in taken + [last] * full:  # before any take: an eviction may neither hand out a hit nor
-            if kind == "host":                      # store into a host block this plan reads
+        # before any take: no eviction may hand out a device hit, nor store into a host block this plan reads
+        for kind, block in taken + ([last] if full else []):
+            if kind == "host":
                 self.offload.pin(block)
         for kind, block in taken:
             if kind == "device":
