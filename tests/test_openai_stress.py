@@ -215,6 +215,8 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     rng = random.Random(seed)
     options = draw_engine_options(rng)
     spec = rng.choice([None, None, None, *sorted(SPEC_METHODS)])
+    if spec is not None and reference.config.sliding_window is not None:  # (MINILLM_STRESS_ARCH=window: token
+        spec = spec.removesuffix("_tree")  # trees are refused beside a sliding window)
     fp8 = "kv_cache_dtype" in options
     policy = options.get("scheduling_policy", "fcfs")
     # a tokenizer that cannot decode POISON_TEXT (not with fp8, whose runs may part from the run alone: then other
