@@ -244,12 +244,14 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
                 best = [None] * kept + found[kept:n]
         return best
 
-    def _allocation_cost(self, seq: Sequence, num_new_tokens: int | None = None) -> tuple[int, int]:
+    def _allocation_cost(self, seq: Sequence, num_new_tokens: int | None = None,
+                         hits: list[tuple[str, int] | None] | None = None) -> tuple[int, int]:
         """(free blocks that allocate(seq, num_new_tokens) would consume, tokens it would find cached). A block
         found in the CPU tier costs a fresh device block, as an uncached one does, but its tokens count as cached;
         a cached device block costs one only if nobody holds it (it is evictable); with a sliding window, blocks
         before the window cost nothing (they are not taken)."""
-        hits, _ = self._match_prefix(seq)
+        if hits is None:  # (allocate passes the lookup it goes on to use)
+            hits, _ = self._match_prefix(seq)
         cached = len(hits) * self.block_size
         full = cached > 0 and cached == seq.num_tokens  # the last block is copied (or loaded), not held
         cached -= full
@@ -289,10 +291,10 @@ class BlockManager(SwapSpace, SlidingWindowBlocks):
             raise ValueError(f"sequence {seq.seq_id} has no tokens to allocate blocks for")
         if num_new_tokens is not None and num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be >= 1 (or None: all of them), got {num_new_tokens}")
-        cost, _ = self._allocation_cost(seq, num_new_tokens)
+        hits, hashes = self._match_prefix(seq)
+        cost, _ = self._allocation_cost(seq, num_new_tokens, hits)
         if cost > self.num_free_blocks:
             raise RuntimeError(f"allocate needs {cost} free blocks, {self.num_free_blocks} are free")
-        hits, hashes = self._match_prefix(seq)
         num_hit, bs, keys = len(hits), self.block_size, seq.cache_keys
         full = num_hit > 0 and num_hit * bs == seq.num_tokens
         computed = seq.num_tokens - 1 if full else num_hit * bs

@@ -9,8 +9,7 @@ and returns what flows into each linear of the last one.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,25 +18,17 @@ from minillm.quant.calibration import calibration_texts, tokenize_to_sequences
 
 __all__ = ["first_layers", "linear_inputs"]
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
 
 def first_layers(num_layers: int, path: str | None = None, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(model with decoder layers 0..num_layers-1 only, fp32; its tokenizer) from a checkpoint (None: SmolLM2)."""
     from minillm.engine.worker import build_model  # the engine builds the model (local: quant sits beside it)
     from minillm.loader import load_model
+    from minillm.loader.hf_overrides import first_layers as layer_weights  # the others' tensors read and dropped
     config, weights, tokenizer = load_model(path)
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= config.num_hidden_layers:
         raise ValueError(f"num_layers must be an int in [1, {config.num_hidden_layers}], got {num_layers!r}")
-
-    def kept() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            m = _LAYER.match(name)
-            if m is None or int(m.group(1)) < num_layers:
-                yield name, tensor
-
     config = config.layers(0, num_layers)
-    return build_model(config, kept(), torch.device(device), torch.float32), tokenizer
+    return build_model(config, layer_weights(weights, num_layers), torch.device(device), torch.float32), tokenizer
 
 
 def linear_inputs(model: nn.Module, tokenizer: Any, n_samples: int = 8, seq_len: int = 128,

@@ -396,8 +396,10 @@ class OpenAIServing:
                 raise ApiError(500, f"generation failed: {done.error}", "server_error")
             text, logprobs = _next_piece(c, c.output, chat, self._token_bytes)
             calls = _calls(c, done)
-            ids = {} if not c.return_ids else {"token_ids": c.new_ids(done)} if chat else \
-                {"prompt_token_ids": c.take_prompt_ids(), "token_ids": c.new_ids(done)}
+            ids = {}  # return_token_ids: the answer's ids; a completion's prompt ids too (chat's: beside the choices)
+            if c.return_ids:
+                ids = {"token_ids": c.new_ids(done)} if chat else \
+                    {"prompt_token_ids": c.take_prompt_ids(), "token_ids": c.new_ids(done)}
             if c.parsed:  # the thought, the calls the model chose to make, and the content, out of its text
                 reasoning, content, found = parse_answer(text, c.reasoning, c.tool_parser)
                 message = {"role": c.role, "content": content}
