@@ -98,6 +98,9 @@ class Request:
     constraint: tuple = ()
     lora: LoRARequest | None = None  # the adapter it runs with (stress_adapters), None: the base model
     pooling: str | None = None  # an embedding request's pooling_type (LAST / MEAN / CLS), None: it generates
+    # logits processors and sampling filters (draw_processors): SamplingParams fields as (name, value) pairs,
+    # logit_bias's value as (token id, bias) pairs
+    processors: tuple = ()
 
     def add_to(self, engine, rid: str, params: SamplingParams | None = None) -> str:
         """engine.add_request for this request: generating with `params` (default: its own), or embedding."""
@@ -115,14 +118,16 @@ class Request:
                               priority=self.priority, logprobs=self.logprobs if logprobs is None else logprobs,
                               prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
                               include_stop_str_in_output=self.include_stop, skip_special_tokens=self.skip_special,
-                              spaces_between_special_tokens=self.spaces_between, **constraint_params(self.constraint))
+                              spaces_between_special_tokens=self.spaces_between, **constraint_params(self.constraint),
+                              **processor_params(self.processors))
 
     def key(self) -> tuple:
         """What the output depends on (not the priority, nor the log-prob widths: the reference scores them all).
         Nor spaces_between_special_tokens: Tokenizer.decode says it changes no text, so the run alone with either
         value is the answer (the first request drawn decides which, and the comparison holds the claim to it)."""
         return (self.prompt, self.max_tokens, self.stop_token_ids, self.stop, self.min_tokens, self.ignore_eos,
-                self.seed, self.include_stop, self.skip_special, self.constraint, self.lora, self.pooling)
+                self.seed, self.include_stop, self.skip_special, self.constraint, self.lora, self.pooling,
+                self.processors)
 
 
 @dataclass
@@ -267,9 +272,28 @@ class Reference:
                 if mask is not None:
                     row[~mask[:len(row)]] = -float("inf")
                 row[list(constraint.bans(got[:j]))] = -float("inf")
+            row = processed_row(row, req, tokens[:start + 1 + j])
             if float(row.max() - row[got[j]]) > tie or (j == i and float(row.max() - row[expected[j]]) > tie):
                 return False
         return True
+
+
+def processed_row(row: torch.Tensor, req: Request, history: list[int]) -> torch.Tensor:
+    """float32 logits [V] of one position after `req`'s logit bias and penalties (history: the prompt and the
+    tokens before this one), as the engine applies them (the library's apply_penalties: checked on its own in
+    test_logits_processors). min_p, top-k and top-p never remove the argmax: a greedy choice is unchanged."""
+    from minillm.layers.logits_processors import apply_penalties
+    fields = processor_params(req.processors)
+    for tok, bias in fields.get("logit_bias", {}).items():
+        row[tok] += bias
+    penalties = [fields.get(name, default) for name, default in
+                 (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0))]
+    if penalties == [0.0, 0.0, 1.0]:
+        return row
+    hist = torch.tensor([history], dtype=torch.int64)
+    is_output = torch.arange(len(history)).unsqueeze(0) >= len(req.prompt)
+    presence, frequency, repetition = (torch.tensor([v], dtype=torch.float32) for v in penalties)
+    return apply_penalties(row.unsqueeze(0), hist, is_output, presence, frequency, repetition)[0]
 
 
 def merged_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -335,13 +359,18 @@ class PoisonedSource:
         return PoisonedModel(self.inner(model_config, device, dtype))
 
 
-def draw_engine_options(rng: random.Random) -> dict:
+def draw_engine_options(rng: random.Random, extra: random.Random | None = None) -> dict:
     """EngineConfig options of a random engine over the tiny model (2 layers, 2 KV heads of 8): block size 4/8/16,
     1-6 sequences, a KV pool of one to two longest sequences (running several long requests preempts), prefix
     caching, chunked prefill with a small token budget, preemption by recompute or swap (swap space from a few
     blocks, where swap falls back to recompute, to plenty), async scheduling, the priority policy, fp8 KV. Never
-    LoRA (the disaggregated and parallel engines refuse it): test_engine_stress.draw_scenario adds it."""
+    LoRA (the disaggregated and parallel engines refuse it): test_engine_stress.draw_scenario adds it.
+    `extra` (a generator of its own, so that a seed without it draws what it drew before): 1 engine in 5 with
+    blocks of 1, 2 or 32 tokens (a block per token; a block longer than most prompts), and 1 chunked engine in 3
+    with a long_prefill_token_threshold."""
     block_size = rng.choice([4, 8, 16])
+    if extra is not None and extra.random() < 0.2:
+        block_size = extra.choice([1, 2, 32])
     chunked = rng.random() < 0.5
     per_seq = -(-MAX_LEN // block_size)  # blocks one sequence of max_model_len needs
     options = dict(
@@ -350,6 +379,8 @@ def draw_engine_options(rng: random.Random) -> dict:
         enable_prefix_caching=rng.random() < 0.5, enable_chunked_prefill=chunked,
         max_num_batched_tokens=rng.choice([2, 4, 7, 16, 33]) if chunked else rng.choice([MAX_LEN, 2 * MAX_LEN]),
         preemption_mode=rng.choice(["recompute", "swap"]), async_scheduling=rng.random() < 0.5)
+    if extra is not None and chunked and extra.random() < 1 / 3:  # long prefills take at most this many a step
+        options["long_prefill_token_threshold"] = extra.randint(1, options["max_num_batched_tokens"])
     if rng.random() < 0.2:  # lower priority value runs first; victims are taken from the other end
         options["scheduling_policy"] = "priority"
     fp8 = rng.random() < 0.15
@@ -393,6 +424,40 @@ CONSTRAINTS = [("regex", r"[a-f]{2,5}-\d{1,3}"), ("grammar", NESTED), ("regex", 
                ("json", '{"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22]}}, '
                         '"required": ["ok"]}'),
                ("allowed", tuple(range(97, 123)) + (257,)), ("bad_words", ("ab", "e", "zz q"))]
+
+
+def draw_processors(rng: random.Random, req: Request) -> None:
+    """1 request in 5 gets one to three logits processors: the three penalties (their history is the prompt and
+    the tokens so far, drafts on a verify row's path included), a logit bias on a few tokens (now and then +-100,
+    which forces or bans one) and min_p; a seeded request also top-k and top-p. They change what greedy decoding
+    returns, so the run alone must see them applied the same way whatever the batch, chunk, preemption or cache."""
+    if rng.random() >= 0.2:
+        return
+    names = ["repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_p"]
+    if req.seed is not None:
+        names += ["top_k", "top_p"]
+    picked = []
+    for name in sorted(rng.sample(names, rng.randint(1, 3))):
+        if name == "repetition_penalty":
+            value = round(rng.uniform(0.5, 2.0), 2)
+        elif name in ("presence_penalty", "frequency_penalty"):
+            value = round(rng.uniform(-1.0, 1.5), 2)
+        elif name == "logit_bias":
+            value = tuple((draw_prompt_token(rng), rng.choice([-100.0, -3.0, 2.5, 6.0, 100.0]))
+                          for _ in range(rng.randint(1, 3)))
+        elif name == "min_p":
+            value = round(rng.uniform(0.0, 0.3), 2)
+        elif name == "top_k":
+            value = rng.randint(1, 40)
+        else:
+            value = round(rng.uniform(0.3, 0.95), 2)
+        picked.append((name, value))
+    req.processors = tuple(picked)
+
+
+def processor_params(processors: tuple) -> dict:
+    """SamplingParams' fields for a Request's processors."""
+    return {name: dict(value) if name == "logit_bias" else value for name, value in processors}
 
 
 def constraint_params(constraint: tuple) -> dict:
@@ -442,7 +507,8 @@ def draw_constraint(rng: random.Random, req: Request) -> None:
 
 def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, seeded: bool = True,
                   priorities: bool = False, prefix: str = "", loras: list[LoRARequest] | tuple = (),
-                  lora_rng: random.Random | None = None, embed_rng: random.Random | None = None) -> None:
+                  lora_rng: random.Random | None = None, embed_rng: random.Random | None = None,
+                  proc_rng: random.Random | None = None) -> None:
     """Append 8 to 16 random requests (ids prefix + "0", prefix + "1", ...) to `scenario.events`, arriving at
     random steps, and aborts of some of them; sorted by step. Prompts hold a special token now and then, and a
     quarter of the requests keep special tokens' text (draw_special_switches). `seeded`: some requests sample
@@ -450,8 +516,9 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
     fp8 KV);
     `priorities`: random priorities 0-2 (the priority policy); `loras`: half the requests run with one of these
     adapters (the engine must have enable_lora), drawn from `lora_rng` (its own generator: a scenario without
-    adapters draws what it drew before adapters existed). Stops are cut out of the reference's own run (with the
-    request's adapter), so they really fire."""
+    adapters draws what it drew before adapters existed); `proc_rng`: logits processors (draw_processors, from a
+    generator of its own likewise). Stops are cut out of the reference's own run (with the request's adapter and
+    processors), so they really fire."""
     kv_dtype = scenario.options.get("kv_cache_dtype", "auto")
     prefixes = [[draw_prompt_token(rng) for _ in range(rng.randint(8, 40))] for _ in range(2)]
     num_requests = rng.randint(8, 16)
@@ -484,6 +551,8 @@ def draw_requests(rng: random.Random, scenario: Scenario, reference: Reference, 
             req.prompt = req.prompt[:MAX_LEN - 2] + (rng.choice(poisons),)
         draw_special_switches(rng, req)
         draw_constraint(rng, req)
+        if proc_rng is not None:
+            draw_processors(proc_rng, req)
         if loras and lora_rng.random() < 0.5:
             req.lora = lora_rng.choice(loras)
         draw_stop(rng, req, reference, kv_dtype, scenario.poison)

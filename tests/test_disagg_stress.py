@@ -66,9 +66,9 @@ def reference():
     return Reference((WEIGHTS(config, torch.device("cpu"), torch.float32), config))
 
 
-def draw_engine(rng: random.Random) -> tuple[dict, dict, str | None]:
+def draw_engine(rng: random.Random, seed: int) -> tuple[dict, dict, str | None]:
     """(EngineConfig options, disaggregation plan, poison) of a random disaggregated engine."""
-    options = draw_engine_options(rng)
+    options = draw_engine_options(rng, random.Random(f"engine extras {seed}"))
     options["async_scheduling"] = False  # refused here: the workers answer each step in turn
     per_seq = -(-MAX_LEN // options["block_size"])
     plan = {"prefill_num_kv_blocks": options.pop("num_kv_blocks"),
@@ -165,7 +165,7 @@ class DisaggChecks(EngineChecks):
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_ENGINES))
 def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(reference, seed):
     rng = random.Random(seed)
-    options, plan, poison = draw_engine(rng)
+    options, plan, poison = draw_engine(rng, seed)
     source = PoisonedSource(WEIGHTS) if poison == "forward" else WEIGHTS
     engine = DisaggregatedEngine(source, engine_tokenizer(poison), reference.config,
                                  EngineConfig(**options), disaggregation=plan)
@@ -175,7 +175,8 @@ def test_random_workloads_on_a_disaggregated_engine_match_requests_run_alone(ref
             scenario = Scenario({**options, **plan}, None, poison=poison)
             draw_requests(rng, scenario, reference, seeded="kv_cache_dtype" not in options,
                           priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.",
-                          embed_rng=random.Random(f"embed {seed} {stream}"))  # (refused here, by name)
+                          embed_rng=random.Random(f"embed {seed} {stream}"),  # (refused here, by name)
+                          proc_rng=random.Random(f"processors {seed} {stream}"))
             drive(engine, scenario, reference, DisaggChecks(engine))
     except AssertionError as err:
         raise AssertionError(f"seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err

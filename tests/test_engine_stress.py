@@ -3,13 +3,16 @@
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
 budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
 n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE / EAGLE-tree / MTP heads or a
-one-layer draft model, block size 4/8/16, a KV pool small enough to preempt, an fp8 KV cache, the prefix cache's
+one-layer draft model, block size 4/8/16 (1 engine in 5: 1, 2 or 32), long_prefill_token_threshold in a third of
+the chunked engines, a KV pool small enough to preempt, an fp8 KV cache, the prefix cache's
 CPU tier (kv_offloading_size) in half the prefix-caching scenarios; without
 speculation, half the time multi-LoRA: enable_lora with max_loras 1-3 slots for four adapters of ranks 2-8 over
 different projections, stress_helpers.stress_adapters, and no fp8 KV cache: draw_scenario says why) and a stream of
 events (requests arriving at random steps, with random prompt lengths, some sharing long prefixes so the prefix
 cache hits, random max_tokens, some with stop_token_ids or stop strings
-that really fire, min_tokens, ignore_eos, seeded sampling, log-probs of sampled and prompt tokens, special tokens
+that really fire, min_tokens, ignore_eos, seeded sampling, logits processors (1 in 5: repetition, presence and
+frequency penalties, logit_bias, min_p; top-k and top-p beside a seed: stress_helpers.draw_processors; the
+greedy tie judge applies bias and penalties too), log-probs of sampled and prompt tokens, special tokens
 in prompts and kept as text by a quarter of the requests (skip_special_tokens=False; the tiny model samples
 special ids for about one token in six), embedding requests (LAST / MEAN / CLS pooling: the vector within fp32
 rounding of the run alone's; refused by name where the engine speculates), a poisoned request whose text or
@@ -142,7 +145,7 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
     """Seed N's scenario. `lora`: None draws multi-LoRA (LORA_ODDS of the scenarios without speculation); True
     forces it (and no speculation), False forbids it."""
     rng = random.Random(seed)
-    options = draw_engine_options(rng)
+    options = draw_engine_options(rng, random.Random(f"engine extras {seed}"))
     spec = rng.choice([None, None, None, None, "ngram", "ngram", "medusa", "eagle", "draft_model", "ngram_tree",
                        "eagle_tree", "lookahead", "self_speculative", "mtp", "medusa_tree"])
     window = reference.config.sliding_window is not None
@@ -179,7 +182,7 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
     # probabilities
     draw_requests(rng, scenario, reference, seeded=spec is None and not fp8,
                   priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng,
-                  embed_rng=random.Random(f"embed {seed}"))
+                  embed_rng=random.Random(f"embed {seed}"), proc_rng=random.Random(f"processors {seed}"))
     return scenario
 
 

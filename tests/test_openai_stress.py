@@ -15,7 +15,8 @@ tokens' text, which token-id prompts hold now and then and the model samples oft
 echo, its log-probs and its stop strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's
 logprobs + top_logprobs), echo (with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not,
 stream_options.include_usage (with continuous_usage_stats: the usage so far on every chunk), return_token_ids
-(the prompt's and the answer's token ids, whole or per event: the engine's exactly). Some clients leave: "mid_stream" closes the connection after a few events; "early" is
+(the prompt's and the answer's token ids, whole or per event: the engine's exactly), logits processors (1 in 5:
+penalties, logit_bias, min_p; top-k and top-p beside a seed). Some clients leave: "mid_stream" closes the connection after a few events; "early" is
 cancelled at a random engine step, streaming or not (maybe before its body was read). A few send a body
 test_serve_api.BAD refuses (400, 404 or 413 with its words in an OpenAI-shaped error; a priority only where the
 engine schedules fcfs).
@@ -61,7 +62,8 @@ from minillm.serve.server import ServerThread
 from openai_wire import TOKENIZER, HttpClient, check_choice, read_body, read_sse
 from serve_tiny import MODEL, TEMPLATE
 from stress_helpers import (MAX_LEN, POISON_TEXT, EngineChecks, Reference, Request, Scenario, compare,
-                            draw_constraint, draw_engine_options, draw_prompt_token, draw_special_switches, draw_stop)
+                            draw_constraint, draw_engine_options, draw_processors, draw_prompt_token,
+                            draw_special_switches, draw_stop)
 from test_engine_stress import SPEC_METHODS, build_engine, head_dirs, model_and_config, reference  # noqa: F401
 from test_serve_api import BAD
 from tiny import one_thread  # noqa: F401  (autouse fixture)
@@ -117,9 +119,11 @@ def constraint_fields(rng: random.Random, constraint: tuple) -> dict:
 
 
 def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], reference: Reference,
-                kv_dtype: str, seeded: bool, poison: str | None = None, priorities: bool = False) -> HttpClient:
+                kv_dtype: str, seeded: bool, poison: str | None = None, priorities: bool = False,
+                proc_rng: random.Random | None = None) -> HttpClient:
     """A valid request, its solo runs' Requests, and how its client leaves. `priorities`: half the clients send
-    a priority, -1 to 2 (an engine under the priority policy)."""
+    a priority, -1 to 2 (an engine under the priority policy); `proc_rng`: logits processors
+    (stress_helpers.draw_processors; logit_bias with the token ids as JSON object keys, strings)."""
     chat = rng.random() < 0.35
     if chat:
         system = [{"role": "system", "content": shared[0]}] if rng.random() < 0.5 else []
@@ -155,6 +159,10 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
     draw_special_switches(rng, req)
     draw_constraint(rng, req)
     body.update(constraint_fields(rng, req.constraint))
+    if proc_rng is not None:
+        draw_processors(proc_rng, req)
+        body.update({name: {str(tok): bias for tok, bias in value} if name == "logit_bias" else value
+                     for name, value in req.processors})
     if not req.skip_special or rng.random() < 0.2:  # (left out: true)
         body["skip_special_tokens"] = req.skip_special
     if not req.spaces_between or rng.random() < 0.2:
@@ -213,7 +221,7 @@ def draw_client(rng: random.Random, arrive: int, shared: tuple[str, list[int]], 
 
 def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpClient]]:
     rng = random.Random(seed)
-    options = draw_engine_options(rng)
+    options = draw_engine_options(rng, random.Random(f"engine extras {seed}"))
     spec = rng.choice([None, None, None, *sorted(SPEC_METHODS)])
     if spec is not None and reference.config.sliding_window is not None:  # (MINILLM_STRESS_ARCH=window: token
         spec = spec.removesuffix("_tree")  # trees are refused beside a sliding window)
@@ -225,6 +233,7 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
     shared = ("".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 16))),
               [draw_prompt_token(rng) for _ in range(rng.randint(8, 30))])
     clients, step = [], 0
+    proc_rng = random.Random(f"processors {seed}")  # (its own generator: a seed draws what it drew before)
     for _ in range(rng.randint(6, 14)):
         step += rng.choice([0, 0, 1, 1, 3])
         if rng.random() < 0.12:
@@ -234,7 +243,7 @@ def draw_clients(seed: int, reference: Reference) -> tuple[Scenario, list[HttpCl
         else:
             clients.append(draw_client(rng, step, shared, reference, options.get("kv_cache_dtype", "auto"),
                                        seeded=spec is None and not fp8, poison=scenario.poison,
-                                       priorities=policy == "priority"))
+                                       priorities=policy == "priority", proc_rng=proc_rng))
     return scenario, clients
 
 

@@ -71,7 +71,7 @@ def build_engine(reference: Reference, options: dict, poison: str | None) -> LLM
 @pytest.mark.parametrize("parallel", list(PARALLEL))
 def test_random_workloads_on_parallel_workers_match_requests_run_alone(reference, parallel, seed):
     rng = random.Random(seed)
-    options = {**draw_engine_options(rng), **PARALLEL[parallel]}
+    options = {**draw_engine_options(rng, random.Random(f"engine extras {seed}")), **PARALLEL[parallel]}
     options["async_scheduling"] = False  # refused with more than one rank
     if parallel == "pp2":  # refused: fp8 scales are calibrated by one forward of the whole model
         options.pop("kv_cache_dtype", None)
@@ -84,7 +84,8 @@ def test_random_workloads_on_parallel_workers_match_requests_run_alone(reference
             scenario = Scenario(options, None, poison=poison)
             draw_requests(rng, scenario, reference, seeded=not fp8,
                           priorities=options.get("scheduling_policy") == "priority", prefix=f"{stream}.",
-                          embed_rng=random.Random(f"embed {seed} {stream}"))  # embedding requests
+                          embed_rng=random.Random(f"embed {seed} {stream}"),  # embedding requests
+                          proc_rng=random.Random(f"processors {seed} {stream}"))
             drive(engine, scenario, reference)
     except AssertionError as err:
         raise AssertionError(f"{parallel} seed {seed} stream {stream}: {err}\n{describe(scenario)}") from err
