@@ -84,7 +84,7 @@ def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
     options = client.body.get("stream_options") or {}
     include_usage = options.get("include_usage", False)
     continuous = include_usage and options.get("continuous_usage_stats", False)  # the usage so far on every chunk
-    so_far = 0  # the completion tokens the last chunk's usage counted
+    so_far: dict[int, int] = {}  # per choice, the completion tokens its last chunk's usage counted
     finished: set[int] = set()
     for n, event in enumerate(json.loads(e) for e in events):
         if "error" in event:  # a failed choice ends the stream: this event, then [DONE]
@@ -101,15 +101,16 @@ def read_sse(client: HttpClient, lines: list[str], complete: bool) -> Answer:
             answer.usage = event["usage"]
             continue
         assert len(event["choices"]) == 1, event
-        if continuous:
-            usage = event["usage"]
-            assert usage["completion_tokens"] >= so_far and usage["total_tokens"] == \
-                usage["prompt_tokens"] + usage["completion_tokens"], (so_far, usage)
-            so_far = usage["completion_tokens"]
-        else:
-            assert event.get("usage") is None, event
         choice = event["choices"][0]
         i = choice["index"]
+        if continuous:  # that choice's own usage (vLLM's): its prompt, its tokens so far
+            usage = event["usage"]
+            assert usage["completion_tokens"] >= so_far.get(i, 0) and usage["total_tokens"] == \
+                usage["prompt_tokens"] + usage["completion_tokens"], (so_far, usage)
+            assert usage["prompt_tokens"] == len(client.choices[i].prompt), (i, usage)
+            so_far[i] = usage["completion_tokens"]
+        else:
+            assert event.get("usage") is None, event
         assert i not in finished, f"choice {i}: a chunk after its finish_reason"
         prompt_ids = (event if client.chat else choice).get("prompt_token_ids")
         assert client.return_ids or ("token_ids" not in choice and prompt_ids is None), event

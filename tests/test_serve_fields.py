@@ -195,8 +195,9 @@ def test_return_token_ids_puts_the_prompts_and_the_answers_ids_beside_the_text(u
 
 
 def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(url):
-    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage counts the tokens
-    generated until then; without it only the last chunk (no choices) has a usage."""
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage counts its choice's
+    prompt and the tokens that choice generated until then (the last chunk, without choices, the whole
+    request's); without it only the last chunk has a usage."""
     body = {"prompt": "ab", **GREEDY, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     chunks = stream_chunks(url, "/v1/completions", body)
     counts = [c["usage"]["completion_tokens"] for c in chunks]
@@ -207,6 +208,16 @@ def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(url):
     chat_chunks = stream_chunks(url, "/v1/chat/completions", {"messages": HI, **GREEDY,
                                                                "stream_options": body["stream_options"]})
     assert chat_chunks[0]["usage"]["completion_tokens"] == 0 and chat_chunks[-1]["usage"]["completion_tokens"] == 6
+    # two prompts of 3 and 5 tokens, two choices each: every chunk counts its own choice only
+    many = stream_chunks(url, "/v1/completions", {**body, "prompt": ["ab", "abcd"], "n": 2})
+    seen: dict[int, list[int]] = {}
+    for c in many[:-1]:
+        i, usage = c["choices"][0]["index"], c["usage"]
+        assert usage["prompt_tokens"] == (3 if i < 2 else 5), c
+        seen.setdefault(i, []).append(usage["completion_tokens"])
+    assert {i: counts[-1] for i, counts in seen.items()} == {0: 6, 1: 6, 2: 6, 3: 6}
+    assert all(counts == sorted(counts) for counts in seen.values())
+    assert many[-1]["usage"] == {"prompt_tokens": 8, "completion_tokens": 24, "total_tokens": 32}
 
 
 def spied_app(engine, read) -> tuple[object, list]:

@@ -9,7 +9,8 @@ The path of one request:
   3. merge their streams (a task per choice feeding one queue) and write either one JSON body or Server-Sent
      Events: a chunk per new piece of text, a last chunk per choice with its finish_reason, then (with
      stream_options.include_usage) a chunk with `usage` and no choices, then `data: [DONE]`; with vLLM's
-     continuous_usage_stats as well, every chunk carries the usage so far (tokens generated until then).
+     continuous_usage_stats as well, every chunk carries its choice's usage so far (that choice's prompt and the
+     tokens it generated until then, as vLLM counts it; the last chunk's usage is the whole request's).
      Log-probabilities, when asked for, ride along in OpenAI's shapes (minillm/serve/logprobs.py):
      every chunk carries those of the tokens produced since the previous chunk. A completion with `echo` has its
      prompt (and the prompt's log-probabilities) in front of its first piece, as vLLM sends it.
@@ -83,6 +84,7 @@ class _Choice:
     reasoning: str | None = None  # the reasoning parser that splits the thought off (serve/reasoning.py)
     include_reasoning: bool = True  # false: the thought is read, and left out
     parser: AnswerParser | None = None  # reasoning / auto tool calls while the answer streams (answer_parser.py)
+    num_prompt_tokens: int = 0  # its prompt's tokens (continuous_usage_stats counts per choice)
     output: RequestOutput | None = None
 
     def new_ids(self, done: Any) -> list[int] | None:
@@ -337,7 +339,8 @@ class OpenAIServing:
                            role=role, as_ids=request.return_tokens_as_token_ids, tool=mode,
                            reasoning=reasoning, include_reasoning=getattr(request, "include_reasoning", True),
                            return_ids=request.return_token_ids,
-                           prompt_ids=list(prompts[p][1]) if request.return_token_ids else None)
+                           prompt_ids=list(prompts[p][1]) if request.return_token_ids else None,
+                           num_prompt_tokens=len(prompts[p][1]))
                    for p in range(len(prompts)) for i in range(len(params))]
         if chat and echoed(request) is not None:  # the last message's content, no log-probabilities
             for c in choices:
@@ -452,8 +455,9 @@ class OpenAIServing:
                 (top if chat else choice)["prompt_token_ids"] = prompt_token_ids
             if token_ids is not None:
                 choice["token_ids"] = token_ids
-            if continuous_usage:  # the usage until this chunk (vLLM's continuous_usage_stats)
-                top["usage"] = _usage(num_prompt_tokens, choices, details)
+            if continuous_usage:  # this choice's usage until this chunk (vLLM's continuous_usage_stats)
+                c = choices[index]
+                top["usage"] = _usage(c.num_prompt_tokens, [c], details)
             return _event({**head, "object": obj, "choices": [choice], **extra, **top})
 
         if chat:

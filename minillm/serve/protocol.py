@@ -78,7 +78,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False  # a last chunk with the request's usage (OpenAI's)
-    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk its choice's usage so far
 
 
 class _SamplingFields(BaseModel):
