@@ -366,11 +366,11 @@ def draw_engine_options(rng: random.Random, extra: random.Random | None = None) 
     blocks, where swap falls back to recompute, to plenty), async scheduling, the priority policy, fp8 KV. Never
     LoRA (the disaggregated and parallel engines refuse it): test_engine_stress.draw_scenario adds it.
     `extra` (a generator of its own, so that a seed without it draws what it drew before): 1 engine in 5 with
-    blocks of 1, 2 or 32 tokens (a block per token; a block longer than most prompts), and 1 chunked engine in 3
-    with a long_prefill_token_threshold."""
+    blocks of 1, 2, 3, 12 or 32 tokens (a block per token, sizes no power of two, a block longer than most
+    prompts), and 1 chunked engine in 3 with a long_prefill_token_threshold."""
     block_size = rng.choice([4, 8, 16])
     if extra is not None and extra.random() < 0.2:
-        block_size = extra.choice([1, 2, 32])
+        block_size = extra.choice([1, 2, 3, 12, 32])
     chunked = rng.random() < 0.5
     per_seq = -(-MAX_LEN // block_size)  # blocks one sequence of max_model_len needs
     options = dict(

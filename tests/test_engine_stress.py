@@ -3,7 +3,7 @@
 For each seed a scenario is drawn: an engine configuration (prefix caching, chunked prefill with a small token
 budget, preemption by recompute or swap, async scheduling, FCFS or priority policy, speculative decoding by n-gram,
 n-gram tree, lookahead, self-speculation, untrained Medusa / Medusa-tree / EAGLE / EAGLE-tree / MTP heads or a
-one-layer draft model, block size 4/8/16 (1 engine in 5: 1, 2 or 32), long_prefill_token_threshold in a third of
+one-layer draft model, block size 4/8/16 (1 engine in 5: 1, 2, 3, 12 or 32), long_prefill_token_threshold in a third of
 the chunked engines, a KV pool small enough to preempt, an fp8 KV cache, the prefix cache's
 CPU tier (kv_offloading_size) in half the prefix-caching scenarios; without
 speculation, half the time multi-LoRA: enable_lora with max_loras 1-3 slots for four adapters of ranks 2-8 over

@@ -14,12 +14,12 @@ run (stress_helpers.draw_stop, so they fire; min_tokens with them), skip_special
 tokens' text, which token-id prompts hold now and then and the model samples often, in the answer, its stream, its
 echo, its log-probs and its stop strings) and spaces_between_special_tokens, log-probs (completions' top-k, chat's
 logprobs + top_logprobs), echo (with the prompt's log-probs; max_tokens 0 scores the prompt only), streaming or not,
-stream_options.include_usage (with continuous_usage_stats: the usage so far on every chunk), return_token_ids
-(the prompt's and the answer's token ids, whole or per event: the engine's exactly), logits processors (1 in 5:
-penalties, logit_bias, min_p; top-k and top-p beside a seed). Some clients leave: "mid_stream" closes the connection after a few events; "early" is
-cancelled at a random engine step, streaming or not (maybe before its body was read). A few send a body
-test_serve_api.BAD refuses (400, 404 or 413 with its words in an OpenAI-shaped error; a priority only where the
-engine schedules fcfs).
+stream_options.include_usage (with continuous_usage_stats: each choice's usage so far on its chunks),
+return_token_ids (the prompt's and the answer's token ids, whole or per event: the engine's exactly), logits
+processors (1 in 5: penalties, logit_bias, min_p; top-k and top-p beside a seed). Some clients leave:
+"mid_stream" closes the connection after a few events; "early" is cancelled at a random engine step, streaming
+or not (maybe before its body was read). A few send a body test_serve_api.BAD refuses (400, 404 or 413 with its
+words in an OpenAI-shaped error; a priority only where the engine schedules fcfs).
 
 Checked, for every client that read its answer to the end (async_stress_helpers.EngineRecorder records what the
 engine gave each of its requests, `{response id}-{choice index}`; tests/openai_wire.py reads and judges answers):
