@@ -426,3 +426,50 @@ def test_cuda_graph_replay_equals_eager(batch, shape):
         logits[name] = step_logits
     for got, ref in zip(logits["graph"], logits["eager"]):
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+# -- block sizes that are no power of two -----------------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [1, 3, 12])
+def test_engine_greedy_tokens_at_any_block_size(model_and_config, block_size):
+    """The paged kernels take the page size as a constant they divide positions by, not a tile: a block of one
+    token, of 3 (no power of two) or of 12 (a tile of keys spans pages) gives the torch path's tokens, through
+    chunks over cached context and a prefix-cache hit."""
+    model, config = model_and_config
+    shared = list(range(60, 72))
+    prompts = [shared + [1, 2, 3], shared + [9, 8], list(range(100, 119))]
+    kw = dict(scheduling="continuous", kv_layout="paged", block_size=block_size, num_kv_blocks=120 // block_size,
+              enable_chunked_prefill=True, enable_prefix_caching=True, max_num_batched_tokens=8)
+    assert _greedy(model, config, "triton", prompts, 3, **kw) == _greedy(model, config, "torch", prompts, 3, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_engine_at_any_block_size_with_cuda_graphs():
+    """The compiled kernels (autotuned tiles, CUDA graphs, the decode split rule) at blocks of 1, 3, 12 and 32
+    tokens give the tokens of blocks of 16, in fp32, with prefix caching and chunked prefill."""
+    from minillm.engine.worker import RandomWeights
+    config = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS)
+    model = RandomWeights(seed=3)(config, torch.device("cuda"), torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 250, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(3, 250, (n,), generator=gen).tolist() for n in (0, 5, 70, 130)]
+    prompts += [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (1, 17, 200)]
+
+    def run(block_size):
+        engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(
+            block_size=block_size, kv_cache_memory=64 << 20, max_model_len=320, max_num_seqs=8,
+            enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=64),
+            device="cuda", dtype=torch.float32)
+        assert engine.runner.cuda_graphs is not None
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        ids = [engine.add_request(None, p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert engine.scheduler.block_manager.num_used_blocks == 0
+        return [done[i].outputs[0].token_ids for i in ids]
+
+    ref = run(16)
+    for block_size in (1, 3, 12, 32):
+        assert run(block_size) == ref, block_size
