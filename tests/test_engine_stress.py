@@ -269,7 +269,10 @@ def test_a_swap_out_in_a_step_that_schedules_nobody_still_copies_the_blocks(mode
     has its last token in flight, so it is not scheduled (it ends by length when that token is read); request 1
     crosses into its second block, finds none free and swaps itself out. The step schedules no sequence, only
     that swap-out, and the engine skipped empty steps: the CPU blocks were never written, and request 1 came back
-    with garbage K/V (its 13th token differed from the request run alone)."""
+    with garbage K/V (its 13th token differed from the request run alone). Not under MINILLM_STRESS_ARCH=window:
+    request 0's blocks before its window are given back, so request 1 finds one free and nothing swaps."""
+    if model_and_config[1].sliding_window is not None:
+        pytest.skip("a sliding window gives blocks back: the scenario swaps nothing")
     prompt0 = [61, 16, 106, 206, 171, 161, 152, 2, 123, 45, 228, 119, 45, 171, 149, 8, 22, 128, 132, 3, 186, 105,
                194, 156, 51, 172, 5, 164, 167, 128, 180, 243, 68, 154, 145, 90, 48, 249]
     scenario = Scenario(dict(max_model_len=MAX_LEN, block_size=16, max_num_seqs=5, num_kv_blocks=5,
