@@ -76,6 +76,8 @@ LP_WIDTH = 5  # the widest top-k a request asks for; the reference scores that m
 # chunks of 1-7 over its fp8 cache against one fp8 prefill (25 random prompts, 2026-12-07): the worst prompt
 # log-prob moved 0.08-0.19 nats with the Llama shape and 0.18-0.76 with Qwen2's (seeds 5193, 5202 and 5209 of
 # MINILLM_STRESS_ARCH=qwen2 parted by 0.53-0.69, with no feature but fp8 to blame): three times the tolerance there.
+# Beside experts (MINILLM_STRESS_ARCH=mixtral) fp8's rounding flips the router's top-2 now and then: 0.07-1.34
+# nats there, too wide to tell a fault from rounding, so draw_engine_options draws no fp8 KV cache for that shape.
 FP8_SCALE = {"qwen2": 3.0}.get(ARCH_NAME, 1.0)
 FP8_TOL = 0.5 * FP8_SCALE
 FP8_LP_TOL = 0.5 * FP8_SCALE
@@ -392,7 +394,7 @@ def draw_engine_options(rng: random.Random, extra: random.Random | None = None) 
         options["long_prefill_token_threshold"] = extra.randint(1, options["max_num_batched_tokens"])
     if rng.random() < 0.2:  # lower priority value runs first; victims are taken from the other end
         options["scheduling_policy"] = "priority"
-    fp8 = rng.random() < 0.15
+    fp8 = rng.random() < 0.15 and not ARCH.get("num_local_experts")  # (not beside experts: FP8_SCALE says why)
     if fp8:
         options["kv_cache_dtype"] = "fp8"
     if options["preemption_mode"] == "swap":  # from a few blocks (then swap falls back to recompute) to plenty

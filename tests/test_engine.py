@@ -31,9 +31,11 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def tiny_model(config: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """Random weights for `config`, in its architecture's class (Mixtral's experts for architecture="mixtral")."""
+    from minillm.models import get_model_class
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = get_model_class(config.architecture)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -198,7 +198,10 @@ def test_moe_decode_runs_in_cuda_graphs_with_the_eager_tokens(checkpoint):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for eager in (True, False):
-        llm = LLM(directory, device="cuda", dtype="float32", max_model_len=64, enforce_eager=eager)
+        # (a pool of its own size: from gpu_memory_utilization, an engine built after the file's other GPU tests
+        # measured their engines' memory as its peak and found room for no block)
+        llm = LLM(directory, device="cuda", dtype="float32", max_model_len=64, enforce_eager=eager,
+                  kv_cache_memory=64 << 20)
         runner = llm.llm_engine.executor.driver_worker.runner
         assert (runner.cuda_graphs is None) == eager
         collect_load_stats(llm.llm_engine.executor, reset=True)
@@ -263,3 +266,20 @@ def test_tensor_parallel_2_splits_every_expert_and_matches_one_process():
         assert [s["all_reduce"] for s in executor.collective_rpc("get_comm_stats")] == [all_reduce] * 2
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize("method", ["draft_model", "self_speculative"])
+def test_a_draft_of_the_first_layers_of_a_moe_target_keeps_its_experts(checkpoint, method):
+    """draft_model with draft_num_layers copies the target's first layers into a model of the target's class:
+    a Mixtral's layers hold experts, which a dense Llama has no place for (it raised KeyError on
+    'mlp.gate_up_proj'). Greedy speculation gives plain decoding's tokens."""
+    from minillm import LLM
+    directory, _ = checkpoint
+    prompts = [[5, 6, 7, 8], [40, 2, 90, 17, 3, 3]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    plain = LLM(directory, device="cpu", dtype="float32", max_model_len=64)
+    spec = LLM(directory, device="cpu", dtype="float32", max_model_len=64,
+               speculative_config={"method": method, "num_speculative_tokens": 3, "draft_num_layers": 1})
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert spec.llm_engine.speculative.metrics.num_verify_steps > 0

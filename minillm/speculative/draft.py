@@ -37,7 +37,6 @@ from minillm.engine.model_runner import ModelRunner
 from minillm.engine.scheduler_interface import ScheduledBatch
 from minillm.engine.sequence import Sequence
 from minillm.engine.step_input import build_step_input
-from minillm.models.llama import LlamaForCausalLM
 from minillm.speculative.config import DEFAULT_DRAFT_LAYERS, SpeculativeConfig
 from minillm.speculative.draft_vocab import DraftVocab, dense_head_weight
 from minillm.speculative.proposer import SampledDraftProposer, check_num_tokens, sample_drafts
@@ -69,15 +68,17 @@ class EarlyExitModel(nn.Module):
 
 
 def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
-    """A new LlamaForCausalLM of `num_layers` layers initialised from the target's first layers (own weights: the
-    starting point for distilling a draft model)."""
+    """A new model of the target's architecture (a Mixtral's layers keep their experts) with `num_layers` layers,
+    initialised from the target's first layers (own weights: the starting point for distilling a draft model)."""
+    from minillm.models import get_model_class
     config = target.config.layers(0, num_layers)
     first = next(target.parameters())
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(first.dtype)
         with torch.device(first.device):
-            draft = LlamaForCausalLM(config, backend=getattr(target, "attention_backend", "auto"))
+            draft = get_model_class(config.architecture)(config,
+                                                         backend=getattr(target, "attention_backend", "auto"))
     finally:
         torch.set_default_dtype(previous)
     source = target.state_dict()

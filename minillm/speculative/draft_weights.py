@@ -6,8 +6,9 @@ Those two matrices are most of a small model (SmolLM2-135M: 28.3M of the 134.5M 
 than a whole layer's 3.5M eight times over), and they are the target's own, so a draft directory holds only the
 rest: its L decoder layers and its final norm (`draft.safetensors`, bf16), and a `config.json` with the layer
 count, the target's fingerprint (heads.target_fingerprint: a draft trained on one target is refused on another)
-and how it was trained. Loading builds a dense LlamaForCausalLM of L layers and hands it the target's embedding
-and LM head modules: no copy, no extra memory, and a quantized target lends its quantized LM head as it is.
+and how it was trained. Loading builds an unquantized model of the target's architecture with L layers and hands it
+the target's embedding and LM head modules: no copy, no extra memory, and a quantized target lends its quantized
+LM head as it is.
 
     save_draft(directory, draft, target_config, training)   what train_heads writes
     is_draft_dir(path)                                      a directory of this format (not an HF or GGUF model)
@@ -36,7 +37,7 @@ _OWN = ("model.layers.", "model.norm.")  # the draft's own tensors; embedding an
 
 def save_draft(directory: str | os.PathLike, draft: nn.Module, target_config: ModelConfig,
                training: dict[str, Any] | None = None) -> Path:
-    """Write a distilled draft (a LlamaForCausalLM whose embedding and LM head are the target's) in this format."""
+    """Write a distilled draft (a model whose embedding and LM head are the target's) in this format."""
     from minillm.loader.model_files import save_safetensors
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,10 +69,10 @@ def _read_config(directory: Path, target_config: ModelConfig) -> dict[str, Any]:
 
 def load_draft(directory: str | os.PathLike, target: nn.Module, target_config: ModelConfig,
                device: torch.device | str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
-    """(draft, its ModelConfig): a dense LlamaForCausalLM of the saved layer count with the saved layers and final
-    norm, and the target's embedding and LM head modules (shared, not copied)."""
+    """(draft, its ModelConfig): a model of the target's architecture (unquantized) with the saved layer count, the
+    saved layers and final norm, and the target's embedding and LM head modules (shared, not copied)."""
     from safetensors.torch import load_file
-    from minillm.models.llama import LlamaForCausalLM
+    from minillm.models import get_model_class
     directory = Path(directory)
     config = _read_config(directory, target_config)
     draft_config = target_config.layers(0, config["num_layers"], quantization=None, quantization_config=None)
@@ -79,7 +80,8 @@ def load_draft(directory: str | os.PathLike, target: nn.Module, target_config: M
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            draft = LlamaForCausalLM(draft_config, backend=getattr(target, "attention_backend", "auto"))
+            draft = get_model_class(draft_config.architecture)(draft_config,
+                                                               backend=getattr(target, "attention_backend", "auto"))
     finally:
         torch.set_default_dtype(previous)
     draft.model.embed_tokens, draft.lm_head = target.model.embed_tokens, target.lm_head
