@@ -62,7 +62,7 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
-from stress_helpers import (LORA_RANK, MAX_LEN, WINDOW, PoisonedModel, Reference, Request, Scenario, describe,
+from stress_helpers import (ARCH, LORA_RANK, MAX_LEN, WINDOW, PoisonedModel, Reference, Request, Scenario, describe,
                             draw_engine_options, draw_requests, drive, engine_tokenizer, stress_adapters,
                             stress_config)
 from test_engine import tiny_model
@@ -86,6 +86,14 @@ BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 # 220 seeds, 12 disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
 # stages built without their layers' layer_types; qwen2 and yarn 160 and 8 TP/PP, qwen2 8 disaggregated); the
 # default is the Llama shape
+# MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a weight-only method that needs no
+# calibration (int8_rtn, rtn, nf4: 100 seeds each clean on 2026-12-07, after it found draft_model unable to copy a
+# quantized target's layers), every feature over the quantized-linear seam, on a model wide enough for groups of
+# 64. Not the methods that quantize activations too (fp8, fp8_block, int8): a row's activations round to other
+# fp8 / int8 steps as the batch moves them by fp32 rounding, past LP_TOL (fp8: 1.1e-4, seed 16), and LLM.int8
+# picks its outlier columns per batch by design
+QUANT = os.environ.get("MINILLM_STRESS_QUANT")
+QUANT_SHAPE = dict(hidden_size=64, intermediate_size=128, head_dim=32)
 WINDOW_SEEDS = 20  # seeds run on the sliding-window model in CI
 NUM_WINDOW_SEEDS = int(os.environ.get("MINILLM_STRESS_WINDOW_SEEDS", WINDOW_SEEDS))
 K = 3  # speculative tokens per step
@@ -98,9 +106,16 @@ def model_and_config():
 
 
 def stress_model(**arch) -> tuple:
-    """(the tiny model, its config): MINILLM_STRESS_ARCH's shape, or `arch`'s fields; on BACKEND's operators."""
-    config = stress_config(**arch)
+    """(the tiny model, its config): MINILLM_STRESS_ARCH's shape, or `arch`'s fields; on BACKEND's operators;
+    with MINILLM_STRESS_QUANT its linears quantized by that method at load (the runs alone use the same model)."""
+    config = stress_config(**{**(arch or ARCH), **QUANT_SHAPE}) if QUANT else stress_config(**arch)
     model = tiny_model(config, seed=5)
+    if QUANT:
+        from minillm.engine.worker import build_model
+        from minillm.quant.base import apply_quantization_override
+        from minillm.quant.driver import hf_state_dict
+        config = apply_quantization_override(config, QUANT)
+        model = build_model(config, hf_state_dict(model).items(), torch.device("cpu"), torch.float32)
     if BACKEND != "auto":
         from minillm.layers.backend import set_operator_backend
         set_operator_backend(model, BACKEND)

@@ -5,7 +5,8 @@ Two methods share this worker:
                       or HF directory, or, for a model without a smaller sibling on disk (the bundled SmolLM2), the
                       target's first L layers + final norm + LM head *distilled* on the target's outputs
                       (`minillm train-heads --kind draft`, stored as draft_weights.py says); with draft_num_layers
-                      and no distilled draft, an undistilled copy of those layers (an initialisation only).
+                      and no distilled draft, those layers undistilled (the target's modules, a KV pool of
+                      the draft's own).
     self_speculative  the target's own first L layers + final norm + LM head, weights *shared* (no extra weight
                       memory; "early exit" self-speculation as in LayerSkip, Elhoushi et al. 2024, without its
                       training recipe).
@@ -94,8 +95,10 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
         head plus its own layers) or any model with the target's tokenizer (a GGUF file or HF directory);
       * draft_model without `model` or draft_num_layers: the distilled draft shipped for the bundled model when
         one was trained on this target;
-      * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers: a copy with its own
-        weights for draft_model (undistilled: an initialisation), the target's own modules for self_speculative."""
+      * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers, the target's own
+        modules for both methods: draft_model's is an undistilled draft with a KV pool of its own, and a copy
+        would hold the same values twice (nothing trains them here; train_heads copies with independent_copy),
+        and could not be built from a quantized target's processed layers."""
     from minillm.speculative.draft_weights import is_draft_dir, load_draft
     from minillm.speculative.heads import shipped_weights_dir
     config = engine.model_config
@@ -126,8 +129,7 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
     layers = spec.draft_num_layers or DEFAULT_DRAFT_LAYERS
     if layers > config.num_hidden_layers:
         raise ValueError(f"draft_num_layers={layers} exceeds the target's {config.num_hidden_layers} layers")
-    draft = independent_copy(target, layers) if spec.method == "draft_model" else EarlyExitModel(target, layers)
-    return draft, config.layers(0, layers)
+    return EarlyExitModel(target, layers), config.layers(0, layers)
 
 
 class DraftModelProposer(SampledDraftProposer):
