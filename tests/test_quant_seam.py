@@ -101,8 +101,8 @@ def test_layer_outputs_within_int8_tolerance(models):
         assert not torch.equal(out, ref), f"{name}: int8 output identical to dense (nothing was quantized?)"
 
 
-def _engine_outputs(model, config: ModelConfig, prompts, n: int) -> list[list[int]]:
-    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=64, max_num_seqs=4))
+def _engine_outputs(model, config: ModelConfig, prompts, n: int, **options) -> list[list[int]]:
+    engine = LLMEngine(model, ByteTokenizer(), config, EngineConfig(max_model_len=64, max_num_seqs=4, **options))
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     return [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params)]
 
@@ -115,6 +115,17 @@ def test_int8_model_generates_like_dense_in_the_engine(models):
     for r, o in zip(ref, out):
         assert len(o) == 6
         assert o[:3] == r[:3], (o, r)
+
+
+@pytest.mark.parametrize("method", ["draft_model", "self_speculative"])
+def test_a_draft_of_a_quantized_targets_first_layers_speculates_losslessly(models, method):
+    """An undistilled draft of the target's first layers runs those (quantized) layers themselves: a copy built
+    from the config could not take their processed int8 tensors (draft_model raised KeyError on qkv_proj.weight)."""
+    _, quantized, int8_config, _ = models
+    prompts = ["Hello", [5, 9, 200, 17], "int8 RTN"]
+    spec = {"method": method, "num_speculative_tokens": 3, "draft_num_layers": 1}
+    assert _engine_outputs(quantized, int8_config, prompts, 8, speculative_config=spec) == \
+        _engine_outputs(quantized, int8_config, prompts, 8)
 
 
 def test_modules_to_not_convert_keeps_layers_dense():
