@@ -83,7 +83,9 @@ BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 # in every layer (the sliding-window test's model), mixed_window a window in the second layer only (Qwen2's
 # layer_types), mixtral four experts of which each token takes 2 (LoRA on the attention only), qwen2 q/k/v biases
 # and tied embeddings, yarn YaRN's RoPE scaling, for a hunt through every feature (each clean on 2026-12-07: mixtral
-# 220 seeds, 12 disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
+# 300 seeds with its experts (the 220 before ran a dense model: test_engine.tiny_model built every shape as a Llama
+# until the forty-seventh session) after it found draft_model unable to copy a MoE target's layers, 16
+# disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
 # stages built without their layers' layer_types; qwen2 and yarn 160 and 8 TP/PP, qwen2 8 disaggregated); the
 # default is the Llama shape
 # MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a weight-only method that needs no
