@@ -304,8 +304,7 @@ print(f"{len(viz_steps)} steps for {sum(len(s['emitted']) for s in viz_steps)} t
 # Verify: a searched subset, skipping middle layers). Both cost a forward pass per
 # drafted token, so the draft must be much cheaper than the target *and* agree with it often. Here both use the
 # target's first 24 of 30 layers, untrained as a draft: a cost of 0.8 target steps per drafted token. (The draft
-# model runs those same layers with a KV cache of its own: it drafts the same tokens until a trained draft replaces
-# it.)
+# model is a copy of those layers with its own KV cache: it drafts the same tokens until it is trained.)
 
 # %%
 DRAFTS = {"self_speculative": {"method": "self_speculative", "num_speculative_tokens": 3, "draft_num_layers": 24},

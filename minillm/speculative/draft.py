@@ -5,8 +5,8 @@ Two methods share this worker:
                       or HF directory, or, for a model without a smaller sibling on disk (the bundled SmolLM2), the
                       target's first L layers + final norm + LM head *distilled* on the target's outputs
                       (`minillm train-heads --kind draft`, stored as draft_weights.py says); with draft_num_layers
-                      and no distilled draft, those layers undistilled (the target's modules, a KV pool of
-                      the draft's own).
+                      and no distilled draft, those layers undistilled (a copy; a quantized target's own
+                      modules), with a KV pool of the draft's own.
     self_speculative  the target's own first L layers + final norm + LM head, weights *shared* (no extra weight
                       memory; "early exit" self-speculation as in LayerSkip, Elhoushi et al. 2024, without its
                       training recipe).
@@ -95,10 +95,11 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
         head plus its own layers) or any model with the target's tokenizer (a GGUF file or HF directory);
       * draft_model without `model` or draft_num_layers: the distilled draft shipped for the bundled model when
         one was trained on this target;
-      * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers, the target's own
-        modules for both methods: draft_model's is an undistilled draft with a KV pool of its own, and a copy
-        would hold the same values twice (nothing trains them here; train_heads copies with independent_copy),
-        and could not be built from a quantized target's processed layers."""
+      * otherwise the target's first draft_num_layers (default DEFAULT_DRAFT_LAYERS) layers: for draft_model an
+        undistilled draft with a KV pool of its own, a copy with its own weights (independent_copy) of a dense
+        target and the target's own modules of a quantized one (a copy built from the config cannot take the
+        processed tensors of its layers; the values are the same, nothing trains them here); the target's own
+        modules for self_speculative."""
     from minillm.speculative.draft_weights import is_draft_dir, load_draft
     from minillm.speculative.heads import shipped_weights_dir
     config = engine.model_config
@@ -129,7 +130,8 @@ def draft_for(spec: SpeculativeConfig, engine: Any) -> tuple[nn.Module, ModelCon
     layers = spec.draft_num_layers or DEFAULT_DRAFT_LAYERS
     if layers > config.num_hidden_layers:
         raise ValueError(f"draft_num_layers={layers} exceeds the target's {config.num_hidden_layers} layers")
-    return EarlyExitModel(target, layers), config.layers(0, layers)
+    own = spec.method == "draft_model" and config.quantization is None
+    return independent_copy(target, layers) if own else EarlyExitModel(target, layers), config.layers(0, layers)
 
 
 class DraftModelProposer(SampledDraftProposer):
