@@ -128,6 +128,27 @@ def test_a_draft_of_a_quantized_targets_first_layers_speculates_losslessly(model
         _engine_outputs(quantized, int8_config, prompts, 8)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_draft_sharing_a_quantized_targets_layers_keeps_its_own_cache():
+    """The draft of an int8 target's first layer runs the target's own modules with a KV pool of its own: each
+    runner points the shared attention modules at its pool before its forward, and each captures its own CUDA
+    graphs. Greedy speculation gives the tokens of plain decoding, under graphs and eagerly."""
+    int8_config = apply_quantization_override(CONFIG, "int8_rtn")
+    model = build_model(int8_config, _checkpoint(CONFIG).items(), torch.device("cuda"), torch.float32)
+    prompts = [[5, 9, 200, 17], list(range(40, 90)), [7] * 30]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    spec = {"method": "draft_model", "num_speculative_tokens": 3, "draft_num_layers": 1}
+    runs = {}
+    for name, options in (("plain", {}), ("draft", dict(speculative_config=spec)),
+                          ("draft eager", dict(speculative_config=spec, enforce_eager=True))):
+        engine = LLMEngine(model, ByteTokenizer(), int8_config, EngineConfig(
+            max_model_len=128, max_num_seqs=4, kv_cache_memory=32 << 20, **options), device="cuda",
+            dtype=torch.float32)
+        runs[name] = [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params)]
+    assert runs["draft"] == runs["plain"] and runs["draft eager"] == runs["plain"]
+
+
 def test_modules_to_not_convert_keeps_layers_dense():
     config = dataclasses.replace(CONFIG, quantization="int8_rtn",
                                  quantization_config={"quant_method": "int8_rtn", "modules_to_not_convert": ["mlp"]})
