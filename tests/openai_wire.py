@@ -41,10 +41,6 @@ class HttpClient:
         """What choice `index` reads in front of its generated text ("" without echo)."""
         return self.echoes[index * len(self.prompts) // len(self.choices)] if self.echoes else ""
 
-    def prompt_of(self, index: int) -> tuple[int, ...]:
-        """The token ids of choice `index`'s prompt."""
-        return self.prompts[index * len(self.prompts) // len(self.choices)]
-
     @property
     def return_ids(self) -> bool:
         """return_token_ids: the answer carries the prompt's and each choice's token ids."""
@@ -165,7 +161,7 @@ def check_choice(client: HttpClient, answer: Answer, i: int, final) -> None:
     if client.return_ids:  # exactly the engine's tokens (none for a scored prompt), and the prompt it was given
         assert answer.token_ids.get(i) == ([] if client.score_only else list(done.token_ids)), \
             f"choice {i}: token_ids {answer.token_ids.get(i)}, the engine made {done.token_ids}"
-        assert answer.prompt_ids[i] == list(client.prompt_of(i)), f"choice {i}: prompt_token_ids"
+        assert answer.prompt_ids[i] == list(client.choices[i].prompt), f"choice {i}: prompt_token_ids"
     req = client.choices[i]
     if req.min_tokens == 0 and not client.score_only:
         made = text[len(echo):]

@@ -110,7 +110,7 @@ def model_and_config():
 def stress_model(**arch) -> tuple:
     """(the tiny model, its config): MINILLM_STRESS_ARCH's shape, or `arch`'s fields; on BACKEND's operators;
     with MINILLM_STRESS_QUANT its linears quantized by that method at load (the runs alone use the same model)."""
-    config = stress_config(**{**(arch or ARCH), **QUANT_SHAPE}) if QUANT else stress_config(**arch)
+    config = stress_config(**{**(arch or ARCH), **(QUANT_SHAPE if QUANT else {})})  # (the quantized shape wins)
     model = tiny_model(config, seed=5)
     if QUANT:
         from minillm.engine.worker import build_model
