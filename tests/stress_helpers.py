@@ -63,8 +63,19 @@ def stress_config(**arch):
     return tiny_config(max_position_embeddings=128, **(arch or ARCH))
 
 
-TIE = 1e-4  # logits this close are a tie: which one greedy takes depends on the batch's shape (rounding)
-LP_TOL = 1e-4  # log-probs of the same token in two batches of other shapes (fp32 rounding)
+# MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a method that needs no calibration (every
+# stress test of tests/test_engine_stress.py; its stress_model says which and on what shape)
+QUANT = os.environ.get("MINILLM_STRESS_QUANT")
+# fp8 and fp8_block quantize the activations too, with a scale per token (per 128-wide group) taken from the row
+# alone, so no neighbour moves a row's scale; but a batch of another shape (a chunk, a verify step) moves a value by
+# fp32 rounding, and a value on an fp8 rounding boundary then lands a whole fp8 step (1/16-1/8 of itself) away. A
+# few such steps per layer move log-probs by up to 0.06 nats from the run alone (seeds 35, 50, 76 of fp8_block;
+# 8e-3 with fp8's per-channel weights): judged within 0.1 (clean over 200 seeds of each, 2026-12-07); a wrong
+# block, position or adapter moves them by whole nats
+ROUNDED_ACTIVATIONS = QUANT in ("fp8", "fp8_block")
+ROUNDING = 0.1 if ROUNDED_ACTIVATIONS else 1e-4
+TIE = ROUNDING  # logits this close are a tie: which one greedy takes depends on the batch's shape (rounding)
+LP_TOL = ROUNDING  # log-probs of the same token in two batches of other shapes (fp32 rounding)
 LP_WIDTH = 5  # the widest top-k a request asks for; the reference scores that many
 # fp8 KV: a prefill attends to its fresh, exact K/V, while chunked prefill, a prefix-cache hit, recompute and a
 # verify step read the fp8-rounded K/V of earlier tokens from the cache: their logits differ by up to about 0.1
@@ -245,6 +256,15 @@ class Reference:
             self.cache[key] = done
         return self.cache[key]
 
+    def parts_into_poison(self, req: Request, got: tuple, expected: tuple, tie: float = TIE) -> bool:
+        """Whether one of the two outcomes failed only for generating POISON_TEXT on a path that left the other's
+        at a tie (parts_at_a_tie): the other path, as right, never came to that token."""
+        for failed, other in ((got, expected), (expected, got)):
+            if failed[1] == "error" and other[1] != "error" and POISON_TEXT in failed[0] \
+                    and self.parts_at_a_tie(req, failed[0], other[0], tie):
+                return True
+        return False
+
     def parts_at_a_tie(self, req: Request, got: list[int], expected: list[int], tie: float = TIE) -> bool:
         """Whether `got` is a greedy run that left `expected` where two tokens tie: at the first difference both
         tokens' logits are within TIE of the best one (a batch of another shape rounds them the other way round),
@@ -309,7 +329,9 @@ def processed_row(row: torch.Tensor, req: Request, history: list[int]) -> torch.
 
 def merged_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """A copy of `model` with the LoRA adapter in directory `path` folded into its weights (W + scaling B A, in
-    each packed layer's rows): what a request with that adapter computes, cache-less (Reference.parts_at_a_tie)."""
+    each packed layer's rows): what a request with that adapter computes, cache-less (Reference.parts_at_a_tie).
+    A quantized layer (MINILLM_STRESS_QUANT) keeps its codes, which cannot take the sum: its output rows get
+    x (scaling B A)^T added by a forward hook instead (add_delta_rows)."""
     from minillm.lora.adapter import TARGETS, load_adapter
     merged = copy.deepcopy(model)
     modules = dict(merged.named_modules())
@@ -321,8 +343,20 @@ def merged_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
             packed, shard = TARGETS[name]
             linear = modules[f"model.layers.{layer}.{packed}"]
             offset, size = linear.shard_slice(shard) if shard is not None else (0, linear.output_size)
-            linear.weight[offset:offset + size] += lora.delta_weight()
+            if getattr(linear, "is_dense", True):
+                linear.weight[offset:offset + size] += lora.delta_weight()
+            else:
+                add_delta_rows(linear, offset, lora.delta_weight())
     return merged.eval()
+
+
+def add_delta_rows(linear: torch.nn.Module, offset: int, delta: torch.Tensor) -> None:
+    """After `linear`'s forward, its output features offset.. get x delta^T added (delta [size, in]): an adapter's
+    contribution beside weights that cannot be summed into (a quantized layer's codes)."""
+    def hook(module, inputs, output):
+        output[..., offset:offset + delta.shape[0]] += torch.nn.functional.linear(inputs[0], delta)
+        return output
+    linear.register_forward_hook(hook)
 
 
 # the adapters of stress_adapters: name, rank, targets, layers (None: all), whether each module gets its own alpha
@@ -778,7 +812,7 @@ def compare(scenario: Scenario, reference: Reference, requests: dict[str, Reques
         expected = reference.run(req, kv_dtype, scenario.poison)
         if "error" in (got[1], expected[1]):  # the poisoned request fails alone, and wherever it fails alone
             reason = outputs_of[rid].outputs[0].error
-            assert got[1] == expected[1] or rid in collateral, \
+            assert got[1] == expected[1] or rid in collateral or reference.parts_into_poison(req, got, expected, tie), \
                 f"request {rid} {req}: {got[1]} ({reason}), alone {expected[1]}"
             continue
         if got != expected and not reference.parts_at_a_tie(req, got[0], expected[0], tie):

@@ -62,9 +62,9 @@ import torch
 
 from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
-from stress_helpers import (ARCH, LORA_RANK, MAX_LEN, WINDOW, PoisonedModel, Reference, Request, Scenario, describe,
-                            draw_engine_options, draw_requests, drive, engine_tokenizer, stress_adapters,
-                            stress_config)
+from stress_helpers import (ARCH, LORA_RANK, MAX_LEN, QUANT, ROUNDED_ACTIVATIONS, WINDOW, PoisonedModel, Reference,
+                            Request, Scenario, describe, draw_engine_options, draw_requests, drive, engine_tokenizer,
+                            stress_adapters, stress_config)
 from test_engine import tiny_model
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
@@ -88,13 +88,12 @@ BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 # disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
 # stages built without their layers' layer_types; qwen2 and yarn 160 and 8 TP/PP, qwen2 8 disaggregated); the
 # default is the Llama shape
-# MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a weight-only method that needs no
-# calibration (int8_rtn, rtn, nf4: 100 seeds each clean on 2026-12-07, after it found draft_model unable to copy a
-# quantized target's layers), every feature over the quantized-linear seam, on a model wide enough for groups of
-# 64. Not the methods that quantize activations too (fp8, fp8_block, int8): a row's activations round to other
-# fp8 / int8 steps as the batch moves them by fp32 rounding, past LP_TOL (fp8: 1.1e-4, seed 16), and LLM.int8
-# picks its outlier columns per batch by design
-QUANT = os.environ.get("MINILLM_STRESS_QUANT")
+# MINILLM_STRESS_QUANT=<method> (stress_helpers.QUANT): the model's linears quantized at load by a method that needs
+# no calibration, every feature over the quantized-linear seam, on a model wide enough for groups of 64: the
+# weight-only int8_rtn, rtn, nf4 (100 seeds each clean on 2026-12-07, after it found draft_model unable to copy a
+# quantized target's layers) and fp8, fp8_block, which quantize each token's activations too (judged within
+# stress_helpers.ROUNDING). Not int8 (LLM.int8): it picks its outlier columns per batch by design, so a request's
+# output depends on its neighbours
 QUANT_SHAPE = dict(hidden_size=64, intermediate_size=128, head_dim=32)
 WINDOW_SEEDS = 20  # seeds run on the sliding-window model in CI
 NUM_WINDOW_SEEDS = int(os.environ.get("MINILLM_STRESS_WINDOW_SEEDS", WINDOW_SEEDS))
@@ -175,9 +174,10 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
         spec = None
     if spec is not None and rng.random() < 0.3:  # speculation switched off and on as the batch grows and shrinks
         options["spec_extra"] = {"disable_by_batch_size": rng.randint(1, 3)}
-    fp8 = "kv_cache_dtype" in options
-    # (not with fp8, whose tokens may part from the run alone's: then the tokenizer decodes other windows)
-    poison = None if fp8 else rng.choice([None] * 5 + ["text", "forward" if spec is None else "text"] * 2)
+    # rounding that may part tokens from the run alone's: an fp8 KV cache, or activations rounded to fp8
+    rounded = "kv_cache_dtype" in options or ROUNDED_ACTIVATIONS
+    # (no poisons then: a request parted from its run alone decodes other windows of text)
+    poison = None if rounded else rng.choice([None] * 5 + ["text", "forward" if spec is None else "text"] * 2)
     # multi-LoRA (not with speculation, which the engine refuses beside it): drawn from a generator of its own, so a
     # scenario without adapters is the one this seed drew before LoRA was drawn. Not with an fp8 KV cache either:
     # its scales are calibrated on the base model (engine/kv_scales.py), and these adapters, far stronger than
@@ -192,12 +192,12 @@ def draw_scenario(seed: int, reference: Reference, lora: bool | None = None) -> 
         options.update(enable_lora=True, max_loras=lora_rng.randint(1, 3), max_lora_rank=LORA_RANK)
         loras = stress_adapters(reference.config)
         options.pop("kv_cache_dtype", None)  # (its swap space stays as drawn: fewer fp32 blocks, still valid)
-        fp8 = False
+        rounded = ROUNDED_ACTIVATIONS
     draw_offloading(random.Random(f"offload {seed}"), options, reference.config)
     scenario = Scenario(options, spec, poison=poison)
     # seeded sampling: not with speculation (verify steps draw differently), nor where fp8's rounding moves the
     # probabilities
-    draw_requests(rng, scenario, reference, seeded=spec is None and not fp8,
+    draw_requests(rng, scenario, reference, seeded=spec is None and not rounded,
                   priorities=options.get("scheduling_policy") == "priority", loras=loras, lora_rng=lora_rng,
                   embed_rng=random.Random(f"embed {seed}"), proc_rng=random.Random(f"processors {seed}"))
     return scenario
