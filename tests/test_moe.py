@@ -242,9 +242,6 @@ def test_missing_expert_tensor_and_bad_moe_settings_are_named(checkpoint, tmp_pa
         EngineConfig(expert_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="moe_capacity_factor must be None or a finite number > 0"):
         EngineConfig(moe_capacity_factor=0)
-    import dataclasses
-    with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
-        MixtralForCausalLM(dataclasses.replace(TINY_MOE, quantization="rtn"))
 
 
 def test_tensor_parallel_2_splits_every_expert_and_matches_one_process():

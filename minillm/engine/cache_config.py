@@ -67,9 +67,10 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
         raise ValueError(f"moe_capacity_factor={config.moe_capacity_factor} is only read by mixture-of-experts "
                          f"models; {model_config.architecture!r} has no experts")
     # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe);
-    # its fused path (kernels/fused_moe.py: every row routed, all experts in this process) has none
+    # its fused path (kernels/fused_moe.py: every row routed, all experts in this process, dense) has none
     moe_loop = model_config.num_local_experts > 0 and (config.expert_parallel_size > 1
-                                                       or config.moe_capacity_factor is not None)
+                                                       or config.moe_capacity_factor is not None
+                                                       or model_config.quantization is not None)
     enforce_eager = config.enforce_eager
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
@@ -77,9 +78,10 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
         enforce_eager = enforce_eager or moe_loop
     elif not enforce_eager and on_cuda and moe_loop:
         raise ValueError(f"enforce_eager=False with expert_parallel_size={config.expert_parallel_size}, "
-                         f"moe_capacity_factor={config.moe_capacity_factor}: the expert loop's shapes follow the "
-                         f"routing, which a CUDA graph cannot capture; leave enforce_eager unset or True, or use "
-                         f"expert_parallel_size=1 and no capacity factor (the fused MoE path)")
+                         f"moe_capacity_factor={config.moe_capacity_factor}, quantization="
+                         f"{model_config.quantization!r}: the expert loop's shapes follow the routing, which a CUDA "
+                         f"graph cannot capture; leave enforce_eager unset or True, or use expert_parallel_size=1, "
+                         f"no capacity factor and dense experts (the fused MoE path)")
     piecewise = config.piecewise_cuda_graphs
     if piecewise is None:
         piecewise = not enforce_eager

@@ -21,8 +21,9 @@ The expert compute is a loop over experts, each a gather of its rows and two mat
 path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
 expert and padded into blocks, then one grouped GEMM per projection over all experts (vLLM's fused_moe), three
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
-loop stays for expert capacity (it drops rows) and for expert parallelism (the all-to-all path), and with it the
-engine runs eagerly: the loop's shapes depend on the routing. The fused path's do not, so its decode steps are
+loop stays for expert capacity (it drops rows), for expert parallelism (the all-to-all path) and for quantized
+experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model, quantization=...)`;
+the router stays dense), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused path's do not, so its decode steps are
 CUDA graphs like a dense model's (engine/cache_config.py; the counts of ExpertLoad then include the padding rows
 of a graph's batch bucket). Mixed prefill steps and token trees stay eager for MoE models.
 """
@@ -45,13 +46,17 @@ from minillm.quant.base import QuantizationConfig
 
 
 class MixtralExpert(nn.Module):
-    """One expert: w2(silu(w1 x) * w3 x), with w1 (gate) and w3 (up) packed into w13."""
+    """One expert: w2(silu(w1 x) * w3 x), with w1 (gate) and w3 (up) packed into w13; each linear quantized like a
+    dense model's (`quant_config`'s method for its prefix) or dense."""
 
-    def __init__(self, config: ModelConfig, backend: str, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, backend: str, prefix: str,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.w13 = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=False, prefix=f"{prefix}.w13")
-        self.w2 = RowParallelLinear(size, config.hidden_size, bias=False, prefix=f"{prefix}.w2")
+        self.w13 = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=False, quant_config=quant_config,
+                                              prefix=f"{prefix}.w13")
+        self.w2 = RowParallelLinear(size, config.hidden_size, bias=False, quant_config=quant_config,
+                                    prefix=f"{prefix}.w2")
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,22 +72,28 @@ class ExpertOnAnotherRank(PPMissingLayer):
 
 
 class MixtralSparseMoeBlock(nn.Module):
-    def __init__(self, config: ModelConfig, backend: str, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, backend: str, prefix: str,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, self.num_experts, bias=False, prefix=f"{prefix}.gate")  # replicated
+        # the router stays dense and replicated under every quantization (as in vLLM): E outputs, a sliver of the
+        # weights, whose rounding would move which experts a token reaches
+        self.gate = Linear(config.hidden_size, self.num_experts, bias=False, prefix=f"{prefix}.gate")
         state = get_parallel_state()
         self.ep_size, self.tp_size = state.ep_size, state.tp_size
         self.first_expert, self.end_expert = expert_range(self.num_experts, state.ep_size, state.ep_rank)
         self.experts = nn.ModuleList(
-            MixtralExpert(config, backend, f"{prefix}.experts.{e}") if self.first_expert <= e < self.end_expert
-            else ExpertOnAnotherRank() for e in range(self.num_experts))
+            MixtralExpert(config, backend, f"{prefix}.experts.{e}", quant_config)
+            if self.first_expert <= e < self.end_expert else ExpertOnAnotherRank() for e in range(self.num_experts))
         self.capacity_factor: float | None = None  # EngineConfig.moe_capacity_factor (set by the worker)
         self.load = ExpertLoad(self.first_expert, self.end_expert - self.first_expert)
         # (w13 [E, 2I, H], w2 [E, H, I]) of the local experts, whose parameters are views into them from the start:
-        # the fused path reads the stacks, and loading or updating an expert writes into them (never a copy)
-        self._stacks = _stacked(list(self.experts[self.first_expert:self.end_expert]))
+        # the fused path reads the stacks, and loading or updating an expert writes into them (never a copy).
+        # Quantized experts have no dense weight to stack: they run the loop, each expert its own method's GEMMs
+        local = list(self.experts[self.first_expert:self.end_expert])
+        self.fusable = all(e.w13.is_dense and e.w2.is_dense for e in local)
+        self._stacks = _stacked(local) if self.fusable else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
@@ -97,10 +108,11 @@ class MixtralSparseMoeBlock(nn.Module):
     def _local_moe(self, x: torch.Tensor, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every expert in this process: (output, rows per expert, rows dropped). The grouped GEMMs of
         kernels/fused_moe.py on the Triton backend (the experts' SiLU says which) when every row is routed (no
-        capacity) through dense half- or full-precision weights, else the loop (minillm/layers/moe.py)."""
+        capacity) through dense half- or full-precision weights, else the loop (minillm/layers/moe.py), which runs
+        any linear method (quantized experts)."""
         weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
         expert = local[0]
-        if use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
+        if self.fusable and use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
                 x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             from minillm.kernels.fused_moe import fused_moe
             out, counts = fused_moe(x, *self._expert_stacks(local), weights, expert_ids)
@@ -141,7 +153,7 @@ def _stacked(experts: list[MixtralExpert]) -> tuple[torch.Tensor, torch.Tensor]:
 class MixtralDecoderLayer(LlamaDecoderLayer):
     def build_mlp(self, config: ModelConfig, backend: str, quant_config: QuantizationConfig | None,
                   prefix: str) -> nn.Module:
-        return MixtralSparseMoeBlock(config, backend, prefix)
+        return MixtralSparseMoeBlock(config, backend, prefix, quant_config)
 
 
 class MixtralModel(LlamaModel):
@@ -157,9 +169,6 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         if not config.num_local_experts:
             raise ValueError(f"{type(self).__name__} needs num_local_experts >= 1, got {config.num_local_experts}")
-        if config.quantization is not None:
-            raise ValueError(f"quantization={config.quantization!r} is not supported for mixture-of-experts models "
-                             f"(the experts' weights stay dense); load it without quantization")
         super().__init__(config, backend)
 
     def _map_name(self, name: str) -> tuple[str, object]:

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from minillm.quant import fp8_block
 from minillm.quant.calibrated_layers import _LAYER_ALGORITHMS, LayerRunner, _gptq_layer
+from minillm.quant.checkpoint import LOAD_TIME_METHODS
 from minillm.quant.fp8 import quantize_fp8
 from minillm.quant.fp8_calibrated import DEFAULT_ALPHAS, FP8_RECIPE, check_fp8_recipe
 from minillm.quant.int4 import awq_tensors, gptq_tensors
@@ -113,10 +114,21 @@ def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and ".layers." in n}
 
 
+def check_no_experts(model: nn.Module, tool: str) -> None:
+    """The layer-wise walks (quantize_model, prune_model) know a dense MLP's gate/up and down linears only: a
+    mixture-of-experts model is refused by name, pointing at load-time quantization, which does take experts."""
+    if getattr(model.config, "num_local_experts", 0):
+        raise ValueError(f"{tool} takes models with dense MLPs only; {model.config.architecture!r} has "
+                         f"{model.config.num_local_experts} experts a layer. Quantize it while loading instead: "
+                         f"LLM(model, quantization=...) with one of {', '.join(LOAD_TIME_METHODS)} (every expert "
+                         f"quantized, the router kept dense)")
+
+
 def _check(model: nn.Module, method: str, bits: int | None, group_size: int, calibration: Any,
            calibrated: bool) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; quantize_model knows {', '.join(METHODS)}")
+    check_no_experts(model, "quantize_model (minillm quantize)")
     if method in _FIXED_BITS:
         if bits not in (None, _FIXED_BITS[method]):
             raise ValueError(f"{method} stores {_FIXED_BITS[method]}-bit weights; got bits={bits!r}")

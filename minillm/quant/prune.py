@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from minillm.hooks import dispatch
 from minillm.quant.checkpoint import save_quantized
-from minillm.quant.driver import LayerRunner, QuantizedModel, hf_state_dict
+from minillm.quant.driver import LayerRunner, QuantizedModel, check_no_experts, hf_state_dict
 
 PRUNE_METHODS = ("magnitude", "wanda")
 GRANULARITIES = ("row", "layer")
@@ -169,6 +169,7 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: float | None 
     `sparsity` of its weights by `method` ("magnitude" or "wanda": calibration ids [n, seq_len] needed), per
     output row or per layer, or in an n:m pattern (nm=(2, 4); sparsity is then 1 - n/m). Embeddings, the LM
     head and the norms are kept, as in Wanda's paper."""
+    check_no_experts(model, "prune_model (minillm quantize --method prune-*)")
     sparsity = _check_args(method, sparsity, nm, granularity, calibration, model.config.vocab_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -1,0 +1,166 @@
+"""Quantized mixture-of-experts models (minillm.models.moe): `LLM(mixtral, quantization=...)` gives every expert's
+w13 and w2 the method a dense MLP's linears get (the router stays dense), and the expert loop runs them.
+
+The oracle: a layer's effective weight is what it does to the identity (layer(I) = I W^T: for a weight-only method
+its dequantized weight, exactly; for fp8 too, as the rows of I quantize exactly). A dense model given those weights
+must give the quantized model's logits: a wrong shard, a swapped expert or an expert left dense would show.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from minillm.config import EngineConfig
+from minillm.engine.worker import build_model
+from minillm.forward_context import forward_context, prefill_metadata
+from minillm.layers.linear import Linear
+from minillm.loader import load_hf_model
+from minillm.quant.base import apply_quantization_override
+from minillm.sampling_params import SamplingParams
+from tiny import one_thread  # noqa: F401  (autouse)
+from tiny_moe import TINY_MOE, save_tiny_mixtral
+
+pytest.importorskip("transformers")
+SHAPE = dict(hidden_size=64, intermediate_size=128)  # wide enough for groups of 64 (rtn, nf4)
+WEIGHT_ONLY = ("int8_rtn", "rtn", "nf4")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mixtral_q")
+    save_tiny_mixtral(directory, **SHAPE)
+    config, weights = load_hf_model(directory)
+    return directory, config, dict(weights)
+
+
+def _quantized(config, weights, method):
+    return build_model(apply_quantization_override(config, method), weights.items(), torch.device("cpu"),
+                       torch.float32).eval()
+
+
+def _effective_weight(layer: Linear) -> torch.Tensor:
+    """The [out, in] weight `layer` multiplies by: its output on the identity, transposed."""
+    with torch.no_grad():
+        return layer.quant_method.apply(layer, torch.eye(layer.input_size), None).T.contiguous()
+
+
+def _logits(model, prompts):
+    lens = [len(p) for p in prompts]
+    with torch.no_grad(), forward_context(prefill_metadata(lens)):
+        hidden = model(torch.tensor([t for p in prompts for t in p]),
+                       torch.cat([torch.arange(n) for n in lens]))
+        return model.compute_logits(hidden)
+
+
+PROMPTS = [[5, 6, 7, 8], [40, 2, 90, 17, 3, 3, 11, 60, 1], [9] * 13]
+
+
+@pytest.mark.parametrize("method", WEIGHT_ONLY + ("fp8", "int8"))
+def test_every_expert_is_quantized_and_the_router_stays_dense(checkpoint, method):
+    _, config, weights = checkpoint
+    model = _quantized(config, weights, method)
+    dense = build_model(config, weights.items(), torch.device("cpu"), torch.float32)
+    for layer, dense_layer in zip(model.model.layers, dense.model.layers):
+        block = layer.mlp
+        assert block.gate.is_dense and not block.fusable
+        for expert in block.experts:
+            assert not expert.w13.is_dense and not expert.w2.is_dense
+        bytes_q = sum(p.numel() * p.element_size() for p in block.experts.parameters())
+        bytes_d = sum(p.numel() * p.element_size() for p in dense_layer.mlp.experts.parameters())
+        assert bytes_q < 0.3 * bytes_d, (method, bytes_q, bytes_d)  # 8 bits or fewer a weight, against fp32
+
+
+@pytest.mark.parametrize("method", WEIGHT_ONLY)
+def test_a_quantized_moe_computes_with_its_dequantized_weights(checkpoint, method):
+    """Logits of the quantized model = those of a dense model holding every linear's effective weight (experts
+    and attention), within fp32 rounding; and far from the unquantized model's, so the test sees quantization."""
+    _, config, weights = checkpoint
+    model = _quantized(config, weights, method)
+    oracle = build_model(config, weights.items(), torch.device("cpu"), torch.float32).eval()
+    quantized_layers = dict(model.named_modules())
+    errors = []
+    with torch.no_grad():
+        for name, module in oracle.named_modules():
+            if isinstance(module, Linear) and not quantized_layers[name].is_dense:
+                effective = _effective_weight(quantized_layers[name])
+                errors.append(float((effective - module.weight).norm() / module.weight.norm()))
+                module.weight.copy_(effective)
+    # each layer holds its own checkpoint tensor, rounded (another expert's would be ~1.4 away): per layer qkv, o
+    # and the 4 experts' w13 and w2
+    assert len(errors) == 2 * (2 + 2 * 4) and max(errors) < 0.2, errors
+    dense = build_model(config, weights.items(), torch.device("cpu"), torch.float32).eval()
+    got, want, unquantized = (_logits(m, PROMPTS) for m in (model, oracle, dense))
+    assert (got - want).abs().max() < 1e-4
+    assert (got - unquantized).abs().max() > 1e-3  # the experts really are rounded
+
+
+def _check_serving(directory, config, weights, method, device):
+    """LLM(mixtral, quantization=method) on `device`: the engine's greedy tokens are the quantized model's own
+    greedy argmax run step by step without a cache (on a GPU, where kernels round by batch shape, up to a tie)."""
+    from minillm import LLM
+    llm = LLM(str(directory), quantization=method, device=device, dtype="float32", max_model_len=64,
+              **({"kv_cache_memory": 64 << 20} if device == "cuda" else {}))
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    del llm
+    model = build_model(apply_quantization_override(config, method), weights.items(), torch.device(device),
+                        torch.float32).eval()
+    for prompt, out in zip(PROMPTS, outs):
+        tokens = list(prompt)
+        for got in out.outputs[0].token_ids:
+            row = _logits(model, [tokens])[-1].float().cpu()
+            if got != int(row.argmax()):
+                assert device == "cuda" and float(row.max() - row[got]) < 1e-3, (method, prompt, tokens, got)
+                break
+            tokens.append(got)
+
+
+@pytest.mark.parametrize("method", ["int8_rtn", "fp8"])
+def test_llm_serves_a_quantized_moe_checkpoint(checkpoint, method):
+    _check_serving(*checkpoint, method, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["int8_rtn", "rtn", "nf4", "fp8"])
+def test_on_a_gpu_llm_serves_a_quantized_moe_checkpoint(checkpoint, method):
+    """The same on CUDA, where each method's GPU kernels run every expert's rows (the loop, eagerly)."""
+    _check_serving(*checkpoint, method, "cuda")
+
+
+def test_a_quantized_moe_runs_the_expert_loop_eagerly_on_cuda():
+    from minillm.engine.cache_config import resolve_engine_config
+    cuda = torch.device("cuda")
+    quantized = dataclasses.replace(TINY_MOE, quantization="fp8")
+    assert resolve_engine_config(EngineConfig(), quantized, cuda).enforce_eager
+    with pytest.raises(ValueError, match="quantization='fp8'.*dense experts"):
+        resolve_engine_config(EngineConfig(enforce_eager=False), quantized, cuda)
+
+
+def test_the_layer_wise_tools_refuse_experts_by_name(checkpoint):
+    """minillm quantize's calibrated walk and pruning know a dense MLP only: a clear error, not an AttributeError
+    deep in a layer, and it names the load-time methods that do take experts."""
+    from minillm.quant.driver import quantize_model
+    from minillm.quant.prune import prune_model
+    _, config, weights = checkpoint
+    model = build_model(config, weights.items(), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match=r"quantize_model .*'mixtral' has 4 experts a layer.*quantization=.*int8_rtn"):
+        quantize_model(model, "rtn")
+    with pytest.raises(ValueError, match=r"prune_model .*'mixtral' has 4 experts"):
+        prune_model(model, "magnitude", 0.5)
+
+
+def test_expert_parallel_workers_quantize_their_own_experts_alike(checkpoint):
+    """LLM(mixtral, quantization="int8_rtn", expert_parallel_size=2): each worker quantizes the experts it holds
+    while loading; the tokens are one process's."""
+    from minillm import LLM
+    directory, _, _ = checkpoint
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    options = dict(quantization="int8_rtn", device="cpu", dtype="float32", max_model_len=64)
+    expected = [o.outputs[0].token_ids for o in LLM(str(directory), **options).generate(PROMPTS, params)]
+    llm = LLM(str(directory), expert_parallel_size=2, **options)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == expected
+    finally:
+        llm.llm_engine.shutdown()
