@@ -151,16 +151,28 @@ def test_the_layer_wise_tools_refuse_experts_by_name(checkpoint):
         prune_model(model, "magnitude", 0.5)
 
 
-def test_expert_parallel_workers_quantize_their_own_experts_alike(checkpoint):
-    """LLM(mixtral, quantization="int8_rtn", expert_parallel_size=2): each worker quantizes the experts it holds
-    while loading; the tokens are one process's."""
+@pytest.mark.parametrize("parallel, quantization", [
+    (dict(expert_parallel_size=2), dict(quantization="int8_rtn")),
+    # per group of 32 input columns: every group inside one rank's half of w2's and o_proj's inputs (README,
+    # "Parallelism": a scale across a row-parallel layer's whole input would come from the rank's columns)
+    (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32}))])
+def test_parallel_workers_quantize_their_own_experts_alike(checkpoint, parallel, quantization):
+    """Each worker quantizes the experts (or the halves of each expert) it holds while loading; the tokens and
+    log-probs are one process's."""
     from minillm import LLM
     directory, _, _ = checkpoint
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    options = dict(quantization="int8_rtn", device="cpu", dtype="float32", max_model_len=64)
-    expected = [o.outputs[0].token_ids for o in LLM(str(directory), **options).generate(PROMPTS, params)]
-    llm = LLM(str(directory), expert_parallel_size=2, **options)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+    options = dict(**quantization, device="cpu", dtype="float32", max_model_len=64)
+
+    def results(llm):  # (token ids, [(token, log-prob) of each position's top entries])
+        return [(o.outputs[0].token_ids, [(t, lp.logprob) for d in o.outputs[0].logprobs for t, lp in d.items()])
+                for o in llm.generate(PROMPTS, params)]
+    expected = results(LLM(str(directory), **options))
+    llm = LLM(str(directory), **parallel, **options)
     try:
-        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == expected
+        got = results(llm)
     finally:
         llm.llm_engine.shutdown()
+    for (ids, entries), (want_ids, want_entries) in zip(got, expected):
+        assert ids == want_ids and [t for t, _ in entries] == [t for t, _ in want_entries]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(entries, want_entries)) < 1e-4
