@@ -153,8 +153,9 @@ def test_the_layer_wise_tools_refuse_experts_by_name(checkpoint):
 
 @pytest.mark.parametrize("parallel, quantization", [
     (dict(expert_parallel_size=2), dict(quantization="int8_rtn")),
-    # per group of 32 input columns: every group inside one rank's half of w2's and o_proj's inputs (README,
-    # "Parallelism": a scale across a row-parallel layer's whole input would come from the rank's columns)
+    # a row's scale over w2's and o_proj's whole input, of which each rank holds half (whole_weight_amax)
+    (dict(tensor_parallel_size=2), dict(quantization="int8_rtn")),
+    # per group of 32 input columns: every group inside one rank's half
     (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32}))])
 def test_parallel_workers_quantize_their_own_experts_alike(checkpoint, parallel, quantization):
     """Each worker quantizes the experts (or the halves of each expert) it holds while loading; the tokens and

@@ -142,6 +142,15 @@ def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tensor_parallel_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of `x` over the TP group, in place: a weight's range when each rank holds a piece of it
+    (load-time quantization's scales: minillm.quant.base.whole_weight_amax)."""
+    if _STATE.tp_size == 1:
+        return x
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_STATE.tp_group)
+    return x
+
+
 def tensor_parallel_gather(x: torch.Tensor) -> torch.Tensor | None:
     """Concatenate every TP rank's `x` along the last dimension on TP rank 0 (None on the others): the
     vocab-parallel LM head's logits, which only the sampling rank needs (vLLM gathers, it does not all-gather)."""

@@ -62,6 +62,18 @@ def add_parameter(layer: nn.Module, name: str, tensor: torch.Tensor, output_dim:
     return param
 
 
+def whole_weight_amax(layer: nn.Module, amax: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """`amax` (max |w| of this rank's piece of the layer's weight: [out] per output row, or a 0-d per-tensor
+    value) made the unsharded weight's, so that quantizing while loading gives every tensor-parallel size the
+    scales of one process. A row's inputs are split only in a row-parallel layer; a per-tensor range spans the
+    pieces of any split layer. Ranks hold the same layers in the same order, so each all-reduce pairs up
+    (minillm.parallel.state.tensor_parallel_max); one process returns `amax` as it is."""
+    if getattr(layer, "tp_size", 1) > 1 and (not per_row or getattr(layer, "parallel_style", None) == "row"):
+        from minillm.parallel.state import tensor_parallel_max
+        amax = tensor_parallel_max(amax.float().contiguous())
+    return amax
+
+
 def add_bias(layer: nn.Module, output_size: int, bias: bool, dtype: torch.dtype | None) -> None:
     """The bias stays dense under every method here (it is tiny); `layer.bias` is None without one."""
     if bias:

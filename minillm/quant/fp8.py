@@ -32,7 +32,7 @@ from torch import nn
 from minillm.hooks import active_overrides, dispatch
 from minillm.layers.gemv_dispatch import quantized_gemv_applies, w8a8_gemv_max_m
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
-                                parse_modules_to_not_convert)
+                                parse_modules_to_not_convert, whole_weight_amax)
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -57,12 +57,18 @@ def scaled_fp8_quant(x: torch.Tensor, amax: torch.Tensor,
 # <<< exercise
 
 
-def quantize_fp8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W8 float8_e4m3fn [out, in], scale fp32 [out]) with W ~= W8 * scale[:, None]; per-tensor repeats one scale."""
+def quantize_fp8(w: torch.Tensor, per_channel: bool = True,
+                 layer: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 float8_e4m3fn [out, in], scale fp32 [out]) with W ~= W8 * scale[:, None]; per-tensor repeats one scale.
+    `layer`: the tensor-parallel layer `w` is a rank's piece of, whose whole weight's range sets the scales
+    (base.whole_weight_amax)."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D floating [out, in] tensor, got {getattr(w, 'shape', type(w).__name__)}")
     w = w.float()
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+    if layer is not None:
+        amax = whole_weight_amax(layer, amax, per_channel)
+    amax = amax if per_channel else amax.expand(w.shape[0])
     # the division can land a hair above 448 after rounding: the clamp inside keeps it finite
     w8, scale = dispatch("ch07.fp8_scale", scaled_fp8_quant)(w, amax[:, None], FP8_DTYPE)
     return w8, scale.reshape(-1).contiguous()
@@ -123,9 +129,10 @@ class Fp8LinearMethod(LinearMethod):
 
     SCALE_NAME = "weight_scale"  # the checkpoint's name of the weight's scales (fp8_block: weight_scale_inv)
 
-    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A dense weight -> (e4m3 weight, its scales): the one step subclasses with other scale shapes change."""
-        return quantize_fp8(weight, self.per_channel)
+    def quantize_weight(self, weight: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's dense weight -> (e4m3 weight, its scales): the one step subclasses with other scale shapes
+        change."""
+        return quantize_fp8(weight, self.per_channel, layer)
 
     def linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
@@ -139,7 +146,7 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.weight.dtype == FP8_DTYPE:
             return
-        w8, scale = self.quantize_weight(layer.weight.data)
+        w8, scale = self.quantize_weight(layer.weight.data, layer)
         del layer._parameters["weight"]
         add_parameter(layer, "weight", w8, output_dim=None)
         add_parameter(layer, self.SCALE_NAME, scale, output_dim=None)

@@ -200,8 +200,8 @@ class Fp8BlockLinearMethod(Fp8LinearMethod):
             add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
         add_bias(layer, output_size, bias, dtype)
 
-    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_fp8_block(weight, self.block)
+    def quantize_weight(self, weight: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_block(weight, self.block)  # (each block inside one rank's piece: its own range)
 
     def decode_codes(self, layer: nn.Module, x: torch.Tensor) -> None:
         return None  # block scales, not per-row ones: its own GEMM at every size

@@ -26,17 +26,30 @@ from torch import nn
 
 from minillm.layers.gemv_dispatch import quantized_gemv_applies
 from minillm.quant.base import (LinearMethod, QuantizationConfig, UnquantizedLinearMethod, add_bias,
-                                add_parameter, parse_modules_to_not_convert)
+                                add_parameter, parse_modules_to_not_convert, whole_weight_amax)
 from minillm.quant.rtn import quantize
 
 
-def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_channel_int8(weight: torch.Tensor,
+                              amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scale fp32 [out]) with weight ~= q * scale[:, None], rounding to nearest.
 
     rtn.quantize's symmetric 8-bit grid with one group per row: s_o = max|W[o]| / 127, codes in [-127, 127]
-    (-128 is never produced, so negating a weight never overflows)."""
-    qw = quantize(weight, bits=8, group_size=-1, symmetric=True)
-    return qw.codes, qw.scales[:, 0].contiguous()
+    (-128 is never produced, so negating a weight never overflows). `amax` [out]: the rows' max |w| where it is
+    wider than this tensor's own (a row-parallel rank's columns of each row: base.whole_weight_amax), the same
+    formula with that range."""
+    if amax is None:
+        qw = quantize(weight, bits=8, group_size=-1, symmetric=True)
+        return qw.codes, qw.scales[:, 0].contiguous()
+    scale = (amax.float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.contiguous()
+
+
+def whole_row_int8(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_channel_int8 of a layer's (possibly tensor-parallel) weight with its whole rows' ranges."""
+    if getattr(layer, "tp_size", 1) == 1:
+        return quantize_per_channel_int8(weight)
+    return quantize_per_channel_int8(weight, whole_weight_amax(layer, weight.float().abs().amax(dim=1), True))
 
 
 class Int8RTNLinearMethod(LinearMethod):
@@ -51,7 +64,7 @@ class Int8RTNLinearMethod(LinearMethod):
         if "weight" not in layer._parameters:  # already quantized (a second call is a no-op)
             return
         dense = layer._parameters.pop("weight")  # free the staging copy: the point is the memory
-        q, scale = quantize_per_channel_int8(dense.data)
+        q, scale = whole_row_int8(layer, dense.data)
         add_parameter(layer, "qweight", q)
         add_parameter(layer, "weight_scale", scale.to(dense.dtype))
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from minillm.quant.base import (LinearMethod, SkipListQuantizationConfig, add_bias, add_parameter,
                                 parse_modules_to_not_convert)
-from minillm.quant.int8_rtn import quantize_per_channel_int8
+from minillm.quant.int8_rtn import whole_row_int8
 from minillm.quant.smoothquant import int8_linear
 
 
@@ -62,7 +62,7 @@ class LLMInt8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.weight.dtype == torch.int8:
             return
-        q, scale = quantize_per_channel_int8(layer.weight.data)
+        q, scale = whole_row_int8(layer, layer.weight.data)
         del layer._parameters["weight"]
         add_parameter(layer, "weight", q, output_dim=None)
         add_parameter(layer, "weight_scale", scale, output_dim=None)
