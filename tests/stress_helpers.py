@@ -58,14 +58,23 @@ ARCH = ARCHS[ARCH_NAME]
 
 
 def stress_config(**arch):
-    """The stress tests' tiny model config: ARCH's fields, or `arch`'s where given."""
+    """The stress tests' tiny model config: ARCH's fields, or `arch`'s where given; with MINILLM_STRESS_QUANT
+    QUANT_SHAPE's widths (they win) and still dense: quantized_config asks for the method."""
     from test_engine import tiny_config
-    return tiny_config(max_position_embeddings=128, **(arch or ARCH))
+    return tiny_config(max_position_embeddings=128, **{**(arch or ARCH), **(QUANT_SHAPE if QUANT else {})})
 
 
-# MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a method that needs no calibration (every
-# stress test of tests/test_engine_stress.py; its stress_model says which and on what shape)
+def quantized_config(config):
+    """`config` asking for MINILLM_STRESS_QUANT's method at load (`config` itself without one): what a model built
+    from random weights (RandomWeights: dense staging weights, quantized once drawn) or a checkpoint quantizes to."""
+    from minillm.quant.base import apply_quantization_override
+    return apply_quantization_override(config, QUANT) if QUANT else config
+
+
+# MINILLM_STRESS_QUANT=<method>: the model's linears quantized at load by a method that needs no calibration, in the
+# engine, disaggregated and TP/PP stress tests (tests/test_engine_stress.py says which methods)
 QUANT = os.environ.get("MINILLM_STRESS_QUANT")
+QUANT_SHAPE = dict(hidden_size=64, intermediate_size=128, head_dim=32)  # wide enough for groups of 64 (rtn, nf4)
 # fp8 and fp8_block quantize the activations too, with a scale per token (per 128-wide group) taken from the row
 # alone, so no neighbour moves a row's scale; but a batch of another shape (a chunk, a verify step) moves a value by
 # fp32 rounding, and a value on an fp8 rounding boundary then lands a whole fp8 step (1/16-1/8 of itself) away. A

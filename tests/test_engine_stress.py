@@ -64,7 +64,7 @@ from minillm.config import EngineConfig
 from minillm.engine.llm_engine import LLMEngine
 from stress_helpers import (ARCH, LORA_RANK, MAX_LEN, QUANT, ROUNDED_ACTIVATIONS, WINDOW, PoisonedModel, Reference,
                             Request, Scenario, describe, draw_engine_options, draw_requests, drive, engine_tokenizer,
-                            stress_adapters, stress_config)
+                            quantized_config, stress_adapters, stress_config)
 from test_engine import tiny_model
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
@@ -88,13 +88,12 @@ BACKEND = os.environ.get("MINILLM_STRESS_BACKEND", "auto")
 # disaggregated engines, 8 TP/PP; mixed_window 210 and 8 TP/PP, after it found drafts and pipeline
 # stages built without their layers' layer_types; qwen2 and yarn 160 and 8 TP/PP, qwen2 8 disaggregated); the
 # default is the Llama shape
-# MINILLM_STRESS_QUANT=<method> (stress_helpers.QUANT): the model's linears quantized at load by a method that needs
-# no calibration, every feature over the quantized-linear seam, on a model wide enough for groups of 64: the
-# weight-only int8_rtn, rtn, nf4 (100 seeds each clean on 2026-12-07, after it found draft_model unable to copy a
-# quantized target's layers) and fp8, fp8_block, which quantize each token's activations too (judged within
-# stress_helpers.ROUNDING). Not int8 (LLM.int8): it picks its outlier columns per batch by design, so a request's
-# output depends on its neighbours
-QUANT_SHAPE = dict(hidden_size=64, intermediate_size=128, head_dim=32)
+# MINILLM_STRESS_QUANT=<method> (stress_helpers.QUANT; the disaggregated and TP/PP stress tests too): the model's
+# linears quantized at load by a method that needs no calibration, every feature over the quantized-linear seam,
+# on a model wide enough for groups of 64 (stress_helpers.QUANT_SHAPE): the weight-only int8_rtn, rtn, nf4 (100
+# seeds each clean on 2026-12-07, after it found draft_model unable to copy a quantized target's layers) and fp8,
+# fp8_block, which quantize each token's activations too (judged within stress_helpers.ROUNDING). Not int8
+# (LLM.int8): it picks its outlier columns per batch by design, so a request's output depends on its neighbours
 WINDOW_SEEDS = 20  # seeds run on the sliding-window model in CI
 NUM_WINDOW_SEEDS = int(os.environ.get("MINILLM_STRESS_WINDOW_SEEDS", WINDOW_SEEDS))
 K = 3  # speculative tokens per step
@@ -109,13 +108,12 @@ def model_and_config():
 def stress_model(**arch) -> tuple:
     """(the tiny model, its config): MINILLM_STRESS_ARCH's shape, or `arch`'s fields; on BACKEND's operators;
     with MINILLM_STRESS_QUANT its linears quantized by that method at load (the runs alone use the same model)."""
-    config = stress_config(**{**(arch or ARCH), **(QUANT_SHAPE if QUANT else {})})  # (the quantized shape wins)
+    config = stress_config(**(arch or ARCH))
     model = tiny_model(config, seed=5)
     if QUANT:
         from minillm.engine.worker import build_model
-        from minillm.quant.base import apply_quantization_override
         from minillm.quant.driver import hf_state_dict
-        config = apply_quantization_override(config, QUANT)
+        config = quantized_config(config)
         model = build_model(config, hf_state_dict(model).items(), torch.device("cpu"), torch.float32)
     if BACKEND != "auto":
         from minillm.layers.backend import set_operator_backend

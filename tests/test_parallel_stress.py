@@ -39,8 +39,8 @@ from minillm.engine.cache_config import resolve_engine_config
 from minillm.engine.executor import MultiProcExecutor
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.worker import RandomWeights
-from stress_helpers import (PoisonedSource, Reference, Scenario, describe, draw_engine_options, draw_requests, drive,
-                            engine_tokenizer, stress_config)
+from stress_helpers import (ROUNDED_ACTIVATIONS, PoisonedSource, Reference, Scenario, describe, draw_engine_options,
+                            draw_requests, drive, engine_tokenizer, quantized_config, stress_config)
 from tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SEEDS = 1
@@ -53,7 +53,7 @@ PARALLEL = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size"
 
 @pytest.fixture(scope="module")
 def reference():
-    config = stress_config()  # MINILLM_STRESS_ARCH's shape (Llama's by default)
+    config = quantized_config(stress_config())  # MINILLM_STRESS_ARCH's shape (Llama's by default) and QUANT
     return Reference((WEIGHTS(config, torch.device("cpu"), torch.float32), config))
 
 
@@ -70,12 +70,15 @@ def build_engine(reference: Reference, options: dict, poison: str | None) -> LLM
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + NUM_SEEDS))
 @pytest.mark.parametrize("parallel", list(PARALLEL))
 def test_random_workloads_on_parallel_workers_match_requests_run_alone(reference, parallel, seed):
+    if parallel == "tp2" and ROUNDED_ACTIVATIONS:
+        pytest.skip("fp8 / fp8_block under TP: a row-parallel rank scales its half of each token's activations by "
+                    "that half's range, so outputs move past ROUNDING from one process's (README, Parallelism)")
     rng = random.Random(seed)
     options = {**draw_engine_options(rng, random.Random(f"engine extras {seed}")), **PARALLEL[parallel]}
     options["async_scheduling"] = False  # refused with more than one rank
     if parallel == "pp2":  # refused: fp8 scales are calibrated by one forward of the whole model
         options.pop("kv_cache_dtype", None)
-    fp8 = "kv_cache_dtype" in options
+    fp8 = "kv_cache_dtype" in options or ROUNDED_ACTIVATIONS  # rounding that may part tokens from the run alone's
     poison = None if fp8 else rng.choice([None, "text", "forward"])
     engine = build_engine(reference, options, poison)
     scenario, stream = None, 0

@@ -23,9 +23,10 @@ expert and padded into blocks, then one grouped GEMM per projection over all exp
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
 loop stays for expert capacity (it drops rows), for expert parallelism (the all-to-all path) and for quantized
 experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model, quantization=...)`;
-the router stays dense), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused path's do not, so its decode steps are
-CUDA graphs like a dense model's (engine/cache_config.py; the counts of ExpertLoad then include the padding rows
-of a graph's batch bucket). Mixed prefill steps and token trees stay eager for MoE models.
+the router stays dense), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
+path's do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
+ExpertLoad then include the padding rows of a graph's batch bucket). Mixed prefill steps and token trees stay
+eager for MoE models.
 """
 from __future__ import annotations
 
