@@ -20,7 +20,7 @@ from minillm.loader import load_hf_model
 from minillm.quant.base import apply_quantization_override
 from minillm.sampling_params import SamplingParams
 from tiny import one_thread  # noqa: F401  (autouse)
-from tiny_moe import TINY_MOE, save_tiny_mixtral
+from tiny_moe import TINY_MOE, save_tiny_mixtral, save_with_tokenizer, tiny_qwen3_moe
 
 pytest.importorskip("transformers")
 SHAPE = dict(hidden_size=64, intermediate_size=128)  # wide enough for groups of 64 (rtn, nf4)
@@ -119,6 +119,14 @@ def _check_serving(directory, config, weights, method, device):
 @pytest.mark.parametrize("method", ["int8_rtn", "fp8"])
 def test_llm_serves_a_quantized_moe_checkpoint(checkpoint, method):
     _check_serving(*checkpoint, method, "cpu")
+
+
+def test_llm_serves_a_quantized_qwen3_moe_checkpoint(tmp_path):
+    """Qwen3-MoE's experts (Llama's MLP names, moe_intermediate_size wide) quantize the same way."""
+    save_with_tokenizer(tiny_qwen3_moe(), tmp_path)
+    config, weights = load_hf_model(tmp_path)
+    assert config.architecture == "qwen3_moe"
+    _check_serving(tmp_path, config, dict(weights), "int8_rtn", "cpu")
 
 
 @pytest.mark.gpu
