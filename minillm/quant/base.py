@@ -202,7 +202,8 @@ def quantized_weight_shapes(model_config: Any, dense_shapes: dict[str, tuple[int
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in dense_shapes.items():
         stored = None
-        if name.endswith(".weight") and len(shape) == 2 and ".layers." in name:  # the decoder's linears
+        # the decoder's linears, but not a mixture-of-experts router (`...gate.weight`), which stays dense
+        if name.endswith(".weight") and len(shape) == 2 and ".layers." in name and not name.endswith(".gate.weight"):
             prefix = name[: -len(".weight")]
             stored = quant_config.checkpoint_shapes(prefix, shape[0], shape[1])
         if stored is None:
