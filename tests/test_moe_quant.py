@@ -187,31 +187,46 @@ def test_parallel_workers_quantize_their_own_experts_alike(checkpoint, parallel,
         assert max(abs(a - b) for (_, a), (_, b) in zip(entries, want_entries)) < 1e-4
 
 
-def test_an_fp8_moe_checkpoint_loads_as_load_time_fp8(checkpoint, tmp_path):
-    """A serialized fp8 Mixtral (`"quant_method": "fp8"`: every expert's w1 / w2 / w3 and the attention's
-    projections as float8_e4m3fn with per-row `weight_scale`, the router and embeddings dense, as fp8 checkpoints
-    on the hub store them) gives the logits of the dense checkpoint quantized to fp8 while loading: w1 and w3 land
-    in their halves of w13, codes and scales alike."""
+def _fp8_block_32(w):
+    from minillm.quant.fp8_block import quantize_fp8_block
+    return quantize_fp8_block(w, (32, 32))
+
+
+@pytest.mark.parametrize("hub_config, scale_name, load_time", [
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "weight_scale", ("fp8", None)),
+    # DeepSeek-V3's / Qwen3-FP8's spelling: "fp8" with weight_block_size, one weight_scale_inv per tile
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [32, 32]},
+     "weight_scale_inv", ("fp8_block", {"weight_block_size": [32, 32]}))])
+def test_an_fp8_moe_checkpoint_loads_as_load_time_fp8(checkpoint, tmp_path, hub_config, scale_name, load_time):
+    """A serialized fp8 Mixtral (every expert's w1 / w2 / w3 and the attention's projections as float8_e4m3fn
+    with their scales, the router and embeddings dense, as fp8 checkpoints on the hub store them) gives the logits
+    of the dense checkpoint quantized the same way while loading: w1 and w3 land in their halves of w13, codes and
+    scales alike."""
     import json
     import shutil
     from safetensors.torch import load_file, save_file
     from minillm.quant.fp8 import quantize_fp8
     directory, config, weights = checkpoint
+    quantizer = quantize_fp8 if scale_name == "weight_scale" else _fp8_block_32
     state = load_file(directory / "model.safetensors")
     for name in [n for n in state if n.endswith("proj.weight") or ".experts." in n]:
-        state[name], state[name.removesuffix("weight") + "weight_scale"] = quantize_fp8(state[name])
-    assert any(".experts.3.w3.weight_scale" in n for n in state)
+        state[name], state[name.removesuffix("weight") + scale_name] = quantizer(state[name])
+    assert any(f".experts.3.w3.{scale_name}" in n for n in state)
     save_file(state, tmp_path / "model.safetensors")
-    for name in ("tokenizer.json", "generation_config.json"):
-        if (directory / name).exists():
-            shutil.copy(directory / name, tmp_path / name)
+    shutil.copy(directory / "tokenizer.json", tmp_path / "tokenizer.json")
     hf_config = json.loads((directory / "config.json").read_text())
-    hf_config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "quantization_config": hub_config}))
     served_config, served_weights = load_hf_model(tmp_path)
-    assert served_config.quantization == "fp8"
+    assert served_config.quantization == load_time[0]
     served = build_model(served_config, served_weights, torch.device("cpu"), torch.float32).eval()
     assert served.model.layers[1].mlp.experts[2].w13.weight.dtype == torch.float8_e4m3fn
     assert served.model.layers[1].mlp.gate.weight.dtype == torch.float32
-    torch.testing.assert_close(_logits(served, PROMPTS), _logits(_quantized(config, weights, "fp8"), PROMPTS),
-                               atol=1e-5, rtol=1e-5)
+    method, options = load_time
+    at_load = dataclasses.replace(config, quantization=method, quantization_config=options)
+    expected = build_model(at_load, weights.items(), torch.device("cpu"), torch.float32).eval()
+    torch.testing.assert_close(_logits(served, PROMPTS), _logits(expected, PROMPTS), atol=1e-5, rtol=1e-5)
+    if "fmt" in hub_config:  # e5m2 weights are refused by name, not read as e4m3
+        (tmp_path / "config.json").write_text(json.dumps({**hf_config, "quantization_config": {**hub_config,
+                                                                                               "fmt": "e5m2"}}))
+        with pytest.raises(ValueError, match="format 'e5m2'; minillm reads e4m3 only"):
+            load_hf_model(tmp_path)

@@ -185,6 +185,12 @@ def _quantization(raw: dict[str, Any], source: str) -> tuple[str | None, dict[st
     method = quant_config.get("quant_method")
     if not isinstance(method, str):
         raise ValueError(f"{source}: quantization_config has no quant_method string (got {method!r})")
+    if method == "fp8" and quant_config.get("weight_block_size") is not None:
+        # DeepSeek-V3's and Qwen3-FP8's spelling of block-wise fp8 (vLLM's fp8 with block scales): tiles of
+        # weight_block_size, each with its `weight_scale_inv` (minillm/quant/fp8_block.py)
+        if quant_config.get("fmt", "e4m3") != "e4m3":
+            raise ValueError(f"{source}: fp8 weights in format {quant_config['fmt']!r}; minillm reads e4m3 only")
+        method, quant_config = "fp8_block", {**quant_config, "quant_method": "fp8_block"}
     try:
         check_quantization_name(method)
     except ValueError as err:
