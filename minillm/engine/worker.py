@@ -43,15 +43,9 @@ def build_model(model_config: ModelConfig, weights, device: torch.device, dtype:
                 attention_backend: str = "auto") -> nn.Module:
     """Instantiate the model for `model_config` directly on `device` in `dtype` and load the weights."""
     # Llama, Mistral, Qwen2, Qwen3 share one implementation; Mixtral and Qwen3-MoE add experts
-    from minillm.models import get_model_class
-    previous = torch.get_default_dtype()
+    from minillm.models import new_model
     start = time.perf_counter()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = get_model_class(model_config.architecture)(model_config, backend=attention_backend)
-    finally:
-        torch.set_default_dtype(previous)
+    model = new_model(model_config, device, dtype, attention_backend)
     model.load_weights(weights)
     model.load_seconds = time.perf_counter() - start
     return model.eval()
@@ -81,15 +75,9 @@ class RandomWeights:
     std_embed: float = 0.5
 
     def __call__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from minillm.models import get_model_class
+        from minillm.models import new_model
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: identical on every device
-        previous = torch.get_default_dtype()
-        try:
-            torch.set_default_dtype(dtype)
-            with torch.device(device):
-                model = get_model_class(model_config.architecture)(model_config)
-        finally:
-            torch.set_default_dtype(previous)
+        model = new_model(model_config, device, dtype)
         from minillm.parallel.state import get_parallel_state
         state = get_parallel_state()
         if state.tp_size * state.pp_size * state.ep_size > 1:  # the same numbers, each rank keeping its shard

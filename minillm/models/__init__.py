@@ -1,5 +1,8 @@
-"""Model definitions. `get_model_class(architecture)` maps a ModelConfig.architecture to its class."""
+"""Model definitions. `get_model_class(architecture)` maps a ModelConfig.architecture to its class; `new_model`
+builds one, its parameters made directly on a device in a dtype (uninitialised: a loader or a copy fills them)."""
 from __future__ import annotations
+
+import torch
 
 from minillm.models.llama import LlamaForCausalLM
 from minillm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
@@ -17,4 +20,18 @@ def get_model_class(architecture: str) -> type:
     return MODEL_REGISTRY[architecture]
 
 
-__all__ = ["LlamaForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "MODEL_REGISTRY", "get_model_class"]
+def new_model(config, device: torch.device | str, dtype: torch.dtype, backend: str = "auto") -> torch.nn.Module:
+    """The model class of config.architecture built with every parameter created on `device` in `dtype` (no CPU
+    copy first, no fp32 detour: torch's default dtype is set for the construction and put back after)."""
+    model_class = get_model_class(config.architecture)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            return model_class(config, backend=backend)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+__all__ = ["LlamaForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "MODEL_REGISTRY", "get_model_class",
+           "new_model"]

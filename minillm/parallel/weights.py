@@ -52,14 +52,9 @@ def rank_model_config(model_config: ModelConfig) -> ModelConfig:
 def load_random_weights_sharded(model: nn.Module, model_config: ModelConfig, dtype: torch.dtype,
                                 draw: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
     """Fill this rank's `model` from `draw(name, full_shape)`, called for every parameter of the whole model."""
-    from minillm.models import get_model_class
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with single_rank(), torch.device("meta"):  # the whole model's names, shapes and packing, no memory
-            full = get_model_class(model_config.architecture)(model_config)
-    finally:
-        torch.set_default_dtype(previous)
+    from minillm.models import new_model
+    with single_rank():  # the whole model's names, shapes and packing, on the meta device: no memory
+        full = new_model(model_config, "meta", dtype)
     local = dict(model.named_parameters())
     full_modules = dict(full.named_modules())
     for name, full_param in full.named_parameters():

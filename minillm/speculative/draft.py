@@ -71,17 +71,10 @@ class EarlyExitModel(nn.Module):
 def independent_copy(target: nn.Module, num_layers: int) -> nn.Module:
     """A new model of the target's architecture (a Mixtral's layers keep their experts) with `num_layers` layers,
     initialised from the target's first layers (own weights: the starting point for distilling a draft model)."""
-    from minillm.models import get_model_class
-    config = target.config.layers(0, num_layers)
+    from minillm.models import new_model
     first = next(target.parameters())
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(first.dtype)
-        with torch.device(first.device):
-            draft = get_model_class(config.architecture)(config,
-                                                         backend=getattr(target, "attention_backend", "auto"))
-    finally:
-        torch.set_default_dtype(previous)
+    draft = new_model(target.config.layers(0, num_layers), first.device, first.dtype,
+                      getattr(target, "attention_backend", "auto"))
     source = target.state_dict()
     with torch.no_grad():
         for name, tensor in draft.state_dict().items():

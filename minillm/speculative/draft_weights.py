@@ -72,18 +72,11 @@ def load_draft(directory: str | os.PathLike, target: nn.Module, target_config: M
     """(draft, its ModelConfig): a model of the target's architecture (unquantized) with the saved layer count, the
     saved layers and final norm, and the target's embedding and LM head modules (shared, not copied)."""
     from safetensors.torch import load_file
-    from minillm.models import get_model_class
+    from minillm.models import new_model
     directory = Path(directory)
     config = _read_config(directory, target_config)
     draft_config = target_config.layers(0, config["num_layers"], quantization=None, quantization_config=None)
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            draft = get_model_class(draft_config.architecture)(draft_config,
-                                                               backend=getattr(target, "attention_backend", "auto"))
-    finally:
-        torch.set_default_dtype(previous)
+    draft = new_model(draft_config, device, dtype, getattr(target, "attention_backend", "auto"))
     draft.model.embed_tokens, draft.lm_head = target.model.embed_tokens, target.lm_head
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = draft.load_state_dict(state, strict=False)
