@@ -48,9 +48,10 @@ def _effective_weight(layer: Linear) -> torch.Tensor:
 
 def _logits(model, prompts):
     lens = [len(p) for p in prompts]
-    with torch.no_grad(), forward_context(prefill_metadata(lens)):
-        hidden = model(torch.tensor([t for p in prompts for t in p]),
-                       torch.cat([torch.arange(n) for n in lens]))
+    device = next(model.parameters()).device
+    with torch.no_grad(), forward_context(prefill_metadata(lens, device)):
+        hidden = model(torch.tensor([t for p in prompts for t in p], device=device),
+                       torch.cat([torch.arange(n) for n in lens]).to(device))
         return model.compute_logits(hidden)
 
 
