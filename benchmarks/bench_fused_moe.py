@@ -1,12 +1,15 @@
 """The MoE MLP on the GPU: kernels/fused_moe.py's grouped GEMMs against the per-expert loop (minillm/layers/moe.py).
 
-    python benchmarks/bench_fused_moe.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--tokens 1 8 64 256 1024] [--out F]
+    python benchmarks/bench_fused_moe.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--tokens 1 8 64 256 1024]
+                                         [--weights bf16|int8|fp8] [--out F]
 
 One MoE block's MLP (router output given: top-k weights and ids drawn from a random router) with random bf16
-weights of the shape's sizes, timed with triton.testing.do_bench (median, warm weights):
+weights of the shape's sizes, or those weights as 8-bit codes with one scale per row (--weights int8: int8_rtn's
+W8A16; fp8: fp8's W8A8, activation rows rounded to e4m3), timed with triton.testing.do_bench (median, warm weights):
 
     loop    the engine's reference path: rows sorted by expert, then per expert a gather, gate_up, SiLU, down, and a
-            scatter (run_experts), then the weighted sum over each token's k rows (one host sync for the counts)
+            scatter (run_experts), then the weighted sum over each token's k rows (one host sync for the counts);
+            quantized, each expert's projections are its method's own call site (int8_weight_linear, fp8_linear)
     fused   moe_align + two grouped GEMMs + silu_and_mul + the k-row sum: a fixed number of launches, no sync
             (eager: the host's launches included, as an eager engine pays them)
     graph   the fused path recorded as one CUDA graph and replayed (its shapes do not depend on the routing): the
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--weights", choices=("bf16", "int8", "fp8"), default="bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import torch
@@ -50,6 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen).mul_(hidden ** -0.5).bfloat16()
     w2 = torch.randn(experts, hidden, inter, device="cuda", generator=gen).mul_(inter ** -0.5).bfloat16()
+    w13_scale = w2_scale = quantize_rows = None
+    if args.weights != "bf16":  # 8-bit codes [E, N, K] with a scale per expert row, as the engine stacks them
+        from minillm.quant.fp8 import fp8_linear, per_token_fp8, quantize_fp8
+        from minillm.quant.int8_rtn import int8_weight_linear, quantize_per_channel_int8
+        quantize = quantize_per_channel_int8 if args.weights == "int8" else quantize_fp8
+        linear = int8_weight_linear if args.weights == "int8" else fp8_linear
+        quantize_rows = per_token_fp8 if args.weights == "fp8" else None
+        (w13, w13_scale), (w2, w2_scale) = (
+            (torch.stack(codes), torch.stack(scales).to(torch.bfloat16 if args.weights == "int8" else torch.float32))
+            for codes, scales in (zip(*[quantize(w[e]) for e in range(experts)]) for w in (w13, w2)))
+
+        def project(rows, stack, scales, e):
+            return linear(rows, stack[e], scales[e])
+    else:
+        def project(rows, stack, scales, e):
+            return torch.nn.functional.linear(rows, stack[e])
     src = torch.empty(1 << 28, dtype=torch.bfloat16, device="cuda")
     copy_bw = 2 * src.numel() * 2 / (triton.testing.do_bench(lambda: src.clone()) * 1e-3)
     del src
@@ -57,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     def loop(x, weights, ids):
         def expert(e):
             def run(rows):
-                gate_up = torch.nn.functional.linear(rows, w13[e])
-                return torch.nn.functional.linear(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:],
-                                                  w2[e])
+                gate_up = project(rows, w13, w13_scale, e)
+                return project(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, w2_scale, e)
             return run
         rows = x.repeat_interleave(top_k, dim=0)
         out, _, _ = run_experts(rows, ids.reshape(-1), [expert(e) for e in range(experts)])
@@ -70,25 +89,27 @@ def main(argv: list[str] | None = None) -> int:
     results = dict(benchmark="fused MoE", date=now, device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, command=command,
                    shape=dict(name=args.shape, experts=experts, top_k=top_k, hidden=hidden, inter=inter),
+                   weights=args.weights,
                    copy_bytes_per_s=round(copy_bw), rows=[])
-    print(f"{args.shape}: {experts} experts, top-{top_k}, hidden {hidden}, expert FFN {inter}; copy "
+    quant = dict(w13_scale=w13_scale, w2_scale=w2_scale, quantize_rows=quantize_rows)
+    print(f"{args.shape}, {args.weights}: {experts} experts, top-{top_k}, hidden {hidden}, expert FFN {inter}; copy "
           f"{copy_bw / 1e12:.2f} TB/s")
     print(f"{'tokens':>7}{'experts hit':>13}{'loop us':>10}{'fused us':>10}{'graph us':>10}{'speed-up':>10}"
           f"{'floor us':>10}{'of floor':>10}")
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
         weights, ids = route(torch.randn(tokens, experts, device="cuda", generator=gen), top_k)
-        fused_out = fused_moe(x, w13, w2, weights, ids)[0]
+        fused_out = fused_moe(x, w13, w2, weights, ids, **quant)[0]
         ref = loop(x, weights, ids)
         err = float((fused_out.float() - ref.float()).abs().max() / ref.float().abs().max())
         t_loop = triton.testing.do_bench(lambda: loop(x, weights, ids)) * 1e3
-        t_fused = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, weights, ids)) * 1e3
+        t_fused = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, weights, ids, **quant)) * 1e3
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fused_moe(x, w13, w2, weights, ids)
+            fused_moe(x, w13, w2, weights, ids, **quant)
         t_graph = triton.testing.do_bench(graph.replay) * 1e3
         hit = int(ids.unique().numel())
-        floor = hit * (w13[0].numel() + w2[0].numel()) * 2 / copy_bw * 1e6
+        floor = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size() / copy_bw * 1e6
         row = dict(tokens=tokens, experts_hit=hit, loop_us=round(t_loop, 1), fused_us=round(t_fused, 1),
                    graph_us=round(t_graph, 1), speedup=round(t_loop / t_fused, 2), floor_us=round(floor, 1),
                    rel_err=err)

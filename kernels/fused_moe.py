@@ -21,10 +21,14 @@ on the routing; this file builds the same thing:
 
 Weights are stacked per layer: w13 [E, 2I, H] and w2 [E, H, I], the experts' Linear weights in their own [out,
 in] layout (MixtralSparseMoeBlock makes its experts' parameters views into the stacks, so nothing is held twice).
-Expert capacity (dropping rows) is the loop's business; this path routes every row. Under Triton's interpreter on
+Quantized experts enter as 8-bit codes with per-row scales (int8_rtn: W8A16; fp8: W8A8, the activation rows
+rounded to e4m3 before each GEMM): the codes are what the kernel reads, and each row's scale multiplies its sum
+once, after the K loop. Expert capacity (dropping rows) is the loop's business; this path routes every row. Under Triton's interpreter on
 a CPU it runs too (fp32), which is how the tests check it against the loop.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import triton
@@ -34,6 +38,8 @@ from minillm.kernels.fused import silu_and_mul
 from minillm.platform import triton_interpreted
 
 __all__ = ["moe_align", "fused_moe"]
+
+_CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # 8-bit weights, given with per-row scales
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -62,12 +68,16 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
-def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am, stride_we,
-                         stride_wn, stride_cm, ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_SCALE, num_pairs, N, K, stride_am,
+                         stride_we, stride_wn, stride_se, stride_cm, ROWS_PER_A: tl.constexpr,
+                         MUL_WEIGHT: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[pair, n] = sum_k A[pair // ROWS_PER_A, k] * W[expert, n, k] (x PAIR_WEIGHT[pair]) for the BLOCK_M sorted
-    rows of program_id(0) and the BLOCK_N columns of program_id(1) (step 2 of the module docstring)."""
+    rows of program_id(0) and the BLOCK_N columns of program_id(1) (step 2 of the module docstring). With 8-bit
+    codes W the sum is scaled afterwards by W_SCALE[expert, n] (and by A_SCALE[row] for e4m3 activations): a row's
+    scale is one number for the whole K sum, so it leaves the loop. UPCAST converts both tiles before the dot
+    (0: none; 1: fp32, 2: bf16, 3: fp16): int8 codes to the activations' dtype, or e4m3 where no fp8 dot runs."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
@@ -86,34 +96,68 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, 
         a = tl.load(A + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST == 1:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        elif UPCAST == 2:
+            a, w = a.to(tl.bfloat16), w.to(tl.bfloat16)
+        elif UPCAST == 3:
+            a, w = a.to(tl.float16), w.to(tl.float16)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_W_SCALE:
+        acc *= tl.load(W_SCALE + expert * stride_se + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_A_SCALE:
+        acc *= tl.load(A_SCALE + a_rows, mask=valid, other=0.0)[:, None]
     if MUL_WEIGHT:
         acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
+_UPCAST_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _fp8_dot_runs(device: torch.device) -> bool:
+    """Whether tl.dot takes e4m3 operands here: Ada / Hopper and later, and Triton's interpreter."""
+    return triton_interpreted() or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
-                  block_expert: torch.Tensor, rows_per_a: int, pair_weight: torch.Tensor | None,
-                  block_m: int) -> None:
+                  block_expert: torch.Tensor, rows_per_a: int, pair_weight: torch.Tensor | None, block_m: int,
+                  w_scale: torch.Tensor | None = None, a_scale: torch.Tensor | None = None,
+                  compute_dtype: torch.dtype | None = None) -> None:
+    """One launch of _grouped_gemm_kernel; compute_dtype: the dot's operand dtype (the activations' for dense
+    weights and int8 codes; e4m3 stays e4m3 where fp8 dots run)."""
     num_pairs, n, k = out.shape[0], w.shape[1], w.shape[2]
     block_n, block_k = (32, 32) if triton_interpreted() else (64, 64)
-    fp32 = a.dtype == torch.float32
+    compute_dtype = compute_dtype or a.dtype
+    upcast = 0 if a.dtype == w.dtype == compute_dtype else _UPCAST_CODE[compute_dtype]
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, w, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert, num_pairs, n, k,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
-        MUL_WEIGHT=pair_weight is not None, PRECISION="ieee" if fp32 or triton_interpreted() else "tf32",
+        a, w, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert,
+        a_scale if a_scale is not None else out, w_scale if w_scale is not None else out, num_pairs, n, k,
+        a.stride(0), w.stride(0), w.stride(1), w_scale.stride(0) if w_scale is not None else 0, out.stride(0),
+        ROWS_PER_A=rows_per_a, MUL_WEIGHT=pair_weight is not None, HAS_A_SCALE=a_scale is not None,
+        HAS_W_SCALE=w_scale is not None, UPCAST=upcast,
+        PRECISION="ieee" if compute_dtype == torch.float32 or triton_interpreted() else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, block_m: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+              topk_ids: torch.Tensor, block_m: int = 16, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None,
+              quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE MLP of x [T, H]: (out [T, H] in x's dtype, rows routed to each expert [E] int64, on x's device).
 
     w13 [E, 2I, H] (each expert's gate | up projection, as its Linear holds it), w2 [E, H, I]; topk_weights
     [T, k] (fp32) and topk_ids [T, k] from the router. out[t] = sum_j topk_weights[t, j] *
-    w2[e] (silu(gate) * up)(x[t]) with e = topk_ids[t, j], every expert's rows in one grouped GEMM per projection."""
+    w2[e] (silu(gate) * up)(x[t]) with e = topk_ids[t, j], every expert's rows in one grouped GEMM per projection.
+
+    Quantized experts (an MoE model under int8_rtn or fp8): w13 / w2 hold 8-bit codes (int8 or float8_e4m3fn)
+    with per-row scales w13_scale [E, 2I] and w2_scale [E, H], W = codes * scale[:, None] per expert. int8 codes are
+    converted to x's dtype inside the kernel (W8A16: one byte per weight read). `quantize_rows` (x [R, K] -> e4m3
+    codes [R, K], fp32 scales [R, 1]) rounds each activation row to e4m3 before each GEMM, W8A8 as fp8's dense
+    layers do (minillm.quant.fp8); the product then runs on fp8 tensor cores where they exist."""
     num_tokens, hidden = x.shape
     experts, double_inter, _ = w13.shape
     if w13.shape[2] != hidden or w2.shape != (experts, hidden, double_inter // 2):
@@ -122,14 +166,33 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [{num_tokens}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    for name, codes, scale, rows in (("w13", w13, w13_scale, double_inter), ("w2", w2, w2_scale, hidden)):
+        if (codes.dtype in _CODE_DTYPES) != (scale is not None) or (scale is not None and
+                                                                    scale.shape != (experts, rows)):
+            raise ValueError(f"fused_moe: {name} of dtype {codes.dtype} needs "
+                             + (f"{name}_scale [{experts}, {rows}], got "
+                                f"{None if scale is None else tuple(scale.shape)}" if codes.dtype in _CODE_DTYPES
+                                else f"no {name}_scale (only int8 / float8_e4m3fn codes are scaled)"))
+    if quantize_rows is not None and not (w13.dtype == w2.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"fused_moe: quantize_rows (e4m3 activations) needs float8_e4m3fn codes, got {w13.dtype} "
+                         f"and {w2.dtype}")
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     sorted_pairs, block_expert, counts = moe_align(topk_ids, experts, block_m)
     x = x.contiguous()
+
+    def grouped_gemm(a, w, out, rows_per_a, pair_weight, w_scale):
+        a_scale, compute = None, x.dtype
+        if quantize_rows is not None:  # W8A8: e4m3 rows, their scales applied after the sum
+            a, a_scale = quantize_rows(a)
+            a_scale = a_scale.reshape(-1).float().contiguous()
+            compute = torch.float8_e4m3fn if _fp8_dot_runs(x.device) else x.dtype
+        _grouped_gemm(a, w, out, sorted_pairs, block_expert, rows_per_a, pair_weight, block_m, w_scale, a_scale,
+                      compute)
+
     gate_up = torch.empty(num_pairs, double_inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, top_k, None, block_m)
+    grouped_gemm(x, w13, gate_up, top_k, None, w13_scale)
     inner = silu_and_mul(gate_up)
     mixed = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    _grouped_gemm(inner, w2, mixed, sorted_pairs, block_expert, 1, topk_weights.reshape(-1).float().contiguous(),
-                  block_m)
+    grouped_gemm(inner, w2, mixed, 1, topk_weights.reshape(-1).float().contiguous(), w2_scale)
     return mixed.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype), counts

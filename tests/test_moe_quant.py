@@ -25,6 +25,7 @@ from tiny_moe import TINY_MOE, save_tiny_mixtral, save_with_tokenizer, tiny_qwen
 pytest.importorskip("transformers")
 SHAPE = dict(hidden_size=64, intermediate_size=128)  # wide enough for groups of 64 (rtn, nf4)
 WEIGHT_ONLY = ("int8_rtn", "rtn", "nf4")
+FUSED = ("int8_rtn", "fp8")  # the methods whose experts enter kernels/fused_moe.py
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def test_every_expert_is_quantized_and_the_router_stays_dense(checkpoint, method
     dense = build_model(config, weights.items(), torch.device("cpu"), torch.float32)
     for layer, dense_layer in zip(model.model.layers, dense.model.layers):
         block = layer.mlp
-        assert block.gate.is_dense and not block.fusable
+        # 8-bit codes with row scales take the grouped GEMM; 4-bit and outlier-column methods the loop
+        assert block.gate.is_dense and block.fusable == (method in FUSED)
         for expert in block.experts:
             assert not expert.w13.is_dense and not expert.w2.is_dense
         bytes_q = sum(p.numel() * p.element_size() for p in block.experts.parameters())
@@ -95,6 +97,33 @@ def test_a_quantized_moe_computes_with_its_dequantized_weights(checkpoint, metho
     got, want, unquantized = (_logits(m, PROMPTS) for m in (model, oracle, dense))
     assert (got - want).abs().max() < 1e-4
     assert (got - unquantized).abs().max() > 1e-3  # the experts really are rounded
+
+
+@pytest.mark.parametrize("method", FUSED)
+def test_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(checkpoint, method, monkeypatch):
+    """On the Triton backend (here Triton's interpreter) int8_rtn and fp8 experts run kernels/fused_moe.py on
+    their 8-bit codes (stacked per layer, each expert's parameters views into the stacks) with the row scales
+    applied after the sum, and fp8's activation rows rounded to e4m3 first: the loop's logits (the same codes,
+    dequantized in torch, and the same e4m3 activations), in fp32."""
+    import minillm.kernels.fused_moe as fused_moe_module
+    _, config, weights = checkpoint
+    model = _quantized(config, weights, method)
+    loop = _logits(model, PROMPTS)
+    calls, fused = [], fused_moe_module.fused_moe
+    monkeypatch.setattr(fused_moe_module, "fused_moe", lambda *a, **kw: calls.append(kw) or fused(*a, **kw))
+    model.attention_backend = "triton"
+    got = _logits(model, PROMPTS)
+    assert len(calls) == config.num_hidden_layers
+    assert all((kw["quantize_rows"] is not None) == (method == "fp8") for kw in calls)
+    block = model.model.layers[1].mlp
+    codes, _, scales, _ = block._stacks
+    assert codes.dtype == (torch.int8 if method == "int8_rtn" else torch.float8_e4m3fn)
+    codes_name, scale_name = block.experts[2].w13.quant_method.expert_operands
+    assert getattr(block.experts[2].w13, codes_name).data_ptr() == codes[2].data_ptr()  # views, not copies
+    assert getattr(block.experts[2].w13, scale_name).data_ptr() == scales[2].data_ptr()
+    torch.testing.assert_close(got, loop, rtol=1e-4, atol=1e-4)
+    dense = build_model(config, weights.items(), torch.device("cpu"), torch.float32).eval()
+    assert (got - _logits(dense, PROMPTS)).abs().max() > 1e-3  # the codes really are rounded
 
 
 def _check_serving(directory, config, weights, method, device):
@@ -138,12 +167,43 @@ def test_on_a_gpu_llm_serves_a_quantized_moe_checkpoint(checkpoint, method):
     _check_serving(*checkpoint, method, "cuda")
 
 
-def test_a_quantized_moe_runs_the_expert_loop_eagerly_on_cuda():
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", FUSED)
+def test_on_a_gpu_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(checkpoint, method):
+    """The same on CUDA, where int8 codes meet the activations as TF32 in registers and e4m3 rows meet e4m3 codes on
+    the fp8 tensor cores. int8_rtn: the loop's logits (cuBLAS on the dequantized weights) within TF32's sum order.
+    fp8: the loop runs an expert's few rows as W8A16 (the decode GEMV: bf16 activations) and more as W8A8, the
+    fused path every row as W8A8, so the two differ by activation rounding: the fused logits must then be as close
+    to the unquantized model's as the loop's are (within 1.5x)."""
+    _, config, weights = checkpoint
+    cuda = torch.device("cuda")
+    model = build_model(apply_quantization_override(config, method), weights.items(), cuda, torch.float32).eval()
+    model.attention_backend = "torch"
+    loop = _logits(model, PROMPTS).float()
+    model.attention_backend = "triton"
+    fused = _logits(model, PROMPTS).float()
+    assert model.model.layers[0].mlp._stacks is not None
+    scale = loop.abs().max()
+    if method == "int8_rtn":
+        assert (fused - loop).abs().max() < 2e-2 * scale, (fused - loop).abs().max()
+    else:
+        dense = _logits(build_model(config, weights.items(), cuda, torch.float32).eval(), PROMPTS).float()
+        loop_error, fused_error = (loop - dense).abs().max(), (fused - dense).abs().max()
+        assert fused_error < 1.5 * loop_error + 1e-3 * scale, (fused_error, loop_error)
+
+
+def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
+    """int8_rtn and fp8 experts keep the fused path, whose decode steps are CUDA graphs; the other methods' experts
+    run the loop, whose shapes follow the routing: eager, and enforce_eager=False refused by name."""
     from minillm.engine.cache_config import resolve_engine_config
     cuda = torch.device("cuda")
-    quantized = dataclasses.replace(TINY_MOE, quantization="fp8")
+    for method in FUSED:
+        assert not resolve_engine_config(EngineConfig(), dataclasses.replace(TINY_MOE, quantization=method),
+                                         cuda).enforce_eager
+    quantized = dataclasses.replace(TINY_MOE, quantization="nf4")
     assert resolve_engine_config(EngineConfig(), quantized, cuda).enforce_eager
-    with pytest.raises(ValueError, match="quantization='fp8'.*dense experts"):
+    with pytest.raises(ValueError, match="quantization='nf4'.*int8_rtn or fp8 experts"):
         resolve_engine_config(EngineConfig(enforce_eager=False), quantized, cuda)
 
 

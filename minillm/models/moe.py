@@ -20,10 +20,12 @@ and the block all-reduces once, after the combine.
 The expert compute is a loop over experts, each a gather of its rows and two matmuls (HF's and vLLM's reference
 path, the CPU's). On the Triton backend (a GPU) the block runs kernels/fused_moe.py instead: the rows sorted by
 expert and padded into blocks, then one grouped GEMM per projection over all experts (vLLM's fused_moe), three
-launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks. The
-loop stays for expert capacity (it drops rows), for expert parallelism (the all-to-all path) and for quantized
-experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model, quantization=...)`;
-the router stays dense), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
+launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks.
+Quantized experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model,
+quantization=...)`; the router stays dense) take the fused path where their method gives 8-bit codes with row
+scales (int8_rtn, fp8: LinearMethod.expert_operands), and the loop otherwise (4-bit methods, block scales, LLM.int8's
+outlier columns). The loop also stays for expert capacity (it drops rows) and for expert parallelism (the
+all-to-all path), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
 path's do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
 ExpertLoad then include the padding rows of a graph's batch bucket). Mixed prefill steps and token trees stay
 eager for MoE models.
@@ -89,12 +91,16 @@ class MixtralSparseMoeBlock(nn.Module):
             if self.first_expert <= e < self.end_expert else ExpertOnAnotherRank() for e in range(self.num_experts))
         self.capacity_factor: float | None = None  # EngineConfig.moe_capacity_factor (set by the worker)
         self.load = ExpertLoad(self.first_expert, self.end_expert - self.first_expert)
-        # (w13 [E, 2I, H], w2 [E, H, I]) of the local experts, whose parameters are views into them from the start:
-        # the fused path reads the stacks, and loading or updating an expert writes into them (never a copy).
-        # Quantized experts have no dense weight to stack: they run the loop, each expert its own method's GEMMs
+        # The fused path reads per-layer stacks of the local experts' operands (LinearMethod.expert_operands): w13
+        # [E, 2I, H] and w2 [E, H, I], with [E, 2I] and [E, H] row scales for 8-bit codes, the experts' parameters
+        # made views into them. Dense weights are stacked now, so loading or updating an expert writes into the
+        # stack (never a copy); quantized codes exist only once loaded (stack_experts, after quantization). Methods
+        # without operands (4-bit, block scales, outlier columns) run the loop, each expert its own method's GEMMs.
         local = list(self.experts[self.first_expert:self.end_expert])
-        self.fusable = all(e.w13.is_dense and e.w2.is_dense for e in local)
-        self._stacks = _stacked(local) if self.fusable else None
+        operands = {(type(e.w13.quant_method), type(e.w2.quant_method)) for e in local}
+        self.fusable = len(operands) == 1 and all(e.w13.quant_method.expert_operands is not None and
+                                                  e.w2.quant_method.expert_operands is not None for e in local[:1])
+        self._stacks = _stacked(local) if self.fusable and local[0].w13.is_dense else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
@@ -109,24 +115,42 @@ class MixtralSparseMoeBlock(nn.Module):
     def _local_moe(self, x: torch.Tensor, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every expert in this process: (output, rows per expert, rows dropped). The grouped GEMMs of
         kernels/fused_moe.py on the Triton backend (the experts' SiLU says which) when every row is routed (no
-        capacity) through dense half- or full-precision weights, else the loop (minillm/layers/moe.py), which runs
-        any linear method (quantized experts)."""
+        capacity) through dense half- or full-precision weights or 8-bit codes (int8_rtn, fp8), else the loop
+        (minillm/layers/moe.py), which runs any linear method."""
         weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
         expert = local[0]
         if self.fusable and use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
-                x.dtype == expert.w13.weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            from minillm.kernels.fused_moe import fused_moe
-            out, counts = fused_moe(x, *self._expert_stacks(local), weights, expert_ids)
-            return out, counts, 0
+                x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            stacks = self._expert_stacks(local)
+            if stacks[0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn):
+                return (*self._fused(x, stacks, weights, expert_ids), 0)
         rows = x.repeat_interleave(self.top_k, dim=0)  # token-major rows: row t * k + j is token t's j-th expert
         capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
         return combine_expert_outputs(rows_out, weights), counts, dropped
 
-    def _expert_stacks(self, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stacks, stacked again if the experts' parameters were given new tensors since (e.g. model.to())."""
-        if local[0].w13.weight.data_ptr() != self._stacks[0].data_ptr() or \
-                local[-1].w2.weight.data_ptr() != self._stacks[1][-1].data_ptr():
+    def _fused(self, x: torch.Tensor, stacks: tuple, weights: torch.Tensor,
+               expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kernels/fused_moe.py over the stacks: (output, rows per expert)."""
+        from minillm.kernels.fused_moe import fused_moe
+        from minillm.quant.fp8 import per_token_fp8
+        w13, w2, w13_scale, w2_scale = stacks
+        fp8_rows = self.experts[self.first_expert].w13.quant_method.expert_activations_fp8
+        return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+                         quantize_rows=per_token_fp8 if fp8_rows else None)
+
+    def stack_experts(self) -> None:
+        """Build the fused path's stacks now (the model's process_weights_after_loading calls it, once quantized
+        experts hold their codes); a no-op for the loop."""
+        if self.fusable:
+            self._expert_stacks(list(self.experts[self.first_expert:self.end_expert]))
+
+    def _expert_stacks(self, local: list[nn.Module]) -> tuple:
+        """The stacks, stacked again if the experts' parameters were given new tensors since (e.g. model.to(), or
+        a quantized model used before its weights were processed)."""
+        names = local[0].w13.quant_method.expert_operands[0], local[0].w2.quant_method.expert_operands[0]
+        if self._stacks is None or getattr(local[0].w13, names[0]).data_ptr() != self._stacks[0].data_ptr() or \
+                getattr(local[-1].w2, names[1]).data_ptr() != self._stacks[1][-1].data_ptr():
             self._stacks = _stacked(local)
         return self._stacks
 
@@ -136,19 +160,24 @@ class MixtralSparseMoeBlock(nn.Module):
         return f"experts={self.num_experts}, top_k={self.top_k}{norm}{held}"
 
 
-def _stacked(experts: list[MixtralExpert]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One w13 [E, 2I, H] and one w2 [E, H, I] tensor holding the experts' weights, each expert's parameters made
-    views into them (the parameter objects, and their weight loaders, stay the same)."""
-    stacks = []
-    for name in ("w13", "w2"):
-        first = getattr(experts[0], name).weight
-        stack = torch.empty((len(experts), *first.shape), dtype=first.dtype, device=first.device)
-        for i, expert in enumerate(experts):
-            param = getattr(expert, name).weight
-            stack[i].copy_(param.detach())
-            param.data = stack[i]
-        stacks.append(stack)
-    return stacks[0], stacks[1]
+def _stacked(experts: list[MixtralExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                     torch.Tensor | None]:
+    """(w13 [E, 2I, H], w2 [E, H, I], w13's row scales [E, 2I] or None, w2's [E, H] or None): each tensor holds the
+    experts' parameters named by their method's expert_operands, which become views into it (the parameter
+    objects, and their weight loaders, stay the same)."""
+    stacks = {}
+    for proj in ("w13", "w2"):
+        for role, name in zip(("codes", "scale"), getattr(experts[0], proj).quant_method.expert_operands):
+            if name is None:
+                stacks[proj, role] = None
+                continue
+            params = [getattr(getattr(expert, proj), name) for expert in experts]
+            stack = torch.empty((len(params), *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            for i, param in enumerate(params):
+                stack[i].copy_(param.detach())
+                param.data = stack[i]
+            stacks[proj, role] = stack
+    return stacks["w13", "codes"], stacks["w2", "codes"], stacks["w13", "scale"], stacks["w2", "scale"]
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
@@ -174,6 +203,13 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def _map_name(self, name: str) -> tuple[str, object]:
         return super()._map_name(name.replace(".block_sparse_moe.", ".mlp."))
+
+    def process_weights_after_loading(self) -> None:
+        """Llama's (each linear quantizes its weights), then each MoE block stacks its experts' codes."""
+        super().process_weights_after_loading()
+        for module in self.modules():
+            if isinstance(module, MixtralSparseMoeBlock):
+                module.stack_experts()
 
 
 class Qwen3MoeForCausalLM(MixtralForCausalLM):

@@ -103,9 +103,18 @@ class LinearMethod(ABC):
         into that GEMV as it does for a dense weight; None (the default) where it is not."""
         return None
 
+    # How this method's layers enter kernels/fused_moe.py as a mixture-of-experts block's experts: the names of the
+    # parameters the grouped GEMM reads, (weight or 8-bit codes [out, in], per-row scales [out] or None), stacked per
+    # layer once loaded; None (the default): such experts run the per-expert loop, each its own GEMMs, eagerly.
+    expert_operands: tuple[str, str | None] | None = None
+    # with expert_operands: whether each activation row is rounded to e4m3 before the product (W8A8, as fp8's apply)
+    expert_activations_fp8: bool = False
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """The default: a dense weight [output_size, input_size] in the model's dtype, and F.linear."""
+
+    expert_operands = ("weight", None)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype | None) -> None:
@@ -122,6 +131,9 @@ class QuantizationConfig(ABC):
     """One model's quantization scheme: parsed once from the checkpoint, asked once per Linear layer."""
 
     name: str = ""  # the key in QUANTIZATION_METHODS
+    # whether a mixture-of-experts model under this method keeps the fused expert path (its methods give
+    # LinearMethod.expert_operands), so that its decode steps may be CUDA graphs (engine/cache_config.py)
+    fused_experts: bool = False
 
     @classmethod
     @abstractmethod

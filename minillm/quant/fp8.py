@@ -80,6 +80,15 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return dispatch("ch07.fp8_scale", scaled_fp8_quant)(x, x.abs().amax(dim=-1, keepdim=True), FP8_DTYPE)
 
 
+def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]): minillm.kernels.fp8_gemm's one-launch kernel on CUDA, else
+    (and while a learner's ch07.fp8_scale is plugged in, so that their function is used) quantize_fp8_per_token."""
+    if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
+        from minillm.kernels.fp8_gemm import per_token_quant_fp8
+        return per_token_quant_fp8(x)
+    return quantize_fp8_per_token(x)
+
+
 def fp8_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether fp8_linear runs the weight-only GEMV on x: a CUDA decode step of at most w8a8_gemv_max_m(weight) rows,
     unless a learner's ch07.fp8_scale is plugged in (then the emulation runs, so that their function is used)."""
@@ -103,18 +112,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if fp8_gemv_applies(x, weight):
         from minillm.kernels.gemv import gemv
         return gemv(x, weight, bias, weight_scale=_row_scales(weight_scale, weight.shape[0]))
-    if x.is_cuda and "ch07.fp8_scale" not in active_overrides():
-        from minillm.kernels.fp8_gemm import fp8_gemm, per_token_quant_fp8
-        x8, x_scale = per_token_quant_fp8(x)  # [M, K] e4m3, [M, 1]
+    x8, x_scale = per_token_fp8(x)  # [M, K] e4m3, [M, 1]
+    if x8.is_cuda and "ch07.fp8_scale" not in active_overrides():
+        from minillm.kernels.fp8_gemm import fp8_gemm
         y = fp8_gemm(x8, weight, x_scale, weight_scale, bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], weight.shape[0])
-    x8, x_scale = quantize_fp8_per_token(x)
     y = (x8.float() @ weight.float().T) * x_scale * weight_scale.float()
     y = y.to(x.dtype)
     return y if bias is None else y + bias
 
 
 class Fp8LinearMethod(LinearMethod):
+    expert_operands = ("weight", "weight_scale")  # e4m3 codes, one scale per row (a per-tensor one repeated)
+    expert_activations_fp8 = True
+
     def __init__(self, serialized: bool, per_channel: bool) -> None:
         self.serialized, self.per_channel = serialized, per_channel
 
@@ -163,6 +174,7 @@ class Fp8Config(SkipListQuantizationConfig):
     "channel", the default, or "tensor", vLLM's on-the-fly choice)."""
 
     name = "fp8"
+    fused_experts = True
 
     def __init__(self, serialized: bool, per_channel: bool, modules_to_not_convert: tuple[str, ...] = ()) -> None:
         self.serialized, self.per_channel, self.modules_to_not_convert = serialized, per_channel, modules_to_not_convert

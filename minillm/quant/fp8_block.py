@@ -183,6 +183,8 @@ class Fp8BlockLinearMethod(Fp8LinearMethod):
     """Fp8LinearMethod's life cycle (dense staging weight -> e4m3 + scales once loaded, or e4m3 read as stored)
     with one scale per (block_n x block_k) tile, stored as DeepSeek's `weight_scale_inv`."""
     SCALE_NAME = "weight_scale_inv"
+    expert_operands = None  # tile scales: such experts run the loop, each its own block GEMM
+    expert_activations_fp8 = False
 
     def __init__(self, serialized: bool, block: tuple[int, int]) -> None:
         self.serialized, self.block = serialized, block

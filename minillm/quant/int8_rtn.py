@@ -55,6 +55,8 @@ def whole_row_int8(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor
 class Int8RTNLinearMethod(LinearMethod):
     """Dense staging weight at load time; int8 `qweight` [out, in] + `weight_scale` [out] afterwards."""
 
+    expert_operands = ("qweight", "weight_scale")  # W8A16 in kernels/fused_moe.py too
+
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype | None) -> None:
         add_parameter(layer, "weight", torch.empty(output_size, input_size, dtype=dtype))
@@ -98,6 +100,7 @@ class Int8RTNConfig(QuantizationConfig):
     """Every Linear gets int8 RTN, except those whose name contains one of `modules_to_not_convert`."""
 
     name = "int8_rtn"
+    fused_experts = True
 
     def __init__(self, modules_to_not_convert: tuple[str, ...] = ()) -> None:
         self.modules_to_not_convert = tuple(modules_to_not_convert)
