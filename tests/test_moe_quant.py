@@ -207,16 +207,13 @@ def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
         resolve_engine_config(EngineConfig(enforce_eager=False), quantized, cuda)
 
 
-def test_the_layer_wise_tools_refuse_experts_by_name(checkpoint):
-    """minillm quantize's calibrated walk and pruning know a dense MLP only: a clear error, not an AttributeError
-    deep in a layer, and it names the load-time methods that do take experts."""
-    from minillm.quant.driver import quantize_model
+def test_pruning_refuses_experts_by_name(checkpoint):
+    """Pruning's layer walk knows a dense MLP only: a clear error, not an AttributeError deep in a layer, naming
+    the load-time methods that do take experts (quantize_model's experts: tests/test_moe_quantize_model.py)."""
     from minillm.quant.prune import prune_model
     _, config, weights = checkpoint
     model = build_model(config, weights.items(), torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match=r"quantize_model .*'mixtral' has 4 experts a layer.*quantization=.*int8_rtn"):
-        quantize_model(model, "rtn")
-    with pytest.raises(ValueError, match=r"prune_model .*'mixtral' has 4 experts"):
+    with pytest.raises(ValueError, match=r"prune_model .*'mixtral' has 4 experts a layer.*quantization=.*int8_rtn"):
         prune_model(model, "magnitude", 0.5)
 
 

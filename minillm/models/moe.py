@@ -60,11 +60,13 @@ class MixtralExpert(nn.Module):
                                               prefix=f"{prefix}.w13")
         self.w2 = RowParallelLinear(size, config.hidden_size, bias=False, quant_config=quant_config,
                                     prefix=f"{prefix}.w2")
+        # w2 without RowParallelLinear's all-reduce: the block reduces every expert's partial sums at once
+        self.w2.reduce_output = False
         self.act_fn = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # w2's matmul without RowParallelLinear's all-reduce: the block reduces every expert's partial sums at once
-        return self.w2.quant_method.apply(self.w2, self.act_fn(self.w13(x)), None)
+        # (both linears called as modules, so that forward hooks see their inputs: GPTQ's Hessians per expert)
+        return self.w2(self.act_fn(self.w13(x)))
 
 
 class ExpertOnAnotherRank(PPMissingLayer):
@@ -204,6 +206,10 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def _map_name(self, name: str) -> tuple[str, object]:
         return super()._map_name(name.replace(".block_sparse_moe.", ".mlp."))
 
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint's name of an (unpacked) parameter name: _map_name's renaming undone."""
+        return name.replace(".mlp.", ".block_sparse_moe.")
+
     def process_weights_after_loading(self) -> None:
         """Llama's (each linear quantizes its weights), then each MoE block stacks its experts' codes."""
         super().process_weights_after_loading()
@@ -223,3 +229,10 @@ class Qwen3MoeForCausalLM(MixtralForCausalLM):
         if "experts" in parts:
             parts = [self._EXPERT_NAMES.get(part, part) for part in parts]
         return super()._map_name(".".join(parts))
+
+    def checkpoint_name(self, name: str) -> str:
+        parts = name.split(".")
+        if "experts" in parts:
+            checkpoint = {ours: theirs for theirs, ours in self._EXPERT_NAMES.items()}
+            parts = [checkpoint.get(part, part) for part in parts]
+        return ".".join(parts)

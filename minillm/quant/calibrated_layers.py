@@ -77,28 +77,53 @@ def _linears_in_order(layer: nn.Module) -> tuple[nn.Module, ...]:
     return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
+def _linear_groups(layer: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """The layer's linears in the order GPTQ quantizes them, grouped where one calibration run can capture the
+    inputs of all: q/k/v, o, then a dense MLP's gate/up and down, or a mixture-of-experts block's w13 of every
+    local expert, then every w2 (each expert's inputs are the rows routed to it; experts do not feed each other,
+    so they share a run, as GPTQModel does; the router stays dense)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not hasattr(mlp, "experts"):
+        return [(lin,) for lin in _linears_in_order(layer)]
+    local = [e for e in mlp.experts if hasattr(e, "w13")]  # (ExpertOnAnotherRank holds nothing)
+    return [(attn.qkv_proj,), (attn.o_proj,), tuple(e.w13 for e in local), tuple(e.w2 for e in local)]
+
+
+def _gptq_one(lin: nn.Module, weight: torch.Tensor, H: torch.Tensor, opts: dict[str, Any]) -> QuantizedWeight:
+    """GPTQ of one linear's weight on its Hessian H; the dequantized result is written back into the layer."""
+    g = opts["group_size"]
+    block = 128 if g == -1 or 128 % g == 0 else g
+    res = gptq_quantize(weight, H, opts["bits"], g, opts["sym"], opts["percdamp"], block,
+                        act_order=opts["act_order"], static_groups=opts["static_groups"],
+                        clip_search=opts["grid_search"])
+    lin.weight.data.copy_(res.weight_dq.to(lin.weight.dtype))
+    return res.qweight
+
+
 def _gptq_layer(layer: nn.Module, runner: LayerRunner, opts: dict[str, Any],
                 reference: tuple[nn.Module, LayerRunner] | None = None) -> dict[nn.Module, QuantizedWeight]:
-    """True-sequential GPTQ of one layer. reference: (the layer's unquantized twin, the unquantized walk) for
-    asymmetric calibration (gptq_asym.py): each linear aims at the unquantized model's outputs."""
+    """True-sequential GPTQ of one layer, a group of linears at a time (_linear_groups). reference: (the layer's
+    unquantized twin, the unquantized walk) for asymmetric calibration (gptq_asym.py; dense MLPs only): each
+    linear aims at the unquantized model's outputs. An expert that no calibration token reached has no Hessian:
+    it is rounded to nearest on the same grid (GPTQ's objective is flat there)."""
     result = {}
-    twins = _linears_in_order(reference[0]) if reference is not None else (None,) * 4
-    for lin, twin in zip(_linears_in_order(layer), twins):
-        weight = lin.weight.data
-        if reference is None:
-            acc = HessianAccumulator(lin.input_size, device=lin.weight.device)
-            runner.run(layer, {lin: acc.add})
-        else:
+    if reference is not None:
+        for lin, twin in zip(_linears_in_order(layer), _linears_in_order(reference[0])):
             acc = PairedInputAccumulator(lin.input_size, device=lin.weight.device)
             accumulate_paired_inputs(layer, reference[0], lin, twin, runner.batches, reference[1].batches, acc)
-            weight = asymmetric_target(weight, acc.H, acc.D, opts["percdamp"])
-        g = opts["group_size"]
-        block = 128 if g == -1 or 128 % g == 0 else g
-        res = gptq_quantize(weight, acc.H, opts["bits"], g, opts["sym"], opts["percdamp"], block,
-                            act_order=opts["act_order"], static_groups=opts["static_groups"],
-                            clip_search=opts["grid_search"])
-        lin.weight.data.copy_(res.weight_dq.to(lin.weight.dtype))
-        result[lin] = res.qweight
+            weight = asymmetric_target(lin.weight.data, acc.H, acc.D, opts["percdamp"])
+            result[lin] = _gptq_one(lin, weight, acc.H, opts)
+        return result
+    for group in _linear_groups(layer):
+        accs = {lin: HessianAccumulator(lin.input_size, device=lin.weight.device) for lin in group}
+        runner.run(layer, {lin: acc.add for lin, acc in accs.items()})
+        for lin, acc in accs.items():
+            if acc.n_samples:
+                result[lin] = _gptq_one(lin, lin.weight.data, acc.H, opts)
+            else:
+                qw = quantize(lin.weight.data, opts["bits"], opts["group_size"], opts["sym"])
+                lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
+                result[lin] = qw
     return result
 
 

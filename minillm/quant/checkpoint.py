@@ -72,7 +72,7 @@ def load_time_quantization(model_config: Any, quantization: str | None,
 def hf_config_dict(config: Any) -> dict[str, Any]:
     """config.json for a ModelConfig, in Hugging Face's field names (config_from_hf reads it back unchanged)."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
     raw = {"architectures": [arch[config.architecture]], "model_type": config.architecture,
            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
@@ -87,6 +87,12 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
             raw["layer_types"] = list(config.layer_types)
     elif config.architecture == "mistral":
         raw["sliding_window"] = None  # full attention (Mistral's config would otherwise default to 4096)
+    if config.architecture == "mixtral":
+        raw.update(num_local_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok)
+    elif config.architecture == "qwen3_moe":  # every layer sparse; the experts' width is moe_intermediate_size
+        raw.update(num_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   norm_topk_prob=config.norm_topk_prob, moe_intermediate_size=config.intermediate_size,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     if config.quantization_config is not None:
         raw["quantization_config"] = dict(config.quantization_config)
     return raw

@@ -13,7 +13,8 @@ model that no longer exists. Per layer:
 
     gptq         for qkv_proj, o_proj, gate_up_proj, down_proj in turn ("true sequential"): run the layer over the
                  calibration batches with a hook that accumulates H = 2 X^T X at that linear's input, quantize it
-                 with gptq_quantize, write the dequantized weight back, so the next linear sees its effect
+                 with gptq_quantize, write the dequantized weight back, so the next linear sees its effect; in a
+                 mixture-of-experts layer every expert's w13, then every w2, each on the rows routed to it
     awq          one run captures each linear's input X; scales are searched and folded: down_proj's into
                  up_proj's rows, gate/up's into post_attention_layernorm, o_proj's into v_proj (only without
                  grouped KV heads; else o_proj gets the clip search alone), q/k/v's into input_layernorm
@@ -99,19 +100,52 @@ def _shards(model: nn.Module, name: str, layer: nn.Module) -> list[tuple[str, sl
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A dense model's parameters as an HF checkpoint: packed q/k/v and gate/up split back into their tensors."""
+    """A dense model's parameters as an HF checkpoint: packed q/k/v and gate/up (an expert's w1/w3) split back into
+    their tensors, under the architecture's own names (checkpoint_name)."""
     state = {}
     for name, param in model.named_parameters():
         module_name, _, suffix = name.rpartition(".")
         layer = model.get_submodule(module_name)
         shards = _shards(model, module_name, layer) if getattr(layer, "shard_ids", ()) else [(module_name, slice(None))]
-        state.update({f"{hf}.{suffix}": param.detach()[rows].clone() for hf, rows in shards})
+        state.update({checkpoint_name(model, f"{hf}.{suffix}"): param.detach()[rows].clone() for hf, rows in shards})
     return state
 
 
+def checkpoint_name(model: nn.Module, name: str) -> str:
+    """The Hugging Face name of a parameter `name` after unpacking (the model's checkpoint_name where its
+    checkpoints rename blocks, e.g. Mixtral's block_sparse_moe; the name itself otherwise)."""
+    rename = getattr(model, "checkpoint_name", None)
+    return rename(name) if rename is not None else name
+
+
 def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder's linears that a method quantizes: every attention, MLP and expert linear, not a
+    mixture-of-experts router (`mlp.gate`), which stays dense (as in vLLM and the load-time methods)."""
     from minillm.layers.linear import Linear
-    return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and ".layers." in n}
+    routers = {id(m.gate) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, Linear) and ".layers." in n and id(m) not in routers}
+
+
+# What quantize_model can do for a mixture-of-experts model: every method that rounds each weight on its own, and
+# GPTQ with per-expert Hessians; the methods that fold scales into the norm before the MLP (AWQ, SmoothQuant, fp8's
+# smoothing) would need one scale shared by the router and every expert, and asymmetric calibration pairs the
+# unquantized walk's inputs with a walk whose routing differs.
+MOE_METHODS = ("rtn", "gptq", "fp8", "fp8_block", "nf4", "int8")
+
+
+def check_experts(model: nn.Module, method: str, calibrated: bool, asym_calib: bool) -> None:
+    """A mixture-of-experts model takes MOE_METHODS (uncalibrated, or GPTQ without asym_calib); others by name."""
+    experts = getattr(model.config, "num_local_experts", 0)
+    if not experts:
+        return
+    if method not in MOE_METHODS or (calibrated and method != "gptq") or asym_calib:
+        what = "asym_calib" if asym_calib else (f"{method} with calibration" if method in MOE_METHODS else method)
+        raise ValueError(f"quantize_model: {what} is not available for mixture-of-experts models "
+                         f"({model.config.architecture!r}, {experts} experts a layer); use one of "
+                         f"{', '.join(MOE_METHODS)} (GPTQ calibrates each expert on the tokens routed to it), or "
+                         f"quantize while loading: LLM(model, quantization=...) with one of "
+                         f"{', '.join(LOAD_TIME_METHODS)}")
 
 
 def check_no_experts(model: nn.Module, tool: str) -> None:
@@ -128,7 +162,6 @@ def _check(model: nn.Module, method: str, bits: int | None, group_size: int, cal
            calibrated: bool) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; quantize_model knows {', '.join(METHODS)}")
-    check_no_experts(model, "quantize_model (minillm quantize)")
     if method in _FIXED_BITS:
         if bits not in (None, _FIXED_BITS[method]):
             raise ValueError(f"{method} stores {_FIXED_BITS[method]}-bit weights; got bits={bits!r}")
@@ -217,7 +250,8 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
                    fp8_gptq: bool = False, fp8_mse_scale: bool = False,
                    fp8_alphas: tuple[float, ...] = DEFAULT_ALPHAS, fp8_search_tokens: int = 1024,
                    weight_block_size: int | tuple[int, int] = fp8_block.DEFAULT_BLOCK) -> QuantizedModel:
-    """Quantize a dense LlamaForCausalLM with `method` (METHODS); the model itself is left unchanged.
+    """Quantize a dense LlamaForCausalLM (or a Mixtral / Qwen3-MoE: MOE_METHODS, the routers kept dense) with
+    `method` (METHODS); the model itself is left unchanged.
 
     bits/group_size/sym: the integer grid of rtn, gptq and awq (bits 2..8, default 4; group_size -1 = per channel;
     AWQ is asymmetric); calibration: token ids [n_samples, seq_len] for gptq, awq, smoothquant (batch_size
@@ -239,6 +273,7 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     calibrated = method in CALIBRATED or fp8_calibrated or (
         method == "fp8_block" and fp8_block.check_recipe(fp8_smooth_alpha, fp8_gptq, fp8_mse_scale, act_order))
     bits = _check(model, method, bits, group_size, calibration, calibrated)
+    check_experts(model, method, calibrated, asym_calib)
     if method == "awq" and sym:
         raise ValueError("awq quantizes on an asymmetric grid (zero points); got sym=True")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -258,6 +293,8 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
     qweights: dict[nn.Module, QuantizedWeight] = {}
     if calibrated:
         model = copy.deepcopy(model)  # weights are rewritten (quantized, scales folded) as the walk goes
+        if getattr(model.config, "num_local_experts", 0):
+            model.attention_backend = "torch"  # the per-expert loop, whose expert linears the hooks observe
         runner = LayerRunner(model, calibration, batch_size)
         fp_runner = LayerRunner(model, calibration, batch_size) if asym_calib else None  # the unquantized walk
         for layer in tqdm(model.model.layers, desc=method, unit="layer", disable=not progress):
@@ -274,17 +311,17 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
         module_name, _, suffix = name.rpartition(".")
         layer = model.get_submodule(module_name)
         if layer not in linears:
-            state[name] = param.detach().clone()
+            state[checkpoint_name(model, name)] = param.detach().clone()
             continue
         shards = _shards(model, module_name, layer)
         if suffix == "bias":
-            state.update({f"{hf}.bias": param.detach()[rows].clone() for hf, rows in shards})
+            state.update({checkpoint_name(model, f"{hf}.bias"): param.detach()[rows].clone() for hf, rows in shards})
             continue
         sizes = [rows.stop - rows.start for _, rows in shards]
         split = _split_rows(qweights[layer], sizes) if layer in qweights else [None] * len(shards)
         for (hf, rows), qw in zip(shards, split):
             for key, tensor in _export(method, param.detach()[rows], qw, opts).items():
-                state[f"{hf}.{key}"] = tensor.contiguous()
+                state[checkpoint_name(model, f"{hf}.{key}")] = tensor.contiguous()
     quant_config = _quantization_config(method, opts)
     config = dataclasses.replace(model.config, quantization=quant_config["quant_method"],
                                  quantization_config=quant_config)

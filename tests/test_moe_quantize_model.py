@@ -1,0 +1,129 @@
+"""quantize_model (`minillm quantize`) on mixture-of-experts models: every expert's linears quantized, the routers
+dense, GPTQ calibrating each expert on the rows routed to it, and checkpoints under Mixtral's / Qwen3-MoE's own
+names that load back through the engine (CPU, tiny models)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minillm.forward_context import forward_context, prefill_metadata
+from minillm.loader import load_hf_model
+from minillm.quant.checkpoint import save_quantized
+from minillm.quant.driver import quantize_model
+from minillm.quant.rtn import quantize
+from minillm.sampling_params import SamplingParams
+from test_moe_quant import _quantized  # noqa: F401  (the same tiny checkpoint's loader)
+from tiny import one_thread  # noqa: F401  (autouse)
+from tiny_moe import save_tiny_mixtral, save_with_tokenizer, tiny_qwen3_moe
+
+pytest.importorskip("transformers")
+SHAPE = dict(hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    from minillm.engine.worker import build_model
+    directory = tmp_path_factory.mktemp("mixtral_qm")
+    save_tiny_mixtral(directory, **SHAPE)
+    config, weights = load_hf_model(directory)
+    return directory, build_model(config, weights, torch.device("cpu"), torch.float32).eval()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    n, seq_len = ids.shape
+    with torch.no_grad(), forward_context(prefill_metadata([seq_len] * n)):
+        return model.compute_logits(model(ids.flatten(), torch.arange(seq_len).repeat(n)))
+
+
+def _calibration(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 112, (n, seq_len), generator=torch.Generator().manual_seed(seed))  # the vocabulary
+
+
+def test_a_rtn_mixtral_checkpoint_keeps_hf_names_and_loads_back(mixtral, tmp_path):
+    """Experts' w1 / w3 / w2 become GPTQ-format tensors under block_sparse_moe (Mixtral's names), the routers stay
+    dense, config.json is a MixtralConfig transformers reads, and the engine serves the directory with the built
+    model's greedy tokens."""
+    from minillm import LLM
+    directory, model = mixtral
+    qm = quantize_model(model, "rtn", group_size=64, progress=False)
+    keys = set(qm.state)
+    assert not any(".mlp." in k for k in keys)
+    for layer in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        assert f"{prefix}.gate.weight" in keys and f"{prefix}.gate.qweight" not in keys  # the router: dense
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                assert {f"{prefix}.experts.{e}.{w}.{t}" for t in ("qweight", "scales", "qzeros")} <= keys
+    out = save_quantized(qm, tmp_path / "q", source=str(directory))
+    from transformers import AutoConfig
+    hf = AutoConfig.from_pretrained(out)
+    assert hf.model_type == "mixtral" and hf.num_local_experts == 4 and hf.num_experts_per_tok == 2
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    built = qm.build()
+    prompt = [5, 6, 7, 8, 40, 2]
+    llm = LLM(out, device="cpu", dtype="float32", max_model_len=64)
+    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].outputs[0].token_ids
+    tokens = list(prompt)
+    for token in got:
+        assert token == int(_logits(built, torch.tensor([tokens]))[-1].argmax())
+        tokens.append(token)
+
+
+def test_gptq_calibrates_each_expert_on_its_own_rows(mixtral):
+    """GPTQ's per-expert Hessians: on the calibration text the quantized model's logits are closer to the dense
+    model's than round-to-nearest's on the same grid."""
+    _, model = mixtral
+    ids = _calibration(8, 32)
+    dense = _logits(model, ids)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        qm = quantize_model(model, method, group_size=64, calibration=ids if method == "gptq" else None,
+                            progress=False)
+        errors[method] = float((_logits(qm.build(), ids) - dense).pow(2).mean())
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors  # 0.71x when written
+
+
+def test_an_expert_no_calibration_token_reached_is_rounded_to_nearest(mixtral):
+    """One token routes to 2 of 4 experts per layer: the other two have no Hessian and get RTN's codes exactly; the
+    two that saw the token get GPTQ's (which differ from RTN's)."""
+    _, model = mixtral
+    qm = quantize_model(model, "gptq", group_size=64, sym=True, calibration=_calibration(1, 1), progress=False)
+    params = dict(model.named_parameters())
+    same = []
+    for e in range(4):
+        name = f"model.layers.0.mlp.experts.{e}.w2.weight"
+        rtn = quantize(params[name].detach(), 4, 64, True).unsigned_codes()
+        stored = qm.state[f"model.layers.0.block_sparse_moe.experts.{e}.w2.qweight"]
+        unpacked = torch.stack([(stored >> (4 * i)) & 0xF for i in range(8)], 1).reshape(-1, stored.shape[1]).T
+        same.append(torch.equal(unpacked, rtn))
+    assert sorted(same) == [False, False, True, True], same
+
+
+def test_qwen3_moe_checkpoint_keeps_llama_expert_names(tmp_path):
+    save_with_tokenizer(tiny_qwen3_moe(), tmp_path)
+    from minillm.engine.worker import build_model
+    config, weights = load_hf_model(tmp_path)
+    weights = dict(weights)
+    model = build_model(config, weights.items(), torch.device("cpu"), torch.float32).eval()
+    qm = quantize_model(model, "fp8", progress=False)
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight_scale" in qm.state
+    assert qm.state["model.layers.0.mlp.gate.weight"].dtype == torch.float32  # the router
+    out = save_quantized(qm, tmp_path / "q", source=str(tmp_path))
+    reread, _ = load_hf_model(out)
+    assert (reread.architecture, reread.num_local_experts, reread.intermediate_size) == \
+        ("qwen3_moe", config.num_local_experts, config.intermediate_size)
+    ids = _calibration(2, 12)
+    torch.testing.assert_close(_logits(qm.build(), ids), _logits(_quantized(config, weights, "fp8"), ids))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="awq"), r"awq is not available for mixture-of-experts models \('mixtral', 4 experts"),
+    (dict(method="smoothquant"), "smoothquant is not available"),
+    (dict(method="gptq", asym_calib=True), "asym_calib is not available"),
+    (dict(method="fp8", fp8_gptq=True), "fp8 with calibration is not available")])
+def test_methods_that_fold_scales_or_pair_walks_refuse_experts_by_name(mixtral, kwargs, message):
+    _, model = mixtral
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, calibration=_calibration(2, 8), progress=False, **kwargs)
