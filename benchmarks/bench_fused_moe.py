@@ -1,15 +1,17 @@
 """The MoE MLP on the GPU: kernels/fused_moe.py's grouped GEMMs against the per-expert loop (minillm/layers/moe.py).
 
     python benchmarks/bench_fused_moe.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--tokens 1 8 64 256 1024]
-                                         [--weights bf16|int8|fp8] [--out F]
+                                         [--weights bf16|int8|fp8|int4] [--out F]
 
 One MoE block's MLP (router output given: top-k weights and ids drawn from a random router) with random bf16
 weights of the shape's sizes, or those weights as 8-bit codes with one scale per row (--weights int8: int8_rtn's
-W8A16; fp8: fp8's W8A8, activation rows rounded to e4m3), timed with triton.testing.do_bench (median, warm weights):
+W8A16; fp8: fp8's W8A8, activation rows rounded to e4m3) or 4-bit g128 codes in GPTQ's layout (int4: rtn / gptq /
+awq's W4A16), timed with triton.testing.do_bench (median, warm weights):
 
     loop    the engine's reference path: rows sorted by expert, then per expert a gather, gate_up, SiLU, down, and a
             scatter (run_experts), then the weighted sum over each token's k rows (one host sync for the counts);
-            quantized, each expert's projections are its method's own call site (int8_weight_linear, fp8_linear)
+            quantized, each expert's projections are its method's own call site (int8_weight_linear, fp8_linear,
+            int4_linear)
     fused   moe_align + two grouped GEMMs + silu_and_mul + the k-row sum: a fixed number of launches, no sync
             (eager: the host's launches included, as an eager engine pays them)
     graph   the fused path recorded as one CUDA graph and replayed (its shapes do not depend on the routing): the
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
-    parser.add_argument("--weights", choices=("bf16", "int8", "fp8"), default="bf16")
+    parser.add_argument("--weights", choices=("bf16", "int8", "fp8", "int4"), default="bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import torch
@@ -55,7 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen).mul_(hidden ** -0.5).bfloat16()
     w2 = torch.randn(experts, hidden, inter, device="cuda", generator=gen).mul_(inter ** -0.5).bfloat16()
     w13_scale = w2_scale = quantize_rows = None
-    if args.weights != "bf16":  # 8-bit codes [E, N, K] with a scale per expert row, as the engine stacks them
+    quant = {}
+    if args.weights == "int4":  # rtn's 4-bit g128 codes in GPTQ's layout, as the engine stacks them
+        from minillm.quant.int4 import gptq_tensors, int4_linear
+        from minillm.quant.rtn import quantize
+
+        def gptq_stack(w):
+            parts = [gptq_tensors(quantize(w[e], 4, 128, False)) for e in range(experts)]
+            return [torch.stack([p[name] for p in parts]) for name in ("qweight", "scales", "qzeros")]
+        (w13, w13_scale, w13_zeros), (w2, w2_scale, w2_zeros) = gptq_stack(w13), gptq_stack(w2)
+        w13_scale, w2_scale = w13_scale.bfloat16(), w2_scale.bfloat16()
+        quant = dict(w13_zeros=w13_zeros, w2_zeros=w2_zeros, group_size=128)
+
+        def project(rows, stack, scales, e):
+            zeros = w13_zeros if stack is w13 else w2_zeros
+            return int4_linear(rows, stack[e], scales[e], zeros[e], 128)
+    elif args.weights != "bf16":  # 8-bit codes [E, N, K] with a scale per expert row, as the engine stacks them
         from minillm.quant.fp8 import fp8_linear, per_token_fp8, quantize_fp8
         from minillm.quant.int8_rtn import int8_weight_linear, quantize_per_channel_int8
         quantize = quantize_per_channel_int8 if args.weights == "int8" else quantize_fp8
@@ -91,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                    shape=dict(name=args.shape, experts=experts, top_k=top_k, hidden=hidden, inter=inter),
                    weights=args.weights,
                    copy_bytes_per_s=round(copy_bw), rows=[])
-    quant = dict(w13_scale=w13_scale, w2_scale=w2_scale, quantize_rows=quantize_rows)
+    quant.update(w13_scale=w13_scale, w2_scale=w2_scale, quantize_rows=quantize_rows)
     print(f"{args.shape}, {args.weights}: {experts} experts, top-{top_k}, hidden {hidden}, expert FFN {inter}; copy "
           f"{copy_bw / 1e12:.2f} TB/s")
     print(f"{'tokens':>7}{'experts hit':>13}{'loop us':>10}{'fused us':>10}{'graph us':>10}{'speed-up':>10}"
@@ -109,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             fused_moe(x, w13, w2, weights, ids, **quant)
         t_graph = triton.testing.do_bench(graph.replay) * 1e3
         hit = int(ids.unique().numel())
-        floor = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size() / copy_bw * 1e6
+        floor = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size() / copy_bw * 1e6  # (int4: 8 a word)
         row = dict(tokens=tokens, experts_hit=hit, loop_us=round(t_loop, 1), fused_us=round(t_fused, 1),
                    graph_us=round(t_graph, 1), speedup=round(t_loop / t_fused, 2), floor_us=round(floor, 1),
                    rel_err=err)

@@ -23,7 +23,8 @@ Weights are stacked per layer: w13 [E, 2I, H] and w2 [E, H, I], the experts' Lin
 in] layout (MixtralSparseMoeBlock makes its experts' parameters views into the stacks, so nothing is held twice).
 Quantized experts enter as 8-bit codes with per-row scales (int8_rtn: W8A16; fp8: W8A8, the activation rows
 rounded to e4m3 before each GEMM): the codes are what the kernel reads, and each row's scale multiplies its sum
-once, after the K loop. Expert capacity (dropping rows) is the loop's business; this path routes every row. Under Triton's interpreter on
+once, after the K loop. 4-bit experts (rtn, gptq, awq) enter in GPTQ's packed layout, dequantized per group in
+registers inside the K loop (_grouped_gemm_int4_kernel, W4A16). Expert capacity (dropping rows) is the loop's business; this path routes every row. Under Triton's interpreter on
 a CPU it runs too (fp32), which is how the tests check it against the loop.
 """
 from __future__ import annotations
@@ -113,6 +114,57 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am,
+                              stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_cm,
+                              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_grouped_gemm_kernel with 4-bit weights in GPTQ's layout (kernels/int4_gemm.py's docstring): QW [E, K / 8,
+    N] words packed along K, S [E, K / G, N] scales, QZ [E, K / G, N / 8] zero points packed along N. A K tile
+    brings [BLOCK_K / 8, BLOCK_N] words; nibble i of word row j is weight row 8j + i, so the tile is 8 dots of
+    K = BLOCK_K / 8, each with the activation columns 8j + i, the weights dequantized ((code - zero) x scale) in
+    registers on the way (W4A16: a quarter of bf16's bytes, never a dequantized copy in memory)."""
+    ROWS: tl.constexpr = BLOCK_K // 8
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    a_rows = (pairs // ROWS_PER_A).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, ROWS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rows = k0 // 8 + offs_j
+        ok = (rows < K // 8)[:, None] & n_ok[None, :]
+        w = tl.load(QW + expert * stride_qe + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=ok,
+                    other=0)
+        g = (rows * 8 // GROUP_SIZE)[:, None]  # each word row's group (a tile may span several)
+        scale = tl.load(S + expert * stride_se + g * stride_sg + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        zw = tl.load(QZ + expert * stride_ze + g * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
+        zero = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+        for i in tl.static_range(8):
+            q = (((w >> (4 * i)) & 0xF).to(tl.float32) - zero) * scale  # [ROWS, BLOCK_N]: weight rows 8j + i
+            cols = k0 + 8 * offs_j + i
+            a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & (cols < K)[None, :],
+                        other=0.0)
+            if UPCAST == 1:
+                a, q = a.to(tl.float32), q.to(tl.float32)
+            elif UPCAST == 2:
+                a, q = a.to(tl.bfloat16), q.to(tl.bfloat16)
+            else:
+                a, q = a.to(tl.float16), q.to(tl.float16)
+            acc = tl.dot(a, q, acc, input_precision=PRECISION)
+    if MUL_WEIGHT:
+        acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
 _UPCAST_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -142,11 +194,56 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pa
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
+def _grouped_gemm_int4(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                       group_size: int, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
+                       rows_per_a: int, pair_weight: torch.Tensor | None, block_m: int) -> None:
+    """One launch of _grouped_gemm_int4_kernel (K = qweight's rows x 8; group_size -1: one group per column)."""
+    num_pairs, k, n = out.shape[0], qweight.shape[1] * 8, qweight.shape[2]
+    block_n, block_k = (32, 128) if triton_interpreted() else (64, 128)  # (K / 8 = 16 rows a dot)
+    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    _grouped_gemm_int4_kernel[grid](
+        a, qweight, scales, qzeros, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert,
+        num_pairs, n, k, a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        qzeros.stride(0), qzeros.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
+        MUL_WEIGHT=pair_weight is not None, GROUP_SIZE=k if group_size == -1 else group_size,
+        UPCAST=_UPCAST_CODE[a.dtype], PRECISION="ieee" if a.dtype == torch.float32 or triton_interpreted() else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def _check_operands(w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, hidden: int, int4: bool) -> int:
+    """The experts' operands against the module docstring's shapes; returns 2I (w13's output width)."""
+    experts = w13.shape[0]
+    if int4:  # GPTQ's layout: [E, in / 8, out] words, [E, in / G, out] scales, [E, in / G, out / 8] zeros
+        double_inter = w13.shape[2]
+        for name, codes, scale, zeros, k, n in (("w13", w13, w13_scale, w13_zeros, hidden, double_inter),
+                                                ("w2", w2, w2_scale, w2_zeros, double_inter // 2, hidden)):
+            if codes.dtype != torch.int32 or codes.shape != (experts, k // 8, n) or scale is None or zeros is None \
+                    or scale.shape[::2] != (experts, n) or zeros.shape != (experts, scale.shape[1], n // 8):
+                raise ValueError(f"fused_moe: 4-bit {name} needs qweight [{experts}, {k // 8}, {n}] int32, scales "
+                                 f"[{experts}, groups, {n}] and qzeros [{experts}, groups, {n // 8}], got "
+                                 f"{tuple(codes.shape)}, {getattr(scale, 'shape', None)}, "
+                                 f"{getattr(zeros, 'shape', None)}")
+        return double_inter
+    double_inter = w13.shape[1]
+    if w13.shape[2] != hidden or w2.shape != (experts, hidden, double_inter // 2):
+        raise ValueError(f"fused_moe: need w13 [E, 2I, {hidden}] and w2 [E, {hidden}, I], got {tuple(w13.shape)} "
+                         f"and {tuple(w2.shape)}")
+    for name, codes, scale, rows in (("w13", w13, w13_scale, double_inter), ("w2", w2, w2_scale, hidden)):
+        if (codes.dtype in _CODE_DTYPES) != (scale is not None) or (scale is not None and
+                                                                    scale.shape != (experts, rows)):
+            raise ValueError(f"fused_moe: {name} of dtype {codes.dtype} needs "
+                             + (f"{name}_scale [{experts}, {rows}], got "
+                                f"{None if scale is None else tuple(scale.shape)}" if codes.dtype in _CODE_DTYPES
+                                else f"no {name}_scale (only int8 / float8_e4m3fn codes are scaled)"))
+    return double_inter
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, block_m: int = 16, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None,
               quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
+              group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE MLP of x [T, H]: (out [T, H] in x's dtype, rows routed to each expert [E] int64, on x's device).
 
     w13 [E, 2I, H] (each expert's gate | up projection, as its Linear holds it), w2 [E, H, I]; topk_weights
@@ -157,31 +254,30 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     with per-row scales w13_scale [E, 2I] and w2_scale [E, H], W = codes * scale[:, None] per expert. int8 codes are
     converted to x's dtype inside the kernel (W8A16: one byte per weight read). `quantize_rows` (x [R, K] -> e4m3
     codes [R, K], fp32 scales [R, 1]) rounds each activation row to e4m3 before each GEMM, W8A8 as fp8's dense
-    layers do (minillm.quant.fp8); the product then runs on fp8 tensor cores where they exist."""
+    layers do (minillm.quant.fp8); the product then runs on fp8 tensor cores where they exist. 4-bit experts (rtn,
+    gptq, awq): w13 / w2 are GPTQ qweights [E, in / 8, out] (int32), with scales [E, in / G, out] (w13_scale,
+    w2_scale), zero points w13_zeros / w2_zeros [E, in / G, out / 8] and `group_size` G (-1: per column)."""
     num_tokens, hidden = x.shape
-    experts, double_inter, _ = w13.shape
-    if w13.shape[2] != hidden or w2.shape != (experts, hidden, double_inter // 2):
-        raise ValueError(f"fused_moe: need w13 [E, 2I, {hidden}] and w2 [E, {hidden}, I], got {tuple(w13.shape)} "
-                         f"and {tuple(w2.shape)}")
+    int4 = w13.dtype == torch.int32
+    if int4 and (group_size is None or group_size == 0 or (group_size != -1 and hidden % group_size)):
+        raise ValueError(f"fused_moe: 4-bit experts need group_size -1 or a divisor of {hidden}, got {group_size}")
+    double_inter = _check_operands(w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, hidden, int4)
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [{num_tokens}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
-    for name, codes, scale, rows in (("w13", w13, w13_scale, double_inter), ("w2", w2, w2_scale, hidden)):
-        if (codes.dtype in _CODE_DTYPES) != (scale is not None) or (scale is not None and
-                                                                    scale.shape != (experts, rows)):
-            raise ValueError(f"fused_moe: {name} of dtype {codes.dtype} needs "
-                             + (f"{name}_scale [{experts}, {rows}], got "
-                                f"{None if scale is None else tuple(scale.shape)}" if codes.dtype in _CODE_DTYPES
-                                else f"no {name}_scale (only int8 / float8_e4m3fn codes are scaled)"))
     if quantize_rows is not None and not (w13.dtype == w2.dtype == torch.float8_e4m3fn):
         raise ValueError(f"fused_moe: quantize_rows (e4m3 activations) needs float8_e4m3fn codes, got {w13.dtype} "
                          f"and {w2.dtype}")
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    sorted_pairs, block_expert, counts = moe_align(topk_ids, experts, block_m)
+    sorted_pairs, block_expert, counts = moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
 
-    def grouped_gemm(a, w, out, rows_per_a, pair_weight, w_scale):
+    def grouped_gemm(a, w, out, rows_per_a, pair_weight, w_scale, w_zeros):
+        if int4:
+            _grouped_gemm_int4(a, w, w_scale, w_zeros, group_size, out, sorted_pairs, block_expert, rows_per_a,
+                               pair_weight, block_m)
+            return
         a_scale, compute = None, x.dtype
         if quantize_rows is not None:  # W8A8: e4m3 rows, their scales applied after the sum
             a, a_scale = quantize_rows(a)
@@ -191,8 +287,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                       compute)
 
     gate_up = torch.empty(num_pairs, double_inter, dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, top_k, None, w13_scale)
+    grouped_gemm(x, w13, gate_up, top_k, None, w13_scale, w13_zeros)
     inner = silu_and_mul(gate_up)
     mixed = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    grouped_gemm(inner, w2, mixed, 1, topk_weights.reshape(-1).float().contiguous(), w2_scale)
+    grouped_gemm(inner, w2, mixed, 1, topk_weights.reshape(-1).float().contiguous(), w2_scale, w2_zeros)
     return mixed.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype), counts

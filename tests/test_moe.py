@@ -164,7 +164,7 @@ def test_the_fused_moe_path_gives_the_loops_logits(checkpoint, monkeypatch):
     torch.testing.assert_close(fused_logits, loop_logits, rtol=1e-4, atol=1e-4)
     assert [layer.mlp.load.last.tolist() for layer in model.model.layers] == loop_counts
     block = model.model.layers[1].mlp
-    assert block.experts[2].w13.weight.data_ptr() == block._stacks[0][2].data_ptr()  # a view, not a copy
+    assert block.experts[2].w13.weight.data_ptr() == block._stacks[0][0][2].data_ptr()  # a view, not a copy
     name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
     model.load_weights([(name, torch.zeros_like(block.experts[2].w2.weight))], strict=False)
     updated = _prefill_logits(model, hf)[1]

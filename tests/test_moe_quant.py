@@ -25,7 +25,7 @@ from tiny_moe import TINY_MOE, save_tiny_mixtral, save_with_tokenizer, tiny_qwen
 pytest.importorskip("transformers")
 SHAPE = dict(hidden_size=64, intermediate_size=128)  # wide enough for groups of 64 (rtn, nf4)
 WEIGHT_ONLY = ("int8_rtn", "rtn", "nf4")
-FUSED = ("int8_rtn", "fp8")  # the methods whose experts enter kernels/fused_moe.py
+FUSED = ("int8_rtn", "fp8", "rtn")  # the methods whose experts enter kernels/fused_moe.py (rtn: 4-bit g64)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,11 @@ def test_a_quantized_moe_computes_with_its_dequantized_weights(checkpoint, metho
 
 @pytest.mark.parametrize("method", FUSED)
 def test_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(checkpoint, method, monkeypatch):
-    """On the Triton backend (here Triton's interpreter) int8_rtn and fp8 experts run kernels/fused_moe.py on
-    their 8-bit codes (stacked per layer, each expert's parameters views into the stacks) with the row scales
-    applied after the sum, and fp8's activation rows rounded to e4m3 first: the loop's logits (the same codes,
-    dequantized in torch, and the same e4m3 activations), in fp32."""
+    """On the Triton backend (here Triton's interpreter) int8_rtn, fp8 and 4-bit rtn experts run
+    kernels/fused_moe.py on their codes (stacked per layer, each expert's parameters views into the stacks): 8-bit
+    codes with the row scales applied after the sum, fp8's activation rows rounded to e4m3 first, 4-bit words
+    dequantized per group in the K loop: the loop's logits (the same codes dequantized in torch, the same e4m3
+    activations), in fp32."""
     import minillm.kernels.fused_moe as fused_moe_module
     _, config, weights = checkpoint
     model = _quantized(config, weights, method)
@@ -114,13 +115,14 @@ def test_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(checkpoint,
     model.attention_backend = "triton"
     got = _logits(model, PROMPTS)
     assert len(calls) == config.num_hidden_layers
-    assert all((kw["quantize_rows"] is not None) == (method == "fp8") for kw in calls)
+    assert all((kw.get("quantize_rows") is not None) == (method == "fp8") for kw in calls)
     block = model.model.layers[1].mlp
-    codes, _, scales, _ = block._stacks
-    assert codes.dtype == (torch.int8 if method == "int8_rtn" else torch.float8_e4m3fn)
-    codes_name, scale_name = block.experts[2].w13.quant_method.expert_operands
-    assert getattr(block.experts[2].w13, codes_name).data_ptr() == codes[2].data_ptr()  # views, not copies
-    assert getattr(block.experts[2].w13, scale_name).data_ptr() == scales[2].data_ptr()
+    operands, _ = block._stacks
+    assert operands[0].dtype == {"int8_rtn": torch.int8, "fp8": torch.float8_e4m3fn, "rtn": torch.int32}[method]
+    names = block.experts[2].w13.quant_method.expert_operands
+    assert len(names) == len(operands) == (3 if method == "rtn" else 2)
+    for name, stack in zip(names, operands):  # views, not copies
+        assert getattr(block.experts[2].w13, name).data_ptr() == stack[2].data_ptr()
     torch.testing.assert_close(got, loop, rtol=1e-4, atol=1e-4)
     dense = build_model(config, weights.items(), torch.device("cpu"), torch.float32).eval()
     assert (got - _logits(dense, PROMPTS)).abs().max() > 1e-3  # the codes really are rounded
@@ -171,8 +173,9 @@ def test_on_a_gpu_llm_serves_a_quantized_moe_checkpoint(checkpoint, method):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("method", FUSED)
 def test_on_a_gpu_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(checkpoint, method):
-    """The same on CUDA, where int8 codes meet the activations as TF32 in registers and e4m3 rows meet e4m3 codes on
-    the fp8 tensor cores. int8_rtn: the loop's logits (cuBLAS on the dequantized weights) within TF32's sum order.
+    """The same on CUDA, where int8 and 4-bit codes meet the activations as TF32 in registers and e4m3 rows meet e4m3
+    codes on the fp8 tensor cores. int8_rtn and rtn: the loop's logits (cuBLAS on the dequantized weights, the INT4
+    kernels) within TF32's sum order.
     fp8: the loop runs an expert's few rows as W8A16 (the decode GEMV: bf16 activations) and more as W8A8, the
     fused path every row as W8A8, so the two differ by activation rounding: the fused logits must then be as close
     to the unquantized model's as the loop's are (within 1.5x)."""
@@ -185,7 +188,7 @@ def test_on_a_gpu_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(ch
     fused = _logits(model, PROMPTS).float()
     assert model.model.layers[0].mlp._stacks is not None
     scale = loop.abs().max()
-    if method == "int8_rtn":
+    if method != "fp8":
         assert (fused - loop).abs().max() < 2e-2 * scale, (fused - loop).abs().max()
     else:
         dense = _logits(build_model(config, weights.items(), cuda, torch.float32).eval(), PROMPTS).float()
@@ -194,17 +197,23 @@ def test_on_a_gpu_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(ch
 
 
 def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
-    """int8_rtn and fp8 experts keep the fused path, whose decode steps are CUDA graphs; the other methods' experts
-    run the loop, whose shapes follow the routing: eager, and enforce_eager=False refused by name."""
+    """int8_rtn, fp8 and 4-bit experts in group order keep the fused path, whose decode steps are CUDA graphs; the
+    other experts (nf4, 3-bit, act-order GPTQ) run the loop, whose shapes follow the routing: eager, and
+    enforce_eager=False refused by name."""
     from minillm.engine.cache_config import resolve_engine_config
     cuda = torch.device("cuda")
-    for method in FUSED:
-        assert not resolve_engine_config(EngineConfig(), dataclasses.replace(TINY_MOE, quantization=method),
-                                         cuda).enforce_eager
-    quantized = dataclasses.replace(TINY_MOE, quantization="nf4")
-    assert resolve_engine_config(EngineConfig(), quantized, cuda).enforce_eager
-    with pytest.raises(ValueError, match="quantization='nf4'.*int8_rtn or fp8 experts"):
-        resolve_engine_config(EngineConfig(enforce_eager=False), quantized, cuda)
+    gptq = dict(quant_method="gptq", bits=4, group_size=32, sym=False)
+    fused = [dataclasses.replace(TINY_MOE, quantization=method) for method in FUSED] + [
+        dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config=gptq)]
+    for config in fused:
+        assert not resolve_engine_config(EngineConfig(), config, cuda).enforce_eager, config.quantization
+    loop = [dataclasses.replace(TINY_MOE, quantization="nf4"),
+            dataclasses.replace(TINY_MOE, quantization="rtn", quantization_config={"bits": 3, "group_size": 32}),
+            dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config={**gptq, "desc_act": True})]
+    for config in loop:
+        assert resolve_engine_config(EngineConfig(), config, cuda).enforce_eager, config.quantization_config
+    with pytest.raises(ValueError, match="quantization='nf4'.*int8_rtn, fp8 or 4-bit .* experts"):
+        resolve_engine_config(EngineConfig(enforce_eager=False), loop[0], cuda)
 
 
 def test_pruning_refuses_experts_by_name(checkpoint):

@@ -85,6 +85,19 @@ def test_gptq_calibrates_each_expert_on_its_own_rows(mixtral):
     assert errors["gptq"] < 0.8 * errors["rtn"], errors  # 0.71x when written
 
 
+def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral):
+    """GPTQ's 4-bit experts (asymmetric, g64) enter kernels/fused_moe.py's int4 kernel on the Triton backend (here
+    Triton's interpreter): the per-expert loop's logits in fp32."""
+    _, model = mixtral
+    ids = _calibration(4, 16)
+    built = quantize_model(model, "gptq", group_size=64, calibration=ids, progress=False).build()
+    loop = _logits(built, ids)
+    built.attention_backend = "triton"
+    fused = _logits(built, ids)
+    assert built.model.layers[0].mlp._stacks[0][0].dtype == torch.int32
+    torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
+
+
 def test_an_expert_no_calibration_token_reached_is_rounded_to_nearest(mixtral):
     """One token routes to 2 of 4 experts per layer: the other two have no Hessian and get RTN's codes exactly; the
     two that saw the token get GPTQ's (which differ from RTN's)."""

@@ -34,7 +34,7 @@ import torch
 
 from minillm.config import EngineConfig, ModelConfig
 from minillm.platform import host_memory_bytes
-from minillm.quant.base import get_quantization_config_class
+from minillm.quant.base import make_quant_config
 
 CPU_MAX_MODEL_LEN = 2048  # default cap on CPU: a contiguous cache reserves max_model_len tokens per slot
 CPU_MAX_NUM_SEQS = 8  # default batch on CPU (a GPU default of 64 would reserve far too much memory here)
@@ -70,10 +70,10 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     # an MoE layer's expert loop has data-dependent shapes, which a graph cannot capture (minillm.models.moe);
     # its fused path (kernels/fused_moe.py: every row routed, all experts in this process, dense or 8-bit codes
     # with row scales) has none
-    quantization = model_config.quantization
+    quant_config = make_quant_config(model_config) if model_config.num_local_experts else None
     moe_loop = model_config.num_local_experts > 0 and (
         config.expert_parallel_size > 1 or config.moe_capacity_factor is not None
-        or (quantization is not None and not get_quantization_config_class(quantization).fused_experts))
+        or (quant_config is not None and not quant_config.fused_experts))
     enforce_eager = config.enforce_eager
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
@@ -84,7 +84,8 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
                          f"moe_capacity_factor={config.moe_capacity_factor}, quantization="
                          f"{model_config.quantization!r}: the expert loop's shapes follow the routing, which a CUDA "
                          f"graph cannot capture; leave enforce_eager unset or True, or use expert_parallel_size=1, "
-                         f"no capacity factor and dense, int8_rtn or fp8 experts (the fused MoE path)")
+                         f"no capacity factor and dense, int8_rtn, fp8 or 4-bit (rtn, gptq, awq; no act-order) "
+                         f"experts (the fused MoE path)")
     piecewise = config.piecewise_cuda_graphs
     if piecewise is None:
         piecewise = not enforce_eager

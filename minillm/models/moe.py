@@ -23,7 +23,8 @@ expert and padded into blocks, then one grouped GEMM per projection over all exp
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks.
 Quantized experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model,
 quantization=...)`; the router stays dense) take the fused path where their method gives 8-bit codes with row
-scales (int8_rtn, fp8: LinearMethod.expert_operands), and the loop otherwise (4-bit methods, block scales, LLM.int8's
+scales (int8_rtn, fp8) or 4-bit codes in GPTQ's layout (rtn, gptq, awq without act-order;
+LinearMethod.expert_operands), and the loop otherwise (act-order, other bit widths, nf4, block scales, LLM.int8's
 outlier columns). The loop also stays for expert capacity (it drops rows) and for expert parallelism (the
 all-to-all path), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
 path's do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
@@ -124,7 +125,7 @@ class MixtralSparseMoeBlock(nn.Module):
         if self.fusable and use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
                 x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             stacks = self._expert_stacks(local)
-            if stacks[0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn):
+            if stacks[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn, torch.int32):
                 return (*self._fused(x, stacks, weights, expert_ids), 0)
         rows = x.repeat_interleave(self.top_k, dim=0)  # token-major rows: row t * k + j is token t's j-th expert
         capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
@@ -133,13 +134,17 @@ class MixtralSparseMoeBlock(nn.Module):
 
     def _fused(self, x: torch.Tensor, stacks: tuple, weights: torch.Tensor,
                expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """kernels/fused_moe.py over the stacks: (output, rows per expert)."""
+        """kernels/fused_moe.py over the stacks ((w13's operands), (w2's)): (output, rows per expert)."""
         from minillm.kernels.fused_moe import fused_moe
         from minillm.quant.fp8 import per_token_fp8
-        w13, w2, w13_scale, w2_scale = stacks
-        fp8_rows = self.experts[self.first_expert].w13.quant_method.expert_activations_fp8
-        return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_scale, w2_scale=w2_scale,
-                         quantize_rows=per_token_fp8 if fp8_rows else None)
+        (w13, *w13_rest), (w2, *w2_rest) = stacks
+        method = self.experts[self.first_expert].w13.quant_method
+        if w13.dtype == torch.int32:  # GPTQ's 4-bit layout: (qweight, scales, qzeros)
+            return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_rest[0], w2_scale=w2_rest[0],
+                             w13_zeros=w13_rest[1], w2_zeros=w2_rest[1], group_size=method.group_size)
+        return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_rest[0] if w13_rest else None,
+                         w2_scale=w2_rest[0] if w2_rest else None,
+                         quantize_rows=per_token_fp8 if method.expert_activations_fp8 else None)
 
     def stack_experts(self) -> None:
         """Build the fused path's stacks now (the model's process_weights_after_loading calls it, once quantized
@@ -151,8 +156,8 @@ class MixtralSparseMoeBlock(nn.Module):
         """The stacks, stacked again if the experts' parameters were given new tensors since (e.g. model.to(), or
         a quantized model used before its weights were processed)."""
         names = local[0].w13.quant_method.expert_operands[0], local[0].w2.quant_method.expert_operands[0]
-        if self._stacks is None or getattr(local[0].w13, names[0]).data_ptr() != self._stacks[0].data_ptr() or \
-                getattr(local[-1].w2, names[1]).data_ptr() != self._stacks[1][-1].data_ptr():
+        if self._stacks is None or getattr(local[0].w13, names[0]).data_ptr() != self._stacks[0][0].data_ptr() or \
+                getattr(local[-1].w2, names[1]).data_ptr() != self._stacks[1][0][-1].data_ptr():
             self._stacks = _stacked(local)
         return self._stacks
 
@@ -162,24 +167,23 @@ class MixtralSparseMoeBlock(nn.Module):
         return f"experts={self.num_experts}, top_k={self.top_k}{norm}{held}"
 
 
-def _stacked(experts: list[MixtralExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                     torch.Tensor | None]:
-    """(w13 [E, 2I, H], w2 [E, H, I], w13's row scales [E, 2I] or None, w2's [E, H] or None): each tensor holds the
-    experts' parameters named by their method's expert_operands, which become views into it (the parameter
-    objects, and their weight loaders, stay the same)."""
-    stacks = {}
+def _stacked(experts: list[MixtralExpert]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(w13's operands, w2's), each one tensor per name in their method's expert_operands holding every expert's
+    parameter of that name (w13 [E, 2I, H] and w2 [E, H, I] for dense weights; 8-bit codes the same with row scales
+    [E, 2I] and [E, H]; GPTQ's qweight [E, in / 8, out], scales and qzeros per group): the experts' parameters
+    become views into them (the parameter objects, and their weight loaders, stay the same)."""
+    result = []
     for proj in ("w13", "w2"):
-        for role, name in zip(("codes", "scale"), getattr(experts[0], proj).quant_method.expert_operands):
-            if name is None:
-                stacks[proj, role] = None
-                continue
+        stacks = []
+        for name in getattr(experts[0], proj).quant_method.expert_operands:
             params = [getattr(getattr(expert, proj), name) for expert in experts]
             stack = torch.empty((len(params), *params[0].shape), dtype=params[0].dtype, device=params[0].device)
             for i, param in enumerate(params):
                 stack[i].copy_(param.detach())
                 param.data = stack[i]
-            stacks[proj, role] = stack
-    return stacks["w13", "codes"], stacks["w2", "codes"], stacks["w13", "scale"], stacks["w2", "scale"]
+            stacks.append(stack)
+        result.append(tuple(stacks))
+    return result[0], result[1]
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):

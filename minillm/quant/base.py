@@ -104,9 +104,10 @@ class LinearMethod(ABC):
         return None
 
     # How this method's layers enter kernels/fused_moe.py as a mixture-of-experts block's experts: the names of the
-    # parameters the grouped GEMM reads, (weight or 8-bit codes [out, in], per-row scales [out] or None), stacked per
-    # layer once loaded; None (the default): such experts run the per-expert loop, each its own GEMMs, eagerly.
-    expert_operands: tuple[str, str | None] | None = None
+    # parameters the grouped GEMM reads, stacked per layer once loaded: ("weight",) dense; (8-bit codes [out, in],
+    # per-row scales [out]); or GPTQ's 4-bit layout (qweight [in / 8, out], scales and qzeros per group). None (the
+    # default): such experts run the per-expert loop, each its own GEMMs, eagerly.
+    expert_operands: tuple[str, ...] | None = None
     # with expert_operands: whether each activation row is rounded to e4m3 before the product (W8A8, as fp8's apply)
     expert_activations_fp8: bool = False
 
@@ -114,7 +115,7 @@ class LinearMethod(ABC):
 class UnquantizedLinearMethod(LinearMethod):
     """The default: a dense weight [output_size, input_size] in the model's dtype, and F.linear."""
 
-    expert_operands = ("weight", None)
+    expert_operands = ("weight",)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool,
                        dtype: torch.dtype | None) -> None:

@@ -47,6 +47,9 @@ class WeightOnlyLinearMethod(LinearMethod):
                  act_order: bool = False) -> None:
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.fmt, self.zero_offset, self.act_order = fmt, zero_offset, act_order
+        # 4-bit codes in plain group order enter kernels/fused_moe.py as experts (act-order's permuted inputs and
+        # 2/3/5..8-bit streams keep the per-expert loop)
+        self.expert_operands = ("qweight", "scales", "qzeros") if bits == 4 and not act_order else None
 
     def _groups(self, input_size: int) -> int:
         if self.group_size != -1 and input_size % self.group_size:
@@ -149,6 +152,10 @@ class _WeightOnlyConfig(SkipListQuantizationConfig):
         self.modules_to_not_convert, self.zero_offset, self.act_order = modules_to_not_convert, zero_offset, act_order
         self.serialized = self.fmt != "dense"
         self.lm_head_quantized = lm_head
+
+    @property
+    def fused_experts(self) -> bool:  # (base.QuantizationConfig.fused_experts)
+        return self.make_method().expert_operands is not None
 
     def get_lm_head_method(self) -> WeightOnlyLinearMethod | None:
         return self.make_method() if self.lm_head_quantized else None
