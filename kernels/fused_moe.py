@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from minillm.kernels.fused import silu_and_mul
+from minillm.kernels.int4_gemm import int4_unpack
 from minillm.platform import triton_interpreted
 
 __all__ = ["moe_align", "fused_moe"]
@@ -116,16 +117,20 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_
 
 @triton.jit
 def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am,
-                              stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_cm,
+                              stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_cm, EXP23,
                               ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """_grouped_gemm_kernel with 4-bit weights in GPTQ's layout (kernels/int4_gemm.py's docstring): QW [E, K / 8,
     N] words packed along K, S [E, K / G, N] scales, QZ [E, K / G, N / 8] zero points packed along N. A K tile
     brings [BLOCK_K / 8, BLOCK_N] words; nibble i of word row j is weight row 8j + i, so the tile is 8 dots of
-    K = BLOCK_K / 8, each with the activation columns 8j + i, the weights dequantized ((code - zero) x scale) in
-    registers on the way (W4A16: a quarter of bf16's bytes, never a dequantized copy in memory)."""
+    K = BLOCK_K / 8, each with the activation columns 8j + i, the codes turned into numbers in registers on the way
+    (int4_unpack: one AND and one FMA a weight; W4A16, never a dequantized copy in memory). When a tile lies inside
+    one group (G a multiple of BLOCK_K) the dots take code - zero, small integers exact in bf16 / fp16, and the
+    group's scale multiplies the tile's partial sums once; otherwise each weight is scaled in registers. EXP23 =
+    0x4B000000 comes as a run-time value (int4_gemm.py says why)."""
     ROWS: tl.constexpr = BLOCK_K // 8
+    ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
@@ -143,12 +148,27 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT
         ok = (rows < K // 8)[:, None] & n_ok[None, :]
         w = tl.load(QW + expert * stride_qe + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=ok,
                     other=0)
-        g = (rows * 8 // GROUP_SIZE)[:, None]  # each word row's group (a tile may span several)
-        scale = tl.load(S + expert * stride_se + g * stride_sg + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-        zw = tl.load(QZ + expert * stride_ze + g * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
-        zero = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+        if ONE_GROUP:  # [1, BLOCK_N]: the tile's one group
+            g = k0 // GROUP_SIZE
+            scale = tl.load(S + expert * stride_se + g * stride_sg + offs_n, mask=n_ok, other=0.0)
+            scale = scale.to(tl.float32)[None, :]
+            zw = tl.load(QZ + expert * stride_ze + g * stride_zg + offs_n // 8, mask=n_ok, other=0)
+            zero = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
+        else:  # [ROWS, BLOCK_N]: each word row's group
+            g = (rows * 8 // GROUP_SIZE)[:, None]
+            scale = tl.load(S + expert * stride_se + g * stride_sg + offs_n[None, :], mask=ok, other=0.0)
+            scale = scale.to(tl.float32)
+            zw = tl.load(QZ + expert * stride_ze + g * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
+            zero = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+            zero_scaled = zero * scale  # (q - z) s = q s - z s: one FMA a weight
+        w_lo = w | EXP23
+        w_hi = (w >> 16) | EXP23
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(8):
-            q = (((w >> (4 * i)) & 0xF).to(tl.float32) - zero) * scale  # [ROWS, BLOCK_N]: weight rows 8j + i
+            if ONE_GROUP:
+                q = int4_unpack(w_lo, w_hi, zero, i)  # code - zero, exact
+            else:
+                q = int4_unpack(w_lo, w_hi, 0.0, i) * scale - zero_scaled
             cols = k0 + 8 * offs_j + i
             a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & (cols < K)[None, :],
                         other=0.0)
@@ -158,7 +178,8 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT
                 a, q = a.to(tl.bfloat16), q.to(tl.bfloat16)
             else:
                 a, q = a.to(tl.float16), q.to(tl.float16)
-            acc = tl.dot(a, q, acc, input_precision=PRECISION)
+            part = tl.dot(a, q, part, input_precision=PRECISION)
+        acc += part * scale if ONE_GROUP else part
     if MUL_WEIGHT:
         acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -199,12 +220,13 @@ def _grouped_gemm_int4(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        rows_per_a: int, pair_weight: torch.Tensor | None, block_m: int) -> None:
     """One launch of _grouped_gemm_int4_kernel (K = qweight's rows x 8; group_size -1: one group per column)."""
     num_pairs, k, n = out.shape[0], qweight.shape[1] * 8, qweight.shape[2]
-    block_n, block_k = (32, 128) if triton_interpreted() else (64, 128)  # (K / 8 = 16 rows a dot)
+    # (a GPU's dot wants K / 8 >= 16 rows; the interpreter's 64 lets g64 tiles take the one-group path there too)
+    block_n, block_k = (32, 64) if triton_interpreted() else (64, 128)
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_int4_kernel[grid](
         a, qweight, scales, qzeros, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert,
         num_pairs, n, k, a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        qzeros.stride(0), qzeros.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
+        qzeros.stride(0), qzeros.stride(1), out.stride(0), 0x4B000000, ROWS_PER_A=rows_per_a,
         MUL_WEIGHT=pair_weight is not None, GROUP_SIZE=k if group_size == -1 else group_size,
         UPCAST=_UPCAST_CODE[a.dtype], PRECISION="ieee" if a.dtype == torch.float32 or triton_interpreted() else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)

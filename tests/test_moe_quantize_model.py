@@ -85,12 +85,14 @@ def test_gptq_calibrates_each_expert_on_its_own_rows(mixtral):
     assert errors["gptq"] < 0.8 * errors["rtn"], errors  # 0.71x when written
 
 
-def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral):
-    """GPTQ's 4-bit experts (asymmetric, g64) enter kernels/fused_moe.py's int4 kernel on the Triton backend (here
-    Triton's interpreter): the per-expert loop's logits in fp32."""
+@pytest.mark.parametrize("group_size", [64, 32])
+def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral, group_size):
+    """GPTQ's 4-bit experts (asymmetric) enter kernels/fused_moe.py's int4 kernel on the Triton backend (here
+    Triton's interpreter, K tiles of 64): the per-expert loop's logits in fp32, with one group a tile (its scale
+    applied to the tile's sums) and with two (each weight scaled)."""
     _, model = mixtral
     ids = _calibration(4, 16)
-    built = quantize_model(model, "gptq", group_size=64, calibration=ids, progress=False).build()
+    built = quantize_model(model, "gptq", group_size=group_size, calibration=ids, progress=False).build()
     loop = _logits(built, ids)
     built.attention_backend = "triton"
     fused = _logits(built, ids)
