@@ -3,6 +3,7 @@ dense, GPTQ calibrating each expert on the rows routed to it, and checkpoints un
 names that load back through the engine (CPU, tiny models)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -98,6 +99,40 @@ def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtr
     fused = _logits(built, ids)
     assert built.model.layers[0].mlp._stacks[0][0].dtype == torch.int32
     torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-4)
+
+
+def test_an_awq_moe_checkpoint_reads_as_the_same_codes_in_gptq_layout(mixtral):
+    """Hub AWQ MoE checkpoints (AutoAWQ's gemm format: words packed along the outputs in AWQ's nibble order, the
+    experts' w1 / w3 packed into w13 by columns): the same 4-bit codes written as GPTQ and as AWQ tensors give one
+    model's logits, and the AWQ one runs the int4 grouped GEMM with the loop's logits."""
+    from minillm.engine.worker import build_model
+    from minillm.quant.driver import hf_state_dict
+    from minillm.quant.int4 import awq_tensors, gptq_tensors
+    _, model = mixtral
+    states = {"gptq": {}, "awq": {}}
+    for name, tensor in hf_state_dict(model).items():
+        prefix = name.removesuffix(".weight")
+        # every decoder linear (attention and experts); not the routers (block_sparse_moe.gate) nor the norms
+        if ".layers." in name and name.endswith(".weight") and tensor.dim() == 2 and not name.endswith(".gate.weight"):
+            qw = quantize(tensor, 4, 64, False)
+            for fmt, tensors in (("gptq", gptq_tensors(qw, zero_offset=1)), ("awq", awq_tensors(qw))):
+                states[fmt].update({f"{prefix}.{k}": v.half() if k == "scales" else v for k, v in tensors.items()})
+        else:
+            for state in states.values():
+                state[name] = tensor
+    configs = {"gptq": dict(quant_method="gptq", bits=4, group_size=64, sym=False, desc_act=False),
+               "awq": dict(quant_method="awq", bits=4, group_size=64, zero_point=True, version="gemm")}
+    ids = _calibration(3, 12)
+    logits = {}
+    for fmt, state in states.items():
+        config = dataclasses.replace(model.config, quantization=fmt, quantization_config=configs[fmt])
+        built = build_model(config, state.items(), torch.device("cpu"), torch.float32).eval()
+        logits[fmt] = _logits(built, ids)
+    torch.testing.assert_close(logits["awq"], logits["gptq"], rtol=1e-5, atol=1e-5)
+    assert (logits["awq"] - _logits(model, ids)).abs().max() > 1e-3  # the experts really are 4-bit
+    built.attention_backend = "triton"
+    assert built.model.layers[1].mlp._stacks[0][0].dtype == torch.int32
+    torch.testing.assert_close(_logits(built, ids), logits["awq"], rtol=1e-4, atol=1e-4)
 
 
 def test_an_expert_no_calibration_token_reached_is_rounded_to_nearest(mixtral):
