@@ -70,6 +70,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
+def _store_rows(acc, C, PAIR_WEIGHT, pairs, valid, offs_n, n_ok, stride_cm, MUL_WEIGHT: tl.constexpr):
+    """Each sorted row's sums (times its pair's routing weight) written back to its pair's place in C."""
+    if MUL_WEIGHT:
+        acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_SCALE, num_pairs, N, K, stride_am,
                          stride_we, stride_wn, stride_se, stride_cm, ROWS_PER_A: tl.constexpr,
                          MUL_WEIGHT: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr,
@@ -109,10 +118,7 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_
         acc *= tl.load(W_SCALE + expert * stride_se + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_A_SCALE:
         acc *= tl.load(A_SCALE + a_rows, mask=valid, other=0.0)[:, None]
-    if MUL_WEIGHT:
-        acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    _store_rows(acc, C, PAIR_WEIGHT, pairs, valid, offs_n, n_ok, stride_cm, MUL_WEIGHT)
 
 
 @triton.jit
@@ -180,10 +186,7 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT
                 a, q = a.to(tl.float16), q.to(tl.float16)
             part = tl.dot(a, q, part, input_precision=PRECISION)
         acc += part * scale if ONE_GROUP else part
-    if MUL_WEIGHT:
-        acc *= tl.load(PAIR_WEIGHT + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    _store_rows(acc, C, PAIR_WEIGHT, pairs, valid, offs_n, n_ok, stride_cm, MUL_WEIGHT)
 
 
 _UPCAST_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
