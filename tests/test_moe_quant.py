@@ -216,14 +216,21 @@ def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
         resolve_engine_config(EngineConfig(enforce_eager=False), loop[0], cuda)
 
 
-def test_pruning_refuses_experts_by_name(checkpoint):
-    """Pruning's layer walk knows a dense MLP only: a clear error, not an AttributeError deep in a layer, naming
+def test_pruning_and_the_recipes_refuse_experts_by_name(checkpoint):
+    """Pruning's, the recipes' (gptq+, awq+gptq) and AutoRound's layer walks know a dense MLP only: a clear error, not an AttributeError deep in a layer, naming
     the load-time methods that do take experts (quantize_model's experts: tests/test_moe_quantize_model.py)."""
     from minillm.quant.prune import prune_model
     _, config, weights = checkpoint
     model = build_model(config, weights.items(), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match=r"prune_model .*'mixtral' has 4 experts a layer.*quantization=.*int8_rtn"):
         prune_model(model, "magnitude", 0.5)
+    from minillm.quant.autoround import quantize_autoround
+    from minillm.quant.recipes import quantize_recipe
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"quantize_recipe \('awq\+gptq'\) .*'mixtral' has 4 experts"):
+        quantize_recipe(model, "awq+gptq", ids)
+    with pytest.raises(ValueError, match=r"quantize_autoround .*'mixtral' has 4 experts"):
+        quantize_autoround(model, ids)
 
 
 @pytest.mark.parametrize("parallel, quantization", [

@@ -65,7 +65,8 @@ from tqdm.auto import tqdm
 
 from minillm.forward_context import forward_context
 from minillm.layers.backend import OperatorModule
-from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, _shards, _split_rows, hf_state_dict
+from minillm.quant.driver import (LayerRunner, QuantizedModel, _decoder_linears, _shards, _split_rows,
+                                  check_no_experts, hf_state_dict)
 from minillm.quant.int4 import gptq_tensors
 from minillm.quant.rtn import QuantizedWeight, check_quant_args
 
@@ -249,6 +250,7 @@ def quantize_autoround(model: nn.Module, calibration: torch.Tensor, bits: int = 
     iteration); iters >= 1 per block; lr in (0, 0.5] (None: 1 / iters); seed: the minibatch draws.
     Validation of bits, group_size and the calibration ids is quantize_recipe's (recipes.py).
     """
+    check_no_experts(model, "quantize_autoround")
     lr = _check_schedule(iters, lr)
     for lin in _decoder_linears(model).values():
         check_quant_args(lin.weight, bits, group_size)

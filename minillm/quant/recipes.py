@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from minillm.quant.autoround import quantize_autoround
 from minillm.quant.awq_block import awq_scale_layer
-from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, quantize_model
+from minillm.quant.driver import LayerRunner, QuantizedModel, _decoder_linears, check_no_experts, quantize_model
 
 __all__ = ["RECIPES", "quantize_recipe"]
 
@@ -73,6 +73,7 @@ def quantize_recipe(model: nn.Module, recipe: str, calibration: torch.Tensor, bi
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    check_no_experts(model, f"quantize_recipe ({recipe!r})")  # (quantize_model's gptq takes experts)
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0 \
