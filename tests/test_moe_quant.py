@@ -238,7 +238,10 @@ def test_pruning_and_the_recipes_refuse_experts_by_name(checkpoint):
     # a row's scale over w2's and o_proj's whole input, of which each rank holds half (whole_weight_amax)
     (dict(tensor_parallel_size=2), dict(quantization="int8_rtn")),
     # per group of 32 input columns: every group inside one rank's half
-    (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32}))])
+    (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32})),
+    # the grouped GEMM (Triton's interpreter) on each rank's halves of the experts' 4-bit words
+    (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32},
+                                        attention_backend="triton"))])
 def test_parallel_workers_quantize_their_own_experts_alike(checkpoint, parallel, quantization):
     """Each worker quantizes the experts (or the halves of each expert) it holds while loading; the tokens and
     log-probs are one process's."""
