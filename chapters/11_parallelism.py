@@ -261,6 +261,24 @@ print("rows per expert:", rows.tolist(), f" max/mean {rows.max().item() / rows.f
 print("rows to EP rank 0 (experts 0-3):", rows[:4].sum().item(), " to EP rank 1 (experts 4-7):", rows[4:].sum().item())
 
 # %% [markdown]
+# On one GPU the routing shapes the work too. The reference path loops over the experts (a gather and two matmuls
+# each, after a host sync to learn how many rows each got); `kernels/fused_moe.py` instead sorts the T·k (token,
+# expert) pairs by expert and pads each expert's run to whole blocks of BLOCK_M rows, so that one grouped GEMM per
+# projection covers every expert, in launches whose shapes never depend on the routing: a decode step stays a CUDA
+# graph. Quantized experts enter as they are stored (int8 or e4m3 codes with a scale per row, GPTQ's 4-bit words
+# with a scale per group), each scale applied to its sums inside the kernel.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from minillm.kernels.fused_moe import moe_align
+
+ids = torch.tensor([[2, 0], [2, 1], [0, 2]])  # 3 tokens, each to 2 of 3 experts: pair 2t + j
+sorted_pairs, block_expert, counts = moe_align(ids, num_experts=3, block_m=4)
+print("rows per expert     ", counts.tolist())
+print("pairs, expert-sorted", sorted_pairs.tolist(), " (6: padding)")
+print("expert of each block", block_expert.tolist(), " (-1: unused)")
+
+# %% [markdown]
 # ## 6. Disaggregation: the KV cache travels once
 #
 # After the prefill worker computes a prompt, its KV blocks (scattered over the pool: block table [7, 2, 9]) are
