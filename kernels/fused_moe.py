@@ -122,16 +122,19 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_
 
 
 @triton.jit
-def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am,
-                              stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_cm, EXP23,
-                              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+def _grouped_gemm_int4_kernel(A, QW, S, QZ, PERM, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am,
+                              stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_pe, stride_cm,
+                              EXP23, ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_PERM: tl.constexpr,
+                              GROUP_SIZE: tl.constexpr,
                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """_grouped_gemm_kernel with 4-bit weights in GPTQ's layout (kernels/int4_gemm.py's docstring): QW [E, K / 8,
     N] words packed along K, S [E, K / G, N] scales, QZ [E, K / G, N / 8] zero points packed along N. A K tile
     brings [BLOCK_K / 8, BLOCK_N] words; nibble i of word row j is weight row 8j + i, so the tile is 8 dots of
     K = BLOCK_K / 8, each with the activation columns 8j + i, the codes turned into numbers in registers on the way
-    (int4_unpack: one AND and one FMA a weight; W4A16, never a dequantized copy in memory). When a tile lies inside
+    (int4_unpack: one AND and one FMA a weight; W4A16, never a dequantized copy in memory). With act-order
+    (HAS_PERM) the weight rows are stored sorted by group and PERM [E, K] names each one's activation column, which
+    the loads gather. When a tile lies inside
     one group (G a multiple of BLOCK_K) the dots take code - zero, small integers exact in bf16 / fp16, and the
     group's scale multiplies the tile's partial sums once; otherwise each weight is scaled in registers. EXP23 =
     0x4B000000 comes as a run-time value (int4_gemm.py says why)."""
@@ -176,7 +179,10 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT
             else:
                 q = int4_unpack(w_lo, w_hi, 0.0, i) * scale - zero_scaled
             cols = k0 + 8 * offs_j + i
-            a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & (cols < K)[None, :],
+            cols_ok = cols < K
+            if HAS_PERM:  # sorted weight row -> the activation column it multiplies
+                cols = tl.load(PERM + expert * stride_pe + cols, mask=cols_ok, other=0)
+            a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & cols_ok[None, :],
                         other=0.0)
             if UPCAST == 1:
                 a, q = a.to(tl.float32), q.to(tl.float32)
@@ -219,18 +225,21 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pa
 
 
 def _grouped_gemm_int4(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                       group_size: int, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
-                       rows_per_a: int, pair_weight: torch.Tensor | None, block_m: int) -> None:
-    """One launch of _grouped_gemm_int4_kernel (K = qweight's rows x 8; group_size -1: one group per column)."""
+                       perm: torch.Tensor | None, group_size: int, out: torch.Tensor, sorted_pairs: torch.Tensor,
+                       block_expert: torch.Tensor, rows_per_a: int, pair_weight: torch.Tensor | None,
+                       block_m: int) -> None:
+    """One launch of _grouped_gemm_int4_kernel (K = qweight's rows x 8; group_size -1: one group per column;
+    perm [E, K]: act-order's input permutation per expert, or None)."""
     num_pairs, k, n = out.shape[0], qweight.shape[1] * 8, qweight.shape[2]
     # (a GPU's dot wants K / 8 >= 16 rows; the interpreter's 64 lets g64 tiles take the one-group path there too)
     block_n, block_k = (32, 64) if triton_interpreted() else (64, 128)
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_int4_kernel[grid](
-        a, qweight, scales, qzeros, out, pair_weight if pair_weight is not None else out, sorted_pairs, block_expert,
-        num_pairs, n, k, a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        qzeros.stride(0), qzeros.stride(1), out.stride(0), 0x4B000000, ROWS_PER_A=rows_per_a,
-        MUL_WEIGHT=pair_weight is not None, GROUP_SIZE=k if group_size == -1 else group_size,
+        a, qweight, scales, qzeros, perm if perm is not None else qzeros, out,
+        pair_weight if pair_weight is not None else out, sorted_pairs, block_expert, num_pairs, n, k, a.stride(0),
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), qzeros.stride(0), qzeros.stride(1),
+        perm.stride(0) if perm is not None else 0, out.stride(0), 0x4B000000, ROWS_PER_A=rows_per_a,
+        MUL_WEIGHT=pair_weight is not None, HAS_PERM=perm is not None, GROUP_SIZE=k if group_size == -1 else group_size,
         UPCAST=_UPCAST_CODE[a.dtype], PRECISION="ieee" if a.dtype == torch.float32 or triton_interpreted() else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
@@ -268,7 +277,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: torch.Tensor | None = None,
               quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
               w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
-              group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              group_size: int | None = None, w13_perm: torch.Tensor | None = None,
+              w2_perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE MLP of x [T, H]: (out [T, H] in x's dtype, rows routed to each expert [E] int64, on x's device).
 
     w13 [E, 2I, H] (each expert's gate | up projection, as its Linear holds it), w2 [E, H, I]; topk_weights
@@ -281,12 +291,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     codes [R, K], fp32 scales [R, 1]) rounds each activation row to e4m3 before each GEMM, W8A8 as fp8's dense
     layers do (minillm.quant.fp8); the product then runs on fp8 tensor cores where they exist. 4-bit experts (rtn,
     gptq, awq): w13 / w2 are GPTQ qweights [E, in / 8, out] (int32), with scales [E, in / G, out] (w13_scale,
-    w2_scale), zero points w13_zeros / w2_zeros [E, in / G, out / 8] and `group_size` G (-1: per column)."""
+    w2_scale), zero points w13_zeros / w2_zeros [E, in / G, out / 8] and `group_size` G (-1: per column); for
+    act-order checkpoints w13_perm [E, H] / w2_perm [E, I]: each expert's stored row i multiplies input column
+    perm[e, i] (minillm.quant.int4.sort_act_order)."""
     num_tokens, hidden = x.shape
     int4 = w13.dtype == torch.int32
     if int4 and (group_size is None or group_size == 0 or (group_size != -1 and hidden % group_size)):
         raise ValueError(f"fused_moe: 4-bit experts need group_size -1 or a divisor of {hidden}, got {group_size}")
     double_inter = _check_operands(w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, hidden, int4)
+    for name, perm, k in (("w13_perm", w13_perm, hidden), ("w2_perm", w2_perm, double_inter // 2)):
+        if perm is not None and (not int4 or perm.shape != (w13.shape[0], k)):
+            raise ValueError(f"fused_moe: {name} is a 4-bit expert's input permutation [{w13.shape[0]}, {k}], got "
+                             f"{tuple(perm.shape)} beside {w13.dtype} weights")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(f"fused_moe: topk_ids and topk_weights must both be [{num_tokens}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
@@ -298,9 +314,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_pairs, block_expert, counts = moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
 
-    def grouped_gemm(a, w, out, rows_per_a, pair_weight, w_scale, w_zeros):
+    def grouped_gemm(a, w, out, rows_per_a, pair_weight, w_scale, w_zeros, perm):
         if int4:
-            _grouped_gemm_int4(a, w, w_scale, w_zeros, group_size, out, sorted_pairs, block_expert, rows_per_a,
+            _grouped_gemm_int4(a, w, w_scale, w_zeros, perm, group_size, out, sorted_pairs, block_expert, rows_per_a,
                                pair_weight, block_m)
             return
         a_scale, compute = None, x.dtype
@@ -312,8 +328,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                       compute)
 
     gate_up = torch.empty(num_pairs, double_inter, dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, top_k, None, w13_scale, w13_zeros)
+    grouped_gemm(x, w13, gate_up, top_k, None, w13_scale, w13_zeros, w13_perm)
     inner = silu_and_mul(gate_up)
     mixed = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    grouped_gemm(inner, w2, mixed, 1, topk_weights.reshape(-1).float().contiguous(), w2_scale, w2_zeros)
+    grouped_gemm(inner, w2, mixed, 1, topk_weights.reshape(-1).float().contiguous(), w2_scale, w2_zeros, w2_perm)
     return mixed.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype), counts

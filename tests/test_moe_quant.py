@@ -197,21 +197,24 @@ def test_on_a_gpu_quantized_experts_in_the_grouped_gemm_give_the_loops_logits(ch
 
 
 def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
-    """int8_rtn, fp8 and 4-bit experts in group order keep the fused path, whose decode steps are CUDA graphs; the
-    other experts (nf4, 3-bit, act-order GPTQ) run the loop, whose shapes follow the routing: eager, and
-    enforce_eager=False refused by name."""
+    """int8_rtn, fp8 and 4-bit experts keep the fused path, whose decode steps are CUDA graphs; the other experts
+    (nf4, 3-bit, act-order GPTQ split by tensor parallelism) run the loop, whose shapes follow the routing: eager,
+    and enforce_eager=False refused by name."""
     from minillm.engine.cache_config import resolve_engine_config
     cuda = torch.device("cuda")
     gptq = dict(quant_method="gptq", bits=4, group_size=32, sym=False)
+    act_order = dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config={**gptq, "desc_act": True})
     fused = [dataclasses.replace(TINY_MOE, quantization=method) for method in FUSED] + [
-        dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config=gptq)]
+        dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config=gptq), act_order]
     for config in fused:
         assert not resolve_engine_config(EngineConfig(), config, cuda).enforce_eager, config.quantization
     loop = [dataclasses.replace(TINY_MOE, quantization="nf4"),
-            dataclasses.replace(TINY_MOE, quantization="rtn", quantization_config={"bits": 3, "group_size": 32}),
-            dataclasses.replace(TINY_MOE, quantization="gptq", quantization_config={**gptq, "desc_act": True})]
+            dataclasses.replace(TINY_MOE, quantization="rtn", quantization_config={"bits": 3, "group_size": 32})]
     for config in loop:
         assert resolve_engine_config(EngineConfig(), config, cuda).enforce_eager, config.quantization_config
+    # a row-parallel rank's share of act-order's groups is not whole: its w2 keeps g_idx, so the loop
+    assert resolve_engine_config(EngineConfig(tensor_parallel_size=2), act_order, cuda).enforce_eager
+    assert not resolve_engine_config(EngineConfig(tensor_parallel_size=2), fused[-2], cuda).enforce_eager
     with pytest.raises(ValueError, match="quantization='nf4'.*int8_rtn, fp8 or 4-bit .* experts"):
         resolve_engine_config(EngineConfig(enforce_eager=False), loop[0], cuda)
 

@@ -86,14 +86,20 @@ def test_gptq_calibrates_each_expert_on_its_own_rows(mixtral):
     assert errors["gptq"] < 0.8 * errors["rtn"], errors  # 0.71x when written
 
 
-@pytest.mark.parametrize("group_size", [64, 32])
-def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral, group_size):
+@pytest.mark.parametrize("group_size, act_order", [(64, False), (32, False), (32, True)])
+def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral, group_size, act_order):
     """GPTQ's 4-bit experts (asymmetric) enter kernels/fused_moe.py's int4 kernel on the Triton backend (here
     Triton's interpreter, K tiles of 64): the per-expert loop's logits in fp32, with one group a tile (its scale
-    applied to the tile's sums) and with two (each weight scaled)."""
+    applied to the tile's sums), with two (each weight scaled), and with act-order (each expert's rows sorted by
+    group at load, its own input permutation gathered by the kernel)."""
     _, model = mixtral
     ids = _calibration(4, 16)
-    built = quantize_model(model, "gptq", group_size=group_size, calibration=ids, progress=False).build()
+    built = quantize_model(model, "gptq", group_size=group_size, calibration=ids, progress=False,
+                           act_order=act_order).build()
+    perms = [getattr(e.w2, "act_perm", None) for e in built.model.layers[0].mlp.experts]
+    assert all((p is not None) == act_order for p in perms)
+    if act_order:  # experts' own orders (a shared one would not test the per-expert gather)
+        assert not torch.equal(perms[0], perms[1])
     loop = _logits(built, ids)
     built.attention_backend = "triton"
     fused = _logits(built, ids)

@@ -73,7 +73,7 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
     quant_config = make_quant_config(model_config) if model_config.num_local_experts else None
     moe_loop = model_config.num_local_experts > 0 and (
         config.expert_parallel_size > 1 or config.moe_capacity_factor is not None
-        or (quant_config is not None and not quant_config.fused_experts))
+        or (quant_config is not None and not quant_config.fuses_experts(config.tensor_parallel_size)))
     enforce_eager = config.enforce_eager
     if enforce_eager is None:
         # graphs freeze Python-side lengths, which only the triton path keeps on the device ("auto" on CUDA)
@@ -84,7 +84,7 @@ def resolve_engine_config(config: EngineConfig, model_config: ModelConfig, devic
                          f"moe_capacity_factor={config.moe_capacity_factor}, quantization="
                          f"{model_config.quantization!r}: the expert loop's shapes follow the routing, which a CUDA "
                          f"graph cannot capture; leave enforce_eager unset or True, or use expert_parallel_size=1, "
-                         f"no capacity factor and dense, int8_rtn, fp8 or 4-bit (rtn, gptq, awq; no act-order) "
+                         f"no capacity factor and dense, int8_rtn, fp8 or 4-bit (rtn, gptq, awq) "
                          f"experts (the fused MoE path)")
     piecewise = config.piecewise_cuda_graphs
     if piecewise is None:

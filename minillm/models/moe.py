@@ -23,9 +23,9 @@ expert and padded into blocks, then one grouped GEMM per projection over all exp
 launches whatever the routing and no host sync; the experts' weights are then views into per-layer stacks.
 Quantized experts (each expert's linears take the model's method, as a dense MLP's do: `LLM(moe_model,
 quantization=...)`; the router stays dense) take the fused path where their method gives 8-bit codes with row
-scales (int8_rtn, fp8) or 4-bit codes in GPTQ's layout (rtn, gptq, awq without act-order;
-LinearMethod.expert_operands), and the loop otherwise (act-order, other bit widths, nf4, block scales, LLM.int8's
-outlier columns). The loop also stays for expert capacity (it drops rows) and for expert parallelism (the
+scales (int8_rtn, fp8) or 4-bit codes in GPTQ's layout (rtn, gptq, awq; act-order on one rank;
+LinearMethod.expert_operands), and the loop otherwise (other bit widths, nf4, block scales, LLM.int8's outlier
+columns). The loop also stays for expert capacity (it drops rows) and for expert parallelism (the
 all-to-all path), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
 path's do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
 ExpertLoad then include the padding rows of a graph's batch bucket). Mixed prefill steps and token trees stay
@@ -139,9 +139,11 @@ class MixtralSparseMoeBlock(nn.Module):
         from minillm.quant.fp8 import per_token_fp8
         (w13, *w13_rest), (w2, *w2_rest) = stacks
         method = self.experts[self.first_expert].w13.quant_method
-        if w13.dtype == torch.int32:  # GPTQ's 4-bit layout: (qweight, scales, qzeros)
+        if w13.dtype == torch.int32:  # GPTQ's 4-bit layout: (qweight, scales, qzeros[, act_perm])
             return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_rest[0], w2_scale=w2_rest[0],
-                             w13_zeros=w13_rest[1], w2_zeros=w2_rest[1], group_size=method.group_size)
+                             w13_zeros=w13_rest[1], w2_zeros=w2_rest[1], group_size=method.group_size,
+                             w13_perm=w13_rest[2] if len(w13_rest) > 2 else None,
+                             w2_perm=w2_rest[2] if len(w2_rest) > 2 else None)
         return fused_moe(x, w13, w2, weights, expert_ids, w13_scale=w13_rest[0] if w13_rest else None,
                          w2_scale=w2_rest[0] if w2_rest else None,
                          quantize_rows=per_token_fp8 if method.expert_activations_fp8 else None)

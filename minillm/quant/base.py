@@ -136,6 +136,11 @@ class QuantizationConfig(ABC):
     # LinearMethod.expert_operands), so that its decode steps may be CUDA graphs (engine/cache_config.py)
     fused_experts: bool = False
 
+    def fuses_experts(self, tensor_parallel_size: int) -> bool:
+        """fused_experts for a model split over `tensor_parallel_size` ranks (a method whose layers' operands
+        depend on the split says so here)."""
+        return self.fused_experts
+
     @classmethod
     @abstractmethod
     def from_config(cls, config: dict[str, Any]) -> "QuantizationConfig":

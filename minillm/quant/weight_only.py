@@ -47,9 +47,10 @@ class WeightOnlyLinearMethod(LinearMethod):
                  act_order: bool = False) -> None:
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.fmt, self.zero_offset, self.act_order = fmt, zero_offset, act_order
-        # 4-bit codes in plain group order enter kernels/fused_moe.py as experts (act-order's permuted inputs and
-        # 2/3/5..8-bit streams keep the per-expert loop)
-        self.expert_operands = ("qweight", "scales", "qzeros") if bits == 4 and not act_order else None
+        # 4-bit codes enter kernels/fused_moe.py as experts, act-order's with their input permutation (act_perm:
+        # groups made contiguous at load); 2/3/5..8-bit streams keep the per-expert loop
+        self.expert_operands = (("qweight", "scales", "qzeros") + (("act_perm",) if act_order else ())
+                                if bits == 4 else None)
 
     def _groups(self, input_size: int) -> int:
         if self.group_size != -1 and input_size % self.group_size:
@@ -153,9 +154,10 @@ class _WeightOnlyConfig(SkipListQuantizationConfig):
         self.serialized = self.fmt != "dense"
         self.lm_head_quantized = lm_head
 
-    @property
-    def fused_experts(self) -> bool:  # (base.QuantizationConfig.fused_experts)
-        return self.make_method().expert_operands is not None
+    def fuses_experts(self, tensor_parallel_size: int) -> bool:
+        """4-bit experts; with act-order on one rank only: a row-parallel rank's slice of act-order's groups is not
+        whole, so its w2 keeps g_idx (a scale gathered per weight) instead of a permutation."""
+        return self.make_method().expert_operands is not None and (not self.act_order or tensor_parallel_size == 1)
 
     def get_lm_head_method(self) -> WeightOnlyLinearMethod | None:
         return self.make_method() if self.lm_head_quantized else None
