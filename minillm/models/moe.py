@@ -98,11 +98,14 @@ class MixtralSparseMoeBlock(nn.Module):
         # [E, 2I, H] and w2 [E, H, I], with [E, 2I] and [E, H] row scales for 8-bit codes, the experts' parameters
         # made views into them. Dense weights are stacked now, so loading or updating an expert writes into the
         # stack (never a copy); quantized codes exist only once loaded (stack_experts, after quantization). Methods
-        # without operands (4-bit, block scales, outlier columns) run the loop, each expert its own method's GEMMs.
+        # without operands (nf4, 3-bit, block scales, outlier columns), and those whose operands this tensor-parallel
+        # split breaks (QuantizationConfig.fuses_experts, the engine's rule too), run the loop, each expert its own
+        # method's GEMMs.
         local = list(self.experts[self.first_expert:self.end_expert])
         operands = {(type(e.w13.quant_method), type(e.w2.quant_method)) for e in local}
-        self.fusable = len(operands) == 1 and all(e.w13.quant_method.expert_operands is not None and
-                                                  e.w2.quant_method.expert_operands is not None for e in local[:1])
+        self.fusable = (quant_config is None or quant_config.fuses_experts(self.tp_size)) and len(operands) == 1 \
+            and all(e.w13.quant_method.expert_operands is not None and
+                    e.w2.quant_method.expert_operands is not None for e in local[:1])
         self._stacks = _stacked(local) if self.fusable and local[0].w13.is_dense else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -118,8 +121,8 @@ class MixtralSparseMoeBlock(nn.Module):
     def _local_moe(self, x: torch.Tensor, local: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every expert in this process: (output, rows per expert, rows dropped). The grouped GEMMs of
         kernels/fused_moe.py on the Triton backend (the experts' SiLU says which) when every row is routed (no
-        capacity) through dense half- or full-precision weights or 8-bit codes (int8_rtn, fp8), else the loop
-        (minillm/layers/moe.py), which runs any linear method."""
+        capacity) through dense half- or full-precision weights, 8-bit codes (int8_rtn, fp8) or GPTQ-packed 4-bit
+        words, else the loop (minillm/layers/moe.py), which runs any linear method."""
         weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
         expert = local[0]
         if self.fusable and use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
