@@ -16,6 +16,8 @@ fp8_block with --gptq,
 prune-wanda, prune-2:4 with Wanda scores) read --calib-samples x
 --calib-seq-len tokens of the standard library's docstrings (minillm.quant.calibration). GGUF output copies a
 GGUF source's tokenizer and chat template, or converts an HF directory's tokenizer.json (quant/gguf_tokenizer.py).
+Mixture-of-experts models (Mixtral, Qwen3-MoE) take rtn, gptq (each expert calibrated on the tokens routed to
+it), fp8, fp8_block, nf4 and int8; the routers stay dense (minillm.quant.driver.MOE_METHODS).
 minillm/cli.py owns the parser and calls `register`.
 """
 from __future__ import annotations
