@@ -34,8 +34,8 @@ def mixtral(tmp_path_factory):
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     n, seq_len = ids.shape
-    with torch.no_grad(), forward_context(prefill_metadata([seq_len] * n)):
-        return model.compute_logits(model(ids.flatten(), torch.arange(seq_len).repeat(n)))
+    with torch.no_grad(), forward_context(prefill_metadata([seq_len] * n, ids.device)):
+        return model.compute_logits(model(ids.flatten(), torch.arange(seq_len, device=ids.device).repeat(n)))
 
 
 def _calibration(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -183,3 +183,23 @@ def test_methods_that_fold_scales_or_pair_walks_refuse_experts_by_name(mixtral, 
     _, model = mixtral
     with pytest.raises(ValueError, match=message):
         quantize_model(model, calibration=_calibration(2, 8), progress=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("act_order", [False, True])
+def test_on_a_gpu_gptq_experts_in_the_grouped_gemm_give_the_loops_logits(mixtral, act_order):
+    """The int4 grouped GEMM on CUDA (bf16 dots of code - zero, act-order's permuted loads): the loop's logits (the
+    INT4 kernels per expert) within TF32 / bf16 rounding."""
+    from minillm.engine.worker import build_model
+    _, model = mixtral
+    ids = _calibration(4, 16)
+    qm = quantize_model(model, "gptq", group_size=32, calibration=ids, progress=False, act_order=act_order)
+    built = build_model(qm.config, qm.state.items(), torch.device("cuda"), torch.float32).eval()
+    cuda_ids = ids.cuda()
+    built.attention_backend = "torch"
+    loop = _logits(built, cuda_ids).float()
+    built.attention_backend = "triton"
+    fused = _logits(built, cuda_ids).float()
+    assert built.model.layers[0].mlp._stacks[0][0].dtype == torch.int32
+    assert (fused - loop).abs().max() < 2e-2 * loop.abs().max(), (fused - loop).abs().max()
