@@ -219,6 +219,25 @@ def test_only_quantized_moe_models_on_the_expert_loop_run_eagerly_on_cuda():
         resolve_engine_config(EngineConfig(enforce_eager=False), loop[0], cuda)
 
 
+def test_expert_parallel_rows_take_the_grouped_gemm_with_the_loops_outputs(checkpoint):
+    """Under expert parallelism a rank's received rows (one local expert each) run the grouped GEMM as top-1 routing
+    of weight 1: each row's own expert's output and the per-expert counts of run_experts (the loop), and nothing
+    for an empty receipt."""
+    from minillm.layers.moe import run_experts
+    _, config, weights = checkpoint
+    block = _quantized(config, weights, "int8_rtn").model.layers[0].mlp
+    block.experts[0].act_fn.backend = "triton"
+    rows = torch.randn(11, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 2, 2, 3])
+    assert block._fuses(rows)
+    out, counts = block._grouped_rows(rows, ids)
+    want, want_counts, _ = run_experts(rows, ids, list(block.experts))
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert counts.tolist() == want_counts.tolist() == [3, 1, 3, 4]
+    out, counts = block._grouped_rows(rows[:0], ids[:0])
+    assert out.shape == (0, config.hidden_size) and counts.tolist() == [0, 0, 0, 0]
+
+
 def test_pruning_and_the_recipes_refuse_experts_by_name(checkpoint):
     """Pruning's, the recipes' (gptq+, awq+gptq) and AutoRound's layer walks know a dense MLP only: a clear error, not an AttributeError deep in a layer, naming
     the load-time methods that do take experts (quantize_model's experts: tests/test_moe_quantize_model.py)."""
@@ -244,7 +263,9 @@ def test_pruning_and_the_recipes_refuse_experts_by_name(checkpoint):
     (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32})),
     # the grouped GEMM (Triton's interpreter) on each rank's halves of the experts' 4-bit words
     (dict(tensor_parallel_size=2), dict(quantization="rtn", quantization_options={"group_size": 32},
-                                        attention_backend="triton"))])
+                                        attention_backend="triton")),
+    # each rank's received rows through the grouped GEMM (top-1), int8 codes
+    (dict(expert_parallel_size=2), dict(quantization="int8_rtn", attention_backend="triton"))])
 def test_parallel_workers_quantize_their_own_experts_alike(checkpoint, parallel, quantization):
     """Each worker quantizes the experts (or the halves of each expert) it holds while loading; the tokens and
     log-probs are one process's."""

@@ -25,9 +25,10 @@ Quantized experts (each expert's linears take the model's method, as a dense MLP
 quantization=...)`; the router stays dense) take the fused path where their method gives 8-bit codes with row
 scales (int8_rtn, fp8) or 4-bit codes in GPTQ's layout (rtn, gptq, awq; act-order on one rank;
 LinearMethod.expert_operands), and the loop otherwise (other bit widths, nf4, block scales, LLM.int8's outlier
-columns). The loop also stays for expert capacity (it drops rows) and for expert parallelism (the
-all-to-all path), and with it the engine runs eagerly: the loop's shapes depend on the routing. The fused
-path's do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
+columns). The loop also stays for expert capacity (it drops rows), and with it the engine runs eagerly: the
+loop's shapes depend on the routing. Under expert parallelism the rows each rank receives from the all-to-all run
+the grouped GEMM too (top-1, weight 1), but the all-to-all's sizes follow the routing, so that engine runs eagerly
+as well. The fused path's shapes do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
 ExpertLoad then include the padding rows of a graph's batch bucket). Mixed prefill steps and token trees stay
 eager for MoE models.
 """
@@ -112,7 +113,8 @@ class MixtralSparseMoeBlock(nn.Module):
         local = list(self.experts[self.first_expert:self.end_expert])
         if self.ep_size > 1:
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
-                                                       self.capacity_factor, self.renormalize)
+                                                       self.capacity_factor, self.renormalize,
+                                                       self._grouped_rows if self._fuses(hidden_states) else None)
         else:
             out, counts, dropped = self._local_moe(hidden_states, local)
         self.load.record(counts, dropped)
@@ -124,16 +126,31 @@ class MixtralSparseMoeBlock(nn.Module):
         capacity) through dense half- or full-precision weights, 8-bit codes (int8_rtn, fp8) or GPTQ-packed 4-bit
         words, else the loop (minillm/layers/moe.py), which runs any linear method."""
         weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
-        expert = local[0]
-        if self.fusable and use_triton(expert.act_fn.backend, x) and self.capacity_factor is None and \
-                x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            stacks = self._expert_stacks(local)
-            if stacks[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn, torch.int32):
-                return (*self._fused(x, stacks, weights, expert_ids), 0)
+        if self._fuses(x):
+            return (*self._fused(x, self._expert_stacks(local), weights, expert_ids), 0)
         rows = x.repeat_interleave(self.top_k, dim=0)  # token-major rows: row t * k + j is token t's j-th expert
         capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
         return combine_expert_outputs(rows_out, weights), counts, dropped
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether this step's experts run kernels/fused_moe.py: fusable operands, the Triton backend (the experts'
+        SiLU says which), every row routed (no capacity), activations in a float dtype the stacks serve."""
+        local = self.experts[self.first_expert:self.end_expert]
+        if not (self.fusable and use_triton(local[0].act_fn.backend, x) and self.capacity_factor is None and
+                x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            return False
+        return self._expert_stacks(list(local))[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn,
+                                                                 torch.int32)
+
+    def _grouped_rows(self, rows: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert parallelism's received rows, each for one local expert: the grouped GEMM with top-1 routing of
+        weight 1 (each row's own expert's output)."""
+        local = list(self.experts[self.first_expert:self.end_expert])
+        if rows.shape[0] == 0:  # no rank routed a row here this step
+            return torch.zeros_like(rows), torch.zeros(len(local), dtype=torch.int64, device=rows.device)
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return self._fused(rows, self._expert_stacks(local), ones, expert_of_row[:, None])
 
     def _fused(self, x: torch.Tensor, stacks: tuple, weights: torch.Tensor,
                expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,10 +78,14 @@ def token_slice(num_tokens: int, ep_size: int, ep_rank: int) -> tuple[int, int, 
 
 def expert_parallel_moe(hidden_states: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor], top_k: int,
                         num_experts: int, local_experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                        capacity_factor: float | None, renormalize: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                        capacity_factor: float | None, renormalize: bool = True,
+                        grouped: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+                        = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The MoE layer across the EP group (steps 1-8 of the module docstring). hidden_states [T, hidden], the same
-    on every rank; returns (output [T, hidden], rows routed to each local expert by every rank, rows dropped)."""
+    on every rank; returns (output [T, hidden], rows routed to each local expert by every rank, rows dropped).
+    `grouped` (rows [R, hidden], local expert of each row [R] -> (out [R, hidden], rows per local expert)): the
+    received rows' experts in one grouped GEMM (kernels/fused_moe.py) instead of the per-expert loop; used only
+    without a capacity, which is the loop's to enforce."""
     state = get_parallel_state()
     n, per_rank_experts = state.ep_size, len(local_experts)
     first, end, rows_per_rank = token_slice(hidden_states.shape[0], n, state.ep_rank)
@@ -100,7 +104,10 @@ def expert_parallel_moe(hidden_states: torch.Tensor, gate: Callable[[torch.Tenso
     # received rows: by source rank, then by local expert, then in the source's token order
     local_ids = torch.arange(per_rank_experts).repeat(n).repeat_interleave(received_per_expert.flatten())
     capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-    out, load, dropped = run_experts(received, local_ids.to(received.device), local_experts, capacity)
+    if grouped is not None and capacity is None:
+        (out, load), dropped = grouped(received, local_ids.to(received.device)), 0
+    else:
+        out, load, dropped = run_experts(received, local_ids.to(received.device), local_experts, capacity)
     returned = expert_all_to_all(out, send_splits, recv_splits, counter="all_to_all_combine")
     rows_out = torch.empty_like(returned)
     rows_out[order] = returned  # back to token-major row order
