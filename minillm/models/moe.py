@@ -112,9 +112,9 @@ class MixtralSparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
         if self.ep_size > 1:
+            grouped = self._grouped_rows if self._fused_stacks(hidden_states) is not None else None
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
-                                                       self.capacity_factor, self.renormalize,
-                                                       self._grouped_rows if self._fuses(hidden_states) else None)
+                                                       self.capacity_factor, self.renormalize, grouped)
         else:
             out, counts, dropped = self._local_moe(hidden_states, local)
         self.load.record(counts, dropped)
@@ -126,22 +126,24 @@ class MixtralSparseMoeBlock(nn.Module):
         capacity) through dense half- or full-precision weights, 8-bit codes (int8_rtn, fp8) or GPTQ-packed 4-bit
         words, else the loop (minillm/layers/moe.py), which runs any linear method."""
         weights, expert_ids = route(self.gate(x), self.top_k, self.renormalize)
-        if self._fuses(x):
-            return (*self._fused(x, self._expert_stacks(local), weights, expert_ids), 0)
+        stacks = self._fused_stacks(x)
+        if stacks is not None:
+            return (*self._fused(x, stacks, weights, expert_ids), 0)
         rows = x.repeat_interleave(self.top_k, dim=0)  # token-major rows: row t * k + j is token t's j-th expert
         capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         rows_out, counts, dropped = run_experts(rows, expert_ids.reshape(-1), local, capacity)
         return combine_expert_outputs(rows_out, weights), counts, dropped
 
-    def _fuses(self, x: torch.Tensor) -> bool:
-        """Whether this step's experts run kernels/fused_moe.py: fusable operands, the Triton backend (the experts'
-        SiLU says which), every row routed (no capacity), activations in a float dtype the stacks serve."""
+    def _fused_stacks(self, x: torch.Tensor) -> tuple | None:
+        """The stacks where this step's experts run kernels/fused_moe.py (fusable operands, the Triton backend: the
+        experts' SiLU says which, every row routed: no capacity, activations in a float dtype the stacks serve);
+        None for the loop."""
         local = self.experts[self.first_expert:self.end_expert]
         if not (self.fusable and use_triton(local[0].act_fn.backend, x) and self.capacity_factor is None and
                 x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-            return False
-        return self._expert_stacks(list(local))[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn,
-                                                                 torch.int32)
+            return None
+        stacks = self._expert_stacks(list(local))
+        return stacks if stacks[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn, torch.int32) else None
 
     def _grouped_rows(self, rows: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert parallelism's received rows, each for one local expert: the grouped GEMM with top-1 routing of
