@@ -7,7 +7,7 @@
 For the decoder's four Llama-3-8B shapes and 4096->14336 (g128 asymmetric, GPTQ layout) at M = 1 .. 256:
   bf16     cuBLAS (F.linear) on the dequantised weight: the baseline;
   best     the fastest correct launch among the dispatcher's candidates (int4_dispatch.candidates: int4_gemm.py's
-           two paths, int4_mma.py, int4_gemv.py with one row per program and, for M = 3..4, with all rows in one
+           two paths, int4_mma.py's two kernels, int4_gemv.py with one row per program and, for M = 3..4, with all rows in one
            (gemv_rows), and from M = 16 dequantise-then-cuBLAS), and the fastest of each kernel on its own;
   auto     int4_gemm() itself: int4_dispatch.py's pick (timed by do_bench on its first call per shape).
 Every launch is checked against x @ dequantize_int4(W)^T in fp32 (max error <= 1% of max|y|, the dispatcher's
@@ -34,7 +34,7 @@ SHAPES = {"4096->14336": (4096, 14336), "4096->6144": (4096, 6144), "4096->4096"
 MS = (1, 2, 4, 8, 16, 32, 64, 256)
 P3_M1_US = 12.0  # P3: M = 1 on 4096->14336 within 12 us ...
 P3_SPEEDUP = 2.5  # ... and >= 2.5x cuBLAS bf16 at every M <= 16
-KERNELS = ("fma", "gemv", "gemv_rows", "dot", "mma", "wgmma", "dequant")  # gemv_rows: int4_gemv.py with BLOCK_M > 1
+KERNELS = ("fma", "gemv", "gemv_rows", "dot", "mma", "mma_tile", "wgmma", "dequant")  # gemv_rows: int4_gemv.py with BLOCK_M > 1
 
 
 def launches_for(m: int, n: int, k: int, sms: int, dtype=None) -> list:

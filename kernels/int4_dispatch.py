@@ -48,6 +48,10 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 # (BLOCK_N, num_warps) of the two tensor-core kernels, BLOCK_K = 128
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
+# (BLOCK_N, num_warps) of int4_mma.py's one-dot-per-tile kernel: 16 columns per warp, the tiles where Triton lays
+# the unpacked weights out in the tensor core's operand layout with no shared-memory trip (ptxas, sm_90, triton
+# 3.6 and 3.9: 4.2 instructions per weight at N128 x 8 warps, 95-97 registers)
+MMA_TILE_TILES = [(128, 8), (256, 16)]
 # (BLOCK_N, num_warps) of int4_wgmma.py: output columns per program (wgmma's M side, 64 per warpgroup), and the
 # M buckets it is offered for: on the H200 (2026-12-04, fp16) it was the fastest launch at M = 32 on four of five
 # Llama-3-8B shapes (4-6% under int4_mma) and 2-4x slower than the GEMV at M = 1..16 (RESULTS.md, twenty-first session)
@@ -75,7 +79,7 @@ DEQUANT_SLICE_BYTES = 24 << 20
 class Launch:
     """One way to run the GEMM: which kernel, its tile, warps, pipeline stages and K split."""
 
-    kernel: str  # "fma" | "dot" | "mma" | "wgmma" | "gemv" | "gemv_tma" | "dequant"
+    kernel: str  # "fma" | "dot" | "mma" | "mma_tile" | "wgmma" | "gemv" | "gemv_tma" | "dequant"
     block_m: int
     block_n: int
     block_k: int
@@ -137,6 +141,9 @@ def candidates(m: int, n: int, k: int, group: int, dtype: torch.dtype, sms: int)
         for bn, w in MMA_TILES:
             for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
                 out.append(Launch("mma", bm, bn, 128, w, 3, s))
+        for bn, w in MMA_TILE_TILES:
+            for s in _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, 128), sms):
+                out.append(Launch("mma_tile", bm, bn, 128, w, 1, s))
     if m_bucket in WGMMA_M_BUCKETS and mma_applies(torch.empty(0, dtype=dtype), group, m) and k % WGMMA_BLOCK_K == 0:
         bm = max(16, m_bucket)
         for bn, w in WGMMA_TILES:
@@ -157,10 +164,10 @@ def run_launch(lc: Launch, x2, qweight, scales, qzeros, group: int, bias, y, ws,
     if lc.kernel == "dequant":
         int4_dequant_matmul(x2, qweight, scales, qzeros, group, bias, y, lc.split_k)
         return
-    if lc.kernel == "mma":
+    if lc.kernel in ("mma", "mma_tile"):
         cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, BLOCK_K=lc.block_k, SPLIT_K=lc.split_k,
                    num_warps=lc.num_warps, num_stages=lc.num_stages)
-        launch_int4_mma(x2, qweight, scales, qzeros, group, bias, y, ws, cnt, cfg)
+        launch_int4_mma(x2, qweight, scales, qzeros, group, bias, y, ws, cnt, cfg, tile_dot=lc.kernel == "mma_tile")
         return
     if lc.kernel == "wgmma":
         cfg = dict(BLOCK_M=lc.block_m, BLOCK_N=lc.block_n, SPLIT_K=lc.split_k, num_warps=lc.num_warps,

@@ -31,7 +31,7 @@ import triton.language as tl
 from minillm.kernels.int4_gemm import _load_tile
 from minillm.platform import triton_interpreted
 
-__all__ = ["code_constants", "int4_mma_kernel", "launch_int4_mma", "split_k_store"]
+__all__ = ["code_constants", "int4_mma_kernel", "int4_mma_tile_kernel", "launch_int4_mma", "split_k_store"]
 
 
 def code_constants(dtype: torch.dtype) -> dict:
@@ -72,6 +72,20 @@ def split_k_store(acc, Y, WS, CNT, BIAS, tile, offs_m, offs_n, m_ok, n_ok, N, st
             tl.atomic_xchg(CNT + tile, 0)
 
 
+@triton.jit
+def _program_tiles(M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's share of a split-K GEMM on grid (row tiles x column tiles, SPLIT_K): (its tile index, row and
+    column offsets, their masks, and the K tiles [t_begin, t_end) it sums)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = tl.program_id(1) * per_split
+    return pid, offs_m, offs_n, offs_m < M, offs_n < N, t_begin, tl.minimum(t_begin + per_split, k_tiles)
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])  # one compile for every M and split
 def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
                     M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -84,20 +98,8 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
     NIBBLE_MASK = 0x000F000F arrives as a run-time value: as a literal beside the literal MAGIC2 the compiler
     would rematerialise one of the two constants for every word (a LOP3 takes one immediate operand)."""
     ROWS: tl.constexpr = BLOCK_K // 8
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid, offs_m, offs_n, m_ok, n_ok, t_begin, t_end = _program_tiles(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_j = tl.arange(0, ROWS)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, k_tiles)
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -135,12 +137,56 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
                   BLOCK_M, BLOCK_N)
 
 
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
+def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
+                         stride_ym, M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, MAGIC2: tl.constexpr, OFFSET: tl.constexpr, CODE_T: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+    """int4_mma_kernel's arithmetic with one dot per K tile instead of sixteen: the pairs of every word are joined
+    into a single [BLOCK_K, BLOCK_N] operand whose K rows are ordered 8j + 2i + h <- nibble i + 4h of word row j
+    (activations gathered in that order). The join, the transpose and the reshape are all inside each thread's
+    registers, so where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton lays the unpacked
+    tile out in the tensor core's operand layout directly: no trip through shared memory, which int4_mma_kernel's
+    small dots pay sixteen times a tile (ptxas, sm_90, N128 x 8 warps: one 8 KB buffer, for the activations). The
+    row sums of x come from a reduction, once a tile. Same constraints and arguments as int4_mma_kernel."""
+    ROWS: tl.constexpr = BLOCK_K // 8
+    pid, offs_m, offs_n, m_ok, n_ok, t_begin, t_end = _program_tiles(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_j = tl.arange(0, ROWS)
+    r = tl.arange(0, BLOCK_K)  # operand row r = 8j + 2i + h reads activation k = 8j + i + 4h
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + ((r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2))[None, :]
+    shifts = (4 * tl.arange(0, 4))[None, :, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
+                         GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
+    for t in range(t_begin, t_end):
+        w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg,
+                                            stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
+        k0 = t * BLOCK_K
+        x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + r < K)[None, :], other=0.0)
+        pair = ((w[:, None, :] >> shifts) & NIBBLE_MASK) | MAGIC2  # [ROWS, 4, BLOCK_N]: nibbles i and i + 4
+        lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
+        hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
+        codes = tl.reshape(tl.join(lo, hi).permute(0, 1, 3, 2), [BLOCK_K, BLOCK_N])  # OFFSET + code, row r
+        if UPCAST:
+            part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            part = tl.dot(x, codes.to(x.dtype), input_precision=DOT_PRECISION)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)[:, None]
+        acc += (part - x_sum * (OFFSET + z)) * s
+        w, s, z = w_next, s_next, z_next
+
+    split_k_store(acc, Y, WS, CNT, BIAS, pid, offs_m, offs_n, m_ok, n_ok, N, stride_ym, HAS_BIAS, SPLIT_K,
+                  BLOCK_M, BLOCK_N)
+
+
 def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                     group: int, bias: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
-                    config: dict | None = None) -> None:
-    """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias) with int4_mma_kernel; operands already checked by int4_gemm,
-    ws / cnt its split-K workspace. config: BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages (None: one
-    small tile, for the interpreter; int4_dispatch.py picks the GPU's)."""
+                    config: dict | None = None, tile_dot: bool = False) -> None:
+    """y [M, N] = x2 [M, K] @ dequant(W)^T (+ bias) with int4_mma_kernel (int4_mma_tile_kernel with `tile_dot`);
+    operands already checked by int4_gemm, ws / cnt its split-K workspace. config: BLOCK_M, BLOCK_N, BLOCK_K,
+    SPLIT_K, num_warps, num_stages (None: one small tile, for the interpreter; int4_dispatch.py picks the GPU's)."""
     m, k = x2.shape
     n = qweight.shape[1]
     interp = triton_interpreted()
@@ -157,4 +203,4 @@ def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if interp:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-    int4_mma_kernel[grid](*args, **consts, **cfg)
+    (int4_mma_tile_kernel if tile_dot else int4_mma_kernel)[grid](*args, **consts, **cfg)

@@ -54,6 +54,23 @@ def test_int4_mma_matches_dequantized_matmul(m, n, k, group, symmetric, split_k,
     assert not ws.any() and not cnt.any(), "the last split must leave the workspace and counters zeroed"
 
 
+@pytest.mark.parametrize("m,n,k,group,symmetric,split_k,block_n", MMA_CASES)
+def test_int4_mma_tile_kernel_matches_dequantized_matmul(m, n, k, group, symmetric, split_k, block_n):
+    """The one-dot-per-tile kernel (operand rows 8j + 2i + h, activations gathered to match) computes the same."""
+    from minillm.kernels.int4_mma import launch_int4_mma
+
+    torch.manual_seed(m * 100 + n + k + 1)
+    packed, w = _weights(n, k, group, symmetric)
+    x = torch.randn(m, k)
+    qweight, scales, qzeros = packed.args()[:3]
+    y = torch.full((m, n), float("nan"))
+    ws, cnt = split_k_workspace(x.device, m, n)
+    launch_int4_mma(x, qweight, scales, qzeros, group, None, y, ws, cnt,
+                    dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k), tile_dot=True)
+    _close(y, x @ w.t(), MMA_FP32_RTOL)
+    assert not ws.any() and not cnt.any(), "the last split must leave the workspace and counters zeroed"
+
+
 def test_int4_mma_bias_and_bf16_activations():
     torch.manual_seed(5)
     packed, w = _weights(48, 256, 128, False, torch.bfloat16)
@@ -208,6 +225,7 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
         assert cands[0].kernel == "dot", "the reference for the output check comes first"
         kinds = {c.kernel for c in cands}
         expected = {"fma", "gemv", "dot", "mma"} if m <= 2 else {"gemv", "dot", "mma"} if m <= 4 else {"dot", "mma"}
+        expected |= {"mma_tile"} if "mma" in expected else set()
         expected |= ({"dequant"} if m >= 16 else set()) | ({"wgmma"} if m == 32 else set())
         assert kinds == expected, (m, kinds)
         for c in cands:
@@ -218,6 +236,7 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
             assert 1 <= c.split_k <= min(MAX_SPLIT_K, triton.cdiv(k, c.block_k)), c
             assert c.split_k == 1 or sms // 2 <= tiles * c.split_k <= 16 * sms, (m, n, k, c)
             assert c.kernel in ("fma", "gemv") or c.block_m == max(16, triton.next_power_of_2(m))
+            assert c.kernel != "mma_tile" or c.block_n == 16 * c.num_warps, c  # the register-operand tiles
             # a GEMV program holds one row, or from M = 2 all of them (M rounded up to a power of two)
             assert c.kernel != "gemv" or c.block_m in (1, triton.next_power_of_2(m)), c
         assert (m <= 2) == any(c.kernel == "gemv" and c.block_m == 1 for c in cands), m
@@ -227,8 +246,8 @@ def test_dispatch_candidates_cover_the_kernels_with_sane_splits():
     assert all(c.split_k == 1 and c.block_m <= 128 for c in big if c.kernel == "dot")
     assert sorted(c.split_k for c in big if c.kernel == "dequant") == [1, 5]  # 117 MB of bf16 in <= 24 MB slices
     # fp32 activations or groups of 64: no bf16-halves kernel, and no CUDA-core tile straddling two groups
-    assert "mma" not in {c.kernel for c in candidates(1, 4096, 4096, 128, torch.float32, sms)}
-    assert all(c.kernel != "mma" and (c.kernel not in ("fma", "gemv") or 64 % c.block_k == 0)
+    assert not {"mma", "mma_tile"} & {c.kernel for c in candidates(1, 4096, 4096, 128, torch.float32, sms)}
+    assert all(c.kernel not in ("mma", "mma_tile") and (c.kernel not in ("fma", "gemv") or 64 % c.block_k == 0)
                for c in candidates(1, 4096, 4096, 64, torch.bfloat16, sms))
 
 
@@ -299,6 +318,30 @@ def test_int4_gemm_gpu_mma_path_bf16(m):
                                                      BLOCK_K=128, num_warps=4)), ref, 0.01)
     _close(int4_gemm(x, *packed.args(), split_k=8, config=dict(MMA=True, BLOCK_M=16 if m <= 16 else 64,
                                                                 BLOCK_N=256, BLOCK_K=128, num_warps=8)), ref, 0.01)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_mma_tile_kernel_gpu_matches_torch(m, dtype):
+    """The one-dot-per-tile kernel at a Llama-3-8B size, each of its tiles, split and unsplit, bf16 and fp16."""
+    from minillm.kernels.int4_dispatch import MMA_TILE_TILES
+    from minillm.kernels.int4_mma import launch_int4_mma
+
+    torch.manual_seed(m)
+    packed, w = _weights(6144, 4096, 128, False, dtype, "cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    ref = x.float() @ w.t()
+    qweight, scales, qzeros = packed.args()[:3]
+    for bn, warps in MMA_TILE_TILES:
+        for split in (1, 8):
+            y = torch.full((m, 6144), float("nan"), device="cuda", dtype=dtype)
+            ws, cnt = split_k_workspace(x.device, m, 6144)
+            launch_int4_mma(x, qweight, scales, qzeros, 128, None, y, ws, cnt,
+                            dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split,
+                                 num_warps=warps, num_stages=1), tile_dot=True)
+            _close(y, ref, 0.01)
 
 
 @gpu
