@@ -137,34 +137,61 @@ def int4_mma_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_q
                   BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def _even_tile(QW, S, QZ, t, more, offs_j, offs_n, stride_qk, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_load_tile's words, scales and zeros of K tile t where tiles divide the matrix: one predicate (`more`,
+    false for the prefetch past a program's last tile) instead of row and column masks."""
+    g = (t * BLOCK_K) // GROUP_SIZE
+    w = tl.load(QW + (t * ROWS + offs_j)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                mask=(offs_j[:, None] * 0 + more) != 0, other=0)
+    on = (offs_n * 0 + more) != 0
+    s = tl.load(S + g * stride_sg + offs_n, mask=on, other=0.0).to(tl.float32)[None, :]
+    if HAS_ZEROS:
+        zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=on, other=0)
+        z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
+    else:
+        z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+    return w, s, z
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
 def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
                          stride_ym, M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, MAGIC2: tl.constexpr, OFFSET: tl.constexpr, CODE_T: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, EVEN: tl.constexpr = False):
     """int4_mma_kernel's arithmetic with one dot per K tile instead of sixteen: the pairs of every word are joined
     into a single [BLOCK_K, BLOCK_N] operand whose K rows are ordered 8j + 2i + h <- nibble i + 4h of word row j
     (activations gathered in that order). The join, the transpose and the reshape are all inside each thread's
     registers, so where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton lays the unpacked
     tile out in the tensor core's operand layout directly: no trip through shared memory, which int4_mma_kernel's
     small dots pay sixteen times a tile (ptxas, sm_90, N128 x 8 warps: one 8 KB buffer, for the activations). The
-    row sums of x come from a reduction, once a tile. Same constraints and arguments as int4_mma_kernel."""
+    row sums of x come from a reduction, once a tile. Same constraints and arguments as int4_mma_kernel; EVEN
+    (N % BLOCK_N == 0 and K % BLOCK_K == 0, every real layer): no masks in the loop but the last prefetch's, rows
+    past M reading row M - 1 again (never stored)."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid, offs_m, offs_n, m_ok, n_ok, t_begin, t_end = _program_tiles(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_j = tl.arange(0, ROWS)
     r = tl.arange(0, BLOCK_K)  # operand row r = 8j + 2i + h reads activation k = 8j + i + 4h
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + ((r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2))[None, :]
+    x_rows = tl.minimum(offs_m, M - 1) if EVEN else offs_m
+    x_ptrs = X + x_rows[:, None].to(tl.int64) * stride_xm + ((r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2))[None, :]
     shifts = (4 * tl.arange(0, 4))[None, :, None]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                          GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
     for t in range(t_begin, t_end):
-        w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg,
-                                            stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K, BLOCK_N)
         k0 = t * BLOCK_K
-        x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + r < K)[None, :], other=0.0)
+        if EVEN:
+            w_next, s_next, z_next = _even_tile(QW, S, QZ, t + 1, t + 1 < t_end, offs_j, offs_n, stride_qk,
+                                                stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, ROWS, BLOCK_K, BLOCK_N)
+            x = tl.load(x_ptrs + k0)
+        else:
+            w_next, s_next, z_next = _load_tile(QW, S, QZ, t + 1, t_end, offs_j, offs_n, n_ok, K, stride_qk,
+                                                stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K,
+                                                BLOCK_N)
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + r < K)[None, :], other=0.0)
         pair = ((w[:, None, :] >> shifts) & NIBBLE_MASK) | MAGIC2  # [ROWS, 4, BLOCK_N]: nibbles i and i + 4
         lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
         hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
@@ -203,4 +230,6 @@ def launch_int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if interp:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    if tile_dot:
+        consts["EVEN"] = n % cfg["BLOCK_N"] == 0 and k % cfg["BLOCK_K"] == 0
     (int4_mma_tile_kernel if tile_dot else int4_mma_kernel)[grid](*args, **consts, **cfg)
