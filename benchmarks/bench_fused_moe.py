@@ -1,7 +1,7 @@
 """The MoE MLP on the GPU: kernels/fused_moe.py's grouped GEMMs against the per-expert loop (minillm/layers/moe.py).
 
     python benchmarks/bench_fused_moe.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--tokens 1 8 64 256 1024]
-                                         [--weights bf16|int8|fp8|int4] [--out F]
+                                         [--weights bf16|int8|fp8|int4] [--int4-tile-dot] [--out F]
 
 One MoE block's MLP (router output given: top-k weights and ids drawn from a random router) with random bf16
 weights of the shape's sizes, or those weights as 8-bit codes with one scale per row (--weights int8: int8_rtn's
@@ -16,6 +16,9 @@ awq's W4A16), timed with triton.testing.do_bench (median, warm weights):
             (eager: the host's launches included, as an eager engine pays them)
     graph   the fused path recorded as one CUDA graph and replayed (its shapes do not depend on the routing): the
             GPU's time alone, as a decode step in the engine's CUDA graphs pays it
+
+With --int4-tile-dot (int4 only) each row also times the graph with fused_moe.INT4_TILE_DOT on (one dot per K
+tile, the codes joined in the operand's registers, instead of eight) in the same process: "tile us", its error too.
 
 and the weight-read floor of the experts the batch touches (bytes of the distinct experts routed to / the copy
 bandwidth measured in the same run). Both outputs are compared first (bf16, relative to the output's scale).
@@ -39,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--weights", choices=("bf16", "int8", "fp8", "int4"), default="bf16")
+    parser.add_argument("--int4-tile-dot", action="store_true",
+                        help="int4: also time the one-dot-per-tile kernel path (fused_moe.INT4_TILE_DOT) beside it")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.int4_tile_dot and args.weights != "int4":
+        parser.error("--int4-tile-dot needs --weights int4")
     import torch
     if not torch.cuda.is_available():
         print("bench_fused_moe needs a CUDA GPU; nothing was measured.", file=sys.stderr)
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton.testing
 
     import minillm  # noqa: F401  (platform setup)
+    import minillm.kernels.fused_moe as fused_moe_module
     from minillm.kernels.fused_moe import fused_moe
     from minillm.layers.moe import combine_expert_outputs, route, run_experts
 
@@ -125,14 +133,29 @@ def main(argv: list[str] | None = None) -> int:
         with torch.cuda.graph(graph):
             fused_moe(x, w13, w2, weights, ids, **quant)
         t_graph = triton.testing.do_bench(graph.replay) * 1e3
+        if args.int4_tile_dot:  # the one-dot path, same operands, same process
+            fused_moe_module.INT4_TILE_DOT = True
+            try:
+                tile_err = float((fused_moe(x, w13, w2, weights, ids, **quant)[0].float() - ref.float()).abs().max()
+                                 / ref.float().abs().max())
+                tile_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(tile_graph):
+                    fused_moe(x, w13, w2, weights, ids, **quant)
+                t_tile = triton.testing.do_bench(tile_graph.replay) * 1e3
+            finally:
+                fused_moe_module.INT4_TILE_DOT = False
         hit = int(ids.unique().numel())
         floor = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size() / copy_bw * 1e6  # (int4: 8 a word)
         row = dict(tokens=tokens, experts_hit=hit, loop_us=round(t_loop, 1), fused_us=round(t_fused, 1),
                    graph_us=round(t_graph, 1), speedup=round(t_loop / t_fused, 2), floor_us=round(floor, 1),
                    rel_err=err)
+        if args.int4_tile_dot:
+            row.update(tile_graph_us=round(t_tile, 1), tile_rel_err=tile_err)
         results["rows"].append(row)
         print(f"{tokens:>7}{hit:>13}{t_loop:>10.1f}{t_fused:>10.1f}{t_graph:>10.1f}{t_loop / t_fused:>9.2f}x"
-              f"{floor:>10.1f}{floor / t_graph:>10.0%}   (max error {err:.1e} of the output's scale)")
+              f"{floor:>10.1f}{floor / t_graph:>10.0%}   (max error {err:.1e} of the output's scale)"
+              + (f"; tile us {t_tile:.1f} ({t_graph / t_tile:.2f}x, error {tile_err:.1e})"
+                 if args.int4_tile_dot else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

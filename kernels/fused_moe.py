@@ -122,12 +122,38 @@ def _grouped_gemm_kernel(A, W, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, A_SCALE, W_
 
 
 @triton.jit
+def _tile_dot_int4(A, PERM, a_rows, valid, w, zero, expert, k0, K, stride_am, stride_pe, NIBBLE_MASK,
+                   HAS_PERM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MAGIC2: tl.constexpr,
+                   OFFSET: tl.constexpr, CODE_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile of _grouped_gemm_int4_kernel as a single dot: sum_k a[m, k] (code[k, n] - zero[n]) for the
+    tile's words w [BLOCK_K / 8, BLOCK_N] (one group), before the group's scale."""
+    r = tl.arange(0, BLOCK_K)  # operand row r = 8j + 2i + h holds nibble i + 4h of word row j
+    cols = k0 + (r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2)
+    cols_ok = cols < K
+    if HAS_PERM:  # sorted weight row -> the activation column it multiplies
+        cols = tl.load(PERM + expert * stride_pe + cols, mask=cols_ok, other=0)
+    a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & cols_ok[None, :], other=0.0)
+    pair = ((w[:, None, :] >> (4 * tl.arange(0, 4))[None, :, None]) & NIBBLE_MASK) | MAGIC2  # nibbles i, i + 4
+    lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
+    codes = tl.reshape(tl.join(lo, hi).permute(0, 1, 3, 2), [BLOCK_K, w.shape[1]])  # OFFSET + code, row r
+    ad = a.to(tl.float32) if UPCAST == 1 else a.to(CODE_T)
+    part = tl.dot(ad, codes.to(ad.dtype), input_precision=PRECISION)
+    # the rows' sums of a on the tensor cores too: a dot with ones lands them in part's own layout, where a
+    # reduction across the lanes would cost shuffles (ptxas, sm_90: 3.9 instructions per weight against 4.4)
+    sums = tl.dot(ad, tl.full([BLOCK_K, w.shape[1]], 1.0, ad.dtype), input_precision=PRECISION)
+    return part - sums * (OFFSET + zero)
+
+
+@triton.jit
 def _grouped_gemm_int4_kernel(A, QW, S, QZ, PERM, C, PAIR_WEIGHT, SORTED, BLOCK_EXPERT, num_pairs, N, K, stride_am,
                               stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_pe, stride_cm,
                               EXP23, ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_PERM: tl.constexpr,
                               GROUP_SIZE: tl.constexpr,
                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_DOT: tl.constexpr = False,
+                              NIBBLE_MASK=0x000F000F, MAGIC2: tl.constexpr = 0x43004300, OFFSET: tl.constexpr = 128.0,
+                              CODE_T: tl.constexpr = tl.bfloat16):
     """_grouped_gemm_kernel with 4-bit weights in GPTQ's layout (kernels/int4_gemm.py's docstring): QW [E, K / 8,
     N] words packed along K, S [E, K / G, N] scales, QZ [E, K / G, N / 8] zero points packed along N. A K tile
     brings [BLOCK_K / 8, BLOCK_N] words; nibble i of word row j is weight row 8j + i, so the tile is 8 dots of
@@ -137,7 +163,10 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, PERM, C, PAIR_WEIGHT, SORTED, BLOCK_
     the loads gather. When a tile lies inside
     one group (G a multiple of BLOCK_K) the dots take code - zero, small integers exact in bf16 / fp16, and the
     group's scale multiplies the tile's partial sums once; otherwise each weight is scaled in registers. EXP23 =
-    0x4B000000 comes as a run-time value (int4_gemm.py says why)."""
+    0x4B000000 comes as a run-time value (int4_gemm.py says why). TILE_DOT (one-group tiles only): one dot per K
+    tile instead of eight, the codes unpacked two per LOP3 into OFFSET + code halves (MAGIC2, OFFSET, CODE_T:
+    int4_mma.code_constants) and joined into the operand's own register layout (int4_mma_tile_kernel's trick, K
+    rows 8j + 2i + h, the activation columns gathered to match); OFFSET + zero comes off with the rows' sums."""
     ROWS: tl.constexpr = BLOCK_K // 8
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     pid_m = tl.program_id(0)
@@ -170,28 +199,32 @@ def _grouped_gemm_int4_kernel(A, QW, S, QZ, PERM, C, PAIR_WEIGHT, SORTED, BLOCK_
             zw = tl.load(QZ + expert * stride_ze + g * stride_zg + offs_n[None, :] // 8, mask=ok, other=0)
             zero = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF).to(tl.float32)
             zero_scaled = zero * scale  # (q - z) s = q s - z s: one FMA a weight
-        w_lo = w | EXP23
-        w_hi = (w >> 16) | EXP23
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(8):
-            if ONE_GROUP:
-                q = int4_unpack(w_lo, w_hi, zero, i)  # code - zero, exact
-            else:
-                q = int4_unpack(w_lo, w_hi, 0.0, i) * scale - zero_scaled
-            cols = k0 + 8 * offs_j + i
-            cols_ok = cols < K
-            if HAS_PERM:  # sorted weight row -> the activation column it multiplies
-                cols = tl.load(PERM + expert * stride_pe + cols, mask=cols_ok, other=0)
-            a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & cols_ok[None, :],
-                        other=0.0)
-            if UPCAST == 1:
-                a, q = a.to(tl.float32), q.to(tl.float32)
-            elif UPCAST == 2:
-                a, q = a.to(tl.bfloat16), q.to(tl.bfloat16)
-            else:
-                a, q = a.to(tl.float16), q.to(tl.float16)
-            part = tl.dot(a, q, part, input_precision=PRECISION)
-        acc += part * scale if ONE_GROUP else part
+        if TILE_DOT and ONE_GROUP:
+            acc += _tile_dot_int4(A, PERM, a_rows, valid, w, zero, expert, k0, K, stride_am, stride_pe, NIBBLE_MASK,
+                                  HAS_PERM, UPCAST, PRECISION, MAGIC2, OFFSET, CODE_T, BLOCK_K) * scale
+        else:  # eight dots of K = BLOCK_K / 8, one per nibble
+            w_lo = w | EXP23
+            w_hi = (w >> 16) | EXP23
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(8):
+                if ONE_GROUP:
+                    q = int4_unpack(w_lo, w_hi, zero, i)  # code - zero, exact
+                else:
+                    q = int4_unpack(w_lo, w_hi, 0.0, i) * scale - zero_scaled
+                cols = k0 + 8 * offs_j + i
+                cols_ok = cols < K
+                if HAS_PERM:  # sorted weight row -> the activation column it multiplies
+                    cols = tl.load(PERM + expert * stride_pe + cols, mask=cols_ok, other=0)
+                a = tl.load(A + a_rows[:, None] * stride_am + cols[None, :], mask=valid[:, None] & cols_ok[None, :],
+                            other=0.0)
+                if UPCAST == 1:
+                    a, q = a.to(tl.float32), q.to(tl.float32)
+                elif UPCAST == 2:
+                    a, q = a.to(tl.bfloat16), q.to(tl.bfloat16)
+                else:
+                    a, q = a.to(tl.float16), q.to(tl.float16)
+                part = tl.dot(a, q, part, input_precision=PRECISION)
+            acc += part * scale if ONE_GROUP else part
     _store_rows(acc, C, PAIR_WEIGHT, pairs, valid, offs_n, n_ok, stride_cm, MUL_WEIGHT)
 
 
@@ -224,24 +257,37 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pa
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
+# Whether one-group 4-bit tiles of at most 32 rows take the one-dot path (_tile_dot_int4). Off until timed against
+# the eight dots on a GPU (benchmarks/bench_fused_moe.py --int4-tile-dot); the CPU tests run both.
+INT4_TILE_DOT = False
+
+
 def _grouped_gemm_int4(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                        perm: torch.Tensor | None, group_size: int, out: torch.Tensor, sorted_pairs: torch.Tensor,
                        block_expert: torch.Tensor, rows_per_a: int, pair_weight: torch.Tensor | None,
                        block_m: int) -> None:
     """One launch of _grouped_gemm_int4_kernel (K = qweight's rows x 8; group_size -1: one group per column;
     perm [E, K]: act-order's input permutation per expert, or None)."""
+    from minillm.kernels.int4_mma import code_constants
+
     num_pairs, k, n = out.shape[0], qweight.shape[1] * 8, qweight.shape[2]
     # (a GPU's dot wants K / 8 >= 16 rows; the interpreter's 64 lets g64 tiles take the one-group path there too)
-    block_n, block_k = (32, 64) if triton_interpreted() else (64, 128)
+    block_n, block_k, warps = (32, 64, 4) if triton_interpreted() else (64, 128, 4)
+    group = k if group_size == -1 else group_size
+    # the one-dot path where it keeps the codes in registers (ptxas, sm_90): 16 columns a warp, at most 32 rows
+    tile_dot = INT4_TILE_DOT and group % block_k == 0 and block_m <= 32
+    if tile_dot and not triton_interpreted():
+        block_n, warps = 128, 8
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_int4_kernel[grid](
         a, qweight, scales, qzeros, perm if perm is not None else qzeros, out,
         pair_weight if pair_weight is not None else out, sorted_pairs, block_expert, num_pairs, n, k, a.stride(0),
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), qzeros.stride(0), qzeros.stride(1),
         perm.stride(0) if perm is not None else 0, out.stride(0), 0x4B000000, ROWS_PER_A=rows_per_a,
-        MUL_WEIGHT=pair_weight is not None, HAS_PERM=perm is not None, GROUP_SIZE=k if group_size == -1 else group_size,
+        MUL_WEIGHT=pair_weight is not None, HAS_PERM=perm is not None, GROUP_SIZE=group,
         UPCAST=_UPCAST_CODE[a.dtype], PRECISION="ieee" if a.dtype == torch.float32 or triton_interpreted() else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, TILE_DOT=tile_dot, **code_constants(a.dtype),
+        num_warps=warps)
 
 
 def _check_operands(w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, hidden: int, int4: bool) -> int:

@@ -167,7 +167,7 @@ def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, str
     registers, so where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton lays the unpacked
     tile out in the tensor core's operand layout directly: no trip through shared memory, which int4_mma_kernel's
     small dots pay sixteen times a tile (ptxas, sm_90, N128 x 8 warps: one 8 KB buffer, for the activations). The
-    row sums of x come from a reduction, once a tile. Same constraints and arguments as int4_mma_kernel; EVEN
+    row sums of x come from a second dot, with ones (a reduction across lanes costs shuffles). Same constraints and arguments as int4_mma_kernel; EVEN
     (N % BLOCK_N == 0 and K % BLOCK_K == 0, every real layer): no masks in the loop but the last prefetch's, rows
     past M reading row M - 1 again (never stored)."""
     ROWS: tl.constexpr = BLOCK_K // 8
@@ -196,11 +196,10 @@ def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, str
         lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
         hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
         codes = tl.reshape(tl.join(lo, hi).permute(0, 1, 3, 2), [BLOCK_K, BLOCK_N])  # OFFSET + code, row r
-        if UPCAST:
-            part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            part = tl.dot(x, codes.to(x.dtype), input_precision=DOT_PRECISION)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)[:, None]
+        xd = x.to(tl.float32) if UPCAST else x
+        part = tl.dot(xd, codes.to(xd.dtype), input_precision=DOT_PRECISION)
+        # the rows' sums of x on the tensor cores too: a dot with ones lands them in part's own layout
+        x_sum = tl.dot(xd, tl.full([BLOCK_K, BLOCK_N], 1.0, xd.dtype), input_precision=DOT_PRECISION)
         acc += (part - x_sum * (OFFSET + z)) * s
         w, s, z = w_next, s_next, z_next
 

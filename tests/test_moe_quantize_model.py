@@ -86,12 +86,17 @@ def test_gptq_calibrates_each_expert_on_its_own_rows(mixtral):
     assert errors["gptq"] < 0.8 * errors["rtn"], errors  # 0.71x when written
 
 
-@pytest.mark.parametrize("group_size, act_order", [(64, False), (32, False), (32, True)])
-def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral, group_size, act_order):
+@pytest.mark.parametrize("group_size, act_order, tile_dot", [(64, False, False), (32, False, False),
+                                                             (32, True, False), (64, False, True), (64, True, True)])
+def test_a_gptq_moe_checkpoint_runs_the_grouped_gemm_with_the_loops_logits(mixtral, group_size, act_order, tile_dot,
+                                                                          monkeypatch):
     """GPTQ's 4-bit experts (asymmetric) enter kernels/fused_moe.py's int4 kernel on the Triton backend (here
     Triton's interpreter, K tiles of 64): the per-expert loop's logits in fp32, with one group a tile (its scale
     applied to the tile's sums), with two (each weight scaled), and with act-order (each expert's rows sorted by
-    group at load, its own input permutation gathered by the kernel)."""
+    group at load, its own input permutation gathered by the kernel); `tile_dot`: one-group tiles as one dot
+    (fused_moe.INT4_TILE_DOT), plain and act-order."""
+    import minillm.kernels.fused_moe as fused_moe_module
+    monkeypatch.setattr(fused_moe_module, "INT4_TILE_DOT", tile_dot)
     _, model = mixtral
     ids = _calibration(4, 16)
     built = quantize_model(model, "gptq", group_size=group_size, calibration=ids, progress=False,
