@@ -21,6 +21,15 @@ instructions that matter are the unpacking ones, the same for 1 or 16 rows). Spl
 (split_k_store, shared with int4_gemv.py) and the tile loader are int4_gemm.py's. Under the interpreter (and for
 fp32 activations) both dot operands are fp32 (the interpreter mis-multiplies bf16 dot operands); the codes are
 exact in either type.
+
+Where the unpacked weights live decides the speed. A tensor core's B operand is a register fragment: each thread
+holds pairs of K-consecutive weights of one column. int4_mma_kernel's sixteen K = 16 dots per tile are written
+to shared memory and read back in that layout (ptxas, sm_90: 16 buffers a tile). int4_mma_tile_kernel makes the
+pair the unit instead: the LOP3 already leaves nibbles i and i + 4 side by side in one 32-bit register, so if
+the operand's K rows are ordered 8j + 2i + h (nibble i + 4h of word row j) that register *is* the fragment's
+pair. The pairs are joined, transposed and reshaped into one [BLOCK_K, BLOCK_N] operand, all inside each thread,
+and where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton keeps it in registers: one dot per
+tile, the activations gathered in the same K order, about four instructions per weight whatever M <= 16.
 """
 from __future__ import annotations
 
