@@ -1,5 +1,5 @@
-"""Registers and SASS instructions per weight of the INT4 GEMV's tiles, compiled for sm_90 on any machine, no GPU
-(issue 10, chapter 8).
+"""Registers and SASS instructions per weight of the INT4 GEMV's tiles (and of the one-dot tensor-core kernel's),
+compiled for sm_90 on any machine, no GPU (issue 10, chapter 8).
 
     python benchmarks/sass_count.py [--json] [--keep DIR]
 
@@ -12,6 +12,10 @@ and the SASS instructions inside the K loop per weight a thread handles there (a
 decided the INT4 GEMV's speed on the H200 (RESULTS.md, fourteenth session: 254 registers and 6.5 instructions per
 weight before the rewrite, latency-bound at 1.7 warps per SM). The counts are Triton's and ptxas's of this
 machine's versions (the H200 runs triton 3.6: close, not equal). --keep DIR writes each tile's SASS there.
+
+It also compiles int4_mma.py's one-dot kernel at its dispatcher tiles (int4_dispatch.MMA_TILE_TILES, 16 rows, bf16)
+and counts the shared-memory buffers in its IR ("local_allocs"): one (the activations) while the unpacked weights
+stay in the tensor core's operand registers, more where Triton sends them through shared memory.
 """
 from __future__ import annotations
 
@@ -94,8 +98,33 @@ def loop_body(sass: str) -> collections.Counter:
     return best
 
 
+def compile_mma_tile(block_n: int, num_warps: int, block_m: int = 16):
+    """int4_mma_tile_kernel compiled for sm_90 as the dispatcher launches it on a real layer (EVEN tiles, g128
+    asymmetric, bf16 activations, BLOCK_K 128, one pipeline stage)."""
+    import triton.language as tl
+
+    from minillm.kernels.int4_mma import code_constants, int4_mma_tile_kernel
+
+    import torch
+    fn = int4_mma_tile_kernel
+    const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, **code_constants(torch.bfloat16), UPCAST=False,
+                 DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, EVEN=True)
+    const["CODE_T"] = tl.bfloat16
+    signature, divisible = {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = POINTERS.get(name, "i32")
+        if name in POINTERS or name in ("N", "K") or name.startswith("stride"):
+            divisible.append(i)
+    src = ASTSource(fn, signature=signature, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+
+
 def measure(keep: str | None = None) -> list[dict]:
-    from minillm.kernels.int4_dispatch import GEMV_ROW_TILES, GEMV_TILES, GEMV_TMA_TILES
+    from minillm.kernels.int4_dispatch import GEMV_ROW_TILES, GEMV_TILES, GEMV_TMA_TILES, MMA_TILE_TILES
 
     tiles = [(f"gemv_N{n}_K{k}_w{w}{'_prefetch' if pf else ''}{'_fp16' if half else ''}", "gemv",
               (n, k, w, pf, 0, half, 1)) for half in (False, True) for n, k, w, pf in GEMV_TILES]
@@ -114,6 +143,18 @@ def measure(keep: str | None = None) -> list[dict]:
                             per_weight=round(sum(body.values()) / weights, 2),
                             per_weight_row=round(sum(body.values()) / weights / rows, 2), tma_loads="UTMALDG" in sass,
                             spills="STL" in sass, shared_bytes=compiled.metadata.shared, top=dict(body.most_common(6))))
+        for block_n, warps in MMA_TILE_TILES:
+            name = f"mma_tile_M16_N{block_n}_K128_w{warps}"
+            compiled = compile_mma_tile(block_n, warps)
+            sass, regs = sass_of(compiled.asm["cubin"], keep or tmp, name)
+            body = loop_body(sass)
+            weights = block_n * 128 // (32 * warps)
+            out.append(dict(tile=name, kernel="mma_tile", rows=16, registers=regs,
+                            loop_instructions=sum(body.values()), per_weight=round(sum(body.values()) / weights, 2),
+                            per_weight_row=round(sum(body.values()) / weights / 16, 2), tma_loads="UTMALDG" in sass,
+                            spills="STL" in sass, shared_bytes=compiled.metadata.shared,
+                            local_allocs=compiled.asm["ttgir"].count("ttg.local_alloc"),
+                            top=dict(body.most_common(6))))
     return out
 
 
@@ -143,6 +184,7 @@ def main() -> None:
         print(f"  {r['tile']:32s} {r['registers']:4d} registers, {r['shared_bytes']:6d} B shared, "
               f"{r['loop_instructions']:5d} instructions in the K loop, {r['per_weight']:.2f} per weight"
               + (f" ({r['per_weight_row']:.2f} per weight and row)" if r["rows"] > 1 else "")
+              + (f", {r['local_allocs']} shared-memory buffers" if "local_allocs" in r else "")
               + f"{', TMA loads' if r['tma_loads'] else ''}{', SPILLS' if r['spills'] else ''}; most: {r['top']}")
 
 
