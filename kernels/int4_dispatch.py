@@ -49,8 +49,9 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, num_warps) of int4_mma.py's one-dot-per-tile kernel: 16 columns per warp, the tiles where Triton lays
-# the unpacked weights out in the tensor core's operand layout with no shared-memory trip (ptxas, sm_90, triton
-# 3.6 and 3.9: 4.2 instructions per weight at N128 x 8 warps, 95-97 registers)
+# the unpacked weights out in the tensor core's operand layout with no shared-memory trip (ptxas, sm_90, 16 rows:
+# 3.8-3.9 SASS per weight on triton 3.9, 4.7-4.9 on 3.6, 92-98 registers; benchmarks/sass_count.py). Not yet timed
+# on a GPU: the tuner times it beside the others and keeps it only where it wins
 MMA_TILE_TILES = [(128, 8), (256, 16)]
 # (BLOCK_N, num_warps) of int4_wgmma.py: output columns per program (wgmma's M side, 64 per warpgroup), and the
 # M buckets it is offered for: on the H200 (2026-12-04, fp16) it was the fastest launch at M = 32 on four of five
