@@ -14,8 +14,10 @@ weight before the rewrite, latency-bound at 1.7 warps per SM). The counts are Tr
 machine's versions (the H200 runs triton 3.6: close, not equal). --keep DIR writes each tile's SASS there.
 
 It also compiles int4_mma.py's one-dot kernel at its dispatcher tiles (int4_dispatch.MMA_TILE_TILES, 16 rows, bf16)
-and counts the shared-memory buffers in its IR ("local_allocs"): one (the activations) while the unpacked weights
-stay in the tensor core's operand registers, more where Triton sends them through shared memory.
+and counts, inside its K loop's IR, the shared-memory buffers ("local_allocs") and layout conversions ("loop_converts",
+each a trip through shared memory): one of each (the activations' buffer, the packed words' conversion, 4 bytes per
+8 weights) while the unpacked weights stay in the tensor core's operand registers, more where Triton sends them
+through shared memory.
 """
 from __future__ import annotations
 
@@ -98,6 +100,12 @@ def loop_body(sass: str) -> collections.Counter:
     return best
 
 
+def loop_ir(ttgir: str) -> str:
+    """The TTGIR of the outermost scf.for loop's body (the K loop), from its opening line to its scf.yield."""
+    start = ttgir.index("scf.for")
+    return ttgir[start:ttgir.index("scf.yield", start)]
+
+
 def compile_mma_tile(block_n: int, num_warps: int, block_m: int = 16):
     """int4_mma_tile_kernel compiled for sm_90 as the dispatcher launches it on a real layer (EVEN tiles, g128
     asymmetric, bf16 activations, BLOCK_K 128, one pipeline stage)."""
@@ -153,7 +161,8 @@ def measure(keep: str | None = None) -> list[dict]:
                             loop_instructions=sum(body.values()), per_weight=round(sum(body.values()) / weights, 2),
                             per_weight_row=round(sum(body.values()) / weights / 16, 2), tma_loads="UTMALDG" in sass,
                             spills="STL" in sass, shared_bytes=compiled.metadata.shared,
-                            local_allocs=compiled.asm["ttgir"].count("ttg.local_alloc"),
+                            local_allocs=loop_ir(compiled.asm["ttgir"]).count("ttg.local_alloc"),
+                            loop_converts=loop_ir(compiled.asm["ttgir"]).count("ttg.convert_layout"),
                             top=dict(body.most_common(6))))
     return out
 
@@ -184,7 +193,8 @@ def main() -> None:
         print(f"  {r['tile']:32s} {r['registers']:4d} registers, {r['shared_bytes']:6d} B shared, "
               f"{r['loop_instructions']:5d} instructions in the K loop, {r['per_weight']:.2f} per weight"
               + (f" ({r['per_weight_row']:.2f} per weight and row)" if r["rows"] > 1 else "")
-              + (f", {r['local_allocs']} shared-memory buffers" if "local_allocs" in r else "")
+              + (f", in the loop {r['local_allocs']} shared-memory buffer(s) and {r['loop_converts']} layout "
+                 f"conversion(s)" if "local_allocs" in r else "")
               + f"{', TMA loads' if r['tma_loads'] else ''}{', SPILLS' if r['spills'] else ''}; most: {r['top']}")
 
 

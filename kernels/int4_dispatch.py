@@ -49,7 +49,7 @@ FMA_TILES = [(64, 64, 1), (256, 64, 2), (512, 64, 4)]
 DOT_TILES = [(128, 8)]
 MMA_TILES = [(128, 4), (256, 8), (64, 4)]
 # (BLOCK_N, num_warps) of int4_mma.py's one-dot-per-tile kernel: 16 columns per warp, the tiles where Triton lays
-# the unpacked weights out in the tensor core's operand layout with no shared-memory trip (ptxas, sm_90, 16 rows:
+# the unpacked weights out in the tensor core's operand layout, never in shared memory (ptxas, sm_90, 16 rows:
 # 3.8-3.9 SASS per weight on triton 3.9, 4.7-4.9 on 3.6, 92-98 registers; benchmarks/sass_count.py). Not yet timed
 # on a GPU: the tuner times it beside the others and keeps it only where it wins
 MMA_TILE_TILES = [(128, 8), (256, 16)]

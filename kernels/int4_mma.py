@@ -29,7 +29,9 @@ pair the unit instead: the LOP3 already leaves nibbles i and i + 4 side by side 
 the operand's K rows are ordered 8j + 2i + h (nibble i + 4h of word row j) that register *is* the fragment's
 pair. The pairs are joined, transposed and reshaped into one [BLOCK_K, BLOCK_N] operand, all inside each thread,
 and where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton keeps it in registers: one dot per
-tile, the activations gathered in the same K order, about four instructions per weight whatever M <= 16.
+tile, the activations gathered in the same K order, about four instructions per weight whatever M <= 16. (The
+packed words still take one layout conversion through shared memory as they arrive, 4 bytes per 8 weights,
+where int4_mma_kernel writes and reads back 2 bytes per weight.)
 """
 from __future__ import annotations
 
@@ -174,11 +176,12 @@ def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, str
     into a single [BLOCK_K, BLOCK_N] operand whose K rows are ordered 8j + 2i + h <- nibble i + 4h of word row j
     (activations gathered in that order). The join, the transpose and the reshape are all inside each thread's
     registers, so where the warps split only the columns (BLOCK_N = 16 x num_warps) Triton lays the unpacked
-    tile out in the tensor core's operand layout directly: no trip through shared memory, which int4_mma_kernel's
-    small dots pay sixteen times a tile (ptxas, sm_90, N128 x 8 warps: one 8 KB buffer, for the activations). The
-    row sums of x come from a second dot, with ones (a reduction across lanes costs shuffles). Same constraints and arguments as int4_mma_kernel; EVEN
-    (N % BLOCK_N == 0 and K % BLOCK_K == 0, every real layer): no masks in the loop but the last prefetch's, rows
-    past M reading row M - 1 again (never stored)."""
+    tile out in the tensor core's operand layout directly: the unpacked weights never touch shared memory, which
+    int4_mma_kernel's small dots cross sixteen times a tile (in the loop, ptxas sm_90 at N128 x 8 warps: the
+    activations' buffer and one layout conversion of the packed words, 4 bytes per 8 weights). The rows' sums of
+    x come from a second dot, with ones (a reduction across lanes costs shuffles). Same constraints and arguments
+    as int4_mma_kernel; EVEN (N % BLOCK_N == 0 and K % BLOCK_K == 0, every real layer): no masks in the loop but
+    the last prefetch's, rows past M reading row M - 1 again (never stored)."""
     ROWS: tl.constexpr = BLOCK_K // 8
     pid, offs_m, offs_n, m_ok, n_ok, t_begin, t_end = _program_tiles(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_j = tl.arange(0, ROWS)
