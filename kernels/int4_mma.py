@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm.kernels.int4_gemm import _load_tile
+from minillm.kernels.int4_gemm import _load_tile, group_scale_zero
 from minillm.platform import triton_interpreted
 
 __all__ = ["code_constants", "int4_mma_kernel", "int4_mma_tile_kernel", "launch_int4_mma", "split_k_store"]
@@ -153,16 +153,10 @@ def _even_tile(QW, S, QZ, t, more, offs_j, offs_n, stride_qk, stride_sg, stride_
                HAS_ZEROS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """_load_tile's words, scales and zeros of K tile t where tiles divide the matrix: one predicate (`more`,
     false for the prefetch past a program's last tile) instead of row and column masks."""
-    g = (t * BLOCK_K) // GROUP_SIZE
     w = tl.load(QW + (t * ROWS + offs_j)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                 mask=(offs_j[:, None] * 0 + more) != 0, other=0)
-    on = (offs_n * 0 + more) != 0
-    s = tl.load(S + g * stride_sg + offs_n, mask=on, other=0.0).to(tl.float32)[None, :]
-    if HAS_ZEROS:
-        zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=on, other=0)
-        z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
-    else:
-        z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+    s, z = group_scale_zero(S, QZ, (t * BLOCK_K) // GROUP_SIZE, offs_n, (offs_n * 0 + more) != 0, stride_sg,
+                            stride_zg, HAS_ZEROS, BLOCK_N)
     return w, s, z
 
 
