@@ -50,6 +50,19 @@ def awq_scale_step(x: torch.Tensor, weights: list[torch.Tensor], s_x: torch.Tens
 
 # ch08.int4_unpack_kernel (15 points)
 @triton.jit
+def group_scale_zero(S, QZ, g, offs_n, ok, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group g's fp32 scales and zero points of columns offs_n, each [1, BLOCK_N] (loads masked by `ok`; a
+    symmetric layout's zero point is 8)."""
+    s = tl.load(S + g * stride_sg + offs_n, mask=ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_ZEROS:
+        zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=ok, other=0)
+        z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
+    else:
+        z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+    return s, z
+
+
+@triton.jit
 def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -61,14 +74,8 @@ def _load_tile(QW, S, QZ, t, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_s
     w = tl.load(QW + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
                 other=0)
     if ONE_GROUP:
-        g = k0 // GROUP_SIZE
         ok = n_ok & (offs_n * 0 + t < t_end)  # (a tensor comparison, also under the interpreter)
-        s = tl.load(S + g * stride_sg + offs_n, mask=ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_ZEROS:
-            zw = tl.load(QZ + g * stride_zg + offs_n // 8, mask=ok, other=0)
-            z = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[None, :]
-        else:
-            z = tl.full([1, BLOCK_N], 8.0, tl.float32)
+        s, z = group_scale_zero(S, QZ, k0 // GROUP_SIZE, offs_n, ok, stride_sg, stride_zg, HAS_ZEROS, BLOCK_N)
     else:
         g = (rows * 8) // GROUP_SIZE
         ok = j_ok[:, None] & n_ok[None, :]
