@@ -109,15 +109,13 @@ def loop_ir(ttgir: str) -> str:
 def compile_mma_tile(block_n: int, num_warps: int, block_m: int = 16):
     """int4_mma_tile_kernel compiled for sm_90 as the dispatcher launches it on a real layer (EVEN tiles, g128
     asymmetric, bf16 activations, BLOCK_K 128, one pipeline stage)."""
-    import triton.language as tl
+    import torch
 
     from minillm.kernels.int4_mma import code_constants, int4_mma_tile_kernel
 
-    import torch
     fn = int4_mma_tile_kernel
     const = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, **code_constants(torch.bfloat16), UPCAST=False,
                  DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, EVEN=True)
-    const["CODE_T"] = tl.bfloat16
     signature, divisible = {}, []
     for i, name in enumerate(fn.arg_names):
         if name in const:

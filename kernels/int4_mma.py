@@ -42,7 +42,8 @@ import triton.language as tl
 from minillm.kernels.int4_gemm import _load_tile, group_scale_zero
 from minillm.platform import triton_interpreted
 
-__all__ = ["code_constants", "int4_mma_kernel", "int4_mma_tile_kernel", "launch_int4_mma", "split_k_store"]
+__all__ = ["code_constants", "int4_mma_kernel", "int4_mma_tile_kernel", "launch_int4_mma", "split_k_store",
+           "tile_operand", "tile_operand_k"]
 
 
 def code_constants(dtype: torch.dtype) -> dict:
@@ -160,6 +161,25 @@ def _even_tile(QW, S, QZ, t, more, offs_j, offs_n, stride_qk, stride_sg, stride_
     return w, s, z
 
 
+@triton.jit
+def tile_operand_k(BLOCK_K: tl.constexpr):
+    """[BLOCK_K]: the activation column (within the tile) that row r of the joined operand multiplies: row
+    r = 8j + 2i + h holds nibble i + 4h of word row j, which is weight row 8j + i + 4h."""
+    r = tl.arange(0, BLOCK_K)
+    return (r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2)
+
+
+@triton.jit
+def tile_operand(w, NIBBLE_MASK, MAGIC2: tl.constexpr, CODE_T: tl.constexpr):
+    """The packed words w [BLOCK_K / 8, BLOCK_N] as one [BLOCK_K, BLOCK_N] dot operand of OFFSET + code halves in
+    tile_operand_k's row order: one LOP3 leaves nibbles i and i + 4 side by side in a register (a fragment's pair);
+    the join, transpose and reshape stay inside each thread."""
+    pair = ((w[:, None, :] >> (4 * tl.arange(0, 4))[None, :, None]) & NIBBLE_MASK) | MAGIC2  # [ROWS, 4, BLOCK_N]
+    lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
+    return tl.reshape(tl.join(lo, hi).permute(0, 1, 3, 2), [w.shape[0] * 8, w.shape[1]])
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
 def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, stride_qk, stride_sg, stride_zg,
                          stride_ym, M_BUCKET, NIBBLE_MASK, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -179,10 +199,9 @@ def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, str
     ROWS: tl.constexpr = BLOCK_K // 8
     pid, offs_m, offs_n, m_ok, n_ok, t_begin, t_end = _program_tiles(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_j = tl.arange(0, ROWS)
-    r = tl.arange(0, BLOCK_K)  # operand row r = 8j + 2i + h reads activation k = 8j + i + 4h
+    r = tl.arange(0, BLOCK_K)
     x_rows = tl.minimum(offs_m, M - 1) if EVEN else offs_m
-    x_ptrs = X + x_rows[:, None].to(tl.int64) * stride_xm + ((r // 8) * 8 + (r % 8) // 2 + 4 * (r % 2))[None, :]
-    shifts = (4 * tl.arange(0, 4))[None, :, None]
+    x_ptrs = X + x_rows[:, None].to(tl.int64) * stride_xm + tile_operand_k(BLOCK_K)[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w, s, z = _load_tile(QW, S, QZ, t_begin, t_end, offs_j, offs_n, n_ok, K, stride_qk, stride_sg, stride_zg,
@@ -198,10 +217,7 @@ def int4_mma_tile_kernel(X, QW, S, QZ, BIAS, Y, WS, CNT, M, N, K, stride_xm, str
                                                 stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, True, ROWS, BLOCK_K,
                                                 BLOCK_N)
             x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + r < K)[None, :], other=0.0)
-        pair = ((w[:, None, :] >> shifts) & NIBBLE_MASK) | MAGIC2  # [ROWS, 4, BLOCK_N]: nibbles i and i + 4
-        lo = pair.to(tl.int16).to(CODE_T, bitcast=True)
-        hi = (pair >> 16).to(tl.int16).to(CODE_T, bitcast=True)
-        codes = tl.reshape(tl.join(lo, hi).permute(0, 1, 3, 2), [BLOCK_K, BLOCK_N])  # OFFSET + code, row r
+        codes = tile_operand(w, NIBBLE_MASK, MAGIC2, CODE_T)  # OFFSET + code
         xd = x.to(tl.float32) if UPCAST else x
         part = tl.dot(xd, codes.to(xd.dtype), input_precision=DOT_PRECISION)
         # the rows' sums of x on the tensor cores too: a dot with ones lands them in part's own layout

@@ -229,12 +229,13 @@ def test_expert_parallel_rows_take_the_grouped_gemm_with_the_loops_outputs(check
     block.experts[0].act_fn.backend = "triton"
     rows = torch.randn(11, config.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 2, 2, 3])
-    assert block._fused_stacks(rows) is not None
-    out, counts = block._grouped_rows(rows, ids)
+    stacks = block._fused_stacks(rows)
+    assert stacks is not None
+    out, counts = block._grouped_rows(stacks, rows, ids)
     want, want_counts, _ = run_experts(rows, ids, list(block.experts))
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     assert counts.tolist() == want_counts.tolist() == [3, 1, 3, 4]
-    out, counts = block._grouped_rows(rows[:0], ids[:0])
+    out, counts = block._grouped_rows(stacks, rows[:0], ids[:0])
     assert out.shape == (0, config.hidden_size) and counts.tolist() == [0, 0, 0, 0]
 
 

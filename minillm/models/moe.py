@@ -28,11 +28,13 @@ LinearMethod.expert_operands), and the loop otherwise (other bit widths, nf4, bl
 columns). The loop also stays for expert capacity (it drops rows), and with it the engine runs eagerly: the
 loop's shapes depend on the routing. Under expert parallelism the rows each rank receives from the all-to-all run
 the grouped GEMM too (top-1, weight 1), but the all-to-all's sizes follow the routing, so that engine runs eagerly
-as well. The fused path's shapes do not, so its decode steps are CUDA graphs like a dense model's (engine/cache_config.py; the counts of
-ExpertLoad then include the padding rows of a graph's batch bucket). Mixed prefill steps and token trees stay
-eager for MoE models.
+as well. The fused path's shapes do not, so its decode steps are CUDA graphs like a dense model's
+(engine/cache_config.py; the counts of ExpertLoad then include the padding rows of a graph's batch bucket).
+Mixed prefill steps and token trees stay eager for MoE models.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -112,7 +114,8 @@ class MixtralSparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         local = list(self.experts[self.first_expert:self.end_expert])
         if self.ep_size > 1:
-            grouped = self._grouped_rows if self._fused_stacks(hidden_states) is not None else None
+            stacks = self._fused_stacks(hidden_states)
+            grouped = None if stacks is None else functools.partial(self._grouped_rows, stacks)
             out, counts, dropped = expert_parallel_moe(hidden_states, self.gate, self.top_k, self.num_experts, local,
                                                        self.capacity_factor, self.renormalize, grouped)
         else:
@@ -145,14 +148,15 @@ class MixtralSparseMoeBlock(nn.Module):
         stacks = self._expert_stacks(list(local))
         return stacks if stacks[0][0].dtype in (x.dtype, torch.int8, torch.float8_e4m3fn, torch.int32) else None
 
-    def _grouped_rows(self, rows: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert parallelism's received rows, each for one local expert: the grouped GEMM with top-1 routing of
-        weight 1 (each row's own expert's output)."""
-        local = list(self.experts[self.first_expert:self.end_expert])
+    def _grouped_rows(self, stacks: tuple, rows: torch.Tensor,
+                      expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert parallelism's received rows, each for one local expert: the grouped GEMM over `stacks`
+        (_fused_stacks') with top-1 routing of weight 1 (each row's own expert's output)."""
         if rows.shape[0] == 0:  # no rank routed a row here this step
-            return torch.zeros_like(rows), torch.zeros(len(local), dtype=torch.int64, device=rows.device)
+            return torch.zeros_like(rows), torch.zeros(self.end_expert - self.first_expert, dtype=torch.int64,
+                                                       device=rows.device)
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
-        return self._fused(rows, self._expert_stacks(local), ones, expert_of_row[:, None])
+        return self._fused(rows, stacks, ones, expert_of_row[:, None])
 
     def _fused(self, x: torch.Tensor, stacks: tuple, weights: torch.Tensor,
                expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
