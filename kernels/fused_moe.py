@@ -137,7 +137,8 @@ def _tile_dot_int4(A, PERM, a_rows, valid, w, zero, expert, k0, K, stride_am, st
     ad = a.to(tl.float32) if UPCAST == 1 else a.to(CODE_T)
     part = tl.dot(ad, codes.to(ad.dtype), input_precision=PRECISION)
     # the rows' sums of a on the tensor cores too: a dot with ones lands them in part's own layout, where a
-    # reduction across the lanes would cost shuffles (ptxas, sm_90, 16-row blocks: 4.1 instructions per weight against 4.4)
+    # reduction across the lanes would cost shuffles (ptxas, sm_90, 16-row blocks: 4.1 instructions per weight
+    # against 4.4)
     sums = tl.dot(ad, tl.full([BLOCK_K, w.shape[1]], 1.0, ad.dtype), input_precision=PRECISION)
     return part - sums * (OFFSET + zero)
 
